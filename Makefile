@@ -1,0 +1,89 @@
+# tokenmesh — `make run` starts the whole mesh locally, `make test` runs every test.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-builtin-rules
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF := node_modules/.bin/buf
+STAMP := $(VENV)/.installed-stamp
+export TOKENMESH_STATE_DIR ?= $(CURDIR)/.tokenmesh
+
+.PHONY: help
+help: ## Show this help.
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(BUF): package.json package-lock.json
+	npm ci --silent --no-audit --no-fund
+	touch $@
+
+.PHONY: setup
+setup: $(STAMP) build/tokenmesh.pb ## Create .venv and install everything (idempotent).
+
+build/tokenmesh.pb: $(STAMP) $(shell find proto -name '*.proto')
+	$(PY) -m gateway.protos descriptor >/dev/null
+
+.PHONY: proto
+proto: $(STAMP) ## Regenerate the Python stubs and the Envoy descriptor set from proto/.
+	$(PY) -m gateway.protos stubs
+	$(PY) -m gateway.protos descriptor
+
+.PHONY: docs
+docs: $(STAMP) ## Regenerate docs/api.md from the protos.
+	$(PY) -m gateway.apidocs > docs/api.md
+
+.PHONY: run
+run: setup ## Start Redis, every service, the workers and Envoy; Ctrl-C stops all.
+	$(PY) -m services.launcher
+
+.PHONY: test
+test: setup ## Run unit, integration and e2e tests (real Redis, services and Envoy).
+	$(PY) -m pytest -q -p no:cacheprovider
+
+.PHONY: test-unit
+test-unit: setup ## Run the unit tests only.
+	$(PY) -m pytest -q tests/unit
+
+.PHONY: test-e2e
+test-e2e: setup ## Run the end-to-end tests only.
+	$(PY) -m pytest -q tests/e2e
+
+.PHONY: lint
+lint: setup $(BUF) ## buf format/lint/breaking, ruff, mypy.
+	$(BUF) format --diff --exit-code
+	$(BUF) lint
+	@if git rev-parse --verify --quiet main >/dev/null; then \
+	  $(BUF) breaking --against '.git#branch=main'; \
+	else echo "buf breaking: no main branch yet, skipped"; fi
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+.PHONY: fmt
+fmt: setup $(BUF) ## Format protos and Python.
+	$(BUF) format -w
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+.PHONY: typecheck
+typecheck: setup ## mypy --strict.
+	$(VENV)/bin/mypy
+
+.PHONY: bench
+bench: setup ## Run the benchmarks and write bench/results/<timestamp>/.
+	$(PY) -m bench
+
+.PHONY: ci
+ci: lint test ## What CI runs.
+
+.PHONY: clean
+clean: ## Remove build outputs and local state (keeps .venv).
+	rm -rf build .tokenmesh .pytest_cache .mypy_cache .ruff_cache

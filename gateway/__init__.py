@@ -1,0 +1,1 @@
+"""The Envoy edge: bootstrap generation, descriptor-set build and run helper."""

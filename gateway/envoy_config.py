@@ -1,0 +1,335 @@
+"""Builds the Envoy bootstrap for the edge from pure functions.
+
+One listener serves REST (HTTP/1.1 and h2c, transcoded to gRPC) and native
+gRPC. Each service is a cluster with active gRPC health checks; `/healthz`
+answers from those health checks inside Envoy (no Python hop).
+
+The router issue moves clusters and routes to xDS; these builders stay the
+single place that knows the shape of each resource.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Upstream short name -> gRPC service names routed to it (by path prefix).
+PUBLIC_ROUTES: Mapping[str, Sequence[str]] = {
+    "auth": ("tokenmesh.auth.v1.AuthService",),
+    "router": (
+        "tokenmesh.router.v1.RouterService",
+        # The router answers reflection for the whole public API.
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    ),
+    "inference": ("tokenmesh.inference.v1.InferenceService",),
+    "usage": ("tokenmesh.usage.v1.UsageService",),
+}
+# The health-check service name each cluster is probed with.
+HEALTH_SERVICE: Mapping[str, str] = {
+    "auth": "tokenmesh.auth.v1.AuthService",
+    "router": "tokenmesh.router.v1.RouterService",
+    "inference": "tokenmesh.inference.v1.InferenceService",
+    "usage": "tokenmesh.usage.v1.UsageService",
+}
+TRANSCODED_SERVICES = (
+    "tokenmesh.auth.v1.AuthService",
+    "tokenmesh.router.v1.RouterService",
+    "tokenmesh.inference.v1.InferenceService",
+    "tokenmesh.usage.v1.UsageService",
+)
+# Streaming routes get no total timeout (a long generation is fine), only an idle one.
+STREAMING_UPSTREAMS = frozenset({"inference"})
+# HTTP status of a local reply -> the gRPC code REST clients see in the JSON body.
+HTTP_TO_GRPC_CODE: Mapping[int, int] = {
+    400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 408: 4, 413: 8, 429: 8, 500: 13, 501: 12,
+    502: 14, 503: 14, 504: 4,
+}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Endpoint is one upstream host:port."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """EdgeConfig is everything the edge bootstrap depends on."""
+
+    listen_port: int
+    admin_port: int
+    descriptor_path: Path
+    upstreams: Mapping[str, Sequence[Endpoint]]
+    listen_host: str = "127.0.0.1"
+    health_check_interval_s: float = 1.0
+    access_log_path: str = "/dev/stdout"
+    otlp_endpoint: Endpoint | None = None
+    extra_clusters: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def cluster(name: str, endpoints: Sequence[Endpoint], health_check_interval_s: float) -> dict[str, Any]:
+    """Builds an HTTP/2 cluster with active gRPC health checks."""
+    interval = _duration(health_check_interval_s)
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": _h2_options(),
+        "load_assignment": _load_assignment(name, endpoints),
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": interval,
+                "no_traffic_interval": interval,
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "grpc_health_check": {"service_name": HEALTH_SERVICE[name]},
+            }
+        ],
+        # Streams may be long; keepalives find dead upstream connections.
+        "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 30}},
+    }
+
+
+def _h2_options() -> dict[str, Any]:
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+
+
+def _load_assignment(name: str, endpoints: Sequence[Endpoint]) -> dict[str, Any]:
+    return {
+        "cluster_name": name,
+        "endpoints": [
+            {
+                "lb_endpoints": [
+                    {"endpoint": {"address": _socket_address(e)}} for e in endpoints
+                ]
+            }
+        ],
+    }
+
+
+def _socket_address(endpoint: Endpoint) -> dict[str, Any]:
+    return {"socket_address": {"address": endpoint.host, "port_value": endpoint.port}}
+
+
+def routes() -> list[dict[str, Any]]:
+    """Builds one prefix route per public gRPC service (REST arrives transcoded)."""
+    result = []
+    for upstream, services in PUBLIC_ROUTES.items():
+        for service in services:
+            action: dict[str, Any] = {"cluster": upstream}
+            if upstream in STREAMING_UPSTREAMS:
+                action.update(timeout="0s", idle_timeout="60s")
+            else:
+                action.update(timeout="30s")
+            result.append({"match": {"prefix": f"/{service}/"}, "route": action})
+    return result
+
+
+def transcoder_filter(descriptor_path: Path) -> dict[str, Any]:
+    """Builds the REST/SSE <-> gRPC transcoder for the public services."""
+    return {
+        "name": "envoy.filters.http.grpc_json_transcoder",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http."
+            "grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            "proto_descriptor": str(descriptor_path),
+            "services": list(TRANSCODED_SERVICES),
+            "convert_grpc_status": True,
+            "request_validation_options": {
+                "reject_unknown_method": True,
+                "reject_unknown_query_parameters": True,
+            },
+            "print_options": {
+                "always_print_primitive_fields": True,
+                "always_print_enums_as_ints": False,
+                "preserve_proto_field_names": True,
+                "stream_sse_style_delimited": True,
+            },
+        },
+    }
+
+
+def health_filter(upstreams: Sequence[str]) -> dict[str, Any]:
+    """Builds `GET /healthz`: 200 only while every upstream has a healthy host."""
+    return {
+        "name": "envoy.filters.http.health_check",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck",
+            "pass_through_mode": False,
+            "headers": [{"name": ":path", "string_match": {"exact": "/healthz"}}],
+            # Any healthy host is enough. Envoy truncates the percentage to an
+            # integer, so 1 (not a tiny fraction) is the smallest that means
+            # "at least one healthy host" (exact for clusters of up to 100 hosts).
+            "cluster_min_healthy_percentages": {name: {"value": 1} for name in upstreams},
+        },
+    }
+
+
+def local_reply_config() -> dict[str, Any]:
+    """Makes Envoy's own error replies JSON shaped like transcoded gRPC errors."""
+    mappers = [
+        {
+            "filter": {
+                "status_code_filter": {
+                    "comparison": {"op": "EQ", "value": {"default_value": status, "runtime_key": f"tm.lr.{status}"}}
+                }
+            },
+            "body_format_override": _error_body(grpc_code),
+        }
+        for status, grpc_code in HTTP_TO_GRPC_CODE.items()
+    ]
+    # Any other error status: UNKNOWN. Successful local replies (/healthz) keep their body.
+    mappers.append(
+        {
+            "filter": {
+                "status_code_filter": {
+                    "comparison": {"op": "GE", "value": {"default_value": 400, "runtime_key": "tm.lr.any"}}
+                }
+            },
+            "body_format_override": _error_body(2),
+        }
+    )
+    return {"mappers": mappers}
+
+
+def _error_body(grpc_code: int) -> dict[str, Any]:
+    return {
+        "json_format": {
+            "code": grpc_code,
+            "message": "%LOCAL_REPLY_BODY%",
+            "http_status": "%RESPONSE_CODE%",
+            "details": [],
+        },
+        "content_type": "application/json",
+    }
+
+
+def access_log(path: str) -> list[dict[str, Any]]:
+    """Builds a JSON access log with the fields operators look for first."""
+    return [
+        {
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": path,
+                "log_format": {
+                    "json_format": {
+                        "time": "%START_TIME%",
+                        "method": "%REQ(:METHOD)%",
+                        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+                        "grpc_path": "%REQ(:PATH)%",
+                        "status": "%RESPONSE_CODE%",
+                        "grpc_status": "%GRPC_STATUS%",
+                        "flags": "%RESPONSE_FLAGS%",
+                        "duration_ms": "%DURATION%",
+                        "upstream": "%UPSTREAM_CLUSTER%",
+                        "request_id": "%REQ(X-REQUEST-ID)%",
+                    }
+                },
+            },
+        }
+    ]
+
+
+def tracing(otlp_cluster: str) -> dict[str, Any]:
+    """Builds HCM tracing that exports Envoy's spans over OTLP/gRPC."""
+    return {
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": otlp_cluster}, "timeout": "1s"},
+                "service_name": "tokenmesh-edge",
+            },
+        }
+    }
+
+
+def http_connection_manager(config: EdgeConfig) -> dict[str, Any]:
+    """Builds the edge's HTTP connection manager."""
+    hcm: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+        "http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "edge",
+        "codec_type": "AUTO",
+        "http_protocol_options": {"enable_trailers": True},
+        "stream_idle_timeout": "300s",
+        "request_headers_timeout": "10s",
+        "generate_request_id": True,
+        "access_log": access_log(config.access_log_path),
+        "local_reply_config": local_reply_config(),
+        "route_config": {
+            "name": "edge",
+            "virtual_hosts": [{"name": "edge", "domains": ["*"], "routes": routes()}],
+        },
+        "http_filters": [
+            health_filter(sorted(config.upstreams)),
+            transcoder_filter(config.descriptor_path),
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            },
+        ],
+    }
+    if config.otlp_endpoint is not None:
+        hcm["tracing"] = tracing("otlp")
+    return hcm
+
+
+def bootstrap(config: EdgeConfig) -> dict[str, Any]:
+    """Builds the whole Envoy bootstrap for the edge."""
+    clusters = [
+        cluster(name, endpoints, config.health_check_interval_s)
+        for name, endpoints in sorted(config.upstreams.items())
+    ]
+    if config.otlp_endpoint is not None:
+        clusters.append(_otlp_cluster(config.otlp_endpoint))
+    clusters.extend(dict(c) for c in config.extra_clusters)
+    return {
+        "node": {"id": "edge-1", "cluster": "edge"},
+        "admin": {"address": _socket_address(Endpoint("127.0.0.1", config.admin_port))},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "edge",
+                    "address": _socket_address(Endpoint(config.listen_host, config.listen_port)),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": http_connection_manager(config),
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": clusters,
+        },
+    }
+
+
+def _otlp_cluster(endpoint: Endpoint) -> dict[str, Any]:
+    return {
+        "name": "otlp",
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": _h2_options(),
+        "load_assignment": _load_assignment("otlp", [endpoint]),
+    }

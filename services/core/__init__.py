@@ -1,0 +1,1 @@
+"""Shared service platform: server bootstrap, settings, errors, telemetry."""

@@ -1,0 +1,264 @@
+"""Domain errors and their mapping to gRPC status with google.rpc details.
+
+Services raise these; one server interceptor (`services.core.interceptors`)
+turns them into a status with details. Anything else becomes INTERNAL with a
+generic message, and its traceback is logged server-side only.
+
+Exception tree::
+
+    TokenmeshError                 INTERNAL
+    ├── InvalidArgument            INVALID_ARGUMENT   + BadRequest
+    ├── NotFound                   NOT_FOUND
+    ├── AlreadyExists              ALREADY_EXISTS
+    ├── FailedPrecondition         FAILED_PRECONDITION
+    ├── Unauthenticated            UNAUTHENTICATED
+    ├── PermissionDenied           PERMISSION_DENIED
+    ├── ResourceExhausted          RESOURCE_EXHAUSTED + QuotaFailure, RetryInfo
+    ├── Unavailable                UNAVAILABLE        + RetryInfo
+    ├── DeadlineExceeded           DEADLINE_EXCEEDED
+    ├── Cancelled                  CANCELLED
+    └── Unimplemented              UNIMPLEMENTED
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+ERROR_DOMAIN = "tokenmesh.dev"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """FieldViolation names a request field and what is wrong with it."""
+
+    field: str
+    description: str
+
+
+@dataclass(frozen=True)
+class QuotaViolation:
+    """QuotaViolation names an exhausted quota."""
+
+    subject: str
+    description: str
+
+
+class TokenmeshError(Exception):
+    """TokenmeshError is the base of all errors a client may see.
+
+    Args:
+        message: client-safe text; it is sent to the caller as-is.
+        reason: UPPER_SNAKE ErrorInfo reason; defaults to the class's.
+        metadata: ErrorInfo metadata (client-safe strings only).
+    """
+
+    code = grpc.StatusCode.INTERNAL
+    reason = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = dict(metadata or {})
+
+    def details(self) -> list[Message]:
+        """Returns the google.rpc detail messages for this error."""
+        return [
+            error_details_pb2.ErrorInfo(
+                reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
+            )
+        ]
+
+    def to_status(self) -> status_pb2.Status:
+        """Builds the google.rpc.Status sent to the client."""
+        details = []
+        for detail in self.details():
+            packed = any_pb2.Any()
+            packed.Pack(detail)
+            details.append(packed)
+        return status_pb2.Status(
+            code=_RPC_CODES[self.code], message=self.message, details=details
+        )
+
+
+class InvalidArgument(TokenmeshError):
+    """InvalidArgument reports bad request fields, each as a field violation."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: Sequence[FieldViolation], *, reason: str | None = None) -> None:
+        if not violations:
+            raise ValueError("InvalidArgument needs at least one violation")
+        message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(message, reason=reason)
+        self.violations = list(violations)
+
+    def details(self) -> list[Message]:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in self.violations
+            ]
+        )
+        return [*super().details(), bad_request]
+
+
+class NotFound(TokenmeshError):
+    """NotFound reports a missing resource."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(TokenmeshError):
+    """AlreadyExists reports a resource that exists already."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(TokenmeshError):
+    """FailedPrecondition reports a request the current state cannot serve."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(TokenmeshError):
+    """Unauthenticated reports missing or bad credentials."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(TokenmeshError):
+    """PermissionDenied reports a caller without the needed scope."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class _Retryable(TokenmeshError):
+    """_Retryable adds RetryInfo when a retry delay is known."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.retry_after_s = retry_after_s
+
+    def details(self) -> list[Message]:
+        details = super().details()
+        if self.retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromMilliseconds(max(0, round(self.retry_after_s * 1000)))
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        return details
+
+
+class ResourceExhausted(_Retryable):
+    """ResourceExhausted reports a full queue, a rate limit or a spent budget."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        quota_violations: Sequence[QuotaViolation] = (),
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, reason=reason, metadata=metadata)
+        self.quota_violations = list(quota_violations)
+
+    def details(self) -> list[Message]:
+        details = super().details()
+        if self.quota_violations:
+            details.append(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(
+                            subject=v.subject, description=v.description
+                        )
+                        for v in self.quota_violations
+                    ]
+                )
+            )
+        return details
+
+
+class Unavailable(_Retryable):
+    """Unavailable reports a temporarily unreachable dependency or a draining server."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "UNAVAILABLE"
+
+
+class DeadlineExceeded(TokenmeshError):
+    """DeadlineExceeded reports a request that ran out of time."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(TokenmeshError):
+    """Cancelled reports a request the client cancelled."""
+
+    code = grpc.StatusCode.CANCELLED
+    reason = "CANCELLED"
+
+
+class Unimplemented(TokenmeshError):
+    """Unimplemented reports an RPC this server does not serve (yet)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "NOT_IMPLEMENTED"
+
+
+def internal_error() -> TokenmeshError:
+    """Returns the generic error sent for unexpected exceptions (no internals)."""
+    return TokenmeshError("internal error; see server logs", reason="INTERNAL")
+
+
+Message = (
+    error_details_pb2.ErrorInfo
+    | error_details_pb2.BadRequest
+    | error_details_pb2.RetryInfo
+    | error_details_pb2.QuotaFailure
+)
+
+_RPC_CODES: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND: code_pb2.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS: code_pb2.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED: code_pb2.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: code_pb2.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED: code_pb2.CANCELLED,
+    grpc.StatusCode.UNIMPLEMENTED: code_pb2.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,
+}

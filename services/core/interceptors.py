@@ -1,0 +1,139 @@
+"""The server's single error boundary, with per-RPC Prometheus metrics.
+
+Every handler runs inside `BoundaryInterceptor`: domain errors become a gRPC
+status with google.rpc details, unexpected exceptions become a generic
+INTERNAL (traceback logged here, never sent), and each RPC is counted and
+timed by method and status code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_status import rpc_status
+from prometheus_client import Counter, Histogram
+
+from services.core.errors import TokenmeshError, Unimplemented, internal_error
+
+logger = logging.getLogger(__name__)
+
+RPC_TOTAL = Counter(
+    "tokenmesh_rpc_total", "Finished RPCs by method and status code.", ["method", "code"]
+)
+RPC_SECONDS = Histogram(
+    "tokenmesh_rpc_duration_seconds",
+    "RPC duration (for streams: until the last message).",
+    ["method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Any]
+
+
+def to_domain_error(exc: BaseException, method: str) -> TokenmeshError:
+    """Maps any exception to the most specific client-safe error."""
+    if isinstance(exc, TokenmeshError):
+        return exc
+    if isinstance(exc, NotImplementedError):
+        return Unimplemented(f"{method} is not implemented yet")
+    logger.exception("unhandled error in %s", method, exc_info=exc)
+    return internal_error()
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: TokenmeshError) -> None:
+    """Ends the RPC with `error`'s status and google.rpc details."""
+    status = rpc_status.to_status(error.to_status())
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _code_name(context: grpc.aio.ServicerContext, failed: TokenmeshError | None) -> str:
+    if failed is not None:
+        return failed.code.name
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "OK" if code in (None, 0) else str(code)
+
+
+class BoundaryInterceptor(grpc.aio.ServerInterceptor):
+    """BoundaryInterceptor maps errors to statuses and records RPC metrics."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(handler.stream_stream, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    @staticmethod
+    def _wrap_unary(behavior: Handler, method: str) -> Handler:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            failed: TokenmeshError | None = None
+            try:
+                result = behavior(request, context)
+                return await result if inspect.isawaitable(result) else result
+            except grpc.aio.AbortError:
+                raise  # already aborted with a status: must not be suppressed
+            except Exception as exc:
+                failed = to_domain_error(exc, method)
+                await abort_with(context, failed)
+            finally:
+                RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
+                RPC_TOTAL.labels(method, _code_name(context, failed)).inc()
+
+        return unary
+
+    @staticmethod
+    def _wrap_stream(behavior: Handler, method: str) -> Handler:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            failed: TokenmeshError | None = None
+            try:
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for message in result:
+                        yield message
+                elif inspect.isawaitable(result):
+                    await result
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                failed = to_domain_error(exc, method)
+                await abort_with(context, failed)
+            finally:
+                RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
+                RPC_TOTAL.labels(method, _code_name(context, failed)).inc()
+
+        return stream

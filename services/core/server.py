@@ -1,0 +1,168 @@
+"""grpc.aio server bootstrap shared by every service.
+
+A service implements `Service` (its servicers plus start/stop hooks); this
+module adds health, reflection, the error boundary, tracing and metrics,
+binds (port 0 is fine), reports readiness and drains on SIGTERM/SIGINT:
+health goes NOT_SERVING, in-flight RPCs get `grace_s` to finish, then the
+process exits 0.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from services.core import telemetry
+from services.core.interceptors import BoundaryInterceptor
+from services.core.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+# 16 MiB: room for large embedding batches; the edge enforces its own limits.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.so_reuseport", 0),
+)
+
+
+class Service(abc.ABC):
+    """Service is one tokenmesh service: its servicers and lifecycle hooks."""
+
+    #: name is the short service name, e.g. "inference".
+    name: str
+
+    @abc.abstractmethod
+    def service_names(self) -> Sequence[str]:
+        """Returns the full gRPC service names this service serves."""
+
+    def reflection_names(self) -> Sequence[str]:
+        """Returns the service names advertised through reflection."""
+        return self.service_names()
+
+    @abc.abstractmethod
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Registers the servicers on `server`."""
+
+    async def start(self, running: RunningServer) -> None:  # noqa: B027 - optional hook
+        """Prepares the service (may set extra health entries on `running`).
+
+        The service names turn SERVING when this returns.
+        """
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """Releases resources after the server stopped."""
+
+
+@dataclass
+class RunningServer:
+    """RunningServer is a started server and the ports it bound."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    metrics_port: int | None
+
+    async def set_serving(self, names: Sequence[str], serving: bool) -> None:
+        """Sets the health of `names` (and the overall "" entry)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *names):
+            await self.health.set(name, status)
+
+
+async def start_server(service: Service, settings: ServerSettings) -> RunningServer:
+    """Builds, binds and starts a server for `service`; health starts NOT_SERVING."""
+    interceptors = [
+        *telemetry.server_interceptors(service.name, settings.otlp_endpoint),
+        BoundaryInterceptor(),
+    ]
+    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service.add_to_server(server)
+    reflection.enable_server_reflection(
+        [*service.reflection_names(), health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    metrics_port = _start_metrics(settings)
+    running = RunningServer(server, port, health_servicer, metrics_port)
+    await running.set_serving(service.service_names(), serving=False)
+    return running
+
+
+def _start_metrics(settings: ServerSettings) -> int | None:
+    if settings.metrics_port < 0:
+        return None
+    httpd, _thread = start_http_server(settings.metrics_port, addr=settings.host)
+    return int(httpd.server_port)
+
+
+def _write_ready_file(path: Path, running: RunningServer) -> None:
+    """Writes the bound ports atomically so a supervisor can find them."""
+    info = {"grpc_port": running.port, "metrics_port": running.metrics_port, "pid": os.getpid()}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(path)
+
+
+@contextlib.asynccontextmanager
+async def serving(service: Service, settings: ServerSettings) -> AsyncIterator[RunningServer]:
+    """Runs `service` until the block exits, then drains it gracefully."""
+    running = await start_server(service, settings)
+    try:
+        await service.start(running)
+        await running.set_serving(service.service_names(), serving=True)
+        logger.info("%s serving on %s:%d", service.name, settings.host, running.port)
+        yield running
+    finally:
+        await running.health.enter_graceful_shutdown()
+        await running.server.stop(settings.grace_s)
+        await service.stop()
+        logger.info("%s stopped", service.name)
+
+
+async def serve_until_signalled(service: Service, settings: ServerSettings) -> None:
+    """Serves until SIGTERM or SIGINT, then drains (see `serving`)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with serving(service, settings) as running:
+        if settings.ready_file is not None:
+            _write_ready_file(settings.ready_file, running)
+        await stop.wait()
+        logger.info("%s draining (grace %.1fs)", service.name, settings.grace_s)
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Runs `main` on uvloop when it is installed, else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

@@ -1,0 +1,128 @@
+"""Typed settings read once from environment variables.
+
+Each service declares a frozen dataclass whose fields carry their variable
+name, default and help via `env()`. `load()` parses and validates it once, in
+the service's `__main__`; nothing below `__main__` reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """SettingsError names the variable whose value is invalid."""
+
+
+def env(name: str, default: Any, help: str) -> Any:
+    """Declares a settings field read from the variable `name`."""
+    return dataclasses.field(default=default, metadata={"env": name, "help": help})
+
+
+def _parse(name: str, raw: str, kind: Any) -> Any:
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        inner = [k for k in typing.get_args(kind) if k is not type(None)]
+        return None if raw == "" else _parse(name, raw, inner[0])
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered not in _TRUE | _FALSE:
+                raise ValueError("expected true/false")
+            return lowered in _TRUE
+        if kind in (int, float, str):
+            return kind(raw)
+        if kind is Path:
+            return Path(raw)
+        if typing.get_origin(kind) is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r} is invalid: {exc}") from None
+    raise TypeError(f"unsupported settings type {kind!r} for {name}")
+
+
+def load(cls: type[T], environ: Mapping[str, str]) -> T:
+    """Builds `cls` from `environ`; raises SettingsError naming the variable."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = field.metadata.get("env")
+        if name is not None and name in environ:
+            values[field.name] = _parse(name, environ[name], hints[field.name])
+    return cls(**values)
+
+
+def describe(cls: type[Any]) -> list[tuple[str, str, str]]:
+    """Returns (variable, default, help) rows, for docs and --help."""
+    rows = []
+    for field in dataclasses.fields(cls):
+        if "env" in field.metadata:
+            default = field.default
+            shown = ",".join(default) if isinstance(default, tuple) else str(default)
+            rows.append((field.metadata["env"], "" if default is None else shown, field.metadata["help"]))
+    return rows
+
+
+def require(condition: bool, variable: str, message: str) -> None:
+    """Raises SettingsError for `variable` unless `condition` holds."""
+    if not condition:
+        raise SettingsError(f"{variable}: {message}")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """ServerSettings are shared by every tokenmesh gRPC service."""
+
+    host: str = env("TOKENMESH_HOST", "127.0.0.1", "Address the gRPC server binds.")
+    port: int = env("TOKENMESH_GRPC_PORT", 0, "gRPC port; 0 picks a free one.")
+    metrics_port: int = env(
+        "TOKENMESH_METRICS_PORT", 0, "Prometheus /metrics port; 0 picks one, -1 disables."
+    )
+    grace_s: float = env(
+        "TOKENMESH_GRACE_SECONDS", 30.0, "On SIGTERM, how long in-flight RPCs may finish."
+    )
+    log_level: str = env("TOKENMESH_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR.")
+    log_format: str = env("TOKENMESH_LOG_FORMAT", "text", "text or json.")
+    otlp_endpoint: str | None = env(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", None, "OTLP/gRPC collector; unset disables tracing."
+    )
+    ready_file: Path | None = env(
+        "TOKENMESH_READY_FILE", None, "Where to write bound ports as JSON once serving."
+    )
+
+    def __post_init__(self) -> None:
+        require(0 <= self.port <= 65535, "TOKENMESH_GRPC_PORT", "must be 0-65535")
+        require(-1 <= self.metrics_port <= 65535, "TOKENMESH_METRICS_PORT", "must be -1-65535")
+        require(self.grace_s >= 0, "TOKENMESH_GRACE_SECONDS", "must be >= 0")
+        require(
+            self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
+            "TOKENMESH_LOG_LEVEL",
+            "must be DEBUG, INFO, WARNING or ERROR",
+        )
+        require(self.log_format in {"text", "json"}, "TOKENMESH_LOG_FORMAT", "must be text or json")
+
+
+@dataclass(frozen=True)
+class RedisSettings(ServerSettings):
+    """RedisSettings add a Redis connection to the server settings."""
+
+    redis_url: str = env(
+        "REDIS_URL", "redis://127.0.0.1:6379/0", "Redis the service keeps its state in."
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+            "REDIS_URL",
+            "must start with redis://, rediss:// or unix://",
+        )

@@ -1,0 +1,43 @@
+"""OpenTelemetry tracing, on only when an OTLP endpoint is configured."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+
+logger = logging.getLogger(__name__)
+
+
+def server_interceptors(service: str, otlp_endpoint: str | None) -> list[grpc.aio.ServerInterceptor]:
+    """Returns the OTel server interceptor when tracing is on, else nothing."""
+    if not otlp_endpoint:
+        return []
+    _install_tracer_provider(service, otlp_endpoint)
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor()
+    return [interceptor]
+
+
+def client_interceptors(otlp_endpoint: str | None) -> list[Any]:
+    """Returns the OTel client interceptors for grpc.aio channels when tracing is on."""
+    if not otlp_endpoint:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return list(aio_client_interceptors())
+
+
+def _install_tracer_provider(service: str, otlp_endpoint: str) -> None:
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": f"tokenmesh-{service}"}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
+    trace.set_tracer_provider(provider)
+    logger.info("tracing to %s", otlp_endpoint)

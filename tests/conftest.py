@@ -1,0 +1,67 @@
+"""Shared fixtures: a real Redis and the whole real mesh (services + Envoy).
+
+Processes bind ports reserved at start, are started in dependency order and
+always stopped. Their logs are printed only when a test that used them fails.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.launcher.mesh import Mesh, MeshConfig, spawn_redis
+
+# Fast settings for tests; the code paths are the ones `make run` uses.
+TEST_SERVICE_ENV = {
+    "TOKENMESH_TEST_ENGINE_STEP_MS": "20",
+    "TOKENMESH_GRACE_SECONDS": "5",
+    "TOKENMESH_LOG_LEVEL": "INFO",
+}
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis: REDIS_URL when set, else the bundled redis-server."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    state = tmp_path_factory.mktemp("redis")
+    child, url = spawn_redis(state / "data", state / "redis.log")
+    try:
+        yield url
+    finally:
+        child.terminate()
+        child.wait(10)
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Mesh]:
+    """The whole mesh: auth, router, usage, two inference workers, Envoy."""
+    config = MeshConfig(
+        state_dir=Path(tmp_path_factory.mktemp("mesh")),
+        redis_url=redis_url,
+        workers=2,
+        envoy_concurrency=1,
+        health_check_interval_s=0.5,
+        service_env=TEST_SERVICE_ENV,
+    )
+    with Mesh(config) as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def _dump_mesh_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed and "mesh" in request.fixturenames:
+        print(request.getfixturevalue("mesh").log_tails())

@@ -1,0 +1,48 @@
+"""The generated Envoy bootstrap is accepted by the real Envoy binary."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from gateway import envoy_config, protos
+from gateway.envoy_config import EdgeConfig, Endpoint
+from services.launcher.mesh import envoy_binary
+
+ENVOY_VERSION_FILE = Path(__file__).resolve().parents[2] / "gateway" / "ENVOY_VERSION"
+
+
+def _validate(tmp_path: Path, config: EdgeConfig) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(envoy_config.bootstrap(config)))
+    return subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def _config(tmp_path: Path, **overrides) -> EdgeConfig:
+    upstreams = {name: [Endpoint("127.0.0.1", 10000 + i)] for i, name in enumerate(envoy_config.HEALTH_SERVICE)}
+    values = dict(
+        listen_port=18080, admin_port=18081,
+        descriptor_path=protos.build_descriptor_set(tmp_path / "d.pb"), upstreams=upstreams,
+    )
+    values.update(overrides)
+    return EdgeConfig(**values)
+
+
+def test_bootstrap_validates(tmp_path):
+    result = _validate(tmp_path, _config(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bootstrap_with_tracing_validates(tmp_path):
+    result = _validate(tmp_path, _config(tmp_path, otlp_endpoint=Endpoint("127.0.0.1", 4317)))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_envoy_version_is_the_pinned_one():
+    result = subprocess.run([str(envoy_binary()), "--version"], capture_output=True, text=True, timeout=30)
+    assert f"/{ENVOY_VERSION_FILE.read_text().strip()}/" in result.stdout

@@ -1,0 +1,56 @@
+"""Settings parse from the environment and name the variable when invalid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.core.settings import RedisSettings, ServerSettings, SettingsError, describe, load
+from services.inference.service import InferenceSettings
+
+
+def test_defaults_apply_when_nothing_is_set():
+    settings = load(ServerSettings, {})
+    assert settings.host == "127.0.0.1" and settings.port == 0
+    assert settings.otlp_endpoint is None and settings.ready_file is None
+
+
+def test_values_are_parsed_by_type():
+    settings = load(
+        InferenceSettings,
+        {
+            "TOKENMESH_GRPC_PORT": "50051",
+            "TOKENMESH_GRACE_SECONDS": "2.5",
+            "TOKENMESH_READY_FILE": "/tmp/ready.json",
+            "TOKENMESH_TEST_MODELS": "a:1, b:2",
+        },
+    )
+    assert settings.port == 50051 and settings.grace_s == 2.5
+    assert settings.ready_file == Path("/tmp/ready.json")
+    assert settings.test_models == ("a:1", "b:2")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("TOKENMESH_GRPC_PORT", "eighty"),
+        ("TOKENMESH_GRPC_PORT", "70000"),
+        ("TOKENMESH_LOG_FORMAT", "xml"),
+        ("TOKENMESH_LOG_LEVEL", "LOUD"),
+        ("TOKENMESH_TEST_MODELS", "no-version"),
+    ],
+)
+def test_invalid_values_name_the_variable(variable, value):
+    with pytest.raises(SettingsError, match=variable):
+        load(InferenceSettings, {variable: value})
+
+
+def test_redis_url_scheme_is_checked():
+    with pytest.raises(SettingsError, match="REDIS_URL"):
+        load(RedisSettings, {"REDIS_URL": "http://localhost"})
+
+
+def test_describe_lists_every_variable():
+    names = [row[0] for row in describe(RedisSettings)]
+    assert "REDIS_URL" in names and "TOKENMESH_GRPC_PORT" in names
