@@ -44,8 +44,19 @@ TRANSCODED_SERVICES = (
 STREAMING_UPSTREAMS = frozenset({"inference"})
 # HTTP status of a local reply -> the gRPC code REST clients see in the JSON body.
 HTTP_TO_GRPC_CODE: Mapping[int, int] = {
-    400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 408: 4, 413: 8, 429: 8, 500: 13, 501: 12,
-    502: 14, 503: 14, 504: 4,
+    400: 3,
+    401: 16,
+    403: 7,
+    404: 5,
+    405: 12,
+    408: 4,
+    413: 8,
+    429: 8,
+    500: 13,
+    501: 12,
+    502: 14,
+    503: 14,
+    504: 4,
 }
 
 
@@ -72,11 +83,18 @@ class EdgeConfig:
     extra_clusters: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
 
 
+def _type(name: str) -> str:
+    """Returns the Any type URL of an Envoy proto message, e.g. "config.trace.v3.X"."""
+    return f"type.googleapis.com/envoy.{name}"
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def cluster(name: str, endpoints: Sequence[Endpoint], health_check_interval_s: float) -> dict[str, Any]:
+def cluster(
+    name: str, endpoints: Sequence[Endpoint], health_check_interval_s: float
+) -> dict[str, Any]:
     """Builds an HTTP/2 cluster with active gRPC health checks."""
     interval = _duration(health_check_interval_s)
     return {
@@ -103,7 +121,7 @@ def cluster(name: str, endpoints: Sequence[Endpoint], health_check_interval_s: f
 def _h2_options() -> dict[str, Any]:
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "@type": _type("extensions.upstreams.http.v3.HttpProtocolOptions"),
             "explicit_http_config": {"http2_protocol_options": {}},
         }
     }
@@ -113,11 +131,7 @@ def _load_assignment(name: str, endpoints: Sequence[Endpoint]) -> dict[str, Any]
     return {
         "cluster_name": name,
         "endpoints": [
-            {
-                "lb_endpoints": [
-                    {"endpoint": {"address": _socket_address(e)}} for e in endpoints
-                ]
-            }
+            {"lb_endpoints": [{"endpoint": {"address": _socket_address(e)}} for e in endpoints]}
         ],
     }
 
@@ -145,8 +159,7 @@ def transcoder_filter(descriptor_path: Path) -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.grpc_json_transcoder",
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http."
-            "grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            "@type": _type("extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder"),
             "proto_descriptor": str(descriptor_path),
             "services": list(TRANSCODED_SERVICES),
             "convert_grpc_status": True,
@@ -169,7 +182,7 @@ def health_filter(upstreams: Sequence[str]) -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.health_check",
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck",
+            "@type": _type("extensions.filters.http.health_check.v3.HealthCheck"),
             "pass_through_mode": False,
             "headers": [{"name": ":path", "string_match": {"exact": "/healthz"}}],
             # Any healthy host is enough. Envoy truncates the percentage to an
@@ -186,7 +199,10 @@ def local_reply_config() -> dict[str, Any]:
         {
             "filter": {
                 "status_code_filter": {
-                    "comparison": {"op": "EQ", "value": {"default_value": status, "runtime_key": f"tm.lr.{status}"}}
+                    "comparison": {
+                        "op": "EQ",
+                        "value": {"default_value": status, "runtime_key": f"tm.lr.{status}"},
+                    }
                 }
             },
             "body_format_override": _error_body(grpc_code),
@@ -198,7 +214,10 @@ def local_reply_config() -> dict[str, Any]:
         {
             "filter": {
                 "status_code_filter": {
-                    "comparison": {"op": "GE", "value": {"default_value": 400, "runtime_key": "tm.lr.any"}}
+                    "comparison": {
+                        "op": "GE",
+                        "value": {"default_value": 400, "runtime_key": "tm.lr.any"},
+                    }
                 }
             },
             "body_format_override": _error_body(2),
@@ -225,7 +244,7 @@ def access_log(path: str) -> list[dict[str, Any]]:
         {
             "name": "envoy.access_loggers.file",
             "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "@type": _type("extensions.access_loggers.file.v3.FileAccessLog"),
                 "path": path,
                 "log_format": {
                     "json_format": {
@@ -252,7 +271,7 @@ def tracing(otlp_cluster: str) -> dict[str, Any]:
         "provider": {
             "name": "envoy.tracers.opentelemetry",
             "typed_config": {
-                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "@type": _type("config.trace.v3.OpenTelemetryConfig"),
                 "grpc_service": {"envoy_grpc": {"cluster_name": otlp_cluster}, "timeout": "1s"},
                 "service_name": "tokenmesh-edge",
             },
@@ -263,8 +282,9 @@ def tracing(otlp_cluster: str) -> dict[str, Any]:
 def http_connection_manager(config: EdgeConfig) -> dict[str, Any]:
     """Builds the edge's HTTP connection manager."""
     hcm: dict[str, Any] = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network."
-        "http_connection_manager.v3.HttpConnectionManager",
+        "@type": _type(
+            "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+        ),
         "stat_prefix": "edge",
         "codec_type": "AUTO",
         "http_protocol_options": {"enable_trailers": True},
@@ -282,7 +302,7 @@ def http_connection_manager(config: EdgeConfig) -> dict[str, Any]:
             transcoder_filter(config.descriptor_path),
             {
                 "name": "envoy.filters.http.router",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                "typed_config": {"@type": _type("extensions.filters.http.router.v3.Router")},
             },
         ],
     }

@@ -55,14 +55,29 @@ def _protoc(args: list[str]) -> None:
         raise SystemExit(f"gateway.protos: protoc failed with exit code {code}")
 
 
+def _plugin(name: str) -> str:
+    """Returns --plugin for a protoc plugin installed beside this Python."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise SystemExit(f"gateway.protos: {name} not found beside {sys.executable} (make setup)")
+    return f"--plugin={name}={path}"
+
+
 def generate_stubs(out_dir: Path) -> None:
-    """Writes _pb2.py, _pb2.pyi and _pb2_grpc.py for every tokenmesh proto."""
+    """Writes _pb2.py(i) and _pb2_grpc.py(i) for every tokenmesh proto.
+
+    The .pyi stubs come from mypy-protobuf, which also types the gRPC
+    servicers and stubs (protoc's own --pyi_out covers messages only).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     _protoc(
         [
+            _plugin("protoc-gen-mypy"),
+            _plugin("protoc-gen-mypy_grpc"),
             f"--python_out={out_dir}",
-            f"--pyi_out={out_dir}",
+            f"--mypy_out=quiet:{out_dir}",
             f"--grpc_python_out={out_dir}",
+            f"--mypy_grpc_out=quiet:{out_dir}",
             *proto_files(),
         ]
     )

@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
+import grpc.aio
 
 from services.core.redis_service import RedisBackedService
+from services.core.server import unimplemented
 from tokenmesh.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 
 SERVICE_NAME = auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
@@ -23,5 +25,5 @@ class AuthService(RedisBackedService):
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         auth_service_pb2_grpc.add_AuthServiceServicer_to_server(
-            auth_service_pb2_grpc.AuthServiceServicer(), server
+            unimplemented(auth_service_pb2_grpc.AuthServiceServicer), server
         )

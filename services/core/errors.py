@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "tokenmesh.dev"
@@ -74,7 +75,7 @@ class TokenmeshError(Exception):
         self.metadata = dict(metadata or {})
 
     def details(self) -> list[Message]:
-        """Returns the google.rpc detail messages for this error."""
+        """Returns the google.rpc detail messages (ErrorInfo, BadRequest, ...) for this error."""
         return [
             error_details_pb2.ErrorInfo(
                 reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
@@ -88,9 +89,7 @@ class TokenmeshError(Exception):
             packed = any_pb2.Any()
             packed.Pack(detail)
             details.append(packed)
-        return status_pb2.Status(
-            code=_RPC_CODES[self.code], message=self.message, details=details
-        )
+        return status_pb2.Status(code=_RPC_CODES[self.code], message=self.message, details=details)
 
 
 class InvalidArgument(TokenmeshError):
@@ -109,7 +108,9 @@ class InvalidArgument(TokenmeshError):
     def details(self) -> list[Message]:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
                 for v in self.violations
             ]
         )
@@ -240,13 +241,6 @@ def internal_error() -> TokenmeshError:
     """Returns the generic error sent for unexpected exceptions (no internals)."""
     return TokenmeshError("internal error; see server logs", reason="INTERNAL")
 
-
-Message = (
-    error_details_pb2.ErrorInfo
-    | error_details_pb2.BadRequest
-    | error_details_pb2.RetryInfo
-    | error_details_pb2.QuotaFailure
-)
 
 _RPC_CODES: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,

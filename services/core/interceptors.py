@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+import grpc.aio
 from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram
 
@@ -32,7 +33,8 @@ RPC_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 
-Handler = Callable[[Any, grpc.aio.ServicerContext], Any]
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[..., Any]
 
 
 def to_domain_error(exc: BaseException, method: str) -> TokenmeshError:
@@ -45,13 +47,13 @@ def to_domain_error(exc: BaseException, method: str) -> TokenmeshError:
     return internal_error()
 
 
-async def abort_with(context: grpc.aio.ServicerContext, error: TokenmeshError) -> None:
+async def abort_with(context: Context, error: TokenmeshError) -> None:
     """Ends the RPC with `error`'s status and google.rpc details."""
     status = rpc_status.to_status(error.to_status())
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-def _code_name(context: grpc.aio.ServicerContext, failed: TokenmeshError | None) -> str:
+def _code_name(context: Context, failed: TokenmeshError | None) -> str:
     if failed is not None:
         return failed.code.name
     code = context.code()
@@ -65,9 +67,11 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -90,6 +94,8 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
+        if handler.stream_stream is None:
+            return handler
         return grpc.stream_stream_rpc_method_handler(
             self._wrap_stream(handler.stream_stream, method),
             request_deserializer=handler.request_deserializer,
@@ -98,7 +104,7 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     def _wrap_unary(behavior: Handler, method: str) -> Handler:
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             failed: TokenmeshError | None = None
             try:
@@ -117,7 +123,7 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     def _wrap_stream(behavior: Handler, method: str) -> Handler:
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
             failed: TokenmeshError | None = None
             try:

@@ -29,7 +29,9 @@ class RedisHealthMonitor:
         interval_s: seconds between pings.
     """
 
-    def __init__(self, client: aioredis.Redis, names: Sequence[str], interval_s: float = 1.0) -> None:
+    def __init__(
+        self, client: aioredis.Redis, names: Sequence[str], interval_s: float = 1.0
+    ) -> None:
         self.client = client
         self.names = list(names)
         self.interval_s = interval_s

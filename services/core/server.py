@@ -19,9 +19,10 @@ import signal
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -31,6 +32,7 @@ from services.core.interceptors import BoundaryInterceptor
 from services.core.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # 16 MiB: room for large embedding batches; the edge enforces its own limits.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -43,6 +45,16 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.so_reuseport", 0),
 )
+
+
+def unimplemented(servicer_cls: Callable[[], T]) -> T:
+    """Returns a generated base servicer: every RPC answers UNIMPLEMENTED.
+
+    For services whose RPCs land in a later change; never a fake result.
+    """
+    # NOTE: mypy-protobuf marks the RPCs abstract; the runtime base class is
+    # concrete and raises NotImplementedError, which the boundary maps.
+    return servicer_cls()
 
 
 class Service(abc.ABC):

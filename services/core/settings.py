@@ -68,7 +68,9 @@ def describe(cls: type[Any]) -> list[tuple[str, str, str]]:
         if "env" in field.metadata:
             default = field.default
             shown = ",".join(default) if isinstance(default, tuple) else str(default)
-            rows.append((field.metadata["env"], "" if default is None else shown, field.metadata["help"]))
+            rows.append(
+                (field.metadata["env"], "" if default is None else shown, field.metadata["help"])
+            )
     return rows
 
 

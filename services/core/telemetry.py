@@ -6,11 +6,14 @@ import logging
 from typing import Any
 
 import grpc
+import grpc.aio
 
 logger = logging.getLogger(__name__)
 
 
-def server_interceptors(service: str, otlp_endpoint: str | None) -> list[grpc.aio.ServerInterceptor]:
+def server_interceptors(
+    service: str, otlp_endpoint: str | None
+) -> list[grpc.aio.ServerInterceptor]:
     """Returns the OTel server interceptor when tracing is on, else nothing."""
     if not otlp_endpoint:
         return []

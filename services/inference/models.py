@@ -70,8 +70,11 @@ class ModelRegistry:
         """Returns a model's versions, oldest label first; NotFound if unknown."""
         versions = self._models.get(name)
         if not versions:
-            raise NotFound(f"model {name!r} is not served here", reason="MODEL_NOT_FOUND",
-                           metadata={"model": name})
+            raise NotFound(
+                f"model {name!r} is not served here",
+                reason="MODEL_NOT_FOUND",
+                metadata={"model": name},
+            )
         return [versions[v] for v in sorted(versions, key=_version_key)]
 
     def resolve(self, name: str, version: str) -> LoadedModel:

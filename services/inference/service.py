@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
+import grpc.aio
 
 from services.core.server import RunningServer, Service
 from services.core.settings import ServerSettings, env, require
@@ -35,7 +36,9 @@ class InferenceSettings(ServerSettings):
         super().__post_init__()
         for entry in self.test_models:
             name, _, version = entry.partition(":")
-            require(bool(name and version), "TOKENMESH_TEST_MODELS", f"{entry!r} is not NAME:VERSION")
+            require(
+                bool(name and version), "TOKENMESH_TEST_MODELS", f"{entry!r} is not NAME:VERSION"
+            )
         require(self.test_engine_step_ms >= 0, "TOKENMESH_TEST_ENGINE_STEP_MS", "must be >= 0")
 
 
@@ -51,9 +54,10 @@ class InferenceService(Service):
 
     def __init__(self, settings: InferenceSettings) -> None:
         step_s = settings.test_engine_step_ms / 1000
-        self.registry = ModelRegistry(
-            deterministic_test_model(*entry.split(":", 1), step_s=step_s) for entry in settings.test_models
-        )
+        self.registry = ModelRegistry()
+        for entry in settings.test_models:
+            name, version = entry.split(":", 1)
+            self.registry.add(deterministic_test_model(name, version, step_s=step_s))
 
     def service_names(self) -> Sequence[str]:
         return [SERVICE_NAME]
@@ -67,4 +71,6 @@ class InferenceService(Service):
             await model.engine.warm_up()
             model.ready = True
             await running.set_serving([model_health_name(model.name, model.version)], serving=True)
-            logger.info("model %s version %s ready (%s)", model.name, model.version, model.engine.name)
+            logger.info(
+                "model %s version %s ready (%s)", model.name, model.version, model.engine.name
+            )

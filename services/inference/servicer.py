@@ -7,10 +7,8 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 
-import grpc
-
 from services.core.errors import FieldViolation, InvalidArgument, TokenmeshError
-from services.core.interceptors import abort_with, to_domain_error
+from services.core.interceptors import Context, abort_with, to_domain_error
 from services.inference import validation
 from services.inference.generation import GenerationState, generate
 from services.inference.models import LoadedModel, ModelRegistry
@@ -40,7 +38,9 @@ def _timing(state: GenerationState) -> inference_pb2.Timing:
 
 
 def _stream_error(error: TokenmeshError) -> inference_pb2.StreamError:
-    return inference_pb2.StreamError(code=error.code.name, message=error.message, reason=error.reason)
+    return inference_pb2.StreamError(
+        code=error.code.name, message=error.message, reason=error.reason
+    )
 
 
 class Admitted:
@@ -56,7 +56,9 @@ class Admitted:
             )
         self.prompt_ids = self.model.tokenizer.encode(request.prompt)
         self.params = validation.sampling_params(request, self.model.defaults)
-        validation.check_context(len(self.prompt_ids), self.params.max_tokens, self.model.context_length)
+        validation.check_context(
+            len(self.prompt_ids), self.params.max_tokens, self.model.context_length
+        )
         self.request_id = request.request_id or uuid.uuid4().hex
         self.state = GenerationState(prompt_tokens=len(self.prompt_ids))
 
@@ -64,7 +66,7 @@ class Admitted:
         """Returns the serving model version as a protobuf message."""
         return types_pb2.ModelRef(name=self.model.name, version=self.model.version)
 
-    async def send_headers(self, context: grpc.aio.ServicerContext) -> None:
+    async def send_headers(self, context: Context) -> None:
         """Sends the request id and serving version as response headers."""
         await context.send_initial_metadata(
             (("x-request-id", self.request_id), ("x-model-version", self.model.version))
@@ -78,7 +80,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self.registry = registry
 
     async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
         page_size = validation.validate_page_size(request.page_size)
         names = [n for n in self.registry.names() if n > request.page_token]
@@ -88,36 +90,44 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             next_page_token=page[-1] if rest else "",
         )
 
-    async def GetModel(
-        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetModelResponse:
+    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
         validation.validate_model_name(request.model)
         return pb.GetModelResponse(model=self.registry.to_pb(request.model))
 
     async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
         admitted = Admitted(self.registry, request)
         await admitted.send_headers(context)
         index = 0
         try:
-            async for delta in generate(admitted.model, admitted.prompt_ids, admitted.params, admitted.state):
+            async for delta in generate(
+                admitted.model, admitted.prompt_ids, admitted.params, admitted.state
+            ):
                 message = pb.GenerateResponse(
-                    index=index, text=delta.text, token_ids=delta.token_ids, request_id=admitted.request_id
+                    index=index,
+                    text=delta.text,
+                    token_ids=delta.token_ids,
+                    request_id=admitted.request_id,
                 )
                 if delta.finish_reason:
                     self._finish(message, admitted, delta.finish_reason)
                 yield message
                 index += 1
         except asyncio.CancelledError:
-            logger.info("request %s cancelled after %d tokens", admitted.request_id,
-                        admitted.state.completion_tokens)
+            logger.info(
+                "request %s cancelled after %d tokens",
+                admitted.request_id,
+                admitted.state.completion_tokens,
+            )
             raise
         except Exception as exc:
             if index == 0:
                 raise  # nothing streamed yet: a plain status says it all
             error = to_domain_error(exc, GENERATE_METHOD)
-            final = pb.GenerateResponse(index=index, request_id=admitted.request_id, error=_stream_error(error))
+            final = pb.GenerateResponse(
+                index=index, request_id=admitted.request_id, error=_stream_error(error)
+            )
             self._finish(final, admitted, "error")
             yield final
             await abort_with(context, error)
@@ -129,15 +139,15 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         message.model.CopyFrom(admitted.model_ref())
         message.timing.CopyFrom(_timing(admitted.state))
 
-    async def Complete(
-        self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CompleteResponse:
+    async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         admitted = Admitted(self.registry, request)
         await admitted.send_headers(context)
         texts: list[str] = []
         token_ids: list[int] = []
         finish_reason = ""
-        async for delta in generate(admitted.model, admitted.prompt_ids, admitted.params, admitted.state):
+        async for delta in generate(
+            admitted.model, admitted.prompt_ids, admitted.params, admitted.state
+        ):
             texts.append(delta.text)
             token_ids.extend(delta.token_ids)
             finish_reason = delta.finish_reason
@@ -151,7 +161,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             request_id=admitted.request_id,
         )
 
-    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
         validation.validate_embed(request)
         model = self.registry.resolve(request.model, request.version)
         if model.kind != inference_pb2.MODEL_KIND_EMBEDDING:

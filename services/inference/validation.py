@@ -90,7 +90,9 @@ def validate_embed(request: pb.EmbedRequest) -> None:
         out.append(FieldViolation("inputs", f"must have at most {MAX_EMBED_INPUTS} entries"))
     for i, text in enumerate(request.inputs[:MAX_EMBED_INPUTS]):
         if not 1 <= len(text) <= MAX_EMBED_INPUT_CHARS:
-            out.append(FieldViolation(f"inputs[{i}]", f"must be 1-{MAX_EMBED_INPUT_CHARS} characters"))
+            out.append(
+                FieldViolation(f"inputs[{i}]", f"must be 1-{MAX_EMBED_INPUT_CHARS} characters")
+            )
     _check_request_id(request.request_id, out)
     if out:
         raise InvalidArgument(out)
@@ -107,7 +109,9 @@ def validate_model_name(model: str) -> None:
 def validate_page_size(page_size: int) -> int:
     """Returns the effective page size; raises InvalidArgument when out of range."""
     if not 0 <= page_size <= MAX_PAGE_SIZE:
-        raise InvalidArgument([FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")])
+        raise InvalidArgument(
+            [FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")]
+        )
     return page_size or 100
 
 
@@ -115,7 +119,9 @@ def sampling_params(request: GenerationRequest, defaults: ModelDefaults) -> Samp
     """Returns the request's sampling parameters with the model's defaults filled in."""
     return SamplingParams(
         max_tokens=request.max_tokens if request.HasField("max_tokens") else defaults.max_tokens,
-        temperature=request.temperature if request.HasField("temperature") else defaults.temperature,
+        temperature=request.temperature
+        if request.HasField("temperature")
+        else defaults.temperature,
         top_p=request.top_p if request.HasField("top_p") else defaults.top_p,
         top_k=request.top_k if request.HasField("top_k") else defaults.top_k,
         seed=request.seed if request.HasField("seed") else None,

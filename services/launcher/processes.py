@@ -35,7 +35,9 @@ def _die_with_parent() -> None:
 class Child:
     """Child is one supervised process with its output in `log_path`."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path
+    ) -> None:
         self.name = name
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,8 +90,10 @@ def wait_for(condition: object, timeout_s: float, what: str, child: Child | None
         if condition():
             return
         if child is not None and not child.alive():
-            raise RuntimeError(f"{child.name} exited with {child.process.returncode} while "
-                               f"waiting for {what}:\n{child.log_tail()}")
+            raise RuntimeError(
+                f"{child.name} exited with {child.process.returncode} while "
+                f"waiting for {what}:\n{child.log_tail()}"
+            )
         time.sleep(0.05)
     tail = f":\n{child.log_tail()}" if child is not None else ""
     raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}{tail}")

@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
+import grpc.aio
 
 from services.core.redis_service import RedisBackedService
+from services.core.server import unimplemented
 from tokenmesh.auth.v1 import auth_service_pb2
 from tokenmesh.inference.v1 import inference_service_pb2
 from tokenmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
@@ -41,8 +43,8 @@ class RouterService(RedisBackedService):
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         router_service_pb2_grpc.add_RouterServiceServicer_to_server(
-            router_service_pb2_grpc.RouterServiceServicer(), server
+            unimplemented(router_service_pb2_grpc.RouterServiceServicer), server
         )
         router_service_pb2_grpc.add_WorkerRegistryServiceServicer_to_server(
-            router_service_pb2_grpc.WorkerRegistryServiceServicer(), server
+            unimplemented(router_service_pb2_grpc.WorkerRegistryServiceServicer), server
         )

@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
+import grpc.aio
 
 from services.core.redis_service import RedisBackedService
+from services.core.server import unimplemented
 from tokenmesh.usage.v1 import usage_service_pb2, usage_service_pb2_grpc
 
 SERVICE_NAME = usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
@@ -23,5 +25,5 @@ class UsageService(RedisBackedService):
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
-            usage_service_pb2_grpc.UsageServiceServicer(), server
+            unimplemented(usage_service_pb2_grpc.UsageServiceServicer), server
         )

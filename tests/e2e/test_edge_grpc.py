@@ -28,7 +28,9 @@ def channel(mesh):
 
 def test_generate_through_the_edge(channel):
     stub = rpc.InferenceServiceStub(channel)
-    call = stub.Generate(pb.GenerateRequest(model="deterministic-test", prompt="a b c", max_tokens=4), timeout=10)
+    call = stub.Generate(
+        pb.GenerateRequest(model="deterministic-test", prompt="a b c", max_tokens=4), timeout=10
+    )
     messages = list(call)
     assert messages[-1].finish_reason == "length"
     assert messages[-1].usage.total_tokens == 3 + 4
@@ -38,7 +40,9 @@ def test_generate_through_the_edge(channel):
 def test_invalid_argument_details_survive_the_edge(channel):
     stub = rpc.InferenceServiceStub(channel)
     with pytest.raises(grpc.RpcError) as info:
-        stub.Complete(pb.CompleteRequest(model="deterministic-test", prompt="x", max_tokens=0), timeout=10)
+        stub.Complete(
+            pb.CompleteRequest(model="deterministic-test", prompt="x", max_tokens=0), timeout=10
+        )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     status = rpc_status.from_call(info.value)
     bad_request = error_details_pb2.BadRequest()
@@ -53,7 +57,7 @@ def test_unknown_grpc_method_is_not_ok(channel):
     assert info.value.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND)
 
 
-def _reflect(channel, request: reflection_pb2.ServerReflectionRequest):
+def _reflect(channel, request):
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     return next(iter(stub.ServerReflectionInfo(iter([request]), timeout=10)))
 
@@ -66,14 +70,22 @@ def test_reflection_through_the_edge_lists_the_four_services(channel):
 
 def test_a_generic_client_calls_generate_from_reflected_descriptors(channel):
     """What grpcurl does: fetch descriptors by symbol, build messages, call."""
-    reply = _reflect(channel, reflection_pb2.ServerReflectionRequest(
-        file_containing_symbol="tokenmesh.inference.v1.InferenceService"))
+    reply = _reflect(
+        channel,
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="tokenmesh.inference.v1.InferenceService"
+        ),
+    )
     pool = descriptor_pool.DescriptorPool()
-    protos = [descriptor_pb2.FileDescriptorProto.FromString(b)
-              for b in reply.file_descriptor_response.file_descriptor_proto]
+    protos = [
+        descriptor_pb2.FileDescriptorProto.FromString(b)
+        for b in reply.file_descriptor_response.file_descriptor_proto
+    ]
     pending = {p.name: p for p in protos}
     _add_with_dependencies(pool, pending, channel)
-    method = pool.FindServiceByName("tokenmesh.inference.v1.InferenceService").methods_by_name["Generate"]
+    method = pool.FindServiceByName("tokenmesh.inference.v1.InferenceService").methods_by_name[
+        "Generate"
+    ]
     request_cls = message_factory.GetMessageClass(method.input_type)
     response_cls = message_factory.GetMessageClass(method.output_type)
     call = channel.unary_stream(
@@ -81,7 +93,9 @@ def test_a_generic_client_calls_generate_from_reflected_descriptors(channel):
         request_serializer=request_cls.SerializeToString,
         response_deserializer=response_cls.FromString,
     )
-    messages = list(call(request_cls(model="deterministic-test", prompt="generic", max_tokens=2), timeout=10))
+    messages = list(
+        call(request_cls(model="deterministic-test", prompt="generic", max_tokens=2), timeout=10)
+    )
     assert messages[-1].finish_reason == "length"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -17,11 +18,11 @@ def http(mesh):
         yield client
 
 
-def _sse_events(response: httpx.Response) -> list[tuple[float, dict]]:
+def _sse_events(response: httpx.Response) -> list[tuple[float, dict[str, Any]]]:
     events = []
     for line in response.iter_lines():
         if line.startswith("data: "):
-            events.append((time.monotonic(), json.loads(line[len("data: "):])))
+            events.append((time.monotonic(), json.loads(line[len("data: ") :])))
     return events
 
 
@@ -60,15 +61,17 @@ def test_generate_streams_sse_events_incrementally(http):
 def test_same_seed_same_text_through_the_edge(http):
     def text(seed: int) -> str:
         body = {"prompt": "determinism", "max_tokens": 6, "seed": seed}
-        return http.post(f"/v1/models/{MODEL}:complete", json=body).json()["text"]
+        return str(http.post(f"/v1/models/{MODEL}:complete", json=body).json()["text"])
 
     assert text(42) == text(42)
     assert text(42) != text(43)
 
 
 def test_complete_prints_every_field(http):
-    reply = http.post(f"/v1/models/{MODEL}:complete", json={"prompt": "hi", "max_tokens": 3,
-                                                          "request_id": "abc-1"})
+    reply = http.post(
+        f"/v1/models/{MODEL}:complete",
+        json={"prompt": "hi", "max_tokens": 3, "request_id": "abc-1"},
+    )
     assert reply.status_code == 200
     body = reply.json()
     assert body["request_id"] == "abc-1"
@@ -100,8 +103,11 @@ def test_out_of_range_fields_are_400_naming_the_field(http, body, field):
 
 
 def test_bad_json_is_400_with_a_json_body(http):
-    reply = http.post(f"/v1/models/{MODEL}:complete", content=b"{not json",
-                      headers={"content-type": "application/json"})
+    reply = http.post(
+        f"/v1/models/{MODEL}:complete",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert reply.status_code == 400
     assert reply.headers["content-type"] == "application/json"
     assert reply.json()["code"] == 3

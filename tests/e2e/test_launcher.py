@@ -9,13 +9,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from services.launcher.processes import pid_alive, reserve_port
 
 
-def _launch(tmp_path: Path) -> tuple[subprocess.Popen[bytes], dict, Path]:
+def _launch(tmp_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any], Path]:
     env = {
         **os.environ,
         "TOKENMESH_STATE_DIR": str(tmp_path / "state"),
@@ -26,8 +27,12 @@ def _launch(tmp_path: Path) -> tuple[subprocess.Popen[bytes], dict, Path]:
     env.pop("REDIS_URL", None)  # the launcher starts its own bundled Redis
     log_path = tmp_path / "launcher.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "services.launcher"], env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.launcher"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     manifest_path = tmp_path / "state" / "run" / "mesh.json"
     deadline = time.monotonic() + 120
     while not manifest_path.exists():

@@ -21,9 +21,12 @@ def test_rpc_counter_counts_by_method_and_code(mesh):
     with grpc.insecure_channel(mesh.address("inference-0")) as channel:
         stub = rpc.InferenceServiceStub(channel)
         stub.ListModels(pb.ListModelsRequest(), timeout=5)
-    text = httpx.get(f"http://127.0.0.1:{mesh.ports['inference-0-metrics']}/metrics", timeout=5).text
+    text = httpx.get(
+        f"http://127.0.0.1:{mesh.ports['inference-0-metrics']}/metrics", timeout=5
+    ).text
     line = next(
-        line for line in text.splitlines()
+        line
+        for line in text.splitlines()
         if line.startswith("tokenmesh_rpc_total{") and "ListModels" in line and 'code="OK"' in line
     )
     assert float(line.rsplit(" ", 1)[1]) >= 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -19,15 +20,22 @@ def _validate(tmp_path: Path, config: EdgeConfig) -> subprocess.CompletedProcess
     path.write_text(yaml.safe_dump(envoy_config.bootstrap(config)))
     return subprocess.run(
         [str(envoy_binary()), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
 def _config(tmp_path: Path, **overrides) -> EdgeConfig:
-    upstreams = {name: [Endpoint("127.0.0.1", 10000 + i)] for i, name in enumerate(envoy_config.HEALTH_SERVICE)}
-    values = dict(
-        listen_port=18080, admin_port=18081,
-        descriptor_path=protos.build_descriptor_set(tmp_path / "d.pb"), upstreams=upstreams,
+    upstreams = {
+        name: [Endpoint("127.0.0.1", 10000 + i)]
+        for i, name in enumerate(envoy_config.HEALTH_SERVICE)
+    }
+    values: dict[str, Any] = dict(
+        listen_port=18080,
+        admin_port=18081,
+        descriptor_path=protos.build_descriptor_set(tmp_path / "d.pb"),
+        upstreams=upstreams,
     )
     values.update(overrides)
     return EdgeConfig(**values)
@@ -44,5 +52,7 @@ def test_bootstrap_with_tracing_validates(tmp_path):
 
 
 def test_envoy_version_is_the_pinned_one():
-    result = subprocess.run([str(envoy_binary()), "--version"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [str(envoy_binary()), "--version"], capture_output=True, text=True, timeout=30
+    )
     assert f"/{ENVOY_VERSION_FILE.read_text().strip()}/" in result.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import grpc.aio
 import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -33,7 +34,9 @@ def _details(status, detail_type):
 
 async def test_generate_streams_indexed_deltas_and_a_complete_final_message(inference_channel):
     stub = rpc.InferenceServiceStub(inference_channel)
-    call = stub.Generate(pb.GenerateRequest(model="deterministic-test", prompt="hello there", max_tokens=6, seed=5))
+    call = stub.Generate(
+        pb.GenerateRequest(model="deterministic-test", prompt="hello there", max_tokens=6, seed=5)
+    )
     messages = [m async for m in call]
     assert [m.index for m in messages] == list(range(len(messages)))
     final = messages[-1]
@@ -52,8 +55,14 @@ async def test_generate_streams_indexed_deltas_and_a_complete_final_message(infe
 
 async def test_complete_equals_the_concatenated_stream(inference_channel):
     stub = rpc.InferenceServiceStub(inference_channel)
-    fields = dict(model="deterministic-test", version="1", prompt="same prompt", max_tokens=7, seed=11,
-                  request_id="req-1")
+    fields = dict(
+        model="deterministic-test",
+        version="1",
+        prompt="same prompt",
+        max_tokens=7,
+        seed=11,
+        request_id="req-1",
+    )
     streamed = [m async for m in stub.Generate(pb.GenerateRequest(**fields))]
     complete = await stub.Complete(pb.CompleteRequest(**fields))
     assert complete.text == "".join(m.text for m in streamed)
@@ -64,7 +73,9 @@ async def test_complete_equals_the_concatenated_stream(inference_channel):
 
 async def test_invalid_request_names_the_fields(inference_channel):
     stub = rpc.InferenceServiceStub(inference_channel)
-    call = stub.Complete(pb.CompleteRequest(model="deterministic-test", prompt="x", max_tokens=0, temperature=-1))
+    call = stub.Complete(
+        pb.CompleteRequest(model="deterministic-test", prompt="x", max_tokens=0, temperature=-1)
+    )
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -83,7 +94,9 @@ async def test_invalid_stream_request_fails_before_any_message(inference_channel
 
 async def test_context_overflow_is_invalid_argument_with_numbers(inference_channel):
     stub = rpc.InferenceServiceStub(inference_channel)
-    call = stub.Complete(pb.CompleteRequest(model="deterministic-test", prompt="word " * 500, max_tokens=100))
+    call = stub.Complete(
+        pb.CompleteRequest(model="deterministic-test", prompt="word " * 500, max_tokens=100)
+    )
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -125,7 +138,9 @@ async def test_list_models_paginates(inference_channel):
 
 async def test_client_cancellation_stops_the_stream(inference_channel):
     stub = rpc.InferenceServiceStub(inference_channel)
-    call = stub.Generate(pb.GenerateRequest(model="deterministic-test", prompt="long", max_tokens=500))
+    call = stub.Generate(
+        pb.GenerateRequest(model="deterministic-test", prompt="long", max_tokens=500)
+    )
     received = 0
     async for _ in call:
         received += 1
@@ -134,14 +149,19 @@ async def test_client_cancellation_stops_the_stream(inference_channel):
             break
     assert call.cancelled()
     # The server keeps serving after a cancellation.
-    reply = await stub.Complete(pb.CompleteRequest(model="deterministic-test", prompt="x", max_tokens=2))
+    reply = await stub.Complete(
+        pb.CompleteRequest(model="deterministic-test", prompt="x", max_tokens=2)
+    )
     assert reply.usage.completion_tokens == 2
 
 
 async def test_health_reports_service_and_model_versions(inference_channel):
     health = health_pb2_grpc.HealthStub(inference_channel)
-    for name in ("", "tokenmesh.inference.v1.InferenceService",
-                 "tokenmesh.inference.v1.InferenceService/deterministic-test/1"):
+    for name in (
+        "",
+        "tokenmesh.inference.v1.InferenceService",
+        "tokenmesh.inference.v1.InferenceService/deterministic-test/1",
+    ):
         reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -162,7 +182,9 @@ async def test_concurrent_streams_are_independent(inference_channel):
     stub = rpc.InferenceServiceStub(inference_channel)
 
     async def one(seed: int) -> str:
-        request = pb.GenerateRequest(model="deterministic-test", prompt="p", max_tokens=10, seed=seed)
+        request = pb.GenerateRequest(
+            model="deterministic-test", prompt="p", max_tokens=10, seed=seed
+        )
         return "".join([m.text async for m in stub.Generate(request)])
 
     texts = await asyncio.gather(*(one(s % 4) for s in range(16)))

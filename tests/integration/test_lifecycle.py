@@ -9,22 +9,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 
 
-def _start(module: str, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], dict]:
+def _start(
+    module: str, tmp_path: Path, **env: str
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     ready = tmp_path / f"{module}.json"
     log_path = tmp_path / f"{module}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", f"services.{module}"],
-            env={**os.environ, "TOKENMESH_READY_FILE": str(ready), "TOKENMESH_METRICS_PORT": "0", **env},
+            env={
+                **os.environ,
+                "TOKENMESH_READY_FILE": str(ready),
+                "TOKENMESH_METRICS_PORT": "0",
+                **env,
+            },
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -39,12 +46,14 @@ def _start(module: str, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[by
 
 
 def test_sigterm_finishes_in_flight_streams_then_exits_zero(tmp_path):
-    process, info = _start("inference", tmp_path, TOKENMESH_TEST_ENGINE_STEP_MS="50",
-                           TOKENMESH_GRACE_SECONDS="10")
+    process, info = _start(
+        "inference", tmp_path, TOKENMESH_TEST_ENGINE_STEP_MS="50", TOKENMESH_GRACE_SECONDS="10"
+    )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{info['grpc_port']}") as channel:
             stream = rpc.InferenceServiceStub(channel).Generate(
-                pb.GenerateRequest(model="deterministic-test", prompt="p", max_tokens=30), timeout=20
+                pb.GenerateRequest(model="deterministic-test", prompt="p", max_tokens=30),
+                timeout=20,
             )
             first = next(stream)
             process.send_signal(signal.SIGTERM)
@@ -63,7 +72,8 @@ def test_sigterm_turns_health_not_serving_before_stopping(tmp_path):
     try:
         with grpc.insecure_channel(f"127.0.0.1:{info['grpc_port']}") as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(
-                health_pb2.HealthCheckRequest(service="tokenmesh.inference.v1.InferenceService"), timeout=15
+                health_pb2.HealthCheckRequest(service="tokenmesh.inference.v1.InferenceService"),
+                timeout=15,
             )
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             process.send_signal(signal.SIGTERM)
@@ -78,7 +88,9 @@ def test_invalid_configuration_fails_fast_naming_the_variable(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "services.inference"],
         env={**os.environ, "TOKENMESH_GRPC_PORT": "not-a-port"},
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert "TOKENMESH_GRPC_PORT" in result.stderr

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
+import grpc.aio
 import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,7 +26,9 @@ async def test_unimplemented_rpcs_answer_unimplemented_with_error_info(redis_url
     settings = RedisSettings(metrics_port=-1, grace_s=0.5, redis_url=redis_url)
     async with serving(UsageService(settings), settings) as running:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            call = usage_service_pb2_grpc.UsageServiceStub(channel).GetUsage(usage_service_pb2.GetUsageRequest())
+            call = usage_service_pb2_grpc.UsageServiceStub(channel).GetUsage(
+                usage_service_pb2.GetUsageRequest()
+            )
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -43,16 +47,22 @@ async def test_health_follows_redis(tmp_path: Path):
     try:
         async with serving(service, settings) as running:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-                health = health_pb2_grpc.HealthStub(channel)
+                health: Any = health_pb2_grpc.HealthStub(channel)
                 request = health_pb2.HealthCheckRequest(service=name)
-                assert (await health.Check(request)).status == health_pb2.HealthCheckResponse.SERVING
+                assert (
+                    await health.Check(request)
+                ).status == health_pb2.HealthCheckResponse.SERVING
                 child.terminate()
                 child.wait(10)
                 for _ in range(50):
-                    if (await health.Check(request)).status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    if (
+                        await health.Check(request)
+                    ).status == health_pb2.HealthCheckResponse.NOT_SERVING:
                         break
                     await asyncio.sleep(0.1)
-                assert (await health.Check(request)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+                assert (
+                    await health.Check(request)
+                ).status == health_pb2.HealthCheckResponse.NOT_SERVING
                 # RPCs still answer with a status rather than hanging.
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await auth_service_pb2_grpc.AuthServiceStub(channel).IssueToken(

@@ -22,8 +22,10 @@ def _unpack(status, detail_type):
 
 def test_invalid_argument_carries_every_field_violation():
     error = errors.InvalidArgument(
-        [errors.FieldViolation("max_tokens", "must be between 1 and 8192"),
-         errors.FieldViolation("temperature", "must be between 0 and 2")]
+        [
+            errors.FieldViolation("max_tokens", "must be between 1 and 8192"),
+            errors.FieldViolation("temperature", "must be between 0 and 2"),
+        ]
     )
     status = error.to_status()
     assert status.code == code_pb2.INVALID_ARGUMENT

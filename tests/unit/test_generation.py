@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from services.inference.engine import SamplingParams
 from services.inference.generation import Delta, GenerationState, _held_back, generate
 from services.inference.models import deterministic_test_model
 
 
 def _params(**overrides) -> SamplingParams:
-    values = dict(max_tokens=8, temperature=1.0, top_p=1.0, top_k=0, seed=3, stop=())
+    values: dict[str, Any] = dict(
+        max_tokens=8, temperature=1.0, top_p=1.0, top_k=0, seed=3, stop=()
+    )
     values.update(overrides)
     return SamplingParams(**values)
 
 
-async def _run(params: SamplingParams, prompt: str = "hello mesh") -> tuple[list[Delta], GenerationState]:
+async def _run(
+    params: SamplingParams, prompt: str = "hello mesh"
+) -> tuple[list[Delta], GenerationState]:
     model = deterministic_test_model("t", "1", step_s=0)
     ids = model.tokenizer.encode(prompt)
     state = GenerationState(prompt_tokens=len(ids))

@@ -50,10 +50,29 @@ def test_the_fixed_rest_contract():
 
 def test_generate_request_has_the_contract_fields():
     fields = set(inference_service_pb2.GenerateRequest.DESCRIPTOR.fields_by_name)
-    assert {"model", "version", "prompt", "max_tokens", "temperature", "top_p", "top_k",
-            "seed", "stop", "request_id"} <= fields
+    assert {
+        "model",
+        "version",
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "request_id",
+    } <= fields
     response = set(inference_service_pb2.GenerateResponse.DESCRIPTOR.fields_by_name)
-    assert {"index", "text", "token_ids", "finish_reason", "usage", "model", "timing", "error"} <= response
+    assert {
+        "index",
+        "text",
+        "token_ids",
+        "finish_reason",
+        "usage",
+        "model",
+        "timing",
+        "error",
+    } <= response
 
 
 def test_descriptor_set_builds(tmp_path):

@@ -51,7 +51,9 @@ def test_all_violations_are_reported_at_once():
 
 def test_defaults_fill_unset_fields_but_explicit_zero_wins():
     defaults = ModelDefaults(max_tokens=64, temperature=0.7)
-    params = validation.sampling_params(pb.GenerateRequest(model="m", prompt="p", temperature=0), defaults)
+    params = validation.sampling_params(
+        pb.GenerateRequest(model="m", prompt="p", temperature=0), defaults
+    )
     assert params.temperature == 0 and params.max_tokens == 64 and params.seed is None
 
 
