@@ -10,6 +10,7 @@ single place that knows the shape of each resource.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,8 @@ def cluster(
     interval = _duration(health_check_interval_s)
     return {
         "name": name,
-        "type": "STATIC",
+        # Host names (Kubernetes headless services) resolve to every pod's address.
+        "type": "STATIC" if all(_is_ip(e.host) for e in endpoints) else "STRICT_DNS",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": _h2_options(),
         "load_assignment": _load_assignment(name, endpoints),
@@ -116,6 +118,14 @@ def cluster(
         # Streams may be long; keepalives find dead upstream connections.
         "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 30}},
     }
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _h2_options() -> dict[str, Any]:

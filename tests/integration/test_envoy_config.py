@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +58,27 @@ def test_envoy_version_is_the_pinned_one():
         [str(envoy_binary()), "--version"], capture_output=True, text=True, timeout=30
     )
     assert f"/{ENVOY_VERSION_FILE.read_text().strip()}/" in result.stdout
+
+
+def test_standalone_render_with_dns_names_validates(tmp_path):
+    out = tmp_path / "edge.yaml"
+    env = {
+        **os.environ,
+        "TOKENMESH_INFERENCE_ADDR": "localhost:50051,localhost:50052",
+        "TOKENMESH_DESCRIPTOR": str(tmp_path / "d.pb"),
+    }
+    subprocess.run(
+        [sys.executable, "-m", "gateway", "render", "--out", str(out)],
+        env=env,
+        check=True,
+        timeout=60,
+    )
+    clusters = yaml.safe_load(out.read_text())["static_resources"]["clusters"]
+    assert {c["name"]: c["type"] for c in clusters}["inference"] == "STRICT_DNS"
+    result = subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "-c", str(out), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
