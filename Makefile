@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-$(BUF): package.json package-lock.json
-	npm ci --silent --no-audit --no-fund
+# The buf version is pinned exactly in package.json (npm's lock file omits
+# buf's per-platform optional packages, which breaks `npm ci`).
+$(BUF): package.json
+	npm install --no-audit --no-fund --no-package-lock --loglevel=error
 	touch $@
 
 .PHONY: setup

@@ -82,3 +82,12 @@ def test_descriptor_set_builds(tmp_path):
     files = {f.name for f in descriptor_pb2.FileDescriptorSet.FromString(path.read_bytes()).file}
     assert "tokenmesh/inference/v1/inference_service.proto" in files
     assert "google/rpc/error_details.proto" in files
+
+
+def test_api_reference_is_up_to_date():
+    from pathlib import Path
+
+    from gateway import apidocs
+
+    committed = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    assert committed == apidocs.render(), "run `make docs` and commit docs/api.md"
