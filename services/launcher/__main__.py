@@ -30,6 +30,9 @@ class LauncherSettings:
     redis_url: str | None = env(
         "REDIS_URL", None, "Use this Redis instead of starting the bundled one."
     )
+    otlp_endpoint: str | None = env(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", None, "OTLP/gRPC collector for Envoy and every service."
+    )
 
     def __post_init__(self) -> None:
         require(1 <= self.edge_port <= 65535, "TOKENMESH_EDGE_PORT", "must be 1-65535")
@@ -80,6 +83,7 @@ def main() -> None:
         edge_port=settings.edge_port,
         redis_url=settings.redis_url,
         workers=settings.workers,
+        otlp_endpoint=settings.otlp_endpoint,
     )
     mesh = Mesh(config)
     try:

@@ -34,6 +34,7 @@ class MeshConfig:
     envoy_concurrency: int = 2
     health_check_interval_s: float = 1.0
     startup_timeout_s: float = 90.0
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector for Envoy and every service
     service_env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -148,6 +149,10 @@ class Mesh:
             "REDIS_URL": self.redis_url,
             **self.config.service_env,
         }
+        if self.config.otlp_endpoint:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.config.otlp_endpoint
+        else:
+            env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
         self._spawn(name, [sys.executable, "-m", f"services.{module}"], env)
 
     def _child(self, name: str) -> Child:
@@ -176,7 +181,7 @@ class Mesh:
             upstreams=upstreams,
             health_check_interval_s=self.config.health_check_interval_s,
             access_log_path=str(self.log_dir / "edge-access.log"),
-            otlp_endpoint=_otlp_endpoint(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")),
+            otlp_endpoint=_otlp_endpoint(self.config.otlp_endpoint),
         )
 
     def _start_envoy(self) -> None:

@@ -54,3 +54,19 @@ def test_redis_url_scheme_is_checked():
 def test_describe_lists_every_variable():
     names = [row[0] for row in describe(RedisSettings)]
     assert "REDIS_URL" in names and "TOKENMESH_GRPC_PORT" in names
+
+
+def test_json_logs_are_one_object_per_line(capsys):
+    import json
+    import logging
+
+    from services.core import logs
+
+    logs.configure("INFO", "json", "test")
+    try:
+        logging.getLogger("tokenmesh.test").info("hello %s", "world")
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        entry = json.loads(line)
+        assert entry["msg"] == "hello world" and entry["level"] == "INFO"
+    finally:
+        logging.getLogger().handlers.clear()

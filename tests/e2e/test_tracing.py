@@ -1,0 +1,82 @@
+"""OpenTelemetry: Envoy and the services export spans of one trace to an OTLP collector."""
+
+from __future__ import annotations
+
+import time
+from concurrent import futures
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from services.launcher.mesh import Mesh, MeshConfig
+from tests.conftest import TEST_SERVICE_ENV
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """A real OTLP/gRPC trace endpoint that keeps (service.name, trace id, span name)."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, str, str]] = []
+
+    def Export(self, request, context):
+        for resource_spans in request.resource_spans:
+            service = next(
+                (
+                    a.value.string_value
+                    for a in resource_spans.resource.attributes
+                    if a.key == "service.name"
+                ),
+                "",
+            )
+            for scope in resource_spans.scope_spans:
+                self.spans.extend((service, s.trace_id.hex(), s.name) for s in scope.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+@pytest.fixture
+def collector() -> Iterator[tuple[Collector, int]]:
+    collector = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield collector, port
+    finally:
+        server.stop(None)
+
+
+def test_one_trace_spans_envoy_and_the_worker(tmp_path: Path, collector, redis_url):
+    sink, port = collector
+    config = MeshConfig(
+        state_dir=tmp_path / "mesh",
+        redis_url=redis_url,
+        workers=1,
+        envoy_concurrency=1,
+        health_check_interval_s=0.5,
+        otlp_endpoint=f"http://127.0.0.1:{port}",
+        service_env={**TEST_SERVICE_ENV, "OTEL_BSP_SCHEDULE_DELAY": "100"},
+    )
+    with Mesh(config) as mesh:
+        headers = {"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"}
+        reply = httpx.post(
+            f"{mesh.edge_url}/v1/models/deterministic-test:complete",
+            json={"prompt": "trace me", "max_tokens": 2},
+            headers=headers,
+            timeout=10,
+        )
+        assert reply.status_code == 200
+        deadline = time.monotonic() + 15
+        services: set[str] = set()
+        while time.monotonic() < deadline:
+            services = {service for service, trace, _ in sink.spans if trace == TRACE_ID}
+            if {"tokenmesh-edge", "tokenmesh-inference"} <= services:
+                break
+            time.sleep(0.2)
+        assert {"tokenmesh-edge", "tokenmesh-inference"} <= services, sink.spans
