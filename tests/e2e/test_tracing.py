@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from concurrent import futures
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
 import grpc
