@@ -131,6 +131,7 @@ class Mesh:
     def _start_redis(self) -> None:
         child, self.redis_url = spawn_redis(self.state_dir / "redis", self.log_dir / "redis.log")
         self.children.append(child)
+        logger.info("started redis (pid %d) at %s", child.pid, self.redis_url)
 
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str]) -> Child:
         child = Child(name, argv, clean_env(env), self.log_dir / f"{name}.log")
