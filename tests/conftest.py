@@ -16,6 +16,10 @@ from services.launcher.mesh import Mesh, MeshConfig, spawn_redis
 
 # Fast settings for tests; the code paths are the ones `make run` uses.
 TEST_SERVICE_ENV = {
+    "TOKENMESH_TEST_MODELS": "deterministic-test:1",
+    "TOKENMESH_MODELS": "demo-lm:1,all-minilm-l6-v2:1",
+    "TOKENMESH_ENGINE": "onnxruntime",
+    "TOKENMESH_ENGINE_THREADS": "1",
     "TOKENMESH_TEST_ENGINE_STEP_MS": "20",
     "TOKENMESH_GRACE_SECONDS": "5",
     "TOKENMESH_LOG_LEVEL": "INFO",

@@ -1,8 +1,9 @@
-"""Runs one generation request against an engine.
+"""Turns a scheduled sequence's tokens into text deltas for one request.
 
-Enforces max_tokens and stop sequences, holds back text that may be the start
-of a stop sequence, and measures timing. Yields `Delta`s; the last one has
-`finish_reason` set.
+Reads the sequence's outbox, detokenizes incrementally, enforces stop
+sequences (holding back text that may be the start of one), and batches
+whatever tokens are already waiting into one delta — the first token is
+never held back. The last delta has `finish_reason` set.
 """
 
 from __future__ import annotations
@@ -11,22 +12,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from services.inference.engine import SamplingParams
-from services.inference.models import LoadedModel
-
-
-@dataclass
-class Timings:
-    """Timings measured from admission, in milliseconds."""
-
-    admitted: float = field(default_factory=time.perf_counter)
-    queue_ms: float = 0.0
-    time_to_first_token_ms: float = 0.0
-    total_ms: float = 0.0
-
-    def since_admission_ms(self) -> float:
-        """Returns the milliseconds elapsed since admission."""
-        return (time.perf_counter() - self.admitted) * 1000
+from services.inference.scheduler import Finished, Scheduler, Sequence_
+from services.inference.tokenizer import IncrementalDecoder, Tokenizer
 
 
 @dataclass
@@ -40,14 +27,20 @@ class Delta:
 
 @dataclass
 class GenerationState:
-    """GenerationState is what the servicer reports at the end of a request."""
+    """GenerationState is what a request reports when it ends."""
 
     prompt_tokens: int
     completion_tokens: int = 0
-    timings: Timings = field(default_factory=Timings)
+    submitted_at: float = field(default_factory=time.monotonic)
+    queue_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+
+    def total_ms(self) -> float:
+        """Returns the milliseconds since submission."""
+        return (time.monotonic() - self.submitted_at) * 1000
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
+def held_back(text: str, stops: Sequence[str]) -> int:
     """Returns how many trailing characters of `text` could start a stop sequence."""
     longest = 0
     for stop in stops:
@@ -58,34 +51,56 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
-async def generate(
-    model: LoadedModel,
-    prompt_ids: list[int],
-    params: SamplingParams,
+def _take_ready(seq: Sequence_, first: int | Finished) -> tuple[list[int], Finished | None]:
+    """Returns `first` plus every item already waiting in the outbox."""
+    items = [first]
+    while not seq.outbox.empty():
+        items.append(seq.outbox.get_nowait())
+    tokens = [t for t in items if isinstance(t, int)]
+    end = next((t for t in items if isinstance(t, Finished)), None)
+    return tokens, end
+
+
+async def stream_deltas(
+    scheduler: Scheduler,
+    seq: Sequence_,
+    tokenizer: Tokenizer,
+    stops: Sequence[str],
     state: GenerationState,
 ) -> AsyncIterator[Delta]:
-    """Yields deltas for one request; `state` is updated as tokens arrive."""
-    text = ""  # generated text not yet sent
-    pending_ids: list[int] = []
-    state.timings.queue_ms = state.timings.since_admission_ms()
-    async for token_id in model.engine.generate(prompt_ids, params):
-        if state.completion_tokens == 0:
-            state.timings.time_to_first_token_ms = state.timings.since_admission_ms()
-        if token_id == model.engine.eos_token_id:
-            yield Delta(text, pending_ids, "stop")
-            return
-        state.completion_tokens += 1
-        pending_ids.append(token_id)
-        text += model.tokenizer.decode([token_id])
-        stop_at = min((i for s in params.stop if (i := text.find(s)) >= 0), default=-1)
-        if stop_at >= 0:
-            yield Delta(text[:stop_at], pending_ids, "stop")
-            return
-        if state.completion_tokens >= params.max_tokens:
-            yield Delta(text, pending_ids, "length")
-            return
-        keep = _held_back(text, params.stop)
-        if len(text) > keep:
-            yield Delta(text[: len(text) - keep], pending_ids)
-            text, pending_ids = text[len(text) - keep :], []
-    yield Delta(text, pending_ids, "stop")
+    """Yields deltas until the sequence ends; cancels it if the caller stops early."""
+    decoder = IncrementalDecoder(tokenizer)
+    text = ""  # decoded but not yet sent
+    finished = False
+    try:
+        while True:
+            tokens, end = _take_ready(seq, await seq.outbox.get())
+            if tokens and state.completion_tokens == 0:
+                _mark_first_token(seq, state)
+            state.completion_tokens += len(tokens)
+            text += decoder.push(tokens) + (decoder.flush() if end else "")
+            stop_at = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
+            if stop_at >= 0:
+                finished = True
+                scheduler.cancel(seq)  # frees the slot; the request ends with "stop"
+                yield Delta(text[:stop_at], tokens, "stop")
+                return
+            if end is not None:
+                finished = True
+                if end.error is not None:
+                    raise end.error
+                yield Delta(text, tokens, end.reason)
+                return
+            keep = held_back(text, stops)
+            yield Delta(text[: len(text) - keep], tokens)
+            text = text[len(text) - keep :]
+    finally:
+        if not finished:
+            scheduler.cancel(seq)
+
+
+def _mark_first_token(seq: Sequence_, state: GenerationState) -> None:
+    started = seq.started_at or seq.submitted_at
+    first = seq.first_token_at or time.monotonic()
+    state.queue_ms = (started - seq.submitted_at) * 1000
+    state.time_to_first_token_ms = (first - seq.submitted_at) * 1000

@@ -1,12 +1,13 @@
-"""The worker's model registry: which model versions it serves, and how."""
+"""The worker's loaded model versions and the registry that resolves requests to them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from services.core.errors import NotFound
-from services.inference.engine import DeterministicTestEngine, Engine, Tokenizer, WordTokenizer
+from services.inference.embedder import Embedder
+from services.inference.scheduler import Scheduler
+from services.inference.tokenizer import Tokenizer
 from tokenmesh.inference.v1 import inference_pb2
 
 
@@ -20,19 +21,38 @@ class ModelDefaults:
     top_k: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadedModel:
-    """LoadedModel is one model version ready to serve."""
+    """LoadedModel is one model version on this worker: a scheduler or an embedder."""
 
     name: str
     version: str
     kind: inference_pb2.ModelKind.ValueType
-    engine: Engine
     tokenizer: Tokenizer
     context_length: int
+    engine_name: str
+    scheduler: Scheduler | None = None
+    embedder: Embedder | None = None
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
     description: str = ""
+    embedding_dimensions: int = 0
     ready: bool = False
+
+    async def start(self) -> None:
+        """Allocates, warms up and starts serving this version."""
+        if self.scheduler is not None:
+            await self.scheduler.start()
+        if self.embedder is not None:
+            await self.embedder.warm_up()
+        self.ready = True
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Stops admitting, lets in-flight work finish, frees the engine."""
+        self.ready = False
+        if self.scheduler is not None:
+            await self.scheduler.stop(drain_timeout_s)
+        if self.embedder is not None:
+            self.embedder.close()
 
     def version_pb(self) -> inference_pb2.ModelVersion:
         """Returns this version as a protobuf message."""
@@ -44,23 +64,30 @@ class LoadedModel:
         return inference_pb2.ModelVersion(
             version=self.version,
             state=state,
-            engine=self.engine.name,
+            engine=self.engine_name,
             context_length=self.context_length,
-            max_tokens_default=self.defaults.max_tokens,
+            max_tokens_default=self.defaults.max_tokens if self.scheduler else 0,
+            embedding_dimensions=self.embedding_dimensions,
         )
 
 
 class ModelRegistry:
     """ModelRegistry holds the loaded versions of every model, by name."""
 
-    def __init__(self, models: Iterable[LoadedModel] = ()) -> None:
+    def __init__(self) -> None:
         self._models: dict[str, dict[str, LoadedModel]] = {}
-        for model in models:
-            self.add(model)
 
     def add(self, model: LoadedModel) -> None:
         """Adds (or replaces) a model version."""
         self._models.setdefault(model.name, {})[model.version] = model
+
+    def remove(self, name: str, version: str) -> LoadedModel:
+        """Removes and returns a version; NotFound when it is not loaded."""
+        model = self.resolve(name, version)
+        del self._models[name][version]
+        if not self._models[name]:
+            del self._models[name]
+        return model
 
     def names(self) -> list[str]:
         """Returns the model names, sorted."""
@@ -78,10 +105,11 @@ class ModelRegistry:
         return [versions[v] for v in sorted(versions, key=_version_key)]
 
     def resolve(self, name: str, version: str) -> LoadedModel:
-        """Returns the version asked for, or the default (newest) when `version` is empty."""
+        """Returns the version asked for, or the default (newest ready) when `version` is empty."""
         versions = self.versions(name)
         if not version:
-            return versions[-1]
+            ready = [m for m in versions if m.ready]
+            return (ready or versions)[-1]
         for model in versions:
             if model.version == version:
                 return model
@@ -91,19 +119,16 @@ class ModelRegistry:
             metadata={"model": name, "version": version},
         )
 
-    def all_ready(self) -> bool:
-        """Tells whether every loaded version finished its warm-up."""
-        return all(m.ready for versions in self._models.values() for m in versions.values())
-
     def to_pb(self, name: str) -> inference_pb2.Model:
         """Returns a model with all its versions as a protobuf message."""
         versions = self.versions(name)
+        default = self.resolve(name, "")
         return inference_pb2.Model(
             name=name,
-            kind=versions[-1].kind,
-            default_version=versions[-1].version,
+            kind=default.kind,
+            default_version=default.version,
             versions=[m.version_pb() for m in versions],
-            description=versions[-1].description,
+            description=default.description,
         )
 
     def all(self) -> list[LoadedModel]:
@@ -113,17 +138,3 @@ class ModelRegistry:
 
 def _version_key(version: str) -> tuple[int, int | str]:
     return (0, int(version)) if version.isdigit() else (1, version)
-
-
-def deterministic_test_model(name: str, version: str, step_s: float) -> LoadedModel:
-    """Builds a version served by the deterministic test engine."""
-    tokenizer = WordTokenizer()
-    return LoadedModel(
-        name=name,
-        version=version,
-        kind=inference_pb2.MODEL_KIND_GENERATIVE,
-        engine=DeterministicTestEngine(vocab_size=len(tokenizer.words), step_s=step_s),
-        tokenizer=tokenizer,
-        context_length=512,
-        description="Deterministic test engine: seeded vocabulary words, not a language model.",
-    )

@@ -1,45 +1,127 @@
-"""The inference service: settings, model loading and server wiring."""
+"""The inference worker: settings, model loading, usage spool and server wiring."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import grpc.aio
+import redis.asyncio as aioredis
 
 from services.core.server import RunningServer, Service
-from services.core.settings import ServerSettings, env, require
-from services.inference.models import ModelRegistry, deterministic_test_model
-from services.inference.servicer import InferenceServicer
+from services.core.settings import RedisSettings, env, require
+from services.inference.models import LoadedModel, ModelRegistry
+from services.inference.repository import (
+    EngineOptions,
+    deterministic_test_model,
+    load_from_repository,
+)
+from services.inference.scheduler import SchedulerLimits
+from services.inference.servicer import InferenceAdminServicer, InferenceServicer
+from services.inference.usage_log import UsageLog
 from tokenmesh.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+ADMIN_SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name[
+    "InferenceAdminService"
+].full_name
+ENGINES = ("auto", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
-class InferenceSettings(ServerSettings):
+class InferenceSettings(RedisSettings):
     """InferenceSettings configure one inference worker."""
 
+    model_repository: Path = env(
+        "TOKENMESH_MODEL_REPOSITORY", Path("models"), "The model repository."
+    )
+    models: tuple[str, ...] = env(
+        "TOKENMESH_MODELS",
+        ("demo-lm:1", "demo-lm:2", "all-minilm-l6-v2:1"),
+        "Comma-separated NAME:VERSION list loaded from the repository at start.",
+    )
     test_models: tuple[str, ...] = env(
-        "TOKENMESH_TEST_MODELS",
-        ("deterministic-test:1",),
-        "Comma-separated NAME:VERSION list served by the deterministic test engine.",
+        "TOKENMESH_TEST_MODELS", (), "NAME:VERSION list served by the deterministic test engine."
     )
     test_engine_step_ms: float = env(
-        "TOKENMESH_TEST_ENGINE_STEP_MS", 20.0, "Simulated decode step of the test engine, in ms."
+        "TOKENMESH_TEST_ENGINE_STEP_MS", 20.0, "Simulated step time of the test engine, in ms."
+    )
+    engine: str = env(
+        "TOKENMESH_ENGINE", "auto", "auto, onnxruntime or tensorrt (auto: TensorRT with a GPU)."
+    )
+    engine_threads: int = env(
+        "TOKENMESH_ENGINE_THREADS", 0, "Intra-op threads per engine; 0 = one per core."
+    )
+    max_sequences: int = env(
+        "TOKENMESH_MAX_SEQUENCES", 32, "Running sequences (KV slots) per model version."
+    )
+    max_kv_tokens: int = env(
+        "TOKENMESH_MAX_KV_TOKENS", 16384, "KV-token budget (prompt + max_tokens) per version."
+    )
+    max_queue: int = env("TOKENMESH_MAX_QUEUE", 256, "Waiting requests per version before 429.")
+    max_prefill_tokens: int = env(
+        "TOKENMESH_MAX_PREFILL_TOKENS", 2048, "Prompt tokens admitted per step."
+    )
+    worker_id: str = env(
+        "TOKENMESH_WORKER_ID", socket.gethostname(), "Stable worker name (usage spool, registry)."
+    )
+    usage_spool_dir: Path = env(
+        "TOKENMESH_USAGE_SPOOL_DIR",
+        Path(".tokenmesh/usage-spool"),
+        "Where unshipped usage events wait.",
+    )
+    usage_stream: str = env(
+        "TOKENMESH_USAGE_STREAM", "tokenmesh:usage", "Redis Stream of usage events."
+    )
+    usage_spool_max_bytes: int = env(
+        "TOKENMESH_USAGE_SPOOL_MAX_BYTES",
+        64 * 2**20,
+        "Unshipped usage bytes before new work is refused.",
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for entry in self.test_models:
-            name, _, version = entry.partition(":")
-            require(
-                bool(name and version), "TOKENMESH_TEST_MODELS", f"{entry!r} is not NAME:VERSION"
-            )
+        for variable, entries in (
+            ("TOKENMESH_MODELS", self.models),
+            ("TOKENMESH_TEST_MODELS", self.test_models),
+        ):
+            for entry in entries:
+                name, _, version = entry.partition(":")
+                require(bool(name and version), variable, f"{entry!r} is not NAME:VERSION")
+        require(
+            bool(self.models or self.test_models),
+            "TOKENMESH_MODELS",
+            "at least one model is needed",
+        )
+        require(self.engine in ENGINES, "TOKENMESH_ENGINE", f"must be one of {', '.join(ENGINES)}")
         require(self.test_engine_step_ms >= 0, "TOKENMESH_TEST_ENGINE_STEP_MS", "must be >= 0")
+        require(1 <= self.max_sequences <= 1024, "TOKENMESH_MAX_SEQUENCES", "must be 1-1024")
+        require(self.max_kv_tokens >= 1, "TOKENMESH_MAX_KV_TOKENS", "must be >= 1")
+        require(self.max_queue >= 0, "TOKENMESH_MAX_QUEUE", "must be >= 0")
+        require(self.max_prefill_tokens >= 1, "TOKENMESH_MAX_PREFILL_TOKENS", "must be >= 1")
+
+    def limits(self) -> SchedulerLimits:
+        """Returns the scheduler limits."""
+        return SchedulerLimits(
+            self.max_sequences, self.max_kv_tokens, self.max_queue, self.max_prefill_tokens
+        )
+
+
+def resolve_engine(choice: str) -> str:
+    """Returns the engine to use: TensorRT for "auto" only when it and a GPU are usable."""
+    if choice != "auto":
+        return choice
+    from services.inference.engines.tensorrt import tensorrt_available
+
+    usable, why = tensorrt_available()
+    logger.info("engine auto: %s -> %s", why, "tensorrt" if usable else "onnxruntime")
+    return "tensorrt" if usable else "onnxruntime"
 
 
 def model_health_name(name: str, version: str) -> str:
@@ -47,30 +129,83 @@ def model_health_name(name: str, version: str) -> str:
     return f"{SERVICE_NAME}/{name}/{version}"
 
 
+def _split(entry: str) -> tuple[str, str]:
+    name, version = entry.split(":", 1)
+    return name.strip(), version.strip()
+
+
 class InferenceService(Service):
-    """InferenceService serves the models of one worker."""
+    """InferenceService serves the model versions of one worker."""
 
     name = "inference"
 
     def __init__(self, settings: InferenceSettings) -> None:
-        step_s = settings.test_engine_step_ms / 1000
+        self.settings = settings
         self.registry = ModelRegistry()
-        for entry in settings.test_models:
-            name, version = entry.split(":", 1)
-            self.registry.add(deterministic_test_model(name, version, step_s=step_s))
+        self.options = EngineOptions(
+            engine=resolve_engine(settings.engine),
+            threads=settings.engine_threads,
+            limits=settings.limits(),
+        )
+        self.redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0)
+        self.usage_log = UsageLog(
+            settings.usage_spool_dir / settings.worker_id,
+            self.redis,
+            settings.usage_stream,
+            settings.usage_spool_max_bytes,
+        )
+        self._running: RunningServer | None = None
 
     def service_names(self) -> Sequence[str]:
-        return [SERVICE_NAME]
+        return [SERVICE_NAME, ADMIN_SERVICE_NAME]
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        servicer = InferenceServicer(self.registry)
-        inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+        inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(self.registry, self.usage_log), server
+        )
+        inference_service_pb2_grpc.add_InferenceAdminServiceServicer_to_server(
+            InferenceAdminServicer(self.registry, self.load, self.unload), server
+        )
 
     async def start(self, running: RunningServer) -> None:
-        for model in self.registry.all():
-            await model.engine.warm_up()
-            model.ready = True
-            await running.set_serving([model_health_name(model.name, model.version)], serving=True)
-            logger.info(
-                "model %s version %s ready (%s)", model.name, model.version, model.engine.name
+        self._running = running
+        self.usage_log.start()
+        for entry in self.settings.test_models:
+            name, version = _split(entry)
+            step_s = self.settings.test_engine_step_ms / 1000
+            await self._activate(
+                deterministic_test_model(name, version, step_s, self.options.limits)
             )
+        for entry in self.settings.models:
+            await self.load(*_split(entry))
+
+    async def load(self, name: str, version: str) -> None:
+        """Loads a version from the repository, warms it up, marks it ready."""
+        model = await asyncio.to_thread(
+            load_from_repository, self.settings.model_repository, name, version, self.options
+        )
+        await self._activate(model)
+
+    async def _activate(self, model: LoadedModel) -> None:
+        await model.start()
+        self.registry.add(model)
+        if self._running is not None:
+            await self._running.set_serving(
+                [model_health_name(model.name, model.version)], serving=True
+            )
+        logger.info("model %s version %s ready (%s)", model.name, model.version, model.engine_name)
+
+    async def unload(self, name: str, version: str) -> None:
+        """Stops admitting a version, lets its requests finish, frees it."""
+        model = self.registry.resolve(name, version)
+        if self._running is not None:
+            await self._running.set_serving([model_health_name(name, version)], serving=False)
+        await model.stop(self.settings.grace_s)
+        self.registry.remove(name, version)
+        logger.info("model %s version %s unloaded", name, version)
+
+    async def stop(self) -> None:
+        for model in self.registry.all():
+            await model.stop(drain_timeout_s=0)
+        await self.usage_log.stop()
+        await self.redis.aclose()

@@ -1,39 +1,42 @@
-"""InferenceService servicer: protobuf in, domain calls, protobuf out."""
+"""InferenceService and InferenceAdminService servicers: protobuf at the edge,
+domain objects inside."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from opentelemetry import trace
 
 from services.core.errors import FieldViolation, InvalidArgument, TokenmeshError
 from services.core.interceptors import Context, abort_with, to_domain_error
-from services.inference import validation
-from services.inference.generation import GenerationState, generate
+from services.inference import metrics, validation
+from services.inference.generation import Delta, GenerationState, stream_deltas
 from services.inference.models import LoadedModel, ModelRegistry
+from services.inference.scheduler import PRIORITY_BATCH, PRIORITY_INTERACTIVE, Scheduler, Sequence_
+from services.inference.usage_log import UsageLog
 from tokenmesh.inference.v1 import inference_pb2, inference_service_pb2_grpc
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.type.v1 import types_pb2
 
 logger = logging.getLogger(__name__)
-GENERATE_METHOD = "/tokenmesh.inference.v1.InferenceService/Generate"
+KEY_ID_HEADER = "x-tokenmesh-key-id"
+TENANT_HEADER = "x-tokenmesh-tenant"
+_PRIORITIES = {
+    inference_pb2.PRIORITY_UNSPECIFIED: PRIORITY_INTERACTIVE,
+    inference_pb2.PRIORITY_INTERACTIVE: PRIORITY_INTERACTIVE,
+    inference_pb2.PRIORITY_BATCH: PRIORITY_BATCH,
+}
 
 
-def _usage(state: GenerationState) -> types_pb2.TokenUsage:
+def _usage(prompt_tokens: int, completion_tokens: int) -> types_pb2.TokenUsage:
     return types_pb2.TokenUsage(
-        prompt_tokens=state.prompt_tokens,
-        completion_tokens=state.completion_tokens,
-        total_tokens=state.prompt_tokens + state.completion_tokens,
-    )
-
-
-def _timing(state: GenerationState) -> inference_pb2.Timing:
-    timings = state.timings
-    return inference_pb2.Timing(
-        queue_ms=timings.queue_ms,
-        time_to_first_token_ms=timings.time_to_first_token_ms,
-        total_ms=timings.since_admission_ms(),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
     )
 
 
@@ -43,24 +46,23 @@ def _stream_error(error: TokenmeshError) -> inference_pb2.StreamError:
     )
 
 
-class Admitted:
-    """Admitted is a validated generation request, resolved to a model version."""
+def _trace_id() -> str:
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else ""
 
-    def __init__(self, registry: ModelRegistry, request: validation.GenerationRequest) -> None:
-        validation.validate_generation(request)
-        self.model: LoadedModel = registry.resolve(request.model, request.version)
-        if self.model.kind != inference_pb2.MODEL_KIND_GENERATIVE:
-            raise InvalidArgument(
-                [FieldViolation("model", f"{request.model!r} is not a generative model")],
-                reason="MODEL_KIND_MISMATCH",
-            )
-        self.prompt_ids = self.model.tokenizer.encode(request.prompt)
-        self.params = validation.sampling_params(request, self.model.defaults)
-        validation.check_context(
-            len(self.prompt_ids), self.params.max_tokens, self.model.context_length
-        )
-        self.request_id = request.request_id or uuid.uuid4().hex
-        self.state = GenerationState(prompt_tokens=len(self.prompt_ids))
+
+class Request:
+    """Request is one validated RPC with its caller, model and usage bookkeeping."""
+
+    def __init__(self, context: Context, model: LoadedModel, request_id: str, rpc: str) -> None:
+        self.model = model
+        self.request_id = request_id or uuid.uuid4().hex
+        self.rpc = rpc
+        metadata = dict(context.invocation_metadata() or ())
+        self.key_id = str(metadata.get(KEY_ID_HEADER, ""))
+        self.tenant = str(metadata.get(TENANT_HEADER, ""))
+        self.trace_id = _trace_id()
+        self.started = time.monotonic()
 
     def model_ref(self) -> types_pb2.ModelRef:
         """Returns the serving model version as a protobuf message."""
@@ -72,12 +74,79 @@ class Admitted:
             (("x-request-id", self.request_id), ("x-model-version", self.model.version))
         )
 
+    def usage_event(
+        self, usage: types_pb2.TokenUsage, finish_reason: str, timing: inference_pb2.Timing | None
+    ) -> inference_pb2.UsageEvent:
+        """Builds the usage record of this request."""
+        return inference_pb2.UsageEvent(
+            request_id=self.request_id,
+            key_id=self.key_id,
+            tenant=self.tenant,
+            model=self.model_ref(),
+            usage=usage,
+            finish_reason=finish_reason,
+            timing=timing,
+            trace_id=self.trace_id,
+            rpc=self.rpc,
+            finish_unix_ms=int(time.time() * 1000),
+        )
+
+
+class Generation(Request):
+    """Generation is an admitted Generate/Complete request, queued in a scheduler."""
+
+    def __init__(
+        self,
+        context: Context,
+        model: LoadedModel,
+        request: validation.GenerationRequest,
+        prompt_ids: list[int],
+        rpc: str,
+    ) -> None:
+        super().__init__(context, model, request.request_id, rpc)
+        assert model.scheduler is not None
+        self.scheduler: Scheduler = model.scheduler
+        self.prompt_ids = prompt_ids
+        self.params = validation.sampling_params(request, model.defaults)
+        validation.check_context(len(self.prompt_ids), self.params.max_tokens, model.context_length)
+        self.state = GenerationState(prompt_tokens=len(self.prompt_ids))
+        self.seq: Sequence_ = self.scheduler.submit(
+            self.prompt_ids,
+            self.params,
+            _PRIORITIES.get(request.priority, PRIORITY_INTERACTIVE),
+            context.time_remaining(),
+        )
+
+    def deltas(self) -> AsyncIterator[Delta]:
+        """Streams the generated text."""
+        return stream_deltas(
+            self.scheduler, self.seq, self.model.tokenizer, self.params.stop, self.state
+        )
+
+    def usage(self) -> types_pb2.TokenUsage:
+        """Returns the tokens consumed so far."""
+        return _usage(self.state.prompt_tokens, self.state.completion_tokens)
+
+    def timing(self) -> inference_pb2.Timing:
+        """Returns the request's timing."""
+        return inference_pb2.Timing(
+            queue_ms=self.state.queue_ms,
+            time_to_first_token_ms=self.state.time_to_first_token_ms,
+            total_ms=self.state.total_ms(),
+        )
+
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
-    """InferenceServicer serves InferenceService from a ModelRegistry."""
+    """InferenceServicer serves InferenceService from a ModelRegistry.
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    Args:
+        registry: the loaded model versions.
+        usage_log: where every finished request's usage is recorded.
+    """
+
+    def __init__(self, registry: ModelRegistry, usage_log: UsageLog) -> None:
         self.registry = registry
+        self.usage_log = usage_log
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
@@ -94,80 +163,197 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         validation.validate_model_name(request.model)
         return pb.GetModelResponse(model=self.registry.to_pb(request.model))
 
+    async def _admit(
+        self, context: Context, request: validation.GenerationRequest, rpc: str
+    ) -> Generation:
+        validation.validate_generation(request)
+        self.usage_log.check_capacity()
+        model = self.registry.resolve(request.model, request.version)
+        if model.scheduler is None:
+            raise InvalidArgument(
+                [FieldViolation("model", f"{request.model!r} is not a generative model")],
+                reason="MODEL_KIND_MISMATCH",
+            )
+        # Long prompts take milliseconds to tokenize: keep that off the loop.
+        prompt_ids = await asyncio.to_thread(model.tokenizer.encode, request.prompt)
+        return Generation(context, model, request, prompt_ids, rpc)
+
+    def _record(self, generation: Generation, finish_reason: str) -> None:
+        labels = (generation.model.name, generation.model.version)
+        metrics.REQUESTS.labels(*labels, finish_reason).inc()
+        metrics.REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - generation.started)
+        event = generation.usage_event(generation.usage(), finish_reason, generation.timing())
+        self.usage_log.append(event)
+
     async def Generate(
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
-        admitted = Admitted(self.registry, request)
-        await admitted.send_headers(context)
+        generation = await self._admit(
+            context, request, "/tokenmesh.inference.v1.InferenceService/Generate"
+        )
+        finish_reason = "cancelled"
         index = 0
         try:
-            async for delta in generate(
-                admitted.model, admitted.prompt_ids, admitted.params, admitted.state
-            ):
+            await generation.send_headers(context)
+            async for delta in generation.deltas():
                 message = pb.GenerateResponse(
                     index=index,
                     text=delta.text,
                     token_ids=delta.token_ids,
-                    request_id=admitted.request_id,
+                    request_id=generation.request_id,
                 )
                 if delta.finish_reason:
-                    self._finish(message, admitted, delta.finish_reason)
+                    finish_reason = delta.finish_reason
+                    self._finish(message, generation, finish_reason)
                 yield message
                 index += 1
         except asyncio.CancelledError:
-            logger.info(
-                "request %s cancelled after %d tokens",
-                admitted.request_id,
-                admitted.state.completion_tokens,
-            )
-            raise
+            raise  # the client went away: recorded as "cancelled" below
         except Exception as exc:
+            finish_reason = "error"
             if index == 0:
                 raise  # nothing streamed yet: a plain status says it all
-            error = to_domain_error(exc, GENERATE_METHOD)
+            error = to_domain_error(exc, "Generate")
             final = pb.GenerateResponse(
-                index=index, request_id=admitted.request_id, error=_stream_error(error)
+                index=index, request_id=generation.request_id, error=_stream_error(error)
             )
-            self._finish(final, admitted, "error")
+            self._finish(final, generation, finish_reason)
             yield final
             await abort_with(context, error)
+        finally:
+            self._record(generation, finish_reason)
 
     @staticmethod
-    def _finish(message: pb.GenerateResponse, admitted: Admitted, finish_reason: str) -> None:
+    def _finish(message: pb.GenerateResponse, generation: Generation, finish_reason: str) -> None:
         message.finish_reason = finish_reason
-        message.usage.CopyFrom(_usage(admitted.state))
-        message.model.CopyFrom(admitted.model_ref())
-        message.timing.CopyFrom(_timing(admitted.state))
+        message.usage.CopyFrom(generation.usage())
+        message.model.CopyFrom(generation.model_ref())
+        message.timing.CopyFrom(generation.timing())
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
-        admitted = Admitted(self.registry, request)
-        await admitted.send_headers(context)
+        generation = await self._admit(
+            context, request, "/tokenmesh.inference.v1.InferenceService/Complete"
+        )
+        finish_reason = "cancelled"
         texts: list[str] = []
         token_ids: list[int] = []
-        finish_reason = ""
-        async for delta in generate(
-            admitted.model, admitted.prompt_ids, admitted.params, admitted.state
-        ):
-            texts.append(delta.text)
-            token_ids.extend(delta.token_ids)
-            finish_reason = delta.finish_reason
+        try:
+            await generation.send_headers(context)
+            async for delta in generation.deltas():
+                texts.append(delta.text)
+                token_ids.extend(delta.token_ids)
+                finish_reason = delta.finish_reason or finish_reason
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            finish_reason = "error"
+            raise
+        finally:
+            self._record(generation, finish_reason)
         return pb.CompleteResponse(
             text="".join(texts),
             token_ids=token_ids,
             finish_reason=finish_reason,
-            usage=_usage(admitted.state),
-            model=admitted.model_ref(),
-            timing=_timing(admitted.state),
-            request_id=admitted.request_id,
+            usage=generation.usage(),
+            model=generation.model_ref(),
+            timing=generation.timing(),
+            request_id=generation.request_id,
         )
 
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
         validation.validate_embed(request)
+        self.usage_log.check_capacity()
         model = self.registry.resolve(request.model, request.version)
-        if model.kind != inference_pb2.MODEL_KIND_EMBEDDING:
+        if model.embedder is None:
             raise InvalidArgument(
                 [FieldViolation("model", f"{request.model!r} is not an embedding model")],
                 reason="MODEL_KIND_MISMATCH",
             )
-        # No embedding engine ships before the inference issue lands.
-        raise NotImplementedError
+        call = Request(
+            context, model, request.request_id, "/tokenmesh.inference.v1.InferenceService/Embed"
+        )
+        encoded = await asyncio.to_thread(model.embedder.tokenize, request.inputs)
+        usage = _usage(sum(len(ids) for ids in encoded), 0)
+        finish_reason = "error"
+        try:
+            await call.send_headers(context)
+            vectors = await model.embedder.embed(encoded)
+            finish_reason = "stop"
+        finally:
+            timing = inference_pb2.Timing(total_ms=(time.monotonic() - call.started) * 1000)
+            self.usage_log.append(call.usage_event(usage, finish_reason, timing))
+        return pb.EmbedResponse(
+            embeddings=[
+                inference_pb2.Embedding(index=i, values=v.tolist()) for i, v in enumerate(vectors)
+            ],
+            model=call.model_ref(),
+            usage=usage,
+            request_id=call.request_id,
+        )
+
+
+class InferenceAdminServicer(inference_service_pb2_grpc.InferenceAdminServiceServicer):
+    """InferenceAdminServicer loads and unloads model versions at run time.
+
+    Args:
+        registry: the loaded versions.
+        load: loads (and warms up) a version, updating health.
+        unload: drains and frees a version, updating health.
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        load: Callable[[str, str], Awaitable[None]],
+        unload: Callable[[str, str], Awaitable[None]],
+    ) -> None:
+        self.registry = registry
+        self._load = load
+        self._unload = unload
+
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: Context
+    ) -> pb.LoadModelResponse:
+        _check_name_version(request.model, request.version)
+        await self._load(request.model, request.version)
+        return pb.LoadModelResponse(model=self.registry.to_pb(request.model))
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: Context
+    ) -> pb.UnloadModelResponse:
+        _check_name_version(request.model, request.version)
+        await self._unload(request.model, request.version)
+        return pb.UnloadModelResponse()
+
+    async def GetWorkerStats(
+        self, request: pb.GetWorkerStatsRequest, context: Context
+    ) -> pb.GetWorkerStatsResponse:
+        totals = {
+            "running": 0,
+            "waiting": 0,
+            "kv_tokens_used": 0,
+            "kv_tokens_capacity": 0,
+            "cancelled_total": 0,
+        }
+        for model in self.registry.all():
+            if model.scheduler is not None:
+                for key, value in model.scheduler.stats().items():
+                    if key in totals:
+                        totals[key] += value
+        return pb.GetWorkerStatsResponse(
+            running_sequences=totals["running"],
+            queued_requests=totals["waiting"],
+            kv_tokens_used=totals["kv_tokens_used"],
+            kv_tokens_capacity=totals["kv_tokens_capacity"],
+            cancelled_total=totals["cancelled_total"],
+        )
+
+
+def _check_name_version(model: str, version: str) -> None:
+    violations = []
+    if not model:
+        violations.append(FieldViolation("model", "is required"))
+    if not version:
+        violations.append(FieldViolation("version", "is required"))
+    if violations:
+        raise InvalidArgument(violations)

@@ -11,8 +11,8 @@ import re
 from collections.abc import Sequence
 
 from services.core.errors import FieldViolation, InvalidArgument
-from services.inference.engine import SamplingParams
 from services.inference.models import ModelDefaults
+from services.inference.sampling import SamplingParams
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 
 MAX_PROMPT_CHARS = 100_000

@@ -47,10 +47,11 @@ tokenmesh is up: {url}   (state and logs: {mesh.state_dir})
 
   curl {url}/healthz
   curl {url}/v1/models
-  curl -N {url}/v1/models/deterministic-test:generate \\
-       -d '{{"prompt": "hello", "max_tokens": 8, "seed": 1}}'
-  curl {url}/v1/models/deterministic-test:complete \\
-       -d '{{"prompt": "hello", "max_tokens": 8}}'
+  curl -N {url}/v1/models/demo-lm:generate \\
+       -d '{{"prompt": "And God said", "max_tokens": 32, "seed": 1}}'
+  curl {url}/v1/models/demo-lm:complete \\
+       -d '{{"prompt": "Blessed are the", "max_tokens": 16}}'
+  curl {url}/v1/models/all-minilm-l6-v2:embed -d '{{"inputs": ["kitten", "cat"]}}'
 
   .venv/bin/python - <<'PY'
 import grpc
@@ -58,7 +59,7 @@ from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 with grpc.insecure_channel("{addr}") as channel:
     stub = rpc.InferenceServiceStub(channel)
-    request = pb.GenerateRequest(model="deterministic-test", prompt="hello", max_tokens=8)
+    request = pb.GenerateRequest(model="demo-lm", prompt="And God said", max_tokens=16)
     for msg in stub.Generate(request):
         print(msg.index, repr(msg.text), msg.finish_reason)
 PY

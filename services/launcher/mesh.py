@@ -21,6 +21,7 @@ from services.launcher.processes import Child, clean_env, reserve_port, wait_for
 
 logger = logging.getLogger(__name__)
 SERVICES = ("auth", "router", "usage")
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,10 @@ class Mesh:
             "TOKENMESH_METRICS_PORT": "0",
             "TOKENMESH_READY_FILE": str(ready_file),
             "REDIS_URL": self.redis_url,
+            # Workers keep their usage spool across restarts under a stable name.
+            "TOKENMESH_WORKER_ID": name,
+            "TOKENMESH_USAGE_SPOOL_DIR": str(self.state_dir / "usage-spool"),
+            "TOKENMESH_MODEL_REPOSITORY": str(REPO_ROOT / "models"),
             **self.config.service_env,
         }
         if self.config.otlp_endpoint:

@@ -32,7 +32,9 @@ def test_healthz_is_200_when_everything_serves(http):
 
 def test_list_and_get_models(http):
     models = http.get("/v1/models").json()["models"]
-    assert [m["name"] for m in models] == [MODEL]
+    assert [m["name"] for m in models] == ["all-minilm-l6-v2", "demo-lm", MODEL]
+    kinds = {m["name"]: m["kind"] for m in models}
+    assert kinds["all-minilm-l6-v2"] == "MODEL_KIND_EMBEDDING"
     model = http.get(f"/v1/models/{MODEL}").json()["model"]
     assert model["versions"][0]["state"] == "MODEL_VERSION_STATE_READY"
     assert model["versions"][0]["context_length"] == 512
@@ -146,3 +148,33 @@ def test_not_yet_implemented_rpcs_are_501_not_fake_results(http, method, path, b
     reply = http.request(method, path, json=body)
     assert reply.status_code == 501
     assert reply.json()["code"] == 12
+
+
+def test_demo_lm_streams_over_sse(http):
+    body = {"prompt": "And the LORD spake unto Moses", "max_tokens": 12, "seed": 7}
+    with http.stream("POST", "/v1/models/demo-lm:generate", json=body) as response:
+        assert response.status_code == 200
+        messages = [m for _, m in _sse_events(response)]
+    assert messages[-1]["finish_reason"] == "length"
+    assert messages[-1]["usage"]["completion_tokens"] == 12
+    assert "".join(m["text"] for m in messages).strip()
+
+
+def test_embed_over_rest(http):
+    reply = http.post(
+        "/v1/models/all-minilm-l6-v2:embed", json={"inputs": ["kitten", "cat", "car"]}
+    )
+    assert reply.status_code == 200
+    vectors = [e["values"] for e in reply.json()["embeddings"]]
+    assert len(vectors) == 3 and len(vectors[0]) == 384
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
+    assert reply.json()["usage"]["prompt_tokens"] == 9
+
+
+def test_embed_without_inputs_is_400(http):
+    reply = http.post("/v1/models/all-minilm-l6-v2:embed", json={"inputs": []})
+    assert reply.status_code == 400

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -11,16 +13,56 @@ import pytest
 from services.core.server import serving
 from services.inference.service import InferenceService, InferenceSettings
 
+MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "models"
 
-@pytest.fixture
-async def inference_channel() -> AsyncIterator[grpc.aio.Channel]:
-    """A channel to a real inference server with the deterministic test engine."""
-    settings = InferenceSettings(
+
+def inference_settings(tmp_path: Path, redis_url: str, **overrides: Any) -> InferenceSettings:
+    """Returns fast worker settings; `overrides` replace any field."""
+    values: dict[str, Any] = dict(
         metrics_port=-1,
         grace_s=1.0,
-        test_engine_step_ms=5.0,
+        redis_url=redis_url,
+        models=(),
         test_models=("deterministic-test:1", "deterministic-test:2"),
+        test_engine_step_ms=5.0,
+        model_repository=MODEL_REPOSITORY,
+        usage_spool_dir=tmp_path / "spool",
+        usage_stream=f"usage-test:{tmp_path.name}",
+        engine="onnxruntime",
+        worker_id="w0",
     )
-    async with serving(InferenceService(settings), settings) as running:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            yield channel
+    values.update(overrides)
+    return InferenceSettings(**values)
+
+
+async def start_inference(settings: InferenceSettings) -> Any:
+    """Returns an async context manager yielding (service, channel)."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def running() -> AsyncIterator[tuple[InferenceService, grpc.aio.Channel]]:
+        service = InferenceService(settings)
+        async with serving(service, settings) as server:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                yield service, channel
+
+    return running()
+
+
+@pytest.fixture
+async def inference_channel(tmp_path: Path, redis_url: str) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to a real inference server with the deterministic test engine."""
+    async with await start_inference(inference_settings(tmp_path, redis_url)) as (_, channel):
+        yield channel
+
+
+@pytest.fixture
+async def model_server(
+    tmp_path: Path, redis_url: str
+) -> AsyncIterator[tuple[InferenceService, grpc.aio.Channel]]:
+    """A worker serving the real demo-lm and all-minilm-l6-v2 from models/."""
+    settings = inference_settings(
+        tmp_path, redis_url, models=("demo-lm:1", "all-minilm-l6-v2:1"), test_models=()
+    )
+    async with await start_inference(settings) as pair:
+        yield pair

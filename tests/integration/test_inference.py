@@ -118,6 +118,31 @@ async def test_unknown_model_and_version_are_not_found(inference_channel):
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_full_queue_is_resource_exhausted_with_retry_info(tmp_path, redis_url):
+    from google.protobuf import duration_pb2  # noqa: F401 - RetryInfo's field type
+
+    from tests.integration.conftest import inference_settings, start_inference
+
+    settings = inference_settings(
+        tmp_path, redis_url, max_sequences=1, max_queue=1, test_engine_step_ms=20.0
+    )
+    async with await start_inference(settings) as (_, channel):
+        stub = rpc.InferenceServiceStub(channel)
+        request = pb.CompleteRequest(model="deterministic-test", prompt="x", max_tokens=50)
+        running = asyncio.ensure_future(stub.Complete(request))
+        await asyncio.sleep(0.1)
+        queued = asyncio.ensure_future(stub.Complete(request))
+        await asyncio.sleep(0.1)
+        call = stub.Complete(request)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        (retry,) = _details(await _status(call), error_details_pb2.RetryInfo)
+        assert retry.retry_delay.ToMilliseconds() > 0
+        assert (await running).usage.completion_tokens == 50
+        assert (await queued).usage.completion_tokens == 50
+
+
 async def test_embed_on_a_generative_model_is_rejected(inference_channel):
     stub = rpc.InferenceServiceStub(inference_channel)
     with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -1,15 +1,50 @@
-"""The generation loop enforces max_tokens and stop sequences on a real engine."""
+"""The scheduler and the text stream on the deterministic test engine.
+
+These run the real continuous-batching loop (engine compute in its thread,
+sampling, slots, budgets); only the logits are synthetic.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from services.inference.engine import SamplingParams
-from services.inference.generation import Delta, GenerationState, _held_back, generate
-from services.inference.models import deterministic_test_model
+import numpy as np
+import pytest
+
+from services.core.errors import DeadlineExceeded, ResourceExhausted
+from services.inference.engines.base import StepItem
+from services.inference.engines.deterministic import DeterministicTestEngine
+from services.inference.generation import GenerationState, held_back, stream_deltas
+from services.inference.sampling import SamplingParams
+from services.inference.scheduler import (
+    PRIORITY_BATCH,
+    PRIORITY_INTERACTIVE,
+    Scheduler,
+    SchedulerLimits,
+)
+from services.inference.tokenizer import WordTokenizer
+
+TOKENIZER = WordTokenizer()
 
 
-def _params(**overrides) -> SamplingParams:
+class RecordingEngine(DeterministicTestEngine):
+    """The test engine, recording each step's batch (what the scheduler fed it)."""
+
+    def __init__(self, step_s: float = 0.0, fail: bool = False) -> None:
+        super().__init__(vocab_size=len(TOKENIZER.words), context_length=512, step_s=step_s)
+        self.batches: list[list[StepItem]] = []
+        self.fail = fail
+
+    def forward(self, items: Sequence[StepItem]) -> np.ndarray:
+        self.batches.append(list(items))
+        if self.fail and len(self.batches) > 4:  # two warm-up calls, then two real steps
+            raise RuntimeError("engine exploded")
+        return super().forward(items)
+
+
+def _params(**overrides: Any) -> SamplingParams:
     values: dict[str, Any] = dict(
         max_tokens=8, temperature=1.0, top_p=1.0, top_k=0, seed=3, stop=()
     )
@@ -17,45 +52,173 @@ def _params(**overrides) -> SamplingParams:
     return SamplingParams(**values)
 
 
-async def _run(
-    params: SamplingParams, prompt: str = "hello mesh"
-) -> tuple[list[Delta], GenerationState]:
-    model = deterministic_test_model("t", "1", step_s=0)
-    ids = model.tokenizer.encode(prompt)
+@pytest.fixture
+async def scheduler() -> AsyncIterator[Scheduler]:
+    engine = RecordingEngine()
+    sched = Scheduler(
+        engine, engine.eos_token_id, SchedulerLimits(max_sequences=8, max_queue=16), ("t", "1")
+    )
+    await sched.start()
+    yield sched
+    await sched.stop(drain_timeout_s=0)
+
+
+async def _text(
+    scheduler: Scheduler, params: SamplingParams, prompt: str = "hello mesh"
+) -> tuple[str, str, int]:
+    ids = TOKENIZER.encode(prompt)
     state = GenerationState(prompt_tokens=len(ids))
-    deltas = [d async for d in generate(model, ids, params, state)]
-    return deltas, state
+    seq = scheduler.submit(ids, params, PRIORITY_INTERACTIVE, None)
+    deltas = [d async for d in stream_deltas(scheduler, seq, TOKENIZER, params.stop, state)]
+    return "".join(d.text for d in deltas), deltas[-1].finish_reason, state.completion_tokens
 
 
-async def test_max_tokens_ends_with_length():
-    deltas, state = await _run(_params(max_tokens=5))
-    assert deltas[-1].finish_reason == "length"
-    assert state.completion_tokens == 5
-    assert sum(len(d.token_ids) for d in deltas) == 5
-    assert all(d.finish_reason == "" for d in deltas[:-1])
+async def test_max_tokens_ends_with_length(scheduler):
+    text, reason, tokens = await _text(scheduler, _params(max_tokens=5))
+    assert reason == "length" and tokens == 5 and len(text.split()) == 5
 
 
-async def test_same_seed_same_text_different_seed_differs():
-    first, _ = await _run(_params(seed=1))
-    again, _ = await _run(_params(seed=1))
-    other, _ = await _run(_params(seed=2))
-    text = "".join(d.text for d in first)
-    assert text == "".join(d.text for d in again)
-    assert text != "".join(d.text for d in other)
+async def test_same_seed_same_text_different_seed_differs(scheduler):
+    first, _, _ = await _text(scheduler, _params(seed=1))
+    again, _, _ = await _text(scheduler, _params(seed=1))
+    other, _, _ = await _text(scheduler, _params(seed=2))
+    assert first == again and first != other
 
 
-async def test_stop_sequence_truncates_and_never_leaks():
-    full, _ = await _run(_params(max_tokens=30))
-    text = "".join(d.text for d in full)
-    word = text.split()[3]  # a word the engine will produce with this seed
-    deltas, _ = await _run(_params(max_tokens=30, stop=(word,)))
-    stopped = "".join(d.text for d in deltas)
-    assert deltas[-1].finish_reason == "stop"
-    assert word not in stopped
-    assert text.startswith(stopped)
+async def test_greedy_ignores_the_seed(scheduler):
+    a, _, _ = await _text(scheduler, _params(temperature=0, seed=1))
+    b, _, _ = await _text(scheduler, _params(temperature=0, seed=2))
+    assert a == b
+
+
+async def test_stop_sequence_truncates_and_never_leaks(scheduler):
+    full, _, _ = await _text(scheduler, _params(max_tokens=30))
+    word = full.split()[3]
+    stopped, reason, _ = await _text(scheduler, _params(max_tokens=30, stop=(word,)))
+    assert reason == "stop" and word not in stopped and full.startswith(stopped)
 
 
 def test_held_back_keeps_possible_stop_prefixes():
-    assert _held_back("abc EN", ["END"]) == 2
-    assert _held_back("abc", ["END"]) == 0
-    assert _held_back("abcE", ["xyz", "END"]) == 1
+    assert held_back("abc EN", ["END"]) == 2
+    assert held_back("abc", ["END"]) == 0
+    assert held_back("abcE", ["xyz", "END"]) == 1
+
+
+async def test_sequences_are_batched_together(scheduler):
+    results = await asyncio.gather(
+        *(_text(scheduler, _params(max_tokens=10 + i, seed=i)) for i in range(6))
+    )
+    assert [r[2] for r in results] == [10 + i for i in range(6)]
+    engine = scheduler.engine
+    assert isinstance(engine, RecordingEngine)
+    assert max(len(batch) for batch in engine.batches) == 6  # one step served all six
+    assert scheduler.stats()["slots_free"] == 8 and scheduler.stats()["kv_tokens_reserved"] == 0
+
+
+async def test_sequences_join_and_leave_between_steps(scheduler):
+    long = asyncio.create_task(_text(scheduler, _params(max_tokens=40)))
+    await asyncio.sleep(0.01)
+    short = await _text(scheduler, _params(max_tokens=2))
+    assert short[2] == 2 and not long.done()  # the short one joined and left mid-way
+    assert (await long)[2] == 40
+
+
+async def test_cancellation_frees_the_slot_within_one_step():
+    engine = RecordingEngine(step_s=0.005)
+    sched = Scheduler(engine, engine.eos_token_id, SchedulerLimits(max_sequences=2), ("t", "1"))
+    await sched.start()
+    try:
+        seq = sched.submit([1, 2], _params(max_tokens=500), PRIORITY_INTERACTIVE, None)
+        await seq.outbox.get()
+        sched.cancel(seq)
+        steps_at_cancel = len(engine.batches)
+        while sched.stats()["running"]:
+            await asyncio.sleep(0.001)
+        assert len(engine.batches) - steps_at_cancel <= 1
+        assert sched.stats()["cancelled_total"] == 1 and sched.stats()["slots_free"] == 2
+    finally:
+        await sched.stop(drain_timeout_s=0)
+
+
+async def test_full_queue_is_resource_exhausted_with_retry(scheduler):
+    blocker = RecordingEngine(step_s=0.01)
+    sched = Scheduler(blocker, 0, SchedulerLimits(max_sequences=1, max_queue=1), ("t", "1"))
+    await sched.start()
+    try:
+        sched.submit([1], _params(max_tokens=50), PRIORITY_INTERACTIVE, None)
+        await asyncio.sleep(0.02)  # the first one is running
+        sched.submit([1], _params(), PRIORITY_INTERACTIVE, None)  # waits
+        with pytest.raises(ResourceExhausted) as info:
+            sched.submit([1], _params(), PRIORITY_INTERACTIVE, None)
+        assert info.value.retry_after_s and info.value.reason == "QUEUE_FULL"
+    finally:
+        await sched.stop(drain_timeout_s=0)
+
+
+async def test_interactive_requests_overtake_batch_ones():
+    engine = RecordingEngine(step_s=0.002)
+    sched = Scheduler(engine, 0, SchedulerLimits(max_sequences=1), ("t", "1"))
+    await sched.start()
+    try:
+        running = sched.submit([1], _params(max_tokens=20), PRIORITY_INTERACTIVE, None)
+        await running.outbox.get()
+        batch = sched.submit([2], _params(max_tokens=1), PRIORITY_BATCH, None)
+        interactive = sched.submit([3], _params(max_tokens=1), PRIORITY_INTERACTIVE, None)
+        while batch.finished is None:
+            await asyncio.sleep(0.002)
+        assert interactive.started_at is not None and batch.started_at is not None
+        assert interactive.started_at < batch.started_at
+    finally:
+        await sched.stop(drain_timeout_s=0)
+
+
+async def test_kv_budget_holds_back_what_does_not_fit():
+    engine = RecordingEngine(step_s=0.002)
+    sched = Scheduler(engine, 0, SchedulerLimits(max_sequences=4, max_kv_tokens=30), ("t", "1"))
+    await sched.start()
+    try:
+        first = sched.submit(
+            [1] * 5, _params(max_tokens=20), PRIORITY_INTERACTIVE, None
+        )  # 25 tokens
+        second = sched.submit([1] * 5, _params(max_tokens=20), PRIORITY_INTERACTIVE, None)
+        await first.outbox.get()
+        assert second.started_at is None  # 25 + 25 > 30: waits for the first to finish
+        while second.finished is None:
+            await asyncio.sleep(0.002)
+        assert second.started_at is not None and first.finished is not None
+    finally:
+        await sched.stop(drain_timeout_s=0)
+
+
+async def test_a_deadline_that_passes_in_the_queue_ends_the_request():
+    engine = RecordingEngine(step_s=0.01)
+    sched = Scheduler(engine, 0, SchedulerLimits(max_sequences=1), ("t", "1"))
+    await sched.start()
+    try:
+        sched.submit([1], _params(max_tokens=30), PRIORITY_INTERACTIVE, None)
+        late = sched.submit([1], _params(), PRIORITY_INTERACTIVE, timeout_s=0.02)
+        finished = None
+        while finished is None:
+            item = await late.outbox.get()
+            finished = item if not isinstance(item, int) else None
+        assert finished.reason == "error" and isinstance(finished.error, DeadlineExceeded)
+    finally:
+        await sched.stop(drain_timeout_s=0)
+
+
+async def test_an_engine_failure_ends_running_sequences_with_an_error():
+    engine = RecordingEngine(fail=True)
+    sched = Scheduler(engine, 0, SchedulerLimits(max_sequences=2), ("t", "1"))
+    await sched.start()
+    try:
+        seq = sched.submit([1], _params(max_tokens=50), PRIORITY_INTERACTIVE, None)
+        items = []
+        while not items or isinstance(items[-1], int):
+            items.append(await seq.outbox.get())
+        assert items[-1].reason == "error" and len(items) >= 2  # tokens first, then the failure
+        ok = sched.submit(
+            [1], _params(max_tokens=1), PRIORITY_INTERACTIVE, None
+        )  # the loop lives on
+        assert ok.finished is None
+    finally:
+        await sched.stop(drain_timeout_s=0)

@@ -76,6 +76,30 @@ MODEL_VERSION_STATE_FAILED: ModelVersionState.ValueType  # 4
 """MODEL_VERSION_STATE_FAILED means loading failed; see the version's message."""
 Global___ModelVersionState: _TypeAlias = ModelVersionState  # noqa: Y015
 
+class _Priority:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRIORITY_UNSPECIFIED: _Priority.ValueType  # 0
+    """PRIORITY_UNSPECIFIED is treated as PRIORITY_INTERACTIVE."""
+    PRIORITY_INTERACTIVE: _Priority.ValueType  # 1
+    """PRIORITY_INTERACTIVE requests are admitted first."""
+    PRIORITY_BATCH: _Priority.ValueType  # 2
+    """PRIORITY_BATCH requests wait while interactive ones are queued."""
+
+class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
+    """Priority orders waiting requests: interactive before batch."""
+
+PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
+"""PRIORITY_UNSPECIFIED is treated as PRIORITY_INTERACTIVE."""
+PRIORITY_INTERACTIVE: Priority.ValueType  # 1
+"""PRIORITY_INTERACTIVE requests are admitted first."""
+PRIORITY_BATCH: Priority.ValueType  # 2
+"""PRIORITY_BATCH requests wait while interactive ones are queued."""
+Global___Priority: _TypeAlias = Priority  # noqa: Y015
+
 @_typing.final
 class Model(_message.Message):
     """Model is a servable model and the versions a worker holds of it."""

@@ -1,0 +1,126 @@
+"""`make bench`: measures every scenario against a baseline from the same run.
+
+Prints progress and a targets table; writes bench/results/<timestamp>/ with
+results.json, summary.md and PNG plots. Bounded: every load loop has a count
+and a time limit, and the whole run takes a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import edge, inference
+from bench.report import Target, targets_table, write_report
+from bench.servers import state_dir
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _inference_targets(results: dict[str, Any]) -> list[Target]:
+    targets = []
+    ceiling, served = results["engine_ceiling"], results["served"]
+    ratio = served["32"]["tokens_per_s"] / ceiling["32"]["tokens_per_s"]
+    targets.append(
+        Target(
+            "served tokens/s at 32 streams vs engine ceiling at batch 32",
+            ">= 80%",
+            f"{ratio:.0%}",
+            ratio >= 0.8,
+        )
+    )
+    ttft_ratio = served["32"]["ttft_p99_ms"] / max(served["1"]["ttft_p50_ms"], 1e-9)
+    targets.append(
+        Target(
+            "TTFT p99 at 32 streams vs TTFT at 1 stream",
+            "<= 5x",
+            f"{ttft_ratio:.1f}x",
+            ttft_ratio <= 5,
+        )
+    )
+    scaling = served["32"]["tokens_per_s"] / served["1"]["tokens_per_s"]
+    targets.append(
+        Target(
+            "aggregate tokens/s at 32 streams vs 1 stream",
+            "several times",
+            f"{scaling:.1f}x",
+            scaling >= 3,
+        )
+    )
+    overhead = results["serving_overhead"]
+    msg_ratio = overhead["zero_compute"]["messages_per_s"] / overhead["bare"]["messages_per_s"]
+    tok_ratio = overhead["zero_compute"]["tokens_per_s"] / overhead["bare"]["tokens_per_s"]
+    targets.append(
+        Target(
+            "zero-compute engine vs bare grpc.aio streamer (messages/s)",
+            ">= 80%",
+            f"{msg_ratio:.0%}",
+            msg_ratio >= 0.8,
+        )
+    )
+    targets.append(
+        Target(
+            "zero-compute engine vs bare grpc.aio streamer (tokens/s)",
+            ">= 80%",
+            f"{tok_ratio:.0%}",
+            tok_ratio >= 0.8,
+        )
+    )
+    return targets
+
+
+def _edge_targets(results: dict[str, Any]) -> list[Target]:
+    latency, rps = results["edge"]["latency"], results["edge"]["requests_per_s"]
+    added_p50 = latency["edge"]["p50_ms"] - latency["direct"]["p50_ms"]
+    added_p99 = latency["edge"]["p99_ms"] - latency["direct"]["p99_ms"]
+    ratio = rps["edge"] / rps["direct"]
+    return [
+        Target(
+            "full edge, added unary latency p50",
+            "<= 1.0 ms",
+            f"{added_p50:+.2f} ms",
+            added_p50 <= 1.0,
+        ),
+        Target(
+            "full edge, added unary latency p99",
+            "<= 3.0 ms",
+            f"{added_p99:+.2f} ms",
+            added_p99 <= 3.0,
+        ),
+        Target("edge throughput vs direct-to-worker", ">= 90%", f"{ratio:.0%}", ratio >= 0.9),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--only", choices=["inference", "edge"], default=None)
+    args = parser.parse_args()
+    started = time.monotonic()
+    state = state_dir()
+    results: dict[str, Any] = {}
+    targets: list[Target] = []
+    streams: dict[str, Any] = {}
+    if args.only in (None, "inference"):
+        print("[1/4] engine ceiling (in-process ONNX Runtime, demo-lm)", flush=True)
+        results["engine_ceiling"] = inference.engine_ceiling()
+        print("[2/4] served streams through one worker over gRPC", flush=True)
+        results["served"], streams = inference.served_streams(state)
+        print("[3/4] serving overhead: zero-compute engine vs bare grpc.aio", flush=True)
+        results["serving_overhead"] = inference.serving_overhead(state)
+        targets += _inference_targets(results)
+    if args.only in (None, "edge"):
+        print("[4/4] edge overhead: direct vs full edge vs bare Envoy vs bare grpc.aio", flush=True)
+        results["edge"] = edge.edge_overhead(state)
+        targets += _edge_targets(results)
+    out = RESULTS / datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    write_report(out, results, targets, streams)
+    print()
+    print(targets_table(targets))
+    print(f"\nreport: {out}  ({time.monotonic() - started:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Streaming load clients, spread over processes (one Python client process
+reads only a few thousand stream messages per second)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from tokenmesh.inference.v1 import inference_service_pb2 as pb
+from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
+
+
+@dataclass
+class StreamRecord:
+    """StreamRecord is what one client saw of one Generate call."""
+
+    start: float
+    end: float = 0.0
+    ttft: float = 0.0
+    gaps: list[float] = field(default_factory=list)  # between consecutive messages
+    tokens: int = 0
+    messages: int = 0
+    ok: bool = True
+
+
+async def _one_stream(
+    stub: Any, request: pb.GenerateRequest, repeats: int, deadline: float
+) -> list[StreamRecord]:
+    records = []
+    for _ in range(repeats):
+        if time.monotonic() > deadline:
+            break
+        record = StreamRecord(start=time.monotonic())
+        last = record.start
+        try:
+            async for message in stub.Generate(request, timeout=120):
+                now = time.monotonic()
+                if record.messages == 0:
+                    record.ttft = now - record.start
+                else:
+                    record.gaps.append(now - last)
+                last = now
+                record.messages += 1
+                record.tokens += len(message.token_ids)
+        except grpc.aio.AioRpcError:
+            record.ok = False
+        record.end = time.monotonic()
+        records.append(record)
+    return records
+
+
+async def _client(
+    target: str, streams: int, repeats: int, request: pb.GenerateRequest, budget_s: float
+) -> list[StreamRecord]:
+    deadline = time.monotonic() + budget_s
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = rpc.InferenceServiceStub(channel)
+        results = await asyncio.gather(
+            *(_one_stream(stub, request, repeats, deadline) for _ in range(streams))
+        )
+    return [r for records in results for r in records]
+
+
+def _process_main(args: tuple[str, int, int, bytes, float, float]) -> list[StreamRecord]:
+    target, streams, repeats, raw_request, start_at, budget_s = args
+    request = pb.GenerateRequest.FromString(raw_request)
+    time.sleep(max(0.0, start_at - time.monotonic()))  # all processes start together
+    return asyncio.run(_client(target, streams, repeats, request, budget_s))
+
+
+def run_streams(
+    target: str,
+    concurrency: int,
+    repeats: int,
+    request: pb.GenerateRequest,
+    processes: int = 2,
+    budget_s: float = 60.0,
+) -> list[StreamRecord]:
+    """Runs `concurrency` streams (each `repeats` calls, bounded by `budget_s`) over processes."""
+    processes = max(1, min(processes, concurrency))
+    shares = [
+        concurrency // processes + (1 if i < concurrency % processes else 0)
+        for i in range(processes)
+    ]
+    start_at = time.monotonic() + 1.0
+    raw = request.SerializeToString()
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes) as pool:
+        parts = pool.map(
+            _process_main, [(target, n, repeats, raw, start_at, budget_s) for n in shares]
+        )
+    return [record for part in parts for record in part]

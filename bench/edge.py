@@ -1,0 +1,272 @@
+"""Edge benchmarks: unary latency and throughput through Envoy vs baselines.
+
+Paths, all measured in this run on the same machine:
+  direct   client -> inference worker
+  edge     client -> full Envoy edge (health, transcoder, routing) -> worker
+  envoy    client -> bare Envoy (router filter only) -> worker
+  grpc     client -> bare grpc.aio server (the floor for a Python gRPC server)
+Latency: sequential calls from one Python client (p50/p99). Throughput: h2load
+(or ghz) with pre-serialised gRPC bodies when installed, else client processes.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from bench.servers import bare_server
+from bench.stats import percentile
+from gateway import envoy_config
+from services.launcher.mesh import Mesh, MeshConfig, envoy_binary
+from services.launcher.processes import Child, clean_env, reserve_port, wait_for
+from tokenmesh.inference.v1 import inference_service_pb2 as pb
+from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
+
+METHOD = "/tokenmesh.inference.v1.InferenceService/ListModels"
+
+
+def sequential_latency_ms(target: str, calls: int = 500, budget_s: float = 30.0) -> list[float]:
+    """Returns per-call latencies (ms) of sequential unary calls."""
+    latencies = []
+    deadline = time.monotonic() + budget_s
+    with grpc.insecure_channel(target) as channel:
+        stub = rpc.InferenceServiceStub(channel)
+        for _ in range(50):
+            stub.ListModels(pb.ListModelsRequest(), timeout=5)
+        for _ in range(calls):
+            if time.monotonic() > deadline:
+                break
+            started = time.perf_counter()
+            stub.ListModels(pb.ListModelsRequest(), timeout=5)
+            latencies.append((time.perf_counter() - started) * 1000)
+    return latencies
+
+
+def throughput_rps(target: str, state: Path, requests: int = 6000) -> tuple[float, str]:
+    """Returns unary requests/s under concurrency and the tool that measured it."""
+    frame = pb.ListModelsRequest().SerializeToString()
+    body = state / "listmodels.bin"
+    body.write_bytes(b"\x00" + struct.pack(">I", len(frame)) + frame)
+    h2load = shutil.which("h2load")
+    if h2load:
+        result = subprocess.run(
+            [
+                h2load,
+                "-n",
+                str(requests),
+                "-c",
+                "4",
+                "-m",
+                "8",
+                "-t",
+                "1",
+                "-d",
+                str(body),
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+                f"http://{target}{METHOD}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        match = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", result.stdout)
+        if match:
+            return float(match.group(1)), "h2load"
+    return _python_rps(target, min(requests, 3000)), "python"
+
+
+def _python_rps(target: str, requests: int) -> float:
+    import asyncio
+
+    import grpc.aio
+
+    async def run() -> float:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = rpc.InferenceServiceStub(channel)
+
+            async def worker(n: int) -> None:
+                for _ in range(n):
+                    await stub.ListModels(pb.ListModelsRequest(), timeout=5)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker(requests // 32) for _ in range(32)))
+            return (requests // 32 * 32) / (time.perf_counter() - started)
+
+    return asyncio.run(run())
+
+
+def _bare_envoy(state: Path, upstream_port: int) -> tuple[Child, str]:
+    """Starts Envoy with only the router filter, proxying to one upstream."""
+    port, admin = reserve_port(), reserve_port()
+    bootstrap = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "bare",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                        "http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "bare",
+                                        "codec_type": "AUTO",
+                                        "route_config": {
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "all",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {
+                                                            "match": {"prefix": "/"},
+                                                            "route": {
+                                                                "cluster": "upstream",
+                                                                "timeout": "30s",
+                                                            },
+                                                        }
+                                                    ],
+                                                }
+                                            ]
+                                        },
+                                        "http_filters": [
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {
+                                                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                                                },
+                                            }
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "upstream",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": envoy_config._h2_options(),
+                    "load_assignment": {
+                        "cluster_name": "upstream",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {
+                                                    "address": "127.0.0.1",
+                                                    "port_value": upstream_port,
+                                                }
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ],
+        },
+    }
+    path = state / "bare-envoy.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    child = Child(
+        "bare-envoy",
+        [
+            str(envoy_binary()),
+            "-c",
+            str(path),
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+        ],
+        clean_env({}),
+        state / "bare-envoy.log",
+    )
+    address = f"127.0.0.1:{port}"
+    wait_for(lambda: _serves(address), 30, "bare Envoy", child)
+    return child, address
+
+
+def _serves(address: str) -> bool:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            rpc.InferenceServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=1)
+        return True
+    except grpc.RpcError:
+        return False
+
+
+def _summary(latencies: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "calls": len(latencies),
+    }
+
+
+def edge_overhead(state: Path) -> dict[str, Any]:
+    """Measures the four paths; returns latency summaries, raw latencies and throughput."""
+    config = MeshConfig(
+        state_dir=state / "mesh",
+        workers=1,
+        envoy_concurrency=1,
+        service_env={
+            "TOKENMESH_MODELS": "",
+            "TOKENMESH_TEST_MODELS": "deterministic-test:1",
+            "TOKENMESH_LOG_LEVEL": "WARNING",
+        },
+    )
+    latencies: dict[str, list[float]] = {}
+    rps: dict[str, float] = {}
+    tool = "python"
+    with Mesh(config) as mesh:
+        paths = {"direct": mesh.address("inference-0"), "edge": mesh.edge_address}
+        envoy, paths["envoy"] = _bare_envoy(state, mesh.ports["inference-0"])
+        try:
+            for name, target in paths.items():
+                latencies[name] = sequential_latency_ms(target)
+                rps[name], tool = throughput_rps(target, state)
+                print(
+                    f"  {name:>6}: p50 {percentile(latencies[name], 50):.2f} ms  p99 {percentile(latencies[name], 99):.2f} ms"
+                    f"  {rps[name]:8.0f} req/s ({tool})",
+                    flush=True,
+                )
+        finally:
+            envoy.terminate()
+            envoy.wait(10)
+    with bare_server(state) as target:
+        latencies["grpc"] = sequential_latency_ms(target)
+        rps["grpc"], tool = throughput_rps(target, state)
+        print(
+            f"  {'grpc':>6}: p50 {percentile(latencies['grpc'], 50):.2f} ms  p99 {percentile(latencies['grpc'], 99):.2f} ms"
+            f"  {rps['grpc']:8.0f} req/s ({tool})",
+            flush=True,
+        )
+    return {
+        "latency": {name: _summary(values) for name, values in latencies.items()},
+        "requests_per_s": rps,
+        "throughput_tool": tool,
+        "latencies_ms": latencies,
+    }

@@ -1,0 +1,119 @@
+"""Inference benchmarks: engine ceiling, served streaming, serving overhead."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.clients import StreamRecord, run_streams
+from bench.servers import bare_server, redis_server, worker
+from bench.stats import summarize_streams
+from services.inference.engines.base import StepItem
+from services.launcher.mesh import REPO_ROOT
+from tokenmesh.inference.v1 import inference_service_pb2 as pb
+
+DEMO_LM = REPO_ROOT / "models" / "demo-lm" / "1"
+PROMPT_TOKENS = 16
+DECODE_STEPS = 64
+
+
+def engine_ceiling(batches: tuple[int, ...] = (1, 8, 32)) -> dict[str, dict[str, float]]:
+    """Tokens/s of the raw ONNX engine in-process (greedy), per batch size."""
+    from services.inference.engines.onnx import OnnxGenerativeEngine
+
+    card = json.loads((DEMO_LM / "config.json").read_text())
+    shape = {k: card[k] for k in ("n_layer", "n_head", "head_dim", "vocab_size", "context_length")}
+    engine = OnnxGenerativeEngine(DEMO_LM / "model.onnx", **shape)
+    engine.allocate(max(batches))
+    results = {}
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        prompts = [list(rng.integers(1, 4000, PROMPT_TOKENS)) for _ in range(batch)]
+        last = [
+            int(np.argmax(engine.forward([StepItem(s, p, 0)])[0])) for s, p in enumerate(prompts)
+        ]
+        started = time.perf_counter()
+        for step in range(DECODE_STEPS):
+            items = [StepItem(s, [last[s]], PROMPT_TOKENS + step) for s in range(batch)]
+            last = [int(t) for t in np.argmax(engine.forward(items), axis=1)]
+        elapsed = time.perf_counter() - started
+        results[str(batch)] = {
+            "tokens_per_s": batch * DECODE_STEPS / elapsed,
+            "step_ms": elapsed / DECODE_STEPS * 1000,
+        }
+        print(
+            f"  engine batch {batch:>2}: {results[str(batch)]['tokens_per_s']:8.0f} tokens/s",
+            flush=True,
+        )
+    return results
+
+
+def served_streams(
+    state: Path, concurrencies: tuple[int, ...] = (1, 8, 32)
+) -> tuple[dict[str, Any], dict[str, list[StreamRecord]]]:
+    """Streams through one worker over gRPC at each concurrency."""
+    results: dict[str, Any] = {}
+    raw: dict[str, list[StreamRecord]] = {}
+    request = pb.GenerateRequest(
+        model="demo-lm",
+        prompt="And it came to pass in those days, that there went out a decree",
+        max_tokens=DECODE_STEPS,
+        temperature=0.8,
+        seed=1,
+    )
+    with (
+        redis_server(state) as redis_url,
+        worker(
+            state,
+            redis_url,
+            "bench-worker",
+            TOKENMESH_MODELS="demo-lm:1",
+            TOKENMESH_MAX_SEQUENCES="32",
+        ) as target,
+    ):
+        run_streams(target, 1, 2, request, processes=1)  # warm-up
+        for concurrency in concurrencies:
+            repeats = 6 if concurrency == 1 else 3
+            records = run_streams(target, concurrency, repeats, request, processes=2, budget_s=90)
+            raw[str(concurrency)] = records
+            results[str(concurrency)] = summarize_streams(records)
+            s = results[str(concurrency)]
+            print(
+                f"  served {concurrency:>2} streams: {s['tokens_per_s']:8.0f} tokens/s  TTFT p50 {s['ttft_p50_ms']:.1f} "
+                f"p99 {s['ttft_p99_ms']:.1f} ms  ITL p50 {s['itl_p50_ms']:.1f} p99 {s['itl_p99_ms']:.1f} ms",
+                flush=True,
+            )
+    return results, raw
+
+
+def serving_overhead(state: Path, streams: int = 32, messages: int = 256) -> dict[str, Any]:
+    """A zero-compute engine through the scheduler vs a bare grpc.aio streamer."""
+    request = pb.GenerateRequest(
+        model="deterministic-test", prompt="go", max_tokens=messages, seed=1
+    )
+    out: dict[str, Any] = {}
+    with bare_server(state) as target:
+        run_streams(target, 2, 1, request, processes=1)
+        out["bare"] = summarize_streams(run_streams(target, streams, 2, request, processes=2))
+    env = {
+        "TOKENMESH_MODELS": "",
+        "TOKENMESH_TEST_MODELS": "deterministic-test:1",
+        "TOKENMESH_TEST_ENGINE_STEP_MS": "0",
+        "TOKENMESH_MAX_SEQUENCES": str(streams),
+    }
+    with redis_server(state) as redis_url, worker(state, redis_url, "zero-worker", **env) as target:
+        run_streams(target, 2, 1, request, processes=1)
+        out["zero_compute"] = summarize_streams(
+            run_streams(target, streams, 2, request, processes=2)
+        )
+    for name in ("bare", "zero_compute"):
+        s = out[name]
+        print(
+            f"  {name:>12}: {s['messages_per_s']:8.0f} messages/s  {s['tokens_per_s']:8.0f} tokens/s",
+            flush=True,
+        )
+    return out

@@ -1,0 +1,118 @@
+"""Processes the benchmarks measure: a worker, a bare grpc.aio baseline, Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+
+from services.core.interceptors import Context
+from services.core.server import unimplemented
+from services.launcher.mesh import REPO_ROOT, spawn_redis
+from services.launcher.processes import Child, clean_env, wait_for
+from tokenmesh.inference.v1 import inference_service_pb2 as pb
+from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
+
+
+@contextlib.contextmanager
+def redis_server(state: Path) -> Iterator[str]:
+    """Runs the bundled redis-server for the workers' usage events."""
+    child, url = spawn_redis(state / "redis", state / "redis.log")
+    try:
+        yield url
+    finally:
+        child.terminate()
+        child.wait(10)
+
+
+@contextlib.contextmanager
+def worker(state: Path, redis_url: str, name: str, **env: str) -> Iterator[str]:
+    """Runs one inference worker process; yields its host:port."""
+    ready = state / f"{name}.json"
+    ready.unlink(missing_ok=True)
+    child = Child(
+        name,
+        [sys.executable, "-m", "services.inference"],
+        clean_env(
+            os.environ,
+            TOKENMESH_READY_FILE=str(ready),
+            TOKENMESH_METRICS_PORT="-1",
+            TOKENMESH_LOG_LEVEL="WARNING",
+            REDIS_URL=redis_url,
+            TOKENMESH_WORKER_ID=name,
+            TOKENMESH_USAGE_SPOOL_DIR=str(state / "spool"),
+            TOKENMESH_MODEL_REPOSITORY=str(REPO_ROOT / "models"),
+            TOKENMESH_ENGINE="onnxruntime",
+            **env,
+        ),
+        state / f"{name}.log",
+    )
+    try:
+        wait_for(ready.exists, 120, f"{name} to serve", child)
+        yield f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
+    finally:
+        child.terminate()
+        child.wait(30)
+
+
+class BareStreamer(rpc.InferenceServiceServicer):
+    """BareStreamer is the baseline: a grpc.aio server that streams canned messages."""
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        for index in range(request.max_tokens):
+            yield pb.GenerateResponse(index=index, text=" tok", token_ids=[7], request_id="bare")
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse()
+
+
+async def _serve_bare(port_file: str) -> None:
+    server = grpc.aio.server()
+    rpc.add_InferenceServiceServicer_to_server(unimplemented(BareStreamer), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    Path(port_file).write_text(str(port))
+    await server.wait_for_termination()
+
+
+@contextlib.contextmanager
+def bare_server(state: Path) -> Iterator[str]:
+    """Runs the bare grpc.aio baseline in its own process; yields host:port."""
+    port_file = state / "bare.port"
+    port_file.unlink(missing_ok=True)
+    child = Child(
+        "bare",
+        [sys.executable, "-m", "bench.servers", str(port_file)],
+        clean_env(os.environ),
+        state / "bare.log",
+    )
+    try:
+        wait_for(port_file.exists, 30, "the bare server", child)
+        time.sleep(0.1)
+        yield f"127.0.0.1:{port_file.read_text().strip()}"
+    finally:
+        child.terminate()
+        child.wait(10)
+
+
+def state_dir() -> Path:
+    """Returns a fresh scratch directory for one benchmark run."""
+    return Path(tempfile.mkdtemp(prefix="tokenmesh-bench-"))
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    uvloop.run(_serve_bare(sys.argv[1]))

@@ -1,0 +1,39 @@
+"""Small statistics helpers for benchmark reports."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from bench.clients import StreamRecord
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Returns the q-th percentile (0 for no values)."""
+    return float(np.percentile(values, q)) if len(values) else 0.0
+
+
+def summarize_streams(records: Sequence[StreamRecord]) -> dict[str, float]:
+    """Returns throughput and latency figures (ms, tokens/s) for stream records."""
+    ok = [r for r in records if r.ok]
+    if not ok:
+        return {"requests": 0, "errors": len(records)}
+    wall = max(r.end for r in ok) - min(r.start for r in ok)
+    tokens = sum(r.tokens for r in ok)
+    messages = sum(r.messages for r in ok)
+    ttft = [r.ttft * 1000 for r in ok]
+    gaps = [g * 1000 for r in ok for g in r.gaps]
+    return {
+        "requests": len(ok),
+        "errors": len(records) - len(ok),
+        "wall_s": wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall if wall else 0.0,
+        "messages_per_s": messages / wall if wall else 0.0,
+        "tokens_per_message": tokens / messages if messages else 0.0,
+        "ttft_p50_ms": percentile(ttft, 50),
+        "ttft_p99_ms": percentile(ttft, 99),
+        "itl_p50_ms": percentile(gaps, 50),
+        "itl_p99_ms": percentile(gaps, 99),
+    }

@@ -1,0 +1,147 @@
+"""ONNX Runtime engines (CPU by default): a KV-cached decoder and an embedder.
+
+The decoder's KV cache lives in preallocated per-layer arrays
+[slots, heads, context, head_dim]. A decode step gathers the running slots'
+caches up to the longest one, masks each row's padding with attention_mask,
+and writes the new key/value column back into each slot, so sequences of
+different lengths share one batched forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from services.inference.engines.base import EmbeddingEngine, GenerativeEngine, StepItem
+
+logger = logging.getLogger(__name__)
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """Returns tuned CPU session options (all graph optimisations, fixed threads)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return options
+
+
+class OnnxGenerativeEngine(GenerativeEngine):
+    """OnnxGenerativeEngine runs a decoder exported with past/present KV tensors.
+
+    Args:
+        model_path: the ONNX file (inputs input_ids, attention_mask,
+            position_ids, past_key_values.{i}.key/value).
+        n_layer, n_head, head_dim, vocab_size, context_length: its shape.
+        threads: intra-op threads (0 = one per core).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        n_layer: int,
+        n_head: int,
+        head_dim: int,
+        vocab_size: int,
+        context_length: int,
+        threads: int = 0,
+    ) -> None:
+        self.session = ort.InferenceSession(
+            str(model_path), session_options(threads), providers=["CPUExecutionProvider"]
+        )
+        self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self._past_names = [
+            f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")
+        ]
+        self._cache: list[np.ndarray] = []
+
+    def allocate(self, max_slots: int) -> None:
+        shape = (max_slots, self.n_head, self.context_length, self.head_dim)
+        self._cache = [np.zeros(shape, np.float32) for _ in self._past_names]
+        logger.info(
+            "KV cache: %d slots, %.1f MiB", max_slots, sum(c.nbytes for c in self._cache) / 2**20
+        )
+
+    def forward(self, items: Sequence[StepItem]) -> np.ndarray:
+        logits = np.empty((len(items), self.vocab_size), np.float32)
+        decode_rows = [
+            i for i, item in enumerate(items) if len(item.token_ids) == 1 and item.start > 0
+        ]
+        for i, item in enumerate(items):
+            if i not in decode_rows:
+                logits[i] = self._prefill(item)
+        if decode_rows:
+            logits[decode_rows] = self._decode([items[i] for i in decode_rows])
+        return logits
+
+    def _run(
+        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        feeds.update(zip(self._past_names, past, strict=True))
+        outputs: list[np.ndarray] = self.session.run(None, feeds)
+        return outputs
+
+    def _prefill(self, item: StepItem) -> np.ndarray:
+        """Feeds a prompt (or a chunk of one) for a single slot."""
+        n = len(item.token_ids)
+        end = item.start + n
+        past = [cache[item.slot : item.slot + 1, :, : item.start] for cache in self._cache]
+        outputs = self._run(
+            np.asarray([item.token_ids], np.int64),
+            np.ones((1, end), np.int64),
+            np.arange(item.start, end, dtype=np.int64)[None],
+            past,
+        )
+        for cache, present in zip(self._cache, outputs[1:], strict=True):
+            cache[item.slot, :, item.start : end] = present[0, :, item.start : end]
+        last_logits: np.ndarray = outputs[0][0, -1]
+        return last_logits
+
+    def _decode(self, items: Sequence[StepItem]) -> np.ndarray:
+        """Feeds one token for each of several slots in one batched call."""
+        slots = np.fromiter((it.slot for it in items), np.int64)
+        starts = np.fromiter((it.start for it in items), np.int64)
+        width = int(starts.max())
+        # Row b attends to its first starts[b] cached positions and its new token.
+        mask = (np.arange(width + 1)[None, :] < starts[:, None]).astype(np.int64)
+        mask[:, width] = 1
+        past = [cache[slots, :, :width] for cache in self._cache]
+        outputs = self._run(
+            np.fromiter((it.token_ids[0] for it in items), np.int64)[:, None],
+            mask,
+            starts[:, None],
+            past,
+        )
+        for cache, present in zip(self._cache, outputs[1:], strict=True):
+            cache[slots, :, starts] = present[:, :, width]
+        return outputs[0][:, -1]
+
+
+class OnnxEmbeddingEngine(EmbeddingEngine):
+    """OnnxEmbeddingEngine runs an encoder whose graph pools and normalises."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model_path: Path, dimensions: int, threads: int = 0) -> None:
+        self.session = ort.InferenceSession(
+            str(model_path), session_options(threads), providers=["CPUExecutionProvider"]
+        )
+        self.dimensions = dimensions
+
+    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        outputs = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+        vectors: np.ndarray = outputs[0]
+        return vectors

@@ -1,0 +1,44 @@
+"""Prometheus metrics of the inference worker, labelled by model and version."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LABELS = ("model", "version")
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+TIME_TO_FIRST_TOKEN = Histogram(
+    "tokenmesh_time_to_first_token_seconds",
+    "Admission to first generated token.",
+    _LABELS,
+    buckets=_LATENCY_BUCKETS,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "tokenmesh_inter_token_latency_seconds",
+    "Time between consecutive tokens of a sequence.",
+    _LABELS,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1),
+)
+REQUEST_LATENCY = Histogram(
+    "tokenmesh_request_duration_seconds",
+    "Admission to last token (or end of an embed).",
+    _LABELS,
+    buckets=_LATENCY_BUCKETS,
+)
+QUEUE_DEPTH = Gauge("tokenmesh_queue_depth", "Requests admitted but waiting for a slot.", _LABELS)
+RUNNING = Gauge("tokenmesh_running_sequences", "Sequences in the running batch.", _LABELS)
+KV_SLOTS_USED = Gauge("tokenmesh_kv_slots_used", "KV-cache slots holding a sequence.", _LABELS)
+KV_TOKENS_RESERVED = Gauge(
+    "tokenmesh_kv_tokens_reserved",
+    "KV tokens reserved (prompt + max_tokens) by running sequences.",
+    _LABELS,
+)
+TOKENS = Counter(
+    "tokenmesh_tokens_total", "Tokens processed, by kind (prompt, completion).", (*_LABELS, "kind")
+)
+CANCELLATIONS = Counter(
+    "tokenmesh_cancellations_total", "Sequences cancelled (client gone, deadline, stop).", _LABELS
+)
+REQUESTS = Counter(
+    "tokenmesh_requests_total", "Finished requests by finish_reason.", (*_LABELS, "finish_reason")
+)

@@ -1,0 +1,138 @@
+"""The model repository: `<repo>/<name>/<version>/` with model.onnx,
+tokenizer.json and config.json, loaded into a ready-to-start LoadedModel.
+
+config.json keys: architecture ("gpt-kv", "bert-mean-pool"), kind
+("generative", "embedding"), description, context_length, and per kind:
+eos_token_id, n_layer, n_head, head_dim, vocab_size, defaults {max_tokens,
+temperature, top_p, top_k} — or embedding_dimensions, max_batch_size.
+"weights": "../1" reuses another version's model.onnx and tokenizer.json
+(a version that differs only in its defaults).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.core.errors import FailedPrecondition, NotFound
+from services.inference.embedder import Embedder
+from services.inference.engines.base import GenerativeEngine
+from services.inference.engines.deterministic import DeterministicTestEngine
+from services.inference.models import LoadedModel, ModelDefaults
+from services.inference.scheduler import Scheduler, SchedulerLimits
+from services.inference.tokenizer import HuggingFaceTokenizer, WordTokenizer
+from tokenmesh.inference.v1 import inference_pb2
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """EngineOptions apply to every model a worker loads."""
+
+    engine: str = "onnxruntime"  # resolved: "onnxruntime" or "tensorrt"
+    threads: int = 0
+    limits: SchedulerLimits = SchedulerLimits()
+    plan_cache_dir: Path | None = None
+
+
+def read_card(repo: Path, name: str, version: str) -> tuple[dict[str, Any], Path]:
+    """Returns (config.json, directory holding the weights) of a version."""
+    directory = repo / name / version
+    card_path = directory / "config.json"
+    if not card_path.is_file():
+        raise NotFound(
+            f"model {name!r} version {version!r} is not in the repository",
+            reason="MODEL_NOT_IN_REPOSITORY",
+            metadata={"model": name, "version": version},
+        )
+    card: dict[str, Any] = json.loads(card_path.read_text())
+    weights = (directory / card.get("weights", ".")).resolve()
+    if not (weights / "model.onnx").is_file():
+        raise FailedPrecondition(
+            f"model {name!r} version {version!r} has no model.onnx; run `make models`",
+            reason="MODEL_FILES_MISSING",
+        )
+    return card, weights
+
+
+def _generative_engine(
+    card: dict[str, Any], weights: Path, options: EngineOptions
+) -> GenerativeEngine:
+    shape = {
+        key: card[key] for key in ("n_layer", "n_head", "head_dim", "vocab_size", "context_length")
+    }
+    if options.engine == "tensorrt":
+        from services.inference.engines.tensorrt import TensorRTGenerativeEngine
+
+        return TensorRTGenerativeEngine(
+            weights / "model.onnx", cache_dir=options.plan_cache_dir, **shape
+        )
+    from services.inference.engines.onnx import OnnxGenerativeEngine
+
+    return OnnxGenerativeEngine(weights / "model.onnx", threads=options.threads, **shape)
+
+
+def load_from_repository(
+    repo: Path, name: str, version: str, options: EngineOptions
+) -> LoadedModel:
+    """Builds a LoadedModel from the repository (blocking: call off the event loop)."""
+    card, weights = read_card(repo, name, version)
+    tokenizer = HuggingFaceTokenizer(
+        weights / "tokenizer.json", add_special_tokens=card["kind"] == "embedding"
+    )
+    common = dict(
+        name=name,
+        version=version,
+        tokenizer=tokenizer,
+        description=card.get("description", ""),
+        context_length=int(card["context_length"]),
+    )
+    if card["kind"] == "embedding":
+        from services.inference.engines.onnx import OnnxEmbeddingEngine
+
+        dims = int(card["embedding_dimensions"])
+        engine = OnnxEmbeddingEngine(weights / "model.onnx", dims, threads=options.threads)
+        embedder = Embedder(
+            engine, tokenizer, int(card["context_length"]), int(card.get("max_batch_size", 32))
+        )
+        return LoadedModel(
+            kind=inference_pb2.MODEL_KIND_EMBEDDING,
+            engine_name=engine.name,
+            embedder=embedder,
+            embedding_dimensions=dims,
+            **common,
+        )
+    generative = _generative_engine(card, weights, options)
+    scheduler = Scheduler(generative, int(card["eos_token_id"]), options.limits, (name, version))
+    defaults = ModelDefaults(**card.get("defaults", {}))
+    return LoadedModel(
+        kind=inference_pb2.MODEL_KIND_GENERATIVE,
+        engine_name=generative.name,
+        scheduler=scheduler,
+        defaults=defaults,
+        **common,
+    )
+
+
+def deterministic_test_model(
+    name: str, version: str, step_s: float, limits: SchedulerLimits
+) -> LoadedModel:
+    """Builds a version served by the deterministic test engine (through the scheduler)."""
+    tokenizer = WordTokenizer()
+    engine = DeterministicTestEngine(
+        vocab_size=len(tokenizer.words), context_length=512, step_s=step_s
+    )
+    return LoadedModel(
+        name=name,
+        version=version,
+        kind=inference_pb2.MODEL_KIND_GENERATIVE,
+        tokenizer=tokenizer,
+        context_length=512,
+        engine_name=engine.name,
+        scheduler=Scheduler(engine, engine.eos_token_id, limits, (name, version)),
+        description="Deterministic test engine: seeded vocabulary words, not a language model.",
+    )

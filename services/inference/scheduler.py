@@ -1,0 +1,317 @@
+"""Continuous (iteration-level) batching over a GenerativeEngine.
+
+One asyncio task per model version runs the loop; engine compute and sampling
+run in a dedicated thread, so the event loop never blocks. Between steps,
+finished and cancelled sequences leave the batch (freeing their KV slot) and
+waiting ones join it, highest priority first, while both the slot count and
+the KV-token budget allow.
+
+Each sequence has an outbox the request handler reads: token ids as they are
+sampled, then one `Finished`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.core.errors import (
+    DeadlineExceeded,
+    QuotaViolation,
+    ResourceExhausted,
+    TokenmeshError,
+    Unavailable,
+    internal_error,
+)
+from services.inference import metrics
+from services.inference.engines.base import GenerativeEngine, StepItem
+from services.inference.sampling import SamplingParams, sample
+
+logger = logging.getLogger(__name__)
+PRIORITY_INTERACTIVE, PRIORITY_BATCH = 0, 1
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    """SchedulerLimits bound memory and waiting.
+
+    Attributes:
+        max_sequences: KV slots, i.e. the largest running batch.
+        max_kv_tokens: budget of prompt + max_tokens over running sequences.
+        max_queue: requests that may wait for a slot; more are refused.
+        max_prefill_tokens: prompt tokens admitted per step (bounds the
+            inter-token latency hit that new prompts impose on running streams).
+    """
+
+    max_sequences: int = 32
+    max_kv_tokens: int = 32 * 512
+    max_queue: int = 256
+    max_prefill_tokens: int = 2048
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Finished ends a sequence's outbox."""
+
+    reason: str  # "stop", "length", "cancelled" or "error"
+    error: TokenmeshError | None = None
+
+
+@dataclass(eq=False)
+class Sequence_:
+    """Sequence_ is one request's generation state inside the scheduler."""
+
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    priority: int
+    deadline: float | None
+    rng: np.random.Generator
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    finished: Finished | None = None
+    outbox: asyncio.Queue[int | Finished] = field(default_factory=asyncio.Queue)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Returns the KV tokens this sequence may need: prompt + max_tokens."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    def step_item(self) -> StepItem:
+        """Returns what to feed next: the prompt first, then the last token."""
+        if not self.generated:
+            return StepItem(self.slot, self.prompt_ids, 0)
+        return StepItem(
+            self.slot, self.generated[-1:], len(self.prompt_ids) + len(self.generated) - 1
+        )
+
+
+class Scheduler:
+    """Scheduler batches the sequences of one model version.
+
+    Args:
+        engine: the model version's engine.
+        eos_token_id: the token that ends a sequence with "stop".
+        limits: memory and queue bounds.
+        labels: (model, version) for metrics.
+    """
+
+    def __init__(
+        self,
+        engine: GenerativeEngine,
+        eos_token_id: int,
+        limits: SchedulerLimits,
+        labels: tuple[str, str],
+    ) -> None:
+        self.engine = engine
+        self.eos_token_id = eos_token_id
+        self.limits = limits
+        self.labels = labels
+        self._waiting: list[tuple[int, int, Sequence_]] = []
+        self._running: list[Sequence_] = []
+        self._free_slots = list(range(limits.max_sequences - 1, -1, -1))
+        self._reserved = 0
+        self._ids = itertools.count()
+        self._wake = asyncio.Event()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"engine-{labels[0]}"
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._accepting = True
+        self.cancelled_total = 0
+
+    async def start(self) -> None:
+        """Allocates the KV cache, warms the engine up and starts the loop."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.engine.allocate, self.limits.max_sequences)
+        await loop.run_in_executor(self._executor, self.engine.warm_up)
+        self._task = asyncio.create_task(self._loop(), name=f"scheduler-{self.labels[0]}")
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuses new work, lets admitted work finish (up to the timeout), stops."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while (self._running or self._waiting) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for seq in [*self._running, *(entry[2] for entry in self._waiting)]:
+            self._finish(
+                seq,
+                Finished("error", Unavailable("model version unloaded", reason="MODEL_UNLOADED")),
+            )
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, priority: int, timeout_s: float | None
+    ) -> Sequence_:
+        """Queues a sequence; raises ResourceExhausted when the queue is full."""
+        if not self._accepting:
+            raise Unavailable(
+                "model version is unloading", retry_after_s=1.0, reason="MODEL_UNLOADING"
+            )
+        if len(self._waiting) >= self.limits.max_queue:
+            raise ResourceExhausted(
+                f"worker queue is full ({self.limits.max_queue} requests waiting)",
+                retry_after_s=1.0,
+                quota_violations=[
+                    QuotaViolation("worker:queue", f"max_queue={self.limits.max_queue}")
+                ],
+                reason="QUEUE_FULL",
+            )
+        seed = params.seed if params.seed is not None else None
+        seq = Sequence_(
+            id=next(self._ids),
+            prompt_ids=prompt_ids,
+            params=params,
+            priority=priority,
+            deadline=None if timeout_s is None else time.monotonic() + timeout_s,
+            rng=np.random.default_rng(seed),
+        )
+        heapq.heappush(self._waiting, (priority, seq.id, seq))
+        metrics.QUEUE_DEPTH.labels(*self.labels).set(len(self._waiting))
+        self._wake.set()
+        return seq
+
+    def cancel(self, seq: Sequence_) -> None:
+        """Marks `seq` cancelled; its slot is freed at the next step boundary."""
+        if seq.finished is None and not seq.cancelled:
+            seq.cancelled = True
+            self._wake.set()
+
+    def stats(self) -> dict[str, int]:
+        """Returns current occupancy (for GetWorkerStats and tests)."""
+        return {
+            "running": len(self._running),
+            "waiting": len(self._waiting),
+            "kv_tokens_used": sum(len(s.prompt_ids) + len(s.generated) for s in self._running),
+            "kv_tokens_reserved": self._reserved,
+            "kv_tokens_capacity": self.limits.max_kv_tokens,
+            "slots_free": len(self._free_slots),
+            "cancelled_total": self.cancelled_total,
+        }
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._reap()
+            self._admit()
+            self._publish_gauges()
+            if not self._running:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = list(self._running)
+            try:
+                tokens = await loop.run_in_executor(self._executor, self._compute, batch)
+            except Exception:
+                logger.exception("engine step failed for %s/%s", *self.labels)
+                for seq in batch:
+                    self._finish(seq, Finished("error", internal_error()))
+                continue
+            now = time.monotonic()
+            for seq, token in zip(batch, tokens, strict=True):
+                self._deliver(seq, token, now)
+
+    def _compute(self, batch: Sequence[Sequence_]) -> list[int]:
+        """Runs one engine step and samples one token per sequence (step thread)."""
+        logits = self.engine.forward([seq.step_item() for seq in batch])
+        return [
+            sample(logits[i], seq.params.temperature, seq.params.top_k, seq.params.top_p, seq.rng)
+            for i, seq in enumerate(batch)
+        ]
+
+    def _reap(self) -> None:
+        """Drops cancelled sequences and waiting ones whose deadline passed."""
+        now = time.monotonic()
+        for seq in [s for s in self._running if s.cancelled]:
+            self._finish(seq, Finished("cancelled"))
+        kept = []
+        for entry in self._waiting:
+            seq = entry[2]
+            if seq.cancelled:
+                self._finish(seq, Finished("cancelled"))
+            elif seq.deadline is not None and now > seq.deadline:
+                self._finish(
+                    seq, Finished("error", DeadlineExceeded("deadline passed while queued"))
+                )
+            else:
+                kept.append(entry)
+        if len(kept) != len(self._waiting):
+            heapq.heapify(kept)
+            self._waiting = kept
+
+    def _admit(self) -> None:
+        """Moves waiting sequences into the batch while slots and budgets allow."""
+        prefill_budget = self.limits.max_prefill_tokens
+        while self._waiting and self._free_slots:
+            seq = self._waiting[0][2]
+            if self._running and (
+                self._reserved + seq.reserved_tokens > self.limits.max_kv_tokens
+                or len(seq.prompt_ids) > prefill_budget
+            ):
+                break  # an empty batch always admits one, so nothing starves
+            heapq.heappop(self._waiting)
+            seq.slot = self._free_slots.pop()
+            seq.started_at = time.monotonic()
+            self._reserved += seq.reserved_tokens
+            prefill_budget -= len(seq.prompt_ids)
+            self._running.append(seq)
+            metrics.TOKENS.labels(*self.labels, "prompt").inc(len(seq.prompt_ids))
+
+    def _deliver(self, seq: Sequence_, token: int, now: float) -> None:
+        if seq.cancelled:
+            self._finish(seq, Finished("cancelled"))
+            return
+        if token == self.eos_token_id:
+            self._finish(seq, Finished("stop"))
+            return
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            metrics.TIME_TO_FIRST_TOKEN.labels(*self.labels).observe(now - seq.submitted_at)
+        else:
+            metrics.INTER_TOKEN_LATENCY.labels(*self.labels).observe(
+                now - (seq.last_token_at or now)
+            )
+        seq.last_token_at = now
+        seq.generated.append(token)
+        seq.outbox.put_nowait(token)
+        metrics.TOKENS.labels(*self.labels, "completion").inc()
+        full = len(seq.prompt_ids) + len(seq.generated) >= self.engine.context_length
+        if len(seq.generated) >= seq.params.max_tokens or full:
+            self._finish(seq, Finished("length"))
+
+    def _finish(self, seq: Sequence_, finished: Finished) -> None:
+        if seq.finished is not None:
+            return
+        seq.finished = finished
+        seq.outbox.put_nowait(finished)
+        if finished.reason == "cancelled":
+            self.cancelled_total += 1
+            metrics.CANCELLATIONS.labels(*self.labels).inc()
+        if seq in self._running:
+            self._running.remove(seq)
+            self._free_slots.append(seq.slot)
+            self._reserved -= seq.reserved_tokens
+
+    def _publish_gauges(self) -> None:
+        metrics.QUEUE_DEPTH.labels(*self.labels).set(len(self._waiting))
+        metrics.RUNNING.labels(*self.labels).set(len(self._running))
+        metrics.KV_SLOTS_USED.labels(*self.labels).set(
+            self.limits.max_sequences - len(self._free_slots)
+        )
+        metrics.KV_TOKENS_RESERVED.labels(*self.labels).set(self._reserved)

@@ -1,0 +1,112 @@
+"""Tokenizers and incremental detokenization."""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class Tokenizer(abc.ABC):
+    """Tokenizer maps text to token ids and back."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Returns the token ids of `text`."""
+
+    @abc.abstractmethod
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Returns the text of `token_ids`."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Returns the token ids of each text."""
+        return [self.encode(text) for text in texts]
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """HuggingFaceTokenizer wraps a `tokenizers` tokenizer.json (no transformers)."""
+
+    def __init__(self, path: Path, *, add_special_tokens: bool = False) -> None:
+        from tokenizers import Tokenizer as _Tokenizer
+
+        self._tokenizer = _Tokenizer.from_file(str(path))
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        self._special = add_special_tokens
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=self._special).ids)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=self._special)
+        return [list(e.ids) for e in encodings]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    def token_id(self, token: str) -> int | None:
+        """Returns the id of a (special) token, if the vocabulary has it."""
+        found = self._tokenizer.token_to_id(token)
+        return None if found is None else int(found)
+
+
+# The test engine's closed vocabulary keeps its output readable.
+TEST_WORDS = (
+    "<eos> the mesh routes tokens through envoy to workers and back again while "
+    "every stream carries usage timing model version plus errors when something "
+    "fails late so clients always know what happened a deterministic engine "
+    "repeats itself given one seed"
+).split()
+
+
+class WordTokenizer(Tokenizer):
+    """WordTokenizer is the test engine's tokenizer: one id per vocabulary word.
+
+    Unknown prompt words map to a stable id by hashing, so every prompt has a
+    well-defined length in tokens.
+    """
+
+    def __init__(self, words: Sequence[str] = TEST_WORDS) -> None:
+        self.words = list(words)
+        self._ids = {word: i for i, word in enumerate(self.words)}
+
+    def encode(self, text: str) -> list[int]:
+        return [self._ids.get(word, self._hash_id(word)) for word in text.split()]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return "".join(" " + self.words[i] for i in token_ids if i != 0)
+
+    def _hash_id(self, word: str) -> int:
+        digest = hashlib.blake2b(word.encode(), digest_size=4).digest()
+        return 1 + int.from_bytes(digest, "big") % (len(self.words) - 1)
+
+
+class IncrementalDecoder:
+    """IncrementalDecoder turns a growing token list into text deltas.
+
+    It decodes the whole sequence each time (byte-level BPE pieces may only
+    form a character together) and holds back a trailing replacement
+    character until the bytes that complete it arrive.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._emitted = 0
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        """Adds tokens; returns the text they complete."""
+        self._ids.extend(token_ids)
+        text = self._tokenizer.decode(self._ids)
+        stable = len(text.rstrip("\ufffd"))
+        delta = text[self._emitted : stable]
+        self._emitted = max(self._emitted, stable)
+        return delta
+
+    def flush(self) -> str:
+        """Returns whatever is left, incomplete characters included."""
+        text = self._tokenizer.decode(self._ids)
+        delta = text[self._emitted :]
+        self._emitted = len(text)
+        return delta

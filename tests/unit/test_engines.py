@@ -1,0 +1,83 @@
+"""Engines: the ONNX decoder's batched KV cache, and TensorRT (GPU only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.inference.engines.base import StepItem
+from services.inference.engines.onnx import OnnxGenerativeEngine
+from services.inference.engines.tensorrt import plan_cache_key, tensorrt_available
+
+DEMO_LM = Path(__file__).resolve().parents[2] / "models" / "demo-lm" / "1"
+
+
+@pytest.fixture(scope="module")
+def engine() -> OnnxGenerativeEngine:
+    card = json.loads((DEMO_LM / "config.json").read_text())
+    shape = {k: card[k] for k in ("n_layer", "n_head", "head_dim", "vocab_size", "context_length")}
+    engine = OnnxGenerativeEngine(DEMO_LM / "model.onnx", threads=1, **shape)
+    engine.allocate(4)
+    return engine
+
+
+def test_batched_decode_of_unequal_lengths_matches_one_at_a_time(engine):
+    prompts = {0: [5, 6, 7, 8, 9], 1: [10, 11], 2: [12, 13, 14]}
+    # Reference: each sequence alone (prefill, then one decode).
+    alone = {}
+    for slot, ids in prompts.items():
+        engine.forward([StepItem(slot, ids, 0)])
+        alone[slot] = engine.forward([StepItem(slot, [42], len(ids))])[0]
+    # Same again, but the decode steps of all three share one padded batch.
+    for slot, ids in prompts.items():
+        engine.forward([StepItem(slot, ids, 0)])
+    batched = engine.forward([StepItem(slot, [42], len(ids)) for slot, ids in prompts.items()])
+    for row, slot in enumerate(prompts):
+        assert np.abs(batched[row] - alone[slot]).max() < 1e-4
+
+
+def test_incremental_decoding_matches_a_full_prefill(engine):
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    full = engine.forward([StepItem(0, ids, 0)])[0]
+    engine.forward([StepItem(1, ids[:5], 0)])
+    for position in range(5, len(ids)):
+        last = engine.forward([StepItem(1, [ids[position]], position)])[0]
+    assert np.abs(last - full).max() < 1e-4
+
+
+def test_plan_cache_key_changes_with_model_gpu_and_version():
+    base = plan_cache_key(b"model", "NVIDIA H200", "90", "10.9.0")
+    assert base == plan_cache_key(b"model", "NVIDIA H200", "90", "10.9.0")
+    assert (
+        len(
+            {
+                base,
+                plan_cache_key(b"other", "NVIDIA H200", "90", "10.9.0"),
+                plan_cache_key(b"model", "NVIDIA L4", "89", "10.9.0"),
+                plan_cache_key(b"model", "NVIDIA H200", "90", "10.10.0"),
+            }
+        )
+        == 4
+    )
+
+
+AVAILABLE, WHY = tensorrt_available()
+
+
+@pytest.mark.skipif(not AVAILABLE, reason=f"TensorRT engine test needs TensorRT and a GPU: {WHY}")
+def test_tensorrt_matches_onnx_runtime(engine, tmp_path):  # pragma: no cover - GPU machines only
+    from services.inference.engines.tensorrt import TensorRTGenerativeEngine
+
+    card = json.loads((DEMO_LM / "config.json").read_text())
+    shape = {k: card[k] for k in ("n_layer", "n_head", "head_dim", "vocab_size", "context_length")}
+    trt_engine = TensorRTGenerativeEngine(DEMO_LM / "model.onnx", cache_dir=tmp_path, **shape)
+    trt_engine.allocate(2)
+    ids = [5, 6, 7, 8]
+    expected = engine.forward([StepItem(0, ids, 0)])[0]
+    got = trt_engine.forward([StepItem(0, ids, 0)])[0]
+    assert np.argmax(got) == np.argmax(expected)
+    assert np.abs(got - expected).max() < 0.05  # FP16 plan
+    assert list(tmp_path.glob("*.plan")), "the plan was cached"

@@ -1,0 +1,39 @@
+"""Sampling: greedy, top-k, top-p and seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services.inference.sampling import sample
+
+LOGITS = np.array([1.0, 3.0, 2.0, 0.5], np.float32)
+
+
+def _draws(n: int = 400, **kwargs) -> list[int]:
+    rng = np.random.default_rng(7)
+    return [sample(LOGITS, rng=rng, **kwargs) for _ in range(n)]
+
+
+def test_temperature_zero_is_argmax():
+    assert set(_draws(20, temperature=0, top_k=0, top_p=1.0)) == {1}
+
+
+def test_top_k_one_is_argmax_and_top_k_two_keeps_two():
+    assert set(_draws(temperature=1.0, top_k=1, top_p=1.0)) == {1}
+    assert set(_draws(temperature=1.0, top_k=2, top_p=1.0)) == {1, 2}
+
+
+def test_small_top_p_keeps_only_the_most_likely():
+    assert set(_draws(temperature=1.0, top_k=0, top_p=0.1)) == {1}
+
+
+def test_full_sampling_follows_the_softmax():
+    counts = np.bincount(_draws(4000, temperature=1.0, top_k=0, top_p=1.0), minlength=4) / 4000
+    expected = np.exp(LOGITS) / np.exp(LOGITS).sum()
+    assert np.abs(counts - expected).max() < 0.03
+
+
+def test_same_seed_same_draws():
+    assert _draws(50, temperature=1.0, top_k=0, top_p=1.0) == _draws(
+        50, temperature=1.0, top_k=0, top_p=1.0
+    )
