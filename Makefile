@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# xds-protos ships an old copy of opentelemetry-proto's modules over the real
+	@# ones (see ../shared/ENVOY-NOTES.md): put the real package back on top.
+	$(PY) -m pip install --quiet --no-deps --force-reinstall \
+	  "opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	touch $@
 
 # The buf version is pinned exactly in package.json (npm's lock file omits

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway import edge_auth
+from gateway.edge_auth import EdgeAuth
+
 # Upstream short name -> gRPC service names routed to it (by path prefix).
 PUBLIC_ROUTES: Mapping[str, Sequence[str]] = {
     "auth": ("tokenmesh.auth.v1.AuthService",),
@@ -82,6 +85,8 @@ class EdgeConfig:
     access_log_path: str = "/dev/stdout"
     otlp_endpoint: Endpoint | None = None
     extra_clusters: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+    # Edge authentication (JWT, API keys, per-RPC scopes); None serves unauthenticated.
+    auth: EdgeAuth | None = field(default_factory=EdgeAuth)
 
 
 def _type(name: str) -> str:
@@ -301,15 +306,20 @@ def http_connection_manager(config: EdgeConfig) -> dict[str, Any]:
         "stream_idle_timeout": "300s",
         "request_headers_timeout": "10s",
         "generate_request_id": True,
+        # The edge faces clients: the peer address is the client's, and a
+        # client-sent x-forwarded-for is not trusted.
+        "use_remote_address": True,
         "access_log": access_log(config.access_log_path),
         "local_reply_config": local_reply_config(),
         "route_config": {
             "name": "edge",
-            "virtual_hosts": [{"name": "edge", "domains": ["*"], "routes": routes()}],
+            "virtual_hosts": [{"name": "edge", "domains": ["*"], "routes": _routes(config)}],
         },
         "http_filters": [
+            *([edge_auth.strip_identity_filter()] if config.auth else []),
             health_filter(sorted(config.upstreams)),
             transcoder_filter(config.descriptor_path),
+            *_auth_filters(config),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": _type("extensions.filters.http.router.v3.Router")},
@@ -321,6 +331,20 @@ def http_connection_manager(config: EdgeConfig) -> dict[str, Any]:
     return hcm
 
 
+def _routes(config: EdgeConfig) -> list[dict[str, Any]]:
+    return [*edge_auth.public_routes(), *routes()] if config.auth else routes()
+
+
+def _auth_filters(config: EdgeConfig) -> list[dict[str, Any]]:
+    if config.auth is None:
+        return []
+    return [
+        edge_auth.jwt_filter(config.auth, config.listen_port),
+        edge_auth.ext_authz_filter(),
+        edge_auth.rbac_filter(),
+    ]
+
+
 def bootstrap(config: EdgeConfig) -> dict[str, Any]:
     """Builds the whole Envoy bootstrap for the edge."""
     clusters = [
@@ -329,6 +353,8 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
     ]
     if config.otlp_endpoint is not None:
         clusters.append(_otlp_cluster(config.otlp_endpoint))
+    if config.auth is not None:
+        clusters.append(edge_auth.jwks_cluster(config.listen_port))
     clusters.extend(dict(c) for c in config.extra_clusters)
     return {
         "node": {"id": "edge-1", "cluster": "edge"},

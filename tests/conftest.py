@@ -21,6 +21,8 @@ TEST_SERVICE_ENV = {
     "TOKENMESH_ENGINE": "onnxruntime",
     "TOKENMESH_ENGINE_THREADS": "1",
     "TOKENMESH_TEST_ENGINE_STEP_MS": "20",
+    # Tests share 127.0.0.1 as their source address; the limiter gets its own test.
+    "TOKENMESH_AUTH_MAX_FAILURES_PER_MINUTE": "100000",
     "TOKENMESH_GRACE_SECONDS": "5",
     "TOKENMESH_LOG_LEVEL": "INFO",
 }

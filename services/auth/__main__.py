@@ -1,13 +1,12 @@
 """Entrypoint: `tokenmesh-auth` / `python -m services.auth`."""
 
-from services.auth.service import AuthService
+from services.auth.service import AuthService, AuthSettings
 from services.core.entrypoint import main as serve
-from services.core.settings import RedisSettings
 
 
 def main() -> None:
     """Runs the auth service configured from the environment."""
-    serve("auth", RedisSettings, AuthService)
+    serve("auth", AuthSettings, AuthService)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,196 @@
-"""The auth service's wiring. Its RPCs land with the auth issue; until then
-they answer UNIMPLEMENTED (never a fake result)."""
+"""The auth service: settings, stores, bootstrap key and signing-key schedule."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import grpc.aio
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
+from services.auth.authenticator import Authenticator
+from services.auth.crypto import ServerSecret, looks_like_api_key
+from services.auth.ext_authz import ExtAuthzServicer
+from services.auth.failures import FailureLimiter
+from services.auth.keys import SCOPES, ApiKeyStore
+from services.auth.servicer import AuthServicer
+from services.auth.signing import SigningKeyRing
+from services.auth.tokens import TokenIssuer
+from services.core.errors import FailedPrecondition
 from services.core.redis_service import RedisBackedService
-from services.core.server import unimplemented
-from tokenmesh.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
+from services.core.server import RunningServer
+from services.core.settings import RedisSettings, SettingsError, env, require
+from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
 
+logger = logging.getLogger(__name__)
 SERVICE_NAME = auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+EXT_AUTHZ_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+
+
+@dataclass(frozen=True)
+class AuthSettings(RedisSettings):
+    """AuthSettings configure the auth service."""
+
+    secret: str | None = env(
+        "TOKENMESH_AUTH_SECRET", None, "Server secret (>= 32 chars) for key hashes."
+    )
+    secret_file: Path | None = env(
+        "TOKENMESH_AUTH_SECRET_FILE", None, "File holding the server secret (created if missing)."
+    )
+    issuer: str = env("TOKENMESH_AUTH_ISSUER", "https://tokenmesh.local/auth", "JWT iss claim.")
+    audience: str = env("TOKENMESH_AUTH_AUDIENCE", "tokenmesh", "JWT aud claim.")
+    token_ttl_s: int = env("TOKENMESH_AUTH_TOKEN_TTL_SECONDS", 900, "Lifetime of issued JWTs.")
+    jwks_cache_s: float = env(
+        "TOKENMESH_AUTH_JWKS_CACHE_SECONDS", 300.0, "How long edges cache the JWKS."
+    )
+    rotation_s: float = env(
+        "TOKENMESH_AUTH_SIGNING_ROTATION_SECONDS",
+        86400.0,
+        "Rotate the signing key this often; 0 = never.",
+    )
+    rotate_overlap_s: float = env(
+        "TOKENMESH_AUTH_ROTATE_OVERLAP_SECONDS",
+        3600.0,
+        "Default overlap of a rotated API key's old secret.",
+    )
+    max_failures: int = env(
+        "TOKENMESH_AUTH_MAX_FAILURES_PER_MINUTE", 20, "Failed attempts per source before 429."
+    )
+    bootstrap_key: str | None = env(
+        "TOKENMESH_AUTH_BOOTSTRAP_KEY", None, "An admin API key to register at start (production)."
+    )
+    bootstrap_key_file: Path | None = env(
+        "TOKENMESH_AUTH_BOOTSTRAP_KEY_FILE",
+        None,
+        "Dev: create an admin key on first start, write it here.",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            bool(self.secret or self.secret_file),
+            "TOKENMESH_AUTH_SECRET",
+            "set it (or TOKENMESH_AUTH_SECRET_FILE)",
+        )
+        require(
+            self.secret is None or len(self.secret) >= 32,
+            "TOKENMESH_AUTH_SECRET",
+            "needs >= 32 characters",
+        )
+        require(
+            60 <= self.token_ttl_s <= 86400, "TOKENMESH_AUTH_TOKEN_TTL_SECONDS", "must be 60-86400"
+        )
+        require(self.jwks_cache_s > 0, "TOKENMESH_AUTH_JWKS_CACHE_SECONDS", "must be > 0")
+        require(self.max_failures >= 1, "TOKENMESH_AUTH_MAX_FAILURES_PER_MINUTE", "must be >= 1")
+        require(
+            self.rotation_s == 0 or self.rotation_s >= 60,
+            "TOKENMESH_AUTH_SIGNING_ROTATION_SECONDS",
+            "must be 0 or >= 60",
+        )
+        require(
+            self.bootstrap_key is None or looks_like_api_key(self.bootstrap_key),
+            "TOKENMESH_AUTH_BOOTSTRAP_KEY",
+            "must look like tm_<43 characters>",
+        )
+
+    def server_secret(self) -> bytes:
+        """Returns the server secret, creating the secret file on first use."""
+        if self.secret:
+            return self.secret.encode()
+        assert self.secret_file is not None
+        if not self.secret_file.exists():
+            self.secret_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(os.urandom(32).hex())
+        value = self.secret_file.read_text().strip().encode()
+        if len(value) < 32:
+            raise SettingsError(
+                f"TOKENMESH_AUTH_SECRET_FILE: {self.secret_file} holds fewer than 32 characters"
+            )
+        return value
 
 
 class AuthService(RedisBackedService):
-    """AuthService serves tokenmesh.auth.v1.AuthService."""
+    """AuthService serves tokenmesh.auth.v1.AuthService and Envoy's ext_authz."""
 
     name = "auth"
 
+    def __init__(self, settings: AuthSettings) -> None:
+        super().__init__(settings)
+        self.settings = settings
+        secret = ServerSecret(settings.server_secret())
+        self.keys = ApiKeyStore(self.redis, secret)
+        self.ring = SigningKeyRing(self.redis, secret, settings.token_ttl_s, settings.jwks_cache_s)
+        self.tokens = TokenIssuer(
+            self.ring, settings.issuer, settings.audience, settings.token_ttl_s
+        )
+        self.authenticator = Authenticator(
+            self.keys, self.tokens, FailureLimiter(max_failures=settings.max_failures)
+        )
+        self._rotation: asyncio.Task[None] | None = None
+
     def service_names(self) -> Sequence[str]:
-        return [SERVICE_NAME]
+        return [SERVICE_NAME, EXT_AUTHZ_SERVICE]
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         auth_service_pb2_grpc.add_AuthServiceServicer_to_server(
-            unimplemented(auth_service_pb2_grpc.AuthServiceServicer), server
+            AuthServicer(
+                self.keys,
+                self.ring,
+                self.tokens,
+                self.authenticator,
+                self.settings.rotate_overlap_s,
+            ),
+            server,
         )
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            ExtAuthzServicer(self.authenticator), server
+        )
+
+    async def start(self, running: RunningServer) -> None:
+        await super().start(running)
+        await self.ring.ensure()
+        await self._bootstrap()
+        if self.settings.rotation_s:
+            self._rotation = asyncio.create_task(self._rotate_on_schedule())
+
+    async def _bootstrap(self) -> None:
+        if self.settings.bootstrap_key:
+            key = await self.keys.adopt(self.settings.bootstrap_key, "admin", ["admin"])
+            logger.info("bootstrap admin key %s registered", key.id)
+        path = self.settings.bootstrap_key_file
+        if path is not None and not (
+            path.exists() and await self.keys.authenticate(path.read_text().strip())
+        ):
+            key, secret = await self.keys.create(
+                "admin", "dev admin", list(SCOPES), [], auth_pb2.KeyLimits(), None
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secret + "\n")
+            path.chmod(0o600)
+            logger.info("created dev admin key %s (secret written to %s)", key.id, path)
+
+    async def _rotate_on_schedule(self) -> None:
+        while True:
+            records = await self.ring.records()
+            current = next((r for r in records if r.state == "current"), None)
+            age = time.time() - current.created if current else 0.0
+            wait = max(1.0, self.settings.rotation_s - age)
+            await asyncio.sleep(wait)
+            with contextlib.suppress(FailedPrecondition):
+                record = await self.ring.rotate()
+                logger.info("signing key rotated on schedule; current kid %s", record.kid)
+
+    async def stop(self) -> None:
+        if self._rotation is not None:
+            self._rotation.cancel()
+            await asyncio.gather(self._rotation, return_exceptions=True)
+        await super().stop()

@@ -33,7 +33,7 @@ from services.core.errors import (
 )
 from services.inference import metrics
 from services.inference.engines.base import GenerativeEngine, StepItem
-from services.inference.sampling import SamplingParams, sample
+from services.inference.sampling import SamplingParams, sample_batch
 
 logger = logging.getLogger(__name__)
 PRIORITY_INTERACTIVE, PRIORITY_BATCH = 0, 1
@@ -132,6 +132,10 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._accepting = True
         self.cancelled_total = 0
+        # Bound metric children once: label lookups are not free per token.
+        self._ttft = metrics.TIME_TO_FIRST_TOKEN.labels(*labels)
+        self._itl = metrics.INTER_TOKEN_LATENCY.labels(*labels)
+        self._completion_tokens = metrics.TOKENS.labels(*labels, "completion")
 
     async def start(self) -> None:
         """Allocates the KV cache, warms the engine up and starts the loop."""
@@ -226,14 +230,13 @@ class Scheduler:
             now = time.monotonic()
             for seq, token in zip(batch, tokens, strict=True):
                 self._deliver(seq, token, now)
+            self._completion_tokens.inc(len(batch))
 
     def _compute(self, batch: Sequence[Sequence_]) -> list[int]:
         """Runs one engine step and samples one token per sequence (step thread)."""
         logits = self.engine.forward([seq.step_item() for seq in batch])
-        return [
-            sample(logits[i], seq.params.temperature, seq.params.top_k, seq.params.top_p, seq.rng)
-            for i, seq in enumerate(batch)
-        ]
+        tokens = sample_batch(logits, [seq.params for seq in batch], [seq.rng for seq in batch])
+        return [int(t) for t in tokens]
 
     def _reap(self) -> None:
         """Drops cancelled sequences and waiting ones whose deadline passed."""
@@ -290,7 +293,6 @@ class Scheduler:
         seq.last_token_at = now
         seq.generated.append(token)
         seq.outbox.put_nowait(token)
-        metrics.TOKENS.labels(*self.labels, "completion").inc()
         full = len(seq.prompt_ids) + len(seq.generated) >= self.engine.context_length
         if len(seq.generated) >= seq.params.max_tokens or full:
             self._finish(seq, Finished("length"))

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from opentelemetry import trace
 
-from services.core.errors import FieldViolation, InvalidArgument, TokenmeshError
+from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied, TokenmeshError
 from services.core.interceptors import Context, abort_with, to_domain_error
 from services.inference import metrics, validation
 from services.inference.generation import Delta, GenerationState, stream_deltas
@@ -25,6 +25,7 @@ from tokenmesh.type.v1 import types_pb2
 logger = logging.getLogger(__name__)
 KEY_ID_HEADER = "x-tokenmesh-key-id"
 TENANT_HEADER = "x-tokenmesh-tenant"
+MODELS_HEADER = "x-tokenmesh-models"  # set by the edge from the caller's key; empty = all
 _PRIORITIES = {
     inference_pb2.PRIORITY_UNSPECIFIED: PRIORITY_INTERACTIVE,
     inference_pb2.PRIORITY_INTERACTIVE: PRIORITY_INTERACTIVE,
@@ -46,6 +47,24 @@ def _stream_error(error: TokenmeshError) -> inference_pb2.StreamError:
     )
 
 
+def allowed_models(context: Context) -> frozenset[str] | None:
+    """Returns the models the caller may use (None: any), as the edge vouched."""
+    metadata = dict(context.invocation_metadata() or ())
+    value = str(metadata.get(MODELS_HEADER, "")).strip()
+    return frozenset(m for m in value.split(",") if m) or None
+
+
+def check_model_allowed(context: Context, model: str) -> None:
+    """Raises PERMISSION_DENIED when the caller's key does not cover `model`."""
+    allowed = allowed_models(context)
+    if allowed is not None and model not in allowed:
+        raise PermissionDenied(
+            f"this key may not use model {model!r}",
+            reason="MODEL_NOT_ALLOWED",
+            metadata={"model": model},
+        )
+
+
 def _trace_id() -> str:
     context = trace.get_current_span().get_span_context()
     return format(context.trace_id, "032x") if context.is_valid else ""
@@ -55,6 +74,7 @@ class Request:
     """Request is one validated RPC with its caller, model and usage bookkeeping."""
 
     def __init__(self, context: Context, model: LoadedModel, request_id: str, rpc: str) -> None:
+        check_model_allowed(context, model.name)
         self.model = model
         self.request_id = request_id or uuid.uuid4().hex
         self.rpc = rpc
@@ -152,7 +172,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
         page_size = validation.validate_page_size(request.page_size)
-        names = [n for n in self.registry.names() if n > request.page_token]
+        allowed = allowed_models(context)
+        names = [
+            n
+            for n in self.registry.names()
+            if n > request.page_token and (allowed is None or n in allowed)
+        ]
         page, rest = names[:page_size], names[page_size:]
         return pb.ListModelsResponse(
             models=[self.registry.to_pb(n) for n in page],
@@ -161,6 +186,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
         validation.validate_model_name(request.model)
+        check_model_allowed(context, request.model)
         return pb.GetModelResponse(model=self.registry.to_pb(request.model))
 
     async def _admit(

@@ -16,6 +16,7 @@ import redis
 import yaml
 
 from gateway import envoy_config, protos
+from gateway.edge_auth import EdgeAuth
 from gateway.envoy_config import EdgeConfig, Endpoint
 from services.launcher.processes import Child, clean_env, reserve_port, wait_for
 
@@ -36,6 +37,7 @@ class MeshConfig:
     health_check_interval_s: float = 1.0
     startup_timeout_s: float = 90.0
     otlp_endpoint: str | None = None  # OTLP/gRPC collector for Envoy and every service
+    edge_auth: EdgeAuth = field(default_factory=EdgeAuth)
     service_env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -76,6 +78,7 @@ class Mesh:
         self.admin_port = 0
         self.state_dir = config.state_dir.resolve()
         self.log_dir = self.state_dir / "logs"
+        self.dev_key_path = self.state_dir / "dev-api-key"
         self.run_dir = self.state_dir / "run"
 
     @property
@@ -126,6 +129,7 @@ class Mesh:
             "redis_url": self.redis_url,
             "ports": self.ports,
             "pids": {c.name: c.pid for c in self.children},
+            "dev_api_key_file": str(self.dev_key_path),
         }
         (self.run_dir / "mesh.json").write_text(json.dumps(manifest, indent=2))
 
@@ -149,6 +153,12 @@ class Mesh:
             "TOKENMESH_METRICS_PORT": "0",
             "TOKENMESH_READY_FILE": str(ready_file),
             "REDIS_URL": self.redis_url,
+            # auth: the server secret and the dev admin key live in the state dir.
+            "TOKENMESH_AUTH_SECRET_FILE": str(self.state_dir / "auth-secret"),
+            "TOKENMESH_AUTH_BOOTSTRAP_KEY_FILE": str(self.dev_key_path),
+            "TOKENMESH_AUTH_JWKS_CACHE_SECONDS": f"{self.config.edge_auth.jwks_cache_s:g}",
+            "TOKENMESH_AUTH_ISSUER": self.config.edge_auth.issuer,
+            "TOKENMESH_AUTH_AUDIENCE": self.config.edge_auth.audience,
             # Workers keep their usage spool across restarts under a stable name.
             "TOKENMESH_WORKER_ID": name,
             "TOKENMESH_USAGE_SPOOL_DIR": str(self.state_dir / "usage-spool"),
@@ -188,6 +198,7 @@ class Mesh:
             health_check_interval_s=self.config.health_check_interval_s,
             access_log_path=str(self.log_dir / "edge-access.log"),
             otlp_endpoint=_otlp_endpoint(self.config.otlp_endpoint),
+            auth=self.config.edge_auth,
         )
 
     def _start_envoy(self) -> None:
@@ -212,6 +223,10 @@ class Mesh:
         wait_for(
             self.healthy, self.config.startup_timeout_s, "the edge's /healthz to answer 200", child
         )
+
+    def dev_api_key(self) -> str:
+        """Returns the dev admin API key the auth service created on first start."""
+        return self.dev_key_path.read_text().strip()
 
     def healthy(self) -> bool:
         """Tells whether the edge's /healthz answers 200."""

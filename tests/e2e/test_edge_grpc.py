@@ -20,12 +20,6 @@ PUBLIC_SERVICES = {
 }
 
 
-@pytest.fixture(scope="module")
-def channel(mesh):
-    with grpc.insecure_channel(mesh.edge_address) as channel:
-        yield channel
-
-
 def test_generate_through_the_edge(channel):
     stub = rpc.InferenceServiceStub(channel)
     call = stub.Generate(

@@ -64,7 +64,10 @@ def test_one_trace_spans_envoy_and_the_worker(tmp_path: Path, collector, redis_u
         service_env={**TEST_SERVICE_ENV, "OTEL_BSP_SCHEDULE_DELAY": "100"},
     )
     with Mesh(config) as mesh:
-        headers = {"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"}
+        headers = {
+            "traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01",
+            "x-api-key": mesh.dev_api_key(),
+        }
         reply = httpx.post(
             f"{mesh.edge_url}/v1/models/deterministic-test:complete",
             json={"prompt": "trace me", "max_tokens": 2},

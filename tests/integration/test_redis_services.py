@@ -13,7 +13,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from services.auth.service import AuthService
+from services.auth.service import AuthService, AuthSettings
 from services.core.server import serving
 from services.core.settings import RedisSettings
 from services.launcher.mesh import spawn_redis
@@ -40,7 +40,7 @@ async def test_unimplemented_rpcs_answer_unimplemented_with_error_info(redis_url
 
 async def test_health_follows_redis(tmp_path: Path):
     child, url = spawn_redis(tmp_path / "data", tmp_path / "redis.log")
-    settings = RedisSettings(metrics_port=-1, grace_s=0.5, redis_url=url)
+    settings = AuthSettings(metrics_port=-1, grace_s=0.5, redis_url=url, secret="s" * 32)
     service = AuthService(settings)
     service.monitor.interval_s = 0.1
     name = "tokenmesh.auth.v1.AuthService"
@@ -68,7 +68,7 @@ async def test_health_follows_redis(tmp_path: Path):
                     await auth_service_pb2_grpc.AuthServiceStub(channel).IssueToken(
                         auth_service_pb2.IssueTokenRequest(api_key="tm_x"), timeout=5
                     )
-                assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         child.terminate()
         child.wait(10)

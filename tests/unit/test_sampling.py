@@ -37,3 +37,14 @@ def test_same_seed_same_draws():
     assert _draws(50, temperature=1.0, top_k=0, top_p=1.0) == _draws(
         50, temperature=1.0, top_k=0, top_p=1.0
     )
+
+
+def test_a_row_samples_the_same_alone_or_in_a_batch():
+    from services.inference.sampling import SamplingParams, sample_batch
+
+    logits = np.random.default_rng(1).normal(size=(6, 300)).astype(np.float32)
+    params = [SamplingParams(1, 0.8, 0.9, k, None, ()) for k in (0, 5, 50, 0, 299, 1)]
+    batched = sample_batch(logits, params, [np.random.default_rng(i) for i in range(6)])
+    for i in range(6):
+        alone = sample_batch(logits[i : i + 1], [params[i]], [np.random.default_rng(i)])
+        assert alone[0] == batched[i]

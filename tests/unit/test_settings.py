@@ -70,3 +70,11 @@ def test_json_logs_are_one_object_per_line(capsys):
         assert entry["msg"] == "hello world" and entry["level"] == "INFO"
     finally:
         logging.getLogger().handlers.clear()
+
+
+def test_opentelemetry_proto_is_the_real_one():
+    # xds-protos overwrites opentelemetry-proto's modules with an old copy;
+    # `make setup` restores them. Exporters and collectors need the new API.
+    from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+
+    assert InstrumentationScope.DESCRIPTOR.fields_by_name["name"]

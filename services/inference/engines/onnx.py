@@ -30,6 +30,10 @@ def session_options(threads: int) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    # Spinning worker threads would steal the cores the event loop and the
+    # gRPC threads need between steps.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
 
 
@@ -76,15 +80,37 @@ class OnnxGenerativeEngine(GenerativeEngine):
 
     def forward(self, items: Sequence[StepItem]) -> np.ndarray:
         logits = np.empty((len(items), self.vocab_size), np.float32)
-        decode_rows = [
-            i for i, item in enumerate(items) if len(item.token_ids) == 1 and item.start > 0
-        ]
-        for i, item in enumerate(items):
-            if i not in decode_rows:
-                logits[i] = self._prefill(item)
-        if decode_rows:
-            logits[decode_rows] = self._decode([items[i] for i in decode_rows])
+        fresh = [i for i, item in enumerate(items) if item.start == 0]
+        decode = [i for i, item in enumerate(items) if item.start > 0 and len(item.token_ids) == 1]
+        chunks = [i for i in range(len(items)) if i not in fresh and i not in decode]
+        if fresh:
+            logits[fresh] = self._prefill_batch([items[i] for i in fresh])
+        for i in chunks:
+            logits[i] = self._prefill(items[i])
+        if decode:
+            logits[decode] = self._decode([items[i] for i in decode])
         return logits
+
+    def _prefill_batch(self, items: Sequence[StepItem]) -> np.ndarray:
+        """Feeds several whole prompts in one call, right-padded to the longest.
+
+        Causal attention keeps each prompt's real tokens blind to its padding,
+        so the padded positions only need masking, not separate calls.
+        """
+        lengths = np.fromiter((len(it.token_ids) for it in items), np.int64)
+        width = int(lengths.max())
+        ids = np.zeros((len(items), width), np.int64)
+        for row, item in enumerate(items):
+            ids[row, : lengths[row]] = item.token_ids
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        positions = np.broadcast_to(np.arange(width, dtype=np.int64), (len(items), width))
+        empty = np.zeros((len(items), self.n_head, 0, self.head_dim), np.float32)
+        outputs = self._run(ids, mask, np.ascontiguousarray(positions), [empty] * len(self._cache))
+        for cache, present in zip(self._cache, outputs[1:], strict=True):
+            for row, item in enumerate(items):
+                cache[item.slot, :, : lengths[row]] = present[row, :, : lengths[row]]
+        last: np.ndarray = outputs[0][np.arange(len(items)), lengths - 1]
+        return last
 
     def _run(
         self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]

@@ -1,0 +1,264 @@
+"""Edge authentication and authorization, all in Envoy's C++ filters.
+
+Order in the filter chain (after the transcoder, so REST and gRPC requests
+both carry their gRPC path):
+
+1. identity headers sent by the client are removed (`header_mutation`);
+2. `jwt_authn` verifies a JWT against the auth service's JWKS (fetched from
+   the edge's own `/.well-known/jwks.json`, cached, refreshed in the
+   background) and copies claims into the identity headers;
+3. `ext_authz` runs only when no JWT was verified: it asks the auth service
+   about an API key, which answers with the same identity headers;
+4. `rbac` allows each RPC only to callers holding its scope.
+
+A valid JWT therefore costs Python nothing, and keeps working while the auth
+service is down.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+IDENTITY_HEADERS = (
+    "x-tokenmesh-key-id",
+    "x-tokenmesh-tenant",
+    "x-tokenmesh-scopes",
+    "x-tokenmesh-models",
+    "x-tokenmesh-tier",
+)
+# JWT claim -> identity header (the auth service issues exactly these claims).
+CLAIM_HEADERS = {
+    "sub": "x-tokenmesh-key-id",
+    "tenant": "x-tokenmesh-tenant",
+    "scope": "x-tokenmesh-scopes",
+    "models": "x-tokenmesh-models",
+    "tier": "x-tokenmesh-tier",
+}
+PUBLIC = "public"  # no credentials needed
+AUTHENTICATED = "authenticated"  # any valid credential
+# Every public RPC and the scope it needs ("admin" holds every scope).
+RPC_SCOPES: Mapping[str, str] = {
+    "/tokenmesh.auth.v1.AuthService/IssueToken": PUBLIC,
+    "/tokenmesh.auth.v1.AuthService/GetJwks": PUBLIC,
+    "/tokenmesh.auth.v1.AuthService/CreateApiKey": "admin",
+    "/tokenmesh.auth.v1.AuthService/ListApiKeys": "admin",
+    "/tokenmesh.auth.v1.AuthService/GetApiKey": "admin",
+    "/tokenmesh.auth.v1.AuthService/RevokeApiKey": "admin",
+    "/tokenmesh.auth.v1.AuthService/RotateApiKey": "admin",
+    "/tokenmesh.auth.v1.AuthService/RotateSigningKey": "admin",
+    "/tokenmesh.auth.v1.AuthService/ListSigningKeys": "admin",
+    "/tokenmesh.inference.v1.InferenceService/ListModels": "models:read",
+    "/tokenmesh.inference.v1.InferenceService/GetModel": "models:read",
+    "/tokenmesh.inference.v1.InferenceService/Generate": "inference:generate",
+    "/tokenmesh.inference.v1.InferenceService/Complete": "inference:generate",
+    "/tokenmesh.inference.v1.InferenceService/Embed": "inference:embed",
+    "/tokenmesh.router.v1.RouterService/ListCatalogModels": "models:read",
+    "/tokenmesh.router.v1.RouterService/GetCatalogModel": "models:read",
+    "/tokenmesh.router.v1.RouterService/RegisterModelVersion": "admin",
+    "/tokenmesh.router.v1.RouterService/SetTrafficSplit": "admin",
+    "/tokenmesh.router.v1.RouterService/PinModelVersion": "admin",
+    "/tokenmesh.router.v1.RouterService/DeprecateModelVersion": "admin",
+    "/tokenmesh.router.v1.RouterService/SetFallbackModel": "admin",
+    "/tokenmesh.router.v1.RouterService/SetModelAlias": "admin",
+    "/tokenmesh.usage.v1.UsageService/GetUsage": "usage:read",
+    "/tokenmesh.usage.v1.UsageService/ListAuditEntries": "admin",
+}
+# Reflection needs a valid credential, but no particular scope.
+AUTHENTICATED_PREFIXES = (
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+JWT_FILTER = "envoy.filters.http.jwt_authn"
+EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+
+
+@dataclass(frozen=True)
+class EdgeAuth:
+    """EdgeAuth is what the edge must agree on with the auth service."""
+
+    issuer: str = "https://tokenmesh.local/auth"
+    audience: str = "tokenmesh"
+    jwks_cache_s: float = 300.0
+
+
+def _type(name: str) -> str:
+    return f"type.googleapis.com/envoy.{name}"
+
+
+def strip_identity_filter() -> dict[str, Any]:
+    """Removes client-sent identity headers before anything can trust them."""
+    return {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": _type("extensions.filters.http.header_mutation.v3.HeaderMutation"),
+            "mutations": {"request_mutations": [{"remove": name} for name in IDENTITY_HEADERS]},
+        },
+    }
+
+
+def jwt_filter(auth: EdgeAuth, listen_port: int) -> dict[str, Any]:
+    """Verifies JWTs in C++; a missing or failed JWT falls through to ext_authz."""
+    public = [path for path, scope in RPC_SCOPES.items() if scope == PUBLIC]
+    provider = {
+        "issuer": auth.issuer,
+        "audiences": [auth.audience],
+        "remote_jwks": {
+            "http_uri": {
+                "uri": f"http://127.0.0.1:{listen_port}/.well-known/jwks.json",
+                "cluster": "jwks",
+                "timeout": "2s",
+            },
+            # Refreshed in the background shortly before it expires; while the
+            # auth service is down the cached JWKS keeps verifying until then.
+            # Rotations need no refetch: the JWKS pre-publishes the next key.
+            "cache_duration": f"{auth.jwks_cache_s:g}s",
+            "async_fetch": {"fast_listener": True, "failed_refetch_duration": "1s"},
+        },
+        "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+        "forward": True,  # upstreams that authorize for themselves (auth admin RPCs) see the token
+        "payload_in_metadata": "jwt_payload",
+        "clock_skew_seconds": 10,
+        "claim_to_headers": [{"header_name": h, "claim_name": c} for c, h in CLAIM_HEADERS.items()],
+    }
+    rules: list[dict[str, Any]] = [{"match": {"path": path}} for path in public]
+    rules.append(
+        {
+            "match": {"prefix": "/"},
+            "requires": {
+                "requires_any": {
+                    "requirements": [
+                        {"provider_name": "tokenmesh"},
+                        {"allow_missing_or_failed": {}},
+                    ]
+                }
+            },
+        }
+    )
+    return {
+        "name": JWT_FILTER,
+        "typed_config": {
+            "@type": _type("extensions.filters.http.jwt_authn.v3.JwtAuthentication"),
+            "providers": {"tokenmesh": provider},
+            "rules": rules,
+        },
+    }
+
+
+def ext_authz_filter() -> dict[str, Any]:
+    """Asks the auth service about API keys, only when no JWT was verified."""
+    return {
+        "name": EXT_AUTHZ_FILTER,
+        "typed_config": {
+            "@type": _type("extensions.filters.http.ext_authz.v3.ExtAuthz"),
+            "grpc_service": {"envoy_grpc": {"cluster_name": "auth"}, "timeout": "2s"},
+            "transport_api_version": "V3",
+            "failure_mode_allow": False,
+            "status_on_error": {"code": 503},
+            "filter_enabled_metadata": {
+                "filter": JWT_FILTER,
+                "path": [{"key": "jwt_payload"}],
+                "value": {"present_match": True},
+                "invert": True,
+            },
+        },
+    }
+
+
+def ext_authz_disabled() -> dict[str, Any]:
+    """Per-route config that turns ext_authz off (public RPCs)."""
+    return {
+        EXT_AUTHZ_FILTER: {
+            "@type": _type("extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"),
+            "disabled": True,
+        }
+    }
+
+
+def _scope_principal(scope: str) -> dict[str, Any]:
+    regex = f"(^|.* ){re.escape(scope)}( .*|$)"
+    return {
+        "header": {"name": "x-tokenmesh-scopes", "string_match": {"safe_regex": {"regex": regex}}}
+    }
+
+
+def _paths(paths: list[str]) -> dict[str, Any]:
+    return {"or_rules": {"rules": [{"url_path": {"path": {"exact": p}}} for p in paths]}}
+
+
+def rbac_filter() -> dict[str, Any]:
+    """Allows each RPC only to callers with its scope; everything else is 403."""
+    policies: dict[str, Any] = {
+        PUBLIC: {
+            "permissions": [_paths([p for p, s in RPC_SCOPES.items() if s == PUBLIC])],
+            "principals": [{"any": True}],
+        },
+        "admin": {"permissions": [{"any": True}], "principals": [_scope_principal("admin")]},
+        AUTHENTICATED: {
+            "permissions": [
+                {
+                    "or_rules": {
+                        "rules": [
+                            {"url_path": {"path": {"prefix": p}}} for p in AUTHENTICATED_PREFIXES
+                        ]
+                    }
+                }
+            ],
+            "principals": [{"header": {"name": "x-tokenmesh-key-id", "present_match": True}}],
+        },
+    }
+    for scope in sorted({s for s in RPC_SCOPES.values() if s not in (PUBLIC, "admin")}):
+        policies[f"scope:{scope}"] = {
+            "permissions": [_paths([p for p, s in RPC_SCOPES.items() if s == scope])],
+            "principals": [_scope_principal(scope)],
+        }
+    return {
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": _type("extensions.filters.http.rbac.v3.RBAC"),
+            "rules": {"action": "ALLOW", "policies": policies},
+        },
+    }
+
+
+def jwks_cluster(listen_port: int) -> dict[str, Any]:
+    """The cluster jwt_authn fetches the JWKS through: the edge's own listener."""
+    return {
+        "name": "jwks",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "jwks",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {
+                                        "address": "127.0.0.1",
+                                        "port_value": listen_port,
+                                    }
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+
+
+def public_routes() -> list[dict[str, Any]]:
+    """Exact routes for public RPCs: to the auth service, ext_authz off."""
+    return [
+        {
+            "match": {"path": path},
+            "route": {"cluster": "auth", "timeout": "10s"},
+            "typed_per_filter_config": ext_authz_disabled(),
+        }
+        for path, scope in RPC_SCOPES.items()
+        if scope == PUBLIC
+    ]

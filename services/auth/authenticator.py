@@ -1,0 +1,104 @@
+"""Turns a request's credentials (API key or JWT) into a Principal.
+
+Used by the ext_authz check (API keys at the edge) and by the auth service's
+own admin RPCs, which never trust identity headers a caller could forge.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from services.auth.crypto import looks_like_api_key
+from services.auth.failures import FailureLimiter
+from services.auth.keys import ApiKeyStore, Principal
+from services.auth.tokens import TokenIssuer
+from services.core.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+
+# Cached API-key lookups expire quickly so a revocation reaches the edge within 5 s.
+CACHE_TTL_S = 2.0
+TOUCH_INTERVAL_S = 60.0
+
+
+def credential(headers: Mapping[str, str]) -> str:
+    """Returns the credential a request carries: x-api-key, else the bearer token."""
+    api_key = headers.get("x-api-key", "").strip()
+    if api_key:
+        return api_key
+    authorization = headers.get("authorization", "").strip()
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def unauthenticated() -> Unauthenticated:
+    """Returns the one answer for every bad credential (unknown, revoked, malformed)."""
+    return Unauthenticated("missing or invalid credentials", reason="INVALID_CREDENTIALS")
+
+
+class Authenticator:
+    """Authenticator verifies credentials, with a short cache and failure limiting."""
+
+    def __init__(self, keys: ApiKeyStore, tokens: TokenIssuer, limiter: FailureLimiter) -> None:
+        self.keys = keys
+        self.tokens = tokens
+        self.limiter = limiter
+        self._cache: dict[str, tuple[float, Principal]] = {}
+        self._touched: dict[str, float] = {}
+
+    async def authenticate(
+        self, headers: Mapping[str, str], source: str, *, allow_jwt: bool = True
+    ) -> Principal:
+        """Returns the caller; raises Unauthenticated (or ResourceExhausted when guessing).
+
+        The edge's ext_authz passes allow_jwt=False: a JWT that Envoy's
+        jwt_authn did not accept must not get a second opinion here.
+        """
+        retry_after = self.limiter.retry_after(source)
+        if retry_after is not None:
+            raise ResourceExhausted(
+                "too many failed authentication attempts",
+                retry_after_s=retry_after,
+                reason="AUTH_FAILURES_RATE_LIMITED",
+            )
+        token = credential(headers)
+        principal = (
+            await self._verify(token)
+            if token and (allow_jwt or looks_like_api_key(token))
+            else None
+        )
+        if principal is None:
+            self.limiter.record(source)
+            raise unauthenticated()
+        return principal
+
+    async def _verify(self, token: str) -> Principal | None:
+        if not looks_like_api_key(token):
+            return await self.tokens.verify(token)
+        digest = self.keys.secret.hash_api_key(token)
+        cached = self._cache.get(digest)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        key = await self.keys.authenticate(token)
+        if key is None:
+            self._cache.pop(digest, None)
+            return None
+        if now - self._touched.get(key.id, 0.0) > TOUCH_INTERVAL_S:
+            self._touched[key.id] = now
+            await self.keys.touch(key)
+        principal = Principal.from_key(key)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[digest] = (now + CACHE_TTL_S, principal)
+        return principal
+
+    async def require(self, headers: Mapping[str, str], source: str, scope: str) -> Principal:
+        """Authenticates and checks one scope (PERMISSION_DENIED when missing)."""
+        principal = await self.authenticate(headers, source)
+        if not principal.has_scope(scope):
+            raise PermissionDenied(
+                f"this operation needs the {scope!r} scope",
+                reason="MISSING_SCOPE",
+                metadata={"scope": scope},
+            )
+        return principal

@@ -1,0 +1,94 @@
+"""Envoy ext_authz for API-key callers (JWT callers never reach Python).
+
+Allowed requests get the same identity headers the edge's jwt_authn filter
+sets from JWT claims, so everything behind the edge sees one shape:
+x-tokenmesh-key-id, -tenant, -scopes (space-separated), -models
+(comma-separated; empty = all), -tier.
+"""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.rpc import code_pb2, status_pb2
+
+from services.auth.authenticator import Authenticator
+from services.auth.keys import Principal
+from services.core.errors import ResourceExhausted, TokenmeshError
+from services.core.interceptors import Context
+
+IDENTITY_HEADERS = (
+    "x-tokenmesh-key-id",
+    "x-tokenmesh-tenant",
+    "x-tokenmesh-scopes",
+    "x-tokenmesh-models",
+    "x-tokenmesh-tier",
+)
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def identity_headers(principal: Principal) -> dict[str, str]:
+    """Returns the identity headers for a principal."""
+    return dict(
+        zip(
+            IDENTITY_HEADERS,
+            (
+                principal.key_id,
+                principal.tenant,
+                " ".join(principal.scopes),
+                ",".join(principal.models),
+                principal.tier,
+            ),
+            strict=True,
+        )
+    )
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
+    )
+
+
+def _denied(error: TokenmeshError) -> external_auth_pb2.CheckResponse:
+    # The edge's local-reply mapper wraps the body into its JSON error shape.
+    headers = []
+    if isinstance(error, ResourceExhausted):
+        http = http_status_pb2.StatusCode.TooManyRequests
+        headers.append(_header("retry-after", str(max(1, round(error.retry_after_s or 1)))))
+    else:
+        http = http_status_pb2.StatusCode.Unauthorized
+        headers.append(
+            _header("www-authenticate", 'Bearer realm="tokenmesh", error="invalid_token"')
+        )
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=error.to_status().code, message=error.message),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=http), headers=headers, body=error.message
+        ),
+    )
+
+
+class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    """ExtAuthzServicer answers Envoy's Authorization.Check for API keys."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: Context
+    ) -> external_auth_pb2.CheckResponse:
+        http = request.attributes.request.http
+        # Envoy's view of the client (it does not trust client-sent forwarding headers).
+        source = request.attributes.source.address.socket_address.address
+        try:
+            principal = await self.authenticator.authenticate(http.headers, source, allow_jwt=False)
+        except (ResourceExhausted, TokenmeshError) as error:
+            return _denied(error)
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=external_auth_pb2.OkHttpResponse(
+                headers=[_header(k, v) for k, v in identity_headers(principal).items()]
+            ),
+        )

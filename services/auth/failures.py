@@ -1,0 +1,46 @@
+"""Slows down credential guessing: too many failures from one source -> 429."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+
+class FailureLimiter:
+    """FailureLimiter counts authentication failures per source in a sliding window.
+
+    Args:
+        max_failures: failures allowed per source within `window_s`.
+        window_s: the window length.
+        max_sources: sources tracked at once (oldest are forgotten first).
+    """
+
+    def __init__(
+        self, max_failures: int = 20, window_s: float = 60.0, max_sources: int = 10_000
+    ) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.max_sources = max_sources
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, source: str, now: float) -> deque[float]:
+        window = self._failures.get(source)
+        if window is None:
+            if len(self._failures) >= self.max_sources:
+                self._failures.pop(next(iter(self._failures)))
+            window = self._failures[source] = deque()
+        while window and now - window[0] > self.window_s:
+            window.popleft()
+        return window
+
+    def retry_after(self, source: str) -> float | None:
+        """Returns seconds to wait when `source` is over the limit, else None."""
+        now = time.monotonic()
+        window = self._recent(source, now)
+        if len(window) < self.max_failures:
+            return None
+        return max(0.0, self.window_s - (now - window[0]))
+
+    def record(self, source: str) -> None:
+        """Counts one failure from `source`."""
+        self._recent(source, time.monotonic()).append(time.monotonic())

@@ -1,0 +1,179 @@
+"""AuthService servicer: API keys, tokens, signing keys and the JWKS."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+
+from google.api import httpbody_pb2
+
+from services.auth.authenticator import Authenticator, unauthenticated
+from services.auth.crypto import looks_like_api_key
+from services.auth.keys import SCOPES, ApiKeyStore, Principal
+from services.auth.signing import SigningKeyRing
+from services.auth.tokens import TokenIssuer
+from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied
+from services.core.interceptors import Context
+from tokenmesh.auth.v1 import auth_service_pb2 as pb
+from tokenmesh.auth.v1 import auth_service_pb2_grpc
+
+_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_OVERLAP_S = 7 * 24 * 3600
+
+
+def request_headers(context: Context) -> dict[str, str]:
+    """Returns the request metadata as a lower-case dict (text values only)."""
+    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def request_source(context: Context, headers: Mapping[str, str]) -> str:
+    """Returns the caller's address: the client's, when the edge forwarded it."""
+    # Set by the edge (use_remote_address); direct callers are internal.
+    return headers.get("x-envoy-external-address", "") or context.peer()
+
+
+def _validate_create(request: pb.CreateApiKeyRequest) -> None:
+    out: list[FieldViolation] = []
+    if not _TENANT.match(request.tenant):
+        out.append(FieldViolation("tenant", "must be 1-64 characters of [A-Za-z0-9._-]"))
+    if len(request.name) > 128:
+        out.append(FieldViolation("name", "must be at most 128 characters"))
+    if not request.scopes:
+        out.append(FieldViolation("scopes", f"needs at least one of {', '.join(SCOPES)}"))
+    for i, scope in enumerate(request.scopes):
+        if scope not in SCOPES:
+            out.append(
+                FieldViolation(f"scopes[{i}]", f"{scope!r} is not one of {', '.join(SCOPES)}")
+            )
+    for i, model in enumerate(request.allowed_models):
+        if not _MODEL.match(model):
+            out.append(FieldViolation(f"allowed_models[{i}]", "must be a model name"))
+    limits = request.limits
+    for name in ("requests_per_minute", "tokens_per_minute", "monthly_tokens"):
+        if getattr(limits, name) < 0:
+            out.append(FieldViolation(f"limits.{name}", "must be >= 0"))
+    if request.HasField("ttl") and request.ttl.ToNanoseconds() <= 0:
+        out.append(FieldViolation("ttl", "must be positive when set"))
+    if out:
+        raise InvalidArgument(out)
+
+
+class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
+    """AuthServicer implements tokenmesh.auth.v1.AuthService."""
+
+    def __init__(
+        self,
+        keys: ApiKeyStore,
+        ring: SigningKeyRing,
+        tokens: TokenIssuer,
+        authenticator: Authenticator,
+        default_overlap_s: float,
+    ) -> None:
+        self.keys = keys
+        self.ring = ring
+        self.tokens = tokens
+        self.authenticator = authenticator
+        self.default_overlap_s = default_overlap_s
+
+    async def _admin(self, context: Context) -> Principal:
+        headers = request_headers(context)
+        return await self.authenticator.require(headers, request_source(context, headers), "admin")
+
+    async def IssueToken(
+        self, request: pb.IssueTokenRequest, context: Context
+    ) -> pb.IssueTokenResponse:
+        headers = request_headers(context)
+        source = request_source(context, headers)
+        api_key = request.api_key.strip()
+        if not looks_like_api_key(api_key):
+            self.authenticator.limiter.record(source)
+            raise unauthenticated()
+        principal = await self.authenticator.authenticate({"x-api-key": api_key}, source)
+        token = await self.tokens.issue(principal)
+        return pb.IssueTokenResponse(
+            access_token=token, token_type="Bearer", expires_in=self.tokens.ttl_s
+        )
+
+    async def GetJwks(self, request: pb.GetJwksRequest, context: Context) -> httpbody_pb2.HttpBody:
+        body = json.dumps(await self.ring.jwks()).encode()
+        await self.ring.mark_served()
+        return httpbody_pb2.HttpBody(content_type="application/json", data=body)
+
+    async def CreateApiKey(
+        self, request: pb.CreateApiKeyRequest, context: Context
+    ) -> pb.CreateApiKeyResponse:
+        await self._admin(context)
+        _validate_create(request)
+        ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else None
+        key, secret = await self.keys.create(
+            request.tenant,
+            request.name,
+            request.scopes,
+            request.allowed_models,
+            request.limits,
+            ttl,
+        )
+        return pb.CreateApiKeyResponse(api_key=key, secret=secret)
+
+    async def ListApiKeys(
+        self, request: pb.ListApiKeysRequest, context: Context
+    ) -> pb.ListApiKeysResponse:
+        await self._admin(context)
+        if not 0 <= request.page_size <= 1000:
+            raise InvalidArgument([FieldViolation("page_size", "must be between 0 and 1000")])
+        keys, next_token = await self.keys.list(
+            request.tenant, request.page_size or 100, request.page_token
+        )
+        return pb.ListApiKeysResponse(api_keys=keys, next_page_token=next_token)
+
+    async def GetApiKey(
+        self, request: pb.GetApiKeyRequest, context: Context
+    ) -> pb.GetApiKeyResponse:
+        await self._admin(context)
+        return pb.GetApiKeyResponse(api_key=await self.keys.get(_key_id(request.id)))
+
+    async def RevokeApiKey(
+        self, request: pb.RevokeApiKeyRequest, context: Context
+    ) -> pb.RevokeApiKeyResponse:
+        principal = await self._admin(context)
+        if request.id == principal.key_id:
+            raise PermissionDenied("a key cannot revoke itself", reason="SELF_REVOCATION")
+        return pb.RevokeApiKeyResponse(api_key=await self.keys.revoke(_key_id(request.id)))
+
+    async def RotateApiKey(
+        self, request: pb.RotateApiKeyRequest, context: Context
+    ) -> pb.RotateApiKeyResponse:
+        await self._admin(context)
+        overlap = (
+            request.overlap.ToNanoseconds() / 1e9
+            if request.HasField("overlap")
+            else self.default_overlap_s
+        )
+        if not 0 <= overlap <= MAX_OVERLAP_S:
+            raise InvalidArgument([FieldViolation("overlap", "must be between 0 and 7 days")])
+        key, secret, expires_at = await self.keys.rotate(_key_id(request.id), overlap)
+        response = pb.RotateApiKeyResponse(api_key=key, secret=secret)
+        response.old_secret_expire_time.FromNanoseconds(int(expires_at * 1e9))
+        return response
+
+    async def RotateSigningKey(
+        self, request: pb.RotateSigningKeyRequest, context: Context
+    ) -> pb.RotateSigningKeyResponse:
+        await self._admin(context)
+        record = await self.ring.rotate()
+        return pb.RotateSigningKeyResponse(signing_key=record.to_pb())
+
+    async def ListSigningKeys(
+        self, request: pb.ListSigningKeysRequest, context: Context
+    ) -> pb.ListSigningKeysResponse:
+        await self._admin(context)
+        records = [r for r in await self.ring.records() if r.state != "next"]
+        return pb.ListSigningKeysResponse(signing_keys=[r.to_pb() for r in records])
+
+
+def _key_id(key_id: str) -> str:
+    if not key_id or len(key_id) > 64:
+        raise InvalidArgument([FieldViolation("id", "is required (at most 64 characters)")])
+    return key_id

@@ -1,0 +1,74 @@
+"""Short-lived JWTs: issued for API keys, verified with the published JWKS."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import jwt
+
+from services.auth.keys import Principal
+from services.auth.signing import ALGORITHM, SigningKeyRing
+
+
+class TokenIssuer:
+    """TokenIssuer signs and verifies the mesh's access tokens.
+
+    Claims: iss, aud, sub (key id), tenant, scope (space-separated), models
+    (comma-separated; empty allows all), tier, iat, nbf, exp, jti; header kid.
+    Lists are strings so the edge can copy them into headers unchanged.
+    """
+
+    def __init__(self, ring: SigningKeyRing, issuer: str, audience: str, ttl_s: int) -> None:
+        self.ring = ring
+        self.issuer = issuer
+        self.audience = audience
+        self.ttl_s = ttl_s
+
+    async def issue(self, principal: Principal) -> str:
+        """Returns a signed JWT for `principal`."""
+        kid, key = await self.ring.current()
+        now = int(time.time())
+        claims = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": principal.key_id,
+            "tenant": principal.tenant,
+            "scope": " ".join(principal.scopes),
+            "models": ",".join(principal.models),
+            "tier": principal.tier,
+            "iat": now,
+            "nbf": now,
+            "exp": now + self.ttl_s,
+            "jti": uuid.uuid4().hex,
+        }
+        return jwt.encode(claims, key, algorithm=ALGORITHM, headers={"kid": kid})
+
+    async def verify(self, token: str) -> Principal | None:
+        """Returns the principal of a valid token, else None (any failure)."""
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+            jwks = await self.ring.jwks()
+            jwk = next((k for k in jwks["keys"] if k["kid"] == kid), None)
+            if jwk is None:
+                return None
+            public = jwt.PyJWK(jwk).key
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                public,
+                algorithms=[ALGORITHM],
+                audience=self.audience,
+                issuer=self.issuer,
+                options={"require": ["exp", "nbf", "iat", "sub"]},
+            )
+        except jwt.PyJWTError:
+            return None
+        models = tuple(m for m in str(claims.get("models", "")).split(",") if m)
+        return Principal(
+            str(claims["sub"]),
+            str(claims.get("tenant", "")),
+            tuple(str(claims.get("scope", "")).split()),
+            models,
+            str(claims.get("tier", "")),
+        )

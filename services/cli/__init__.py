@@ -1,0 +1,1 @@
+"""The `tokenmesh` operator CLI."""

@@ -1,0 +1,72 @@
+"""With its own mesh: JWTs survive an auth-service outage; guessing gets 429."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.edge_auth import EdgeAuth
+from services.launcher.mesh import Mesh, MeshConfig
+from tests.conftest import TEST_SERVICE_ENV
+
+BODY = {"prompt": "hello", "max_tokens": 2}
+
+
+@pytest.fixture
+def small_mesh(tmp_path: Path) -> Iterator[Mesh]:
+    # Its own Redis: auth state is encrypted under this mesh's own server secret.
+    env = {
+        **TEST_SERVICE_ENV,
+        "TOKENMESH_MODELS": "",
+        "TOKENMESH_AUTH_MAX_FAILURES_PER_MINUTE": "5",
+    }
+    config = MeshConfig(
+        state_dir=tmp_path / "mesh",
+        workers=1,
+        envoy_concurrency=1,
+        health_check_interval_s=0.5,
+        service_env=env,
+        edge_auth=EdgeAuth(jwks_cache_s=30.0),
+    )
+    with Mesh(config) as mesh:
+        yield mesh
+
+
+def _complete(mesh: Mesh, headers: dict[str, str]) -> httpx.Response:
+    return httpx.post(
+        f"{mesh.edge_url}/v1/models/deterministic-test:complete",
+        json=BODY,
+        headers=headers,
+        timeout=10,
+    )
+
+
+def test_valid_jwts_keep_working_while_the_auth_service_is_down(small_mesh):
+    key = small_mesh.dev_api_key()
+    token = httpx.post(
+        f"{small_mesh.edge_url}/v1/auth/token", json={"api_key": key}, timeout=10
+    ).json()
+    bearer = {"authorization": f"Bearer {token['access_token']}"}
+    assert _complete(small_mesh, bearer).status_code == 200
+    auth = next(c for c in small_mesh.children if c.name == "auth")
+    auth.terminate()
+    auth.wait(15)
+    time.sleep(2)
+    for _ in range(5):
+        assert _complete(small_mesh, bearer).status_code == 200
+    # API keys need the auth service: they fail closed, with a clear status.
+    assert _complete(small_mesh, {"x-api-key": key}).status_code in (403, 503)
+
+
+def test_repeated_failures_from_one_source_are_limited(small_mesh):
+    statuses = [
+        _complete(small_mesh, {"x-api-key": "tm_" + "y" * 43}).status_code for _ in range(8)
+    ]
+    assert statuses[:5] == [401] * 5, statuses
+    assert statuses[-1] == 429, statuses
+    limited = _complete(small_mesh, {"x-api-key": small_mesh.dev_api_key()})
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
