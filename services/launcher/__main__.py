@@ -45,13 +45,20 @@ def usage_banner(mesh: Mesh) -> str:
     return f"""
 tokenmesh is up: {url}   (state and logs: {mesh.state_dir})
 
+dev admin API key (also in {mesh.dev_key_path}):
+  {mesh.dev_api_key()}
+
+  export TOKENMESH_API_KEY=$(cat {mesh.dev_key_path})
   curl {url}/healthz
-  curl {url}/v1/models
-  curl -N {url}/v1/models/demo-lm:generate \\
+  curl -H "x-api-key: $TOKENMESH_API_KEY" {url}/v1/models
+  curl -N -H "x-api-key: $TOKENMESH_API_KEY" {url}/v1/models/demo-lm:generate \\
        -d '{{"prompt": "And God said", "max_tokens": 32, "seed": 1}}'
-  curl {url}/v1/models/demo-lm:complete \\
+  TOKEN=$(.venv/bin/tokenmesh token)
+  curl -H "authorization: Bearer $TOKEN" {url}/v1/models/demo-lm:complete \\
        -d '{{"prompt": "Blessed are the", "max_tokens": 16}}'
-  curl {url}/v1/models/all-minilm-l6-v2:embed -d '{{"inputs": ["kitten", "cat"]}}'
+  curl -H "authorization: Bearer $TOKEN" {url}/v1/models/all-minilm-l6-v2:embed \\
+       -d '{{"inputs": ["kitten", "cat"]}}'
+  .venv/bin/tokenmesh keys create --tenant acme --scopes inference:generate,models:read --json
 
   .venv/bin/python - <<'PY'
 import grpc
@@ -60,7 +67,8 @@ from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 with grpc.insecure_channel("{addr}") as channel:
     stub = rpc.InferenceServiceStub(channel)
     request = pb.GenerateRequest(model="demo-lm", prompt="And God said", max_tokens=16)
-    for msg in stub.Generate(request):
+    key = open("{mesh.dev_key_path}").read().strip()
+    for msg in stub.Generate(request, metadata=[("x-api-key", key)]):
         print(msg.index, repr(msg.text), msg.finish_reason)
 PY
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,14 +42,19 @@ class Child:
         self.name = name
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        # NOTE: no Python code may run between fork and exec when the parent
+        # uses gRPC (its fork handlers can abort the child), so the parent-death
+        # signal is set by util-linux's setpriv, which then execs the command.
+        setpriv = shutil.which("setpriv")
+        command = [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else list(argv)
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
-                list(argv),
+                command,
                 env=dict(env),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=None if setpriv else _die_with_parent,
             )
 
     @property
