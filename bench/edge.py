@@ -4,6 +4,7 @@ Paths, all measured in this run on the same machine:
   direct   client -> inference worker
   edge     client -> full Envoy edge (health, transcoder, routing) -> worker
   envoy    client -> bare Envoy (router filter only) -> worker
+  envoy-direct  client -> bare Envoy answering itself (direct_response): Envoy's own floor
   grpc     client -> bare grpc.aio server (the floor for a Python gRPC server)
 Latency: sequential calls from one Python client (p50/p99). Throughput: h2load
 (or ghz) with pre-serialised gRPC bodies when installed, else client processes.
@@ -11,6 +12,7 @@ Latency: sequential calls from one Python client (p50/p99). Throughput: h2load
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import struct
@@ -24,7 +26,7 @@ import yaml
 
 from bench.servers import bare_server
 from bench.stats import percentile
-from gateway import envoy_config
+from gateway import envoy_config, protos
 from services.launcher.mesh import Mesh, MeshConfig, envoy_binary
 from services.launcher.processes import Child, clean_env, reserve_port, wait_for
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
@@ -33,60 +35,100 @@ from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 METHOD = "/tokenmesh.inference.v1.InferenceService/ListModels"
 
 
-def sequential_latency_ms(target: str, calls: int = 500, budget_s: float = 30.0) -> list[float]:
+def _call(stub: Any, metadata: list[tuple[str, str]]) -> None:
+    try:
+        stub.ListModels(pb.ListModelsRequest(), timeout=5, metadata=metadata)
+    except grpc.RpcError as error:
+        # Envoy's direct_response answers without a message: a full round trip all the same.
+        if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+
+
+def sequential_latency_ms(
+    target: str,
+    metadata: list[tuple[str, str]] | None = None,
+    calls: int = 500,
+    budget_s: float = 30.0,
+) -> list[float]:
     """Returns per-call latencies (ms) of sequential unary calls."""
     latencies = []
     deadline = time.monotonic() + budget_s
     with grpc.insecure_channel(target) as channel:
         stub = rpc.InferenceServiceStub(channel)
         for _ in range(50):
-            stub.ListModels(pb.ListModelsRequest(), timeout=5)
+            _call(stub, metadata or [])
         for _ in range(calls):
             if time.monotonic() > deadline:
                 break
             started = time.perf_counter()
-            stub.ListModels(pb.ListModelsRequest(), timeout=5)
+            _call(stub, metadata or [])
             latencies.append((time.perf_counter() - started) * 1000)
     return latencies
 
 
-def throughput_rps(target: str, state: Path, requests: int = 6000) -> tuple[float, str]:
-    """Returns unary requests/s under concurrency and the tool that measured it."""
+def throughput_rps(
+    target: str, state: Path, metadata: list[tuple[str, str]] | None = None, requests: int = 6000
+) -> tuple[float, str]:
+    """Returns unary requests/s under concurrency and the tool that measured it.
+
+    ghz when it is on PATH, else h2load with a pre-serialised gRPC body, else
+    an asyncio client.
+    """
+    metadata = metadata or []
+    ghz = shutil.which("ghz")
+    if ghz:
+        command = [
+            ghz,
+            "--insecure",
+            "--protoset",
+            str(protos.build_descriptor_set()),
+            "--call",
+            METHOD.strip("/").replace("/", "."),
+            "-n",
+            str(requests),
+            "-c",
+            "32",
+            "--format",
+            "json",
+            f"--metadata={json.dumps(dict(metadata))}",
+            target,
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+        if result.returncode == 0:
+            return float(json.loads(result.stdout)["rps"]), "ghz"
     frame = pb.ListModelsRequest().SerializeToString()
     body = state / "listmodels.bin"
     body.write_bytes(b"\x00" + struct.pack(">I", len(frame)) + frame)
     h2load = shutil.which("h2load")
     if h2load:
-        result = subprocess.run(
-            [
-                h2load,
-                "-n",
-                str(requests),
-                "-c",
-                "4",
-                "-m",
-                "8",
-                "-t",
-                "1",
-                "-d",
-                str(body),
-                "-H",
-                "content-type: application/grpc",
-                "-H",
-                "te: trailers",
-                f"http://{target}{METHOD}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        headers = [arg for key, value in metadata for arg in ("-H", f"{key}: {value}")]
+        command = [
+            h2load,
+            "-n",
+            str(requests),
+            "-c",
+            "4",
+            "-m",
+            "8",
+            "-t",
+            "1",
+            "-d",
+            str(body),
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            *headers,
+            f"http://{target}{METHOD}",
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         match = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", result.stdout)
         if match:
             return float(match.group(1)), "h2load"
-    return _python_rps(target, min(requests, 3000)), "python"
+    return _python_rps(target, min(requests, 3000), metadata), "python"
 
 
-def _python_rps(target: str, requests: int) -> float:
+def _python_rps(target: str, requests: int, metadata: list[tuple[str, str]]) -> float:
     import asyncio
 
     import grpc.aio
@@ -97,7 +139,7 @@ def _python_rps(target: str, requests: int) -> float:
 
             async def worker(n: int) -> None:
                 for _ in range(n):
-                    await stub.ListModels(pb.ListModelsRequest(), timeout=5)
+                    await stub.ListModels(pb.ListModelsRequest(), timeout=5, metadata=metadata)
 
             started = time.perf_counter()
             await asyncio.gather(*(worker(requests // 32) for _ in range(32)))
@@ -106,8 +148,9 @@ def _python_rps(target: str, requests: int) -> float:
     return asyncio.run(run())
 
 
-def _bare_envoy(state: Path, upstream_port: int) -> tuple[Child, str]:
-    """Starts Envoy with only the router filter, proxying to one upstream."""
+def _bare_envoy(state: Path, upstream_port: int, direct: bool = False) -> tuple[Child, str]:
+    """Starts Envoy with only the router filter, proxying to one upstream
+    (or, with `direct`, answering every request itself)."""
     port, admin = reserve_port(), reserve_port()
     bootstrap = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
@@ -187,7 +230,7 @@ def _bare_envoy(state: Path, upstream_port: int) -> tuple[Child, str]:
             ],
         },
     }
-    path = state / "bare-envoy.yaml"
+    path = state / f"bare-envoy-{direct}.yaml"
     path.write_text(yaml.safe_dump(bootstrap))
     child = Child(
         "bare-envoy",
@@ -212,7 +255,7 @@ def _bare_envoy(state: Path, upstream_port: int) -> tuple[Child, str]:
 def _serves(address: str) -> bool:
     try:
         with grpc.insecure_channel(address) as channel:
-            rpc.InferenceServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=1)
+            _call(rpc.InferenceServiceStub(channel), [])
         return True
     except grpc.RpcError:
         return False
@@ -224,6 +267,14 @@ def _summary(latencies: list[float]) -> dict[str, float]:
         "p99_ms": percentile(latencies, 99),
         "calls": len(latencies),
     }
+
+
+def _issue_token(edge_url: str, api_key: str) -> str:
+    import httpx
+
+    reply = httpx.post(f"{edge_url}/v1/auth/token", json={"api_key": api_key}, timeout=10)
+    reply.raise_for_status()
+    return str(reply.json()["access_token"])
 
 
 def edge_overhead(state: Path) -> dict[str, Any]:
@@ -241,29 +292,32 @@ def edge_overhead(state: Path) -> dict[str, Any]:
     latencies: dict[str, list[float]] = {}
     rps: dict[str, float] = {}
     tool = "python"
-    with Mesh(config) as mesh:
-        paths = {"direct": mesh.address("inference-0"), "edge": mesh.edge_address}
-        envoy, paths["envoy"] = _bare_envoy(state, mesh.ports["inference-0"])
-        try:
-            for name, target in paths.items():
-                latencies[name] = sequential_latency_ms(target)
-                rps[name], tool = throughput_rps(target, state)
-                print(
-                    f"  {name:>6}: p50 {percentile(latencies[name], 50):.2f} ms  p99 {percentile(latencies[name], 99):.2f} ms"
-                    f"  {rps[name]:8.0f} req/s ({tool})",
-                    flush=True,
-                )
-        finally:
-            envoy.terminate()
-            envoy.wait(10)
-    with bare_server(state) as target:
-        latencies["grpc"] = sequential_latency_ms(target)
-        rps["grpc"], tool = throughput_rps(target, state)
+
+    def measure(name: str, target: str, metadata: list[tuple[str, str]] | None = None) -> None:
+        nonlocal tool
+        latencies[name] = sequential_latency_ms(target, metadata)
+        rps[name], tool = throughput_rps(target, state, metadata)
         print(
-            f"  {'grpc':>6}: p50 {percentile(latencies['grpc'], 50):.2f} ms  p99 {percentile(latencies['grpc'], 99):.2f} ms"
-            f"  {rps['grpc']:8.0f} req/s ({tool})",
+            f"  {name:>12}: p50 {percentile(latencies[name], 50):.2f} ms  p99 {percentile(latencies[name], 99):.2f} ms"
+            f"  {rps[name]:8.0f} req/s ({tool})",
             flush=True,
         )
+
+    with Mesh(config) as mesh:
+        key = [("x-api-key", mesh.dev_api_key())]
+        token = _issue_token(mesh.edge_url, mesh.dev_api_key())
+        measure("direct", mesh.address("inference-0"))
+        measure("edge-jwt", mesh.edge_address, [("authorization", f"Bearer {token}")])
+        measure("edge-api-key", mesh.edge_address, key)
+        for direct in (False, True):
+            envoy, address = _bare_envoy(state, mesh.ports["inference-0"], direct=direct)
+            try:
+                measure("envoy-direct" if direct else "envoy", address)
+            finally:
+                envoy.terminate()
+                envoy.wait(10)
+    with bare_server(state) as target:
+        measure("grpc", target)
     return {
         "latency": {name: _summary(values) for name, values in latencies.items()},
         "requests_per_s": rps,
