@@ -48,15 +48,23 @@ def write_report(
         "",
         targets_table(targets),
         "",
-        "## Raw results",
+        "## Results (raw samples in results.json)",
         "",
         "```json",
-        json.dumps(results, indent=2),
+        json.dumps(_without_samples(results), indent=2),
         "```",
         "",
     ]
     summary += [f"![{p.stem}]({p.name})" for p in plots]
     (out / "summary.md").write_text("\n".join(summary) + "\n")
+
+
+def _without_samples(results: dict[str, Any]) -> dict[str, Any]:
+    """Returns the results without raw latency samples (they stay in results.json)."""
+    trimmed = dict(results)
+    if "edge" in trimmed:
+        trimmed["edge"] = {k: v for k, v in trimmed["edge"].items() if k != "latencies_ms"}
+    return trimmed
 
 
 def _plots(

@@ -13,18 +13,12 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
+from gateway.edge_auth import IDENTITY_HEADERS
 from services.auth.authenticator import Authenticator
 from services.auth.keys import Principal
 from services.core.errors import ResourceExhausted, TokenmeshError
 from services.core.interceptors import Context
 
-IDENTITY_HEADERS = (
-    "x-tokenmesh-key-id",
-    "x-tokenmesh-tenant",
-    "x-tokenmesh-scopes",
-    "x-tokenmesh-models",
-    "x-tokenmesh-tier",
-)
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
