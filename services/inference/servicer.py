@@ -219,6 +219,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         )
         finish_reason = "cancelled"
         index = 0
+        sent_tokens = 0  # in messages gRPC accepted: what a cancelling client got
         try:
             await generation.send_headers(context)
             async for delta in generation.deltas():
@@ -233,8 +234,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     self._finish(message, generation, finish_reason)
                 yield message
                 index += 1
+                sent_tokens += len(delta.token_ids)
         except asyncio.CancelledError:
-            raise  # the client went away: recorded as "cancelled" below
+            # The client went away: it is metered for the tokens it was sent.
+            generation.state.completion_tokens = sent_tokens
+            raise
         except Exception as exc:
             finish_reason = "error"
             if index == 0:

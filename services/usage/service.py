@@ -1,29 +1,85 @@
-"""The usage service's wiring. Its RPCs land with the usage issue; until then
-they answer UNIMPLEMENTED (never a fake result)."""
+"""The usage service: metering consumer, reports and audit log."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 import grpc.aio
 
 from services.core.redis_service import RedisBackedService
-from services.core.server import unimplemented
+from services.core.server import RunningServer
+from services.core.settings import RedisSettings, env, require
+from services.usage.meter import Meter, Retention
+from services.usage.reports import UsageReader
+from services.usage.servicer import UsageServicer
 from tokenmesh.usage.v1 import usage_service_pb2, usage_service_pb2_grpc
 
 SERVICE_NAME = usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
 
 
+@dataclass(frozen=True)
+class UsageSettings(RedisSettings):
+    """UsageSettings configure the usage service."""
+
+    usage_stream: str = env(
+        "TOKENMESH_USAGE_STREAM", "tokenmesh:usage", "Redis Stream of usage events."
+    )
+    consumer_group: str = env(
+        "TOKENMESH_USAGE_GROUP", "usage-meter", "Consumer group of usage replicas."
+    )
+    consumer: str = env(
+        "TOKENMESH_USAGE_CONSUMER", socket.gethostname(), "This replica's consumer name."
+    )
+    claim_idle_s: float = env(
+        "TOKENMESH_USAGE_CLAIM_IDLE_SECONDS", 30.0, "Pending events idle this long are taken over."
+    )
+    retention_days: int = env(
+        "TOKENMESH_USAGE_AUDIT_RETENTION_DAYS", 90, "Audit entries are kept this long."
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.claim_idle_s >= 1, "TOKENMESH_USAGE_CLAIM_IDLE_SECONDS", "must be >= 1")
+        require(self.retention_days >= 1, "TOKENMESH_USAGE_AUDIT_RETENTION_DAYS", "must be >= 1")
+
+
 class UsageService(RedisBackedService):
-    """UsageService serves tokenmesh.usage.v1.UsageService."""
+    """UsageService meters the usage stream and serves tokenmesh.usage.v1."""
 
     name = "usage"
+
+    def __init__(self, settings: UsageSettings) -> None:
+        super().__init__(settings)
+        retention = Retention(audit=settings.retention_days * 86400)
+        self.meter = Meter(
+            self.redis,
+            settings.usage_stream,
+            settings.consumer_group,
+            settings.consumer,
+            retention,
+            settings.claim_idle_s,
+        )
+        self._task: asyncio.Task[None] | None = None
 
     def service_names(self) -> Sequence[str]:
         return [SERVICE_NAME]
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
-            unimplemented(usage_service_pb2_grpc.UsageServiceServicer), server
+            UsageServicer(UsageReader(self.redis)), server
         )
+
+    async def start(self, running: RunningServer) -> None:
+        await super().start(running)
+        await self.meter.ensure_group()
+        self._task = asyncio.create_task(self.meter.run_forever(), name="usage-meter")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await super().stop()

@@ -144,7 +144,10 @@ def test_context_overflow_is_400_with_numbers(http):
 
 @pytest.mark.parametrize(
     ("method", "path", "body"),
-    [("GET", "/v1/usage", None), ("GET", "/v1/catalog/models", None)],
+    [
+        ("GET", "/v1/catalog/models", None),
+        ("POST", "/v1/catalog/models/demo-lm:pin", {"version": "1"}),
+    ],
 )
 def test_not_yet_implemented_rpcs_are_501_not_fake_results(http, method, path, body):
     reply = http.request(method, path, json=body)

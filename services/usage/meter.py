@@ -1,0 +1,248 @@
+"""Lossless, exact metering: a consumer group over the workers' usage stream.
+
+Each event is applied by one Lua script that (1) claims its request_id (SET NX
+with a retention TTL), (2) adds it to the minute/hour/day/month buckets of its
+key, its tenant and the whole mesh, (3) records an audit entry, and (4) acks
+the stream entry — atomically, so a replayed or re-claimed event never counts
+twice and an applied one is never lost. Entries a crashed consumer left
+pending are claimed by another after `claim_idle_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from tokenmesh.inference.v1 import inference_pb2
+from tokenmesh.usage.v1 import usage_pb2
+
+logger = logging.getLogger(__name__)
+PREFIX = "tm:usage:"
+GRANULARITIES = ("minute", "hour", "day", "month")
+
+# KEYS: stream, seen-key, audit-key, bucket hash keys...
+# ARGV: group, entry id, dedupe ttl, audit score, audit member, audit retention
+#       ms, then per bucket: ttl, and field/increment pairs (same for all).
+_APPLY = """
+local n_buckets = (#KEYS - 3)
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[3])) then
+  for i = 1, n_buckets do
+    local key = KEYS[3 + i]
+    local j = 7 + n_buckets
+    while j < #ARGV do
+      redis.call('HINCRBY', key, ARGV[j], tonumber(ARGV[j + 1]))
+      j = j + 2
+    end
+    redis.call('EXPIRE', key, tonumber(ARGV[6 + i]))
+  end
+  redis.call('ZADD', KEYS[3], tonumber(ARGV[4]), ARGV[5])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[4]) - tonumber(ARGV[6]))
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Retention is how long each kind of usage data is kept, in seconds."""
+
+    minute: int = 2 * 86400
+    hour: int = 31 * 86400
+    day: int = 400 * 86400
+    month: int = 5 * 365 * 86400
+    audit: int = 90 * 86400
+    dedupe: int = 7 * 86400
+
+    def of(self, granularity: str) -> int:
+        """Returns the TTL of one granularity's buckets."""
+        ttl: int = getattr(self, granularity)
+        return ttl
+
+
+def bucket_start(unix_s: float, granularity: str) -> int:
+    """Returns the UTC start (Unix seconds) of the bucket holding `unix_s`."""
+    tm = time.gmtime(unix_s)
+    if granularity == "minute":
+        return int(unix_s) // 60 * 60
+    if granularity == "hour":
+        return int(unix_s) // 3600 * 3600
+    if granularity == "day":
+        return int(unix_s) // 86400 * 86400
+    return int(time.mktime((tm.tm_year, tm.tm_mon, 1, 0, 0, 0, 0, 0, 0)) - time.timezone)
+
+
+def next_bucket(start: int, granularity: str) -> int:
+    """Returns the start of the bucket after the one starting at `start`."""
+    if granularity != "month":
+        return start + {"minute": 60, "hour": 3600, "day": 86400}[granularity]
+    tm = time.gmtime(start)
+    year, month = (tm.tm_year + 1, 1) if tm.tm_mon == 12 else (tm.tm_year, tm.tm_mon + 1)
+    return int(time.mktime((year, month, 1, 0, 0, 0, 0, 0, 0)) - time.timezone)
+
+
+def bucket_key(scope: str, granularity: str, start: int) -> str:
+    """Returns the hash holding one scope's counters for one bucket."""
+    return f"{PREFIX}agg:{scope}:{granularity}:{start}"
+
+
+def scopes(event: inference_pb2.UsageEvent) -> list[str]:
+    """Returns the scopes an event counts towards: its key, its tenant, everything."""
+    out = ["all"]
+    if event.tenant:
+        out.append(f"tenant:{event.tenant}")
+    if event.key_id:
+        out.append(f"key:{event.key_id}")
+    return out
+
+
+def increments(event: inference_pb2.UsageEvent) -> list[tuple[str, int]]:
+    """Returns the (field, amount) pairs an event adds to each of its buckets."""
+    model = f"{event.model.name}|{event.model.version}"
+    return [
+        (f"{model}|requests", 1),
+        (f"{model}|prompt", event.usage.prompt_tokens),
+        (f"{model}|completion", event.usage.completion_tokens),
+        (f"{model}|fr:{event.finish_reason or 'unknown'}", 1),
+    ]
+
+
+def audit_entry(event: inference_pb2.UsageEvent) -> usage_pb2.AuditEntry:
+    """Returns the audit record of an event (prompts are never in events)."""
+    entry = usage_pb2.AuditEntry(
+        key_id=event.key_id,
+        tenant=event.tenant,
+        rpc=event.rpc,
+        model=event.model.name,
+        version=event.model.version,
+        prompt_tokens=event.usage.prompt_tokens,
+        completion_tokens=event.usage.completion_tokens,
+        status="OK" if event.finish_reason in ("stop", "length") else event.finish_reason.upper(),
+        finish_reason=event.finish_reason,
+        trace_id=event.trace_id,
+        request_id=event.request_id,
+    )
+    entry.time.FromMilliseconds(event.finish_unix_ms)
+    return entry
+
+
+class Meter:
+    """Meter consumes the usage stream into aggregates, exactly once per request.
+
+    Args:
+        client: Redis.
+        stream: the stream workers append to.
+        group: the consumer group shared by every usage replica.
+        consumer: this replica's consumer name.
+        retention: TTLs of aggregates, audit entries and dedupe markers.
+        claim_idle_s: pending entries idle this long are taken over.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        stream: str,
+        group: str,
+        consumer: str,
+        retention: Retention,
+        claim_idle_s: float = 30.0,
+    ) -> None:
+        self.redis = client
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.retention = retention
+        self.claim_idle_s = claim_idle_s
+        self._apply = client.register_script(_APPLY)
+        self.applied_total = 0
+
+    async def ensure_group(self) -> None:
+        """Creates the consumer group (from the stream's start) if missing."""
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def apply(self, entry_id: str, event: inference_pb2.UsageEvent) -> None:
+        """Applies one event (idempotently) and acks its stream entry."""
+        finished = event.finish_unix_ms / 1000 if event.finish_unix_ms else time.time()
+        buckets = [
+            (bucket_key(scope, g, bucket_start(finished, g)), self.retention.of(g))
+            for scope in scopes(event)
+            for g in GRANULARITIES
+        ]
+        keys = [
+            self.stream,
+            f"{PREFIX}seen:{event.request_id}",
+            f"{PREFIX}audit:{event.tenant or '-'}",
+            *(key for key, _ in buckets),
+        ]
+        args: list[str | int] = [
+            self.group,
+            entry_id,
+            self.retention.dedupe,
+            event.finish_unix_ms or int(finished * 1000),
+            audit_entry(event).SerializeToString().hex(),
+            self.retention.audit * 1000,
+            *(ttl for _, ttl in buckets),
+        ]
+        for field, amount in increments(event):
+            args += [field, amount]
+        await self._apply(keys=keys, args=args)
+        self.applied_total += 1
+
+    async def _handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        for entry_id, fields in entries:
+            raw = fields.get(b"event")
+            if raw is None:  # not ours: ack so it does not stay pending forever
+                await self.redis.xack(self.stream, self.group, entry_id)
+                continue
+            await self.apply(entry_id.decode(), inference_pb2.UsageEvent.FromString(raw))
+
+    async def run_once(self, block_ms: int = 1000) -> int:
+        """Reads and applies one batch of new entries; returns how many."""
+        reply: Any = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=256, block=block_ms
+        )
+        entries = [e for _, batch in reply or [] for e in batch]
+        await self._handle(entries)
+        return len(entries)
+
+    async def claim_stale(self) -> int:
+        """Takes over entries another consumer read but never acked (it crashed)."""
+        claimed = 0
+        start = "0-0"
+        while True:
+            reply: Any = await self.redis.xautoclaim(
+                self.stream,
+                self.group,
+                self.consumer,
+                min_idle_time=int(self.claim_idle_s * 1000),
+                start_id=start,
+                count=256,
+            )
+            start, entries = reply[0], reply[1]
+            await self._handle(entries)
+            claimed += len(entries)
+            if start in (b"0-0", "0-0") or not entries:
+                return claimed
+
+    async def run_forever(self) -> None:
+        """Consumes until cancelled; survives Redis outages."""
+        last_claim = 0.0
+        while True:
+            try:
+                if time.monotonic() - last_claim > self.claim_idle_s / 2:
+                    last_claim = time.monotonic()
+                    await self.claim_stale()
+                await self.run_once()
+            except (RedisError, OSError) as exc:
+                logger.warning("usage stream unavailable (%s); retrying", exc)
+                await asyncio.sleep(1.0)

@@ -1,0 +1,174 @@
+"""Usage reports read from the meter's buckets, and the audit log."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from google.protobuf import timestamp_pb2
+
+from services.usage.meter import PREFIX, bucket_key, bucket_start, next_bucket
+from tokenmesh.usage.v1 import usage_pb2, usage_service_pb2
+
+_GRANULARITY: dict[int, str] = {
+    usage_pb2.GRANULARITY_MINUTE: "minute",
+    usage_pb2.GRANULARITY_HOUR: "hour",
+    usage_pb2.GRANULARITY_DAY: "day",
+    usage_pb2.GRANULARITY_MONTH: "month",
+}
+MAX_BUCKETS = 2000
+
+
+@dataclass
+class Totals:
+    """Totals are summed counters, per model/version and overall."""
+
+    requests: int = 0
+    prompt: int = 0
+    completion: int = 0
+    finish_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, kind: str, amount: int) -> None:
+        """Adds one counter from a bucket hash field."""
+        if kind == "requests":
+            self.requests += amount
+        elif kind == "prompt":
+            self.prompt += amount
+        elif kind == "completion":
+            self.completion += amount
+        elif kind.startswith("fr:"):
+            self.finish_reasons[kind[3:]] += amount
+
+    def to_pb(self) -> usage_pb2.UsageTotals:
+        """Returns the totals as a protobuf message."""
+        return usage_pb2.UsageTotals(
+            requests=self.requests,
+            prompt_tokens=self.prompt,
+            completion_tokens=self.completion,
+            total_tokens=self.prompt + self.completion,
+            requests_by_finish_reason=dict(self.finish_reasons),
+        )
+
+
+def _timestamp(unix_s: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(unix_s * 1e9))
+    return stamp
+
+
+def month_start(now: float) -> int:
+    """Returns the start of the current calendar month (UTC)."""
+    return bucket_start(now, "month")
+
+
+def plan_buckets(start: float, end: float) -> list[tuple[str, int]]:
+    """Covers [start, end) with the fewest whole buckets (months, days, hours, minutes).
+
+    Minute resolution at the edges: usage is exact to the minute.
+    """
+    out: list[tuple[str, int]] = []
+    cursor = int(start) // 60 * 60
+    stop = int(end)
+    while cursor < stop:
+        for granularity in ("month", "day", "hour", "minute"):
+            aligned = bucket_start(cursor, granularity) == cursor
+            following = next_bucket(cursor, granularity)
+            if aligned and following <= stop or granularity == "minute":
+                out.append((granularity, cursor))
+                cursor = following
+                break
+    return out
+
+
+class UsageReader:
+    """UsageReader sums buckets for a scope over a time range."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+
+    async def totals(
+        self, scope: str, buckets: list[tuple[str, int]], by_version: bool
+    ) -> tuple[Totals, dict[tuple[str, str], Totals]]:
+        """Returns overall and per-model totals of `scope` over `buckets`."""
+        overall = Totals()
+        per_model: dict[tuple[str, str], Totals] = defaultdict(Totals)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for granularity, start in buckets:
+                pipe.hgetall(bucket_key(scope, granularity, start))
+            hashes = await pipe.execute()
+        for fields in hashes:
+            for raw_field, raw_value in fields.items():
+                model, version, kind = raw_field.decode().split("|", 2)
+                amount = int(raw_value)
+                overall.add(kind, amount)
+                per_model[(model, version if by_version else "")].add(kind, amount)
+        return overall, per_model
+
+    async def report(
+        self, scope: str, start: float, end: float, granularity: int, by_version: bool
+    ) -> usage_service_pb2.GetUsageResponse:
+        """Builds a GetUsage response for one scope."""
+        overall, per_model = await self.totals(scope, plan_buckets(start, end), by_version)
+        totals = overall.to_pb()
+        response = usage_service_pb2.GetUsageResponse(
+            requests=totals.requests,
+            prompt_tokens=totals.prompt_tokens,
+            completion_tokens=totals.completion_tokens,
+            total_tokens=totals.total_tokens,
+            requests_by_finish_reason=dict(totals.requests_by_finish_reason),
+            by_model=[
+                usage_pb2.ModelUsage(model=m, version=v, totals=t.to_pb())
+                for (m, v), t in sorted(per_model.items())
+            ],
+            start_time=_timestamp(start),
+            end_time=_timestamp(end),
+        )
+        if granularity in _GRANULARITY:
+            response.buckets.extend(
+                await self._buckets(scope, start, end, _GRANULARITY[granularity], by_version)
+            )
+        return response
+
+    async def _buckets(
+        self, scope: str, start: float, end: float, granularity: str, by_version: bool
+    ) -> list[usage_pb2.UsageBucket]:
+        out: list[usage_pb2.UsageBucket] = []
+        cursor = bucket_start(start, granularity)
+        while cursor < end and len(out) < MAX_BUCKETS:
+            following = next_bucket(cursor, granularity)
+            overall, per_model = await self.totals(scope, [(granularity, cursor)], by_version)
+            if overall.requests:
+                out.append(
+                    usage_pb2.UsageBucket(
+                        start_time=_timestamp(cursor),
+                        end_time=_timestamp(following),
+                        totals=overall.to_pb(),
+                        by_model=[
+                            usage_pb2.ModelUsage(model=m, version=v, totals=t.to_pb())
+                            for (m, v), t in sorted(per_model.items())
+                        ],
+                    )
+                )
+            cursor = following
+        return out
+
+    async def audit(
+        self, tenant: str, start_ms: int, end_ms: int, page_size: int, page_token: str
+    ) -> tuple[list[usage_pb2.AuditEntry], str]:
+        """Returns audit entries of a tenant, newest first, and the next page token."""
+        offset = int(page_token or 0)
+        raw: list[Any] = await self.redis.zrevrangebyscore(
+            f"{PREFIX}audit:{tenant}", f"({end_ms}", start_ms, start=offset, num=page_size + 1
+        )
+        entries = [
+            usage_pb2.AuditEntry.FromString(bytes.fromhex(r.decode())) for r in raw[:page_size]
+        ]
+        return entries, str(offset + page_size) if len(raw) > page_size else ""
+
+
+def now() -> float:
+    """Returns the current time (seconds); one place for tests to reason about."""
+    return time.time()

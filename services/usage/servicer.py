@@ -1,0 +1,98 @@
+"""UsageService servicer: usage reports and the audit log, scoped to the caller.
+
+The caller's identity comes from the edge (x-tokenmesh-key-id, -tenant,
+-scopes; client-sent copies are stripped there). A caller sees its own key by
+default, its tenant on request, and other tenants only with the admin scope.
+"""
+
+from __future__ import annotations
+
+from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied, Unauthenticated
+from services.core.interceptors import Context
+from services.usage.reports import UsageReader, month_start, now
+from tokenmesh.usage.v1 import usage_service_pb2 as pb
+from tokenmesh.usage.v1 import usage_service_pb2_grpc
+
+
+class Caller:
+    """Caller is the identity the edge vouched for."""
+
+    def __init__(self, context: Context) -> None:
+        headers = {
+            k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)
+        }
+        self.key_id = headers.get("x-tokenmesh-key-id", "")
+        self.tenant = headers.get("x-tokenmesh-tenant", "")
+        self.scopes = set(headers.get("x-tokenmesh-scopes", "").split())
+        if not self.key_id:
+            raise Unauthenticated("usage reports need an authenticated caller", reason="NO_CALLER")
+
+    @property
+    def admin(self) -> bool:
+        """Tells whether the caller holds the admin scope."""
+        return "admin" in self.scopes
+
+
+def _scope(caller: Caller, request: pb.GetUsageRequest) -> str:
+    if request.key_id and request.tenant:
+        raise InvalidArgument([FieldViolation("key_id", "set key_id or tenant, not both")])
+    if request.tenant:
+        if request.tenant != caller.tenant and not caller.admin:
+            raise PermissionDenied("a tenant sees only its own usage", reason="OTHER_TENANT")
+        return f"tenant:{request.tenant}"
+    if request.key_id and request.key_id != caller.key_id:
+        if not caller.admin:
+            raise PermissionDenied("a caller sees only its own key's usage", reason="OTHER_KEY")
+        return f"key:{request.key_id}"
+    return f"key:{caller.key_id}"
+
+
+def _range(request: pb.GetUsageRequest) -> tuple[float, float]:
+    end = request.end_time.ToNanoseconds() / 1e9 if request.HasField("end_time") else now()
+    start = (
+        request.start_time.ToNanoseconds() / 1e9
+        if request.HasField("start_time")
+        else month_start(end)
+    )
+    if start >= end:
+        raise InvalidArgument([FieldViolation("start_time", "must be before end_time")])
+    return start, end
+
+
+class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
+    """UsageServicer implements tokenmesh.usage.v1.UsageService."""
+
+    def __init__(self, reader: UsageReader) -> None:
+        self.reader = reader
+
+    async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
+        caller = Caller(context)
+        start, end = _range(request)
+        return await self.reader.report(
+            _scope(caller, request), start, end, request.granularity, request.by_version
+        )
+
+    async def ListAuditEntries(
+        self, request: pb.ListAuditEntriesRequest, context: Context
+    ) -> pb.ListAuditEntriesResponse:
+        caller = Caller(context)
+        if not request.tenant:
+            raise InvalidArgument([FieldViolation("tenant", "is required")])
+        if not caller.admin:
+            raise PermissionDenied("the audit log needs the admin scope", reason="MISSING_SCOPE")
+        if not 0 <= request.page_size <= 1000:
+            raise InvalidArgument([FieldViolation("page_size", "must be between 0 and 1000")])
+        if request.page_token and not request.page_token.isdigit():
+            raise InvalidArgument(
+                [FieldViolation("page_token", "is not a token this service issued")]
+            )
+        end = (
+            request.end_time.ToMilliseconds()
+            if request.HasField("end_time")
+            else int(now() * 1000) + 1
+        )
+        start = request.start_time.ToMilliseconds() if request.HasField("start_time") else 0
+        entries, token = await self.reader.audit(
+            request.tenant, start, end, request.page_size or 100, request.page_token
+        )
+        return pb.ListAuditEntriesResponse(entries=entries, next_page_token=token)

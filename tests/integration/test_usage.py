@@ -1,0 +1,176 @@
+"""Metering against a real Redis: exact totals, idempotence, crash takeover, scoping."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import grpc.aio
+import pytest
+import redis.asyncio as aioredis
+
+from services.core.server import serving
+from services.usage.meter import Meter, Retention, bucket_key, bucket_start
+from services.usage.service import UsageService, UsageSettings
+from tokenmesh.inference.v1 import inference_pb2
+from tokenmesh.type.v1 import types_pb2
+from tokenmesh.usage.v1 import usage_pb2
+from tokenmesh.usage.v1 import usage_service_pb2 as pb
+from tokenmesh.usage.v1 import usage_service_pb2_grpc as rpc
+
+
+def _event(
+    request_id: str,
+    key: str,
+    tenant: str,
+    prompt: int,
+    completion: int,
+    reason: str = "length",
+    model: str = "demo-lm",
+    version: str = "1",
+) -> inference_pb2.UsageEvent:
+    return inference_pb2.UsageEvent(
+        request_id=request_id,
+        key_id=key,
+        tenant=tenant,
+        finish_reason=reason,
+        model=types_pb2.ModelRef(name=model, version=version),
+        usage=types_pb2.TokenUsage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        ),
+        finish_unix_ms=int(time.time() * 1000),
+        rpc="/tokenmesh.inference.v1.InferenceService/Complete",
+    )
+
+
+@pytest.fixture
+async def stream_and_client(redis_url):
+    client = aioredis.from_url(redis_url)
+    yield f"usage-test:{uuid.uuid4().hex}", client
+    await client.aclose()
+
+
+async def _publish(client, stream: str, *events: inference_pb2.UsageEvent) -> None:
+    for event in events:
+        await client.xadd(
+            stream, {"request_id": event.request_id, "event": event.SerializeToString()}
+        )
+
+
+def _meter(client, stream: str, consumer: str, claim_idle_s: float = 30.0) -> Meter:
+    return Meter(client, stream, "meter", consumer, Retention(), claim_idle_s)
+
+
+async def _drain(meter: Meter) -> None:
+    while await meter.run_once(block_ms=50):
+        pass
+
+
+def _headers(key: str, tenant: str, scopes: str = "usage:read") -> list[tuple[str, str]]:
+    return [
+        ("x-tokenmesh-key-id", key),
+        ("x-tokenmesh-tenant", tenant),
+        ("x-tokenmesh-scopes", scopes),
+    ]
+
+
+async def test_totals_are_exact_and_replays_count_once(stream_and_client, redis_url):
+    stream, client = stream_and_client
+    key, tenant = f"key_{uuid.uuid4().hex[:8]}", f"t{uuid.uuid4().hex[:6]}"
+    events = [
+        _event(f"r{i}", key, tenant, 10 + i, 2 * i, "length" if i % 3 else "cancelled")
+        for i in range(20)
+    ]
+    await _publish(client, stream, *events, events[3], events[7])  # two replays
+    meter = _meter(client, stream, "c1")
+    await meter.ensure_group()
+    await _drain(meter)
+    settings = UsageSettings(metrics_port=-1, grace_s=0.5, redis_url=redis_url, usage_stream=stream)
+    async with serving(UsageService(settings), settings) as running:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = rpc.UsageServiceStub(channel)
+            own = await stub.GetUsage(pb.GetUsageRequest(), metadata=_headers(key, tenant))
+            assert own.requests == 20
+            assert own.prompt_tokens == sum(e.usage.prompt_tokens for e in events)
+            assert own.completion_tokens == sum(e.usage.completion_tokens for e in events)
+            assert own.total_tokens == own.prompt_tokens + own.completion_tokens
+            assert own.requests_by_finish_reason == {"length": 13, "cancelled": 7}
+            assert [(m.model, m.totals.requests) for m in own.by_model] == [("demo-lm", 20)]
+            by_tenant = await stub.GetUsage(
+                pb.GetUsageRequest(tenant=tenant, granularity=usage_pb2.GRANULARITY_DAY),
+                metadata=_headers(key, tenant),
+            )
+            assert by_tenant.total_tokens == own.total_tokens and len(by_tenant.buckets) == 1
+
+
+async def test_a_crashed_consumer_s_pending_events_are_taken_over(stream_and_client):
+    stream, client = stream_and_client
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    await _publish(client, stream, *(_event(f"p{i}", key, "t", 1, 1) for i in range(5)))
+    crashed = _meter(client, stream, "crashed")
+    await crashed.ensure_group()
+    read = await client.xreadgroup("meter", "crashed", {stream: ">"}, count=10)  # read, never acked
+    assert len(read[0][1]) == 5
+    survivor = _meter(client, stream, "survivor", claim_idle_s=0.05)
+    time.sleep(0.1)
+    assert await survivor.claim_stale() == 5
+    pending = await client.xpending(stream, "meter")
+    assert pending["pending"] == 0
+    fields = await client.hgetall(
+        bucket_key(f"key:{key}", "month", bucket_start(time.time(), "month"))
+    )
+    assert int(fields[b"demo-lm|1|requests"]) == 5
+
+
+async def test_callers_see_only_what_they_may(redis_url):
+    settings = UsageSettings(
+        metrics_port=-1,
+        grace_s=0.5,
+        redis_url=redis_url,
+        usage_stream=f"usage-test:{uuid.uuid4().hex}",
+    )
+    async with serving(UsageService(settings), settings) as running:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = rpc.UsageServiceStub(channel)
+            for request in (
+                pb.GetUsageRequest(tenant="other"),
+                pb.GetUsageRequest(key_id="key_other"),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.GetUsage(request, metadata=_headers("key_a", "mine"))
+                assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            admin = _headers("key_admin", "admin", "admin")
+            assert (
+                await stub.GetUsage(pb.GetUsageRequest(tenant="other"), metadata=admin)
+            ).requests == 0
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetUsage(pb.GetUsageRequest())
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ListAuditEntries(
+                    pb.ListAuditEntriesRequest(tenant="mine"), metadata=_headers("key_a", "mine")
+                )
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_the_audit_log_lists_requests_without_prompts(stream_and_client, redis_url):
+    stream, client = stream_and_client
+    tenant = f"t{uuid.uuid4().hex[:6]}"
+    await _publish(
+        client, stream, *(_event(f"a{i}-{tenant}", "key_x", tenant, 3, 4) for i in range(3))
+    )
+    meter = _meter(client, stream, "c")
+    await meter.ensure_group()
+    await _drain(meter)
+    settings = UsageSettings(metrics_port=-1, grace_s=0.5, redis_url=redis_url, usage_stream=stream)
+    async with serving(UsageService(settings), settings) as running:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = rpc.UsageServiceStub(channel)
+            page = await stub.ListAuditEntries(
+                pb.ListAuditEntriesRequest(tenant=tenant, page_size=2),
+                metadata=_headers("key_admin", "admin", "admin"),
+            )
+            assert len(page.entries) == 2 and page.next_page_token
+            assert page.entries[0].completion_tokens == 4 and page.entries[0].key_id == "key_x"
+            assert "prompt" not in {f.name for f in usage_pb2.AuditEntry.DESCRIPTOR.fields}

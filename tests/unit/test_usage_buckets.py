@@ -1,0 +1,33 @@
+"""Usage buckets: UTC boundaries and exact coverage of a time range."""
+
+from __future__ import annotations
+
+import calendar
+
+from services.usage.meter import bucket_start, next_bucket
+from services.usage.reports import plan_buckets
+
+
+def _utc(*fields: int) -> int:
+    return calendar.timegm((*fields, 0, 0, 0))
+
+
+def test_bucket_boundaries_are_utc():
+    t = _utc(2026, 11, 22, 13, 47, 31)
+    assert bucket_start(t, "minute") == _utc(2026, 11, 22, 13, 47, 0)
+    assert bucket_start(t, "hour") == _utc(2026, 11, 22, 13, 0, 0)
+    assert bucket_start(t, "day") == _utc(2026, 11, 22, 0, 0, 0)
+    assert bucket_start(t, "month") == _utc(2026, 11, 1, 0, 0, 0)
+    assert next_bucket(_utc(2026, 12, 1, 0, 0, 0), "month") == _utc(2027, 1, 1, 0, 0, 0)
+
+
+def test_a_range_is_covered_by_whole_buckets_without_overlap():
+    start, end = _utc(2026, 10, 30, 22, 58, 10), _utc(2026, 12, 2, 1, 3, 40)
+    plan = plan_buckets(start, end)
+    cursor = bucket_start(start, "minute")
+    for granularity, bucket in plan:
+        assert bucket == cursor  # contiguous, no gaps or overlaps
+        cursor = next_bucket(bucket, granularity)
+    assert cursor == bucket_start(end, "minute") + 60
+    assert ("month", _utc(2026, 11, 1, 0, 0, 0)) in plan  # a whole month is one read
+    assert len(plan) < 80
