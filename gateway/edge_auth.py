@@ -28,6 +28,7 @@ IDENTITY_HEADERS = (
     "x-tokenmesh-scopes",
     "x-tokenmesh-models",
     "x-tokenmesh-tier",
+    "x-tokenmesh-rpm",
 )
 # JWT claim -> identity header (the auth service issues exactly these claims).
 CLAIM_HEADERS = {
@@ -36,6 +37,7 @@ CLAIM_HEADERS = {
     "scope": "x-tokenmesh-scopes",
     "models": "x-tokenmesh-models",
     "tier": "x-tokenmesh-tier",
+    "rpm": "x-tokenmesh-rpm",
 }
 PUBLIC = "public"  # no credentials needed
 AUTHENTICATED = "authenticated"  # any valid credential
@@ -82,6 +84,8 @@ class EdgeAuth:
     issuer: str = "https://tokenmesh.local/auth"
     audience: str = "tokenmesh"
     jwks_cache_s: float = 300.0
+    # Whether requests are refused while the rate limiter is unreachable.
+    ratelimit_failure_mode_deny: bool = False
 
 
 def _type(name: str) -> str:
@@ -264,4 +268,50 @@ def public_routes() -> list[dict[str, Any]]:
         }
         for path, scope in RPC_SCOPES.items()
         if scope == PUBLIC
+    ]
+
+
+def ratelimit_filter(failure_mode_deny: bool) -> dict[str, Any]:
+    """Asks the usage service's RateLimitService about each authenticated request.
+
+    Draft-03 `x-ratelimit-*` headers go on every answer; an unreachable
+    limiter lets requests through unless `failure_mode_deny`.
+    """
+    return {
+        "name": "envoy.filters.http.ratelimit",
+        "typed_config": {
+            "@type": _type("extensions.filters.http.ratelimit.v3.RateLimit"),
+            "domain": "tokenmesh",
+            "timeout": "0.25s",
+            "failure_mode_deny": failure_mode_deny,
+            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+            "rate_limited_as_resource_exhausted": True,
+            "rate_limit_service": {
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "usage"}},
+            },
+        },
+    }
+
+
+def rate_limits() -> list[dict[str, Any]]:
+    """The per-key descriptor (key id + its limit); absent for anonymous requests."""
+    return [
+        {
+            "actions": [
+                {
+                    "request_headers": {
+                        "header_name": "x-tokenmesh-key-id",
+                        "descriptor_key": "key_id",
+                    }
+                },
+                {
+                    "request_headers": {
+                        "header_name": "x-tokenmesh-rpm",
+                        "descriptor_key": "rpm",
+                        "skip_if_absent": True,
+                    }
+                },
+            ]
+        }
     ]

@@ -313,7 +313,14 @@ def http_connection_manager(config: EdgeConfig) -> dict[str, Any]:
         "local_reply_config": local_reply_config(),
         "route_config": {
             "name": "edge",
-            "virtual_hosts": [{"name": "edge", "domains": ["*"], "routes": _routes(config)}],
+            "virtual_hosts": [
+                {
+                    "name": "edge",
+                    "domains": ["*"],
+                    "routes": _routes(config),
+                    **({"rate_limits": edge_auth.rate_limits()} if config.auth else {}),
+                }
+            ],
         },
         "http_filters": [
             *([edge_auth.strip_identity_filter()] if config.auth else []),
@@ -342,6 +349,7 @@ def _auth_filters(config: EdgeConfig) -> list[dict[str, Any]]:
         edge_auth.jwt_filter(config.auth, config.listen_port),
         edge_auth.ext_authz_filter(),
         edge_auth.rbac_filter(),
+        edge_auth.ratelimit_filter(config.auth.ratelimit_failure_mode_deny),
     ]
 
 

@@ -23,6 +23,8 @@ TEST_SERVICE_ENV = {
     "TOKENMESH_TEST_ENGINE_STEP_MS": "20",
     # Tests share 127.0.0.1 as their source address; the limiter gets its own test.
     "TOKENMESH_AUTH_MAX_FAILURES_PER_MINUTE": "100000",
+    # Keys without their own limit may make many requests here.
+    "TOKENMESH_RATELIMIT_DEFAULT_RPM": "100000",
     "TOKENMESH_GRACE_SECONDS": "5",
     "TOKENMESH_LOG_LEVEL": "INFO",
 }

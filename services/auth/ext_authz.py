@@ -23,20 +23,16 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 def identity_headers(principal: Principal) -> dict[str, str]:
-    """Returns the identity headers for a principal."""
-    return dict(
-        zip(
-            IDENTITY_HEADERS,
-            (
-                principal.key_id,
-                principal.tenant,
-                " ".join(principal.scopes),
-                ",".join(principal.models),
-                principal.tier,
-            ),
-            strict=True,
-        )
+    """Returns the identity headers for a principal (the edge's JWT claims, as headers)."""
+    values = (
+        principal.key_id,
+        principal.tenant,
+        " ".join(principal.scopes),
+        ",".join(principal.models),
+        principal.tier,
+        str(principal.rpm),
     )
+    return dict(zip(IDENTITY_HEADERS, values, strict=True))
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:

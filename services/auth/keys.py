@@ -36,6 +36,7 @@ class Principal:
     scopes: tuple[str, ...]
     models: tuple[str, ...]
     tier: str
+    rpm: int = 0  # requests per minute; 0 = the tier's default
 
     def has_scope(self, scope: str) -> bool:
         """Tells whether the caller holds `scope` (admin holds every scope)."""
@@ -50,6 +51,7 @@ class Principal:
             tuple(key.scopes),
             tuple(key.allowed_models),
             key.limits.priority_tier,
+            key.limits.requests_per_minute,
         )
 
 

@@ -38,6 +38,7 @@ class TokenIssuer:
             "scope": " ".join(principal.scopes),
             "models": ",".join(principal.models),
             "tier": principal.tier,
+            "rpm": principal.rpm,
             "iat": now,
             "nbf": now,
             "exp": now + self.ttl_s,
@@ -71,4 +72,5 @@ class TokenIssuer:
             tuple(str(claims.get("scope", "")).split()),
             models,
             str(claims.get("tier", "")),
+            int(claims.get("rpm", 0) or 0),
         )

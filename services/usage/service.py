@@ -9,16 +9,19 @@ from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from services.core.redis_service import RedisBackedService
 from services.core.server import RunningServer
 from services.core.settings import RedisSettings, env, require
 from services.usage.meter import Meter, Retention
+from services.usage.ratelimit import RateLimitServicer
 from services.usage.reports import UsageReader
 from services.usage.servicer import UsageServicer
 from tokenmesh.usage.v1 import usage_service_pb2, usage_service_pb2_grpc
 
 SERVICE_NAME = usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
+RATELIMIT_SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 
 
 @dataclass(frozen=True)
@@ -40,11 +43,15 @@ class UsageSettings(RedisSettings):
     retention_days: int = env(
         "TOKENMESH_USAGE_AUDIT_RETENTION_DAYS", 90, "Audit entries are kept this long."
     )
+    default_rpm: int = env(
+        "TOKENMESH_RATELIMIT_DEFAULT_RPM", 600, "Requests per minute for keys that set no limit."
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.claim_idle_s >= 1, "TOKENMESH_USAGE_CLAIM_IDLE_SECONDS", "must be >= 1")
         require(self.retention_days >= 1, "TOKENMESH_USAGE_AUDIT_RETENTION_DAYS", "must be >= 1")
+        require(self.default_rpm >= 1, "TOKENMESH_RATELIMIT_DEFAULT_RPM", "must be >= 1")
 
 
 class UsageService(RedisBackedService):
@@ -54,6 +61,8 @@ class UsageService(RedisBackedService):
 
     def __init__(self, settings: UsageSettings) -> None:
         super().__init__(settings)
+        self.default_rpm = settings.default_rpm
+        self.settings = settings
         retention = Retention(audit=settings.retention_days * 86400)
         self.meter = Meter(
             self.redis,
@@ -66,11 +75,14 @@ class UsageService(RedisBackedService):
         self._task: asyncio.Task[None] | None = None
 
     def service_names(self) -> Sequence[str]:
-        return [SERVICE_NAME]
+        return [SERVICE_NAME, RATELIMIT_SERVICE]
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
             UsageServicer(UsageReader(self.redis)), server
+        )
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
+            RateLimitServicer(self.redis, self.default_rpm), server
         )
 
     async def start(self, running: RunningServer) -> None:

@@ -70,3 +70,14 @@ def test_repeated_failures_from_one_source_are_limited(small_mesh):
     assert statuses[-1] == 429, statuses
     limited = _complete(small_mesh, {"x-api-key": small_mesh.dev_api_key()})
     assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+
+
+def test_rate_limits_fail_open_when_the_limiter_is_down(small_mesh):
+    key = {"x-api-key": small_mesh.dev_api_key()}
+    assert "x-ratelimit-remaining" in _complete(small_mesh, key).headers
+    usage = next(c for c in small_mesh.children if c.name == "usage")
+    usage.terminate()
+    usage.wait(15)
+    replies = [_complete(small_mesh, key) for _ in range(3)]
+    assert [r.status_code for r in replies] == [200, 200, 200]
+    assert "x-ratelimit-remaining" not in replies[-1].headers

@@ -1,0 +1,62 @@
+"""Request rate limits at the edge: exact per-key requests/minute, draft-03 headers."""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import pytest
+
+from tests.e2e.conftest import authed_channel
+from tests.e2e.test_auth import create_key
+from tokenmesh.inference.v1 import inference_service_pb2 as pb
+from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
+
+BODY = {"prompt": "hello", "max_tokens": 1}
+
+
+def test_three_per_minute_means_exactly_three(mesh):
+    key = create_key(mesh, "--rpm", "3")
+    headers = {"x-api-key": key["secret"]}
+    replies = [
+        httpx.post(
+            f"{mesh.edge_url}/v1/models/deterministic-test:complete",
+            json=BODY,
+            headers=headers,
+            timeout=10,
+        )
+        for _ in range(4)
+    ]
+    assert [r.status_code for r in replies] == [200, 200, 200, 429]
+    assert [int(r.headers["x-ratelimit-remaining"]) for r in replies[:3]] == [2, 1, 0]
+    assert all(r.headers["x-ratelimit-limit"].startswith("3") for r in replies[:3])
+    assert "x-tokenmesh-ratelimit-warning" in replies[2].headers  # at >= 80% of the limit
+    assert "x-tokenmesh-ratelimit-warning" not in replies[0].headers
+    over = replies[3]
+    assert 1 <= int(over.headers["retry-after"]) <= 60
+    body = over.json()
+    assert body["code"] == 8 and "requests_per_minute=3" in body["message"]
+
+
+def test_grpc_callers_get_resource_exhausted_and_jwts_share_the_limit(mesh):
+    key = create_key(mesh, "--rpm", "2")
+    token = httpx.post(
+        f"{mesh.edge_url}/v1/auth/token", json={"api_key": key["secret"]}, timeout=10
+    ).json()
+    with authed_channel(
+        mesh.edge_address, [("authorization", f"Bearer {token['access_token']}")]
+    ) as channel:
+        stub = rpc.InferenceServiceStub(channel)
+        request = pb.CompleteRequest(model="deterministic-test", prompt="x", max_tokens=1)
+        stub.Complete(request, timeout=10)
+        stub.Complete(request, timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Complete(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The API key itself is over the same limit.
+    reply = httpx.post(
+        f"{mesh.edge_url}/v1/models/deterministic-test:complete",
+        json=BODY,
+        headers={"x-api-key": key["secret"]},
+        timeout=10,
+    )
+    assert reply.status_code == 429
