@@ -29,6 +29,8 @@ IDENTITY_HEADERS = (
     "x-tokenmesh-models",
     "x-tokenmesh-tier",
     "x-tokenmesh-rpm",
+    "x-tokenmesh-tpm",
+    "x-tokenmesh-monthly-tokens",
 )
 # JWT claim -> identity header (the auth service issues exactly these claims).
 CLAIM_HEADERS = {
@@ -38,6 +40,8 @@ CLAIM_HEADERS = {
     "models": "x-tokenmesh-models",
     "tier": "x-tokenmesh-tier",
     "rpm": "x-tokenmesh-rpm",
+    "tpm": "x-tokenmesh-tpm",
+    "monthly": "x-tokenmesh-monthly-tokens",
 }
 PUBLIC = "public"  # no credentials needed
 AUTHENTICATED = "authenticated"  # any valid credential

@@ -31,6 +31,8 @@ def identity_headers(principal: Principal) -> dict[str, str]:
         ",".join(principal.models),
         principal.tier,
         str(principal.rpm),
+        str(principal.tpm),
+        str(principal.monthly),
     )
     return dict(zip(IDENTITY_HEADERS, values, strict=True))
 

@@ -37,6 +37,8 @@ class Principal:
     models: tuple[str, ...]
     tier: str
     rpm: int = 0  # requests per minute; 0 = the tier's default
+    tpm: int = 0  # tokens per minute; 0 = unlimited
+    monthly: int = 0  # tokens per calendar month; 0 = unlimited
 
     def has_scope(self, scope: str) -> bool:
         """Tells whether the caller holds `scope` (admin holds every scope)."""
@@ -52,6 +54,8 @@ class Principal:
             tuple(key.allowed_models),
             key.limits.priority_tier,
             key.limits.requests_per_minute,
+            key.limits.tokens_per_minute,
+            key.limits.monthly_tokens,
         )
 
 

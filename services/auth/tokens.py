@@ -39,6 +39,8 @@ class TokenIssuer:
             "models": ",".join(principal.models),
             "tier": principal.tier,
             "rpm": principal.rpm,
+            "tpm": principal.tpm,
+            "monthly": principal.monthly,
             "iat": now,
             "nbf": now,
             "exp": now + self.ttl_s,
@@ -73,4 +75,6 @@ class TokenIssuer:
             models,
             str(claims.get("tier", "")),
             int(claims.get("rpm", 0) or 0),
+            int(claims.get("tpm", 0) or 0),
+            int(claims.get("monthly", 0) or 0),
         )

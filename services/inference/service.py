@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from services.core.server import RunningServer, Service
 from services.core.settings import RedisSettings, env, require
+from services.inference.budget import TokenBudgets
 from services.inference.models import LoadedModel, ModelRegistry
 from services.inference.repository import (
     EngineOptions,
@@ -161,7 +162,7 @@ class InferenceService(Service):
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(self.registry, self.usage_log), server
+            InferenceServicer(self.registry, self.usage_log, TokenBudgets(self.redis)), server
         )
         inference_service_pb2_grpc.add_InferenceAdminServiceServicer_to_server(
             InferenceAdminServicer(self.registry, self.load, self.unload), server

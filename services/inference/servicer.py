@@ -10,10 +10,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from opentelemetry import trace
+from redis.exceptions import RedisError
 
 from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied, TokenmeshError
 from services.core.interceptors import Context, abort_with, to_domain_error
 from services.inference import metrics, validation
+from services.inference.budget import Limits, TokenBudgets
 from services.inference.generation import Delta, GenerationState, stream_deltas
 from services.inference.models import LoadedModel, ModelRegistry
 from services.inference.scheduler import PRIORITY_BATCH, PRIORITY_INTERACTIVE, Scheduler, Sequence_
@@ -65,6 +67,13 @@ def check_model_allowed(context: Context, model: str) -> None:
         )
 
 
+def _int(value: object) -> int:
+    try:
+        return max(0, int(str(value)))
+    except ValueError:
+        return 0
+
+
 def _trace_id() -> str:
     context = trace.get_current_span().get_span_context()
     return format(context.trace_id, "032x") if context.is_valid else ""
@@ -81,6 +90,10 @@ class Request:
         metadata = dict(context.invocation_metadata() or ())
         self.key_id = str(metadata.get(KEY_ID_HEADER, ""))
         self.tenant = str(metadata.get(TENANT_HEADER, ""))
+        self.limits = Limits(
+            tokens_per_minute=_int(metadata.get("x-tokenmesh-tpm")),
+            monthly_tokens=_int(metadata.get("x-tokenmesh-monthly-tokens")),
+        )
         self.trace_id = _trace_id()
         self.started = time.monotonic()
 
@@ -130,11 +143,18 @@ class Generation(Request):
         self.params = validation.sampling_params(request, model.defaults)
         validation.check_context(len(self.prompt_ids), self.params.max_tokens, model.context_length)
         self.state = GenerationState(prompt_tokens=len(self.prompt_ids))
+        self.priority = _PRIORITIES.get(request.priority, PRIORITY_INTERACTIVE)
+        self.reserved_tokens = 0  # held in the caller's token budget until completion
+
+    @property
+    def needed_tokens(self) -> int:
+        """Returns the most this request can use: prompt + max_tokens."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    def submit(self, timeout_s: float | None) -> None:
+        """Queues the request in its model version's scheduler."""
         self.seq: Sequence_ = self.scheduler.submit(
-            self.prompt_ids,
-            self.params,
-            _PRIORITIES.get(request.priority, PRIORITY_INTERACTIVE),
-            context.time_remaining(),
+            self.prompt_ids, self.params, self.priority, timeout_s
         )
 
     def deltas(self) -> AsyncIterator[Delta]:
@@ -164,9 +184,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         usage_log: where every finished request's usage is recorded.
     """
 
-    def __init__(self, registry: ModelRegistry, usage_log: UsageLog) -> None:
+    def __init__(self, registry: ModelRegistry, usage_log: UsageLog, budgets: TokenBudgets) -> None:
         self.registry = registry
         self.usage_log = usage_log
+        self.budgets = budgets
+        self._background: set[asyncio.Task[None]] = set()
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
@@ -202,7 +224,26 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             )
         # Long prompts take milliseconds to tokenize: keep that off the loop.
         prompt_ids = await asyncio.to_thread(model.tokenizer.encode, request.prompt)
-        return Generation(context, model, request, prompt_ids, rpc)
+        generation = Generation(context, model, request, prompt_ids, rpc)
+        await self._reserve(generation)
+        generation.submit(context.time_remaining())
+        return generation
+
+    async def _reserve(self, generation: Generation) -> None:
+        """Reserves prompt + max_tokens in the caller's token budget, before any compute."""
+        if not (generation.key_id and generation.limits.any):
+            return
+        try:
+            await self.budgets.reserve(
+                generation.key_id,
+                generation.limits,
+                generation.request_id,
+                generation.needed_tokens,
+            )
+        except RedisError as exc:  # budgets fail open, like request limits
+            logger.warning("token budgets unavailable (%s); admitting", type(exc).__name__)
+            return
+        generation.reserved_tokens = generation.needed_tokens
 
     def _record(self, generation: Generation, finish_reason: str) -> None:
         labels = (generation.model.name, generation.model.version)
@@ -210,6 +251,19 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         metrics.REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - generation.started)
         event = generation.usage_event(generation.usage(), finish_reason, generation.timing())
         self.usage_log.append(event)
+        if generation.reserved_tokens:
+            used = generation.state.prompt_tokens + generation.state.completion_tokens
+            task = asyncio.create_task(self._reconcile(generation, used))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _reconcile(self, generation: Generation, used: int) -> None:
+        try:
+            await self.budgets.reconcile(
+                generation.key_id, generation.request_id, generation.reserved_tokens, used
+            )
+        except RedisError as exc:  # the reservation stands: conservative, never over budget
+            logger.warning("token budget reconcile failed (%s)", type(exc).__name__)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Context

@@ -60,3 +60,53 @@ def test_grpc_callers_get_resource_exhausted_and_jwts_share_the_limit(mesh):
         timeout=10,
     )
     assert reply.status_code == 429
+
+
+def _complete(mesh, secret: str, max_tokens: int) -> httpx.Response:
+    body = {"prompt": "one two three", "max_tokens": max_tokens}  # 3 prompt tokens
+    return httpx.post(
+        f"{mesh.edge_url}/v1/models/deterministic-test:complete",
+        json=body,
+        headers={"x-api-key": secret},
+        timeout=10,
+    )
+
+
+def test_token_budget_rejects_what_cannot_fit_before_any_compute(mesh):
+    key = create_key(mesh, "--tpm", "50")
+    first = _complete(mesh, key["secret"], 40)  # reserves 43 of 50, uses 43
+    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] == 43
+    too_big = _complete(mesh, key["secret"], 10)  # 13 more would make 56 > 50
+    assert too_big.status_code == 429
+    error = too_big.json()
+    assert "tokens_per_minute=50" in error["message"]
+    kinds = {d["@type"].rsplit(".", 1)[-1] for d in error["details"]}
+    assert {"QuotaFailure", "RetryInfo"} <= kinds
+    assert _complete(mesh, key["secret"], 4).status_code == 200  # 7 more fits: 50 exactly
+
+
+def test_unused_reservations_are_released(mesh):
+    key = create_key(mesh, "--tpm", "40")
+    # Asks for 30 but stops early at a stop word, so most of the reservation comes back.
+    body = {"prompt": "one two three", "max_tokens": 30, "stop": [" "]}
+    first = httpx.post(
+        f"{mesh.edge_url}/v1/models/deterministic-test:complete",
+        json=body,
+        headers={"x-api-key": key["secret"]},
+        timeout=10,
+    )
+    assert first.status_code == 200 and first.json()["finish_reason"] == "stop"
+    used = first.json()["usage"]["total_tokens"]
+    deadline = __import__("time").monotonic() + 5
+    while True:  # the reconciliation happens just after the response
+        second = _complete(mesh, key["secret"], 40 - used - 3)
+        if second.status_code == 200 or __import__("time").monotonic() > deadline:
+            break
+    assert second.status_code == 200, second.text
+
+
+def test_monthly_quota_is_enforced(mesh):
+    key = create_key(mesh, "--monthly-tokens", "20")
+    assert _complete(mesh, key["secret"], 10).status_code == 200
+    reply = _complete(mesh, key["secret"], 10)
+    assert reply.status_code == 429 and "monthly_tokens=20" in reply.json()["message"]

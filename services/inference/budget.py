@@ -1,0 +1,135 @@
+"""Token budgets: tokens per minute and per calendar month, per API key.
+
+Admission reserves prompt + max_tokens atomically in Redis (shared by every
+worker and edge replica); completion reconciles the reservation with the
+tokens really used, releasing the rest. Minute budgets are an exact sliding
+window of reservations, so a key with N tokens/min can use N tokens in any
+minute — never fewer, never more.
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from services.core.errors import QuotaViolation, ResourceExhausted
+
+# KEYS: window zset, window amounts hash, month counter
+# ARGV: now_ms, request id, amount, tpm (0 = none), monthly (0 = none), month ttl s
+# Returns {0 or 1, which budget failed ("" | "tpm" | "monthly"), retry_after_ms}
+_RESERVE = """
+local now, id, amount = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local tpm, monthly = tonumber(ARGV[4]), tonumber(ARGV[5])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
+if #expired > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
+  redis.call('HDEL', KEYS[2], unpack(expired))
+end
+if tpm > 0 then
+  local used = 0
+  for _, v in ipairs(redis.call('HVALS', KEYS[2])) do used = used + tonumber(v) end
+  if used + amount > tpm then
+    local freed, retry = used, 60000
+    local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+    for i = 1, #members, 2 do
+      freed = freed - tonumber(redis.call('HGET', KEYS[2], members[i]) or 0)
+      if freed + amount <= tpm then retry = tonumber(members[i + 1]) + 60000 - now; break end
+    end
+    return {0, 'tpm', retry}
+  end
+end
+if monthly > 0 then
+  local month_used = tonumber(redis.call('GET', KEYS[3]) or 0)
+  if month_used + amount > monthly then return {0, 'monthly', -1} end
+end
+redis.call('ZADD', KEYS[1], now, id)
+redis.call('HSET', KEYS[2], id, amount)
+redis.call('PEXPIRE', KEYS[1], 61000)
+redis.call('PEXPIRE', KEYS[2], 61000)
+redis.call('INCRBY', KEYS[3], amount)
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[6]))
+return {1, '', 0}
+"""
+
+# KEYS: window amounts hash, month counter; ARGV: request id, reserved, actual
+_RECONCILE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], tonumber(ARGV[3]))
+end
+redis.call('INCRBY', KEYS[2], tonumber(ARGV[3]) - tonumber(ARGV[2]))
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits are one key's token budgets (0 = unlimited)."""
+
+    tokens_per_minute: int = 0
+    monthly_tokens: int = 0
+
+    @property
+    def any(self) -> bool:
+        """Tells whether the key has a token budget at all."""
+        return bool(self.tokens_per_minute or self.monthly_tokens)
+
+
+def _month(now: float) -> tuple[str, float]:
+    """Returns the UTC month label and the seconds until the next month."""
+    tm = time.gmtime(now)
+    year, month = (tm.tm_year + 1, 1) if tm.tm_mon == 12 else (tm.tm_year, tm.tm_mon + 1)
+    return f"{tm.tm_year:04d}{tm.tm_mon:02d}", calendar.timegm((year, month, 1, 0, 0, 0)) - now
+
+
+class TokenBudgets:
+    """TokenBudgets reserves and reconciles token budgets in Redis."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+        self._reserve = client.register_script(_RESERVE)
+        self._reconcile = client.register_script(_RECONCILE)
+
+    def _keys(self, key_id: str, now: float) -> tuple[str, str, str]:
+        label, _ = _month(now)
+        base = f"tm:budget:{key_id}"
+        return f"{base}:tpm", f"{base}:tpm:amounts", f"{base}:month:{label}"
+
+    async def reserve(self, key_id: str, limits: Limits, request_id: str, amount: int) -> None:
+        """Reserves `amount` tokens or raises ResourceExhausted naming the budget."""
+        now = time.time()
+        _, until_next_month = _month(now)
+        ok, budget, retry_ms = await self._reserve(
+            keys=list(self._keys(key_id, now)),
+            args=[
+                int(now * 1000),
+                request_id,
+                amount,
+                limits.tokens_per_minute,
+                limits.monthly_tokens,
+                int(until_next_month) + 86400,
+            ],
+        )
+        if ok:
+            return
+        name = budget.decode() if isinstance(budget, bytes) else str(budget)
+        if name == "tpm":
+            retry_s = max(1.0, int(retry_ms) / 1000)
+            limit = f"tokens_per_minute={limits.tokens_per_minute}"
+        else:
+            retry_s = until_next_month
+            limit = f"monthly_tokens={limits.monthly_tokens}"
+        raise ResourceExhausted(
+            f"token budget exceeded: this request needs {amount} tokens (prompt + max_tokens) "
+            f"and {limit} for key {key_id} does not have them; retry in {retry_s:.0f}s",
+            retry_after_s=retry_s,
+            quota_violations=[QuotaViolation(f"key:{key_id}:{limit.split('=')[0]}", limit)],
+            reason="TOKEN_BUDGET_EXCEEDED",
+        )
+
+    async def reconcile(self, key_id: str, request_id: str, reserved: int, actual: int) -> None:
+        """Replaces a reservation with the tokens really used."""
+        _, amounts, month = self._keys(key_id, time.time())
+        await self._reconcile(keys=[amounts, month], args=[request_id, reserved, actual])
