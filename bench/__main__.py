@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import edge, inference
+from bench import edge, inference, usage
 from bench.report import Target, targets_table, write_report
 from bench.servers import state_dir
 
@@ -96,9 +96,25 @@ def _edge_targets(results: dict[str, Any]) -> list[Target]:
     ]
 
 
+def _usage_targets(results: dict[str, Any]) -> list[Target]:
+    echo, limiter = results["usage"]["echo"], results["usage"]["rate_limit"]
+    ratio = limiter["rps"] / echo["rps"]
+    return [
+        Target(
+            "rate-limit decisions/s vs bare grpc.aio echo", ">= 70%", f"{ratio:.0%}", ratio >= 0.7
+        ),
+        Target(
+            "rate-limit decision p99",
+            "<= 3 ms",
+            f"{limiter['p99_ms']:.2f} ms",
+            limiter["p99_ms"] <= 3,
+        ),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("--only", choices=["inference", "edge"], default=None)
+    parser.add_argument("--only", choices=["inference", "edge", "usage"], default=None)
     args = parser.parse_args()
     started = time.monotonic()
     state = state_dir()
@@ -113,6 +129,10 @@ def main() -> None:
         print("[3/4] serving overhead: zero-compute engine vs bare grpc.aio", flush=True)
         results["serving_overhead"] = inference.serving_overhead(state)
         targets += _inference_targets(results)
+    if args.only in (None, "usage"):
+        print("[5/5] rate-limit decisions vs bare grpc.aio echo; metering throughput", flush=True)
+        results["usage"] = usage.rate_limit_decisions(state)
+        targets += _usage_targets(results)
     if args.only in (None, "edge"):
         print("[4/4] edge overhead: direct vs full edge vs bare Envoy vs bare grpc.aio", flush=True)
         results["edge"] = edge.edge_overhead(state)

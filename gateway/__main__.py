@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from gateway import envoy_config, protos
+from gateway.edge_auth import EdgeAuth
 from gateway.envoy_config import EdgeConfig, Endpoint
 from services.core.settings import SettingsError, env, load, require
 
@@ -36,6 +37,16 @@ class EdgeSettings:
     )
     descriptor: Path = env(
         "TOKENMESH_DESCRIPTOR", protos.DESCRIPTOR_PATH, "Descriptor set for the transcoder."
+    )
+    issuer: str = env(
+        "TOKENMESH_AUTH_ISSUER", "https://tokenmesh.local/auth", "JWT iss (as the auth service)."
+    )
+    audience: str = env("TOKENMESH_AUTH_AUDIENCE", "tokenmesh", "JWT aud (as the auth service).")
+    jwks_cache_s: float = env(
+        "TOKENMESH_AUTH_JWKS_CACHE_SECONDS", 300.0, "How long the JWKS is cached."
+    )
+    ratelimit_failure_mode_deny: bool = env(
+        "TOKENMESH_RATELIMIT_FAILURE_MODE_DENY", False, "Refuse requests while the limiter is down."
     )
     otlp_endpoint: str | None = env(
         "OTEL_EXPORTER_OTLP_ENDPOINT", None, "OTLP/gRPC collector; unset disables tracing."
@@ -77,6 +88,12 @@ def edge_config(settings: EdgeSettings) -> EdgeConfig:
         descriptor_path=settings.descriptor,
         upstreams=upstreams,
         otlp_endpoint=otlp,
+        auth=EdgeAuth(
+            issuer=settings.issuer,
+            audience=settings.audience,
+            jwks_cache_s=settings.jwks_cache_s,
+            ratelimit_failure_mode_deny=settings.ratelimit_failure_mode_deny,
+        ),
     )
 
 

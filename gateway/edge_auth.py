@@ -88,6 +88,8 @@ class EdgeAuth:
     issuer: str = "https://tokenmesh.local/auth"
     audience: str = "tokenmesh"
     jwks_cache_s: float = 300.0
+    # Per-key request rate limits (the usage service's RateLimitService).
+    ratelimit: bool = True
     # Whether requests are refused while the rate limiter is unreachable.
     ratelimit_failure_mode_deny: bool = False
 

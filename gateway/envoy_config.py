@@ -318,7 +318,11 @@ def http_connection_manager(config: EdgeConfig) -> dict[str, Any]:
                     "name": "edge",
                     "domains": ["*"],
                     "routes": _routes(config),
-                    **({"rate_limits": edge_auth.rate_limits()} if config.auth else {}),
+                    **(
+                        {"rate_limits": edge_auth.rate_limits()}
+                        if config.auth and config.auth.ratelimit
+                        else {}
+                    ),
                 }
             ],
         },
@@ -349,7 +353,11 @@ def _auth_filters(config: EdgeConfig) -> list[dict[str, Any]]:
         edge_auth.jwt_filter(config.auth, config.listen_port),
         edge_auth.ext_authz_filter(),
         edge_auth.rbac_filter(),
-        edge_auth.ratelimit_filter(config.auth.ratelimit_failure_mode_deny),
+        *(
+            [edge_auth.ratelimit_filter(config.auth.ratelimit_failure_mode_deny)]
+            if config.auth.ratelimit
+            else []
+        ),
     ]
 
 

@@ -50,7 +50,12 @@ def to_domain_error(exc: BaseException, method: str) -> TokenmeshError:
 async def abort_with(context: Context, error: TokenmeshError) -> None:
     """Ends the RPC with `error`'s status and google.rpc details."""
     status = rpc_status.to_status(error.to_status())
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    metadata = tuple(status.trailing_metadata)
+    retry_after = getattr(error, "retry_after_s", None)
+    if retry_after is not None:
+        # REST clients behind the transcoder see this as a Retry-After header.
+        metadata += (("retry-after", str(max(1, round(retry_after)))),)
+    await context.abort(status.code, status.details, metadata)
 
 
 def _code_name(context: Context, failed: TokenmeshError | None) -> str:

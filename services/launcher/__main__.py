@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.edge_auth import EdgeAuth
 from services.core.settings import SettingsError, env, load, require
 from services.launcher.mesh import Mesh, MeshConfig
 
@@ -32,6 +33,9 @@ class LauncherSettings:
     )
     otlp_endpoint: str | None = env(
         "OTEL_EXPORTER_OTLP_ENDPOINT", None, "OTLP/gRPC collector for Envoy and every service."
+    )
+    ratelimit_failure_mode_deny: bool = env(
+        "TOKENMESH_RATELIMIT_FAILURE_MODE_DENY", False, "Refuse requests while the limiter is down."
     )
 
     def __post_init__(self) -> None:
@@ -93,6 +97,7 @@ def main() -> None:
         redis_url=settings.redis_url,
         workers=settings.workers,
         otlp_endpoint=settings.otlp_endpoint,
+        edge_auth=EdgeAuth(ratelimit_failure_mode_deny=settings.ratelimit_failure_mode_deny),
     )
     mesh = Mesh(config)
     try:

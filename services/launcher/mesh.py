@@ -256,11 +256,12 @@ def spawn_redis(data_dir: Path, log_path: Path, timeout_s: float = 30) -> tuple[
         str(port),
         "--dir",
         str(data_dir),
-        # AOF so an acknowledged write survives a Redis restart.
+        # AOF, fsynced on every write: an acknowledged write (a metered
+        # request) survives even a crash of Redis itself.
         "--appendonly",
         "yes",
         "--appendfsync",
-        "everysec",
+        "always",
         "--save",
         "",
         "--protected-mode",

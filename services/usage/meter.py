@@ -234,9 +234,23 @@ class Meter:
             if start in (b"0-0", "0-0") or not entries:
                 return claimed
 
+    async def recover_own(self) -> int:
+        """Applies entries this consumer read before a crash but never acked."""
+        recovered = 0
+        while True:
+            reply: Any = await self.redis.xreadgroup(
+                self.group, self.consumer, {self.stream: "0"}, count=256
+            )
+            entries = [e for _, batch in reply or [] for e in batch]
+            if not entries:
+                return recovered
+            await self._handle(entries)
+            recovered += len(entries)
+
     async def run_forever(self) -> None:
         """Consumes until cancelled; survives Redis outages."""
         last_claim = 0.0
+        await self.recover_own()
         while True:
             try:
                 if time.monotonic() - last_claim > self.claim_idle_s / 2:

@@ -93,5 +93,6 @@ class UsageService(RedisBackedService):
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # A cancelled blocking XREADGROUP must not hold up shutdown.
+            await asyncio.wait([self._task], timeout=5)
         await super().stop()

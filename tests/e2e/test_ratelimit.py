@@ -110,3 +110,10 @@ def test_monthly_quota_is_enforced(mesh):
     assert _complete(mesh, key["secret"], 10).status_code == 200
     reply = _complete(mesh, key["secret"], 10)
     assert reply.status_code == 429 and "monthly_tokens=20" in reply.json()["message"]
+
+
+def test_budget_rejections_carry_retry_after(mesh):
+    key = create_key(mesh, "--tpm", "10")
+    reply = _complete(mesh, key["secret"], 20)
+    assert reply.status_code == 429
+    assert 1 <= int(reply.headers["retry-after"]) <= 60

@@ -1,0 +1,161 @@
+"""Usage benchmarks: rate-limit decisions vs a bare grpc.aio echo, metering throughput."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import redis.asyncio as aioredis
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+from bench.servers import bare_server, redis_server
+from bench.stats import percentile
+from services.launcher.processes import Child, clean_env, wait_for
+from services.usage.meter import Meter, Retention
+from tokenmesh.inference.v1 import inference_pb2
+from tokenmesh.inference.v1 import inference_service_pb2 as pb
+from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
+from tokenmesh.type.v1 import types_pb2
+
+CONCURRENCY = 32
+REQUESTS = 4000
+
+
+async def _sequential(call: Any, requests: int = 500) -> dict[str, float]:
+    latencies = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        await call()
+        latencies.append((time.perf_counter() - started) * 1000)
+    return {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}
+
+
+async def _load(call: Any, requests: int = REQUESTS) -> dict[str, float]:
+    latencies: list[float] = []
+
+    async def loop(n: int) -> None:
+        for _ in range(n):
+            started = time.perf_counter()
+            await call()
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(loop(requests // CONCURRENCY) for _ in range(CONCURRENCY)))
+    wall = time.perf_counter() - started
+    return {
+        "rps": len(latencies) / wall,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+    }
+
+
+async def _rls_load(target: str) -> dict[str, float]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        keys = [f"key_bench_{i}" for i in range(64)]
+        counter = iter(range(10**9))
+
+        async def call() -> None:
+            entries = [
+                ratelimit_pb2.RateLimitDescriptor.Entry(
+                    key="key_id", value=keys[next(counter) % 64]
+                ),
+                ratelimit_pb2.RateLimitDescriptor.Entry(key="rpm", value="1000000000"),
+            ]
+            request = rls_pb2.RateLimitRequest(
+                domain="tokenmesh", descriptors=[ratelimit_pb2.RateLimitDescriptor(entries=entries)]
+            )
+            await stub.ShouldRateLimit(request, timeout=5)
+
+        await _load(call, 500)  # warm-up
+        return {**await _load(call), "sequential": await _sequential(call)}
+
+
+async def _echo_load(target: str) -> dict[str, float]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = rpc.InferenceServiceStub(channel)
+
+        async def call() -> None:
+            await stub.ListModels(pb.ListModelsRequest(), timeout=5)
+
+        await _load(call, 500)
+        return {**await _load(call), "sequential": await _sequential(call)}
+
+
+def rate_limit_decisions(state: Path) -> dict[str, Any]:
+    """Decisions/s and latency of the RateLimitService vs a bare grpc.aio echo."""
+    out: dict[str, Any] = {}
+    with bare_server(state) as target:
+        out["echo"] = asyncio.run(_echo_load(target))
+    with redis_server(state) as redis_url:
+        ready = state / "usage.json"
+        child = Child(
+            "usage",
+            [sys.executable, "-m", "services.usage"],
+            clean_env(
+                os.environ,
+                REDIS_URL=redis_url,
+                TOKENMESH_READY_FILE=str(ready),
+                TOKENMESH_METRICS_PORT="-1",
+                TOKENMESH_LOG_LEVEL="WARNING",
+            ),
+            state / "usage.log",
+        )
+        try:
+            wait_for(ready.exists, 30, "the usage service", child)
+            import json
+
+            port = json.loads(ready.read_text())["grpc_port"]
+            out["rate_limit"] = asyncio.run(_rls_load(f"127.0.0.1:{port}"))
+        finally:
+            child.terminate()
+            child.wait(10)
+        out["metering"] = asyncio.run(_metering(redis_url))
+    for name in ("echo", "rate_limit"):
+        s = out[name]
+        print(
+            f"  {name:>11}: {s['rps']:8.0f} req/s  p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms",
+            flush=True,
+        )
+    print(f"     metering: {out['metering']['events_per_s']:8.0f} events/s", flush=True)
+    return out
+
+
+async def _metering(redis_url: str, events: int = 5000) -> dict[str, float]:
+    """Events/s one usage replica folds into buckets (idempotent Lua, per event)."""
+    client = aioredis.from_url(redis_url)
+    stream = f"bench:{uuid.uuid4().hex}"
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            for i in range(events):
+                event = inference_pb2.UsageEvent(
+                    request_id=f"bench-{i}",
+                    key_id=f"key_{i % 50}",
+                    tenant=f"t{i % 5}",
+                    finish_reason="length",
+                    model=types_pb2.ModelRef(name="demo-lm", version="1"),
+                    usage=types_pb2.TokenUsage(
+                        prompt_tokens=10, completion_tokens=20, total_tokens=30
+                    ),
+                    finish_unix_ms=int(time.time() * 1000),
+                )
+                pipe.xadd(
+                    stream, {"request_id": event.request_id, "event": event.SerializeToString()}
+                )
+            await pipe.execute()
+        meter = Meter(client, stream, "bench", "b", Retention())
+        await meter.ensure_group()
+        started = time.perf_counter()
+        while await meter.run_once(block_ms=10):
+            pass
+        return {"events_per_s": meter.applied_total / (time.perf_counter() - started)}
+    finally:
+        await client.aclose()
