@@ -57,7 +57,7 @@ async def _load(call: Any, requests: int = REQUESTS) -> dict[str, float]:
     }
 
 
-async def _rls_load(target: str) -> dict[str, float]:
+async def _rls_load(target: str) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = rls_pb2_grpc.RateLimitServiceStub(channel)
         keys = [f"key_bench_{i}" for i in range(64)]
@@ -79,7 +79,7 @@ async def _rls_load(target: str) -> dict[str, float]:
         return {**await _load(call), "sequential": await _sequential(call)}
 
 
-async def _echo_load(target: str) -> dict[str, float]:
+async def _echo_load(target: str) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = rpc.InferenceServiceStub(channel)
 
