@@ -12,6 +12,7 @@ Latency: sequential calls from one Python client (p50/p99). Throughput: h2load
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -27,6 +28,7 @@ import yaml
 from bench.servers import bare_server
 from bench.stats import percentile
 from gateway import envoy_config, protos
+from gateway.edge_auth import EdgeAuth
 from services.launcher.mesh import Mesh, MeshConfig, envoy_binary
 from services.launcher.processes import Child, clean_env, reserve_port, wait_for
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
@@ -318,6 +320,14 @@ def edge_overhead(state: Path) -> dict[str, Any]:
             finally:
                 envoy.terminate()
                 envoy.wait(10)
+    # The same edge without the rate-limit filter (its Python callout is the
+    # costliest hop on the JWT path).
+    no_limits = dataclasses.replace(
+        config, state_dir=state / "mesh-no-rl", edge_auth=EdgeAuth(ratelimit=False)
+    )
+    with Mesh(no_limits) as mesh:
+        token = _issue_token(mesh.edge_url, mesh.dev_api_key())
+        measure("edge-jwt-no-ratelimit", mesh.edge_address, [("authorization", f"Bearer {token}")])
     with bare_server(state) as target:
         measure("grpc", target)
     return {

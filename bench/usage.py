@@ -121,8 +121,10 @@ def rate_limit_decisions(state: Path) -> dict[str, Any]:
         out["metering"] = asyncio.run(_metering(redis_url))
     for name in ("echo", "rate_limit"):
         s = out[name]
+        seq = s["sequential"]
         print(
-            f"  {name:>11}: {s['rps']:8.0f} req/s  p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms",
+            f"  {name:>11}: {s['rps']:8.0f} req/s at {CONCURRENCY} concurrent (p99 {s['p99_ms']:.1f} ms);"
+            f" one at a time p50 {seq['p50_ms']:.2f} ms p99 {seq['p99_ms']:.2f} ms",
             flush=True,
         )
     print(f"     metering: {out['metering']['events_per_s']:8.0f} events/s", flush=True)
