@@ -144,12 +144,12 @@ class Mesh:
         logger.info("started %s (pid %d)", name, child.pid)
         return child
 
-    def _start_service(self, name: str, module: str) -> None:
+    def _start_service(self, name: str, module: str, port: int = 0) -> None:
         ready_file = self.run_dir / f"{name}.json"
         ready_file.unlink(missing_ok=True)
         env = {
             **os.environ,
-            "TOKENMESH_GRPC_PORT": "0",
+            "TOKENMESH_GRPC_PORT": str(port),
             "TOKENMESH_METRICS_PORT": "0",
             "TOKENMESH_READY_FILE": str(ready_file),
             "REDIS_URL": self.redis_url,
@@ -170,6 +170,28 @@ class Mesh:
         else:
             env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
         self._spawn(name, [sys.executable, "-m", f"services.{module}"], env)
+
+    def kill(self, name: str) -> None:
+        """Kills a child with SIGKILL (a crash, for failure tests)."""
+        child = self._child(name)
+        child.process.kill()
+        child.process.wait(10)
+        self.children.remove(child)
+
+    def restart_service(self, name: str, module: str) -> None:
+        """Starts a killed service again on its old port (the edge's config keeps working)."""
+        self._start_service(name, module, port=self.ports[name])
+        self._wait_ready(name)
+
+    def restart_redis(self) -> None:
+        """Restarts the bundled Redis on the same port and data (AOF) directory."""
+        port = int(self.redis_url.rsplit(":", 1)[1].split("/")[0])
+        child = self._child("redis")
+        child.terminate()
+        child.wait(10)
+        self.children.remove(child)
+        child, _ = spawn_redis(self.state_dir / "redis", self.log_dir / "redis.log", port=port)
+        self.children.insert(0, child)
 
     def _child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
@@ -244,9 +266,11 @@ class Mesh:
         return "\n".join(f"--- {c.name} ({c.log_path})\n{c.log_tail(lines)}" for c in self.children)
 
 
-def spawn_redis(data_dir: Path, log_path: Path, timeout_s: float = 30) -> tuple[Child, str]:
-    """Starts the bundled redis-server (AOF on) on a free port; returns it and its URL."""
-    port = reserve_port()
+def spawn_redis(
+    data_dir: Path, log_path: Path, timeout_s: float = 30, port: int = 0
+) -> tuple[Child, str]:
+    """Starts the bundled redis-server (AOF on) on a free or given port; returns it, its URL."""
+    port = port or reserve_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         str(redis_server_binary()),

@@ -17,17 +17,17 @@ from services.auth.service import AuthService, AuthSettings
 from services.core.server import serving
 from services.core.settings import RedisSettings
 from services.launcher.mesh import spawn_redis
-from services.usage.service import UsageService
+from services.router.service import RouterService
 from tokenmesh.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
-from tokenmesh.usage.v1 import usage_service_pb2, usage_service_pb2_grpc
+from tokenmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
 
 
 async def test_unimplemented_rpcs_answer_unimplemented_with_error_info(redis_url):
     settings = RedisSettings(metrics_port=-1, grace_s=0.5, redis_url=redis_url)
-    async with serving(UsageService(settings), settings) as running:
+    async with serving(RouterService(settings), settings) as running:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            call = usage_service_pb2_grpc.UsageServiceStub(channel).GetUsage(
-                usage_service_pb2.GetUsageRequest()
+            call = router_service_pb2_grpc.RouterServiceStub(channel).ListCatalogModels(
+                router_service_pb2.ListCatalogModelsRequest()
             )
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call
