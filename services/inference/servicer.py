@@ -211,17 +211,23 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         check_model_allowed(context, request.model)
         return pb.GetModelResponse(model=self.registry.to_pb(request.model))
 
+    def _resolve(self, name: str, version: str, *, generative: bool) -> LoadedModel:
+        """Returns the model version to serve; refuses work the usage spool cannot meter."""
+        self.usage_log.check_capacity()
+        model = self.registry.resolve(name, version)
+        if (model.scheduler if generative else model.embedder) is None:
+            kind = "a generative" if generative else "an embedding"
+            raise InvalidArgument(
+                [FieldViolation("model", f"{name!r} is not {kind} model")],
+                reason="MODEL_KIND_MISMATCH",
+            )
+        return model
+
     async def _admit(
         self, context: Context, request: validation.GenerationRequest, rpc: str
     ) -> Generation:
         validation.validate_generation(request)
-        self.usage_log.check_capacity()
-        model = self.registry.resolve(request.model, request.version)
-        if model.scheduler is None:
-            raise InvalidArgument(
-                [FieldViolation("model", f"{request.model!r} is not a generative model")],
-                reason="MODEL_KIND_MISMATCH",
-            )
+        model = self._resolve(request.model, request.version, generative=True)
         # Long prompts take milliseconds to tokenize: keep that off the loop.
         prompt_ids = await asyncio.to_thread(model.tokenizer.encode, request.prompt)
         generation = Generation(context, model, request, prompt_ids, rpc)
@@ -346,22 +352,18 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
         validation.validate_embed(request)
-        self.usage_log.check_capacity()
-        model = self.registry.resolve(request.model, request.version)
-        if model.embedder is None:
-            raise InvalidArgument(
-                [FieldViolation("model", f"{request.model!r} is not an embedding model")],
-                reason="MODEL_KIND_MISMATCH",
-            )
+        model = self._resolve(request.model, request.version, generative=False)
+        embedder = model.embedder
+        assert embedder is not None  # _resolve checked the kind
         call = Request(
             context, model, request.request_id, "/tokenmesh.inference.v1.InferenceService/Embed"
         )
-        encoded = await asyncio.to_thread(model.embedder.tokenize, request.inputs)
+        encoded = await asyncio.to_thread(embedder.tokenize, request.inputs)
         usage = _usage(sum(len(ids) for ids in encoded), 0)
         finish_reason = "error"
         try:
             await call.send_headers(context)
-            vectors = await model.embedder.embed(encoded)
+            vectors = await embedder.embed(encoded)
             finish_reason = "stop"
         finally:
             timing = inference_pb2.Timing(total_ms=(time.monotonic() - call.started) * 1000)
