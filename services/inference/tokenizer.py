@@ -85,28 +85,32 @@ class WordTokenizer(Tokenizer):
 class IncrementalDecoder:
     """IncrementalDecoder turns a growing token list into text deltas.
 
-    It decodes the whole sequence each time (byte-level BPE pieces may only
-    form a character together) and holds back a trailing replacement
-    character until the bytes that complete it arrive.
+    Byte-level BPE pieces may only form a character together, and a token's
+    text can depend on its neighbours, so it decodes a short window (the last
+    emitted tokens as context plus the new ones) rather than one token — and
+    never the whole sequence, which would make long streams quadratic. A
+    trailing replacement character is held back until its bytes complete.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         self._ids: list[int] = []
-        self._emitted = 0
+        self._prefix = 0  # start of the context window
+        self._read = 0  # tokens whose text has been emitted
 
     def push(self, token_ids: Sequence[int]) -> str:
         """Adds tokens; returns the text they complete."""
         self._ids.extend(token_ids)
-        text = self._tokenizer.decode(self._ids)
-        stable = len(text.rstrip("\ufffd"))
-        delta = text[self._emitted : stable]
-        self._emitted = max(self._emitted, stable)
-        return delta
+        prefix_text = self._tokenizer.decode(self._ids[self._prefix : self._read])
+        text = self._tokenizer.decode(self._ids[self._prefix :])
+        if len(text) <= len(prefix_text) or text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(prefix_text) :]
 
     def flush(self) -> str:
         """Returns whatever is left, incomplete characters included."""
-        text = self._tokenizer.decode(self._ids)
-        delta = text[self._emitted :]
-        self._emitted = len(text)
-        return delta
+        prefix_text = self._tokenizer.decode(self._ids[self._prefix : self._read])
+        text = self._tokenizer.decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return text[len(prefix_text) :]

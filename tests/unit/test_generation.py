@@ -222,3 +222,19 @@ async def test_an_engine_failure_ends_running_sequences_with_an_error():
         assert ok.finished is None
     finally:
         await sched.stop(drain_timeout_s=0)
+
+
+def test_incremental_decoding_equals_decoding_everything_at_once():
+    from pathlib import Path
+
+    from services.inference.tokenizer import HuggingFaceTokenizer, IncrementalDecoder
+
+    tokenizer = HuggingFaceTokenizer(
+        Path(__file__).resolve().parents[2] / "models" / "demo-lm" / "1" / "tokenizer.json"
+    )
+    text = "In the beginning God created the heaven — and the earth. Ünïcödé 😀 works too."
+    ids = tokenizer.encode(text)
+    decoder = IncrementalDecoder(tokenizer)
+    pieces = [decoder.push([token]) for token in ids]
+    assert "".join(pieces) + decoder.flush() == tokenizer.decode(ids) == text
+    assert all("\ufffd" not in piece for piece in pieces)
