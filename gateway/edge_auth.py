@@ -311,13 +311,20 @@ def rate_limits() -> list[dict[str, Any]]:
                         "descriptor_key": "key_id",
                     }
                 },
-                {
-                    "request_headers": {
-                        "header_name": "x-tokenmesh-rpm",
-                        "descriptor_key": "rpm",
-                        "skip_if_absent": True,
+                *(
+                    {
+                        "request_headers": {
+                            "header_name": header,
+                            "descriptor_key": key,
+                            "skip_if_absent": True,
+                        }
                     }
-                },
+                    for header, key in (
+                        ("x-tokenmesh-rpm", "rpm"),
+                        ("x-tokenmesh-tier", "tier"),
+                        ("x-tokenmesh-tenant", "tenant"),
+                    )
+                ),
             ]
         }
     ]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from envoy.config.core.v3 import base_pb2
@@ -25,22 +27,30 @@ logger = logging.getLogger(__name__)
 WINDOW_S = 60
 WARN_AT = 0.8
 
-# KEYS[1]: the key's window; ARGV: now_ms, window_ms, limit, hits, member
-# Returns {allowed (0/1), used after this request, oldest entry ms}.
-_SLIDING_WINDOW = """
-local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
-local limit, hits = tonumber(ARGV[3]), tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-local used = redis.call('ZCARD', KEYS[1])
-local allowed = 0
-if used + hits <= limit then
-  for i = 1, hits do redis.call('ZADD', KEYS[1], now, ARGV[5] .. ':' .. i) end
-  used = used + hits
-  allowed = 1
+# KEYS: one sliding window per limit; ARGV: now_ms, window_ms, hits, member, limit per key.
+# All-or-nothing: the request is counted in every window or in none.
+# Returns a flat list {allowed, used_1, oldest_1, used_2, oldest_2, ...}.
+_SLIDING_WINDOWS = """
+local now, window, hits = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local allowed = 1
+local used = {}
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  used[i] = redis.call('ZCARD', key)
+  if used[i] + hits > tonumber(ARGV[4 + i]) then allowed = 0 end
 end
-redis.call('PEXPIRE', KEYS[1], window)
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {allowed, used, oldest[2] or now}
+local out = {allowed}
+for i, key in ipairs(KEYS) do
+  if allowed == 1 then
+    for h = 1, hits do redis.call('ZADD', key, now, ARGV[4] .. ':' .. h) end
+    used[i] = used[i] + hits
+  end
+  redis.call('PEXPIRE', key, window)
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  table.insert(out, used[i])
+  table.insert(out, oldest[2] or now)
+end
+return out
 """
 
 
@@ -48,66 +58,124 @@ def _header(key: str, value: str) -> base_pb2.HeaderValue:
     return base_pb2.HeaderValue(key=key, value=value)
 
 
+@dataclass(frozen=True)
+class Limit:
+    """Limit is one sliding window a request counts against."""
+
+    name: str  # e.g. "requests_per_minute" or "tenant_requests_per_minute"
+    subject: str  # e.g. "key key_abc" or "tenant acme"
+    window_key: str
+    limit: int
+
+
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     """RateLimitServicer answers Envoy's ShouldRateLimit.
 
     Args:
         client: Redis.
-        default_rpm: the limit for keys that set none (their tier's default).
+        default_rpm: the limit for keys that set none and whose tier has no default.
+        tier_rpm: per-tier defaults for keys that set no limit.
+        tenant_rpm: a limit on all of a tenant's keys together (0 = none).
     """
 
-    def __init__(self, client: aioredis.Redis, default_rpm: int) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        default_rpm: int,
+        tier_rpm: Mapping[str, int] | None = None,
+        tenant_rpm: int = 0,
+    ) -> None:
         self.redis = client
         self.default_rpm = default_rpm
-        self._window = client.register_script(_SLIDING_WINDOW)
+        self.tier_rpm = dict(tier_rpm or {})
+        self.tenant_rpm = tenant_rpm
+        self._windows = client.register_script(_SLIDING_WINDOWS)
+
+    def limits(self, entries: Mapping[str, str]) -> list[Limit]:
+        """Returns the windows a request with these descriptor entries counts against."""
+        key_id = entries["key_id"]
+        rpm = (
+            _int(entries.get("rpm"))
+            or self.tier_rpm.get(entries.get("tier", ""), 0)
+            or self.default_rpm
+        )
+        limits = [Limit("requests_per_minute", f"key {key_id}", f"tm:ratelimit:rpm:{key_id}", rpm)]
+        tenant = entries.get("tenant", "")
+        if tenant and self.tenant_rpm:
+            limits.append(
+                Limit(
+                    "tenant_requests_per_minute",
+                    f"tenant {tenant}",
+                    f"tm:ratelimit:tenant:{tenant}",
+                    self.tenant_rpm,
+                )
+            )
+        return limits
 
     async def ShouldRateLimit(
         self, request: rls_pb2.RateLimitRequest, context: Context
     ) -> rls_pb2.RateLimitResponse:
         response = rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
-        hits = max(1, request.hits_addend)
         for descriptor in request.descriptors:
             entries = {e.key: e.value for e in descriptor.entries}
-            if "key_id" not in entries:
-                continue
-            limit = int(entries.get("rpm") or 0) or self.default_rpm
-            status = await self._check(entries["key_id"], limit, hits, response)
-            response.statuses.append(status)
-            if status.code == rls_pb2.RateLimitResponse.OVER_LIMIT:
-                response.overall_code = rls_pb2.RateLimitResponse.OVER_LIMIT
+            if "key_id" in entries:
+                await self._check(self.limits(entries), max(1, request.hits_addend), response)
         return response
 
     async def _check(
-        self, key_id: str, limit: int, hits: int, response: rls_pb2.RateLimitResponse
-    ) -> rls_pb2.RateLimitResponse.DescriptorStatus:
+        self, limits: list[Limit], hits: int, response: rls_pb2.RateLimitResponse
+    ) -> None:
         now_ms = int(time.time() * 1000)
         try:
-            allowed, used, oldest = await self._window(
-                keys=[f"tm:ratelimit:rpm:{key_id}"],
-                args=[now_ms, WINDOW_S * 1000, limit, hits, uuid.uuid4().hex],
+            reply = await self._windows(
+                keys=[limit.window_key for limit in limits],
+                args=[
+                    now_ms,
+                    WINDOW_S * 1000,
+                    hits,
+                    uuid.uuid4().hex,
+                    *(limit.limit for limit in limits),
+                ],
             )
         except Exception as exc:  # Redis down: Envoy applies failure_mode_deny
             logger.warning("rate-limit store unavailable: %s", type(exc).__name__)
             raise Unavailable("rate-limit store unavailable", retry_after_s=1.0) from None
-        reset_s = max(1, (int(oldest) + WINDOW_S * 1000 - now_ms + 999) // 1000)
-        status = rls_pb2.RateLimitResponse.DescriptorStatus(
-            code=rls_pb2.RateLimitResponse.OK if allowed else rls_pb2.RateLimitResponse.OVER_LIMIT,
-            current_limit=rls_pb2.RateLimitResponse.RateLimit(
-                name="requests_per_minute",
-                requests_per_unit=limit,
-                unit=rls_pb2.RateLimitResponse.RateLimit.MINUTE,
-            ),
-            limit_remaining=max(0, limit - int(used)),
-            duration_until_reset=duration_pb2.Duration(seconds=reset_s),
-        )
-        if not allowed:
-            response.response_headers_to_add.append(_header("retry-after", str(reset_s)))
-            response.raw_body = (
-                f"rate limit exceeded: requests_per_minute={limit} for key {key_id}; "
-                f"retry in {reset_s}s"
-            ).encode()
-        elif int(used) >= WARN_AT * limit:
-            response.response_headers_to_add.append(
-                _header("x-tokenmesh-ratelimit-warning", f"requests_per_minute {int(used)}/{limit}")
-            )
-        return status
+        allowed = bool(reply[0])
+        for i, limit in enumerate(limits):
+            used, oldest = int(reply[1 + 2 * i]), int(reply[2 + 2 * i])
+            reset_s = max(1, (oldest + WINDOW_S * 1000 - now_ms + 999) // 1000)
+            over = not allowed and used + hits > limit.limit
+            response.statuses.append(_status(limit, used, reset_s, over))
+            if over:
+                response.overall_code = rls_pb2.RateLimitResponse.OVER_LIMIT
+                response.response_headers_to_add.append(_header("retry-after", str(reset_s)))
+                response.raw_body = (
+                    f"rate limit exceeded: {limit.name}={limit.limit} for {limit.subject}; "
+                    f"retry in {reset_s}s"
+                ).encode()
+            elif used >= WARN_AT * limit.limit:
+                response.response_headers_to_add.append(
+                    _header("x-tokenmesh-ratelimit-warning", f"{limit.name} {used}/{limit.limit}")
+                )
+
+
+def _status(
+    limit: Limit, used: int, reset_s: int, over: bool
+) -> rls_pb2.RateLimitResponse.DescriptorStatus:
+    return rls_pb2.RateLimitResponse.DescriptorStatus(
+        code=rls_pb2.RateLimitResponse.OVER_LIMIT if over else rls_pb2.RateLimitResponse.OK,
+        current_limit=rls_pb2.RateLimitResponse.RateLimit(
+            name=limit.name,
+            requests_per_unit=limit.limit,
+            unit=rls_pb2.RateLimitResponse.RateLimit.MINUTE,
+        ),
+        limit_remaining=max(0, limit.limit - used),
+        duration_until_reset=duration_pb2.Duration(seconds=reset_s),
+    )
+
+
+def _int(value: str | None) -> int:
+    try:
+        return max(0, int(value or 0))
+    except ValueError:
+        return 0

@@ -46,12 +46,32 @@ class UsageSettings(RedisSettings):
     default_rpm: int = env(
         "TOKENMESH_RATELIMIT_DEFAULT_RPM", 600, "Requests per minute for keys that set no limit."
     )
+    tier_rpm: tuple[str, ...] = env(
+        "TOKENMESH_RATELIMIT_TIER_RPM",
+        (),
+        "Per-tier defaults for keys without a limit, e.g. standard=600,premium=6000.",
+    )
+    tenant_rpm: int = env(
+        "TOKENMESH_RATELIMIT_TENANT_RPM",
+        0,
+        "Requests per minute for all of a tenant's keys; 0 = none.",
+    )
+
+    def tier_defaults(self) -> dict[str, int]:
+        """Returns the per-tier default limits."""
+        return {tier: int(rpm) for tier, _, rpm in (e.partition("=") for e in self.tier_rpm)}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.claim_idle_s >= 1, "TOKENMESH_USAGE_CLAIM_IDLE_SECONDS", "must be >= 1")
         require(self.retention_days >= 1, "TOKENMESH_USAGE_AUDIT_RETENTION_DAYS", "must be >= 1")
         require(self.default_rpm >= 1, "TOKENMESH_RATELIMIT_DEFAULT_RPM", "must be >= 1")
+        require(
+            all(t and r.isdigit() for t, _, r in (e.partition("=") for e in self.tier_rpm)),
+            "TOKENMESH_RATELIMIT_TIER_RPM",
+            "must be TIER=RPM[,TIER=RPM...]",
+        )
+        require(self.tenant_rpm >= 0, "TOKENMESH_RATELIMIT_TENANT_RPM", "must be >= 0")
 
 
 class UsageService(RedisBackedService):
@@ -62,6 +82,8 @@ class UsageService(RedisBackedService):
     def __init__(self, settings: UsageSettings) -> None:
         super().__init__(settings)
         self.default_rpm = settings.default_rpm
+        self.tier_rpm = settings.tier_defaults()
+        self.tenant_rpm = settings.tenant_rpm
         self.settings = settings
         retention = Retention(audit=settings.retention_days * 86400)
         self.meter = Meter(
@@ -82,7 +104,7 @@ class UsageService(RedisBackedService):
             UsageServicer(UsageReader(self.redis)), server
         )
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
-            RateLimitServicer(self.redis, self.default_rpm), server
+            RateLimitServicer(self.redis, self.default_rpm, self.tier_rpm, self.tenant_rpm), server
         )
 
     async def start(self, running: RunningServer) -> None:
