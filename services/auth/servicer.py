@@ -14,18 +14,13 @@ from services.auth.keys import SCOPES, ApiKeyStore, Principal
 from services.auth.signing import SigningKeyRing
 from services.auth.tokens import TokenIssuer
 from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied
-from services.core.interceptors import Context
+from services.core.interceptors import Context, request_headers
 from tokenmesh.auth.v1 import auth_service_pb2 as pb
 from tokenmesh.auth.v1 import auth_service_pb2_grpc
 
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_OVERLAP_S = 7 * 24 * 3600
-
-
-def request_headers(context: Context) -> dict[str, str]:
-    """Returns the request metadata as a lower-case dict (text values only)."""
-    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
 def request_source(context: Context, headers: Mapping[str, str]) -> str:

@@ -37,6 +37,11 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[..., Any]
 
 
+def request_headers(context: Context) -> dict[str, str]:
+    """Returns the request metadata as a lower-case dict (text values only)."""
+    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
 def to_domain_error(exc: BaseException, method: str) -> TokenmeshError:
     """Maps any exception to the most specific client-safe error."""
     if isinstance(exc, TokenmeshError):

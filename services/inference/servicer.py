@@ -7,13 +7,13 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied, TokenmeshError
-from services.core.interceptors import Context, abort_with, to_domain_error
+from services.core.interceptors import Context, abort_with, request_headers, to_domain_error
 from services.inference import metrics, validation
 from services.inference.budget import Limits, TokenBudgets
 from services.inference.generation import Delta, GenerationState, stream_deltas
@@ -49,16 +49,15 @@ def _stream_error(error: TokenmeshError) -> inference_pb2.StreamError:
     )
 
 
-def allowed_models(context: Context) -> frozenset[str] | None:
+def allowed_models(headers: Mapping[str, str]) -> frozenset[str] | None:
     """Returns the models the caller may use (None: any), as the edge vouched."""
-    metadata = dict(context.invocation_metadata() or ())
-    value = str(metadata.get(MODELS_HEADER, "")).strip()
+    value = headers.get(MODELS_HEADER, "").strip()
     return frozenset(m for m in value.split(",") if m) or None
 
 
-def check_model_allowed(context: Context, model: str) -> None:
+def check_model_allowed(headers: Mapping[str, str], model: str) -> None:
     """Raises PERMISSION_DENIED when the caller's key does not cover `model`."""
-    allowed = allowed_models(context)
+    allowed = allowed_models(headers)
     if allowed is not None and model not in allowed:
         raise PermissionDenied(
             f"this key may not use model {model!r}",
@@ -83,16 +82,16 @@ class Request:
     """Request is one validated RPC with its caller, model and usage bookkeeping."""
 
     def __init__(self, context: Context, model: LoadedModel, request_id: str, rpc: str) -> None:
-        check_model_allowed(context, model.name)
+        headers = request_headers(context)
+        check_model_allowed(headers, model.name)
         self.model = model
         self.request_id = request_id or uuid.uuid4().hex
         self.rpc = rpc
-        metadata = dict(context.invocation_metadata() or ())
-        self.key_id = str(metadata.get(KEY_ID_HEADER, ""))
-        self.tenant = str(metadata.get(TENANT_HEADER, ""))
+        self.key_id = headers.get(KEY_ID_HEADER, "")
+        self.tenant = headers.get(TENANT_HEADER, "")
         self.limits = Limits(
-            tokens_per_minute=_int(metadata.get("x-tokenmesh-tpm")),
-            monthly_tokens=_int(metadata.get("x-tokenmesh-monthly-tokens")),
+            tokens_per_minute=_int(headers.get("x-tokenmesh-tpm")),
+            monthly_tokens=_int(headers.get("x-tokenmesh-monthly-tokens")),
         )
         self.trace_id = _trace_id()
         self.started = time.monotonic()
@@ -194,7 +193,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
         page_size = validation.validate_page_size(request.page_size)
-        allowed = allowed_models(context)
+        allowed = allowed_models(request_headers(context))
         names = [
             n
             for n in self.registry.names()
@@ -208,7 +207,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
         validation.validate_model_name(request.model)
-        check_model_allowed(context, request.model)
+        check_model_allowed(request_headers(context), request.model)
         return pb.GetModelResponse(model=self.registry.to_pb(request.model))
 
     def _resolve(self, name: str, version: str, *, generative: bool) -> LoadedModel:

@@ -8,7 +8,7 @@ default, its tenant on request, and other tenants only with the admin scope.
 from __future__ import annotations
 
 from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied, Unauthenticated
-from services.core.interceptors import Context
+from services.core.interceptors import Context, request_headers
 from services.usage.reports import UsageReader, month_start, now
 from tokenmesh.usage.v1 import usage_service_pb2 as pb
 from tokenmesh.usage.v1 import usage_service_pb2_grpc
@@ -18,9 +18,7 @@ class Caller:
     """Caller is the identity the edge vouched for."""
 
     def __init__(self, context: Context) -> None:
-        headers = {
-            k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)
-        }
+        headers = request_headers(context)
         self.key_id = headers.get("x-tokenmesh-key-id", "")
         self.tenant = headers.get("x-tokenmesh-tenant", "")
         self.scopes = set(headers.get("x-tokenmesh-scopes", "").split())
