@@ -208,7 +208,7 @@ def _bare_envoy(state: Path, upstream_port: int, direct: bool = False) -> tuple[
                     "name": "upstream",
                     "type": "STATIC",
                     "connect_timeout": "1s",
-                    "typed_extension_protocol_options": envoy_config._h2_options(),
+                    "typed_extension_protocol_options": envoy_config.h2_options(),
                     "load_assignment": {
                         "cluster_name": "upstream",
                         "endpoints": [

@@ -18,7 +18,7 @@ service is down.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,13 +98,13 @@ def _type(name: str) -> str:
     return f"type.googleapis.com/envoy.{name}"
 
 
-def strip_identity_filter() -> dict[str, Any]:
-    """Removes client-sent identity headers before anything can trust them."""
+def strip_headers_filter(names: Sequence[str]) -> dict[str, Any]:
+    """Removes client-sent copies of headers only the edge may set (identity, routing)."""
     return {
         "name": "envoy.filters.http.header_mutation",
         "typed_config": {
             "@type": _type("extensions.filters.http.header_mutation.v3.HeaderMutation"),
-            "mutations": {"request_mutations": [{"remove": name} for name in IDENTITY_HEADERS]},
+            "mutations": {"request_mutations": [{"remove": name} for name in names]},
         },
     }
 

@@ -4,8 +4,10 @@ One listener serves REST (HTTP/1.1 and h2c, transcoded to gRPC) and native
 gRPC. Each service is a cluster with active gRPC health checks; `/healthz`
 answers from those health checks inside Envoy (no Python hop).
 
-The router issue moves clusters and routes to xDS; these builders stay the
-single place that knows the shape of each resource.
+With a control plane (`EdgeConfig.xds`, the router service), inference
+clusters, their endpoints and the route configuration come over ADS; the
+router builds them with these same functions (`route_configuration`,
+`grpc_health_check`, ...), so there is one place that knows each shape.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import edge_auth
+from gateway import edge_auth, model_routing
 from gateway.edge_auth import EdgeAuth
 
 # Upstream short name -> gRPC service names routed to it (by path prefix).
@@ -87,6 +89,9 @@ class EdgeConfig:
     extra_clusters: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
     # Edge authentication (JWT, API keys, per-RPC scopes); None serves unauthenticated.
     auth: EdgeAuth | None = field(default_factory=EdgeAuth)
+    # The router's ADS (model routing); None routes inference statically to `upstreams`.
+    xds: Endpoint | None = None
+    node_id: str = "edge-1"
 
 
 def _type(name: str) -> str:
@@ -102,26 +107,29 @@ def cluster(
     name: str, endpoints: Sequence[Endpoint], health_check_interval_s: float
 ) -> dict[str, Any]:
     """Builds an HTTP/2 cluster with active gRPC health checks."""
-    interval = _duration(health_check_interval_s)
     return {
         "name": name,
         # Host names (Kubernetes headless services) resolve to every pod's address.
         "type": "STATIC" if all(_is_ip(e.host) for e in endpoints) else "STRICT_DNS",
         "connect_timeout": "1s",
-        "typed_extension_protocol_options": _h2_options(),
-        "load_assignment": _load_assignment(name, endpoints),
-        "health_checks": [
-            {
-                "timeout": "1s",
-                "interval": interval,
-                "no_traffic_interval": interval,
-                "unhealthy_threshold": 2,
-                "healthy_threshold": 1,
-                "grpc_health_check": {"service_name": HEALTH_SERVICE[name]},
-            }
-        ],
+        "typed_extension_protocol_options": h2_options(),
+        "load_assignment": load_assignment(name, endpoints),
+        "health_checks": [grpc_health_check(HEALTH_SERVICE[name], health_check_interval_s)],
         # Streams may be long; keepalives find dead upstream connections.
         "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 30}},
+    }
+
+
+def grpc_health_check(service_name: str, interval_s: float) -> dict[str, Any]:
+    """Builds an active gRPC health check of `service_name`."""
+    interval = _duration(interval_s)
+    return {
+        "timeout": "1s",
+        "interval": interval,
+        "no_traffic_interval": interval,
+        "unhealthy_threshold": 2,
+        "healthy_threshold": 1,
+        "grpc_health_check": {"service_name": service_name},
     }
 
 
@@ -133,7 +141,7 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _h2_options() -> dict[str, Any]:
+def h2_options() -> dict[str, Any]:
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": _type("extensions.upstreams.http.v3.HttpProtocolOptions"),
@@ -142,7 +150,7 @@ def _h2_options() -> dict[str, Any]:
     }
 
 
-def _load_assignment(name: str, endpoints: Sequence[Endpoint]) -> dict[str, Any]:
+def load_assignment(name: str, endpoints: Sequence[Endpoint]) -> dict[str, Any]:
     return {
         "cluster_name": name,
         "endpoints": [
@@ -167,6 +175,24 @@ def routes() -> list[dict[str, Any]]:
                 action.update(timeout="30s")
             result.append({"match": {"prefix": f"/{service}/"}, "route": action})
     return result
+
+
+def route_configuration(
+    auth: EdgeAuth | None, model_routes: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
+    """Builds the edge's routes: public RPCs, per-model routes, then one per service."""
+    virtual_host: dict[str, Any] = {
+        "name": "edge",
+        "domains": ["*"],
+        "routes": [
+            *(edge_auth.public_routes() if auth else []),
+            *(dict(r) for r in model_routes),
+            *routes(),
+        ],
+    }
+    if auth and auth.ratelimit:
+        virtual_host["rate_limits"] = edge_auth.rate_limits()
+    return {"name": "edge", "virtual_hosts": [virtual_host]}
 
 
 def transcoder_filter(descriptor_path: Path) -> dict[str, Any]:
@@ -210,7 +236,19 @@ def health_filter(upstreams: Sequence[str]) -> dict[str, Any]:
 
 def local_reply_config() -> dict[str, Any]:
     """Makes Envoy's own error replies JSON shaped like transcoded gRPC errors."""
-    mappers = [
+    no_healthy_worker = {
+        # No healthy worker (and no fallback): UNAVAILABLE, and when to try again.
+        "filter": {"response_flag_filter": {"flags": ["UH"]}},
+        "headers_to_add": [
+            {
+                "header": {"key": "retry-after", "value": "1"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+        "body_format_override": _error_body(14),
+    }
+    mappers = [no_healthy_worker]
+    mappers += [
         {
             "filter": {
                 "status_code_filter": {
@@ -311,39 +349,38 @@ def http_connection_manager(config: EdgeConfig) -> dict[str, Any]:
         "use_remote_address": True,
         "access_log": access_log(config.access_log_path),
         "local_reply_config": local_reply_config(),
-        "route_config": {
-            "name": "edge",
-            "virtual_hosts": [
-                {
-                    "name": "edge",
-                    "domains": ["*"],
-                    "routes": _routes(config),
-                    **(
-                        {"rate_limits": edge_auth.rate_limits()}
-                        if config.auth and config.auth.ratelimit
-                        else {}
-                    ),
-                }
-            ],
-        },
         "http_filters": [
-            *([edge_auth.strip_identity_filter()] if config.auth else []),
-            health_filter(sorted(config.upstreams)),
+            *_strip_filters(config),
+            health_filter(sorted({*config.upstreams, "inference"})),
             transcoder_filter(config.descriptor_path),
             *_auth_filters(config),
+            *([model_routing.lua_filter()] if config.xds else []),
+            *_ratelimit_filters(config),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": _type("extensions.filters.http.router.v3.Router")},
             },
         ],
     }
+    if config.xds is not None:
+        hcm["rds"] = {
+            "config_source": {"ads": {}, "resource_api_version": "V3"},
+            "route_config_name": "edge",
+        }
+    else:
+        hcm["route_config"] = route_configuration(config.auth)
     if config.otlp_endpoint is not None:
         hcm["tracing"] = tracing("otlp")
     return hcm
 
 
-def _routes(config: EdgeConfig) -> list[dict[str, Any]]:
-    return [*edge_auth.public_routes(), *routes()] if config.auth else routes()
+def _strip_filters(config: EdgeConfig) -> list[dict[str, Any]]:
+    """Removes headers only the edge may set, before anything can trust them."""
+    names = [
+        *(edge_auth.IDENTITY_HEADERS if config.auth else ()),
+        *(model_routing.EDGE_ONLY_HEADERS if config.xds else ()),
+    ]
+    return [edge_auth.strip_headers_filter(names)] if names else []
 
 
 def _auth_filters(config: EdgeConfig) -> list[dict[str, Any]]:
@@ -353,12 +390,13 @@ def _auth_filters(config: EdgeConfig) -> list[dict[str, Any]]:
         edge_auth.jwt_filter(config.auth, config.listen_port),
         edge_auth.ext_authz_filter(),
         edge_auth.rbac_filter(),
-        *(
-            [edge_auth.ratelimit_filter(config.auth.ratelimit_failure_mode_deny)]
-            if config.auth.ratelimit
-            else []
-        ),
     ]
+
+
+def _ratelimit_filters(config: EdgeConfig) -> list[dict[str, Any]]:
+    if config.auth is None or not config.auth.ratelimit:
+        return []
+    return [edge_auth.ratelimit_filter(config.auth.ratelimit_failure_mode_deny)]
 
 
 def bootstrap(config: EdgeConfig) -> dict[str, Any]:
@@ -372,8 +410,16 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
     if config.auth is not None:
         clusters.append(edge_auth.jwks_cluster(config.listen_port))
     clusters.extend(dict(c) for c in config.extra_clusters)
-    return {
-        "node": {"id": "edge-1", "cluster": "edge"},
+    result: dict[str, Any] = {
+        "node": {
+            "id": config.node_id,
+            "cluster": "edge",
+            # The control plane builds this edge's routes from these flags.
+            "metadata": {
+                "tokenmesh_auth": config.auth is not None,
+                "tokenmesh_ratelimit": bool(config.auth and config.auth.ratelimit),
+            },
+        },
         "admin": {"address": _socket_address(Endpoint("127.0.0.1", config.admin_port))},
         "static_resources": {
             "listeners": [
@@ -395,6 +441,30 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
             "clusters": clusters,
         },
     }
+    if config.xds is not None:
+        clusters.append(_xds_cluster(config.xds))
+        result["dynamic_resources"] = {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}],
+                "set_node_on_first_message_only": True,
+            },
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+        }
+    return result
+
+
+def _xds_cluster(endpoint: Endpoint) -> dict[str, Any]:
+    # ADS must speak HTTP/2, else Envoy hangs silently at cluster-manager init.
+    return {
+        "name": "xds",
+        "type": "STATIC" if _is_ip(endpoint.host) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": h2_options(),
+        "load_assignment": load_assignment("xds", [endpoint]),
+        "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 30}},
+    }
 
 
 def _otlp_cluster(endpoint: Endpoint) -> dict[str, Any]:
@@ -402,6 +472,6 @@ def _otlp_cluster(endpoint: Endpoint) -> dict[str, Any]:
         "name": "otlp",
         "type": "STRICT_DNS",
         "connect_timeout": "1s",
-        "typed_extension_protocol_options": _h2_options(),
-        "load_assignment": _load_assignment("otlp", [endpoint]),
+        "typed_extension_protocol_options": h2_options(),
+        "load_assignment": load_assignment("otlp", [endpoint]),
     }

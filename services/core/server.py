@@ -81,6 +81,9 @@ class Service(abc.ABC):
         The service names turn SERVING when this returns.
         """
 
+    async def drain(self) -> None:  # noqa: B027 - optional hook
+        """Takes the service out of rotation before it stops (e.g. leaves the edge's endpoints)."""
+
     async def stop(self) -> None:  # noqa: B027 - optional hook
         """Releases resources after the server stopped."""
 
@@ -151,6 +154,7 @@ async def serving(service: Service, settings: ServerSettings) -> AsyncIterator[R
         logger.info("%s serving on %s:%d", service.name, settings.host, running.port)
         yield running
     finally:
+        await service.drain()
         await running.health.enter_graceful_shutdown()
         await running.server.stop(settings.grace_s)
         await service.stop()

@@ -104,6 +104,10 @@ class ModelRegistry:
             )
         return [versions[v] for v in sorted(versions, key=_version_key)]
 
+    def has(self, name: str, version: str) -> bool:
+        """Tells whether this exact version is loaded."""
+        return version in self._models.get(name, {})
+
     def resolve(self, name: str, version: str) -> LoadedModel:
         """Returns the version asked for, or the default (newest ready) when `version` is empty."""
         versions = self.versions(name)

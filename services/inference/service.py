@@ -17,6 +17,7 @@ from services.core.server import RunningServer, Service
 from services.core.settings import RedisSettings, env, require
 from services.inference.budget import TokenBudgets
 from services.inference.models import LoadedModel, ModelRegistry
+from services.inference.registration import Registration
 from services.inference.repository import (
     EngineOptions,
     deterministic_test_model,
@@ -69,6 +70,19 @@ class InferenceSettings(RedisSettings):
     max_prefill_tokens: int = env(
         "TOKENMESH_MAX_PREFILL_TOKENS", 2048, "Prompt tokens admitted per step."
     )
+    router_address: str = env(
+        "TOKENMESH_ROUTER_ADDR",
+        "",
+        "Router host:port to register with (the edge routes by it); empty = standalone.",
+    )
+    advertise_host: str = env(
+        "TOKENMESH_ADVERTISE_HOST", "127.0.0.1", "Host the edge reaches this worker at."
+    )
+    drain_delay_s: float = env(
+        "TOKENMESH_DRAIN_DELAY_SECONDS",
+        1.0,
+        "On SIGTERM, time between leaving the edge's endpoints and refusing new requests.",
+    )
     worker_id: str = env(
         "TOKENMESH_WORKER_ID", socket.gethostname(), "Stable worker name (usage spool, registry)."
     )
@@ -106,6 +120,12 @@ class InferenceSettings(RedisSettings):
         require(self.max_kv_tokens >= 1, "TOKENMESH_MAX_KV_TOKENS", "must be >= 1")
         require(self.max_queue >= 0, "TOKENMESH_MAX_QUEUE", "must be >= 0")
         require(self.max_prefill_tokens >= 1, "TOKENMESH_MAX_PREFILL_TOKENS", "must be >= 1")
+        require(
+            not self.router_address or ":" in self.router_address,
+            "TOKENMESH_ROUTER_ADDR",
+            "must be host:port",
+        )
+        require(0 <= self.drain_delay_s <= 60, "TOKENMESH_DRAIN_DELAY_SECONDS", "must be 0-60")
 
     def limits(self) -> SchedulerLimits:
         """Returns the scheduler limits."""
@@ -156,6 +176,7 @@ class InferenceService(Service):
             settings.usage_spool_max_bytes,
         )
         self._running: RunningServer | None = None
+        self.registration: Registration | None = None
 
     def service_names(self) -> Sequence[str]:
         return [SERVICE_NAME, ADMIN_SERVICE_NAME]
@@ -179,6 +200,18 @@ class InferenceService(Service):
             )
         for entry in self.settings.models:
             await self.load(*_split(entry))
+        if self.settings.router_address:
+            self.registration = Registration(
+                self.settings.router_address,
+                self.settings.worker_id,
+                f"{self.settings.advertise_host}:{running.port}",
+                lambda: [(m.name, m.version) for m in self.registry.all() if m.ready],
+            )
+            self.registration.start()
+
+    async def drain(self) -> None:
+        if self.registration is not None:
+            await self.registration.drain(self.settings.drain_delay_s)
 
     async def load(self, name: str, version: str) -> None:
         """Loads a version from the repository, warms it up, marks it ready."""
@@ -206,6 +239,8 @@ class InferenceService(Service):
         logger.info("model %s version %s unloaded", name, version)
 
     async def stop(self) -> None:
+        if self.registration is not None:
+            await self.registration.stop()
         for model in self.registry.all():
             await model.stop(drain_timeout_s=0)
         await self.usage_log.stop()

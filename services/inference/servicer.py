@@ -8,10 +8,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
+from gateway import model_routing
 from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied, TokenmeshError
 from services.core.interceptors import Context, abort_with, request_headers, to_domain_error
 from services.inference import metrics, validation
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 KEY_ID_HEADER = "x-tokenmesh-key-id"
 TENANT_HEADER = "x-tokenmesh-tenant"
 MODELS_HEADER = "x-tokenmesh-models"  # set by the edge from the caller's key; empty = all
+FALLBACK_FROM_HEADER = "x-tokenmesh-fallback-from"  # the model a fallback answer stands in for
 _PRIORITIES = {
     inference_pb2.PRIORITY_UNSPECIFIED: PRIORITY_INTERACTIVE,
     inference_pb2.PRIORITY_INTERACTIVE: PRIORITY_INTERACTIVE,
@@ -78,13 +81,46 @@ def _trace_id() -> str:
     return format(context.trace_id, "032x") if context.is_valid else ""
 
 
+@dataclass(frozen=True)
+class Target:
+    """Target is the model version a request is served by."""
+
+    model: LoadedModel
+    fallback_from: str = ""  # the requested model, when its fallback serves instead
+
+
+def route_target(
+    registry: ModelRegistry, headers: Mapping[str, str], name: str, version: str
+) -> Target:
+    """Picks the version to serve: the edge's routing decision, else the request's own.
+
+    The edge names the version it routed to (weighted split, pin, alias) and
+    the fallback to serve when this worker does not have that version (it
+    was reached through the model's fallback cluster).
+    """
+    routed_model = headers.get(model_routing.ROUTE_MODEL_HEADER, "")
+    routed_version = headers.get(model_routing.ROUTE_VERSION_HEADER, "")
+    if routed_model:
+        if registry.has(routed_model, routed_version):
+            return Target(registry.resolve(routed_model, routed_version))
+        fallback = headers.get(model_routing.FALLBACK_MODEL_HEADER, "")
+        if fallback:
+            fallback_version = headers.get(model_routing.FALLBACK_VERSION_HEADER, "")
+            return Target(registry.resolve(fallback, fallback_version), fallback_from=name)
+        return Target(registry.resolve(routed_model, routed_version))
+    # Direct calls (no edge), or a version the catalogue does not route.
+    return Target(registry.resolve(name, version or headers.get(model_routing.VERSION_HEADER, "")))
+
+
 class Request:
     """Request is one validated RPC with its caller, model and usage bookkeeping."""
 
-    def __init__(self, context: Context, model: LoadedModel, request_id: str, rpc: str) -> None:
+    def __init__(self, context: Context, target: Target, request_id: str, rpc: str) -> None:
         headers = request_headers(context)
-        check_model_allowed(headers, model.name)
+        model = target.model
+        check_model_allowed(headers, target.fallback_from or model.name)
         self.model = model
+        self.fallback_from = target.fallback_from
         self.request_id = request_id or uuid.uuid4().hex
         self.rpc = rpc
         self.key_id = headers.get(KEY_ID_HEADER, "")
@@ -101,10 +137,14 @@ class Request:
         return types_pb2.ModelRef(name=self.model.name, version=self.model.version)
 
     async def send_headers(self, context: Context) -> None:
-        """Sends the request id and serving version as response headers."""
-        await context.send_initial_metadata(
-            (("x-request-id", self.request_id), ("x-model-version", self.model.version))
-        )
+        """Sends the request id, serving version (and any fallback) as response headers."""
+        headers = [("x-request-id", self.request_id), ("x-model-version", self.model.version)]
+        if self.fallback_from:
+            headers += [
+                ("x-tokenmesh-model", self.model.name),
+                (FALLBACK_FROM_HEADER, self.fallback_from),
+            ]
+        await context.send_initial_metadata(headers)
 
     def usage_event(
         self, usage: types_pb2.TokenUsage, finish_reason: str, timing: inference_pb2.Timing | None
@@ -130,12 +170,13 @@ class Generation(Request):
     def __init__(
         self,
         context: Context,
-        model: LoadedModel,
+        target: Target,
         request: validation.GenerationRequest,
         prompt_ids: list[int],
         rpc: str,
     ) -> None:
-        super().__init__(context, model, request.request_id, rpc)
+        super().__init__(context, target, request.request_id, rpc)
+        model = target.model
         assert model.scheduler is not None
         self.scheduler: Scheduler = model.scheduler
         self.prompt_ids = prompt_ids
@@ -210,26 +251,27 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         check_model_allowed(request_headers(context), request.model)
         return pb.GetModelResponse(model=self.registry.to_pb(request.model))
 
-    def _resolve(self, name: str, version: str, *, generative: bool) -> LoadedModel:
+    def _resolve(self, context: Context, name: str, version: str, *, generative: bool) -> Target:
         """Returns the model version to serve; refuses work the usage spool cannot meter."""
         self.usage_log.check_capacity()
-        model = self.registry.resolve(name, version)
+        target = route_target(self.registry, request_headers(context), name, version)
+        model = target.model
         if (model.scheduler if generative else model.embedder) is None:
             kind = "a generative" if generative else "an embedding"
             raise InvalidArgument(
                 [FieldViolation("model", f"{name!r} is not {kind} model")],
                 reason="MODEL_KIND_MISMATCH",
             )
-        return model
+        return target
 
     async def _admit(
         self, context: Context, request: validation.GenerationRequest, rpc: str
     ) -> Generation:
         validation.validate_generation(request)
-        model = self._resolve(request.model, request.version, generative=True)
+        target = self._resolve(context, request.model, request.version, generative=True)
         # Long prompts take milliseconds to tokenize: keep that off the loop.
-        prompt_ids = await asyncio.to_thread(model.tokenizer.encode, request.prompt)
-        generation = Generation(context, model, request, prompt_ids, rpc)
+        prompt_ids = await asyncio.to_thread(target.model.tokenizer.encode, request.prompt)
+        generation = Generation(context, target, request, prompt_ids, rpc)
         await self._reserve(generation)
         generation.submit(context.time_remaining())
         return generation
@@ -351,11 +393,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
         validation.validate_embed(request)
-        model = self._resolve(request.model, request.version, generative=False)
-        embedder = model.embedder
+        target = self._resolve(context, request.model, request.version, generative=False)
+        embedder = target.model.embedder
         assert embedder is not None  # _resolve checked the kind
         call = Request(
-            context, model, request.request_id, "/tokenmesh.inference.v1.InferenceService/Embed"
+            context, target, request.request_id, "/tokenmesh.inference.v1.InferenceService/Embed"
         )
         encoded = await asyncio.to_thread(embedder.tokenize, request.inputs)
         usage = _usage(sum(len(ids) for ids in encoded), 0)

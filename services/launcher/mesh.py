@@ -114,6 +114,8 @@ class Mesh:
             self._start_redis()
         for name in SERVICES:
             self._start_service(name, name)
+        # Workers register with the router, so they start once it listens.
+        self._wait_ready("router")
         for i in range(self.config.workers):
             self._start_service(f"inference-{i}", "inference")
         for name in [*SERVICES, *(f"inference-{i}" for i in range(self.config.workers))]:
@@ -163,6 +165,7 @@ class Mesh:
             "TOKENMESH_WORKER_ID": name,
             "TOKENMESH_USAGE_SPOOL_DIR": str(self.state_dir / "usage-spool"),
             "TOKENMESH_MODEL_REPOSITORY": str(REPO_ROOT / "models"),
+            "TOKENMESH_ROUTER_ADDR": self.address("router") if "router" in self.ports else "",
             **self.config.service_env,
         }
         if self.config.otlp_endpoint:
@@ -170,6 +173,22 @@ class Mesh:
         else:
             env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
         self._spawn(name, [sys.executable, "-m", f"services.{module}"], env)
+
+    def terminate(self, name: str) -> None:
+        """Sends SIGTERM to a child (a graceful stop) without waiting for it."""
+        self._child(name).terminate()
+
+    def wait_exit(self, name: str, timeout_s: float = 30.0) -> int | None:
+        """Waits for a child to exit; returns its exit code and forgets it."""
+        child = self._child(name)
+        code = child.wait(timeout_s)
+        self.children.remove(child)
+        return code
+
+    def start_worker(self, name: str) -> None:
+        """Starts one more inference worker (it registers itself with the router)."""
+        self._start_service(name, "inference")
+        self._wait_ready(name)
 
     def kill(self, name: str) -> None:
         """Kills a child with SIGKILL (a crash, for failure tests)."""
@@ -209,9 +228,6 @@ class Mesh:
     def edge_config(self) -> EdgeConfig:
         """Returns the edge configuration for the running services."""
         upstreams = {name: [Endpoint("127.0.0.1", self.ports[name])] for name in SERVICES}
-        upstreams["inference"] = [
-            Endpoint("127.0.0.1", self.ports[f"inference-{i}"]) for i in range(self.config.workers)
-        ]
         return EdgeConfig(
             listen_port=self.edge_port,
             admin_port=self.admin_port,
@@ -221,6 +237,9 @@ class Mesh:
             access_log_path=str(self.log_dir / "edge-access.log"),
             otlp_endpoint=_otlp_endpoint(self.config.otlp_endpoint),
             auth=self.config.edge_auth,
+            # Inference clusters, endpoints and routes come from the router (xDS).
+            xds=Endpoint("127.0.0.1", self.ports["router"]),
+            node_id=f"edge-{self.edge_port}",
         )
 
     def _start_envoy(self) -> None:

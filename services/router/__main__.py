@@ -1,13 +1,12 @@
 """Entrypoint: `tokenmesh-router` / `python -m services.router`."""
 
 from services.core.entrypoint import main as serve
-from services.core.settings import RedisSettings
-from services.router.service import RouterService
+from services.router.service import RouterService, RouterSettings
 
 
 def main() -> None:
     """Runs the router service configured from the environment."""
-    serve("router", RedisSettings, RouterService)
+    serve("router", RouterSettings, RouterService)
 
 
 if __name__ == "__main__":

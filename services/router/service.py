@@ -1,5 +1,4 @@
-"""The router service's wiring. The catalogue, worker registry and xDS land
-with the router issue; until then its RPCs answer UNIMPLEMENTED.
+"""The router service: model catalogue, worker registry and the edge's xDS control plane.
 
 The router also answers server reflection for the whole public mesh API: the
 edge routes reflection here, so one generic client (grpcurl, Postman, ghz)
@@ -9,12 +8,21 @@ discovers every public service through a single port.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+from envoy.service.discovery.v3 import ads_pb2, ads_pb2_grpc
 
 from services.core.redis_service import RedisBackedService
-from services.core.server import unimplemented
+from services.core.server import RunningServer
+from services.core.settings import RedisSettings, env, require
+from services.router import snapshot
+from services.router.catalog import Catalog, now
+from services.router.registry import WorkerRegistry
+from services.router.servicer import RouterServicer, WorkerRegistryServicer
+from services.router.snapshot import ClusterOptions, EdgeFlags, Resources
+from services.router.xds import AdsServicer, ControlPlane
 from tokenmesh.auth.v1 import auth_service_pb2
 from tokenmesh.inference.v1 import inference_service_pb2
 from tokenmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
@@ -22,6 +30,7 @@ from tokenmesh.usage.v1 import usage_service_pb2
 
 ROUTER_SERVICE = router_service_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 REGISTRY_SERVICE = router_service_pb2.DESCRIPTOR.services_by_name["WorkerRegistryService"].full_name
+ADS_SERVICE = ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"].full_name
 PUBLIC_SERVICES = (
     auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
     ROUTER_SERVICE,
@@ -30,21 +39,74 @@ PUBLIC_SERVICES = (
 )
 
 
+@dataclass(frozen=True)
+class RouterSettings(RedisSettings):
+    """RouterSettings configure the catalogue, worker leases and the control plane."""
+
+    lease_s: float = env(
+        "TOKENMESH_ROUTER_LEASE_SECONDS",
+        3.0,
+        "A worker missing heartbeats this long leaves the edge's endpoints.",
+    )
+    poll_s: float = env(
+        "TOKENMESH_ROUTER_POLL_SECONDS", 0.25, "How often the control plane re-reads Redis."
+    )
+    health_check_interval_s: float = env(
+        "TOKENMESH_ROUTER_HEALTH_CHECK_SECONDS",
+        1.0,
+        "How often each edge health-checks each worker of each model version.",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(1 <= self.lease_s <= 300, "TOKENMESH_ROUTER_LEASE_SECONDS", "must be 1-300")
+        require(0.05 <= self.poll_s <= 5, "TOKENMESH_ROUTER_POLL_SECONDS", "must be 0.05-5")
+        require(
+            0.1 <= self.health_check_interval_s <= 60,
+            "TOKENMESH_ROUTER_HEALTH_CHECK_SECONDS",
+            "must be 0.1-60",
+        )
+
+
 class RouterService(RedisBackedService):
-    """RouterService serves tokenmesh.router.v1 and mesh-wide reflection."""
+    """RouterService serves tokenmesh.router.v1, Envoy's ADS and mesh-wide reflection."""
 
     name = "router"
 
+    def __init__(self, settings: RouterSettings) -> None:
+        super().__init__(settings)
+        self.catalog = Catalog(self.redis)
+        self.registry = WorkerRegistry(self.redis, settings.lease_s)
+        self.options = ClusterOptions(health_check_interval_s=settings.health_check_interval_s)
+        self.plane = ControlPlane(self._build, settings.poll_s)
+
+    async def _build(self, flags: EdgeFlags) -> Resources:
+        at = now()
+        models, workers = await self.catalog.all(), await self.registry.all(at)
+        return snapshot.build(models, workers, at, flags, self.options)
+
     def service_names(self) -> Sequence[str]:
-        return [ROUTER_SERVICE, REGISTRY_SERVICE]
+        return [ROUTER_SERVICE, REGISTRY_SERVICE, ADS_SERVICE]
 
     def reflection_names(self) -> Sequence[str]:
         return [*PUBLIC_SERVICES, REGISTRY_SERVICE]
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
+        refresh = self.plane.refresh
         router_service_pb2_grpc.add_RouterServiceServicer_to_server(
-            unimplemented(router_service_pb2_grpc.RouterServiceServicer), server
+            RouterServicer(self.catalog, self.registry, refresh), server
         )
         router_service_pb2_grpc.add_WorkerRegistryServiceServicer_to_server(
-            unimplemented(router_service_pb2_grpc.WorkerRegistryServiceServicer), server
+            WorkerRegistryServicer(self.catalog, self.registry, refresh), server
         )
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
+            AdsServicer(self.plane), server
+        )
+
+    async def start(self, running: RunningServer) -> None:
+        await super().start(running)
+        self.plane.start()
+
+    async def stop(self) -> None:
+        await self.plane.stop()
+        await super().stop()

@@ -1,0 +1,72 @@
+-- Copies an inference request's model and version into headers the routes match.
+--
+-- Runs after the transcoder, so REST and gRPC requests alike carry a gRPC
+-- frame whose protobuf message has `model` as field 1 and `version` as
+-- field 2 (GenerateRequest, CompleteRequest, EmbedRequest). Only those two
+-- fields are decoded; every other field is skipped by its wire type.
+
+local ROUTED = {
+  ["/tokenmesh.inference.v1.InferenceService/Generate"] = true,
+  ["/tokenmesh.inference.v1.InferenceService/Complete"] = true,
+  ["/tokenmesh.inference.v1.InferenceService/Embed"] = true,
+}
+
+-- Returns the varint at position i and the position after it (nil when malformed).
+local function varint(s, i)
+  local result, scale = 0, 1
+  while true do
+    local b = s:byte(i)
+    if b == nil or scale > 2 ^ 56 then return nil, i end
+    result = result + (b % 128) * scale
+    i = i + 1
+    if b < 128 then return result, i end
+    scale = scale * 128
+  end
+end
+
+-- Returns (model, version) from one uncompressed gRPC frame, nil for what is absent.
+local function model_fields(s)
+  if #s < 5 or s:byte(1) ~= 0 then return nil, nil end
+  local stop = 5 + s:byte(2) * 16777216 + s:byte(3) * 65536 + s:byte(4) * 256 + s:byte(5)
+  if stop > #s then stop = #s end
+  local i, model, version = 6, nil, nil
+  while i <= stop do
+    local key, value
+    key, i = varint(s, i)
+    if key == nil then break end
+    local field, wire = math.floor(key / 8), key % 8
+    if wire == 0 then
+      value, i = varint(s, i)
+      if value == nil then break end
+    elseif wire == 1 then
+      i = i + 8
+    elseif wire == 5 then
+      i = i + 4
+    elseif wire == 2 then
+      value, i = varint(s, i)
+      if value == nil then break end
+      if field == 1 then
+        model = s:sub(i, i + value - 1)
+      elseif field == 2 then
+        version = s:sub(i, i + value - 1)
+      end
+      i = i + value
+    else
+      break
+    end
+  end
+  return model, version
+end
+
+function envoy_on_request(handle)
+  if not ROUTED[handle:headers():get(":path")] then return end
+  local body = handle:body()
+  if body == nil then return end
+  local model, version = model_fields(body:getBytes(0, body:length()))
+  -- Header objects do not survive the body() yield: fetch them again.
+  local headers = handle:headers()
+  if model ~= nil and model ~= "" then headers:replace("x-tokenmesh-model", model) end
+  -- The request's version field wins over an x-model-version header.
+  if version ~= nil and version ~= "" then headers:replace("x-model-version", version) end
+  handle:clearRouteCache()
+end

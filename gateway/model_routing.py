@@ -1,0 +1,44 @@
+"""Model routing at the edge: the headers routes match, and the Lua filter that sets them.
+
+Envoy's routes pick a cluster per model version from headers; the Lua
+filter (LuaJIT inside Envoy, no Python hop) decodes a request's `model` and
+`version` fields from its protobuf body into those headers, so REST paths
+(`/v1/models/{model}:generate`, transcoded into the body) and native gRPC
+requests route the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+INFERENCE_PREFIX = "/tokenmesh.inference.v1.InferenceService/"
+# Set by the Lua filter from the request body.
+MODEL_HEADER = "x-tokenmesh-model"
+# Set by the client or, from the body's version field, by the Lua filter.
+VERSION_HEADER = "x-model-version"
+# Set by the chosen route: what the worker must serve, and what to serve instead.
+ROUTE_MODEL_HEADER = "x-tokenmesh-route-model"
+ROUTE_VERSION_HEADER = "x-tokenmesh-route-version"
+FALLBACK_MODEL_HEADER = "x-tokenmesh-fallback-model"
+FALLBACK_VERSION_HEADER = "x-tokenmesh-fallback-version"
+# Only the edge may set these: clients' copies are removed on arrival.
+EDGE_ONLY_HEADERS = (
+    MODEL_HEADER,
+    ROUTE_MODEL_HEADER,
+    ROUTE_VERSION_HEADER,
+    FALLBACK_MODEL_HEADER,
+    FALLBACK_VERSION_HEADER,
+)
+LUA_SOURCE = Path(__file__).with_name("model_routing.lua")
+
+
+def lua_filter() -> dict[str, Any]:
+    """Builds the filter that copies the body's model and version into headers."""
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": LUA_SOURCE.read_text()},
+        },
+    }

@@ -1,0 +1,124 @@
+"""A worker's membership in the mesh: register with the router, heartbeat, drain.
+
+The worker registers its address and loaded model versions, then renews its
+lease every third of the lease. If the router forgot it (a Redis flush, a
+lease that lapsed while the network was down) it registers again. When the
+router says "drain" (an operator called DrainWorker), the worker stops
+itself the same way SIGTERM does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable, Sequence
+
+import grpc
+import grpc.aio
+
+from tokenmesh.router.v1 import router_service_pb2 as pb
+from tokenmesh.router.v1 import router_service_pb2_grpc as pb_grpc
+from tokenmesh.type.v1 import types_pb2
+
+logger = logging.getLogger(__name__)
+_RPC_TIMEOUT_S = 2.0
+
+
+class Registration:
+    """Registration keeps one worker registered with the router.
+
+    Args:
+        router_address: the router's host:port.
+        worker_id: this worker's stable id.
+        address: host:port the edge reaches this worker at.
+        models: returns the (name, version) pairs currently loaded and ready.
+        lease_s: heartbeat period is a third of this (the router's lease, once known).
+    """
+
+    def __init__(
+        self,
+        router_address: str,
+        worker_id: str,
+        address: str,
+        models: Callable[[], Sequence[tuple[str, str]]],
+        lease_s: float = 3.0,
+    ) -> None:
+        self.worker_id = worker_id
+        self.address = address
+        self._models = models
+        self._lease_s = lease_s
+        self._channel = grpc.aio.insecure_channel(router_address)
+        self._stub = pb_grpc.WorkerRegistryServiceStub(self._channel)
+        self._task: asyncio.Task[None] | None = None
+        self.registered = asyncio.Event()
+
+    def start(self) -> None:
+        """Starts registering and heartbeating in the background."""
+        self._task = asyncio.create_task(self._run(), name="worker-registration")
+
+    async def drain(self, delay_s: float) -> None:
+        """Leaves the edge's endpoints, then waits `delay_s` for every edge to apply it."""
+        if self._task is not None:
+            self._task.cancel()
+        if not self.registered.is_set():
+            return
+        try:
+            await self._stub.DrainWorker(
+                pb.DrainWorkerRequest(worker_id=self.worker_id), timeout=_RPC_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            # Health checks still take the worker out, just more slowly.
+            logger.warning("could not drain through the router: %s", exc.code().name)
+            return
+        logger.info("left the edge's endpoints; waiting %.1fs before stopping", delay_s)
+        await asyncio.sleep(delay_s)
+
+    async def stop(self) -> None:
+        """Stops heartbeating and closes the channel."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task], timeout=2)
+        await self._channel.close()
+
+    def _refs(self) -> list[types_pb2.ModelRef]:
+        return [types_pb2.ModelRef(name=n, version=v) for n, v in self._models()]
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                if not self.registered.is_set():
+                    await self._register()
+                await self._renew()
+                backoff = 0.2
+                await asyncio.sleep(self._lease_s / 3)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    self.registered.clear()  # the router forgot us: register again now
+                    continue
+                logger.warning("router unreachable (%s); retrying", exc.code().name)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._lease_s / 3)
+
+    async def _register(self) -> None:
+        response = await self._stub.RegisterWorker(
+            pb.RegisterWorkerRequest(
+                worker_id=self.worker_id, address=self.address, models=self._refs()
+            ),
+            timeout=_RPC_TIMEOUT_S,
+        )
+        self._lease_s = max(response.lease_duration.ToNanoseconds() / 1e9, 0.3)
+        self.registered.set()
+        logger.info("registered with the router as %s at %s", self.worker_id, self.address)
+
+    async def _renew(self) -> None:
+        response = await self._stub.RenewLease(
+            pb.RenewLeaseRequest(worker_id=self.worker_id, models=self._refs()),
+            timeout=_RPC_TIMEOUT_S,
+        )
+        if response.drain:
+            logger.info("the router asked this worker to drain")
+            os.kill(os.getpid(), signal.SIGTERM)  # the same path as an operator's SIGTERM
+            await asyncio.Event().wait()

@@ -1,0 +1,290 @@
+"""The model catalogue: models, versions, weights, pins, aliases, deprecation, fallbacks.
+
+One Redis hash holds one JSON document per model. Every change is a
+read-validate-write under WATCH, so concurrent admins (or router replicas)
+never lose each other's updates, and every router replica builds the same
+Envoy configuration from it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import WatchError
+
+from services.core.errors import FieldViolation, InvalidArgument, NotFound
+
+CATALOG_KEY = "tokenmesh:router:catalog"
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_ALIAS = re.compile(r"^[a-z0-9-]{1,32}$")
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    """VersionEntry is one version of a catalogue model."""
+
+    version: str
+    weight: int = 0
+    deprecated_at: float | None = None  # unix seconds
+    sunset_at: float | None = None  # unix seconds
+
+    def sunset(self, now: float) -> bool:
+        """Tells whether the version stopped serving."""
+        return self.sunset_at is not None and self.sunset_at <= now
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """ModelEntry is a catalogue model and its routing policy."""
+
+    name: str
+    versions: tuple[VersionEntry, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    fallback: str = ""
+    pinned: str = ""
+
+    def version(self, label: str) -> VersionEntry | None:
+        """Returns the version called `label`, if registered."""
+        return next((v for v in self.versions if v.version == label), None)
+
+    def effective_weights(self, now: float) -> dict[str, int]:
+        """Returns each serving version's share of unpinned traffic (sums to 100 or is empty)."""
+        serving = [v for v in self.versions if not v.sunset(now)]
+        if self.pinned and any(v.version == self.pinned for v in serving):
+            return {self.pinned: 100}
+        weights = {v.version: v.weight for v in serving if v.weight > 0}
+        if weights:
+            return weights
+        # Every weighted version was sunset: the newest serving version takes over.
+        return {serving[-1].version: 100} if serving else {}
+
+    def primary_version(self, now: float) -> str:
+        """Returns the version most traffic goes to (where other models fall back to)."""
+        weights = self.effective_weights(now)
+        return max(weights, key=lambda v: (weights[v], v)) if weights else ""
+
+    def to_json(self) -> str:
+        """Serialises the model for Redis."""
+        return json.dumps(
+            {
+                "versions": [v.__dict__ for v in self.versions],
+                "aliases": dict(self.aliases),
+                "fallback": self.fallback,
+                "pinned": self.pinned,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, name: str, raw: str | bytes) -> ModelEntry:
+        """Parses a model stored by `to_json`."""
+        data: dict[str, Any] = json.loads(raw)
+        return cls(
+            name=name,
+            versions=tuple(VersionEntry(**v) for v in data.get("versions", [])),
+            aliases=dict(data.get("aliases", {})),
+            fallback=str(data.get("fallback", "")),
+            pinned=str(data.get("pinned", "")),
+        )
+
+
+def _violation(field_name: str, description: str) -> InvalidArgument:
+    return InvalidArgument([FieldViolation(field_name, description)])
+
+
+def check_name(model: str) -> None:
+    """Raises InvalidArgument unless `model` is a well-formed model name."""
+    if not _NAME.match(model):
+        raise _violation("model", "must be 1-128 characters of [A-Za-z0-9._-]")
+
+
+def check_version(version: str, field_name: str = "version") -> None:
+    """Raises InvalidArgument unless `version` is a well-formed version label."""
+    if not _VERSION.match(version):
+        raise _violation(field_name, "must be 1-64 characters of [A-Za-z0-9._-]")
+
+
+def _check_weight(weight: int, field_name: str) -> None:
+    if not 0 <= weight <= 100:
+        raise _violation(field_name, "must be between 0 and 100")
+
+
+def add_version(model: ModelEntry | None, name: str, version: str, weight: int) -> ModelEntry:
+    """Returns `model` with `version` added (the first version of a model takes 100%)."""
+    check_name(name)
+    check_version(version)
+    _check_weight(weight, "weight")
+    model = model or ModelEntry(name=name)
+    if model.version(version) is not None:
+        return model
+    if not model.versions:
+        weight = 100  # a model's only version takes all of its traffic
+    elif weight:
+        raise _violation(
+            "weight",
+            "a new version of an existing model starts at 0; use SetTrafficSplit to move traffic",
+        )
+    versions = tuple(sorted((*model.versions, VersionEntry(version, weight)), key=_version_key))
+    return replace(model, versions=versions)
+
+
+def set_split(model: ModelEntry, weights: Mapping[str, int]) -> ModelEntry:
+    """Returns `model` with new weights; unlisted versions get 0; the total must be 100."""
+    for version, weight in weights.items():
+        if model.version(version) is None:
+            raise _unknown_version(model, version, "weights")
+        _check_weight(weight, f"weights[{version}]")
+    if sum(weights.values()) != 100:
+        raise _violation("weights", f"must sum to 100 (they sum to {sum(weights.values())})")
+    versions = tuple(replace(v, weight=weights.get(v.version, 0)) for v in model.versions)
+    return replace(model, versions=versions)
+
+
+def pin(model: ModelEntry, version: str) -> ModelEntry:
+    """Returns `model` pinned to `version` ("" unpins)."""
+    if version and model.version(version) is None:
+        raise _unknown_version(model, version, "version")
+    return replace(model, pinned=version)
+
+
+def deprecate(model: ModelEntry, version: str, sunset_at: float, now: float) -> ModelEntry:
+    """Returns `model` with `version` deprecated now and sunset at `sunset_at`."""
+    entry = model.version(version)
+    if entry is None:
+        raise _unknown_version(model, version, "version")
+    if sunset_at <= 0:
+        raise _violation("sunset_time", "is required")
+    deprecated = replace(entry, deprecated_at=entry.deprecated_at or now, sunset_at=sunset_at)
+    versions = tuple(deprecated if v.version == version else v for v in model.versions)
+    return replace(model, versions=versions)
+
+
+def set_alias(model: ModelEntry, alias: str, version: str) -> ModelEntry:
+    """Returns `model` with `alias` pointing at `version` ("" removes the alias)."""
+    if not _ALIAS.match(alias):
+        raise _violation("alias", "must be 1-32 characters of [a-z0-9-]")
+    if model.version(alias) is not None:
+        raise _violation("alias", f"{alias!r} is already a version of {model.name!r}")
+    aliases = dict(model.aliases)
+    if version:
+        if model.version(version) is None:
+            raise _unknown_version(model, version, "version")
+        aliases[alias] = version
+    else:
+        aliases.pop(alias, None)
+    return replace(model, aliases=aliases)
+
+
+def set_fallback(model: ModelEntry, fallback: str, catalog: Mapping[str, ModelEntry]) -> ModelEntry:
+    """Returns `model` falling back to `fallback` ("" clears it); no cycles allowed."""
+    if fallback:
+        check_name(fallback)
+        if fallback == model.name:
+            raise _violation("fallback_model", "a model cannot fall back to itself")
+        if fallback not in catalog:
+            raise NotFound(f"model {fallback!r} is not in the catalogue", reason="MODEL_NOT_FOUND")
+        if catalog[fallback].fallback:
+            # One level only: a fallback chain would hide an outage behind another outage.
+            raise _violation(
+                "fallback_model", f"{fallback!r} has a fallback of its own; chains are not allowed"
+            )
+    return replace(model, fallback=fallback)
+
+
+def _unknown_version(model: ModelEntry, version: str, field_name: str) -> InvalidArgument:
+    known = ", ".join(v.version for v in model.versions) or "none"
+    return _violation(
+        field_name, f"version {version!r} of {model.name!r} is not registered (known: {known})"
+    )
+
+
+def _version_key(entry: VersionEntry) -> tuple[int, int | str]:
+    # Numeric versions sort numerically, before any non-numeric label.
+    return (0, int(entry.version)) if entry.version.isdigit() else (1, entry.version)
+
+
+class Catalog:
+    """Catalog reads and changes the catalogue in Redis."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+
+    async def all(self) -> dict[str, ModelEntry]:
+        """Returns every model, by name."""
+        return _parse_catalog(await self.redis.hgetall(CATALOG_KEY))
+
+    async def get(self, name: str) -> ModelEntry:
+        """Returns one model; raises NotFound."""
+        check_name(name)
+        raw = await self.redis.hget(CATALOG_KEY, name)
+        if raw is None:
+            raise NotFound(f"model {name!r} is not in the catalogue", reason="MODEL_NOT_FOUND")
+        return ModelEntry.from_json(name, raw)
+
+    async def change(
+        self,
+        name: str,
+        apply: Callable[[ModelEntry | None, dict[str, ModelEntry]], ModelEntry],
+    ) -> ModelEntry:
+        """Applies `apply(current, catalog)` to one model atomically; returns the result."""
+        check_name(name)
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(CATALOG_KEY)
+                    catalog = _parse_catalog(await pipe.hgetall(CATALOG_KEY))
+                    updated = apply(catalog.get(name), catalog)
+                    if updated == catalog.get(name):
+                        return updated
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.hset(CATALOG_KEY, name, updated.to_json())
+                    await pipe.execute()
+                    return updated
+                except WatchError:
+                    continue  # someone else changed the catalogue: read it again
+
+    async def update(self, name: str, apply: Callable[[ModelEntry], ModelEntry]) -> ModelEntry:
+        """Changes an existing model; raises NotFound when it is not in the catalogue."""
+
+        def existing(current: ModelEntry | None, _: dict[str, ModelEntry]) -> ModelEntry:
+            if current is None:
+                raise NotFound(f"model {name!r} is not in the catalogue", reason="MODEL_NOT_FOUND")
+            return apply(current)
+
+        return await self.change(name, existing)
+
+    async def register(self, refs: Sequence[tuple[str, str]]) -> None:
+        """Adds model versions that workers serve but the catalogue does not know yet."""
+        known = await self.all()
+        # Oldest version first: it is the one a new model's traffic goes to.
+        ordered = sorted(refs, key=lambda ref: (ref[0], _version_key(VersionEntry(ref[1]))))
+        for name, version in ordered:
+            model = known.get(name)
+            if model is None or model.version(version) is None:
+                known[name] = await self.change(name, _adder(name, version))
+
+
+def _adder(
+    name: str, version: str
+) -> Callable[[ModelEntry | None, dict[str, ModelEntry]], ModelEntry]:
+    return lambda current, _: add_version(current, name, version, 0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _parse_catalog(raw: Mapping[bytes | str, bytes | str]) -> dict[str, ModelEntry]:
+    return {_text(k): ModelEntry.from_json(_text(k), v) for k, v in raw.items()}
+
+
+def now() -> float:
+    """Returns the wall-clock time (one place, so tests read the same clock)."""
+    return time.time()

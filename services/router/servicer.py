@@ -1,0 +1,223 @@
+"""tokenmesh.router.v1: the catalogue's admin RPCs and the worker registry."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from services.core.errors import FieldViolation, InvalidArgument, NotFound
+from services.core.interceptors import Context
+from services.router import catalog as cat
+from services.router.catalog import Catalog, ModelEntry, now
+from services.router.registry import DRAINING, WorkerEntry, WorkerRegistry
+from tokenmesh.router.v1 import router_pb2
+from tokenmesh.router.v1 import router_service_pb2 as pb
+from tokenmesh.router.v1 import router_service_pb2_grpc as pb_grpc
+from tokenmesh.type.v1 import types_pb2
+
+Refresh = Callable[[], Awaitable[None]]
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def model_to_pb(
+    model: ModelEntry, workers: Sequence[WorkerEntry], at: float
+) -> router_pb2.CatalogModel:
+    """Converts a catalogue model, counting each version's routable workers."""
+    routable = [w for w in workers if w.routable(at)]
+    weights = model.effective_weights(at)
+    versions = []
+    for entry in model.versions:
+        if entry.sunset(at):
+            state = router_pb2.CATALOG_VERSION_STATE_SUNSET
+        elif entry.deprecated_at is not None:
+            state = router_pb2.CATALOG_VERSION_STATE_DEPRECATED
+        else:
+            state = router_pb2.CATALOG_VERSION_STATE_ACTIVE
+        version = router_pb2.CatalogVersion(
+            version=entry.version,
+            weight=weights.get(entry.version, 0),
+            state=state,
+            healthy_workers=sum((model.name, entry.version) in w.models for w in routable),
+        )
+        if entry.sunset_at is not None:
+            version.sunset_time.CopyFrom(_timestamp(entry.sunset_at))
+        versions.append(version)
+    return router_pb2.CatalogModel(
+        name=model.name,
+        versions=versions,
+        aliases=dict(model.aliases),
+        fallback_model=model.fallback,
+        pinned_version=model.pinned,
+    )
+
+
+def worker_to_pb(worker: WorkerEntry) -> router_pb2.Worker:
+    """Converts a registered worker."""
+    return router_pb2.Worker(
+        id=worker.worker_id,
+        address=worker.address,
+        models=[types_pb2.ModelRef(name=n, version=v) for n, v in worker.models],
+        state=(
+            router_pb2.WORKER_STATE_DRAINING
+            if worker.state == DRAINING
+            else router_pb2.WORKER_STATE_SERVING
+        ),
+        lease_expire_time=_timestamp(worker.lease_expires_at),
+    )
+
+
+def _refs(models: Sequence[types_pb2.ModelRef]) -> list[tuple[str, str]]:
+    for ref in models:
+        if not ref.version:
+            raise InvalidArgument([FieldViolation("models.version", "is required")])
+    return [(ref.name, ref.version) for ref in models]
+
+
+class RouterServicer(pb_grpc.RouterServiceServicer):
+    """RouterServicer serves the catalogue; every change reaches the edges within a second."""
+
+    def __init__(self, catalog: Catalog, registry: WorkerRegistry, refresh: Refresh) -> None:
+        self.catalog = catalog
+        self.registry = registry
+        self.refresh = refresh
+
+    async def _answer(self, model: ModelEntry) -> router_pb2.CatalogModel:
+        at = now()
+        return model_to_pb(model, await self.registry.all(at), at)
+
+    async def _changed(self, model: ModelEntry) -> router_pb2.CatalogModel:
+        await self.refresh()  # push to this replica's Envoys now, not at the next poll
+        return await self._answer(model)
+
+    async def ListCatalogModels(
+        self, request: pb.ListCatalogModelsRequest, context: Context
+    ) -> pb.ListCatalogModelsResponse:
+        at = now()
+        models, workers = await self.catalog.all(), await self.registry.all(at)
+        return pb.ListCatalogModelsResponse(
+            models=[model_to_pb(models[n], workers, at) for n in sorted(models)]
+        )
+
+    async def GetCatalogModel(
+        self, request: pb.GetCatalogModelRequest, context: Context
+    ) -> pb.GetCatalogModelResponse:
+        return pb.GetCatalogModelResponse(
+            model=await self._answer(await self.catalog.get(request.model))
+        )
+
+    async def RegisterModelVersion(
+        self, request: pb.RegisterModelVersionRequest, context: Context
+    ) -> pb.RegisterModelVersionResponse:
+        model = await self.catalog.change(
+            request.model,
+            lambda current, _: cat.add_version(
+                current, request.model, request.version, request.weight
+            ),
+        )
+        return pb.RegisterModelVersionResponse(model=await self._changed(model))
+
+    async def SetTrafficSplit(
+        self, request: pb.SetTrafficSplitRequest, context: Context
+    ) -> pb.SetTrafficSplitResponse:
+        weights: dict[str, int] = {}
+        for entry in request.weights:
+            if entry.version in weights:
+                raise InvalidArgument(
+                    [FieldViolation("weights", f"version {entry.version!r} is listed twice")]
+                )
+            weights[entry.version] = entry.weight
+        model = await self.catalog.update(request.model, lambda m: cat.set_split(m, weights))
+        return pb.SetTrafficSplitResponse(model=await self._changed(model))
+
+    async def PinModelVersion(
+        self, request: pb.PinModelVersionRequest, context: Context
+    ) -> pb.PinModelVersionResponse:
+        model = await self.catalog.update(request.model, lambda m: cat.pin(m, request.version))
+        return pb.PinModelVersionResponse(model=await self._changed(model))
+
+    async def DeprecateModelVersion(
+        self, request: pb.DeprecateModelVersionRequest, context: Context
+    ) -> pb.DeprecateModelVersionResponse:
+        sunset = request.sunset_time.ToNanoseconds() / 1e9 if request.HasField("sunset_time") else 0
+        model = await self.catalog.update(
+            request.model, lambda m: cat.deprecate(m, request.version, sunset, now())
+        )
+        return pb.DeprecateModelVersionResponse(model=await self._changed(model))
+
+    async def SetFallbackModel(
+        self, request: pb.SetFallbackModelRequest, context: Context
+    ) -> pb.SetFallbackModelResponse:
+        model = await self.catalog.change(
+            request.model,
+            lambda current, models: cat.set_fallback(
+                _existing(current, request.model), request.fallback_model, models
+            ),
+        )
+        return pb.SetFallbackModelResponse(model=await self._changed(model))
+
+    async def SetModelAlias(
+        self, request: pb.SetModelAliasRequest, context: Context
+    ) -> pb.SetModelAliasResponse:
+        model = await self.catalog.update(
+            request.model, lambda m: cat.set_alias(m, request.alias, request.version)
+        )
+        return pb.SetModelAliasResponse(model=await self._changed(model))
+
+
+def _existing(model: ModelEntry | None, name: str) -> ModelEntry:
+    if model is None:
+        raise NotFound(f"model {name!r} is not in the catalogue", reason="MODEL_NOT_FOUND")
+    return model
+
+
+class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
+    """WorkerRegistryServicer is where workers register, heartbeat and drain."""
+
+    def __init__(self, catalog: Catalog, registry: WorkerRegistry, refresh: Refresh) -> None:
+        self.catalog = catalog
+        self.registry = registry
+        self.refresh = refresh
+
+    async def RegisterWorker(
+        self, request: pb.RegisterWorkerRequest, context: Context
+    ) -> pb.RegisterWorkerResponse:
+        models = _refs(request.models)
+        await self.registry.register(request.worker_id, request.address, models, now())
+        # A version no operator registered yet joins the catalogue with 0% of traffic.
+        await self.catalog.register(models)
+        await self.refresh()
+        lease = duration_pb2.Duration()
+        lease.FromNanoseconds(int(self.registry.lease_s * 1e9))
+        return pb.RegisterWorkerResponse(lease_duration=lease)
+
+    async def RenewLease(
+        self, request: pb.RenewLeaseRequest, context: Context
+    ) -> pb.RenewLeaseResponse:
+        models = _refs(request.models)
+        before = await self.registry.get(request.worker_id)
+        worker = await self.registry.renew(request.worker_id, models, now())
+        if models and set(models) != set(before.models):
+            await self.catalog.register(models)
+            await self.refresh()
+        return pb.RenewLeaseResponse(
+            lease_expire_time=_timestamp(worker.lease_expires_at), drain=worker.state == DRAINING
+        )
+
+    async def DrainWorker(
+        self, request: pb.DrainWorkerRequest, context: Context
+    ) -> pb.DrainWorkerResponse:
+        worker = await self.registry.drain(request.worker_id)
+        await self.refresh()
+        return pb.DrainWorkerResponse(worker=worker_to_pb(worker))
+
+    async def ListWorkers(
+        self, request: pb.ListWorkersRequest, context: Context
+    ) -> pb.ListWorkersResponse:
+        workers = await self.registry.all(now())
+        return pb.ListWorkersResponse(workers=[worker_to_pb(w) for w in workers])

@@ -1,0 +1,345 @@
+"""Pure functions from (catalogue, workers, time) to the Envoy resources the edge routes by.
+
+- one EDS cluster per model version (`model:NAME:VERSION`), with gRPC health
+  checks of that version's readiness, outlier detection and circuit breakers;
+- an aggregate cluster (`fallback:NAME:VERSION`) in front of it when the
+  model has a fallback: Envoy fails over to the fallback model's primary
+  version when the version has no healthy worker;
+- `inference`: every serving worker (ListModels, GetModel, unknown models);
+- the route configuration: per model, exact-version routes (versions and
+  aliases), then a weighted split (or the pin) for requests without one.
+
+The Lua filter at the edge copies a request's model and version (from the
+protobuf body, so REST and gRPC alike) into `x-tokenmesh-model` and
+`x-model-version`; routes match those headers and tell the worker what to
+serve in `x-tokenmesh-route-*` headers. Nothing here does I/O: the same
+inputs always give the same resources and versions.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway import edge_auth, envoy_config
+from gateway.envoy_config import Endpoint
+from gateway.model_routing import (
+    FALLBACK_MODEL_HEADER,
+    FALLBACK_VERSION_HEADER,
+    INFERENCE_PREFIX,
+    MODEL_HEADER,
+    ROUTE_MODEL_HEADER,
+    ROUTE_VERSION_HEADER,
+    VERSION_HEADER,
+)
+from services.router.catalog import ModelEntry
+from services.router.registry import WorkerEntry
+
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+INFERENCE_CLUSTER = "inference"
+
+
+@dataclass(frozen=True)
+class EdgeFlags:
+    """EdgeFlags are the parts of an edge's setup its routes depend on (node metadata)."""
+
+    auth: bool = True
+    ratelimit: bool = True
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> EdgeFlags:
+        """Reads the flags an edge put in its bootstrap's node metadata."""
+        return cls(
+            auth=bool(metadata.get("tokenmesh_auth", True)),
+            ratelimit=bool(metadata.get("tokenmesh_ratelimit", True)),
+        )
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """ClusterOptions tune the clusters the control plane hands out."""
+
+    health_check_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Resources is one consistent set of xDS resources (as JSON-shaped dicts) by type URL."""
+
+    by_type: Mapping[str, Mapping[str, dict[str, Any]]]
+
+    def version(self, type_url: str) -> str:
+        """Returns a content hash of one type's resources (same content, same version)."""
+        blob = json.dumps(self.by_type.get(type_url, {}), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def model_cluster(model: str, version: str) -> str:
+    """Returns the cluster name of one model version."""
+    return f"model:{model}:{version}"
+
+
+def fallback_cluster(model: str, version: str) -> str:
+    """Returns the aggregate (version, then fallback) cluster name of one model version."""
+    return f"fallback:{model}:{version}"
+
+
+def _health_service(model: str, version: str) -> str:
+    # The worker's per-version health entry (services.inference.service.model_health_name).
+    return f"tokenmesh.inference.v1.InferenceService/{model}/{version}"
+
+
+def build(
+    catalog: Mapping[str, ModelEntry],
+    workers: Sequence[WorkerEntry],
+    now: float,
+    flags: EdgeFlags,
+    options: ClusterOptions,
+) -> Resources:
+    """Builds every resource one edge needs."""
+    routable = [w for w in workers if w.routable(now)]
+    served = _served_versions(catalog, now)
+    clusters = {
+        INFERENCE_CLUSTER: eds_cluster(
+            INFERENCE_CLUSTER, envoy_config.HEALTH_SERVICE[INFERENCE_CLUSTER], options
+        )
+    }
+    endpoints = {INFERENCE_CLUSTER: load_assignment(INFERENCE_CLUSTER, routable)}
+    for model, version in served:
+        name = model_cluster(model, version)
+        clusters[name] = eds_cluster(name, _health_service(model, version), options)
+        hosts = [w for w in routable if (model, version) in w.models]
+        endpoints[name] = load_assignment(name, hosts)
+    for entry in catalog.values():
+        fallback = _fallback_target(entry, catalog, now)
+        if fallback is None:
+            continue
+        for serving in entry.versions:
+            if not serving.sunset(now):
+                name = fallback_cluster(entry.name, serving.version)
+                clusters[name] = aggregate_cluster(
+                    name, [model_cluster(entry.name, serving.version), model_cluster(*fallback)]
+                )
+    return Resources(
+        {
+            CLUSTER_TYPE: clusters,
+            ENDPOINT_TYPE: endpoints,
+            ROUTE_TYPE: {"edge": route_configuration(catalog, now, flags)},
+        }
+    )
+
+
+def _served_versions(catalog: Mapping[str, ModelEntry], now: float) -> list[tuple[str, str]]:
+    """Every (model, version) not sunset gets a cluster, even with no worker yet (so
+    routes and fallbacks stay valid while workers come and go)."""
+    return sorted(
+        (entry.name, v.version)
+        for entry in catalog.values()
+        for v in entry.versions
+        if not v.sunset(now)
+    )
+
+
+def _fallback_target(
+    entry: ModelEntry, catalog: Mapping[str, ModelEntry], now: float
+) -> tuple[str, str] | None:
+    fallback = catalog.get(entry.fallback) if entry.fallback else None
+    if fallback is None:
+        return None
+    version = fallback.primary_version(now)
+    return (fallback.name, version) if version else None
+
+
+def eds_cluster(name: str, health_service: str, options: ClusterOptions) -> dict[str, Any]:
+    """Builds an HTTP/2 EDS cluster of workers, with health checks and resilience settings."""
+    return {
+        "name": name,
+        "type": "EDS",
+        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": envoy_config.h2_options(),
+        "health_checks": [
+            envoy_config.grpc_health_check(health_service, options.health_check_interval_s)
+        ],
+        # No panic routing to unhealthy workers: fail over (aggregate) or answer 503.
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+        "outlier_detection": {
+            "consecutive_5xx": 5,
+            "consecutive_gateway_failure": 2,
+            "consecutive_local_origin_failure": 2,
+            "split_external_local_origin_errors": True,
+            "interval": "1s",
+            "base_ejection_time": "10s",
+            "max_ejection_percent": 50,
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "max_connections": 4096,
+                    "max_pending_requests": 1024,
+                    # Long token streams each hold a request: allow many.
+                    "max_requests": 8192,
+                    "max_retries": 64,
+                }
+            ]
+        },
+        "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 30}},
+    }
+
+
+def aggregate_cluster(name: str, clusters: Sequence[str]) -> dict[str, Any]:
+    """Builds a cluster that uses the first of `clusters` with a healthy host."""
+    return {
+        "name": name,
+        "connect_timeout": "1s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {
+            "name": "envoy.clusters.aggregate",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                "clusters": list(clusters),
+            },
+        },
+    }
+
+
+def load_assignment(cluster: str, workers: Sequence[WorkerEntry]) -> dict[str, Any]:
+    """Builds one cluster's endpoints."""
+    return envoy_config.load_assignment(cluster, [Endpoint(w.host, w.port) for w in workers])
+
+
+def _header(name: str, value: str) -> dict[str, Any]:
+    return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def _match(model: str, version: str | None) -> dict[str, Any]:
+    headers: list[dict[str, Any]] = [{"name": MODEL_HEADER, "string_match": {"exact": model}}]
+    if version is not None:
+        headers.append({"name": VERSION_HEADER, "string_match": {"exact": version}})
+    return {"prefix": INFERENCE_PREFIX, "headers": headers}
+
+
+def _streaming_action(**target: Any) -> dict[str, Any]:
+    """A route action for token streams: no total timeout, retries only before a response."""
+    return {
+        **target,
+        "timeout": "0s",
+        "idle_timeout": "60s",
+        "retry_policy": {
+            # Before the first response byte only (Envoy never retries after
+            # it forwarded response headers): a dead or draining worker costs
+            # the client nothing.
+            "retry_on": "connect-failure,refused-stream,unavailable,reset",
+            "num_retries": 2,
+            "retry_host_predicate": [
+                {
+                    "name": "envoy.retry_host_predicates.previous_hosts",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.retry.host"
+                        ".previous_hosts.v3.PreviousHostsPredicate"
+                    },
+                }
+            ],
+            "host_selection_retry_max_attempts": 3,
+        },
+    }
+
+
+def _weighted_target(
+    entry: ModelEntry,
+    version: str,
+    weight: int,
+    fallback: tuple[str, str] | None,
+) -> dict[str, Any]:
+    """One version as a weighted-cluster entry: where it goes, what the worker is told."""
+    request_headers = [
+        _header(ROUTE_MODEL_HEADER, entry.name),
+        _header(ROUTE_VERSION_HEADER, version),
+    ]
+    if fallback is not None:
+        request_headers += [
+            _header(FALLBACK_MODEL_HEADER, fallback[0]),
+            _header(FALLBACK_VERSION_HEADER, fallback[1]),
+        ]
+    target: dict[str, Any] = {
+        "name": fallback_cluster(entry.name, version)
+        if fallback
+        else model_cluster(entry.name, version),
+        "weight": weight,
+        "request_headers_to_add": request_headers,
+    }
+    deprecation = _deprecation_headers(entry, version)
+    if deprecation:
+        target["response_headers_to_add"] = deprecation
+    return target
+
+
+def _deprecation_headers(entry: ModelEntry, version: str) -> list[dict[str, Any]]:
+    """RFC 9745 Deprecation and RFC 8594 Sunset headers of a deprecated version."""
+    found = entry.version(version)
+    if found is None or found.deprecated_at is None:
+        return []
+    headers = [_header("deprecation", f"@{int(found.deprecated_at)}")]
+    if found.sunset_at is not None:
+        headers.append(_header("sunset", email.utils.formatdate(found.sunset_at, usegmt=True)))
+    return headers
+
+
+def model_routes(
+    entry: ModelEntry, catalog: Mapping[str, ModelEntry], now: float
+) -> list[dict[str, Any]]:
+    """Routes of one model: explicit versions and aliases first, then the split."""
+    fallback = _fallback_target(entry, catalog, now)
+    routes: list[dict[str, Any]] = []
+    labels = [(v.version, v.version) for v in entry.versions]
+    labels += sorted(entry.aliases.items())
+    for label, version in labels:
+        found = entry.version(version)
+        if found is None:
+            continue
+        if found.sunset(now):
+            routes.append(_sunset_route(entry.name, label, found.sunset_at or now))
+            continue
+        target = _weighted_target(entry, version, 1, fallback)
+        routes.append(
+            {
+                "match": _match(entry.name, label),
+                "route": _streaming_action(weighted_clusters={"clusters": [target]}),
+            }
+        )
+    weights = entry.effective_weights(now)
+    if weights:
+        targets = [_weighted_target(entry, v, w, fallback) for v, w in sorted(weights.items())]
+        routes.append(
+            {
+                "match": _match(entry.name, None),
+                "route": _streaming_action(weighted_clusters={"clusters": targets}),
+            }
+        )
+    return routes
+
+
+def _sunset_route(model: str, label: str, sunset_at: float) -> dict[str, Any]:
+    when = email.utils.formatdate(sunset_at, usegmt=True)
+    return {
+        "match": _match(model, label),
+        "direct_response": {
+            "status": 404,
+            "body": {"inline_string": f"version {label!r} of {model!r} was sunset on {when}"},
+        },
+    }
+
+
+def route_configuration(
+    catalog: Mapping[str, ModelEntry], now: float, flags: EdgeFlags
+) -> dict[str, Any]:
+    """Builds the edge's whole route configuration."""
+    per_model = [r for name in sorted(catalog) for r in model_routes(catalog[name], catalog, now)]
+    auth = edge_auth.EdgeAuth(ratelimit=flags.ratelimit) if flags.auth else None
+    return envoy_config.route_configuration(auth, per_model)

@@ -1,0 +1,272 @@
+"""The xDS control plane: state-of-the-world ADS over gRPC for every edge Envoy.
+
+`ControlPlane` rebuilds the resources from Redis a few times a second (so
+lease expiries, catalogue changes made through any router replica, and
+worker registrations all show up within a second) and bumps a generation
+when their content changed. `AdsServicer` keeps, per Envoy stream and per
+resource type, what was sent under which nonce, sends on change, treats a
+request whose nonce matches the last response as its ACK or NACK, and
+ignores stale nonces. Nothing is sent before the first snapshot was read
+from Redis: an empty answer would make a reconnecting Envoy drop its routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import grpc.aio
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2  # noqa: F401
+from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F401
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2, json_format
+from google.protobuf.message import Message
+from redis.exceptions import RedisError
+
+from services.router.snapshot import CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, EdgeFlags, Resources
+
+logger = logging.getLogger(__name__)
+# Sent in this order so an Envoy knows a cluster before its endpoints and routes.
+TYPE_ORDER = (CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE)
+_MESSAGES: Mapping[str, type[Message]] = {
+    CLUSTER_TYPE: cluster_pb2.Cluster,
+    ENDPOINT_TYPE: endpoint_pb2.ClusterLoadAssignment,
+    ROUTE_TYPE: route_pb2.RouteConfiguration,
+}
+# State of the world: these types are always sent whole, whatever was asked for.
+_WILDCARD_TYPES = frozenset({CLUSTER_TYPE})
+
+
+@dataclass(frozen=True)
+class PackedResources:
+    """PackedResources are one edge flavour's resources, as protobuf Any, by type."""
+
+    versions: Mapping[str, str]
+    by_type: Mapping[str, Mapping[str, any_pb2.Any]]
+
+
+def pack(resources: Resources) -> PackedResources:
+    """Converts JSON-shaped resources to protobuf (raises ValueError on a bad shape)."""
+    by_type: dict[str, dict[str, any_pb2.Any]] = {}
+    for type_url, named in resources.by_type.items():
+        packed: dict[str, any_pb2.Any] = {}
+        for name, resource in named.items():
+            message = json_format.ParseDict(resource, _MESSAGES[type_url]())
+            packed[name] = any_pb2.Any()
+            packed[name].Pack(message)
+        by_type[type_url] = packed
+    versions = {type_url: resources.version(type_url) for type_url in resources.by_type}
+    return PackedResources(versions, by_type)
+
+
+class ControlPlane:
+    """ControlPlane holds the latest resources and tells streams when they change.
+
+    Args:
+        build: reads Redis and returns the resources for one edge flavour.
+        poll_s: how often Redis is read.
+    """
+
+    def __init__(self, build: Callable[[EdgeFlags], Awaitable[Resources]], poll_s: float) -> None:
+        self._build = build
+        self._poll_s = poll_s
+        self._flavours: dict[EdgeFlags, PackedResources] = {EdgeFlags(): PackedResources({}, {})}
+        self._generation = 0
+        self._changed = asyncio.Condition()
+        self.ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Starts polling Redis in the background."""
+        self._task = asyncio.create_task(self._poll_forever(), name="xds-poll")
+
+    async def stop(self) -> None:
+        """Stops polling."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task], timeout=5)
+
+    def resources(self, flags: EdgeFlags) -> PackedResources:
+        """Returns the latest resources for an edge with `flags`."""
+        return self._flavours.get(flags) or self._flavours[EdgeFlags()]
+
+    async def ensure(self, flags: EdgeFlags) -> None:
+        """Builds resources for a new edge flavour now; every poll refreshes them after."""
+        if flags not in self._flavours:
+            self._flavours[flags] = pack(await self._build(flags))
+
+    async def refresh(self) -> None:
+        """Reads Redis now; wakes every stream when anything changed."""
+        changed = False
+        for flags in list(self._flavours):
+            packed = pack(await self._build(flags))
+            if packed.versions != self._flavours[flags].versions:
+                self._flavours[flags] = packed
+                changed = True
+        self.ready.set()
+        if changed:
+            async with self._changed:
+                self._generation += 1
+                self._changed.notify_all()
+
+    async def wait_changed(self, seen: int) -> int:
+        """Waits until the generation moves past `seen`; returns the new one."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._generation != seen)
+            return self._generation
+
+    @property
+    def generation(self) -> int:
+        """Returns how many times the resources changed."""
+        return self._generation
+
+    async def _poll_forever(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except (RedisError, OSError) as exc:
+                # Keep serving the last snapshot: Envoys keep their config too.
+                logger.warning("xDS refresh failed (%s); serving the last snapshot", exc)
+            except Exception:
+                logger.exception("xDS refresh failed; serving the last snapshot")
+            await asyncio.sleep(self._poll_s)
+
+
+@dataclass
+class _Subscription:
+    """What one stream asked for, and was last sent, of one resource type."""
+
+    names: frozenset[str] = frozenset()
+    sent_version: str | None = None
+    nonce: str = ""
+    acked_version: str = ""
+
+
+@dataclass
+class _Stream:
+    """One Envoy's ADS stream."""
+
+    plane: ControlPlane
+    peer: str
+    flags: EdgeFlags = EdgeFlags()
+    node_id: str = ""
+    subscriptions: dict[str, _Subscription] = field(default_factory=dict)
+    outbox: asyncio.Queue[discovery_pb2.DiscoveryResponse] = field(default_factory=asyncio.Queue)
+    nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    async def on_request(self, request: discovery_pb2.DiscoveryRequest) -> None:
+        """Handles a subscription, an ACK or a NACK."""
+        if request.HasField("node") and not self.node_id:
+            self.node_id = request.node.id
+            metadata = json_format.MessageToDict(request.node.metadata)
+            self.flags = EdgeFlags.from_metadata(metadata)
+            await self.plane.ensure(self.flags)
+        type_url = request.type_url
+        if type_url not in _MESSAGES:
+            logger.warning("node %s asked for unsupported type %s", self.node_id, type_url)
+            return
+        subscription = self.subscriptions.setdefault(type_url, _Subscription())
+        if request.response_nonce and request.response_nonce != subscription.nonce:
+            return  # an answer to an older response: superseded
+        names = frozenset(request.resource_names)
+        names_changed = names != subscription.names
+        subscription.names = names
+        if request.HasField("error_detail"):
+            # NACK: Envoy keeps its previous config; resend only when ours changes.
+            logger.error(
+                "node %s rejected %s version %s: %s",
+                self.node_id,
+                type_url.rsplit(".", 1)[-1],
+                subscription.sent_version,
+                request.error_detail.message,
+            )
+        elif request.response_nonce:
+            subscription.acked_version = request.version_info
+        first = not request.response_nonce
+        self.send(type_url, force=first or names_changed)
+
+    def send(self, type_url: str, *, force: bool = False) -> None:
+        """Queues the latest resources of `type_url` unless this stream already has them."""
+        subscription = self.subscriptions.get(type_url)
+        if subscription is None:
+            return
+        resources = self.plane.resources(self.flags)
+        version = resources.versions.get(type_url, "")
+        if version == subscription.sent_version and not force:
+            return
+        named = resources.by_type.get(type_url, {})
+        if type_url in _WILDCARD_TYPES or not subscription.names:
+            chosen = [named[n] for n in sorted(named)]
+        else:
+            chosen = [named[n] for n in sorted(subscription.names) if n in named]
+        subscription.sent_version = version
+        subscription.nonce = str(next(self.nonces))
+        self.outbox.put_nowait(
+            discovery_pb2.DiscoveryResponse(
+                version_info=version,
+                resources=chosen,
+                type_url=type_url,
+                nonce=subscription.nonce,
+            )
+        )
+
+    def send_all(self) -> None:
+        """Queues every subscribed type whose resources changed, clusters first."""
+        for type_url in TYPE_ORDER:
+            self.send(type_url)
+
+
+class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    """AdsServicer serves Envoy's Aggregated Discovery Service (state of the world)."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+
+    async def StreamAggregatedResources(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext[
+            discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse
+        ],
+    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        stream = _Stream(self.plane, context.peer())
+        await self.plane.ready.wait()
+        tasks = [
+            asyncio.create_task(self._read(stream, request_iterator)),
+            asyncio.create_task(self._watch(stream)),
+        ]
+        try:
+            while True:
+                getter = asyncio.create_task(stream.outbox.get())
+                done, _ = await asyncio.wait(
+                    [getter, tasks[0]], return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter not in done:
+                    getter.cancel()
+                    break  # the Envoy closed its side
+                yield getter.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            logger.info("ADS stream of node %s (%s) ended", stream.node_id, stream.peer)
+
+    @staticmethod
+    async def _read(
+        stream: _Stream, requests: AsyncIterator[discovery_pb2.DiscoveryRequest]
+    ) -> None:
+        async for request in requests:
+            await stream.on_request(request)
+
+    async def _watch(self, stream: _Stream) -> None:
+        seen = self.plane.generation
+        while True:
+            seen = await self.plane.wait_changed(seen)
+            stream.send_all()
