@@ -11,11 +11,25 @@ TOKENMESH_API_KEY).
     tokenmesh keys rotate ID --overlap 300 --json
     tokenmesh token [--api-key tm_...]
     tokenmesh signing-keys rotate
+    tokenmesh models list [--json]
+    tokenmesh models split MODEL VERSION=WEIGHT [VERSION=WEIGHT ...]
+    tokenmesh models pin MODEL [VERSION]          (no VERSION unpins)
+    tokenmesh models deprecate MODEL VERSION --sunset YYYY-MM-DD
+    tokenmesh models fallback MODEL FALLBACK_MODEL  ("" clears it)
+    tokenmesh models alias MODEL ALIAS [VERSION]
+    tokenmesh models register MODEL VERSION
+    tokenmesh workers list [--json]
+    tokenmesh workers drain WORKER_ID
+
+`models` commands go through the edge (--edge-address, TOKENMESH_EDGE_ADDR),
+which checks the key's admin scope; `workers` talk to the router
+(--router-address, TOKENMESH_ROUTER_ADDR), which the edge does not expose.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -24,10 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import duration_pb2, json_format, timestamp_pb2
 
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2_grpc
 from tokenmesh.auth.v1 import auth_service_pb2 as pb
+from tokenmesh.router.v1 import router_pb2, router_service_pb2_grpc
+from tokenmesh.router.v1 import router_service_pb2 as router_pb
 
 TIMEOUT_S = 10.0
 
@@ -36,15 +52,21 @@ def _state_dir() -> Path:
     return Path(os.environ.get("TOKENMESH_STATE_DIR", ".tokenmesh"))
 
 
-def _auth_address(args: argparse.Namespace) -> str:
-    if args.auth_address:
-        return str(args.auth_address)
+def _address(args: argparse.Namespace) -> str:
+    """Returns host:port of the service the command talks to (auth, edge or router)."""
+    given = getattr(args, f"{args.target}_address")
+    if given:
+        return str(given)
     manifest = _state_dir() / "run" / "mesh.json"
     if not manifest.exists():
         raise SystemExit(
-            f"tokenmesh: no local mesh at {manifest} (start `make run`, or pass --auth-address)"
+            f"tokenmesh: no local mesh at {manifest} "
+            f"(start `make run`, or pass --{args.target}-address)"
         )
-    return f"127.0.0.1:{json.loads(manifest.read_text())['ports']['auth']}"
+    mesh = json.loads(manifest.read_text())
+    if args.target == "edge":
+        return str(mesh["edge_url"]).removeprefix("http://")
+    return f"127.0.0.1:{mesh['ports'][args.target]}"
 
 
 def _api_key(args: argparse.Namespace) -> str:
@@ -143,7 +165,115 @@ def signing_rotate(
     _print(reply.signing_key, args.json, f"current signing key: {reply.signing_key.kid}")
 
 
+def _model_line(model: router_pb2.CatalogModel) -> str:
+    versions = ", ".join(
+        f"{v.version}={v.weight}%"
+        + ("" if v.state == router_pb2.CATALOG_VERSION_STATE_ACTIVE else " (deprecated)")
+        + f" [{v.healthy_workers} workers]"
+        for v in model.versions
+    )
+    extras = [f"pinned={model.pinned_version}"] if model.pinned_version else []
+    extras += [f"fallback={model.fallback_model}"] if model.fallback_model else []
+    extras += [f"{alias}->{version}" for alias, version in sorted(model.aliases.items())]
+    return f"{model.name:<24} {versions}  {' '.join(extras)}".rstrip()
+
+
+def models_list(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
+    reply = stub.ListCatalogModels(
+        router_pb.ListCatalogModelsRequest(), metadata=metadata, timeout=TIMEOUT_S
+    )
+    _print(reply, args.json, "\n".join(map(_model_line, reply.models)) or "(no models)")
+
+
+def _weights(pairs: Sequence[str]) -> list[router_pb2.TrafficWeight]:
+    weights = []
+    for pair in pairs:
+        version, sep, weight = pair.partition("=")
+        if not (sep and version and weight.isdigit()):
+            raise SystemExit(f"tokenmesh: {pair!r} is not VERSION=WEIGHT (e.g. 2=20)")
+        weights.append(router_pb2.TrafficWeight(version=version, weight=int(weight)))
+    return weights
+
+
+def models_split(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
+    request = router_pb.SetTrafficSplitRequest(model=args.model, weights=_weights(args.weights))
+    reply = stub.SetTrafficSplit(request, metadata=metadata, timeout=TIMEOUT_S)
+    _print(reply.model, args.json, _model_line(reply.model))
+
+
+def models_pin(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
+    request = router_pb.PinModelVersionRequest(model=args.model, version=args.version or "")
+    reply = stub.PinModelVersion(request, metadata=metadata, timeout=TIMEOUT_S)
+    _print(reply.model, args.json, _model_line(reply.model))
+
+
+def _sunset(value: str) -> timestamp_pb2.Timestamp:
+    try:
+        day = datetime.datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=datetime.UTC)
+    except ValueError:
+        raise SystemExit(f"tokenmesh: --sunset {value!r} is not YYYY-MM-DD") from None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(day)
+    return stamp
+
+
+def models_deprecate(
+    stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]
+) -> None:
+    request = router_pb.DeprecateModelVersionRequest(
+        model=args.model, version=args.version, sunset_time=_sunset(args.sunset)
+    )
+    reply = stub.DeprecateModelVersion(request, metadata=metadata, timeout=TIMEOUT_S)
+    _print(reply.model, args.json, _model_line(reply.model))
+
+
+def models_fallback(
+    stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]
+) -> None:
+    request = router_pb.SetFallbackModelRequest(model=args.model, fallback_model=args.fallback)
+    reply = stub.SetFallbackModel(request, metadata=metadata, timeout=TIMEOUT_S)
+    _print(reply.model, args.json, _model_line(reply.model))
+
+
+def models_alias(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
+    request = router_pb.SetModelAliasRequest(
+        model=args.model, alias=args.alias, version=args.version or ""
+    )
+    reply = stub.SetModelAlias(request, metadata=metadata, timeout=TIMEOUT_S)
+    _print(reply.model, args.json, _model_line(reply.model))
+
+
+def models_register(
+    stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]
+) -> None:
+    request = router_pb.RegisterModelVersionRequest(model=args.model, version=args.version)
+    reply = stub.RegisterModelVersion(request, metadata=metadata, timeout=TIMEOUT_S)
+    _print(reply.model, args.json, _model_line(reply.model))
+
+
+def _worker_line(worker: router_pb2.Worker) -> str:
+    models = " ".join(f"{m.name}:{m.version}" for m in worker.models)
+    state = router_pb2.WorkerState.Name(worker.state).removeprefix("WORKER_STATE_").lower()
+    return f"{worker.id:<20} {worker.address:<22} {state:<9} {models}"
+
+
+def workers_list(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
+    reply = stub.ListWorkers(router_pb.ListWorkersRequest(), timeout=TIMEOUT_S)
+    _print(reply, args.json, "\n".join(map(_worker_line, reply.workers)) or "(no workers)")
+
+
+def workers_drain(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
+    reply = stub.DrainWorker(router_pb.DrainWorkerRequest(worker_id=args.id), timeout=TIMEOUT_S)
+    _print(reply.worker, args.json, f"draining {reply.worker.id}")
+
+
 Command = Callable[[Any, argparse.Namespace, Sequence[tuple[str, str]]], None]
+# Which service a command group talks to, and its stub.
+TARGETS: dict[str, Callable[[grpc.Channel], Any]] = {
+    "auth": auth_service_pb2_grpc.AuthServiceStub,
+    "edge": router_service_pb2_grpc.RouterServiceStub,
+    "router": router_service_pb2_grpc.WorkerRegistryServiceStub,
+}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -155,7 +285,14 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument(
         "--api-key", default=os.environ.get("TOKENMESH_API_KEY"), help="admin API key"
     )
+    root.add_argument(
+        "--edge-address", default=os.environ.get("TOKENMESH_EDGE_ADDR"), help="edge host:port"
+    )
+    root.add_argument(
+        "--router-address", default=os.environ.get("TOKENMESH_ROUTER_ADDR"), help="router host:port"
+    )
     root.add_argument("--json", action="store_true", help="print JSON")
+    root.set_defaults(target="auth")
     groups = root.add_subparsers(dest="group", required=True)
     keys = groups.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create", help="create a key (prints its secret once)")
@@ -188,9 +325,59 @@ def parser() -> argparse.ArgumentParser:
     )
     signing_rotate_cmd = signing.add_parser("rotate", help="promote the next signing key")
     signing_rotate_cmd.set_defaults(run=signing_rotate)
-    for sub in (create, listing, revoke, rotate, token_cmd, signing_rotate_cmd):
+    subs = [create, listing, revoke, rotate, token_cmd, signing_rotate_cmd]
+    subs += _models_parsers(groups)
+    subs += _workers_parsers(groups)
+    for sub in subs:
         sub.add_argument("--json", action="store_true", help="print JSON")
     return root
+
+
+def _models_parsers(groups: Any) -> list[argparse.ArgumentParser]:
+    models = groups.add_parser("models", help="the model catalogue (through the edge)")
+    models.set_defaults(target="edge")
+    actions = models.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="models, versions, weights, workers")
+    listing.set_defaults(run=models_list)
+    split = actions.add_parser("split", help="set traffic weights (they must sum to 100)")
+    split.add_argument("model")
+    split.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT")
+    split.set_defaults(run=models_split)
+    pin = actions.add_parser("pin", help="send all traffic to one version (none unpins)")
+    pin.add_argument("model")
+    pin.add_argument("version", nargs="?")
+    pin.set_defaults(run=models_pin)
+    deprecate = actions.add_parser("deprecate", help="deprecate a version with a sunset date")
+    deprecate.add_argument("model")
+    deprecate.add_argument("version")
+    deprecate.add_argument("--sunset", required=True, help="YYYY-MM-DD (UTC)")
+    deprecate.set_defaults(run=models_deprecate)
+    fallback = actions.add_parser("fallback", help="serve another model when none is healthy")
+    fallback.add_argument("model")
+    fallback.add_argument("fallback", help='fallback model ("" clears it)')
+    fallback.set_defaults(run=models_fallback)
+    alias = actions.add_parser("alias", help="point an alias (stable, canary) at a version")
+    alias.add_argument("model")
+    alias.add_argument("alias")
+    alias.add_argument("version", nargs="?")
+    alias.set_defaults(run=models_alias)
+    register = actions.add_parser("register", help="add a version (0%% of traffic)")
+    register.add_argument("model")
+    register.add_argument("version")
+    register.set_defaults(run=models_register)
+    return [listing, split, pin, deprecate, fallback, alias, register]
+
+
+def _workers_parsers(groups: Any) -> list[argparse.ArgumentParser]:
+    workers = groups.add_parser("workers", help="inference workers (through the router)")
+    workers.set_defaults(target="router")
+    actions = workers.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="registered workers and their leases")
+    listing.set_defaults(run=workers_list)
+    drain = actions.add_parser("drain", help="stop routing to a worker; it finishes and exits")
+    drain.add_argument("id")
+    drain.set_defaults(run=workers_drain)
+    return [listing, drain]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,14 +385,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     command: Command = args.run
     try:
-        with grpc.insecure_channel(_auth_address(args)) as channel:
-            stub = auth_service_pb2_grpc.AuthServiceStub(channel)
-            metadata = [] if command is token else [("x-api-key", _api_key(args))]
+        with grpc.insecure_channel(_address(args)) as channel:
+            stub = TARGETS[args.target](channel)
+            metadata = _metadata(args, command)
             command(stub, args, metadata)
     except grpc.RpcError as error:
         print(f"tokenmesh: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
     return 0
+
+
+def _metadata(args: argparse.Namespace, command: Command) -> list[tuple[str, str]]:
+    if command is token or args.target == "router":
+        return []
+    if args.target == "edge":
+        return [("authorization", f"Bearer {_api_key(args)}")]
+    return [("x-api-key", _api_key(args))]
 
 
 if __name__ == "__main__":

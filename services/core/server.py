@@ -47,16 +47,6 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
 )
 
 
-def unimplemented(servicer_cls: Callable[[], T]) -> T:
-    """Returns a generated base servicer: every RPC answers UNIMPLEMENTED.
-
-    For services whose RPCs land in a later change; never a fake result.
-    """
-    # NOTE: mypy-protobuf marks the RPCs abstract; the runtime base class is
-    # concrete and raises NotImplementedError, which the boundary maps.
-    return servicer_cls()
-
-
 class Service(abc.ABC):
     """Service is one tokenmesh service: its servicers and lifecycle hooks."""
 

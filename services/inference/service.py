@@ -183,7 +183,13 @@ class InferenceService(Service):
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(self.registry, self.usage_log, TokenBudgets(self.redis)), server
+            InferenceServicer(
+                self.registry,
+                self.usage_log,
+                TokenBudgets(self.redis),
+                worker_id=self.settings.worker_id,
+            ),
+            server,
         )
         inference_service_pb2_grpc.add_InferenceAdminServiceServicer_to_server(
             InferenceAdminServicer(self.registry, self.load, self.unload), server

@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from opentelemetry import trace
 from redis.exceptions import RedisError
@@ -87,6 +87,7 @@ class Target:
 
     model: LoadedModel
     fallback_from: str = ""  # the requested model, when its fallback serves instead
+    worker_id: str = ""  # this worker, named in a response header for operators
 
 
 def route_target(
@@ -121,6 +122,7 @@ class Request:
         check_model_allowed(headers, target.fallback_from or model.name)
         self.model = model
         self.fallback_from = target.fallback_from
+        self.worker_id = target.worker_id
         self.request_id = request_id or uuid.uuid4().hex
         self.rpc = rpc
         self.key_id = headers.get(KEY_ID_HEADER, "")
@@ -139,6 +141,8 @@ class Request:
     async def send_headers(self, context: Context) -> None:
         """Sends the request id, serving version (and any fallback) as response headers."""
         headers = [("x-request-id", self.request_id), ("x-model-version", self.model.version)]
+        if self.worker_id:
+            headers.append(("x-tokenmesh-worker", self.worker_id))
         if self.fallback_from:
             headers += [
                 ("x-tokenmesh-model", self.model.name),
@@ -222,9 +226,18 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     Args:
         registry: the loaded model versions.
         usage_log: where every finished request's usage is recorded.
+        budgets: the callers' token budgets (reserved at admission).
+        worker_id: this worker's id, sent in the `x-tokenmesh-worker` response header.
     """
 
-    def __init__(self, registry: ModelRegistry, usage_log: UsageLog, budgets: TokenBudgets) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        usage_log: UsageLog,
+        budgets: TokenBudgets,
+        worker_id: str = "",
+    ) -> None:
+        self.worker_id = worker_id
         self.registry = registry
         self.usage_log = usage_log
         self.budgets = budgets
@@ -254,7 +267,10 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     def _resolve(self, context: Context, name: str, version: str, *, generative: bool) -> Target:
         """Returns the model version to serve; refuses work the usage spool cannot meter."""
         self.usage_log.check_capacity()
-        target = route_target(self.registry, request_headers(context), name, version)
+        target = replace(
+            route_target(self.registry, request_headers(context), name, version),
+            worker_id=self.worker_id,
+        )
         model = target.model
         if (model.scheduler if generative else model.embedder) is None:
             kind = "a generative" if generative else "an embedding"

@@ -142,19 +142,6 @@ def test_context_overflow_is_400_with_numbers(http):
     assert "510" in reply.json()["message"] and "512" in reply.json()["message"]
 
 
-@pytest.mark.parametrize(
-    ("method", "path", "body"),
-    [
-        ("GET", "/v1/catalog/models", None),
-        ("POST", "/v1/catalog/models/demo-lm:pin", {"version": "1"}),
-    ],
-)
-def test_not_yet_implemented_rpcs_are_501_not_fake_results(http, method, path, body):
-    reply = http.request(method, path, json=body)
-    assert reply.status_code == 501
-    assert reply.json()["code"] == 12
-
-
 def test_demo_lm_streams_over_sse(http):
     body = {"prompt": "And the LORD spake unto Moses", "max_tokens": 12, "seed": 7}
     with http.stream("POST", "/v1/models/demo-lm:generate", json=body) as response:

@@ -15,27 +15,36 @@ from grpc_status import rpc_status
 
 from services.auth.service import AuthService, AuthSettings
 from services.core.server import serving
-from services.core.settings import RedisSettings
 from services.launcher.mesh import spawn_redis
-from services.router.service import RouterService
+from services.router.service import RouterService, RouterSettings
 from tokenmesh.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
-from tokenmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
+from tokenmesh.router.v1 import router_pb2, router_service_pb2, router_service_pb2_grpc
 
 
-async def test_unimplemented_rpcs_answer_unimplemented_with_error_info(redis_url):
-    settings = RedisSettings(metrics_port=-1, grace_s=0.5, redis_url=redis_url)
+async def test_catalogue_errors_carry_bad_request_details(redis_url):
+    settings = RouterSettings(metrics_port=-1, grace_s=0.5, redis_url=redis_url)
     async with serving(RouterService(settings), settings) as running:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            call = router_service_pb2_grpc.RouterServiceStub(channel).ListCatalogModels(
-                router_service_pb2.ListCatalogModelsRequest()
+            stub = router_service_pb2_grpc.RouterServiceStub(channel)
+            await stub.RegisterModelVersion(
+                router_service_pb2.RegisterModelVersionRequest(model="errs", version="1")
+            )
+            call = stub.SetTrafficSplit(
+                router_service_pb2.SetTrafficSplitRequest(
+                    model="errs", weights=[router_pb2.TrafficWeight(version="1", weight=90)]
+                )
             )
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call
-            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "sum to 100 (they sum to 90)" in (info.value.details() or "")
             status = await rpc_status.aio.from_call(call)
-            error_info = error_details_pb2.ErrorInfo()
-            status.details[0].Unpack(error_info)
-            assert error_info.reason == "NOT_IMPLEMENTED"
+            bad_request = error_details_pb2.BadRequest()
+            assert status.details[1].Unpack(bad_request)
+            assert bad_request.field_violations[0].field == "weights"
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await stub.GetCatalogModel(router_service_pb2.GetCatalogModelRequest(model="nope"))
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_health_follows_redis(tmp_path: Path):

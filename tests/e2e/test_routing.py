@@ -1,0 +1,403 @@
+"""Model routing through the real edge: canary splits, pins, versions, deprecation,
+fallbacks, worker crashes, drains and control-plane restarts.
+
+This module runs its own mesh (own Redis, router, two workers serving
+deterministic-test versions 1 and 2) because it changes the catalogue and
+kills processes.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from services.launcher.mesh import Mesh, MeshConfig
+from tests.conftest import TEST_SERVICE_ENV
+from tests.e2e.conftest import authed_channel
+from tokenmesh.inference.v1 import inference_service_pb2 as pb
+from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
+from tokenmesh.router.v1 import router_pb2
+from tokenmesh.router.v1 import router_service_pb2 as router_pb
+from tokenmesh.router.v1 import router_service_pb2_grpc as router_rpc
+
+MODEL = "deterministic-test"
+ENV = {
+    **TEST_SERVICE_ENV,
+    "TOKENMESH_TEST_MODELS": f"{MODEL}:1,{MODEL}:2",
+    "TOKENMESH_MODELS": "",
+    "TOKENMESH_TEST_ENGINE_STEP_MS": "5",
+    "TOKENMESH_ROUTER_LEASE_SECONDS": "2",
+    "TOKENMESH_ROUTER_HEALTH_CHECK_SECONDS": "0.5",
+    "TOKENMESH_DRAIN_DELAY_SECONDS": "0.5",
+}
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """A mesh of its own: Redis, services, two workers with versions 1 and 2, Envoy."""
+    config = MeshConfig(
+        state_dir=Path(tmp_path_factory.mktemp("routed")),
+        redis_url=None,
+        workers=2,
+        envoy_concurrency=1,
+        health_check_interval_s=0.5,
+        service_env=ENV,
+    )
+    with Mesh(config) as mesh:
+        yield mesh
+
+
+@pytest.fixture(autouse=True)
+def _dump_routed_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(request.getfixturevalue("routed").log_tails(40))
+
+
+@pytest.fixture(scope="module")
+def edge(routed: Mesh) -> Iterator[grpc.Channel]:
+    with authed_channel(routed.edge_address, [("x-api-key", routed.dev_api_key())]) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def catalogue(edge: grpc.Channel) -> router_rpc.RouterServiceStub:
+    return router_rpc.RouterServiceStub(edge)
+
+
+@pytest.fixture(autouse=True)
+def _reset_catalogue(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test starts from version 1 taking 100%, nothing pinned."""
+    if "catalogue" in request.fixturenames:
+        stub = request.getfixturevalue("catalogue")
+        split(stub, {"1": 100})
+        stub.PinModelVersion(router_pb.PinModelVersionRequest(model=MODEL, version=""))
+    yield
+
+
+def split(stub: router_rpc.RouterServiceStub, weights: dict[str, int]) -> None:
+    stub.SetTrafficSplit(
+        router_pb.SetTrafficSplitRequest(
+            model=MODEL,
+            weights=[router_pb2.TrafficWeight(version=v, weight=w) for v, w in weights.items()],
+        ),
+        timeout=10,
+    )
+    time.sleep(1.0)  # changes reach the edge within a second
+
+
+@dataclass
+class Served:
+    version: str
+    worker: str
+    headers: dict[str, str]
+    finish_reason: str
+
+
+def complete(
+    channel: grpc.Channel,
+    model: str = MODEL,
+    version: str = "",
+    metadata: tuple[tuple[str, str], ...] = (),
+    max_tokens: int = 1,
+) -> Served:
+    stub = rpc.InferenceServiceStub(channel)
+    reply, call = stub.Complete.with_call(
+        pb.CompleteRequest(model=model, version=version, prompt="a b", max_tokens=max_tokens),
+        metadata=metadata,
+        timeout=10,
+    )
+    headers = {k: str(v) for k, v in call.initial_metadata()}
+    assert headers["x-model-version"] == reply.model.version
+    return Served(reply.model.version, headers["x-tokenmesh-worker"], headers, reply.finish_reason)
+
+
+def many(channel: grpc.Channel, count: int, **kwargs: object) -> collections.Counter[str]:
+    with ThreadPoolExecutor(8) as pool:
+        served = list(pool.map(lambda _: complete(channel, **kwargs), range(count)))  # type: ignore[arg-type]
+    return collections.Counter(s.version for s in served)
+
+
+def test_a_new_model_version_starts_at_zero_weight(catalogue):
+    model = catalogue.GetCatalogModel(router_pb.GetCatalogModelRequest(model=MODEL)).model
+    weights = {v.version: v.weight for v in model.versions}
+    assert weights == {"1": 100, "2": 0}
+    assert all(v.healthy_workers == 2 for v in model.versions)
+
+
+def test_canary_at_20_percent_gets_13_to_27_percent(edge, catalogue):
+    split(catalogue, {"1": 80, "2": 20})
+    counts = many(edge, 300)
+    assert counts["1"] + counts["2"] == 300
+    assert 0.13 * 300 <= counts["2"] <= 0.27 * 300, counts
+
+
+def test_weight_zero_gets_nothing(edge, catalogue):
+    counts = many(edge, 100)
+    assert counts == {"1": 100}
+
+
+def test_pinning_sends_everything_to_one_version(edge, catalogue):
+    split(catalogue, {"1": 50, "2": 50})
+    catalogue.PinModelVersion(router_pb.PinModelVersionRequest(model=MODEL, version="2"))
+    time.sleep(1.0)
+    assert many(edge, 100) == {"2": 100}
+
+
+def test_request_version_header_and_alias_choose_the_version(edge, catalogue):
+    assert complete(edge, version="2").version == "2"
+    assert complete(edge, metadata=(("x-model-version", "2"),)).version == "2"
+    # The body's version field wins over the header.
+    assert complete(edge, version="1", metadata=(("x-model-version", "2"),)).version == "1"
+    catalogue.SetModelAlias(
+        router_pb.SetModelAliasRequest(model=MODEL, alias="canary", version="2")
+    )
+    time.sleep(1.0)
+    assert complete(edge, version="canary").version == "2"
+
+
+def test_unknown_version_is_not_found(edge):
+    with pytest.raises(grpc.RpcError) as info:
+        complete(edge, version="9")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_rest_response_names_the_version(routed, catalogue):
+    split(catalogue, {"2": 100})
+    reply = httpx.post(
+        f"{routed.edge_url}/v1/models/{MODEL}:complete",
+        json={"prompt": "a b", "max_tokens": 1},
+        headers={"x-api-key": routed.dev_api_key()},
+        timeout=10,
+    )
+    assert reply.status_code == 200
+    assert reply.headers["x-model-version"] == "2"
+    assert reply.json()["model"] == {"name": MODEL, "version": "2"}
+
+
+def test_deprecated_version_sends_deprecation_and_sunset(routed, edge, catalogue):
+    catalogue.DeprecateModelVersion(
+        router_pb.DeprecateModelVersionRequest(
+            model=MODEL,
+            version="2",
+            sunset_time={"seconds": 4102444800},  # 2100-01-01
+        )
+    )
+    time.sleep(1.0)
+    served = complete(edge, version="2")
+    assert served.headers["deprecation"].startswith("@")
+    assert served.headers["sunset"] == "Fri, 01 Jan 2100 00:00:00 GMT"
+    assert "deprecation" not in complete(edge, version="1").headers
+    reply = httpx.post(
+        f"{routed.edge_url}/v1/models/{MODEL}:complete",
+        json={"prompt": "a", "max_tokens": 1, "version": "2"},
+        headers={"x-api-key": routed.dev_api_key()},
+        timeout=10,
+    )
+    assert reply.headers["sunset"] == "Fri, 01 Jan 2100 00:00:00 GMT"
+
+
+def test_no_worker_is_503_with_retry_then_the_fallback_serves(routed, edge, catalogue):
+    catalogue.RegisterModelVersion(
+        router_pb.RegisterModelVersionRequest(model="ghost", version="1")
+    )
+    time.sleep(1.0)
+    reply = httpx.post(
+        f"{routed.edge_url}/v1/models/ghost:complete",
+        json={"prompt": "a", "max_tokens": 1},
+        headers={"x-api-key": routed.dev_api_key()},
+        timeout=10,
+    )
+    assert reply.status_code == 503
+    assert reply.headers["retry-after"] == "1"
+    assert reply.json()["code"] == 14
+    with pytest.raises(grpc.RpcError) as info:
+        complete(edge, model="ghost")
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    catalogue.SetFallbackModel(
+        router_pb.SetFallbackModelRequest(model="ghost", fallback_model=MODEL)
+    )
+    time.sleep(1.0)
+    served = complete(edge, model="ghost")
+    assert served.headers["x-tokenmesh-fallback-from"] == "ghost"
+    assert served.headers["x-tokenmesh-model"] == MODEL
+    catalogue.SetFallbackModel(router_pb.SetFallbackModelRequest(model="ghost", fallback_model=""))
+
+
+def test_catalogue_changes_are_validated(routed, catalogue):
+    with pytest.raises(grpc.RpcError) as info:
+        catalogue.SetTrafficSplit(
+            router_pb.SetTrafficSplitRequest(
+                model=MODEL, weights=[router_pb2.TrafficWeight(version="3", weight=100)]
+            )
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'3'" in (info.value.details() or "")
+    reply = httpx.post(
+        f"{routed.edge_url}/v1/catalog/models/{MODEL}:split",
+        json={"weights": [{"version": "1", "weight": 60}]},
+        headers={"x-api-key": routed.dev_api_key()},
+        timeout=10,
+    )
+    assert reply.status_code == 400
+    assert "sum to 100" in reply.json()["message"]
+    missing = httpx.get(
+        f"{routed.edge_url}/v1/catalog/models/nope",
+        headers={"x-api-key": routed.dev_api_key()},
+        timeout=10,
+    )
+    assert missing.status_code == 404
+
+
+def test_cli_lists_splits_deprecates_and_sets_fallbacks(routed, edge):
+    def cli(*args: str) -> str:
+        env = {**os.environ, "TOKENMESH_STATE_DIR": str(routed.state_dir)}
+        result = subprocess.run(
+            [sys.executable, "-m", "services.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    cli("models", "split", MODEL, "1=70", "2=30")
+    listed = json.loads(cli("models", "list", "--json"))
+    model = next(m for m in listed["models"] if m["name"] == MODEL)
+    assert {v["version"]: v["weight"] for v in model["versions"]} == {"1": 70, "2": 30}
+    cli("models", "deprecate", MODEL, "1", "--sunset", "2099-12-31")
+    cli("models", "fallback", "ghost", MODEL)
+    listed = json.loads(cli("models", "list", "--json"))
+    model = next(m for m in listed["models"] if m["name"] == MODEL)
+    assert model["versions"][0]["state"] == "CATALOG_VERSION_STATE_DEPRECATED"
+    assert model["versions"][0]["sunset_time"] == "2099-12-31T00:00:00Z"
+    assert next(m for m in listed["models"] if m["name"] == "ghost")["fallback_model"] == MODEL
+    workers = json.loads(cli("workers", "list", "--json"))["workers"]
+    assert {w["id"] for w in workers} >= {"inference-0", "inference-1"}
+    cli("models", "fallback", "ghost", "")
+
+
+@dataclass
+class Outcome:
+    started: float
+    ok: bool
+    error: str = ""
+
+
+def run_load(
+    channel: grpc.Channel, stop: threading.Event, out: list[Outcome], request: Callable[[], object]
+) -> None:
+    deadline = time.monotonic() + 60  # bounded in time and count
+    while not stop.is_set() and time.monotonic() < deadline and len(out) < 20000:
+        started = time.monotonic()
+        try:
+            request()
+            out.append(Outcome(started, True))
+        except grpc.RpcError as exc:
+            out.append(Outcome(started, False, f"{exc.code().name}: {exc.details()}"))
+
+
+def under_load(
+    edge: grpc.Channel, threads: int = 4
+) -> tuple[threading.Event, list[Outcome], list[threading.Thread]]:
+    stop, out = threading.Event(), []
+    workers = [
+        threading.Thread(target=run_load, args=(edge, stop, out, lambda: complete(edge)))
+        for _ in range(threads)
+    ]
+    for worker in workers:
+        worker.start()
+    return stop, out, workers
+
+
+def finish(stop: threading.Event, workers: list[threading.Thread]) -> None:
+    stop.set()
+    for worker in workers:
+        worker.join(30)
+
+
+def test_control_plane_restart_keeps_routes_and_loses_no_request(routed, edge, catalogue):
+    split(catalogue, {"1": 50, "2": 50})
+    stop, outcomes, threads = under_load(edge)
+    time.sleep(0.5)
+    routed.kill("router")
+    time.sleep(1.0)
+    routed.restart_service("router", "router")
+    time.sleep(2.0)
+    finish(stop, threads)
+    failures = [o.error for o in outcomes if not o.ok]
+    assert not failures, failures[:5]
+    assert len(outcomes) > 50
+    assert set(many(edge, 60)) == {"1", "2"}  # the 50/50 split survived
+
+
+def test_kill_9_of_a_worker_fails_nothing_after_2_seconds(routed, edge):
+    # A long stream on each worker, to see how the killed one's streams end.
+    stub = rpc.InferenceServiceStub(edge)
+    streams = [
+        stub.Generate(pb.GenerateRequest(model=MODEL, prompt="a", max_tokens=500), timeout=30)
+        for _ in range(4)
+    ]
+    for stream in streams:
+        next(stream)
+    stop, outcomes, threads = under_load(edge)
+    time.sleep(0.5)
+    killed_at = time.monotonic()
+    routed.kill("inference-1")
+    time.sleep(3.0)
+    finish(stop, threads)
+    late_failures = [o.error for o in outcomes if not o.ok and o.started > killed_at + 2.0]
+    assert not late_failures, late_failures[:5]
+    assert sum(o.ok for o in outcomes if o.started > killed_at + 2.0) > 20
+    ended = []
+    for stream in streams:
+        worker = dict(stream.initial_metadata())["x-tokenmesh-worker"]
+        try:
+            for _ in stream:
+                pass
+            ended.append((worker, "completed"))
+        except grpc.RpcError as exc:
+            ended.append((worker, exc.code().name))
+    # The killed worker's streams end with an error status; the other's complete.
+    assert all(
+        (outcome != "completed") == (worker == "inference-1") for worker, outcome in ended
+    ), ended
+    routed.start_worker("inference-1")
+    time.sleep(1.5)
+    assert {complete(edge).worker for _ in range(20)} == {"inference-0", "inference-1"}
+
+
+def test_sigterm_drains_a_worker_its_stream_completes(routed, edge):
+    stub = rpc.InferenceServiceStub(edge)
+    stream = stub.Generate(pb.GenerateRequest(model=MODEL, prompt="a", max_tokens=500), timeout=30)
+    first = next(stream)
+    victim = dict(stream.initial_metadata())["x-tokenmesh-worker"]
+    stop, outcomes, threads = under_load(edge)
+    routed.terminate(victim)
+    rest = list(stream)
+    assert rest[-1].finish_reason == "length"
+    assert first.index == 0 and rest[-1].usage.completion_tokens == 500
+    assert routed.wait_exit(victim, 30) == 0
+    time.sleep(0.5)
+    finish(stop, threads)
+    failures = [o.error for o in outcomes if not o.ok]
+    assert not failures, failures[:5]
+    survivor = "inference-0" if victim == "inference-1" else "inference-1"
+    assert {complete(edge).worker for _ in range(10)} == {survivor}
+    routed.start_worker(victim)

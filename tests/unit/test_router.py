@@ -1,0 +1,214 @@
+"""The router's pure parts: catalogue rules, the snapshot builder, the ADS stream state."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from envoy.config.route.v3 import route_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import struct_pb2
+
+from services.core.errors import InvalidArgument, NotFound
+from services.router import catalog as cat
+from services.router import snapshot
+from services.router.catalog import ModelEntry
+from services.router.registry import DRAINING, WorkerEntry
+from services.router.snapshot import CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, EdgeFlags
+from services.router.xds import ControlPlane, _Stream, pack
+
+NOW = 1_800_000_000.0
+DEFAULT_FLAGS = EdgeFlags()
+
+
+def two_versions() -> ModelEntry:
+    model = cat.add_version(None, "m", "1", 0)
+    return cat.add_version(model, "m", "2", 0)
+
+
+def test_first_version_takes_all_traffic_and_later_ones_start_at_zero():
+    model = two_versions()
+    assert model.effective_weights(NOW) == {"1": 100}
+    with pytest.raises(InvalidArgument, match="starts at 0"):
+        cat.add_version(model, "m", "3", 10)
+
+
+def test_split_must_sum_to_100_and_name_known_versions():
+    model = two_versions()
+    assert cat.set_split(model, {"1": 80, "2": 20}).effective_weights(NOW) == {"1": 80, "2": 20}
+    with pytest.raises(InvalidArgument, match="they sum to 90"):
+        cat.set_split(model, {"1": 90})
+    with pytest.raises(InvalidArgument, match="'7' of 'm' is not registered"):
+        cat.set_split(model, {"7": 100})
+
+
+def test_pin_overrides_the_split_and_sunset_versions_stop_serving():
+    model = cat.set_split(two_versions(), {"1": 50, "2": 50})
+    assert cat.pin(model, "2").effective_weights(NOW) == {"2": 100}
+    sunset = cat.deprecate(model, "1", sunset_at=NOW - 1, now=NOW - 100)
+    assert sunset.effective_weights(NOW) == {"2": 50}
+    assert sunset.version("1") is not None and sunset.version("1").deprecated_at == NOW - 100
+
+
+def test_fallbacks_must_exist_and_not_chain():
+    a, b = two_versions(), cat.add_version(None, "b", "1", 0)
+    models = {"m": a, "b": b}
+    with pytest.raises(NotFound):
+        cat.set_fallback(a, "nope", models)
+    with pytest.raises(InvalidArgument, match="itself"):
+        cat.set_fallback(a, "m", models)
+    models["b"] = cat.set_fallback(b, "m", models)
+    with pytest.raises(InvalidArgument, match="chains"):
+        cat.set_fallback(a, "b", models)
+
+
+def test_aliases_cannot_shadow_versions():
+    model = two_versions()
+    assert cat.set_alias(model, "canary", "2").aliases == {"canary": "2"}
+    with pytest.raises(InvalidArgument):
+        cat.set_alias(model, "1", "2")
+
+
+def worker(
+    worker_id: str, port: int, *models: tuple[str, str], state: str = "serving"
+) -> WorkerEntry:
+    return WorkerEntry(worker_id, "127.0.0.1", port, models, state, NOW + 5)
+
+
+def build(
+    models: dict[str, ModelEntry], workers: list[WorkerEntry], flags: EdgeFlags = DEFAULT_FLAGS
+):
+    return snapshot.build(models, workers, NOW, flags, snapshot.ClusterOptions())
+
+
+def test_snapshot_has_a_cluster_per_version_with_only_its_routable_workers():
+    workers = [
+        worker("w1", 1001, ("m", "1"), ("m", "2")),
+        worker("w2", 1002, ("m", "1")),
+        worker("w3", 1003, ("m", "2"), state=DRAINING),
+        WorkerEntry("w4", "127.0.0.1", 1004, (("m", "2"),), "serving", NOW - 1),  # lease ran out
+    ]
+    resources = build({"m": cat.set_split(two_versions(), {"1": 80, "2": 20})}, workers)
+    assert set(resources.by_type[CLUSTER_TYPE]) == {"inference", "model:m:1", "model:m:2"}
+    ports = {
+        name: [
+            e["endpoint"]["address"]["socket_address"]["port_value"]
+            for group in cla["endpoints"]
+            for e in group["lb_endpoints"]
+        ]
+        for name, cla in resources.by_type[ENDPOINT_TYPE].items()
+    }
+    assert ports == {"inference": [1001, 1002], "model:m:1": [1001, 1002], "model:m:2": [1001]}
+    assert (
+        pack(resources).versions
+        == pack(build({"m": cat.set_split(two_versions(), {"1": 80, "2": 20})}, workers)).versions
+    )
+
+
+def test_routes_match_versions_then_split_and_tell_the_worker():
+    model = cat.set_alias(cat.set_split(two_versions(), {"1": 80, "2": 20}), "canary", "2")
+    routes = snapshot.model_routes(model, {"m": model}, NOW)
+    matches = [
+        {h["name"]: h["string_match"]["exact"] for h in r["match"]["headers"]} for r in routes
+    ]
+    assert matches == [
+        {"x-tokenmesh-model": "m", "x-model-version": "1"},
+        {"x-tokenmesh-model": "m", "x-model-version": "2"},
+        {"x-tokenmesh-model": "m", "x-model-version": "canary"},
+        {"x-tokenmesh-model": "m"},
+    ]
+    split = routes[-1]["route"]["weighted_clusters"]["clusters"]
+    assert [(c["name"], c["weight"]) for c in split] == [("model:m:1", 80), ("model:m:2", 20)]
+    told = {h["header"]["key"]: h["header"]["value"] for h in split[1]["request_headers_to_add"]}
+    assert told == {"x-tokenmesh-route-model": "m", "x-tokenmesh-route-version": "2"}
+    canary = routes[2]["route"]["weighted_clusters"]["clusters"][0]
+    assert canary["name"] == "model:m:2"
+    assert routes[-1]["route"]["timeout"] == "0s"  # streams: idle timeout only
+
+
+def test_fallback_goes_through_an_aggregate_cluster_and_deprecation_adds_headers():
+    backup = cat.add_version(None, "b", "1", 0)
+    model = cat.deprecate(two_versions(), "1", sunset_at=4102444800, now=NOW)
+    model = cat.set_fallback(model, "b", {"m": model, "b": backup})
+    resources = build({"m": model, "b": backup}, [])
+    aggregate = resources.by_type[CLUSTER_TYPE]["fallback:m:1"]
+    assert aggregate["cluster_type"]["typed_config"]["clusters"] == ["model:m:1", "model:b:1"]
+    route = snapshot.model_routes(model, {"m": model, "b": backup}, NOW)[-1]
+    target = route["route"]["weighted_clusters"]["clusters"][0]
+    assert target["name"] == "fallback:m:1"
+    added = {h["header"]["key"]: h["header"]["value"] for h in target["response_headers_to_add"]}
+    assert added == {"deprecation": f"@{int(NOW)}", "sunset": "Fri, 01 Jan 2100 00:00:00 GMT"}
+    told = {h["header"]["key"] for h in target["request_headers_to_add"]}
+    assert {"x-tokenmesh-fallback-model", "x-tokenmesh-fallback-version"} <= told
+
+
+def test_every_resource_converts_to_envoy_protos():
+    model = cat.set_fallback(two_versions(), "b", {"b": cat.add_version(None, "b", "1", 0)})
+    for flags in (EdgeFlags(), EdgeFlags(auth=False, ratelimit=False)):
+        packed = pack(
+            build(
+                {"m": model, "b": cat.add_version(None, "b", "1", 0)},
+                [worker("w", 1, ("m", "1"))],
+                flags,
+            )
+        )
+        route = route_pb2.RouteConfiguration()
+        assert packed.by_type[ROUTE_TYPE]["edge"].Unpack(route)
+        assert route.virtual_hosts[0].routes
+
+
+def _plane() -> ControlPlane:
+    state = {"models": {"m": two_versions()}}
+
+    async def build_for(flags: EdgeFlags):
+        return build(state["models"], [worker("w", 1, ("m", "1"))], flags)
+
+    plane = ControlPlane(build_for, poll_s=1)
+    plane.state = state  # type: ignore[attr-defined]
+    return plane
+
+
+def _request(
+    type_url: str, nonce: str = "", version: str = "", error: str = "", node: bool = False
+):
+    request = discovery_pb2.DiscoveryRequest(
+        type_url=type_url, response_nonce=nonce, version_info=version
+    )
+    if error:
+        request.error_detail.code = 3
+        request.error_detail.message = error
+    if node:
+        request.node.id = "edge-test"
+        request.node.metadata.CopyFrom(
+            struct_pb2.Struct(fields={"tokenmesh_auth": struct_pb2.Value(bool_value=False)})
+        )
+    return request
+
+
+def test_ads_stream_acks_nacks_and_ignores_stale_nonces():
+    async def scenario():
+        plane = _plane()
+        await plane.refresh()
+        stream = _Stream(plane, "peer")
+        await stream.on_request(_request(CLUSTER_TYPE, node=True))
+        assert stream.flags == EdgeFlags(auth=False, ratelimit=True)
+        first = stream.outbox.get_nowait()
+        assert first.type_url == CLUSTER_TYPE and len(first.resources) == 3
+        # ACK: nothing new to send.
+        await stream.on_request(_request(CLUSTER_TYPE, first.nonce, first.version_info))
+        assert stream.outbox.empty()
+        assert stream.subscriptions[CLUSTER_TYPE].acked_version == first.version_info
+        # A change is sent once; a stale nonce is ignored; a NACK is not resent.
+        plane.state["models"] = {"m": cat.set_split(two_versions(), {"1": 50, "2": 50})}  # type: ignore[attr-defined]
+        await plane.refresh()
+        stream.send_all()
+        assert stream.outbox.empty()  # clusters did not change (only routes did)
+        await stream.on_request(_request(ROUTE_TYPE))
+        routes = stream.outbox.get_nowait()
+        await stream.on_request(_request(ROUTE_TYPE, "stale", "x", error="bad"))
+        assert stream.outbox.empty()
+        await stream.on_request(_request(ROUTE_TYPE, routes.nonce, "", error="rejected"))
+        assert stream.outbox.empty()
+        assert stream.subscriptions[ROUTE_TYPE].acked_version == ""
+
+    asyncio.run(scenario())
