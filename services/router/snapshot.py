@@ -313,6 +313,11 @@ def model_routes(
                 "route": _streaming_action(weighted_clusters={"clusters": [target]}),
             }
         )
+    # A version the catalogue does not know: any worker answers (NOT_FOUND, or the
+    # version if a worker loaded it outside the catalogue), never another version.
+    unknown_version = _match(entry.name, None)
+    unknown_version["headers"].append({"name": VERSION_HEADER, "present_match": True})
+    routes.append({"match": unknown_version, "route": _streaming_action(cluster=INFERENCE_CLUSTER)})
     weights = entry.effective_weights(now)
     if weights:
         targets = [_weighted_target(entry, v, w, fallback) for v, w in sorted(weights.items())]

@@ -109,14 +109,17 @@ def test_routes_match_versions_then_split_and_tell_the_worker():
     model = cat.set_alias(cat.set_split(two_versions(), {"1": 80, "2": 20}), "canary", "2")
     routes = snapshot.model_routes(model, {"m": model}, NOW)
     matches = [
-        {h["name"]: h["string_match"]["exact"] for h in r["match"]["headers"]} for r in routes
+        {h["name"]: h.get("string_match", {}).get("exact", "*") for h in r["match"]["headers"]}
+        for r in routes
     ]
     assert matches == [
         {"x-tokenmesh-model": "m", "x-model-version": "1"},
         {"x-tokenmesh-model": "m", "x-model-version": "2"},
         {"x-tokenmesh-model": "m", "x-model-version": "canary"},
+        {"x-tokenmesh-model": "m", "x-model-version": "*"},  # unknown version: NOT_FOUND
         {"x-tokenmesh-model": "m"},
     ]
+    assert routes[3]["route"]["cluster"] == "inference"
     split = routes[-1]["route"]["weighted_clusters"]["clusters"]
     assert [(c["name"], c["weight"]) for c in split] == [("model:m:1", 80), ("model:m:2", 20)]
     told = {h["header"]["key"]: h["header"]["value"] for h in split[1]["request_headers_to_add"]}
