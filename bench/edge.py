@@ -19,6 +19,7 @@ import shutil
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,18 @@ def _call(stub: Any, metadata: list[tuple[str, str]]) -> None:
             raise
 
 
+def _complete(stub: Any, metadata: list[tuple[str, str]]) -> None:
+    """A call the edge routes by model (the model is in the body)."""
+    request = pb.CompleteRequest(model="deterministic-test", prompt="a", max_tokens=1)
+    stub.Complete(request, timeout=5, metadata=metadata)
+
+
 def sequential_latency_ms(
     target: str,
     metadata: list[tuple[str, str]] | None = None,
     calls: int = 500,
     budget_s: float = 30.0,
+    call: Callable[[Any, list[tuple[str, str]]], None] = _call,
 ) -> list[float]:
     """Returns per-call latencies (ms) of sequential unary calls."""
     latencies = []
@@ -58,12 +66,12 @@ def sequential_latency_ms(
     with grpc.insecure_channel(target) as channel:
         stub = rpc.InferenceServiceStub(channel)
         for _ in range(50):
-            _call(stub, metadata or [])
+            call(stub, metadata or [])
         for _ in range(calls):
             if time.monotonic() > deadline:
                 break
             started = time.perf_counter()
-            _call(stub, metadata or [])
+            call(stub, metadata or [])
             latencies.append((time.perf_counter() - started) * 1000)
     return latencies
 
@@ -271,6 +279,23 @@ def _summary(latencies: list[float]) -> dict[str, float]:
     }
 
 
+def _routing_cost(mesh: Mesh, metadata: list[tuple[str, str]]) -> dict[str, list[float]]:
+    """Complete (model in the body) through the edge with model routing (Lua + per-version
+    routes from xDS) and through a second, identical Envoy without it; interleaved rounds."""
+    unrouted = mesh.start_extra_edge("edge-unrouted", model_routing=False)
+    latencies: dict[str, list[float]] = {"routed": [], "unrouted": []}
+    for _ in range(3):
+        for name, address in (("routed", mesh.edge_address), ("unrouted", unrouted)):
+            latencies[name] += sequential_latency_ms(address, metadata, 400, call=_complete)
+    for name, values in latencies.items():
+        print(
+            f"  {'complete-' + name:>12}: p50 {percentile(values, 50):.2f} ms"
+            f"  p99 {percentile(values, 99):.2f} ms",
+            flush=True,
+        )
+    return latencies
+
+
 def _issue_token(edge_url: str, api_key: str) -> str:
     import httpx
 
@@ -327,10 +352,13 @@ def edge_overhead(state: Path) -> dict[str, Any]:
     )
     with Mesh(no_limits) as mesh:
         token = _issue_token(mesh.edge_url, mesh.dev_api_key())
-        measure("edge-jwt-no-ratelimit", mesh.edge_address, [("authorization", f"Bearer {token}")])
+        jwt = [("authorization", f"Bearer {token}")]
+        measure("edge-jwt-no-ratelimit", mesh.edge_address, jwt)
+        routing = _routing_cost(mesh, jwt)
     with bare_server(state) as target:
         measure("grpc", target)
     return {
+        "routing": {name: _summary(values) for name, values in routing.items()},
         "latency": {name: _summary(values) for name, values in latencies.items()},
         "requests_per_s": rps,
         "throughput_tool": tool,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,14 @@ class EdgeSettings:
     edge_port: int = env("TOKENMESH_EDGE_PORT", 8080, "The edge's port (REST and gRPC).")
     admin_port: int = env("TOKENMESH_EDGE_ADMIN_PORT", 9901, "Envoy admin port (127.0.0.1 only).")
     auth: str = env("TOKENMESH_AUTH_ADDR", "127.0.0.1:50051", "auth service host:port.")
-    router: str = env("TOKENMESH_ROUTER_ADDR", "127.0.0.1:50052", "router service host:port.")
+    router: str = env(
+        "TOKENMESH_ROUTER_ADDR",
+        "127.0.0.1:50052",
+        "router service host:port (its RPCs, and the xDS control plane).",
+    )
     usage: str = env("TOKENMESH_USAGE_ADDR", "127.0.0.1:50053", "usage service host:port.")
-    inference: str = env(
-        "TOKENMESH_INFERENCE_ADDR", "127.0.0.1:50054", "Comma-separated worker host:port list."
+    node_id: str = env(
+        "TOKENMESH_EDGE_NODE_ID", socket.gethostname(), "This edge's xDS node id (unique)."
     )
     descriptor: Path = env(
         "TOKENMESH_DESCRIPTOR", protos.DESCRIPTOR_PATH, "Descriptor set for the transcoder."
@@ -58,7 +63,6 @@ class EdgeSettings:
             ("TOKENMESH_AUTH_ADDR", self.auth),
             ("TOKENMESH_ROUTER_ADDR", self.router),
             ("TOKENMESH_USAGE_ADDR", self.usage),
-            ("TOKENMESH_INFERENCE_ADDR", self.inference),
         ):
             require(all(_parse(v) for v in value.split(",")), variable, "must be host:port[,...]")
 
@@ -78,7 +82,6 @@ def edge_config(settings: EdgeSettings) -> EdgeConfig:
         "auth": _endpoints(settings.auth),
         "router": _endpoints(settings.router),
         "usage": _endpoints(settings.usage),
-        "inference": _endpoints(settings.inference),
     }
     otlp = _parse(settings.otlp_endpoint.split("://", 1)[-1]) if settings.otlp_endpoint else None
     return EdgeConfig(
@@ -88,6 +91,9 @@ def edge_config(settings: EdgeSettings) -> EdgeConfig:
         descriptor_path=settings.descriptor,
         upstreams=upstreams,
         otlp_endpoint=otlp,
+        # Workers, model clusters and routes come from the router's ADS.
+        xds=_endpoints(settings.router)[0],
+        node_id=settings.node_id,
         auth=EdgeAuth(
             issuer=settings.issuer,
             audience=settings.audience,

@@ -92,6 +92,9 @@ class EdgeConfig:
     # The router's ADS (model routing); None routes inference statically to `upstreams`.
     xds: Endpoint | None = None
     node_id: str = "edge-1"
+    # Route inference by model and version (Lua reads the body); off sends every
+    # inference request to any worker (benchmarks measure what routing costs).
+    model_routing: bool = True
 
 
 def _type(name: str) -> str:
@@ -354,7 +357,7 @@ def http_connection_manager(config: EdgeConfig) -> dict[str, Any]:
             health_filter(sorted({*config.upstreams, "inference"})),
             transcoder_filter(config.descriptor_path),
             *_auth_filters(config),
-            *([model_routing.lua_filter()] if config.xds else []),
+            *([model_routing.lua_filter()] if config.xds and config.model_routing else []),
             *_ratelimit_filters(config),
             {
                 "name": "envoy.filters.http.router",

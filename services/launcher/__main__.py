@@ -64,6 +64,12 @@ dev admin API key (also in {mesh.dev_key_path}):
        -d '{{"inputs": ["kitten", "cat"]}}'
   .venv/bin/tokenmesh keys create --tenant acme --scopes inference:generate,models:read --json
 
+canary: demo-lm versions 1 and 2 run on every worker, split 100/0. Try:
+  .venv/bin/tokenmesh models split demo-lm 1=80 2=20
+  .venv/bin/tokenmesh models list
+  curl -si -H "x-api-key: $TOKENMESH_API_KEY" {url}/v1/models/demo-lm:complete \
+       -d '{{"prompt": "In the beginning", "max_tokens": 8}}' | grep -i x-model-version
+
   .venv/bin/python - <<'PY'
 import grpc
 from tokenmesh.inference.v1 import inference_service_pb2 as pb

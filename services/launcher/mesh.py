@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 import yaml
@@ -245,10 +247,14 @@ class Mesh:
     def _start_envoy(self) -> None:
         self.edge_port = self.config.edge_port or reserve_port()
         self.admin_port = reserve_port()
-        config_path = self.state_dir / "envoy.yaml"
-        config_path.write_text(
-            yaml.safe_dump(envoy_config.bootstrap(self.edge_config()), sort_keys=False)
+        child = self._spawn_envoy("envoy", self.edge_config())
+        wait_for(
+            self.healthy, self.config.startup_timeout_s, "the edge's /healthz to answer 200", child
         )
+
+    def _spawn_envoy(self, name: str, config: EdgeConfig) -> Child:
+        config_path = self.state_dir / f"{name}.yaml"
+        config_path.write_text(yaml.safe_dump(envoy_config.bootstrap(config), sort_keys=False))
         argv = [
             str(envoy_binary()),
             "-c",
@@ -260,10 +266,27 @@ class Mesh:
             "--log-level",
             "warn",
         ]
-        child = self._spawn("envoy", argv, os.environ)
-        wait_for(
-            self.healthy, self.config.startup_timeout_s, "the edge's /healthz to answer 200", child
+        return self._spawn(name, argv, os.environ)
+
+    def start_extra_edge(self, name: str, **changes: Any) -> str:
+        """Starts another Envoy on the same control plane (e.g. `auth=None`); returns host:port."""
+        port = reserve_port()
+        config = dataclasses.replace(
+            self.edge_config(),
+            listen_port=port,
+            admin_port=reserve_port(),
+            node_id=f"{name}-{port}",
+            access_log_path=str(self.log_dir / f"{name}-access.log"),
+            **changes,
         )
+        child = self._spawn_envoy(name, config)
+        wait_for(
+            lambda: _http_status(f"http://127.0.0.1:{port}/healthz") == 200,
+            self.config.startup_timeout_s,
+            f"{name}'s /healthz to answer 200",
+            child,
+        )
+        return f"127.0.0.1:{port}"
 
     def dev_api_key(self) -> str:
         """Returns the dev admin API key the auth service created on first start."""

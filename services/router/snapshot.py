@@ -79,6 +79,10 @@ class Resources:
         blob = json.dumps(self.by_type.get(type_url, {}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def versions(self) -> dict[str, str]:
+        """Returns the version of every type."""
+        return {type_url: self.version(type_url) for type_url in self.by_type}
+
 
 def model_cluster(model: str, version: str) -> str:
     """Returns the cluster name of one model version."""

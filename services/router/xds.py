@@ -63,8 +63,7 @@ def pack(resources: Resources) -> PackedResources:
             packed[name] = any_pb2.Any()
             packed[name].Pack(message)
         by_type[type_url] = packed
-    versions = {type_url: resources.version(type_url) for type_url in resources.by_type}
-    return PackedResources(versions, by_type)
+    return PackedResources(resources.versions(), by_type)
 
 
 class ControlPlane:
@@ -107,9 +106,10 @@ class ControlPlane:
         """Reads Redis now; wakes every stream when anything changed."""
         changed = False
         for flags in list(self._flavours):
-            packed = pack(await self._build(flags))
-            if packed.versions != self._flavours[flags].versions:
-                self._flavours[flags] = packed
+            resources = await self._build(flags)
+            # Hashing is cheap; converting to protobuf is not: convert only on change.
+            if resources.versions() != self._flavours[flags].versions:
+                self._flavours[flags] = pack(resources)
                 changed = True
         self.ready.set()
         if changed:

@@ -401,3 +401,14 @@ def test_sigterm_drains_a_worker_its_stream_completes(routed, edge):
     survivor = "inference-0" if victim == "inference-1" else "inference-1"
     assert {complete(edge).worker for _ in range(10)} == {survivor}
     routed.start_worker(victim)
+
+
+def test_several_edges_share_one_control_plane(routed, catalogue):
+    # A second Envoy of another flavour (no auth): its own routes, the same split.
+    address = routed.start_extra_edge("edge-open", auth=None)
+    split(catalogue, {"2": 100})
+    with grpc.insecure_channel(address) as open_edge:
+        assert many(open_edge, 20) == {"2": 20}
+    split(catalogue, {"1": 100})
+    with grpc.insecure_channel(address) as open_edge:
+        assert many(open_edge, 20) == {"1": 20}
