@@ -313,6 +313,7 @@ def edge_overhead(state: Path) -> dict[str, Any]:
         service_env={
             "TOKENMESH_MODELS": "",
             "TOKENMESH_TEST_MODELS": "deterministic-test:1",
+            "TOKENMESH_TEST_ENGINE_STEP_MS": "0",  # Complete measures the path, not compute
             "TOKENMESH_LOG_LEVEL": "WARNING",
             # The limiter runs on every call but must not throttle the load.
             "TOKENMESH_RATELIMIT_DEFAULT_RPM": "1000000000",

@@ -31,6 +31,7 @@ IDENTITY_HEADERS = (
     "x-tokenmesh-rpm",
     "x-tokenmesh-tpm",
     "x-tokenmesh-monthly-tokens",
+    "x-tokenmesh-pins",
 )
 # JWT claim -> identity header (the auth service issues exactly these claims).
 CLAIM_HEADERS = {
@@ -42,6 +43,7 @@ CLAIM_HEADERS = {
     "rpm": "x-tokenmesh-rpm",
     "tpm": "x-tokenmesh-tpm",
     "monthly": "x-tokenmesh-monthly-tokens",
+    "pins": "x-tokenmesh-pins",
 }
 PUBLIC = "public"  # no credentials needed
 AUTHENTICATED = "authenticated"  # any valid credential

@@ -58,6 +58,15 @@ local function model_fields(s)
   return model, version
 end
 
+-- Returns the version `pins` ("model=version,...") pins `model` to, or nil.
+local function key_pin(pins, model)
+  if pins == nil then return nil end
+  for name, version in string.gmatch(pins, "([^,=]+)=([^,]+)") do
+    if name == model then return version end
+  end
+  return nil
+end
+
 function envoy_on_request(handle)
   if not ROUTED[handle:headers():get(":path")] then return end
   local body = handle:body()
@@ -66,7 +75,13 @@ function envoy_on_request(handle)
   -- Header objects do not survive the body() yield: fetch them again.
   local headers = handle:headers()
   if model ~= nil and model ~= "" then headers:replace("x-tokenmesh-model", model) end
-  -- The request's version field wins over an x-model-version header.
-  if version ~= nil and version ~= "" then headers:replace("x-model-version", version) end
+  -- The request's version field wins over an x-model-version header, which
+  -- wins over the caller's key pin ("model=version,..." set by the edge).
+  if version ~= nil and version ~= "" then
+    headers:replace("x-model-version", version)
+  elseif model ~= nil and headers:get("x-model-version") == nil then
+    local pinned = key_pin(headers:get("x-tokenmesh-pins"), model)
+    if pinned ~= nil then headers:replace("x-model-version", pinned) end
+  end
   handle:clearRouteCache()
 end

@@ -33,6 +33,7 @@ def identity_headers(principal: Principal) -> dict[str, str]:
         str(principal.rpm),
         str(principal.tpm),
         str(principal.monthly),
+        principal.pins,
     )
     return dict(zip(IDENTITY_HEADERS, values, strict=True))
 

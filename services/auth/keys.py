@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ class Principal:
     rpm: int = 0  # requests per minute; 0 = the tier's default
     tpm: int = 0  # tokens per minute; 0 = unlimited
     monthly: int = 0  # tokens per calendar month; 0 = unlimited
+    pins: str = ""  # "model=version,..." the key's requests default to
 
     def has_scope(self, scope: str) -> bool:
         """Tells whether the caller holds `scope` (admin holds every scope)."""
@@ -56,7 +57,13 @@ class Principal:
             key.limits.requests_per_minute,
             key.limits.tokens_per_minute,
             key.limits.monthly_tokens,
+            format_pins(key.pinned_versions),
         )
+
+
+def format_pins(pins: Mapping[str, str]) -> str:
+    """Returns pins as one header/claim value: "model=version,..." (sorted)."""
+    return ",".join(f"{model}={version}" for model, version in sorted(pins.items()))
 
 
 def _text(value: bytes | str) -> str:
@@ -92,6 +99,7 @@ class ApiKeyStore:
         allowed_models: Sequence[str],
         limits: auth_pb2.KeyLimits,
         ttl_s: float | None,
+        pinned_versions: Mapping[str, str] | None = None,
     ) -> tuple[auth_pb2.ApiKey, str]:
         """Stores a new key; returns it and its secret (the only time it exists)."""
         now = time.time()
@@ -106,6 +114,7 @@ class ApiKeyStore:
             create_time=_timestamp(now),
             state=auth_pb2.API_KEY_STATE_ACTIVE,
             prefix=secret[:7],
+            pinned_versions=dict(pinned_versions or {}),
         )
         if ttl_s:
             key.expire_time.CopyFrom(_timestamp(now + ttl_s))

@@ -45,6 +45,13 @@ def _validate_create(request: pb.CreateApiKeyRequest) -> None:
     for i, model in enumerate(request.allowed_models):
         if not _MODEL.match(model):
             out.append(FieldViolation(f"allowed_models[{i}]", "must be a model name"))
+    for model, version in request.pinned_versions.items():
+        if not (_MODEL.match(model) and _MODEL.match(version)):
+            out.append(
+                FieldViolation(
+                    f"pinned_versions[{model}]", "model and version must be [A-Za-z0-9._-] names"
+                )
+            )
     limits = request.limits
     for name in ("requests_per_minute", "tokens_per_minute", "monthly_tokens"):
         if getattr(limits, name) < 0:
@@ -109,6 +116,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
             request.allowed_models,
             request.limits,
             ttl,
+            request.pinned_versions,
         )
         return pb.CreateApiKeyResponse(api_key=key, secret=secret)
 

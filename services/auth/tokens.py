@@ -16,7 +16,8 @@ class TokenIssuer:
     """TokenIssuer signs and verifies the mesh's access tokens.
 
     Claims: iss, aud, sub (key id), tenant, scope (space-separated), models
-    (comma-separated; empty allows all), tier, iat, nbf, exp, jti; header kid.
+    (comma-separated; empty allows all), tier, rpm, tpm, monthly, pins
+    ("model=version,..."), iat, nbf, exp, jti; header kid.
     Lists are strings so the edge can copy them into headers unchanged.
     """
 
@@ -41,6 +42,7 @@ class TokenIssuer:
             "rpm": principal.rpm,
             "tpm": principal.tpm,
             "monthly": principal.monthly,
+            "pins": principal.pins,
             "iat": now,
             "nbf": now,
             "exp": now + self.ttl_s,
@@ -77,4 +79,5 @@ class TokenIssuer:
             int(claims.get("rpm", 0) or 0),
             int(claims.get("tpm", 0) or 0),
             int(claims.get("monthly", 0) or 0),
+            str(claims.get("pins", "")),
         )

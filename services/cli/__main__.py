@@ -95,6 +95,16 @@ def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
+def _pins(pairs: Sequence[str]) -> dict[str, str]:
+    pins = {}
+    for pair in pairs:
+        model, sep, version = pair.partition("=")
+        if not (sep and model and version):
+            raise SystemExit(f"tokenmesh: --pin {pair!r} is not MODEL=VERSION")
+        pins[model] = version
+    return pins
+
+
 def keys_create(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
     request = pb.CreateApiKeyRequest(
         tenant=args.tenant,
@@ -107,6 +117,7 @@ def keys_create(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[st
             monthly_tokens=args.monthly_tokens,
             priority_tier=args.tier or "",
         ),
+        pinned_versions=_pins(args.pin or []),
     )
     if args.ttl:
         request.ttl.CopyFrom(duration_pb2.Duration(seconds=args.ttl))
@@ -305,6 +316,9 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--monthly-tokens", type=int, default=0)
     create.add_argument("--tier")
     create.add_argument("--ttl", type=int, help="lifetime in seconds")
+    create.add_argument(
+        "--pin", action="append", metavar="MODEL=VERSION", help="pin a model's version (repeat)"
+    )
     create.set_defaults(run=keys_create)
     listing = keys.add_parser("list", help="list keys (never secrets)")
     listing.add_argument("--tenant")

@@ -45,9 +45,14 @@ class WorkerEntry:
         """Returns host:port."""
         return f"{self.host}:{self.port}"
 
-    def routable(self, now: float) -> bool:
-        """Tells whether the edge may send new requests to the worker."""
-        return self.state == SERVING and self.lease_expires_at > now
+    def routable(self, now: float, lease_grace: bool = False) -> bool:
+        """Tells whether the edge may send new requests to the worker.
+
+        With `lease_grace` (just after the control plane or its Redis came
+        back) an expired lease still counts: workers could not renew while
+        the router was away, and dropping them all would empty the mesh.
+        """
+        return self.state == SERVING and (lease_grace or self.lease_expires_at > now)
 
     def to_json(self) -> str:
         """Serialises the worker for Redis."""

@@ -7,6 +7,7 @@ discovers every public service through a single port.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,11 +80,20 @@ class RouterService(RedisBackedService):
         self.registry = WorkerRegistry(self.redis, settings.lease_s)
         self.options = ClusterOptions(health_check_interval_s=settings.health_check_interval_s)
         self.plane = ControlPlane(self._build, settings.poll_s)
+        self.lease_s = settings.lease_s
+        # Until workers had a lease period to renew, expired leases still count.
+        self._lease_grace_until = time.monotonic() + settings.lease_s
 
     async def _build(self, flags: EdgeFlags) -> Resources:
         at = now()
-        models, workers = await self.catalog.all(), await self.registry.all(at)
-        return snapshot.build(models, workers, at, flags, self.options)
+        try:
+            models, workers = await self.catalog.all(), await self.registry.all(at)
+        except Exception:
+            # Heartbeats fail while Redis does: give workers a lease period after it is back.
+            self._lease_grace_until = time.monotonic() + self.lease_s
+            raise
+        grace = time.monotonic() < self._lease_grace_until
+        return snapshot.build(models, workers, at, flags, self.options, lease_grace=grace)
 
     def service_names(self) -> Sequence[str]:
         return [ROUTER_SERVICE, REGISTRY_SERVICE, ADS_SERVICE]

@@ -105,9 +105,10 @@ def build(
     now: float,
     flags: EdgeFlags,
     options: ClusterOptions,
+    lease_grace: bool = False,
 ) -> Resources:
-    """Builds every resource one edge needs."""
-    routable = [w for w in workers if w.routable(now)]
+    """Builds every resource one edge needs (see `WorkerEntry.routable` for `lease_grace`)."""
+    routable = [w for w in workers if w.routable(now, lease_grace)]
     served = _served_versions(catalog, now)
     clusters = {
         INFERENCE_CLUSTER: eds_cluster(

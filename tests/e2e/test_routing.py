@@ -27,6 +27,8 @@ import pytest
 from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV
 from tests.e2e.conftest import authed_channel
+from tokenmesh.auth.v1 import auth_service_pb2 as auth_pb
+from tokenmesh.auth.v1 import auth_service_pb2_grpc as auth_rpc
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 from tokenmesh.router.v1 import router_pb2
@@ -316,7 +318,7 @@ def run_load(
 def under_load(
     edge: grpc.Channel, threads: int = 4
 ) -> tuple[threading.Event, list[Outcome], list[threading.Thread]]:
-    stop, out = threading.Event(), []
+    stop, out = threading.Event(), list[Outcome]()
     workers = [
         threading.Thread(target=run_load, args=(edge, stop, out, lambda: complete(edge)))
         for _ in range(threads)
@@ -412,3 +414,23 @@ def test_several_edges_share_one_control_plane(routed, catalogue):
     split(catalogue, {"1": 100})
     with grpc.insecure_channel(address) as open_edge:
         assert many(open_edge, 20) == {"1": 20}
+
+
+def test_a_key_pin_routes_its_requests_unless_they_name_a_version(routed, edge, catalogue):
+    auth = auth_rpc.AuthServiceStub(edge)
+    created = auth.CreateApiKey(
+        auth_pb.CreateApiKeyRequest(
+            tenant="pinned",
+            scopes=["inference:generate"],
+            pinned_versions={MODEL: "2"},
+        )
+    )
+    assert dict(created.api_key.pinned_versions) == {MODEL: "2"}
+    token = httpx.post(
+        f"{routed.edge_url}/v1/auth/token", json={"api_key": created.secret}, timeout=10
+    ).json()["access_token"]
+    for credential in (("x-api-key", created.secret), ("authorization", f"Bearer {token}")):
+        with authed_channel(routed.edge_address, [credential]) as pinned:
+            assert many(pinned, 10) == {"2": 10}  # the catalogue says 100% version 1
+            assert complete(pinned, version="1").version == "1"
+    assert many(edge, 10) == {"1": 10}  # other keys follow the catalogue

@@ -160,15 +160,13 @@ def test_every_resource_converts_to_envoy_protos():
         assert route.virtual_hosts[0].routes
 
 
-def _plane() -> ControlPlane:
-    state = {"models": {"m": two_versions()}}
+def _plane() -> tuple[ControlPlane, dict[str, dict[str, ModelEntry]]]:
+    state: dict[str, dict[str, ModelEntry]] = {"models": {"m": two_versions()}}
 
     async def build_for(flags: EdgeFlags):
         return build(state["models"], [worker("w", 1, ("m", "1"))], flags)
 
-    plane = ControlPlane(build_for, poll_s=1)
-    plane.state = state  # type: ignore[attr-defined]
-    return plane
+    return ControlPlane(build_for, poll_s=1), state
 
 
 def _request(
@@ -190,7 +188,7 @@ def _request(
 
 def test_ads_stream_acks_nacks_and_ignores_stale_nonces():
     async def scenario():
-        plane = _plane()
+        plane, state = _plane()
         await plane.refresh()
         stream = _Stream(plane, "peer")
         await stream.on_request(_request(CLUSTER_TYPE, node=True))
@@ -202,7 +200,7 @@ def test_ads_stream_acks_nacks_and_ignores_stale_nonces():
         assert stream.outbox.empty()
         assert stream.subscriptions[CLUSTER_TYPE].acked_version == first.version_info
         # A change is sent once; a stale nonce is ignored; a NACK is not resent.
-        plane.state["models"] = {"m": cat.set_split(two_versions(), {"1": 50, "2": 50})}  # type: ignore[attr-defined]
+        state["models"] = {"m": cat.set_split(two_versions(), {"1": 50, "2": 50})}
         await plane.refresh()
         stream.send_all()
         assert stream.outbox.empty()  # clusters did not change (only routes did)
@@ -215,3 +213,18 @@ def test_ads_stream_acks_nacks_and_ignores_stale_nonces():
         assert stream.subscriptions[ROUTE_TYPE].acked_version == ""
 
     asyncio.run(scenario())
+
+
+def test_expired_leases_count_during_the_grace_after_a_control_plane_restart():
+    stale = WorkerEntry("w", "127.0.0.1", 1001, (("m", "1"),), "serving", NOW - 30)
+    draining = worker("d", 1002, ("m", "1"), state=DRAINING)
+    models = {"m": two_versions()}
+
+    def hosts(grace: bool) -> int:
+        resources = snapshot.build(
+            models, [stale, draining], NOW, EdgeFlags(), snapshot.ClusterOptions(), grace
+        )
+        return len(resources.by_type[ENDPOINT_TYPE]["model:m:1"]["endpoints"][0]["lb_endpoints"])
+
+    assert hosts(grace=False) == 0
+    assert hosts(grace=True) == 1  # draining workers stay out even then

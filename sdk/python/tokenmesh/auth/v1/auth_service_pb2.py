@@ -29,13 +29,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tokenmesh.auth.v1 import auth_pb2 as tokenmesh_dot_auth_dot_v1_dot_auth__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tokenmesh/auth/v1/auth_service.proto\x12\x11tokenmesh.auth.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ctokenmesh/auth/v1/auth.proto\"$\n\x11IssueTokenRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\"R\n\x12IssueTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x05\"\x10\n\x0eGetJwksRequest\"\xb1\x01\n\x13\x43reateApiKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x16\n\x0e\x61llowed_models\x18\x04 \x03(\t\x12,\n\x06limits\x18\x05 \x01(\x0b\x32\x1c.tokenmesh.auth.v1.KeyLimits\x12&\n\x03ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"R\n\x14\x43reateApiKeyResponse\x12*\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x19.tokenmesh.auth.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"K\n\x12ListApiKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x13ListApiKeysResponse\x12+\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x19.tokenmesh.auth.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1e\n\x10GetApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"?\n\x11GetApiKeyResponse\x12*\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x19.tokenmesh.auth.v1.ApiKey\"!\n\x13RevokeApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"B\n\x14RevokeApiKeyResponse\x12*\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x19.tokenmesh.auth.v1.ApiKey\"M\n\x13RotateApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07overlap\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8e\x01\n\x14RotateApiKeyResponse\x12*\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x19.tokenmesh.auth.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12:\n\x16old_secret_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x19\n\x17RotateSigningKeyRequest\"N\n\x18RotateSigningKeyResponse\x12\x32\n\x0bsigning_key\x18\x01 \x01(\x0b\x32\x1d.tokenmesh.auth.v1.SigningKey\"\x18\n\x16ListSigningKeysRequest\"N\n\x17ListSigningKeysResponse\x12\x33\n\x0csigning_keys\x18\x01 \x03(\x0b\x32\x1d.tokenmesh.auth.v1.SigningKey2\xfc\x08\n\x0b\x41uthService\x12t\n\nIssueToken\x12$.tokenmesh.auth.v1.IssueTokenRequest\x1a%.tokenmesh.auth.v1.IssueTokenResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/auth/token:\x01*\x12\x62\n\x07GetJwks\x12!.tokenmesh.auth.v1.GetJwksRequest\x1a\x14.google.api.HttpBody\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/.well-known/jwks.json\x12y\n\x0c\x43reateApiKey\x12&.tokenmesh.auth.v1.CreateApiKeyRequest\x1a\'.tokenmesh.auth.v1.CreateApiKeyResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/auth/keys:\x01*\x12s\n\x0bListApiKeys\x12%.tokenmesh.auth.v1.ListApiKeysRequest\x1a&.tokenmesh.auth.v1.ListApiKeysResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/auth/keys\x12r\n\tGetApiKey\x12#.tokenmesh.auth.v1.GetApiKeyRequest\x1a$.tokenmesh.auth.v1.GetApiKeyResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/auth/keys/{id}\x12\x85\x01\n\x0cRevokeApiKey\x12&.tokenmesh.auth.v1.RevokeApiKeyRequest\x1a\'.tokenmesh.auth.v1.RevokeApiKeyResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/auth/keys/{id}:revoke:\x01*\x12\x85\x01\n\x0cRotateApiKey\x12&.tokenmesh.auth.v1.RotateApiKeyRequest\x1a\'.tokenmesh.auth.v1.RotateApiKeyResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/auth/keys/{id}:rotate:\x01*\x12\x94\x01\n\x10RotateSigningKey\x12*.tokenmesh.auth.v1.RotateSigningKeyRequest\x1a+.tokenmesh.auth.v1.RotateSigningKeyResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/auth/signing-keys:rotate:\x01*\x12\x87\x01\n\x0fListSigningKeys\x12).tokenmesh.auth.v1.ListSigningKeysRequest\x1a*.tokenmesh.auth.v1.ListSigningKeysResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/auth/signing-keysb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tokenmesh/auth/v1/auth_service.proto\x12\x11tokenmesh.auth.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ctokenmesh/auth/v1/auth.proto\"$\n\x11IssueTokenRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\"R\n\x12IssueTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x05\"\x10\n\x0eGetJwksRequest\"\xbd\x02\n\x13\x43reateApiKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x16\n\x0e\x61llowed_models\x18\x04 \x03(\t\x12,\n\x06limits\x18\x05 \x01(\x0b\x32\x1c.tokenmesh.auth.v1.KeyLimits\x12&\n\x03ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12S\n\x0fpinned_versions\x18\x07 \x03(\x0b\x32:.tokenmesh.auth.v1.CreateApiKeyRequest.PinnedVersionsEntry\x1a\x35\n\x13PinnedVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x14\x43reateApiKeyResponse\x12*\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x19.tokenmesh.auth.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"K\n\x12ListApiKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x13ListApiKeysResponse\x12+\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x19.tokenmesh.auth.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1e\n\x10GetApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"?\n\x11GetApiKeyResponse\x12*\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x19.tokenmesh.auth.v1.ApiKey\"!\n\x13RevokeApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"B\n\x14RevokeApiKeyResponse\x12*\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x19.tokenmesh.auth.v1.ApiKey\"M\n\x13RotateApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07overlap\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8e\x01\n\x14RotateApiKeyResponse\x12*\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x19.tokenmesh.auth.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12:\n\x16old_secret_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x19\n\x17RotateSigningKeyRequest\"N\n\x18RotateSigningKeyResponse\x12\x32\n\x0bsigning_key\x18\x01 \x01(\x0b\x32\x1d.tokenmesh.auth.v1.SigningKey\"\x18\n\x16ListSigningKeysRequest\"N\n\x17ListSigningKeysResponse\x12\x33\n\x0csigning_keys\x18\x01 \x03(\x0b\x32\x1d.tokenmesh.auth.v1.SigningKey2\xfc\x08\n\x0b\x41uthService\x12t\n\nIssueToken\x12$.tokenmesh.auth.v1.IssueTokenRequest\x1a%.tokenmesh.auth.v1.IssueTokenResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/auth/token:\x01*\x12\x62\n\x07GetJwks\x12!.tokenmesh.auth.v1.GetJwksRequest\x1a\x14.google.api.HttpBody\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/.well-known/jwks.json\x12y\n\x0c\x43reateApiKey\x12&.tokenmesh.auth.v1.CreateApiKeyRequest\x1a\'.tokenmesh.auth.v1.CreateApiKeyResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/auth/keys:\x01*\x12s\n\x0bListApiKeys\x12%.tokenmesh.auth.v1.ListApiKeysRequest\x1a&.tokenmesh.auth.v1.ListApiKeysResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/auth/keys\x12r\n\tGetApiKey\x12#.tokenmesh.auth.v1.GetApiKeyRequest\x1a$.tokenmesh.auth.v1.GetApiKeyResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/auth/keys/{id}\x12\x85\x01\n\x0cRevokeApiKey\x12&.tokenmesh.auth.v1.RevokeApiKeyRequest\x1a\'.tokenmesh.auth.v1.RevokeApiKeyResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/auth/keys/{id}:revoke:\x01*\x12\x85\x01\n\x0cRotateApiKey\x12&.tokenmesh.auth.v1.RotateApiKeyRequest\x1a\'.tokenmesh.auth.v1.RotateApiKeyResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/auth/keys/{id}:rotate:\x01*\x12\x94\x01\n\x10RotateSigningKey\x12*.tokenmesh.auth.v1.RotateSigningKeyRequest\x1a+.tokenmesh.auth.v1.RotateSigningKeyResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/auth/signing-keys:rotate:\x01*\x12\x87\x01\n\x0fListSigningKeys\x12).tokenmesh.auth.v1.ListSigningKeysRequest\x1a*.tokenmesh.auth.v1.ListSigningKeysResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/auth/signing-keysb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenmesh.auth.v1.auth_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CREATEAPIKEYREQUEST_PINNEDVERSIONSENTRY']._loaded_options = None
+  _globals['_CREATEAPIKEYREQUEST_PINNEDVERSIONSENTRY']._serialized_options = b'8\001'
   _globals['_AUTHSERVICE'].methods_by_name['IssueToken']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['IssueToken']._serialized_options = b'\202\323\344\223\002\023\"\016/v1/auth/token:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['GetJwks']._loaded_options = None
@@ -61,33 +63,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETJWKSREQUEST']._serialized_start=333
   _globals['_GETJWKSREQUEST']._serialized_end=349
   _globals['_CREATEAPIKEYREQUEST']._serialized_start=352
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=529
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=531
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=613
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=615
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=690
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=692
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=783
-  _globals['_GETAPIKEYREQUEST']._serialized_start=785
-  _globals['_GETAPIKEYREQUEST']._serialized_end=815
-  _globals['_GETAPIKEYRESPONSE']._serialized_start=817
-  _globals['_GETAPIKEYRESPONSE']._serialized_end=880
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=882
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=915
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=917
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=983
-  _globals['_ROTATEAPIKEYREQUEST']._serialized_start=985
-  _globals['_ROTATEAPIKEYREQUEST']._serialized_end=1062
-  _globals['_ROTATEAPIKEYRESPONSE']._serialized_start=1065
-  _globals['_ROTATEAPIKEYRESPONSE']._serialized_end=1207
-  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_start=1209
-  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_end=1234
-  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_start=1236
-  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_end=1314
-  _globals['_LISTSIGNINGKEYSREQUEST']._serialized_start=1316
-  _globals['_LISTSIGNINGKEYSREQUEST']._serialized_end=1340
-  _globals['_LISTSIGNINGKEYSRESPONSE']._serialized_start=1342
-  _globals['_LISTSIGNINGKEYSRESPONSE']._serialized_end=1420
-  _globals['_AUTHSERVICE']._serialized_start=1423
-  _globals['_AUTHSERVICE']._serialized_end=2571
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=669
+  _globals['_CREATEAPIKEYREQUEST_PINNEDVERSIONSENTRY']._serialized_start=616
+  _globals['_CREATEAPIKEYREQUEST_PINNEDVERSIONSENTRY']._serialized_end=669
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=671
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=753
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=755
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=830
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=832
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=923
+  _globals['_GETAPIKEYREQUEST']._serialized_start=925
+  _globals['_GETAPIKEYREQUEST']._serialized_end=955
+  _globals['_GETAPIKEYRESPONSE']._serialized_start=957
+  _globals['_GETAPIKEYRESPONSE']._serialized_end=1020
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1022
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1055
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1057
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1123
+  _globals['_ROTATEAPIKEYREQUEST']._serialized_start=1125
+  _globals['_ROTATEAPIKEYREQUEST']._serialized_end=1202
+  _globals['_ROTATEAPIKEYRESPONSE']._serialized_start=1205
+  _globals['_ROTATEAPIKEYRESPONSE']._serialized_end=1347
+  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_start=1349
+  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_end=1374
+  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_start=1376
+  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_end=1454
+  _globals['_LISTSIGNINGKEYSREQUEST']._serialized_start=1456
+  _globals['_LISTSIGNINGKEYSREQUEST']._serialized_end=1480
+  _globals['_LISTSIGNINGKEYSRESPONSE']._serialized_start=1482
+  _globals['_LISTSIGNINGKEYSRESPONSE']._serialized_end=1560
+  _globals['_AUTHSERVICE']._serialized_start=1563
+  _globals['_AUTHSERVICE']._serialized_end=2711
 # @@protoc_insertion_point(module_scope)

@@ -96,12 +96,33 @@ class CreateApiKeyRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class PinnedVersionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TENANT_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     SCOPES_FIELD_NUMBER: _builtins.int
     ALLOWED_MODELS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    PINNED_VERSIONS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """tenant owns the key (required, 1-64 characters)."""
     name: _builtins.str
@@ -122,6 +143,12 @@ class CreateApiKeyRequest(_message.Message):
     def ttl(self) -> _duration_pb2.Duration:
         """ttl is the key's lifetime; unset means it never expires."""
 
+    @_builtins.property
+    def pinned_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """pinned_versions maps a model to the version this key's requests use when
+        they name none.
+        """
+
     def __init__(
         self,
         *,
@@ -131,10 +158,11 @@ class CreateApiKeyRequest(_message.Message):
         allowed_models: _abc.Iterable[_builtins.str] | None = ...,
         limits: _auth_pb2.KeyLimits | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        pinned_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_models", b"allowed_models", "limits", b"limits", "name", b"name", "scopes", b"scopes", "tenant", b"tenant", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_models", b"allowed_models", "limits", b"limits", "name", b"name", "pinned_versions", b"pinned_versions", "scopes", b"scopes", "tenant", b"tenant", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
