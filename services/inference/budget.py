@@ -19,17 +19,18 @@ from services.core.errors import QuotaViolation, ResourceExhausted
 
 # KEYS: window zset, window amounts hash, month counter
 # ARGV: now_ms, request id, amount, tpm (0 = none), monthly (0 = none), month ttl s
-# Returns {0 or 1, which budget failed ("" | "tpm" | "monthly"), retry_after_ms}
+# Returns {0 or 1, which budget failed ("" | "tpm" | "monthly"), retry_after_ms,
+#          tokens used this minute and this month including this reservation}
 _RESERVE = """
 local now, id, amount = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local tpm, monthly = tonumber(ARGV[4]), tonumber(ARGV[5])
+local used, month_used = 0, 0
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
 if #expired > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
   redis.call('HDEL', KEYS[2], unpack(expired))
 end
 if tpm > 0 then
-  local used = 0
   for _, v in ipairs(redis.call('HVALS', KEYS[2])) do used = used + tonumber(v) end
   if used + amount > tpm then
     local freed, retry = used, 60000
@@ -42,7 +43,7 @@ if tpm > 0 then
   end
 end
 if monthly > 0 then
-  local month_used = tonumber(redis.call('GET', KEYS[3]) or 0)
+  month_used = tonumber(redis.call('GET', KEYS[3]) or 0)
   if month_used + amount > monthly then return {0, 'monthly', -1} end
 end
 redis.call('ZADD', KEYS[1], now, id)
@@ -51,7 +52,7 @@ redis.call('PEXPIRE', KEYS[1], 61000)
 redis.call('PEXPIRE', KEYS[2], 61000)
 redis.call('INCRBY', KEYS[3], amount)
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[6]))
-return {1, '', 0}
+return {1, '', 0, used + amount, month_used + amount}
 """
 
 # KEYS: window amounts hash, month counter; ARGV: request id, reserved, actual
@@ -84,6 +85,21 @@ def _month(now: float) -> tuple[str, float]:
     return f"{tm.tm_year:04d}{tm.tm_mon:02d}", calendar.timegm((year, month, 1, 0, 0, 0)) - now
 
 
+WARN_AT = 0.8
+
+
+def _warning(limits: Limits, minute_used: int, month_used: int) -> str:
+    close = [
+        f"{name} {used}/{limit}"
+        for name, used, limit in (
+            ("tokens_per_minute", minute_used, limits.tokens_per_minute),
+            ("monthly_tokens", month_used, limits.monthly_tokens),
+        )
+        if limit and used >= WARN_AT * limit
+    ]
+    return ", ".join(close)
+
+
 class TokenBudgets:
     """TokenBudgets reserves and reconciles token budgets in Redis."""
 
@@ -97,11 +113,14 @@ class TokenBudgets:
         base = f"tm:budget:{key_id}"
         return f"{base}:tpm", f"{base}:tpm:amounts", f"{base}:month:{label}"
 
-    async def reserve(self, key_id: str, limits: Limits, request_id: str, amount: int) -> None:
-        """Reserves `amount` tokens or raises ResourceExhausted naming the budget."""
+    async def reserve(self, key_id: str, limits: Limits, request_id: str, amount: int) -> str:
+        """Reserves `amount` tokens or raises ResourceExhausted naming the budget.
+
+        Returns a warning naming each budget now at or over 80% ("" if none).
+        """
         now = time.time()
         _, until_next_month = _month(now)
-        ok, budget, retry_ms = await self._reserve(
+        ok, budget, retry_ms, *used = await self._reserve(
             keys=list(self._keys(key_id, now)),
             args=[
                 int(now * 1000),
@@ -113,7 +132,7 @@ class TokenBudgets:
             ],
         )
         if ok:
-            return
+            return _warning(limits, int(used[0]), int(used[1]))
         name = budget.decode() if isinstance(budget, bytes) else str(budget)
         if name == "tpm":
             retry_s = max(1.0, int(retry_ms) / 1000)

@@ -123,6 +123,7 @@ class Request:
         self.model = model
         self.fallback_from = target.fallback_from
         self.worker_id = target.worker_id
+        self.budget_warning = ""  # budgets at >= 80% after this request's reservation
         self.request_id = request_id or uuid.uuid4().hex
         self.rpc = rpc
         self.key_id = headers.get(KEY_ID_HEADER, "")
@@ -143,6 +144,8 @@ class Request:
         headers = [("x-request-id", self.request_id), ("x-model-version", self.model.version)]
         if self.worker_id:
             headers.append(("x-tokenmesh-worker", self.worker_id))
+        if self.budget_warning:
+            headers.append(("x-tokenmesh-budget-warning", self.budget_warning))
         if self.fallback_from:
             headers += [
                 ("x-tokenmesh-model", self.model.name),
@@ -297,7 +300,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         if not (generation.key_id and generation.limits.any):
             return
         try:
-            await self.budgets.reserve(
+            generation.budget_warning = await self.budgets.reserve(
                 generation.key_id,
                 generation.limits,
                 generation.request_id,

@@ -132,6 +132,15 @@ def audit_entry(event: inference_pb2.UsageEvent) -> usage_pb2.AuditEntry:
     return entry
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    millis, _, sequence = entry_id.partition("-")
+    return int(millis), int(sequence or 0)
+
+
 class Meter:
     """Meter consumes the usage stream into aggregates, exactly once per request.
 
@@ -142,6 +151,7 @@ class Meter:
         consumer: this replica's consumer name.
         retention: TTLs of aggregates, audit entries and dedupe markers.
         claim_idle_s: pending entries idle this long are taken over.
+        trim_interval_s: how often acknowledged entries are deleted from the stream.
     """
 
     def __init__(
@@ -152,6 +162,7 @@ class Meter:
         consumer: str,
         retention: Retention,
         claim_idle_s: float = 30.0,
+        trim_interval_s: float = 60.0,
     ) -> None:
         self.redis = client
         self.stream = stream
@@ -159,6 +170,7 @@ class Meter:
         self.consumer = consumer
         self.retention = retention
         self.claim_idle_s = claim_idle_s
+        self.trim_interval_s = trim_interval_s
         self._apply = client.register_script(_APPLY)
         self.applied_total = 0
 
@@ -247,15 +259,37 @@ class Meter:
             await self._handle(entries)
             recovered += len(entries)
 
+    async def trim(self) -> int:
+        """Deletes stream entries the group has acknowledged; returns how many.
+
+        Everything older than both the oldest pending entry and the group's
+        last-delivered entry was applied (applying and acking are atomic), so
+        nothing unmetered is ever trimmed.
+        """
+        groups: Any = await self.redis.xinfo_groups(self.stream)
+        ours = next((g for g in groups if _text(g["name"]) == self.group), None)
+        if ours is None:
+            return 0
+        threshold = _text(ours["last-delivered-id"])
+        pending: Any = await self.redis.xpending(self.stream, self.group)
+        if pending and pending.get("pending"):
+            threshold = min(threshold, _text(pending["min"]), key=_stream_id)
+        if threshold in ("0-0", ""):
+            return 0
+        return int(await self.redis.xtrim(self.stream, minid=threshold, approximate=False))
+
     async def run_forever(self) -> None:
         """Consumes until cancelled; survives Redis outages."""
-        last_claim = 0.0
+        last_claim = last_trim = 0.0
         await self.recover_own()
         while True:
             try:
                 if time.monotonic() - last_claim > self.claim_idle_s / 2:
                     last_claim = time.monotonic()
                     await self.claim_stale()
+                if time.monotonic() - last_trim > self.trim_interval_s:
+                    last_trim = time.monotonic()
+                    await self.trim()
                 await self.run_once()
             except (RedisError, OSError) as exc:
                 logger.warning("usage stream unavailable (%s); retrying", exc)

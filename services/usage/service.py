@@ -40,6 +40,11 @@ class UsageSettings(RedisSettings):
     claim_idle_s: float = env(
         "TOKENMESH_USAGE_CLAIM_IDLE_SECONDS", 30.0, "Pending events idle this long are taken over."
     )
+    trim_interval_s: float = env(
+        "TOKENMESH_USAGE_TRIM_SECONDS",
+        60.0,
+        "How often metered entries are deleted from the usage stream.",
+    )
     retention_days: int = env(
         "TOKENMESH_USAGE_AUDIT_RETENTION_DAYS", 90, "Audit entries are kept this long."
     )
@@ -64,6 +69,7 @@ class UsageSettings(RedisSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.claim_idle_s >= 1, "TOKENMESH_USAGE_CLAIM_IDLE_SECONDS", "must be >= 1")
+        require(self.trim_interval_s >= 1, "TOKENMESH_USAGE_TRIM_SECONDS", "must be >= 1")
         require(self.retention_days >= 1, "TOKENMESH_USAGE_AUDIT_RETENTION_DAYS", "must be >= 1")
         require(self.default_rpm >= 1, "TOKENMESH_RATELIMIT_DEFAULT_RPM", "must be >= 1")
         require(
@@ -93,6 +99,7 @@ class UsageService(RedisBackedService):
             settings.consumer,
             retention,
             settings.claim_idle_s,
+            settings.trim_interval_s,
         )
         self._task: asyncio.Task[None] | None = None
 

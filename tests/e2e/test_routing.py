@@ -434,3 +434,20 @@ def test_a_key_pin_routes_its_requests_unless_they_name_a_version(routed, edge, 
             assert many(pinned, 10) == {"2": 10}  # the catalogue says 100% version 1
             assert complete(pinned, version="1").version == "1"
     assert many(edge, 10) == {"1": 10}  # other keys follow the catalogue
+
+
+def test_drain_rpc_takes_a_worker_out_and_it_exits(routed, edge):
+    with grpc.insecure_channel(routed.address("router")) as channel:
+        registry = router_rpc.WorkerRegistryServiceStub(channel)
+        drained = registry.DrainWorker(router_pb.DrainWorkerRequest(worker_id="inference-0"))
+        assert drained.worker.state == router_pb2.WORKER_STATE_DRAINING
+        # The worker learns it at its next heartbeat and stops itself like on SIGTERM.
+        assert routed.wait_exit("inference-0", 30) == 0
+        assert {complete(edge).worker for _ in range(10)} == {"inference-1"}
+        routed.start_worker("inference-0")
+        time.sleep(1.5)
+        states = {
+            w.id: w.state for w in registry.ListWorkers(router_pb.ListWorkersRequest()).workers
+        }
+        assert states["inference-0"] == router_pb2.WORKER_STATE_SERVING
+    assert {complete(edge).worker for _ in range(20)} == {"inference-0", "inference-1"}

@@ -42,3 +42,11 @@ async def test_monthly_quota_counts_actual_usage(budgets):
     with pytest.raises(ResourceExhausted) as info:
         await budgets.reserve(key, limits, "c", 1)
     assert "monthly_tokens=30" in info.value.message
+
+
+async def test_a_budget_at_80_percent_is_named_in_a_warning(budgets):
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    limits = Limits(tokens_per_minute=100, monthly_tokens=1000)
+    assert await budgets.reserve(key, limits, "a", 50) == ""
+    assert await budgets.reserve(key, limits, "b", 30) == "tokens_per_minute 80/100"
+    assert await budgets.reserve(key, Limits(monthly_tokens=100), "c", 5) == "monthly_tokens 85/100"

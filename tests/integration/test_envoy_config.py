@@ -64,7 +64,7 @@ def test_standalone_render_with_dns_names_validates(tmp_path):
     out = tmp_path / "edge.yaml"
     env = {
         **os.environ,
-        "TOKENMESH_INFERENCE_ADDR": "localhost:50051,localhost:50052",
+        "TOKENMESH_ROUTER_ADDR": "localhost:50052",
         "TOKENMESH_DESCRIPTOR": str(tmp_path / "d.pb"),
     }
     subprocess.run(
@@ -73,8 +73,11 @@ def test_standalone_render_with_dns_names_validates(tmp_path):
         check=True,
         timeout=60,
     )
-    clusters = yaml.safe_load(out.read_text())["static_resources"]["clusters"]
-    assert {c["name"]: c["type"] for c in clusters}["inference"] == "STRICT_DNS"
+    bootstrap = yaml.safe_load(out.read_text())
+    clusters = {c["name"]: c["type"] for c in bootstrap["static_resources"]["clusters"]}
+    # Workers come from the router's xDS; the router itself is found by DNS.
+    assert clusters["xds"] == "STRICT_DNS" and "inference" not in clusters
+    assert bootstrap["dynamic_resources"]["cds_config"] == {"ads": {}, "resource_api_version": "V3"}
     result = subprocess.run(
         [str(envoy_binary()), "--mode", "validate", "-c", str(out), "--disable-hot-restart"],
         capture_output=True,

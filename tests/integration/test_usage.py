@@ -123,6 +123,30 @@ async def test_a_crashed_consumer_s_pending_events_are_taken_over(stream_and_cli
     assert int(fields[b"demo-lm|1|requests"]) == 5
 
 
+async def test_trimming_deletes_only_what_was_metered(stream_and_client):
+    stream, client = stream_and_client
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    meter = _meter(client, stream, "c1")
+    await meter.ensure_group()
+    await _publish(client, stream, *(_event(f"a{i}", key, "t", 1, 1) for i in range(6)))
+    await _drain(meter)
+    await _publish(client, stream, *(_event(f"b{i}", key, "t", 1, 1) for i in range(4)))
+    # Another consumer read the next two and crashed before metering them.
+    await client.xreadgroup("meter", "crashed", {stream: ">"}, count=2)
+    assert await meter.trim() == 6  # the metered ones, up to the oldest pending entry
+    assert await client.xlen(stream) == 4  # 2 pending + 2 never read
+    await _drain(meter)
+    survivor = _meter(client, stream, "survivor", claim_idle_s=0.001)
+    time.sleep(0.01)
+    assert await survivor.claim_stale() == 2
+    await survivor.trim()
+    assert await client.xlen(stream) == 1  # only the last delivered entry stays
+    fields = await client.hgetall(
+        bucket_key(f"key:{key}", "month", bucket_start(time.time(), "month"))
+    )
+    assert int(fields[b"demo-lm|1|requests"]) == 10
+
+
 async def test_callers_see_only_what_they_may(redis_url):
     settings = UsageSettings(
         metrics_port=-1,
