@@ -325,6 +325,8 @@ def rate_limits() -> list[dict[str, Any]]:
                         ("x-tokenmesh-rpm", "rpm"),
                         ("x-tokenmesh-tier", "tier"),
                         ("x-tokenmesh-tenant", "tenant"),
+                        # Set by the model-routing Lua filter, which runs first.
+                        ("x-tokenmesh-model", "model"),
                     )
                 ),
             ]

@@ -1,8 +1,11 @@
 """Envoy's RateLimitService: requests per minute per API key, exact, in Redis.
 
-The edge sends one descriptor per request, (key_id, rpm), built from the
-identity headers it set itself (from JWT claims or ext_authz), so the limit
-travels with the request and this service needs no key lookup. A sliding
+The edge sends one descriptor per request, (key_id, rpm, tier, tenant, model),
+built from the identity headers it set itself (from JWT claims or ext_authz)
+and the model the edge read from the body, so the key's limit travels with
+the request and this service needs no key lookup. A request counts against
+its key's window, its tenant's (when configured) and its model's (when
+configured), all or nothing. A sliding
 window log (one sorted set per key, trimmed atomically in Lua) admits exactly
 `rpm` requests in any 60 seconds: no fixed-window burst, no early lock-out.
 """
@@ -76,6 +79,8 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         default_rpm: the limit for keys that set none and whose tier has no default.
         tier_rpm: per-tier defaults for keys that set no limit.
         tenant_rpm: a limit on all of a tenant's keys together (0 = none).
+        tenant_overrides: per-tenant limits instead of `tenant_rpm`.
+        model_rpm: per-model limits on all callers together.
     """
 
     def __init__(
@@ -84,11 +89,15 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         default_rpm: int,
         tier_rpm: Mapping[str, int] | None = None,
         tenant_rpm: int = 0,
+        tenant_overrides: Mapping[str, int] | None = None,
+        model_rpm: Mapping[str, int] | None = None,
     ) -> None:
         self.redis = client
         self.default_rpm = default_rpm
         self.tier_rpm = dict(tier_rpm or {})
         self.tenant_rpm = tenant_rpm
+        self.tenant_overrides = dict(tenant_overrides or {})
+        self.model_rpm = dict(model_rpm or {})
         self._windows = client.register_script(_SLIDING_WINDOWS)
 
     def limits(self, entries: Mapping[str, str]) -> list[Limit]:
@@ -101,13 +110,24 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         )
         limits = [Limit("requests_per_minute", f"key {key_id}", f"tm:ratelimit:rpm:{key_id}", rpm)]
         tenant = entries.get("tenant", "")
-        if tenant and self.tenant_rpm:
+        tenant_rpm = self.tenant_overrides.get(tenant, self.tenant_rpm)
+        if tenant and tenant_rpm:
             limits.append(
                 Limit(
                     "tenant_requests_per_minute",
                     f"tenant {tenant}",
                     f"tm:ratelimit:tenant:{tenant}",
-                    self.tenant_rpm,
+                    tenant_rpm,
+                )
+            )
+        model = entries.get("model", "")
+        if model in self.model_rpm:
+            limits.append(
+                Limit(
+                    "model_requests_per_minute",
+                    f"model {model}",
+                    f"tm:ratelimit:model:{model}",
+                    self.model_rpm[model],
                 )
             )
         return limits

@@ -61,10 +61,28 @@ class UsageSettings(RedisSettings):
         0,
         "Requests per minute for all of a tenant's keys; 0 = none.",
     )
+    tenant_overrides: tuple[str, ...] = env(
+        "TOKENMESH_RATELIMIT_TENANT_OVERRIDES",
+        (),
+        "Per-tenant request limits over TOKENMESH_RATELIMIT_TENANT_RPM, e.g. acme=6000.",
+    )
+    model_rpm: tuple[str, ...] = env(
+        "TOKENMESH_RATELIMIT_MODEL_RPM",
+        (),
+        "Requests per minute per model across all callers, e.g. demo-lm=600.",
+    )
 
     def tier_defaults(self) -> dict[str, int]:
         """Returns the per-tier default limits."""
-        return {tier: int(rpm) for tier, _, rpm in (e.partition("=") for e in self.tier_rpm)}
+        return _pairs(self.tier_rpm)
+
+    def tenant_limits(self) -> dict[str, int]:
+        """Returns per-tenant limits that override the tenant-wide default."""
+        return _pairs(self.tenant_overrides)
+
+    def model_limits(self) -> dict[str, int]:
+        """Returns the per-model limits."""
+        return _pairs(self.model_rpm)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,12 +90,21 @@ class UsageSettings(RedisSettings):
         require(self.trim_interval_s >= 1, "TOKENMESH_USAGE_TRIM_SECONDS", "must be >= 1")
         require(self.retention_days >= 1, "TOKENMESH_USAGE_AUDIT_RETENTION_DAYS", "must be >= 1")
         require(self.default_rpm >= 1, "TOKENMESH_RATELIMIT_DEFAULT_RPM", "must be >= 1")
-        require(
-            all(t and r.isdigit() for t, _, r in (e.partition("=") for e in self.tier_rpm)),
-            "TOKENMESH_RATELIMIT_TIER_RPM",
-            "must be TIER=RPM[,TIER=RPM...]",
-        )
+        for variable, entries in (
+            ("TOKENMESH_RATELIMIT_TIER_RPM", self.tier_rpm),
+            ("TOKENMESH_RATELIMIT_TENANT_OVERRIDES", self.tenant_overrides),
+            ("TOKENMESH_RATELIMIT_MODEL_RPM", self.model_rpm),
+        ):
+            require(
+                all(n and r.isdigit() for n, _, r in (e.partition("=") for e in entries)),
+                variable,
+                "must be NAME=RPM[,NAME=RPM...]",
+            )
         require(self.tenant_rpm >= 0, "TOKENMESH_RATELIMIT_TENANT_RPM", "must be >= 0")
+
+
+def _pairs(entries: tuple[str, ...]) -> dict[str, int]:
+    return {name: int(value) for name, _, value in (e.partition("=") for e in entries)}
 
 
 class UsageService(RedisBackedService):
@@ -87,9 +114,6 @@ class UsageService(RedisBackedService):
 
     def __init__(self, settings: UsageSettings) -> None:
         super().__init__(settings)
-        self.default_rpm = settings.default_rpm
-        self.tier_rpm = settings.tier_defaults()
-        self.tenant_rpm = settings.tenant_rpm
         self.settings = settings
         retention = Retention(audit=settings.retention_days * 86400)
         self.meter = Meter(
@@ -111,7 +135,15 @@ class UsageService(RedisBackedService):
             UsageServicer(UsageReader(self.redis)), server
         )
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
-            RateLimitServicer(self.redis, self.default_rpm, self.tier_rpm, self.tenant_rpm), server
+            RateLimitServicer(
+                self.redis,
+                self.settings.default_rpm,
+                self.settings.tier_defaults(),
+                self.settings.tenant_rpm,
+                self.settings.tenant_limits(),
+                self.settings.model_limits(),
+            ),
+            server,
         )
 
     async def start(self, running: RunningServer) -> None:

@@ -44,6 +44,7 @@ ENV = {
     "TOKENMESH_ROUTER_LEASE_SECONDS": "2",
     "TOKENMESH_ROUTER_HEALTH_CHECK_SECONDS": "0.5",
     "TOKENMESH_DRAIN_DELAY_SECONDS": "0.5",
+    "TOKENMESH_RATELIMIT_MODEL_RPM": "throttled=2",
 }
 
 
@@ -451,3 +452,25 @@ def test_drain_rpc_takes_a_worker_out_and_it_exits(routed, edge):
         }
         assert states["inference-0"] == router_pb2.WORKER_STATE_SERVING
     assert {complete(edge).worker for _ in range(20)} == {"inference-0", "inference-1"}
+
+
+def test_a_per_model_request_limit_applies_to_every_caller(routed, catalogue):
+    catalogue.RegisterModelVersion(
+        router_pb.RegisterModelVersionRequest(model="throttled", version="1")
+    )
+    catalogue.SetFallbackModel(
+        router_pb.SetFallbackModelRequest(model="throttled", fallback_model=MODEL)
+    )
+    time.sleep(1.0)
+    replies = [
+        httpx.post(
+            f"{routed.edge_url}/v1/models/throttled:complete",
+            json={"prompt": "a", "max_tokens": 1},
+            headers={"x-api-key": routed.dev_api_key()},
+            timeout=10,
+        )
+        for _ in range(3)
+    ]
+    assert [r.status_code for r in replies] == [200, 200, 429]
+    assert "model_requests_per_minute=2 for model throttled" in replies[2].json()["message"]
+    assert int(replies[2].headers["retry-after"]) >= 1
