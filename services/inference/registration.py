@@ -98,7 +98,9 @@ class Registration:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     self.registered.clear()  # the router forgot us: register again now
                     continue
-                logger.warning("router unreachable (%s); retrying", exc.code().name)
+                logger.warning(
+                    "registration failed (%s: %s); retrying", exc.code().name, exc.details()
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._lease_s / 3)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from services.core.errors import FieldViolation, InvalidArgument, NotFound
+from services.core.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
 from services.router.catalog import check_name, check_version
 
 WORKERS_KEY = "tokenmesh:router:workers"
@@ -120,6 +120,17 @@ class WorkerRegistry:
         check_worker_id(worker_id)
         host, port = parse_address(address)
         check_models(models)
+        raw = await self.redis.hget(WORKERS_KEY, worker_id)
+        if raw is not None:
+            current = WorkerEntry.from_json(worker_id, raw)
+            if current.address != address and current.routable(now):
+                # Two live workers with one id would steal each other's endpoint.
+                raise AlreadyExists(
+                    f"worker id {worker_id!r} is held by a live worker at {current.address}; "
+                    "use a unique TOKENMESH_WORKER_ID (this one can register once that "
+                    "lease ends)",
+                    reason="WORKER_ID_IN_USE",
+                )
         entry = WorkerEntry(worker_id, host, port, tuple(models), SERVING, now + self.lease_s)
         await self.redis.hset(WORKERS_KEY, worker_id, entry.to_json())
         return entry

@@ -56,7 +56,9 @@ def test_one_trace_spans_envoy_and_the_worker(tmp_path: Path, collector, redis_u
     sink, port = collector
     config = MeshConfig(
         state_dir=tmp_path / "mesh",
-        redis_url=redis_url,
+        # A Redis database of its own: its router and workers must not meet the
+        # session mesh's (they share worker ids).
+        redis_url=redis_url.rsplit("/", 1)[0] + "/3",
         workers=1,
         envoy_concurrency=1,
         health_check_interval_s=0.5,

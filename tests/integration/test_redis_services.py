@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
+import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from services.auth.service import AuthService, AuthSettings
+from services.core.errors import AlreadyExists
 from services.core.server import serving
 from services.launcher.mesh import spawn_redis
+from services.router.registry import WorkerRegistry
 from services.router.service import RouterService, RouterSettings
 from tokenmesh.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from tokenmesh.router.v1 import router_pb2, router_service_pb2, router_service_pb2_grpc
@@ -81,3 +86,19 @@ async def test_health_follows_redis(tmp_path: Path):
     finally:
         child.terminate()
         child.wait(10)
+
+
+async def test_a_worker_id_cannot_be_taken_by_a_second_live_worker(redis_url):
+    client = aioredis.from_url(redis_url)
+    registry = WorkerRegistry(client, lease_s=2)
+    worker_id, now = f"w-{uuid.uuid4().hex[:6]}", time.time()
+    try:
+        await registry.register(worker_id, "127.0.0.1:1001", [("m", "1")], now)
+        await registry.register(worker_id, "127.0.0.1:1001", [("m", "1")], now + 1)  # itself
+        with pytest.raises(AlreadyExists, match="127.0.0.1:1001"):
+            await registry.register(worker_id, "127.0.0.1:1002", [("m", "1")], now + 1)
+        # Once the first one's lease ran out (a crash), the id is free again.
+        taken = await registry.register(worker_id, "127.0.0.1:1002", [("m", "1")], now + 3.5)
+        assert taken.port == 1002
+    finally:
+        await client.aclose()
