@@ -169,6 +169,7 @@ class _Stream:
             metadata = json_format.MessageToDict(request.node.metadata)
             self.flags = EdgeFlags.from_metadata(metadata)
             await self.plane.ensure(self.flags)
+            logger.info("node %s (%s) subscribed with %s", self.node_id, self.peer, self.flags)
         type_url = request.type_url
         if type_url not in _MESSAGES:
             logger.warning("node %s asked for unsupported type %s", self.node_id, type_url)
