@@ -25,43 +25,107 @@ class SamplingParams:
     stop: tuple[str, ...]
 
 
+# Nucleus sampling without top-k looks at this many best tokens first; only a
+# row whose nucleus is wider than that pays for sorting the whole vocabulary.
+NUCLEUS_WINDOW = 256
+
+
 def sample_batch(
     logits: np.ndarray, params: Sequence[SamplingParams], rngs: Sequence[np.random.Generator]
 ) -> np.ndarray:
     """Returns one token id per row of `logits` [batch, vocab].
 
-    temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+    temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. Rows
+    without filters draw from the whole softmax (no sort); filtered rows find
+    their k (or NUCLEUS_WINDOW) best tokens in O(vocab) and sort only those,
+    so a full sort happens only for a nucleus wider than the window. Each row
+    draws the same token alone or in any batch.
     """
     batch, vocab = logits.shape
     tokens: np.ndarray = np.argmax(logits, axis=1)
-    rows = np.array([i for i, p in enumerate(params) if p.temperature > 0], dtype=np.int64)
-    if rows.size == 0:
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not sampled:
         return tokens
-    uniforms = np.array([rngs[i].random() for i in rows])
-    temps = np.array([params[i].temperature for i in rows])[:, None]
-    ks = np.array([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in rows])
-    top_ps = np.array([params[i].top_p for i in rows])[:, None]
-    scaled = logits[rows].astype(np.float64) / temps
-    width = int(ks.max())
-    if width < vocab:  # only the k best can be drawn: look at those alone
-        candidates = np.argpartition(-scaled, width - 1, axis=1)[:, :width]
+    uniforms = np.zeros(batch)
+    for i in sampled:  # exactly one draw per sampled token, from the row's own generator
+        uniforms[i] = rngs[i].random()
+    plain = np.array([i for i in sampled if _unfiltered(params[i], vocab)], dtype=np.int64)
+    filtered = np.array([i for i in sampled if not _unfiltered(params[i], vocab)], dtype=np.int64)
+    for rows, draw in ((plain, _sample_unfiltered), (filtered, _sample_filtered)):
+        if rows.size:
+            temps = np.array([params[i].temperature for i in rows])[:, None]
+            ks = np.array([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in rows])
+            top_ps = np.array([params[i].top_p for i in rows])[:, None]
+            tokens[rows] = draw(logits[rows], temps, ks, top_ps, uniforms[rows])
+    return tokens
+
+
+def _unfiltered(params: SamplingParams, vocab: int) -> bool:
+    return not 0 < params.top_k < vocab and params.top_p >= 1
+
+
+def _sample_unfiltered(
+    logits: np.ndarray, temps: np.ndarray, ks: np.ndarray, top_ps: np.ndarray, uniforms: np.ndarray
+) -> np.ndarray:
+    """Inverse-CDF draws from the whole softmax: no filter, so no sort is needed."""
+    scaled = logits.astype(np.float64) / temps
+    cumulative = np.cumsum(np.exp(scaled - scaled.max(axis=1, keepdims=True)), axis=1)
+    picks = (cumulative < uniforms[:, None] * cumulative[:, -1:]).sum(axis=1)
+    drawn: np.ndarray = np.minimum(picks, logits.shape[1] - 1)
+    return drawn
+
+
+def _sample_filtered(
+    logits: np.ndarray, temps: np.ndarray, ks: np.ndarray, top_ps: np.ndarray, uniforms: np.ndarray
+) -> np.ndarray:
+    """Top-k and nucleus draws over each row's best tokens, best first."""
+    rows, vocab = logits.shape
+    width = _candidate_width(logits, temps, ks, top_ps)
+    if width < vocab:
+        # Temperature does not change the order: partition the raw logits.
+        candidates = np.argpartition(logits, vocab - width, axis=1)[:, vocab - width :]
     else:
-        candidates = np.broadcast_to(np.arange(vocab), (rows.size, vocab))
-    values = np.take_along_axis(scaled, candidates, axis=1)
+        candidates = np.broadcast_to(np.arange(vocab), (rows, vocab))
+    values = np.take_along_axis(logits, candidates, axis=1).astype(np.float64) / temps
     order = np.argsort(-values, axis=1, kind="stable")
     candidates = np.take_along_axis(candidates, order, axis=1)
     values = np.take_along_axis(values, order, axis=1)
     values[np.arange(width)[None, :] >= ks[:, None]] = -np.inf  # rows with a smaller k
     probs = np.exp(values - values[:, :1])
-    probs /= probs.sum(axis=1, keepdims=True)
+    # Normalised over each row's top k; rows without k, over the whole vocabulary.
+    denominators = probs.sum(axis=1, keepdims=True)
+    no_k = ks >= vocab
+    if width < vocab and no_k.any():
+        scaled = logits[no_k].astype(np.float64) / temps[no_k] - values[no_k, :1]
+        denominators[no_k] = np.exp(scaled).sum(axis=1, keepdims=True)
+    probs /= denominators
     cumulative = np.cumsum(probs, axis=1)
     # Nucleus: keep the smallest prefix whose mass reaches top_p.
     probs[(cumulative - probs) >= top_ps] = 0.0
     cumulative = np.cumsum(probs, axis=1)
     picks = (cumulative < uniforms[:, None] * cumulative[:, -1:]).sum(axis=1)
     picks = np.minimum(picks, width - 1)
-    tokens[rows] = candidates[np.arange(rows.size), picks]
-    return tokens
+    drawn: np.ndarray = candidates[np.arange(rows), picks]
+    return drawn
+
+
+def _candidate_width(
+    logits: np.ndarray, temps: np.ndarray, ks: np.ndarray, top_ps: np.ndarray
+) -> int:
+    """How many best tokens per row can be drawn (the vocabulary when a full sort is needed)."""
+    vocab = logits.shape[1]
+    no_k = ks >= vocab
+    if not no_k.any():
+        return int(ks.max())
+    if vocab <= NUCLEUS_WINDOW or int(ks[~no_k].max(initial=0)) > NUCLEUS_WINDOW:
+        return int(vocab)
+    # Do each k-less row's NUCLEUS_WINDOW best tokens hold its top_p of the mass?
+    free = logits[no_k]
+    best = np.partition(free, vocab - NUCLEUS_WINDOW, axis=1)[:, vocab - NUCLEUS_WINDOW :]
+    top = best.max(axis=1, keepdims=True)
+    window = np.exp((best - top) / temps[no_k]).sum(axis=1, keepdims=True)
+    total = np.exp((free - top) / temps[no_k]).sum(axis=1, keepdims=True)
+    return NUCLEUS_WINDOW if bool((window / total >= top_ps[no_k]).all()) else vocab
 
 
 def sample(

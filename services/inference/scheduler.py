@@ -136,6 +136,11 @@ class Scheduler:
         self._ttft = metrics.TIME_TO_FIRST_TOKEN.labels(*labels)
         self._itl = metrics.INTER_TOKEN_LATENCY.labels(*labels)
         self._completion_tokens = metrics.TOKENS.labels(*labels, "completion")
+        self._prompt_tokens = metrics.TOKENS.labels(*labels, "prompt")
+        self._queue_depth = metrics.QUEUE_DEPTH.labels(*labels)
+        self._running_gauge = metrics.RUNNING.labels(*labels)
+        self._slots_used = metrics.KV_SLOTS_USED.labels(*labels)
+        self._kv_reserved = metrics.KV_TOKENS_RESERVED.labels(*labels)
 
     async def start(self) -> None:
         """Allocates the KV cache, warms the engine up and starts the loop."""
@@ -187,7 +192,7 @@ class Scheduler:
             rng=np.random.default_rng(seed),
         )
         heapq.heappush(self._waiting, (priority, seq.id, seq))
-        metrics.QUEUE_DEPTH.labels(*self.labels).set(len(self._waiting))
+        self._queue_depth.set(len(self._waiting))
         self._wake.set()
         return seq
 
@@ -274,7 +279,7 @@ class Scheduler:
             self._reserved += seq.reserved_tokens
             prefill_budget -= len(seq.prompt_ids)
             self._running.append(seq)
-            metrics.TOKENS.labels(*self.labels, "prompt").inc(len(seq.prompt_ids))
+            self._prompt_tokens.inc(len(seq.prompt_ids))
 
     def _deliver(self, seq: Sequence_, token: int, now: float) -> None:
         if seq.cancelled:
@@ -285,11 +290,9 @@ class Scheduler:
             return
         if seq.first_token_at is None:
             seq.first_token_at = now
-            metrics.TIME_TO_FIRST_TOKEN.labels(*self.labels).observe(now - seq.submitted_at)
+            self._ttft.observe(now - seq.submitted_at)
         else:
-            metrics.INTER_TOKEN_LATENCY.labels(*self.labels).observe(
-                now - (seq.last_token_at or now)
-            )
+            self._itl.observe(now - (seq.last_token_at or now))
         seq.last_token_at = now
         seq.generated.append(token)
         seq.outbox.put_nowait(token)
@@ -311,9 +314,7 @@ class Scheduler:
             self._reserved -= seq.reserved_tokens
 
     def _publish_gauges(self) -> None:
-        metrics.QUEUE_DEPTH.labels(*self.labels).set(len(self._waiting))
-        metrics.RUNNING.labels(*self.labels).set(len(self._running))
-        metrics.KV_SLOTS_USED.labels(*self.labels).set(
-            self.limits.max_sequences - len(self._free_slots)
-        )
-        metrics.KV_TOKENS_RESERVED.labels(*self.labels).set(self._reserved)
+        self._queue_depth.set(len(self._waiting))
+        self._running_gauge.set(len(self._running))
+        self._slots_used.set(self.limits.max_sequences - len(self._free_slots))
+        self._kv_reserved.set(self._reserved)

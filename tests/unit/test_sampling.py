@@ -48,3 +48,32 @@ def test_a_row_samples_the_same_alone_or_in_a_batch():
     for i in range(6):
         alone = sample_batch(logits[i : i + 1], [params[i]], [np.random.default_rng(i)])
         assert alone[0] == batched[i]
+
+
+def _reference(row: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> int:
+    """The textbook draw: softmax, sort, cut to top-k, cut to the nucleus, inverse CDF."""
+    scaled = row.astype(np.float64) / temperature
+    weights = np.exp(scaled - scaled.max())
+    order = np.argsort(-scaled, kind="stable")
+    if 0 < top_k < row.size:
+        order = order[:top_k]
+    probs = weights[order] / weights[order].sum()
+    cumulative = np.cumsum(probs)
+    probs[(cumulative - probs) >= top_p] = 0.0
+    cumulative = np.cumsum(probs)
+    return int(order[min(int((cumulative < u * cumulative[-1]).sum()), order.size - 1)])
+
+
+def test_fast_paths_draw_what_a_full_sort_draws():
+    from services.inference.sampling import SamplingParams, sample_batch
+
+    rng = np.random.default_rng(5)
+    logits = (rng.normal(size=(16, 4096)) * 4).astype(np.float32)  # peaked: the nucleus window
+    for top_k, top_p in ((0, 0.9), (50, 0.95), (0, 0.5), (7, 1.0)):
+        params = [SamplingParams(1, 0.8, top_p, top_k, None, ())] * 16
+        drawn = sample_batch(logits, params, [np.random.default_rng(i) for i in range(16)])
+        expected = [
+            _reference(logits[i], 0.8, top_k, top_p, np.random.default_rng(i).random())
+            for i in range(16)
+        ]
+        assert drawn.tolist() == expected, (top_k, top_p)
