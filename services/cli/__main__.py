@@ -206,16 +206,22 @@ def _weights(pairs: Sequence[str]) -> list[router_pb2.TrafficWeight]:
     return weights
 
 
+def _change(
+    stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]], rpc: str, request: Any
+) -> None:
+    """Calls one catalogue RPC and prints the model it returns."""
+    reply = getattr(stub, rpc)(request, metadata=metadata, timeout=TIMEOUT_S)
+    _print(reply.model, args.json, _model_line(reply.model))
+
+
 def models_split(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
     request = router_pb.SetTrafficSplitRequest(model=args.model, weights=_weights(args.weights))
-    reply = stub.SetTrafficSplit(request, metadata=metadata, timeout=TIMEOUT_S)
-    _print(reply.model, args.json, _model_line(reply.model))
+    _change(stub, args, metadata, "SetTrafficSplit", request)
 
 
 def models_pin(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
     request = router_pb.PinModelVersionRequest(model=args.model, version=args.version or "")
-    reply = stub.PinModelVersion(request, metadata=metadata, timeout=TIMEOUT_S)
-    _print(reply.model, args.json, _model_line(reply.model))
+    _change(stub, args, metadata, "PinModelVersion", request)
 
 
 def _sunset(value: str) -> timestamp_pb2.Timestamp:
@@ -234,32 +240,28 @@ def models_deprecate(
     request = router_pb.DeprecateModelVersionRequest(
         model=args.model, version=args.version, sunset_time=_sunset(args.sunset)
     )
-    reply = stub.DeprecateModelVersion(request, metadata=metadata, timeout=TIMEOUT_S)
-    _print(reply.model, args.json, _model_line(reply.model))
+    _change(stub, args, metadata, "DeprecateModelVersion", request)
 
 
 def models_fallback(
     stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]
 ) -> None:
     request = router_pb.SetFallbackModelRequest(model=args.model, fallback_model=args.fallback)
-    reply = stub.SetFallbackModel(request, metadata=metadata, timeout=TIMEOUT_S)
-    _print(reply.model, args.json, _model_line(reply.model))
+    _change(stub, args, metadata, "SetFallbackModel", request)
 
 
 def models_alias(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
     request = router_pb.SetModelAliasRequest(
         model=args.model, alias=args.alias, version=args.version or ""
     )
-    reply = stub.SetModelAlias(request, metadata=metadata, timeout=TIMEOUT_S)
-    _print(reply.model, args.json, _model_line(reply.model))
+    _change(stub, args, metadata, "SetModelAlias", request)
 
 
 def models_register(
     stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]
 ) -> None:
     request = router_pb.RegisterModelVersionRequest(model=args.model, version=args.version)
-    reply = stub.RegisterModelVersion(request, metadata=metadata, timeout=TIMEOUT_S)
-    _print(reply.model, args.json, _model_line(reply.model))
+    _change(stub, args, metadata, "RegisterModelVersion", request)
 
 
 def _worker_line(worker: router_pb2.Worker) -> str:

@@ -250,13 +250,15 @@ class Catalog:
                 except WatchError:
                     continue  # someone else changed the catalogue: read it again
 
-    async def update(self, name: str, apply: Callable[[ModelEntry], ModelEntry]) -> ModelEntry:
-        """Changes an existing model; raises NotFound when it is not in the catalogue."""
+    async def update(
+        self, name: str, apply: Callable[[ModelEntry, dict[str, ModelEntry]], ModelEntry]
+    ) -> ModelEntry:
+        """Changes an existing model (`apply(model, catalog)`); NotFound when it is missing."""
 
-        def existing(current: ModelEntry | None, _: dict[str, ModelEntry]) -> ModelEntry:
+        def existing(current: ModelEntry | None, catalog: dict[str, ModelEntry]) -> ModelEntry:
             if current is None:
                 raise NotFound(f"model {name!r} is not in the catalogue", reason="MODEL_NOT_FOUND")
-            return apply(current)
+            return apply(current, catalog)
 
         return await self.change(name, existing)
 

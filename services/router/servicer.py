@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from services.core.errors import FieldViolation, InvalidArgument, NotFound
+from services.core.errors import FieldViolation, InvalidArgument
 from services.core.interceptors import Context
 from services.router import catalog as cat
 from services.router.catalog import Catalog, ModelEntry, now
@@ -132,13 +132,13 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                     [FieldViolation("weights", f"version {entry.version!r} is listed twice")]
                 )
             weights[entry.version] = entry.weight
-        model = await self.catalog.update(request.model, lambda m: cat.set_split(m, weights))
+        model = await self.catalog.update(request.model, lambda m, _: cat.set_split(m, weights))
         return pb.SetTrafficSplitResponse(model=await self._changed(model))
 
     async def PinModelVersion(
         self, request: pb.PinModelVersionRequest, context: Context
     ) -> pb.PinModelVersionResponse:
-        model = await self.catalog.update(request.model, lambda m: cat.pin(m, request.version))
+        model = await self.catalog.update(request.model, lambda m, _: cat.pin(m, request.version))
         return pb.PinModelVersionResponse(model=await self._changed(model))
 
     async def DeprecateModelVersion(
@@ -146,18 +146,15 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     ) -> pb.DeprecateModelVersionResponse:
         sunset = request.sunset_time.ToNanoseconds() / 1e9 if request.HasField("sunset_time") else 0
         model = await self.catalog.update(
-            request.model, lambda m: cat.deprecate(m, request.version, sunset, now())
+            request.model, lambda m, _: cat.deprecate(m, request.version, sunset, now())
         )
         return pb.DeprecateModelVersionResponse(model=await self._changed(model))
 
     async def SetFallbackModel(
         self, request: pb.SetFallbackModelRequest, context: Context
     ) -> pb.SetFallbackModelResponse:
-        model = await self.catalog.change(
-            request.model,
-            lambda current, models: cat.set_fallback(
-                _existing(current, request.model), request.fallback_model, models
-            ),
+        model = await self.catalog.update(
+            request.model, lambda m, models: cat.set_fallback(m, request.fallback_model, models)
         )
         return pb.SetFallbackModelResponse(model=await self._changed(model))
 
@@ -165,15 +162,9 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         self, request: pb.SetModelAliasRequest, context: Context
     ) -> pb.SetModelAliasResponse:
         model = await self.catalog.update(
-            request.model, lambda m: cat.set_alias(m, request.alias, request.version)
+            request.model, lambda m, _: cat.set_alias(m, request.alias, request.version)
         )
         return pb.SetModelAliasResponse(model=await self._changed(model))
-
-
-def _existing(model: ModelEntry | None, name: str) -> ModelEntry:
-    if model is None:
-        raise NotFound(f"model {name!r} is not in the catalogue", reason="MODEL_NOT_FOUND")
-    return model
 
 
 class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
