@@ -117,6 +117,11 @@ class RouterService(RedisBackedService):
         await super().start(running)
         self.plane.start()
 
+    async def drain(self) -> None:
+        # End the ADS streams first: Envoys keep their config and reconnect to
+        # another replica (or to this one after its restart) at once.
+        self.plane.closing.set()
+
     async def stop(self) -> None:
         await self.plane.stop()
         await super().stop()

@@ -81,6 +81,7 @@ class ControlPlane:
         self._generation = 0
         self._changed = asyncio.Condition()
         self.ready = asyncio.Event()
+        self.closing = asyncio.Event()  # set on shutdown: streams end, Envoys reconnect elsewhere
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -243,16 +244,17 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         tasks = [
             asyncio.create_task(self._read(stream, request_iterator)),
             asyncio.create_task(self._watch(stream)),
+            asyncio.create_task(self.plane.closing.wait()),
         ]
         try:
             while True:
                 getter = asyncio.create_task(stream.outbox.get())
                 done, _ = await asyncio.wait(
-                    [getter, tasks[0]], return_when=asyncio.FIRST_COMPLETED
+                    [getter, tasks[0], tasks[2]], return_when=asyncio.FIRST_COMPLETED
                 )
                 if getter not in done:
                     getter.cancel()
-                    break  # the Envoy closed its side
+                    break  # the Envoy closed its side, or this router is stopping
                 yield getter.result()
         finally:
             for task in tasks:

@@ -477,3 +477,18 @@ def test_a_per_model_request_limit_applies_to_every_caller(routed, catalogue):
     assert [r.status_code for r in replies] == [200, 200, 429]
     assert "model_requests_per_minute=2 for model throttled" in replies[2].json()["message"]
     assert int(replies[2].headers["retry-after"]) >= 1
+
+
+def test_a_stopping_router_lets_go_of_its_envoys_at_once(routed, edge):
+    stop, outcomes, threads = under_load(edge)
+    started = time.monotonic()
+    routed.terminate("router")
+    assert routed.wait_exit("router", 30) == 0
+    stopped_in = time.monotonic() - started
+    routed.restart_service("router", "router")
+    time.sleep(1.0)
+    finish(stop, threads)
+    # ADS streams end on SIGTERM instead of holding the 5 s grace period.
+    assert stopped_in < 3.0, stopped_in
+    failures = [o.error for o in outcomes if not o.ok]
+    assert not failures, failures[:5]
