@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from envoy.config.core.v3 import base_pb2
@@ -25,6 +26,7 @@ from google.protobuf import duration_pb2
 
 from services.core.errors import Unavailable
 from services.core.interceptors import Context
+from services.usage.script_client import ScriptClient
 
 logger = logging.getLogger(__name__)
 WINDOW_S = 60
@@ -81,6 +83,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         tenant_rpm: a limit on all of a tenant's keys together (0 = none).
         tenant_overrides: per-tenant limits instead of `tenant_rpm`.
         model_rpm: per-model limits on all callers together.
+        redis_url: the same Redis as `client`, for the lean hot-path client.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         tenant_rpm: int = 0,
         tenant_overrides: Mapping[str, int] | None = None,
         model_rpm: Mapping[str, int] | None = None,
+        redis_url: str = "",
     ) -> None:
         self.redis = client
         self.default_rpm = default_rpm
@@ -98,7 +102,17 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         self.tenant_rpm = tenant_rpm
         self.tenant_overrides = dict(tenant_overrides or {})
         self.model_rpm = dict(model_rpm or {})
-        self._windows = client.register_script(_SLIDING_WINDOWS)
+        # The hot path: a lean pipelined client where the URL allows, else redis-py.
+        self._windows: Callable[..., Awaitable[Any]] = (
+            ScriptClient(redis_url, _SLIDING_WINDOWS)
+            if redis_url.startswith("redis://")
+            else client.register_script(_SLIDING_WINDOWS)
+        )
+
+    async def close(self) -> None:
+        """Closes the hot-path connection."""
+        if isinstance(self._windows, ScriptClient):
+            await self._windows.close()
 
     def limits(self, entries: Mapping[str, str]) -> list[Limit]:
         """Returns the windows a request with these descriptor entries counts against."""

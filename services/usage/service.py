@@ -126,6 +126,15 @@ class UsageService(RedisBackedService):
             settings.trim_interval_s,
         )
         self._task: asyncio.Task[None] | None = None
+        self.limiter = RateLimitServicer(
+            self.redis,
+            settings.default_rpm,
+            settings.tier_defaults(),
+            settings.tenant_rpm,
+            settings.tenant_limits(),
+            settings.model_limits(),
+            redis_url=settings.redis_url,
+        )
 
     def service_names(self) -> Sequence[str]:
         return [SERVICE_NAME, RATELIMIT_SERVICE]
@@ -134,17 +143,7 @@ class UsageService(RedisBackedService):
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
             UsageServicer(UsageReader(self.redis)), server
         )
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
-            RateLimitServicer(
-                self.redis,
-                self.settings.default_rpm,
-                self.settings.tier_defaults(),
-                self.settings.tenant_rpm,
-                self.settings.tenant_limits(),
-                self.settings.model_limits(),
-            ),
-            server,
-        )
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.limiter, server)
 
     async def start(self, running: RunningServer) -> None:
         await super().start(running)
@@ -156,4 +155,5 @@ class UsageService(RedisBackedService):
             self._task.cancel()
             # A cancelled blocking XREADGROUP must not hold up shutdown.
             await asyncio.wait([self._task], timeout=5)
+        await self.limiter.close()
         await super().stop()

@@ -1,0 +1,47 @@
+"""The rate limiter's lean Redis client against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.launcher.mesh import spawn_redis
+from services.usage.script_client import ScriptClient, ScriptUnavailable
+
+ECHO_INCR = "return {ARGV[1], redis.call('INCRBY', KEYS[1], tonumber(ARGV[2]))}"
+
+
+async def test_concurrent_calls_get_their_own_replies(redis_url):
+    client = ScriptClient(redis_url.rsplit("/", 1)[0] + "/4", ECHO_INCR)
+    try:
+        replies = await asyncio.gather(
+            *(client(keys=["script-client:n"], args=[f"caller-{i}", 1]) for i in range(200))
+        )
+        assert [r[0] for r in replies] == [f"caller-{i}".encode() for i in range(200)]
+        assert sorted(r[1] for r in replies)[-1] - sorted(r[1] for r in replies)[0] == 199
+        check = aioredis.from_url(redis_url.rsplit("/", 1)[0] + "/4")
+        assert int(await check.get("script-client:n")) >= 200  # db 4, not the default db
+        await check.aclose()
+    finally:
+        await client.close()
+
+
+async def test_redis_down_is_unavailable_and_back_up_works_again(tmp_path: Path):
+    child, url = spawn_redis(tmp_path / "data", tmp_path / "redis.log")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    client = ScriptClient(url, ECHO_INCR, timeout_s=0.5)
+    try:
+        assert (await client(keys=["k"], args=["a", 2]))[1] == 2
+        child.terminate()
+        child.wait(10)
+        with pytest.raises(ScriptUnavailable):
+            await client(keys=["k"], args=["b", 1])
+        child, _ = spawn_redis(tmp_path / "data", tmp_path / "redis.log", port=port)
+        assert (await client(keys=["k"], args=["c", 1]))[1] == 3  # AOF kept the 2
+    finally:
+        await client.close()
+        child.terminate()
+        child.wait(10)
