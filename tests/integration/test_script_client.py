@@ -34,13 +34,13 @@ async def test_redis_down_is_unavailable_and_back_up_works_again(tmp_path: Path)
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     client = ScriptClient(url, ECHO_INCR, timeout_s=0.5)
     try:
-        assert (await client(keys=["k"], args=["a", 2]))[1] == 2
+        assert await client(keys=["k"], args=["a", 2]) == [b"a", 2]
         child.terminate()
         child.wait(10)
         with pytest.raises(ScriptUnavailable):
             await client(keys=["k"], args=["b", 1])
         child, _ = spawn_redis(tmp_path / "data", tmp_path / "redis.log", port=port)
-        assert (await client(keys=["k"], args=["c", 1]))[1] == 3  # AOF kept the 2
+        assert await client(keys=["k"], args=["c", 1]) == [b"c", 3]  # AOF kept the 2
     finally:
         await client.close()
         child.terminate()
