@@ -90,19 +90,24 @@ class ScriptClient:
                     asyncio.open_connection(self.host, self.port), self.timeout_s
                 )
                 self._reader_task = asyncio.create_task(self._read(reader))
+                try:
+                    # Callers see the connection only once it is set up, so no
+                    # command of theirs can overtake AUTH or SELECT.
+                    if self.password:
+                        await self._expect_ok(writer, _command("AUTH", self.password))
+                    if self.db:
+                        await self._expect_ok(writer, _command("SELECT", self.db))
+                except BaseException:
+                    writer.close()
+                    raise
                 self._writer = writer
-                if self.password:
-                    await self._expect_ok(_command("AUTH", self.password))
-                if self.db:
-                    await self._expect_ok(_command("SELECT", self.db))
         assert self._writer is not None
         return self._writer
 
-    async def _expect_ok(self, command: bytes) -> None:
-        assert self._writer is not None
+    async def _expect_ok(self, writer: asyncio.StreamWriter, command: bytes) -> None:
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
-        self._writer.write(command)
+        writer.write(command)
         reply = await asyncio.wait_for(future, self.timeout_s)
         if isinstance(reply, hiredis.ReplyError):
             raise ConnectionError(str(reply))
