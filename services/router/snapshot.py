@@ -304,6 +304,9 @@ def model_routes(
     routes: list[dict[str, Any]] = []
     labels = [(v.version, v.version) for v in entry.versions]
     labels += sorted(entry.aliases.items())
+    serving = [v.version for v in entry.versions if not v.sunset(now)]
+    if serving and "latest" not in entry.aliases and entry.version("latest") is None:
+        labels.append(("latest", serving[-1]))  # unless set explicitly: the newest version
     for label, version in labels:
         found = entry.version(version)
         if found is None:

@@ -171,6 +171,7 @@ def test_request_version_header_and_alias_choose_the_version(edge, catalogue):
     )
     time.sleep(1.0)
     assert complete(edge, version="canary").version == "2"
+    assert complete(edge, version="latest").version == "2"  # implicit alias
 
 
 def test_unknown_version_is_not_found(edge):
@@ -231,6 +232,7 @@ def test_no_worker_is_503_with_retry_then_the_fallback_serves(routed, edge, cata
     with pytest.raises(grpc.RpcError) as info:
         complete(edge, model="ghost")
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert dict(info.value.trailing_metadata() or ())["retry-after"] == "1"
 
     catalogue.SetFallbackModel(
         router_pb.SetFallbackModelRequest(model="ghost", fallback_model=MODEL)

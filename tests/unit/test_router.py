@@ -116,10 +116,12 @@ def test_routes_match_versions_then_split_and_tell_the_worker():
         {"x-tokenmesh-model": "m", "x-model-version": "1"},
         {"x-tokenmesh-model": "m", "x-model-version": "2"},
         {"x-tokenmesh-model": "m", "x-model-version": "canary"},
+        {"x-tokenmesh-model": "m", "x-model-version": "latest"},  # implicit: the newest
         {"x-tokenmesh-model": "m", "x-model-version": "*"},  # unknown version: NOT_FOUND
         {"x-tokenmesh-model": "m"},
     ]
-    assert routes[3]["route"]["cluster"] == "inference"
+    assert routes[3]["route"]["weighted_clusters"]["clusters"][0]["name"] == "model:m:2"
+    assert routes[4]["route"]["cluster"] == "inference"
     split = routes[-1]["route"]["weighted_clusters"]["clusters"]
     assert [(c["name"], c["weight"]) for c in split] == [("model:m:1", 80), ("model:m:2", 20)]
     told = {h["header"]["key"]: h["header"]["value"] for h in split[1]["request_headers_to_add"]}
