@@ -9,7 +9,7 @@ never held back. The last delta has `finish_reason` set.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 from services.inference.scheduler import Finished, Scheduler, Sequence_
@@ -67,7 +67,7 @@ async def stream_deltas(
     tokenizer: Tokenizer,
     stops: Sequence[str],
     state: GenerationState,
-) -> AsyncIterator[Delta]:
+) -> AsyncGenerator[Delta, None]:
     """Yields deltas until the sequence ends; cancels it if the caller stops early."""
     decoder = IncrementalDecoder(tokenizer)
     text = ""  # decoded but not yet sent

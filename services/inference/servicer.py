@@ -7,14 +7,20 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from gateway import model_routing
-from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied, TokenmeshError
+from services.core.errors import (
+    FieldViolation,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    TokenmeshError,
+)
 from services.core.interceptors import Context, abort_with, request_headers, to_domain_error
 from services.inference import metrics, validation
 from services.inference.budget import Limits, TokenBudgets
@@ -31,6 +37,7 @@ KEY_ID_HEADER = "x-tokenmesh-key-id"
 TENANT_HEADER = "x-tokenmesh-tenant"
 MODELS_HEADER = "x-tokenmesh-models"  # set by the edge from the caller's key; empty = all
 FALLBACK_FROM_HEADER = "x-tokenmesh-fallback-from"  # the model a fallback answer stands in for
+CHARGE_EVERY_TOKENS = 16  # an unreserved stream is charged in chunks of at least this
 _PRIORITIES = {
     inference_pb2.PRIORITY_UNSPECIFIED: PRIORITY_INTERACTIVE,
     inference_pb2.PRIORITY_INTERACTIVE: PRIORITY_INTERACTIVE,
@@ -192,6 +199,9 @@ class Generation(Request):
         self.state = GenerationState(prompt_tokens=len(self.prompt_ids))
         self.priority = _PRIORITIES.get(request.priority, PRIORITY_INTERACTIVE)
         self.reserved_tokens = 0  # held in the caller's token budget until completion
+        # Admitted while budgets were unreachable: charged as it goes, once they are back.
+        self.unmetered = False
+        self.charged_tokens = 0
 
     @property
     def needed_tokens(self) -> int:
@@ -204,7 +214,7 @@ class Generation(Request):
             self.prompt_ids, self.params, self.priority, timeout_s
         )
 
-    def deltas(self) -> AsyncIterator[Delta]:
+    def deltas(self) -> AsyncGenerator[Delta, None]:
         """Streams the generated text."""
         return stream_deltas(
             self.scheduler, self.seq, self.model.tokenizer, self.params.stop, self.state
@@ -308,8 +318,34 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             )
         except RedisError as exc:  # budgets fail open, like request limits
             logger.warning("token budgets unavailable (%s); admitting", type(exc).__name__)
+            generation.unmetered = True
             return
         generation.reserved_tokens = generation.needed_tokens
+
+    async def _within_budget(self, generation: Generation, sent_tokens: int) -> bool:
+        """Charges an unreserved stream for what it sent so far; False once the budget is out.
+
+        Only a stream admitted while Redis was unreachable gets here (every
+        other stream reserved prompt + max_tokens up front and cannot run out).
+        """
+        if not generation.unmetered:
+            return True
+        due = generation.state.prompt_tokens + sent_tokens - generation.charged_tokens
+        if due < CHARGE_EVERY_TOKENS:
+            return True
+        try:
+            await self.budgets.reserve(
+                generation.key_id,
+                generation.limits,
+                f"{generation.request_id}:{generation.charged_tokens}",
+                due,
+            )
+        except ResourceExhausted:
+            return False
+        except RedisError:
+            return True  # still unreachable: still open
+        generation.charged_tokens += due
+        return True
 
     def _record(self, generation: Generation, finish_reason: str) -> None:
         labels = (generation.model.name, generation.model.version)
@@ -340,9 +376,18 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         finish_reason = "cancelled"
         index = 0
         sent_tokens = 0  # in messages gRPC accepted: what a cancelling client got
+        deltas = generation.deltas()
         try:
             await generation.send_headers(context)
-            async for delta in generation.deltas():
+            async for delta in deltas:
+                if not await self._within_budget(generation, sent_tokens):
+                    await deltas.aclose()  # frees the sequence's slot
+                    finish_reason = "quota"
+                    generation.state.completion_tokens = sent_tokens
+                    final = pb.GenerateResponse(index=index, request_id=generation.request_id)
+                    self._finish(final, generation, finish_reason)
+                    yield final
+                    return
                 message = pb.GenerateResponse(
                     index=index,
                     text=delta.text,
@@ -387,9 +432,15 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         finish_reason = "cancelled"
         texts: list[str] = []
         token_ids: list[int] = []
+        deltas = generation.deltas()
         try:
             await generation.send_headers(context)
-            async for delta in generation.deltas():
+            async for delta in deltas:
+                if not await self._within_budget(generation, len(token_ids)):
+                    await deltas.aclose()
+                    finish_reason = "quota"
+                    generation.state.completion_tokens = len(token_ids)
+                    break
                 texts.append(delta.text)
                 token_ids.extend(delta.token_ids)
                 finish_reason = delta.finish_reason or finish_reason

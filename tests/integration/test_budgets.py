@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import uuid
 
+import grpc
+import grpc.aio
 import pytest
 import redis.asyncio as aioredis
 
 from services.core.errors import ResourceExhausted
 from services.inference.budget import Limits, TokenBudgets
+from services.launcher.mesh import spawn_redis
+from tests.integration.conftest import inference_settings, start_inference
+from tokenmesh.inference.v1 import inference_service_pb2 as pb
+from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 
 
 @pytest.fixture
@@ -50,3 +56,40 @@ async def test_a_budget_at_80_percent_is_named_in_a_warning(budgets):
     assert await budgets.reserve(key, limits, "a", 50) == ""
     assert await budgets.reserve(key, limits, "b", 30) == "tokens_per_minute 80/100"
     assert await budgets.reserve(key, Limits(monthly_tokens=100), "c", 5) == "monthly_tokens 85/100"
+
+
+async def test_a_stream_admitted_while_redis_was_down_ends_with_quota(tmp_path):
+    """Budgets fail open; once Redis is back the stream is charged as it goes, and
+    ends cleanly with finish_reason "quota" when the key's budget is gone."""
+    child, url = spawn_redis(tmp_path / "data", tmp_path / "redis.log")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    settings = inference_settings(tmp_path, url, test_engine_step_ms=20.0)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-tpm", "100")]
+    try:
+        async with await start_inference(settings) as (_, channel):
+            child.terminate()
+            child.wait(10)
+            stub = rpc.InferenceServiceStub(channel)
+            call = stub.Generate(
+                pb.GenerateRequest(model="deterministic-test", prompt="a", max_tokens=400),
+                metadata=identity,
+            )
+            first = await call.read()  # admitted although the budget could not be checked
+            assert first.index == 0
+            child, _ = spawn_redis(tmp_path / "data", tmp_path / "redis.log", port=port)
+            client = aioredis.from_url(url)
+            await TokenBudgets(client).reserve(key, Limits(tokens_per_minute=100), "other", 90)
+            await client.aclose()
+            messages = [first]
+            while (message := await call.read()) != grpc.aio.EOF:
+                messages.append(message)
+            final = messages[-1]
+            assert final.finish_reason == "quota"
+            sent = sum(len(m.token_ids) for m in messages)
+            assert final.usage.completion_tokens == sent < 400
+            assert final.usage.prompt_tokens == 1
+            assert await call.code() == grpc.StatusCode.OK  # a clean end, not an error
+    finally:
+        child.terminate()
+        child.wait(10)
