@@ -61,7 +61,7 @@ class ModelEntry:
             return {self.pinned: 100}
         weights = {v.version: v.weight for v in serving if v.weight > 0}
         if weights:
-            return weights
+            return _to_percent(weights)  # a sunset version's share goes to the others
         # Every weighted version was sunset: the newest serving version takes over.
         return {serving[-1].version: 100} if serving else {}
 
@@ -93,6 +93,20 @@ class ModelEntry:
             fallback=str(data.get("fallback", "")),
             pinned=str(data.get("pinned", "")),
         )
+
+
+def _to_percent(weights: Mapping[str, int]) -> dict[str, int]:
+    """Scales weights to sum to 100 (largest remainders round up)."""
+    total = sum(weights.values())
+    if total == 100:
+        return dict(weights)
+    exact = {v: w * 100 / total for v, w in weights.items()}
+    shares = {v: int(x) for v, x in exact.items()}
+    for version in sorted(exact, key=lambda v: exact[v] - shares[v], reverse=True)[
+        : 100 - sum(shares.values())
+    ]:
+        shares[version] += 1
+    return shares
 
 
 def _violation(field_name: str, description: str) -> InvalidArgument:

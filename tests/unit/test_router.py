@@ -46,7 +46,7 @@ def test_pin_overrides_the_split_and_sunset_versions_stop_serving():
     model = cat.set_split(two_versions(), {"1": 50, "2": 50})
     assert cat.pin(model, "2").effective_weights(NOW) == {"2": 100}
     sunset = cat.deprecate(model, "1", sunset_at=NOW - 1, now=NOW - 100)
-    assert sunset.effective_weights(NOW) == {"2": 50}
+    assert sunset.effective_weights(NOW) == {"2": 100}  # the sunset share moves over
     assert sunset.version("1") is not None and sunset.version("1").deprecated_at == NOW - 100
 
 
@@ -230,3 +230,17 @@ def test_expired_leases_count_during_the_grace_after_a_control_plane_restart():
 
     assert hosts(grace=False) == 0
     assert hosts(grace=True) == 1  # draining workers stay out even then
+
+
+def test_a_sunset_version_is_answered_by_the_edge_and_leaves_the_split():
+    model = cat.set_split(two_versions(), {"1": 50, "2": 50})
+    model = cat.deprecate(model, "1", sunset_at=NOW - 60, now=NOW - 3600)
+    routes = snapshot.model_routes(model, {"m": model}, NOW)
+    sunset = routes[0]
+    assert sunset["direct_response"]["status"] == 404
+    assert "version '1' of 'm' was sunset on" in sunset["direct_response"]["body"]["inline_string"]
+    split = routes[-1]["route"]["weighted_clusters"]["clusters"]
+    assert [(c["name"], c["weight"]) for c in split] == [("model:m:2", 100)]
+    resources = build({"m": model}, [worker("w", 1, ("m", "1"), ("m", "2"))])
+    assert "model:m:1" not in resources.by_type[CLUSTER_TYPE]
+    assert pack(resources).by_type[ROUTE_TYPE]["edge"]  # valid Envoy protos
