@@ -129,6 +129,16 @@ def complete(
     return Served(reply.model.version, headers["x-tokenmesh-worker"], headers, reply.finish_reason)
 
 
+def rest_complete(routed: Mesh, model: str = MODEL, **body: object) -> httpx.Response:
+    """POST /v1/models/{model}:complete through the edge with the admin key."""
+    return httpx.post(
+        f"{routed.edge_url}/v1/models/{model}:complete",
+        json={"prompt": "a", "max_tokens": 1, **body},
+        headers={"x-api-key": routed.dev_api_key()},
+        timeout=10,
+    )
+
+
 def many(channel: grpc.Channel, count: int, **kwargs: object) -> collections.Counter[str]:
     with ThreadPoolExecutor(8) as pool:
         served = list(pool.map(lambda _: complete(channel, **kwargs), range(count)))  # type: ignore[arg-type]
@@ -182,12 +192,7 @@ def test_unknown_version_is_not_found(edge):
 
 def test_rest_response_names_the_version(routed, catalogue):
     split(catalogue, {"2": 100})
-    reply = httpx.post(
-        f"{routed.edge_url}/v1/models/{MODEL}:complete",
-        json={"prompt": "a b", "max_tokens": 1},
-        headers={"x-api-key": routed.dev_api_key()},
-        timeout=10,
-    )
+    reply = rest_complete(routed, prompt="a b")
     assert reply.status_code == 200
     assert reply.headers["x-model-version"] == "2"
     assert reply.json()["model"] == {"name": MODEL, "version": "2"}
@@ -206,12 +211,7 @@ def test_deprecated_version_sends_deprecation_and_sunset(routed, edge, catalogue
     assert served.headers["deprecation"].startswith("@")
     assert served.headers["sunset"] == "Fri, 01 Jan 2100 00:00:00 GMT"
     assert "deprecation" not in complete(edge, version="1").headers
-    reply = httpx.post(
-        f"{routed.edge_url}/v1/models/{MODEL}:complete",
-        json={"prompt": "a", "max_tokens": 1, "version": "2"},
-        headers={"x-api-key": routed.dev_api_key()},
-        timeout=10,
-    )
+    reply = rest_complete(routed, version="2")
     assert reply.headers["sunset"] == "Fri, 01 Jan 2100 00:00:00 GMT"
 
 
@@ -220,12 +220,7 @@ def test_no_worker_is_503_with_retry_then_the_fallback_serves(routed, edge, cata
         router_pb.RegisterModelVersionRequest(model="ghost", version="1")
     )
     time.sleep(1.0)
-    reply = httpx.post(
-        f"{routed.edge_url}/v1/models/ghost:complete",
-        json={"prompt": "a", "max_tokens": 1},
-        headers={"x-api-key": routed.dev_api_key()},
-        timeout=10,
-    )
+    reply = rest_complete(routed, "ghost")
     assert reply.status_code == 503
     assert reply.headers["retry-after"] == "1"
     assert reply.json()["code"] == 14
@@ -467,15 +462,7 @@ def test_a_per_model_request_limit_applies_to_every_caller(routed, catalogue):
         router_pb.SetFallbackModelRequest(model="throttled", fallback_model=MODEL)
     )
     time.sleep(1.0)
-    replies = [
-        httpx.post(
-            f"{routed.edge_url}/v1/models/throttled:complete",
-            json={"prompt": "a", "max_tokens": 1},
-            headers={"x-api-key": routed.dev_api_key()},
-            timeout=10,
-        )
-        for _ in range(3)
-    ]
+    replies = [rest_complete(routed, "throttled") for _ in range(3)]
     assert [r.status_code for r in replies] == [200, 200, 429]
     assert "model_requests_per_minute=2 for model throttled" in replies[2].json()["message"]
     assert int(replies[2].headers["retry-after"]) >= 1
