@@ -20,6 +20,7 @@ from services.core.errors import (
     PermissionDenied,
     ResourceExhausted,
     TokenmeshError,
+    Unavailable,
 )
 from services.core.interceptors import Context, abort_with, request_headers, to_domain_error
 from services.inference import metrics, validation
@@ -112,10 +113,16 @@ def route_target(
         if registry.has(routed_model, routed_version):
             return Target(registry.resolve(routed_model, routed_version))
         fallback = headers.get(model_routing.FALLBACK_MODEL_HEADER, "")
-        if fallback:
-            fallback_version = headers.get(model_routing.FALLBACK_VERSION_HEADER, "")
+        fallback_version = headers.get(model_routing.FALLBACK_VERSION_HEADER, "")
+        if fallback and registry.has(fallback, fallback_version):
             return Target(registry.resolve(fallback, fallback_version), fallback_from=name)
-        return Target(registry.resolve(routed_model, routed_version))
+        # The edge's endpoints were stale (the version was just unloaded here):
+        # UNAVAILABLE makes Envoy retry on another worker before any byte is sent.
+        raise Unavailable(
+            f"this worker no longer serves {routed_model!r} version {routed_version!r}",
+            retry_after_s=0.1,
+            reason="VERSION_NOT_ON_WORKER",
+        )
     # Direct calls (no edge), or a version the catalogue does not route.
     return Target(registry.resolve(name, version or headers.get(model_routing.VERSION_HEADER, "")))
 
