@@ -21,6 +21,7 @@ from google.protobuf import timestamp_pb2
 
 from services.auth.crypto import ServerSecret, new_api_key
 from services.core.errors import FailedPrecondition, NotFound
+from services.core.redis_service import text
 from tokenmesh.auth.v1 import auth_pb2
 
 PREFIX = "tm:auth:"
@@ -64,10 +65,6 @@ class Principal:
 def format_pins(pins: Mapping[str, str]) -> str:
     """Returns pins as one header/claim value: "model=version,..." (sorted)."""
     return ",".join(f"{model}={version}" for model, version in sorted(pins.items()))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -149,7 +146,7 @@ class ApiKeyStore:
             if tenant
             else list(await self.redis.zrevrange(f"{PREFIX}keys", 0, -1))
         )
-        ids = [_text(i) for i in raw]
+        ids = [text(i) for i in raw]
         start = ids.index(page_token) + 1 if page_token in ids else 0
         page = ids[start : start + page_size]
         keys = [await self.get(key_id) for key_id in page]
@@ -162,7 +159,7 @@ class ApiKeyStore:
         if key_id is None:
             return None
         try:
-            key = await self.get(_text(key_id))
+            key = await self.get(text(key_id))
         except NotFound:
             return None
         return key if key.state == auth_pb2.API_KEY_STATE_ACTIVE else None
@@ -180,7 +177,7 @@ class ApiKeyStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(f"{PREFIX}key:{key_id}", key.SerializeToString())
             for digest in digests:
-                pipe.delete(f"{PREFIX}secret:{_text(digest)}")
+                pipe.delete(f"{PREFIX}secret:{text(digest)}")
             pipe.delete(f"{PREFIX}key:{key_id}:secrets")
             await pipe.execute()
         return key
@@ -194,7 +191,7 @@ class ApiKeyStore:
             )
         secret = new_api_key()
         digest = self.secret.hash_api_key(secret)
-        old = [_text(d) for d in await self.redis.smembers(f"{PREFIX}key:{key_id}:secrets")]
+        old = [text(d) for d in await self.redis.smembers(f"{PREFIX}key:{key_id}:secrets")]
         key.prefix = secret[:7]
         expires_at = time.time() + overlap_s
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -1,4 +1,4 @@
-"""Base for services whose state lives in Redis (auth, usage)."""
+"""Base for services whose state lives in Redis (auth, router, usage), and reply helpers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ import redis.asyncio as aioredis
 from services.core.redis_health import RedisHealthMonitor
 from services.core.server import RunningServer, Service
 from services.core.settings import RedisSettings
+
+
+def text(reply: bytes | str) -> str:
+    """Returns a Redis reply as str (clients here do not decode responses)."""
+    return reply.decode() if isinstance(reply, bytes) else reply
 
 
 class RedisBackedService(Service):

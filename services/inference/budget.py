@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from services.core.errors import QuotaViolation, ResourceExhausted
+from services.core.redis_service import text
 
 # KEYS: window zset, window amounts hash, month counter
 # ARGV: now_ms, request id, amount, tpm (0 = none), monthly (0 = none), month ttl s
@@ -133,7 +134,7 @@ class TokenBudgets:
         )
         if ok:
             return _warning(limits, int(used[0]), int(used[1]))
-        name = budget.decode() if isinstance(budget, bytes) else str(budget)
+        name = text(budget)
         if name == "tpm":
             retry_s = max(1.0, int(retry_ms) / 1000)
             limit = f"tokens_per_minute={limits.tokens_per_minute}"

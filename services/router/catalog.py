@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from services.core.errors import FieldViolation, InvalidArgument, NotFound
+from services.core.redis_service import text
 
 CATALOG_KEY = "tokenmesh:router:catalog"
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -293,12 +294,8 @@ def _adder(
     return lambda current, _: add_version(current, name, version, 0)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _parse_catalog(raw: Mapping[bytes | str, bytes | str]) -> dict[str, ModelEntry]:
-    return {_text(k): ModelEntry.from_json(_text(k), v) for k, v in raw.items()}
+    return {text(k): ModelEntry.from_json(text(k), v) for k, v in raw.items()}
 
 
 def now() -> float:

@@ -17,6 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from services.core.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
+from services.core.redis_service import text
 from services.router.catalog import check_name, check_version
 
 WORKERS_KEY = "tokenmesh:router:workers"
@@ -165,10 +166,7 @@ class WorkerRegistry:
     async def all(self, now: float) -> list[WorkerEntry]:
         """Returns every known worker, forgetting those whose lease ended long ago."""
         raw = await self.redis.hgetall(WORKERS_KEY)
-        workers = [
-            WorkerEntry.from_json(k.decode() if isinstance(k, bytes) else k, v)
-            for k, v in raw.items()
-        ]
+        workers = [WorkerEntry.from_json(text(k), v) for k, v in raw.items()]
         gone = [w.worker_id for w in workers if w.lease_expires_at + _FORGET_AFTER_S < now]
         if gone:
             await self.redis.hdel(WORKERS_KEY, *gone)

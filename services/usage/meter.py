@@ -19,6 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from services.core.redis_service import text
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.usage.v1 import usage_pb2
 
@@ -130,10 +131,6 @@ def audit_entry(event: inference_pb2.UsageEvent) -> usage_pb2.AuditEntry:
     )
     entry.time.FromMilliseconds(event.finish_unix_ms)
     return entry
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _stream_id(entry_id: str) -> tuple[int, int]:
@@ -267,13 +264,13 @@ class Meter:
         nothing unmetered is ever trimmed.
         """
         groups: Any = await self.redis.xinfo_groups(self.stream)
-        ours = next((g for g in groups if _text(g["name"]) == self.group), None)
+        ours = next((g for g in groups if text(g["name"]) == self.group), None)
         if ours is None:
             return 0
-        threshold = _text(ours["last-delivered-id"])
+        threshold = text(ours["last-delivered-id"])
         pending: Any = await self.redis.xpending(self.stream, self.group)
         if pending and pending.get("pending"):
-            threshold = min(threshold, _text(pending["min"]), key=_stream_id)
+            threshold = min(threshold, text(pending["min"]), key=_stream_id)
         if threshold in ("0-0", ""):
             return 0
         return int(await self.redis.xtrim(self.stream, minid=threshold, approximate=False))
