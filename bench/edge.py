@@ -30,6 +30,7 @@ from bench.servers import bare_server
 from bench.stats import percentile
 from gateway import envoy_config, protos
 from gateway.edge_auth import EdgeAuth
+from gateway.envoy_config import Endpoint
 from services.launcher.mesh import Mesh, MeshConfig, envoy_binary
 from services.launcher.processes import Child, clean_env, reserve_port, wait_for
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
@@ -217,25 +218,9 @@ def _bare_envoy(state: Path, upstream_port: int, direct: bool = False) -> tuple[
                     "type": "STATIC",
                     "connect_timeout": "1s",
                     "typed_extension_protocol_options": envoy_config.h2_options(),
-                    "load_assignment": {
-                        "cluster_name": "upstream",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": "127.0.0.1",
-                                                    "port_value": upstream_port,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
+                    "load_assignment": envoy_config.load_assignment(
+                        "upstream", [Endpoint("127.0.0.1", upstream_port)]
+                    ),
                 }
             ],
         },

@@ -238,34 +238,6 @@ def rbac_filter() -> dict[str, Any]:
     }
 
 
-def jwks_cluster(listen_port: int) -> dict[str, Any]:
-    """The cluster jwt_authn fetches the JWKS through: the edge's own listener."""
-    return {
-        "name": "jwks",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": "jwks",
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {
-                                        "address": "127.0.0.1",
-                                        "port_value": listen_port,
-                                    }
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
-    }
-
-
 def public_routes() -> list[dict[str, Any]]:
     """Exact routes for public RPCs: to the auth service, ext_authz off."""
     return [

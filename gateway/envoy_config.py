@@ -409,9 +409,11 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
         for name, endpoints in sorted(config.upstreams.items())
     ]
     if config.otlp_endpoint is not None:
-        clusters.append(_otlp_cluster(config.otlp_endpoint))
+        clusters.append(single_host_cluster("otlp", config.otlp_endpoint, http2=True))
     if config.auth is not None:
-        clusters.append(edge_auth.jwks_cluster(config.listen_port))
+        # jwt_authn fetches the JWKS through the edge's own listener.
+        jwks = Endpoint("127.0.0.1", config.listen_port)
+        clusters.append(single_host_cluster("jwks", jwks, http2=False))
     clusters.extend(dict(c) for c in config.extra_clusters)
     result: dict[str, Any] = {
         "node": {
@@ -445,7 +447,8 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
         },
     }
     if config.xds is not None:
-        clusters.append(_xds_cluster(config.xds))
+        # ADS must speak HTTP/2, else Envoy hangs silently at cluster-manager init.
+        clusters.append(single_host_cluster("xds", config.xds, http2=True))
         result["dynamic_resources"] = {
             "ads_config": {
                 "api_type": "GRPC",
@@ -458,23 +461,15 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
     return result
 
 
-def _xds_cluster(endpoint: Endpoint) -> dict[str, Any]:
-    # ADS must speak HTTP/2, else Envoy hangs silently at cluster-manager init.
-    return {
-        "name": "xds",
+def single_host_cluster(name: str, endpoint: Endpoint, *, http2: bool) -> dict[str, Any]:
+    """Builds a cluster of one host (an IP, or a DNS name resolved by Envoy)."""
+    cluster: dict[str, Any] = {
+        "name": name,
         "type": "STATIC" if _is_ip(endpoint.host) else "STRICT_DNS",
         "connect_timeout": "1s",
-        "typed_extension_protocol_options": h2_options(),
-        "load_assignment": load_assignment("xds", [endpoint]),
+        "load_assignment": load_assignment(name, [endpoint]),
         "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 30}},
     }
-
-
-def _otlp_cluster(endpoint: Endpoint) -> dict[str, Any]:
-    return {
-        "name": "otlp",
-        "type": "STRICT_DNS",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": h2_options(),
-        "load_assignment": load_assignment("otlp", [endpoint]),
-    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = h2_options()
+    return cluster
