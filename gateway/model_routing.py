@@ -33,6 +33,12 @@ EDGE_ONLY_HEADERS = (
 LUA_SOURCE = Path(__file__).with_name("model_routing.lua")
 
 
+def model_health_name(model: str, version: str) -> str:
+    """Returns the gRPC health name a worker reports one model version's readiness under
+    (what the edge's per-version clusters health-check)."""
+    return f"{INFERENCE_PREFIX.strip('/')}/{model}/{version}"
+
+
 def lua_filter() -> dict[str, Any]:
     """Builds the filter that copies the body's model and version into headers."""
     return {

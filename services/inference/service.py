@@ -13,6 +13,7 @@ import grpc
 import grpc.aio
 import redis.asyncio as aioredis
 
+from gateway.model_routing import model_health_name
 from services.core.server import RunningServer, Service
 from services.core.settings import RedisSettings, env, require
 from services.inference.budget import TokenBudgets
@@ -143,11 +144,6 @@ def resolve_engine(choice: str) -> str:
     usable, why = tensorrt_available()
     logger.info("engine auto: %s -> %s", why, "tensorrt" if usable else "onnxruntime")
     return "tensorrt" if usable else "onnxruntime"
-
-
-def model_health_name(name: str, version: str) -> str:
-    """Returns the health-check name that reports one model version's readiness."""
-    return f"{SERVICE_NAME}/{name}/{version}"
 
 
 def _split(entry: str) -> tuple[str, str]:

@@ -35,6 +35,7 @@ from gateway.model_routing import (
     ROUTE_MODEL_HEADER,
     ROUTE_VERSION_HEADER,
     VERSION_HEADER,
+    model_health_name,
 )
 from services.router.catalog import ModelEntry
 from services.router.registry import WorkerEntry
@@ -94,11 +95,6 @@ def fallback_cluster(model: str, version: str) -> str:
     return f"fallback:{model}:{version}"
 
 
-def _health_service(model: str, version: str) -> str:
-    # The worker's per-version health entry (services.inference.service.model_health_name).
-    return f"tokenmesh.inference.v1.InferenceService/{model}/{version}"
-
-
 def build(
     catalog: Mapping[str, ModelEntry],
     workers: Sequence[WorkerEntry],
@@ -118,7 +114,7 @@ def build(
     endpoints = {INFERENCE_CLUSTER: load_assignment(INFERENCE_CLUSTER, routable)}
     for model, version in served:
         name = model_cluster(model, version)
-        clusters[name] = eds_cluster(name, _health_service(model, version), options)
+        clusters[name] = eds_cluster(name, model_health_name(model, version), options)
         hosts = [w for w in routable if (model, version) in w.models]
         endpoints[name] = load_assignment(name, hosts)
     for entry in catalog.values():
