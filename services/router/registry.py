@@ -146,8 +146,11 @@ class WorkerRegistry:
 
     async def renew(
         self, worker_id: str, models: Sequence[tuple[str, str]], now: float
-    ) -> WorkerEntry:
-        """Extends a worker's lease (a draining worker stays draining)."""
+    ) -> tuple[WorkerEntry, bool]:
+        """Extends a worker's lease (a draining worker stays draining).
+
+        Returns the worker and whether its set of model versions changed.
+        """
         entry = await self.get(worker_id)
         if models:
             check_models(models)
@@ -155,7 +158,7 @@ class WorkerRegistry:
             entry, models=tuple(models) or entry.models, lease_expires_at=now + self.lease_s
         )
         await self.redis.hset(WORKERS_KEY, worker_id, renewed.to_json())
-        return renewed
+        return renewed, set(renewed.models) != set(entry.models)
 
     async def drain(self, worker_id: str) -> WorkerEntry:
         """Marks a worker draining: the edge stops sending it new requests."""

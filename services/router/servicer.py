@@ -191,9 +191,8 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         self, request: pb.RenewLeaseRequest, context: Context
     ) -> pb.RenewLeaseResponse:
         models = _refs(request.models)
-        before = await self.registry.get(request.worker_id)
-        worker = await self.registry.renew(request.worker_id, models, now())
-        if models and set(models) != set(before.models):
+        worker, models_changed = await self.registry.renew(request.worker_id, models, now())
+        if models_changed:
             await self.catalog.register(models)
             await self.refresh()
         return pb.RenewLeaseResponse(
