@@ -139,6 +139,13 @@ def rest_complete(routed: Mesh, model: str = MODEL, **body: object) -> httpx.Res
     )
 
 
+def edge_stats(routed: Mesh, prefix: str = "cluster.usage.ratelimit") -> dict[str, str]:
+    """Returns the edge's Envoy counters under `prefix` (for failure messages)."""
+    text = httpx.get(f"http://127.0.0.1:{routed.admin_port}/stats", timeout=5).text
+    pairs = (line.split(": ", 1) for line in text.splitlines() if line.startswith(prefix))
+    return dict(pair for pair in pairs if len(pair) == 2)
+
+
 def many(channel: grpc.Channel, count: int, **kwargs: object) -> collections.Counter[str]:
     with ThreadPoolExecutor(8) as pool:
         served = list(pool.map(lambda _: complete(channel, **kwargs), range(count)))  # type: ignore[arg-type]
@@ -463,7 +470,10 @@ def test_a_per_model_request_limit_applies_to_every_caller(routed, catalogue):
     )
     time.sleep(1.0)
     replies = [rest_complete(routed, "throttled") for _ in range(3)]
-    assert [r.status_code for r in replies] == [200, 200, 429]
+    # The limiter answered every call (an unanswered one fails open, without headers).
+    remaining = [r.headers.get("x-ratelimit-remaining") for r in replies]
+    assert [r.status_code for r in replies] == [200, 200, 429], (remaining, edge_stats(routed))
+    assert remaining == ["1", "0", "0"]
     assert "model_requests_per_minute=2 for model throttled" in replies[2].json()["message"]
     assert int(replies[2].headers["retry-after"]) >= 1
 

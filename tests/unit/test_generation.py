@@ -115,12 +115,21 @@ async def test_sequences_are_batched_together(scheduler):
     assert scheduler.stats()["slots_free"] == 8 and scheduler.stats()["kv_tokens_reserved"] == 0
 
 
-async def test_sequences_join_and_leave_between_steps(scheduler):
-    long = asyncio.create_task(_text(scheduler, _params(max_tokens=40)))
-    await asyncio.sleep(0.01)
-    short = await _text(scheduler, _params(max_tokens=2))
-    assert short[2] == 2 and not long.done()  # the short one joined and left mid-way
-    assert (await long)[2] == 40
+async def test_sequences_join_and_leave_between_steps():
+    # Steps take 2 ms, so the long sequence runs for at least 0.4 s whatever the load.
+    engine = RecordingEngine(step_s=0.002)
+    sched = Scheduler(engine, engine.eos_token_id, SchedulerLimits(max_sequences=2), ("t", "1"))
+    await sched.start()
+    try:
+        long = asyncio.create_task(_text(sched, _params(max_tokens=200)))
+        while sched.stats()["running"] == 0:  # the long one is decoding
+            await asyncio.sleep(0.001)
+        short = await _text(sched, _params(max_tokens=2))
+        assert short[2] == 2 and not long.done()  # the short one joined and left mid-way
+        assert max(len(batch) for batch in engine.batches) == 2  # they shared steps
+        assert (await long)[2] == 200
+    finally:
+        await sched.stop(drain_timeout_s=0)
 
 
 async def test_cancellation_frees_the_slot_within_one_step():
