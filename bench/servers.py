@@ -22,9 +22,10 @@ from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 
 
 @contextlib.contextmanager
-def redis_server(state: Path) -> Iterator[str]:
-    """Runs the bundled redis-server for the workers' usage events."""
-    child, url = spawn_redis(state / "redis", state / "redis.log")
+def redis_server(state: Path, durable: bool = True, name: str = "redis") -> Iterator[str]:
+    """Runs the bundled redis-server (durable: the workers' usage events; volatile:
+    rate-limit windows, as the local mesh runs them)."""
+    child, url = spawn_redis(state / name, state / f"{name}.log", durable=durable, name=name)
     try:
         yield url
     finally:

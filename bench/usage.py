@@ -95,7 +95,10 @@ def rate_limit_decisions(state: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with bare_server(state) as target:
         out["echo"] = asyncio.run(_echo_load(target))
-    with redis_server(state) as redis_url:
+    with (
+        redis_server(state) as redis_url,
+        redis_server(state, durable=False, name="redis-limits") as limits_url,
+    ):
         ready = state / "usage.json"
         child = Child(
             "usage",
@@ -103,6 +106,7 @@ def rate_limit_decisions(state: Path) -> dict[str, Any]:
             clean_env(
                 os.environ,
                 REDIS_URL=redis_url,
+                TOKENMESH_RATELIMIT_REDIS_URL=limits_url,
                 TOKENMESH_READY_FILE=str(ready),
                 TOKENMESH_METRICS_PORT="-1",
                 TOKENMESH_LOG_LEVEL="WARNING",

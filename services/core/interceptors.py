@@ -72,8 +72,32 @@ def _code_name(context: Context, failed: TokenmeshError | None) -> str:
     return "OK" if code in (None, 0) else str(code)
 
 
+class _MethodMetrics:
+    """The metric children of one method, bound once (label lookups take a lock)."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.seconds = RPC_SECONDS.labels(method)
+        self._totals: dict[str, Any] = {}
+
+    def record(self, started: float, context: Context, failed: TokenmeshError | None) -> None:
+        self.seconds.observe(time.perf_counter() - started)
+        code = _code_name(context, failed)
+        total = self._totals.get(code)
+        if total is None:
+            total = self._totals[code] = RPC_TOTAL.labels(self.method, code)
+        total.inc()
+
+
 class BoundaryInterceptor(grpc.aio.ServerInterceptor):
-    """BoundaryInterceptor maps errors to statuses and records RPC metrics."""
+    """BoundaryInterceptor maps errors to statuses and records RPC metrics.
+
+    grpc.aio calls an interceptor on every RPC: the wrapped handler of each
+    method is built once and reused, so the per-call cost is one dict lookup.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -82,38 +106,43 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
         ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(handler_call_details)
         if handler is None:
-            return handler
-        method = handler_call_details.method
+            return handler  # unknown method: nothing to cache
+        wrapped = self._wrapped[method] = self._wrap(handler, _MethodMetrics(method))
+        return wrapped
+
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], metrics: _MethodMetrics
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        codecs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                self._wrap_unary(handler.unary_unary, metrics), **codecs
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                self._wrap_stream(handler.unary_stream, metrics), **codecs
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                self._wrap_unary(handler.stream_unary, metrics), **codecs
             )
         if handler.stream_stream is None:
             return handler
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(handler.stream_stream, method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            self._wrap_stream(handler.stream_stream, metrics), **codecs
         )
 
     @staticmethod
-    def _wrap_unary(behavior: Handler, method: str) -> Handler:
+    def _wrap_unary(behavior: Handler, metrics: _MethodMetrics) -> Handler:
         async def unary(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             failed: TokenmeshError | None = None
@@ -123,16 +152,15 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 raise  # already aborted with a status: must not be suppressed
             except Exception as exc:
-                failed = to_domain_error(exc, method)
+                failed = to_domain_error(exc, metrics.method)
                 await abort_with(context, failed)
             finally:
-                RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
-                RPC_TOTAL.labels(method, _code_name(context, failed)).inc()
+                metrics.record(started, context, failed)
 
         return unary
 
     @staticmethod
-    def _wrap_stream(behavior: Handler, method: str) -> Handler:
+    def _wrap_stream(behavior: Handler, metrics: _MethodMetrics) -> Handler:
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
             failed: TokenmeshError | None = None
@@ -146,10 +174,9 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                failed = to_domain_error(exc, method)
+                failed = to_domain_error(exc, metrics.method)
                 await abort_with(context, failed)
             finally:
-                RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
-                RPC_TOTAL.labels(method, _code_name(context, failed)).inc()
+                metrics.record(started, context, failed)
 
         return stream

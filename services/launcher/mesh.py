@@ -76,6 +76,7 @@ class Mesh:
         self.children: list[Child] = []
         self.ports: dict[str, int] = {}
         self.redis_url = config.redis_url or ""
+        self.limits_redis_url = ""  # a bundled volatile Redis for rate-limit windows
         self.edge_port = 0
         self.admin_port = 0
         self.state_dir = config.state_dir.resolve()
@@ -131,6 +132,7 @@ class Mesh:
             "edge_url": self.edge_url,
             "admin_port": self.admin_port,
             "redis_url": self.redis_url,
+            "ratelimit_redis_url": self.limits_redis_url,
             "ports": self.ports,
             "pids": {c.name: c.pid for c in self.children},
             "dev_api_key_file": str(self.dev_key_path),
@@ -141,6 +143,14 @@ class Mesh:
         child, self.redis_url = spawn_redis(self.state_dir / "redis", self.log_dir / "redis.log")
         self.children.append(child)
         logger.info("started redis (pid %d) at %s", child.pid, self.redis_url)
+        child, self.limits_redis_url = spawn_redis(
+            self.state_dir / "redis-limits",
+            self.log_dir / "redis-limits.log",
+            durable=False,
+            name="redis-limits",
+        )
+        self.children.append(child)
+        logger.info("started redis-limits (pid %d) at %s", child.pid, self.limits_redis_url)
 
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str]) -> Child:
         child = Child(name, argv, clean_env(env), self.log_dir / f"{name}.log")
@@ -157,6 +167,11 @@ class Mesh:
             "TOKENMESH_METRICS_PORT": "0",
             "TOKENMESH_READY_FILE": str(ready_file),
             "REDIS_URL": self.redis_url,
+            **(
+                {"TOKENMESH_RATELIMIT_REDIS_URL": self.limits_redis_url}
+                if self.limits_redis_url
+                else {}
+            ),
             # auth: the server secret and the dev admin key live in the state dir.
             "TOKENMESH_AUTH_SECRET_FILE": str(self.state_dir / "auth-secret"),
             "TOKENMESH_AUTH_BOOTSTRAP_KEY_FILE": str(self.dev_key_path),
@@ -309,11 +324,22 @@ class Mesh:
 
 
 def spawn_redis(
-    data_dir: Path, log_path: Path, timeout_s: float = 30, port: int = 0
+    data_dir: Path,
+    log_path: Path,
+    timeout_s: float = 30,
+    port: int = 0,
+    durable: bool = True,
+    name: str = "redis",
 ) -> tuple[Child, str]:
-    """Starts the bundled redis-server (AOF on) on a free or given port; returns it, its URL."""
+    """Starts the bundled redis-server on a free or given port; returns it, its URL.
+
+    A durable one keeps an AOF fsynced on every write: an acknowledged write (a
+    metered request) survives a crash of Redis or of the machine. A volatile one
+    (request-rate windows) keeps nothing on disk.
+    """
     port = port or reserve_port()
     data_dir.mkdir(parents=True, exist_ok=True)
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if durable else []
     argv = [
         str(redis_server_binary()),
         "--bind",
@@ -322,12 +348,7 @@ def spawn_redis(
         str(port),
         "--dir",
         str(data_dir),
-        # AOF, fsynced on every write: an acknowledged write (a metered
-        # request) survives even a crash of Redis itself.
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
+        *(persistence or ["--appendonly", "no"]),
         "--save",
         "",
         "--protected-mode",
@@ -335,7 +356,7 @@ def spawn_redis(
         "--daemonize",
         "no",
     ]
-    child = Child("redis", argv, clean_env(os.environ), log_path)
+    child = Child(name, argv, clean_env(os.environ), log_path)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, socket_timeout=0.5)
     try:

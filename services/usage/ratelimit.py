@@ -12,9 +12,10 @@ window log (one sorted set per key, trimmed atomically in Lua) admits exactly
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +103,10 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         self.tenant_rpm = tenant_rpm
         self.tenant_overrides = dict(tenant_overrides or {})
         self.model_rpm = dict(model_rpm or {})
+        # Window members must be unique per hit across replicas: a random
+        # prefix per process and a counter (cheaper than a uuid per request).
+        prefix = os.urandom(8).hex()
+        self._hit_ids = (f"{prefix}:{n}" for n in itertools.count())
         # The hot path: a lean pipelined client where the URL allows, else redis-py.
         self._windows: Callable[..., Awaitable[Any]] = (
             ScriptClient(redis_url, _SLIDING_WINDOWS)
@@ -167,7 +172,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
                     now_ms,
                     WINDOW_S * 1000,
                     hits,
-                    uuid.uuid4().hex,
+                    next(self._hit_ids),
                     *(limit.limit for limit in limits),
                 ],
             )

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+import redis.asyncio as aioredis
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from services.core.redis_service import RedisBackedService
@@ -66,6 +67,11 @@ class UsageSettings(RedisSettings):
         (),
         "Per-tenant request limits over TOKENMESH_RATELIMIT_TENANT_RPM, e.g. acme=6000.",
     )
+    ratelimit_redis_url: str = env(
+        "TOKENMESH_RATELIMIT_REDIS_URL",
+        "",
+        "Redis for request-rate windows (60 s of state, no persistence needed); empty = REDIS_URL.",
+    )
     model_rpm: tuple[str, ...] = env(
         "TOKENMESH_RATELIMIT_MODEL_RPM",
         (),
@@ -101,6 +107,12 @@ class UsageSettings(RedisSettings):
                 "must be NAME=RPM[,NAME=RPM...]",
             )
         require(self.tenant_rpm >= 0, "TOKENMESH_RATELIMIT_TENANT_RPM", "must be >= 0")
+        require(
+            not self.ratelimit_redis_url
+            or self.ratelimit_redis_url.startswith(("redis://", "rediss://", "unix://")),
+            "TOKENMESH_RATELIMIT_REDIS_URL",
+            "must be empty or start with redis://, rediss:// or unix://",
+        )
 
 
 def _pairs(entries: tuple[str, ...]) -> dict[str, int]:
@@ -126,14 +138,22 @@ class UsageService(RedisBackedService):
             settings.trim_interval_s,
         )
         self._task: asyncio.Task[None] | None = None
+        # Request-rate windows live 60 s: a Redis without fsync-per-write keeps
+        # the limiter's round trip short (the edge waits on it for every request).
+        limits_url = settings.ratelimit_redis_url or settings.redis_url
+        self._limits_redis = (
+            aioredis.from_url(limits_url, socket_timeout=2.0)
+            if settings.ratelimit_redis_url
+            else self.redis
+        )
         self.limiter = RateLimitServicer(
-            self.redis,
+            self._limits_redis,
             settings.default_rpm,
             settings.tier_defaults(),
             settings.tenant_rpm,
             settings.tenant_limits(),
             settings.model_limits(),
-            redis_url=settings.redis_url,
+            redis_url=limits_url,
         )
 
     def service_names(self) -> Sequence[str]:
@@ -156,4 +176,6 @@ class UsageService(RedisBackedService):
             # A cancelled blocking XREADGROUP must not hold up shutdown.
             await asyncio.wait([self._task], timeout=5)
         await self.limiter.close()
+        if self._limits_redis is not self.redis:
+            await self._limits_redis.aclose()
         await super().stop()

@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+import redis
 
 from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV
@@ -474,6 +475,15 @@ def test_a_per_model_request_limit_applies_to_every_caller(routed, catalogue):
     remaining = [r.headers.get("x-ratelimit-remaining") for r in replies]
     assert [r.status_code for r in replies] == [200, 200, 429], (remaining, edge_stats(routed))
     assert remaining == ["1", "0", "0"]
+    # The bundled mesh keeps request windows in a volatile Redis of their own
+    # (no fsync per decision), and everything else in the durable one.
+    window = "tm:ratelimit:model:throttled"
+    with redis.Redis.from_url(routed.limits_redis_url) as limits:
+        assert limits.zcard(window) == 2
+        assert limits.config_get("appendonly") == {"appendonly": "no"}
+    with redis.Redis.from_url(routed.redis_url) as durable:
+        assert not durable.exists(window)
+        assert durable.config_get("appendfsync") == {"appendfsync": "always"}
     assert "model_requests_per_minute=2 for model throttled" in replies[2].json()["message"]
     assert int(replies[2].headers["retry-after"]) >= 1
 
