@@ -49,12 +49,19 @@ class SchedulerLimits:
         max_queue: requests that may wait for a slot; more are refused.
         max_prefill_tokens: prompt tokens admitted per step (bounds the
             inter-token latency hit that new prompts impose on running streams).
+        messages_per_step: stream messages per step before token batching:
+            with more running sequences, each one's tokens reach its stream
+            every ceil(running / messages_per_step) steps (0 = every step).
+            A stream message costs the event loop about as much as a small
+            engine step's share of a token, so under load this keeps the
+            loop from starving the engine. First and last tokens never wait.
     """
 
     max_sequences: int = 32
     max_kv_tokens: int = 32 * 512
     max_queue: int = 256
     max_prefill_tokens: int = 2048
+    messages_per_step: int = 16
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class Sequence_:
     last_token_at: float | None = None
     slot: int = -1
     generated: list[int] = field(default_factory=list)
+    held: list[int] = field(default_factory=list)  # sampled, not yet in the outbox
     cancelled: bool = False
     finished: Finished | None = None
     outbox: asyncio.Queue[int | Finished] = field(default_factory=asyncio.Queue)
@@ -146,7 +154,7 @@ class Scheduler:
         """Allocates the KV cache, warms the engine up and starts the loop."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self.engine.allocate, self.limits.max_sequences)
-        await loop.run_in_executor(self._executor, self.engine.warm_up)
+        await loop.run_in_executor(self._executor, self.engine.warm_up, self.limits.max_sequences)
         self._task = asyncio.create_task(self._loop(), name=f"scheduler-{self.labels[0]}")
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
@@ -223,6 +231,9 @@ class Scheduler:
             if not self._running:
                 self._wake.clear()
                 await self._wake.wait()
+                # A burst of requests arrives as handlers already queued on this
+                # loop: let them submit first, so one prefill serves them all.
+                await asyncio.sleep(0)
                 continue
             batch = list(self._running)
             try:
@@ -233,9 +244,15 @@ class Scheduler:
                     self._finish(seq, Finished("error", internal_error()))
                 continue
             now = time.monotonic()
+            every = self._release_every(len(batch))
             for seq, token in zip(batch, tokens, strict=True):
-                self._deliver(seq, token, now)
+                self._deliver(seq, token, now, every)
             self._completion_tokens.inc(len(batch))
+
+    def _release_every(self, running: int) -> int:
+        """Returns after how many tokens a running sequence's stream gets them."""
+        per_step = self.limits.messages_per_step
+        return 1 if per_step <= 0 else -(-running // per_step)
 
     def _compute(self, batch: Sequence[Sequence_]) -> list[int]:
         """Runs one engine step and samples one token per sequence (step thread)."""
@@ -281,7 +298,7 @@ class Scheduler:
             self._running.append(seq)
             self._prompt_tokens.inc(len(seq.prompt_ids))
 
-    def _deliver(self, seq: Sequence_, token: int, now: float) -> None:
+    def _deliver(self, seq: Sequence_, token: int, now: float, every: int = 1) -> None:
         if seq.cancelled:
             self._finish(seq, Finished("cancelled"))
             return
@@ -295,15 +312,25 @@ class Scheduler:
             self._itl.observe(now - (seq.last_token_at or now))
         seq.last_token_at = now
         seq.generated.append(token)
-        seq.outbox.put_nowait(token)
+        seq.held.append(token)
+        if len(seq.held) >= every or len(seq.generated) == 1:
+            self._release(seq)
         full = len(seq.prompt_ids) + len(seq.generated) >= self.engine.context_length
         if len(seq.generated) >= seq.params.max_tokens or full:
             self._finish(seq, Finished("length"))
+
+    @staticmethod
+    def _release(seq: Sequence_) -> None:
+        """Hands the held tokens to the sequence's stream (one wake-up for all)."""
+        for held in seq.held:
+            seq.outbox.put_nowait(held)
+        seq.held.clear()
 
     def _finish(self, seq: Sequence_, finished: Finished) -> None:
         if seq.finished is not None:
             return
         seq.finished = finished
+        self._release(seq)
         seq.outbox.put_nowait(finished)
         if finished.reason == "cancelled":
             self.cancelled_total += 1

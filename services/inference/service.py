@@ -71,6 +71,12 @@ class InferenceSettings(RedisSettings):
     max_prefill_tokens: int = env(
         "TOKENMESH_MAX_PREFILL_TOKENS", 2048, "Prompt tokens admitted per step."
     )
+    messages_per_step: int = env(
+        "TOKENMESH_MESSAGES_PER_STEP",
+        16,
+        "Stream messages per engine step before token batching: with more running "
+        "sequences, each stream gets its tokens every ceil(running / this) steps; 0 = never.",
+    )
     router_address: str = env(
         "TOKENMESH_ROUTER_ADDR",
         "",
@@ -121,6 +127,7 @@ class InferenceSettings(RedisSettings):
         require(self.max_kv_tokens >= 1, "TOKENMESH_MAX_KV_TOKENS", "must be >= 1")
         require(self.max_queue >= 0, "TOKENMESH_MAX_QUEUE", "must be >= 0")
         require(self.max_prefill_tokens >= 1, "TOKENMESH_MAX_PREFILL_TOKENS", "must be >= 1")
+        require(self.messages_per_step >= 0, "TOKENMESH_MESSAGES_PER_STEP", "must be >= 0")
         require(
             not self.router_address or ":" in self.router_address,
             "TOKENMESH_ROUTER_ADDR",
@@ -131,7 +138,11 @@ class InferenceSettings(RedisSettings):
     def limits(self) -> SchedulerLimits:
         """Returns the scheduler limits."""
         return SchedulerLimits(
-            self.max_sequences, self.max_kv_tokens, self.max_queue, self.max_prefill_tokens
+            self.max_sequences,
+            self.max_kv_tokens,
+            self.max_queue,
+            self.max_prefill_tokens,
+            self.messages_per_step,
         )
 
 

@@ -37,9 +37,13 @@ class RecordingEngine(DeterministicTestEngine):
         self.batches: list[list[StepItem]] = []
         self.fail = fail
 
+    def warm_up(self, max_slots: int = 1) -> None:
+        super().warm_up(max_slots)
+        self.batches.clear()  # record what requests made the scheduler run
+
     def forward(self, items: Sequence[StepItem]) -> np.ndarray:
         self.batches.append(list(items))
-        if self.fail and len(self.batches) > 4:  # two warm-up calls, then two real steps
+        if self.fail and len(self.batches) > 2:  # two real steps, then it breaks
             raise RuntimeError("engine exploded")
         return super().forward(items)
 
@@ -247,3 +251,24 @@ def test_incremental_decoding_equals_decoding_everything_at_once():
     pieces = [decoder.push([token]) for token in ids]
     assert "".join(pieces) + decoder.flush() == tokenizer.decode(ids) == text
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+async def test_under_load_streams_get_tokens_in_batches_but_the_first_at_once():
+    engine = RecordingEngine(step_s=0.001)
+    limits = SchedulerLimits(max_sequences=4, messages_per_step=1)  # 4 running: every 4th step
+    sched = Scheduler(engine, engine.eos_token_id, limits, ("t", "1"))
+    await sched.start()
+
+    async def token_counts(seed: int) -> list[int]:
+        ids = TOKENIZER.encode("hello mesh")
+        state = GenerationState(prompt_tokens=len(ids))
+        seq = sched.submit(ids, _params(max_tokens=14, seed=seed), PRIORITY_INTERACTIVE, None)
+        return [len(d.token_ids) async for d in stream_deltas(sched, seq, TOKENIZER, (), state)]
+
+    try:
+        streams = await asyncio.gather(*(token_counts(seed) for seed in range(4)))
+    finally:
+        await sched.stop(drain_timeout_s=0)
+    for counts in streams:
+        assert sum(counts) == 14 and counts[0] == 1  # the first token is never held
+        assert all(n % 4 == 0 for n in counts[1:-1]), counts  # then four steps at a time
