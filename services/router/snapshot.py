@@ -235,8 +235,10 @@ def _streaming_action(**target: Any) -> dict[str, Any]:
         "retry_policy": {
             # Before the first response byte only (Envoy never retries after
             # it forwarded response headers): a dead or draining worker costs
-            # the client nothing.
-            "retry_on": "connect-failure,refused-stream,unavailable,reset",
+            # the client nothing. A call a stopping worker took but never
+            # started ends with a bare status, seen as CANCELLED in a drain
+            # under load: no response byte went out, so it is retried too.
+            "retry_on": "connect-failure,refused-stream,unavailable,cancelled,reset",
             "num_retries": 2,
             "retry_host_predicate": [
                 {

@@ -60,7 +60,9 @@ def _status(url: str) -> int:
 def test_ctrl_c_stops_every_process(tmp_path):
     process, manifest, log_path = _launch(tmp_path)
     try:
-        assert set(manifest["pids"]) == {"redis", "auth", "router", "usage", "inference-0", "envoy"}
+        assert set(manifest["pids"]) == {
+            *("redis", "redis-limits", "auth", "router", "usage", "inference-0", "envoy")
+        }
         assert _status(manifest["edge_url"] + "/healthz") == 200
         assert "curl -N" in log_path.read_text()  # the banner with copy-paste examples
         process.send_signal(signal.SIGINT)
