@@ -80,13 +80,17 @@ def _api_key(args: argparse.Namespace) -> str:
     return path.read_text().strip()
 
 
+def _as_dict(message: Any) -> dict[str, Any]:
+    """Returns a message as JSON-ready data, zero values included (weight 0 says 0)."""
+    body: dict[str, Any] = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return body
+
+
 def _print(message: Any, as_json: bool, text: str) -> None:
     if as_json:
-        print(
-            json.dumps(
-                json_format.MessageToDict(message, preserving_proto_field_name=True), indent=2
-            )
-        )
+        print(json.dumps(_as_dict(message), indent=2))
     else:
         print(text)
 
@@ -123,8 +127,7 @@ def keys_create(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[st
         request.ttl.CopyFrom(duration_pb2.Duration(seconds=args.ttl))
     reply = stub.CreateApiKey(request, metadata=metadata, timeout=TIMEOUT_S)
     if args.json:
-        body = json_format.MessageToDict(reply.api_key, preserving_proto_field_name=True)
-        print(json.dumps({**body, "secret": reply.secret}, indent=2))
+        print(json.dumps({**_as_dict(reply.api_key), "secret": reply.secret}, indent=2))
     else:
         print(f"id: {reply.api_key.id}\nsecret: {reply.secret}\n(shown once; store it now)")
 
@@ -153,8 +156,7 @@ def keys_rotate(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[st
         request.overlap.CopyFrom(duration_pb2.Duration(seconds=args.overlap))
     reply = stub.RotateApiKey(request, metadata=metadata, timeout=TIMEOUT_S)
     if args.json:
-        body = json_format.MessageToDict(reply, preserving_proto_field_name=True)
-        print(json.dumps(body, indent=2))
+        print(json.dumps(_as_dict(reply), indent=2))
     else:
         print(
             f"id: {reply.api_key.id}\nsecret: {reply.secret}\nold secret valid until "

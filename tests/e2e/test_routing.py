@@ -285,11 +285,17 @@ def test_cli_lists_splits_deprecates_and_sets_fallbacks(routed, edge):
         assert result.returncode == 0, result.stderr
         return result.stdout
 
+    def weights() -> dict[str, int]:
+        listed = json.loads(cli("models", "list", "--json"))
+        model = next(m for m in listed["models"] if m["name"] == MODEL)
+        return {v["version"]: v["weight"] for v in model["versions"]}
+
+    cli("models", "split", MODEL, "1=100", "2=0")
+    assert weights() == {"1": 100, "2": 0}  # a zero weight is printed, not left out
     cli("models", "split", MODEL, "1=70", "2=30")
-    listed = json.loads(cli("models", "list", "--json"))
-    model = next(m for m in listed["models"] if m["name"] == MODEL)
-    assert {v["version"]: v["weight"] for v in model["versions"]} == {"1": 70, "2": 30}
+    assert weights() == {"1": 70, "2": 30}
     cli("models", "deprecate", MODEL, "1", "--sunset", "2099-12-31")
+    cli("models", "register", "ghost", "1")
     cli("models", "fallback", "ghost", MODEL)
     listed = json.loads(cli("models", "list", "--json"))
     model = next(m for m in listed["models"] if m["name"] == MODEL)
