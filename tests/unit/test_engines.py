@@ -96,3 +96,42 @@ def test_batched_prefill_of_unequal_prompts_matches_one_at_a_time(engine):
     decoded = engine.forward([StepItem(slot, [42], len(ids)) for slot, ids in prompts.items()])
     for row, slot in enumerate(prompts):
         assert np.abs(decoded[row] - after_alone[slot]).max() < 1e-4
+
+
+def test_steady_batched_decoding_matches_one_at_a_time_across_joins_and_slot_reuse(engine):
+    rng = np.random.default_rng(7)
+    prompts = {slot: list(rng.integers(1, 4000, n)) for slot, n in ((0, 4), (1, 9), (2, 6))}
+    steps = 5
+
+    def alone(ids: list[int], tokens: list[int]) -> list[np.ndarray]:
+        engine.forward([StepItem(3, ids, 0)])
+        return [engine.forward([StepItem(3, [t], len(ids) + i)])[0] for i, t in enumerate(tokens)]
+
+    tokens = [int(t) for t in rng.integers(1, 4000, steps)]
+    expected = {slot: alone(ids, tokens) for slot, ids in prompts.items()}
+    # Slots 0 and 1 decode together for a few steps (the carried path), then
+    # slot 2 joins, then slot 1 is taken over by a new prompt of the same length.
+    engine.forward([StepItem(0, prompts[0], 0), StepItem(1, prompts[1], 0)])
+    for i in range(2):
+        got = engine.forward([StepItem(s, [tokens[i]], len(prompts[s]) + i) for s in (0, 1)])
+        for row, slot in enumerate((0, 1)):
+            assert np.abs(got[row] - expected[slot][i]).max() < 1e-4
+    engine.forward([StepItem(2, prompts[2], 0)])
+    engine.forward([StepItem(2, [tokens[0]], len(prompts[2]))])
+    for i in range(2, steps):
+        items = [StepItem(s, [tokens[i]], len(prompts[s]) + i) for s in (0, 1)]
+        items.append(StepItem(2, [tokens[i - 1]], len(prompts[2]) + i - 1))
+        got = engine.forward(items)
+        assert np.abs(got[0] - expected[0][i]).max() < 1e-4
+        assert np.abs(got[1] - expected[1][i]).max() < 1e-4
+        assert np.abs(got[2] - expected[2][i - 1]).max() < 1e-4
+    # A new sequence takes slot 1 right after a (0, 1) step, with a prompt that
+    # ends where the old sequence would have gone on: the next (0, 1) step
+    # matches the carried layout, yet must not reuse the old sequence's cache.
+    fresh = [int(t) for t in rng.integers(1, 4000, len(prompts[1]) + steps + 1)]
+    reference = alone(fresh, tokens[:1])[0]
+    engine.forward([StepItem(s, [tokens[0]], len(prompts[s]) + steps) for s in (0, 1)])
+    engine.forward([StepItem(1, fresh, 0)])
+    next_of_0 = StepItem(0, [tokens[1]], len(prompts[0]) + steps + 1)
+    got = engine.forward([next_of_0, StepItem(1, [tokens[0]], len(fresh))])
+    assert np.abs(got[1] - reference).max() < 1e-4
