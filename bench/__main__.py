@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -134,31 +135,40 @@ def _usage_targets(results: dict[str, Any]) -> list[Target]:
     ]
 
 
+def _measure(only: str | None, state: Path) -> tuple[dict[str, Any], list[Target], Any]:
+    """Runs the chosen scenarios; returns results, targets and raw stream records."""
+    results: dict[str, Any] = {}
+    targets: list[Target] = []
+    streams: dict[str, Any] = {}
+    if only in (None, "inference"):
+        print("[1/5] engine ceiling (in-process ONNX Runtime, demo-lm)", flush=True)
+        results["engine_ceiling"] = inference.engine_ceiling()
+        print("[2/5] served streams through one worker over gRPC", flush=True)
+        results["served"], streams = inference.served_streams(state)
+        print("[3/5] serving overhead: zero-compute engine vs bare grpc.aio", flush=True)
+        results["serving_overhead"] = inference.serving_overhead(state)
+        targets += _inference_targets(results)
+    if only in (None, "usage"):
+        print("[4/5] rate-limit decisions vs bare grpc.aio echo; metering throughput", flush=True)
+        results["usage"] = usage.rate_limit_decisions(state)
+        targets += _usage_targets(results)
+    if only in (None, "edge"):
+        print("[5/5] edge overhead: direct vs full edge vs bare Envoy vs bare grpc.aio", flush=True)
+        results["edge"] = edge.edge_overhead(state)
+        targets += _edge_targets(results)
+    return results, targets, streams
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--only", choices=["inference", "edge", "usage"], default=None)
     args = parser.parse_args()
     started = time.monotonic()
     state = state_dir()
-    results: dict[str, Any] = {}
-    targets: list[Target] = []
-    streams: dict[str, Any] = {}
-    if args.only in (None, "inference"):
-        print("[1/4] engine ceiling (in-process ONNX Runtime, demo-lm)", flush=True)
-        results["engine_ceiling"] = inference.engine_ceiling()
-        print("[2/4] served streams through one worker over gRPC", flush=True)
-        results["served"], streams = inference.served_streams(state)
-        print("[3/4] serving overhead: zero-compute engine vs bare grpc.aio", flush=True)
-        results["serving_overhead"] = inference.serving_overhead(state)
-        targets += _inference_targets(results)
-    if args.only in (None, "usage"):
-        print("[5/5] rate-limit decisions vs bare grpc.aio echo; metering throughput", flush=True)
-        results["usage"] = usage.rate_limit_decisions(state)
-        targets += _usage_targets(results)
-    if args.only in (None, "edge"):
-        print("[4/4] edge overhead: direct vs full edge vs bare Envoy vs bare grpc.aio", flush=True)
-        results["edge"] = edge.edge_overhead(state)
-        targets += _edge_targets(results)
+    try:
+        results, targets, streams = _measure(args.only, state)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)  # scratch only: the report goes to RESULTS
     out = RESULTS / datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     write_report(out, results, targets, streams)
     print()
