@@ -78,8 +78,9 @@ def _headers(key: str, tenant: str, scopes: str = "usage:read") -> list[tuple[st
 async def test_totals_are_exact_and_replays_count_once(stream_and_client, redis_url):
     stream, client = stream_and_client
     key, tenant = f"key_{uuid.uuid4().hex[:8]}", f"t{uuid.uuid4().hex[:6]}"
+    run = uuid.uuid4().hex[:8]  # request ids are deduplicated across the whole Redis
     events = [
-        _event(f"r{i}", key, tenant, 10 + i, 2 * i, "length" if i % 3 else "cancelled")
+        _event(f"r{i}-{run}", key, tenant, 10 + i, 2 * i, "length" if i % 3 else "cancelled")
         for i in range(20)
     ]
     await _publish(client, stream, *events, events[3], events[7])  # two replays
@@ -91,7 +92,7 @@ async def test_totals_are_exact_and_replays_count_once(stream_and_client, redis_
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = rpc.UsageServiceStub(channel)
             own = await stub.GetUsage(pb.GetUsageRequest(), metadata=_headers(key, tenant))
-            assert own.requests == 20
+            assert own.requests == 20, own
             assert own.prompt_tokens == sum(e.usage.prompt_tokens for e in events)
             assert own.completion_tokens == sum(e.usage.completion_tokens for e in events)
             assert own.total_tokens == own.prompt_tokens + own.completion_tokens
