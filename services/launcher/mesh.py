@@ -339,7 +339,9 @@ def spawn_redis(
     """
     port = port or reserve_port()
     data_dir.mkdir(parents=True, exist_ok=True)
-    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if durable else []
+    persistence = (
+        ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
+    )
     argv = [
         str(redis_server_binary()),
         "--bind",
@@ -348,7 +350,7 @@ def spawn_redis(
         str(port),
         "--dir",
         str(data_dir),
-        *(persistence or ["--appendonly", "no"]),
+        *persistence,
         "--save",
         "",
         "--protected-mode",

@@ -76,7 +76,7 @@ class ScriptClient:
         return reply
 
     async def _send(self, command: bytes) -> object:
-        writer = await self._connection()
+        await self._connection()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
         self._waiting.append(future)
@@ -84,13 +84,15 @@ class ScriptClient:
         # end of this loop iteration, in the order their futures wait.
         self._unsent.append(command)
         if len(self._unsent) == 1:
-            loop.call_soon(self._flush, writer)
+            loop.call_soon(self._flush)
         async with asyncio.timeout(self.timeout_s):  # cheaper than wait_for per call
             return await future
 
-    def _flush(self, writer: asyncio.StreamWriter) -> None:
-        if self._unsent and writer is self._writer:
-            writer.write(b"".join(self._unsent))
+    def _flush(self) -> None:
+        # Unsent commands always belong to the current connection: closing
+        # one drops them (and fails their callers) with it.
+        if self._unsent and self._writer is not None:
+            self._writer.write(b"".join(self._unsent))
         self._unsent.clear()
 
     async def _connection(self) -> asyncio.StreamWriter:
