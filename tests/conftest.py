@@ -53,7 +53,25 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def mesh(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Mesh]:
+def limits_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The rate limiter's Redis: REDIS_URL when set, else a volatile bundled one
+    (as `make run` has it: no fsync on the edge's hot path)."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    state = tmp_path_factory.mktemp("redis-limits")
+    child, url = spawn_redis(state / "data", state / "redis.log", durable=False)
+    try:
+        yield url
+    finally:
+        child.terminate()
+        child.wait(10)
+
+
+@pytest.fixture(scope="session")
+def mesh(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, limits_redis_url: str
+) -> Iterator[Mesh]:
     """The whole mesh: auth, router, usage, two inference workers, Envoy."""
     config = MeshConfig(
         state_dir=Path(tmp_path_factory.mktemp("mesh")),
@@ -61,7 +79,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[M
         workers=2,
         envoy_concurrency=1,
         health_check_interval_s=0.5,
-        service_env=TEST_SERVICE_ENV,
+        service_env={**TEST_SERVICE_ENV, "TOKENMESH_RATELIMIT_REDIS_URL": limits_redis_url},
     )
     with Mesh(config) as running:
         yield running

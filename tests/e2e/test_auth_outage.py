@@ -81,3 +81,13 @@ def test_rate_limits_fail_open_when_the_limiter_is_down(small_mesh):
     replies = [_complete(small_mesh, key) for _ in range(3)]
     assert [r.status_code for r in replies] == [200, 200, 200]
     assert "x-ratelimit-remaining" not in replies[-1].headers
+
+
+def test_rate_limits_fail_open_when_the_limits_redis_is_down(small_mesh):
+    key = {"x-api-key": small_mesh.dev_api_key()}
+    assert "x-ratelimit-remaining" in _complete(small_mesh, key).headers
+    small_mesh.kill("redis-limits")
+    replies = [_complete(small_mesh, key) for _ in range(3)]
+    # The limiter answers UNAVAILABLE at once; Envoy lets the requests through.
+    assert [r.status_code for r in replies] == [200, 200, 200]
+    assert "x-ratelimit-remaining" not in replies[-1].headers
