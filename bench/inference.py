@@ -94,6 +94,25 @@ def served_streams(
     return results, raw
 
 
+def bare_streams(state: Path, concurrencies: tuple[int, ...] = (1, 32)) -> dict[str, Any]:
+    """The served-streams load, same client and request, against a bare grpc.aio
+    streamer: how much of TTFT and message gaps the client and transport take."""
+    request = pb.GenerateRequest(model="demo-lm", prompt="And it came to pass", max_tokens=64)
+    results: dict[str, Any] = {}
+    with bare_server(state) as target:
+        run_streams(target, 1, 2, request, processes=1)  # warm-up
+        for concurrency in concurrencies:
+            repeats = 20 if concurrency == 1 else 3
+            records = run_streams(target, concurrency, repeats, request, processes=1)
+            s = results[str(concurrency)] = summarize_streams(records)
+            print(
+                f"  bare   {concurrency:>2} streams: TTFT p50 {s['ttft_p50_ms']:.1f} "
+                f"p99 {s['ttft_p99_ms']:.1f} ms  gaps p50 {s['itl_p50_ms']:.2f} ms",
+                flush=True,
+            )
+    return results
+
+
 def serving_overhead(state: Path, streams: int = 32, messages: int = 256) -> dict[str, Any]:
     """A zero-compute engine through the scheduler vs a bare grpc.aio streamer."""
     request = pb.GenerateRequest(
