@@ -37,35 +37,31 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     setattr(item, f"rep_{report.when}", report)
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Redis: REDIS_URL when set, else the bundled redis-server."""
+def _redis(tmp_path_factory: pytest.TempPathFactory, name: str, durable: bool) -> Iterator[str]:
+    """Yields REDIS_URL when set, else the URL of a bundled redis-server it runs."""
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    state = tmp_path_factory.mktemp("redis")
-    child, url = spawn_redis(state / "data", state / "redis.log")
+    state = tmp_path_factory.mktemp(name)
+    child, url = spawn_redis(state / "data", state / "redis.log", durable=durable)
     try:
         yield url
     finally:
         child.terminate()
         child.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis: REDIS_URL when set, else the bundled redis-server (AOF)."""
+    yield from _redis(tmp_path_factory, "redis", durable=True)
 
 
 @pytest.fixture(scope="session")
 def limits_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The rate limiter's Redis: REDIS_URL when set, else a volatile bundled one
     (as `make run` has it: no fsync on the edge's hot path)."""
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    state = tmp_path_factory.mktemp("redis-limits")
-    child, url = spawn_redis(state / "data", state / "redis.log", durable=False)
-    try:
-        yield url
-    finally:
-        child.terminate()
-        child.wait(10)
+    yield from _redis(tmp_path_factory, "redis-limits", durable=False)
 
 
 @pytest.fixture(scope="session")
