@@ -53,19 +53,43 @@ def engine_ceiling(batches: tuple[int, ...] = (1, 8, 32)) -> dict[str, dict[str,
     return results
 
 
-def served_streams(
-    state: Path, concurrencies: tuple[int, ...] = (1, 8, 32)
-) -> tuple[dict[str, Any], dict[str, list[StreamRecord]]]:
-    """Streams through one worker over gRPC at each concurrency."""
-    results: dict[str, Any] = {}
-    raw: dict[str, list[StreamRecord]] = {}
-    request = pb.GenerateRequest(
+def _served_request() -> pb.GenerateRequest:
+    return pb.GenerateRequest(
         model="demo-lm",
         prompt="And it came to pass in those days, that there went out a decree",
         max_tokens=DECODE_STEPS,
         temperature=0.8,
         seed=1,
     )
+
+
+def _stream_levels(
+    target: str, request: pb.GenerateRequest, concurrencies: tuple[int, ...], label: str
+) -> tuple[dict[str, Any], dict[str, list[StreamRecord]]]:
+    """Runs the streaming load at each concurrency against `target`; prints a line each."""
+    results: dict[str, Any] = {}
+    raw: dict[str, list[StreamRecord]] = {}
+    run_streams(target, 1, 2, request, processes=1)  # warm-up
+    for concurrency in concurrencies:
+        # A p99 needs samples: 20 single streams (6 gave a max-of-6 that swung 2x).
+        repeats = 20 if concurrency == 1 else 3
+        # One client process reads ~4-7k messages/s: plenty here, and it leaves
+        # the second core to the server (the ceiling had both).
+        records = run_streams(target, concurrency, repeats, request, processes=1, budget_s=90)
+        raw[str(concurrency)] = records
+        s = results[str(concurrency)] = summarize_streams(records)
+        print(
+            f"  {label} {concurrency:>2} streams: {s['tokens_per_s']:8.0f} tokens/s  TTFT p50 {s['ttft_p50_ms']:.1f} "
+            f"p99 {s['ttft_p99_ms']:.1f} ms  ITL p50 {s['itl_p50_ms']:.1f} p99 {s['itl_p99_ms']:.1f} ms",
+            flush=True,
+        )
+    return results, raw
+
+
+def served_streams(
+    state: Path, concurrencies: tuple[int, ...] = (1, 8, 32)
+) -> tuple[dict[str, Any], dict[str, list[StreamRecord]]]:
+    """Streams through one worker over gRPC at each concurrency."""
     with (
         redis_server(state) as redis_url,
         worker(
@@ -76,41 +100,14 @@ def served_streams(
             TOKENMESH_MAX_SEQUENCES="32",
         ) as target,
     ):
-        run_streams(target, 1, 2, request, processes=1)  # warm-up
-        for concurrency in concurrencies:
-            # A p99 needs samples: 20 single streams (6 gave a max-of-6 that swung 2x).
-            repeats = 20 if concurrency == 1 else 3
-            # One client process reads ~4-7k messages/s: plenty here, and it leaves
-            # the second core to the worker (the ceiling had both).
-            records = run_streams(target, concurrency, repeats, request, processes=1, budget_s=90)
-            raw[str(concurrency)] = records
-            results[str(concurrency)] = summarize_streams(records)
-            s = results[str(concurrency)]
-            print(
-                f"  served {concurrency:>2} streams: {s['tokens_per_s']:8.0f} tokens/s  TTFT p50 {s['ttft_p50_ms']:.1f} "
-                f"p99 {s['ttft_p99_ms']:.1f} ms  ITL p50 {s['itl_p50_ms']:.1f} p99 {s['itl_p99_ms']:.1f} ms",
-                flush=True,
-            )
-    return results, raw
+        return _stream_levels(target, _served_request(), concurrencies, "served")
 
 
 def bare_streams(state: Path, concurrencies: tuple[int, ...] = (1, 32)) -> dict[str, Any]:
     """The served-streams load, same client and request, against a bare grpc.aio
     streamer: how much of TTFT and message gaps the client and transport take."""
-    request = pb.GenerateRequest(model="demo-lm", prompt="And it came to pass", max_tokens=64)
-    results: dict[str, Any] = {}
     with bare_server(state) as target:
-        run_streams(target, 1, 2, request, processes=1)  # warm-up
-        for concurrency in concurrencies:
-            repeats = 20 if concurrency == 1 else 3
-            records = run_streams(target, concurrency, repeats, request, processes=1)
-            s = results[str(concurrency)] = summarize_streams(records)
-            print(
-                f"  bare   {concurrency:>2} streams: TTFT p50 {s['ttft_p50_ms']:.1f} "
-                f"p99 {s['ttft_p99_ms']:.1f} ms  gaps p50 {s['itl_p50_ms']:.2f} ms",
-                flush=True,
-            )
-    return results
+        return _stream_levels(target, _served_request(), concurrencies, "bare  ")[0]
 
 
 def serving_overhead(state: Path, streams: int = 32, messages: int = 256) -> dict[str, Any]:
