@@ -8,6 +8,7 @@ import pytest
 
 from services.core.settings import RedisSettings, ServerSettings, SettingsError, describe, load
 from services.inference.service import InferenceSettings
+from services.usage.service import UsageSettings
 
 
 def test_defaults_apply_when_nothing_is_set():
@@ -39,6 +40,7 @@ def test_values_are_parsed_by_type():
         ("TOKENMESH_LOG_FORMAT", "xml"),
         ("TOKENMESH_LOG_LEVEL", "LOUD"),
         ("TOKENMESH_TEST_MODELS", "no-version"),
+        ("TOKENMESH_MESSAGES_PER_STEP", "-1"),
     ],
 )
 def test_invalid_values_name_the_variable(variable, value):
@@ -49,6 +51,12 @@ def test_invalid_values_name_the_variable(variable, value):
 def test_redis_url_scheme_is_checked():
     with pytest.raises(SettingsError, match="REDIS_URL"):
         load(RedisSettings, {"REDIS_URL": "http://localhost"})
+
+
+def test_the_limits_redis_url_is_checked_and_defaults_to_redis_url():
+    with pytest.raises(SettingsError, match="TOKENMESH_RATELIMIT_REDIS_URL"):
+        load(UsageSettings, {"TOKENMESH_RATELIMIT_REDIS_URL": "localhost:6379"})
+    assert load(UsageSettings, {}).ratelimit_redis_url == ""  # empty: REDIS_URL serves both
 
 
 def test_describe_lists_every_variable():
