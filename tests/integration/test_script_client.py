@@ -45,3 +45,38 @@ async def test_redis_down_is_unavailable_and_back_up_works_again(tmp_path: Path)
         await client.close()
         child.terminate()
         child.wait(10)
+
+
+async def test_a_silent_redis_times_out_every_waiting_call():
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts and reads, never answers
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = ScriptClient(f"redis://127.0.0.1:{port}/0", ECHO_INCR, timeout_s=0.2)
+    try:
+        started = asyncio.get_running_loop().time()
+        results = await asyncio.gather(
+            *(client(keys=["k"], args=[f"c{i}", 1]) for i in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(r, ScriptUnavailable) for r in results), results
+        assert asyncio.get_running_loop().time() - started < 1.0  # one timer, not one per call
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_caller_that_gives_up_does_not_shift_the_others_replies(redis_url):
+    client = ScriptClient(redis_url, ECHO_INCR)
+    try:
+        await client(keys=["script-client:m"], args=["connect", 1])
+        first = asyncio.ensure_future(client(keys=["script-client:m"], args=["first", 1]))
+        others = [client(keys=["script-client:m"], args=[f"o{i}", 1]) for i in range(20)]
+        await asyncio.sleep(0)  # `first` is written and awaits its reply; the others are held
+        first.cancel()
+        replies = await asyncio.gather(*others)
+        assert [r[0] for r in replies] == [f"o{i}".encode() for i in range(20)]
+    finally:
+        await client.close()
