@@ -27,19 +27,38 @@ class StreamRecord:
     tokens: int = 0
     messages: int = 0
     ok: bool = True
+    opening: bool = False  # a stream's first call: with several streams, part of a burst
+
+
+# Concurrent streams of identical requests stay in lockstep (same length, same
+# finishing step), so every round would arrive as one burst. Real traffic
+# varies: each call gets its own seed and a length within +-SPREAD of the
+# request's max_tokens (same mean), which staggers the closed loop after the
+# opening round, as a benchmark over a dataset of varied requests does.
+SPREAD = 16
+
+
+def _variant(request: pb.GenerateRequest, stream: int, repeat: int) -> pb.GenerateRequest:
+    varied = pb.GenerateRequest()
+    varied.CopyFrom(request)
+    varied.seed = request.seed + 1000 * stream + repeat
+    offset = (7 * stream + 11 * repeat) % (2 * SPREAD + 1) - SPREAD
+    varied.max_tokens = max(1, request.max_tokens + offset)
+    return varied
 
 
 async def _one_stream(
-    stub: Any, request: pb.GenerateRequest, repeats: int, deadline: float
+    stub: Any, request: pb.GenerateRequest, repeats: int, deadline: float, stream: int
 ) -> list[StreamRecord]:
     records = []
-    for _ in range(repeats):
+    for repeat in range(repeats):
         if time.monotonic() > deadline:
             break
-        record = StreamRecord(start=time.monotonic())
+        call = _variant(request, stream, repeat)
+        record = StreamRecord(start=time.monotonic(), opening=repeat == 0)
         last = record.start
         try:
-            async for message in stub.Generate(request, timeout=120):
+            async for message in stub.Generate(call, timeout=120):
                 now = time.monotonic()
                 if record.messages == 0:
                     record.ttft = now - record.start
@@ -56,18 +75,18 @@ async def _one_stream(
 
 
 async def _client(
-    target: str, streams: int, repeats: int, request: pb.GenerateRequest, budget_s: float
+    target: str, streams: range, repeats: int, request: pb.GenerateRequest, budget_s: float
 ) -> list[StreamRecord]:
     deadline = time.monotonic() + budget_s
     async with grpc.aio.insecure_channel(target) as channel:
         stub = rpc.InferenceServiceStub(channel)
         results = await asyncio.gather(
-            *(_one_stream(stub, request, repeats, deadline) for _ in range(streams))
+            *(_one_stream(stub, request, repeats, deadline, stream) for stream in streams)
         )
     return [r for records in results for r in records]
 
 
-def _process_main(args: tuple[str, int, int, bytes, float, float]) -> list[StreamRecord]:
+def _process_main(args: tuple[str, range, int, bytes, float, float]) -> list[StreamRecord]:
     target, streams, repeats, raw_request, start_at, budget_s = args
     request = pb.GenerateRequest.FromString(raw_request)
     time.sleep(max(0.0, start_at - time.monotonic()))  # all processes start together
@@ -88,11 +107,16 @@ def run_streams(
         concurrency // processes + (1 if i < concurrency % processes else 0)
         for i in range(processes)
     ]
+    firsts = [sum(shares[:i]) for i in range(processes)]
     start_at = time.monotonic() + 1.0
     raw = request.SerializeToString()
     context = multiprocessing.get_context("spawn")
     with context.Pool(processes) as pool:
         parts = pool.map(
-            _process_main, [(target, n, repeats, raw, start_at, budget_s) for n in shares]
+            _process_main,
+            [
+                (target, range(first, first + n), repeats, raw, start_at, budget_s)
+                for first, n in zip(firsts, shares, strict=True)
+            ],
         )
     return [record for part in parts for record in part]

@@ -135,3 +135,41 @@ def test_steady_batched_decoding_matches_one_at_a_time_across_joins_and_slot_reu
     next_of_0 = StepItem(0, [tokens[1]], len(prompts[0]) + steps + 1)
     got = engine.forward([next_of_0, StepItem(1, [tokens[0]], len(fresh))])
     assert np.abs(got[1] - reference).max() < 1e-4
+
+
+def test_sequences_leaving_and_joining_keep_the_carried_rows_and_match_one_at_a_time(engine):
+    rng = np.random.default_rng(11)
+    prompts = {0: 9, 1: 7, 2: 8, 3: 4}  # slot 3's sequence joins later, in slot 1's old row
+    prompts = {slot: [int(t) for t in rng.integers(1, 4000, n)] for slot, n in prompts.items()}
+    tokens = [int(t) for t in rng.integers(1, 4000, 6)]
+
+    def alone(ids: list[int], fed: list[int]) -> list[np.ndarray]:
+        engine.forward([StepItem(3, ids, 0)])
+        return [engine.forward([StepItem(3, [t], len(ids) + i)])[0] for i, t in enumerate(fed)]
+
+    expected = {slot: alone(ids, tokens) for slot, ids in prompts.items()}
+
+    def decode(step: dict[int, int]) -> dict[int, np.ndarray]:
+        """step: slot -> how many tokens it decoded before; returns slot -> logits."""
+        items = [StepItem(s, [tokens[n]], len(prompts[s]) + n) for s, n in step.items()]
+        return dict(zip(step, engine.forward(items), strict=True))
+
+    engine.forward([StepItem(s, prompts[s], 0) for s in (0, 1, 2)])
+    for n in range(2):
+        for slot, logits in decode({0: n, 1: n, 2: n}).items():
+            assert np.abs(logits - expected[slot][n]).max() < 1e-4
+    # Slot 1 leaves; in the same step slot 3's prompt is prefilled (as the
+    # scheduler does), then slot 3 decodes alongside 0 and 2.
+    got = engine.forward(
+        [StepItem(s, [tokens[2]], len(prompts[s]) + 2) for s in (0, 2)]
+        + [StepItem(3, prompts[3], 0)]
+    )
+    assert np.abs(got[0] - expected[0][2]).max() < 1e-4
+    rows_before = engine._carry.rows.tolist()
+    for n in range(3):
+        got = decode({0: 3 + n, 2: 3 + n, 3: n})
+        for slot, logits in got.items():
+            assert np.abs(logits - expected[slot][3 + n if slot != 3 else n]).max() < 1e-4
+    # The carried path ran: slot 3 took slot 1's dead row, nothing was regathered.
+    assert rows_before == [0, -1, 2]
+    assert engine._carry.rows.tolist() == [0, 3, 2]

@@ -4,10 +4,13 @@ The decoder's KV cache lives in preallocated per-layer arrays
 [slots, heads, context, head_dim]. A decode step gathers the running slots'
 caches up to the longest one, masks each row's padding with attention_mask,
 and writes the new key/value column back into each slot, so sequences of
-different lengths share one batched forward pass. While the same slots keep
-decoding step after step, the next step feeds the previous step's `present`
-outputs as its past instead of gathering again (the gather was a quarter of
-a batch-32 step): the batch's layout is the same, one column longer.
+different lengths share one batched forward pass. Step after step, the next
+step feeds the previous step's `present` outputs as its past instead of
+gathering again (a gather copies every running slot's history: a quarter of
+a batch-32 step, and half of it in traffic where sequences join and leave
+every few steps). Sequences that leave turn their row dead (masked out);
+new ones take a dead row, with only their own history copied in; a tight
+gather happens only when dead rows or unused width pile up.
 """
 
 from __future__ import annotations
@@ -43,12 +46,21 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 @dataclass
 class _Carry:
-    """_Carry is what one decode step leaves for the next, if its batch stays the same."""
+    """_Carry is what one decode step leaves for the next: its KV, one row per slot.
 
-    slots: tuple[int, ...]
-    starts: np.ndarray
-    mask: np.ndarray
-    present: list[np.ndarray]
+    Row r held slot rows[r] (-1: a dead row, whose sequence left), fed the
+    token at position starts[r], and attended to mask[r]; present[i][r] is
+    that row's key/value history, one column per mask column.
+    """
+
+    rows: np.ndarray  # [R] int64
+    starts: np.ndarray  # [R] int64
+    mask: np.ndarray  # [R, W] int64
+    present: list[np.ndarray]  # [R, heads, W, head_dim] each
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
 
 
 class OnnxGenerativeEngine(GenerativeEngine):
@@ -159,32 +171,72 @@ class OnnxGenerativeEngine(GenerativeEngine):
         """Feeds one token for each of several slots in one batched call."""
         slots = np.fromiter((it.slot for it in items), np.int64)
         starts = np.fromiter((it.start for it in items), np.int64)
-        if (
-            carry is not None
-            and carry.slots == tuple(slots.tolist())
-            and np.array_equal(carry.starts + 1, starts)
-        ):
-            # Same rows, one step on: last step's present is this step's past,
-            # its padding still masked, and every row attends to its new token.
-            past = carry.present
-            width = past[0].shape[2]
-            mask = np.concatenate([carry.mask, np.ones((len(items), 1), np.int64)], axis=1)
-        else:
-            width = int(starts.max())
-            # Row b attends to its first starts[b] cached positions and its new token.
-            mask = (np.arange(width + 1)[None, :] < starts[:, None]).astype(np.int64)
-            mask[:, width] = 1
-            past = [cache[slots, :, :width] for cache in self._cache]
-        outputs = self._run(
-            np.fromiter((it.token_ids[0] for it in items), np.int64)[:, None],
-            mask,
-            starts[:, None],
-            past,
-        )
+        layout = self._follow(carry, slots, starts) if carry is not None else None
+        if layout is None:
+            layout = self._gather(slots, starts)
+        rows, order = layout
+        fed = np.zeros(len(rows.rows), np.int64)  # dead rows feed token 0 at position 0
+        fed[order] = [it.token_ids[0] for it in items]
+        positions = np.zeros(len(rows.rows), np.int64)
+        positions[order] = starts
+        # Every row also attends to its new token (dead rows to nothing else).
+        mask = np.concatenate([rows.mask, np.ones((len(rows.rows), 1), np.int64)], axis=1)
+        outputs = self._run(fed[:, None], mask, positions[:, None], rows.present)
+        width = rows.width
         for cache, present in zip(self._cache, outputs[1:], strict=True):
-            cache[slots, :, starts] = present[:, :, width]
-        self._carry = _Carry(tuple(slots.tolist()), starts, mask, outputs[1:])
-        return outputs[0][:, -1]
+            cache[slots, :, starts] = present[order, :, width]
+        self._carry = _Carry(rows.rows, np.where(rows.rows >= 0, positions, -1), mask, outputs[1:])
+        last: np.ndarray = outputs[0][order, -1]
+        return last
+
+    def _gather(self, slots: np.ndarray, starts: np.ndarray) -> tuple[_Carry, np.ndarray]:
+        """Builds a tight layout from the cache: one row per slot, as wide as the longest."""
+        width = int(starts.max())
+        # Row b attends to its first starts[b] cached positions.
+        mask = (np.arange(width)[None, :] < starts[:, None]).astype(np.int64)
+        past = [cache[slots, :, :width] for cache in self._cache]
+        return _Carry(slots.copy(), starts - 1, mask, past), np.arange(len(slots))
+
+    def _follow(
+        self, carry: _Carry, slots: np.ndarray, starts: np.ndarray
+    ) -> tuple[_Carry, np.ndarray] | None:
+        """Reuses last step's present as this step's past, rows where they were.
+
+        Rows whose slot goes on (fed position = last one + 1) keep their
+        history in place; rows whose sequence left turn dead (masked out);
+        slots new to the batch take dead rows, their cached history copied in
+        (a few columns, not the whole batch). Returns None when a tight gather
+        is better: not enough dead rows, a history wider than the carry, more
+        dead rows than live ones, or a carry twice as wide as it needs to be.
+        """
+        width = carry.width
+        position_of_row = {int(slot): r for r, slot in enumerate(carry.rows) if slot >= 0}
+        order = np.full(len(slots), -1, np.int64)
+        for i, (slot, start) in enumerate(zip(slots.tolist(), starts.tolist(), strict=True)):
+            r = position_of_row.get(slot)
+            if r is not None and carry.starts[r] + 1 == start:
+                order[i] = r
+        kept = set(order[order >= 0].tolist())
+        free = [r for r in range(len(carry.rows)) if r not in kept]
+        joining = np.flatnonzero(order < 0)
+        if (
+            len(joining) > len(free)
+            or int(starts.max()) > width
+            or 2 * (len(free) - len(joining)) > len(carry.rows)
+            or width + 1 > max(2 * int(starts.max()), 32)
+        ):
+            return None
+        rows = np.full(len(carry.rows), -1, np.int64)
+        rows[order[order >= 0]] = slots[order >= 0]
+        mask = carry.mask.copy()
+        mask[free] = 0
+        for i, r in zip(joining.tolist(), free, strict=False):
+            slot, start = int(slots[i]), int(starts[i])
+            order[i], rows[r] = r, slot
+            mask[r, :start] = 1
+            for cache, present in zip(self._cache, carry.present, strict=True):
+                present[r, :, :start] = cache[slot, :, :start]
+        return _Carry(rows, carry.starts, mask, carry.present), order
 
 
 class OnnxEmbeddingEngine(EmbeddingEngine):
