@@ -36,11 +36,13 @@ def _inference_targets(results: dict[str, Any]) -> list[Target]:
     ttft_ratio = served["32"]["ttft_p99_ms"] / max(served["1"]["ttft_p99_ms"], 1e-9)
     bare = results["served_bare"]
     bare_ratio = bare["32"]["ttft_p99_ms"] / max(bare["1"]["ttft_p99_ms"], 1e-9)
+    burst_ratio = served["32"]["opening_ttft_p99_ms"] / max(served["1"]["ttft_p99_ms"], 1e-9)
     targets.append(
         Target(
             "TTFT p99 at 32 streams vs TTFT p99 at 1 stream",
             "<= 5x",
-            f"{ttft_ratio:.1f}x (a bare grpc.aio streamer, same client: {bare_ratio:.0f}x)",
+            f"{ttft_ratio:.1f}x (opening burst of 32 at once: {burst_ratio:.1f}x;"
+            f" a bare grpc.aio streamer, same client: {bare_ratio:.1f}x)",
             ttft_ratio <= 5,
         )
     )

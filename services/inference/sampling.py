@@ -82,8 +82,8 @@ def _sample_filtered(
     rows, vocab = logits.shape
     width = _candidate_width(logits, temps, ks, top_ps)
     if width < vocab:
-        # Temperature does not change the order: partition the raw logits.
-        candidates = np.argpartition(logits, vocab - width, axis=1)[:, vocab - width :]
+        # Temperature does not change the order: select on the raw logits.
+        candidates = top_indices(logits, width)
     else:
         candidates = np.broadcast_to(np.arange(vocab), (rows, vocab))
     values = np.take_along_axis(logits, candidates, axis=1).astype(np.float64) / temps
@@ -107,6 +107,31 @@ def _sample_filtered(
     picks = np.minimum(picks, width - 1)
     drawn: np.ndarray = candidates[np.arange(rows), picks]
     return drawn
+
+
+def top_indices(logits: np.ndarray, width: int) -> np.ndarray:
+    """Returns the indices of each row's `width` largest logits (in no order).
+
+    An argpartition of whole rows costs ~1 ms for 32 x 4096 (15% of a decode
+    step here). Instead: split each row into groups (strided, so the group
+    maxima are one fast reduction); every top-`width` logit lies in one of the
+    `width` groups with the largest maxima (a logit outside them has `width`
+    larger group maxima above it), so only those groups are partitioned.
+    Group count ~ sqrt(width * vocab) balances the two partitions.
+    """
+    rows, vocab = logits.shape
+    groups = 1 << max(round(np.log2(np.sqrt(width * vocab))), 0)
+    groups = max(groups, 1 << (width - 1).bit_length())
+    size = -(-vocab // groups)
+    if groups >= vocab or size * groups != vocab:  # nothing to gain, or ragged groups
+        return np.argpartition(logits, vocab - width, axis=1)[:, vocab - width :]
+    maxima = logits.reshape(rows, size, groups).max(axis=1)
+    best_groups = np.argpartition(maxima, groups - width, axis=1)[:, groups - width :]
+    members = (best_groups[:, :, None] + groups * np.arange(size)).reshape(rows, -1)
+    values = np.take_along_axis(logits, members, axis=1)
+    keep = np.argpartition(values, values.shape[1] - width, axis=1)[:, values.shape[1] - width :]
+    picked: np.ndarray = np.take_along_axis(members, keep, axis=1)
+    return picked
 
 
 def _candidate_width(

@@ -77,3 +77,18 @@ def test_fast_paths_draw_what_a_full_sort_draws():
             for i in range(16)
         ]
         assert drawn.tolist() == expected, (top_k, top_p)
+
+
+def test_top_indices_finds_each_rows_largest_logits_with_ties_and_any_vocab():
+    from services.inference.sampling import top_indices
+
+    rng = np.random.default_rng(9)
+    for vocab in (4096, 4000, 64):
+        for width in (1, 2, 50, 256):
+            if width >= vocab:
+                continue
+            logits = (rng.normal(size=(9, vocab)) * 3).astype(np.float32)
+            logits[::2] = np.round(logits[::2])  # many ties
+            got = np.take_along_axis(logits, top_indices(logits, width), axis=1)
+            expected = np.partition(logits, vocab - width, axis=1)[:, vocab - width :]
+            assert np.array_equal(np.sort(got, axis=1), np.sort(expected, axis=1)), (vocab, width)
