@@ -4,7 +4,8 @@ One asyncio task per model version runs the loop; engine compute and sampling
 run in a dedicated thread, so the event loop never blocks. Between steps,
 finished and cancelled sequences leave the batch (freeing their KV slot) and
 waiting ones join it, highest priority first, while both the slot count and
-the KV-token budget allow.
+the KV-token budget allow. Joining prompts are prefilled in a step of their
+own, so their first token does not wait for the running batch's decode.
 
 Each sequence has an outbox the request handler reads: token ids as they are
 sampled, then one `Finished`.
@@ -232,7 +233,7 @@ class Scheduler:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = list(self._running)
+            batch = self._next_batch()
             try:
                 tokens = await loop.run_in_executor(self._executor, self._compute, batch)
             except Exception:
@@ -245,6 +246,19 @@ class Scheduler:
             for seq, token in zip(batch, tokens, strict=True):
                 self._deliver(seq, token, now, every)
             self._completion_tokens.inc(len(batch))
+
+    def _next_batch(self) -> list[Sequence_]:
+        """Returns the sequences of the next step: new prompts alone, when there are any.
+
+        A prompt that joined the running batch would get its first token only
+        with the whole batch's decode step; a prefill-only step gives it at
+        once (time to first token ~ half a step plus its own prefill, instead
+        of one and a half steps), while the running sequences wait that one
+        short step. Only finished sequences free slots, so such steps cannot
+        starve decoding.
+        """
+        starting = [seq for seq in self._running if not seq.generated]
+        return starting or list(self._running)
 
     def _release_every(self, running: int) -> int:
         """Returns after how many tokens a running sequence's stream gets them."""

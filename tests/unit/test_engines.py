@@ -173,3 +173,30 @@ def test_sequences_leaving_and_joining_keep_the_carried_rows_and_match_one_at_a_
     # The carried path ran: slot 3 took slot 1's dead row, nothing was regathered.
     assert rows_before == [0, -1, 2]
     assert engine._carry.rows.tolist() == [0, 3, 2]
+
+
+def test_a_prefill_only_step_keeps_the_decoding_rows_for_the_next_step(engine):
+    rng = np.random.default_rng(13)
+    prompts = {0: 6, 1: 9, 2: 5, 3: 3}
+    prompts = {slot: [int(t) for t in rng.integers(1, 4000, n)] for slot, n in prompts.items()}
+    tokens = [int(t) for t in rng.integers(1, 4000, 5)]
+
+    def alone(ids: list[int], fed: list[int]) -> list[np.ndarray]:
+        engine.forward([StepItem(3, ids, 0)])
+        return [engine.forward([StepItem(3, [t], len(ids) + i)])[0] for i, t in enumerate(fed)]
+
+    expected = {slot: alone(ids, tokens) for slot, ids in prompts.items()}
+    engine.forward([StepItem(s, prompts[s], 0) for s in (0, 1, 2)])
+    engine.forward([StepItem(s, [tokens[0]], len(prompts[s])) for s in (0, 1, 2)])
+    engine.forward([StepItem(s, [tokens[1]], len(prompts[s]) + 1) for s in (0, 2)])  # 1 left
+    engine.forward([StepItem(3, prompts[3], 0)])  # the scheduler's prefill-only step
+    assert engine._carry is not None and engine._carry.rows.tolist() == [0, -1, 2]
+    for n in range(2):
+        got = engine.forward(
+            [StepItem(s, [tokens[2 + n]], len(prompts[s]) + 2 + n) for s in (0, 2)]
+            + [StepItem(3, [tokens[n]], len(prompts[3]) + n)]
+        )
+        assert np.abs(got[0] - expected[0][2 + n]).max() < 1e-4
+        assert np.abs(got[1] - expected[2][2 + n]).max() < 1e-4
+        assert np.abs(got[2] - expected[3][n]).max() < 1e-4
+    assert engine._carry.rows.tolist() == [0, 3, 2]  # no regather: 3 took 1's row

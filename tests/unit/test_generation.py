@@ -131,6 +131,10 @@ async def test_sequences_join_and_leave_between_steps():
         short = await _text(sched, _params(max_tokens=2))
         assert short[2] == 2 and not long.done()  # the short one joined and left mid-way
         assert max(len(batch) for batch in engine.batches) == 2  # they shared steps
+        # Its prompt had a step of its own: the first token did not wait for
+        # the long one's decode.
+        prefills = [batch for batch in engine.batches if any(it.start == 0 for it in batch)]
+        assert len(prefills) == 2 and all(len(batch) == 1 for batch in prefills)
         assert (await long)[2] == 200
     finally:
         await sched.stop(drain_timeout_s=0)

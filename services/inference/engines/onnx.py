@@ -111,8 +111,6 @@ class OnnxGenerativeEngine(GenerativeEngine):
         fresh = [i for i, item in enumerate(items) if item.start == 0]
         decode = [i for i, item in enumerate(items) if item.start > 0 and len(item.token_ids) == 1]
         chunks = [i for i in range(len(items)) if i not in fresh and i not in decode]
-        # The carry holds from one call to the next only: a slot a new prompt
-        # took over in between (a new sequence) cannot match it.
         carry, self._carry = self._carry, None
         if fresh:
             logits[fresh] = self._prefill_batch([items[i] for i in fresh])
@@ -120,6 +118,13 @@ class OnnxGenerativeEngine(GenerativeEngine):
             logits[i] = self._prefill(items[i])
         if decode:
             logits[decode] = self._decode([items[i] for i in decode], carry)
+        elif carry is not None:
+            # A prefill-only step: the decoding rows resume next step, history
+            # intact; a slot a new prompt took over loses its row (the row
+            # belongs to the sequence that left it).
+            prefilled = [items[i].slot for i in (*fresh, *chunks)]
+            carry.rows = np.where(np.isin(carry.rows, prefilled), -1, carry.rows)
+            self._carry = carry
         return logits
 
     def _prefill_batch(self, items: Sequence[StepItem]) -> np.ndarray:
