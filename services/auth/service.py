@@ -27,6 +27,7 @@ from services.core.errors import FailedPrecondition
 from services.core.redis_service import RedisBackedService
 from services.core.server import RunningServer
 from services.core.settings import RedisSettings, SettingsError, env, require
+from services.core.tasks import cancel_and_wait
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -191,6 +192,5 @@ class AuthService(RedisBackedService):
 
     async def stop(self) -> None:
         if self._rotation is not None:
-            self._rotation.cancel()
-            await asyncio.gather(self._rotation, return_exceptions=True)
+            await cancel_and_wait(self._rotation, timeout_s=5)
         await super().stop()

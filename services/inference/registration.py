@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import grpc
 import grpc.aio
 
+from services.core.tasks import cancel_and_wait
 from tokenmesh.router.v1 import router_service_pb2 as pb
 from tokenmesh.router.v1 import router_service_pb2_grpc as pb_grpc
 from tokenmesh.type.v1 import types_pb2
@@ -78,8 +79,7 @@ class Registration:
     async def stop(self) -> None:
         """Stops heartbeating and closes the channel."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task], timeout=2)
+            await cancel_and_wait(self._task, timeout_s=2)
         await self._channel.close()
 
     def _refs(self) -> list[types_pb2.ModelRef]:

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.core.errors import Unavailable
+from services.core.tasks import cancel_and_wait
 from tokenmesh.inference.v1 import inference_pb2
 
 logger = logging.getLogger(__name__)
@@ -104,8 +105,7 @@ class UsageLog:
                     self._wake.set()
                     await asyncio.sleep(0.05)
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task, timeout_s=5)
         self._log.close()
         os.close(self._cursor_fd)
 

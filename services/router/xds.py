@@ -31,6 +31,7 @@ from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 from redis.exceptions import RedisError
 
+from services.core.tasks import cancel_and_wait
 from services.router.snapshot import CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, EdgeFlags, Resources
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,7 @@ class ControlPlane:
     async def stop(self) -> None:
         """Stops polling."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task], timeout=5)
+            await cancel_and_wait(self._task, timeout_s=5)
 
     def resources(self, flags: EdgeFlags) -> PackedResources:
         """Returns the latest resources for an edge with `flags`."""

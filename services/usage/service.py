@@ -15,6 +15,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from services.core.redis_service import RedisBackedService
 from services.core.server import RunningServer
 from services.core.settings import RedisSettings, env, require
+from services.core.tasks import cancel_and_wait
 from services.usage.meter import Meter, Retention
 from services.usage.ratelimit import RateLimitServicer
 from services.usage.reports import UsageReader
@@ -172,9 +173,7 @@ class UsageService(RedisBackedService):
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            # A cancelled blocking XREADGROUP must not hold up shutdown.
-            await asyncio.wait([self._task], timeout=5)
+            await cancel_and_wait(self._task, timeout_s=5)
         await self.limiter.close()
         if self._limits_redis is not self.redis:
             await self._limits_redis.aclose()
