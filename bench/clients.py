@@ -48,18 +48,27 @@ def _variant(request: pb.GenerateRequest, stream: int, repeat: int) -> pb.Genera
 
 
 async def _one_stream(
-    stub: Any, request: pb.GenerateRequest, repeats: int, deadline: float, stream: int
+    stub: Any, request: pb.GenerateRequest, repeats: int, deadline: float, stream: int, cut: bool
 ) -> list[StreamRecord]:
+    """Calls Generate back to back until `repeats` calls or the deadline.
+
+    cut: the deadline also ends the call in flight (its tokens up to then
+    count), so a run measures a window of sustained load, not the drain of
+    the last calls.
+    """
     records = []
     for repeat in range(repeats):
         if time.monotonic() > deadline:
             break
-        call = _variant(request, stream, repeat)
         record = StreamRecord(start=time.monotonic(), opening=repeat == 0)
         last = record.start
+        call = stub.Generate(_variant(request, stream, repeat), timeout=120)
         try:
-            async for message in stub.Generate(call, timeout=120):
+            async for message in call:
                 now = time.monotonic()
+                if cut and now > deadline:
+                    call.cancel()
+                    break
                 if record.messages == 0:
                     record.ttft = now - record.start
                 else:
@@ -69,28 +78,36 @@ async def _one_stream(
                 record.tokens += len(message.token_ids)
         except grpc.aio.AioRpcError:
             record.ok = False
-        record.end = time.monotonic()
-        records.append(record)
+        record.end = min(time.monotonic(), deadline) if cut else time.monotonic()
+        if record.messages or not cut:
+            records.append(record)
     return records
 
 
 async def _client(
-    target: str, streams: range, repeats: int, request: pb.GenerateRequest, budget_s: float
+    target: str,
+    streams: range,
+    repeats: int,
+    request: pb.GenerateRequest,
+    budget_s: float,
+    cut: bool,
 ) -> list[StreamRecord]:
     deadline = time.monotonic() + budget_s
     async with grpc.aio.insecure_channel(target) as channel:
         stub = rpc.InferenceServiceStub(channel)
         results = await asyncio.gather(
-            *(_one_stream(stub, request, repeats, deadline, stream) for stream in streams)
+            *(_one_stream(stub, request, repeats, deadline, stream, cut) for stream in streams)
         )
     return [r for records in results for r in records]
 
 
-def _process_main(args: tuple[str, range, int, bytes, float, float]) -> list[StreamRecord]:
-    target, streams, repeats, raw_request, start_at, budget_s = args
+def _process_main(
+    args: tuple[str, range, int, bytes, float, float, bool],
+) -> list[StreamRecord]:
+    target, streams, repeats, raw_request, start_at, budget_s, cut = args
     request = pb.GenerateRequest.FromString(raw_request)
     time.sleep(max(0.0, start_at - time.monotonic()))  # all processes start together
-    return asyncio.run(_client(target, streams, repeats, request, budget_s))
+    return asyncio.run(_client(target, streams, repeats, request, budget_s, cut))
 
 
 def run_streams(
@@ -100,8 +117,13 @@ def run_streams(
     request: pb.GenerateRequest,
     processes: int = 2,
     budget_s: float = 60.0,
+    window: bool = False,
 ) -> list[StreamRecord]:
-    """Runs `concurrency` streams (each `repeats` calls, bounded by `budget_s`) over processes."""
+    """Runs `concurrency` streams (each `repeats` calls, bounded by `budget_s`) over processes.
+
+    window: measure exactly `budget_s` of sustained load (calls in flight at
+    the end are cut there; the tokens they got count).
+    """
     processes = max(1, min(processes, concurrency))
     shares = [
         concurrency // processes + (1 if i < concurrency % processes else 0)
@@ -115,7 +137,7 @@ def run_streams(
         parts = pool.map(
             _process_main,
             [
-                (target, range(first, first + n), repeats, raw, start_at, budget_s)
+                (target, range(first, first + n), repeats, raw, start_at, budget_s, window)
                 for first, n in zip(firsts, shares, strict=True)
             ],
         )

@@ -19,6 +19,7 @@ from tokenmesh.inference.v1 import inference_service_pb2 as pb
 DEMO_LM = REPO_ROOT / "models" / "demo-lm" / "1"
 PROMPT_TOKENS = 16
 DECODE_STEPS = 64
+WINDOW_S = 4.0  # of sustained load per concurrency level
 
 
 def engine_ceiling(batches: tuple[int, ...] = (1, 8, 32)) -> dict[str, dict[str, float]]:
@@ -71,12 +72,16 @@ def _stream_levels(
     raw: dict[str, list[StreamRecord]] = {}
     run_streams(target, 1, 2, request, processes=1)  # warm-up
     for concurrency in concurrencies:
-        # A p99 needs samples: 20 single streams (6 gave a max-of-6 that swung 2x);
-        # with several streams the opening round is reported apart (see clients).
-        repeats = 20 if concurrency == 1 else 4
+        # A window of sustained load per level (the calls in flight at its end
+        # are cut there): a fixed number of calls per stream would end in a
+        # drain where ever fewer streams run. 20+ single calls for a p99 (6
+        # gave a max-of-6 that swung 2x); with several streams the opening
+        # burst is reported apart (see clients).
         # One client process reads ~4-7k messages/s: plenty here, and it leaves
         # the second core to the server (the ceiling had both).
-        records = run_streams(target, concurrency, repeats, request, processes=1, budget_s=90)
+        records = run_streams(
+            target, concurrency, 1000, request, processes=1, budget_s=WINDOW_S, window=True
+        )
         raw[str(concurrency)] = records
         s = results[str(concurrency)] = summarize_streams(records)
         print(
