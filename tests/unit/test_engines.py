@@ -98,17 +98,19 @@ def test_batched_prefill_of_unequal_prompts_matches_one_at_a_time(engine):
         assert np.abs(decoded[row] - after_alone[slot]).max() < 1e-4
 
 
+def _alone(engine: OnnxGenerativeEngine, ids: list[int], fed: list[int]) -> list[np.ndarray]:
+    """Logits of one sequence decoded by itself (in slot 3): the reference."""
+    engine.forward([StepItem(3, ids, 0)])
+    return [engine.forward([StepItem(3, [t], len(ids) + i)])[0] for i, t in enumerate(fed)]
+
+
 def test_steady_batched_decoding_matches_one_at_a_time_across_joins_and_slot_reuse(engine):
     rng = np.random.default_rng(7)
     prompts = {slot: list(rng.integers(1, 4000, n)) for slot, n in ((0, 4), (1, 9), (2, 6))}
     steps = 5
 
-    def alone(ids: list[int], tokens: list[int]) -> list[np.ndarray]:
-        engine.forward([StepItem(3, ids, 0)])
-        return [engine.forward([StepItem(3, [t], len(ids) + i)])[0] for i, t in enumerate(tokens)]
-
     tokens = [int(t) for t in rng.integers(1, 4000, steps)]
-    expected = {slot: alone(ids, tokens) for slot, ids in prompts.items()}
+    expected = {slot: _alone(engine, ids, tokens) for slot, ids in prompts.items()}
     # Slots 0 and 1 decode together for a few steps (the carried path), then
     # slot 2 joins, then slot 1 is taken over by a new prompt of the same length.
     engine.forward([StepItem(0, prompts[0], 0), StepItem(1, prompts[1], 0)])
@@ -129,7 +131,7 @@ def test_steady_batched_decoding_matches_one_at_a_time_across_joins_and_slot_reu
     # ends where the old sequence would have gone on: the next (0, 1) step
     # matches the carried layout, yet must not reuse the old sequence's cache.
     fresh = [int(t) for t in rng.integers(1, 4000, len(prompts[1]) + steps + 1)]
-    reference = alone(fresh, tokens[:1])[0]
+    reference = _alone(engine, fresh, tokens[:1])[0]
     engine.forward([StepItem(s, [tokens[0]], len(prompts[s]) + steps) for s in (0, 1)])
     engine.forward([StepItem(1, fresh, 0)])
     next_of_0 = StepItem(0, [tokens[1]], len(prompts[0]) + steps + 1)
@@ -143,11 +145,7 @@ def test_sequences_leaving_and_joining_keep_the_carried_rows_and_match_one_at_a_
     prompts = {slot: [int(t) for t in rng.integers(1, 4000, n)] for slot, n in prompts.items()}
     tokens = [int(t) for t in rng.integers(1, 4000, 6)]
 
-    def alone(ids: list[int], fed: list[int]) -> list[np.ndarray]:
-        engine.forward([StepItem(3, ids, 0)])
-        return [engine.forward([StepItem(3, [t], len(ids) + i)])[0] for i, t in enumerate(fed)]
-
-    expected = {slot: alone(ids, tokens) for slot, ids in prompts.items()}
+    expected = {slot: _alone(engine, ids, tokens) for slot, ids in prompts.items()}
 
     def decode(step: dict[int, int]) -> dict[int, np.ndarray]:
         """step: slot -> how many tokens it decoded before; returns slot -> logits."""
@@ -181,11 +179,7 @@ def test_a_prefill_only_step_keeps_the_decoding_rows_for_the_next_step(engine):
     prompts = {slot: [int(t) for t in rng.integers(1, 4000, n)] for slot, n in prompts.items()}
     tokens = [int(t) for t in rng.integers(1, 4000, 5)]
 
-    def alone(ids: list[int], fed: list[int]) -> list[np.ndarray]:
-        engine.forward([StepItem(3, ids, 0)])
-        return [engine.forward([StepItem(3, [t], len(ids) + i)])[0] for i, t in enumerate(fed)]
-
-    expected = {slot: alone(ids, tokens) for slot, ids in prompts.items()}
+    expected = {slot: _alone(engine, ids, tokens) for slot, ids in prompts.items()}
     engine.forward([StepItem(s, prompts[s], 0) for s in (0, 1, 2)])
     engine.forward([StepItem(s, [tokens[0]], len(prompts[s])) for s in (0, 1, 2)])
     engine.forward([StepItem(s, [tokens[1]], len(prompts[s]) + 1) for s in (0, 2)])  # 1 left
