@@ -42,3 +42,11 @@ CANCELLATIONS = Counter(
 REQUESTS = Counter(
     "tokenmesh_requests_total", "Finished requests by finish_reason.", (*_LABELS, "finish_reason")
 )
+PREFIX_CACHE_TOKENS = Counter(
+    "tokenmesh_prefix_cache_tokens_total",
+    "Prompt tokens at prefill, by outcome: reused from the prefix cache or computed.",
+    (*_LABELS, "outcome"),
+)
+PREFIX_CACHE_HELD = Gauge(
+    "tokenmesh_prefix_cache_held_tokens", "Prompt tokens whose KV the prefix cache holds.", _LABELS
+)

@@ -37,6 +37,7 @@ class EngineOptions:
     threads: int = 0
     limits: SchedulerLimits = SchedulerLimits()
     plan_cache_dir: Path | None = None
+    prefix_cache_tokens: int = 0  # ONNX Runtime only: the TensorRT engine keeps no prefixes
 
 
 def read_card(repo: Path, name: str, version: str) -> tuple[dict[str, Any], Path]:
@@ -73,7 +74,12 @@ def _generative_engine(
         )
     from services.inference.engines.onnx import OnnxGenerativeEngine
 
-    return OnnxGenerativeEngine(weights / "model.onnx", threads=options.threads, **shape)
+    return OnnxGenerativeEngine(
+        weights / "model.onnx",
+        threads=options.threads,
+        prefix_cache_tokens=options.prefix_cache_tokens,
+        **shape,
+    )
 
 
 def load_from_repository(

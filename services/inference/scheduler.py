@@ -162,6 +162,10 @@ class Scheduler:
         self._running_gauge = metrics.RUNNING.labels(*labels)
         self._slots_used = metrics.KV_SLOTS_USED.labels(*labels)
         self._kv_reserved = metrics.KV_TOKENS_RESERVED.labels(*labels)
+        self._prefix_reused = metrics.PREFIX_CACHE_TOKENS.labels(*labels, "reused")
+        self._prefix_computed = metrics.PREFIX_CACHE_TOKENS.labels(*labels, "computed")
+        self._prefix_held = metrics.PREFIX_CACHE_HELD.labels(*labels)
+        self._prefix_published = (0, 0)  # (reused, looked up) tokens already counted
 
     async def start(self) -> None:
         """Allocates the KV cache, warms the engine up and starts the engine thread."""
@@ -414,3 +418,11 @@ class Scheduler:
         self._running_gauge.set(len(self._running))
         self._slots_used.set(self.limits.max_sequences - len(self._free_slots))
         self._kv_reserved.set(self._reserved)
+        cache = self.engine.prefix_cache
+        if cache is not None and cache.enabled:
+            reused, looked_up = cache.stats.reused_tokens, cache.stats.prompt_tokens
+            last_reused, last_looked_up = self._prefix_published
+            self._prefix_reused.inc(reused - last_reused)
+            self._prefix_computed.inc(looked_up - reused - (last_looked_up - last_reused))
+            self._prefix_published = (reused, looked_up)
+            self._prefix_held.set(cache.held_tokens)

@@ -77,6 +77,12 @@ class InferenceSettings(RedisSettings):
         "Stream messages per engine step before token batching: with more running "
         "sequences, each stream gets its tokens every ceil(running / this) steps; 0 = never.",
     )
+    prefix_cache_tokens: int = env(
+        "TOKENMESH_PREFIX_CACHE_TOKENS",
+        4096,
+        "Prompt tokens per version whose KV is kept for prompts that start the same way "
+        "(~8 KiB each for demo-lm); 0 = no prefix cache.",
+    )
     router_address: str = env(
         "TOKENMESH_ROUTER_ADDR",
         "",
@@ -128,6 +134,7 @@ class InferenceSettings(RedisSettings):
         require(self.max_queue >= 0, "TOKENMESH_MAX_QUEUE", "must be >= 0")
         require(self.max_prefill_tokens >= 1, "TOKENMESH_MAX_PREFILL_TOKENS", "must be >= 1")
         require(self.messages_per_step >= 0, "TOKENMESH_MESSAGES_PER_STEP", "must be >= 0")
+        require(self.prefix_cache_tokens >= 0, "TOKENMESH_PREFIX_CACHE_TOKENS", "must be >= 0")
         require(
             not self.router_address or ":" in self.router_address,
             "TOKENMESH_ROUTER_ADDR",
@@ -174,6 +181,7 @@ class InferenceService(Service):
             engine=resolve_engine(settings.engine),
             threads=settings.engine_threads,
             limits=settings.limits(),
+            prefix_cache_tokens=settings.prefix_cache_tokens,
         )
         self.redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0)
         self.usage_log = UsageLog(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
@@ -80,6 +81,36 @@ async def test_demo_lm_writes_kjv_flavoured_text_reproducibly(model_server):
     assert first == again and first != other
     words = {w.strip(".,;:").lower() for w in (first + other).split()}
     assert len(words & KJV_WORDS) >= 3, first
+
+
+def _prefix_tokens(outcome: str) -> float:
+    labels = {"model": "demo-lm", "version": "1", "outcome": outcome}
+    return REGISTRY.get_sample_value("tokenmesh_prefix_cache_tokens_total", labels) or 0.0
+
+
+async def _prefix_tokens_become(outcome: str, expected: float) -> float:
+    """Waits (up to 2 s) for the engine thread to publish its counters; returns the last value."""
+    for _ in range(40):
+        if (value := _prefix_tokens(outcome)) >= expected:
+            return value
+        await asyncio.sleep(0.05)
+    return _prefix_tokens(outcome)
+
+
+async def test_a_repeated_prompt_reuses_its_kv_from_the_prefix_cache(model_server):
+    _, channel = model_server
+    stub = rpc.InferenceServiceStub(channel)
+    prompt = "Then Jesus answered and said unto them, Verily"
+    reused, computed = _prefix_tokens("reused"), _prefix_tokens("computed")
+    first = await _generate(stub, seed=5, max_tokens=12, prompt=prompt)
+    prompt_tokens = first[-1].usage.prompt_tokens
+    assert await _prefix_tokens_become("computed", computed + prompt_tokens) == (
+        computed + prompt_tokens
+    )
+    again = await _generate(stub, seed=5, max_tokens=12, prompt=prompt)
+    assert await _prefix_tokens_become("reused", reused + prompt_tokens) == reused + prompt_tokens
+    assert "".join(m.text for m in again) == "".join(m.text for m in first)
+    assert again[-1].usage.prompt_tokens == prompt_tokens  # reused tokens are still billed
 
 
 async def test_32_concurrent_streams_each_get_their_own_usage(model_server):

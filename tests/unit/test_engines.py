@@ -15,13 +15,25 @@ from services.inference.engines.tensorrt import plan_cache_key, tensorrt_availab
 DEMO_LM = Path(__file__).resolve().parents[2] / "models" / "demo-lm" / "1"
 
 
-@pytest.fixture(scope="module")
-def engine() -> OnnxGenerativeEngine:
+def _demo_lm(prefix_cache_tokens: int = 0) -> OnnxGenerativeEngine:
     card = json.loads((DEMO_LM / "config.json").read_text())
     shape = {k: card[k] for k in ("n_layer", "n_head", "head_dim", "vocab_size", "context_length")}
-    engine = OnnxGenerativeEngine(DEMO_LM / "model.onnx", threads=1, **shape)
+    engine = OnnxGenerativeEngine(
+        DEMO_LM / "model.onnx", threads=1, prefix_cache_tokens=prefix_cache_tokens, **shape
+    )
     engine.allocate(4)
     return engine
+
+
+@pytest.fixture(scope="module")
+def engine() -> OnnxGenerativeEngine:
+    return _demo_lm()
+
+
+@pytest.fixture
+def cached() -> OnnxGenerativeEngine:
+    """An engine with a prefix cache (16-token blocks), fresh for each test."""
+    return _demo_lm(prefix_cache_tokens=1024)
 
 
 def test_batched_decode_of_unequal_lengths_matches_one_at_a_time(engine):
@@ -194,3 +206,45 @@ def test_a_prefill_only_step_keeps_the_decoding_rows_for_the_next_step(engine):
         assert np.abs(got[1] - expected[2][2 + n]).max() < 1e-4
         assert np.abs(got[2] - expected[3][n]).max() < 1e-4
     assert engine._carry.rows.tolist() == [0, 3, 2]  # no regather: 3 took 1's row
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache_and_decodes_the_same(engine, cached):
+    ids = [int(t) for t in np.random.default_rng(17).integers(1, 4000, 12)]
+    reference = _alone(engine, ids, [42, 43])
+    first = cached.forward([StepItem(0, ids, 0)])[0]
+    again = cached.forward([StepItem(1, ids, 0)])[0]  # another slot: copied, not computed
+    assert cached.prefix_cache.stats.exact_hits == 1
+    assert np.array_equal(again, first)
+    got = [cached.forward([StepItem(1, [t], len(ids) + i)])[0] for i, t in enumerate([42, 43])]
+    for logits, expected in zip(got, reference, strict=True):
+        assert np.abs(logits - expected).max() < 1e-4
+
+
+def test_a_prompt_sharing_whole_blocks_computes_only_its_tail(engine, cached):
+    rng = np.random.default_rng(19)
+    system = [int(t) for t in rng.integers(1, 4000, 20)]  # one whole 16-token block
+    first, second = system + [7, 8, 9], system[:16] + [int(t) for t in rng.integers(1, 4000, 6)]
+    expected_prefill = engine.forward([StepItem(3, second, 0)])[0]
+    expected_decode = engine.forward([StepItem(3, [42], len(second))])[0]
+    cached.forward([StepItem(0, first, 0)])
+    got = cached.forward([StepItem(2, second, 0)])[0]
+    assert cached.prefix_cache.stats.partial_hits == 1
+    assert cached.prefix_cache.stats.reused_tokens == 16
+    assert np.abs(got - expected_prefill).max() < 1e-4
+    decoded = cached.forward([StepItem(2, [42], len(second))])[0]
+    assert np.abs(decoded - expected_decode).max() < 1e-4
+
+
+def test_the_same_prompt_twice_in_one_step_gives_both_slots_its_history(engine):
+    ids = [int(t) for t in np.random.default_rng(23).integers(1, 4000, 9)]
+    reference = _alone(engine, ids, [42])[0]
+    twice = engine.forward([StepItem(0, ids, 0), StepItem(1, ids, 0)])
+    assert np.array_equal(twice[0], twice[1])
+    decoded = engine.forward([StepItem(s, [42], len(ids)) for s in (0, 1)])
+    for row in decoded:
+        assert np.abs(row - reference).max() < 1e-4
+
+
+def test_warm_up_leaves_an_empty_prefix_cache(cached):
+    cached.warm_up(4)
+    assert cached.prefix_cache.held_tokens == 0 and cached.prefix_cache.stats.lookups == 0

@@ -41,6 +41,7 @@ def test_values_are_parsed_by_type():
         ("TOKENMESH_LOG_LEVEL", "LOUD"),
         ("TOKENMESH_TEST_MODELS", "no-version"),
         ("TOKENMESH_MESSAGES_PER_STEP", "-1"),
+        ("TOKENMESH_PREFIX_CACHE_TOKENS", "-1"),
     ],
 )
 def test_invalid_values_name_the_variable(variable, value):

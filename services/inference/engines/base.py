@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.inference.engines.prefix_cache import PrefixCache
+
 
 @dataclass(frozen=True)
 class StepItem:
@@ -42,6 +44,8 @@ class GenerativeEngine(abc.ABC):
     name: str
     vocab_size: int
     context_length: int
+    #: prefix_cache, where the engine has one, reuses the KV of repeated prompt heads.
+    prefix_cache: PrefixCache | None = None
 
     @abc.abstractmethod
     def allocate(self, max_slots: int) -> None:
@@ -60,8 +64,12 @@ class GenerativeEngine(abc.ABC):
         the scheduler can run leaves every later shape to fit.
         """
         width = max(1, min(64, self.context_length // 8))
-        prompt = [1 + i % 8 for i in range(width)]
-        self.forward([StepItem(slot, prompt, 0) for slot in range(max_slots)])
+        # A distinct prompt per slot: an engine may compute a repeated prompt once.
+        prompts = [
+            [1 + slot % (self.vocab_size - 1)] + [1 + i % 8 for i in range(width - 1)]
+            for slot in range(max_slots)
+        ]
+        self.forward([StepItem(slot, prompt, 0) for slot, prompt in enumerate(prompts)])
         self.forward([StepItem(slot, [4], width) for slot in range(max_slots)])
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from services.inference.engines.base import EmbeddingEngine, GenerativeEngine, StepItem
+from services.inference.engines.prefix_cache import CachedPrompt, PrefixCache
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,12 @@ class OnnxGenerativeEngine(GenerativeEngine):
             position_ids, past_key_values.{i}.key/value).
         n_layer, n_head, head_dim, vocab_size, context_length: its shape.
         threads: intra-op threads (0 = one per core).
+        prefix_cache_tokens: prompt tokens whose KV is kept for reuse by
+            later prompts that start the same way (0 = no prefix cache).
     """
 
     name = "onnxruntime"
+    prefix_cache: PrefixCache
 
     def __init__(
         self,
@@ -85,10 +89,12 @@ class OnnxGenerativeEngine(GenerativeEngine):
         vocab_size: int,
         context_length: int,
         threads: int = 0,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         self.session = ort.InferenceSession(
             str(model_path), session_options(threads), providers=["CPUExecutionProvider"]
         )
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
         self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
         self.vocab_size = vocab_size
         self.context_length = context_length
@@ -102,9 +108,15 @@ class OnnxGenerativeEngine(GenerativeEngine):
         shape = (max_slots, self.n_head, self.context_length, self.head_dim)
         self._cache = [np.zeros(shape, np.float32) for _ in self._past_names]
         self._carry = None
+        self.prefix_cache.clear()
         logger.info(
             "KV cache: %d slots, %.1f MiB", max_slots, sum(c.nbytes for c in self._cache) / 2**20
         )
+
+    def warm_up(self, max_slots: int = 1) -> None:
+        super().warm_up(max_slots)
+        # The warm-up prompt is no one's: start serving with an empty prefix cache.
+        self.prefix_cache.clear()
 
     def forward(self, items: Sequence[StepItem]) -> np.ndarray:
         logits = np.empty((len(items), self.vocab_size), np.float32)
@@ -113,7 +125,7 @@ class OnnxGenerativeEngine(GenerativeEngine):
         chunks = [i for i in range(len(items)) if i not in fresh and i not in decode]
         carry, self._carry = self._carry, None
         if fresh:
-            logits[fresh] = self._prefill_batch([items[i] for i in fresh])
+            logits[fresh] = self._prefill_prompts([items[i] for i in fresh])
         for i in chunks:
             logits[i] = self._prefill(items[i])
         if decode:
@@ -126,6 +138,53 @@ class OnnxGenerativeEngine(GenerativeEngine):
             carry.rows = np.where(np.isin(carry.rows, prefilled), -1, carry.rows)
             self._carry = carry
         return logits
+
+    def _prefill_prompts(self, items: Sequence[StepItem]) -> np.ndarray:
+        """Prefills whole prompts: what the prefix cache holds is copied, the rest computed.
+
+        An exact hit costs a KV copy and no compute; a partial hit computes
+        only the prompt's tail on top of the copied head; the others are
+        computed together in one padded call, each distinct prompt once (the
+        same prompt several times in one step, as with n samples of one
+        prompt, is copied from the first). Every computed prompt is stored.
+        """
+        logits = np.empty((len(items), self.vocab_size), np.float32)
+        computed: dict[tuple[int, ...], list[int]] = {}  # distinct prompt -> its rows
+        for i, item in enumerate(items):
+            hit = self.prefix_cache.lookup(item.token_ids)
+            if hit is None:
+                computed.setdefault(tuple(item.token_ids), []).append(i)
+                continue
+            self._copy_in(item.slot, hit.entry, hit.matched)
+            if hit.matched == len(item.token_ids):
+                logits[i] = hit.entry.last_logits
+                continue
+            tail = StepItem(item.slot, item.token_ids[hit.matched :], hit.matched)
+            logits[i] = self._prefill(tail)
+            self._remember(item, logits[i])
+        if computed:
+            firsts = [rows[0] for rows in computed.values()]
+            logits[firsts] = self._prefill_batch([items[i] for i in firsts])
+            for rows in computed.values():
+                first = items[rows[0]]
+                for i in rows[1:]:
+                    self._copy_slot(first.slot, items[i].slot, len(first.token_ids))
+                    logits[i] = logits[rows[0]]
+                self._remember(first, logits[rows[0]])
+        return logits
+
+    def _copy_slot(self, source: int, target: int, tokens: int) -> None:
+        for cache in self._cache:
+            cache[target, :, :tokens] = cache[source, :, :tokens]
+
+    def _copy_in(self, slot: int, entry: CachedPrompt, tokens: int) -> None:
+        for cache, stored in zip(self._cache, entry.kv, strict=True):
+            cache[slot, :, :tokens] = stored[:, :tokens]
+
+    def _remember(self, item: StepItem, last_logits: np.ndarray) -> None:
+        if self.prefix_cache.enabled:
+            kv = [cache[item.slot] for cache in self._cache]
+            self.prefix_cache.store(item.token_ids, kv, last_logits)
 
     def _prefill_batch(self, items: Sequence[StepItem]) -> np.ndarray:
         """Feeds several whole prompts in one call, right-padded to the longest.
