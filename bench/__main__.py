@@ -23,13 +23,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _inference_targets(results: dict[str, Any]) -> list[Target]:
     targets = []
-    ceiling, served = results["engine_ceiling"], results["served"]
-    ratio = served["32"]["tokens_per_s"] / ceiling["32"]["tokens_per_s"]
+    served = results["served"]
+    ceiling = results["engine_ceiling"]["32"]["tokens_per_s"]
+    ratio = served["32"]["tokens_per_s"] / ceiling
+    before, after = (results[k]["32"]["tokens_per_s"] for k in ("ceiling_before", "ceiling_after"))
     targets.append(
         Target(
             "served tokens/s at 32 streams vs engine ceiling at batch 32",
             ">= 80%",
-            f"{ratio:.0%}",
+            f"{ratio:.0%} (ceiling {before:.0f} before, {after:.0f} after the served runs)",
             ratio >= 0.8,
         )
     )
@@ -146,9 +148,16 @@ def _measure(only: str | None, state: Path) -> tuple[dict[str, Any], list[Target
     streams: dict[str, Any] = {}
     if only in (None, "inference"):
         print("[1/5] engine ceiling (in-process ONNX Runtime, demo-lm)", flush=True)
-        results["engine_ceiling"] = inference.engine_ceiling()
+        results["ceiling_before"] = inference.engine_ceiling()
         print("[2/5] served streams through one worker over gRPC", flush=True)
         results["served"], streams = inference.served_streams(state)
+        # This VM's speed drifts by 30% within a minute: the served runs are
+        # compared with the mean of a ceiling measured right before and after.
+        print("      engine ceiling again, after the served runs", flush=True)
+        results["ceiling_after"] = inference.engine_ceiling()
+        results["engine_ceiling"] = inference.mean_ceiling(
+            results["ceiling_before"], results["ceiling_after"]
+        )
         results["served_bare"] = inference.bare_streams(state)
         print("[3/5] serving overhead: zero-compute engine vs bare grpc.aio", flush=True)
         results["serving_overhead"] = inference.serving_overhead(state)

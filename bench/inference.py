@@ -54,6 +54,16 @@ def engine_ceiling(batches: tuple[int, ...] = (1, 8, 32)) -> dict[str, dict[str,
     return results
 
 
+def mean_ceiling(*runs: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Returns the per-batch mean of several engine_ceiling runs."""
+    return {
+        batch: {
+            metric: sum(run[batch][metric] for run in runs) / len(runs) for metric in runs[0][batch]
+        }
+        for batch in runs[0]
+    }
+
+
 def _served_request() -> pb.GenerateRequest:
     return pb.GenerateRequest(
         model="demo-lm",
