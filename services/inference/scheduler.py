@@ -422,6 +422,8 @@ class Scheduler:
         if cache is not None and cache.enabled:
             reused, looked_up = cache.stats.reused_tokens, cache.stats.prompt_tokens
             last_reused, last_looked_up = self._prefix_published
+            if looked_up < last_looked_up:  # the cache was cleared: its counts start again
+                last_reused = last_looked_up = 0
             self._prefix_reused.inc(reused - last_reused)
             self._prefix_computed.inc(looked_up - reused - (last_looked_up - last_reused))
             self._prefix_published = (reused, looked_up)

@@ -101,3 +101,13 @@ def test_capacity_zero_disables_the_cache():
 def test_a_block_size_below_one_is_refused():
     with pytest.raises(ValueError, match="block"):
         PrefixCache(10, block=0)
+
+
+def test_a_hit_gives_back_the_blocks_an_evicted_sharer_took_over():
+    cache = PrefixCache(12, block=2)
+    _store(cache, [1, 2, 3, 4])
+    _store(cache, [1, 2, 9, 9])  # shares block [1, 2]: now registered to this entry
+    assert cache.lookup([1, 2, 3, 4]) is not None  # exact hit: the newest again
+    _store(cache, [5, 6, 7, 8, 9])  # evicts [1, 2, 9, 9]
+    hit = cache.lookup([1, 2, 0])
+    assert hit is not None and hit.matched == 2 and hit.entry.tokens == (1, 2, 3, 4)

@@ -116,6 +116,7 @@ class PrefixCache:
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
+            self._register(key)  # its blocks may have gone with an evicted sharer
             self.stats.exact_hits += 1
             self.stats.reused_tokens += len(key)
             return PrefixHit(entry, len(key))
@@ -147,6 +148,10 @@ class PrefixCache:
         )
         self._entries[key] = entry
         self._held_tokens += len(key)
+        self._register(key)
+
+    def _register(self, key: tuple[int, ...]) -> None:
+        """Points each whole block of `key` at its entry (the newest sharer owns a block)."""
         for end, chained in self._chain(key):
             self._blocks[chained] = (key, end)
 
