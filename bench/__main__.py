@@ -26,12 +26,14 @@ def _inference_targets(results: dict[str, Any]) -> list[Target]:
     served = results["served"]
     ceiling = results["engine_ceiling"]["32"]["tokens_per_s"]
     ratio = served["32"]["tokens_per_s"] / ceiling
+    uncached = results["served_no_prefix_cache"]["32"]["tokens_per_s"] / ceiling
     before, after = (results[k]["32"]["tokens_per_s"] for k in ("ceiling_before", "ceiling_after"))
     targets.append(
         Target(
             "served tokens/s at 32 streams vs engine ceiling at batch 32",
             ">= 80%",
-            f"{ratio:.0%} (ceiling {before:.0f} before, {after:.0f} after the served runs)",
+            f"{ratio:.0%} (every prompt from the prefix cache; computed each time: {uncached:.0%};"
+            f" ceiling {before:.0f} before, {after:.0f} after the served runs)",
             ratio >= 0.8,
         )
     )
@@ -151,6 +153,9 @@ def _measure(only: str | None, state: Path) -> tuple[dict[str, Any], list[Target
         results["ceiling_before"] = inference.engine_ceiling()
         print("[2/5] served streams through one worker over gRPC", flush=True)
         results["served"], streams = inference.served_streams(state)
+        results["served_no_prefix_cache"] = inference.served_streams(
+            state, (32,), "no prefix cache", TOKENMESH_PREFIX_CACHE_TOKENS="0"
+        )[0]
         # This VM's speed drifts by 30% within a minute: the served runs are
         # compared with the mean of a ceiling measured right before and after.
         print("      engine ceiling again, after the served runs", flush=True)

@@ -108,9 +108,14 @@ def _stream_levels(
 
 
 def served_streams(
-    state: Path, concurrencies: tuple[int, ...] = (1, 8, 32)
+    state: Path, concurrencies: tuple[int, ...] = (1, 8, 32), label: str = "served", **env: str
 ) -> tuple[dict[str, Any], dict[str, list[StreamRecord]]]:
-    """Streams through one worker over gRPC at each concurrency."""
+    """Streams through one worker over gRPC at each concurrency.
+
+    Every call sends the same prompt (seeds and lengths vary), so the
+    worker's prefix cache serves every prefill after the first: pass
+    TOKENMESH_PREFIX_CACHE_TOKENS="0" in `env` for prompts computed each time.
+    """
     with (
         redis_server(state) as redis_url,
         worker(
@@ -119,9 +124,10 @@ def served_streams(
             "bench-worker",
             TOKENMESH_MODELS="demo-lm:1",
             TOKENMESH_MAX_SEQUENCES="32",
+            **env,
         ) as target,
     ):
-        return _stream_levels(target, _served_request(), concurrencies, "served")
+        return _stream_levels(target, _served_request(), concurrencies, label)
 
 
 def bare_streams(state: Path, concurrencies: tuple[int, ...] = (1, 32)) -> dict[str, Any]:
