@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ DEMO_LM = REPO_ROOT / "models" / "demo-lm" / "1"
 PROMPT_TOKENS = 16
 DECODE_STEPS = 64
 WINDOW_S = 4.0  # of sustained load per concurrency level
+ROUNDS = 3  # interleaved rounds for the served-vs-ceiling ratio
 
 
 def engine_ceiling(batches: tuple[int, ...] = (1, 8, 32)) -> dict[str, dict[str, float]]:
@@ -52,16 +56,6 @@ def engine_ceiling(batches: tuple[int, ...] = (1, 8, 32)) -> dict[str, dict[str,
             flush=True,
         )
     return results
-
-
-def mean_ceiling(*runs: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Returns the per-batch mean of several engine_ceiling runs."""
-    return {
-        batch: {
-            metric: sum(run[batch][metric] for run in runs) / len(runs) for metric in runs[0][batch]
-        }
-        for batch in runs[0]
-    }
 
 
 def _served_request() -> pb.GenerateRequest:
@@ -108,26 +102,52 @@ def _stream_levels(
 
 
 def served_streams(
-    state: Path, concurrencies: tuple[int, ...] = (1, 8, 32), label: str = "served", **env: str
-) -> tuple[dict[str, Any], dict[str, list[StreamRecord]]]:
-    """Streams through one worker over gRPC at each concurrency.
+    state: Path, concurrencies: tuple[int, ...] = (1, 8, 32), rounds: int = ROUNDS
+) -> tuple[dict[str, Any], dict[str, list[StreamRecord]], dict[str, Any]]:
+    """Streams through one worker over gRPC at each concurrency, then the
+    ratio rounds at 32 streams; returns levels, their raw records, rounds.
 
     Every call sends the same prompt (seeds and lengths vary), so the
-    worker's prefix cache serves every prefill after the first: pass
-    TOKENMESH_PREFIX_CACHE_TOKENS="0" in `env` for prompts computed each time.
+    worker's prefix cache serves every prefill after the first; a second
+    worker without one computes every prompt. This VM's speed drifts by 30%
+    within a minute, so the served-vs-ceiling ratio comes from interleaved
+    rounds (ceiling, served, served without the cache), median of each.
     """
+    request = _served_request()
     with (
         redis_server(state) as redis_url,
-        worker(
-            state,
-            redis_url,
-            "bench-worker",
-            TOKENMESH_MODELS="demo-lm:1",
-            TOKENMESH_MAX_SEQUENCES="32",
-            **env,
-        ) as target,
+        _demo_lm_worker(state, redis_url, "bench-worker") as cached,
+        _demo_lm_worker(
+            state, redis_url, "bench-worker-uncached", TOKENMESH_PREFIX_CACHE_TOKENS="0"
+        ) as uncached,
     ):
-        return _stream_levels(target, _served_request(), concurrencies, label)
+        results, raw = _stream_levels(cached, request, concurrencies, "served")
+        run_streams(uncached, 1, 2, request, processes=1)  # warm-up
+        samples: dict[str, list[float]] = {"ceiling": [], "served": [], "uncached": []}
+        for n in range(rounds):
+            print(f"  ratio round {n + 1}/{rounds}", flush=True)
+            ceiling = engine_ceiling((32,))["32"]["tokens_per_s"]
+            samples["ceiling"].append(ceiling)
+            for name, target in (("served", cached), ("uncached", uncached)):
+                records = run_streams(
+                    target, 32, 1000, request, processes=1, budget_s=WINDOW_S, window=True
+                )
+                tokens_per_s = summarize_streams(records)["tokens_per_s"]
+                samples[name].append(tokens_per_s)
+                print(f"    {name:>8} 32 streams: {tokens_per_s:8.0f} tokens/s", flush=True)
+        summary = {
+            **{f"{name}_tokens_per_s": runs for name, runs in samples.items()},
+            **{f"{name}_median": statistics.median(runs) for name, runs in samples.items()},
+        }
+        return results, raw, summary
+
+
+@contextlib.contextmanager
+def _demo_lm_worker(state: Path, redis_url: str, name: str, **env: str) -> Iterator[str]:
+    with worker(
+        state, redis_url, name, TOKENMESH_MODELS="demo-lm:1", TOKENMESH_MAX_SEQUENCES="32", **env
+    ) as target:
+        yield target
 
 
 def bare_streams(state: Path, concurrencies: tuple[int, ...] = (1, 32)) -> dict[str, Any]:
