@@ -2,14 +2,23 @@
 --
 -- Runs after the transcoder, so REST and gRPC requests alike carry a gRPC
 -- frame whose protobuf message has `model` as field 1 and `version` as
--- field 2 (GenerateRequest, CompleteRequest, EmbedRequest). Only those two
--- fields are decoded; every other field is skipped by its wire type.
+-- field 2 (GenerateRequest, CompleteRequest, EmbedRequest). Only those
+-- fields and a generation's `prompt` (field 3) are decoded; every other
+-- field is skipped by its wire type. The hex of the prompt's first
+-- PREFIX_BYTES bytes goes into x-tokenmesh-prefix, which the routes hash
+-- (bounded-load consistent hashing) to pick the worker.
 
 local ROUTED = {
   ["/tokenmesh.inference.v1.InferenceService/Generate"] = true,
   ["/tokenmesh.inference.v1.InferenceService/Complete"] = true,
   ["/tokenmesh.inference.v1.InferenceService/Embed"] = true,
 }
+-- Requests whose field 3 is a prompt (EmbedRequest's is its inputs).
+local GENERATION = {
+  ["/tokenmesh.inference.v1.InferenceService/Generate"] = true,
+  ["/tokenmesh.inference.v1.InferenceService/Complete"] = true,
+}
+local PREFIX_BYTES = 64
 
 -- Returns the varint at position i and the position after it (nil when malformed).
 local function varint(s, i)
@@ -24,12 +33,13 @@ local function varint(s, i)
   end
 end
 
--- Returns (model, version) from one uncompressed gRPC frame, nil for what is absent.
+-- Returns (model, version, head of field 3) from one uncompressed gRPC frame,
+-- nil for what is absent.
 local function model_fields(s)
-  if #s < 5 or s:byte(1) ~= 0 then return nil, nil end
+  if #s < 5 or s:byte(1) ~= 0 then return nil, nil, nil end
   local stop = 5 + s:byte(2) * 16777216 + s:byte(3) * 65536 + s:byte(4) * 256 + s:byte(5)
   if stop > #s then stop = #s end
-  local i, model, version = 6, nil, nil
+  local i, model, version, head = 6, nil, nil, nil
   while i <= stop do
     local key, value
     key, i = varint(s, i)
@@ -49,13 +59,19 @@ local function model_fields(s)
         model = s:sub(i, i + value - 1)
       elseif field == 2 then
         version = s:sub(i, i + value - 1)
+      elseif field == 3 and head == nil then
+        head = s:sub(i, i + math.min(value, PREFIX_BYTES) - 1)
       end
       i = i + value
     else
       break
     end
   end
-  return model, version
+  return model, version, head
+end
+
+local function hex(s)
+  return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
 end
 
 -- Returns the version `pins` ("model=version,...") pins `model` to, or nil.
@@ -71,10 +87,13 @@ function envoy_on_request(handle)
   if not ROUTED[handle:headers():get(":path")] then return end
   local body = handle:body()
   if body == nil then return end
-  local model, version = model_fields(body:getBytes(0, body:length()))
+  local model, version, head = model_fields(body:getBytes(0, body:length()))
   -- Header objects do not survive the body() yield: fetch them again.
   local headers = handle:headers()
   if model ~= nil and model ~= "" then headers:replace("x-tokenmesh-model", model) end
+  if head ~= nil and head ~= "" and GENERATION[headers:get(":path")] then
+    headers:replace("x-tokenmesh-prefix", hex(head))
+  end
   -- The request's version field wins over an x-model-version header, which
   -- wins over the caller's key pin ("model=version,..." set by the edge).
   if version ~= nil and version ~= "" then

@@ -4,7 +4,9 @@ Envoy's routes pick a cluster per model version from headers; the Lua
 filter (LuaJIT inside Envoy, no Python hop) decodes a request's `model` and
 `version` fields from its protobuf body into those headers, so REST paths
 (`/v1/models/{model}:generate`, transcoded into the body) and native gRPC
-requests route the same way.
+requests route the same way. It also copies the head of a generation's
+prompt into a header that the routes hash, so that prompts which start the
+same way reach the same worker (and its prefix cache).
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ INFERENCE_PREFIX = "/tokenmesh.inference.v1.InferenceService/"
 MODEL_HEADER = "x-tokenmesh-model"
 # Set by the client or, from the body's version field, by the Lua filter.
 VERSION_HEADER = "x-model-version"
+# Set by the Lua filter: the hex of a Generate/Complete prompt's first 64 bytes,
+# which the routes hash to pick a worker (prompts that start alike meet the
+# same worker's prefix cache).
+PREFIX_HEADER = "x-tokenmesh-prefix"
 # Set by the chosen route: what the worker must serve, and what to serve instead.
 ROUTE_MODEL_HEADER = "x-tokenmesh-route-model"
 ROUTE_VERSION_HEADER = "x-tokenmesh-route-version"
@@ -25,6 +31,7 @@ FALLBACK_VERSION_HEADER = "x-tokenmesh-fallback-version"
 # Only the edge may set these: clients' copies are removed on arrival.
 EDGE_ONLY_HEADERS = (
     MODEL_HEADER,
+    PREFIX_HEADER,
     ROUTE_MODEL_HEADER,
     ROUTE_VERSION_HEADER,
     FALLBACK_MODEL_HEADER,

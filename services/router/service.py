@@ -57,6 +57,12 @@ class RouterSettings(RedisSettings):
         1.0,
         "How often each edge health-checks each worker of each model version.",
     )
+    prefix_affinity: bool = env(
+        "TOKENMESH_ROUTER_PREFIX_AFFINITY",
+        True,
+        "Route generations whose prompts start alike to the same worker (bounded-load "
+        "consistent hashing), where its prefix cache holds them; false = round robin.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,7 +84,10 @@ class RouterService(RedisBackedService):
         super().__init__(settings)
         self.catalog = Catalog(self.redis)
         self.registry = WorkerRegistry(self.redis, settings.lease_s)
-        self.options = ClusterOptions(health_check_interval_s=settings.health_check_interval_s)
+        self.options = ClusterOptions(
+            health_check_interval_s=settings.health_check_interval_s,
+            prefix_affinity=settings.prefix_affinity,
+        )
         self.plane = ControlPlane(self._build, settings.poll_s)
         self.lease_s = settings.lease_s
         # Until workers had a lease period to renew, expired leases still count.

@@ -32,6 +32,7 @@ from gateway.model_routing import (
     FALLBACK_VERSION_HEADER,
     INFERENCE_PREFIX,
     MODEL_HEADER,
+    PREFIX_HEADER,
     ROUTE_MODEL_HEADER,
     ROUTE_VERSION_HEADER,
     VERSION_HEADER,
@@ -64,9 +65,22 @@ class EdgeFlags:
 
 @dataclass(frozen=True)
 class ClusterOptions:
-    """ClusterOptions tune the clusters the control plane hands out."""
+    """ClusterOptions tune the clusters the control plane hands out.
+
+    Attributes:
+        health_check_interval_s: how often each edge checks each worker.
+        prefix_affinity: model-version clusters pick a worker by a hash of the
+            prompt's head (Maglev, bounded load): prompts that start the same
+            way reach the same worker's prefix cache. Off: round robin.
+    """
 
     health_check_interval_s: float = 1.0
+    prefix_affinity: bool = True
+
+
+# With prefix affinity, no worker takes more than this share (in %) of the
+# average active requests: a hot prompt spills over instead of piling up.
+HASH_BALANCE_FACTOR = 150
 
 
 @dataclass(frozen=True)
@@ -114,7 +128,9 @@ def build(
     endpoints = {INFERENCE_CLUSTER: load_assignment(INFERENCE_CLUSTER, routable)}
     for model, version in served:
         name = model_cluster(model, version)
-        clusters[name] = eds_cluster(name, model_health_name(model, version), options)
+        clusters[name] = eds_cluster(
+            name, model_health_name(model, version), options, hashed=options.prefix_affinity
+        )
         hosts = [w for w in routable if (model, version) in w.models]
         endpoints[name] = load_assignment(name, hosts)
     for entry in catalog.values():
@@ -131,7 +147,7 @@ def build(
         {
             CLUSTER_TYPE: clusters,
             ENDPOINT_TYPE: endpoints,
-            ROUTE_TYPE: {"edge": route_configuration(catalog, now, flags)},
+            ROUTE_TYPE: {"edge": route_configuration(catalog, now, flags, options.prefix_affinity)},
         }
     )
 
@@ -157,10 +173,19 @@ def _fallback_target(
     return (fallback.name, version) if version else None
 
 
-def eds_cluster(name: str, health_service: str, options: ClusterOptions) -> dict[str, Any]:
-    """Builds an HTTP/2 EDS cluster of workers, with health checks and resilience settings."""
+def eds_cluster(
+    name: str, health_service: str, options: ClusterOptions, hashed: bool = False
+) -> dict[str, Any]:
+    """Builds an HTTP/2 EDS cluster of workers, with health checks and resilience settings.
+
+    hashed: pick the worker by the route's hash policy (Maglev, bounded load).
+    """
+    lb_config: dict[str, Any] = {"healthy_panic_threshold": {"value": 0}}
+    if hashed:
+        lb_config["consistent_hashing_lb_config"] = {"hash_balance_factor": HASH_BALANCE_FACTOR}
     return {
         "name": name,
+        "lb_policy": "MAGLEV" if hashed else "ROUND_ROBIN",
         "type": "EDS",
         "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
         "connect_timeout": "1s",
@@ -169,7 +194,7 @@ def eds_cluster(name: str, health_service: str, options: ClusterOptions) -> dict
             envoy_config.grpc_health_check(health_service, options.health_check_interval_s)
         ],
         # No panic routing to unhealthy workers: fail over (aggregate) or answer 503.
-        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+        "common_lb_config": lb_config,
         "outlier_detection": {
             "consecutive_5xx": 5,
             "consecutive_gateway_failure": 2,
@@ -226,10 +251,16 @@ def _match(model: str, version: str | None) -> dict[str, Any]:
     return {"prefix": INFERENCE_PREFIX, "headers": headers}
 
 
-def _streaming_action(**target: Any) -> dict[str, Any]:
-    """A route action for token streams: no total timeout, retries only before a response."""
+def _streaming_action(affinity: bool = False, **target: Any) -> dict[str, Any]:
+    """A route action for token streams: no total timeout, retries only before a response.
+
+    affinity: hash the prompt's head (set by the Lua filter) to pick the worker;
+    a request without one (no prompt) gets a random worker.
+    """
+    hashing = {"hash_policy": [{"header": {"header_name": PREFIX_HEADER}}]} if affinity else {}
     return {
         **target,
+        **hashing,
         "timeout": "0s",
         "idle_timeout": "60s",
         "retry_policy": {
@@ -295,9 +326,12 @@ def _deprecation_headers(entry: ModelEntry, version: str) -> list[dict[str, Any]
 
 
 def model_routes(
-    entry: ModelEntry, catalog: Mapping[str, ModelEntry], now: float
+    entry: ModelEntry, catalog: Mapping[str, ModelEntry], now: float, affinity: bool = False
 ) -> list[dict[str, Any]]:
-    """Routes of one model: explicit versions and aliases first, then the split."""
+    """Routes of one model: explicit versions and aliases first, then the split.
+
+    affinity: version routes hash the prompt's head (see `_streaming_action`).
+    """
     fallback = _fallback_target(entry, catalog, now)
     routes: list[dict[str, Any]] = []
     labels = [(v.version, v.version) for v in entry.versions]
@@ -316,7 +350,7 @@ def model_routes(
         routes.append(
             {
                 "match": _match(entry.name, label),
-                "route": _streaming_action(weighted_clusters={"clusters": [target]}),
+                "route": _streaming_action(affinity, weighted_clusters={"clusters": [target]}),
             }
         )
     # A version the catalogue does not know: any worker answers (NOT_FOUND, or the
@@ -330,7 +364,7 @@ def model_routes(
         routes.append(
             {
                 "match": _match(entry.name, None),
-                "route": _streaming_action(weighted_clusters={"clusters": targets}),
+                "route": _streaming_action(affinity, weighted_clusters={"clusters": targets}),
             }
         )
     return routes
@@ -348,9 +382,11 @@ def _sunset_route(model: str, label: str, sunset_at: float) -> dict[str, Any]:
 
 
 def route_configuration(
-    catalog: Mapping[str, ModelEntry], now: float, flags: EdgeFlags
+    catalog: Mapping[str, ModelEntry], now: float, flags: EdgeFlags, affinity: bool = False
 ) -> dict[str, Any]:
-    """Builds the edge's whole route configuration."""
-    per_model = [r for name in sorted(catalog) for r in model_routes(catalog[name], catalog, now)]
+    """Builds the edge's whole route configuration (affinity: see `model_routes`)."""
+    per_model = [
+        r for name in sorted(catalog) for r in model_routes(catalog[name], catalog, now, affinity)
+    ]
     auth = edge_auth.EdgeAuth(ratelimit=flags.ratelimit) if flags.auth else None
     return envoy_config.route_configuration(auth, per_model)

@@ -9,13 +9,14 @@ kills processes.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,10 +119,11 @@ def complete(
     version: str = "",
     metadata: tuple[tuple[str, str], ...] = (),
     max_tokens: int = 1,
+    prompt: str = "a b",
 ) -> Served:
     stub = rpc.InferenceServiceStub(channel)
     reply, call = stub.Complete.with_call(
-        pb.CompleteRequest(model=model, version=version, prompt="a b", max_tokens=max_tokens),
+        pb.CompleteRequest(model=model, version=version, prompt=prompt, max_tokens=max_tokens),
         metadata=metadata,
         timeout=10,
     )
@@ -145,6 +147,22 @@ def edge_stats(routed: Mesh, prefix: str = "cluster.usage.ratelimit") -> dict[st
     text = httpx.get(f"http://127.0.0.1:{routed.admin_port}/stats", timeout=5).text
     pairs = (line.split(": ", 1) for line in text.splitlines() if line.startswith(prefix))
     return dict(pair for pair in pairs if len(pair) == 2)
+
+
+def workers_of(channel: grpc.Channel, prompts: Iterable[str]) -> set[str]:
+    """Returns the workers that served one Complete of each prompt."""
+    return {complete(channel, prompt=prompt).worker for prompt in prompts}
+
+
+def prompt_for_each_worker(channel: grpc.Channel, workers: set[str]) -> dict[str, str]:
+    """Finds a prompt the edge routes to each of `workers` (routes hash the prompt's head)."""
+    found: dict[str, str] = {}
+    for n in range(64):
+        served = complete(channel, prompt=f"probe {n}").worker
+        found.setdefault(served, f"probe {n}")
+        if set(found) >= workers:
+            return found
+    raise AssertionError(f"64 prompts reached only {sorted(found)}")
 
 
 def many(channel: grpc.Channel, count: int, **kwargs: object) -> collections.Counter[str]:
@@ -331,9 +349,15 @@ def under_load(
     edge: grpc.Channel, threads: int = 4
 ) -> tuple[threading.Event, list[Outcome], list[threading.Thread]]:
     stop, out = threading.Event(), list[Outcome]()
+    # Prompts of their own: the routes hash a prompt's head, so one prompt
+    # would load one worker only.
+    numbers = itertools.count()
+
+    def call() -> Served:
+        return complete(edge, prompt=f"load {next(numbers)}")
+
     workers = [
-        threading.Thread(target=run_load, args=(edge, stop, out, lambda: complete(edge)))
-        for _ in range(threads)
+        threading.Thread(target=run_load, args=(edge, stop, out, call)) for _ in range(threads)
     ]
     for worker in workers:
         worker.start()
@@ -362,11 +386,12 @@ def test_control_plane_restart_keeps_routes_and_loses_no_request(routed, edge, c
 
 
 def test_kill_9_of_a_worker_fails_nothing_after_2_seconds(routed, edge, catalogue):
-    # A long stream on each worker, to see how the killed one's streams end.
+    # Long streams on each worker, to see how the killed one's streams end.
     stub = rpc.InferenceServiceStub(edge)
+    prompts = prompt_for_each_worker(edge, {"inference-0", "inference-1"})
     streams = [
-        stub.Generate(pb.GenerateRequest(model=MODEL, prompt="a", max_tokens=500), timeout=30)
-        for _ in range(4)
+        stub.Generate(pb.GenerateRequest(model=MODEL, prompt=prompt, max_tokens=500), timeout=30)
+        for prompt in sorted(prompts.values()) * 2
     ]
     for stream in streams:
         next(stream)
@@ -395,9 +420,28 @@ def test_kill_9_of_a_worker_fails_nothing_after_2_seconds(routed, edge, catalogu
     # Its lease (2 s here) ran out: the registry no longer routes to it.
     model = catalogue.GetCatalogModel(router_pb.GetCatalogModelRequest(model=MODEL)).model
     assert [v.healthy_workers for v in model.versions] == [1, 1]
+    assert {worker for worker, _ in ended} == {"inference-0", "inference-1"}
     routed.start_worker("inference-1")
     time.sleep(1.5)
-    assert {complete(edge).worker for _ in range(20)} == {"inference-0", "inference-1"}
+    assert workers_of(edge, (f"again {n}" for n in range(20))) == {"inference-0", "inference-1"}
+
+
+def test_prompts_that_start_alike_reach_the_same_worker(routed, edge):
+    # The routes hash a generation's first 64 prompt bytes (bounded-load Maglev):
+    # a shared system prompt keeps meeting the worker whose prefix cache holds it.
+    head = "the mesh routes tokens through envoy to workers and back again: "
+    assert len(head.encode()) >= 64
+    same = workers_of(edge, (f"{head}question {n}" for n in range(12)))
+    assert len(same) == 1, same
+    stream_worker = dict(
+        rpc.InferenceServiceStub(edge)
+        .Generate(pb.GenerateRequest(model=MODEL, prompt=head + "streamed", max_tokens=2))
+        .initial_metadata()
+    )["x-tokenmesh-worker"]
+    rest = rest_complete(routed, prompt=head + "over REST")
+    assert {stream_worker, rest.headers["x-tokenmesh-worker"]} == same
+    # Different heads spread over the workers.
+    assert workers_of(edge, (f"{n} {head}" for n in range(20))) == {"inference-0", "inference-1"}
 
 
 def test_sigterm_drains_a_worker_its_stream_completes(routed, edge):
@@ -465,7 +509,7 @@ def test_drain_rpc_takes_a_worker_out_and_it_exits(routed, edge):
             w.id: w.state for w in registry.ListWorkers(router_pb.ListWorkersRequest()).workers
         }
         assert states["inference-0"] == router_pb2.WORKER_STATE_SERVING
-    assert {complete(edge).worker for _ in range(20)} == {"inference-0", "inference-1"}
+    assert workers_of(edge, (f"back {n}" for n in range(20))) == {"inference-0", "inference-1"}
 
 
 def test_a_per_model_request_limit_applies_to_every_caller(routed, catalogue):

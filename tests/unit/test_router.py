@@ -131,6 +131,29 @@ def test_routes_match_versions_then_split_and_tell_the_worker():
     assert routes[-1]["route"]["timeout"] == "0s"  # streams: idle timeout only
 
 
+def test_prefix_affinity_hashes_the_prompt_head_over_bounded_load_maglev_clusters():
+    model = cat.set_split(two_versions(), {"1": 80, "2": 20})
+    workers = [worker("w1", 1001, ("m", "1"))]
+    hashed = build({"m": model}, workers)  # the default
+    plain = snapshot.build(
+        {"m": model}, workers, NOW, DEFAULT_FLAGS, snapshot.ClusterOptions(prefix_affinity=False)
+    )
+    for resources, policy in ((hashed, "MAGLEV"), (plain, "ROUND_ROBIN")):
+        clusters = resources.by_type[CLUSTER_TYPE]
+        assert clusters["model:m:1"]["lb_policy"] == policy
+        assert clusters["inference"]["lb_policy"] == "ROUND_ROBIN"  # ListModels and the like
+    balance = hashed.by_type[CLUSTER_TYPE]["model:m:2"]["common_lb_config"]
+    assert balance["consistent_hashing_lb_config"] == {"hash_balance_factor": 150}
+    routes = hashed.by_type[ROUTE_TYPE]["edge"]["virtual_hosts"][0]["routes"]
+    model_routes = [r for r in routes if "weighted_clusters" in r.get("route", {})]
+    assert model_routes and all(
+        r["route"]["hash_policy"] == [{"header": {"header_name": "x-tokenmesh-prefix"}}]
+        for r in model_routes
+    )
+    plain_routes = plain.by_type[ROUTE_TYPE]["edge"]["virtual_hosts"][0]["routes"]
+    assert not any("hash_policy" in r.get("route", {}) for r in plain_routes)
+
+
 def test_fallback_goes_through_an_aggregate_cluster_and_deprecation_adds_headers():
     backup = cat.add_version(None, "b", "1", 0)
     model = cat.deprecate(two_versions(), "1", sunset_at=4102444800, now=NOW)
