@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import statistics
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc.aio
 import numpy as np
 
 from bench.clients import StreamRecord, run_streams
@@ -18,6 +20,7 @@ from bench.stats import summarize_streams
 from services.inference.engines.base import StepItem
 from services.launcher.mesh import REPO_ROOT
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
+from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 
 DEMO_LM = REPO_ROOT / "models" / "demo-lm" / "1"
 PROMPT_TOKENS = 16
@@ -135,11 +138,51 @@ def served_streams(
                 tokens_per_s = summarize_streams(records)["tokens_per_s"]
                 samples[name].append(tokens_per_s)
                 print(f"    {name:>8} 32 streams: {tokens_per_s:8.0f} tokens/s", flush=True)
-        summary = {
+        summary: dict[str, Any] = {
             **{f"{name}_tokens_per_s": runs for name, runs in samples.items()},
             **{f"{name}_median": statistics.median(runs) for name, runs in samples.items()},
         }
+        summary["system_prompt_ttft"] = {
+            name: asyncio.run(_system_prompt_ttft(target))
+            for name, target in (("cached", cached), ("uncached", uncached))
+        }
+        for name, s in summary["system_prompt_ttft"].items():
+            print(
+                f"  shared system prompt ({s['prompt_tokens']} tokens), {name:>8}:"
+                f" TTFT p50 {s['ttft_p50_ms']:.1f} ms",
+                flush=True,
+            )
         return results, raw, summary
+
+
+# A system prompt every request shares (~380 tokens), then a question of its own.
+SYSTEM_PROMPT = (
+    "You are a careful assistant. Answer in the words of the King James Bible, "
+    "cite the book and the verse, and keep to one short paragraph. "
+) * 9
+
+
+async def _system_prompt_ttft(target: str, calls: int = 20) -> dict[str, float]:
+    """Client-side TTFT of one-at-a-time Generate calls that share SYSTEM_PROMPT
+    (the first call, which computes the shared head, is left out)."""
+    ttfts: list[float] = []
+    prompt_tokens = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = rpc.InferenceServiceStub(channel)
+        for n in range(calls + 1):
+            request = pb.GenerateRequest(
+                model="demo-lm",
+                prompt=f"{SYSTEM_PROMPT}Question {n}: who begat whom?",
+                max_tokens=2,
+                seed=n,
+            )
+            started = time.perf_counter()
+            first = 0.0
+            async for message in stub.Generate(request, timeout=30):
+                first = first or time.perf_counter() - started
+                prompt_tokens = message.usage.prompt_tokens or prompt_tokens
+            ttfts.append(first * 1000)
+    return {"prompt_tokens": prompt_tokens, "ttft_p50_ms": statistics.median(ttfts[1:])}
 
 
 @contextlib.contextmanager
