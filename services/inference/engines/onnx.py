@@ -151,26 +151,27 @@ class OnnxGenerativeEngine(GenerativeEngine):
         logits = np.empty((len(items), self.vocab_size), np.float32)
         computed: dict[tuple[int, ...], list[int]] = {}  # distinct prompt -> its rows
         for i, item in enumerate(items):
-            hit = self.prefix_cache.lookup(item.token_ids)
+            prompt = tuple(item.token_ids)  # once: the cache keys by it, tuple() of it is free
+            hit = self.prefix_cache.lookup(prompt)
             if hit is None:
-                computed.setdefault(tuple(item.token_ids), []).append(i)
+                computed.setdefault(prompt, []).append(i)
                 continue
             self._copy_in(item.slot, hit.entry, hit.matched)
             if hit.matched == len(item.token_ids):
                 logits[i] = hit.entry.last_logits
                 continue
-            tail = StepItem(item.slot, item.token_ids[hit.matched :], hit.matched)
+            tail = StepItem(item.slot, prompt[hit.matched :], hit.matched)
             logits[i] = self._prefill(tail)
-            self._remember(item, logits[i])
+            self._remember(item.slot, prompt, logits[i])
         if computed:
             firsts = [rows[0] for rows in computed.values()]
             logits[firsts] = self._prefill_batch([items[i] for i in firsts])
-            for rows in computed.values():
-                first = items[rows[0]]
+            for prompt, rows in computed.items():
+                slot = items[rows[0]].slot
                 for i in rows[1:]:
-                    self._copy_slot(first.slot, items[i].slot, len(first.token_ids))
+                    self._copy_slot(slot, items[i].slot, len(prompt))
                     logits[i] = logits[rows[0]]
-                self._remember(first, logits[rows[0]])
+                self._remember(slot, prompt, logits[rows[0]])
         return logits
 
     def _copy_slot(self, source: int, target: int, tokens: int) -> None:
@@ -181,10 +182,10 @@ class OnnxGenerativeEngine(GenerativeEngine):
         for cache, stored in zip(self._cache, entry.kv, strict=True):
             cache[slot, :, :tokens] = stored[:, :tokens]
 
-    def _remember(self, item: StepItem, last_logits: np.ndarray) -> None:
+    def _remember(self, slot: int, prompt: tuple[int, ...], last_logits: np.ndarray) -> None:
         if self.prefix_cache.enabled:
-            kv = [cache[item.slot] for cache in self._cache]
-            self.prefix_cache.store(item.token_ids, kv, last_logits)
+            kv = [cache[slot] for cache in self._cache]
+            self.prefix_cache.store(prompt, kv, last_logits)
 
     def _prefill_batch(self, items: Sequence[StepItem]) -> np.ndarray:
         """Feeds several whole prompts in one call, right-padded to the longest.
