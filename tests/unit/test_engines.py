@@ -245,6 +245,13 @@ def test_the_same_prompt_twice_in_one_step_gives_both_slots_its_history(engine):
         assert np.abs(row - reference).max() < 1e-4
 
 
+def test_the_same_prompt_twice_in_one_step_counts_the_copy_as_reused(cached):
+    ids = [int(t) for t in np.random.default_rng(29).integers(1, 4000, 9)]
+    cached.forward([StepItem(0, ids, 0), StepItem(1, ids, 0)])
+    stats = cached.prefix_cache.stats
+    assert (stats.prompt_tokens, stats.reused_tokens) == (18, 9)  # one computed, one copied
+
+
 def test_warm_up_leaves_an_empty_prefix_cache(cached):
     cached.warm_up(4)
     assert cached.prefix_cache.held_tokens == 0 and cached.prefix_cache.stats.lookups == 0

@@ -157,7 +157,7 @@ class OnnxGenerativeEngine(GenerativeEngine):
                 computed.setdefault(prompt, []).append(i)
                 continue
             self._copy_in(item.slot, hit.entry, hit.matched)
-            if hit.matched == len(item.token_ids):
+            if hit.matched == len(prompt):
                 logits[i] = hit.entry.last_logits
                 continue
             tail = StepItem(item.slot, prompt[hit.matched :], hit.matched)
@@ -171,6 +171,7 @@ class OnnxGenerativeEngine(GenerativeEngine):
                 for i in rows[1:]:
                     self._copy_slot(slot, items[i].slot, len(prompt))
                     logits[i] = logits[rows[0]]
+                    self.prefix_cache.note_shared(len(prompt))
                 self._remember(slot, prompt, logits[rows[0]])
         return logits
 

@@ -126,6 +126,11 @@ class PrefixCache:
             self.stats.reused_tokens += hit.matched
         return hit
 
+    def note_shared(self, tokens: int) -> None:
+        """Counts `tokens` copied from a prompt computed in the same step as reused."""
+        if self.enabled:
+            self.stats.reused_tokens += tokens
+
     def store(self, prompt: Sequence[int], kv: list[np.ndarray], last_logits: np.ndarray) -> None:
         """Keeps `prompt`'s KV history (copied) and last logits, evicting as needed.
 
@@ -178,7 +183,7 @@ class PrefixCache:
         return None
 
     def _evict_oldest(self) -> None:
-        key, entry = self._entries.popitem(last=False)
+        key, _ = self._entries.popitem(last=False)
         self._held_tokens -= len(key)
         for _, chained in self._chain(key):
             if self._blocks.get(chained, (None, 0))[0] == key:
