@@ -5,13 +5,17 @@ built from the identity headers it set itself (from JWT claims or ext_authz)
 and the model the edge read from the body, so the key's limit travels with
 the request and this service needs no key lookup. A request counts against
 its key's window, its tenant's (when configured) and its model's (when
-configured), all or nothing. A sliding
-window log (one sorted set per key, trimmed atomically in Lua) admits exactly
-`rpm` requests in any 60 seconds: no fixed-window burst, no early lock-out.
+configured), all or nothing. A sliding window log (one sorted set per key,
+trimmed atomically in Lua) admits exactly `rpm` requests in any 60 seconds:
+no fixed-window burst, no early lock-out.
+Requests of a key far below its limits are admitted from a lease of reserved
+slots without a Redis round trip (leases.py); near a limit every decision
+reads the windows.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -27,28 +31,50 @@ from google.protobuf import duration_pb2
 
 from services.core.errors import Unavailable
 from services.core.interceptors import Context
+from services.core.tasks import cancel_and_wait
+from services.usage.leases import (
+    LEASE_TTL_S,
+    SETTLE_INTERVAL_S,
+    SETTLE_SCRIPT,
+    Lease,
+    LeaseKey,
+    LeaseTable,
+    settle_call,
+)
 from services.usage.script_client import ScriptClient
 
 logger = logging.getLogger(__name__)
 WINDOW_S = 60
 WARN_AT = 0.8
+SHAPE_CACHE_SIZE = 16384
 
-# KEYS: one sliding window per limit; ARGV: now_ms, window_ms, hits, member, limit per key.
-# All-or-nothing: the request is counted in every window or in none.
-# Returns a flat list {allowed, used_1, oldest_1, used_2, oldest_2, ...}.
+# KEYS: one sliding window per limit; ARGV: now_ms, window_ms, hits, member
+# prefix, lease size, limit per key. All-or-nothing: the request is counted in
+# every window or in none. When every window stays at most half full after it,
+# `lease` more slots are reserved in each (see leases.py), else none.
+# Returns a flat list {allowed, leased, used_1, oldest_1, used_2, oldest_2, ...}.
 _SLIDING_WINDOWS = """
 local now, window, hits = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local lease = tonumber(ARGV[5])
 local allowed = 1
 local used = {}
 for i, key in ipairs(KEYS) do
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
   used[i] = redis.call('ZCARD', key)
-  if used[i] + hits > tonumber(ARGV[4 + i]) then allowed = 0 end
+  local limit = tonumber(ARGV[5 + i])
+  if used[i] + hits > limit then allowed = 0 end
+  if (used[i] + hits + lease) * 2 > limit then lease = 0 end
 end
-local out = {allowed}
+if allowed == 0 then lease = 0 end
+local members = {}
+for h = 1, hits + lease do
+  table.insert(members, now)
+  table.insert(members, ARGV[4] .. ':' .. h)
+end
+local out = {allowed, lease}
 for i, key in ipairs(KEYS) do
   if allowed == 1 then
-    for h = 1, hits do redis.call('ZADD', key, now, ARGV[4] .. ':' .. h) end
+    redis.call('ZADD', key, unpack(members))
     used[i] = used[i] + hits
   end
   redis.call('PEXPIRE', key, window)
@@ -85,6 +111,8 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         tenant_overrides: per-tenant limits instead of `tenant_rpm`.
         model_rpm: per-model limits on all callers together.
         redis_url: the same Redis as `client`, for the lean hot-path client.
+        lease_size: slots a decision far below its limits may reserve for the
+            next ones (see leases.py); 0 = every decision goes to Redis.
     """
 
     def __init__(
@@ -96,6 +124,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         tenant_overrides: Mapping[str, int] | None = None,
         model_rpm: Mapping[str, int] | None = None,
         redis_url: str = "",
+        lease_size: int = 0,
     ) -> None:
         self.redis = client
         self.default_rpm = default_rpm
@@ -108,16 +137,26 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         prefix = os.urandom(8).hex()
         self._hit_ids = (f"{prefix}:{n}" for n in itertools.count())
         # The hot path: a lean pipelined client where the URL allows, else redis-py.
-        self._windows: Callable[..., Awaitable[Any]] = (
-            ScriptClient(redis_url, _SLIDING_WINDOWS)
-            if redis_url.startswith("redis://")
-            else client.register_script(_SLIDING_WINDOWS)
-        )
+        self._windows: Callable[..., Awaitable[Any]]
+        self._settle_script: Callable[..., Awaitable[Any]]
+        if redis_url.startswith("redis://"):
+            self._windows = ScriptClient(redis_url, _SLIDING_WINDOWS)
+            self._settle_script = ScriptClient(redis_url, SETTLE_SCRIPT)
+        else:
+            self._windows = client.register_script(_SLIDING_WINDOWS)
+            self._settle_script = client.register_script(SETTLE_SCRIPT)
+        self.leases = LeaseTable(lease_size)
+        self._shapes: dict[tuple[tuple[str, str], ...], tuple[list[Limit], LeaseKey] | None] = {}
+        self._settler: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
-        """Closes the hot-path connection."""
-        if isinstance(self._windows, ScriptClient):
-            await self._windows.close()
+        """Settles every lease (unused slots go back) and closes the connections."""
+        if self._settler is not None:
+            await cancel_and_wait(self._settler, timeout_s=1)
+        await self._settle(self.leases.due(everything=True))
+        for script in (self._windows, self._settle_script):
+            if isinstance(script, ScriptClient):
+                await script.close()
 
     def limits(self, entries: Mapping[str, str]) -> list[Limit]:
         """Returns the windows a request with these descriptor entries counts against."""
@@ -156,33 +195,39 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     ) -> rls_pb2.RateLimitResponse:
         response = rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
         for descriptor in request.descriptors:
-            entries = {e.key: e.value for e in descriptor.entries}
-            if "key_id" in entries:
-                await self._check(self.limits(entries), max(1, request.hits_addend), response)
+            shape = self._shape(tuple((e.key, e.value) for e in descriptor.entries))
+            if shape is not None:
+                await self._check(*shape, max(1, request.hits_addend), response)
         return response
 
+    def _shape(self, entries: tuple[tuple[str, str], ...]) -> tuple[list[Limit], LeaseKey] | None:
+        """Returns the limits of a descriptor and their lease key (None: not a key's).
+
+        Cached: an edge sends the same few descriptors over and over, and the
+        limits follow from the descriptor and this service's settings alone.
+        """
+        shape = self._shapes.get(entries)
+        if shape is None and entries not in self._shapes:
+            named = dict(entries)
+            if "key_id" in named:
+                limits = self.limits(named)
+                shape = (limits, tuple((limit.window_key, limit.limit) for limit in limits))
+            if len(self._shapes) >= SHAPE_CACHE_SIZE:
+                self._shapes.clear()
+            self._shapes[entries] = shape
+        return shape
+
     async def _check(
-        self, limits: list[Limit], hits: int, response: rls_pb2.RateLimitResponse
+        self, limits: list[Limit], key: LeaseKey, hits: int, response: rls_pb2.RateLimitResponse
     ) -> None:
         now_ms = int(time.time() * 1000)
-        try:
-            reply = await self._windows(
-                keys=[limit.window_key for limit in limits],
-                args=[
-                    now_ms,
-                    WINDOW_S * 1000,
-                    hits,
-                    next(self._hit_ids),
-                    *(limit.limit for limit in limits),
-                ],
-            )
-        except Exception as exc:  # Redis down: Envoy applies failure_mode_deny
-            logger.warning("rate-limit store unavailable: %s", type(exc).__name__)
-            raise Unavailable("rate-limit store unavailable", retry_after_s=1.0) from None
-        allowed = bool(reply[0])
-        for i, limit in enumerate(limits):
-            used, oldest = int(reply[1 + 2 * i]), int(reply[2 + 2 * i])
-            reset_s = max(1, (oldest + WINDOW_S * 1000 - now_ms + 999) // 1000)
+        lease = self.leases.admit(key, hits, now_ms)
+        if lease is not None:
+            allowed, counts, oldest = True, lease.counts, lease.oldest
+        else:
+            allowed, counts, oldest = await self._decide(key, limits, hits, now_ms)
+        for limit, used, first in zip(limits, counts, oldest, strict=True):
+            reset_s = max(1, (first + WINDOW_S * 1000 - now_ms + 999) // 1000)
             over = not allowed and used + hits > limit.limit
             response.statuses.append(_status(limit, used, reset_s, over))
             if over:
@@ -196,6 +241,58 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
                 response.response_headers_to_add.append(
                     _header("x-tokenmesh-ratelimit-warning", f"{limit.name} {used}/{limit.limit}")
                 )
+
+    async def _decide(
+        self, key: LeaseKey, limits: list[Limit], hits: int, now_ms: int
+    ) -> tuple[bool, list[int], list[int]]:
+        """Asks Redis; returns (allowed, count per window, oldest score per window)."""
+        size = self.leases.request(key, [limit.limit for limit in limits])
+        member = next(self._hit_ids)
+        lease: Lease | None = None
+        try:
+            reply = await self._windows(
+                keys=[window for window, _ in key],
+                args=[now_ms, WINDOW_S * 1000, hits, member, size, *(n for _, n in key)],
+            )
+            allowed, leased = bool(reply[0]), int(reply[1])
+            counts = [int(n) for n in reply[2::2]]
+            oldest = [int(n) for n in reply[3::2]]
+            if leased:
+                lease = Lease(
+                    windows=tuple(window for window, _ in key),
+                    counts=counts,
+                    oldest=oldest,
+                    free=[f"{member}:{h}" for h in range(hits + leased, hits, -1)],
+                    deadline=time.monotonic() + LEASE_TTL_S,
+                )
+                self._start_settler()
+        except Exception as exc:  # Redis down: Envoy applies failure_mode_deny
+            logger.warning("rate-limit store unavailable: %s", type(exc).__name__)
+            raise Unavailable("rate-limit store unavailable", retry_after_s=1.0) from None
+        finally:  # also when cancelled: the next decision may ask for a lease again
+            self.leases.granted(key, lease)
+        return allowed, counts, oldest
+
+    def _start_settler(self) -> None:
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.get_running_loop().create_task(
+                self._settle_forever(), name="ratelimit-lease-settler"
+            )
+
+    async def _settle_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SETTLE_INTERVAL_S)
+            await self._settle(self.leases.due())
+
+    async def _settle(self, leases: list[Lease]) -> None:
+        """Gives used slots their admission time and frees the rest, in one call."""
+        if not leases:
+            return
+        keys, args = settle_call(leases, WINDOW_S * 1000)
+        try:
+            await self._settle_script(keys=keys, args=args)
+        except Exception as exc:  # the reservations leave the windows within a minute
+            logger.warning("could not settle %d rate-limit leases: %s", len(leases), exc)
 
 
 def _status(

@@ -78,6 +78,11 @@ class UsageSettings(RedisSettings):
         (),
         "Requests per minute per model across all callers, e.g. demo-lm=600.",
     )
+    lease_size: int = env(
+        "TOKENMESH_RATELIMIT_LEASE_SIZE",
+        32,
+        "Slots a decision far below its limits reserves for the next ones (0 = none).",
+    )
 
     def tier_defaults(self) -> dict[str, int]:
         """Returns the per-tier default limits."""
@@ -107,6 +112,7 @@ class UsageSettings(RedisSettings):
                 variable,
                 "must be NAME=RPM[,NAME=RPM...]",
             )
+        require(0 <= self.lease_size <= 1024, "TOKENMESH_RATELIMIT_LEASE_SIZE", "must be 0..1024")
         require(self.tenant_rpm >= 0, "TOKENMESH_RATELIMIT_TENANT_RPM", "must be >= 0")
         require(
             not self.ratelimit_redis_url
@@ -155,6 +161,7 @@ class UsageService(RedisBackedService):
             settings.tenant_limits(),
             settings.model_limits(),
             redis_url=limits_url,
+            lease_size=settings.lease_size,
         )
 
     def service_names(self) -> Sequence[str]:
