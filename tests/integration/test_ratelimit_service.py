@@ -1,16 +1,24 @@
-"""The RateLimitService against a real Redis: tiers, tenants, all-or-nothing windows."""
+"""The RateLimitService against a real Redis: tiers, tenants, all-or-nothing windows, leases."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
+import time
 import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
+import redis.asyncio as aioredis
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from services.core.server import serving
+from services.usage.leases import LEASE_TTL_S, SETTLE_INTERVAL_S
 from services.usage.service import UsageService, UsageSettings
 
 OK, OVER = rls_pb2.RateLimitResponse.OK, rls_pb2.RateLimitResponse.OVER_LIMIT
@@ -84,3 +92,93 @@ async def test_tenant_overrides_and_model_limits(limiter):
     assert [r.overall_code for r in scarce] == [OK, OK, OVER]
     assert scarce[2].statuses[1].current_limit.name == "model_requests_per_minute"
     assert f"model {SCARCE}".encode() in scarce[2].raw_body
+
+
+@contextlib.asynccontextmanager
+async def _replicas(redis_url: str, count: int) -> AsyncIterator[list[Any]]:
+    """`count` usage services on one Redis, as several replicas run behind the edge."""
+    settings = UsageSettings(
+        metrics_port=-1, grace_s=0.5, redis_url=redis_url, usage_stream=f"s:{uuid.uuid4().hex}"
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = []
+        for _ in range(count):
+            running = await stack.enter_async_context(serving(UsageService(settings), settings))
+            channel = await stack.enter_async_context(
+                grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+            )
+            stubs.append(rls_pb2_grpc.RateLimitServiceStub(channel))
+        yield stubs
+
+
+async def _window(redis_url: str, key: str) -> list[tuple[bytes, float]]:
+    client = aioredis.from_url(redis_url)
+    try:
+        return list(await client.zrange(f"tm:ratelimit:rpm:{key}", 0, -1, withscores=True))
+    finally:
+        await client.aclose()
+
+
+async def test_leased_admissions_count_every_request_and_settle_to_their_own_times(redis_url):
+    key = f"key_{uuid.uuid4().hex[:8]}"  # 6400/min: leases of 32 slots
+    async with _replicas(redis_url, 1) as (limiter,):
+        started_ms = time.time() * 1000
+        replies = []
+        for _ in range(40):
+            replies.append(await limiter.ShouldRateLimit(_request(key_id=key, rpm="6400")))
+            await asyncio.sleep(0.002)
+        assert [r.overall_code for r in replies] == [OK] * 40
+        # One replica: remaining falls by one per request, across leases.
+        assert [r.statuses[0].limit_remaining for r in replies] == list(range(6399, 6359, -1))
+        # Reserved slots count at once: every admitted request is in the window.
+        assert len(await _window(redis_url, key)) >= 40
+        await asyncio.sleep(LEASE_TTL_S + 3 * SETTLE_INTERVAL_S)
+        window = await _window(redis_url, key)
+        assert len(window) == 40  # the unused reservations were released
+        scores = sorted(score for _, score in window)
+        assert scores[0] >= started_ms - 1
+        # Each at its own admission time (2 ms apart), not at its lease's grant time.
+        assert all(later > earlier for earlier, later in itertools.pairwise(scores))
+
+
+async def test_replicas_sharing_leases_admit_exactly_the_limit(redis_url):
+    key = f"key_{uuid.uuid4().hex[:8]}"  # 640/min: leases of 10 slots below 320
+    async with _replicas(redis_url, 2) as limiters:
+
+        async def caller(limiter: Any) -> list[int]:
+            return [
+                (await limiter.ShouldRateLimit(_request(key_id=key, rpm="640"))).overall_code
+                for _ in range(400)
+            ]
+
+        results = await asyncio.gather(*(caller(limiters[i % 2]) for i in range(4)))
+    codes = [code for result in results for code in result]
+    assert codes.count(OK) == 640
+    assert codes.count(OVER) == 1600 - 640
+    assert len(await _window(redis_url, key)) == 640  # shutdown settled every lease
+
+
+async def test_leases_off_every_decision_reads_the_window(redis_url):
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    settings = UsageSettings(metrics_port=-1, grace_s=0.5, redis_url=redis_url, lease_size=0)
+    async with serving(UsageService(settings), settings) as running:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            limiter = rls_pb2_grpc.RateLimitServiceStub(channel)
+            for n in range(1, 4):
+                await limiter.ShouldRateLimit(_request(key_id=key, rpm="6400"))
+                assert len(await _window(redis_url, key)) == n
+
+
+async def test_no_lease_is_granted_above_half_a_limit_so_none_holds_back_other_replicas(redis_url):
+    key = f"key_{uuid.uuid4().hex[:8]}"  # 640/min
+    async with _replicas(redis_url, 2) as (one, other):
+        for _ in range(600):
+            assert (await one.ShouldRateLimit(_request(key_id=key, rpm="640"))).overall_code == OK
+        await asyncio.sleep(LEASE_TTL_S + 3 * SETTLE_INTERVAL_S)  # its own leases settle
+        # A lease here would reserve slots the first replica then cannot use.
+        assert (await other.ShouldRateLimit(_request(key_id=key, rpm="640"))).overall_code == OK
+        codes = [
+            (await one.ShouldRateLimit(_request(key_id=key, rpm="640"))).overall_code
+            for _ in range(40)
+        ]
+    assert codes == [OK] * 39 + [OVER]
