@@ -111,7 +111,8 @@ async def _replicas(redis_url: str, count: int) -> AsyncIterator[list[Any]]:
         yield stubs
 
 
-async def _window(redis_url: str, key: str) -> list[tuple[bytes, float]]:
+async def _window(redis_url: str, key: str) -> list[Any]:
+    """The (member, score) pairs of a key's request window."""
     client = aioredis.from_url(redis_url)
     try:
         return list(await client.zrange(f"tm:ratelimit:rpm:{key}", 0, -1, withscores=True))
