@@ -139,9 +139,14 @@ def _edge_targets(results: dict[str, Any]) -> list[Target]:
 def _usage_targets(results: dict[str, Any]) -> list[Target]:
     echo, limiter = results["usage"]["echo"], results["usage"]["rate_limit"]
     ratio = limiter["rps"] / echo["rps"]
+    unleased = results["usage"]["no_leases"]["rps"] / echo["rps"]
     return [
         Target(
-            "rate-limit decisions/s vs bare grpc.aio echo", ">= 70%", f"{ratio:.0%}", ratio >= 0.7
+            "rate-limit decisions/s vs bare grpc.aio echo",
+            ">= 70%",
+            f"{ratio:.0%} (keys far below their limits, admitted from leases; leases off,"
+            f" a Redis round trip per decision as above half a limit: {unleased:.0%})",
+            ratio >= 0.7,
         ),
         Target(
             "rate-limit decision p99, one at a time",
