@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
+from prometheus_client import Counter
 
 from services.core.errors import Unavailable
 from services.core.interceptors import Context
@@ -44,6 +45,12 @@ from services.usage.leases import (
 from services.usage.script_client import ScriptClient
 
 logger = logging.getLogger(__name__)
+DECISIONS = Counter(
+    "tokenmesh_ratelimit_decisions_total",
+    "Rate-limit decisions by where they were made: from a window lease or in Redis.",
+    ["path"],
+)
+LEASED, READ = DECISIONS.labels("lease"), DECISIONS.labels("redis")
 WINDOW_S = 60
 WARN_AT = 0.8
 SHAPE_CACHE_SIZE = 16384
@@ -223,8 +230,10 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         now_ms = int(time.time() * 1000)
         lease = self.leases.admit(key, hits, now_ms)
         if lease is not None:
+            LEASED.inc()
             allowed, counts, oldest = True, lease.counts, lease.oldest
         else:
+            READ.inc()
             allowed, counts, oldest = await self._decide(key, limits, hits, now_ms)
         for limit, used, first in zip(limits, counts, oldest, strict=True):
             reset_s = max(1, (first + WINDOW_S * 1000 - now_ms + 999) // 1000)

@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from prometheus_client import REGISTRY
 
 from services.core.server import serving
 from services.usage.leases import LEASE_TTL_S, SETTLE_INTERVAL_S
@@ -111,6 +112,11 @@ async def _replicas(redis_url: str, count: int) -> AsyncIterator[list[Any]]:
         yield stubs
 
 
+def _decisions(path: str) -> float:
+    """The limiter's decision counter (the services here run in this process)."""
+    return REGISTRY.get_sample_value("tokenmesh_ratelimit_decisions_total", {"path": path}) or 0.0
+
+
 async def _window(redis_url: str, key: str) -> list[Any]:
     """The (member, score) pairs of a key's request window."""
     client = aioredis.from_url(redis_url)
@@ -124,11 +130,15 @@ async def test_leased_admissions_count_every_request_and_settle_to_their_own_tim
     key = f"key_{uuid.uuid4().hex[:8]}"  # 6400/min: leases of 32 slots
     async with _replicas(redis_url, 1) as (limiter,):
         started_ms = time.time() * 1000
+        before = {path: _decisions(path) for path in ("lease", "redis")}
         replies = []
         for _ in range(40):
             replies.append(await limiter.ShouldRateLimit(_request(key_id=key, rpm="6400")))
             await asyncio.sleep(0.002)
         assert [r.overall_code for r in replies] == [OK] * 40
+        leased, read = (_decisions(path) - before[path] for path in ("lease", "redis"))
+        assert leased + read == 40
+        assert leased >= 30  # 2 reads when both leases live out their 0.25 s
         # One replica: remaining falls by one per request, across leases.
         assert [r.statuses[0].limit_remaining for r in replies] == list(range(6399, 6359, -1))
         # Reserved slots count at once: every admitted request is in the window.

@@ -87,3 +87,11 @@ def test_opentelemetry_proto_is_the_real_one():
     from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 
     assert InstrumentationScope.DESCRIPTOR.fields_by_name["name"]
+
+
+def test_the_lease_size_is_bounded_and_zero_turns_leases_off():
+    for bad in ("-1", "1025", "many"):
+        with pytest.raises(SettingsError, match="TOKENMESH_RATELIMIT_LEASE_SIZE"):
+            load(UsageSettings, {"TOKENMESH_RATELIMIT_LEASE_SIZE": bad})
+    assert load(UsageSettings, {"TOKENMESH_RATELIMIT_LEASE_SIZE": "0"}).lease_size == 0
+    assert load(UsageSettings, {}).lease_size == 32
