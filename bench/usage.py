@@ -30,7 +30,7 @@ from tokenmesh.type.v1 import types_pb2
 
 CONCURRENCY = 32
 REQUESTS = 4000
-ROUNDS = 3
+ROUNDS = 5
 
 
 async def _sequential(call: Any, requests: int = 500) -> dict[str, float]:
