@@ -14,15 +14,15 @@ rate-limit quota service and Google's Doorman hand out quota the same way.)
 Why the windows stay exact:
 - A reserved slot is in the window from its reservation on, so every
   admitted request is counted, on every replica, before it is admitted.
-- Its score is the reservation time until it is settled (<= ~0.3 s later),
+- Its score is the reservation time until it is settled (<= ~1 s later),
   so it cannot leave the window early: that would take 60 s.
 - Leases are granted only while every window stays at most half full, so
   close to a limit every decision goes to Redis, exactly as without leases.
-- A lease holds at most 1/64 of a limit and lives 0.25 s; the only cost is
+- A lease holds at most 1/64 of a limit and lives 1 s; the only cost is
   that unused reserved slots count as used until settled. Reaching the limit
-  through them would take the other half of the window within 0.25 s.
+  through them would take the other half of the window within 1 s.
 - A replica that dies before settling leaves its reservations at their
-  reservation time: they leave the window within a minute, at most 0.25 s
+  reservation time: they leave the window within a minute, at most 1 s
   earlier than the requests they admitted.
 """
 
@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-LEASE_TTL_S = 0.25
+LEASE_TTL_S = 1.0
 LEASE_MAX_SHARE = 64  # a lease holds at most 1/64 of any of its limits
 SETTLE_INTERVAL_S = 0.05
 
