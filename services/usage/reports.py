@@ -71,12 +71,13 @@ def plan_buckets(start: float, end: float) -> list[tuple[str, int]]:
     """
     out: list[tuple[str, int]] = []
     cursor = int(start) // 60 * 60
-    stop = int(end)
-    while cursor < stop:
+    # `end` stays fractional: truncated, a report asked for in the first second
+    # of a minute would leave out that minute's bucket and what it holds.
+    while cursor < end:
         for granularity in ("month", "day", "hour", "minute"):
             aligned = bucket_start(cursor, granularity) == cursor
             following = next_bucket(cursor, granularity)
-            if aligned and following <= stop or granularity == "minute":
+            if aligned and following <= end or granularity == "minute":
                 out.append((granularity, cursor))
                 cursor = following
                 break

@@ -31,3 +31,9 @@ def test_a_range_is_covered_by_whole_buckets_without_overlap():
     assert cursor == bucket_start(end, "minute") + 60
     assert ("month", _utc(2026, 11, 1, 0, 0, 0)) in plan  # a whole month is one read
     assert len(plan) < 80
+
+
+def test_the_minute_a_report_is_asked_in_is_covered_from_its_first_moment():
+    minute = _utc(2026, 12, 1, 22, 24, 0)
+    for end in (minute + 0.797, minute + 0.001, minute + 59.9):
+        assert plan_buckets(minute - 600, end)[-1] == ("minute", minute)
