@@ -34,33 +34,46 @@ def redis_server(state: Path, durable: bool = True, name: str = "redis") -> Iter
 
 
 @contextlib.contextmanager
-def worker(state: Path, redis_url: str, name: str, **env: str) -> Iterator[str]:
-    """Runs one inference worker process; yields its host:port."""
+def service(state: Path, name: str, module: str, timeout_s: float, **env: str) -> Iterator[str]:
+    """Runs `python -m <module>` until it wrote its ready file; yields its host:port."""
     ready = state / f"{name}.json"
     ready.unlink(missing_ok=True)
+    settings = {
+        "TOKENMESH_READY_FILE": str(ready),
+        "TOKENMESH_METRICS_PORT": "-1",
+        "TOKENMESH_LOG_LEVEL": "WARNING",
+        **env,
+    }
     child = Child(
         name,
-        [sys.executable, "-m", "services.inference"],
-        clean_env(
-            os.environ,
-            TOKENMESH_READY_FILE=str(ready),
-            TOKENMESH_METRICS_PORT="-1",
-            TOKENMESH_LOG_LEVEL="WARNING",
-            REDIS_URL=redis_url,
-            TOKENMESH_WORKER_ID=name,
-            TOKENMESH_USAGE_SPOOL_DIR=str(state / "spool"),
-            TOKENMESH_MODEL_REPOSITORY=str(REPO_ROOT / "models"),
-            TOKENMESH_ENGINE="onnxruntime",
-            **env,
-        ),
+        [sys.executable, "-m", module],
+        clean_env(os.environ, **settings),
         state / f"{name}.log",
     )
     try:
-        wait_for(ready.exists, 120, f"{name} to serve", child)
+        wait_for(ready.exists, timeout_s, f"{name} to serve", child)
         yield f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
     finally:
         child.terminate()
         child.wait(30)
+
+
+@contextlib.contextmanager
+def worker(state: Path, redis_url: str, name: str, **env: str) -> Iterator[str]:
+    """Runs one inference worker process; yields its host:port."""
+    with service(
+        state,
+        name,
+        "services.inference",
+        120,
+        REDIS_URL=redis_url,
+        TOKENMESH_WORKER_ID=name,
+        TOKENMESH_USAGE_SPOOL_DIR=str(state / "spool"),
+        TOKENMESH_MODEL_REPOSITORY=str(REPO_ROOT / "models"),
+        TOKENMESH_ENGINE="onnxruntime",
+        **env,
+    ) as target:
+        yield target
 
 
 class BareStreamer(rpc.InferenceServiceServicer):

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import json
-import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,9 +15,8 @@ import redis.asyncio as aioredis
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-from bench.servers import bare_server, redis_server
+from bench.servers import bare_server, redis_server, service
 from bench.stats import percentile
-from services.launcher.processes import Child, clean_env, wait_for
 from services.usage.meter import Meter, Retention
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
@@ -97,30 +92,8 @@ async def _echo_load(target: str) -> dict[str, Any]:
         return {**await _load(call), "sequential": await _sequential(call)}
 
 
-@contextlib.contextmanager
-def _usage_service(state: Path, name: str, redis_url: str, limits_url: str, **env: str) -> Any:
-    """Runs one usage service; yields its host:port."""
-    ready = state / f"{name}.json"
-    child = Child(
-        name,
-        [sys.executable, "-m", "services.usage"],
-        clean_env(
-            os.environ,
-            REDIS_URL=redis_url,
-            TOKENMESH_RATELIMIT_REDIS_URL=limits_url,
-            TOKENMESH_READY_FILE=str(ready),
-            TOKENMESH_METRICS_PORT="-1",
-            TOKENMESH_LOG_LEVEL="WARNING",
-            **env,
-        ),
-        state / f"{name}.log",
-    )
-    try:
-        wait_for(ready.exists, 30, f"the usage service ({name})", child)
-        yield f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
-    finally:
-        child.terminate()
-        child.wait(10)
+def _redis(redis_url: str, limits_url: str) -> dict[str, str]:
+    return {"REDIS_URL": redis_url, "TOKENMESH_RATELIMIT_REDIS_URL": limits_url}
 
 
 def rate_limit_decisions(state: Path) -> dict[str, Any]:
@@ -136,9 +109,14 @@ def rate_limit_decisions(state: Path) -> dict[str, Any]:
         bare_server(state) as echo_target,
         redis_server(state) as redis_url,
         redis_server(state, durable=False, name="redis-limits") as limits_url,
-        _usage_service(state, "usage", redis_url, limits_url) as limiter,
-        _usage_service(
-            state, "usage-no-leases", redis_url, limits_url, TOKENMESH_RATELIMIT_LEASE_SIZE="0"
+        service(state, "usage", "services.usage", 30, **_redis(redis_url, limits_url)) as limiter,
+        service(
+            state,
+            "usage-no-leases",
+            "services.usage",
+            30,
+            **_redis(redis_url, limits_url),
+            TOKENMESH_RATELIMIT_LEASE_SIZE="0",
         ) as unleased,
     ):
         # Interleaved rounds, median of each: this VM's speed drifts by 30%
