@@ -279,7 +279,8 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             logger.warning("rate-limit store unavailable: %s", type(exc).__name__)
             raise Unavailable("rate-limit store unavailable", retry_after_s=1.0) from None
         finally:  # also when cancelled: the next decision may ask for a lease again
-            self.leases.granted(key, lease)
+            if size:  # (a decision that asked for none must not clear another's request)
+                self.leases.granted(key, lease)
         return allowed, counts, oldest
 
     def _start_settler(self) -> None:
