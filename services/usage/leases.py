@@ -147,6 +147,10 @@ class LeaseTable:
         finished, self._finished = self._finished, []
         return [lease for lease in finished if lease.used or lease.free]
 
+    def holds_any(self) -> bool:
+        """Tells whether any lease is live or waiting to be settled."""
+        return bool(self._live or self._finished)
+
     def _retire(self, key: LeaseKey) -> None:
         lease = self._live.pop(key, None)
         if lease is not None:

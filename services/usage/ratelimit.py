@@ -290,7 +290,9 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             )
 
     async def _settle_forever(self) -> None:
-        while True:
+        # Ends once nothing is leased (an idle limiter does not wake up); the
+        # next grant starts it again.
+        while self.leases.holds_any():
             await asyncio.sleep(SETTLE_INTERVAL_S)
             await self._settle(self.leases.due())
 

@@ -68,11 +68,14 @@ def test_an_expired_lease_admits_nothing_and_is_settled():
 
 def test_live_leases_are_settled_only_when_finished_or_at_shutdown():
     table = LeaseTable(32)
+    assert not table.holds_any()
     table.granted(KEY, _lease(free=5))
+    assert table.holds_any()
     assert table.admit(KEY, 1, now_ms=2000) is not None
     assert table.due() == []  # still live
     (settled,) = table.due(everything=True)
     assert len(settled.used) == 1 and len(settled.free) == 4
+    assert not table.holds_any()  # the settler may stop
     assert table.admit(KEY, 1, now_ms=2001) is None
 
 
