@@ -145,7 +145,7 @@ class LeaseTable:
         for key in [k for k, lease in self._live.items() if everything or _over(lease, now)]:
             self._retire(key)
         finished, self._finished = self._finished, []
-        return [lease for lease in finished if lease.used or lease.free]
+        return finished
 
     def holds_any(self) -> bool:
         """Tells whether any lease is live or waiting to be settled."""

@@ -257,10 +257,11 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         """Asks Redis; returns (allowed, count per window, oldest score per window)."""
         size = self.leases.request(key, [limit.limit for limit in limits])
         member = next(self._hit_ids)
+        windows = tuple(window for window, _ in key)
         lease: Lease | None = None
         try:
             reply = await self._windows(
-                keys=[window for window, _ in key],
+                keys=windows,
                 args=[now_ms, WINDOW_S * 1000, hits, member, size, *(n for _, n in key)],
             )
             allowed, leased = bool(reply[0]), int(reply[1])
@@ -268,7 +269,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             oldest = [int(n) for n in reply[3::2]]
             if leased:
                 lease = Lease(
-                    windows=tuple(window for window, _ in key),
+                    windows=windows,
                     counts=counts,
                     oldest=oldest,
                     free=[f"{member}:{h}" for h in range(hits + leased, hits, -1)],
