@@ -22,17 +22,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-IDENTITY_HEADERS = (
-    "x-tokenmesh-key-id",
-    "x-tokenmesh-tenant",
-    "x-tokenmesh-scopes",
-    "x-tokenmesh-models",
-    "x-tokenmesh-tier",
-    "x-tokenmesh-rpm",
-    "x-tokenmesh-tpm",
-    "x-tokenmesh-monthly-tokens",
-    "x-tokenmesh-pins",
-)
+from services.core import contract
+
+# The identity headers are part of the mesh contract (services honour them only from the edge).
+IDENTITY_HEADERS = contract.IDENTITY_HEADERS
 # JWT claim -> identity header (the auth service issues exactly these claims).
 CLAIM_HEADERS = {
     "sub": "x-tokenmesh-key-id",

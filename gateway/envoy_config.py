@@ -20,6 +20,7 @@ from typing import Any
 
 from gateway import edge_auth, model_routing
 from gateway.edge_auth import EdgeAuth
+from services.core import contract, pki
 
 # Upstream short name -> gRPC service names routed to it (by path prefix).
 PUBLIC_ROUTES: Mapping[str, Sequence[str]] = {
@@ -48,6 +49,17 @@ TRANSCODED_SERVICES = (
 )
 # Streaming routes get no total timeout (a long generation is fine), only an idle one.
 STREAMING_UPSTREAMS = frozenset({"inference"})
+# The identity each upstream cluster's hosts must prove (their certificate's SPIFFE id).
+UPSTREAM_IDENTITY: Mapping[str, str] = {
+    "auth": contract.AUTH,
+    "router": contract.ROUTER,
+    "inference": contract.WORKER,
+    "usage": contract.USAGE,
+    "xds": contract.ROUTER,
+}
+# SDS secret names: the edge's own certificate, and the mesh CA it trusts.
+IDENTITY_SECRET = "tokenmesh-identity"
+CA_SECRET = "tokenmesh-ca"
 # HTTP status of a local reply -> the gRPC code REST clients see in the JSON body.
 HTTP_TO_GRPC_CODE: Mapping[int, int] = {
     400: 3,
@@ -95,6 +107,9 @@ class EdgeConfig:
     # Route inference by model and version (Lua reads the body); off sends every
     # inference request to any worker (benchmarks measure what routing costs).
     model_routing: bool = True
+    # mTLS to every upstream: the directory of the SDS files (see `sds_files`)
+    # that name the edge's certificate and the mesh CA. None: plaintext upstreams.
+    sds_dir: Path | None = None
 
 
 def _type(name: str) -> str:
@@ -107,20 +122,106 @@ def _duration(seconds: float) -> str:
 
 
 def cluster(
-    name: str, endpoints: Sequence[Endpoint], health_check_interval_s: float
+    name: str,
+    endpoints: Sequence[Endpoint],
+    health_check_interval_s: float,
+    sds_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Builds an HTTP/2 cluster with active gRPC health checks."""
+    """Builds an HTTP/2 cluster with active gRPC health checks (mTLS when `sds_dir` is set)."""
+    return with_upstream_tls(
+        {
+            "name": name,
+            # Host names (Kubernetes headless services) resolve to every pod's address.
+            "type": "STATIC" if all(_is_ip(e.host) for e in endpoints) else "STRICT_DNS",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": h2_options(),
+            "load_assignment": load_assignment(name, endpoints),
+            "health_checks": [grpc_health_check(HEALTH_SERVICE[name], health_check_interval_s)],
+            # Streams may be long; keepalives find dead upstream connections.
+            "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 30}},
+        },
+        sds_dir,
+        UPSTREAM_IDENTITY[name],
+    )
+
+
+def sds_secret(sds_dir: Path | str, name: str) -> dict[str, Any]:
+    """Builds a reference to a file-based SDS secret (Envoy reloads it when files move in)."""
     return {
         "name": name,
-        # Host names (Kubernetes headless services) resolve to every pod's address.
-        "type": "STATIC" if all(_is_ip(e.host) for e in endpoints) else "STRICT_DNS",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": h2_options(),
-        "load_assignment": load_assignment(name, endpoints),
-        "health_checks": [grpc_health_check(HEALTH_SERVICE[name], health_check_interval_s)],
-        # Streams may be long; keepalives find dead upstream connections.
-        "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 30}},
+        "sds_config": {
+            "path_config_source": {
+                "path": f"{sds_dir}/{name}.yaml",
+                "watched_directory": {"path": str(sds_dir)},
+            },
+            "resource_api_version": "V3",
+        },
     }
+
+
+def sds_files(pki_dir: Path, identity: str) -> dict[str, dict[str, Any]]:
+    """Returns the SDS files (name -> content) for `identity`'s certificate and the CA.
+
+    Each secret watches the PKI directory: a leaf replaced there by an atomic
+    rename (`services.core.pki`, cert-manager, SPIRE) is picked up without a restart.
+    """
+    secret_type = _type("extensions.transport_sockets.tls.v3.Secret")
+    files = pki.IdentityFiles.of(pki_dir, identity)
+    watched = {"path": str(pki_dir)}
+    certificate = {
+        "name": IDENTITY_SECRET,
+        "tls_certificate": {
+            "certificate_chain": {"filename": str(files.cert)},
+            "private_key": {"filename": str(files.key)},
+            "watched_directory": watched,
+        },
+    }
+    ca = {
+        "name": CA_SECRET,
+        "validation_context": {
+            "trusted_ca": {"filename": str(files.ca)},
+            "watched_directory": watched,
+        },
+    }
+    return {
+        f"{IDENTITY_SECRET}.yaml": {"resources": [{"@type": secret_type, **certificate}]},
+        f"{CA_SECRET}.yaml": {"resources": [{"@type": secret_type, **ca}]},
+    }
+
+
+def upstream_tls(sds_dir: Path | str, peer_identity: str) -> dict[str, Any]:
+    """Builds mTLS to an upstream: the edge's certificate, and the peer's SPIFFE id verified."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _type("extensions.transport_sockets.tls.v3.UpstreamTlsContext"),
+            "common_tls_context": {
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "alpn_protocols": ["h2"],
+                "tls_certificate_sds_secret_configs": [sds_secret(sds_dir, IDENTITY_SECRET)],
+                "combined_validation_context": {
+                    "default_validation_context": {
+                        "match_typed_subject_alt_names": [
+                            {
+                                "san_type": "URI",
+                                "matcher": {"exact": pki.spiffe_id(peer_identity)},
+                            }
+                        ]
+                    },
+                    "validation_context_sds_secret_config": sds_secret(sds_dir, CA_SECRET),
+                },
+            },
+        },
+    }
+
+
+def with_upstream_tls(
+    cluster: dict[str, Any], sds_dir: Path | str | None, peer_identity: str
+) -> dict[str, Any]:
+    """Adds mTLS to `peer_identity` to a cluster when `sds_dir` is set; returns the cluster."""
+    if sds_dir is not None:
+        cluster["transport_socket"] = upstream_tls(sds_dir, peer_identity)
+    return cluster
 
 
 def grpc_health_check(service_name: str, interval_s: float) -> dict[str, Any]:
@@ -405,7 +506,7 @@ def _ratelimit_filters(config: EdgeConfig) -> list[dict[str, Any]]:
 def bootstrap(config: EdgeConfig) -> dict[str, Any]:
     """Builds the whole Envoy bootstrap for the edge."""
     clusters = [
-        cluster(name, endpoints, config.health_check_interval_s)
+        cluster(name, endpoints, config.health_check_interval_s, config.sds_dir)
         for name, endpoints in sorted(config.upstreams.items())
     ]
     if config.otlp_endpoint is not None:
@@ -423,6 +524,8 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
             "metadata": {
                 "tokenmesh_auth": config.auth is not None,
                 "tokenmesh_ratelimit": bool(config.auth and config.auth.ratelimit),
+                # Where this edge's SDS files are: its clusters from xDS use them too.
+                "tokenmesh_sds_dir": str(config.sds_dir or ""),
             },
         },
         "admin": {"address": _socket_address(Endpoint("127.0.0.1", config.admin_port))},
@@ -448,7 +551,8 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
     }
     if config.xds is not None:
         # ADS must speak HTTP/2, else Envoy hangs silently at cluster-manager init.
-        clusters.append(single_host_cluster("xds", config.xds, http2=True))
+        xds = single_host_cluster("xds", config.xds, http2=True)
+        clusters.append(with_upstream_tls(xds, config.sds_dir, UPSTREAM_IDENTITY["xds"]))
         result["dynamic_resources"] = {
             "ads_config": {
                 "api_type": "GRPC",

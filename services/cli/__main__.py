@@ -20,15 +20,19 @@ TOKENMESH_API_KEY).
     tokenmesh models register MODEL VERSION
     tokenmesh workers list [--json]
     tokenmesh workers drain WORKER_ID
+    tokenmesh usage dead-letters [--limit N] [--json]
 
 `models` commands go through the edge (--edge-address, TOKENMESH_EDGE_ADDR),
 which checks the key's admin scope; `workers` talk to the router
 (--router-address, TOKENMESH_ROUTER_ADDR), which the edge does not expose.
+`usage dead-letters` reads Redis itself ($REDIS_URL, else the local mesh's,
+and $TOKENMESH_USAGE_STREAM): the usage entries the meter could not decode.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import json
 import os
@@ -40,6 +44,7 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
 
+from services.core import contract, identity, pki
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2_grpc
 from tokenmesh.auth.v1 import auth_service_pb2 as pb
 from tokenmesh.router.v1 import router_pb2, router_service_pb2_grpc
@@ -282,6 +287,8 @@ def workers_drain(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[
     _print(reply.worker, args.json, f"draining {reply.worker.id}")
 
 
+# The identity of the service each direct target is (its certificate is verified).
+SERVICE_IDENTITIES = {"auth": contract.AUTH, "router": contract.ROUTER}
 Command = Callable[[Any, argparse.Namespace, Sequence[tuple[str, str]]], None]
 # Which service a command group talks to, and its stub.
 TARGETS: dict[str, Callable[[grpc.Channel], Any]] = {
@@ -305,6 +312,11 @@ def parser() -> argparse.ArgumentParser:
     )
     root.add_argument(
         "--router-address", default=os.environ.get("TOKENMESH_ROUTER_ADDR"), help="router host:port"
+    )
+    root.add_argument(
+        "--pki-dir",
+        default=os.environ.get("TOKENMESH_PKI_DIR"),
+        help="directory with ca.pem, operator.pem, operator-key.pem (default: the local mesh's)",
     )
     root.add_argument("--json", action="store_true", help="print JSON")
     root.set_defaults(target="auth")
@@ -346,6 +358,7 @@ def parser() -> argparse.ArgumentParser:
     subs = [create, listing, revoke, rotate, token_cmd, signing_rotate_cmd]
     subs += _models_parsers(groups)
     subs += _workers_parsers(groups)
+    subs += _usage_parsers(groups)
     for sub in subs:
         sub.add_argument("--json", action="store_true", help="print JSON")
     return root
@@ -398,12 +411,78 @@ def _workers_parsers(groups: Any) -> list[argparse.ArgumentParser]:
     return [listing, drain]
 
 
+def _usage_parsers(groups: Any) -> list[argparse.ArgumentParser]:
+    usage = groups.add_parser("usage", help="usage metering (reads the mesh's Redis)")
+    actions = usage.add_subparsers(dest="action", required=True)
+    dead = actions.add_parser("dead-letters", help="usage entries the meter set aside")
+    dead.add_argument("--limit", type=int, default=100, help="newest entries to list")
+    dead.set_defaults(run=None, local=usage_dead_letters)
+    return [dead]
+
+
+def _redis_url() -> str:
+    """Returns $REDIS_URL, else the local mesh's Redis from run/mesh.json."""
+    if os.environ.get("REDIS_URL"):
+        return os.environ["REDIS_URL"]
+    manifest = _state_dir() / "run" / "mesh.json"
+    url = json.loads(manifest.read_text()).get("redis_url") if manifest.exists() else None
+    if not url:
+        raise SystemExit(f"tokenmesh: no REDIS_URL and no local mesh at {manifest}")
+    return str(url)
+
+
+def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """Returns one dead-letter entry as JSON-ready data (the original event in base64)."""
+    event = fields.get(b"orig:event", b"")
+    unix_ms = int(fields.get(b"unix_ms", b"0"))
+    return {
+        "id": entry_id.decode(),
+        "set_aside_at": datetime.datetime.fromtimestamp(unix_ms / 1000, datetime.UTC).isoformat(),
+        "stream_id": fields.get(b"stream_id", b"").decode(),
+        "reason": fields.get(b"reason", b"").decode(),
+        "detail": fields.get(b"detail", b"").decode(errors="replace"),
+        "consumer": fields.get(b"consumer", b"").decode(errors="replace"),
+        "request_id": fields.get(b"orig:request_id", b"").decode(errors="replace"),
+        "event_base64": base64.b64encode(event).decode(),
+    }
+
+
+def usage_dead_letters(args: argparse.Namespace) -> int:
+    """Lists the newest entries of the usage dead-letter stream; returns the exit code."""
+    import redis  # only this command needs it
+
+    stream = os.environ.get("TOKENMESH_USAGE_STREAM", "tokenmesh:usage") + ":dead"
+    client = redis.Redis.from_url(_redis_url(), socket_timeout=TIMEOUT_S)
+    try:
+        entries: Any = client.xrevrange(stream, count=max(1, args.limit))
+    except redis.RedisError as error:
+        print(f"tokenmesh: {stream}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    letters = [_dead_letter(entry_id, fields) for entry_id, fields in reversed(entries)]
+    if args.json:
+        print(json.dumps(letters, indent=2))
+        return 0
+    for letter in letters:
+        print(
+            f"{letter['id']}  {letter['set_aside_at']}  {letter['reason']}  "
+            f"entry {letter['stream_id']}  request {letter['request_id'] or '-'}  "
+            f"{letter['detail']}"
+        )
+    if not letters:
+        print(f"no dead letters in {stream}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one CLI command; returns the process exit code."""
     args = parser().parse_args(argv)
     command: Command = args.run
+    if getattr(args, "local", None) is not None:
+        return int(args.local(args))  # reads the mesh's state directly, no service
     try:
-        with grpc.insecure_channel(_address(args)) as channel:
+        with _channel(args) as channel:
             stub = TARGETS[args.target](channel)
             metadata = _metadata(args, command)
             command(stub, args, metadata)
@@ -411,6 +490,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokenmesh: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
     return 0
+
+
+def _pki_dir(args: argparse.Namespace) -> Path | None:
+    """Returns the directory with the operator's certificate (--pki-dir, or the local mesh's)."""
+    if args.pki_dir:
+        return Path(args.pki_dir)
+    manifest = _state_dir() / "run" / "mesh.json"
+    if manifest.exists():
+        found = json.loads(manifest.read_text()).get("pki_dir")
+        return Path(found) if found else None
+    return None
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """Returns a channel to the command's target: the edge's listener, or a service over mTLS.
+
+    Services accept only mesh identities: the CLI presents the operator's certificate.
+    """
+    address = _address(args)
+    if args.target == "edge":
+        return grpc.insecure_channel(address)
+    pki_dir = _pki_dir(args)
+    if pki_dir is None:
+        raise SystemExit(
+            f"tokenmesh: the {args.target} service needs the operator certificate "
+            "(pass --pki-dir or TOKENMESH_PKI_DIR)"
+        )
+    files = pki.IdentityFiles.of(pki_dir, contract.OPERATOR)
+    return grpc.secure_channel(
+        address,
+        identity.channel_credentials(files),
+        identity.channel_options(SERVICE_IDENTITIES[args.target]),
+    )
 
 
 def _metadata(args: argparse.Namespace, command: Command) -> list[tuple[str, str]]:

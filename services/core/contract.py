@@ -13,6 +13,7 @@ private copy):
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 # ---------------------------------------------------------------------------
 # Name rules
@@ -33,6 +34,14 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MODEL_NAME_RULE = "1-128 characters of [A-Za-z0-9._-], starting with a letter or digit"
 MODEL_VERSION_RULE = "1-64 characters of [A-Za-z0-9._-], starting with a letter or digit"
 TENANT_RULE = "1-64 characters of [A-Za-z0-9._-], starting with a letter or digit"
+WORKER_ID_RULE = "1-128 characters of [A-Za-z0-9._:-]"
+REQUEST_ID_RULE = "1-128 characters of [A-Za-z0-9._:-]"
+#: MODEL_ALIAS: a catalogue alias of a model version ("stable", "canary").
+MODEL_ALIAS = re.compile(r"^[a-z0-9-]{1,32}$")
+MODEL_ALIAS_RULE = "1-32 characters of [a-z0-9-]"
+
+# NOTE: match only through the is_* helpers below. They use `fullmatch`:
+# `re.match` with a trailing `$` also accepts the value followed by "\n".
 
 
 def is_model_name(value: str) -> bool:
@@ -48,3 +57,136 @@ def is_model_version(value: str) -> bool:
 def is_tenant(value: str) -> bool:
     """Tells whether `value` is a valid tenant id."""
     return TENANT.fullmatch(value) is not None
+
+
+def is_model_alias(value: str) -> bool:
+    """Tells whether `value` is a valid model alias."""
+    return MODEL_ALIAS.fullmatch(value) is not None
+
+
+def is_worker_id(value: str) -> bool:
+    """Tells whether `value` is a valid worker id."""
+    return WORKER_ID.fullmatch(value) is not None
+
+
+def is_request_id(value: str) -> bool:
+    """Tells whether `value` is a valid request id."""
+    return REQUEST_ID.fullmatch(value) is not None
+
+
+# ---------------------------------------------------------------------------
+# Identity headers (set only by the edge)
+# ---------------------------------------------------------------------------
+
+#: The identity tuple, in this order: the headers the edge sets from a
+#: verified JWT or API key. Services honour them only from the edge identity.
+IDENTITY_HEADERS = (
+    "x-tokenmesh-key-id",
+    "x-tokenmesh-tenant",
+    "x-tokenmesh-scopes",
+    "x-tokenmesh-models",
+    "x-tokenmesh-tier",
+    "x-tokenmesh-rpm",
+    "x-tokenmesh-tpm",
+    "x-tokenmesh-monthly-tokens",
+    "x-tokenmesh-pins",
+)
+KEY_ID_HEADER, TENANT_HEADER, SCOPES_HEADER, MODELS_HEADER = IDENTITY_HEADERS[:4]
+#: Every header with this prefix is the edge's to set (identity, routing, prefix):
+#: a request from any other peer that carries one is refused.
+EDGE_HEADER_PREFIX = "x-tokenmesh-"
+ADMIN_SCOPE = "admin"
+
+# ---------------------------------------------------------------------------
+# Component identities and who may call what
+# ---------------------------------------------------------------------------
+
+EDGE = "edge"
+WORKER = "worker"
+AUTH = "auth"
+ROUTER = "router"
+USAGE = "usage"
+JOBS = "jobs"
+OPERATOR = "operator"
+IDENTITIES = (EDGE, AUTH, ROUTER, USAGE, WORKER, JOBS, OPERATOR)
+#: The identity each service's server presents (and the Envoy cluster verifies).
+SERVICE_IDENTITY = {"inference": WORKER, "auth": AUTH, "router": ROUTER, "usage": USAGE}
+
+
+@dataclass(frozen=True)
+class CallerRule:
+    """CallerRule says which component identities may call an RPC.
+
+    Attributes:
+        identities: identities that may call it.
+        edge_for_admin: the edge may also call it, but only for a caller whose
+            verified scopes (x-tokenmesh-scopes) hold `admin`.
+        own_address: the caller may only name its own address (worker registry).
+        anyone: any caller, even one without a certificate (health checks).
+    """
+
+    identities: frozenset[str]
+    edge_for_admin: bool = False
+    own_address: bool = False
+    anyone: bool = False
+
+    def describe(self) -> str:
+        """Returns the rule in words, for PERMISSION_DENIED messages (no internals)."""
+        if self.anyone:
+            return "may be called by anyone"
+        who = " or ".join(sorted(self.identities)) or "nobody"
+        if self.edge_for_admin:
+            who += ", or the edge for an admin caller"
+        return f"may be called only by {who}"
+
+
+def _rule(*identities: str, edge_for_admin: bool = False, own_address: bool = False) -> CallerRule:
+    return CallerRule(frozenset(identities), edge_for_admin, own_address)
+
+
+#: Health carries no data, and probes (Kubernetes, grpc_health_probe) have no identity.
+ANY_CALLER = CallerRule(frozenset(), anyone=True)
+_ADMIN = _rule(OPERATOR, edge_for_admin=True)
+#: Who may call each gRPC service (by "/package.Service/" prefix) or method
+#: (full path, which wins over its service's rule). A method with no rule is
+#: refused: every server checks its methods against this table at start.
+CALLER_RULES: dict[str, CallerRule] = {
+    "/grpc.health.v1.Health/": ANY_CALLER,
+    "/grpc.reflection.v1alpha.ServerReflection/": _rule(EDGE, OPERATOR),
+    "/grpc.reflection.v1.ServerReflection/": _rule(EDGE, OPERATOR),
+    # Public APIs arrive through the edge (which authenticated the client).
+    # The auth service checks API keys itself, so the operator CLI may call it.
+    "/tokenmesh.auth.v1.AuthService/": _rule(EDGE, OPERATOR),
+    "/tokenmesh.inference.v1.InferenceService/": _rule(EDGE),
+    "/tokenmesh.router.v1.RouterService/": _rule(EDGE, OPERATOR),
+    "/tokenmesh.usage.v1.UsageService/": _rule(EDGE),
+    # The edge's own callouts and its control plane.
+    "/envoy.service.auth.v3.Authorization/": _rule(EDGE),
+    "/envoy.service.ratelimit.v3.RateLimitService/": _rule(EDGE),
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/": _rule(EDGE),
+    # Admin RPCs.
+    "/tokenmesh.inference.v1.InferenceAdminService/": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/RegisterModelVersion": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/SetTrafficSplit": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/PinModelVersion": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/DeprecateModelVersion": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/SetFallbackModel": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/SetModelAlias": _ADMIN,
+    "/tokenmesh.usage.v1.UsageService/ListAuditEntries": _ADMIN,
+    # A worker also drains itself on SIGTERM (the router checks it is its own host).
+    "/tokenmesh.router.v1.WorkerRegistryService/DrainWorker": _rule(
+        OPERATOR, WORKER, edge_for_admin=True
+    ),
+    "/tokenmesh.router.v1.WorkerRegistryService/ListWorkers": _ADMIN,
+    # Only a worker registers, and only itself.
+    "/tokenmesh.router.v1.WorkerRegistryService/RegisterWorker": _rule(WORKER, own_address=True),
+    "/tokenmesh.router.v1.WorkerRegistryService/RenewLease": _rule(WORKER, own_address=True),
+}
+
+
+def caller_rule(method: str) -> CallerRule | None:
+    """Returns the rule for a full method path ("/pkg.Service/Method"), or None."""
+    rule = CALLER_RULES.get(method)
+    if rule is None:
+        rule = CALLER_RULES.get(method[: method.rfind("/") + 1])
+    return rule

@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram
 
 from services.core.errors import TokenmeshError, Unimplemented, internal_error
+from services.core.identity import Authorizer
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,9 @@ def _code_name(context: Context, failed: TokenmeshError | None) -> str:
 class _MethodMetrics:
     """The metric children of one method, bound once (label lookups take a lock)."""
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, authorizer: Authorizer | None) -> None:
         self.method = method
+        self.authorizer = authorizer
         self.seconds = RPC_SECONDS.labels(method)
         self._totals: dict[str, Any] = {}
 
@@ -96,8 +98,9 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
     method is built once and reused, so the per-call cost is one dict lookup.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, authorizer: Authorizer | None = None) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self._authorizer = authorizer
 
     async def intercept_service(
         self,
@@ -113,7 +116,8 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler  # unknown method: nothing to cache
-        wrapped = self._wrapped[method] = self._wrap(handler, _MethodMetrics(method))
+        metrics = _MethodMetrics(method, self._authorizer)
+        wrapped = self._wrapped[method] = self._wrap(handler, metrics)
         return wrapped
 
     def _wrap(
@@ -147,6 +151,8 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             failed: TokenmeshError | None = None
             try:
+                if metrics.authorizer is not None:
+                    metrics.authorizer.authorize(metrics.method, context, request)
                 result = behavior(request, context)
                 return await result if inspect.isawaitable(result) else result
             except grpc.aio.AbortError:
@@ -165,6 +171,8 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             failed: TokenmeshError | None = None
             try:
+                if metrics.authorizer is not None:
+                    metrics.authorizer.authorize(metrics.method, context, request)
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for message in result:

@@ -27,8 +27,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from services.core import telemetry
+from services.core import contract, telemetry
+from services.core.identity import Authorizer, server_credentials
 from services.core.interceptors import BoundaryInterceptor
+from services.core.pki import IdentityFiles
 from services.core.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -100,9 +102,10 @@ class RunningServer:
 
 async def start_server(service: Service, settings: ServerSettings) -> RunningServer:
     """Builds, binds and starts a server for `service`; health starts NOT_SERVING."""
+    authorizer = Authorizer(settings.insecure_peer_identity)
     interceptors = [
         *telemetry.server_interceptors(service.name, settings.otlp_endpoint),
-        BoundaryInterceptor(),
+        BoundaryInterceptor(authorizer),
     ]
     server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
@@ -111,12 +114,34 @@ async def start_server(service: Service, settings: ServerSettings) -> RunningSer
     reflection.enable_server_reflection(
         [*service.reflection_names(), health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    authorizer.check_registered(service.service_names())
+    port = _bind(server, service, settings)
     await server.start()
     metrics_port = _start_metrics(settings)
     running = RunningServer(server, port, health_servicer, metrics_port)
     await running.set_serving(service.service_names(), serving=False)
     return running
+
+
+def identity_files(service_name: str, settings: ServerSettings) -> IdentityFiles | None:
+    """Returns this component's certificate files, or None when it serves plaintext."""
+    if settings.pki_dir is None:
+        return None
+    identity = settings.identity or contract.SERVICE_IDENTITY.get(service_name, service_name)
+    return IdentityFiles.of(settings.pki_dir, identity)
+
+
+def _bind(server: grpc.aio.Server, service: Service, settings: ServerSettings) -> int:
+    address = f"{settings.host}:{settings.port}"
+    files = identity_files(service.name, settings)
+    if files is None:
+        logger.warning(
+            "%s serves PLAINTEXT gRPC (TOKENMESH_PKI_DIR unset): callers have no verified "
+            "identity; for development and benchmarks only",
+            service.name,
+        )
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, server_credentials(files))
 
 
 def _start_metrics(settings: ServerSettings) -> int | None:

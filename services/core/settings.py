@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from services.core import contract
+
 T = TypeVar("T")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -100,6 +102,24 @@ class ServerSettings:
     ready_file: Path | None = env(
         "TOKENMESH_READY_FILE", None, "Where to write bound ports as JSON once serving."
     )
+    pki_dir: Path | None = env(
+        "TOKENMESH_PKI_DIR",
+        None,
+        "mTLS: directory with ca.pem, <identity>.pem and <identity>-key.pem. "
+        "Unset serves plaintext (development only).",
+    )
+    identity: str = env(
+        "TOKENMESH_IDENTITY",
+        "",
+        "This component's identity (its certificate's name); default: worker for "
+        "inference, else the service's name.",
+    )
+    insecure_peer_identity: str | None = env(
+        "TOKENMESH_INSECURE_PEER_IDENTITY",
+        None,
+        "Plaintext only (benchmarks): the identity every caller is given. "
+        "Unset: plaintext callers have none and reach only health.",
+    )
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "TOKENMESH_GRPC_PORT", "must be 0-65535")
@@ -111,6 +131,21 @@ class ServerSettings:
             "must be DEBUG, INFO, WARNING or ERROR",
         )
         require(self.log_format in {"text", "json"}, "TOKENMESH_LOG_FORMAT", "must be text or json")
+        require(
+            self.identity in ("", *contract.IDENTITIES),
+            "TOKENMESH_IDENTITY",
+            f"must be one of {', '.join(contract.IDENTITIES)}",
+        )
+        require(
+            self.insecure_peer_identity in (None, *contract.IDENTITIES),
+            "TOKENMESH_INSECURE_PEER_IDENTITY",
+            f"must be one of {', '.join(contract.IDENTITIES)}",
+        )
+        require(
+            self.pki_dir is None or self.insecure_peer_identity is None,
+            "TOKENMESH_INSECURE_PEER_IDENTITY",
+            "must be unset when TOKENMESH_PKI_DIR is set (callers prove their identity)",
+        )
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import redis
 import yaml
 
 from gateway import envoy_config, protos
 from gateway.edge_auth import EdgeAuth
 from gateway.envoy_config import EdgeConfig, Endpoint
+from services.core import contract, identity, pki
 from services.launcher.processes import Child, clean_env, reserve_port, wait_for
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,10 @@ class Mesh:
         self.log_dir = self.state_dir / "logs"
         self.dev_key_path = self.state_dir / "dev-api-key"
         self.run_dir = self.state_dir / "run"
+        # The local CA and every component's certificate (mTLS between all hops).
+        self.pki_dir = self.state_dir / "pki"
+        self.sds_dir = self.state_dir / "sds"
+        self.ca = pki.LocalCA(self.pki_dir)
 
     @property
     def edge_url(self) -> str:
@@ -97,6 +103,14 @@ class Mesh:
     def address(self, service: str) -> str:
         """Returns host:port of a service (e.g. "inference-0", "auth")."""
         return f"127.0.0.1:{self.ports[service]}"
+
+    def channel(self, name: str, caller: str = contract.OPERATOR) -> grpc.Channel:
+        """Returns a blocking mTLS channel to a service ("auth", "inference-0", ...) as `caller`."""
+        files = pki.IdentityFiles.of(self.pki_dir, caller)
+        peer = contract.WORKER if name.startswith("inference") else name
+        return grpc.secure_channel(
+            self.address(name), identity.channel_credentials(files), identity.channel_options(peer)
+        )
 
     def __enter__(self) -> Mesh:
         try:
@@ -113,6 +127,7 @@ class Mesh:
         """Starts Redis, the services, the workers and Envoy; waits until /healthz is 200."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._ensure_pki()
         if not self.redis_url:
             self._start_redis()
         for name in SERVICES:
@@ -126,6 +141,20 @@ class Mesh:
         self._start_envoy()
         self._write_manifest()
 
+    def _ensure_pki(self) -> None:
+        """Creates the local CA, every identity's certificate and the edge's SDS files."""
+        pki.ensure_local_pki(self.pki_dir)
+        self.sds_dir.mkdir(parents=True, exist_ok=True)
+        for name, content in envoy_config.sds_files(self.pki_dir, contract.EDGE).items():
+            (self.sds_dir / name).write_text(yaml.safe_dump(content, sort_keys=False))
+
+    def renew_certificates(self) -> list[str]:
+        """Re-issues every certificate that is due; servers and Envoy pick the files up."""
+        renewed = self.ca.renew_due()
+        if renewed:
+            logger.info("renewed the certificates of %s", ", ".join(renewed))
+        return renewed
+
     def _write_manifest(self) -> None:
         """Writes run/mesh.json: where everything listens, and every child's pid."""
         manifest = {
@@ -136,6 +165,7 @@ class Mesh:
             "ports": self.ports,
             "pids": {c.name: c.pid for c in self.children},
             "dev_api_key_file": str(self.dev_key_path),
+            "pki_dir": str(self.pki_dir),
         }
         (self.run_dir / "mesh.json").write_text(json.dumps(manifest, indent=2))
 
@@ -183,6 +213,7 @@ class Mesh:
             "TOKENMESH_USAGE_SPOOL_DIR": str(self.state_dir / "usage-spool"),
             "TOKENMESH_MODEL_REPOSITORY": str(REPO_ROOT / "models"),
             "TOKENMESH_ROUTER_ADDR": self.address("router") if "router" in self.ports else "",
+            "TOKENMESH_PKI_DIR": str(self.pki_dir),
             **self.config.service_env,
         }
         if self.config.otlp_endpoint:
@@ -257,6 +288,7 @@ class Mesh:
             # Inference clusters, endpoints and routes come from the router (xDS).
             xds=Endpoint("127.0.0.1", self.ports["router"]),
             node_id=f"edge-{self.edge_port}",
+            sds_dir=self.sds_dir,
         )
 
     def _start_envoy(self) -> None:

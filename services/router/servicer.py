@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from services.core import contract, identity
 from services.core.errors import FieldViolation, InvalidArgument
 from services.core.interceptors import Context
 from services.router import catalog as cat
@@ -202,6 +203,10 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
     async def DrainWorker(
         self, request: pb.DrainWorkerRequest, context: Context
     ) -> pb.DrainWorkerResponse:
+        if identity.peer_identity(context) == contract.WORKER:
+            # A worker drains only itself (the operator and admins drain any).
+            registered = await self.registry.get(request.worker_id)
+            identity.require_own_host("DrainWorker", registered.address, context)
         worker = await self.registry.drain(request.worker_id)
         await self.refresh()
         return pb.DrainWorkerResponse(worker=worker_to_pb(worker))

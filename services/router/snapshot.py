@@ -38,6 +38,7 @@ from gateway.model_routing import (
     VERSION_HEADER,
     model_health_name,
 )
+from services.core import contract
 from services.router.catalog import ModelEntry
 from services.router.registry import WorkerEntry
 
@@ -53,6 +54,8 @@ class EdgeFlags:
 
     auth: bool = True
     ratelimit: bool = True
+    # The edge's SDS directory: its worker clusters speak mTLS ("" = plaintext).
+    sds_dir: str = ""
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> EdgeFlags:
@@ -60,6 +63,7 @@ class EdgeFlags:
         return cls(
             auth=bool(metadata.get("tokenmesh_auth", True)),
             ratelimit=bool(metadata.get("tokenmesh_ratelimit", True)),
+            sds_dir=str(metadata.get("tokenmesh_sds_dir", "")),
         )
 
 
@@ -122,14 +126,14 @@ def build(
     served = _served_versions(catalog, now)
     clusters = {
         INFERENCE_CLUSTER: eds_cluster(
-            INFERENCE_CLUSTER, envoy_config.HEALTH_SERVICE[INFERENCE_CLUSTER], options
+            INFERENCE_CLUSTER, envoy_config.HEALTH_SERVICE[INFERENCE_CLUSTER], options, flags
         )
     }
     endpoints = {INFERENCE_CLUSTER: load_assignment(INFERENCE_CLUSTER, routable)}
     for model, version in served:
         name = model_cluster(model, version)
         clusters[name] = eds_cluster(
-            name, model_health_name(model, version), options, hashed=options.prefix_affinity
+            name, model_health_name(model, version), options, flags, options.prefix_affinity
         )
         hosts = [w for w in routable if (model, version) in w.models]
         endpoints[name] = load_assignment(name, hosts)
@@ -174,16 +178,21 @@ def _fallback_target(
 
 
 def eds_cluster(
-    name: str, health_service: str, options: ClusterOptions, hashed: bool = False
+    name: str,
+    health_service: str,
+    options: ClusterOptions,
+    flags: EdgeFlags,
+    hashed: bool = False,
 ) -> dict[str, Any]:
     """Builds an HTTP/2 EDS cluster of workers, with health checks and resilience settings.
 
+    Over mTLS (when the edge named its SDS directory), verifying each worker's identity.
     hashed: pick the worker by the route's hash policy (Maglev, bounded load).
     """
     lb_config: dict[str, Any] = {"healthy_panic_threshold": {"value": 0}}
     if hashed:
         lb_config["consistent_hashing_lb_config"] = {"hash_balance_factor": HASH_BALANCE_FACTOR}
-    return {
+    cluster = {
         "name": name,
         "lb_policy": "MAGLEV" if hashed else "ROUND_ROBIN",
         "type": "EDS",
@@ -217,6 +226,7 @@ def eds_cluster(
         },
         "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 30}},
     }
+    return envoy_config.with_upstream_tls(cluster, flags.sds_dir or None, contract.WORKER)
 
 
 def aggregate_cluster(name: str, clusters: Sequence[str]) -> dict[str, Any]:

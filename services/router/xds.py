@@ -17,6 +17,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc.aio
 from envoy.config.cluster.v3 import cluster_pb2
@@ -25,13 +26,14 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2  # noqa: F401
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F401
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 from redis.exceptions import RedisError
 
-from services.core.tasks import cancel_and_wait
+from services.core.tasks import SupervisedTask, Supervisor
 from services.router.snapshot import CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, EdgeFlags, Resources
 
 logger = logging.getLogger(__name__)
@@ -83,16 +85,16 @@ class ControlPlane:
         self._changed = asyncio.Condition()
         self.ready = asyncio.Event()
         self.closing = asyncio.Event()  # set on shutdown: streams end, Envoys reconnect elsewhere
-        self._task: asyncio.Task[None] | None = None
+        self._task: SupervisedTask | None = None
 
-    def start(self) -> None:
-        """Starts polling Redis in the background."""
-        self._task = asyncio.create_task(self._poll_forever(), name="xds-poll")
+    def start(self, supervisor: Supervisor) -> None:
+        """Starts polling Redis in the background, under `supervisor`."""
+        self._task = supervisor.spawn("xds-poll", self._poll_forever)
 
     async def stop(self) -> None:
         """Stops polling."""
         if self._task is not None:
-            await cancel_and_wait(self._task, timeout_s=5)
+            await self._task.stop(timeout_s=5)
 
     def resources(self, flags: EdgeFlags) -> PackedResources:
         """Returns the latest resources for an edge with `flags`."""
@@ -134,10 +136,10 @@ class ControlPlane:
             try:
                 await self.refresh()
             except (RedisError, OSError) as exc:
-                # Keep serving the last snapshot: Envoys keep their config too.
+                # Keep serving the last snapshot: Envoys keep their config too. (An
+                # outage is the Redis health monitor's to report; anything else is a
+                # bug that ends the run, for the supervisor to log, restart and count.)
                 logger.warning("xDS refresh failed (%s); serving the last snapshot", exc)
-            except Exception:
-                logger.exception("xDS refresh failed; serving the last snapshot")
             await asyncio.sleep(self._poll_s)
 
 
@@ -226,6 +228,14 @@ class _Stream:
             self.send(type_url)
 
 
+def _raise_failure(task: asyncio.Task[Any]) -> None:
+    """Re-raises the exception `task` ended with, if it ended with one."""
+    if task.done() and not task.cancelled():
+        failure = task.exception()
+        if failure is not None:
+            raise failure
+
+
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     """AdsServicer serves Envoy's Aggregated Discovery Service (state of the world)."""
 
@@ -254,6 +264,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 )
                 if getter not in done:
                     getter.cancel()
+                    _raise_failure(tasks[0])  # a bug reading requests: the boundary logs it
                     break  # the Envoy closed its side, or this router is stopping
                 yield getter.result()
         finally:

@@ -16,9 +16,8 @@ def test_each_service_serves_metrics(mesh):
 
 
 def test_rpc_counter_counts_by_method_and_code(mesh):
-    import grpc
 
-    with grpc.insecure_channel(mesh.address("inference-0")) as channel:
+    with mesh.channel("inference-0", caller="edge") as channel:
         stub = rpc.InferenceServiceStub(channel)
         stub.ListModels(pb.ListModelsRequest(), timeout=5)
     text = httpx.get(

@@ -496,7 +496,7 @@ def test_a_key_pin_routes_its_requests_unless_they_name_a_version(routed, edge, 
 
 
 def test_drain_rpc_takes_a_worker_out_and_it_exits(routed, edge):
-    with grpc.insecure_channel(routed.address("router")) as channel:
+    with routed.channel("router") as channel:
         registry = router_rpc.WorkerRegistryServiceStub(channel)
         drained = registry.DrainWorker(router_pb.DrainWorkerRequest(worker_id="inference-0"))
         assert drained.worker.state == router_pb2.WORKER_STATE_DRAINING

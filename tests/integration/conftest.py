@@ -12,6 +12,7 @@ import pytest
 
 from services.core.server import serving
 from services.inference.service import InferenceService, InferenceSettings
+from tests import mtls
 
 MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "models"
 
@@ -30,6 +31,7 @@ def inference_settings(tmp_path: Path, redis_url: str, **overrides: Any) -> Infe
         usage_stream=f"usage-test:{tmp_path.name}",
         engine="onnxruntime",
         worker_id="w0",
+        pki_dir=mtls.pki_dir(),
     )
     values.update(overrides)
     return InferenceSettings(**values)
@@ -43,7 +45,7 @@ async def start_inference(settings: InferenceSettings) -> Any:
     async def running() -> AsyncIterator[tuple[InferenceService, grpc.aio.Channel]]:
         service = InferenceService(settings)
         async with serving(service, settings) as server:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            async with mtls.aio_channel(server.port, peer="worker") as channel:
                 yield service, channel
 
     return running()

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests import mtls
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 
@@ -33,6 +33,7 @@ def _start(
                 "TOKENMESH_MODELS": "",
                 "TOKENMESH_TEST_MODELS": "deterministic-test:1",
                 "TOKENMESH_USAGE_SPOOL_DIR": str(tmp_path / "spool"),
+                "TOKENMESH_PKI_DIR": str(mtls.pki_dir()),
                 **env,
             },
             stdout=log,
@@ -53,7 +54,7 @@ def test_sigterm_finishes_in_flight_streams_then_exits_zero(tmp_path):
         "inference", tmp_path, TOKENMESH_TEST_ENGINE_STEP_MS="50", TOKENMESH_GRACE_SECONDS="10"
     )
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{info['grpc_port']}") as channel:
+        with mtls.channel(info["grpc_port"], peer="worker") as channel:
             stream = rpc.InferenceServiceStub(channel).Generate(
                 pb.GenerateRequest(model="deterministic-test", prompt="p", max_tokens=30),
                 timeout=20,
@@ -73,7 +74,7 @@ def test_sigterm_finishes_in_flight_streams_then_exits_zero(tmp_path):
 def test_sigterm_turns_health_not_serving_before_stopping(tmp_path):
     process, info = _start("inference", tmp_path, TOKENMESH_GRACE_SECONDS="10")
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{info['grpc_port']}") as channel:
+        with mtls.channel(info["grpc_port"], peer="worker") as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(
                 health_pb2.HealthCheckRequest(service="tokenmesh.inference.v1.InferenceService"),
                 timeout=15,

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
+from tests import mtls
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
@@ -142,7 +143,7 @@ async def test_cancelled_stream_frees_its_slot_and_is_metered(model_server):
             call.cancel()
             break
     for _ in range(100):
-        stats = await admin.GetWorkerStats(pb.GetWorkerStatsRequest())
+        stats = await admin.GetWorkerStats(pb.GetWorkerStatsRequest(), metadata=mtls.EDGE_FOR_ADMIN)
         if stats.running_sequences == 0 and stats.cancelled_total >= 1:
             break
         await asyncio.sleep(0.02)
@@ -188,7 +189,9 @@ async def test_models_load_and_unload_at_run_time(model_server):
     admin = rpc.InferenceAdminServiceStub(channel)
     health = health_pb2_grpc.HealthStub(channel)
     stub = rpc.InferenceServiceStub(channel)
-    loaded = await admin.LoadModel(pb.LoadModelRequest(model="demo-lm", version="2"))
+    loaded = await admin.LoadModel(
+        pb.LoadModelRequest(model="demo-lm", version="2"), metadata=mtls.EDGE_FOR_ADMIN
+    )
     assert [v.version for v in loaded.model.versions] == ["1", "2"]
     name = "tokenmesh.inference.v1.InferenceService/demo-lm/2"
     status = await health.Check(health_pb2.HealthCheckRequest(service=name))
@@ -197,7 +200,9 @@ async def test_models_load_and_unload_at_run_time(model_server):
         pb.CompleteRequest(model="demo-lm", version="2", prompt="x", max_tokens=2)
     )
     assert reply.model.version == "2"
-    await admin.UnloadModel(pb.UnloadModelRequest(model="demo-lm", version="2"))
+    await admin.UnloadModel(
+        pb.UnloadModelRequest(model="demo-lm", version="2"), metadata=mtls.EDGE_FOR_ADMIN
+    )
     status = await health.Check(health_pb2.HealthCheckRequest(service=name))
     assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -206,5 +211,7 @@ async def test_models_load_and_unload_at_run_time(model_server):
         )
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await admin.LoadModel(pb.LoadModelRequest(model="no-such-model", version="1"))
+        await admin.LoadModel(
+            pb.LoadModelRequest(model="no-such-model", version="1"), metadata=mtls.EDGE_FOR_ADMIN
+        )
     assert info.value.code() == grpc.StatusCode.NOT_FOUND

@@ -10,8 +10,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
-import grpc.aio
 import pytest
 import redis.asyncio as aioredis
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
@@ -21,6 +19,7 @@ from prometheus_client import REGISTRY
 from services.core.server import serving
 from services.usage.leases import LEASE_TTL_S, SETTLE_INTERVAL_S
 from services.usage.service import UsageService, UsageSettings
+from tests import mtls
 
 OK, OVER = rls_pb2.RateLimitResponse.OK, rls_pb2.RateLimitResponse.OVER_LIMIT
 BIG, SCARCE = f"big-{uuid.uuid4().hex[:6]}", f"scarce-{uuid.uuid4().hex[:6]}"  # fresh windows
@@ -38,6 +37,7 @@ def _request(**entries: str) -> rls_pb2.RateLimitRequest:
 @pytest.fixture
 async def limiter(redis_url):
     settings = UsageSettings(
+        pki_dir=mtls.pki_dir(),
         metrics_port=-1,
         grace_s=0.5,
         redis_url=redis_url,
@@ -49,7 +49,7 @@ async def limiter(redis_url):
         usage_stream=f"s:{uuid.uuid4().hex}",
     )
     async with serving(UsageService(settings), settings) as running:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        async with mtls.aio_channel(running.port, peer="usage") as channel:
             yield rls_pb2_grpc.RateLimitServiceStub(channel)
 
 
@@ -99,15 +99,17 @@ async def test_tenant_overrides_and_model_limits(limiter):
 async def _replicas(redis_url: str, count: int) -> AsyncIterator[list[Any]]:
     """`count` usage services on one Redis, as several replicas run behind the edge."""
     settings = UsageSettings(
-        metrics_port=-1, grace_s=0.5, redis_url=redis_url, usage_stream=f"s:{uuid.uuid4().hex}"
+        pki_dir=mtls.pki_dir(),
+        metrics_port=-1,
+        grace_s=0.5,
+        redis_url=redis_url,
+        usage_stream=f"s:{uuid.uuid4().hex}",
     )
     async with contextlib.AsyncExitStack() as stack:
         stubs = []
         for _ in range(count):
             running = await stack.enter_async_context(serving(UsageService(settings), settings))
-            channel = await stack.enter_async_context(
-                grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-            )
+            channel = await stack.enter_async_context(mtls.aio_channel(running.port, peer="usage"))
             stubs.append(rls_pb2_grpc.RateLimitServiceStub(channel))
         yield stubs
 
@@ -171,9 +173,11 @@ async def test_replicas_sharing_leases_admit_exactly_the_limit(redis_url):
 
 async def test_leases_off_every_decision_reads_the_window(redis_url):
     key = f"key_{uuid.uuid4().hex[:8]}"
-    settings = UsageSettings(metrics_port=-1, grace_s=0.5, redis_url=redis_url, lease_size=0)
+    settings = UsageSettings(
+        pki_dir=mtls.pki_dir(), metrics_port=-1, grace_s=0.5, redis_url=redis_url, lease_size=0
+    )
     async with serving(UsageService(settings), settings) as running:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        async with mtls.aio_channel(running.port, peer="usage") as channel:
             limiter = rls_pb2_grpc.RateLimitServiceStub(channel)
             for n in range(1, 4):
                 await limiter.ShouldRateLimit(_request(key_id=key, rpm="6400"))

@@ -22,14 +22,17 @@ from services.core.server import serving
 from services.launcher.mesh import spawn_redis
 from services.router.registry import WorkerRegistry
 from services.router.service import RouterService, RouterSettings
+from tests import mtls
 from tokenmesh.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from tokenmesh.router.v1 import router_pb2, router_service_pb2, router_service_pb2_grpc
 
 
 async def test_catalogue_errors_carry_bad_request_details(redis_url):
-    settings = RouterSettings(metrics_port=-1, grace_s=0.5, redis_url=redis_url)
+    settings = RouterSettings(
+        pki_dir=mtls.pki_dir(), metrics_port=-1, grace_s=0.5, redis_url=redis_url
+    )
     async with serving(RouterService(settings), settings) as running:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        async with mtls.aio_channel(running.port, peer="router", caller="operator") as channel:
             stub = router_service_pb2_grpc.RouterServiceStub(channel)
             await stub.RegisterModelVersion(
                 router_service_pb2.RegisterModelVersionRequest(model="errs", version="1")
@@ -54,13 +57,15 @@ async def test_catalogue_errors_carry_bad_request_details(redis_url):
 
 async def test_health_follows_redis(tmp_path: Path):
     child, url = spawn_redis(tmp_path / "data", tmp_path / "redis.log")
-    settings = AuthSettings(metrics_port=-1, grace_s=0.5, redis_url=url, secret="s" * 32)
+    settings = AuthSettings(
+        pki_dir=mtls.pki_dir(), metrics_port=-1, grace_s=0.5, redis_url=url, secret="s" * 32
+    )
     service = AuthService(settings)
     service.monitor.interval_s = 0.1
     name = "tokenmesh.auth.v1.AuthService"
     try:
         async with serving(service, settings) as running:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            async with mtls.aio_channel(running.port, peer="auth") as channel:
                 health: Any = health_pb2_grpc.HealthStub(channel)
                 request = health_pb2.HealthCheckRequest(service=name)
                 assert (

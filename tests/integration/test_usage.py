@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from services.core.server import serving
 from services.usage.meter import Meter, Retention, bucket_key, bucket_start
 from services.usage.service import UsageService, UsageSettings
+from tests import mtls
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.type.v1 import types_pb2
 from tokenmesh.usage.v1 import usage_pb2
@@ -87,9 +88,15 @@ async def test_totals_are_exact_and_replays_count_once(stream_and_client, redis_
     meter = _meter(client, stream, "c1")
     await meter.ensure_group()
     await _drain(meter)
-    settings = UsageSettings(metrics_port=-1, grace_s=0.5, redis_url=redis_url, usage_stream=stream)
+    settings = UsageSettings(
+        pki_dir=mtls.pki_dir(),
+        metrics_port=-1,
+        grace_s=0.5,
+        redis_url=redis_url,
+        usage_stream=stream,
+    )
     async with serving(UsageService(settings), settings) as running:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        async with mtls.aio_channel(running.port, peer="usage") as channel:
             stub = rpc.UsageServiceStub(channel)
             own = await stub.GetUsage(pb.GetUsageRequest(), metadata=_headers(key, tenant))
             assert own.requests == 20, own
@@ -150,13 +157,14 @@ async def test_trimming_deletes_only_what_was_metered(stream_and_client):
 
 async def test_callers_see_only_what_they_may(redis_url):
     settings = UsageSettings(
+        pki_dir=mtls.pki_dir(),
         metrics_port=-1,
         grace_s=0.5,
         redis_url=redis_url,
         usage_stream=f"usage-test:{uuid.uuid4().hex}",
     )
     async with serving(UsageService(settings), settings) as running:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        async with mtls.aio_channel(running.port, peer="usage") as channel:
             stub = rpc.UsageServiceStub(channel)
             for request in (
                 pb.GetUsageRequest(tenant="other"),
@@ -188,9 +196,15 @@ async def test_the_audit_log_lists_requests_without_prompts(stream_and_client, r
     meter = _meter(client, stream, "c")
     await meter.ensure_group()
     await _drain(meter)
-    settings = UsageSettings(metrics_port=-1, grace_s=0.5, redis_url=redis_url, usage_stream=stream)
+    settings = UsageSettings(
+        pki_dir=mtls.pki_dir(),
+        metrics_port=-1,
+        grace_s=0.5,
+        redis_url=redis_url,
+        usage_stream=stream,
+    )
     async with serving(UsageService(settings), settings) as running:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        async with mtls.aio_channel(running.port, peer="usage") as channel:
             stub = rpc.UsageServiceStub(channel)
             page = await stub.ListAuditEntries(
                 pb.ListAuditEntriesRequest(tenant=tenant, page_size=2),
