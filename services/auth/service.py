@@ -27,7 +27,7 @@ from services.core.errors import FailedPrecondition
 from services.core.redis_service import RedisBackedService
 from services.core.server import RunningServer
 from services.core.settings import RedisSettings, SettingsError, env, require
-from services.core.tasks import cancel_and_wait
+from services.core.tasks import SupervisedTask
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class AuthService(RedisBackedService):
         self.authenticator = Authenticator(
             self.keys, self.tokens, FailureLimiter(max_failures=settings.max_failures)
         )
-        self._rotation: asyncio.Task[None] | None = None
+        self._rotation: SupervisedTask | None = None
 
     def service_names(self) -> Sequence[str]:
         return [SERVICE_NAME, EXT_AUTHZ_SERVICE]
@@ -161,7 +161,7 @@ class AuthService(RedisBackedService):
         await self.ring.ensure()
         await self._bootstrap()
         if self.settings.rotation_s:
-            self._rotation = asyncio.create_task(self._rotate_on_schedule())
+            self._rotation = self.tasks.spawn("signing-rotation", self._rotate_on_schedule)
 
     async def _bootstrap(self) -> None:
         if self.settings.bootstrap_key:
@@ -180,6 +180,7 @@ class AuthService(RedisBackedService):
             logger.info("created dev admin key %s (secret written to %s)", key.id, path)
 
     async def _rotate_on_schedule(self) -> None:
+        """Rotates the signing key every `rotation_s` (a restarted run resumes the schedule)."""
         while True:
             records = await self.ring.records()
             current = next((r for r in records if r.state == "current"), None)
@@ -192,5 +193,5 @@ class AuthService(RedisBackedService):
 
     async def stop(self) -> None:
         if self._rotation is not None:
-            await cancel_and_wait(self._rotation, timeout_s=5)
+            await self._rotation.stop(timeout_s=5)
         await super().stop()

@@ -1,8 +1,9 @@
 """Redis connection shared by Redis-backed services, with health tracking.
 
 A service whose state lives in Redis is only useful while Redis answers: the
-monitor pings it and flips the service's health, so Envoy's health checks and
-the edge's /healthz see an outage within one interval.
+monitor pings it and reports the condition "redis" to the service's health
+gate, so Envoy's health checks and the edge's /healthz see an outage within
+one interval (the gate also hears from the service's supervised tasks).
 """
 
 from __future__ import annotations
@@ -10,33 +11,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.core.server import RunningServer
+from services.core.tasks import HealthGate, SupervisedTask, Supervisor
 
 logger = logging.getLogger(__name__)
 
 
 class RedisHealthMonitor:
-    """RedisHealthMonitor pings Redis and mirrors the result into gRPC health.
+    """RedisHealthMonitor pings Redis and reports the result to the service's health gate.
 
     Args:
         client: the service's Redis client.
-        names: the health entries that depend on Redis.
+        gate: the service's health gate (condition "redis").
         interval_s: seconds between pings.
     """
 
-    def __init__(
-        self, client: aioredis.Redis, names: Sequence[str], interval_s: float = 1.0
-    ) -> None:
+    def __init__(self, client: aioredis.Redis, gate: HealthGate, interval_s: float = 1.0) -> None:
         self.client = client
-        self.names = list(names)
+        self.gate = gate
         self.interval_s = interval_s
         self.reachable = False
-        self._task: asyncio.Task[None] | None = None
+        self._task: SupervisedTask | None = None
 
     async def ping(self) -> bool:
         """Returns whether Redis answered a PING within the interval."""
@@ -45,28 +43,27 @@ class RedisHealthMonitor:
         except (RedisError, OSError, TimeoutError):
             return False
 
-    async def start(self, running: RunningServer) -> None:
-        """Waits for the first successful ping, then keeps watching in the background."""
+    async def start(self, supervisor: Supervisor) -> None:
+        """Waits for the first successful ping, then keeps watching under `supervisor`."""
         while not await self.ping():
             logger.warning("waiting for Redis")
             await asyncio.sleep(self.interval_s)
         self.reachable = True
-        self._task = asyncio.create_task(self._watch(running))
+        self._task = supervisor.spawn("redis-health", self._watch)
 
-    async def _watch(self, running: RunningServer) -> None:
+    async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
             reachable = await self.ping()
             if reachable != self.reachable:
                 logger.warning("Redis is %s", "reachable again" if reachable else "unreachable")
                 self.reachable = reachable
-                await running.set_serving(self.names, serving=reachable)
+            # Every time, not only on change: a restarted watch re-asserts what it sees.
+            await self.gate.report("redis", reachable)
 
     async def stop(self) -> None:
         """Stops watching and closes the client."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task.stop(timeout_s=5)
         with contextlib.suppress(TimeoutError, RedisError, OSError):
             await asyncio.wait_for(self.client.aclose(), timeout=5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
@@ -9,6 +10,7 @@ import redis.asyncio as aioredis
 from services.core.redis_health import RedisHealthMonitor
 from services.core.server import RunningServer, Service
 from services.core.settings import RedisSettings
+from services.core.tasks import HealthGate, Supervisor
 
 
 def text(reply: bytes | str) -> str:
@@ -17,17 +19,25 @@ def text(reply: bytes | str) -> str:
 
 
 class RedisBackedService(Service):
-    """RedisBackedService is SERVING only while its Redis answers."""
+    """RedisBackedService is SERVING only while its Redis answers and its tasks run.
+
+    Subclasses start their background loops with `self.tasks.spawn(...)` and
+    stop them before calling `super().stop()`.
+    """
 
     def __init__(self, settings: RedisSettings) -> None:
         self.redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0)
-        self.monitor = RedisHealthMonitor(self.redis, self.service_names())
+        self.health = HealthGate()
+        self.tasks = Supervisor(self.name, self.health)
+        self.monitor = RedisHealthMonitor(self.redis, self.health)
 
     def service_names(self) -> Sequence[str]:
         raise NotImplementedError
 
     async def start(self, running: RunningServer) -> None:
-        await self.monitor.start(running)
+        self.health.attach(functools.partial(running.set_serving, self.service_names()))
+        await self.monitor.start(self.tasks)
 
     async def stop(self) -> None:
+        await self.tasks.stop()
         await self.monitor.stop()

@@ -183,7 +183,8 @@ class SupervisedTask:
         self.failures += 1
         self._restarts.inc()
         backoff_s = self._policy.backoff_s(self.failures)
-        # The supervisor is where a task's failure is finally handled: log it whole here.
+        # The supervisor is where a task's failure is finally handled: log it here,
+        # with the traceback once per row of failures (an outage repeats the same one).
         logger.error(
             "%s: background task %s failed (%d in a row): %s: %s; restarting in %.1fs",
             self.service,
@@ -192,7 +193,7 @@ class SupervisedTask:
             type(exc).__name__,
             exc,
             backoff_s,
-            exc_info=exc,
+            exc_info=exc if self.failures == 1 else None,
         )
         if self.failures >= self._policy.unhealthy_after:
             if self.failures == self._policy.unhealthy_after:

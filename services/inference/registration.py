@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import grpc
 import grpc.aio
 
-from services.core.tasks import cancel_and_wait
+from services.core.tasks import SupervisedTask, Supervisor
 from tokenmesh.router.v1 import router_service_pb2 as pb
 from tokenmesh.router.v1 import router_service_pb2_grpc as pb_grpc
 from tokenmesh.type.v1 import types_pb2
@@ -52,12 +52,16 @@ class Registration:
         self._lease_s = lease_s
         self._channel = grpc.aio.insecure_channel(router_address)
         self._stub = pb_grpc.WorkerRegistryServiceStub(self._channel)
-        self._task: asyncio.Task[None] | None = None
+        self._task: SupervisedTask | None = None
         self.registered = asyncio.Event()
 
-    def start(self) -> None:
-        """Starts registering and heartbeating in the background."""
-        self._task = asyncio.create_task(self._run(), name="worker-registration")
+    def start(self, supervisor: Supervisor) -> None:
+        """Starts registering and heartbeating in the background, under `supervisor`.
+
+        An unreachable router is retried here (the worker keeps serving; the
+        edge keeps its last config); anything else is the supervisor's.
+        """
+        self._task = supervisor.spawn("worker-registration", self._run)
 
     async def drain(self, delay_s: float) -> None:
         """Leaves the edge's endpoints, then waits `delay_s` for every edge to apply it."""
@@ -79,7 +83,7 @@ class Registration:
     async def stop(self) -> None:
         """Stops heartbeating and closes the channel."""
         if self._task is not None:
-            await cancel_and_wait(self._task, timeout_s=2)
+            await self._task.stop(timeout_s=2)
         await self._channel.close()
 
     def _refs(self) -> list[types_pb2.ModelRef]:

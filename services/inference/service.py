@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ import redis.asyncio as aioredis
 from gateway.model_routing import model_health_name
 from services.core.server import RunningServer, Service
 from services.core.settings import RedisSettings, env, require
+from services.core.tasks import HealthGate, Supervisor
 from services.inference.budget import TokenBudgets
 from services.inference.models import LoadedModel, ModelRegistry
 from services.inference.registration import Registration
@@ -112,6 +114,11 @@ class InferenceSettings(RedisSettings):
         64 * 2**20,
         "Unshipped usage bytes before new work is refused.",
     )
+    usage_spool_sync_ms: float = env(
+        "TOKENMESH_USAGE_SPOOL_SYNC_MS",
+        20.0,
+        "Spooled usage events are fsynced within this many ms: what a power loss can lose.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -141,6 +148,11 @@ class InferenceSettings(RedisSettings):
             "must be host:port",
         )
         require(0 <= self.drain_delay_s <= 60, "TOKENMESH_DRAIN_DELAY_SECONDS", "must be 0-60")
+        require(
+            1 <= self.usage_spool_sync_ms <= 10_000,
+            "TOKENMESH_USAGE_SPOOL_SYNC_MS",
+            "must be 1-10000",
+        )
 
     def limits(self) -> SchedulerLimits:
         """Returns the scheduler limits."""
@@ -189,7 +201,10 @@ class InferenceService(Service):
             self.redis,
             settings.usage_stream,
             settings.usage_spool_max_bytes,
+            sync_interval_s=settings.usage_spool_sync_ms / 1000,
         )
+        self.health = HealthGate()
+        self.tasks = Supervisor(self.name, self.health)
         self._running: RunningServer | None = None
         self.registration: Registration | None = None
 
@@ -212,7 +227,8 @@ class InferenceService(Service):
 
     async def start(self, running: RunningServer) -> None:
         self._running = running
-        self.usage_log.start()
+        self.health.attach(functools.partial(running.set_serving, self.service_names()))
+        self.usage_log.start(self.tasks)
         for entry in self.settings.test_models:
             name, version = _split(entry)
             step_s = self.settings.test_engine_step_ms / 1000
@@ -228,7 +244,7 @@ class InferenceService(Service):
                 f"{self.settings.advertise_host}:{running.port}",
                 lambda: [(m.name, m.version) for m in self.registry.all() if m.ready],
             )
-            self.registration.start()
+            self.registration.start(self.tasks)
 
     async def drain(self) -> None:
         if self.registration is not None:
@@ -265,4 +281,5 @@ class InferenceService(Service):
         for model in self.registry.all():
             await model.stop(drain_timeout_s=0)
         await self.usage_log.stop()
+        await self.tasks.stop()
         await self.redis.aclose()

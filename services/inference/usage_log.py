@@ -1,34 +1,73 @@
-"""Lossless usage events: a local append-only spool shipped to a Redis Stream.
+"""Usage events: a local append-only spool shipped to a Redis Stream.
 
 Every finished request appends one `UsageEvent` to `events.log` (length-
 prefixed protobuf) *before* anything else can lose it; a shipper task XADDs
-events to the stream and then advances a cursor file. A crash or a Redis
-outage therefore loses nothing: on restart the shipper resumes at the cursor
-(an event may be sent twice; consumers deduplicate by request_id). The spool
-is bounded: past `max_backlog_bytes` of unshipped events the worker refuses
-new requests (UNAVAILABLE) instead of dropping records.
+events to the stream and then advances a cursor file. On restart the shipper
+resumes at the cursor (an event may be sent twice; consumers deduplicate by
+request_id). The spool is bounded: past `max_backlog_bytes` of unshipped
+events the worker refuses new requests (UNAVAILABLE) instead of dropping
+records.
+
+Durability, precisely:
+- An appended event is in the operating system's page cache when `append`
+  returns: a crash of the worker process (even kill -9) or a Redis outage
+  loses nothing.
+- It is on disk (fsync) at most `sync_interval_s` (+ one fsync) later, or
+  sooner once it is in Redis (whose AOF fsyncs every write). A power loss or
+  kernel crash of the worker's machine can lose the events appended in that
+  last interval that had not reached Redis yet; nothing older.
+- A power loss can leave a torn last record; opening the spool sets the torn
+  tail aside (`events.torn-<offset>`) instead of shipping garbage.
+fsync runs on its own thread, never on the event loop; grouping the appends
+of an interval into one fsync keeps its cost off the request path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
 from services.core.errors import Unavailable
-from services.core.tasks import cancel_and_wait
+from services.core.tasks import SupervisedTask, Supervisor
 from tokenmesh.inference.v1 import inference_pb2
 
 logger = logging.getLogger(__name__)
 _HEADER = struct.Struct(">I")
 SHIP_GATHER_S = 0.005  # pause after each shipped batch (bounds batches per second)
 _COMPACT_BYTES = 1 << 20  # rewrite the spool once this much is shipped and nothing is pending
+SYNC_INTERVAL_S = 0.02  # the most a power loss can lose of what Redis does not have yet
+# Redis unreachable, or refusing for now: the spool rides it out (that is its job).
+_REDIS_UNAVAILABLE = (RedisError, ConnectionError, TimeoutError)
+
+
+def _intact_length(data: bytes) -> int:
+    """Returns how many leading bytes of spool `data` are whole, decodable records.
+
+    A record is torn if it is cut short, empty (a zero-filled tail after a
+    power loss: events always carry a request_id) or not a UsageEvent.
+    """
+    position = 0
+    while position + _HEADER.size <= len(data):
+        (size,) = _HEADER.unpack_from(data, position)
+        end = position + _HEADER.size + size
+        if size == 0 or end > len(data):
+            break
+        try:
+            inference_pb2.UsageEvent.FromString(data[position + _HEADER.size : end])
+        except DecodeError:
+            break
+        position = end
+    return position
 
 
 class UsageLog:
@@ -39,24 +78,61 @@ class UsageLog:
         client: Redis connection.
         stream: the stream key, e.g. "tokenmesh:usage".
         max_backlog_bytes: unshipped bytes above which new work is refused.
+        sync_interval_s: appended events are fsynced at most this long after.
+        fsync: flushes a file descriptor to disk (os.fsync; tests count calls).
     """
 
     def __init__(
-        self, directory: Path, client: aioredis.Redis, stream: str, max_backlog_bytes: int
+        self,
+        directory: Path,
+        client: aioredis.Redis,
+        stream: str,
+        max_backlog_bytes: int,
+        sync_interval_s: float = SYNC_INTERVAL_S,
+        fsync: Callable[[int], None] = os.fsync,
     ) -> None:
         self.directory = directory
         self.client = client
         self.stream = stream
         self.max_backlog_bytes = max_backlog_bytes
+        self.sync_interval_s = sync_interval_s
+        self._fsync = fsync
         directory.mkdir(parents=True, exist_ok=True)
         self._log_path = directory / "events.log"
         self._cursor_path = directory / "events.cursor"
+        self._set_aside_torn_tail()
         self._log = open(self._log_path, "ab")  # noqa: SIM115 - held open for the worker's life
         self._cursor = self._read_cursor()
         self._cursor_fd = os.open(self._cursor_path, os.O_WRONLY | os.O_CREAT, 0o644)
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._dirty = asyncio.Event()
+        # One thread: fsyncs run in order, and stop() can wait for the last one.
+        self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="usage-fsync")
+        self._tasks: list[SupervisedTask] = []
+        self.appended_total = 0
+        self.synced_total = 0  # appended events known to be on disk
         self.shipped_total = 0
+
+    def _set_aside_torn_tail(self) -> None:
+        """Moves a torn end of the spool (a power loss mid-write) to events.torn-<offset>."""
+        if not self._log_path.exists():
+            return
+        data = self._log_path.read_bytes()
+        intact = _intact_length(data)
+        if intact == len(data):
+            return
+        torn = self.directory / f"events.torn-{intact}"
+        torn.write_bytes(data[intact:])
+        with open(self._log_path, "r+b") as log:
+            log.truncate(intact)
+            os.fsync(log.fileno())
+        logger.error(
+            "usage spool %s had a torn tail (%d bytes) after offset %d; set aside in %s",
+            self._log_path,
+            len(data) - intact,
+            intact,
+            torn,
+        )
 
     def _read_cursor(self) -> int:
         try:
@@ -86,28 +162,51 @@ class UsageLog:
             )
 
     def append(self, event: inference_pb2.UsageEvent) -> None:
-        """Spools one event (written through to the OS before returning)."""
+        """Spools one event: in the OS when this returns, on disk within `sync_interval_s`."""
         payload = event.SerializeToString()
         self._log.write(_HEADER.pack(len(payload)) + payload)
         self._log.flush()
+        self.appended_total += 1
+        self._dirty.set()
         self._wake.set()
 
-    def start(self) -> None:
-        """Starts shipping (including whatever a previous run left unshipped)."""
-        self._task = asyncio.create_task(self._ship_forever(), name="usage-shipper")
+    def start(self, supervisor: Supervisor) -> None:
+        """Starts shipping (including whatever a previous run left unshipped) and syncing."""
+        self._tasks = [
+            supervisor.spawn("usage-shipper", self._ship_forever),
+            supervisor.spawn("usage-fsync", self._sync_forever),
+        ]
         self._wake.set()
+
+    async def sync(self) -> None:
+        """Flushes every event appended so far to disk (off the event loop)."""
+        appended = self.appended_total
+        self._dirty.clear()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._syncer, self._fsync, self._log.fileno())
+        self.synced_total = max(self.synced_total, appended)
 
     async def stop(self, timeout_s: float = 5.0) -> None:
-        """Ships what it can within `timeout_s`, then stops; the rest stays spooled."""
+        """Ships what it can within `timeout_s`, syncs the rest to disk, then stops."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 while self.backlog_bytes() > 0:
                     self._wake.set()
                     await asyncio.sleep(0.05)
-        if self._task is not None:
-            await cancel_and_wait(self._task, timeout_s=5)
+        for task in self._tasks:
+            await task.stop(timeout_s=5)
+        # Queued behind any fsync a cancelled sync left running: the file stays open until then.
+        await self.sync()
+        self._syncer.shutdown(wait=True)
         self._log.close()
         os.close(self._cursor_fd)
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await self._dirty.wait()
+            # Wait first: every event appended meanwhile shares this fsync.
+            await asyncio.sleep(self.sync_interval_s)
+            await self.sync()
 
     async def _ship_forever(self) -> None:
         backoff = 0.1
@@ -119,7 +218,10 @@ class UsageLog:
             try:
                 await self._ship_batch()
                 backoff = 0.1
-            except (RedisError, OSError) as exc:
+            except _REDIS_UNAVAILABLE as exc:
+                # Expected: the spool holds events until Redis is back (or is full,
+                # which refuses new work). A disk error or a corrupt record is not
+                # caught here: it ends the run, for the supervisor to report.
                 logger.warning(
                     "usage stream unreachable (%s); %d bytes spooled", exc, self.backlog_bytes()
                 )

@@ -124,7 +124,7 @@ class RouterService(RedisBackedService):
 
     async def start(self, running: RunningServer) -> None:
         await super().start(running)
-        self.plane.start()
+        self.plane.start(self.tasks)
 
     async def drain(self) -> None:
         # End the ADS streams first: Envoys keep their config and reconnect to

@@ -6,18 +6,25 @@ key, its tenant and the whole mesh, (3) records an audit entry, and (4) acks
 the stream entry — atomically, so a replayed or re-claimed event never counts
 twice and an applied one is never lost. Entries a crashed consumer left
 pending are claimed by another after `claim_idle_s`.
+
+An entry that cannot be decoded (no `event` field, bytes that are not a
+`UsageEvent`, an event without a request_id) is set aside: copied to the
+dead-letter stream `<stream>:dead` and acked in one transaction, counted in
+`tokenmesh_usage_dead_letters_total{reason}`, and metering goes on
+(`tokenmesh usage dead-letters` lists them).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from google.protobuf.message import DecodeError
+from prometheus_client import Counter
+from redis.exceptions import ResponseError
 
 from services.core.redis_service import text
 from tokenmesh.inference.v1 import inference_pb2
@@ -26,6 +33,14 @@ from tokenmesh.usage.v1 import usage_pb2
 logger = logging.getLogger(__name__)
 PREFIX = "tm:usage:"
 GRANULARITIES = ("minute", "hour", "day", "month")
+DEAD_LETTER_SUFFIX = ":dead"
+# Poison floods must not grow Redis without bound: the newest entries are kept.
+DEAD_LETTER_MAXLEN = 10_000
+DEAD_LETTERS = Counter(
+    "tokenmesh_usage_dead_letters_total",
+    "Usage-stream entries set aside because they could not be decoded, by reason.",
+    ["reason"],
+)
 
 # KEYS: stream, seen-key, audit-key, bucket hash keys...
 # ARGV: group, entry id, dedupe ttl, audit score, audit member, audit retention
@@ -133,6 +148,39 @@ def audit_entry(event: inference_pb2.UsageEvent) -> usage_pb2.AuditEntry:
     return entry
 
 
+def dead_letter_stream(stream: str) -> str:
+    """Returns the stream where undecodable entries of `stream` are set aside."""
+    return stream + DEAD_LETTER_SUFFIX
+
+
+@dataclass(frozen=True)
+class Poison:
+    """Poison says why a stream entry cannot be metered.
+
+    Attributes:
+        reason: a metric label: missing_event, undecodable or no_request_id.
+        detail: a human-readable explanation.
+    """
+
+    reason: str
+    detail: str
+
+
+def decode_entry(fields: dict[bytes, bytes]) -> inference_pb2.UsageEvent | Poison:
+    """Returns the usage event of a stream entry, or why it cannot be metered."""
+    raw = fields.get(b"event")
+    if raw is None:
+        return Poison("missing_event", "the entry has no event field")
+    try:
+        event = inference_pb2.UsageEvent.FromString(raw)
+    except DecodeError as exc:
+        return Poison("undecodable", f"not a UsageEvent: {exc}")
+    if not event.request_id:
+        # Deduplication is by request_id: without one it would merge with others.
+        return Poison("no_request_id", "the event has no request_id")
+    return event
+
+
 def _stream_id(entry_id: str) -> tuple[int, int]:
     millis, _, sequence = entry_id.partition("-")
     return int(millis), int(sequence or 0)
@@ -168,6 +216,7 @@ class Meter:
         self.retention = retention
         self.claim_idle_s = claim_idle_s
         self.trim_interval_s = trim_interval_s
+        self.dead_letters = dead_letter_stream(stream)
         self._apply = client.register_script(_APPLY)
         self.applied_total = 0
 
@@ -207,13 +256,39 @@ class Meter:
         await self._apply(keys=keys, args=args)
         self.applied_total += 1
 
+    async def set_aside(self, entry_id: bytes, fields: dict[bytes, bytes], poison: Poison) -> None:
+        """Moves an entry that cannot be metered to the dead-letter stream and acks it.
+
+        One transaction: a crash in between neither loses the entry nor leaves it
+        pending (where every restart would trip over it again).
+        """
+        letter: dict[Any, Any] = {
+            "stream_id": entry_id,
+            "reason": poison.reason,
+            "detail": poison.detail,
+            "consumer": self.consumer,
+            "unix_ms": str(int(time.time() * 1000)),
+        }
+        letter.update({b"orig:" + name: value for name, value in fields.items()})
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.dead_letters, letter, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+            pipe.xack(self.stream, self.group, entry_id)
+            await pipe.execute()
+        DEAD_LETTERS.labels(poison.reason).inc()
+        logger.error(
+            "usage entry %s set aside in %s: %s",
+            entry_id.decode(),
+            self.dead_letters,
+            poison.detail,
+        )
+
     async def _handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         for entry_id, fields in entries:
-            raw = fields.get(b"event")
-            if raw is None:  # not ours: ack so it does not stay pending forever
-                await self.redis.xack(self.stream, self.group, entry_id)
-                continue
-            await self.apply(entry_id.decode(), inference_pb2.UsageEvent.FromString(raw))
+            decoded = decode_entry(fields)
+            if isinstance(decoded, Poison):
+                await self.set_aside(entry_id, fields, decoded)
+            else:
+                await self.apply(entry_id.decode(), decoded)
 
     async def run_once(self, block_ms: int = 1000) -> int:
         """Reads and applies one batch of new entries; returns how many."""
@@ -276,18 +351,21 @@ class Meter:
         return int(await self.redis.xtrim(self.stream, minid=threshold, approximate=False))
 
     async def run_forever(self) -> None:
-        """Consumes until cancelled; survives Redis outages."""
-        last_claim = last_trim = 0.0
+        """Consumes until cancelled or until it fails (run it under a Supervisor).
+
+        Every failure, a Redis outage included, ends the run: the supervisor
+        backs off and starts a new one, which recreates the group (a flushed
+        Redis loses it) and first finishes what this consumer read but never
+        acked.
+        """
+        await self.ensure_group()
         await self.recover_own()
+        last_claim = last_trim = 0.0
         while True:
-            try:
-                if time.monotonic() - last_claim > self.claim_idle_s / 2:
-                    last_claim = time.monotonic()
-                    await self.claim_stale()
-                if time.monotonic() - last_trim > self.trim_interval_s:
-                    last_trim = time.monotonic()
-                    await self.trim()
-                await self.run_once()
-            except (RedisError, OSError) as exc:
-                logger.warning("usage stream unavailable (%s); retrying", exc)
-                await asyncio.sleep(1.0)
+            if time.monotonic() - last_claim > self.claim_idle_s / 2:
+                last_claim = time.monotonic()
+                await self.claim_stale()
+            if time.monotonic() - last_trim > self.trim_interval_s:
+                last_trim = time.monotonic()
+                await self.trim()
+            await self.run_once()

@@ -11,6 +11,13 @@ no fixed-window burst, no early lock-out.
 Requests of a key far below its limits are admitted from a lease of reserved
 slots without a Redis round trip (leases.py); near a limit every decision
 reads the windows.
+
+Errors are told apart: an unavailable store (connection refused or lost, a
+timeout, a Redis that is loading, read-only or out of memory) answers
+UNAVAILABLE, which Envoy turns into "allow" unless `failure_mode_deny`
+(counted in `tokenmesh_ratelimit_fail_open_total`); anything else is a bug:
+logged, counted in `tokenmesh_ratelimit_errors_total`, and the RPC fails
+(INTERNAL, from the error boundary), never disguised as an outage.
 """
 
 from __future__ import annotations
@@ -29,10 +36,13 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
 from prometheus_client import Counter
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, TryAgainError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.core.errors import Unavailable
 from services.core.interceptors import Context
-from services.core.tasks import cancel_and_wait
+from services.core.tasks import SupervisedTask, Supervisor
 from services.usage.leases import (
     LEASE_TTL_S,
     SETTLE_INTERVAL_S,
@@ -42,7 +52,7 @@ from services.usage.leases import (
     LeaseTable,
     settle_call,
 )
-from services.usage.script_client import ScriptClient
+from services.usage.script_client import ScriptClient, ScriptUnavailable
 
 logger = logging.getLogger(__name__)
 DECISIONS = Counter(
@@ -51,6 +61,29 @@ DECISIONS = Counter(
     ["path"],
 )
 LEASED, READ = DECISIONS.labels("lease"), DECISIONS.labels("redis")
+FAIL_OPEN = Counter(
+    "tokenmesh_ratelimit_fail_open_total",
+    "Decisions answered UNAVAILABLE because the rate-limit store was unreachable "
+    "(Envoy lets the request through unless failure_mode_deny).",
+)
+ERRORS = Counter(
+    "tokenmesh_ratelimit_errors_total",
+    "Rate-limit work that failed for another reason than an unavailable store (bugs).",
+    ["stage"],
+)
+# The store is unavailable: redis-py's connection errors (BusyLoadingError is
+# one), timeouts, a Redis that refuses writes for now, the lean client's
+# equivalent, and socket errors. Everything else is a bug.
+STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ReadOnlyError,
+    OutOfMemoryError,
+    TryAgainError,
+    ScriptUnavailable,
+    OSError,
+    TimeoutError,
+)
 WINDOW_S = 60
 WARN_AT = 0.8
 SHAPE_CACHE_SIZE = 16384
@@ -120,6 +153,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         redis_url: the same Redis as `client`, for the lean hot-path client.
         lease_size: slots a decision far below its limits may reserve for the
             next ones (see leases.py); 0 = every decision goes to Redis.
+        supervisor: runs the lease settler; a private one if omitted.
     """
 
     def __init__(
@@ -132,6 +166,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         model_rpm: Mapping[str, int] | None = None,
         redis_url: str = "",
         lease_size: int = 0,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.redis = client
         self.default_rpm = default_rpm
@@ -154,12 +189,13 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             self._settle_script = client.register_script(SETTLE_SCRIPT)
         self.leases = LeaseTable(lease_size)
         self._shapes: dict[tuple[tuple[str, str], ...], tuple[list[Limit], LeaseKey] | None] = {}
-        self._settler: asyncio.Task[None] | None = None
+        self._tasks = supervisor if supervisor is not None else Supervisor("usage")
+        self._settler: SupervisedTask | None = None
 
     async def close(self) -> None:
         """Settles every lease (unused slots go back) and closes the connections."""
         if self._settler is not None:
-            await cancel_and_wait(self._settler, timeout_s=1)
+            await self._settler.stop(timeout_s=1)
         await self._settle(self.leases.due(everything=True))
         for script in (self._windows, self._settle_script):
             if isinstance(script, ScriptClient):
@@ -276,9 +312,17 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
                     deadline=time.monotonic() + LEASE_TTL_S,
                 )
                 self._start_settler()
-        except Exception as exc:  # Redis down: Envoy applies failure_mode_deny
+        except STORE_UNAVAILABLE as exc:  # Redis down: Envoy applies failure_mode_deny
+            FAIL_OPEN.inc()
             logger.warning("rate-limit store unavailable: %s", type(exc).__name__)
             raise Unavailable("rate-limit store unavailable", retry_after_s=1.0) from None
+        except Exception as exc:
+            # A bug, not an outage: the boundary logs the traceback and answers INTERNAL.
+            ERRORS.labels("decide").inc()
+            logger.error(
+                "rate-limit decision failed (not an outage): %s: %s", type(exc).__name__, exc
+            )
+            raise
         finally:  # also when cancelled: the next decision may ask for a lease again
             if size:  # (a decision that asked for none must not clear another's request)
                 self.leases.granted(key, lease)
@@ -286,9 +330,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
 
     def _start_settler(self) -> None:
         if self._settler is None or self._settler.done():
-            self._settler = asyncio.get_running_loop().create_task(
-                self._settle_forever(), name="ratelimit-lease-settler"
-            )
+            self._settler = self._tasks.spawn("ratelimit-lease-settler", self._settle_forever)
 
     async def _settle_forever(self) -> None:
         # Ends once nothing is leased (an idle limiter does not wake up); the
@@ -304,8 +346,11 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         keys, args = settle_call(leases, WINDOW_S * 1000)
         try:
             await self._settle_script(keys=keys, args=args)
-        except Exception as exc:  # the reservations leave the windows within a minute
+        except STORE_UNAVAILABLE as exc:  # the reservations leave the windows within a minute
             logger.warning("could not settle %d rate-limit leases: %s", len(leases), exc)
+        except Exception:
+            ERRORS.labels("settle").inc()
+            raise  # a bug: the settler's supervisor logs it and restarts the settler
 
 
 def _status(

@@ -14,9 +14,11 @@ the client minimises both:
   resolve their callers' futures there: no reader task to wake in between.
 - One timer per written batch, not one per call.
 
-Anything unusual — a lost connection, a timeout — fails every waiting call
-with `ScriptUnavailable` and reconnects on the next call; the caller decides
-what an unavailable Redis means.
+Anything unusual — a lost connection, a timeout, a Redis that is loading,
+busy, read-only or out of memory — fails every waiting call with
+`ScriptUnavailable` and reconnects on the next call; the caller decides what
+an unavailable Redis means. An error the script itself raised (a bug, or a key
+of the wrong type) is a `ScriptError`: retrying elsewhere would not help.
 """
 
 from __future__ import annotations
@@ -34,8 +36,27 @@ import hiredis
 Arg = str | int | bytes
 
 
+# Error replies that mean "this Redis cannot run commands now", not "the script failed".
+_UNAVAILABLE_REPLIES = (
+    "BUSY",
+    "LOADING",
+    "OOM",
+    "READONLY",
+    "MASTERDOWN",
+    "MISCONF",
+    "NOAUTH",
+    "NOREPLICAS",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+)
+
+
 class ScriptUnavailable(Exception):
     """ScriptUnavailable reports that Redis could not run the script."""
+
+
+class ScriptError(Exception):
+    """ScriptError reports that the script ran and failed (its error reply)."""
 
 
 def _command(*parts: Arg) -> bytes:
@@ -153,12 +174,14 @@ class ScriptClient:
         self._connecting = asyncio.Lock()
 
     async def __call__(self, *, keys: Sequence[str], args: Sequence[Arg]) -> object:
-        """Runs the script; raises ScriptUnavailable."""
+        """Runs the script; raises ScriptUnavailable or ScriptError."""
         reply = await self._send(_command("EVALSHA", self.sha, len(keys), *keys, *args))
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             reply = await self._send(_command("EVAL", self.script, len(keys), *keys, *args))
         if isinstance(reply, hiredis.ReplyError):
-            raise ScriptUnavailable(str(reply))
+            if str(reply).startswith(_UNAVAILABLE_REPLIES):
+                raise ScriptUnavailable(str(reply))
+            raise ScriptError(str(reply))
         return reply
 
     async def _send(self, command: bytes) -> object:

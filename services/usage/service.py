@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from services.core.redis_service import RedisBackedService
 from services.core.server import RunningServer
 from services.core.settings import RedisSettings, env, require
-from services.core.tasks import cancel_and_wait
+from services.core.tasks import SupervisedTask
 from services.usage.meter import Meter, Retention
 from services.usage.ratelimit import RateLimitServicer
 from services.usage.reports import UsageReader
@@ -144,7 +143,7 @@ class UsageService(RedisBackedService):
             settings.claim_idle_s,
             settings.trim_interval_s,
         )
-        self._task: asyncio.Task[None] | None = None
+        self._task: SupervisedTask | None = None
         # Request-rate windows live 60 s: a Redis without fsync-per-write keeps
         # the limiter's round trip short (the edge waits on it for every request).
         limits_url = settings.ratelimit_redis_url or settings.redis_url
@@ -162,6 +161,7 @@ class UsageService(RedisBackedService):
             settings.model_limits(),
             redis_url=limits_url,
             lease_size=settings.lease_size,
+            supervisor=self.tasks,
         )
 
     def service_names(self) -> Sequence[str]:
@@ -176,11 +176,11 @@ class UsageService(RedisBackedService):
     async def start(self, running: RunningServer) -> None:
         await super().start(running)
         await self.meter.ensure_group()
-        self._task = asyncio.create_task(self.meter.run_forever(), name="usage-meter")
+        self._task = self.tasks.spawn("usage-meter", self.meter.run_forever)
 
     async def stop(self) -> None:
         if self._task is not None:
-            await cancel_and_wait(self._task, timeout_s=5)
+            await self._task.stop(timeout_s=5)
         await self.limiter.close()
         if self._limits_redis is not self.redis:
             await self._limits_redis.aclose()

@@ -1,9 +1,12 @@
-"""The usage spool ships every event to a real Redis Stream, and loses none
-when Redis is down or the worker restarts."""
+"""The usage spool ships every event to a real Redis Stream, loses none when
+Redis is down or the worker restarts, and fsyncs what it holds within its
+sync interval."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import struct
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.core.errors import Unavailable
+from services.core.tasks import Supervisor
 from services.inference.usage_log import UsageLog
 from services.launcher.processes import reserve_port
 from tokenmesh.inference.v1 import inference_pb2
@@ -32,6 +36,33 @@ async def _stream_ids(client: Any, stream: str) -> list[str]:
     return [fields[b"request_id"].decode() for _, fields in entries]
 
 
+def _supervisor() -> Supervisor:
+    return Supervisor("inference-test")
+
+
+class _CountingFsync:
+    """Wraps os.fsync: counts calls and what had been appended at each one."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fds: set[int] = set()
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        self.fds.add(fd)
+        os.fsync(fd)
+
+
+def _dead_redis() -> Any:
+    return aioredis.from_url(f"redis://127.0.0.1:{reserve_port()}/0", socket_connect_timeout=0.2)
+
+
+async def _until(condition: Any, timeout_s: float = 10) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
 async def _wait_shipped(log: UsageLog, timeout_s: float = 10) -> None:
     async with asyncio.timeout(timeout_s):
         while log.backlog_bytes():
@@ -42,7 +73,7 @@ async def test_events_reach_the_stream_intact(tmp_path, redis_url):
     stream = f"test:{uuid.uuid4().hex}"
     client = aioredis.from_url(redis_url)
     log = UsageLog(tmp_path, client, stream, max_backlog_bytes=1 << 20)
-    log.start()
+    log.start(_supervisor())
     try:
         for i in range(50):
             log.append(_event(i))
@@ -62,7 +93,7 @@ async def test_redis_down_spools_then_ships_after_a_restart(tmp_path: Path, redi
     stream = f"test:{uuid.uuid4().hex}"
     dead = aioredis.from_url(f"redis://127.0.0.1:{reserve_port()}/0", socket_connect_timeout=0.2)
     log = UsageLog(tmp_path, dead, stream, max_backlog_bytes=1 << 20)
-    log.start()
+    log.start(_supervisor())
     for i in range(10):
         log.append(_event(i))
     await asyncio.sleep(0.3)
@@ -72,7 +103,7 @@ async def test_redis_down_spools_then_ships_after_a_restart(tmp_path: Path, redi
 
     live = aioredis.from_url(redis_url)
     restarted = UsageLog(tmp_path, live, stream, max_backlog_bytes=1 << 20)
-    restarted.start()
+    restarted.start(_supervisor())
     try:
         await _wait_shipped(restarted)
         assert await _stream_ids(live, stream) == [f"req-{i}" for i in range(10)]
@@ -92,3 +123,51 @@ async def test_a_full_spool_refuses_new_work_instead_of_dropping(tmp_path: Path)
     assert info.value.reason == "USAGE_BACKLOG_FULL"
     await log.stop(timeout_s=0)
     await dead.aclose()
+
+
+async def test_spooled_events_are_fsynced_within_the_interval_while_redis_is_down(tmp_path: Path):
+    fsync, dead = _CountingFsync(), _dead_redis()
+    log = UsageLog(tmp_path, dead, "s", 1 << 20, sync_interval_s=0.05, fsync=fsync)
+    log.start(_supervisor())
+    try:
+        for i in range(20):
+            log.append(_event(i))
+        assert log.synced_total == 0  # appending never waits for the disk
+        await _until(lambda: log.synced_total == 20)
+        assert log.backlog_bytes() > 0  # on disk, not shipped: Redis had nothing to do with it
+        assert 1 <= fsync.calls < 20  # appends of one interval share an fsync
+        assert fsync.fds == {log._log.fileno()}
+    finally:
+        await log.stop(timeout_s=0)
+        await dead.aclose()
+
+
+async def test_stopping_fsyncs_everything_appended(tmp_path: Path):
+    fsync, dead = _CountingFsync(), _dead_redis()
+    log = UsageLog(tmp_path, dead, "s", 1 << 20, sync_interval_s=3600, fsync=fsync)
+    log.start(_supervisor())
+    for i in range(5):
+        log.append(_event(i))
+    await log.stop(timeout_s=0)
+    await dead.aclose()
+    assert fsync.calls >= 1 and log.synced_total == log.appended_total == 5
+
+
+async def test_a_torn_tail_is_set_aside_and_every_whole_event_ships(tmp_path: Path, redis_url: str):
+    whole = b"".join(
+        struct.pack(">I", len(p)) + p for p in (_event(i).SerializeToString() for i in range(3))
+    )
+    torn = struct.pack(">I", 40) + b"cut short by a power loss"
+    (tmp_path / "events.log").write_bytes(whole + torn)
+    stream = f"test:{uuid.uuid4().hex}"
+    live = aioredis.from_url(redis_url)
+    log = UsageLog(tmp_path, live, stream, max_backlog_bytes=1 << 20)
+    log.start(_supervisor())
+    try:
+        log.append(_event(3))  # lands after the whole records, not after the torn bytes
+        await _wait_shipped(log)
+        assert await _stream_ids(live, stream) == [f"req-{i}" for i in range(4)]
+        assert (tmp_path / f"events.torn-{len(whole)}").read_bytes() == torn
+    finally:
+        await log.stop()
+        await live.aclose()
