@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.core.errors import FailedPrecondition, NotFound
+from services.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from services.inference.embedder import Embedder
 from services.inference.engines.base import GenerativeEngine
 from services.inference.engines.deterministic import DeterministicTestEngine
@@ -40,9 +40,32 @@ class EngineOptions:
     prefix_cache_tokens: int = 0  # ONNX Runtime only: the TensorRT engine keeps no prefixes
 
 
+def version_directory(repo: Path, name: str, version: str) -> Path:
+    """Returns the resolved directory of a version; it is always inside `repo`.
+
+    Defence in depth: the servicer already refuses names that are not one
+    safe path segment, but this refuses any path (a symlink included) that
+    resolves outside the repository root, before any file in it is opened.
+    """
+    root = repo.resolve()
+    try:
+        directory = (root / name / version).resolve()
+    except ValueError:  # NUL: no such path can exist
+        directory = root
+    if directory.parent.parent != root:  # exactly <root>/<name>/<version>
+        raise InvalidArgument(
+            [
+                FieldViolation("model", "must name a model inside the model repository"),
+                FieldViolation("version", "must name a version inside the model repository"),
+            ],
+            reason="MODEL_OUTSIDE_REPOSITORY",
+        )
+    return directory
+
+
 def read_card(repo: Path, name: str, version: str) -> tuple[dict[str, Any], Path]:
     """Returns (config.json, directory holding the weights) of a version."""
-    directory = repo / name / version
+    directory = version_directory(repo, name, version)
     card_path = directory / "config.json"
     if not card_path.is_file():
         raise NotFound(
@@ -52,6 +75,12 @@ def read_card(repo: Path, name: str, version: str) -> tuple[dict[str, Any], Path
         )
     card: dict[str, Any] = json.loads(card_path.read_text())
     weights = (directory / card.get("weights", ".")).resolve()
+    if not weights.is_relative_to(repo.resolve()):
+        raise FailedPrecondition(
+            f"model {name!r} version {version!r}: config.json weights point outside "
+            "the model repository",
+            reason="MODEL_OUTSIDE_REPOSITORY",
+        )
     if not (weights / "model.onnx").is_file():
         raise FailedPrecondition(
             f"model {name!r} version {version!r} has no model.onnx; run `make models`",

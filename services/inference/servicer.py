@@ -526,14 +526,14 @@ class InferenceAdminServicer(inference_service_pb2_grpc.InferenceAdminServiceSer
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: Context
     ) -> pb.LoadModelResponse:
-        _check_name_version(request.model, request.version)
+        validation.validate_model_version(request.model, request.version)
         await self._load(request.model, request.version)
         return pb.LoadModelResponse(model=self.registry.to_pb(request.model))
 
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: Context
     ) -> pb.UnloadModelResponse:
-        _check_name_version(request.model, request.version)
+        validation.validate_model_version(request.model, request.version)
         await self._unload(request.model, request.version)
         return pb.UnloadModelResponse()
 
@@ -559,13 +559,3 @@ class InferenceAdminServicer(inference_service_pb2_grpc.InferenceAdminServiceSer
             kv_tokens_capacity=totals["kv_tokens_capacity"],
             cancelled_total=totals["cancelled_total"],
         )
-
-
-def _check_name_version(model: str, version: str) -> None:
-    violations = []
-    if not model:
-        violations.append(FieldViolation("model", "is required"))
-    if not version:
-        violations.append(FieldViolation("version", "is required"))
-    if violations:
-        raise InvalidArgument(violations)

@@ -7,9 +7,9 @@ Every problem becomes a BadRequest field violation; all are reported at once.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
+from services.core import contract
 from services.core.errors import FieldViolation, InvalidArgument
 from services.inference.models import ModelDefaults
 from services.inference.sampling import SamplingParams
@@ -23,9 +23,6 @@ MAX_TOP_K = 1000
 MAX_EMBED_INPUTS = 256
 MAX_EMBED_INPUT_CHARS = 20_000
 MAX_PAGE_SIZE = 1000
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 GenerationRequest = pb.GenerateRequest | pb.CompleteRequest
 
@@ -33,15 +30,15 @@ GenerationRequest = pb.GenerateRequest | pb.CompleteRequest
 def _check_model(model: str, version: str, out: list[FieldViolation]) -> None:
     if not model:
         out.append(FieldViolation("model", "is required"))
-    elif not _NAME.match(model):
-        out.append(FieldViolation("model", "must be 1-128 characters of [A-Za-z0-9._-]"))
-    if version and not _VERSION.match(version):
-        out.append(FieldViolation("version", "must be 1-64 characters of [A-Za-z0-9._-]"))
+    elif not contract.is_model_name(model):
+        out.append(FieldViolation("model", f"must be {contract.MODEL_NAME_RULE}"))
+    if version and not contract.is_model_version(version):
+        out.append(FieldViolation("version", f"must be {contract.MODEL_VERSION_RULE}"))
 
 
 def _check_request_id(request_id: str, out: list[FieldViolation]) -> None:
-    if request_id and not _REQUEST_ID.match(request_id):
-        out.append(FieldViolation("request_id", "must be 1-128 characters of [A-Za-z0-9._:-]"))
+    if request_id and not contract.is_request_id(request_id):
+        out.append(FieldViolation("request_id", f"must be {contract.REQUEST_ID_RULE}"))
 
 
 def _check_sampling(request: GenerationRequest, out: list[FieldViolation]) -> None:
@@ -102,6 +99,20 @@ def validate_model_name(model: str) -> None:
     """Raises InvalidArgument unless `model` is a well-formed model name."""
     out: list[FieldViolation] = []
     _check_model(model, "", out)
+    if out:
+        raise InvalidArgument(out)
+
+
+def validate_model_version(model: str, version: str) -> None:
+    """Raises InvalidArgument unless `model` and `version` are both set and well-formed.
+
+    Both become path segments of the model repository (LoadModel, UnloadModel),
+    so "..", "/", NUL and a trailing newline are refused here, at the edge.
+    """
+    out: list[FieldViolation] = []
+    _check_model(model, version, out)
+    if not version:
+        out.append(FieldViolation("version", "is required"))
     if out:
         raise InvalidArgument(out)
 

@@ -38,6 +38,11 @@ def test_a_minimal_request_is_valid():
         (pb.GenerateRequest(model="m", prompt="hi", stop=[""]), "stop[0]"),
         (pb.GenerateRequest(model="m", prompt="hi", request_id="has space"), "request_id"),
         (pb.GenerateRequest(model="m", version="v 1", prompt="hi"), "version"),
+        # A trailing newline passes `re.match(...$)`; the contract's fullmatch refuses it.
+        (pb.GenerateRequest(model="m\n", prompt="hi"), "model"),
+        (pb.GenerateRequest(model="m", version="1\n", prompt="hi"), "version"),
+        (pb.GenerateRequest(model="m", prompt="hi", request_id="r\n"), "request_id"),
+        (pb.GenerateRequest(model="..", prompt="hi"), "model"),
     ],
 )
 def test_bad_fields_are_named(request_, field):
