@@ -4,6 +4,12 @@ A worker registers its address and model versions, then renews a lease
 (the heartbeat). A worker whose lease ran out is not routed to and is
 forgotten; a draining worker is not routed to but keeps its entry until it
 exits, so operators can watch it finish.
+
+Every change is a compare-and-set of the worker's entry (a Lua script that
+writes only if the entry is still the one the change was computed from, else
+the change is computed again), so a heartbeat never writes back a worker that
+an operator drained in the meantime, and two workers claiming one id never
+both win.
 """
 
 from __future__ import annotations
@@ -16,18 +22,38 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from services.core import contract
 from services.core.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
 from services.core.redis_service import text
 from services.router.catalog import check_name, check_version
 
 WORKERS_KEY = "tokenmesh:router:workers"
-_WORKER_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$")
 # A lease this long past its end is deleted (kept briefly so ListWorkers shows it went).
 _FORGET_AFTER_S = 60.0
 
 SERVING = "serving"
 DRAINING = "draining"
+
+# KEYS: the workers hash; ARGV: worker id, the entry the change was computed
+# from ("" = none), the new entry. Returns 1 if written, 0 if the entry changed.
+_COMPARE_AND_SET = """
+if (redis.call('HGET', KEYS[1], ARGV[1]) or '') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+# KEYS: the workers hash; ARGV: worker id, entry, worker id, entry, ...
+# Deletes each worker whose entry is still the given one; returns how many.
+_FORGET_UNCHANGED = """
+local deleted = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    deleted = deleted + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return deleted
+"""
 
 
 @dataclass(frozen=True)
@@ -84,10 +110,8 @@ class WorkerEntry:
 
 def check_worker_id(worker_id: str) -> None:
     """Raises InvalidArgument unless `worker_id` is well-formed."""
-    if not _WORKER_ID.match(worker_id):
-        raise InvalidArgument(
-            [FieldViolation("worker_id", "must be 1-128 characters of [A-Za-z0-9._:-]")]
-        )
+    if not contract.is_worker_id(worker_id):
+        raise InvalidArgument([FieldViolation("worker_id", f"must be {contract.WORKER_ID_RULE}")])
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -113,6 +137,8 @@ class WorkerRegistry:
     def __init__(self, redis: aioredis.Redis, lease_s: float) -> None:
         self.redis = redis
         self.lease_s = lease_s
+        self._compare_and_set = redis.register_script(_COMPARE_AND_SET)
+        self._forget = redis.register_script(_FORGET_UNCHANGED)
 
     async def register(
         self, worker_id: str, address: str, models: Sequence[tuple[str, str]], now: float
@@ -121,28 +147,28 @@ class WorkerRegistry:
         check_worker_id(worker_id)
         host, port = parse_address(address)
         check_models(models)
-        raw = await self.redis.hget(WORKERS_KEY, worker_id)
-        if raw is not None:
-            current = WorkerEntry.from_json(worker_id, raw)
-            if current.address != address and current.routable(now):
-                # Two live workers with one id would steal each other's endpoint.
-                raise AlreadyExists(
-                    f"worker id {worker_id!r} is held by a live worker at {current.address}; "
-                    "use a unique TOKENMESH_WORKER_ID (this one can register once that "
-                    "lease ends)",
-                    reason="WORKER_ID_IN_USE",
-                )
         entry = WorkerEntry(worker_id, host, port, tuple(models), SERVING, now + self.lease_s)
-        await self.redis.hset(WORKERS_KEY, worker_id, entry.to_json())
-        return entry
+        while True:
+            raw = await self.redis.hget(WORKERS_KEY, worker_id)
+            if raw is not None:
+                current = WorkerEntry.from_json(worker_id, raw)
+                if current.address != address and current.routable(now):
+                    # Two live workers with one id would steal each other's endpoint.
+                    raise AlreadyExists(
+                        f"worker id {worker_id!r} is held by a live worker at "
+                        f"{current.address}; use a unique TOKENMESH_WORKER_ID (this one can "
+                        "register once that lease ends)",
+                        reason="WORKER_ID_IN_USE",
+                    )
+            # NOTE: a registration is a new worker process, so it serves even if
+            # the entry it replaces was draining (that process exits on its own).
+            if await self._swap(worker_id, raw, entry):
+                return entry
 
     async def get(self, worker_id: str) -> WorkerEntry:
         """Returns one worker; raises NotFound."""
-        check_worker_id(worker_id)
-        raw = await self.redis.hget(WORKERS_KEY, worker_id)
-        if raw is None:
-            raise NotFound(f"worker {worker_id!r} is not registered", reason="WORKER_NOT_FOUND")
-        return WorkerEntry.from_json(worker_id, raw)
+        _, entry = await self._read(worker_id)
+        return entry
 
     async def renew(
         self, worker_id: str, models: Sequence[tuple[str, str]], now: float
@@ -151,20 +177,40 @@ class WorkerRegistry:
 
         Returns the worker and whether its set of model versions changed.
         """
-        entry = await self.get(worker_id)
         if models:
             check_models(models)
-        renewed = replace(
-            entry, models=tuple(models) or entry.models, lease_expires_at=now + self.lease_s
-        )
-        await self.redis.hset(WORKERS_KEY, worker_id, renewed.to_json())
-        return renewed, set(renewed.models) != set(entry.models)
+        while True:
+            raw, entry = await self._read(worker_id)
+            renewed = replace(
+                entry, models=tuple(models) or entry.models, lease_expires_at=now + self.lease_s
+            )
+            if await self._swap(worker_id, raw, renewed):
+                return renewed, set(renewed.models) != set(entry.models)
 
     async def drain(self, worker_id: str) -> WorkerEntry:
         """Marks a worker draining: the edge stops sending it new requests."""
-        entry = replace(await self.get(worker_id), state=DRAINING)
-        await self.redis.hset(WORKERS_KEY, worker_id, entry.to_json())
-        return entry
+        while True:
+            raw, entry = await self._read(worker_id)
+            drained = replace(entry, state=DRAINING)
+            if await self._swap(worker_id, raw, drained):
+                return drained
+
+    async def _read(self, worker_id: str) -> tuple[bytes | str, WorkerEntry]:
+        """Returns a worker's stored entry and its parsed form; raises NotFound."""
+        check_worker_id(worker_id)
+        raw = await self.redis.hget(WORKERS_KEY, worker_id)
+        if raw is None:
+            raise NotFound(f"worker {worker_id!r} is not registered", reason="WORKER_NOT_FOUND")
+        return raw, WorkerEntry.from_json(worker_id, raw)
+
+    async def _swap(self, worker_id: str, read: bytes | str | None, entry: WorkerEntry) -> bool:
+        """Stores `entry` if the stored one is still `read` (None: absent); False if not."""
+        expected = b"" if read is None else read
+        return bool(
+            await self._compare_and_set(
+                keys=[WORKERS_KEY], args=[worker_id, expected, entry.to_json()]
+            )
+        )
 
     async def all(self, now: float) -> list[WorkerEntry]:
         """Returns every known worker, forgetting those whose lease ended long ago."""
@@ -172,5 +218,7 @@ class WorkerRegistry:
         workers = [WorkerEntry.from_json(text(k), v) for k, v in raw.items()]
         gone = [w.worker_id for w in workers if w.lease_expires_at + _FORGET_AFTER_S < now]
         if gone:
-            await self.redis.hdel(WORKERS_KEY, *gone)
+            # Only entries still as read: a worker that re-registered meanwhile stays.
+            stale = [x for k, v in raw.items() if text(k) in gone for x in (k, v)]
+            await self._forget(keys=[WORKERS_KEY], args=stale)
         return sorted((w for w in workers if w.worker_id not in gone), key=lambda w: w.worker_id)

@@ -1,0 +1,166 @@
+"""Read-modify-writes of shared Redis state lose no update when two writers meet.
+
+Each race is reproduced against a real Redis in one of two ways: an
+`InterleavedRedis` client lets the other writer act right after this
+client's read and before its write (deterministic), or many writers run at
+once for many rounds. Each race test here fails on the read-then-write code
+it guards against (the catalogue's on a GET-then-SET `Catalog.change`: its
+WATCH/MULTI was already right).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+
+from services.core.errors import AlreadyExists
+from services.router.registry import DRAINING, SERVING, WorkerRegistry
+
+
+class _Hook:
+    """Runs `between()` once, after the first reply to `command`."""
+
+    def __init__(self, command: str, between: Callable[[], Awaitable[object]]) -> None:
+        self.command = command.upper()
+        self.between: Callable[[], Awaitable[object]] | None = between
+
+    async def after(self, command: object) -> None:
+        if self.between is not None and str(command).upper() == self.command:
+            between, self.between = self.between, None
+            await between()
+
+    @property
+    def fired(self) -> bool:
+        return self.between is None
+
+
+class InterleavedRedis(aioredis.Redis):
+    """A real Redis client that lets another writer act between its read and its write.
+
+    Once the first `hook.command` it sends (directly, or while a pipeline
+    WATCHes) has been answered, it awaits `hook.between()`, then goes on.
+    """
+
+    hook: _Hook
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        reply = await super().execute_command(*args, **options)
+        await self.hook.after(args[0])
+        return reply
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        return _InterleavedPipeline(
+            self.hook, self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
+
+
+class _InterleavedPipeline(Pipeline):
+    def __init__(self, hook: _Hook, *args: Any) -> None:
+        super().__init__(*args)
+        self.hook = hook
+
+    async def immediate_execute_command(self, *args: Any, **options: Any) -> Any:
+        reply = await super().immediate_execute_command(*args, **options)
+        await self.hook.after(args[0])
+        return reply
+
+
+def _interleaved(
+    url: str, command: str, between: Callable[[], Awaitable[object]]
+) -> InterleavedRedis:
+    client = cast(InterleavedRedis, InterleavedRedis.from_url(url))
+    client.hook = _Hook(command, between)
+    return client
+
+
+Interleave = Callable[[str, Callable[[], Awaitable[object]]], aioredis.Redis]
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def interleaved(redis_url: str) -> AsyncIterator[Interleave]:
+    """Returns clients whose first `command` is followed by `between()`."""
+    clients: list[InterleavedRedis] = []
+
+    def make(command: str, between: Callable[[], Awaitable[object]]) -> aioredis.Redis:
+        client = _interleaved(redis_url, command, between)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        assert client.hook.fired, f"no {client.hook.command} was sent: the race was not run"
+        await client.aclose()
+
+
+def _worker_id() -> str:
+    return f"w-{uuid.uuid4().hex[:8]}"
+
+
+# ---------------------------------------------------------------------------
+# Worker registry: heartbeat and registration vs drain
+# ---------------------------------------------------------------------------
+
+
+async def test_a_drain_between_a_heartbeats_read_and_write_is_kept(client, interleaved):
+    worker, now = _worker_id(), time.time()
+    operator = WorkerRegistry(client, lease_s=30)
+    await operator.register(worker, "127.0.0.1:1001", [("m", "1")], now)
+    heartbeat = WorkerRegistry(interleaved("HGET", lambda: operator.drain(worker)), lease_s=30)
+    renewed, _ = await heartbeat.renew(worker, [("m", "1")], now + 1)
+    assert renewed.state == DRAINING  # the worker is told to drain by this very heartbeat
+    assert renewed.lease_expires_at == now + 31
+    assert (await operator.get(worker)).state == DRAINING
+
+
+async def test_draining_while_heartbeating_leaves_the_worker_draining(client):
+    """Many workers, each drained while heartbeats and re-reads race it."""
+    registry, now = WorkerRegistry(client, lease_s=30), time.time()
+    workers = [_worker_id() for _ in range(40)]
+    for n, worker in enumerate(workers):
+        await registry.register(worker, f"127.0.0.1:{2000 + n}", [("m", "1")], now)
+
+    async def heartbeats(worker: str) -> None:
+        for beat in range(5):
+            await registry.renew(worker, [("m", "1")], now + beat)
+
+    await asyncio.gather(*(heartbeats(w) for w in workers), *(registry.drain(w) for w in workers))
+    states = {w: (await registry.get(w)).state for w in workers}
+    assert set(states.values()) == {DRAINING}, states
+
+
+async def test_two_workers_registering_one_id_at_once_do_not_both_win(client, interleaved):
+    worker, now = _worker_id(), time.time()
+    second = WorkerRegistry(client, lease_s=30)
+    first = WorkerRegistry(
+        interleaved("HGET", lambda: second.register(worker, "127.0.0.1:1002", [("m", "1")], now)),
+        lease_s=30,
+    )
+    with pytest.raises(AlreadyExists, match="127.0.0.1:1002"):
+        await first.register(worker, "127.0.0.1:1001", [("m", "1")], now)
+    assert (await second.get(worker)).address == "127.0.0.1:1002"
+
+
+async def test_forgetting_a_long_gone_worker_spares_it_once_it_registered_again(
+    client, interleaved
+):
+    worker, then = _worker_id(), time.time() - 3600
+    fresh = WorkerRegistry(client, lease_s=30)
+    await fresh.register(worker, "127.0.0.1:1003", [("m", "1")], then)
+    back = lambda: fresh.register(worker, "127.0.0.1:1003", [("m", "1")], time.time())  # noqa: E731
+    lister = WorkerRegistry(interleaved("HGETALL", back), lease_s=30)
+    await lister.all(time.time())  # read the old lease, then the worker came back
+    assert (await fresh.get(worker)).state == SERVING
