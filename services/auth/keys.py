@@ -6,18 +6,27 @@ Layout (all keys under `tm:auth:`):
     key:<id>:secrets    set of the key's live secret hashes (for revocation)
     keys                sorted set of key ids by creation time
     tenant:<tenant>     set of the tenant's key ids
+    last-used           hash: key id -> when it was last used (unix nanoseconds)
+
+`last_used_time` lives apart from the key record, so recording a use (on
+every replica, while the key is in use) writes only that field and never a
+copy of the record read earlier. Revoke and rotate change the record and its
+secrets in one WATCH/MULTI transaction on both, retried when either changed,
+so a rotation never brings a key revoked meanwhile back to ACTIVE.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from google.protobuf import timestamp_pb2
+from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
 
 from services.auth.crypto import ServerSecret, new_api_key
 from services.core.errors import FailedPrecondition, NotFound
@@ -25,7 +34,9 @@ from services.core.redis_service import text
 from tokenmesh.auth.v1 import auth_pb2
 
 PREFIX = "tm:auth:"
+LAST_USED = f"{PREFIX}last-used"
 SCOPES = ("inference:generate", "inference:embed", "models:read", "usage:read", "admin")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,22 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp
+
+
+def _parse(raw: bytes | str, last_used_ns: bytes | str | None) -> auth_pb2.ApiKey:
+    """Returns a stored key with its separately stored last use (if any) filled in."""
+    key = auth_pb2.ApiKey.FromString(raw if isinstance(raw, bytes) else raw.encode())
+    if last_used_ns is not None:
+        key.last_used_time.FromNanoseconds(int(last_used_ns))
+    return key
+
+
+def _record(key_id: str) -> str:
+    return f"{PREFIX}key:{key_id}"
+
+
+def _not_found(key_id: str) -> NotFound:
+    return NotFound(f"API key {key_id!r} does not exist", reason="API_KEY_NOT_FOUND")
 
 
 def key_state(key: auth_pb2.ApiKey, now: float) -> auth_pb2.ApiKeyState.ValueType:
@@ -130,10 +157,13 @@ class ApiKeyStore:
 
     async def get(self, key_id: str) -> auth_pb2.ApiKey:
         """Returns a key's metadata; NotFound when unknown."""
-        raw = await self.redis.get(f"{PREFIX}key:{key_id}")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(_record(key_id))
+            pipe.hget(LAST_USED, key_id)
+            raw, last_used = await pipe.execute()
         if raw is None:
-            raise NotFound(f"API key {key_id!r} does not exist", reason="API_KEY_NOT_FOUND")
-        key = auth_pb2.ApiKey.FromString(raw if isinstance(raw, bytes) else raw.encode())
+            raise _not_found(key_id)
+        key = _parse(raw, last_used)
         key.state = key_state(key, time.time())
         return key
 
@@ -165,36 +195,35 @@ class ApiKeyStore:
         return key if key.state == auth_pb2.API_KEY_STATE_ACTIVE else None
 
     async def touch(self, key: auth_pb2.ApiKey) -> None:
-        """Records that a key was used (callers throttle this)."""
-        key.last_used_time.CopyFrom(_timestamp(time.time()))
-        await self.redis.set(f"{PREFIX}key:{key.id}", key.SerializeToString(), xx=True)
+        """Records that a key was used (callers throttle this); writes nothing else."""
+        now_ns = time.time_ns()
+        key.last_used_time.FromNanoseconds(now_ns)
+        await self.redis.hset(LAST_USED, key.id, str(now_ns))
 
     async def revoke(self, key_id: str) -> auth_pb2.ApiKey:
         """Revokes a key and deletes every secret hash that maps to it."""
-        key = await self.get(key_id)
-        key.state = auth_pb2.API_KEY_STATE_REVOKED
-        digests = await self.redis.smembers(f"{PREFIX}key:{key_id}:secrets")
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(f"{PREFIX}key:{key_id}", key.SerializeToString())
+
+        def write(pipe: Pipeline, key: auth_pb2.ApiKey, digests: Sequence[str]) -> None:
+            key.state = auth_pb2.API_KEY_STATE_REVOKED
+            pipe.set(_record(key_id), key.SerializeToString())
             for digest in digests:
-                pipe.delete(f"{PREFIX}secret:{text(digest)}")
+                pipe.delete(f"{PREFIX}secret:{digest}")
             pipe.delete(f"{PREFIX}key:{key_id}:secrets")
-            await pipe.execute()
+
+        key, _ = await self._change(key_id, write)
         return key
 
     async def rotate(self, key_id: str, overlap_s: float) -> tuple[auth_pb2.ApiKey, str, float]:
         """Issues a new secret; old ones keep working for `overlap_s` seconds, then stop."""
-        key = await self.get(key_id)
-        if key.state != auth_pb2.API_KEY_STATE_ACTIVE:
-            raise FailedPrecondition(
-                f"API key {key_id!r} is not active", reason="API_KEY_NOT_ACTIVE"
-            )
-        secret = new_api_key()
-        digest = self.secret.hash_api_key(secret)
-        old = [text(d) for d in await self.redis.smembers(f"{PREFIX}key:{key_id}:secrets")]
-        key.prefix = secret[:7]
-        expires_at = time.time() + overlap_s
-        async with self.redis.pipeline(transaction=True) as pipe:
+
+        def write(pipe: Pipeline, key: auth_pb2.ApiKey, old: Sequence[str]) -> tuple[str, float]:
+            if key.state != auth_pb2.API_KEY_STATE_ACTIVE:
+                raise FailedPrecondition(
+                    f"API key {key_id!r} is not active", reason="API_KEY_NOT_ACTIVE"
+                )
+            secret = new_api_key()
+            digest = self.secret.hash_api_key(secret)
+            key.prefix = secret[:7]
             for old_digest in old:
                 if overlap_s > 0:
                     pipe.pexpire(f"{PREFIX}secret:{old_digest}", max(1, int(overlap_s * 1000)))
@@ -203,9 +232,44 @@ class ApiKeyStore:
                 pipe.srem(f"{PREFIX}key:{key_id}:secrets", old_digest)
             pipe.set(f"{PREFIX}secret:{digest}", key_id)
             pipe.sadd(f"{PREFIX}key:{key_id}:secrets", digest)
-            pipe.set(f"{PREFIX}key:{key_id}", key.SerializeToString())
-            await pipe.execute()
+            pipe.set(_record(key_id), key.SerializeToString())
+            return secret, time.time() + overlap_s
+
+        key, (secret, expires_at) = await self._change(key_id, write)
         return key, secret, expires_at
+
+    async def _change(
+        self,
+        key_id: str,
+        write: Callable[[Pipeline, auth_pb2.ApiKey, Sequence[str]], T],
+    ) -> tuple[auth_pb2.ApiKey, T]:
+        """Runs `write(pipe, key, secret digests)` in one transaction on the key's
+        record and secrets, again from a fresh read whenever either changed first.
+
+        `write` queues the new record and secrets on `pipe` (or raises); the key
+        it gets has its effective state and no last use (that is stored apart).
+        Returns the written key (with its last use) and what `write` returned.
+        """
+        secrets = f"{PREFIX}key:{key_id}:secrets"
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(_record(key_id), secrets)
+                    raw = await pipe.get(_record(key_id))
+                    if raw is None:
+                        raise _not_found(key_id)
+                    key = _parse(raw, None)
+                    key.state = key_state(key, time.time())
+                    digests = [text(d) for d in await pipe.smembers(secrets)]
+                    last_used = await pipe.hget(LAST_USED, key_id)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    result = write(pipe, key, digests)
+                    await pipe.execute()
+                except WatchError:
+                    continue  # a concurrent revoke or rotate won: start from its result
+            if last_used is not None:
+                key.last_used_time.FromNanoseconds(int(last_used))
+            return key, result
 
     async def adopt(self, api_key: str, tenant: str, scopes: Sequence[str]) -> auth_pb2.ApiKey:
         """Registers a given secret (the production bootstrap key from a secret store)."""

@@ -20,8 +20,11 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from services.core.errors import AlreadyExists
+from services.auth.crypto import ServerSecret
+from services.auth.keys import ApiKeyStore
+from services.core.errors import AlreadyExists, FailedPrecondition
 from services.router.registry import DRAINING, SERVING, WorkerRegistry
+from tokenmesh.auth.v1 import auth_pb2
 
 
 class _Hook:
@@ -164,3 +167,88 @@ async def test_forgetting_a_long_gone_worker_spares_it_once_it_registered_again(
     lister = WorkerRegistry(interleaved("HGETALL", back), lease_s=30)
     await lister.all(time.time())  # read the old lease, then the worker came back
     assert (await fresh.get(worker)).state == SERVING
+
+
+# ---------------------------------------------------------------------------
+# API keys: last use vs revoke, revoke vs rotate
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def keys(client) -> ApiKeyStore:
+    return ApiKeyStore(client, ServerSecret(b"s" * 32))
+
+
+async def _new_key(keys: ApiKeyStore) -> tuple[str, str]:
+    key, secret = await keys.create(
+        "race", "k", ["inference:generate"], [], auth_pb2.KeyLimits(), None
+    )
+    return key.id, secret
+
+
+async def _assert_revoked_for_good(keys: ApiKeyStore, key_id: str, secret: str) -> None:
+    assert (await keys.get(key_id)).state == auth_pb2.API_KEY_STATE_REVOKED
+    assert await keys.authenticate(secret) is None
+    with pytest.raises(FailedPrecondition, match="not active"):
+        await keys.rotate(key_id, 0)  # never back to ACTIVE with a working secret
+
+
+async def test_a_use_recorded_from_a_copy_read_before_a_revoke_keeps_it_revoked(keys):
+    key_id, secret = await _new_key(keys)
+    in_use = await keys.authenticate(secret)
+    assert in_use is not None
+    await keys.revoke(key_id)
+    await keys.touch(in_use)
+    await _assert_revoked_for_good(keys, key_id, secret)
+    assert (await keys.get(key_id)).last_used_time == in_use.last_used_time
+
+
+async def _revoke_while_in_use(keys: ApiKeyStore, users: int, uses_after: int) -> None:
+    """Users authenticate and record each use as fast as they can while it is revoked."""
+    key_id, secret = await _new_key(keys)
+    revoked = asyncio.Event()
+    uses_after_revoke = [0] * users
+
+    async def use(n: int) -> None:
+        key = await keys.authenticate(secret)
+        assert key is not None
+        while uses_after_revoke[n] < uses_after:
+            key = await keys.authenticate(secret) or key  # keeps the last copy it had
+            await keys.touch(key)
+            uses_after_revoke[n] += revoked.is_set()
+
+    async def revoke() -> None:
+        await keys.revoke(key_id)
+        revoked.set()
+
+    await asyncio.gather(*(use(n) for n in range(users)), revoke())
+    await _assert_revoked_for_good(keys, key_id, secret)
+
+
+async def test_a_key_revoked_while_used_in_a_tight_loop_stays_revoked(keys):
+    for _ in range(10):
+        await _revoke_while_in_use(keys, users=4, uses_after=20)
+
+
+async def test_a_revoke_between_a_rotations_read_and_write_wins(keys, interleaved):
+    key_id, secret = await _new_key(keys)
+    rotating = ApiKeyStore(interleaved("GET", lambda: keys.revoke(key_id)), keys.secret)
+    with pytest.raises(FailedPrecondition, match="not active"):
+        await rotating.rotate(key_id, 0)
+    await _assert_revoked_for_good(keys, key_id, secret)
+
+
+async def test_a_rotation_between_a_revokes_read_and_write_is_revoked_too(
+    keys, client, interleaved
+):
+    key_id, secret = await _new_key(keys)
+    rotated: list[str] = []
+
+    async def rotate() -> None:
+        rotated.append((await keys.rotate(key_id, 3600))[1])
+
+    revoking = ApiKeyStore(interleaved("SMEMBERS", rotate), keys.secret)
+    await revoking.revoke(key_id)
+    digest = keys.secret.hash_api_key(rotated[0])
+    assert not await client.exists(f"tm:auth:secret:{digest}")  # no secret maps to it
+    await _assert_revoked_for_good(keys, key_id, secret)
