@@ -23,6 +23,8 @@ from redis.asyncio.client import Pipeline
 from services.auth.crypto import ServerSecret
 from services.auth.keys import ApiKeyStore
 from services.core.errors import AlreadyExists, FailedPrecondition
+from services.router import catalog as cat
+from services.router.catalog import Catalog
 from services.router.registry import DRAINING, SERVING, WorkerRegistry
 from tokenmesh.auth.v1 import auth_pb2
 
@@ -252,3 +254,44 @@ async def test_a_rotation_between_a_revokes_read_and_write_is_revoked_too(
     digest = keys.secret.hash_api_key(rotated[0])
     assert not await client.exists(f"tm:auth:secret:{digest}")  # no secret maps to it
     await _assert_revoked_for_good(keys, key_id, secret)
+
+
+# ---------------------------------------------------------------------------
+# Catalogue edits
+# ---------------------------------------------------------------------------
+
+
+async def test_a_catalogue_edit_between_anothers_read_and_write_is_kept(client, interleaved):
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    other = Catalog(client)
+    for version in ("1", "2"):
+        await other.change(model, lambda m, _, v=version: cat.add_version(m, model, v, 0))
+    editor = Catalog(
+        interleaved("HGETALL", lambda: other.update(model, lambda m, _: cat.pin(m, "2")))
+    )
+    await editor.update(model, lambda m, _: cat.set_alias(m, "stable", "1"))
+    stored = await other.get(model)
+    assert (stored.pinned, dict(stored.aliases)) == ("2", {"stable": "1"})
+
+
+async def test_concurrent_catalogue_edits_are_all_kept(client):
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    catalogs = [Catalog(client) for _ in range(3)]
+    await catalogs[0].change(model, lambda m, _: cat.add_version(m, model, "1", 0))
+    versions = [str(n) for n in range(2, 12)]
+    aliases = [f"a{n}" for n in range(20)]
+    await asyncio.gather(
+        *(
+            catalogs[n % 3].change(model, lambda m, _, v=v: cat.add_version(m, model, v, 0))
+            for n, v in enumerate(versions)
+        ),
+        *(
+            catalogs[n % 3].update(model, lambda m, _, a=a: cat.set_alias(m, a, "1"))
+            for n, a in enumerate(aliases)
+        ),
+        catalogs[0].update(model, lambda m, _: cat.pin(m, "1")),
+    )
+    stored = await catalogs[0].get(model)
+    assert {v.version for v in stored.versions} == {"1", *versions}
+    assert set(stored.aliases) == set(aliases)
+    assert stored.pinned == "1"
