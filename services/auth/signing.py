@@ -6,14 +6,23 @@ Envoy already caches) and publishes a new next key, so tokens signed after a
 rotation verify at once and no Envoy restart or refetch race is involved.
 Rotation is refused while the next key is younger than the edge's JWKS cache
 duration. Private keys are stored AES-GCM encrypted under the server secret.
+
+Every change of the ring (first keys, rotation, retiring old keys) holds a
+lock shared by all auth replicas and carries its fencing token: taking the
+lock issues a token larger than every earlier one, and the change is written
+by a Lua script only if no newer token was issued since. So two replicas
+rotating at once leave one consistent ring (one current key, one next key),
+and a replica that stalled past its lock's lifetime writes nothing.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,8 +37,36 @@ from tokenmesh.auth.v1 import auth_pb2
 
 KEYS = "tm:auth:signing:keys"
 LOCK = "tm:auth:signing:lock"
+FENCE = "tm:auth:signing:fence"
 LAST_SERVED = "tm:auth:signing:jwks-served-at"
 ALGORITHM = "ES256"
+# A change of the ring takes milliseconds; a holder that stalls longer loses the lock.
+LOCK_MS = 10_000
+
+# KEYS: lock, fencing counter; ARGV: lock lifetime in ms.
+# Returns a fencing token larger than every earlier one, or 0 while the lock is held.
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], token, 'PX', tonumber(ARGV[1]))
+return token
+"""
+
+# KEYS: fencing counter, key ring; ARGV: token, n, then n (kid, record) pairs to
+# store, then kids to delete. Writes only if no newer token was issued; returns 1, else 0.
+_FENCED_WRITE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local stored = 2 + 2 * tonumber(ARGV[2])
+for i = 3, stored, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = stored + 1, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
+return 1
+"""
+
+# KEYS: lock; ARGV: token. Releases the lock only if this token still holds it.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 @dataclass
@@ -67,16 +104,26 @@ class SigningKeyRing:
         secret: encrypts private keys at rest.
         token_ttl_s: the longest token lifetime (how long previous keys stay published).
         jwks_cache_s: how long an edge may cache the JWKS.
+        lock_ms: how long a replica may hold the ring's lock.
     """
 
     def __init__(
-        self, client: aioredis.Redis, secret: ServerSecret, token_ttl_s: float, jwks_cache_s: float
+        self,
+        client: aioredis.Redis,
+        secret: ServerSecret,
+        token_ttl_s: float,
+        jwks_cache_s: float,
+        lock_ms: int = LOCK_MS,
     ) -> None:
         self.redis = client
         self.secret = secret
         self.token_ttl_s = token_ttl_s
         self.jwks_cache_s = jwks_cache_s
+        self.lock_ms = lock_ms
         self._private_cache: dict[str, ec.EllipticCurvePrivateKey] = {}
+        self._acquire = client.register_script(_ACQUIRE)
+        self._fenced_write = client.register_script(_FENCED_WRITE)
+        self._release = client.register_script(_RELEASE)
 
     def _new_record(self, state: str) -> SigningKeyRecord:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -96,20 +143,47 @@ class SigningKeyRing:
         records = [SigningKeyRecord(**json.loads(value)) for value in raw.values()]
         return sorted(records, key=lambda r: r.created, reverse=True)
 
-    async def _save(self, *records: SigningKeyRecord) -> None:
-        if not records:
-            return
-        await self.redis.hset(KEYS, mapping={r.kid: json.dumps(asdict(r)) for r in records})
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[int]:
+        """Holds the ring's lock across replicas; yields its fencing token.
+
+        Raises FailedPrecondition while another replica holds it.
+        """
+        token = int(await self._acquire(keys=[LOCK, FENCE], args=[self.lock_ms]))
+        if not token:
+            raise FailedPrecondition(
+                "another auth replica is changing the signing keys; try again in a few seconds",
+                reason="SIGNING_KEYS_LOCKED",
+            )
+        try:
+            yield token
+        finally:
+            await self._release(keys=[LOCK], args=[token])
+
+    async def _save(
+        self, token: int, records: Sequence[SigningKeyRecord], retire: Sequence[str] = ()
+    ) -> None:
+        """Stores `records` and deletes `retire`, unless a newer lock holder came since.
+
+        Raises FailedPrecondition (and changes nothing) when one did.
+        """
+        pairs = [x for r in records for x in (r.kid, json.dumps(asdict(r)))]
+        args: list[str | int] = [token, len(records), *pairs, *retire]
+        if not await self._fenced_write(keys=[FENCE, KEYS], args=args):
+            raise FailedPrecondition(
+                "this auth replica held the signing-key lock too long and another took it; "
+                "nothing was changed, try again",
+                reason="SIGNING_KEYS_LOCK_LOST",
+            )
 
     async def ensure(self) -> None:
         """Creates the current and next keys on first start (safe with replicas)."""
-        if await self.redis.set(LOCK, "1", nx=True, px=5000):
-            try:
+        with contextlib.suppress(FailedPrecondition):  # another replica is creating them
+            async with self._locked() as token:
                 states = {r.state for r in await self.records()}
                 missing = [s for s in ("current", "next") if s not in states]
-                await self._save(*(self._new_record(s) for s in missing))
-            finally:
-                await self.redis.delete(LOCK)
+                if missing:
+                    await self._save(token, [self._new_record(s) for s in missing])
 
     async def current(self) -> tuple[str, ec.EllipticCurvePrivateKey]:
         """Returns (kid, private key) of the key that signs new tokens."""
@@ -124,7 +198,15 @@ class SigningKeyRing:
         return record.kid, self._private_cache[record.kid]
 
     async def rotate(self, force: bool = False) -> SigningKeyRecord:
-        """Promotes the next key to current; returns the new current key."""
+        """Promotes the next key to current; returns the new current key.
+
+        Raises FailedPrecondition when edges may not know the next key yet
+        (unless `force`), or while another replica changes the ring.
+        """
+        async with self._locked() as token:
+            return await self._rotate(token, force)
+
+    async def _rotate(self, token: int, force: bool) -> SigningKeyRecord:
         records = await self.records()
         by_state = {r.state: r for r in records if r.state in ("current", "next")}
         upcoming = by_state.get("next")
@@ -146,8 +228,7 @@ class SigningKeyRing:
             old = by_state["current"]
             old.state, old.deactivated = "previous", now
             changed.append(old)
-        await self._save(*changed)
-        await self._retire(records, now)
+        await self._save(token, changed, self._expired(records, now))
         return upcoming
 
     async def _next_key_published(self, upcoming: SigningKeyRecord) -> bool:
@@ -160,14 +241,13 @@ class SigningKeyRing:
         """Records that an edge fetched the JWKS (called by GetJwks)."""
         await self.redis.set(LAST_SERVED, str(time.time()))
 
-    async def _retire(self, records: list[SigningKeyRecord], now: float) -> None:
-        expired = [
+    def _expired(self, records: list[SigningKeyRecord], now: float) -> list[str]:
+        """Returns the kids of previous keys no unexpired token can name any more."""
+        return [
             r.kid
             for r in records
             if r.state == "previous" and now - r.deactivated > self.token_ttl_s + 60
         ]
-        if expired:
-            await self.redis.hdel(KEYS, *expired)
 
     async def jwks(self) -> dict[str, Any]:
         """Returns the JWK Set: current, next and still-valid previous keys."""

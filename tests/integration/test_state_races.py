@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -22,7 +23,9 @@ from redis.asyncio.client import Pipeline
 
 from services.auth.crypto import ServerSecret
 from services.auth.keys import ApiKeyStore
+from services.auth.signing import LOCK, SigningKeyRing
 from services.core.errors import AlreadyExists, FailedPrecondition
+from services.launcher.mesh import spawn_redis
 from services.router import catalog as cat
 from services.router.catalog import Catalog
 from services.router.registry import DRAINING, SERVING, WorkerRegistry
@@ -295,3 +298,89 @@ async def test_concurrent_catalogue_edits_are_all_kept(client):
     assert {v.version for v in stored.versions} == {"1", *versions}
     assert set(stored.aliases) == set(aliases)
     assert stored.pinned == "1"
+
+
+# ---------------------------------------------------------------------------
+# Signing-key rotation across auth replicas
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ring_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis of its own: the key ring is global, and other tests' services use theirs."""
+    state: Path = tmp_path_factory.mktemp("ring-redis")
+    child, url = spawn_redis(state / "data", state / "redis.log", durable=False)
+    try:
+        yield url
+    finally:
+        child.terminate()
+        child.wait(10)
+
+
+@pytest.fixture
+async def ring_client(ring_redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(ring_redis_url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+def _ring(client: aioredis.Redis, **options: Any) -> SigningKeyRing:
+    return SigningKeyRing(client, ServerSecret(b"s" * 32), 900, 300, **options)
+
+
+async def _states(ring: SigningKeyRing) -> dict[str, list[str]]:
+    states: dict[str, list[str]] = {}
+    for record in await ring.records():
+        states.setdefault(record.state, []).append(record.kid)
+    return states
+
+
+async def test_two_replicas_rotating_at_once_leave_one_consistent_ring(ring_client, ring_redis_url):
+    replicas = [_ring(aioredis.from_url(ring_redis_url)) for _ in range(2)]
+    await replicas[0].ensure()
+    try:
+        for _ in range(20):
+            before = await _states(replicas[0])
+            results = await asyncio.gather(
+                *(r.rotate(force=True) for r in replicas), return_exceptions=True
+            )
+            rotated = [r for r in results if not isinstance(r, BaseException)]
+            refused = [r for r in results if isinstance(r, BaseException)]
+            assert all(isinstance(e, FailedPrecondition) for e in refused), refused
+            assert rotated, refused
+            after = await _states(replicas[0])
+            assert len(after["current"]) == len(after["next"]) == 1, after
+            assert after["current"] == [rotated[-1].kid]
+            if len(rotated) == 1:  # one rotation: the next key became current
+                assert after["current"] == before["next"]
+                assert before["current"][0] in after["previous"]
+    finally:
+        for replica in replicas:
+            await replica.redis.aclose()
+
+
+async def test_a_replica_that_lost_its_lock_while_rotating_writes_nothing(
+    ring_client, ring_redis_url
+):
+    """Replica A stalls past its lock's lifetime; B rotates; A's late write is refused."""
+    b = _ring(ring_client)
+    await b.ensure()
+    rotated_by_b = []
+
+    async def lock_expires_then_b_rotates() -> None:
+        while await ring_client.exists(LOCK):  # A's lock runs out while A is stalled
+            await asyncio.sleep(0.005)
+        rotated_by_b.append(await b.rotate(force=True))
+
+    stalled = _interleaved(ring_redis_url, "HGETALL", lock_expires_then_b_rotates)
+    a = _ring(stalled, lock_ms=50)
+    try:
+        with pytest.raises(FailedPrecondition) as refused:
+            await a.rotate(force=True)
+        assert refused.value.reason == "SIGNING_KEYS_LOCK_LOST"
+    finally:
+        await stalled.aclose()
+    after = await _states(b)
+    assert after["current"] == [rotated_by_b[0].kid]
+    assert len(after["next"]) == 1, after
