@@ -29,7 +29,10 @@ local used, month_used = 0, 0
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
 if #expired > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
-  redis.call('HDEL', KEYS[2], unpack(expired))
+end
+-- In chunks: unpack() of more than ~8000 values overflows Lua's stack.
+for i = 1, #expired, 1000 do
+  redis.call('HDEL', KEYS[2], unpack(expired, i, math.min(i + 999, #expired)))
 end
 if tpm > 0 then
   for _, v in ipairs(redis.call('HVALS', KEYS[2])) do used = used + tonumber(v) end

@@ -24,7 +24,8 @@ from redis.asyncio.client import Pipeline
 from services.auth.crypto import ServerSecret
 from services.auth.keys import ApiKeyStore
 from services.auth.signing import LOCK, SigningKeyRing
-from services.core.errors import AlreadyExists, FailedPrecondition
+from services.core.errors import AlreadyExists, FailedPrecondition, ResourceExhausted
+from services.inference.budget import Limits, TokenBudgets
 from services.launcher.mesh import spawn_redis
 from services.router import catalog as cat
 from services.router.catalog import Catalog
@@ -384,3 +385,34 @@ async def test_a_replica_that_lost_its_lock_while_rotating_writes_nothing(
     after = await _states(b)
     assert after["current"] == [rotated_by_b[0].kid]
     assert len(after["next"]) == 1, after
+
+
+# ---------------------------------------------------------------------------
+# Token budgets with many reservations
+# ---------------------------------------------------------------------------
+
+
+async def _fill_window(client: aioredis.Redis, key_id: str, at_ms: int, count: int) -> None:
+    """Stores `count` 1-token reservations made at `at_ms`, as `reserve` leaves them."""
+    window = f"tm:budget:{key_id}:tpm"
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.zadd(window, {f"r{n}": at_ms for n in range(count)})
+        pipe.hset(f"{window}:amounts", mapping={f"r{n}": 1 for n in range(count)})
+        await pipe.execute()
+
+
+async def test_a_budget_window_of_10000_expired_reservations_is_cleared(client):
+    budgets, key_id = TokenBudgets(client), f"key_{uuid.uuid4().hex[:8]}"
+    await _fill_window(client, key_id, int((time.time() - 120) * 1000), 10_000)
+    assert await budgets.reserve(key_id, Limits(tokens_per_minute=100), "now", 10) == ""
+    window = f"tm:budget:{key_id}:tpm"
+    assert await client.zcard(window) == await client.hlen(f"{window}:amounts") == 1
+
+
+async def test_a_budget_window_of_10000_live_reservations_still_limits(client):
+    budgets, key_id = TokenBudgets(client), f"key_{uuid.uuid4().hex[:8]}"
+    await _fill_window(client, key_id, int(time.time() * 1000), 10_000)
+    limits = Limits(tokens_per_minute=10_000)
+    with pytest.raises(ResourceExhausted, match="tokens_per_minute=10000") as info:
+        await budgets.reserve(key_id, limits, "one-more", 1)
+    assert info.value.reason == "TOKEN_BUDGET_EXCEEDED"
