@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 
 from google.api import httpbody_pb2
@@ -13,13 +12,12 @@ from services.auth.crypto import looks_like_api_key
 from services.auth.keys import SCOPES, ApiKeyStore, Principal
 from services.auth.signing import SigningKeyRing
 from services.auth.tokens import TokenIssuer
+from services.core import contract
 from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied
 from services.core.interceptors import Context, request_headers
 from tokenmesh.auth.v1 import auth_service_pb2 as pb
 from tokenmesh.auth.v1 import auth_service_pb2_grpc
 
-_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_OVERLAP_S = 7 * 24 * 3600
 
 
@@ -31,8 +29,8 @@ def request_source(context: Context, headers: Mapping[str, str]) -> str:
 
 def _validate_create(request: pb.CreateApiKeyRequest) -> None:
     out: list[FieldViolation] = []
-    if not _TENANT.match(request.tenant):
-        out.append(FieldViolation("tenant", "must be 1-64 characters of [A-Za-z0-9._-]"))
+    if not contract.is_tenant(request.tenant):
+        out.append(FieldViolation("tenant", f"must be {contract.TENANT_RULE}"))
     if len(request.name) > 128:
         out.append(FieldViolation("name", "must be at most 128 characters"))
     if not request.scopes:
@@ -43,13 +41,21 @@ def _validate_create(request: pb.CreateApiKeyRequest) -> None:
                 FieldViolation(f"scopes[{i}]", f"{scope!r} is not one of {', '.join(SCOPES)}")
             )
     for i, model in enumerate(request.allowed_models):
-        if not _MODEL.match(model):
-            out.append(FieldViolation(f"allowed_models[{i}]", "must be a model name"))
+        if not contract.is_model_name(model):
+            out.append(
+                FieldViolation(f"allowed_models[{i}]", f"must be {contract.MODEL_NAME_RULE}")
+            )
     for model, version in request.pinned_versions.items():
-        if not (_MODEL.match(model) and _MODEL.match(version)):
+        if not contract.is_model_name(model):
             out.append(
                 FieldViolation(
-                    f"pinned_versions[{model}]", "model and version must be [A-Za-z0-9._-] names"
+                    f"pinned_versions[{model}]", f"key must be {contract.MODEL_NAME_RULE}"
+                )
+            )
+        elif not contract.is_model_version(version):
+            out.append(
+                FieldViolation(
+                    f"pinned_versions[{model}]", f"must be {contract.MODEL_VERSION_RULE}"
                 )
             )
     limits = request.limits

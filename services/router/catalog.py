@@ -9,7 +9,6 @@ Envoy configuration from it.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,13 +17,11 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
+from services.core import contract
 from services.core.errors import FieldViolation, InvalidArgument, NotFound
 from services.core.redis_service import text
 
 CATALOG_KEY = "tokenmesh:router:catalog"
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-_VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_ALIAS = re.compile(r"^[a-z0-9-]{1,32}$")
 
 
 @dataclass(frozen=True)
@@ -116,14 +113,14 @@ def _violation(field_name: str, description: str) -> InvalidArgument:
 
 def check_name(model: str) -> None:
     """Raises InvalidArgument unless `model` is a well-formed model name."""
-    if not _NAME.match(model):
-        raise _violation("model", "must be 1-128 characters of [A-Za-z0-9._-]")
+    if not contract.is_model_name(model):
+        raise _violation("model", f"must be {contract.MODEL_NAME_RULE}")
 
 
 def check_version(version: str, field_name: str = "version") -> None:
     """Raises InvalidArgument unless `version` is a well-formed version label."""
-    if not _VERSION.match(version):
-        raise _violation(field_name, "must be 1-64 characters of [A-Za-z0-9._-]")
+    if not contract.is_model_version(version):
+        raise _violation(field_name, f"must be {contract.MODEL_VERSION_RULE}")
 
 
 def _check_weight(weight: int, field_name: str) -> None:
@@ -183,8 +180,8 @@ def deprecate(model: ModelEntry, version: str, sunset_at: float, now: float) -> 
 
 def set_alias(model: ModelEntry, alias: str, version: str) -> ModelEntry:
     """Returns `model` with `alias` pointing at `version` ("" removes the alias)."""
-    if not _ALIAS.match(alias):
-        raise _violation("alias", "must be 1-32 characters of [a-z0-9-]")
+    if not contract.is_model_alias(alias):
+        raise _violation("alias", f"must be {contract.MODEL_ALIAS_RULE}")
     if model.version(alias) is not None:
         raise _violation("alias", f"{alias!r} is already a version of {model.name!r}")
     aliases = dict(model.aliases)
