@@ -44,6 +44,8 @@ AUTHENTICATED = "authenticated"  # any valid credential
 RPC_SCOPES: Mapping[str, str] = {
     "/tokenmesh.auth.v1.AuthService/IssueToken": PUBLIC,
     "/tokenmesh.auth.v1.AuthService/GetJwks": PUBLIC,
+    # gRPC load balancers and grpc_health_probe: SERVING while a worker serves.
+    "/grpc.health.v1.Health/Check": PUBLIC,
     "/tokenmesh.auth.v1.AuthService/CreateApiKey": "admin",
     "/tokenmesh.auth.v1.AuthService/ListApiKeys": "admin",
     "/tokenmesh.auth.v1.AuthService/GetApiKey": "admin",
@@ -231,12 +233,16 @@ def rbac_filter() -> dict[str, Any]:
     }
 
 
+# Public RPCs served by another cluster than auth.
+PUBLIC_RPC_CLUSTERS: Mapping[str, str] = {"/grpc.health.v1.Health/Check": "inference"}
+
+
 def public_routes() -> list[dict[str, Any]]:
-    """Exact routes for public RPCs: to the auth service, ext_authz off."""
+    """Exact routes for public RPCs (to the auth service, unless named above), ext_authz off."""
     return [
         {
             "match": {"path": path},
-            "route": {"cluster": "auth", "timeout": "10s"},
+            "route": {"cluster": PUBLIC_RPC_CLUSTERS.get(path, "auth"), "timeout": "10s"},
             "typed_per_filter_config": ext_authz_disabled(),
         }
         for path, scope in RPC_SCOPES.items()

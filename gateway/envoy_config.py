@@ -57,9 +57,22 @@ UPSTREAM_IDENTITY: Mapping[str, str] = {
     "usage": contract.USAGE,
     "xds": contract.ROUTER,
 }
-# SDS secret names: the edge's own certificate, and the mesh CA it trusts.
+# SDS secret names: the edge's own certificate, the mesh CA it trusts, and the
+# certificate it serves to clients on its TLS listener.
 IDENTITY_SECRET = "tokenmesh-identity"
 CA_SECRET = "tokenmesh-ca"
+SERVING_SECRET = "tokenmesh-edge-serving"
+# HTTPS responses tell browsers to keep to HTTPS for a year.
+HSTS = "max-age=31536000; includeSubDomains"
+# TLS 1.2 suites a modern client negotiates (TLS 1.3's are fixed and all strong).
+TLS12_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+)
 # HTTP status of a local reply -> the gRPC code REST clients see in the JSON body.
 HTTP_TO_GRPC_CODE: Mapping[int, int] = {
     400: 3,
@@ -87,6 +100,39 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class EdgeTls:
+    """EdgeTls is the edge's HTTPS / gRPC-over-TLS listener for clients.
+
+    The certificate it serves is the SDS secret `SERVING_SECRET` (see
+    `sds_files`): Envoy reloads it when its files are replaced.
+
+    Attributes:
+        port: the TLS listener's port.
+        host: the address it binds (0.0.0.0 in a cluster; the plaintext
+            listener stays on `EdgeConfig.listen_host`).
+    """
+
+    port: int
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """EdgeLimits are Envoy's own protections (the overload manager and buffers).
+
+    A connection flood or a memory spike degrades into refused connections and
+    503s instead of a dead or swapping edge.
+    """
+
+    max_connections: int = 10_000  # all listeners together; more are refused
+    max_heap_bytes: int = 1 << 30  # the overload manager's heap budget
+    connection_buffer_bytes: int = 1 << 20  # per connection (bodies the transcoder buffers)
+    max_concurrent_streams: int = 128  # per HTTP/2 connection
+    max_request_headers_kb: int = 60
+    max_headers: int = 100
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     """EdgeConfig is everything the edge bootstrap depends on."""
 
@@ -110,6 +156,9 @@ class EdgeConfig:
     # mTLS to every upstream: the directory of the SDS files (see `sds_files`)
     # that name the edge's certificate and the mesh CA. None: plaintext upstreams.
     sds_dir: Path | None = None
+    # HTTPS and gRPC over TLS for clients (needs `sds_dir`); None: plaintext only.
+    tls: EdgeTls | None = None
+    limits: EdgeLimits = field(default_factory=EdgeLimits)
 
 
 def _type(name: str) -> str:
@@ -159,11 +208,18 @@ def sds_secret(sds_dir: Path | str, name: str) -> dict[str, Any]:
     }
 
 
-def sds_files(pki_dir: Path, identity: str) -> dict[str, dict[str, Any]]:
+def sds_files(
+    pki_dir: Path, identity: str, serving: tuple[Path, Path] | None = None
+) -> dict[str, dict[str, Any]]:
     """Returns the SDS files (name -> content) for `identity`'s certificate and the CA.
 
-    Each secret watches the PKI directory: a leaf replaced there by an atomic
-    rename (`services.core.pki`, cert-manager, SPIRE) is picked up without a restart.
+    Each secret watches the directory its files live in: a file replaced there
+    by an atomic rename (`services.core.pki`, cert-manager, SPIRE, an operator's
+    `mv`) is picked up without a restart.
+
+    Args:
+        serving: (certificate, key) the TLS listener serves to clients; default:
+            the identity's own leaf (signed by the local CA).
     """
     secret_type = _type("extensions.transport_sockets.tls.v3.Secret")
     files = pki.IdentityFiles.of(pki_dir, identity)
@@ -183,9 +239,40 @@ def sds_files(pki_dir: Path, identity: str) -> dict[str, dict[str, Any]]:
             "watched_directory": watched,
         },
     }
+    cert, key = serving or (files.cert, files.key)
+    served = {
+        "name": SERVING_SECRET,
+        "tls_certificate": {
+            "certificate_chain": {"filename": str(cert)},
+            "private_key": {"filename": str(key)},
+            "watched_directory": {"path": str(cert.parent)},
+        },
+    }
     return {
-        f"{IDENTITY_SECRET}.yaml": {"resources": [{"@type": secret_type, **certificate}]},
-        f"{CA_SECRET}.yaml": {"resources": [{"@type": secret_type, **ca}]},
+        f"{name}.yaml": {"resources": [{"@type": secret_type, **secret}]}
+        for name, secret in (
+            (IDENTITY_SECRET, certificate),
+            (CA_SECRET, ca),
+            (SERVING_SECRET, served),
+        )
+    }
+
+
+def downstream_tls(sds_dir: Path) -> dict[str, Any]:
+    """Builds the TLS listener's transport socket: TLS 1.2+, modern suites, h2 and http/1.1."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _type("extensions.transport_sockets.tls.v3.DownstreamTlsContext"),
+            "common_tls_context": {
+                "tls_params": {
+                    "tls_minimum_protocol_version": "TLSv1_2",
+                    "cipher_suites": list(TLS12_CIPHERS),
+                },
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_certificate_sds_secret_configs": [sds_secret(sds_dir, SERVING_SECRET)],
+            },
+        },
     }
 
 
@@ -436,15 +523,30 @@ def tracing(otlp_cluster: str) -> dict[str, Any]:
     }
 
 
-def http_connection_manager(config: EdgeConfig) -> dict[str, Any]:
-    """Builds the edge's HTTP connection manager."""
+def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, Any]:
+    """Builds the edge's HTTP connection manager (`tls`: the HTTPS listener's, with HSTS)."""
+    limits = config.limits
     hcm: dict[str, Any] = {
         "@type": _type(
             "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
         ),
-        "stat_prefix": "edge",
+        "stat_prefix": "edge_tls" if tls else "edge",
         "codec_type": "AUTO",
         "http_protocol_options": {"enable_trailers": True},
+        "http2_protocol_options": {
+            "max_concurrent_streams": limits.max_concurrent_streams,
+            "initial_stream_window_size": 65536,
+            "initial_connection_window_size": 1048576,
+        },
+        "max_request_headers_kb": limits.max_request_headers_kb,
+        "common_http_protocol_options": {
+            "max_headers_count": limits.max_headers,
+            # Header names with "_" could smuggle a twin of an identity header.
+            "headers_with_underscores_action": "REJECT_REQUEST",
+            # An idle client connection is closed after an hour.
+            "idle_timeout": "3600s",
+        },
+        # Long token streams: no total request timeout, only idle ones.
         "stream_idle_timeout": "300s",
         "request_headers_timeout": "10s",
         "generate_request_id": True,
@@ -454,6 +556,7 @@ def http_connection_manager(config: EdgeConfig) -> dict[str, Any]:
         "access_log": access_log(config.access_log_path),
         "local_reply_config": local_reply_config(),
         "http_filters": [
+            *([hsts_filter()] if tls else []),
             *_strip_filters(config),
             health_filter(sorted({*config.upstreams, "inference"})),
             transcoder_filter(config.descriptor_path),
@@ -476,6 +579,26 @@ def http_connection_manager(config: EdgeConfig) -> dict[str, Any]:
     if config.otlp_endpoint is not None:
         hcm["tracing"] = tracing("otlp")
     return hcm
+
+
+def hsts_filter() -> dict[str, Any]:
+    """Adds Strict-Transport-Security to every HTTPS response."""
+    return {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": _type("extensions.filters.http.header_mutation.v3.HeaderMutation"),
+            "mutations": {
+                "response_mutations": [
+                    {
+                        "append": {
+                            "header": {"key": "strict-transport-security", "value": HSTS},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        }
+                    }
+                ]
+            },
+        },
+    }
 
 
 def _strip_filters(config: EdgeConfig) -> list[dict[str, Any]]:
@@ -501,6 +624,74 @@ def _ratelimit_filters(config: EdgeConfig) -> list[dict[str, Any]]:
     if config.auth is None or not config.auth.ratelimit:
         return []
     return [edge_auth.ratelimit_filter(config.auth.ratelimit_failure_mode_deny)]
+
+
+def listeners(config: EdgeConfig) -> list[dict[str, Any]]:
+    """Builds the plaintext listener and, when configured, the TLS one."""
+    result = [_listener("edge", Endpoint(config.listen_host, config.listen_port), config)]
+    if config.tls is not None:
+        if config.sds_dir is None:
+            raise ValueError("the edge's TLS listener needs sds_dir (its certificate's SDS file)")
+        endpoint = Endpoint(config.tls.host, config.tls.port)
+        result.append(_listener("edge_tls", endpoint, config, downstream_tls(config.sds_dir)))
+    return result
+
+
+def _listener(
+    name: str, endpoint: Endpoint, config: EdgeConfig, transport: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    chain: dict[str, Any] = {
+        "filters": [
+            {
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": http_connection_manager(config, tls=transport is not None),
+            }
+        ]
+    }
+    if transport is not None:
+        chain["transport_socket"] = transport
+    return {
+        "name": name,
+        "address": _socket_address(endpoint),
+        "per_connection_buffer_limit_bytes": config.limits.connection_buffer_bytes,
+        "filter_chains": [chain],
+    }
+
+
+def overload_manager(limits: EdgeLimits) -> dict[str, Any]:
+    """Builds the overload manager: a global connection cap and heap thresholds that shed load."""
+    heap = "envoy.resource_monitors.fixed_heap"
+
+    def on_heap(action: str, threshold: float) -> dict[str, Any]:
+        return {"name": action, "triggers": [{"name": heap, "threshold": {"value": threshold}}]}
+
+    return {
+        "refresh_interval": "0.25s",
+        "resource_monitors": [
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": _type(
+                        "extensions.resource_monitors.downstream_connections.v3."
+                        "DownstreamConnectionsConfig"
+                    ),
+                    "max_active_downstream_connections": limits.max_connections,
+                },
+            },
+            {
+                "name": heap,
+                "typed_config": {
+                    "@type": _type("extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig"),
+                    "max_heap_size_bytes": limits.max_heap_bytes,
+                },
+            },
+        ],
+        "actions": [
+            on_heap("envoy.overload_actions.shrink_heap", 0.90),
+            on_heap("envoy.overload_actions.disable_http_keepalive", 0.92),
+            on_heap("envoy.overload_actions.stop_accepting_requests", 0.95),
+        ],
+    }
 
 
 def bootstrap(config: EdgeConfig) -> dict[str, Any]:
@@ -529,25 +720,8 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
             },
         },
         "admin": {"address": _socket_address(Endpoint("127.0.0.1", config.admin_port))},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "edge",
-                    "address": _socket_address(Endpoint(config.listen_host, config.listen_port)),
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": http_connection_manager(config),
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": clusters,
-        },
+        "static_resources": {"listeners": listeners(config), "clusters": clusters},
+        "overload_manager": overload_manager(config.limits),
     }
     if config.xds is not None:
         # ADS must speak HTTP/2, else Envoy hangs silently at cluster-manager init.

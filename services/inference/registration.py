@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import grpc
 import grpc.aio
 
+from services.core.identity import ClientChannel
 from services.core.tasks import SupervisedTask, Supervisor
 from tokenmesh.router.v1 import router_service_pb2 as pb
 from tokenmesh.router.v1 import router_service_pb2_grpc as pb_grpc
@@ -40,7 +41,7 @@ class Registration:
 
     def __init__(
         self,
-        router_address: str,
+        router: ClientChannel,
         worker_id: str,
         address: str,
         models: Callable[[], Sequence[tuple[str, str]]],
@@ -50,8 +51,7 @@ class Registration:
         self.address = address
         self._models = models
         self._lease_s = lease_s
-        self._channel = grpc.aio.insecure_channel(router_address)
-        self._stub = pb_grpc.WorkerRegistryServiceStub(self._channel)
+        self._router = router
         self._task: SupervisedTask | None = None
         self.registered = asyncio.Event()
 
@@ -70,7 +70,7 @@ class Registration:
         if not self.registered.is_set():
             return
         try:
-            await self._stub.DrainWorker(
+            await self._stub().DrainWorker(
                 pb.DrainWorkerRequest(worker_id=self.worker_id), timeout=_RPC_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as exc:
@@ -84,7 +84,11 @@ class Registration:
         """Stops heartbeating and closes the channel."""
         if self._task is not None:
             await self._task.stop(timeout_s=2)
-        await self._channel.close()
+        await self._router.close()
+
+    def _stub(self) -> pb_grpc.WorkerRegistryServiceAsyncStub:
+        # A new stub per call is cheap, and follows the channel across certificate renewals.
+        return pb_grpc.WorkerRegistryServiceStub(self._router.get())
 
     def _refs(self) -> list[types_pb2.ModelRef]:
         return [types_pb2.ModelRef(name=n, version=v) for n, v in self._models()]
@@ -109,7 +113,7 @@ class Registration:
                 backoff = min(backoff * 2, self._lease_s / 3)
 
     async def _register(self) -> None:
-        response = await self._stub.RegisterWorker(
+        response = await self._stub().RegisterWorker(
             pb.RegisterWorkerRequest(
                 worker_id=self.worker_id, address=self.address, models=self._refs()
             ),
@@ -120,7 +124,7 @@ class Registration:
         logger.info("registered with the router as %s at %s", self.worker_id, self.address)
 
     async def _renew(self) -> None:
-        response = await self._stub.RenewLease(
+        response = await self._stub().RenewLease(
             pb.RenewLeaseRequest(worker_id=self.worker_id, models=self._refs()),
             timeout=_RPC_TIMEOUT_S,
         )

@@ -15,6 +15,8 @@ import grpc.aio
 import redis.asyncio as aioredis
 
 from gateway.model_routing import model_health_name
+from services.core import contract, server
+from services.core.identity import ClientChannel
 from services.core.server import RunningServer, Service
 from services.core.settings import RedisSettings, env, require
 from services.core.tasks import HealthGate, Supervisor
@@ -238,8 +240,13 @@ class InferenceService(Service):
         for entry in self.settings.models:
             await self.load(*_split(entry))
         if self.settings.router_address:
-            self.registration = Registration(
+            router = ClientChannel(
                 self.settings.router_address,
+                server.identity_files(self.name, self.settings),
+                contract.ROUTER,
+            )
+            self.registration = Registration(
+                router,
                 self.settings.worker_id,
                 f"{self.settings.advertise_host}:{running.port}",
                 lambda: [(m.name, m.version) for m in self.registry.all() if m.ready],

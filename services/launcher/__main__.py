@@ -27,6 +27,18 @@ class LauncherSettings:
     edge_port: int = env(
         "TOKENMESH_EDGE_PORT", 8080, "The edge's port on 127.0.0.1 (REST and gRPC)."
     )
+    edge_tls_port: int = env(
+        "TOKENMESH_EDGE_TLS_PORT", 8443, "The edge's HTTPS / gRPC-over-TLS port; 0 disables it."
+    )
+    edge_tls_cert: Path | None = env(
+        "TOKENMESH_EDGE_TLS_CERT",
+        None,
+        "Certificate chain (PEM) the TLS port serves; default: one from the local CA. "
+        "Replacing the file is picked up without a restart.",
+    )
+    edge_tls_key: Path | None = env(
+        "TOKENMESH_EDGE_TLS_KEY", None, "The key of TOKENMESH_EDGE_TLS_CERT (PEM)."
+    )
     workers: int = env("TOKENMESH_WORKERS", 2, "Inference workers to start.")
     redis_url: str | None = env(
         "REDIS_URL", None, "Use this Redis instead of starting the bundled one."
@@ -41,11 +53,28 @@ class LauncherSettings:
     def __post_init__(self) -> None:
         require(1 <= self.edge_port <= 65535, "TOKENMESH_EDGE_PORT", "must be 1-65535")
         require(1 <= self.workers <= 16, "TOKENMESH_WORKERS", "must be 1-16")
+        require(0 <= self.edge_tls_port <= 65535, "TOKENMESH_EDGE_TLS_PORT", "must be 0-65535")
+        require(
+            (self.edge_tls_cert is None) == (self.edge_tls_key is None),
+            "TOKENMESH_EDGE_TLS_CERT",
+            "and TOKENMESH_EDGE_TLS_KEY must be set together",
+        )
+        for variable, path in (
+            ("TOKENMESH_EDGE_TLS_CERT", self.edge_tls_cert),
+            ("TOKENMESH_EDGE_TLS_KEY", self.edge_tls_key),
+        ):
+            require(path is None or path.is_file(), variable, f"{path} is not a file")
 
 
 def usage_banner(mesh: Mesh) -> str:
     """Returns the copy-paste examples printed once the mesh is up."""
     url, addr = mesh.edge_url, mesh.edge_address
+    tls = (
+        f"  curl --cacert {mesh.ca_path} {mesh.edge_tls_url}/healthz   "
+        "# HTTPS and gRPC over TLS (the local CA)\n"
+        if mesh.edge_tls_port
+        else ""
+    )
     return f"""
 tokenmesh is up: {url}   (state and logs: {mesh.state_dir})
 
@@ -54,6 +83,7 @@ dev admin API key (also in {mesh.dev_key_path}):
 
   export TOKENMESH_API_KEY=$(cat {mesh.dev_key_path})
   curl {url}/healthz
+{tls}
   curl -H "x-api-key: $TOKENMESH_API_KEY" {url}/v1/models
   curl -N -H "x-api-key: $TOKENMESH_API_KEY" {url}/v1/models/demo-lm:generate \\
        -d '{{"prompt": "And God said", "max_tokens": 32, "seed": 1}}'
@@ -100,6 +130,9 @@ def main() -> None:
     config = MeshConfig(
         state_dir=settings.state_dir,
         edge_port=settings.edge_port,
+        edge_tls_port=settings.edge_tls_port or None,
+        edge_tls_cert=settings.edge_tls_cert,
+        edge_tls_key=settings.edge_tls_key,
         redis_url=settings.redis_url,
         workers=settings.workers,
         otlp_endpoint=settings.otlp_endpoint,

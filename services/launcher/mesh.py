@@ -20,7 +20,7 @@ import yaml
 
 from gateway import envoy_config, protos
 from gateway.edge_auth import EdgeAuth
-from gateway.envoy_config import EdgeConfig, Endpoint
+from gateway.envoy_config import EdgeConfig, EdgeTls, Endpoint
 from services.core import contract, identity, pki
 from services.launcher.processes import Child, clean_env, reserve_port, wait_for
 
@@ -35,6 +35,10 @@ class MeshConfig:
 
     state_dir: Path
     edge_port: int = 0  # 0 reserves a free port
+    edge_tls_port: int | None = 0  # HTTPS / gRPC over TLS; 0 reserves a port, None: none
+    # The certificate the TLS listener serves (PEM files); None: the local CA's edge leaf.
+    edge_tls_cert: Path | None = None
+    edge_tls_key: Path | None = None
     redis_url: str | None = None  # None starts the bundled redis-server
     workers: int = 1
     envoy_concurrency: int = 2
@@ -80,6 +84,7 @@ class Mesh:
         self.redis_url = config.redis_url or ""
         self.limits_redis_url = ""  # a bundled volatile Redis for rate-limit windows
         self.edge_port = 0
+        self.edge_tls_port = 0
         self.admin_port = 0
         self.state_dir = config.state_dir.resolve()
         self.log_dir = self.state_dir / "logs"
@@ -94,6 +99,16 @@ class Mesh:
     def edge_url(self) -> str:
         """Returns the edge's base URL."""
         return f"http://127.0.0.1:{self.edge_port}"
+
+    @property
+    def edge_tls_url(self) -> str:
+        """Returns the edge's HTTPS base URL (its certificate is signed by `ca_path`)."""
+        return f"https://127.0.0.1:{self.edge_tls_port}"
+
+    @property
+    def ca_path(self) -> Path:
+        """Returns the local CA certificate clients trust (curl --cacert)."""
+        return self.pki_dir / "ca.pem"
 
     @property
     def edge_address(self) -> str:
@@ -144,9 +159,19 @@ class Mesh:
     def _ensure_pki(self) -> None:
         """Creates the local CA, every identity's certificate and the edge's SDS files."""
         pki.ensure_local_pki(self.pki_dir)
+        self.use_edge_certificate(self.config.edge_tls_cert, self.config.edge_tls_key)
+
+    def use_edge_certificate(self, cert: Path | None, key: Path | None) -> None:
+        """Points the edge's TLS listener at `cert`/`key` (None: the local CA's edge leaf).
+
+        The SDS files are replaced atomically; a running Envoy picks them up live.
+        """
+        serving = (cert.resolve(), key.resolve()) if cert and key else None
         self.sds_dir.mkdir(parents=True, exist_ok=True)
-        for name, content in envoy_config.sds_files(self.pki_dir, contract.EDGE).items():
-            (self.sds_dir / name).write_text(yaml.safe_dump(content, sort_keys=False))
+        for name, content in envoy_config.sds_files(self.pki_dir, contract.EDGE, serving).items():
+            tmp = self.sds_dir / f".{name}.tmp"
+            tmp.write_text(yaml.safe_dump(content, sort_keys=False))
+            tmp.replace(self.sds_dir / name)
 
     def renew_certificates(self) -> list[str]:
         """Re-issues every certificate that is due; servers and Envoy pick the files up."""
@@ -159,6 +184,8 @@ class Mesh:
         """Writes run/mesh.json: where everything listens, and every child's pid."""
         manifest = {
             "edge_url": self.edge_url,
+            "edge_tls_url": self.edge_tls_url if self.edge_tls_port else None,
+            "ca": str(self.ca_path),
             "admin_port": self.admin_port,
             "redis_url": self.redis_url,
             "ratelimit_redis_url": self.limits_redis_url,
@@ -289,10 +316,13 @@ class Mesh:
             xds=Endpoint("127.0.0.1", self.ports["router"]),
             node_id=f"edge-{self.edge_port}",
             sds_dir=self.sds_dir,
+            tls=EdgeTls(self.edge_tls_port) if self.edge_tls_port else None,
         )
 
     def _start_envoy(self) -> None:
         self.edge_port = self.config.edge_port or reserve_port()
+        if self.config.edge_tls_port is not None:
+            self.edge_tls_port = self.config.edge_tls_port or reserve_port()
         self.admin_port = reserve_port()
         child = self._spawn_envoy("envoy", self.edge_config())
         wait_for(
@@ -324,6 +354,7 @@ class Mesh:
             admin_port=reserve_port(),
             node_id=f"{name}-{port}",
             access_log_path=str(self.log_dir / f"{name}-access.log"),
+            tls=None,  # only the main edge serves TLS (one port each)
             **changes,
         )
         child = self._spawn_envoy(name, config)
