@@ -28,6 +28,20 @@ logger = logging.getLogger(__name__)
 _RPC_TIMEOUT_S = 2.0
 
 
+# Answers that mean the router will never accept this worker as it is configured.
+_REFUSED = frozenset(
+    {
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    }
+)
+
+
+class RegistrationRefused(Exception):
+    """RegistrationRefused: the router refused this worker (identity, address or models)."""
+
+
 class Registration:
     """Registration keeps one worker registered with the router.
 
@@ -106,6 +120,10 @@ class Registration:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     self.registered.clear()  # the router forgot us: register again now
                     continue
+                if exc.code() in _REFUSED:
+                    # Retrying the same call cannot help (wrong identity or address):
+                    # let the supervisor count it, back off, and flip health.
+                    raise RegistrationRefused(f"{exc.code().name}: {exc.details()}") from None
                 logger.warning(
                     "registration failed (%s: %s); retrying", exc.code().name, exc.details()
                 )

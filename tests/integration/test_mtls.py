@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 
 from services.core import identity, pki
 from services.core.server import RunningServer, serving
+from services.inference.service import InferenceService
 from services.router.service import RouterService, RouterSettings
 from services.usage.service import UsageService, UsageSettings
 from tests import mtls
@@ -195,3 +196,24 @@ def _replace(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(".new")
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+async def test_a_worker_the_router_refuses_turns_not_serving(router, redis_url, tmp_path):
+    """A worker with the wrong identity is refused for good: its health says so."""
+    settings = inference_settings(
+        tmp_path,
+        redis_url,
+        router_address=f"127.0.0.1:{router.port}",
+        identity="usage",  # not a worker: the registry refuses it
+    )
+    service = InferenceService(settings)
+    async with serving(service, settings) as running:
+        async with mtls.aio_channel(running.port, peer="usage") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="tokenmesh.inference.v1.InferenceService"),
+                timeout=60,
+            )
+            async for reply in watch:
+                if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+            watch.cancel()
