@@ -23,6 +23,7 @@ from services.auth.keys import SCOPES, ApiKeyStore
 from services.auth.servicer import AuthServicer
 from services.auth.signing import SigningKeyRing
 from services.auth.tokens import TokenIssuer
+from services.core import secret_files
 from services.core.errors import FailedPrecondition
 from services.core.redis_service import RedisBackedService
 from services.core.server import RunningServer
@@ -106,11 +107,7 @@ class AuthSettings(RedisSettings):
         if self.secret:
             return self.secret.encode()
         assert self.secret_file is not None
-        if not self.secret_file.exists():
-            self.secret_file.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(os.urandom(32).hex())
+        secret_files.create_secret(self.secret_file, os.urandom(32).hex().encode())
         value = self.secret_file.read_text().strip().encode()
         if len(value) < 32:
             raise SettingsError(
@@ -174,9 +171,7 @@ class AuthService(RedisBackedService):
             key, secret = await self.keys.create(
                 "admin", "dev admin", list(SCOPES), [], auth_pb2.KeyLimits(), None
             )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secret + "\n")
-            path.chmod(0o600)
+            await asyncio.to_thread(secret_files.replace_secret, path, f"{secret}\n".encode())
             logger.info("created dev admin key %s (secret written to %s)", key.id, path)
 
     async def _rotate_on_schedule(self) -> None:

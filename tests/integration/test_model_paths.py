@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +13,10 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from tests import audit
 from tests.integration.conftest import inference_settings, start_inference
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
-
-_HOOKS: list[Callable[[str, tuple[Any, ...]], None]] = []
-
-
-def _dispatch(event: str, args: tuple[Any, ...]) -> None:
-    for hook in list(_HOOKS):
-        hook(event, args)
-
-
-sys.addaudithook(_dispatch)  # NOTE: audit hooks cannot be removed; this one is idle when unused
 
 #: What the edge sends for a caller with the admin scope.
 ADMIN = (("x-tokenmesh-scopes", "admin"),)
@@ -95,49 +85,25 @@ async def test_unload_checks_names_too(admin_and_root):
     assert [v.field for v in bad_request.field_violations] == ["model"]
 
 
-@pytest.fixture
-def opened_under() -> Iterator[Callable[[Path], list[str]]]:
-    """Yields watch(dir): the paths under `dir` this process opens from now on.
-
-    An audit hook sees every open() in the process, the worker's threads included.
-    """
-    watched: dict[Path, list[str]] = {}
-
-    def watch(directory: Path) -> list[str]:
-        return watched.setdefault(directory.resolve(), [])
-
-    def hook(event: str, args: tuple[Any, ...]) -> None:
-        if event == "open" and isinstance(args[0], (str, Path)):
-            path = str(args[0])
-            for directory, seen in watched.items():
-                if path.startswith(str(directory)):
-                    seen.append(path)
-
-    _HOOKS.append(hook)
-    yield watch
-    _HOOKS.remove(hook)
-
-
-async def test_a_traversal_never_opens_the_planted_file(admin_and_root, opened_under):
+async def test_a_traversal_never_opens_the_planted_file(admin_and_root):
     admin, root = admin_and_root
     _plant(root / "evil")
-    opened = opened_under(root / "evil")
-    for model, version in [("../../evil", "1"), ("demo-lm", "../../../evil/1")]:
-        call = admin.LoadModel(pb.LoadModelRequest(model=model, version=version), metadata=ADMIN)
-        await _bad_request(call)
+    with audit.opened_under(root / "evil") as opened:
+        for model, version in [("../../evil", "1"), ("demo-lm", "../../../evil/1")]:
+            request = pb.LoadModelRequest(model=model, version=version)
+            await _bad_request(admin.LoadModel(request, metadata=ADMIN))
     assert opened == []
 
 
-async def test_a_symlink_out_of_the_repository_is_refused_before_reading(
-    admin_and_root, opened_under
-):
+async def test_a_symlink_out_of_the_repository_is_refused_before_reading(admin_and_root):
     """Defence in depth: a well-formed name whose directory resolves outside the root."""
     admin, root = admin_and_root
     _plant(root / "evil")
     (root / "a" / "models" / "linked").symlink_to(root / "evil", target_is_directory=True)
-    opened = opened_under(root / "evil")
     call = admin.LoadModel(pb.LoadModelRequest(model="linked", version="1"), metadata=ADMIN)
-    bad_request = await _bad_request(call)
+    with audit.opened_under(root / "evil") as opened:
+        bad_request = await _bad_request(call)
+    assert opened == []
     assert {v.field for v in bad_request.field_violations} == {"model", "version"}
     status = await rpc_status.aio.from_call(call)
     assert status is not None
@@ -145,4 +111,3 @@ async def test_a_symlink_out_of_the_repository_is_refused_before_reading(
     info = error_details_pb2.ErrorInfo()
     detail.Unpack(info)
     assert info.reason == "MODEL_OUTSIDE_REPOSITORY"
-    assert opened == []
