@@ -50,9 +50,23 @@ class Authenticator:
     ) -> Principal:
         """Returns the caller; raises Unauthenticated (or ResourceExhausted when guessing).
 
+        Only failures are throttled: a valid credential is accepted even from
+        a source over its failure limit, so one misbehaving client behind a
+        shared NAT or proxy cannot lock everyone there out. NOTE: guessing
+        stays hopeless (API keys carry 256 random bits); the limit bounds
+        what a flood of bad credentials costs and tells a broken client so.
+
         The edge's ext_authz passes allow_jwt=False: a JWT that Envoy's
         jwt_authn did not accept must not get a second opinion here.
         """
+        token = credential(headers)
+        principal = (
+            await self._verify(token)
+            if token and (allow_jwt or looks_like_api_key(token))
+            else None
+        )
+        if principal is not None:
+            return principal
         retry_after = self.limiter.retry_after(source)
         if retry_after is not None:
             raise ResourceExhausted(
@@ -60,16 +74,8 @@ class Authenticator:
                 retry_after_s=retry_after,
                 reason="AUTH_FAILURES_RATE_LIMITED",
             )
-        token = credential(headers)
-        principal = (
-            await self._verify(token)
-            if token and (allow_jwt or looks_like_api_key(token))
-            else None
-        )
-        if principal is None:
-            self.limiter.record(source)
-            raise unauthenticated()
-        return principal
+        self.limiter.record(source)
+        raise unauthenticated()
 
     async def _verify(self, token: str) -> Principal | None:
         if not looks_like_api_key(token):
