@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,12 +142,41 @@ def main() -> None:
     mesh = Mesh(config)
     try:
         mesh.start()
+        mesh.supervise()  # a child that dies is restarted, logged, counted in run/mesh.json
         print(usage_banner(mesh), flush=True)
-        stop.wait()
+        _serve_until(stop, mesh)
         logger.info("stopping")
     finally:
         mesh.stop()
     logger.info("stopped; no process left behind")
+
+
+#: How often the launcher looks for certificates due for renewal (a leaf is
+#: re-issued once a third of its life is left: 8 h of a 24 h leaf).
+RENEWAL_CHECK_INTERVAL_S = 60.0
+
+
+def _serve_until(stop: threading.Event, mesh: Mesh) -> None:
+    """Renews certificates as they fall due until `stop` is set.
+
+    Raises SystemExit when supervision has ended: the mesh must not run on
+    with nobody restarting what dies.
+    """
+    next_renewal = 0.0
+    while not stop.wait(1.0):
+        if mesh.supervisor is None or not mesh.supervisor.alive():
+            logger.error("the supervisor stopped; stopping the mesh")
+            raise SystemExit(1)
+        if time.monotonic() >= next_renewal:
+            next_renewal = time.monotonic() + RENEWAL_CHECK_INTERVAL_S
+            try:
+                mesh.renew_certificates()
+            except OSError as exc:
+                logger.error(
+                    "renewing certificates failed (retrying in %.0fs): %s",
+                    RENEWAL_CHECK_INTERVAL_S,
+                    exc,
+                )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -23,6 +25,7 @@ from gateway.edge_auth import EdgeAuth
 from gateway.envoy_config import EdgeConfig, EdgeTls, Endpoint
 from services.core import contract, identity, pki
 from services.launcher.processes import Child, clean_env, reserve_port, wait_for
+from services.launcher.supervisor import RestartPolicy, Supervisor
 
 logger = logging.getLogger(__name__)
 SERVICES = ("auth", "router", "usage")
@@ -47,6 +50,10 @@ class MeshConfig:
     otlp_endpoint: str | None = None  # OTLP/gRPC collector for Envoy and every service
     edge_auth: EdgeAuth = field(default_factory=EdgeAuth)
     service_env: Mapping[str, str] = field(default_factory=dict)
+    # How `supervise()` backs off before restarting a child that died.
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    # How long a graceful drain of Envoy keeps its listeners open (`drain_envoy`).
+    envoy_drain_time_s: int = 2
 
 
 def envoy_binary() -> Path:
@@ -75,6 +82,12 @@ class Mesh:
 
         with Mesh(MeshConfig(state_dir=Path(".tokenmesh"))) as mesh:
             print(mesh.edge_url)
+
+    A mesh is not supervised unless `supervise()` is called (`make run` and the
+    fault suite do): then a child that exits unexpectedly, or is signalled with
+    `send_signal`, is restarted where it was. Children stopped on purpose
+    (`kill`, `terminate`, `restart_*`, `stop`) are never restarted behind the
+    caller's back. Methods may be called from any thread.
     """
 
     def __init__(self, config: MeshConfig) -> None:
@@ -94,6 +107,12 @@ class Mesh:
         self.pki_dir = self.state_dir / "pki"
         self.sds_dir = self.state_dir / "sds"
         self.ca = pki.LocalCA(self.pki_dir)
+        self.supervisor: Supervisor | None = None
+        self._lock = threading.RLock()  # guards children, the manifest and _stopping
+        self._stopping = False
+        self._envoy_configs: dict[str, EdgeConfig] = {}
+        self._redis: dict[str, tuple[Path, bool]] = {}  # name -> (data dir, durable)
+        self._modules: dict[str, str] = {}  # service child name -> its module
 
     @property
     def edge_url(self) -> str:
@@ -181,8 +200,22 @@ class Mesh:
         return renewed
 
     def _write_manifest(self) -> None:
-        """Writes run/mesh.json: where everything listens, and every child's pid."""
-        manifest = {
+        """Writes run/mesh.json: where everything listens, every child's pid and restarts.
+
+        The file is replaced atomically, so a reader never sees half of it.
+        """
+        with self._lock:
+            if self._stopping:
+                return
+            path = self.run_dir / "mesh.json"
+            staged = path.with_suffix(".json.tmp")
+            staged.write_text(json.dumps(self._manifest(), indent=2))
+            os.replace(staged, path)
+
+    def _manifest(self) -> dict[str, Any]:
+        children = {c.name: c for c in self.children if not c.stopping}
+        records = dict(self.supervisor.records) if self.supervisor else {}
+        return {
             "edge_url": self.edge_url,
             "edge_tls_url": self.edge_tls_url if self.edge_tls_port else None,
             "ca": str(self.ca_path),
@@ -190,28 +223,42 @@ class Mesh:
             "redis_url": self.redis_url,
             "ratelimit_redis_url": self.limits_redis_url,
             "ports": self.ports,
-            "pids": {c.name: c.pid for c in self.children},
+            "pids": {name: c.pid for name, c in children.items()},
+            "supervised": self.supervisor is not None,
+            "children": {
+                name: {
+                    "pid": children[name].pid if name in children else None,
+                    **(records[name].to_json() if name in records else {}),
+                }
+                for name in sorted({*children, *records})
+            },
             "dev_api_key_file": str(self.dev_key_path),
             "pki_dir": str(self.pki_dir),
         }
-        (self.run_dir / "mesh.json").write_text(json.dumps(manifest, indent=2))
 
     def _start_redis(self) -> None:
-        child, self.redis_url = spawn_redis(self.state_dir / "redis", self.log_dir / "redis.log")
-        self.children.append(child)
-        logger.info("started redis (pid %d) at %s", child.pid, self.redis_url)
-        child, self.limits_redis_url = spawn_redis(
-            self.state_dir / "redis-limits",
-            self.log_dir / "redis-limits.log",
-            durable=False,
-            name="redis-limits",
+        self.redis_url = self._spawn_redis("redis", self.state_dir / "redis", durable=True)
+        self.limits_redis_url = self._spawn_redis(
+            "redis-limits", self.state_dir / "redis-limits", durable=False
         )
-        self.children.append(child)
-        logger.info("started redis-limits (pid %d) at %s", child.pid, self.limits_redis_url)
 
-    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str]) -> Child:
-        child = Child(name, argv, clean_env(env), self.log_dir / f"{name}.log")
-        self.children.append(child)
+    def _spawn_redis(self, name: str, data_dir: Path, durable: bool, port: int = 0) -> str:
+        """Starts a bundled redis-server child; returns its URL once it answers PING."""
+        self._redis[name] = (data_dir, durable)
+        port = port or reserve_port()
+        child = self._spawn(name, redis_argv(data_dir, port, durable))
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_redis(child, url, 30)
+        logger.info("%s listens at %s", name, url)
+        return url
+
+    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Child:
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError(f"not starting {name}: the mesh is stopping")
+            log_path = self.log_dir / f"{name}.log"
+            child = Child(name, argv, clean_env(os.environ if env is None else env), log_path)
+            self.children.append(child)
         logger.info("started %s (pid %d)", name, child.pid)
         return child
 
@@ -247,6 +294,7 @@ class Mesh:
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.config.otlp_endpoint
         else:
             env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+        self._modules[name] = module
         self._spawn(name, [sys.executable, "-m", f"services.{module}"], env)
 
     def terminate(self, name: str) -> None:
@@ -257,38 +305,103 @@ class Mesh:
         """Waits for a child to exit; returns its exit code and forgets it."""
         child = self._child(name)
         code = child.wait(timeout_s)
-        self.children.remove(child)
+        self._forget(child)
         return code
 
     def start_worker(self, name: str) -> None:
         """Starts one more inference worker (it registers itself with the router)."""
         self._start_service(name, "inference")
         self._wait_ready(name)
+        self._write_manifest()
 
     def kill(self, name: str) -> None:
-        """Kills a child with SIGKILL (a crash, for failure tests)."""
+        """Kills a child with SIGKILL (a crash, for failure tests); it stays dead."""
         child = self._child(name)
-        child.process.kill()
+        child.kill()
         child.process.wait(10)
-        self.children.remove(child)
+        self._forget(child)
+
+    def send_signal(self, name: str, sig: int = signal.SIGKILL) -> int:
+        """Signals a child as something outside the mesh would (an OOM kill, an operator).
+
+        Unlike `kill` and `terminate`, the mesh is not told: a supervised mesh
+        restarts the child once it exits. Returns the signalled pid.
+        """
+        child = self._child(name)
+        os.kill(child.pid, sig)
+        return child.pid
 
     def restart_service(self, name: str, module: str) -> None:
         """Starts a killed service again on its old port (the edge's config keeps working)."""
         self._start_service(name, module, port=self.ports[name])
         self._wait_ready(name)
+        self._write_manifest()
 
     def restart_redis(self) -> None:
         """Restarts the bundled Redis on the same port and data (AOF) directory."""
-        port = int(self.redis_url.rsplit(":", 1)[1].split("/")[0])
         child = self._child("redis")
         child.terminate()
         child.wait(10)
-        self.children.remove(child)
-        child, _ = spawn_redis(self.state_dir / "redis", self.log_dir / "redis.log", port=port)
-        self.children.insert(0, child)
+        self._forget(child)
+        self._respawn_redis("redis")
+        self._write_manifest()
+
+    def _respawn_redis(self, name: str) -> None:
+        url = self.redis_url if name == "redis" else self.limits_redis_url
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        data_dir, durable = self._redis[name]
+        self._spawn_redis(name, data_dir, durable, port=port)
 
     def _child(self, name: str) -> Child:
-        return next(c for c in self.children if c.name == name)
+        """Returns the newest child called `name`."""
+        with self._lock:
+            return next(c for c in reversed(self.children) if c.name == name)
+
+    def _forget(self, child: Child) -> None:
+        with self._lock:
+            if child in self.children:
+                self.children.remove(child)
+
+    def pid(self, name: str) -> int:
+        """Returns the pid of the newest child called `name`."""
+        return self._child(name).pid
+
+    def supervise(self) -> Supervisor:
+        """Restarts every child that dies from now on (see `RestartPolicy`); idempotent.
+
+        Restarts are logged, counted and written to run/mesh.json (`children`:
+        pid, restarts, last_exit_code, state). `stop()` ends supervision first.
+        """
+        with self._lock:
+            if self.supervisor is None:
+                self.supervisor = Supervisor(
+                    children=self._snapshot,
+                    forget=self._forget,
+                    restart=self._restart_child,
+                    changed=self._write_manifest,
+                    policy=self.config.restart_policy,
+                )
+                self.supervisor.start()
+        self._write_manifest()
+        return self.supervisor
+
+    def restarts(self, name: str) -> int:
+        """Returns how often the supervisor restarted `name` (0 when unsupervised)."""
+        record = self.supervisor.records.get(name) if self.supervisor else None
+        return record.restarts if record else 0
+
+    def _snapshot(self) -> list[Child]:
+        with self._lock:
+            return list(self.children)
+
+    def _restart_child(self, name: str) -> None:
+        """Starts a child that died again where it was: same port, data and state dir."""
+        if name in self._redis:
+            self._respawn_redis(name)
+        elif name in self._envoy_configs:
+            self._respawn_envoy(name)
+        else:
+            self.restart_service(name, self._modules[name])
 
     def _wait_ready(self, name: str) -> None:
         ready_file = self.run_dir / f"{name}.json"
@@ -329,7 +442,50 @@ class Mesh:
             self.healthy, self.config.startup_timeout_s, "the edge's /healthz to answer 200", child
         )
 
+    def _respawn_envoy(self, name: str) -> None:
+        """Starts an Envoy again with its last config; waits until its admin says LIVE."""
+        config = self._envoy_configs[name]
+        child = self._spawn_envoy(name, config)
+        ready = f"http://127.0.0.1:{config.admin_port}/ready"
+        wait_for(
+            lambda: _http_status(ready) == 200,
+            self.config.startup_timeout_s,
+            f"{name}'s admin /ready to answer 200",
+            child,
+        )
+
+    def drain_envoy(self, name: str = "envoy", timeout_s: float = 30.0) -> None:
+        """Drains an Envoy gracefully: it stops taking connections and its requests finish.
+
+        Envoy sends GOAWAY (HTTP/2) or `connection: close` (HTTP/1.1) at once,
+        closes its listeners after `envoy_drain_time_s`, and this returns once no
+        downstream request is active any more (or raises TimeoutError). The
+        process keeps running: `terminate` it next.
+        """
+        admin = f"http://127.0.0.1:{self._envoy_configs[name].admin_port}"
+        request = urllib.request.Request(f"{admin}/drain_listeners?graceful", method="POST")
+        with urllib.request.urlopen(request, timeout=5):
+            pass
+        wait_for(
+            lambda: _active_downstream_requests(admin) == 0,
+            timeout_s,
+            f"{name}'s requests to finish",
+            self._child(name),
+        )
+
+    def restart_envoy(self, name: str = "envoy", graceful: bool = True) -> None:
+        """Restarts an Envoy on the same ports, after a graceful drain unless told otherwise."""
+        if graceful:
+            self.drain_envoy(name)
+        child = self._child(name)
+        child.terminate()
+        child.wait(30)
+        self._forget(child)
+        self._respawn_envoy(name)
+        self._write_manifest()
+
     def _spawn_envoy(self, name: str, config: EdgeConfig) -> Child:
+        self._envoy_configs[name] = config
         config_path = self.state_dir / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(envoy_config.bootstrap(config), sort_keys=False))
         argv = [
@@ -340,10 +496,14 @@ class Mesh:
             str(self.config.envoy_concurrency),
             # Several Envoys (tests, `make run`) may share a machine.
             "--disable-hot-restart",
+            "--drain-time-s",
+            str(self.config.envoy_drain_time_s),
+            "--drain-strategy",
+            "immediate",
             "--log-level",
             "warn",
         ]
-        return self._spawn(name, argv, os.environ)
+        return self._spawn(name, argv)
 
     def start_extra_edge(self, name: str, **changes: Any) -> str:
         """Starts another Envoy on the same control plane (e.g. `auth=None`); returns host:port."""
@@ -375,15 +535,33 @@ class Mesh:
         return _http_status(f"{self.edge_url}/healthz") == 200
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stops every child, newest first: Envoy, workers, services, Redis."""
-        for child in reversed(self.children):
+        """Ends supervision, then stops every child: Envoy, workers, services, Redis."""
+        with self._lock:
+            self._stopping = True
+            children = sorted(reversed(self.children), key=self._stop_rank)
+        if self.supervisor is not None:
+            self.supervisor.stop(timeout_s=0)
+        for child in children:
             child.terminate()
             child.wait(timeout_s)
-        self.children.clear()
+        if self.supervisor is not None:
+            # A restart it was waiting on has failed by now (its child is gone).
+            self.supervisor.stop(timeout_s)
+        with self._lock:
+            self.children.clear()
+
+    def _stop_rank(self, child: Child) -> int:
+        if child.name in self._envoy_configs:
+            return 0
+        if child.name in self._redis:
+            return 3
+        return 1 if self._modules.get(child.name) == "inference" else 2
 
     def log_tails(self, lines: int = 30) -> str:
         """Returns the last lines of every child's log, for failing tests."""
-        return "\n".join(f"--- {c.name} ({c.log_path})\n{c.log_tail(lines)}" for c in self.children)
+        return "\n".join(
+            f"--- {c.name} ({c.log_path})\n{c.log_tail(lines)}" for c in self._snapshot()
+        )
 
 
 def spawn_redis(
@@ -401,11 +579,19 @@ def spawn_redis(
     (request-rate windows) keeps nothing on disk.
     """
     port = port or reserve_port()
+    child = Child(name, redis_argv(data_dir, port, durable), clean_env(os.environ), log_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_redis(child, url, timeout_s)
+    return child, url
+
+
+def redis_argv(data_dir: Path, port: int, durable: bool) -> list[str]:
+    """Returns the bundled redis-server's command line (see `spawn_redis`)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     persistence = (
         ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
     )
-    argv = [
+    return [
         str(redis_server_binary()),
         "--bind",
         "127.0.0.1",
@@ -421,8 +607,10 @@ def spawn_redis(
         "--daemonize",
         "no",
     ]
-    child = Child(name, argv, clean_env(os.environ), log_path)
-    url = f"redis://127.0.0.1:{port}/0"
+
+
+def wait_redis(child: Child, url: str, timeout_s: float) -> None:
+    """Waits until a redis-server child answers PING; stops it when it does not."""
     client = redis.Redis.from_url(url, socket_timeout=0.5)
     try:
         wait_for(lambda: _pings(client), timeout_s, "redis-server to answer PING", child)
@@ -432,7 +620,6 @@ def spawn_redis(
         raise
     finally:
         client.close()
-    return child, url
 
 
 def _pings(client: redis.Redis) -> bool:
@@ -450,6 +637,19 @@ def _http_status(url: str) -> int | None:
         return exc.code
     except (urllib.error.URLError, OSError):
         return None
+
+
+def _active_downstream_requests(admin_url: str) -> int | None:
+    """Returns the requests an Envoy's listeners have in flight (None: no answer)."""
+    url = f"{admin_url}/stats?filter=downstream_rq_active$"
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            lines = response.read().decode().splitlines()
+    except (urllib.error.URLError, OSError):
+        return None
+    # http.<stat_prefix>.downstream_rq_active: <n>; the admin listener counts this call.
+    stats = dict(line.split(": ", 1) for line in lines if ": " in line)
+    return sum(int(v) for k, v in stats.items() if k.startswith("http.") and ".admin." not in k)
 
 
 def _otlp_endpoint(url: str | None) -> Endpoint | None:

@@ -41,6 +41,8 @@ class Child:
     ) -> None:
         self.name = name
         self.log_path = log_path
+        # Set once the owner stops the child on purpose: a supervisor leaves it dead.
+        self.stopping = False
         log_path.parent.mkdir(parents=True, exist_ok=True)
         # NOTE: no Python code may run between fork and exec when the parent
         # uses gRPC (its fork handlers can abort the child), so the parent-death
@@ -75,9 +77,16 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
     def terminate(self) -> None:
-        """Asks the child to stop (SIGTERM: services drain gracefully)."""
+        """Asks the child to stop (SIGTERM: services drain gracefully); it stays stopped."""
+        self.stopping = True
         if self.alive():
             self.process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Kills the child (SIGKILL) on purpose; it stays stopped."""
+        self.stopping = True
+        if self.alive():
+            self.process.kill()
 
     def wait(self, timeout_s: float) -> int | None:
         """Waits for the child to exit; kills it when `timeout_s` passes."""
