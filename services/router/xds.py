@@ -4,7 +4,8 @@
 lease expiries, catalogue changes made through any router replica, and
 worker registrations all show up within a second) and bumps a generation
 when their content changed. `AdsServicer` keeps, per Envoy stream and per
-resource type, what was sent under which nonce, sends on change, treats a
+resource type, what was sent under which nonce, sends on change (at most
+one response per type waits for a slow Envoy: see `Outbox`), treats a
 request whose nonce matches the last response as its ACK or NACK, and
 ignores stale nonces. Nothing is sent before the first snapshot was read
 from Redis: an empty answer would make a reconnecting Envoy drop its routes.
@@ -143,6 +144,53 @@ class ControlPlane:
             await asyncio.sleep(self._poll_s)
 
 
+class Outbox:
+    """Outbox holds the responses a stream has yet to send: at most one per type.
+
+    A slow Envoy cannot make it grow: a newer response of a type replaces the
+    pending one (go-control-plane keeps one pending response per watch the
+    same way), and the Envoy gets the latest state once it reads again. Its
+    nonce is the subscription's newest, so the replaced one is never ACKed.
+    Responses leave in TYPE_ORDER (clusters before their endpoints and routes).
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, discovery_pb2.DiscoveryResponse] = {}
+        self._ready = asyncio.Event()
+
+    def put(self, response: discovery_pb2.DiscoveryResponse) -> None:
+        """Queues `response`, replacing any pending response of its type."""
+        self._pending[response.type_url] = response
+        self._ready.set()
+
+    def empty(self) -> bool:
+        """Tells whether nothing is pending."""
+        return not self._pending
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def get_nowait(self) -> discovery_pb2.DiscoveryResponse:
+        """Returns the next pending response (raises asyncio.QueueEmpty when none)."""
+        if not self._pending:
+            raise asyncio.QueueEmpty
+        type_url = min(self._pending, key=_send_rank)
+        response = self._pending.pop(type_url)
+        if not self._pending:
+            self._ready.clear()
+        return response
+
+    async def get(self) -> discovery_pb2.DiscoveryResponse:
+        """Waits for, then returns, the next pending response."""
+        while not self._pending:
+            await self._ready.wait()
+        return self.get_nowait()
+
+
+def _send_rank(type_url: str) -> int:
+    return TYPE_ORDER.index(type_url) if type_url in TYPE_ORDER else len(TYPE_ORDER)
+
+
 @dataclass
 class _Subscription:
     """What one stream asked for, and was last sent, of one resource type."""
@@ -162,7 +210,7 @@ class _Stream:
     flags: EdgeFlags = EdgeFlags()
     node_id: str = ""
     subscriptions: dict[str, _Subscription] = field(default_factory=dict)
-    outbox: asyncio.Queue[discovery_pb2.DiscoveryResponse] = field(default_factory=asyncio.Queue)
+    outbox: Outbox = field(default_factory=Outbox)
     nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     async def on_request(self, request: discovery_pb2.DiscoveryRequest) -> None:
@@ -213,7 +261,7 @@ class _Stream:
             chosen = [named[n] for n in sorted(subscription.names) if n in named]
         subscription.sent_version = version
         subscription.nonce = str(next(self.nonces))
-        self.outbox.put_nowait(
+        self.outbox.put(
             discovery_pb2.DiscoveryResponse(
                 version_info=version,
                 resources=chosen,
