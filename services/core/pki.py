@@ -245,3 +245,35 @@ def ensure_local_pki(pki_dir: Path, identities: Sequence[str] = IDENTITIES) -> L
     for identity in identities:
         ca.ensure_identity(identity)
     return ca
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Creates the local CA in a directory and issues every leaf that is missing or due.
+
+    `python -m services.core.pki DIR [--dns IDENTITY=NAME ...]`: what a
+    container setup (deploy/compose.yaml) runs once at start and then
+    periodically; `--dns` adds names a leaf answers to (e.g. worker=inference,
+    the host a worker registers under).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m services.core.pki")
+    parser.add_argument("dir", type=Path, help="the PKI directory (ca.pem, <identity>.pem, ...)")
+    parser.add_argument("--dns", action="append", default=[], metavar="IDENTITY=NAME")
+    args = parser.parse_args(argv)
+    extra: dict[str, list[str]] = {}
+    for item in args.dns:
+        identity, _, name = item.partition("=")
+        if identity not in IDENTITIES or not name:
+            parser.error(f"--dns {item!r}: expected IDENTITY=NAME, IDENTITY one of {IDENTITIES}")
+        extra.setdefault(identity, []).append(name)
+    ca = LocalCA(args.dir)
+    ca.ensure()
+    for identity in IDENTITIES:
+        if needs_renewal(args.dir / f"{identity}.pem"):
+            ca.issue(identity, dns_names=extra.get(identity, ()))
+            print(f"issued {args.dir / identity}.pem", flush=True)
+
+
+if __name__ == "__main__":
+    main()
