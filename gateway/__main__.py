@@ -4,6 +4,13 @@ Used by the container image (`deploy/`) where upstreams are DNS names::
 
     python -m gateway render --out /tmp/envoy.yaml
     python -m gateway run            # render, then exec Envoy
+
+With `TOKENMESH_PKI_DIR` (the edge's identity: `ca.pem`, `edge.pem`,
+`edge-key.pem`) it also writes Envoy's file-based SDS files (`--sds-dir`,
+default `<out stem>-sds` next to the bootstrap): the edge then speaks mTLS to
+every upstream and serves HTTPS / gRPC over TLS on `TOKENMESH_EDGE_TLS_PORT`.
+Envoy watches the directories of the certificate files, so a renewed leaf
+(local CA, cert-manager, SPIRE, an operator's `mv`) is picked up live.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import yaml
 
 from gateway import envoy_config, protos
 from gateway.edge_auth import EdgeAuth
-from gateway.envoy_config import EdgeConfig, Endpoint
+from gateway.envoy_config import EdgeConfig, EdgeTls, Endpoint
+from services.core import contract, pki
 from services.core.settings import SettingsError, env, load, require
 
 
@@ -27,8 +35,35 @@ from services.core.settings import SettingsError, env, load, require
 class EdgeSettings:
     """EdgeSettings configure a standalone edge (outside `make run`)."""
 
-    listen_host: str = env("TOKENMESH_EDGE_HOST", "127.0.0.1", "Address the edge listens on.")
-    edge_port: int = env("TOKENMESH_EDGE_PORT", 8080, "The edge's port (REST and gRPC).")
+    listen_host: str = env(
+        "TOKENMESH_EDGE_HOST",
+        "127.0.0.1",
+        "Address the plaintext listener binds; keep 127.0.0.1 wherever clients must use TLS.",
+    )
+    edge_port: int = env("TOKENMESH_EDGE_PORT", 8080, "The plaintext port (REST and gRPC).")
+    pki_dir: Path | None = env(
+        "TOKENMESH_PKI_DIR",
+        None,
+        "mTLS: directory with ca.pem, edge.pem and edge-key.pem (the edge's identity). "
+        "Unset: plaintext upstreams and no TLS listener (development only).",
+    )
+    tls_port: int = env(
+        "TOKENMESH_EDGE_TLS_PORT",
+        8443,
+        "HTTPS / gRPC-over-TLS port (needs TOKENMESH_PKI_DIR); 0 disables it.",
+    )
+    tls_host: str = env(
+        "TOKENMESH_EDGE_TLS_HOST", "127.0.0.1", "Address the TLS listener binds (0.0.0.0 in a pod)."
+    )
+    tls_cert: Path | None = env(
+        "TOKENMESH_EDGE_TLS_CERT",
+        None,
+        "Certificate chain (PEM) the TLS port serves; default: the edge's leaf from the "
+        "mesh CA. Replacing the file is picked up without a restart.",
+    )
+    tls_key: Path | None = env(
+        "TOKENMESH_EDGE_TLS_KEY", None, "The key of TOKENMESH_EDGE_TLS_CERT (PEM)."
+    )
     admin_port: int = env("TOKENMESH_EDGE_ADMIN_PORT", 9901, "Envoy admin port (127.0.0.1 only).")
     auth: str = env("TOKENMESH_AUTH_ADDR", "127.0.0.1:50051", "auth service host:port.")
     router: str = env(
@@ -59,6 +94,22 @@ class EdgeSettings:
 
     def __post_init__(self) -> None:
         require(1 <= self.edge_port <= 65535, "TOKENMESH_EDGE_PORT", "must be 1-65535")
+        require(0 <= self.tls_port <= 65535, "TOKENMESH_EDGE_TLS_PORT", "must be 0-65535")
+        require(
+            self.tls_port not in (self.edge_port, self.admin_port),
+            "TOKENMESH_EDGE_TLS_PORT",
+            "must differ from TOKENMESH_EDGE_PORT and TOKENMESH_EDGE_ADMIN_PORT",
+        )
+        require(
+            (self.tls_cert is None) == (self.tls_key is None),
+            "TOKENMESH_EDGE_TLS_CERT",
+            "and TOKENMESH_EDGE_TLS_KEY must be set together",
+        )
+        require(
+            self.tls_cert is None or self.pki_dir is not None,
+            "TOKENMESH_EDGE_TLS_CERT",
+            "needs TOKENMESH_PKI_DIR (the TLS listener's files are served through SDS)",
+        )
         for variable, value in (
             ("TOKENMESH_AUTH_ADDR", self.auth),
             ("TOKENMESH_ROUTER_ADDR", self.router),
@@ -76,8 +127,52 @@ def _endpoints(value: str) -> list[Endpoint]:
     return [e for e in map(_parse, value.split(",")) if e is not None]
 
 
-def edge_config(settings: EdgeSettings) -> EdgeConfig:
-    """Returns the edge configuration described by `settings`."""
+def check_files(settings: EdgeSettings) -> None:
+    """Raises SettingsError naming the variable whose certificate file is missing."""
+    if settings.pki_dir is None:
+        return
+    files = pki.IdentityFiles.of(settings.pki_dir, contract.EDGE)
+    for variable, path in (
+        ("TOKENMESH_PKI_DIR", files.ca),
+        ("TOKENMESH_PKI_DIR", files.cert),
+        ("TOKENMESH_PKI_DIR", files.key),
+        ("TOKENMESH_EDGE_TLS_CERT", settings.tls_cert),
+        ("TOKENMESH_EDGE_TLS_KEY", settings.tls_key),
+    ):
+        require(path is None or path.is_file(), variable, f"{path} is not a file")
+
+
+def write_sds_files(settings: EdgeSettings, sds_dir: Path) -> None:
+    """Writes the SDS files naming the edge's certificate, the CA and the served certificate.
+
+    Each file is replaced atomically, so a running Envoy never reads half of one.
+    """
+    if settings.pki_dir is None:
+        raise ValueError("the SDS files need TOKENMESH_PKI_DIR")
+    # NOTE: absolute(), never resolve(): in Kubernetes a Secret's files are
+    # symlinks into a timestamped directory that a renewal swaps out, so a
+    # resolved path would point at a directory that disappears.
+    serving = (
+        (settings.tls_cert.absolute(), settings.tls_key.absolute())
+        if settings.tls_cert is not None and settings.tls_key is not None
+        else None
+    )
+    sds_dir.mkdir(parents=True, exist_ok=True)
+    files = envoy_config.sds_files(settings.pki_dir.absolute(), contract.EDGE, serving)
+    for name, content in files.items():
+        tmp = sds_dir / f".{name}.tmp"
+        tmp.write_text(yaml.safe_dump(content, sort_keys=False))
+        tmp.replace(sds_dir / name)
+
+
+def edge_config(settings: EdgeSettings, sds_dir: Path | None = None) -> EdgeConfig:
+    """Returns the edge configuration described by `settings`.
+
+    Args:
+        sds_dir: where `write_sds_files` wrote the SDS files; None (or no
+            TOKENMESH_PKI_DIR): plaintext upstreams and no TLS listener.
+    """
+    secure = sds_dir is not None and settings.pki_dir is not None
     upstreams = {
         "auth": _endpoints(settings.auth),
         "router": _endpoints(settings.router),
@@ -100,6 +195,8 @@ def edge_config(settings: EdgeSettings) -> EdgeConfig:
             jwks_cache_s=settings.jwks_cache_s,
             ratelimit_failure_mode_deny=settings.ratelimit_failure_mode_deny,
         ),
+        sds_dir=sds_dir.absolute() if secure and sds_dir is not None else None,
+        tls=EdgeTls(settings.tls_port, settings.tls_host) if secure and settings.tls_port else None,
     )
 
 
@@ -108,16 +205,33 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gateway")
     parser.add_argument("command", choices=["render", "run"])
     parser.add_argument("--out", type=Path, default=Path("/tmp/tokenmesh-envoy.yaml"))
+    parser.add_argument(
+        "--sds-dir",
+        type=Path,
+        default=None,
+        help="where the SDS files go (with TOKENMESH_PKI_DIR); default: <out stem>-sds",
+    )
     args = parser.parse_args(argv)
     try:
         settings = load(EdgeSettings, os.environ)
+        check_files(settings)
     except SettingsError as exc:
         print(f"tokenmesh-edge: invalid configuration: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if not settings.descriptor.exists():
         protos.build_descriptor_set(settings.descriptor)
+    sds_dir: Path | None = None
+    if settings.pki_dir is None:
+        print(
+            "tokenmesh-edge: TOKENMESH_PKI_DIR is unset: plaintext upstreams and no TLS "
+            "listener (development only)",
+            file=sys.stderr,
+        )
+    else:
+        sds_dir = args.sds_dir or args.out.with_name(f"{args.out.stem}-sds")
+        write_sds_files(settings, sds_dir)
     args.out.write_text(
-        yaml.safe_dump(envoy_config.bootstrap(edge_config(settings)), sort_keys=False)
+        yaml.safe_dump(envoy_config.bootstrap(edge_config(settings, sds_dir)), sort_keys=False)
     )
     if args.command == "run":
         from services.launcher.mesh import envoy_binary

@@ -1,0 +1,150 @@
+"""`python -m gateway render`: the standalone edge's bootstrap and SDS files from env."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway import __main__ as edge_main
+from gateway import envoy_config
+from services.core import pki
+from services.core.settings import SettingsError, load
+
+CLUSTER_ENV = {
+    "TOKENMESH_AUTH_ADDR": "auth.tokenmesh.svc.cluster.local:50051",
+    "TOKENMESH_ROUTER_ADDR": "router.tokenmesh.svc.cluster.local:50051",
+    "TOKENMESH_USAGE_ADDR": "usage.tokenmesh.svc.cluster.local:50051",
+    "TOKENMESH_EDGE_TLS_HOST": "0.0.0.0",
+}
+
+
+@pytest.fixture(scope="module")
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("edge") / "pki"
+    pki.ensure_local_pki(path, ("edge",))
+    return path
+
+
+@pytest.fixture
+def descriptor(tmp_path: Path) -> Path:
+    path = tmp_path / "tokenmesh.pb"
+    path.write_bytes(b"")  # render only names it; Envoy's validation is a separate check
+    return path
+
+
+def _render(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str]) -> Any:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "envoy.yaml"
+    edge_main.main(["render", "--out", str(out)])
+    return yaml.safe_load(out.read_text())
+
+
+def _listener(bootstrap: Any, name: str) -> dict[str, Any]:
+    listeners = bootstrap["static_resources"]["listeners"]
+    return next(item for item in listeners if item["name"] == name)
+
+
+def _address(listener: dict[str, Any]) -> tuple[str, int]:
+    socket = listener["address"]["socket_address"]
+    return socket["address"], socket["port_value"]
+
+
+def test_with_a_pki_the_edge_serves_tls_and_speaks_mtls_upstream(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pki_dir: Path, descriptor: Path
+) -> None:
+    env = {
+        **CLUSTER_ENV,
+        "TOKENMESH_PKI_DIR": str(pki_dir),
+        "TOKENMESH_DESCRIPTOR": str(descriptor),
+    }
+    bootstrap = _render(monkeypatch, tmp_path, env)
+
+    sds_dir = tmp_path / "envoy-sds"
+    assert sorted(p.name for p in sds_dir.iterdir()) == [
+        f"{envoy_config.CA_SECRET}.yaml",
+        f"{envoy_config.SERVING_SECRET}.yaml",
+        f"{envoy_config.IDENTITY_SECRET}.yaml",
+    ]
+    identity = yaml.safe_load((sds_dir / f"{envoy_config.IDENTITY_SECRET}.yaml").read_text())
+    certificate = identity["resources"][0]["tls_certificate"]
+    assert certificate["certificate_chain"]["filename"] == str(pki_dir / "edge.pem")
+    assert certificate["watched_directory"]["path"] == str(pki_dir)
+
+    # The plaintext listener stays on loopback; TLS listens where it was told.
+    assert _address(_listener(bootstrap, "edge")) == ("127.0.0.1", 8080)
+    assert _address(_listener(bootstrap, "edge_tls")) == ("0.0.0.0", 8443)
+    clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+    for name, peer in (
+        ("auth", "auth"),
+        ("router", "router"),
+        ("usage", "usage"),
+        ("xds", "router"),
+    ):
+        tls = clusters[name]["transport_socket"]["typed_config"]
+        matcher = tls["common_tls_context"]["combined_validation_context"]
+        assert pki.spiffe_id(peer) in str(matcher), name
+    assert bootstrap["node"]["metadata"]["tokenmesh_sds_dir"] == str(sds_dir)
+
+
+def test_an_operator_certificate_is_served_from_its_own_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pki_dir: Path, descriptor: Path
+) -> None:
+    tls_dir = tmp_path / "edge-tls"
+    tls_dir.mkdir()
+    (tls_dir / "tls.crt").write_bytes((pki_dir / "edge.pem").read_bytes())
+    (tls_dir / "tls.key").write_bytes((pki_dir / "edge-key.pem").read_bytes())
+    env = {
+        **CLUSTER_ENV,
+        "TOKENMESH_PKI_DIR": str(pki_dir),
+        "TOKENMESH_DESCRIPTOR": str(descriptor),
+        "TOKENMESH_EDGE_TLS_CERT": str(tls_dir / "tls.crt"),
+        "TOKENMESH_EDGE_TLS_KEY": str(tls_dir / "tls.key"),
+    }
+    sds = tmp_path / "sds"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    edge_main.main(["render", "--out", str(tmp_path / "envoy.yaml"), "--sds-dir", str(sds)])
+
+    served = yaml.safe_load((sds / f"{envoy_config.SERVING_SECRET}.yaml").read_text())
+    certificate = served["resources"][0]["tls_certificate"]
+    assert certificate["certificate_chain"]["filename"] == str(tls_dir / "tls.crt")
+    assert certificate["watched_directory"]["path"] == str(tls_dir)
+
+
+def test_without_a_pki_the_edge_is_plaintext_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, descriptor: Path
+) -> None:
+    monkeypatch.delenv("TOKENMESH_PKI_DIR", raising=False)
+    bootstrap = _render(monkeypatch, tmp_path, {"TOKENMESH_DESCRIPTOR": str(descriptor)})
+
+    names = [item["name"] for item in bootstrap["static_resources"]["listeners"]]
+    assert names == ["edge"]
+    assert not (tmp_path / "envoy-sds").exists()
+    assert all("transport_socket" not in c for c in bootstrap["static_resources"]["clusters"])
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"TOKENMESH_EDGE_TLS_CERT": "/x.pem"}, "TOKENMESH_EDGE_TLS_CERT"),
+        (
+            {"TOKENMESH_EDGE_TLS_CERT": "/x.pem", "TOKENMESH_EDGE_TLS_KEY": "/x-key.pem"},
+            "TOKENMESH_EDGE_TLS_CERT",
+        ),
+        ({"TOKENMESH_EDGE_TLS_PORT": "8080"}, "TOKENMESH_EDGE_TLS_PORT"),
+        ({"TOKENMESH_EDGE_TLS_PORT": "70000"}, "TOKENMESH_EDGE_TLS_PORT"),
+    ],
+)
+def test_invalid_tls_settings_name_their_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        load(edge_main.EdgeSettings, env)
+
+
+def test_missing_certificate_files_name_their_variable(tmp_path: Path) -> None:
+    settings = load(edge_main.EdgeSettings, {"TOKENMESH_PKI_DIR": str(tmp_path)})
+    with pytest.raises(SettingsError, match="TOKENMESH_PKI_DIR"):
+        edge_main.check_files(settings)
