@@ -28,15 +28,15 @@ from services.core import contract
 IDENTITY_HEADERS = contract.IDENTITY_HEADERS
 # JWT claim -> identity header (the auth service issues exactly these claims).
 CLAIM_HEADERS = {
-    "sub": "x-tokenmesh-key-id",
-    "tenant": "x-tokenmesh-tenant",
-    "scope": "x-tokenmesh-scopes",
-    "models": "x-tokenmesh-models",
-    "tier": "x-tokenmesh-tier",
-    "rpm": "x-tokenmesh-rpm",
-    "tpm": "x-tokenmesh-tpm",
-    "monthly": "x-tokenmesh-monthly-tokens",
-    "pins": "x-tokenmesh-pins",
+    "sub": contract.KEY_ID_HEADER,
+    "tenant": contract.TENANT_HEADER,
+    "scope": contract.SCOPES_HEADER,
+    "models": contract.MODELS_HEADER,
+    "tier": contract.TIER_HEADER,
+    "rpm": contract.RPM_HEADER,
+    "tpm": contract.TPM_HEADER,
+    "monthly": contract.MONTHLY_TOKENS_HEADER,
+    "pins": contract.PINS_HEADER,
 }
 PUBLIC = "public"  # no credentials needed
 AUTHENTICATED = "authenticated"  # any valid credential
@@ -190,7 +190,7 @@ def ext_authz_disabled() -> dict[str, Any]:
 def _scope_principal(scope: str) -> dict[str, Any]:
     regex = f"(^|.* ){re.escape(scope)}( .*|$)"
     return {
-        "header": {"name": "x-tokenmesh-scopes", "string_match": {"safe_regex": {"regex": regex}}}
+        "header": {"name": contract.SCOPES_HEADER, "string_match": {"safe_regex": {"regex": regex}}}
     }
 
 
@@ -216,7 +216,7 @@ def rbac_filter() -> dict[str, Any]:
                     }
                 }
             ],
-            "principals": [{"header": {"name": "x-tokenmesh-key-id", "present_match": True}}],
+            "principals": [{"header": {"name": contract.KEY_ID_HEADER, "present_match": True}}],
         },
     }
     for scope in sorted({s for s in RPC_SCOPES.values() if s not in (PUBLIC, "admin")}):
@@ -280,7 +280,7 @@ def rate_limits() -> list[dict[str, Any]]:
             "actions": [
                 {
                     "request_headers": {
-                        "header_name": "x-tokenmesh-key-id",
+                        "header_name": contract.KEY_ID_HEADER,
                         "descriptor_key": "key_id",
                     }
                 },
@@ -293,9 +293,9 @@ def rate_limits() -> list[dict[str, Any]]:
                         }
                     }
                     for header, key in (
-                        ("x-tokenmesh-rpm", "rpm"),
-                        ("x-tokenmesh-tier", "tier"),
-                        ("x-tokenmesh-tenant", "tenant"),
+                        (contract.RPM_HEADER, "rpm"),
+                        (contract.TIER_HEADER, "tier"),
+                        (contract.TENANT_HEADER, "tenant"),
                         # Set by the model-routing Lua filter, which runs first.
                         ("x-tokenmesh-model", "model"),
                     )

@@ -91,7 +91,17 @@ IDENTITY_HEADERS = (
     "x-tokenmesh-monthly-tokens",
     "x-tokenmesh-pins",
 )
-KEY_ID_HEADER, TENANT_HEADER, SCOPES_HEADER, MODELS_HEADER = IDENTITY_HEADERS[:4]
+(
+    KEY_ID_HEADER,
+    TENANT_HEADER,
+    SCOPES_HEADER,
+    MODELS_HEADER,  # the models the caller's key may use; empty = all
+    TIER_HEADER,
+    RPM_HEADER,
+    TPM_HEADER,
+    MONTHLY_TOKENS_HEADER,
+    PINS_HEADER,
+) = IDENTITY_HEADERS
 #: Every header with this prefix is the edge's to set (identity, routing, prefix):
 #: a request from any other peer that carries one is refused.
 EDGE_HEADER_PREFIX = "x-tokenmesh-"

@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from services.core.secret_files import replace_secret
+
 TRUST_DOMAIN = "tokenmesh.local"
 SPIFFE_PREFIX = f"spiffe://{TRUST_DOMAIN}/"
 #: IDENTITIES are the component identities `make run` issues.
@@ -75,18 +77,6 @@ class IdentityFiles:
     def version(self) -> tuple[int, int]:
         """Returns a stamp that changes whenever the certificate or key is replaced."""
         return self.cert.stat().st_mtime_ns, self.key.stat().st_mtime_ns
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Writes a secret file atomically, created 0600 (never readable by others)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    tmp.replace(path)
 
 
 def _write_public(path: Path, data: bytes) -> None:
@@ -154,7 +144,7 @@ class LocalCA:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
             .sign(key, hashes.SHA256())
         )
-        write_private(self.key_path, _key_pem(key))
+        replace_secret(self.key_path, _key_pem(key))
         _write_public(self.cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(
@@ -192,7 +182,7 @@ class LocalCA:
         )
         files = IdentityFiles.of(self.dir, identity)
         # Key first: a reader that sees the new certificate also finds its key.
-        write_private(files.key, _key_pem(key))
+        replace_secret(files.key, _key_pem(key))
         _write_public(files.cert, cert.public_bytes(serialization.Encoding.PEM))
         return files
 

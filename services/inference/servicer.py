@@ -14,6 +14,7 @@ from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from gateway import model_routing
+from services.core import contract
 from services.core.errors import (
     FieldViolation,
     InvalidArgument,
@@ -34,9 +35,9 @@ from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.type.v1 import types_pb2
 
 logger = logging.getLogger(__name__)
-KEY_ID_HEADER = "x-tokenmesh-key-id"
-TENANT_HEADER = "x-tokenmesh-tenant"
-MODELS_HEADER = "x-tokenmesh-models"  # set by the edge from the caller's key; empty = all
+KEY_ID_HEADER = contract.KEY_ID_HEADER
+TENANT_HEADER = contract.TENANT_HEADER
+MODELS_HEADER = contract.MODELS_HEADER
 FALLBACK_FROM_HEADER = "x-tokenmesh-fallback-from"  # the model a fallback answer stands in for
 CHARGE_EVERY_TOKENS = 16  # an unreserved stream is charged in chunks of at least this
 # Prompts up to this many characters are tokenized on the event loop (~40 µs
@@ -146,8 +147,8 @@ class Request:
         self.key_id = headers.get(KEY_ID_HEADER, "")
         self.tenant = headers.get(TENANT_HEADER, "")
         self.limits = Limits(
-            tokens_per_minute=_int(headers.get("x-tokenmesh-tpm")),
-            monthly_tokens=_int(headers.get("x-tokenmesh-monthly-tokens")),
+            tokens_per_minute=_int(headers.get(contract.TPM_HEADER)),
+            monthly_tokens=_int(headers.get(contract.MONTHLY_TOKENS_HEADER)),
         )
         self.trace_id = _trace_id()
         self.started = time.monotonic()

@@ -7,6 +7,7 @@ default, its tenant on request, and other tenants only with the admin scope.
 
 from __future__ import annotations
 
+from services.core import contract
 from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied, Unauthenticated
 from services.core.interceptors import Context, request_headers
 from services.usage.reports import UsageReader, month_start, now
@@ -19,9 +20,9 @@ class Caller:
 
     def __init__(self, context: Context) -> None:
         headers = request_headers(context)
-        self.key_id = headers.get("x-tokenmesh-key-id", "")
-        self.tenant = headers.get("x-tokenmesh-tenant", "")
-        self.scopes = set(headers.get("x-tokenmesh-scopes", "").split())
+        self.key_id = headers.get(contract.KEY_ID_HEADER, "")
+        self.tenant = headers.get(contract.TENANT_HEADER, "")
+        self.scopes = set(headers.get(contract.SCOPES_HEADER, "").split())
         if not self.key_id:
             raise Unauthenticated("usage reports need an authenticated caller", reason="NO_CALLER")
 

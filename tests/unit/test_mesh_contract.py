@@ -104,3 +104,17 @@ def test_a_leaf_is_renewed_once_a_third_of_its_life_is_left(tmp_path):
 @pytest.mark.parametrize("identity_name", contract.IDENTITIES)
 def test_every_identity_has_a_leaf_in_the_local_pki(identity_name):
     assert mtls.files(identity_name).cert.exists()
+
+
+def test_no_module_spells_an_identity_header_itself():
+    """Header names live in the contract: a private copy could drift from what the edge strips."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    offenders = []
+    for path in [*root.joinpath("services").rglob("*.py"), *root.joinpath("gateway").rglob("*.py")]:
+        if path.name == "contract.py":
+            continue
+        text = path.read_text()
+        offenders += [f"{path.name}: {h}" for h in contract.IDENTITY_HEADERS if f'"{h}"' in text]
+    assert offenders == []
