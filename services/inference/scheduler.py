@@ -40,6 +40,7 @@ from services.core.errors import (
 )
 from services.inference import metrics
 from services.inference.engines.base import GenerativeEngine, StepItem
+from services.inference.logprobs import TokenLogprob, token_logprob
 from services.inference.sampling import SamplingParams, sample_batch
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,11 @@ class Sequence_:
     cancelled: bool = False
     finished: Finished | None = None
     outbox: asyncio.Queue[int | Finished] = field(default_factory=asyncio.Queue)
+    # Log-probabilities: None when not asked for, else how many alternatives per
+    # token (0-20). `token_logprobs[i]` describes `generated[i]`, written by the
+    # engine thread before the token reaches the outbox.
+    top_logprobs: int | None = None
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def reserved_tokens(self) -> int:
@@ -197,9 +203,18 @@ class Scheduler:
         self._hand_over(self._take_outgoing())
 
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, priority: int, timeout_s: float | None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        priority: int,
+        timeout_s: float | None,
+        top_logprobs: int | None = None,
     ) -> Sequence_:
-        """Queues a sequence; raises ResourceExhausted when the queue is full."""
+        """Queues a sequence; raises ResourceExhausted when the queue is full.
+
+        top_logprobs: None, or record each token's log-probability and that many
+        best alternatives (costs a softmax of the row, only for these sequences).
+        """
         if not self._accepting:
             raise Unavailable(
                 "model version is unloading", retry_after_s=1.0, reason="MODEL_UNLOADING"
@@ -212,6 +227,7 @@ class Scheduler:
             priority=priority,
             deadline=None if timeout_s is None else time.monotonic() + timeout_s,
             rng=np.random.default_rng(seed),
+            top_logprobs=top_logprobs,
         )
         with self._lock:
             if len(self._waiting) >= self.limits.max_queue:
@@ -328,6 +344,11 @@ class Scheduler:
         """Runs one engine step and samples one token per sequence."""
         logits = self.engine.forward([seq.step_item() for seq in batch])
         tokens = sample_batch(logits, [seq.params for seq in batch], [seq.rng for seq in batch])
+        for row, seq in enumerate(batch):
+            if seq.top_logprobs is not None:
+                seq.token_logprobs.append(
+                    token_logprob(logits[row], seq.params, int(tokens[row]), seq.top_logprobs)
+                )
         return [int(t) for t in tokens]
 
     def _reap(self) -> None:

@@ -276,3 +276,25 @@ async def test_under_load_streams_get_tokens_in_batches_but_the_first_at_once():
     for counts in streams:
         assert sum(counts) == 14 and counts[0] == 1  # the first token is never held
         assert all(n % 4 == 0 for n in counts[1:-1]), counts  # then four steps at a time
+
+
+async def test_logprobs_are_recorded_per_token_only_when_asked(scheduler):
+    ids = TOKENIZER.encode("hello mesh")
+    plain = scheduler.submit(ids, _params(max_tokens=6), PRIORITY_INTERACTIVE, None)
+    asked = scheduler.submit(
+        ids, _params(max_tokens=6, top_k=4), PRIORITY_INTERACTIVE, None, top_logprobs=3
+    )
+    for seq in (plain, asked):
+        state = GenerationState(prompt_tokens=len(ids))
+        _ = [d async for d in stream_deltas(scheduler, seq, TOKENIZER, (), state)]
+    assert plain.token_logprobs == []
+    assert len(asked.token_logprobs) >= len(asked.generated) == 6
+    for token, item in zip(asked.generated, asked.token_logprobs, strict=False):
+        assert item.token_id == token and item.logprob <= 0
+        alternatives = [t for t, _ in item.top]
+        values = [lp for _, lp in item.top]
+        assert len(item.top) == 3 and values == sorted(values, reverse=True)
+        # top-k 4: the sampled token is one of the 4 drawable ones; if it ranks
+        # in the best 3 it is listed, with the same log-probability.
+        if token in alternatives:
+            assert dict(item.top)[token] == pytest.approx(item.logprob)
