@@ -3,6 +3,20 @@
 set -eu
 case "${1:-}" in
   auth|router|usage|inference) exec "tokenmesh-$1" ;;
+  # With TOKENMESH_PKI_DIR it also writes Envoy's SDS files to /tmp/envoy-sds.
   edge) exec python -m gateway run --out /tmp/envoy.yaml ;;
-  *) echo "usage: tokenmesh-entrypoint auth|router|usage|inference|edge" >&2; exit 2 ;;
+  # A local CA and every identity's leaf in $TOKENMESH_PKI_DIR (a volume the
+  # other containers share), re-issued hourly when due; for compose, where no
+  # cert-manager issues them. Extra args go to `python -m services.core.pki`.
+  pki)
+    shift
+    dir="${TOKENMESH_PKI_DIR:?pki needs TOKENMESH_PKI_DIR}"
+    nap=
+    trap 'kill $nap 2>/dev/null; exit 0' TERM INT
+    while :; do
+      python -m services.core.pki "$dir" "$@"
+      sleep 3600 & nap=$!
+      wait $nap
+    done ;;
+  *) echo "usage: tokenmesh-entrypoint auth|router|usage|inference|edge|pki" >&2; exit 2 ;;
 esac
