@@ -1,7 +1,16 @@
-"""deploy/: Kubernetes manifests validate offline against the API schemas."""
+"""deploy/: Kubernetes manifests validate offline against the API schemas.
+
+cert-manager's resources are not in kubernetes-validate's schemas: their
+shape is checked here (required fields, issuers that exist, lifetimes), and
+so is what mTLS needs from every workload (an identity with a Certificate,
+mounted where TOKENMESH_PKI_DIR points, probes that present it) and the
+graph the NetworkPolicies allow.
+"""
 
 from __future__ import annotations
 
+import functools
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -10,12 +19,19 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gateway.__main__ import EdgeSettings
+from services.core import contract, pki
+from services.core.settings import load
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.33"
+CERT_MANAGER = "cert-manager.io/v1"
 
 
+@functools.cache
 def _documents() -> list[dict[str, Any]]:
+    """Returns every manifest (parsed once: tests must not modify them)."""
     docs: list[dict[str, Any]] = []
     for path in sorted(K8S.glob("*.yaml")):
         if path.name == "kustomization.yaml":
@@ -24,7 +40,13 @@ def _documents() -> list[dict[str, Any]]:
     return docs
 
 
-@pytest.mark.parametrize("doc", _documents(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def _kubernetes_documents() -> list[dict[str, Any]]:
+    return [d for d in _documents() if d["apiVersion"] != CERT_MANAGER]
+
+
+@pytest.mark.parametrize(
+    "doc", _kubernetes_documents(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}"
+)
 def test_manifest_is_valid_kubernetes(doc):
     kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
@@ -50,9 +72,8 @@ def test_inference_workers_request_a_gpu_and_use_grpc_readiness():
     container = _deployment("inference")["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert (
-        container["readinessProbe"]["grpc"]["service"] == "tokenmesh.inference.v1.InferenceService"
-    )
+    command = container["readinessProbe"]["exec"]["command"]
+    assert command[-2:] == ["--grpc-service", "tokenmesh.inference.v1.InferenceService"]
 
 
 def test_kustomization_lists_every_manifest():
@@ -70,3 +91,328 @@ def test_the_image_runs_every_service_by_name():
     for deployment in ("auth", "router", "usage", "inference", "edge"):
         args = _deployment(deployment)["spec"]["template"]["spec"]["containers"][0]["args"]
         assert args == [deployment]
+
+
+# ---------------------------------------------------------------------------
+# cert-manager: issuers and identities
+# ---------------------------------------------------------------------------
+
+ISSUER_TYPES = {"selfSigned", "ca", "acme", "vault", "venafi"}
+PRIVATE_KEY = {"algorithm": "ECDSA", "size": 256}
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+
+
+def _of_kind(kind: str) -> list[dict[str, Any]]:
+    return [d for d in _documents() if d["kind"] == kind]
+
+
+def _hours(duration: str) -> float:
+    """Parses a cert-manager (Go) duration made of h/m/s parts, e.g. "24h", "1h30m"."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"bad duration {duration!r}"
+    scale = {"h": 1.0, "m": 1 / 60, "s": 1 / 3600}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def _identity_certificates() -> dict[str, dict[str, Any]]:
+    """Returns identity -> the Certificate whose URI SAN is its SPIFFE id."""
+    found: dict[str, dict[str, Any]] = {}
+    for cert in _of_kind("Certificate"):
+        for uri in cert["spec"].get("uris", []):
+            identity = pki.identity_of(uri)
+            assert identity is not None, f"{cert['metadata']['name']}: {uri} is no mesh SPIFFE id"
+            assert identity not in found, f"two Certificates for {identity}"
+            found[identity] = cert
+    return found
+
+
+def test_cert_manager_resources_have_their_required_fields():
+    issuers = {d["metadata"]["name"]: d for d in _of_kind("Issuer")}
+    assert issuers, "no cert-manager Issuer"
+    for doc in _documents():
+        if doc["apiVersion"] != CERT_MANAGER:
+            continue
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        assert doc["kind"] in {"Issuer", "Certificate"}, name
+        assert doc["metadata"]["namespace"] == "tokenmesh", name
+        if doc["kind"] == "Issuer":
+            assert len(ISSUER_TYPES & set(doc["spec"])) == 1, f"{name}: one issuer type"
+            continue
+        spec = doc["spec"]
+        assert spec["secretName"], name
+        assert spec["issuerRef"]["name"] in issuers, f"{name}: unknown issuer"
+        assert spec["issuerRef"].get("kind", "Issuer") == "Issuer", name
+        assert any(spec.get(k) for k in ("commonName", "dnsNames", "uris")), name
+        assert spec["privateKey"].items() >= PRIVATE_KEY.items(), f"{name}: ECDSA P-256"
+        assert _hours(spec["renewBefore"]) < _hours(spec["duration"]), name
+
+
+def test_the_ca_chain_is_self_signed_bootstrap_then_ca_issuer():
+    issuers = {d["metadata"]["name"]: d["spec"] for d in _of_kind("Issuer")}
+    ca_issuers = [spec["ca"]["secretName"] for spec in issuers.values() if "ca" in spec]
+    assert len(ca_issuers) == 1
+    ca_cert = next(c for c in _of_kind("Certificate") if c["spec"]["secretName"] == ca_issuers[0])[
+        "spec"
+    ]
+    assert ca_cert["isCA"] is True
+    assert "selfSigned" in issuers[ca_cert["issuerRef"]["name"]]
+    # The CA keeps its key across renewals: leaves issued before still verify.
+    assert ca_cert["privateKey"]["rotationPolicy"] == "Never"
+
+
+def test_every_identity_certificate_is_short_lived_and_named_like_the_local_ca():
+    certificates = _identity_certificates()
+    ca_issuer = next(d["metadata"]["name"] for d in _of_kind("Issuer") if "ca" in d["spec"])
+    assert set(certificates) <= set(contract.IDENTITIES)
+    for identity, cert in certificates.items():
+        spec = cert["spec"]
+        assert spec["uris"] == [pki.spiffe_id(identity)]
+        assert f"{identity}.{pki.TRUST_DOMAIN}" in spec["dnsNames"]
+        assert _hours(spec["duration"]) == pki.LEAF_LIFETIME.total_seconds() / 3600
+        assert _hours(spec["renewBefore"]) == _hours(spec["duration"]) * pki.RENEW_WHEN_LEFT
+        assert spec["issuerRef"]["name"] == ca_issuer
+        assert "client auth" in spec["usages"]
+        assert spec["privateKey"]["rotationPolicy"] == "Always"
+
+
+# ---------------------------------------------------------------------------
+# Workloads: every one has its identity mounted, probes that present it
+# ---------------------------------------------------------------------------
+
+
+def _container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def _identity_of(deployment: dict[str, Any]) -> str:
+    service = _container(deployment)["args"][0]
+    explicit = _env(_container(deployment)).get("TOKENMESH_IDENTITY")
+    return explicit or contract.SERVICE_IDENTITY.get(service, service)
+
+
+def _pki_deployments() -> list[dict[str, Any]]:
+    return [d for d in _of_kind("Deployment") if d["metadata"]["name"] != "redis-limits"]
+
+
+@pytest.mark.parametrize("deployment", _pki_deployments(), ids=lambda d: d["metadata"]["name"])
+def test_every_deployment_mounts_its_identity_where_tokenmesh_pki_dir_points(deployment):
+    identity = _identity_of(deployment)
+    certificate = _identity_certificates()[identity]
+    container = _container(deployment)
+    pki_dir = _env(container)["TOKENMESH_PKI_DIR"]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == pki_dir)
+    assert mount.get("readOnly") is True
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    (source,) = volumes[mount["name"]]["projected"]["sources"]
+    assert source["secret"]["name"] == certificate["spec"]["secretName"]
+    items = {i["key"]: i["path"] for i in source["secret"]["items"]}
+    files = pki.IdentityFiles.of(Path(pki_dir), identity)
+    assert items == {"ca.crt": files.ca.name, "tls.crt": files.cert.name, "tls.key": files.key.name}
+    # The files are readable by the service user only through the pod's fsGroup.
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 10001
+
+
+@pytest.mark.parametrize("deployment", _pki_deployments(), ids=lambda d: d["metadata"]["name"])
+def test_no_probe_speaks_plaintext_grpc_to_an_mtls_server(deployment):
+    container = _container(deployment)
+    service = container["args"][0]
+    for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+        probe = container.get(kind)
+        if probe is None:
+            continue
+        assert "grpc" not in probe, f"{kind}: Kubernetes' grpc probe has no client certificate"
+        if "exec" in probe:
+            command = probe["exec"]["command"]
+            assert command[:4] == ["python", "-m", "services.core.probe", service]
+
+
+def test_every_public_identity_in_use_has_a_certificate():
+    used = {_identity_of(d) for d in _pki_deployments()}
+    assert used == {"edge", "auth", "router", "usage", "worker"}
+    assert used | {contract.OPERATOR} <= set(_identity_certificates())
+
+
+# ---------------------------------------------------------------------------
+# The edge: only TLS leaves the pod
+# ---------------------------------------------------------------------------
+
+
+def test_the_edge_service_exposes_only_the_tls_port():
+    edge = _deployment("edge")
+    container = _container(edge)
+    env = _env(container)
+    settings = load(EdgeSettings, env)
+    assert settings.listen_host == "127.0.0.1", "the plaintext listener stays in the pod"
+    assert settings.tls_host == "0.0.0.0"
+    assert settings.pki_dir is not None
+    assert [p["containerPort"] for p in container["ports"]] == [settings.tls_port]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    service = next(d for d in _of_kind("Service") if d["metadata"]["name"] == "edge")
+    targets = [named.get(p["targetPort"], p["targetPort"]) for p in service["spec"]["ports"]]
+    assert targets == [settings.tls_port]
+    # The served certificate is mounted, from a Secret some Certificate fills.
+    assert settings.tls_cert is not None and settings.tls_key is not None
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volume = mounts[str(settings.tls_cert.parent)]
+    volumes = {v["name"]: v for v in edge["spec"]["template"]["spec"]["volumes"]}
+    secret = volumes[volume]["secret"]["secretName"]
+    assert secret in {c["spec"]["secretName"] for c in _of_kind("Certificate")}
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+
+
+# ---------------------------------------------------------------------------
+# NetworkPolicies: the graph they allow is exactly the intended one
+# ---------------------------------------------------------------------------
+
+GRPC, REDIS = 50051, 6379
+#: (from, to, port) inside the namespace: everything else is refused.
+INTENDED_EDGES = {
+    ("edge", "auth", GRPC),
+    ("edge", "router", GRPC),  # its RPCs and the xDS control plane
+    ("edge", "usage", GRPC),
+    ("edge", "inference", GRPC),
+    ("inference", "router", GRPC),  # registration
+    ("auth", "redis", REDIS),
+    ("router", "redis", REDIS),
+    ("usage", "redis", REDIS),
+    ("inference", "redis", REDIS),
+    ("usage", "redis-limits", REDIS),
+}
+ANYWHERE = "*"
+DNS = "namespace:kube-system"
+MONITORING = "namespace:monitoring"
+
+
+def _workloads() -> dict[str, dict[str, str]]:
+    """Returns workload name -> its pods' labels."""
+    return {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+        for kind in WORKLOAD_KINDS
+        for d in _of_kind(kind)
+    }
+
+
+def _selected(selector: dict[str, Any]) -> set[str]:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are checked"
+    wanted = selector.get("matchLabels", {}).items()
+    return {name for name, labels in _workloads().items() if labels.items() >= wanted}
+
+
+def _peers(rule: dict[str, Any], key: str) -> set[str]:
+    if key not in rule:
+        return {ANYWHERE}
+    peers: set[str] = set()
+    for peer in rule[key]:
+        assert "ipBlock" not in peer
+        if "namespaceSelector" in peer:
+            labels = peer["namespaceSelector"]["matchLabels"]
+            peers.add(f"namespace:{labels['kubernetes.io/metadata.name']}")
+        else:
+            peers |= _selected(peer["podSelector"])
+    return peers
+
+
+def _ports(rule: dict[str, Any]) -> set[int]:
+    assert rule.get("ports"), "every rule names its ports"
+    return {p["port"] for p in rule["ports"]}
+
+
+def _allowed(direction: str) -> set[tuple[str, str, int]]:
+    """Returns (pod, peer, port) that policies allow in `direction` (Ingress/Egress)."""
+    key, peer_key = direction.lower(), "from" if direction == "Ingress" else "to"
+    allowed: set[tuple[str, str, int]] = set()
+    for policy in _of_kind("NetworkPolicy"):
+        assert direction in policy["spec"]["policyTypes"] or key not in policy["spec"]
+        for pod in _selected(policy["spec"]["podSelector"]):
+            for rule in policy["spec"].get(key, []):
+                for peer in _peers(rule, peer_key):
+                    allowed |= {(pod, peer, port) for port in _ports(rule)}
+    return allowed
+
+
+def test_network_policies_deny_by_default():
+    deny = [
+        p
+        for p in _of_kind("NetworkPolicy")
+        if p["spec"]["podSelector"] == {}
+        and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress")
+        and not p["spec"].get("egress")
+    ]
+    assert len(deny) == 1
+
+
+def test_network_policies_allow_exactly_the_intended_graph():
+    ingress, egress = _allowed("Ingress"), _allowed("Egress")
+    workloads = set(_workloads())
+    inside = {
+        (source, target, port)
+        for (target, source, port) in ingress
+        if source in workloads and (source, target, port) in egress
+    }
+    assert inside == INTENDED_EDGES
+    # Nothing is allowed one way only (a half-open rule hides a mistake).
+    assert {(s, t, p) for (t, s, p) in ingress if s in workloads} == INTENDED_EDGES
+    assert {e for e in egress if e[1] in workloads} == INTENDED_EDGES
+
+
+def test_only_the_edge_tls_port_is_open_to_anyone():
+    outside = {(pod, peer, port) for (pod, peer, port) in _allowed("Ingress") if ":" in peer}
+    anyone = {(pod, port) for (pod, peer, port) in _allowed("Ingress") if peer == ANYWHERE}
+    assert anyone == {("edge", 8443)}
+    # Prometheus scrapes the services' metrics port from its namespace, nothing else.
+    assert outside == {(w, MONITORING, 9090) for w in ("auth", "router", "usage", "inference")}
+    # And every pod resolves names; nothing else leaves the namespace.
+    leaving = {(pod, peer, port) for (pod, peer, port) in _allowed("Egress") if ":" in peer}
+    assert leaving == {(w, DNS, 53) for w in _workloads()}
+    assert not [e for e in _allowed("Egress") if e[1] == ANYWHERE]
+
+
+def test_network_policies_cover_every_workload_and_name_its_real_ports():
+    workloads = _workloads()
+    covered = {
+        pod
+        for policy in _of_kind("NetworkPolicy")
+        if policy["spec"]["podSelector"]
+        for pod in _selected(policy["spec"]["podSelector"])
+    }
+    assert covered == set(workloads)
+    ports = {
+        d["metadata"]["name"]: {p["containerPort"] for p in _container(d)["ports"]}
+        for kind in WORKLOAD_KINDS
+        for d in _of_kind(kind)
+    }
+    for pod, _peer, port in _allowed("Ingress"):
+        assert port in ports[pod], f"{pod} does not listen on {port}"
+    for _pod, peer, port in _allowed("Egress"):
+        assert peer not in workloads or port in ports[peer], f"{peer} does not listen on {port}"
+
+
+# ---------------------------------------------------------------------------
+# compose: the same mTLS with a local CA in a shared volume
+# ---------------------------------------------------------------------------
+
+
+def test_compose_runs_every_process_with_the_shared_pki():
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert services["pki"]["command"][0] == "pki"
+    pki_dir = services["pki"]["environment"]["TOKENMESH_PKI_DIR"]
+    assert f"pki:{pki_dir}" in services["pki"]["volumes"]
+    assert "healthcheck" in services["pki"]
+    for name in ("auth", "router", "usage", "inference", "edge"):
+        service = services[name]
+        assert service["environment"]["TOKENMESH_PKI_DIR"] == pki_dir, name
+        assert f"pki:{pki_dir}:ro" in service["volumes"], name
+        assert service["depends_on"]["pki"] == {"condition": "service_healthy"}, name
+    # The worker registers as host `inference`: its leaf must name it.
+    assert services["inference"]["environment"]["TOKENMESH_ADVERTISE_HOST"] == "inference"
+    assert "worker=inference" in services["pki"]["command"]
+    assert services["edge"]["ports"] == ["127.0.0.1:8443:8443"]
+    assert "pki)" in (ROOT / "deploy" / "docker" / "entrypoint.sh").read_text()
