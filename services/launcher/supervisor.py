@@ -46,7 +46,7 @@ class ChildRecord:
 
     restarts: int = 0  # restarts done by the supervisor
     last_exit_code: int | None = None  # of the last unexpected exit (negative: a signal)
-    streak: int = 0  # crashes in a row (reset once a child runs reset_after_s)
+    streak: int = 0  # unexpected exits in a row (reset once a child runs reset_after_s)
     state: str = "running"  # running | backoff | restarting
     started_at: float = field(default_factory=time.monotonic)
 
@@ -129,7 +129,7 @@ class Supervisor:
         delay = self._schedule(child.name, record)
         log = logger.warning if record.streak == 1 else logger.error
         log(
-            "%s (pid %d) exited with %s; restarting in %.1fs (crash %d in a row)",
+            "%s (pid %d) exited with %s; restarting in %.1fs (exit %d in a row)",
             child.name,
             child.pid,
             child.process.returncode,
