@@ -3,7 +3,10 @@
 Every handler runs inside `BoundaryInterceptor`: domain errors become a gRPC
 status with google.rpc details, unexpected exceptions become a generic
 INTERNAL (traceback logged here, never sent), and each RPC is counted and
-timed by method and status code.
+timed by method and status code. The interceptor also decodes unary
+requests itself, so that bytes that are not the request message (corrupt
+protobuf, a string field that is not UTF-8) are INVALID_ARGUMENT naming the
+message, not grpc's UNKNOWN "Unexpected <class ...DecodeError>".
 """
 
 from __future__ import annotations
@@ -16,10 +19,17 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram
 
-from services.core.errors import TokenmeshError, Unimplemented, internal_error
+from services.core.errors import (
+    FieldViolation,
+    InvalidArgument,
+    TokenmeshError,
+    Unimplemented,
+    internal_error,
+)
 from services.core.identity import Authorizer
 
 logger = logging.getLogger(__name__)
@@ -36,6 +46,7 @@ RPC_SECONDS = Histogram(
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[..., Any]
+Decoder = Callable[[bytes], Any]
 
 
 def request_headers(context: Context) -> dict[str, str]:
@@ -62,6 +73,26 @@ async def abort_with(context: Context, error: TokenmeshError) -> None:
         # REST clients behind the transcoder see this as a Retry-After header.
         metadata += (("retry-after", str(max(1, round(retry_after)))),)
     await context.abort(status.code, status.details, metadata)
+
+
+def request_decoder(deserializer: Callable[[bytes], Any] | None) -> Decoder | None:
+    """Wraps a request deserializer so that undecodable bytes raise InvalidArgument."""
+    if deserializer is None:
+        return None
+    message = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(message, "full_name", "the request message")
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except DecodeError as exc:
+            problem = "a string field is not UTF-8" if "UTF-8" in str(exc) else "malformed"
+            raise InvalidArgument(
+                [FieldViolation("request", f"is not a valid {name} ({problem})")],
+                reason="UNDECODABLE_REQUEST",
+            ) from None
+
+    return decode
 
 
 def _code_name(context: Context, failed: TokenmeshError | None) -> str:
@@ -127,13 +158,16 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+        # Unary requests arrive as bytes and are decoded inside the boundary.
+        decode = request_decoder(handler.request_deserializer)
+        raw = {**codecs, "request_deserializer": None}
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, metrics), **codecs
+                self._wrap_unary(handler.unary_unary, metrics, decode), **raw
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, metrics), **codecs
+                self._wrap_stream(handler.unary_stream, metrics, decode), **raw
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
@@ -146,11 +180,15 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
         )
 
     @staticmethod
-    def _wrap_unary(behavior: Handler, metrics: _MethodMetrics) -> Handler:
+    def _wrap_unary(
+        behavior: Handler, metrics: _MethodMetrics, decode: Decoder | None = None
+    ) -> Handler:
         async def unary(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             failed: TokenmeshError | None = None
             try:
+                if decode is not None:
+                    request = decode(request)
                 if metrics.authorizer is not None:
                     metrics.authorizer.authorize(metrics.method, context, request)
                 result = behavior(request, context)
@@ -166,11 +204,15 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
         return unary
 
     @staticmethod
-    def _wrap_stream(behavior: Handler, metrics: _MethodMetrics) -> Handler:
+    def _wrap_stream(
+        behavior: Handler, metrics: _MethodMetrics, decode: Decoder | None = None
+    ) -> Handler:
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
             failed: TokenmeshError | None = None
             try:
+                if decode is not None:
+                    request = decode(request)
                 if metrics.authorizer is not None:
                     metrics.authorizer.authorize(metrics.method, context, request)
                 result = behavior(request, context)
