@@ -110,6 +110,10 @@ bench: setup ## Run the benchmarks and write bench/results/<timestamp>/.
 	  || echo "h2load unavailable: throughput measured with Python clients"
 	$(PY) -m bench
 
+.PHONY: chaos
+chaos: setup ## Kill -9 and restart each part of a mesh under load; write the fault table (docs/reliability.md).
+	$(PY) -m bench.chaos --write
+
 .PHONY: ci
 ci: lint test ## What CI runs.
 
