@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from bench.peers import Peer
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 
@@ -85,7 +86,7 @@ async def _one_stream(
 
 
 async def _client(
-    target: str,
+    target: Peer,
     streams: range,
     repeats: int,
     request: pb.GenerateRequest,
@@ -93,7 +94,7 @@ async def _client(
     cut: bool,
 ) -> list[StreamRecord]:
     deadline = time.monotonic() + budget_s
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with target.aio_channel() as channel:
         stub = rpc.InferenceServiceStub(channel)
         results = await asyncio.gather(
             *(_one_stream(stub, request, repeats, deadline, stream, cut) for stream in streams)
@@ -102,7 +103,7 @@ async def _client(
 
 
 def _process_main(
-    args: tuple[str, range, int, bytes, float, float, bool],
+    args: tuple[Peer, range, int, bytes, float, float, bool],
 ) -> list[StreamRecord]:
     target, streams, repeats, raw_request, start_at, budget_s, cut = args
     request = pb.GenerateRequest.FromString(raw_request)
@@ -111,7 +112,7 @@ def _process_main(
 
 
 def run_streams(
-    target: str,
+    target: Peer,
     concurrency: int,
     repeats: int,
     request: pb.GenerateRequest,
@@ -120,6 +121,9 @@ def run_streams(
     window: bool = False,
 ) -> list[StreamRecord]:
     """Runs `concurrency` streams (each `repeats` calls, bounded by `budget_s`) over processes.
+
+    Each client process opens one channel to `target` (mTLS as the edge when
+    the peer has a PKI) and runs its share of the streams on it.
 
     window: measure exactly `budget_s` of sustained load (calls in flight at
     the end are cut there; the tokens they got count).

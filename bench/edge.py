@@ -1,19 +1,22 @@
 """Edge benchmarks: unary latency and throughput through Envoy vs baselines.
 
 Paths, all measured in this run on the same machine:
-  direct   client -> inference worker
+  direct   client -> inference worker, over mTLS as the edge (what the edge does)
   edge     client -> full Envoy edge (health, transcoder, routing) -> worker
   envoy    client -> bare Envoy (router filter only) -> worker
   envoy-direct  client -> bare Envoy answering itself (direct_response): Envoy's own floor
-  grpc     client -> bare grpc.aio server (the floor for a Python gRPC server)
+  grpc     client -> bare grpc.aio server, same mTLS (the floor for a Python gRPC server)
+Envoy speaks mTLS to the worker as the edge identity on every Envoy path.
 Latency: sequential calls from one Python client (p50/p99). Throughput: h2load
-(or ghz) with pre-serialised gRPC bodies when installed, else client processes.
+(or ghz) with pre-serialised gRPC bodies when installed, else client processes;
+over mTLS, h2load presents the edge's certificate through `h2load_cert.c`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import struct
@@ -26,11 +29,13 @@ from typing import Any
 import grpc
 import yaml
 
+from bench.peers import Peer, bench_pki
 from bench.servers import bare_server
 from bench.stats import percentile
 from gateway import envoy_config, protos
 from gateway.edge_auth import EdgeAuth
 from gateway.envoy_config import Endpoint
+from services.core import contract, identity
 from services.launcher.mesh import Mesh, MeshConfig, envoy_binary
 from services.launcher.processes import Child, clean_env, reserve_port, wait_for
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
@@ -55,7 +60,7 @@ def _complete(stub: Any, metadata: list[tuple[str, str]]) -> None:
 
 
 def sequential_latency_ms(
-    target: str,
+    target: Peer,
     metadata: list[tuple[str, str]] | None = None,
     calls: int = 500,
     budget_s: float = 30.0,
@@ -64,7 +69,7 @@ def sequential_latency_ms(
     """Returns per-call latencies (ms) of sequential unary calls."""
     latencies = []
     deadline = time.monotonic() + budget_s
-    with grpc.insecure_channel(target) as channel:
+    with target.channel() as channel:
         stub = rpc.InferenceServiceStub(channel)
         for _ in range(50):
             call(stub, metadata or [])
@@ -78,19 +83,20 @@ def sequential_latency_ms(
 
 
 def throughput_rps(
-    target: str, state: Path, metadata: list[tuple[str, str]] | None = None, requests: int = 6000
+    target: Peer, state: Path, metadata: list[tuple[str, str]] | None = None, requests: int = 6000
 ) -> tuple[float, str]:
     """Returns unary requests/s under concurrency and the tool that measured it.
 
-    ghz when it is on PATH, else h2load with a pre-serialised gRPC body, else
-    an asyncio client.
+    ghz when it is on PATH, else h2load with a pre-serialised gRPC body (over
+    mTLS: with the edge's certificate, when `h2load_client_cert` can build
+    its shim), else an asyncio client.
     """
     metadata = metadata or []
     ghz = shutil.which("ghz")
     if ghz:
         command = [
             ghz,
-            "--insecure",
+            *_ghz_transport(target),
             "--protoset",
             str(protos.build_descriptor_set()),
             "--call",
@@ -102,7 +108,7 @@ def throughput_rps(
             "--format",
             "json",
             f"--metadata={json.dumps(dict(metadata))}",
-            target,
+            target.address,
         ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=180)
         if result.returncode == 0:
@@ -111,7 +117,8 @@ def throughput_rps(
     body = state / "listmodels.bin"
     body.write_bytes(b"\x00" + struct.pack(">I", len(frame)) + frame)
     h2load = shutil.which("h2load")
-    if h2load:
+    h2load_env = _h2load_env(target, state) if h2load else None
+    if h2load and h2load_env is not None:
         headers = [arg for key, value in metadata for arg in ("-H", f"{key}: {value}")]
         command = [
             h2load,
@@ -130,22 +137,72 @@ def throughput_rps(
             "-H",
             "te: trailers",
             *headers,
-            f"http://{target}{METHOD}",
+            f"{'https' if target.tls else 'http'}://{target.address}{METHOD}",
         ]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=120, env=h2load_env
+        )
         match = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", result.stdout)
         if match:
             return float(match.group(1)), "h2load"
     return _python_rps(target, min(requests, 3000), metadata), "python"
 
 
-def _python_rps(target: str, requests: int, metadata: list[tuple[str, str]]) -> float:
+def _ghz_transport(target: Peer) -> list[str]:
+    """Returns ghz's options for reaching `target` (mTLS as the edge, or plaintext)."""
+    if not target.tls:
+        return ["--insecure"]
+    files = target.caller_files()
+    return [
+        f"--cacert={files.ca}",
+        f"--cert={files.cert}",
+        f"--key={files.key}",
+        f"--cname={identity.server_name(target.identity)}",
+    ]
+
+
+def _h2load_env(target: Peer, state: Path) -> dict[str, str] | None:
+    """Returns h2load's environment for `target`; None when it cannot present a certificate."""
+    if not target.tls:
+        return dict(os.environ)
+    shim = h2load_client_cert(state)
+    if shim is None:
+        return None
+    files = target.caller_files()
+    return {
+        **os.environ,
+        "LD_PRELOAD": str(shim),
+        "TOKENMESH_BENCH_CLIENT_CERT": str(files.cert),
+        "TOKENMESH_BENCH_CLIENT_KEY": str(files.key),
+    }
+
+
+def h2load_client_cert(state: Path) -> Path | None:
+    """Builds the shim that gives h2load a client certificate (see h2load_cert.c), once.
+
+    Returns its path, or None without a C compiler (mTLS throughput then
+    falls back to the Python client, and the report names the tool per row).
+    """
+    shim = state / "h2load_cert.so"
+    if shim.exists():
+        return shim
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source = Path(__file__).resolve().parent / "h2load_cert.c"
+    command = [compiler, "-shared", "-fPIC", "-O2", "-o", str(shim), str(source), "-ldl"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        print(f"  h2load client-certificate shim did not build: {result.stderr.strip()}")
+        return None
+    return shim
+
+
+def _python_rps(target: Peer, requests: int, metadata: list[tuple[str, str]]) -> float:
     import asyncio
 
-    import grpc.aio
-
     async def run() -> float:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with target.aio_channel() as channel:
             stub = rpc.InferenceServiceStub(channel)
 
             async def worker(n: int) -> None:
@@ -159,11 +216,15 @@ def _python_rps(target: str, requests: int, metadata: list[tuple[str, str]]) -> 
     return asyncio.run(run())
 
 
-def _bare_envoy(state: Path, upstream_port: int, direct: bool = False) -> tuple[Child, str]:
-    """Starts Envoy with only the router filter, proxying to one upstream
-    (or, with `direct`, answering every request itself)."""
+def _bare_envoy(
+    state: Path, upstream_port: int, sds_dir: Path, direct: bool = False
+) -> tuple[Child, str]:
+    """Starts Envoy with only the router filter, proxying to one worker over mTLS as
+    the edge (the edge's SDS files in `sds_dir`), or, with `direct`, answering
+    every request itself."""
     port, admin = reserve_port(), reserve_port()
     bootstrap = {
+        "node": {"id": "bare-envoy", "cluster": "bench"},  # file-based SDS needs both
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
             "listeners": [
@@ -213,15 +274,19 @@ def _bare_envoy(state: Path, upstream_port: int, direct: bool = False) -> tuple[
                 }
             ],
             "clusters": [
-                {
-                    "name": "upstream",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "typed_extension_protocol_options": envoy_config.h2_options(),
-                    "load_assignment": envoy_config.load_assignment(
-                        "upstream", [Endpoint("127.0.0.1", upstream_port)]
-                    ),
-                }
+                envoy_config.with_upstream_tls(
+                    {
+                        "name": "upstream",
+                        "type": "STATIC",
+                        "connect_timeout": "1s",
+                        "typed_extension_protocol_options": envoy_config.h2_options(),
+                        "load_assignment": envoy_config.load_assignment(
+                            "upstream", [Endpoint("127.0.0.1", upstream_port)]
+                        ),
+                    },
+                    sds_dir,
+                    contract.WORKER,
+                )
             ],
         },
     }
@@ -249,7 +314,7 @@ def _bare_envoy(state: Path, upstream_port: int, direct: bool = False) -> tuple[
 
 def _serves(address: str) -> bool:
     try:
-        with grpc.insecure_channel(address) as channel:
+        with Peer(address).channel() as channel:
             _call(rpc.InferenceServiceStub(channel), [])
         return True
     except grpc.RpcError:
@@ -271,7 +336,7 @@ def _routing_cost(mesh: Mesh, metadata: list[tuple[str, str]]) -> dict[str, list
     latencies: dict[str, list[float]] = {"routed": [], "unrouted": []}
     for _ in range(3):
         for name, address in (("routed", mesh.edge_address), ("unrouted", unrouted)):
-            latencies[name] += sequential_latency_ms(address, metadata, 400, call=_complete)
+            latencies[name] += sequential_latency_ms(Peer(address), metadata, 400, call=_complete)
     for name, values in latencies.items():
         print(
             f"  {'complete-' + name:>12}: p50 {percentile(values, 50):.2f} ms"
@@ -306,28 +371,30 @@ def edge_overhead(state: Path) -> dict[str, Any]:
     )
     latencies: dict[str, list[float]] = {}
     rps: dict[str, float] = {}
-    tool = "python"
+    tools: dict[str, str] = {}
 
-    def measure(name: str, target: str, metadata: list[tuple[str, str]] | None = None) -> None:
-        nonlocal tool
+    def measure(name: str, target: Peer, metadata: list[tuple[str, str]] | None = None) -> None:
         latencies[name] = sequential_latency_ms(target, metadata)
-        rps[name], tool = throughput_rps(target, state, metadata)
+        rps[name], tools[name] = throughput_rps(target, state, metadata)
         print(
             f"  {name:>12}: p50 {percentile(latencies[name], 50):.2f} ms  p99 {percentile(latencies[name], 99):.2f} ms"
-            f"  {rps[name]:8.0f} req/s ({tool})",
+            f"  {rps[name]:8.0f} req/s ({tools[name]}{', mTLS' if target.tls else ''})",
             flush=True,
         )
 
     with Mesh(config) as mesh:
         key = [("x-api-key", mesh.dev_api_key())]
         token = _issue_token(mesh.edge_url, mesh.dev_api_key())
-        measure("direct", mesh.address("inference-0"))
-        measure("edge-jwt", mesh.edge_address, [("authorization", f"Bearer {token}")])
-        measure("edge-api-key", mesh.edge_address, key)
+        edge = Peer(mesh.edge_address)  # clients reach the edge's plaintext listener
+        measure("direct", Peer(mesh.address("inference-0"), contract.WORKER, mesh.pki_dir))
+        measure("edge-jwt", edge, [("authorization", f"Bearer {token}")])
+        measure("edge-api-key", edge, key)
         for direct in (False, True):
-            envoy, address = _bare_envoy(state, mesh.ports["inference-0"], direct=direct)
+            envoy, address = _bare_envoy(
+                state, mesh.ports["inference-0"], mesh.sds_dir, direct=direct
+            )
             try:
-                measure("envoy-direct" if direct else "envoy", address)
+                measure("envoy-direct" if direct else "envoy", Peer(address))
             finally:
                 envoy.terminate()
                 envoy.wait(10)
@@ -339,14 +406,15 @@ def edge_overhead(state: Path) -> dict[str, Any]:
     with Mesh(no_limits) as mesh:
         token = _issue_token(mesh.edge_url, mesh.dev_api_key())
         jwt = [("authorization", f"Bearer {token}")]
-        measure("edge-jwt-no-ratelimit", mesh.edge_address, jwt)
+        measure("edge-jwt-no-ratelimit", Peer(mesh.edge_address), jwt)
         routing = _routing_cost(mesh, jwt)
-    with bare_server(state) as target:
+    with bare_server(state, bench_pki(state)) as target:
         measure("grpc", target)
     return {
         "routing": {name: _summary(values) for name, values in routing.items()},
         "latency": {name: _summary(values) for name, values in latencies.items()},
         "requests_per_s": rps,
-        "throughput_tool": tool,
+        # One tool for every row, else each row's (a ratio across tools is not like for like).
+        "throughput_tool": tools["direct"] if len(set(tools.values())) == 1 else tools,
         "latencies_ms": latencies,
     }

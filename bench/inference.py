@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc.aio
 import numpy as np
 
 from bench.clients import StreamRecord, run_streams
+from bench.peers import Peer, bench_pki
 from bench.servers import bare_server, redis_server, worker
 from bench.stats import summarize_streams
 from services.inference.engines.base import StepItem
@@ -61,7 +61,8 @@ def engine_ceiling(batches: tuple[int, ...] = (1, 8, 32)) -> dict[str, dict[str,
     return results
 
 
-def _served_request() -> pb.GenerateRequest:
+def served_request() -> pb.GenerateRequest:
+    """Returns the served benchmarks' request: demo-lm, 64 tokens, a 15-token prompt."""
     return pb.GenerateRequest(
         model="demo-lm",
         prompt="And it came to pass in those days, that there went out a decree",
@@ -72,7 +73,7 @@ def _served_request() -> pb.GenerateRequest:
 
 
 def _stream_levels(
-    target: str, request: pb.GenerateRequest, concurrencies: tuple[int, ...], label: str
+    target: Peer, request: pb.GenerateRequest, concurrencies: tuple[int, ...], label: str
 ) -> tuple[dict[str, Any], dict[str, list[StreamRecord]]]:
     """Runs the streaming load at each concurrency against `target`; prints a line each."""
     results: dict[str, Any] = {}
@@ -116,12 +117,13 @@ def served_streams(
     within a minute, so the served-vs-ceiling ratio comes from interleaved
     rounds (ceiling, served, served without the cache), median of each.
     """
-    request = _served_request()
+    request = served_request()
+    pki_dir = bench_pki(state)
     with (
         redis_server(state) as redis_url,
-        _demo_lm_worker(state, redis_url, "bench-worker") as cached,
-        _demo_lm_worker(
-            state, redis_url, "bench-worker-uncached", TOKENMESH_PREFIX_CACHE_TOKENS="0"
+        demo_lm_worker(state, redis_url, "bench-worker", pki_dir) as cached,
+        demo_lm_worker(
+            state, redis_url, "bench-worker-uncached", pki_dir, TOKENMESH_PREFIX_CACHE_TOKENS="0"
         ) as uncached,
     ):
         results, raw = _stream_levels(cached, request, concurrencies, "served")
@@ -162,12 +164,12 @@ SYSTEM_PROMPT = (
 ) * 9
 
 
-async def _system_prompt_ttft(target: str, calls: int = 20) -> dict[str, float]:
+async def _system_prompt_ttft(target: Peer, calls: int = 20) -> dict[str, float]:
     """Client-side TTFT of one-at-a-time Generate calls that share SYSTEM_PROMPT
     (the first call, which computes the shared head, is left out)."""
     ttfts: list[float] = []
     prompt_tokens = 0
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with target.aio_channel() as channel:
         stub = rpc.InferenceServiceStub(channel)
         for n in range(calls + 1):
             request = pb.GenerateRequest(
@@ -186,27 +188,37 @@ async def _system_prompt_ttft(target: str, calls: int = 20) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _demo_lm_worker(state: Path, redis_url: str, name: str, **env: str) -> Iterator[str]:
+def demo_lm_worker(
+    state: Path, redis_url: str, name: str, pki_dir: Path | None, **env: str
+) -> Iterator[Peer]:
+    """Runs a worker serving demo-lm with 32 sequences, as the served benchmarks use it."""
     with worker(
-        state, redis_url, name, TOKENMESH_MODELS="demo-lm:1", TOKENMESH_MAX_SEQUENCES="32", **env
+        state,
+        redis_url,
+        name,
+        pki_dir=pki_dir,
+        TOKENMESH_MODELS="demo-lm:1",
+        TOKENMESH_MAX_SEQUENCES="32",
+        **env,
     ) as target:
         yield target
 
 
 def bare_streams(state: Path, concurrencies: tuple[int, ...] = (1, 32)) -> dict[str, Any]:
-    """The served-streams load, same client and request, against a bare grpc.aio
+    """The served-streams load, same client, request and mTLS, against a bare grpc.aio
     streamer: how much of TTFT and message gaps the client and transport take."""
-    with bare_server(state) as target:
-        return _stream_levels(target, _served_request(), concurrencies, "bare  ")[0]
+    with bare_server(state, bench_pki(state)) as target:
+        return _stream_levels(target, served_request(), concurrencies, "bare  ")[0]
 
 
 def serving_overhead(state: Path, streams: int = 32, messages: int = 256) -> dict[str, Any]:
-    """A zero-compute engine through the scheduler vs a bare grpc.aio streamer."""
+    """A zero-compute engine through the scheduler vs a bare grpc.aio streamer (both mTLS)."""
     request = pb.GenerateRequest(
         model="deterministic-test", prompt="go", max_tokens=messages, seed=1
     )
     out: dict[str, Any] = {}
-    with bare_server(state) as target:
+    pki_dir = bench_pki(state)
+    with bare_server(state, pki_dir) as target:
         run_streams(target, 2, 1, request, processes=1)
         out["bare"] = summarize_streams(run_streams(target, streams, 2, request, processes=2))
     env = {
@@ -215,7 +227,10 @@ def serving_overhead(state: Path, streams: int = 32, messages: int = 256) -> dic
         "TOKENMESH_TEST_ENGINE_STEP_MS": "0",
         "TOKENMESH_MAX_SEQUENCES": str(streams),
     }
-    with redis_server(state) as redis_url, worker(state, redis_url, "zero-worker", **env) as target:
+    with (
+        redis_server(state) as redis_url,
+        worker(state, redis_url, "zero-worker", pki_dir=pki_dir, **env) as target,
+    ):
         run_streams(target, 2, 1, request, processes=1)
         out["zero_compute"] = summarize_streams(
             run_streams(target, streams, 2, request, processes=2)

@@ -14,6 +14,8 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
+from bench.peers import Peer, bare_server_credentials, server_env
+from services.core import contract
 from services.core.interceptors import Context
 from services.launcher.mesh import REPO_ROOT, spawn_redis
 from services.launcher.processes import Child, clean_env, wait_for
@@ -34,14 +36,30 @@ def redis_server(state: Path, durable: bool = True, name: str = "redis") -> Iter
 
 
 @contextlib.contextmanager
-def service(state: Path, name: str, module: str, timeout_s: float, **env: str) -> Iterator[str]:
-    """Runs `python -m <module>` until it wrote its ready file; yields its host:port."""
-    ready = state / f"{name}.json"
+def service(
+    state: Path,
+    name: str,
+    module: str,
+    timeout_s: float,
+    *,
+    pki_dir: Path | None,
+    identity: str,
+    **env: str,
+) -> Iterator[Peer]:
+    """Runs `python -m <module>` until it wrote its ready file; yields how to call it.
+
+    Args:
+        pki_dir: the run's PKI (the service requires mTLS); None: plaintext,
+            every caller taken for the edge (the mTLS-cost baseline only).
+        identity: the service's identity (its certificate's name).
+    """
+    ready = ready_file(state, name)
     ready.unlink(missing_ok=True)
     settings = {
         "TOKENMESH_READY_FILE": str(ready),
         "TOKENMESH_METRICS_PORT": "-1",
         "TOKENMESH_LOG_LEVEL": "WARNING",
+        **server_env(pki_dir),
         **env,
     }
     child = Child(
@@ -52,20 +70,35 @@ def service(state: Path, name: str, module: str, timeout_s: float, **env: str) -
     )
     try:
         wait_for(ready.exists, timeout_s, f"{name} to serve", child)
-        yield f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
+        port = json.loads(ready.read_text())["grpc_port"]
+        yield Peer(f"127.0.0.1:{port}", identity, pki_dir)
     finally:
         child.terminate()
         child.wait(30)
 
 
+def ready_file(state: Path, name: str) -> Path:
+    """Returns where service `name` writes its ports and pid once serving."""
+    return state / f"{name}.json"
+
+
+def service_pid(state: Path, name: str) -> int:
+    """Returns the pid of the running service `name` (from its ready file)."""
+    return int(json.loads(ready_file(state, name).read_text())["pid"])
+
+
 @contextlib.contextmanager
-def worker(state: Path, redis_url: str, name: str, **env: str) -> Iterator[str]:
-    """Runs one inference worker process; yields its host:port."""
+def worker(
+    state: Path, redis_url: str, name: str, *, pki_dir: Path | None, **env: str
+) -> Iterator[Peer]:
+    """Runs one inference worker process; yields how to call it (see `service`)."""
     with service(
         state,
         name,
         "services.inference",
         120,
+        pki_dir=pki_dir,
+        identity=contract.WORKER,
         REDIS_URL=redis_url,
         TOKENMESH_WORKER_ID=name,
         TOKENMESH_USAGE_SPOOL_DIR=str(state / "spool"),
@@ -91,31 +124,39 @@ class BareStreamer(rpc.InferenceServiceServicer):
         return pb.ListModelsResponse()
 
 
-async def _serve_bare(port_file: str) -> None:
+async def _serve_bare(port_file: str, pki_dir: str) -> None:
     server = grpc.aio.server()
     # The other RPCs stay abstract: grpc answers them UNIMPLEMENTED.
     rpc.add_InferenceServiceServicer_to_server(BareStreamer(), server)  # type: ignore[abstract]
-    port = server.add_insecure_port("127.0.0.1:0")
+    if pki_dir:
+        port = server.add_secure_port("127.0.0.1:0", bare_server_credentials(Path(pki_dir)))
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     Path(port_file).write_text(str(port))
     await server.wait_for_termination()
 
 
 @contextlib.contextmanager
-def bare_server(state: Path) -> Iterator[str]:
-    """Runs the bare grpc.aio baseline in its own process; yields host:port."""
+def bare_server(state: Path, pki_dir: Path | None) -> Iterator[Peer]:
+    """Runs the bare grpc.aio baseline in its own process; yields how to call it.
+
+    With `pki_dir` it serves the mTLS the services serve (a worker's
+    certificate, a client certificate required), so the baseline pays the
+    same transport as the service it is compared with.
+    """
     port_file = state / "bare.port"
     port_file.unlink(missing_ok=True)
     child = Child(
         "bare",
-        [sys.executable, "-m", "bench.servers", str(port_file)],
+        [sys.executable, "-m", "bench.servers", str(port_file), str(pki_dir or "")],
         clean_env(os.environ),
         state / "bare.log",
     )
     try:
         wait_for(port_file.exists, 30, "the bare server", child)
         time.sleep(0.1)
-        yield f"127.0.0.1:{port_file.read_text().strip()}"
+        yield Peer(f"127.0.0.1:{port_file.read_text().strip()}", contract.WORKER, pki_dir)
     finally:
         child.terminate()
         child.wait(10)
@@ -129,4 +170,4 @@ def state_dir() -> Path:
 if __name__ == "__main__":
     import uvloop
 
-    uvloop.run(_serve_bare(sys.argv[1]))
+    uvloop.run(_serve_bare(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""))

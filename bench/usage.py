@@ -9,14 +9,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import grpc
-import grpc.aio
 import redis.asyncio as aioredis
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
+from bench.peers import Peer, bench_pki
 from bench.servers import bare_server, redis_server, service
 from bench.stats import percentile
+from services.core import contract
 from services.usage.meter import Meter, Retention
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
@@ -66,8 +66,8 @@ def _rls_request(key_id: str) -> rls_pb2.RateLimitRequest:
     )
 
 
-async def _rls_load(target: str) -> dict[str, Any]:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def _rls_load(target: Peer) -> dict[str, Any]:
+    async with target.aio_channel() as channel:
         stub = rls_pb2_grpc.RateLimitServiceStub(channel)
         # Built once, like h2load's pre-serialised bodies: the client shares the
         # two cores with the limiter, so per-call request building would be
@@ -81,8 +81,8 @@ async def _rls_load(target: str) -> dict[str, Any]:
         return {**await _load(call), "sequential": await _sequential(call)}
 
 
-async def _echo_load(target: str) -> dict[str, Any]:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def _echo_load(target: Peer) -> dict[str, Any]:
+    async with target.aio_channel() as channel:
         stub = rpc.InferenceServiceStub(channel)
 
         async def call() -> None:
@@ -102,19 +102,31 @@ def rate_limit_decisions(state: Path) -> dict[str, Any]:
     The bench's keys are far below their limits, so the default limiter admits
     most requests from window leases; the same limiter with leases off reads
     the windows in Redis for every decision, as every limiter does for a key
-    above half its limit.
+    above half its limit. Every call is mTLS as the edge (the limiter's one
+    caller), the echo's too.
     """
     out: dict[str, Any] = {}
+    pki_dir = bench_pki(state)
     with (
-        bare_server(state) as echo_target,
+        bare_server(state, pki_dir) as echo_target,
         redis_server(state) as redis_url,
         redis_server(state, durable=False, name="redis-limits") as limits_url,
-        service(state, "usage", "services.usage", 30, **_redis(redis_url, limits_url)) as limiter,
+        service(
+            state,
+            "usage",
+            "services.usage",
+            30,
+            pki_dir=pki_dir,
+            identity=contract.USAGE,
+            **_redis(redis_url, limits_url),
+        ) as limiter,
         service(
             state,
             "usage-no-leases",
             "services.usage",
             30,
+            pki_dir=pki_dir,
+            identity=contract.USAGE,
             **_redis(redis_url, limits_url),
             TOKENMESH_RATELIMIT_LEASE_SIZE="0",
         ) as unleased,
