@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import edge, inference, usage
+from bench import edge, inference, mtls, usage
 from bench.report import Target, targets_table, write_report
 from bench.servers import state_dir
 
@@ -157,26 +157,62 @@ def _usage_targets(results: dict[str, Any]) -> list[Target]:
     ]
 
 
+def _mtls_targets(results: dict[str, Any]) -> list[Target]:
+    cost = results["mtls_cost"]
+    unary, streams, ratios = cost["unary"], cost["streams"], cost["ratios"]
+    rounds = f"median of {cost['rounds']} interleaved rounds"
+    mtls_u, plain_u = unary["mtls"], unary["plaintext"]
+    mtls_s, plain_s = streams["mtls"], streams["plaintext"]
+    return [
+        Target(
+            "mTLS vs plaintext, same worker: unary Complete p50, one at a time",
+            "reported",
+            f"{mtls_u['p50_ms']:.2f} vs {plain_u['p50_ms']:.2f} ms"
+            f" ({ratios['unary_p50']['median']:.2f}x, {rounds}); worker CPU"
+            f" {mtls_u['worker_cpu_us_per_call']:.0f} vs {plain_u['worker_cpu_us_per_call']:.0f}"
+            f" us/call ({ratios['unary_worker_cpu']['median']:.2f}x), client CPU"
+            f" {mtls_u['client_cpu_us_per_call']:.0f} vs {plain_u['client_cpu_us_per_call']:.0f}"
+            " us/call",
+            None,
+        ),
+        Target(
+            f"mTLS vs plaintext, same worker: streamed tokens/s at {cost['streams_concurrency']}"
+            " streams (demo-lm)",
+            "reported",
+            f"{mtls_s['tokens_per_s']:.0f} vs {plain_s['tokens_per_s']:.0f} tokens/s"
+            f" ({ratios['tokens_per_s']['median']:.0%}, {rounds}); worker CPU"
+            f" {mtls_s['worker_cpu_us_per_token']:.0f} vs"
+            f" {plain_s['worker_cpu_us_per_token']:.0f} us/token"
+            f" ({ratios['stream_worker_cpu']['median']:.2f}x)",
+            None,
+        ),
+    ]
+
+
 def _measure(only: str | None, state: Path) -> tuple[dict[str, Any], list[Target], Any]:
     """Runs the chosen scenarios; returns results, targets and raw stream records."""
     results: dict[str, Any] = {}
     targets: list[Target] = []
     streams: dict[str, Any] = {}
     if only in (None, "inference"):
-        print("[1/5] engine ceiling (in-process ONNX Runtime, demo-lm)", flush=True)
+        print("[1/6] engine ceiling (in-process ONNX Runtime, demo-lm)", flush=True)
         results["engine_ceiling"] = inference.engine_ceiling()
-        print("[2/5] served streams through one worker over gRPC", flush=True)
+        print("[2/6] served streams through one worker over gRPC (mTLS)", flush=True)
         results["served"], streams, results["served_ratio_rounds"] = inference.served_streams(state)
         results["served_bare"] = inference.bare_streams(state)
-        print("[3/5] serving overhead: zero-compute engine vs bare grpc.aio", flush=True)
+        print("[3/6] serving overhead: zero-compute engine vs bare grpc.aio", flush=True)
         results["serving_overhead"] = inference.serving_overhead(state)
         targets += _inference_targets(results)
+    if only in (None, "mtls"):
+        print("[4/6] what mTLS costs: the same worker over mTLS vs plaintext", flush=True)
+        results["mtls_cost"] = mtls.mtls_cost(state)
+        targets += _mtls_targets(results)
     if only in (None, "usage"):
-        print("[4/5] rate-limit decisions vs bare grpc.aio echo; metering throughput", flush=True)
+        print("[5/6] rate-limit decisions vs bare grpc.aio echo; metering throughput", flush=True)
         results["usage"] = usage.rate_limit_decisions(state)
         targets += _usage_targets(results)
     if only in (None, "edge"):
-        print("[5/5] edge overhead: direct vs full edge vs bare Envoy vs bare grpc.aio", flush=True)
+        print("[6/6] edge overhead: direct vs full edge vs bare Envoy vs bare grpc.aio", flush=True)
         results["edge"] = edge.edge_overhead(state)
         targets += _edge_targets(results)
     return results, targets, streams
@@ -184,7 +220,7 @@ def _measure(only: str | None, state: Path) -> tuple[dict[str, Any], list[Target
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("--only", choices=["inference", "edge", "usage"], default=None)
+    parser.add_argument("--only", choices=["inference", "mtls", "edge", "usage"], default=None)
     args = parser.parse_args()
     started = time.monotonic()
     state = state_dir()

@@ -13,21 +13,25 @@ from bench.clients import StreamRecord
 
 @dataclass(frozen=True)
 class Target:
-    """Target is one claim with its measured value."""
+    """Target is one claim with its measured value (passed None: a figure reported, no goal)."""
 
     name: str
     goal: str
     measured: str
-    passed: bool
+    passed: bool | None
+
+    @property
+    def result(self) -> str:
+        """Returns PASS, FAIL, or "reported" for a figure without a goal."""
+        if self.passed is None:
+            return "reported"
+        return "PASS" if self.passed else "FAIL"
 
 
 def targets_table(targets: Sequence[Target]) -> str:
     """Returns the targets as a Markdown table."""
     lines = ["| target | goal | measured | result |", "|---|---|---|---|"]
-    lines += [
-        f"| {t.name} | {t.goal} | {t.measured} | {'PASS' if t.passed else 'FAIL'} |"
-        for t in targets
-    ]
+    lines += [f"| {t.name} | {t.goal} | {t.measured} | {t.result} |" for t in targets]
     return "\n".join(lines)
 
 
