@@ -34,7 +34,7 @@ from tokenmesh.usage.v1 import usage_service_pb2_grpc as usage_rpc
 FORGED = [("x-tokenmesh-scopes", "admin"), ("x-tokenmesh-tenant", "victim")]
 
 
-def _internal_calls(channel: grpc.Channel):
+def _internal_calls(channel):
     """One call of each kind a stranger would try first: data, registry, admin, health."""
     register = router_pb.RegisterWorkerRequest(
         worker_id="rogue",
