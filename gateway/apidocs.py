@@ -27,9 +27,12 @@ _SCALARS = {
 
 
 def _comments(source: descriptor_pb2.SourceCodeInfo) -> dict[tuple[int, ...], str]:
+    """Returns each element's leading comment, minus buf's lint-ignore directives."""
     return {
         tuple(loc.path): " ".join(
-            line.strip() for line in loc.leading_comments.strip().splitlines()
+            line.strip()
+            for line in loc.leading_comments.strip().splitlines()
+            if not line.strip().startswith("buf:lint:ignore")
         )
         for loc in source.location
         if loc.leading_comments

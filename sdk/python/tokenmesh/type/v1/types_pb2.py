@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtokenmesh/type/v1/types.proto\x12\x11tokenmesh.type.v1\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"T\n\nTokenUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtokenmesh/type/v1/types.proto\x12\x11tokenmesh.type.v1\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"T\n\nTokenUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\",\n\x0bTemplateRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"\x92\x01\n\x05Price\x12\x15\n\rcurrency_code\x18\x01 \x01(\t\x12!\n\x19prompt_per_million_tokens\x18\x02 \x01(\t\x12(\n cached_prompt_per_million_tokens\x18\x03 \x01(\t\x12%\n\x1d\x63ompletion_per_million_tokens\x18\x04 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,4 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELREF']._serialized_end=93
   _globals['_TOKENUSAGE']._serialized_start=95
   _globals['_TOKENUSAGE']._serialized_end=179
+  _globals['_TEMPLATEREF']._serialized_start=181
+  _globals['_TEMPLATEREF']._serialized_end=225
+  _globals['_PRICE']._serialized_start=228
+  _globals['_PRICE']._serialized_end=374
 # @@protoc_insertion_point(module_scope)

@@ -71,3 +71,74 @@ class TokenUsage(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TokenUsage: _TypeAlias = TokenUsage  # noqa: Y015
+
+@_typing.final
+class TemplateRef(_message.Message):
+    """TemplateRef names the prompt template version that rendered a request's
+    prompt (or is asked to).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name is the template's name, e.g. "support" (1-128 characters of
+    [A-Za-z0-9._-], starting with a letter or digit).
+    """
+    version: _builtins.int
+    """version is the template's version number (1, 2, ...): versions are
+    immutable and numbered by the catalogue when they are created.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TemplateRef: _TypeAlias = TemplateRef  # noqa: Y015
+
+@_typing.final
+class Price(_message.Message):
+    """Price is what a model version costs, per million tokens, in one currency.
+    Amounts are decimal strings (e.g. "0.15"; at most 9 fractional digits), so
+    that sub-cent prices and the costs summed from them stay exact.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURRENCY_CODE_FIELD_NUMBER: _builtins.int
+    PROMPT_PER_MILLION_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHED_PROMPT_PER_MILLION_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_PER_MILLION_TOKENS_FIELD_NUMBER: _builtins.int
+    currency_code: _builtins.str
+    """currency_code is the ISO 4217 code of every amount, e.g. "USD"."""
+    prompt_per_million_tokens: _builtins.str
+    """prompt_per_million_tokens is the price of one million prompt (input) tokens."""
+    cached_prompt_per_million_tokens: _builtins.str
+    """cached_prompt_per_million_tokens is the price of one million prompt tokens
+    served by the prefix cache. Empty means they cost prompt_per_million_tokens.
+    """
+    completion_per_million_tokens: _builtins.str
+    """completion_per_million_tokens is the price of one million generated (output) tokens."""
+    def __init__(
+        self,
+        *,
+        currency_code: _builtins.str = ...,
+        prompt_per_million_tokens: _builtins.str = ...,
+        cached_prompt_per_million_tokens: _builtins.str = ...,
+        completion_per_million_tokens: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_prompt_per_million_tokens", b"cached_prompt_per_million_tokens", "completion_per_million_tokens", b"completion_per_million_tokens", "currency_code", b"currency_code", "prompt_per_million_tokens", b"prompt_per_million_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Price: _TypeAlias = Price  # noqa: Y015
