@@ -66,6 +66,10 @@ RPC_SCOPES: Mapping[str, str] = {
     "/tokenmesh.router.v1.RouterService/DeprecateModelVersion": "admin",
     "/tokenmesh.router.v1.RouterService/SetFallbackModel": "admin",
     "/tokenmesh.router.v1.RouterService/SetModelAlias": "admin",
+    "/tokenmesh.router.v1.RouterService/ListPromptTemplates": "models:read",
+    "/tokenmesh.router.v1.RouterService/GetPromptTemplate": "models:read",
+    "/tokenmesh.router.v1.RouterService/CreatePromptTemplate": "admin",
+    "/tokenmesh.router.v1.RouterService/SetPromptTemplateAlias": "admin",
     "/tokenmesh.usage.v1.UsageService/GetUsage": "usage:read",
     "/tokenmesh.usage.v1.UsageService/ListAuditEntries": "admin",
 }

@@ -182,6 +182,8 @@ CALLER_RULES: dict[str, CallerRule] = {
     "/tokenmesh.router.v1.RouterService/DeprecateModelVersion": _ADMIN,
     "/tokenmesh.router.v1.RouterService/SetFallbackModel": _ADMIN,
     "/tokenmesh.router.v1.RouterService/SetModelAlias": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/CreatePromptTemplate": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/SetPromptTemplateAlias": _ADMIN,
     "/tokenmesh.usage.v1.UsageService/ListAuditEntries": _ADMIN,
     # A worker also drains itself on SIGTERM (the router checks it is its own host).
     "/tokenmesh.router.v1.WorkerRegistryService/DrainWorker": _rule(

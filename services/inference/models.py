@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from services.core.errors import NotFound
 from services.inference.embedder import Embedder
 from services.inference.scheduler import Scheduler
+from services.inference.templates import Prompt, chat_prompt
 from services.inference.tokenizer import Tokenizer
 from tokenmesh.inference.v1 import inference_pb2
 
@@ -36,6 +37,9 @@ class LoadedModel:
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
     description: str = ""
     embedding_dimensions: int = 0
+    # Renders chat `messages` into this version's prompt (config.json chat_template, else
+    # templates.DEFAULT_CHAT_TEMPLATE).
+    chat_template: Prompt = field(default_factory=chat_prompt)
     ready: bool = False
 
     async def start(self) -> None:

@@ -6,7 +6,10 @@ config.json keys: architecture ("gpt-kv", "bert-mean-pool"), kind
 eos_token_id, n_layer, n_head, head_dim, vocab_size, defaults {max_tokens,
 temperature, top_p, top_k} — or embedding_dimensions, max_batch_size.
 "weights": "../1" reuses another version's model.onnx and tokenizer.json
-(a version that differs only in its defaults).
+(a version that differs only in its defaults). A generative version may set
+"chat_template" (a sandboxed Jinja template over `messages` and `system`,
+see services.inference.templates); without it chat requests use
+templates.DEFAULT_CHAT_TEMPLATE.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from services.inference.engines.base import GenerativeEngine
 from services.inference.engines.deterministic import DeterministicTestEngine
 from services.inference.models import LoadedModel, ModelDefaults
 from services.inference.scheduler import Scheduler, SchedulerLimits
+from services.inference.templates import Prompt, chat_prompt
 from services.inference.tokenizer import HuggingFaceTokenizer, WordTokenizer
 from tokenmesh.inference.v1 import inference_pb2
 
@@ -89,6 +93,21 @@ def read_card(repo: Path, name: str, version: str) -> tuple[dict[str, Any], Path
     return card, weights
 
 
+def model_chat_template(card: dict[str, Any], name: str, version: str) -> Prompt:
+    """Returns the version's chat template (config.json chat_template, else the default)."""
+    source = card.get("chat_template")
+    try:
+        return chat_prompt(
+            None if source is None else str(source), f"{name}:{version} chat template"
+        )
+    except InvalidArgument as error:
+        raise FailedPrecondition(
+            f"model {name!r} version {version!r}: config.json chat_template: "
+            + "; ".join(v.description for v in error.violations),
+            reason="MODEL_CHAT_TEMPLATE_INVALID",
+        ) from None
+
+
 def _generative_engine(
     card: dict[str, Any], weights: Path, options: EngineOptions
 ) -> GenerativeEngine:
@@ -149,6 +168,7 @@ def load_from_repository(
         engine_name=generative.name,
         scheduler=scheduler,
         defaults=defaults,
+        chat_template=model_chat_template(card, name, version),
         **common,
     )
 

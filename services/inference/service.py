@@ -30,7 +30,9 @@ from services.inference.repository import (
 )
 from services.inference.scheduler import SchedulerLimits
 from services.inference.servicer import InferenceAdminServicer, InferenceServicer
+from services.inference.template_cache import TemplateCache
 from services.inference.usage_log import UsageLog
+from services.router.prompts import PromptCatalog
 from tokenmesh.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -207,6 +209,9 @@ class InferenceService(Service):
         )
         self.health = HealthGate()
         self.tasks = Supervisor(self.name, self.health)
+        # Prompt templates by reference ("support@3", "support@stable"), kept fresh in the
+        # background: the request path reads them from memory.
+        self.templates = TemplateCache(PromptCatalog(self.redis))
         self._running: RunningServer | None = None
         self.registration: Registration | None = None
 
@@ -231,6 +236,7 @@ class InferenceService(Service):
         self._running = running
         self.health.attach(functools.partial(running.set_serving, self.service_names()))
         self.usage_log.start(self.tasks)
+        self.templates.start(self.tasks)
         for entry in self.settings.test_models:
             name, version = _split(entry)
             step_s = self.settings.test_engine_step_ms / 1000
@@ -288,5 +294,6 @@ class InferenceService(Service):
         for model in self.registry.all():
             await model.stop(drain_timeout_s=0)
         await self.usage_log.stop()
+        await self.templates.stop()
         await self.tasks.stop()
         await self.redis.aclose()

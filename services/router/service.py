@@ -20,6 +20,7 @@ from services.core.server import RunningServer
 from services.core.settings import RedisSettings, env, require
 from services.router import snapshot
 from services.router.catalog import Catalog, now
+from services.router.prompts import PromptCatalog
 from services.router.registry import WorkerRegistry
 from services.router.servicer import RouterServicer, WorkerRegistryServicer
 from services.router.snapshot import ClusterOptions, EdgeFlags, Resources
@@ -113,7 +114,7 @@ class RouterService(RedisBackedService):
     def add_to_server(self, server: grpc.aio.Server) -> None:
         refresh = self.plane.refresh
         router_service_pb2_grpc.add_RouterServiceServicer_to_server(
-            RouterServicer(self.catalog, self.registry, refresh), server
+            RouterServicer(self.catalog, self.registry, refresh, PromptCatalog(self.redis)), server
         )
         router_service_pb2_grpc.add_WorkerRegistryServiceServicer_to_server(
             WorkerRegistryServicer(self.catalog, self.registry, refresh), server

@@ -9,8 +9,10 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from services.core import contract, identity
 from services.core.errors import FieldViolation, InvalidArgument
 from services.core.interceptors import Context
+from services.inference.templates import DEFAULT_MAX_LENGTH, Variable
 from services.router import catalog as cat
 from services.router.catalog import Catalog, ModelEntry, now
+from services.router.prompts import PromptCatalog, PromptHead, PromptTemplate
 from services.router.registry import DRAINING, WorkerEntry, WorkerRegistry
 from tokenmesh.router.v1 import router_pb2
 from tokenmesh.router.v1 import router_service_pb2 as pb
@@ -73,6 +75,41 @@ def worker_to_pb(worker: WorkerEntry) -> router_pb2.Worker:
     )
 
 
+def prompt_to_pb(template: PromptTemplate) -> router_pb2.PromptTemplate:
+    """Converts one prompt-template version."""
+    return router_pb2.PromptTemplate(
+        name=template.name,
+        version=template.version,
+        template=template.source,
+        system_prompt=template.system,
+        variables=[
+            router_pb2.PromptVariable(
+                name=v.name, required=v.required, default_value=v.default, max_length=v.max_length
+            )
+            for v in template.variables
+        ],
+        create_time=_timestamp(template.created_at),
+    )
+
+
+def prompt_head_to_pb(head: PromptHead) -> router_pb2.CatalogPromptTemplate:
+    """Converts a prompt template's head (newest version and aliases)."""
+    return router_pb2.CatalogPromptTemplate(
+        name=head.name,
+        latest_version=head.latest,
+        aliases=dict(head.aliases),
+        update_time=_timestamp(head.updated_at),
+    )
+
+
+def variables_from_pb(variables: Sequence[router_pb2.PromptVariable]) -> list[Variable]:
+    """Converts declared variables (max_length 0 means the default)."""
+    return [
+        Variable(v.name, v.required, v.default_value, v.max_length or DEFAULT_MAX_LENGTH)
+        for v in variables
+    ]
+
+
 def _refs(models: Sequence[types_pb2.ModelRef]) -> list[tuple[str, str]]:
     for ref in models:
         if not ref.version:
@@ -83,10 +120,17 @@ def _refs(models: Sequence[types_pb2.ModelRef]) -> list[tuple[str, str]]:
 class RouterServicer(pb_grpc.RouterServiceServicer):
     """RouterServicer serves the catalogue; every change reaches the edges within a second."""
 
-    def __init__(self, catalog: Catalog, registry: WorkerRegistry, refresh: Refresh) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        registry: WorkerRegistry,
+        refresh: Refresh,
+        prompts: PromptCatalog,
+    ) -> None:
         self.catalog = catalog
         self.registry = registry
         self.refresh = refresh
+        self.prompts = prompts
 
     async def _answer(self, model: ModelEntry) -> router_pb2.CatalogModel:
         at = now()
@@ -166,6 +210,38 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             request.model, lambda m, _: cat.set_alias(m, request.alias, request.version)
         )
         return pb.SetModelAliasResponse(model=await self._changed(model))
+
+    async def CreatePromptTemplate(
+        self, request: pb.CreatePromptTemplateRequest, context: Context
+    ) -> pb.CreatePromptTemplateResponse:
+        template = await self.prompts.create(
+            request.name,
+            request.template,
+            request.system_prompt,
+            variables_from_pb(request.variables),
+            now(),
+        )
+        return pb.CreatePromptTemplateResponse(template=prompt_to_pb(template))
+
+    async def GetPromptTemplate(
+        self, request: pb.GetPromptTemplateRequest, context: Context
+    ) -> pb.GetPromptTemplateResponse:
+        template = await self.prompts.get(request.name, request.version)
+        return pb.GetPromptTemplateResponse(template=prompt_to_pb(template))
+
+    async def ListPromptTemplates(
+        self, request: pb.ListPromptTemplatesRequest, context: Context
+    ) -> pb.ListPromptTemplatesResponse:
+        heads = await self.prompts.heads()
+        return pb.ListPromptTemplatesResponse(
+            templates=[prompt_head_to_pb(heads[name]) for name in sorted(heads)]
+        )
+
+    async def SetPromptTemplateAlias(
+        self, request: pb.SetPromptTemplateAliasRequest, context: Context
+    ) -> pb.SetPromptTemplateAliasResponse:
+        head = await self.prompts.set_alias(request.name, request.alias, request.version, now())
+        return pb.SetPromptTemplateAliasResponse(template=prompt_head_to_pb(head))
 
 
 class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):

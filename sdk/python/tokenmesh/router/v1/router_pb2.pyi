@@ -242,3 +242,153 @@ class TrafficWeight(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrafficWeight: _TypeAlias = TrafficWeight  # noqa: Y015
+
+@_typing.final
+class PromptVariable(_message.Message):
+    """PromptVariable declares one variable of a prompt template."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    DEFAULT_VALUE_FIELD_NUMBER: _builtins.int
+    MAX_LENGTH_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name is the variable's name (1-64 characters of [A-Za-z0-9_], not starting
+    with a digit; "messages" and "system" are reserved).
+    """
+    required: _builtins.bool
+    """required variables must be given in every request that uses the template."""
+    default_value: _builtins.str
+    """default_value is the value of an optional variable a request leaves out
+    (empty unless set; at most max_length characters).
+    """
+    max_length: _builtins.int
+    """max_length is the most characters a value may have (1-65536; 0 means 4096)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        required: _builtins.bool = ...,
+        default_value: _builtins.str = ...,
+        max_length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_value", b"default_value", "max_length", b"max_length", "name", b"name", "required", b"required"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromptVariable: _TypeAlias = PromptVariable  # noqa: Y015
+
+@_typing.final
+class PromptTemplate(_message.Message):
+    """PromptTemplate is one immutable version of a prompt template."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name is the template's name (1-128 characters of [A-Za-z0-9._-], starting
+    with a letter or digit).
+    """
+    version: _builtins.int
+    """version is the version number: 1 for the first, one more for each create."""
+    template: _builtins.str
+    """template is the Jinja source (at most 65536 bytes), rendered in a sandbox
+    with its variables, `system` (the rendered system prompt) and `messages`.
+    """
+    system_prompt: _builtins.str
+    """system_prompt is the template's system prompt (at most 65536 bytes; may
+    use the template's variables).
+    """
+    @_builtins.property
+    def variables(self) -> _containers.RepeatedCompositeFieldContainer[Global___PromptVariable]:
+        """variables are the variables the template takes (at most 32). A variable
+        the source uses but does not declare is required, with max_length 4096.
+        """
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """create_time is when this version was created."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        template: _builtins.str = ...,
+        system_prompt: _builtins.str = ...,
+        variables: _abc.Iterable[Global___PromptVariable] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "name", b"name", "system_prompt", b"system_prompt", "template", b"template", "variables", b"variables", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromptTemplate: _TypeAlias = PromptTemplate  # noqa: Y015
+
+@_typing.final
+class CatalogPromptTemplate(_message.Message):
+    """CatalogPromptTemplate is a prompt template in the catalogue: its versions and aliases."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AliasesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LATEST_VERSION_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name is the template's name."""
+    latest_version: _builtins.int
+    """latest_version is the newest version number (versions are 1 to latest_version)."""
+    @_builtins.property
+    def aliases(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """aliases map names such as "stable" or "canary" to version numbers."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """update_time is when a version was last created or an alias last changed."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        latest_version: _builtins.int = ...,
+        aliases: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "latest_version", b"latest_version", "name", b"name", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CatalogPromptTemplate: _TypeAlias = CatalogPromptTemplate  # noqa: Y015

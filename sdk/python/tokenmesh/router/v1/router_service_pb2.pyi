@@ -426,6 +426,219 @@ class SetModelAliasResponse(_message.Message):
 Global___SetModelAliasResponse: _TypeAlias = SetModelAliasResponse  # noqa: Y015
 
 @_typing.final
+class CreatePromptTemplateRequest(_message.Message):
+    """CreatePromptTemplateRequest describes a new version of a prompt template."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name is the template's name (1-128 characters of [A-Za-z0-9._-], starting
+    with a letter or digit).
+    """
+    template: _builtins.str
+    """template is the Jinja source (at most 65536 bytes; no include, import,
+    extends or macros).
+    """
+    system_prompt: _builtins.str
+    """system_prompt is the template's system prompt (at most 65536 bytes)."""
+    @_builtins.property
+    def variables(self) -> _containers.RepeatedCompositeFieldContainer[_router_pb2.PromptVariable]:
+        """variables declare the template's variables (at most 32, unique names)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        template: _builtins.str = ...,
+        system_prompt: _builtins.str = ...,
+        variables: _abc.Iterable[_router_pb2.PromptVariable] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "system_prompt", b"system_prompt", "template", b"template", "variables", b"variables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePromptTemplateRequest: _TypeAlias = CreatePromptTemplateRequest  # noqa: Y015
+
+@_typing.final
+class CreatePromptTemplateResponse(_message.Message):
+    """CreatePromptTemplateResponse returns the version created."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def template(self) -> _router_pb2.PromptTemplate:
+        """template is the new version."""
+
+    def __init__(
+        self,
+        *,
+        template: _router_pb2.PromptTemplate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePromptTemplateResponse: _TypeAlias = CreatePromptTemplateResponse  # noqa: Y015
+
+@_typing.final
+class GetPromptTemplateRequest(_message.Message):
+    """GetPromptTemplateRequest names a template version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name is the template's name."""
+    version: _builtins.str
+    """version is a version number ("3"), an alias ("stable") or empty for the
+    newest version.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPromptTemplateRequest: _TypeAlias = GetPromptTemplateRequest  # noqa: Y015
+
+@_typing.final
+class GetPromptTemplateResponse(_message.Message):
+    """GetPromptTemplateResponse holds one template version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def template(self) -> _router_pb2.PromptTemplate:
+        """template is the version asked for (an alias resolved to its version)."""
+
+    def __init__(
+        self,
+        *,
+        template: _router_pb2.PromptTemplate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPromptTemplateResponse: _TypeAlias = GetPromptTemplateResponse  # noqa: Y015
+
+@_typing.final
+class ListPromptTemplatesRequest(_message.Message):
+    """ListPromptTemplatesRequest asks for the prompt templates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPromptTemplatesRequest: _TypeAlias = ListPromptTemplatesRequest  # noqa: Y015
+
+@_typing.final
+class ListPromptTemplatesResponse(_message.Message):
+    """ListPromptTemplatesResponse lists the prompt templates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def templates(self) -> _containers.RepeatedCompositeFieldContainer[_router_pb2.CatalogPromptTemplate]:
+        """templates are the catalogue's prompt templates, sorted by name."""
+
+    def __init__(
+        self,
+        *,
+        templates: _abc.Iterable[_router_pb2.CatalogPromptTemplate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["templates", b"templates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPromptTemplatesResponse: _TypeAlias = ListPromptTemplatesResponse  # noqa: Y015
+
+@_typing.final
+class SetPromptTemplateAliasRequest(_message.Message):
+    """SetPromptTemplateAliasRequest points an alias at a template version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name is the template's name."""
+    alias: _builtins.str
+    """alias is the alias name, e.g. "stable" (1-32 characters of [a-z0-9-], not
+    all digits; "latest" is reserved).
+    """
+    version: _builtins.int
+    """version is the target version number; 0 removes the alias."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPromptTemplateAliasRequest: _TypeAlias = SetPromptTemplateAliasRequest  # noqa: Y015
+
+@_typing.final
+class SetPromptTemplateAliasResponse(_message.Message):
+    """SetPromptTemplateAliasResponse returns the template after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def template(self) -> _router_pb2.CatalogPromptTemplate:
+        """template is the catalogue template after the change."""
+
+    def __init__(
+        self,
+        *,
+        template: _router_pb2.CatalogPromptTemplate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPromptTemplateAliasResponse: _TypeAlias = SetPromptTemplateAliasResponse  # noqa: Y015
+
+@_typing.final
 class RegisterWorkerRequest(_message.Message):
     """RegisterWorkerRequest describes a worker."""
 

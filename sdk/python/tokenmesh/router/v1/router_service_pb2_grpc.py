@@ -76,6 +76,26 @@ class RouterServiceStub:
                 request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelAliasRequest.SerializeToString,
                 response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelAliasResponse.FromString,
                 _registered_method=True)
+        self.CreatePromptTemplate = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/CreatePromptTemplate',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.CreatePromptTemplateRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.CreatePromptTemplateResponse.FromString,
+                _registered_method=True)
+        self.GetPromptTemplate = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/GetPromptTemplate',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.GetPromptTemplateRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.GetPromptTemplateResponse.FromString,
+                _registered_method=True)
+        self.ListPromptTemplates = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/ListPromptTemplates',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.ListPromptTemplatesRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.ListPromptTemplatesResponse.FromString,
+                _registered_method=True)
+        self.SetPromptTemplateAlias = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/SetPromptTemplateAlias',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetPromptTemplateAliasRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetPromptTemplateAliasResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -139,6 +159,35 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreatePromptTemplate(self, request, context):
+        """CreatePromptTemplate adds a new version of a prompt template (creating the
+        template if needed). Versions are immutable; each call adds one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPromptTemplate(self, request, context):
+        """GetPromptTemplate returns one version of a prompt template, by number or alias.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPromptTemplates(self, request, context):
+        """ListPromptTemplates lists the prompt templates with their versions and aliases.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPromptTemplateAlias(self, request, context):
+        """SetPromptTemplateAlias points an alias such as "stable" at a version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +230,26 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.SetModelAlias,
                     request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelAliasRequest.FromString,
                     response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelAliasResponse.SerializeToString,
+            ),
+            'CreatePromptTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePromptTemplate,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.CreatePromptTemplateRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.CreatePromptTemplateResponse.SerializeToString,
+            ),
+            'GetPromptTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPromptTemplate,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.GetPromptTemplateRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.GetPromptTemplateResponse.SerializeToString,
+            ),
+            'ListPromptTemplates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPromptTemplates,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.ListPromptTemplatesRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.ListPromptTemplatesResponse.SerializeToString,
+            ),
+            'SetPromptTemplateAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPromptTemplateAlias,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetPromptTemplateAliasRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetPromptTemplateAliasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -401,6 +470,114 @@ class RouterService:
             '/tokenmesh.router.v1.RouterService/SetModelAlias',
             tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelAliasRequest.SerializeToString,
             tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePromptTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/CreatePromptTemplate',
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.CreatePromptTemplateRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.CreatePromptTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPromptTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/GetPromptTemplate',
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.GetPromptTemplateRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.GetPromptTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPromptTemplates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/ListPromptTemplates',
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.ListPromptTemplatesRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.ListPromptTemplatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPromptTemplateAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/SetPromptTemplateAlias',
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetPromptTemplateAliasRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetPromptTemplateAliasResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,16 @@ class RouterServiceStub:
     """SetFallbackModel sets the model that serves when this one has no healthy worker."""
     SetModelAlias: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.SetModelAliasRequest, _router_service_pb2.SetModelAliasResponse]
     """SetModelAlias points an alias such as "canary" at a version."""
+    CreatePromptTemplate: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.CreatePromptTemplateRequest, _router_service_pb2.CreatePromptTemplateResponse]
+    """CreatePromptTemplate adds a new version of a prompt template (creating the
+    template if needed). Versions are immutable; each call adds one.
+    """
+    GetPromptTemplate: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.GetPromptTemplateRequest, _router_service_pb2.GetPromptTemplateResponse]
+    """GetPromptTemplate returns one version of a prompt template, by number or alias."""
+    ListPromptTemplates: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.ListPromptTemplatesRequest, _router_service_pb2.ListPromptTemplatesResponse]
+    """ListPromptTemplates lists the prompt templates with their versions and aliases."""
+    SetPromptTemplateAlias: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.SetPromptTemplateAliasRequest, _router_service_pb2.SetPromptTemplateAliasResponse]
+    """SetPromptTemplateAlias points an alias such as "stable" at a version."""
 
 @_typing.type_check_only
 class RouterServiceAsyncStub(RouterServiceStub):
@@ -75,6 +85,16 @@ class RouterServiceAsyncStub(RouterServiceStub):
     """SetFallbackModel sets the model that serves when this one has no healthy worker."""
     SetModelAlias: _aio.UnaryUnaryMultiCallable[_router_service_pb2.SetModelAliasRequest, _router_service_pb2.SetModelAliasResponse]  # type: ignore[assignment]
     """SetModelAlias points an alias such as "canary" at a version."""
+    CreatePromptTemplate: _aio.UnaryUnaryMultiCallable[_router_service_pb2.CreatePromptTemplateRequest, _router_service_pb2.CreatePromptTemplateResponse]  # type: ignore[assignment]
+    """CreatePromptTemplate adds a new version of a prompt template (creating the
+    template if needed). Versions are immutable; each call adds one.
+    """
+    GetPromptTemplate: _aio.UnaryUnaryMultiCallable[_router_service_pb2.GetPromptTemplateRequest, _router_service_pb2.GetPromptTemplateResponse]  # type: ignore[assignment]
+    """GetPromptTemplate returns one version of a prompt template, by number or alias."""
+    ListPromptTemplates: _aio.UnaryUnaryMultiCallable[_router_service_pb2.ListPromptTemplatesRequest, _router_service_pb2.ListPromptTemplatesResponse]  # type: ignore[assignment]
+    """ListPromptTemplates lists the prompt templates with their versions and aliases."""
+    SetPromptTemplateAlias: _aio.UnaryUnaryMultiCallable[_router_service_pb2.SetPromptTemplateAliasRequest, _router_service_pb2.SetPromptTemplateAliasResponse]  # type: ignore[assignment]
+    """SetPromptTemplateAlias points an alias such as "stable" at a version."""
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     """RouterService manages the model catalogue and how traffic is routed
@@ -144,6 +164,40 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.SetModelAliasResponse, _abc.Awaitable[_router_service_pb2.SetModelAliasResponse]]:
         """SetModelAlias points an alias such as "canary" at a version."""
+
+    @_abc_1.abstractmethod
+    def CreatePromptTemplate(
+        self,
+        request: _router_service_pb2.CreatePromptTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_service_pb2.CreatePromptTemplateResponse, _abc.Awaitable[_router_service_pb2.CreatePromptTemplateResponse]]:
+        """CreatePromptTemplate adds a new version of a prompt template (creating the
+        template if needed). Versions are immutable; each call adds one.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPromptTemplate(
+        self,
+        request: _router_service_pb2.GetPromptTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_service_pb2.GetPromptTemplateResponse, _abc.Awaitable[_router_service_pb2.GetPromptTemplateResponse]]:
+        """GetPromptTemplate returns one version of a prompt template, by number or alias."""
+
+    @_abc_1.abstractmethod
+    def ListPromptTemplates(
+        self,
+        request: _router_service_pb2.ListPromptTemplatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_service_pb2.ListPromptTemplatesResponse, _abc.Awaitable[_router_service_pb2.ListPromptTemplatesResponse]]:
+        """ListPromptTemplates lists the prompt templates with their versions and aliases."""
+
+    @_abc_1.abstractmethod
+    def SetPromptTemplateAlias(
+        self,
+        request: _router_service_pb2.SetPromptTemplateAliasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_service_pb2.SetPromptTemplateAliasResponse, _abc.Awaitable[_router_service_pb2.SetPromptTemplateAliasResponse]]:
+        """SetPromptTemplateAlias points an alias such as "stable" at a version."""
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

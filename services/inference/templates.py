@@ -1,0 +1,538 @@
+"""Prompt templates: compiled once, rendered in a sandbox, deterministically, within bounds.
+
+The template language is Jinja (`ImmutableSandboxedEnvironment`,
+`StrictUndefined`), cut down to what a prompt needs:
+
+- no file access: no loader, and `{% include %}`, `{% import %}`,
+  `{% from %}`, `{% extends %}`, `{% macro %}` and `{% call %}` are refused
+  when the template is compiled (macros would allow unbounded recursion);
+- no attribute tricks: the sandbox refuses `_`-prefixed and internal
+  attributes (`''.__class__`), and the immutable sandbox refuses methods that
+  change lists and dicts; either fails the render with a message naming it;
+- deterministic: no `random` filter, no `lipsum`, `cycler` or `joiner`
+  globals, nothing reads the clock; the same template, variables and
+  messages always give the same text;
+- bounded: at most MAX_OUTPUT_CHARS characters of output (rendering stops
+  there), MAX_LOOP_ITERATIONS loop iterations per render, no intermediate
+  string or list longer than MAX_OUTPUT_CHARS (`~`, `+`, `*` and the `join`
+  and `replace` filters are checked), `range` up to MAX_RANGE, and only
+  filters whose output grows at most linearly.
+
+A render sees each declared variable (a string), `system` (the rendered
+system prompt) and `messages` (a list of `{role, content}`; empty unless the
+request is a chat). Errors are `InvalidArgument` naming the field a client
+can fix: `variables.<name>`, `messages[<i>].role`, or `template`.
+
+Rendering is pure CPU and short (microseconds for a typical prompt, tens of
+milliseconds at the limits); `Prompt` objects are immutable and thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import jinja2
+import jinja2.meta
+from jinja2 import nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.visitor import NodeTransformer
+
+from services.core.errors import FieldViolation, InvalidArgument
+
+MAX_SOURCE_BYTES = 64 * 1024  # template source and system prompt, each
+MAX_VARIABLES = 32
+DEFAULT_MAX_LENGTH = 4096  # characters of a variable's value unless declared
+MAX_VARIABLE_LENGTH = 64 * 1024
+MAX_OUTPUT_CHARS = 256 * 1024
+MAX_LOOP_ITERATIONS = 100_000
+MAX_RANGE = 10_000
+MAX_MESSAGES = 1024
+ROLES = ("system", "user", "assistant")
+#: Names a render always provides; a variable cannot take them.
+RESERVED_NAMES = frozenset({"messages", "system"})
+VARIABLE_NAME_RULE = "1-64 characters of [A-Za-z0-9_], starting with a letter"
+_VARIABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+_INTERNAL_PREFIX = "_tm_"  # names of the bound-keeping helpers the compiler inserts
+#: Used for a model version whose config.json has no chat_template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% if system %}System: {{ system }}\n{% endif %}"
+    "{% for m in messages %}{{ m.role | capitalize }}: {{ m.content }}\n{% endfor %}"
+    "Assistant:"
+)
+_FORBIDDEN_TAGS: dict[type[nodes.Node], str] = {
+    nodes.Extends: "{% extends %}",
+    nodes.Include: "{% include %}",
+    nodes.Import: "{% import %}",
+    nodes.FromImport: "{% from ... import %}",
+    nodes.Macro: "{% macro %}",
+    nodes.CallBlock: "{% call %}",
+}
+# Filters whose output is at most linear in their input (others, such as
+# center, indent, format, wordwrap or batch, take sizes from the template).
+_SAFE_FILTERS = (
+    "abs capitalize count d default dictsort e escape first float groupby int items "
+    "last length list lower map max min reject rejectattr reverse round select "
+    "selectattr sort striptags sum title tojson trim truncate unique upper wordcount"
+).split()
+# String methods a template may call; the rest (format, center, zfill, ljust,
+# expandtabs, encode, ...) take sizes or formats from the template.
+_STR_METHODS = frozenset(
+    (
+        "capitalize casefold count endswith find index isalnum isalpha isdigit islower "
+        "isspace istitle isupper lower lstrip partition removeprefix removesuffix rfind "
+        "rindex rpartition rsplit rstrip split splitlines startswith strip swapcase title upper"
+    ).split()
+)
+_MAX_INT_BITS = 4096
+
+
+@dataclass(frozen=True)
+class Variable:
+    """Variable is one declared template variable.
+
+    Attributes:
+        name: the name templates use (VARIABLE_NAME_RULE).
+        required: a request must give it.
+        default: the value of an optional variable a request leaves out.
+        max_length: the most characters a value may have (1-MAX_VARIABLE_LENGTH).
+    """
+
+    name: str
+    required: bool = False
+    default: str = ""
+    max_length: int = DEFAULT_MAX_LENGTH
+
+
+@dataclass(frozen=True)
+class Message:
+    """Message is one chat turn: `role` is system, user or assistant."""
+
+    role: str
+    content: str
+
+
+class _Refused(Exception):
+    """A render did something the sandbox does not allow (the message says what)."""
+
+    reason = "TEMPLATE_UNSAFE"
+
+
+class _LimitExceeded(_Refused):
+    """A render went over one of its bounds (the message says which)."""
+
+    reason = "TEMPLATE_TOO_LARGE"
+
+
+class _Budget:
+    """The loop iterations a render has left."""
+
+    def __init__(self) -> None:
+        self.iterations = MAX_LOOP_ITERATIONS
+
+
+_BUDGET: contextvars.ContextVar[_Budget] = contextvars.ContextVar("template_budget")
+
+
+def _bounded_loop(iterable: Iterable[Any]) -> Iterator[Any]:
+    budget = _BUDGET.get()
+    for item in iterable:
+        budget.iterations -= 1
+        if budget.iterations < 0:
+            raise _LimitExceeded(f"more than {MAX_LOOP_ITERATIONS} loop iterations")
+        yield item
+
+
+def _printable(value: Any) -> Any:
+    """Returns `value` if its text is deterministic (no object reprs with addresses)."""
+    if value is None or isinstance(value, str | int | float | jinja2.Undefined):
+        return value
+    if isinstance(value, list | tuple):
+        for item in value:
+            _printable(item)
+        return value
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _printable(key)
+            _printable(item)
+        return value
+    raise _Refused(f"a {type(value).__name__} cannot be printed; print strings and numbers")
+
+
+def _bounded_concat(*parts: Any) -> str:
+    if sum(len(p) if isinstance(p, str) else 0 for p in parts) > MAX_OUTPUT_CHARS:
+        raise _LimitExceeded(f"a string would exceed {MAX_OUTPUT_CHARS} characters")
+    return "".join(str(_printable(p)) for p in parts)
+
+
+def _bounded_range(*args: int) -> range:
+    values = range(*args)
+    if len(values) > MAX_RANGE:
+        raise _LimitExceeded(f"range() of more than {MAX_RANGE} items")
+    return values
+
+
+def _sized(value: Any) -> int:
+    return len(value) if isinstance(value, str | list | tuple) else 1
+
+
+def _check_int(value: Any) -> Any:
+    if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
+        raise _LimitExceeded(f"a number above {_MAX_INT_BITS} bits")
+    return value
+
+
+def _bounded_mul(left: Any, right: Any) -> Any:
+    if isinstance(left, int) and isinstance(right, int):
+        return _check_int(_check_int(left) * _check_int(right))
+    for seq, times in ((left, right), (right, left)):
+        if isinstance(seq, str | list | tuple) and isinstance(times, int):
+            if _sized(seq) * max(times, 0) > MAX_OUTPUT_CHARS:
+                raise _LimitExceeded(f"a repetition would exceed {MAX_OUTPUT_CHARS} items")
+    return left * right
+
+
+def _bounded_add(left: Any, right: Any) -> Any:
+    if isinstance(left, str | list | tuple) and _sized(left) + _sized(right) > MAX_OUTPUT_CHARS:
+        raise _LimitExceeded(f"a value would exceed {MAX_OUTPUT_CHARS} characters or items")
+    return left + right
+
+
+def _bounded_pow(left: Any, right: Any) -> Any:
+    if isinstance(left, int) and isinstance(right, int):
+        if right > 0 and _check_int(left).bit_length() * right > _MAX_INT_BITS:
+            raise _LimitExceeded(f"a number above {_MAX_INT_BITS} bits")
+    return left**right
+
+
+def _no_string_percent(left: Any, right: Any) -> Any:
+    if isinstance(left, str):
+        raise _Refused("'%' formatting of strings is not allowed; use ~ or filters")
+    return left % right
+
+
+def _bounded_join(value: Iterable[Any], d: str = "", attribute: Any = None) -> str:
+    items = [str(_printable(v)) for v in _bounded_loop(value)]
+    if sum(map(len, items)) + len(d) * len(items) > MAX_OUTPUT_CHARS:
+        raise _LimitExceeded(f"join() would exceed {MAX_OUTPUT_CHARS} characters")
+    return d.join(items)
+
+
+def _bounded_replace(value: str, old: str, new: str, count: int | None = None) -> str:
+    value = str(value)
+    grows = max(len(new) - len(old), 0) * (value.count(old) if old else len(value) + 1)
+    if len(value) + grows > MAX_OUTPUT_CHARS:
+        raise _LimitExceeded(f"replace() would exceed {MAX_OUTPUT_CHARS} characters")
+    return value.replace(old, new, -1 if count is None else count)
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The sandbox every template runs in (one shared instance; it is immutable once built)."""
+
+    intercepted_binops = frozenset({"*", "+", "**", "%"})
+
+    def __init__(self) -> None:
+        super().__init__(
+            undefined=jinja2.StrictUndefined,
+            autoescape=False,
+            keep_trailing_newline=True,
+            loader=None,
+            finalize=_printable,
+        )
+        self.filters = {name: self.filters[name] for name in _SAFE_FILTERS}
+        self.filters["join"] = _bounded_join
+        self.filters["replace"] = _bounded_replace
+        self.globals = {
+            "range": _bounded_range,
+            "dict": dict,
+            "namespace": jinja2.utils.Namespace,
+            f"{_INTERNAL_PREFIX}loop": _bounded_loop,
+            f"{_INTERNAL_PREFIX}concat": _bounded_concat,
+        }
+        self.binop_table = {
+            **self.binop_table,
+            "*": _bounded_mul,
+            "+": _bounded_add,
+            "**": _bounded_pow,
+            "%": _no_string_percent,
+        }
+
+    def wrap_str_format(self, value: Any) -> None:
+        return None  # str.format takes widths from the template: refused like any method
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        if isinstance(obj, str):
+            return attr in _STR_METHODS
+        if isinstance(obj, int | float | complex | bytes | bytearray):
+            return False  # e.g. int.to_bytes(10**9)
+        return super().is_safe_attribute(obj, attr, value)
+
+
+class _Bounder(NodeTransformer):
+    """Routes every loop and `~` through the bound-keeping helpers."""
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:
+        self.generic_visit(node)
+        node.iter = _helper_call("loop", [node.iter], node.lineno)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
+        self.generic_visit(node)
+        return _helper_call("concat", list(node.nodes), node.lineno)
+
+
+def _helper_call(name: str, args: Sequence[nodes.Node], lineno: int) -> nodes.Call:
+    func = nodes.Name(f"{_INTERNAL_PREFIX}{name}", "load", lineno=lineno)
+    return nodes.Call(func, [cast(nodes.Expr, a) for a in args], [], None, None, lineno=lineno)
+
+
+@functools.cache
+def _sandbox() -> _Sandbox:
+    return _Sandbox()
+
+
+def _violation(field: str, description: str, reason: str = "INVALID_TEMPLATE") -> InvalidArgument:
+    return InvalidArgument([FieldViolation(field, description)], reason=reason)
+
+
+def _parse(source: str, field: str) -> nodes.Template:
+    """Parses `source` and refuses what the sandbox does not allow."""
+    if len(source.encode()) > MAX_SOURCE_BYTES:
+        raise _violation(field, f"is {len(source.encode())} bytes; at most {MAX_SOURCE_BYTES}")
+    try:
+        tree = _sandbox().parse(source)
+    except jinja2.TemplateSyntaxError as error:
+        raise _violation(field, f"line {error.lineno}: {error.message}") from None
+    for kind, tag in _FORBIDDEN_TAGS.items():
+        found = next(tree.find_all(kind), None)
+        if found is not None:
+            raise _violation(
+                field, f"line {found.lineno}: {tag} is not allowed in a prompt template"
+            )
+    for loop in tree.find_all(nodes.For):
+        if loop.recursive:
+            raise _violation(field, f"line {loop.lineno}: recursive loops are not allowed")
+    for name in tree.find_all(nodes.Name):
+        if name.name.startswith(_INTERNAL_PREFIX):
+            raise _violation(
+                field, f"line {name.lineno}: names starting {_INTERNAL_PREFIX!r} are reserved"
+            )
+    return tree
+
+
+def _compile(source: str, field: str) -> jinja2.Template:
+    tree = _parse(source, field)
+    bounded = _Bounder().visit(tree)
+    bounded.set_environment(_sandbox())
+    env = _sandbox()
+    try:
+        code = env.compile(bounded)
+    except jinja2.TemplateError as error:  # e.g. an unknown or refused filter
+        raise _violation(field, getattr(error, "message", None) or str(error)) from None
+    return env.template_class.from_code(env, code, env.make_globals(None), None)
+
+
+def used_variables(source: str, field: str = "template") -> set[str]:
+    """Returns the names `source` reads from the render context (not globals or reserved)."""
+    try:
+        names = jinja2.meta.find_undeclared_variables(_parse(source, field))
+    except jinja2.TemplateError as error:  # e.g. an unknown or refused filter
+        raise _violation(field, getattr(error, "message", None) or str(error)) from None
+    return {n for n in names if n not in RESERVED_NAMES and n not in _sandbox().globals}
+
+
+def check_declarations(variables: Sequence[Variable]) -> None:
+    """Raises InvalidArgument (field `variables[i]...`) unless every declaration is valid."""
+    violations: list[FieldViolation] = []
+    if len(variables) > MAX_VARIABLES:
+        violations.append(
+            FieldViolation("variables", f"at most {MAX_VARIABLES} variables ({len(variables)})")
+        )
+    seen: set[str] = set()
+    for i, var in enumerate(variables):
+        at = f"variables[{i}]"
+        if _VARIABLE_NAME.fullmatch(var.name) is None:
+            violations.append(FieldViolation(f"{at}.name", f"must be {VARIABLE_NAME_RULE}"))
+        elif var.name in RESERVED_NAMES:
+            violations.append(FieldViolation(f"{at}.name", f"{var.name!r} is reserved"))
+        elif var.name in seen:
+            violations.append(FieldViolation(f"{at}.name", f"{var.name!r} is declared twice"))
+        seen.add(var.name)
+        if not 1 <= var.max_length <= MAX_VARIABLE_LENGTH:
+            violations.append(
+                FieldViolation(f"{at}.max_length", f"must be 1-{MAX_VARIABLE_LENGTH}")
+            )
+        elif len(var.default) > var.max_length:
+            violations.append(
+                FieldViolation(f"{at}.default_value", f"is longer than max_length {var.max_length}")
+            )
+        if var.required and var.default:
+            violations.append(
+                FieldViolation(f"{at}.default_value", "a required variable has no default")
+            )
+    if violations:
+        raise InvalidArgument(violations, reason="INVALID_TEMPLATE")
+
+
+def declare(source: str, system: str, variables: Sequence[Variable]) -> tuple[Variable, ...]:
+    """Returns `variables` plus each one the template or system prompt uses undeclared.
+
+    An undeclared variable is required, with DEFAULT_MAX_LENGTH; the result
+    is checked (names, limits, at most MAX_VARIABLES).
+
+    Raises:
+        InvalidArgument: on a bad declaration, a syntax error or a refused tag.
+    """
+    declared = {v.name for v in variables}
+    used = used_variables(source, "template") | used_variables(system, "system_prompt")
+    implicit = [Variable(name, required=True) for name in sorted(used - declared)]
+    result = (*variables, *implicit)
+    check_declarations(result)
+    return result
+
+
+def check_messages(messages: Sequence[Message]) -> None:
+    """Raises InvalidArgument (field `messages[i].role`) unless every message is valid."""
+    if len(messages) > MAX_MESSAGES:
+        raise _violation("messages", f"at most {MAX_MESSAGES} messages ({len(messages)})")
+    violations = [
+        FieldViolation(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}")
+        for i, m in enumerate(messages)
+        if m.role not in ROLES
+    ]
+    violations += [
+        FieldViolation(f"messages[{i}].content", f"at most {MAX_OUTPUT_CHARS} characters")
+        for i, m in enumerate(messages)
+        if len(m.content) > MAX_OUTPUT_CHARS
+    ]
+    if violations:
+        raise InvalidArgument(violations, reason="INVALID_MESSAGES")
+
+
+def bind_variables(
+    declared: Sequence[Variable], given: Mapping[str, str], label: str
+) -> dict[str, str]:
+    """Returns every declared variable's value (given or default) after checking `given`.
+
+    Args:
+        declared: the template's variables.
+        given: the request's values.
+        label: "name@version", for messages.
+
+    Raises:
+        InvalidArgument: one violation per bad variable, field `variables.<name>`.
+    """
+    by_name = {v.name: v for v in declared}
+    if len(given) > MAX_VARIABLES:
+        raise _violation("variables", f"at most {MAX_VARIABLES} variables", "INVALID_VARIABLES")
+    violations: list[FieldViolation] = []
+    for name in sorted(set(given) - set(by_name)):
+        takes = ", ".join(sorted(by_name)) or "none"
+        violations.append(
+            FieldViolation(f"variables.{name}", f"is not a variable of {label} (takes: {takes})")
+        )
+    values: dict[str, str] = {}
+    for var in declared:
+        value = given.get(var.name)
+        if value is None:
+            if var.required:
+                violations.append(
+                    FieldViolation(f"variables.{var.name}", f"is required by {label}")
+                )
+            values[var.name] = var.default
+        elif len(value) > var.max_length:
+            violations.append(
+                FieldViolation(
+                    f"variables.{var.name}",
+                    f"is {len(value)} characters; {label} allows at most {var.max_length}",
+                )
+            )
+        else:
+            values[var.name] = value
+    if violations:
+        raise InvalidArgument(violations, reason="INVALID_VARIABLES")
+    return values
+
+
+class Prompt:
+    """Prompt is a compiled template with its system prompt and variables; render() is pure.
+
+    Args:
+        label: how errors name it ("support@3", "demo-lm:1 chat template").
+        source: the template.
+        system: the system prompt (a template too, rendered first).
+        variables: the declared variables (see `declare`).
+
+    Raises:
+        InvalidArgument: the source or system prompt does not compile or is refused.
+    """
+
+    def __init__(
+        self, label: str, source: str, system: str = "", variables: Sequence[Variable] = ()
+    ) -> None:
+        self.label = label
+        self.variables = tuple(variables)
+        self._template = _compile(source, "template")
+        self._system = _compile(system, "system_prompt") if system else None
+
+    def render(
+        self, variables: Mapping[str, str] | None = None, messages: Sequence[Message] = ()
+    ) -> str:
+        """Returns the rendered prompt.
+
+        Args:
+            variables: values by name (checked against the declarations).
+            messages: the chat turns, seen by the template as `messages`.
+
+        Raises:
+            InvalidArgument: `variables.<name>` or `messages[i].role` for bad input;
+                `template` when rendering fails (an unsafe attribute, an undefined
+                name, a bound exceeded).
+        """
+        values = bind_variables(self.variables, variables or {}, self.label)
+        check_messages(messages)
+        token = _BUDGET.set(_Budget())
+        try:
+            system = self._run(self._system, values, "system_prompt") if self._system else ""
+            context = {
+                **values,
+                "system": system,
+                "messages": [{"role": m.role, "content": m.content} for m in messages],
+            }
+            return self._run(self._template, context, "template", len(system))
+        finally:
+            _BUDGET.reset(token)
+
+    def _run(
+        self, template: jinja2.Template, context: Mapping[str, Any], field: str, used: int = 0
+    ) -> str:
+        parts: list[str] = []
+        size = used
+        try:
+            for chunk in template.generate(context):
+                size += len(chunk)
+                if size > MAX_OUTPUT_CHARS:
+                    raise _LimitExceeded(f"the output exceeds {MAX_OUTPUT_CHARS} characters")
+                parts.append(chunk)
+        except jinja2.exceptions.SecurityError as error:
+            raise _violation(field, f"{self.label}: {error}", "TEMPLATE_UNSAFE") from None
+        except _Refused as error:
+            raise _violation(field, f"{self.label}: {error}", error.reason) from None
+        except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as error:
+            # The template's own mistake (or one its inputs trigger): the client's to fix.
+            message = f"{self.label}: {type(error).__name__}: {error}"
+            raise _violation(field, message, "TEMPLATE_RENDER_FAILED") from None
+        return "".join(parts)
+
+
+@functools.lru_cache(maxsize=64)
+def chat_prompt(source: str | None = None, label: str = "chat template") -> Prompt:
+    """Returns the compiled chat template `source` (DEFAULT_CHAT_TEMPLATE when None).
+
+    Chat templates take `messages` and `system` and no variables.
+    """
+    return Prompt(label, DEFAULT_CHAT_TEMPLATE if source is None else source)

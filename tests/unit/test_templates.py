@@ -1,0 +1,291 @@
+"""The prompt-template renderer: variables, bounds, the sandbox, determinism, chat messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.core.errors import InvalidArgument
+from services.inference import templates
+from services.inference.templates import Message, Prompt, Variable, chat_prompt, declare
+from services.router import prompts
+
+
+def _violations(error: pytest.ExceptionInfo[InvalidArgument]) -> dict[str, str]:
+    return {v.field: v.description for v in error.value.violations}
+
+
+def _prompt(source: str, system: str = "", variables: tuple[Variable, ...] = ()) -> Prompt:
+    return Prompt("support@1", source, system, declare(source, system, variables))
+
+
+# --- variables ---------------------------------------------------------------
+
+
+def test_declared_variables_take_defaults_and_undeclared_ones_are_required():
+    prompt = _prompt(
+        "Dear {{ customer }}, {{ tone }}.",
+        variables=(Variable("tone", default="kindly", max_length=16),),
+    )
+    assert [v.name for v in prompt.variables] == ["tone", "customer"]
+    assert prompt.variables[1] == Variable("customer", required=True, max_length=4096)
+    assert prompt.render({"customer": "Ann"}) == "Dear Ann, kindly."
+    assert prompt.render({"customer": "Ann", "tone": "warmly"}) == "Dear Ann, warmly."
+
+
+def test_a_missing_required_variable_is_named():
+    with pytest.raises(InvalidArgument) as error:
+        _prompt("Dear {{ customer }}").render({})
+    assert error.value.reason == "INVALID_VARIABLES"
+    assert _violations(error) == {"variables.customer": "is required by support@1"}
+
+
+def test_a_value_over_its_limit_is_named_with_the_limit():
+    prompt = _prompt("{{ customer }}", variables=(Variable("customer", max_length=8),))
+    assert prompt.render({"customer": "x" * 8}) == "x" * 8
+    with pytest.raises(InvalidArgument) as error:
+        prompt.render({"customer": "x" * 9})
+    assert _violations(error) == {
+        "variables.customer": "is 9 characters; support@1 allows at most 8"
+    }
+
+
+def test_an_unknown_variable_is_refused_and_named():
+    with pytest.raises(InvalidArgument) as error:
+        _prompt("{{ customer }}").render({"customer": "a", "admin": "yes"})
+    assert _violations(error) == {
+        "variables.admin": "is not a variable of support@1 (takes: customer)"
+    }
+
+
+def test_declarations_are_checked():
+    bad = (
+        Variable("1x"),
+        Variable("messages"),
+        Variable("ok", max_length=0),
+        Variable("dup"),
+        Variable("dup"),
+        Variable("req", required=True, default="d"),
+        Variable("long", default="xyz", max_length=2),
+    )
+    with pytest.raises(InvalidArgument) as error:
+        declare("hi", "", bad)
+    assert set(_violations(error)) == {
+        "variables[0].name",
+        "variables[1].name",
+        "variables[2].max_length",
+        "variables[4].name",
+        "variables[5].default_value",
+        "variables[6].default_value",
+    }
+
+
+def test_at_most_32_variables():
+    source = " ".join(f"{{{{ v{i} }}}}" for i in range(33))
+    with pytest.raises(InvalidArgument) as error:
+        declare(source, "", ())
+    assert "variables" in _violations(error)
+    declare(" ".join(f"{{{{ v{i} }}}}" for i in range(32)), "", ())
+
+
+def test_the_source_is_at_most_64_kib():
+    declare("x" * templates.MAX_SOURCE_BYTES, "", ())
+    with pytest.raises(InvalidArgument) as error:
+        declare("x" * (templates.MAX_SOURCE_BYTES + 1), "", ())
+    assert "template" in _violations(error)
+    with pytest.raises(InvalidArgument) as error:
+        declare("x", "é" * (templates.MAX_SOURCE_BYTES // 2 + 1), ())  # bytes, not characters
+    assert "system_prompt" in _violations(error)
+
+
+def test_the_system_prompt_uses_the_variables_and_is_seen_as_system():
+    prompt = _prompt("[{{ system }}] {{ question }}", system="You help {{ customer }}.")
+    rendered = prompt.render({"customer": "Ann", "question": "Why?"})
+    assert rendered == "[You help Ann.] Why?"
+
+
+# --- the sandbox ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ ''.__class__ }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ customer.__class__ }}",
+        "{{ customer['__class__'] }}",
+        "{{ messages.append(1) }}",
+        "{{ self.__init__.__globals__ }}",
+        "{{ customer.format(1) }}",
+        "{{ '{:>999999999}'.format(1) }}",
+        "{{ (1).to_bytes(1000000000, 'big') }}",
+        "{{ self }}",
+        "{{ '%999999999s' % 1 }}",
+    ],
+)
+def test_attribute_tricks_fail_with_a_clear_error(source):
+    prompt = Prompt("support@1", source, variables=[Variable("customer")])
+    with pytest.raises(InvalidArgument) as error:
+        prompt.render({"customer": "Ann"})
+    assert error.value.reason == "TEMPLATE_UNSAFE"
+    (description,) = _violations(error).values()
+    assert description.startswith("support@1: ")
+    assert "Traceback" not in description and ".py" not in description
+
+
+@pytest.mark.parametrize(
+    ("source", "tag"),
+    [
+        ("{% include 'secrets.txt' %}", "{% include %}"),
+        ("{% import 'helpers' as h %}", "{% import %}"),
+        ("{% from 'helpers' import x %}", "{% from ... import %}"),
+        ("{% extends 'base' %}", "{% extends %}"),
+        ("{% macro f(x) %}{{ f(x ~ x) }}{% endmacro %}{{ f('a') }}", "{% macro %}"),
+    ],
+)
+def test_file_access_and_macros_are_refused_when_the_template_is_compiled(source, tag):
+    with pytest.raises(InvalidArgument) as error:
+        declare(source, "", ())
+    assert _violations(error) == {"template": f"line 1: {tag} is not allowed in a prompt template"}
+
+
+def test_a_syntax_error_names_its_line():
+    with pytest.raises(InvalidArgument) as error:
+        declare("ok\n{% for %}", "", ())
+    assert _violations(error)["template"].startswith("line 2: ")
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ 'a' * 1000000000 }}",
+        "{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
+        "{% set x = 'a' * 200000 %}{% set x = x ~ x %}{{ x | length }}",
+        "{% set x = ['a'] * 200000 %}{{ (x + x) | length }}",
+        "{{ range(1000000) | list | length }}",
+        "{% set ns = namespace(x=3) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}"
+        "{% endfor %}{{ ns.x }}",
+        "{{ 2 ** 100000 }}",
+        "{% for i in range(5000) %}{{ 'x' * 100 }}{% endfor %}",
+        "{{ ['x' * 200000, 'y' * 200000] | join }}",
+        "{{ ('x' * 1000) | replace('x', 'y' * 1000) }}",
+    ],
+)
+def test_rendering_is_bounded(source):
+    with pytest.raises(InvalidArgument) as error:
+        Prompt("support@1", source).render()
+    assert error.value.reason == "TEMPLATE_TOO_LARGE", _violations(error)
+
+
+def test_output_up_to_the_limit_renders():
+    limit = templates.MAX_OUTPUT_CHARS
+    assert len(Prompt("t@1", f"{{{{ 'x' * {limit} }}}}").render()) == limit
+    with pytest.raises(InvalidArgument):
+        Prompt("t@1", f"{{{{ 'x' * {limit} }}}}!").render()
+
+
+@pytest.mark.parametrize("name", ["center", "indent", "format", "wordwrap", "batch", "random"])
+def test_filters_that_take_sizes_or_randomness_are_not_available(name):
+    with pytest.raises(InvalidArgument) as error:
+        declare(f"{{{{ 'x' | {name}(1000000000) }}}}", "", ())
+    assert _violations(error) == {"template": f"No filter named '{name}'."}
+
+
+def test_nondeterministic_globals_are_gone_and_undefined_names_fail():
+    for source in ("{{ lipsum() }}", "{{ cycler }}", "{{ joiner() }}"):
+        with pytest.raises(InvalidArgument) as error:
+            Prompt("t@1", source).render()
+        assert error.value.reason == "TEMPLATE_RENDER_FAILED"
+
+
+def test_internal_helper_names_are_reserved():
+    with pytest.raises(InvalidArgument) as error:
+        declare("{% for x in _tm_loop([1]) %}{% endfor %}", "", ())
+    assert "reserved" in _violations(error)["template"]
+
+
+DETERMINISTIC = (
+    "{% set data = {'z': 1, 'a': 2} %}{% set words = w.split() %}"
+    "{% for k, v in data | dictsort %}{{ k }}={{ v }};{% endfor %}"
+    "{{ words | unique | sort | join(',') }}|{{ words | map('upper') | join }}"
+    "|{{ 7 / 3 }}|{{ {'b': 1, 'a': 2} | tojson }}|{{ messages | length }}"
+)
+
+
+def test_rendering_is_deterministic():
+    # Two compilations (two workers), many renders: one text.
+    first, second = (Prompt("t@1", DETERMINISTIC, variables=[Variable("w")]) for _ in range(2))
+    inputs = ({"w": "pear apple pear fig"}, [Message("user", "hi")])
+    results = {p.render(*inputs) for p in (first, second) for _ in range(10)}
+    assert results == {
+        'a=2;z=1;apple,fig,pear|PEARAPPLEPEARFIG|2.3333333333333335|{"a": 2, "b": 1}|1'
+    }
+
+
+# --- chat ----------------------------------------------------------------------
+
+
+def test_the_default_chat_template_renders_roles_and_ends_with_the_assistant_cue():
+    messages = [
+        Message("system", "Be brief."),
+        Message("user", "Hi"),
+        Message("assistant", "Hello."),
+        Message("user", "Why?"),
+    ]
+    assert chat_prompt().render(messages=messages) == (
+        "System: Be brief.\nUser: Hi\nAssistant: Hello.\nUser: Why?\nAssistant:"
+    )
+
+
+def test_a_template_renders_messages_with_variables():
+    prompt = _prompt(
+        "{{ system }}\n{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>\n"
+        "{% endfor %}<assistant>",
+        system="You support {{ product }}.",
+    )
+    rendered = prompt.render({"product": "tokenmesh"}, [Message("user", "Hi {{ product }}")])
+    # Message content is data: it is never evaluated as a template.
+    assert rendered == "You support tokenmesh.\n<user>Hi {{ product }}</user>\n<assistant>"
+
+
+def test_bad_message_roles_are_named():
+    with pytest.raises(InvalidArgument) as error:
+        chat_prompt().render(messages=[Message("user", "a"), Message("root", "b")])
+    assert _violations(error) == {"messages[1].role": "must be one of system, user, assistant"}
+
+
+def test_a_model_version_may_bring_its_own_chat_template():
+    from services.inference.repository import model_chat_template
+
+    card = {"chat_template": "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}"}
+    assert model_chat_template(card, "m", "1").render(messages=[Message("user", "x")]) == (
+        "[user] x"
+    )
+    assert model_chat_template({}, "m", "1").render(messages=[Message("user", "x")]) == (
+        "User: x\nAssistant:"
+    )
+    from services.core.errors import FailedPrecondition
+
+    with pytest.raises(FailedPrecondition, match="config.json chat_template"):
+        model_chat_template({"chat_template": "{% include 'x' %}"}, "m", "1")
+
+
+# --- references ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reference", "parsed"),
+    [
+        ("support@3", ("support", "3")),
+        ("support@stable", ("support", "stable")),
+        ("support", ("support", "")),
+    ],
+)
+def test_references_name_a_version_or_an_alias(reference, parsed):
+    assert prompts.parse_reference(reference) == parsed
+
+
+@pytest.mark.parametrize("reference", ["", "@1", "a/b@1", "support@Stable!", "support@1@2"])
+def test_malformed_references_name_the_field(reference):
+    with pytest.raises(InvalidArgument) as error:
+        prompts.parse_reference(reference)
+    assert set(_violations(error)) == {"template"}
