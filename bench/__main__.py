@@ -160,7 +160,7 @@ def _usage_targets(results: dict[str, Any]) -> list[Target]:
 def _mtls_targets(results: dict[str, Any]) -> list[Target]:
     cost = results["mtls_cost"]
     unary, streams, ratios = cost["unary"], cost["streams"], cost["ratios"]
-    rounds = f"median of {cost['rounds']} interleaved rounds"
+    rounds = f"median of {cost['rounds']} interleaved rounds' ratios"
     mtls_u, plain_u = unary["mtls"], unary["plaintext"]
     mtls_s, plain_s = streams["mtls"], streams["plaintext"]
     return [
