@@ -18,11 +18,16 @@ TOKENMESH_API_KEY).
     tokenmesh models fallback MODEL FALLBACK_MODEL  ("" clears it)
     tokenmesh models alias MODEL ALIAS [VERSION]
     tokenmesh models register MODEL VERSION
+    tokenmesh prompts create NAME --template-file FILE [--system TEXT]
+                             [--variable NAME:MAXLEN[:required]]...
+    tokenmesh prompts list [--json]
+    tokenmesh prompts get NAME[@VERSION|@ALIAS] [--json]
+    tokenmesh prompts alias NAME ALIAS [VERSION]   (no VERSION removes the alias)
     tokenmesh workers list [--json]
     tokenmesh workers drain WORKER_ID
     tokenmesh usage dead-letters [--limit N] [--json]
 
-`models` commands go through the edge (--edge-address, TOKENMESH_EDGE_ADDR),
+`models` and `prompts` commands go through the edge (--edge-address, TOKENMESH_EDGE_ADDR),
 which checks the key's admin scope; `workers` talk to the router
 (--router-address, TOKENMESH_ROUTER_ADDR), which the edge does not expose.
 `usage dead-letters` reads Redis itself ($REDIS_URL, else the local mesh's,
@@ -271,6 +276,83 @@ def models_register(
     _change(stub, args, metadata, "RegisterModelVersion", request)
 
 
+def _prompt_line(template: router_pb2.CatalogPromptTemplate) -> str:
+    aliases = " ".join(f"{a}->{v}" for a, v in sorted(template.aliases.items()))
+    return f"{template.name:<24} latest={template.latest_version}  {aliases}".rstrip()
+
+
+def _variables(specs: Sequence[str]) -> list[router_pb2.PromptVariable]:
+    """Parses --variable NAME:MAXLEN[:required] (MAXLEN empty or 0: the default 4096)."""
+    variables = []
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        max_length, _, flag = rest.partition(":")
+        if (
+            not name
+            or not (max_length == "" or max_length.isdigit())
+            or flag not in ("", "required")
+        ):
+            raise SystemExit(f"tokenmesh: --variable {spec!r} is not NAME:MAXLEN[:required]")
+        variables.append(
+            router_pb2.PromptVariable(
+                name=name, max_length=int(max_length or 0), required=flag == "required"
+            )
+        )
+    return variables
+
+
+def prompts_create(
+    stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]
+) -> None:
+    try:
+        source = Path(args.template_file).read_text()
+    except OSError as error:
+        raise SystemExit(
+            f"tokenmesh: --template-file {args.template_file}: {error.strerror}"
+        ) from None
+    request = router_pb.CreatePromptTemplateRequest(
+        name=args.name,
+        template=source,
+        system_prompt=args.system or "",
+        variables=_variables(args.variable or []),
+    )
+    reply = stub.CreatePromptTemplate(request, metadata=metadata, timeout=TIMEOUT_S)
+    _print(reply.template, args.json, f"created {reply.template.name}@{reply.template.version}")
+
+
+def prompts_list(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
+    reply = stub.ListPromptTemplates(
+        router_pb.ListPromptTemplatesRequest(), metadata=metadata, timeout=TIMEOUT_S
+    )
+    _print(reply, args.json, "\n".join(map(_prompt_line, reply.templates)) or "(no templates)")
+
+
+def prompts_get(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
+    name, _, version = args.reference.partition("@")
+    reply = stub.GetPromptTemplate(
+        router_pb.GetPromptTemplateRequest(name=name, version=version),
+        metadata=metadata,
+        timeout=TIMEOUT_S,
+    )
+    template = reply.template
+    variables = ", ".join(
+        f"{v.name}{'' if v.required else '?'} (<= {v.max_length})" for v in template.variables
+    )
+    text = f"# {template.name}@{template.version}  variables: {variables or 'none'}\n"
+    text += f"# system: {template.system_prompt}\n" if template.system_prompt else ""
+    _print(template, args.json, text + template.template)
+
+
+def prompts_alias(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
+    if args.version is not None and not args.version.isdigit():
+        raise SystemExit(f"tokenmesh: VERSION {args.version!r} is not a version number")
+    request = router_pb.SetPromptTemplateAliasRequest(
+        name=args.name, alias=args.alias, version=int(args.version or 0)
+    )
+    reply = stub.SetPromptTemplateAlias(request, metadata=metadata, timeout=TIMEOUT_S)
+    _print(reply.template, args.json, _prompt_line(reply.template))
+
+
 def _worker_line(worker: router_pb2.Worker) -> str:
     models = " ".join(f"{m.name}:{m.version}" for m in worker.models)
     state = router_pb2.WorkerState.Name(worker.state).removeprefix("WORKER_STATE_").lower()
@@ -357,6 +439,7 @@ def parser() -> argparse.ArgumentParser:
     signing_rotate_cmd.set_defaults(run=signing_rotate)
     subs = [create, listing, revoke, rotate, token_cmd, signing_rotate_cmd]
     subs += _models_parsers(groups)
+    subs += _prompts_parsers(groups)
     subs += _workers_parsers(groups)
     subs += _usage_parsers(groups)
     for sub in subs:
@@ -397,6 +480,34 @@ def _models_parsers(groups: Any) -> list[argparse.ArgumentParser]:
     register.add_argument("version")
     register.set_defaults(run=models_register)
     return [listing, split, pin, deprecate, fallback, alias, register]
+
+
+def _prompts_parsers(groups: Any) -> list[argparse.ArgumentParser]:
+    prompts = groups.add_parser("prompts", help="versioned prompt templates (through the edge)")
+    prompts.set_defaults(target="edge")
+    actions = prompts.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="add a version (1, 2, ...: one more each time)")
+    create.add_argument("name")
+    create.add_argument("--template-file", required=True, help="the Jinja template")
+    create.add_argument("--system", help="the system prompt (may use the variables)")
+    create.add_argument(
+        "--variable",
+        action="append",
+        metavar="NAME:MAXLEN[:required]",
+        help="declare a variable (repeat); undeclared ones the template uses are required",
+    )
+    create.set_defaults(run=prompts_create)
+    listing = actions.add_parser("list", help="templates, newest versions and aliases")
+    listing.set_defaults(run=prompts_list)
+    get = actions.add_parser("get", help="one version: NAME, NAME@VERSION or NAME@ALIAS")
+    get.add_argument("reference", metavar="NAME[@VERSION|@ALIAS]")
+    get.set_defaults(run=prompts_get)
+    alias = actions.add_parser("alias", help="point an alias (stable, canary) at a version")
+    alias.add_argument("name")
+    alias.add_argument("alias")
+    alias.add_argument("version", nargs="?", help="a version number (none removes the alias)")
+    alias.set_defaults(run=prompts_alias)
+    return [create, listing, get, alias]
 
 
 def _workers_parsers(groups: Any) -> list[argparse.ArgumentParser]:
