@@ -38,7 +38,7 @@ async def router(redis_url) -> AsyncIterator[RunningServer]:
 
 
 @pytest.fixture
-async def admin(router) -> AsyncIterator[rpc.RouterServiceAsyncStub]:
+async def admin(router) -> AsyncIterator[_with_metadata]:
     """RouterService as the edge calls it for a caller with the admin scope."""
     async with mtls.aio_channel(router.port, peer="router") as channel:
         yield _with_metadata(rpc.RouterServiceStub(channel), mtls.EDGE_FOR_ADMIN)
