@@ -6,40 +6,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
-from opentelemetry import trace
-from redis.exceptions import RedisError
-
-from gateway import model_routing
-from services.core import contract
-from services.core.errors import (
-    FieldViolation,
-    InvalidArgument,
-    PermissionDenied,
-    ResourceExhausted,
-    TokenmeshError,
-    Unavailable,
-)
+from services.core.errors import TokenmeshError
 from services.core.interceptors import Context, abort_with, request_headers, to_domain_error
-from services.inference import metrics, validation
-from services.inference.budget import Limits, TokenBudgets
+from services.inference import validation
+from services.inference.admission import (
+    Admission,
+    Request,
+    Target,
+    allowed_models,
+    check_model_allowed,
+    route_target,
+    token_usage,
+)
+from services.inference.budget import TokenBudgets
 from services.inference.generation import Delta, GenerationState, stream_deltas
-from services.inference.models import LoadedModel, ModelRegistry
+from services.inference.models import ModelRegistry
 from services.inference.scheduler import PRIORITY_BATCH, PRIORITY_INTERACTIVE, Scheduler, Sequence_
 from services.inference.usage_log import UsageLog
 from tokenmesh.inference.v1 import inference_pb2, inference_service_pb2_grpc
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.type.v1 import types_pb2
 
+__all__ = ["InferenceAdminServicer", "InferenceServicer", "Target", "route_target"]
+
 logger = logging.getLogger(__name__)
-KEY_ID_HEADER = contract.KEY_ID_HEADER
-TENANT_HEADER = contract.TENANT_HEADER
-MODELS_HEADER = contract.MODELS_HEADER
-FALLBACK_FROM_HEADER = "x-tokenmesh-fallback-from"  # the model a fallback answer stands in for
-CHARGE_EVERY_TOKENS = 16  # an unreserved stream is charged in chunks of at least this
 # Prompts up to this many characters are tokenized on the event loop (~40 µs
 # here, less than a hop to a thread and back); longer ones in a thread.
 INLINE_TOKENIZE_CHARS = 256
@@ -48,145 +40,13 @@ _PRIORITIES = {
     inference_pb2.PRIORITY_INTERACTIVE: PRIORITY_INTERACTIVE,
     inference_pb2.PRIORITY_BATCH: PRIORITY_BATCH,
 }
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> types_pb2.TokenUsage:
-    return types_pb2.TokenUsage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )
+_usage = token_usage
 
 
 def _stream_error(error: TokenmeshError) -> inference_pb2.StreamError:
     return inference_pb2.StreamError(
         code=error.code.name, message=error.message, reason=error.reason
     )
-
-
-def allowed_models(headers: Mapping[str, str]) -> frozenset[str] | None:
-    """Returns the models the caller may use (None: any), as the edge vouched."""
-    value = headers.get(MODELS_HEADER, "").strip()
-    return frozenset(m for m in value.split(",") if m) or None
-
-
-def check_model_allowed(headers: Mapping[str, str], model: str) -> None:
-    """Raises PERMISSION_DENIED when the caller's key does not cover `model`."""
-    allowed = allowed_models(headers)
-    if allowed is not None and model not in allowed:
-        raise PermissionDenied(
-            f"this key may not use model {model!r}",
-            reason="MODEL_NOT_ALLOWED",
-            metadata={"model": model},
-        )
-
-
-def _int(value: object) -> int:
-    try:
-        return max(0, int(str(value)))
-    except ValueError:
-        return 0
-
-
-def _trace_id() -> str:
-    context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else ""
-
-
-@dataclass(frozen=True)
-class Target:
-    """Target is the model version a request is served by."""
-
-    model: LoadedModel
-    fallback_from: str = ""  # the requested model, when its fallback serves instead
-    worker_id: str = ""  # this worker, named in a response header for operators
-
-
-def route_target(
-    registry: ModelRegistry, headers: Mapping[str, str], name: str, version: str
-) -> Target:
-    """Picks the version to serve: the edge's routing decision, else the request's own.
-
-    The edge names the version it routed to (weighted split, pin, alias) and
-    the fallback to serve when this worker does not have that version (it
-    was reached through the model's fallback cluster).
-    """
-    routed_model = headers.get(model_routing.ROUTE_MODEL_HEADER, "")
-    routed_version = headers.get(model_routing.ROUTE_VERSION_HEADER, "")
-    if routed_model:
-        if registry.has(routed_model, routed_version):
-            return Target(registry.resolve(routed_model, routed_version))
-        fallback = headers.get(model_routing.FALLBACK_MODEL_HEADER, "")
-        fallback_version = headers.get(model_routing.FALLBACK_VERSION_HEADER, "")
-        if fallback and registry.has(fallback, fallback_version):
-            return Target(registry.resolve(fallback, fallback_version), fallback_from=name)
-        # The edge's endpoints were stale (the version was just unloaded here):
-        # UNAVAILABLE makes Envoy retry on another worker before any byte is sent.
-        raise Unavailable(
-            f"this worker no longer serves {routed_model!r} version {routed_version!r}",
-            retry_after_s=0.1,
-            reason="VERSION_NOT_ON_WORKER",
-        )
-    # Direct calls (no edge), or a version the catalogue does not route.
-    return Target(registry.resolve(name, version or headers.get(model_routing.VERSION_HEADER, "")))
-
-
-class Request:
-    """Request is one validated RPC with its caller, model and usage bookkeeping."""
-
-    def __init__(self, context: Context, target: Target, request_id: str, rpc: str) -> None:
-        headers = request_headers(context)
-        model = target.model
-        check_model_allowed(headers, target.fallback_from or model.name)
-        self.model = model
-        self.fallback_from = target.fallback_from
-        self.worker_id = target.worker_id
-        self.budget_warning = ""  # budgets at >= 80% after this request's reservation
-        self.request_id = request_id or uuid.uuid4().hex
-        self.rpc = rpc
-        self.key_id = headers.get(KEY_ID_HEADER, "")
-        self.tenant = headers.get(TENANT_HEADER, "")
-        self.limits = Limits(
-            tokens_per_minute=_int(headers.get(contract.TPM_HEADER)),
-            monthly_tokens=_int(headers.get(contract.MONTHLY_TOKENS_HEADER)),
-        )
-        self.trace_id = _trace_id()
-        self.started = time.monotonic()
-
-    def model_ref(self) -> types_pb2.ModelRef:
-        """Returns the serving model version as a protobuf message."""
-        return types_pb2.ModelRef(name=self.model.name, version=self.model.version)
-
-    async def send_headers(self, context: Context) -> None:
-        """Sends the request id, serving version (and any fallback) as response headers."""
-        headers = [("x-request-id", self.request_id), ("x-model-version", self.model.version)]
-        if self.worker_id:
-            headers.append(("x-tokenmesh-worker", self.worker_id))
-        if self.budget_warning:
-            headers.append(("x-tokenmesh-budget-warning", self.budget_warning))
-        if self.fallback_from:
-            headers += [
-                ("x-tokenmesh-model", self.model.name),
-                (FALLBACK_FROM_HEADER, self.fallback_from),
-            ]
-        await context.send_initial_metadata(headers)
-
-    def usage_event(
-        self, usage: types_pb2.TokenUsage, finish_reason: str, timing: inference_pb2.Timing | None
-    ) -> inference_pb2.UsageEvent:
-        """Builds the usage record of this request."""
-        return inference_pb2.UsageEvent(
-            request_id=self.request_id,
-            key_id=self.key_id,
-            tenant=self.tenant,
-            model=self.model_ref(),
-            usage=usage,
-            finish_reason=finish_reason,
-            timing=timing,
-            trace_id=self.trace_id,
-            rpc=self.rpc,
-            finish_unix_ms=int(time.time() * 1000),
-        )
 
 
 class Generation(Request):
@@ -209,15 +69,8 @@ class Generation(Request):
         validation.check_context(len(self.prompt_ids), self.params.max_tokens, model.context_length)
         self.state = GenerationState(prompt_tokens=len(self.prompt_ids))
         self.priority = _PRIORITIES.get(request.priority, PRIORITY_INTERACTIVE)
-        self.reserved_tokens = 0  # held in the caller's token budget until completion
-        # Admitted while budgets were unreachable: charged as it goes, once they are back.
-        self.unmetered = False
-        self.charged_tokens = 0
-
-    @property
-    def needed_tokens(self) -> int:
-        """Returns the most this request can use: prompt + max_tokens."""
-        return len(self.prompt_ids) + self.params.max_tokens
+        # The most this request can use, held in the caller's token budget until completion.
+        self.needed_tokens = len(self.prompt_ids) + self.params.max_tokens
 
     def submit(self, timeout_s: float | None) -> None:
         """Queues the request in its model version's scheduler."""
@@ -265,7 +118,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self.registry = registry
         self.usage_log = usage_log
         self.budgets = budgets
-        self._background: set[asyncio.Task[None]] = set()
+        self.admission = Admission(registry, usage_log, budgets, worker_id)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
@@ -290,19 +143,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     def _resolve(self, context: Context, name: str, version: str, *, generative: bool) -> Target:
         """Returns the model version to serve; refuses work the usage spool cannot meter."""
-        self.usage_log.check_capacity()
-        target = replace(
-            route_target(self.registry, request_headers(context), name, version),
-            worker_id=self.worker_id,
-        )
-        model = target.model
-        if (model.scheduler if generative else model.embedder) is None:
-            kind = "a generative" if generative else "an embedding"
-            raise InvalidArgument(
-                [FieldViolation("model", f"{name!r} is not {kind} model")],
-                reason="MODEL_KIND_MISMATCH",
-            )
-        return target
+        return self.admission.resolve(context, name, version, generative=generative)
 
     async def _admit(
         self, context: Context, request: validation.GenerationRequest, rpc: str
@@ -323,65 +164,16 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     async def _reserve(self, generation: Generation) -> None:
         """Reserves prompt + max_tokens in the caller's token budget, before any compute."""
-        if not (generation.key_id and generation.limits.any):
-            return
-        try:
-            generation.budget_warning = await self.budgets.reserve(
-                generation.key_id,
-                generation.limits,
-                generation.request_id,
-                generation.needed_tokens,
-            )
-        except RedisError as exc:  # budgets fail open, like request limits
-            logger.warning("token budgets unavailable (%s); admitting", type(exc).__name__)
-            generation.unmetered = True
-            return
-        generation.reserved_tokens = generation.needed_tokens
+        await self.admission.reserve(generation)
 
     async def _within_budget(self, generation: Generation, sent_tokens: int) -> bool:
-        """Charges an unreserved stream for what it sent so far; False once the budget is out.
-
-        Only a stream admitted while Redis was unreachable gets here (every
-        other stream reserved prompt + max_tokens up front and cannot run out).
-        """
-        if not generation.unmetered:
-            return True
-        due = generation.state.prompt_tokens + sent_tokens - generation.charged_tokens
-        if due < CHARGE_EVERY_TOKENS:
-            return True
-        try:
-            await self.budgets.reserve(
-                generation.key_id,
-                generation.limits,
-                f"{generation.request_id}:{generation.charged_tokens}",
-                due,
-            )
-        except ResourceExhausted:
-            return False
-        except RedisError:
-            return True  # still unreachable: still open
-        generation.charged_tokens += due
-        return True
+        """Charges an unreserved stream for what it sent so far; False once the budget is out."""
+        used = generation.state.prompt_tokens + sent_tokens
+        return await self.admission.within_budget(generation, used)
 
     def _record(self, generation: Generation, finish_reason: str) -> None:
-        labels = (generation.model.name, generation.model.version)
-        metrics.REQUESTS.labels(*labels, finish_reason).inc()
-        metrics.REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - generation.started)
         event = generation.usage_event(generation.usage(), finish_reason, generation.timing())
-        self.usage_log.append(event)
-        if generation.reserved_tokens:
-            used = generation.state.prompt_tokens + generation.state.completion_tokens
-            task = asyncio.create_task(self._reconcile(generation, used))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-    async def _reconcile(self, generation: Generation, used: int) -> None:
-        try:
-            await self.budgets.reconcile(
-                generation.key_id, generation.request_id, generation.reserved_tokens, used
-            )
-        except RedisError as exc:  # the reservation stands: conservative, never over budget
-            logger.warning("token budget reconcile failed (%s)", type(exc).__name__)
+        self.admission.record(generation, event)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Context

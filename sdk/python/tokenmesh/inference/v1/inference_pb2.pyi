@@ -284,6 +284,26 @@ class UsageEvent(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
@@ -294,6 +314,8 @@ class UsageEvent(_message.Message):
     TRACE_ID_FIELD_NUMBER: _builtins.int
     RPC_FIELD_NUMBER: _builtins.int
     FINISH_UNIX_MS_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    API_VERSION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """request_id identifies the request; consumers deduplicate on it."""
     key_id: _builtins.str
@@ -308,6 +330,10 @@ class UsageEvent(_message.Message):
     """rpc is the full RPC name, e.g. "/tokenmesh.inference.v1.InferenceService/Generate"."""
     finish_unix_ms: _builtins.int
     """finish_unix_ms is when the request finished, in Unix milliseconds."""
+    api_version: _builtins.str
+    """api_version is the inference API version the request was made in: "v1"
+    or "v2". Empty in events written before it existed (read as "v1").
+    """
     @_builtins.property
     def model(self) -> _types_pb2.ModelRef:
         """model is the model version that served the request."""
@@ -319,6 +345,13 @@ class UsageEvent(_message.Message):
     @_builtins.property
     def timing(self) -> Global___Timing:
         """timing reports latencies."""
+
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """metadata are the request's tags (inference v2 `metadata`: at most 16;
+        keys 1-64 characters of [A-Za-z0-9_.-], values at most 256 characters),
+        for usage reports grouped by tag. Empty for v1 requests.
+        """
 
     def __init__(
         self,
@@ -333,10 +366,12 @@ class UsageEvent(_message.Message):
         trace_id: _builtins.str = ...,
         rpc: _builtins.str = ...,
         finish_unix_ms: _builtins.int = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        api_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "finish_unix_ms", b"finish_unix_ms", "key_id", b"key_id", "model", b"model", "request_id", b"request_id", "rpc", b"rpc", "tenant", b"tenant", "timing", b"timing", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "finish_reason", b"finish_reason", "finish_unix_ms", b"finish_unix_ms", "key_id", b"key_id", "metadata", b"metadata", "model", b"model", "request_id", b"request_id", "rpc", b"rpc", "tenant", b"tenant", "timing", b"timing", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

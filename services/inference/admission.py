@@ -1,0 +1,310 @@
+"""What every inference API version does around the model: routing, callers, budgets, usage.
+
+Shared by the v1 and v2 servicers (services.inference.servicer,
+services.inference.v2.servicer), so both versions pick the same model
+version for the same headers, hold the same token budgets and write the same
+usage events (one per request, tagged with the API version).
+
+`Admission` is the worker's side of a request's life: `resolve` picks the
+model version, `reserve` holds prompt + max_tokens in the caller's budget
+before any compute, `within_budget` charges a stream admitted while budgets
+were unreachable, and `record` writes the usage event and reconciles the
+reservation with what was used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from opentelemetry import trace
+from redis.exceptions import RedisError
+
+from gateway import model_routing
+from services.core import contract
+from services.core.errors import (
+    FieldViolation,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
+from services.core.interceptors import Context, request_headers
+from services.inference import metrics
+from services.inference.budget import Limits, TokenBudgets
+from services.inference.models import LoadedModel, ModelRegistry
+from services.inference.usage_log import UsageLog
+from tokenmesh.inference.v1 import inference_pb2
+from tokenmesh.type.v1 import types_pb2
+
+logger = logging.getLogger(__name__)
+KEY_ID_HEADER = contract.KEY_ID_HEADER
+TENANT_HEADER = contract.TENANT_HEADER
+MODELS_HEADER = contract.MODELS_HEADER
+FALLBACK_FROM_HEADER = "x-tokenmesh-fallback-from"  # the model a fallback answer stands in for
+CHARGE_EVERY_TOKENS = 16  # an unreserved stream is charged in chunks of at least this
+
+
+def token_usage(prompt_tokens: int, completion_tokens: int) -> types_pb2.TokenUsage:
+    """Returns a TokenUsage with its total."""
+    return types_pb2.TokenUsage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def allowed_models(headers: Mapping[str, str]) -> frozenset[str] | None:
+    """Returns the models the caller may use (None: any), as the edge vouched."""
+    value = headers.get(MODELS_HEADER, "").strip()
+    return frozenset(m for m in value.split(",") if m) or None
+
+
+def check_model_allowed(headers: Mapping[str, str], model: str) -> None:
+    """Raises PERMISSION_DENIED when the caller's key does not cover `model`."""
+    allowed = allowed_models(headers)
+    if allowed is not None and model not in allowed:
+        raise PermissionDenied(
+            f"this key may not use model {model!r}",
+            reason="MODEL_NOT_ALLOWED",
+            metadata={"model": model},
+        )
+
+
+def _int(value: object) -> int:
+    try:
+        return max(0, int(str(value)))
+    except ValueError:
+        return 0
+
+
+def _trace_id() -> str:
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else ""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Target is the model version a request is served by."""
+
+    model: LoadedModel
+    fallback_from: str = ""  # the requested model, when its fallback serves instead
+    worker_id: str = ""  # this worker, named in a response header for operators
+
+
+def route_target(
+    registry: ModelRegistry, headers: Mapping[str, str], name: str, version: str
+) -> Target:
+    """Picks the version to serve: the edge's routing decision, else the request's own.
+
+    The edge names the version it routed to (weighted split, pin, alias) and
+    the fallback to serve when this worker does not have that version (it
+    was reached through the model's fallback cluster).
+    """
+    routed_model = headers.get(model_routing.ROUTE_MODEL_HEADER, "")
+    routed_version = headers.get(model_routing.ROUTE_VERSION_HEADER, "")
+    if routed_model:
+        if registry.has(routed_model, routed_version):
+            return Target(registry.resolve(routed_model, routed_version))
+        fallback = headers.get(model_routing.FALLBACK_MODEL_HEADER, "")
+        fallback_version = headers.get(model_routing.FALLBACK_VERSION_HEADER, "")
+        if fallback and registry.has(fallback, fallback_version):
+            return Target(registry.resolve(fallback, fallback_version), fallback_from=name)
+        # The edge's endpoints were stale (the version was just unloaded here):
+        # UNAVAILABLE makes Envoy retry on another worker before any byte is sent.
+        raise Unavailable(
+            f"this worker no longer serves {routed_model!r} version {routed_version!r}",
+            retry_after_s=0.1,
+            reason="VERSION_NOT_ON_WORKER",
+        )
+    # Direct calls (no edge), or a version the catalogue does not route.
+    return Target(registry.resolve(name, version or headers.get(model_routing.VERSION_HEADER, "")))
+
+
+class Request:
+    """Request is one validated RPC with its caller, model and usage bookkeeping.
+
+    Args:
+        context: the RPC's context (the edge's identity headers).
+        target: the model version that serves it.
+        request_id: the client's id; generated when empty.
+        rpc: the full RPC name, recorded in the usage event.
+        api_version: "v1" or "v2", recorded in the usage event.
+        metadata: the request's usage tags (v2).
+    """
+
+    def __init__(
+        self,
+        context: Context,
+        target: Target,
+        request_id: str,
+        rpc: str,
+        api_version: str = "v1",
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        headers = request_headers(context)
+        model = target.model
+        check_model_allowed(headers, target.fallback_from or model.name)
+        self.model = model
+        self.fallback_from = target.fallback_from
+        self.worker_id = target.worker_id
+        self.budget_warning = ""  # budgets at >= 80% after this request's reservation
+        self.request_id = request_id or uuid.uuid4().hex
+        self.rpc = rpc
+        self.api_version = api_version
+        self.metadata = dict(metadata or {})
+        self.key_id = headers.get(KEY_ID_HEADER, "")
+        self.tenant = headers.get(TENANT_HEADER, "")
+        self.limits = Limits(
+            tokens_per_minute=_int(headers.get(contract.TPM_HEADER)),
+            monthly_tokens=_int(headers.get(contract.MONTHLY_TOKENS_HEADER)),
+        )
+        self.trace_id = _trace_id()
+        self.started = time.monotonic()
+        # Token budgets (see Admission): what admission reserved for this request,
+        # whether it runs unmetered (admitted while budgets were unreachable:
+        # charged as it goes, once they are back) and what that charged so far.
+        self.needed_tokens = 0
+        self.reserved_tokens = 0
+        self.unmetered = False
+        self.charged_tokens = 0
+
+    def model_ref(self) -> types_pb2.ModelRef:
+        """Returns the serving model version as a protobuf message."""
+        return types_pb2.ModelRef(name=self.model.name, version=self.model.version)
+
+    async def send_headers(self, context: Context) -> None:
+        """Sends the request id, serving version (and any fallback) as response headers."""
+        headers = [("x-request-id", self.request_id), ("x-model-version", self.model.version)]
+        if self.worker_id:
+            headers.append(("x-tokenmesh-worker", self.worker_id))
+        if self.budget_warning:
+            headers.append(("x-tokenmesh-budget-warning", self.budget_warning))
+        if self.fallback_from:
+            headers += [
+                ("x-tokenmesh-model", self.model.name),
+                (FALLBACK_FROM_HEADER, self.fallback_from),
+            ]
+        await context.send_initial_metadata(headers)
+
+    def usage_event(
+        self, usage: types_pb2.TokenUsage, finish_reason: str, timing: inference_pb2.Timing | None
+    ) -> inference_pb2.UsageEvent:
+        """Builds the usage record of this request."""
+        return inference_pb2.UsageEvent(
+            request_id=self.request_id,
+            key_id=self.key_id,
+            tenant=self.tenant,
+            model=self.model_ref(),
+            usage=usage,
+            finish_reason=finish_reason,
+            timing=timing,
+            trace_id=self.trace_id,
+            rpc=self.rpc,
+            finish_unix_ms=int(time.time() * 1000),
+            metadata=self.metadata,
+            api_version=self.api_version,
+        )
+
+
+class Admission:
+    """Admission resolves, budgets and records requests for every API version.
+
+    Args:
+        registry: the loaded model versions.
+        usage_log: where every finished request's usage is recorded.
+        budgets: the callers' token budgets (reserved at admission).
+        worker_id: this worker's id, sent in the `x-tokenmesh-worker` response header.
+    """
+
+    def __init__(
+        self, registry: ModelRegistry, usage_log: UsageLog, budgets: TokenBudgets, worker_id: str
+    ) -> None:
+        self.registry = registry
+        self.usage_log = usage_log
+        self.budgets = budgets
+        self.worker_id = worker_id
+        self._background: set[asyncio.Task[None]] = set()
+
+    def resolve(self, context: Context, name: str, version: str, *, generative: bool) -> Target:
+        """Returns the model version to serve; refuses work the usage spool cannot meter."""
+        self.usage_log.check_capacity()
+        target = replace(
+            route_target(self.registry, request_headers(context), name, version),
+            worker_id=self.worker_id,
+        )
+        model = target.model
+        if (model.scheduler if generative else model.embedder) is None:
+            kind = "a generative" if generative else "an embedding"
+            raise InvalidArgument(
+                [FieldViolation("model", f"{name!r} is not {kind} model")],
+                reason="MODEL_KIND_MISMATCH",
+            )
+        return target
+
+    async def reserve(self, request: Request) -> None:
+        """Reserves `request.needed_tokens` in the caller's token budget, before any compute."""
+        if not (request.key_id and request.limits.any):
+            return
+        try:
+            request.budget_warning = await self.budgets.reserve(
+                request.key_id, request.limits, request.request_id, request.needed_tokens
+            )
+        except RedisError as exc:  # budgets fail open, like request limits
+            logger.warning("token budgets unavailable (%s); admitting", type(exc).__name__)
+            request.unmetered = True
+            return
+        request.reserved_tokens = request.needed_tokens
+
+    async def within_budget(self, request: Request, used_tokens: int) -> bool:
+        """Charges an unreserved stream for what it used so far; False once the budget is out.
+
+        Only a stream admitted while Redis was unreachable gets here (every
+        other stream reserved prompt + max_tokens up front and cannot run out).
+
+        Args:
+            request: the request.
+            used_tokens: its prompt tokens plus the completion tokens it sent so far.
+        """
+        if not request.unmetered:
+            return True
+        due = used_tokens - request.charged_tokens
+        if due < CHARGE_EVERY_TOKENS:
+            return True
+        try:
+            await self.budgets.reserve(
+                request.key_id,
+                request.limits,
+                f"{request.request_id}:{request.charged_tokens}",
+                due,
+            )
+        except ResourceExhausted:
+            return False
+        except RedisError:
+            return True  # still unreachable: still open
+        request.charged_tokens += due
+        return True
+
+    def record(self, request: Request, event: inference_pb2.UsageEvent) -> None:
+        """Counts a finished request, appends its usage event and reconciles its reservation."""
+        labels = (request.model.name, request.model.version)
+        metrics.REQUESTS.labels(*labels, event.finish_reason).inc()
+        metrics.REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - request.started)
+        self.usage_log.append(event)
+        if request.reserved_tokens:
+            used = event.usage.prompt_tokens + event.usage.completion_tokens
+            task = asyncio.create_task(self._reconcile(request, used))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _reconcile(self, request: Request, used: int) -> None:
+        try:
+            await self.budgets.reconcile(
+                request.key_id, request.request_id, request.reserved_tokens, used
+            )
+        except RedisError as exc:  # the reservation stands: conservative, never over budget
+            logger.warning("token budget reconcile failed (%s)", type(exc).__name__)
