@@ -1,8 +1,9 @@
 """The worker's prompt-template cache: no Redis read on a request's path once warm.
 
-`TemplateCache.get(name, selector)` returns a `PromptTemplate` (compiled on
-first render). A version number names an immutable version, cached for as
-long as it stays among the `max_versions` most recently used. An alias (or
+`TemplateCache.get(name, selector)` returns a `PromptTemplate`, compiled
+(in a thread) when it was fetched, so rendering it is all a request does. A
+version number names an immutable version, cached for as long as it stays
+among the `max_versions` most recently used. An alias (or
 "latest", or no selector) goes through the template's head, which a
 supervised background task re-reads every `refresh_s` (0.5 s) for every
 template used in the last `idle_s`, in one HMGET, and whose versions it
@@ -172,6 +173,8 @@ class TemplateCache:
             raise
         except _REDIS_DOWN:
             raise Unavailable("prompt templates are unavailable; retry shortly") from None
+        # Compiling takes up to ~1 s for a 64 KiB template: once per version, off the loop.
+        await asyncio.to_thread(lambda: template.prompt)
         self._missing.pop(key, None)
         self._versions[key] = template
         while len(self._versions) > self.max_versions:
