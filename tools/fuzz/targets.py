@@ -1,0 +1,103 @@
+"""What the fuzzer attacks: every public RPC (from the edge's contract) and its REST route."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import Descriptor, MethodDescriptor
+
+from gateway.edge_auth import PUBLIC, RPC_SCOPES
+
+# The generated modules that put the public services into the default pool.
+SERVICE_MODULES = (
+    "tokenmesh.auth.v1.auth_service_pb2",
+    "tokenmesh.inference.v1.inference_service_pb2",
+    "tokenmesh.router.v1.router_service_pb2",
+    "tokenmesh.usage.v1.usage_service_pb2",
+    "grpc_health.v1.health_pb2",  # grpc.health.v1.Health/Check, answered at the edge
+)
+# RPCs that change state the other cases read (run them last, so that a
+# pinned, deprecated or re-split model does not hide the read paths).
+_WRITE_VERB = re.compile(r"^(Create|Revoke|Rotate|Register|Set|Pin|Deprecate)")
+# RPCs that run a model: they may legitimately take long, so a client deadline is no hang.
+WORK_RPCS = frozenset({"Generate", "Complete", "Embed"})
+_HTTP_VERBS = ("get", "put", "post", "delete", "patch")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Route is an RPC's REST binding (google.api.http)."""
+
+    method: str  # GET, POST, ...
+    template: str  # /v1/models/{model}:generate
+    body: str  # "*" or "" (no body: fields travel as query parameters)
+
+    def variables(self) -> list[str]:
+        """Returns the path template's variable names, in order."""
+        return re.findall(r"{([^}=]+)", self.template)
+
+
+@dataclass(frozen=True)
+class Rpc:
+    """Rpc is one public RPC as the edge exposes it."""
+
+    path: str  # /tokenmesh.inference.v1.InferenceService/Generate
+    scope: str  # the scope the edge requires (PUBLIC: none)
+    method: MethodDescriptor
+    route: Route | None
+
+    @property
+    def name(self) -> str:
+        """Returns the method's short name (Generate)."""
+        return self.path.rsplit("/", 1)[1]
+
+    @property
+    def input(self) -> Descriptor:
+        """Returns the request message's descriptor."""
+        return self.method.input_type
+
+    @property
+    def server_streaming(self) -> bool:
+        """Tells whether the RPC streams its responses."""
+        return bool(self.method.server_streaming)
+
+    @property
+    def public(self) -> bool:
+        """Tells whether the edge serves it without credentials."""
+        return self.scope == PUBLIC
+
+    @property
+    def writes(self) -> bool:
+        """Tells whether the RPC changes shared state (catalogue, keys)."""
+        return bool(_WRITE_VERB.match(self.name))
+
+
+def _route(method: MethodDescriptor) -> Route | None:
+    rule = method.GetOptions().Extensions[annotations_pb2.http]
+    for verb in _HTTP_VERBS:
+        template = getattr(rule, verb)
+        if template:
+            return Route(verb.upper(), template, rule.body)
+    return None
+
+
+def public_rpcs() -> list[Rpc]:
+    """Returns every RPC in the edge's RPC_SCOPES, reads first and writes last."""
+    for module in SERVICE_MODULES:
+        importlib.import_module(module)
+    pool = descriptor_pool.Default()
+    rpcs = []
+    for path, scope in RPC_SCOPES.items():
+        service, name = path.lstrip("/").split("/")
+        try:
+            method = pool.FindServiceByName(service).methods_by_name[name]
+        except KeyError as missing:
+            raise LookupError(
+                f"{path}: no descriptor; add its module to SERVICE_MODULES"
+            ) from missing
+        rpcs.append(Rpc(path, scope, method, _route(method)))
+    return sorted(rpcs, key=lambda r: r.writes)
