@@ -70,6 +70,16 @@ local function model_fields(s)
   return model, version, head
 end
 
+-- Tells whether a model or version may travel in a header: a name's
+-- characters ([A-Za-z0-9._-]) and length only. Anything else (control
+-- characters, which Envoy refuses in headers with a 503, spaces, a huge
+-- field) is left out of the headers: the request then takes the default
+-- inference route and the worker rejects the field with INVALID_ARGUMENT.
+local function header_safe(value, max_length)
+  return value ~= nil and #value >= 1 and #value <= max_length
+    and value:match("^[%w._-]+$") ~= nil
+end
+
 local function hex(s)
   return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
 end
@@ -90,7 +100,9 @@ function envoy_on_request(handle)
   local model, version, head = model_fields(body:getBytes(0, body:length()))
   -- Header objects do not survive the body() yield: fetch them again.
   local headers = handle:headers()
-  if model ~= nil and model ~= "" then headers:replace("x-tokenmesh-model", model) end
+  if not header_safe(model, 128) then model = nil end
+  if not header_safe(version, 64) then version = nil end
+  if model ~= nil then headers:replace("x-tokenmesh-model", model) end
   if head ~= nil and head ~= "" and GENERATION[headers:get(":path")] then
     headers:replace("x-tokenmesh-prefix", hex(head))
   end
