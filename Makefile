@@ -114,6 +114,17 @@ bench: setup ## Run the benchmarks and write bench/results/<timestamp>/.
 chaos: setup ## Kill -9 and restart each part of a mesh under load; write the fault table (docs/reliability.md).
 	$(PY) -m bench.chaos --write
 
+.PHONY: fuzz
+fuzz: setup ## Hostile input, longer than CI's run (TOKENMESH_FUZZ_EXAMPLES per RPC and route, new seeds); writes $(TOKENMESH_STATE_DIR)/fuzz-report.md.
+	mkdir -p $(TOKENMESH_STATE_DIR)
+	TOKENMESH_FUZZ_EXAMPLES=$${TOKENMESH_FUZZ_EXAMPLES:-300} TOKENMESH_FUZZ_RANDOM=1 \
+	  TOKENMESH_FUZZ_REPORT=$(TOKENMESH_STATE_DIR)/fuzz-report.md \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/e2e/test_hostile_input.py
+
+.PHONY: soak
+soak: setup ## Mixed load for minutes (SOAK_SECONDS, default 300) on a mesh of its own; RSS and fds of every process, 0 errors.
+	$(PY) -m tools.soak --seconds $${SOAK_SECONDS:-300}
+
 .PHONY: ci
 ci: lint test ## What CI runs.
 
