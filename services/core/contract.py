@@ -40,6 +40,13 @@ REQUEST_ID_RULE = "1-128 characters of [A-Za-z0-9._:-]"
 MODEL_ALIAS = re.compile(r"^[a-z0-9-]{1,32}$")
 MODEL_ALIAS_RULE = "1-32 characters of [a-z0-9-]"
 
+#: METADATA_KEY: a request's usage tag key (inference v2 `metadata`), also what
+#: usage reports group by (`group_by=tag:<key>`).
+METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+METADATA_KEY_RULE = "1-64 characters of [A-Za-z0-9_.-]"
+MAX_METADATA_ENTRIES = 16
+MAX_METADATA_VALUE_CHARS = 256
+
 # NOTE: match only through the is_* helpers below. They use `fullmatch`:
 # `re.match` with a trailing `$` also accepts the value followed by "\n".
 
@@ -62,6 +69,11 @@ def is_tenant(value: str) -> bool:
 def is_model_alias(value: str) -> bool:
     """Tells whether `value` is a valid model alias."""
     return MODEL_ALIAS.fullmatch(value) is not None
+
+
+def is_metadata_key(value: str) -> bool:
+    """Tells whether `value` is a valid usage tag key."""
+    return METADATA_KEY.fullmatch(value) is not None
 
 
 def is_worker_id(value: str) -> bool:
@@ -168,6 +180,7 @@ CALLER_RULES: dict[str, CallerRule] = {
     # The auth service checks API keys itself, so the operator CLI may call it.
     "/tokenmesh.auth.v1.AuthService/": _rule(EDGE, OPERATOR),
     "/tokenmesh.inference.v1.InferenceService/": _rule(EDGE),
+    "/tokenmesh.inference.v2.InferenceService/": _rule(EDGE),
     "/tokenmesh.router.v1.RouterService/": _rule(EDGE, OPERATOR),
     "/tokenmesh.usage.v1.UsageService/": _rule(EDGE),
     # The edge's own callouts and its control plane.

@@ -51,6 +51,26 @@ class Embedder:
             raise InvalidArgument(violations, reason="INPUT_TOO_LONG")
         return encoded
 
+    def tokenize_truncated(self, inputs: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Returns token ids per input cut to max_input_tokens, and which inputs were cut.
+
+        A cut input keeps its first tokens and the tokenizer's closing special
+        token (BERT's [SEP]), which the model expects last.
+        """
+        closing = self._closing_tokens()
+        keep = self.max_input_tokens - len(closing)
+        encoded, cut = [], []
+        for ids in self.tokenizer.encode_batch(inputs):
+            too_long = len(ids) > self.max_input_tokens
+            encoded.append([*ids[:keep], *closing] if too_long else ids)
+            cut.append(too_long)
+        return encoded, cut
+
+    def _closing_tokens(self) -> list[int]:
+        """Returns the special tokens the tokenizer ends every input with (none, or [SEP])."""
+        specials = self.tokenizer.encode("")
+        return specials[1:] if len(specials) >= 2 else []
+
     async def embed(self, encoded: Sequence[Sequence[int]]) -> np.ndarray:
         """Returns [len(encoded), dims] unit vectors, computed in chunks off the loop."""
         loop = asyncio.get_running_loop()

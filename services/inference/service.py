@@ -32,8 +32,10 @@ from services.inference.scheduler import SchedulerLimits
 from services.inference.servicer import InferenceAdminServicer, InferenceServicer
 from services.inference.template_cache import TemplateCache
 from services.inference.usage_log import UsageLog
+from services.inference.v2 import servicer as v2
 from services.router.prompts import PromptCatalog
 from tokenmesh.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
+from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_grpc
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -185,6 +187,11 @@ def _split(entry: str) -> tuple[str, str]:
     return name.strip(), version.strip()
 
 
+def _model_health_names(name: str, version: str) -> list[str]:
+    """Returns the health names of one model version: the edge checks v1's; v2's is alike."""
+    return [model_health_name(name, version), f"{v2.SERVICE_NAME}/{name}/{version}"]
+
+
 class InferenceService(Service):
     """InferenceService serves the model versions of one worker."""
 
@@ -216,18 +223,18 @@ class InferenceService(Service):
         self.registration: Registration | None = None
 
     def service_names(self) -> Sequence[str]:
-        return [SERVICE_NAME, ADMIN_SERVICE_NAME]
+        return [SERVICE_NAME, v2.SERVICE_NAME, ADMIN_SERVICE_NAME]
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(
-                self.registry,
-                self.usage_log,
-                TokenBudgets(self.redis),
-                worker_id=self.settings.worker_id,
-            ),
-            server,
+        v1 = InferenceServicer(
+            self.registry,
+            self.usage_log,
+            TokenBudgets(self.redis),
+            worker_id=self.settings.worker_id,
         )
+        inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(v1, server)
+        # v2 shares v1's routing, budgets and usage recording (one Admission).
+        v2_grpc.add_InferenceServiceServicer_to_server(v2.InferenceServicer(v1.admission), server)
         inference_service_pb2_grpc.add_InferenceAdminServiceServicer_to_server(
             InferenceAdminServicer(self.registry, self.load, self.unload), server
         )
@@ -275,7 +282,7 @@ class InferenceService(Service):
         self.registry.add(model)
         if self._running is not None:
             await self._running.set_serving(
-                [model_health_name(model.name, model.version)], serving=True
+                _model_health_names(model.name, model.version), serving=True
             )
         logger.info("model %s version %s ready (%s)", model.name, model.version, model.engine_name)
 
@@ -283,7 +290,7 @@ class InferenceService(Service):
         """Stops admitting a version, lets its requests finish, frees it."""
         model = self.registry.resolve(name, version)
         if self._running is not None:
-            await self._running.set_serving([model_health_name(name, version)], serving=False)
+            await self._running.set_serving(_model_health_names(name, version), serving=False)
         await model.stop(self.settings.grace_s)
         self.registry.remove(name, version)
         logger.info("model %s version %s unloaded", name, version)

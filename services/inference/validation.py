@@ -27,7 +27,8 @@ MAX_PAGE_SIZE = 1000
 GenerationRequest = pb.GenerateRequest | pb.CompleteRequest
 
 
-def _check_model(model: str, version: str, out: list[FieldViolation]) -> None:
+def check_model(model: str, version: str, out: list[FieldViolation]) -> None:
+    """Adds a violation per problem with a request's model and version."""
     if not model:
         out.append(FieldViolation("model", "is required"))
     elif not contract.is_model_name(model):
@@ -36,7 +37,8 @@ def _check_model(model: str, version: str, out: list[FieldViolation]) -> None:
         out.append(FieldViolation("version", f"must be {contract.MODEL_VERSION_RULE}"))
 
 
-def _check_request_id(request_id: str, out: list[FieldViolation]) -> None:
+def check_request_id(request_id: str, out: list[FieldViolation]) -> None:
+    """Adds a violation when a request id breaks the contract's rule."""
     if request_id and not contract.is_request_id(request_id):
         out.append(FieldViolation("request_id", f"must be {contract.REQUEST_ID_RULE}"))
 
@@ -52,27 +54,28 @@ def _check_sampling(request: GenerationRequest, out: list[FieldViolation]) -> No
         out.append(FieldViolation("top_p", "must be greater than 0 and at most 1"))
     if request.HasField("top_k") and not 0 <= request.top_k <= MAX_TOP_K:
         out.append(FieldViolation("top_k", f"must be between 0 and {MAX_TOP_K}"))
-    _check_stop(request.stop, out)
+    check_stop(request.stop, out)
 
 
-def _check_stop(stop: Sequence[str], out: list[FieldViolation]) -> None:
+def check_stop(stop: Sequence[str], out: list[FieldViolation], field: str = "stop") -> None:
+    """Adds a violation per problem with the stop sequences in `field`."""
     if len(stop) > MAX_STOP_SEQUENCES:
-        out.append(FieldViolation("stop", f"must have at most {MAX_STOP_SEQUENCES} entries"))
+        out.append(FieldViolation(field, f"must have at most {MAX_STOP_SEQUENCES} entries"))
     for i, sequence in enumerate(stop):
         if not 1 <= len(sequence) <= MAX_STOP_CHARS:
-            out.append(FieldViolation(f"stop[{i}]", f"must be 1-{MAX_STOP_CHARS} characters"))
+            out.append(FieldViolation(f"{field}[{i}]", f"must be 1-{MAX_STOP_CHARS} characters"))
 
 
 def validate_generation(request: GenerationRequest) -> None:
     """Raises InvalidArgument unless a Generate/Complete request is well-formed."""
     out: list[FieldViolation] = []
-    _check_model(request.model, request.version, out)
+    check_model(request.model, request.version, out)
     if not request.prompt:
         out.append(FieldViolation("prompt", "is required"))
     elif len(request.prompt) > MAX_PROMPT_CHARS:
         out.append(FieldViolation("prompt", f"must be at most {MAX_PROMPT_CHARS} characters"))
     _check_sampling(request, out)
-    _check_request_id(request.request_id, out)
+    check_request_id(request.request_id, out)
     if out:
         raise InvalidArgument(out)
 
@@ -80,7 +83,7 @@ def validate_generation(request: GenerationRequest) -> None:
 def validate_embed(request: pb.EmbedRequest) -> None:
     """Raises InvalidArgument unless an Embed request is well-formed."""
     out: list[FieldViolation] = []
-    _check_model(request.model, request.version, out)
+    check_model(request.model, request.version, out)
     if not request.inputs:
         out.append(FieldViolation("inputs", "must have at least one entry"))
     elif len(request.inputs) > MAX_EMBED_INPUTS:
@@ -90,7 +93,7 @@ def validate_embed(request: pb.EmbedRequest) -> None:
             out.append(
                 FieldViolation(f"inputs[{i}]", f"must be 1-{MAX_EMBED_INPUT_CHARS} characters")
             )
-    _check_request_id(request.request_id, out)
+    check_request_id(request.request_id, out)
     if out:
         raise InvalidArgument(out)
 
@@ -98,7 +101,7 @@ def validate_embed(request: pb.EmbedRequest) -> None:
 def validate_model_name(model: str) -> None:
     """Raises InvalidArgument unless `model` is a well-formed model name."""
     out: list[FieldViolation] = []
-    _check_model(model, "", out)
+    check_model(model, "", out)
     if out:
         raise InvalidArgument(out)
 
@@ -110,7 +113,7 @@ def validate_model_version(model: str, version: str) -> None:
     so "..", "/", NUL and a trailing newline are refused here, at the edge.
     """
     out: list[FieldViolation] = []
-    _check_model(model, version, out)
+    check_model(model, version, out)
     if not version:
         out.append(FieldViolation("version", "is required"))
     if out:
@@ -140,14 +143,19 @@ def sampling_params(request: GenerationRequest, defaults: ModelDefaults) -> Samp
     )
 
 
-def check_context(prompt_tokens: int, max_tokens: int, context_length: int) -> None:
-    """Raises InvalidArgument when prompt + max_tokens exceed the model's context."""
+def check_context(
+    prompt_tokens: int, max_tokens: int, context_length: int, field: str = "max_tokens"
+) -> None:
+    """Raises InvalidArgument when prompt + max_tokens exceed the model's context.
+
+    `field` names the request's max-tokens field (v2 calls it max_output_tokens).
+    """
     if prompt_tokens + max_tokens > context_length:
         raise InvalidArgument(
             [
                 FieldViolation(
-                    "max_tokens",
-                    f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+                    field,
+                    f"prompt ({prompt_tokens} tokens) + {field} ({max_tokens}) = "
                     f"{prompt_tokens + max_tokens} exceeds the model's context of "
                     f"{context_length} tokens",
                 )

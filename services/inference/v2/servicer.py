@@ -1,0 +1,397 @@
+"""tokenmesh.inference.v2.InferenceService: protobuf at the edge, the shared machinery inside.
+
+Routing, caller checks, token budgets and usage events are those of v1
+(services.inference.admission); generation runs n choices of one prompt
+(services.inference.v2.choices) on the same schedulers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import numpy as np
+from google.rpc import status_pb2
+
+from services.core.errors import TokenmeshError
+from services.core.interceptors import Context, abort_with, request_headers, to_domain_error
+from services.inference import validation as v1_validation
+from services.inference.admission import (
+    Admission,
+    Request,
+    allowed_models,
+    check_model_allowed,
+    token_usage,
+)
+from services.inference.logprobs import TokenLogprob
+from services.inference.models import LoadedModel, ModelRegistry
+from services.inference.tokenizer import Tokenizer
+from services.inference.v2 import validation
+from services.inference.v2.choices import API_VERSION, Choice, ChoiceTiming, Generation
+from services.inference.v2.validation import GenerationSpec
+from tokenmesh.inference.v1 import inference_pb2 as v1_pb
+from tokenmesh.inference.v2 import inference_pb2, inference_service_pb2_grpc
+from tokenmesh.inference.v2 import inference_service_pb2 as pb
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+GENERATE_RPC = f"/{SERVICE_NAME}/Generate"
+COMPLETE_RPC = f"/{SERVICE_NAME}/Complete"
+EMBED_RPC = f"/{SERVICE_NAME}/Embed"
+# Prompts (or conversations) up to this many characters are rendered and
+# tokenized on the event loop; longer ones in a thread (as in v1).
+INLINE_TOKENIZE_CHARS = 256
+FINISH_REASONS = {
+    "stop": inference_pb2.FINISH_REASON_STOP,
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+    "cancelled": inference_pb2.FINISH_REASON_CANCELLED,
+    "error": inference_pb2.FINISH_REASON_ERROR,
+    "quota": inference_pb2.FINISH_REASON_QUOTA,
+}
+
+
+def render_prompt(model: LoadedModel, spec: GenerationSpec) -> str:
+    """Returns the prompt text: the request's prompt, or its messages rendered by the
+    model version's chat template."""
+    if spec.prompt is not None:
+        return spec.prompt
+    return model.chat_template.render(messages=spec.messages)
+
+
+def _prompt_ids(model: LoadedModel, spec: GenerationSpec) -> list[int]:
+    return model.tokenizer.encode(render_prompt(model, spec))
+
+
+def _input_chars(spec: GenerationSpec) -> int:
+    if spec.prompt is not None:
+        return len(spec.prompt)
+    return sum(len(m.content) for m in spec.messages)
+
+
+def usage_pb(prompt_tokens: int, completion_tokens: int) -> inference_pb2.Usage:
+    """Returns a v2 Usage. cached_prompt_tokens stays 0 for now.
+
+    TODO(issue 16): the engines' prefix cache knows how many prompt tokens it
+    served (PrefixHit.matched) but does not report it per sequence yet; pass it
+    through StepItem/Sequence_ to fill cached_prompt_tokens.
+    """
+    return inference_pb2.Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        cached_prompt_tokens=0,
+    )
+
+
+def timing_pb(timing: ChoiceTiming) -> inference_pb2.Timing:
+    """Returns a choice's timing as a protobuf message."""
+    return inference_pb2.Timing(
+        queue_ms=timing.queue_ms,
+        prefill_ms=timing.prefill_ms,
+        time_to_first_token_ms=timing.time_to_first_token_ms,
+        decode_ms=timing.decode_ms,
+        total_ms=timing.total_ms,
+        output_tokens_per_second=timing.output_tokens_per_second,
+    )
+
+
+def logprobs_pb(
+    items: Sequence[TokenLogprob], tokenizer: Tokenizer
+) -> list[inference_pb2.TokenLogprob]:
+    """Returns tokens' log-probabilities with their text (one token decoded alone)."""
+    return [
+        inference_pb2.TokenLogprob(
+            token=tokenizer.decode([item.token_id]),
+            token_id=item.token_id,
+            logprob=item.logprob,
+            top_logprobs=[
+                inference_pb2.TopLogprob(
+                    token=tokenizer.decode([token_id]), token_id=token_id, logprob=logprob
+                )
+                for token_id, logprob in item.top
+            ],
+        )
+        for item in items
+    ]
+
+
+def status_pb(error: TokenmeshError) -> status_pb2.Status:
+    """Returns the google.rpc.Status the error boundary would send for `error`."""
+    return error.to_status()
+
+
+def model_pb(registry: ModelRegistry, name: str) -> inference_pb2.Model:
+    """Returns a model with its versions in the v2 shape (the v1 shape, renamed fields)."""
+    v1 = registry.to_pb(name)
+    return inference_pb2.Model(
+        name=v1.name,
+        kind=int(v1.kind),  # type: ignore[arg-type]  # same numbers in both versions
+        default_version=v1.default_version,
+        description=v1.description,
+        versions=[
+            inference_pb2.ModelVersion(
+                version=v.version,
+                state=int(v.state),  # type: ignore[arg-type]
+                engine=v.engine,
+                context_length=v.context_length,
+                max_output_tokens_default=v.max_tokens_default,
+                embedding_dimensions=v.embedding_dimensions,
+                message=v.message,
+            )
+            for v in v1.versions
+        ],
+    )
+
+
+class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
+    """InferenceServicer serves tokenmesh.inference.v2.InferenceService.
+
+    Args:
+        admission: routing, budgets and usage, shared with the v1 servicer.
+    """
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.registry = admission.registry
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
+        page_size = v1_validation.validate_page_size(request.page_size)
+        allowed = allowed_models(request_headers(context))
+        names = [
+            n
+            for n in self.registry.names()
+            if n > request.page_token and (allowed is None or n in allowed)
+        ]
+        page, rest = names[:page_size], names[page_size:]
+        return pb.ListModelsResponse(
+            models=[model_pb(self.registry, n) for n in page],
+            next_page_token=page[-1] if rest else "",
+        )
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
+        v1_validation.validate_model_name(request.model)
+        check_model_allowed(request_headers(context), request.model)
+        return pb.GetModelResponse(model=model_pb(self.registry, request.model))
+
+    async def _admit(
+        self, context: Context, request: pb.GenerateRequest | pb.CompleteRequest, rpc: str
+    ) -> Generation:
+        spec = GenerationSpec.from_pb(request)
+        target = self.admission.resolve(context, spec.model, spec.version, generative=True)
+        model = target.model
+        if _input_chars(spec) <= INLINE_TOKENIZE_CHARS:
+            prompt_ids = _prompt_ids(model, spec)
+        else:
+            prompt_ids = await asyncio.to_thread(_prompt_ids, model, spec)
+        generation = Generation(context, target, spec, prompt_ids, rpc)
+        await self.admission.reserve(generation)
+        generation.submit(context.time_remaining())
+        return generation
+
+    def _record(self, generation: Generation) -> None:
+        timings = [c.timing() for c in generation.choices]
+        timing = v1_pb.Timing(
+            queue_ms=min((t.queue_ms for t in timings), default=0.0),
+            time_to_first_token_ms=min(
+                (t.time_to_first_token_ms for t in timings if t.time_to_first_token_ms),
+                default=0.0,
+            ),
+            total_ms=(time.monotonic() - generation.started) * 1000,
+        )
+        usage = token_usage(generation.prompt_tokens, generation.sent_tokens)
+        event = generation.usage_event(usage, generation.finish_reason(), timing)
+        self.admission.record(generation, event)
+
+    def _final(
+        self,
+        message: pb.GenerateResponse,
+        generation: Generation,
+        choice: Choice,
+        reason: str,
+        completion_tokens: int,
+    ) -> pb.GenerateResponse:
+        """Makes `message` the choice's final message: outcome, cumulative usage, timing."""
+        choice.finish_reason = reason
+        message.finish_reason = FINISH_REASONS[reason]
+        message.usage.CopyFrom(usage_pb(generation.prompt_tokens, completion_tokens))
+        message.timing.CopyFrom(timing_pb(choice.timing()))
+        message.model.CopyFrom(generation.model_ref())
+        if choice.confidence.logprobs:
+            message.confidence = choice.confidence.score
+            message.mean_logprob = choice.confidence.mean_logprob
+        return message
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        generation = await self._admit(context, request, GENERATE_RPC)
+        deltas = generation.deltas()
+        streamed = False
+        try:
+            await generation.send_headers(context)
+            async for choice, delta in deltas:
+                used = generation.prompt_tokens + generation.sent_tokens
+                if not await self.admission.within_budget(generation, used):
+                    await deltas.aclose()  # frees every sequence's slot
+                    for running in generation.running():
+                        yield self._final(
+                            pb.GenerateResponse(
+                                choice_index=running.index, request_id=generation.request_id
+                            ),
+                            generation,
+                            running,
+                            "quota",
+                            generation.sent_tokens,
+                        )
+                    return
+                message = self._delta(generation, choice, delta.text, delta.token_ids)
+                count = len(delta.token_ids)
+                if delta.finish_reason:
+                    total = generation.sent_tokens + count
+                    self._final(message, generation, choice, delta.finish_reason, total)
+                yield message
+                streamed = True
+                generation.sent_tokens += count
+        except asyncio.CancelledError:
+            for running in generation.running():
+                running.finish_reason = "cancelled"
+            raise
+        except Exception as exc:
+            if not streamed:
+                for running in generation.running():
+                    running.finish_reason = "error"
+                raise  # nothing streamed yet: a plain status says it all
+            error = to_domain_error(exc, "Generate")
+            for running in generation.running():
+                final = pb.GenerateResponse(
+                    choice_index=running.index,
+                    request_id=generation.request_id,
+                    error=status_pb(error),
+                )
+                yield self._final(final, generation, running, "error", generation.sent_tokens)
+            await abort_with(context, error)
+        finally:
+            await deltas.aclose()
+            self._record(generation)
+
+    def _delta(
+        self, generation: Generation, choice: Choice, text: str, token_ids: list[int]
+    ) -> pb.GenerateResponse:
+        message = pb.GenerateResponse(
+            choice_index=choice.index,
+            text=text,
+            token_ids=token_ids,
+            request_id=generation.request_id,
+        )
+        items = choice.take_logprobs(len(token_ids))
+        if generation.spec.logprobs:
+            message.logprobs.extend(logprobs_pb(items, generation.tokenizer))
+        return message
+
+    async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
+        generation = await self._admit(context, request, COMPLETE_RPC)
+        outputs = {c.index: pb_choice(c.index) for c in generation.choices}
+        deltas = generation.deltas()
+        try:
+            await generation.send_headers(context)
+            async for choice, delta in deltas:
+                used = generation.prompt_tokens + generation.sent_tokens
+                if not await self.admission.within_budget(generation, used):
+                    for running in generation.running():
+                        running.finish_reason = "quota"
+                    break
+                self._collect(outputs[choice.index], generation, choice, delta.token_ids)
+                outputs[choice.index].text += delta.text
+                generation.sent_tokens += len(delta.token_ids)
+                if delta.finish_reason:
+                    choice.finish_reason = delta.finish_reason
+        except asyncio.CancelledError:
+            for running in generation.running():
+                running.finish_reason = "cancelled"
+            raise
+        except Exception:
+            for running in generation.running():
+                running.finish_reason = "error"
+            raise
+        finally:
+            await deltas.aclose()
+            self._record(generation)
+        for choice in generation.choices:
+            _finish_choice(outputs[choice.index], choice)
+        return pb.CompleteResponse(
+            choices=[outputs[i] for i in sorted(outputs)],
+            usage=usage_pb(generation.prompt_tokens, generation.sent_tokens),
+            model=generation.model_ref(),
+            request_id=generation.request_id,
+        )
+
+    @staticmethod
+    def _collect(
+        output: inference_pb2.Choice, generation: Generation, choice: Choice, token_ids: list[int]
+    ) -> None:
+        output.token_ids.extend(token_ids)
+        items = choice.take_logprobs(len(token_ids))
+        if generation.spec.logprobs:
+            output.logprobs.extend(logprobs_pb(items, generation.tokenizer))
+
+    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
+        validation.validate_embed(request)
+        target = self.admission.resolve(context, request.model, request.version, generative=False)
+        embedder = target.model.embedder
+        assert embedder is not None  # resolve() checked the kind
+        call = Request(
+            context, target, request.request_id, EMBED_RPC, API_VERSION, request.metadata
+        )
+        truncate = request.truncate == inference_pb2.TRUNCATION_END
+        if truncate:
+            encoded, cut = await asyncio.to_thread(embedder.tokenize_truncated, request.inputs)
+        else:
+            encoded = await asyncio.to_thread(embedder.tokenize, request.inputs)
+            cut = [False] * len(encoded)
+        prompt_tokens = sum(len(ids) for ids in encoded)
+        finish_reason = "error"
+        try:
+            await call.send_headers(context)
+            vectors = await embedder.embed(encoded)
+            finish_reason = "stop"
+        finally:
+            timing = v1_pb.Timing(total_ms=(time.monotonic() - call.started) * 1000)
+            usage = token_usage(prompt_tokens, 0)
+            self.admission.usage_log.append(call.usage_event(usage, finish_reason, timing))
+        base64_encoded = request.encoding == inference_pb2.EMBEDDING_ENCODING_BASE64
+        return pb.EmbedResponse(
+            embeddings=[
+                embedding_pb(i, vector, len(encoded[i]), cut[i], base64_encoded)
+                for i, vector in enumerate(vectors)
+            ],
+            model=call.model_ref(),
+            usage=usage_pb(prompt_tokens, 0),
+            request_id=call.request_id,
+        )
+
+
+def pb_choice(index: int) -> inference_pb2.Choice:
+    """Returns an empty Choice for index `index`."""
+    return inference_pb2.Choice(index=index)
+
+
+def _finish_choice(output: inference_pb2.Choice, choice: Choice) -> None:
+    output.finish_reason = FINISH_REASONS[choice.finish_reason or "cancelled"]
+    output.timing.CopyFrom(timing_pb(choice.timing()))
+    if choice.confidence.logprobs:
+        output.confidence = choice.confidence.score
+        output.mean_logprob = choice.confidence.mean_logprob
+
+
+def embedding_pb(
+    index: int, vector: np.ndarray, tokens: int, truncated: bool, as_bytes: bool
+) -> inference_pb2.Embedding:
+    """Returns one embedding: float values, or little-endian float32 bytes."""
+    embedding = inference_pb2.Embedding(index=index, prompt_tokens=tokens, truncated=truncated)
+    if as_bytes:
+        embedding.base64 = np.asarray(vector, dtype="<f4").tobytes()
+    else:
+        embedding.values.extend(vector.tolist())
+    return embedding
