@@ -31,7 +31,11 @@ PUBLIC_ROUTES: Mapping[str, Sequence[str]] = {
         "grpc.reflection.v1alpha.ServerReflection",
         "grpc.reflection.v1.ServerReflection",
     ),
-    "inference": ("tokenmesh.inference.v1.InferenceService",),
+    # Every API version of inference goes to the workers, which serve them side by side.
+    "inference": (
+        "tokenmesh.inference.v1.InferenceService",
+        "tokenmesh.inference.v2.InferenceService",
+    ),
     "usage": ("tokenmesh.usage.v1.UsageService",),
 }
 # The health-check service name each cluster is probed with.
@@ -45,6 +49,7 @@ TRANSCODED_SERVICES = (
     "tokenmesh.auth.v1.AuthService",
     "tokenmesh.router.v1.RouterService",
     "tokenmesh.inference.v1.InferenceService",
+    "tokenmesh.inference.v2.InferenceService",
     "tokenmesh.usage.v1.UsageService",
 )
 # Streaming routes get no total timeout (a long generation is fine), only an idle one.

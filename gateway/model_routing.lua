@@ -2,21 +2,34 @@
 --
 -- Runs after the transcoder, so REST and gRPC requests alike carry a gRPC
 -- frame whose protobuf message has `model` as field 1 and `version` as
--- field 2 (GenerateRequest, CompleteRequest, EmbedRequest). Only those
--- fields and a generation's `prompt` (field 3) are decoded; every other
--- field is skipped by its wire type. The hex of the prompt's first
--- PREFIX_BYTES bytes goes into x-tokenmesh-prefix, which the routes hash
--- (bounded-load consistent hashing) to pick the worker.
+-- field 2 (GenerateRequest, CompleteRequest, EmbedRequest of inference v1
+-- and v2, which kept v1's numbers for them). Only those fields, a
+-- generation's `prompt` (field 3) and a v2 chat's first message (field 4)
+-- are decoded; every other field is skipped by its wire type. The hex of the
+-- prompt's (or first message's) first PREFIX_BYTES bytes goes into
+-- x-tokenmesh-prefix, which the routes hash (bounded-load consistent
+-- hashing) to pick the worker.
 
 local ROUTED = {
   ["/tokenmesh.inference.v1.InferenceService/Generate"] = true,
   ["/tokenmesh.inference.v1.InferenceService/Complete"] = true,
   ["/tokenmesh.inference.v1.InferenceService/Embed"] = true,
+  ["/tokenmesh.inference.v2.InferenceService/Generate"] = true,
+  ["/tokenmesh.inference.v2.InferenceService/Complete"] = true,
+  ["/tokenmesh.inference.v2.InferenceService/Embed"] = true,
 }
 -- Requests whose field 3 is a prompt (EmbedRequest's is its inputs).
 local GENERATION = {
   ["/tokenmesh.inference.v1.InferenceService/Generate"] = true,
   ["/tokenmesh.inference.v1.InferenceService/Complete"] = true,
+  ["/tokenmesh.inference.v2.InferenceService/Generate"] = true,
+  ["/tokenmesh.inference.v2.InferenceService/Complete"] = true,
+}
+-- Requests whose field 4 is a conversation (v2 `messages`): without a prompt,
+-- the head of the first message (its role and content, as encoded) is hashed.
+local CHAT = {
+  ["/tokenmesh.inference.v2.InferenceService/Generate"] = true,
+  ["/tokenmesh.inference.v2.InferenceService/Complete"] = true,
 }
 local PREFIX_BYTES = 64
 
@@ -33,13 +46,13 @@ local function varint(s, i)
   end
 end
 
--- Returns (model, version, head of field 3) from one uncompressed gRPC frame,
--- nil for what is absent.
+-- Returns (model, version, head of field 3, head of the first field 4) from
+-- one uncompressed gRPC frame, nil for what is absent.
 local function model_fields(s)
-  if #s < 5 or s:byte(1) ~= 0 then return nil, nil, nil end
+  if #s < 5 or s:byte(1) ~= 0 then return nil, nil, nil, nil end
   local stop = 5 + s:byte(2) * 16777216 + s:byte(3) * 65536 + s:byte(4) * 256 + s:byte(5)
   if stop > #s then stop = #s end
-  local i, model, version, head = 6, nil, nil, nil
+  local i, model, version, head, chat = 6, nil, nil, nil, nil
   while i <= stop do
     local key, value
     key, i = varint(s, i)
@@ -61,13 +74,15 @@ local function model_fields(s)
         version = s:sub(i, i + value - 1)
       elseif field == 3 and head == nil then
         head = s:sub(i, i + math.min(value, PREFIX_BYTES) - 1)
+      elseif field == 4 and chat == nil then
+        chat = s:sub(i, i + math.min(value, PREFIX_BYTES) - 1)
       end
       i = i + value
     else
       break
     end
   end
-  return model, version, head
+  return model, version, head, chat
 end
 
 -- Tells whether a model or version may travel in a header: a name's
@@ -97,13 +112,15 @@ function envoy_on_request(handle)
   if not ROUTED[handle:headers():get(":path")] then return end
   local body = handle:body()
   if body == nil then return end
-  local model, version, head = model_fields(body:getBytes(0, body:length()))
+  local model, version, head, chat = model_fields(body:getBytes(0, body:length()))
   -- Header objects do not survive the body() yield: fetch them again.
   local headers = handle:headers()
   if not header_safe(model, 128) then model = nil end
   if not header_safe(version, 64) then version = nil end
   if model ~= nil then headers:replace("x-tokenmesh-model", model) end
-  if head ~= nil and head ~= "" and GENERATION[headers:get(":path")] then
+  local path = headers:get(":path")
+  if (head == nil or head == "") and CHAT[path] then head = chat end
+  if head ~= nil and head ~= "" and GENERATION[path] then
     headers:replace("x-tokenmesh-prefix", hex(head))
   end
   -- The request's version field wins over an x-model-version header, which

@@ -27,6 +27,7 @@ from services.router.snapshot import ClusterOptions, EdgeFlags, Resources
 from services.router.xds import AdsServicer, ControlPlane
 from tokenmesh.auth.v1 import auth_service_pb2
 from tokenmesh.inference.v1 import inference_service_pb2
+from tokenmesh.inference.v2 import inference_service_pb2 as inference_v2_service_pb2
 from tokenmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
 from tokenmesh.usage.v1 import usage_service_pb2
 
@@ -37,6 +38,7 @@ PUBLIC_SERVICES = (
     auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
     ROUTER_SERVICE,
     inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    inference_v2_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
     usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
 )
 

@@ -30,7 +30,7 @@ from gateway.envoy_config import Endpoint
 from gateway.model_routing import (
     FALLBACK_MODEL_HEADER,
     FALLBACK_VERSION_HEADER,
-    INFERENCE_PREFIX,
+    INFERENCE_ROUTE_PREFIX,
     MODEL_HEADER,
     PREFIX_HEADER,
     ROUTE_MODEL_HEADER,
@@ -258,7 +258,7 @@ def _match(model: str, version: str | None) -> dict[str, Any]:
     headers: list[dict[str, Any]] = [{"name": MODEL_HEADER, "string_match": {"exact": model}}]
     if version is not None:
         headers.append({"name": VERSION_HEADER, "string_match": {"exact": version}})
-    return {"prefix": INFERENCE_PREFIX, "headers": headers}
+    return {"prefix": INFERENCE_ROUTE_PREFIX, "headers": headers}
 
 
 def _streaming_action(affinity: bool = False, **target: Any) -> dict[str, Any]:

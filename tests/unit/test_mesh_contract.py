@@ -15,6 +15,7 @@ from tests import mtls
 # Importing the servicers registers every service's descriptor.
 from tokenmesh.auth.v1 import auth_service_pb2  # noqa: F401
 from tokenmesh.inference.v1 import inference_service_pb2  # noqa: F401
+from tokenmesh.inference.v2 import inference_service_pb2 as inference_v2_service_pb2  # noqa: F401
 from tokenmesh.router.v1 import router_service_pb2  # noqa: F401
 from tokenmesh.usage.v1 import usage_service_pb2  # noqa: F401
 
