@@ -5,9 +5,10 @@ The inference API, version 2 (issue 16): chat messages, n choices,
 log-probabilities and confidence, prompt templates, cached-token usage, a
 timing breakdown and in-band google.rpc.Status errors.
 
-Status: defined, not yet served. The edge (transcoder, routes, scopes) and
-the workers still serve tokenmesh.inference.v1 only; serving v2, and
-turning v1 into a translation layer onto it, is the next step.
+Status: served by every worker beside tokenmesh.inference.v1, and public at
+the edge (transcoder, routes, scopes, reflection). Prompt templates
+(`template`, `variables`) are refused with INVALID_ARGUMENT until the
+workers resolve them; turning v1 into a translation layer onto v2 is next.
 
 Field numbers 1-3 of GenerateRequest, CompleteRequest and EmbedRequest
 (model, version, prompt or inputs) are those of v1 on purpose: the edge's

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class InferenceServiceStub:
     """InferenceService serves model inference: streaming generation with n
-    choices, unary completion and embeddings. Not served yet (see the file header).
+    choices, unary completion and embeddings.
     """
 
     def __init__(self, channel):
@@ -65,7 +65,7 @@ class InferenceServiceStub:
 
 class InferenceServiceServicer:
     """InferenceService serves model inference: streaming generation with n
-    choices, unary completion and embeddings. Not served yet (see the file header).
+    choices, unary completion and embeddings.
     """
 
     def ListModels(self, request, context):
@@ -145,7 +145,7 @@ def add_InferenceServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
     """InferenceService serves model inference: streaming generation with n
-    choices, unary completion and embeddings. Not served yet (see the file header).
+    choices, unary completion and embeddings.
     """
 
     @staticmethod
