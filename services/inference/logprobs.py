@@ -48,9 +48,17 @@ def row_logprobs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     if params.temperature <= 0:
         return logprobs
     vocab = values.shape[0]
-    order = np.argsort(-values, kind="stable")
+    k = params.top_k if 0 < params.top_k < vocab else vocab
+    if k == vocab and params.top_p >= 1:
+        return logprobs  # no filter: the whole tempered softmax
+    if k < vocab:
+        # Only the k best need an order (argpartition, then sort k) rather than
+        # the vocabulary: this runs for every token of a v2 stream.
+        best = np.argpartition(-values, k - 1)[:k]
+        kept = best[np.argsort(-values[best], kind="stable")]
+    else:
+        kept = np.argsort(-values, kind="stable")
     keep = np.zeros(vocab, dtype=bool)
-    kept = order[: params.top_k] if 0 < params.top_k < vocab else order
     keep[kept] = True
     if params.top_p < 1:
         # The nucleus is taken over the top-k renormalised mass, as the sampler does.
