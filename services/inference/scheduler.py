@@ -105,6 +105,9 @@ class Sequence_:
     # engine thread before the token reaches the outbox.
     top_logprobs: int | None = None
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Prompt tokens the engine did not compute (prefix cache or a same-step
+    # copy), set by the engine thread after the prefill step.
+    cached_prompt_tokens: int = 0
 
     @property
     def reserved_tokens(self) -> int:
@@ -345,6 +348,8 @@ class Scheduler:
         logits = self.engine.forward([seq.step_item() for seq in batch])
         tokens = sample_batch(logits, [seq.params for seq in batch], [seq.rng for seq in batch])
         for row, seq in enumerate(batch):
+            if not seq.generated:  # this step was its prefill
+                seq.cached_prompt_tokens = self.engine.take_reused_tokens(seq.slot)
             if seq.top_logprobs is not None:
                 seq.token_logprobs.append(
                     token_logprob(logits[row], seq.params, int(tokens[row]), seq.top_logprobs)

@@ -157,6 +157,19 @@ async def test_demo_lm_n3_with_a_seed_is_reproducible_and_complete_matches(model
     assert complete.model.name == "demo-lm"
 
 
+async def test_cached_prompt_tokens_count_what_the_prefix_cache_served(model_server):
+    _, channel = model_server
+    stub = rpc.InferenceServiceStub(channel)
+    request = pb.CompleteRequest(
+        model="demo-lm", prompt="Thou shalt love thy neighbour", n=3, max_output_tokens=2
+    )
+    first = await stub.Complete(request)
+    # Choice 0 computed the prompt (the other two copied it): nothing came from the cache.
+    assert first.usage.cached_prompt_tokens == 0
+    again = await stub.Complete(request)
+    assert again.usage.cached_prompt_tokens == again.usage.prompt_tokens > 0
+
+
 async def test_v2_choice_0_draws_what_v1_draws_with_the_same_seed(model_server):
     _, channel = model_server
     v2_reply = await rpc.InferenceServiceStub(channel).Complete(

@@ -55,6 +55,12 @@ class GenerativeEngine(abc.ABC):
     def forward(self, items: Sequence[StepItem]) -> np.ndarray:
         """Returns float32 logits [len(items), vocab] of each item's last token."""
 
+    def take_reused_tokens(self, slot: int) -> int:
+        """Returns (and forgets) how many tokens of the prompt last prefilled in `slot`
+        were not computed: copied from the prefix cache, or from an identical
+        prompt prefilled in the same step. 0 for engines without reuse."""
+        return 0
+
     def warm_up(self, max_slots: int = 1) -> None:
         """Runs a prefill and a decode at full batch so no request pays start-up costs.
 

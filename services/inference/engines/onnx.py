@@ -103,6 +103,10 @@ class OnnxGenerativeEngine(GenerativeEngine):
         ]
         self._cache: list[np.ndarray] = []
         self._carry: _Carry | None = None
+        self._reused: dict[int, int] = {}  # slot -> prompt tokens its last prefill reused
+
+    def take_reused_tokens(self, slot: int) -> int:
+        return self._reused.pop(slot, 0)
 
     def allocate(self, max_slots: int) -> None:
         shape = (max_slots, self.n_head, self.context_length, self.head_dim)
@@ -115,6 +119,7 @@ class OnnxGenerativeEngine(GenerativeEngine):
 
     def warm_up(self, max_slots: int = 1) -> None:
         super().warm_up(max_slots)
+        self._reused.clear()
         # The warm-up prompt is no one's: start serving with an empty prefix cache.
         self.prefix_cache.clear()
 
@@ -157,6 +162,7 @@ class OnnxGenerativeEngine(GenerativeEngine):
                 computed.setdefault(prompt, []).append(i)
                 continue
             self._copy_in(item.slot, hit.entry, hit.matched)
+            self._reused[item.slot] = hit.matched
             if hit.matched == len(prompt):
                 logits[i] = hit.entry.last_logits
                 continue
@@ -170,6 +176,7 @@ class OnnxGenerativeEngine(GenerativeEngine):
                 slot = items[rows[0]].slot
                 for i in rows[1:]:
                     self._copy_slot(slot, items[i].slot, len(prompt))
+                    self._reused[items[i].slot] = len(prompt)
                     logits[i] = logits[rows[0]]
                     self.prefix_cache.note_shared(len(prompt))
                 self._remember(slot, prompt, logits[rows[0]])

@@ -131,6 +131,16 @@ class Generation(Request):
         """Returns the prompt's length in tokens (counted once for all choices)."""
         return len(self.prompt_ids)
 
+    @property
+    def cached_prompt_tokens(self) -> int:
+        """Returns the prompt tokens no choice's prefill computed (0 until all were prefilled).
+
+        With n choices the first usually computes the prompt and the others copy
+        it: the request's prompt was then computed once, and only what the
+        prefix cache served it is cached.
+        """
+        return min((c.seq.cached_prompt_tokens for c in self.choices), default=0)
+
     def submit(self, timeout_s: float | None) -> None:
         """Queues every choice's sequence; none stays queued if one is refused."""
         top = self.spec.top_logprobs if self.spec.logprobs else 0

@@ -68,18 +68,13 @@ def _input_chars(spec: GenerationSpec) -> int:
     return sum(len(m.content) for m in spec.messages)
 
 
-def usage_pb(prompt_tokens: int, completion_tokens: int) -> inference_pb2.Usage:
-    """Returns a v2 Usage. cached_prompt_tokens stays 0 for now.
-
-    TODO(issue 16): the engines' prefix cache knows how many prompt tokens it
-    served (PrefixHit.matched) but does not report it per sequence yet; pass it
-    through StepItem/Sequence_ to fill cached_prompt_tokens.
-    """
+def usage_pb(generation: Generation, completion_tokens: int) -> inference_pb2.Usage:
+    """Returns a v2 Usage: the prompt once, `completion_tokens`, and what the cache served."""
     return inference_pb2.Usage(
-        prompt_tokens=prompt_tokens,
+        prompt_tokens=generation.prompt_tokens,
         completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-        cached_prompt_tokens=0,
+        total_tokens=generation.prompt_tokens + completion_tokens,
+        cached_prompt_tokens=generation.cached_prompt_tokens,
     )
 
 
@@ -215,7 +210,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         """Makes `message` the choice's final message: outcome, cumulative usage, timing."""
         choice.finish_reason = reason
         message.finish_reason = FINISH_REASONS[reason]
-        message.usage.CopyFrom(usage_pb(generation.prompt_tokens, completion_tokens))
+        message.usage.CopyFrom(usage_pb(generation, completion_tokens))
         message.timing.CopyFrom(timing_pb(choice.timing()))
         message.model.CopyFrom(generation.model_ref())
         if choice.confidence.logprobs:
@@ -322,7 +317,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             _finish_choice(outputs[choice.index], choice)
         return pb.CompleteResponse(
             choices=[outputs[i] for i in sorted(outputs)],
-            usage=usage_pb(generation.prompt_tokens, generation.sent_tokens),
+            usage=usage_pb(generation, generation.sent_tokens),
             model=generation.model_ref(),
             request_id=generation.request_id,
         )
@@ -367,7 +362,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 for i, vector in enumerate(vectors)
             ],
             model=call.model_ref(),
-            usage=usage_pb(prompt_tokens, 0),
+            usage=inference_pb2.Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
             request_id=call.request_id,
         )
 
