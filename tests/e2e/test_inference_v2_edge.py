@@ -202,3 +202,24 @@ def test_v1_still_works_beside_v2(channel):
         v1.CompleteRequest(model="deterministic-test", prompt="a b", max_tokens=2), timeout=10
     )
     assert reply.finish_reason == "length" and reply.usage.completion_tokens == 2
+
+
+def test_chats_that_start_alike_reach_the_same_worker(http):
+    # Without a prompt, the routes hash the head of a chat's first message.
+    system = "the mesh routes tokens through envoy to workers and back again: answer"
+
+    def worker(first: str, question: str) -> str:
+        body = {
+            "messages": [
+                {"role": "system", "content": first},
+                {"role": "user", "content": question},
+            ],
+            "max_output_tokens": 1,
+        }
+        reply = http.post("/v2/models/deterministic-test:complete", json=body)
+        assert reply.status_code == 200, reply.text
+        return str(reply.headers["x-tokenmesh-worker"])
+
+    assert len({worker(system, f"question {n}") for n in range(8)}) == 1
+    spread = {worker(f"{n} {system}", "question") for n in range(20)}
+    assert spread == {"inference-0", "inference-1"}
