@@ -163,6 +163,11 @@ class Generation(Request):
         """Returns the choices without a final message yet."""
         return [c for c in self.choices if not c.finish_reason]
 
+    def end_running(self, reason: str) -> None:
+        """Records `reason` as the finish reason of every choice still running."""
+        for choice in self.running():
+            choice.finish_reason = reason
+
     def finish_reason(self) -> str:
         """Returns the request's finish reason (the most serious of its choices')."""
         return request_finish_reason([c.finish_reason for c in self.choices])

@@ -230,16 +230,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 used = generation.prompt_tokens + generation.sent_tokens
                 if not await self.admission.within_budget(generation, used):
                     await deltas.aclose()  # frees every sequence's slot
-                    for running in generation.running():
-                        yield self._final(
-                            pb.GenerateResponse(
-                                choice_index=running.index, request_id=generation.request_id
-                            ),
-                            generation,
-                            running,
-                            "quota",
-                            generation.sent_tokens,
-                        )
+                    for final in self._finals(generation, "quota"):
+                        yield final
                     return
                 message = self._delta(generation, choice, delta.text, delta.token_ids)
                 count = len(delta.token_ids)
@@ -250,26 +242,38 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 streamed = True
                 generation.sent_tokens += count
         except asyncio.CancelledError:
-            for running in generation.running():
-                running.finish_reason = "cancelled"
+            generation.end_running("cancelled")
             raise
         except Exception as exc:
             if not streamed:
-                for running in generation.running():
-                    running.finish_reason = "error"
+                generation.end_running("error")
                 raise  # nothing streamed yet: a plain status says it all
             error = to_domain_error(exc, "Generate")
-            for running in generation.running():
-                final = pb.GenerateResponse(
-                    choice_index=running.index,
-                    request_id=generation.request_id,
-                    error=status_pb(error),
-                )
-                yield self._final(final, generation, running, "error", generation.sent_tokens)
+            for final in self._finals(generation, "error", error):
+                yield final
             await abort_with(context, error)
         finally:
             await deltas.aclose()
             self._record(generation)
+
+    def _finals(
+        self, generation: Generation, reason: str, error: TokenmeshError | None = None
+    ) -> list[pb.GenerateResponse]:
+        """Returns a final message for every running choice (they end with `reason`)."""
+        return [
+            self._final(
+                pb.GenerateResponse(
+                    choice_index=running.index,
+                    request_id=generation.request_id,
+                    error=None if error is None else status_pb(error),
+                ),
+                generation,
+                running,
+                reason,
+                generation.sent_tokens,
+            )
+            for running in generation.running()
+        ]
 
     def _delta(
         self, generation: Generation, choice: Choice, text: str, token_ids: list[int]
@@ -294,8 +298,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             async for choice, delta in deltas:
                 used = generation.prompt_tokens + generation.sent_tokens
                 if not await self.admission.within_budget(generation, used):
-                    for running in generation.running():
-                        running.finish_reason = "quota"
+                    generation.end_running("quota")
                     break
                 self._collect(outputs[choice.index], generation, choice, delta.token_ids)
                 outputs[choice.index].text += delta.text
@@ -303,12 +306,10 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 if delta.finish_reason:
                     choice.finish_reason = delta.finish_reason
         except asyncio.CancelledError:
-            for running in generation.running():
-                running.finish_reason = "cancelled"
+            generation.end_running("cancelled")
             raise
         except Exception:
-            for running in generation.running():
-                running.finish_reason = "error"
+            generation.end_running("error")
             raise
         finally:
             await deltas.aclose()
