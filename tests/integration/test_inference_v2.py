@@ -480,3 +480,43 @@ async def test_n_choices_reserve_every_choice_in_the_token_budget(inference_chan
         metadata=identity,
     )
     assert reply.usage.total_tokens == 11
+
+
+async def test_a_stream_admitted_while_budgets_were_down_ends_every_choice_with_quota(tmp_path):
+    """As in v1: budgets fail open, the stream is then charged as it goes, and every
+    running choice ends cleanly with FINISH_REASON_QUOTA once the budget is gone."""
+    from services.inference.budget import Limits, TokenBudgets
+    from services.launcher.mesh import spawn_redis
+    from tests.integration.conftest import inference_settings, start_inference
+
+    child, url = spawn_redis(tmp_path / "data", tmp_path / "redis.log")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    settings = inference_settings(tmp_path, url, test_engine_step_ms=20.0)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-tpm", "100")]
+    try:
+        async with await start_inference(settings) as (_, channel):
+            child.terminate()
+            child.wait(10)
+            call = rpc.InferenceServiceStub(channel).Generate(
+                pb.GenerateRequest(
+                    model="deterministic-test", prompt="a", n=2, max_output_tokens=400
+                ),
+                metadata=identity,
+            )
+            messages = [await call.read()]  # admitted although budgets were unreachable
+            child, _ = spawn_redis(tmp_path / "data", tmp_path / "redis.log", port=port)
+            client = aioredis.from_url(url)
+            await TokenBudgets(client).reserve(key, Limits(tokens_per_minute=100), "other", 90)
+            await client.aclose()
+            while (message := await call.read()) != grpc.aio.EOF:
+                messages.append(message)
+            assert await call.code() == grpc.StatusCode.OK  # a clean end, not an error
+    finally:
+        child.terminate()
+        child.wait(10)
+    finals = [m for m in messages if m.HasField("finish_reason")]
+    assert sorted(m.choice_index for m in finals) == [0, 1]
+    assert all(m.finish_reason == resources.FINISH_REASON_QUOTA for m in finals)
+    sent = sum(len(m.token_ids) for m in messages)
+    assert finals[-1].usage.completion_tokens == sent < 800
