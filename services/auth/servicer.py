@@ -15,10 +15,12 @@ from services.auth.tokens import TokenIssuer
 from services.core import contract
 from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied
 from services.core.interceptors import Context, request_headers
+from services.core.time_fields import duration_seconds
 from tokenmesh.auth.v1 import auth_service_pb2 as pb
 from tokenmesh.auth.v1 import auth_service_pb2_grpc
 
 MAX_OVERLAP_S = 7 * 24 * 3600
+MAX_TTL_S = 100 * 366 * 24 * 3600  # a key's expiry stays a valid Timestamp
 
 
 def request_source(context: Context, headers: Mapping[str, str]) -> str:
@@ -62,8 +64,8 @@ def _validate_create(request: pb.CreateApiKeyRequest) -> None:
     for name in ("requests_per_minute", "tokens_per_minute", "monthly_tokens"):
         if getattr(limits, name) < 0:
             out.append(FieldViolation(f"limits.{name}", "must be >= 0"))
-    if request.HasField("ttl") and request.ttl.ToNanoseconds() <= 0:
-        out.append(FieldViolation("ttl", "must be positive when set"))
+    if request.HasField("ttl") and not 0 < duration_seconds(request.ttl, "ttl") <= MAX_TTL_S:
+        out.append(FieldViolation("ttl", "must be positive and at most 100 years when set"))
     if out:
         raise InvalidArgument(out)
 
@@ -114,7 +116,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     ) -> pb.CreateApiKeyResponse:
         await self._admin(context)
         _validate_create(request)
-        ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else None
+        ttl = duration_seconds(request.ttl, "ttl") if request.HasField("ttl") else None
         key, secret = await self.keys.create(
             request.tenant,
             request.name,
@@ -156,7 +158,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     ) -> pb.RotateApiKeyResponse:
         await self._admin(context)
         overlap = (
-            request.overlap.ToNanoseconds() / 1e9
+            duration_seconds(request.overlap, "overlap")
             if request.HasField("overlap")
             else self.default_overlap_s
         )

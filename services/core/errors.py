@@ -31,6 +31,15 @@ from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "tokenmesh.dev"
+# The longest message or field description sent to a client. Messages often
+# quote a request's value; an unbounded one (a 70 KB version name) made the
+# status trailers too large for Envoy, which answered 502 instead.
+MAX_TEXT_CHARS = 1024
+
+
+def bounded(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """Returns `text`, cut to `limit` characters (ending in "...") when longer."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class TokenmeshError(Exception):
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.message = message
         if reason is not None:
@@ -101,9 +111,12 @@ class InvalidArgument(TokenmeshError):
     def __init__(self, violations: Sequence[FieldViolation], *, reason: str | None = None) -> None:
         if not violations:
             raise ValueError("InvalidArgument needs at least one violation")
+        violations = [
+            FieldViolation(bounded(v.field, 256), bounded(v.description)) for v in violations
+        ]
         message = "; ".join(f"{v.field}: {v.description}" for v in violations)
         super().__init__(message, reason=reason)
-        self.violations = list(violations)
+        self.violations = violations
 
     def details(self) -> list[Message]:
         bad_request = error_details_pb2.BadRequest(

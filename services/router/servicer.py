@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from services.core import contract, identity
 from services.core.errors import FieldViolation, InvalidArgument
 from services.core.interceptors import Context
+from services.core.time_fields import timestamp_seconds
 from services.inference.templates import DEFAULT_MAX_LENGTH, Variable
 from services.router import catalog as cat
 from services.router.catalog import Catalog, ModelEntry, now
@@ -189,7 +190,11 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     async def DeprecateModelVersion(
         self, request: pb.DeprecateModelVersionRequest, context: Context
     ) -> pb.DeprecateModelVersionResponse:
-        sunset = request.sunset_time.ToNanoseconds() / 1e9 if request.HasField("sunset_time") else 0
+        sunset = (
+            timestamp_seconds(request.sunset_time, "sunset_time")
+            if request.HasField("sunset_time")
+            else 0
+        )
         model = await self.catalog.update(
             request.model, lambda m, _: cat.deprecate(m, request.version, sunset, now())
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from services.core import contract
 from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied, Unauthenticated
 from services.core.interceptors import Context, request_headers
+from services.core.time_fields import timestamp_millis, timestamp_seconds
 from services.usage.reports import UsageReader, month_start, now
 from tokenmesh.usage.v1 import usage_service_pb2 as pb
 from tokenmesh.usage.v1 import usage_service_pb2_grpc
@@ -47,9 +48,9 @@ def _scope(caller: Caller, request: pb.GetUsageRequest) -> str:
 
 
 def _range(request: pb.GetUsageRequest) -> tuple[float, float]:
-    end = request.end_time.ToNanoseconds() / 1e9 if request.HasField("end_time") else now()
+    end = timestamp_seconds(request.end_time, "end_time") if request.HasField("end_time") else now()
     start = (
-        request.start_time.ToNanoseconds() / 1e9
+        timestamp_seconds(request.start_time, "start_time")
         if request.HasField("start_time")
         else month_start(end)
     )
@@ -86,11 +87,15 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
                 [FieldViolation("page_token", "is not a token this service issued")]
             )
         end = (
-            request.end_time.ToMilliseconds()
+            timestamp_millis(request.end_time, "end_time")
             if request.HasField("end_time")
             else int(now() * 1000) + 1
         )
-        start = request.start_time.ToMilliseconds() if request.HasField("start_time") else 0
+        start = (
+            timestamp_millis(request.start_time, "start_time")
+            if request.HasField("start_time")
+            else 0
+        )
         entries, token = await self.reader.audit(
             request.tenant, start, end, request.page_size or 100, request.page_token
         )
