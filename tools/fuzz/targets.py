@@ -12,14 +12,11 @@ from google.protobuf.descriptor import Descriptor, MethodDescriptor
 
 from gateway.edge_auth import PUBLIC, RPC_SCOPES
 
-# The generated modules that put the public services into the default pool.
-SERVICE_MODULES = (
-    "tokenmesh.auth.v1.auth_service_pb2",
-    "tokenmesh.inference.v1.inference_service_pb2",
-    "tokenmesh.router.v1.router_service_pb2",
-    "tokenmesh.usage.v1.usage_service_pb2",
-    "grpc_health.v1.health_pb2",  # grpc.health.v1.Health/Check, answered at the edge
-)
+# Generated modules of public services outside the style guide's layout
+# (tokenmesh.<api>.<version>.<api>_service_pb2, which is imported by name).
+SERVICE_MODULES = {
+    "grpc.health.v1.Health": "grpc_health.v1.health_pb2",  # answered at the edge
+}
 # RPCs that change state the other cases read (run them last, so that a
 # pinned, deprecated or re-split model does not hide the read paths).
 _WRITE_VERB = re.compile(r"^(Create|Revoke|Rotate|Register|Set|Pin|Deprecate)")
@@ -56,6 +53,12 @@ class Rpc:
         return self.path.rsplit("/", 1)[1]
 
     @property
+    def label(self) -> str:
+        """Returns a unique short label: the name, with the API version unless it is v1."""
+        version = self.path.lstrip("/").split("/")[0].split(".")[-2]
+        return self.name if version == "v1" else f"{self.name}.{version}"
+
+    @property
     def input(self) -> Descriptor:
         """Returns the request message's descriptor."""
         return self.method.input_type
@@ -85,14 +88,21 @@ def _route(method: MethodDescriptor) -> Route | None:
     return None
 
 
+def _module(service: str) -> str:
+    """Returns the generated module that defines `service` (tokenmesh.<api>.<v>.Name)."""
+    if service in SERVICE_MODULES:
+        return SERVICE_MODULES[service]
+    package = service.rsplit(".", 1)[0]
+    return f"{package}.{package.split('.')[1]}_service_pb2"
+
+
 def public_rpcs() -> list[Rpc]:
     """Returns every RPC in the edge's RPC_SCOPES, reads first and writes last."""
-    for module in SERVICE_MODULES:
-        importlib.import_module(module)
     pool = descriptor_pool.Default()
     rpcs = []
     for path, scope in RPC_SCOPES.items():
         service, name = path.lstrip("/").split("/")
+        importlib.import_module(_module(service))
         try:
             method = pool.FindServiceByName(service).methods_by_name[name]
         except KeyError as missing:
