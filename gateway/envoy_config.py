@@ -539,9 +539,10 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
         "codec_type": "AUTO",
         "http_protocol_options": {"enable_trailers": True},
         "http2_protocol_options": {
+            # NOTE: no smaller flow-control windows: the model-routing Lua filter
+            # buffers a whole request body, and a 64 KiB stream window left
+            # gRPC requests over it hanging (found by make fuzz).
             "max_concurrent_streams": limits.max_concurrent_streams,
-            "initial_stream_window_size": 65536,
-            "initial_connection_window_size": 1048576,
         },
         "max_request_headers_kb": limits.max_request_headers_kb,
         "common_http_protocol_options": {

@@ -272,11 +272,6 @@ def test_a_grpc_request_over_the_buffer_limit_is_resource_exhausted(
     assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, failed.value.details()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gRPC inference requests over the edge's 64 KiB HTTP/2 stream window hang "
-    "(the model-routing Lua filter buffers the body) until the client's deadline",
-)
 def test_a_large_grpc_inference_request_is_answered(hostile_mesh, admin, baseline, edge_channel):
     complete = edge_channel.unary_unary("/tokenmesh.inference.v1.InferenceService/Complete")
     with pytest.raises(grpc.RpcError) as failed:  # 16,666 tokens: over the context
