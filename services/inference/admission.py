@@ -64,6 +64,16 @@ def allowed_models(headers: Mapping[str, str]) -> frozenset[str] | None:
     return frozenset(m for m in value.split(",") if m) or None
 
 
+def visible_models(
+    registry: ModelRegistry, context: Context, page_token: str, page_size: int
+) -> tuple[list[str], str]:
+    """Returns one page of the model names the caller may use, and the next page token."""
+    allowed = allowed_models(request_headers(context))
+    names = [n for n in registry.names() if n > page_token and (allowed is None or n in allowed)]
+    page, rest = names[:page_size], names[page_size:]
+    return page, page[-1] if rest else ""
+
+
 def check_model_allowed(headers: Mapping[str, str], model: str) -> None:
     """Raises PERMISSION_DENIED when the caller's key does not cover `model`."""
     allowed = allowed_models(headers)

@@ -15,10 +15,10 @@ from services.inference.admission import (
     Admission,
     Request,
     Target,
-    allowed_models,
     check_model_allowed,
     route_target,
     token_usage,
+    visible_models,
 )
 from services.inference.budget import TokenBudgets
 from services.inference.generation import Delta, GenerationState, stream_deltas
@@ -124,16 +124,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
         page_size = validation.validate_page_size(request.page_size)
-        allowed = allowed_models(request_headers(context))
-        names = [
-            n
-            for n in self.registry.names()
-            if n > request.page_token and (allowed is None or n in allowed)
-        ]
-        page, rest = names[:page_size], names[page_size:]
+        page, next_token = visible_models(self.registry, context, request.page_token, page_size)
         return pb.ListModelsResponse(
-            models=[self.registry.to_pb(n) for n in page],
-            next_page_token=page[-1] if rest else "",
+            models=[self.registry.to_pb(n) for n in page], next_page_token=next_token
         )
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
