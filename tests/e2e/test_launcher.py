@@ -76,10 +76,14 @@ def test_ctrl_c_stops_every_process(tmp_path):
 def test_healthz_fails_without_a_ready_worker_and_kill_9_of_the_launcher_leaves_nothing(tmp_path):
     process, manifest, _ = _launch(tmp_path)
     try:
-        os.kill(manifest["pids"]["inference-0"], signal.SIGKILL)
+        # A frozen worker: alive (the launcher's supervisor would restart a dead
+        # one at once), but failing its health checks.
+        worker = manifest["pids"]["inference-0"]
+        os.kill(worker, signal.SIGSTOP)
         assert _wait_until(lambda: _status(manifest["edge_url"] + "/healthz") == 503, 10)
         process.kill()  # SIGKILL: the children must still go away by themselves
         process.wait()
+        os.kill(worker, signal.SIGCONT)  # so it can act on the SIGTERM it was sent
         assert _wait_until(lambda: not any(pid_alive(p) for p in manifest["pids"].values()), 15)
     finally:
         process.kill()
