@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import grpc
 import grpc.aio
@@ -40,9 +39,7 @@ def aio_channel(port: int | str, peer: str, caller: str = "edge") -> grpc.aio.Ch
     return identity.secure_channel(target, files(caller), peer)
 
 
-def channel(port: int | str, peer: str, caller: str = "edge", **_: Any) -> grpc.Channel:
+def channel(port: int | str, peer: str, caller: str = "edge") -> grpc.Channel:
     """Returns a blocking mTLS channel to `peer`, presenting `caller`'s certificate."""
     target = port if isinstance(port, str) else f"127.0.0.1:{port}"
-    return grpc.secure_channel(
-        target, identity.channel_credentials(files(caller)), identity.channel_options(peer)
-    )
+    return identity.blocking_channel(target, files(caller), peer)

@@ -629,11 +629,7 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
             "(pass --pki-dir or TOKENMESH_PKI_DIR)"
         )
     files = pki.IdentityFiles.of(pki_dir, contract.OPERATOR)
-    return grpc.secure_channel(
-        address,
-        identity.channel_credentials(files),
-        identity.channel_options(SERVICE_IDENTITIES[args.target]),
-    )
+    return identity.blocking_channel(address, files, SERVICE_IDENTITIES[args.target])
 
 
 def _metadata(args: argparse.Namespace, command: Command) -> list[tuple[str, str]]:

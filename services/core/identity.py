@@ -89,6 +89,11 @@ def secure_channel(
     )
 
 
+def blocking_channel(target: str, files: IdentityFiles, peer: str) -> grpc.Channel:
+    """Returns a blocking mTLS channel to the component `peer` (CLI, launcher, tests)."""
+    return grpc.secure_channel(target, channel_credentials(files), channel_options(peer))
+
+
 def peer_identity(context: Context) -> str | None:
     """Returns the caller's component identity from its verified certificate, else None."""
     for name in context.peer_identities() or ():

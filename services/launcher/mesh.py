@@ -142,9 +142,7 @@ class Mesh:
         """Returns a blocking mTLS channel to a service ("auth", "inference-0", ...) as `caller`."""
         files = pki.IdentityFiles.of(self.pki_dir, caller)
         peer = contract.WORKER if name.startswith("inference") else name
-        return grpc.secure_channel(
-            self.address(name), identity.channel_credentials(files), identity.channel_options(peer)
-        )
+        return identity.blocking_channel(self.address(name), files, peer)
 
     def __enter__(self) -> Mesh:
         try:
