@@ -1,9 +1,9 @@
-"""tokenmesh: generated gRPC stubs (tokenmesh.<service>.v1) and a thin client.
+"""tokenmesh: generated gRPC stubs (tokenmesh.<service>.v<N>) and a thin client.
 
 The stubs mirror the proto packages; `tokenmesh.client` wraps the inference
 API with timeouts, credentials and decoded error details.
 """
 
-from tokenmesh.client import Client, TokenmeshRpcError
+from tokenmesh.client import Client, TokenmeshRpcError, V1Client
 
-__all__ = ["Client", "TokenmeshRpcError"]
+__all__ = ["Client", "TokenmeshRpcError", "V1Client"]

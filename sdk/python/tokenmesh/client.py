@@ -1,15 +1,21 @@
 """A thin asyncio client for the tokenmesh edge (or a worker, directly).
 
+`Client` speaks the inference API v2 (`tokenmesh.inference.v2`): chat
+messages, prompt templates, n choices, log-probabilities. `V1Client` keeps
+the v1 calls for code that has not migrated yet (docs/migration/v1-to-v2.md).
+
 Example::
 
-    async with Client("127.0.0.1:8080") as client:
-        async for message in client.generate("deterministic-test", "hello", max_tokens=8):
+    async with Client("127.0.0.1:8080", token=api_key) as client:
+        async for message in client.generate(
+            "demo-lm", messages=[("user", "In the beginning")], max_output_tokens=16
+        ):
             print(message.text, end="")
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -18,8 +24,14 @@ import grpc.aio
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from tokenmesh.inference.v1 import inference_service_pb2 as pb
-from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
+from tokenmesh.inference.v1 import inference_service_pb2 as v1_pb
+from tokenmesh.inference.v1 import inference_service_pb2_grpc as v1_rpc
+from tokenmesh.inference.v2 import inference_pb2 as types_pb
+from tokenmesh.inference.v2 import inference_service_pb2 as pb
+from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
+
+#: A chat turn: a ChatMessage, or a (role, content) pair.
+Turn = types_pb.ChatMessage | tuple[str, str]
 
 
 class TokenmeshRpcError(Exception):
@@ -55,33 +67,40 @@ class TokenmeshRpcError(Exception):
             self.retry_after_s = retry.retry_delay.ToMilliseconds() / 1000
 
 
-async def _raise_decoded(error: grpc.aio.AioRpcError) -> None:
-    trailers = error.trailing_metadata() or ()
+def _decoded(error: grpc.aio.AioRpcError) -> TokenmeshRpcError:
     status = None
-    for key, value in trailers:
+    for key, value in error.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
             status = rpc_status.status_pb2.Status.FromString(value)  # type: ignore[attr-defined]
-    raise TokenmeshRpcError(error, status) from None
+    return TokenmeshRpcError(error, status)
 
 
-class Client:
-    """Client calls InferenceService over one shared channel.
+def _open_channel(target: str, tls: bool, root_certificates: bytes | None) -> grpc.aio.Channel:
+    if tls or root_certificates is not None:
+        credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        return grpc.aio.secure_channel(target, credentials)
+    return grpc.aio.insecure_channel(target)
 
-    Args:
-        target: host:port of the edge or a worker.
-        token: a JWT or API key sent as `authorization: Bearer ...`, if any.
-        timeout_s: the per-call deadline.
-    """
 
-    def __init__(self, target: str, *, token: str | None = None, timeout_s: float = 60.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
-        self._stub = rpc.InferenceServiceStub(self._channel)
+class _Connection:
+    """_Connection owns the channel, the credentials and the deadline of a client."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None,
+        timeout_s: float,
+        tls: bool,
+        root_certificates: bytes | None,
+    ) -> None:
+        self._channel = _open_channel(target, tls, root_certificates)
         self._metadata: Sequence[tuple[str, str]] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
         self._timeout_s = timeout_s
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> Any:
         return self
 
     async def __aexit__(
@@ -96,36 +115,181 @@ class Client:
         """Closes the channel."""
         await self._channel.close()
 
-    async def list_models(self) -> pb.ListModelsResponse:
-        """Returns the served models."""
+    async def _unary(self, method: Any, request: Any) -> Any:
         try:
-            return await self._stub.ListModels(
-                pb.ListModelsRequest(), metadata=self._metadata, timeout=self._timeout_s
-            )
+            return await method(request, metadata=self._metadata, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as error:
-            await _raise_decoded(error)
-            raise
+            raise _decoded(error) from None
 
-    async def complete(self, model: str, prompt: str, **fields: Any) -> pb.CompleteResponse:
-        """Returns a whole completion; `fields` are CompleteRequest fields."""
-        request = pb.CompleteRequest(model=model, prompt=prompt, **fields)
-        try:
-            return await self._stub.Complete(
-                request, metadata=self._metadata, timeout=self._timeout_s
-            )
-        except grpc.aio.AioRpcError as error:
-            await _raise_decoded(error)
-            raise
-
-    async def generate(
-        self, model: str, prompt: str, **fields: Any
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        """Streams a generation; `fields` are GenerateRequest fields."""
-        request = pb.GenerateRequest(model=model, prompt=prompt, **fields)
-        call = self._stub.Generate(request, metadata=self._metadata, timeout=self._timeout_s)
+    async def _stream(self, method: Any, request: Any) -> AsyncIterator[Any]:
+        call = method(request, metadata=self._metadata, timeout=self._timeout_s)
         try:
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as error:
-            await _raise_decoded(error)
-            raise
+            raise _decoded(error) from None
+
+
+def _turns(messages: Iterable[Turn]) -> list[types_pb.ChatMessage]:
+    return [
+        m if isinstance(m, types_pb.ChatMessage) else types_pb.ChatMessage(role=m[0], content=m[1])
+        for m in messages
+    ]
+
+
+def _generation_fields(
+    prompt: str | None,
+    messages: Iterable[Turn] | None,
+    sampling: Mapping[str, Any] | types_pb.SamplingParams | None,
+    fields: dict[str, Any],
+) -> dict[str, Any]:
+    if (prompt is None) == (messages is None):
+        raise ValueError("pass exactly one of prompt= or messages=")
+    if prompt is not None:
+        fields["prompt"] = prompt
+    if messages is not None:
+        fields["messages"] = _turns(messages)
+    if isinstance(sampling, Mapping):
+        fields["sampling"] = types_pb.SamplingParams(**sampling)
+    elif sampling is not None:
+        fields["sampling"] = sampling
+    return fields
+
+
+class Client(_Connection):
+    """Client calls the v2 InferenceService over one shared channel.
+
+    Args:
+        target: host:port of the edge (8080 plaintext, 8443 TLS) or a worker.
+        token: a JWT or API key sent as `authorization: Bearer ...`, if any.
+        timeout_s: the per-call deadline.
+        tls: use TLS (the edge's 8443 listener); implied by root_certificates.
+        root_certificates: PEM roots to verify the edge with (default: system roots).
+
+    Errors raise TokenmeshRpcError with the decoded google.rpc details. A
+    failure inside a running stream is not raised: the choice's final message
+    carries `error` (a google.rpc.Status) with finish_reason ERROR.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        timeout_s: float = 60.0,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+    ) -> None:
+        super().__init__(
+            target,
+            token=token,
+            timeout_s=timeout_s,
+            tls=tls,
+            root_certificates=root_certificates,
+        )
+        self._stub = rpc.InferenceServiceStub(self._channel)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def list_models(self, page_size: int = 0, page_token: str = "") -> pb.ListModelsResponse:
+        """Returns one page of the models the caller may use."""
+        request = pb.ListModelsRequest(page_size=page_size, page_token=page_token)
+        response: pb.ListModelsResponse = await self._unary(self._stub.ListModels, request)
+        return response
+
+    async def get_model(self, model: str) -> pb.GetModelResponse:
+        """Returns one model and its versions."""
+        response: pb.GetModelResponse = await self._unary(
+            self._stub.GetModel, pb.GetModelRequest(model=model)
+        )
+        return response
+
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: Iterable[Turn] | None = None,
+        sampling: Mapping[str, Any] | types_pb.SamplingParams | None = None,
+        **fields: Any,
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Streams a generation: one message per delta of a choice.
+
+        Pass `prompt` or `messages` (ChatMessage or (role, content) pairs);
+        `sampling` is a SamplingParams or a dict of its fields; `fields` are
+        other GenerateRequest fields (n, logprobs, top_logprobs,
+        max_output_tokens, stop_sequences, template, variables, metadata, ...).
+        """
+        request = pb.GenerateRequest(
+            model=model, **_generation_fields(prompt, messages, sampling, fields)
+        )
+        return self._stream(self._stub.Generate, request)
+
+    async def complete(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: Iterable[Turn] | None = None,
+        sampling: Mapping[str, Any] | types_pb.SamplingParams | None = None,
+        **fields: Any,
+    ) -> pb.CompleteResponse:
+        """Returns whole choices; arguments as for generate()."""
+        request = pb.CompleteRequest(
+            model=model, **_generation_fields(prompt, messages, sampling, fields)
+        )
+        response: pb.CompleteResponse = await self._unary(self._stub.Complete, request)
+        return response
+
+    async def embed(self, model: str, inputs: Sequence[str], **fields: Any) -> pb.EmbedResponse:
+        """Returns one embedding per input; `fields` are EmbedRequest fields (encoding, ...)."""
+        request = pb.EmbedRequest(model=model, inputs=list(inputs), **fields)
+        response: pb.EmbedResponse = await self._unary(self._stub.Embed, request)
+        return response
+
+
+class V1Client(_Connection):
+    """V1Client calls the v1 InferenceService: for code not yet migrated to v2.
+
+    Arguments as for Client.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        timeout_s: float = 60.0,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+    ) -> None:
+        super().__init__(
+            target,
+            token=token,
+            timeout_s=timeout_s,
+            tls=tls,
+            root_certificates=root_certificates,
+        )
+        self._stub = v1_rpc.InferenceServiceStub(self._channel)
+
+    async def __aenter__(self) -> V1Client:
+        return self
+
+    async def list_models(self) -> v1_pb.ListModelsResponse:
+        """Returns the served models."""
+        response: v1_pb.ListModelsResponse = await self._unary(
+            self._stub.ListModels, v1_pb.ListModelsRequest()
+        )
+        return response
+
+    async def complete(self, model: str, prompt: str, **fields: Any) -> v1_pb.CompleteResponse:
+        """Returns a whole completion; `fields` are CompleteRequest fields."""
+        request = v1_pb.CompleteRequest(model=model, prompt=prompt, **fields)
+        response: v1_pb.CompleteResponse = await self._unary(self._stub.Complete, request)
+        return response
+
+    def generate(self, model: str, prompt: str, **fields: Any) -> AsyncIterator[Any]:
+        """Streams a generation; `fields` are GenerateRequest fields."""
+        request = v1_pb.GenerateRequest(model=model, prompt=prompt, **fields)
+        return self._stream(self._stub.Generate, request)
