@@ -89,3 +89,19 @@ async def test_tls_edge_and_the_v1_client(mesh, admin_key):
     async with V1Client(mesh.edge_address, token=admin_key) as v1:
         old = await v1.complete("demo-lm", "abc", temperature=0, max_tokens=3)
     assert old.text == response.choices[0].text
+
+
+async def test_code_written_for_the_v1_client_runs_unchanged(mesh, admin_key):
+    async with Client(mesh.edge_address, token=admin_key) as client:
+        streamed = "".join(
+            [
+                m.text
+                async for m in client.generate("demo-lm", "In the beginning", max_tokens=8, seed=1)
+            ]
+        )
+        whole = await client.complete("demo-lm", "In the beginning", max_tokens=8, seed=1)
+        with pytest.raises(TokenmeshRpcError) as bad:
+            await client.complete("demo-lm", "hi", max_tokens=0)
+    assert streamed == whole.choices[0].text != ""
+    assert whole.usage.completion_tokens == 8
+    assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT and bad.value.field_violations

@@ -137,6 +137,30 @@ def _turns(messages: Iterable[Turn]) -> list[types_pb.ChatMessage]:
     ]
 
 
+#: v1 keyword arguments the v2 client still accepts, so code written for the
+#: v1 client (`max_tokens=32, seed=1`) runs unchanged: v1 field -> v2 field.
+_V1_FIELDS = {"max_tokens": "max_output_tokens", "stop": "stop_sequences"}
+_V1_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")
+
+
+def _absorb_v1_fields(
+    fields: dict[str, Any], sampling: Mapping[str, Any] | types_pb.SamplingParams | None
+) -> Mapping[str, Any] | types_pb.SamplingParams | None:
+    for old, new in _V1_FIELDS.items():
+        if old in fields:
+            fields[new] = fields.pop(old)
+    loose = {name: fields.pop(name) for name in _V1_SAMPLING_FIELDS if name in fields}
+    if not loose:
+        return sampling
+    if isinstance(sampling, types_pb.SamplingParams):
+        merged = types_pb.SamplingParams()
+        merged.CopyFrom(sampling)
+        for name, value in loose.items():
+            setattr(merged, name, value)
+        return merged
+    return {**(sampling or {}), **loose}
+
+
 def _generation_fields(
     prompt: str | None,
     messages: Iterable[Turn] | None,
@@ -145,6 +169,7 @@ def _generation_fields(
 ) -> dict[str, Any]:
     if (prompt is None) == (messages is None):
         raise ValueError("pass exactly one of prompt= or messages=")
+    sampling = _absorb_v1_fields(fields, sampling)
     if prompt is not None:
         fields["prompt"] = prompt
     if messages is not None:
@@ -220,6 +245,8 @@ class Client(_Connection):
         `sampling` is a SamplingParams or a dict of its fields; `fields` are
         other GenerateRequest fields (n, logprobs, top_logprobs,
         max_output_tokens, stop_sequences, template, variables, metadata, ...).
+        The v1 client's keywords still work: max_tokens, stop, and temperature,
+        top_p, top_k, seed outside `sampling`.
         """
         request = pb.GenerateRequest(
             model=model, **_generation_fields(prompt, messages, sampling, fields)
