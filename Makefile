@@ -110,6 +110,10 @@ bench: setup ## Run the benchmarks and write bench/results/<timestamp>/.
 	  || echo "h2load unavailable: throughput measured with Python clients"
 	$(PY) -m bench
 
+.PHONY: gpu-readiness
+gpu-readiness: ## On an NVIDIA GPU machine: report driver/CUDA/TensorRT, test the CUDA copy path and the TensorRT engine (installs nothing).
+	bash bench/gpu/run.sh
+
 .PHONY: chaos
 chaos: setup ## Kill -9 and restart each part of a mesh under load; write the fault table (docs/reliability.md).
 	$(PY) -m bench.chaos --write

@@ -4,61 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from bench.ceiling import DECODE_STEPS, engine_ceiling
 from bench.clients import StreamRecord, run_streams
 from bench.peers import Peer, bench_pki
 from bench.servers import bare_server, redis_server, worker
 from bench.stats import summarize_streams
-from services.inference.engines.base import StepItem
-from services.launcher.mesh import REPO_ROOT
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 
-DEMO_LM = REPO_ROOT / "models" / "demo-lm" / "1"
-PROMPT_TOKENS = 16
-DECODE_STEPS = 64
 WINDOW_S = 4.0  # of sustained load per concurrency level
 ROUNDS = 3  # interleaved rounds for the served-vs-ceiling ratio
-
-
-def engine_ceiling(batches: tuple[int, ...] = (1, 8, 32)) -> dict[str, dict[str, float]]:
-    """Tokens/s of the raw ONNX engine in-process (greedy), per batch size."""
-    from services.inference.engines.onnx import OnnxGenerativeEngine
-
-    card = json.loads((DEMO_LM / "config.json").read_text())
-    shape = {k: card[k] for k in ("n_layer", "n_head", "head_dim", "vocab_size", "context_length")}
-    engine = OnnxGenerativeEngine(DEMO_LM / "model.onnx", **shape)
-    engine.allocate(max(batches))
-    engine.warm_up(max(batches))  # as a worker does before it reports ready
-    results = {}
-    rng = np.random.default_rng(0)
-    for batch in batches:
-        prompts = [list(rng.integers(1, 4000, PROMPT_TOKENS)) for _ in range(batch)]
-        last = [
-            int(np.argmax(engine.forward([StepItem(s, p, 0)])[0])) for s, p in enumerate(prompts)
-        ]
-        started = time.perf_counter()
-        for step in range(DECODE_STEPS):
-            items = [StepItem(s, [last[s]], PROMPT_TOKENS + step) for s in range(batch)]
-            last = [int(t) for t in np.argmax(engine.forward(items), axis=1)]
-        elapsed = time.perf_counter() - started
-        results[str(batch)] = {
-            "tokens_per_s": batch * DECODE_STEPS / elapsed,
-            "step_ms": elapsed / DECODE_STEPS * 1000,
-        }
-        print(
-            f"  engine batch {batch:>2}: {results[str(batch)]['tokens_per_s']:8.0f} tokens/s",
-            flush=True,
-        )
-    return results
 
 
 def served_request() -> pb.GenerateRequest:
