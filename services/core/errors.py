@@ -131,10 +131,34 @@ class InvalidArgument(TokenmeshError):
 
 
 class NotFound(TokenmeshError):
-    """NotFound reports a missing resource."""
+    """NotFound reports a missing resource (with a ResourceInfo detail when `resource_type`
+    names what kind of resource is missing)."""
 
     code = grpc.StatusCode.NOT_FOUND
     reason = "NOT_FOUND"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        resource_type: str = "",
+        resource_name: str = "",
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.resource_type = resource_type
+        self.resource_name = bounded(resource_name, 256)
+
+    def details(self) -> list[Message]:
+        if not self.resource_type:
+            return super().details()
+        resource = error_details_pb2.ResourceInfo(
+            resource_type=self.resource_type,
+            resource_name=self.resource_name,
+            description=self.message,
+        )
+        return [*super().details(), resource]
 
 
 class AlreadyExists(TokenmeshError):

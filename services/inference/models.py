@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from services.core.errors import NotFound
 from services.inference.embedder import Embedder
 from services.inference.scheduler import Scheduler
-from services.inference.templates import Prompt, chat_prompt
+from services.inference.templates import DEFAULT_CHAT_TEMPLATE_ID, Prompt, TemplateId, chat_prompt
 from services.inference.tokenizer import Tokenizer
 from tokenmesh.inference.v1 import inference_pb2
 
@@ -40,6 +40,8 @@ class LoadedModel:
     # Renders chat `messages` into this version's prompt (config.json chat_template, else
     # templates.DEFAULT_CHAT_TEMPLATE).
     chat_template: Prompt = field(default_factory=chat_prompt)
+    # What responses and usage events name chat_template as.
+    chat_template_id: TemplateId = DEFAULT_CHAT_TEMPLATE_ID
     ready: bool = False
 
     async def start(self) -> None:

@@ -26,7 +26,13 @@ from services.inference.engines.base import GenerativeEngine
 from services.inference.engines.deterministic import DeterministicTestEngine
 from services.inference.models import LoadedModel, ModelDefaults
 from services.inference.scheduler import Scheduler, SchedulerLimits
-from services.inference.templates import Prompt, chat_prompt
+from services.inference.templates import (
+    DEFAULT_CHAT_TEMPLATE_ID,
+    Prompt,
+    TemplateId,
+    chat_prompt,
+    model_chat_template_id,
+)
 from services.inference.tokenizer import HuggingFaceTokenizer, WordTokenizer
 from tokenmesh.inference.v1 import inference_pb2
 
@@ -108,6 +114,13 @@ def model_chat_template(card: dict[str, Any], name: str, version: str) -> Prompt
         ) from None
 
 
+def model_chat_template_ref(card: dict[str, Any], name: str, version: str) -> TemplateId:
+    """Returns what responses name the version's chat template."""
+    if card.get("chat_template") is None:
+        return DEFAULT_CHAT_TEMPLATE_ID
+    return model_chat_template_id(name, version)
+
+
 def _generative_engine(
     card: dict[str, Any], weights: Path, options: EngineOptions
 ) -> GenerativeEngine:
@@ -169,6 +182,7 @@ def load_from_repository(
         scheduler=scheduler,
         defaults=defaults,
         chat_template=model_chat_template(card, name, version),
+        chat_template_id=model_chat_template_ref(card, name, version),
         **common,
     )
 

@@ -234,7 +234,8 @@ class InferenceService(Service):
         )
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(v1, server)
         # v2 shares v1's routing, budgets and usage recording (one Admission).
-        v2_grpc.add_InferenceServiceServicer_to_server(v2.InferenceServicer(v1.admission), server)
+        v2_servicer = v2.InferenceServicer(v1.admission, templates=self.templates)
+        v2_grpc.add_InferenceServiceServicer_to_server(v2_servicer, server)
         inference_service_pb2_grpc.add_InferenceAdminServiceServicer_to_server(
             InferenceAdminServicer(self.registry, self.load, self.unload), server
         )

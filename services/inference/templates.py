@@ -64,6 +64,28 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m.role | capitalize }}: {{ m.content }}\n{% endfor %}"
     "Assistant:"
 )
+
+
+@dataclass(frozen=True)
+class TemplateId:
+    """TemplateId names the template version that rendered a prompt (responses and usage
+    events report it): a catalogue version ("support", 3) or a model version's chat
+    template."""
+
+    name: str
+    version: int
+
+
+#: DEFAULT_CHAT_TEMPLATE's name in responses; the version goes up if its text ever changes.
+DEFAULT_CHAT_TEMPLATE_ID = TemplateId("tokenmesh.default-chat", 1)
+
+
+def model_chat_template_id(model: str, version: str) -> TemplateId:
+    """Names the chat template a model version's config.json sets: "<model>.<version>.chat",
+    version 1 (model versions are immutable, so their chat templates never change)."""
+    return TemplateId(f"{model}.{version}.chat", 1)
+
+
 _FORBIDDEN_TAGS: dict[type[nodes.Node], str] = {
     nodes.Extends: "{% extends %}",
     nodes.Include: "{% include %}",
@@ -89,6 +111,11 @@ _STR_METHODS = frozenset(
     ).split()
 )
 _MAX_INT_BITS = 4096
+
+
+def is_variable_name(name: str) -> bool:
+    """Tells whether `name` may name a template variable (VARIABLE_NAME_RULE)."""
+    return _VARIABLE_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)

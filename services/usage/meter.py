@@ -121,12 +121,22 @@ def scopes(event: inference_pb2.UsageEvent) -> list[str]:
 def increments(event: inference_pb2.UsageEvent) -> list[tuple[str, int]]:
     """Returns the (field, amount) pairs an event adds to each of its buckets."""
     model = f"{event.model.name}|{event.model.version}"
-    return [
+    out = [
         (f"{model}|requests", 1),
         (f"{model}|prompt", event.usage.prompt_tokens),
         (f"{model}|completion", event.usage.completion_tokens),
         (f"{model}|fr:{event.finish_reason or 'unknown'}", 1),
     ]
+    if event.HasField("template"):
+        out.append((f"{model}|tpl:{template_label(event)}", 1))
+    return out
+
+
+def template_label(event: inference_pb2.UsageEvent) -> str:
+    """Returns "name@version" of the template that rendered the event's prompt ("" if none)."""
+    if not event.HasField("template"):
+        return ""
+    return f"{event.template.name}@{event.template.version}"
 
 
 def audit_entry(event: inference_pb2.UsageEvent) -> usage_pb2.AuditEntry:
@@ -143,6 +153,7 @@ def audit_entry(event: inference_pb2.UsageEvent) -> usage_pb2.AuditEntry:
         finish_reason=event.finish_reason,
         trace_id=event.trace_id,
         request_id=event.request_id,
+        template=template_label(event),
     )
     entry.time.FromMilliseconds(event.finish_unix_ms)
     return entry

@@ -30,6 +30,7 @@ class Totals:
     prompt: int = 0
     completion: int = 0
     finish_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    templates: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def add(self, kind: str, amount: int) -> None:
         """Adds one counter from a bucket hash field."""
@@ -41,6 +42,8 @@ class Totals:
             self.completion += amount
         elif kind.startswith("fr:"):
             self.finish_reasons[kind[3:]] += amount
+        elif kind.startswith("tpl:"):
+            self.templates[kind[4:]] += amount
 
     def to_pb(self) -> usage_pb2.UsageTotals:
         """Returns the totals as a protobuf message."""
@@ -50,6 +53,7 @@ class Totals:
             completion_tokens=self.completion,
             total_tokens=self.prompt + self.completion,
             requests_by_finish_reason=dict(self.finish_reasons),
+            requests_by_template=dict(self.templates),
         )
 
 
@@ -120,6 +124,7 @@ class UsageReader:
             completion_tokens=totals.completion_tokens,
             total_tokens=totals.total_tokens,
             requests_by_finish_reason=dict(totals.requests_by_finish_reason),
+            requests_by_template=dict(totals.requests_by_template),
             by_model=[
                 usage_pb2.ModelUsage(model=m, version=v, totals=t.to_pb())
                 for (m, v), t in sorted(per_model.items())

@@ -6,7 +6,7 @@ import pytest
 
 from services.core.errors import InvalidArgument
 from services.inference.models import ModelDefaults
-from services.inference.templates import Message
+from services.inference.templates import MAX_VARIABLE_LENGTH, MAX_VARIABLES, Message
 from services.inference.v2.choices import request_finish_reason
 from services.inference.v2.validation import SEED_MODULUS, GenerationSpec
 from tokenmesh.inference.v2 import inference_pb2 as resources
@@ -44,10 +44,39 @@ def test_messages_are_the_input_when_given():
     assert spec.prompt is None and spec.messages == (Message("user", "hi"),)
 
 
-def test_templates_are_refused_until_served():
+def test_a_template_reference_with_variables_is_the_input():
+    spec = GenerationSpec.from_pb(
+        pb.GenerateRequest(model="m", template="support@stable", variables={"customer": "Ann"})
+    )
+    assert (spec.template, dict(spec.variables)) == ("support@stable", {"customer": "Ann"})
+    assert spec.prompt is None and spec.messages == ()
+    with_prompt = GenerationSpec.from_pb(
+        pb.CompleteRequest(model="m", prompt="help", template="support@3")
+    )
+    assert with_prompt.prompt == "help"
+
+
+def _fields(request: pb.GenerateRequest) -> dict[str, str]:
     with pytest.raises(InvalidArgument) as info:
-        GenerationSpec.from_pb(pb.GenerateRequest(model="m", prompt="p", template="support@1"))
-    assert [v.field for v in info.value.violations] == ["template"]
+        GenerationSpec.from_pb(request)
+    return {v.field: v.description for v in info.value.violations}
+
+
+@pytest.mark.parametrize(
+    ("fields", "violations"),
+    [
+        ({"template": "support@@1"}, ["template"]),
+        ({"template": "@3"}, ["template"]),
+        ({"template": "support@Not_An_Alias"}, ["template"]),
+        ({"prompt": "p", "variables": {"a": "1"}}, ["variables"]),
+        ({"template": "t@1", "variables": {"9lives": "x"}}, ["variables"]),
+        ({"template": "t@1", "variables": {"big": "x" * (MAX_VARIABLE_LENGTH + 1)}}, ["variables.big"]),
+        ({"template": "t@1", "variables": {f"v{i}": "" for i in range(MAX_VARIABLES + 1)}}, ["variables"]),
+        ({}, ["prompt"]),
+    ],
+)  # fmt: skip
+def test_template_fields_are_checked_before_resolving(fields, violations):
+    assert list(_fields(pb.GenerateRequest(model="m", **fields))) == violations
 
 
 @pytest.mark.parametrize(

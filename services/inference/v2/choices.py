@@ -24,6 +24,7 @@ from services.inference.admission import Request, Target
 from services.inference.generation import Delta, GenerationState, stream_deltas
 from services.inference.logprobs import Confidence, TokenLogprob
 from services.inference.scheduler import Scheduler, Sequence_
+from services.inference.templates import TemplateId
 from services.inference.tokenizer import Tokenizer
 from services.inference.v2.validation import GenerationSpec
 from services.inference.validation import check_context
@@ -98,6 +99,7 @@ class Generation(Request):
         spec: the validated request.
         prompt_ids: the rendered prompt's token ids.
         rpc: the full RPC name.
+        template: the template version that rendered the prompt (None: used as is).
 
     Raises:
         InvalidArgument: the prompt and max_output_tokens do not fit the context.
@@ -110,8 +112,10 @@ class Generation(Request):
         spec: GenerationSpec,
         prompt_ids: list[int],
         rpc: str,
+        template: TemplateId | None = None,
     ) -> None:
         super().__init__(context, target, spec.request_id, rpc, API_VERSION, spec.metadata)
+        self.template = template
         model = target.model
         assert model.scheduler is not None
         self.scheduler: Scheduler = model.scheduler

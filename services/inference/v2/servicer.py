@@ -25,9 +25,10 @@ from services.inference.admission import (
     visible_models,
 )
 from services.inference.logprobs import TokenLogprob
-from services.inference.models import LoadedModel, ModelRegistry
+from services.inference.models import ModelRegistry
+from services.inference.template_cache import TemplateCache
 from services.inference.tokenizer import Tokenizer
-from services.inference.v2 import validation
+from services.inference.v2 import prompting, validation
 from services.inference.v2.choices import API_VERSION, Choice, ChoiceTiming, Generation
 from services.inference.v2.validation import GenerationSpec
 from tokenmesh.inference.v1 import inference_pb2 as v1_pb
@@ -38,9 +39,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 GENERATE_RPC = f"/{SERVICE_NAME}/Generate"
 COMPLETE_RPC = f"/{SERVICE_NAME}/Complete"
 EMBED_RPC = f"/{SERVICE_NAME}/Embed"
-# Prompts (or conversations) up to this many characters are rendered and
-# tokenized on the event loop; longer ones in a thread (as in v1).
-INLINE_TOKENIZE_CHARS = 256
 FINISH_REASONS = {
     "stop": inference_pb2.FINISH_REASON_STOP,
     "length": inference_pb2.FINISH_REASON_LENGTH,
@@ -48,24 +46,6 @@ FINISH_REASONS = {
     "error": inference_pb2.FINISH_REASON_ERROR,
     "quota": inference_pb2.FINISH_REASON_QUOTA,
 }
-
-
-def render_prompt(model: LoadedModel, spec: GenerationSpec) -> str:
-    """Returns the prompt text: the request's prompt, or its messages rendered by the
-    model version's chat template."""
-    if spec.prompt is not None:
-        return spec.prompt
-    return model.chat_template.render(messages=spec.messages)
-
-
-def _prompt_ids(model: LoadedModel, spec: GenerationSpec) -> list[int]:
-    return model.tokenizer.encode(render_prompt(model, spec))
-
-
-def _input_chars(spec: GenerationSpec) -> int:
-    if spec.prompt is not None:
-        return len(spec.prompt)
-    return sum(len(m.content) for m in spec.messages)
 
 
 def usage_pb(generation: Generation, completion_tokens: int) -> inference_pb2.Usage:
@@ -118,6 +98,11 @@ def status_pb(error: TokenmeshError) -> status_pb2.Status:
 def model_pb(registry: ModelRegistry, name: str) -> inference_pb2.Model:
     """Returns a model with its versions in the v2 shape (the v1 shape, renamed fields)."""
     v1 = registry.to_pb(name)
+    chat_templates = {
+        m.version: prompting.template_ref(m.chat_template_id)
+        for m in registry.versions(name)
+        if m.scheduler is not None
+    }
     return inference_pb2.Model(
         name=v1.name,
         kind=int(v1.kind),  # type: ignore[arg-type]  # same numbers in both versions
@@ -132,6 +117,7 @@ def model_pb(registry: ModelRegistry, name: str) -> inference_pb2.Model:
                 max_output_tokens_default=v.max_tokens_default,
                 embedding_dimensions=v.embedding_dimensions,
                 message=v.message,
+                chat_template=chat_templates.get(v.version),
             )
             for v in v1.versions
         ],
@@ -143,11 +129,14 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     Args:
         admission: routing, budgets and usage, shared with the v1 servicer.
+        templates: the worker's prompt-template cache (None: requests naming a
+            template fail with FAILED_PRECONDITION).
     """
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, templates: TemplateCache | None = None) -> None:
         self.admission = admission
         self.registry = admission.registry
+        self.templates = templates
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
@@ -168,12 +157,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     ) -> Generation:
         spec = GenerationSpec.from_pb(request)
         target = self.admission.resolve(context, spec.model, spec.version, generative=True)
-        model = target.model
-        if _input_chars(spec) <= INLINE_TOKENIZE_CHARS:
-            prompt_ids = _prompt_ids(model, spec)
-        else:
-            prompt_ids = await asyncio.to_thread(_prompt_ids, model, spec)
-        generation = Generation(context, target, spec, prompt_ids, rpc)
+        prompt = await prompting.prepare(spec, target.model, self.templates)
+        generation = Generation(context, target, spec, prompt.token_ids, rpc, prompt.template)
         await self.admission.reserve(generation)
         generation.submit(context.time_remaining())
         return generation
@@ -190,6 +175,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         )
         usage = token_usage(generation.prompt_tokens, generation.sent_tokens)
         event = generation.usage_event(usage, generation.finish_reason(), timing)
+        template = prompting.template_ref(generation.template)
+        if template is not None:
+            event.template.CopyFrom(template)
         self.admission.record(generation, event)
 
     def _final(
@@ -206,6 +194,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         message.usage.CopyFrom(usage_pb(generation, completion_tokens))
         message.timing.CopyFrom(timing_pb(choice.timing()))
         message.model.CopyFrom(generation.model_ref())
+        template = prompting.template_ref(generation.template)
+        if template is not None:
+            message.template.CopyFrom(template)
         if choice.confidence.logprobs:
             message.confidence = choice.confidence.score
             message.mean_logprob = choice.confidence.mean_logprob
@@ -313,6 +304,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             choices=[outputs[i] for i in sorted(outputs)],
             usage=usage_pb(generation, generation.sent_tokens),
             model=generation.model_ref(),
+            template=prompting.template_ref(generation.template),
             request_id=generation.request_id,
         )
 

@@ -20,7 +20,15 @@ from services.inference import validation as v1
 from services.inference.models import ModelDefaults
 from services.inference.sampling import SamplingParams
 from services.inference.scheduler import PRIORITY_BATCH, PRIORITY_INTERACTIVE
-from services.inference.templates import ROLES, Message
+from services.inference.templates import (
+    MAX_VARIABLE_LENGTH,
+    MAX_VARIABLES,
+    ROLES,
+    VARIABLE_NAME_RULE,
+    Message,
+    is_variable_name,
+)
+from services.router.prompts import parse_reference
 from tokenmesh.inference.v2 import inference_pb2
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
 
@@ -39,9 +47,10 @@ _PRIORITIES = {inference_pb2.PRIORITY_BATCH: PRIORITY_BATCH}
 class GenerationSpec:
     """GenerationSpec is a validated Generate/Complete request.
 
-    Exactly one of `prompt` and `messages` is the input. `sampling` holds the
-    request's own sampling fields (None where unset); `params` fills the rest
-    from the model version's defaults.
+    At most one of `prompt` and `messages` is the input (exactly one without
+    a `template`, "name@version" or "name@alias", which `variables` fill in).
+    `sampling` holds the request's own sampling fields (None where unset);
+    `params` fills the rest from the model version's defaults.
     """
 
     model: str
@@ -60,6 +69,8 @@ class GenerationSpec:
     metadata: Mapping[str, str] = field(default_factory=dict)
     request_id: str = ""
     priority: int = PRIORITY_INTERACTIVE
+    template: str = ""
+    variables: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_pb(cls, request: GenerationRequest) -> GenerationSpec:
@@ -69,7 +80,7 @@ class GenerationSpec:
         return cls(
             model=request.model,
             version=request.version,
-            prompt=None if request.messages else request.prompt,
+            prompt=None if request.messages or not request.prompt else request.prompt,
             messages=tuple(Message(m.role, m.content) for m in request.messages),
             n=request.n or 1,
             temperature=sampling.temperature if sampling.HasField("temperature") else None,
@@ -85,6 +96,8 @@ class GenerationSpec:
             metadata=dict(request.metadata),
             request_id=request.request_id,
             priority=_PRIORITIES.get(request.priority, PRIORITY_INTERACTIVE),
+            template=request.template,
+            variables=dict(request.variables),
         )
 
     def params(self, defaults: ModelDefaults) -> SamplingParams:
@@ -114,18 +127,39 @@ def _or(value: T | None, default: T) -> T:
 
 
 def _check_input(request: GenerationRequest, out: list[FieldViolation]) -> None:
-    if request.template or request.variables:
-        # TODO(issue 16): prompt templates (`template`, `variables`) come with the
-        # catalogue's worker cache in the next step; until then they are refused.
-        name = "template" if request.template else "variables"
-        out.append(FieldViolation(name, "prompt templates are not served by this worker yet"))
+    _check_template(request, out)
     if request.prompt and request.messages:
         out.append(FieldViolation("messages", "set either prompt or messages, not both"))
-    elif not (request.prompt or request.messages):
-        out.append(FieldViolation("prompt", "prompt or messages is required"))
+    elif not (request.prompt or request.messages or request.template):
+        out.append(FieldViolation("prompt", "prompt, messages or template is required"))
     if len(request.prompt) > v1.MAX_PROMPT_CHARS:
         out.append(FieldViolation("prompt", f"must be at most {v1.MAX_PROMPT_CHARS} characters"))
     _check_messages(request, out)
+
+
+def _check_template(request: GenerationRequest, out: list[FieldViolation]) -> None:
+    """Checks the reference's form and the variables' names and sizes; the template's own
+    declarations (required, known, each one's max_length) are checked when it renders."""
+    if request.template:
+        try:
+            parse_reference(request.template)
+        except InvalidArgument as error:
+            out.extend(error.violations)
+    elif request.variables:
+        out.append(FieldViolation("variables", "only with template"))
+    if len(request.variables) > MAX_VARIABLES:
+        out.append(FieldViolation("variables", f"must have at most {MAX_VARIABLES} entries"))
+        return
+    for name in sorted(request.variables):
+        if not is_variable_name(name):
+            shown = name if len(name) <= 64 else name[:64] + "..."
+            out.append(FieldViolation("variables", f"{shown!r} must be {VARIABLE_NAME_RULE}"))
+        elif len(request.variables[name]) > MAX_VARIABLE_LENGTH:
+            out.append(
+                FieldViolation(
+                    f"variables.{name}", f"must be at most {MAX_VARIABLE_LENGTH} characters"
+                )
+            )
 
 
 def _check_messages(request: GenerationRequest, out: list[FieldViolation]) -> None:

@@ -316,6 +316,8 @@ class UsageEvent(_message.Message):
     FINISH_UNIX_MS_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     API_VERSION_FIELD_NUMBER: _builtins.int
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """request_id identifies the request; consumers deduplicate on it."""
     key_id: _builtins.str
@@ -333,6 +335,11 @@ class UsageEvent(_message.Message):
     api_version: _builtins.str
     """api_version is the inference API version the request was made in: "v1"
     or "v2". Empty in events written before it existed (read as "v1").
+    """
+    cached_prompt_tokens: _builtins.int
+    """cached_prompt_tokens are the prompt tokens the prefix cache served (part
+    of usage.prompt_tokens); usage reports bill them at the version's cached
+    prompt price when it has one. 0 in events written before it existed.
     """
     @_builtins.property
     def model(self) -> _types_pb2.ModelRef:
@@ -353,6 +360,13 @@ class UsageEvent(_message.Message):
         for usage reports grouped by tag. Empty for v1 requests.
         """
 
+    @_builtins.property
+    def template(self) -> _types_pb2.TemplateRef:
+        """template is the prompt template version that rendered the prompt
+        (inference v2: the request's template, or the model version's chat
+        template for messages); unset for a prompt used as is.
+        """
+
     def __init__(
         self,
         *,
@@ -368,10 +382,12 @@ class UsageEvent(_message.Message):
         finish_unix_ms: _builtins.int = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         api_version: _builtins.str = ...,
+        cached_prompt_tokens: _builtins.int = ...,
+        template: _types_pb2.TemplateRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "template", b"template", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "finish_reason", b"finish_reason", "finish_unix_ms", b"finish_unix_ms", "key_id", b"key_id", "metadata", b"metadata", "model", b"model", "request_id", b"request_id", "rpc", b"rpc", "tenant", b"tenant", "timing", b"timing", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "cached_prompt_tokens", b"cached_prompt_tokens", "finish_reason", b"finish_reason", "finish_unix_ms", b"finish_unix_ms", "key_id", b"key_id", "metadata", b"metadata", "model", b"model", "request_id", b"request_id", "rpc", b"rpc", "template", b"template", "tenant", b"tenant", "timing", b"timing", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

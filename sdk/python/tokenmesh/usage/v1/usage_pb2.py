@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etokenmesh/usage/v1/usage.proto\x12\x12tokenmesh.usage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x86\x02\n\x0bUsageTotals\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x03\x12^\n\x19requests_by_finish_reason\x18\x05 \x03(\x0b\x32;.tokenmesh.usage.v1.UsageTotals.RequestsByFinishReasonEntry\x1a=\n\x1bRequestsByFinishReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"]\n\nModelUsage\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12/\n\x06totals\x18\x03 \x01(\x0b\x32\x1f.tokenmesh.usage.v1.UsageTotals\"\xce\x01\n\x0bUsageBucket\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x06totals\x18\x03 \x01(\x0b\x32\x1f.tokenmesh.usage.v1.UsageTotals\x12\x30\n\x08\x62y_model\x18\x04 \x03(\x0b\x32\x1e.tokenmesh.usage.v1.ModelUsage\"\x82\x02\n\nAuditEntry\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0b\n\x03rpc\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\x05\x12\x0e\n\x06status\x18\t \x01(\t\x12\x15\n\rfinish_reason\x18\n \x01(\t\x12\x10\n\x08trace_id\x18\x0b \x01(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\t*\x84\x01\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x16\n\x12GRANULARITY_MINUTE\x10\x01\x12\x14\n\x10GRANULARITY_HOUR\x10\x02\x12\x13\n\x0fGRANULARITY_DAY\x10\x03\x12\x15\n\x11GRANULARITY_MONTH\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etokenmesh/usage/v1/usage.proto\x12\x12tokenmesh.usage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x03\n\x0bUsageTotals\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x03\x12^\n\x19requests_by_finish_reason\x18\x05 \x03(\x0b\x32;.tokenmesh.usage.v1.UsageTotals.RequestsByFinishReasonEntry\x12U\n\x14requests_by_template\x18\x06 \x03(\x0b\x32\x37.tokenmesh.usage.v1.UsageTotals.RequestsByTemplateEntry\x1a=\n\x1bRequestsByFinishReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x39\n\x17RequestsByTemplateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"]\n\nModelUsage\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12/\n\x06totals\x18\x03 \x01(\x0b\x32\x1f.tokenmesh.usage.v1.UsageTotals\"\xce\x01\n\x0bUsageBucket\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x06totals\x18\x03 \x01(\x0b\x32\x1f.tokenmesh.usage.v1.UsageTotals\x12\x30\n\x08\x62y_model\x18\x04 \x03(\x0b\x32\x1e.tokenmesh.usage.v1.ModelUsage\"\x94\x02\n\nAuditEntry\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0b\n\x03rpc\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\x05\x12\x0e\n\x06status\x18\t \x01(\t\x12\x15\n\rfinish_reason\x18\n \x01(\t\x12\x10\n\x08trace_id\x18\x0b \x01(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x10\n\x08template\x18\r \x01(\t*\x84\x01\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x16\n\x12GRANULARITY_MINUTE\x10\x01\x12\x14\n\x10GRANULARITY_HOUR\x10\x02\x12\x13\n\x0fGRANULARITY_DAY\x10\x03\x12\x15\n\x11GRANULARITY_MONTH\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_USAGETOTALS_REQUESTSBYFINISHREASONENTRY']._loaded_options = None
   _globals['_USAGETOTALS_REQUESTSBYFINISHREASONENTRY']._serialized_options = b'8\001'
-  _globals['_GRANULARITY']._serialized_start=918
-  _globals['_GRANULARITY']._serialized_end=1050
+  _globals['_USAGETOTALS_REQUESTSBYTEMPLATEENTRY']._loaded_options = None
+  _globals['_USAGETOTALS_REQUESTSBYTEMPLATEENTRY']._serialized_options = b'8\001'
+  _globals['_GRANULARITY']._serialized_start=1082
+  _globals['_GRANULARITY']._serialized_end=1214
   _globals['_USAGETOTALS']._serialized_start=88
-  _globals['_USAGETOTALS']._serialized_end=350
-  _globals['_USAGETOTALS_REQUESTSBYFINISHREASONENTRY']._serialized_start=289
-  _globals['_USAGETOTALS_REQUESTSBYFINISHREASONENTRY']._serialized_end=350
-  _globals['_MODELUSAGE']._serialized_start=352
-  _globals['_MODELUSAGE']._serialized_end=445
-  _globals['_USAGEBUCKET']._serialized_start=448
-  _globals['_USAGEBUCKET']._serialized_end=654
-  _globals['_AUDITENTRY']._serialized_start=657
-  _globals['_AUDITENTRY']._serialized_end=915
+  _globals['_USAGETOTALS']._serialized_end=496
+  _globals['_USAGETOTALS_REQUESTSBYFINISHREASONENTRY']._serialized_start=376
+  _globals['_USAGETOTALS_REQUESTSBYFINISHREASONENTRY']._serialized_end=437
+  _globals['_USAGETOTALS_REQUESTSBYTEMPLATEENTRY']._serialized_start=439
+  _globals['_USAGETOTALS_REQUESTSBYTEMPLATEENTRY']._serialized_end=496
+  _globals['_MODELUSAGE']._serialized_start=498
+  _globals['_MODELUSAGE']._serialized_end=591
+  _globals['_USAGEBUCKET']._serialized_start=594
+  _globals['_USAGEBUCKET']._serialized_end=800
+  _globals['_AUDITENTRY']._serialized_start=803
+  _globals['_AUDITENTRY']._serialized_end=1079
 # @@protoc_insertion_point(module_scope)

@@ -78,11 +78,32 @@ class UsageTotals(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RequestsByTemplateEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     REQUESTS_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
     REQUESTS_BY_FINISH_REASON_FIELD_NUMBER: _builtins.int
+    REQUESTS_BY_TEMPLATE_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     """requests is the number of finished requests."""
     prompt_tokens: _builtins.int
@@ -95,6 +116,13 @@ class UsageTotals(_message.Message):
     def requests_by_finish_reason(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """requests_by_finish_reason counts requests per finish_reason."""
 
+    @_builtins.property
+    def requests_by_template(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """requests_by_template counts requests per prompt template version that
+        rendered their prompt, keyed "name@version" (inference v2: a catalogue
+        template, or a model version's chat template for messages).
+        """
+
     def __init__(
         self,
         *,
@@ -103,10 +131,11 @@ class UsageTotals(_message.Message):
         completion_tokens: _builtins.int = ...,
         total_tokens: _builtins.int = ...,
         requests_by_finish_reason: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        requests_by_template: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "requests_by_finish_reason", b"requests_by_finish_reason", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "requests_by_finish_reason", b"requests_by_finish_reason", "requests_by_template", b"requests_by_template", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -204,6 +233,7 @@ class AuditEntry(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """key_id is the caller's key id."""
     tenant: _builtins.str
@@ -226,6 +256,10 @@ class AuditEntry(_message.Message):
     """trace_id is the W3C trace id."""
     request_id: _builtins.str
     """request_id identifies the request."""
+    template: _builtins.str
+    """template is the prompt template version that rendered the prompt,
+    "name@version"; empty for a prompt used as is.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """time is when the request finished."""
@@ -245,10 +279,11 @@ class AuditEntry(_message.Message):
         finish_reason: _builtins.str = ...,
         trace_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        template: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "key_id", b"key_id", "model", b"model", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "rpc", b"rpc", "status", b"status", "tenant", b"tenant", "time", b"time", "trace_id", b"trace_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "key_id", b"key_id", "model", b"model", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "rpc", b"rpc", "status", b"status", "template", b"template", "tenant", b"tenant", "time", b"time", "trace_id", b"trace_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -92,6 +92,26 @@ class GetUsageResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RequestsByTemplateEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     REQUESTS_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
@@ -101,6 +121,7 @@ class GetUsageResponse(_message.Message):
     BUCKETS_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    REQUESTS_BY_TEMPLATE_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     """requests is the number of finished requests in the range."""
     prompt_tokens: _builtins.int
@@ -129,6 +150,12 @@ class GetUsageResponse(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """end_time is the effective range end."""
 
+    @_builtins.property
+    def requests_by_template(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """requests_by_template counts requests per prompt template version
+        ("name@version") that rendered their prompt.
+        """
+
     def __init__(
         self,
         *,
@@ -141,10 +168,11 @@ class GetUsageResponse(_message.Message):
         buckets: _abc.Iterable[_usage_pb2.UsageBucket] | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        requests_by_template: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "by_model", b"by_model", "completion_tokens", b"completion_tokens", "end_time", b"end_time", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "requests_by_finish_reason", b"requests_by_finish_reason", "start_time", b"start_time", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "by_model", b"by_model", "completion_tokens", b"completion_tokens", "end_time", b"end_time", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "requests_by_finish_reason", b"requests_by_finish_reason", "requests_by_template", b"requests_by_template", "start_time", b"start_time", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
