@@ -4,9 +4,11 @@
 -- frame whose protobuf message has `model` as field 1 and `version` as
 -- field 2 (GenerateRequest, CompleteRequest, EmbedRequest of inference v1
 -- and v2, which kept v1's numbers for them). Only those fields, a
--- generation's `prompt` (field 3) and a v2 chat's first message (field 4)
--- are decoded; every other field is skipped by its wire type. The hex of the
--- prompt's (or first message's) first PREFIX_BYTES bytes goes into
+-- generation's `prompt` (field 3), a v2 chat's first message (field 4) and
+-- a v2 `template` reference (field 5) are decoded; every other field is
+-- skipped by its wire type. The hex of the template reference (requests
+-- rendered by one template share its head, whatever their variables), else
+-- of the prompt's (or first message's) first PREFIX_BYTES bytes goes into
 -- x-tokenmesh-prefix, which the routes hash (bounded-load consistent
 -- hashing) to pick the worker.
 
@@ -27,6 +29,7 @@ local GENERATION = {
 }
 -- Requests whose field 4 is a conversation (v2 `messages`): without a prompt,
 -- the head of the first message (its role and content, as encoded) is hashed.
+-- Their field 5 is a template reference ("support@stable"), hashed first.
 local CHAT = {
   ["/tokenmesh.inference.v2.InferenceService/Generate"] = true,
   ["/tokenmesh.inference.v2.InferenceService/Complete"] = true,
@@ -46,13 +49,13 @@ local function varint(s, i)
   end
 end
 
--- Returns (model, version, head of field 3, head of the first field 4) from
--- one uncompressed gRPC frame, nil for what is absent.
+-- Returns (model, version, head of field 3, head of the first field 4, head
+-- of field 5) from one uncompressed gRPC frame, nil for what is absent.
 local function model_fields(s)
-  if #s < 5 or s:byte(1) ~= 0 then return nil, nil, nil, nil end
+  if #s < 5 or s:byte(1) ~= 0 then return nil, nil, nil, nil, nil end
   local stop = 5 + s:byte(2) * 16777216 + s:byte(3) * 65536 + s:byte(4) * 256 + s:byte(5)
   if stop > #s then stop = #s end
-  local i, model, version, head, chat = 6, nil, nil, nil, nil
+  local i, model, version, head, chat, template = 6, nil, nil, nil, nil, nil
   while i <= stop do
     local key, value
     key, i = varint(s, i)
@@ -76,13 +79,15 @@ local function model_fields(s)
         head = s:sub(i, i + math.min(value, PREFIX_BYTES) - 1)
       elseif field == 4 and chat == nil then
         chat = s:sub(i, i + math.min(value, PREFIX_BYTES) - 1)
+      elseif field == 5 then
+        template = s:sub(i, i + math.min(value, PREFIX_BYTES) - 1)
       end
       i = i + value
     else
       break
     end
   end
-  return model, version, head, chat
+  return model, version, head, chat, template
 end
 
 -- Tells whether a model or version may travel in a header: a name's
@@ -112,14 +117,20 @@ function envoy_on_request(handle)
   if not ROUTED[handle:headers():get(":path")] then return end
   local body = handle:body()
   if body == nil then return end
-  local model, version, head, chat = model_fields(body:getBytes(0, body:length()))
+  local model, version, head, chat, template = model_fields(body:getBytes(0, body:length()))
   -- Header objects do not survive the body() yield: fetch them again.
   local headers = handle:headers()
   if not header_safe(model, 128) then model = nil end
   if not header_safe(version, 64) then version = nil end
   if model ~= nil then headers:replace("x-tokenmesh-model", model) end
   local path = headers:get(":path")
-  if (head == nil or head == "") and CHAT[path] then head = chat end
+  if CHAT[path] then
+    if template ~= nil and template ~= "" then
+      head = template
+    elseif head == nil or head == "" then
+      head = chat
+    end
+  end
   if head ~= nil and head ~= "" and GENERATION[path] then
     headers:replace("x-tokenmesh-prefix", hex(head))
   end
