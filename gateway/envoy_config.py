@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import edge_auth, model_routing
+from gateway import edge_auth, error_status, model_routing
 from gateway.edge_auth import EdgeAuth
 from services.core import contract, pki
 
@@ -565,6 +565,8 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
             *([hsts_filter()] if tls else []),
             *_strip_filters(config),
             health_filter(sorted({*config.upstreams, "inference"})),
+            # Before the transcoder: on the way back it sees the REST response.
+            error_status.lua_filter(),
             transcoder_filter(config.descriptor_path),
             *_auth_filters(config),
             *([model_routing.lua_filter()] if config.xds and config.model_routing else []),

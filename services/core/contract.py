@@ -117,6 +117,11 @@ IDENTITY_HEADERS = (
 #: Every header with this prefix is the edge's to set (identity, routing, prefix):
 #: a request from any other peer that carries one is refused.
 EDGE_HEADER_PREFIX = "x-tokenmesh-"
+#: A response header a service sets on an error that REST clients must get with
+#: another status than the transcoder's mapping of its gRPC code (410 for an API
+#: version past its sunset, which gRPC calls UNIMPLEMENTED); the edge applies it
+#: and removes it.
+HTTP_STATUS_HEADER = "x-tokenmesh-http-status"
 ADMIN_SCOPE = "admin"
 
 # ---------------------------------------------------------------------------

@@ -7,6 +7,11 @@ timed by method and status code. The interceptor also decodes unary
 requests itself, so that bytes that are not the request message (corrupt
 protobuf, a string field that is not UTF-8) are INVALID_ARGUMENT naming the
 message, not grpc's UNKNOWN "Unexpected <class ...DecodeError>".
+
+It also keeps API versions' life cycle (services/core/api_versions.py): each
+tokenmesh RPC is counted by API version, a deprecated version's responses
+carry Deprecation/Sunset/Link, and after its sunset it answers
+UNIMPLEMENTED (REST 410) before its handler runs.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -23,6 +28,8 @@ from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram
 
+from services.core import contract
+from services.core.api_versions import DeprecationSchedule, VersionPolicy, parse_rpc
 from services.core.errors import (
     FieldViolation,
     InvalidArgument,
@@ -44,7 +51,15 @@ RPC_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 
+API_REQUESTS = Counter(
+    "tokenmesh_api_requests_total",
+    "RPCs received by API (inference, auth, ...), API version (v1, v2) and RPC name; "
+    "counted on arrival, so calls to a retired version count too.",
+    ["api", "api_version", "rpc"],
+)
+
 Context = grpc.aio.ServicerContext[Any, Any]
+Clock = Callable[[], float]
 Handler = Callable[..., Any]
 Decoder = Callable[[bytes], Any]
 
@@ -72,6 +87,10 @@ async def abort_with(context: Context, error: TokenmeshError) -> None:
     if retry_after is not None:
         # REST clients behind the transcoder see this as a Retry-After header.
         metadata += (("retry-after", str(max(1, round(retry_after)))),)
+    http_status = getattr(error, "http_status", None)
+    if http_status is not None:
+        # The edge answers REST clients this status instead of the code's mapping.
+        metadata += ((contract.HTTP_STATUS_HEADER, str(http_status)),)
     await context.abort(status.code, status.details, metadata)
 
 
@@ -104,14 +123,81 @@ def _code_name(context: Context, failed: TokenmeshError | None) -> str:
     return "OK" if code in (None, 0) else str(code)
 
 
-class _MethodMetrics:
-    """The metric children of one method, bound once (label lookups take a lock)."""
+class _AnnouncingContext:
+    """The RPC's context, adding a deprecated version's headers to what the RPC sends first.
 
-    def __init__(self, method: str, authorizer: Authorizer | None) -> None:
+    They join the initial metadata (REST: the response headers, also of an SSE
+    stream), whether the handler sends it or the boundary does before the first
+    response; an RPC that fails before sending any carries them in its error's
+    trailing metadata (a trailers-only response, which REST also sees as headers).
+    """
+
+    def __init__(self, context: Context, headers: tuple[tuple[str, str], ...]) -> None:
+        self._context = context
+        self._headers = headers
+        self._sent = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def send_initial_metadata(self, metadata: Any) -> None:
+        self._sent = True
+        await self._context.send_initial_metadata((*tuple(metadata), *self._headers))
+
+    async def ensure_announced(self) -> None:
+        """Sends the headers as initial metadata unless the RPC sent its own already."""
+        if not self._sent:
+            await self.send_initial_metadata(())
+
+    async def write(self, message: Any) -> None:
+        await self.ensure_announced()
+        await self._context.write(message)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> Any:
+        if not self._sent:
+            trailing_metadata = (*tuple(trailing_metadata), *self._headers)
+        return await self._context.abort(code, details, trailing_metadata)
+
+
+class _MethodMetrics:
+    """The metric children and version policy of one method, bound once (label
+    lookups take a lock)."""
+
+    def __init__(
+        self,
+        method: str,
+        authorizer: Authorizer | None,
+        policy: VersionPolicy | None = None,
+        clock: Clock = time.time,
+    ) -> None:
         self.method = method
         self.authorizer = authorizer
         self.seconds = RPC_SECONDS.labels(method)
         self._totals: dict[str, Any] = {}
+        name = parse_rpc(method)
+        self._requests = (
+            None if name is None else API_REQUESTS.labels(name.api, name.version, name.rpc)
+        )
+        self._policy = policy
+        self._clock = clock
+        #: Whether its responses carry a deprecated version's headers.
+        self.announces = policy is not None
+
+    def arrived(self, context: Context) -> Context:
+        """Counts the call; returns the context the handler gets (a deprecated
+        version's announces it)."""
+        if self._requests is not None:
+            self._requests.inc()
+        if self._policy is None:
+            return context
+        return cast(Context, _AnnouncingContext(context, self._policy.headers))
+
+    def refuse_retired(self) -> None:
+        """Raises ApiVersionSunset when the method's API version is past its sunset."""
+        if self._policy is not None and self._policy.is_sunset(self._clock()):
+            raise self._policy.sunset_error()
 
     def record(self, started: float, context: Context, failed: TokenmeshError | None) -> None:
         self.seconds.observe(time.perf_counter() - started)
@@ -122,16 +208,33 @@ class _MethodMetrics:
         total.inc()
 
 
+async def _announce(context: Context) -> None:
+    if isinstance(context, _AnnouncingContext):
+        await context.ensure_announced()
+
+
 class BoundaryInterceptor(grpc.aio.ServerInterceptor):
     """BoundaryInterceptor maps errors to statuses and records RPC metrics.
 
     grpc.aio calls an interceptor on every RPC: the wrapped handler of each
     method is built once and reused, so the per-call cost is one dict lookup.
+
+    Args:
+        authorizer: checks each caller against the contract's caller rules.
+        deprecations: the API versions' deprecation schedule.
+        clock: Unix time now (tests pass another).
     """
 
-    def __init__(self, authorizer: Authorizer | None = None) -> None:
+    def __init__(
+        self,
+        authorizer: Authorizer | None = None,
+        deprecations: DeprecationSchedule | None = None,
+        clock: Clock = time.time,
+    ) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self._authorizer = authorizer
+        self._deprecations = deprecations
+        self._clock = clock
 
     async def intercept_service(
         self,
@@ -147,7 +250,8 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler  # unknown method: nothing to cache
-        metrics = _MethodMetrics(method, self._authorizer)
+        policy = self._deprecations.policy(method) if self._deprecations else None
+        metrics = _MethodMetrics(method, self._authorizer, policy, self._clock)
         wrapped = self._wrapped[method] = self._wrap(handler, metrics)
         return wrapped
 
@@ -187,12 +291,16 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             failed: TokenmeshError | None = None
             try:
+                context = metrics.arrived(context)
+                metrics.refuse_retired()
                 if decode is not None:
                     request = decode(request)
                 if metrics.authorizer is not None:
                     metrics.authorizer.authorize(metrics.method, context, request)
                 result = behavior(request, context)
-                return await result if inspect.isawaitable(result) else result
+                response = await result if inspect.isawaitable(result) else result
+                await _announce(context)
+                return response
             except grpc.aio.AbortError:
                 raise  # already aborted with a status: must not be suppressed
             except Exception as exc:
@@ -211,6 +319,8 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             failed: TokenmeshError | None = None
             try:
+                context = metrics.arrived(context)
+                metrics.refuse_retired()
                 if decode is not None:
                     request = decode(request)
                 if metrics.authorizer is not None:
@@ -218,9 +328,12 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for message in result:
+                        if metrics.announces:
+                            await _announce(context)
                         yield message
                 elif inspect.isawaitable(result):
                     await result
+                await _announce(context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:

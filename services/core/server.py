@@ -105,7 +105,7 @@ async def start_server(service: Service, settings: ServerSettings) -> RunningSer
     authorizer = Authorizer(settings.insecure_peer_identity)
     interceptors = [
         *telemetry.server_interceptors(service.name, settings.otlp_endpoint),
-        BoundaryInterceptor(authorizer),
+        BoundaryInterceptor(authorizer, settings.deprecation_schedule()),
     ]
     server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()

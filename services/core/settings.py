@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from services.core import contract
+from services.core import api_versions, contract
 
 T = TypeVar("T")
 _TRUE = {"1", "true", "yes", "on"}
@@ -120,6 +120,19 @@ class ServerSettings:
         "Plaintext only (benchmarks): the identity every caller is given. "
         "Unset: plaintext callers have none and reach only health.",
     )
+    api_deprecations: tuple[str, ...] = env(
+        "TOKENMESH_API_DEPRECATIONS",
+        (),
+        "Deprecated API versions and their sunset dates, e.g. v1=2027-06-30 "
+        "(or v1=DEPRECATED/SUNSET): their responses carry Deprecation, Sunset and Link "
+        "until the sunset, then they answer UNIMPLEMENTED (REST 410).",
+    )
+    api_docs_url: str = env(
+        "TOKENMESH_API_DOCS_URL",
+        "https://tokenmesh.dev/docs",
+        "Where the docs/ folder is published: deprecated versions link to "
+        "<this>/migration/<old>-to-<new>.md.",
+    )
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "TOKENMESH_GRPC_PORT", "must be 0-65535")
@@ -146,6 +159,19 @@ class ServerSettings:
             "TOKENMESH_INSECURE_PEER_IDENTITY",
             "must be unset when TOKENMESH_PKI_DIR is set (callers prove their identity)",
         )
+        try:
+            self.deprecation_schedule()
+        except ValueError as exc:
+            raise SettingsError(f"TOKENMESH_API_DEPRECATIONS: {exc}") from None
+        require(
+            self.api_docs_url.startswith(("https://", "http://")),
+            "TOKENMESH_API_DOCS_URL",
+            "must be an http(s) URL",
+        )
+
+    def deprecation_schedule(self) -> api_versions.DeprecationSchedule:
+        """Returns the API versions' deprecation schedule (TOKENMESH_API_DEPRECATIONS)."""
+        return api_versions.DeprecationSchedule.parse(self.api_deprecations, self.api_docs_url)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,50 @@
+"""The REST status a service asks for on an error response.
+
+The transcoder maps a gRPC code to one HTTP status (UNIMPLEMENTED -> 501).
+Where REST needs another one for the same code (410 Gone for an API version
+past its sunset), the service says so in `contract.HTTP_STATUS_HEADER` on its
+error response. This Lua filter sits before the transcoder, so on the way
+back it sees the transcoded REST response: it applies the status there, and
+removes the header from every response (gRPC clients keep the gRPC code).
+
+It reads response headers only (no body, no buffering), so a stream's
+success path costs one header lookup.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.core import contract
+
+# Only an error the transcoder produced (status >= 400, not gRPC) is changed,
+# and only to a 4xx or 5xx status.
+LUA_SOURCE = f"""
+local HEADER = "{contract.HTTP_STATUS_HEADER}"
+
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  local wanted = headers:get(HEADER)
+  if wanted == nil then
+    return
+  end
+  headers:remove(HEADER)
+  local content_type = headers:get("content-type") or ""
+  local status = tonumber(headers:get(":status")) or 0
+  if status >= 400 and string.find(content_type, "application/grpc", 1, true) ~= 1
+      and string.match(wanted, "^[45]%d%d$") then
+    headers:replace(":status", wanted)
+  end
+end
+"""
+
+
+def lua_filter() -> dict[str, Any]:
+    """Builds the filter that applies a service's REST status to its error responses."""
+    return {
+        "name": "tokenmesh.error_status",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": LUA_SOURCE},
+        },
+    }

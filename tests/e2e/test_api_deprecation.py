@@ -1,0 +1,227 @@
+"""The life cycle of an API version through the real edge: deprecated, then retired.
+
+This module runs its own small mesh (one worker serving deterministic-test)
+because it sets TOKENMESH_API_DEPRECATIONS on the worker: first with a sunset
+in the future (v1 answers carry Deprecation, Sunset and Link; v2's do not),
+then, after restarting the worker with a sunset in the past, v1 answers 410
+(REST) / UNIMPLEMENTED (gRPC) naming v2 while v2 keeps working. Tests run in
+file order: the retired ones come last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from services.core import contract
+from services.launcher.mesh import Mesh, MeshConfig
+from tests.conftest import TEST_SERVICE_ENV
+from tests.e2e.conftest import authed_channel
+from tokenmesh.inference.v1 import inference_service_pb2 as v1
+from tokenmesh.inference.v1 import inference_service_pb2_grpc as v1_rpc
+from tokenmesh.inference.v2 import inference_service_pb2 as v2
+from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_rpc
+
+MODEL = "deterministic-test"
+WORKER = "inference-0"
+DOCS = "https://docs.example.com/tokenmesh/docs"
+FUTURE = "v1=2099-12-31"
+PAST = "v1=2020-01-01"
+ENV = {
+    **TEST_SERVICE_ENV,
+    "TOKENMESH_TEST_MODELS": f"{MODEL}:1",
+    "TOKENMESH_MODELS": "",
+    "TOKENMESH_TEST_ENGINE_STEP_MS": "1",
+    "TOKENMESH_API_DOCS_URL": DOCS,
+    "TOKENMESH_API_DEPRECATIONS": FUTURE,
+}
+ANNOUNCED = ("deprecation", "sunset", "link")
+V1_COMPLETE = f"/v1/models/{MODEL}:complete"
+V1_GENERATE = f"/v1/models/{MODEL}:generate"
+V2_COMPLETE = f"/v2/models/{MODEL}:complete"
+V2_GENERATE = f"/v2/models/{MODEL}:generate"
+V1_BODY = {"prompt": "a b", "max_tokens": 2}
+V2_BODY = {"prompt": "a b", "max_output_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def versioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """A mesh of its own whose worker deprecates inference v1 (sunset in 2099)."""
+    config = MeshConfig(
+        state_dir=Path(tmp_path_factory.mktemp("versioned")),
+        redis_url=None,
+        workers=1,
+        envoy_concurrency=1,
+        health_check_interval_s=0.5,
+        edge_tls_port=None,
+        service_env=ENV,
+    )
+    with Mesh(config) as mesh:
+        yield mesh
+
+
+@pytest.fixture(autouse=True)
+def _dump_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(request.getfixturevalue("versioned").log_tails(40))
+
+
+@pytest.fixture(scope="module")
+def http(versioned: Mesh) -> Iterator[httpx.Client]:
+    headers = {"x-api-key": versioned.dev_api_key()}
+    with httpx.Client(base_url=versioned.edge_url, timeout=30, headers=headers) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def edge(versioned: Mesh) -> Iterator[grpc.Channel]:
+    with authed_channel(versioned.edge_address, [("x-api-key", versioned.dev_api_key())]) as ch:
+        yield ch
+
+
+def _assert_announced(headers: Any) -> None:
+    assert headers["sunset"] == "Thu, 31 Dec 2099 00:00:00 GMT"
+    assert parsedate_to_datetime(headers["sunset"]).year == 2099
+    assert headers["deprecation"].startswith("@") and headers["deprecation"][1:].isdigit()
+    assert headers["link"] == f'<{DOCS}/migration/v1-to-v2.md>; rel="deprecation"'
+
+
+def _assert_not_announced(headers: Any) -> None:
+    assert not [name for name in ANNOUNCED if name in headers], dict(headers)
+
+
+def _sse(http: httpx.Client, path: str, body: dict[str, Any]) -> tuple[httpx.Headers, list[Any]]:
+    with http.stream("POST", path, json=body) as response:
+        assert response.status_code == 200, response.read()
+        events = [
+            json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data:")
+        ]
+        return response.headers, events
+
+
+def test_deprecated_v1_rest_answers_carry_deprecation_sunset_and_link(http):
+    reply = http.post(V1_COMPLETE, json=V1_BODY)
+    assert reply.status_code == 200, reply.text
+    _assert_announced(reply.headers)
+    assert reply.json()["usage"]["completion_tokens"] == 2  # the answer itself is unchanged
+    _assert_announced(http.get("/v1/models").headers)
+    headers, events = _sse(http, V1_GENERATE, V1_BODY)
+    _assert_announced(headers)
+    assert events[-1]["finish_reason"] == "length"
+
+
+def test_a_deprecated_v1_error_carries_them_too(http):
+    reply = http.post(V1_COMPLETE, json={"prompt": "a", "max_tokens": -1})
+    assert reply.status_code == 400, reply.text
+    _assert_announced(reply.headers)
+
+
+def test_v2_rest_answers_carry_none(http):
+    reply = http.post(V2_COMPLETE, json=V2_BODY)
+    assert reply.status_code == 200, reply.text
+    _assert_not_announced(reply.headers)
+    headers, _events = _sse(http, V2_GENERATE, V2_BODY)
+    _assert_not_announced(headers)
+
+
+def test_deprecated_v1_grpc_answers_carry_them_as_initial_metadata(edge):
+    stream = v1_rpc.InferenceServiceStub(edge).Generate(
+        v1.GenerateRequest(model=MODEL, prompt="a b", max_tokens=2), timeout=10
+    )
+    assert list(stream)[-1].finish_reason == "length"
+    _assert_announced(dict(stream.initial_metadata()))
+    _reply, call = v2_rpc.InferenceServiceStub(edge).Complete.with_call(
+        v2.CompleteRequest(model=MODEL, prompt="a b", max_output_tokens=2), timeout=10
+    )
+    _assert_not_announced(dict(call.initial_metadata()))
+
+
+@pytest.fixture(scope="module")
+def retired(versioned: Mesh, http: httpx.Client) -> Mesh:
+    """The same mesh after the operator moved v1's sunset into the past (worker restarted)."""
+    versioned.kill(WORKER)
+    env = {**versioned.config.service_env, "TOKENMESH_API_DEPRECATIONS": PAST}
+    versioned.config = dataclasses.replace(versioned.config, service_env=env)
+    versioned.restart_service(WORKER, "inference")
+    deadline = time.monotonic() + 60
+    while http.post(V1_COMPLETE, json=V1_BODY).status_code != 410:  # the edge sees it again
+        assert time.monotonic() < deadline, "the restarted worker never answered v1 with 410"
+        time.sleep(0.2)
+    return versioned
+
+
+def _error_info(details: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(d for d in details if d["@type"].endswith("google.rpc.ErrorInfo"))
+
+
+def test_after_the_sunset_v1_rest_is_410_naming_v2(retired, http):
+    for reply in (
+        http.post(V1_COMPLETE, json=V1_BODY),
+        http.post(V1_GENERATE, json=V1_BODY),
+        http.get("/v1/models"),
+    ):
+        assert reply.status_code == 410, reply.text
+        assert reply.headers["content-type"].startswith("application/json")
+        body = reply.json()
+        assert body["code"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
+        assert "tokenmesh.inference.v2" in body["message"] and "/v2/models" in body["message"]
+        info = _error_info(body["details"])
+        assert info["reason"] == "API_VERSION_SUNSET" and info["domain"] == "tokenmesh.dev"
+        assert info["metadata"]["successor"] == "tokenmesh.inference.v2"
+        assert info["metadata"]["migration_guide"] == f"{DOCS}/migration/v1-to-v2.md"
+        assert reply.headers["sunset"] == "Wed, 01 Jan 2020 00:00:00 GMT"
+        assert contract.HTTP_STATUS_HEADER not in reply.headers  # the edge's to apply
+
+
+def test_after_the_sunset_v1_grpc_is_unimplemented_with_error_info(retired, edge):
+    stub = v1_rpc.InferenceServiceStub(edge)
+    with pytest.raises(grpc.RpcError) as failed:
+        list(stub.Generate(v1.GenerateRequest(model=MODEL, prompt="a", max_tokens=2), timeout=10))
+    assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    status = rpc_status.from_call(failed.value)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.reason == "API_VERSION_SUNSET"
+    assert info.metadata["successor"] == "tokenmesh.inference.v2"
+    trailers = dict(failed.value.trailing_metadata())
+    assert contract.HTTP_STATUS_HEADER not in trailers and "sunset" in trailers
+
+
+def test_after_the_sunset_v2_is_unaffected(retired, http, edge):
+    reply = http.post(V2_COMPLETE, json=V2_BODY)
+    assert reply.status_code == 200, reply.text
+    _assert_not_announced(reply.headers)
+    _headers, events = _sse(http, V2_GENERATE, V2_BODY)
+    assert events[-1]["finish_reason"] == "FINISH_REASON_LENGTH"
+    completed = v2_rpc.InferenceServiceStub(edge).Complete(
+        v2.CompleteRequest(model=MODEL, prompt="a b", max_output_tokens=2), timeout=10
+    )
+    assert len(completed.choices) == 1 and completed.usage.completion_tokens == 2
+
+
+def test_the_worker_counts_requests_by_api_version_and_rpc(retired, http):
+    http.post(V1_COMPLETE, json=V1_BODY)  # refused, but counted: who still calls v1
+    http.post(V2_COMPLETE, json=V2_BODY)
+    port = retired.ports[f"{WORKER}-metrics"]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    counts = {
+        line.split("{", 1)[1].split("}", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("tokenmesh_api_requests_total{")
+    }
+    assert counts['api="inference",api_version="v1",rpc="Complete"'] >= 1
+    assert counts['api="inference",api_version="v2",rpc="Complete"'] >= 1
