@@ -72,6 +72,8 @@ def test_rest_chat_generate_streams_sse_choices(http):
             final["timing"]
         )
         assert final["model"]["name"] == "demo-lm"
+        # demo-lm's config.json has no chat_template: the built-in one rendered the chat.
+        assert final["template"] == {"name": "tokenmesh.default-chat", "version": 1}
         assert 0 <= final["confidence"] <= 1 and final["mean_logprob"] <= 0
     deltas = [e for e in events if "finish_reason" not in e]
     assert all("usage" not in e and "confidence" not in e for e in deltas)
