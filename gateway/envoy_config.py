@@ -96,6 +96,11 @@ HTTP_TO_GRPC_CODE: Mapping[int, int] = {
 }
 
 
+RESOURCE_EXHAUSTED = 8
+# What a gRPC client reads when its request is larger than the edge buffers.
+GRPC_TOO_LARGE_MESSAGE = "request larger than the edge accepts; send a smaller message"
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Endpoint is one upstream host:port."""
@@ -443,7 +448,7 @@ def local_reply_config() -> dict[str, Any]:
         ],
         "body_format_override": _error_body(14),
     }
-    mappers = [no_healthy_worker]
+    mappers = [no_healthy_worker, _grpc_too_large()]
     mappers += [
         {
             "filter": {
@@ -473,6 +478,54 @@ def local_reply_config() -> dict[str, Any]:
         }
     )
     return {"mappers": mappers}
+
+
+def _grpc_too_large() -> dict[str, Any]:
+    """Maps a native gRPC request's 413 (body over the edge's buffer) to RESOURCE_EXHAUSTED.
+
+    Envoy turns a local reply to a gRPC request into a trailers-only response
+    whose grpc-status it derives from the HTTP status, and 413 has no mapping
+    (UNKNOWN). A grpc-status set here is kept. REST requests carry
+    x-envoy-original-path once transcoded (their content type is gRPC by
+    then too) and keep the JSON 413.
+    """
+    return {
+        "filter": {
+            "and_filter": {
+                "filters": [
+                    {
+                        "status_code_filter": {
+                            "comparison": {
+                                "op": "EQ",
+                                "value": {"default_value": 413, "runtime_key": "tm.lr.grpc413"},
+                            }
+                        }
+                    },
+                    {
+                        "header_filter": {
+                            "header": {
+                                "name": "content-type",
+                                "string_match": {"prefix": "application/grpc"},
+                            }
+                        }
+                    },
+                    {
+                        "header_filter": {
+                            "header": {"name": "x-envoy-original-path", "present_match": False}
+                        }
+                    },
+                ]
+            }
+        },
+        "headers_to_add": [
+            {
+                "header": {"key": "grpc-status", "value": str(RESOURCE_EXHAUSTED)},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+        # Becomes the grpc-message.
+        "body_format_override": {"text_format": GRPC_TOO_LARGE_MESSAGE},
+    }
 
 
 def _error_body(grpc_code: int) -> dict[str, Any]:

@@ -22,7 +22,7 @@ call) is a correct refusal and only counted.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 OURS_GRPC = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS", "UNAVAILABLE", "UNIMPLEMENTED"})
@@ -103,19 +103,22 @@ def problems(
 # they explain are counted apart instead of failing the run. Each has a
 # strict xfail regression test in tests/e2e/test_hostile_input.py, which
 # starts passing (and so fails) once the fault is fixed: then delete both.
-KNOWN_ISSUES = {
-    "edge-413-as-grpc-unknown": (
-        "a gRPC request over the edge's buffer limit gets Envoy's HTTP 413 local reply, "
-        "which gRPC clients see as UNKNOWN (expected RESOURCE_EXHAUSTED)"
-    ),
-}
+@dataclass(frozen=True)
+class KnownIssue:
+    """KnownIssue is a reported fault: what is wrong, and which outcomes it explains."""
+
+    description: str
+    explains: Callable[[Outcome], bool]
+
+
+# None open (edge-413-as-grpc-unknown was fixed: a gRPC request over the edge's
+# buffer is RESOURCE_EXHAUSTED now).
+KNOWN_ISSUES: dict[str, KnownIssue] = {}
 
 
 def known_issue(outcome: Outcome) -> str | None:
     """Returns the name of the known, reported fault that explains `outcome`, if any."""
-    if outcome.status == "UNKNOWN" and '"http_status":413' in outcome.text:
-        return "edge-413-as-grpc-unknown"
-    return None
+    return next((name for name, issue in KNOWN_ISSUES.items() if issue.explains(outcome)), None)
 
 
 @dataclass
@@ -164,7 +167,7 @@ class Tally:
         """Returns a Markdown list of the known issues seen, with counts."""
         return (
             "\n".join(
-                f"- {name} ({count} cases): {KNOWN_ISSUES[name]}"
+                f"- {name} ({count} cases): {KNOWN_ISSUES[name].description}"
                 for name, count in self.known.items()
             )
             or "none seen"
