@@ -6,9 +6,9 @@ log-probabilities and confidence, prompt templates, cached-token usage, a
 timing breakdown and in-band google.rpc.Status errors.
 
 Status: served by every worker beside tokenmesh.inference.v1, and public at
-the edge (transcoder, routes, scopes, reflection). Prompt templates
-(`template`, `variables`) are refused with INVALID_ARGUMENT until the
-workers resolve them; turning v1 into a translation layer onto v2 is next.
+the edge (transcoder, routes, scopes, reflection), prompt templates
+(`template`, `variables`) included; turning v1 into a translation layer
+onto v2 is next.
 
 Field numbers 1-3 of GenerateRequest, CompleteRequest and EmbedRequest
 (model, version, prompt or inputs) are those of v1 on purpose: the edge's
@@ -215,6 +215,8 @@ class GenerateRequest(_message.Message):
     "name@version" ("support@3") or "name@alias" ("support@stable").
     It is rendered with variables and the input (as `messages`, or the
     prompt as a user turn). The response names the version that rendered it.
+    An unknown template, version or alias is NOT_FOUND with a ResourceInfo
+    naming the reference; the edge routes by the reference (prefix affinity).
     """
     n: _builtins.int
     """n is the number of choices to generate from one shared prefill (1-8; 0
