@@ -36,7 +36,7 @@ PUBLIC_ROUTES: Mapping[str, Sequence[str]] = {
         "tokenmesh.inference.v1.InferenceService",
         "tokenmesh.inference.v2.InferenceService",
     ),
-    "usage": ("tokenmesh.usage.v1.UsageService",),
+    "usage": ("tokenmesh.usage.v1.UsageService", "tokenmesh.usage.v2.UsageService"),
 }
 # The health-check service name each cluster is probed with.
 HEALTH_SERVICE: Mapping[str, str] = {
@@ -54,6 +54,7 @@ TRANSCODED_SERVICES = (
 )
 # Streaming routes get no total timeout (a long generation is fine), only an idle one.
 STREAMING_UPSTREAMS = frozenset({"inference"})
+    "tokenmesh.usage.v2.UsageService",
 # The identity each upstream cluster's hosts must prove (their certificate's SPIFFE id).
 UPSTREAM_IDENTITY: Mapping[str, str] = {
     "auth": contract.AUTH,

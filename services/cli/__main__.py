@@ -18,6 +18,8 @@ TOKENMESH_API_KEY).
     tokenmesh models fallback MODEL FALLBACK_MODEL  ("" clears it)
     tokenmesh models alias MODEL ALIAS [VERSION]
     tokenmesh models register MODEL VERSION
+    tokenmesh models price MODEL VERSION --prompt X --completion Y [--cached Z]  (USD per
+        million tokens; --clear removes the price)
     tokenmesh prompts create NAME --template-file FILE [--system TEXT]
                              [--variable NAME:MAXLEN[:required]]...
     tokenmesh prompts list [--json]
@@ -54,6 +56,7 @@ from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2_grpc
 from tokenmesh.auth.v1 import auth_service_pb2 as pb
 from tokenmesh.router.v1 import router_pb2, router_service_pb2_grpc
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
+from tokenmesh.type.v1 import types_pb2
 
 TIMEOUT_S = 10.0
 
@@ -193,12 +196,24 @@ def _model_line(model: router_pb2.CatalogModel) -> str:
         f"{v.version}={v.weight}%"
         + ("" if v.state == router_pb2.CATALOG_VERSION_STATE_ACTIVE else " (deprecated)")
         + f" [{v.healthy_workers} workers]"
+        + _price_text(v)
         for v in model.versions
     )
     extras = [f"pinned={model.pinned_version}"] if model.pinned_version else []
     extras += [f"fallback={model.fallback_model}"] if model.fallback_model else []
     extras += [f"{alias}->{version}" for alias, version in sorted(model.aliases.items())]
     return f"{model.name:<24} {versions}  {' '.join(extras)}".rstrip()
+
+
+def _price_text(version: router_pb2.CatalogVersion) -> str:
+    if not version.HasField("price"):
+        return ""
+    price = version.price
+    cached = price.cached_prompt_per_million_tokens or price.prompt_per_million_tokens
+    return (
+        f" {price.currency_code}/1M tokens: prompt {price.prompt_per_million_tokens},"
+        f" cached {cached}, completion {price.completion_per_million_tokens}"
+    )
 
 
 def models_list(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
@@ -274,6 +289,22 @@ def models_register(
 ) -> None:
     request = router_pb.RegisterModelVersionRequest(model=args.model, version=args.version)
     _change(stub, args, metadata, "RegisterModelVersion", request)
+
+
+def models_price(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
+    request = router_pb.SetModelPriceRequest(model=args.model, version=args.version)
+    if not args.clear:
+        if args.prompt is None or args.completion is None:
+            raise SystemExit("tokenmesh: models price needs --prompt and --completion (or --clear)")
+        request.price.CopyFrom(
+            types_pb2.Price(
+                currency_code="USD",
+                prompt_per_million_tokens=args.prompt,
+                cached_prompt_per_million_tokens=args.cached or "",
+                completion_per_million_tokens=args.completion,
+            )
+        )
+    _change(stub, args, metadata, "SetModelPrice", request)
 
 
 def _prompt_line(template: router_pb2.CatalogPromptTemplate) -> str:
@@ -479,7 +510,19 @@ def _models_parsers(groups: Any) -> list[argparse.ArgumentParser]:
     register.add_argument("model")
     register.add_argument("version")
     register.set_defaults(run=models_register)
-    return [listing, split, pin, deprecate, fallback, alias, register]
+    price = actions.add_parser(
+        "price", help="set a version's price in USD per million tokens (decimal strings)"
+    )
+    price.add_argument("model")
+    price.add_argument("version")
+    price.add_argument("--prompt", help="per million prompt tokens, e.g. 0.15")
+    price.add_argument("--completion", help="per million completion tokens, e.g. 0.6")
+    price.add_argument(
+        "--cached", help="per million cached prompt tokens (default: the prompt price)"
+    )
+    price.add_argument("--clear", action="store_true", help="remove the version's price")
+    price.set_defaults(run=models_price)
+    return [listing, split, pin, deprecate, fallback, alias, register, price]
 
 
 def _prompts_parsers(groups: Any) -> list[argparse.ArgumentParser]:

@@ -192,6 +192,7 @@ CALLER_RULES: dict[str, CallerRule] = {
     "/envoy.service.auth.v3.Authorization/": _rule(EDGE),
     "/envoy.service.ratelimit.v3.RateLimitService/": _rule(EDGE),
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/": _rule(EDGE),
+    "/tokenmesh.usage.v2.UsageService/": _rule(EDGE),
     # Admin RPCs.
     "/tokenmesh.inference.v1.InferenceAdminService/": _ADMIN,
     "/tokenmesh.router.v1.RouterService/RegisterModelVersion": _ADMIN,
@@ -204,6 +205,7 @@ CALLER_RULES: dict[str, CallerRule] = {
     "/tokenmesh.router.v1.RouterService/SetPromptTemplateAlias": _ADMIN,
     "/tokenmesh.usage.v1.UsageService/ListAuditEntries": _ADMIN,
     # A worker also drains itself on SIGTERM (the router checks it is its own host).
+    "/tokenmesh.router.v1.RouterService/SetModelPrice": _ADMIN,
     "/tokenmesh.router.v1.WorkerRegistryService/DrainWorker": _rule(
         OPERATOR, WORKER, edge_for_admin=True
     ),

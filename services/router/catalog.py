@@ -19,6 +19,7 @@ from redis.exceptions import WatchError
 
 from services.core import contract
 from services.core.errors import FieldViolation, InvalidArgument, NotFound
+from services.core.pricing import Price, PriceChange, with_change
 from services.core.redis_service import text
 
 CATALOG_KEY = "tokenmesh:router:catalog"
@@ -32,6 +33,26 @@ class VersionEntry:
     weight: int = 0
     deprecated_at: float | None = None  # unix seconds
     sunset_at: float | None = None  # unix seconds
+    prices: tuple[PriceChange, ...] = ()  # oldest first; see services.core.pricing
+
+    @property
+    def price(self) -> Price | None:
+        """Returns the version's current price (None when it has none)."""
+        return self.prices[-1].price if self.prices else None
+
+    def to_json(self) -> dict[str, Any]:
+        """Serialises the version for the catalogue document."""
+        data: dict[str, Any] = {k: v for k, v in self.__dict__.items() if k != "prices"}
+        if self.prices:
+            data["prices"] = [change.to_json() for change in self.prices]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> VersionEntry:
+        """Parses a version stored by `to_json`."""
+        prices = tuple(PriceChange.from_json(c) for c in data.get("prices", ()))
+        fields = {k: v for k, v in data.items() if k != "prices"}
+        return cls(**fields, prices=prices)
 
     def sunset(self, now: float) -> bool:
         """Tells whether the version stopped serving."""
@@ -72,7 +93,7 @@ class ModelEntry:
         """Serialises the model for Redis."""
         return json.dumps(
             {
-                "versions": [v.__dict__ for v in self.versions],
+                "versions": [v.to_json() for v in self.versions],
                 "aliases": dict(self.aliases),
                 "fallback": self.fallback,
                 "pinned": self.pinned,
@@ -86,7 +107,7 @@ class ModelEntry:
         data: dict[str, Any] = json.loads(raw)
         return cls(
             name=name,
-            versions=tuple(VersionEntry(**v) for v in data.get("versions", [])),
+            versions=tuple(VersionEntry.from_json(v) for v in data.get("versions", [])),
             aliases=dict(data.get("aliases", {})),
             fallback=str(data.get("fallback", "")),
             pinned=str(data.get("pinned", "")),
@@ -192,6 +213,16 @@ def set_alias(model: ModelEntry, alias: str, version: str) -> ModelEntry:
     else:
         aliases.pop(alias, None)
     return replace(model, aliases=aliases)
+
+
+def set_price(model: ModelEntry, version: str, price: Price | None, now: float) -> ModelEntry:
+    """Returns `model` with `version` costing `price` from `now` on (None clears it)."""
+    entry = model.version(version)
+    if entry is None:
+        raise _unknown_version(model, version, "version")
+    priced = replace(entry, prices=with_change(entry.prices, PriceChange(int(now * 1000), price)))
+    versions = tuple(priced if v.version == version else v for v in model.versions)
+    return replace(model, versions=versions)
 
 
 def set_fallback(model: ModelEntry, fallback: str, catalog: Mapping[str, ModelEntry]) -> ModelEntry:

@@ -28,8 +28,10 @@ from services.router.xds import AdsServicer, ControlPlane
 from tokenmesh.auth.v1 import auth_service_pb2
 from tokenmesh.inference.v1 import inference_service_pb2
 from tokenmesh.inference.v2 import inference_service_pb2 as inference_v2_service_pb2
+from tokenmesh.openai.v1 import openai_service_pb2
 from tokenmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
 from tokenmesh.usage.v1 import usage_service_pb2
+from tokenmesh.usage.v2 import usage_service_pb2 as usage_v2_service_pb2
 
 ROUTER_SERVICE = router_service_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 REGISTRY_SERVICE = router_service_pb2.DESCRIPTOR.services_by_name["WorkerRegistryService"].full_name
@@ -39,7 +41,9 @@ PUBLIC_SERVICES = (
     ROUTER_SERVICE,
     inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
     inference_v2_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    openai_service_pb2.DESCRIPTOR.services_by_name["OpenAIService"].full_name,
     usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    usage_v2_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
 )
 
 

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from services.core import contract, identity
 from services.core.errors import FieldViolation, InvalidArgument
 from services.core.interceptors import Context
+from services.core.pricing import Price
 from services.core.time_fields import timestamp_seconds
 from services.inference.templates import DEFAULT_MAX_LENGTH, Variable
 from services.router import catalog as cat
@@ -51,6 +52,7 @@ def model_to_pb(
         )
         if entry.sunset_at is not None:
             version.sunset_time.CopyFrom(_timestamp(entry.sunset_at))
+        _set_price(version, entry)
         versions.append(version)
     return router_pb2.CatalogModel(
         name=model.name,
@@ -59,6 +61,13 @@ def model_to_pb(
         fallback_model=model.fallback,
         pinned_version=model.pinned,
     )
+
+
+def _set_price(version: router_pb2.CatalogVersion, entry: cat.VersionEntry) -> None:
+    if entry.prices:
+        version.price_update_time.CopyFrom(_timestamp(entry.prices[-1].since_ms / 1000))
+    if entry.price is not None:
+        version.price.CopyFrom(entry.price.to_pb())
 
 
 def worker_to_pb(worker: WorkerEntry) -> router_pb2.Worker:
@@ -215,6 +224,16 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             request.model, lambda m, _: cat.set_alias(m, request.alias, request.version)
         )
         return pb.SetModelAliasResponse(model=await self._changed(model))
+
+    async def SetModelPrice(
+        self, request: pb.SetModelPriceRequest, context: Context
+    ) -> pb.SetModelPriceResponse:
+        price = Price.from_pb(request.price) if request.HasField("price") else None
+        model = await self.catalog.update(
+            request.model, lambda m, _: cat.set_price(m, request.version, price, now())
+        )
+        # Prices do not change routing: no push to the edges is needed.
+        return pb.SetModelPriceResponse(model=await self._answer(model))
 
     async def CreatePromptTemplate(
         self, request: pb.CreatePromptTemplateRequest, context: Context

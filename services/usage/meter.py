@@ -26,7 +26,10 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 from redis.exceptions import ResponseError
 
+from services.core.pricing import Price
 from services.core.redis_service import text
+from services.usage.dimensions import MAX_DIMENSION_FIELDS, event_rows
+from services.usage.prices import PriceBook
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.usage.v1 import usage_pb2
 
@@ -42,20 +45,49 @@ DEAD_LETTERS = Counter(
     ["reason"],
 )
 
-# KEYS: stream, seen-key, audit-key, bucket hash keys...
+# KEYS: stream, seen-key, audit-key, bucket hash keys (n), dimension hash keys
+#       (n, in the same order).
 # ARGV: group, entry id, dedupe ttl, audit score, audit member, audit retention
-#       ms, then per bucket: ttl, and field/increment pairs (same for all).
+#       ms, number of bucket field/increment entries, dimension field cap, then
+#       per bucket its ttl, then the bucket field/increment pairs (the same for
+#       all), then per dimension row: field prefix, overflow prefix ("": never
+#       overflows), requests, prompt, cached, completion.
 _APPLY = """
-local n_buckets = (#KEYS - 3)
+local n = (#KEYS - 3) / 2
+local n_plain = tonumber(ARGV[7])
+local cap = tonumber(ARGV[8])
+local first_plain = 9 + n
+local first_row = first_plain + n_plain
+local kinds = {'|requests', '|prompt', '|cached', '|completion'}
+local function row_for(dim, row, overflow)
+  if overflow == '' or redis.call('HEXISTS', dim, row .. '|requests') == 1 then
+    return row
+  end
+  local size = redis.call('HLEN', dim)
+  if size < cap then return row end
+  if size < 2 * cap or redis.call('HEXISTS', dim, overflow .. '|requests') == 1 then
+    return overflow
+  end
+  return nil
+end
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[3])) then
-  for i = 1, n_buckets do
+  for i = 1, n do
+    local ttl = tonumber(ARGV[8 + i])
     local key = KEYS[3 + i]
-    local j = 7 + n_buckets
-    while j < #ARGV do
+    for j = first_plain, first_plain + n_plain - 1, 2 do
       redis.call('HINCRBY', key, ARGV[j], tonumber(ARGV[j + 1]))
-      j = j + 2
     end
-    redis.call('EXPIRE', key, tonumber(ARGV[6 + i]))
+    redis.call('EXPIRE', key, ttl)
+    local dim = KEYS[3 + n + i]
+    for j = first_row, #ARGV, 6 do
+      local row = row_for(dim, ARGV[j], ARGV[j + 1])
+      if row then
+        for k = 1, 4 do
+          redis.call('HINCRBY', dim, row .. kinds[k], tonumber(ARGV[j + 1 + k]))
+        end
+      end
+    end
+    redis.call('EXPIRE', dim, ttl)
   end
   redis.call('ZADD', KEYS[3], tonumber(ARGV[4]), ARGV[5])
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[4]) - tonumber(ARGV[6]))
@@ -108,6 +140,11 @@ def bucket_key(scope: str, granularity: str, start: int) -> str:
     return f"{PREFIX}agg:{scope}:{granularity}:{start}"
 
 
+def dimension_key(scope: str, granularity: str, start: int) -> str:
+    """Returns the hash holding one scope's dimension rows for one bucket (see dimensions)."""
+    return f"{PREFIX}dim:{scope}:{granularity}:{start}"
+
+
 def scopes(event: inference_pb2.UsageEvent) -> list[str]:
     """Returns the scopes an event counts towards: its key, its tenant, everything."""
     out = ["all"]
@@ -125,6 +162,8 @@ def increments(event: inference_pb2.UsageEvent) -> list[tuple[str, int]]:
         (f"{model}|requests", 1),
         (f"{model}|prompt", event.usage.prompt_tokens),
         (f"{model}|completion", event.usage.completion_tokens),
+        # v1 reports skip kinds they do not know: v2 reads cached prompt tokens here.
+        (f"{model}|cached", min(event.cached_prompt_tokens, event.usage.prompt_tokens)),
         (f"{model}|fr:{event.finish_reason or 'unknown'}", 1),
     ]
     if event.HasField("template"):
@@ -229,6 +268,7 @@ class Meter:
         self.trim_interval_s = trim_interval_s
         self.dead_letters = dead_letter_stream(stream)
         self._apply = client.register_script(_APPLY)
+        self.prices = PriceBook(client)
         self.applied_total = 0
 
     async def ensure_group(self) -> None:
@@ -239,19 +279,23 @@ class Meter:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def apply(self, entry_id: str, event: inference_pb2.UsageEvent) -> None:
-        """Applies one event (idempotently) and acks its stream entry."""
+    async def apply(
+        self, entry_id: str, event: inference_pb2.UsageEvent, price: Price | None = None
+    ) -> None:
+        """Applies one event (idempotently) at `price` and acks its stream entry."""
         finished = event.finish_unix_ms / 1000 if event.finish_unix_ms else time.time()
         buckets = [
-            (bucket_key(scope, g, bucket_start(finished, g)), self.retention.of(g))
+            (scope, g, bucket_start(finished, g), self.retention.of(g))
             for scope in scopes(event)
             for g in GRANULARITIES
         ]
+        plain = [field_or_amount for pair in increments(event) for field_or_amount in pair]
         keys = [
             self.stream,
             f"{PREFIX}seen:{event.request_id}",
             f"{PREFIX}audit:{event.tenant or '-'}",
-            *(key for key, _ in buckets),
+            *(bucket_key(scope, g, start) for scope, g, start, _ in buckets),
+            *(dimension_key(scope, g, start) for scope, g, start, _ in buckets),
         ]
         args: list[str | int] = [
             self.group,
@@ -260,10 +304,13 @@ class Meter:
             event.finish_unix_ms or int(finished * 1000),
             audit_entry(event).SerializeToString().hex(),
             self.retention.audit * 1000,
-            *(ttl for _, ttl in buckets),
+            len(plain),
+            MAX_DIMENSION_FIELDS,
+            *(ttl for *_, ttl in buckets),
+            *plain,
         ]
-        for field, amount in increments(event):
-            args += [field, amount]
+        for row in event_rows(event, price, template_label(event)):
+            args += [row.prefix, row.overflow, *row.counts]
         await self._apply(keys=keys, args=args)
         self.applied_total += 1
 
@@ -294,12 +341,14 @@ class Meter:
         )
 
     async def _handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        for entry_id, fields in entries:
-            decoded = decode_entry(fields)
-            if isinstance(decoded, Poison):
-                await self.set_aside(entry_id, fields, decoded)
+        decoded = [(entry_id, fields, decode_entry(fields)) for entry_id, fields in entries]
+        events = [event for *_, event in decoded if not isinstance(event, Poison)]
+        prices = await self.prices.lookup(events)
+        for entry_id, fields, event in decoded:
+            if isinstance(event, Poison):
+                await self.set_aside(entry_id, fields, event)
             else:
-                await self.apply(entry_id.decode(), decoded)
+                await self.apply(entry_id.decode(), event, prices.at(event))
 
     async def run_once(self, block_ms: int = 1000) -> int:
         """Reads and applies one batch of new entries; returns how many."""

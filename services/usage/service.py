@@ -18,10 +18,15 @@ from services.core.tasks import SupervisedTask
 from services.usage.meter import Meter, Retention
 from services.usage.ratelimit import RateLimitServicer
 from services.usage.reports import UsageReader
+from services.usage.reports_v2 import DimensionReader
 from services.usage.servicer import UsageServicer
+from services.usage.servicer_v2 import UsageV2Servicer
 from tokenmesh.usage.v1 import usage_service_pb2, usage_service_pb2_grpc
+from tokenmesh.usage.v2 import usage_service_pb2 as usage_v2_service_pb2
+from tokenmesh.usage.v2 import usage_service_pb2_grpc as usage_v2_service_pb2_grpc
 
 SERVICE_NAME = usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
+V2_SERVICE_NAME = usage_v2_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
 RATELIMIT_SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 
 
@@ -165,11 +170,14 @@ class UsageService(RedisBackedService):
         )
 
     def service_names(self) -> Sequence[str]:
-        return [SERVICE_NAME, RATELIMIT_SERVICE]
+        return [SERVICE_NAME, V2_SERVICE_NAME, RATELIMIT_SERVICE]
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
             UsageServicer(UsageReader(self.redis)), server
+        )
+        usage_v2_service_pb2_grpc.add_UsageServiceServicer_to_server(
+            UsageV2Servicer(DimensionReader(self.redis)), server
         )
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.limiter, server)
 

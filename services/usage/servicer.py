@@ -14,6 +14,11 @@ from services.core.time_fields import timestamp_millis, timestamp_seconds
 from services.usage.reports import UsageReader, month_start, now
 from tokenmesh.usage.v1 import usage_service_pb2 as pb
 from tokenmesh.usage.v1 import usage_service_pb2_grpc
+from tokenmesh.usage.v2 import usage_service_pb2 as v2_pb
+
+# The selection fields (key_id, tenant, start_time, end_time) are the same in
+# every API version: one authorization for all of them.
+AnyUsageRequest = pb.GetUsageRequest | v2_pb.GetUsageRequest
 
 
 class Caller:
@@ -33,7 +38,8 @@ class Caller:
         return "admin" in self.scopes
 
 
-def _scope(caller: Caller, request: pb.GetUsageRequest) -> str:
+def scope_of(caller: Caller, request: AnyUsageRequest) -> str:
+    """Returns the usage scope the caller asks for; raises unless it may see it."""
     if request.key_id and request.tenant:
         raise InvalidArgument([FieldViolation("key_id", "set key_id or tenant, not both")])
     if request.tenant:
@@ -47,7 +53,8 @@ def _scope(caller: Caller, request: pb.GetUsageRequest) -> str:
     return f"key:{caller.key_id}"
 
 
-def _range(request: pb.GetUsageRequest) -> tuple[float, float]:
+def range_of(request: AnyUsageRequest) -> tuple[float, float]:
+    """Returns the report's [start, end) in Unix seconds (default: this month so far)."""
     end = timestamp_seconds(request.end_time, "end_time") if request.HasField("end_time") else now()
     start = (
         timestamp_seconds(request.start_time, "start_time")
@@ -67,9 +74,9 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
 
     async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
         caller = Caller(context)
-        start, end = _range(request)
+        start, end = range_of(request)
         return await self.reader.report(
-            _scope(caller, request), start, end, request.granularity, request.by_version
+            scope_of(caller, request), start, end, request.granularity, request.by_version
         )
 
     async def ListAuditEntries(

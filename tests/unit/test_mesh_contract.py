@@ -16,8 +16,10 @@ from tests import mtls
 from tokenmesh.auth.v1 import auth_service_pb2  # noqa: F401
 from tokenmesh.inference.v1 import inference_service_pb2  # noqa: F401
 from tokenmesh.inference.v2 import inference_service_pb2 as inference_v2_service_pb2  # noqa: F401
+from tokenmesh.openai.v1 import openai_service_pb2  # noqa: F401
 from tokenmesh.router.v1 import router_service_pb2  # noqa: F401
 from tokenmesh.usage.v1 import usage_service_pb2  # noqa: F401
+from tokenmesh.usage.v2 import usage_service_pb2 as usage_v2_service_pb2  # noqa: F401
 
 PUBLIC_SERVICES = [s for s in envoy_config.TRANSCODED_SERVICES]
 INTERNAL_SERVICES = [

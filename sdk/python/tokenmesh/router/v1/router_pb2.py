@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tokenmesh.type.v1 import types_pb2 as tokenmesh_dot_type_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tokenmesh/router/v1/router.proto\x12\x13tokenmesh.router.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dtokenmesh/type/v1/types.proto\"\xf4\x01\n\x0c\x43\x61talogModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x35\n\x08versions\x18\x02 \x03(\x0b\x32#.tokenmesh.router.v1.CatalogVersion\x12?\n\x07\x61liases\x18\x03 \x03(\x0b\x32..tokenmesh.router.v1.CatalogModel.AliasesEntry\x12\x16\n\x0e\x66\x61llback_model\x18\x04 \x01(\t\x12\x16\n\x0epinned_version\x18\x05 \x01(\t\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb4\x01\n\x0e\x43\x61talogVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x05\x12\x37\n\x05state\x18\x03 \x01(\x0e\x32(.tokenmesh.router.v1.CatalogVersionState\x12/\n\x0bsunset_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fhealthy_workers\x18\x05 \x01(\x05\"\xba\x01\n\x06Worker\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x06models\x18\x03 \x03(\x0b\x32\x1b.tokenmesh.type.v1.ModelRef\x12/\n\x05state\x18\x04 \x01(\x0e\x32 .tokenmesh.router.v1.WorkerState\x12\x35\n\x11lease_expire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"0\n\rTrafficWeight\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x05\"[\n\x0ePromptVariable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08required\x18\x02 \x01(\x08\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\x05\"\xc1\x01\n\x0ePromptTemplate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x15\n\rsystem_prompt\x18\x04 \x01(\t\x12\x36\n\tvariables\x18\x05 \x03(\x0b\x32#.tokenmesh.router.v1.PromptVariable\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe8\x01\n\x15\x43\x61talogPromptTemplate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0elatest_version\x18\x02 \x01(\x05\x12H\n\x07\x61liases\x18\x03 \x03(\x0b\x32\x37.tokenmesh.router.v1.CatalogPromptTemplate.AliasesEntry\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01*\xa6\x01\n\x13\x43\x61talogVersionState\x12%\n!CATALOG_VERSION_STATE_UNSPECIFIED\x10\x00\x12 \n\x1c\x43\x41TALOG_VERSION_STATE_ACTIVE\x10\x01\x12$\n CATALOG_VERSION_STATE_DEPRECATED\x10\x02\x12 \n\x1c\x43\x41TALOG_VERSION_STATE_SUNSET\x10\x03*`\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_SERVING\x10\x01\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tokenmesh/router/v1/router.proto\x12\x13tokenmesh.router.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dtokenmesh/type/v1/types.proto\"\xf4\x01\n\x0c\x43\x61talogModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x35\n\x08versions\x18\x02 \x03(\x0b\x32#.tokenmesh.router.v1.CatalogVersion\x12?\n\x07\x61liases\x18\x03 \x03(\x0b\x32..tokenmesh.router.v1.CatalogModel.AliasesEntry\x12\x16\n\x0e\x66\x61llback_model\x18\x04 \x01(\t\x12\x16\n\x0epinned_version\x18\x05 \x01(\t\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x94\x02\n\x0e\x43\x61talogVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x05\x12\x37\n\x05state\x18\x03 \x01(\x0e\x32(.tokenmesh.router.v1.CatalogVersionState\x12/\n\x0bsunset_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fhealthy_workers\x18\x05 \x01(\x05\x12\'\n\x05price\x18\x06 \x01(\x0b\x32\x18.tokenmesh.type.v1.Price\x12\x35\n\x11price_update_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xba\x01\n\x06Worker\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x06models\x18\x03 \x03(\x0b\x32\x1b.tokenmesh.type.v1.ModelRef\x12/\n\x05state\x18\x04 \x01(\x0e\x32 .tokenmesh.router.v1.WorkerState\x12\x35\n\x11lease_expire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"0\n\rTrafficWeight\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x05\"[\n\x0ePromptVariable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08required\x18\x02 \x01(\x08\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\x05\"\xc1\x01\n\x0ePromptTemplate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x15\n\rsystem_prompt\x18\x04 \x01(\t\x12\x36\n\tvariables\x18\x05 \x03(\x0b\x32#.tokenmesh.router.v1.PromptVariable\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe8\x01\n\x15\x43\x61talogPromptTemplate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0elatest_version\x18\x02 \x01(\x05\x12H\n\x07\x61liases\x18\x03 \x03(\x0b\x32\x37.tokenmesh.router.v1.CatalogPromptTemplate.AliasesEntry\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01*\xa6\x01\n\x13\x43\x61talogVersionState\x12%\n!CATALOG_VERSION_STATE_UNSPECIFIED\x10\x00\x12 \n\x1c\x43\x41TALOG_VERSION_STATE_ACTIVE\x10\x01\x12$\n CATALOG_VERSION_STATE_DEPRECATED\x10\x02\x12 \n\x1c\x43\x41TALOG_VERSION_STATE_SUNSET\x10\x03*`\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_SERVING\x10\x01\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,26 +37,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CATALOGMODEL_ALIASESENTRY']._serialized_options = b'8\001'
   _globals['_CATALOGPROMPTTEMPLATE_ALIASESENTRY']._loaded_options = None
   _globals['_CATALOGPROMPTTEMPLATE_ALIASESENTRY']._serialized_options = b'8\001'
-  _globals['_CATALOGVERSIONSTATE']._serialized_start=1315
-  _globals['_CATALOGVERSIONSTATE']._serialized_end=1481
-  _globals['_WORKERSTATE']._serialized_start=1483
-  _globals['_WORKERSTATE']._serialized_end=1579
+  _globals['_CATALOGVERSIONSTATE']._serialized_start=1411
+  _globals['_CATALOGVERSIONSTATE']._serialized_end=1577
+  _globals['_WORKERSTATE']._serialized_start=1579
+  _globals['_WORKERSTATE']._serialized_end=1675
   _globals['_CATALOGMODEL']._serialized_start=122
   _globals['_CATALOGMODEL']._serialized_end=366
   _globals['_CATALOGMODEL_ALIASESENTRY']._serialized_start=320
   _globals['_CATALOGMODEL_ALIASESENTRY']._serialized_end=366
   _globals['_CATALOGVERSION']._serialized_start=369
-  _globals['_CATALOGVERSION']._serialized_end=549
-  _globals['_WORKER']._serialized_start=552
-  _globals['_WORKER']._serialized_end=738
-  _globals['_TRAFFICWEIGHT']._serialized_start=740
-  _globals['_TRAFFICWEIGHT']._serialized_end=788
-  _globals['_PROMPTVARIABLE']._serialized_start=790
-  _globals['_PROMPTVARIABLE']._serialized_end=881
-  _globals['_PROMPTTEMPLATE']._serialized_start=884
-  _globals['_PROMPTTEMPLATE']._serialized_end=1077
-  _globals['_CATALOGPROMPTTEMPLATE']._serialized_start=1080
-  _globals['_CATALOGPROMPTTEMPLATE']._serialized_end=1312
-  _globals['_CATALOGPROMPTTEMPLATE_ALIASESENTRY']._serialized_start=1266
-  _globals['_CATALOGPROMPTTEMPLATE_ALIASESENTRY']._serialized_end=1312
+  _globals['_CATALOGVERSION']._serialized_end=645
+  _globals['_WORKER']._serialized_start=648
+  _globals['_WORKER']._serialized_end=834
+  _globals['_TRAFFICWEIGHT']._serialized_start=836
+  _globals['_TRAFFICWEIGHT']._serialized_end=884
+  _globals['_PROMPTVARIABLE']._serialized_start=886
+  _globals['_PROMPTVARIABLE']._serialized_end=977
+  _globals['_PROMPTTEMPLATE']._serialized_start=980
+  _globals['_PROMPTTEMPLATE']._serialized_end=1173
+  _globals['_CATALOGPROMPTTEMPLATE']._serialized_start=1176
+  _globals['_CATALOGPROMPTTEMPLATE']._serialized_end=1408
+  _globals['_CATALOGPROMPTTEMPLATE_ALIASESENTRY']._serialized_start=1362
+  _globals['_CATALOGPROMPTTEMPLATE_ALIASESENTRY']._serialized_end=1408
 # @@protoc_insertion_point(module_scope)

@@ -146,6 +146,8 @@ class CatalogVersion(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     SUNSET_TIME_FIELD_NUMBER: _builtins.int
     HEALTHY_WORKERS_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    PRICE_UPDATE_TIME_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """version is the version label."""
     weight: _builtins.int
@@ -158,6 +160,16 @@ class CatalogVersion(_message.Message):
     def sunset_time(self) -> _timestamp_pb2.Timestamp:
         """sunset_time is when a deprecated version stops serving."""
 
+    @_builtins.property
+    def price(self) -> _types_pb2.Price:
+        """price is what the version costs now (`tokenmesh models price`); unset
+        when it has no price.
+        """
+
+    @_builtins.property
+    def price_update_time(self) -> _timestamp_pb2.Timestamp:
+        """price_update_time is when the current price (or its removal) took effect."""
+
     def __init__(
         self,
         *,
@@ -166,10 +178,12 @@ class CatalogVersion(_message.Message):
         state: Global___CatalogVersionState.ValueType = ...,
         sunset_time: _timestamp_pb2.Timestamp | None = ...,
         healthy_workers: _builtins.int = ...,
+        price: _types_pb2.Price | None = ...,
+        price_update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sunset_time", b"sunset_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price", "price_update_time", b"price_update_time", "sunset_time", b"sunset_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["healthy_workers", b"healthy_workers", "state", b"state", "sunset_time", b"sunset_time", "version", b"version", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["healthy_workers", b"healthy_workers", "price", b"price", "price_update_time", b"price_update_time", "state", b"state", "sunset_time", b"sunset_time", "version", b"version", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

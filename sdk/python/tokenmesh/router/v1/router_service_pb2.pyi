@@ -426,6 +426,68 @@ class SetModelAliasResponse(_message.Message):
 Global___SetModelAliasResponse: _TypeAlias = SetModelAliasResponse  # noqa: Y015
 
 @_typing.final
+class SetModelPriceRequest(_message.Message):
+    """SetModelPriceRequest prices one model version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """model is the model name."""
+    version: _builtins.str
+    """version is the registered version to price."""
+    @_builtins.property
+    def price(self) -> _types_pb2.Price:
+        """price is the new price: currency_code "USD" (empty means USD; no other
+        currency yet), prompt_per_million_tokens and completion_per_million_tokens
+        required, cached_prompt_per_million_tokens optional (empty: cached prompt
+        tokens cost the prompt price). Amounts are non-negative decimal strings of
+        at most 12 integer and 9 fractional digits, e.g. "0.15". Unset clears the
+        version's price (its usage from then on has no cost).
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        price: _types_pb2.Price | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "price", b"price", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelPriceRequest: _TypeAlias = SetModelPriceRequest  # noqa: Y015
+
+@_typing.final
+class SetModelPriceResponse(_message.Message):
+    """SetModelPriceResponse returns the updated model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> _router_pb2.CatalogModel:
+        """model is the catalogue model after the change."""
+
+    def __init__(
+        self,
+        *,
+        model: _router_pb2.CatalogModel | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelPriceResponse: _TypeAlias = SetModelPriceResponse  # noqa: Y015
+
+@_typing.final
 class CreatePromptTemplateRequest(_message.Message):
     """CreatePromptTemplateRequest describes a new version of a prompt template."""
 

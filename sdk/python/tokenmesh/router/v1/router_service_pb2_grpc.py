@@ -76,6 +76,11 @@ class RouterServiceStub:
                 request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelAliasRequest.SerializeToString,
                 response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelAliasResponse.FromString,
                 _registered_method=True)
+        self.SetModelPrice = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/SetModelPrice',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelPriceRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelPriceResponse.FromString,
+                _registered_method=True)
         self.CreatePromptTemplate = channel.unary_unary(
                 '/tokenmesh.router.v1.RouterService/CreatePromptTemplate',
                 request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.CreatePromptTemplateRequest.SerializeToString,
@@ -159,6 +164,14 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetModelPrice(self, request, context):
+        """SetModelPrice sets (or, with no price, clears) what a model version costs
+        from now on. Earlier usage keeps the price that was in effect when it ran.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreatePromptTemplate(self, request, context):
         """CreatePromptTemplate adds a new version of a prompt template (creating the
         template if needed). Versions are immutable; each call adds one.
@@ -230,6 +243,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.SetModelAlias,
                     request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelAliasRequest.FromString,
                     response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelAliasResponse.SerializeToString,
+            ),
+            'SetModelPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelPrice,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelPriceRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelPriceResponse.SerializeToString,
             ),
             'CreatePromptTemplate': grpc.unary_unary_rpc_method_handler(
                     servicer.CreatePromptTemplate,
@@ -470,6 +488,33 @@ class RouterService:
             '/tokenmesh.router.v1.RouterService/SetModelAlias',
             tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelAliasRequest.SerializeToString,
             tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/SetModelPrice',
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelPriceRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelPriceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,10 @@ class RouterServiceStub:
     """SetFallbackModel sets the model that serves when this one has no healthy worker."""
     SetModelAlias: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.SetModelAliasRequest, _router_service_pb2.SetModelAliasResponse]
     """SetModelAlias points an alias such as "canary" at a version."""
+    SetModelPrice: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.SetModelPriceRequest, _router_service_pb2.SetModelPriceResponse]
+    """SetModelPrice sets (or, with no price, clears) what a model version costs
+    from now on. Earlier usage keeps the price that was in effect when it ran.
+    """
     CreatePromptTemplate: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.CreatePromptTemplateRequest, _router_service_pb2.CreatePromptTemplateResponse]
     """CreatePromptTemplate adds a new version of a prompt template (creating the
     template if needed). Versions are immutable; each call adds one.
@@ -85,6 +89,10 @@ class RouterServiceAsyncStub(RouterServiceStub):
     """SetFallbackModel sets the model that serves when this one has no healthy worker."""
     SetModelAlias: _aio.UnaryUnaryMultiCallable[_router_service_pb2.SetModelAliasRequest, _router_service_pb2.SetModelAliasResponse]  # type: ignore[assignment]
     """SetModelAlias points an alias such as "canary" at a version."""
+    SetModelPrice: _aio.UnaryUnaryMultiCallable[_router_service_pb2.SetModelPriceRequest, _router_service_pb2.SetModelPriceResponse]  # type: ignore[assignment]
+    """SetModelPrice sets (or, with no price, clears) what a model version costs
+    from now on. Earlier usage keeps the price that was in effect when it ran.
+    """
     CreatePromptTemplate: _aio.UnaryUnaryMultiCallable[_router_service_pb2.CreatePromptTemplateRequest, _router_service_pb2.CreatePromptTemplateResponse]  # type: ignore[assignment]
     """CreatePromptTemplate adds a new version of a prompt template (creating the
     template if needed). Versions are immutable; each call adds one.
@@ -164,6 +172,16 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.SetModelAliasResponse, _abc.Awaitable[_router_service_pb2.SetModelAliasResponse]]:
         """SetModelAlias points an alias such as "canary" at a version."""
+
+    @_abc_1.abstractmethod
+    def SetModelPrice(
+        self,
+        request: _router_service_pb2.SetModelPriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_service_pb2.SetModelPriceResponse, _abc.Awaitable[_router_service_pb2.SetModelPriceResponse]]:
+        """SetModelPrice sets (or, with no price, clears) what a model version costs
+        from now on. Earlier usage keeps the price that was in effect when it ran.
+        """
 
     @_abc_1.abstractmethod
     def CreatePromptTemplate(
