@@ -71,20 +71,20 @@ RPC_SCOPES: Mapping[str, str] = {
     "/tokenmesh.router.v1.RouterService/DeprecateModelVersion": "admin",
     "/tokenmesh.router.v1.RouterService/SetFallbackModel": "admin",
     "/tokenmesh.router.v1.RouterService/SetModelAlias": "admin",
+    "/tokenmesh.router.v1.RouterService/SetModelPrice": "admin",
     "/tokenmesh.router.v1.RouterService/ListPromptTemplates": "models:read",
     "/tokenmesh.router.v1.RouterService/GetPromptTemplate": "models:read",
     "/tokenmesh.router.v1.RouterService/CreatePromptTemplate": "admin",
     "/tokenmesh.router.v1.RouterService/SetPromptTemplateAlias": "admin",
     "/tokenmesh.usage.v1.UsageService/GetUsage": "usage:read",
     "/tokenmesh.usage.v1.UsageService/ListAuditEntries": "admin",
-    "/tokenmesh.router.v1.RouterService/SetModelPrice": "admin",
+    "/tokenmesh.usage.v2.UsageService/GetUsage": "usage:read",
 }
 # Reflection needs a valid credential, but no particular scope.
 AUTHENTICATED_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
-    "/tokenmesh.usage.v2.UsageService/GetUsage": "usage:read",
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 

@@ -51,10 +51,10 @@ TRANSCODED_SERVICES = (
     "tokenmesh.inference.v1.InferenceService",
     "tokenmesh.inference.v2.InferenceService",
     "tokenmesh.usage.v1.UsageService",
+    "tokenmesh.usage.v2.UsageService",
 )
 # Streaming routes get no total timeout (a long generation is fine), only an idle one.
 STREAMING_UPSTREAMS = frozenset({"inference"})
-    "tokenmesh.usage.v2.UsageService",
 # The identity each upstream cluster's hosts must prove (their certificate's SPIFFE id).
 UPSTREAM_IDENTITY: Mapping[str, str] = {
     "auth": contract.AUTH,

@@ -188,11 +188,11 @@ CALLER_RULES: dict[str, CallerRule] = {
     "/tokenmesh.inference.v2.InferenceService/": _rule(EDGE),
     "/tokenmesh.router.v1.RouterService/": _rule(EDGE, OPERATOR),
     "/tokenmesh.usage.v1.UsageService/": _rule(EDGE),
+    "/tokenmesh.usage.v2.UsageService/": _rule(EDGE),
     # The edge's own callouts and its control plane.
     "/envoy.service.auth.v3.Authorization/": _rule(EDGE),
     "/envoy.service.ratelimit.v3.RateLimitService/": _rule(EDGE),
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/": _rule(EDGE),
-    "/tokenmesh.usage.v2.UsageService/": _rule(EDGE),
     # Admin RPCs.
     "/tokenmesh.inference.v1.InferenceAdminService/": _ADMIN,
     "/tokenmesh.router.v1.RouterService/RegisterModelVersion": _ADMIN,
@@ -201,11 +201,11 @@ CALLER_RULES: dict[str, CallerRule] = {
     "/tokenmesh.router.v1.RouterService/DeprecateModelVersion": _ADMIN,
     "/tokenmesh.router.v1.RouterService/SetFallbackModel": _ADMIN,
     "/tokenmesh.router.v1.RouterService/SetModelAlias": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/SetModelPrice": _ADMIN,
     "/tokenmesh.router.v1.RouterService/CreatePromptTemplate": _ADMIN,
     "/tokenmesh.router.v1.RouterService/SetPromptTemplateAlias": _ADMIN,
     "/tokenmesh.usage.v1.UsageService/ListAuditEntries": _ADMIN,
     # A worker also drains itself on SIGTERM (the router checks it is its own host).
-    "/tokenmesh.router.v1.RouterService/SetModelPrice": _ADMIN,
     "/tokenmesh.router.v1.WorkerRegistryService/DrainWorker": _rule(
         OPERATOR, WORKER, edge_for_admin=True
     ),

@@ -175,6 +175,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         )
         usage = token_usage(generation.prompt_tokens, generation.sent_tokens)
         event = generation.usage_event(usage, generation.finish_reason(), timing)
+        event.cached_prompt_tokens = generation.cached_prompt_tokens  # priced apart in reports
         template = prompting.template_ref(generation.template)
         if template is not None:
             event.template.CopyFrom(template)
@@ -194,7 +195,6 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         message.usage.CopyFrom(usage_pb(generation, completion_tokens))
         message.timing.CopyFrom(timing_pb(choice.timing()))
         message.model.CopyFrom(generation.model_ref())
-        event.cached_prompt_tokens = generation.cached_prompt_tokens  # priced apart in reports
         template = prompting.template_ref(generation.template)
         if template is not None:
             message.template.CopyFrom(template)
