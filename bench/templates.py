@@ -121,7 +121,7 @@ def template_heads(state: Path, calls: int = CALLS, budget_s: float = BUDGET_S) 
             _create(catalogue, name, _source(str(n)))
         for name in (shared, *distinct):
             _resolve(stub, f"{name}@1")
-        _ttft_ms(stub, f"{shared}@1", -1)  # computes the shared head once (left out)
+        _ttft_ms(stub, f"{shared}@1", calls)  # computes the shared head once (left out)
         samples: dict[str, list[tuple[float, int, int]]] = {"shared": [], "distinct": []}
         deadline = time.monotonic() + budget_s
         for n in range(calls):
