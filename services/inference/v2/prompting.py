@@ -35,6 +35,9 @@ TEMPLATE_RESOURCE_TYPE = "tokenmesh.router.v1.PromptTemplate"
 # many characters are rendered and tokenized on the event loop; larger ones in a
 # thread, so that a long render never stalls other requests' streams.
 INLINE_CHARS = 256
+# A catalogue template with a tag ({% for %}, {% set %}, ...) may render far more
+# than its inputs (up to templates.MAX_OUTPUT_CHARS): always in a thread.
+_TAG = "{%"
 
 
 @dataclass(frozen=True)
@@ -87,12 +90,15 @@ def render(spec: GenerationSpec, model: LoadedModel, template: PromptTemplate | 
     return model.chat_template.render(messages=spec.messages)
 
 
-def _input_chars(spec: GenerationSpec, template: PromptTemplate | None) -> int:
+def _renders_inline(spec: GenerationSpec, template: PromptTemplate | None) -> bool:
+    """Tells whether rendering and tokenizing are short enough for the event loop."""
     chars = len(spec.prompt or "") + sum(len(m.content) for m in spec.messages)
     if template is not None:
+        if _TAG in template.source or _TAG in template.system:
+            return False
         chars += len(template.source) + len(template.system)
         chars += sum(len(value) for value in spec.variables.values())
-    return chars
+    return chars <= INLINE_CHARS
 
 
 def _token_ids(
@@ -122,7 +128,7 @@ async def prepare(
         effective = TemplateId(template.name, template.version)
     elif spec.prompt is None:
         effective = model.chat_template_id
-    if _input_chars(spec, template) <= INLINE_CHARS:
+    if _renders_inline(spec, template):
         token_ids = _token_ids(spec, model, template)
     else:
         token_ids = await asyncio.to_thread(_token_ids, spec, model, template)
