@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import edge, inference, mtls, templates, usage
+from bench import ceiling, edge, inference, mtls, templates, usage
 from bench.report import Target, targets_table, write_report
 from bench.servers import state_dir
 
@@ -213,7 +213,7 @@ def _measure(only: str | None, state: Path) -> tuple[dict[str, Any], list[Target
     streams: dict[str, Any] = {}
     if only in (None, "inference"):
         print("[1/6] engine ceiling (in-process ONNX Runtime, demo-lm)", flush=True)
-        results["engine_ceiling"] = inference.engine_ceiling()
+        results["engine_ceiling"] = ceiling.engine_ceiling()
         print("[2/6] served streams through one worker over gRPC (mTLS)", flush=True)
         results["served"], streams, results["served_ratio_rounds"] = inference.served_streams(state)
         results["served_bare"] = inference.bare_streams(state)

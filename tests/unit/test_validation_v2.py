@@ -56,6 +56,10 @@ def test_a_template_reference_with_variables_is_the_input():
     assert with_prompt.prompt == "help"
 
 
+TOO_LONG = "x" * (MAX_VARIABLE_LENGTH + 1)
+TOO_MANY = {f"v{i}": "" for i in range(MAX_VARIABLES + 1)}
+
+
 def _fields(request: pb.GenerateRequest) -> dict[str, str]:
     with pytest.raises(InvalidArgument) as info:
         GenerationSpec.from_pb(request)
@@ -70,8 +74,8 @@ def _fields(request: pb.GenerateRequest) -> dict[str, str]:
         ({"template": "support@Not_An_Alias"}, ["template"]),
         ({"prompt": "p", "variables": {"a": "1"}}, ["variables"]),
         ({"template": "t@1", "variables": {"9lives": "x"}}, ["variables"]),
-        ({"template": "t@1", "variables": {"big": "x" * (MAX_VARIABLE_LENGTH + 1)}}, ["variables.big"]),
-        ({"template": "t@1", "variables": {f"v{i}": "" for i in range(MAX_VARIABLES + 1)}}, ["variables"]),
+        ({"template": "t@1", "variables": {"big": TOO_LONG}}, ["variables.big"]),
+        ({"template": "t@1", "variables": TOO_MANY}, ["variables"]),
         ({}, ["prompt"]),
     ],
 )  # fmt: skip
