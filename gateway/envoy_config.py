@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import edge_auth, error_status, model_routing
+from gateway import edge_auth, error_status, model_routing, openai_edge
 from gateway.edge_auth import EdgeAuth
 from services.core import contract, pki
 
@@ -35,6 +35,8 @@ PUBLIC_ROUTES: Mapping[str, Sequence[str]] = {
     "inference": (
         "tokenmesh.inference.v1.InferenceService",
         "tokenmesh.inference.v2.InferenceService",
+        # The OpenAI-compatible surface (/openai/v1), served on v2.
+        "tokenmesh.openai.v1.OpenAIService",
     ),
     "usage": ("tokenmesh.usage.v1.UsageService", "tokenmesh.usage.v2.UsageService"),
 }
@@ -50,6 +52,7 @@ TRANSCODED_SERVICES = (
     "tokenmesh.router.v1.RouterService",
     "tokenmesh.inference.v1.InferenceService",
     "tokenmesh.inference.v2.InferenceService",
+    "tokenmesh.openai.v1.OpenAIService",
     "tokenmesh.usage.v1.UsageService",
     "tokenmesh.usage.v2.UsageService",
 )
@@ -449,7 +452,8 @@ def local_reply_config() -> dict[str, Any]:
         ],
         "body_format_override": _error_body(14),
     }
-    mappers = [no_healthy_worker, _grpc_too_large()]
+    # /openai/ paths answer OpenAI's error shape: their mappers come first.
+    mappers = [*openai_edge.local_reply_mappers(), no_healthy_worker, _grpc_too_large()]
     mappers += [
         {
             "filter": {
@@ -621,6 +625,7 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
             health_filter(sorted({*config.upstreams, "inference"})),
             # Before the transcoder: on the way back it sees the REST response.
             error_status.lua_filter(),
+            openai_edge.lua_filter(),
             transcoder_filter(config.descriptor_path),
             *_auth_filters(config),
             *([model_routing.lua_filter()] if config.xds and config.model_routing else []),

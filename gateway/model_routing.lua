@@ -10,7 +10,8 @@
 -- rendered by one template share its head, whatever their variables), else
 -- of the prompt's (or first message's) first PREFIX_BYTES bytes goes into
 -- x-tokenmesh-prefix, which the routes hash (bounded-load consistent
--- hashing) to pick the worker.
+-- hashing) to pick the worker. OpenAI-surface requests carry JSON instead
+-- (see OPENAI below): their top-level `model` is read the same way.
 
 local ROUTED = {
   ["/tokenmesh.inference.v1.InferenceService/Generate"] = true,
@@ -34,6 +35,16 @@ local CHAT = {
   ["/tokenmesh.inference.v2.InferenceService/Generate"] = true,
   ["/tokenmesh.inference.v2.InferenceService/Complete"] = true,
 }
+-- OpenAI-surface requests (tokenmesh.openai.v1) carry the client's JSON as a
+-- google.api.HttpBody, whose field 2 is the raw body: `model` ("name", or
+-- "name@version" to pin one) is read from its top-level members, and the head
+-- of the member named here (`messages` or `prompt`, as the client wrote it)
+-- is hashed like a prompt's; false: nothing to hash.
+local OPENAI = {
+  ["/tokenmesh.openai.v1.OpenAIService/CreateChatCompletion"] = "messages",
+  ["/tokenmesh.openai.v1.OpenAIService/CreateCompletion"] = "prompt",
+  ["/tokenmesh.openai.v1.OpenAIService/CreateEmbedding"] = false,
+}
 local PREFIX_BYTES = 64
 
 -- Returns the varint at position i and the position after it (nil when malformed).
@@ -49,13 +60,14 @@ local function varint(s, i)
   end
 end
 
--- Returns (model, version, head of field 3, head of the first field 4, head
--- of field 5) from one uncompressed gRPC frame, nil for what is absent.
-local function model_fields(s)
-  if #s < 5 or s:byte(1) ~= 0 then return nil, nil, nil, nil, nil end
+-- Calls visit(field, position, length) for each length-delimited field of
+-- the message in one uncompressed gRPC frame; other fields are skipped by
+-- their wire type, and a malformed field ends the walk.
+local function each_bytes_field(s, visit)
+  if #s < 5 or s:byte(1) ~= 0 then return end
   local stop = 5 + s:byte(2) * 16777216 + s:byte(3) * 65536 + s:byte(4) * 256 + s:byte(5)
   if stop > #s then stop = #s end
-  local i, model, version, head, chat, template = 6, nil, nil, nil, nil, nil
+  local i = 6
   while i <= stop do
     local key, value
     key, i = varint(s, i)
@@ -71,23 +83,121 @@ local function model_fields(s)
     elseif wire == 2 then
       value, i = varint(s, i)
       if value == nil then break end
-      if field == 1 then
-        model = s:sub(i, i + value - 1)
-      elseif field == 2 then
-        version = s:sub(i, i + value - 1)
-      elseif field == 3 and head == nil then
-        head = s:sub(i, i + math.min(value, PREFIX_BYTES) - 1)
-      elseif field == 4 and chat == nil then
-        chat = s:sub(i, i + math.min(value, PREFIX_BYTES) - 1)
-      elseif field == 5 then
-        template = s:sub(i, i + math.min(value, PREFIX_BYTES) - 1)
-      end
+      visit(field, i, value)
       i = i + value
     else
       break
     end
   end
+end
+
+-- Returns (model, version, head of field 3, head of the first field 4, head
+-- of field 5) from one uncompressed gRPC frame, nil for what is absent.
+local function model_fields(s)
+  local model, version, head, chat, template = nil, nil, nil, nil, nil
+  each_bytes_field(s, function(field, i, length)
+    local head_end = i + math.min(length, PREFIX_BYTES) - 1
+    if field == 1 then
+      model = s:sub(i, i + length - 1)
+    elseif field == 2 then
+      version = s:sub(i, i + length - 1)
+    elseif field == 3 and head == nil then
+      head = s:sub(i, head_end)
+    elseif field == 4 and chat == nil then
+      chat = s:sub(i, head_end)
+    elseif field == 5 then
+      template = s:sub(i, head_end)
+    end
+  end)
   return model, version, head, chat, template
+end
+
+-- Returns the position of the first character after JSON whitespace from i.
+local function skip_space(s, i)
+  return s:find("[^ \t\r\n]", i) or (#s + 1)
+end
+
+-- Returns the position after the JSON string that starts at i, nil when unterminated.
+local function string_end(s, i)
+  local j = i + 1
+  while true do
+    local k = s:find('["\\]', j)
+    if k == nil then return nil end
+    if s:byte(k) == 34 then return k + 1 end
+    j = k + 2
+  end
+end
+
+-- Returns the position after the JSON value that starts at i, nil when malformed.
+local function value_end(s, i)
+  local c = s:byte(i)
+  if c == 34 then return string_end(s, i) end
+  if c ~= 123 and c ~= 91 then  -- a number, true, false or null
+    return s:find("[,}%] \t\r\n]", i) or (#s + 1)
+  end
+  local depth, j = 0, i
+  while true do
+    local k = s:find('[{}%[%]"]', j)
+    if k == nil then return nil end
+    local b = s:byte(k)
+    if b == 34 then
+      j = string_end(s, k)
+      if j == nil then return nil end
+    else
+      depth = depth + ((b == 123 or b == 91) and 1 or -1)
+      j = k + 1
+      if depth == 0 then return j end
+    end
+  end
+end
+
+-- Returns the raw JSON text of the wanted top-level members of a JSON object
+-- ({name = text}); what follows a malformed member is not read.
+local function json_members(s, wanted)
+  local found = {}
+  local i = skip_space(s, 1)
+  if s:byte(i) ~= 123 then return found end
+  i = skip_space(s, i + 1)
+  while s:byte(i) == 34 do
+    local key_end = string_end(s, i)
+    if key_end == nil then break end
+    local key = s:sub(i + 1, key_end - 2)
+    i = skip_space(s, key_end)
+    if s:byte(i) ~= 58 then break end
+    i = skip_space(s, i + 1)
+    local stop = value_end(s, i)
+    if stop == nil then break end
+    if wanted[key] and found[key] == nil then found[key] = s:sub(i, stop - 1) end
+    i = skip_space(s, stop)
+    if s:byte(i) ~= 44 then break end
+    i = skip_space(s, i + 1)
+  end
+  return found
+end
+
+-- Returns (model, version, head of the `input` member) of an OpenAI request:
+-- the JSON in field 2 of its google.api.HttpBody frame.
+local function openai_fields(s, input)
+  local data = nil
+  each_bytes_field(s, function(field, i, length)
+    if field == 2 and data == nil then data = s:sub(i, i + length - 1) end
+  end)
+  if data == nil then return nil, nil, nil end
+  local members = json_members(data, { model = true, [input or "model"] = true })
+  local model, version, head = nil, nil, nil
+  local id = members.model
+  -- Only a plain JSON string: an escaped one is left to the worker.
+  if id ~= nil and id:match('^"[^"\\]*"$') then
+    id = id:sub(2, -2)
+    local at = id:find("@", 1, true)
+    if at == nil then
+      model = id
+    else
+      model, version = id:sub(1, at - 1), id:sub(at + 1)
+    end
+  end
+  if input and members[input] ~= nil then head = members[input]:sub(1, PREFIX_BYTES) end
+  return model, version, head
 end
 
 -- Tells whether a model or version may travel in a header: a name's
@@ -114,24 +224,33 @@ local function key_pin(pins, model)
 end
 
 function envoy_on_request(handle)
-  if not ROUTED[handle:headers():get(":path")] then return end
+  local path = handle:headers():get(":path")
+  local openai = OPENAI[path]
+  if not ROUTED[path] and openai == nil then return end
   local body = handle:body()
   if body == nil then return end
-  local model, version, head, chat, template = model_fields(body:getBytes(0, body:length()))
+  local bytes = body:getBytes(0, body:length())
+  local model, version, head
+  if openai ~= nil then
+    model, version, head = openai_fields(bytes, openai)
+  else
+    local chat, template
+    model, version, head, chat, template = model_fields(bytes)
+    if CHAT[path] then
+      if template ~= nil and template ~= "" then
+        head = template
+      elseif head == nil or head == "" then
+        head = chat
+      end
+    end
+    if not GENERATION[path] then head = nil end
+  end
   -- Header objects do not survive the body() yield: fetch them again.
   local headers = handle:headers()
   if not header_safe(model, 128) then model = nil end
   if not header_safe(version, 64) then version = nil end
   if model ~= nil then headers:replace("x-tokenmesh-model", model) end
-  local path = headers:get(":path")
-  if CHAT[path] then
-    if template ~= nil and template ~= "" then
-      head = template
-    elseif head == nil or head == "" then
-      head = chat
-    end
-  end
-  if head ~= nil and head ~= "" and GENERATION[path] then
+  if head ~= nil and head ~= "" then
     headers:replace("x-tokenmesh-prefix", hex(head))
   end
   -- The request's version field wins over an x-model-version header, which

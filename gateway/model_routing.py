@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 INFERENCE_PREFIX = "/tokenmesh.inference.v1.InferenceService/"
-# Model routes match every inference API version's paths (v1 and v2 requests for
-# a model go to the same clusters). Only the Lua filter sets MODEL_HEADER, and
-# only on the Generate/Complete/Embed paths of those versions, so other paths
-# under this prefix (InferenceAdminService) never match a model route.
-INFERENCE_ROUTE_PREFIX = "/tokenmesh.inference."
+# Model routes match every inference API's paths (v1, v2 and the OpenAI surface's
+# requests for a model go to the same clusters). Only the Lua filter sets
+# MODEL_HEADER, and only on the Generate/Complete/Embed paths of those APIs
+# (tokenmesh.openai.v1's CreateChatCompletion/CreateCompletion/CreateEmbedding),
+# so other paths under this prefix (InferenceAdminService, other services) never
+# match a model route.
+INFERENCE_ROUTE_PREFIX = "/tokenmesh."
 # Set by the Lua filter from the request body.
 MODEL_HEADER = "x-tokenmesh-model"
 # Set by the client or, from the body's version field, by the Lua filter.

@@ -122,6 +122,9 @@ EDGE_HEADER_PREFIX = "x-tokenmesh-"
 #: version past its sunset, which gRPC calls UNIMPLEMENTED); the edge applies it
 #: and removes it.
 HTTP_STATUS_HEADER = "x-tokenmesh-http-status"
+#: Trailing metadata of an OpenAI-surface error (tokenmesh.openai.v1): OpenAI's
+#: error JSON, which the edge makes the REST body and removes.
+OPENAI_ERROR_HEADER = "x-tokenmesh-openai-error"
 ADMIN_SCOPE = "admin"
 
 # ---------------------------------------------------------------------------
@@ -186,6 +189,7 @@ CALLER_RULES: dict[str, CallerRule] = {
     "/tokenmesh.auth.v1.AuthService/": _rule(EDGE, OPERATOR),
     "/tokenmesh.inference.v1.InferenceService/": _rule(EDGE),
     "/tokenmesh.inference.v2.InferenceService/": _rule(EDGE),
+    "/tokenmesh.openai.v1.OpenAIService/": _rule(EDGE),
     "/tokenmesh.router.v1.RouterService/": _rule(EDGE, OPERATOR),
     "/tokenmesh.usage.v1.UsageService/": _rule(EDGE),
     "/tokenmesh.usage.v2.UsageService/": _rule(EDGE),

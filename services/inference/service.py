@@ -22,6 +22,7 @@ from services.core.settings import RedisSettings, env, require
 from services.core.tasks import HealthGate, Supervisor
 from services.inference.budget import TokenBudgets
 from services.inference.models import LoadedModel, ModelRegistry
+from services.inference.openai import servicer as openai
 from services.inference.registration import Registration
 from services.inference.repository import (
     EngineOptions,
@@ -36,6 +37,7 @@ from services.inference.v2 import servicer as v2
 from services.router.prompts import PromptCatalog
 from tokenmesh.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_grpc
+from tokenmesh.openai.v1 import openai_service_pb2_grpc as openai_grpc
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -223,7 +225,7 @@ class InferenceService(Service):
         self.registration: Registration | None = None
 
     def service_names(self) -> Sequence[str]:
-        return [SERVICE_NAME, v2.SERVICE_NAME, ADMIN_SERVICE_NAME]
+        return [SERVICE_NAME, v2.SERVICE_NAME, openai.SERVICE_NAME, ADMIN_SERVICE_NAME]
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         v1 = InferenceServicer(
@@ -236,6 +238,8 @@ class InferenceService(Service):
         # v2 shares v1's routing, budgets and usage recording (one Admission).
         v2_servicer = v2.InferenceServicer(v1.admission, templates=self.templates)
         v2_grpc.add_InferenceServiceServicer_to_server(v2_servicer, server)
+        # The OpenAI surface runs on v2 (raw JSON in, OpenAI's bytes out).
+        openai_grpc.add_OpenAIServiceServicer_to_server(openai.OpenAIServicer(v2_servicer), server)
         inference_service_pb2_grpc.add_InferenceAdminServiceServicer_to_server(
             InferenceAdminServicer(self.registry, self.load, self.unload), server
         )

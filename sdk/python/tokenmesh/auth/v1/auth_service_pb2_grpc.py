@@ -98,6 +98,7 @@ class AuthServiceServicer:
         """GetJwks returns the JSON Web Key Set that verifies issued tokens.
         The response is raw JSON (application/json), hence HttpBody.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

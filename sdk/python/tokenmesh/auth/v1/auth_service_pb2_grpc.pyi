@@ -40,6 +40,7 @@ class AuthServiceStub:
     """GetJwks returns the JSON Web Key Set that verifies issued tokens.
     The response is raw JSON (application/json), hence HttpBody.
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.CreateApiKeyRequest, _auth_service_pb2.CreateApiKeyResponse]
     """CreateApiKey creates a key and returns its secret, exactly once. Needs "admin"."""
@@ -67,6 +68,7 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """GetJwks returns the JSON Web Key Set that verifies issued tokens.
     The response is raw JSON (application/json), hence HttpBody.
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.CreateApiKeyRequest, _auth_service_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
     """CreateApiKey creates a key and returns its secret, exactly once. Needs "admin"."""
@@ -103,6 +105,7 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """GetJwks returns the JSON Web Key Set that verifies issued tokens.
         The response is raw JSON (application/json), hence HttpBody.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
 
     @_abc_1.abstractmethod

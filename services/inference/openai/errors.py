@@ -1,0 +1,73 @@
+"""Our errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+
+The HTTP status is the transcoder's mapping of the gRPC code (400, 401, 403,
+404, 429, 500, 503, ...); `type` follows OpenAI's names for those statuses,
+`code` is the error's ErrorInfo reason in lower case ("model_not_found"),
+and `param` names the first bad parameter as the client sent it.
+
+Before any output the worker aborts with the status and puts the JSON in
+trailing metadata (`contract.OPENAI_ERROR_HEADER`); the edge's response-side
+Lua filter (gateway/openai_edge.py) makes it the body. The header is gRPC
+metadata, so it is printable ASCII: JSON with every other character escaped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from services.core.errors import FieldViolation, InvalidArgument, TokenmeshError
+from services.inference.openai import shapes
+from services.inference.openai.params import Renames, v2_param
+
+# gRPC code -> OpenAI error type (what OpenAI sends with the same HTTP status).
+ERROR_TYPES: Mapping[int, str] = {
+    code_pb2.INVALID_ARGUMENT: "invalid_request_error",
+    code_pb2.FAILED_PRECONDITION: "invalid_request_error",
+    code_pb2.OUT_OF_RANGE: "invalid_request_error",
+    code_pb2.NOT_FOUND: "invalid_request_error",
+    code_pb2.ALREADY_EXISTS: "invalid_request_error",
+    code_pb2.UNAUTHENTICATED: "authentication_error",
+    code_pb2.PERMISSION_DENIED: "permission_error",
+    code_pb2.RESOURCE_EXHAUSTED: "rate_limit_error",
+    code_pb2.UNIMPLEMENTED: "invalid_request_error",
+}
+SERVER_ERROR = "server_error"
+
+
+def _reason(status: status_pb2.Status) -> str | None:
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason.lower() or None
+    return None
+
+
+def from_status(status: status_pb2.Status, param: str | None = None) -> shapes.Json:
+    """Returns the OpenAI error object of a google.rpc.Status."""
+    kind = ERROR_TYPES.get(status.code, SERVER_ERROR)
+    return shapes.error(status.message, kind, param, _reason(status))
+
+
+def renamed(error: TokenmeshError, renames: Renames) -> TokenmeshError:
+    """Returns `error` with v2 field names replaced by the OpenAI parameters they came from."""
+    if not isinstance(error, InvalidArgument):
+        return error
+    violations = [
+        FieldViolation(v2_param(v.field, renames), v.description) for v in error.violations
+    ]
+    return InvalidArgument(violations, reason=error.reason)
+
+
+def from_error(error: TokenmeshError) -> shapes.Json:
+    """Returns the OpenAI error object of a domain error (param: its first bad field)."""
+    param = error.violations[0].field if isinstance(error, InvalidArgument) else None
+    return from_status(error.to_status(), param)
+
+
+def header_value(body: shapes.Json) -> str:
+    """Returns the error JSON as a gRPC metadata value (printable ASCII only)."""
+    return json.dumps(body, separators=(",", ":")).replace("\x7f", "\\u007f")

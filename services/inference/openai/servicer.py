@@ -1,0 +1,365 @@
+"""tokenmesh.openai.v1.OpenAIService: OpenAI's JSON in, OpenAI's bytes out, v2 inside.
+
+Each RPC reads the raw request (services.inference.openai.params), calls the
+inference v2 servicer's own RPC with the equivalent v2 request (so routing,
+budgets, scheduling, logprobs and usage records are v2's, one code path),
+and writes OpenAI's objects (services.inference.openai.shapes): one JSON body,
+or one Server-Sent Event per HttpBody message.
+
+Response headers wait for the first body (`_ResponseContext`): an error
+before it is a trailers-only status with OpenAI's error JSON in the trailing
+metadata, which the edge turns into the response body; an error after it is
+a last `data: {"error": ...}` event, then the status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
+from typing import Any, TypeVar, cast
+
+import grpc
+from google.api.httpbody_pb2 import HttpBody
+
+from gateway import model_routing
+from services.core import contract
+from services.core.errors import FieldViolation, InvalidArgument, TokenmeshError
+from services.core.interceptors import Context, abort_with, request_headers, to_domain_error
+from services.inference import validation as v1_validation
+from services.inference.admission import check_model_allowed, visible_models
+from services.inference.openai import errors, params, shapes
+from services.inference.openai.params import EmbeddingCall, GenerationCall, Renames
+from services.inference.v2.servicer import InferenceServicer as V2Servicer
+from tokenmesh.inference.v2 import inference_pb2
+from tokenmesh.inference.v2 import inference_service_pb2 as v2_pb
+from tokenmesh.openai.v1 import openai_service_pb2 as pb
+from tokenmesh.openai.v1 import openai_service_pb2_grpc
+from tokenmesh.type.v1 import types_pb2
+
+T = TypeVar("T")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OpenAIService"].full_name
+CHAT_RPC = f"/{SERVICE_NAME}/CreateChatCompletion"
+COMPLETION_RPC = f"/{SERVICE_NAME}/CreateCompletion"
+EMBEDDING_RPC = f"/{SERVICE_NAME}/CreateEmbedding"
+MODELS_RPC = f"/{SERVICE_NAME}/ListModels"
+MODEL_RPC = f"/{SERVICE_NAME}/GetModel"
+# Response headers the v2 servicer sends that name the serving version (and the
+# model, when a fallback serves).
+VERSION_HEADER = model_routing.VERSION_HEADER
+FALLBACK_MODEL_HEADER = model_routing.MODEL_HEADER
+
+
+class _ResponseContext:
+    """The RPC's context as the v2 servicer sees it: its response headers wait for ours.
+
+    v2 sends response headers (request id, serving version) when generation
+    starts. Held back until the first body, an error before it stays a
+    trailers-only status (the edge rewrites those; once headers went out a
+    REST client only sees the 200), and carries them with OpenAI's error
+    JSON. A legacy completion's several prompts (several v2 calls) send
+    them once.
+    """
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+        self.headers: tuple[tuple[str, str], ...] = ()
+        self.sent = False
+        self.error_json = ""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def header(self, name: str) -> str:
+        """Returns a response header v2 sent ("" when absent)."""
+        return next((v for k, v in self.headers if k == name), "")
+
+    async def send_initial_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
+        if not self.headers:
+            self.headers = tuple(metadata)
+
+    async def flush(self) -> None:
+        """Sends the held response headers (before the first body)."""
+        if not self.sent:
+            self.sent = True
+            await self._context.send_initial_metadata(self.headers)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> None:
+        extra: tuple[tuple[str, str], ...] = ()
+        if not self.sent:
+            extra = self.headers
+            if self.error_json:
+                extra += ((contract.OPENAI_ERROR_HEADER, self.error_json),)
+        await self._context.abort(code, details, (*tuple(trailing_metadata), *extra))
+
+    def fail(
+        self, exc: Exception, rpc: str, renames: Renames
+    ) -> tuple[TokenmeshError, HttpBody | None]:
+        """Returns `exc` as the error to abort with and, when output started, the
+        stream's last event; before that the error JSON goes with the status."""
+        error = errors.renamed(to_domain_error(exc, rpc), renames)
+        body = errors.from_error(error)
+        if self.sent:
+            return error, HttpBody(data=shapes.sse(body))
+        self.error_json = errors.header_value(body)
+        return error, None
+
+
+def _generator(stream: AsyncIterator[T]) -> AsyncGenerator[T, None]:
+    """Returns an async generator RPC method's stream as what it is (it can be closed)."""
+    return cast(AsyncGenerator[T, None], stream)
+
+
+def _json(value: shapes.Json) -> HttpBody:
+    return HttpBody(content_type=shapes.JSON, data=shapes.json_bytes(value))
+
+
+class _Stream:
+    """_Stream writes one request's Server-Sent Events (content type on the first)."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def event(self, value: shapes.Json | bytes) -> HttpBody:
+        data = value if isinstance(value, bytes) else shapes.sse(value)
+        if self.started:
+            return HttpBody(data=data)
+        self.started = True
+        return HttpBody(content_type=shapes.EVENT_STREAM, data=data)
+
+
+class OpenAIServicer(openai_service_pb2_grpc.OpenAIServiceServicer):
+    """OpenAIServicer serves tokenmesh.openai.v1.OpenAIService on the v2 servicer.
+
+    Args:
+        v2: the worker's inference v2 servicer (its admission: routing, budgets, usage).
+    """
+
+    def __init__(self, v2: V2Servicer) -> None:
+        self.v2 = v2
+        self.registry = v2.registry
+        self.started = int(time.time())  # the models' `created`
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> HttpBody:
+        names, _ = visible_models(self.registry, context, "", v1_validation.MAX_PAGE_SIZE)
+        ids: list[str] = []
+        for name in names:
+            ids.append(name)
+            ids.extend(f"{name}@{m.version}" for m in self.registry.versions(name))
+        return _json(shapes.model_list(ids, self.started))
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> HttpBody:
+        ctx = _ResponseContext(context)
+        try:
+            name, version = params.parse_model_id(request.model)
+            v1_validation.validate_model_name(name)
+            check_model_allowed(request_headers(context), name)
+            self.registry.resolve(name, version)
+            return _json(shapes.model(request.model, self.started))
+        except Exception as exc:
+            error, _ = ctx.fail(exc, MODEL_RPC, Renames())
+            await abort_with(cast(Context, ctx), error)
+            raise
+
+    async def CreateEmbedding(self, request: HttpBody, context: Context) -> HttpBody:
+        ctx = _ResponseContext(context)
+        try:
+            call = params.parse_embedding(request.data)
+            self._check_dimensions(ctx, call)
+            response = await self.v2.Embed(call.request, cast(Context, ctx))
+            body = _json(shapes.embeddings(response, call.base64))
+            await ctx.flush()
+            return body
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            error, _ = ctx.fail(exc, EMBEDDING_RPC, Renames(input="input"))
+            await abort_with(cast(Context, ctx), error)
+            raise  # not reached: abort_with raised
+
+    def _check_dimensions(self, ctx: _ResponseContext, call: EmbeddingCall) -> None:
+        if call.dimensions is None:
+            return
+        request = call.request
+        target = self.v2.admission.resolve(
+            cast(Context, ctx), request.model, request.version, generative=False
+        )
+        size = target.model.embedding_dimensions
+        if call.dimensions != size:
+            raise InvalidArgument(
+                [FieldViolation("dimensions", f"must be {size} for this model (or left out)")]
+            )
+
+    async def CreateChatCompletion(
+        self, request: HttpBody, context: Context
+    ) -> AsyncIterator[HttpBody]:
+        async for body in self._serve(request.data, context, params.parse_chat, CHAT_RPC):
+            yield body
+
+    async def CreateCompletion(
+        self, request: HttpBody, context: Context
+    ) -> AsyncIterator[HttpBody]:
+        async for body in self._serve(
+            request.data, context, params.parse_completion, COMPLETION_RPC
+        ):
+            yield body
+
+    async def _serve(
+        self, raw: bytes, context: Context, parse: Any, rpc: str
+    ) -> AsyncIterator[HttpBody]:
+        ctx = _ResponseContext(context)
+        renames = Renames()
+        try:
+            call: GenerationCall = parse(raw)
+            renames = call.renames
+            bodies = _generator(self._bodies(call, ctx, chat=rpc == CHAT_RPC))
+            async with aclosing(bodies):
+                async for body in bodies:
+                    await ctx.flush()
+                    yield body
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            error, last = ctx.fail(exc, rpc, renames)
+            if last is not None:
+                yield last
+            await abort_with(cast(Context, ctx), error)
+
+    def _bodies(
+        self, call: GenerationCall, ctx: _ResponseContext, *, chat: bool
+    ) -> AsyncIterator[HttpBody]:
+        if chat:
+            return self._chat_stream(call, ctx) if call.stream else self._chat_once(call, ctx)
+        if call.stream:
+            return self._completion_stream(call, ctx)
+        return self._completion_once(call, ctx)
+
+    async def _chat_once(
+        self, call: GenerationCall, ctx: _ResponseContext
+    ) -> AsyncIterator[HttpBody]:
+        created = int(time.time())
+        [request] = call.complete_requests()
+        response = await self.v2.Complete(request, cast(Context, ctx))
+        chat = shapes.ChatShapes(response.request_id, created, response.model)
+        yield _json(chat.completion(response.choices, shapes.usage([response.usage])))
+
+    def _served(self, ctx: _ResponseContext, request: v2_pb.GenerateRequest) -> types_pb2.ModelRef:
+        """Returns the version serving a stream, from v2's response headers."""
+        name = ctx.header(FALLBACK_MODEL_HEADER) or request.model
+        return types_pb2.ModelRef(name=name, version=ctx.header(VERSION_HEADER))
+
+    async def _chat_stream(
+        self, call: GenerationCall, ctx: _ResponseContext
+    ) -> AsyncIterator[HttpBody]:
+        created = int(time.time())
+        [request] = call.generate_requests()
+        stream = _Stream()
+        chat: shapes.ChatShapes | None = None
+        begun: set[int] = set()
+        totals = inference_pb2.Usage()
+        failed = False
+        messages = _generator(self.v2.Generate(request, cast(Context, ctx)))
+        async with aclosing(messages):
+            async for message in messages:
+                if chat is None:
+                    served = self._served(ctx, request)
+                    chat = shapes.ChatShapes(message.request_id, created, served)
+                if message.HasField("error"):
+                    if not failed:  # every running choice ends with the same error
+                        failed = True
+                        yield stream.event(errors.from_status(message.error))
+                    continue
+                index = message.choice_index
+                if message.text or message.token_ids or index not in begun:
+                    delta = {"content": message.text}
+                    if index not in begun:
+                        begun.add(index)
+                        delta = {"role": "assistant", **delta}
+                    logprobs = shapes.chat_logprobs(message.logprobs) if call.logprobs else None
+                    yield stream.event(chat.chunk(index, delta, logprobs, None, call.include_usage))
+                if message.HasField("finish_reason"):
+                    totals = message.usage
+                    reason = shapes.finish_reason(message.finish_reason)
+                    yield stream.event(chat.chunk(index, {}, None, reason, call.include_usage))
+        if chat is None:
+            return
+        if call.include_usage:
+            yield stream.event(chat.usage_chunk(shapes.usage([totals])))
+        yield stream.event(shapes.DONE)
+
+    async def _completion_once(
+        self, call: GenerationCall, ctx: _ResponseContext
+    ) -> AsyncIterator[HttpBody]:
+        created = int(time.time())
+        requests = call.complete_requests()
+        tasks = [asyncio.ensure_future(self.v2.Complete(r, cast(Context, ctx))) for r in requests]
+        try:
+            responses = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        first = responses[0]
+        shaper = shapes.CompletionShapes(first.request_id, created, first.model)
+        n = max(1, requests[0].n)
+        choices = [
+            shaper.text_choice(
+                p * n + choice.index,
+                choice.text,
+                shapes.completion_logprobs(choice.logprobs, 0) if call.logprobs else None,
+                shapes.finish_reason(choice.finish_reason),
+            )
+            for p, response in enumerate(responses)
+            for choice in response.choices
+        ]
+        totals = shapes.usage(r.usage for r in responses)
+        yield _json(shaper.text_completion(choices, totals))
+
+    async def _completion_stream(
+        self, call: GenerationCall, ctx: _ResponseContext
+    ) -> AsyncIterator[HttpBody]:
+        created = int(time.time())
+        stream = _Stream()
+        shaper: shapes.CompletionShapes | None = None
+        usages: list[inference_pb2.Usage] = []
+        requests = call.generate_requests()
+        n = max(1, requests[0].n)
+        failed = False
+        for p, request in enumerate(requests):  # prompts one after the other
+            offsets: dict[int, int] = {}
+            totals = inference_pb2.Usage()
+            messages = _generator(self.v2.Generate(request, cast(Context, ctx)))
+            async with aclosing(messages):
+                async for message in messages:
+                    if shaper is None:
+                        served = self._served(ctx, request)
+                        shaper = shapes.CompletionShapes(message.request_id, created, served)
+                    if message.HasField("error"):
+                        if not failed:  # v2 aborts with the status next
+                            failed = True
+                            yield stream.event(errors.from_status(message.error))
+                        continue
+                    index = p * n + message.choice_index
+                    offset = offsets.get(index, 0)
+                    offsets[index] = offset + len(message.text)
+                    logprobs = (
+                        shapes.completion_logprobs(message.logprobs, offset)
+                        if call.logprobs
+                        else None
+                    )
+                    finish = None
+                    if message.HasField("finish_reason"):
+                        finish = shapes.finish_reason(message.finish_reason)
+                        totals = message.usage
+                    choice = shaper.text_choice(index, message.text, logprobs, finish)
+                    yield stream.event(shaper.text_completion([choice], None))
+            usages.append(totals)
+        if shaper is None:
+            return
+        if call.include_usage:
+            yield stream.event({**shaper.text_completion([], None), "usage": shapes.usage(usages)})
+        yield stream.event(shapes.DONE)
