@@ -32,7 +32,20 @@ $(BUF): package.json
 	touch $@
 
 .PHONY: setup
-setup: $(STAMP) build/tokenmesh.pb models ## Create .venv, install everything, build the models (idempotent).
+setup: $(STAMP) build/tokenmesh.pb models browser ## Create .venv, install everything, build the models (idempotent).
+
+# The playground's browser test (tests/e2e/test_playground.py) drives Debian's
+# headless Chromium through Playwright; Playwright's own browser downloads
+# (`playwright install`) are never used. Once per machine (~45 s); without
+# root or apt the test fails and says how to install it.
+.PHONY: browser
+browser: ## Install headless Chromium for the playground test (Debian's chromium).
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
+	  || DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+	  || { apt-get update -q >/dev/null \
+	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
+	  || echo "warning: chromium is not installed (apt-get install chromium):" \
+	          "tests/e2e/test_playground.py will fail"
 
 MINILM := models/all-minilm-l6-v2/1/model.onnx
 DEMO_LM := models/demo-lm/1/model.onnx
