@@ -361,7 +361,9 @@ function heatColour(p) {
 
 function heatToken(item) {
   const p = Math.exp(item.logprob);
-  const span = element("span", { className: "tok", textContent: item.token, tabIndex: 0 });
+  // Not focusable: hundreds of tab stops would bury the controls; the text itself is in
+  // the choice's panel, and the per-choice table has the confidence.
+  const span = element("span", { className: "tok", textContent: item.token });
   // CSSOM writes are allowed under a CSP without 'unsafe-inline' (style attributes are not).
   span.style.backgroundColor = heatColour(p);
   span.dataset.p = p.toFixed(4);
@@ -371,7 +373,6 @@ function heatToken(item) {
   span.title =
     `${JSON.stringify(item.token)}: p=${p.toFixed(3)}, logprob=${item.logprob.toFixed(3)}` +
     (alternatives ? `\nmost likely: ${alternatives}` : "");
-  span.setAttribute("aria-label", span.title);
   return span;
 }
 
