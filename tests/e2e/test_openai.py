@@ -260,3 +260,32 @@ def test_errors_have_openais_shape_on_every_path(mesh, admin_key):
         assert set(error) == {"message", "type", "param", "code"}, name
         assert error["message"], name
         assert "x-tokenmesh-openai-error" not in reply.headers
+
+
+def test_requests_are_routed_by_the_model_in_their_json(mesh, admin_key):
+    # The model-routing Lua filter reads `model` (a name@version pins) and the
+    # head of `messages` from the JSON: chats that start alike meet one worker.
+    system = "the mesh routes tokens through envoy to workers and back again: answer"
+
+    def worker(first: str, question: str, model: str = "deterministic-test") -> str:
+        body = {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": first},
+                {"role": "user", "content": question},
+            ],
+            "max_tokens": 1,
+        }
+        reply = httpx.post(
+            f"{mesh.edge_url}/openai/v1/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {admin_key}"},
+            timeout=30,
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["model"] == "deterministic-test@1"
+        return str(reply.headers["x-tokenmesh-worker"])
+
+    assert len({worker(system, f"question {n}", "deterministic-test@1") for n in range(8)}) == 1
+    spread = {worker(f"{n} {system}", "question") for n in range(20)}
+    assert spread == {"inference-0", "inference-1"}

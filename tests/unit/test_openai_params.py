@@ -1,0 +1,127 @@
+"""OpenAI request bodies mapped onto inference v2 requests, and the names errors use."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from services.core.errors import InvalidArgument
+from services.inference.openai import errors, params
+from services.inference.openai.params import Renames, v2_param
+
+
+def _raw(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+CHAT = {"model": "demo-lm@2", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _violations(call: Any) -> dict[str, str]:
+    with pytest.raises(InvalidArgument) as info:
+        call()
+    return {v.field: v.description for v in info.value.violations}
+
+
+def test_a_chat_maps_onto_one_v2_request():
+    call = params.parse_chat(
+        _raw(
+            model="demo-lm@2",
+            messages=[
+                {"role": "developer", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                },
+            ],
+            max_tokens=5,
+            max_completion_tokens=7,
+            seed=-1,
+            stop="END",
+            temperature=0,
+            user="u-1",
+            metadata={"team": "x"},
+            logprobs=True,
+            top_logprobs=2,
+            frequency_penalty=0,
+            logit_bias=None,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert (call.model_id, call.stream, call.include_usage, call.logprobs) == (
+        "demo-lm@2",
+        True,
+        True,
+        True,
+    )
+    [request] = call.generate_requests()
+    assert (request.model, request.version) == ("demo-lm", "2")
+    assert [(m.role, m.content) for m in request.messages] == [
+        ("system", "be brief"),
+        ("user", "a\nb"),
+    ]
+    assert (
+        request.max_output_tokens == 7 and call.renames.max_output_tokens == "max_completion_tokens"
+    )
+    assert request.sampling.seed == 2**64 - 1 and request.sampling.temperature == 0
+    assert request.sampling.HasField("temperature") and not request.sampling.HasField("top_p")
+    assert list(request.stop_sequences) == ["END"]
+    assert dict(request.metadata) == {"team": "x", "user": "u-1"}
+    assert (request.logprobs, request.top_logprobs) == (True, 2)
+
+
+def test_unknown_and_unsupported_parameters_are_named():
+    assert set(_violations(lambda: params.parse_chat(_raw(**CHAT, tools=[], b=1)))) == {
+        "b",
+        "tools",
+    }
+    found = _violations(
+        lambda: params.parse_chat(
+            _raw(**CHAT, presence_penalty=1, n="2", stream_options={"include_usage": True})
+        )
+    )
+    assert set(found) == {"presence_penalty", "n", "stream_options"}
+    assert set(_violations(lambda: params.parse_chat(b"[1]"))) == {"body"}
+    assert set(_violations(lambda: params.parse_chat(b"{"))) == {"body"}
+
+
+def test_legacy_completions_take_prompt_lists_and_refuse_echo():
+    call = params.parse_completion(_raw(model="m", prompt=["a", "b"], n=2, logprobs=3))
+    assert [r.prompt for r in call.complete_requests()] == ["a", "b"]
+    assert all(r.n == 2 and r.top_logprobs == 3 and r.logprobs for r in call.complete_requests())
+    found = _violations(
+        lambda: params.parse_completion(_raw(model="m", prompt=[1, 2], echo=True, best_of=3))
+    )
+    assert set(found) == {"prompt", "echo", "best_of"}
+
+
+def test_embeddings_take_strings_and_an_encoding():
+    call = params.parse_embedding(_raw(model="e@1", input="x", encoding_format="base64"))
+    assert list(call.request.inputs) == ["x"] and call.base64 and call.request.version == "1"
+    assert call.dimensions is None
+    found = _violations(
+        lambda: params.parse_embedding(_raw(model="e", input=[[1]], encoding_format="int8"))
+    )
+    assert set(found) == {"input", "encoding_format"}
+
+
+def test_v2_field_names_become_the_clients_parameters():
+    renames = Renames(max_output_tokens="max_completion_tokens", input="messages")
+    assert v2_param("sampling.temperature", renames) == "temperature"
+    assert v2_param("max_output_tokens", renames) == "max_completion_tokens"
+    assert v2_param("stop_sequences[1]", renames) == "stop[1]"
+    assert v2_param("prompt", renames) == "messages"
+    assert v2_param("messages[2].role", renames) == "messages[2].role"
+    assert v2_param("inputs[3]", Renames(input="input")) == "input[3]"
+    assert v2_param("version", renames) == "model"
+
+
+def test_error_json_is_printable_ascii_for_grpc_metadata():
+    error = InvalidArgument([params.FieldViolation("model", "bad \u00e9\x7f\n")])
+    value = errors.header_value(errors.from_error(error))
+    assert all(0x20 <= ord(c) < 0x7F for c in value)
+    assert json.loads(value)["error"]["message"] == "model: bad \u00e9\x7f\n"
+    assert list(json.loads(value)["error"]) == ["message", "type", "param", "code"]
