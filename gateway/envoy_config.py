@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import edge_auth, error_status, model_routing, openai_edge, static_site
+from gateway import edge_auth, edge_health, error_status, model_routing, openai_edge
 from gateway.edge_auth import EdgeAuth
 from services.core import contract, pki
 
@@ -385,25 +385,19 @@ def routes() -> list[dict[str, Any]]:
 def route_configuration(
     auth: EdgeAuth | None, model_routes: Sequence[Mapping[str, Any]] = ()
 ) -> dict[str, Any]:
-    """Builds the edge's routes: static files and public RPCs, per-model routes, then one
-    per service."""
+    """Builds the edge's routes: public RPCs, per-model routes, then one per service."""
     virtual_host: dict[str, Any] = {
         "name": "edge",
         "domains": ["*"],
         "routes": [
-            *(edge_auth.public_routes() if auth else static_site.routes()),
+            *(edge_auth.public_routes() if auth else []),
             *(dict(r) for r in model_routes),
             *routes(),
         ],
     }
     if auth and auth.ratelimit:
         virtual_host["rate_limits"] = edge_auth.rate_limits()
-    return {
-        "name": "edge",
-        "virtual_hosts": [virtual_host],
-        # Envoy refuses direct_response bodies over this (4 KiB by default).
-        "max_direct_response_body_size_bytes": static_site.MAX_BODY_BYTES,
-    }
+    return {"name": "edge", "virtual_hosts": [virtual_host]}
 
 
 def transcoder_filter(descriptor_path: Path) -> dict[str, Any]:
@@ -629,6 +623,7 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
             *([hsts_filter()] if tls else []),
             *_strip_filters(config),
             health_filter(sorted({*config.upstreams, "inference"})),
+            edge_health.lua_filter(),
             # Before the transcoder: on the way back it sees the REST response.
             error_status.lua_filter(),
             openai_edge.lua_filter(),
@@ -779,6 +774,9 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
         # jwt_authn fetches the JWKS through the edge's own listener.
         jwks = Endpoint("127.0.0.1", config.listen_port)
         clusters.append(single_host_cluster("jwks", jwks, http2=False))
+    # gRPC health for service "" asks this edge's own /healthz (gateway/edge_health.py).
+    own_listener = Endpoint(_loopback_or(config.listen_host), config.listen_port)
+    clusters.append(single_host_cluster(edge_health.SELF_CLUSTER, own_listener, http2=False))
     clusters.extend(dict(c) for c in config.extra_clusters)
     result: dict[str, Any] = {
         "node": {
@@ -810,6 +808,11 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
         }
     return result
+
+
+def _loopback_or(listen_host: str) -> str:
+    """Returns where the edge reaches its own plaintext listener bound to `listen_host`."""
+    return "127.0.0.1" if listen_host in ("0.0.0.0", "::", "") else listen_host
 
 
 def single_host_cluster(name: str, endpoint: Endpoint, *, http2: bool) -> dict[str, Any]:
