@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import static_site
 from services.core import contract
 
 # The identity headers are part of the mesh contract (services honour them only from the edge).
@@ -86,6 +87,8 @@ RPC_SCOPES: Mapping[str, str] = {
     "/tokenmesh.usage.v1.UsageService/ListAuditEntries": "admin",
     "/tokenmesh.usage.v2.UsageService/GetUsage": "usage:read",
 }
+# Static files the edge answers itself (the playground): no credential needed.
+PUBLIC_PATHS: tuple[str, ...] = static_site.PATHS
 # Reflection needs a valid credential, but no particular scope.
 AUTHENTICATED_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
@@ -125,7 +128,7 @@ def strip_headers_filter(names: Sequence[str]) -> dict[str, Any]:
 
 def jwt_filter(auth: EdgeAuth, listen_port: int) -> dict[str, Any]:
     """Verifies JWTs in C++; a missing or failed JWT falls through to ext_authz."""
-    public = [path for path, scope in RPC_SCOPES.items() if scope == PUBLIC]
+    public = [*(path for path, scope in RPC_SCOPES.items() if scope == PUBLIC), *PUBLIC_PATHS]
     provider = {
         "issuer": auth.issuer,
         "audiences": [auth.audience],
@@ -219,7 +222,9 @@ def rbac_filter() -> dict[str, Any]:
     """Allows each RPC only to callers with its scope; everything else is 403."""
     policies: dict[str, Any] = {
         PUBLIC: {
-            "permissions": [_paths([p for p, s in RPC_SCOPES.items() if s == PUBLIC])],
+            "permissions": [
+                _paths([*(p for p, s in RPC_SCOPES.items() if s == PUBLIC), *PUBLIC_PATHS])
+            ],
             "principals": [{"any": True}],
         },
         "admin": {"permissions": [{"any": True}], "principals": [_scope_principal("admin")]},
@@ -255,8 +260,9 @@ PUBLIC_RPC_CLUSTERS: Mapping[str, str] = {"/grpc.health.v1.Health/Check": "infer
 
 
 def public_routes() -> list[dict[str, Any]]:
-    """Exact routes for public RPCs (to the auth service, unless named above), ext_authz off."""
-    return [
+    """Exact routes for public RPCs (to the auth service, unless named above) and the
+    static files the edge serves, ext_authz off."""
+    rpcs = [
         {
             "match": {"path": path},
             "route": {"cluster": PUBLIC_RPC_CLUSTERS.get(path, "auth"), "timeout": "10s"},
@@ -265,6 +271,11 @@ def public_routes() -> list[dict[str, Any]]:
         for path, scope in RPC_SCOPES.items()
         if scope == PUBLIC
     ]
+    files = [
+        {**r, "typed_per_filter_config": {**r["typed_per_filter_config"], **ext_authz_disabled()}}
+        for r in static_site.routes()
+    ]
+    return [*files, *rpcs]
 
 
 def ratelimit_filter(failure_mode_deny: bool) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import edge_auth, edge_health, error_status, model_routing, openai_edge
+from gateway import edge_auth, edge_health, error_status, model_routing, openai_edge, static_site
 from gateway.edge_auth import EdgeAuth
 from services.core import contract, pki
 
@@ -385,19 +385,25 @@ def routes() -> list[dict[str, Any]]:
 def route_configuration(
     auth: EdgeAuth | None, model_routes: Sequence[Mapping[str, Any]] = ()
 ) -> dict[str, Any]:
-    """Builds the edge's routes: public RPCs, per-model routes, then one per service."""
+    """Builds the edge's routes: static files and public RPCs, per-model routes, then one
+    per service."""
     virtual_host: dict[str, Any] = {
         "name": "edge",
         "domains": ["*"],
         "routes": [
-            *(edge_auth.public_routes() if auth else []),
+            *(edge_auth.public_routes() if auth else static_site.routes()),
             *(dict(r) for r in model_routes),
             *routes(),
         ],
     }
     if auth and auth.ratelimit:
         virtual_host["rate_limits"] = edge_auth.rate_limits()
-    return {"name": "edge", "virtual_hosts": [virtual_host]}
+    return {
+        "name": "edge",
+        "virtual_hosts": [virtual_host],
+        # Envoy refuses direct_response bodies over this (4 KiB by default).
+        "max_direct_response_body_size_bytes": static_site.MAX_BODY_BYTES,
+    }
 
 
 def transcoder_filter(descriptor_path: Path) -> dict[str, Any]:
