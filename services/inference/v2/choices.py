@@ -100,6 +100,9 @@ class Generation(Request):
         prompt_ids: the rendered prompt's token ids.
         rpc: the full RPC name.
         template: the template version that rendered the prompt (None: used as is).
+        api_version: the API version the request came through (usage events record it).
+        token_logprobs: compute every token's log-probability even when the request
+            did not ask for logprobs (for the choice's confidence; see ApiSurface).
 
     Raises:
         InvalidArgument: the prompt and max_output_tokens do not fit the context.
@@ -113,9 +116,13 @@ class Generation(Request):
         prompt_ids: list[int],
         rpc: str,
         template: TemplateId | None = None,
+        *,
+        api_version: str = API_VERSION,
+        token_logprobs: bool = True,
     ) -> None:
-        super().__init__(context, target, spec.request_id, rpc, API_VERSION, spec.metadata)
+        super().__init__(context, target, spec.request_id, rpc, api_version, spec.metadata)
         self.template = template
+        self.token_logprobs = token_logprobs
         model = target.model
         assert model.scheduler is not None
         self.scheduler: Scheduler = model.scheduler
@@ -147,7 +154,9 @@ class Generation(Request):
 
     def submit(self, timeout_s: float | None) -> None:
         """Queues every choice's sequence; none stays queued if one is refused."""
-        top = self.spec.top_logprobs if self.spec.logprobs else 0
+        top: int | None = self.spec.top_logprobs if self.spec.logprobs else 0
+        if not (self.spec.logprobs or self.token_logprobs):
+            top = None  # nothing will show a log-probability: the scheduler skips them
         try:
             for index, params in enumerate(self.params):
                 seq = self.scheduler.submit(

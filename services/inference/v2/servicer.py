@@ -26,10 +26,11 @@ from services.inference.admission import (
 )
 from services.inference.logprobs import TokenLogprob
 from services.inference.models import ModelRegistry
+from services.inference.surface import ApiSurface
 from services.inference.template_cache import TemplateCache
 from services.inference.tokenizer import Tokenizer
 from services.inference.v2 import prompting, validation
-from services.inference.v2.choices import API_VERSION, Choice, ChoiceTiming, Generation
+from services.inference.v2.choices import Choice, ChoiceTiming, Generation
 from services.inference.v2.validation import GenerationSpec
 from tokenmesh.inference.v1 import inference_pb2 as v1_pb
 from tokenmesh.inference.v2 import inference_pb2, inference_service_pb2_grpc
@@ -39,6 +40,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 GENERATE_RPC = f"/{SERVICE_NAME}/Generate"
 COMPLETE_RPC = f"/{SERVICE_NAME}/Complete"
 EMBED_RPC = f"/{SERVICE_NAME}/Embed"
+V2_SURFACE = ApiSurface(api_version="v2", service=SERVICE_NAME)
 FINISH_REASONS = {
     "stop": inference_pb2.FINISH_REASON_STOP,
     "length": inference_pb2.FINISH_REASON_LENGTH,
@@ -131,12 +133,20 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         admission: routing, budgets and usage, shared with the v1 servicer.
         templates: the worker's prompt-template cache (None: requests naming a
             template fail with FAILED_PRECONDITION).
+        surface: the API version it serves: v2, or v1 for the v1 servicer, which
+            translates onto it (services.inference.v1_translation).
     """
 
-    def __init__(self, admission: Admission, templates: TemplateCache | None = None) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        templates: TemplateCache | None = None,
+        surface: ApiSurface = V2_SURFACE,
+    ) -> None:
         self.admission = admission
         self.registry = admission.registry
         self.templates = templates
+        self.surface = surface
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
@@ -158,7 +168,16 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         spec = GenerationSpec.from_pb(request)
         target = self.admission.resolve(context, spec.model, spec.version, generative=True)
         prompt = await prompting.prepare(spec, target.model, self.templates)
-        generation = Generation(context, target, spec, prompt.token_ids, rpc, prompt.template)
+        generation = Generation(
+            context,
+            target,
+            spec,
+            prompt.token_ids,
+            rpc,
+            prompt.template,
+            api_version=self.surface.api_version,
+            token_logprobs=self.surface.token_logprobs,
+        )
         await self.admission.reserve(generation)
         generation.submit(context.time_remaining())
         return generation
@@ -206,7 +225,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
-        generation = await self._admit(context, request, GENERATE_RPC)
+        generation = await self._admit(context, request, self.surface.rpc("Generate"))
         deltas = generation.deltas()
         streamed = False
         try:
@@ -275,7 +294,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         return message
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
-        generation = await self._admit(context, request, COMPLETE_RPC)
+        generation = await self._admit(context, request, self.surface.rpc("Complete"))
         outputs = {c.index: pb_choice(c.index) for c in generation.choices}
         deltas = generation.deltas()
         try:
@@ -323,9 +342,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         target = self.admission.resolve(context, request.model, request.version, generative=False)
         embedder = target.model.embedder
         assert embedder is not None  # resolve() checked the kind
-        call = Request(
-            context, target, request.request_id, EMBED_RPC, API_VERSION, request.metadata
-        )
+        rpc, api_version = self.surface.rpc("Embed"), self.surface.api_version
+        call = Request(context, target, request.request_id, rpc, api_version, request.metadata)
         truncate = request.truncate == inference_pb2.TRUNCATION_END
         if truncate:
             encoded, cut = await asyncio.to_thread(embedder.tokenize_truncated, request.inputs)
