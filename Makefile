@@ -100,8 +100,10 @@ test-e2e: setup ## Run the end-to-end tests only.
 lint: setup $(BUF) ## buf format/lint/breaking, ruff, mypy.
 	$(BUF) format --diff --exit-code
 	$(BUF) lint
+	@# --against-config: main is read with this buf.yaml's modules (a module split, e.g.
+	@# inference v2's own entry, is no breaking change; each file still meets its old self).
 	@if git rev-parse --verify --quiet main >/dev/null; then \
-	  $(BUF) breaking --against '.git#branch=main'; \
+	  $(BUF) breaking --against '.git#branch=main' --against-config buf.yaml; \
 	else echo "buf breaking: no main branch yet, skipped"; fi
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
