@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,8 +49,17 @@ def _variant(request: pb.GenerateRequest, stream: int, repeat: int) -> pb.Genera
     return varied
 
 
+Metadata = tuple[tuple[str, str], ...]
+
+
 async def _one_stream(
-    stub: Any, request: pb.GenerateRequest, repeats: int, deadline: float, stream: int, cut: bool
+    stub: Any,
+    request: pb.GenerateRequest,
+    repeats: int,
+    deadline: float,
+    stream: int,
+    cut: bool,
+    metadata: Metadata = (),
 ) -> list[StreamRecord]:
     """Calls Generate back to back until `repeats` calls or the deadline.
 
@@ -63,7 +73,7 @@ async def _one_stream(
             break
         record = StreamRecord(start=time.monotonic(), opening=repeat == 0)
         last = record.start
-        call = stub.Generate(_variant(request, stream, repeat), timeout=120)
+        call = stub.Generate(_variant(request, stream, repeat), timeout=120, metadata=metadata)
         try:
             async for message in call:
                 now = time.monotonic()
@@ -92,23 +102,32 @@ async def _client(
     request: pb.GenerateRequest,
     budget_s: float,
     cut: bool,
+    metadata: Metadata = (),
 ) -> list[StreamRecord]:
     deadline = time.monotonic() + budget_s
     async with target.aio_channel() as channel:
         stub = rpc.InferenceServiceStub(channel)
         results = await asyncio.gather(
-            *(_one_stream(stub, request, repeats, deadline, stream, cut) for stream in streams)
+            *(
+                _one_stream(stub, request, repeats, deadline, stream, cut, metadata)
+                for stream in streams
+            )
         )
     return [r for records in results for r in records]
 
 
 def _process_main(
-    args: tuple[Peer, range, int, bytes, float, float, bool],
-) -> list[StreamRecord]:
-    target, streams, repeats, raw_request, start_at, budget_s, cut = args
+    args: tuple[Peer, range, int, bytes, float, float, bool, Metadata, frozenset[int] | None],
+) -> tuple[list[StreamRecord], float]:
+    """One client process: returns its records and the CPU seconds its load took."""
+    target, streams, repeats, raw_request, start_at, budget_s, cut, metadata, cores = args
+    if cores:  # before gRPC starts its threads: they inherit it
+        os.sched_setaffinity(0, cores)
     request = pb.GenerateRequest.FromString(raw_request)
     time.sleep(max(0.0, start_at - time.monotonic()))  # all processes start together
-    return asyncio.run(_client(target, streams, repeats, request, budget_s, cut))
+    cpu = time.process_time()
+    records = asyncio.run(_client(target, streams, repeats, request, budget_s, cut, metadata))
+    return records, time.process_time() - cpu
 
 
 def run_streams(
@@ -128,6 +147,28 @@ def run_streams(
     window: measure exactly `budget_s` of sustained load (calls in flight at
     the end are cut there; the tokens they got count).
     """
+    return run_streams_measured(target, concurrency, repeats, request, processes, budget_s, window)[
+        0
+    ]
+
+
+def run_streams_measured(
+    target: Peer,
+    concurrency: int,
+    repeats: int,
+    request: pb.GenerateRequest,
+    processes: int = 2,
+    budget_s: float = 60.0,
+    window: bool = False,
+    metadata: Metadata = (),
+    cores: frozenset[int] | None = None,
+) -> tuple[list[StreamRecord], float]:
+    """Runs the streams as `run_streams` does; returns the records and the client
+    processes' CPU seconds during the load.
+
+    metadata: sent with every call. cores: where the client processes run
+    (bench.pinning); None: where this process runs.
+    """
     processes = max(1, min(processes, concurrency))
     shares = [
         concurrency // processes + (1 if i < concurrency % processes else 0)
@@ -141,8 +182,19 @@ def run_streams(
         parts = pool.map(
             _process_main,
             [
-                (target, range(first, first + n), repeats, raw, start_at, budget_s, window)
+                (
+                    target,
+                    range(first, first + n),
+                    repeats,
+                    raw,
+                    start_at,
+                    budget_s,
+                    window,
+                    metadata,
+                    cores,
+                )
                 for first, n in zip(firsts, shares, strict=True)
             ],
         )
-    return [record for part in parts for record in part]
+    records = [record for part, _ in parts for record in part]
+    return records, sum(cpu for _, cpu in parts)

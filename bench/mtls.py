@@ -25,7 +25,6 @@ a running guest thread counts as that thread's.
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -33,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.clients import run_streams
-from bench.inference import WINDOW_S, demo_lm_worker, served_request
 from bench.peers import Peer, bench_pki
-from bench.servers import redis_server, service_pid
+from bench.pinning import cpu_seconds
+from bench.servers import redis_server, service_pid, worker
+from bench.serving import served_request
 from bench.stats import percentile, summarize_streams
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
@@ -51,11 +51,24 @@ WORKER_ENV = {
 }
 
 
-def cpu_seconds(pid: int) -> float:
-    """Returns the CPU time (user + system, all threads) process `pid` has used, in s."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()  # fields[0] is field 3 (state) of proc(5)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+WINDOW_S = 4.0  # of 32 streams per side and round
+
+
+@contextlib.contextmanager
+def demo_lm_worker(
+    state: Path, redis_url: str, name: str, pki_dir: Path | None, **env: str
+) -> Iterator[Peer]:
+    """Runs a worker serving demo-lm with 32 sequences, as the served benchmarks use it."""
+    with worker(
+        state,
+        redis_url,
+        name,
+        pki_dir=pki_dir,
+        TOKENMESH_MODELS="demo-lm:1",
+        TOKENMESH_MAX_SEQUENCES="32",
+        **env,
+    ) as target:
+        yield target
 
 
 def _unary(workers: dict[str, tuple[Peer, int]], calls: int = UNARY_CALLS) -> dict[str, Any]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -44,6 +45,7 @@ def service(
     *,
     pki_dir: Path | None,
     identity: str,
+    prefix: Sequence[str] = (),
     **env: str,
 ) -> Iterator[Peer]:
     """Runs `python -m <module>` until it wrote its ready file; yields how to call it.
@@ -52,6 +54,7 @@ def service(
         pki_dir: the run's PKI (the service requires mTLS); None: plaintext,
             every caller taken for the edge (the mTLS-cost baseline only).
         identity: the service's identity (its certificate's name).
+        prefix: argv before the interpreter (e.g. `taskset -c 1`, bench.pinning).
     """
     ready = ready_file(state, name)
     ready.unlink(missing_ok=True)
@@ -64,7 +67,7 @@ def service(
     }
     child = Child(
         name,
-        [sys.executable, "-m", module],
+        [*prefix, sys.executable, "-m", module],
         clean_env(os.environ, **settings),
         state / f"{name}.log",
     )
@@ -89,7 +92,13 @@ def service_pid(state: Path, name: str) -> int:
 
 @contextlib.contextmanager
 def worker(
-    state: Path, redis_url: str, name: str, *, pki_dir: Path | None, **env: str
+    state: Path,
+    redis_url: str,
+    name: str,
+    *,
+    pki_dir: Path | None,
+    prefix: Sequence[str] = (),
+    **env: str,
 ) -> Iterator[Peer]:
     """Runs one inference worker process; yields how to call it (see `service`)."""
     with service(
@@ -99,6 +108,7 @@ def worker(
         120,
         pki_dir=pki_dir,
         identity=contract.WORKER,
+        prefix=prefix,
         REDIS_URL=redis_url,
         TOKENMESH_WORKER_ID=name,
         TOKENMESH_USAGE_SPOOL_DIR=str(state / "spool"),
@@ -109,13 +119,22 @@ def worker(
         yield target
 
 
+#: PACE_KEY: metadata that makes the bare streamer wait this many µs between messages.
+PACE_KEY = "x-bench-pace-us"
+
+
 class BareStreamer(rpc.InferenceServiceServicer):
-    """BareStreamer is the baseline: a grpc.aio server that streams canned messages."""
+    """BareStreamer is the baseline: a grpc.aio server that streams canned messages
+    (as fast as it can, or one every PACE_KEY µs when the call asks)."""
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
+        metadata = dict(context.invocation_metadata() or ())
+        pace_s = float(metadata.get(PACE_KEY, 0)) / 1e6
         for index in range(request.max_tokens):
+            if pace_s and index:
+                await asyncio.sleep(pace_s)
             yield pb.GenerateResponse(index=index, text=" tok", token_ids=[7], request_id="bare")
 
     async def ListModels(
@@ -145,18 +164,31 @@ def bare_server(state: Path, pki_dir: Path | None) -> Iterator[Peer]:
     certificate, a client certificate required), so the baseline pays the
     same transport as the service it is compared with.
     """
+    with bare_server_process(state, pki_dir) as (target, _):
+        yield target
+
+
+@contextlib.contextmanager
+def bare_server_process(
+    state: Path, pki_dir: Path | None, prefix: Sequence[str] = ()
+) -> Iterator[tuple[Peer, int]]:
+    """Runs the bare grpc.aio baseline (see `bare_server`); yields it and its pid.
+
+    prefix: argv before the interpreter (e.g. `taskset -c 1`, bench.pinning).
+    """
     port_file = state / "bare.port"
     port_file.unlink(missing_ok=True)
     child = Child(
         "bare",
-        [sys.executable, "-m", "bench.servers", str(port_file), str(pki_dir or "")],
+        [*prefix, sys.executable, "-m", "bench.servers", str(port_file), str(pki_dir or "")],
         clean_env(os.environ),
         state / "bare.log",
     )
     try:
         wait_for(port_file.exists, 30, "the bare server", child)
         time.sleep(0.1)
-        yield Peer(f"127.0.0.1:{port_file.read_text().strip()}", contract.WORKER, pki_dir)
+        peer = Peer(f"127.0.0.1:{port_file.read_text().strip()}", contract.WORKER, pki_dir)
+        yield peer, child.pid
     finally:
         child.terminate()
         child.wait(10)

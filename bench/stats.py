@@ -33,6 +33,7 @@ def summarize_streams(records: Sequence[StreamRecord]) -> dict[str, float]:
         "errors": len(records) - len(ok),
         "wall_s": wall,
         "tokens": tokens,
+        "messages": messages,
         "tokens_per_s": tokens / wall if wall else 0.0,
         "messages_per_s": messages / wall if wall else 0.0,
         "tokens_per_message": tokens / messages if messages else 0.0,

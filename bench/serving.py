@@ -1,0 +1,457 @@
+"""S1-S3: serving tokens over gRPC, against in-process and bare baselines, pinned.
+
+Placement (bench.pinning): this process and the streaming client processes
+run on the load core; the worker, its Redis, the bare grpc.aio streamer and
+the in-process engine ceiling run on the system-under-test core, the
+ceiling with the worker's engine thread count. Only one of them is under
+load at a time.
+
+S1  served demo-lm tokens/s at 32 streams vs the engine ceiling at batch 32
+    (the raw ONNX Runtime engine, greedy decode, no server).
+S2  TTFT p99 at 32 streams (the steady state: each stream's first call, the
+    opening burst, is reported apart) vs a bare grpc.aio streamer's under the
+    same client and the same 32 streams of the same requests. Reported beside
+    it: the bare streamer paced to the worker's message rate in that round
+    (the same message load, so TTFT there is transport and client only).
+S3  worker CPU per stream message with token batching off
+    (TOKENMESH_MESSAGES_PER_STEP=0) and the deterministic engine sleeping 1 ms
+    a step (zero compute), vs the bare streamer's CPU per message; beside it
+    the same worker with batching on (the default): tokens/s and CPU per token.
+
+Every figure is the median over interleaved rounds (order flipped each
+round): this VM's speed drifts by ~30% within a minute. CPU per unit of work
+(/proc/<pid>/stat before and after each window) is the robust figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.ceiling import DECODE_STEPS
+from bench.clients import StreamRecord, run_streams, run_streams_measured
+from bench.peers import Peer, bench_pki
+from bench.pinning import LOAD, SUT, CpuMeter, pin, pinned_self
+from bench.rows import Context, Row, row
+from bench.servers import PACE_KEY, bare_server_process, service_pid, worker
+from bench.stats import summarize_streams
+from services.launcher.mesh import spawn_redis
+from tokenmesh.inference.v1 import inference_service_pb2 as pb
+
+STREAMS = 32
+LEVELS = (1, 8, 32)  # streams, for the throughput-vs-concurrency plot
+ZERO_COMPUTE_TOKENS = 256  # per S3 call: long streams, few call set-ups
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Plan sizes the scenario: `--quick` is a smoke run, not a measurement."""
+
+    rounds: int
+    window_s: float
+    levels: tuple[int, ...]
+
+    @classmethod
+    def of(cls, quick: bool) -> Plan:
+        return cls(1, 2.0, (1, STREAMS)) if quick else cls(3, 4.0, LEVELS)
+
+
+def served_request() -> pb.GenerateRequest:
+    """Returns S1/S2's request: demo-lm, 64 tokens (+-16 per call), a 15-token prompt."""
+    return pb.GenerateRequest(
+        model="demo-lm",
+        prompt="And it came to pass in those days, that there went out a decree",
+        max_tokens=DECODE_STEPS,
+        temperature=0.8,
+        seed=1,
+    )
+
+
+def zero_compute_request() -> pb.GenerateRequest:
+    """Returns S3's request: the deterministic engine, 256 tokens a call."""
+    return pb.GenerateRequest(
+        model="deterministic-test", prompt="go", max_tokens=ZERO_COMPUTE_TOKENS, seed=1
+    )
+
+
+@dataclass(frozen=True)
+class Target:
+    """Target is one server a round loads: how to call it and which pids its CPU is."""
+
+    name: str
+    peer: Peer
+    pids: dict[str, int]
+
+
+def measure(ctx: Context) -> dict[str, Any]:
+    """Runs S1-S3; returns their figures, every round's, and raw records for the plots."""
+    plan = Plan.of(ctx.quick)
+    lay = ctx.placement.layout
+    with pinned_self(lay.load):
+        ctx.placement.record("bench + streaming clients", os.getpid(), LOAD, 1)
+        out: dict[str, Any] = {"plan": plan.__dict__}
+        with _servers(ctx) as servers:
+            print("  S1/S2: engine ceiling per batch (pinned to the worker's core)", flush=True)
+            out["ceiling_levels"] = _ceiling(ctx, plan.levels)
+            out["levels"], out["_records"] = _levels(ctx, servers["served"], plan)
+            print("  S1/S2: interleaved rounds at 32 streams", flush=True)
+            out["s1_s2"] = _served_rounds(ctx, servers, plan)
+            print("  S3: CPU per stream message, zero-compute engine", flush=True)
+            out["s3"] = _cpu_rounds(ctx, servers, plan)
+    return out
+
+
+@contextlib.contextmanager
+def _servers(ctx: Context) -> Iterator[dict[str, Target]]:
+    """Runs Redis, the demo-lm worker, two zero-compute workers and the bare streamer on
+    the system-under-test core; yields them by name."""
+    lay, state, placement = ctx.placement.layout, ctx.state, ctx.placement
+    pki_dir = bench_pki(state)
+    prefix = lay.taskset(SUT)
+    threads = str(lay.threads(SUT))
+    redis, redis_url = spawn_redis(state / "redis-s", state / "redis-s.log")
+    try:
+        pin(redis.pid, lay.sut)
+        placement.record("redis (the workers' usage events)", redis.pid, SUT)
+        zero = {
+            "TOKENMESH_MODELS": "",
+            "TOKENMESH_TEST_MODELS": "deterministic-test:1",
+            "TOKENMESH_TEST_ENGINE_STEP_MS": "1",
+            "TOKENMESH_MAX_SEQUENCES": str(STREAMS),
+        }
+        with (
+            worker(
+                state,
+                redis_url,
+                "s-worker",
+                pki_dir=pki_dir,
+                prefix=prefix,
+                TOKENMESH_MODELS="demo-lm:1",
+                TOKENMESH_MAX_SEQUENCES=str(STREAMS),
+                TOKENMESH_ENGINE_THREADS=threads,
+            ) as served,
+            worker(
+                state,
+                redis_url,
+                "s-zero-unbatched",
+                pki_dir=pki_dir,
+                prefix=prefix,
+                TOKENMESH_MESSAGES_PER_STEP="0",
+                **zero,
+            ) as unbatched,
+            worker(
+                state, redis_url, "s-zero-batched", pki_dir=pki_dir, prefix=prefix, **zero
+            ) as batched,
+            bare_server_process(state, pki_dir, prefix) as (bare, bare_pid),
+        ):
+            pids = {
+                name: service_pid(state, name)
+                for name in ("s-worker", "s-zero-unbatched", "s-zero-batched")
+            }
+            placement.record("worker, demo-lm (S1, S2)", pids["s-worker"], SUT, f"engine {threads}")
+            placement.record(
+                "worker, zero-compute, batching off (S3)", pids["s-zero-unbatched"], SUT
+            )
+            placement.record("worker, zero-compute, batching on (S3)", pids["s-zero-batched"], SUT)
+            placement.record("bare grpc.aio streamer (S2, S3 baseline)", bare_pid, SUT)
+            yield {
+                "served": Target(
+                    "served", served, {"worker": pids["s-worker"], "redis": redis.pid}
+                ),
+                "unbatched": Target(
+                    "unbatched", unbatched, {"worker": pids["s-zero-unbatched"], "redis": redis.pid}
+                ),
+                "batched": Target(
+                    "batched", batched, {"worker": pids["s-zero-batched"], "redis": redis.pid}
+                ),
+                "bare": Target("bare", bare, {"worker": bare_pid}),
+            }
+    finally:
+        redis.terminate()
+        redis.wait(10)
+
+
+def _ceiling(
+    ctx: Context, batches: tuple[int, ...], min_seconds: float = 0.0
+) -> dict[str, dict[str, float]]:
+    """Runs the in-process engine ceiling in a process of its own on the worker's core,
+    with the worker's engine thread count."""
+    lay = ctx.placement.layout
+    command = [
+        *lay.taskset(SUT),
+        sys.executable,
+        "-m",
+        "bench.ceiling",
+        str(lay.threads(SUT)),
+        str(min_seconds),
+        *(str(b) for b in batches),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    ctx.placement.record(
+        "engine ceiling (in-process ONNX Runtime, demo-lm)",
+        "one per round",
+        SUT,
+        f"engine {lay.threads(SUT)}",
+    )
+    result: dict[str, dict[str, float]] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _load(
+    ctx: Context,
+    target: Target,
+    request: pb.GenerateRequest,
+    window_s: float,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> tuple[dict[str, float], list[StreamRecord]]:
+    """One window of 32 streams against `target`: its summary with CPU per unit of work."""
+    with CpuMeter(target.pids) as meter:
+        records, client_cpu = run_streams_measured(
+            target.peer,
+            STREAMS,
+            1000,
+            request,
+            processes=1,
+            budget_s=window_s,
+            window=True,
+            metadata=metadata,
+            cores=ctx.placement.layout.load,
+        )
+    summary = summarize_streams(records)
+    tokens, messages = max(summary.get("tokens", 0), 1), max(summary.get("messages", 0), 1)
+    summary["client_cpu_us_per_token"] = client_cpu / tokens * 1e6
+    summary["client_cpu_us_per_message"] = client_cpu / messages * 1e6
+    for name, used in meter.used.items():
+        summary[f"{name}_cpu_us_per_token"] = used / tokens * 1e6
+        summary[f"{name}_cpu_us_per_message"] = used / messages * 1e6
+        summary[f"{name}_cpu_cores"] = used / summary.get("wall_s", window_s)
+    return summary, records
+
+
+def _levels(
+    ctx: Context, served: Target, plan: Plan
+) -> tuple[dict[str, Any], dict[str, list[StreamRecord]]]:
+    """Served tokens/s and latency per concurrency (the plots' curves)."""
+    run_streams(served.peer, 1, 2, served_request(), processes=1)  # warm-up
+    levels: dict[str, Any] = {}
+    raw: dict[str, list[StreamRecord]] = {}
+    for concurrency in plan.levels:
+        records = run_streams(
+            served.peer,
+            concurrency,
+            1000,
+            served_request(),
+            processes=1,
+            budget_s=plan.window_s,
+            window=True,
+        )
+        raw[f"served {concurrency}"] = records
+        s = levels[str(concurrency)] = summarize_streams(records)
+        print(
+            f"    served {concurrency:>2} streams: {s['tokens_per_s']:7.0f} tokens/s"
+            f"  TTFT p50 {s['ttft_p50_ms']:.1f} p99 {s['ttft_p99_ms']:.1f} ms"
+            f"  ITL p50 {s['itl_p50_ms']:.1f} p99 {s['itl_p99_ms']:.1f} ms",
+            flush=True,
+        )
+    return levels, raw
+
+
+def _served_rounds(ctx: Context, servers: dict[str, Target], plan: Plan) -> dict[str, Any]:
+    """S1 and S2 in interleaved rounds: ceiling, served, bare, bare paced."""
+    rounds: list[dict[str, Any]] = []
+    run_streams(servers["bare"].peer, 2, 1, served_request(), processes=1)  # warm-up
+    for n in range(plan.rounds):
+        ceiling = _ceiling(ctx, (STREAMS,), plan.window_s)[str(STREAMS)]
+        figures: dict[str, Any] = {"ceiling": ceiling}
+        order = ("served", "bare") if n % 2 == 0 else ("bare", "served")
+        for name in order:
+            figures[name] = _load(ctx, servers[name], served_request(), plan.window_s)[0]
+        # The worker's pace: each stream gets its tokens as often (one a message,
+        # where the worker sends ~2 a message at 32 streams: a heavier load).
+        pace_us = STREAMS / max(figures["served"]["tokens_per_s"], 1.0) * 1e6
+        figures["bare_paced"] = _load(
+            ctx, servers["bare"], served_request(), plan.window_s, ((PACE_KEY, f"{pace_us:.0f}"),)
+        )[0]
+        figures["bare_paced"]["pace_us"] = pace_us
+        rounds.append(figures)
+        c, s, b, p = (figures[k] for k in ("ceiling", "served", "bare", "bare_paced"))
+        print(
+            f"    round {n + 1}/{plan.rounds}: ceiling {c['tokens_per_s']:.0f} tokens/s,"
+            f" served {s['tokens_per_s']:.0f} ({s['tokens_per_s'] / c['tokens_per_s']:.0%});"
+            f" TTFT p99 served {s['ttft_p99_ms']:.1f} ms, bare {b['ttft_p99_ms']:.1f} ms,"
+            f" bare paced {p['ttft_p99_ms']:.1f} ms; worker CPU {s['worker_cpu_us_per_token']:.0f}"
+            f" us/token (ceiling {c['cpu_us_per_token']:.0f})",
+            flush=True,
+        )
+    return {
+        "rounds": rounds,
+        "s1_ratio": _median(
+            r["served"]["tokens_per_s"] / r["ceiling"]["tokens_per_s"] for r in rounds
+        ),
+        # The robust twin of S1: the share of the worker's CPU per token that the
+        # engine itself needs (it does not depend on who else used the core).
+        "s1_cpu_ratio": _median(
+            r["ceiling"]["cpu_us_per_token"] / r["served"]["worker_cpu_us_per_token"]
+            for r in rounds
+        ),
+        "s2_ratio": _median(
+            r["served"]["ttft_p99_ms"] / max(r["bare"]["ttft_p99_ms"], 1e-9) for r in rounds
+        ),
+        "s2_paced_ratio": _median(
+            r["served"]["ttft_p99_ms"] / max(r["bare_paced"]["ttft_p99_ms"], 1e-9) for r in rounds
+        ),
+        "median": _medians(rounds),
+    }
+
+
+def _cpu_rounds(ctx: Context, servers: dict[str, Target], plan: Plan) -> dict[str, Any]:
+    """S3 in interleaved rounds: bare, batching off, batching on."""
+    names = ("bare", "unbatched", "batched")
+    for name in names:
+        run_streams(servers[name].peer, 2, 1, zero_compute_request(), processes=1)  # warm-up
+    rounds: list[dict[str, Any]] = []
+    for n in range(plan.rounds):
+        figures = {
+            name: _load(ctx, servers[name], zero_compute_request(), plan.window_s)[0]
+            for name in (names if n % 2 == 0 else names[::-1])
+        }
+        rounds.append(figures)
+        print(
+            f"    round {n + 1}/{plan.rounds}: "
+            + "; ".join(
+                f"{name} {figures[name]['worker_cpu_us_per_message']:.0f} us/message"
+                f" ({figures[name]['messages_per_s']:.0f} messages/s,"
+                f" {figures[name]['tokens_per_s']:.0f} tokens/s)"
+                for name in names
+            ),
+            flush=True,
+        )
+    return {
+        "rounds": rounds,
+        "s3_ratio": _median(
+            r["unbatched"]["worker_cpu_us_per_message"] / r["bare"]["worker_cpu_us_per_message"]
+            for r in rounds
+        ),
+        "median": _medians(rounds),
+    }
+
+
+def _median(values: Any) -> float:
+    return float(statistics.median(list(values)))
+
+
+def _medians(rounds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Returns each target's every figure, median over the rounds."""
+    return {
+        name: {
+            key: _median(r[name][key] for r in rounds)
+            for key, value in rounds[0][name].items()
+            if isinstance(value, int | float)
+        }
+        for name in rounds[0]
+    }
+
+
+def judge(results: dict[str, Any]) -> list[Row]:
+    """Returns the S1, S2 and S3 rows."""
+    s12, s3 = results["s1_s2"], results["s3"]
+    m, z = s12["median"], s3["median"]
+    served, ceiling, bare, paced = m["served"], m["ceiling"], m["bare"], m["bare_paced"]
+    rounds = f"median of {len(s12['rounds'])} interleaved rounds"
+    return [
+        row(
+            "S1",
+            f"{s12['s1_ratio']:.0%} ({served['tokens_per_s']:.0f} tokens/s; {rounds};"
+            f" by CPU per token: {s12['s1_cpu_ratio']:.0%})",
+            s12["s1_ratio"] >= 0.85,
+            baseline=f"engine ceiling {ceiling['tokens_per_s']:.0f} tokens/s",
+            cpu=f"worker {served['worker_cpu_us_per_token']:.0f} µs/token"
+            f" ({served['worker_cpu_cores']:.2f} cores), ceiling"
+            f" {ceiling['cpu_us_per_token']:.0f} µs/token; client"
+            f" {served['client_cpu_us_per_token']:.0f} µs/token",
+        ),
+        row(
+            "S2",
+            f"{s12['s2_ratio']:.2f}x (served TTFT p99 {served['ttft_p99_ms']:.1f} ms,"
+            f" p50 {served['ttft_p50_ms']:.1f} ms; {rounds}; vs the bare streamer paced to"
+            f" the worker's token rate: {s12['s2_paced_ratio']:.1f}x)",
+            s12["s2_ratio"] <= 1.5,
+            baseline=f"bare grpc.aio TTFT p99 {bare['ttft_p99_ms']:.1f} ms"
+            f" (paced: {paced['ttft_p99_ms']:.1f} ms)",
+            cpu=f"worker {served['worker_cpu_us_per_message']:.0f} µs/message, bare"
+            f" {bare['worker_cpu_us_per_message']:.0f} µs/message",
+        ),
+        row(
+            "S3",
+            f"{s3['s3_ratio']:.2f}x ({z['unbatched']['worker_cpu_us_per_message']:.0f}"
+            f" µs/message, {z['unbatched']['messages_per_s']:.0f} messages/s,"
+            f" {z['unbatched']['tokens_per_message']:.1f} tokens/message; batching on:"
+            f" {z['batched']['tokens_per_s']:.0f} tokens/s,"
+            f" {z['batched']['worker_cpu_us_per_token']:.0f} µs/token)",
+            s3["s3_ratio"] <= 1.5,
+            baseline=f"bare grpc.aio {z['bare']['worker_cpu_us_per_message']:.0f} µs/message"
+            f" ({z['bare']['messages_per_s']:.0f} messages/s)",
+            cpu=f"worker {z['unbatched']['worker_cpu_us_per_token']:.0f} µs/token batching off,"
+            f" {z['batched']['worker_cpu_us_per_token']:.0f} batching on; redis"
+            f" {z['unbatched']['redis_cpu_us_per_message']:.1f} µs/message",
+        ),
+    ]
+
+
+def plots(results: dict[str, Any], out: Path) -> list[Path]:
+    """Throughput vs concurrency (served and ceiling) and the TTFT/ITL CDFs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from bench.report import save_figure
+
+    paths = []
+    levels, ceiling = results["levels"], results["ceiling_levels"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = sorted(levels, key=int)
+    ax.plot(
+        [int(x) for x in xs],
+        [levels[x]["tokens_per_s"] for x in xs],
+        "o-",
+        label="served over gRPC",
+    )
+    cs = sorted(ceiling, key=int)
+    ax.plot(
+        [int(x) for x in cs],
+        [ceiling[x]["tokens_per_s"] for x in cs],
+        "s--",
+        label="engine ceiling",
+    )
+    ax.set(
+        title="Throughput vs concurrency (demo-lm, pinned)",
+        xlabel="concurrent streams",
+        ylabel="tokens/s",
+        xscale="log",
+    )
+    ax.legend()
+    paths.append(save_figure(fig, out / "throughput.png"))
+    fig, (ttft_ax, itl_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, records in results["_records"].items():
+        ttft = np.sort([r.ttft * 1000 for r in records if r.ok and not r.opening])
+        gaps = np.sort([g * 1000 for r in records if r.ok for g in r.gaps])
+        if len(ttft):
+            ttft_ax.plot(ttft, np.linspace(0, 1, len(ttft)), label=label)
+        if len(gaps):
+            itl_ax.plot(gaps, np.linspace(0, 1, len(gaps)), label=label)
+    ttft_ax.set(title="Time to first token (CDF, steady state)", xlabel="ms", ylabel="fraction")
+    itl_ax.set(title="Inter-token latency (CDF)", xlabel="ms", xscale="log")
+    ttft_ax.legend()
+    itl_ax.legend()
+    paths.append(save_figure(fig, out / "ttft_itl_cdf.png"))
+    return paths

@@ -1,0 +1,95 @@
+"""The benchmark's rows table, scenario selection and process placement."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.pinning import LOAD, SUT, CpuMeter, Layout, Placement, cpu_seconds, layout
+from bench.registry import SCENARIOS, select
+from bench.report import placement_table, public
+from bench.rows import TARGET_IDS, Row, all_rows, row, table
+
+
+def test_every_target_prints_a_row_starting_with_its_id_and_ending_with_its_result() -> None:
+    rows = all_rows([row("S1", "90%", True), row("S3", "2.0x", False)])
+    lines = table(rows).splitlines()[2:]
+    assert [line.split(" | ")[0].lstrip("| ") for line in lines] == list(TARGET_IDS)
+    results = {line.split(" | ")[0].lstrip("| "): line.rsplit(" | ", 1)[1] for line in lines}
+    assert results["S1"] == "PASS |"
+    assert results["S3"] == "FAIL |"
+    assert results["E3"] == "not run |"
+
+
+def test_extra_rows_follow_the_targets_and_a_figure_without_a_goal_is_reported() -> None:
+    extra = Row("T1", "templates", "faster", "4x")
+    rows = all_rows([extra, row("E3", "120 µs/request", None)])
+    assert rows[-1] is extra
+    assert next(r for r in rows if r.id == "E3").result == "reported"
+
+
+def test_only_selects_scenarios_by_row_id_or_name_and_rejects_unknown_ones() -> None:
+    assert [s.name for s in select("S1,S3")] == ["serving"]
+    assert [s.name for s in select("inference")] == ["serving"]
+    assert {s.name for s in select("R1,edge")} == {"edge", "usage"}
+    assert [s.name for s in select(None)] == [s.name for s in SCENARIOS if s.default]
+    with pytest.raises(SystemExit, match="unknown"):
+        select("S9")
+
+
+def test_report_json_leaves_out_raw_objects() -> None:
+    assert public({"serving": {"_records": [object()], "s1": 0.9}, "quick": False}) == {
+        "serving": {"s1": 0.9},
+        "quick": False,
+    }
+
+
+def test_layout_gives_load_and_system_under_test_a_core_each_when_there_are_two() -> None:
+    lay = layout()
+    if len(os.sched_getaffinity(0)) < 2:
+        assert not lay.pinned
+    else:
+        assert lay.pinned
+        assert len(lay.load) == len(lay.sut) == 1
+        assert lay.taskset(SUT) == ["taskset", "-c", str(next(iter(lay.sut)))]
+
+
+def test_unpinned_layout_starts_commands_as_they_are() -> None:
+    both = frozenset({0, 1})
+    lay = Layout(both, both)
+    assert not lay.pinned
+    assert lay.taskset(SUT) == []
+    assert lay.threads(LOAD) == 2
+
+
+def test_placement_records_each_process_once_and_prints_it() -> None:
+    placement = Placement(Layout(frozenset({0}), frozenset({1})))
+    placement.record("worker", 42, SUT, 1)
+    placement.record("worker", 43, SUT, 1)
+    text = placement_table(placement.to_json())
+    assert "system under test and its baselines on core 1" in text
+    assert text.count("| worker | 42 |") == 1
+
+
+def test_cpu_meter_counts_what_a_process_used_inside_it() -> None:
+    script = (
+        "import time\ninput()\nend = time.process_time() + 0.3\n"
+        "while time.process_time() < end: pass\ninput()"
+    )
+    busy = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, text=True)
+    assert busy.stdin is not None
+    try:
+        with CpuMeter({"busy": busy.pid}) as meter:
+            started = cpu_seconds(busy.pid)
+            busy.stdin.write("go\n")
+            busy.stdin.flush()
+            while cpu_seconds(busy.pid) < started + 0.2:  # its busy loop is under way
+                pass
+        assert meter.used["busy"] >= 0.2
+    finally:
+        busy.kill()
+        busy.wait()
+        busy.stdin.close()
