@@ -535,7 +535,7 @@ def _grpc_too_large() -> dict[str, Any]:
             }
         ],
         # Becomes the grpc-message.
-        "body_format_override": {"text_format": GRPC_TOO_LARGE_MESSAGE},
+        "body_format_override": {"text_format_source": {"inline_string": GRPC_TOO_LARGE_MESSAGE}},
     }
 
 
