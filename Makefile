@@ -77,8 +77,9 @@ proto: $(STAMP) ## Regenerate the Python stubs and the Envoy descriptor set from
 	$(PY) -m gateway.protos descriptor
 
 .PHONY: docs
-docs: $(STAMP) ## Regenerate docs/api.md from the protos.
+docs: $(STAMP) ## Regenerate docs/api.md and docs/openapi.yaml from the protos.
 	$(PY) -m gateway.apidocs > docs/api.md
+	$(PY) -m gateway.openapi --out docs/openapi.yaml
 
 .PHONY: run
 run: setup ## Start Redis, every service, the workers and Envoy; Ctrl-C stops all.

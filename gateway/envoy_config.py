@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import edge_auth, edge_health, error_status, model_routing, openai_edge, static_site
+from gateway import (
+    edge_auth,
+    edge_health,
+    error_status,
+    header_names,
+    model_routing,
+    openai_edge,
+    static_site,
+)
 from gateway.edge_auth import EdgeAuth
 from services.core import contract, pki
 
@@ -628,6 +636,8 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
         "http_filters": [
             *([hsts_filter()] if tls else []),
             *_strip_filters(config),
+            # Headers gRPC cannot carry made every upstream call fail (500).
+            header_names.lua_filter(),
             health_filter(sorted({*config.upstreams, "inference"})),
             edge_health.lua_filter(),
             # Before the transcoder: on the way back it sees the REST response.

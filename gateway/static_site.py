@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway import protos
+
 PLAYGROUND_DIR = Path(__file__).with_name("playground")
+OPENAPI_DOCUMENT = protos.ROOT / "docs" / "openapi.yaml"
 # Self only: no inline script or style, no third-party origin, no framing.
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
@@ -30,6 +33,7 @@ CONTENT_SECURITY_POLICY = (
 TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
 # Envoy refuses a route configuration whose direct_response bodies exceed its
 # limit (4 KiB by default); the largest static file must fit under this one.
+# (docs/openapi.yaml is about 200 KiB.)
 MAX_BODY_BYTES = 1024 * 1024
 
 
@@ -55,6 +59,8 @@ STATIC_FILES: tuple[StaticFile, ...] = (
     StaticFile(
         "/playground/playground.css", PLAYGROUND_DIR / "playground.css", "text/css; charset=utf-8"
     ),
+    # The OpenAPI description of every REST route (`make docs`, gateway/openapi.py).
+    StaticFile("/openapi.yaml", OPENAPI_DOCUMENT, "application/yaml; charset=utf-8"),
 )
 PATHS: tuple[str, ...] = tuple(f.path for f in STATIC_FILES)
 
