@@ -110,12 +110,15 @@ class ChatShapes:
 
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
 
     def __init__(self, request_id: str, created: int, model: types_pb2.ModelRef) -> None:
-        self.id = f"chatcmpl-{request_id}"
+        self.id = f"{self.id_prefix}{request_id}"
         self.created = created
         self.model = model_id(model)
         self.fingerprint = model.version
+        head = json_bytes(self._head(self.chunk_object))
+        self._chunk_prefix = b"data: " + head[:-1] + b',"choices":['
 
     def _head(self, kind: str) -> Json:
         return {
@@ -149,17 +152,12 @@ class ChatShapes:
         logprobs: Json | None,
         finish: str | None,
         with_usage: bool,
-    ) -> Json:
-        """Returns a chat.completion.chunk of one choice (`usage: null` when usage comes last)."""
-        chunk = {
-            **self._head(self.chunk_object),
-            "choices": [
-                {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-            ],
-        }
-        if with_usage:
-            chunk["usage"] = None
-        return chunk
+    ) -> bytes:
+        """Returns the SSE event of a chat.completion.chunk of one choice (`usage: null`
+        when usage comes last). The head, the same in every chunk, is serialised once."""
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        tail = b'],"usage":null}\n\n' if with_usage else b"]}\n\n"
+        return self._chunk_prefix + json_bytes(choice) + tail
 
     def usage_chunk(self, totals: Json) -> Json:
         """Returns the last chunk of a stream that asked for usage: no choices."""
@@ -171,10 +169,7 @@ class CompletionShapes(ChatShapes):
 
     object = "text_completion"
     chunk_object = "text_completion"
-
-    def __init__(self, request_id: str, created: int, model: types_pb2.ModelRef) -> None:
-        super().__init__(request_id, created, model)
-        self.id = f"cmpl-{request_id}"
+    id_prefix = "cmpl-"
 
     def text_choice(self, index: int, text: str, logprobs: Json | None, finish: str | None) -> Json:
         """Returns one legacy choice."""
