@@ -14,6 +14,8 @@ To serve another file (e.g. an API description), add a `StaticFile` to
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,11 @@ from typing import Any
 from gateway import protos
 
 PLAYGROUND_DIR = Path(__file__).with_name("playground")
-OPENAPI_DOCUMENT = protos.ROOT / "docs" / "openapi.yaml"
+# `make docs` writes it into docs/; an image copies it elsewhere and says where.
+OPENAPI_DOCUMENT = Path(
+    os.environ.get("TOKENMESH_OPENAPI_DOCUMENT", protos.ROOT / "docs" / "openapi.yaml")
+)
+logger = logging.getLogger(__name__)
 # Self only: no inline script or style, no third-party origin, no framing.
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
@@ -103,5 +109,12 @@ def route(file: StaticFile) -> dict[str, Any]:
 
 
 def routes() -> list[dict[str, Any]]:
-    """Builds one route per static file."""
-    return [route(f) for f in STATIC_FILES]
+    """Builds one route per static file that exists.
+
+    A missing file loses its own route (404), never the others: the router
+    builds every route of the edge from this list.
+    """
+    present = [f for f in STATIC_FILES if f.source.is_file()]
+    for missing in set(STATIC_FILES) - set(present):
+        logger.warning("not serving %s: %s is missing", missing.path, missing.source)
+    return [route(f) for f in present]

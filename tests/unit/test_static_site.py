@@ -65,3 +65,11 @@ def test_the_page_loads_nothing_from_another_origin():
         static_site.PATHS
     )
     assert "<script>" not in page and "style=" not in page  # the CSP allows neither inline
+
+
+def test_a_missing_file_loses_only_its_own_route(monkeypatch, tmp_path):
+    gone = static_site.StaticFile("/gone.yaml", tmp_path / "gone.yaml", "application/yaml")
+    monkeypatch.setattr(static_site, "STATIC_FILES", (*static_site.STATIC_FILES, gone))
+    served = [r["match"]["path"] for r in static_site.routes()]
+    assert "/gone.yaml" not in served
+    assert set(static_site.PATHS) <= set(served)
