@@ -16,6 +16,7 @@ from google.rpc import status_pb2
 
 from services.core.errors import TokenmeshError
 from services.core.interceptors import Context, abort_with, request_headers, to_domain_error
+from services.inference import quality
 from services.inference import validation as v1_validation
 from services.inference.admission import (
     Admission,
@@ -199,6 +200,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         if template is not None:
             event.template.CopyFrom(template)
         self.admission.record(generation, event)
+        quality.observe_generation(generation)
 
     def _final(
         self,
@@ -356,6 +358,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             await call.send_headers(context)
             vectors = await embedder.embed(encoded)
             finish_reason = "stop"
+            quality.observe_embeddings(target.model, vectors)
         finally:
             timing = v1_pb.Timing(total_ms=(time.monotonic() - call.started) * 1000)
             usage = token_usage(prompt_tokens, 0)
