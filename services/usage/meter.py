@@ -23,7 +23,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from redis.exceptions import ResponseError
 
 from services.core.pricing import Price
@@ -43,6 +43,15 @@ DEAD_LETTERS = Counter(
     "tokenmesh_usage_dead_letters_total",
     "Usage-stream entries set aside because they could not be decoded, by reason.",
     ["reason"],
+)
+APPLIED = Counter("tokenmesh_usage_events_applied_total", "Usage events applied to the aggregates.")
+# How far metering runs behind: a request's finish (the worker's clock) to its
+# event applied here. Workers spool while Redis is away, so minutes can be normal
+# after an outage; hours are not.
+METER_DELAY = Histogram(
+    "tokenmesh_usage_meter_delay_seconds",
+    "A request's finish to its usage event applied to the aggregates.",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 300, 900, 3600),
 )
 
 # KEYS: stream, seen-key, audit-key, bucket hash keys (n), dimension hash keys
@@ -313,6 +322,8 @@ class Meter:
             args += [row.prefix, row.overflow, *row.counts]
         await self._apply(keys=keys, args=args)
         self.applied_total += 1
+        APPLIED.inc()
+        METER_DELAY.observe(max(0.0, time.time() - finished))
 
     async def set_aside(self, entry_id: bytes, fields: dict[bytes, bytes], poison: Poison) -> None:
         """Moves an entry that cannot be metered to the dead-letter stream and acks it.
