@@ -1,4 +1,4 @@
-"""interleave(): one choice's deltas are read in the request's own task."""
+"""One choice's deltas are read in the request's own task; several are interleaved."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, cast
 import pytest
 
 from services.inference.generation import Delta
-from services.inference.v2.choices import Choice, interleave
+from services.inference.v2.choices import Choice, interleave, single
 
 CHOICES = cast(list[Choice], ["first", "second"])  # interleave only indexes them
 
@@ -28,7 +28,7 @@ async def _deltas(
 async def test_one_choice_is_read_in_the_callers_task_without_a_pump() -> None:
     readers: list[asyncio.Task[Any] | None] = []
     closed: list[bool] = []
-    stream = interleave(CHOICES[:1], [_deltas(["a", "b"], readers, closed)])
+    stream = single(CHOICES[0], _deltas(["a", "b"], readers, closed))
     got = [(str(choice), delta.text) async for choice, delta in stream]
     assert got == [("first", "a"), ("first", "b")]
     assert readers == [asyncio.current_task()] * 2  # no task (and queue hop) per delta
@@ -37,7 +37,7 @@ async def test_one_choice_is_read_in_the_callers_task_without_a_pump() -> None:
 
 async def test_one_choice_closed_early_closes_its_stream() -> None:
     closed: list[bool] = []
-    stream = interleave(CHOICES[:1], [_deltas(["a", "b", "c"], [], closed)])
+    stream = single(CHOICES[0], _deltas(["a", "b", "c"], [], closed))
     assert (await anext(stream))[1].text == "a"
     await stream.aclose()
     assert closed == [True]  # stream_deltas' finally cancels the sequence
@@ -48,7 +48,7 @@ async def test_one_choice_error_reaches_the_caller() -> None:
         yield Delta("a", [1])
         raise RuntimeError("engine failed")
 
-    stream = interleave(CHOICES[:1], [failing()])
+    stream = single(CHOICES[0], failing())
     assert (await anext(stream))[1].text == "a"
     with pytest.raises(RuntimeError, match="engine failed"):
         await anext(stream)

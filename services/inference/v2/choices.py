@@ -160,13 +160,7 @@ class Generation(Request):
         try:
             for index, params in enumerate(self.params):
                 seq = self.scheduler.submit(
-                    self.prompt_ids,
-                    params,
-                    self.spec.priority,
-                    timeout_s,
-                    top_logprobs=top,
-                    tenant=self.tenant,
-                    tier=self.tier,
+                    self.prompt_ids, params, self.spec.priority, timeout_s, top_logprobs=top
                 )
                 self.choices.append(Choice(index, seq, GenerationState(len(self.prompt_ids))))
         except BaseException:
@@ -221,17 +215,8 @@ async def interleave(
     """Yields (choice, delta) from every stream as they come; raises the first error.
 
     Each stream is read by a task of its own; closing this generator (or an
-    error) cancels them, which cancels their sequences. One stream (n = 1,
-    nearly every request) is read in the caller's task: a pump task and a
-    queue cost every delta two more event-loop wake-ups (bench S3).
+    error) cancels them, which cancels their sequences.
     """
-    if len(streams) == 1:
-        try:
-            async for delta in streams[0]:
-                yield choices[0], delta
-        finally:
-            await streams[0].aclose()  # a request that ends early leaves no sequence running
-        return
     queue: asyncio.Queue[tuple[int, Delta | Exception | None]] = asyncio.Queue(
         maxsize=4 * len(streams)
     )
