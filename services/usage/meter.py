@@ -28,6 +28,7 @@ from redis.exceptions import ResponseError
 
 from services.core.pricing import Price
 from services.core.redis_service import text
+from services.usage import tenant_metrics
 from services.usage.dimensions import MAX_DIMENSION_FIELDS, event_rows
 from services.usage.prices import PriceBook
 from tokenmesh.inference.v1 import inference_pb2
@@ -323,6 +324,7 @@ class Meter:
         await self._apply(keys=keys, args=args)
         self.applied_total += 1
         APPLIED.inc()
+        tenant_metrics.observe(event)
         METER_DELAY.observe(max(0.0, time.time() - finished))
 
     async def set_aside(self, entry_id: bytes, fields: dict[bytes, bytes], poison: Poison) -> None:

@@ -66,6 +66,11 @@ FAIL_OPEN = Counter(
     "Decisions answered UNAVAILABLE because the rate-limit store was unreachable "
     "(Envoy lets the request through unless failure_mode_deny).",
 )
+OVER_LIMIT = Counter(
+    "tokenmesh_ratelimit_over_limit_total",
+    "Requests refused by a rate limit, by limit (requests_per_minute, tenant_..., ...).",
+    ["limit"],
+)
 ERRORS = Counter(
     "tokenmesh_ratelimit_errors_total",
     "Rate-limit work that failed for another reason than an unavailable store (bugs).",
@@ -276,6 +281,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             over = not allowed and used + hits > limit.limit
             response.statuses.append(_status(limit, used, reset_s, over))
             if over:
+                OVER_LIMIT.labels(limit.name).inc()
                 response.overall_code = rls_pb2.RateLimitResponse.OVER_LIMIT
                 response.response_headers_to_add.append(_header("retry-after", str(reset_s)))
                 response.raw_body = (

@@ -30,3 +30,20 @@ async def test_applied_events_are_counted_with_their_delay(usage):  # noqa: F811
     assert _value("tokenmesh_usage_meter_delay_seconds_count") == delays + 1
     # Observed above 300 s (cumulative buckets: le=300 did not move, +Inf did).
     assert _value("tokenmesh_usage_meter_delay_seconds_bucket", {"le": "300.0"}) == late
+
+
+async def test_applied_events_count_per_tenant(usage):  # noqa: F811
+    service, client = usage
+    tenant = "t-dead"  # _event's tenant
+    labels = {"tenant": tenant, "finish_reason": "length"}
+    requests = _value("tokenmesh_tenant_requests_total", labels)
+    completion = _value("tokenmesh_tenant_tokens_total", {"tenant": tenant, "kind": "completion"})
+    event = _event("req-tenant", completion=7)
+    await client.xadd(
+        service.settings.usage_stream,
+        {"request_id": event.request_id, "event": event.SerializeToString()},
+    )
+    await _until(lambda: service.meter.applied_total == 1)
+    assert _value("tokenmesh_tenant_requests_total", labels) == requests + 1
+    moved = _value("tokenmesh_tenant_tokens_total", {"tenant": tenant, "kind": "completion"})
+    assert moved == completion + 7
