@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from bench.rows import Context, Row
 from bench.stats import percentile
 from services.launcher.mesh import Mesh, MeshConfig
 
@@ -138,6 +139,36 @@ def openai_overhead(
             flush=True,
         )
     return out
+
+
+def measure(ctx: Context) -> dict[str, Any]:
+    """The registry's entry (bench.registry): a shorter run with --quick."""
+    calls, rounds = (8, 2) if ctx.quick else (CALLS, ROUNDS)
+    return openai_overhead(ctx.state, calls, rounds)
+
+
+def judge(results: dict[str, Any]) -> list[Row]:
+    """Rows O1 (one stream) and O2 (32 streams): what /openai/v1 adds over /v2 SSE."""
+    rows = []
+    for row_id, key in (("O1", "1_stream"), ("O2", f"{CONCURRENCY}_streams")):
+        ours, v2 = results[f"openai_{key}"], results[f"v2_{key}"]
+        rate = ""
+        if "streams_per_s" in ours:
+            rate = f", {ours['streams_per_s']:.1f} vs {v2['streams_per_s']:.1f} streams/s"
+        rows.append(
+            Row(
+                row_id,
+                f"OpenAI chat stream vs /v2 SSE, same chat ({TOKENS} test-engine tokens),"
+                f" {key.replace('_', ' ')}: added TTFT and total p50/p99",
+                "reported",
+                f"TTFT p50 {ours['ttft_p50_ms'] - v2['ttft_p50_ms']:+.1f} ms,"
+                f" p99 {ours['ttft_p99_ms'] - v2['ttft_p99_ms']:+.1f} ms;"
+                f" total p50 {ours['total_p50_ms'] - v2['total_p50_ms']:+.1f} ms,"
+                f" p99 {ours['total_p99_ms'] - v2['total_p99_ms']:+.1f} ms{rate}",
+                f"/v2 TTFT p50 {v2['ttft_p50_ms']:.1f} ms, total p50 {v2['total_p50_ms']:.1f} ms",
+            )
+        )
+    return rows
 
 
 if __name__ == "__main__":
