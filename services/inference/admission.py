@@ -169,6 +169,7 @@ class Request:
         self.metadata = dict(metadata or {})
         self.key_id = headers.get(KEY_ID_HEADER, "")
         self.tenant = headers.get(TENANT_HEADER, "")
+        self.tier = headers.get(contract.TIER_HEADER, "")  # weighs its fair share
         self.limits = Limits(
             tokens_per_minute=_int(headers.get(contract.TPM_HEADER)),
             monthly_tokens=_int(headers.get(contract.MONTHLY_TOKENS_HEADER)),

@@ -13,6 +13,10 @@ backlog before it could start the next one.) Joining prompts are prefilled
 in a step of their own, so their first token does not wait for the running
 batch's decode.
 
+Which waiting request joins next: interactive before batch, always; within a
+priority class, the one whose tenant has received the least service
+(services.inference.fairness), or the oldest in "fifo" mode.
+
 Each sequence has an outbox the request handler reads: token ids as they are
 sampled, then one `Finished`.
 """
@@ -20,7 +24,6 @@ sampled, then one `Finished`.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
 import threading
@@ -40,6 +43,12 @@ from services.core.errors import (
 )
 from services.inference import metrics
 from services.inference.engines.base import GenerativeEngine, StepItem
+from services.inference.fairness import (
+    FairnessPolicy,
+    TenantAccount,
+    TenantMetrics,
+    WaitingRequests,
+)
 from services.inference.logprobs import TokenLogprob, token_logprob
 from services.inference.sampling import SamplingParams, sample_batch
 
@@ -49,7 +58,7 @@ PRIORITY_INTERACTIVE, PRIORITY_BATCH = 0, 1
 
 @dataclass(frozen=True)
 class SchedulerLimits:
-    """SchedulerLimits bound memory and waiting.
+    """SchedulerLimits bound memory and waiting, and say who waits least.
 
     Attributes:
         max_sequences: KV slots, i.e. the largest running batch.
@@ -63,6 +72,8 @@ class SchedulerLimits:
             Each stream message costs the event loop tens of microseconds,
             which a CPU worker takes from the engine's cores; under load this
             bounds that cost. First and last tokens never wait.
+        fairness: how waiting requests of one priority class are ordered
+            (by tenant service, or first come first served).
     """
 
     max_sequences: int = 32
@@ -70,6 +81,7 @@ class SchedulerLimits:
     max_queue: int = 256
     max_prefill_tokens: int = 2048
     messages_per_step: int = 16
+    fairness: FairnessPolicy = field(default_factory=FairnessPolicy)
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,11 @@ class Sequence_:
     # Prompt tokens the engine did not compute (prefix cache or a same-step
     # copy), set by the engine thread after the prefill step.
     cached_prompt_tokens: int = 0
+    # Fair sharing: whose service this is, the request's weight (its tenant's or
+    # tier's) and the account it is charged to (set once it reaches the queue).
+    tenant: str = ""
+    weight: float = 1.0
+    account: TenantAccount[Sequence_] | None = None
 
     @property
     def reserved_tokens(self) -> int:
@@ -134,6 +151,7 @@ class Scheduler:
     """
 
     IDLE_WAIT_S = 0.1  # an idle engine thread re-checks (deadlines of waiting requests)
+    TENANT_METRICS_EVERY_S = 0.25  # per-tenant metrics walk the tenants: not every step
 
     def __init__(
         self,
@@ -147,9 +165,12 @@ class Scheduler:
         self.limits = limits
         self.labels = labels
         # Shared with the event loop (submit): guarded by _lock. The rest of
-        # the scheduling state belongs to the engine thread.
+        # the scheduling state, the waiting requests included, belongs to the
+        # engine thread, which moves the inbox into them before each admission.
         self._lock = threading.Lock()
-        self._waiting: list[tuple[int, int, Sequence_]] = []
+        self._inbox: list[Sequence_] = []
+        self._waiting_count = 0  # in the inbox or waiting
+        self._waiting: WaitingRequests[Sequence_] = WaitingRequests(limits.fairness)
         self._running: list[Sequence_] = []
         self._free_slots = list(range(limits.max_sequences - 1, -1, -1))
         self._reserved = 0
@@ -175,6 +196,8 @@ class Scheduler:
         self._prefix_computed = metrics.PREFIX_CACHE_TOKENS.labels(*labels, "computed")
         self._prefix_held = metrics.PREFIX_CACHE_HELD.labels(*labels)
         self._prefix_published = (0, 0)  # (reused, looked up) tokens already counted
+        self._tenant_metrics = TenantMetrics(labels, limits.fairness.metric_tenants)
+        self._tenant_metrics_due = 0.0
 
     async def start(self) -> None:
         """Allocates the KV cache, warms the engine up and starts the engine thread."""
@@ -190,14 +213,14 @@ class Scheduler:
         """Refuses new work, lets admitted work finish (up to the timeout), stops."""
         self._accepting = False
         deadline = time.monotonic() + drain_timeout_s
-        while (self._running or self._waiting) and time.monotonic() < deadline:
+        while (self._running or self._waiting_count) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10.0)
         with self._lock:
-            leftovers = [*self._running, *(entry[2] for entry in self._waiting)]
+            leftovers = [*self._running, *self._waiting, *self._inbox]
         for seq in leftovers:
             self._finish(
                 seq,
@@ -212,11 +235,14 @@ class Scheduler:
         priority: int,
         timeout_s: float | None,
         top_logprobs: int | None = None,
+        tenant: str = "",
+        tier: str = "",
     ) -> Sequence_:
         """Queues a sequence; raises ResourceExhausted when the queue is full.
 
         top_logprobs: None, or record each token's log-probability and that many
         best alternatives (costs a softmax of the row, only for these sequences).
+        tenant, tier: the caller's (the edge's identity headers), for fair sharing.
         """
         if not self._accepting:
             raise Unavailable(
@@ -231,9 +257,11 @@ class Scheduler:
             deadline=None if timeout_s is None else time.monotonic() + timeout_s,
             rng=np.random.default_rng(seed),
             top_logprobs=top_logprobs,
+            tenant=tenant,
+            weight=self.limits.fairness.weight(tenant, tier),
         )
         with self._lock:
-            if len(self._waiting) >= self.limits.max_queue:
+            if self._waiting_count >= self.limits.max_queue:
                 raise ResourceExhausted(
                     f"worker queue is full ({self.limits.max_queue} requests waiting)",
                     retry_after_s=1.0,
@@ -242,8 +270,9 @@ class Scheduler:
                     ],
                     reason="QUEUE_FULL",
                 )
-            heapq.heappush(self._waiting, (priority, seq.id, seq))
-            self._queue_depth.set(len(self._waiting))
+            self._inbox.append(seq)
+            self._waiting_count += 1
+            self._queue_depth.set(self._waiting_count)
         self._wake.set()
         return seq
 
@@ -258,7 +287,7 @@ class Scheduler:
         running = list(self._running)  # a snapshot: the engine thread changes the list
         return {
             "running": len(running),
-            "waiting": len(self._waiting),
+            "waiting": self._waiting_count,
             "kv_tokens_used": sum(len(s.prompt_ids) + len(s.generated) for s in running),
             "kv_tokens_reserved": self._reserved,
             "kv_tokens_capacity": self.limits.max_kv_tokens,
@@ -273,15 +302,17 @@ class Scheduler:
                 self._iterate()
             except Exception:  # a bug here must not leave every stream waiting forever
                 logger.exception("scheduler step failed for %s/%s", *self.labels)
+                self._take_inbox()
+                waiting = self._waiting.remove_where(lambda _: True)
                 with self._lock:
-                    waiting = [entry[2] for entry in self._waiting]
-                    self._waiting = []
+                    self._waiting_count -= len(waiting)
                 for seq in [*self._running, *waiting]:
                     self._finish(seq, Finished("error", internal_error()))
                 self._post()
 
     def _iterate(self) -> None:
         """One scheduling round: at most one engine step."""
+        self._take_inbox()
         self._reap()
         self._admit()
         self._publish_gauges()
@@ -305,6 +336,13 @@ class Scheduler:
             self._deliver(seq, token, now, every)
         self._completion_tokens.inc(len(batch))
         self._post()
+
+    def _take_inbox(self) -> None:
+        """Moves submitted sequences into the waiting requests (engine thread)."""
+        with self._lock:
+            arrived, self._inbox = self._inbox, []
+        for seq in arrived:
+            seq.account = self._waiting.push(seq, seq.priority, seq.tenant)
 
     def _take_outgoing(self) -> list[tuple[Sequence_, int | Finished]]:
         outgoing, self._outgoing = self._outgoing, []
@@ -361,17 +399,12 @@ class Scheduler:
         now = time.monotonic()
         for seq in [s for s in self._running if s.cancelled]:
             self._finish(seq, Finished("cancelled"))
-        with self._lock:
-            kept, dropped = [], []
-            for entry in self._waiting:
-                seq = entry[2]
-                if seq.cancelled or (seq.deadline is not None and now > seq.deadline):
-                    dropped.append(seq)
-                else:
-                    kept.append(entry)
-            if dropped:
-                heapq.heapify(kept)
-                self._waiting = kept
+        dropped = self._waiting.remove_where(
+            lambda seq: seq.cancelled or (seq.deadline is not None and now > seq.deadline)
+        )
+        if dropped:
+            with self._lock:
+                self._waiting_count -= len(dropped)
         for seq in dropped:
             if seq.cancelled:
                 self._finish(seq, Finished("cancelled"))
@@ -383,21 +416,29 @@ class Scheduler:
     def _admit(self) -> None:
         """Moves waiting sequences into the batch while slots and budgets allow."""
         prefill_budget = self.limits.max_prefill_tokens
-        with self._lock:
-            while self._waiting and self._free_slots:
-                seq = self._waiting[0][2]
-                if self._running and (
-                    self._reserved + seq.reserved_tokens > self.limits.max_kv_tokens
-                    or len(seq.prompt_ids) > prefill_budget
-                ):
-                    break  # an empty batch always admits one, so nothing starves
-                heapq.heappop(self._waiting)
-                seq.slot = self._free_slots.pop()
-                seq.started_at = time.monotonic()
-                self._reserved += seq.reserved_tokens
-                prefill_budget -= len(seq.prompt_ids)
-                self._running.append(seq)
-                self._prompt_tokens.inc(len(seq.prompt_ids))
+        admitted = 0
+        while self._free_slots:
+            seq = self._waiting.peek()
+            if seq is None:
+                break
+            if self._running and (
+                self._reserved + seq.reserved_tokens > self.limits.max_kv_tokens
+                or len(seq.prompt_ids) > prefill_budget
+            ):
+                break  # an empty batch always admits one, so nothing starves
+            self._waiting.pop()
+            seq.slot = self._free_slots.pop()
+            seq.started_at = time.monotonic()
+            self._reserved += seq.reserved_tokens
+            prefill_budget -= len(seq.prompt_ids)
+            self._running.append(seq)
+            self._prompt_tokens.inc(len(seq.prompt_ids))
+            if seq.account is not None:
+                seq.account.charge_prompt(len(seq.prompt_ids), seq.weight)
+            admitted += 1
+        if admitted:
+            with self._lock:
+                self._waiting_count -= admitted
 
     def _deliver(self, seq: Sequence_, token: int, now: float, every: int = 1) -> None:
         if seq.cancelled:
@@ -406,6 +447,8 @@ class Scheduler:
         if token == self.eos_token_id:
             self._finish(seq, Finished("stop"))
             return
+        if seq.account is not None:
+            seq.account.charge_output(seq.weight)
         if seq.first_token_at is None:
             seq.first_token_at = now
             self._ttft.observe(now - seq.submitted_at)
@@ -438,9 +481,15 @@ class Scheduler:
             self._running.remove(seq)
             self._free_slots.append(seq.slot)
             self._reserved -= seq.reserved_tokens
+            if seq.account is not None:
+                self._waiting.finished(seq.priority, seq.account)
 
     def _publish_gauges(self) -> None:
-        self._queue_depth.set(len(self._waiting))
+        self._queue_depth.set(self._waiting_count)
+        now = time.monotonic()
+        if now >= self._tenant_metrics_due:
+            self._tenant_metrics.publish(self._waiting.changed_accounts())
+            self._tenant_metrics_due = now + self.TENANT_METRICS_EVERY_S
         self._running_gauge.set(len(self._running))
         self._slots_used.set(self.limits.max_sequences - len(self._free_slots))
         self._kv_reserved.set(self._reserved)

@@ -18,9 +18,10 @@ from gateway.model_routing import model_health_name
 from services.core import contract, server
 from services.core.identity import ClientChannel
 from services.core.server import RunningServer, Service
-from services.core.settings import RedisSettings, env, require
+from services.core.settings import RedisSettings, SettingsError, env, require
 from services.core.tasks import HealthGate, Supervisor
 from services.inference.budget import TokenBudgets
+from services.inference.fairness import FAIRNESS_MODES, FairnessPolicy, parse_weights
 from services.inference.models import LoadedModel, ModelRegistry
 from services.inference.openai import servicer as openai
 from services.inference.registration import Registration
@@ -87,6 +88,30 @@ class InferenceSettings(RedisSettings):
         "Stream messages per engine step before token batching: with more running "
         "sequences, each stream gets its tokens every ceil(running / this) steps; 0 = never.",
     )
+    scheduler_fairness: str = env(
+        "TOKENMESH_SCHEDULER_FAIRNESS",
+        "tenant",
+        "tenant: within a priority class, admit next the request of the tenant served "
+        "least so far (virtual token counters); fifo: first come, first served.",
+    )
+    tenant_weights: tuple[str, ...] = env(
+        "TOKENMESH_SCHEDULER_TENANT_WEIGHTS",
+        (),
+        "Fair-share weights by tenant, e.g. acme=2,globex=0.5 (a tenant of weight 2 gets "
+        "twice the tokens of one of weight 1); wins over the tier's weight.",
+    )
+    tier_weights: tuple[str, ...] = env(
+        "TOKENMESH_SCHEDULER_TIER_WEIGHTS",
+        (),
+        "Fair-share weights by key tier (the key's priority_tier), e.g. premium=4,standard=1; "
+        "unlisted tiers weigh 1.",
+    )
+    metric_tenants: int = env(
+        "TOKENMESH_SCHEDULER_METRIC_TENANTS",
+        16,
+        "Tenants with a label of their own in the per-tenant queue and service metrics; "
+        "the rest are 'other'.",
+    )
     prefix_cache_tokens: int = env(
         "TOKENMESH_PREFIX_CACHE_TOKENS",
         4096,
@@ -151,6 +176,22 @@ class InferenceSettings(RedisSettings):
         require(self.messages_per_step >= 0, "TOKENMESH_MESSAGES_PER_STEP", "must be >= 0")
         require(self.prefix_cache_tokens >= 0, "TOKENMESH_PREFIX_CACHE_TOKENS", "must be >= 0")
         require(
+            self.scheduler_fairness in FAIRNESS_MODES,
+            "TOKENMESH_SCHEDULER_FAIRNESS",
+            f"must be one of {', '.join(FAIRNESS_MODES)}",
+        )
+        for variable, entries in (
+            ("TOKENMESH_SCHEDULER_TENANT_WEIGHTS", self.tenant_weights),
+            ("TOKENMESH_SCHEDULER_TIER_WEIGHTS", self.tier_weights),
+        ):
+            try:
+                parse_weights(entries)
+            except ValueError as exc:
+                raise SettingsError(f"{variable}: {exc}") from None
+        require(
+            0 <= self.metric_tenants <= 1000, "TOKENMESH_SCHEDULER_METRIC_TENANTS", "must be 0-1000"
+        )
+        require(
             not self.router_address or ":" in self.router_address,
             "TOKENMESH_ROUTER_ADDR",
             "must be host:port",
@@ -170,6 +211,12 @@ class InferenceSettings(RedisSettings):
             self.max_queue,
             self.max_prefill_tokens,
             self.messages_per_step,
+            FairnessPolicy(
+                self.scheduler_fairness,
+                parse_weights(self.tenant_weights),
+                parse_weights(self.tier_weights),
+                self.metric_tenants,
+            ),
         )
 
 

@@ -160,7 +160,13 @@ class Generation(Request):
         try:
             for index, params in enumerate(self.params):
                 seq = self.scheduler.submit(
-                    self.prompt_ids, params, self.spec.priority, timeout_s, top_logprobs=top
+                    self.prompt_ids,
+                    params,
+                    self.spec.priority,
+                    timeout_s,
+                    top_logprobs=top,
+                    tenant=self.tenant,
+                    tier=self.tier,
                 )
                 self.choices.append(Choice(index, seq, GenerationState(len(self.prompt_ids))))
         except BaseException:
