@@ -48,18 +48,20 @@ MIN_WEIGHT, MAX_WEIGHT = 0.01, 1000.0
 # beyond it the longest-idle are forgotten (they come back level with the least
 # served active tenant).
 MAX_IDLE_TENANTS = 4096
-OTHER_TENANT = "other"  # the metric label of tenants beyond the labelled ones
-NO_TENANT = "none"  # the metric label of requests without a tenant (direct calls)
+# Metric labels no tenant id can be (ids start with a letter or digit), as the
+# usage meter's tenant metrics have them.
+OTHER_TENANT = "_other"  # tenants beyond the labelled ones
+NO_TENANT = "_none"  # requests without a tenant (direct calls)
 
 _LABELS = ("model", "version", "tenant")
 TENANT_QUEUE_DEPTH = Gauge(
     "tokenmesh_tenant_queue_depth",
-    "Requests waiting for a slot, by tenant (the deepest N tenants; the rest as 'other').",
+    "Requests waiting for a slot, by tenant (the deepest N tenants; the rest as _other).",
     _LABELS,
 )
 TENANT_SERVICE_TOKENS = Counter(
     "tokenmesh_tenant_service_tokens_total",
-    "Tokens served by kind (prompt, completion), by tenant (the first N seen; then 'other').",
+    "Tokens served by kind (prompt, completion), by tenant (the first N seen; then _other).",
     (*_LABELS, "kind"),
 )
 
@@ -89,7 +91,7 @@ class FairnessPolicy:
         mode: "tenant" (virtual token counters) or "fifo" (arrival order).
         tenant_weights: weight by tenant id (wins over the tier's).
         tier_weights: weight by key tier (x-tokenmesh-tier: "standard", "premium", ...).
-        metric_tenants: tenants that get a metric label of their own (the rest: "other").
+        metric_tenants: tenants that get a metric label of their own (the rest: "_other").
     """
 
     mode: str = "tenant"
@@ -317,10 +319,10 @@ class TenantMetrics:
     """TenantMetrics publish per-tenant queue depth and service with a bounded label set.
 
     Queue depth: the `limit` tenants with the most requests waiting right now get
-    a label each, the rest are summed as "other" (labels that drop out are removed).
+    a label each, the rest are summed as "_other" (labels that drop out are removed).
     Service tokens: counters cannot move between labels, so the first `limit`
     tenants this worker serves keep a label of their own until it restarts, and
-    later ones count as "other". Either way, at most limit + 1 tenant labels per
+    later ones count as "_other". Either way, at most limit + 1 tenant labels per
     model version.
     """
 

@@ -110,7 +110,7 @@ class InferenceSettings(RedisSettings):
         "TOKENMESH_SCHEDULER_METRIC_TENANTS",
         16,
         "Tenants with a label of their own in the per-tenant queue and service metrics; "
-        "the rest are 'other'.",
+        "the rest are _other.",
     )
     prefix_cache_tokens: int = env(
         "TOKENMESH_PREFIX_CACHE_TOKENS",

@@ -270,7 +270,7 @@ def test_tenant_metrics_keep_a_bounded_label_set():
         for s in metric.samples
         if s.labels.get("model") == model
     }
-    assert shown == {"a": 3, "b": 2, "other": 2}
+    assert shown == {"a": 3, "b": 2, "_other": 2}
     accounts = {account.tenant: account for account in queue.accounts()}
     for _ in range(7):
         account = accounts[queue.pop().tenant]
@@ -287,13 +287,13 @@ def test_tenant_metrics_keep_a_bounded_label_set():
         for s in metric.samples
         if s.name == service and s.labels.get("model") == model and s.labels["kind"] == "completion"
     }
-    assert len(completion) == 3 and "other" in completion  # two tenants by name, the rest
+    assert len(completion) == 3 and "_other" in completion  # two tenants by name, the rest
     assert sum(completion.values()) == 7
-    named = sorted(t for t in completion if t != "other")
+    named = sorted(t for t in completion if t != "_other")
     tokens = {"a": 3, "b": 2, "c": 1, "d": 1}
-    assert completion["other"] == sum(n for t, n in tokens.items() if t not in named)
+    assert completion["_other"] == sum(n for t, n in tokens.items() if t not in named)
     assert _sample(depth, {**labels, "tenant": "a"}) is None  # nothing waits: label removed
-    assert _sample(depth, {**labels, "tenant": "other"}) == 0
+    assert _sample(depth, {**labels, "tenant": "_other"}) == 0
 
 
 # --- the scheduler: every request queued before the engine thread starts ---------
