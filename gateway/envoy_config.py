@@ -115,10 +115,11 @@ GRPC_TOO_LARGE_MESSAGE = "request larger than the edge accepts; send a smaller m
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Endpoint is one upstream host:port."""
+    """Endpoint is one upstream host:port (weight: its EDS load-balancing weight, if any)."""
 
     host: str
     port: int
+    weight: int | None = None
 
 
 @dataclass(frozen=True)
@@ -366,10 +367,15 @@ def h2_options() -> dict[str, Any]:
 def load_assignment(name: str, endpoints: Sequence[Endpoint]) -> dict[str, Any]:
     return {
         "cluster_name": name,
-        "endpoints": [
-            {"lb_endpoints": [{"endpoint": {"address": _socket_address(e)}} for e in endpoints]}
-        ],
+        "endpoints": [{"lb_endpoints": [_lb_endpoint(e) for e in endpoints]}],
     }
+
+
+def _lb_endpoint(endpoint: Endpoint) -> dict[str, Any]:
+    found: dict[str, Any] = {"endpoint": {"address": _socket_address(endpoint)}}
+    if endpoint.weight is not None:
+        found["load_balancing_weight"] = endpoint.weight
+    return found
 
 
 def _socket_address(endpoint: Endpoint) -> dict[str, Any]:

@@ -387,12 +387,34 @@ def prompts_alias(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[
 def _worker_line(worker: router_pb2.Worker) -> str:
     models = " ".join(f"{m.name}:{m.version}" for m in worker.models)
     state = router_pb2.WorkerState.Name(worker.state).removeprefix("WORKER_STATE_").lower()
-    return f"{worker.id:<20} {worker.address:<22} {state:<9} {models}"
+    return (
+        f"{worker.id:<20} {worker.address:<22} {state:<9} {_load_text(worker):<42} "
+        f"{worker.weight:>6}  {models}\n{'':<20} weight: {worker.weight_reason}"
+    )
+
+
+def _load_text(worker: router_pb2.Worker) -> str:
+    if not worker.HasField("load"):
+        return "-"
+    load = worker.load
+    ttft = (
+        f"ttft p50/p99 {load.ttft_p50_ms:.0f}/{load.ttft_p99_ms:.0f}ms"
+        if load.ttft_samples
+        else "ttft -"
+    )
+    return (
+        f"q {load.queue_depth} run {load.running_sequences}/{load.max_sequences} "
+        f"kv {load.kv_utilization:.0%} {ttft}"
+    )
+
+
+WORKERS_HEADER = f"{'ID':<20} {'ADDRESS':<22} {'STATE':<9} {'LOAD':<42} {'WEIGHT':>6}  MODELS"
 
 
 def workers_list(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
     reply = stub.ListWorkers(router_pb.ListWorkersRequest(), timeout=TIMEOUT_S)
-    _print(reply, args.json, "\n".join(map(_worker_line, reply.workers)) or "(no workers)")
+    lines = [WORKERS_HEADER, *map(_worker_line, reply.workers)] if reply.workers else []
+    _print(reply, args.json, "\n".join(lines) or "(no workers)")
 
 
 def workers_drain(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
@@ -557,7 +579,9 @@ def _workers_parsers(groups: Any) -> list[argparse.ArgumentParser]:
     workers = groups.add_parser("workers", help="inference workers (through the router)")
     workers.set_defaults(target="router")
     actions = workers.add_subparsers(dest="action", required=True)
-    listing = actions.add_parser("list", help="registered workers and their leases")
+    listing = actions.add_parser(
+        "list", help="registered workers: leases, load, edge weight and why"
+    )
     listing.set_defaults(run=workers_list)
     drain = actions.add_parser("drain", help="stop routing to a worker; it finishes and exits")
     drain.add_argument("id")

@@ -304,6 +304,7 @@ class Admission:
         """Counts a finished request, appends its usage event and reconciles its reservation."""
         labels = (request.model.name, request.model.version)
         metrics.REQUESTS.labels(*labels, event.finish_reason).inc()
+        request.model.outcomes.observe(event.finish_reason, event.timing.time_to_first_token_ms)
         metrics.REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - request.started)
         self.usage_log.append(event)
         if request.reserved_tokens:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from services.core.errors import NotFound
 from services.inference.embedder import Embedder
+from services.inference.load_report import VersionOutcomes
 from services.inference.scheduler import Scheduler
 from services.inference.templates import DEFAULT_CHAT_TEMPLATE_ID, Prompt, TemplateId, chat_prompt
 from services.inference.tokenizer import Tokenizer
@@ -43,6 +44,8 @@ class LoadedModel:
     # What responses and usage events name chat_template as.
     chat_template_id: TemplateId = DEFAULT_CHAT_TEMPLATE_ID
     ready: bool = False
+    # How its requests ended and began, for the router's weights and rollouts.
+    outcomes: VersionOutcomes = field(default_factory=VersionOutcomes)
 
     async def start(self) -> None:
         """Allocates, warms up and starts serving this version."""

@@ -20,6 +20,7 @@ import grpc.aio
 
 from services.core.identity import ClientChannel
 from services.core.tasks import SupervisedTask, Supervisor
+from tokenmesh.router.v1 import router_pb2
 from tokenmesh.router.v1 import router_service_pb2 as pb
 from tokenmesh.router.v1 import router_service_pb2_grpc as pb_grpc
 from tokenmesh.type.v1 import types_pb2
@@ -51,6 +52,7 @@ class Registration:
         address: host:port the edge reaches this worker at.
         models: returns the (name, version) pairs currently loaded and ready.
         lease_s: heartbeat period is a third of this (the router's lease, once known).
+        load: returns the worker's load, sent with every heartbeat (None: none).
     """
 
     def __init__(
@@ -60,10 +62,12 @@ class Registration:
         address: str,
         models: Callable[[], Sequence[tuple[str, str]]],
         lease_s: float = 3.0,
+        load: Callable[[], router_pb2.WorkerLoad] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.address = address
         self._models = models
+        self._load = load
         self._lease_s = lease_s
         self._router = router
         self._task: SupervisedTask | None = None
@@ -143,7 +147,11 @@ class Registration:
 
     async def _renew(self) -> None:
         response = await self._stub().RenewLease(
-            pb.RenewLeaseRequest(worker_id=self.worker_id, models=self._refs()),
+            pb.RenewLeaseRequest(
+                worker_id=self.worker_id,
+                models=self._refs(),
+                load=None if self._load is None else self._load(),
+            ),
             timeout=_RPC_TIMEOUT_S,
         )
         if response.drain:

@@ -188,12 +188,18 @@ def load_from_repository(
 
 
 def deterministic_test_model(
-    name: str, version: str, step_s: float, limits: SchedulerLimits
+    name: str, version: str, step_s: float, limits: SchedulerLimits, error_rate: float = 0.0
 ) -> LoadedModel:
-    """Builds a version served by the deterministic test engine (through the scheduler)."""
+    """Builds a version served by the deterministic test engine (through the scheduler).
+
+    error_rate: share of its requests that fail (a faulty version, for tests).
+    """
     tokenizer = WordTokenizer()
     engine = DeterministicTestEngine(
-        vocab_size=len(tokenizer.words), context_length=512, step_s=step_s
+        vocab_size=len(tokenizer.words),
+        context_length=512,
+        step_s=step_s,
+        error_rate=error_rate,
     )
     return LoadedModel(
         name=name,

@@ -22,6 +22,7 @@ from services.core.settings import RedisSettings, SettingsError, env, require
 from services.core.tasks import HealthGate, Supervisor
 from services.inference.budget import TokenBudgets
 from services.inference.fairness import FAIRNESS_MODES, FairnessPolicy, parse_weights
+from services.inference.load_report import worker_load
 from services.inference.models import LoadedModel, ModelRegistry
 from services.inference.openai import servicer as openai
 from services.inference.registration import Registration
@@ -65,6 +66,12 @@ class InferenceSettings(RedisSettings):
     )
     test_engine_step_ms: float = env(
         "TOKENMESH_TEST_ENGINE_STEP_MS", 20.0, "Simulated step time of the test engine, in ms."
+    )
+    test_engine_error_rate: float = env(
+        "TOKENMESH_TEST_ENGINE_ERROR_RATE",
+        0.0,
+        "Share (0-1) of the test engine's requests that fail with INTERNAL (fault "
+        "injection for rollout tests; only the deterministic test engine honours it).",
     )
     engine: str = env(
         "TOKENMESH_ENGINE", "auto", "auto, onnxruntime or tensorrt (auto: TensorRT with a GPU)."
@@ -169,6 +176,9 @@ class InferenceSettings(RedisSettings):
         )
         require(self.engine in ENGINES, "TOKENMESH_ENGINE", f"must be one of {', '.join(ENGINES)}")
         require(self.test_engine_step_ms >= 0, "TOKENMESH_TEST_ENGINE_STEP_MS", "must be >= 0")
+        require(
+            0 <= self.test_engine_error_rate <= 1, "TOKENMESH_TEST_ENGINE_ERROR_RATE", "must be 0-1"
+        )
         require(1 <= self.max_sequences <= 1024, "TOKENMESH_MAX_SEQUENCES", "must be 1-1024")
         require(self.max_kv_tokens >= 1, "TOKENMESH_MAX_KV_TOKENS", "must be >= 1")
         require(self.max_queue >= 0, "TOKENMESH_MAX_QUEUE", "must be >= 0")
@@ -300,7 +310,13 @@ class InferenceService(Service):
             name, version = _split(entry)
             step_s = self.settings.test_engine_step_ms / 1000
             await self._activate(
-                deterministic_test_model(name, version, step_s, self.options.limits)
+                deterministic_test_model(
+                    name,
+                    version,
+                    step_s,
+                    self.options.limits,
+                    error_rate=self.settings.test_engine_error_rate,
+                )
             )
         for entry in self.settings.models:
             await self.load(*_split(entry))
@@ -315,6 +331,7 @@ class InferenceService(Service):
                 self.settings.worker_id,
                 f"{self.settings.advertise_host}:{running.port}",
                 lambda: [(m.name, m.version) for m in self.registry.all() if m.ready],
+                load=lambda: worker_load(self.registry.all()),
             )
             self.registration.start(self.tasks)
 

@@ -50,6 +50,8 @@ class MeshConfig:
     otlp_endpoint: str | None = None  # OTLP/gRPC collector for Envoy and every service
     edge_auth: EdgeAuth = field(default_factory=EdgeAuth)
     service_env: Mapping[str, str] = field(default_factory=dict)
+    # Extra environment of single children, by name ("inference-1": a slowed worker).
+    child_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     # How `supervise()` backs off before restarting a child that died.
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     # How long a graceful drain of Envoy keeps its listeners open (`drain_envoy`).
@@ -287,6 +289,7 @@ class Mesh:
             "TOKENMESH_ROUTER_ADDR": self.address("router") if "router" in self.ports else "",
             "TOKENMESH_PKI_DIR": str(self.pki_dir),
             **self.config.service_env,
+            **self.config.child_env.get(name, {}),
         }
         if self.config.otlp_endpoint:
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.config.otlp_endpoint

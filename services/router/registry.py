@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -25,7 +25,9 @@ import redis.asyncio as aioredis
 from services.core import contract
 from services.core.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
 from services.core.redis_service import text
+from services.router import load_weights
 from services.router.catalog import check_name, check_version
+from services.router.load_weights import LoadReport, WeightState
 
 WORKERS_KEY = "tokenmesh:router:workers"
 _ADDRESS = re.compile(r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$")
@@ -66,6 +68,11 @@ class WorkerEntry:
     models: tuple[tuple[str, str], ...]
     state: str = SERVING
     lease_expires_at: float = 0.0
+    # The last load report (None: none yet) and the weight the edge gives the worker.
+    load: LoadReport | None = None
+    weight: WeightState = WeightState()
+    # Per model version outcome counters the worker reported (see services.router.rollouts).
+    outcomes: tuple[VersionCounts, ...] = ()
 
     @property
     def address(self) -> str:
@@ -90,6 +97,9 @@ class WorkerEntry:
                 "models": [list(m) for m in self.models],
                 "state": self.state,
                 "lease_expires_at": self.lease_expires_at,
+                "load": None if self.load is None else asdict(self.load),
+                "weight": asdict(self.weight),
+                "outcomes": [c.to_json() for c in self.outcomes],
             },
             sort_keys=True,
         )
@@ -105,6 +115,46 @@ class WorkerEntry:
             models=tuple((str(n), str(v)) for n, v in data["models"]),
             state=str(data["state"]),
             lease_expires_at=float(data["lease_expires_at"]),
+            # Entries written before load reports existed have none.
+            load=LoadReport(**data["load"]) if data.get("load") else None,
+            weight=WeightState(**data["weight"]) if data.get("weight") else WeightState(),
+            outcomes=tuple(VersionCounts.from_json(c) for c in data.get("outcomes", ())),
+        )
+
+
+@dataclass(frozen=True)
+class VersionCounts:
+    """VersionCounts are one model version's outcome counters on one worker.
+
+    Attributes:
+        model, version: the model version.
+        requests: finished generation requests since the version loaded.
+        errors: those that ended in a server error.
+        ttft_bounds_ms: TTFT bucket bounds (ascending); `ttft_counts` has one more.
+        ttft_counts: requests per TTFT bucket (the last: above every bound).
+    """
+
+    model: str
+    version: str
+    requests: int = 0
+    errors: int = 0
+    ttft_bounds_ms: tuple[float, ...] = ()
+    ttft_counts: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """Serialises the counters for the worker's entry."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VersionCounts:
+        """Parses counters stored by `to_json`."""
+        return cls(
+            model=str(data["model"]),
+            version=str(data["version"]),
+            requests=int(data["requests"]),
+            errors=int(data["errors"]),
+            ttft_bounds_ms=tuple(float(b) for b in data["ttft_bounds_ms"]),
+            ttft_counts=tuple(int(c) for c in data["ttft_counts"]),
         )
 
 
@@ -171,9 +221,17 @@ class WorkerRegistry:
         return entry
 
     async def renew(
-        self, worker_id: str, models: Sequence[tuple[str, str]], now: float
+        self,
+        worker_id: str,
+        models: Sequence[tuple[str, str]],
+        now: float,
+        load: LoadReport | None = None,
+        outcomes: Sequence[VersionCounts] = (),
     ) -> tuple[WorkerEntry, bool]:
-        """Extends a worker's lease (a draining worker stays draining).
+        """Extends a worker's lease (a draining worker stays draining) and takes its load.
+
+        The worker's weight moves one heartbeat's step (services.router.load_weights),
+        relative to the other routable workers' costs as they are now.
 
         Returns the worker and whether its set of model versions changed.
         """
@@ -181,8 +239,18 @@ class WorkerRegistry:
             check_models(models)
         while True:
             raw, entry = await self._read(worker_id)
+            others = [
+                w.weight.cost
+                for w in await self.all(now)
+                if w.worker_id != worker_id and w.routable(now)
+            ]
             renewed = replace(
-                entry, models=tuple(models) or entry.models, lease_expires_at=now + self.lease_s
+                entry,
+                models=tuple(models) or entry.models,
+                lease_expires_at=now + self.lease_s,
+                load=load,
+                weight=load_weights.update(entry.weight, load, others),
+                outcomes=tuple(outcomes),
             )
             if await self._swap(worker_id, raw, renewed):
                 return renewed, set(renewed.models) != set(entry.models)

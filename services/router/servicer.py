@@ -14,8 +14,9 @@ from services.core.time_fields import timestamp_seconds
 from services.inference.templates import DEFAULT_MAX_LENGTH, Variable
 from services.router import catalog as cat
 from services.router.catalog import Catalog, ModelEntry, now
+from services.router.load_weights import LoadReport
 from services.router.prompts import PromptCatalog, PromptHead, PromptTemplate
-from services.router.registry import DRAINING, WorkerEntry, WorkerRegistry
+from services.router.registry import DRAINING, VersionCounts, WorkerEntry, WorkerRegistry
 from tokenmesh.router.v1 import router_pb2
 from tokenmesh.router.v1 import router_service_pb2 as pb
 from tokenmesh.router.v1 import router_service_pb2_grpc as pb_grpc
@@ -82,6 +83,63 @@ def worker_to_pb(worker: WorkerEntry) -> router_pb2.Worker:
             else router_pb2.WORKER_STATE_SERVING
         ),
         lease_expire_time=_timestamp(worker.lease_expires_at),
+        load=None if worker.load is None else load_to_pb(worker.load, worker.outcomes),
+        weight=worker.weight.weight,
+        weight_reason=worker.weight.reason,
+    )
+
+
+def load_from_pb(load: router_pb2.WorkerLoad) -> LoadReport:
+    """Converts a heartbeat's load report."""
+    return LoadReport(
+        queue_depth=max(0, load.queue_depth),
+        running=max(0, load.running_sequences),
+        slots=max(0, load.max_sequences),
+        kv_utilization=min(1.0, max(0.0, load.kv_utilization)),
+        ttft_samples=max(0, load.ttft_samples),
+        ttft_p50_ms=max(0.0, load.ttft_p50_ms),
+        ttft_p99_ms=max(0.0, load.ttft_p99_ms),
+    )
+
+
+def outcomes_from_pb(load: router_pb2.WorkerLoad) -> list[VersionCounts]:
+    """Converts a heartbeat's per version outcome counters (malformed ones are dropped)."""
+    return [
+        VersionCounts(
+            model=v.model.name,
+            version=v.model.version,
+            requests=v.requests,
+            errors=v.errors,
+            ttft_bounds_ms=tuple(v.ttft_bucket_bounds_ms),
+            ttft_counts=tuple(v.ttft_bucket_counts),
+        )
+        for v in load.versions
+        if len(v.ttft_bucket_counts) == len(v.ttft_bucket_bounds_ms) + 1
+        and contract.is_model_name(v.model.name)
+        and contract.is_model_version(v.model.version)
+    ]
+
+
+def load_to_pb(load: LoadReport, outcomes: Sequence[VersionCounts]) -> router_pb2.WorkerLoad:
+    """Converts a stored load report (and its outcome counters) back."""
+    return router_pb2.WorkerLoad(
+        queue_depth=load.queue_depth,
+        running_sequences=load.running,
+        max_sequences=load.slots,
+        kv_utilization=load.kv_utilization,
+        ttft_samples=load.ttft_samples,
+        ttft_p50_ms=load.ttft_p50_ms,
+        ttft_p99_ms=load.ttft_p99_ms,
+        versions=[
+            router_pb2.VersionOutcomes(
+                model=types_pb2.ModelRef(name=c.model, version=c.version),
+                requests=c.requests,
+                errors=c.errors,
+                ttft_bucket_counts=c.ttft_counts,
+                ttft_bucket_bounds_ms=c.ttft_bounds_ms,
+            )
+            for c in outcomes
+        ],
     )
 
 
@@ -292,7 +350,10 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         self, request: pb.RenewLeaseRequest, context: Context
     ) -> pb.RenewLeaseResponse:
         models = _refs(request.models)
-        worker, models_changed = await self.registry.renew(request.worker_id, models, now())
+        load = load_from_pb(request.load) if request.HasField("load") else None
+        worker, models_changed = await self.registry.renew(
+            request.worker_id, models, now(), load, outcomes_from_pb(request.load)
+        )
         if models_changed:
             await self.catalog.register(models)
             await self.refresh()

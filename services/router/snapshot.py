@@ -246,8 +246,10 @@ def aggregate_cluster(name: str, clusters: Sequence[str]) -> dict[str, Any]:
 
 
 def load_assignment(cluster: str, workers: Sequence[WorkerEntry]) -> dict[str, Any]:
-    """Builds one cluster's endpoints."""
-    return envoy_config.load_assignment(cluster, [Endpoint(w.host, w.port) for w in workers])
+    """Builds one cluster's endpoints, weighted by the workers' load (load_weights)."""
+    return envoy_config.load_assignment(
+        cluster, [Endpoint(w.host, w.port, w.weight.weight) for w in workers]
+    )
 
 
 def _header(name: str, value: str) -> dict[str, Any]:

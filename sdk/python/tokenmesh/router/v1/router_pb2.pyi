@@ -200,12 +200,21 @@ class Worker(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    WEIGHT_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """id is the worker's unique id."""
     address: _builtins.str
     """address is host:port of the worker's gRPC endpoint."""
     state: Global___WorkerState.ValueType
     """state is the worker's lifecycle state."""
+    weight: _builtins.int
+    """weight is the worker's endpoint weight at the edge (1-100; 100 is
+    neutral): a slower or busier worker gets a smaller share of new requests.
+    """
+    weight_reason: _builtins.str
+    """weight_reason explains the weight, e.g. "ttft p50 180ms vs best 40ms"."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ModelRef]:
         """models are the model versions the worker serves."""
@@ -213,6 +222,10 @@ class Worker(_message.Message):
     @_builtins.property
     def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
         """lease_expire_time is when the worker is removed unless it heartbeats."""
+
+    @_builtins.property
+    def load(self) -> Global___WorkerLoad:
+        """load is the worker's last load report (unset: it has not reported one)."""
 
     def __init__(
         self,
@@ -222,14 +235,123 @@ class Worker(_message.Message):
         models: _abc.Iterable[_types_pb2.ModelRef] | None = ...,
         state: Global___WorkerState.ValueType = ...,
         lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        load: Global___WorkerLoad | None = ...,
+        weight: _builtins.int = ...,
+        weight_reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time", "load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "id", b"id", "lease_expire_time", b"lease_expire_time", "models", b"models", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "id", b"id", "lease_expire_time", b"lease_expire_time", "load", b"load", "models", b"models", "state", b"state", "weight", b"weight", "weight_reason", b"weight_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Worker: _TypeAlias = Worker  # noqa: Y015
+
+@_typing.final
+class WorkerLoad(_message.Message):
+    """WorkerLoad is a worker's load, reported in every heartbeat."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    RUNNING_SEQUENCES_FIELD_NUMBER: _builtins.int
+    MAX_SEQUENCES_FIELD_NUMBER: _builtins.int
+    KV_UTILIZATION_FIELD_NUMBER: _builtins.int
+    TTFT_SAMPLES_FIELD_NUMBER: _builtins.int
+    TTFT_P50_MS_FIELD_NUMBER: _builtins.int
+    TTFT_P99_MS_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    queue_depth: _builtins.int
+    """queue_depth is the requests waiting for a slot, over all model versions."""
+    running_sequences: _builtins.int
+    """running_sequences is the sequences in running batches, over all versions."""
+    max_sequences: _builtins.int
+    """max_sequences is the worker's slots (running sequences it can hold), over all versions."""
+    kv_utilization: _builtins.float
+    """kv_utilization is the largest share (0-1) of a version's KV-token budget
+    reserved by running sequences.
+    """
+    ttft_samples: _builtins.int
+    """ttft_samples is how many requests the TTFT percentiles below are over
+    (those that got a first token in the last 30 seconds; 0: none).
+    """
+    ttft_p50_ms: _builtins.float
+    """ttft_p50_ms is the median time to first token of those requests, in ms."""
+    ttft_p99_ms: _builtins.float
+    """ttft_p99_ms is their 99th percentile time to first token, in ms."""
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionOutcomes]:
+        """versions are per model version outcome counters since the version loaded."""
+
+    def __init__(
+        self,
+        *,
+        queue_depth: _builtins.int = ...,
+        running_sequences: _builtins.int = ...,
+        max_sequences: _builtins.int = ...,
+        kv_utilization: _builtins.float = ...,
+        ttft_samples: _builtins.int = ...,
+        ttft_p50_ms: _builtins.float = ...,
+        ttft_p99_ms: _builtins.float = ...,
+        versions: _abc.Iterable[Global___VersionOutcomes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kv_utilization", b"kv_utilization", "max_sequences", b"max_sequences", "queue_depth", b"queue_depth", "running_sequences", b"running_sequences", "ttft_p50_ms", b"ttft_p50_ms", "ttft_p99_ms", b"ttft_p99_ms", "ttft_samples", b"ttft_samples", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerLoad: _TypeAlias = WorkerLoad  # noqa: Y015
+
+@_typing.final
+class VersionOutcomes(_message.Message):
+    """VersionOutcomes counts how one model version's requests ended on one
+    worker, since the version was loaded there (counters only grow; a reload
+    starts them again).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    TTFT_BUCKET_COUNTS_FIELD_NUMBER: _builtins.int
+    TTFT_BUCKET_BOUNDS_MS_FIELD_NUMBER: _builtins.int
+    requests: _builtins.int
+    """requests is the finished generation requests."""
+    errors: _builtins.int
+    """errors is the requests that ended in a server error (finish reason "error")."""
+    @_builtins.property
+    def model(self) -> _types_pb2.ModelRef:
+        """model is the model version."""
+
+    @_builtins.property
+    def ttft_bucket_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """ttft_bucket_counts count requests by time to first token: element i
+        counts those above ttft_bucket_bounds_ms[i-1] and at most
+        ttft_bucket_bounds_ms[i]; the last element counts those above every bound.
+        """
+
+    @_builtins.property
+    def ttft_bucket_bounds_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """ttft_bucket_bounds_ms are the bucket bounds, in ms, ascending."""
+
+    def __init__(
+        self,
+        *,
+        model: _types_pb2.ModelRef | None = ...,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        ttft_bucket_counts: _abc.Iterable[_builtins.int] | None = ...,
+        ttft_bucket_bounds_ms: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "model", b"model", "requests", b"requests", "ttft_bucket_bounds_ms", b"ttft_bucket_bounds_ms", "ttft_bucket_counts", b"ttft_bucket_counts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionOutcomes: _TypeAlias = VersionOutcomes  # noqa: Y015
 
 @_typing.final
 class TrafficWeight(_message.Message):

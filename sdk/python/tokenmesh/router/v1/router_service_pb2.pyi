@@ -764,21 +764,29 @@ class RenewLeaseRequest(_message.Message):
 
     WORKER_ID_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """worker_id is the worker's id."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ModelRef]:
         """models are the model versions the worker currently serves."""
 
+    @_builtins.property
+    def load(self) -> _router_pb2.WorkerLoad:
+        """load is the worker's load now (unset: none reported; the worker keeps a
+        neutral weight).
+        """
+
     def __init__(
         self,
         *,
         worker_id: _builtins.str = ...,
         models: _abc.Iterable[_types_pb2.ModelRef] | None = ...,
+        load: _router_pb2.WorkerLoad | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load", b"load", "models", b"models", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,147 @@
+"""Load-aware endpoint weights: from workers' load reports to EDS host weights.
+
+Each heartbeat carries the worker's load (`LoadReport`): queue depth, running
+sequences, KV use and the time to first token (TTFT) of its recent requests.
+The router turns it into the worker's endpoint weight at the edge (EDS
+`load_balancing_weight`, which Maglev, ring hash and round robin all honour),
+so a slow or saturated worker receives a smaller share of new requests while
+prefix affinity keeps hashing similar prompts together among the rest.
+
+How a weight moves, per heartbeat of the worker (all pure functions here):
+
+1. cost: the worker's median TTFT, times its queue pressure
+   (1 + waiting / slots) and a KV penalty above 80% use. No TTFT sample in
+   the report's window means no evidence: no cost.
+2. smoothing: the cost is an EWMA (`EWMA_ALPHA`) over heartbeats, so one
+   slow request moves nothing much.
+3. target: `NEUTRAL_WEIGHT` x (best smoothed cost among routable workers /
+   this worker's), between `MIN_WEIGHT` and `NEUTRAL_WEIGHT` (within
+   `DEADBAND` of the best counts as the best). A worker without a cost (no
+   report, or an idle one) targets the neutral weight.
+4. hysteresis: a target within `DEADBAND` of the current weight changes
+   nothing (no flapping on noise), and a weight moves at most `MAX_STEP`
+   per heartbeat toward its target (no cliff when one report is odd).
+
+The outcome carries a one-line reason that `tokenmesh workers list` shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+NEUTRAL_WEIGHT = 100
+MIN_WEIGHT = 5  # never 0: a slowed worker keeps a trickle, so its reports stay fresh
+MAX_STEP = 30
+DEADBAND = 10
+EWMA_ALPHA = 0.5
+KV_PRESSURE_FROM = 0.8  # KV use above this share adds to the cost
+KV_PRESSURE_FACTOR = 5.0  # ... at this rate: 100% use costs 2x
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """LoadReport is the part of a worker's heartbeat the weight depends on."""
+
+    queue_depth: int = 0
+    running: int = 0
+    slots: int = 0
+    kv_utilization: float = 0.0
+    ttft_samples: int = 0
+    ttft_p50_ms: float = 0.0
+    ttft_p99_ms: float = 0.0
+
+    def pressure(self) -> float:
+        """Returns how much waiting and KV use multiply the TTFT (1: none)."""
+        queued = self.queue_depth / max(self.slots, 1)
+        kv = max(0.0, self.kv_utilization - KV_PRESSURE_FROM) * KV_PRESSURE_FACTOR
+        return (1.0 + queued) * (1.0 + kv)
+
+    def cost(self) -> float | None:
+        """Returns the report's cost (higher: slower to start a new request), None if unknown."""
+        if self.ttft_samples <= 0:
+            return None
+        return max(self.ttft_p50_ms, 0.1) * self.pressure()
+
+
+@dataclass(frozen=True)
+class WeightState:
+    """WeightState is what the router keeps per worker between heartbeats."""
+
+    cost: float | None = None  # smoothed
+    weight: int = NEUTRAL_WEIGHT
+    reason: str = "no load report yet: neutral weight"
+
+
+def smoothed_cost(previous: float | None, report: LoadReport | None) -> float | None:
+    """Returns the EWMA of the costs (a report with no cost forgets the past: no evidence)."""
+    current = report.cost() if report is not None else None
+    if current is None:
+        return None
+    if previous is None:
+        return current
+    return EWMA_ALPHA * current + (1.0 - EWMA_ALPHA) * previous
+
+
+def target_weight(cost: float | None, best_cost: float | None) -> int:
+    """Returns the weight a worker of `cost` should have next to the best worker's."""
+    if cost is None or best_cost is None or cost <= 0:
+        return NEUTRAL_WEIGHT
+    weight = round(NEUTRAL_WEIGHT * min(best_cost, cost) / cost)
+    if weight > NEUTRAL_WEIGHT - DEADBAND:
+        return NEUTRAL_WEIGHT  # within noise of the best: as good as the best
+    return max(MIN_WEIGHT, weight)
+
+
+def stepped(current: int, target: int) -> int:
+    """Returns the next weight: unchanged within the deadband, else at most MAX_STEP closer.
+
+    A target at a bound (neutral, minimum) is reached exactly: a recovered
+    worker gets its full weight back rather than stopping just short of it.
+    """
+    if abs(target - current) < DEADBAND and target not in (NEUTRAL_WEIGHT, MIN_WEIGHT):
+        return current
+    step = max(-MAX_STEP, min(MAX_STEP, target - current))
+    return max(MIN_WEIGHT, min(NEUTRAL_WEIGHT, current + step))
+
+
+def best(costs: Iterable[float | None]) -> float | None:
+    """Returns the lowest known cost (the reference every weight is relative to)."""
+    known = [c for c in costs if c is not None]
+    return min(known) if known else None
+
+
+def update(
+    previous: WeightState, report: LoadReport | None, others: Iterable[float | None]
+) -> WeightState:
+    """Returns a worker's weight state after one heartbeat.
+
+    Args:
+        previous: the worker's state after its previous heartbeat.
+        report: the load it reported now (None: none).
+        others: the smoothed costs of the other routable workers.
+    """
+    cost = smoothed_cost(previous.cost, report)
+    reference = best([cost, *others])
+    target = target_weight(cost, reference)
+    weight = stepped(previous.weight, target)
+    return WeightState(cost, weight, explain(report, cost, reference, target, weight))
+
+
+def explain(
+    report: LoadReport | None, cost: float | None, reference: float | None, target: int, weight: int
+) -> str:
+    """Returns the one-line reason for a weight."""
+    if report is None:
+        why = "no load report: neutral"
+    elif cost is None:
+        why = "no recent requests: neutral"
+    else:
+        why = f"cost {cost:.0f}ms vs best {reference or cost:.0f}ms"
+        if report.pressure() > 1.0:
+            why += f" (ttft p50 {report.ttft_p50_ms:.0f}ms x pressure {report.pressure():.2f})"
+    if weight == target:
+        return why
+    if abs(target - weight) < DEADBAND:
+        return f"{why}; target {target} within the deadband"
+    return f"{why}; moving to {target} by at most {MAX_STEP} per heartbeat"

@@ -1,0 +1,107 @@
+"""Load-aware endpoint weights: the pure function from load reports to EDS weights."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.inference.load_report import TTFT_BOUNDS_MS, VersionOutcomes, percentile
+from services.router import load_weights as lw
+from services.router.load_weights import LoadReport, WeightState
+from services.router.registry import WorkerEntry
+
+
+def report(ttft_p50_ms: float, queue: int = 0, slots: int = 32, kv: float = 0.0) -> LoadReport:
+    return LoadReport(
+        queue_depth=queue,
+        slots=slots,
+        kv_utilization=kv,
+        ttft_samples=20,
+        ttft_p50_ms=ttft_p50_ms,
+        ttft_p99_ms=ttft_p50_ms * 2,
+    )
+
+
+def run(state: WeightState, load: LoadReport | None, others: list[float | None], beats: int):
+    weights = []
+    for _ in range(beats):
+        state = lw.update(state, load, others)
+        weights.append(state.weight)
+    return state, weights
+
+
+def test_a_worker_without_a_report_or_recent_requests_keeps_the_neutral_weight():
+    assert lw.update(WeightState(), None, [40.0]).weight == lw.NEUTRAL_WEIGHT
+    idle = LoadReport(queue_depth=0, slots=32, ttft_samples=0)
+    state = lw.update(WeightState(), idle, [40.0])
+    assert state.weight == lw.NEUTRAL_WEIGHT and state.cost is None
+    assert "no recent requests" in state.reason
+
+
+def test_a_slow_worker_drops_in_bounded_steps_to_its_share_of_the_best_cost():
+    state, weights = run(WeightState(), report(200.0), [40.0], beats=6)
+    # 40/200 of the neutral weight, reached no faster than MAX_STEP per heartbeat.
+    assert weights[-1] == 20
+    steps = [a - b for a, b in zip([lw.NEUTRAL_WEIGHT, *weights], weights, strict=False)]
+    assert all(0 <= s <= lw.MAX_STEP for s in steps)
+    assert weights[0] == lw.NEUTRAL_WEIGHT - lw.MAX_STEP
+    assert "cost 200ms vs best 40ms" in state.reason
+
+
+def test_the_fastest_worker_and_equal_workers_stay_neutral():
+    assert run(WeightState(), report(40.0), [200.0, 45.0], beats=5)[0].weight == 100
+    assert run(WeightState(), report(41.0), [40.0], beats=5)[0].weight == 100
+
+
+def test_noise_within_the_deadband_does_not_move_the_weight():
+    state = WeightState(cost=100.0, weight=40, reason="")
+    # The target wobbles around 40 (38..45): no change at all.
+    for ttft in (105.0, 95.0, 100.0, 110.0, 90.0):
+        state = lw.update(state, report(ttft), [40.0])
+        assert state.weight == 40
+
+
+def test_costs_are_smoothed_so_one_odd_report_moves_little():
+    state = WeightState(cost=40.0, weight=100, reason="")
+    spiked = lw.update(state, report(400.0), [40.0])
+    assert spiked.cost == lw.EWMA_ALPHA * 400 + (1 - lw.EWMA_ALPHA) * 40
+    assert spiked.weight == 100 - lw.MAX_STEP  # bounded, not the target of 18
+    _, after = run(spiked, report(40.0), [40.0], beats=8)
+    assert after[-1] == 100  # the spike fades from the average, the weight comes back
+
+
+def test_queue_and_kv_pressure_raise_the_cost():
+    assert report(50.0, queue=32, slots=32).cost() == 100.0
+    assert report(50.0, kv=1.0).cost() == pytest.approx(100.0)
+    assert report(50.0, kv=0.5).cost() == 50.0
+    assert lw.target_weight(report(50.0, queue=96).cost(), 50.0) == 25
+
+
+def test_weights_never_leave_their_bounds():
+    state, _ = run(WeightState(), report(100_000.0), [1.0], beats=20)
+    assert state.weight == lw.MIN_WEIGHT
+    assert lw.stepped(lw.MIN_WEIGHT, 0) == lw.MIN_WEIGHT
+    assert lw.stepped(95, 200) == 100
+
+
+def test_worker_entries_keep_their_load_and_weight_and_read_old_entries():
+    entry = WorkerEntry("w", "127.0.0.1", 1, (("m", "1"),), load=report(40.0))
+    entry = WorkerEntry(**{**entry.__dict__, "weight": WeightState(40.0, 55, "why")})
+    assert WorkerEntry.from_json("w", entry.to_json()) == entry
+    old = '{"host": "h", "port": 1, "models": [["m", "1"]], "state": "serving", '
+    old += '"lease_expires_at": 1.0}'
+    parsed = WorkerEntry.from_json("w", old)
+    assert parsed.load is None and parsed.weight == WeightState()
+
+
+def test_worker_outcomes_count_errors_and_bucket_ttfts_with_a_recent_window():
+    outcomes = VersionOutcomes()
+    outcomes.observe("stop", 10.0, now=0.0)
+    outcomes.observe("error", 0.0, now=0.0)
+    outcomes.observe("length", 30.0, now=40.0)
+    assert (outcomes.requests, outcomes.errors) == (3, 1)
+    assert sum(outcomes.ttft_counts) == 2
+    assert len(outcomes.ttft_counts) == len(TTFT_BOUNDS_MS) + 1
+    assert outcomes.recent_ttfts(now=45.0) == [30.0]  # the first left the 30 s window
+    assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5) == 3.0
+    assert percentile(list(map(float, range(1, 101))), 0.99) == 99.0
+    assert percentile([], 0.99) == 0.0
