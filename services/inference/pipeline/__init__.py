@@ -1,0 +1,1 @@
+"""The worker's request pipeline: stage modules with narrow interfaces."""

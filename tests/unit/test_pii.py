@@ -1,0 +1,116 @@
+"""PII detectors: the labelled corpus (precision/recall per detector), checks and redaction.
+
+The corpus (tests/data/pii_corpus.jsonl) was written for the project: for
+each detector, positives in varied formats and hard negatives (Luhn or
+mod-97 failures, never-issued SSNs, version strings, MAC addresses, file
+names with "@2x", ...). Every entry lists every span any detector should
+find in it, so each detector is scored over the whole corpus.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from services.inference.pipeline import pii
+
+CORPUS = Path(__file__).parent.parent / "data" / "pii_corpus.jsonl"
+# The floors the detectors are held to (docs/security.md states them).
+PRECISION_FLOOR = 0.95
+RECALL_FLOOR = 0.95
+
+
+def _corpus() -> list[dict]:
+    return [json.loads(line) for line in CORPUS.read_text().splitlines() if line.strip()]
+
+
+def _score() -> dict[str, tuple[int, int, int]]:
+    """Returns (true positives, false positives, false negatives) per detector."""
+    tp: Counter[str] = Counter()
+    fp: Counter[str] = Counter()
+    fn: Counter[str] = Counter()
+    for entry in _corpus():
+        text = entry["text"]
+        expected = Counter((d, s) for d, s in entry["spans"])
+        found = Counter((s.detector, text[s.start : s.end]) for s in pii.find(text))
+        for key in found | expected:
+            hits = min(found[key], expected[key])
+            tp[key[0]] += hits
+            fp[key[0]] += found[key] - hits
+            fn[key[0]] += expected[key] - hits
+    return {d: (tp[d], fp[d], fn[d]) for d in pii.DETECTORS}
+
+
+def test_corpus_covers_every_detector_with_positives_and_hard_negatives():
+    entries = _corpus()
+    for detector in pii.DETECTORS:
+        own = [e for e in entries if e["detector"] == detector]
+        assert sum(bool(e["spans"]) for e in own) >= 10, detector
+        assert sum(not e["spans"] for e in own) >= 4, detector
+
+
+def test_precision_and_recall_per_detector_are_above_the_floors():
+    scores = _score()
+    print(f"\n{'detector':<8} {'tp':>4} {'fp':>4} {'fn':>4} {'precision':>10} {'recall':>8}")
+    failing = []
+    for detector, (tp, fp, fn) in scores.items():
+        precision = tp / (tp + fp) if tp + fp else 1.0
+        recall = tp / (tp + fn) if tp + fn else 1.0
+        print(f"{detector:<8} {tp:>4} {fp:>4} {fn:>4} {precision:>10.3f} {recall:>8.3f}")
+        if precision < PRECISION_FLOOR or recall < RECALL_FLOOR:
+            failing.append(detector)
+    assert not failing
+
+
+def test_every_corpus_entry_is_found_exactly():
+    # Stricter than the floors: today every labelled span is found and nothing else.
+    wrong = []
+    for entry in _corpus():
+        text = entry["text"]
+        found = sorted((s.detector, text[s.start : s.end]) for s in pii.find(text))
+        if found != sorted(tuple(x) for x in entry["spans"]):
+            wrong.append((entry["text"], found))
+    assert not wrong
+
+
+@pytest.mark.parametrize(
+    ("digits", "valid"),
+    [("4111111111111111", True), ("4111111111111112", False), ("378282246310005", True)],
+)
+def test_luhn(digits, valid):
+    assert pii.luhn_valid(digits) is valid
+
+
+def test_iban_mod97():
+    assert pii.iban_valid("GB82WEST12345698765432")
+    assert not pii.iban_valid("GB83WEST12345698765432")
+    assert not pii.iban_valid("GB82WEST1234569876543")  # GB is 22 characters
+
+
+def test_redaction_replaces_each_span_with_its_typed_placeholder():
+    text = "Mail jane@example.com, card 4111-1111-1111-1111, from 10.0.0.1."
+    assert pii.redact(text, pii.find(text)) == "Mail [EMAIL], card [CARD], from [IP]."
+
+
+def test_only_the_asked_detectors_run():
+    text = "jane@example.com 4111111111111111"
+    assert [s.detector for s in pii.find(text, [pii.CARD])] == [pii.CARD]
+
+
+def test_overlapping_spans_go_to_the_more_specific_detector():
+    # Sixteen digits with dashes also look like a phone number to a loose reader.
+    text = "call 4111-1111-1111-1111"
+    assert [s.detector for s in pii.find(text)] == [pii.CARD]
+
+
+def test_unknown_detector_names_are_reported():
+    assert pii.check_detectors(["email", "passport"]) == ["passport"]
+
+
+def test_long_inputs_without_structure_stay_linear():
+    # A megabyte of digits, dots and colons: every pattern is bounded and anchored.
+    blob = ("1234567890." * 1000 + "ab:cd:" * 1000) * 10
+    assert isinstance(pii.find(blob), list)
