@@ -121,10 +121,10 @@ typecheck: setup ## mypy --strict.
 	$(VENV)/bin/mypy
 
 .PHONY: bench
-bench: setup ## Run the benchmarks and write bench/results/<timestamp>/.
+bench: setup ## Run the benchmarks, write bench/results/<timestamp>/ (BENCH_ARGS="--only S1,S2 --quick").
 	@command -v h2load >/dev/null || apt-get install -y -q nghttp2-client >/dev/null 2>&1 \
 	  || echo "h2load unavailable: throughput measured with Python clients"
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 .PHONY: gpu-readiness
 gpu-readiness: ## On an NVIDIA GPU machine: report driver/CUDA/TensorRT, test the CUDA copy path and the TensorRT engine (installs nothing).

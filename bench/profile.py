@@ -2,6 +2,7 @@
 
     python -m bench.profile S3   # zero-compute engine, batching off, 32 streams
     python -m bench.profile S1   # demo-lm, 32 streams
+    python -m bench.profile S3 /tmp/s3.txt  # also keep py-spy's collapsed stacks
 
 Starts the row's worker pinned as `make bench` pins it, runs 32 streams from
 the load core while `py-spy record` samples the worker (every thread, idle
@@ -93,6 +94,8 @@ def main() -> None:
         print(f"\n{title}:")
         for frame, samples in frames:
             print(f"  {samples / total:6.1%}  {frame}")
+    if len(sys.argv) > 2:
+        shutil.copy(out, sys.argv[2])
     shutil.rmtree(state, ignore_errors=True)
 
 

@@ -66,6 +66,7 @@ def placement_table(placement: dict[str, Any]) -> str:
             f"Load generator on core {placement['load_cores']}, system under test and its"
             f" baselines on core {placement['sut_cores']}."
         )
+    head += " Processes of scenarios not listed here ran unpinned, sharing every core."
     lines = [head, "", "| process | pid | role | cores | threads |", "|---|---|---|---|---|"]
     lines += [
         f"| {p['name']} | {p['pid']} | {p['role']} | {p['cores']} | {p['threads']} |"
