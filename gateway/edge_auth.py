@@ -7,9 +7,12 @@ both carry their gRPC path):
 2. `jwt_authn` verifies a JWT against the auth service's JWKS (fetched from
    the edge's own `/.well-known/jwks.json`, cached, refreshed in the
    background) and copies claims into the identity headers;
-3. `ext_authz` runs only when no JWT was verified: it asks the auth service
-   about an API key, which answers with the same identity headers;
-4. `rbac` allows each RPC only to callers holding its scope.
+3. the key cache (gateway/key_cache.py, Lua) marks requests with a verified
+   JWT, and sets the identity headers of an API key this Envoy worker saw
+   verified within the revocation bound;
+4. `ext_authz` runs only for requests the key cache did not mark: it asks the
+   auth service about an API key, which answers with the same identity headers;
+5. `rbac` allows each RPC only to callers holding its scope.
 
 A valid JWT therefore costs Python nothing, and keeps working while the auth
 service is down.
@@ -22,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import static_site
+from gateway import key_cache, static_site
 from services.core import contract
 
 # The identity headers are part of the mesh contract (services honour them only from the edge).
@@ -86,6 +89,23 @@ RPC_SCOPES: Mapping[str, str] = {
     "/tokenmesh.usage.v1.UsageService/GetUsage": "usage:read",
     "/tokenmesh.usage.v1.UsageService/ListAuditEntries": "admin",
     "/tokenmesh.usage.v2.UsageService/GetUsage": "usage:read",
+    # Jobs: the `jobs` scope opens the API; each item also needs its own RPC's
+    # scope (checked at submission, and by the worker for the jobs identity).
+    **{
+        f"/tokenmesh.jobs.v1.JobsService/{rpc}": "jobs"
+        for rpc in (
+            "CreateJob",
+            "GetJob",
+            "ListJobs",
+            "CancelJob",
+            "ListJobResults",
+            "DownloadJobResults",
+            "WatchJob",
+            "RedeliverWebhook",
+            "CreateWebhookSecret",
+            "RotateWebhookSecret",
+        )
+    },
 }
 # Static files the edge answers itself (the playground): no credential needed.
 PUBLIC_PATHS: tuple[str, ...] = static_site.PATHS
@@ -109,6 +129,9 @@ class EdgeAuth:
     ratelimit: bool = True
     # Whether requests are refused while the rate limiter is unreachable.
     ratelimit_failure_mode_deny: bool = False
+    # Reuse an allowed API key's identity per Envoy worker within the revocation
+    # bound (gateway/key_cache.py); off: every API-key request asks the auth service.
+    api_key_cache: bool = True
 
 
 def _type(name: str) -> str:
@@ -177,8 +200,15 @@ def jwt_filter(auth: EdgeAuth, listen_port: int) -> dict[str, Any]:
     }
 
 
-def ext_authz_filter() -> dict[str, Any]:
-    """Asks the auth service about API keys, only when no JWT was verified."""
+def ext_authz_filter(key_cache_on: bool = True) -> dict[str, Any]:
+    """Asks the auth service about API keys, only when no JWT was verified (and, with
+    the key cache, the key was not verified on this Envoy worker recently)."""
+    only_when_no_jwt = {
+        "filter": JWT_FILTER,
+        "path": [{"key": "jwt_payload"}],
+        "value": {"present_match": True},
+        "invert": True,
+    }
     return {
         "name": EXT_AUTHZ_FILTER,
         "typed_config": {
@@ -187,12 +217,9 @@ def ext_authz_filter() -> dict[str, Any]:
             "transport_api_version": "V3",
             "failure_mode_allow": False,
             "status_on_error": {"code": 503},
-            "filter_enabled_metadata": {
-                "filter": JWT_FILTER,
-                "path": [{"key": "jwt_payload"}],
-                "value": {"present_match": True},
-                "invert": True,
-            },
+            "filter_enabled_metadata": (
+                key_cache.ext_authz_enabled_metadata() if key_cache_on else only_when_no_jwt
+            ),
         },
     }
 
@@ -261,18 +288,25 @@ PUBLIC_RPC_CLUSTERS: Mapping[str, str] = {"/grpc.health.v1.Health/Check": "infer
 
 def public_routes() -> list[dict[str, Any]]:
     """Exact routes for public RPCs (to the auth service, unless named above) and the
-    static files the edge serves, ext_authz off."""
+    static files the edge serves, ext_authz and the key cache off."""
     rpcs = [
         {
             "match": {"path": path},
             "route": {"cluster": PUBLIC_RPC_CLUSTERS.get(path, "auth"), "timeout": "10s"},
-            "typed_per_filter_config": ext_authz_disabled(),
+            "typed_per_filter_config": {**ext_authz_disabled(), **key_cache.disabled()},
         }
         for path, scope in RPC_SCOPES.items()
         if scope == PUBLIC
     ]
     files = [
-        {**r, "typed_per_filter_config": {**r["typed_per_filter_config"], **ext_authz_disabled()}}
+        {
+            **r,
+            "typed_per_filter_config": {
+                **r["typed_per_filter_config"],
+                **ext_authz_disabled(),
+                **key_cache.disabled(),
+            },
+        }
         for r in static_site.routes()
     ]
     return [*files, *rpcs]

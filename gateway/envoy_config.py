@@ -23,6 +23,7 @@ from gateway import (
     edge_health,
     error_status,
     header_names,
+    key_cache,
     model_routing,
     openai_edge,
     static_site,
@@ -47,6 +48,7 @@ PUBLIC_ROUTES: Mapping[str, Sequence[str]] = {
         "tokenmesh.openai.v1.OpenAIService",
     ),
     "usage": ("tokenmesh.usage.v1.UsageService", "tokenmesh.usage.v2.UsageService"),
+    "jobs": ("tokenmesh.jobs.v1.JobsService",),
 }
 # The health-check service name each cluster is probed with.
 HEALTH_SERVICE: Mapping[str, str] = {
@@ -54,6 +56,7 @@ HEALTH_SERVICE: Mapping[str, str] = {
     "router": "tokenmesh.router.v1.RouterService",
     "inference": "tokenmesh.inference.v1.InferenceService",
     "usage": "tokenmesh.usage.v1.UsageService",
+    "jobs": "tokenmesh.jobs.v1.JobsService",
 }
 TRANSCODED_SERVICES = (
     "tokenmesh.auth.v1.AuthService",
@@ -63,15 +66,17 @@ TRANSCODED_SERVICES = (
     "tokenmesh.openai.v1.OpenAIService",
     "tokenmesh.usage.v1.UsageService",
     "tokenmesh.usage.v2.UsageService",
+    "tokenmesh.jobs.v1.JobsService",
 )
 # Streaming routes get no total timeout (a long generation is fine), only an idle one.
-STREAMING_UPSTREAMS = frozenset({"inference"})
+STREAMING_UPSTREAMS = frozenset({"inference", "jobs"})  # jobs: progress events (SSE)
 # The identity each upstream cluster's hosts must prove (their certificate's SPIFFE id).
 UPSTREAM_IDENTITY: Mapping[str, str] = {
     "auth": contract.AUTH,
     "router": contract.ROUTER,
     "inference": contract.WORKER,
     "usage": contract.USAGE,
+    "jobs": contract.JOBS,
     "xds": contract.ROUTER,
 }
 # SDS secret names: the edge's own certificate, the mesh CA it trusts, and the
@@ -703,9 +708,11 @@ def _strip_filters(config: EdgeConfig) -> list[dict[str, Any]]:
 def _auth_filters(config: EdgeConfig) -> list[dict[str, Any]]:
     if config.auth is None:
         return []
+    cache = config.auth.api_key_cache
     return [
         edge_auth.jwt_filter(config.auth, config.listen_port),
-        edge_auth.ext_authz_filter(),
+        *([key_cache.lua_filter()] if cache else []),
+        edge_auth.ext_authz_filter(key_cache_on=cache),
         edge_auth.rbac_filter(),
     ]
 

@@ -15,7 +15,10 @@ from services.auth.keys import ApiKeyStore, Principal
 from services.auth.tokens import TokenIssuer
 from services.core.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 
-# Cached API-key lookups expire quickly so a revocation reaches the edge within 5 s.
+# A revoked (or expired) key is refused everywhere within this many seconds.
+REVOCATION_BOUND_S = 5.0
+# Cached API-key lookups expire quickly so a revocation reaches the edge within the
+# bound: the edge's key cache (gateway/key_cache.py) may keep what is left of it.
 CACHE_TTL_S = 2.0
 TOUCH_INTERVAL_S = 60.0
 
@@ -97,6 +100,21 @@ class Authenticator:
             self._cache.clear()
         self._cache[digest] = (now + CACHE_TTL_S, principal)
         return principal
+
+    def edge_cache_s(self, headers: Mapping[str, str]) -> float:
+        """Returns how long the edge may reuse the verdict on this request's API key.
+
+        That is what is left of REVOCATION_BOUND_S since the key was last read
+        from Redis (the entry `authenticate` just used); 0 for anything else.
+        """
+        token = credential(headers)
+        if not looks_like_api_key(token):
+            return 0.0
+        cached = self._cache.get(self.keys.secret.hash_api_key(token))
+        if cached is None:
+            return 0.0
+        verified_at = cached[0] - CACHE_TTL_S
+        return max(0.0, REVOCATION_BOUND_S - (time.monotonic() - verified_at))
 
     async def require(self, headers: Mapping[str, str], source: str, scope: str) -> Principal:
         """Authenticates and checks one scope (PERMISSION_DENIED when missing)."""

@@ -11,8 +11,10 @@ from __future__ import annotations
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from gateway import key_cache
 from gateway.edge_auth import IDENTITY_HEADERS
 from services.auth.authenticator import Authenticator
 from services.auth.keys import Principal
@@ -79,9 +81,18 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):
             principal = await self.authenticator.authenticate(http.headers, source, allow_jwt=False)
         except (ResourceExhausted, TokenmeshError) as error:
             return _denied(error)
+        identity = identity_headers(principal)
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(
-                headers=[_header(k, v) for k, v in identity_headers(principal).items()]
+                headers=[_header(k, v) for k, v in identity.items()]
             ),
+            dynamic_metadata=_reusable(identity, self.authenticator.edge_cache_s(http.headers)),
         )
+
+
+def _reusable(identity: dict[str, str], cache_s: float) -> struct_pb2.Struct:
+    """Returns the edge key cache's copy of an allowed key's identity (gateway/key_cache.py)."""
+    verdict = struct_pb2.Struct()
+    verdict.update({key_cache.IDENTITY: identity, key_cache.CACHE_MS: int(cache_s * 1000)})
+    return verdict

@@ -1,0 +1,106 @@
+"""The edge's API-key cache (gateway/key_cache.py): one ext_authz callout per key and
+Envoy worker within the revocation bound, the same identity, failures never cached."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import redis
+
+from tests.e2e.test_auth import COMPLETE_BODY, cli, create_key
+from tokenmesh.inference.v1 import inference_pb2
+
+BOUND_S = 5.0  # services.auth.authenticator.REVOCATION_BOUND_S
+
+
+def ext_authz_counts(mesh) -> dict[str, int]:
+    """Returns the edge's ext_authz counters (ok, denied, ...) over both listeners.
+
+    (Envoy counts each check twice: per listener, `http.<prefix>.ext_authz.*`,
+    and per cluster, `cluster.auth.ext_authz.*`; the listeners' are read.)
+    """
+    text = httpx.get(f"http://127.0.0.1:{mesh.admin_port}/stats", timeout=5).text
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if name.startswith("http.") and ".ext_authz." in name and value.strip().isdigit():
+            kind = name.rsplit(".", 1)[-1]
+            counts[kind] = counts.get(kind, 0) + int(value)
+    return counts
+
+
+def _complete(client: httpx.Client, mesh, headers: dict[str, str]) -> httpx.Response:
+    return client.post(
+        f"{mesh.edge_url}/v1/models/deterministic-test:complete",
+        json=COMPLETE_BODY,
+        headers=headers,
+        timeout=10,
+    )
+
+
+def _usage_event(mesh, request_id: str) -> inference_pb2.UsageEvent:
+    client = redis.Redis.from_url(mesh.redis_url)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for _, fields in client.xrange("tokenmesh:usage"):
+                if fields[b"request_id"].decode() == request_id:
+                    return inference_pb2.UsageEvent.FromString(fields[b"event"])
+            time.sleep(0.05)
+    finally:
+        client.close()
+    raise AssertionError(f"no usage event for {request_id}")
+
+
+def test_a_key_is_verified_once_per_worker_and_keeps_its_identity(mesh):
+    key = create_key(mesh)
+    before = ext_authz_counts(mesh).get("ok", 0)
+    with httpx.Client() as client:  # one connection: one Envoy worker thread
+        replies = [_complete(client, mesh, {"x-api-key": key["secret"]}) for _ in range(6)]
+        # How OpenAI SDKs send it: the same key as a bearer token, the same entry.
+        replies.append(_complete(client, mesh, {"authorization": f"Bearer {key['secret']}"}))
+    assert [r.status_code for r in replies] == [200] * 7
+    callouts = ext_authz_counts(mesh).get("ok", 0) - before
+    # One, unless this machine stalled past the bound between two of the calls.
+    assert 1 <= callouts <= 2, callouts
+    for reply in (replies[-2], replies[-1]):  # answered from the cache
+        event = _usage_event(mesh, reply.json()["request_id"])
+        assert (event.key_id, event.tenant) == (key["id"], "acme")
+
+
+def test_a_cached_key_keeps_only_its_own_scopes(mesh):
+    reader = create_key(mesh, scopes="models:read")
+    with httpx.Client() as client:
+        models = client.get(
+            f"{mesh.edge_url}/v1/models", headers={"x-api-key": reader["secret"]}, timeout=10
+        )
+        assert models.status_code == 200
+        # The second request is answered from the cache: RBAC still refuses the RPC.
+        assert _complete(client, mesh, {"x-api-key": reader["secret"]}).status_code == 403
+
+
+def test_failures_are_never_cached(mesh):
+    before = ext_authz_counts(mesh).get("denied", 0)
+    unknown = {"x-api-key": "tm_" + "q" * 43}
+    with httpx.Client() as client:
+        assert [_complete(client, mesh, unknown).status_code for _ in range(3)] == [401] * 3
+    assert ext_authz_counts(mesh).get("denied", 0) - before == 3  # each one asked the auth service
+
+
+def test_a_revoked_key_is_refused_within_the_bound_while_cached(mesh):
+    doomed = create_key(mesh)
+    headers = {"x-api-key": doomed["secret"]}
+    with httpx.Client() as client:
+        assert _complete(client, mesh, headers).status_code == 200  # cached from here on
+        cli(mesh, "keys", "revoke", doomed["id"])
+        revoked_at = time.monotonic()
+        seen: list[tuple[float, int]] = []
+        while time.monotonic() - revoked_at < BOUND_S + 1.0:
+            sent = time.monotonic() - revoked_at
+            seen.append((sent, _complete(client, mesh, headers).status_code))
+            time.sleep(0.1)
+    late = [status for sent, status in seen if sent >= BOUND_S]
+    assert late and set(late) == {401}, seen
+    first_refusal = next(i for i, (_, status) in enumerate(seen) if status == 401)
+    assert {status for _, status in seen[first_refusal:]} == {401}, seen
