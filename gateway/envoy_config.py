@@ -48,7 +48,6 @@ PUBLIC_ROUTES: Mapping[str, Sequence[str]] = {
         "tokenmesh.openai.v1.OpenAIService",
     ),
     "usage": ("tokenmesh.usage.v1.UsageService", "tokenmesh.usage.v2.UsageService"),
-    "jobs": ("tokenmesh.jobs.v1.JobsService",),
 }
 # The health-check service name each cluster is probed with.
 HEALTH_SERVICE: Mapping[str, str] = {
@@ -56,7 +55,6 @@ HEALTH_SERVICE: Mapping[str, str] = {
     "router": "tokenmesh.router.v1.RouterService",
     "inference": "tokenmesh.inference.v1.InferenceService",
     "usage": "tokenmesh.usage.v1.UsageService",
-    "jobs": "tokenmesh.jobs.v1.JobsService",
 }
 TRANSCODED_SERVICES = (
     "tokenmesh.auth.v1.AuthService",
@@ -708,11 +706,9 @@ def _strip_filters(config: EdgeConfig) -> list[dict[str, Any]]:
 def _auth_filters(config: EdgeConfig) -> list[dict[str, Any]]:
     if config.auth is None:
         return []
-    cache = config.auth.api_key_cache
     return [
         edge_auth.jwt_filter(config.auth, config.listen_port),
-        *([key_cache.lua_filter()] if cache else []),
-        edge_auth.ext_authz_filter(key_cache_on=cache),
+        edge_auth.ext_authz_filter(),
         edge_auth.rbac_filter(),
     ]
 

@@ -1,1 +1,0 @@
-"""The jobs service: asynchronous batches of v2 requests, run as their owner, signed webhooks."""
