@@ -89,6 +89,23 @@ RPC_SCOPES: Mapping[str, str] = {
     "/tokenmesh.usage.v1.UsageService/GetUsage": "usage:read",
     "/tokenmesh.usage.v1.UsageService/ListAuditEntries": "admin",
     "/tokenmesh.usage.v2.UsageService/GetUsage": "usage:read",
+    # Jobs: the `jobs` scope opens the API; each item also needs its own RPC's
+    # scope (checked at submission, and by the worker for the jobs identity).
+    **{
+        f"/tokenmesh.jobs.v1.JobsService/{rpc}": "jobs"
+        for rpc in (
+            "CreateJob",
+            "GetJob",
+            "ListJobs",
+            "CancelJob",
+            "ListJobResults",
+            "DownloadJobResults",
+            "WatchJob",
+            "RedeliverWebhook",
+            "CreateWebhookSecret",
+            "RotateWebhookSecret",
+        )
+    },
 }
 # Static files the edge answers itself (the playground): no credential needed.
 PUBLIC_PATHS: tuple[str, ...] = static_site.PATHS

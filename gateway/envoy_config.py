@@ -48,6 +48,7 @@ PUBLIC_ROUTES: Mapping[str, Sequence[str]] = {
         "tokenmesh.openai.v1.OpenAIService",
     ),
     "usage": ("tokenmesh.usage.v1.UsageService", "tokenmesh.usage.v2.UsageService"),
+    "jobs": ("tokenmesh.jobs.v1.JobsService",),
 }
 # The health-check service name each cluster is probed with.
 HEALTH_SERVICE: Mapping[str, str] = {
@@ -55,6 +56,7 @@ HEALTH_SERVICE: Mapping[str, str] = {
     "router": "tokenmesh.router.v1.RouterService",
     "inference": "tokenmesh.inference.v1.InferenceService",
     "usage": "tokenmesh.usage.v1.UsageService",
+    "jobs": "tokenmesh.jobs.v1.JobsService",
 }
 TRANSCODED_SERVICES = (
     "tokenmesh.auth.v1.AuthService",
@@ -706,9 +708,11 @@ def _strip_filters(config: EdgeConfig) -> list[dict[str, Any]]:
 def _auth_filters(config: EdgeConfig) -> list[dict[str, Any]]:
     if config.auth is None:
         return []
+    cache = config.auth.api_key_cache
     return [
         edge_auth.jwt_filter(config.auth, config.listen_port),
-        edge_auth.ext_authz_filter(),
+        *([key_cache.lua_filter()] if cache else []),
+        edge_auth.ext_authz_filter(key_cache_on=cache),
         edge_auth.rbac_filter(),
     ]
 

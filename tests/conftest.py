@@ -27,6 +27,12 @@ TEST_SERVICE_ENV = {
     "TOKENMESH_RATELIMIT_DEFAULT_RPM": "100000",
     "TOKENMESH_GRACE_SECONDS": "5",
     "TOKENMESH_LOG_LEVEL": "INFO",
+    # Jobs: webhooks to the tests' own loopback receiver, retried within a second;
+    # items a killed replica left are taken over soon.
+    "TOKENMESH_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+    "TOKENMESH_WEBHOOK_RETRY_SCHEDULE": "0.2,0.2,0.2",
+    "TOKENMESH_WEBHOOK_POLL_SECONDS": "0.1",
+    "TOKENMESH_JOBS_CLAIM_IDLE_SECONDS": "2",
 }
 
 

@@ -35,7 +35,7 @@ from tokenmesh.auth.v1 import auth_pb2
 
 PREFIX = "tm:auth:"
 LAST_USED = f"{PREFIX}last-used"
-SCOPES = ("inference:generate", "inference:embed", "models:read", "usage:read", "admin")
+SCOPES = ("inference:generate", "inference:embed", "models:read", "usage:read", "jobs", "admin")
 T = TypeVar("T")
 
 

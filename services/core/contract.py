@@ -140,7 +140,13 @@ JOBS = "jobs"
 OPERATOR = "operator"
 IDENTITIES = (EDGE, AUTH, ROUTER, USAGE, WORKER, JOBS, OPERATOR)
 #: The identity each service's server presents (and the Envoy cluster verifies).
-SERVICE_IDENTITY = {"inference": WORKER, "auth": AUTH, "router": ROUTER, "usage": USAGE}
+SERVICE_IDENTITY = {
+    "inference": WORKER,
+    "auth": AUTH,
+    "router": ROUTER,
+    "usage": USAGE,
+    "jobs": JOBS,
+}
 
 
 @dataclass(frozen=True)
@@ -153,12 +159,24 @@ class CallerRule:
             verified scopes (x-tokenmesh-scopes) hold `admin`.
         own_address: the caller may only name its own address (worker registry).
         anyone: any caller, even one without a certificate (health checks).
+        delegates: identities that may also send the edge's identity headers
+            (x-tokenmesh-key-id, -tenant, -scopes, ...) to act for the key they
+            name: the jobs service runs a job's items as its owner. Only the
+            identity headers, only at `delegated_priority`, and only when the
+            vouched scopes hold `delegated_scope`: a delegate never gains what
+            the owner's key lacks.
+        delegated_scope: the scope the owner's key must hold for a delegated call.
+        delegated_priority: the priority enum value name a delegated request must
+            carry in its `priority` field (when its message has one).
     """
 
     identities: frozenset[str]
     edge_for_admin: bool = False
     own_address: bool = False
     anyone: bool = False
+    delegates: frozenset[str] = frozenset()
+    delegated_scope: str = ""
+    delegated_priority: str = ""
 
     def describe(self) -> str:
         """Returns the rule in words, for PERMISSION_DENIED messages (no internals)."""
@@ -172,6 +190,16 @@ class CallerRule:
 
 def _rule(*identities: str, edge_for_admin: bool = False, own_address: bool = False) -> CallerRule:
     return CallerRule(frozenset(identities), edge_for_admin, own_address)
+
+
+def _delegated(scope: str) -> CallerRule:
+    """An inference RPC the edge calls, and the jobs service for a job's owner at batch priority."""
+    return CallerRule(
+        frozenset({EDGE, JOBS}),
+        delegates=frozenset({JOBS}),
+        delegated_scope=scope,
+        delegated_priority="PRIORITY_BATCH",
+    )
 
 
 #: Health carries no data, and probes (Kubernetes, grpc_health_probe) have no identity.
@@ -193,6 +221,13 @@ CALLER_RULES: dict[str, CallerRule] = {
     "/tokenmesh.router.v1.RouterService/": _rule(EDGE, OPERATOR),
     "/tokenmesh.usage.v1.UsageService/": _rule(EDGE),
     "/tokenmesh.usage.v2.UsageService/": _rule(EDGE),
+    "/tokenmesh.jobs.v1.JobsService/": _rule(EDGE),
+    # A job's items run as its owner: the jobs service forwards the owner's
+    # identity headers, at batch priority, for the scope each RPC needs
+    # (gateway/edge_auth.RPC_SCOPES; tests/unit/test_mesh_contract.py checks).
+    "/tokenmesh.inference.v2.InferenceService/Generate": _delegated("inference:generate"),
+    "/tokenmesh.inference.v2.InferenceService/Complete": _delegated("inference:generate"),
+    "/tokenmesh.inference.v2.InferenceService/Embed": _delegated("inference:embed"),
     # The edge's own callouts and its control plane.
     "/envoy.service.auth.v3.Authorization/": _rule(EDGE),
     "/envoy.service.ratelimit.v3.RateLimitService/": _rule(EDGE),

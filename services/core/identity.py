@@ -138,13 +138,16 @@ class Authorizer:
             raise PermissionDenied(f"{rpc} is not open to any caller", reason="NO_CALLER_RULE")
         identity = self._identity(context)
         headers = _edge_headers(context)
-        if identity != contract.EDGE and headers:
+        delegated = identity in rule.delegates and identity != contract.EDGE
+        if identity != contract.EDGE and headers and not delegated:
             raise PermissionDenied(
                 f"x-tokenmesh-* headers are accepted only from the edge (got {headers[0]})",
                 reason="EDGE_HEADERS_FROM_NON_EDGE",
             )
         if not self._allowed(rule, identity, context):
             raise PermissionDenied(f"{rpc} {rule.describe()}", reason="CALLER_NOT_ALLOWED")
+        if delegated:
+            check_delegated(rpc, rule, headers, context, request)
         if rule.own_address and request is not None:
             self._check_own_address(rpc, request, context)
 
@@ -166,6 +169,52 @@ class Authorizer:
         address = str(getattr(request, "address", "") or "")
         if address:  # RenewLease names a worker id; the registry checks it is registered
             require_own_host(rpc, address, context)
+
+
+def check_delegated(
+    rpc: str, rule: contract.CallerRule, headers: Sequence[str], context: Context, request: Any
+) -> None:
+    """Raises PermissionDenied unless a delegate's call (the jobs service acting for a
+    job's owner) stays within what the owner's key may do (see CallerRule.delegates).
+
+    It must name the key (x-tokenmesh-key-id), send only identity headers (no
+    routing or other edge-only ones), hold the RPC's scope among the vouched
+    scopes, and ask for the rule's priority.
+    """
+    allowed = set(contract.IDENTITY_HEADERS)
+    extra = [name for name in headers if name.lower() not in allowed]
+    if extra:
+        raise PermissionDenied(
+            f"{rpc}: a delegated call may carry only identity headers (got {extra[0]})",
+            reason="DELEGATED_HEADER_NOT_ALLOWED",
+        )
+    if not _header(context, contract.KEY_ID_HEADER):
+        raise PermissionDenied(
+            f"{rpc}: a delegated call must name the key it acts for",
+            reason="DELEGATED_CALL_WITHOUT_KEY",
+        )
+    scopes = _header(context, contract.SCOPES_HEADER).split()
+    if rule.delegated_scope not in scopes and contract.ADMIN_SCOPE not in scopes:
+        raise PermissionDenied(
+            f"{rpc}: the key lacks the scope {rule.delegated_scope!r}",
+            reason="MISSING_SCOPE",
+            metadata={"scope": rule.delegated_scope},
+        )
+    if rule.delegated_priority and _priority_name(request) not in (None, rule.delegated_priority):
+        raise PermissionDenied(
+            f"{rpc}: a delegated call must ask for {rule.delegated_priority}",
+            reason="DELEGATED_PRIORITY",
+        )
+
+
+def _priority_name(request: Any) -> str | None:
+    """Returns the name of a request's `priority` enum value (None: it has no such field)."""
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    field = descriptor.fields_by_name.get("priority") if descriptor is not None else None
+    if field is None or field.enum_type is None:
+        return None
+    value = field.enum_type.values_by_number.get(request.priority)
+    return value.name if value is not None else ""
 
 
 def require_own_host(rpc: str, address: str, context: Context) -> None:

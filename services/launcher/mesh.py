@@ -1,4 +1,4 @@
-"""The local mesh: Redis, the four services, N inference workers and Envoy."""
+"""The local mesh: Redis, the five services, N inference workers and Envoy."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from services.launcher.processes import Child, clean_env, reserve_port, wait_for
 from services.launcher.supervisor import RestartPolicy, Supervisor
 
 logger = logging.getLogger(__name__)
-SERVICES = ("auth", "router", "usage")
+SERVICES = ("auth", "router", "usage", "jobs")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

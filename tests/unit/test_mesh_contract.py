@@ -16,6 +16,7 @@ from tests import mtls
 from tokenmesh.auth.v1 import auth_service_pb2  # noqa: F401
 from tokenmesh.inference.v1 import inference_service_pb2  # noqa: F401
 from tokenmesh.inference.v2 import inference_service_pb2 as inference_v2_service_pb2  # noqa: F401
+from tokenmesh.jobs.v1 import jobs_service_pb2  # noqa: F401
 from tokenmesh.openai.v1 import openai_service_pb2  # noqa: F401
 from tokenmesh.router.v1 import router_service_pb2  # noqa: F401
 from tokenmesh.usage.v1 import usage_service_pb2  # noqa: F401
@@ -121,3 +122,15 @@ def test_no_module_spells_an_identity_header_itself():
         text = path.read_text()
         offenders += [f"{path.name}: {h}" for h in contract.IDENTITY_HEADERS if f'"{h}"' in text]
     assert offenders == []
+
+
+def test_delegated_rpcs_need_the_scope_the_edge_requires_for_them():
+    """The jobs identity acts for a job's owner only within what the edge would let the owner do."""
+    delegated = {m: r for m, r in contract.CALLER_RULES.items() if r.delegates}
+    assert set(delegated) == {
+        f"/tokenmesh.inference.v2.InferenceService/{rpc}" for rpc in ("Generate", "Complete", "Embed")
+    }
+    for method, rule in delegated.items():
+        assert rule.delegates == {contract.JOBS}
+        assert rule.delegated_scope == edge_auth.RPC_SCOPES[method], method
+        assert contract.EDGE in rule.identities and contract.JOBS in rule.identities

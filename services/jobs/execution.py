@@ -1,0 +1,241 @@
+"""Runs one item on a worker as the job's owner, waiting out backpressure.
+
+The item goes straight to an inference worker over mTLS as the `jobs`
+identity, carrying the owner's identity headers (the worker accepts them from
+`jobs` only at batch priority and only for a key holding the RPC's scope:
+contract.CALLER_RULES), with the stable request id `<job>:<index>`, so the
+worker's budgets, limits, permissions and metering apply exactly as if the
+owner had sent it, and the usage meter counts a replayed item once.
+
+Backpressure: no worker for the model, a worker's full queue or drain
+(UNAVAILABLE), the owner's exhausted token budget (RESOURCE_EXHAUSTED) and
+the like make the item wait (RetryInfo's delay, else exponential backoff
+with jitter) and try again until the job's deadline; any other status is the
+item's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+
+from services.core import contract
+from services.core.identity import ClientChannel
+from services.core.pki import IdentityFiles
+from services.jobs.workers import WorkerDirectory
+from tokenmesh.inference.v2 import inference_pb2, inference_service_pb2_grpc
+from tokenmesh.inference.v2 import inference_service_pb2 as v2
+from tokenmesh.jobs.v1 import jobs_pb2
+
+logger = logging.getLogger(__name__)
+# Statuses that mean "not now": the item waits and tries again until its deadline.
+WAIT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class DeadlinePassed(Exception):
+    """DeadlinePassed: the job's deadline came before the item could run."""
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Backoff is how long an item waits between tries.
+
+    Attributes:
+        first_s: the first wait; it doubles per try.
+        max_s: the longest wait.
+    """
+
+    first_s: float = 0.2
+    max_s: float = 30.0
+
+    def delay_s(self, tries: int, suggested_s: float | None) -> float:
+        """Returns the wait after `tries` tries (>= 1), with +-20% jitter."""
+        base = suggested_s if suggested_s else self.first_s * 2.0 ** min(tries - 1, 16)
+        return min(self.max_s, base) * random.uniform(0.8, 1.2)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Outcome is an item's result and the tokens it used (prompt, completion, cached)."""
+
+    result: jobs_pb2.JobResult
+    usage: tuple[int, int, int]
+
+
+def call_metadata(identity: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """Returns the owner's identity headers as gRPC metadata (empty values left out)."""
+    return tuple((name, value) for name, value in identity.items() if value)
+
+
+def error_result(
+    index: int, code: grpc.StatusCode, message: str, reason: str = ""
+) -> jobs_pb2.JobResult:
+    """Returns an item's error result."""
+    number = code.value[0] if isinstance(code.value, tuple) else int(code.value)
+    return jobs_pb2.JobResult(
+        index=index,
+        error=jobs_pb2.JobError(code=code.name, message=message, reason=reason, grpc_code=number),
+    )
+
+
+def status_details(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
+    """Returns the google.rpc.Status of a failed call, when it carried one."""
+    for key, value in error.trailing_metadata() or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            try:
+                return status_pb2.Status.FromString(value)
+            except DecodeError:
+                return None
+    return None
+
+
+def error_reason(status: status_pb2.Status | None) -> str:
+    """Returns the ErrorInfo reason of a status ("" when none)."""
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
+
+
+def retry_delay_s(status: status_pb2.Status | None) -> float | None:
+    """Returns the RetryInfo delay of a status, when it has one."""
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+    return None
+
+
+def usage_of(usage: inference_pb2.Usage) -> tuple[int, int, int]:
+    """Returns (prompt, completion, cached) tokens of a v2 Usage."""
+    return usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens
+
+
+class ItemExecutor:
+    """ItemExecutor sends items to workers.
+
+    Args:
+        directory: where the workers are.
+        files: this service's certificate (None: plaintext, development only).
+        backoff: waits between tries.
+        call_timeout_s: the longest one call may take.
+    """
+
+    def __init__(
+        self,
+        directory: WorkerDirectory,
+        files: IdentityFiles | None,
+        backoff: Backoff,
+        call_timeout_s: float,
+    ) -> None:
+        self.directory = directory
+        self.files = files
+        self.backoff = backoff
+        self.call_timeout_s = call_timeout_s
+        self._channels: dict[str, ClientChannel] = {}
+
+    async def close(self) -> None:
+        """Closes every worker channel."""
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            await channel.close()
+
+    def _stub(self, address: str) -> inference_service_pb2_grpc.InferenceServiceAsyncStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = ClientChannel(address, self.files, contract.WORKER)
+        return inference_service_pb2_grpc.InferenceServiceStub(channel.get())
+
+    async def run(
+        self,
+        item: jobs_pb2.JobItem,
+        index: int,
+        request_id: str,
+        identity: Mapping[str, str],
+        deadline_s: float,
+    ) -> Outcome:
+        """Runs an item until it has a result; raises DeadlinePassed when time ran out."""
+        tries = 0
+        while True:
+            remaining = deadline_s - time.time()
+            if remaining <= 0:
+                raise DeadlinePassed()
+            tries += 1
+            address = await self.directory.pick(_model_of(item))
+            if address is None:
+                await self._wait(tries, None, deadline_s)
+                continue
+            try:
+                return await self._call(address, item, index, request_id, identity, remaining)
+            except grpc.aio.AioRpcError as error:
+                status = status_details(error)
+                if error.code() not in WAIT_CODES:
+                    reason = error_reason(status)
+                    return Outcome(
+                        error_result(index, error.code(), error.details() or "", reason), (0, 0, 0)
+                    )
+                logger.debug("item %s waits: %s", request_id, error.code().name)
+                await self._wait(tries, retry_delay_s(status), deadline_s)
+
+    async def _wait(self, tries: int, suggested_s: float | None, deadline_s: float) -> None:
+        delay = self.backoff.delay_s(tries, suggested_s)
+        await asyncio.sleep(max(0.0, min(delay, deadline_s - time.time())))
+
+    async def _call(
+        self,
+        address: str,
+        item: jobs_pb2.JobItem,
+        index: int,
+        request_id: str,
+        identity: Mapping[str, str],
+        remaining_s: float,
+    ) -> Outcome:
+        stub = self._stub(address)
+        metadata = call_metadata(identity)
+        timeout = min(remaining_s, self.call_timeout_s)
+        kind = item.WhichOneof("request")
+        if kind == "embed":
+            embed = v2.EmbedRequest()
+            embed.CopyFrom(item.embed)
+            embed.request_id = request_id
+            response = await stub.Embed(embed, metadata=metadata, timeout=timeout)
+            return Outcome(
+                jobs_pb2.JobResult(index=index, embed=response), usage_of(response.usage)
+            )
+        # Generate and Complete share their fields (same numbers): a Generate
+        # item runs as Complete, its stream collected into one response.
+        source = item.complete if kind == "complete" else item.generate
+        complete = v2.CompleteRequest.FromString(source.SerializeToString())
+        complete.request_id = request_id
+        complete.priority = inference_pb2.PRIORITY_BATCH
+        answer = await stub.Complete(complete, metadata=metadata, timeout=timeout)
+        result = jobs_pb2.JobResult(index=index)
+        (result.complete if kind == "complete" else result.generate).CopyFrom(answer)
+        return Outcome(result, usage_of(answer.usage))
+
+
+def _model_of(item: jobs_pb2.JobItem) -> tuple[str, str]:
+    kind = item.WhichOneof("request")
+    request = getattr(item, kind) if kind else None
+    if request is None:
+        return "", ""
+    return str(request.model), str(request.version)

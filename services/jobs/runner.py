@@ -1,0 +1,287 @@
+"""Runs queued items: consumer groups over the lanes' streams, like the usage meter.
+
+Every replica reads new entries with XREADGROUP from each lane (a tenant, or
+a key without one) that has a free slot, so one tenant's 10,000 items never
+hold back another's: each lane has at most `lane_concurrency` items running
+per replica, and all lanes together at most `concurrency` calls in flight.
+An entry stays pending until its item's result is stored (the same script
+acknowledges it), and this replica keeps its running entries' idle time low
+(XCLAIM to itself). Entries a crashed replica left pending are taken over
+with XAUTOCLAIM once idle `claim_idle_s`; on start a replica first resumes its
+own (its consumer name is stable: the host name). Acknowledged entries are
+trimmed from the streams.
+
+A job that ends while its items run (cancelled, expired) has them stopped:
+`watch_ended` sees its status and cancels their calls; their entries are
+acknowledged without a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from services.core.redis_service import text
+from services.jobs import store as jobstore
+from services.jobs.execution import DeadlinePassed, ItemExecutor
+from services.jobs.store import FINAL, JobStore
+
+logger = logging.getLogger(__name__)
+EntryKey = tuple[str, str]  # (stream, entry id)
+
+
+class Runner:
+    """Runner executes this replica's share of the queued items.
+
+    Args:
+        store: the jobs in Redis.
+        executor: sends an item to a worker.
+        consumer: this replica's consumer name (stable across restarts).
+        concurrency: items in flight on this replica, all lanes together.
+        lane_concurrency: items in flight per lane on this replica.
+        claim_idle_s: pending entries idle this long are taken over.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        executor: ItemExecutor,
+        consumer: str,
+        concurrency: int,
+        lane_concurrency: int,
+        claim_idle_s: float,
+    ) -> None:
+        self.store = store
+        self.redis = store.redis
+        self.executor = executor
+        self.consumer = consumer
+        self.concurrency = concurrency
+        self.lane_concurrency = lane_concurrency
+        self.claim_idle_s = claim_idle_s
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: dict[EntryKey, asyncio.Task[None]] = {}
+        self._jobs: dict[EntryKey, str] = {}
+        self._per_lane: collections.Counter[str] = collections.Counter()
+        self._ending: set[EntryKey] = set()
+        self.finished_total = 0
+
+    # -- the loops (supervised by the service) ------------------------------
+
+    async def run_forever(self, block_ms: int = 500) -> None:
+        """Resumes this replica's own pending entries, then reads new ones forever."""
+        await self.recover_own()
+        while True:
+            if not await self.read_once(block_ms):
+                await asyncio.sleep(block_ms / 1000)
+
+    async def maintain_forever(self, every_s: float, watch_s: float = 0.5) -> None:
+        """Stops the items of ended jobs (every `watch_s`); keeps running entries claimed,
+        takes over stale ones and trims the streams (every `every_s`)."""
+        last = float("-inf")
+        while True:
+            await self.watch_ended()
+            if time.monotonic() - last >= every_s:
+                await self.heartbeat()
+                await self.claim_stale()
+                await self.trim()
+                last = time.monotonic()
+            await asyncio.sleep(watch_s)
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Cancels running items (their entries stay pending, resumed after a restart)."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
+    # -- reading ----------------------------------------------------------
+
+    def _free(self, stream: str) -> int:
+        return self.lane_concurrency - self._per_lane[stream]
+
+    async def read_once(self, block_ms: int) -> bool:
+        """Reads new entries for lanes with free slots; False when there was nothing to read."""
+        if len(self._tasks) >= 2 * self.concurrency:
+            return False
+        streams = await self.store.lanes()
+        for stream in streams:
+            await self.store.ensure_group(stream)
+        open_lanes: dict[Any, Any] = {s: ">" for s in streams if self._free(s) > 0}
+        if not open_lanes:
+            return False
+        count = max(1, min(self._free(s) for s in open_lanes))
+        reply: Any = await self.redis.xreadgroup(
+            jobstore.GROUP, self.consumer, open_lanes, count=count, block=block_ms
+        )
+        for stream, entries in reply or []:
+            for entry_id, fields in entries:
+                self._start(text(stream), text(entry_id), fields)
+        return True
+
+    async def recover_own(self) -> int:
+        """Starts the entries this consumer had read before it restarted."""
+        resumed = 0
+        for stream in await self.store.lanes():
+            await self.store.ensure_group(stream)
+            reply: Any = await self.redis.xreadgroup(
+                jobstore.GROUP, self.consumer, {stream: "0"}, count=10_000
+            )
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    if fields:  # an entry trimmed meanwhile comes back empty
+                        self._start(stream, text(entry_id), fields)
+                        resumed += 1
+        if resumed:
+            logger.info("resumed %d items this replica had started before it restarted", resumed)
+        return resumed
+
+    async def claim_stale(self) -> int:
+        """Takes over entries another replica read but did not finish (it died)."""
+        claimed = 0
+        for stream in await self.store.lanes():
+            free = self._free(stream)
+            if free <= 0:
+                continue
+            await self.store.ensure_group(stream)
+            reply: Any = await self.redis.xautoclaim(
+                stream,
+                jobstore.GROUP,
+                self.consumer,
+                min_idle_time=int(self.claim_idle_s * 1000),
+                start_id="0-0",
+                count=free,
+            )
+            for entry_id, fields in reply[1]:
+                if fields and (stream, text(entry_id)) not in self._tasks:
+                    self._start(stream, text(entry_id), fields)
+                    claimed += 1
+        if claimed:
+            logger.info("took over %d items from a replica that stopped", claimed)
+        return claimed
+
+    async def heartbeat(self) -> None:
+        """Resets the idle time of this replica's running entries (nobody takes them over)."""
+        by_stream: dict[str, list[Any]] = collections.defaultdict(list)
+        for stream, entry_id in self._tasks:
+            by_stream[stream].append(entry_id)
+        for stream, ids in by_stream.items():
+            await self.redis.xclaim(
+                stream, jobstore.GROUP, self.consumer, min_idle_time=0, message_ids=ids, justid=True
+            )
+
+    async def watch_ended(self) -> None:
+        """Stops the running items of jobs that were cancelled or expired."""
+        job_ids = sorted(set(self._jobs.values()))
+        if not job_ids:
+            return
+        statuses = await self.store.statuses(job_ids)
+        for key, job_id in list(self._jobs.items()):
+            if statuses.get(job_id, "") in FINAL or not statuses.get(job_id):
+                task = self._tasks.get(key)
+                if task is not None and key not in self._ending:
+                    self._ending.add(key)
+                    task.cancel()
+
+    async def trim(self) -> None:
+        """Deletes acknowledged entries: those before the oldest pending or undelivered one."""
+        for stream in await self.store.lanes():
+            try:
+                groups: Any = await self.redis.xinfo_groups(stream)
+                pending: Any = await self.redis.xpending(stream, jobstore.GROUP)
+            except ResponseError:
+                continue  # no such stream or group yet
+            group = next((g for g in groups if text(g["name"]) == jobstore.GROUP), None)
+            if group is None:
+                continue
+            oldest = pending.get("min") if pending.get("pending") else None
+            keep_from = text(oldest) if oldest else text(group["last-delivered-id"])
+            if keep_from not in ("0-0", ""):
+                await self.redis.xtrim(stream, minid=keep_from, approximate=False)
+
+    # -- one item ---------------------------------------------------------
+
+    def _start(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        key = (stream, entry_id)
+        if key in self._tasks:
+            return
+        job_id = text(fields.get(b"job", b""))
+        index = int(text(fields.get(b"i", b"-1")) or -1)
+        self._per_lane[stream] += 1
+        self._jobs[key] = job_id
+        task = asyncio.create_task(self._run_entry(stream, entry_id, job_id, index))
+        self._tasks[key] = task
+        task.add_done_callback(lambda done: self._finished(key, done))
+
+    def _finished(self, key: EntryKey, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(key, None)
+        self._jobs.pop(key, None)
+        self._ending.discard(key)
+        self._per_lane[key[0]] -= 1
+        if not self._per_lane[key[0]]:
+            del self._per_lane[key[0]]
+        if not task.cancelled() and task.exception() is not None:
+            # The entry stays pending: this replica or another takes it over.
+            logger.error("item %s failed; it will be retried", key[1], exc_info=task.exception())
+
+    async def _run_entry(self, stream: str, entry_id: str, job_id: str, index: int) -> None:
+        key = (stream, entry_id)
+        try:
+            await self._run_item(stream, entry_id, job_id, index)
+        except asyncio.CancelledError:
+            if key not in self._ending:
+                raise  # shutting down: the entry stays pending for the next run
+            await self.store.ack(stream, entry_id)  # its job ended: the item never runs
+
+    async def _run_item(self, stream: str, entry_id: str, job_id: str, index: int) -> None:
+        record = await self.store.get(job_id) if job_id and index >= 0 else None
+        if record is None or record.status in FINAL or await self.store.has_result(job_id, index):
+            await self.store.ack(stream, entry_id)
+            return
+        item = await self.store.item(job_id, index)
+        if item is None:
+            await self.store.ack(stream, entry_id)
+            return
+        deadline_s = record.number("deadline_ms") / 1000
+        async with self._slots:
+            await self.store.mark_running(job_id)
+            try:
+                outcome = await self.executor.run(
+                    item,
+                    index,
+                    jobstore.request_id(job_id, index),
+                    record.owner.identity,
+                    deadline_s,
+                )
+            except DeadlinePassed:
+                await self.store.end(job_id, jobstore.EXPIRED, due_before_ms=jobstore.now_ms())
+                await self.store.ack(stream, entry_id)
+                return
+        await self.store.finish_item(job_id, index, outcome.result, outcome.usage, stream, entry_id)
+        self.finished_total += 1
+
+
+class ExpirySweep:
+    """ExpirySweep ends jobs whose deadline passed (EXPIRED), whichever replica runs them."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    async def run_forever(self, every_s: float) -> None:
+        """Sweeps every `every_s` seconds."""
+        while True:
+            await self.sweep()
+            await asyncio.sleep(every_s)
+
+    async def sweep(self) -> int:
+        """Ends the overdue jobs; returns how many this call ended."""
+        now = int(time.time() * 1000)
+        ended = 0
+        for job_id in await self.store.overdue(now):
+            ended += await self.store.end(job_id, jobstore.EXPIRED, due_before_ms=now)
+        return ended

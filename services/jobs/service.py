@@ -1,0 +1,184 @@
+"""The jobs service: settings, the runner, the expiry sweep and webhook delivery."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+
+from services.core.redis_service import RedisBackedService
+from services.core.server import RunningServer, identity_files
+from services.core.settings import RedisSettings, env, require
+from services.core.tasks import SupervisedTask
+from services.jobs.execution import Backoff, ItemExecutor
+from services.jobs.runner import ExpirySweep, Runner
+from services.jobs.servicer import JobsServicer
+from services.jobs.store import JobStore
+from services.jobs.webhooks import DEFAULT_SCHEDULE_S, DeliveryPolicy, WebhookSender
+from services.jobs.workers import WorkerDirectory
+from tokenmesh.jobs.v1 import jobs_service_pb2, jobs_service_pb2_grpc
+
+SERVICE_NAME = jobs_service_pb2.DESCRIPTOR.services_by_name["JobsService"].full_name
+
+
+@dataclass(frozen=True)
+class JobsSettings(RedisSettings):
+    """JobsSettings configure the jobs service."""
+
+    consumer: str = env(
+        "TOKENMESH_JOBS_CONSUMER",
+        socket.gethostname(),
+        "This replica's consumer name (unique per replica, stable across its restarts).",
+    )
+    concurrency: int = env(
+        "TOKENMESH_JOBS_CONCURRENCY", 16, "Items in flight on this replica, all tenants together."
+    )
+    tenant_concurrency: int = env(
+        "TOKENMESH_JOBS_TENANT_CONCURRENCY",
+        4,
+        "Items in flight per tenant (or key without a tenant) on this replica.",
+    )
+    claim_idle_s: float = env(
+        "TOKENMESH_JOBS_CLAIM_IDLE_SECONDS",
+        30.0,
+        "Items another replica started and left this long are taken over.",
+    )
+    max_items: int = env("TOKENMESH_JOBS_MAX_ITEMS", 10_000, "The most items one job may have.")
+    retention_days: float = env(
+        "TOKENMESH_JOBS_RETENTION_DAYS", 7.0, "Finished jobs and their results are kept this long."
+    )
+    default_window_s: float = env(
+        "TOKENMESH_JOBS_DEFAULT_WINDOW_SECONDS",
+        86400.0,
+        "A job's completion window when it sets none.",
+    )
+    call_timeout_s: float = env(
+        "TOKENMESH_JOBS_CALL_TIMEOUT_SECONDS", 300.0, "The longest one item's call may take."
+    )
+    webhook_allow_hosts: tuple[str, ...] = env(
+        "TOKENMESH_WEBHOOK_ALLOW_HOSTS",
+        (),
+        "Webhook hosts exempt from the private-address check, which may also use http "
+        "(comma-separated; e.g. a receiver inside your network).",
+    )
+    webhook_schedule: tuple[str, ...] = env(
+        "TOKENMESH_WEBHOOK_RETRY_SCHEDULE",
+        tuple(str(s) for s in DEFAULT_SCHEDULE_S),
+        "Seconds between webhook attempts (comma-separated; attempts = entries + 1).",
+    )
+    webhook_timeout_s: float = env(
+        "TOKENMESH_WEBHOOK_TIMEOUT_SECONDS", 10.0, "Connect/read timeout of one webhook attempt."
+    )
+    webhook_max_response_bytes: int = env(
+        "TOKENMESH_WEBHOOK_MAX_RESPONSE_BYTES", 65536, "How much of a receiver's answer is read."
+    )
+    webhook_poll_s: float = env(
+        "TOKENMESH_WEBHOOK_POLL_SECONDS", 0.5, "How often due webhooks are looked for."
+    )
+
+    def schedule_s(self) -> tuple[float, ...]:
+        """Returns the webhook retry schedule in seconds."""
+        return tuple(float(s) for s in self.webhook_schedule)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.concurrency >= 1, "TOKENMESH_JOBS_CONCURRENCY", "must be >= 1")
+        require(self.tenant_concurrency >= 1, "TOKENMESH_JOBS_TENANT_CONCURRENCY", "must be >= 1")
+        require(self.claim_idle_s >= 1, "TOKENMESH_JOBS_CLAIM_IDLE_SECONDS", "must be >= 1")
+        require(1 <= self.max_items <= 100_000, "TOKENMESH_JOBS_MAX_ITEMS", "must be 1-100000")
+        require(self.retention_days > 0, "TOKENMESH_JOBS_RETENTION_DAYS", "must be > 0")
+        require(
+            60 <= self.default_window_s <= 7 * 86400,
+            "TOKENMESH_JOBS_DEFAULT_WINDOW_SECONDS",
+            "must be 60-604800",
+        )
+        require(self.call_timeout_s > 0, "TOKENMESH_JOBS_CALL_TIMEOUT_SECONDS", "must be > 0")
+        try:
+            schedule = self.schedule_s()
+        except ValueError:
+            schedule = (-1.0,)
+        require(
+            all(s >= 0 for s in schedule),
+            "TOKENMESH_WEBHOOK_RETRY_SCHEDULE",
+            "must be seconds, e.g. 5,30,120",
+        )
+        require(self.webhook_timeout_s > 0, "TOKENMESH_WEBHOOK_TIMEOUT_SECONDS", "must be > 0")
+        require(
+            self.webhook_max_response_bytes >= 1,
+            "TOKENMESH_WEBHOOK_MAX_RESPONSE_BYTES",
+            "must be >= 1",
+        )
+        require(self.webhook_poll_s > 0, "TOKENMESH_WEBHOOK_POLL_SECONDS", "must be > 0")
+
+
+class JobsService(RedisBackedService):
+    """JobsService serves tokenmesh.jobs.v1 and runs the jobs' items and webhooks."""
+
+    name = "jobs"
+
+    def __init__(self, settings: JobsSettings) -> None:
+        super().__init__(settings)
+        self.settings = settings
+        self.store = JobStore(self.redis, int(settings.retention_days * 86400))
+        self.executor = ItemExecutor(
+            WorkerDirectory(self.redis),
+            identity_files(self.name, settings),
+            Backoff(),
+            settings.call_timeout_s,
+        )
+        self.runner = Runner(
+            self.store,
+            self.executor,
+            settings.consumer,
+            settings.concurrency,
+            settings.tenant_concurrency,
+            settings.claim_idle_s,
+        )
+        self.sender = WebhookSender(
+            self.store,
+            DeliveryPolicy(
+                schedule_s=settings.schedule_s(),
+                timeout_s=settings.webhook_timeout_s,
+                max_response_bytes=settings.webhook_max_response_bytes,
+                allow_hosts=settings.webhook_allow_hosts,
+                lease_s=max(30.0, 3 * settings.webhook_timeout_s),
+            ),
+        )
+        self._tasks: list[SupervisedTask] = []
+
+    def service_names(self) -> Sequence[str]:
+        return [SERVICE_NAME]
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        jobs_service_pb2_grpc.add_JobsServiceServicer_to_server(
+            JobsServicer(
+                self.store,
+                self.settings.max_items,
+                self.settings.default_window_s,
+                self.settings.webhook_allow_hosts,
+            ),
+            server,
+        )
+
+    async def start(self, running: RunningServer) -> None:
+        await super().start(running)
+        maintain_s = self.settings.claim_idle_s / 3
+        self._tasks = [
+            self.tasks.spawn("jobs-runner", self.runner.run_forever),
+            self.tasks.spawn("jobs-maintain", lambda: self.runner.maintain_forever(maintain_s)),
+            self.tasks.spawn("jobs-expiry", lambda: ExpirySweep(self.store).run_forever(1.0)),
+            self.tasks.spawn(
+                "jobs-webhooks", lambda: self.sender.run_forever(self.settings.webhook_poll_s)
+            ),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            await task.stop(timeout_s=5)
+        await self.runner.stop()
+        await self.executor.close()
+        await self.sender.close()
+        await super().stop()

@@ -1,0 +1,291 @@
+"""tokenmesh.jobs.v1.JobsService: protobuf at the edge, the store and runner inside.
+
+Every RPC acts for the key the edge vouched for (x-tokenmesh-key-id): a job
+belongs to the key that created it, and another key's job is NOT_FOUND
+(not PERMISSION_DENIED: its existence is not revealed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Collection
+
+from google.api import httpbody_pb2
+
+from services.core import contract
+from services.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
+from services.core.interceptors import Context, request_headers
+from services.jobs import signing, ssrf, validation, views
+from services.jobs.store import (
+    CANCELLED,
+    EXPIRED,
+    FINAL,
+    STATUSES,
+    JobRecord,
+    JobStore,
+    NewJob,
+    Owner,
+    now_ms,
+    request_id,
+)
+from tokenmesh.jobs.v1 import jobs_pb2, jobs_service_pb2_grpc
+from tokenmesh.jobs.v1 import jobs_service_pb2 as pb
+
+DOWNLOAD_CHUNK = 500  # results per HttpBody message of a JSONL download
+WATCH_POLL_S = 0.5
+WATCH_KEEPALIVE_S = 15.0  # an unchanged job is sent again this often (idle timeouts)
+# What a result says for an item a cancelled or expired job never ran.
+NEVER_RAN = {
+    CANCELLED: ("CANCELLED", 1, "the job was cancelled before this item finished"),
+    EXPIRED: ("DEADLINE_EXCEEDED", 4, "the job's completion window ended before this item ran"),
+}
+
+
+class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
+    """JobsServicer serves tokenmesh.jobs.v1.JobsService.
+
+    Args:
+        store: the jobs in Redis.
+        max_items: the most items a job may have.
+        default_window_s: a job's completion window when it sets none.
+        allow_hosts: webhook hosts exempt from the address check (may use http).
+        wake: called after a job is created (this replica's runner reads at once).
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        max_items: int,
+        default_window_s: float,
+        allow_hosts: Collection[str],
+    ) -> None:
+        self.store = store
+        self.max_items = max_items
+        self.default_window_s = default_window_s
+        self.allow_hosts = allow_hosts
+
+    # -- helpers ----------------------------------------------------------
+
+    @staticmethod
+    def _key_id(context: Context) -> str:
+        key_id = request_headers(context).get(contract.KEY_ID_HEADER, "")
+        if not key_id:
+            raise Unauthenticated("jobs belong to an API key: call with one", reason="NO_KEY")
+        return key_id
+
+    async def _owned(self, context: Context, job_id: str) -> JobRecord:
+        key_id = self._key_id(context)
+        record = await self.store.get(job_id) if job_id else None
+        if record is None or record.owner.key_id != key_id:
+            raise NotFound(
+                f"no job {job_id!r}", resource_type="tokenmesh.jobs.v1.Job", resource_name=job_id
+            )
+        return record
+
+    async def _job(self, record: JobRecord) -> jobs_pb2.Job:
+        attempts = await self.store.attempts(record.job_id) if record.get("webhook_url") else []
+        return views.job_pb(record, attempts)
+
+    async def _reload(self, job_id: str) -> jobs_pb2.Job:
+        record = await self.store.get(job_id)
+        if record is None:
+            raise NotFound(f"no job {job_id!r}")
+        return await self._job(record)
+
+    async def _check_webhook(self, url: str, key_id: str) -> None:
+        try:
+            await ssrf.resolve(ssrf.parse(url, self.allow_hosts))
+        except ssrf.RefusedUrl as exc:
+            raise InvalidArgument(
+                [FieldViolation("webhook_url", str(exc))], reason="WEBHOOK_URL_REFUSED"
+            ) from None
+        if not await self.store.secrets_in_use(key_id):
+            raise FailedPrecondition(
+                "a webhook needs the key's webhook secret first "
+                "(tokenmesh webhooks secret create, or POST /v1/webhooks/secret)",
+                reason="NO_WEBHOOK_SECRET",
+            )
+
+    # -- RPCs -------------------------------------------------------------
+
+    async def CreateJob(self, request: pb.CreateJobRequest, context: Context) -> jobs_pb2.Job:
+        headers = request_headers(context)
+        key_id = self._key_id(context)
+        validation.validate_create(request, self.max_items)
+        validation.check_item_scopes(request.items, headers.get(contract.SCOPES_HEADER, "").split())
+        if request.webhook_url:
+            await self._check_webhook(request.webhook_url, key_id)
+        window_s = validation.completion_window_s(
+            request.completion_window, request.HasField("completion_window"), self.default_window_s
+        )
+        owner = Owner(
+            key_id, headers.get(contract.TENANT_HEADER, ""), validation.identity_of(headers)
+        )
+        job_id, _created = await self.store.create(
+            NewJob(
+                owner=owner,
+                items=list(request.items),
+                webhook_url=request.webhook_url,
+                metadata=dict(request.metadata),
+                idempotency_key=request.idempotency_key,
+                deadline_ms=now_ms() + int(window_s * 1000),
+            )
+        )
+        return await self._reload(job_id)
+
+    async def GetJob(self, request: pb.GetJobRequest, context: Context) -> jobs_pb2.Job:
+        return await self._job(await self._owned(context, request.id))
+
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
+        key_id = self._key_id(context)
+        size = validation.page_size(request.page_size, 20, 100)
+        if request.status and request.status not in STATUSES:
+            raise InvalidArgument(
+                [FieldViolation("status", f"must be one of {', '.join(STATUSES)}")]
+            )
+        before = _page_token(request.page_token, default=2**62)
+        jobs: list[jobs_pb2.Job] = []
+        while len(jobs) < size:
+            page = await self.store.owned(key_id, before, size)
+            if not page:
+                return pb.ListJobsResponse(jobs=jobs)
+            gone = []
+            for job_id, created in page:
+                before = created
+                record = await self.store.get(job_id)
+                if record is None:
+                    gone.append(job_id)
+                elif not request.status or record.status == request.status:
+                    jobs.append(await self._job(record))
+                    if len(jobs) == size:
+                        break
+            await self.store.forget_owned(key_id, gone)
+        return pb.ListJobsResponse(jobs=jobs, next_page_token=str(before))
+
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> jobs_pb2.Job:
+        record = await self._owned(context, request.id)
+        if not await self.store.end(record.job_id, CANCELLED):
+            raise FailedPrecondition(
+                f"job {record.job_id} has ended already ({record.status})", reason="JOB_ENDED"
+            )
+        return await self._reload(record.job_id)
+
+    async def _results(self, record: JobRecord, start: int, end: int) -> list[jobs_pb2.JobResult]:
+        indexes = list(range(start, end))
+        stored = await self.store.results(record.job_id, indexes)
+        never_ran = NEVER_RAN.get(record.status)
+        out = []
+        for index, raw in zip(indexes, stored, strict=True):
+            if raw is not None:
+                result = jobs_pb2.JobResult.FromString(raw)
+            elif never_ran is not None:
+                code, number, message = never_ran
+                result = jobs_pb2.JobResult(
+                    index=index,
+                    error=jobs_pb2.JobError(code=code, message=message, grpc_code=number),
+                )
+            else:
+                continue  # still to run
+            result.request_id = request_id(record.job_id, index)
+            out.append(result)
+        return out
+
+    async def ListJobResults(
+        self, request: pb.ListJobResultsRequest, context: Context
+    ) -> pb.ListJobResultsResponse:
+        record = await self._owned(context, request.id)
+        size = validation.page_size(request.page_size, 100, 1000)
+        total = record.number("total")
+        start = min(_page_token(request.page_token, default=0), total)
+        end = min(start + size, total)
+        return pb.ListJobResultsResponse(
+            results=await self._results(record, start, end),
+            next_page_token=str(end) if end < total else "",
+        )
+
+    async def DownloadJobResults(
+        self, request: pb.DownloadJobResultsRequest, context: Context
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        record = await self._owned(context, request.id)
+        total = record.number("total")
+        for start in range(0, total, DOWNLOAD_CHUNK):
+            results = await self._results(record, start, min(start + DOWNLOAD_CHUNK, total))
+            lines = "".join(
+                json.dumps(views.to_json(r), separators=(",", ":")) + "\n" for r in results
+            )
+            yield httpbody_pb2.HttpBody(content_type="application/jsonl", data=lines.encode())
+        if total == 0:
+            yield httpbody_pb2.HttpBody(content_type="application/jsonl", data=b"")
+
+    async def WatchJob(
+        self, request: pb.WatchJobRequest, context: Context
+    ) -> AsyncIterator[pb.WatchJobResponse]:
+        record = await self._owned(context, request.id)
+        sent = b""
+        sent_at = 0.0
+        while True:
+            job = await self._job(record)
+            payload = job.SerializeToString()
+            if payload != sent or time.monotonic() - sent_at >= WATCH_KEEPALIVE_S:
+                event = jobs_pb2.JobEvent(type=views.event_type(job), job=job)
+                yield pb.WatchJobResponse(event=event)
+                sent, sent_at = payload, time.monotonic()
+            if job.status in FINAL:
+                return
+            await asyncio.sleep(WATCH_POLL_S)
+            reloaded = await self.store.get(record.job_id)
+            if reloaded is None:
+                return
+            record = reloaded
+
+    async def RedeliverWebhook(
+        self, request: pb.RedeliverWebhookRequest, context: Context
+    ) -> jobs_pb2.Job:
+        record = await self._owned(context, request.id)
+        if not record.get("webhook_url"):
+            raise FailedPrecondition(f"job {record.job_id} has no webhook", reason="NO_WEBHOOK")
+        if record.status not in FINAL:
+            raise FailedPrecondition(
+                f"job {record.job_id} is still {record.status}: its webhook goes out when it ends",
+                reason="JOB_NOT_ENDED",
+            )
+        await self.store.redeliver(record.job_id)
+        return await self._reload(record.job_id)
+
+    async def CreateWebhookSecret(
+        self, request: pb.CreateWebhookSecretRequest, context: Context
+    ) -> pb.CreateWebhookSecretResponse:
+        key_id = self._key_id(context)
+        secret = signing.new_secret()
+        if not await self.store.create_secret(key_id, secret):
+            raise AlreadyExists(
+                "this key has a webhook secret already; rotate it to get a new one",
+                reason="WEBHOOK_SECRET_EXISTS",
+            )
+        return pb.CreateWebhookSecretResponse(secret=secret, key_id=key_id)
+
+    async def RotateWebhookSecret(
+        self, request: pb.RotateWebhookSecretRequest, context: Context
+    ) -> pb.RotateWebhookSecretResponse:
+        key_id = self._key_id(context)
+        overlap = validation.overlap_s(request.overlap, request.HasField("overlap"))
+        secret = signing.new_secret()
+        await self.store.rotate_secret(key_id, secret, int(overlap * 1000))
+        return pb.RotateWebhookSecretResponse(secret=secret, key_id=key_id)
+
+
+def _page_token(token: str, default: int) -> int:
+    if not token:
+        return default
+    if not token.isdigit() or len(token) > 19:
+        raise InvalidArgument([FieldViolation("page_token", "is not a token this API returned")])
+    return int(token)

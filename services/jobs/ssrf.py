@@ -1,0 +1,136 @@
+"""Where webhooks may go: https URLs whose every resolved address is public.
+
+A webhook URL is checked when a job is submitted and again before every
+delivery attempt (DNS may answer differently by then: rebinding). The
+delivery then connects to an address this check vetted, never to a fresh
+lookup. Refused: userinfo in the URL, schemes other than https (http only for
+allow-listed hosts), and any address that is not globally routable (private,
+loopback, link-local, CGNAT, reserved, unspecified), multicast, or a cloud
+metadata endpoint. Hosts in TOKENMESH_WEBHOOK_ALLOW_HOSTS skip the address
+check and may use http (a receiver on the operator's own network, tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import urllib.parse
+from collections.abc import Collection
+from dataclasses import dataclass
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+MAX_URL_CHARS = 2048
+# Metadata endpoints that a global-address check alone would not catch.
+METADATA_ADDRESSES = frozenset(
+    {
+        ipaddress.ip_address("169.254.169.254"),  # AWS, GCP, Azure, OpenStack
+        ipaddress.ip_address("fd00:ec2::254"),  # AWS over IPv6
+        ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud
+    }
+)
+
+
+class RefusedUrl(ValueError):
+    """RefusedUrl says why a webhook URL may not be used (client-safe text)."""
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    """WebhookTarget is a parsed webhook URL.
+
+    Attributes:
+        url: the URL as given.
+        scheme: "https" or "http".
+        host: the host name or IP literal, lower-case, without brackets.
+        port: the port (443/80 when the URL names none).
+        target: the path and query sent in the request line.
+        allowed: whether the host is in the allow list (no address check).
+    """
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    target: str
+    allowed: bool
+
+
+def parse(url: str, allow_hosts: Collection[str]) -> WebhookTarget:
+    """Returns the parsed URL; raises RefusedUrl for a scheme or shape that is not allowed."""
+    if len(url) > MAX_URL_CHARS:
+        raise RefusedUrl(f"must be at most {MAX_URL_CHARS} characters")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise RefusedUrl("is not a valid URL") from None
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise RefusedUrl("must name a host")
+    if parts.username is not None or parts.password is not None:
+        raise RefusedUrl("must not carry credentials")
+    allowed = host in {h.lower() for h in allow_hosts}
+    if parts.scheme != "https" and not (parts.scheme == "http" and allowed):
+        raise RefusedUrl("must be https (http only for hosts in TOKENMESH_WEBHOOK_ALLOW_HOSTS)")
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    default_port = 443 if parts.scheme == "https" else 80
+    return WebhookTarget(url, parts.scheme, host, port or default_port, target, allowed)
+
+
+def is_forbidden(address: IpAddress) -> bool:
+    """Tells whether a webhook may not connect to `address`."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return (
+        address in METADATA_ADDRESSES
+        or address.is_multicast
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_private
+        or address.is_reserved
+        or address.is_unspecified
+        or not address.is_global
+    )
+
+
+async def resolve(target: WebhookTarget, timeout_s: float = 5.0) -> list[IpAddress]:
+    """Returns the addresses a webhook may connect to; raises RefusedUrl when any is forbidden.
+
+    Every address the name resolves to must be allowed: a name that answers
+    with one public and one private address is refused (an attacker picks
+    which one a later lookup returns).
+    """
+    try:
+        literal: IpAddress | None = ipaddress.ip_address(target.host)
+    except ValueError:
+        literal = None
+    addresses = [literal] if literal is not None else await _lookup(target, timeout_s)
+    if not target.allowed:
+        for address in addresses:
+            if is_forbidden(address):
+                raise RefusedUrl(
+                    f"resolves to {address}, a private, loopback, link-local, multicast or "
+                    "metadata address"
+                )
+    return addresses
+
+
+async def _lookup(target: WebhookTarget, timeout_s: float) -> list[IpAddress]:
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM), timeout_s
+        )
+    except (OSError, TimeoutError):
+        raise RefusedUrl(f"host {target.host!r} does not resolve") from None
+    addresses = []
+    for *_, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        if address not in addresses:
+            addresses.append(address)
+    if not addresses:
+        raise RefusedUrl(f"host {target.host!r} does not resolve")
+    return addresses

@@ -1,0 +1,558 @@
+"""Jobs in Redis (the AOF one): every change is one transaction or Lua script.
+
+Keys (prefix `tm:jobs:`)::
+
+    job:<id>             hash: owner, status, counters, times, webhook state
+    job:<id>:items       hash: index -> JobItem bytes (deleted when the job ends)
+    job:<id>:results     hash: index -> JobResult bytes (HSETNX: one per item)
+    job:<id>:attempts    list: the latest WebhookAttempt bytes
+    owner:<key id>       zset: the key's jobs by creation time
+    idem:<key id>:<key>  the job an idempotency key created (24 h)
+    work:<lane>          stream: one entry per item, consumer group `jobs-runner`
+    lanes                set: every lane (a tenant, or a key without one)
+    active               zset: unfinished jobs by deadline (the expiry sweep)
+    hooks                zset: webhooks due, by time (a lease while one is sent)
+    whsec:<key id>       hash: the key's webhook secrets (current, previous)
+
+An item's result is written, its counters added, the job finished when it
+was the last one, and its stream entry acknowledged in one script
+(`_FINISH_ITEM`), so a crash at any point leaves either nothing or all of it;
+a replayed item finds its result and is only acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError, WatchError
+
+from services.core.redis_service import text
+from tokenmesh.jobs.v1 import jobs_pb2
+
+PREFIX = "tm:jobs:"
+GROUP = "jobs-runner"
+LANES_KEY = PREFIX + "lanes"
+ACTIVE_KEY = PREFIX + "active"
+HOOKS_KEY = PREFIX + "hooks"
+IDEMPOTENCY_TTL_S = 24 * 3600
+MAX_ATTEMPTS_KEPT = 20
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED = (
+    "QUEUED",
+    "RUNNING",
+    "SUCCEEDED",
+    "FAILED",
+    "CANCELLED",
+    "EXPIRED",
+)
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED)
+FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, EXPIRED})
+# Webhook states (Job.webhook.state).
+HOOK_WAITING, HOOK_PENDING, HOOK_RETRYING, HOOK_DELIVERED, HOOK_DEAD = (
+    "WAITING",
+    "PENDING",
+    "RETRYING",
+    "DELIVERED",
+    "DEAD_LETTER",
+)
+
+
+def job_key(job_id: str) -> str:
+    """Returns the hash of a job."""
+    return f"{PREFIX}job:{job_id}"
+
+
+def items_key(job_id: str) -> str:
+    """Returns the hash of a job's items."""
+    return f"{PREFIX}job:{job_id}:items"
+
+
+def results_key(job_id: str) -> str:
+    """Returns the hash of a job's results."""
+    return f"{PREFIX}job:{job_id}:results"
+
+
+def attempts_key(job_id: str) -> str:
+    """Returns the list of a job's latest webhook attempts."""
+    return f"{PREFIX}job:{job_id}:attempts"
+
+
+def owner_key(key_id: str) -> str:
+    """Returns the zset of a key's jobs."""
+    return f"{PREFIX}owner:{key_id}"
+
+
+def work_stream(lane: str) -> str:
+    """Returns the stream of a lane's pending items."""
+    return f"{PREFIX}work:{lane}"
+
+
+def secret_key(key_id: str) -> str:
+    """Returns the hash of a key's webhook secrets."""
+    return f"{PREFIX}whsec:{key_id}"
+
+
+def new_job_id() -> str:
+    """Returns a fresh job id: "job-" + 24 hex digits (fits request ids: `<job>:<n>`)."""
+    return "job-" + secrets.token_hex(12)
+
+
+def request_id(job_id: str, index: int) -> str:
+    """Returns an item's stable request id."""
+    return f"{job_id}:{index}"
+
+
+def now_ms() -> int:
+    """Returns Unix time in milliseconds."""
+    return int(time.time() * 1000)
+
+
+# What ends a job: its status, end time, no deadline any more, its webhook due
+# (when it has one), its items gone and everything kept for `retention`.
+# Used by the scripts below as a Lua function: finish(final status, now).
+_FINISH_FN = """
+local function finish(status, now, retention)
+  redis.call('HSET', KEYS[1], 'status', status, 'ended_ms', now)
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  if redis.call('HGET', KEYS[1], 'webhook_url') ~= '' then
+    redis.call('HSET', KEYS[1], 'webhook_state', 'PENDING', 'webhook_next_ms', now)
+    redis.call('ZADD', KEYS[5], now, ARGV[1])
+  end
+  redis.call('DEL', KEYS[2])
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], retention) end
+  redis.call('EXPIRE', KEYS[6], retention)
+end
+local function running(status) return status == 'QUEUED' or status == 'RUNNING' end
+"""
+
+# KEYS: job, items, results, active, hooks, attempts, stream
+# ARGV: job id, index, result bytes, succeeded (1/0), prompt, completion,
+#       cached, now ms, retention s, group, entry id
+# Returns 1 when this call wrote the result, 0 when it was there already.
+_FINISH_ITEM = (
+    _FINISH_FN
+    + """
+local wrote = 0
+if redis.call('EXISTS', KEYS[1]) == 1
+   and redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[3]) == 1 then
+  wrote = 1
+  local counter = ARGV[4] == '1' and 'succeeded' or 'failed'
+  redis.call('HINCRBY', KEYS[1], counter, 1)
+  redis.call('HINCRBY', KEYS[1], 'prompt_tokens', tonumber(ARGV[5]))
+  redis.call('HINCRBY', KEYS[1], 'completion_tokens', tonumber(ARGV[6]))
+  redis.call('HINCRBY', KEYS[1], 'cached_tokens', tonumber(ARGV[7]))
+  local status = redis.call('HGET', KEYS[1], 'status')
+  local h = redis.call('HMGET', KEYS[1], 'succeeded', 'failed', 'total')
+  local done = tonumber(h[1] or 0) + tonumber(h[2] or 0)
+  if running(status) and done >= tonumber(h[3]) then
+    finish(tonumber(h[1] or 0) > 0 and 'SUCCEEDED' or 'FAILED', ARGV[8], tonumber(ARGV[9]))
+  end
+end
+redis.call('XACK', KEYS[7], ARGV[10], ARGV[11])
+return wrote
+"""
+)
+
+# KEYS: job, items, results, active, hooks, attempts
+# ARGV: job id, final status, now ms, retention s, only before (ms; 0 = any time)
+# Returns 1 when the job ended now, 0 when it had ended already (or was not due).
+_END_JOB = (
+    _FINISH_FN
+    + """
+local h = redis.call('HMGET', KEYS[1], 'status', 'deadline_ms')
+if not h[1] then redis.call('ZREM', KEYS[4], ARGV[1]) return 0 end
+if not running(h[1]) then return 0 end
+if tonumber(ARGV[5]) > 0 and tonumber(h[2]) > tonumber(ARGV[5]) then return 0 end
+finish(ARGV[2], ARGV[3], tonumber(ARGV[4]))
+return 1
+"""
+)
+
+# KEYS: job. ARGV: now ms. QUEUED -> RUNNING (once).
+_MARK_RUNNING = """
+if redis.call('HGET', KEYS[1], 'status') == 'QUEUED' then
+  redis.call('HSET', KEYS[1], 'status', 'RUNNING', 'started_ms', ARGV[1])
+end
+return 1
+"""
+
+# KEYS: hooks. ARGV: now ms, lease ms, max count.
+# Returns the due jobs and moves each one lease ms ahead (another replica does
+# not take it meanwhile; a replica that dies with it leaves it due again).
+_CLAIM_HOOKS = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(due) do
+  redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), id)
+end
+return due
+"""
+
+# KEYS: job, attempts, hooks. ARGV: job id, attempt bytes, new state, next due ms
+# (0: none), attempts kept. Records an attempt and the webhook's next state.
+_RECORD_ATTEMPT = """
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
+local ttl = redis.call('TTL', KEYS[1])
+if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+redis.call('HSET', KEYS[1], 'webhook_state', ARGV[3], 'webhook_next_ms', ARGV[4])
+if tonumber(ARGV[4]) > 0 then
+  redis.call('ZADD', KEYS[3], tonumber(ARGV[4]), ARGV[1])
+else
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: job, hooks. ARGV: job id, now ms. A new round of attempts, due now;
+# `round_start` is where the round's attempt count starts (the retry schedule).
+_REDELIVER = """
+local attempts = redis.call('HGET', KEYS[1], 'webhook_attempts') or '0'
+redis.call('HSET', KEYS[1], 'webhook_state', 'PENDING', 'webhook_next_ms', ARGV[2],
+           'round_start', attempts)
+redis.call('ZADD', KEYS[2], tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+
+# KEYS: secrets hash. ARGV: new secret, overlap ms, now ms. Returns 1.
+_ROTATE_SECRET = """
+local current = redis.call('HGET', KEYS[1], 'current')
+if current then
+  redis.call('HSET', KEYS[1], 'previous', current,
+             'previous_until_ms', tonumber(ARGV[3]) + tonumber(ARGV[2]))
+end
+redis.call('HSET', KEYS[1], 'current', ARGV[1])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Owner is the key a job runs as: what the edge vouched for when it was created.
+
+    Attributes:
+        key_id: the API key (or JWT subject).
+        tenant: its tenant ("" when none).
+        identity: every identity header the edge set (contract.IDENTITY_HEADERS),
+            forwarded to the workers with each item.
+    """
+
+    key_id: str
+    tenant: str
+    identity: Mapping[str, str]
+
+    @property
+    def lane(self) -> str:
+        """Returns the concurrency lane: the tenant, else the key."""
+        return f"t.{self.tenant}" if self.tenant else f"k.{self.key_id}"
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """NewJob is a validated job to create."""
+
+    owner: Owner
+    items: Sequence[jobs_pb2.JobItem]
+    webhook_url: str
+    metadata: Mapping[str, str]
+    idempotency_key: str
+    deadline_ms: int
+
+
+@dataclass
+class JobRecord:
+    """JobRecord is a job's hash, decoded."""
+
+    job_id: str
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def get(self, name: str, default: str = "") -> str:
+        """Returns a field as text."""
+        return self.fields.get(name, default)
+
+    def number(self, name: str) -> int:
+        """Returns a numeric field (0 when unset)."""
+        return int(self.fields.get(name) or 0)
+
+    @property
+    def status(self) -> str:
+        """Returns the job's status."""
+        return self.get("status")
+
+    @property
+    def owner(self) -> Owner:
+        """Returns who the job runs as."""
+        identity = json.loads(self.get("identity", "{}"))
+        return Owner(self.get("owner"), self.get("tenant"), identity)
+
+
+def _decode(raw: Mapping[Any, Any]) -> dict[str, str]:
+    return {text(k): text(v) for k, v in raw.items()}
+
+
+class JobStore:
+    """JobStore reads and changes jobs atomically.
+
+    Args:
+        client: the AOF Redis.
+        retention_s: how long a finished job (and its results) is kept.
+    """
+
+    def __init__(self, client: aioredis.Redis, retention_s: int) -> None:
+        self.redis = client
+        self.retention_s = retention_s
+        self._finish_item = client.register_script(_FINISH_ITEM)
+        self._end_job = client.register_script(_END_JOB)
+        self._mark_running = client.register_script(_MARK_RUNNING)
+        self._claim_hooks = client.register_script(_CLAIM_HOOKS)
+        self._record_attempt = client.register_script(_RECORD_ATTEMPT)
+        self._rotate_secret = client.register_script(_ROTATE_SECRET)
+        self._redeliver = client.register_script(_REDELIVER)
+        self._groups: set[str] = set()
+
+    # -- creation ---------------------------------------------------------
+
+    async def create(self, job: NewJob) -> tuple[str, bool]:
+        """Creates a job (or finds the one its idempotency key made); returns (id, created)."""
+        idem = (
+            f"{PREFIX}idem:{job.owner.key_id}:{job.idempotency_key}" if job.idempotency_key else ""
+        )
+        stream = work_stream(job.owner.lane)
+        await self.ensure_group(stream)
+        while True:
+            job_id = new_job_id()
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    if idem:
+                        await pipe.watch(idem)
+                        existing = await pipe.get(idem)
+                        if existing is not None and await self.redis.exists(
+                            job_key(text(existing))
+                        ):
+                            return text(existing), False
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    self._queue_creation(pipe, job_id, job, stream)
+                    if idem:
+                        pipe.set(idem, job_id, ex=IDEMPOTENCY_TTL_S)
+                    await pipe.execute()
+                    return job_id, True
+                except WatchError:
+                    continue  # another request with the key won: read its job
+
+    def _queue_creation(self, pipe: Any, job_id: str, job: NewJob, stream: str) -> None:
+        created = now_ms()
+        owner = job.owner
+        pipe.hset(
+            job_key(job_id),
+            mapping={
+                "owner": owner.key_id,
+                "tenant": owner.tenant,
+                "lane": owner.lane,
+                "identity": json.dumps(dict(owner.identity)),
+                "status": QUEUED,
+                "total": len(job.items),
+                "succeeded": 0,
+                "failed": 0,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "cached_tokens": 0,
+                "created_ms": created,
+                "deadline_ms": job.deadline_ms,
+                "metadata": json.dumps(dict(job.metadata)),
+                "idempotency_key": job.idempotency_key,
+                "webhook_url": job.webhook_url,
+                "webhook_state": HOOK_WAITING if job.webhook_url else "",
+                "webhook_attempts": 0,
+            },
+        )
+        for start in range(0, len(job.items), 1000):
+            chunk = job.items[start : start + 1000]
+            pipe.hset(
+                items_key(job_id),
+                mapping={str(start + i): item.SerializeToString() for i, item in enumerate(chunk)},
+            )
+        for index in range(len(job.items)):
+            pipe.xadd(stream, {"job": job_id, "i": str(index)})
+        pipe.sadd(LANES_KEY, owner.lane)
+        pipe.zadd(owner_key(owner.key_id), {job_id: created})
+        pipe.zadd(ACTIVE_KEY, {job_id: job.deadline_ms})
+
+    async def ensure_group(self, stream: str) -> None:
+        """Creates the runners' consumer group on a lane's stream (once per process)."""
+        if stream in self._groups:
+            return
+        try:
+            await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add(stream)
+
+    # -- reading ----------------------------------------------------------
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        """Returns a job's record, or None when there is none."""
+        raw = await self.redis.hgetall(job_key(job_id))
+        return JobRecord(job_id, _decode(raw)) if raw else None
+
+    async def statuses(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """Returns the status of each job ("" for a job that is gone)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(job_key(job_id), "status")
+            replies = await pipe.execute()
+        return {j: text(r) if r is not None else "" for j, r in zip(job_ids, replies, strict=True)}
+
+    async def attempts(self, job_id: str) -> list[jobs_pb2.WebhookAttempt]:
+        """Returns a job's latest webhook attempts, oldest first."""
+        raw: Any = await self.redis.lrange(attempts_key(job_id), 0, -1)
+        return [jobs_pb2.WebhookAttempt.FromString(r) for r in raw]
+
+    async def item(self, job_id: str, index: int) -> jobs_pb2.JobItem | None:
+        """Returns one item of a running job (None once the job ended)."""
+        raw: Any = await self.redis.hget(items_key(job_id), str(index))
+        return jobs_pb2.JobItem.FromString(raw) if raw is not None else None
+
+    async def has_result(self, job_id: str, index: int) -> bool:
+        """Tells whether an item has its result."""
+        return bool(await self.redis.hexists(results_key(job_id), str(index)))
+
+    async def results(self, job_id: str, indexes: Sequence[int]) -> list[bytes | None]:
+        """Returns the stored results of `indexes` (None where an item has none)."""
+        if not indexes:
+            return []
+        replies: Any = await self.redis.hmget(results_key(job_id), [str(i) for i in indexes])
+        return list(replies)
+
+    async def owned(self, key_id: str, before_ms: int, count: int) -> list[tuple[str, int]]:
+        """Returns up to `count` of a key's jobs created before `before_ms`, newest first."""
+        raw: Any = await self.redis.zrevrangebyscore(
+            owner_key(key_id), f"({before_ms}", "-inf", start=0, num=count, withscores=True
+        )
+        return [(text(member), int(score)) for member, score in raw]
+
+    async def forget_owned(self, key_id: str, job_ids: Sequence[str]) -> None:
+        """Drops jobs whose records expired from a key's list."""
+        if job_ids:
+            await self.redis.zrem(owner_key(key_id), *job_ids)
+
+    # -- running ----------------------------------------------------------
+
+    async def mark_running(self, job_id: str) -> None:
+        """Moves a QUEUED job to RUNNING (its first item starts)."""
+        await self._mark_running(keys=[job_key(job_id)], args=[now_ms()])
+
+    async def finish_item(
+        self,
+        job_id: str,
+        index: int,
+        result: jobs_pb2.JobResult,
+        usage: tuple[int, int, int],
+        stream: str,
+        entry_id: str,
+    ) -> bool:
+        """Stores an item's result, counts it, ends the job after its last item, and
+        acknowledges the item's stream entry, atomically; False when it had a result."""
+        succeeded = "0" if result.HasField("error") else "1"
+        wrote = await self._finish_item(
+            keys=[*self._job_keys(job_id), stream],
+            args=[
+                job_id,
+                index,
+                result.SerializeToString(),
+                succeeded,
+                *usage,
+                now_ms(),
+                self.retention_s,
+                GROUP,
+                entry_id,
+            ],
+        )
+        return bool(wrote)
+
+    async def ack(self, stream: str, entry_id: str) -> None:
+        """Acknowledges an entry whose item must not run (its job ended or is gone)."""
+        await self.redis.xack(stream, GROUP, entry_id)
+
+    async def end(self, job_id: str, status: str, due_before_ms: int = 0) -> bool:
+        """Ends a running job with `status` (CANCELLED, EXPIRED); False when it had ended.
+
+        With `due_before_ms`, only a job whose deadline is before it ends (the
+        expiry sweep cannot end a job whose deadline moved).
+        """
+        ended = await self._end_job(
+            keys=self._job_keys(job_id),
+            args=[job_id, status, now_ms(), self.retention_s, due_before_ms],
+        )
+        return bool(ended)
+
+    async def overdue(self, now: int, count: int = 100) -> list[str]:
+        """Returns unfinished jobs whose deadline has passed."""
+        raw: Any = await self.redis.zrangebyscore(ACTIVE_KEY, "-inf", now, start=0, num=count)
+        return [text(r) for r in raw]
+
+    def _job_keys(self, job_id: str) -> list[str]:
+        return [
+            job_key(job_id),
+            items_key(job_id),
+            results_key(job_id),
+            ACTIVE_KEY,
+            HOOKS_KEY,
+            attempts_key(job_id),
+        ]
+
+    async def lanes(self) -> list[str]:
+        """Returns every lane's stream."""
+        members: Any = await self.redis.smembers(LANES_KEY)
+        return sorted(work_stream(text(m)) for m in members)
+
+    # -- webhooks ---------------------------------------------------------
+
+    async def claim_due_hooks(self, lease_ms: int, count: int) -> list[str]:
+        """Returns jobs whose webhook is due, leased to this replica for `lease_ms`."""
+        raw = await self._claim_hooks(keys=[HOOKS_KEY], args=[now_ms(), lease_ms, count])
+        return [text(r) for r in raw]
+
+    async def drop_hook(self, job_id: str) -> None:
+        """Forgets a due webhook that has nothing to send (its job is gone or it was sent)."""
+        await self.redis.zrem(HOOKS_KEY, job_id)
+
+    async def next_attempt(self, job_id: str) -> int:
+        """Counts a delivery attempt; returns its number."""
+        return int(await self.redis.hincrby(job_key(job_id), "webhook_attempts", 1))
+
+    async def record_attempt(
+        self, job_id: str, attempt: jobs_pb2.WebhookAttempt, state: str, next_ms: int
+    ) -> None:
+        """Records an attempt and the webhook's next state (next_ms 0: no further attempt)."""
+        await self._record_attempt(
+            keys=[job_key(job_id), attempts_key(job_id), HOOKS_KEY],
+            args=[job_id, attempt.SerializeToString(), state, next_ms, MAX_ATTEMPTS_KEPT],
+        )
+
+    async def redeliver(self, job_id: str) -> None:
+        """Makes a final job's webhook due now, for a new round of attempts."""
+        await self._redeliver(keys=[job_key(job_id), HOOKS_KEY], args=[job_id, now_ms()])
+
+    # -- webhook secrets --------------------------------------------------
+
+    async def create_secret(self, key_id: str, secret: str) -> bool:
+        """Stores a key's first webhook secret; False when it has one."""
+        return bool(await self.redis.hsetnx(secret_key(key_id), "current", secret))
+
+    async def rotate_secret(self, key_id: str, secret: str, overlap_ms: int) -> None:
+        """Makes `secret` the key's secret; the old one signs too for `overlap_ms`."""
+        await self._rotate_secret(keys=[secret_key(key_id)], args=[secret, overlap_ms, now_ms()])
+
+    async def secrets_in_use(self, key_id: str) -> list[str]:
+        """Returns the secrets a key's events are signed with now (current first)."""
+        raw = _decode(await self.redis.hgetall(secret_key(key_id)))
+        out = [raw["current"]] if "current" in raw else []
+        if raw.get("previous") and int(raw.get("previous_until_ms") or 0) > now_ms():
+            out.append(raw["previous"])
+        return out

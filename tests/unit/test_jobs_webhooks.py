@@ -1,0 +1,101 @@
+"""Webhook signing (checked against the standardwebhooks package) and the SSRF rules."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+
+import pytest
+import standardwebhooks
+
+from services.jobs import signing, ssrf
+from services.jobs.webhooks import DeliveryPolicy
+
+
+def test_signatures_verify_with_an_independent_standard_webhooks_implementation():
+    secret = signing.new_secret()
+    body = b'{"type":"job.succeeded","data":{"id":"job-1"}}'
+    webhook = standardwebhooks.Webhook(secret)
+    # The library checks the timestamp against its clock: sign with "now".
+    now = int(time.time())
+    headers = signing.headers([secret], "msg-job-1", now, body)
+    assert webhook.verify(body, headers)["data"]["id"] == "job-1"
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        webhook.verify(body + b" ", headers)
+
+
+def test_a_rotated_secret_signs_with_both_and_either_verifies():
+    old, new = signing.new_secret(), signing.new_secret()
+    body = b"{}"
+    headers = signing.headers([new, old], "msg-x", int(time.time()), body)
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    for secret in (old, new):
+        standardwebhooks.Webhook(secret).verify(body, headers)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "169.254.169.254",
+        "10.0.0.1",
+        "172.16.0.1",
+        "192.168.1.1",
+        "127.0.0.1",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "::1",
+        "fe80::1",
+        "fd00:ec2::254",
+        "::ffff:10.0.0.1",
+        "ff02::1",
+    ],
+)
+def test_private_loopback_link_local_multicast_and_metadata_addresses_are_forbidden(address):
+    assert ssrf.is_forbidden(ipaddress.ip_address(address))
+
+
+def test_public_addresses_are_allowed():
+    assert not ssrf.is_forbidden(ipaddress.ip_address("8.8.8.8"))
+    assert not ssrf.is_forbidden(ipaddress.ip_address("2606:4700:4700::1111"))
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://8.8.8.8/hook", "https"),
+        ("ftp://8.8.8.8/hook", "https"),
+        ("https://user:pw@8.8.8.8/hook", "credentials"),
+        ("https:///hook", "host"),
+        ("https://8.8.8.8:99999/hook", "valid"),
+    ],
+)
+def test_urls_that_are_not_plain_https_are_refused(url, why):
+    with pytest.raises(ssrf.RefusedUrl, match=why):
+        ssrf.parse(url, allow_hosts=())
+
+
+def test_an_allowed_host_may_use_http_and_a_private_address():
+    target = ssrf.parse("http://127.0.0.1:8080/hook?x=1", allow_hosts=("127.0.0.1",))
+    assert (target.port, target.target, target.allowed) == (8080, "/hook?x=1", True)
+    assert asyncio.run(ssrf.resolve(target)) == [ipaddress.ip_address("127.0.0.1")]
+
+
+def test_a_literal_private_address_is_refused_without_a_lookup():
+    target = ssrf.parse("https://10.0.0.1/hook", allow_hosts=())
+    with pytest.raises(ssrf.RefusedUrl, match="10.0.0.1"):
+        asyncio.run(ssrf.resolve(target))
+
+
+def test_a_name_that_resolves_to_loopback_is_refused():
+    target = ssrf.parse("https://localhost/hook", allow_hosts=())
+    with pytest.raises(ssrf.RefusedUrl):
+        asyncio.run(ssrf.resolve(target))
+
+
+def test_the_retry_schedule_ends_in_the_dead_letter_state():
+    policy = DeliveryPolicy(schedule_s=(1, 2))
+    assert 0.8 <= policy.next_delay_s(1) <= 1.2
+    assert 1.6 <= policy.next_delay_s(2) <= 2.4
+    assert policy.next_delay_s(3) is None
