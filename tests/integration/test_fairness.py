@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc.aio
 import pytest
+from prometheus_client import REGISTRY
 
 from services.inference.service import InferenceService
 from tests.integration.conftest import inference_settings, start_inference
@@ -28,7 +30,7 @@ HEAVY_STREAMS = 6  # four of them wait for a slot
 
 
 async def _stream(
-    stub: rpc.InferenceServiceStub,
+    stub: Any,
     tenant: str,
     name: str,
     max_tokens: int,
@@ -63,6 +65,18 @@ async def _occupancy(service: InferenceService, running: int, waiting: int) -> N
             await asyncio.sleep(0.01)
 
 
+def _served_tokens(tenant: str) -> float:
+    labels = {"model": MODEL, "version": "1", "tenant": tenant, "kind": "completion"}
+    return REGISTRY.get_sample_value("tokenmesh_tenant_service_tokens_total", labels) or 0.0
+
+
+async def _metrics_count(tokens: float) -> None:
+    """Waits until the per-tenant service metric (published every 0.25 s) shows `tokens`."""
+    async with asyncio.timeout(10):
+        while _served_tokens("light") < tokens:
+            await asyncio.sleep(0.05)
+
+
 async def _heavy_then_light(
     service: InferenceService, channel: grpc.aio.Channel
 ) -> tuple[list[str], dict[str, float]]:
@@ -94,8 +108,10 @@ async def test_a_light_tenant_is_not_queued_behind_a_heavy_tenants_streams(
         max_sequences=SLOTS,
         scheduler_fairness=fairness,
     )
+    served_before = _served_tokens("light")
     async with await start_inference(settings) as (service, channel):
         first_tokens, queue_ms = await _heavy_then_light(service, channel)
+        await _metrics_count(served_before + 4)  # the light request's 4 tokens
     light_at = first_tokens.index("light")
     if fairness == "tenant":
         # The first slot to free goes to the light tenant: its first token comes right
