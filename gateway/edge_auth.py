@@ -86,6 +86,19 @@ RPC_SCOPES: Mapping[str, str] = {
     "/tokenmesh.router.v1.RouterService/GetPromptTemplate": "models:read",
     "/tokenmesh.router.v1.RouterService/CreatePromptTemplate": "admin",
     "/tokenmesh.router.v1.RouterService/SetPromptTemplateAlias": "admin",
+    # Content policies and redacted samples: admin only (samples hold request text).
+    **{
+        f"/tokenmesh.router.v1.RouterService/{rpc}": "admin"
+        for rpc in (
+            "CreatePolicy",
+            "GetPolicy",
+            "ListPolicies",
+            "AttachPolicy",
+            "DetachPolicy",
+            "SetSampleSettings",
+            "ExportSamples",
+        )
+    },
     "/tokenmesh.usage.v1.UsageService/GetUsage": "usage:read",
     "/tokenmesh.usage.v1.UsageService/ListAuditEntries": "admin",
     "/tokenmesh.usage.v2.UsageService/GetUsage": "usage:read",

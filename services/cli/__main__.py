@@ -28,6 +28,8 @@ TOKENMESH_API_KEY).
     tokenmesh workers list [--json]
     tokenmesh workers drain WORKER_ID
     tokenmesh usage dead-letters [--limit N] [--json]
+    tokenmesh policies create|list|get|attach|detach ...   (services/cli/policies.py)
+    tokenmesh samples enable|disable|export ...
 
 `models` and `prompts` commands go through the edge (--edge-address, TOKENMESH_EDGE_ADDR),
 which checks the key's admin scope; `workers` talk to the router
@@ -51,6 +53,7 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
 
+from services.cli import policies as policy_cli
 from services.core import contract, identity, pki
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2_grpc
 from tokenmesh.auth.v1 import auth_service_pb2 as pb
@@ -495,6 +498,7 @@ def parser() -> argparse.ArgumentParser:
     subs += _prompts_parsers(groups)
     subs += _workers_parsers(groups)
     subs += _usage_parsers(groups)
+    subs += policy_cli.add_parsers(groups)
     for sub in subs:
         sub.add_argument("--json", action="store_true", help="print JSON")
     return root

@@ -243,6 +243,18 @@ CALLER_RULES: dict[str, CallerRule] = {
     "/tokenmesh.router.v1.RouterService/SetModelPrice": _ADMIN,
     "/tokenmesh.router.v1.RouterService/CreatePromptTemplate": _ADMIN,
     "/tokenmesh.router.v1.RouterService/SetPromptTemplateAlias": _ADMIN,
+    **{
+        f"/tokenmesh.router.v1.RouterService/{rpc}": _ADMIN
+        for rpc in (
+            "CreatePolicy",
+            "GetPolicy",
+            "ListPolicies",
+            "AttachPolicy",
+            "DetachPolicy",
+            "SetSampleSettings",
+            "ExportSamples",
+        )
+    },
     "/tokenmesh.usage.v1.UsageService/ListAuditEntries": _ADMIN,
     # A worker also drains itself on SIGTERM (the router checks it is its own host).
     "/tokenmesh.router.v1.WorkerRegistryService/DrainWorker": _rule(

@@ -37,6 +37,7 @@ from services.core.interceptors import Context, request_headers
 from services.inference import metrics
 from services.inference.budget import Limits, TokenBudgets
 from services.inference.models import LoadedModel, ModelRegistry
+from services.inference.pipeline.content import ContentStage
 from services.inference.usage_log import UsageLog
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.type.v1 import types_pb2
@@ -239,6 +240,9 @@ class Admission:
         self.usage_log = usage_log
         self.budgets = budgets
         self.worker_id = worker_id
+        # Content policies and samples (services.inference.pipeline.content); the
+        # service sets a stage backed by its policy cache, none by default.
+        self.content = ContentStage()
         self._background: set[asyncio.Task[None]] = set()
 
     def resolve(self, context: Context, name: str, version: str, *, generative: bool) -> Target:

@@ -25,6 +25,8 @@ from services.inference.fairness import FAIRNESS_MODES, FairnessPolicy, parse_we
 from services.inference.load_report import worker_load
 from services.inference.models import LoadedModel, ModelRegistry
 from services.inference.openai import servicer as openai
+from services.inference.pipeline.content import ContentStage
+from services.inference.policy_cache import PolicyCache
 from services.inference.registration import Registration
 from services.inference.repository import (
     EngineOptions,
@@ -36,6 +38,7 @@ from services.inference.servicer import InferenceAdminServicer, InferenceService
 from services.inference.template_cache import TemplateCache
 from services.inference.usage_log import UsageLog
 from services.inference.v2 import servicer as v2
+from services.router.policies import PolicyCatalog
 from services.router.prompts import PromptCatalog
 from tokenmesh.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_grpc
@@ -278,6 +281,9 @@ class InferenceService(Service):
         # Prompt templates by reference ("support@3", "support@stable"), kept fresh in the
         # background: the request path reads them from memory.
         self.templates = TemplateCache(PromptCatalog(self.redis))
+        # Content policies attached to tenants and keys, and sample settings: in memory,
+        # refreshed in the background (services.inference.policy_cache).
+        self.policies = PolicyCache(PolicyCatalog(self.redis))
         self._running: RunningServer | None = None
         self.registration: Registration | None = None
 
@@ -292,6 +298,7 @@ class InferenceService(Service):
             worker_id=self.settings.worker_id,
         )
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(v1, server)
+        v1.admission.content = ContentStage(self.policies, self.usage_log, self.redis)
         # v2 shares v1's routing, budgets and usage recording (one Admission).
         v2_servicer = v2.InferenceServicer(v1.admission, templates=self.templates)
         v2_grpc.add_InferenceServiceServicer_to_server(v2_servicer, server)
@@ -306,6 +313,7 @@ class InferenceService(Service):
         self.health.attach(functools.partial(running.set_serving, self.service_names()))
         self.usage_log.start(self.tasks)
         self.templates.start(self.tasks)
+        self.policies.start(self.tasks)
         for entry in self.settings.test_models:
             name, version = _split(entry)
             step_s = self.settings.test_engine_step_ms / 1000
@@ -371,5 +379,6 @@ class InferenceService(Service):
             await model.stop(drain_timeout_s=0)
         await self.usage_log.stop()
         await self.templates.stop()
+        await self.policies.stop()
         await self.tasks.stop()
         await self.redis.aclose()

@@ -15,6 +15,8 @@ from services.inference.templates import DEFAULT_MAX_LENGTH, Variable
 from services.router import catalog as cat
 from services.router.catalog import Catalog, ModelEntry, now
 from services.router.load_weights import LoadReport
+from services.router.policies import PolicyCatalog
+from services.router.policy_servicer import PolicyRpcs
 from services.router.prompts import PromptCatalog, PromptHead, PromptTemplate
 from services.router.registry import DRAINING, VersionCounts, WorkerEntry, WorkerRegistry
 from tokenmesh.router.v1 import router_pb2
@@ -185,8 +187,11 @@ def _refs(models: Sequence[types_pb2.ModelRef]) -> list[tuple[str, str]]:
     return [(ref.name, ref.version) for ref in models]
 
 
-class RouterServicer(pb_grpc.RouterServiceServicer):
-    """RouterServicer serves the catalogue; every change reaches the edges within a second."""
+class RouterServicer(PolicyRpcs, pb_grpc.RouterServiceServicer):
+    """RouterServicer serves the catalogue; every change reaches the edges within a second.
+
+    Content policies and samples: `PolicyRpcs` (services.router.policy_servicer).
+    """
 
     def __init__(
         self,
@@ -199,6 +204,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         self.registry = registry
         self.refresh = refresh
         self.prompts = prompts
+        self.policy_catalog = PolicyCatalog(prompts.redis)
 
     async def _answer(self, model: ModelEntry) -> router_pb2.CatalogModel:
         at = now()

@@ -203,6 +203,7 @@ def audit_entry(event: inference_pb2.UsageEvent) -> usage_pb2.AuditEntry:
         trace_id=event.trace_id,
         request_id=event.request_id,
         template=template_label(event),
+        policy_hits=event.policy_hits,
     )
     entry.time.FromMilliseconds(event.finish_unix_ms)
     return entry

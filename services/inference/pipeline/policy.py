@@ -159,7 +159,7 @@ class Policy:
             )
 
     @functools.cached_property
-    def _input_rules(self) -> list[tuple[str, Any, str]]:
+    def input_rules(self) -> list[tuple[str, Any, str]]:
         """(rule name, compiled pattern, reason) of every input deny rule."""
         rules = [
             (f"block_pattern:{i}", _compile(r.pattern), r.reason)
@@ -260,7 +260,7 @@ def check_input(
             raise ContentPolicyViolation(
                 hit, field_name, f"input over {policy.max_input_chars} characters"
             )
-        for rule, pattern, reason in policy._input_rules:
+        for rule, pattern, reason in policy.input_rules:
             if any(_search(pattern, t) for t in result.texts):
                 raise ContentPolicyViolation(policy.hit(rule, BLOCK, INPUT), field_name, reason)
         result.texts = [_apply_pii(policy, t, result.hits, field_name) for t in result.texts]

@@ -23,6 +23,7 @@ from services.core.interceptors import Context
 from services.inference.admission import Request, Target
 from services.inference.generation import Delta, GenerationState, stream_deltas
 from services.inference.logprobs import Confidence, TokenLogprob
+from services.inference.pipeline.content import NO_CONTENT, RequestContent
 from services.inference.scheduler import Scheduler, Sequence_
 from services.inference.templates import TemplateId
 from services.inference.tokenizer import Tokenizer
@@ -32,7 +33,7 @@ from services.inference.validation import check_context
 API_VERSION = "v2"
 # The request's finish reason, for usage and metrics, is the most serious of its
 # choices' reasons.
-_SEVERITY = ("stop", "length", "cancelled", "quota", "error")
+_SEVERITY = ("stop", "length", "content_filter", "cancelled", "quota", "error")
 
 
 def request_finish_reason(reasons: Sequence[str]) -> str:
@@ -136,6 +137,7 @@ class Generation(Request):
         self.needed_tokens = len(prompt_ids) + spec.n * max_tokens
         self.choices: list[Choice] = []
         self.sent_tokens = 0  # completion tokens in messages the caller accepted
+        self.content: RequestContent = NO_CONTENT  # its content policies (output filter)
 
     @property
     def prompt_tokens(self) -> int:
@@ -200,8 +202,11 @@ class Generation(Request):
         if len(streams) == 1:
             # One choice (every v1 request, most v2 ones): nothing to interleave, so no
             # reader task and no queue hop per delta.
-            return single(self.choices[0], streams[0])
-        return interleave(self.choices, streams)
+            merged = single(self.choices[0], streams[0])
+        else:
+            merged = interleave(self.choices, streams)
+        # Output rules (or sampling): deltas are held back until no rule can match them.
+        return self.content.filter(merged, self) if self.content.filters_output else merged
 
 
 async def single(

@@ -48,6 +48,7 @@ FINISH_REASONS = {
     "cancelled": inference_pb2.FINISH_REASON_CANCELLED,
     "error": inference_pb2.FINISH_REASON_ERROR,
     "quota": inference_pb2.FINISH_REASON_QUOTA,
+    "content_filter": inference_pb2.FINISH_REASON_CONTENT_FILTER,
 }
 
 
@@ -168,6 +169,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     ) -> Generation:
         spec = GenerationSpec.from_pb(request)
         target = self.admission.resolve(context, spec.model, spec.version, generative=True)
+        # Content policy on input: the model sees the redacted texts (or nothing: a block).
+        api_version = self.surface.api_version
+        spec, content = await self.admission.content.admit(context, target, spec, rpc, api_version)
         prompt = await prompting.prepare(spec, target.model, self.templates)
         generation = Generation(
             context,
@@ -179,6 +183,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             api_version=self.surface.api_version,
             token_logprobs=self.surface.token_logprobs,
         )
+        generation.content = content
         await self.admission.reserve(generation)
         generation.submit(context.time_remaining())
         return generation
@@ -199,6 +204,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         template = prompting.template_ref(generation.template)
         if template is not None:
             event.template.CopyFrom(template)
+        generation.content.record(event, generation.content.outputs(len(generation.choices)))
         self.admission.record(generation, event)
         quality.observe_generation(generation)
 
@@ -213,6 +219,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         """Makes `message` the choice's final message: outcome, cumulative usage, timing."""
         choice.finish_reason = reason
         message.finish_reason = FINISH_REASONS[reason]
+        message.finish_message = generation.content.finish_message(choice.index)
         message.usage.CopyFrom(usage_pb(generation, completion_tokens))
         message.timing.CopyFrom(timing_pb(choice.timing()))
         message.model.CopyFrom(generation.model_ref())
@@ -322,6 +329,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             self._record(generation)
         for choice in generation.choices:
             _finish_choice(outputs[choice.index], choice)
+            outputs[choice.index].finish_message = generation.content.finish_message(choice.index)
         return pb.CompleteResponse(
             choices=[outputs[i] for i in sorted(outputs)],
             usage=usage_pb(generation, generation.sent_tokens),
@@ -346,11 +354,15 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         assert embedder is not None  # resolve() checked the kind
         rpc, api_version = self.surface.rpc("Embed"), self.surface.api_version
         call = Request(context, target, request.request_id, rpc, api_version, request.metadata)
+        inputs, content = await self.admission.content.check_texts(
+            context, target, request.inputs, field_name="inputs",
+            request_id=call.request_id, rpc=rpc, api_version=api_version,
+        )  # fmt: skip
         truncate = request.truncate == inference_pb2.TRUNCATION_END
         if truncate:
-            encoded, cut = await asyncio.to_thread(embedder.tokenize_truncated, request.inputs)
+            encoded, cut = await asyncio.to_thread(embedder.tokenize_truncated, inputs)
         else:
-            encoded = await asyncio.to_thread(embedder.tokenize, request.inputs)
+            encoded = await asyncio.to_thread(embedder.tokenize, inputs)
             cut = [False] * len(encoded)
         prompt_tokens = sum(len(ids) for ids in encoded)
         finish_reason = "error"
@@ -362,7 +374,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         finally:
             timing = v1_pb.Timing(total_ms=(time.monotonic() - call.started) * 1000)
             usage = token_usage(prompt_tokens, 0)
-            self.admission.usage_log.append(call.usage_event(usage, finish_reason, timing))
+            event = call.usage_event(usage, finish_reason, timing)
+            content.record(event)
+            self.admission.usage_log.append(event)
         base64_encoded = request.encoding == inference_pb2.EMBEDDING_ENCODING_BASE64
         return pb.EmbedResponse(
             embeddings=[

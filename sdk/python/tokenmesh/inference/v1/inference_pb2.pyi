@@ -318,6 +318,7 @@ class UsageEvent(_message.Message):
     API_VERSION_FIELD_NUMBER: _builtins.int
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     TEMPLATE_FIELD_NUMBER: _builtins.int
+    POLICY_HITS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """request_id identifies the request; consumers deduplicate on it."""
     key_id: _builtins.str
@@ -367,6 +368,13 @@ class UsageEvent(_message.Message):
         template for messages); unset for a prompt used as is.
         """
 
+    @_builtins.property
+    def policy_hits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """policy_hits are the content-policy rules that fired on the request,
+        "name@version rule action direction" (never the matched text); the
+        usage meter copies them into the request's audit entry.
+        """
+
     def __init__(
         self,
         *,
@@ -384,10 +392,11 @@ class UsageEvent(_message.Message):
         api_version: _builtins.str = ...,
         cached_prompt_tokens: _builtins.int = ...,
         template: _types_pb2.TemplateRef | None = ...,
+        policy_hits: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "template", b"template", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "cached_prompt_tokens", b"cached_prompt_tokens", "finish_reason", b"finish_reason", "finish_unix_ms", b"finish_unix_ms", "key_id", b"key_id", "metadata", b"metadata", "model", b"model", "request_id", b"request_id", "rpc", b"rpc", "template", b"template", "tenant", b"tenant", "timing", b"timing", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "cached_prompt_tokens", b"cached_prompt_tokens", "finish_reason", b"finish_reason", "finish_unix_ms", b"finish_unix_ms", "key_id", b"key_id", "metadata", b"metadata", "model", b"model", "policy_hits", b"policy_hits", "request_id", b"request_id", "rpc", b"rpc", "template", b"template", "tenant", b"tenant", "timing", b"timing", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -136,8 +136,10 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     FINISH_REASON_QUOTA: _FinishReason.ValueType  # 5
     """FINISH_REASON_QUOTA means the caller's token budget ran out mid-generation."""
     FINISH_REASON_CONTENT_FILTER: _FinishReason.ValueType  # 6
-    """FINISH_REASON_CONTENT_FILTER is reserved for an output policy that stops a
-    choice; no server sends it yet.
+    """FINISH_REASON_CONTENT_FILTER means an output rule of the caller's content
+    policy matched: the choice stopped before the matching text was sent, and
+    its final message's finish_message names the policy and rule (never the
+    text). The tokens generated so far are in usage and billed.
     """
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
@@ -167,8 +169,10 @@ the message's error says why.
 FINISH_REASON_QUOTA: FinishReason.ValueType  # 5
 """FINISH_REASON_QUOTA means the caller's token budget ran out mid-generation."""
 FINISH_REASON_CONTENT_FILTER: FinishReason.ValueType  # 6
-"""FINISH_REASON_CONTENT_FILTER is reserved for an output policy that stops a
-choice; no server sends it yet.
+"""FINISH_REASON_CONTENT_FILTER means an output rule of the caller's content
+policy matched: the choice stopped before the matching text was sent, and
+its final message's finish_message names the policy and rule (never the
+text). The tokens generated so far are in usage and billed.
 """
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
@@ -628,6 +632,7 @@ class Choice(_message.Message):
     CONFIDENCE_FIELD_NUMBER: _builtins.int
     MEAN_LOGPROB_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
+    FINISH_MESSAGE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """index is the choice's position: 0 to n - 1."""
     text: _builtins.str
@@ -642,6 +647,11 @@ class Choice(_message.Message):
     mean_logprob: _builtins.float
     """mean_logprob is the mean natural-log probability of the choice's tokens
     (<= 0), from the same distributions as logprobs. Unset when the choice has no tokens.
+    """
+    finish_message: _builtins.str
+    """finish_message explains a finish reason that needs it: with
+    FINISH_REASON_CONTENT_FILTER, the content policy and rule that stopped the
+    choice. Empty otherwise.
     """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -666,10 +676,11 @@ class Choice(_message.Message):
         confidence: _builtins.float | None = ...,
         mean_logprob: _builtins.float | None = ...,
         timing: Global___Timing | None = ...,
+        finish_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "_mean_logprob", b"_mean_logprob", "confidence", b"confidence", "mean_logprob", b"mean_logprob", "timing", b"timing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "_mean_logprob", b"_mean_logprob", "confidence", b"confidence", "finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "mean_logprob", b"mean_logprob", "text", b"text", "timing", b"timing", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "_mean_logprob", b"_mean_logprob", "confidence", b"confidence", "finish_message", b"finish_message", "finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "mean_logprob", b"mean_logprob", "text", b"text", "timing", b"timing", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__confidence: _TypeAlias = _typing.Literal["confidence"]  # noqa: Y015
     _WhichOneofArgType__confidence: _TypeAlias = _typing.Literal["_confidence", b"_confidence"]  # noqa: Y015

@@ -324,6 +324,7 @@ class GenerateResponse(_message.Message):
     MEAN_LOGPROB_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    FINISH_MESSAGE_FIELD_NUMBER: _builtins.int
     choice_index: _builtins.int
     """choice_index is the choice this message belongs to: 0 to n - 1."""
     text: _builtins.str
@@ -342,6 +343,11 @@ class GenerateResponse(_message.Message):
     """
     request_id: _builtins.str
     """request_id identifies the request."""
+    finish_message: _builtins.str
+    """finish_message explains a finish reason that needs it (final messages
+    only): with FINISH_REASON_CONTENT_FILTER, the content policy and rule that
+    stopped the choice, never the matched text. Empty otherwise.
+    """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """token_ids are the token ids the choice generated since its previous message."""
@@ -396,10 +402,11 @@ class GenerateResponse(_message.Message):
         mean_logprob: _builtins.float | None = ...,
         error: _status_pb2.Status | None = ...,
         request_id: _builtins.str = ...,
+        finish_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "_finish_reason", b"_finish_reason", "_mean_logprob", b"_mean_logprob", "confidence", b"confidence", "error", b"error", "finish_reason", b"finish_reason", "mean_logprob", b"mean_logprob", "model", b"model", "template", b"template", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "_finish_reason", b"_finish_reason", "_mean_logprob", b"_mean_logprob", "choice_index", b"choice_index", "confidence", b"confidence", "error", b"error", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "mean_logprob", b"mean_logprob", "model", b"model", "request_id", b"request_id", "template", b"template", "text", b"text", "timing", b"timing", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "_finish_reason", b"_finish_reason", "_mean_logprob", b"_mean_logprob", "choice_index", b"choice_index", "confidence", b"confidence", "error", b"error", "finish_message", b"finish_message", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "mean_logprob", b"mean_logprob", "model", b"model", "request_id", b"request_id", "template", b"template", "text", b"text", "timing", b"timing", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__confidence: _TypeAlias = _typing.Literal["confidence"]  # noqa: Y015
     _WhichOneofArgType__confidence: _TypeAlias = _typing.Literal["_confidence", b"_confidence"]  # noqa: Y015

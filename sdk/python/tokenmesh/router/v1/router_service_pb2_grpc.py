@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from tokenmesh.router.v1 import policy_pb2 as tokenmesh_dot_router_dot_v1_dot_policy__pb2
 from tokenmesh.router.v1 import router_service_pb2 as tokenmesh_dot_router_dot_v1_dot_router__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -100,6 +101,66 @@ class RouterServiceStub:
                 '/tokenmesh.router.v1.RouterService/SetPromptTemplateAlias',
                 request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetPromptTemplateAliasRequest.SerializeToString,
                 response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetPromptTemplateAliasResponse.FromString,
+                _registered_method=True)
+        self.CreatePolicy = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/CreatePolicy',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.CreatePolicyRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.CreatePolicyResponse.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/GetPolicy',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.GetPolicyResponse.FromString,
+                _registered_method=True)
+        self.ListPolicies = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/ListPolicies',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.ListPoliciesRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.ListPoliciesResponse.FromString,
+                _registered_method=True)
+        self.AttachPolicy = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/AttachPolicy',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.AttachPolicyRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.AttachPolicyResponse.FromString,
+                _registered_method=True)
+        self.DetachPolicy = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/DetachPolicy',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.DetachPolicyRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.DetachPolicyResponse.FromString,
+                _registered_method=True)
+        self.SetSampleSettings = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/SetSampleSettings',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.SetSampleSettingsRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.SetSampleSettingsResponse.FromString,
+                _registered_method=True)
+        self.ExportSamples = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/ExportSamples',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.ExportSamplesRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.ExportSamplesResponse.FromString,
+                _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/StartRollout',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.StartRolloutResponse.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/GetRollout',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.GetRolloutResponse.FromString,
+                _registered_method=True)
+        self.PauseRollout = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/PauseRollout',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.PauseRolloutRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.PauseRolloutResponse.FromString,
+                _registered_method=True)
+        self.ResumeRollout = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/ResumeRollout',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.ResumeRolloutRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.ResumeRolloutResponse.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/AbortRollout',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.AbortRolloutRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.AbortRolloutResponse.FromString,
                 _registered_method=True)
 
 
@@ -201,6 +262,96 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreatePolicy(self, request, context):
+        """CreatePolicy adds a new version of a content policy (creating the policy
+        if needed). Versions are immutable; each call adds one. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """GetPolicy returns one version of a content policy. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPolicies(self, request, context):
+        """ListPolicies lists the content policies and their attachments. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttachPolicy(self, request, context):
+        """AttachPolicy applies a policy to a tenant or an API key. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DetachPolicy(self, request, context):
+        """DetachPolicy removes a tenant's or a key's policy. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSampleSettings(self, request, context):
+        """SetSampleSettings opts a tenant in to redacted sample logging, recording
+        who consented and when (rate 0 opts out). Off by default. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSamples(self, request, context):
+        """ExportSamples reads a tenant's redacted samples, oldest first. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartRollout(self, request, context):
+        """StartRollout starts an SLO-gated canary rollout of a model version: the
+        router moves traffic to it step by step, advancing while its error rate
+        and TTFT p99 hold against the stable version's, rolling back to 0% at
+        once when either breaks. One rollout per model at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """GetRollout returns a model's rollout (the running one, else the last).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseRollout(self, request, context):
+        """PauseRollout holds a running rollout at its current weight.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRollout(self, request, context):
+        """ResumeRollout resumes a paused rollout (its current step starts again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """AbortRollout stops a rollout and sends the new version's traffic back to
+        the stable version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -268,6 +419,66 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.SetPromptTemplateAlias,
                     request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetPromptTemplateAliasRequest.FromString,
                     response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetPromptTemplateAliasResponse.SerializeToString,
+            ),
+            'CreatePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePolicy,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.CreatePolicyRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.CreatePolicyResponse.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.GetPolicyRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.GetPolicyResponse.SerializeToString,
+            ),
+            'ListPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPolicies,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.ListPoliciesRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.ListPoliciesResponse.SerializeToString,
+            ),
+            'AttachPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachPolicy,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.AttachPolicyRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.AttachPolicyResponse.SerializeToString,
+            ),
+            'DetachPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DetachPolicy,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.DetachPolicyRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.DetachPolicyResponse.SerializeToString,
+            ),
+            'SetSampleSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSampleSettings,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.SetSampleSettingsRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.SetSampleSettingsResponse.SerializeToString,
+            ),
+            'ExportSamples': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSamples,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.ExportSamplesRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_policy__pb2.ExportSamplesResponse.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.StartRolloutRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.StartRolloutResponse.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.GetRolloutRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.GetRolloutResponse.SerializeToString,
+            ),
+            'PauseRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRollout,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.PauseRolloutRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.PauseRolloutResponse.SerializeToString,
+            ),
+            'ResumeRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRollout,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.ResumeRolloutRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.ResumeRolloutResponse.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.AbortRolloutRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.AbortRolloutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -623,6 +834,330 @@ class RouterService:
             '/tokenmesh.router.v1.RouterService/SetPromptTemplateAlias',
             tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetPromptTemplateAliasRequest.SerializeToString,
             tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetPromptTemplateAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/CreatePolicy',
+            tokenmesh_dot_router_dot_v1_dot_policy__pb2.CreatePolicyRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_policy__pb2.CreatePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/GetPolicy',
+            tokenmesh_dot_router_dot_v1_dot_policy__pb2.GetPolicyRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_policy__pb2.GetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/ListPolicies',
+            tokenmesh_dot_router_dot_v1_dot_policy__pb2.ListPoliciesRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_policy__pb2.ListPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/AttachPolicy',
+            tokenmesh_dot_router_dot_v1_dot_policy__pb2.AttachPolicyRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_policy__pb2.AttachPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetachPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/DetachPolicy',
+            tokenmesh_dot_router_dot_v1_dot_policy__pb2.DetachPolicyRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_policy__pb2.DetachPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSampleSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/SetSampleSettings',
+            tokenmesh_dot_router_dot_v1_dot_policy__pb2.SetSampleSettingsRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_policy__pb2.SetSampleSettingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSamples(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/ExportSamples',
+            tokenmesh_dot_router_dot_v1_dot_policy__pb2.ExportSamplesRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_policy__pb2.ExportSamplesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/StartRollout',
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.StartRolloutRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.StartRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/GetRollout',
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.GetRolloutRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.GetRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/PauseRollout',
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.PauseRolloutRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.PauseRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/ResumeRollout',
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.ResumeRolloutRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.ResumeRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/AbortRollout',
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.AbortRolloutRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.AbortRolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,

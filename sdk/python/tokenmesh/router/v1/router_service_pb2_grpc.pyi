@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from tokenmesh.router.v1 import policy_pb2 as _policy_pb2
 from tokenmesh.router.v1 import router_service_pb2 as _router_service_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -65,6 +66,40 @@ class RouterServiceStub:
     """ListPromptTemplates lists the prompt templates with their versions and aliases."""
     SetPromptTemplateAlias: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.SetPromptTemplateAliasRequest, _router_service_pb2.SetPromptTemplateAliasResponse]
     """SetPromptTemplateAlias points an alias such as "stable" at a version."""
+    CreatePolicy: _grpc.UnaryUnaryMultiCallable[_policy_pb2.CreatePolicyRequest, _policy_pb2.CreatePolicyResponse]
+    """CreatePolicy adds a new version of a content policy (creating the policy
+    if needed). Versions are immutable; each call adds one. Admin only.
+    """
+    GetPolicy: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetPolicyRequest, _policy_pb2.GetPolicyResponse]
+    """GetPolicy returns one version of a content policy. Admin only."""
+    ListPolicies: _grpc.UnaryUnaryMultiCallable[_policy_pb2.ListPoliciesRequest, _policy_pb2.ListPoliciesResponse]
+    """ListPolicies lists the content policies and their attachments. Admin only."""
+    AttachPolicy: _grpc.UnaryUnaryMultiCallable[_policy_pb2.AttachPolicyRequest, _policy_pb2.AttachPolicyResponse]
+    """AttachPolicy applies a policy to a tenant or an API key. Admin only."""
+    DetachPolicy: _grpc.UnaryUnaryMultiCallable[_policy_pb2.DetachPolicyRequest, _policy_pb2.DetachPolicyResponse]
+    """DetachPolicy removes a tenant's or a key's policy. Admin only."""
+    SetSampleSettings: _grpc.UnaryUnaryMultiCallable[_policy_pb2.SetSampleSettingsRequest, _policy_pb2.SetSampleSettingsResponse]
+    """SetSampleSettings opts a tenant in to redacted sample logging, recording
+    who consented and when (rate 0 opts out). Off by default. Admin only.
+    """
+    ExportSamples: _grpc.UnaryUnaryMultiCallable[_policy_pb2.ExportSamplesRequest, _policy_pb2.ExportSamplesResponse]
+    """ExportSamples reads a tenant's redacted samples, oldest first. Admin only."""
+    StartRollout: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.StartRolloutRequest, _router_service_pb2.StartRolloutResponse]
+    """StartRollout starts an SLO-gated canary rollout of a model version: the
+    router moves traffic to it step by step, advancing while its error rate
+    and TTFT p99 hold against the stable version's, rolling back to 0% at
+    once when either breaks. One rollout per model at a time.
+    """
+    GetRollout: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.GetRolloutRequest, _router_service_pb2.GetRolloutResponse]
+    """GetRollout returns a model's rollout (the running one, else the last)."""
+    PauseRollout: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.PauseRolloutRequest, _router_service_pb2.PauseRolloutResponse]
+    """PauseRollout holds a running rollout at its current weight."""
+    ResumeRollout: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.ResumeRolloutRequest, _router_service_pb2.ResumeRolloutResponse]
+    """ResumeRollout resumes a paused rollout (its current step starts again)."""
+    AbortRollout: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.AbortRolloutRequest, _router_service_pb2.AbortRolloutResponse]
+    """AbortRollout stops a rollout and sends the new version's traffic back to
+    the stable version.
+    """
 
 @_typing.type_check_only
 class RouterServiceAsyncStub(RouterServiceStub):
@@ -103,6 +138,40 @@ class RouterServiceAsyncStub(RouterServiceStub):
     """ListPromptTemplates lists the prompt templates with their versions and aliases."""
     SetPromptTemplateAlias: _aio.UnaryUnaryMultiCallable[_router_service_pb2.SetPromptTemplateAliasRequest, _router_service_pb2.SetPromptTemplateAliasResponse]  # type: ignore[assignment]
     """SetPromptTemplateAlias points an alias such as "stable" at a version."""
+    CreatePolicy: _aio.UnaryUnaryMultiCallable[_policy_pb2.CreatePolicyRequest, _policy_pb2.CreatePolicyResponse]  # type: ignore[assignment]
+    """CreatePolicy adds a new version of a content policy (creating the policy
+    if needed). Versions are immutable; each call adds one. Admin only.
+    """
+    GetPolicy: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetPolicyRequest, _policy_pb2.GetPolicyResponse]  # type: ignore[assignment]
+    """GetPolicy returns one version of a content policy. Admin only."""
+    ListPolicies: _aio.UnaryUnaryMultiCallable[_policy_pb2.ListPoliciesRequest, _policy_pb2.ListPoliciesResponse]  # type: ignore[assignment]
+    """ListPolicies lists the content policies and their attachments. Admin only."""
+    AttachPolicy: _aio.UnaryUnaryMultiCallable[_policy_pb2.AttachPolicyRequest, _policy_pb2.AttachPolicyResponse]  # type: ignore[assignment]
+    """AttachPolicy applies a policy to a tenant or an API key. Admin only."""
+    DetachPolicy: _aio.UnaryUnaryMultiCallable[_policy_pb2.DetachPolicyRequest, _policy_pb2.DetachPolicyResponse]  # type: ignore[assignment]
+    """DetachPolicy removes a tenant's or a key's policy. Admin only."""
+    SetSampleSettings: _aio.UnaryUnaryMultiCallable[_policy_pb2.SetSampleSettingsRequest, _policy_pb2.SetSampleSettingsResponse]  # type: ignore[assignment]
+    """SetSampleSettings opts a tenant in to redacted sample logging, recording
+    who consented and when (rate 0 opts out). Off by default. Admin only.
+    """
+    ExportSamples: _aio.UnaryUnaryMultiCallable[_policy_pb2.ExportSamplesRequest, _policy_pb2.ExportSamplesResponse]  # type: ignore[assignment]
+    """ExportSamples reads a tenant's redacted samples, oldest first. Admin only."""
+    StartRollout: _aio.UnaryUnaryMultiCallable[_router_service_pb2.StartRolloutRequest, _router_service_pb2.StartRolloutResponse]  # type: ignore[assignment]
+    """StartRollout starts an SLO-gated canary rollout of a model version: the
+    router moves traffic to it step by step, advancing while its error rate
+    and TTFT p99 hold against the stable version's, rolling back to 0% at
+    once when either breaks. One rollout per model at a time.
+    """
+    GetRollout: _aio.UnaryUnaryMultiCallable[_router_service_pb2.GetRolloutRequest, _router_service_pb2.GetRolloutResponse]  # type: ignore[assignment]
+    """GetRollout returns a model's rollout (the running one, else the last)."""
+    PauseRollout: _aio.UnaryUnaryMultiCallable[_router_service_pb2.PauseRolloutRequest, _router_service_pb2.PauseRolloutResponse]  # type: ignore[assignment]
+    """PauseRollout holds a running rollout at its current weight."""
+    ResumeRollout: _aio.UnaryUnaryMultiCallable[_router_service_pb2.ResumeRolloutRequest, _router_service_pb2.ResumeRolloutResponse]  # type: ignore[assignment]
+    """ResumeRollout resumes a paused rollout (its current step starts again)."""
+    AbortRollout: _aio.UnaryUnaryMultiCallable[_router_service_pb2.AbortRolloutRequest, _router_service_pb2.AbortRolloutResponse]  # type: ignore[assignment]
+    """AbortRollout stops a rollout and sends the new version's traffic back to
+    the stable version.
+    """
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     """RouterService manages the model catalogue and how traffic is routed
@@ -216,6 +285,112 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.SetPromptTemplateAliasResponse, _abc.Awaitable[_router_service_pb2.SetPromptTemplateAliasResponse]]:
         """SetPromptTemplateAlias points an alias such as "stable" at a version."""
+
+    @_abc_1.abstractmethod
+    def CreatePolicy(
+        self,
+        request: _policy_pb2.CreatePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.CreatePolicyResponse, _abc.Awaitable[_policy_pb2.CreatePolicyResponse]]:
+        """CreatePolicy adds a new version of a content policy (creating the policy
+        if needed). Versions are immutable; each call adds one. Admin only.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPolicy(
+        self,
+        request: _policy_pb2.GetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.GetPolicyResponse, _abc.Awaitable[_policy_pb2.GetPolicyResponse]]:
+        """GetPolicy returns one version of a content policy. Admin only."""
+
+    @_abc_1.abstractmethod
+    def ListPolicies(
+        self,
+        request: _policy_pb2.ListPoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.ListPoliciesResponse, _abc.Awaitable[_policy_pb2.ListPoliciesResponse]]:
+        """ListPolicies lists the content policies and their attachments. Admin only."""
+
+    @_abc_1.abstractmethod
+    def AttachPolicy(
+        self,
+        request: _policy_pb2.AttachPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.AttachPolicyResponse, _abc.Awaitable[_policy_pb2.AttachPolicyResponse]]:
+        """AttachPolicy applies a policy to a tenant or an API key. Admin only."""
+
+    @_abc_1.abstractmethod
+    def DetachPolicy(
+        self,
+        request: _policy_pb2.DetachPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.DetachPolicyResponse, _abc.Awaitable[_policy_pb2.DetachPolicyResponse]]:
+        """DetachPolicy removes a tenant's or a key's policy. Admin only."""
+
+    @_abc_1.abstractmethod
+    def SetSampleSettings(
+        self,
+        request: _policy_pb2.SetSampleSettingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.SetSampleSettingsResponse, _abc.Awaitable[_policy_pb2.SetSampleSettingsResponse]]:
+        """SetSampleSettings opts a tenant in to redacted sample logging, recording
+        who consented and when (rate 0 opts out). Off by default. Admin only.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportSamples(
+        self,
+        request: _policy_pb2.ExportSamplesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.ExportSamplesResponse, _abc.Awaitable[_policy_pb2.ExportSamplesResponse]]:
+        """ExportSamples reads a tenant's redacted samples, oldest first. Admin only."""
+
+    @_abc_1.abstractmethod
+    def StartRollout(
+        self,
+        request: _router_service_pb2.StartRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_service_pb2.StartRolloutResponse, _abc.Awaitable[_router_service_pb2.StartRolloutResponse]]:
+        """StartRollout starts an SLO-gated canary rollout of a model version: the
+        router moves traffic to it step by step, advancing while its error rate
+        and TTFT p99 hold against the stable version's, rolling back to 0% at
+        once when either breaks. One rollout per model at a time.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRollout(
+        self,
+        request: _router_service_pb2.GetRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_service_pb2.GetRolloutResponse, _abc.Awaitable[_router_service_pb2.GetRolloutResponse]]:
+        """GetRollout returns a model's rollout (the running one, else the last)."""
+
+    @_abc_1.abstractmethod
+    def PauseRollout(
+        self,
+        request: _router_service_pb2.PauseRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_service_pb2.PauseRolloutResponse, _abc.Awaitable[_router_service_pb2.PauseRolloutResponse]]:
+        """PauseRollout holds a running rollout at its current weight."""
+
+    @_abc_1.abstractmethod
+    def ResumeRollout(
+        self,
+        request: _router_service_pb2.ResumeRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_service_pb2.ResumeRolloutResponse, _abc.Awaitable[_router_service_pb2.ResumeRolloutResponse]]:
+        """ResumeRollout resumes a paused rollout (its current step starts again)."""
+
+    @_abc_1.abstractmethod
+    def AbortRollout(
+        self,
+        request: _router_service_pb2.AbortRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_service_pb2.AbortRolloutResponse, _abc.Awaitable[_router_service_pb2.AbortRolloutResponse]]:
+        """AbortRollout stops a rollout and sends the new version's traffic back to
+        the stable version.
+        """
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -234,6 +234,9 @@ class AuditEntry(_message.Message):
     TRACE_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TEMPLATE_FIELD_NUMBER: _builtins.int
+    POLICY_HITS_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """key_id is the caller's key id."""
     tenant: _builtins.str
@@ -260,9 +263,21 @@ class AuditEntry(_message.Message):
     """template is the prompt template version that rendered the prompt,
     "name@version"; empty for a prompt used as is.
     """
+    action: _builtins.str
+    """action is what an operation did, for entries the mesh writes about itself
+    (tenant "tokenmesh.system"), e.g. "rollout.advance"; empty for requests.
+    """
+    detail: _builtins.str
+    """detail says why, e.g. "error rate 0.31 > 0.01 over 40 requests"."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """time is when the request finished."""
+
+    @_builtins.property
+    def policy_hits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """policy_hits are the content-policy rules that fired on the request,
+        "name@version rule action direction" (never the matched text).
+        """
 
     def __init__(
         self,
@@ -280,10 +295,13 @@ class AuditEntry(_message.Message):
         trace_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
         template: _builtins.str = ...,
+        policy_hits: _abc.Iterable[_builtins.str] | None = ...,
+        action: _builtins.str = ...,
+        detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "key_id", b"key_id", "model", b"model", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "rpc", b"rpc", "status", b"status", "template", b"template", "tenant", b"tenant", "time", b"time", "trace_id", b"trace_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "completion_tokens", b"completion_tokens", "detail", b"detail", "finish_reason", b"finish_reason", "key_id", b"key_id", "model", b"model", "policy_hits", b"policy_hits", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "rpc", b"rpc", "status", b"status", "template", b"template", "tenant", b"tenant", "time", b"time", "trace_id", b"trace_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,282 @@
+"""The content-policy stage of a request: policy on input, policy on output, samples.
+
+`ContentStage` is what the servicers call (every API surface goes through
+the v2 servicer, so v1 and the OpenAI surface get it too):
+
+- `admit(context, target, spec, rpc, api_version)` before the prompt is
+  rendered: the caller's policies (tenant's, then key's; from memory, see
+  services.inference.policy_cache) check and redact the request's own texts
+  (prompt, message contents, variables). A block raises
+  `ContentPolicyViolation` (INVALID_ARGUMENT, reason CONTENT_POLICY) after
+  recording a usage event with no tokens and finish reason "content_filter"
+  (so the block reaches the audit log with its rule). Returns the spec the
+  model sees and a `RequestContent`, the request's policy state.
+- `RequestContent.filter(stream, generation)` wraps a generation's
+  (choice, delta) stream when an output rule applies or the request is
+  sampled: an `OutputFilter` per choice holds deltas back; a match ends the
+  choice with finish reason "content_filter" (its held tokens counted as
+  sent: they were generated and are billed) and cancels its sequence.
+- `RequestContent.record(event, ...)` adds the hits to the usage event and
+  writes the redacted sample when the request was sampled.
+
+With no policy attached and no sampling, `admit` is two dict lookups and the
+stream is not wrapped: the disabled path costs what it cost before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter
+
+from services.core.interceptors import Context, request_headers
+from services.inference.pipeline import samples
+from services.inference.pipeline.policy import (
+    ContentPolicyViolation,
+    Hit,
+    OutputFilter,
+    OutputMatch,
+    Policy,
+    check_input,
+    policy_labels,
+)
+from services.inference.policy_cache import PolicyCache
+from services.inference.templates import Message
+from tokenmesh.inference.v1 import inference_pb2
+
+if TYPE_CHECKING:
+    from services.inference.admission import Request, Target
+    from services.inference.generation import Delta
+    from services.inference.v2.choices import Choice, Generation
+    from services.inference.v2.validation import GenerationSpec
+
+CONTENT_FILTER = "content_filter"
+POLICY_HITS = Counter(
+    "tokenmesh_policy_hits_total",
+    "Content-policy rules that fired, by policy (name@version), rule, action and direction.",
+    ("policy", "rule", "action", "direction"),
+)
+
+
+class UsageSink(Protocol):
+    """UsageSink is where a blocked request's usage event goes (the worker's UsageLog)."""
+
+    def append(self, event: inference_pb2.UsageEvent) -> None: ...
+
+
+def count(hits: Sequence[Hit]) -> None:
+    """Counts hits in tokenmesh_policy_hits_total."""
+    for hit in hits:
+        POLICY_HITS.labels(hit.policy, hit.rule, hit.action, hit.direction).inc()
+
+
+@dataclass
+class RequestContent:
+    """RequestContent is one request's policy state: policies, hits, sampling, filters."""
+
+    policies: Sequence[Policy] = ()
+    hits: list[Hit] = field(default_factory=list)
+    sampled: bool = False
+    input_text: str = ""  # as the model sees it (sampled requests only)
+    redis: aioredis.Redis | None = None  # where samples go
+    filters: dict[int, OutputFilter[Any]] = field(default_factory=dict)
+    stops: dict[int, OutputMatch] = field(default_factory=dict)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def filters_output(self) -> bool:
+        """Tells whether the output stream must go through `filter`."""
+        return self.sampled or any(p.output_block_patterns for p in self.policies)
+
+    def finish_message(self, choice_index: int) -> str:
+        """Returns why a choice ended with content_filter ("" if it did not)."""
+        match = self.stops.get(choice_index)
+        return match.message() if match is not None else ""
+
+    async def filter(
+        self,
+        stream: AsyncGenerator[tuple[Choice, Delta], None],
+        generation: Generation,
+    ) -> AsyncGenerator[tuple[Choice, Delta], None]:
+        """Yields the stream's deltas once their choice's output rules let them through."""
+        from services.inference.generation import Delta
+
+        try:
+            async for choice, delta in stream:
+                if choice.index in self.stops:
+                    # Stopped: generated before the cancel took effect, never sent, billed.
+                    generation.sent_tokens += len(delta.token_ids)
+                    continue
+                flt = self.filters.setdefault(choice.index, OutputFilter(self.policies))
+                released = flt.feed(delta.text, delta)
+                if flt.match is not None:
+                    self._stop(choice, flt, generation)
+                    yield choice, Delta("", [], CONTENT_FILTER)
+                    continue
+                if delta.finish_reason:
+                    released = flt.flush()
+                for item in released:
+                    yield choice, item
+        finally:
+            await stream.aclose()
+
+    def _stop(self, choice: Choice, flt: OutputFilter[Any], generation: Generation) -> None:
+        assert flt.match is not None
+        self.stops[choice.index] = flt.match
+        self.hits.append(flt.match.hit)
+        count([flt.match.hit])
+        # Generated, never sent, yet billed: the tokens held back count as sent.
+        generation.sent_tokens += sum(len(d.token_ids) for d in flt.held_items)
+        generation.scheduler.cancel(choice.seq)
+
+    def outputs(self, count_: int) -> list[str]:
+        """Returns each choice's released text (sampling)."""
+        return [
+            "".join(self.filters[i].released_text) if i in self.filters else ""
+            for i in range(count_)
+        ]
+
+    def record(self, event: inference_pb2.UsageEvent, outputs: Sequence[str] = ()) -> None:
+        """Adds the hits to the usage event; writes the sample if the request is sampled."""
+        event.policy_hits.extend(policy_labels(self.hits))
+        if not (self.sampled and self.redis is not None):
+            return
+        sample = samples.build(
+            request_id=event.request_id,
+            tenant=event.tenant,
+            key_id=event.key_id,
+            model=(event.model.name, event.model.version),
+            rpc=event.rpc,
+            input_text=self.input_text,
+            outputs=outputs,
+            finish_reason=event.finish_reason,
+            policy_hits=event.policy_hits,
+        )
+        task = asyncio.create_task(samples.write(self.redis, sample))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+NO_CONTENT = RequestContent()
+
+
+def spec_texts(spec: GenerationSpec) -> list[str]:
+    """Returns a request's own texts: prompt, message contents, variable values."""
+    texts = [spec.prompt] if spec.prompt is not None else []
+    texts += [m.content for m in spec.messages]
+    texts += [spec.variables[k] for k in sorted(spec.variables)]
+    return texts
+
+
+def with_texts(spec: GenerationSpec, texts: Sequence[str]) -> GenerationSpec:
+    """Returns `spec` with its own texts replaced (in `spec_texts` order)."""
+    rest = list(texts)
+    prompt = rest.pop(0) if spec.prompt is not None else None
+    messages = tuple(Message(m.role, rest.pop(0)) for m in spec.messages)
+    variables = {k: rest.pop(0) for k in sorted(spec.variables)}
+    return replace(spec, prompt=prompt, messages=messages, variables=variables)
+
+
+class ContentStage:
+    """ContentStage applies the callers' content policies and sampling (module docstring).
+
+    Args:
+        cache: the worker's policy cache (None: no policies, no sampling).
+        usage_log: where a blocked request's usage event goes.
+        redis: where samples are written.
+    """
+
+    def __init__(
+        self,
+        cache: PolicyCache | None = None,
+        usage_log: UsageSink | None = None,
+        redis: aioredis.Redis | None = None,
+    ) -> None:
+        self.cache = cache
+        self.usage_log = usage_log
+        self.redis = redis
+
+    async def _lookup(self, context: Context) -> tuple[list[Policy], bool, str, str]:
+        assert self.cache is not None
+        await self.cache.ready()
+        headers = request_headers(context)
+        from services.inference.admission import KEY_ID_HEADER, TENANT_HEADER
+
+        tenant, key_id = headers.get(TENANT_HEADER, ""), headers.get(KEY_ID_HEADER, "")
+        policies = self.cache.policies(tenant, key_id)
+        sampled = samples.sampled(self.cache.sample_rate(tenant))
+        return policies, sampled, tenant, key_id
+
+    async def check_texts(
+        self,
+        context: Context,
+        target: Target,
+        texts: Sequence[str],
+        *,
+        field_name: str,
+        request_id: str,
+        rpc: str,
+        api_version: str,
+    ) -> tuple[list[str], RequestContent]:
+        """Checks and redacts a request's texts; returns them and the request's state.
+
+        Raises:
+            ContentPolicyViolation: a block rule fired (its usage event is recorded).
+            Unavailable: the policies were never loaded and Redis is unreachable.
+        """
+        if self.cache is None:
+            return list(texts), NO_CONTENT
+        policies, sampled, _, _ = await self._lookup(context)
+        if not policies and not sampled:
+            return list(texts), NO_CONTENT
+        try:
+            checked = check_input(policies, texts, field_name)
+        except ContentPolicyViolation as blocked:
+            count([blocked.hit])
+            self._record_block(context, target, blocked.hit, request_id, rpc, api_version)
+            raise
+        count(checked.hits)
+        content = RequestContent(policies, checked.hits, sampled, redis=self.redis)
+        if sampled:
+            content.input_text = "\n".join(checked.texts)
+        return checked.texts, content
+
+    async def admit(
+        self, context: Context, target: Target, spec: GenerationSpec, rpc: str, api_version: str
+    ) -> tuple[GenerationSpec, RequestContent]:
+        """Checks a generation request's texts; returns the spec the model sees (redacted)."""
+        field_name = "prompt" if spec.prompt is not None else "messages"
+        texts, content = await self.check_texts(
+            context,
+            target,
+            spec_texts(spec),
+            field_name=field_name,
+            request_id=spec.request_id,
+            rpc=rpc,
+            api_version=api_version,
+        )
+        if content is NO_CONTENT or not content.hits:
+            return spec, content
+        return with_texts(spec, texts), content
+
+    def _record_block(
+        self,
+        context: Context,
+        target: Target,
+        hit: Hit,
+        request_id: str,
+        rpc: str,
+        api_version: str,
+    ) -> None:
+        if self.usage_log is None:
+            return
+        from services.inference.admission import Request, token_usage
+
+        request: Request = Request(context, target, request_id, rpc, api_version)
+        event = request.usage_event(token_usage(0, 0), CONTENT_FILTER, None)
+        event.policy_hits.append(hit.label)
+        self.usage_log.append(event)

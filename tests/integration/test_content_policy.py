@@ -1,0 +1,196 @@
+"""Content policies on a real worker (mTLS, real Redis): input redaction and blocks, output
+filtering on the stream, hits in usage events and metrics, redacted samples."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+import redis.asyncio as aioredis
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from prometheus_client import REGISTRY
+
+from services.core import contract
+from services.inference.pipeline import samples
+from services.inference.pipeline.policy import PatternRule, Policy
+from services.inference.service import InferenceService
+from services.router.policies import TENANT, PolicyCatalog, SampleSettings
+from tests.integration.conftest import inference_settings, start_inference
+from tests.integration.test_inference_v2 import _usage_event
+from tokenmesh.inference.v2 import inference_pb2 as resources
+from tokenmesh.inference.v2 import inference_service_pb2 as pb
+from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
+
+MODEL = "deterministic-test"
+GREEDY = resources.SamplingParams(temperature=0, seed=1)
+
+
+@pytest.fixture
+async def worker(
+    tmp_path: Path, redis_url: str
+) -> AsyncIterator[tuple[InferenceService, rpc.InferenceServiceStub]]:
+    async with await start_inference(inference_settings(tmp_path, redis_url)) as (service, ch):
+        yield service, rpc.InferenceServiceStub(ch)
+
+
+@pytest.fixture
+async def catalog(redis_url: str) -> AsyncIterator[PolicyCatalog]:
+    client = aioredis.from_url(redis_url)
+    yield PolicyCatalog(client)
+    await client.aclose()
+
+
+@pytest.fixture
+def tenant() -> str:
+    return f"t-{uuid.uuid4().hex[:8]}"
+
+
+def _metadata(tenant: str) -> tuple[tuple[str, str], ...]:
+    return ((contract.TENANT_HEADER, tenant), (contract.KEY_ID_HEADER, f"key-{tenant}"))
+
+
+async def _attach(
+    service: InferenceService, catalog: PolicyCatalog, tenant: str, policy: Policy
+) -> Policy:
+    created = await catalog.create(policy, time.time())
+    await catalog.attach(TENANT, tenant, created.name)
+    await service.policies.refresh()  # what the background task does every 0.5 s
+    return created
+
+
+async def _generate(stub, tenant: str, **fields) -> tuple[str, list[pb.GenerateResponse]]:
+    text, finals = "", []
+    call = stub.Generate(
+        pb.GenerateRequest(model=MODEL, sampling=GREEDY, **fields), metadata=_metadata(tenant)
+    )
+    async for message in call:
+        text += message.text
+        if message.HasField("finish_reason"):
+            finals.append(message)
+    return text, finals
+
+
+def _hits(policy: str, rule: str, action: str, direction: str) -> float:
+    labels = {"policy": policy, "rule": rule, "action": action, "direction": direction}
+    return REGISTRY.get_sample_value("tokenmesh_policy_hits_total", labels) or 0.0
+
+
+async def test_redact_replaces_the_email_before_the_model_and_audits_the_hit(
+    worker, catalog, tenant
+):
+    service, stub = worker
+    policy = await _attach(
+        service, catalog, tenant, Policy(f"pii-{tenant}", 0, pii={"email": "redact"})
+    )
+    request_id = f"redact-{tenant}"
+    _, (final,) = await _generate(
+        stub, tenant, prompt="mail jane@example.com now", max_output_tokens=4, request_id=request_id
+    )
+    # Tokens are counted on what the model saw: the placeholder, not the address.
+    _, (plain,) = await _generate(
+        stub, f"other-{tenant}", prompt="mail [EMAIL] now", max_output_tokens=4
+    )
+    assert final.usage.prompt_tokens == plain.usage.prompt_tokens
+    event = await _usage_event(service, request_id)
+    assert list(event.policy_hits) == [f"{policy.label} pii:email redact input"]
+    assert _hits(policy.label, "pii:email", "redact", "input") >= 1
+
+
+async def test_block_answers_invalid_argument_naming_the_rule_without_the_text(
+    worker, catalog, tenant
+):
+    service, stub = worker
+    policy = await _attach(
+        service, catalog, tenant, Policy(f"cards-{tenant}", 0, pii={"card": "block"})
+    )
+    request_id = f"block-{tenant}"
+    call = stub.Generate(
+        pb.GenerateRequest(model=MODEL, prompt="pay 4111 1111 1111 1111", request_id=request_id),
+        metadata=_metadata(tenant),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in call:
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "4111" not in caught.value.details() and policy.label in caught.value.details()
+    status = await rpc_status.aio.from_call(call)
+    info = error_details_pb2.ErrorInfo()
+    assert any(d.Unpack(info) for d in status.details)
+    assert info.reason == "CONTENT_POLICY"
+    assert dict(info.metadata) == {"policy": policy.label, "rule": "pii:card"}
+    event = await _usage_event(service, request_id)
+    assert (event.finish_reason, event.usage.total_tokens) == ("content_filter", 0)
+    assert list(event.policy_hits) == [f"{policy.label} pii:card block input"]
+
+
+async def test_output_rule_stops_the_choice_before_the_match_and_meters_its_tokens(
+    worker, catalog, tenant
+):
+    service, stub = worker
+    prompt = "the quick brown fox"
+    free, _ = await _generate(stub, f"free-{tenant}", prompt=prompt, max_output_tokens=24)
+    words = free.split()
+    banned = words[12]  # late enough that some text is released before it
+    before = free[: free.index(f" {banned}")] if f" {banned}" in free else ""
+    policy = await _attach(
+        service, catalog, tenant,
+        Policy(f"out-{tenant}", 0, output_block_patterns=(PatternRule(rf"(?<!\S){banned}(?!\S)", "banned word"),)),
+    )  # fmt: skip
+    request_id = f"out-{tenant}"
+    text, (final,) = await _generate(
+        stub, tenant, prompt=prompt, max_output_tokens=24, request_id=request_id
+    )
+    assert final.finish_reason == resources.FINISH_REASON_CONTENT_FILTER
+    assert banned not in text.split() and before.startswith(text)
+    assert f"{policy.label} rule output_block_pattern:0" in final.finish_message
+    assert banned not in final.finish_message
+    # Every token generated up to the stop is billed, including the ones held back.
+    event = await _usage_event(service, request_id)
+    assert event.finish_reason == "content_filter"
+    assert event.usage.completion_tokens == final.usage.completion_tokens
+    assert final.usage.completion_tokens >= len(text.split()) + 1
+    assert list(event.policy_hits) == [f"{policy.label} output_block_pattern:0 block output"]
+
+
+async def test_flag_lets_the_request_through_and_counts_it(worker, catalog, tenant):
+    service, stub = worker
+    policy = await _attach(
+        service, catalog, tenant, Policy(f"flag-{tenant}", 0, pii={"ip": "flag"})
+    )
+    before = _hits(policy.label, "pii:ip", "flag", "input")
+    _, (final,) = await _generate(stub, tenant, prompt="host 10.0.0.1 down", max_output_tokens=3)
+    assert final.finish_reason == resources.FINISH_REASON_LENGTH
+    assert _hits(policy.label, "pii:ip", "flag", "input") == before + 1
+
+
+async def test_sampled_requests_are_written_redacted(worker, catalog, tenant):
+    service, stub = worker
+    await catalog.set_samples(SampleSettings(tenant, 1.0, "admin-key", time.time(), "ticket 1"))
+    await service.policies.refresh()
+    request_id = f"sample-{tenant}"
+    text, _ = await _generate(
+        stub, tenant, prompt="call +1 415 555 2671 now", max_output_tokens=5, request_id=request_id
+    )
+    async with asyncio.timeout(10):
+        while not (found := (await samples.read(catalog.redis, tenant, 0, "", 10))[0]):
+            await asyncio.sleep(0.05)
+    (sample,) = found
+    assert sample.request_id == request_id and sample.key_id == f"key-{tenant}"
+    assert sample.input == "call [PHONE] now"
+    assert list(sample.outputs) == [samples.redact_all(text)]
+    assert sample.finish_reason == "length"
+
+
+async def test_without_policies_the_stream_is_not_wrapped(worker, tenant):
+    service, stub = worker
+    await service.policies.ready()
+    assert service.policies.policies(tenant, "") == []
+    _, (final,) = await _generate(stub, tenant, prompt="a b c", max_output_tokens=2)
+    assert final.finish_message == ""
