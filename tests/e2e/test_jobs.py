@@ -346,3 +346,17 @@ def test_kill_9_mid_job_then_restart_gives_one_result_per_item_metered_once(mesh
     assert [r["index"] for r in results] == list(range(24))
     wait_until(lambda: usage_requests(api) >= before + 24, 30, "usage to count the items")
     assert usage_requests(api) == before + 24
+
+
+def test_the_cli_creates_a_secret_submits_waits_and_prints_results(mesh, tmp_path):
+    from tests.e2e.test_auth import cli
+
+    key = create_key(mesh, scopes=JOB_SCOPES)
+    secret = cli(mesh, "--api-key", key["secret"], "webhooks", "secret", "create")
+    assert secret["secret"].startswith("whsec_") and secret["key_id"] == key["id"]
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"complete": complete_body(i)}) + "\n" for i in range(3)))
+    job = cli(mesh, "--api-key", key["secret"], "jobs", "submit", str(items), "--wait")
+    assert job["status"] == "SUCCEEDED" and job["counts"]["succeeded"] == 3
+    listed = cli(mesh, "--api-key", key["secret"], "jobs", "list")
+    assert [j["id"] for j in listed["jobs"]] == [job["id"]]
