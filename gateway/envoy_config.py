@@ -607,7 +607,25 @@ def tracing(otlp_cluster: str) -> dict[str, Any]:
                 "grpc_service": {"envoy_grpc": {"cluster_name": otlp_cluster}, "timeout": "1s"},
                 "service_name": "tokenmesh-edge",
             },
-        }
+        },
+        # OpenTelemetry's GenAI conventions on the edge's span (the worker's span
+        # adds the rest: services.inference.genai_spans). The model headers are
+        # the Lua filter's and the chosen route's, never the client's.
+        "custom_tags": [
+            {"tag": "gen_ai.system", "literal": {"value": "tokenmesh"}},
+            {
+                "tag": "gen_ai.request.model",
+                "request_header": {"name": model_routing.MODEL_HEADER, "default_value": ""},
+            },
+            {
+                "tag": "tokenmesh.route.model",
+                "request_header": {"name": model_routing.ROUTE_MODEL_HEADER, "default_value": ""},
+            },
+            {
+                "tag": "tokenmesh.route.version",
+                "request_header": {"name": model_routing.ROUTE_VERSION_HEADER, "default_value": ""},
+            },
+        ],
     }
 
 

@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -18,11 +19,22 @@ from tests.conftest import TEST_SERVICE_ENV
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
+def _value(any_value: Any) -> Any:
+    kind = any_value.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(v) for v in any_value.array_value.values]
+    return getattr(any_value, kind) if kind else None
+
+
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
-    """A real OTLP/gRPC trace endpoint that keeps (service.name, trace id, span name)."""
+    """A real OTLP/gRPC trace endpoint that keeps (service.name, trace id, span name).
+
+    `attributes` maps (service.name, trace id) to the attributes of its spans, merged.
+    """
 
     def __init__(self) -> None:
         self.spans: list[tuple[str, str, str]] = []
+        self.attributes: dict[tuple[str, str], dict[str, Any]] = {}
 
     def Export(self, request, context):
         for resource_spans in request.resource_spans:
@@ -36,6 +48,9 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
             )
             for scope in resource_spans.scope_spans:
                 self.spans.extend((service, s.trace_id.hex(), s.name) for s in scope.spans)
+                for span in scope.spans:
+                    merged = self.attributes.setdefault((service, span.trace_id.hex()), {})
+                    merged.update({a.key: _value(a.value) for a in span.attributes})
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
@@ -50,6 +65,16 @@ def collector() -> Iterator[tuple[Collector, int]]:
         yield collector, port
     finally:
         server.stop(None)
+
+
+def _wait_for_attribute(sink: Collector, service: str, key: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        attributes = sink.attributes.get((service, TRACE_ID), {})
+        if key in attributes:
+            return attributes
+        time.sleep(0.2)
+    return sink.attributes.get((service, TRACE_ID), {})
 
 
 def test_one_trace_spans_envoy_and_the_worker(tmp_path: Path, collector, redis_url):
@@ -85,3 +110,20 @@ def test_one_trace_spans_envoy_and_the_worker(tmp_path: Path, collector, redis_u
                 break
             time.sleep(0.2)
         assert {"tokenmesh-edge", "tokenmesh-inference"} <= services, sink.spans
+        # OpenTelemetry's GenAI conventions, on the edge's span and the worker's.
+        edge = _wait_for_attribute(sink, "tokenmesh-edge", "gen_ai.request.model")
+        assert edge["gen_ai.system"] == "tokenmesh"
+        assert edge["gen_ai.request.model"] == "deterministic-test"
+        assert edge["tokenmesh.route.model"] == "deterministic-test"
+        worker = _wait_for_attribute(sink, "tokenmesh-inference", "gen_ai.response.model")
+        version = reply.headers["x-model-version"]
+        assert worker["gen_ai.system"] == "tokenmesh"
+        assert worker["gen_ai.operation.name"] == "text_completion"
+        assert worker["gen_ai.request.model"] == "deterministic-test"
+        assert worker["gen_ai.response.model"] == f"deterministic-test@{version}"
+        assert worker["tokenmesh.model.version"] == version
+        assert worker["gen_ai.request.max_tokens"] == 2
+        assert worker["gen_ai.usage.output_tokens"] == 2
+        assert worker["gen_ai.usage.input_tokens"] > 0
+        assert worker["gen_ai.response.finish_reasons"] == ["length"]
+        assert worker["tokenmesh.api.version"] == "v1"

@@ -16,7 +16,7 @@ from google.rpc import status_pb2
 
 from services.core.errors import TokenmeshError
 from services.core.interceptors import Context, abort_with, request_headers, to_domain_error
-from services.inference import quality
+from services.inference import genai_spans, quality
 from services.inference import validation as v1_validation
 from services.inference.admission import (
     Admission,
@@ -207,6 +207,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         generation.content.record(event, generation.content.outputs(len(generation.choices)))
         self.admission.record(generation, event)
         quality.observe_generation(generation)
+        genai_spans.annotate_generation(generation)
 
     def _final(
         self,
@@ -371,6 +372,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             vectors = await embedder.embed(encoded)
             finish_reason = "stop"
             quality.observe_embeddings(target.model, vectors)
+            genai_spans.annotate_embedding(call, request.model, prompt_tokens)
         finally:
             timing = v1_pb.Timing(total_ms=(time.monotonic() - call.started) * 1000)
             usage = token_usage(prompt_tokens, 0)
