@@ -10,6 +10,7 @@ graph the NetworkPolicies allow.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import re
 import tomllib
 from pathlib import Path
@@ -416,3 +417,101 @@ def test_compose_runs_every_process_with_the_shared_pki():
     assert "worker=inference" in services["pki"]["command"]
     assert services["edge"]["ports"] == ["127.0.0.1:8443:8443"]
     assert "pki)" in (ROOT / "deploy" / "docker" / "entrypoint.sh").read_text()
+
+
+# ---------------------------------------------------------------------------
+# Autoscaling (deploy/k8s/autoscaling: KEDA, or an HPA with prometheus-adapter)
+# and scale-down that drains
+# ---------------------------------------------------------------------------
+
+AUTOSCALING = K8S / "autoscaling"
+KEDA = "keda.sh/v1alpha1"
+RPC_TIMEOUTS_S = 10  # the preStop hook's DrainWorker and the worker's own, at most 5 s each
+
+
+def _autoscaling(overlay: str) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted((AUTOSCALING / overlay).glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def _worker_env() -> dict[str, str]:
+    container = _deployment("inference")["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+@pytest.mark.parametrize("overlay", ["keda", "hpa"])
+def test_autoscaling_overlays_build_on_the_base_and_list_their_files(overlay):
+    kustomization = yaml.safe_load((AUTOSCALING / overlay / "kustomization.yaml").read_text())
+    resources = kustomization["resources"]
+    assert "../.." in resources
+    on_disk = {p.name for p in (AUTOSCALING / overlay).glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(resources) - {"../.."} == on_disk
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [d for d in _autoscaling("hpa") + _autoscaling("keda") if d["apiVersion"] != KEDA],
+    ids=lambda d: f"{d['kind']}/{d['metadata']['name']}",
+)
+def test_autoscaling_manifests_are_valid_kubernetes(doc):
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_keda_scales_the_worker_deployment_on_queue_depth_and_ttft():
+    (scaled,) = [d for d in _autoscaling("keda") if d["kind"] == "ScaledObject"]
+    assert scaled["apiVersion"] == KEDA
+    spec = scaled["spec"]
+    target = spec["scaleTargetRef"]
+    assert (target.get("kind", "Deployment"), target["name"]) == ("Deployment", "inference")
+    _deployment(target["name"])  # exists in the base
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+    triggers = {t["name"]: t for t in spec["triggers"]}
+    assert set(triggers) == {"queue-depth", "ttft-p90"}
+    for trigger in triggers.values():
+        assert trigger["type"] == "prometheus"
+        assert trigger["metricType"] in {"AverageValue", "Value", "Utilization"}
+        metadata = trigger["metadata"]
+        assert metadata["serverAddress"].startswith("http")
+        assert float(metadata["threshold"]) > 0
+    assert "tokenmesh_queue_depth" in triggers["queue-depth"]["metadata"]["query"]
+    ttft = triggers["ttft-p90"]["metadata"]["query"]
+    assert "tokenmesh_time_to_first_token_seconds_bucket" in ttft
+    scale_down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert scale_down["stabilizationWindowSeconds"] >= 300  # no flapping of GPU pods
+
+
+def test_hpa_scales_the_worker_deployment_on_metrics_the_adapter_serves():
+    docs = _autoscaling("hpa")
+    (hpa,) = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    (adapter,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "inference")
+    _deployment(target["name"])
+    served = {r["name"]["as"] for r in yaml.safe_load(adapter["data"]["config.yaml"])["rules"]}
+    asked = set()
+    for metric in hpa["spec"]["metrics"]:
+        source = metric[metric["type"].lower()]
+        asked.add(source["metric"]["name"])
+        if metric["type"] == "Object":
+            described = source["describedObject"]
+            assert any(
+                d["kind"] == described["kind"] and d["metadata"]["name"] == described["name"]
+                for d in _documents()
+            ), described
+    assert asked == served == {"tokenmesh_queue_depth", "tokenmesh_ttft_p90_seconds"}
+
+
+def test_worker_scale_down_drains_before_sigterm_within_the_grace_period():
+    spec = _deployment("inference")["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command == ["python", "-m", "services.inference.prestop"]
+    assert importlib.util.find_spec("services.inference.prestop") is not None
+    env = _worker_env()
+    grace_s = float(env["TOKENMESH_GRACE_SECONDS"])  # the longest stream
+    drain_s = float(env["TOKENMESH_DRAIN_DELAY_SECONDS"])
+    # preStop: drain delay + wait for streams; then SIGTERM: drain delay + grace again.
+    assert spec["terminationGracePeriodSeconds"] >= 2 * (drain_s + grace_s) + RPC_TIMEOUTS_S
