@@ -72,6 +72,7 @@ class EdgeSettings:
         "router service host:port (its RPCs, and the xDS control plane).",
     )
     usage: str = env("TOKENMESH_USAGE_ADDR", "127.0.0.1:50053", "usage service host:port.")
+    jobs: str = env("TOKENMESH_JOBS_ADDR", "127.0.0.1:50054", "jobs service host:port.")
     node_id: str = env(
         "TOKENMESH_EDGE_NODE_ID", socket.gethostname(), "This edge's xDS node id (unique)."
     )
@@ -114,6 +115,7 @@ class EdgeSettings:
             ("TOKENMESH_AUTH_ADDR", self.auth),
             ("TOKENMESH_ROUTER_ADDR", self.router),
             ("TOKENMESH_USAGE_ADDR", self.usage),
+            ("TOKENMESH_JOBS_ADDR", self.jobs),
         ):
             require(all(_parse(v) for v in value.split(",")), variable, "must be host:port[,...]")
 
@@ -177,6 +179,7 @@ def edge_config(settings: EdgeSettings, sds_dir: Path | None = None) -> EdgeConf
         "auth": _endpoints(settings.auth),
         "router": _endpoints(settings.router),
         "usage": _endpoints(settings.usage),
+        "jobs": _endpoints(settings.jobs),
     }
     otlp = _parse(settings.otlp_endpoint.split("://", 1)[-1]) if settings.otlp_endpoint else None
     return EdgeConfig(

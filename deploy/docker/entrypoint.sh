@@ -2,7 +2,7 @@
 # Runs one tokenmesh process by name; exec so signals (SIGTERM drain) reach it.
 set -eu
 case "${1:-}" in
-  auth|router|usage|inference) exec "tokenmesh-$1" ;;
+  auth|router|usage|jobs|inference) exec "tokenmesh-$1" ;;
   # With TOKENMESH_PKI_DIR it also writes Envoy's SDS files to /tmp/envoy-sds.
   edge) exec python -m gateway run --out /tmp/envoy.yaml ;;
   # A local CA and every identity's leaf in $TOKENMESH_PKI_DIR (a volume the
@@ -18,5 +18,5 @@ case "${1:-}" in
       sleep 3600 & nap=$!
       wait $nap
     done ;;
-  *) echo "usage: tokenmesh-entrypoint auth|router|usage|inference|edge|pki" >&2; exit 2 ;;
+  *) echo "usage: tokenmesh-entrypoint auth|router|usage|jobs|inference|edge|pki" >&2; exit 2 ;;
 esac

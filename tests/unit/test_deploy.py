@@ -86,10 +86,10 @@ def test_kustomization_lists_every_manifest():
 def test_the_image_runs_every_service_by_name():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     entrypoint = (ROOT / "deploy" / "docker" / "entrypoint.sh").read_text()
-    for service in ("auth", "router", "usage", "inference"):
+    for service in ("auth", "router", "usage", "jobs", "inference"):
         assert f"tokenmesh-{service}" in scripts
         assert service in entrypoint
-    for deployment in ("auth", "router", "usage", "inference", "edge"):
+    for deployment in ("auth", "router", "usage", "jobs", "inference", "edge"):
         args = _deployment(deployment)["spec"]["template"]["spec"]["containers"][0]["args"]
         assert args == [deployment]
 
@@ -235,7 +235,7 @@ def test_no_probe_speaks_plaintext_grpc_to_an_mtls_server(deployment):
 
 def test_every_public_identity_in_use_has_a_certificate():
     used = {_identity_of(d) for d in _pki_deployments()}
-    assert used == {"edge", "auth", "router", "usage", "worker"}
+    assert used == {"edge", "auth", "router", "usage", "jobs", "worker"}
     assert used | {contract.OPERATOR} <= set(_identity_certificates())
 
 
@@ -284,10 +284,16 @@ INTENDED_EDGES = {
     ("usage", "redis", REDIS),
     ("inference", "redis", REDIS),
     ("usage", "redis-limits", REDIS),
+    ("edge", "jobs", GRPC),
+    ("jobs", "inference", GRPC),  # a job's items, run as their owner
+    ("jobs", "redis", REDIS),
 }
 ANYWHERE = "*"
 DNS = "namespace:kube-system"
 MONITORING = "namespace:monitoring"
+#: Public addresses only: the jobs service's webhooks (an ipBlock without private ranges).
+PUBLIC_INTERNET = "public:internet"
+PRIVATE_RANGES = {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "127.0.0.0/8"}
 
 
 def _workloads() -> dict[str, dict[str, str]]:
@@ -310,8 +316,11 @@ def _peers(rule: dict[str, Any], key: str) -> set[str]:
         return {ANYWHERE}
     peers: set[str] = set()
     for peer in rule[key]:
-        assert "ipBlock" not in peer
-        if "namespaceSelector" in peer:
+        if "ipBlock" in peer:
+            block = peer["ipBlock"]
+            assert block["cidr"] == "0.0.0.0/0" and PRIVATE_RANGES <= set(block["except"])
+            peers.add(PUBLIC_INTERNET)
+        elif "namespaceSelector" in peer:
             labels = peer["namespaceSelector"]["matchLabels"]
             peers.add(f"namespace:{labels['kubernetes.io/metadata.name']}")
         else:
@@ -368,10 +377,12 @@ def test_only_the_edge_tls_port_is_open_to_anyone():
     anyone = {(pod, port) for (pod, peer, port) in _allowed("Ingress") if peer == ANYWHERE}
     assert anyone == {("edge", 8443)}
     # Prometheus scrapes the services' metrics port from its namespace, nothing else.
-    assert outside == {(w, MONITORING, 9090) for w in ("auth", "router", "usage", "inference")}
+    assert outside == {
+        (w, MONITORING, 9090) for w in ("auth", "router", "usage", "jobs", "inference")
+    }
     # And every pod resolves names; nothing else leaves the namespace.
     leaving = {(pod, peer, port) for (pod, peer, port) in _allowed("Egress") if ":" in peer}
-    assert leaving == {(w, DNS, 53) for w in _workloads()}
+    assert leaving == {(w, DNS, 53) for w in _workloads()} | {("jobs", PUBLIC_INTERNET, 443)}
     assert not [e for e in _allowed("Egress") if e[1] == ANYWHERE]
 
 
