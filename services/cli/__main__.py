@@ -20,6 +20,9 @@ TOKENMESH_API_KEY).
     tokenmesh models register MODEL VERSION
     tokenmesh models price MODEL VERSION --prompt X --completion Y [--cached Z]  (USD per
         million tokens; --clear removes the price)
+    tokenmesh models rollout MODEL VERSION [--steps 5,25,50,100] [--step-seconds 60]
+        [--max-error-rate 0.01] [--max-ttft-p99-ratio 1.5] [--min-requests 50]
+    tokenmesh models rollout status|pause|resume|abort MODEL
     tokenmesh prompts create NAME --template-file FILE [--system TEXT]
                              [--variable NAME:MAXLEN[:required]]...
     tokenmesh prompts list [--json]
@@ -57,6 +60,7 @@ from google.protobuf import duration_pb2, json_format, timestamp_pb2
 
 from services.cli import jobs as jobs_cli
 from services.cli import policies as policy_cli
+from services.cli import rollouts
 from services.core import contract, identity, pki
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2_grpc
 from tokenmesh.auth.v1 import auth_service_pb2 as pb
@@ -557,7 +561,8 @@ def _models_parsers(groups: Any) -> list[argparse.ArgumentParser]:
     )
     price.add_argument("--clear", action="store_true", help="remove the version's price")
     price.set_defaults(run=models_price)
-    return [listing, split, pin, deprecate, fallback, alias, register, price]
+    rollout = rollouts.add_parser(actions)
+    return [listing, split, pin, deprecate, fallback, alias, register, price, rollout]
 
 
 def _prompts_parsers(groups: Any) -> list[argparse.ArgumentParser]:

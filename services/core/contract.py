@@ -241,6 +241,11 @@ CALLER_RULES: dict[str, CallerRule] = {
     "/tokenmesh.router.v1.RouterService/SetFallbackModel": _ADMIN,
     "/tokenmesh.router.v1.RouterService/SetModelAlias": _ADMIN,
     "/tokenmesh.router.v1.RouterService/SetModelPrice": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/StartRollout": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/GetRollout": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/PauseRollout": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/ResumeRollout": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/AbortRollout": _ADMIN,
     "/tokenmesh.router.v1.RouterService/CreatePromptTemplate": _ADMIN,
     "/tokenmesh.router.v1.RouterService/SetPromptTemplateAlias": _ADMIN,
     **{

@@ -22,6 +22,7 @@ from services.router import snapshot
 from services.router.catalog import Catalog, now
 from services.router.prompts import PromptCatalog
 from services.router.registry import WorkerRegistry
+from services.router.rollouts import RolloutDriver, RolloutStore
 from services.router.servicer import RouterServicer, WorkerRegistryServicer
 from services.router.snapshot import ClusterOptions, EdgeFlags, Resources
 from services.router.xds import AdsServicer, ControlPlane
@@ -96,6 +97,10 @@ class RouterService(RedisBackedService):
             prefix_affinity=settings.prefix_affinity,
         )
         self.plane = ControlPlane(self._build, settings.poll_s)
+        self.rollout_store = RolloutStore(
+            self.redis, self.catalog, self.registry, self.plane.refresh
+        )
+        self.rollouts = RolloutDriver(self.rollout_store, now)
         self.lease_s = settings.lease_s
         # Until workers had a lease period to renew, expired leases still count.
         self._lease_grace_until = time.monotonic() + settings.lease_s
@@ -120,7 +125,14 @@ class RouterService(RedisBackedService):
     def add_to_server(self, server: grpc.aio.Server) -> None:
         refresh = self.plane.refresh
         router_service_pb2_grpc.add_RouterServiceServicer_to_server(
-            RouterServicer(self.catalog, self.registry, refresh, PromptCatalog(self.redis)), server
+            RouterServicer(
+                self.catalog,
+                self.registry,
+                refresh,
+                PromptCatalog(self.redis),
+                self.rollout_store,
+            ),
+            server,
         )
         router_service_pb2_grpc.add_WorkerRegistryServiceServicer_to_server(
             WorkerRegistryServicer(self.catalog, self.registry, refresh), server
@@ -132,6 +144,7 @@ class RouterService(RedisBackedService):
     async def start(self, running: RunningServer) -> None:
         await super().start(running)
         self.plane.start(self.tasks)
+        self.rollouts.start(self.tasks)
 
     async def drain(self) -> None:
         # End the ADS streams first: Envoys keep their config and reconnect to
@@ -139,5 +152,6 @@ class RouterService(RedisBackedService):
         self.plane.closing.set()
 
     async def stop(self) -> None:
+        await self.rollouts.stop()
         await self.plane.stop()
         await super().stop()

@@ -13,6 +13,7 @@ from services.core.pricing import Price
 from services.core.time_fields import timestamp_seconds
 from services.inference.templates import DEFAULT_MAX_LENGTH, Variable
 from services.router import catalog as cat
+from services.router import rollouts
 from services.router.catalog import Catalog, ModelEntry, now
 from services.router.load_weights import LoadReport
 from services.router.policies import PolicyCatalog
@@ -187,6 +188,75 @@ def _refs(models: Sequence[types_pb2.ModelRef]) -> list[tuple[str, str]]:
     return [(ref.name, ref.version) for ref in models]
 
 
+def _duration(seconds: float) -> duration_pb2.Duration:
+    found = duration_pb2.Duration()
+    found.FromNanoseconds(int(seconds * 1e9))
+    return found
+
+
+def policy_from_pb(request: pb.StartRolloutRequest) -> rollouts.Policy:
+    """Converts a rollout request's policy (unset fields take their defaults)."""
+    step_s = (
+        request.step_duration.ToNanoseconds() / 1e9
+        if request.HasField("step_duration")
+        else rollouts.DEFAULT_STEP_S
+    )
+    return rollouts.Policy(
+        steps=tuple(request.steps) or rollouts.DEFAULT_STEPS,
+        step_s=step_s,
+        max_error_rate=request.max_error_rate or rollouts.DEFAULT_MAX_ERROR_RATE,
+        max_ttft_p99_ratio=request.max_ttft_p99_ratio or rollouts.DEFAULT_MAX_TTFT_P99_RATIO,
+        min_requests=request.min_requests or rollouts.DEFAULT_MIN_REQUESTS,
+    )
+
+
+_ROLLOUT_STATES = {
+    rollouts.RUNNING: router_pb2.ROLLOUT_STATE_RUNNING,
+    rollouts.PAUSED: router_pb2.ROLLOUT_STATE_PAUSED,
+    rollouts.SUCCEEDED: router_pb2.ROLLOUT_STATE_SUCCEEDED,
+    rollouts.ROLLED_BACK: router_pb2.ROLLOUT_STATE_ROLLED_BACK,
+    rollouts.ABORTED: router_pb2.ROLLOUT_STATE_ABORTED,
+}
+
+
+def _window_pb(window: rollouts.Window) -> router_pb2.RolloutWindow:
+    return router_pb2.RolloutWindow(
+        requests=window.requests,
+        errors=window.errors,
+        error_rate=window.error_rate,
+        ttft_p99_ms=window.ttft_p99_ms(),
+    )
+
+
+def rollout_to_pb(rollout: rollouts.Rollout, workers: Sequence[WorkerEntry]) -> router_pb2.Rollout:
+    """Converts a rollout, with both versions' figures over its current step."""
+    policy = rollout.policy
+    return router_pb2.Rollout(
+        model=rollout.model,
+        version=rollout.version,
+        stable_version=rollout.stable,
+        steps=policy.steps,
+        step_duration=_duration(policy.step_s),
+        max_error_rate=policy.max_error_rate,
+        max_ttft_p99_ratio=policy.max_ttft_p99_ratio,
+        min_requests=policy.min_requests,
+        state=_ROLLOUT_STATES[rollout.state],
+        step_index=rollout.step_index,
+        weight=rollout.weight,
+        step_start_time=_timestamp(rollout.step_started_at),
+        canary=_window_pb(rollouts.window(rollout, workers, rollout.version)),
+        stable=_window_pb(rollouts.window(rollout, workers, rollout.stable)),
+        reason=rollout.reason,
+        decisions=[
+            router_pb2.RolloutDecision(
+                time=_timestamp(d.at), action=d.action, weight=d.weight, reason=d.reason
+            )
+            for d in rollout.decisions
+        ],
+        create_time=_timestamp(rollout.created_at),
+    )
+
+
 class RouterServicer(PolicyRpcs, pb_grpc.RouterServiceServicer):
     """RouterServicer serves the catalogue; every change reaches the edges within a second.
 
@@ -199,12 +269,49 @@ class RouterServicer(PolicyRpcs, pb_grpc.RouterServiceServicer):
         registry: WorkerRegistry,
         refresh: Refresh,
         prompts: PromptCatalog,
+        rollout_store: rollouts.RolloutStore,
     ) -> None:
         self.catalog = catalog
         self.registry = registry
         self.refresh = refresh
         self.prompts = prompts
         self.policy_catalog = PolicyCatalog(prompts.redis)
+        self.rollouts = rollout_store
+
+    async def _rollout_pb(self, rollout: rollouts.Rollout) -> router_pb2.Rollout:
+        return rollout_to_pb(rollout, await self.registry.all(now()))
+
+    async def StartRollout(
+        self, request: pb.StartRolloutRequest, context: Context
+    ) -> pb.StartRolloutResponse:
+        rollout = await self.rollouts.start(
+            request.model, request.version, policy_from_pb(request), now()
+        )
+        return pb.StartRolloutResponse(rollout=await self._rollout_pb(rollout))
+
+    async def GetRollout(
+        self, request: pb.GetRolloutRequest, context: Context
+    ) -> pb.GetRolloutResponse:
+        rollout = await self.rollouts.get(request.model)
+        return pb.GetRolloutResponse(rollout=await self._rollout_pb(rollout))
+
+    async def PauseRollout(
+        self, request: pb.PauseRolloutRequest, context: Context
+    ) -> pb.PauseRolloutResponse:
+        rollout = await self.rollouts.operate(request.model, "pause", now())
+        return pb.PauseRolloutResponse(rollout=await self._rollout_pb(rollout))
+
+    async def ResumeRollout(
+        self, request: pb.ResumeRolloutRequest, context: Context
+    ) -> pb.ResumeRolloutResponse:
+        rollout = await self.rollouts.operate(request.model, "resume", now())
+        return pb.ResumeRolloutResponse(rollout=await self._rollout_pb(rollout))
+
+    async def AbortRollout(
+        self, request: pb.AbortRolloutRequest, context: Context
+    ) -> pb.AbortRolloutResponse:
+        rollout = await self.rollouts.operate(request.model, "abort", now())
+        return pb.AbortRolloutResponse(rollout=await self._rollout_pb(rollout))
 
     async def _answer(self, model: ModelEntry) -> router_pb2.CatalogModel:
         at = now()

@@ -5,7 +5,7 @@ This module runs its own mesh of three workers serving the deterministic test
 engine (the model "versions"):
 
 - inference-0: versions 1 and 3, fast (5 ms per step);
-- inference-1: version 1, slowed down (60 ms per step): load-aware routing
+- inference-1: version 1, slowed down (100 ms per step): load-aware routing
   must give it a smaller share of version 1's new requests;
 - inference-2: version 2, failing half of its requests (injected faults): a
   rollout to it must roll back by itself.
@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV
@@ -36,6 +37,9 @@ from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 from tokenmesh.router.v1 import router_pb2
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
 from tokenmesh.router.v1 import router_service_pb2_grpc as router_rpc
+from tokenmesh.usage.v1 import usage_pb2
+from tokenmesh.usage.v1 import usage_service_pb2 as usage_pb
+from tokenmesh.usage.v1 import usage_service_pb2_grpc as usage_rpc
 
 MODEL = "versioned"
 FAST, SLOW, FAULTY = "inference-0", "inference-1", "inference-2"
@@ -50,7 +54,7 @@ ENV = {
 }
 CHILD_ENV = {
     FAST: {"TOKENMESH_TEST_MODELS": f"{MODEL}:1,{MODEL}:3"},
-    SLOW: {"TOKENMESH_TEST_MODELS": f"{MODEL}:1", "TOKENMESH_TEST_ENGINE_STEP_MS": "60"},
+    SLOW: {"TOKENMESH_TEST_MODELS": f"{MODEL}:1", "TOKENMESH_TEST_ENGINE_STEP_MS": "100"},
     FAULTY: {"TOKENMESH_TEST_MODELS": f"{MODEL}:2", "TOKENMESH_TEST_ENGINE_ERROR_RATE": "0.5"},
 }
 
@@ -82,6 +86,14 @@ def _dump_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
 def edge(versions_mesh: Mesh) -> Iterator[grpc.Channel]:
     key = versions_mesh.dev_api_key()
     with authed_channel(versions_mesh.edge_address, [("x-api-key", key)]) as channel:
+        # Whichever worker registered first made its version the model's first:
+        # version 1 is the stable one here.
+        wait_for(
+            lambda: set(weights_of(channel)) == {"1", "2", "3"},
+            timeout_s=30,
+            what="every version in the catalogue",
+        )
+        split_all_to_1(channel)
         yield channel
 
 
@@ -101,14 +113,16 @@ def complete(channel: grpc.Channel, prompt: str, version: str = "") -> tuple[str
     return headers["x-tokenmesh-worker"], reply.model.version
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout_s: float, what: str, show: Callable[[], Any] = str
+) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         found = condition()
         if found:
             return found
         time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}: {show()}")
 
 
 def workers(stub: router_rpc.WorkerRegistryServiceStub) -> dict[str, router_pb2.Worker]:
@@ -171,8 +185,9 @@ def test_a_slowed_worker_gets_a_lower_weight_and_a_smaller_share(versions_mesh, 
     with Traffic(edge):
         slowed = wait_for(
             lambda: (w := workers(registry))[SLOW].weight <= 50 and w[FAST].weight == 100 and w,
-            timeout_s=30,
+            timeout_s=45,
             what="the slowed worker's weight to drop",
+            show=lambda: {(w.id, w.weight, w.weight_reason) for w in workers(registry).values()},
         )
     slow, fast = slowed[SLOW], slowed[FAST]
     assert slow.load.ttft_samples > 0 and fast.load.ttft_samples > 0
@@ -191,3 +206,101 @@ def test_a_slowed_worker_gets_a_lower_weight_and_a_smaller_share(versions_mesh, 
         w["id"]: w for w in json.loads(cli(versions_mesh, "workers", "list", "--json"))["workers"]
     }
     assert by_id[SLOW]["weight"] < by_id[FAST]["weight"]
+
+
+def catalogue(edge: grpc.Channel) -> router_rpc.RouterServiceStub:
+    return router_rpc.RouterServiceStub(edge)
+
+
+def rollout_of(edge: grpc.Channel) -> router_pb2.Rollout:
+    reply = catalogue(edge).GetRollout(router_pb.GetRolloutRequest(model=MODEL), timeout=10)
+    return reply.rollout
+
+
+def weights_of(edge: grpc.Channel) -> dict[str, int]:
+    reply = catalogue(edge).GetCatalogModel(router_pb.GetCatalogModelRequest(model=MODEL))
+    return {v.version: v.weight for v in reply.model.versions}
+
+
+def audit_of(edge: grpc.Channel) -> list[usage_pb2.AuditEntry]:
+    stub = usage_rpc.UsageServiceStub(edge)
+    reply = stub.ListAuditEntries(
+        usage_pb.ListAuditEntriesRequest(tenant="tokenmesh.system", page_size=100), timeout=10
+    )
+    return [e for e in reply.entries if e.model == MODEL]
+
+
+def split_all_to_1(edge: grpc.Channel) -> None:
+    catalogue(edge).SetTrafficSplit(
+        router_pb.SetTrafficSplitRequest(
+            model=MODEL, weights=[router_pb2.TrafficWeight(version="1", weight=100)]
+        ),
+        timeout=10,
+    )
+
+
+@pytest.fixture
+def split_restored(edge: grpc.Channel) -> Iterator[None]:
+    yield
+    split_all_to_1(edge)
+
+
+def test_a_rollout_to_a_failing_version_rolls_back_by_itself_within_one_step(
+    versions_mesh, edge, split_restored
+):
+    started = cli(
+        versions_mesh, "models", "rollout", MODEL, "2", "--steps", "20,50,100",
+        "--step-seconds", "60", "--max-error-rate", "0.05", "--min-requests", "10",
+    )  # fmt: skip
+    assert "running at 20%" in started
+    assert weights_of(edge)["2"] == 20
+    with Traffic(edge) as traffic:
+        rolled_back = wait_for(
+            lambda: (r := rollout_of(edge)).state == router_pb2.ROLLOUT_STATE_ROLLED_BACK and r,
+            timeout_s=60,  # one step
+            what="the rollout to roll back",
+        )
+    assert traffic.failed > 0  # the faulty version's errors reached callers while at 20%
+    assert rolled_back.weight == 0 and weights_of(edge)["2"] == 0
+    assert "error rate" in rolled_back.reason
+    assert rolled_back.decisions[-1].action == "rollback"
+    entries = audit_of(edge)
+    rollback = next(e for e in entries if e.action == "rollout.rollback")
+    assert rollback.version == "2" and "error rate" in rollback.detail
+    assert {"rollout.start", "rollout.rollback"} <= {e.action for e in entries}
+    status = cli(versions_mesh, "models", "rollout", "status", MODEL)
+    assert "rolled_back at 0%" in status and "rollback" in status
+
+
+def test_a_healthy_rollout_reaches_100_percent_across_a_router_restart(
+    versions_mesh, edge, split_restored
+):
+    stub = catalogue(edge)
+    duration = duration_pb2.Duration(seconds=3)
+    started = stub.StartRollout(
+        router_pb.StartRolloutRequest(
+            model=MODEL, version="3", steps=[30, 60, 100], step_duration=duration, min_requests=5,
+            max_ttft_p99_ratio=5,
+        ),
+        timeout=10,
+    ).rollout  # fmt: skip
+    assert started.stable_version == "1" and started.weight == 30
+    with pytest.raises(grpc.RpcError) as second:
+        stub.StartRollout(router_pb.StartRolloutRequest(model=MODEL, version="2"), timeout=10)
+    assert second.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with Traffic(edge):
+        paused = cli(versions_mesh, "models", "rollout", "pause", MODEL)
+        assert "paused at 30%" in paused
+        # The state lives in Redis: a restarted router carries on with it.
+        versions_mesh.kill("router")
+        versions_mesh.restart_service("router", "router")
+        assert rollout_of(edge).state == router_pb2.ROLLOUT_STATE_PAUSED
+        cli(versions_mesh, "models", "rollout", "resume", MODEL)
+        done = wait_for(
+            lambda: (r := rollout_of(edge)).state == router_pb2.ROLLOUT_STATE_SUCCEEDED and r,
+            timeout_s=60,
+            what="the rollout to succeed",
+        )
+    assert done.weight == 100 and weights_of(edge)["3"] == 100
+    actions = [d.action for d in done.decisions]
+    assert actions == ["start", "pause", "resume", "advance", "succeed"]

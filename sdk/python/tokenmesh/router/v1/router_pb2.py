@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from tokenmesh.type.v1 import types_pb2 as tokenmesh_dot_type_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tokenmesh/router/v1/router.proto\x12\x13tokenmesh.router.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dtokenmesh/type/v1/types.proto\"\xf4\x01\n\x0c\x43\x61talogModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x35\n\x08versions\x18\x02 \x03(\x0b\x32#.tokenmesh.router.v1.CatalogVersion\x12?\n\x07\x61liases\x18\x03 \x03(\x0b\x32..tokenmesh.router.v1.CatalogModel.AliasesEntry\x12\x16\n\x0e\x66\x61llback_model\x18\x04 \x01(\t\x12\x16\n\x0epinned_version\x18\x05 \x01(\t\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x94\x02\n\x0e\x43\x61talogVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x05\x12\x37\n\x05state\x18\x03 \x01(\x0e\x32(.tokenmesh.router.v1.CatalogVersionState\x12/\n\x0bsunset_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fhealthy_workers\x18\x05 \x01(\x05\x12\'\n\x05price\x18\x06 \x01(\x0b\x32\x18.tokenmesh.type.v1.Price\x12\x35\n\x11price_update_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x90\x02\n\x06Worker\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x06models\x18\x03 \x03(\x0b\x32\x1b.tokenmesh.type.v1.ModelRef\x12/\n\x05state\x18\x04 \x01(\x0e\x32 .tokenmesh.router.v1.WorkerState\x12\x35\n\x11lease_expire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x04load\x18\x06 \x01(\x0b\x32\x1f.tokenmesh.router.v1.WorkerLoad\x12\x0e\n\x06weight\x18\x07 \x01(\x05\x12\x15\n\rweight_reason\x18\x08 \x01(\t\"\xe3\x01\n\nWorkerLoad\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\x05\x12\x19\n\x11running_sequences\x18\x02 \x01(\x05\x12\x15\n\rmax_sequences\x18\x03 \x01(\x05\x12\x16\n\x0ekv_utilization\x18\x04 \x01(\x01\x12\x14\n\x0cttft_samples\x18\x05 \x01(\x05\x12\x13\n\x0bttft_p50_ms\x18\x06 \x01(\x01\x12\x13\n\x0bttft_p99_ms\x18\x07 \x01(\x01\x12\x36\n\x08versions\x18\x08 \x03(\x0b\x32$.tokenmesh.router.v1.VersionOutcomes\"\x9a\x01\n\x0fVersionOutcomes\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.tokenmesh.type.v1.ModelRef\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x03 \x01(\x03\x12\x1a\n\x12ttft_bucket_counts\x18\x04 \x03(\x03\x12\x1d\n\x15ttft_bucket_bounds_ms\x18\x05 \x03(\x01\"0\n\rTrafficWeight\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x05\"[\n\x0ePromptVariable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08required\x18\x02 \x01(\x08\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\x05\"\xc1\x01\n\x0ePromptTemplate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x15\n\rsystem_prompt\x18\x04 \x01(\t\x12\x36\n\tvariables\x18\x05 \x03(\x0b\x32#.tokenmesh.router.v1.PromptVariable\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe8\x01\n\x15\x43\x61talogPromptTemplate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0elatest_version\x18\x02 \x01(\x05\x12H\n\x07\x61liases\x18\x03 \x03(\x0b\x32\x37.tokenmesh.router.v1.CatalogPromptTemplate.AliasesEntry\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01*\xa6\x01\n\x13\x43\x61talogVersionState\x12%\n!CATALOG_VERSION_STATE_UNSPECIFIED\x10\x00\x12 \n\x1c\x43\x41TALOG_VERSION_STATE_ACTIVE\x10\x01\x12$\n CATALOG_VERSION_STATE_DEPRECATED\x10\x02\x12 \n\x1c\x43\x41TALOG_VERSION_STATE_SUNSET\x10\x03*`\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_SERVING\x10\x01\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tokenmesh/router/v1/router.proto\x12\x13tokenmesh.router.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dtokenmesh/type/v1/types.proto\"\xf4\x01\n\x0c\x43\x61talogModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x35\n\x08versions\x18\x02 \x03(\x0b\x32#.tokenmesh.router.v1.CatalogVersion\x12?\n\x07\x61liases\x18\x03 \x03(\x0b\x32..tokenmesh.router.v1.CatalogModel.AliasesEntry\x12\x16\n\x0e\x66\x61llback_model\x18\x04 \x01(\t\x12\x16\n\x0epinned_version\x18\x05 \x01(\t\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x94\x02\n\x0e\x43\x61talogVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x05\x12\x37\n\x05state\x18\x03 \x01(\x0e\x32(.tokenmesh.router.v1.CatalogVersionState\x12/\n\x0bsunset_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fhealthy_workers\x18\x05 \x01(\x05\x12\'\n\x05price\x18\x06 \x01(\x0b\x32\x18.tokenmesh.type.v1.Price\x12\x35\n\x11price_update_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x90\x02\n\x06Worker\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x06models\x18\x03 \x03(\x0b\x32\x1b.tokenmesh.type.v1.ModelRef\x12/\n\x05state\x18\x04 \x01(\x0e\x32 .tokenmesh.router.v1.WorkerState\x12\x35\n\x11lease_expire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x04load\x18\x06 \x01(\x0b\x32\x1f.tokenmesh.router.v1.WorkerLoad\x12\x0e\n\x06weight\x18\x07 \x01(\x05\x12\x15\n\rweight_reason\x18\x08 \x01(\t\"\xe3\x01\n\nWorkerLoad\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\x05\x12\x19\n\x11running_sequences\x18\x02 \x01(\x05\x12\x15\n\rmax_sequences\x18\x03 \x01(\x05\x12\x16\n\x0ekv_utilization\x18\x04 \x01(\x01\x12\x14\n\x0cttft_samples\x18\x05 \x01(\x05\x12\x13\n\x0bttft_p50_ms\x18\x06 \x01(\x01\x12\x13\n\x0bttft_p99_ms\x18\x07 \x01(\x01\x12\x36\n\x08versions\x18\x08 \x03(\x0b\x32$.tokenmesh.router.v1.VersionOutcomes\"\x9a\x01\n\x0fVersionOutcomes\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.tokenmesh.type.v1.ModelRef\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x03 \x01(\x03\x12\x1a\n\x12ttft_bucket_counts\x18\x04 \x03(\x03\x12\x1d\n\x15ttft_bucket_bounds_ms\x18\x05 \x03(\x01\"0\n\rTrafficWeight\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x05\"[\n\x0ePromptVariable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08required\x18\x02 \x01(\x08\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\x05\"\xc1\x01\n\x0ePromptTemplate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x15\n\rsystem_prompt\x18\x04 \x01(\t\x12\x36\n\tvariables\x18\x05 \x03(\x0b\x32#.tokenmesh.router.v1.PromptVariable\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe8\x01\n\x15\x43\x61talogPromptTemplate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0elatest_version\x18\x02 \x01(\x05\x12H\n\x07\x61liases\x18\x03 \x03(\x0b\x32\x37.tokenmesh.router.v1.CatalogPromptTemplate.AliasesEntry\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xb9\x04\n\x07Rollout\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0estable_version\x18\x03 \x01(\t\x12\r\n\x05steps\x18\x04 \x03(\x05\x12\x30\n\rstep_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0emax_error_rate\x18\x06 \x01(\x01\x12\x1a\n\x12max_ttft_p99_ratio\x18\x07 \x01(\x01\x12\x14\n\x0cmin_requests\x18\x08 \x01(\x05\x12\x30\n\x05state\x18\t \x01(\x0e\x32!.tokenmesh.router.v1.RolloutState\x12\x12\n\nstep_index\x18\n \x01(\x05\x12\x0e\n\x06weight\x18\x0b \x01(\x05\x12\x33\n\x0fstep_start_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x06\x63\x61nary\x18\r \x01(\x0b\x32\".tokenmesh.router.v1.RolloutWindow\x12\x32\n\x06stable\x18\x0e \x01(\x0b\x32\".tokenmesh.router.v1.RolloutWindow\x12\x0e\n\x06reason\x18\x0f \x01(\t\x12\x37\n\tdecisions\x18\x10 \x03(\x0b\x32$.tokenmesh.router.v1.RolloutDecision\x12/\n\x0b\x63reate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Z\n\rRolloutWindow\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x02 \x01(\x03\x12\x12\n\nerror_rate\x18\x03 \x01(\x01\x12\x13\n\x0bttft_p99_ms\x18\x04 \x01(\x01\"k\n\x0fRolloutDecision\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t*\xa6\x01\n\x13\x43\x61talogVersionState\x12%\n!CATALOG_VERSION_STATE_UNSPECIFIED\x10\x00\x12 \n\x1c\x43\x41TALOG_VERSION_STATE_ACTIVE\x10\x01\x12$\n CATALOG_VERSION_STATE_DEPRECATED\x10\x02\x12 \n\x1c\x43\x41TALOG_VERSION_STATE_SUNSET\x10\x03*`\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_SERVING\x10\x01\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x02*\xb9\x01\n\x0cRolloutState\x12\x1d\n\x19ROLLOUT_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15ROLLOUT_STATE_RUNNING\x10\x01\x12\x18\n\x14ROLLOUT_STATE_PAUSED\x10\x02\x12\x1b\n\x17ROLLOUT_STATE_SUCCEEDED\x10\x03\x12\x1d\n\x19ROLLOUT_STATE_ROLLED_BACK\x10\x04\x12\x19\n\x15ROLLOUT_STATE_ABORTED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,30 +38,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CATALOGMODEL_ALIASESENTRY']._serialized_options = b'8\001'
   _globals['_CATALOGPROMPTTEMPLATE_ALIASESENTRY']._loaded_options = None
   _globals['_CATALOGPROMPTTEMPLATE_ALIASESENTRY']._serialized_options = b'8\001'
-  _globals['_CATALOGVERSIONSTATE']._serialized_start=1884
-  _globals['_CATALOGVERSIONSTATE']._serialized_end=2050
-  _globals['_WORKERSTATE']._serialized_start=2052
-  _globals['_WORKERSTATE']._serialized_end=2148
-  _globals['_CATALOGMODEL']._serialized_start=122
-  _globals['_CATALOGMODEL']._serialized_end=366
-  _globals['_CATALOGMODEL_ALIASESENTRY']._serialized_start=320
-  _globals['_CATALOGMODEL_ALIASESENTRY']._serialized_end=366
-  _globals['_CATALOGVERSION']._serialized_start=369
-  _globals['_CATALOGVERSION']._serialized_end=645
-  _globals['_WORKER']._serialized_start=648
-  _globals['_WORKER']._serialized_end=920
-  _globals['_WORKERLOAD']._serialized_start=923
-  _globals['_WORKERLOAD']._serialized_end=1150
-  _globals['_VERSIONOUTCOMES']._serialized_start=1153
-  _globals['_VERSIONOUTCOMES']._serialized_end=1307
-  _globals['_TRAFFICWEIGHT']._serialized_start=1309
-  _globals['_TRAFFICWEIGHT']._serialized_end=1357
-  _globals['_PROMPTVARIABLE']._serialized_start=1359
-  _globals['_PROMPTVARIABLE']._serialized_end=1450
-  _globals['_PROMPTTEMPLATE']._serialized_start=1453
-  _globals['_PROMPTTEMPLATE']._serialized_end=1646
-  _globals['_CATALOGPROMPTTEMPLATE']._serialized_start=1649
-  _globals['_CATALOGPROMPTTEMPLATE']._serialized_end=1881
-  _globals['_CATALOGPROMPTTEMPLATE_ALIASESENTRY']._serialized_start=1835
-  _globals['_CATALOGPROMPTTEMPLATE_ALIASESENTRY']._serialized_end=1881
+  _globals['_CATALOGVERSIONSTATE']._serialized_start=2689
+  _globals['_CATALOGVERSIONSTATE']._serialized_end=2855
+  _globals['_WORKERSTATE']._serialized_start=2857
+  _globals['_WORKERSTATE']._serialized_end=2953
+  _globals['_ROLLOUTSTATE']._serialized_start=2956
+  _globals['_ROLLOUTSTATE']._serialized_end=3141
+  _globals['_CATALOGMODEL']._serialized_start=154
+  _globals['_CATALOGMODEL']._serialized_end=398
+  _globals['_CATALOGMODEL_ALIASESENTRY']._serialized_start=352
+  _globals['_CATALOGMODEL_ALIASESENTRY']._serialized_end=398
+  _globals['_CATALOGVERSION']._serialized_start=401
+  _globals['_CATALOGVERSION']._serialized_end=677
+  _globals['_WORKER']._serialized_start=680
+  _globals['_WORKER']._serialized_end=952
+  _globals['_WORKERLOAD']._serialized_start=955
+  _globals['_WORKERLOAD']._serialized_end=1182
+  _globals['_VERSIONOUTCOMES']._serialized_start=1185
+  _globals['_VERSIONOUTCOMES']._serialized_end=1339
+  _globals['_TRAFFICWEIGHT']._serialized_start=1341
+  _globals['_TRAFFICWEIGHT']._serialized_end=1389
+  _globals['_PROMPTVARIABLE']._serialized_start=1391
+  _globals['_PROMPTVARIABLE']._serialized_end=1482
+  _globals['_PROMPTTEMPLATE']._serialized_start=1485
+  _globals['_PROMPTTEMPLATE']._serialized_end=1678
+  _globals['_CATALOGPROMPTTEMPLATE']._serialized_start=1681
+  _globals['_CATALOGPROMPTTEMPLATE']._serialized_end=1913
+  _globals['_CATALOGPROMPTTEMPLATE_ALIASESENTRY']._serialized_start=1867
+  _globals['_CATALOGPROMPTTEMPLATE_ALIASESENTRY']._serialized_end=1913
+  _globals['_ROLLOUT']._serialized_start=1916
+  _globals['_ROLLOUT']._serialized_end=2485
+  _globals['_ROLLOUTWINDOW']._serialized_start=2487
+  _globals['_ROLLOUTWINDOW']._serialized_end=2577
+  _globals['_ROLLOUTDECISION']._serialized_start=2579
+  _globals['_ROLLOUTDECISION']._serialized_end=2686
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -72,6 +73,42 @@ WORKER_STATE_SERVING: WorkerState.ValueType  # 1
 WORKER_STATE_DRAINING: WorkerState.ValueType  # 2
 """WORKER_STATE_DRAINING workers finish their streams and receive no new traffic."""
 Global___WorkerState: _TypeAlias = WorkerState  # noqa: Y015
+
+class _RolloutState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RolloutStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLLOUT_STATE_UNSPECIFIED: _RolloutState.ValueType  # 0
+    """ROLLOUT_STATE_UNSPECIFIED is never used by servers."""
+    ROLLOUT_STATE_RUNNING: _RolloutState.ValueType  # 1
+    """ROLLOUT_STATE_RUNNING rollouts are observed and advanced by the router."""
+    ROLLOUT_STATE_PAUSED: _RolloutState.ValueType  # 2
+    """ROLLOUT_STATE_PAUSED rollouts hold their weight until resumed."""
+    ROLLOUT_STATE_SUCCEEDED: _RolloutState.ValueType  # 3
+    """ROLLOUT_STATE_SUCCEEDED rollouts gave the new version 100% of the traffic."""
+    ROLLOUT_STATE_ROLLED_BACK: _RolloutState.ValueType  # 4
+    """ROLLOUT_STATE_ROLLED_BACK rollouts broke a bound; the new version has 0%."""
+    ROLLOUT_STATE_ABORTED: _RolloutState.ValueType  # 5
+    """ROLLOUT_STATE_ABORTED rollouts were stopped by an operator; the new version has 0%."""
+
+class RolloutState(_RolloutState, metaclass=_RolloutStateEnumTypeWrapper):
+    """RolloutState is where a canary rollout stands."""
+
+ROLLOUT_STATE_UNSPECIFIED: RolloutState.ValueType  # 0
+"""ROLLOUT_STATE_UNSPECIFIED is never used by servers."""
+ROLLOUT_STATE_RUNNING: RolloutState.ValueType  # 1
+"""ROLLOUT_STATE_RUNNING rollouts are observed and advanced by the router."""
+ROLLOUT_STATE_PAUSED: RolloutState.ValueType  # 2
+"""ROLLOUT_STATE_PAUSED rollouts hold their weight until resumed."""
+ROLLOUT_STATE_SUCCEEDED: RolloutState.ValueType  # 3
+"""ROLLOUT_STATE_SUCCEEDED rollouts gave the new version 100% of the traffic."""
+ROLLOUT_STATE_ROLLED_BACK: RolloutState.ValueType  # 4
+"""ROLLOUT_STATE_ROLLED_BACK rollouts broke a bound; the new version has 0%."""
+ROLLOUT_STATE_ABORTED: RolloutState.ValueType  # 5
+"""ROLLOUT_STATE_ABORTED rollouts were stopped by an operator; the new version has 0%."""
+Global___RolloutState: _TypeAlias = RolloutState  # noqa: Y015
 
 @_typing.final
 class CatalogModel(_message.Message):
@@ -528,3 +565,177 @@ class CatalogPromptTemplate(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CatalogPromptTemplate: _TypeAlias = CatalogPromptTemplate  # noqa: Y015
+
+@_typing.final
+class Rollout(_message.Message):
+    """Rollout is an SLO-gated canary rollout of one model version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STABLE_VERSION_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    STEP_DURATION_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    MAX_TTFT_P99_RATIO_FIELD_NUMBER: _builtins.int
+    MIN_REQUESTS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STEP_INDEX_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    STEP_START_TIME_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
+    STABLE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """model is the model name."""
+    version: _builtins.str
+    """version is the version being rolled out."""
+    stable_version: _builtins.str
+    """stable_version is the version it takes traffic from (and gives it back to
+    on a rollback).
+    """
+    max_error_rate: _builtins.float
+    """max_error_rate is the bound on the new version's error rate."""
+    max_ttft_p99_ratio: _builtins.float
+    """max_ttft_p99_ratio is the bound on its TTFT p99 over the stable version's."""
+    min_requests: _builtins.int
+    """min_requests is how many requests a step needs before it may advance."""
+    state: Global___RolloutState.ValueType
+    """state is where the rollout stands."""
+    step_index: _builtins.int
+    """step_index is the current step (an index into steps)."""
+    weight: _builtins.int
+    """weight is the new version's share of traffic now, in percent."""
+    reason: _builtins.str
+    """reason explains the last decision (or what the rollout waits for)."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """steps are the new version's traffic shares, in percent."""
+
+    @_builtins.property
+    def step_duration(self) -> _duration_pb2.Duration:
+        """step_duration is how long each step observes before it may advance."""
+
+    @_builtins.property
+    def step_start_time(self) -> _timestamp_pb2.Timestamp:
+        """step_start_time is when the current step began."""
+
+    @_builtins.property
+    def canary(self) -> Global___RolloutWindow:
+        """canary is the new version's figures over the current step."""
+
+    @_builtins.property
+    def stable(self) -> Global___RolloutWindow:
+        """stable is the stable version's figures over the current step."""
+
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutDecision]:
+        """decisions are the rollout's decisions, oldest first (at most 50)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """create_time is when the rollout started."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        stable_version: _builtins.str = ...,
+        steps: _abc.Iterable[_builtins.int] | None = ...,
+        step_duration: _duration_pb2.Duration | None = ...,
+        max_error_rate: _builtins.float = ...,
+        max_ttft_p99_ratio: _builtins.float = ...,
+        min_requests: _builtins.int = ...,
+        state: Global___RolloutState.ValueType = ...,
+        step_index: _builtins.int = ...,
+        weight: _builtins.int = ...,
+        step_start_time: _timestamp_pb2.Timestamp | None = ...,
+        canary: Global___RolloutWindow | None = ...,
+        stable: Global___RolloutWindow | None = ...,
+        reason: _builtins.str = ...,
+        decisions: _abc.Iterable[Global___RolloutDecision] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "create_time", b"create_time", "stable", b"stable", "step_duration", b"step_duration", "step_start_time", b"step_start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "create_time", b"create_time", "decisions", b"decisions", "max_error_rate", b"max_error_rate", "max_ttft_p99_ratio", b"max_ttft_p99_ratio", "min_requests", b"min_requests", "model", b"model", "reason", b"reason", "stable", b"stable", "stable_version", b"stable_version", "state", b"state", "step_duration", b"step_duration", "step_index", b"step_index", "step_start_time", b"step_start_time", "steps", b"steps", "version", b"version", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rollout: _TypeAlias = Rollout  # noqa: Y015
+
+@_typing.final
+class RolloutWindow(_message.Message):
+    """RolloutWindow is one version's figures over a rollout step, from the
+    workers' heartbeats.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    TTFT_P99_MS_FIELD_NUMBER: _builtins.int
+    requests: _builtins.int
+    """requests is the requests that finished."""
+    errors: _builtins.int
+    """errors is those that ended in a server error."""
+    error_rate: _builtins.float
+    """error_rate is errors / requests (0 without requests)."""
+    ttft_p99_ms: _builtins.float
+    """ttft_p99_ms is the 99th percentile time to first token, in ms (0 without samples)."""
+    def __init__(
+        self,
+        *,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        error_rate: _builtins.float = ...,
+        ttft_p99_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_rate", b"error_rate", "errors", b"errors", "requests", b"requests", "ttft_p99_ms", b"ttft_p99_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutWindow: _TypeAlias = RolloutWindow  # noqa: Y015
+
+@_typing.final
+class RolloutDecision(_message.Message):
+    """RolloutDecision is one decision of a rollout (also in the audit log)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    action: _builtins.str
+    """action is "start", "advance", "succeed", "rollback", "pause", "resume" or "abort"."""
+    weight: _builtins.int
+    """weight is the new version's share after it, in percent."""
+    reason: _builtins.str
+    """reason says why."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """time is when it was made."""
+
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        action: _builtins.str = ...,
+        weight: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "reason", b"reason", "time", b"time", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutDecision: _TypeAlias = RolloutDecision  # noqa: Y015

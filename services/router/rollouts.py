@@ -1,0 +1,603 @@
+"""SLO-gated canary rollouts, driven by the router itself.
+
+A rollout moves a model's traffic from its stable version to a new one in
+steps (5%, 25%, 50%, 100% by default). Over each step it compares the new
+version's figures with the stable version's, from the per-version outcome
+counters every worker reports in its heartbeats (services.inference.load_report):
+
+- error rate: rolled back at once, mid-step, when the new version's errors
+  exceed `max_error_rate` of `max(requests, min_requests)` (so even if every
+  request still needed to reach min_requests succeeded, the rate would be
+  too high) and its rate is above the stable version's (a mesh-wide outage
+  is not the canary's fault);
+- TTFT p99: at the end of the step, rolled back when the new version's is
+  more than `max_ttft_p99_ratio` times the stable version's.
+
+At the end of a step with at least `min_requests` requests and both bounds
+held, it advances; with fewer it waits for traffic. Reaching 100% ends it
+(succeeded). Rolled back or aborted, the new version has 0%.
+
+State lives in Redis (`ROLLOUTS_KEY`, one JSON document per model), so a
+rollout survives a router restart. Only one router replica drives rollouts:
+the holder of a lease (`LEASE_KEY`) that expires unless renewed, with a
+fencing token; every write the driver makes is a compare-and-set that also
+checks the lease still names it, so a replica that stalled past its lease
+writes nothing. Operators' pause/resume/abort are compare-and-sets too.
+Every decision goes to the rollout's history and to the audit log (tenant
+`AUDIT_TENANT`: `ListAuditEntries` / `tokenmesh usage audit`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Gauge
+from redis.exceptions import RedisError
+
+from services.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+from services.core.redis_service import text
+from services.core.tasks import SupervisedTask, Supervisor
+from services.router import catalog as cat
+from services.router.catalog import Catalog, ModelEntry
+from services.router.registry import VersionCounts, WorkerEntry, WorkerRegistry
+from services.usage.meter import PREFIX as USAGE_PREFIX
+from tokenmesh.usage.v1 import usage_pb2
+
+logger = logging.getLogger(__name__)
+ROLLOUTS_KEY = "tokenmesh:router:rollouts"
+LEASE_KEY = "tokenmesh:router:rollouts:lease"
+FENCE_KEY = "tokenmesh:router:rollouts:fence"
+#: The audit log's tenant for what the mesh does by itself (rollout decisions).
+AUDIT_TENANT = "tokenmesh.system"
+AUDIT_RETENTION_MS = 90 * 86400 * 1000
+MAX_DECISIONS = 50
+MAX_STEPS = 20
+DEFAULT_STEPS = (5, 25, 50, 100)
+DEFAULT_STEP_S = 60.0
+DEFAULT_MAX_ERROR_RATE = 0.01
+DEFAULT_MAX_TTFT_P99_RATIO = 1.5
+DEFAULT_MIN_REQUESTS = 50
+
+RUNNING, PAUSED, SUCCEEDED, ROLLED_BACK, ABORTED = (
+    "running",
+    "paused",
+    "succeeded",
+    "rolled_back",
+    "aborted",
+)
+ACTIVE = frozenset({RUNNING, PAUSED})
+
+STEP_PERCENT = Gauge(
+    "tokenmesh_rollout_step_percent",
+    "The rolled-out version's share of its model's traffic (percent), per rollout.",
+    ["model", "version"],
+)
+ROLLED_BACK_TOTAL = Counter(
+    "tokenmesh_rollouts_rolled_back_total",
+    "Rollouts rolled back by the router because a bound broke.",
+    ["model", "version"],
+)
+
+# KEYS: lease; fencing counter. ARGV: holder id, lifetime ms, current token ("" = none).
+# Renews the lease if `holder:token` holds it, takes it if free (a new, larger
+# token); returns the token held, or 0 when another holder has it.
+_ACQUIRE = """
+local held = redis.call('GET', KEYS[1])
+if held and held == ARGV[1] .. ':' .. ARGV[3] then
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+  return tonumber(ARGV[3])
+end
+if held then return 0 end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'PX', tonumber(ARGV[2]))
+return token
+"""
+
+# KEYS: rollouts hash; lease. ARGV: model, expected document, new document,
+# lease value the writer must still hold ("" = no lease needed: an operator).
+_COMPARE_AND_SET = """
+if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then return 0 end
+if (redis.call('HGET', KEYS[1], ARGV[1]) or '') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Policy is what a rollout was asked to do."""
+
+    steps: tuple[int, ...] = DEFAULT_STEPS
+    step_s: float = DEFAULT_STEP_S
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+    max_ttft_p99_ratio: float = DEFAULT_MAX_TTFT_P99_RATIO
+    min_requests: int = DEFAULT_MIN_REQUESTS
+
+    def check(self) -> None:
+        """Raises InvalidArgument unless the policy is sound."""
+        violations = []
+        steps = self.steps
+        if not 1 <= len(steps) <= MAX_STEPS or any(not 1 <= s <= 100 for s in steps):
+            violations.append(FieldViolation("steps", f"1-{MAX_STEPS} shares of 1-100 (percent)"))
+        elif any(b <= a for a, b in zip(steps, steps[1:], strict=False)) or steps[-1] != 100:
+            violations.append(FieldViolation("steps", "must increase strictly and end at 100"))
+        if not 1 <= self.step_s <= 86400:
+            violations.append(FieldViolation("step_duration", "must be 1 s to 24 h"))
+        if not 0 < self.max_error_rate <= 1:
+            violations.append(FieldViolation("max_error_rate", "must be above 0 and at most 1"))
+        if not 1 <= self.max_ttft_p99_ratio <= 100:
+            violations.append(FieldViolation("max_ttft_p99_ratio", "must be 1-100"))
+        if not 1 <= self.min_requests <= 1_000_000:
+            violations.append(FieldViolation("min_requests", "must be 1-1000000"))
+        if violations:
+            raise InvalidArgument(violations)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Window is one version's figures over a step (summed over workers)."""
+
+    requests: int = 0
+    errors: int = 0
+    ttft_bounds_ms: tuple[float, ...] = ()
+    ttft_counts: tuple[int, ...] = ()
+
+    @property
+    def error_rate(self) -> float:
+        """Returns errors / requests (0 without requests)."""
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def ttft_samples(self) -> int:
+        """Returns how many requests the TTFT histogram holds."""
+        return sum(self.ttft_counts)
+
+    def ttft_p99_ms(self) -> float:
+        """Returns the TTFT p99 read from the histogram (the bucket's upper bound; 0: none)."""
+        total = self.ttft_samples
+        if not total:
+            return 0.0
+        rank = math.ceil(0.99 * total)
+        seen = 0
+        for index, count in enumerate(self.ttft_counts):
+            seen += count
+            if seen >= rank:
+                bounds = self.ttft_bounds_ms
+                return bounds[index] if index < len(bounds) else bounds[-1] * 1.25
+        return self.ttft_bounds_ms[-1]
+
+    def plus(self, counts: VersionCounts, base: VersionCounts | None) -> Window:
+        """Adds one worker's counts since `base` (all of them when it restarted since)."""
+        if base is not None and (
+            counts.requests < base.requests or len(base.ttft_counts) != len(counts.ttft_counts)
+        ):
+            base = None  # the version was reloaded: its counters started again
+        requests = counts.requests - (base.requests if base else 0)
+        errors = counts.errors - (base.errors if base else 0)
+        ttft = [c - (base.ttft_counts[i] if base else 0) for i, c in enumerate(counts.ttft_counts)]
+        summed = list(self.ttft_counts) or [0] * len(ttft)
+        if len(summed) != len(ttft):
+            return self  # a worker with other bucket bounds: not comparable, left out
+        return Window(
+            self.requests + requests,
+            self.errors + errors,
+            counts.ttft_bounds_ms,
+            tuple(a + max(b, 0) for a, b in zip(summed, ttft, strict=True)),
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Decision is one rollout decision."""
+
+    at: float
+    action: str
+    weight: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Rollout is one model's rollout, as stored in Redis."""
+
+    model: str
+    version: str
+    stable: str
+    policy: Policy
+    state: str
+    step_index: int
+    step_started_at: float
+    created_at: float
+    # Counters at the start of the step: {worker id: [counts of version, of stable]}.
+    baseline: Mapping[str, tuple[VersionCounts, ...]] = field(default_factory=dict)
+    reason: str = ""
+    decisions: tuple[Decision, ...] = ()
+
+    @property
+    def weight(self) -> int:
+        """Returns the new version's share now."""
+        if self.state in (ROLLED_BACK, ABORTED):
+            return 0
+        return self.policy.steps[self.step_index]
+
+    def to_json(self) -> str:
+        """Serialises the rollout for Redis."""
+        data = asdict(self)
+        data["baseline"] = {w: [asdict(c) for c in cs] for w, cs in self.baseline.items()}
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Rollout:
+        """Parses a rollout stored by `to_json`."""
+        data: dict[str, Any] = json.loads(raw)
+        policy = data["policy"]
+        return cls(
+            model=data["model"],
+            version=data["version"],
+            stable=data["stable"],
+            policy=Policy(**{**policy, "steps": tuple(policy["steps"])}),
+            state=data["state"],
+            step_index=int(data["step_index"]),
+            step_started_at=float(data["step_started_at"]),
+            created_at=float(data["created_at"]),
+            baseline={
+                w: tuple(VersionCounts.from_json(c) for c in cs)
+                for w, cs in data["baseline"].items()
+            },
+            reason=data.get("reason", ""),
+            decisions=tuple(Decision(**d) for d in data.get("decisions", ())),
+        )
+
+    def decided(self, decision: Decision) -> Rollout:
+        """Returns the rollout with `decision` recorded (the history is bounded)."""
+        history = (*self.decisions, decision)[-MAX_DECISIONS:]
+        return replace(self, reason=decision.reason, decisions=history)
+
+
+def counts_of(worker: WorkerEntry, model: str, version: str) -> VersionCounts | None:
+    """Returns a worker's counters of one version (None: it reports none)."""
+    return next((c for c in worker.outcomes if (c.model, c.version) == (model, version)), None)
+
+
+def baseline_of(
+    workers: Sequence[WorkerEntry], model: str, versions: Sequence[str]
+) -> dict[str, tuple[VersionCounts, ...]]:
+    """Returns every worker's counters of `versions` now (a step's starting point)."""
+    found: dict[str, tuple[VersionCounts, ...]] = {}
+    for worker in workers:
+        counts = [counts_of(worker, model, v) for v in versions]
+        found[worker.worker_id] = tuple(c for c in counts if c is not None)
+    return found
+
+
+def window(rollout: Rollout, workers: Sequence[WorkerEntry], version: str) -> Window:
+    """Returns one version's figures since the step started, over every worker."""
+    total = Window()
+    for worker in workers:
+        counts = counts_of(worker, rollout.model, version)
+        if counts is None:
+            continue
+        base = next(
+            (c for c in rollout.baseline.get(worker.worker_id, ()) if c.version == version), None
+        )
+        total = total.plus(counts, base)
+    return total
+
+
+def error_breach(policy: Policy, canary: Window, stable: Window) -> str:
+    """Returns why the canary's errors break the policy ("" when they do not)."""
+    allowed = policy.max_error_rate * max(canary.requests, policy.min_requests)
+    if canary.errors > allowed and canary.error_rate > stable.error_rate:
+        return (
+            f"error rate {canary.error_rate:.3f} > {policy.max_error_rate:g} "
+            f"({canary.errors} of {canary.requests} requests; stable {stable.error_rate:.3f})"
+        )
+    return ""
+
+
+def ttft_breach(policy: Policy, canary: Window, stable: Window) -> str:
+    """Returns why the canary's TTFT p99 breaks the policy ("" when it does not or cannot)."""
+    if not canary.ttft_samples or not stable.ttft_samples:
+        return ""
+    canary_p99, stable_p99 = canary.ttft_p99_ms(), stable.ttft_p99_ms()
+    if stable_p99 > 0 and canary_p99 > policy.max_ttft_p99_ratio * stable_p99:
+        return (
+            f"ttft p99 {canary_p99:.0f}ms > {policy.max_ttft_p99_ratio:g} x stable "
+            f"{stable_p99:.0f}ms"
+        )
+    return ""
+
+
+def decide(rollout: Rollout, canary: Window, stable: Window, now: float) -> tuple[str, str]:
+    """Returns (action, reason) for a running rollout: hold, advance, succeed or rollback."""
+    policy = rollout.policy
+    broken = error_breach(policy, canary, stable)
+    if broken:
+        return "rollback", broken
+    elapsed = now - rollout.step_started_at
+    if elapsed < policy.step_s:
+        return "hold", f"observing step {rollout.weight}% ({elapsed:.0f}/{policy.step_s:g}s)"
+    if canary.requests < policy.min_requests:
+        return "hold", f"waiting for traffic: {canary.requests}/{policy.min_requests} requests"
+    broken = ttft_breach(policy, canary, stable)
+    if broken:
+        return "rollback", broken
+    held = (
+        f"error rate {canary.error_rate:.3f} (stable {stable.error_rate:.3f}), ttft p99 "
+        f"{canary.ttft_p99_ms():.0f}ms (stable {stable.ttft_p99_ms():.0f}ms) over "
+        f"{canary.requests} requests"
+    )
+    if rollout.step_index + 1 >= len(policy.steps) - 1:
+        return "succeed", held
+    return "advance", held
+
+
+def split_for(model: ModelEntry, rollout: Rollout, weight: int) -> ModelEntry:
+    """Returns the model with `weight`% on the new version and the rest on the stable one."""
+    weights = {rollout.stable: 100 - weight, rollout.version: weight}
+    return cat.set_split(model, {v: w for v, w in weights.items() if w})
+
+
+def audit_entry(rollout: Rollout, decision: Decision) -> usage_pb2.AuditEntry:
+    """Returns the audit log's record of a rollout decision."""
+    entry = usage_pb2.AuditEntry(
+        tenant=AUDIT_TENANT,
+        rpc="tokenmesh.router.v1.RouterService/rollout",
+        model=rollout.model,
+        version=rollout.version,
+        status="OK" if decision.action != "rollback" else "ROLLED_BACK",
+        action=f"rollout.{decision.action}",
+        detail=f"{rollout.version} at {decision.weight}%: {decision.reason}",
+        request_id=f"rollout-{rollout.model}-{int(rollout.created_at * 1000)}",
+    )
+    entry.time.FromMilliseconds(int(decision.at * 1000))
+    return entry
+
+
+class RolloutStore:
+    """RolloutStore keeps rollouts in Redis and applies their decisions to the catalogue."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        catalog: Catalog,
+        registry: WorkerRegistry,
+        refresh: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.redis = redis
+        self.catalog = catalog
+        self.registry = registry
+        self.refresh = refresh
+        self._compare_and_set = redis.register_script(_COMPARE_AND_SET)
+
+    async def get(self, model: str) -> Rollout:
+        """Returns a model's rollout; raises NotFound."""
+        cat.check_name(model)
+        raw = await self.redis.hget(ROLLOUTS_KEY, model)
+        if raw is None:
+            raise NotFound(f"model {model!r} has no rollout", reason="ROLLOUT_NOT_FOUND")
+        return Rollout.from_json(raw)
+
+    async def all(self) -> list[Rollout]:
+        """Returns every stored rollout."""
+        raw = await self.redis.hgetall(ROLLOUTS_KEY)
+        return [Rollout.from_json(v) for _, v in sorted(raw.items(), key=lambda kv: text(kv[0]))]
+
+    async def start(self, model: str, version: str, policy: Policy, now: float) -> Rollout:
+        """Starts a rollout: the new version gets the first step's share now."""
+        policy.check()
+        cat.check_version(version)
+        entry = await self.catalog.get(model)
+        stable = _stable_version(entry, version, now)
+        raw = await self.redis.hget(ROLLOUTS_KEY, model)
+        if raw is not None and Rollout.from_json(raw).state in ACTIVE:
+            raise AlreadyExists(
+                f"model {model!r} already has a rollout; abort it first",
+                reason="ROLLOUT_IN_PROGRESS",
+            )
+        workers = await self.registry.all(now)
+        rollout = Rollout(
+            model=model,
+            version=version,
+            stable=stable,
+            policy=policy,
+            state=RUNNING,
+            step_index=0,
+            step_started_at=now,
+            created_at=now,
+            baseline=baseline_of(workers, model, (version, stable)),
+        )
+        decision = Decision(now, "start", policy.steps[0], f"from {stable}, steps {policy.steps}")
+        rollout = rollout.decided(decision)
+        if not await self._swap(raw, rollout, lease=""):
+            raise FailedPrecondition(
+                f"the rollout of {model!r} changed meanwhile; try again", reason="ROLLOUT_CHANGED"
+            )
+        await self._apply(rollout, decision)
+        return rollout
+
+    async def operate(self, model: str, action: str, now: float) -> Rollout:
+        """Applies an operator's pause, resume or abort."""
+        while True:
+            raw = await self.redis.hget(ROLLOUTS_KEY, model)
+            if raw is None:
+                raise NotFound(f"model {model!r} has no rollout", reason="ROLLOUT_NOT_FOUND")
+            rollout = Rollout.from_json(raw)
+            changed = _operated(rollout, action, now, await self.registry.all(now))
+            decision = Decision(now, action, changed.weight, f"by an operator ({action})")
+            changed = changed.decided(decision)
+            if await self._swap(raw, changed, lease=""):
+                await self._apply(changed, decision)
+                return changed
+
+    async def step(self, rollout: Rollout, raw: str | bytes, lease: str, now: float) -> None:
+        """Evaluates one running rollout and applies its decision (the lease holder only)."""
+        workers = await self.registry.all(now)
+        canary = window(rollout, workers, rollout.version)
+        stable = window(rollout, workers, rollout.stable)
+        action, reason = decide(rollout, canary, stable, now)
+        if action == "hold":
+            if reason != rollout.reason:
+                await self._swap(raw, replace(rollout, reason=reason), lease)
+            return
+        changed = _after(rollout, action, now, workers)
+        decision = Decision(now, action, changed.weight, reason)
+        changed = changed.decided(decision)
+        if await self._swap(raw, changed, lease):
+            await self._apply(changed, decision)
+
+    async def _swap(self, raw: str | bytes | None, rollout: Rollout, lease: str) -> bool:
+        expected = b"" if raw is None else raw
+        args: list[str | bytes] = [rollout.model, expected, rollout.to_json(), lease]
+        return bool(await self._compare_and_set(keys=[ROLLOUTS_KEY, LEASE_KEY], args=args))
+
+    async def _apply(self, rollout: Rollout, decision: Decision) -> None:
+        """Moves the traffic, records the decision in the audit log and the metrics."""
+        weight = rollout.weight
+        if decision.action not in ("pause", "resume"):
+            await self.catalog.update(rollout.model, lambda m, _: split_for(m, rollout, weight))
+            await self.refresh()
+        STEP_PERCENT.labels(rollout.model, rollout.version).set(weight)
+        if decision.action == "rollback":
+            ROLLED_BACK_TOTAL.labels(rollout.model, rollout.version).inc()
+        entry = audit_entry(rollout, decision)
+        key = f"{USAGE_PREFIX}audit:{AUDIT_TENANT}"
+        stamp = int(decision.at * 1000)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {entry.SerializeToString().hex(): stamp})
+            pipe.zremrangebyscore(key, "-inf", stamp - AUDIT_RETENTION_MS)
+            await pipe.execute()
+        logger.info(
+            "rollout %s %s: %s -> %d%% (%s)",
+            rollout.model,
+            rollout.version,
+            decision.action,
+            weight,
+            decision.reason,
+        )
+
+
+def _stable_version(entry: ModelEntry, version: str, now: float) -> str:
+    found = entry.version(version)
+    if found is None or found.sunset(now):
+        known = ", ".join(v.version for v in entry.versions)
+        raise InvalidArgument(
+            [FieldViolation("version", f"{version!r} is not a serving version (known: {known})")]
+        )
+    if entry.pinned:
+        raise FailedPrecondition(
+            f"{entry.name!r} is pinned to {entry.pinned!r}; unpin it to roll out",
+            reason="MODEL_PINNED",
+        )
+    stable = entry.primary_version(now)
+    if not stable or stable == version:
+        raise FailedPrecondition(
+            f"{version!r} already takes most of {entry.name!r}'s traffic",
+            reason="ROLLOUT_NOTHING_TO_DO",
+        )
+    return stable
+
+
+def _restarted(rollout: Rollout, index: int, now: float, workers: Sequence[WorkerEntry]) -> Rollout:
+    """Returns the rollout at step `index`, observing from now on."""
+    versions = (rollout.version, rollout.stable)
+    return replace(
+        rollout,
+        step_index=index,
+        step_started_at=now,
+        baseline=baseline_of(workers, rollout.model, versions),
+    )
+
+
+def _after(rollout: Rollout, action: str, now: float, workers: Sequence[WorkerEntry]) -> Rollout:
+    if action == "rollback":
+        return replace(rollout, state=ROLLED_BACK)
+    if action == "succeed":
+        return replace(rollout, state=SUCCEEDED, step_index=len(rollout.policy.steps) - 1)
+    return _restarted(rollout, rollout.step_index + 1, now, workers)
+
+
+def _operated(rollout: Rollout, action: str, now: float, workers: Sequence[WorkerEntry]) -> Rollout:
+    allowed = {"pause": {RUNNING}, "resume": {PAUSED}, "abort": ACTIVE}[action]
+    if rollout.state not in allowed:
+        raise FailedPrecondition(
+            f"the rollout of {rollout.model!r} is {rollout.state}; cannot {action} it",
+            reason="ROLLOUT_STATE",
+        )
+    if action == "pause":
+        return replace(rollout, state=PAUSED)
+    if action == "resume":
+        return replace(_restarted(rollout, rollout.step_index, now, workers), state=RUNNING)
+    return replace(rollout, state=ABORTED)
+
+
+class RolloutDriver:
+    """RolloutDriver advances running rollouts from one router replica at a time.
+
+    Args:
+        store: the rollouts.
+        now: the wall clock.
+        tick_s: how often running rollouts are evaluated.
+        lease_s: the driver lease's lifetime (renewed every tick).
+    """
+
+    def __init__(
+        self,
+        store: RolloutStore,
+        now: Callable[[], float],
+        tick_s: float = 0.5,
+        lease_s: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.now = now
+        self.tick_s = tick_s
+        self.lease_ms = int(lease_s * 1000)
+        self.holder = uuid.uuid4().hex
+        self.token = 0
+        self._acquire = store.redis.register_script(_ACQUIRE)
+        self._task: SupervisedTask | None = None
+
+    def start(self, supervisor: Supervisor) -> None:
+        """Runs the driver as a supervised background task."""
+        self._task = supervisor.spawn("rollouts", self._run)
+
+    async def stop(self) -> None:
+        """Stops the driver (another replica takes over when its lease ends)."""
+        if self._task is not None:
+            await self._task.stop()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except RedisError as exc:  # absorbed: the next tick retries
+                logger.warning("rollouts: Redis unavailable (%s)", type(exc).__name__)
+            await asyncio.sleep(self.tick_s)
+
+    async def tick(self) -> None:
+        """Evaluates every running rollout once, if this replica holds the lease."""
+        keys = [LEASE_KEY, FENCE_KEY]
+        args: list[str | int] = [self.holder, self.lease_ms, str(self.token or "")]
+        self.token = int(await self._acquire(keys=keys, args=args))
+        if not self.token:
+            return
+        lease = f"{self.holder}:{self.token}"
+        raw_all = await self.store.redis.hgetall(ROLLOUTS_KEY)
+        for raw in raw_all.values():
+            rollout = Rollout.from_json(raw)
+            if rollout.state == RUNNING:
+                await self.store.step(rollout, raw, lease, self.now())

@@ -1,0 +1,105 @@
+"""SLO-gated rollouts: the decision rules and the step windows (pure parts)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.core.errors import InvalidArgument
+from services.inference.load_report import TTFT_BOUNDS_MS
+from services.router import rollouts as ro
+from services.router.registry import VersionCounts, WorkerEntry
+
+POLICY = ro.Policy(steps=(5, 25, 50, 100), step_s=60, min_requests=50)
+NOW = 1_800_000_000.0
+
+
+def rollout(step_index: int = 0, policy: ro.Policy = POLICY, **changes: object) -> ro.Rollout:
+    fields = dict(
+        model="m", version="2", stable="1", policy=policy, state=ro.RUNNING,
+        step_index=step_index, step_started_at=NOW, created_at=NOW,
+    )  # fmt: skip
+    return ro.Rollout(**{**fields, **changes})  # type: ignore[arg-type]
+
+
+def ttfts(ms: float, count: int) -> tuple[int, ...]:
+    counts = [0] * (len(TTFT_BOUNDS_MS) + 1)
+    counts[next(i for i, b in enumerate(TTFT_BOUNDS_MS) if b >= ms)] = count
+    return tuple(counts)
+
+
+def window(requests: int, errors: int = 0, ttft_ms: float = 10.0) -> ro.Window:
+    return ro.Window(requests, errors, TTFT_BOUNDS_MS, ttfts(ttft_ms, requests - errors))
+
+
+def test_policies_are_validated():
+    ro.Policy().check()
+    for bad in (
+        ro.Policy(steps=(50, 25, 100)),
+        ro.Policy(steps=(5, 50)),
+        ro.Policy(steps=(0, 100)),
+        ro.Policy(step_s=0.5),
+        ro.Policy(max_error_rate=0),
+        ro.Policy(max_ttft_p99_ratio=0.5),
+        ro.Policy(min_requests=0),
+    ):
+        with pytest.raises(InvalidArgument):
+            bad.check()
+
+
+def test_errors_roll_back_mid_step_once_even_all_missing_requests_could_not_save_it():
+    # 1 error in 10 requests: with 40 more successes it would be 1/50 = 0.02 > 0.01 ... and
+    # already above the budget of 0.01 x 50 = 0.5 errors.
+    action, reason = ro.decide(rollout(), window(10, errors=1), window(100), NOW + 1)
+    assert action == "rollback" and "error rate 0.100 > 0.01" in reason
+
+
+def test_errors_no_worse_than_the_stable_versions_are_not_the_canarys_fault():
+    action, _ = ro.decide(rollout(), window(60, errors=30), window(60, errors=40), NOW + 1)
+    assert action == "hold"
+
+
+def test_a_step_holds_until_its_time_and_its_requests_then_advances():
+    assert ro.decide(rollout(), window(100), window(100), NOW + 30)[0] == "hold"
+    action, reason = ro.decide(rollout(), window(20), window(100), NOW + 61)
+    assert action == "hold" and reason == "waiting for traffic: 20/50 requests"
+    action, reason = ro.decide(rollout(), window(60), window(600), NOW + 61)
+    assert action == "advance" and "over 60 requests" in reason
+
+
+def test_the_step_before_100_succeeds_the_rollout():
+    assert ro.decide(rollout(step_index=2), window(60), window(60), NOW + 61)[0] == "succeed"
+
+
+def test_a_slow_canary_rolls_back_at_the_end_of_the_step():
+    action, reason = ro.decide(rollout(), window(60, ttft_ms=40), window(60), NOW + 61)
+    assert action == "rollback" and "ttft p99" in reason and "1.5 x stable" in reason
+    # Within the ratio: fine.
+    assert ro.decide(rollout(), window(60, ttft_ms=12), window(60), NOW + 61)[0] == "advance"
+
+
+def test_windows_count_since_the_step_began_and_survive_worker_restarts():
+    def counts(requests: int, errors: int) -> VersionCounts:
+        return VersionCounts("m", "2", requests, errors, TTFT_BOUNDS_MS, ttfts(10, requests))
+
+    def worker(name: str, c: VersionCounts) -> WorkerEntry:
+        return WorkerEntry(name, "h", 1, (("m", "2"),), outcomes=(c,))
+
+    started = rollout(baseline={"a": (counts(100, 5),), "b": (counts(50, 0),)})
+    workers = [
+        worker("a", counts(130, 7)),  # 30 more, 2 errors
+        worker("b", counts(10, 1)),  # restarted since: all 10 count
+        worker("c", counts(4, 0)),  # new: all count
+    ]
+    found = ro.window(started, workers, "2")
+    assert (found.requests, found.errors) == (44, 3)
+    assert found.ttft_samples == 30 + 10 + 4
+
+
+def test_rollouts_round_trip_through_json_and_weights_follow_the_state():
+    stored = rollout(step_index=1, reason="r").decided(ro.Decision(NOW, "advance", 25, "ok"))
+    assert ro.Rollout.from_json(stored.to_json()) == stored
+    assert stored.weight == 25
+    assert ro.Rollout.from_json(stored.to_json()).decisions[-1].reason == "ok"
+    from dataclasses import replace
+
+    assert replace(stored, state=ro.ROLLED_BACK).weight == 0
