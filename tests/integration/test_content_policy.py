@@ -139,10 +139,10 @@ async def test_output_rule_stops_the_choice_before_the_match_and_meters_its_toke
     words = free.split()
     banned = words[12]  # late enough that some text is released before it
     before = free[: free.index(f" {banned}")] if f" {banned}" in free else ""
+    rule = PatternRule(rf"(?<!\S){banned}(?!\S)", "banned word")
     policy = await _attach(
-        service, catalog, tenant,
-        Policy(f"out-{tenant}", 0, output_block_patterns=(PatternRule(rf"(?<!\S){banned}(?!\S)", "banned word"),)),
-    )  # fmt: skip
+        service, catalog, tenant, Policy(f"out-{tenant}", 0, output_block_patterns=(rule,))
+    )
     request_id = f"out-{tenant}"
     text, (final,) = await _generate(
         stub, tenant, prompt=prompt, max_output_tokens=24, request_id=request_id
@@ -194,3 +194,23 @@ async def test_without_policies_the_stream_is_not_wrapped(worker, tenant):
     assert service.policies.policies(tenant, "") == []
     _, (final,) = await _generate(stub, tenant, prompt="a b c", max_output_tokens=2)
     assert final.finish_message == ""
+
+
+async def test_concurrent_creates_get_distinct_versions_and_attach_checks_existence(
+    catalog, tenant
+):
+    from services.core.errors import NotFound
+
+    name = f"race-{tenant}"
+    created = await asyncio.gather(
+        *(catalog.create(Policy(name, 0, pii={"email": "flag"}), time.time()) for _ in range(8))
+    )
+    assert sorted(p.version for p in created) == list(range(1, 9))
+    with pytest.raises(NotFound):
+        await catalog.attach(TENANT, tenant, f"{name}@9")
+    with pytest.raises(NotFound):
+        await catalog.attach(TENANT, tenant, f"missing-{tenant}")
+    assert (await catalog.attach(TENANT, tenant, f"{name}@8")).policy == f"{name}@8"
+    assert (await catalog.detach(TENANT, tenant)).policy == f"{name}@8"
+    with pytest.raises(NotFound):
+        await catalog.detach(TENANT, tenant)
