@@ -32,7 +32,7 @@ $(BUF): package.json
 	touch $@
 
 .PHONY: setup
-setup: $(STAMP) build/tokenmesh.pb models browser ## Create .venv, install everything, build the models (idempotent).
+setup: $(STAMP) build/tokenmesh.pb models browser promtool ## Create .venv, install everything, build the models (idempotent).
 
 # The playground's browser test (tests/e2e/test_playground.py) drives Debian's
 # headless Chromium through Playwright; Playwright's own browser downloads
@@ -46,6 +46,18 @@ browser: ## Install headless Chromium for the playground test (Debian's chromium
 	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
 	  || echo "warning: chromium is not installed (apt-get install chromium):" \
 	          "tests/e2e/test_playground.py will fail"
+
+# The alert rules are checked and unit-tested with promtool
+# (tests/unit/test_observability.py), from Debian's prometheus package: its
+# binaries only, no recommends (no server is started in a container).
+.PHONY: promtool
+promtool: ## Install promtool for the alert-rule tests (Debian's prometheus package).
+	@command -v promtool >/dev/null \
+	  || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null \
+	  || { apt-get update -q >/dev/null \
+	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; } \
+	  || echo "warning: promtool is not installed (apt-get install prometheus):" \
+	          "tests/unit/test_observability.py will fail"
 
 MINILM := models/all-minilm-l6-v2/1/model.onnx
 DEMO_LM := models/demo-lm/1/model.onnx
