@@ -296,8 +296,10 @@ def _served_rounds(ctx: Context, servers: dict[str, Target], plan: Plan) -> dict
         "s1_ratio": _median(
             r["served"]["tokens_per_s"] / r["ceiling"]["tokens_per_s"] for r in rounds
         ),
-        # The robust twin of S1: the share of the worker's CPU per token that the
-        # engine itself needs (it does not depend on who else used the core).
+        # The robust twin of S1: tokens per CPU second, served over the ceiling's.
+        # Both saturate the same core, so on a quiet machine this is the
+        # tokens/s ratio; unlike it, it does not depend on who else used the
+        # core meanwhile (a ceiling slowed by other load passes S1 by wall time).
         "s1_cpu_ratio": _median(
             r["ceiling"]["cpu_us_per_token"] / r["served"]["worker_cpu_us_per_token"]
             for r in rounds
@@ -369,9 +371,9 @@ def judge(results: dict[str, Any]) -> list[Row]:
     return [
         row(
             "S1",
-            f"{s12['s1_ratio']:.0%} ({served['tokens_per_s']:.0f} tokens/s; {rounds};"
-            f" by CPU per token: {s12['s1_cpu_ratio']:.0%})",
-            s12["s1_ratio"] >= 0.85,
+            f"{s12['s1_ratio']:.0%} by tokens/s, {s12['s1_cpu_ratio']:.0%} by CPU per token"
+            f" (both must pass; {served['tokens_per_s']:.0f} tokens/s; {rounds})",
+            min(s12["s1_ratio"], s12["s1_cpu_ratio"]) >= 0.85,
             baseline=f"engine ceiling {ceiling['tokens_per_s']:.0f} tokens/s",
             cpu=f"worker {served['worker_cpu_us_per_token']:.0f} µs/token"
             f" ({served['worker_cpu_cores']:.2f} cores), ceiling"
