@@ -1,0 +1,80 @@
+"""Rollouts in real Redis: one driving replica at a time (fenced lease), and an
+operator's change between a driver's read and its write is kept."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.router import catalog as cat
+from services.router import rollouts as ro
+from services.router.catalog import Catalog
+from services.router.registry import WorkerRegistry
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_url)
+    await client.delete(ro.LEASE_KEY)
+    yield client
+    await client.delete(ro.LEASE_KEY)
+    await client.aclose()
+
+
+async def _noop() -> None:
+    return None
+
+
+def store(client: aioredis.Redis) -> ro.RolloutStore:
+    return ro.RolloutStore(client, Catalog(client), WorkerRegistry(client, lease_s=30), _noop)
+
+
+async def started(client: aioredis.Redis) -> ro.Rollout:
+    """A model with versions 1 (stable) and 2, and a running rollout of 2."""
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    await Catalog(client).change(model, lambda current, _: cat.add_version(current, model, "1", 0))
+    await Catalog(client).change(model, lambda current, _: cat.add_version(current, model, "2", 0))
+    policy = ro.Policy(steps=(10, 100), step_s=1, min_requests=1)
+    return await store(client).start(model, "2", policy, time.time())
+
+
+async def test_only_one_driver_holds_the_lease_and_a_stale_one_writes_nothing(client):
+    rollout = await started(client)
+    first = ro.RolloutDriver(store(client), time.time, lease_s=0.3)
+    second = ro.RolloutDriver(store(client), time.time, lease_s=0.3)
+    await first.tick()
+    await second.tick()
+    assert first.token and not second.token
+    stale_lease = f"{first.holder}:{first.token}"
+    await asyncio.sleep(0.4)  # the first stalls past its lease ...
+    await second.tick()  # ... and the second takes over, with a larger token
+    assert second.token > first.token
+    raw = await client.hget(ro.ROLLOUTS_KEY, rollout.model)
+    # A write made under the stale lease is refused, whatever it carries.
+    assert not await store(client)._swap(
+        raw, rollout.decided(ro.Decision(0, "x", 0, "")), stale_lease
+    )
+    assert (
+        ro.Rollout.from_json(await client.hget(ro.ROLLOUTS_KEY, rollout.model)).decisions[-1].action
+        == "start"
+    )
+
+
+async def test_an_abort_between_a_drivers_read_and_write_is_kept(client):
+    rollout = await started(client)
+    driver = ro.RolloutDriver(store(client), time.time)
+    await driver.tick()
+    raw = await client.hget(ro.ROLLOUTS_KEY, rollout.model)  # the driver read ...
+    await store(client).operate(rollout.model, "abort", time.time())  # ... an operator aborts
+    await store(client).step(
+        ro.Rollout.from_json(raw), raw, f"{driver.holder}:{driver.token}", time.time() + 5
+    )  # ... and the driver writes what it computed from its read
+    kept = await store(client).get(rollout.model)
+    assert kept.state == ro.ABORTED and kept.weight == 0
+    weights = (await Catalog(client).get(rollout.model)).effective_weights(time.time())
+    assert weights == {"1": 100}
