@@ -353,6 +353,32 @@ TENANTS = Dashboard(
             ),
         ),
         (
+            "Fair sharing on the workers",
+            (
+                Panel(
+                    "Waiting requests by tenant",
+                    (
+                        (
+                            'sum by (tenant) (tokenmesh_tenant_queue_depth{tenant=~"$tenant"})',
+                            "{{tenant}}",
+                        ),
+                    ),
+                    description="The scheduler's per-tenant queues (deepest tenants; "
+                    "the rest as _other).",
+                ),
+                Panel(
+                    "Tokens served per second by tenant (scheduler)",
+                    (
+                        (
+                            "sum by (tenant, kind) (rate(tokenmesh_tenant_service_tokens_total"
+                            f'{{tenant=~"$tenant"}}[{RATE}]))',
+                            "{{tenant}} {{kind}}",
+                        ),
+                    ),
+                ),
+            ),
+        ),
+        (
             "Limits and budgets",
             (
                 Panel(
