@@ -319,6 +319,8 @@ class UsageEvent(_message.Message):
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     TEMPLATE_FIELD_NUMBER: _builtins.int
     POLICY_HITS_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
+    SERVED_USAGE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """request_id identifies the request; consumers deduplicate on it."""
     key_id: _builtins.str
@@ -341,6 +343,12 @@ class UsageEvent(_message.Message):
     """cached_prompt_tokens are the prompt tokens the prefix cache served (part
     of usage.prompt_tokens); usage reports bill them at the version's cached
     prompt price when it has one. 0 in events written before it existed.
+    """
+    cached: _builtins.bool
+    """cached is true when the answer came from the worker's response cache or
+    from an identical request's computation (coalesced) rather than its own;
+    `usage` then holds what is billed for it (TOKENMESH_CACHE_BILLING) and
+    `served_usage` what the caller received: the difference is the saving.
     """
     @_builtins.property
     def model(self) -> _types_pb2.ModelRef:
@@ -375,6 +383,10 @@ class UsageEvent(_message.Message):
         usage meter copies them into the request's audit entry.
         """
 
+    @_builtins.property
+    def served_usage(self) -> _types_pb2.TokenUsage:
+        """served_usage counts the tokens the caller received; set when `cached`."""
+
     def __init__(
         self,
         *,
@@ -393,10 +405,12 @@ class UsageEvent(_message.Message):
         cached_prompt_tokens: _builtins.int = ...,
         template: _types_pb2.TemplateRef | None = ...,
         policy_hits: _abc.Iterable[_builtins.str] | None = ...,
+        cached: _builtins.bool = ...,
+        served_usage: _types_pb2.TokenUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "template", b"template", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "served_usage", b"served_usage", "template", b"template", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "cached_prompt_tokens", b"cached_prompt_tokens", "finish_reason", b"finish_reason", "finish_unix_ms", b"finish_unix_ms", "key_id", b"key_id", "metadata", b"metadata", "model", b"model", "policy_hits", b"policy_hits", "request_id", b"request_id", "rpc", b"rpc", "template", b"template", "tenant", b"tenant", "timing", b"timing", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "cached", b"cached", "cached_prompt_tokens", b"cached_prompt_tokens", "finish_reason", b"finish_reason", "finish_unix_ms", b"finish_unix_ms", "key_id", b"key_id", "metadata", b"metadata", "model", b"model", "policy_hits", b"policy_hits", "request_id", b"request_id", "rpc", b"rpc", "served_usage", b"served_usage", "template", b"template", "tenant", b"tenant", "timing", b"timing", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

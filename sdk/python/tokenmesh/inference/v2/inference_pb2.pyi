@@ -265,6 +265,56 @@ buf:lint:ignore ENUM_VALUE_PREFIX
 """
 Global___Truncation: _TypeAlias = Truncation  # noqa: Y015
 
+class _CacheMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CacheModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CacheMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CACHE_MODE_UNSPECIFIED: _CacheMode.ValueType  # 0
+    """CACHE_MODE_UNSPECIFIED: the default: a cached answer is served when
+    there is one, a computed one is stored.
+    """
+    CACHE_MODE_NO_CACHE: _CacheMode.ValueType  # 1
+    """CACHE_MODE_NO_CACHE: computed again (never served from the cache nor
+    joined to an identical request in flight); the answer refreshes the cache.
+    """
+    CACHE_MODE_NO_STORE: _CacheMode.ValueType  # 2
+    """CACHE_MODE_NO_STORE: the cache is neither read nor written."""
+    NO_CACHE: _CacheMode.ValueType  # 1
+    """NO_CACHE is an alias of CACHE_MODE_NO_CACHE, accepted in JSON requests.
+    buf:lint:ignore ENUM_VALUE_PREFIX
+    """
+    NO_STORE: _CacheMode.ValueType  # 2
+    """NO_STORE is an alias of CACHE_MODE_NO_STORE, accepted in JSON requests.
+    buf:lint:ignore ENUM_VALUE_PREFIX
+    """
+
+class CacheMode(_CacheMode, metaclass=_CacheModeEnumTypeWrapper):
+    """CacheMode is how a request may use the worker's response cache.
+    buf:lint:ignore ENUM_NO_ALLOW_ALIAS
+    """
+
+CACHE_MODE_UNSPECIFIED: CacheMode.ValueType  # 0
+"""CACHE_MODE_UNSPECIFIED: the default: a cached answer is served when
+there is one, a computed one is stored.
+"""
+CACHE_MODE_NO_CACHE: CacheMode.ValueType  # 1
+"""CACHE_MODE_NO_CACHE: computed again (never served from the cache nor
+joined to an identical request in flight); the answer refreshes the cache.
+"""
+CACHE_MODE_NO_STORE: CacheMode.ValueType  # 2
+"""CACHE_MODE_NO_STORE: the cache is neither read nor written."""
+NO_CACHE: CacheMode.ValueType  # 1
+"""NO_CACHE is an alias of CACHE_MODE_NO_CACHE, accepted in JSON requests.
+buf:lint:ignore ENUM_VALUE_PREFIX
+"""
+NO_STORE: CacheMode.ValueType  # 2
+"""NO_STORE is an alias of CACHE_MODE_NO_STORE, accepted in JSON requests.
+buf:lint:ignore ENUM_VALUE_PREFIX
+"""
+Global___CacheMode: _TypeAlias = CacheMode  # noqa: Y015
+
 @_typing.final
 class Model(_message.Message):
     """Model is a servable model and its versions."""

@@ -200,6 +200,7 @@ class GenerateRequest(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the model name (required; 1-128 characters of [A-Za-z0-9._-],
     starting with a letter or digit).
@@ -239,6 +240,12 @@ class GenerateRequest(_message.Message):
     """
     priority: _inference_pb2.Priority.ValueType
     """priority orders queued requests. Unspecified means interactive."""
+    cache: _inference_pb2.CacheMode.ValueType
+    """cache says how this request may use the worker's response cache (like
+    the Cache-Control request header: NO_CACHE recomputes and refreshes,
+    NO_STORE neither reads nor writes). Only deterministic requests (a seed,
+    or temperature 0) are ever cached.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.ChatMessage]:
         """messages are the conversation so far (1-256 turns, each at most 100000
@@ -290,10 +297,11 @@ class GenerateRequest(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         request_id: _builtins.str = ...,
         priority: _inference_pb2.Priority.ValueType = ...,
+        cache: _inference_pb2.CacheMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "max_output_tokens", b"max_output_tokens", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "logprobs", b"logprobs", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "metadata", b"metadata", "model", b"model", "n", b"n", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "stop_sequences", b"stop_sequences", "template", b"template", "top_logprobs", b"top_logprobs", "variables", b"variables", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "cache", b"cache", "logprobs", b"logprobs", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "metadata", b"metadata", "model", b"model", "n", b"n", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "stop_sequences", b"stop_sequences", "template", b"template", "top_logprobs", b"top_logprobs", "variables", b"variables", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_output_tokens: _TypeAlias = _typing.Literal["max_output_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_output_tokens: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens"]  # noqa: Y015
@@ -486,6 +494,7 @@ class CompleteRequest(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the model name (required; 1-128 characters)."""
     version: _builtins.str
@@ -508,6 +517,12 @@ class CompleteRequest(_message.Message):
     """request_id identifies the request end to end; generated when empty."""
     priority: _inference_pb2.Priority.ValueType
     """priority orders queued requests. Unspecified means interactive."""
+    cache: _inference_pb2.CacheMode.ValueType
+    """cache says how this request may use the worker's response cache (like
+    the Cache-Control request header: NO_CACHE recomputes and refreshes,
+    NO_STORE neither reads nor writes). Only deterministic requests (a seed,
+    or temperature 0) are ever cached.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.ChatMessage]:
         """messages are the conversation so far (1-256 turns), exclusive with prompt."""
@@ -548,10 +563,11 @@ class CompleteRequest(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         request_id: _builtins.str = ...,
         priority: _inference_pb2.Priority.ValueType = ...,
+        cache: _inference_pb2.CacheMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "max_output_tokens", b"max_output_tokens", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "logprobs", b"logprobs", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "metadata", b"metadata", "model", b"model", "n", b"n", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "stop_sequences", b"stop_sequences", "template", b"template", "top_logprobs", b"top_logprobs", "variables", b"variables", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "cache", b"cache", "logprobs", b"logprobs", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "metadata", b"metadata", "model", b"model", "n", b"n", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "stop_sequences", b"stop_sequences", "template", b"template", "top_logprobs", b"top_logprobs", "variables", b"variables", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_output_tokens: _TypeAlias = _typing.Literal["max_output_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_output_tokens: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens"]  # noqa: Y015
@@ -640,6 +656,7 @@ class EmbedRequest(_message.Message):
     TRUNCATE_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the model name (required; 1-128 characters)."""
     version: _builtins.str
@@ -654,6 +671,10 @@ class EmbedRequest(_message.Message):
     """
     request_id: _builtins.str
     """request_id identifies the request end to end; generated when empty."""
+    cache: _inference_pb2.CacheMode.ValueType
+    """cache says how this request may use the worker's per-input embedding
+    cache (as for GenerateRequest.cache).
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """inputs are the texts to embed (1-256 items, each 1-20000 characters)."""
@@ -674,10 +695,11 @@ class EmbedRequest(_message.Message):
         truncate: _inference_pb2.Truncation.ValueType = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         request_id: _builtins.str = ...,
+        cache: _inference_pb2.CacheMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "inputs", b"inputs", "metadata", b"metadata", "model", b"model", "request_id", b"request_id", "truncate", b"truncate", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "encoding", b"encoding", "inputs", b"inputs", "metadata", b"metadata", "model", b"model", "request_id", b"request_id", "truncate", b"truncate", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
