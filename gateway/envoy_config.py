@@ -68,6 +68,10 @@ TRANSCODED_SERVICES = (
     "tokenmesh.usage.v2.UsageService",
     "tokenmesh.jobs.v1.JobsService",
 )
+# Upstreams that decide request rates in-process, in the usage service's windows
+# (services/inference/request_limits.py): their routes, and the per-model routes
+# from the control plane, make no rate-limit call.
+SELF_LIMITING_UPSTREAMS = frozenset({"inference"})
 # Streaming routes get no total timeout (a long generation is fine), only an idle one.
 STREAMING_UPSTREAMS = frozenset({"inference", "jobs"})  # jobs: progress events (SSE)
 # The identity each upstream cluster's hosts must prove (their certificate's SPIFFE id).
@@ -387,8 +391,12 @@ def _socket_address(endpoint: Endpoint) -> dict[str, Any]:
     return {"socket_address": {"address": endpoint.host, "port_value": endpoint.port}}
 
 
-def routes() -> list[dict[str, Any]]:
-    """Builds one prefix route per public gRPC service (REST arrives transcoded)."""
+def routes(ratelimit: bool = False) -> list[dict[str, Any]]:
+    """Builds one prefix route per public gRPC service (REST arrives transcoded).
+
+    ratelimit: ask the usage service's RateLimitService about each request,
+    except on routes to upstreams that decide request rates themselves.
+    """
     result = []
     for upstream, services in PUBLIC_ROUTES.items():
         for service in services:
@@ -397,6 +405,8 @@ def routes() -> list[dict[str, Any]]:
                 action.update(timeout="0s", idle_timeout="60s")
             else:
                 action.update(timeout="30s")
+            if ratelimit and upstream not in SELF_LIMITING_UPSTREAMS:
+                action["rate_limits"] = edge_auth.rate_limits()
             result.append({"match": {"prefix": f"/{service}/"}, "route": action})
     return result
 
@@ -412,11 +422,9 @@ def route_configuration(
         "routes": [
             *(edge_auth.public_routes() if auth else static_site.routes()),
             *(dict(r) for r in model_routes),
-            *routes(),
+            *routes(ratelimit=bool(auth and auth.ratelimit)),
         ],
     }
-    if auth and auth.ratelimit:
-        virtual_host["rate_limits"] = edge_auth.rate_limits()
     return {
         "name": "edge",
         "virtual_hosts": [virtual_host],

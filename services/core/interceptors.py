@@ -161,6 +161,10 @@ class _AnnouncingContext:
         return await self._context.abort(code, details, trailing_metadata)
 
 
+# Public: other interceptors announce headers the same way (services.inference.request_limits).
+AnnouncingContext = _AnnouncingContext
+
+
 class _MethodMetrics:
     """The metric children and version policy of one method, bound once (label
     lookups take a lock)."""

@@ -67,6 +67,10 @@ class Service(abc.ABC):
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Registers the servicers on `server`."""
 
+    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
+        """Returns the service's own interceptors, run inside the error boundary."""
+        return ()
+
     async def start(self, running: RunningServer) -> None:  # noqa: B027 - optional hook
         """Prepares the service (may set extra health entries on `running`).
 
@@ -106,6 +110,7 @@ async def start_server(service: Service, settings: ServerSettings) -> RunningSer
     interceptors = [
         *telemetry.server_interceptors(service.name, settings.otlp_endpoint),
         BoundaryInterceptor(authorizer, settings.deprecation_schedule()),
+        *service.interceptors(),
     ]
     server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()

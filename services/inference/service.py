@@ -33,6 +33,7 @@ from services.inference.repository import (
     deterministic_test_model,
     load_from_repository,
 )
+from services.inference.request_limits import RequestLimitInterceptor
 from services.inference.scheduler import SchedulerLimits
 from services.inference.servicer import InferenceAdminServicer, InferenceServicer
 from services.inference.template_cache import TemplateCache
@@ -40,6 +41,8 @@ from services.inference.usage_log import UsageLog
 from services.inference.v2 import servicer as v2
 from services.router.policies import PolicyCatalog
 from services.router.prompts import PromptCatalog
+from services.usage.limit_settings import RequestLimitSettings
+from services.usage.ratelimit import RequestLimiter
 from tokenmesh.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_grpc
 from tokenmesh.openai.v1 import openai_service_pb2_grpc as openai_grpc
@@ -53,7 +56,7 @@ ENGINES = ("auto", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
-class InferenceSettings(RedisSettings):
+class InferenceSettings(RequestLimitSettings, RedisSettings):
     """InferenceSettings configure one inference worker."""
 
     model_repository: Path = env(
@@ -278,6 +281,17 @@ class InferenceService(Service):
         )
         self.health = HealthGate()
         self.tasks = Supervisor(self.name, self.health)
+        # Inference RPCs' request-rate limits are decided here, in the usage
+        # service's windows (services/inference/request_limits.py).
+        limits_url = settings.ratelimit_redis_url or settings.redis_url
+        self._limits_redis = (
+            aioredis.from_url(limits_url, socket_timeout=2.0)
+            if settings.ratelimit_redis_url
+            else self.redis
+        )
+        self.request_limiter = settings.limiter(
+            RequestLimiter, self._limits_redis, limits_url, self.tasks
+        )
         # Prompt templates by reference ("support@3", "support@stable"), kept fresh in the
         # background: the request path reads them from memory.
         self.templates = TemplateCache(PromptCatalog(self.redis))
@@ -286,6 +300,11 @@ class InferenceService(Service):
         self.policies = PolicyCache(PolicyCatalog(self.redis))
         self._running: RunningServer | None = None
         self.registration: Registration | None = None
+
+    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
+        return [
+            RequestLimitInterceptor(self.request_limiter, self.settings.ratelimit_failure_mode_deny)
+        ]
 
     def service_names(self) -> Sequence[str]:
         return [SERVICE_NAME, v2.SERVICE_NAME, openai.SERVICE_NAME, ADMIN_SERVICE_NAME]
@@ -380,5 +399,8 @@ class InferenceService(Service):
         await self.usage_log.stop()
         await self.templates.stop()
         await self.policies.stop()
+        await self.request_limiter.close()  # unused leased slots go back to the windows
         await self.tasks.stop()
+        if self._limits_redis is not self.redis:
+            await self._limits_redis.aclose()
         await self.redis.aclose()

@@ -12,6 +12,12 @@ Requests of a key far below its limits are admitted from a lease of reserved
 slots without a Redis round trip (leases.py); near a limit every decision
 reads the windows.
 
+The decisions are `RequestLimiter`'s; `RateLimitServicer` answers Envoy's
+RateLimitService with them (non-inference routes), and inference workers ask
+a `RequestLimiter` of their own in-process for inference RPCs
+(services/inference/request_limits.py): the same windows, leases and limits,
+without a Python hop at the edge.
+
 Errors are told apart: an unavailable store (connection refused or lost, a
 timeout, a Redis that is loading, read-only or out of memory) answers
 UNAVAILABLE, which Envoy turns into "allow" unless `failure_mode_deny`
@@ -29,7 +35,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from envoy.config.core.v3 import base_pb2
@@ -91,6 +97,7 @@ STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
 )
 WINDOW_S = 60
 WARN_AT = 0.8
+WARNING_HEADER = "x-tokenmesh-ratelimit-warning"
 SHAPE_CACHE_SIZE = 16384
 
 # KEYS: one sliding window per limit; ARGV: now_ms, window_ms, hits, member
@@ -145,8 +152,31 @@ class Limit:
     limit: int
 
 
-class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
-    """RateLimitServicer answers Envoy's ShouldRateLimit.
+@dataclass(frozen=True)
+class WindowStatus:
+    """WindowStatus is one window after a decision: its count and when it frees a slot."""
+
+    limit: Limit
+    used: int
+    reset_s: int
+    over: bool  # this window refused the request
+
+    def refusal(self) -> str:
+        """Returns the message a refused request gets (Envoy's 429 body, the worker's status)."""
+        return (
+            f"rate limit exceeded: {self.limit.name}={self.limit.limit} for {self.limit.subject}; "
+            f"retry in {self.reset_s}s"
+        )
+
+    def warning(self) -> str:
+        """Returns the x-tokenmesh-ratelimit-warning value at >= 80% of the limit, else ""."""
+        if self.over or self.used < WARN_AT * self.limit.limit:
+            return ""
+        return f"{self.limit.name} {self.used}/{self.limit.limit}"
+
+
+class RequestLimiter:
+    """RequestLimiter decides requests against their sliding windows (see the module).
 
     Args:
         client: Redis.
@@ -238,15 +268,18 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             )
         return limits
 
-    async def ShouldRateLimit(
-        self, request: rls_pb2.RateLimitRequest, context: Context
-    ) -> rls_pb2.RateLimitResponse:
-        response = rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
-        for descriptor in request.descriptors:
-            shape = self._shape(tuple((e.key, e.value) for e in descriptor.entries))
-            if shape is not None:
-                await self._check(*shape, max(1, request.hits_addend), response)
-        return response
+    async def decide(
+        self, entries: tuple[tuple[str, str], ...], hits: int = 1
+    ) -> list[WindowStatus] | None:
+        """Counts a request with these descriptor entries in its windows, all or nothing.
+
+        Returns each window's status (None: not a key's request, nothing to
+        limit); raises Unavailable while the store is unreachable.
+        """
+        shape = self._shape(entries)
+        if shape is None:
+            return None
+        return await self._check(*shape, hits)
 
     def _shape(self, entries: tuple[tuple[str, str], ...]) -> tuple[list[Limit], LeaseKey] | None:
         """Returns the limits of a descriptor and their lease key (None: not a key's).
@@ -265,9 +298,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             self._shapes[entries] = shape
         return shape
 
-    async def _check(
-        self, limits: list[Limit], key: LeaseKey, hits: int, response: rls_pb2.RateLimitResponse
-    ) -> None:
+    async def _check(self, limits: list[Limit], key: LeaseKey, hits: int) -> list[WindowStatus]:
         now_ms = int(time.time() * 1000)
         lease = self.leases.admit(key, hits, now_ms)
         if lease is not None:
@@ -276,22 +307,14 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         else:
             READ.inc()
             allowed, counts, oldest = await self._decide(key, limits, hits, now_ms)
+        windows = []
         for limit, used, first in zip(limits, counts, oldest, strict=True):
             reset_s = max(1, (first + WINDOW_S * 1000 - now_ms + 999) // 1000)
             over = not allowed and used + hits > limit.limit
-            response.statuses.append(_status(limit, used, reset_s, over))
             if over:
                 OVER_LIMIT.labels(limit.name).inc()
-                response.overall_code = rls_pb2.RateLimitResponse.OVER_LIMIT
-                response.response_headers_to_add.append(_header("retry-after", str(reset_s)))
-                response.raw_body = (
-                    f"rate limit exceeded: {limit.name}={limit.limit} for {limit.subject}; "
-                    f"retry in {reset_s}s"
-                ).encode()
-            elif used >= WARN_AT * limit.limit:
-                response.response_headers_to_add.append(
-                    _header("x-tokenmesh-ratelimit-warning", f"{limit.name} {used}/{limit.limit}")
-                )
+            windows.append(WindowStatus(limit, used, reset_s, over))
+        return windows
 
     async def _decide(
         self, key: LeaseKey, limits: list[Limit], hits: int, now_ms: int
@@ -359,18 +382,45 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             raise  # a bug: the settler's supervisor logs it and restarts the settler
 
 
-def _status(
-    limit: Limit, used: int, reset_s: int, over: bool
-) -> rls_pb2.RateLimitResponse.DescriptorStatus:
+RequestLimiterT = TypeVar("RequestLimiterT", bound=RequestLimiter)
+
+
+class RateLimitServicer(RequestLimiter, rls_pb2_grpc.RateLimitServiceServicer):
+    """RateLimitServicer answers Envoy's ShouldRateLimit with RequestLimiter's decisions."""
+
+    async def ShouldRateLimit(
+        self, request: rls_pb2.RateLimitRequest, context: Context
+    ) -> rls_pb2.RateLimitResponse:
+        response = rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
+        hits = max(1, request.hits_addend)
+        for descriptor in request.descriptors:
+            entries = tuple((e.key, e.value) for e in descriptor.entries)
+            for window in await self.decide(entries, hits) or ():
+                _add_status(response, window)
+        return response
+
+
+def _add_status(response: rls_pb2.RateLimitResponse, window: WindowStatus) -> None:
+    response.statuses.append(_status(window))
+    if window.over:
+        response.overall_code = rls_pb2.RateLimitResponse.OVER_LIMIT
+        response.response_headers_to_add.append(_header("retry-after", str(window.reset_s)))
+        response.raw_body = window.refusal().encode()
+    elif warning := window.warning():
+        response.response_headers_to_add.append(_header(WARNING_HEADER, warning))
+
+
+def _status(window: WindowStatus) -> rls_pb2.RateLimitResponse.DescriptorStatus:
+    limit = window.limit
     return rls_pb2.RateLimitResponse.DescriptorStatus(
-        code=rls_pb2.RateLimitResponse.OVER_LIMIT if over else rls_pb2.RateLimitResponse.OK,
+        code=rls_pb2.RateLimitResponse.OVER_LIMIT if window.over else rls_pb2.RateLimitResponse.OK,
         current_limit=rls_pb2.RateLimitResponse.RateLimit(
             name=limit.name,
             requests_per_unit=limit.limit,
             unit=rls_pb2.RateLimitResponse.RateLimit.MINUTE,
         ),
-        limit_remaining=max(0, limit.limit - used),
-        duration_until_reset=duration_pb2.Duration(seconds=reset_s),
+        limit_remaining=max(0, limit.limit - window.used),
+        duration_until_reset=duration_pb2.Duration(seconds=window.reset_s),
     )
 
 

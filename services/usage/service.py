@@ -15,6 +15,7 @@ from services.core.redis_service import RedisBackedService
 from services.core.server import RunningServer
 from services.core.settings import RedisSettings, env, require
 from services.core.tasks import SupervisedTask
+from services.usage.limit_settings import RequestLimitSettings
 from services.usage.meter import Meter, Retention
 from services.usage.ratelimit import RateLimitServicer
 from services.usage.reports import UsageReader
@@ -31,7 +32,7 @@ RATELIMIT_SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full
 
 
 @dataclass(frozen=True)
-class UsageSettings(RedisSettings):
+class UsageSettings(RequestLimitSettings, RedisSettings):
     """UsageSettings configure the usage service."""
 
     usage_stream: str = env(
@@ -54,80 +55,12 @@ class UsageSettings(RedisSettings):
     retention_days: int = env(
         "TOKENMESH_USAGE_AUDIT_RETENTION_DAYS", 90, "Audit entries are kept this long."
     )
-    default_rpm: int = env(
-        "TOKENMESH_RATELIMIT_DEFAULT_RPM", 600, "Requests per minute for keys that set no limit."
-    )
-    tier_rpm: tuple[str, ...] = env(
-        "TOKENMESH_RATELIMIT_TIER_RPM",
-        (),
-        "Per-tier defaults for keys without a limit, e.g. standard=600,premium=6000.",
-    )
-    tenant_rpm: int = env(
-        "TOKENMESH_RATELIMIT_TENANT_RPM",
-        0,
-        "Requests per minute for all of a tenant's keys; 0 = none.",
-    )
-    tenant_overrides: tuple[str, ...] = env(
-        "TOKENMESH_RATELIMIT_TENANT_OVERRIDES",
-        (),
-        "Per-tenant request limits over TOKENMESH_RATELIMIT_TENANT_RPM, e.g. acme=6000.",
-    )
-    ratelimit_redis_url: str = env(
-        "TOKENMESH_RATELIMIT_REDIS_URL",
-        "",
-        "Redis for request-rate windows (60 s of state, no persistence needed); empty = REDIS_URL.",
-    )
-    model_rpm: tuple[str, ...] = env(
-        "TOKENMESH_RATELIMIT_MODEL_RPM",
-        (),
-        "Requests per minute per model across all callers, e.g. demo-lm=600.",
-    )
-    lease_size: int = env(
-        "TOKENMESH_RATELIMIT_LEASE_SIZE",
-        32,
-        "Slots a decision far below its limits reserves for the next ones (0 = none).",
-    )
-
-    def tier_defaults(self) -> dict[str, int]:
-        """Returns the per-tier default limits."""
-        return _pairs(self.tier_rpm)
-
-    def tenant_limits(self) -> dict[str, int]:
-        """Returns per-tenant limits that override the tenant-wide default."""
-        return _pairs(self.tenant_overrides)
-
-    def model_limits(self) -> dict[str, int]:
-        """Returns the per-model limits."""
-        return _pairs(self.model_rpm)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.claim_idle_s >= 1, "TOKENMESH_USAGE_CLAIM_IDLE_SECONDS", "must be >= 1")
         require(self.trim_interval_s >= 1, "TOKENMESH_USAGE_TRIM_SECONDS", "must be >= 1")
         require(self.retention_days >= 1, "TOKENMESH_USAGE_AUDIT_RETENTION_DAYS", "must be >= 1")
-        require(self.default_rpm >= 1, "TOKENMESH_RATELIMIT_DEFAULT_RPM", "must be >= 1")
-        for variable, entries in (
-            ("TOKENMESH_RATELIMIT_TIER_RPM", self.tier_rpm),
-            ("TOKENMESH_RATELIMIT_TENANT_OVERRIDES", self.tenant_overrides),
-            ("TOKENMESH_RATELIMIT_MODEL_RPM", self.model_rpm),
-        ):
-            require(
-                all(n and r.isdigit() for n, _, r in (e.partition("=") for e in entries)),
-                variable,
-                "must be NAME=RPM[,NAME=RPM...]",
-            )
-        require(0 <= self.lease_size <= 1024, "TOKENMESH_RATELIMIT_LEASE_SIZE", "must be 0..1024")
-        require(self.tenant_rpm >= 0, "TOKENMESH_RATELIMIT_TENANT_RPM", "must be >= 0")
-        require(
-            not self.ratelimit_redis_url
-            or self.ratelimit_redis_url.startswith(("redis://", "rediss://", "unix://")),
-            "TOKENMESH_RATELIMIT_REDIS_URL",
-            "must be empty or start with redis://, rediss:// or unix://",
-        )
-
-
-def _pairs(entries: tuple[str, ...]) -> dict[str, int]:
-    return {name: int(value) for name, _, value in (e.partition("=") for e in entries)}
 
 
 class UsageService(RedisBackedService):
@@ -157,16 +90,8 @@ class UsageService(RedisBackedService):
             if settings.ratelimit_redis_url
             else self.redis
         )
-        self.limiter = RateLimitServicer(
-            self._limits_redis,
-            settings.default_rpm,
-            settings.tier_defaults(),
-            settings.tenant_rpm,
-            settings.tenant_limits(),
-            settings.model_limits(),
-            redis_url=limits_url,
-            lease_size=settings.lease_size,
-            supervisor=self.tasks,
+        self.limiter = settings.limiter(
+            RateLimitServicer, self._limits_redis, limits_url, self.tasks
         )
 
     def service_names(self) -> Sequence[str]:

@@ -1,0 +1,208 @@
+"""Request-rate limits of inference RPCs, decided in the worker: no Python hop at the edge.
+
+Every request through the edge used to wait for a call from Envoy to the
+usage service's RateLimitService (0.7-1.4 ms here, most of the edge's
+overhead). Inference RPCs are decided here instead, by a `RequestLimiter` of
+the worker's own (services/usage/ratelimit.py) on the same Redis windows,
+with the same limits (services/usage/limit_settings.py) and the same
+descriptor the edge built from its identity headers: key id, its rpm, tier,
+tenant and the model the edge routed by. The edge keeps its rate-limit
+filter for every other route (gateway/envoy_config.py).
+
+Exact across replicas: every worker and the usage service count in the same
+sliding windows, atomically in Redis; a worker admits from a window lease
+only slots already reserved there (leases.py), so no replica can over-admit.
+
+What a client sees is what the edge's filter gave it:
+- draft-03 `x-ratelimit-limit`, `-remaining`, `-reset` on every answer (REST:
+  response headers; gRPC: initial metadata, or trailers of an error), and
+  `x-tokenmesh-ratelimit-warning` at >= 80% of a limit;
+- over a limit: RESOURCE_EXHAUSTED (REST 429) with `retry-after` and the
+  same message, e.g. "rate limit exceeded: requests_per_minute=3 for key
+  key_x; retry in 42s" (OpenAI routes: in OpenAI's error shape);
+- an unreachable store lets requests through (counted in
+  tokenmesh_ratelimit_fail_open_total) unless
+  TOKENMESH_RATELIMIT_FAILURE_MODE_DENY, then UNAVAILABLE.
+
+Only calls from the edge are limited: a delegated caller (the jobs service,
+running a key's batch items) paces itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, cast
+
+import grpc
+import grpc.aio
+
+from gateway import model_routing
+from services.core import contract
+from services.core.errors import QuotaViolation, ResourceExhausted, Unavailable
+from services.core.identity import peer_identity
+from services.core.interceptors import (
+    AnnouncingContext,
+    Context,
+    abort_with,
+    request_headers,
+)
+from services.inference.openai import errors as openai_errors
+from services.usage.ratelimit import WARNING_HEADER, WINDOW_S, RequestLimiter, WindowStatus
+
+INFERENCE_SERVICES = (
+    "/tokenmesh.inference.v1.InferenceService/",
+    "/tokenmesh.inference.v2.InferenceService/",
+    "/tokenmesh.openai.v1.OpenAIService/",
+)
+OPENAI_SERVICE = "/tokenmesh.openai.v1.OpenAIService/"
+# Identity header -> descriptor key, as gateway.edge_auth.rate_limits builds it.
+DESCRIPTOR_HEADERS = (
+    (contract.RPM_HEADER, "rpm"),
+    (contract.TIER_HEADER, "tier"),
+    (contract.TENANT_HEADER, "tenant"),
+    (model_routing.MODEL_HEADER, "model"),
+)
+# Callers whose requests are limited here: the edge (None: a plaintext
+# connection, which only benchmarks and development run, as the edge).
+LIMITED_CALLERS = frozenset({contract.EDGE, None})
+Handler = Callable[..., Any]
+
+
+def descriptor(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...] | None:
+    """Returns the rate-limit descriptor of a request's identity headers (None: anonymous)."""
+    key_id = headers.get(contract.KEY_ID_HEADER, "")
+    if not key_id:
+        return None
+    entries = [("key_id", key_id)]
+    entries += [(key, headers[h]) for h, key in DESCRIPTOR_HEADERS if headers.get(h)]
+    return tuple(entries)
+
+
+def draft03_headers(windows: Sequence[WindowStatus]) -> list[tuple[str, str]]:
+    """Returns the headers Envoy's ratelimit filter writes (draft 03), and any warning."""
+    closest = min(windows, key=lambda w: w.limit.limit - w.used)
+    quotas = ", ".join(f'{w.limit.limit};w={WINDOW_S};name="{w.limit.name}"' for w in windows)
+    headers = [
+        ("x-ratelimit-limit", f"{closest.limit.limit}, {quotas}"),
+        ("x-ratelimit-remaining", str(max(0, closest.limit.limit - closest.used))),
+        ("x-ratelimit-reset", str(closest.reset_s)),
+    ]
+    headers += [(WARNING_HEADER, w.warning()) for w in windows if w.warning()]
+    return headers
+
+
+def refusal(window: WindowStatus) -> ResourceExhausted:
+    """Returns the error of a request `window` refused."""
+    return ResourceExhausted(
+        window.refusal(),
+        retry_after_s=window.reset_s,
+        quota_violations=[QuotaViolation(window.limit.subject, window.refusal())],
+        reason="RATE_LIMITED",
+    )
+
+
+class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
+    """RequestLimitInterceptor decides inference RPCs' request rates (see the module).
+
+    Placed inside the error boundary (services.core.server), which decodes
+    requests and maps errors.
+
+    Args:
+        limiter: the worker's limiter (the usage service's windows and limits).
+        failure_mode_deny: refuse requests while the store is unreachable.
+    """
+
+    def __init__(self, limiter: RequestLimiter, failure_mode_deny: bool = False) -> None:
+        self.limiter = limiter
+        self.failure_mode_deny = failure_mode_deny
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
+        handler = await continuation(handler_call_details)
+        if handler is None or not method.startswith(INFERENCE_SERVICES):
+            return handler
+        wrapped = self._wrapped[method] = self._wrap(handler, method.startswith(OPENAI_SERVICE))
+        return wrapped
+
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], openai: bool
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        codecs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, openai), **codecs
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream, openai), **codecs
+            )
+        return handler  # no client-streaming inference RPC exists
+
+    def _unary(self, behavior: Handler, openai: bool) -> Handler:
+        async def unary(request: Any, context: Context) -> Any:
+            limited = await self.admit(context, openai)
+            result = behavior(request, limited or context)
+            response = await result if inspect.isawaitable(result) else result
+            if limited is not None:
+                await limited.ensure_announced()
+            return response
+
+        return unary
+
+    def _stream(self, behavior: Handler, openai: bool) -> Handler:
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            limited = await self.admit(context, openai)
+            result = behavior(request, limited or context)
+            if inspect.isasyncgen(result):
+                async for message in result:
+                    if limited is not None:
+                        await limited.ensure_announced()
+                    yield message
+            elif inspect.isawaitable(result):
+                await result
+            if limited is not None:
+                await limited.ensure_announced()
+
+        return stream
+
+    async def admit(self, context: Context, openai: bool) -> AnnouncingContext | None:
+        """Counts the call in its windows; returns the context that announces them.
+
+        None: nothing to limit (not the edge's call, anonymous, or the store
+        unreachable and failing open). Over a limit the call ends here.
+        """
+        if peer_identity(context) not in LIMITED_CALLERS:
+            return None
+        entries = descriptor(request_headers(context))
+        if entries is None:
+            return None
+        try:
+            windows = await self.limiter.decide(entries)
+        except Unavailable:
+            if self.failure_mode_deny:
+                raise
+            return None
+        if not windows:
+            return None
+        headers = draft03_headers(windows)
+        over = next((w for w in windows if w.over), None)
+        if over is not None:
+            error = refusal(over)
+            if openai:
+                body = openai_errors.header_value(openai_errors.from_error(error))
+                headers.append((contract.OPENAI_ERROR_HEADER, body))
+            await abort_with(cast(Context, AnnouncingContext(context, tuple(headers))), error)
+        return AnnouncingContext(context, tuple(headers))

@@ -1,0 +1,56 @@
+"""Request limits decided in two workers at once (services/inference/request_limits.py):
+the same Redis windows, leases on, never more admitted than the limit."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from services.core.tasks import Supervisor
+from services.usage.ratelimit import RequestLimiter
+
+LIMIT = 640  # leases of up to 10 slots (1/64 of the limit)
+REQUESTS = 800
+CLIENTS = 32  # concurrent callers, half on each worker
+
+
+async def test_two_workers_never_admit_more_than_the_limit(redis_url):
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    entries = (("key_id", key), ("rpm", str(LIMIT)))
+    client = aioredis.from_url(redis_url)
+    workers = [
+        RequestLimiter(client, 1, redis_url=redis_url, lease_size=32, supervisor=Supervisor(n))
+        for n in ("worker-a", "worker-b")
+    ]
+    leased_before = _leased()
+    try:
+
+        async def client_loop(worker: RequestLimiter) -> int:  # one caller, one at a time
+            admitted = 0
+            for _ in range(REQUESTS // CLIENTS):
+                windows = await worker.decide(entries)
+                assert windows is not None
+                admitted += not any(w.over for w in windows)
+            return admitted
+
+        loops = (client_loop(workers[n % 2]) for n in range(CLIENTS))
+        admitted = sum(await asyncio.gather(*loops))
+        # Never more than the limit; fewer only by slots still leased to the other
+        # worker (at most one lease each, granted while the window was half empty).
+        assert LIMIT - 2 * (LIMIT // 64) <= admitted <= LIMIT
+        assert _leased() > leased_before  # most decisions came from leases
+    finally:
+        for worker in workers:
+            await worker.close()  # settles: unused leased slots leave the window
+    window = f"tm:ratelimit:rpm:{key}"
+    assert await client.zcard(window) == admitted
+    await client.delete(window)
+    await client.aclose()
+
+
+def _leased() -> float:
+    value = REGISTRY.get_sample_value("tokenmesh_ratelimit_decisions_total", {"path": "lease"})
+    return value or 0.0
