@@ -65,6 +65,16 @@ class EdgeSettings:
         "TOKENMESH_EDGE_TLS_KEY", None, "The key of TOKENMESH_EDGE_TLS_CERT (PEM)."
     )
     admin_port: int = env("TOKENMESH_EDGE_ADMIN_PORT", 9901, "Envoy admin port (127.0.0.1 only).")
+    stats_port: int = env(
+        "TOKENMESH_EDGE_STATS_PORT",
+        0,
+        "Port serving only GET /stats/prometheus (Envoy's statistics for Prometheus); 0: none.",
+    )
+    stats_host: str = env(
+        "TOKENMESH_EDGE_STATS_HOST",
+        "127.0.0.1",
+        "Address the statistics port binds (0.0.0.0 in a pod).",
+    )
     auth: str = env("TOKENMESH_AUTH_ADDR", "127.0.0.1:50051", "auth service host:port.")
     router: str = env(
         "TOKENMESH_ROUTER_ADDR",
@@ -96,6 +106,7 @@ class EdgeSettings:
     def __post_init__(self) -> None:
         require(1 <= self.edge_port <= 65535, "TOKENMESH_EDGE_PORT", "must be 1-65535")
         require(0 <= self.tls_port <= 65535, "TOKENMESH_EDGE_TLS_PORT", "must be 0-65535")
+        require(0 <= self.stats_port <= 65535, "TOKENMESH_EDGE_STATS_PORT", "must be 0-65535")
         require(
             self.tls_port not in (self.edge_port, self.admin_port),
             "TOKENMESH_EDGE_TLS_PORT",
@@ -200,6 +211,7 @@ def edge_config(settings: EdgeSettings, sds_dir: Path | None = None) -> EdgeConf
         ),
         sds_dir=sds_dir.absolute() if secure and sds_dir is not None else None,
         tls=EdgeTls(settings.tls_port, settings.tls_host) if secure and settings.tls_port else None,
+        stats=Endpoint(settings.stats_host, settings.stats_port) if settings.stats_port else None,
     )
 
 

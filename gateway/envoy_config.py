@@ -27,6 +27,7 @@ from gateway import (
     model_routing,
     openai_edge,
     static_site,
+    stats_listener,
 )
 from gateway.edge_auth import EdgeAuth
 from services.core import contract, pki
@@ -191,6 +192,8 @@ class EdgeConfig:
     # HTTPS and gRPC over TLS for clients (needs `sds_dir`); None: plaintext only.
     tls: EdgeTls | None = None
     limits: EdgeLimits = field(default_factory=EdgeLimits)
+    # A listener serving only GET /stats/prometheus (for Prometheus in a pod); None: none.
+    stats: Endpoint | None = None
 
 
 def _type(name: str) -> str:
@@ -757,6 +760,8 @@ def listeners(config: EdgeConfig) -> list[dict[str, Any]]:
             raise ValueError("the edge's TLS listener needs sds_dir (its certificate's SDS file)")
         endpoint = Endpoint(config.tls.host, config.tls.port)
         result.append(_listener("edge_tls", endpoint, config, downstream_tls(config.sds_dir)))
+    if config.stats is not None:
+        result.append(stats_listener.stats_listener(config.stats.host, config.stats.port))
     return result
 
 
@@ -833,6 +838,9 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
     own_listener = Endpoint(_loopback_or(config.listen_host), config.listen_port)
     clusters.append(single_host_cluster(edge_health.SELF_CLUSTER, own_listener, http2=False))
     clusters.extend(dict(c) for c in config.extra_clusters)
+    if config.stats is not None:
+        admin = Endpoint("127.0.0.1", config.admin_port)
+        clusters.append(single_host_cluster(stats_listener.ADMIN_CLUSTER, admin, http2=False))
     result: dict[str, Any] = {
         "node": {
             "id": config.node_id,

@@ -252,7 +252,11 @@ def test_the_edge_service_exposes_only_the_tls_port():
     assert settings.listen_host == "127.0.0.1", "the plaintext listener stays in the pod"
     assert settings.tls_host == "0.0.0.0"
     assert settings.pki_dir is not None
-    assert [p["containerPort"] for p in container["ports"]] == [settings.tls_port]
+    # Besides TLS, the pod opens only Envoy's statistics (for Prometheus, not in the Service).
+    assert [p["containerPort"] for p in container["ports"]] == [
+        settings.tls_port,
+        settings.stats_port,
+    ]
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
     service = next(d for d in _of_kind("Service") if d["metadata"]["name"] == "edge")
     targets = [named.get(p["targetPort"], p["targetPort"]) for p in service["spec"]["ports"]]
@@ -378,7 +382,7 @@ def test_only_the_edge_tls_port_is_open_to_anyone():
     assert anyone == {("edge", 8443)}
     # Prometheus scrapes the services' metrics port from its namespace, nothing else.
     assert outside == {
-        (w, MONITORING, 9090) for w in ("auth", "router", "usage", "jobs", "inference")
+        (w, MONITORING, 9090) for w in ("auth", "router", "usage", "jobs", "inference", "edge")
     }
     # And every pod resolves names; nothing else leaves the namespace.
     leaving = {(pod, peer, port) for (pod, peer, port) in _allowed("Egress") if ":" in peer}
