@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench import edge, fairness, mtls, openai, serving, templates, usage
+from bench import edge, fairness, mtls, openai, policy, serving, templates, usage
 from bench.rows import Context, Row, Scenario, row
 
 
@@ -145,6 +145,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("mtls", ("M1", "M2"), _mtls_measure, _mtls_judge, default=False),
     Scenario("openai", ("O1", "O2"), openai.measure, openai.judge, default=False),
     Scenario("fairness", ("F1",), fairness.measure, fairness.judge),
+    Scenario("policy", ("C1", "C2"), policy.measure, policy.judge),
 )
 ALIASES = {"inference": "serving"}  # older --only names
 

@@ -115,7 +115,9 @@ def _feed_all(flt: OutputFilter[int], pieces: list[str]) -> list[int]:
 
 
 def test_output_filter_releases_whole_items_once_the_window_has_passed():
-    flt: OutputFilter[int] = OutputFilter([_policy(output_block_patterns=(PatternRule("zzz"),))], 8)
+    flt: OutputFilter[int] = OutputFilter(
+        [_policy(output_block_patterns=(PatternRule("zzz"),))], 8, step=1
+    )
     assert flt.feed("hello ", 0) == []  # held: fewer than 8 characters came after it
     assert flt.feed("world, ", 1) == []
     assert flt.feed("and more", 2) == [0, 1]
@@ -136,3 +138,17 @@ def test_output_filter_catches_a_match_before_any_of_it_is_sent():
 
 def test_output_filter_without_rules_is_inactive():
     assert not OutputFilter([_policy(pii={"email": "redact"})]).active
+
+
+@pytest.mark.parametrize("step", [1, 16])
+@pytest.mark.parametrize("size", [1, 3, 7])
+def test_output_filter_never_sends_any_part_of_a_match_within_the_window(step, size):
+    # The match is cut into deltas of every size; two rules scan as one alternation.
+    rules = (PatternRule(r"s3cr3t-[0-9]{4}"), PatternRule("unrelated"))
+    text = "some harmless preamble " * 4 + "s3cr3t-1234" + " and the rest of it" * 3
+    flt: OutputFilter[int] = OutputFilter([_policy(output_block_patterns=rules)], 16, step)
+    assert flt.combined is not None
+    pieces = [text[i : i + size] for i in range(0, len(text), size)]
+    sent = "".join(pieces[i] for i in _feed_all(flt, pieces))
+    assert flt.match is not None and flt.match.hit.rule == "output_block_pattern:0"
+    assert "s" not in sent[len("some harmless preamble ") * 4 :]

@@ -97,26 +97,37 @@ _IBAN_LENGTHS = {
     "PT": 25, "SE": 24,
 }  # fmt: skip
 
+# NOTE(speed): every pattern starts with a character class or a literal, and a
+# look-behind comes after that first character (`\d(?<![\d-]\d)` rather than
+# `(?<![\d-])\d`): sre then skips to candidate characters in C instead of trying
+# the look-behind at every position (5-10x faster on prose). Email and IPv6 are
+# searched in windows around their "@" and ":" only.
 _EMAIL = re.compile(
-    r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
+    r"[A-Za-z0-9](?<![\w.%+-][A-Za-z0-9])[A-Za-z0-9._%+-]{0,63}@"
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}([A-Za-z]{2,24})(?![\w-])"
 )
+_EMAIL_WINDOW = (65, 600)  # characters before and after an "@" an address can span
 _FILE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "gif", "svg", "webp", "ico", "bmp"})
-_PHONE_INTL = re.compile(r"(?<![\w+])\+[1-9](?:[ .-]?(?:\(\d{1,4}\)|\d{1,4})){2,6}(?![\w])")
-_PHONE_NANP = re.compile(r"(?<![\w.+-])(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-. ]\d{4}(?![\w-]|\.\d)")
-_CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d]|-\d)")
-_IBAN = re.compile(
-    r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])"
+_PHONE_INTL = re.compile(r"\+(?<![\w+]\+)[1-9](?:[ .-]?(?:\(\d{1,4}\)|\d{1,4})){2,6}(?![\w])")
+_PHONE_NANP = re.compile(
+    r"[(\d](?<![\w.+-][(\d])(?:(?<=\()\d{3}\) ?|(?<=\d)\d{2}[-. ])\d{3}[-. ]\d{4}(?![\w-]|\.\d)"
 )
-_SSN = re.compile(r"(?<![\d-])(\d{3})-(\d{2})-(\d{4})(?![\d-])")
-_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
+_CARD = re.compile(r"\d(?<![\d-]\d)(?:[ -]?\d){12,18}(?![\d]|-\d)")
+_IBAN = re.compile(
+    r"[A-Z](?<![A-Za-z0-9][A-Z])[A-Z]\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?"
+    r"(?![A-Za-z0-9])"
+)
+_SSN = re.compile(r"(\d(?<![\d-]\d)\d{2})-(\d{2})-(\d{4})(?![\d-])")
+_IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.(?:\d{1,3}\.){2}\d{1,3}(?![\w]|\.\d)")
 _VERSION_CONTEXT = re.compile(r"(?:\bversion|\brelease|\bver\.?|\bv)\s*$", re.IGNORECASE)
 _IPV6 = re.compile(
     r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{1,4})?(?![\w:.])"
 )
+_IPV6_HINT = re.compile(r"::|:[0-9A-Fa-f]{1,4}:")
+_IPV6_WINDOW = 48  # characters either side of a hint an address can span
 _SECRETS = (
-    re.compile(r"(?<![\w-])tm_[A-Za-z0-9_-]{40,61}(?![\w-])"),
-    re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Za-z0-9])"),
+    re.compile(r"tm_(?<![\w-]tm_)[A-Za-z0-9_-]{40,61}(?![\w-])"),
+    re.compile(r"A(?<![A-Z0-9]A)(?:KIA|SIA|BIA|CCA)[A-Z0-9]{16}(?![A-Za-z0-9])"),
     re.compile(
         r"(?i:aws_secret_access_key)[\"']?\s*[=:]\s*[\"']?[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])"
     ),
@@ -125,19 +136,43 @@ _SECRETS = (
         r"(?:[\s\S]{0,16384}?-----END (?:[A-Z0-9]+ ){0,3}PRIVATE KEY-----"
         r"|[A-Za-z0-9+/=\s]{0,16384})"
     ),
-    re.compile(r"(?<![\w-])gh[pousr]_[A-Za-z0-9]{36}(?![\w])"),
+    re.compile(r"gh[pousr]_(?<![\w-]gh[pousr]_)[A-Za-z0-9]{36}(?![\w])"),
 )
 _JWT = re.compile(
-    r"(?<![\w-])eyJ[A-Za-z0-9_-]{5,2048}\.[A-Za-z0-9_-]{2,8192}\.[A-Za-z0-9_-]{0,2048}(?![\w-])"
+    r"eyJ(?<![\w-]eyJ)[A-Za-z0-9_-]{5,2048}\.[A-Za-z0-9_-]{2,8192}\.[A-Za-z0-9_-]{0,2048}(?![\w-])"
 )
+
+
+def _windows(text: str, hints: Iterable[int], before: int, after: int) -> Iterable[tuple[int, int]]:
+    """Returns merged [start, end) windows around hint positions."""
+    current: tuple[int, int] | None = None
+    for at in hints:
+        start, end = max(0, at - before), min(len(text), at + after)
+        if current is not None and start <= current[1]:
+            current = (current[0], max(current[1], end))
+            continue
+        if current is not None:
+            yield current
+        current = (start, end)
+    if current is not None:
+        yield current
+
+
+def _positions(text: str, needle: str) -> Iterable[int]:
+    at = text.find(needle)
+    while at >= 0:
+        yield at
+        at = text.find(needle, at + 1)
 
 
 def _emails(text: str) -> Iterable[tuple[int, int]]:
     if "@" not in text:
         return
-    for match in _EMAIL.finditer(text):
-        if match.group(1).lower() not in _FILE_EXTENSIONS:
-            yield match.span()
+    for start, end in _windows(text, _positions(text, "@"), *_EMAIL_WINDOW):
+        # Look-behinds see the text before `start`; `end` lies past the longest address.
+        for match in _EMAIL.finditer(text, start, end):
+            if match.group(1).lower() not in _FILE_EXTENSIONS:
+                yield match.span()
 
 
 def _phones(text: str) -> Iterable[tuple[int, int]]:
@@ -187,8 +222,13 @@ def _ips(text: str) -> Iterable[tuple[int, int]]:
             before = text[max(0, match.start() - 12) : match.start()]
             if _ipv4_valid(match.group()) and not _VERSION_CONTEXT.search(before):
                 yield match.span()
-    if "::" in text or text.count(":") >= 7:
-        for match in _IPV6.finditer(text):
+    hints = (m.start() for m in _IPV6_HINT.finditer(text)) if ":" in text else ()
+    seen: set[tuple[int, int]] = set()
+    for start, end in _windows(text, hints, _IPV6_WINDOW, _IPV6_WINDOW):
+        for match in _IPV6.finditer(text, start, end):
+            if match.span() in seen:
+                continue
+            seen.add(match.span())
             candidate = match.group()
             groups = [g for g in candidate.split(":") if g]
             if len(groups) < 3 and "." not in candidate:
@@ -210,13 +250,27 @@ def _jwt_header_valid(token: str) -> bool:
 
 
 def _secrets(text: str) -> Iterable[tuple[int, int]]:
-    for pattern in _SECRETS:
-        for match in pattern.finditer(text):
+    for needles, pattern in _GATED_SECRETS:
+        if any(n in text for n in needles):
+            for match in pattern.finditer(text):
+                yield match.span()
+    if "_access_key" in text or "_ACCESS_KEY" in text:
+        for match in _AWS_SECRET.finditer(text):
             yield match.span()
     if "eyJ" in text:
         for match in _JWT.finditer(text):
             if _jwt_header_valid(match.group()):
                 yield match.span()
+
+
+# Each secret pattern runs only on text holding one of its literal parts.
+_GATED_SECRETS = (
+    (("tm_",), _SECRETS[0]),
+    (("AKIA", "ASIA", "ABIA", "ACCA"), _SECRETS[1]),
+    (("-----BEGIN ",), _SECRETS[3]),
+    (("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), _SECRETS[4]),
+)
+_AWS_SECRET = _SECRETS[2]
 
 
 _FINDERS: dict[str, Callable[[str], Iterable[tuple[int, int]]]] = {
@@ -244,12 +298,21 @@ def find(text: str, detectors: Sequence[str] = DETECTORS) -> list[Span]:
     candidates = [
         Span(start, end, name) for name in detectors for start, end in _FINDERS[name](text)
     ]
-    candidates.sort(key=lambda s: (_PRIORITY[s.detector], s.start - s.end, s.start))
+    # One sweep by start: a span overlapping the last kept one replaces it when it
+    # ranks higher (more specific detector, then longer); O(n log n).
+    candidates.sort(key=lambda s: (s.start, _PRIORITY[s.detector], s.start - s.end))
     chosen: list[Span] = []
     for span in candidates:
-        if all(span.end <= c.start or span.start >= c.end for c in chosen):
-            chosen.append(span)
-    return sorted(chosen)
+        if chosen and span.start < chosen[-1].end:
+            last = chosen[-1]
+            if (_PRIORITY[span.detector], span.start - span.end) < (
+                _PRIORITY[last.detector],
+                last.start - last.end,
+            ):
+                chosen[-1] = span
+            continue
+        chosen.append(span)
+    return chosen
 
 
 def redact(text: str, spans: Sequence[Span]) -> str:

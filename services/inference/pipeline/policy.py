@@ -309,19 +309,26 @@ class OutputFilter(Generic[T]):
     after them, and reports a match of any output rule before releasing any
     item that holds part of it: a match of up to `hold_back` characters is
     never sent, not even its first character (a longer one may have had its
-    start released). Scanning looks at the held text plus `hold_back`
-    characters already released, so each delta costs O(hold_back + delta).
+    start released).
+
+    NOTE(speed): a time-limited search costs ~11 us whatever its input, so the
+    filter scans only when it is about to release, at most once per `step`
+    characters, with one search for all the rules (their alternation) over the
+    held text plus `hold_back` characters already released: ~1 us per delta.
 
     Args:
         policies: the policies whose output rules apply (none: everything passes).
         hold_back: characters held back (see HOLD_BACK_CHARS).
+        step: characters generated between scans (and releases).
     """
 
-    def __init__(self, policies: Sequence[Policy], hold_back: int = HOLD_BACK_CHARS) -> None:
-        self.rules = [
-            (p, rule, pattern, reason) for p in policies for rule, pattern, reason in p.output_rules
-        ]
+    def __init__(
+        self, policies: Sequence[Policy], hold_back: int = HOLD_BACK_CHARS, step: int = 16
+    ) -> None:
+        self.rules = [(p, r, pattern, why) for p in policies for r, pattern, why in p.output_rules]
         self.hold_back = hold_back
+        self.step = step
+        self.combined = _alternation([p for _, _, p, _ in self.rules])
         self._released_tail = ""  # the last hold_back released characters (context)
         self._held: list[tuple[str, T]] = []
         self._held_chars = 0
@@ -343,6 +350,8 @@ class OutputFilter(Generic[T]):
             return []
         self._held.append((text, item))
         self._held_chars += len(text)
+        if self._held_chars - self.hold_back < self.step:
+            return []  # nothing would be released yet: no need to scan
         self.match = self._scan()
         if self.match is not None:
             return []
@@ -352,7 +361,9 @@ class OutputFilter(Generic[T]):
         return released
 
     def flush(self) -> list[T]:
-        """Returns every held item (the choice ended; the last scan found nothing)."""
+        """Returns every held item once a last scan finds nothing (the choice ended)."""
+        if self.match is None and self._held:
+            self.match = self._scan()
         if self.match is not None:
             return []
         return [self._release() for _ in range(len(self._held))]
@@ -370,10 +381,27 @@ class OutputFilter(Generic[T]):
         return item
 
     def _scan(self) -> OutputMatch | None:
+        if not self.rules:
+            return None
         window = self._released_tail + "".join(t for t, _ in self._held)
+        if self.combined is not None and not _search(self.combined, window):
+            return None
         for policy, rule, pattern, reason in self.rules:
             if _search(pattern, window):
                 return OutputMatch(policy.hit(rule, BLOCK, OUTPUT), reason)
+        return None
+
+
+def _alternation(patterns: Sequence[Any]) -> Any:
+    """Returns one pattern matching where any of `patterns` does (None: keep them apart).
+
+    Patterns with backreferences are kept apart: the alternation renumbers groups.
+    """
+    if len(patterns) < 2 or any(regex.search(r"\\[1-9]|\(\?P=", p.pattern) for p in patterns):
+        return None
+    try:
+        return regex.compile("|".join(f"(?:{p.pattern})" for p in patterns))
+    except regex.error:
         return None
 
 
