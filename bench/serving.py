@@ -61,7 +61,7 @@ class Plan:
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
-        return cls(1, 2.0, (1, STREAMS)) if quick else cls(3, 4.0, LEVELS)
+        return cls(1, 3.0, (1, STREAMS)) if quick else cls(3, 4.0, LEVELS)
 
 
 def served_request() -> pb.GenerateRequest:
@@ -100,10 +100,10 @@ def measure(ctx: Context) -> dict[str, Any]:
         out: dict[str, Any] = {"plan": plan.__dict__}
         with _servers(ctx) as servers:
             print("  S1/S2: engine ceiling per batch (pinned to the worker's core)", flush=True)
-            out["ceiling_levels"] = _ceiling(ctx, plan.levels)
+            out["ceiling_levels"] = _ceiling(ctx, plan.levels, min_seconds=1.0)
             out["levels"], out["_records"] = _levels(ctx, servers["served"], plan)
             print("  S1/S2: interleaved rounds at 32 streams", flush=True)
-            out["s1_s2"] = _served_rounds(ctx, servers, plan)
+            out["s1_s2"] = _served_rounds(ctx, servers, plan, out["_records"])
             print("  S3: CPU per stream message, zero-compute engine", flush=True)
             out["s3"] = _cpu_rounds(ctx, servers, plan)
     return out
@@ -211,12 +211,14 @@ def _load(
     request: pb.GenerateRequest,
     window_s: float,
     metadata: tuple[tuple[str, str], ...] = (),
+    streams: int = STREAMS,
 ) -> tuple[dict[str, float], list[StreamRecord]]:
-    """One window of 32 streams against `target`: its summary with CPU per unit of work."""
+    """One window of `streams` streams against `target`: its summary with CPU per unit
+    of work."""
     with CpuMeter(target.pids) as meter:
         records, client_cpu = run_streams_measured(
             target.peer,
-            STREAMS,
+            streams,
             1000,
             request,
             processes=1,
@@ -244,17 +246,9 @@ def _levels(
     levels: dict[str, Any] = {}
     raw: dict[str, list[StreamRecord]] = {}
     for concurrency in plan.levels:
-        records = run_streams(
-            served.peer,
-            concurrency,
-            1000,
-            served_request(),
-            processes=1,
-            budget_s=plan.window_s,
-            window=True,
-        )
+        s, records = _load(ctx, served, served_request(), plan.window_s, streams=concurrency)
         raw[f"served {concurrency}"] = records
-        s = levels[str(concurrency)] = summarize_streams(records)
+        levels[str(concurrency)] = s
         print(
             f"    served {concurrency:>2} streams: {s['tokens_per_s']:7.0f} tokens/s"
             f"  TTFT p50 {s['ttft_p50_ms']:.1f} p99 {s['ttft_p99_ms']:.1f} ms"
@@ -264,8 +258,11 @@ def _levels(
     return levels, raw
 
 
-def _served_rounds(ctx: Context, servers: dict[str, Target], plan: Plan) -> dict[str, Any]:
-    """S1 and S2 in interleaved rounds: ceiling, served, bare, bare paced."""
+def _served_rounds(
+    ctx: Context, servers: dict[str, Target], plan: Plan, raw: dict[str, list[StreamRecord]]
+) -> dict[str, Any]:
+    """S1 and S2 in interleaved rounds: ceiling, served, bare, bare paced (the last
+    round's bare records go into `raw`, for the CDF plots)."""
     rounds: list[dict[str, Any]] = []
     run_streams(servers["bare"].peer, 2, 1, served_request(), processes=1)  # warm-up
     for n in range(plan.rounds):
@@ -273,13 +270,15 @@ def _served_rounds(ctx: Context, servers: dict[str, Target], plan: Plan) -> dict
         figures: dict[str, Any] = {"ceiling": ceiling}
         order = ("served", "bare") if n % 2 == 0 else ("bare", "served")
         for name in order:
-            figures[name] = _load(ctx, servers[name], served_request(), plan.window_s)[0]
+            figures[name], raw[f"{name} 32"] = _load(
+                ctx, servers[name], served_request(), plan.window_s
+            )
         # The worker's pace: each stream gets its tokens as often (one a message,
         # where the worker sends ~2 a message at 32 streams: a heavier load).
         pace_us = STREAMS / max(figures["served"]["tokens_per_s"], 1.0) * 1e6
-        figures["bare_paced"] = _load(
+        figures["bare_paced"], raw["bare paced 32"] = _load(
             ctx, servers["bare"], served_request(), plan.window_s, ((PACE_KEY, f"{pace_us:.0f}"),)
-        )[0]
+        )
         figures["bare_paced"]["pace_us"] = pace_us
         rounds.append(figures)
         c, s, b, p = (figures[k] for k in ("ceiling", "served", "bare", "bare_paced"))
@@ -306,6 +305,13 @@ def _served_rounds(ctx: Context, servers: dict[str, Target], plan: Plan) -> dict
         ),
         "s2_ratio": _median(
             r["served"]["ttft_p99_ms"] / max(r["bare"]["ttft_p99_ms"], 1e-9) for r in rounds
+        ),
+        # TTFT p99 is of the calls after each stream's first (the opening burst):
+        # a window too short for a stream's second call has none to judge by.
+        "s2_steady": all(
+            r[name].get("requests", 0) > STREAMS
+            for r in rounds
+            for name in ("served", "bare", "bare_paced")
         ),
         "s2_paced_ratio": _median(
             r["served"]["ttft_p99_ms"] / max(r["bare_paced"]["ttft_p99_ms"], 1e-9) for r in rounds
@@ -382,10 +388,11 @@ def judge(results: dict[str, Any]) -> list[Row]:
         ),
         row(
             "S2",
-            f"{s12['s2_ratio']:.2f}x (served TTFT p99 {served['ttft_p99_ms']:.1f} ms,"
+            ("" if s12["s2_steady"] else "no steady-state calls in a round (window too short): ")
+            + f"{s12['s2_ratio']:.2f}x (served TTFT p99 {served['ttft_p99_ms']:.1f} ms,"
             f" p50 {served['ttft_p50_ms']:.1f} ms; {rounds}; vs the bare streamer paced to"
             f" the worker's token rate: {s12['s2_paced_ratio']:.1f}x)",
-            s12["s2_ratio"] <= 1.5,
+            s12["s2_steady"] and s12["s2_ratio"] <= 1.5,
             baseline=f"bare grpc.aio TTFT p99 {bare['ttft_p99_ms']:.1f} ms"
             f" (paced: {paced['ttft_p99_ms']:.1f} ms)",
             cpu=f"worker {served['worker_cpu_us_per_message']:.0f} µs/message, bare"
@@ -422,19 +429,27 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     levels, ceiling = results["levels"], results["ceiling_levels"]
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = sorted(levels, key=int)
-    ax.plot(
-        [int(x) for x in xs],
-        [levels[x]["tokens_per_s"] for x in xs],
-        "o-",
-        label="served over gRPC",
-    )
     cs = sorted(ceiling, key=int)
-    ax.plot(
-        [int(x) for x in cs],
-        [ceiling[x]["tokens_per_s"] for x in cs],
-        "s--",
-        label="engine ceiling",
+    curves = (
+        ("served over gRPC", xs, [levels[x]["tokens_per_s"] for x in xs], "o-"),
+        ("engine ceiling", cs, [ceiling[x]["tokens_per_s"] for x in cs], "s-"),
+        # Tokens per CPU second of the core's owner: what each reaches with the
+        # core to itself, whoever else used it during the run.
+        (
+            "served, per worker CPU second",
+            xs,
+            [1e6 / max(levels[x]["worker_cpu_us_per_token"], 1e-9) for x in xs],
+            "o:",
+        ),
+        (
+            "ceiling, per CPU second",
+            cs,
+            [1e6 / max(ceiling[x]["cpu_us_per_token"], 1e-9) for x in cs],
+            "s:",
+        ),
     )
+    for label, x_values, y_values, style in curves:
+        ax.plot([int(x) for x in x_values], y_values, style, label=label)
     ax.set(
         title="Throughput vs concurrency (demo-lm, pinned)",
         xlabel="concurrent streams",
