@@ -29,11 +29,9 @@ AUTOSCALING = ROOT / "deploy" / "k8s" / "autoscaling"
 PROMETHEUS_NAMES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
 #: Labels Prometheus' Kubernetes scrape config attaches (targets, not the services).
 TARGET_LABELS = frozenset({"job", "instance", "namespace", "pod", "service", "container"})
-#: Queried by dashboards and alerts before anything exports them: the router's
-#: rollout controller (issue 21, section 4) will. docs/observability.md lists them.
-PENDING_METRICS = frozenset(
-    {"tokenmesh_rollout_step_percent", "tokenmesh_rollouts_rolled_back_total"}
-)
+#: Queried by dashboards or alerts before anything exports them (none today; each
+#: must be listed in docs/observability.md with who will export it).
+PENDING_METRICS: frozenset[str] = frozenset()
 
 _KEYWORDS = frozenset(
     {
