@@ -214,3 +214,24 @@ async def test_concurrent_creates_get_distinct_versions_and_attach_checks_existe
     assert (await catalog.detach(TENANT, tenant)).policy == f"{name}@8"
     with pytest.raises(NotFound):
         await catalog.detach(TENANT, tenant)
+
+
+async def test_embedding_inputs_are_redacted_and_blocked_like_prompts(
+    model_server, catalog, tenant
+):
+    service, channel = model_server
+    stub = rpc.InferenceServiceStub(channel)
+    rules = (PatternRule("forbidden"),)
+    policy = Policy(f"emb-{tenant}", 0, pii={"email": "redact"}, block_keywords=rules)
+    await _attach(service, catalog, tenant, policy)
+    request = pb.EmbedRequest(model="all-minilm-l6-v2", inputs=["mail a@b.io", "mail [EMAIL]"])
+    reply = await stub.Embed(request, metadata=_metadata(tenant))
+    first, second = reply.embeddings
+    assert list(first.values) == list(second.values)  # the model saw the placeholder
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Embed(
+            pb.EmbedRequest(model="all-minilm-l6-v2", inputs=["a forbidden word"]),
+            metadata=_metadata(tenant),
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "block_keyword:0" in caught.value.details()
