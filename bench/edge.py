@@ -30,6 +30,7 @@ import grpc
 import yaml
 
 from bench.peers import Peer, bench_pki
+from bench.pinning import CpuMeter
 from bench.servers import bare_server
 from bench.stats import percentile
 from gateway import envoy_config, protos
@@ -83,7 +84,12 @@ def sequential_latency_ms(
 
 
 def throughput_rps(
-    target: Peer, state: Path, metadata: list[tuple[str, str]] | None = None, requests: int = 6000
+    target: Peer,
+    state: Path,
+    metadata: list[tuple[str, str]] | None = None,
+    requests: int = 6000,
+    method: str = METHOD,
+    message: bytes | None = None,
 ) -> tuple[float, str]:
     """Returns unary requests/s under concurrency and the tool that measured it.
 
@@ -92,7 +98,7 @@ def throughput_rps(
     its shim), else an asyncio client.
     """
     metadata = metadata or []
-    ghz = shutil.which("ghz")
+    ghz = shutil.which("ghz") if method == METHOD else None
     if ghz:
         command = [
             ghz,
@@ -113,8 +119,8 @@ def throughput_rps(
         result = subprocess.run(command, capture_output=True, text=True, timeout=180)
         if result.returncode == 0:
             return float(json.loads(result.stdout)["rps"]), "ghz"
-    frame = pb.ListModelsRequest().SerializeToString()
-    body = state / "listmodels.bin"
+    frame = pb.ListModelsRequest().SerializeToString() if message is None else message
+    body = state / f"{method.rsplit('/', 1)[-1]}.bin"
     body.write_bytes(b"\x00" + struct.pack(">I", len(frame)) + frame)
     h2load = shutil.which("h2load")
     h2load_env = _h2load_env(target, state) if h2load else None
@@ -137,7 +143,7 @@ def throughput_rps(
             "-H",
             "te: trailers",
             *headers,
-            f"{'https' if target.tls else 'http'}://{target.address}{METHOD}",
+            f"{'https' if target.tls else 'http'}://{target.address}{method}",
         ]
         result = subprocess.run(
             command, capture_output=True, text=True, timeout=120, env=h2load_env
@@ -145,6 +151,8 @@ def throughput_rps(
         match = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", result.stdout)
         if match:
             return float(match.group(1)), "h2load"
+    if method != METHOD:
+        raise RuntimeError(f"h2load is needed for {method}: {result.stderr[-300:]}")
     return _python_rps(target, min(requests, 3000), metadata), "python"
 
 
@@ -354,6 +362,61 @@ def _issue_token(edge_url: str, api_key: str) -> str:
     return str(reply.json()["access_token"])
 
 
+# E2's call: demo-lm Complete, 16 tokens, 32 concurrent (h2load: 4 connections x 8 streams).
+REALISTIC = pb.CompleteRequest(model="demo-lm", prompt="The edge of the mesh", max_tokens=16)
+COMPLETE = "/tokenmesh.inference.v1.InferenceService/Complete"
+ROUNDS = 3
+
+
+def complete_throughput(
+    state: Path, direct: Peer, edge: Peer, jwt: list[tuple[str, str]]
+) -> dict[str, list[float]]:
+    """demo-lm Complete (16 tokens) at 32 concurrent, direct vs the full edge; interleaved."""
+    rounds: dict[str, list[float]] = {"direct": [], "edge-jwt": []}
+    body = REALISTIC.SerializeToString()
+    for _ in range(ROUNDS):
+        for name, target, metadata in (("direct", direct, []), ("edge-jwt", edge, jwt)):
+            rps, _ = throughput_rps(target, state, metadata, 400, COMPLETE, body)
+            rounds[name].append(rps)
+    print(f"  complete 16 tokens x32: {rounds}", flush=True)
+    return rounds
+
+
+def _pids(mesh: Mesh) -> dict[str, int]:
+    wanted = ("envoy", "auth", "usage", "inference-0")
+    return {c.name: c.pid for c in mesh.children if c.name in wanted and not c.stopping}
+
+
+def edge_cpu(
+    mesh: Mesh,
+    state: Path,
+    direct: Peer,
+    edge: Peer,
+    jwt: list[tuple[str, str]],
+    key: list[tuple[str, str]],
+) -> dict[str, dict[str, float]]:
+    """CPU µs per request of every process on the path (from /proc), ListModels via h2load.
+
+    Per path: envoy, auth (ext_authz), usage (rate limit), the worker; "edge" is
+    Envoy plus every Python callout it made (E3), "worker" the worker's own.
+    """
+    paths: tuple[tuple[str, Peer, list[tuple[str, str]]], ...] = (
+        ("direct", direct, []),
+        ("edge-jwt", edge, jwt),
+        ("edge-api-key", edge, key),
+    )
+    out: dict[str, dict[str, float]] = {}
+    requests = 3000
+    for name, target, metadata in paths:
+        with CpuMeter(_pids(mesh)) as meter:
+            throughput_rps(target, state, metadata, requests)
+        per = {n: used * 1e6 / requests for n, used in meter.used.items()}
+        per["edge"] = per["envoy"] + per["auth"] + per["usage"]
+        out[name] = per
+        print(f"  {name:>12}: CPU µs/request {json.dumps({k: round(v) for k, v in per.items()})}")
+    return out
+
+
 def edge_overhead(state: Path) -> dict[str, Any]:
     """Measures the four paths; returns latency summaries, raw latencies and throughput."""
     config = MeshConfig(
@@ -361,7 +424,8 @@ def edge_overhead(state: Path) -> dict[str, Any]:
         workers=1,
         envoy_concurrency=1,
         service_env={
-            "TOKENMESH_MODELS": "",
+            "TOKENMESH_MODELS": "demo-lm:1",  # E2's realistic call
+            "TOKENMESH_ENGINE": "onnxruntime",
             "TOKENMESH_TEST_MODELS": "deterministic-test:1",
             "TOKENMESH_TEST_ENGINE_STEP_MS": "0",  # Complete measures the path, not compute
             "TOKENMESH_LOG_LEVEL": "WARNING",
@@ -385,10 +449,14 @@ def edge_overhead(state: Path) -> dict[str, Any]:
     with Mesh(config) as mesh:
         key = [("x-api-key", mesh.dev_api_key())]
         token = _issue_token(mesh.edge_url, mesh.dev_api_key())
+        jwt = [("authorization", f"Bearer {token}")]
         edge = Peer(mesh.edge_address)  # clients reach the edge's plaintext listener
-        measure("direct", Peer(mesh.address("inference-0"), contract.WORKER, mesh.pki_dir))
-        measure("edge-jwt", edge, [("authorization", f"Bearer {token}")])
+        worker = Peer(mesh.address("inference-0"), contract.WORKER, mesh.pki_dir)
+        measure("direct", worker)
+        measure("edge-jwt", edge, jwt)
         measure("edge-api-key", edge, key)
+        cpu = edge_cpu(mesh, state, worker, edge, jwt, key)
+        realistic = complete_throughput(state, worker, edge, jwt)
         for direct in (False, True):
             envoy, address = _bare_envoy(
                 state, mesh.ports["inference-0"], mesh.sds_dir, direct=direct
@@ -398,19 +466,23 @@ def edge_overhead(state: Path) -> dict[str, Any]:
             finally:
                 envoy.terminate()
                 envoy.wait(10)
-    # The same edge without the rate-limit filter (its Python callout is the
-    # costliest hop on the JWT path).
-    no_limits = dataclasses.replace(
-        config, state_dir=state / "mesh-no-rl", edge_auth=EdgeAuth(ratelimit=False)
+    # The same edge without the API-key cache: every API-key request asks the
+    # auth service (how the edge ran before gateway/key_cache.py).
+    no_cache = dataclasses.replace(
+        config, state_dir=state / "mesh-no-key-cache", edge_auth=EdgeAuth(api_key_cache=False)
     )
-    with Mesh(no_limits) as mesh:
+    with Mesh(no_cache) as mesh:
         token = _issue_token(mesh.edge_url, mesh.dev_api_key())
         jwt = [("authorization", f"Bearer {token}")]
-        measure("edge-jwt-no-ratelimit", Peer(mesh.edge_address), jwt)
+        measure(
+            "edge-api-key-no-cache", Peer(mesh.edge_address), [("x-api-key", mesh.dev_api_key())]
+        )
         routing = _routing_cost(mesh, jwt)
     with bare_server(state, bench_pki(state)) as target:
         measure("grpc", target)
     return {
+        "cpu_us_per_request": cpu,
+        "complete_rps": realistic,
         "routing": {name: _summary(values) for name, values in routing.items()},
         "latency": {name: _summary(values) for name, values in latencies.items()},
         "requests_per_s": rps,
