@@ -85,7 +85,6 @@ class RequestContent:
     redis: aioredis.Redis | None = None  # where samples go
     filters: dict[int, OutputFilter[Any]] = field(default_factory=dict)
     stops: dict[int, OutputMatch] = field(default_factory=dict)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def filters_output(self) -> bool:
@@ -157,11 +156,13 @@ class RequestContent:
             policy_hits=event.policy_hits,
         )
         task = asyncio.create_task(samples.write(self.redis, sample))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        _SAMPLE_WRITES.add(task)  # asyncio keeps only weak references to tasks
+        task.add_done_callback(_SAMPLE_WRITES.discard)
 
 
 NO_CONTENT = RequestContent()
+# Sample writes in flight (a request's state may be gone before its write ends).
+_SAMPLE_WRITES: set[asyncio.Task[None]] = set()
 
 
 def spec_texts(spec: GenerationSpec) -> list[str]:
