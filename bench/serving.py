@@ -466,7 +466,12 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
             ttft_ax.plot(ttft, np.linspace(0, 1, len(ttft)), label=label)
         if len(gaps):
             itl_ax.plot(gaps, np.linspace(0, 1, len(gaps)), label=label)
-    ttft_ax.set(title="Time to first token (CDF, steady state)", xlabel="ms", ylabel="fraction")
+    ttft_ax.set(
+        title="Time to first token (CDF, steady state)",
+        xlabel="ms",
+        ylabel="fraction",
+        xscale="log",
+    )
     itl_ax.set(title="Inter-token latency (CDF)", xlabel="ms", xscale="log")
     ttft_ax.legend()
     itl_ax.legend()
