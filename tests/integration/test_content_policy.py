@@ -4,6 +4,7 @@ filtering on the stream, hits in usage events and metrics, redacted samples."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -235,3 +236,31 @@ async def test_embedding_inputs_are_redacted_and_blocked_like_prompts(
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "block_keyword:0" in caught.value.details()
+
+
+async def test_the_openai_surface_gets_the_same_policies(tmp_path, redis_url, catalog, tenant):
+    from tests.integration.test_openai_worker import _body, _error_trailer, _events
+    from tokenmesh.openai.v1 import openai_service_pb2_grpc as openai_rpc
+
+    async with await start_inference(inference_settings(tmp_path, redis_url)) as (service, ch):
+        openai = openai_rpc.OpenAIServiceStub(ch)
+        rules = (PatternRule(r"\S"),)  # any output: the choice stops at the first scan
+        policy = Policy(f"oai-{tenant}", 0, pii={"card": "block"}, output_block_patterns=rules)
+        policy = await _attach(service, catalog, tenant, policy)
+        chat = {"model": MODEL, "max_tokens": 30, "stream": True}
+        blocked = await _error_trailer(
+            openai.CreateChatCompletion(
+                _body(**chat, messages=[{"role": "user", "content": "card 4111 1111 1111 1111"}]),
+                metadata=_metadata(tenant),
+            )
+        )
+        assert blocked["type"] == "invalid_request_error" and "4111" not in blocked["message"]
+        assert policy.label in blocked["message"] and "pii:card" in blocked["message"]
+        call = openai.CreateChatCompletion(
+            _body(**chat, messages=[{"role": "user", "content": "the fox"}]),
+            metadata=_metadata(tenant),
+        )
+        chunks = [json.loads(e) for e in _events([m async for m in call])[:-1]]
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        assert finishes[-1] == "content_filter"
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks).strip() == ""
