@@ -288,6 +288,7 @@ INTENDED_EDGES = {
     ("usage", "redis", REDIS),
     ("inference", "redis", REDIS),
     ("usage", "redis-limits", REDIS),
+    ("inference", "redis-limits", REDIS),
     ("edge", "jobs", GRPC),
     ("jobs", "inference", GRPC),  # a job's items, run as their owner
     ("jobs", "redis", REDIS),
