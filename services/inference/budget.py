@@ -5,6 +5,12 @@ worker and edge replica); completion reconciles the reservation with the
 tokens really used, releasing the rest. Minute budgets are an exact sliding
 window of reservations, so a key with N tokens/min can use N tokens in any
 minute — never fewer, never more.
+
+Reservations are idempotent per (key, request id): a request id reserved
+again within `REPLAY_TTL_S` (a job item replayed after its jobs replica died
+while it ran: the same `<job>:<n>`) is not charged again, and reconciling
+it makes the month's charge for that id its latest actual use, so a
+replayed request costs the budget once, as the usage meter counts it once.
 """
 
 from __future__ import annotations
@@ -18,14 +24,22 @@ import redis.asyncio as aioredis
 from services.core.errors import QuotaViolation, ResourceExhausted
 from services.core.redis_service import text
 
-# KEYS: window zset, window amounts hash, month counter
-# ARGV: now_ms, request id, amount, tpm (0 = none), monthly (0 = none), month ttl s
+# How long a reservation is remembered by request id (replays are charged once).
+REPLAY_TTL_S = 3600
+
+# KEYS: window zset, window amounts hash, month counter, the request id's charge
+# ARGV: now_ms, request id, amount, tpm (0 = none), monthly (0 = none), month ttl s,
+#       replay ttl s
 # Returns {0 or 1, which budget failed ("" | "tpm" | "monthly"), retry_after_ms,
 #          tokens used this minute and this month including this reservation}
 _RESERVE = """
 local now, id, amount = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local tpm, monthly = tonumber(ARGV[4]), tonumber(ARGV[5])
 local used, month_used = 0, 0
+-- This request id holds a reservation already (a replay): admitted, not charged again.
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  return {1, '', 0, 0, 0}
+end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
 if #expired > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
@@ -56,15 +70,22 @@ redis.call('PEXPIRE', KEYS[1], 61000)
 redis.call('PEXPIRE', KEYS[2], 61000)
 redis.call('INCRBY', KEYS[3], amount)
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[6]))
+redis.call('SET', KEYS[4], amount, 'EX', tonumber(ARGV[7]))
 return {1, '', 0, used + amount, month_used + amount}
 """
 
-# KEYS: window amounts hash, month counter; ARGV: request id, reserved, actual
+# KEYS: window amounts hash, month counter, the request id's charge
+# ARGV: request id, reserved, actual, replay ttl s
+# The month is charged what the id has not been charged yet (its charge, else
+# `reserved`), so the id's total is its latest actual use however often it ran.
 _RECONCILE = """
+local actual = tonumber(ARGV[3])
+local charged = tonumber(redis.call('GET', KEYS[3]) or ARGV[2])
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[1], ARGV[1], tonumber(ARGV[3]))
+  redis.call('HSET', KEYS[1], ARGV[1], actual)
 end
-redis.call('INCRBY', KEYS[2], tonumber(ARGV[3]) - tonumber(ARGV[2]))
+redis.call('INCRBY', KEYS[2], actual - charged)
+redis.call('SET', KEYS[3], actual, 'EX', tonumber(ARGV[4]))
 return 1
 """
 
@@ -105,10 +126,17 @@ def _warning(limits: Limits, minute_used: int, month_used: int) -> str:
 
 
 class TokenBudgets:
-    """TokenBudgets reserves and reconciles token budgets in Redis."""
+    """TokenBudgets reserves and reconciles token budgets in Redis.
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    Args:
+        client: the Redis holding the budgets.
+        replay_ttl_s: how long a request id's reservation is remembered (a
+            reservation of the same id within it is not charged again).
+    """
+
+    def __init__(self, client: aioredis.Redis, replay_ttl_s: int = REPLAY_TTL_S) -> None:
         self.redis = client
+        self.replay_ttl_s = replay_ttl_s
         self._reserve = client.register_script(_RESERVE)
         self._reconcile = client.register_script(_RECONCILE)
 
@@ -116,6 +144,11 @@ class TokenBudgets:
         label, _ = _month(now)
         base = f"tm:budget:{key_id}"
         return f"{base}:tpm", f"{base}:tpm:amounts", f"{base}:month:{label}"
+
+    @staticmethod
+    def _charge_key(key_id: str, request_id: str) -> str:
+        """Returns the key holding what a request id was charged (its replays' guard)."""
+        return f"tm:budget:{key_id}:req:{request_id}"
 
     async def reserve(self, key_id: str, limits: Limits, request_id: str, amount: int) -> str:
         """Reserves `amount` tokens or raises ResourceExhausted naming the budget.
@@ -125,7 +158,7 @@ class TokenBudgets:
         now = time.time()
         _, until_next_month = _month(now)
         ok, budget, retry_ms, *used = await self._reserve(
-            keys=list(self._keys(key_id, now)),
+            keys=[*self._keys(key_id, now), self._charge_key(key_id, request_id)],
             args=[
                 int(now * 1000),
                 request_id,
@@ -133,6 +166,7 @@ class TokenBudgets:
                 limits.tokens_per_minute,
                 limits.monthly_tokens,
                 int(until_next_month) + 86400,
+                self.replay_ttl_s,
             ],
         )
         if ok:
@@ -153,6 +187,9 @@ class TokenBudgets:
         )
 
     async def reconcile(self, key_id: str, request_id: str, reserved: int, actual: int) -> None:
-        """Replaces a reservation with the tokens really used."""
+        """Replaces a reservation with the tokens really used (once per request id)."""
         _, amounts, month = self._keys(key_id, time.time())
-        await self._reconcile(keys=[amounts, month], args=[request_id, reserved, actual])
+        await self._reconcile(
+            keys=[amounts, month, self._charge_key(key_id, request_id)],
+            args=[request_id, reserved, actual, self.replay_ttl_s],
+        )

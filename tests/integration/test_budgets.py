@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import grpc
@@ -93,3 +94,33 @@ async def test_a_stream_admitted_while_redis_was_down_ends_with_quota(tmp_path):
     finally:
         child.terminate()
         child.wait(10)
+
+
+async def _month_used(budgets: TokenBudgets, key: str) -> int:
+    _, _, month = budgets._keys(key, time.time())
+    return int(await budgets.redis.get(month) or 0)
+
+
+async def test_the_same_request_id_reserved_twice_is_charged_once(budgets):
+    """A job item replayed after its jobs replica died (same `<job>:<n>`) reserves and
+    reconciles twice, possibly interleaved: the month is charged its use once."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    limits = Limits(monthly_tokens=1000)
+    await budgets.reserve(key, limits, "job-1:0", 100)  # the first run
+    await budgets.reserve(key, limits, "job-1:0", 100)  # the replay, while the first runs
+    assert await _month_used(budgets, key) == 100
+    await budgets.reconcile(key, "job-1:0", 100, 30)  # the first run ends
+    await budgets.reconcile(key, "job-1:0", 100, 30)  # the replay ends
+    assert await _month_used(budgets, key) == 30
+    await budgets.reserve(key, limits, "job-1:0", 100)  # a late replay: nothing more
+    await budgets.reconcile(key, "job-1:0", 100, 30)
+    assert await _month_used(budgets, key) == 30
+
+
+async def test_a_replay_of_a_request_is_admitted_although_the_budget_is_spent(budgets):
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    limits = Limits(monthly_tokens=100)
+    await budgets.reserve(key, limits, "job-2:0", 100)
+    await budgets.reserve(key, limits, "job-2:0", 100)  # its own reservation covers it
+    with pytest.raises(ResourceExhausted):
+        await budgets.reserve(key, limits, "job-2:1", 1)
