@@ -176,9 +176,10 @@ async def test_sampled_requests_are_written_redacted(worker, catalog, tenant):
     await catalog.set_samples(SampleSettings(tenant, 1.0, "admin-key", time.time(), "ticket 1"))
     await service.policies.refresh()
     request_id = f"sample-{tenant}"
-    text, _ = await _generate(
+    text, (final,) = await _generate(
         stub, tenant, prompt="call +1 415 555 2671 now", max_output_tokens=5, request_id=request_id
     )
+    assert final.usage.completion_tokens == 5
     async with asyncio.timeout(10):
         while not (found := (await samples.read(catalog.redis, tenant, 0, "", 10))[0]):
             await asyncio.sleep(0.05)

@@ -152,3 +152,9 @@ def test_output_filter_never_sends_any_part_of_a_match_within_the_window(step, s
     sent = "".join(pieces[i] for i in _feed_all(flt, pieces))
     assert flt.match is not None and flt.match.hit.rule == "output_block_pattern:0"
     assert "s" not in sent[len("some harmless preamble ") * 4 :]
+
+
+def test_output_filter_without_rules_releases_at_once_and_records_the_text():
+    flt: OutputFilter[int] = OutputFilter([_policy(pii={"email": "redact"})])
+    assert flt.feed("a", 0) == [0] and flt.feed("bc", 1) == [1] and flt.flush() == []
+    assert "".join(flt.released_text) == "abc"

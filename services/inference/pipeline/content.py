@@ -117,7 +117,7 @@ class RequestContent:
                     yield choice, Delta("", [], CONTENT_FILTER)
                     continue
                 if delta.finish_reason:
-                    released = flt.flush()
+                    released += flt.flush()
                 for item in released:
                     yield choice, item
         finally:

@@ -326,8 +326,9 @@ class OutputFilter(Generic[T]):
         self, policies: Sequence[Policy], hold_back: int = HOLD_BACK_CHARS, step: int = 16
     ) -> None:
         self.rules = [(p, r, pattern, why) for p in policies for r, pattern, why in p.output_rules]
-        self.hold_back = hold_back
-        self.step = step
+        # Without rules (a sampled request only records the text) nothing is held back.
+        self.hold_back = hold_back if self.rules else 0
+        self.step = step if self.rules else 0
         self.combined = _alternation([p for _, _, p, _ in self.rules])
         self._released_tail = ""  # the last hold_back released characters (context)
         self._held: list[tuple[str, T]] = []
