@@ -132,8 +132,18 @@ fmt: setup $(BUF) ## Format protos and Python.
 typecheck: setup ## mypy --strict.
 	$(VENV)/bin/mypy
 
+# LiteLLM, the peer of bench rows P1/P2, lives in a venv of its own (its pins would
+# move the mesh's): the `bench-peer` extra of pyproject.toml, installed alone.
+LITELLM_VENV := build/litellm-venv
+LITELLM_STAMP := $(LITELLM_VENV)/.installed-stamp
+$(LITELLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["bench-peer"], sep="\n")' \
+	  | xargs $(LITELLM_VENV)/bin/python -m pip install --quiet
+	touch $@
+
 .PHONY: bench
-bench: setup ## Run the benchmarks, write bench/results/<timestamp>/ (BENCH_ARGS="--only S1,S2 --quick").
+bench: setup $(LITELLM_STAMP) ## Run the benchmarks, write bench/results/<timestamp>/ (BENCH_ARGS="--only S1,S2 --quick").
 	@command -v h2load >/dev/null || apt-get install -y -q nghttp2-client >/dev/null 2>&1 \
 	  || echo "h2load unavailable: throughput measured with Python clients"
 	$(PY) -m bench $(BENCH_ARGS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench import edge, fairness, mtls, openai, policy, serving, templates, usage
+from bench import edge, fairness, mtls, openai, peer, policy, routing, serving, templates, usage
 from bench.rows import Context, Row, Scenario, row
 
 
@@ -170,6 +170,8 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("openai", ("O1", "O2"), openai.measure, openai.judge, default=False),
     Scenario("fairness", ("F1",), fairness.measure, fairness.judge),
     Scenario("policy", ("C1", "C2"), policy.measure, policy.judge),
+    Scenario("peer", ("P1", "P2"), peer.measure, peer.judge, peer.plots),
+    Scenario("routing", ("K1", "K2"), routing.measure, routing.judge, routing.plots),
 )
 ALIASES = {"inference": "serving"}  # older --only names
 

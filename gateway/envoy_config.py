@@ -186,6 +186,10 @@ class EdgeConfig:
     # Route inference by model and version (Lua reads the body); off sends every
     # inference request to any worker (benchmarks measure what routing costs).
     model_routing: bool = True
+    # Model versions pick a worker by a hash of the prompt's head (when the
+    # control plane's TOKENMESH_ROUTER_PREFIX_AFFINITY is on too); off: round
+    # robin on this edge only (bench K1/K2 compare the two on the same workers).
+    prefix_affinity: bool = True
     # mTLS to every upstream: the directory of the SDS files (see `sds_files`)
     # that name the edge's certificate and the mesh CA. None: plaintext upstreams.
     sds_dir: Path | None = None
@@ -436,14 +440,16 @@ def route_configuration(
     }
 
 
-def transcoder_filter(descriptor_path: Path) -> dict[str, Any]:
-    """Builds the REST/SSE <-> gRPC transcoder for the public services."""
+def transcoder_filter(
+    descriptor_path: Path, services: Sequence[str] = TRANSCODED_SERVICES
+) -> dict[str, Any]:
+    """Builds the REST/SSE <-> gRPC transcoder for the public services (or `services`)."""
     return {
         "name": "envoy.filters.http.grpc_json_transcoder",
         "typed_config": {
             "@type": _type("extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder"),
             "proto_descriptor": str(descriptor_path),
-            "services": list(TRANSCODED_SERVICES),
+            "services": list(services),
             "convert_grpc_status": True,
             "request_validation_options": {
                 "reject_unknown_method": True,
@@ -851,6 +857,7 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
                 "tokenmesh_ratelimit": bool(config.auth and config.auth.ratelimit),
                 # Where this edge's SDS files are: its clusters from xDS use them too.
                 "tokenmesh_sds_dir": str(config.sds_dir or ""),
+                "tokenmesh_prefix_affinity": config.prefix_affinity,
             },
         },
         "admin": {"address": _socket_address(Endpoint("127.0.0.1", config.admin_port))},

@@ -56,6 +56,9 @@ class EdgeFlags:
     ratelimit: bool = True
     # The edge's SDS directory: its worker clusters speak mTLS ("" = plaintext).
     sds_dir: str = ""
+    # False: this edge routes model versions round robin even where the control
+    # plane hashes prompt heads (an edge of its own for comparing the two).
+    prefix_affinity: bool = True
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> EdgeFlags:
@@ -64,6 +67,7 @@ class EdgeFlags:
             auth=bool(metadata.get("tokenmesh_auth", True)),
             ratelimit=bool(metadata.get("tokenmesh_ratelimit", True)),
             sds_dir=str(metadata.get("tokenmesh_sds_dir", "")),
+            prefix_affinity=bool(metadata.get("tokenmesh_prefix_affinity", True)),
         )
 
 
@@ -124,6 +128,7 @@ def build(
     """Builds every resource one edge needs (see `WorkerEntry.routable` for `lease_grace`)."""
     routable = [w for w in workers if w.routable(now, lease_grace)]
     served = _served_versions(catalog, now)
+    affinity = options.prefix_affinity and flags.prefix_affinity
     clusters = {
         INFERENCE_CLUSTER: eds_cluster(
             INFERENCE_CLUSTER, envoy_config.HEALTH_SERVICE[INFERENCE_CLUSTER], options, flags
@@ -133,7 +138,7 @@ def build(
     for model, version in served:
         name = model_cluster(model, version)
         clusters[name] = eds_cluster(
-            name, model_health_name(model, version), options, flags, options.prefix_affinity
+            name, model_health_name(model, version), options, flags, affinity
         )
         hosts = [w for w in routable if (model, version) in w.models]
         endpoints[name] = load_assignment(name, hosts)
@@ -151,7 +156,7 @@ def build(
         {
             CLUSTER_TYPE: clusters,
             ENDPOINT_TYPE: endpoints,
-            ROUTE_TYPE: {"edge": route_configuration(catalog, now, flags, options.prefix_affinity)},
+            ROUTE_TYPE: {"edge": route_configuration(catalog, now, flags, affinity)},
         }
     )
 

@@ -1,0 +1,375 @@
+"""K1, K2: prefix-affinity routing vs round robin, through the full edge, on the same workers.
+
+One mesh of two demo-lm workers (one engine thread each, both on the
+system-under-test core) and two edges on the same control plane, differing
+only in how they pick a worker for a model version: the mesh's edge hashes
+the head of each request's prompt (bounded-load Maglev, the default), the
+other was started with `EdgeConfig(prefix_affinity=False)` and gets round-
+robin clusters from the router (the same per-edge switch any operator has;
+TOKENMESH_ROUTER_PREFIX_AFFINITY=false turns it off mesh-wide).
+
+K1, prefix-heavy: 8 system prompts of ~400 demo-lm tokens, each request one
+of them (seeded, uniform) with a question of its own: OpenAI chat streams of
+8 tokens from 8 concurrent clients for a window. With affinity each prompt
+meets one worker, whose prefix cache (TOKENMESH_PREFIX_CACHE_TOKENS, the
+default 4096 tokens: ~9 whole prompts of this size) holds a few recent
+requests of each of its ~4 prompts; with round robin each worker sees all 8
+and must hold twice as many. K2, the control: every request has a system
+prompt of its own (nothing to reuse), so routing can only cost.
+
+Measured at the client: time to the first content chunk (TTFT, p50/p90) and
+completed requests/s; from the usage chunk, the share of prompt tokens the
+workers took from their prefix caches. Rounds alternate the modes (order
+flipped each round); every phase uses a set of prompts no earlier phase
+sent, so neither mode inherits the other's cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tokenizers import Tokenizer
+
+from bench.peer import pin_mesh
+from bench.pinning import LOAD, pinned_self
+from bench.rows import Context, Row, row
+from bench.stats import percentile
+from services.launcher.mesh import REPO_ROOT, Mesh, MeshConfig
+from services.launcher.processes import wait_for
+
+MODEL = "demo-lm"
+MODES = ("affinity", "round_robin")
+PROMPTS = 8
+PROMPT_TOKENS = 400
+CONCURRENCY = 8
+OUTPUT_TOKENS = 8
+TOKENIZER = REPO_ROOT / "models" / MODEL / "1" / "tokenizer.json"
+SENTENCES = (
+    "You are a careful assistant to the scribes of the temple.",
+    "Answer in the words of the King James Bible, and cite the book and the verse.",
+    "Keep to one short paragraph, and never invent a verse that is not written.",
+    "When the question names a king, say who reigned before him and who after.",
+    "When it names a prophet, say to whom he spoke and in which city.",
+    "When it names a place, say which tribe dwelt there and what befell it.",
+    "If the scripture is silent, say that it is silent, and say no more.",
+    "Speak plainly to the simple, and gently to the grieving.",
+    "Count the generations from Adam when a genealogy is asked for.",
+    "Prefer the law and the prophets to the writings when they disagree.",
+    "Name the judges of Israel in their order when the question is of judges.",
+    "Do not answer questions of the calendar without the feasts of the Lord.",
+)
+QUESTIONS = (
+    "who begat {}?",
+    "where did {} dwell?",
+    "what did {} say unto the people?",
+    "whom did {} serve?",
+    "how long did {} live?",
+)
+NAMES = ("Enoch", "Seth", "Jared", "Lamech", "Noah", "Shem", "Eber", "Terah", "Nahor", "Caleb")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Plan bounds the scenario: rounds and window per case, and time."""
+
+    rounds: int
+    window_s: float
+    control_rounds: int
+    control_window_s: float
+    budget_s: float
+
+    @classmethod
+    def of(cls, quick: bool) -> Plan:
+        return cls(1, 5.0, 1, 4.0, 60.0) if quick else cls(3, 12.0, 2, 8.0, 150.0)
+
+
+def system_prompt(tag: str, tokenizer: Tokenizer) -> str:
+    """Returns a system prompt of about PROMPT_TOKENS tokens that differs from its first token.
+
+    tag: what makes it unique (its first words: the edge hashes a prompt's head,
+    and the prefix cache's first block then differs too).
+    """
+    rng = random.Random(tag)
+    text = f"Desk {tag}."
+    while len(tokenizer.encode(text).ids) < PROMPT_TOKENS:
+        text += " " + rng.choice(SENTENCES)
+    return text
+
+
+def question(n: int) -> str:
+    return f"Question {n}: " + QUESTIONS[n % len(QUESTIONS)].format(NAMES[n % len(NAMES)])
+
+
+def chat_body(system: str, n: int) -> bytes:
+    """Returns request n's bytes: a streamed chat with usage, OUTPUT_TOKENS tokens."""
+    return json.dumps(
+        {
+            "model": MODEL,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": question(n)},
+            ],
+            "max_tokens": OUTPUT_TOKENS,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "seed": n,
+        }
+    ).encode()
+
+
+@dataclass
+class Sample:
+    """Sample is one finished request as the client saw it."""
+
+    ttft_ms: float
+    prompt_tokens: int
+    cached_tokens: int
+
+
+async def _request(http: httpx.AsyncClient, url: str, body: bytes) -> Sample:
+    started = time.perf_counter()
+    first = 0.0
+    usage: dict[str, Any] = {}
+    async with http.stream("POST", url, content=body) as reply:
+        if reply.status_code != 200:
+            raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:300]!r}")
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices") or []
+            if not first and choices and (choices[0].get("delta") or {}).get("content"):
+                first = time.perf_counter() - started
+            usage = chunk.get("usage") or usage
+    details = usage.get("prompt_tokens_details") or {}
+    return Sample(first * 1000, usage.get("prompt_tokens", 0), details.get("cached_tokens", 0))
+
+
+async def _phase(
+    http: httpx.AsyncClient, url: str, next_body: Callable[[int], bytes], window_s: float
+) -> tuple[list[Sample], float]:
+    """CONCURRENCY clients back to back for `window_s`; returns the samples and requests/s."""
+    samples: list[Sample] = []
+    counter = iter(range(1_000_000))
+    started = time.perf_counter()
+    stop = time.monotonic() + window_s
+
+    async def client() -> None:
+        while time.monotonic() < stop:
+            samples.append(await _request(http, url, next_body(next(counter))))
+
+    await asyncio.gather(*(client() for _ in range(CONCURRENCY)))
+    return samples, len(samples) / (time.perf_counter() - started)
+
+
+def _summary(samples: list[Sample], rates: list[float]) -> dict[str, Any]:
+    ttft = [s.ttft_ms for s in samples]
+    prompt = sum(s.prompt_tokens for s in samples)
+    return {
+        "requests": len(samples),
+        "ttft_p50_ms": percentile(ttft, 50),
+        "ttft_p90_ms": percentile(ttft, 90),
+        "ttft_p99_ms": percentile(ttft, 99),
+        "rps": statistics.median(rates) if rates else 0.0,
+        "rps_rounds": rates,
+        "prompt_tokens_p50": statistics.median(s.prompt_tokens for s in samples) if samples else 0,
+        "cached_share": sum(s.cached_tokens for s in samples) / prompt if prompt else 0.0,
+        "_ttft_ms": ttft,  # the plot's input
+    }
+
+
+async def _case(
+    edges: dict[str, str],
+    key: str,
+    case: str,
+    rounds: int,
+    window_s: float,
+    deadline: float,
+    tokenizer: Tokenizer,
+) -> dict[str, Any]:
+    """Runs one case (prefix_heavy or distinct) over rounds, modes alternating."""
+    samples: dict[str, list[Sample]] = {mode: [] for mode in MODES}
+    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    limits = httpx.Limits(max_connections=CONCURRENCY * 2)
+    async with httpx.AsyncClient(timeout=120, headers=headers, limits=limits) as http:
+        for n in range(rounds):
+            for mode in MODES if n % 2 == 0 else MODES[::-1]:
+                if time.monotonic() > deadline:
+                    break
+                print(f"  {case}: round {n + 1}/{rounds}, {mode}", flush=True)
+                next_body = _bodies(case, f"{case[0]}{n}{mode[0]}", tokenizer)
+                url = f"{edges[mode]}/openai/v1/chat/completions"
+                got, rate = await _phase(http, url, next_body, window_s)
+                samples[mode] += got
+                rates[mode].append(rate)
+    return {mode: _summary(samples[mode], rates[mode]) for mode in MODES}
+
+
+def _bodies(case: str, tag: str, tokenizer: Tokenizer) -> Callable[[int], bytes]:
+    """Returns request n's body for a phase: one of PROMPTS shared system prompts (seeded
+    choice), or for the control a system prompt of its own of the same size."""
+    if case == "prefix_heavy":
+        shared = [system_prompt(f"{tag}-{k}", tokenizer) for k in range(PROMPTS)]
+        rng = random.Random(tag)
+        return lambda n: chat_body(rng.choice(shared), n)
+    template = system_prompt(f"{tag}-x", tokenizer).split(" ", 2)[2]
+    return lambda n: chat_body(f"Desk {tag}-{n}. {template}", n)
+
+
+def mesh_config(state: Path) -> MeshConfig:
+    """Returns the mesh of the routing comparison: two demo-lm workers, one thread each."""
+    return MeshConfig(
+        state_dir=state,
+        workers=2,
+        envoy_concurrency=1,
+        edge_tls_port=None,
+        service_env={
+            "TOKENMESH_MODELS": f"{MODEL}:1",
+            "TOKENMESH_TEST_MODELS": "",
+            "TOKENMESH_ENGINE_THREADS": "1",
+            "TOKENMESH_LOG_LEVEL": "WARNING",
+            "TOKENMESH_RATELIMIT_DEFAULT_RPM": "10000000",
+        },
+    )
+
+
+@contextlib.contextmanager
+def _edges(ctx: Context) -> Iterator[tuple[dict[str, str], str]]:
+    """Runs the mesh and a round-robin edge beside its own; yields both URLs and the key."""
+    with Mesh(mesh_config(ctx.state / "mesh-routing")) as mesh:
+        address = mesh.start_extra_edge("edge-round-robin", prefix_affinity=False)
+        pin_mesh(mesh, ctx, "tokenmesh, 2 demo-lm workers (K1, K2)")
+        edges = {"affinity": mesh.edge_url, "round_robin": f"http://{address}"}
+        key = mesh.dev_api_key()
+        for mode, url in edges.items():  # its routes and workers' health checks, from xDS
+            wait_for(lambda url=url: _serves(url, key), 60, f"the {mode} edge to route {MODEL}")
+        yield edges, key
+
+
+def _serves(edge: str, key: str) -> bool:
+    body = json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "Amen"}], "max_tokens": 1}
+    )
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    try:
+        url = f"{edge}/openai/v1/chat/completions"
+        return httpx.post(url, content=body, headers=headers, timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def _measure(edges: dict[str, str], key: str, plan: Plan) -> dict[str, Any]:
+    tokenizer = Tokenizer.from_file(str(TOKENIZER))
+    deadline = time.monotonic() + plan.budget_s
+    warm = _bodies("distinct", "warm", tokenizer)
+    async with httpx.AsyncClient(
+        timeout=120, headers={"authorization": f"Bearer {key}", "content-type": "application/json"}
+    ) as http:  # warm-up of both edges and workers (left out)
+        for mode in MODES:
+            url = f"{edges[mode]}/openai/v1/chat/completions"
+            await asyncio.gather(*(_request(http, url, warm(n)) for n in range(4)))
+    heavy = await _case(edges, key, "prefix_heavy", plan.rounds, plan.window_s, deadline, tokenizer)
+    control = await _case(
+        edges, key, "distinct", plan.control_rounds, plan.control_window_s, deadline, tokenizer
+    )
+    return {"prefix_heavy": heavy, "distinct": control}
+
+
+def measure(ctx: Context) -> dict[str, Any]:
+    """Runs K1 and K2; returns per case and mode the TTFT, requests/s and cache share."""
+    plan = Plan.of(ctx.quick)
+    ctx.placement.record("bench + K1/K2 client (httpx)", os.getpid(), LOAD, 1)
+    with pinned_self(ctx.placement.layout.load), _edges(ctx) as (edges, key):
+        import uvloop
+
+        results = uvloop.run(_measure(edges, key, plan))
+    results["load"] = {
+        "model": MODEL,
+        "system_prompts": PROMPTS,
+        "system_prompt_tokens": PROMPT_TOKENS,
+        "concurrency": CONCURRENCY,
+        "output_tokens": OUTPUT_TOKENS,
+        "workers": 2,
+        "plan": plan.__dict__,
+    }
+    return results
+
+
+def judge(results: dict[str, Any]) -> list[Row]:
+    """K1: affinity's TTFT p90 and requests/s against round robin's; K2: the control."""
+    heavy, control = results["prefix_heavy"], results["distinct"]
+    fast, slow = heavy["affinity"], heavy["round_robin"]
+    lower = slow["ttft_p90_ms"] / max(fast["ttft_p90_ms"], 1e-9)
+    more = fast["rps"] / max(slow["rps"], 1e-9)
+    c_fast, c_slow = control["affinity"], control["round_robin"]
+    c_ttft = c_fast["ttft_p90_ms"] / max(c_slow["ttft_p90_ms"], 1e-9)
+    c_rps = c_fast["rps"] / max(c_slow["rps"], 1e-9)
+    return [
+        row(
+            "K1",
+            f"TTFT p90 {fast['ttft_p90_ms']:.0f} ms ({lower:.1f}x lower), {fast['rps']:.1f} req/s"
+            f" ({more:.2f}x); {fast['cached_share']:.0%} of prompt tokens cached"
+            f" ({fast['prompt_tokens_p50']:.0f}-token prompts, {fast['requests']} requests)",
+            lower >= 3 and more >= 1.3,
+            baseline=f"round robin: TTFT p90 {slow['ttft_p90_ms']:.0f} ms, {slow['rps']:.1f}"
+            f" req/s, {slow['cached_share']:.0%} cached",
+        ),
+        row(
+            "K2",
+            f"TTFT p90 {c_fast['ttft_p90_ms']:.0f} ms ({c_ttft:.2f}x), {c_fast['rps']:.1f} req/s"
+            f" ({c_rps:.2f}x)",
+            c_ttft <= 1.05 and c_rps >= 0.95,
+            baseline=f"round robin: TTFT p90 {c_slow['ttft_p90_ms']:.0f} ms,"
+            f" {c_slow['rps']:.1f} req/s",
+        ),
+    ]
+
+
+def plots(results: dict[str, Any], out: Path) -> list[Path]:
+    """routing.png: TTFT CDFs and requests/s of both modes, prefix-heavy and control."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from bench.report import save_figure
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    colors = {"affinity": "#1f77b4", "round_robin": "#ff7f0e"}
+    for axis, case, title in (
+        (axes[0], "prefix_heavy", f"K1: {PROMPTS} shared system prompts"),
+        (axes[1], "distinct", "K2: every system prompt distinct"),
+    ):
+        for mode in MODES:
+            values = np.sort(results[case][mode].get("_ttft_ms") or [0.0])
+            share = np.arange(1, len(values) + 1) / len(values)
+            axis.plot(values, share, label=mode.replace("_", " "), color=colors[mode])
+        axis.axhline(0.9, color="#cccccc", linewidth=0.8)
+        axis.set(title=title, xlabel="TTFT (ms)", ylabel="share of requests")
+        axis.legend()
+    cases = ("prefix_heavy", "distinct")
+    for m, mode in enumerate(MODES):
+        axes[2].bar(
+            [c + m * 0.4 for c in range(len(cases))],
+            [results[case][mode]["rps"] for case in cases],
+            width=0.4,
+            color=colors[mode],
+            label=mode.replace("_", " "),
+        )
+    axes[2].set_xticks([0.2, 1.2], ["K1 prefix-heavy", "K2 distinct"])
+    axes[2].set(title=f"requests/s, {CONCURRENCY} concurrent")
+    axes[2].legend()
+    return [save_figure(fig, out / "routing.png")]
