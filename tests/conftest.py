@@ -33,6 +33,9 @@ TEST_SERVICE_ENV = {
     "TOKENMESH_WEBHOOK_RETRY_SCHEDULE": "0.2,0.2,0.2",
     "TOKENMESH_WEBHOOK_POLL_SECONDS": "0.1",
     "TOKENMESH_JOBS_CLAIM_IDLE_SECONDS": "2",
+    # The shared mesh computes every request (tests of the response cache start
+    # a mesh of their own with it on: tests/e2e/test_response_cache.py).
+    "TOKENMESH_CACHE": "off",
 }
 
 

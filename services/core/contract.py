@@ -125,6 +125,9 @@ HTTP_STATUS_HEADER = "x-tokenmesh-http-status"
 #: Trailing metadata of an OpenAI-surface error (tokenmesh.openai.v1): OpenAI's
 #: error JSON, which the edge makes the REST body and removes.
 OPENAI_ERROR_HEADER = "x-tokenmesh-openai-error"
+#: Response header of a worker's inference answer: how the response cache
+#: served it, "hit", "miss", "coalesced" or "bypass" (services.inference.pipeline.cache).
+CACHE_HEADER = "x-tokenmesh-cache"
 ADMIN_SCOPE = "admin"
 
 # ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 from redis.exceptions import RedisError
@@ -41,6 +42,9 @@ from services.inference.pipeline.content import ContentStage
 from services.inference.usage_log import UsageLog
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.type.v1 import types_pb2
+
+if TYPE_CHECKING:
+    from services.inference.pipeline.cache import CacheStage
 
 logger = logging.getLogger(__name__)
 KEY_ID_HEADER = contract.KEY_ID_HEADER
@@ -164,6 +168,7 @@ class Request:
         self.fallback_from = target.fallback_from
         self.worker_id = target.worker_id
         self.budget_warning = ""  # budgets at >= 80% after this request's reservation
+        self.cache_status = ""  # x-tokenmesh-cache: how the response cache served it
         self.request_id = request_id or uuid.uuid4().hex
         self.rpc = rpc
         self.api_version = api_version
@@ -196,6 +201,8 @@ class Request:
             headers.append(("x-tokenmesh-worker", self.worker_id))
         if self.budget_warning:
             headers.append(("x-tokenmesh-budget-warning", self.budget_warning))
+        if self.cache_status:
+            headers.append((contract.CACHE_HEADER, self.cache_status))
         if self.fallback_from:
             headers += [
                 ("x-tokenmesh-model", self.model.name),
@@ -243,6 +250,10 @@ class Admission:
         # Content policies and samples (services.inference.pipeline.content); the
         # service sets a stage backed by its policy cache, none by default.
         self.content = ContentStage()
+        # the service sets a recorder backed by Redis. None: none are kept.
+        # The response cache (services.inference.pipeline.generate.CacheStage); the
+        # service sets it when TOKENMESH_CACHE is on. None: not on the path at all.
+        self.cache: CacheStage | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     def resolve(self, context: Context, name: str, version: str, *, generative: bool) -> Target:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,13 +19,14 @@ from gateway.model_routing import model_health_name
 from services.core import contract, server
 from services.core.identity import ClientChannel
 from services.core.server import RunningServer, Service
-from services.core.settings import RedisSettings, SettingsError, env, require
+from services.core.settings import RedisSettings, SettingsError, env, load, require
 from services.core.tasks import HealthGate, Supervisor
 from services.inference.budget import TokenBudgets
 from services.inference.fairness import FAIRNESS_MODES, FairnessPolicy, parse_weights
 from services.inference.load_report import worker_load
 from services.inference.models import LoadedModel, ModelRegistry
 from services.inference.openai import servicer as openai
+from services.inference.pipeline.cache import CacheSettings, CacheStage, ResponseCache
 from services.inference.pipeline.content import ContentStage
 from services.inference.policy_cache import PolicyCache
 from services.inference.registration import Registration
@@ -298,6 +300,20 @@ class InferenceService(Service):
         # Content policies attached to tenants and keys, and sample settings: in memory,
         # refreshed in the background (services.inference.policy_cache).
         self.policies = PolicyCache(PolicyCatalog(self.redis))
+        # Response cache and coalescing (services.inference.pipeline.cache): entries in
+        # the volatile Redis (the rate limiter's), bounded by TTL and entry size.
+        self.cache_settings = load(CacheSettings, os.environ)
+        self.cache: CacheStage | None = None
+        self._cache_redis: aioredis.Redis | None = None
+        if self.cache_settings.enabled:
+            cache_url = (
+                self.cache_settings.redis_url
+                or os.environ.get("TOKENMESH_RATELIMIT_REDIS_URL", "")
+                or settings.redis_url
+            )
+            self._cache_redis = aioredis.from_url(cache_url, socket_timeout=1.0)
+            config = self.cache_settings.config()
+            self.cache = CacheStage(ResponseCache(self._cache_redis, config), config)
         self._running: RunningServer | None = None
         self.registration: Registration | None = None
 
@@ -318,6 +334,7 @@ class InferenceService(Service):
         )
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(v1, server)
         v1.admission.content = ContentStage(self.policies, self.usage_log, self.redis)
+        v1.admission.cache = self.cache
         # v2 shares v1's routing, budgets and usage recording (one Admission).
         v2_servicer = v2.InferenceServicer(v1.admission, templates=self.templates)
         v2_grpc.add_InferenceServiceServicer_to_server(v2_servicer, server)
@@ -403,4 +420,6 @@ class InferenceService(Service):
         await self.tasks.stop()
         if self._limits_redis is not self.redis:
             await self._limits_redis.aclose()
+        if self._cache_redis is not None:
+            await self._cache_redis.aclose()
         await self.redis.aclose()

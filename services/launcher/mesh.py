@@ -288,6 +288,8 @@ class Mesh:
             "TOKENMESH_MODEL_REPOSITORY": str(REPO_ROOT / "models"),
             "TOKENMESH_ROUTER_ADDR": self.address("router") if "router" in self.ports else "",
             "TOKENMESH_PKI_DIR": str(self.pki_dir),
+            # Workers cache deterministic answers (the volatile Redis holds them).
+            "TOKENMESH_CACHE": "on",
             **self.config.service_env,
             **self.config.child_env.get(name, {}),
         }

@@ -1,0 +1,260 @@
+"""The Embed path: validate -> content policy -> per-input cache / coalesce -> embed -> record.
+
+Every input is tokenized first (errors name the input exactly as before);
+with the cache on, each input is then looked up on its own under a key of
+the scope (tenant, or "shared"), the model version and its token ids (which
+include truncation): an input embedded by an earlier request of the tenant is
+reused, one being embedded right now for a concurrent request is awaited
+(not computed twice), an input repeated within a request is computed once,
+and only the rest reaches the engine. A computation runs in a task of its
+own: a request that leaves does not fail the others waiting for its inputs.
+
+Usage: `prompt_tokens` counts every input; inputs not computed for this
+request are billed as TOKENMESH_CACHE_BILLING says (`cached: true` and
+`served_usage` in the usage event when any was). The response header says
+`hit` (nothing computed), `coalesced` (nothing computed, something awaited),
+`miss` (something computed) or `bypass` (`no-store`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.core.interceptors import Context, request_headers
+from services.inference import genai_spans, quality
+from services.inference.admission import Admission, Request, Target, token_usage
+from services.inference.embedder import Embedder
+from services.inference.pipeline import cache as cache_stage
+from services.inference.pipeline.cache import (
+    BYPASS,
+    CACHE_REQUESTS,
+    COALESCED,
+    EMBEDDING_INPUTS,
+    HIT,
+    MISS,
+    CacheStage,
+    ClientMode,
+)
+from services.inference.surface import ApiSurface
+from services.inference.v2 import validation
+from tokenmesh.inference.v1 import inference_pb2 as v1_pb
+from tokenmesh.inference.v2 import inference_pb2
+from tokenmesh.inference.v2 import inference_service_pb2 as pb
+from tokenmesh.type.v1 import types_pb2
+
+_DTYPE = "<f4"
+
+
+@dataclass
+class Embedded:
+    """Embedded is what the embedding stage produced for a request's inputs."""
+
+    vectors: list[np.ndarray]
+    computed_tokens: int  # tokens of the inputs embedded for this request
+    served_tokens: int  # tokens of the inputs taken from the cache or another request
+    status: str  # x-tokenmesh-cache
+
+
+def input_key(config: cache_stage.CacheConfig, call: Request, token_ids: Sequence[int]) -> str:
+    """Returns the cache key of one embedding input."""
+    return cache_stage.make_key(
+        "emb",
+        [
+            cache_stage.scope(config, call.tenant, call.model.name),
+            call.model.name,
+            call.model.version,
+            list(token_ids),
+        ],
+    )
+
+
+class EmbeddingPipeline:
+    """EmbeddingPipeline runs Embed requests through the stages (module docstring).
+
+    Args:
+        admission: routing, usage, content policy and the cache stage (`admission.cache`).
+        surface: the API version the requests come through.
+    """
+
+    def __init__(self, admission: Admission, surface: ApiSurface) -> None:
+        self.admission = admission
+        self.surface = surface
+
+    async def embed(self, context: Context, request: pb.EmbedRequest) -> pb.EmbedResponse:
+        """Returns the embeddings of `request`."""
+        validation.validate_embed(request)
+        target = self.admission.resolve(context, request.model, request.version, generative=False)
+        embedder = target.model.embedder
+        assert embedder is not None  # resolve() checked the kind
+        rpc, api_version = self.surface.rpc("Embed"), self.surface.api_version
+        call = Request(context, target, request.request_id, rpc, api_version, request.metadata)
+        inputs, content = await self.admission.content.check_texts(
+            context, target, request.inputs, field_name="inputs",
+            request_id=call.request_id, rpc=rpc, api_version=api_version,
+        )  # fmt: skip
+        truncate = request.truncate == inference_pb2.TRUNCATION_END
+        if truncate:
+            encoded, cut = await asyncio.to_thread(embedder.tokenize_truncated, inputs)
+        else:
+            encoded = await asyncio.to_thread(embedder.tokenize, inputs)
+            cut = [False] * len(encoded)
+        prompt_tokens = sum(len(ids) for ids in encoded)
+        finish_reason = "error"
+        embedded: Embedded | None = None
+        try:
+            embedded = await self._vectors(context, call, target, embedder, encoded, request.cache)
+            call.cache_status = embedded.status
+            await call.send_headers(context)
+            finish_reason = "stop"
+            vectors = np.stack(embedded.vectors) if embedded.vectors else np.empty((0, 0))
+            quality.observe_embeddings(target.model, vectors)
+            genai_spans.annotate_embedding(call, request.model, prompt_tokens)
+        finally:
+            timing = v1_pb.Timing(total_ms=(time.monotonic() - call.started) * 1000)
+            event = call.usage_event(self._billed(embedded, prompt_tokens), finish_reason, timing)
+            if embedded is not None and embedded.served_tokens:
+                event.cached = True
+                event.served_usage.CopyFrom(token_usage(prompt_tokens, 0))
+            content.record(event)
+            self.admission.usage_log.append(event)
+        base64_encoded = request.encoding == inference_pb2.EMBEDDING_ENCODING_BASE64
+        return pb.EmbedResponse(
+            embeddings=[
+                embedding_pb(i, vector, len(encoded[i]), cut[i], base64_encoded)
+                for i, vector in enumerate(embedded.vectors)
+            ],
+            model=call.model_ref(),
+            usage=inference_pb2.Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
+            request_id=call.request_id,
+        )
+
+    def _billed(self, embedded: Embedded | None, prompt_tokens: int) -> types_pb2.TokenUsage:
+        stage = self.admission.cache
+        if embedded is None or stage is None or not embedded.served_tokens:
+            return token_usage(prompt_tokens, 0)
+        served, _ = cache_stage.billed(embedded.served_tokens, 0, stage.config.billing)
+        return token_usage(embedded.computed_tokens + served, 0)
+
+    async def _vectors(
+        self,
+        context: Context,
+        call: Request,
+        target: Target,
+        embedder: Embedder,
+        encoded: list[list[int]],
+        field: int,
+    ) -> Embedded:
+        stage = self.admission.cache
+        total = sum(len(ids) for ids in encoded)
+        if stage is None:
+            return Embedded(list(await embedder.embed(encoded)), total, 0, "")
+        mode = cache_stage.client_mode(request_headers(context), field)
+        model = target.model.name
+        if not mode.write:
+            CACHE_REQUESTS.labels(model, BYPASS).inc()
+            EMBEDDING_INPUTS.labels(model, "computed").inc(len(encoded))
+            return Embedded(list(await embedder.embed(encoded)), total, 0, BYPASS)
+        keys = [input_key(stage.config, call, ids) for ids in encoded]
+        return await self._through_cache(stage, mode, embedder, model, keys, encoded)
+
+    async def _through_cache(
+        self,
+        stage: CacheStage,
+        mode: ClientMode,
+        embedder: Embedder,
+        model: str,
+        keys: list[str],
+        encoded: list[list[int]],
+    ) -> Embedded:
+        inputs = stage.embedding_inputs
+        found: dict[str, np.ndarray] = {}
+        unique = list(dict.fromkeys(keys))
+        if mode.read:
+            entries = await stage.store.get_many(unique)
+            found = {
+                k: np.frombuffer(e, _DTYPE)
+                for k, e in zip(unique, entries, strict=True)
+                if e is not None
+            }
+        hits = set(found)
+        awaited = {
+            k: inputs.pending[k]
+            for k in unique
+            if k not in found and mode.read and k in inputs.pending
+        }
+        mine = [k for k in unique if k not in found and k not in awaited]
+        if mine:
+            awaited.update(
+                self._start(stage, embedder, mine, {k: encoded[keys.index(k)] for k in mine})
+            )
+        for key, future in awaited.items():
+            found[key] = await asyncio.shield(future)
+        counts = {"hit": 0, "coalesced": 0, "computed": 0}
+        computed_tokens = served_tokens = 0
+        for key, ids in zip(keys, encoded, strict=True):
+            result = "hit" if key in hits else "computed" if key in mine else "coalesced"
+            counts[result] += 1
+            if result == "computed":
+                computed_tokens += len(ids)
+            else:
+                served_tokens += len(ids)
+        for result, count in counts.items():
+            if count:
+                EMBEDDING_INPUTS.labels(model, result).inc(count)
+        status = MISS if mine else COALESCED if counts["coalesced"] else HIT
+        CACHE_REQUESTS.labels(model, status).inc()
+        return Embedded([found[k] for k in keys], computed_tokens, served_tokens, status)
+
+    def _start(
+        self,
+        stage: CacheStage,
+        embedder: Embedder,
+        keys: list[str],
+        encoded: dict[str, list[int]],
+    ) -> dict[str, asyncio.Future[np.ndarray]]:
+        """Embeds `keys`' inputs in a task of their own; returns their futures."""
+        inputs = stage.embedding_inputs
+        loop = asyncio.get_running_loop()
+        futures = {k: loop.create_future() for k in keys}
+        inputs.pending.update(futures)
+
+        async def compute() -> None:
+            try:
+                vectors = await embedder.embed([encoded[k] for k in keys])
+            except BaseException as exc:
+                for key, future in futures.items():
+                    if not future.done():
+                        future.set_exception(exc)
+                    future.exception()  # retrieved: a request that left is no warning
+                    inputs.pending.pop(key, None)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            values = {k: np.asarray(v, dtype=_DTYPE) for k, v in zip(keys, vectors, strict=True)}
+            for key, future in futures.items():
+                future.set_result(values[key])
+            try:  # pending until stored: a request arriving meanwhile still finds them
+                await stage.store.put_many({k: v.tobytes() for k, v in values.items()})
+            finally:
+                for key in keys:
+                    inputs.pending.pop(key, None)
+
+        inputs.keep(asyncio.create_task(compute()))
+        return futures
+
+
+def embedding_pb(
+    index: int, vector: np.ndarray, tokens: int, truncated: bool, as_bytes: bool
+) -> inference_pb2.Embedding:
+    """Returns one embedding: float values, or little-endian float32 bytes."""
+    embedding = inference_pb2.Embedding(index=index, prompt_tokens=tokens, truncated=truncated)
+    if as_bytes:
+        embedding.base64 = np.asarray(vector, dtype="<f4").tobytes()
+    else:
+        embedding.values.extend(vector.tolist())
+    return embedding

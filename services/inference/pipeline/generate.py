@@ -1,0 +1,549 @@
+"""The Generate/Complete request path, in order, as small stages.
+
+    validate -> content policy on input -> render the prompt
+      -> cache / coalesce -> budget reservation -> schedule
+      -> stream (content policy on output inside) -> record
+
+Each stage lives in a module of its own with a narrow interface:
+services.inference.v2.validation (validate), pipeline.content (policy in and
+out), v2.prompting (render), pipeline.cache + pipeline.coalesce (this module
+wires them), admission (budget), v2.choices (schedule), pipeline.stream
+(messages), pipeline.record (usage). The servicers are transport adapters:
+v2 sends the messages, v1 and OpenAI translate them.
+
+With the cache off (TOKENMESH_CACHE=off) the cache stage is not on the path
+at all: the request costs what it cost before the pipeline existed. With it
+on, a request that may not be cached (not deterministic, `no-store`, or
+sampled for the redacted-sample log) is `bypass` and computes as before.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from services.core.interceptors import Context, request_headers
+from services.inference.admission import Admission
+from services.inference.pipeline import cache as cache_stage
+from services.inference.pipeline.cache import (
+    BYPASS,
+    CACHE_REQUESTS,
+    COALESCED,
+    COMPUTED_SEQUENCES,
+    HIT,
+    MISS,
+    CacheConfig,
+    CacheStage,
+    ClientMode,
+)
+from services.inference.pipeline.coalesce import Flight
+from services.inference.pipeline.record import record_computed, record_served
+from services.inference.pipeline.stream import collect, finish_reason_name, produce
+from services.inference.surface import ApiSurface
+from services.inference.template_cache import TemplateCache
+from services.inference.v2 import prompting
+from services.inference.v2.choices import Generation, request_finish_reason
+from services.inference.v2.validation import GenerationSpec
+from tokenmesh.inference.v2 import inference_pb2
+from tokenmesh.inference.v2 import inference_service_pb2 as pb
+
+GenerationRequest = pb.GenerateRequest | pb.CompleteRequest
+_LENGTH = struct.Struct(">I")
+_STORED_REASONS = frozenset({"stop", "length"})
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """CachePlan is what the cache stage may do for one request (key None: bypass)."""
+
+    key: str | None
+    mode: ClientMode
+
+
+def deterministic(generation: Generation) -> bool:
+    """Tells whether every choice draws the same tokens each time (seeded, or greedy)."""
+    return all(p.seed is not None or p.temperature == 0 for p in generation.params)
+
+
+def generation_key(
+    config: CacheConfig, generation: Generation, method: str, surface: ApiSurface
+) -> str:
+    """Returns the cache key of a generation (services.inference.pipeline.cache)."""
+    spec = generation.spec
+    template = generation.template
+    return cache_stage.make_key(
+        "gen",
+        [
+            cache_stage.scope(config, generation.tenant, generation.model.name),
+            method,
+            surface.api_version,
+            surface.token_logprobs,
+            generation.model.name,
+            generation.model.version,
+            None if template is None else [template.name, template.version],
+            [p.label for p in generation.content.policies],
+            generation.prompt_ids,
+            spec.n,
+            [
+                [p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, list(p.stop)]
+                for p in generation.params
+            ],
+            spec.logprobs,
+            spec.top_logprobs if spec.logprobs else 0,
+        ],
+    )
+
+
+def plan(
+    stage: CacheStage,
+    context: Context,
+    generation: Generation,
+    field: int,
+    method: str,
+    surface: ApiSurface,
+) -> CachePlan:
+    """Decides whether the request is served through the cache, and under which key."""
+    mode = cache_stage.client_mode(request_headers(context), field)
+    if not mode.write or generation.content.sampled or not deterministic(generation):
+        return CachePlan(None, mode)
+    return CachePlan(generation_key(stage.config, generation, method, surface), mode)
+
+
+def encode_stream(messages: Sequence[pb.GenerateResponse]) -> bytes:
+    """Returns a Generate stream as one cache entry (length-prefixed messages)."""
+    parts = []
+    for message in messages:
+        body = message.SerializeToString()
+        parts.append(_LENGTH.pack(len(body)) + body)
+    return b"".join(parts)
+
+
+def decode_stream(entry: bytes) -> list[pb.GenerateResponse]:
+    """Returns the messages of a Generate stream's cache entry."""
+    messages, position = [], 0
+    while position < len(entry):
+        (size,) = _LENGTH.unpack_from(entry, position)
+        start = position + _LENGTH.size
+        messages.append(pb.GenerateResponse.FromString(entry[start : start + size]))
+        position = start + size
+    return messages
+
+
+def _storable_stream(messages: Sequence[pb.GenerateResponse]) -> bool:
+    finals = [m for m in messages if m.HasField("finish_reason")]
+    return bool(finals) and all(
+        finish_reason_name(m.finish_reason) in _STORED_REASONS and not m.HasField("error")
+        for m in finals
+    )
+
+
+def _storable_completion(response: pb.CompleteResponse) -> bool:
+    return all(finish_reason_name(c.finish_reason) in _STORED_REASONS for c in response.choices)
+
+
+class GenerationPipeline:
+    """GenerationPipeline runs Generate and Complete requests through the stages.
+
+    Args:
+        admission: routing, budgets, usage; its `cache` is the cache stage (None: off).
+        templates: the worker's prompt-template cache.
+        surface: the API version the requests come through.
+    """
+
+    def __init__(
+        self, admission: Admission, templates: TemplateCache | None, surface: ApiSurface
+    ) -> None:
+        self.admission = admission
+        self.templates = templates
+        self.surface = surface
+
+    @property
+    def cache(self) -> CacheStage | None:
+        """Returns the worker's cache stage (None: the cache is off)."""
+        return self.admission.cache
+
+    async def admit(self, context: Context, request: GenerationRequest, method: str) -> Generation:
+        """Validates the request, applies input policy, renders the prompt."""
+        spec = GenerationSpec.from_pb(request)
+        target = self.admission.resolve(context, spec.model, spec.version, generative=True)
+        rpc, api_version = self.surface.rpc(method), self.surface.api_version
+        # Content policy on input: the model sees the redacted texts (or nothing: a block).
+        spec, content = await self.admission.content.admit(context, target, spec, rpc, api_version)
+        prompt = await prompting.prepare(spec, target.model, self.templates)
+        generation = Generation(
+            context,
+            target,
+            spec,
+            prompt.token_ids,
+            rpc,
+            prompt.template,
+            api_version=api_version,
+            token_logprobs=self.surface.token_logprobs,
+        )
+        generation.content = content
+        return generation
+
+    async def schedule(self, context: Context, generation: Generation) -> None:
+        """Reserves the request's tokens in its caller's budget, then queues its sequences."""
+        await self.admission.reserve(generation)
+        generation.submit(context.time_remaining())
+        COMPUTED_SEQUENCES.labels(generation.model.name).inc(len(generation.choices))
+
+    # ---------------------------------------------------------------- Generate
+
+    async def generate(
+        self, context: Context, request: pb.GenerateRequest
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """Yields the Generate stream of `request` (raises StreamAborted after a late error)."""
+        generation = await self.admit(context, request, "Generate")
+        stage = self.cache
+        if stage is None:
+            async for message in self._generate_computed(context, generation):
+                yield message
+            return
+        cache_plan = plan(stage, context, generation, request.cache, "Generate", self.surface)
+        messages = self._generate_cached(stage, cache_plan, context, generation)
+        async for cached in messages:
+            yield cached
+
+    async def _generate_computed(
+        self, context: Context, generation: Generation
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
+        await self.schedule(context, generation)
+        try:
+            await generation.send_headers(context)
+            async for message in produce(self.admission, generation):
+                yield message
+        finally:
+            record_computed(self.admission, generation)
+
+    async def _generate_cached(
+        self, stage: CacheStage, cache_plan: CachePlan, context: Context, generation: Generation
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
+        key = cache_plan.key
+        if key is None:
+            _count(generation, BYPASS)
+            generation.cache_status = BYPASS
+            async for message in self._generate_computed(context, generation):
+                yield message
+            return
+        if cache_plan.mode.read:
+            flight = stage.streams.join(key)
+            if flight is None:
+                entry = await stage.store.get(key)
+                if entry is not None:
+                    async for message in self._replay_stream(context, generation, entry):
+                        yield message
+                    return
+                flight = stage.streams.join(key)
+            if flight is not None:
+                followed = self._follow_stream(context, generation, flight)
+                joined = True
+                async for shared in followed:
+                    joined = joined and shared is not None
+                    if shared is not None:
+                        yield shared
+                if joined:
+                    return
+                # The computation failed before its first message (its leader was
+                # refused, e.g. by its own budget): this request computes its own.
+        async for message in self._lead_stream(stage, cache_plan, key, context, generation):
+            yield message
+
+    async def _replay_stream(
+        self, context: Context, generation: Generation, entry: bytes
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
+        messages = decode_stream(entry)
+        finals = [m for m in messages if m.HasField("finish_reason")]
+        prompt_tokens = finals[0].usage.prompt_tokens if finals else generation.prompt_tokens
+        completion = sum(len(m.token_ids) for m in messages)
+        await self._reserve_served(generation, prompt_tokens, completion)
+        _count(generation, HIT)
+        generation.cache_status = HIT
+        await generation.send_headers(context)
+        first_ms = _elapsed_ms(generation)
+        sent, reasons = 0, []
+        try:
+            for message in messages:
+                message.request_id = generation.request_id
+                if message.HasField("finish_reason"):
+                    _replayed_timing(message.timing, first_ms, _elapsed_ms(generation))
+                    reasons.append(finish_reason_name(message.finish_reason))
+                yield message
+                sent += len(message.token_ids)
+        finally:
+            record_served(
+                self.admission,
+                generation,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=sent,
+                finish_reason=_reason(reasons, generation.spec.n),
+                first_token_ms=first_ms,
+                billing=self._billing,
+            )
+
+    async def _follow_stream(
+        self, context: Context, generation: Generation, flight: Flight[pb.GenerateResponse]
+    ) -> AsyncGenerator[pb.GenerateResponse | None, None]:
+        """Yields a coalesced waiter's messages; None once if the flight never started."""
+        # A computation that already ended is being stored: its answer is a hit.
+        status = HIT if flight.done else COALESCED
+        items = flight.follow()
+        sent, reasons, first_ms = 0, [], 0.0
+        started = False
+        try:
+            async for item in items:
+                if not started:
+                    started = True
+                    await self._reserve_served(generation, generation.prompt_tokens, 0, upper=True)
+                    _count(generation, status)
+                    generation.cache_status = status
+                    await generation.send_headers(context)
+                    first_ms = _elapsed_ms(generation)
+                message = pb.GenerateResponse()
+                message.CopyFrom(item)
+                message.request_id = generation.request_id
+                if message.HasField("finish_reason"):
+                    reasons.append(finish_reason_name(message.finish_reason))
+                    if status == HIT:
+                        _replayed_timing(message.timing, first_ms, _elapsed_ms(generation))
+                yield message
+                sent += len(message.token_ids)
+        except Exception:
+            if started:
+                raise
+            yield None  # nothing received: compute it ourselves
+        finally:
+            await items.aclose()  # type: ignore[attr-defined]
+            if started:
+                record_served(
+                    self.admission,
+                    generation,
+                    prompt_tokens=generation.prompt_tokens,
+                    completion_tokens=sent,
+                    finish_reason=_reason(reasons, generation.spec.n),
+                    first_token_ms=first_ms,
+                    billing=self._billing,
+                )
+
+    async def _lead_stream(
+        self,
+        stage: CacheStage,
+        cache_plan: CachePlan,
+        key: str,
+        context: Context,
+        generation: Generation,
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
+        flight = stage.streams.open(key, register=stage.streams.join(key) is None)
+        try:
+            await self.schedule(context, generation)
+        except BaseException as exc:
+            flight.fail(exc)
+            raise
+
+        async def store(ended: Flight[pb.GenerateResponse]) -> None:
+            if ended.error is None and _storable_stream(ended.items):
+                await stage.store.put(key, encode_stream(ended.items))
+
+        flight.start(produce(self.admission, generation), store)
+        _count(generation, MISS)
+        generation.cache_status = MISS
+        items = flight.follow()
+        received = 0
+        try:
+            await generation.send_headers(context)
+            async for message in items:
+                yield message
+                received += len(message.token_ids)
+        finally:
+            await items.aclose()  # type: ignore[attr-defined]
+            if flight.done:
+                record_computed(self.admission, generation)
+            else:  # left a computation others still wait for: billed what it received
+                record_computed(self.admission, generation, received, "cancelled")
+
+    # ---------------------------------------------------------------- Complete
+
+    async def complete(self, context: Context, request: pb.CompleteRequest) -> pb.CompleteResponse:
+        """Returns the Complete response of `request`."""
+        generation = await self.admit(context, request, "Complete")
+        stage = self.cache
+        if stage is None:
+            return await self._complete_computed(context, generation)
+        cache_plan = plan(stage, context, generation, request.cache, "Complete", self.surface)
+        key = cache_plan.key
+        if key is None:
+            _count(generation, BYPASS)
+            generation.cache_status = BYPASS
+            return await self._complete_computed(context, generation)
+        if cache_plan.mode.read:
+            flight = stage.completions.join(key)
+            if flight is None:
+                entry = await stage.store.get(key)
+                if entry is not None:
+                    return await self._replay_completion(context, generation, entry)
+                flight = stage.completions.join(key)
+            if flight is not None:
+                response = await self._follow_completion(context, generation, flight)
+                if response is not None:
+                    return response
+        return await self._lead_completion(stage, key, context, generation)
+
+    async def _complete_computed(
+        self, context: Context, generation: Generation
+    ) -> pb.CompleteResponse:
+        await self.schedule(context, generation)
+        try:
+            await generation.send_headers(context)
+            return await collect(self.admission, generation)
+        finally:
+            record_computed(self.admission, generation)
+
+    async def _replay_completion(
+        self, context: Context, generation: Generation, entry: bytes
+    ) -> pb.CompleteResponse:
+        response = pb.CompleteResponse.FromString(entry)
+        prompt_tokens = response.usage.prompt_tokens
+        completion = response.usage.completion_tokens
+        await self._reserve_served(generation, prompt_tokens, completion)
+        _count(generation, HIT)
+        generation.cache_status = HIT
+        await generation.send_headers(context)
+        elapsed = _elapsed_ms(generation)
+        response.request_id = generation.request_id
+        for choice in response.choices:
+            _replayed_timing(choice.timing, elapsed, elapsed)
+        record_served(
+            self.admission,
+            generation,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion,
+            finish_reason=_reason([finish_reason_name(c.finish_reason) for c in response.choices]),
+            first_token_ms=elapsed,
+            billing=self._billing,
+        )
+        return response
+
+    async def _follow_completion(
+        self, context: Context, generation: Generation, flight: Flight[pb.CompleteResponse]
+    ) -> pb.CompleteResponse | None:
+        """Returns the shared computation's response (None: it never started)."""
+        status = HIT if flight.done else COALESCED  # ended: being stored, a hit
+        items = flight.follow()
+        try:
+            shared = await anext(items, None)
+        except Exception:
+            shared = None
+        finally:
+            await items.aclose()  # type: ignore[attr-defined]
+        if shared is None:
+            return None
+        response = pb.CompleteResponse()
+        response.CopyFrom(shared)
+        prompt_tokens = response.usage.prompt_tokens
+        completion = response.usage.completion_tokens
+        await self._reserve_served(generation, prompt_tokens, completion)
+        _count(generation, status)
+        generation.cache_status = status
+        await generation.send_headers(context)
+        response.request_id = generation.request_id
+        if status == HIT:
+            elapsed = _elapsed_ms(generation)
+            for choice in response.choices:
+                _replayed_timing(choice.timing, elapsed, elapsed)
+        record_served(
+            self.admission,
+            generation,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion,
+            finish_reason=_reason([finish_reason_name(c.finish_reason) for c in response.choices]),
+            first_token_ms=_elapsed_ms(generation),
+            billing=self._billing,
+        )
+        return response
+
+    async def _lead_completion(
+        self, stage: CacheStage, key: str, context: Context, generation: Generation
+    ) -> pb.CompleteResponse:
+        flight = stage.completions.open(key, register=stage.completions.join(key) is None)
+        try:
+            await self.schedule(context, generation)
+        except BaseException as exc:
+            flight.fail(exc)
+            raise
+
+        async def compute() -> AsyncIterator[pb.CompleteResponse]:
+            yield await collect(self.admission, generation)
+
+        async def store(ended: Flight[pb.CompleteResponse]) -> None:
+            if ended.error is None and ended.items and _storable_completion(ended.items[0]):
+                await stage.store.put(key, ended.items[0].SerializeToString())
+
+        flight.start(compute(), store)
+        _count(generation, MISS)
+        generation.cache_status = MISS
+        items = flight.follow()
+        try:
+            await generation.send_headers(context)
+            response = await anext(items)
+            assert isinstance(response, pb.CompleteResponse)
+            return response
+        finally:
+            await items.aclose()  # type: ignore[attr-defined]
+            if flight.done:
+                record_computed(self.admission, generation)
+            else:
+                record_computed(self.admission, generation, finish_reason="cancelled")
+
+    # ---------------------------------------------------------------- shared
+
+    @property
+    def _billing(self) -> str:
+        stage = self.cache
+        return stage.config.billing if stage is not None else "full"
+
+    async def _reserve_served(
+        self,
+        generation: Generation,
+        prompt_tokens: int,
+        completion_tokens: int,
+        *,
+        upper: bool = False,
+    ) -> None:
+        """Holds what an answer served without computing will be billed (before sending it).
+
+        Args:
+            generation: the request.
+            prompt_tokens: its prompt.
+            completion_tokens: the answer's tokens (with `upper`: unknown yet, the
+                request's maximum is held and reconciled at the end).
+            upper: reserve the request's maximum completion.
+        """
+        if upper:
+            completion_tokens = generation.needed_tokens - generation.prompt_tokens
+        prompt, completion = cache_stage.billed(prompt_tokens, completion_tokens, self._billing)
+        generation.needed_tokens = prompt + completion
+        if generation.needed_tokens:
+            await self.admission.reserve(generation)
+
+
+def _count(generation: Generation, result: str) -> None:
+    CACHE_REQUESTS.labels(generation.model.name, result).inc()
+
+
+def _elapsed_ms(generation: Generation) -> float:
+    return (time.monotonic() - generation.started) * 1000
+
+
+def _replayed_timing(timing: inference_pb2.Timing, first_ms: float, total_ms: float) -> None:
+    """Sets a replayed answer's timing: no queue, no prefill, the first token at `first_ms`."""
+    timing.CopyFrom(
+        inference_pb2.Timing(time_to_first_token_ms=first_ms, total_ms=max(total_ms, first_ms))
+    )
+
+
+def _reason(reasons: Sequence[str], n: int = 0) -> str:
+    """Returns the request's finish reason from its choices' ("cancelled" for a missing one)."""
+    return request_finish_reason([*reasons, *(["cancelled"] * max(0, n - len(reasons)))])

@@ -1,0 +1,250 @@
+"""The schedule-and-stream stage: a submitted generation's deltas as v2 messages.
+
+v2 messages are the pipeline's currency: the v2 servicer sends them as they
+are, the v1 servicer and the OpenAI surface translate them, and the response
+cache stores and replays them. `produce` yields a Generate stream's messages
+(a delta per message, the choice's outcome on its final one); `collect`
+gathers a Complete response. Neither records usage: the record stage does,
+once per request (services.inference.pipeline.record).
+
+Content policy on output is in the deltas themselves
+(`Generation.deltas` wraps them in the request's output filter when a rule
+applies), so every surface and the cache see filtered text only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+
+from services.core.errors import TokenmeshError
+from services.core.interceptors import to_domain_error
+from services.inference.admission import Admission
+from services.inference.logprobs import TokenLogprob
+from services.inference.tokenizer import Tokenizer
+from services.inference.v2 import prompting
+from services.inference.v2.choices import Choice, ChoiceTiming, Generation
+from tokenmesh.inference.v2 import inference_pb2
+from tokenmesh.inference.v2 import inference_service_pb2 as pb
+
+FINISH_REASONS = {
+    "stop": inference_pb2.FINISH_REASON_STOP,
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+    "cancelled": inference_pb2.FINISH_REASON_CANCELLED,
+    "error": inference_pb2.FINISH_REASON_ERROR,
+    "quota": inference_pb2.FINISH_REASON_QUOTA,
+    "content_filter": inference_pb2.FINISH_REASON_CONTENT_FILTER,
+}
+
+REASON_NAMES: dict[int, str] = {int(number): name for name, number in FINISH_REASONS.items()}
+
+
+def finish_reason_name(reason: int) -> str:
+    """Returns the lower-case name of a v2 finish reason ("" when unknown)."""
+    return REASON_NAMES.get(int(reason), "")
+
+
+class StreamAborted(Exception):
+    """StreamAborted ends a stream that failed after it sent messages (finals already sent).
+
+    The transport ends the RPC with `error`'s status.
+    """
+
+    def __init__(self, error: TokenmeshError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def usage_pb(generation: Generation, completion_tokens: int) -> inference_pb2.Usage:
+    """Returns a v2 Usage: the prompt once, `completion_tokens`, and what the cache served."""
+    return inference_pb2.Usage(
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=generation.prompt_tokens + completion_tokens,
+        cached_prompt_tokens=generation.cached_prompt_tokens,
+    )
+
+
+def timing_pb(timing: ChoiceTiming) -> inference_pb2.Timing:
+    """Returns a choice's timing as a protobuf message."""
+    return inference_pb2.Timing(
+        queue_ms=timing.queue_ms,
+        prefill_ms=timing.prefill_ms,
+        time_to_first_token_ms=timing.time_to_first_token_ms,
+        decode_ms=timing.decode_ms,
+        total_ms=timing.total_ms,
+        output_tokens_per_second=timing.output_tokens_per_second,
+    )
+
+
+def logprobs_pb(
+    items: Sequence[TokenLogprob], tokenizer: Tokenizer
+) -> list[inference_pb2.TokenLogprob]:
+    """Returns tokens' log-probabilities with their text (one token decoded alone)."""
+    return [
+        inference_pb2.TokenLogprob(
+            token=tokenizer.decode([item.token_id]),
+            token_id=item.token_id,
+            logprob=item.logprob,
+            top_logprobs=[
+                inference_pb2.TopLogprob(
+                    token=tokenizer.decode([token_id]), token_id=token_id, logprob=logprob
+                )
+                for token_id, logprob in item.top
+            ],
+        )
+        for item in items
+    ]
+
+
+def final(
+    message: pb.GenerateResponse,
+    generation: Generation,
+    choice: Choice,
+    reason: str,
+    completion_tokens: int,
+) -> pb.GenerateResponse:
+    """Makes `message` the choice's final message: outcome, cumulative usage, timing."""
+    choice.finish_reason = reason
+    message.finish_reason = FINISH_REASONS[reason]
+    message.finish_message = generation.content.finish_message(choice.index)
+    message.usage.CopyFrom(usage_pb(generation, completion_tokens))
+    message.timing.CopyFrom(timing_pb(choice.timing()))
+    message.model.CopyFrom(generation.model_ref())
+    template = prompting.template_ref(generation.template)
+    if template is not None:
+        message.template.CopyFrom(template)
+    if choice.confidence.logprobs:
+        message.confidence = choice.confidence.score
+        message.mean_logprob = choice.confidence.mean_logprob
+    return message
+
+
+def finals(
+    generation: Generation, reason: str, error: TokenmeshError | None = None
+) -> list[pb.GenerateResponse]:
+    """Returns a final message for every running choice (they end with `reason`)."""
+    return [
+        final(
+            pb.GenerateResponse(
+                choice_index=running.index,
+                request_id=generation.request_id,
+                error=None if error is None else error.to_status(),
+            ),
+            generation,
+            running,
+            reason,
+            generation.sent_tokens,
+        )
+        for running in generation.running()
+    ]
+
+
+def delta_pb(
+    generation: Generation, choice: Choice, text: str, token_ids: list[int]
+) -> pb.GenerateResponse:
+    """Returns a delta message of one choice."""
+    message = pb.GenerateResponse(
+        choice_index=choice.index,
+        text=text,
+        token_ids=token_ids,
+        request_id=generation.request_id,
+    )
+    items = choice.take_logprobs(len(token_ids))
+    if generation.spec.logprobs:
+        message.logprobs.extend(logprobs_pb(items, generation.tokenizer))
+    return message
+
+
+async def produce(
+    admission: Admission, generation: Generation
+) -> AsyncGenerator[pb.GenerateResponse, None]:
+    """Yields a submitted generation's Generate messages; counts what the caller accepted.
+
+    Raises:
+        StreamAborted: it failed after messages were sent (each running choice's
+            final message, with the error, was yielded first).
+        Exception: it failed before any message (a plain status says it all).
+    """
+    deltas = generation.deltas()
+    streamed = False
+    try:
+        async for choice, delta in deltas:
+            used = generation.prompt_tokens + generation.sent_tokens
+            if not await admission.within_budget(generation, used):
+                await deltas.aclose()  # frees every sequence's slot
+                for message in finals(generation, "quota"):
+                    yield message
+                return
+            message = delta_pb(generation, choice, delta.text, delta.token_ids)
+            count = len(delta.token_ids)
+            if delta.finish_reason:
+                total = generation.sent_tokens + count
+                final(message, generation, choice, delta.finish_reason, total)
+            yield message
+            streamed = True
+            generation.sent_tokens += count
+    except asyncio.CancelledError:
+        generation.end_running("cancelled")
+        raise
+    except Exception as exc:
+        if not streamed:
+            generation.end_running("error")
+            raise
+        error = to_domain_error(exc, "Generate")
+        for message in finals(generation, "error", error):
+            yield message
+        raise StreamAborted(error) from exc
+    finally:
+        await deltas.aclose()
+
+
+async def collect(admission: Admission, generation: Generation) -> pb.CompleteResponse:
+    """Runs a submitted generation to its end; returns the Complete response."""
+    outputs = {c.index: inference_pb2.Choice(index=c.index) for c in generation.choices}
+    deltas = generation.deltas()
+    try:
+        async for choice, delta in deltas:
+            used = generation.prompt_tokens + generation.sent_tokens
+            if not await admission.within_budget(generation, used):
+                generation.end_running("quota")
+                break
+            output = outputs[choice.index]
+            output.token_ids.extend(delta.token_ids)
+            items = choice.take_logprobs(len(delta.token_ids))
+            if generation.spec.logprobs:
+                output.logprobs.extend(logprobs_pb(items, generation.tokenizer))
+            output.text += delta.text
+            generation.sent_tokens += len(delta.token_ids)
+            if delta.finish_reason:
+                choice.finish_reason = delta.finish_reason
+    except asyncio.CancelledError:
+        generation.end_running("cancelled")
+        raise
+    except Exception:
+        generation.end_running("error")
+        raise
+    finally:
+        await deltas.aclose()
+    return complete_response(generation, outputs)
+
+
+def complete_response(
+    generation: Generation, outputs: dict[int, inference_pb2.Choice]
+) -> pb.CompleteResponse:
+    """Returns the Complete response of a generation whose choices have ended."""
+    for choice in generation.choices:
+        output = outputs[choice.index]
+        output.finish_reason = FINISH_REASONS[choice.finish_reason or "cancelled"]
+        output.timing.CopyFrom(timing_pb(choice.timing()))
+        if choice.confidence.logprobs:
+            output.confidence = choice.confidence.score
+            output.mean_logprob = choice.confidence.mean_logprob
+        output.finish_message = generation.content.finish_message(choice.index)
+    return pb.CompleteResponse(
+        choices=[outputs[i] for i in sorted(outputs)],
+        usage=usage_pb(generation, generation.sent_tokens),
+        model=generation.model_ref(),
+        template=prompting.template_ref(generation.template),
+        request_id=generation.request_id,
+    )
