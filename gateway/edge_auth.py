@@ -124,6 +124,22 @@ RPC_SCOPES: Mapping[str, str] = {
             "RotateWebhookSecret",
         )
     },
+    # OpenAI's files and batches are jobs; `Prefer: respond-async` creates one.
+    **{
+        f"/tokenmesh.openai.v1.OpenAIBatchService/{rpc}": "jobs"
+        for rpc in (
+            "CreateFile",
+            "GetFile",
+            "GetFileContent",
+            "DeleteFile",
+            "CreateBatch",
+            "GetBatch",
+            "CancelBatch",
+            "ListBatches",
+        )
+    },
+    "/tokenmesh.jobs.v1.HandoverService/CompleteV2": "jobs",
+    "/tokenmesh.jobs.v1.HandoverService/CompleteV1": "jobs",
 }
 # Static files the edge answers itself (the playground): no credential needed.
 PUBLIC_PATHS: tuple[str, ...] = static_site.PATHS

@@ -22,6 +22,7 @@ from gateway import (
     edge_auth,
     edge_health,
     error_status,
+    handover,
     header_names,
     key_cache,
     model_routing,
@@ -49,7 +50,13 @@ PUBLIC_ROUTES: Mapping[str, Sequence[str]] = {
         "tokenmesh.openai.v1.OpenAIService",
     ),
     "usage": ("tokenmesh.usage.v1.UsageService", "tokenmesh.usage.v2.UsageService"),
-    "jobs": ("tokenmesh.jobs.v1.JobsService",),
+    "jobs": (
+        "tokenmesh.jobs.v1.JobsService",
+        # OpenAI's files and batches (/openai/v1/files, /openai/v1/batches) are jobs.
+        "tokenmesh.openai.v1.OpenAIBatchService",
+        # Prefer: respond-async (gateway/handover.py).
+        "tokenmesh.jobs.v1.HandoverService",
+    ),
 }
 # The health-check service name each cluster is probed with.
 HEALTH_SERVICE: Mapping[str, str] = {
@@ -68,6 +75,7 @@ TRANSCODED_SERVICES = (
     "tokenmesh.usage.v1.UsageService",
     "tokenmesh.usage.v2.UsageService",
     "tokenmesh.jobs.v1.JobsService",
+    "tokenmesh.openai.v1.OpenAIBatchService",
 )
 # Upstreams that decide request rates in-process, in the usage service's windows
 # (services/inference/request_limits.py): their routes, and the per-model routes
@@ -428,6 +436,7 @@ def route_configuration(
         "domains": ["*"],
         "routes": [
             *(edge_auth.public_routes() if auth else static_site.routes()),
+            *handover.routes(),
             *(dict(r) for r in model_routes),
             *routes(ratelimit=bool(auth and auth.ratelimit)),
         ],
@@ -689,6 +698,8 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
             # Before the transcoder: on the way back it sees the REST response.
             error_status.lua_filter(),
             openai_edge.lua_filter(),
+            # Disabled unless the Prefer: respond-async route enables it.
+            handover.transcoder_filter(config.descriptor_path),
             transcoder_filter(config.descriptor_path),
             *_auth_filters(config),
             *([model_routing.lua_filter()] if config.xds and config.model_routing else []),

@@ -6,6 +6,8 @@ past its sunset), the service says so in `contract.HTTP_STATUS_HEADER` on its
 error response. This Lua filter sits before the transcoder, so on the way
 back it sees the transcoded REST response: it applies the status there, and
 removes the header from every response (gRPC clients keep the gRPC code).
+One success status is applied too: 202 Accepted on a 200, for a request
+handed over to a job (`Prefer: respond-async`, services/jobs/handover.py).
 
 It reads response headers only (no body, no buffering), so a stream's
 success path costs one header lookup.
@@ -17,8 +19,8 @@ from typing import Any
 
 from services.core import contract
 
-# Only an error the transcoder produced (status >= 400, not gRPC) is changed,
-# and only to a 4xx or 5xx status.
+# Only a transcoded response (not gRPC) is changed: an error (status >= 400) to
+# a 4xx or 5xx status, or a 200 to 202.
 LUA_SOURCE = f"""
 local HEADER = "{contract.HTTP_STATUS_HEADER}"
 
@@ -31,8 +33,11 @@ function envoy_on_response(handle)
   headers:remove(HEADER)
   local content_type = headers:get("content-type") or ""
   local status = tonumber(headers:get(":status")) or 0
-  if status >= 400 and string.find(content_type, "application/grpc", 1, true) ~= 1
-      and string.match(wanted, "^[45]%d%d$") then
+  if string.find(content_type, "application/grpc", 1, true) == 1 then
+    return
+  end
+  if (status >= 400 and string.match(wanted, "^[45]%d%d$"))
+      or (status == 200 and wanted == "202") then
     headers:replace(":status", wanted)
   end
 end

@@ -225,6 +225,9 @@ CALLER_RULES: dict[str, CallerRule] = {
     "/tokenmesh.usage.v1.UsageService/": _rule(EDGE),
     "/tokenmesh.usage.v2.UsageService/": _rule(EDGE),
     "/tokenmesh.jobs.v1.JobsService/": _rule(EDGE),
+    # OpenAI's files and batches, and Prefer: respond-async, served by the jobs service.
+    "/tokenmesh.openai.v1.OpenAIBatchService/": _rule(EDGE),
+    "/tokenmesh.jobs.v1.HandoverService/": _rule(EDGE),
     # A job's items run as its owner: the jobs service forwards the owner's
     # identity headers, at batch priority, for the scope each RPC needs
     # (gateway/edge_auth.RPC_SCOPES; tests/unit/test_mesh_contract.py checks).

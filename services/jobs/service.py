@@ -14,12 +14,19 @@ from services.core.server import RunningServer, identity_files
 from services.core.settings import RedisSettings, env, require
 from services.core.tasks import SupervisedTask
 from services.jobs.execution import Backoff, ItemExecutor
+from services.jobs.handover import SERVICE_NAME as HANDOVER_SERVICE
+from services.jobs.handover import HandoverServicer
+from services.jobs.openai_batches import BatchStore
+from services.jobs.openai_files import FileStore
+from services.jobs.openai_servicer import SERVICE_NAME as OPENAI_BATCH_SERVICE
+from services.jobs.openai_servicer import OpenAIBatchServicer
 from services.jobs.runner import ExpirySweep, Runner
 from services.jobs.servicer import JobsServicer
 from services.jobs.store import JobStore
 from services.jobs.webhooks import DEFAULT_SCHEDULE_S, DeliveryPolicy, WebhookSender
 from services.jobs.workers import WorkerDirectory
-from tokenmesh.jobs.v1 import jobs_service_pb2, jobs_service_pb2_grpc
+from tokenmesh.jobs.v1 import handover_service_pb2_grpc, jobs_service_pb2, jobs_service_pb2_grpc
+from tokenmesh.openai.v1 import openai_batch_service_pb2_grpc
 
 SERVICE_NAME = jobs_service_pb2.DESCRIPTOR.services_by_name["JobsService"].full_name
 
@@ -75,6 +82,11 @@ class JobsSettings(RedisSettings):
     webhook_max_response_bytes: int = env(
         "TOKENMESH_WEBHOOK_MAX_RESPONSE_BYTES", 65536, "How much of a receiver's answer is read."
     )
+    openai_file_max_bytes: int = env(
+        "TOKENMESH_OPENAI_FILE_MAX_BYTES",
+        8 * 1024 * 1024,
+        "The largest batch input file /openai/v1/files accepts (bytes; kept in Redis).",
+    )
     webhook_poll_s: float = env(
         "TOKENMESH_WEBHOOK_POLL_SECONDS", 0.5, "How often due webhooks are looked for."
     )
@@ -112,6 +124,11 @@ class JobsSettings(RedisSettings):
             "must be >= 1",
         )
         require(self.webhook_poll_s > 0, "TOKENMESH_WEBHOOK_POLL_SECONDS", "must be > 0")
+        require(
+            1024 <= self.openai_file_max_bytes <= 64 * 1024 * 1024,
+            "TOKENMESH_OPENAI_FILE_MAX_BYTES",
+            "must be 1024-67108864",
+        )
 
 
 class JobsService(RedisBackedService):
@@ -150,17 +167,29 @@ class JobsService(RedisBackedService):
         self._tasks: list[SupervisedTask] = []
 
     def service_names(self) -> Sequence[str]:
-        return [SERVICE_NAME]
+        return [SERVICE_NAME, OPENAI_BATCH_SERVICE, HANDOVER_SERVICE]
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        jobs_service_pb2_grpc.add_JobsServiceServicer_to_server(
-            JobsServicer(
+        jobs = JobsServicer(
+            self.store,
+            self.settings.max_items,
+            self.settings.default_window_s,
+            self.settings.webhook_allow_hosts,
+        )
+        jobs_service_pb2_grpc.add_JobsServiceServicer_to_server(jobs, server)
+        retention_s = self.store.retention_s
+        openai_batch_service_pb2_grpc.add_OpenAIBatchServiceServicer_to_server(
+            OpenAIBatchServicer(
                 self.store,
+                FileStore(self.redis, retention_s),
+                BatchStore(self.redis, retention_s),
                 self.settings.max_items,
-                self.settings.default_window_s,
-                self.settings.webhook_allow_hosts,
+                self.settings.openai_file_max_bytes,
             ),
             server,
+        )
+        handover_service_pb2_grpc.add_HandoverServiceServicer_to_server(
+            HandoverServicer(jobs, self.store), server
         )
 
     async def start(self, running: RunningServer) -> None:

@@ -16,8 +16,8 @@ from tests import mtls
 from tokenmesh.auth.v1 import auth_service_pb2  # noqa: F401
 from tokenmesh.inference.v1 import inference_service_pb2  # noqa: F401
 from tokenmesh.inference.v2 import inference_service_pb2 as inference_v2_service_pb2  # noqa: F401
-from tokenmesh.jobs.v1 import jobs_service_pb2  # noqa: F401
-from tokenmesh.openai.v1 import openai_service_pb2  # noqa: F401
+from tokenmesh.jobs.v1 import handover_service_pb2, jobs_service_pb2  # noqa: F401
+from tokenmesh.openai.v1 import openai_batch_service_pb2, openai_service_pb2  # noqa: F401
 from tokenmesh.router.v1 import router_service_pb2  # noqa: F401
 from tokenmesh.usage.v1 import usage_service_pb2  # noqa: F401
 from tokenmesh.usage.v2 import usage_service_pb2 as usage_v2_service_pb2  # noqa: F401

@@ -243,8 +243,7 @@ class OpenAIServicer(openai_service_pb2_grpc.OpenAIServiceServicer):
         created = int(time.time())
         [request] = call.complete_requests()
         response = await self.v2.Complete(request, cast(Context, ctx))
-        chat = shapes.ChatShapes(response.request_id, created, response.model)
-        yield _json(chat.completion(response.choices, shapes.usage([response.usage])))
+        yield _json(shapes.chat_completion(response, created))
 
     def _served(self, ctx: _ResponseContext, request: v2_pb.GenerateRequest) -> types_pb2.ModelRef:
         """Returns the version serving a stream, from v2's response headers."""
@@ -303,21 +302,8 @@ class OpenAIServicer(openai_service_pb2_grpc.OpenAIServiceServicer):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        first = responses[0]
-        shaper = shapes.CompletionShapes(first.request_id, created, first.model)
         n = max(1, requests[0].n)
-        choices = [
-            shaper.text_choice(
-                p * n + choice.index,
-                choice.text,
-                shapes.completion_logprobs(choice.logprobs, 0) if call.logprobs else None,
-                shapes.finish_reason(choice.finish_reason),
-            )
-            for p, response in enumerate(responses)
-            for choice in response.choices
-        ]
-        totals = shapes.usage(r.usage for r in responses)
-        yield _json(shaper.text_completion(choices, totals))
+        yield _json(shapes.text_completion(responses, n, call.logprobs, created))
 
     async def _completion_stream(
         self, call: GenerationCall, ctx: _ResponseContext

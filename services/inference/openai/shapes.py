@@ -183,6 +183,32 @@ class CompletionShapes(ChatShapes):
         return result
 
 
+def chat_completion(response: pb.CompleteResponse, created: int) -> Json:
+    """Returns the chat.completion object of one v2 CompleteResponse."""
+    chat = ChatShapes(response.request_id, created, response.model)
+    return chat.completion(response.choices, usage([response.usage]))
+
+
+def text_completion(
+    responses: Sequence[pb.CompleteResponse], n: int, logprobs: bool, created: int
+) -> Json:
+    """Returns the text_completion object of a legacy completion's v2 responses (one per
+    prompt, each with `n` choices; choice i of prompt p is choice p * n + i)."""
+    first = responses[0]
+    shaper = CompletionShapes(first.request_id, created, first.model)
+    choices = [
+        shaper.text_choice(
+            p * n + choice.index,
+            choice.text,
+            completion_logprobs(choice.logprobs, 0) if logprobs else None,
+            finish_reason(choice.finish_reason),
+        )
+        for p, response in enumerate(responses)
+        for choice in response.choices
+    ]
+    return shaper.text_completion(choices, usage(r.usage for r in responses))
+
+
 def embeddings(response: pb.EmbedResponse, base64_encoded: bool) -> Json:
     """Returns OpenAI's embeddings list from a v2 EmbedResponse."""
     return {

@@ -1,0 +1,72 @@
+"""The edge's part of `Prefer: respond-async` (RFC 7240): no Python hop for other requests.
+
+A REST Complete (`POST /v2/models/{model}:complete`, `/v1/...`) whose
+`Prefer` header asks for `respond-async` must reach the jobs service's
+tokenmesh.jobs.v1.HandoverService instead of a worker. Both bind the same
+verb and path, which one transcoder cannot hold, so the edge has a second
+transcoder, for HandoverService only, placed before the main one. It knows
+only those two paths, so every other request passes it untouched (a path
+lookup in C++). Routes matched on the original request decide the two
+paths: with the Prefer header, the second transcoder rewrites the request
+to the HandoverService RPC, the main transcoder passes the gRPC request
+through, and the route re-matched on the new path sends it to the jobs
+cluster (on the way back it prints HandoverService's HttpBody as it is);
+without it, a route disables the second transcoder for the request and the
+main one sends it to the workers as always.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+SERVICE = "tokenmesh.jobs.v1.HandoverService"
+FILTER_NAME = "tokenmesh.handover_transcoder"
+# The REST Complete paths a client may prefer to be answered asynchronously.
+COMPLETE_PATHS = r"^/v[12]/models/[^/]+:complete$"
+TYPE_PREFIX = "type.googleapis.com/envoy"
+
+
+def transcoder_filter(descriptor_path: Path) -> dict[str, Any]:
+    """Builds the HandoverService transcoder (off on Completes without the Prefer header)."""
+    return {
+        "name": FILTER_NAME,
+        "typed_config": {
+            "@type": f"{TYPE_PREFIX}.extensions.filters.http.grpc_json_transcoder.v3"
+            ".GrpcJsonTranscoder",
+            "proto_descriptor": str(descriptor_path),
+            "services": [SERVICE],
+            "convert_grpc_status": True,
+            "request_validation_options": {"reject_unknown_query_parameters": True},
+            "print_options": {
+                "always_print_primitive_fields": True,
+                "preserve_proto_field_names": True,
+            },
+        },
+    }
+
+
+def _complete_route(prefer_async: bool) -> dict[str, Any]:
+    match: dict[str, Any] = {"safe_regex": {"regex": COMPLETE_PATHS}}
+    route: dict[str, Any] = {
+        "match": match,
+        # The transcoder rewrites the path and the route is chosen again (the
+        # jobs service's or the workers' prefix route): this one never routes.
+        "route": {"cluster": "jobs" if prefer_async else "inference", "timeout": "0s"},
+    }
+    if prefer_async:
+        match["headers"] = [
+            {"name": "prefer", "string_match": {"contains": "respond-async", "ignore_case": True}}
+        ]
+    else:
+        route["typed_per_filter_config"] = {
+            FILTER_NAME: {"@type": f"{TYPE_PREFIX}.config.route.v3.FilterConfig", "disabled": True}
+        }
+    return route
+
+
+def routes() -> list[dict[str, Any]]:
+    """Builds the routes a REST Complete matches before it is transcoded: with a Prefer
+    header holding `respond-async`, it goes to HandoverService; without, the
+    HandoverService transcoder is off for it."""
+    return [_complete_route(prefer_async=True), _complete_route(prefer_async=False)]

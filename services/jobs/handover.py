@@ -1,0 +1,133 @@
+"""tokenmesh.jobs.v1.HandoverService: a Complete that prefers to be answered later.
+
+RFC 7240's `Prefer: respond-async` on a REST Complete (v2 or v1) reaches
+this service instead of a worker (an edge route on that header: see
+gateway/handover.py). The request becomes a job of one item, created as
+JobsService.CreateJob would (same checks, same owner), and:
+
+- with `wait=N` the item gets up to N seconds (at most MAX_WAIT_S): finished
+  by then, the answer is the Complete response itself (200, in the shape the
+  client's API version prints), or its error;
+- otherwise, or when it is not finished by then, the answer is `202 Accepted`
+  with `Location: /v1/jobs/{id}`, `Preference-Applied: respond-async` and the
+  job as JSON (what GET /v1/jobs/{id} answers).
+
+The 202 is the `contract.HTTP_STATUS_HEADER` response header, which the
+edge's status filter applies (gateway/error_status.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+
+import grpc
+from google.api.httpbody_pb2 import HttpBody
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from services.core import contract
+from services.core.interceptors import Context, request_headers
+from services.inference import v1_translation
+from services.inference import validation as v1_validation
+from services.jobs import views
+from services.jobs.servicer import JobsServicer
+from services.jobs.store import FINAL, JobStore
+from tokenmesh.jobs.v1 import handover_service_pb2 as pb
+from tokenmesh.jobs.v1 import handover_service_pb2_grpc, jobs_pb2
+from tokenmesh.jobs.v1 import jobs_service_pb2 as jobs_pb
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HandoverService"].full_name
+PREFER_HEADER = "prefer"
+MAX_WAIT_S = 60.0
+FIRST_POLL_S, MAX_POLL_S = 0.02, 0.25
+JSON = "application/json"
+# A finished item's v2 response -> the message the client's API version answers.
+Shape = Callable[[jobs_pb2.JobResult], Message]
+
+
+def wait_seconds(prefer: str) -> float:
+    """Returns the `wait` preference of a Prefer header in seconds (0 when absent),
+    at most MAX_WAIT_S; other preferences and malformed values are ignored (RFC 7240)."""
+    for preference in prefer.replace(";", ",").split(","):
+        name, _, value = preference.strip().partition("=")
+        if name.strip().lower() == "wait" and value.strip().isdigit():
+            return min(float(value.strip()), MAX_WAIT_S)
+    return 0.0
+
+
+def _print(message: Message) -> bytes:
+    """Prints a message as the edge's transcoder does (proto field names, every field)."""
+    return json_format.MessageToJson(
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+        indent=None,
+    ).encode()
+
+
+def _status_code(number: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
+
+
+class HandoverServicer(handover_service_pb2_grpc.HandoverServiceServicer):
+    """HandoverServicer turns a Complete into a one-item job, answered inline or with 202.
+
+    Args:
+        jobs: the JobsService servicer (creates the job with its checks).
+        store: the jobs in Redis (the item's result is read from it).
+    """
+
+    def __init__(self, jobs: JobsServicer, store: JobStore) -> None:
+        self.jobs = jobs
+        self.store = store
+
+    async def CompleteV2(self, request: pb.CompleteV2Request, context: Context) -> HttpBody:
+        item = jobs_pb2.JobItem(complete=request.request)
+        return await self._hand_over(item, context, lambda result: result.complete)
+
+    async def CompleteV1(self, request: pb.CompleteV1Request, context: Context) -> HttpBody:
+        v1_validation.validate_generation(request.request)
+        item = jobs_pb2.JobItem(complete=v1_translation.complete_request(request.request))
+        return await self._hand_over(
+            item, context, lambda result: v1_translation.complete_response(result.complete)
+        )
+
+    async def _hand_over(self, item: jobs_pb2.JobItem, context: Context, shape: Shape) -> HttpBody:
+        job = await self.jobs.CreateJob(jobs_pb.CreateJobRequest(items=[item]), context)
+        headers: Mapping[str, str] = request_headers(context)
+        wait_s = wait_seconds(headers.get(PREFER_HEADER, ""))
+        result = await self._result_within(job.id, wait_s) if wait_s else None
+        if result is None:
+            return await self._accepted(job.id, context)
+        if result.HasField("error"):
+            await context.abort(_status_code(result.error.grpc_code), result.error.message)
+        return HttpBody(content_type=JSON, data=_print(shape(result)))
+
+    async def _result_within(self, job_id: str, wait_s: float) -> jobs_pb2.JobResult | None:
+        """Returns the item's result once stored, or None when `wait_s` passed first."""
+        deadline = time.monotonic() + wait_s
+        pause = FIRST_POLL_S
+        while True:
+            [raw] = await self.store.results(job_id, [0])
+            if raw is not None:
+                return jobs_pb2.JobResult.FromString(raw)
+            statuses = await self.store.statuses([job_id])
+            left = deadline - time.monotonic()
+            if statuses.get(job_id) in FINAL or left <= 0:
+                return None
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, MAX_POLL_S)
+
+    async def _accepted(self, job_id: str, context: Context) -> HttpBody:
+        await context.send_initial_metadata(
+            (
+                (contract.HTTP_STATUS_HEADER, "202"),
+                ("location", f"/v1/jobs/{job_id}"),
+                ("preference-applied", "respond-async"),
+            )
+        )
+        record = await self.store.get(job_id)
+        job = views.job_pb(record) if record is not None else jobs_pb2.Job(id=job_id)
+        return HttpBody(content_type=JSON, data=_print(job))

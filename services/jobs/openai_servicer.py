@@ -1,0 +1,320 @@
+"""tokenmesh.openai.v1.OpenAIBatchService: OpenAI's files and batches, run as jobs.
+
+A transport adapter: OpenAI's JSON (or multipart) in, OpenAI's bytes out;
+the files live in services.jobs.openai_files, the mapping of lines and
+results in services.jobs.openai_batches, the work in the job store and its
+runners. Errors end the RPC with the gRPC status and OpenAI's error JSON in
+`contract.OPENAI_ERROR_HEADER`, which the edge makes the body (as for
+tokenmesh.openai.v1.OpenAIService).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar, cast
+
+import grpc
+import grpc.aio
+from google.api.httpbody_pb2 import HttpBody
+
+from services.core import contract
+from services.core.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
+from services.core.interceptors import Context, abort_with, request_headers, to_domain_error
+from services.inference.openai import errors as openai_errors
+from services.inference.openai import shapes
+from services.jobs import openai_batches as batches
+from services.jobs import validation
+from services.jobs.openai_files import FileStore, file_object, parse_upload
+from services.jobs.store import (
+    CANCELLED,
+    JobRecord,
+    JobStore,
+    NewJob,
+    Owner,
+    now_ms,
+    request_id,
+)
+from tokenmesh.jobs.v1 import jobs_pb2
+from tokenmesh.openai.v1 import openai_batch_service_pb2 as pb
+from tokenmesh.openai.v1 import openai_batch_service_pb2_grpc
+
+T = TypeVar("T")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OpenAIBatchService"].full_name
+BATCH_WINDOW_S = 24 * 3600.0  # completion_window "24h", the only one OpenAI offers
+RESULTS_PER_CHUNK = 500  # results read (and lines sent) at a time
+JSONL = "application/jsonl"
+
+
+class _OpenAIErrorContext:
+    """The RPC's context, whose abort also sends OpenAI's error JSON (for the edge)."""
+
+    def __init__(self, context: Context, error_json: str) -> None:
+        self._context = context
+        self._error_json = error_json
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> None:
+        extra = ((contract.OPENAI_ERROR_HEADER, self._error_json),)
+        await self._context.abort(code, details, (*tuple(trailing_metadata), *extra))
+
+
+async def _answer(context: Context, rpc: str, work: Callable[[], Awaitable[T]]) -> T:
+    """Runs an RPC's work; an error ends it in OpenAI's shape."""
+    try:
+        return await work()
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        error = to_domain_error(exc, f"/{SERVICE_NAME}/{rpc}")
+        body = openai_errors.header_value(openai_errors.from_error(error))
+        await abort_with(cast(Context, _OpenAIErrorContext(context, body)), error)
+        raise  # not reached: abort_with raised
+
+
+def _json(value: Any) -> HttpBody:
+    return HttpBody(content_type=shapes.JSON, data=shapes.json_bytes(value))
+
+
+def _caller(context: Context) -> Owner:
+    headers = request_headers(context)
+    key_id = headers.get(contract.KEY_ID_HEADER, "")
+    if not key_id:
+        raise Unauthenticated("files and batches belong to an API key: call with one")
+    return Owner(key_id, headers.get(contract.TENANT_HEADER, ""), validation.identity_of(headers))
+
+
+def _not_found(kind: str, name: str) -> NotFound:
+    return NotFound(f"No such {kind}: {name!r}", resource_type=f"openai.{kind}", resource_name=name)
+
+
+class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServicer):
+    """OpenAIBatchServicer serves tokenmesh.openai.v1.OpenAIBatchService.
+
+    Args:
+        jobs: the job store (a batch is a job).
+        files: the uploaded files.
+        batches: the batches' records.
+        max_lines: the most requests one batch may hold (a job's item limit).
+        max_file_bytes: the largest upload accepted.
+    """
+
+    def __init__(
+        self,
+        jobs: JobStore,
+        files: FileStore,
+        batches: batches.BatchStore,
+        max_lines: int,
+        max_file_bytes: int,
+    ) -> None:
+        self.jobs = jobs
+        self.files = files
+        self.batches = batches
+        self.max_lines = max_lines
+        self.max_file_bytes = max_file_bytes
+
+    # -- files ------------------------------------------------------------
+
+    async def CreateFile(self, request: HttpBody, context: Context) -> HttpBody:
+        async def work() -> HttpBody:
+            owner = _caller(context)
+            upload = parse_upload(request.content_type, request.data, self.max_file_bytes)
+            stored = await self.files.create(owner.lane, upload)
+            return _json(stored.to_json())
+
+        return await _answer(context, "CreateFile", work)
+
+    async def GetFile(self, request: pb.GetFileRequest, context: Context) -> HttpBody:
+        async def work() -> HttpBody:
+            owner = _caller(context)
+            found = batches.result_file_batch(request.file_id)
+            if found is None:
+                stored = await self.files.get(request.file_id, owner.lane)
+                if stored is None:
+                    raise _not_found("file", request.file_id)
+                return _json(stored.to_json())
+            batch, job, errors = await self._result_file(owner, request.file_id)
+            size = sum(len(chunk) for chunk in await self._render_all(batch, job, errors))
+            kind = "errors" if errors else "output"
+            return _json(
+                file_object(
+                    request.file_id,
+                    size,
+                    job.number("ended_ms"),
+                    f"{batch.batch_id}_{kind}.jsonl",
+                    "batch_output",
+                )
+            )
+
+        return await _answer(context, "GetFile", work)
+
+    async def GetFileContent(
+        self, request: pb.GetFileContentRequest, context: Context
+    ) -> AsyncIterator[HttpBody]:
+        async def head() -> tuple[bytes, batches.BatchRecord | None, JobRecord | None, bool]:
+            owner = _caller(context)
+            if batches.result_file_batch(request.file_id) is None:
+                if await self.files.get(request.file_id, owner.lane) is None:
+                    raise _not_found("file", request.file_id)
+                return await self.files.content(request.file_id), None, None, False
+            batch, job, errors = await self._result_file(owner, request.file_id)
+            return b"", batch, job, errors
+
+        data, batch, job, errors = await _answer(context, "GetFileContent", head)
+        if batch is None or job is None:
+            yield HttpBody(content_type=JSONL, data=data)
+            return
+        sent = False
+        async for chunk in self._render(batch, job, errors):
+            yield HttpBody(content_type=JSONL, data=chunk) if not sent else HttpBody(data=chunk)
+            sent = True
+        if not sent:
+            yield HttpBody(content_type=JSONL, data=b"")
+
+    async def DeleteFile(self, request: pb.DeleteFileRequest, context: Context) -> HttpBody:
+        async def work() -> HttpBody:
+            owner = _caller(context)
+            if batches.result_file_batch(request.file_id) is not None:
+                raise InvalidArgument(
+                    [FieldViolation("file_id", "a batch's output and error files go with it")]
+                )
+            if await self.files.get(request.file_id, owner.lane) is None:
+                raise _not_found("file", request.file_id)
+            await self.files.delete(request.file_id)
+            return _json({"id": request.file_id, "object": "file", "deleted": True})
+
+        return await _answer(context, "DeleteFile", work)
+
+    async def _result_file(
+        self, owner: Owner, file_id: str
+    ) -> tuple[batches.BatchRecord, JobRecord, bool]:
+        """Returns the batch and job of an output or error file that exists now."""
+        found = batches.result_file_batch(file_id)
+        if found is None:
+            raise _not_found("file", file_id)
+        batch_id, errors = found
+        batch = await self.batches.get(batch_id, owner.lane)
+        job = await self.jobs.get(batch.job_id) if batch is not None else None
+        if batch is None or job is None:
+            raise _not_found("file", file_id)
+        view = batches.batch_object(batch, job)
+        if view["error_file_id" if errors else "output_file_id"] != file_id:
+            raise _not_found("file", file_id)
+        return batch, job, errors
+
+    async def _render(
+        self, batch: batches.BatchRecord, job: JobRecord, errors: bool
+    ) -> AsyncIterator[bytes]:
+        """Yields a result file's lines, a chunk of results at a time, in request order."""
+        created = job.number("ended_ms") // 1000
+        total = len(batch.lines)
+        for start in range(0, total, RESULTS_PER_CHUNK):
+            indexes = list(range(start, min(start + RESULTS_PER_CHUNK, total)))
+            stored = await self.jobs.results(batch.job_id, indexes)
+            chunk = bytearray()
+            for index, raw in zip(indexes, stored, strict=True):
+                if raw is None:
+                    if errors and job.status in batches.NEVER_RAN:
+                        chunk += batches.unrun_line(batch, index, job.status)
+                    continue
+                result = jobs_pb2.JobResult.FromString(raw)
+                result.request_id = request_id(batch.job_id, index)
+                line, is_error = batches.output_line(batch, result, created)
+                if is_error == errors:
+                    chunk += line
+            if chunk:
+                yield bytes(chunk)
+
+    async def _render_all(
+        self, batch: batches.BatchRecord, job: JobRecord, errors: bool
+    ) -> list[bytes]:
+        return [chunk async for chunk in self._render(batch, job, errors)]
+
+    # -- batches ----------------------------------------------------------
+
+    async def CreateBatch(self, request: HttpBody, context: Context) -> HttpBody:
+        async def work() -> HttpBody:
+            owner = _caller(context)
+            scopes = request_headers(context).get(contract.SCOPES_HEADER, "").split()
+            wanted = batches.parse_batch_request(request.data)
+            stored = await self.files.get(wanted.input_file_id, owner.lane)
+            if stored is None:
+                raise _not_found("file", wanted.input_file_id)
+            data = await self.files.content(wanted.input_file_id)
+            lines = batches.parse_input(data, wanted.endpoint, self.max_lines)
+            items = [line.item for line in lines]
+            validation.check_item_scopes(items, scopes)
+            deadline_ms = now_ms() + int(BATCH_WINDOW_S * 1000)
+            job_id, _ = await self.jobs.create(
+                NewJob(
+                    owner=owner,
+                    items=items,
+                    webhook_url="",
+                    metadata={"openai.input_file_id": wanted.input_file_id},
+                    idempotency_key="",
+                    deadline_ms=deadline_ms,
+                )
+            )
+            batch_id = await self.batches.create(job_id, owner.lane, wanted, lines, deadline_ms)
+            return _json(await self._object(owner, batch_id))
+
+        return await _answer(context, "CreateBatch", work)
+
+    async def _object(self, owner: Owner, batch_id: str) -> dict[str, Any]:
+        batch = await self.batches.get(batch_id, owner.lane)
+        job = await self.jobs.get(batch.job_id) if batch is not None else None
+        if batch is None or job is None:
+            raise _not_found("batch", batch_id)
+        return batches.batch_object(batch, job)
+
+    async def GetBatch(self, request: pb.GetBatchRequest, context: Context) -> HttpBody:
+        async def work() -> HttpBody:
+            return _json(await self._object(_caller(context), request.batch_id))
+
+        return await _answer(context, "GetBatch", work)
+
+    async def CancelBatch(self, request: pb.CancelBatchRequest, context: Context) -> HttpBody:
+        async def work() -> HttpBody:
+            owner = _caller(context)
+            view = await self._object(owner, request.batch_id)
+            if not await self.jobs.end(batches.job_id_of(request.batch_id), CANCELLED):
+                raise FailedPrecondition(
+                    f"Cannot cancel a batch with status {view['status']!r}",
+                    reason="BATCH_ENDED",
+                )
+            return _json(await self._object(owner, request.batch_id))
+
+        return await _answer(context, "CancelBatch", work)
+
+    async def ListBatches(self, request: pb.ListBatchesRequest, context: Context) -> HttpBody:
+        async def work() -> HttpBody:
+            owner = _caller(context)
+            limit = validation.page_size(request.limit, 20, 100)
+            ids, more = await self.batches.page(owner.lane, request.after, limit)
+            data, gone = [], []
+            for batch_id in ids:
+                try:
+                    data.append(await self._object(owner, batch_id))
+                except NotFound:
+                    gone.append(batch_id)
+            await self.batches.forget(owner.lane, gone)
+            return _json(
+                {
+                    "object": "list",
+                    "data": data,
+                    "first_id": data[0]["id"] if data else None,
+                    "last_id": data[-1]["id"] if data else None,
+                    "has_more": more,
+                }
+            )
+
+        return await _answer(context, "ListBatches", work)

@@ -1,0 +1,83 @@
+"""Sync-to-async hand-over (RFC 7240 `Prefer: respond-async`) through the real edge."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.test_auth import create_key
+from tests.e2e.test_jobs import JOB_SCOPES, all_results, finished
+
+MODEL = "deterministic-test"
+V2_BODY = {"prompt": "In the beginning", "max_output_tokens": 4, "sampling": {"seed": 7}}
+
+
+@pytest.fixture(scope="module")
+def api(mesh) -> Iterator[httpx.Client]:
+    key = create_key(mesh, scopes=JOB_SCOPES)
+    with httpx.Client(
+        base_url=mesh.edge_url, timeout=30, headers={"x-api-key": key["secret"]}
+    ) as client:
+        yield client
+
+
+def test_respond_async_answers_202_with_a_location_that_resolves_to_the_job(api):
+    reply = api.post(
+        f"/v2/models/{MODEL}:complete", json=V2_BODY, headers={"Prefer": "respond-async"}
+    )
+    assert reply.status_code == 202, reply.text
+    assert reply.headers["preference-applied"] == "respond-async"
+    assert "x-tokenmesh-http-status" not in reply.headers
+    job = reply.json()
+    location = reply.headers["location"]
+    assert location == f"/v1/jobs/{job['id']}" and job["counts"]["total"] == 1
+    assert api.get(location).json()["id"] == job["id"]
+    done = finished(api, job["id"])
+    assert done["status"] == "SUCCEEDED"
+    [result] = all_results(api, job["id"])
+    sync = api.post(f"/v2/models/{MODEL}:complete", json=V2_BODY)
+    assert sync.status_code == 200 and "preference-applied" not in sync.headers
+    assert result["complete"]["choices"][0]["text"] == sync.json()["choices"][0]["text"]
+
+
+def test_respond_async_with_wait_answers_a_quick_request_inline(api):
+    sync = api.post(f"/v2/models/{MODEL}:complete", json=V2_BODY).json()
+    reply = api.post(
+        f"/v2/models/{MODEL}:complete", json=V2_BODY, headers={"Prefer": "respond-async, wait=5"}
+    )
+    assert reply.status_code == 200, reply.text
+    body: dict[str, Any] = reply.json()
+    assert body["choices"][0]["text"] == sync["choices"][0]["text"]
+    assert body["request_id"].startswith("job-") and body["model"]["name"] == MODEL
+
+
+def test_a_v1_complete_is_handed_over_too(api):
+    body = {"prompt": "In the beginning", "max_tokens": 4, "seed": 7}
+    sync = api.post(f"/v1/models/{MODEL}:complete", json=body).json()
+    reply = api.post(
+        f"/v1/models/{MODEL}:complete", json=body, headers={"Prefer": "wait=5; respond-async"}
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["text"] == sync["text"]
+    accepted = api.post(
+        f"/v1/models/{MODEL}:complete", json=body, headers={"Prefer": "respond-async"}
+    )
+    assert accepted.status_code == 202 and accepted.headers["location"].startswith("/v1/jobs/job-")
+
+
+def test_respond_async_refuses_bad_input_and_keys_without_the_jobs_scope(mesh, api):
+    bad = api.post(
+        f"/v2/models/{MODEL}:complete",
+        json={**V2_BODY, "sampling": {"temperature": -1}},
+        headers={"Prefer": "respond-async"},
+    )
+    assert bad.status_code == 400, bad.text
+    key = create_key(mesh, scopes="inference:generate")
+    headers = {"x-api-key": key["secret"], "Prefer": "respond-async"}
+    denied = httpx.post(
+        f"{mesh.edge_url}/v2/models/{MODEL}:complete", json=V2_BODY, headers=headers, timeout=10
+    )
+    assert denied.status_code == 403, denied.text

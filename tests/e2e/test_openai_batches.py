@@ -1,0 +1,176 @@
+"""OpenAI's files and batches (/openai/v1) through the real edge, with the official SDK.
+
+A batch runs as a job of the uploading key; its output lines must be what the
+same bodies answer at /openai/v1 synchronously (same seeds, same texts).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from tests.e2e.test_auth import create_key
+
+MODEL = "deterministic-test"
+SCOPES = "inference:generate,inference:embed,models:read,jobs"
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def sdk(mesh, secret: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        api_key=secret, base_url=f"{mesh.edge_url}/openai/v1", max_retries=0, timeout=60
+    )
+
+
+@pytest.fixture(scope="module")
+def client(mesh) -> Iterator[openai.OpenAI]:
+    with sdk(mesh, create_key(mesh, scopes=SCOPES)["secret"]) as client:
+        yield client
+
+
+def jsonl(lines: list[dict[str, Any]]) -> io.BytesIO:
+    data = io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
+    data.name = "requests.jsonl"
+    return data
+
+
+def completion_line(i: int, max_tokens: int = 6) -> dict[str, Any]:
+    body = {"model": MODEL, "prompt": f"Line {i}: in the beginning", "max_tokens": max_tokens}
+    return {
+        "custom_id": f"req-{i}",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {**body, "seed": 40 + i, "temperature": 0.8},
+    }
+
+
+def finished(client: openai.OpenAI, batch_id: str, timeout_s: float = 120) -> Any:
+    def final() -> Any:
+        batch = client.batches.retrieve(batch_id)
+        return batch if batch.status not in ("validating", "in_progress", "finalizing") else None
+
+    return wait_until(final, timeout_s, f"batch {batch_id} to end")
+
+
+def read_lines(client: openai.OpenAI, file_id: str) -> list[dict[str, Any]]:
+    content = client.files.content(file_id).content
+    return [json.loads(line) for line in content.decode().splitlines() if line]
+
+
+def test_a_batch_of_completions_round_trips_and_matches_sync_calls(client):
+    lines = [completion_line(i) for i in range(5)]
+    upload = client.files.create(file=jsonl(lines), purpose="batch")
+    assert upload.id.startswith("file-") and upload.purpose == "batch"
+    assert upload.bytes > 0 and client.files.retrieve(upload.id).filename == "requests.jsonl"
+
+    batch = client.batches.create(
+        input_file_id=upload.id,
+        endpoint="/v1/completions",
+        completion_window="24h",
+        metadata={"purpose": "e2e round trip"},
+    )
+    assert batch.id.startswith("batch_") and batch.object == "batch"
+    assert batch.status == "in_progress" and batch.request_counts.total == 5
+    assert batch.metadata == {"purpose": "e2e round trip"}
+
+    done = finished(client, batch.id)
+    assert done.status == "completed" and done.error_file_id is None
+    assert (done.request_counts.completed, done.request_counts.failed) == (5, 0)
+    assert done.completed_at is not None and done.output_file_id
+    assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
+
+    output = read_lines(client, done.output_file_id)
+    assert [line["custom_id"] for line in output] == [f"req-{i}" for i in range(5)]
+    for line, sent in zip(output, lines, strict=True):
+        response = line["response"]
+        assert line["error"] is None and response["status_code"] == 200
+        assert response["request_id"].startswith(batch.id.replace("batch_", "job-"))
+        body = response["body"]
+        assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] >= 1
+        sync = client.completions.create(**sent["body"])
+        assert body["choices"][0]["text"] == sync.choices[0].text
+    assert batch.id in {b.id for b in client.batches.list(limit=100)}
+
+
+def test_an_embeddings_batch_answers_openai_embeddings(client):
+    line = {
+        "custom_id": "e-1",
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"model": "all-minilm-l6-v2", "input": ["In the beginning", "was the Word"]},
+    }
+    upload = client.files.create(file=jsonl([line]), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h"
+    )
+    done = finished(client, batch.id)
+    [output] = read_lines(client, done.output_file_id)
+    body = output["response"]["body"]
+    assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
+    sync = client.embeddings.create(model="all-minilm-l6-v2", input=["In the beginning"])
+    assert body["data"][0]["embedding"] == pytest.approx(sync.data[0].embedding, abs=1e-5)
+
+
+def test_a_cancelled_batch_keeps_finished_lines_and_names_the_rest(client):
+    lines = [completion_line(i, max_tokens=64) for i in range(60)]
+    upload = client.files.create(file=jsonl(lines), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
+    )
+    cancelled = client.batches.cancel(batch.id)
+    assert cancelled.status == "cancelled" and cancelled.cancelled_at is not None
+    with pytest.raises(openai.BadRequestError):
+        client.batches.cancel(batch.id)
+    finished_lines = read_lines(client, cancelled.output_file_id) if cancelled.output_file_id else []
+    unrun = read_lines(client, cancelled.error_file_id)
+    assert len(finished_lines) + len(unrun) == 60
+    assert {line["error"]["code"] for line in unrun} == {"batch_cancelled"}
+    assert all(line["response"] is None for line in unrun)
+
+
+def test_a_bad_input_line_refuses_the_batch_naming_it(client):
+    lines = [completion_line(0), {**completion_line(1), "url": "/v1/chat/completions"}]
+    upload = client.files.create(file=jsonl(lines), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
+        )
+    assert "line 2.url" in info.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(
+            input_file_id="file-000000000000000000000000",
+            endpoint="/v1/completions",
+            completion_window="24h",
+        )
+
+
+def test_another_tenants_files_and_batches_are_not_found(mesh, client):
+    upload = client.files.create(file=jsonl([completion_line(0)]), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
+    )
+    stranger = create_key(mesh, "--tenant", "globex", scopes=SCOPES)
+    with sdk(mesh, stranger["secret"]) as other:
+        with pytest.raises(openai.NotFoundError):
+            other.files.retrieve(upload.id)
+        with pytest.raises(openai.NotFoundError):
+            other.batches.retrieve(batch.id)
+    without_jobs = create_key(mesh, scopes="inference:generate")
+    with sdk(mesh, without_jobs["secret"]) as other:
+        with pytest.raises(openai.PermissionDeniedError):
+            other.batches.retrieve(batch.id)
