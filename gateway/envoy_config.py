@@ -23,6 +23,7 @@ from gateway import (
     edge_health,
     error_status,
     handover,
+    handover,
     header_names,
     key_cache,
     model_routing,
@@ -698,7 +699,7 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
             # Before the transcoder: on the way back it sees the REST response.
             error_status.lua_filter(),
             openai_edge.lua_filter(),
-            # Disabled unless the Prefer: respond-async route enables it.
+            # Prefer: respond-async only (a route turns it off for other Completes).
             handover.transcoder_filter(config.descriptor_path),
             transcoder_filter(config.descriptor_path),
             *_auth_filters(config),
