@@ -23,7 +23,6 @@ from gateway import (
     edge_health,
     error_status,
     handover,
-    handover,
     header_names,
     key_cache,
     model_routing,
