@@ -178,7 +178,24 @@ def increments(event: inference_pb2.UsageEvent) -> list[tuple[str, int]]:
     ]
     if event.HasField("template"):
         out.append((f"{model}|tpl:{template_label(event)}", 1))
+    if event.cached:
+        out += cache_increments(model, event)
     return out
+
+
+def cache_increments(model: str, event: inference_pb2.UsageEvent) -> list[tuple[str, int]]:
+    """Returns what a request the response cache answered adds: its saving.
+
+    v1 reports sum these kinds (cached_requests...); v2's dimension rows skip them.
+    """
+    served, billed = event.served_usage, event.usage
+    unbilled = served.prompt_tokens + served.completion_tokens
+    unbilled -= billed.prompt_tokens + billed.completion_tokens
+    return [
+        (f"{model}|cache:requests", 1),
+        (f"{model}|cache:completion", served.completion_tokens),
+        (f"{model}|cache:unbilled", max(0, unbilled)),
+    ]
 
 
 def template_label(event: inference_pb2.UsageEvent) -> str:

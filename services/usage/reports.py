@@ -31,6 +31,7 @@ class Totals:
     completion: int = 0
     finish_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     templates: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    cache: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def add(self, kind: str, amount: int) -> None:
         """Adds one counter from a bucket hash field."""
@@ -44,6 +45,8 @@ class Totals:
             self.finish_reasons[kind[3:]] += amount
         elif kind.startswith("tpl:"):
             self.templates[kind[4:]] += amount
+        elif kind.startswith("cache:"):
+            self.cache[kind[6:]] += amount
 
     def to_pb(self) -> usage_pb2.UsageTotals:
         """Returns the totals as a protobuf message."""
@@ -54,6 +57,9 @@ class Totals:
             total_tokens=self.prompt + self.completion,
             requests_by_finish_reason=dict(self.finish_reasons),
             requests_by_template=dict(self.templates),
+            cached_requests=self.cache["requests"],
+            cached_completion_tokens=self.cache["completion"],
+            cache_unbilled_tokens=self.cache["unbilled"],
         )
 
 
@@ -125,6 +131,9 @@ class UsageReader:
             total_tokens=totals.total_tokens,
             requests_by_finish_reason=dict(totals.requests_by_finish_reason),
             requests_by_template=dict(totals.requests_by_template),
+            cached_requests=totals.cached_requests,
+            cached_completion_tokens=totals.cached_completion_tokens,
+            cache_unbilled_tokens=totals.cache_unbilled_tokens,
             by_model=[
                 usage_pb2.ModelUsage(model=m, version=v, totals=t.to_pb())
                 for (m, v), t in sorted(per_model.items())

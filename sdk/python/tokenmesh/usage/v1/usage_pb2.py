@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etokenmesh/usage/v1/usage.proto\x12\x12tokenmesh.usage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x03\n\x0bUsageTotals\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x03\x12^\n\x19requests_by_finish_reason\x18\x05 \x03(\x0b\x32;.tokenmesh.usage.v1.UsageTotals.RequestsByFinishReasonEntry\x12U\n\x14requests_by_template\x18\x06 \x03(\x0b\x32\x37.tokenmesh.usage.v1.UsageTotals.RequestsByTemplateEntry\x1a=\n\x1bRequestsByFinishReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x39\n\x17RequestsByTemplateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"]\n\nModelUsage\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12/\n\x06totals\x18\x03 \x01(\x0b\x32\x1f.tokenmesh.usage.v1.UsageTotals\"\xce\x01\n\x0bUsageBucket\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x06totals\x18\x03 \x01(\x0b\x32\x1f.tokenmesh.usage.v1.UsageTotals\x12\x30\n\x08\x62y_model\x18\x04 \x03(\x0b\x32\x1e.tokenmesh.usage.v1.ModelUsage\"\xc9\x02\n\nAuditEntry\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0b\n\x03rpc\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\x05\x12\x0e\n\x06status\x18\t \x01(\t\x12\x15\n\rfinish_reason\x18\n \x01(\t\x12\x10\n\x08trace_id\x18\x0b \x01(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x10\n\x08template\x18\r \x01(\t\x12\x13\n\x0bpolicy_hits\x18\x10 \x03(\t\x12\x0e\n\x06\x61\x63tion\x18\x0e \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x0f \x01(\t*\x84\x01\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x16\n\x12GRANULARITY_MINUTE\x10\x01\x12\x14\n\x10GRANULARITY_HOUR\x10\x02\x12\x13\n\x0fGRANULARITY_DAY\x10\x03\x12\x15\n\x11GRANULARITY_MONTH\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etokenmesh/usage/v1/usage.proto\x12\x12tokenmesh.usage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf2\x03\n\x0bUsageTotals\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x03\x12^\n\x19requests_by_finish_reason\x18\x05 \x03(\x0b\x32;.tokenmesh.usage.v1.UsageTotals.RequestsByFinishReasonEntry\x12U\n\x14requests_by_template\x18\x06 \x03(\x0b\x32\x37.tokenmesh.usage.v1.UsageTotals.RequestsByTemplateEntry\x12\x17\n\x0f\x63\x61\x63hed_requests\x18\x07 \x01(\x03\x12 \n\x18\x63\x61\x63hed_completion_tokens\x18\x08 \x01(\x03\x12\x1d\n\x15\x63\x61\x63he_unbilled_tokens\x18\t \x01(\x03\x1a=\n\x1bRequestsByFinishReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x39\n\x17RequestsByTemplateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"]\n\nModelUsage\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12/\n\x06totals\x18\x03 \x01(\x0b\x32\x1f.tokenmesh.usage.v1.UsageTotals\"\xce\x01\n\x0bUsageBucket\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x06totals\x18\x03 \x01(\x0b\x32\x1f.tokenmesh.usage.v1.UsageTotals\x12\x30\n\x08\x62y_model\x18\x04 \x03(\x0b\x32\x1e.tokenmesh.usage.v1.ModelUsage\"\xc9\x02\n\nAuditEntry\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0b\n\x03rpc\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\x05\x12\x0e\n\x06status\x18\t \x01(\t\x12\x15\n\rfinish_reason\x18\n \x01(\t\x12\x10\n\x08trace_id\x18\x0b \x01(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x10\n\x08template\x18\r \x01(\t\x12\x13\n\x0bpolicy_hits\x18\x10 \x03(\t\x12\x0e\n\x06\x61\x63tion\x18\x0e \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x0f \x01(\t*\x84\x01\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x16\n\x12GRANULARITY_MINUTE\x10\x01\x12\x14\n\x10GRANULARITY_HOUR\x10\x02\x12\x13\n\x0fGRANULARITY_DAY\x10\x03\x12\x15\n\x11GRANULARITY_MONTH\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,18 +36,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGETOTALS_REQUESTSBYFINISHREASONENTRY']._serialized_options = b'8\001'
   _globals['_USAGETOTALS_REQUESTSBYTEMPLATEENTRY']._loaded_options = None
   _globals['_USAGETOTALS_REQUESTSBYTEMPLATEENTRY']._serialized_options = b'8\001'
-  _globals['_GRANULARITY']._serialized_start=1135
-  _globals['_GRANULARITY']._serialized_end=1267
+  _globals['_GRANULARITY']._serialized_start=1225
+  _globals['_GRANULARITY']._serialized_end=1357
   _globals['_USAGETOTALS']._serialized_start=88
-  _globals['_USAGETOTALS']._serialized_end=496
-  _globals['_USAGETOTALS_REQUESTSBYFINISHREASONENTRY']._serialized_start=376
-  _globals['_USAGETOTALS_REQUESTSBYFINISHREASONENTRY']._serialized_end=437
-  _globals['_USAGETOTALS_REQUESTSBYTEMPLATEENTRY']._serialized_start=439
-  _globals['_USAGETOTALS_REQUESTSBYTEMPLATEENTRY']._serialized_end=496
-  _globals['_MODELUSAGE']._serialized_start=498
-  _globals['_MODELUSAGE']._serialized_end=591
-  _globals['_USAGEBUCKET']._serialized_start=594
-  _globals['_USAGEBUCKET']._serialized_end=800
-  _globals['_AUDITENTRY']._serialized_start=803
-  _globals['_AUDITENTRY']._serialized_end=1132
+  _globals['_USAGETOTALS']._serialized_end=586
+  _globals['_USAGETOTALS_REQUESTSBYFINISHREASONENTRY']._serialized_start=466
+  _globals['_USAGETOTALS_REQUESTSBYFINISHREASONENTRY']._serialized_end=527
+  _globals['_USAGETOTALS_REQUESTSBYTEMPLATEENTRY']._serialized_start=529
+  _globals['_USAGETOTALS_REQUESTSBYTEMPLATEENTRY']._serialized_end=586
+  _globals['_MODELUSAGE']._serialized_start=588
+  _globals['_MODELUSAGE']._serialized_end=681
+  _globals['_USAGEBUCKET']._serialized_start=684
+  _globals['_USAGEBUCKET']._serialized_end=890
+  _globals['_AUDITENTRY']._serialized_start=893
+  _globals['_AUDITENTRY']._serialized_end=1222
 # @@protoc_insertion_point(module_scope)

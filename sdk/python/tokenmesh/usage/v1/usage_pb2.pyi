@@ -104,6 +104,9 @@ class UsageTotals(_message.Message):
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
     REQUESTS_BY_FINISH_REASON_FIELD_NUMBER: _builtins.int
     REQUESTS_BY_TEMPLATE_FIELD_NUMBER: _builtins.int
+    CACHED_REQUESTS_FIELD_NUMBER: _builtins.int
+    CACHED_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_UNBILLED_TOKENS_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     """requests is the number of finished requests."""
     prompt_tokens: _builtins.int
@@ -112,6 +115,20 @@ class UsageTotals(_message.Message):
     """completion_tokens is the sum of completion tokens."""
     total_tokens: _builtins.int
     """total_tokens is prompt_tokens + completion_tokens."""
+    cached_requests: _builtins.int
+    """cached_requests counts the requests answered by the worker's response
+    cache or by joining an identical request in flight (usage events with
+    `cached`); they are also in `requests`.
+    """
+    cached_completion_tokens: _builtins.int
+    """cached_completion_tokens are the completion tokens those requests
+    received without computing them (the computation the cache saved).
+    """
+    cache_unbilled_tokens: _builtins.int
+    """cache_unbilled_tokens are the tokens those requests received but were
+    not billed for (TOKENMESH_CACHE_BILLING prompt_only or none): the
+    callers' saving. Not in prompt_tokens or completion_tokens.
+    """
     @_builtins.property
     def requests_by_finish_reason(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """requests_by_finish_reason counts requests per finish_reason."""
@@ -132,10 +149,13 @@ class UsageTotals(_message.Message):
         total_tokens: _builtins.int = ...,
         requests_by_finish_reason: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         requests_by_template: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        cached_requests: _builtins.int = ...,
+        cached_completion_tokens: _builtins.int = ...,
+        cache_unbilled_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "requests_by_finish_reason", b"requests_by_finish_reason", "requests_by_template", b"requests_by_template", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_unbilled_tokens", b"cache_unbilled_tokens", "cached_completion_tokens", b"cached_completion_tokens", "cached_requests", b"cached_requests", "completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "requests_by_finish_reason", b"requests_by_finish_reason", "requests_by_template", b"requests_by_template", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tokenmesh.usage.v1 import usage_pb2 as tokenmesh_dot_usage_dot_v1_dot_usage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&tokenmesh/usage/v1/usage_service.proto\x12\x12tokenmesh.usage.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1etokenmesh/usage/v1/usage.proto\"\xd9\x01\n\x0fGetUsageRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x0bgranularity\x18\x05 \x01(\x0e\x32\x1f.tokenmesh.usage.v1.Granularity\x12\x12\n\nby_version\x18\x06 \x01(\x08\"\xe9\x04\n\x10GetUsageResponse\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x03\x12\x30\n\x08\x62y_model\x18\x05 \x03(\x0b\x32\x1e.tokenmesh.usage.v1.ModelUsage\x12\x63\n\x19requests_by_finish_reason\x18\x06 \x03(\x0b\x32@.tokenmesh.usage.v1.GetUsageResponse.RequestsByFinishReasonEntry\x12\x30\n\x07\x62uckets\x18\x07 \x03(\x0b\x32\x1f.tokenmesh.usage.v1.UsageBucket\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12Z\n\x14requests_by_template\x18\n \x03(\x0b\x32<.tokenmesh.usage.v1.GetUsageResponse.RequestsByTemplateEntry\x1a=\n\x1bRequestsByFinishReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x39\n\x17RequestsByTemplateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xae\x01\n\x17ListAuditEntriesRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"d\n\x18ListAuditEntriesResponse\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.tokenmesh.usage.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x81\x02\n\x0cUsageService\x12h\n\x08GetUsage\x12#.tokenmesh.usage.v1.GetUsageRequest\x1a$.tokenmesh.usage.v1.GetUsageResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/usage\x12\x86\x01\n\x10ListAuditEntries\x12+.tokenmesh.usage.v1.ListAuditEntriesRequest\x1a,.tokenmesh.usage.v1.ListAuditEntriesResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/usage/auditb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&tokenmesh/usage/v1/usage_service.proto\x12\x12tokenmesh.usage.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1etokenmesh/usage/v1/usage.proto\"\xd9\x01\n\x0fGetUsageRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x0bgranularity\x18\x05 \x01(\x0e\x32\x1f.tokenmesh.usage.v1.Granularity\x12\x12\n\nby_version\x18\x06 \x01(\x08\"\xc3\x05\n\x10GetUsageResponse\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x03\x12\x30\n\x08\x62y_model\x18\x05 \x03(\x0b\x32\x1e.tokenmesh.usage.v1.ModelUsage\x12\x63\n\x19requests_by_finish_reason\x18\x06 \x03(\x0b\x32@.tokenmesh.usage.v1.GetUsageResponse.RequestsByFinishReasonEntry\x12\x30\n\x07\x62uckets\x18\x07 \x03(\x0b\x32\x1f.tokenmesh.usage.v1.UsageBucket\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12Z\n\x14requests_by_template\x18\n \x03(\x0b\x32<.tokenmesh.usage.v1.GetUsageResponse.RequestsByTemplateEntry\x12\x17\n\x0f\x63\x61\x63hed_requests\x18\x0b \x01(\x03\x12 \n\x18\x63\x61\x63hed_completion_tokens\x18\x0c \x01(\x03\x12\x1d\n\x15\x63\x61\x63he_unbilled_tokens\x18\r \x01(\x03\x1a=\n\x1bRequestsByFinishReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x39\n\x17RequestsByTemplateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xae\x01\n\x17ListAuditEntriesRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"d\n\x18ListAuditEntriesResponse\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.tokenmesh.usage.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x81\x02\n\x0cUsageService\x12h\n\x08GetUsage\x12#.tokenmesh.usage.v1.GetUsageRequest\x1a$.tokenmesh.usage.v1.GetUsageResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/usage\x12\x86\x01\n\x10ListAuditEntries\x12+.tokenmesh.usage.v1.ListAuditEntriesRequest\x1a,.tokenmesh.usage.v1.ListAuditEntriesResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/usage/auditb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,15 +45,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETUSAGEREQUEST']._serialized_start=158
   _globals['_GETUSAGEREQUEST']._serialized_end=375
   _globals['_GETUSAGERESPONSE']._serialized_start=378
-  _globals['_GETUSAGERESPONSE']._serialized_end=995
-  _globals['_GETUSAGERESPONSE_REQUESTSBYFINISHREASONENTRY']._serialized_start=875
-  _globals['_GETUSAGERESPONSE_REQUESTSBYFINISHREASONENTRY']._serialized_end=936
-  _globals['_GETUSAGERESPONSE_REQUESTSBYTEMPLATEENTRY']._serialized_start=938
-  _globals['_GETUSAGERESPONSE_REQUESTSBYTEMPLATEENTRY']._serialized_end=995
-  _globals['_LISTAUDITENTRIESREQUEST']._serialized_start=998
-  _globals['_LISTAUDITENTRIESREQUEST']._serialized_end=1172
-  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_start=1174
-  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_end=1274
-  _globals['_USAGESERVICE']._serialized_start=1277
-  _globals['_USAGESERVICE']._serialized_end=1534
+  _globals['_GETUSAGERESPONSE']._serialized_end=1085
+  _globals['_GETUSAGERESPONSE_REQUESTSBYFINISHREASONENTRY']._serialized_start=965
+  _globals['_GETUSAGERESPONSE_REQUESTSBYFINISHREASONENTRY']._serialized_end=1026
+  _globals['_GETUSAGERESPONSE_REQUESTSBYTEMPLATEENTRY']._serialized_start=1028
+  _globals['_GETUSAGERESPONSE_REQUESTSBYTEMPLATEENTRY']._serialized_end=1085
+  _globals['_LISTAUDITENTRIESREQUEST']._serialized_start=1088
+  _globals['_LISTAUDITENTRIESREQUEST']._serialized_end=1262
+  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_start=1264
+  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_end=1364
+  _globals['_USAGESERVICE']._serialized_start=1367
+  _globals['_USAGESERVICE']._serialized_end=1624
 # @@protoc_insertion_point(module_scope)

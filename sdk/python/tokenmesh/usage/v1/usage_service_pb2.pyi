@@ -122,6 +122,9 @@ class GetUsageResponse(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     REQUESTS_BY_TEMPLATE_FIELD_NUMBER: _builtins.int
+    CACHED_REQUESTS_FIELD_NUMBER: _builtins.int
+    CACHED_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_UNBILLED_TOKENS_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     """requests is the number of finished requests in the range."""
     prompt_tokens: _builtins.int
@@ -130,6 +133,12 @@ class GetUsageResponse(_message.Message):
     """completion_tokens is the sum of completion tokens."""
     total_tokens: _builtins.int
     """total_tokens is prompt_tokens + completion_tokens."""
+    cached_requests: _builtins.int
+    """cached_requests counts requests the response cache (or coalescing) answered."""
+    cached_completion_tokens: _builtins.int
+    """cached_completion_tokens are the completion tokens they got without computing."""
+    cache_unbilled_tokens: _builtins.int
+    """cache_unbilled_tokens are the tokens they got but were not billed for."""
     @_builtins.property
     def by_model(self) -> _containers.RepeatedCompositeFieldContainer[_usage_pb2.ModelUsage]:
         """by_model splits the totals by model (and version when asked)."""
@@ -169,10 +178,13 @@ class GetUsageResponse(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         requests_by_template: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        cached_requests: _builtins.int = ...,
+        cached_completion_tokens: _builtins.int = ...,
+        cache_unbilled_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "by_model", b"by_model", "completion_tokens", b"completion_tokens", "end_time", b"end_time", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "requests_by_finish_reason", b"requests_by_finish_reason", "requests_by_template", b"requests_by_template", "start_time", b"start_time", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "by_model", b"by_model", "cache_unbilled_tokens", b"cache_unbilled_tokens", "cached_completion_tokens", b"cached_completion_tokens", "cached_requests", b"cached_requests", "completion_tokens", b"completion_tokens", "end_time", b"end_time", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "requests_by_finish_reason", b"requests_by_finish_reason", "requests_by_template", b"requests_by_template", "start_time", b"start_time", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
