@@ -98,6 +98,12 @@ def test_legacy_completions_take_prompt_lists_and_refuse_echo():
     assert set(found) == {"prompt", "echo", "best_of"}
 
 
+def test_echo_refused_names_the_field_once():
+    # The client reads "<field>: <description>"; the description must not repeat the field.
+    found = _violations(lambda: params.parse_completion(_raw(model="m", prompt="a", echo=True)))
+    assert found == {"echo": "true is not supported"}
+
+
 def test_embeddings_take_strings_and_an_encoding():
     call = params.parse_embedding(_raw(model="e@1", input="x", encoding_format="base64"))
     assert list(call.request.inputs) == ["x"] and call.base64 and call.request.version == "1"

@@ -402,7 +402,7 @@ def parse_completion(raw: bytes) -> GenerationCall:
         body.out.append(FieldViolation("prompt", "is required"))
         prompts = []
     if body.boolean("echo"):
-        body.out.append(FieldViolation("echo", "echo: true is not supported"))
+        body.out.append(FieldViolation("echo", "true is not supported"))
     logprobs = body.integer("logprobs")
     if logprobs is not None:
         request["logprobs"] = True
