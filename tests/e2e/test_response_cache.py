@@ -241,3 +241,31 @@ def test_concurrent_embeddings_compute_each_distinct_input_once(cached, acme):
     assert after - before == len(shared) + len(bodies)
     first = results[0][: len(shared)]
     assert all(r[: len(shared)] == first for r in results)
+
+
+def test_the_openai_routes_carry_the_cache_status(cached, acme):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"openai {uuid.uuid4().hex[:8]}"}],
+        "max_tokens": 8,
+        "seed": 9,
+    }
+
+    def chat(**extra: Any) -> httpx.Response:
+        reply = httpx.post(
+            f"{cached.edge_url}/openai/v1/chat/completions",
+            json={**body, **extra},
+            headers={"authorization": f"Bearer {acme}"},
+            timeout=30,
+        )
+        assert reply.status_code == 200, reply.text
+        return reply
+
+    first, second = chat(), chat()
+    assert [first.headers["x-tokenmesh-cache"], second.headers["x-tokenmesh-cache"]] == [
+        "miss",
+        "hit",
+    ]
+    texts = [r.json()["choices"][0]["message"]["content"] for r in (first, second)]
+    assert texts[0] == texts[1]
+    assert chat(temperature=0.9, seed=None).headers["x-tokenmesh-cache"] == "bypass"
