@@ -75,6 +75,11 @@ SPECS: tuple[Spec, ...] = (
         "low-reuse control (all prompts distinct): affinity vs round robin",
         "no worse than 5%",
     ),
+    Spec(
+        "J1",
+        "interactive TTFT p99 while a 2,000-item job runs vs without it (same worker)",
+        "<= 1.5x",
+    ),
 )
 TARGET_IDS = tuple(spec.id for spec in SPECS)
 

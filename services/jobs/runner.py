@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from typing import Any
@@ -64,6 +65,8 @@ class Runner:
         self.lane_concurrency = lane_concurrency
         self.claim_idle_s = claim_idle_s
         self._slots = asyncio.Semaphore(concurrency)
+        # Set when an item ends: a lane may have a free slot again.
+        self._slot_freed = asyncio.Event()
         self._tasks: dict[EntryKey, asyncio.Task[None]] = {}
         self._jobs: dict[EntryKey, str] = {}
         self._per_lane: collections.Counter[str] = collections.Counter()
@@ -77,7 +80,17 @@ class Runner:
         await self.recover_own()
         while True:
             if not await self.read_once(block_ms):
-                await asyncio.sleep(block_ms / 1000)
+                await self._wait_for_slot(block_ms / 1000)
+
+    async def _wait_for_slot(self, timeout_s: float) -> None:
+        """Waits until an item ends (or `timeout_s`: a new lane may have appeared).
+
+        NOTE: a fixed sleep here held every lane's next items back by up to
+        `timeout_s` each time its slots were full: 4 items per half second.
+        """
+        self._slot_freed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._slot_freed.wait(), timeout_s)
 
     async def maintain_forever(self, every_s: float, watch_s: float = 0.5) -> None:
         """Stops the items of ended jobs (every `watch_s`); keeps running entries claimed,
@@ -219,6 +232,7 @@ class Runner:
         task.add_done_callback(lambda done: self._finished(key, done))
 
     def _finished(self, key: EntryKey, task: asyncio.Task[None]) -> None:
+        self._slot_freed.set()
         self._tasks.pop(key, None)
         self._jobs.pop(key, None)
         self._ending.discard(key)

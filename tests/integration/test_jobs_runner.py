@@ -1,0 +1,91 @@
+"""The jobs runner against a real worker and a real Redis (no jobs service around it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+
+import redis.asyncio as aioredis
+
+from services.core import contract
+from services.core.pki import IdentityFiles
+from services.core.server import serving
+from services.inference.service import InferenceService
+from services.jobs.execution import Backoff, ItemExecutor
+from services.jobs.runner import Runner
+from services.jobs.store import JobStore, NewJob, Owner, now_ms
+from services.jobs.workers import WorkerDirectory
+from services.router.registry import WORKERS_KEY, WorkerEntry
+from tests import mtls
+from tests.integration.conftest import inference_settings
+from tokenmesh.inference.v2 import inference_service_pb2 as v2
+from tokenmesh.jobs.v1 import jobs_pb2
+
+ITEMS = 8
+READ_BLOCK_MS = 5000
+
+
+async def _wait_for_status(store: JobStore, job_id: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = await store.get(job_id)
+        if record is not None and record.status in ("SUCCEEDED", "FAILED"):
+            return record.status
+        await asyncio.sleep(0.05)
+    return "still running"
+
+
+async def test_a_lane_with_one_slot_starts_its_next_item_when_one_ends(tmp_path, redis_url):
+    """A full lane waits for a slot to free, not for a fixed pause: with one slot and a
+    5 s read block, the old runner took ~5 s per item (40 s for 8); this one finishes
+    them back to back."""
+    client = aioredis.from_url(redis_url)
+    settings = inference_settings(tmp_path, redis_url, test_models=("deterministic-test:1",))
+    service = InferenceService(settings)
+    store = JobStore(client, 3600)
+    executor = ItemExecutor(
+        WorkerDirectory(client),
+        IdentityFiles.of(mtls.pki_dir(), contract.JOBS),
+        Backoff(),
+        call_timeout_s=30,
+    )
+    runner = Runner(store, executor, f"t-{uuid.uuid4().hex[:6]}", 1, 1, claim_idle_s=30)
+    worker_id = f"runner-test-{uuid.uuid4().hex[:6]}"
+    try:
+        async with serving(service, settings) as server:
+            entry = WorkerEntry(
+                worker_id,
+                "127.0.0.1",
+                server.port,
+                (("deterministic-test", "1"),),
+                lease_expires_at=time.time() + 600,
+            )
+            await client.hset(WORKERS_KEY, worker_id, entry.to_json())
+            key = f"key_{uuid.uuid4().hex[:8]}"
+            identity = {contract.KEY_ID_HEADER: key, contract.SCOPES_HEADER: "inference:generate"}
+            items = [
+                jobs_pb2.JobItem(
+                    complete=v2.CompleteRequest(
+                        model="deterministic-test", prompt=f"item {i}", max_output_tokens=1
+                    )
+                )
+                for i in range(ITEMS)
+            ]
+            job_id, _ = await store.create(
+                NewJob(Owner(key, "", identity), items, "", {}, "", now_ms() + 600_000)
+            )
+            task = asyncio.create_task(runner.run_forever(block_ms=READ_BLOCK_MS))
+            try:
+                status = await _wait_for_status(store, job_id, timeout_s=READ_BLOCK_MS / 1000 * 3)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            assert status == "SUCCEEDED"
+    finally:
+        await runner.stop()
+        await executor.close()
+        await client.hdel(WORKERS_KEY, worker_id)
+        await client.aclose()
