@@ -12,6 +12,7 @@ from typing import Any
 
 from bench import edge, fairness, mtls, openai, peer, policy, routing, serving, templates, usage
 from bench import jobs_load as jobs_scenario
+from bench import load_routing as load_scenario
 from bench.rows import Context, Row, Scenario, row
 
 
@@ -173,6 +174,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("policy", ("C1", "C2"), policy.measure, policy.judge),
     Scenario("peer", ("P1", "P2"), peer.measure, peer.judge, peer.plots),
     Scenario("routing", ("K1", "K2"), routing.measure, routing.judge, routing.plots),
+    Scenario("load_routing", ("L1",), load_scenario.measure, load_scenario.judge),
     Scenario("jobs", ("J1",), jobs_scenario.measure, jobs_scenario.judge),
 )
 ALIASES = {"inference": "serving"}  # older --only names

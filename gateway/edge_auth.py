@@ -87,6 +87,8 @@ RPC_SCOPES: Mapping[str, str] = {
     "/tokenmesh.router.v1.RouterService/PauseRollout": "admin",
     "/tokenmesh.router.v1.RouterService/ResumeRollout": "admin",
     "/tokenmesh.router.v1.RouterService/AbortRollout": "admin",
+    "/tokenmesh.router.v1.RouterService/SetShadowTraffic": "admin",
+    "/tokenmesh.router.v1.RouterService/CompareModelVersions": "admin",
     "/tokenmesh.router.v1.RouterService/ListPromptTemplates": "models:read",
     "/tokenmesh.router.v1.RouterService/GetPromptTemplate": "models:read",
     "/tokenmesh.router.v1.RouterService/CreatePromptTemplate": "admin",

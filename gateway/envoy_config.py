@@ -198,6 +198,10 @@ class EdgeConfig:
     # control plane's TOKENMESH_ROUTER_PREFIX_AFFINITY is on too); off: round
     # robin on this edge only (bench K1/K2 compare the two on the same workers).
     prefix_affinity: bool = True
+    # Worker endpoints weigh what their load reports earned them (when the control
+    # plane's TOKENMESH_ROUTER_LOAD_AWARE is on too); off: equal weights on this
+    # edge only (bench L1 compares the two on the same workers).
+    load_aware: bool = True
     # mTLS to every upstream: the directory of the SDS files (see `sds_files`)
     # that name the edge's certificate and the mesh CA. None: plaintext upstreams.
     sds_dir: Path | None = None
@@ -869,6 +873,7 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
                 # Where this edge's SDS files are: its clusters from xDS use them too.
                 "tokenmesh_sds_dir": str(config.sds_dir or ""),
                 "tokenmesh_prefix_affinity": config.prefix_affinity,
+                "tokenmesh_load_aware": config.load_aware,
             },
         },
         "admin": {"address": _socket_address(Endpoint("127.0.0.1", config.admin_port))},

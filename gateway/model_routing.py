@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from services.core import contract
+
 INFERENCE_PREFIX = "/tokenmesh.inference.v1.InferenceService/"
 # Model routes match every inference API's paths (v1, v2 and the OpenAI surface's
 # requests for a model go to the same clusters). Only the Lua filter sets
@@ -43,6 +45,8 @@ EDGE_ONLY_HEADERS = (
     ROUTE_VERSION_HEADER,
     FALLBACK_MODEL_HEADER,
     FALLBACK_VERSION_HEADER,
+    contract.SHADOW_HEADER,
+    contract.SHADOWED_HEADER,
 )
 LUA_SOURCE = Path(__file__).with_name("model_routing.lua")
 

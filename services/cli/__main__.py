@@ -23,6 +23,8 @@ TOKENMESH_API_KEY).
     tokenmesh models rollout MODEL VERSION [--steps 5,25,50,100] [--step-seconds 60]
         [--max-error-rate 0.01] [--max-ttft-p99-ratio 1.5] [--min-requests 50]
     tokenmesh models rollout status|pause|resume|abort MODEL
+    tokenmesh models shadow MODEL VERSION --percent P   (MODEL --off stops it)
+    tokenmesh models compare MODEL BASELINE CANDIDATE [--since 1h]
     tokenmesh prompts create NAME --template-file FILE [--system TEXT]
                              [--variable NAME:MAXLEN[:required]]...
     tokenmesh prompts list [--json]
@@ -61,6 +63,7 @@ from google.protobuf import duration_pb2, json_format, timestamp_pb2
 from services.cli import jobs as jobs_cli
 from services.cli import policies as policy_cli
 from services.cli import rollouts
+from services.cli import shadow as shadow_cli
 from services.core import contract, identity, pki
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2_grpc
 from tokenmesh.auth.v1 import auth_service_pb2 as pb
@@ -214,6 +217,8 @@ def _model_line(model: router_pb2.CatalogModel) -> str:
     extras = [f"pinned={model.pinned_version}"] if model.pinned_version else []
     extras += [f"fallback={model.fallback_model}"] if model.fallback_model else []
     extras += [f"{alias}->{version}" for alias, version in sorted(model.aliases.items())]
+    if model.HasField("shadow"):
+        extras.append(f"shadow={model.shadow.version}@{model.shadow.percent}%")
     return f"{model.name:<24} {versions}  {' '.join(extras)}".rstrip()
 
 
@@ -562,7 +567,8 @@ def _models_parsers(groups: Any) -> list[argparse.ArgumentParser]:
     price.add_argument("--clear", action="store_true", help="remove the version's price")
     price.set_defaults(run=models_price)
     rollout = rollouts.add_parser(actions)
-    return [listing, split, pin, deprecate, fallback, alias, register, price, rollout]
+    shadows = shadow_cli.add_parsers(actions)
+    return [listing, split, pin, deprecate, fallback, alias, register, price, rollout, *shadows]
 
 
 def _prompts_parsers(groups: Any) -> list[argparse.ArgumentParser]:

@@ -128,6 +128,19 @@ OPENAI_ERROR_HEADER = "x-tokenmesh-openai-error"
 #: Response header of a worker's inference answer: how the response cache
 #: served it, "hit", "miss", "coalesced" or "bypass" (services.inference.pipeline.cache).
 CACHE_HEADER = "x-tokenmesh-cache"
+#: Set by the edge's mirror policy on the copy of a request it sends to a model's
+#: shadow version (`tokenmesh models shadow`): the version that serves the copy.
+#: Envoy discards the copy's answer; the worker meters it to SHADOW_TENANT (never
+#: to the caller's key, budgets or limits). Edge-only: clients' copies are removed
+#: on arrival and any other peer sending it is refused (EDGE_HEADER_PREFIX).
+#: NOTE: Envoy also appends "-shadow" to the copy's :authority, but grpc.aio does
+#: not show a servicer the authority, so this header is the mark.
+SHADOW_HEADER = "x-tokenmesh-shadow"
+#: Set by a shadowed model's routes on the live request: the version its copies
+#: go to; the worker then keeps a comparison record of the request.
+SHADOWED_HEADER = "x-tokenmesh-shadowed"
+#: The account shadow copies are metered to (usage reports: tenant tokenmesh.shadow).
+SHADOW_TENANT = "tokenmesh.shadow"
 ADMIN_SCOPE = "admin"
 
 # ---------------------------------------------------------------------------
@@ -252,6 +265,8 @@ CALLER_RULES: dict[str, CallerRule] = {
     "/tokenmesh.router.v1.RouterService/PauseRollout": _ADMIN,
     "/tokenmesh.router.v1.RouterService/ResumeRollout": _ADMIN,
     "/tokenmesh.router.v1.RouterService/AbortRollout": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/SetShadowTraffic": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/CompareModelVersions": _ADMIN,
     "/tokenmesh.router.v1.RouterService/CreatePromptTemplate": _ADMIN,
     "/tokenmesh.router.v1.RouterService/SetPromptTemplateAlias": _ADMIN,
     **{

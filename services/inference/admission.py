@@ -35,7 +35,7 @@ from services.core.errors import (
     Unavailable,
 )
 from services.core.interceptors import Context, request_headers
-from services.inference import metrics
+from services.inference import metrics, shadow
 from services.inference.budget import Limits, TokenBudgets
 from services.inference.models import LoadedModel, ModelRegistry
 from services.inference.pipeline.content import ContentStage
@@ -121,7 +121,7 @@ def route_target(
     was reached through the model's fallback cluster).
     """
     routed_model = headers.get(model_routing.ROUTE_MODEL_HEADER, "")
-    routed_version = headers.get(model_routing.ROUTE_VERSION_HEADER, "")
+    routed_version = shadow.routed_version(headers)  # a shadow copy: the shadow version
     if routed_model:
         if registry.has(routed_model, routed_version):
             return Target(registry.resolve(routed_model, routed_version))
@@ -180,6 +180,12 @@ class Request:
             tokens_per_minute=_int(headers.get(contract.TPM_HEADER)),
             monthly_tokens=_int(headers.get(contract.MONTHLY_TOKENS_HEADER)),
         )
+        # Shadow traffic (services.inference.shadow): the edge's mirrored copy of a
+        # request is metered to the shadow account, never to the caller's key,
+        # budgets or limits.
+        self.shadow = shadow.mark(headers, self.request_id)
+        if self.shadow is not None and self.shadow.is_copy:
+            self.key_id, self.tenant, self.limits = "", contract.SHADOW_TENANT, Limits()
         self.trace_id = _trace_id()
         self.started = time.monotonic()
         # Token budgets (see Admission): what admission reserved for this request,
@@ -250,6 +256,9 @@ class Admission:
         # Content policies and samples (services.inference.pipeline.content); the
         # service sets a stage backed by its policy cache, none by default.
         self.content = ContentStage()
+        # Comparison records of shadowed models' requests (services.inference.shadow);
+        # the service sets a recorder backed by Redis. None: none are kept.
+        self.shadow_records: shadow.ShadowRecorder | None = None
         # the service sets a recorder backed by Redis. None: none are kept.
         # The response cache (services.inference.pipeline.generate.CacheStage); the
         # service sets it when TOKENMESH_CACHE is on. None: not on the path at all.
@@ -322,6 +331,8 @@ class Admission:
         request.model.outcomes.observe(event.finish_reason, event.timing.time_to_first_token_ms)
         metrics.REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - request.started)
         self.usage_log.append(event)
+        if request.shadow is not None and self.shadow_records is not None:
+            self.shadow_records.observe(request, request.shadow, event)
         if request.reserved_tokens:
             used = event.usage.prompt_tokens + event.usage.completion_tokens
             task = asyncio.create_task(self._reconcile(request, used))

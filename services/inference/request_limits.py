@@ -47,6 +47,7 @@ from services.core.interceptors import (
     abort_with,
     request_headers,
 )
+from services.inference import shadow
 from services.inference.openai import errors as openai_errors
 from services.usage.ratelimit import WARNING_HEADER, WINDOW_S, RequestLimiter, WindowStatus
 
@@ -72,8 +73,8 @@ Handler = Callable[..., Any]
 def descriptor(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...] | None:
     """Returns the rate-limit descriptor of a request's identity headers (None: anonymous)."""
     key_id = headers.get(contract.KEY_ID_HEADER, "")
-    if not key_id:
-        return None
+    if not key_id or shadow.is_copy(headers):
+        return None  # anonymous, or the edge's shadow copy (its live request was counted)
     entries = [("key_id", key_id)]
     entries += [(key, headers[h]) for h, key in DESCRIPTOR_HEADERS if headers.get(h)]
     return tuple(entries)

@@ -38,11 +38,13 @@ from services.inference.repository import (
 from services.inference.request_limits import RequestLimitInterceptor
 from services.inference.scheduler import SchedulerLimits
 from services.inference.servicer import InferenceAdminServicer, InferenceServicer
+from services.inference.shadow import ShadowRecorder
 from services.inference.template_cache import TemplateCache
 from services.inference.usage_log import UsageLog
 from services.inference.v2 import servicer as v2
 from services.router.policies import PolicyCatalog
 from services.router.prompts import PromptCatalog
+from services.router.shadow_pairs import PairStore
 from services.usage.limit_settings import RequestLimitSettings
 from services.usage.ratelimit import RequestLimiter
 from tokenmesh.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
@@ -300,6 +302,7 @@ class InferenceService(Service):
         # Content policies attached to tenants and keys, and sample settings: in memory,
         # refreshed in the background (services.inference.policy_cache).
         self.policies = PolicyCache(PolicyCatalog(self.redis))
+        self.shadow_records = ShadowRecorder(PairStore(self.redis))
         # Response cache and coalescing (services.inference.pipeline.cache): entries in
         # the volatile Redis (the rate limiter's), bounded by TTL and entry size.
         self.cache_settings = load(CacheSettings, os.environ)
@@ -334,6 +337,7 @@ class InferenceService(Service):
         )
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(v1, server)
         v1.admission.content = ContentStage(self.policies, self.usage_log, self.redis)
+        v1.admission.shadow_records = self.shadow_records
         v1.admission.cache = self.cache
         # v2 shares v1's routing, budgets and usage recording (one Admission).
         v2_servicer = v2.InferenceServicer(v1.admission, templates=self.templates)
@@ -414,6 +418,7 @@ class InferenceService(Service):
         for model in self.registry.all():
             await model.stop(drain_timeout_s=0)
         await self.usage_log.stop()
+        await self.shadow_records.stop()
         await self.templates.stop()
         await self.policies.stop()
         await self.request_limiter.close()  # unused leased slots go back to the windows

@@ -68,6 +68,10 @@ class ModelEntry:
     aliases: Mapping[str, str] = field(default_factory=dict)
     fallback: str = ""
     pinned: str = ""
+    # Shadow traffic (`tokenmesh models shadow`): this share (percent) of the
+    # model's live requests is mirrored to `shadow_version`; "" / 0 = none.
+    shadow_version: str = ""
+    shadow_percent: int = 0
 
     def version(self, label: str) -> VersionEntry | None:
         """Returns the version called `label`, if registered."""
@@ -89,28 +93,38 @@ class ModelEntry:
         weights = self.effective_weights(now)
         return max(weights, key=lambda v: (weights[v], v)) if weights else ""
 
+    def shadow(self, now: float) -> tuple[str, int] | None:
+        """Returns (version, percent) of the model's active shadow traffic, if any."""
+        found = self.version(self.shadow_version) if self.shadow_version else None
+        if found is None or found.sunset(now) or self.shadow_percent <= 0:
+            return None
+        return found.version, self.shadow_percent
+
     def to_json(self) -> str:
         """Serialises the model for Redis."""
-        return json.dumps(
-            {
-                "versions": [v.to_json() for v in self.versions],
-                "aliases": dict(self.aliases),
-                "fallback": self.fallback,
-                "pinned": self.pinned,
-            },
-            sort_keys=True,
-        )
+        data: dict[str, Any] = {
+            "versions": [v.to_json() for v in self.versions],
+            "aliases": dict(self.aliases),
+            "fallback": self.fallback,
+            "pinned": self.pinned,
+        }
+        if self.shadow_version:  # absent keys: documents written before shadows read the same
+            data["shadow"] = {"version": self.shadow_version, "percent": self.shadow_percent}
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, name: str, raw: str | bytes) -> ModelEntry:
         """Parses a model stored by `to_json`."""
         data: dict[str, Any] = json.loads(raw)
+        shadow: dict[str, Any] = data.get("shadow") or {}
         return cls(
             name=name,
             versions=tuple(VersionEntry.from_json(v) for v in data.get("versions", [])),
             aliases=dict(data.get("aliases", {})),
             fallback=str(data.get("fallback", "")),
             pinned=str(data.get("pinned", "")),
+            shadow_version=str(shadow.get("version", "")),
+            shadow_percent=int(shadow.get("percent", 0)),
         )
 
 
@@ -239,6 +253,29 @@ def set_fallback(model: ModelEntry, fallback: str, catalog: Mapping[str, ModelEn
                 "fallback_model", f"{fallback!r} has a fallback of its own; chains are not allowed"
             )
     return replace(model, fallback=fallback)
+
+
+def set_shadow(model: ModelEntry, version: str, percent: int, now: float) -> ModelEntry:
+    """Returns `model` mirroring `percent`% of its live requests to `version`.
+
+    Percent 0 or no version stops the shadow. The version must be registered
+    and serving, and must not already take all of the model's traffic (its
+    copies would shadow itself).
+    """
+    if not version or percent == 0:
+        return replace(model, shadow_version="", shadow_percent=0)
+    if not 0 < percent <= 100:
+        raise _violation("percent", "must be between 0 and 100")
+    found = model.version(version)
+    if found is None:
+        raise _unknown_version(model, version, "version")
+    if found.sunset(now):
+        raise _violation("version", f"version {version!r} of {model.name!r} was sunset")
+    if model.effective_weights(now) == {version: 100}:
+        raise _violation(
+            "version", f"version {version!r} already serves all of {model.name!r}'s traffic"
+        )
+    return replace(model, shadow_version=version, shadow_percent=percent)
 
 
 def _unknown_version(model: ModelEntry, version: str, field_name: str) -> InvalidArgument:

@@ -71,6 +71,13 @@ class RouterSettings(RedisSettings):
         "Route generations whose prompts start alike to the same worker (bounded-load "
         "consistent hashing), where its prefix cache holds them; false = round robin.",
     )
+    load_aware: bool = env(
+        "TOKENMESH_ROUTER_LOAD_AWARE",
+        True,
+        "Weigh workers' endpoints by their load reports (slow or saturated workers get "
+        "fewer new requests); false = equal weights (workers list still shows the weights "
+        "they would get).",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +102,7 @@ class RouterService(RedisBackedService):
         self.options = ClusterOptions(
             health_check_interval_s=settings.health_check_interval_s,
             prefix_affinity=settings.prefix_affinity,
+            load_aware=settings.load_aware,
         )
         self.plane = ControlPlane(self._build, settings.poll_s)
         self.rollout_store = RolloutStore(

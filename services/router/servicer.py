@@ -20,6 +20,8 @@ from services.router.policies import PolicyCatalog
 from services.router.policy_servicer import PolicyRpcs
 from services.router.prompts import PromptCatalog, PromptHead, PromptTemplate
 from services.router.registry import DRAINING, VersionCounts, WorkerEntry, WorkerRegistry
+from services.router.shadow_pairs import PairStore
+from services.router.shadow_servicer import ShadowRpcs
 from tokenmesh.router.v1 import router_pb2
 from tokenmesh.router.v1 import router_service_pb2 as pb
 from tokenmesh.router.v1 import router_service_pb2_grpc as pb_grpc
@@ -64,7 +66,13 @@ def model_to_pb(
         aliases=dict(model.aliases),
         fallback_model=model.fallback,
         pinned_version=model.pinned,
+        shadow=_shadow_pb(model, at),
     )
+
+
+def _shadow_pb(model: ModelEntry, at: float) -> router_pb2.ShadowTraffic | None:
+    shadow = model.shadow(at)
+    return router_pb2.ShadowTraffic(version=shadow[0], percent=shadow[1]) if shadow else None
 
 
 def _set_price(version: router_pb2.CatalogVersion, entry: cat.VersionEntry) -> None:
@@ -257,10 +265,11 @@ def rollout_to_pb(rollout: rollouts.Rollout, workers: Sequence[WorkerEntry]) -> 
     )
 
 
-class RouterServicer(PolicyRpcs, pb_grpc.RouterServiceServicer):
+class RouterServicer(PolicyRpcs, ShadowRpcs, pb_grpc.RouterServiceServicer):
     """RouterServicer serves the catalogue; every change reaches the edges within a second.
 
-    Content policies and samples: `PolicyRpcs` (services.router.policy_servicer).
+    Content policies and samples: `PolicyRpcs` (services.router.policy_servicer);
+    shadow traffic and version comparisons: `ShadowRpcs` (services.router.shadow_servicer).
     """
 
     def __init__(
@@ -276,6 +285,7 @@ class RouterServicer(PolicyRpcs, pb_grpc.RouterServiceServicer):
         self.refresh = refresh
         self.prompts = prompts
         self.policy_catalog = PolicyCatalog(prompts.redis)
+        self.shadow_pairs = PairStore(prompts.redis)
         self.rollouts = rollout_store
 
     async def _rollout_pb(self, rollout: rollouts.Rollout) -> router_pb2.Rollout:

@@ -39,7 +39,9 @@ from gateway.model_routing import (
     model_health_name,
 )
 from services.core import contract
+from services.router import shadow
 from services.router.catalog import ModelEntry
+from services.router.load_weights import NEUTRAL_WEIGHT
 from services.router.registry import WorkerEntry
 
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -59,6 +61,9 @@ class EdgeFlags:
     # False: this edge routes model versions round robin even where the control
     # plane hashes prompt heads (an edge of its own for comparing the two).
     prefix_affinity: bool = True
+    # False: this edge's endpoints all weigh the same, whatever the workers' load
+    # (an edge of its own for comparing the two: bench L1).
+    load_aware: bool = True
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> EdgeFlags:
@@ -68,6 +73,7 @@ class EdgeFlags:
             ratelimit=bool(metadata.get("tokenmesh_ratelimit", True)),
             sds_dir=str(metadata.get("tokenmesh_sds_dir", "")),
             prefix_affinity=bool(metadata.get("tokenmesh_prefix_affinity", True)),
+            load_aware=bool(metadata.get("tokenmesh_load_aware", True)),
         )
 
 
@@ -80,10 +86,13 @@ class ClusterOptions:
         prefix_affinity: model-version clusters pick a worker by a hash of the
             prompt's head (Maglev, bounded load): prompts that start the same
             way reach the same worker's prefix cache. Off: round robin.
+        load_aware: endpoints weigh what the workers' load reports earned them
+            (services.router.load_weights). Off: every endpoint weighs the same.
     """
 
     health_check_interval_s: float = 1.0
     prefix_affinity: bool = True
+    load_aware: bool = True
 
 
 # With prefix affinity, no worker takes more than this share (in %) of the
@@ -129,19 +138,20 @@ def build(
     routable = [w for w in workers if w.routable(now, lease_grace)]
     served = _served_versions(catalog, now)
     affinity = options.prefix_affinity and flags.prefix_affinity
+    weighted = options.load_aware and flags.load_aware
     clusters = {
         INFERENCE_CLUSTER: eds_cluster(
             INFERENCE_CLUSTER, envoy_config.HEALTH_SERVICE[INFERENCE_CLUSTER], options, flags
         )
     }
-    endpoints = {INFERENCE_CLUSTER: load_assignment(INFERENCE_CLUSTER, routable)}
+    endpoints = {INFERENCE_CLUSTER: load_assignment(INFERENCE_CLUSTER, routable, weighted)}
     for model, version in served:
         name = model_cluster(model, version)
         clusters[name] = eds_cluster(
             name, model_health_name(model, version), options, flags, affinity
         )
         hosts = [w for w in routable if (model, version) in w.models]
-        endpoints[name] = load_assignment(name, hosts)
+        endpoints[name] = load_assignment(name, hosts, weighted)
     for entry in catalog.values():
         fallback = _fallback_target(entry, catalog, now)
         if fallback is None:
@@ -250,10 +260,17 @@ def aggregate_cluster(name: str, clusters: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def load_assignment(cluster: str, workers: Sequence[WorkerEntry]) -> dict[str, Any]:
-    """Builds one cluster's endpoints, weighted by the workers' load (load_weights)."""
+def load_assignment(
+    cluster: str, workers: Sequence[WorkerEntry], weighted: bool = True
+) -> dict[str, Any]:
+    """Builds one cluster's endpoints, weighted by the workers' load (load_weights) unless
+    `weighted` is off (then all weigh NEUTRAL_WEIGHT)."""
     return envoy_config.load_assignment(
-        cluster, [Endpoint(w.host, w.port, w.weight.weight) for w in workers]
+        cluster,
+        [
+            Endpoint(w.host, w.port, w.weight.weight if weighted else NEUTRAL_WEIGHT)
+            for w in workers
+        ],
     )
 
 
@@ -364,12 +381,11 @@ def model_routes(
             routes.append(_sunset_route(entry.name, label, found.sunset_at or now))
             continue
         target = _weighted_target(entry, version, 1, fallback)
-        routes.append(
-            {
-                "match": _match(entry.name, label),
-                "route": _streaming_action(affinity, weighted_clusters={"clusters": [target]}),
-            }
-        )
+        route = {
+            "match": _match(entry.name, label),
+            "route": _streaming_action(affinity, weighted_clusters={"clusters": [target]}),
+        }
+        routes.append(_shadowed(route, entry, now, frozenset({version})))
     # A version the catalogue does not know: any worker answers (NOT_FOUND, or the
     # version if a worker loaded it outside the catalogue), never another version.
     unknown_version = _match(entry.name, None)
@@ -378,13 +394,21 @@ def model_routes(
     weights = entry.effective_weights(now)
     if weights:
         targets = [_weighted_target(entry, v, w, fallback) for v, w in sorted(weights.items())]
-        routes.append(
-            {
-                "match": _match(entry.name, None),
-                "route": _streaming_action(affinity, weighted_clusters={"clusters": targets}),
-            }
-        )
+        route = {
+            "match": _match(entry.name, None),
+            "route": _streaming_action(affinity, weighted_clusters={"clusters": targets}),
+        }
+        routes.append(_shadowed(route, entry, now, frozenset(weights)))
     return routes
+
+
+def _shadowed(
+    route: dict[str, Any], entry: ModelEntry, now: float, serves: frozenset[str]
+) -> dict[str, Any]:
+    """Adds the model's shadow traffic (services.router.shadow) to one of its routes."""
+    return shadow.with_shadow(
+        route, entry, now, model_cluster(entry.name, entry.shadow_version), serves
+    )
 
 
 def _sunset_route(model: str, label: str, sunset_at: float) -> dict[str, Any]:

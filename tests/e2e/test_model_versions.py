@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from google.protobuf import duration_pb2
 
@@ -34,6 +35,9 @@ from tests.conftest import TEST_SERVICE_ENV
 from tests.e2e.conftest import authed_channel
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
+from tokenmesh.inference.v2 import inference_pb2 as v2_pb2
+from tokenmesh.inference.v2 import inference_service_pb2 as v2_pb
+from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_rpc
 from tokenmesh.router.v1 import router_pb2
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
 from tokenmesh.router.v1 import router_service_pb2_grpc as router_rpc
@@ -304,3 +308,93 @@ def test_a_healthy_rollout_reaches_100_percent_across_a_router_restart(
     assert done.weight == 100 and weights_of(edge)["3"] == 100
     actions = [d.action for d in done.decisions]
     assert actions == ["start", "pause", "resume", "advance", "succeed"]
+
+
+def mirror_configured(mesh: Mesh, version: str) -> bool:
+    """Tells whether the edge's routes mirror the model to `version`'s cluster."""
+    url = f"http://127.0.0.1:{mesh.admin_port}/config_dump?resource=dynamic_route_configs"
+    dump = httpx.get(url, timeout=5).text
+    return f'"cluster": "model:{MODEL}:{version}"' in dump and "request_mirror_policies" in dump
+
+
+def usage_requests(channel: grpc.Channel, **scope: str) -> int:
+    stub = usage_rpc.UsageServiceStub(channel)
+    return int(stub.GetUsage(usage_pb.GetUsageRequest(**scope), timeout=10).requests)
+
+
+def shadowed_call(channel: grpc.Channel, n: int) -> tuple[str, float]:
+    """One seeded v2 request (Complete, or a Generate stream): (serving version, seconds)."""
+    stub = v2_rpc.InferenceServiceStub(channel)
+    sampling = v2_pb2.SamplingParams(seed=n, temperature=0.8)
+    started = time.monotonic()
+    if n % 2:
+        reply = stub.Complete(
+            v2_pb.CompleteRequest(
+                model=MODEL, prompt=f"shadow {n}", max_output_tokens=4, sampling=sampling
+            ),
+            timeout=30,
+        )
+        return reply.model.version, time.monotonic() - started
+    request = v2_pb.GenerateRequest(
+        model=MODEL, prompt=f"shadow {n}", max_output_tokens=4, sampling=sampling
+    )
+    finals = [m for m in stub.Generate(request, timeout=30) if m.HasField("model")]
+    return finals[-1].model.version, time.monotonic() - started
+
+
+def reaches(channel: grpc.Channel, version: str) -> bool:
+    """Tells whether the edge reaches a worker of `version` (its own errors count as reached)."""
+    try:
+        complete(channel, "are you there", version)
+    except grpc.RpcError as error:
+        return error.code() != grpc.StatusCode.UNAVAILABLE
+    return True
+
+
+def test_shadowing_every_request_to_another_version_leaves_callers_untouched(
+    versions_mesh, edge, split_restored
+):
+    wait_for(lambda: reaches(edge, "1") and reaches(edge, "2"), 30, "both versions' workers")
+    caller = json.loads(
+        cli(versions_mesh, "keys", "create", "--tenant", "shadow-caller",
+            "--scopes", "inference:generate,usage:read", "--json")
+    )  # fmt: skip
+    with authed_channel(versions_mesh.edge_address, [("x-api-key", caller["secret"])]) as own:
+        baseline = sorted(shadowed_call(edge, 1000 + n)[1] for n in range(10))
+        started = cli(versions_mesh, "models", "shadow", MODEL, "2", "--percent", "100")
+        assert "mirroring 100% of live requests to version 2" in started
+        wait_for(lambda: mirror_configured(versions_mesh, "2"), 15, "the edge's mirror policy")
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda n: shadowed_call(own, n), range(50)))
+        # Callers got version 1's answers (the faulty version 2 fails half of its
+        # copies, which nobody sees) in the latency class they had without a shadow.
+        assert {version for version, _ in answers} == {"1"}
+        shadowed = sorted(seconds for _, seconds in answers)
+        assert shadowed[len(shadowed) // 2] < 3 * baseline[len(baseline) // 2] + 0.25
+        # The caller is metered for its 50 requests; the copies go to the shadow account.
+        wait_for(
+            lambda: usage_requests(edge, tenant="tokenmesh.shadow") >= 50,
+            30,
+            "the copies' usage in the shadow account",
+            show=lambda: usage_requests(edge, tenant="tokenmesh.shadow"),
+        )
+        wait_for(lambda: usage_requests(own) >= 50, 30, "the caller's usage")
+        assert usage_requests(own) == 50
+        assert usage_requests(edge, tenant="tokenmesh.shadow") == 50
+    compared = cli(versions_mesh, "models", "compare", MODEL, "1", "2", "--since", "1h")
+    report = json.loads(
+        cli(versions_mesh, "models", "compare", MODEL, "1", "2", "--since", "1h", "--json")
+    )
+    assert report["pairs"] == 50, compared
+    assert "v1" in compared and "v2" in compared and "seeded pairs agreeing" in compared
+    served, copied = report["baseline"], report["candidate"]
+    assert served["requests"] == copied["requests"] == 50
+    assert served.get("errorRate", 0) == 0 and 0 < copied["errorRate"] < 1  # injected faults
+    assert served["timeToFirstToken"]["p50Ms"] > 0 and copied["timeToFirstToken"]["p50Ms"] > 0
+    assert served["meanConfidence"] > 0 and served["outputTokens"]["max"] == 4
+    # The deterministic engine gives both versions the same text for a seed.
+    ok_pairs = copied["finishReasons"].get("length", 0)
+    assert report["seededPairs"] == ok_pairs and report["agreementRate"] == 1.0
+    stopped = cli(versions_mesh, "models", "shadow", MODEL, "--off")
+    assert "no shadow traffic" in stopped
+    wait_for(lambda: not mirror_configured(versions_mesh, "2"), 15, "the mirror to go")

@@ -141,6 +141,7 @@ class CatalogModel(_message.Message):
     ALIASES_FIELD_NUMBER: _builtins.int
     FALLBACK_MODEL_FIELD_NUMBER: _builtins.int
     PINNED_VERSION_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """name is the model's unique name."""
     fallback_model: _builtins.str
@@ -155,6 +156,10 @@ class CatalogModel(_message.Message):
     def aliases(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """aliases map names such as "stable" or "canary" to versions."""
 
+    @_builtins.property
+    def shadow(self) -> Global___ShadowTraffic:
+        """shadow, when set, is where copies of the model's live requests go."""
+
     def __init__(
         self,
         *,
@@ -163,14 +168,41 @@ class CatalogModel(_message.Message):
         aliases: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         fallback_model: _builtins.str = ...,
         pinned_version: _builtins.str = ...,
+        shadow: Global___ShadowTraffic | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "fallback_model", b"fallback_model", "name", b"name", "pinned_version", b"pinned_version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "fallback_model", b"fallback_model", "name", b"name", "pinned_version", b"pinned_version", "shadow", b"shadow", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CatalogModel: _TypeAlias = CatalogModel  # noqa: Y015
+
+@_typing.final
+class ShadowTraffic(_message.Message):
+    """ShadowTraffic mirrors a share of a model's live requests to a version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """version serves the copies (their answers are discarded)."""
+    percent: _builtins.int
+    """percent is the share of live requests copied (1-100)."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        percent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["percent", b"percent", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowTraffic: _TypeAlias = ShadowTraffic  # noqa: Y015
 
 @_typing.final
 class CatalogVersion(_message.Message):
@@ -739,3 +771,159 @@ class RolloutDecision(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RolloutDecision: _TypeAlias = RolloutDecision  # noqa: Y015
+
+@_typing.final
+class LatencySummary(_message.Message):
+    """LatencySummary is a latency distribution, in milliseconds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    P50_MS_FIELD_NUMBER: _builtins.int
+    P99_MS_FIELD_NUMBER: _builtins.int
+    MEAN_MS_FIELD_NUMBER: _builtins.int
+    p50_ms: _builtins.float
+    """p50_ms is the median."""
+    p99_ms: _builtins.float
+    """p99_ms is the 99th percentile."""
+    mean_ms: _builtins.float
+    """mean_ms is the mean."""
+    def __init__(
+        self,
+        *,
+        p50_ms: _builtins.float = ...,
+        p99_ms: _builtins.float = ...,
+        mean_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mean_ms", b"mean_ms", "p50_ms", b"p50_ms", "p99_ms", b"p99_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LatencySummary: _TypeAlias = LatencySummary  # noqa: Y015
+
+@_typing.final
+class OutputLengthSummary(_message.Message):
+    """OutputLengthSummary is a distribution of output lengths, in tokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEAN_FIELD_NUMBER: _builtins.int
+    P50_FIELD_NUMBER: _builtins.int
+    P90_FIELD_NUMBER: _builtins.int
+    P99_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    mean: _builtins.float
+    """mean is the mean length."""
+    p50: _builtins.int
+    """p50 is the median length."""
+    p90: _builtins.int
+    """p90 is the 90th percentile."""
+    p99: _builtins.int
+    """p99 is the 99th percentile."""
+    max: _builtins.int
+    """max is the longest output."""
+    def __init__(
+        self,
+        *,
+        mean: _builtins.float = ...,
+        p50: _builtins.int = ...,
+        p90: _builtins.int = ...,
+        p99: _builtins.int = ...,
+        max: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max", b"max", "mean", b"mean", "p50", b"p50", "p90", b"p90", "p99", b"p99"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputLengthSummary: _TypeAlias = OutputLengthSummary  # noqa: Y015
+
+@_typing.final
+class VersionComparison(_message.Message):
+    """VersionComparison is one version's figures over the compared requests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FinishReasonsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    TIME_TO_FIRST_TOKEN_FIELD_NUMBER: _builtins.int
+    INTER_TOKEN_LATENCY_FIELD_NUMBER: _builtins.int
+    TOTAL_LATENCY_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    FINISH_REASONS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    MEAN_LOGPROB_FIELD_NUMBER: _builtins.int
+    MEAN_CONFIDENCE_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """version is the model version."""
+    requests: _builtins.int
+    """requests is how many of the compared requests it answered."""
+    error_rate: _builtins.float
+    """error_rate is the share (0-1) of requests that ended in an error."""
+    mean_logprob: _builtins.float
+    """mean_logprob is the mean token log-probability (requests with log-probabilities)."""
+    mean_confidence: _builtins.float
+    """mean_confidence is the mean confidence (0-1) of those requests."""
+    @_builtins.property
+    def time_to_first_token(self) -> Global___LatencySummary:
+        """time_to_first_token is the time to the first token (successful requests)."""
+
+    @_builtins.property
+    def inter_token_latency(self) -> Global___LatencySummary:
+        """inter_token_latency is the mean time between tokens of each request."""
+
+    @_builtins.property
+    def total_latency(self) -> Global___LatencySummary:
+        """total_latency is the time from submission to the last token."""
+
+    @_builtins.property
+    def finish_reasons(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """finish_reasons counts requests by finish reason ("stop", "length", "error", ...)."""
+
+    @_builtins.property
+    def output_tokens(self) -> Global___OutputLengthSummary:
+        """output_tokens is the distribution of completion lengths."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        time_to_first_token: Global___LatencySummary | None = ...,
+        inter_token_latency: Global___LatencySummary | None = ...,
+        total_latency: Global___LatencySummary | None = ...,
+        error_rate: _builtins.float = ...,
+        finish_reasons: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        output_tokens: Global___OutputLengthSummary | None = ...,
+        mean_logprob: _builtins.float = ...,
+        mean_confidence: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inter_token_latency", b"inter_token_latency", "output_tokens", b"output_tokens", "time_to_first_token", b"time_to_first_token", "total_latency", b"total_latency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_rate", b"error_rate", "finish_reasons", b"finish_reasons", "inter_token_latency", b"inter_token_latency", "mean_confidence", b"mean_confidence", "mean_logprob", b"mean_logprob", "output_tokens", b"output_tokens", "requests", b"requests", "time_to_first_token", b"time_to_first_token", "total_latency", b"total_latency", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionComparison: _TypeAlias = VersionComparison  # noqa: Y015

@@ -1175,3 +1175,157 @@ class AbortRolloutResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AbortRolloutResponse: _TypeAlias = AbortRolloutResponse  # noqa: Y015
+
+@_typing.final
+class SetShadowTrafficRequest(_message.Message):
+    """SetShadowTrafficRequest starts, changes or stops a model's shadow traffic."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """model is the model name."""
+    version: _builtins.str
+    """version receives the copies: a registered, serving version that does not
+    already take all of the model's traffic. Empty stops the shadow.
+    """
+    percent: _builtins.int
+    """percent is the share of the model's live requests mirrored (1-100; 0
+    stops the shadow).
+    """
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        percent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "percent", b"percent", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetShadowTrafficRequest: _TypeAlias = SetShadowTrafficRequest  # noqa: Y015
+
+@_typing.final
+class SetShadowTrafficResponse(_message.Message):
+    """SetShadowTrafficResponse returns the model after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> _router_pb2.CatalogModel:
+        """model is the model, with its shadow."""
+
+    def __init__(
+        self,
+        *,
+        model: _router_pb2.CatalogModel | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetShadowTrafficResponse: _TypeAlias = SetShadowTrafficResponse  # noqa: Y015
+
+@_typing.final
+class CompareModelVersionsRequest(_message.Message):
+    """CompareModelVersionsRequest names a model and the two versions to compare."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    BASELINE_VERSION_FIELD_NUMBER: _builtins.int
+    CANDIDATE_VERSION_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """model is the model name."""
+    baseline_version: _builtins.str
+    """baseline_version is the version that answered the callers (e.g. "1")."""
+    candidate_version: _builtins.str
+    """candidate_version is the shadow version (e.g. "2")."""
+    @_builtins.property
+    def since(self) -> _duration_pb2.Duration:
+        """since is how far back to look (1 s to 7 days; unset means 1 h). Pairs are
+        kept for 7 days, at most 10,000 per model.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        baseline_version: _builtins.str = ...,
+        candidate_version: _builtins.str = ...,
+        since: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_version", b"baseline_version", "candidate_version", b"candidate_version", "model", b"model", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompareModelVersionsRequest: _TypeAlias = CompareModelVersionsRequest  # noqa: Y015
+
+@_typing.final
+class CompareModelVersionsResponse(_message.Message):
+    """CompareModelVersionsResponse compares two versions over the same requests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FIELD_NUMBER: _builtins.int
+    PAIRS_FIELD_NUMBER: _builtins.int
+    SEEDED_PAIRS_FIELD_NUMBER: _builtins.int
+    AGREEING_PAIRS_FIELD_NUMBER: _builtins.int
+    AGREEMENT_RATE_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """model is the model name."""
+    pairs: _builtins.int
+    """pairs is how many requests both versions answered (one live, one shadow)."""
+    seeded_pairs: _builtins.int
+    """seeded_pairs is how many of them were reproducible (a seed, or greedy
+    sampling): the same input must give the same text.
+    """
+    agreeing_pairs: _builtins.int
+    """agreeing_pairs is how many seeded pairs had identical output texts."""
+    agreement_rate: _builtins.float
+    """agreement_rate is agreeing_pairs / seeded_pairs (0 when there are none)."""
+    @_builtins.property
+    def baseline(self) -> _router_pb2.VersionComparison:
+        """baseline holds the baseline version's figures over the pairs."""
+
+    @_builtins.property
+    def candidate(self) -> _router_pb2.VersionComparison:
+        """candidate holds the candidate version's figures over the pairs."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """start_time is the start of the compared window."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        baseline: _router_pb2.VersionComparison | None = ...,
+        candidate: _router_pb2.VersionComparison | None = ...,
+        pairs: _builtins.int = ...,
+        seeded_pairs: _builtins.int = ...,
+        agreeing_pairs: _builtins.int = ...,
+        agreement_rate: _builtins.float = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "candidate", b"candidate", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreeing_pairs", b"agreeing_pairs", "agreement_rate", b"agreement_rate", "baseline", b"baseline", "candidate", b"candidate", "model", b"model", "pairs", b"pairs", "seeded_pairs", b"seeded_pairs", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompareModelVersionsResponse: _TypeAlias = CompareModelVersionsResponse  # noqa: Y015

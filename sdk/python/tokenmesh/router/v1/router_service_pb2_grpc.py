@@ -162,6 +162,16 @@ class RouterServiceStub:
                 request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.AbortRolloutRequest.SerializeToString,
                 response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.AbortRolloutResponse.FromString,
                 _registered_method=True)
+        self.SetShadowTraffic = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/SetShadowTraffic',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetShadowTrafficRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetShadowTrafficResponse.FromString,
+                _registered_method=True)
+        self.CompareModelVersions = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/CompareModelVersions',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.CompareModelVersionsRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.CompareModelVersionsResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -352,6 +362,25 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetShadowTraffic(self, request, context):
+        """SetShadowTraffic mirrors a share of a model's live requests to a version
+        (percent 0 stops it): callers never see the copies' answers or wait for
+        them; the copies are metered to the tenant "tokenmesh.shadow" and each
+        pair is kept for CompareModelVersions. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompareModelVersions(self, request, context):
+        """CompareModelVersions compares two versions of a model on the same live
+        requests (shadow pairs): latency, errors and finish reasons, output
+        length, log-probabilities, and how often seeded texts agree. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -479,6 +508,16 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.AbortRollout,
                     request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.AbortRolloutRequest.FromString,
                     response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.AbortRolloutResponse.SerializeToString,
+            ),
+            'SetShadowTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetShadowTraffic,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetShadowTrafficRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetShadowTrafficResponse.SerializeToString,
+            ),
+            'CompareModelVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareModelVersions,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.CompareModelVersionsRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.CompareModelVersionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1158,6 +1197,60 @@ class RouterService:
             '/tokenmesh.router.v1.RouterService/AbortRollout',
             tokenmesh_dot_router_dot_v1_dot_router__service__pb2.AbortRolloutRequest.SerializeToString,
             tokenmesh_dot_router_dot_v1_dot_router__service__pb2.AbortRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetShadowTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/SetShadowTraffic',
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetShadowTrafficRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetShadowTrafficResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareModelVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/CompareModelVersions',
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.CompareModelVersionsRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.CompareModelVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

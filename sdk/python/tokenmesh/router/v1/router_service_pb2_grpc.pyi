@@ -100,6 +100,17 @@ class RouterServiceStub:
     """AbortRollout stops a rollout and sends the new version's traffic back to
     the stable version.
     """
+    SetShadowTraffic: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.SetShadowTrafficRequest, _router_service_pb2.SetShadowTrafficResponse]
+    """SetShadowTraffic mirrors a share of a model's live requests to a version
+    (percent 0 stops it): callers never see the copies' answers or wait for
+    them; the copies are metered to the tenant "tokenmesh.shadow" and each
+    pair is kept for CompareModelVersions. Admin only.
+    """
+    CompareModelVersions: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.CompareModelVersionsRequest, _router_service_pb2.CompareModelVersionsResponse]
+    """CompareModelVersions compares two versions of a model on the same live
+    requests (shadow pairs): latency, errors and finish reasons, output
+    length, log-probabilities, and how often seeded texts agree. Admin only.
+    """
 
 @_typing.type_check_only
 class RouterServiceAsyncStub(RouterServiceStub):
@@ -171,6 +182,17 @@ class RouterServiceAsyncStub(RouterServiceStub):
     AbortRollout: _aio.UnaryUnaryMultiCallable[_router_service_pb2.AbortRolloutRequest, _router_service_pb2.AbortRolloutResponse]  # type: ignore[assignment]
     """AbortRollout stops a rollout and sends the new version's traffic back to
     the stable version.
+    """
+    SetShadowTraffic: _aio.UnaryUnaryMultiCallable[_router_service_pb2.SetShadowTrafficRequest, _router_service_pb2.SetShadowTrafficResponse]  # type: ignore[assignment]
+    """SetShadowTraffic mirrors a share of a model's live requests to a version
+    (percent 0 stops it): callers never see the copies' answers or wait for
+    them; the copies are metered to the tenant "tokenmesh.shadow" and each
+    pair is kept for CompareModelVersions. Admin only.
+    """
+    CompareModelVersions: _aio.UnaryUnaryMultiCallable[_router_service_pb2.CompareModelVersionsRequest, _router_service_pb2.CompareModelVersionsResponse]  # type: ignore[assignment]
+    """CompareModelVersions compares two versions of a model on the same live
+    requests (shadow pairs): latency, errors and finish reasons, output
+    length, log-probabilities, and how often seeded texts agree. Admin only.
     """
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -390,6 +412,29 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_router_service_pb2.AbortRolloutResponse, _abc.Awaitable[_router_service_pb2.AbortRolloutResponse]]:
         """AbortRollout stops a rollout and sends the new version's traffic back to
         the stable version.
+        """
+
+    @_abc_1.abstractmethod
+    def SetShadowTraffic(
+        self,
+        request: _router_service_pb2.SetShadowTrafficRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_service_pb2.SetShadowTrafficResponse, _abc.Awaitable[_router_service_pb2.SetShadowTrafficResponse]]:
+        """SetShadowTraffic mirrors a share of a model's live requests to a version
+        (percent 0 stops it): callers never see the copies' answers or wait for
+        them; the copies are metered to the tenant "tokenmesh.shadow" and each
+        pair is kept for CompareModelVersions. Admin only.
+        """
+
+    @_abc_1.abstractmethod
+    def CompareModelVersions(
+        self,
+        request: _router_service_pb2.CompareModelVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_service_pb2.CompareModelVersionsResponse, _abc.Awaitable[_router_service_pb2.CompareModelVersionsResponse]]:
+        """CompareModelVersions compares two versions of a model on the same live
+        requests (shadow pairs): latency, errors and finish reasons, output
+        length, log-probabilities, and how often seeded texts agree. Admin only.
         """
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

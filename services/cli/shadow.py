@@ -1,0 +1,142 @@
+"""`tokenmesh models shadow|compare`: shadow traffic and version comparison, through the edge.
+
+tokenmesh models shadow MODEL VERSION --percent P   (mirror P% of live requests)
+tokenmesh models shadow MODEL --off                 (or --percent 0: stop)
+tokenmesh models compare MODEL BASELINE CANDIDATE [--since 1h]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf import duration_pb2, json_format
+
+from tokenmesh.router.v1 import router_pb2
+from tokenmesh.router.v1 import router_service_pb2 as router_pb
+
+TIMEOUT_S = 30.0
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SPAN = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+
+
+def add_parsers(actions: Any) -> list[argparse.ArgumentParser]:
+    """Adds `shadow` and `compare` to the `models` actions; returns their parsers."""
+    shadow = actions.add_parser(
+        "shadow", help="mirror a share of a model's live requests to a version (--off stops)"
+    )
+    shadow.add_argument("model")
+    shadow.add_argument("version", nargs="?", default="")
+    shadow.add_argument("--percent", type=int, default=None, help="1-100 (0 stops)")
+    shadow.add_argument("--off", action="store_true", help="stop the model's shadow traffic")
+    shadow.set_defaults(run=models_shadow)
+    compare = actions.add_parser(
+        "compare", help="compare two versions on the same live requests (shadow pairs)"
+    )
+    compare.add_argument("model")
+    compare.add_argument("baseline", help="the version that answered the callers")
+    compare.add_argument("candidate", help="the shadow version")
+    compare.add_argument("--since", default="1h", help="window: 30m, 1h, 2d (default 1h)")
+    compare.set_defaults(run=models_compare)
+    return [shadow, compare]
+
+
+def shadow_request(args: argparse.Namespace) -> router_pb.SetShadowTrafficRequest:
+    """Builds SetShadowTraffic from the command line."""
+    if args.off or args.percent == 0:
+        return router_pb.SetShadowTrafficRequest(model=args.model)
+    if not args.version or args.percent is None:
+        raise SystemExit("tokenmesh: models shadow MODEL VERSION --percent P (or MODEL --off)")
+    return router_pb.SetShadowTrafficRequest(
+        model=args.model, version=args.version, percent=args.percent
+    )
+
+
+def models_shadow(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
+    """Starts, changes or stops a model's shadow traffic."""
+    reply = stub.SetShadowTraffic(shadow_request(args), metadata=metadata, timeout=TIMEOUT_S)
+    model = reply.model
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(model), indent=2))
+    elif model.HasField("shadow"):
+        print(
+            f"{model.name}: mirroring {model.shadow.percent}% of live requests "
+            f"to version {model.shadow.version}"
+        )
+    else:
+        print(f"{model.name}: no shadow traffic")
+
+
+def parse_since(value: str) -> duration_pb2.Duration:
+    """Parses a window such as 90s, 30m, 1h or 2d."""
+    found = _SPAN.match(value.strip())
+    if found is None:
+        raise SystemExit(f"tokenmesh: --since {value!r} is not like 30m, 1h or 2d")
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(float(found[1]) * _UNITS[found[2]] * 1e9))
+    return duration
+
+
+def models_compare(
+    stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]
+) -> None:
+    """Prints two versions' figures over the same requests, side by side."""
+    request = router_pb.CompareModelVersionsRequest(
+        model=args.model,
+        baseline_version=args.baseline,
+        candidate_version=args.candidate,
+        since=parse_since(args.since),
+    )
+    reply = stub.CompareModelVersions(request, metadata=metadata, timeout=TIMEOUT_S)
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(reply), indent=2))
+    else:
+        print(describe(reply, args.since))
+
+
+def _ms(latency: router_pb2.LatencySummary) -> str:
+    return f"{latency.p50_ms:.1f} / {latency.p99_ms:.1f}"
+
+
+def _reasons(side: router_pb2.VersionComparison) -> str:
+    total = side.requests or 1
+    return " ".join(f"{r} {n / total:.0%}" for r, n in sorted(side.finish_reasons.items())) or "-"
+
+
+def _lengths(side: router_pb2.VersionComparison) -> str:
+    out = side.output_tokens
+    return f"{out.mean:.1f} / {out.p50} / {out.p90} / {out.max}"
+
+
+ROWS = (
+    ("requests", lambda s: str(s.requests)),
+    ("ttft p50/p99 ms", lambda s: _ms(s.time_to_first_token)),
+    ("itl p50/p99 ms", lambda s: _ms(s.inter_token_latency)),
+    ("total p50/p99 ms", lambda s: _ms(s.total_latency)),
+    ("error rate", lambda s: f"{s.error_rate:.3f}"),
+    ("finish reasons", _reasons),
+    ("output tokens mean/p50/p90/max", _lengths),
+    ("mean token logprob", lambda s: f"{s.mean_logprob:.3f}"),
+    ("mean confidence", lambda s: f"{s.mean_confidence:.3f}"),
+)
+
+
+def describe(reply: router_pb.CompareModelVersionsResponse, since: str) -> str:
+    """Returns a comparison as a table: one row per figure, one column per version."""
+    base, cand = reply.baseline, reply.candidate
+    width = max(len(name) for name, _ in ROWS)
+    lines = [
+        f"{reply.model}: version {base.version} (served) vs {cand.version} (shadow), "
+        f"last {since}: {reply.pairs} pairs",
+        f"  {'':<{width}}  {'v' + base.version:>24}  {'v' + cand.version:>24}",
+    ]
+    for name, cell in ROWS:
+        lines.append(f"  {name:<{width}}  {cell(base):>24}  {cell(cand):>24}")
+    lines.append(
+        f"  seeded pairs agreeing: {reply.agreeing_pairs}/{reply.seeded_pairs} "
+        f"({reply.agreement_rate:.1%})"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""Shadow traffic at the edge: Envoy mirrors a share of a model's live requests to a version.
+
+`tokenmesh models shadow MODEL VERSION --percent P` stores the shadow in the
+model's catalogue entry (services.router.catalog.set_shadow); the snapshot
+adds to each of the model's routes that serves another version:
+
+- a request mirror policy to the shadow version's cluster, for P% of requests
+  (runtime_fraction). Envoy sends the copy after the route's filters ran
+  (authentication, rate limits: once, for the live request), streams its
+  answer into nothing, and never makes the caller wait for it;
+- on the copy only, SHADOW_HEADER naming the version it must serve (the
+  worker meters it to the shadow account and keeps a comparison record);
+- on the live request, SHADOWED_HEADER: its worker keeps a record too, so
+  `tokenmesh models compare` pairs the two by request id (x-request-id, which
+  the copy shares with the live request).
+
+Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.model_routing import FALLBACK_MODEL_HEADER, FALLBACK_VERSION_HEADER
+from services.core import contract
+from services.router.catalog import ModelEntry
+
+
+def _set(name: str, value: str) -> dict[str, Any]:
+    return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def mirror_policy(cluster: str, version: str, percent: int) -> dict[str, Any]:
+    """Builds a request mirror policy sending `percent`% of a route's requests to `cluster`."""
+    return {
+        "cluster": cluster,
+        "runtime_fraction": {"default_value": {"numerator": percent, "denominator": "HUNDRED"}},
+        # The copy serves the shadow version, never a fallback, and records as a shadow.
+        "request_headers_mutations": [
+            {"append": _set(contract.SHADOW_HEADER, version)},
+            {"remove": contract.SHADOWED_HEADER},
+            {"remove": FALLBACK_MODEL_HEADER},
+            {"remove": FALLBACK_VERSION_HEADER},
+        ],
+    }
+
+
+def with_shadow(
+    route: dict[str, Any],
+    entry: ModelEntry,
+    now: float,
+    cluster: str,
+    serves: frozenset[str],
+) -> dict[str, Any]:
+    """Returns `route` mirroring the model's shadow share, unless it serves only the shadow.
+
+    Args:
+        route: one of the model's routes (with a "route" action).
+        entry: the model.
+        now: the time (a sunset shadow version is no shadow).
+        cluster: the shadow version's cluster.
+        serves: the versions the route sends live requests to.
+    """
+    shadow = entry.shadow(now)
+    if shadow is None or serves <= {shadow[0]}:
+        return route
+    version, percent = shadow
+    mirrors = [mirror_policy(cluster, version, percent)]
+    action = {**route["route"], "request_mirror_policies": mirrors}
+    headers = [*route.get("request_headers_to_add", []), _set(contract.SHADOWED_HEADER, version)]
+    return {**route, "route": action, "request_headers_to_add": headers}
