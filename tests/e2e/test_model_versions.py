@@ -292,13 +292,16 @@ def test_a_healthy_rollout_reaches_100_percent_across_a_router_restart(
     with pytest.raises(grpc.RpcError) as second:
         stub.StartRollout(router_pb.StartRolloutRequest(model=MODEL, version="2"), timeout=10)
     assert second.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    # Paused before any traffic: a step cannot advance without min_requests,
+    # so the pause always lands at 30% (with traffic, a fast machine could
+    # finish the 3 s steps before the CLI runs).
+    paused = cli(versions_mesh, "models", "rollout", "pause", MODEL)
+    assert "paused at 30%" in paused
+    # The state lives in Redis: a restarted router carries on with it.
+    versions_mesh.kill("router")
+    versions_mesh.restart_service("router", "router")
+    assert rollout_of(edge).state == router_pb2.ROLLOUT_STATE_PAUSED
     with Traffic(edge):
-        paused = cli(versions_mesh, "models", "rollout", "pause", MODEL)
-        assert "paused at 30%" in paused
-        # The state lives in Redis: a restarted router carries on with it.
-        versions_mesh.kill("router")
-        versions_mesh.restart_service("router", "router")
-        assert rollout_of(edge).state == router_pb2.ROLLOUT_STATE_PAUSED
         cli(versions_mesh, "models", "rollout", "resume", MODEL)
         done = wait_for(
             lambda: (r := rollout_of(edge)).state == router_pb2.ROLLOUT_STATE_SUCCEEDED and r,
