@@ -13,6 +13,10 @@ through, and the route re-matched on the new path sends it to the jobs
 cluster (on the way back it prints HandoverService's HttpBody as it is);
 without it, a route disables the second transcoder for the request and the
 main one sends it to the workers as always.
+
+The same transcoder serves OpenAI's files and batches (their paths are its
+own): it may buffer a request body of a batch input file's size, which the
+main transcoder, for every other REST request, does not.
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from pathlib import Path
 from typing import Any
 
 SERVICE = "tokenmesh.jobs.v1.HandoverService"
+# OpenAI's files and batches go through this transcoder too (before the main
+# one, which passes them on as gRPC): it alone may buffer a batch input file.
+BATCH_SERVICE = "tokenmesh.openai.v1.OpenAIBatchService"
+# The largest request body it buffers: an upload of the jobs service's largest
+# file (TOKENMESH_OPENAI_FILE_MAX_BYTES, at most 8 MiB) and its multipart framing.
+MAX_UPLOAD_BYTES = 8 * 1024 * 1024 + 64 * 1024
 FILTER_NAME = "tokenmesh.handover_transcoder"
 # The REST Complete paths a client may prefer to be answered asynchronously.
 COMPLETE_PATHS = r"^/v[12]/models/[^/]+:complete$"
@@ -28,14 +38,16 @@ TYPE_PREFIX = "type.googleapis.com/envoy"
 
 
 def transcoder_filter(descriptor_path: Path) -> dict[str, Any]:
-    """Builds the HandoverService transcoder (off on Completes without the Prefer header)."""
+    """Builds the jobs service's transcoder: HandoverService (off on Completes without
+    the Prefer header) and OpenAIBatchService (uploads up to MAX_UPLOAD_BYTES)."""
     return {
         "name": FILTER_NAME,
         "typed_config": {
             "@type": f"{TYPE_PREFIX}.extensions.filters.http.grpc_json_transcoder.v3"
             ".GrpcJsonTranscoder",
             "proto_descriptor": str(descriptor_path),
-            "services": [SERVICE],
+            "services": [SERVICE, BATCH_SERVICE],
+            "max_request_body_size": MAX_UPLOAD_BYTES,
             "convert_grpc_status": True,
             "request_validation_options": {"reject_unknown_query_parameters": True},
             "print_options": {

@@ -125,9 +125,9 @@ class JobsSettings(RedisSettings):
         )
         require(self.webhook_poll_s > 0, "TOKENMESH_WEBHOOK_POLL_SECONDS", "must be > 0")
         require(
-            1024 <= self.openai_file_max_bytes <= 64 * 1024 * 1024,
+            1024 <= self.openai_file_max_bytes <= 8 * 1024 * 1024,
             "TOKENMESH_OPENAI_FILE_MAX_BYTES",
-            "must be 1024-67108864",
+            "must be 1024-8388608 (the edge buffers uploads up to 8 MiB)",
         )
 
 

@@ -136,7 +136,8 @@ def test_a_cancelled_batch_keeps_finished_lines_and_names_the_rest(client):
     assert cancelled.status == "cancelled" and cancelled.cancelled_at is not None
     with pytest.raises(openai.BadRequestError):
         client.batches.cancel(batch.id)
-    finished_lines = read_lines(client, cancelled.output_file_id) if cancelled.output_file_id else []
+    output_id = cancelled.output_file_id
+    finished_lines = read_lines(client, output_id) if output_id else []
     unrun = read_lines(client, cancelled.error_file_id)
     assert len(finished_lines) + len(unrun) == 60
     assert {line["error"]["code"] for line in unrun} == {"batch_cancelled"}
@@ -174,3 +175,17 @@ def test_another_tenants_files_and_batches_are_not_found(mesh, client):
     with sdk(mesh, without_jobs["secret"]) as other:
         with pytest.raises(openai.PermissionDeniedError):
             other.batches.retrieve(batch.id)
+
+
+def test_a_file_of_several_megabytes_is_accepted_and_one_over_the_cap_refused(client):
+    line = completion_line(0)
+    count = 3 * 1024 * 1024 // len(json.dumps(line))
+    lines = [{**line, "custom_id": f"big-{i}"} for i in range(count)]
+    upload = client.files.create(file=jsonl(lines), purpose="batch")
+    assert upload.bytes > 3 * 1000 * 1000
+    assert len(client.files.content(upload.id).content) == upload.bytes
+    too_large = io.BytesIO(b"x" * (8 * 1024 * 1024 + 1))
+    too_large.name = "too-large.jsonl"
+    with pytest.raises((openai.BadRequestError, openai.APIStatusError)) as info:
+        client.files.create(file=too_large, purpose="batch")
+    assert info.value.status_code in (400, 413)
