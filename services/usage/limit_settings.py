@@ -123,4 +123,3 @@ class RequestLimitSettings:
 
 def _pairs(entries: tuple[str, ...]) -> dict[str, int]:
     return {name: int(value) for name, _, value in (e.partition("=") for e in entries)}
-

@@ -128,7 +128,8 @@ def test_delegated_rpcs_need_the_scope_the_edge_requires_for_them():
     """The jobs identity acts for a job's owner only within what the edge would let the owner do."""
     delegated = {m: r for m, r in contract.CALLER_RULES.items() if r.delegates}
     assert set(delegated) == {
-        f"/tokenmesh.inference.v2.InferenceService/{rpc}" for rpc in ("Generate", "Complete", "Embed")
+        f"/tokenmesh.inference.v2.InferenceService/{rpc}"
+        for rpc in ("Generate", "Complete", "Embed")
     }
     for method, rule in delegated.items():
         assert rule.delegates == {contract.JOBS}
