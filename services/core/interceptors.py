@@ -59,6 +59,12 @@ API_REQUESTS = Counter(
 )
 
 Context = grpc.aio.ServicerContext[Any, Any]
+#: STREAM_OPENER: an inner interceptor's streaming handler (an async generator
+#: function, so grpc can call it directly) may carry, under this attribute, a
+#: coroutine function `(request, context) -> AsyncIterator` that does the same
+#: setup and returns the stream to send without a generator of its own: the
+#: boundary then iterates that stream itself, one re-yield per message fewer.
+STREAM_OPENER = "tokenmesh_open_stream"
 Clock = Callable[[], float]
 Handler = Callable[..., Any]
 Decoder = Callable[[bytes], Any]
@@ -329,8 +335,12 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
                     request = decode(request)
                 if metrics.authorizer is not None:
                     metrics.authorizer.authorize(metrics.method, context, request)
-                result = behavior(request, context)
-                if inspect.isasyncgen(result):
+                opener = getattr(behavior, STREAM_OPENER, None)
+                if opener is None:
+                    result = behavior(request, context)
+                else:  # the inner layer's stream, without its re-yield per message
+                    result = await opener(request, context)
+                if opener is not None or inspect.isasyncgen(result):
                     async for message in result:
                         if metrics.announces:
                             await _announce(context)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from services.inference.scheduler import Finished, Scheduler, Sequence_
 from services.inference.tokenizer import IncrementalDecoder, Tokenizer
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,6 +56,8 @@ def held_back(text: str, stops: Sequence[str]) -> int:
 
 def _take_ready(seq: Sequence_, first: int | Finished) -> tuple[list[int], Finished | None]:
     """Returns `first` plus every item already waiting in the outbox."""
+    if seq.outbox.empty():  # the usual case, once per stream message: no lists to filter
+        return ([first], None) if isinstance(first, int) else ([], first)
     items = [first]
     while not seq.outbox.empty():
         items.append(seq.outbox.get_nowait())
@@ -69,6 +74,28 @@ async def stream_deltas(
     state: GenerationState,
 ) -> AsyncGenerator[Delta, None]:
     """Yields deltas until the sequence ends; cancels it if the caller stops early."""
+    tagged = tagged_deltas(None, scheduler, seq, tokenizer, stops, state)
+    try:
+        async for _, delta in tagged:
+            yield delta
+    finally:
+        await tagged.aclose()
+
+
+async def tagged_deltas(
+    tag: T,
+    scheduler: Scheduler,
+    seq: Sequence_,
+    tokenizer: Tokenizer,
+    stops: Sequence[str],
+    state: GenerationState,
+) -> AsyncGenerator[tuple[T, Delta], None]:
+    """Yields (tag, delta) as `stream_deltas` yields deltas.
+
+    A caller that needs each delta paired with its choice reads this directly:
+    a pairing generator around `stream_deltas` would cost every stream message
+    another async-generator hop.
+    """
     decoder = IncrementalDecoder(tokenizer)
     text = ""  # decoded but not yet sent
     finished = False
@@ -83,16 +110,16 @@ async def stream_deltas(
             if stop_at >= 0:
                 finished = True
                 scheduler.cancel(seq)  # frees the slot; the request ends with "stop"
-                yield Delta(text[:stop_at], tokens, "stop")
+                yield tag, Delta(text[:stop_at], tokens, "stop")
                 return
             if end is not None:
                 finished = True
                 if end.error is not None:
                     raise end.error
-                yield Delta(text, tokens, end.reason)
+                yield tag, Delta(text, tokens, end.reason)
                 return
             keep = held_back(text, stops)
-            yield Delta(text[: len(text) - keep], tokens)
+            yield tag, Delta(text[: len(text) - keep], tokens)
             text = text[len(text) - keep :]
     finally:
         if not finished:

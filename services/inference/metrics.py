@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Sequence
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LABELS = ("model", "version")
@@ -50,3 +53,31 @@ PREFIX_CACHE_TOKENS = Counter(
 PREFIX_CACHE_HELD = Gauge(
     "tokenmesh_prefix_cache_held_tokens", "Prompt tokens whose KV the prefix cache holds.", _LABELS
 )
+
+
+def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """Observes every amount in `histogram` (a labelled child), one update per bucket.
+
+    The engine thread measures a whole step's inter-token latencies at once:
+    `observe` per token takes two locks each (~1 µs, a 32-row step's ~37 µs);
+    here each touched bucket and the sum are updated once. The same counts and
+    sum as observing one by one; a child without prometheus_client's bucket
+    values (another implementation) is observed one by one.
+    """
+    if not amounts:
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None:
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    counts: dict[int, int] = {}
+    for amount in amounts:  # the first bound >= amount, as observe() picks it
+        index = bisect.bisect_left(bounds, amount)
+        counts[index] = counts.get(index, 0) + 1
+    total.inc(sum(amounts))
+    for index, count in counts.items():
+        if index < len(buckets):
+            buckets[index].inc(count)

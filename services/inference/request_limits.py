@@ -42,6 +42,7 @@ from services.core import contract
 from services.core.errors import QuotaViolation, ResourceExhausted, Unavailable
 from services.core.identity import peer_identity
 from services.core.interceptors import (
+    STREAM_OPENER,
     AnnouncingContext,
     Context,
     abort_with,
@@ -101,6 +102,19 @@ def refusal(window: WindowStatus) -> ResourceExhausted:
         quota_violations=[QuotaViolation(window.limit.subject, window.refusal())],
         reason="RATE_LIMITED",
     )
+
+
+async def _announced(result: Any, limited: AnnouncingContext | None) -> AsyncIterator[Any]:
+    """Streams a handler's messages, announcing the limits' headers before the first."""
+    if inspect.isasyncgen(result):
+        async for message in result:
+            if limited is not None:
+                await limited.ensure_announced()
+            yield message
+    elif inspect.isawaitable(result):
+        await result
+    if limited is not None:
+        await limited.ensure_announced()
 
 
 class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
@@ -165,18 +179,19 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
 
     def _stream(self, behavior: Handler, openai: bool) -> Handler:
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            async for message in await open_stream(request, context):
+                yield message
+
+        async def open_stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            # The error boundary calls this instead of `stream` (STREAM_OPENER): an
+            # unlimited call's messages then skip this layer.
             limited = await self.admit(context, openai)
             result = behavior(request, limited or context)
-            if inspect.isasyncgen(result):
-                async for message in result:
-                    if limited is not None:
-                        await limited.ensure_announced()
-                    yield message
-            elif inspect.isawaitable(result):
-                await result
-            if limited is not None:
-                await limited.ensure_announced()
+            if limited is None and inspect.isasyncgen(result):
+                return cast(AsyncIterator[Any], result)
+            return _announced(result, limited)
 
+        setattr(stream, STREAM_OPENER, open_stream)
         return stream
 
     async def admit(self, context: Context, openai: bool) -> AnnouncingContext | None:

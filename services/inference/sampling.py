@@ -49,14 +49,18 @@ def sample_batch(
     uniforms = np.zeros(batch)
     for i in sampled:  # exactly one draw per sampled token, from the row's own generator
         uniforms[i] = rngs[i].random()
-    plain = np.array([i for i in sampled if _unfiltered(params[i], vocab)], dtype=np.int64)
-    filtered = np.array([i for i in sampled if not _unfiltered(params[i], vocab)], dtype=np.int64)
-    for rows, draw in ((plain, _sample_unfiltered), (filtered, _sample_filtered)):
-        if rows.size:
-            temps = np.array([params[i].temperature for i in rows])[:, None]
-            ks = np.array([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in rows])
-            top_ps = np.array([params[i].top_p for i in rows])[:, None]
-            tokens[rows] = draw(logits[rows], temps, ks, top_ps, uniforms[rows])
+    plain: list[int] = []
+    filtered: list[int] = []
+    for i in sampled:
+        (plain if _unfiltered(params[i], vocab) else filtered).append(i)
+    if plain:  # no top-k or nucleus: only the temperatures matter
+        temps = np.array([params[i].temperature for i in plain])[:, None]
+        tokens[plain] = _sample_unfiltered(logits[plain], temps, uniforms[plain])
+    if filtered:
+        temps = np.array([params[i].temperature for i in filtered])[:, None]
+        ks = np.array([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in filtered])
+        top_ps = np.array([params[i].top_p for i in filtered])[:, None]
+        tokens[filtered] = _sample_filtered(logits[filtered], temps, ks, top_ps, uniforms[filtered])
     return tokens
 
 
@@ -64,9 +68,7 @@ def _unfiltered(params: SamplingParams, vocab: int) -> bool:
     return not 0 < params.top_k < vocab and params.top_p >= 1
 
 
-def _sample_unfiltered(
-    logits: np.ndarray, temps: np.ndarray, ks: np.ndarray, top_ps: np.ndarray, uniforms: np.ndarray
-) -> np.ndarray:
+def _sample_unfiltered(logits: np.ndarray, temps: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     """Inverse-CDF draws from the whole softmax: no filter, so no sort is needed."""
     scaled = logits.astype(np.float64) / temps
     cumulative = np.cumsum(np.exp(scaled - scaled.max(axis=1, keepdims=True)), axis=1)

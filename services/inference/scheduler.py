@@ -332,8 +332,10 @@ class Scheduler:
             return
         now = time.monotonic()
         every = self._release_every(len(self._running))
+        gaps: list[float] = []  # this step's inter-token latencies, observed at once
         for seq, token in zip(batch, tokens, strict=True):
-            self._deliver(seq, token, now, every)
+            self._deliver(seq, token, now, every, gaps)
+        metrics.observe_many(self._itl, gaps)
         self._completion_tokens.inc(len(batch))
         self._post()
 
@@ -392,7 +394,8 @@ class Scheduler:
                 seq.token_logprobs.append(
                     token_logprob(logits[row], seq.params, int(tokens[row]), seq.top_logprobs)
                 )
-        return [int(t) for t in tokens]
+        ids: list[int] = tokens.tolist()
+        return ids
 
     def _reap(self) -> None:
         """Drops cancelled sequences and waiting ones whose deadline passed."""
@@ -440,7 +443,9 @@ class Scheduler:
             with self._lock:
                 self._waiting_count -= admitted
 
-    def _deliver(self, seq: Sequence_, token: int, now: float, every: int = 1) -> None:
+    def _deliver(
+        self, seq: Sequence_, token: int, now: float, every: int, gaps: list[float]
+    ) -> None:
         if seq.cancelled:
             self._finish(seq, Finished("cancelled"))
             return
@@ -453,7 +458,7 @@ class Scheduler:
             seq.first_token_at = now
             self._ttft.observe(now - seq.submitted_at)
         else:
-            self._itl.observe(now - (seq.last_token_at or now))
+            gaps.append(now - (seq.last_token_at or now))
         seq.last_token_at = now
         seq.generated.append(token)
         seq.held.append(token)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from services.core.interceptors import Context
 from services.inference.admission import Request, Target
-from services.inference.generation import Delta, GenerationState, stream_deltas
+from services.inference.generation import Delta, GenerationState, stream_deltas, tagged_deltas
 from services.inference.logprobs import Confidence, TokenLogprob
 from services.inference.pipeline.content import NO_CONTENT, RequestContent
 from services.inference.scheduler import Scheduler, Sequence_
@@ -195,15 +195,19 @@ class Generation(Request):
 
     def deltas(self) -> AsyncGenerator[tuple[Choice, Delta], None]:
         """Streams every choice's deltas, interleaved as they are ready."""
-        streams = [
-            stream_deltas(self.scheduler, c.seq, self.tokenizer, self.spec.stop, c.state)
-            for c in self.choices
-        ]
-        if len(streams) == 1:
+        merged: AsyncGenerator[tuple[Choice, Delta], None]
+        if len(self.choices) == 1:
             # One choice (every v1 request, most v2 ones): nothing to interleave, so no
-            # reader task and no queue hop per delta.
-            merged = single(self.choices[0], streams[0])
+            # reader task, no queue hop and no pairing generator per delta.
+            (choice,) = self.choices
+            merged = tagged_deltas(
+                choice, self.scheduler, choice.seq, self.tokenizer, self.spec.stop, choice.state
+            )
         else:
+            streams = [
+                stream_deltas(self.scheduler, c.seq, self.tokenizer, self.spec.stop, c.state)
+                for c in self.choices
+            ]
             merged = interleave(self.choices, streams)
         # Output rules (or sampling): deltas are held back until no rule can match them.
         return self.content.filter(merged, self) if self.content.filters_output else merged
