@@ -8,6 +8,8 @@ identity still may not send them, and `jobs` may not call anything else.
 
 from __future__ import annotations
 
+from typing import cast
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -33,7 +35,7 @@ BATCH = pb.CompleteRequest(
 
 
 def _reason(error: grpc.RpcError) -> str:
-    status = rpc_status.from_call(error)
+    status = rpc_status.from_call(cast(grpc.Call, error))
     for detail in status.details if status else ():
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):

@@ -4,6 +4,7 @@ Envoy worker within the revocation bound, the same identity, failures never cach
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import httpx
 import redis
@@ -44,7 +45,8 @@ def _usage_event(mesh, request_id: str) -> inference_pb2.UsageEvent:
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            for _, fields in client.xrange("tokenmesh:usage"):
+            entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange("tokenmesh:usage"))
+            for _, fields in entries:
                 if fields[b"request_id"].decode() == request_id:
                     return inference_pb2.UsageEvent.FromString(fields[b"event"])
             time.sleep(0.05)

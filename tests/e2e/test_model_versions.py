@@ -320,7 +320,7 @@ def mirror_configured(mesh: Mesh, version: str) -> bool:
     return f'"cluster": "model:{MODEL}:{version}"' in dump and "request_mirror_policies" in dump
 
 
-def usage_requests(channel: grpc.Channel, **scope: str) -> int:
+def usage_requests(channel: grpc.Channel, **scope: Any) -> int:
     stub = usage_rpc.UsageServiceStub(channel)
     return int(stub.GetUsage(usage_pb.GetUsageRequest(**scope), timeout=10).requests)
 

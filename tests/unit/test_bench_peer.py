@@ -4,6 +4,7 @@ settings, and the per-edge prefix-affinity switch the routing rows compare."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from bench import peer
 from gateway import envoy_config, openai_backend
@@ -15,7 +16,7 @@ from services.router.registry import WorkerEntry
 from services.router.snapshot import CLUSTER_TYPE, ROUTE_TYPE, EdgeFlags
 
 
-def _filters(bootstrap: dict) -> list[dict]:
+def _filters(bootstrap: dict[str, Any]) -> list[dict[str, Any]]:
     listener = bootstrap["static_resources"]["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     return list(hcm["http_filters"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ PRECISION_FLOOR = 0.95
 RECALL_FLOOR = 0.95
 
 
-def _corpus() -> list[dict]:
+def _corpus() -> list[dict[str, Any]]:
     return [json.loads(line) for line in CORPUS.read_text().splitlines() if line.strip()]
 
 

@@ -3,6 +3,8 @@ marks, and the comparison of pairs."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from gateway import model_routing
@@ -45,7 +47,7 @@ def test_the_shadow_survives_the_catalogue_document_and_old_documents_have_none(
     assert ModelEntry.from_json("m", plain.to_json()).shadow(NOW) is None
 
 
-def _routes(model: ModelEntry) -> dict[str | None, dict]:
+def _routes(model: ModelEntry) -> dict[str | None, dict[str, Any]]:
     """The model's routes by the version label they match (None: the split)."""
     found = {}
     for route in snapshot.model_routes(model, {"m": model}, NOW):
@@ -89,7 +91,7 @@ def test_shadow_headers_are_edge_only():
     assert contract.SHADOW_HEADER.startswith(contract.EDGE_HEADER_PREFIX)
 
 
-def _set(name: str, value: str) -> dict:
+def _set(name: str, value: str) -> dict[str, Any]:
     return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
 
 
@@ -119,7 +121,12 @@ def test_a_copy_is_not_counted_against_the_callers_request_limits():
 
 
 def record(version: str, reason: str = "stop", text: str = "t", **fields: object) -> Record:
-    values: dict = {"ttft_ms": 10.0, "total_ms": 50.0, "output_tokens": 4, "reproducible": True}
+    values: dict[str, Any] = {
+        "ttft_ms": 10.0,
+        "total_ms": 50.0,
+        "output_tokens": 4,
+        "reproducible": True,
+    }
     values.update(fields)
     return Record(version=version, finish_reason=reason, text_hash=text, **values)
 
