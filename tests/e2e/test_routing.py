@@ -444,6 +444,16 @@ def test_prompts_that_start_alike_reach_the_same_worker(routed, edge):
     assert workers_of(edge, (f"{n} {head}" for n in range(20))) == {"inference-0", "inference-1"}
 
 
+def test_an_edge_started_without_prefix_affinity_spreads_prompts_that_start_alike(routed):
+    # Same control plane, same workers: only this edge's clusters are round robin
+    # (bench rows K1/K2 compare the two).
+    address = routed.start_extra_edge("edge-round-robin", prefix_affinity=False)
+    head = "the mesh routes tokens through envoy to workers and back again: "
+    with authed_channel(address, [("x-api-key", routed.dev_api_key())]) as plain:
+        spread = workers_of(plain, (f"{head}question {n}" for n in range(12)))
+    assert spread == {"inference-0", "inference-1"}
+
+
 def test_sigterm_drains_a_worker_its_stream_completes(routed, edge):
     stub = rpc.InferenceServiceStub(edge)
     stream = stub.Generate(pb.GenerateRequest(model=MODEL, prompt="a", max_tokens=500), timeout=30)
