@@ -54,13 +54,11 @@ def held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
-def _take_ready(seq: Sequence_, first: int | Finished) -> tuple[list[int], Finished | None]:
-    """Returns `first` plus every item already waiting in the outbox."""
-    if seq.outbox.empty():  # the usual case, once per stream message: no lists to filter
-        return ([first], None) if isinstance(first, int) else ([], first)
-    items = [first]
-    while not seq.outbox.empty():
-        items.append(seq.outbox.get_nowait())
+def _split(items: list[int | Finished]) -> tuple[list[int], Finished | None]:
+    """Returns an outbox's items as token ids and the `Finished` that ends them, if any."""
+    if len(items) == 1:  # the usual case, once per stream message
+        item = items[0]
+        return ([item], None) if isinstance(item, int) else ([], item)
     tokens = [t for t in items if isinstance(t, int)]
     end = next((t for t in items if isinstance(t, Finished)), None)
     return tokens, end
@@ -101,7 +99,7 @@ async def tagged_deltas(
     finished = False
     try:
         while True:
-            tokens, end = _take_ready(seq, await seq.outbox.get())
+            tokens, end = _split(await seq.outbox.take())
             if tokens and state.completion_tokens == 0:
                 _mark_first_token(seq, state)
             state.completion_tokens += len(tokens)

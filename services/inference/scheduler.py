@@ -92,6 +92,55 @@ class Finished:
     error: TokenmeshError | None = None
 
 
+class Outbox:
+    """Outbox is a sequence's tokens and final `Finished` on their way to its one reader.
+
+    The engine thread's step reaches the event loop in one callback, which puts
+    each sequence's items here; the stream takes everything waiting at once.
+    (An asyncio.Queue, pure Python, cost every stream message a few
+    microseconds in its get/put/wake-up bookkeeping.)
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[int | Finished] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: int | Finished) -> None:
+        """Adds an item; wakes the reader if it waits (event loop)."""
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def empty(self) -> bool:
+        """Tells whether no item waits."""
+        return not self._items
+
+    async def take(self) -> list[int | Finished]:
+        """Returns every waiting item, oldest first, waiting for one if there is none."""
+        await self._arrival()
+        items, self._items = self._items, []
+        return items
+
+    async def get(self) -> int | Finished:
+        """Returns the oldest item, waiting for one if there is none."""
+        await self._arrival()
+        return self._items.pop(0)
+
+    async def _arrival(self) -> None:
+        while not self._items:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+
+
 @dataclass(eq=False)
 class Sequence_:
     """Sequence_ is one request's generation state inside the scheduler."""
@@ -111,7 +160,7 @@ class Sequence_:
     held: list[int] = field(default_factory=list)  # sampled, not yet in the outbox
     cancelled: bool = False
     finished: Finished | None = None
-    outbox: asyncio.Queue[int | Finished] = field(default_factory=asyncio.Queue)
+    outbox: Outbox = field(default_factory=Outbox)
     # Log-probabilities: None when not asked for, else how many alternatives per
     # token (0-20). `token_logprobs[i]` describes `generated[i]`, written by the
     # engine thread before the token reaches the outbox.

@@ -69,7 +69,8 @@ class Choice:
         """Returns the log-probabilities of the next `count` tokens (and counts them)."""
         items = self.seq.token_logprobs[self.tokens : self.tokens + count]
         self.tokens += count
-        self.confidence.add(items)
+        if items:  # none when no one asked (v1): nothing to add, per stream message
+            self.confidence.add(items)
         return items
 
     def timing(self) -> ChoiceTiming:
