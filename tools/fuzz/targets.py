@@ -16,6 +16,8 @@ from gateway.edge_auth import PUBLIC, RPC_SCOPES
 # (tokenmesh.<api>.<version>.<api>_service_pb2, which is imported by name).
 SERVICE_MODULES = {
     "grpc.health.v1.Health": "grpc_health.v1.health_pb2",  # answered at the edge
+    "tokenmesh.openai.v1.OpenAIBatchService": "tokenmesh.openai.v1.openai_batch_service_pb2",
+    "tokenmesh.jobs.v1.HandoverService": "tokenmesh.jobs.v1.handover_service_pb2",
 }
 # RPCs that change state the other cases read (run them last, so that a
 # pinned, deprecated or re-split model does not hide the read paths).
