@@ -102,9 +102,14 @@ async def tagged_deltas(
             tokens, end = _split(await seq.outbox.take())
             if tokens and state.completion_tokens == 0:
                 _mark_first_token(seq, state)
-            state.completion_tokens += len(tokens)
+            before, mark = text, decoder.mark()
             text += decoder.push(tokens) + (decoder.flush() if end else "")
             stop_at = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
+            if stop_at >= 0 and len(tokens) > 1:
+                # A reader a step behind gets several tokens at once: the ones
+                # after the stop were never part of the answer (not sent, not billed).
+                tokens = _through_stop(decoder.rewound(mark), before, tokens, stops)
+            state.completion_tokens += len(tokens)
             if stop_at >= 0:
                 finished = True
                 scheduler.cancel(seq)  # frees the slot; the request ends with "stop"
@@ -122,6 +127,17 @@ async def tagged_deltas(
     finally:
         if not finished:
             scheduler.cancel(seq)
+
+
+def _through_stop(
+    decoder: IncrementalDecoder, text: str, tokens: Sequence[int], stops: Sequence[str]
+) -> list[int]:
+    """Returns the shortest head of `tokens` whose text (after `text`) completes a stop."""
+    for count, token in enumerate(tokens, 1):
+        text += decoder.push([token])
+        if any(stop in text for stop in stops):
+            return list(tokens[:count])
+    return list(tokens)  # completed only by the final flush: every token counts
 
 
 def _mark_first_token(seq: Sequence_, state: GenerationState) -> None:

@@ -108,6 +108,17 @@ class IncrementalDecoder:
         self._prefix, self._read = self._read, len(self._ids)
         return text[len(prefix_text) :]
 
+    def mark(self) -> tuple[int, int, int]:
+        """Returns the decoder's position, for `rewound` (cheap: ids only grow)."""
+        return len(self._ids), self._prefix, self._read
+
+    def rewound(self, mark: tuple[int, int, int]) -> IncrementalDecoder:
+        """Returns a new decoder in the state this one had at `mark`."""
+        size, prefix, read = mark
+        other = IncrementalDecoder(self._tokenizer)
+        other._ids, other._prefix, other._read = self._ids[:size], prefix, read
+        return other
+
     def flush(self) -> str:
         """Returns whatever is left, incomplete characters included."""
         prefix_text = self._tokenizer.decode(self._ids[self._prefix : self._read])

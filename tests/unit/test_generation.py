@@ -298,3 +298,24 @@ async def test_logprobs_are_recorded_per_token_only_when_asked(scheduler):
         # in the best 3 it is listed, with the same log-probability.
         if token in alternatives:
             assert dict(item.top)[token] == pytest.approx(item.logprob)
+
+
+async def test_a_reader_that_falls_behind_gets_and_pays_no_token_after_the_stop(scheduler):
+    full, _, _ = await _text(scheduler, _params(max_tokens=12))
+    word = full.split()[3]
+    assert full.split().index(word) == 3  # the stop completes with the 4th token
+    ids = TOKENIZER.encode("hello mesh")
+    state = GenerationState(prompt_tokens=len(ids))
+    params = _params(max_tokens=12, stop=(word,))
+    seq = scheduler.submit(ids, params, PRIORITY_INTERACTIVE, None)
+    # Let the whole generation land in the outbox before reading: the reader
+    # then takes every token at once, the ones after the stop included.
+    deadline = asyncio.get_running_loop().time() + 10
+    while not any(not isinstance(i, int) for i in seq.outbox._items):
+        assert asyncio.get_running_loop().time() < deadline, "the sequence never finished"
+        await asyncio.sleep(0.005)
+    deltas = [d async for d in stream_deltas(scheduler, seq, TOKENIZER, params.stop, state)]
+    assert deltas[-1].finish_reason == "stop"
+    assert state.completion_tokens == 4
+    assert sum(len(d.token_ids) for d in deltas) == 4
+    assert full.startswith("".join(d.text for d in deltas))
