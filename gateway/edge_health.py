@@ -34,8 +34,9 @@ UNAVAILABLE = 14
 # compressed) and the message. Service "" is an empty message (or field 1
 # written with length 0). Anything else, compressed or not readable here, is
 # left to the worker as before.
-LUA_SOURCE = f"""
-local PATH = "{HEALTH_CHECK_PATH}"
+# Lua functions of the edge's request filter (gateway/edge_lua.py) and of this one.
+LUA_FUNCTION = f"""
+local HEALTH_CHECK_PATH = "{HEALTH_CHECK_PATH}"
 
 local function asks_for_the_whole_edge(bytes)
   if #bytes < 5 or string.byte(bytes, 1) ~= 0 then
@@ -45,10 +46,8 @@ local function asks_for_the_whole_edge(bytes)
   return message == "" or message == "\\10\\0"
 end
 
-function envoy_on_request(handle)
-  if handle:headers():get(":path") ~= PATH then
-    return
-  end
+-- Ends a Health/Check for service "" with UNAVAILABLE while /healthz is not 200.
+local function gate_edge_health(handle)
   local body = handle:body()
   if body == nil or not asks_for_the_whole_edge(body:getBytes(0, body:length())) then
     return
@@ -72,6 +71,16 @@ function envoy_on_request(handle)
   }}, "")
 end
 """
+LUA_SOURCE = (
+    LUA_FUNCTION
+    + """
+function envoy_on_request(handle)
+  if handle:headers():get(":path") == HEALTH_CHECK_PATH then
+    gate_edge_health(handle)
+  end
+end
+"""
+)
 
 
 def lua_filter() -> dict[str, Any]:

@@ -21,9 +21,8 @@ from typing import Any
 from gateway import (
     edge_auth,
     edge_health,
-    error_status,
+    edge_lua,
     handover,
-    header_names,
     key_cache,
     model_routing,
     openai_edge,
@@ -695,13 +694,13 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
         "http_filters": [
             *([hsts_filter()] if tls else []),
             *_strip_filters(config),
-            # Headers gRPC cannot carry made every upstream call fail (500).
-            header_names.lua_filter(),
+            # Drops header names gRPC cannot carry (they made every upstream call
+            # fail) and gates gRPC Health/Check on /healthz: one Lua coroutine.
+            edge_lua.request_filter(),
             health_filter(sorted({*config.upstreams, "inference"})),
-            edge_health.lua_filter(),
-            # Before the transcoder: on the way back it sees the REST response.
-            error_status.lua_filter(),
-            openai_edge.lua_filter(),
+            # Before the transcoder: on the way back it sees the REST response
+            # (OpenAI error bodies, REST error statuses: one Lua coroutine).
+            edge_lua.response_filter(),
             # Prefer: respond-async only (a route turns it off for other Completes).
             handover.transcoder_filter(config.descriptor_path),
             transcoder_filter(config.descriptor_path),

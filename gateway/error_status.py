@@ -21,16 +21,16 @@ from services.core import contract
 
 # Only a transcoded response (not gRPC) is changed: an error (status >= 400) to
 # a 4xx or 5xx status, or a 200 to 202.
-LUA_SOURCE = f"""
-local HEADER = "{contract.HTTP_STATUS_HEADER}"
+# A Lua function of the edge's response filter (gateway/edge_lua.py) and of this one.
+LUA_FUNCTION = f"""
+local HTTP_STATUS_HEADER = "{contract.HTTP_STATUS_HEADER}"
 
-function envoy_on_response(handle)
-  local headers = handle:headers()
-  local wanted = headers:get(HEADER)
+local function apply_error_status(headers)
+  local wanted = headers:get(HTTP_STATUS_HEADER)
   if wanted == nil then
     return
   end
-  headers:remove(HEADER)
+  headers:remove(HTTP_STATUS_HEADER)
   local content_type = headers:get("content-type") or ""
   local status = tonumber(headers:get(":status")) or 0
   if string.find(content_type, "application/grpc", 1, true) == 1 then
@@ -42,6 +42,14 @@ function envoy_on_response(handle)
   end
 end
 """
+LUA_SOURCE = (
+    LUA_FUNCTION
+    + """
+function envoy_on_response(handle)
+  apply_error_status(handle:headers())
+end
+"""
+)
 
 
 def lua_filter() -> dict[str, Any]:

@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 FILTER_NAME = "tokenmesh.grpc_header_names"
-LUA_SOURCE = """
-function envoy_on_request(handle)
-  local headers = handle:headers()
+# A Lua function of the edge's request filter (gateway/edge_lua.py) and of this one.
+LUA_FUNCTION = """
+local function drop_illegal_header_names(headers)
   local illegal = {}
   for key, _ in pairs(headers) do
     if string.sub(key, 1, 1) ~= ":" and string.find(key, "[^0-9a-z_.%-]") then
@@ -30,6 +30,14 @@ function envoy_on_request(handle)
   end
 end
 """
+LUA_SOURCE = (
+    LUA_FUNCTION
+    + """
+function envoy_on_request(handle)
+  drop_illegal_header_names(handle:headers())
+end
+"""
+)
 
 
 def lua_filter() -> dict[str, Any]:

@@ -39,26 +39,36 @@ LOCAL_ERRORS: Mapping[int, tuple[str, str]] = {
     504: ("server_error", "timeout"),
 }
 
-LUA_SOURCE = f"""
-local HEADER = "{contract.OPENAI_ERROR_HEADER}"
+# A Lua function of the edge's response filter (gateway/edge_lua.py) and of this one.
+# It returns true when it replaced the body (the header object is stale then).
+LUA_FUNCTION = f"""
+local OPENAI_ERROR_HEADER = "{contract.OPENAI_ERROR_HEADER}"
 
-function envoy_on_response(handle)
-  local headers = handle:headers()
-  local body = headers:get(HEADER)
+local function openai_error_body(handle, headers)
+  local body = headers:get(OPENAI_ERROR_HEADER)
   if body == nil then
-    return
+    return false
   end
-  headers:remove(HEADER)
+  headers:remove(OPENAI_ERROR_HEADER)
   local status = tonumber(headers:get(":status")) or 0
   local content_type = headers:get("content-type") or ""
   -- gRPC clients keep their status; only a REST error gets the JSON body.
   if status < 400 or string.find(content_type, "application/grpc", 1, true) == 1 then
-    return
+    return false
   end
   headers:replace("content-type", "application/json")
   handle:body(true):setBytes(body)
+  return true
 end
 """
+LUA_SOURCE = (
+    LUA_FUNCTION
+    + """
+function envoy_on_response(handle)
+  openai_error_body(handle, handle:headers())
+end
+"""
+)
 
 
 def lua_filter() -> dict[str, Any]:

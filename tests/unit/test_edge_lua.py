@@ -1,0 +1,45 @@
+"""The edge's per-request Lua work runs in one coroutine each way (gateway/edge_lua.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway import edge_lua, envoy_config, key_cache
+from gateway.edge_auth import EdgeAuth
+from gateway.envoy_config import EdgeConfig, Endpoint
+
+LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+
+
+def _lua_filters(config: EdgeConfig) -> list[str]:
+    hcm = envoy_config.http_connection_manager(config)
+    return [f["name"] for f in hcm["http_filters"] if f["typed_config"]["@type"] == LUA]
+
+
+def test_the_full_edge_runs_four_lua_filters_two_of_them_for_every_request(
+    tmp_path: Path,
+) -> None:
+    # Each Lua filter costs Envoy a coroutine per request (and per response):
+    # header names, edge health, OpenAI errors and REST statuses share two.
+    config = EdgeConfig(
+        listen_port=18080,
+        admin_port=18081,
+        descriptor_path=tmp_path / "d.pb",
+        upstreams={"inference": [Endpoint("127.0.0.1", 10000)]},
+        auth=EdgeAuth(),
+        xds=Endpoint("127.0.0.1", 18000),
+    )
+    assert _lua_filters(config) == [
+        edge_lua.REQUEST_FILTER,
+        edge_lua.RESPONSE_FILTER,
+        key_cache.FILTER_NAME,
+        "envoy.filters.http.lua",  # model routing (reads inference bodies)
+    ]
+
+
+def test_the_merged_response_filter_makes_the_openai_body_before_the_rest_status() -> None:
+    # The order the two filters ran in before they were merged (Envoy runs
+    # response filters last to first): a status change sees the JSON body.
+    source = edge_lua.RESPONSE_SOURCE
+    handler = source[source.index("function envoy_on_response") :]
+    assert handler.index("openai_error_body(") < handler.index("apply_error_status(")
