@@ -6,9 +6,9 @@ log-probabilities and confidence, prompt templates, cached-token usage, a
 timing breakdown and in-band google.rpc.Status errors.
 
 Status: served by every worker beside tokenmesh.inference.v1, and public at
-the edge (transcoder, routes, scopes, reflection). Prompt templates
-(`template`, `variables`) are refused with INVALID_ARGUMENT until the
-workers resolve them; turning v1 into a translation layer onto v2 is next.
+the edge (transcoder, routes, scopes, reflection), prompt templates
+(`template`, `variables`) included; turning v1 into a translation layer
+onto v2 is next.
 
 Field numbers 1-3 of GenerateRequest, CompleteRequest and EmbedRequest
 (model, version, prompt or inputs) are those of v1 on purpose: the edge's
