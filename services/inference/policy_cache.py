@@ -8,8 +8,9 @@ attached by name (one HMGET), fetches the versions it does not hold yet
 attachment, detachment or new version is in force on every worker within
 `refresh_s` plus a Redis round trip (~1 s at most).
 
-The first load is awaited by the first requests (`ready`): a worker that has
-never read the policies refuses requests (UNAVAILABLE) rather than serve them
+The worker's start waits for the first load (`loaded`), so it turns SERVING
+and registers only once it can check requests; a worker that has never read
+the policies would refuse them (UNAVAILABLE, `ready`) rather than serve them
 unchecked. After that, a Redis outage leaves the last map in force (logged).
 Like the template cache (services.inference.template_cache), it reads the
 router's keys through the one module that owns their layout
@@ -70,6 +71,10 @@ class PolicyCache:
         if self._task is not None:
             await self._task.stop(timeout_s=2)
             self._task = None
+
+    async def loaded(self) -> None:
+        """Returns once the policies were read at least once (the refresh task retries)."""
+        await self._loaded.wait()
 
     async def ready(self) -> None:
         """Returns once the policies were read at least once.

@@ -368,6 +368,9 @@ class InferenceService(Service):
             )
         for entry in self.settings.models:
             await self.load(*_split(entry))
+        # A worker that says SERVING must serve: until the content policies were read
+        # once it refuses every request, so health and registration wait for that.
+        await self.policies.loaded()
         if self.settings.router_address:
             router = ClientChannel(
                 self.settings.router_address,
