@@ -61,8 +61,8 @@ def test_ctrl_c_stops_every_process(tmp_path):
     process, manifest, log_path = _launch(tmp_path)
     try:
         assert set(manifest["pids"]) == {
-            *("redis", "redis-limits", "auth", "router", "usage", "inference-0", "envoy")
-        }
+            *("redis", "redis-limits", "auth", "router", "usage", "jobs", "inference-0", "envoy")
+        }  # every one of them, jobs included, must be gone after Ctrl-C (below)
         assert _status(manifest["edge_url"] + "/healthz") == 200
         assert "curl -N" in log_path.read_text()  # the banner with copy-paste examples
         process.send_signal(signal.SIGINT)
