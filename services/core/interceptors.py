@@ -27,6 +27,8 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.core import contract
 from services.core.api_versions import DeprecationSchedule, VersionPolicy, parse_rpc
@@ -34,6 +36,7 @@ from services.core.errors import (
     FieldViolation,
     InvalidArgument,
     TokenmeshError,
+    Unavailable,
     Unimplemented,
     internal_error,
 )
@@ -81,6 +84,11 @@ def to_domain_error(exc: BaseException, method: str) -> TokenmeshError:
         return exc
     if isinstance(exc, NotImplementedError):
         return Unimplemented(f"{method} is not implemented yet")
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        # Redis out of reach (or too slow to answer) is transient, not our bug:
+        # clients may retry. It was INTERNAL, e.g. ListWorkers while Redis stalled.
+        logger.warning("%s: Redis unavailable (%s)", method, exc)
+        return Unavailable("a backing store is unavailable; retry shortly", retry_after_s=1.0)
     logger.exception("unhandled error in %s", method, exc_info=exc)
     return internal_error()
 

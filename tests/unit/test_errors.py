@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.rpc import code_pb2, error_details_pb2
+from redis import exceptions as redis_errors
 
 from services.core import errors
 from services.core.interceptors import to_domain_error
@@ -75,3 +76,17 @@ def test_not_implemented_becomes_unimplemented():
     error = to_domain_error(NotImplementedError(), "/x.Y/Z")
     assert error.code == grpc.StatusCode.UNIMPLEMENTED
     assert error.reason == "NOT_IMPLEMENTED"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        redis_errors.TimeoutError("Timeout reading from 127.0.0.1:6379"),
+        redis_errors.ConnectionError("Error 111 connecting to 127.0.0.1:6379"),
+    ],
+)
+def test_redis_out_of_reach_is_unavailable_not_internal(exc):
+    # Regression: the router's ListWorkers answered INTERNAL while its Redis stalled.
+    error = to_domain_error(exc, "/tokenmesh.router.v1.WorkerRegistryService/ListWorkers")
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert "127.0.0.1" not in error.message
