@@ -417,6 +417,18 @@ def edge_cpu(
     return out
 
 
+def bare_proxy_cpu(state: Path, pid: int, target: Peer) -> dict[str, float]:
+    """Returns the bare Envoy's CPU µs per ListModels it proxies (h2load, as edge_cpu)."""
+    requests = 3000
+    with CpuMeter({"envoy": pid}) as meter:
+        throughput_rps(target, state, [], requests)
+    per = {"envoy": meter.used["envoy"] * 1e6 / requests}
+    print(
+        f"  {'bare-envoy':>12}: CPU µs/request {json.dumps({k: round(v) for k, v in per.items()})}"
+    )
+    return per
+
+
 def edge_overhead(state: Path) -> dict[str, Any]:
     """Measures the four paths; returns latency summaries, raw latencies and throughput."""
     config = MeshConfig(
@@ -463,6 +475,8 @@ def edge_overhead(state: Path) -> dict[str, Any]:
             )
             try:
                 measure("envoy-direct" if direct else "envoy", Peer(address))
+                if not direct:  # E3's floor: what proxying alone costs Envoy, same run
+                    cpu["bare-envoy"] = bare_proxy_cpu(state, envoy.pid, Peer(address))
             finally:
                 envoy.terminate()
                 envoy.wait(10)

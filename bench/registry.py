@@ -60,7 +60,12 @@ def _edge_judge(results: dict[str, Any]) -> list[Row]:
             f" {cpu['edge-jwt']['auth']:.0f}, usage {cpu['edge-jwt']['usage']:.0f}; API key:"
             f" {cpu['edge-api-key']['edge']:.0f}); ListModels, JWT",
             None,
-            baseline=f"worker {worker_cpu:.0f} µs/request (direct)",
+            baseline=f"worker {worker_cpu:.0f} µs/request (direct)"
+            + (
+                f"; a bare Envoy proxy {cpu['bare-envoy']['envoy']:.0f} µs/request"
+                if "bare-envoy" in cpu
+                else ""
+            ),
         ),
     ]
 
