@@ -22,6 +22,7 @@ from gateway import (
     edge_auth,
     edge_health,
     edge_lua,
+    grpc_paths,
     handover,
     key_cache,
     model_routing,
@@ -442,6 +443,8 @@ def route_configuration(
             *handover.routes(),
             *(dict(r) for r in model_routes),
             *routes(ratelimit=bool(auth and auth.ratelimit)),
+            # Last: a gRPC request no route above took (a REST path) is NOT_FOUND.
+            grpc_paths.unrouted_grpc_route(auth_filters=auth is not None),
         ],
     }
     return {
@@ -506,8 +509,14 @@ def local_reply_config() -> dict[str, Any]:
         ],
         "body_format_override": _error_body(14),
     }
-    # /openai/ paths answer OpenAI's error shape: their mappers come first.
-    mappers = [*openai_edge.local_reply_mappers(), no_healthy_worker, _grpc_too_large()]
+    # /openai/ paths answer OpenAI's error shape: their mappers come first, after
+    # the one for native gRPC requests' 404s (whose message is the grpc-message).
+    mappers = [
+        grpc_paths.local_reply_mapper(),
+        *openai_edge.local_reply_mappers(),
+        no_healthy_worker,
+        _grpc_too_large(),
+    ]
     mappers += [
         {
             "filter": {

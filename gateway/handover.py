@@ -24,6 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from gateway import grpc_paths
+
 SERVICE = "tokenmesh.jobs.v1.HandoverService"
 # OpenAI's files and batches go through this transcoder too (before the main
 # one, which passes them on as gRPC): it alone may buffer a batch input file.
@@ -59,7 +61,11 @@ def transcoder_filter(descriptor_path: Path) -> dict[str, Any]:
 
 
 def _complete_route(prefer_async: bool) -> dict[str, Any]:
-    match: dict[str, Any] = {"safe_regex": {"regex": COMPLETE_PATHS}}
+    # Only REST requests: a gRPC request on a REST path is no RPC (gateway/grpc_paths.py).
+    match: dict[str, Any] = {
+        "safe_regex": {"regex": COMPLETE_PATHS},
+        "headers": [grpc_paths.grpc_content_type(invert=True)],
+    }
     route: dict[str, Any] = {
         "match": match,
         # The transcoder rewrites the path and the route is chosen again (the
@@ -67,9 +73,9 @@ def _complete_route(prefer_async: bool) -> dict[str, Any]:
         "route": {"cluster": "jobs" if prefer_async else "inference", "timeout": "0s"},
     }
     if prefer_async:
-        match["headers"] = [
+        match["headers"].append(
             {"name": "prefer", "string_match": {"contains": "respond-async", "ignore_case": True}}
-        ]
+        )
     else:
         route["typed_per_filter_config"] = {
             FILTER_NAME: {"@type": f"{TYPE_PREFIX}.config.route.v3.FilterConfig", "disabled": True}

@@ -30,7 +30,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 
-from gateway import envoy_config
+from gateway import envoy_config, grpc_paths
 from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV
 from tools import procstat
@@ -248,6 +248,33 @@ def test_an_error_quoting_a_huge_value_reaches_the_client(
         deprecate(payload, metadata=[("x-api-key", admin)], timeout=10)
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value.details()
     assert len(failed.value.details()) <= 1024
+
+
+@pytest.mark.parametrize(
+    ("path", "extra"),
+    [
+        ("/v1/models/../auth/keys", []),
+        ("/v1/models/deterministic-test:complete", []),
+        ("/v2/models/deterministic-test:complete", [("prefer", "respond-async")]),
+        ("/openai/v1/models", []),
+    ],
+)
+def test_a_grpc_request_to_a_rest_path_is_not_found_for_every_caller(
+    hostile_mesh, admin, baseline, edge_channel, path, extra
+):
+    """It was UNIMPLEMENTED while the key cache held the caller's key and PERMISSION_DENIED
+    after; on a Complete path the hand-over route sent it raw to a worker (UNIMPLEMENTED)
+    or to no cluster (UNAVAILABLE)."""
+    with httpx.Client(
+        base_url=hostile_mesh.edge_url, headers={"x-api-key": admin}, timeout=30
+    ) as http:
+        assert http.get("/v1/usage").status_code == 200  # the key is in the cache now
+    call = edge_channel.unary_unary(path)
+    for credentials in ([("x-api-key", admin)], [], [("x-api-key", "tm_" + "0" * 37)]) * 2:
+        with pytest.raises(grpc.RpcError) as failed:
+            call(b"", metadata=[*credentials, *extra], timeout=10)
+        assert failed.value.code() == grpc.StatusCode.NOT_FOUND, (path, failed.value.details())
+        assert failed.value.details() == grpc_paths.MESSAGE
 
 
 # Known faults in the edge's configuration (gateway/envoy_config.py, reported)
