@@ -259,7 +259,6 @@ class Admission:
         # Comparison records of shadowed models' requests (services.inference.shadow);
         # the service sets a recorder backed by Redis. None: none are kept.
         self.shadow_records: shadow.ShadowRecorder | None = None
-        # the service sets a recorder backed by Redis. None: none are kept.
         # The response cache (services.inference.pipeline.generate.CacheStage); the
         # service sets it when TOKENMESH_CACHE is on. None: not on the path at all.
         self.cache: CacheStage | None = None
