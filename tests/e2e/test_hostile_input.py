@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -121,11 +121,51 @@ def _timeout(rpc: Rpc) -> float:
     return WORK_TIMEOUT_S if rpc.name in WORK_RPCS else TIMEOUT_S
 
 
-def _fuzz_grpc(rpc: Rpc, channel: grpc.Channel, admin: str, tally: Tally) -> None:
+def _retryable(outcome: verdict.Outcome) -> bool:
+    """Tells whether the answer asks the client to come back (a transient, with a hint)."""
+    transient = outcome.status in ("UNAVAILABLE", "HTTP 503") or outcome.status.endswith(
+        "grpc-status 14"
+    )
+    return transient and "retry" in outcome.text.lower()
+
+
+def _retried_once(
+    send: Callable[[], verdict.Outcome], tally: Tally, edge_port: int
+) -> verdict.Outcome:
+    """Sends a case; a retryable UNAVAILABLE is sent once more, as a client honouring it would.
+
+    A backing store that stalls for a moment (an fsync under load) makes any
+    service answer UNAVAILABLE with RetryInfo, which is right; what must hold
+    is that the retry, once the edge is ready again, is answered. Retries are
+    counted in the report.
+    """
+    outcome = send()
+    if not _retryable(outcome):
+        return outcome
+    tally.retried += 1
+    _wait_until_ready(edge_port)
+    return send()
+
+
+def _wait_until_ready(edge_port: int, timeout_s: float = 30.0) -> None:
+    """Waits until the edge's /healthz is 200 (every upstream has a healthy host)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{edge_port}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+
+
+def _fuzz_grpc(rpc: Rpc, channel: grpc.Channel, admin: str, tally: Tally, edge_port: int) -> None:
     @HYPOTHESIS
     @given(case=grpc_calls.grpc_cases(rpc))
     def one(case: grpc_calls.GrpcCase) -> None:
-        outcome = grpc_calls.call(channel, rpc, case, admin, _timeout(rpc))
+        outcome = _retried_once(
+            lambda: grpc_calls.call(channel, rpc, case, admin, _timeout(rpc)), tally, edge_port
+        )
         known = verdict.known_issue(outcome)
         found = [] if known else grpc_calls.judge(rpc, case, outcome)
         tally.add(f"gRPC {rpc.label}", outcome, found, known)
@@ -143,7 +183,11 @@ def _fuzz_rest(rpc: Rpc, mesh: Mesh, admin: str, tally: Tally) -> None:
     def one(case: http_cases.HttpCase) -> None:
         # A request whose end the edge cannot know need not be answered: wait briefly.
         timeout = _timeout(rpc) if case.framed else UNFRAMED_TIMEOUT_S
-        outcome = http_cases.send("127.0.0.1", mesh.edge_port, case, admin, timeout)
+        outcome = _retried_once(
+            lambda: http_cases.send("127.0.0.1", mesh.edge_port, case, admin, timeout),
+            tally,
+            mesh.edge_port,
+        )
         known = verdict.known_issue(outcome)
         found = [] if known else http_cases.judge(rpc, case, outcome)
         route = rpc.route.method if rpc.route else ""
@@ -333,7 +377,7 @@ def test_hostile_input_gets_no_server_error_and_no_leak(
     kind, rpc, hostile_mesh, admin, baseline, tally, edge_channel
 ):
     if kind == "grpc":
-        _fuzz_grpc(rpc, edge_channel, admin, tally)
+        _fuzz_grpc(rpc, edge_channel, admin, tally, hostile_mesh.edge_port)
     else:
         _fuzz_rest(rpc, hostile_mesh, admin, tally)
 

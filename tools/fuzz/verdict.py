@@ -128,6 +128,7 @@ class Tally:
     statuses: dict[str, collections.Counter[str]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     known: collections.Counter[str] = field(default_factory=collections.Counter)
+    retried: int = 0  # retryable UNAVAILABLE answers sent once more (and judged on that)
 
     def add(
         self, target: str, outcome: Outcome, found: Iterable[str] = (), known: str | None = None
@@ -160,7 +161,8 @@ class Tally:
         known = sum(self.known.values())
         return (
             f"hostile input: {self.cases()} cases against {len(self.statuses)} targets, "
-            f"{len(self.failures)} of our fault (+{known} explained by known, reported issues)"
+            f"{len(self.failures)} of our fault (+{known} explained by known, reported issues;"
+            f" {self.retried} retried once after a retryable UNAVAILABLE)"
         )
 
     def known_issues(self) -> str:
