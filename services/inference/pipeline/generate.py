@@ -405,26 +405,7 @@ class GenerationPipeline:
         self, context: Context, generation: Generation, entry: bytes
     ) -> pb.CompleteResponse:
         response = pb.CompleteResponse.FromString(entry)
-        prompt_tokens = response.usage.prompt_tokens
-        completion = response.usage.completion_tokens
-        await self._reserve_served(generation, prompt_tokens, completion)
-        _count(generation, HIT)
-        generation.cache_status = HIT
-        await generation.send_headers(context)
-        elapsed = _elapsed_ms(generation)
-        response.request_id = generation.request_id
-        for choice in response.choices:
-            _replayed_timing(choice.timing, elapsed, elapsed)
-        record_served(
-            self.admission,
-            generation,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion,
-            finish_reason=_reason([finish_reason_name(c.finish_reason) for c in response.choices]),
-            first_token_ms=elapsed,
-            billing=self._billing,
-        )
-        return response
+        return await self._serve_completion(context, generation, response, HIT)
 
     async def _follow_completion(
         self, context: Context, generation: Generation, flight: Flight[pb.CompleteResponse]
@@ -442,15 +423,29 @@ class GenerationPipeline:
             return None
         response = pb.CompleteResponse()
         response.CopyFrom(shared)
+        return await self._serve_completion(context, generation, response, status)
+
+    async def _serve_completion(
+        self,
+        context: Context,
+        generation: Generation,
+        response: pb.CompleteResponse,
+        status: str,
+    ) -> pb.CompleteResponse:
+        """Answers this caller with a completion it did not compute (a hit, or a shared one).
+
+        A hit's per-choice timing is replayed as this caller's; a coalesced
+        caller keeps the timing of the computation it waited for.
+        """
         prompt_tokens = response.usage.prompt_tokens
         completion = response.usage.completion_tokens
         await self._reserve_served(generation, prompt_tokens, completion)
         _count(generation, status)
         generation.cache_status = status
         await generation.send_headers(context)
+        elapsed = _elapsed_ms(generation)
         response.request_id = generation.request_id
         if status == HIT:
-            elapsed = _elapsed_ms(generation)
             for choice in response.choices:
                 _replayed_timing(choice.timing, elapsed, elapsed)
         record_served(
@@ -459,7 +454,7 @@ class GenerationPipeline:
             prompt_tokens=prompt_tokens,
             completion_tokens=completion,
             finish_reason=_reason([finish_reason_name(c.finish_reason) for c in response.choices]),
-            first_token_ms=_elapsed_ms(generation),
+            first_token_ms=elapsed,
             billing=self._billing,
         )
         return response
