@@ -1,11 +1,11 @@
-"""The prefix cache: exact and whole-block matches, LRU eviction by tokens."""
+"""The prefix cache: exact and whole-block matches, shared blocks held once, LRU eviction."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from services.inference.engines.prefix_cache import PrefixCache
+from services.inference.engines.prefix_cache import PrefixCache, PrefixHit
 
 HEADS, HEAD_DIM, VOCAB = 2, 3, 5
 
@@ -15,6 +15,14 @@ def _kv(tokens: list[int], tensors: int = 2) -> list[np.ndarray]:
     base = np.zeros((HEADS, len(tokens) + 4, HEAD_DIM), np.float32)
     base[:, : len(tokens)] = np.asarray(tokens, np.float32)[None, :, None]
     return [base + t for t in range(tensors)]
+
+
+def _copied(hit: PrefixHit, tensor: int = 0) -> np.ndarray:
+    """Returns what the hit writes into a slot for KV tensor `tensor`: [heads, matched, dim]."""
+    targets = [np.full((HEADS, 32, HEAD_DIM), -7, np.float32) for _ in range(2)]
+    hit.copy_into(targets)
+    assert (targets[tensor][:, hit.matched :] == -7).all()  # nothing past the match
+    return targets[tensor][:, : hit.matched]
 
 
 def _store(cache: PrefixCache, tokens: list[int]) -> np.ndarray:
@@ -28,9 +36,9 @@ def test_an_exact_hit_returns_the_stored_history_and_logits():
     logits = _store(cache, [1, 2, 3, 4, 5, 6])
     hit = cache.lookup([1, 2, 3, 4, 5, 6])
     assert hit is not None and hit.matched == 6
-    assert np.array_equal(hit.entry.last_logits, logits)
-    assert hit.entry.kv[0].shape == (HEADS, 6, HEAD_DIM)  # the prompt's positions only
-    assert hit.entry.kv[1][0, :, 0].tolist() == [2, 3, 4, 5, 6, 7]
+    assert np.array_equal(hit.last_logits, logits)
+    assert _copied(hit, 0)[0, :, 0].tolist() == [1, 2, 3, 4, 5, 6]  # a block and the tail
+    assert _copied(hit, 1)[0, :, 0].tolist() == [2, 3, 4, 5, 6, 7]
     assert cache.stats.exact_hits == 1 and cache.stats.reused_tokens == 6
 
 
@@ -42,14 +50,17 @@ def test_stored_arrays_are_copies():
     logits[:] = -1
     hit = cache.lookup([1, 2, 3])
     assert hit is not None
-    assert hit.entry.kv[0].min() >= 0 and hit.entry.last_logits.min() == 0
+    assert _copied(hit).min() >= 0 and hit.last_logits.min() == 0
 
 
 def test_a_shared_run_of_whole_blocks_is_a_partial_hit():
     cache = PrefixCache(100, block=4)
     _store(cache, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
     hit = cache.lookup([1, 2, 3, 4, 5, 6, 7, 8, 99])  # shares two whole blocks
-    assert hit is not None and hit.matched == 8
+    assert hit is not None and hit.matched == 8 and hit.entry is None
+    assert _copied(hit)[0, :, 0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    with pytest.raises(ValueError, match="partial"):
+        hit.last_logits  # noqa: B018 - only an exact hit has them
     hit = cache.lookup([1, 2, 3, 4, 5, 6, 99])  # one whole block, then differs
     assert hit is not None and hit.matched == 4
     assert cache.stats.partial_hits == 2 and cache.stats.reused_tokens == 12
@@ -103,11 +114,42 @@ def test_a_block_size_below_one_is_refused():
         PrefixCache(10, block=0)
 
 
-def test_a_hit_gives_back_the_blocks_an_evicted_sharer_took_over():
+def test_a_head_shared_by_many_prompts_is_held_once():
+    cache = PrefixCache(100, block=4)
+    head = [1, 2, 3, 4, 5, 6, 7, 8]
+    for question in range(10, 20):
+        _store(cache, [*head, question])
+    # Two shared blocks, then one tail token per prompt (a store of whole
+    # prompts would hold 90 tokens).
+    assert cache.held_tokens == 8 + 10
+    hit = cache.lookup([*head, 99])
+    assert hit is not None and hit.matched == 8
+    assert _copied(hit)[0, :, 0].tolist() == head
+
+
+def test_a_shared_block_stays_while_any_prompt_holds_it():
     cache = PrefixCache(12, block=2)
     _store(cache, [1, 2, 3, 4])
-    _store(cache, [1, 2, 9, 9])  # shares block [1, 2]: now registered to this entry
+    _store(cache, [1, 2, 9, 9])  # shares block [1, 2]
+    assert cache.held_tokens == 6
     assert cache.lookup([1, 2, 3, 4]) is not None  # exact hit: the newest again
-    _store(cache, [5, 6, 7, 8, 9])  # evicts [1, 2, 9, 9]
+    _store(cache, [5, 6, 7, 8, 9, 10, 11])  # 7 more: [1, 2, 9, 9] goes, not [1, 2]
+    assert cache.held_tokens == 11
+    assert cache.lookup([1, 2, 9, 9]) is not None  # [1, 2] is still there
     hit = cache.lookup([1, 2, 0])
-    assert hit is not None and hit.matched == 2 and hit.entry.tokens == (1, 2, 3, 4)
+    assert hit is not None and hit.matched == 2
+    _store(cache, [20, 21, 22, 23, 24, 25])  # evicts [1, 2, 3, 4]: block [1, 2] goes too
+    assert cache.lookup([1, 2, 0]) is None
+
+
+def test_blocks_are_matched_on_their_tokens_not_their_keys_alone():
+    cache = PrefixCache(100, block=2)
+    _store(cache, [1, 2, 3, 4, 5])
+    # A stored block under another prompt's key (as a hash collision would
+    # put it) is not used, and the colliding prompt is not stored over it.
+    chained = next(iter(cache._blocks))
+    cache._blocks[hash((0, (7, 8)))] = cache._blocks[chained]
+    assert cache.lookup([7, 8, 9]) is None
+    held = cache.held_tokens
+    _store(cache, [7, 8, 9])
+    assert cache.held_tokens == held

@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from services.inference.engines.base import EmbeddingEngine, GenerativeEngine, StepItem
-from services.inference.engines.prefix_cache import CachedPrompt, PrefixCache
+from services.inference.engines.prefix_cache import PrefixCache, PrefixHit
 
 logger = logging.getLogger(__name__)
 
@@ -161,10 +161,10 @@ class OnnxGenerativeEngine(GenerativeEngine):
             if hit is None:
                 computed.setdefault(prompt, []).append(i)
                 continue
-            self._copy_in(item.slot, hit.entry, hit.matched)
+            self._copy_in(item.slot, hit)
             self._reused[item.slot] = hit.matched
-            if hit.matched == len(prompt):
-                logits[i] = hit.entry.last_logits
+            if hit.entry is not None:  # an exact hit
+                logits[i] = hit.last_logits
                 continue
             tail = StepItem(item.slot, prompt[hit.matched :], hit.matched)
             logits[i] = self._prefill(tail)
@@ -186,9 +186,8 @@ class OnnxGenerativeEngine(GenerativeEngine):
         for cache in self._cache:
             cache[target, :, :tokens] = cache[source, :, :tokens]
 
-    def _copy_in(self, slot: int, entry: CachedPrompt, tokens: int) -> None:
-        for cache, stored in zip(self._cache, entry.kv, strict=True):
-            cache[slot, :, :tokens] = stored[:, :tokens]
+    def _copy_in(self, slot: int, hit: PrefixHit) -> None:
+        hit.copy_into([cache[slot] for cache in self._cache])
 
     def _remember(self, slot: int, prompt: tuple[int, ...], last_logits: np.ndarray) -> None:
         if self.prefix_cache.enabled:

@@ -6,20 +6,26 @@ a pure function of those tokens, so an engine that kept them can copy them
 into a new sequence's KV slot instead of recomputing them (vLLM's automatic
 prefix caching, SGLang's radix cache).
 
-Each stored prompt keeps its whole KV history and the logits of its last
-position:
+KV is stored in blocks of `block` tokens, each once however many stored
+prompts start with it: a thousand requests that share a 400-token system
+prompt hold its blocks once, plus each one's own tail. (A store of whole
+prompts held the shared head once per prompt: ~9 prompts of 440 tokens
+filled 4096 tokens, and prefix-heavy traffic missed on heads it had just
+computed.) Each stored prompt keeps its whole blocks, the KV of its last
+partial block, and the logits of its last position:
 - a prompt seen before (an exact hit) needs no compute at all: its KV is
   copied into the slot and its stored logits are sampled;
-- a prompt that shares at least one whole block (`block` tokens) with a
-  stored one reuses the longest shared run of whole blocks and computes only
-  the rest (a partial hit);
+- a prompt that starts with at least one stored whole block reuses the
+  longest such run and computes only the rest (a partial hit);
 - anything else is computed, then stored.
 
-Blocks are found by a hash chain (each block's key covers every token before
-it, like vLLM's block hashes), so a lookup costs one pass over the prompt; a
-match is confirmed token by token before it is used. Entries are evicted
-least recently used first, by the tokens they hold. Not thread-safe: it
-belongs to the engine's step thread.
+Blocks are keyed by a hash chain (each block's key covers every token before
+it, like vLLM's block hashes), so a lookup costs one pass over the prompt;
+each block also keeps its tokens and its parent's key, and a match is
+confirmed block by block before it is used. Prompts are evicted least
+recently used first; a block goes when the last prompt holding it goes, and
+capacity counts each held token once. Not thread-safe: it belongs to the
+engine's step thread.
 """
 
 from __future__ import annotations
@@ -31,31 +37,74 @@ from dataclasses import dataclass
 import numpy as np
 
 
-@dataclass
+@dataclass(eq=False)
+class KVBlock:
+    """KVBlock is `block` consecutive prompt tokens' keys/values, shared by every
+    stored prompt that starts with the same tokens up to its end.
+
+    Attributes:
+        parent: the chain key of the block before it (0 for a prompt's first).
+        tokens: its token ids.
+        kv: one array per KV tensor of the engine, [heads, len(tokens), head_dim].
+        holders: stored prompts that hold it.
+    """
+
+    parent: int
+    tokens: tuple[int, ...]
+    kv: list[np.ndarray]
+    holders: int = 0
+
+
+@dataclass(eq=False)
 class CachedPrompt:
     """CachedPrompt is one stored prompt.
 
     Attributes:
         tokens: the prompt's token ids.
-        kv: one array per KV tensor of the engine, [heads, len(tokens), head_dim].
+        chain: the keys of its whole blocks, first to last.
+        tail: one array per KV tensor, [heads, len(tokens) % block, head_dim]:
+            the positions after its last whole block.
         last_logits: logits [vocab] after the prompt's last token.
     """
 
     tokens: tuple[int, ...]
-    kv: list[np.ndarray]
+    chain: tuple[int, ...]
+    tail: list[np.ndarray]
     last_logits: np.ndarray
 
 
 @dataclass(frozen=True)
 class PrefixHit:
-    """PrefixHit is what a lookup found: `matched` leading tokens of `entry` apply.
+    """PrefixHit is what a lookup found: the KV of the prompt's `matched` leading tokens.
 
-    `matched == len(prompt)` is an exact hit (use `entry.last_logits`);
-    anything less is a whole number of blocks, and the rest must be computed.
+    An exact hit (`entry` set, `matched == len(prompt)`) also has the prompt's
+    last logits; anything less is a whole number of blocks, and the rest must
+    be computed.
     """
 
-    entry: CachedPrompt
     matched: int
+    blocks: tuple[KVBlock, ...]
+    entry: CachedPrompt | None = None
+
+    @property
+    def last_logits(self) -> np.ndarray:
+        """Returns the stored logits after the prompt's last token (exact hits only)."""
+        if self.entry is None:
+            raise ValueError("a partial hit has no last logits")
+        return self.entry.last_logits
+
+    def copy_into(self, targets: Sequence[np.ndarray]) -> None:
+        """Writes the matched positions' KV into `targets`, one per KV tensor, each
+        [heads, >= matched, head_dim] (a sequence's slot in the engine's cache)."""
+        start = 0
+        for block in self.blocks:
+            end = start + len(block.tokens)
+            for target, stored in zip(targets, block.kv, strict=True):
+                target[:, start:end] = stored
+            start = end
+        if self.entry is not None and start < self.matched:
+            for target, stored in zip(targets, self.entry.tail, strict=True):
+                target[:, start : self.matched] = stored
 
 
 @dataclass
@@ -73,8 +122,8 @@ class PrefixCache:
     """PrefixCache maps prompts to their stored KV history.
 
     Args:
-        capacity_tokens: most prompt tokens held over all entries (0 disables).
-        block: granularity of partial matches, in tokens.
+        capacity_tokens: most prompt tokens held, each shared block once (0 disables).
+        block: granularity of sharing and of partial matches, in tokens.
     """
 
     def __init__(self, capacity_tokens: int, block: int = 16) -> None:
@@ -86,7 +135,7 @@ class PrefixCache:
         self._entries: collections.OrderedDict[tuple[int, ...], CachedPrompt] = (
             collections.OrderedDict()
         )
-        self._blocks: dict[int, tuple[tuple[int, ...], int]] = {}  # chain hash -> (entry, end)
+        self._blocks: dict[int, KVBlock] = {}  # chain key -> block
         self._held_tokens = 0
 
     @property
@@ -96,7 +145,7 @@ class PrefixCache:
 
     @property
     def held_tokens(self) -> int:
-        """Returns the prompt tokens held over all entries."""
+        """Returns the prompt tokens held: every block once, plus each prompt's tail."""
         return self._held_tokens
 
     def clear(self) -> None:
@@ -116,15 +165,19 @@ class PrefixCache:
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
-            self._register(key)  # its blocks may have gone with an evicted sharer
             self.stats.exact_hits += 1
             self.stats.reused_tokens += len(key)
-            return PrefixHit(entry, len(key))
-        hit = self._longest_block_match(key)
-        if hit is not None:
-            self.stats.partial_hits += 1
-            self.stats.reused_tokens += hit.matched
-        return hit
+            blocks = tuple(self._blocks[chained] for chained in entry.chain)
+            return PrefixHit(len(key), blocks, entry)
+        # A partial match must leave a token to compute (its logits are needed):
+        # blocks ending at the prompt's end are not looked at.
+        blocks = self._stored_run(key[:-1])
+        if not blocks:
+            return None
+        matched = len(blocks) * self.block
+        self.stats.partial_hits += 1
+        self.stats.reused_tokens += matched
+        return PrefixHit(matched, blocks)
 
     def note_shared(self, tokens: int) -> None:
         """Counts `tokens` copied from a prompt computed in the same step as reused."""
@@ -134,6 +187,8 @@ class PrefixCache:
     def store(self, prompt: Sequence[int], kv: list[np.ndarray], last_logits: np.ndarray) -> None:
         """Keeps `prompt`'s KV history (copied) and last logits, evicting as needed.
 
+        Blocks already held (shared with a stored prompt) are not copied again.
+
         Args:
             prompt: the prompt's token ids.
             kv: one array per KV tensor, [heads, >= len(prompt), head_dim]; the
@@ -141,50 +196,77 @@ class PrefixCache:
             last_logits: logits [vocab] after the prompt's last token.
         """
         key = tuple(prompt)
-        if not self.enabled or not key or len(key) > self.capacity_tokens:
+        if not self.enabled or not key:
             return
         if key in self._entries:
             self._entries.move_to_end(key)
             return
-        while self._held_tokens + len(key) > self.capacity_tokens:
+        chain = self._chain(key)
+        if chain is None:  # a chain key taken by other tokens (a hash collision): skip
+            return
+        shared = [chained for chained, _ in chain if chained in self._blocks]
+        for chained in shared:  # held through the evictions below
+            self._blocks[chained].holders += 1
+        whole = len(chain) * self.block
+        needed = (len(chain) - len(shared)) * self.block + len(key) - whole
+        if needed > self.capacity_tokens - len(shared) * self.block:
+            for chained in shared:  # larger than the cache: keep what is there
+                self._release(chained)
+            return
+        while self._held_tokens + needed > self.capacity_tokens and self._entries:
             self._evict_oldest()
-        entry = CachedPrompt(
-            key, [tensor[:, : len(key)].copy() for tensor in kv], last_logits.copy()
+        parent = 0
+        for chained, start in chain:
+            if chained not in self._blocks:
+                end = start + self.block
+                copied = [tensor[:, start:end].copy() for tensor in kv]
+                self._blocks[chained] = KVBlock(parent, key[start:end], copied, holders=1)
+                self._held_tokens += self.block
+            parent = chained
+        tail = [tensor[:, whole : len(key)].copy() for tensor in kv]
+        self._entries[key] = CachedPrompt(
+            key, tuple(chained for chained, _ in chain), tail, last_logits.copy()
         )
-        self._entries[key] = entry
-        self._held_tokens += len(key)
-        self._register(key)
+        self._held_tokens += len(key) - whole
 
-    def _register(self, key: tuple[int, ...]) -> None:
-        """Points each whole block of `key` at its entry (the newest sharer owns a block)."""
-        for end, chained in self._chain(key):
-            self._blocks[chained] = (key, end)
-
-    def _chain(self, tokens: tuple[int, ...]) -> list[tuple[int, int]]:
-        """Returns (end, chain hash) of each whole block of `tokens`, shortest first."""
-        out, chained = [], 0
-        for end in range(self.block, len(tokens) + 1, self.block):
-            chained = hash((chained, tokens[end - self.block : end]))
-            out.append((end, chained))
+    def _chain(self, tokens: tuple[int, ...]) -> list[tuple[int, int]] | None:
+        """Returns (chain key, start) of each whole block of `tokens`, first to last, or
+        None when a key is held by a block of other tokens."""
+        out, parent = [], 0
+        for start in range(0, len(tokens) - self.block + 1, self.block):
+            block_tokens = tokens[start : start + self.block]
+            chained = hash((parent, block_tokens))
+            held = self._blocks.get(chained)
+            if held is not None and (held.parent != parent or held.tokens != block_tokens):
+                return None
+            out.append((chained, start))
+            parent = chained
         return out
 
-    def _longest_block_match(self, key: tuple[int, ...]) -> PrefixHit | None:
-        # A stored block is usable only if at least one token is left to compute
-        # (its logits are needed): blocks ending at the prompt's end are skipped.
-        for end, chained in reversed(self._chain(key[:-1])):
-            found = self._blocks.get(chained)
-            if found is None:
-                continue
-            owner, owner_end = found
-            entry = self._entries.get(owner)
-            if entry is not None and owner_end == end and entry.tokens[:end] == key[:end]:
-                self._entries.move_to_end(owner)
-                return PrefixHit(entry, end)
-        return None
+    def _stored_run(self, tokens: tuple[int, ...]) -> tuple[KVBlock, ...]:
+        """Returns the stored blocks `tokens` starts with, confirmed token by token."""
+        run: list[KVBlock] = []
+        parent = 0
+        for start in range(0, len(tokens) - self.block + 1, self.block):
+            block_tokens = tokens[start : start + self.block]
+            chained = hash((parent, block_tokens))
+            held = self._blocks.get(chained)
+            if held is None or held.parent != parent or held.tokens != block_tokens:
+                break
+            run.append(held)
+            parent = chained
+        return tuple(run)
 
     def _evict_oldest(self) -> None:
-        key, _ = self._entries.popitem(last=False)
-        self._held_tokens -= len(key)
-        for _, chained in self._chain(key):
-            if self._blocks.get(chained, (None, 0))[0] == key:
-                del self._blocks[chained]
+        key, entry = self._entries.popitem(last=False)
+        self._held_tokens -= len(key) - len(entry.chain) * self.block
+        for chained in entry.chain:
+            self._release(chained)
+
+    def _release(self, chained: int) -> None:
+        """Drops one holder of a block; the block goes with its last holder."""
+        block = self._blocks[chained]
+        block.holders -= 1
+        if block.holders == 0:
+            del self._blocks[chained]
+            self._held_tokens -= self.block
