@@ -94,13 +94,18 @@ class RunningServer:
     metrics_port: int | None
 
     async def set_serving(self, names: Sequence[str], serving: bool) -> None:
-        """Sets the health of `names` (and the overall "" entry)."""
+        """Sets the health of the service: `names` and the overall "" entry."""
+        await self.set_entries_serving(("", *names), serving)
+
+    async def set_entries_serving(self, names: Sequence[str], serving: bool) -> None:
+        """Sets the health of `names` only: a part of the service (a model version)
+        whose state says nothing about the rest, nor about the overall entry."""
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", *names):
+        for name in names:
             await self.health.set(name, status)
 
 

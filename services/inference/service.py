@@ -401,7 +401,7 @@ class InferenceService(Service):
         await model.start()
         self.registry.add(model)
         if self._running is not None:
-            await self._running.set_serving(
+            await self._running.set_entries_serving(
                 _model_health_names(model.name, model.version), serving=True
             )
         logger.info("model %s version %s ready (%s)", model.name, model.version, model.engine_name)
@@ -410,7 +410,9 @@ class InferenceService(Service):
         """Stops admitting a version, lets its requests finish, frees it."""
         model = self.registry.resolve(name, version)
         if self._running is not None:
-            await self._running.set_serving(_model_health_names(name, version), serving=False)
+            await self._running.set_entries_serving(
+                _model_health_names(name, version), serving=False
+            )
         await model.stop(self.settings.grace_s)
         self.registry.remove(name, version)
         logger.info("model %s version %s unloaded", name, version)

@@ -205,6 +205,11 @@ async def test_models_load_and_unload_at_run_time(model_server):
     )
     status = await health.Check(health_pb2.HealthCheckRequest(service=name))
     assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    # The worker itself (version 1 and the other services) still serves: a
+    # probe of the overall entry must not take it out of rotation.
+    for overall in ("", "tokenmesh.inference.v1.InferenceService"):
+        status = await health.Check(health_pb2.HealthCheckRequest(service=overall))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING, overall
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.Complete(
             pb.CompleteRequest(model="demo-lm", version="2", prompt="x", max_tokens=2)
