@@ -70,17 +70,23 @@ def main() -> None:
     results: dict[str, Any] = {}
     rows: list[Row] = []
     plots: list[Path] = []
+    seconds: dict[str, int] = {}
     try:
         ctx = Context(state, args.quick, placement)
         for n, scenario in enumerate(chosen, 1):
             print(f"[{n}/{len(chosen)}] {scenario.name}: {', '.join(scenario.rows)}", flush=True)
+            scenario_started = time.monotonic()
             results[scenario.name], filled, drawn = _run(scenario, ctx, out)
+            # Each scenario's share of the run (make bench must fit in 15 minutes).
+            seconds[scenario.name] = round(time.monotonic() - scenario_started)
+            print(f"  ({scenario.name}: {seconds[scenario.name]} s)", flush=True)
             rows += filled
             plots += drawn
     finally:
         shutil.rmtree(state, ignore_errors=True)  # scratch only: the report goes to RESULTS
     rows = all_rows(rows)
     results["quick"] = args.quick
+    results["seconds"] = {**seconds, "total": round(time.monotonic() - started)}
     write_report(out, results, rows, placement.to_json(), plots)
     print()
     print(table(rows))

@@ -29,9 +29,11 @@ from typing import Any
 import grpc
 import yaml
 
+from bench.peer import pin_mesh
 from bench.peers import Peer, bench_pki
-from bench.pinning import CpuMeter
-from bench.servers import bare_server
+from bench.pinning import LOAD, SUT, CpuMeter, pin, pinned_self
+from bench.rows import Context
+from bench.servers import bare_server_process
 from bench.stats import percentile
 from gateway import envoy_config, protos
 from gateway.edge_auth import EdgeAuth
@@ -231,6 +233,18 @@ def _bare_envoy(
     the edge (the edge's SDS files in `sds_dir`), or, with `direct`, answering
     every request itself."""
     port, admin = reserve_port(), reserve_port()
+    # A trailers-only gRPC answer (UNIMPLEMENTED, which the latency client accepts).
+    grpc_headers = {"content-type": "application/grpc", "grpc-status": "12"}
+    action: dict[str, Any] = (
+        {
+            "direct_response": {"status": 200},
+            "response_headers_to_add": [
+                {"header": {"key": k, "value": v}} for k, v in grpc_headers.items()
+            ],
+        }
+        if direct
+        else {"route": {"cluster": "upstream", "timeout": "30s"}}
+    )
     bootstrap = {
         "node": {"id": "bare-envoy", "cluster": "bench"},  # file-based SDS needs both
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
@@ -255,13 +269,7 @@ def _bare_envoy(
                                                     "name": "all",
                                                     "domains": ["*"],
                                                     "routes": [
-                                                        {
-                                                            "match": {"prefix": "/"},
-                                                            "route": {
-                                                                "cluster": "upstream",
-                                                                "timeout": "30s",
-                                                            },
-                                                        }
+                                                        {"match": {"prefix": "/"}, **action}
                                                     ],
                                                 }
                                             ]
@@ -429,8 +437,19 @@ def bare_proxy_cpu(state: Path, pid: int, target: Peer) -> dict[str, float]:
     return per
 
 
-def edge_overhead(state: Path) -> dict[str, Any]:
-    """Measures the four paths; returns latency summaries, raw latencies and throughput."""
+LATENCY_ROUNDS = 5
+LATENCY_CALLS = 200  # per path and round
+
+
+def edge_overhead(ctx: Context) -> dict[str, Any]:
+    """Measures the paths; returns latency summaries (with E1's and E1k's ratios per
+    interleaved round), raw latencies, CPU per request and throughput.
+
+    Pinned as every scenario: this process and its load generators (h2load, the
+    Python clients) on the load core; the mesh, the bare Envoys and the bare
+    grpc.aio server on the system-under-test core.
+    """
+    state = ctx.state
     config = MeshConfig(
         state_dir=state / "mesh",
         workers=1,
@@ -452,55 +471,107 @@ def edge_overhead(state: Path) -> dict[str, Any]:
     def measure(name: str, target: Peer, metadata: list[tuple[str, str]] | None = None) -> None:
         latencies[name] = sequential_latency_ms(target, metadata)
         rps[name], tools[name] = throughput_rps(target, state, metadata)
-        print(
-            f"  {name:>12}: p50 {percentile(latencies[name], 50):.2f} ms  p99 {percentile(latencies[name], 99):.2f} ms"
-            f"  {rps[name]:8.0f} req/s ({tools[name]}{', mTLS' if target.tls else ''})",
-            flush=True,
-        )
+        _print_path(name, latencies[name], rps[name], tools[name], target.tls)
 
-    with Mesh(config) as mesh:
+    sut = ctx.placement.layout.sut
+    ctx.placement.record("bench + edge clients (Python, h2load)", os.getpid(), LOAD, 1)
+    with pinned_self(ctx.placement.layout.load), Mesh(config) as mesh:
+        pin_mesh(mesh, ctx, "tokenmesh edge (E1-E3)")
         key = [("x-api-key", mesh.dev_api_key())]
         token = _issue_token(mesh.edge_url, mesh.dev_api_key())
         jwt = [("authorization", f"Bearer {token}")]
         edge = Peer(mesh.edge_address)  # clients reach the edge's plaintext listener
         worker = Peer(mesh.address("inference-0"), contract.WORKER, mesh.pki_dir)
-        measure("direct", worker)
-        measure("edge-jwt", edge, jwt)
-        measure("edge-api-key", edge, key)
-        cpu = edge_cpu(mesh, state, worker, edge, jwt, key)
-        realistic = complete_throughput(state, worker, edge, jwt)
-        for direct in (False, True):
-            envoy, address = _bare_envoy(
-                state, mesh.ports["inference-0"], mesh.sds_dir, direct=direct
-            )
-            try:
-                measure("envoy-direct" if direct else "envoy", Peer(address))
-                if not direct:  # E3's floor: what proxying alone costs Envoy, same run
-                    cpu["bare-envoy"] = bare_proxy_cpu(state, envoy.pid, Peer(address))
-            finally:
-                envoy.terminate()
-                envoy.wait(10)
+        envoys = [
+            _bare_envoy(state, mesh.ports["inference-0"], mesh.sds_dir, direct=d)
+            for d in (False, True)
+        ]
+        try:
+            for child, _ in envoys:
+                pin(child.pid, sut)
+                ctx.placement.record(f"bare Envoy ({child.name})", child.pid, SUT)
+            (proxy, proxy_address), (_, direct_address) = envoys
+            paths: dict[str, tuple[Peer, list[tuple[str, str]]]] = {
+                "direct": (worker, []),
+                "edge-jwt": (edge, jwt),
+                "edge-api-key": (edge, key),
+                "envoy": (Peer(proxy_address), []),
+                "envoy-direct": (Peer(direct_address), []),
+            }
+            latencies, per_round = interleaved_latency(paths)
+            for name, (target, metadata) in paths.items():
+                rps[name], tools[name] = throughput_rps(target, state, metadata)
+                _print_path(name, latencies[name], rps[name], tools[name], target.tls)
+            cpu = edge_cpu(mesh, state, worker, edge, jwt, key)
+            cpu["bare-envoy"] = bare_proxy_cpu(state, proxy.pid, Peer(proxy_address))
+            realistic = complete_throughput(state, worker, edge, jwt)
+        finally:
+            for child, _ in envoys:
+                child.terminate()
+                child.wait(10)
     # The same edge without the API-key cache: every API-key request asks the
     # auth service (how the edge ran before gateway/key_cache.py).
     no_cache = dataclasses.replace(
         config, state_dir=state / "mesh-no-key-cache", edge_auth=EdgeAuth(api_key_cache=False)
     )
-    with Mesh(no_cache) as mesh:
+    with pinned_self(ctx.placement.layout.load), Mesh(no_cache) as mesh:
+        pin_mesh(mesh, ctx, "tokenmesh edge without the key cache")
         token = _issue_token(mesh.edge_url, mesh.dev_api_key())
         jwt = [("authorization", f"Bearer {token}")]
         measure(
             "edge-api-key-no-cache", Peer(mesh.edge_address), [("x-api-key", mesh.dev_api_key())]
         )
         routing = _routing_cost(mesh, jwt)
-    with bare_server(state, bench_pki(state)) as target:
+    with (
+        pinned_self(ctx.placement.layout.load),
+        bare_server_process(state, bench_pki(state), ctx.placement.layout.taskset(SUT)) as (
+            target,
+            pid,
+        ),
+    ):
+        ctx.placement.record("bare grpc.aio server", pid, SUT)
         measure("grpc", target)
     return {
         "cpu_us_per_request": cpu,
         "complete_rps": realistic,
         "routing": {name: _summary(values) for name, values in routing.items()},
         "latency": {name: _summary(values) for name, values in latencies.items()},
+        "latency_rounds": per_round,
         "requests_per_s": rps,
         # One tool for every row, else each row's (a ratio across tools is not like for like).
         "throughput_tool": tools["direct"] if len(set(tools.values())) == 1 else tools,
         "latencies_ms": latencies,
     }
+
+
+def interleaved_latency(
+    paths: dict[str, tuple[Peer, list[tuple[str, str]]]],
+) -> tuple[dict[str, list[float]], list[dict[str, float]]]:
+    """Sequential-call latency of every path in LATENCY_ROUNDS interleaved rounds (order
+    flipped each round): this VM's speed drifts within a minute, so a ratio is only
+    taken between paths of the same round. Returns every call's latency per path, and
+    each round's p50 per path."""
+    latencies: dict[str, list[float]] = {name: [] for name in paths}
+    per_round: list[dict[str, float]] = []
+    names = list(paths)
+    for n in range(LATENCY_ROUNDS):
+        p50s = {}
+        for name in names if n % 2 == 0 else names[::-1]:
+            target, metadata = paths[name]
+            got = sequential_latency_ms(target, metadata, LATENCY_CALLS)
+            latencies[name] += got
+            p50s[name] = percentile(got, 50)
+        per_round.append(p50s)
+        print(
+            f"  latency round {n + 1}: p50 ms {json.dumps({k: round(v, 2) for k, v in p50s.items()})}",
+            flush=True,
+        )
+    return latencies, per_round
+
+
+def _print_path(name: str, latencies: list[float], rps: float, tool: str, tls: bool) -> None:
+    print(
+        f"  {name:>12}: p50 {percentile(latencies, 50):.2f} ms  p99 {percentile(latencies, 99):.2f} ms"
+        f"  {rps:8.0f} req/s ({tool}{', mTLS' if tls else ''})",
+        flush=True,
+    )
