@@ -298,7 +298,7 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
     async def ListBatches(self, request: pb.ListBatchesRequest, context: Context) -> HttpBody:
         async def work() -> HttpBody:
             owner = _caller(context)
-            limit = validation.page_size(request.limit, 20, 100)
+            limit = validation.page_size(request.limit, 20, 100, field="limit")
             ids, more = await self.batches.page(owner.lane, request.after, limit)
             data, gone = [], []
             for batch_id in ids:

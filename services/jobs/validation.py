@@ -102,12 +102,13 @@ def overlap_s(overlap: duration_pb2.Duration, has_overlap: bool) -> float:
     return seconds
 
 
-def page_size(value: int, default: int, maximum: int) -> int:
-    """Returns a page size (0 means the default)."""
+def page_size(value: int, default: int, maximum: int, field: str = "page_size") -> int:
+    """Returns a page size (0 or absent: the default); `field` names it in the error
+    (the OpenAI surface's callers know it as `limit`)."""
     if value == 0:
         return default
     if not 1 <= value <= maximum:
-        raise InvalidArgument([FieldViolation("page_size", f"must be 0-{maximum}")])
+        raise InvalidArgument([FieldViolation(field, f"must be 1-{maximum} (absent: {default})")])
     return value
 
 

@@ -107,6 +107,12 @@ def test_a_batch_of_completions_round_trips_and_matches_sync_calls(client):
     assert batch.id in {b.id for b in client.batches.list(limit=100)}
 
 
+def test_a_list_limit_out_of_range_names_limit(client):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.batches.list(limit=101)
+    assert bad.value.param == "limit" and "1-100" in bad.value.message
+
+
 def test_an_embeddings_batch_answers_openai_embeddings(client):
     line = {
         "custom_id": "e-1",
