@@ -214,17 +214,6 @@ class Generation(Request):
         return self.content.filter(merged, self) if self.content.filters_output else merged
 
 
-async def single(
-    choice: Choice, stream: AsyncGenerator[Delta, None]
-) -> AsyncGenerator[tuple[Choice, Delta], None]:
-    """Yields (choice, delta) from one choice's stream; closing it closes the stream."""
-    try:
-        async for delta in stream:
-            yield choice, delta
-    finally:
-        await stream.aclose()  # cancels the sequence when the caller stopped early
-
-
 async def interleave(
     choices: Sequence[Choice], streams: Sequence[AsyncGenerator[Delta, None]]
 ) -> AsyncGenerator[tuple[Choice, Delta], None]:
