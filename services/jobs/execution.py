@@ -31,7 +31,7 @@ from google.rpc import error_details_pb2, status_pb2
 from services.core import contract
 from services.core.identity import ClientChannel
 from services.core.pki import IdentityFiles
-from services.jobs.workers import WorkerDirectory
+from services.jobs.workers import Placement, WorkerDirectory
 from tokenmesh.inference.v2 import inference_pb2, inference_service_pb2_grpc
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.jobs.v1 import jobs_pb2
@@ -180,12 +180,12 @@ class ItemExecutor:
             if remaining <= 0:
                 raise DeadlinePassed()
             tries += 1
-            address = await self.directory.pick(_model_of(item))
-            if address is None:
+            placement = await self.directory.pick(_model_of(item), request_id)
+            if placement is None:
                 await self._wait(tries, None, deadline_s)
                 continue
             try:
-                return await self._call(address, item, index, request_id, identity, remaining)
+                return await self._call(placement, item, index, request_id, identity, remaining)
             except grpc.aio.AioRpcError as error:
                 status = status_details(error)
                 if error.code() not in WAIT_CODES:
@@ -202,14 +202,14 @@ class ItemExecutor:
 
     async def _call(
         self,
-        address: str,
+        placement: Placement,
         item: jobs_pb2.JobItem,
         index: int,
         request_id: str,
         identity: Mapping[str, str],
         remaining_s: float,
     ) -> Outcome:
-        stub = self._stub(address)
+        stub = self._stub(placement.address)
         metadata = call_metadata(identity)
         timeout = min(remaining_s, self.call_timeout_s)
         kind = item.WhichOneof("request")
@@ -217,6 +217,7 @@ class ItemExecutor:
             embed = v2.EmbedRequest()
             embed.CopyFrom(item.embed)
             embed.request_id = request_id
+            embed.version = placement.version
             response = await stub.Embed(embed, metadata=metadata, timeout=timeout)
             return Outcome(
                 jobs_pb2.JobResult(index=index, embed=response), usage_of(response.usage)
@@ -226,6 +227,7 @@ class ItemExecutor:
         source = item.complete if kind == "complete" else item.generate
         complete = v2.CompleteRequest.FromString(source.SerializeToString())
         complete.request_id = request_id
+        complete.version = placement.version
         complete.priority = inference_pb2.PRIORITY_BATCH
         answer = await stub.Complete(complete, metadata=metadata, timeout=timeout)
         result = jobs_pb2.JobResult(index=index)

@@ -1,21 +1,41 @@
-"""Where the inference workers are: the router's worker registry, read from Redis.
+"""Where an item runs: the router's worker registry and model catalogue, read from Redis.
 
-The jobs service reads the registry the router keeps (the same AOF Redis)
-instead of asking the router, so jobs keep running while the control plane
-restarts. It never writes it. Workers that are draining or whose lease ran
-out are left out; among the workers serving an item's model (and version,
-when the item pins one) it takes turns.
+The jobs service reads what the router keeps (the same AOF Redis) instead of
+asking the router, so jobs keep running while the control plane restarts. It
+never writes it. Workers that are draining or whose lease ran out are left
+out; among the workers serving an item's model version it takes turns.
+
+Which version: an item that pins one (or names an alias) runs there. One
+that does not follows the catalogue's traffic split, as the edge's requests
+do (weights, pins, sunsets: `ModelEntry.effective_weights`), drawn from the
+item's request id so that a retried item draws the same version. The draw is
+among the split's versions that some worker serves now. (Items used to go to
+any worker serving the model, which ran its newest version: a canary at 10%,
+or a version the split had rolled back, took a worker's whole share.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from services.core.redis_service import text
+from services.router.catalog import CATALOG_KEY, ModelEntry
 from services.router.registry import WORKERS_KEY, WorkerEntry
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Placement is where an item runs: a worker, and the version it must ask for
+    ("" lets the worker choose: a model the catalogue does not know)."""
+
+    address: str
+    version: str
 
 
 class WorkerDirectory:
@@ -30,6 +50,7 @@ class WorkerDirectory:
         self.redis = client
         self.refresh_s = refresh_s
         self._workers: list[WorkerEntry] = []
+        self._catalog: dict[str, ModelEntry] = {}
         self._read_at = float("-inf")
         self._turn = itertools.count()
 
@@ -38,21 +59,56 @@ class WorkerDirectory:
         now = time.monotonic()
         if now - self._read_at >= self.refresh_s:
             raw = await self.redis.hgetall(WORKERS_KEY)
+            catalog = await self.redis.hgetall(CATALOG_KEY)
             wall = time.time()
             entries = [WorkerEntry.from_json(text(k), v) for k, v in raw.items()]
             self._workers = sorted(
                 (w for w in entries if w.routable(wall)), key=lambda w: w.worker_id
             )
+            self._catalog = {text(k): ModelEntry.from_json(text(k), v) for k, v in catalog.items()}
             self._read_at = now
         return self._workers
 
-    async def pick(self, model: tuple[str, str]) -> str | None:
-        """Returns host:port of a worker serving `model` (name, version or ""), or None."""
-        name, version = model
+    async def pick(self, model: tuple[str, str], draw_key: str) -> Placement | None:
+        """Returns where an item of `model` (name, version or alias or "") runs, or None
+        when no worker serves it now. `draw_key` (the item's request id) chooses the
+        version of an item that names none, by the catalogue's split."""
+        name, label = model
         workers = await self.workers()
-        serving = [w for w in workers if any(m == name and v == version for m, v in w.models)]
-        if not serving:  # no version named, or an alias the worker resolves itself
+        entry = self._catalog.get(name)
+        if not label and entry is not None:
+            return self._by_split(name, entry, workers, draw_key)
+        version = entry.aliases.get(label, label) if entry is not None else label
+        serving = [w for w in workers if (name, version) in w.models]
+        if not serving:  # a version the catalogue does not know: the worker answers for it
             serving = [w for w in workers if any(m == name for m, _ in w.models)]
+            version = label
         if not serving:
             return None
-        return serving[next(self._turn) % len(serving)].address
+        return Placement(serving[next(self._turn) % len(serving)].address, version)
+
+    def _by_split(
+        self, name: str, entry: ModelEntry, workers: list[WorkerEntry], draw_key: str
+    ) -> Placement | None:
+        weights = entry.effective_weights(time.time())
+        serving = {
+            version: [w for w in workers if (name, version) in w.models] for version in weights
+        }
+        available = {version: weights[version] for version, found in serving.items() if found}
+        if not available:
+            return None
+        version = weighted_draw(available, draw_key)
+        chosen = serving[version]
+        return Placement(chosen[next(self._turn) % len(chosen)].address, version)
+
+
+def weighted_draw(weights: Mapping[str, int], key: str) -> str:
+    """Returns one of `weights`' versions, each with its weight's share of keys; the same
+    key draws the same version while the weights stay the same."""
+    total = sum(weights.values())
+    point = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % total
+    for version in sorted(weights):
+        point -= weights[version]
+        if point < 0:
+            return version
+    raise AssertionError("unreachable: the points sum to the total")

@@ -401,3 +401,31 @@ def test_shadowing_every_request_to_another_version_leaves_callers_untouched(
     stopped = cli(versions_mesh, "models", "shadow", MODEL, "--off")
     assert "no shadow traffic" in stopped
     wait_for(lambda: not mirror_configured(versions_mesh, "2"), 15, "the mirror to go")
+
+
+def test_job_items_follow_the_traffic_split(versions_mesh, edge):
+    """A job's items run where the catalogue sends the model's traffic. The split
+    sends everything to version 1: no item may run on version 3 (the newest, beside
+    1 on inference-0) or on the failing version 2 (inference-2's only one)."""
+    items = [
+        {"complete": {"model": MODEL, "prompt": f"job item {i}", "max_output_tokens": 2}}
+        for i in range(24)
+    ]
+    headers = {"x-api-key": versions_mesh.dev_api_key()}
+    with httpx.Client(base_url=versions_mesh.edge_url, headers=headers, timeout=30) as api:
+        submitted = api.post("/v1/jobs", json={"items": items})
+        assert submitted.status_code == 200, submitted.text
+        job_id = submitted.json()["id"]
+
+        def ended() -> dict[str, Any] | None:
+            job: dict[str, Any] = api.get(f"/v1/jobs/{job_id}").json()
+            return job if job["status"] not in ("QUEUED", "RUNNING") else None
+
+        done = wait_for(ended, timeout_s=90, what=f"job {job_id} to end")
+        results = api.get(f"/v1/jobs/{job_id}/results", params={"page_size": 50}).json()
+    versions = collections.Counter(
+        r["complete"]["model"]["version"] if "complete" in r else r.get("error", {}).get("code")
+        for r in results["results"]
+    )
+    assert done["status"] == "SUCCEEDED", (done, versions)
+    assert versions == {"1": 24}
