@@ -362,6 +362,9 @@ def test_shadowing_every_request_to_another_version_leaves_callers_untouched(
         cli(versions_mesh, "keys", "create", "--tenant", "shadow-caller",
             "--scopes", "inference:generate,usage:read", "--json")
     )  # fmt: skip
+    # The caller's tenant consented to samples of every request: its stream must
+    # hold its own 50 requests, not the copies too (outputs it was never sent).
+    cli(versions_mesh, "samples", "enable", "--tenant", "shadow-caller", "--rate", "1.0")
     with authed_channel(versions_mesh.edge_address, [("x-api-key", caller["secret"])]) as own:
         baseline = sorted(shadowed_call(edge, 1000 + n)[1] for n in range(10))
         started = cli(versions_mesh, "models", "shadow", MODEL, "2", "--percent", "100")
@@ -384,6 +387,10 @@ def test_shadowing_every_request_to_another_version_leaves_callers_untouched(
         wait_for(lambda: usage_requests(own) >= 50, 30, "the caller's usage")
         assert usage_requests(own) == 50
         assert usage_requests(edge, tenant="tokenmesh.shadow") == 50
+    exported = cli(versions_mesh, "samples", "export", "--tenant", "shadow-caller", "--since", "1h")
+    cli(versions_mesh, "samples", "disable", "--tenant", "shadow-caller")
+    sampled = [json.loads(line) for line in exported.splitlines()]
+    assert collections.Counter(s["model"]["version"] for s in sampled) == {"1": 50}
     compared = cli(versions_mesh, "models", "compare", MODEL, "1", "2", "--since", "1h")
     report = json.loads(
         cli(versions_mesh, "models", "compare", MODEL, "1", "2", "--since", "1h", "--json")
