@@ -11,11 +11,12 @@ TOKENMESH_ROUTER_PREFIX_AFFINITY=false turns it off mesh-wide).
 K1, prefix-heavy: 8 system prompts of ~400 demo-lm tokens, each request one
 of them (seeded, uniform) with a question of its own: OpenAI chat streams of
 8 tokens from 8 concurrent clients for a window. With affinity each prompt
-meets one worker, whose prefix cache (TOKENMESH_PREFIX_CACHE_TOKENS, the
-default 4096 tokens: ~9 whole prompts of this size) holds a few recent
-requests of each of its ~4 prompts; with round robin each worker sees all 8
-and must hold twice as many. K2, the control: every request has a system
-prompt of its own (nothing to reuse), so routing can only cost.
+meets one worker; with round robin each worker sees all 8. Workers keep the
+default prefix cache (TOKENMESH_PREFIX_CACHE_TOKENS, 4096 tokens), which
+holds shared blocks once: all 8 system prompts (~3,200 tokens) fit in each
+worker's cache, so round robin hits nearly as often as affinity here (see
+docs/perf/summary.md). K2, the control: every request has a system prompt
+of its own (nothing to reuse), so routing can only cost.
 
 Measured at the client: time to the first content chunk (TTFT, p50/p90) and
 completed requests/s; from the usage chunk, the share of prompt tokens the
