@@ -103,7 +103,7 @@ def _edge_plots(results: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _usage_measure(ctx: Context) -> dict[str, Any]:
-    return usage.rate_limit_decisions(ctx.state)
+    return usage.rate_limit_decisions(ctx)
 
 
 def _usage_judge(results: dict[str, Any]) -> list[Row]:

@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 
 from bench.peers import Peer, bare_server_credentials, server_env
+from bench.pinning import pin
 from services.core import contract
 from services.core.interceptors import Context
 from services.launcher.mesh import REPO_ROOT, spawn_redis
@@ -25,10 +26,14 @@ from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 
 
 @contextlib.contextmanager
-def redis_server(state: Path, durable: bool = True, name: str = "redis") -> Iterator[str]:
+def redis_server(
+    state: Path, durable: bool = True, name: str = "redis", cores: frozenset[int] | None = None
+) -> Iterator[str]:
     """Runs the bundled redis-server (durable: the workers' usage events; volatile:
-    rate-limit windows, as the local mesh runs them)."""
+    rate-limit windows, as the local mesh runs them), pinned to `cores` if given."""
     child, url = spawn_redis(state / name, state / f"{name}.log", durable=durable, name=name)
+    if cores is not None:
+        pin(child.pid, cores)
     try:
         yield url
     finally:

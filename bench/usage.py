@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -14,7 +14,9 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from bench.peers import Peer, bench_pki
-from bench.servers import bare_server, redis_server, service
+from bench.pinning import LOAD, SUT, pinned_self
+from bench.rows import Context
+from bench.servers import bare_server_process, redis_server, service, service_pid
 from bench.stats import percentile
 from services.core import contract
 from services.usage.meter import Meter, Retention
@@ -96,21 +98,27 @@ def _redis(redis_url: str, limits_url: str) -> dict[str, str]:
     return {"REDIS_URL": redis_url, "TOKENMESH_RATELIMIT_REDIS_URL": limits_url}
 
 
-def rate_limit_decisions(state: Path) -> dict[str, Any]:
+def rate_limit_decisions(ctx: Context) -> dict[str, Any]:
     """Decisions/s and latency of the RateLimitService vs a bare grpc.aio echo.
 
     The bench's keys are far below their limits, so the default limiter admits
     most requests from window leases; the same limiter with leases off reads
     the windows in Redis for every decision, as every limiter does for a key
     above half its limit. Every call is mTLS as the edge (the limiter's one
-    caller), the echo's too.
+    caller), the echo's too. Pinned: this process (the asyncio client) on the
+    load core; the echo, both limiters and their Redis on the system-under-test
+    core.
     """
+    state, lay, placement = ctx.state, ctx.placement.layout, ctx.placement
+    prefix = lay.taskset(SUT)
     out: dict[str, Any] = {}
     pki_dir = bench_pki(state)
+    placement.record("bench + R1 client (asyncio)", os.getpid(), LOAD, 1)
     with (
-        bare_server(state, pki_dir) as echo_target,
-        redis_server(state) as redis_url,
-        redis_server(state, durable=False, name="redis-limits") as limits_url,
+        pinned_self(lay.load),
+        bare_server_process(state, pki_dir, prefix) as (echo_target, echo_pid),
+        redis_server(state, cores=lay.sut) as redis_url,
+        redis_server(state, durable=False, name="redis-limits", cores=lay.sut) as limits_url,
         service(
             state,
             "usage",
@@ -118,6 +126,7 @@ def rate_limit_decisions(state: Path) -> dict[str, Any]:
             30,
             pki_dir=pki_dir,
             identity=contract.USAGE,
+            prefix=prefix,
             **_redis(redis_url, limits_url),
         ) as limiter,
         service(
@@ -127,17 +136,26 @@ def rate_limit_decisions(state: Path) -> dict[str, Any]:
             30,
             pki_dir=pki_dir,
             identity=contract.USAGE,
+            prefix=prefix,
             **_redis(redis_url, limits_url),
             TOKENMESH_RATELIMIT_LEASE_SIZE="0",
         ) as unleased,
     ):
-        # Interleaved rounds, median of each: this VM's speed drifts by 30%
-        # within a minute, which one round of each would charge to one side.
-        rounds: dict[str, list[dict[str, Any]]] = {"echo": [], "rate_limit": [], "no_leases": []}
-        for _ in range(ROUNDS):
-            rounds["echo"].append(asyncio.run(_echo_load(echo_target)))
-            rounds["rate_limit"].append(asyncio.run(_rls_load(limiter)))
-            rounds["no_leases"].append(asyncio.run(_rls_load(unleased)))
+        placement.record("bare grpc.aio echo (R1 baseline)", echo_pid, SUT)
+        for name in ("usage", "usage-no-leases"):
+            placement.record(f"rate limiter, {name} (R1)", service_pid(state, name), SUT)
+        # Interleaved rounds (order flipped each round), median of each: this VM's
+        # speed drifts by 30% within a minute, which one round of each would
+        # charge to one side.
+        loads = {
+            "echo": lambda: _echo_load(echo_target),
+            "rate_limit": lambda: _rls_load(limiter),
+            "no_leases": lambda: _rls_load(unleased),
+        }
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in loads}
+        for n in range(ROUNDS):
+            for name in loads if n % 2 == 0 else list(loads)[::-1]:
+                rounds[name].append(asyncio.run(loads[name]()))
         for name, runs in rounds.items():
             out[name] = sorted(runs, key=lambda r: float(r["rps"]))[len(runs) // 2]
             out[name]["rps_rounds"] = [r["rps"] for r in runs]
