@@ -123,7 +123,7 @@ def _usage_judge(results: dict[str, Any]) -> list[Row]:
 
 
 def _templates_measure(ctx: Context) -> dict[str, Any]:
-    return templates.template_heads(ctx.state)
+    return templates.template_heads(ctx)
 
 
 def _templates_judge(results: dict[str, Any]) -> list[Row]:

@@ -14,13 +14,16 @@ compares prefills, not first reads of a template from Redis.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import grpc
 
+from bench.peer import pin_mesh
+from bench.pinning import LOAD, pinned_self
+from bench.rows import Context
 from bench.stats import percentile
 from services.launcher.mesh import Mesh, MeshConfig
 from tokenmesh.inference.v2 import inference_pb2 as resources
@@ -96,8 +99,11 @@ def _summary(samples: list[tuple[float, int, int]]) -> dict[str, float]:
     }
 
 
-def template_heads(state: Path, calls: int = CALLS, budget_s: float = BUDGET_S) -> dict[str, Any]:
-    """Measures TTFT of calls sharing one template head vs calls with distinct heads."""
+def template_heads(ctx: Context, calls: int = CALLS, budget_s: float = BUDGET_S) -> dict[str, Any]:
+    """Measures TTFT of calls sharing one template head vs calls with distinct heads
+    (pinned: this process, the client, on the load core; the mesh on the other)."""
+    state = ctx.state
+    ctx.placement.record("bench + T1 client", os.getpid(), LOAD, 1)
     config = MeshConfig(
         state_dir=state / "mesh-templates",
         workers=2,
@@ -109,7 +115,12 @@ def template_heads(state: Path, calls: int = CALLS, budget_s: float = BUDGET_S) 
             "TOKENMESH_RATELIMIT_DEFAULT_RPM": "1000000",
         },
     )
-    with Mesh(config) as mesh, grpc.insecure_channel(mesh.edge_address) as raw:
+    with (
+        pinned_self(ctx.placement.layout.load),
+        Mesh(config) as mesh,
+        grpc.insecure_channel(mesh.edge_address) as raw,
+    ):
+        pin_mesh(mesh, ctx, "tokenmesh, 2 demo-lm workers (T1)")
         key = (("x-api-key", mesh.dev_api_key()),)
         channel = grpc.intercept_channel(raw, _Metadata(key))
         catalogue = router_rpc.RouterServiceStub(channel)
