@@ -31,7 +31,7 @@ engine's step thread.
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -232,30 +232,36 @@ class PrefixCache:
     def _chain(self, tokens: tuple[int, ...]) -> list[tuple[int, int]] | None:
         """Returns (chain key, start) of each whole block of `tokens`, first to last, or
         None when a key is held by a block of other tokens."""
-        out, parent = [], 0
-        for start in range(0, len(tokens) - self.block + 1, self.block):
-            block_tokens = tokens[start : start + self.block]
-            chained = hash((parent, block_tokens))
-            held = self._blocks.get(chained)
-            if held is not None and (held.parent != parent or held.tokens != block_tokens):
+        out = []
+        for start, chained, _, foreign in self._walk(tokens):
+            if foreign:
                 return None
             out.append((chained, start))
-            parent = chained
         return out
 
     def _stored_run(self, tokens: tuple[int, ...]) -> tuple[KVBlock, ...]:
         """Returns the stored blocks `tokens` starts with, confirmed token by token."""
         run: list[KVBlock] = []
+        for _, _, stored, foreign in self._walk(tokens):
+            if stored is None or foreign:
+                break
+            run.append(stored)
+        return tuple(run)
+
+    def _walk(self, tokens: tuple[int, ...]) -> Iterator[tuple[int, int, KVBlock | None, bool]]:
+        """Yields (start, chain key, the block stored under that key or None, whether
+        that block holds other tokens: a hash collision) for each whole block of
+        `tokens`, first to last."""
         parent = 0
         for start in range(0, len(tokens) - self.block + 1, self.block):
             block_tokens = tokens[start : start + self.block]
             chained = hash((parent, block_tokens))
-            held = self._blocks.get(chained)
-            if held is None or held.parent != parent or held.tokens != block_tokens:
-                break
-            run.append(held)
+            stored = self._blocks.get(chained)
+            foreign = stored is not None and (
+                stored.parent != parent or stored.tokens != block_tokens
+            )
+            yield start, chained, stored, foreign
             parent = chained
-        return tuple(run)
 
     def _evict_oldest(self) -> None:
         key, entry = self._entries.popitem(last=False)
