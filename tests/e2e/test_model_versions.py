@@ -33,6 +33,7 @@ from google.protobuf import duration_pb2
 from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV
 from tests.e2e.conftest import authed_channel
+from tests.e2e.test_jobs import all_results, finished
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 from tokenmesh.inference.v2 import inference_pb2 as v2_pb2
@@ -423,16 +424,11 @@ def test_job_items_follow_the_traffic_split(versions_mesh, edge):
         submitted = api.post("/v1/jobs", json={"items": items})
         assert submitted.status_code == 200, submitted.text
         job_id = submitted.json()["id"]
-
-        def ended() -> dict[str, Any] | None:
-            job: dict[str, Any] = api.get(f"/v1/jobs/{job_id}").json()
-            return job if job["status"] not in ("QUEUED", "RUNNING") else None
-
-        done = wait_for(ended, timeout_s=90, what=f"job {job_id} to end")
-        results = api.get(f"/v1/jobs/{job_id}/results", params={"page_size": 50}).json()
+        done = finished(api, job_id)
+        results = all_results(api, job_id)
     versions = collections.Counter(
         r["complete"]["model"]["version"] if "complete" in r else r.get("error", {}).get("code")
-        for r in results["results"]
+        for r in results
     )
     assert done["status"] == "SUCCEEDED", (done, versions)
     assert versions == {"1": 24}

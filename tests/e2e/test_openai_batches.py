@@ -8,27 +8,17 @@ from __future__ import annotations
 
 import io
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
 
 from tests.e2e.test_auth import create_key
+from tests.e2e.test_jobs import wait_until
 
 MODEL = "deterministic-test"
 SCOPES = "inference:generate,inference:embed,models:read,jobs"
-
-
-def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def sdk(mesh, secret: str) -> openai.OpenAI:
