@@ -388,10 +388,17 @@ def test_shadowing_every_request_to_another_version_leaves_callers_untouched(
         wait_for(lambda: usage_requests(own) >= 50, 30, "the caller's usage")
         assert usage_requests(own) == 50
         assert usage_requests(edge, tenant="tokenmesh.shadow") == 50
-    exported = cli(versions_mesh, "samples", "export", "--tenant", "shadow-caller", "--since", "1h")
+
+    def samples() -> list[dict[str, Any]]:
+        exported = cli(
+            versions_mesh, "samples", "export", "--tenant", "shadow-caller", "--since", "1h"
+        )
+        return [json.loads(line) for line in exported.splitlines()]
+
+    # Sample writes are fire-and-forget after each answer: wait for the caller's 50.
+    wait_for(lambda: len(samples()) >= 50, 15, "the caller's 50 samples")
     cli(versions_mesh, "samples", "disable", "--tenant", "shadow-caller")
-    sampled = [json.loads(line) for line in exported.splitlines()]
-    assert collections.Counter(s["model"]["version"] for s in sampled) == {"1": 50}
+    assert collections.Counter(s["model"]["version"] for s in samples()) == {"1": 50}
     compared = cli(versions_mesh, "models", "compare", MODEL, "1", "2", "--since", "1h")
     report = json.loads(
         cli(versions_mesh, "models", "compare", MODEL, "1", "2", "--since", "1h", "--json")
