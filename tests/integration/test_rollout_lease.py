@@ -51,8 +51,13 @@ async def test_only_one_driver_holds_the_lease_and_a_stale_one_writes_nothing(cl
     await second.tick()
     assert first.token and not second.token
     stale_lease = f"{first.holder}:{first.token}"
-    await asyncio.sleep(0.4)  # the first stalls past its lease ...
-    await second.tick()  # ... and the second takes over, with a larger token
+    # The first stalls past its lease and the second takes over, with a larger
+    # token: it ticks until the lease has expired (not a fixed sleep: a 0.4 s
+    # sleep against a 0.3 s lease failed once in a full CI run, cause not found).
+    deadline = time.monotonic() + 10
+    while not second.token and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        await second.tick()
     assert second.token > first.token
     raw = await client.hget(ro.ROLLOUTS_KEY, rollout.model)
     # A write made under the stale lease is refused, whatever it carries.
