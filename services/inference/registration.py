@@ -81,22 +81,27 @@ class Registration:
         """
         self._task = supervisor.spawn("worker-registration", self._run)
 
-    async def drain(self, delay_s: float) -> None:
-        """Leaves the edge's endpoints, then waits `delay_s` for every edge to apply it."""
+    async def drain(self, delay_s: float) -> bool:
+        """Leaves the edge's endpoints, then waits `delay_s` for every edge to apply it.
+
+        Returns False when the edges may still route here: the worker was
+        registered but the router did not answer (the caller then leaves
+        through the edges' health checks instead).
+        """
         if self._task is not None:
             self._task.cancel()
         if not self.registered.is_set():
-            return
+            return True  # the edges never had this worker (or the router forgot it)
         try:
             await self._stub().DrainWorker(
                 pb.DrainWorkerRequest(worker_id=self.worker_id), timeout=_RPC_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as exc:
-            # Health checks still take the worker out, just more slowly.
             logger.warning("could not drain through the router: %s", exc.code().name)
-            return
+            return False
         logger.info("left the edge's endpoints; waiting %.1fs before stopping", delay_s)
         await asyncio.sleep(delay_s)
+        return True
 
     async def stop(self) -> None:
         """Stops heartbeating and closes the channel."""

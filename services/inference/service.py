@@ -148,6 +148,12 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
         1.0,
         "On SIGTERM, time between leaving the edge's endpoints and refusing new requests.",
     )
+    drain_health_wait_s: float = env(
+        "TOKENMESH_DRAIN_HEALTH_WAIT_SECONDS",
+        2.5,
+        "On SIGTERM when the router cannot take this worker out: time between turning "
+        "NOT_SERVING and refusing new requests (two failed edge health checks).",
+    )
     worker_id: str = env(
         "TOKENMESH_WORKER_ID", socket.gethostname(), "Stable worker name (usage spool, registry)."
     )
@@ -217,6 +223,11 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
             "must be host:port",
         )
         require(0 <= self.drain_delay_s <= 60, "TOKENMESH_DRAIN_DELAY_SECONDS", "must be 0-60")
+        require(
+            0 <= self.drain_health_wait_s <= 60,
+            "TOKENMESH_DRAIN_HEALTH_WAIT_SECONDS",
+            "must be 0-60",
+        )
         require(
             1 <= self.usage_spool_sync_ms <= 10_000,
             "TOKENMESH_USAGE_SPOOL_SYNC_MS",
@@ -387,8 +398,19 @@ class InferenceService(Service):
             self.registration.start(self.tasks)
 
     async def drain(self) -> None:
-        if self.registration is not None:
-            await self.registration.drain(self.settings.drain_delay_s)
+        if self.registration is None:
+            return
+        if await self.registration.drain(self.settings.drain_delay_s):
+            return
+        # The router did not take this worker out, so the edges still route here
+        # (it is down, or its Redis stalls). Leave through their health checks:
+        # every entry NOT_SERVING, and keep serving what still arrives until two
+        # failed checks have taken the worker out of every edge.
+        wait_s = self.settings.drain_health_wait_s
+        logger.warning("leaving through the edges' health checks; serving %.1fs more", wait_s)
+        if self._running is not None:
+            await self._running.health.enter_graceful_shutdown()
+        await asyncio.sleep(wait_s)
 
     async def load(self, name: str, version: str) -> None:
         """Loads a version from the repository, warms it up, marks it ready."""

@@ -25,10 +25,13 @@ import grpc
 import httpx
 import pytest
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.core import contract
 from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV
 from tests.e2e.conftest import authed_channel
+from tests.e2e.test_jobs import wait_until
 from tokenmesh.auth.v1 import auth_service_pb2 as auth_pb
 from tokenmesh.auth.v1 import auth_service_pb2_grpc as auth_rpc
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
@@ -46,6 +49,8 @@ ENV = {
     "TOKENMESH_ROUTER_LEASE_SECONDS": "2",
     "TOKENMESH_ROUTER_HEALTH_CHECK_SECONDS": "0.5",
     "TOKENMESH_DRAIN_DELAY_SECONDS": "0.5",
+    # Two failed checks at the mesh's 0.5 s interval, and a margin.
+    "TOKENMESH_DRAIN_HEALTH_WAIT_SECONDS": "1.5",
     "TOKENMESH_RATELIMIT_MODEL_RPM": "throttled=2",
 }
 
@@ -472,6 +477,43 @@ def test_sigterm_drains_a_worker_its_stream_completes(routed, edge):
     survivor = "inference-0" if victim == "inference-1" else "inference-1"
     assert {complete(edge).worker for _ in range(10)} == {survivor}
     routed.start_worker(victim)
+
+
+def test_a_worker_the_router_cannot_drain_leaves_through_the_edges_health_checks(routed, edge):
+    # With the router down (or its Redis stalled), DrainWorker fails and the edges
+    # keep routing to a stopping worker until their health checks see it: it must
+    # turn NOT_SERVING and still answer what arrives meanwhile (it used to refuse
+    # new requests at once).
+    victim = "inference-1"
+    routed.terminate("router")
+    assert routed.wait_exit("router", 30) == 0
+    try:
+        with routed.channel(victim, caller=contract.EDGE) as direct:
+            health = health_pb2_grpc.HealthStub(direct)
+            models = rpc.InferenceServiceStub(direct)
+            routed.terminate(victim)
+            wait_until(
+                lambda: (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                    == health_pb2.HealthCheckResponse.NOT_SERVING
+                ),
+                10,
+                "the stopping worker to say NOT_SERVING",
+            )
+            assert models.ListModels(pb.ListModelsRequest(), timeout=5).models
+        assert routed.wait_exit(victim, 30) == 0
+    finally:
+        routed.restart_service("router", "router")
+    routed.start_worker(victim)
+    wait_until(lambda: both_workers_serve(edge), 30, "the edge to route to both workers again")
+
+
+def both_workers_serve(edge: grpc.Channel) -> bool:
+    """Returns whether the edge spreads prompts over both workers (False on an error)."""
+    try:
+        return workers_of(edge, (f"both {n}" for n in range(20))) == {"inference-0", "inference-1"}
+    except grpc.RpcError:
+        return False
 
 
 def test_several_edges_share_one_control_plane(routed, catalogue):

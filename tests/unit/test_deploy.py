@@ -23,6 +23,7 @@ import yaml
 from gateway.__main__ import EdgeSettings
 from services.core import contract, pki
 from services.core.settings import load
+from services.inference.service import InferenceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -529,5 +530,8 @@ def test_worker_scale_down_drains_before_sigterm_within_the_grace_period():
     env = _worker_env()
     grace_s = float(env["TOKENMESH_GRACE_SECONDS"])  # the longest stream
     drain_s = float(env["TOKENMESH_DRAIN_DELAY_SECONDS"])
-    # preStop: drain delay + wait for streams; then SIGTERM: drain delay + grace again.
-    assert spec["terminationGracePeriodSeconds"] >= 2 * (drain_s + grace_s) + RPC_TIMEOUTS_S
+    health_wait_s = load(InferenceSettings, env).drain_health_wait_s
+    # preStop: drain delay + wait for streams; then SIGTERM: drain delay (or, when
+    # the router does not answer, the health-check wait) + grace again.
+    worst_s = 2 * grace_s + drain_s + max(drain_s, health_wait_s) + RPC_TIMEOUTS_S
+    assert spec["terminationGracePeriodSeconds"] >= worst_s
