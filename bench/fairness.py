@@ -57,7 +57,7 @@ class Plan:
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
-        return cls(1, 8, 60.0) if quick else cls(3, 15, 240.0)
+        return cls(1, 8, 60.0) if quick else cls(2, 12, 240.0)
 
 
 @dataclass

@@ -66,7 +66,7 @@ class Plan:
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
-        return cls(300, 20, 90.0) if quick else cls(2000, 60, 400.0)
+        return cls(300, 20, 90.0) if quick else cls(2000, 200, 400.0)
 
 
 async def _ttft(stub: Any, n: int) -> float:

@@ -70,7 +70,7 @@ class Plan:
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
-        return cls(1, 4.0, 30.0, 60.0) if quick else cls(3, 10.0, 60.0, 150.0)
+        return cls(1, 4.0, 30.0, 60.0) if quick else cls(2, 10.0, 60.0, 150.0)
 
 
 def mesh_config(state: Path) -> MeshConfig:

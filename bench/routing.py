@@ -94,7 +94,7 @@ class Plan:
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
-        return cls(1, 5.0, 1, 4.0, 60.0) if quick else cls(3, 8.0, 2, 8.0, 200.0)
+        return cls(1, 5.0, 1, 4.0, 60.0) if quick else cls(3, 8.0, 3, 8.0, 220.0)
 
 
 def system_prompt(tag: str, tokenizer: Tokenizer) -> str:
