@@ -28,6 +28,7 @@ from google.protobuf import descriptor_pool
 
 from services.core import contract, pki
 from services.core.errors import PermissionDenied
+from services.core.metadata import request_metadata
 from services.core.pki import IdentityFiles
 
 logger = logging.getLogger(__name__)
@@ -237,19 +238,12 @@ def service_methods(services: Sequence[str]) -> list[str]:
     ]
 
 
-def _edge_headers(context: Context) -> list[str]:
-    return [
-        key
-        for key, _ in context.invocation_metadata() or ()
-        if key.lower().startswith(contract.EDGE_HEADER_PREFIX)
-    ]
+def _edge_headers(context: Context) -> tuple[str, ...]:
+    return request_metadata(context).edge_keys
 
 
 def _header(context: Context, name: str) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key.lower() == name and isinstance(value, str):
-            return value
-    return ""
+    return request_metadata(context).headers.get(name, "")
 
 
 class ClientChannel:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import grpc
@@ -41,6 +41,7 @@ from services.core.errors import (
     internal_error,
 )
 from services.core.identity import Authorizer
+from services.core.metadata import request_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +74,10 @@ Handler = Callable[..., Any]
 Decoder = Callable[[bytes], Any]
 
 
-def request_headers(context: Context) -> dict[str, str]:
-    """Returns the request metadata as a lower-case dict (text values only)."""
-    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+def request_headers(context: Context) -> Mapping[str, str]:
+    """Returns the request metadata as a lower-case mapping (text values only; read once
+    per call, shared: never modify it)."""
+    return request_metadata(context).headers
 
 
 def to_domain_error(exc: BaseException, method: str) -> TokenmeshError:
