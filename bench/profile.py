@@ -3,12 +3,17 @@
     python -m bench.profile S3   # zero-compute engine, batching off, 32 streams
     python -m bench.profile S1   # demo-lm, 32 streams
     python -m bench.profile S3 /tmp/s3.txt  # also keep py-spy's collapsed stacks
+    python -m bench.profile S3 --gil        # only samples of the thread holding the GIL
 
 Starts the row's worker pinned as `make bench` pins it, runs 32 streams from
 the load core while `py-spy record` samples the worker (every thread, idle
 frames left out), and prints the functions with the most samples: by self
 time (the frame on top) and inclusive (anywhere on the stack). py-spy comes
 with the bench extra (`pip install -e .[bench]`).
+
+`--gil` keeps only the samples of the thread holding the GIL: the Python
+work, without threads that py-spy counts as busy while they wait in C (gRPC's
+poller, the engine's condition variable).
 """
 
 from __future__ import annotations
@@ -62,7 +67,9 @@ def top(collapsed: Path, n: int = 25) -> tuple[list[tuple[str, int]], list[tuple
 
 
 def main() -> None:
-    row = sys.argv[1] if len(sys.argv) > 1 else "S3"
+    gil = "--gil" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--gil"]
+    row = args[0] if args else "S3"
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     lay, state = layout(), state_dir()
     request = zero_compute_request() if row == "S3" else served_request()
@@ -79,6 +86,7 @@ def main() -> None:
                 run_streams(target, 2, 1, request, processes=1)  # warm-up
                 command = [spy, "record", "-p", str(service_pid(state, "p")), "-d", str(SECONDS)]
                 command += ["-r", "200", "-f", "raw", "-o", str(out), "--threads", "--nonblocking"]
+                command += ["--gil"] if gil else []
                 recorder = threading.Thread(
                     target=subprocess.run, args=(command,), kwargs={"capture_output": True}
                 )
@@ -89,13 +97,14 @@ def main() -> None:
             redis.terminate()
             redis.wait(10)
     own, anywhere, total = top(out)
-    print(f"{row}: {total} samples of the worker's busy threads")
+    whose = "the GIL holder" if gil else "the worker's busy threads"
+    print(f"{row}: {total} samples of {whose}")
     for title, frames in (("self", own), ("inclusive", anywhere)):
         print(f"\n{title}:")
         for frame, samples in frames:
             print(f"  {samples / total:6.1%}  {frame}")
-    if len(sys.argv) > 2:
-        shutil.copy(out, sys.argv[2])
+    if len(args) > 1:
+        shutil.copy(out, args[1])
     shutil.rmtree(state, ignore_errors=True)
 
 
