@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from services.core.interceptors import AnnouncingContext
-from services.core.metadata import parse, request_metadata
+from services.core.metadata import RequestMetadata, request_metadata
 
 
 class CallContext:
@@ -21,7 +21,7 @@ class CallContext:
 
 
 def test_names_are_lower_cased_and_binary_values_left_out_but_edge_keys_kept():
-    parsed = parse(
+    parsed = RequestMetadata(
         [("X-Tokenmesh-Key-Id", "key_1"), ("x-tokenmesh-trace-bin", b"\x00"), ("te", "trailers")]
     )
     assert dict(parsed.headers) == {"x-tokenmesh-key-id": "key_1", "te": "trailers"}
