@@ -7,7 +7,8 @@ it five or six times (caller rules, rate limit, allowed models, routing):
 edge's headers). The first read keeps it in a context variable of the RPC's
 task (each RPC runs in a task of its own), keyed by the call's context
 object, so a later read in the same call is a lookup and a read for another
-call never sees it.
+call never sees it. A task started during a call inherits the entry (and
+keeps that call's context alive until it ends); it matches only that call.
 """
 
 from __future__ import annotations
