@@ -472,6 +472,8 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
     async def RenewLease(
         self, request: pb.RenewLeaseRequest, context: Context
     ) -> pb.RenewLeaseResponse:
+        # A heartbeat rewrites the worker's models and load: only the worker itself.
+        await self._require_own_worker("RenewLease", request.worker_id, context)
         models = _refs(request.models)
         load = load_from_pb(request.load) if request.HasField("load") else None
         worker, models_changed = await self.registry.renew(
@@ -487,13 +489,22 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
     async def DrainWorker(
         self, request: pb.DrainWorkerRequest, context: Context
     ) -> pb.DrainWorkerResponse:
-        if identity.peer_identity(context) == contract.WORKER:
-            # A worker drains only itself (the operator and admins drain any).
-            registered = await self.registry.get(request.worker_id)
-            identity.require_own_host("DrainWorker", registered.address, context)
+        # A worker drains only itself (the operator and admins drain any).
+        await self._require_own_worker("DrainWorker", request.worker_id, context)
         worker = await self.registry.drain(request.worker_id)
         await self.refresh()
         return pb.DrainWorkerResponse(worker=worker_to_pb(worker))
+
+    async def _require_own_worker(self, rpc: str, worker_id: str, context: Context) -> None:
+        """Raises PermissionDenied when a worker acts for a worker registered on another host.
+
+        Every worker shares the `worker` identity, so the registered address is
+        what tells them apart: its host must be one the caller's certificate or
+        connection vouches for (raises NotFound for an unknown worker).
+        """
+        if identity.peer_identity(context) == contract.WORKER:
+            registered = await self.registry.get(worker_id)
+            identity.require_own_host(rpc, registered.address, context)
 
     async def ListWorkers(
         self, request: pb.ListWorkersRequest, context: Context

@@ -7,12 +7,14 @@ Each server requires a certificate from the mesh CA; the contract
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import grpc.aio
 import pytest
+import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -20,6 +22,7 @@ from grpc_status import rpc_status
 from services.core import identity, pki
 from services.core.server import RunningServer, serving
 from services.inference.service import InferenceService
+from services.router.registry import WorkerRegistry
 from services.router.service import RouterService, RouterSettings
 from services.usage.service import UsageService, UsageSettings
 from tests import mtls
@@ -144,6 +147,27 @@ async def test_only_a_worker_registers_and_only_its_own_address(router):
         await registry.DrainWorker(router_pb.DrainWorkerRequest(worker_id="w-mtls"))
         listing = registry.ListWorkers(router_pb.ListWorkersRequest())
         assert (await _denied(listing)).reason == "CALLER_NOT_ALLOWED"
+
+
+async def test_a_worker_cannot_heartbeat_or_drain_a_worker_of_another_host(router, redis_url):
+    # Every worker shares the `worker` identity: the registered address tells
+    # them apart. A heartbeat rewrites a worker's models (what the edge routes
+    # to it), so another host's worker must not send one for it.
+    client = aioredis.from_url(redis_url)
+    try:
+        remote = WorkerRegistry(client, lease_s=30)
+        await remote.register("w-remote", "10.9.8.7:5999", [("m", "1")], time.time())
+    finally:
+        await client.aclose()
+    models = [types_pb2.ModelRef(name="m", version="2")]
+    async with mtls.aio_channel(router.port, peer="router", caller="worker") as channel:
+        registry = router_rpc.WorkerRegistryServiceStub(channel)
+        renew = registry.RenewLease(
+            router_pb.RenewLeaseRequest(worker_id="w-remote", models=models)
+        )
+        assert (await _denied(renew)).reason == "NOT_OWN_ADDRESS"
+        drain = registry.DrainWorker(router_pb.DrainWorkerRequest(worker_id="w-remote"))
+        assert (await _denied(drain)).reason == "NOT_OWN_ADDRESS"
 
 
 async def test_admin_rpcs_need_the_operator_or_an_admin_caller_at_the_edge(router):
