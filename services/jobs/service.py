@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import grpc.aio
 
 from services.core.redis_service import RedisBackedService
 from services.core.server import RunningServer, identity_files
-from services.core.settings import RedisSettings, env, require
+from services.core.settings import RedisSettings, SettingsError, env, require
 from services.core.tasks import SupervisedTask
 from services.jobs.execution import Backoff, ItemExecutor
 from services.jobs.handover import SERVICE_NAME as HANDOVER_SERVICE
@@ -21,6 +23,7 @@ from services.jobs.openai_files import FileStore
 from services.jobs.openai_servicer import SERVICE_NAME as OPENAI_BATCH_SERVICE
 from services.jobs.openai_servicer import OpenAIBatchServicer
 from services.jobs.runner import ExpirySweep, Runner
+from services.jobs.secret_box import SecretBox
 from services.jobs.servicer import JobsServicer
 from services.jobs.store import JobStore
 from services.jobs.webhooks import DEFAULT_SCHEDULE_S, DeliveryPolicy, WebhookSender
@@ -28,6 +31,7 @@ from services.jobs.workers import WorkerDirectory
 from tokenmesh.jobs.v1 import handover_service_pb2_grpc, jobs_service_pb2, jobs_service_pb2_grpc
 from tokenmesh.openai.v1 import openai_batch_service_pb2_grpc
 
+logger = logging.getLogger(__name__)
 SERVICE_NAME = jobs_service_pb2.DESCRIPTOR.services_by_name["JobsService"].full_name
 
 
@@ -90,6 +94,24 @@ class JobsSettings(RedisSettings):
     webhook_poll_s: float = env(
         "TOKENMESH_WEBHOOK_POLL_SECONDS", 0.5, "How often due webhooks are looked for."
     )
+    webhook_secrets_key: str | None = env(
+        "TOKENMESH_WEBHOOK_SECRETS_KEY",
+        None,
+        "Key (64 hex digits) that seals webhook signing secrets in Redis.",
+    )
+    webhook_secrets_key_file: Path | None = env(
+        "TOKENMESH_WEBHOOK_SECRETS_KEY_FILE",
+        None,
+        "File holding that key (created if missing); neither set: secrets stored as they are.",
+    )
+
+    def secret_box(self) -> SecretBox | None:
+        """Returns the box that seals webhook secrets (None: no key configured)."""
+        if self.webhook_secrets_key:
+            return SecretBox.from_hex(self.webhook_secrets_key)
+        if self.webhook_secrets_key_file is not None:
+            return SecretBox.from_file(self.webhook_secrets_key_file)
+        return None
 
     def schedule_s(self) -> tuple[float, ...]:
         """Returns the webhook retry schedule in seconds."""
@@ -129,6 +151,11 @@ class JobsSettings(RedisSettings):
             "TOKENMESH_OPENAI_FILE_MAX_BYTES",
             "must be 1024-8388608 (the edge buffers uploads up to 8 MiB)",
         )
+        if self.webhook_secrets_key:
+            try:
+                SecretBox.from_hex(self.webhook_secrets_key)
+            except ValueError as exc:
+                raise SettingsError(f"TOKENMESH_WEBHOOK_SECRETS_KEY: {exc}") from None
 
 
 class JobsService(RedisBackedService):
@@ -139,7 +166,12 @@ class JobsService(RedisBackedService):
     def __init__(self, settings: JobsSettings) -> None:
         super().__init__(settings)
         self.settings = settings
-        self.store = JobStore(self.redis, int(settings.retention_days * 86400))
+        box = settings.secret_box()
+        if box is None:
+            logger.warning(
+                "webhook secrets are stored unsealed (TOKENMESH_WEBHOOK_SECRETS_KEY unset)"
+            )
+        self.store = JobStore(self.redis, int(settings.retention_days * 86400), box)
         self.executor = ItemExecutor(
             WorkerDirectory(self.redis),
             identity_files(self.name, settings),

@@ -108,7 +108,7 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
             raise InvalidArgument(
                 [FieldViolation("webhook_url", str(exc))], reason="WEBHOOK_URL_REFUSED"
             ) from None
-        if not await self.store.secrets_in_use(key_id):
+        if not await self.store.has_secret(key_id):
             raise FailedPrecondition(
                 "a webhook needs the key's webhook secret first "
                 "(tokenmesh webhooks secret create, or POST /v1/webhooks/secret)",

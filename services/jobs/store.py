@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError, WatchError
 
 from services.core.redis_service import text
+from services.jobs.secret_box import SEALED_PREFIX, SecretBox, SecretUnreadable
 from tokenmesh.jobs.v1 import jobs_pb2
 
 PREFIX = "tm:jobs:"
@@ -301,11 +302,16 @@ class JobStore:
     Args:
         client: the AOF Redis.
         retention_s: how long a finished job (and its results) is kept.
+        secret_box: seals webhook secrets before they are stored (None: stored
+            as they are; services/jobs/secret_box.py).
     """
 
-    def __init__(self, client: aioredis.Redis, retention_s: int) -> None:
+    def __init__(
+        self, client: aioredis.Redis, retention_s: int, secret_box: SecretBox | None = None
+    ) -> None:
         self.redis = client
         self.retention_s = retention_s
+        self.secret_box = secret_box
         self._finish_item = client.register_script(_FINISH_ITEM)
         self._end_job = client.register_script(_END_JOB)
         self._mark_running = client.register_script(_MARK_RUNNING)
@@ -543,16 +549,38 @@ class JobStore:
 
     async def create_secret(self, key_id: str, secret: str) -> bool:
         """Stores a key's first webhook secret; False when it has one."""
-        return bool(await self.redis.hsetnx(secret_key(key_id), "current", secret))
+        stored = self._seal(secret, key_id)
+        return bool(await self.redis.hsetnx(secret_key(key_id), "current", stored))
 
     async def rotate_secret(self, key_id: str, secret: str, overlap_ms: int) -> None:
         """Makes `secret` the key's secret; the old one signs too for `overlap_ms`."""
-        await self._rotate_secret(keys=[secret_key(key_id)], args=[secret, overlap_ms, now_ms()])
+        stored = self._seal(secret, key_id)
+        await self._rotate_secret(keys=[secret_key(key_id)], args=[stored, overlap_ms, now_ms()])
+
+    async def has_secret(self, key_id: str) -> bool:
+        """Returns whether the key has a webhook secret (without reading it)."""
+        return bool(await self.redis.hexists(secret_key(key_id), "current"))
 
     async def secrets_in_use(self, key_id: str) -> list[str]:
-        """Returns the secrets a key's events are signed with now (current first)."""
+        """Returns the secrets a key's events are signed with now (current first).
+
+        Raises:
+            SecretUnreadable: a stored secret does not open with this replica's key.
+        """
         raw = _decode(await self.redis.hgetall(secret_key(key_id)))
         out = [raw["current"]] if "current" in raw else []
         if raw.get("previous") and int(raw.get("previous_until_ms") or 0) > now_ms():
             out.append(raw["previous"])
-        return out
+        return [self._open(stored, key_id) for stored in out]
+
+    def _seal(self, secret: str, key_id: str) -> str:
+        return secret if self.secret_box is None else self.secret_box.seal(secret, key_id)
+
+    def _open(self, stored: str, key_id: str) -> str:
+        if self.secret_box is not None:
+            return self.secret_box.open(stored, key_id)
+        if stored.startswith(SEALED_PREFIX):
+            raise SecretUnreadable(
+                f"the webhook secret of {key_id} is sealed and this replica has no key"
+            )
+        return stored

@@ -29,11 +29,13 @@ import httpx
 from google.protobuf import timestamp_pb2
 
 from services.jobs import signing, ssrf, views
+from services.jobs.secret_box import SecretUnreadable
 from services.jobs.store import (
     HOOK_DEAD,
     HOOK_DELIVERED,
     HOOK_PENDING,
     HOOK_RETRYING,
+    JobRecord,
     JobStore,
 )
 from tokenmesh.jobs.v1 import jobs_pb2
@@ -134,14 +136,8 @@ class WebhookSender:
         record.fields["webhook_attempts"] = str(number)
         job = views.job_pb(record, await self.store.attempts(job_id))
         started = time.time()
-        secrets = await self.store.secrets_in_use(record.owner.key_id)
         body = views.event_body(job, _utc(started))
-        if secrets:
-            answer = await self.post(record.get("webhook_url"), secrets, job_id, body)
-        else:
-            answer = Answer(
-                error="the key has no webhook secret (tokenmesh webhooks secret create)"
-            )
+        answer = await self._signed_post(record, job_id, body)
         attempt = jobs_pb2.WebhookAttempt(
             attempt=number,
             time=_stamp(started),
@@ -155,6 +151,20 @@ class WebhookSender:
         logger.info(
             "webhook of %s attempt %d: %s", job_id, number, answer.http_status or answer.error
         )
+
+    async def _signed_post(self, record: JobRecord, job_id: str, body: bytes) -> Answer:
+        """POSTs the event signed with the owner's secrets (an Answer with the error
+        when there are none to sign with)."""
+        key_id = record.owner.key_id
+        try:
+            secrets = await self.store.secrets_in_use(key_id)
+        except SecretUnreadable as exc:
+            # Another replica's key, or a changed value: an operator must look.
+            logger.error("webhook of %s not sent: %s", job_id, exc)
+            return Answer(error="the key's webhook secret cannot be read; rotate it")
+        if not secrets:
+            return Answer(error="the key has no webhook secret (tokenmesh webhooks secret create)")
+        return await self.post(record.get("webhook_url"), secrets, job_id, body)
 
     def _next(self, round_start: int, number: int, answer: Answer) -> tuple[str, int]:
         if answer.delivered:

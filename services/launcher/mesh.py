@@ -279,6 +279,8 @@ class Mesh:
             # auth: the server secret and the dev admin key live in the state dir.
             "TOKENMESH_AUTH_SECRET_FILE": str(self.state_dir / "auth-secret"),
             "TOKENMESH_AUTH_BOOTSTRAP_KEY_FILE": str(self.dev_key_path),
+            # jobs: the key that seals webhook signing secrets in Redis.
+            "TOKENMESH_WEBHOOK_SECRETS_KEY_FILE": str(self.state_dir / "webhook-secrets-key"),
             "TOKENMESH_AUTH_JWKS_CACHE_SECONDS": f"{self.config.edge_auth.jwks_cache_s:g}",
             "TOKENMESH_AUTH_ISSUER": self.config.edge_auth.issuer,
             "TOKENMESH_AUTH_AUDIENCE": self.config.edge_auth.audience,

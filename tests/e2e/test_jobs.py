@@ -17,8 +17,11 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import standardwebhooks
 
+from services.jobs.secret_box import SEALED_PREFIX
+from services.jobs.store import secret_key
 from tests.e2e.test_auth import create_key
 
 MODEL = "deterministic-test"
@@ -199,6 +202,16 @@ def _events_for(receiver: Receiver, job_id: str) -> list[tuple[dict[str, str], b
 def _delivered(api: httpx.Client, job_id: str) -> dict[str, Any] | None:
     hook: dict[str, Any] = api.get(f"/v1/jobs/{job_id}").json()["webhook"]
     return hook if hook["state"] == "DELIVERED" else None
+
+
+def test_webhook_secrets_are_sealed_in_redis(mesh, owner):
+    # `make run` gives the jobs service a key file: Redis never holds a secret
+    # that could sign events (the signed-webhook test above verifies them).
+    with redis.Redis.from_url(mesh.redis_url) as client:
+        hashes = [client.hgetall(k) for k in client.scan_iter(match=secret_key("*"))]
+    values = [v for stored in hashes for v in stored.values()]
+    assert any(v.startswith(SEALED_PREFIX.encode()) for v in values)
+    assert not any(owner["webhook_secret"].encode() in v for v in values)
 
 
 def test_a_webhook_answered_500_twice_is_retried_and_the_attempts_show(api, owner, receiver):

@@ -141,12 +141,14 @@ def test_browser_streams_a_completion_with_usage_and_a_logprob_heat_map(
     screenshot = _save_screenshot(page)
 
     assert state == "done", page.inner_text("#status") + page.inner_text("#error")
-    # The text grew while the stream ran: seen at three lengths, the first two
-    # while it was still streaming (a page that waited for the whole body shows
-    # all of the text at once, after the stream ended).
+    # The text grew while the stream ran: part of it was on the page while the
+    # run was still streaming (a page that waited for the whole body shows all
+    # of the text at once, after the stream ended). Later samples may find the
+    # run done already: a busy machine can pause the browser's polling longer
+    # than the rest of the stream takes.
     lengths = [length for length, _ in samples]
-    assert lengths == sorted(set(lengths)) and lengths[-1] <= final_length, samples
-    assert [s for _, s in samples[:2]] == ["streaming", "streaming"], samples
+    assert lengths == sorted(lengths) and lengths[-1] <= final_length, samples
+    assert samples[0][1] == "streaming" and 0 < samples[0][0] < final_length, samples
 
     usage = _pairs(page, "usage")
     completion = int(usage["completion_tokens"])

@@ -1,0 +1,53 @@
+"""Webhook secrets sealed at rest: bound to their key id, refused when changed."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from services.jobs import signing
+from services.jobs.secret_box import SEALED_PREFIX, SecretBox, SecretUnreadable
+
+KEY = bytes(range(32))
+
+
+def test_a_sealed_secret_opens_to_itself_and_does_not_show_it():
+    box, secret = SecretBox(KEY), signing.new_secret()
+    stored = box.seal(secret, "key_a")
+    assert stored.startswith(SEALED_PREFIX) and secret not in stored
+    assert box.open(stored, "key_a") == secret
+    assert box.seal(secret, "key_a") != stored  # a fresh nonce every time
+
+
+def test_a_sealed_secret_does_not_open_for_another_key_id_or_another_key():
+    stored = SecretBox(KEY).seal(signing.new_secret(), "key_a")
+    with pytest.raises(SecretUnreadable):
+        SecretBox(KEY).open(stored, "key_b")  # copied into another key's hash
+    with pytest.raises(SecretUnreadable):
+        SecretBox(bytes(32)).open(stored, "key_a")
+
+
+@pytest.mark.parametrize("stored", [f"{SEALED_PREFIX}AAAA", f"{SEALED_PREFIX}!!not base64!!"])
+def test_a_changed_or_garbled_value_is_refused(stored):
+    with pytest.raises(SecretUnreadable):
+        SecretBox(KEY).open(stored, "key_a")
+
+
+def test_a_value_stored_before_sealing_is_read_as_it_is():
+    secret = signing.new_secret()
+    assert SecretBox(KEY).open(secret, "key_a") == secret
+
+
+def test_the_key_file_is_created_once_readable_only_by_its_owner(tmp_path):
+    path = tmp_path / "state" / "webhook-secrets-key"
+    first = SecretBox.from_file(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    stored = first.seal("whsec_x", "key_a")
+    assert SecretBox.from_file(path).open(stored, "key_a") == "whsec_x"  # the same key again
+
+
+@pytest.mark.parametrize("value", ["", "00" * 31, "zz" * 32])
+def test_a_key_that_is_not_32_bytes_of_hex_is_refused(value):
+    with pytest.raises(ValueError, match="64 hex digits|32 bytes"):
+        SecretBox.from_hex(value)
