@@ -6,8 +6,10 @@ import stat
 
 import pytest
 
+from services.core.settings import SettingsError, load
 from services.jobs import signing
 from services.jobs.secret_box import SEALED_PREFIX, SecretBox, SecretUnreadable
+from services.jobs.service import JobsSettings
 
 KEY = bytes(range(32))
 
@@ -51,3 +53,10 @@ def test_the_key_file_is_created_once_readable_only_by_its_owner(tmp_path):
 def test_a_key_that_is_not_32_bytes_of_hex_is_refused(value):
     with pytest.raises(ValueError, match="64 hex digits|32 bytes"):
         SecretBox.from_hex(value)
+
+
+def test_a_bad_key_in_the_environment_is_refused_at_start_naming_the_variable():
+    with pytest.raises(SettingsError, match="^TOKENMESH_WEBHOOK_SECRETS_KEY: .*64 hex digits"):
+        load(JobsSettings, {"TOKENMESH_WEBHOOK_SECRETS_KEY": "zz" * 32})
+    settings = load(JobsSettings, {"TOKENMESH_WEBHOOK_SECRETS_KEY": "00" * 32})
+    assert isinstance(settings.secret_box(), SecretBox)
