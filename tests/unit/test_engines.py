@@ -9,25 +9,35 @@ import numpy as np
 import pytest
 
 from services.inference.engines.base import StepItem
-from services.inference.engines.onnx import OnnxGenerativeEngine
+from services.inference.engines.onnx import OnnxGenerativeEngine, _decode_session, session_options
+from services.inference.engines.onnx_decode import DecodeShape, UnsupportedGraph, build_decode_graph
 from services.inference.engines.tensorrt import plan_cache_key, tensorrt_available
 
 DEMO_LM = Path(__file__).resolve().parents[2] / "models" / "demo-lm" / "1"
 
 
-def _demo_lm(prefix_cache_tokens: int = 0) -> OnnxGenerativeEngine:
-    card = json.loads((DEMO_LM / "config.json").read_text())
-    shape = {k: card[k] for k in ("n_layer", "n_head", "head_dim", "vocab_size", "context_length")}
+CARD = json.loads((DEMO_LM / "config.json").read_text())
+SHAPE = {k: CARD[k] for k in ("n_layer", "n_head", "head_dim", "vocab_size", "context_length")}
+
+
+def _demo_lm(prefix_cache_tokens: int = 0, in_place_decode: bool = True) -> OnnxGenerativeEngine:
     engine = OnnxGenerativeEngine(
-        DEMO_LM / "model.onnx", threads=1, prefix_cache_tokens=prefix_cache_tokens, **shape
+        DEMO_LM / "model.onnx",
+        threads=1,
+        prefix_cache_tokens=prefix_cache_tokens,
+        in_place_decode=in_place_decode,
+        **SHAPE,
     )
     engine.allocate(4)
     return engine
 
 
-@pytest.fixture(scope="module")
-def engine() -> OnnxGenerativeEngine:
-    return _demo_lm()
+@pytest.fixture(scope="module", params=["in-place", "padded"])
+def engine(request: pytest.FixtureRequest) -> OnnxGenerativeEngine:
+    """demo-lm, once with each decode path: every equivalence below holds for both."""
+    built = _demo_lm(in_place_decode=request.param == "in-place")
+    assert built.decode_path == request.param
+    return built
 
 
 @pytest.fixture
@@ -175,11 +185,13 @@ def test_sequences_leaving_and_joining_keep_the_carried_rows_and_match_one_at_a_
         + [StepItem(3, prompts[3], 0)]
     )
     assert np.abs(got[0] - expected[0][2]).max() < 1e-4
-    rows_before = engine._carry.rows.tolist()
+    rows_before = engine._carry.rows.tolist() if engine._carry is not None else []
     for n in range(3):
         got = decode({0: 3 + n, 2: 3 + n, 3: n})
         for slot, logits in got.items():
             assert np.abs(logits - expected[slot][3 + n if slot != 3 else n]).max() < 1e-4
+    if engine.decode_path == "in-place":
+        return  # no carried rows: the decoder works on the slots themselves
     # The carried path ran: slot 3 took slot 1's dead row, nothing was regathered.
     assert rows_before == [0, -1, 2]
     assert engine._carry.rows.tolist() == [0, 3, 2]
@@ -196,7 +208,8 @@ def test_a_prefill_only_step_keeps_the_decoding_rows_for_the_next_step(engine):
     engine.forward([StepItem(s, [tokens[0]], len(prompts[s])) for s in (0, 1, 2)])
     engine.forward([StepItem(s, [tokens[1]], len(prompts[s]) + 1) for s in (0, 2)])  # 1 left
     engine.forward([StepItem(3, prompts[3], 0)])  # the scheduler's prefill-only step
-    assert engine._carry is not None and engine._carry.rows.tolist() == [0, -1, 2]
+    padded = engine.decode_path == "padded"
+    assert not padded or (engine._carry is not None and engine._carry.rows.tolist() == [0, -1, 2])
     for n in range(2):
         got = engine.forward(
             [StepItem(s, [tokens[2 + n]], len(prompts[s]) + 2 + n) for s in (0, 2)]
@@ -205,7 +218,7 @@ def test_a_prefill_only_step_keeps_the_decoding_rows_for_the_next_step(engine):
         assert np.abs(got[0] - expected[0][2 + n]).max() < 1e-4
         assert np.abs(got[1] - expected[2][2 + n]).max() < 1e-4
         assert np.abs(got[2] - expected[3][n]).max() < 1e-4
-    assert engine._carry.rows.tolist() == [0, 3, 2]  # no regather: 3 took 1's row
+    assert not padded or engine._carry.rows.tolist() == [0, 3, 2]  # no regather: 3 took 1's row
 
 
 def test_a_repeated_prompt_is_served_from_the_prefix_cache_and_decodes_the_same(engine, cached):
@@ -255,3 +268,64 @@ def test_the_same_prompt_twice_in_one_step_counts_the_copy_as_reused(cached):
 def test_warm_up_leaves_an_empty_prefix_cache(cached):
     cached.warm_up(4)
     assert cached.prefix_cache.held_tokens == 0 and cached.prefix_cache.stats.lookups == 0
+
+
+def test_demo_lm_decodes_in_place_and_another_graph_keeps_the_padded_path():
+    shape = DecodeShape(CARD["n_layer"], CARD["n_head"], CARD["head_dim"], CARD["vocab_size"])
+    assert _demo_lm().decode_path == "in-place"
+    wrong = DecodeShape(shape.n_layer + 1, shape.n_head, shape.head_dim, shape.vocab_size)
+    with pytest.raises(UnsupportedGraph, match="weight matrices"):
+        build_decode_graph(DEMO_LM / "model.onnx", wrong)
+    assert _decode_session(DEMO_LM / "model.onnx", wrong, session_options(1)) is None
+
+
+def test_a_slot_prefilled_inside_the_decoded_slab_keeps_its_history():
+    """In-place: slot 1 lies between decoding slots 0 and 2 but is prefilled in the
+    same step; its row of the slab writes only the scratch position."""
+    engine = _demo_lm()
+    rng = np.random.default_rng(31)
+    prompts = {
+        slot: [int(t) for t in rng.integers(1, 4000, n)] for slot, n in ((0, 5), (1, 7), (2, 6))
+    }
+    expected = {slot: _alone(engine, ids, [42, 43]) for slot, ids in prompts.items()}
+    engine.forward([StepItem(s, prompts[s], 0) for s in (0, 2)])
+    got = engine.forward(
+        [StepItem(s, [42], len(prompts[s])) for s in (0, 2)] + [StepItem(1, prompts[1], 0)]
+    )
+    assert np.abs(got[0] - expected[0][0]).max() < 1e-4
+    got = engine.forward(
+        [StepItem(1, [42], len(prompts[1]))]
+        + [StepItem(s, [43], len(prompts[s]) + 1) for s in (0, 2)]
+    )
+    assert np.abs(got[0] - expected[1][0]).max() < 1e-4
+    assert np.abs(got[1] - expected[0][1]).max() < 1e-4
+    assert np.abs(got[2] - expected[2][1]).max() < 1e-4
+
+
+def test_in_place_and_padded_decoding_agree_on_random_continuous_batching():
+    """Sequences join (some sharing a head through the prefix cache), decode and
+    leave at random, on both paths side by side: same logits, same tokens."""
+    paths = [_demo_lm(prefix_cache_tokens=256, in_place_decode=flag) for flag in (True, False)]
+    rng = np.random.default_rng(37)
+    running: dict[int, tuple[list[int], list[int], int]] = {}  # slot -> prompt, generated, length
+    for _ in range(120):
+        free = [slot for slot in range(4) if slot not in running]
+        if free and rng.random() < 0.5:
+            head = next(iter(running.values()))[0][:18] if running and rng.random() < 0.3 else []
+            prompt = head + [int(t) for t in rng.integers(1, 4000, int(rng.integers(2, 20)))]
+            running[int(rng.choice(free))] = (prompt, [], int(rng.integers(3, 30)))
+        if not running:
+            continue
+        starting = [slot for slot, (_, generated, _) in running.items() if not generated]
+        items = [
+            StepItem(s, running[s][0], 0)
+            if not running[s][1]
+            else StepItem(s, running[s][1][-1:], len(running[s][0]) + len(running[s][1]) - 1)
+            for s in starting or list(running)
+        ]
+        in_place, padded = (engine.forward(items) for engine in paths)
+        assert np.abs(in_place - padded).max() < 1e-4
+        for item, token in zip(items, padded.argmax(axis=1).tolist(), strict=True):
+            running[item.slot][1].append(token)
+        for slot in [s for s, (_, generated, n) in running.items() if len(generated) >= n]:
+            del running[slot]

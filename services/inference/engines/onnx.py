@@ -1,16 +1,26 @@
 """ONNX Runtime engines (CPU by default): a KV-cached decoder and an embedder.
 
 The decoder's KV cache lives in preallocated per-layer arrays
-[slots, heads, context, head_dim]. A decode step gathers the running slots'
-caches up to the longest one, masks each row's padding with attention_mask,
-and writes the new key/value column back into each slot, so sequences of
-different lengths share one batched forward pass. Step after step, the next
-step feeds the previous step's `present` outputs as its past instead of
-gathering again (a gather copies every running slot's history: a quarter of
-a batch-32 step, and half of it in traffic where sequences join and leave
-every few steps). Sequences that leave turn their row dead (masked out);
-new ones take a dead row, with only their own history copied in; a tight
-gather happens only when dead rows or unused width pile up.
+[slots, heads, context + 1, head_dim]. Prompts are prefilled with the
+exported graph, their KV copied into their slots.
+
+Decode steps, for demo-lm's graph (gpt-kv): an in-place decoder
+(onnx_decode.py) binds the running slots' contiguous slab of the cache as
+both past and present, so each row writes its new key/value in its own slot
+and attends to its own length: no history is copied and no row is padded.
+Rows of the slab that are not decoding (free slots) feed a dummy token that
+writes into the scratch position `context` and is never read.
+
+Other graphs with the same inputs keep the padded path: a decode step
+gathers the running slots' caches up to the longest one, masks each row's
+padding with attention_mask, and writes the new key/value column back into
+each slot. Step after step, the next step feeds the previous step's
+`present` outputs as its past instead of gathering again (a gather copies
+every running slot's history: a quarter of a batch-32 step, and half of it
+in traffic where sequences join and leave every few steps). Sequences that
+leave turn their row dead (masked out); new ones take a dead row, with only
+their own history copied in; a tight gather happens only when dead rows or
+unused width pile up.
 """
 
 from __future__ import annotations
@@ -23,11 +33,20 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from services.inference.engines.base import EmbeddingEngine, GenerativeEngine, StepItem
+from services.inference.engines.onnx_decode import (
+    DecodeShape,
+    InPlaceDecoder,
+    UnsupportedGraph,
+    build_decode_graph,
+)
 from services.inference.engines.prefix_cache import PrefixCache, PrefixHit
 
 logger = logging.getLogger(__name__)
+
+_ORT_ERRORS = (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.NotImplemented)
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -74,6 +93,8 @@ class OnnxGenerativeEngine(GenerativeEngine):
         threads: intra-op threads (0 = one per core).
         prefix_cache_tokens: prompt tokens whose KV is kept for reuse by
             later prompts that start the same way (0 = no prefix cache).
+        in_place_decode: decode with the in-place graph where the model's
+            graph allows it (False: always the padded path).
     """
 
     name = "onnxruntime"
@@ -90,10 +111,18 @@ class OnnxGenerativeEngine(GenerativeEngine):
         context_length: int,
         threads: int = 0,
         prefix_cache_tokens: int = 0,
+        in_place_decode: bool = True,
     ) -> None:
+        options = session_options(threads)
         self.session = ort.InferenceSession(
-            str(model_path), session_options(threads), providers=["CPUExecutionProvider"]
+            str(model_path), options, providers=["CPUExecutionProvider"]
         )
+        self._decode_session = (
+            _decode_session(model_path, DecodeShape(n_layer, n_head, head_dim, vocab_size), options)
+            if in_place_decode
+            else None
+        )
+        self._in_place: InPlaceDecoder | None = None
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
         self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
         self.vocab_size = vocab_size
@@ -108,10 +137,19 @@ class OnnxGenerativeEngine(GenerativeEngine):
     def take_reused_tokens(self, slot: int) -> int:
         return self._reused.pop(slot, 0)
 
+    @property
+    def decode_path(self) -> str:
+        """Returns how decode steps run: "in-place" or "padded"."""
+        return "padded" if self._decode_session is None else "in-place"
+
     def allocate(self, max_slots: int) -> None:
-        shape = (max_slots, self.n_head, self.context_length, self.head_dim)
+        # One more position than the context: the in-place decoder's rows that
+        # do not decode write their dummy key/value there.
+        shape = (max_slots, self.n_head, self.context_length + 1, self.head_dim)
         self._cache = [np.zeros(shape, np.float32) for _ in self._past_names]
         self._carry = None
+        if self._decode_session is not None:
+            self._in_place = InPlaceDecoder(self._decode_session, self._cache, self.vocab_size)
         self.prefix_cache.clear()
         logger.info(
             "KV cache: %d slots, %.1f MiB", max_slots, sum(c.nbytes for c in self._cache) / 2**20
@@ -133,7 +171,9 @@ class OnnxGenerativeEngine(GenerativeEngine):
             logits[fresh] = self._prefill_prompts([items[i] for i in fresh])
         for i in chunks:
             logits[i] = self._prefill(items[i])
-        if decode:
+        if decode and self._in_place is not None:
+            logits[decode] = self._decode_in_place([items[i] for i in decode], self._in_place)
+        elif decode:
             logits[decode] = self._decode([items[i] for i in decode], carry)
         elif carry is not None:
             # A prefill-only step: the decoding rows resume next step, history
@@ -239,6 +279,21 @@ class OnnxGenerativeEngine(GenerativeEngine):
         last_logits: np.ndarray = outputs[0][0, -1]
         return last_logits
 
+    def _decode_in_place(self, items: Sequence[StepItem], decoder: InPlaceDecoder) -> np.ndarray:
+        """Feeds one token for each of several slots: one call over the slots' slab."""
+        slots = np.fromiter((it.slot for it in items), np.int64)
+        lo = int(slots.min())
+        rows = int(slots.max()) + 1 - lo
+        ids = np.zeros(rows, np.int64)  # rows between the slots: token 0 at position 0,
+        positions = np.zeros(rows, np.int64)
+        seqlens = np.full(rows, self.context_length, np.int64)  # written to the scratch position
+        starts = np.fromiter((it.start for it in items), np.int64)
+        ids[slots - lo] = [it.token_ids[0] for it in items]
+        positions[slots - lo] = starts
+        seqlens[slots - lo] = starts
+        logits: np.ndarray = decoder.step(lo, ids, positions, seqlens)[slots - lo]
+        return logits
+
     def _decode(self, items: Sequence[StepItem], carry: _Carry | None) -> np.ndarray:
         """Feeds one token for each of several slots in one batched call."""
         slots = np.fromiter((it.slot for it in items), np.int64)
@@ -309,6 +364,25 @@ class OnnxGenerativeEngine(GenerativeEngine):
             for cache, present in zip(self._cache, carry.present, strict=True):
                 present[r, :, :start] = cache[slot, :, :start]
         return _Carry(rows, carry.starts, mask, carry.present), order
+
+
+def _decode_session(
+    model_path: Path, shape: DecodeShape, options: ort.SessionOptions
+) -> ort.InferenceSession | None:
+    """Returns a session of the in-place decode graph, or None where the model's
+    graph is not demo-lm's shape (the padded path then decodes)."""
+    try:
+        graph = build_decode_graph(model_path, shape)
+    except UnsupportedGraph as reason:
+        logger.info("%s: padded decode steps (%s)", model_path, reason)
+        return None
+    try:
+        return ort.InferenceSession(
+            graph.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+    except _ORT_ERRORS as error:  # an ONNX Runtime without GroupQueryAttention on CPU
+        logger.warning("%s: padded decode steps (in-place graph refused: %s)", model_path, error)
+        return None
 
 
 class OnnxEmbeddingEngine(EmbeddingEngine):
