@@ -48,6 +48,7 @@ class EngineOptions:
     limits: SchedulerLimits = SchedulerLimits()
     plan_cache_dir: Path | None = None
     prefix_cache_tokens: int = 0  # ONNX Runtime only: the TensorRT engine keeps no prefixes
+    in_place_decode: bool = True  # ONNX Runtime only (engines/onnx_decode.py)
 
 
 def version_directory(repo: Path, name: str, version: str) -> Path:
@@ -139,6 +140,7 @@ def _generative_engine(
         weights / "model.onnx",
         threads=options.threads,
         prefix_cache_tokens=options.prefix_cache_tokens,
+        in_place_decode=options.in_place_decode,
         **shape,
     )
 

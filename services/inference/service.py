@@ -22,6 +22,7 @@ from services.core.server import RunningServer, Service
 from services.core.settings import RedisSettings, SettingsError, env, load, require
 from services.core.tasks import HealthGate, Supervisor
 from services.inference.budget import TokenBudgets
+from services.inference.engines.base import DECODE_PATHS
 from services.inference.fairness import FAIRNESS_MODES, FairnessPolicy, parse_weights
 from services.inference.load_report import worker_load
 from services.inference.models import LoadedModel, ModelRegistry
@@ -88,6 +89,12 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
     )
     engine_threads: int = env(
         "TOKENMESH_ENGINE_THREADS", 0, "Intra-op threads per engine; 0 = one per core."
+    )
+    engine_decode: str = env(
+        "TOKENMESH_ENGINE_DECODE",
+        "in-place",
+        "ONNX Runtime decode steps: in-place (GroupQueryAttention on the KV cache, where the "
+        "model's graph allows it) or padded (the exported graph, rows padded to the longest).",
     )
     max_sequences: int = env(
         "TOKENMESH_MAX_SEQUENCES", 32, "Running sequences (KV slots) per model version."
@@ -202,6 +209,11 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
         require(self.messages_per_step >= 0, "TOKENMESH_MESSAGES_PER_STEP", "must be >= 0")
         require(self.prefix_cache_tokens >= 0, "TOKENMESH_PREFIX_CACHE_TOKENS", "must be >= 0")
         require(
+            self.engine_decode in DECODE_PATHS,
+            "TOKENMESH_ENGINE_DECODE",
+            f"must be one of {', '.join(DECODE_PATHS)}",
+        )
+        require(
             self.scheduler_fairness in FAIRNESS_MODES,
             "TOKENMESH_SCHEDULER_FAIRNESS",
             f"must be one of {', '.join(FAIRNESS_MODES)}",
@@ -285,6 +297,7 @@ class InferenceService(Service):
             threads=settings.engine_threads,
             limits=settings.limits(),
             prefix_cache_tokens=settings.prefix_cache_tokens,
+            in_place_decode=settings.engine_decode == "in-place",
         )
         self.redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0)
         self.usage_log = UsageLog(

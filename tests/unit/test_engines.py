@@ -12,6 +12,7 @@ from services.inference.engines.base import StepItem
 from services.inference.engines.onnx import OnnxGenerativeEngine, _decode_session, session_options
 from services.inference.engines.onnx_decode import DecodeShape, UnsupportedGraph, build_decode_graph
 from services.inference.engines.tensorrt import plan_cache_key, tensorrt_available
+from services.inference.repository import EngineOptions, _generative_engine
 
 DEMO_LM = Path(__file__).resolve().parents[2] / "models" / "demo-lm" / "1"
 
@@ -277,6 +278,13 @@ def test_demo_lm_decodes_in_place_and_another_graph_keeps_the_padded_path():
     with pytest.raises(UnsupportedGraph, match="weight matrices"):
         build_decode_graph(DEMO_LM / "model.onnx", wrong)
     assert _decode_session(DEMO_LM / "model.onnx", wrong, session_options(1)) is None
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_the_engine_options_choose_a_loaded_models_decode_path(in_place):
+    engine = _generative_engine(CARD, DEMO_LM, EngineOptions(in_place_decode=in_place))
+    assert isinstance(engine, OnnxGenerativeEngine)
+    assert engine.decode_path == ("in-place" if in_place else "padded")
 
 
 def test_a_slot_prefilled_inside_the_decoded_slab_keeps_its_history():

@@ -42,6 +42,7 @@ def test_values_are_parsed_by_type():
         ("TOKENMESH_TEST_MODELS", "no-version"),
         ("TOKENMESH_MESSAGES_PER_STEP", "-1"),
         ("TOKENMESH_PREFIX_CACHE_TOKENS", "-1"),
+        ("TOKENMESH_ENGINE_DECODE", "fast"),
     ],
 )
 def test_invalid_values_name_the_variable(variable, value):

@@ -17,6 +17,9 @@ import numpy as np
 
 from services.inference.engines.prefix_cache import PrefixCache
 
+#: How the ONNX Runtime engine runs decode steps (TOKENMESH_ENGINE_DECODE).
+DECODE_PATHS = ("in-place", "padded")
+
 
 @dataclass(frozen=True)
 class StepItem:
