@@ -24,6 +24,7 @@ sampled, then one `Finished`.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 import threading
@@ -221,7 +222,7 @@ class Scheduler:
         self._waiting_count = 0  # in the inbox or waiting
         self._waiting: WaitingRequests[Sequence_] = WaitingRequests(limits.fairness)
         self._running: list[Sequence_] = []
-        self._free_slots = list(range(limits.max_sequences - 1, -1, -1))
+        self._free_slots = list(range(limits.max_sequences))  # a heap: lowest slot first
         self._reserved = 0
         self._ids = itertools.count()
         self._wake = threading.Event()
@@ -363,6 +364,7 @@ class Scheduler:
         """One scheduling round: at most one engine step."""
         self._take_inbox()
         self._reap()
+        self._compact_slots()
         self._admit()
         self._publish_gauges()
         if not self._running:
@@ -465,6 +467,22 @@ class Scheduler:
                     seq, Finished("error", DeadlineExceeded("deadline passed while queued"))
                 )
 
+    def _compact_slots(self) -> None:
+        """Moves running sequences from the highest slots into lower free ones.
+
+        Running sequences then hold slots 0..n-1, and an engine whose decode
+        step spans its lowest to its highest running slot (ONNX Runtime's
+        in-place decoder) computes no idle slot between them. Between steps
+        only: every running sequence's KV is then whole in its slot.
+        """
+        while self._free_slots and self._running:
+            top = max(self._running, key=lambda seq: seq.slot)
+            lowest = self._free_slots[0]
+            if lowest > top.slot or not self.engine.move_slot(top.slot, lowest):
+                return
+            heapq.heapreplace(self._free_slots, top.slot)
+            top.slot = lowest
+
     def _admit(self) -> None:
         """Moves waiting sequences into the batch while slots and budgets allow."""
         prefill_budget = self.limits.max_prefill_tokens
@@ -479,7 +497,7 @@ class Scheduler:
             ):
                 break  # an empty batch always admits one, so nothing starves
             self._waiting.pop()
-            seq.slot = self._free_slots.pop()
+            seq.slot = heapq.heappop(self._free_slots)
             seq.started_at = time.monotonic()
             self._reserved += seq.reserved_tokens
             prefill_budget -= len(seq.prompt_ids)
@@ -533,7 +551,7 @@ class Scheduler:
             metrics.CANCELLATIONS.labels(*self.labels).inc()
         if seq in self._running:
             self._running.remove(seq)
-            self._free_slots.append(seq.slot)
+            heapq.heappush(self._free_slots, seq.slot)
             self._reserved -= seq.reserved_tokens
             if seq.account is not None:
                 self._waiting.finished(seq.priority, seq.account)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ from services.inference.engines.onnx import OnnxGenerativeEngine, _decode_sessio
 from services.inference.engines.onnx_decode import DecodeShape, UnsupportedGraph, build_decode_graph
 from services.inference.engines.tensorrt import plan_cache_key, tensorrt_available
 from services.inference.repository import EngineOptions, _generative_engine
+from services.inference.sampling import SamplingParams
+from services.inference.scheduler import PRIORITY_INTERACTIVE, Finished, Scheduler, SchedulerLimits
 
 DEMO_LM = Path(__file__).resolve().parents[2] / "models" / "demo-lm" / "1"
 
@@ -337,3 +341,55 @@ def test_in_place_and_padded_decoding_agree_on_random_continuous_batching():
             running[item.slot][1].append(token)
         for slot in [s for s, (_, generated, n) in running.items() if len(generated) >= n]:
             del running[slot]
+
+
+class RecordingOnnxEngine(OnnxGenerativeEngine):
+    """demo-lm, recording the slots of each decode step the scheduler runs."""
+
+    def __init__(self, in_place_decode: bool) -> None:
+        super().__init__(
+            DEMO_LM / "model.onnx", threads=1, in_place_decode=in_place_decode, **SHAPE
+        )
+        self.decoded_slots: list[list[int]] = []
+
+    def forward(self, items: Sequence[StepItem]) -> np.ndarray:
+        if all(item.start > 0 for item in items):
+            self.decoded_slots.append(sorted(item.slot for item in items))
+        return super().forward(items)
+
+
+async def _greedy_tokens(scheduler: Scheduler, prompt: list[int], max_tokens: int) -> list[int]:
+    params = SamplingParams(max_tokens, 0.0, 1.0, 0, None, ())
+    seq = scheduler.submit(prompt, params, PRIORITY_INTERACTIVE, None)
+    tokens: list[int] = []
+    while not isinstance(item := await seq.outbox.get(), Finished):
+        tokens.append(item)
+    return tokens
+
+
+async def test_running_sequences_move_to_the_lowest_slots_and_decode_as_on_the_padded_path():
+    """Short sequences leave 4 slots while long ones go on and others join: the
+    scheduler moves the highest running sequence into each freed lower slot, so
+    every decode step covers slots 0..n-1, and each text equals the padded
+    path's (which moves nothing)."""
+    rng = np.random.default_rng(41)
+    requests = [
+        ([int(t) for t in rng.integers(1, 4000, n)], tokens)
+        for n, tokens in ((5, 3), (9, 40), (4, 6), (7, 50), (6, 2), (8, 30), (3, 12))
+    ]
+    texts, steps = {}, {}
+    for in_place in (True, False):
+        engine = RecordingOnnxEngine(in_place)
+        # EOS never ends a request early: each runs to its max_tokens.
+        scheduler = Scheduler(engine, -1, SchedulerLimits(max_sequences=4), ("t", "1"))
+        await scheduler.start()
+        try:
+            runs = [_greedy_tokens(scheduler, prompt, n) for prompt, n in requests]
+            texts[in_place] = await asyncio.gather(*runs)
+        finally:
+            await scheduler.stop(drain_timeout_s=0)
+        steps[in_place] = engine.decoded_slots
+    assert texts[True] == texts[False]
+    assert [len(tokens) for tokens in texts[True]] == [n for _, n in requests]
+    assert all(slots == list(range(len(slots))) for slots in steps[True])
+    assert any(slots != list(range(len(slots))) for slots in steps[False])  # holes, unmoved

@@ -58,6 +58,16 @@ class GenerativeEngine(abc.ABC):
     def forward(self, items: Sequence[StepItem]) -> np.ndarray:
         """Returns float32 logits [len(items), vocab] of each item's last token."""
 
+    def move_slot(self, source: int, target: int) -> bool:
+        """Moves the sequence held in slot `source` (its KV) to the free slot `target`.
+
+        The scheduler moves its highest running sequence into a lower slot a
+        leaving one freed, so running sequences keep the lowest slots (engines
+        whose decode steps span a range of slots then compute no idle one).
+        Returns False where the engine does not move slots (nothing happened).
+        """
+        return False
+
     def take_reused_tokens(self, slot: int) -> int:
         """Returns (and forgets) how many tokens of the prompt last prefilled in `slot`
         were not computed: copied from the prefix cache, or from an identical

@@ -8,8 +8,10 @@ Decode steps, for demo-lm's graph (gpt-kv): an in-place decoder
 (onnx_decode.py) binds the running slots' contiguous slab of the cache as
 both past and present, so each row writes its new key/value in its own slot
 and attends to its own length: no history is copied and no row is padded.
-Rows of the slab that are not decoding (free slots) feed a dummy token that
-writes into the scratch position `context` and is never read.
+The scheduler keeps running sequences in the lowest slots (move_slot), so
+the slab holds no idle slot in its decode steps; a slot of the slab that
+does not decode writes a dummy key/value past what it holds (at most at the
+scratch position `context`), which is never read.
 
 Other graphs with the same inputs keep the padded path: a decode step
 gathers the running slots' caches up to the longest one, masks each row's
@@ -131,6 +133,7 @@ class OnnxGenerativeEngine(GenerativeEngine):
             f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")
         ]
         self._cache: list[np.ndarray] = []
+        self._length = np.zeros(0, np.int64)  # slot -> positions of KV it holds
         self._carry: _Carry | None = None
         self._reused: dict[int, int] = {}  # slot -> prompt tokens its last prefill reused
 
@@ -147,6 +150,7 @@ class OnnxGenerativeEngine(GenerativeEngine):
         # do not decode write their dummy key/value there.
         shape = (max_slots, self.n_head, self.context_length + 1, self.head_dim)
         self._cache = [np.zeros(shape, np.float32) for _ in self._past_names]
+        self._length = np.zeros(max_slots, np.int64)
         self._carry = None
         if self._decode_session is not None:
             self._in_place = InPlaceDecoder(self._decode_session, self._cache, self.vocab_size)
@@ -222,12 +226,21 @@ class OnnxGenerativeEngine(GenerativeEngine):
                 self._remember(slot, prompt, logits[rows[0]])
         return logits
 
+    def move_slot(self, source: int, target: int) -> bool:
+        if self._in_place is None:
+            return False  # the padded path's carried rows are keyed by slot: keep them
+        self._copy_slot(source, target, int(self._length[source]))
+        self._length[source] = 0
+        return True
+
     def _copy_slot(self, source: int, target: int, tokens: int) -> None:
         for cache in self._cache:
             cache[target, :, :tokens] = cache[source, :, :tokens]
+        self._length[target] = tokens
 
     def _copy_in(self, slot: int, hit: PrefixHit) -> None:
         hit.copy_into([cache[slot] for cache in self._cache])
+        self._length[slot] = hit.matched
 
     def _remember(self, slot: int, prompt: tuple[int, ...], last_logits: np.ndarray) -> None:
         if self.prefix_cache.enabled:
@@ -252,6 +265,7 @@ class OnnxGenerativeEngine(GenerativeEngine):
         for cache, present in zip(self._cache, outputs[1:], strict=True):
             for row, item in enumerate(items):
                 cache[item.slot, :, : lengths[row]] = present[row, :, : lengths[row]]
+        self._length[[item.slot for item in items]] = lengths
         last: np.ndarray = outputs[0][np.arange(len(items)), lengths - 1]
         return last
 
@@ -276,22 +290,29 @@ class OnnxGenerativeEngine(GenerativeEngine):
         )
         for cache, present in zip(self._cache, outputs[1:], strict=True):
             cache[item.slot, :, item.start : end] = present[0, :, item.start : end]
+        self._length[item.slot] = end
         last_logits: np.ndarray = outputs[0][0, -1]
         return last_logits
 
     def _decode_in_place(self, items: Sequence[StepItem], decoder: InPlaceDecoder) -> np.ndarray:
-        """Feeds one token for each of several slots: one call over the slots' slab."""
+        """Feeds one token for each of several slots: one call over the slots' slab.
+
+        Slots of the slab that do not decode this step (free, or prefilled in
+        this same step) feed token 0 and write it at their next position,
+        past what they hold: never read, and overwritten when they decode.
+        """
         slots = np.fromiter((it.slot for it in items), np.int64)
-        lo = int(slots.min())
-        rows = int(slots.max()) + 1 - lo
-        ids = np.zeros(rows, np.int64)  # rows between the slots: token 0 at position 0,
-        positions = np.zeros(rows, np.int64)
-        seqlens = np.full(rows, self.context_length, np.int64)  # written to the scratch position
         starts = np.fromiter((it.start for it in items), np.int64)
+        lo = int(slots.min())
+        hi = int(slots.max()) + 1
+        ids = np.zeros(hi - lo, np.int64)
+        positions = np.zeros(hi - lo, np.int64)
+        seqlens = self._length[lo:hi].copy()  # at most the context: the cache has one more
         ids[slots - lo] = [it.token_ids[0] for it in items]
         positions[slots - lo] = starts
         seqlens[slots - lo] = starts
         logits: np.ndarray = decoder.step(lo, ids, positions, seqlens)[slots - lo]
+        self._length[slots] = starts + 1
         return logits
 
     def _decode(self, items: Sequence[StepItem], carry: _Carry | None) -> np.ndarray:
@@ -312,6 +333,7 @@ class OnnxGenerativeEngine(GenerativeEngine):
         width = rows.width
         for cache, present in zip(self._cache, outputs[1:], strict=True):
             cache[slots, :, starts] = present[order, :, width]
+        self._length[slots] = starts + 1
         self._carry = _Carry(rows.rows, np.where(rows.rows >= 0, positions, -1), mask, outputs[1:])
         last: np.ndarray = outputs[0][order, -1]
         return last
