@@ -196,33 +196,44 @@ class InPlaceDecoder:
         vocab_size: the logits' width.
     """
 
+    #: bindings kept (one per slab; with the scheduler's compaction, slabs start at slot 0)
+    MAX_BINDINGS = 64
+
     def __init__(self, session: ort.InferenceSession, cache: list[np.ndarray], vocab_size: int):
         self.session = session
         self.cache = cache
-        self.vocab_size = vocab_size
-        self._bindings: dict[tuple[int, int], tuple[ort.IOBinding, np.ndarray]] = {}
+        self._logits = np.empty((len(cache[0]), 1, vocab_size), np.float32)
+        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        # The step's inputs: ONNX Runtime reads them in place, so they must
+        # outlive the binding call (a temporary could be freed before the run).
+        self._fed: tuple[np.ndarray, ...] = ()
 
     def step(
         self, lo: int, ids: np.ndarray, positions: np.ndarray, seqlens: np.ndarray
     ) -> np.ndarray:
         """Feeds ids [rows] at positions [rows] for slots lo..lo+rows-1; each row
         writes its key/value at seqlens[row] and attends to 0..seqlens[row].
-        Returns logits [rows, vocab] (a view valid until the next step over
-        the same slots)."""
+        Returns logits [rows, vocab] (a view valid until the next step)."""
         rows = len(ids)
-        binding, logits = self._binding(lo, lo + rows)
-        binding.bind_cpu_input("input_ids", ids[:, None])
-        binding.bind_cpu_input("position_ids", positions[:, None])
-        binding.bind_cpu_input("seqlens_k", seqlens.astype(np.int32))
-        binding.bind_cpu_input("total_sequence_length", np.array(seqlens.max() + 1, np.int32))
+        binding = self._binding(lo, lo + rows)
+        self._fed = fed = (
+            np.ascontiguousarray(ids[:, None]),
+            np.ascontiguousarray(positions[:, None]),
+            seqlens.astype(np.int32),
+            np.array(seqlens.max() + 1, np.int32),
+        )
+        for name, value in zip(_FED, fed, strict=True):
+            binding.bind_cpu_input(name, value)
         self.session.run_with_iobinding(binding)
-        return logits[:, 0]
+        return self._logits[:rows, 0]
 
-    def _binding(self, lo: int, hi: int) -> tuple[ort.IOBinding, np.ndarray]:
+    def _binding(self, lo: int, hi: int) -> ort.IOBinding:
         """Returns the binding of slots lo..hi-1 (the cache slabs as past and present)."""
         found = self._bindings.get((lo, hi))
         if found is not None:
             return found
+        if len(self._bindings) >= self.MAX_BINDINGS:
+            self._bindings.clear()
         binding = self.session.io_binding()
         for i, array in enumerate(self.cache):
             slab = array[lo:hi]  # contiguous: slots are the leading axis
@@ -230,7 +241,10 @@ class InPlaceDecoder:
             for bound in (f"past_key_values.{name}", f"present.{name}"):
                 bind = binding.bind_input if bound.startswith("past") else binding.bind_output
                 bind(bound, "cpu", 0, np.float32, list(slab.shape), slab.ctypes.data)
-        logits = np.empty((hi - lo, 1, self.vocab_size), np.float32)
+        logits = self._logits[: hi - lo]  # a prefix of the buffer: contiguous
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        self._bindings[(lo, hi)] = (binding, logits)
-        return binding, logits
+        self._bindings[(lo, hi)] = binding
+        return binding
+
+
+_FED = ("input_ids", "position_ids", "seqlens_k", "total_sequence_length")
