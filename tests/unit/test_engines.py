@@ -8,10 +8,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from services.inference.engines.base import StepItem
-from services.inference.engines.onnx import OnnxGenerativeEngine, _decode_session, session_options
+from services.inference.engines.onnx import (
+    OnnxGenerativeEngine,
+    _agrees,
+    _decode_session,
+    session_options,
+)
 from services.inference.engines.onnx_decode import DecodeShape, UnsupportedGraph, build_decode_graph
 from services.inference.engines.tensorrt import plan_cache_key, tensorrt_available
 from services.inference.repository import EngineOptions, _generative_engine
@@ -281,7 +288,8 @@ def test_demo_lm_decodes_in_place_and_another_graph_keeps_the_padded_path():
     wrong = DecodeShape(shape.n_layer + 1, shape.n_head, shape.head_dim, shape.vocab_size)
     with pytest.raises(UnsupportedGraph, match="weight matrices"):
         build_decode_graph(DEMO_LM / "model.onnx", wrong)
-    assert _decode_session(DEMO_LM / "model.onnx", wrong, session_options(1)) is None
+    exported = _demo_lm(in_place_decode=False).session
+    assert _decode_session(DEMO_LM / "model.onnx", wrong, session_options(1), exported) is None
 
 
 @pytest.mark.parametrize("in_place", [True, False])
@@ -289,6 +297,18 @@ def test_the_engine_options_choose_a_loaded_models_decode_path(in_place):
     engine = _generative_engine(CARD, DEMO_LM, EngineOptions(in_place_decode=in_place))
     assert isinstance(engine, OnnxGenerativeEngine)
     assert engine.decode_path == ("in-place" if in_place else "padded")
+
+
+def test_a_rebuilt_graph_that_computes_something_else_is_refused():
+    shape = DecodeShape(CARD["n_layer"], CARD["n_head"], CARD["head_dim"], CARD["vocab_size"])
+    exported = _demo_lm(in_place_decode=False).session
+    graph = build_decode_graph(DEMO_LM / "model.onnx", shape)
+    options = session_options(1)
+    session = ort.InferenceSession(graph.SerializeToString(), options)
+    assert _agrees(exported, session, shape)
+    unembed = next(t for t in graph.graph.initializer if t.name == "unembed")
+    unembed.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(unembed), "unembed"))
+    assert not _agrees(exported, ort.InferenceSession(graph.SerializeToString(), options), shape)
 
 
 def test_a_slot_prefilled_inside_the_decoded_slab_keeps_its_history():

@@ -119,10 +119,9 @@ class OnnxGenerativeEngine(GenerativeEngine):
         self.session = ort.InferenceSession(
             str(model_path), options, providers=["CPUExecutionProvider"]
         )
+        shape = DecodeShape(n_layer, n_head, head_dim, vocab_size)
         self._decode_session = (
-            _decode_session(model_path, DecodeShape(n_layer, n_head, head_dim, vocab_size), options)
-            if in_place_decode
-            else None
+            _decode_session(model_path, shape, options, self.session) if in_place_decode else None
         )
         self._in_place: InPlaceDecoder | None = None
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
@@ -389,22 +388,55 @@ class OnnxGenerativeEngine(GenerativeEngine):
 
 
 def _decode_session(
-    model_path: Path, shape: DecodeShape, options: ort.SessionOptions
+    model_path: Path,
+    shape: DecodeShape,
+    options: ort.SessionOptions,
+    exported: ort.InferenceSession,
 ) -> ort.InferenceSession | None:
     """Returns a session of the in-place decode graph, or None where the model's
-    graph is not demo-lm's shape (the padded path then decodes)."""
+    graph is not demo-lm's shape or the rebuilt graph does not compute what the
+    exported one does (the padded path then decodes)."""
     try:
         graph = build_decode_graph(model_path, shape)
     except UnsupportedGraph as reason:
         logger.info("%s: padded decode steps (%s)", model_path, reason)
         return None
     try:
-        return ort.InferenceSession(
+        session = ort.InferenceSession(
             graph.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
     except _ORT_ERRORS as error:  # an ONNX Runtime without GroupQueryAttention on CPU
         logger.warning("%s: padded decode steps (in-place graph refused: %s)", model_path, error)
         return None
+    if not _agrees(exported, session, shape):
+        logger.warning("%s: padded decode steps (in-place graph disagrees)", model_path)
+        return None
+    return session
+
+
+def _agrees(
+    exported: ort.InferenceSession, in_place: ort.InferenceSession, shape: DecodeShape
+) -> bool:
+    """Decodes one probe token with both graphs after the same 3-token prompt; True when
+    their logits agree (a graph of the same names but another function falls back)."""
+    prompt = np.array([[5, 6, 7]], np.int64)
+    empty = np.zeros((1, shape.n_head, 0, shape.head_dim), np.float32)
+    names = [
+        f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}" for i in range(2 * shape.n_layer)
+    ]
+    feeds = {"input_ids": prompt, "attention_mask": np.ones((1, 3), np.int64)}
+    feeds["position_ids"] = np.arange(3, dtype=np.int64)[None]
+    history = exported.run(None, {**feeds, **dict.fromkeys(names, empty)})[1:]
+    token = np.array([[8]], np.int64)
+    step = {"input_ids": token, "attention_mask": np.ones((1, 4), np.int64)}
+    step["position_ids"] = np.array([[3]], np.int64)
+    expected = exported.run(None, {**step, **dict(zip(names, history, strict=True))})[0][0, -1]
+    cache = [np.zeros((1, shape.n_head, 4, shape.head_dim), np.float32) for _ in names]
+    for slot, past in zip(cache, history, strict=True):
+        slot[:, :, :3] = past
+    decoder = InPlaceDecoder(in_place, cache, shape.vocab_size)
+    got = decoder.step(0, token[0], np.array([3]), np.array([3]))[0]
+    return bool(np.abs(got - expected).max() <= 1e-3 * max(1.0, float(np.abs(expected).max())))
 
 
 class OnnxEmbeddingEngine(EmbeddingEngine):

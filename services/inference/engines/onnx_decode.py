@@ -30,9 +30,6 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-#: the linear layers of one block, in the exported graph's order
-_LINEARS = ("qkv", "proj", "mlp.0", "mlp.2")
-
 
 class UnsupportedGraph(ValueError):
     """UnsupportedGraph: the exported graph is not demo-lm's shape (gpt-kv)."""
@@ -85,6 +82,7 @@ class _Builder:
         if len(matrices) != 4 * shape.n_layer:
             raise UnsupportedGraph(f"{len(matrices)} weight matrices, expected {4 * shape.n_layer}")
         self.matrices = matrices
+        self._check_matrices()
         self.nodes: list[onnx.NodeProto] = []
         self.used: dict[str, onnx.TensorProto] = {}
 
@@ -127,6 +125,17 @@ class _Builder:
         )
         onnx.checker.check_model(model)
         return model
+
+    def _check_matrices(self) -> None:
+        """Each block's four matrices must be qkv [d, 3d], proj [d, d], up [d, h], down [h, d]."""
+        d = self.shape.n_head * self.shape.head_dim
+        for i in range(self.shape.n_layer):
+            qkv, proj, up, down = (
+                tuple(self.weights[name].dims) for name in self.matrices[4 * i : 4 * i + 4]
+            )
+            hidden = up[1] if len(up) == 2 else -1
+            if (qkv, proj, up, down) != ((d, 3 * d), (d, d), (d, hidden), (hidden, d)):
+                raise UnsupportedGraph(f"block {i}'s matrices are {qkv}, {proj}, {up}, {down}")
 
     def _block(self, i: int, x: str) -> str:
         p = f"blocks.{i}"
