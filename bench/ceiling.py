@@ -7,6 +7,7 @@ with nothing but numpy, the engine's runtime and this repository.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,14 @@ def _raw_engine(kind: str, threads: int = 0) -> GenerativeEngine:
         return TensorRTGenerativeEngine(DEMO_LM / "model.onnx", **shape)
     from services.inference.engines.onnx import OnnxGenerativeEngine
 
-    return OnnxGenerativeEngine(DEMO_LM / "model.onnx", threads=threads, **shape)
+    # The worker's decode path (TOKENMESH_ENGINE_DECODE), so that an A/B of the
+    # two paths compares each with its own ceiling.
+    in_place = os.environ.get("TOKENMESH_ENGINE_DECODE", "in-place") != "padded"
+    engine = OnnxGenerativeEngine(
+        DEMO_LM / "model.onnx", threads=threads, in_place_decode=in_place, **shape
+    )
+    print(f"  engine: ONNX Runtime, {engine.decode_path} decode steps", flush=True)
+    return engine
 
 
 def engine_ceiling(
