@@ -413,3 +413,22 @@ async def test_running_sequences_move_to_the_lowest_slots_and_decode_as_on_the_p
     assert [len(tokens) for tokens in texts[True]] == [n for _, n in requests]
     assert all(slots == list(range(len(slots))) for slots in steps[True])
     assert any(slots != list(range(len(slots))) for slots in steps[False])  # holes, unmoved
+
+
+def test_decoding_up_to_the_last_position_of_the_context_agrees_on_both_paths():
+    """A sequence fills the whole context, then sits in the slab without decoding:
+    its dummy key/value goes to the scratch position, in bounds, read by no one."""
+    context = CARD["context_length"]
+    long = [int(t) for t in np.random.default_rng(43).integers(1, 4000, context - 4)]
+    logits = []
+    for in_place in (True, False):
+        engine = _demo_lm(in_place_decode=in_place)
+        engine.forward([StepItem(0, [5, 6], 0), StepItem(3, [8, 9, 10], 0)])
+        engine.forward([StepItem(2, long, 0)])
+        steps = [
+            engine.forward([StepItem(0, [7], 2), StepItem(2, [9], position)])
+            for position in range(len(long), context)  # slot 2 ends holding the whole context
+        ]
+        steps.append(engine.forward([StepItem(0, [7], 2), StepItem(3, [11], 3)]))
+        logits.append(np.stack(steps))
+    assert np.abs(logits[0] - logits[1]).max() < 1e-4
