@@ -58,6 +58,7 @@ def _edge_judge(results: dict[str, Any]) -> list[Row]:
             f"{e2:.0%} ({edge_rps:.0f} req/s, median of {len(complete['direct'])} rounds)",
             e2 >= 0.9,
             baseline=f"direct {direct_rps:.0f} req/s",
+            cpu=_complete_cpu(complete.get("cpu_us_per_request", {})),
         ),
         row(
             "E3",
@@ -78,6 +79,16 @@ def _edge_judge(results: dict[str, Any]) -> list[Row]:
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[len(ordered) // 2] if ordered else 0.0
+
+
+def _complete_cpu(paths: dict[str, dict[str, float]]) -> str:
+    """E2's mesh CPU per Complete on each path: the total, then each process."""
+    return "; ".join(
+        f"{path} {sum(per.values()):.0f} µs/req ("
+        + ", ".join(f"{name} {value:.0f}" for name, value in per.items())
+        + ")"
+        for path, per in paths.items()
+    )
 
 
 def _cpu(per: dict[str, float]) -> str:
