@@ -378,21 +378,26 @@ ROUNDS = 3
 
 
 def complete_throughput(
-    mesh: Mesh, state: Path, direct: Peer, edge: Peer, jwt: list[tuple[str, str]]
+    mesh: Mesh,
+    state: Path,
+    paths: dict[str, tuple[Peer, list[tuple[str, str]]]],
+    bare_envoy_pid: int,
 ) -> dict[str, Any]:
-    """demo-lm Complete (16 tokens) at 32 concurrent, direct vs the full edge; interleaved.
+    """demo-lm Complete (16 tokens) at 32 concurrent on each path; interleaved rounds.
 
     Returns each path's req/s per round and the median CPU µs per request of
-    every mesh process (from /proc over each round): where an edge request's
-    extra cost goes, beside the worker's own.
+    every mesh process and the bare Envoy (from /proc over each round): where
+    an edge request's extra cost goes, beside the worker's own. The bare
+    Envoy proxy's path is E2's floor: no edge can add less than a proxy.
     """
-    rounds: dict[str, list[float]] = {"direct": [], "edge-jwt": []}
-    cpu_rounds: dict[str, list[dict[str, float]]] = {"direct": [], "edge-jwt": []}
+    rounds: dict[str, list[float]] = {name: [] for name in paths}
+    cpu_rounds: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
     body = REALISTIC.SerializeToString()
     pids = {c.name: c.pid for c in mesh.children if not c.stopping}
+    pids["bare-envoy"] = bare_envoy_pid
     requests = 400
     for _ in range(ROUNDS):
-        for name, target, metadata in (("direct", direct, []), ("edge-jwt", edge, jwt)):
+        for name, (target, metadata) in paths.items():
             with CpuMeter(pids) as meter:
                 rps, _ = throughput_rps(target, state, metadata, requests, COMPLETE, body)
             rounds[name].append(rps)
@@ -525,7 +530,16 @@ def edge_overhead(ctx: Context) -> dict[str, Any]:
                 _print_path(name, latencies[name], rps[name], tools[name], target.tls)
             cpu = edge_cpu(mesh, state, worker, edge, jwt, key)
             cpu["bare-envoy"] = bare_proxy_cpu(state, proxy.pid, Peer(proxy_address))
-            realistic = complete_throughput(mesh, state, worker, edge, jwt)
+            realistic = complete_throughput(
+                mesh,
+                state,
+                {
+                    "direct": (worker, []),
+                    "edge-jwt": (edge, jwt),
+                    "envoy": (Peer(proxy_address), []),
+                },
+                proxy.pid,
+            )
         finally:
             for child, _ in envoys:
                 child.terminate()

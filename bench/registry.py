@@ -57,7 +57,13 @@ def _edge_judge(results: dict[str, Any]) -> list[Row]:
             "E2",
             f"{e2:.0%} ({edge_rps:.0f} req/s, median of {len(complete['direct'])} rounds)",
             e2 >= 0.9,
-            baseline=f"direct {direct_rps:.0f} req/s",
+            baseline=f"direct {direct_rps:.0f} req/s"
+            + (
+                f" (bare Envoy proxy {_median(complete['envoy']):.0f} req/s:"
+                f" {_median(complete['envoy']) / max(direct_rps, 1e-9):.0%})"
+                if "envoy" in complete
+                else ""
+            ),
             cpu=_complete_cpu(complete.get("cpu_us_per_request", {})),
         ),
         row(
