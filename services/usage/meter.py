@@ -7,6 +7,15 @@ the stream entry — atomically, so a replayed or re-claimed event never counts
 twice and an applied one is never lost. Entries a crashed consumer left
 pending are claimed by another after `claim_idle_s`.
 
+Events are applied in batches: the meter lingers a moment (`linger_s`) after
+the first new entries arrive so that more join them, then one script applies
+the whole batch, with each bucket's increments summed, when none of its
+requests was metered before. A batch holding a replay is applied one event
+at a time (the per-event script), so a replay still counts once. At 100
+requests/s, one round trip per event cost the meter ~1.8 ms of CPU per event
+on our 2-core VM (each wake-up is dear there); batching costs a few tenths of
+a second of metering delay, which reports never notice.
+
 An entry that cannot be decoded (no `event` field, bytes that are not a
 `UsageEvent`, an event without a request_id) is set aside: copied to the
 dead-letter stream `<stream>:dead` and acked in one transaction, counted in
@@ -16,9 +25,12 @@ dead-letter stream `<stream>:dead` and acked in one transaction, counted in
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -29,7 +41,7 @@ from redis.exceptions import ResponseError
 from services.core.pricing import Price
 from services.core.redis_service import text
 from services.usage import tenant_metrics
-from services.usage.dimensions import MAX_DIMENSION_FIELDS, event_rows
+from services.usage.dimensions import MAX_DIMENSION_FIELDS, RowIncrement, event_rows
 from services.usage.prices import PriceBook
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.usage.v1 import usage_pb2
@@ -105,6 +117,85 @@ end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
+
+# A batch of events none of which was metered before, in one atomic call; 0
+# (and nothing written) if any was: the caller then applies them one by one.
+# KEYS: stream, seen-keys (n), audit keys (n_audit), bucket hash keys
+#       (n_bucket), dimension hash keys (n_dim).
+# ARGV: group, dedupe ttl, audit retention ms, dimension field cap, n, n_audit,
+#       n_bucket, n_dim, n_ack, then the entry ids to ack (n_ack), then per
+#       event: its audit key's index, audit score, audit member; then per
+#       bucket: ttl, pair count, field/increment pairs; then per dimension
+#       hash: ttl, row count, per row: field prefix, overflow prefix,
+#       requests, prompt, cached, completion (rows in first-seen order, so the
+#       field cap picks the same rows as applying the events one by one).
+_APPLY_BATCH = """
+local n, n_audit = tonumber(ARGV[5]), tonumber(ARGV[6])
+local n_bucket, n_dim, n_ack = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local cap = tonumber(ARGV[4])
+local kinds = {'|requests', '|prompt', '|cached', '|completion'}
+local function row_for(dim, row, overflow)
+  if overflow == '' or redis.call('HEXISTS', dim, row .. '|requests') == 1 then
+    return row
+  end
+  local size = redis.call('HLEN', dim)
+  if size < cap then return row end
+  if size < 2 * cap or redis.call('HEXISTS', dim, overflow .. '|requests') == 1 then
+    return overflow
+  end
+  return nil
+end
+for i = 2, n + 1 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end
+end
+for i = 2, n + 1 do
+  redis.call('SET', KEYS[i], '1', 'EX', tonumber(ARGV[2]))
+end
+local a = 10
+local acks = {}
+for i = 1, n_ack do acks[i] = ARGV[a]; a = a + 1 end
+local audit0 = n + 1
+local newest = {}
+for i = 1, n do
+  local index, score = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  redis.call('ZADD', KEYS[audit0 + index], score, ARGV[a + 2])
+  if newest[index] == nil or score > newest[index] then newest[index] = score end
+  a = a + 3
+end
+for index, score in pairs(newest) do
+  redis.call('ZREMRANGEBYSCORE', KEYS[audit0 + index], '-inf', score - tonumber(ARGV[3]))
+end
+local bucket0 = audit0 + n_audit
+for i = 1, n_bucket do
+  local key, ttl, count = KEYS[bucket0 + i], tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 2
+  for _ = 1, count do
+    redis.call('HINCRBY', key, ARGV[a], tonumber(ARGV[a + 1]))
+    a = a + 2
+  end
+  redis.call('EXPIRE', key, ttl)
+end
+local dim0 = bucket0 + n_bucket
+for i = 1, n_dim do
+  local dim, ttl, rows = KEYS[dim0 + i], tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 2
+  for _ = 1, rows do
+    local row = row_for(dim, ARGV[a], ARGV[a + 1])
+    if row then
+      for k = 1, 4 do
+        redis.call('HINCRBY', dim, row .. kinds[k], tonumber(ARGV[a + 1 + k]))
+      end
+    end
+    a = a + 6
+  end
+  redis.call('EXPIRE', dim, ttl)
+end
+redis.call('XACK', KEYS[1], ARGV[1], unpack(acks))
+return 1
+"""
+# A batch holds at most this many entries (one script call; Redis runs a
+# script alone, so a batch must stay short: ~1 ms at this size).
+BATCH_MAX = 256
 
 
 @dataclass(frozen=True)
@@ -259,6 +350,157 @@ def decode_entry(fields: dict[bytes, bytes]) -> inference_pb2.UsageEvent | Poiso
     return event
 
 
+@functools.lru_cache(maxsize=16)
+def _bucket_starts(minute: int) -> tuple[tuple[str, int], ...]:
+    """Each granularity's bucket start for a finish time in this minute (a batch's
+    events mostly share one)."""
+    return tuple((g, bucket_start(minute * 60, g)) for g in GRANULARITIES)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """Contribution is what one event adds to the aggregates and the audit log.
+
+    Attributes:
+        finished: when the request finished (Unix seconds).
+        seen_key: the marker that it was metered (its request_id).
+        audit_key, audit_score, audit_member: its audit entry and where it goes.
+        buckets: (bucket hash, dimension hash, ttl) of each scope and granularity.
+        plain: the (field, amount) pairs it adds to each bucket hash.
+        rows: the rows it adds to each dimension hash.
+    """
+
+    finished: float
+    seen_key: str
+    audit_key: str
+    audit_score: int
+    audit_member: str
+    buckets: tuple[tuple[str, str, int], ...]
+    plain: list[tuple[str, int]]
+    rows: list[RowIncrement]
+
+
+def contribution(
+    event: inference_pb2.UsageEvent, price: Price | None, retention: Retention
+) -> Contribution:
+    """Returns what `event`, priced at `price`, adds (see Contribution)."""
+    finished = event.finish_unix_ms / 1000 if event.finish_unix_ms else time.time()
+    starts = _bucket_starts(int(finished) // 60)
+    buckets = tuple(
+        (bucket_key(scope, g, start), dimension_key(scope, g, start), retention.of(g))
+        for scope in scopes(event)
+        for g, start in starts
+    )
+    return Contribution(
+        finished=finished,
+        seen_key=f"{PREFIX}seen:{event.request_id}",
+        audit_key=f"{PREFIX}audit:{event.tenant or '-'}",
+        audit_score=event.finish_unix_ms or int(finished * 1000),
+        audit_member=audit_entry(event).SerializeToString().hex(),
+        buckets=buckets,
+        plain=increments(event),
+        rows=event_rows(event, price, template_label(event)),
+    )
+
+
+@dataclass
+class _Batch:
+    """_Batch sums the contributions of events into one _APPLY_BATCH call.
+
+    Events with the same buckets (the same key, tenant and minute) are summed
+    once, then spread over their buckets. A request_id seen twice in one batch
+    (a replay read with its original) counts once: its later entries are only
+    acked.
+    """
+
+    retention: Retention
+    acks: list[str] = field(default_factory=list)
+    seen: dict[str, None] = field(default_factory=dict)
+    counted: list[tuple[inference_pb2.UsageEvent, float]] = field(default_factory=list)
+    audits: dict[str, int] = field(default_factory=dict)
+    audit_args: list[str | int] = field(default_factory=list)
+    groups: dict[tuple[tuple[str, str, int], ...], _Sums] = field(default_factory=dict)
+    rows_seen: int = 0
+
+    def add(self, entry_id: str, event: inference_pb2.UsageEvent, price: Price | None) -> None:
+        self.acks.append(entry_id)
+        part = contribution(event, price, self.retention)
+        if part.seen_key in self.seen:
+            return
+        self.seen[part.seen_key] = None
+        self.counted.append((event, part.finished))
+        index = self.audits.setdefault(part.audit_key, len(self.audits) + 1)
+        self.audit_args += [index, part.audit_score, part.audit_member]
+        sums = self.groups.setdefault(part.buckets, _Sums())
+        sums.add_plain(part.plain)
+        for row in part.rows:
+            self.rows_seen += 1
+            sums.add_row((row.prefix, row.overflow), row.counts, self.rows_seen)
+
+    def _spread(self) -> tuple[dict[str, tuple[int, _Sums]], dict[str, tuple[int, _Sums]]]:
+        buckets: dict[str, tuple[int, _Sums]] = {}
+        dimensions: dict[str, tuple[int, _Sums]] = {}
+        for group, sums in self.groups.items():
+            for bucket, dimension, ttl in group:
+                buckets.setdefault(bucket, (ttl, _Sums()))[1].add_plain(sums.plain.items())
+                rows = dimensions.setdefault(dimension, (ttl, _Sums()))[1]
+                for row, counts in sums.rows.items():
+                    rows.add_row(row, counts, sums.first_seen[row])
+        return buckets, dimensions
+
+    def call(self, stream: str, group: str, field_cap: int) -> tuple[list[str], list[str | int]]:
+        """Returns the keys and arguments of the batch's _APPLY_BATCH call."""
+        buckets, dimensions = self._spread()
+        keys = [stream, *self.seen, *self.audits, *buckets, *dimensions]
+        args: list[str | int] = [
+            group,
+            self.retention.dedupe,
+            self.retention.audit * 1000,
+            field_cap,
+            len(self.seen),
+            len(self.audits),
+            len(buckets),
+            len(dimensions),
+            len(self.acks),
+            *self.acks,
+            *self.audit_args,
+        ]
+        for ttl, sums in buckets.values():
+            args += [ttl, len(sums.plain)]
+            for name, amount in sums.plain.items():
+                args += [name, amount]
+        for ttl, sums in dimensions.values():
+            args += [ttl, len(sums.rows)]
+            # In the order the events first added each row: the dimension field
+            # cap keeps the rows that came first, as one by one.
+            for prefix, overflow in sorted(sums.rows, key=sums.first_seen.__getitem__):
+                args += [prefix, overflow, *sums.rows[prefix, overflow]]
+        return keys, args
+
+
+@dataclass
+class _Sums:
+    """Summed bucket fields and dimension rows, with when the batch first added each row."""
+
+    plain: dict[str, int] = field(default_factory=dict)
+    rows: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    first_seen: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def add_plain(self, plain: Iterable[tuple[str, int]]) -> None:
+        for name, amount in plain:
+            self.plain[name] = self.plain.get(name, 0) + amount
+
+    def add_row(self, row: tuple[str, str], counts: Sequence[int], seen: int) -> None:
+        total = self.rows.get(row)
+        if total is None:
+            self.rows[row] = list(counts)
+            self.first_seen[row] = seen
+            return
+        self.first_seen[row] = min(self.first_seen[row], seen)
+        for i, amount in enumerate(counts):
+            total[i] += amount
+
+
 def _stream_id(entry_id: str) -> tuple[int, int]:
     millis, _, sequence = entry_id.partition("-")
     return int(millis), int(sequence or 0)
@@ -275,6 +517,8 @@ class Meter:
         retention: TTLs of aggregates, audit entries and dedupe markers.
         claim_idle_s: pending entries idle this long are taken over.
         trim_interval_s: how often acknowledged entries are deleted from the stream.
+        linger_s: how long a read waits for more entries to join the first ones
+            (0: every read is applied at once).
     """
 
     def __init__(
@@ -286,6 +530,7 @@ class Meter:
         retention: Retention,
         claim_idle_s: float = 30.0,
         trim_interval_s: float = 60.0,
+        linger_s: float = 0.0,
     ) -> None:
         self.redis = client
         self.stream = stream
@@ -294,8 +539,10 @@ class Meter:
         self.retention = retention
         self.claim_idle_s = claim_idle_s
         self.trim_interval_s = trim_interval_s
+        self.linger_s = linger_s
         self.dead_letters = dead_letter_stream(stream)
         self._apply = client.register_script(_APPLY)
+        self._apply_batch = client.register_script(_APPLY_BATCH)
         self.prices = PriceBook(client)
         self.applied_total = 0
 
@@ -311,35 +558,51 @@ class Meter:
         self, entry_id: str, event: inference_pb2.UsageEvent, price: Price | None = None
     ) -> None:
         """Applies one event (idempotently) at `price` and acks its stream entry."""
-        finished = event.finish_unix_ms / 1000 if event.finish_unix_ms else time.time()
-        buckets = [
-            (scope, g, bucket_start(finished, g), self.retention.of(g))
-            for scope in scopes(event)
-            for g in GRANULARITIES
-        ]
-        plain = [field_or_amount for pair in increments(event) for field_or_amount in pair]
+        part = contribution(event, price, self.retention)
         keys = [
             self.stream,
-            f"{PREFIX}seen:{event.request_id}",
-            f"{PREFIX}audit:{event.tenant or '-'}",
-            *(bucket_key(scope, g, start) for scope, g, start, _ in buckets),
-            *(dimension_key(scope, g, start) for scope, g, start, _ in buckets),
+            part.seen_key,
+            part.audit_key,
+            *(bucket for bucket, _, _ in part.buckets),
+            *(dimension for _, dimension, _ in part.buckets),
         ]
         args: list[str | int] = [
             self.group,
             entry_id,
             self.retention.dedupe,
-            event.finish_unix_ms or int(finished * 1000),
-            audit_entry(event).SerializeToString().hex(),
+            part.audit_score,
+            part.audit_member,
             self.retention.audit * 1000,
-            len(plain),
+            2 * len(part.plain),
             MAX_DIMENSION_FIELDS,
-            *(ttl for *_, ttl in buckets),
-            *plain,
+            *(ttl for *_, ttl in part.buckets),
+            *(field_or_amount for pair in part.plain for field_or_amount in pair),
         ]
-        for row in event_rows(event, price, template_label(event)):
+        for row in part.rows:
             args += [row.prefix, row.overflow, *row.counts]
         await self._apply(keys=keys, args=args)
+        self._count(event, part.finished)
+
+    async def apply_batch(
+        self, items: Sequence[tuple[str, inference_pb2.UsageEvent, Price | None]]
+    ) -> None:
+        """Applies events (entry id, event, price) in one call, or one by one if any
+        was metered before (a replay); acks their stream entries either way."""
+        if len(items) == 1:
+            await self.apply(*items[0])
+            return
+        batch = _Batch(self.retention)
+        for entry_id, event, price in items:
+            batch.add(entry_id, event, price)
+        keys, args = batch.call(self.stream, self.group, MAX_DIMENSION_FIELDS)
+        if not await self._apply_batch(keys=keys, args=args):
+            for item in items:
+                await self.apply(*item)
+            return
+        for event, finished in batch.counted:
+            self._count(event, finished)
+
+    def _count(self, event: inference_pb2.UsageEvent, finished: float) -> None:
         self.applied_total += 1
         APPLIED.inc()
         tenant_metrics.observe(event)
@@ -375,20 +638,35 @@ class Meter:
         decoded = [(entry_id, fields, decode_entry(fields)) for entry_id, fields in entries]
         events = [event for *_, event in decoded if not isinstance(event, Poison)]
         prices = await self.prices.lookup(events)
+        batch: list[tuple[str, inference_pb2.UsageEvent, Price | None]] = []
         for entry_id, fields, event in decoded:
             if isinstance(event, Poison):
                 await self.set_aside(entry_id, fields, event)
             else:
-                await self.apply(entry_id.decode(), event, prices.at(event))
+                batch.append((entry_id.decode(), event, prices.at(event)))
+        for start in range(0, len(batch), BATCH_MAX):
+            await self.apply_batch(batch[start : start + BATCH_MAX])
 
     async def run_once(self, block_ms: int = 1000) -> int:
-        """Reads and applies one batch of new entries; returns how many."""
-        reply: Any = await self.redis.xreadgroup(
-            self.group, self.consumer, {self.stream: ">"}, count=256, block=block_ms
-        )
-        entries = [e for _, batch in reply or [] for e in batch]
+        """Reads and applies one batch of new entries; returns how many.
+
+        Once the first entries arrive, waits `linger_s` for more to join them
+        (unless a whole batch is already there).
+        """
+        entries = await self._read_new(BATCH_MAX, block_ms)
+        if entries and len(entries) < BATCH_MAX and self.linger_s > 0:
+            await asyncio.sleep(self.linger_s)
+            entries += await self._read_new(BATCH_MAX - len(entries), None)
         await self._handle(entries)
         return len(entries)
+
+    async def _read_new(
+        self, count: int, block_ms: int | None
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        reply: Any = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms
+        )
+        return [e for _, batch in reply or [] for e in batch]
 
     async def claim_stale(self) -> int:
         """Takes over entries another consumer read but never acked (it crashed)."""

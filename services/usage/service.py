@@ -55,12 +55,21 @@ class UsageSettings(RequestLimitSettings, RedisSettings):
     retention_days: int = env(
         "TOKENMESH_USAGE_AUDIT_RETENTION_DAYS", 90, "Audit entries are kept this long."
     )
+    meter_linger_ms: int = env(
+        "TOKENMESH_USAGE_METER_LINGER_MS",
+        200,
+        "How long the meter waits for more usage events to join the first ones, so that"
+        " one Redis call applies them together (0: apply every read at once).",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.claim_idle_s >= 1, "TOKENMESH_USAGE_CLAIM_IDLE_SECONDS", "must be >= 1")
         require(self.trim_interval_s >= 1, "TOKENMESH_USAGE_TRIM_SECONDS", "must be >= 1")
         require(self.retention_days >= 1, "TOKENMESH_USAGE_AUDIT_RETENTION_DAYS", "must be >= 1")
+        require(
+            0 <= self.meter_linger_ms <= 5000, "TOKENMESH_USAGE_METER_LINGER_MS", "must be 0-5000"
+        )
 
 
 class UsageService(RedisBackedService):
@@ -80,6 +89,7 @@ class UsageService(RedisBackedService):
             retention,
             settings.claim_idle_s,
             settings.trim_interval_s,
+            settings.meter_linger_ms / 1000,
         )
         self._task: SupervisedTask | None = None
         # Request-rate windows live 60 s: a Redis without fsync-per-write keeps
