@@ -279,3 +279,20 @@ def test_a_retry_re_picks_enough_to_leave_a_dead_worker_of_two():
         if policy is not None:
             assert policy["host_selection_retry_max_attempts"] >= 10
             assert 0.5 ** policy["host_selection_retry_max_attempts"] < 1 / 1000
+
+
+def test_a_poll_that_reads_the_same_state_wakes_no_stream_and_a_change_does():
+    async def scenario():
+        plane, state = _plane()
+        await plane.refresh()
+        generation, version = plane.generation, plane.resources(DEFAULT_FLAGS).versions
+        await plane.refresh()  # rebuilt from the same state: equal, not identical, dicts
+        assert plane.generation == generation
+        state["models"] = {"m": cat.set_split(two_versions(), {"1": 50, "2": 50})}
+        await plane.refresh()
+        assert plane.generation == generation + 1
+        changed = plane.resources(DEFAULT_FLAGS).versions
+        assert changed[ROUTE_TYPE] != version[ROUTE_TYPE]
+        assert changed[CLUSTER_TYPE] == version[CLUSTER_TYPE]
+
+    asyncio.run(scenario())
