@@ -210,8 +210,13 @@ local function header_safe(value, max_length)
     and value:match("^[%w._-]+$") ~= nil
 end
 
+-- A table, not a function, as gsub's replacement: no Lua call and no
+-- string.format per byte of every generation request's prompt head.
+local HEX = {}
+for byte = 0, 255 do HEX[string.char(byte)] = string.format("%02x", byte) end
+
 local function hex(s)
-  return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
+  return (s:gsub(".", HEX))
 end
 
 -- Returns the version `pins` ("model=version,...") pins `model` to, or nil.
