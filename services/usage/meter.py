@@ -655,7 +655,13 @@ class Meter:
         """
         entries = await self._read_new(BATCH_MAX, block_ms)
         if entries and len(entries) < BATCH_MAX and self.linger_s > 0:
-            await asyncio.sleep(self.linger_s)
+            try:
+                await asyncio.sleep(self.linger_s)
+            except asyncio.CancelledError:
+                # Stopping: apply what was read rather than leave it pending
+                # until a restart or another replica's claim.
+                await self._handle(entries)
+                raise
             entries += await self._read_new(BATCH_MAX - len(entries), None)
         await self._handle(entries)
         return len(entries)

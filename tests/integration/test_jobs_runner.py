@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 
@@ -25,6 +26,10 @@ from tokenmesh.jobs.v1 import jobs_pb2
 
 ITEMS = 8
 READ_BLOCK_MS = 5000
+# A Redis database of its own: in database 0 the session mesh's jobs service
+# reads every lane too (it would take this job's items and call the test's
+# worker, whose CA it does not trust), and its router would route to the worker.
+PRIVATE_DB = 10
 
 
 async def _wait_for_status(store: JobStore, job_id: str, timeout_s: float) -> str:
@@ -41,7 +46,9 @@ async def test_a_lane_with_one_slot_starts_its_next_item_when_one_ends(tmp_path,
     """A full lane waits for a slot to free, not for a fixed pause: with one slot and a
     5 s read block, the old runner took ~5 s per item (40 s for 8); this one finishes
     them back to back."""
+    redis_url = urlunsplit(urlsplit(redis_url)._replace(path=f"/{PRIVATE_DB}"))
     client = aioredis.from_url(redis_url)
+    assert client.connection_pool.connection_kwargs["db"] == PRIVATE_DB
     settings = inference_settings(tmp_path, redis_url, test_models=("deterministic-test:1",))
     service = InferenceService(settings)
     store = JobStore(client, 3600)

@@ -174,7 +174,13 @@ async def test_replicas_sharing_leases_admit_exactly_the_limit(redis_url):
 async def test_leases_off_every_decision_reads_the_window(redis_url):
     key = f"key_{uuid.uuid4().hex[:8]}"
     settings = UsageSettings(
-        pki_dir=mtls.pki_dir(), metrics_port=-1, grace_s=0.5, redis_url=redis_url, lease_size=0
+        pki_dir=mtls.pki_dir(),
+        metrics_port=-1,
+        grace_s=0.5,
+        redis_url=redis_url,
+        lease_size=0,
+        # Not the session mesh's stream (its meter would share the mesh's group).
+        usage_stream=f"s:{uuid.uuid4().hex}",
     )
     async with serving(UsageService(settings), settings) as running:
         async with mtls.aio_channel(running.port, peer="usage") as channel:

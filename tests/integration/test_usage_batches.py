@@ -158,3 +158,19 @@ async def test_a_read_lingers_for_events_that_arrive_after_the_first(clients):
     assert await meter.run_once(block_ms=1000) == 3
     await late
     assert (await client.xpending(meter.stream, "meter"))["pending"] == 0
+
+
+async def test_a_meter_stopped_while_it_lingers_applies_what_it_read(clients):
+    _, client = clients
+    rng = random.Random(5)
+    event = _random_event(rng, int(time.time() * 1000))
+    meter = await _stream_of(client, [event])
+    meter.linger_s = 30.0
+    run = asyncio.create_task(meter.run_once(block_ms=1000))
+    while (await client.xpending(meter.stream, "meter"))["pending"] == 0:
+        await asyncio.sleep(0.01)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert (await client.xpending(meter.stream, "meter"))["pending"] == 0
+    assert await client.exists(f"{PREFIX}seen:{event.request_id}")
