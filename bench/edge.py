@@ -10,6 +10,8 @@ Envoy speaks mTLS to the worker as the edge identity on every Envoy path.
 Latency: sequential calls from one Python client (p50/p99). Throughput: h2load
 (or ghz) with pre-serialised gRPC bodies when installed, else client processes;
 over mTLS, h2load presents the edge's certificate through `h2load_cert.c`.
+E2 (demo-lm Complete) runs the direct, edge and bare-Envoy paths in
+interleaved rounds and reads every mesh process's CPU around each round.
 """
 
 from __future__ import annotations
