@@ -67,21 +67,12 @@ METER_DELAY = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 300, 900, 3600),
 )
 
-# KEYS: stream, seen-key, audit-key, bucket hash keys (n), dimension hash keys
-#       (n, in the same order).
-# ARGV: group, entry id, dedupe ttl, audit score, audit member, audit retention
-#       ms, number of bucket field/increment entries, dimension field cap, then
-#       per bucket its ttl, then the bucket field/increment pairs (the same for
-#       all), then per dimension row: field prefix, overflow prefix ("": never
-#       overflows), requests, prompt, cached, completion.
-_APPLY = """
-local n = (#KEYS - 3) / 2
-local n_plain = tonumber(ARGV[7])
-local cap = tonumber(ARGV[8])
-local first_plain = 9 + n
-local first_row = first_plain + n_plain
+# The four counters of a dimension row, and which row of a dimension hash a
+# request's row counts under (itself, the overflow row, or nil) given the
+# hash's field cap (see dimensions.py).
+_ROW_FOR = """
 local kinds = {'|requests', '|prompt', '|cached', '|completion'}
-local function row_for(dim, row, overflow)
+local function row_for(dim, row, overflow, cap)
   if overflow == '' or redis.call('HEXISTS', dim, row .. '|requests') == 1 then
     return row
   end
@@ -92,6 +83,23 @@ local function row_for(dim, row, overflow)
   end
   return nil
 end
+"""
+
+# KEYS: stream, seen-key, audit-key, bucket hash keys (n), dimension hash keys
+#       (n, in the same order).
+# ARGV: group, entry id, dedupe ttl, audit score, audit member, audit retention
+#       ms, number of bucket field/increment entries, dimension field cap, then
+#       per bucket its ttl, then the bucket field/increment pairs (the same for
+#       all), then per dimension row: field prefix, overflow prefix ("": never
+#       overflows), requests, prompt, cached, completion.
+_APPLY = (
+    _ROW_FOR
+    + """
+local n = (#KEYS - 3) / 2
+local n_plain = tonumber(ARGV[7])
+local cap = tonumber(ARGV[8])
+local first_plain = 9 + n
+local first_row = first_plain + n_plain
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[3])) then
   for i = 1, n do
     local ttl = tonumber(ARGV[8 + i])
@@ -102,7 +110,7 @@ if redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[3])) then
     redis.call('EXPIRE', key, ttl)
     local dim = KEYS[3 + n + i]
     for j = first_row, #ARGV, 6 do
-      local row = row_for(dim, ARGV[j], ARGV[j + 1])
+      local row = row_for(dim, ARGV[j], ARGV[j + 1], cap)
       if row then
         for k = 1, 4 do
           redis.call('HINCRBY', dim, row .. kinds[k], tonumber(ARGV[j + 1 + k]))
@@ -117,6 +125,7 @@ end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
+)
 
 # A batch of events none of which was metered before, in one atomic call; 0
 # (and nothing written) if any was: the caller then applies them one by one.
@@ -129,22 +138,12 @@ return 1
 #       hash: ttl, row count, per row: field prefix, overflow prefix,
 #       requests, prompt, cached, completion (rows in first-seen order, so the
 #       field cap picks the same rows as applying the events one by one).
-_APPLY_BATCH = """
+_APPLY_BATCH = (
+    _ROW_FOR
+    + """
 local n, n_audit = tonumber(ARGV[5]), tonumber(ARGV[6])
 local n_bucket, n_dim, n_ack = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local cap = tonumber(ARGV[4])
-local kinds = {'|requests', '|prompt', '|cached', '|completion'}
-local function row_for(dim, row, overflow)
-  if overflow == '' or redis.call('HEXISTS', dim, row .. '|requests') == 1 then
-    return row
-  end
-  local size = redis.call('HLEN', dim)
-  if size < cap then return row end
-  if size < 2 * cap or redis.call('HEXISTS', dim, overflow .. '|requests') == 1 then
-    return overflow
-  end
-  return nil
-end
 for i = 2, n + 1 do
   if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end
 end
@@ -180,7 +179,7 @@ for i = 1, n_dim do
   local dim, ttl, rows = KEYS[dim0 + i], tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
   for _ = 1, rows do
-    local row = row_for(dim, ARGV[a], ARGV[a + 1])
+    local row = row_for(dim, ARGV[a], ARGV[a + 1], cap)
     if row then
       for k = 1, 4 do
         redis.call('HINCRBY', dim, row .. kinds[k], tonumber(ARGV[a + 1 + k]))
@@ -193,6 +192,7 @@ end
 redis.call('XACK', KEYS[1], ARGV[1], unpack(acks))
 return 1
 """
+)
 # A batch holds at most this many entries (one script call; Redis runs a
 # script alone, so a batch must stay short: ~1 ms at this size).
 BATCH_MAX = 256
