@@ -376,7 +376,7 @@ def _issue_token(edge_url: str, api_key: str) -> str:
 # E2's call: demo-lm Complete, 16 tokens, 32 concurrent (h2load: 4 connections x 8 streams).
 REALISTIC = pb.CompleteRequest(model="demo-lm", prompt="The edge of the mesh", max_tokens=16)
 COMPLETE = "/tokenmesh.inference.v1.InferenceService/Complete"
-ROUNDS = 3
+ROUNDS = 5  # E2: three paths, interleaved; ~4 s a path and round at ~150 req/s
 
 
 def complete_throughput(
@@ -397,9 +397,10 @@ def complete_throughput(
     body = REALISTIC.SerializeToString()
     pids = {c.name: c.pid for c in mesh.children if not c.stopping}
     pids["bare-envoy"] = bare_envoy_pid
-    requests = 400
-    for _ in range(ROUNDS):
-        for name, (target, metadata) in paths.items():
+    requests = 600
+    for n in range(ROUNDS):
+        # Order flipped every round: no path always runs right after another.
+        for name, (target, metadata) in list(paths.items())[:: 1 if n % 2 == 0 else -1]:
             with CpuMeter(pids) as meter:
                 rps, _ = throughput_rps(target, state, metadata, requests, COMPLETE, body)
             rounds[name].append(rps)

@@ -21,7 +21,7 @@ def _edge_measure(ctx: Context) -> dict[str, Any]:
 
 
 def _edge_judge(results: dict[str, Any]) -> list[Row]:
-    latency, rps = results["latency"], results["requests_per_s"]
+    latency = results["latency"]
     direct, jwt, key = (latency[k]["p50_ms"] for k in ("direct", "edge-jwt", "edge-api-key"))
     envoy = latency["envoy"]["p50_ms"]
     # Ratios are taken within a round (the paths ran interleaved), then the median.
@@ -30,7 +30,6 @@ def _edge_judge(results: dict[str, Any]) -> list[Row]:
     e1k = _median([r["edge-api-key"] / max(r["edge-jwt"], 1e-9) for r in rounds])
     bare = _median([r["envoy"] / max(r["direct"], 1e-9) for r in rounds])
     of_rounds = f"median of {len(rounds)} interleaved rounds"
-    e2 = rps["edge-jwt"] / max(rps["direct"], 1e-9)
     cpu = results["cpu_us_per_request"]
     uncached = latency["edge-api-key-no-cache"]["p50_ms"]
     complete = results["complete_rps"]

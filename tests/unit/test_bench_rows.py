@@ -93,3 +93,49 @@ def test_cpu_meter_counts_what_a_process_used_inside_it() -> None:
         busy.kill()
         busy.wait()
         busy.stdin.close()
+
+
+def _edge_results(complete: dict[str, object]) -> dict[str, object]:
+    latency = {
+        name: {"p50_ms": p50}
+        for name, p50 in (
+            ("direct", 1.0),
+            ("edge-jwt", 2.0),
+            ("edge-api-key", 2.0),
+            ("envoy", 1.5),
+            ("edge-api-key-no-cache", 4.0),
+        )
+    }
+    per_request = {"envoy": 400.0, "auth": 5.0, "usage": 3.0, "edge": 408.0, "inference-0": 450.0}
+    cpu = {"direct": per_request, "edge-jwt": per_request, "edge-api-key": per_request}
+    return {
+        "latency": latency,
+        "requests_per_s": {},
+        "cpu_us_per_request": cpu,
+        "complete_rps": complete,
+    }
+
+
+def test_e2_prints_the_bare_proxy_floor_and_each_process_s_cpu_per_complete() -> None:
+    from bench.registry import _edge_judge
+
+    complete = {
+        "direct": [100.0, 110.0, 90.0],
+        "edge-jwt": [80.0, 70.0, 75.0],
+        "envoy": [95.0, 99.0, 97.0],
+        "cpu_us_per_request": {
+            "direct": {"inference-0": 5000.0, "usage": 100.0},
+            "edge-jwt": {"envoy": 800.0, "inference-0": 5400.0},
+        },
+    }
+    e2 = next(r for r in _edge_judge(_edge_results(complete)) if r.id == "E2")
+    assert e2.measured.startswith("75% (75 req/s") and e2.passed is False
+    assert e2.baseline == "direct 100 req/s (bare Envoy proxy 97 req/s: 97%)"
+    assert e2.cpu == (
+        "direct 5100 µs/req (inference-0 5000, usage 100);"
+        " edge-jwt 6200 µs/req (envoy 800, inference-0 5400)"
+    )
+    # Results of runs before the bare-proxy path still judge.
+    older = _edge_results({"direct": [100.0], "edge-jwt": [95.0]})
+    e2 = next(r for r in _edge_judge(older) if r.id == "E2")
+    assert e2.passed is True and e2.baseline == "direct 100 req/s" and e2.cpu == ""
