@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 
 import pytest
 
@@ -95,7 +96,7 @@ def test_cpu_meter_counts_what_a_process_used_inside_it() -> None:
         busy.stdin.close()
 
 
-def _edge_results(complete: dict[str, object]) -> dict[str, object]:
+def _edge_results(complete: Mapping[str, object]) -> dict[str, object]:
     latency = {
         name: {"p50_ms": p50}
         for name, p50 in (

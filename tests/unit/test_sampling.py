@@ -92,3 +92,20 @@ def test_top_indices_finds_each_rows_largest_logits_with_ties_and_any_vocab():
             got = np.take_along_axis(logits, top_indices(logits, width), axis=1)
             expected = np.partition(logits, vocab - width, axis=1)[:, vocab - width :]
             assert np.array_equal(np.sort(got, axis=1), np.sort(expected, axis=1)), (vocab, width)
+
+
+def test_unfiltered_draws_are_the_inverse_cdf_in_vocabulary_order():
+    from services.inference.sampling import SamplingParams, sample_batch
+
+    rng = np.random.default_rng(9)
+    logits = (rng.normal(size=(16, 4096)) * 3).astype(np.float32)
+    temperatures = [0.3 + 0.1 * i for i in range(16)]  # one row's temperature must not leak
+    params = [SamplingParams(1, t, 1.0, 0, None, ()) for t in temperatures]
+    drawn = sample_batch(logits, params, [np.random.default_rng(i) for i in range(16)])
+    expected = []
+    for i, temperature in enumerate(temperatures):
+        scaled = logits[i].astype(np.float64) / temperature
+        cumulative = np.cumsum(np.exp(scaled - scaled.max()))
+        u = np.random.default_rng(i).random()
+        expected.append(int(np.searchsorted(cumulative, u * cumulative[-1], side="left")))
+    assert drawn.tolist() == expected
