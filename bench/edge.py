@@ -404,7 +404,7 @@ def complete_throughput(
             with CpuMeter(pids) as meter:
                 rps, _ = throughput_rps(target, state, metadata, requests, COMPLETE, body)
             rounds[name].append(rps)
-            cpu_rounds[name].append({n: used * 1e6 / requests for n, used in meter.used.items()})
+            cpu_rounds[name].append({p: used * 1e6 / requests for p, used in meter.used.items()})
     cpu = {name: _median_each(per_round) for name, per_round in cpu_rounds.items()}
     print(f"  complete 16 tokens x32: {rounds}", flush=True)
     for name, per in cpu.items():

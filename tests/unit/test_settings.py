@@ -96,3 +96,11 @@ def test_the_lease_size_is_bounded_and_zero_turns_leases_off():
             load(UsageSettings, {"TOKENMESH_RATELIMIT_LEASE_SIZE": bad})
     assert load(UsageSettings, {"TOKENMESH_RATELIMIT_LEASE_SIZE": "0"}).lease_size == 0
     assert load(UsageSettings, {}).lease_size == 32
+
+
+def test_the_meter_linger_is_bounded_and_zero_applies_every_read_at_once():
+    assert load(UsageSettings, {}).meter_linger_ms == 200
+    assert load(UsageSettings, {"TOKENMESH_USAGE_METER_LINGER_MS": "0"}).meter_linger_ms == 0
+    for bad in ("-1", "5001", "soon"):
+        with pytest.raises(SettingsError, match="TOKENMESH_USAGE_METER_LINGER_MS"):
+            load(UsageSettings, {"TOKENMESH_USAGE_METER_LINGER_MS": bad})
