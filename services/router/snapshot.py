@@ -192,6 +192,26 @@ def _fallback_target(
     return (fallback.name, version) if version else None
 
 
+# Ejection only on what Envoy itself sees fail: connect failures, resets and
+# timeouts (local-origin errors). A status a live worker answers is not such
+# evidence: Envoy reads gRPC statuses as HTTP codes (UNIMPLEMENTED 501,
+# DEADLINE_EXCEEDED 504, UNAVAILABLE 503), so counting them let any caller
+# eject a healthy worker with a few refused requests (a retired API version, a
+# deadline too short to meet), and shed load onto the rest by ejecting the
+# worker that refused for overload. A worker that cannot serve says so in its
+# health check (NOT_SERVING), which takes it out.
+OUTLIER_DETECTION: dict[str, Any] = {
+    "split_external_local_origin_errors": True,
+    "consecutive_local_origin_failure": 2,
+    "enforcing_consecutive_5xx": 0,
+    "enforcing_consecutive_gateway_failure": 0,
+    "enforcing_success_rate": 0,
+    "interval": "1s",
+    "base_ejection_time": "10s",
+    "max_ejection_percent": 50,
+}
+
+
 def eds_cluster(
     name: str,
     health_service: str,
@@ -219,15 +239,7 @@ def eds_cluster(
         ],
         # No panic routing to unhealthy workers: fail over (aggregate) or answer 503.
         "common_lb_config": lb_config,
-        "outlier_detection": {
-            "consecutive_5xx": 5,
-            "consecutive_gateway_failure": 2,
-            "consecutive_local_origin_failure": 2,
-            "split_external_local_origin_errors": True,
-            "interval": "1s",
-            "base_ejection_time": "10s",
-            "max_ejection_percent": 50,
-        },
+        "outlier_detection": OUTLIER_DETECTION,
         "circuit_breakers": {
             "thresholds": [
                 {

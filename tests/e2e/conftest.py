@@ -6,7 +6,24 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
+import httpx
 import pytest
+
+from services.launcher.mesh import Mesh
+
+
+def edge_hosts(mesh: Mesh, cluster: str) -> dict[str, dict[str, str]]:
+    """Returns each host of an edge cluster with its `weight` and `health_flags`,
+    as Envoy's admin lists them (what its load balancer picks from)."""
+    listing = httpx.get(f"http://127.0.0.1:{mesh.admin_port}/clusters", timeout=5).text
+    hosts: dict[str, dict[str, str]] = {}
+    for line in listing.splitlines():
+        name, _, rest = line.partition("::")
+        host, _, stat = rest.partition("::")
+        key, _, value = stat.partition("::")
+        if name == cluster and key in ("weight", "health_flags"):
+            hosts.setdefault(host, {})[key] = value
+    return hosts
 
 
 class _Metadata(

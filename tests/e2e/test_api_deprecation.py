@@ -156,11 +156,22 @@ def retired(versioned: Mesh, http: httpx.Client) -> Mesh:
     env = {**versioned.config.service_env, "TOKENMESH_API_DEPRECATIONS": PAST}
     versioned.config = dataclasses.replace(versioned.config, service_env=env)
     versioned.restart_service(WORKER, "inference")
+    # Each path's cluster health-checks the worker on its own (`/v1/models` goes
+    # to the cluster of every worker, the model's RPCs to the model's cluster):
+    # wait until every one of them sees the restarted worker.
     deadline = time.monotonic() + 60
-    while http.post(V1_COMPLETE, json=V1_BODY).status_code != 410:  # the edge sees it again
+    while not all(status == 410 for status in _v1_statuses(http)):
         assert time.monotonic() < deadline, "the restarted worker never answered v1 with 410"
         time.sleep(0.2)
     return versioned
+
+
+def _v1_statuses(http: httpx.Client) -> list[int]:
+    return [
+        http.post(V1_COMPLETE, json=V1_BODY).status_code,
+        http.post(V1_GENERATE, json=V1_BODY).status_code,
+        http.get("/v1/models").status_code,
+    ]
 
 
 def _error_info(details: list[dict[str, Any]]) -> dict[str, Any]:
