@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import httpx
@@ -24,6 +25,61 @@ def edge_hosts(mesh: Mesh, cluster: str) -> dict[str, dict[str, str]]:
         if name == cluster and key in ("weight", "health_flags"):
             hosts.setdefault(host, {})[key] = value
     return hosts
+
+
+T = TypeVar("T")
+
+
+def wait_for_healthy_hosts(mesh: Mesh, clusters: Sequence[str], count: int) -> None:
+    """Waits until each of the edge's `clusters` has `count` healthy hosts (a started
+    worker takes traffic only once the edge's own health check of it passed)."""
+
+    def healthy(cluster: str) -> int:
+        hosts = edge_hosts(mesh, cluster).values()
+        return sum(host.get("health_flags") == "healthy" for host in hosts)
+
+    deadline = time.monotonic() + 30
+    while not all(healthy(cluster) == count for cluster in clusters):
+        assert time.monotonic() < deadline, {c: edge_hosts(mesh, c) for c in clusters}
+        time.sleep(0.1)
+
+
+def stable_round(mesh: Mesh, cluster: str, round_: Callable[[], T], tries: int = 5) -> T:
+    """Runs `round_` until the edge's hosts of `cluster` (weights, health) stayed the
+    same throughout, and returns its result.
+
+    Maglev picks a worker by the hosts' weights and health. Load-aware weights
+    move with the workers' TTFT (other tests' traffic moves them), so a round
+    during which they changed proves nothing about where a hash key lands.
+    """
+    for _ in range(tries):
+        hosts = edge_hosts(mesh, cluster)
+        assert hosts, f"the edge has no cluster {cluster}"
+        result = round_()
+        if edge_hosts(mesh, cluster) == hosts:
+            return result
+    raise AssertionError(f"{cluster}'s hosts changed during each of {tries} rounds")
+
+
+def spread_of(
+    mesh: Mesh, cluster: str, worker_of: Callable[[str], str], timeout_s: float = 30.0
+) -> set[str]:
+    """Returns the workers that requests of distinct prompt heads ("0 ", "1 ", ...)
+    reached, drawing heads until every host of `cluster` was seen (or 30 s).
+
+    Every head hashes on its own, but a fixed number of heads can miss a worker
+    by chance (its weight far below its peer's), and a worker the edge has just
+    marked healthy takes its first requests a moment later (~1 s measured).
+    """
+    hosts = edge_hosts(mesh, cluster)
+    assert all(host["health_flags"] == "healthy" for host in hosts.values()), hosts
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    for n in range(1000):
+        seen.add(worker_of(f"{n} "))
+        if len(seen) == len(hosts) or time.monotonic() > deadline:
+            break
+    return seen
 
 
 class _Metadata(

@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
+from tests.e2e.conftest import spread_of, stable_round
 from tests.e2e.test_auth import create_key
 from tokenmesh.inference.v1 import inference_service_pb2 as v1
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as v1_rpc
@@ -206,7 +207,7 @@ def test_v1_still_works_beside_v2(channel):
     assert reply.finish_reason == "length" and reply.usage.completion_tokens == 2
 
 
-def test_chats_that_start_alike_reach_the_same_worker(http):
+def test_chats_that_start_alike_reach_the_same_worker(mesh, http):
     # Without a prompt, the routes hash the head of a chat's first message.
     system = "the mesh routes tokens through envoy to workers and back again: answer"
 
@@ -222,6 +223,8 @@ def test_chats_that_start_alike_reach_the_same_worker(http):
         assert reply.status_code == 200, reply.text
         return str(reply.headers["x-tokenmesh-worker"])
 
-    assert len({worker(system, f"question {n}") for n in range(8)}) == 1
-    spread = {worker(f"{n} {system}", "question") for n in range(20)}
+    cluster = "model:deterministic-test:1"
+    met = stable_round(mesh, cluster, lambda: {worker(system, f"question {n}") for n in range(8)})
+    assert len(met) == 1, met
+    spread = spread_of(mesh, cluster, lambda head: worker(head + system, "question"))
     assert spread == {"inference-0", "inference-1"}

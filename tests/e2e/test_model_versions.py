@@ -32,7 +32,7 @@ from google.protobuf import duration_pb2
 
 from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV
-from tests.e2e.conftest import authed_channel
+from tests.e2e.conftest import authed_channel, edge_hosts
 from tests.e2e.test_jobs import all_results, finished
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
@@ -48,6 +48,7 @@ from tokenmesh.usage.v1 import usage_service_pb2_grpc as usage_rpc
 
 MODEL = "versioned"
 FAST, SLOW, FAULTY = "inference-0", "inference-1", "inference-2"
+CLUSTER_1 = f"model:{MODEL}:1"  # the edge's cluster of version 1 (FAST and SLOW)
 ENV = {
     **TEST_SERVICE_ENV,
     "TOKENMESH_MODELS": "",
@@ -193,6 +194,14 @@ def test_a_slowed_worker_gets_a_lower_weight_and_a_smaller_share(versions_mesh, 
             timeout_s=45,
             what="the slowed worker's weight to drop",
             show=lambda: {(w.id, w.weight, w.weight_reason) for w in workers(registry).values()},
+        )
+        # The edge gets the weight at the router's next poll: wait for it there too.
+        slow_host = f"127.0.0.1:{versions_mesh.ports[SLOW]}"
+        wait_for(
+            lambda: int(edge_hosts(versions_mesh, CLUSTER_1)[slow_host]["weight"]) <= 50,
+            timeout_s=10,
+            what="the edge to weigh the slowed worker down",
+            show=lambda: edge_hosts(versions_mesh, CLUSTER_1),
         )
     slow, fast = slowed[SLOW], slowed[FAST]
     assert slow.load.ttft_samples > 0 and fast.load.ttft_samples > 0

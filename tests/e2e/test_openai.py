@@ -13,7 +13,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.e2e.conftest import edge_hosts
+from tests.e2e.conftest import spread_of, stable_round
 from tests.e2e.test_auth import create_key
 
 CHAT = [
@@ -287,15 +287,10 @@ def test_requests_are_routed_by_the_model_in_their_json(mesh, admin_key):
         assert reply.json()["model"] == "deterministic-test@1"
         return str(reply.headers["x-tokenmesh-worker"])
 
-    # Maglev picks by the hosts' weights and health: load-aware weights move with
-    # the workers' TTFT, and other tests' traffic moves them. A round during
-    # which the edge's hosts changed proves nothing; take another.
-    for _round in range(5):
-        hosts = edge_hosts(mesh, "model:deterministic-test:1")
-        assert len(hosts) == 2, hosts
-        met = {worker(system, f"question {n}", "deterministic-test@1") for n in range(8)}
-        if edge_hosts(mesh, "model:deterministic-test:1") == hosts:
-            break
+    cluster = "model:deterministic-test:1"
+    met = stable_round(
+        mesh, cluster, lambda: {worker(system, f"q {n}", "deterministic-test@1") for n in range(8)}
+    )
     assert len(met) == 1, met
-    spread = {worker(f"{n} {system}", "question") for n in range(20)}
+    spread = spread_of(mesh, cluster, lambda head: worker(head + system, "question"))
     assert spread == {"inference-0", "inference-1"}

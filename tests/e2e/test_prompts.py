@@ -17,6 +17,7 @@ import httpx
 
 from services.inference.tokenizer import HuggingFaceTokenizer
 from services.launcher.mesh import Mesh
+from tests.e2e.conftest import stable_round
 from tests.e2e.test_auth import create_key
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
@@ -182,12 +183,20 @@ def test_template_requests_reach_one_worker_whatever_their_input(mesh, tmp_path,
     source.write_text("a b c d e f {% for m in messages %}{{ m.content }}{% endfor %}")
     _cli(mesh, "prompts", "create", name, "--template-file", str(source))
     stub = rpc.InferenceServiceStub(channel)
-    workers = set()
-    for n in range(8):
-        request = pb.CompleteRequest(
-            model="deterministic-test", template=f"{name}@1", prompt=f"{n} a", max_output_tokens=1
-        )
-        reply, call = stub.Complete.with_call(request, timeout=10)
-        assert (reply.template.name, reply.template.version) == (name, 1)
-        workers.add(dict(call.initial_metadata())["x-tokenmesh-worker"])
+
+    def workers_of_a_round() -> set[str]:
+        workers = set()
+        for n in range(8):
+            request = pb.CompleteRequest(
+                model="deterministic-test",
+                template=f"{name}@1",
+                prompt=f"{n} a",
+                max_output_tokens=1,
+            )
+            reply, call = stub.Complete.with_call(request, timeout=10)
+            assert (reply.template.name, reply.template.version) == (name, 1)
+            workers.add(dict(call.initial_metadata())["x-tokenmesh-worker"])
+        return workers
+
+    workers = stable_round(mesh, "model:deterministic-test:1", workers_of_a_round)
     assert len(workers) == 1, workers

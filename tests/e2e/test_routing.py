@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.core import contract
 from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV
-from tests.e2e.conftest import authed_channel
+from tests.e2e.conftest import authed_channel, spread_of, stable_round, wait_for_healthy_hosts
 from tests.e2e.test_jobs import wait_until
 from tokenmesh.auth.v1 import auth_service_pb2 as auth_pb
 from tokenmesh.auth.v1 import auth_service_pb2_grpc as auth_rpc
@@ -41,6 +41,7 @@ from tokenmesh.router.v1 import router_service_pb2 as router_pb
 from tokenmesh.router.v1 import router_service_pb2_grpc as router_rpc
 
 MODEL = "deterministic-test"
+CLUSTERS = (f"model:{MODEL}:1", f"model:{MODEL}:2")  # the edge's clusters of its versions
 ENV = {
     **TEST_SERVICE_ENV,
     "TOKENMESH_TEST_MODELS": f"{MODEL}:1,{MODEL}:2",
@@ -427,8 +428,9 @@ def test_kill_9_of_a_worker_fails_nothing_after_2_seconds(routed, edge, catalogu
     assert [v.healthy_workers for v in model.versions] == [1, 1]
     assert {worker for worker, _ in ended} == {"inference-0", "inference-1"}
     routed.start_worker("inference-1")
-    time.sleep(1.5)
-    assert workers_of(edge, (f"again {n}" for n in range(20))) == {"inference-0", "inference-1"}
+    wait_for_healthy_hosts(routed, CLUSTERS, 2)
+    spread = spread_of(routed, CLUSTERS[0], lambda head: complete(edge, prompt=head).worker)
+    assert spread == {"inference-0", "inference-1"}
 
 
 def test_prompts_that_start_alike_reach_the_same_worker(routed, edge):
@@ -436,17 +438,22 @@ def test_prompts_that_start_alike_reach_the_same_worker(routed, edge):
     # a shared system prompt keeps meeting the worker whose prefix cache holds it.
     head = "the mesh routes tokens through envoy to workers and back again: "
     assert len(head.encode()) >= 64
-    same = workers_of(edge, (f"{head}question {n}" for n in range(12)))
-    assert len(same) == 1, same
-    stream_worker = dict(
-        rpc.InferenceServiceStub(edge)
-        .Generate(pb.GenerateRequest(model=MODEL, prompt=head + "streamed", max_tokens=2))
-        .initial_metadata()
-    )["x-tokenmesh-worker"]
-    rest = rest_complete(routed, prompt=head + "over REST")
-    assert {stream_worker, rest.headers["x-tokenmesh-worker"]} == same
+
+    def workers_of_a_round() -> tuple[set[str], set[str]]:
+        same = workers_of(edge, (f"{head}question {n}" for n in range(12)))
+        stream_worker = dict(
+            rpc.InferenceServiceStub(edge)
+            .Generate(pb.GenerateRequest(model=MODEL, prompt=head + "streamed", max_tokens=2))
+            .initial_metadata()
+        )["x-tokenmesh-worker"]
+        rest = rest_complete(routed, prompt=head + "over REST")
+        return same, {stream_worker, rest.headers["x-tokenmesh-worker"]}
+
+    same, other_paths = stable_round(routed, CLUSTERS[0], workers_of_a_round)
+    assert len(same) == 1 and other_paths == same, (same, other_paths)
     # Different heads spread over the workers.
-    assert workers_of(edge, (f"{n} {head}" for n in range(20))) == {"inference-0", "inference-1"}
+    spread = spread_of(routed, CLUSTERS[0], lambda n: complete(edge, prompt=n + head).worker)
+    assert spread == {"inference-0", "inference-1"}
 
 
 def test_an_edge_started_without_prefix_affinity_spreads_prompts_that_start_alike(routed):
@@ -556,12 +563,20 @@ def test_drain_rpc_takes_a_worker_out_and_it_exits(routed, edge):
         assert routed.wait_exit("inference-0", 30) == 0
         assert {complete(edge).worker for _ in range(10)} == {"inference-1"}
         routed.start_worker("inference-0")
-        time.sleep(1.5)
-        states = {
-            w.id: w.state for w in registry.ListWorkers(router_pb.ListWorkersRequest()).workers
-        }
-        assert states["inference-0"] == router_pb2.WORKER_STATE_SERVING
-    assert workers_of(edge, (f"back {n}" for n in range(20))) == {"inference-0", "inference-1"}
+        wait_until(
+            lambda: (
+                {
+                    w.id: w.state
+                    for w in registry.ListWorkers(router_pb.ListWorkersRequest()).workers
+                }.get("inference-0")
+                == router_pb2.WORKER_STATE_SERVING
+            ),
+            30,
+            "the restarted worker to register",
+        )
+    wait_for_healthy_hosts(routed, CLUSTERS, 2)
+    spread = spread_of(routed, CLUSTERS[0], lambda head: complete(edge, prompt=head).worker)
+    assert spread == {"inference-0", "inference-1"}
 
 
 def test_a_per_model_request_limit_applies_to_every_caller(routed, catalogue):

@@ -21,7 +21,7 @@ import pytest
 
 from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV
-from tests.e2e.conftest import edge_hosts
+from tests.e2e.conftest import edge_hosts, wait_for_healthy_hosts
 
 MODEL = "deterministic-test"
 ENV = {
@@ -55,7 +55,7 @@ def health(mesh: Mesh) -> list[str]:
 
 
 def test_refusals_by_a_live_worker_do_not_eject_it(two_workers):
-    assert health(two_workers) == ["healthy", "healthy"]
+    wait_for_healthy_hosts(two_workers, [f"model:{MODEL}:1"], 2)
     headers = {"x-api-key": two_workers.dev_api_key()}
     with httpx.Client(base_url=two_workers.edge_url, headers=headers, timeout=30) as http:
 
