@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -64,6 +65,12 @@ def _redis(tmp_path_factory: pytest.TempPathFactory, name: str, durable: bool) -
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Redis: REDIS_URL when set, else the bundled redis-server (AOF)."""
     yield from _redis(tmp_path_factory, "redis", durable=True)
+
+
+def private_db_url(redis_url: str, db: int) -> str:
+    """Returns `redis_url` pointing at logical database `db` (the session mesh uses 0:
+    a test whose state must not meet the mesh's background tasks takes its own)."""
+    return urlunsplit(urlsplit(redis_url)._replace(path=f"/{db}"))
 
 
 @pytest.fixture(scope="session")

@@ -237,12 +237,20 @@ class WorkerRegistry:
         """
         if models:
             check_models(models)
+        check_worker_id(worker_id)
         while True:
-            raw, entry = await self._read(worker_id)
+            # One read of every entry: this worker's (to compare and set) and the
+            # others' costs (its weight is relative to them).
+            stored = {text(k): v for k, v in (await self.redis.hgetall(WORKERS_KEY)).items()}
+            raw = stored.get(worker_id)
+            if raw is None:
+                raise _not_registered(worker_id)
+            entry = WorkerEntry.from_json(worker_id, raw)
             others = [
-                w.weight.cost
-                for w in await self.all(now)
-                if w.worker_id != worker_id and w.routable(now)
+                other.weight.cost
+                for other_id, value in stored.items()
+                if other_id != worker_id
+                and (other := WorkerEntry.from_json(other_id, value)).routable(now)
             ]
             renewed = replace(
                 entry,
@@ -268,7 +276,7 @@ class WorkerRegistry:
         check_worker_id(worker_id)
         raw = await self.redis.hget(WORKERS_KEY, worker_id)
         if raw is None:
-            raise NotFound(f"worker {worker_id!r} is not registered", reason="WORKER_NOT_FOUND")
+            raise _not_registered(worker_id)
         return raw, WorkerEntry.from_json(worker_id, raw)
 
     async def _swap(self, worker_id: str, read: bytes | str | None, entry: WorkerEntry) -> bool:
@@ -290,3 +298,7 @@ class WorkerRegistry:
             stale = [x for k, v in raw.items() if text(k) in gone for x in (k, v)]
             await self._forget(keys=[WORKERS_KEY], args=stale)
         return sorted((w for w in workers if w.worker_id not in gone), key=lambda w: w.worker_id)
+
+
+def _not_registered(worker_id: str) -> NotFound:
+    return NotFound(f"worker {worker_id!r} is not registered", reason="WORKER_NOT_FOUND")

@@ -192,6 +192,8 @@ def _fallback_target(
     return (fallback.name, version) if version else None
 
 
+UPDATE_MERGE_WINDOW = "0.25s"
+
 # Ejection only on what Envoy itself sees fail: connect failures, resets and
 # timeouts (local-origin errors). A status a live worker answers is not such
 # evidence: Envoy reads gRPC statuses as HTTP codes (UNIMPLEMENTED 501,
@@ -224,7 +226,15 @@ def eds_cluster(
     Over mTLS (when the edge named its SDS directory), verifying each worker's identity.
     hashed: pick the worker by the route's hash policy (Maglev, bounded load).
     """
-    lb_config: dict[str, Any] = {"healthy_panic_threshold": {"value": 0}}
+    lb_config: dict[str, Any] = {
+        "healthy_panic_threshold": {"value": 0},
+        # Envoy applies health and weight changes to its load balancer in
+        # batches, 1 s by default: a worker that turned healthy took its first
+        # request ~1 s after its health check passed, and one that failed
+        # kept its share as long. A handful of workers per cluster changes
+        # rarely enough for 0.25 s batches.
+        "update_merge_window": UPDATE_MERGE_WINDOW,
+    }
     if hashed:
         lb_config["consistent_hashing_lb_config"] = {"hash_balance_factor": HASH_BALANCE_FACTOR}
     cluster = {

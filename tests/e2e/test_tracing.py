@@ -14,7 +14,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from services.launcher.mesh import Mesh, MeshConfig
-from tests.conftest import TEST_SERVICE_ENV
+from tests.conftest import TEST_SERVICE_ENV, private_db_url
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
@@ -83,7 +83,7 @@ def test_one_trace_spans_envoy_and_the_worker(tmp_path: Path, collector, redis_u
         state_dir=tmp_path / "mesh",
         # A Redis database of its own: its router and workers must not meet the
         # session mesh's (they share worker ids).
-        redis_url=redis_url.rsplit("/", 1)[0] + "/3",
+        redis_url=private_db_url(redis_url, 3),
         workers=1,
         envoy_concurrency=1,
         health_check_interval_s=0.5,

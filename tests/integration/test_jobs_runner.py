@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import time
 import uuid
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 
@@ -20,6 +19,7 @@ from services.jobs.store import JobStore, NewJob, Owner, now_ms
 from services.jobs.workers import WorkerDirectory
 from services.router.registry import WORKERS_KEY, WorkerEntry
 from tests import mtls
+from tests.conftest import private_db_url
 from tests.integration.conftest import inference_settings
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.jobs.v1 import jobs_pb2
@@ -46,7 +46,7 @@ async def test_a_lane_with_one_slot_starts_its_next_item_when_one_ends(tmp_path,
     """A full lane waits for a slot to free, not for a fixed pause: with one slot and a
     5 s read block, the old runner took ~5 s per item (40 s for 8); this one finishes
     them back to back."""
-    redis_url = urlunsplit(urlsplit(redis_url)._replace(path=f"/{PRIVATE_DB}"))
+    redis_url = private_db_url(redis_url, PRIVATE_DB)
     client = aioredis.from_url(redis_url)
     assert client.connection_pool.connection_kwargs["db"] == PRIVATE_DB
     settings = inference_settings(tmp_path, redis_url, test_models=("deterministic-test:1",))

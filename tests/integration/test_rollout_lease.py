@@ -7,7 +7,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,6 +15,7 @@ from services.router import catalog as cat
 from services.router import rollouts as ro
 from services.router.catalog import Catalog
 from services.router.registry import WorkerRegistry
+from tests.conftest import private_db_url
 
 # A logical database of its own: the session mesh shares this Redis, and its
 # router's driver (database 0) takes the same lease every 0.5 s, so it could
@@ -25,8 +25,7 @@ PRIVATE_DB = 7
 
 @pytest.fixture
 async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    url = urlsplit(redis_url)
-    client = aioredis.from_url(urlunsplit(url._replace(path=f"/{PRIVATE_DB}")))
+    client = aioredis.from_url(private_db_url(redis_url, PRIVATE_DB))
     assert client.connection_pool.connection_kwargs["db"] == PRIVATE_DB
     await client.delete(ro.LEASE_KEY)
     yield client

@@ -10,19 +10,20 @@ import redis.asyncio as aioredis
 
 from services.launcher.mesh import spawn_redis
 from services.usage.script_client import ScriptClient, ScriptUnavailable
+from tests.conftest import private_db_url
 
 ECHO_INCR = "return {ARGV[1], redis.call('INCRBY', KEYS[1], tonumber(ARGV[2]))}"
 
 
 async def test_concurrent_calls_get_their_own_replies(redis_url):
-    client = ScriptClient(redis_url.rsplit("/", 1)[0] + "/4", ECHO_INCR)
+    client = ScriptClient(private_db_url(redis_url, 4), ECHO_INCR)
     try:
         replies = await asyncio.gather(
             *(client(keys=["script-client:n"], args=[f"caller-{i}", 1]) for i in range(200))
         )
         assert [r[0] for r in replies] == [f"caller-{i}".encode() for i in range(200)]
         assert sorted(r[1] for r in replies)[-1] - sorted(r[1] for r in replies)[0] == 199
-        check = aioredis.from_url(redis_url.rsplit("/", 1)[0] + "/4")
+        check = aioredis.from_url(private_db_url(redis_url, 4))
         assert int(await check.get("script-client:n")) >= 200  # db 4, not the default db
         await check.aclose()
     finally:

@@ -128,11 +128,34 @@ async def test_a_drain_between_a_heartbeats_read_and_write_is_kept(client, inter
     worker, now = _worker_id(), time.time()
     operator = WorkerRegistry(client, lease_s=30)
     await operator.register(worker, "127.0.0.1:1001", [("m", "1")], now)
-    heartbeat = WorkerRegistry(interleaved("HGET", lambda: operator.drain(worker)), lease_s=30)
+    heartbeat = WorkerRegistry(interleaved("HGETALL", lambda: operator.drain(worker)), lease_s=30)
     renewed, _ = await heartbeat.renew(worker, [("m", "1")], now + 1)
     assert renewed.state == DRAINING  # the worker is told to drain by this very heartbeat
     assert renewed.lease_expires_at == now + 31
     assert (await operator.get(worker)).state == DRAINING
+
+
+class _Recording(aioredis.Redis):
+    """A client that records the name of every command it sends."""
+
+    sent: list[str]
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.sent.append(str(args[0]))
+        return await super().execute_command(*args, **options)
+
+
+async def test_a_heartbeat_reads_the_registry_once(client, redis_url):
+    worker, now = _worker_id(), time.time()
+    await WorkerRegistry(client, lease_s=30).register(worker, "127.0.0.1:1001", [("m", "1")], now)
+    recording = cast(_Recording, _Recording.from_url(redis_url))
+    recording.sent = []
+    try:
+        await WorkerRegistry(recording, lease_s=30).renew(worker, [("m", "1")], now + 1)
+    finally:
+        await recording.aclose()
+    # One read for its own entry and the others' costs, then the compare-and-set.
+    assert [c for c in recording.sent if c.startswith("HGET")] == ["HGETALL"], recording.sent
 
 
 async def test_draining_while_heartbeating_leaves_the_worker_draining(client):

@@ -9,13 +9,13 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis.asyncio as aioredis
 
 from services.usage import meter as meter_module
 from services.usage.meter import PREFIX, Meter, Retention
+from tests.conftest import private_db_url
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.type.v1 import types_pb2
 
@@ -25,7 +25,7 @@ ONE_BY_ONE_DB, BATCHED_DB = 8, 9
 
 
 def _client(redis_url: str, db: int) -> aioredis.Redis:
-    return aioredis.from_url(urlunsplit(urlsplit(redis_url)._replace(path=f"/{db}")))
+    return aioredis.from_url(private_db_url(redis_url, db))
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
@@ -183,6 +184,20 @@ def test_every_resource_converts_to_envoy_protos():
         route = route_pb2.RouteConfiguration()
         assert packed.by_type[ROUTE_TYPE]["edge"].Unpack(route)
         assert route.virtual_hosts[0].routes
+
+
+def test_worker_clusters_eject_only_on_failures_envoy_sees_and_apply_health_soon():
+    packed = pack(build({"m": two_versions()}, [worker("w", 1, ("m", "1"))]))
+    cluster = cluster_pb2.Cluster()
+    assert packed.by_type[CLUSTER_TYPE]["model:m:1"].Unpack(cluster)
+    outlier = cluster.outlier_detection
+    # A status a live worker answers (a caller can provoke one) never ejects it.
+    assert outlier.split_external_local_origin_errors
+    assert outlier.enforcing_consecutive_5xx.value == 0
+    assert outlier.enforcing_consecutive_gateway_failure.value == 0
+    assert outlier.enforcing_success_rate.value == 0
+    assert outlier.consecutive_local_origin_failure.value == 2  # connect failures, resets
+    assert cluster.common_lb_config.update_merge_window.ToMilliseconds() == 250
 
 
 def _plane() -> tuple[ControlPlane, dict[str, dict[str, ModelEntry]]]:
