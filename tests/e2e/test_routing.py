@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -391,16 +392,36 @@ def test_control_plane_restart_keeps_routes_and_loses_no_request(routed, edge, c
     assert set(many(edge, 60)) == {"1", "2"}  # the 50/50 split survived
 
 
+def long_streams_on_each_worker(edge: grpc.Channel) -> list[Any]:
+    """Opens two long Generate streams on each worker, each past its first message.
+
+    The prompts are found by probing; a weight that moved between the probes
+    and the streams (load-aware routing) can send a prompt elsewhere: then the
+    streams are cancelled and opened again.
+    """
+    stub = rpc.InferenceServiceStub(edge)
+    both = {"inference-0", "inference-1"}
+    for _attempt in range(5):
+        prompts = prompt_for_each_worker(edge, both)
+        streams = [
+            stub.Generate(
+                pb.GenerateRequest(model=MODEL, prompt=prompt, max_tokens=500), timeout=30
+            )
+            for prompt in sorted(prompts.values()) * 2
+        ]
+        for stream in streams:
+            next(stream)
+        served = [dict(stream.initial_metadata())["x-tokenmesh-worker"] for stream in streams]
+        if collections.Counter(served) == {worker: 2 for worker in both}:
+            return streams
+        for stream in streams:
+            stream.cancel()
+    raise AssertionError(f"streams kept landing unevenly: {served}")
+
+
 def test_kill_9_of_a_worker_fails_nothing_after_2_seconds(routed, edge, catalogue):
     # Long streams on each worker, to see how the killed one's streams end.
-    stub = rpc.InferenceServiceStub(edge)
-    prompts = prompt_for_each_worker(edge, {"inference-0", "inference-1"})
-    streams = [
-        stub.Generate(pb.GenerateRequest(model=MODEL, prompt=prompt, max_tokens=500), timeout=30)
-        for prompt in sorted(prompts.values()) * 2
-    ]
-    for stream in streams:
-        next(stream)
+    streams = long_streams_on_each_worker(edge)
     stop, outcomes, threads = under_load(edge)
     time.sleep(0.5)
     killed_at = time.monotonic()
