@@ -384,6 +384,7 @@ def complete_throughput(
     state: Path,
     paths: dict[str, tuple[Peer, list[tuple[str, str]]]],
     bare_envoy_pid: int,
+    rounds: int = ROUNDS,
 ) -> dict[str, Any]:
     """demo-lm Complete (16 tokens) at 32 concurrent on each path; interleaved rounds.
 
@@ -392,24 +393,24 @@ def complete_throughput(
     an edge request's extra cost goes, beside the worker's own. The bare
     Envoy proxy's path is E2's floor: no edge can add less than a proxy.
     """
-    rounds: dict[str, list[float]] = {name: [] for name in paths}
+    rps_rounds: dict[str, list[float]] = {name: [] for name in paths}
     cpu_rounds: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
     body = REALISTIC.SerializeToString()
     pids = {c.name: c.pid for c in mesh.children if not c.stopping}
     pids["bare-envoy"] = bare_envoy_pid
     requests = 600
-    for n in range(ROUNDS):
+    for n in range(rounds):
         # Order flipped every round: no path always runs right after another.
         for name, (target, metadata) in list(paths.items())[:: 1 if n % 2 == 0 else -1]:
             with CpuMeter(pids) as meter:
                 rps, _ = throughput_rps(target, state, metadata, requests, COMPLETE, body)
-            rounds[name].append(rps)
+            rps_rounds[name].append(rps)
             cpu_rounds[name].append({p: used * 1e6 / requests for p, used in meter.used.items()})
     cpu = {name: _median_each(per_round) for name, per_round in cpu_rounds.items()}
-    print(f"  complete 16 tokens x32: {rounds}", flush=True)
+    print(f"  complete 16 tokens x32: {rps_rounds}", flush=True)
     for name, per in cpu.items():
         print(f"  {name:>12}: CPU µs/Complete {json.dumps({k: round(v) for k, v in per.items()})}")
-    return {**rounds, "cpu_us_per_request": cpu}
+    return {**rps_rounds, "cpu_us_per_request": cpu}
 
 
 def _median_each(rounds: list[dict[str, float]]) -> dict[str, float]:

@@ -20,6 +20,8 @@ in interleaved rounds, order flipped every round; the table shows each
 process's CPU µs per Complete (median of the rounds) from /proc. A group's
 cost is the full edge's Envoy CPU minus that path's. Every idle Envoy still
 costs ~25-35 µs per Complete of the round (its timers), in every row alike.
+On this 2-core VM a path moved by up to ~270 µs between runs: take 8 rounds
+or more, and compare runs (docs/perf/summary.md, seventh session).
 """
 
 from __future__ import annotations
@@ -31,13 +33,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.edge import COMPLETE, REALISTIC, _bare_envoy, _issue_token, throughput_rps
+from bench.edge import (
+    COMPLETE,
+    REALISTIC,
+    _bare_envoy,
+    _issue_token,
+    complete_throughput,
+    throughput_rps,
+)
 from bench.peers import Peer
-from bench.pinning import LOAD, SUT, CpuMeter, layout, pin, pinned_self
+from bench.pinning import LOAD, SUT, layout, pin, pinned_self
 from gateway.edge_auth import EdgeAuth
 from services.launcher.mesh import Mesh, MeshConfig
 
-REQUESTS = 600
 # Each variant: the EdgeConfig changes of an extra edge (see Mesh.start_extra_edge).
 VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
@@ -66,30 +74,21 @@ def mesh_config(state: Path) -> MeshConfig:
     )
 
 
-def medians(rounds: list[dict[str, float]], floor: float = 20.0) -> dict[str, int]:
-    """Each process's median over rounds, rounded; processes under `floor` µs left out."""
-    names = sorted({name for r in rounds for name in r})
-    values = {name: round(statistics.median(r.get(name, 0.0) for r in rounds)) for name in names}
-    return {name: value for name, value in values.items() if value >= floor}
-
-
 def measure(
-    paths: Mapping[str, Target], pids: Mapping[str, int], state: Path, rounds: int
+    mesh: Mesh, state: Path, paths: dict[str, Target], bare_pid: int, rounds: int
 ) -> dict[str, dict[str, Any]]:
-    """Runs every path's Completes in interleaved rounds; returns req/s and CPU µs each."""
+    """Runs E2's rounds over every path (bench.edge.complete_throughput, after a
+    warm-up left out); returns each path's median req/s and CPU µs per Complete."""
     body = REALISTIC.SerializeToString()
-    for target, metadata in paths.values():  # warm-up (left out)
+    for target, metadata in paths.values():
         throughput_rps(target, state, metadata, 200, COMPLETE, body)
-    cpu: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
-    rps: dict[str, list[float]] = {name: [] for name in paths}
-    for n in range(rounds):
-        for name, (target, metadata) in list(paths.items())[:: 1 if n % 2 == 0 else -1]:
-            with CpuMeter(pids) as meter:
-                value, _tool = throughput_rps(target, state, metadata, REQUESTS, COMPLETE, body)
-            rps[name].append(value)
-            cpu[name].append({p: used * 1e6 / REQUESTS for p, used in meter.used.items()})
+    measured = complete_throughput(mesh, state, paths, bare_pid, rounds)
     return {
-        name: {"rps": statistics.median(rps[name]), "cpu_us": medians(cpu[name])} for name in paths
+        name: {
+            "rps": statistics.median(measured[name]),
+            "cpu_us": {p: round(v) for p, v in measured["cpu_us_per_request"][name].items()},
+        }
+        for name in paths
     }
 
 
@@ -129,13 +128,11 @@ def main() -> None:
             )
             try:
                 paths["bare"] = (Peer(bare_address), [])
-                pids = {c.name: c.pid for c in mesh.children if not c.stopping}
-                pids["bare-envoy"] = bare.pid
-                for pid in pids.values():
+                for pid in [bare.pid, *(c.pid for c in mesh.children if not c.stopping)]:
                     pin(pid, cores.sut)
                 print(f"{LOAD}: cores {sorted(cores.load)}; {SUT} (every Envoy, the mesh):")
                 print(f"  cores {sorted(cores.sut)}")
-                print_table(measure(paths, pids, state, args.rounds))
+                print_table(measure(mesh, state, paths, bare.pid, args.rounds))
             finally:
                 bare.terminate()
                 bare.wait(10)

@@ -16,7 +16,7 @@ How a weight moves, per heartbeat of the worker (all pure functions here):
    slow request moves nothing much.
 3. target: `NEUTRAL_WEIGHT` x (best smoothed cost among routable workers /
    this worker's), between `MIN_WEIGHT` and `NEUTRAL_WEIGHT` (within
-   `DEADBAND` of the best counts as the best). A worker without a cost (no
+   `DEADBAND` % or `DEADBAND_MS` of the best counts as the best). A worker without a cost (no
    report, or an idle one) targets the neutral weight.
 4. hysteresis: a target within `DEADBAND` of the current weight changes
    nothing (no flapping on noise), and a weight moves at most `MAX_STEP`
@@ -34,6 +34,10 @@ NEUTRAL_WEIGHT = 100
 MIN_WEIGHT = 5  # never 0: a slowed worker keeps a trickle, so its reports stay fresh
 MAX_STEP = 30
 DEADBAND = 10
+# Costs this close to the best are noise, whatever their ratio: fast workers'
+# TTFTs of 11 and 12 ms (or 5 and 9) moved a weight at every heartbeat, and
+# every move remaps part of the hash table that prefix affinity relies on.
+DEADBAND_MS = 10.0
 EWMA_ALPHA = 0.5
 KV_PRESSURE_FROM = 0.8  # KV use above this share adds to the cost
 KV_PRESSURE_FACTOR = 5.0  # ... at this rate: 100% use costs 2x
@@ -85,7 +89,7 @@ def smoothed_cost(previous: float | None, report: LoadReport | None) -> float | 
 
 def target_weight(cost: float | None, best_cost: float | None) -> int:
     """Returns the weight a worker of `cost` should have next to the best worker's."""
-    if cost is None or best_cost is None or cost <= 0:
+    if cost is None or best_cost is None or cost <= 0 or cost - best_cost < DEADBAND_MS:
         return NEUTRAL_WEIGHT
     weight = round(NEUTRAL_WEIGHT * min(best_cost, cost) / cost)
     if weight > NEUTRAL_WEIGHT - DEADBAND:

@@ -52,13 +52,16 @@ def stable_round(mesh: Mesh, cluster: str, round_: Callable[[], T], tries: int =
     move with the workers' TTFT (other tests' traffic moves them), so a round
     during which they changed proves nothing about where a hash key lands.
     """
+    changes = []
     for _ in range(tries):
         hosts = edge_hosts(mesh, cluster)
         assert hosts, f"the edge has no cluster {cluster}"
         result = round_()
-        if edge_hosts(mesh, cluster) == hosts:
+        after = edge_hosts(mesh, cluster)
+        if after == hosts:
             return result
-    raise AssertionError(f"{cluster}'s hosts changed during each of {tries} rounds")
+        changes.append((hosts, after))
+    raise AssertionError(f"{cluster}'s hosts changed during each of {tries} rounds: {changes}")
 
 
 def spread_of(

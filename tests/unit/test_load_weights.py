@@ -52,6 +52,14 @@ def test_the_fastest_worker_and_equal_workers_stay_neutral():
     assert run(WeightState(), report(41.0), [40.0], beats=5)[0].weight == 100
 
 
+def test_fast_workers_a_few_ms_apart_stay_neutral_whatever_the_ratio():
+    # Seen in the test mesh: 12 vs 11 ms and 9 vs 5 ms moved weights every heartbeat.
+    assert run(WeightState(), report(12.0), [11.0], beats=5)[0].weight == 100
+    assert run(WeightState(), report(9.0), [5.0], beats=5)[0].weight == 100
+    assert lw.target_weight(14.9, 5.0) == 100
+    assert lw.target_weight(15.0, 5.0) == 33  # 10 ms or more: the ratio decides
+
+
 def test_noise_within_the_deadband_does_not_move_the_weight():
     state = WeightState(cost=100.0, weight=40, reason="")
     # The target wobbles around 40 (38..45): no change at all.
