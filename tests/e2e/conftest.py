@@ -72,7 +72,8 @@ def spread_of(
 
     Every head hashes on its own, but a fixed number of heads can miss a worker
     by chance (its weight far below its peer's), and a worker the edge has just
-    marked healthy takes its first requests a moment later (~1 s measured).
+    marked healthy takes its first requests a moment later (the edge applies
+    health changes in 0.25 s batches).
     """
     hosts = edge_hosts(mesh, cluster)
     assert all(host["health_flags"] == "healthy" for host in hosts.values()), hosts
