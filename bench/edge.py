@@ -471,16 +471,10 @@ LATENCY_ROUNDS = 5
 LATENCY_CALLS = 200  # per path and round
 
 
-def edge_overhead(ctx: Context) -> dict[str, Any]:
-    """Measures the paths; returns latency summaries (with E1's and E1k's ratios per
-    interleaved round), raw latencies, CPU per request and throughput.
-
-    Pinned as every scenario: this process and its load generators (h2load, the
-    Python clients) on the load core; the mesh, the bare Envoys and the bare
-    grpc.aio server on the system-under-test core.
-    """
-    state = ctx.state
-    config = MeshConfig(
+def mesh_config(state: Path, **changes: Any) -> MeshConfig:
+    """The edge scenario's mesh (E1-E3): one worker serving demo-lm (E2's call) and
+    the zero-compute test model, one Envoy thread, limits that never throttle."""
+    return MeshConfig(
         state_dir=state / "mesh",
         workers=1,
         envoy_concurrency=1,
@@ -493,7 +487,20 @@ def edge_overhead(ctx: Context) -> dict[str, Any]:
             # The limiter runs on every call but must not throttle the load.
             "TOKENMESH_RATELIMIT_DEFAULT_RPM": "1000000000",
         },
+        **changes,
     )
+
+
+def edge_overhead(ctx: Context) -> dict[str, Any]:
+    """Measures the paths; returns latency summaries (with E1's and E1k's ratios per
+    interleaved round), raw latencies, CPU per request and throughput.
+
+    Pinned as every scenario: this process and its load generators (h2load, the
+    Python clients) on the load core; the mesh, the bare Envoys and the bare
+    grpc.aio server on the system-under-test core.
+    """
+    state = ctx.state
+    config = mesh_config(state)
     latencies: dict[str, list[float]] = {}
     rps: dict[str, float] = {}
     tools: dict[str, str] = {}

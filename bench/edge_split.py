@@ -39,12 +39,13 @@ from bench.edge import (
     _bare_envoy,
     _issue_token,
     complete_throughput,
+    mesh_config,
     throughput_rps,
 )
 from bench.peers import Peer
 from bench.pinning import LOAD, SUT, layout, pin, pinned_self
 from gateway.edge_auth import EdgeAuth
-from services.launcher.mesh import Mesh, MeshConfig
+from services.launcher.mesh import Mesh
 
 # Each variant: the EdgeConfig changes of an extra edge (see Mesh.start_extra_edge).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -54,24 +55,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-auth": {"auth": None},
 }
 Target = tuple[Peer, list[tuple[str, str]]]  # where to call, with which metadata
-
-
-def mesh_config(state: Path) -> MeshConfig:
-    """E2's mesh: one demo-lm worker, one Envoy thread, limits that never throttle."""
-    return MeshConfig(
-        state_dir=state / "mesh",
-        workers=1,
-        envoy_concurrency=1,
-        edge_tls_port=None,
-        service_env={
-            "TOKENMESH_MODELS": "demo-lm:1",
-            "TOKENMESH_ENGINE": "onnxruntime",
-            "TOKENMESH_TEST_MODELS": "deterministic-test:1",
-            "TOKENMESH_TEST_ENGINE_STEP_MS": "0",
-            "TOKENMESH_LOG_LEVEL": "WARNING",
-            "TOKENMESH_RATELIMIT_DEFAULT_RPM": "1000000000",
-        },
-    )
 
 
 def measure(
@@ -115,7 +98,7 @@ def main() -> None:
     cores = layout()
     with tempfile.TemporaryDirectory(prefix="edge-split-") as tmp:
         state = Path(tmp)
-        with pinned_self(cores.load), Mesh(mesh_config(state)) as mesh:
+        with pinned_self(cores.load), Mesh(mesh_config(state, edge_tls_port=None)) as mesh:
             token = _issue_token(mesh.edge_url, mesh.dev_api_key())
             jwt = [("authorization", f"Bearer {token}")]
             paths: dict[str, Target] = {
