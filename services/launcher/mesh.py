@@ -459,6 +459,10 @@ class Mesh:
             child,
         )
 
+    def admin_url(self, name: str = "envoy") -> str:
+        """Returns the admin address of one of the mesh's Envoys (the edge by default)."""
+        return f"http://127.0.0.1:{self._envoy_configs[name].admin_port}"
+
     def drain_envoy(self, name: str = "envoy", timeout_s: float = 30.0) -> None:
         """Drains an Envoy gracefully: it stops taking connections and its requests finish.
 
@@ -467,7 +471,7 @@ class Mesh:
         downstream request is active any more (or raises TimeoutError). The
         process keeps running: `terminate` it next.
         """
-        admin = f"http://127.0.0.1:{self._envoy_configs[name].admin_port}"
+        admin = self.admin_url(name)
         request = urllib.request.Request(f"{admin}/drain_listeners?graceful", method="POST")
         with urllib.request.urlopen(request, timeout=5):
             pass

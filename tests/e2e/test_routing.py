@@ -28,6 +28,7 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.model_routing import MODEL_HEADER, VERSION_HEADER
 from services.core import contract
 from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV
@@ -96,12 +97,13 @@ def _reset_catalogue(request: pytest.FixtureRequest) -> Iterator[None]:
     """Every test starts from version 1 taking 100%, nothing pinned."""
     if "catalogue" in request.fixturenames:
         stub = request.getfixturevalue("catalogue")
-        split(stub, {"1": 100})
         stub.PinModelVersion(router_pb.PinModelVersionRequest(model=MODEL, version=""))
+        split(request.getfixturevalue("routed"), stub, {"1": 100})
     yield
 
 
-def split(stub: router_rpc.RouterServiceStub, weights: dict[str, int]) -> None:
+def split(mesh: Mesh, stub: router_rpc.RouterServiceStub, weights: dict[str, int]) -> None:
+    """Sets MODEL's traffic split and waits until the edge routes by it."""
     stub.SetTrafficSplit(
         router_pb.SetTrafficSplitRequest(
             model=MODEL,
@@ -109,7 +111,67 @@ def split(stub: router_rpc.RouterServiceStub, weights: dict[str, int]) -> None:
         ),
         timeout=10,
     )
-    time.sleep(1.0)  # changes reach the edge within a second
+    expected = {version: weight for version, weight in weights.items() if weight}
+    wait_for_routes(mesh, lambda routes: split_of(routes) == expected, f"the split {expected}")
+
+
+def edge_routes(admin_url: str) -> list[dict[str, Any]]:
+    """Every route of an edge's dynamic route configuration, as its Envoy applied it."""
+    dump = httpx.get(
+        f"{admin_url}/config_dump", params={"resource": "dynamic_route_configs"}, timeout=5
+    ).json()
+    return [
+        route
+        for config in dump.get("configs", [])
+        for host in config.get("route_config", {}).get("virtual_hosts", [])
+        for route in host.get("routes", [])
+    ]
+
+
+def wait_for_routes(
+    mesh: Mesh, applied: Callable[[list[dict[str, Any]]], bool], what: str, edge: str = "envoy"
+) -> None:
+    """Waits until an edge's routes show a catalogue change (the router pushes at once;
+    Envoy applies it a few ms later)."""
+    wait_until(lambda: applied(edge_routes(mesh.admin_url(edge))), 10, f"{edge} to route {what}")
+
+
+def _matched(route: dict[str, Any]) -> dict[str, str | None]:
+    """The request headers a route matches: name -> exact value (None: presence only)."""
+    headers = route.get("match", {}).get("headers", [])
+    return {h["name"]: h.get("string_match", {}).get("exact") for h in headers}
+
+
+def split_of(routes: list[dict[str, Any]], model: str = MODEL) -> dict[str, int]:
+    """How routes split `model`'s calls that name no version: version -> weight."""
+    for route in routes:
+        matched = _matched(route)
+        if matched.get(MODEL_HEADER) == model and VERSION_HEADER not in matched:
+            clusters = route["route"]["weighted_clusters"]["clusters"]
+            # Cluster names end with the version: model:NAME:V or fallback:NAME:V.
+            return {c["name"].rsplit(":", 1)[1]: c["weight"] for c in clusters}
+    return {}
+
+
+def version_route(routes: list[dict[str, Any]], label: str, model: str = MODEL) -> dict[str, Any]:
+    """The route of calls naming `label` (a version or an alias) of `model`; {} if none."""
+    for route in routes:
+        matched = _matched(route)
+        if matched.get(MODEL_HEADER) == model and matched.get(VERSION_HEADER) == label:
+            return route
+    return {}
+
+
+def targets_of(route: dict[str, Any]) -> list[dict[str, Any]]:
+    """The weighted clusters a route sends to (cluster name, headers it adds)."""
+    return list(route.get("route", {}).get("weighted_clusters", {}).get("clusters", []))
+
+
+def falls_back(routes: list[dict[str, Any]], model: str) -> bool:
+    """Whether `model`'s version-1 route goes through a fallback (aggregate) cluster."""
+    return any(
+        t["name"].startswith("fallback:") for t in targets_of(version_route(routes, "1", model))
+    )
 
 
 @dataclass
@@ -185,8 +247,8 @@ def test_a_new_model_version_starts_at_zero_weight(catalogue):
     assert all(v.healthy_workers == 2 for v in model.versions)
 
 
-def test_canary_at_20_percent_gets_13_to_27_percent(edge, catalogue):
-    split(catalogue, {"1": 80, "2": 20})
+def test_canary_at_20_percent_gets_13_to_27_percent(routed, edge, catalogue):
+    split(routed, catalogue, {"1": 80, "2": 20})
     counts = many(edge, 300)
     assert counts["1"] + counts["2"] == 300
     assert 0.13 * 300 <= counts["2"] <= 0.27 * 300, counts
@@ -197,14 +259,14 @@ def test_weight_zero_gets_nothing(edge, catalogue):
     assert counts == {"1": 100}
 
 
-def test_pinning_sends_everything_to_one_version(edge, catalogue):
-    split(catalogue, {"1": 50, "2": 50})
+def test_pinning_sends_everything_to_one_version(routed, edge, catalogue):
+    split(routed, catalogue, {"1": 50, "2": 50})
     catalogue.PinModelVersion(router_pb.PinModelVersionRequest(model=MODEL, version="2"))
-    time.sleep(1.0)
+    wait_for_routes(routed, lambda routes: split_of(routes) == {"2": 100}, "the pin")
     assert many(edge, 100) == {"2": 100}
 
 
-def test_request_version_header_and_alias_choose_the_version(edge, catalogue):
+def test_request_version_header_and_alias_choose_the_version(routed, edge, catalogue):
     assert complete(edge, version="2").version == "2"
     assert complete(edge, metadata=(("x-model-version", "2"),)).version == "2"
     # The body's version field wins over the header.
@@ -212,7 +274,7 @@ def test_request_version_header_and_alias_choose_the_version(edge, catalogue):
     catalogue.SetModelAlias(
         router_pb.SetModelAliasRequest(model=MODEL, alias="canary", version="2")
     )
-    time.sleep(1.0)
+    wait_for_routes(routed, lambda routes: bool(version_route(routes, "canary")), "the alias")
     assert complete(edge, version="canary").version == "2"
     assert complete(edge, version="latest").version == "2"  # implicit alias
 
@@ -224,7 +286,7 @@ def test_unknown_version_is_not_found(edge):
 
 
 def test_rest_response_names_the_version(routed, catalogue):
-    split(catalogue, {"2": 100})
+    split(routed, catalogue, {"2": 100})
     reply = rest_complete(routed, prompt="a b")
     assert reply.status_code == 200
     assert reply.headers["x-model-version"] == "2"
@@ -239,7 +301,13 @@ def test_deprecated_version_sends_deprecation_and_sunset(routed, edge, catalogue
             sunset_time={"seconds": 4102444800},  # 2100-01-01
         )
     )
-    time.sleep(1.0)
+    wait_for_routes(
+        routed,
+        lambda routes: any(
+            "response_headers_to_add" in t for t in targets_of(version_route(routes, "2"))
+        ),
+        "the deprecation headers",
+    )
     served = complete(edge, version="2")
     assert served.headers["deprecation"].startswith("@")
     assert served.headers["sunset"] == "Fri, 01 Jan 2100 00:00:00 GMT"
@@ -252,7 +320,7 @@ def test_no_worker_is_503_with_retry_then_the_fallback_serves(routed, edge, cata
     catalogue.RegisterModelVersion(
         router_pb.RegisterModelVersionRequest(model="ghost", version="1")
     )
-    time.sleep(1.0)
+    wait_for_routes(routed, lambda routes: bool(version_route(routes, "1", "ghost")), "ghost")
     reply = rest_complete(routed, "ghost")
     assert reply.status_code == 503
     assert reply.headers["retry-after"] == "1"
@@ -265,7 +333,7 @@ def test_no_worker_is_503_with_retry_then_the_fallback_serves(routed, edge, cata
     catalogue.SetFallbackModel(
         router_pb.SetFallbackModelRequest(model="ghost", fallback_model=MODEL)
     )
-    time.sleep(1.0)
+    wait_for_routes(routed, lambda routes: falls_back(routes, "ghost"), "ghost's fallback")
     served = complete(edge, model="ghost")
     assert served.headers["x-tokenmesh-fallback-from"] == "ghost"
     assert served.headers["x-tokenmesh-model"] == MODEL
@@ -378,7 +446,7 @@ def finish(stop: threading.Event, workers: list[threading.Thread]) -> None:
 
 
 def test_control_plane_restart_keeps_routes_and_loses_no_request(routed, edge, catalogue):
-    split(catalogue, {"1": 50, "2": 50})
+    split(routed, catalogue, {"1": 50, "2": 50})
     stop, outcomes, threads = under_load(edge)
     time.sleep(0.5)
     routed.kill("router")
@@ -547,10 +615,12 @@ def both_workers_serve(edge: grpc.Channel) -> bool:
 def test_several_edges_share_one_control_plane(routed, catalogue):
     # A second Envoy of another flavour (no auth): its own routes, the same split.
     address = routed.start_extra_edge("edge-open", auth=None)
-    split(catalogue, {"2": 100})
+    split(routed, catalogue, {"2": 100})
+    wait_for_routes(routed, lambda routes: split_of(routes) == {"2": 100}, "2", "edge-open")
     with grpc.insecure_channel(address) as open_edge:
         assert many(open_edge, 20) == {"2": 20}
-    split(catalogue, {"1": 100})
+    split(routed, catalogue, {"1": 100})
+    wait_for_routes(routed, lambda routes: split_of(routes) == {"1": 100}, "1", "edge-open")
     with grpc.insecure_channel(address) as open_edge:
         assert many(open_edge, 20) == {"1": 20}
 
@@ -607,7 +677,7 @@ def test_a_per_model_request_limit_applies_to_every_caller(routed, catalogue):
     catalogue.SetFallbackModel(
         router_pb.SetFallbackModelRequest(model="throttled", fallback_model=MODEL)
     )
-    time.sleep(1.0)
+    wait_for_routes(routed, lambda routes: falls_back(routes, "throttled"), "the fallback")
     replies = [rest_complete(routed, "throttled") for _ in range(3)]
     # The limiter answered every call (an unanswered one fails open, without headers).
     remaining = [r.headers.get("x-ratelimit-remaining") for r in replies]
