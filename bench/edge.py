@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import struct
 import subprocess
 import time
@@ -37,7 +36,7 @@ from bench.peers import Peer, bench_pki
 from bench.pinning import LOAD, SUT, CpuMeter, pin, pinned_self
 from bench.rows import Context
 from bench.servers import bare_server_process
-from bench.stats import percentile
+from bench.stats import median_each, percentile
 from gateway import envoy_config, protos
 from gateway.edge_auth import EdgeAuth
 from gateway.envoy_config import Endpoint
@@ -406,18 +405,11 @@ def complete_throughput(
                 rps, _ = throughput_rps(target, state, metadata, requests, COMPLETE, body)
             rps_rounds[name].append(rps)
             cpu_rounds[name].append({p: used * 1e6 / requests for p, used in meter.used.items()})
-    cpu = {name: _median_each(per_round) for name, per_round in cpu_rounds.items()}
+    cpu = {name: median_each(per_round) for name, per_round in cpu_rounds.items()}
     print(f"  complete 16 tokens x32: {rps_rounds}", flush=True)
     for name, per in cpu.items():
         print(f"  {name:>12}: CPU µs/Complete {json.dumps({k: round(v) for k, v in per.items()})}")
     return {**rps_rounds, "cpu_us_per_request": cpu}
-
-
-def _median_each(rounds: list[dict[str, float]]) -> dict[str, float]:
-    """The median of each key over rounds (processes with no CPU left out)."""
-    names = {name for r in rounds for name in r}
-    medians = {name: statistics.median(r.get(name, 0.0) for r in rounds) for name in names}
-    return {name: value for name, value in sorted(medians.items()) if value >= 0.5}
 
 
 def _pids(mesh: Mesh) -> dict[str, int]:

@@ -47,7 +47,7 @@ from tokenizers import Tokenizer
 from bench.peer import pin_mesh, settle
 from bench.pinning import LOAD, CpuMeter, pinned_self
 from bench.rows import Context, Row, row
-from bench.stats import percentile
+from bench.stats import median_each, percentile
 from services.launcher.mesh import REPO_ROOT, Mesh, MeshConfig
 from services.launcher.processes import wait_for
 
@@ -186,15 +186,16 @@ async def _phase(
 
 
 def _summary(
-    samples: list[Sample], rates: list[float], failures: list[str], cpu: list[float]
+    samples: list[Sample], rates: list[float], failures: list[str], cpu: list[dict[str, float]]
 ) -> dict[str, Any]:
     ttft = [s.ttft_ms for s in samples]
     prompt = sum(s.prompt_tokens for s in samples)
-    cpu_us = statistics.median(cpu) if cpu else 0.0
+    cpu_us = statistics.median(sum(per.values()) for per in cpu) if cpu else 0.0
     return {
         # Every mesh process's CPU per request (workers, edges, services, Redis), and
         # the requests/s that is with the core to itself: robust on a shared machine.
         "cpu_us_per_request": cpu_us,
+        "cpu_us_by_process": {name: round(v) for name, v in median_each(cpu).items()},
         "rps_by_cpu": 1e6 / cpu_us if cpu_us else 0.0,
         "requests": len(samples),
         "errors": len(failures),
@@ -235,7 +236,7 @@ async def _case(
     samples: dict[str, list[Sample]] = {mode: [] for mode in MODES}
     rates: dict[str, list[float]] = {mode: [] for mode in MODES}
     failures: dict[str, list[str]] = {mode: [] for mode in MODES}
-    cpu: dict[str, list[float]] = {mode: [] for mode in MODES}  # mesh µs per request
+    cpu: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}  # µs per request
     limits = httpx.Limits(max_connections=CONCURRENCY * 2)
     async with httpx.AsyncClient(timeout=120, headers=edges.headers, limits=limits) as http:
         for n in range(rounds):
@@ -253,8 +254,14 @@ async def _case(
                     await settle(edges.pids)  # deferred work (metering) counts too
                 samples[mode] += got
                 rates[mode].append(rate)
-                cpu[mode].append(sum(meter.used.values()) / max(len(got), 1) * 1e6)
-    return {mode: _summary(samples[mode], rates[mode], failures[mode], cpu[mode]) for mode in MODES}
+                per_request = {p: used / max(len(got), 1) * 1e6 for p, used in meter.used.items()}
+                cpu[mode].append(per_request)
+    summaries = {
+        mode: _summary(samples[mode], rates[mode], failures[mode], cpu[mode]) for mode in MODES
+    }
+    for mode, summary in summaries.items():
+        print(f"  {case} {mode}: CPU µs/request {summary['cpu_us_by_process']}", flush=True)
+    return summaries
 
 
 def _bodies(

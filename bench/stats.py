@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import statistics
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -12,6 +13,14 @@ from bench.clients import StreamRecord
 def percentile(values: Sequence[float], q: float) -> float:
     """Returns the q-th percentile (0 for no values)."""
     return float(np.percentile(values, q)) if len(values) else 0.0
+
+
+def median_each(rounds: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """The median of each key over rounds (a process's CPU per unit of work, say),
+    a key missing from a round counting 0; values under 0.5 left out."""
+    names = {name for r in rounds for name in r}
+    medians = {name: statistics.median(r.get(name, 0.0) for r in rounds) for name in names}
+    return {name: value for name, value in sorted(medians.items()) if value >= 0.5}
 
 
 def summarize_streams(records: Sequence[StreamRecord]) -> dict[str, float]:
