@@ -23,7 +23,7 @@ from services.jobs.openai_files import FileStore
 from services.jobs.openai_servicer import SERVICE_NAME as OPENAI_BATCH_SERVICE
 from services.jobs.openai_servicer import OpenAIBatchServicer
 from services.jobs.runner import ExpirySweep, Runner
-from services.jobs.secret_box import SecretBox
+from services.jobs.secret_box import SecretBox, key_of_hex
 from services.jobs.servicer import JobsServicer
 from services.jobs.store import JobStore
 from services.jobs.webhooks import DEFAULT_SCHEDULE_S, DeliveryPolicy, WebhookSender
@@ -104,13 +104,20 @@ class JobsSettings(RedisSettings):
         None,
         "File holding that key (created if missing); neither set: secrets stored as they are.",
     )
+    webhook_secrets_previous_keys: tuple[str, ...] = env(
+        "TOKENMESH_WEBHOOK_SECRETS_PREVIOUS_KEYS",
+        (),
+        "Earlier sealing keys (64 hex digits each, comma-separated) that still open stored"
+        " secrets while the key rotates; drop them after `python -m services.jobs.reseal`.",
+    )
 
     def secret_box(self) -> SecretBox | None:
         """Returns the box that seals webhook secrets (None: no key configured)."""
+        previous = self.webhook_secrets_previous_keys
         if self.webhook_secrets_key:
-            return SecretBox.from_hex(self.webhook_secrets_key)
+            return SecretBox.from_hex(self.webhook_secrets_key, previous)
         if self.webhook_secrets_key_file is not None:
-            return SecretBox.from_file(self.webhook_secrets_key_file)
+            return SecretBox.from_file(self.webhook_secrets_key_file, previous)
         return None
 
     def schedule_s(self) -> tuple[float, ...]:
@@ -156,6 +163,11 @@ class JobsSettings(RedisSettings):
                 SecretBox.from_hex(self.webhook_secrets_key)
             except ValueError as exc:
                 raise SettingsError(f"TOKENMESH_WEBHOOK_SECRETS_KEY: {exc}") from None
+        try:
+            for previous in self.webhook_secrets_previous_keys:
+                key_of_hex(previous)
+        except ValueError as exc:
+            raise SettingsError(f"TOKENMESH_WEBHOOK_SECRETS_PREVIOUS_KEYS: {exc}") from None
 
 
 class JobsService(RedisBackedService):

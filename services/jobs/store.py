@@ -94,6 +94,16 @@ def work_stream(lane: str) -> str:
     return f"{PREFIX}work:{lane}"
 
 
+@dataclass
+class Resealed:
+    """What `JobStore.reseal_secrets` did: secrets checked, sealed again, and the
+    key ids whose secrets open with none of the box's keys (rotate those)."""
+
+    checked: int = 0
+    resealed: int = 0
+    unreadable: list[str] = field(default_factory=list)
+
+
 def secret_key(key_id: str) -> str:
     """Returns the hash of a key's webhook secrets."""
     return f"{PREFIX}whsec:{key_id}"
@@ -221,6 +231,14 @@ return 1
 """
 
 # KEYS: secrets hash. ARGV: new secret, overlap ms, now ms. Returns 1.
+# Re-seals one stored secret: only if it still holds what was read (a rotation
+# or another re-seal in between wins). ARGV: field, value read, new value.
+_RESEAL_SECRET = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
 _ROTATE_SECRET = """
 local current = redis.call('HGET', KEYS[1], 'current')
 if current then
@@ -318,6 +336,7 @@ class JobStore:
         self._claim_hooks = client.register_script(_CLAIM_HOOKS)
         self._record_attempt = client.register_script(_RECORD_ATTEMPT)
         self._rotate_secret = client.register_script(_ROTATE_SECRET)
+        self._reseal_secret = client.register_script(_RESEAL_SECRET)
         self._redeliver = client.register_script(_REDELIVER)
         self._groups: set[str] = set()
 
@@ -572,6 +591,35 @@ class JobStore:
         if raw.get("previous") and int(raw.get("previous_until_ms") or 0) > now_ms():
             out.append(raw["previous"])
         return [self._open(stored, key_id) for stored in out]
+
+    async def reseal_secrets(self) -> Resealed:
+        """Seals every stored webhook secret under the current key: those a previous
+        key sealed, and plain ones from before sealing. Safe to run again, and beside
+        serving replicas (each value is replaced only if unchanged since read).
+
+        Raises:
+            ValueError: this store has no sealing key.
+        """
+        if self.secret_box is None:
+            raise ValueError("no webhook secrets key: nothing to seal with")
+        done = Resealed()
+        async for name in self.redis.scan_iter(match=secret_key("*"), count=200):
+            redis_key = name.decode() if isinstance(name, bytes) else str(name)
+            key_id = redis_key.removeprefix(secret_key(""))
+            for slot, stored in _decode(await self.redis.hgetall(redis_key)).items():
+                if slot not in ("current", "previous") or not stored:
+                    continue
+                try:
+                    secret, stale = self.secret_box.open_with_age(stored, key_id)
+                except SecretUnreadable:
+                    done.unreadable.append(key_id)
+                    continue
+                if stale:
+                    new = self.secret_box.seal(secret, key_id)
+                    args = [slot, stored, new]
+                    done.resealed += int(await self._reseal_secret(keys=[redis_key], args=args))
+                done.checked += 1
+        return done
 
     def _seal(self, secret: str, key_id: str) -> str:
         return secret if self.secret_box is None else self.secret_box.seal(secret, key_id)

@@ -1,7 +1,11 @@
-"""Webhook signing secrets in the jobs Redis: sealed, and still read when stored plain."""
+"""Webhook signing secrets in the jobs Redis: sealed, still read when stored plain, and
+sealed again under a new key when the sealing key rotates."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -11,8 +15,12 @@ from services.jobs import signing
 from services.jobs.secret_box import SecretBox, SecretUnreadable
 from services.jobs.store import JobRecord, JobStore, secret_key
 from services.jobs.webhooks import DeliveryPolicy, WebhookSender
+from services.launcher.mesh import REPO_ROOT
+from tests.conftest import private_db_url
 
 BOX = SecretBox(bytes(range(32)))
+OLD, NEW = bytes(range(32)), bytes(range(32, 64))
+RESEAL_DB = 11  # reseal walks every stored secret: a database of its own
 
 
 @pytest.fixture
@@ -65,3 +73,104 @@ async def test_an_unreadable_secret_fails_the_attempt_with_a_reason_not_a_crash(
         await sender.close()
     assert not answer.delivered
     assert answer.error == "the key's webhook secret cannot be read; rotate it"
+
+
+@pytest.fixture
+async def own_db(redis_url):
+    """A private, empty database (reseal scans every key's secrets)."""
+    url = private_db_url(redis_url, RESEAL_DB)
+    redis = aioredis.from_url(url)
+    await redis.flushdb()
+    yield url, redis
+    await redis.flushdb()
+    await redis.aclose()
+
+
+async def _three_keys(client: aioredis.Redis) -> dict[str, list[str]]:
+    """Stores secrets the way they look before a rotation of the sealing key: one
+    key sealed under OLD, one rotated (current and previous under OLD), one plain."""
+    old, plain = JobStore(client, 3600, SecretBox(OLD)), JobStore(client, 3600)
+    secrets = {f"key_{n}": [signing.new_secret()] for n in range(3)}
+    await old.create_secret("key_0", secrets["key_0"][0])
+    await old.create_secret("key_1", secrets["key_1"][0])
+    rotated = signing.new_secret()
+    await old.rotate_secret("key_1", rotated, overlap_ms=3_600_000)
+    secrets["key_1"].insert(0, rotated)
+    await plain.create_secret("key_2", secrets["key_2"][0])
+    return secrets
+
+
+async def test_a_new_sealing_key_reads_old_secrets_and_reseal_moves_them_to_it(own_db):
+    _, client = own_db
+    secrets = await _three_keys(client)
+    rotating = JobStore(client, 3600, SecretBox(NEW, previous=[OLD]))
+    for key_id, expected in secrets.items():  # replicas keep signing during the rotation
+        assert await rotating.secrets_in_use(key_id) == expected
+
+    done = await rotating.reseal_secrets()
+    assert (done.checked, done.resealed, done.unreadable) == (4, 4, [])
+    new_only = JobStore(client, 3600, SecretBox(NEW))  # the old key is gone
+    for key_id, expected in secrets.items():
+        assert await new_only.secrets_in_use(key_id) == expected
+    with pytest.raises(SecretUnreadable):
+        await JobStore(client, 3600, SecretBox(OLD)).secrets_in_use("key_0")
+    assert (await rotating.reseal_secrets()).resealed == 0  # a second run has nothing to do
+
+
+async def test_reseal_never_overwrites_a_secret_changed_since_it_read_it(own_db):
+    _, client = own_db
+    store = JobStore(client, 3600, SecretBox(NEW, previous=[OLD]))
+    await JobStore(client, 3600, SecretBox(OLD)).create_secret("key_0", signing.new_secret())
+    read = (await client.hget(secret_key("key_0"), "current")).decode()
+    rotated = signing.new_secret()
+    await store.rotate_secret("key_0", rotated, overlap_ms=0)  # lands between read and write
+    replaced = await store._reseal_secret(
+        keys=[secret_key("key_0")], args=["current", read, SecretBox(NEW).seal("x", "key_0")]
+    )
+    assert replaced == 0
+    assert await store.secrets_in_use("key_0") == [rotated]
+
+
+async def test_a_secret_no_key_opens_is_reported_and_left_as_it_is(own_db):
+    _, client = own_db
+    await JobStore(client, 3600, SecretBox(bytes(32))).create_secret("key_9", "whsec_x")
+    before = await client.hgetall(secret_key("key_9"))
+    done = await JobStore(client, 3600, SecretBox(NEW, previous=[OLD])).reseal_secrets()
+    assert (done.resealed, done.unreadable) == (0, ["key_9"])
+    assert await client.hgetall(secret_key("key_9")) == before
+
+
+def _reseal_cli(url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.jobs.reseal"],
+        env={**os.environ, "REDIS_URL": url, **env},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_the_reseal_command_reports_its_work_and_fails_on_what_it_cannot_open(
+    own_db, tmp_path
+):
+    url, client = own_db
+    await _three_keys(client)
+    keys = {
+        "TOKENMESH_WEBHOOK_SECRETS_KEY": NEW.hex(),
+        "TOKENMESH_WEBHOOK_SECRETS_PREVIOUS_KEYS": OLD.hex(),
+    }
+    done = _reseal_cli(url, **keys)
+    assert done.returncode == 0, done.stderr
+    assert "4 secrets open, 4 sealed again" in done.stdout
+
+    await JobStore(client, 3600, SecretBox(bytes(32))).create_secret("key_9", "whsec_x")
+    failed = _reseal_cli(url, **keys)
+    assert failed.returncode == 1
+    assert "key_9" in failed.stdout and "Traceback" not in failed.stderr
+
+    # A key file that does not exist is never created here: a key only this run
+    # knew would seal secrets no replica can open.
+    missing = tmp_path / "no-such-key"
+    refused = _reseal_cli(url, TOKENMESH_WEBHOOK_SECRETS_KEY_FILE=str(missing))
+    assert refused.returncode == 2 and not missing.exists()

@@ -60,3 +60,36 @@ def test_a_bad_key_in_the_environment_is_refused_at_start_naming_the_variable():
         load(JobsSettings, {"TOKENMESH_WEBHOOK_SECRETS_KEY": "zz" * 32})
     settings = load(JobsSettings, {"TOKENMESH_WEBHOOK_SECRETS_KEY": "00" * 32})
     assert isinstance(settings.secret_box(), SecretBox)
+
+
+NEW = bytes(range(32, 64))
+
+
+def test_a_box_opens_what_a_previous_key_sealed_and_seals_under_its_current_key():
+    secret = signing.new_secret()
+    sealed_before = SecretBox(KEY).seal(secret, "key_a")
+    rotated = SecretBox(NEW, previous=[KEY])
+    assert rotated.open(sealed_before, "key_a") == secret
+    sealed_now = rotated.seal(secret, "key_a")
+    assert SecretBox(NEW).open(sealed_now, "key_a") == secret
+    with pytest.raises(SecretUnreadable):
+        SecretBox(KEY).open(sealed_now, "key_a")  # the old key does not open new seals
+
+
+def test_open_with_age_tells_which_values_want_sealing_again():
+    rotated, secret = SecretBox(NEW, previous=[KEY]), signing.new_secret()
+    assert rotated.open_with_age(rotated.seal(secret, "key_a"), "key_a") == (secret, False)
+    assert rotated.open_with_age(SecretBox(KEY).seal(secret, "key_a"), "key_a") == (secret, True)
+    assert rotated.open_with_age(secret, "key_a") == (secret, True)  # plain, from before sealing
+    with pytest.raises(SecretUnreadable):
+        rotated.open_with_age(SecretBox(bytes(32)).seal(secret, "key_a"), "key_a")
+
+
+def test_a_bad_previous_key_is_refused_at_start_naming_the_variable():
+    variable = "TOKENMESH_WEBHOOK_SECRETS_PREVIOUS_KEYS"
+    with pytest.raises(SettingsError, match=f"^{variable}: .*64 hex digits"):
+        load(JobsSettings, {"TOKENMESH_WEBHOOK_SECRETS_KEY": "00" * 32, variable: "ab" * 31})
+    settings = load(JobsSettings, {"TOKENMESH_WEBHOOK_SECRETS_KEY": NEW.hex(), variable: KEY.hex()})
+    box = settings.secret_box()
+    assert box is not None
+    assert box.open(SecretBox(KEY).seal("whsec_x", "key_a"), "key_a") == "whsec_x"
