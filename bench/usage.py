@@ -28,9 +28,12 @@ from tokenmesh.type.v1 import types_pb2
 CONCURRENCY = 32
 REQUESTS = 4000
 ROUNDS = 5
+SEQUENTIAL = 500
+WARM_UP = 500
+RLS_LOAD_CALLS = WARM_UP + REQUESTS + SEQUENTIAL  # what one _rls_load sends
 
 
-async def _sequential(call: Any, requests: int = 500) -> dict[str, float]:
+async def _sequential(call: Any, requests: int = SEQUENTIAL) -> dict[str, float]:
     latencies = []
     for _ in range(requests):
         started = time.perf_counter()
@@ -79,7 +82,7 @@ async def _rls_load(target: Peer) -> dict[str, Any]:
         async def call() -> None:
             await stub.ShouldRateLimit(next(requests), timeout=5)
 
-        await _load(call, 500)  # warm-up
+        await _load(call, WARM_UP)
         return {**await _load(call), "sequential": await _sequential(call)}
 
 
