@@ -228,7 +228,7 @@ def _python_rps(target: Peer, requests: int, metadata: list[tuple[str, str]]) ->
     return asyncio.run(run())
 
 
-def _bare_envoy(
+def bare_envoy(
     state: Path, upstream_port: int, sds_dir: Path, direct: bool = False
 ) -> tuple[Child, str]:
     """Starts Envoy with only the router filter, proxying to one worker over mTLS as
@@ -364,7 +364,8 @@ def _routing_cost(mesh: Mesh, metadata: list[tuple[str, str]]) -> dict[str, list
     return latencies
 
 
-def _issue_token(edge_url: str, api_key: str) -> str:
+def issue_token(edge_url: str, api_key: str) -> str:
+    """Exchanges an API key for a JWT at the edge (`/v1/auth/token`)."""
     import httpx
 
     reply = httpx.post(f"{edge_url}/v1/auth/token", json={"api_key": api_key}, timeout=10)
@@ -507,12 +508,12 @@ def edge_overhead(ctx: Context) -> dict[str, Any]:
     with pinned_self(ctx.placement.layout.load), Mesh(config) as mesh:
         pin_mesh(mesh, ctx, "tokenmesh edge (E1-E3)")
         key = [("x-api-key", mesh.dev_api_key())]
-        token = _issue_token(mesh.edge_url, mesh.dev_api_key())
+        token = issue_token(mesh.edge_url, mesh.dev_api_key())
         jwt = [("authorization", f"Bearer {token}")]
         edge = Peer(mesh.edge_address)  # clients reach the edge's plaintext listener
         worker = Peer(mesh.address("inference-0"), contract.WORKER, mesh.pki_dir)
         envoys = [
-            _bare_envoy(state, mesh.ports["inference-0"], mesh.sds_dir, direct=d)
+            bare_envoy(state, mesh.ports["inference-0"], mesh.sds_dir, direct=d)
             for d in (False, True)
         ]
         try:
@@ -554,7 +555,7 @@ def edge_overhead(ctx: Context) -> dict[str, Any]:
     )
     with pinned_self(ctx.placement.layout.load), Mesh(no_cache) as mesh:
         pin_mesh(mesh, ctx, "tokenmesh edge without the key cache")
-        token = _issue_token(mesh.edge_url, mesh.dev_api_key())
+        token = issue_token(mesh.edge_url, mesh.dev_api_key())
         jwt = [("authorization", f"Bearer {token}")]
         measure(
             "edge-api-key-no-cache", Peer(mesh.edge_address), [("x-api-key", mesh.dev_api_key())]

@@ -36,9 +36,9 @@ from typing import Any
 from bench.edge import (
     COMPLETE,
     REALISTIC,
-    _bare_envoy,
-    _issue_token,
+    bare_envoy,
     complete_throughput,
+    issue_token,
     mesh_config,
     throughput_rps,
 )
@@ -99,14 +99,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edge-split-") as tmp:
         state = Path(tmp)
         with pinned_self(cores.load), Mesh(mesh_config(state, edge_tls_port=None)) as mesh:
-            token = _issue_token(mesh.edge_url, mesh.dev_api_key())
+            token = issue_token(mesh.edge_url, mesh.dev_api_key())
             jwt = [("authorization", f"Bearer {token}")]
             paths: dict[str, Target] = {
                 name: (Peer(mesh.start_extra_edge(f"edge-{name}", **changes)), jwt)
                 for name, changes in VARIANTS.items()
             }
             paths["no-auth"] = (paths["no-auth"][0], [])
-            bare, bare_address = _bare_envoy(
+            bare, bare_address = bare_envoy(
                 state, mesh.ports["inference-0"], mesh.sds_dir, direct=False
             )
             try:

@@ -133,7 +133,7 @@ def edge_worker(direct: bool, lay: Layout, state: Path) -> Iterator[tuple[int, L
             target = Peer(mesh.address("inference-0"), contract.WORKER, mesh.pki_dir)
             metadata: list[tuple[str, str]] = []
         else:
-            token = edge._issue_token(mesh.edge_url, mesh.dev_api_key())
+            token = edge.issue_token(mesh.edge_url, mesh.dev_api_key())
             target, metadata = Peer(mesh.edge_address), [("authorization", f"Bearer {token}")]
         edge.throughput_rps(target, state, metadata, 200, edge.COMPLETE, body)  # warm-up
 
@@ -162,15 +162,15 @@ def rate_limiter(lay: Layout, state: Path) -> Iterator[tuple[int, Load]]:
             pki_dir=pki_dir,
             identity=contract.USAGE,
             prefix=prefix,
-            **usage._redis(redis_url, limits_url),
+            **usage.redis_env(redis_url, limits_url),
         ) as limiter,
     ):
-        asyncio.run(usage._rls_load(limiter))  # warm-up (and its own measurement)
+        asyncio.run(usage.rls_load(limiter))  # warm-up (and its own measurement)
 
         def load(seconds: float) -> int:
             done, stop = 0, time.monotonic() + seconds
             while time.monotonic() < stop:
-                asyncio.run(usage._rls_load(limiter))
+                asyncio.run(usage.rls_load(limiter))
                 done += usage.RLS_LOAD_CALLS
             return done
 

@@ -30,7 +30,7 @@ REQUESTS = 4000
 ROUNDS = 5
 SEQUENTIAL = 500
 WARM_UP = 500
-RLS_LOAD_CALLS = WARM_UP + REQUESTS + SEQUENTIAL  # what one _rls_load sends
+RLS_LOAD_CALLS = WARM_UP + REQUESTS + SEQUENTIAL  # what one rls_load sends
 
 
 async def _sequential(call: Any, requests: int = SEQUENTIAL) -> dict[str, float]:
@@ -71,7 +71,9 @@ def _rls_request(key_id: str) -> rls_pb2.RateLimitRequest:
     )
 
 
-async def _rls_load(target: Peer) -> dict[str, Any]:
+async def rls_load(target: Peer) -> dict[str, Any]:
+    """R1's limiter load: a warm-up, REQUESTS decisions at CONCURRENCY, then SEQUENTIAL
+    one at a time (RLS_LOAD_CALLS in all); returns the rate and latencies."""
     async with target.aio_channel() as channel:
         stub = rls_pb2_grpc.RateLimitServiceStub(channel)
         # Built once, like h2load's pre-serialised bodies: the client shares the
@@ -97,7 +99,8 @@ async def _echo_load(target: Peer) -> dict[str, Any]:
         return {**await _load(call), "sequential": await _sequential(call)}
 
 
-def _redis(redis_url: str, limits_url: str) -> dict[str, str]:
+def redis_env(redis_url: str, limits_url: str) -> dict[str, str]:
+    """The usage service's environment for its durable and its limits Redis."""
     return {"REDIS_URL": redis_url, "TOKENMESH_RATELIMIT_REDIS_URL": limits_url}
 
 
@@ -130,7 +133,7 @@ def rate_limit_decisions(ctx: Context) -> dict[str, Any]:
             pki_dir=pki_dir,
             identity=contract.USAGE,
             prefix=prefix,
-            **_redis(redis_url, limits_url),
+            **redis_env(redis_url, limits_url),
         ) as limiter,
         service(
             state,
@@ -140,7 +143,7 @@ def rate_limit_decisions(ctx: Context) -> dict[str, Any]:
             pki_dir=pki_dir,
             identity=contract.USAGE,
             prefix=prefix,
-            **_redis(redis_url, limits_url),
+            **redis_env(redis_url, limits_url),
             TOKENMESH_RATELIMIT_LEASE_SIZE="0",
         ) as unleased,
     ):
@@ -152,8 +155,8 @@ def rate_limit_decisions(ctx: Context) -> dict[str, Any]:
         # charge to one side.
         loads = {
             "echo": lambda: _echo_load(echo_target),
-            "rate_limit": lambda: _rls_load(limiter),
-            "no_leases": lambda: _rls_load(unleased),
+            "rate_limit": lambda: rls_load(limiter),
+            "no_leases": lambda: rls_load(unleased),
         }
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in loads}
         for n in range(ROUNDS):
