@@ -37,7 +37,7 @@ from bench import edge, usage
 from bench.clients import run_streams
 from bench.peers import Peer, bench_pki
 from bench.pinning import SUT, Layout, layout, pin, pinned_self
-from bench.servers import redis_server, service, service_pid, state_dir, worker
+from bench.servers import redis_server, service_pid, state_dir, worker
 from bench.serving import STREAMS, served_request, zero_compute_request
 from services.core import contract
 from services.launcher.mesh import Mesh, spawn_redis
@@ -150,20 +150,10 @@ def edge_worker(direct: bool, lay: Layout, state: Path) -> Iterator[tuple[int, L
 @contextlib.contextmanager
 def rate_limiter(lay: Layout, state: Path) -> Iterator[tuple[int, Load]]:
     """R1: the usage service deciding rate limits from leases (units: decisions)."""
-    pki_dir, prefix = bench_pki(state), lay.taskset(SUT)
     with (
         redis_server(state, cores=lay.sut) as redis_url,
         redis_server(state, durable=False, name="redis-limits", cores=lay.sut) as limits_url,
-        service(
-            state,
-            "usage",
-            "services.usage",
-            30,
-            pki_dir=pki_dir,
-            identity=contract.USAGE,
-            prefix=prefix,
-            **usage.redis_env(redis_url, limits_url),
-        ) as limiter,
+        usage.limiter(state, "usage", redis_url, limits_url, lay.taskset(SUT)) as limiter,
     ):
         asyncio.run(usage.rls_load(limiter))  # warm-up (and its own measurement)
 

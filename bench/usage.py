@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -104,6 +106,24 @@ def redis_env(redis_url: str, limits_url: str) -> dict[str, str]:
     return {"REDIS_URL": redis_url, "TOKENMESH_RATELIMIT_REDIS_URL": limits_url}
 
 
+def limiter(
+    state: Path, name: str, redis_url: str, limits_url: str, prefix: list[str], **env: str
+) -> contextlib.AbstractContextManager[Peer]:
+    """Runs a usage service (the rate limiter) as R1 does: mTLS as `usage`, pinned by
+    `prefix`; yields how to call it."""
+    return service(
+        state,
+        name,
+        "services.usage",
+        30,
+        pki_dir=bench_pki(state),
+        identity=contract.USAGE,
+        prefix=prefix,
+        **redis_env(redis_url, limits_url),
+        **env,
+    )
+
+
 def rate_limit_decisions(ctx: Context) -> dict[str, Any]:
     """Decisions/s and latency of the RateLimitService vs a bare grpc.aio echo.
 
@@ -125,25 +145,13 @@ def rate_limit_decisions(ctx: Context) -> dict[str, Any]:
         bare_server_process(state, pki_dir, prefix) as (echo_target, echo_pid),
         redis_server(state, cores=lay.sut) as redis_url,
         redis_server(state, durable=False, name="redis-limits", cores=lay.sut) as limits_url,
-        service(
-            state,
-            "usage",
-            "services.usage",
-            30,
-            pki_dir=pki_dir,
-            identity=contract.USAGE,
-            prefix=prefix,
-            **redis_env(redis_url, limits_url),
-        ) as limiter,
-        service(
+        limiter(state, "usage", redis_url, limits_url, prefix) as leased,
+        limiter(
             state,
             "usage-no-leases",
-            "services.usage",
-            30,
-            pki_dir=pki_dir,
-            identity=contract.USAGE,
-            prefix=prefix,
-            **redis_env(redis_url, limits_url),
+            redis_url,
+            limits_url,
+            prefix,
             TOKENMESH_RATELIMIT_LEASE_SIZE="0",
         ) as unleased,
     ):
@@ -155,7 +163,7 @@ def rate_limit_decisions(ctx: Context) -> dict[str, Any]:
         # charge to one side.
         loads = {
             "echo": lambda: _echo_load(echo_target),
-            "rate_limit": lambda: rls_load(limiter),
+            "rate_limit": lambda: rls_load(leased),
             "no_leases": lambda: rls_load(unleased),
         }
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in loads}
