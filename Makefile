@@ -142,10 +142,16 @@ $(LITELLM_STAMP): pyproject.toml
 	  | xargs $(LITELLM_VENV)/bin/python -m pip install --quiet
 	touch $@
 
-.PHONY: bench
-bench: setup $(LITELLM_STAMP) ## Run the benchmarks, write bench/results/<timestamp>/ (BENCH_ARGS="--only S1,S2 --quick").
+# What the benchmarks need, and nothing more (no browser, no promtool): on a
+# fresh clone the project's venv and the LiteLLM peer's install side by side.
+.PHONY: bench-deps
+bench-deps: $(STAMP) build/tokenmesh.pb models $(LITELLM_STAMP)
 	@command -v h2load >/dev/null || apt-get install -y -q nghttp2-client >/dev/null 2>&1 \
 	  || echo "h2load unavailable: throughput measured with Python clients"
+
+.PHONY: bench
+bench: ## Run the benchmarks, write bench/results/<timestamp>/ (BENCH_ARGS="--only S1,S2 --quick").
+	$(MAKE) --no-print-directory -j2 bench-deps
 	$(PY) -m bench $(BENCH_ARGS)
 
 .PHONY: gpu-readiness
