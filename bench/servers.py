@@ -117,6 +117,7 @@ def worker(
         REDIS_URL=redis_url,
         TOKENMESH_WORKER_ID=name,
         TOKENMESH_USAGE_SPOOL_DIR=str(state / "spool"),
+        TOKENMESH_LEASE_TOKEN_DIR=str(state / "lease-tokens"),
         TOKENMESH_MODEL_REPOSITORY=str(REPO_ROOT / "models"),
         TOKENMESH_ENGINE="onnxruntime",
         **env,

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.core import contract, server
 from services.core.identity import ClientChannel
 from services.core.settings import load
+from services.inference.registration import read_lease_token
 from services.inference.service import InferenceSettings
 from tokenmesh.router.v1 import router_service_pb2 as pb
 from tokenmesh.router.v1 import router_service_pb2_grpc as pb_grpc
@@ -55,7 +56,10 @@ async def drain(settings: InferenceSettings) -> bool:
     channel = ClientChannel(settings.router_address, files, contract.ROUTER)
     try:
         stub = pb_grpc.WorkerRegistryServiceStub(channel.get())
-        await stub.DrainWorker(pb.DrainWorkerRequest(worker_id=settings.worker_id), timeout=5)
+        # The worker's own lease token: the router drains a registration only for it.
+        token = read_lease_token(settings.lease_token_dir / settings.worker_id)
+        request = pb.DrainWorkerRequest(worker_id=settings.worker_id, lease_token=token)
+        await stub.DrainWorker(request, timeout=5)
     except grpc.aio.AioRpcError as exc:
         logger.warning("drain through the router failed: %s", exc.code().name)
         return False

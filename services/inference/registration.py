@@ -5,6 +5,13 @@ lease every third of the lease. If the router forgot it (a Redis flush, a
 lease that lapsed while the network was down) it registers again. When the
 router says "drain" (an operator called DrainWorker), the worker stops
 itself the same way SIGTERM does.
+
+Workers share the `worker` identity, so each registers with a lease token,
+a secret kept in a file only its user can read (`lease_token`): the router
+takes this registration's heartbeats and drains from a worker only with it,
+so another worker on the same host cannot rewrite or drain it. A restarted
+worker reads the same file and takes its registration back at once; the
+preStop hook reads it to drain the worker.
 """
 
 from __future__ import annotations
@@ -12,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -39,6 +48,30 @@ _REFUSED = frozenset(
 )
 
 
+def lease_token(path: Path) -> str:
+    """Returns the worker's lease token from `path`, creating it (mode 0600) if absent.
+
+    Created with O_EXCL, so two processes starting at once end with one token.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return read_lease_token(path)
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(token)
+    return token
+
+
+def read_lease_token(path: Path) -> str:
+    """Returns the lease token stored at `path` ("" when there is none)."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
 class RegistrationRefused(Exception):
     """RegistrationRefused: the router refused this worker (identity, address or models)."""
 
@@ -53,6 +86,7 @@ class Registration:
         models: returns the (name, version) pairs currently loaded and ready.
         lease_s: heartbeat period is a third of this (the router's lease, once known).
         load: returns the worker's load, sent with every heartbeat (None: none).
+        token: the lease token this worker registers with (see the module).
     """
 
     def __init__(
@@ -63,8 +97,10 @@ class Registration:
         models: Callable[[], Sequence[tuple[str, str]]],
         lease_s: float = 3.0,
         load: Callable[[], router_pb2.WorkerLoad] | None = None,
+        token: str = "",
     ) -> None:
         self.worker_id = worker_id
+        self._token = token
         self.address = address
         self._models = models
         self._load = load
@@ -94,7 +130,8 @@ class Registration:
             return True  # the edges never had this worker (or the router forgot it)
         try:
             await self._stub().DrainWorker(
-                pb.DrainWorkerRequest(worker_id=self.worker_id), timeout=_RPC_TIMEOUT_S
+                pb.DrainWorkerRequest(worker_id=self.worker_id, lease_token=self._token),
+                timeout=_RPC_TIMEOUT_S,
             )
         except grpc.aio.AioRpcError as exc:
             logger.warning("could not drain through the router: %s", exc.code().name)
@@ -142,7 +179,10 @@ class Registration:
     async def _register(self) -> None:
         response = await self._stub().RegisterWorker(
             pb.RegisterWorkerRequest(
-                worker_id=self.worker_id, address=self.address, models=self._refs()
+                worker_id=self.worker_id,
+                address=self.address,
+                models=self._refs(),
+                lease_token=self._token,
             ),
             timeout=_RPC_TIMEOUT_S,
         )
@@ -156,6 +196,7 @@ class Registration:
                 worker_id=self.worker_id,
                 models=self._refs(),
                 load=None if self._load is None else self._load(),
+                lease_token=self._token,
             ),
             timeout=_RPC_TIMEOUT_S,
         )

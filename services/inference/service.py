@@ -30,7 +30,7 @@ from services.inference.openai import servicer as openai
 from services.inference.pipeline.cache import CacheSettings, CacheStage, ResponseCache
 from services.inference.pipeline.content import ContentStage
 from services.inference.policy_cache import PolicyCache
-from services.inference.registration import Registration
+from services.inference.registration import Registration, lease_token
 from services.inference.repository import (
     EngineOptions,
     deterministic_test_model,
@@ -168,6 +168,12 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
         "TOKENMESH_USAGE_SPOOL_DIR",
         Path(".tokenmesh/usage-spool"),
         "Where unshipped usage events wait.",
+    )
+    lease_token_dir: Path = env(
+        "TOKENMESH_LEASE_TOKEN_DIR",
+        Path(".tokenmesh/lease-tokens"),
+        "Where the worker keeps its registry lease token (a file per worker id, mode 0600; "
+        "the preStop hook reads it).",
     )
     usage_stream: str = env(
         "TOKENMESH_USAGE_STREAM", "tokenmesh:usage", "Redis Stream of usage events."
@@ -407,6 +413,7 @@ class InferenceService(Service):
                 f"{self.settings.advertise_host}:{running.port}",
                 lambda: [(m.name, m.version) for m in self.registry.all() if m.ready],
                 load=lambda: worker_load(self.registry.all()),
+                token=lease_token(self.settings.lease_token_dir / self.settings.worker_id),
             )
             self.registration.start(self.tasks)
 

@@ -287,6 +287,7 @@ class Mesh:
             # Workers keep their usage spool across restarts under a stable name.
             "TOKENMESH_WORKER_ID": name,
             "TOKENMESH_USAGE_SPOOL_DIR": str(self.state_dir / "usage-spool"),
+            "TOKENMESH_LEASE_TOKEN_DIR": str(self.state_dir / "lease-tokens"),
             "TOKENMESH_MODEL_REPOSITORY": str(REPO_ROOT / "models"),
             "TOKENMESH_ROUTER_ADDR": self.address("router") if "router" in self.ports else "",
             "TOKENMESH_PKI_DIR": str(self.pki_dir),

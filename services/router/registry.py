@@ -14,6 +14,8 @@ both win.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 from collections.abc import Sequence
@@ -31,6 +33,7 @@ from services.router.load_weights import LoadReport, WeightState
 
 WORKERS_KEY = "tokenmesh:router:workers"
 _ADDRESS = re.compile(r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$")
+_LEASE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 # A lease this long past its end is deleted (kept briefly so ListWorkers shows it went).
 _FORGET_AFTER_S = 60.0
 
@@ -73,6 +76,8 @@ class WorkerEntry:
     weight: WeightState = WeightState()
     # Per model version outcome counters the worker reported (see services.router.rollouts).
     outcomes: tuple[VersionCounts, ...] = ()
+    # SHA-256 (hex) of the lease token the worker registered with ("" = none).
+    token_sha256: str = ""
 
     @property
     def address(self) -> str:
@@ -100,6 +105,7 @@ class WorkerEntry:
                 "load": None if self.load is None else asdict(self.load),
                 "weight": asdict(self.weight),
                 "outcomes": [c.to_json() for c in self.outcomes],
+                "token_sha256": self.token_sha256,
             },
             sort_keys=True,
         )
@@ -119,7 +125,15 @@ class WorkerEntry:
             load=LoadReport(**data["load"]) if data.get("load") else None,
             weight=WeightState(**data["weight"]) if data.get("weight") else WeightState(),
             outcomes=tuple(VersionCounts.from_json(c) for c in data.get("outcomes", ())),
+            # Entries written before lease tokens existed have none.
+            token_sha256=str(data.get("token_sha256", "")),
         )
+
+    def holds(self, lease_token: str) -> bool:
+        """Tells whether `lease_token` is this registration's (any token when it has none)."""
+        if not self.token_sha256:
+            return True
+        return hmac.compare_digest(self.token_sha256, token_sha256(lease_token))
 
 
 @dataclass(frozen=True)
@@ -172,6 +186,19 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def token_sha256(lease_token: str) -> str:
+    """Returns the digest the registry keeps of a lease token ("" for none)."""
+    return hashlib.sha256(lease_token.encode()).hexdigest() if lease_token else ""
+
+
+def check_lease_token(lease_token: str) -> None:
+    """Raises InvalidArgument unless `lease_token` is empty or well-formed."""
+    if lease_token and not _LEASE_TOKEN.match(lease_token):
+        raise InvalidArgument(
+            [FieldViolation("lease_token", "must be 32-128 characters of A-Z, a-z, 0-9, - and _")]
+        )
+
+
 def check_models(models: Sequence[tuple[str, str]]) -> None:
     """Raises InvalidArgument unless every (name, version) is well-formed."""
     if not models:
@@ -191,18 +218,40 @@ class WorkerRegistry:
         self._forget = redis.register_script(_FORGET_UNCHANGED)
 
     async def register(
-        self, worker_id: str, address: str, models: Sequence[tuple[str, str]], now: float
+        self,
+        worker_id: str,
+        address: str,
+        models: Sequence[tuple[str, str]],
+        now: float,
+        lease_token: str = "",
     ) -> WorkerEntry:
-        """Registers (or re-registers) a serving worker with a fresh lease."""
+        """Registers (or re-registers) a serving worker with a fresh lease.
+
+        While a registration's lease lasts, only the worker holding its lease
+        token (if it has one) may register its id again, and while it is
+        routable, only at the same address.
+        """
         check_worker_id(worker_id)
         host, port = parse_address(address)
         check_models(models)
-        entry = WorkerEntry(worker_id, host, port, tuple(models), SERVING, now + self.lease_s)
+        check_lease_token(lease_token)
+        entry = WorkerEntry(
+            worker_id,
+            host,
+            port,
+            tuple(models),
+            SERVING,
+            now + self.lease_s,
+            token_sha256=token_sha256(lease_token),
+        )
         while True:
             raw = await self.redis.hget(WORKERS_KEY, worker_id)
             if raw is not None:
                 current = WorkerEntry.from_json(worker_id, raw)
-                if current.address != address and current.routable(now):
+                live = current.lease_expires_at > now
+                if (current.routable(now) and current.address != address) or (
+                    live and not current.holds(lease_token)
+                ):
                     # Two live workers with one id would steal each other's endpoint.
                     raise AlreadyExists(
                         f"worker id {worker_id!r} is held by a live worker at "

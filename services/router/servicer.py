@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from services.core import contract, identity
-from services.core.errors import FieldViolation, InvalidArgument
+from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied
 from services.core.interceptors import Context
 from services.core.pricing import Price
 from services.core.time_fields import timestamp_seconds
@@ -461,7 +461,9 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         self, request: pb.RegisterWorkerRequest, context: Context
     ) -> pb.RegisterWorkerResponse:
         models = _refs(request.models)
-        await self.registry.register(request.worker_id, request.address, models, now())
+        await self.registry.register(
+            request.worker_id, request.address, models, now(), request.lease_token
+        )
         # A version no operator registered yet joins the catalogue with 0% of traffic.
         await self.catalog.register(models)
         await self.refresh()
@@ -473,7 +475,9 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         self, request: pb.RenewLeaseRequest, context: Context
     ) -> pb.RenewLeaseResponse:
         # A heartbeat rewrites the worker's models and load: only the worker itself.
-        await self._require_own_worker("RenewLease", request.worker_id, context)
+        await self._require_own_worker(
+            "RenewLease", request.worker_id, request.lease_token, context
+        )
         models = _refs(request.models)
         load = load_from_pb(request.load) if request.HasField("load") else None
         worker, models_changed = await self.registry.renew(
@@ -490,21 +494,32 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         self, request: pb.DrainWorkerRequest, context: Context
     ) -> pb.DrainWorkerResponse:
         # A worker drains only itself (the operator and admins drain any).
-        await self._require_own_worker("DrainWorker", request.worker_id, context)
+        await self._require_own_worker(
+            "DrainWorker", request.worker_id, request.lease_token, context
+        )
         worker = await self.registry.drain(request.worker_id)
         await self.refresh()
         return pb.DrainWorkerResponse(worker=worker_to_pb(worker))
 
-    async def _require_own_worker(self, rpc: str, worker_id: str, context: Context) -> None:
-        """Raises PermissionDenied when a worker acts for a worker registered on another host.
+    async def _require_own_worker(
+        self, rpc: str, worker_id: str, lease_token: str, context: Context
+    ) -> None:
+        """Raises PermissionDenied when a worker acts for another worker's registration.
 
-        Every worker shares the `worker` identity, so the registered address is
-        what tells them apart: its host must be one the caller's certificate or
-        connection vouches for (raises NotFound for an unknown worker).
+        Every worker shares the `worker` identity, so the registration tells
+        them apart: its address's host must be one the caller's certificate or
+        connection vouches for, and the caller must hold its lease token (when
+        it registered with one). Raises NotFound for an unknown worker.
         """
         if identity.peer_identity(context) == contract.WORKER:
             registered = await self.registry.get(worker_id)
             identity.require_own_host(rpc, registered.address, context)
+            if not registered.holds(lease_token):
+                raise PermissionDenied(
+                    f"{rpc}: a worker may act only for its own registration "
+                    "(the lease token it registered with)",
+                    reason="NOT_LEASE_HOLDER",
+                )
 
     async def ListWorkers(
         self, request: pb.ListWorkersRequest, context: Context

@@ -28,6 +28,7 @@ def inference_settings(tmp_path: Path, redis_url: str, **overrides: Any) -> Infe
         test_engine_step_ms=5.0,
         model_repository=MODEL_REPOSITORY,
         usage_spool_dir=tmp_path / "spool",
+        lease_token_dir=tmp_path / "lease-tokens",
         usage_stream=f"usage-test:{tmp_path.name}",
         engine="onnxruntime",
         worker_id="w0",

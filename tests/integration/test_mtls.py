@@ -6,6 +6,8 @@ Each server requires a certificate from the mesh CA; the contract
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +23,7 @@ from grpc_status import rpc_status
 
 from services.core import identity, pki
 from services.core.server import RunningServer, serving
+from services.inference import prestop
 from services.inference.service import InferenceService
 from services.router.registry import WorkerRegistry
 from services.router.service import RouterService, RouterSettings
@@ -241,3 +244,96 @@ async def test_a_worker_the_router_refuses_turns_not_serving(router, redis_url, 
                 if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
                     break
             watch.cancel()
+
+
+async def _refused(call) -> tuple[grpc.StatusCode, str]:
+    """Awaits `call`, expects it to fail; returns its code and ErrorInfo reason."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    status = await rpc_status.aio.from_call(call)
+    assert status is not None
+    error_info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(error_info)
+    return info.value.code(), error_info.reason
+
+
+async def test_a_worker_of_the_same_host_cannot_act_for_a_registration_it_does_not_hold(router):
+    # Two workers on one host share the `worker` identity and the host: the
+    # lease token the registration was made with is what tells them apart.
+    models = [types_pb2.ModelRef(name="m", version="1")]
+    token, other = "a" * 43, "b" * 43
+    register = router_pb.RegisterWorkerRequest(
+        worker_id="w-token", address="127.0.0.1:5998", models=models, lease_token=token
+    )
+    async with mtls.aio_channel(router.port, peer="router", caller="worker") as channel:
+        registry = router_rpc.WorkerRegistryServiceStub(channel)
+        await registry.RegisterWorker(register)
+        for wrong in ("", other):
+            renew = registry.RenewLease(
+                router_pb.RenewLeaseRequest(worker_id="w-token", models=models, lease_token=wrong)
+            )
+            assert (await _denied(renew)).reason == "NOT_LEASE_HOLDER"
+            drain = registry.DrainWorker(
+                router_pb.DrainWorkerRequest(worker_id="w-token", lease_token=wrong)
+            )
+            assert (await _denied(drain)).reason == "NOT_LEASE_HOLDER"
+            # Nor can it take the live registration over by registering the id again.
+            again = router_pb.RegisterWorkerRequest()
+            again.CopyFrom(register)
+            again.lease_token = wrong
+            code, reason = await _refused(registry.RegisterWorker(again))
+            assert (code, reason) == (grpc.StatusCode.ALREADY_EXISTS, "WORKER_ID_IN_USE")
+        # The holder can: a restarted worker that read its token file registers again.
+        await registry.RegisterWorker(register)
+        renewed = await registry.RenewLease(
+            router_pb.RenewLeaseRequest(worker_id="w-token", models=models, lease_token=token)
+        )
+        assert not renewed.drain
+        drained = await registry.DrainWorker(
+            router_pb.DrainWorkerRequest(worker_id="w-token", lease_token=token)
+        )
+        assert drained.worker.id == "w-token"
+        malformed = router_pb.RegisterWorkerRequest()
+        malformed.CopyFrom(register)
+        malformed.worker_id, malformed.lease_token = "w-short", "short"
+        code, _ = await _refused(registry.RegisterWorker(malformed))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+    # An operator drains any worker, without its token.
+    async with mtls.aio_channel(router.port, peer="router", caller="operator") as channel:
+        await router_rpc.WorkerRegistryServiceStub(channel).DrainWorker(
+            router_pb.DrainWorkerRequest(worker_id="w-token")
+        )
+
+
+async def test_a_worker_registers_with_the_token_in_its_file_and_drains_with_it(
+    router, redis_url, tmp_path
+):
+    settings = inference_settings(
+        tmp_path, redis_url, router_address=f"127.0.0.1:{router.port}", worker_id="w-file"
+    )
+    token_file = tmp_path / "lease-tokens" / "w-file"
+    service = InferenceService(settings)
+    async with serving(service, settings):
+        assert service.registration is not None
+        await asyncio.wait_for(service.registration.registered.wait(), 30)
+        token = token_file.read_text()
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        client = aioredis.from_url(redis_url)
+        try:
+            entry = await WorkerRegistry(client, lease_s=30).get("w-file")
+        finally:
+            await client.aclose()
+        assert entry.token_sha256 == hashlib.sha256(token.encode()).hexdigest()
+        # Another worker of this host, without the file, cannot drain it.
+        async with mtls.aio_channel(router.port, peer="router", caller="worker") as channel:
+            drain = router_rpc.WorkerRegistryServiceStub(channel).DrainWorker(
+                router_pb.DrainWorkerRequest(worker_id="w-file")
+            )
+            assert (await _denied(drain)).reason == "NOT_LEASE_HOLDER"
+        # The preStop hook reads the file and drains it.
+        assert await prestop.drain(settings)
+        client = aioredis.from_url(redis_url)
+        try:
+            assert (await WorkerRegistry(client, lease_s=30).get("w-file")).state == "draining"
+        finally:
+            await client.aclose()

@@ -709,10 +709,19 @@ class RegisterWorkerRequest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """worker_id is the worker's unique id."""
     address: _builtins.str
     """address is host:port of the worker's gRPC endpoint."""
+    lease_token: _builtins.str
+    """lease_token is a secret this worker process chose (32-128 characters of
+    A-Z, a-z, 0-9, '-' and '_'). The router keeps only its SHA-256, and then
+    takes RenewLease and DrainWorker from a worker for this registration, and
+    a new registration of this id while its lease lasts, only with the same
+    token: workers share the `worker` identity, so on one host the token is
+    what tells them apart. Empty: only the address's host is checked.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ModelRef]:
         """models are the model versions the worker serves."""
@@ -723,10 +732,11 @@ class RegisterWorkerRequest(_message.Message):
         worker_id: _builtins.str = ...,
         address: _builtins.str = ...,
         models: _abc.Iterable[_types_pb2.ModelRef] | None = ...,
+        lease_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "models", b"models", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "lease_token", b"lease_token", "models", b"models", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -765,8 +775,11 @@ class RenewLeaseRequest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """worker_id is the worker's id."""
+    lease_token: _builtins.str
+    """lease_token is the token the worker registered with (see RegisterWorkerRequest)."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ModelRef]:
         """models are the model versions the worker currently serves."""
@@ -783,10 +796,11 @@ class RenewLeaseRequest(_message.Message):
         worker_id: _builtins.str = ...,
         models: _abc.Iterable[_types_pb2.ModelRef] | None = ...,
         load: _router_pb2.WorkerLoad | None = ...,
+        lease_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["load", b"load", "models", b"models", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_token", b"lease_token", "load", b"load", "models", b"models", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -827,16 +841,23 @@ class DrainWorkerRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKER_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """worker_id is the worker's id."""
+    lease_token: _builtins.str
+    """lease_token is the token the worker registered with (see
+    RegisterWorkerRequest); a worker draining itself sends it, an operator
+    or an admin needs none.
+    """
     def __init__(
         self,
         *,
         worker_id: _builtins.str = ...,
+        lease_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_token", b"lease_token", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
