@@ -28,6 +28,8 @@ MODEL_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: WORKER_ID: an inference worker's id (also used in request ids).
 WORKER_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: LEASE_TOKEN: the secret a worker registers with (services/inference/registration.py).
+LEASE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 #: REQUEST_ID: a client- or edge-supplied request id.
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -35,6 +37,7 @@ MODEL_NAME_RULE = "1-128 characters of [A-Za-z0-9._-], starting with a letter or
 MODEL_VERSION_RULE = "1-64 characters of [A-Za-z0-9._-], starting with a letter or digit"
 TENANT_RULE = "1-64 characters of [A-Za-z0-9._-], starting with a letter or digit"
 WORKER_ID_RULE = "1-128 characters of [A-Za-z0-9._:-]"
+LEASE_TOKEN_RULE = "32-128 characters of [A-Za-z0-9_-]"
 REQUEST_ID_RULE = "1-128 characters of [A-Za-z0-9._:-]"
 #: MODEL_ALIAS: a catalogue alias of a model version ("stable", "canary").
 MODEL_ALIAS = re.compile(r"^[a-z0-9-]{1,32}$")
@@ -79,6 +82,11 @@ def is_metadata_key(value: str) -> bool:
 def is_worker_id(value: str) -> bool:
     """Tells whether `value` is a valid worker id."""
     return WORKER_ID.fullmatch(value) is not None
+
+
+def is_lease_token(value: str) -> bool:
+    """Tells whether `value` is a well-formed worker lease token."""
+    return LEASE_TOKEN.fullmatch(value) is not None
 
 
 def is_request_id(value: str) -> bool:

@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
+from services.core import contract
 from services.core.identity import ClientChannel
 from services.core.tasks import SupervisedTask, Supervisor
 from tokenmesh.router.v1 import router_pb2
@@ -51,17 +52,29 @@ _REFUSED = frozenset(
 def lease_token(path: Path) -> str:
     """Returns the worker's lease token from `path`, creating it (mode 0600) if absent.
 
-    Created with O_EXCL, so two processes starting at once end with one token.
+    Written to a temporary file and linked into place, so a crash never leaves
+    a half-written token and two processes starting at once end with one. A
+    file that holds no well-formed token (a truncated disk, an edit) is
+    replaced: registering without one would quietly drop the protection.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return read_lease_token(path)
-    token = secrets.token_urlsafe(32)
+    existing = read_lease_token(path)
+    if contract.is_lease_token(existing):
+        return existing
+    staged = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as file:
-        file.write(token)
-    return token
+        file.write(secrets.token_urlsafe(32))
+    try:
+        if existing or path.exists():
+            os.replace(staged, path)  # a malformed token: this one wins
+        else:
+            os.link(staged, path)  # fails if another process linked its token first
+    except FileExistsError:
+        pass
+    finally:
+        staged.unlink(missing_ok=True)
+    return read_lease_token(path)
 
 
 def read_lease_token(path: Path) -> str:

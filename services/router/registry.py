@@ -33,7 +33,6 @@ from services.router.load_weights import LoadReport, WeightState
 
 WORKERS_KEY = "tokenmesh:router:workers"
 _ADDRESS = re.compile(r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$")
-_LEASE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 # A lease this long past its end is deleted (kept briefly so ListWorkers shows it went).
 _FORGET_AFTER_S = 60.0
 
@@ -193,10 +192,9 @@ def token_sha256(lease_token: str) -> str:
 
 def check_lease_token(lease_token: str) -> None:
     """Raises InvalidArgument unless `lease_token` is empty or well-formed."""
-    if lease_token and not _LEASE_TOKEN.match(lease_token):
-        raise InvalidArgument(
-            [FieldViolation("lease_token", "must be 32-128 characters of A-Z, a-z, 0-9, - and _")]
-        )
+    if lease_token and not contract.is_lease_token(lease_token):
+        rule = f"must be {contract.LEASE_TOKEN_RULE}"
+        raise InvalidArgument([FieldViolation("lease_token", rule)])
 
 
 def check_models(models: Sequence[tuple[str, str]]) -> None:

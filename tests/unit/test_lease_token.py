@@ -25,3 +25,14 @@ def test_a_restart_reads_the_same_token(tmp_path: Path) -> None:
 
 def test_no_file_reads_as_no_token(tmp_path: Path) -> None:
     assert read_lease_token(tmp_path / "absent") == ""
+
+
+def test_a_file_without_a_well_formed_token_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "w0"
+    for broken in ("", "short\n", "x" * 200):
+        path.write_text(broken)
+        token = lease_token(path)
+        assert re.fullmatch(r"[A-Za-z0-9_-]{43}", token)
+        assert read_lease_token(path) == token
+        assert path.stat().st_mode & 0o777 == 0o600
+    assert list(tmp_path.iterdir()) == [path]  # no staged file left behind
