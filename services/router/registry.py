@@ -25,7 +25,13 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from services.core import contract
-from services.core.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
+from services.core.errors import (
+    AlreadyExists,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from services.core.redis_service import text
 from services.router import load_weights
 from services.router.catalog import check_name, check_version
@@ -197,6 +203,20 @@ def check_lease_token(lease_token: str) -> None:
         raise InvalidArgument([FieldViolation("lease_token", rule)])
 
 
+def _require_holder(rpc: str, entry: WorkerEntry, holder: str | None) -> None:
+    """Raises PermissionDenied unless `holder` (when given) is the entry's lease token.
+
+    Checked on the entry the change is computed from, inside the
+    compare-and-set loop: a registration replaced meanwhile is checked again.
+    """
+    if holder is not None and not entry.holds(holder):
+        raise PermissionDenied(
+            f"{rpc}: a worker may act only for its own registration "
+            "(the lease token it registered with)",
+            reason="NOT_LEASE_HOLDER",
+        )
+
+
 def check_models(models: Sequence[tuple[str, str]]) -> None:
     """Raises InvalidArgument unless every (name, version) is well-formed."""
     if not models:
@@ -274,11 +294,14 @@ class WorkerRegistry:
         now: float,
         load: LoadReport | None = None,
         outcomes: Sequence[VersionCounts] = (),
+        holder: str | None = None,
     ) -> tuple[WorkerEntry, bool]:
         """Extends a worker's lease (a draining worker stays draining) and takes its load.
 
         The worker's weight moves one heartbeat's step (services.router.load_weights),
         relative to the other routable workers' costs as they are now.
+        `holder`: the lease token the caller presented, checked against the
+        entry it changes (None: the caller needs none).
 
         Returns the worker and whether its set of model versions changed.
         """
@@ -293,6 +316,7 @@ class WorkerRegistry:
             if raw is None:
                 raise _not_registered(worker_id)
             entry = WorkerEntry.from_json(worker_id, raw)
+            _require_holder("RenewLease", entry, holder)
             others = [
                 other.weight.cost
                 for other_id, value in stored.items()
@@ -310,10 +334,14 @@ class WorkerRegistry:
             if await self._swap(worker_id, raw, renewed):
                 return renewed, set(renewed.models) != set(entry.models)
 
-    async def drain(self, worker_id: str) -> WorkerEntry:
-        """Marks a worker draining: the edge stops sending it new requests."""
+    async def drain(self, worker_id: str, holder: str | None = None) -> WorkerEntry:
+        """Marks a worker draining: the edge stops sending it new requests.
+
+        `holder`: as for `renew`.
+        """
         while True:
             raw, entry = await self._read(worker_id)
+            _require_holder("DrainWorker", entry, holder)
             drained = replace(entry, state=DRAINING)
             if await self._swap(worker_id, raw, drained):
                 return drained

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from services.core import contract, identity
-from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied
+from services.core.errors import FieldViolation, InvalidArgument
 from services.core.interceptors import Context
 from services.core.pricing import Price
 from services.core.time_fields import timestamp_seconds
@@ -475,13 +475,13 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         self, request: pb.RenewLeaseRequest, context: Context
     ) -> pb.RenewLeaseResponse:
         # A heartbeat rewrites the worker's models and load: only the worker itself.
-        await self._require_own_worker(
+        holder = await self._own_worker(
             "RenewLease", request.worker_id, request.lease_token, context
         )
         models = _refs(request.models)
         load = load_from_pb(request.load) if request.HasField("load") else None
         worker, models_changed = await self.registry.renew(
-            request.worker_id, models, now(), load, outcomes_from_pb(request.load)
+            request.worker_id, models, now(), load, outcomes_from_pb(request.load), holder
         )
         if models_changed:
             await self.catalog.register(models)
@@ -494,32 +494,29 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         self, request: pb.DrainWorkerRequest, context: Context
     ) -> pb.DrainWorkerResponse:
         # A worker drains only itself (the operator and admins drain any).
-        await self._require_own_worker(
+        holder = await self._own_worker(
             "DrainWorker", request.worker_id, request.lease_token, context
         )
-        worker = await self.registry.drain(request.worker_id)
+        worker = await self.registry.drain(request.worker_id, holder)
         await self.refresh()
         return pb.DrainWorkerResponse(worker=worker_to_pb(worker))
 
-    async def _require_own_worker(
+    async def _own_worker(
         self, rpc: str, worker_id: str, lease_token: str, context: Context
-    ) -> None:
-        """Raises PermissionDenied when a worker acts for another worker's registration.
+    ) -> str | None:
+        """Returns the lease token a worker caller must hold (None: an operator or admin).
 
         Every worker shares the `worker` identity, so the registration tells
         them apart: its address's host must be one the caller's certificate or
-        connection vouches for, and the caller must hold its lease token (when
-        it registered with one). Raises NotFound for an unknown worker.
+        connection vouches for (else PermissionDenied; NotFound for an unknown
+        worker), and the registry then checks the token on the entry it
+        changes (a registration made with one needs it).
         """
-        if identity.peer_identity(context) == contract.WORKER:
-            registered = await self.registry.get(worker_id)
-            identity.require_own_host(rpc, registered.address, context)
-            if not registered.holds(lease_token):
-                raise PermissionDenied(
-                    f"{rpc}: a worker may act only for its own registration "
-                    "(the lease token it registered with)",
-                    reason="NOT_LEASE_HOLDER",
-                )
+        if identity.peer_identity(context) != contract.WORKER:
+            return None
+        registered = await self.registry.get(worker_id)
+        identity.require_own_host(rpc, registered.address, context)
+        return lease_token
 
     async def ListWorkers(
         self, request: pb.ListWorkersRequest, context: Context

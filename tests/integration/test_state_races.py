@@ -24,7 +24,12 @@ from redis.asyncio.client import Pipeline
 from services.auth.crypto import ServerSecret
 from services.auth.keys import ApiKeyStore
 from services.auth.signing import LOCK, SigningKeyRing
-from services.core.errors import AlreadyExists, FailedPrecondition, ResourceExhausted
+from services.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from services.inference.budget import Limits, TokenBudgets
 from services.launcher.mesh import spawn_redis
 from services.router import catalog as cat
@@ -133,6 +138,30 @@ async def test_a_drain_between_a_heartbeats_read_and_write_is_kept(client, inter
     assert renewed.state == DRAINING  # the worker is told to drain by this very heartbeat
     assert renewed.lease_expires_at == now + 31
     assert (await operator.get(worker)).state == DRAINING
+
+
+async def test_a_heartbeat_is_checked_against_the_registration_it_writes(client, interleaved):
+    # Worker A's lease lapsed; between its late heartbeat's read and write,
+    # worker B registers the id with its own token. A's heartbeat must not
+    # then rewrite B's registration (the token is checked on every retry).
+    worker, now = _worker_id(), time.time()
+    token_a, token_b = "a" * 43, "b" * 43
+    operator = WorkerRegistry(client, lease_s=30)
+    await operator.register(worker, "127.0.0.1:1001", [("m", "1")], now - 100, token_a)
+
+    async def takeover() -> None:
+        await operator.register(worker, "127.0.0.1:1002", [("m", "2")], now, token_b)
+
+    late = WorkerRegistry(interleaved("HGETALL", takeover), lease_s=30)
+    with pytest.raises(PermissionDenied) as refused:
+        await late.renew(worker, [("m", "1")], now + 1, holder=token_a)
+    assert refused.value.reason == "NOT_LEASE_HOLDER"
+    kept = await operator.get(worker)
+    assert (kept.address, kept.models, kept.holds(token_b)) == (
+        "127.0.0.1:1002",
+        (("m", "2"),),
+        True,
+    )
 
 
 class _Recording(aioredis.Redis):
