@@ -406,7 +406,8 @@ def _worker_line(worker: router_pb2.Worker) -> str:
     state = router_pb2.WorkerState.Name(worker.state).removeprefix("WORKER_STATE_").lower()
     return (
         f"{worker.id:<20} {worker.address:<22} {state:<9} {_load_text(worker):<42} "
-        f"{worker.weight:>6}  {models}\n{'':<20} weight: {worker.weight_reason}"
+        f"{worker.weight:>6}  {models}\n{'':<20} weight: {worker.weight_reason}; "
+        f"lease token: {'held' if worker.lease_token_held else 'none (host check only)'}"
     )
 
 

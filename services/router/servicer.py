@@ -97,6 +97,7 @@ def worker_to_pb(worker: WorkerEntry) -> router_pb2.Worker:
         load=None if worker.load is None else load_to_pb(worker.load, worker.outcomes),
         weight=worker.weight.weight,
         weight_reason=worker.weight.reason,
+        lease_token_held=bool(worker.token_sha256),
     )
 
 

@@ -8,6 +8,7 @@ reloaded without a restart), and sheds a connection flood instead of dying.
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import subprocess
@@ -89,7 +90,12 @@ def test_the_operator_certificate_still_runs_the_cli(mesh: Mesh):
         timeout=30,
     )
     assert listing.returncode == 0, listing.stderr
-    assert "inference-0" in listing.stdout and "inference-1" in listing.stdout
+    workers = {w["id"]: w for w in json.loads(listing.stdout)["workers"]}
+    # Each of the mesh's workers registered with the lease token from its file.
+    assert {i: workers[i]["lease_token_held"] for i in ("inference-0", "inference-1")} == {
+        "inference-0": True,
+        "inference-1": True,
+    }
 
 
 def test_https_healthz_with_the_local_ca(mesh: Mesh):

@@ -298,11 +298,12 @@ async def test_a_worker_of_the_same_host_cannot_act_for_a_registration_it_does_n
         malformed.worker_id, malformed.lease_token = "w-short", "short"
         code, _ = await _refused(registry.RegisterWorker(malformed))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
-    # An operator drains any worker, without its token.
+    # An operator drains any worker, without its token, and sees who holds one.
     async with mtls.aio_channel(router.port, peer="router", caller="operator") as channel:
-        await router_rpc.WorkerRegistryServiceStub(channel).DrainWorker(
-            router_pb.DrainWorkerRequest(worker_id="w-token")
-        )
+        operator = router_rpc.WorkerRegistryServiceStub(channel)
+        await operator.DrainWorker(router_pb.DrainWorkerRequest(worker_id="w-token"))
+        workers = (await operator.ListWorkers(router_pb.ListWorkersRequest())).workers
+        assert {w.id: w.lease_token_held for w in workers}["w-token"]
 
 
 async def test_a_worker_registers_with_the_token_in_its_file_and_drains_with_it(

@@ -272,6 +272,7 @@ class Worker(_message.Message):
     LOAD_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
     WEIGHT_REASON_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_HELD_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """id is the worker's unique id."""
     address: _builtins.str
@@ -284,6 +285,11 @@ class Worker(_message.Message):
     """
     weight_reason: _builtins.str
     """weight_reason explains the weight, e.g. "ttft p50 180ms vs best 40ms"."""
+    lease_token_held: _builtins.bool
+    """lease_token_held tells whether the worker registered with a lease token
+    (see RegisterWorkerRequest.lease_token). Without one, only the address's
+    host tells this worker apart from another worker on its host.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ModelRef]:
         """models are the model versions the worker serves."""
@@ -307,10 +313,11 @@ class Worker(_message.Message):
         load: Global___WorkerLoad | None = ...,
         weight: _builtins.int = ...,
         weight_reason: _builtins.str = ...,
+        lease_token_held: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time", "load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "id", b"id", "lease_expire_time", b"lease_expire_time", "load", b"load", "models", b"models", "state", b"state", "weight", b"weight", "weight_reason", b"weight_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "id", b"id", "lease_expire_time", b"lease_expire_time", "lease_token_held", b"lease_token_held", "load", b"load", "models", b"models", "state", b"state", "weight", b"weight", "weight_reason", b"weight_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
