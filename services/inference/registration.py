@@ -66,7 +66,7 @@ def lease_token(path: Path) -> str:
     with os.fdopen(descriptor, "w") as file:
         file.write(secrets.token_urlsafe(32))
     try:
-        if existing or path.exists():
+        if path.exists():
             os.replace(staged, path)  # a malformed token: this one wins
         else:
             os.link(staged, path)  # fails if another process linked its token first
