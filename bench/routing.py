@@ -36,6 +36,7 @@ import os
 import random
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from bench.peer import pin_mesh, settle
 from bench.pinning import LOAD, CpuMeter, pinned_self
 from bench.rows import Context, Row, row
 from bench.stats import median_each, percentile
+from gateway.model_routing import LUA_FILTER_NAME
 from services.launcher.mesh import REPO_ROOT, Mesh, MeshConfig
 from services.launcher.processes import wait_for
 
@@ -57,6 +59,13 @@ PROMPTS = 8
 PROMPT_TOKENS = 400
 CONCURRENCY = 8
 OUTPUT_TOKENS = 8
+#: Each worker's prefix cache holds about half the shared prompts (4 of 8 at ~440
+#: tokens): the regime prefix-aware routing is for, where the prefixes in use fit
+#: in the workers' caches together but not in one. (At the default, 4096, each
+#: worker holds all 8 and round robin hits as often as affinity.)
+PREFIX_CACHE_TOKENS = 2048
+#: Each phase first runs its own traffic this long (left out of the figures).
+WARM_UP_S = 3.0
 TOKENIZER = REPO_ROOT / "models" / MODEL / "1" / "tokenizer.json"
 SENTENCES = (
     "You are a careful assistant to the scribes of the temple.",
@@ -218,6 +227,7 @@ class Edges:
     urls: dict[str, str]
     key: str
     pids: dict[str, int]
+    admin_url: str  # the affinity edge's Envoy admin (its routes carry the pins)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -237,6 +247,7 @@ async def _case(
     rates: dict[str, list[float]] = {mode: [] for mode in MODES}
     failures: dict[str, list[str]] = {mode: [] for mode in MODES}
     cpu: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}  # µs per request
+    pins: dict[int, list[int]] = {}  # per round: the edge's pinned heads per worker
     limits = httpx.Limits(max_connections=CONCURRENCY * 2)
     async with httpx.AsyncClient(timeout=120, headers=edges.headers, limits=limits) as http:
         for n in range(rounds):
@@ -244,11 +255,14 @@ async def _case(
                 if time.monotonic() > deadline:
                     break
                 print(f"  {case}: round {n + 1}/{rounds}, {mode}", flush=True)
-                next_body, warm_up = _bodies(case, f"{case[0]}{n}{mode[0]}", tokenizer)
+                next_body = _bodies(case, f"{case[0]}{n}{mode[0]}", tokenizer)
                 url = f"{edges.urls[mode]}/openai/v1/chat/completions"
                 await settle(edges.pids)  # the last phase's work is done
-                # Steady state: each shared prompt has been served once (left out).
-                await asyncio.gather(*(_request(http, url, body) for body in warm_up))
+                # Steady state: the phase's own traffic for a while first (left out):
+                # the caches hold what they will hold, the router pinned what it will.
+                await _phase(http, url, next_body, WARM_UP_S, [])
+                if mode == "affinity":
+                    pins[n] = _pin_split(edges.admin_url)
                 with CpuMeter(edges.pids) as meter:
                     got, rate = await _phase(http, url, next_body, window_s, failures[mode])
                     await settle(edges.pids)  # deferred work (metering) counts too
@@ -259,26 +273,39 @@ async def _case(
     summaries = {
         mode: _summary(samples[mode], rates[mode], failures[mode], cpu[mode]) for mode in MODES
     }
+    summaries["affinity"]["pinned_heads_by_worker"] = list(pins.values())
     for mode, summary in summaries.items():
         print(f"  {case} {mode}: CPU µs/request {summary['cpu_us_by_process']}", flush=True)
+    print(f"  {case} affinity: pinned heads per worker, by round: {list(pins.values())}")
     return summaries
 
 
-def _bodies(
-    case: str, tag: str, tokenizer: Tokenizer
-) -> tuple[Callable[[int], bytes], list[bytes]]:
-    """Returns a phase's requests: request n's body, and the warm-up requests.
+def _pin_split(admin_url: str) -> list[int]:
+    """How many prompt heads the edge's routes pin to each worker (busiest first)."""
+    dump = httpx.get(
+        f"{admin_url}/config_dump", params={"resource": "dynamic_route_configs"}, timeout=5
+    ).json()
+    pins: dict[str, str] = {}
+    for config in dump.get("configs", []):
+        for host in config.get("route_config", {}).get("virtual_hosts", []):
+            for route in host.get("routes", []):
+                metadata = route.get("metadata", {}).get("filter_metadata", {})
+                pins.update(metadata.get(LUA_FILTER_NAME, {}))
+    return sorted(Counter(pins.values()).values(), reverse=True)
 
-    prefix_heavy: one of PROMPTS shared system prompts (a seeded choice), warmed up
-    by one request each; distinct: a system prompt of its own of the same size.
+
+def _bodies(case: str, tag: str, tokenizer: Tokenizer) -> Callable[[int], bytes]:
+    """Returns a phase's requests: request n's body.
+
+    prefix_heavy: one of PROMPTS shared system prompts (a seeded choice); distinct:
+    a system prompt of its own of the same size.
     """
     if case == "prefix_heavy":
         shared = [system_prompt(f"{tag}-{k}", tokenizer) for k in range(PROMPTS)]
         rng = random.Random(tag)
-        warm_up = [chat_body(prompt, -1 - k) for k, prompt in enumerate(shared)]
-        return (lambda n: chat_body(rng.choice(shared), n)), warm_up
+        return lambda n: chat_body(rng.choice(shared), n)
     template = system_prompt(f"{tag}-x", tokenizer).split(" ", 2)[2]
-    return (lambda n: chat_body(f"Desk {tag}-{n}. {template}", n)), []
+    return lambda n: chat_body(f"Desk {tag}-{n}. {template}", n)
 
 
 def mesh_config(state: Path) -> MeshConfig:
@@ -294,6 +321,7 @@ def mesh_config(state: Path) -> MeshConfig:
             "TOKENMESH_ENGINE_THREADS": "1",
             "TOKENMESH_LOG_LEVEL": "WARNING",
             "TOKENMESH_RATELIMIT_DEFAULT_RPM": "10000000",
+            "TOKENMESH_PREFIX_CACHE_TOKENS": str(PREFIX_CACHE_TOKENS),
         },
     )
 
@@ -308,7 +336,7 @@ def _edges(ctx: Context) -> Iterator[Edges]:
         key = mesh.dev_api_key()
         for mode, url in edges.items():  # its routes and workers' health checks, from xDS
             wait_for(lambda url=url: _serves(url, key), 60, f"the {mode} edge to route {MODEL}")
-        yield Edges(edges, key, pids)
+        yield Edges(edges, key, pids, mesh.admin_url())
 
 
 def _serves(edge: str, key: str) -> bool:
@@ -326,7 +354,7 @@ def _serves(edge: str, key: str) -> bool:
 async def _measure(edges: Edges, plan: Plan) -> dict[str, Any]:
     tokenizer = Tokenizer.from_file(str(TOKENIZER))
     deadline = time.monotonic() + plan.budget_s
-    warm, _ = _bodies("distinct", "warm", tokenizer)
+    warm = _bodies("distinct", "warm", tokenizer)
     async with httpx.AsyncClient(timeout=120, headers=edges.headers) as http:
         for mode in MODES:  # warm-up of both edges and workers (left out)
             url = f"{edges.urls[mode]}/openai/v1/chat/completions"

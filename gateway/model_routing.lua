@@ -10,7 +10,8 @@
 -- rendered by one template share its head, whatever their variables), else
 -- of the prompt's (or first message's) first PREFIX_BYTES bytes goes into
 -- x-tokenmesh-prefix, which the routes hash (bounded-load consistent
--- hashing) to pick the worker. OpenAI-surface requests carry JSON instead
+-- hashing) to pick the worker, unless the router pinned that head to a
+-- worker (the route's metadata). OpenAI-surface requests carry JSON instead
 -- (see OPENAI below): their top-level `model` is read the same way.
 
 local ROUTED = {
@@ -255,8 +256,10 @@ function envoy_on_request(handle)
   if not header_safe(model, 128) then model = nil end
   if not header_safe(version, 64) then version = nil end
   if model ~= nil then headers:replace("x-tokenmesh-model", model) end
+  local prefix = nil
   if head ~= nil and head ~= "" then
-    headers:replace("x-tokenmesh-prefix", hex(head))
+    prefix = hex(head)
+    headers:replace("x-tokenmesh-prefix", prefix)
   end
   -- The request's version field wins over an x-model-version header, which
   -- wins over the caller's key pin ("model=version,..." set by the edge).
@@ -267,4 +270,12 @@ function envoy_on_request(handle)
     if pinned ~= nil then headers:replace("x-model-version", pinned) end
   end
   handle:clearRouteCache()
+  -- A hot head the router pinned to one worker (the matched route's metadata,
+  -- services/router/prefix_pins.py) goes there while that worker is healthy;
+  -- not strict: a worker that is unhealthy, gone or outside the cluster the
+  -- route picked leaves the choice to the hash.
+  if prefix ~= nil then
+    local pinned = handle:metadata():get(prefix)
+    if pinned ~= nil then handle:setUpstreamOverrideHost(pinned, false) end
+  end
 end

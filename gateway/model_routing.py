@@ -57,10 +57,15 @@ def model_health_name(model: str, version: str) -> str:
     return f"{INFERENCE_PREFIX.strip('/')}/{model}/{version}"
 
 
+#: The model-routing Lua filter's name: route metadata under it is what the
+#: filter's `handle:metadata()` reads (the router's prefix pins).
+LUA_FILTER_NAME = "envoy.filters.http.lua"
+
+
 def lua_filter() -> dict[str, Any]:
     """Builds the filter that copies the body's model and version into headers."""
     return {
-        "name": "envoy.filters.http.lua",
+        "name": LUA_FILTER_NAME,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
             "default_source_code": {"inline_string": LUA_SOURCE.read_text()},

@@ -30,6 +30,9 @@ TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 WORKER_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 #: LEASE_TOKEN: the secret a worker registers with (services/inference/registration.py).
 LEASE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
+#: PREFIX_KEY: the edge's key for a prompt's head (x-tokenmesh-prefix: the hex
+#: of at most 64 bytes, gateway/model_routing.lua).
+PREFIX_KEY = re.compile(r"^(?:[0-9a-f]{2}){1,64}$")
 #: REQUEST_ID: a client- or edge-supplied request id.
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -87,6 +90,11 @@ def is_worker_id(value: str) -> bool:
 def is_lease_token(value: str) -> bool:
     """Tells whether `value` is a well-formed worker lease token."""
     return LEASE_TOKEN.fullmatch(value) is not None
+
+
+def is_prefix_key(value: str) -> bool:
+    """Tells whether `value` is a prompt-head key as the edge writes it."""
+    return PREFIX_KEY.fullmatch(value) is not None
 
 
 def is_request_id(value: str) -> bool:

@@ -176,6 +176,9 @@ class Request:
         self.key_id = headers.get(KEY_ID_HEADER, "")
         self.tenant = headers.get(TENANT_HEADER, "")
         self.tier = headers.get(contract.TIER_HEADER, "")  # weighs its fair share
+        # The edge's key for the prompt's head: counted per version, the router
+        # pins busy heads to one worker each (services.router.prefix_pins).
+        self.prefix = headers.get(model_routing.PREFIX_HEADER, "")
         self.limits = Limits(
             tokens_per_minute=_int(headers.get(contract.TPM_HEADER)),
             monthly_tokens=_int(headers.get(contract.MONTHLY_TOKENS_HEADER)),
@@ -328,6 +331,7 @@ class Admission:
         labels = (request.model.name, request.model.version)
         metrics.REQUESTS.labels(*labels, event.finish_reason).inc()
         request.model.outcomes.observe(event.finish_reason, event.timing.time_to_first_token_ms)
+        request.model.outcomes.prefixes.observe(request.prefix)
         metrics.REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - request.started)
         self.usage_log.append(event)
         if request.shadow is not None and self.shadow_records is not None:

@@ -8,6 +8,9 @@
 - Outcomes per model version since it loaded: finished requests, server
   errors and a TTFT histogram. The router compares a canary's against the
   stable version's over each rollout step (services.router.rollouts).
+- Hot prompt heads per model version: how often each of the edge's prefix
+  keys (`x-tokenmesh-prefix`) reached this worker lately, decayed. The router
+  pins the busiest heads to one worker each, balanced (services.router.prefix_pins).
 
 Requests are observed when they finish (`Admission.record`), on the event
 loop; nothing here locks.
@@ -22,6 +25,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from services.core import contract
 from tokenmesh.router.v1 import router_pb2
 from tokenmesh.type.v1 import types_pb2
 
@@ -34,6 +38,46 @@ RECENT_MAX_SAMPLES = 4096  # per version: the window's memory is bounded
 #: percentile read from them is within ~12% of the true one).
 TTFT_BOUNDS_MS: tuple[float, ...] = tuple(float(f"{1.25**i:.3g}") for i in range(53))
 ERROR_REASON = "error"
+#: A prompt head's request count halves every this many seconds.
+PREFIX_HALF_LIFE_S = 5.0
+#: Heads tracked per version (past it the colder half is forgotten), and reported.
+PREFIX_MAX_TRACKED = 512
+HOT_PREFIXES = 32
+#: A head is reported once its decayed count reaches this (one request is not reuse).
+HOT_MIN_REQUESTS = 2.0
+
+
+class PrefixHeat:
+    """PrefixHeat counts requests per prompt head, each count halving every PREFIX_HALF_LIFE_S."""
+
+    def __init__(self) -> None:
+        self._heat: dict[str, tuple[float, float]] = {}  # head -> (count, as of when)
+
+    def observe(self, prefix: str, now: float | None = None) -> None:
+        """Counts one request that carried `prefix` (empty or not the edge's key: not counted)."""
+        if not contract.is_prefix_key(prefix):
+            return
+        at = time.monotonic() if now is None else now
+        count, then = self._heat.get(prefix, (0.0, at))
+        self._heat[prefix] = (_decayed(count, at - then) + 1.0, at)
+        if len(self._heat) > PREFIX_MAX_TRACKED:
+            kept = self._ranked(at)[: PREFIX_MAX_TRACKED // 2]
+            self._heat = {head: (count, at) for head, count in kept}
+
+    def hottest(self, now: float | None = None) -> list[tuple[str, float]]:
+        """Returns up to HOT_PREFIXES (head, decayed count), busiest first, none below
+        HOT_MIN_REQUESTS."""
+        at = time.monotonic() if now is None else now
+        ranked = self._ranked(at)
+        return [(head, count) for head, count in ranked[:HOT_PREFIXES] if count >= HOT_MIN_REQUESTS]
+
+    def _ranked(self, at: float) -> list[tuple[str, float]]:
+        decayed = ((head, _decayed(count, at - then)) for head, (count, then) in self._heat.items())
+        return sorted(decayed, key=lambda item: (-item[1], item[0]))
+
+
+def _decayed(count: float, elapsed_s: float) -> float:
+    return count * math.pow(0.5, max(elapsed_s, 0.0) / PREFIX_HALF_LIFE_S)
 
 
 class VersionOutcomes:
@@ -44,6 +88,7 @@ class VersionOutcomes:
         self.errors = 0
         self.ttft_counts = [0] * (len(TTFT_BOUNDS_MS) + 1)
         self.recent: deque[tuple[float, float]] = deque(maxlen=RECENT_MAX_SAMPLES)
+        self.prefixes = PrefixHeat()
 
     def observe(self, finish_reason: str, ttft_ms: float, now: float | None = None) -> None:
         """Counts a finished request (ttft_ms 0: it never produced a first token)."""
@@ -100,4 +145,8 @@ def version_outcomes_pb(model: LoadedModel) -> router_pb2.VersionOutcomes:
         errors=outcomes.errors,
         ttft_bucket_counts=outcomes.ttft_counts,
         ttft_bucket_bounds_ms=TTFT_BOUNDS_MS,
+        hot_prefixes=[
+            router_pb2.PrefixHeat(prefix=head, requests=count)
+            for head, count in outcomes.prefixes.hottest()
+        ],
     )

@@ -151,6 +151,8 @@ class VersionCounts:
         errors: those that ended in a server error.
         ttft_bounds_ms: TTFT bucket bounds (ascending); `ttft_counts` has one more.
         ttft_counts: requests per TTFT bucket (the last: above every bound).
+        hot_prefixes: (edge prefix key, decayed requests) of the version's
+            busiest prompt heads on the worker (services.router.prefix_pins).
     """
 
     model: str
@@ -159,6 +161,7 @@ class VersionCounts:
     errors: int = 0
     ttft_bounds_ms: tuple[float, ...] = ()
     ttft_counts: tuple[int, ...] = ()
+    hot_prefixes: tuple[tuple[str, float], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """Serialises the counters for the worker's entry."""
@@ -174,6 +177,8 @@ class VersionCounts:
             errors=int(data["errors"]),
             ttft_bounds_ms=tuple(float(b) for b in data["ttft_bounds_ms"]),
             ttft_counts=tuple(int(c) for c in data["ttft_counts"]),
+            # Entries written before prefix pins existed have none.
+            hot_prefixes=tuple((str(p), float(n)) for p, n in data.get("hot_prefixes", ())),
         )
 
 

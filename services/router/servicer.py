@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Sequence
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -124,6 +125,11 @@ def outcomes_from_pb(load: router_pb2.WorkerLoad) -> list[VersionCounts]:
             errors=v.errors,
             ttft_bounds_ms=tuple(v.ttft_bucket_bounds_ms),
             ttft_counts=tuple(v.ttft_bucket_counts),
+            hot_prefixes=tuple(
+                (h.prefix, h.requests)
+                for h in v.hot_prefixes[:HOT_PREFIXES_KEPT]
+                if contract.is_prefix_key(h.prefix) and 0 < h.requests < math.inf
+            ),
         )
         for v in load.versions
         if len(v.ttft_bucket_counts) == len(v.ttft_bucket_bounds_ms) + 1
@@ -149,6 +155,9 @@ def load_to_pb(load: LoadReport, outcomes: Sequence[VersionCounts]) -> router_pb
                 errors=c.errors,
                 ttft_bucket_counts=c.ttft_counts,
                 ttft_bucket_bounds_ms=c.ttft_bounds_ms,
+                hot_prefixes=[
+                    router_pb2.PrefixHeat(prefix=p, requests=n) for p, n in c.hot_prefixes
+                ],
             )
             for c in outcomes
         ],
@@ -218,6 +227,9 @@ def policy_from_pb(request: pb.StartRolloutRequest) -> rollouts.Policy:
         min_requests=request.min_requests or rollouts.DEFAULT_MIN_REQUESTS,
     )
 
+
+# A heartbeat's hot prompt heads kept per version (the worker sends at most 32).
+HOT_PREFIXES_KEPT = 32
 
 _ROLLOUT_STATES = {
     rollouts.RUNNING: router_pb2.ROLLOUT_STATE_RUNNING,

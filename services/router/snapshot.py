@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import edge_auth, envoy_config
+from gateway import edge_auth, envoy_config, model_routing
 from gateway.envoy_config import Endpoint
 from gateway.model_routing import (
     FALLBACK_MODEL_HEADER,
@@ -39,7 +39,7 @@ from gateway.model_routing import (
     model_health_name,
 )
 from services.core import contract
-from services.router import shadow
+from services.router import prefix_pins, shadow
 from services.router.catalog import ModelEntry
 from services.router.load_weights import NEUTRAL_WEIGHT
 from services.router.registry import WorkerEntry
@@ -145,6 +145,7 @@ def build(
         )
     }
     endpoints = {INFERENCE_CLUSTER: load_assignment(INFERENCE_CLUSTER, routable, weighted)}
+    pins: dict[tuple[str, str], dict[str, str]] = {}
     for model, version in served:
         name = model_cluster(model, version)
         clusters[name] = eds_cluster(
@@ -152,6 +153,8 @@ def build(
         )
         hosts = [w for w in routable if (model, version) in w.models]
         endpoints[name] = load_assignment(name, hosts, weighted)
+        if affinity:
+            pins[(model, version)] = version_pins(model, version, hosts, weighted)
     for entry in catalog.values():
         fallback = _fallback_target(entry, catalog, now)
         if fallback is None:
@@ -166,7 +169,7 @@ def build(
         {
             CLUSTER_TYPE: clusters,
             ENDPOINT_TYPE: endpoints,
-            ROUTE_TYPE: {"edge": route_configuration(catalog, now, flags, affinity)},
+            ROUTE_TYPE: {"edge": route_configuration(catalog, now, flags, affinity, pins)},
         }
     )
 
@@ -296,6 +299,31 @@ def load_assignment(
     )
 
 
+def version_pins(
+    model: str, version: str, hosts: Sequence[WorkerEntry], weighted: bool = True
+) -> dict[str, str]:
+    """Pins the version's hottest prompt heads to its workers (services.router.prefix_pins)."""
+    holders = [
+        prefix_pins.Holder(
+            override_address(w.host, w.port),
+            w.weight.weight if weighted else NEUTRAL_WEIGHT,
+            {
+                head: count
+                for counts in w.outcomes
+                if (counts.model, counts.version) == (model, version)
+                for head, count in counts.hot_prefixes
+            },
+        )
+        for w in hosts
+    ]
+    return prefix_pins.pins(holders)
+
+
+def override_address(host: str, port: int) -> str:
+    """A worker's address as Envoy names its hosts (what an override host must match)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _header(name: str, value: str) -> dict[str, Any]:
     return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
 
@@ -387,12 +415,19 @@ def _deprecation_headers(entry: ModelEntry, version: str) -> list[dict[str, Any]
 
 
 def model_routes(
-    entry: ModelEntry, catalog: Mapping[str, ModelEntry], now: float, affinity: bool = False
+    entry: ModelEntry,
+    catalog: Mapping[str, ModelEntry],
+    now: float,
+    affinity: bool = False,
+    pins: Mapping[tuple[str, str], Mapping[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Routes of one model: explicit versions and aliases first, then the split.
 
     affinity: version routes hash the prompt's head (see `_streaming_action`).
+    pins: per (model, version), hot prompt heads pinned to a worker (`version_pins`),
+    carried in the routes' metadata for the edge's Lua filter.
     """
+    pinned = pins or {}
     fallback = _fallback_target(entry, catalog, now)
     routes: list[dict[str, Any]] = []
     labels = [(v.version, v.version) for v in entry.versions]
@@ -411,6 +446,7 @@ def model_routes(
         route = {
             "match": _match(entry.name, label),
             "route": _streaming_action(affinity, weighted_clusters={"clusters": [target]}),
+            **_pin_metadata(pinned, entry.name, [version]),
         }
         routes.append(_shadowed(route, entry, now, frozenset({version})))
     # A version the catalogue does not know: any worker answers (NOT_FOUND, or the
@@ -424,9 +460,28 @@ def model_routes(
         route = {
             "match": _match(entry.name, None),
             "route": _streaming_action(affinity, weighted_clusters={"clusters": targets}),
+            **_pin_metadata(pinned, entry.name, sorted(weights)),
         }
         routes.append(_shadowed(route, entry, now, frozenset(weights)))
     return routes
+
+
+def _pin_metadata(
+    pins: Mapping[tuple[str, str], Mapping[str, str]], model: str, versions: Sequence[str]
+) -> dict[str, Any]:
+    """Route metadata with the pins of the versions a route splits over ({} without any).
+
+    A head pinned in two versions keeps the first's: the override only applies
+    when the split picked that version's cluster (the worker is not in the
+    other's, and a non-strict override then falls back to the hash).
+    """
+    merged: dict[str, str] = {}
+    for version in versions:
+        for head, address in pins.get((model, version), {}).items():
+            merged.setdefault(head, address)
+    if not merged:
+        return {}
+    return {"metadata": {"filter_metadata": {model_routing.LUA_FILTER_NAME: merged}}}
 
 
 def _shadowed(
@@ -450,11 +505,17 @@ def _sunset_route(model: str, label: str, sunset_at: float) -> dict[str, Any]:
 
 
 def route_configuration(
-    catalog: Mapping[str, ModelEntry], now: float, flags: EdgeFlags, affinity: bool = False
+    catalog: Mapping[str, ModelEntry],
+    now: float,
+    flags: EdgeFlags,
+    affinity: bool = False,
+    pins: Mapping[tuple[str, str], Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """Builds the edge's whole route configuration (affinity: see `model_routes`)."""
+    """Builds the edge's whole route configuration (affinity, pins: see `model_routes`)."""
     per_model = [
-        r for name in sorted(catalog) for r in model_routes(catalog[name], catalog, now, affinity)
+        r
+        for name in sorted(catalog)
+        for r in model_routes(catalog[name], catalog, now, affinity, pins)
     ]
     auth = edge_auth.EdgeAuth(ratelimit=flags.ratelimit) if flags.auth else None
     return envoy_config.route_configuration(auth, per_model)

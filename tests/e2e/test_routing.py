@@ -28,7 +28,7 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.model_routing import MODEL_HEADER, VERSION_HEADER
+from gateway.model_routing import LUA_FILTER_NAME, MODEL_HEADER, VERSION_HEADER
 from services.core import contract
 from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV
@@ -543,6 +543,45 @@ def test_prompts_that_start_alike_reach_the_same_worker(routed, edge):
     # Different heads spread over the workers.
     spread = spread_of(routed, CLUSTERS[0], lambda n: complete(edge, prompt=n + head).worker)
     assert spread == {"inference-0", "inference-1"}
+
+
+def pins_of(routes: list[dict[str, Any]], label: str = "1") -> dict[str, str]:
+    """The prompt heads a version route pins to a worker: prefix key -> worker address."""
+    metadata = version_route(routes, label).get("metadata", {}).get("filter_metadata", {})
+    return dict(metadata.get(LUA_FILTER_NAME, {}))
+
+
+def test_hot_prompt_heads_are_pinned_evenly_over_the_workers(routed, edge):
+    # Hashing a handful of heads splits them unevenly. Pick 8 heads the hash puts
+    # 6 on one worker and 2 on the other, keep them busy: the workers report them
+    # in their heartbeats, the router pins them 4 and 4, and the edge sends each
+    # head to its pinned worker (the old code kept the 6/2 split).
+    by_worker: dict[str, list[str]] = {"inference-0": [], "inference-1": []}
+    for n in range(300):
+        head = f"{n:03d}: a system prompt that many questions share, longer than 64 bytes. "
+        by_worker[complete(edge, prompt=head + "probe").worker].append(head)
+        heavy = max(by_worker, key=lambda w: len(by_worker[w]))
+        light = min(by_worker, key=lambda w: len(by_worker[w]))
+        if len(by_worker[heavy]) >= 6 and len(by_worker[light]) >= 2:
+            break
+    heads = by_worker[heavy][:6] + by_worker[light][:2]
+    keys = {head: head.encode()[:64].hex() for head in heads}
+    addresses = {routed.address(w): w for w in by_worker}
+
+    def pinned_evenly_and_followed() -> bool:
+        served = {
+            head: {complete(edge, prompt=head + f"q{i}").worker for i in range(3)} for head in heads
+        }
+        pins = pins_of(edge_routes(routed.admin_url("envoy")))
+        if not all(keys[h] in pins for h in heads):
+            return False
+        owners = {h: addresses.get(pins[keys[h]]) for h in heads}
+        split = collections.Counter(owners.values())
+        return split == {"inference-0": 4, "inference-1": 4} and all(
+            served[h] == {owners[h]} for h in heads
+        )
+
+    wait_until(pinned_evenly_and_followed, 30, "8 hot heads pinned 4/4 and followed")
 
 
 def test_an_edge_started_without_prefix_affinity_spreads_prompts_that_start_alike(routed):

@@ -393,6 +393,7 @@ class VersionOutcomes(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     TTFT_BUCKET_COUNTS_FIELD_NUMBER: _builtins.int
     TTFT_BUCKET_BOUNDS_MS_FIELD_NUMBER: _builtins.int
+    HOT_PREFIXES_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     """requests is the finished generation requests."""
     errors: _builtins.int
@@ -412,6 +413,14 @@ class VersionOutcomes(_message.Message):
     def ttft_bucket_bounds_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """ttft_bucket_bounds_ms are the bucket bounds, in ms, ascending."""
 
+    @_builtins.property
+    def hot_prefixes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PrefixHeat]:
+        """hot_prefixes are the prompt heads this version served most often lately
+        (at most 32, busiest first): the router pins each to one worker at the
+        edge, balanced over the version's workers (docs/runbook.md, "Prefix
+        affinity").
+        """
+
     def __init__(
         self,
         *,
@@ -420,14 +429,45 @@ class VersionOutcomes(_message.Message):
         errors: _builtins.int = ...,
         ttft_bucket_counts: _abc.Iterable[_builtins.int] | None = ...,
         ttft_bucket_bounds_ms: _abc.Iterable[_builtins.float] | None = ...,
+        hot_prefixes: _abc.Iterable[Global___PrefixHeat] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "model", b"model", "requests", b"requests", "ttft_bucket_bounds_ms", b"ttft_bucket_bounds_ms", "ttft_bucket_counts", b"ttft_bucket_counts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "hot_prefixes", b"hot_prefixes", "model", b"model", "requests", b"requests", "ttft_bucket_bounds_ms", b"ttft_bucket_bounds_ms", "ttft_bucket_counts", b"ttft_bucket_counts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VersionOutcomes: _TypeAlias = VersionOutcomes  # noqa: Y015
+
+@_typing.final
+class PrefixHeat(_message.Message):
+    """PrefixHeat is how often one prompt head reached a worker lately."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREFIX_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    prefix: _builtins.str
+    """prefix is the edge's key for the head (the x-tokenmesh-prefix header:
+    hex of the prompt's first 64 bytes, or of its template reference).
+    """
+    requests: _builtins.float
+    """requests is the requests that carried it, decayed (each counts half
+    after PREFIX_HALF_LIFE_S, 5 s; not only since the last heartbeat).
+    """
+    def __init__(
+        self,
+        *,
+        prefix: _builtins.str = ...,
+        requests: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prefix", b"prefix", "requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrefixHeat: _TypeAlias = PrefixHeat  # noqa: Y015
 
 @_typing.final
 class TrafficWeight(_message.Message):

@@ -1,0 +1,112 @@
+"""Pins a model version's busiest prompt heads to one worker each, balanced.
+
+The edge hashes a request's prompt head (`x-tokenmesh-prefix`) to pick a
+worker (Maglev, bounded load). Over many heads that spreads evenly, but a
+version's traffic is often a handful of hot heads (system prompts,
+templates), and a hash splits a handful unevenly: 8 heads over 2 workers
+split 4/4 only 27% of the time. The busier worker then queues, or its prefix
+cache cannot hold its share and evicts what the other worker would have kept.
+
+Workers report their hottest heads in every heartbeat (decayed request counts,
+services.inference.load_report.PrefixHeat). From those reports this module
+assigns each hot head one worker:
+
+- start where the head's requests went (its KV is cached there);
+- then, while the busiest worker's share (heat per unit of endpoint weight)
+  is over MOVE_GAIN times the even share, move the head that best evens it
+  out to the idlest worker; a split within MOVE_GAIN is left alone, so noise
+  in the counts moves nothing.
+
+The edge's Lua filter reads the pins from its route's metadata and asks Envoy
+for the pinned worker (a non-strict override: a worker that is unhealthy or
+gone falls back to the hash). Heads that are not pinned keep the hash.
+
+Pure and deterministic: the same reports give the same pins, so router
+replicas agree, and once a pin holds, the head's heat gathers on its worker and
+keeps it there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+#: Pins per model version (route metadata stays small; the rest keep the hash).
+MAX_PINS = 64
+#: Heads move only while the busiest worker's share is over this times the even share.
+MOVE_GAIN = 1.1
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Holder is one routable worker of a version: where it is, its weight, its hot heads."""
+
+    address: str
+    weight: int
+    heat: Mapping[str, float]
+
+
+def pins(holders: Sequence[Holder]) -> dict[str, str]:
+    """Returns {prefix key: worker address} of the version's hottest heads (none: < 2 workers)."""
+    live = sorted((h for h in holders if h.weight > 0), key=lambda h: h.address)
+    if len(live) < 2:
+        return {}
+    totals: dict[str, float] = {}
+    for holder in live:
+        for head, count in holder.heat.items():
+            totals[head] = totals.get(head, 0.0) + count
+    heads = sorted(totals, key=lambda head: (-totals[head], head))[:MAX_PINS]
+    owner = {head: _warmest(live, head).address for head in heads}
+    _balance(live, owner, totals)
+    return owner
+
+
+def _warmest(live: Sequence[Holder], head: str) -> Holder:
+    """The worker that served the head most (ties: the first address)."""
+    return min(live, key=lambda h: (-h.heat.get(head, 0.0), h.address))
+
+
+def _balance(live: Sequence[Holder], owner: dict[str, str], totals: Mapping[str, float]) -> None:
+    """Moves heads from the busiest worker to the idlest while the busiest one's share is
+    over MOVE_GAIN times the even share and a move lowers it."""
+    weight = {h.address: float(h.weight) for h in live}
+    load = dict.fromkeys(weight, 0.0)
+    for head, address in owner.items():
+        load[address] += totals[head]
+    even = sum(load.values()) / sum(weight.values())
+
+    def share(address: str) -> float:
+        return load[address] / weight[address]
+
+    for _ in range(len(owner)):
+        busiest = max(weight, key=lambda a: (share(a), a))
+        if share(busiest) <= even * MOVE_GAIN:
+            return
+        idlest = min(weight, key=lambda a: (share(a), a))
+        move = _best_move(busiest, idlest, owner, totals, load, weight)
+        if move is None:
+            return
+        owner[move] = idlest
+        load[busiest] -= totals[move]
+        load[idlest] += totals[move]
+
+
+def _best_move(
+    busiest: str,
+    idlest: str,
+    owner: Mapping[str, str],
+    totals: Mapping[str, float],
+    load: Mapping[str, float],
+    weight: Mapping[str, float],
+) -> str | None:
+    """The head whose move from `busiest` to `idlest` lowers the larger of their shares
+    most (None: no move lowers it)."""
+    best: tuple[float, str] | None = None
+    for head in sorted(h for h, a in owner.items() if a == busiest):
+        after = max(
+            (load[busiest] - totals[head]) / weight[busiest],
+            (load[idlest] + totals[head]) / weight[idlest],
+        )
+        if after < load[busiest] / weight[busiest] and (best is None or after < best[0]):
+            best = (after, head)
+    return None if best is None else best[1]

@@ -1,0 +1,154 @@
+"""Prefix pins: workers' hot prompt heads, balanced into one worker each, carried to the edge."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+from envoy.config.route.v3 import route_pb2
+
+from services.inference.load_report import (
+    HOT_MIN_REQUESTS,
+    HOT_PREFIXES,
+    PREFIX_HALF_LIFE_S,
+    PREFIX_MAX_TRACKED,
+    PrefixHeat,
+)
+from services.router import catalog as cat
+from services.router import prefix_pins, snapshot
+from services.router.load_weights import LoadReport
+from services.router.prefix_pins import Holder
+from services.router.registry import VersionCounts, WorkerEntry
+from services.router.servicer import load_to_pb, outcomes_from_pb
+from services.router.snapshot import ROUTE_TYPE
+from services.router.xds import pack
+
+NOW = 1_800_000_000.0
+HEADS = [f"{i:02x}" * 8 for i in range(8)]
+
+
+def split(pins: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for address in pins.values():
+        counts[address] = counts.get(address, 0) + 1
+    return counts
+
+
+def test_an_uneven_hash_split_of_equal_heads_is_evened_out():
+    # Maglev put 6 of 8 equally busy heads on a and 2 on b.
+    a = Holder("10.0.0.1:1", 100, {h: 6.0 for h in HEADS[:6]})
+    b = Holder("10.0.0.2:1", 100, {h: 6.0 for h in HEADS[6:]})
+    pins = prefix_pins.pins([a, b])
+    assert split(pins) == {"10.0.0.1:1": 4, "10.0.0.2:1": 4}
+    # Only a's heads moved: b keeps what its cache holds.
+    assert all(pins[h] == "10.0.0.2:1" for h in HEADS[6:])
+
+
+def test_an_even_split_is_left_alone_whatever_the_noise():
+    a = Holder("10.0.0.1:1", 100, dict(zip(HEADS[:4], (7.0, 6.5, 6.5, 6.0), strict=True)))
+    b = Holder("10.0.0.2:1", 100, dict(zip(HEADS[4:], (5.5, 5.5, 5.0, 6.0), strict=True)))
+    pins = prefix_pins.pins([a, b])
+    assert pins == {h: "10.0.0.1:1" for h in HEADS[:4]} | {h: "10.0.0.2:1" for h in HEADS[4:]}
+
+
+def test_a_head_starts_where_most_of_its_requests_went():
+    a = Holder("10.0.0.1:1", 100, {HEADS[0]: 9.0, HEADS[1]: 1.0})
+    b = Holder("10.0.0.2:1", 100, {HEADS[0]: 1.0, HEADS[1]: 9.0})
+    assert prefix_pins.pins([a, b]) == {HEADS[0]: "10.0.0.1:1", HEADS[1]: "10.0.0.2:1"}
+
+
+def test_a_lighter_weighted_worker_gets_a_smaller_share():
+    heads = {f"{i:02x}": 4.0 for i in range(12)}
+    slow = Holder("10.0.0.1:1", 50, heads)
+    fast = Holder("10.0.0.2:1", 100, {})
+    assert split(prefix_pins.pins([slow, fast])) == {"10.0.0.1:1": 4, "10.0.0.2:1": 8}
+
+
+def test_pins_are_the_same_whatever_order_the_reports_come_in():
+    rng = random.Random(7)
+    holders = [
+        Holder(f"10.0.0.{n}:1", 100, {h: rng.uniform(2, 20) for h in rng.sample(HEADS, 5)})
+        for n in range(1, 4)
+    ]
+    expected = prefix_pins.pins(holders)
+    for _ in range(5):
+        rng.shuffle(holders)
+        assert prefix_pins.pins(holders) == expected
+    assert set(expected) == {head for h in holders for head in h.heat}
+
+
+def test_no_pins_with_one_worker_and_at_most_max_pins():
+    many = {f"{i:04x}": 2.0 + i for i in range(prefix_pins.MAX_PINS + 10)}
+    assert prefix_pins.pins([Holder("10.0.0.1:1", 100, many)]) == {}
+    pins = prefix_pins.pins([Holder("10.0.0.1:1", 100, many), Holder("10.0.0.2:1", 100, {})])
+    assert len(pins) == prefix_pins.MAX_PINS
+    assert f"{0:04x}" not in pins  # the coldest are left to the hash
+
+
+def test_prefix_heat_decays_reports_only_reuse_and_stays_bounded():
+    heat = PrefixHeat()
+    for _ in range(4):
+        heat.observe("aa", now=100.0)
+    heat.observe("bb", now=100.0)  # once: not reuse
+    heat.observe("not hex", now=100.0)
+    heat.observe("", now=100.0)
+    assert heat.hottest(now=100.0) == [("aa", 4.0)]
+    assert heat.hottest(now=100.0 + PREFIX_HALF_LIFE_S) == [("aa", 2.0)]
+    assert heat.hottest(now=100.0 + 2 * PREFIX_HALF_LIFE_S) == []  # 1.0 < HOT_MIN_REQUESTS
+    assert HOT_MIN_REQUESTS == 2.0
+    for i in range(PREFIX_MAX_TRACKED + 1):
+        heat.observe(f"{i:06x}", now=200.0)
+        heat.observe(f"{i:06x}", now=200.0)
+    hottest = heat.hottest(now=200.0)
+    assert len(hottest) == HOT_PREFIXES and all(count == 2.0 for _, count in hottest)
+    assert len(heat._heat) <= PREFIX_MAX_TRACKED
+
+
+def test_heartbeat_hot_prefixes_round_trip_and_malformed_ones_are_dropped():
+    counts = VersionCounts(
+        "m", "1", 5, 0, (1.0,), (2, 3), hot_prefixes=(("aabb", 3.5), ("NOT-HEX", 9.0))
+    )
+    load = load_to_pb(LoadReport(), [counts])
+    (parsed,) = outcomes_from_pb(load)
+    assert parsed.hot_prefixes == (("aabb", 3.5),)
+    assert VersionCounts.from_json(parsed.to_json()) == parsed
+
+
+def _worker(name: str, host: str, port: int, heads: dict[str, float]) -> WorkerEntry:
+    counts = VersionCounts("m", "1", hot_prefixes=tuple(heads.items()))
+    entry = WorkerEntry(name, host, port, (("m", "1"),), "serving", NOW + 5)
+    return replace(entry, outcomes=(counts,))
+
+
+def test_the_edge_routes_carry_the_pins_for_the_lua_filter():
+    model = cat.add_version(None, "m", "1", 0)
+    workers = [
+        _worker("w1", "127.0.0.1", 1001, {h: 6.0 for h in HEADS[:6]}),
+        _worker("w2", "::1", 1002, {h: 6.0 for h in HEADS[6:]}),
+    ]
+    resources = snapshot.build(
+        {"m": model}, workers, NOW, snapshot.EdgeFlags(), snapshot.ClusterOptions()
+    )
+    routes = resources.by_type[ROUTE_TYPE]["edge"]["virtual_hosts"][0]["routes"]
+    pinned = [
+        r["metadata"]["filter_metadata"]["envoy.filters.http.lua"]
+        for r in routes
+        if "metadata" in r
+    ]
+    assert pinned  # the version route and the split
+    assert all(split(p) == {"127.0.0.1:1001": 4, "[::1]:1002": 4} for p in pinned)
+    route = route_pb2.RouteConfiguration()  # what Envoy will accept
+    assert pack(resources).by_type[ROUTE_TYPE]["edge"].Unpack(route)
+    assert any(
+        r.metadata.filter_metadata["envoy.filters.http.lua"] for r in route.virtual_hosts[0].routes
+    )
+    plain = snapshot.build(
+        {"m": model},
+        workers,
+        NOW,
+        snapshot.EdgeFlags(),
+        snapshot.ClusterOptions(prefix_affinity=False),
+    )
+    assert not any(
+        "metadata" in r for r in plain.by_type[ROUTE_TYPE]["edge"]["virtual_hosts"][0]["routes"]
+    )
