@@ -10,27 +10,34 @@ TOKENMESH_ROUTER_PREFIX_AFFINITY=false turns it off mesh-wide).
 
 K1, prefix-heavy: 8 system prompts of ~400 demo-lm tokens, each request one
 of them (seeded, uniform) with a question of its own: OpenAI chat streams of
-8 tokens from 8 concurrent clients for a window. With affinity each prompt
-meets one worker; with round robin each worker sees all 8. Workers keep the
-default prefix cache (TOKENMESH_PREFIX_CACHE_TOKENS, 4096 tokens), which
-holds shared blocks once: all 8 system prompts (~3,200 tokens) fit in each
-worker's cache, so round robin hits nearly as often as affinity here (see
+8 tokens. With affinity each prompt meets one worker (the router pins hot
+heads, balanced: services/router/prefix_pins.py); with round robin each
+worker sees all 8. Each worker's prefix cache holds about half the prompts
+(PREFIX_CACHE_TOKENS): the regime prefix-aware routing exists for, where the
+prefixes in use fit in the workers' caches together but not in one. At the
+default (4096 tokens) each worker holds all 8 and both modes hit alike (see
 docs/perf/summary.md). K2, the control: every request has a system prompt
 of its own (nothing to reuse), so routing can only cost.
 
-Measured at the client: time to the first content chunk (TTFT, p50/p90) and
-completed requests/s; from the usage chunk, the share of prompt tokens the
-workers took from their prefix caches. Rounds alternate the modes (order
-flipped each round); every phase uses a set of prompts no earlier phase
-sent, so neither mode inherits the other's cache, starts once the mesh is
-idle, and measures the steady state: each shared prompt is served once
-before its window (left out).
+Measured at the client: completed requests/s from CONCURRENCY clients back
+to back (closed loop: the most each mode serves), and time to the first
+content chunk (TTFT). K1's TTFT row compares the modes at one offered load,
+Poisson arrivals at PACED_LOAD of round robin's closed-loop requests/s (the
+same schedule for both): a closed loop saturates the core, so its TTFT
+mostly measures the queue the clients build (reported beside it). From the
+usage chunk, the share of prompt tokens the workers took from their prefix
+caches; every mesh process's CPU per request; the pinned heads per worker.
+Rounds alternate the modes (order flipped each round); every phase uses a
+set of prompts no earlier phase sent, so neither mode inherits the other's
+cache, starts once the mesh is idle, and measures the steady state: the
+phase's own traffic runs WARM_UP_S first (left out).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -59,6 +66,10 @@ PROMPTS = 8
 PROMPT_TOKENS = 400
 CONCURRENCY = 8
 OUTPUT_TOKENS = 8
+#: K1's TTFT is compared at the same offered load: Poisson arrivals at this share
+#: of round robin's closed-loop requests/s (same run), which both modes sustain.
+PACED_LOAD = 0.75
+PACED_MAX_IN_FLIGHT = 64
 #: Each worker's prefix cache holds about half the shared prompts (4 of 8 at ~440
 #: tokens): the regime prefix-aware routing is for, where the prefixes in use fit
 #: in the workers' caches together but not in one. (At the default, 4096, each
@@ -100,10 +111,14 @@ class Plan:
     control_rounds: int
     control_window_s: float
     budget_s: float
+    paced_rounds: int
+    paced_window_s: float
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
-        return cls(1, 5.0, 1, 4.0, 60.0) if quick else cls(3, 8.0, 3, 8.0, 220.0)
+        if quick:
+            return cls(1, 5.0, 1, 4.0, 80.0, 1, 4.0)
+        return cls(3, 8.0, 3, 8.0, 300.0, 2, 6.0)
 
 
 def system_prompt(tag: str, tokenizer: Tokenizer) -> str:
@@ -194,6 +209,47 @@ async def _phase(
     return samples, len(samples) / (time.perf_counter() - started)
 
 
+async def _paced_phase(
+    headers: dict[str, str],
+    url: str,
+    next_body: Callable[[int], bytes],
+    rate: float,
+    window_s: float,
+    seed: str,
+    failures: list[str],
+) -> list[Sample]:
+    """Requests arriving at `rate` a second for `window_s` (Poisson arrivals from `seed`:
+    both modes get the same schedule), whatever pace the answers keep; returns their
+    samples once all ended."""
+    rng = random.Random(seed)
+    samples: list[Sample] = []
+    in_flight: set[asyncio.Task[None]] = set()
+    limits = httpx.Limits(max_connections=PACED_MAX_IN_FLIGHT)
+    async with httpx.AsyncClient(timeout=120, headers=headers, limits=limits) as http:
+
+        async def one(n: int) -> None:
+            try:
+                samples.append(await _request(http, url, next_body(n)))
+            except (RuntimeError, httpx.HTTPError) as error:
+                failures.append(f"{type(error).__name__}: {error}"[:300])
+
+        started, at = time.monotonic(), 0.0
+        for n in itertools.count():
+            at += rng.expovariate(rate)
+            if at >= window_s:
+                break
+            await asyncio.sleep(max(0.0, started + at - time.monotonic()))
+            if len(in_flight) >= PACED_MAX_IN_FLIGHT:
+                failures.append(f"over {PACED_MAX_IN_FLIGHT} requests in flight: not sent")
+                continue
+            task = asyncio.create_task(one(n))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=120)
+    return samples
+
+
 def _summary(
     samples: list[Sample], rates: list[float], failures: list[str], cpu: list[dict[str, float]]
 ) -> dict[str, Any]:
@@ -255,14 +311,15 @@ async def _case(
                 if time.monotonic() > deadline:
                     break
                 print(f"  {case}: round {n + 1}/{rounds}, {mode}", flush=True)
-                next_body = _bodies(case, f"{case[0]}{n}{mode[0]}", tokenizer)
+                next_body, heads = _bodies(case, f"{case[0]}{n}{mode[0]}", tokenizer)
                 url = f"{edges.urls[mode]}/openai/v1/chat/completions"
                 await settle(edges.pids)  # the last phase's work is done
                 # Steady state: the phase's own traffic for a while first (left out):
                 # the caches hold what they will hold, the router pinned what it will.
-                await _phase(http, url, next_body, WARM_UP_S, [])
-                if mode == "affinity":
-                    pins[n] = _pin_split(edges.admin_url)
+                if heads:  # distinct prompts: nothing to cache or pin
+                    await _phase(http, url, next_body, WARM_UP_S, [])
+                if mode == "affinity" and heads:
+                    pins[n] = _pin_split(edges.admin_url, heads)
                 with CpuMeter(edges.pids) as meter:
                     got, rate = await _phase(http, url, next_body, window_s, failures[mode])
                     await settle(edges.pids)  # deferred work (metering) counts too
@@ -276,12 +333,54 @@ async def _case(
     summaries["affinity"]["pinned_heads_by_worker"] = list(pins.values())
     for mode, summary in summaries.items():
         print(f"  {case} {mode}: CPU µs/request {summary['cpu_us_by_process']}", flush=True)
-    print(f"  {case} affinity: pinned heads per worker, by round: {list(pins.values())}")
+    if pins:
+        print(f"  {case} affinity: pinned heads per worker, by round: {list(pins.values())}")
     return summaries
 
 
-def _pin_split(admin_url: str) -> list[int]:
-    """How many prompt heads the edge's routes pin to each worker (busiest first)."""
+async def _paced(
+    edges: Edges,
+    rate: float,
+    rounds: int,
+    window_s: float,
+    deadline: float,
+    tokenizer: Tokenizer,
+) -> dict[str, dict[str, Any]]:
+    """K1's TTFT at one offered load: prefix-heavy requests arriving at `rate` a second,
+    modes alternating, the same arrival schedule for both in a round."""
+    samples: dict[str, list[Sample]] = {mode: [] for mode in MODES}
+    failures: dict[str, list[str]] = {mode: [] for mode in MODES}
+    limits = httpx.Limits(max_connections=CONCURRENCY * 2)
+    async with httpx.AsyncClient(timeout=120, headers=edges.headers, limits=limits) as http:
+        for n in range(rounds):
+            for mode in MODES if n % 2 == 0 else MODES[::-1]:
+                if time.monotonic() > deadline:
+                    break
+                print(f"  prefix_heavy at {rate:.1f} req/s: round {n + 1}/{rounds}, {mode}")
+                next_body, _ = _bodies("prefix_heavy", f"o{n}{mode[0]}", tokenizer)
+                url = f"{edges.urls[mode]}/openai/v1/chat/completions"
+                await settle(edges.pids)
+                await _phase(http, url, next_body, WARM_UP_S, [])  # as in _case
+                samples[mode] += await _paced_phase(
+                    edges.headers, url, next_body, rate, window_s, f"paced{n}", failures[mode]
+                )
+    return {
+        mode: {
+            "offered_rps": rate,
+            "requests": len(samples[mode]),
+            "errors": len(failures[mode]),
+            "first_errors": failures[mode][:3],
+            "ttft_p50_ms": percentile([s.ttft_ms for s in samples[mode]], 50),
+            "ttft_p90_ms": percentile([s.ttft_ms for s in samples[mode]], 90),
+            "ttft_p99_ms": percentile([s.ttft_ms for s in samples[mode]], 99),
+            "_ttft_ms": [s.ttft_ms for s in samples[mode]],
+        }
+        for mode in MODES
+    }
+
+
+def _pin_split(admin_url: str, heads: set[str]) -> list[int]:
+    """How many of `heads` the edge's routes pin to each worker (busiest first)."""
     dump = httpx.get(
         f"{admin_url}/config_dump", params={"resource": "dynamic_route_configs"}, timeout=5
     ).json()
@@ -291,21 +390,29 @@ def _pin_split(admin_url: str) -> list[int]:
             for route in host.get("routes", []):
                 metadata = route.get("metadata", {}).get("filter_metadata", {})
                 pins.update(metadata.get(LUA_FILTER_NAME, {}))
-    return sorted(Counter(pins.values()).values(), reverse=True)
+    pinned = Counter(address for head, address in pins.items() if head in heads)
+    return sorted(pinned.values(), reverse=True)
 
 
-def _bodies(case: str, tag: str, tokenizer: Tokenizer) -> Callable[[int], bytes]:
-    """Returns a phase's requests: request n's body.
+def _bodies(case: str, tag: str, tokenizer: Tokenizer) -> tuple[Callable[[int], bytes], set[str]]:
+    """Returns a phase's requests (request n's body) and the edge's keys of its shared heads.
 
     prefix_heavy: one of PROMPTS shared system prompts (a seeded choice); distinct:
-    a system prompt of its own of the same size.
+    a system prompt of its own of the same size (no shared head).
     """
     if case == "prefix_heavy":
         shared = [system_prompt(f"{tag}-{k}", tokenizer) for k in range(PROMPTS)]
         rng = random.Random(tag)
-        return lambda n: chat_body(rng.choice(shared), n)
+        return (lambda n: chat_body(rng.choice(shared), n)), {_head_key(p) for p in shared}
     template = system_prompt(f"{tag}-x", tokenizer).split(" ", 2)[2]
-    return lambda n: chat_body(f"Desk {tag}-{n}. {template}", n)
+    return (lambda n: chat_body(f"Desk {tag}-{n}. {template}", n)), set()
+
+
+def _head_key(system: str) -> str:
+    """The edge's prefix key of a chat with this system prompt: the hex of the first
+    64 bytes of its `messages` member as sent (gateway/model_routing.lua)."""
+    messages = json.loads(chat_body(system, 0))["messages"]
+    return json.dumps(messages).encode()[:64].hex()
 
 
 def mesh_config(state: Path) -> MeshConfig:
@@ -354,12 +461,16 @@ def _serves(edge: str, key: str) -> bool:
 async def _measure(edges: Edges, plan: Plan) -> dict[str, Any]:
     tokenizer = Tokenizer.from_file(str(TOKENIZER))
     deadline = time.monotonic() + plan.budget_s
-    warm = _bodies("distinct", "warm", tokenizer)
+    warm, _ = _bodies("distinct", "warm", tokenizer)
     async with httpx.AsyncClient(timeout=120, headers=edges.headers) as http:
         for mode in MODES:  # warm-up of both edges and workers (left out)
             url = f"{edges.urls[mode]}/openai/v1/chat/completions"
             await asyncio.gather(*(_request(http, url, warm(n)) for n in range(4)))
     heavy = await _case(edges, "prefix_heavy", plan.rounds, plan.window_s, deadline, tokenizer)
+    rate = PACED_LOAD * heavy["round_robin"]["rps"]
+    paced = await _paced(edges, rate, plan.paced_rounds, plan.paced_window_s, deadline, tokenizer)
+    for mode in MODES:
+        heavy[mode]["paced"] = paced[mode]
     control = await _case(
         edges, "distinct", plan.control_rounds, plan.control_window_s, deadline, tokenizer
     )
@@ -390,7 +501,9 @@ def judge(results: dict[str, Any]) -> list[Row]:
     """K1: affinity's TTFT p90 and requests/s against round robin's; K2: the control."""
     heavy, control = results["prefix_heavy"], results["distinct"]
     fast, slow = heavy["affinity"], heavy["round_robin"]
-    lower = slow["ttft_p90_ms"] / max(fast["ttft_p90_ms"], 1e-9)
+    paced_fast, paced_slow = fast["paced"], slow["paced"]
+    lower = paced_slow["ttft_p90_ms"] / max(paced_fast["ttft_p90_ms"], 1e-9)
+    closed_lower = slow["ttft_p90_ms"] / max(fast["ttft_p90_ms"], 1e-9)
     more = fast["rps"] / max(slow["rps"], 1e-9)
     more_cpu = fast["rps_by_cpu"] / max(slow["rps_by_cpu"], 1e-9)
     c_fast, c_slow = control["affinity"], control["round_robin"]
@@ -401,13 +514,17 @@ def judge(results: dict[str, Any]) -> list[Row]:
     return [
         row(
             "K1",
-            f"TTFT p90 {fast['ttft_p90_ms']:.0f} ms ({lower:.1f}x lower), {fast['rps']:.1f} req/s"
-            f" ({more:.2f}x; by CPU {more_cpu:.2f}x); {fast['cached_share']:.0%} of prompt"
-            f" tokens cached ({fast['prompt_tokens_p50']:.0f}-token prompts,"
-            f" {fast['requests']} requests){errors}",
+            f"TTFT p90 {paced_fast['ttft_p90_ms']:.0f} ms ({lower:.1f}x lower) at"
+            f" {paced_fast['offered_rps']:.1f} req/s offered ({PACED_LOAD:.0%} of round robin's"
+            f" most; {paced_fast['requests']} requests); {fast['rps']:.1f} req/s at"
+            f" {CONCURRENCY} clients ({more:.2f}x; by CPU {more_cpu:.2f}x), TTFT p90 there"
+            f" {fast['ttft_p90_ms']:.0f} ms ({closed_lower:.1f}x lower);"
+            f" {fast['cached_share']:.0%} of prompt tokens cached"
+            f" ({fast['prompt_tokens_p50']:.0f}-token prompts){errors}",
             lower >= 3 and more >= 1.3 and more_cpu >= 1.3 and not errors,
-            baseline=f"round robin: TTFT p90 {slow['ttft_p90_ms']:.0f} ms, {slow['rps']:.1f}"
-            f" req/s, {slow['cached_share']:.0%} cached",
+            baseline=f"round robin: TTFT p90 {paced_slow['ttft_p90_ms']:.0f} ms at the same"
+            f" load; {slow['rps']:.1f} req/s, TTFT p90 {slow['ttft_p90_ms']:.0f} ms at"
+            f" {CONCURRENCY} clients; {slow['cached_share']:.0%} cached",
             cpu=f"mesh µs/request: affinity {fast['cpu_us_per_request']:.0f}, round robin"
             f" {slow['cpu_us_per_request']:.0f}",
         ),
@@ -431,6 +548,10 @@ def _errors(results: dict[str, Any]) -> str:
         for case in ("prefix_heavy", "distinct")
         for mode in MODES
         if results[case][mode]["errors"]
+    ] + [
+        f"prefix_heavy paced {mode} {paced['errors']}"
+        for mode in MODES
+        if (paced := results["prefix_heavy"][mode].get("paced", {})).get("errors")
     ]
     return f"; failed requests: {', '.join(failed)}" if failed else ""
 
@@ -455,6 +576,12 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
             values = np.sort(results[case][mode].get("_ttft_ms") or [0.0])
             share = np.arange(1, len(values) + 1) / len(values)
             axis.plot(values, share, label=mode.replace("_", " "), color=colors[mode])
+            paced = results[case][mode].get("paced")
+            if paced:  # K1's TTFT row: the same offered load for both modes
+                values = np.sort(paced.get("_ttft_ms") or [0.0])
+                share = np.arange(1, len(values) + 1) / len(values)
+                label = f"{mode.replace('_', ' ')}, {paced['offered_rps']:.0f} req/s offered"
+                axis.plot(values, share, "--", label=label, color=colors[mode])
         axis.axhline(0.9, color="#cccccc", linewidth=0.8)
         axis.set(title=title, xlabel="TTFT (ms)", ylabel="share of requests")
         axis.legend()

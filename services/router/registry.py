@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -38,6 +38,10 @@ from services.router.catalog import check_name, check_version
 from services.router.load_weights import LoadReport, WeightState
 
 WORKERS_KEY = "tokenmesh:router:workers"
+# Each worker's hot prompt heads per version, apart from its entry: every
+# heartbeat reads every entry (weights are relative), and the heads would make
+# those reads several times larger. Only the snapshot builder needs them.
+HEAT_KEY = "tokenmesh:router:worker-heat"
 _ADDRESS = re.compile(r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$")
 # A lease this long past its end is deleted (kept briefly so ListWorkers shows it went).
 _FORGET_AFTER_S = 60.0
@@ -45,11 +49,13 @@ _FORGET_AFTER_S = 60.0
 SERVING = "serving"
 DRAINING = "draining"
 
-# KEYS: the workers hash; ARGV: worker id, the entry the change was computed
-# from ("" = none), the new entry. Returns 1 if written, 0 if the entry changed.
+# KEYS: the workers hash (and the heat hash); ARGV: worker id, the entry the
+# change was computed from ("" = none), the new entry (and its hot heads).
+# Returns 1 if written, 0 if the entry changed.
 _COMPARE_AND_SET = """
 if (redis.call('HGET', KEYS[1], ARGV[1]) or '') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+if ARGV[4] then redis.call('HSET', KEYS[2], ARGV[1], ARGV[4]) end
 return 1
 """
 
@@ -164,8 +170,11 @@ class VersionCounts:
     hot_prefixes: tuple[tuple[str, float], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        """Serialises the counters for the worker's entry."""
-        return asdict(self)
+        """Serialises the counters for the worker's entry (the hot heads go apart:
+        HEAT_KEY)."""
+        data = asdict(self)
+        del data["hot_prefixes"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VersionCounts:
@@ -177,8 +186,6 @@ class VersionCounts:
             errors=int(data["errors"]),
             ttft_bounds_ms=tuple(float(b) for b in data["ttft_bounds_ms"]),
             ttft_counts=tuple(int(c) for c in data["ttft_counts"]),
-            # Entries written before prefix pins existed have none.
-            hot_prefixes=tuple((str(p), float(n)) for p, n in data.get("hot_prefixes", ())),
         )
 
 
@@ -336,7 +343,7 @@ class WorkerRegistry:
                 weight=load_weights.update(entry.weight, load, others),
                 outcomes=tuple(outcomes),
             )
-            if await self._swap(worker_id, raw, renewed):
+            if await self._swap(worker_id, raw, renewed, _heads_json(renewed.outcomes)):
                 return renewed, set(renewed.models) != set(entry.models)
 
     async def drain(self, worker_id: str, holder: str | None = None) -> WorkerEntry:
@@ -359,25 +366,61 @@ class WorkerRegistry:
             raise _not_registered(worker_id)
         return raw, WorkerEntry.from_json(worker_id, raw)
 
-    async def _swap(self, worker_id: str, read: bytes | str | None, entry: WorkerEntry) -> bool:
-        """Stores `entry` if the stored one is still `read` (None: absent); False if not."""
+    async def _swap(
+        self, worker_id: str, read: bytes | str | None, entry: WorkerEntry, heads: str = ""
+    ) -> bool:
+        """Stores `entry` (and `heads`, its hot prompt heads, if given) if the stored one
+        is still `read` (None: absent); False if not."""
         expected = b"" if read is None else read
-        return bool(
-            await self._compare_and_set(
-                keys=[WORKERS_KEY], args=[worker_id, expected, entry.to_json()]
-            )
-        )
+        keys, args = [WORKERS_KEY], [worker_id, expected, entry.to_json()]
+        if heads:
+            keys, args = [WORKERS_KEY, HEAT_KEY], [*args, heads]
+        return bool(await self._compare_and_set(keys=keys, args=args))
 
     async def all(self, now: float) -> list[WorkerEntry]:
-        """Returns every known worker, forgetting those whose lease ended long ago."""
+        """Returns every known worker (with its hot prompt heads), forgetting those whose
+        lease ended long ago."""
         raw = await self.redis.hgetall(WORKERS_KEY)
-        workers = [WorkerEntry.from_json(text(k), v) for k, v in raw.items()]
+        heat = await self.redis.hgetall(HEAT_KEY)
+        heads = {text(k): _heads_from_json(v) for k, v in heat.items()}
+        workers = [
+            _with_heads(WorkerEntry.from_json(text(k), v), heads.get(text(k), {}))
+            for k, v in raw.items()
+        ]
         gone = [w.worker_id for w in workers if w.lease_expires_at + _FORGET_AFTER_S < now]
         if gone:
             # Only entries still as read: a worker that re-registered meanwhile stays.
             stale = [x for k, v in raw.items() if text(k) in gone for x in (k, v)]
             await self._forget(keys=[WORKERS_KEY], args=stale)
+            await self.redis.hdel(HEAT_KEY, *gone)  # a re-registered one sends its own again
         return sorted((w for w in workers if w.worker_id not in gone), key=lambda w: w.worker_id)
+
+
+def _heads_json(outcomes: Sequence[VersionCounts]) -> str:
+    """A heartbeat's hot heads per version as stored in HEAT_KEY ("{}": none, which
+    replaces the last ones all the same)."""
+    heads = {f"{c.model}@{c.version}": c.hot_prefixes for c in outcomes if c.hot_prefixes}
+    return json.dumps(heads, sort_keys=True)
+
+
+def _heads_from_json(raw: str | bytes) -> dict[tuple[str, str], tuple[tuple[str, float], ...]]:
+    data: dict[str, list[list[Any]]] = json.loads(raw)
+    return {
+        (ref.split("@", 1)[0], ref.split("@", 1)[1]): tuple((str(p), float(n)) for p, n in heads)
+        for ref, heads in data.items()
+    }
+
+
+def _with_heads(
+    entry: WorkerEntry, heads: Mapping[tuple[str, str], tuple[tuple[str, float], ...]]
+) -> WorkerEntry:
+    """The entry with its stored hot heads on its outcome counters."""
+    if not heads:
+        return entry
+    outcomes = tuple(
+        replace(c, hot_prefixes=heads.get((c.model, c.version), ())) for c in entry.outcomes
+    )
+    return replace(entry, outcomes=outcomes)
 
 
 def _not_registered(worker_id: str) -> NotFound:

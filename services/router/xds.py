@@ -60,17 +60,34 @@ class PackedResources:
     source: Resources
 
 
-def pack(resources: Resources) -> PackedResources:
-    """Converts JSON-shaped resources to protobuf (raises ValueError on a bad shape)."""
+def pack(resources: Resources, previous: PackedResources | None = None) -> PackedResources:
+    """Converts JSON-shaped resources to protobuf (raises ValueError on a bad shape).
+
+    What equals `previous`'s source is taken from `previous` as packed, versions
+    included: under traffic every heartbeat moves an endpoint weight (and a
+    hot head may move a pin), and converting and hashing every resource of every
+    type for that was most of a busy router's CPU (~20 ms a change).
+    """
     by_type: dict[str, dict[str, any_pb2.Any]] = {}
+    versions: dict[str, str] = {}
     for type_url, named in resources.by_type.items():
+        before = previous.source.by_type.get(type_url, {}) if previous else {}
+        packed_before = previous.by_type.get(type_url, {}) if previous else {}
+        if previous is not None and type_url in previous.versions and before == named:
+            by_type[type_url] = dict(packed_before)
+            versions[type_url] = previous.versions[type_url]
+            continue
         packed: dict[str, any_pb2.Any] = {}
         for name, resource in named.items():
+            if name in packed_before and before.get(name) == resource:
+                packed[name] = packed_before[name]
+                continue
             message = json_format.ParseDict(resource, _MESSAGES[type_url]())
             packed[name] = any_pb2.Any()
             packed[name].Pack(message)
         by_type[type_url] = packed
-    return PackedResources(resources.versions(), by_type, resources)
+        versions[type_url] = resources.version(type_url)
+    return PackedResources(versions, by_type, resources)
 
 
 class ControlPlane:
@@ -120,7 +137,7 @@ class ControlPlane:
             # resource was ~40% of an idle router's CPU, 4 polls a second): compare
             # the dicts, and pack and hash only on change.
             if resources.by_type != self._flavours[flags].source.by_type:
-                self._flavours[flags] = pack(resources)
+                self._flavours[flags] = pack(resources, self._flavours[flags])
                 changed = True
         self.ready.set()
         if changed:

@@ -14,6 +14,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,7 +35,7 @@ from services.inference.budget import Limits, TokenBudgets
 from services.launcher.mesh import spawn_redis
 from services.router import catalog as cat
 from services.router.catalog import Catalog
-from services.router.registry import DRAINING, SERVING, WorkerRegistry
+from services.router.registry import DRAINING, SERVING, WORKERS_KEY, VersionCounts, WorkerRegistry
 from tokenmesh.auth.v1 import auth_pb2
 
 
@@ -468,3 +469,18 @@ async def test_a_budget_window_of_10000_live_reservations_still_limits(client):
     with pytest.raises(ResourceExhausted, match="tokens_per_minute=10000") as info:
         await budgets.reserve(key_id, limits, "one-more", 1)
     assert info.value.reason == "TOKEN_BUDGET_EXCEEDED"
+
+
+async def test_hot_heads_are_kept_apart_from_the_entry_and_replaced_by_each_heartbeat(client):
+    worker, now = _worker_id(), time.time()
+    registry = WorkerRegistry(client, lease_s=30)
+    await registry.register(worker, "127.0.0.1:1001", [("m", "1")], now)
+    hot = VersionCounts("m", "1", 3, 0, (1.0,), (1, 2, 0), hot_prefixes=(("aabb", 4.0),))
+    await registry.renew(worker, [("m", "1")], now + 1, outcomes=[hot])
+    (listed,) = [w for w in await registry.all(now + 1) if w.worker_id == worker]
+    assert listed.outcomes[0].hot_prefixes == (("aabb", 4.0),)
+    # The entry every heartbeat reads does not carry them.
+    assert b"aabb" not in await client.hget(WORKERS_KEY, worker)
+    await registry.renew(worker, [("m", "1")], now + 2, outcomes=[replace(hot, hot_prefixes=())])
+    (listed,) = [w for w in await registry.all(now + 2) if w.worker_id == worker]
+    assert listed.outcomes[0].hot_prefixes == ()

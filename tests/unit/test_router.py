@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
@@ -311,3 +312,22 @@ def test_a_poll_that_reads_the_same_state_wakes_no_stream_and_a_change_does():
         assert changed[CLUSTER_TYPE] == version[CLUSTER_TYPE]
 
     asyncio.run(scenario())
+
+
+def test_repacking_reuses_what_did_not_change_and_versions_stay_content_hashes():
+    workers = [worker("w1", 1001, ("m", "1")), worker("w2", 1002, ("m", "1"))]
+    models = {"m": two_versions()}
+    first = pack(build(models, workers))
+    heavier = [replace(workers[0], weight=replace(workers[0].weight, weight=40)), workers[1]]
+    again = build(models, heavier)
+    incremental, full = pack(again, first), pack(again)
+    assert incremental.versions == full.versions
+    assert incremental.versions[ENDPOINT_TYPE] != first.versions[ENDPOINT_TYPE]
+    assert incremental.versions[CLUSTER_TYPE] == first.versions[CLUSTER_TYPE]
+    # Unchanged resources are the very messages packed before; the changed one is new.
+    assert (
+        incremental.by_type[CLUSTER_TYPE]["model:m:1"] is first.by_type[CLUSTER_TYPE]["model:m:1"]
+    )
+    changed = incremental.by_type[ENDPOINT_TYPE]["model:m:1"]
+    assert changed is not first.by_type[ENDPOINT_TYPE]["model:m:1"]
+    assert changed == full.by_type[ENDPOINT_TYPE]["model:m:1"]
