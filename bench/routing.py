@@ -76,7 +76,7 @@ PACED_MAX_IN_FLIGHT = 64
 #: worker holds all 8 and round robin hits as often as affinity.)
 PREFIX_CACHE_TOKENS = 2048
 #: Each phase first runs its own traffic this long (left out of the figures).
-WARM_UP_S = 3.0
+WARM_UP_S = 4.0
 TOKENIZER = REPO_ROOT / "models" / MODEL / "1" / "tokenizer.json"
 SENTENCES = (
     "You are a careful assistant to the scribes of the temple.",

@@ -43,8 +43,12 @@ PREFIX_HALF_LIFE_S = 5.0
 #: Heads tracked per version (past it the colder half is forgotten), and reported.
 PREFIX_MAX_TRACKED = 512
 HOT_PREFIXES = 32
-#: A head is reported once its decayed count reaches this (one request is not reuse).
+#: A head is reported once its decayed count reaches this (one request is not reuse)
+#: while requests keep coming: none for PREFIX_IDLE_S and it is not (a head that went
+#: cold would otherwise count towards its worker's load for ~20 s more, and the
+#: router would place the heads that replaced it unevenly).
 HOT_MIN_REQUESTS = 2.0
+PREFIX_IDLE_S = 3.0
 
 
 class PrefixHeat:
@@ -64,12 +68,16 @@ class PrefixHeat:
             kept = self._ranked(at)[: PREFIX_MAX_TRACKED // 2]
             self._heat = {head: (count, at) for head, count in kept}
 
-    def hottest(self, now: float | None = None) -> list[tuple[str, float]]:
-        """Returns up to HOT_PREFIXES (head, decayed count), busiest first, none below
-        HOT_MIN_REQUESTS."""
+    def hottest(self, now: float | None = None) -> list[tuple[str, float, float]]:
+        """Returns up to HOT_PREFIXES (head, decayed count, seconds idle), busiest first:
+        those at or above HOT_MIN_REQUESTS last seen within PREFIX_IDLE_S."""
         at = time.monotonic() if now is None else now
-        ranked = self._ranked(at)
-        return [(head, count) for head, count in ranked[:HOT_PREFIXES] if count >= HOT_MIN_REQUESTS]
+        busy = [
+            (head, count, at - self._heat[head][1])
+            for head, count in self._ranked(at)
+            if count >= HOT_MIN_REQUESTS and at - self._heat[head][1] <= PREFIX_IDLE_S
+        ]
+        return busy[:HOT_PREFIXES]
 
     def _ranked(self, at: float) -> list[tuple[str, float]]:
         decayed = ((head, _decayed(count, at - then)) for head, (count, then) in self._heat.items())
@@ -146,7 +154,7 @@ def version_outcomes_pb(model: LoadedModel) -> router_pb2.VersionOutcomes:
         ttft_bucket_counts=outcomes.ttft_counts,
         ttft_bucket_bounds_ms=TTFT_BOUNDS_MS,
         hot_prefixes=[
-            router_pb2.PrefixHeat(prefix=head, requests=count)
-            for head, count in outcomes.prefixes.hottest()
+            router_pb2.PrefixHeat(prefix=head, requests=count, idle_seconds=idle)
+            for head, count, idle in outcomes.prefixes.hottest()
         ],
     )

@@ -11,7 +11,10 @@ Workers report their hottest heads in every heartbeat (decayed request counts,
 services.inference.load_report.PrefixHeat). From those reports this module
 assigns each hot head one worker:
 
-- start where the head's requests went (its KV is cached there);
+- keep each head where the last assignment put it, while that worker serves
+  the version; start a new one where its requests go now (they arrived there
+  last: where the hash sends it), else where most of them went; its KV is
+  cached there;
 - then, while the busiest worker's share (heat per unit of endpoint weight)
   is over MOVE_GAIN times the even share, move the head that best evens it
   out to the idlest worker; a split within MOVE_GAIN is left alone, so noise
@@ -21,9 +24,12 @@ The edge's Lua filter reads the pins from its route's metadata and asks Envoy
 for the pinned worker (a non-strict override: a worker that is unhealthy or
 gone falls back to the hash). Heads that are not pinned keep the hash.
 
-Pure and deterministic: the same reports give the same pins, so router
-replicas agree, and once a pin holds, the head's heat gathers on its worker and
-keeps it there.
+Pure and deterministic: the same reports and last pins give the same pins.
+The last pins are the router's own (in memory): starting from the reports
+alone, a head that just moved still showed most of its heat on its old
+worker, and the balance moved it, or another, back and forth. Router
+replicas each keep theirs; two that pinned a head differently send it to two
+workers (both caches hold it) until it cools.
 """
 
 from __future__ import annotations
@@ -35,35 +41,49 @@ from dataclasses import dataclass
 MAX_PINS = 64
 #: Heads move only while the busiest worker's share is over this times the even share.
 MOVE_GAIN = 1.1
+#: Workers that saw a head within this many seconds of the latest one that did
+#: count as where it goes now (a heartbeat a second: two reports apart at most).
+CURRENT_S = 1.0
 
 
 @dataclass(frozen=True)
 class Holder:
-    """Holder is one routable worker of a version: where it is, its weight, its hot heads."""
+    """Holder is one routable worker of a version: where it is, its weight, and its hot
+    heads: head -> (decayed requests, seconds since the last)."""
 
     address: str
     weight: int
-    heat: Mapping[str, float]
+    heat: Mapping[str, tuple[float, float]]
 
 
-def pins(holders: Sequence[Holder]) -> dict[str, str]:
-    """Returns {prefix key: worker address} of the version's hottest heads (none: < 2 workers)."""
+def pins(holders: Sequence[Holder], last: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Returns {prefix key: worker address} of the version's hottest heads (none: < 2
+    workers), starting from `last` (the previous pins)."""
     live = sorted((h for h in holders if h.weight > 0), key=lambda h: h.address)
     if len(live) < 2:
         return {}
     totals: dict[str, float] = {}
     for holder in live:
-        for head, count in holder.heat.items():
+        for head, (count, _) in holder.heat.items():
             totals[head] = totals.get(head, 0.0) + count
     heads = sorted(totals, key=lambda head: (-totals[head], head))[:MAX_PINS]
-    owner = {head: _warmest(live, head).address for head in heads}
+    serving = {h.address for h in live}
+    earlier = last or {}
+    owner = {
+        head: earlier[head] if earlier.get(head) in serving else _warmest(live, head).address
+        for head in heads
+    }
     _balance(live, owner, totals)
     return owner
 
 
 def _warmest(live: Sequence[Holder], head: str) -> Holder:
-    """The worker that served the head most (ties: the first address)."""
-    return min(live, key=lambda h: (-h.heat.get(head, 0.0), h.address))
+    """The worker the head's requests go to now: of those that saw one within
+    CURRENT_S of the latest, the one that served it most (ties: the first address)."""
+    seen = [h for h in live if head in h.heat]
+    latest = min(h.heat[head][1] for h in seen)
+    current = [h for h in seen if h.heat[head][1] <= latest + CURRENT_S]
+    return min(current, key=lambda h: (-h.heat[head][0], h.address))
 
 
 def _balance(live: Sequence[Holder], owner: dict[str, str], totals: Mapping[str, float]) -> None:

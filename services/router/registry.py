@@ -157,8 +157,9 @@ class VersionCounts:
         errors: those that ended in a server error.
         ttft_bounds_ms: TTFT bucket bounds (ascending); `ttft_counts` has one more.
         ttft_counts: requests per TTFT bucket (the last: above every bound).
-        hot_prefixes: (edge prefix key, decayed requests) of the version's
-            busiest prompt heads on the worker (services.router.prefix_pins).
+        hot_prefixes: (edge prefix key, decayed requests, when the last arrived: unix
+            seconds, the router's clock) of the version's busiest prompt heads on the
+            worker (services.router.prefix_pins).
     """
 
     model: str
@@ -167,7 +168,7 @@ class VersionCounts:
     errors: int = 0
     ttft_bounds_ms: tuple[float, ...] = ()
     ttft_counts: tuple[int, ...] = ()
-    hot_prefixes: tuple[tuple[str, float], ...] = ()
+    hot_prefixes: tuple[tuple[str, float, float], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """Serialises the counters for the worker's entry (the hot heads go apart:
@@ -403,16 +404,20 @@ def _heads_json(outcomes: Sequence[VersionCounts]) -> str:
     return json.dumps(heads, sort_keys=True)
 
 
-def _heads_from_json(raw: str | bytes) -> dict[tuple[str, str], tuple[tuple[str, float], ...]]:
+def _heads_from_json(
+    raw: str | bytes,
+) -> dict[tuple[str, str], tuple[tuple[str, float, float], ...]]:
     data: dict[str, list[list[Any]]] = json.loads(raw)
     return {
-        (ref.split("@", 1)[0], ref.split("@", 1)[1]): tuple((str(p), float(n)) for p, n in heads)
+        (ref.split("@", 1)[0], ref.split("@", 1)[1]): tuple(
+            (str(p), float(n), float(idle)) for p, n, idle in heads
+        )
         for ref, heads in data.items()
     }
 
 
 def _with_heads(
-    entry: WorkerEntry, heads: Mapping[tuple[str, str], tuple[tuple[str, float], ...]]
+    entry: WorkerEntry, heads: Mapping[tuple[str, str], tuple[tuple[str, float, float], ...]]
 ) -> WorkerEntry:
     """The entry with its stored hot heads on its outcome counters."""
     if not heads:

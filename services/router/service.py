@@ -112,6 +112,7 @@ class RouterService(RedisBackedService):
         self.lease_s = settings.lease_s
         # Until workers had a lease period to renew, expired leases still count.
         self._lease_grace_until = time.monotonic() + settings.lease_s
+        self._pins: snapshot.Pins = {}  # the last prefix pins (services.router.prefix_pins)
 
     async def _build(self, flags: EdgeFlags) -> Resources:
         at = now()
@@ -122,7 +123,12 @@ class RouterService(RedisBackedService):
             self._lease_grace_until = time.monotonic() + self.lease_s
             raise
         grace = time.monotonic() < self._lease_grace_until
-        return snapshot.build(models, workers, at, flags, self.options, lease_grace=grace)
+        resources = snapshot.build(
+            models, workers, at, flags, self.options, grace, last_pins=self._pins
+        )
+        if resources.pins:  # only edges with prefix affinity get pins
+            self._pins = resources.pins
+        return resources
 
     def service_names(self) -> Sequence[str]:
         return [ROUTER_SERVICE, REGISTRY_SERVICE, ADS_SERVICE]

@@ -115,8 +115,9 @@ def load_from_pb(load: router_pb2.WorkerLoad) -> LoadReport:
     )
 
 
-def outcomes_from_pb(load: router_pb2.WorkerLoad) -> list[VersionCounts]:
-    """Converts a heartbeat's per version outcome counters (malformed ones are dropped)."""
+def outcomes_from_pb(load: router_pb2.WorkerLoad, received_at: float) -> list[VersionCounts]:
+    """Converts a heartbeat's per version outcome counters (malformed ones are dropped);
+    its hot heads' idle seconds become when they were last seen on this clock."""
     return [
         VersionCounts(
             model=v.model.name,
@@ -126,9 +127,11 @@ def outcomes_from_pb(load: router_pb2.WorkerLoad) -> list[VersionCounts]:
             ttft_bounds_ms=tuple(v.ttft_bucket_bounds_ms),
             ttft_counts=tuple(v.ttft_bucket_counts),
             hot_prefixes=tuple(
-                (h.prefix, h.requests)
+                (h.prefix, h.requests, received_at - h.idle_seconds)
                 for h in v.hot_prefixes[:HOT_PREFIXES_KEPT]
-                if contract.is_prefix_key(h.prefix) and 0 < h.requests < math.inf
+                if contract.is_prefix_key(h.prefix)
+                and 0 < h.requests < math.inf
+                and 0 <= h.idle_seconds < math.inf
             ),
         )
         for v in load.versions
@@ -140,6 +143,7 @@ def outcomes_from_pb(load: router_pb2.WorkerLoad) -> list[VersionCounts]:
 
 def load_to_pb(load: LoadReport, outcomes: Sequence[VersionCounts]) -> router_pb2.WorkerLoad:
     """Converts a stored load report (and its outcome counters) back."""
+    at = now()
     return router_pb2.WorkerLoad(
         queue_depth=load.queue_depth,
         running_sequences=load.running,
@@ -156,7 +160,8 @@ def load_to_pb(load: LoadReport, outcomes: Sequence[VersionCounts]) -> router_pb
                 ttft_bucket_counts=c.ttft_counts,
                 ttft_bucket_bounds_ms=c.ttft_bounds_ms,
                 hot_prefixes=[
-                    router_pb2.PrefixHeat(prefix=p, requests=n) for p, n in c.hot_prefixes
+                    router_pb2.PrefixHeat(prefix=p, requests=n, idle_seconds=max(0.0, at - seen))
+                    for p, n, seen in c.hot_prefixes
                 ],
             )
             for c in outcomes
@@ -493,8 +498,9 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         )
         models = _refs(request.models)
         load = load_from_pb(request.load) if request.HasField("load") else None
+        at = now()
         worker, models_changed = await self.registry.renew(
-            request.worker_id, models, now(), load, outcomes_from_pb(request.load), holder
+            request.worker_id, models, at, load, outcomes_from_pb(request.load, at), holder
         )
         if models_changed:
             await self.catalog.register(models)

@@ -22,7 +22,7 @@ import email.utils
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import edge_auth, envoy_config, model_routing
@@ -100,11 +100,17 @@ class ClusterOptions:
 HASH_BALANCE_FACTOR = 150
 
 
+#: Per model version, hot prompt heads pinned to a worker: head -> address.
+Pins = Mapping[tuple[str, str], Mapping[str, str]]
+
+
 @dataclass(frozen=True)
 class Resources:
-    """Resources is one consistent set of xDS resources (as JSON-shaped dicts) by type URL."""
+    """Resources is one consistent set of xDS resources (as JSON-shaped dicts) by type URL
+    (`pins`: the prefix pins its routes carry, the next build's starting point)."""
 
     by_type: Mapping[str, Mapping[str, dict[str, Any]]]
+    pins: Pins = field(default_factory=dict)
 
     def version(self, type_url: str) -> str:
         """Returns a content hash of one type's resources (same content, same version)."""
@@ -133,8 +139,10 @@ def build(
     flags: EdgeFlags,
     options: ClusterOptions,
     lease_grace: bool = False,
+    last_pins: Pins | None = None,
 ) -> Resources:
-    """Builds every resource one edge needs (see `WorkerEntry.routable` for `lease_grace`)."""
+    """Builds every resource one edge needs (see `WorkerEntry.routable` for `lease_grace`;
+    `last_pins`: the previous build's, see services.router.prefix_pins)."""
     routable = [w for w in workers if w.routable(now, lease_grace)]
     served = _served_versions(catalog, now)
     affinity = options.prefix_affinity and flags.prefix_affinity
@@ -154,7 +162,8 @@ def build(
         hosts = [w for w in routable if (model, version) in w.models]
         endpoints[name] = load_assignment(name, hosts, weighted)
         if affinity:
-            pins[(model, version)] = version_pins(model, version, hosts, weighted)
+            last = (last_pins or {}).get((model, version), {})
+            pins[(model, version)] = version_pins(model, version, hosts, now, weighted, last)
     for entry in catalog.values():
         fallback = _fallback_target(entry, catalog, now)
         if fallback is None:
@@ -170,7 +179,8 @@ def build(
             CLUSTER_TYPE: clusters,
             ENDPOINT_TYPE: endpoints,
             ROUTE_TYPE: {"edge": route_configuration(catalog, now, flags, affinity, pins)},
-        }
+        },
+        pins,
     )
 
 
@@ -300,7 +310,12 @@ def load_assignment(
 
 
 def version_pins(
-    model: str, version: str, hosts: Sequence[WorkerEntry], weighted: bool = True
+    model: str,
+    version: str,
+    hosts: Sequence[WorkerEntry],
+    now: float,
+    weighted: bool = True,
+    last: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Pins the version's hottest prompt heads to its workers (services.router.prefix_pins)."""
     holders = [
@@ -308,15 +323,15 @@ def version_pins(
             override_address(w.host, w.port),
             w.weight.weight if weighted else NEUTRAL_WEIGHT,
             {
-                head: count
+                head: (count, max(0.0, now - seen))
                 for counts in w.outcomes
                 if (counts.model, counts.version) == (model, version)
-                for head, count in counts.hot_prefixes
+                for head, count, seen in counts.hot_prefixes
             },
         )
         for w in hosts
     ]
-    return prefix_pins.pins(holders)
+    return prefix_pins.pins(holders, last)
 
 
 def override_address(host: str, port: int) -> str:

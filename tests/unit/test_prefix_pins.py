@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import replace
 
 from envoy.config.route.v3 import route_pb2
@@ -11,6 +12,7 @@ from services.inference.load_report import (
     HOT_MIN_REQUESTS,
     HOT_PREFIXES,
     PREFIX_HALF_LIFE_S,
+    PREFIX_IDLE_S,
     PREFIX_MAX_TRACKED,
     PrefixHeat,
 )
@@ -36,8 +38,8 @@ def split(pins: dict[str, str]) -> dict[str, int]:
 
 def test_an_uneven_hash_split_of_equal_heads_is_evened_out():
     # Maglev put 6 of 8 equally busy heads on a and 2 on b.
-    a = Holder("10.0.0.1:1", 100, {h: 6.0 for h in HEADS[:6]})
-    b = Holder("10.0.0.2:1", 100, {h: 6.0 for h in HEADS[6:]})
+    a = Holder("10.0.0.1:1", 100, {h: (6.0, 0.1) for h in HEADS[:6]})
+    b = Holder("10.0.0.2:1", 100, {h: (6.0, 0.1) for h in HEADS[6:]})
     pins = prefix_pins.pins([a, b])
     assert split(pins) == {"10.0.0.1:1": 4, "10.0.0.2:1": 4}
     # Only a's heads moved: b keeps what its cache holds.
@@ -45,20 +47,46 @@ def test_an_uneven_hash_split_of_equal_heads_is_evened_out():
 
 
 def test_an_even_split_is_left_alone_whatever_the_noise():
-    a = Holder("10.0.0.1:1", 100, dict(zip(HEADS[:4], (7.0, 6.5, 6.5, 6.0), strict=True)))
-    b = Holder("10.0.0.2:1", 100, dict(zip(HEADS[4:], (5.5, 5.5, 5.0, 6.0), strict=True)))
+    a = Holder(
+        "10.0.0.1:1", 100, {h: (n, 0.1) for h, n in zip(HEADS[:4], (7, 6.5, 6.5, 6), strict=True)}
+    )
+    b = Holder(
+        "10.0.0.2:1", 100, {h: (n, 0.1) for h, n in zip(HEADS[4:], (5.5, 5.5, 5, 6), strict=True)}
+    )
     pins = prefix_pins.pins([a, b])
     assert pins == {h: "10.0.0.1:1" for h in HEADS[:4]} | {h: "10.0.0.2:1" for h in HEADS[4:]}
 
 
-def test_a_head_starts_where_most_of_its_requests_went():
-    a = Holder("10.0.0.1:1", 100, {HEADS[0]: 9.0, HEADS[1]: 1.0})
-    b = Holder("10.0.0.2:1", 100, {HEADS[0]: 1.0, HEADS[1]: 9.0})
-    assert prefix_pins.pins([a, b]) == {HEADS[0]: "10.0.0.1:1", HEADS[1]: "10.0.0.2:1"}
+def test_a_head_starts_where_its_requests_go_now_else_where_most_went():
+    # HEADS[0] and HEADS[1]: both workers see them now (the hash spilled): most wins.
+    # HEADS[2] was moved to b a moment ago: a still holds more of its heat, but its
+    # requests arrive at b now, so it stays there. (HEADS[3] evens the loads out.)
+    a = {HEADS[0]: (9.0, 0.2), HEADS[1]: (1.0, 0.1), HEADS[2]: (9.0, 2.5), HEADS[3]: (12.0, 0.1)}
+    b = {HEADS[0]: (1.0, 0.1), HEADS[1]: (9.0, 0.3), HEADS[2]: (3.0, 0.1)}
+    pins = prefix_pins.pins([Holder("10.0.0.1:1", 100, a), Holder("10.0.0.2:1", 100, b)])
+    assert pins == {
+        HEADS[0]: "10.0.0.1:1",
+        HEADS[1]: "10.0.0.2:1",
+        HEADS[2]: "10.0.0.2:1",
+        HEADS[3]: "10.0.0.1:1",
+    }
+
+
+def test_a_pin_holds_while_its_worker_serves_whatever_its_old_worker_still_reports():
+    # HEADS[0] was just moved from a to b: a still reports more of its heat, and
+    # reports it as recent. Starting from the reports alone would put it back on a.
+    a = {HEADS[0]: (9.0, 0.3), HEADS[1]: (14.0, 0.1)}
+    b = {HEADS[0]: (2.0, 0.1), HEADS[2]: (5.0, 0.1)}
+    holders = [Holder("10.0.0.1:1", 100, a), Holder("10.0.0.2:1", 100, b)]
+    last = {HEADS[0]: "10.0.0.2:1", HEADS[1]: "10.0.0.1:1", HEADS[2]: "10.0.0.2:1"}
+    assert prefix_pins.pins(holders, last) == last
+    # A pin to a worker that left starts over.
+    moved = prefix_pins.pins(holders, {**last, HEADS[0]: "10.0.0.9:1"})
+    assert set(moved.values()) <= {"10.0.0.1:1", "10.0.0.2:1"}
 
 
 def test_a_lighter_weighted_worker_gets_a_smaller_share():
-    heads = {f"{i:02x}": 4.0 for i in range(12)}
+    heads = {f"{i:02x}": (4.0, 0.1) for i in range(12)}
     slow = Holder("10.0.0.1:1", 50, heads)
     fast = Holder("10.0.0.2:1", 100, {})
     assert split(prefix_pins.pins([slow, fast])) == {"10.0.0.1:1": 4, "10.0.0.2:1": 8}
@@ -67,7 +95,11 @@ def test_a_lighter_weighted_worker_gets_a_smaller_share():
 def test_pins_are_the_same_whatever_order_the_reports_come_in():
     rng = random.Random(7)
     holders = [
-        Holder(f"10.0.0.{n}:1", 100, {h: rng.uniform(2, 20) for h in rng.sample(HEADS, 5)})
+        Holder(
+            f"10.0.0.{n}:1",
+            100,
+            {h: (rng.uniform(2, 20), rng.uniform(0, 3)) for h in rng.sample(HEADS, 5)},
+        )
         for n in range(1, 4)
     ]
     expected = prefix_pins.pins(holders)
@@ -78,7 +110,7 @@ def test_pins_are_the_same_whatever_order_the_reports_come_in():
 
 
 def test_no_pins_with_one_worker_and_at_most_max_pins():
-    many = {f"{i:04x}": 2.0 + i for i in range(prefix_pins.MAX_PINS + 10)}
+    many = {f"{i:04x}": (2.0 + i, 0.1) for i in range(prefix_pins.MAX_PINS + 10)}
     assert prefix_pins.pins([Holder("10.0.0.1:1", 100, many)]) == {}
     pins = prefix_pins.pins([Holder("10.0.0.1:1", 100, many), Holder("10.0.0.2:1", 100, {})])
     assert len(pins) == prefix_pins.MAX_PINS
@@ -92,31 +124,42 @@ def test_prefix_heat_decays_reports_only_reuse_and_stays_bounded():
     heat.observe("bb", now=100.0)  # once: not reuse
     heat.observe("not hex", now=100.0)
     heat.observe("", now=100.0)
-    assert heat.hottest(now=100.0) == [("aa", 4.0)]
-    assert heat.hottest(now=100.0 + PREFIX_HALF_LIFE_S) == [("aa", 2.0)]
-    assert heat.hottest(now=100.0 + 2 * PREFIX_HALF_LIFE_S) == []  # 1.0 < HOT_MIN_REQUESTS
+    assert heat.hottest(now=100.0) == [("aa", 4.0, 0.0)]
+    later = 100.0 + PREFIX_IDLE_S
+    assert heat.hottest(now=later) == [("aa", 4.0 * 0.5 ** (PREFIX_IDLE_S / 5), PREFIX_IDLE_S)]
+    assert heat.hottest(now=later + 0.1) == []  # no request since: gone cold
+    heat.observe("aa", now=100.0 + PREFIX_HALF_LIFE_S)
+    assert heat.hottest(now=100.0 + PREFIX_HALF_LIFE_S) == [("aa", 3.0, 0.0)]
+    for _ in range(3):
+        heat.observe("cc", now=120.0)
+    assert heat.hottest(now=120.0) == [("cc", 3.0, 0.0)]  # "aa" decayed below the minimum
     assert HOT_MIN_REQUESTS == 2.0
     for i in range(PREFIX_MAX_TRACKED + 1):
         heat.observe(f"{i:06x}", now=200.0)
         heat.observe(f"{i:06x}", now=200.0)
     hottest = heat.hottest(now=200.0)
-    assert len(hottest) == HOT_PREFIXES and all(count == 2.0 for _, count in hottest)
+    assert len(hottest) == HOT_PREFIXES and all(count == 2.0 for _, count, _ in hottest)
     assert len(heat._heat) <= PREFIX_MAX_TRACKED
 
 
 def test_heartbeat_hot_prefixes_round_trip_and_malformed_ones_are_dropped():
+    seen = time.time() - 2
     counts = VersionCounts(
-        "m", "1", 5, 0, (1.0,), (2, 3), hot_prefixes=(("aabb", 3.5), ("NOT-HEX", 9.0))
+        "m", "1", 5, 0, (1.0,), (2, 3), hot_prefixes=(("aabb", 3.5, seen), ("NOT-HEX", 9.0, seen))
     )
     load = load_to_pb(LoadReport(), [counts])
-    (parsed,) = outcomes_from_pb(load)
-    assert parsed.hot_prefixes == (("aabb", 3.5),)
+    assert 2 <= load.versions[0].hot_prefixes[0].idle_seconds < 3
+    (parsed,) = outcomes_from_pb(load, received_at=seen + 2)
+    ((head, count, seen_again),) = parsed.hot_prefixes
+    assert (head, count) == ("aabb", 3.5) and abs(seen_again - seen) < 1
     # The entry keeps its counters; the heads are stored apart (registry.HEAT_KEY).
     assert VersionCounts.from_json(parsed.to_json()) == replace(parsed, hot_prefixes=())
 
 
 def _worker(name: str, host: str, port: int, heads: dict[str, float]) -> WorkerEntry:
-    counts = VersionCounts("m", "1", hot_prefixes=tuple(heads.items()))
+    counts = VersionCounts(
+        "m", "1", hot_prefixes=tuple((h, n, NOW - 0.2) for h, n in heads.items())
+    )
     entry = WorkerEntry(name, host, port, (("m", "1"),), "serving", NOW + 5)
     return replace(entry, outcomes=(counts,))
 

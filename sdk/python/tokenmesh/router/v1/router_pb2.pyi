@@ -447,6 +447,7 @@ class PrefixHeat(_message.Message):
 
     PREFIX_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
+    IDLE_SECONDS_FIELD_NUMBER: _builtins.int
     prefix: _builtins.str
     """prefix is the edge's key for the head (the x-tokenmesh-prefix header:
     hex of the prompt's first 64 bytes, or of its template reference).
@@ -455,15 +456,20 @@ class PrefixHeat(_message.Message):
     """requests is the requests that carried it, decayed (each counts half
     after PREFIX_HALF_LIFE_S, 5 s; not only since the last heartbeat).
     """
+    idle_seconds: _builtins.float
+    """idle_seconds is the time since the last of them reached the worker: where
+    a head's requests go now (its pin) is where they arrived last.
+    """
     def __init__(
         self,
         *,
         prefix: _builtins.str = ...,
         requests: _builtins.float = ...,
+        idle_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["prefix", b"prefix", "requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idle_seconds", b"idle_seconds", "prefix", b"prefix", "requests", b"requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
