@@ -22,9 +22,10 @@ of its own (nothing to reuse), so routing can only cost.
 Measured at the client: completed requests/s from CONCURRENCY clients back
 to back (closed loop: the most each mode serves), and time to the first
 content chunk (TTFT). K1's TTFT row compares the modes at one offered load,
-Poisson arrivals at PACED_LOAD of round robin's closed-loop requests/s (the
-same schedule for both): a closed loop saturates the core, so its TTFT
-mostly measures the queue the clients build (reported beside it). From the
+Poisson arrivals at PACED_LOAD of round robin's first-round closed-loop
+requests/s (the same schedule for both, in rounds 2 and 3 after each
+closed-loop window): a closed loop saturates the core, so its TTFT mostly
+measures the queue the clients build (reported beside it). From the
 usage chunk, the share of prompt tokens the workers took from their prefix
 caches; every mesh process's CPU per request; the pinned heads per worker.
 Rounds alternate the modes (order flipped each round); every phase uses a
@@ -111,14 +112,11 @@ class Plan:
     control_rounds: int
     control_window_s: float
     budget_s: float
-    paced_rounds: int
     paced_window_s: float
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
-        if quick:
-            return cls(1, 5.0, 1, 4.0, 80.0, 1, 4.0)
-        return cls(3, 8.0, 3, 8.0, 300.0, 2, 6.0)
+        return cls(2, 5.0, 1, 4.0, 80.0, 4.0) if quick else cls(3, 6.0, 2, 6.0, 240.0, 6.0)
 
 
 def system_prompt(tag: str, tokenizer: Tokenizer) -> str:
@@ -297,9 +295,17 @@ async def _case(
     window_s: float,
     deadline: float,
     tokenizer: Tokenizer,
+    paced_window_s: float = 0.0,
 ) -> dict[str, Any]:
-    """Runs one case (prefix_heavy or distinct) over rounds, modes alternating."""
+    """Runs one case (prefix_heavy or distinct) over rounds, modes alternating.
+
+    paced_window_s: from the second round on, each phase also runs a window of
+    Poisson arrivals at PACED_LOAD of round robin's first-round requests/s (the
+    same schedule for both modes in a round), on the phase's warm prompts.
+    """
     samples: dict[str, list[Sample]] = {mode: [] for mode in MODES}
+    paced: dict[str, list[Sample]] = {mode: [] for mode in MODES}
+    paced_failures: dict[str, list[str]] = {mode: [] for mode in MODES}
     rates: dict[str, list[float]] = {mode: [] for mode in MODES}
     failures: dict[str, list[str]] = {mode: [] for mode in MODES}
     cpu: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}  # µs per request
@@ -327,9 +333,26 @@ async def _case(
                 rates[mode].append(rate)
                 per_request = {p: used / max(len(got), 1) * 1e6 for p, used in meter.used.items()}
                 cpu[mode].append(per_request)
+                if paced_window_s and n > 0:
+                    offered = PACED_LOAD * rates["round_robin"][0]
+                    print(f"  {case}: round {n + 1}/{rounds}, {mode} at {offered:.1f} req/s")
+                    paced[mode] += await _paced_phase(
+                        edges.headers,
+                        url,
+                        next_body,
+                        offered,
+                        paced_window_s,
+                        f"paced{n}",
+                        paced_failures[mode],
+                    )
     summaries = {
         mode: _summary(samples[mode], rates[mode], failures[mode], cpu[mode]) for mode in MODES
     }
+    if paced_window_s and rates["round_robin"]:
+        for mode in MODES:
+            summaries[mode]["paced"] = _paced_summary(
+                PACED_LOAD * rates["round_robin"][0], paced[mode], paced_failures[mode]
+            )
     summaries["affinity"]["pinned_heads_by_worker"] = list(pins.values())
     for mode, summary in summaries.items():
         print(f"  {case} {mode}: CPU µs/request {summary['cpu_us_by_process']}", flush=True)
@@ -338,44 +361,17 @@ async def _case(
     return summaries
 
 
-async def _paced(
-    edges: Edges,
-    rate: float,
-    rounds: int,
-    window_s: float,
-    deadline: float,
-    tokenizer: Tokenizer,
-) -> dict[str, dict[str, Any]]:
-    """K1's TTFT at one offered load: prefix-heavy requests arriving at `rate` a second,
-    modes alternating, the same arrival schedule for both in a round."""
-    samples: dict[str, list[Sample]] = {mode: [] for mode in MODES}
-    failures: dict[str, list[str]] = {mode: [] for mode in MODES}
-    limits = httpx.Limits(max_connections=CONCURRENCY * 2)
-    async with httpx.AsyncClient(timeout=120, headers=edges.headers, limits=limits) as http:
-        for n in range(rounds):
-            for mode in MODES if n % 2 == 0 else MODES[::-1]:
-                if time.monotonic() > deadline:
-                    break
-                print(f"  prefix_heavy at {rate:.1f} req/s: round {n + 1}/{rounds}, {mode}")
-                next_body, _ = _bodies("prefix_heavy", f"o{n}{mode[0]}", tokenizer)
-                url = f"{edges.urls[mode]}/openai/v1/chat/completions"
-                await settle(edges.pids)
-                await _phase(http, url, next_body, WARM_UP_S, [])  # as in _case
-                samples[mode] += await _paced_phase(
-                    edges.headers, url, next_body, rate, window_s, f"paced{n}", failures[mode]
-                )
+def _paced_summary(offered: float, samples: list[Sample], failures: list[str]) -> dict[str, Any]:
+    ttft = [s.ttft_ms for s in samples]
     return {
-        mode: {
-            "offered_rps": rate,
-            "requests": len(samples[mode]),
-            "errors": len(failures[mode]),
-            "first_errors": failures[mode][:3],
-            "ttft_p50_ms": percentile([s.ttft_ms for s in samples[mode]], 50),
-            "ttft_p90_ms": percentile([s.ttft_ms for s in samples[mode]], 90),
-            "ttft_p99_ms": percentile([s.ttft_ms for s in samples[mode]], 99),
-            "_ttft_ms": [s.ttft_ms for s in samples[mode]],
-        }
-        for mode in MODES
+        "offered_rps": offered,
+        "requests": len(samples),
+        "errors": len(failures),
+        "first_errors": failures[:3],
+        "ttft_p50_ms": percentile(ttft, 50),
+        "ttft_p90_ms": percentile(ttft, 90),
+        "ttft_p99_ms": percentile(ttft, 99),
+        "_ttft_ms": ttft,
     }
 
 
@@ -466,11 +462,9 @@ async def _measure(edges: Edges, plan: Plan) -> dict[str, Any]:
         for mode in MODES:  # warm-up of both edges and workers (left out)
             url = f"{edges.urls[mode]}/openai/v1/chat/completions"
             await asyncio.gather(*(_request(http, url, warm(n)) for n in range(4)))
-    heavy = await _case(edges, "prefix_heavy", plan.rounds, plan.window_s, deadline, tokenizer)
-    rate = PACED_LOAD * heavy["round_robin"]["rps"]
-    paced = await _paced(edges, rate, plan.paced_rounds, plan.paced_window_s, deadline, tokenizer)
-    for mode in MODES:
-        heavy[mode]["paced"] = paced[mode]
+    heavy = await _case(
+        edges, "prefix_heavy", plan.rounds, plan.window_s, deadline, tokenizer, plan.paced_window_s
+    )
     control = await _case(
         edges, "distinct", plan.control_rounds, plan.control_window_s, deadline, tokenizer
     )
@@ -516,7 +510,7 @@ def judge(results: dict[str, Any]) -> list[Row]:
             "K1",
             f"TTFT p90 {paced_fast['ttft_p90_ms']:.0f} ms ({lower:.1f}x lower) at"
             f" {paced_fast['offered_rps']:.1f} req/s offered ({PACED_LOAD:.0%} of round robin's"
-            f" most; {paced_fast['requests']} requests); {fast['rps']:.1f} req/s at"
+            f" first round; {paced_fast['requests']} requests); {fast['rps']:.1f} req/s at"
             f" {CONCURRENCY} clients ({more:.2f}x; by CPU {more_cpu:.2f}x), TTFT p90 there"
             f" {fast['ttft_p90_ms']:.0f} ms ({closed_lower:.1f}x lower);"
             f" {fast['cached_share']:.0%} of prompt tokens cached"
