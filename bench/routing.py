@@ -251,7 +251,6 @@ async def _paced_phase(
 def _summary(
     samples: list[Sample], rates: list[float], failures: list[str], cpu: list[dict[str, float]]
 ) -> dict[str, Any]:
-    ttft = [s.ttft_ms for s in samples]
     prompt = sum(s.prompt_tokens for s in samples)
     cpu_us = statistics.median(sum(per.values()) for per in cpu) if cpu else 0.0
     return {
@@ -260,17 +259,11 @@ def _summary(
         "cpu_us_per_request": cpu_us,
         "cpu_us_by_process": {name: round(v) for name, v in median_each(cpu).items()},
         "rps_by_cpu": 1e6 / cpu_us if cpu_us else 0.0,
-        "requests": len(samples),
-        "errors": len(failures),
-        "first_errors": failures[:3],
-        "ttft_p50_ms": percentile(ttft, 50),
-        "ttft_p90_ms": percentile(ttft, 90),
-        "ttft_p99_ms": percentile(ttft, 99),
+        **_outcomes(samples, failures),
         "rps": statistics.median(rates) if rates else 0.0,
         "rps_rounds": rates,
         "prompt_tokens_p50": statistics.median(s.prompt_tokens for s in samples) if samples else 0,
         "cached_share": sum(s.cached_tokens for s in samples) / prompt if prompt else 0.0,
-        "_ttft_ms": ttft,  # the plot's input
     }
 
 
@@ -350,9 +343,10 @@ async def _case(
     }
     if paced_window_s and rates["round_robin"]:
         for mode in MODES:
-            summaries[mode]["paced"] = _paced_summary(
-                PACED_LOAD * rates["round_robin"][0], paced[mode], paced_failures[mode]
-            )
+            summaries[mode]["paced"] = {
+                "offered_rps": PACED_LOAD * rates["round_robin"][0],
+                **_outcomes(paced[mode], paced_failures[mode]),
+            }
     summaries["affinity"]["pinned_heads_by_worker"] = list(pins.values())
     for mode, summary in summaries.items():
         print(f"  {case} {mode}: CPU µs/request {summary['cpu_us_by_process']}", flush=True)
@@ -361,17 +355,17 @@ async def _case(
     return summaries
 
 
-def _paced_summary(offered: float, samples: list[Sample], failures: list[str]) -> dict[str, Any]:
+def _outcomes(samples: list[Sample], failures: list[str]) -> dict[str, Any]:
+    """How many requests ended, how many failed (and the first whys), and the TTFTs."""
     ttft = [s.ttft_ms for s in samples]
     return {
-        "offered_rps": offered,
         "requests": len(samples),
         "errors": len(failures),
         "first_errors": failures[:3],
         "ttft_p50_ms": percentile(ttft, 50),
         "ttft_p90_ms": percentile(ttft, 90),
         "ttft_p99_ms": percentile(ttft, 99),
-        "_ttft_ms": ttft,
+        "_ttft_ms": ttft,  # the plot's input
     }
 
 

@@ -140,3 +140,26 @@ def test_e2_prints_the_bare_proxy_floor_and_each_process_s_cpu_per_complete() ->
     older = _edge_results({"direct": [100.0], "edge-jwt": [95.0]})
     e2 = next(r for r in _edge_judge(older) if r.id == "E2")
     assert e2.passed is True and e2.baseline == "direct 100 req/s" and e2.cpu == ""
+
+
+def test_k1_compares_ttft_at_one_offered_load_and_throughput_in_the_closed_loop() -> None:
+    from bench import routing
+
+    def mode(ttft_ms: float, paced_ttft_ms: float, rps: float) -> dict[str, object]:
+        samples = [routing.Sample(ttft_ms, 440, 400)] * 10
+        summary = routing._summary(samples, [rps], [], [{"worker": 1e6 / rps}])
+        paced = [routing.Sample(paced_ttft_ms, 440, 400)] * 10
+        return {**summary, "paced": {"offered_rps": 7.5, **routing._outcomes(paced, [])}}
+
+    def k1(affinity: dict[str, object], round_robin: dict[str, object]) -> Row:
+        control = mode(100, 100, 10)
+        results = {
+            "prefix_heavy": {"affinity": affinity, "round_robin": round_robin},
+            "distinct": {"affinity": control, "round_robin": control},
+        }
+        return routing.judge(results)[0]
+
+    # The closed loop's TTFT (the clients' own queue) does not decide the row.
+    assert k1(mode(200, 50, 20), mode(200, 160, 10)).passed
+    assert not k1(mode(50, 60, 20), mode(200, 160, 10)).passed  # 2.7x at the same load
+    assert not k1(mode(200, 50, 12), mode(200, 160, 10)).passed  # 1.2x throughput
