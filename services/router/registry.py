@@ -410,7 +410,7 @@ def _heads_from_json(
     data: dict[str, list[list[Any]]] = json.loads(raw)
     return {
         (ref.split("@", 1)[0], ref.split("@", 1)[1]): tuple(
-            (str(p), float(n), float(idle)) for p, n, idle in heads
+            (str(p), float(n), float(seen)) for p, n, seen in heads
         )
         for ref, heads in data.items()
     }

@@ -115,6 +115,10 @@ def load_from_pb(load: router_pb2.WorkerLoad) -> LoadReport:
     )
 
 
+# A heartbeat's hot prompt heads kept per version (the worker sends at most 32).
+HOT_PREFIXES_KEPT = 32
+
+
 def outcomes_from_pb(load: router_pb2.WorkerLoad, received_at: float) -> list[VersionCounts]:
     """Converts a heartbeat's per version outcome counters (malformed ones are dropped);
     its hot heads' idle seconds become when they were last seen on this clock."""
@@ -232,9 +236,6 @@ def policy_from_pb(request: pb.StartRolloutRequest) -> rollouts.Policy:
         min_requests=request.min_requests or rollouts.DEFAULT_MIN_REQUESTS,
     )
 
-
-# A heartbeat's hot prompt heads kept per version (the worker sends at most 32).
-HOT_PREFIXES_KEPT = 32
 
 _ROLLOUT_STATES = {
     rollouts.RUNNING: router_pb2.ROLLOUT_STATE_RUNNING,
