@@ -486,9 +486,9 @@ def _pin_metadata(
 ) -> dict[str, Any]:
     """Route metadata with the pins of the versions a route splits over ({} without any).
 
-    A head pinned in two versions keeps the first's: the override only applies
-    when the split picked that version's cluster (the worker is not in the
-    other's, and a non-strict override then falls back to the hash).
+    A head pinned in two versions keeps the first's. When the split picks the
+    other version, the override still applies if that worker serves it too;
+    if not, the non-strict override falls back to the hash.
     """
     merged: dict[str, str] = {}
     for version in versions:
