@@ -114,7 +114,8 @@ class RouterService(RedisBackedService):
         self._lease_grace_until = time.monotonic() + settings.lease_s
         self._pins: snapshot.Pins = {}  # the last prefix pins (services.router.prefix_pins)
 
-    async def _build(self, flags: EdgeFlags) -> Resources:
+    async def _build(self, flavours: Sequence[EdgeFlags]) -> list[Resources]:
+        """Reads the catalogue and the workers once; builds each flavour's resources."""
         at = now()
         try:
             models, workers = await self.catalog.all(), await self.registry.all(at)
@@ -123,12 +124,13 @@ class RouterService(RedisBackedService):
             self._lease_grace_until = time.monotonic() + self.lease_s
             raise
         grace = time.monotonic() < self._lease_grace_until
-        resources = snapshot.build(
-            models, workers, at, flags, self.options, grace, last_pins=self._pins
-        )
-        if resources.pins:  # only edges with prefix affinity get pins
-            self._pins = resources.pins
-        return resources
+        built = [
+            snapshot.build(models, workers, at, flags, self.options, grace, last_pins=self._pins)
+            for flags in flavours
+        ]
+        # Only edges with prefix affinity get pins, the same for each of them.
+        self._pins = next((r.pins for r in built if r.pins), self._pins)
+        return built
 
     def service_names(self) -> Sequence[str]:
         return [ROUTER_SERVICE, REGISTRY_SERVICE, ADS_SERVICE]

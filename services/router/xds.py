@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,11 +94,16 @@ class ControlPlane:
     """ControlPlane holds the latest resources and tells streams when they change.
 
     Args:
-        build: reads Redis and returns the resources for one edge flavour.
+        build: reads Redis once and returns the resources for each of the given
+            edge flavours, in order.
         poll_s: how often Redis is read.
     """
 
-    def __init__(self, build: Callable[[EdgeFlags], Awaitable[Resources]], poll_s: float) -> None:
+    def __init__(
+        self,
+        build: Callable[[Sequence[EdgeFlags]], Awaitable[Sequence[Resources]]],
+        poll_s: float,
+    ) -> None:
         self._build = build
         self._poll_s = poll_s
         self._flavours: dict[EdgeFlags, PackedResources] = {
@@ -126,13 +131,14 @@ class ControlPlane:
     async def ensure(self, flags: EdgeFlags) -> None:
         """Builds resources for a new edge flavour now; every poll refreshes them after."""
         if flags not in self._flavours:
-            self._flavours[flags] = pack(await self._build(flags))
+            (resources,) = await self._build([flags])
+            self._flavours[flags] = pack(resources)
 
     async def refresh(self) -> None:
         """Reads Redis now; wakes every stream when anything changed."""
         changed = False
-        for flags in list(self._flavours):
-            resources = await self._build(flags)
+        flavours = list(self._flavours)
+        for flags, resources in zip(flavours, await self._build(flavours), strict=True):
             # Converting to protobuf and hashing are not cheap (JSON-encoding every
             # resource was ~40% of an idle router's CPU, 4 polls a second): compare
             # the dicts, and pack and hash only on change.
