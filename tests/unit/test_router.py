@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
@@ -204,7 +205,7 @@ def test_worker_clusters_eject_only_on_failures_envoy_sees_and_apply_health_soon
 def _plane() -> tuple[ControlPlane, dict[str, dict[str, ModelEntry]]]:
     state: dict[str, dict[str, ModelEntry]] = {"models": {"m": two_versions()}}
 
-    async def build_for(flavours: list[EdgeFlags]):
+    async def build_for(flavours: Sequence[EdgeFlags]):
         return [build(state["models"], [worker("w", 1, ("m", "1"))], flags) for flags in flavours]
 
     return ControlPlane(build_for, poll_s=1), state
