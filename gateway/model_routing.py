@@ -60,6 +60,11 @@ def model_health_name(model: str, version: str) -> str:
 #: The model-routing Lua filter's name: route metadata under it is what the
 #: filter's `handle:metadata()` reads (the router's prefix pins).
 LUA_FILTER_NAME = "envoy.filters.http.lua"
+#: Route metadata (beside the pins' prefix keys, which are hex, so never this):
+#: the override addresses of the workers of the versions a route splits over.
+#: A head the filter's Envoy thread has not seen lately goes to the next of them
+#: in turn instead of where the hash points (see model_routing.lua).
+SPREAD_KEY = "workers"
 
 
 def lua_filter() -> dict[str, Any]:

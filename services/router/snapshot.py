@@ -105,6 +105,20 @@ Pins = Mapping[tuple[str, str], Mapping[str, str]]
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Placement is what the edge's Lua filter reads from a route to place a prompt head.
+
+    Per (model, version): `pins`, the hot heads pinned to a worker (`version_pins`), and
+    `workers`, the override addresses a head the edge has not seen lately is sent to in
+    turn (a head nobody has sent is cached nowhere: its place is chosen by load, not by
+    hash; from its next request on, the hash keeps it on one worker).
+    """
+
+    pins: Pins = field(default_factory=dict)
+    workers: Mapping[tuple[str, str], Sequence[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Resources:
     """Resources is one consistent set of xDS resources (as JSON-shaped dicts) by type URL
     (`pins`: the prefix pins its routes carry, the next build's starting point)."""
@@ -154,6 +168,7 @@ def build(
     }
     endpoints = {INFERENCE_CLUSTER: load_assignment(INFERENCE_CLUSTER, routable, weighted)}
     pins: dict[tuple[str, str], dict[str, str]] = {}
+    spread: dict[tuple[str, str], list[str]] = {}
     for model, version in served:
         name = model_cluster(model, version)
         clusters[name] = eds_cluster(
@@ -164,6 +179,7 @@ def build(
         if affinity:
             last = (last_pins or {}).get((model, version), {})
             pins[(model, version)] = version_pins(model, version, hosts, now, weighted, last)
+            spread[(model, version)] = sorted(override_address(w.host, w.port) for w in hosts)
     for entry in catalog.values():
         fallback = _fallback_target(entry, catalog, now)
         if fallback is None:
@@ -178,7 +194,9 @@ def build(
         {
             CLUSTER_TYPE: clusters,
             ENDPOINT_TYPE: endpoints,
-            ROUTE_TYPE: {"edge": route_configuration(catalog, now, flags, affinity, pins)},
+            ROUTE_TYPE: {
+                "edge": route_configuration(catalog, now, flags, affinity, Placement(pins, spread))
+            },
         },
         pins,
     )
@@ -434,15 +452,15 @@ def model_routes(
     catalog: Mapping[str, ModelEntry],
     now: float,
     affinity: bool = False,
-    pins: Mapping[tuple[str, str], Mapping[str, str]] | None = None,
+    placement: Placement | None = None,
 ) -> list[dict[str, Any]]:
     """Routes of one model: explicit versions and aliases first, then the split.
 
     affinity: version routes hash the prompt's head (see `_streaming_action`).
-    pins: per (model, version), hot prompt heads pinned to a worker (`version_pins`),
-    carried in the routes' metadata for the edge's Lua filter.
+    placement: pinned heads and the workers to spread unseen heads over, carried in
+    the routes' metadata for the edge's Lua filter.
     """
-    pinned = pins or {}
+    placed = placement or Placement()
     fallback = _fallback_target(entry, catalog, now)
     routes: list[dict[str, Any]] = []
     labels = [(v.version, v.version) for v in entry.versions]
@@ -461,7 +479,7 @@ def model_routes(
         route = {
             "match": _match(entry.name, label),
             "route": _streaming_action(affinity, weighted_clusters={"clusters": [target]}),
-            **_pin_metadata(pinned, entry.name, [version]),
+            **_placement_metadata(placed, entry.name, [version]),
         }
         routes.append(_shadowed(route, entry, now, frozenset({version})))
     # A version the catalogue does not know: any worker answers (NOT_FOUND, or the
@@ -475,25 +493,29 @@ def model_routes(
         route = {
             "match": _match(entry.name, None),
             "route": _streaming_action(affinity, weighted_clusters={"clusters": targets}),
-            **_pin_metadata(pinned, entry.name, sorted(weights)),
+            **_placement_metadata(placed, entry.name, sorted(weights)),
         }
         routes.append(_shadowed(route, entry, now, frozenset(weights)))
     return routes
 
 
-def _pin_metadata(
-    pins: Mapping[tuple[str, str], Mapping[str, str]], model: str, versions: Sequence[str]
+def _placement_metadata(
+    placement: Placement, model: str, versions: Sequence[str]
 ) -> dict[str, Any]:
-    """Route metadata with the pins of the versions a route splits over ({} without any).
+    """Route metadata with the placement of the versions a route splits over ({} if none).
 
     A head pinned in two versions keeps the first's. When the split picks the
     other version, the override still applies if that worker serves it too;
-    if not, the non-strict override falls back to the hash.
+    if not, the non-strict override falls back to the hash. The same holds for
+    an unseen head sent to a worker of the version the split did not pick.
     """
-    merged: dict[str, str] = {}
+    merged: dict[str, Any] = {}
     for version in versions:
-        for head, address in pins.get((model, version), {}).items():
+        for head, address in placement.pins.get((model, version), {}).items():
             merged.setdefault(head, address)
+    workers = sorted({a for v in versions for a in placement.workers.get((model, v), ())})
+    if len(workers) > 1:  # one worker: the hash picks it anyway
+        merged[model_routing.SPREAD_KEY] = workers
     if not merged:
         return {}
     return {"metadata": {"filter_metadata": {model_routing.LUA_FILTER_NAME: merged}}}
@@ -524,13 +546,13 @@ def route_configuration(
     now: float,
     flags: EdgeFlags,
     affinity: bool = False,
-    pins: Mapping[tuple[str, str], Mapping[str, str]] | None = None,
+    placement: Placement | None = None,
 ) -> dict[str, Any]:
-    """Builds the edge's whole route configuration (affinity, pins: see `model_routes`)."""
+    """Builds the edge's whole route configuration (affinity, placement: see `model_routes`)."""
     per_model = [
         r
         for name in sorted(catalog)
-        for r in model_routes(catalog[name], catalog, now, affinity, pins)
+        for r in model_routes(catalog[name], catalog, now, affinity, placement)
     ]
     auth = edge_auth.EdgeAuth(ratelimit=flags.ratelimit) if flags.auth else None
     return envoy_config.route_configuration(auth, per_model)

@@ -64,6 +64,23 @@ def stable_round(mesh: Mesh, cluster: str, round_: Callable[[], T], tries: int =
     raise AssertionError(f"{cluster}'s hosts changed during each of {tries} rounds: {changes}")
 
 
+#: Requests that make every Envoy thread of an edge see a prompt head, with new
+#: connections (each lands on one of the edge's 2 threads, as the kernel picks):
+#: a thread that never got one is 2 * 2**-16 likely.
+SEE_HEAD_REQUESTS = 16
+
+
+def seen_by_the_edge(send: Callable[[], object], requests: int = SEE_HEAD_REQUESTS) -> None:
+    """Sends a prompt head through the edge until each of its Envoy threads has seen it.
+
+    A thread sends a head it has not seen to the next worker in turn (a head nobody
+    sent is cached nowhere; gateway/model_routing.lua), and the head's later
+    requests where the routes' hash points: tests of where a head goes send it first.
+    """
+    for _ in range(requests):
+        send()
+
+
 def spread_of(
     mesh: Mesh, cluster: str, worker_of: Callable[[str], str], timeout_s: float = 30.0
 ) -> set[str]:

@@ -15,7 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from tests.e2e.conftest import spread_of, stable_round
+from tests.e2e.conftest import seen_by_the_edge, spread_of, stable_round
 from tests.e2e.test_auth import create_key
 from tokenmesh.inference.v1 import inference_service_pb2 as v1
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as v1_rpc
@@ -224,6 +224,7 @@ def test_chats_that_start_alike_reach_the_same_worker(mesh, http):
         return str(reply.headers["x-tokenmesh-worker"])
 
     cluster = "model:deterministic-test:1"
+    seen_by_the_edge(lambda: worker(system, "seen?"))
     met = stable_round(mesh, cluster, lambda: {worker(system, f"question {n}") for n in range(8)})
     assert len(met) == 1, met
     spread = spread_of(mesh, cluster, lambda head: worker(head + system, "question"))

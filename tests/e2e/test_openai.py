@@ -13,7 +13,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.e2e.conftest import spread_of, stable_round
+from tests.e2e.conftest import seen_by_the_edge, spread_of, stable_round
 from tests.e2e.test_auth import create_key
 
 CHAT = [
@@ -288,6 +288,7 @@ def test_requests_are_routed_by_the_model_in_their_json(mesh, admin_key):
         return str(reply.headers["x-tokenmesh-worker"])
 
     cluster = "model:deterministic-test:1"
+    seen_by_the_edge(lambda: worker(system, "seen?", "deterministic-test@1"))
     met = stable_round(
         mesh, cluster, lambda: {worker(system, f"q {n}", "deterministic-test@1") for n in range(8)}
     )

@@ -198,5 +198,6 @@ def test_template_requests_reach_one_worker_whatever_their_input(mesh, tmp_path,
             workers.add(dict(call.initial_metadata())["x-tokenmesh-worker"])
         return workers
 
+    workers_of_a_round()  # the edge's thread sends a head it has not seen in turn
     workers = stable_round(mesh, "model:deterministic-test:1", workers_of_a_round)
     assert len(workers) == 1, workers

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from envoy.config.route.v3 import route_pb2
 
+from gateway.model_routing import SPREAD_KEY
 from services.inference.load_report import (
     HOT_MIN_REQUESTS,
     HOT_PREFIXES,
@@ -164,7 +165,7 @@ def _worker(name: str, host: str, port: int, heads: dict[str, float]) -> WorkerE
     return replace(entry, outcomes=(counts,))
 
 
-def test_the_edge_routes_carry_the_pins_for_the_lua_filter():
+def test_the_edge_routes_carry_the_pins_and_the_workers_for_the_lua_filter():
     model = cat.add_version(None, "m", "1", 0)
     workers = [
         _worker("w1", "127.0.0.1", 1001, {h: 6.0 for h in HEADS[:6]}),
@@ -174,13 +175,15 @@ def test_the_edge_routes_carry_the_pins_for_the_lua_filter():
         {"m": model}, workers, NOW, snapshot.EdgeFlags(), snapshot.ClusterOptions()
     )
     routes = resources.by_type[ROUTE_TYPE]["edge"]["virtual_hosts"][0]["routes"]
-    pinned = [
-        r["metadata"]["filter_metadata"]["envoy.filters.http.lua"]
+    placed = [
+        dict(r["metadata"]["filter_metadata"]["envoy.filters.http.lua"])
         for r in routes
         if "metadata" in r
     ]
-    assert pinned  # the version route and the split
-    assert all(split(p) == {"127.0.0.1:1001": 4, "[::1]:1002": 4} for p in pinned)
+    assert len(placed) == 3  # the version route, its "latest" alias and the split
+    # Unseen heads go to the version's workers in turn (override addresses, sorted).
+    assert all(p.pop(SPREAD_KEY) == ["127.0.0.1:1001", "[::1]:1002"] for p in placed)
+    assert all(split(p) == {"127.0.0.1:1001": 4, "[::1]:1002": 4} for p in placed)
     route = route_pb2.RouteConfiguration()  # what Envoy will accept
     assert pack(resources).by_type[ROUTE_TYPE]["edge"].Unpack(route)
     assert any(
@@ -196,3 +199,13 @@ def test_the_edge_routes_carry_the_pins_for_the_lua_filter():
     assert not any(
         "metadata" in r for r in plain.by_type[ROUTE_TYPE]["edge"]["virtual_hosts"][0]["routes"]
     )
+
+
+def test_a_version_with_one_worker_lists_no_workers_to_spread_over():
+    model = cat.add_version(None, "m", "1", 0)
+    workers = [_worker("w1", "127.0.0.1", 1001, {})]
+    resources = snapshot.build(
+        {"m": model}, workers, NOW, snapshot.EdgeFlags(), snapshot.ClusterOptions()
+    )
+    routes = resources.by_type[ROUTE_TYPE]["edge"]["virtual_hosts"][0]["routes"]
+    assert not any("metadata" in r for r in routes)
