@@ -179,7 +179,7 @@ def build(
         if affinity:
             last = (last_pins or {}).get((model, version), {})
             pins[(model, version)] = version_pins(model, version, hosts, now, weighted, last)
-            spread[(model, version)] = sorted(override_address(w.host, w.port) for w in hosts)
+            spread[(model, version)] = spread_workers(hosts, weighted)
     for entry in catalog.values():
         fallback = _fallback_target(entry, catalog, now)
         if fallback is None:
@@ -350,6 +350,23 @@ def version_pins(
         for w in hosts
     ]
     return prefix_pins.pins(holders, last)
+
+
+def spread_workers(hosts: Sequence[WorkerEntry], weighted: bool = True) -> list[str]:
+    """The workers a head the edge has not seen takes turns over: those at the version's
+    top endpoint weight, all of them unless load-aware weights hold some back.
+
+    Turns ignore weights, so a worker the weights hold back (slow, saturated) gets no
+    unseen head by turn; the hash still gives it its weighted share of seen heads.
+    Listing the top weight class, not every weight, keeps the routes (one large
+    resource) from changing with each weight move: a class changes far less often.
+    """
+
+    def weight(worker: WorkerEntry) -> int:
+        return worker.weight.weight if weighted else NEUTRAL_WEIGHT
+
+    top = max((weight(w) for w in hosts), default=0)
+    return sorted(override_address(w.host, w.port) for w in hosts if weight(w) == top)
 
 
 def override_address(host: str, port: int) -> str:

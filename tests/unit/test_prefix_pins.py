@@ -19,7 +19,7 @@ from services.inference.load_report import (
 )
 from services.router import catalog as cat
 from services.router import prefix_pins, snapshot
-from services.router.load_weights import LoadReport
+from services.router.load_weights import LoadReport, WeightState
 from services.router.prefix_pins import Holder
 from services.router.registry import VersionCounts, WorkerEntry
 from services.router.servicer import load_to_pb, outcomes_from_pb
@@ -206,6 +206,24 @@ def test_a_version_with_one_worker_lists_no_workers_to_spread_over():
     workers = [_worker("w1", "127.0.0.1", 1001, {})]
     resources = snapshot.build(
         {"m": model}, workers, NOW, snapshot.EdgeFlags(), snapshot.ClusterOptions()
+    )
+    routes = resources.by_type[ROUTE_TYPE]["edge"]["virtual_hosts"][0]["routes"]
+    assert not any("metadata" in r for r in routes)
+
+
+def test_unseen_heads_take_turns_over_the_workers_at_the_top_weight_only():
+    # A worker the load-aware weights hold back (slow, saturated) gets no unseen
+    # head by turn: turns ignore weights, the hash does not.
+    fast = _worker("fast", "127.0.0.1", 1001, {})
+    also_fast = _worker("also", "127.0.0.1", 1003, {})
+    slow = replace(_worker("slow", "127.0.0.1", 1002, {}), weight=WeightState(weight=5))
+    assert snapshot.spread_workers([slow, fast, also_fast]) == ["127.0.0.1:1001", "127.0.0.1:1003"]
+    # Equal weights (load-aware routing off): every worker takes turns.
+    assert len(snapshot.spread_workers([slow, fast, also_fast], weighted=False)) == 3
+    # One at the top: no turns (the list has one worker, so the routes carry none).
+    model = cat.add_version(None, "m", "1", 0)
+    resources = snapshot.build(
+        {"m": model}, [fast, slow], NOW, snapshot.EdgeFlags(), snapshot.ClusterOptions()
     )
     routes = resources.by_type[ROUTE_TYPE]["edge"]["virtual_hosts"][0]["routes"]
     assert not any("metadata" in r for r in routes)
