@@ -218,8 +218,9 @@ def test_unseen_heads_take_turns_over_the_workers_at_the_top_weight_only():
     also_fast = _worker("also", "127.0.0.1", 1003, {})
     slow = replace(_worker("slow", "127.0.0.1", 1002, {}), weight=WeightState(weight=5))
     assert snapshot.spread_workers([slow, fast, also_fast]) == ["127.0.0.1:1001", "127.0.0.1:1003"]
-    # Equal weights (load-aware routing off): every worker takes turns.
-    assert len(snapshot.spread_workers([slow, fast, also_fast], weighted=False)) == 3
+    # Load-aware weights off: no load signal but the hash's bound on active
+    # requests, so unseen heads keep the hash.
+    assert snapshot.spread_workers([slow, fast, also_fast], weighted=False) == []
     # One at the top: no turns (the list has one worker, so the routes carry none).
     model = cat.add_version(None, "m", "1", 0)
     resources = snapshot.build(
