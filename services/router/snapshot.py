@@ -352,22 +352,48 @@ def version_pins(
     return prefix_pins.pins(holders, last)
 
 
-def spread_workers(hosts: Sequence[WorkerEntry], weighted: bool = True) -> list[str]:
-    """The workers a head the edge has not seen takes turns over: those at the version's
-    top load-aware endpoint weight; none when the weights are off.
+#: In one cycle of turns for unseen heads, the worker at the version's top weight
+#: takes this many; every other worker its weight's share of it, rounded.
+SPREAD_TURNS = 4
 
-    Turns ignore weights and active requests, so a worker the weights hold back
-    (slow, saturated) takes no unseen head by turn; the hash still gives it its
-    weighted share of seen heads. Without load-aware weights the only load signal
-    is the hash's bound on active requests, so unseen heads keep the hash (a slow
-    worker took half of them by turn: bench L1's equal-weights edge, 32 -> 6.5
-    requests/s). Listing the top weight class, not every weight, keeps the routes
-    (one large resource) from changing with each weight move.
+
+def spread_workers(hosts: Sequence[WorkerEntry], weighted: bool = True) -> list[str]:
+    """One cycle of turns for heads the edge has not seen: each worker's override
+    address as often as its load-aware weight earns (SPREAD_TURNS at the top), in
+    smooth weighted round-robin order; none when the weights are off.
+
+    The edge takes the turns in order, so unseen heads go where a weighted round
+    robin would send them, and a worker the weights hold back (slow, saturated)
+    takes few or none. Without load-aware weights the only load signal is the
+    hash's bound on active requests, so unseen heads keep the hash (by equal
+    turns, a slow worker took half of them: bench L1's equal-weights edge, 32 ->
+    6.5 requests/s). Weights are rounded to SPREAD_TURNS levels so that the routes
+    (one large resource) change only when a worker's level does, not with each
+    weight move.
     """
     if not weighted:
         return []
     top = max((w.weight.weight for w in hosts), default=0)
-    return sorted(override_address(w.host, w.port) for w in hosts if w.weight.weight == top)
+    turns = {
+        override_address(w.host, w.port): round(SPREAD_TURNS * w.weight.weight / top) for w in hosts
+    }
+    return smooth_round_robin({address: n for address, n in turns.items() if n > 0})
+
+
+def smooth_round_robin(turns: Mapping[str, int]) -> list[str]:
+    """One cycle of weighted round robin with each name's turns spread out (nginx's
+    smooth order): {"a": 2, "b": 1} -> ["a", "b", "a"]. Deterministic: ties go to the
+    first name in sorted order."""
+    total = sum(turns.values())
+    credit = dict.fromkeys(sorted(turns), 0)
+    order: list[str] = []
+    for _ in range(total):
+        for name in credit:
+            credit[name] += turns[name]
+        chosen = max(credit, key=lambda name: credit[name])
+        credit[chosen] -= total
+        order.append(chosen)
+    return order
 
 
 def override_address(host: str, port: int) -> str:
@@ -531,8 +557,8 @@ def _placement_metadata(
     for version in versions:
         for head, address in placement.pins.get((model, version), {}).items():
             merged.setdefault(head, address)
-    workers = sorted({a for v in versions for a in placement.workers.get((model, v), ())})
-    if len(workers) > 1:  # one worker: the hash picks it anyway
+    workers = [a for v in versions for a in placement.workers.get((model, v), ())]
+    if len(set(workers)) > 1:  # one worker: the hash picks it anyway
         merged[model_routing.SPREAD_KEY] = workers
     if not merged:
         return {}

@@ -14,6 +14,7 @@ from Redis: an empty answer would make a reconnecting Envoy drop its routes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -109,6 +110,9 @@ class ControlPlane:
         self._flavours: dict[EdgeFlags, PackedResources] = {
             EdgeFlags(): PackedResources({}, {}, Resources({}))
         }
+        # Connected streams per flavour: a poll rebuilds only these (each flavour is
+        # a build of every resource; the default used to be rebuilt for nobody).
+        self._users: collections.Counter[EdgeFlags] = collections.Counter()
         self._generation = 0
         self._changed = asyncio.Condition()
         self.ready = asyncio.Event()
@@ -125,26 +129,44 @@ class ControlPlane:
             await self._task.stop(timeout_s=5)
 
     def resources(self, flags: EdgeFlags) -> PackedResources:
-        """Returns the latest resources for an edge with `flags`."""
-        return self._flavours.get(flags) or self._flavours[EdgeFlags()]
+        """Returns the latest resources for an edge with `flags` (a stream's, after `ensure`;
+        the default flavour's while no stream is connected)."""
+        return self._flavours[flags]
 
     async def ensure(self, flags: EdgeFlags) -> None:
-        """Builds resources for a new edge flavour now; every poll refreshes them after."""
-        if flags not in self._flavours:
+        """Counts a stream of `flags` in and builds that flavour now unless a poll keeps it
+        fresh already; every poll refreshes it after, until `release`."""
+        fresh = flags in self._in_use() and flags in self._flavours
+        self._users[flags] += 1
+        if not fresh:
             (resources,) = await self._build([flags])
-            self._flavours[flags] = pack(resources)
+            self._flavours[flags] = pack(resources, self._flavours.get(flags))
+
+    def release(self, flags: EdgeFlags) -> None:
+        """Counts a stream of `flags` out (its flavour is dropped at the next poll if unused)."""
+        self._users[flags] -= 1
+        if self._users[flags] <= 0:
+            del self._users[flags]
+
+    def _in_use(self) -> list[EdgeFlags]:
+        """The flavours a poll rebuilds: connected streams', or the default while none is."""
+        return list(self._users) or [EdgeFlags()]
 
     async def refresh(self) -> None:
         """Reads Redis now; wakes every stream when anything changed."""
         changed = False
-        flavours = list(self._flavours)
+        flavours = self._in_use()
         for flags, resources in zip(flavours, await self._build(flavours), strict=True):
             # Converting to protobuf and hashing are not cheap (JSON-encoding every
             # resource was ~40% of an idle router's CPU, 4 polls a second): compare
             # the dicts, and pack and hash only on change.
-            if resources.by_type != self._flavours[flags].source.by_type:
-                self._flavours[flags] = pack(resources, self._flavours[flags])
+            last = self._flavours.get(flags)
+            if last is None or resources.by_type != last.source.by_type:
+                self._flavours[flags] = pack(resources, last)
                 changed = True
+        # A flavour nobody uses now is dropped, not kept stale: `ensure` builds it afresh.
+        for unused in set(self._flavours) - set(self._in_use()):
+            del self._flavours[unused]
         self.ready.set()
         if changed:
             async with self._changed:
@@ -242,13 +264,16 @@ class _Stream:
     subscriptions: dict[str, _Subscription] = field(default_factory=dict)
     outbox: Outbox = field(default_factory=Outbox)
     nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    counted: bool = False  # in the plane's users of `flags` (see ControlPlane.ensure)
 
     async def on_request(self, request: discovery_pb2.DiscoveryRequest) -> None:
         """Handles a subscription, an ACK or a NACK."""
-        if request.HasField("node") and not self.node_id:
-            self.node_id = request.node.id
-            metadata = json_format.MessageToDict(request.node.metadata)
-            self.flags = EdgeFlags.from_metadata(metadata)
+        if not self.counted:  # the first request names the node (Envoy always sends it)
+            if request.HasField("node"):
+                self.node_id = request.node.id
+                metadata = json_format.MessageToDict(request.node.metadata)
+                self.flags = EdgeFlags.from_metadata(metadata)
+            self.counted = True  # before the await: ensure counts it in before its own
             await self.plane.ensure(self.flags)
             logger.info("node %s (%s) subscribed with %s", self.node_id, self.peer, self.flags)
         type_url = request.type_url
@@ -348,6 +373,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         finally:
             for task in tasks:
                 task.cancel()
+            if stream.counted:
+                self.plane.release(stream.flags)
             logger.info("ADS stream of node %s (%s) ended", stream.node_id, stream.peer)
 
     @staticmethod

@@ -604,15 +604,16 @@ def test_hot_prompt_heads_are_pinned_evenly_over_the_workers(routed, edge):
 
 def test_heads_the_edge_has_not_seen_go_to_the_workers_in_turn(routed, edge):
     # A head nobody sent is cached nowhere, so the edge places its first request
-    # by turn over the workers at the top load-aware weight (a hash splits a
-    # handful of distinct heads unevenly: bench row K2); its later requests
-    # follow the hash, all to one worker.
+    # by turn, weighted like a round robin (a hash splits a handful of distinct
+    # heads unevenly: bench row K2); its later requests follow the hash, all to
+    # one worker. With even weights the turns alternate.
     heads: list[str] = []
 
     def first_requests_alternate() -> bool:
-        turns = version_route(edge_routes(routed.admin_url("envoy")), "1").get("metadata", {})
-        if len(turns.get("filter_metadata", {}).get(LUA_FILTER_NAME, {}).get(SPREAD_KEY, [])) < 2:
-            return False  # other tests' traffic moved a weight: wait for the top class
+        metadata = version_route(edge_routes(routed.admin_url("envoy")), "1").get("metadata", {})
+        turns = metadata.get("filter_metadata", {}).get(LUA_FILTER_NAME, {}).get(SPREAD_KEY, [])
+        if set(collections.Counter(turns).values()) != {4}:
+            return False  # other tests' traffic moved a weight: wait for even turns
         tag = uuid.uuid4().hex
         heads[:] = [
             f"{tag} {n:02d}: a prompt nobody sent before, longer than 64 bytes" for n in range(12)

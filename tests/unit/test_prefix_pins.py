@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import itertools
 import random
 import time
 from dataclasses import replace
@@ -182,7 +184,7 @@ def test_the_edge_routes_carry_the_pins_and_the_workers_for_the_lua_filter():
     ]
     assert len(placed) == 3  # the version route, its "latest" alias and the split
     # Unseen heads go to the version's workers in turn (override addresses, sorted).
-    assert all(p.pop(SPREAD_KEY) == ["127.0.0.1:1001", "[::1]:1002"] for p in placed)
+    assert all(p.pop(SPREAD_KEY) == ["127.0.0.1:1001", "[::1]:1002"] * 4 for p in placed)
     assert all(split(p) == {"127.0.0.1:1001": 4, "[::1]:1002": 4} for p in placed)
     route = route_pb2.RouteConfiguration()  # what Envoy will accept
     assert pack(resources).by_type[ROUTE_TYPE]["edge"].Unpack(route)
@@ -211,20 +213,32 @@ def test_a_version_with_one_worker_lists_no_workers_to_spread_over():
     assert not any("metadata" in r for r in routes)
 
 
-def test_unseen_heads_take_turns_over_the_workers_at_the_top_weight_only():
-    # A worker the load-aware weights hold back (slow, saturated) gets no unseen
-    # head by turn: turns ignore weights, the hash does not.
+def test_unseen_heads_take_turns_by_weight_like_a_weighted_round_robin():
     fast = _worker("fast", "127.0.0.1", 1001, {})
     also_fast = _worker("also", "127.0.0.1", 1003, {})
+    a, b = "127.0.0.1:1001", "127.0.0.1:1003"
+    assert snapshot.spread_workers([fast, also_fast]) == [a, b, a, b, a, b, a, b]
+    # Weights round to SPREAD_TURNS levels (4): 100 and 60 take 4 and 2 turns, spread out.
+    slower = replace(also_fast, weight=WeightState(weight=60))
+    assert snapshot.spread_workers([fast, slower]) == [a, b, a, a, b, a]
+    # A worker the weights hold back takes no turn.
     slow = replace(_worker("slow", "127.0.0.1", 1002, {}), weight=WeightState(weight=5))
-    assert snapshot.spread_workers([slow, fast, also_fast]) == ["127.0.0.1:1001", "127.0.0.1:1003"]
+    assert "127.0.0.1:1002" not in snapshot.spread_workers([slow, fast, also_fast])
     # Load-aware weights off: no load signal but the hash's bound on active
     # requests, so unseen heads keep the hash.
     assert snapshot.spread_workers([slow, fast, also_fast], weighted=False) == []
-    # One at the top: no turns (the list has one worker, so the routes carry none).
+    # One worker left with turns: none to take (the hash sends its weighted share).
     model = cat.add_version(None, "m", "1", 0)
     resources = snapshot.build(
         {"m": model}, [fast, slow], NOW, snapshot.EdgeFlags(), snapshot.ClusterOptions()
     )
     routes = resources.by_type[ROUTE_TYPE]["edge"]["virtual_hosts"][0]["routes"]
     assert not any("metadata" in r for r in routes)
+
+
+def test_smooth_round_robin_spreads_each_names_turns_over_the_cycle():
+    assert snapshot.smooth_round_robin({"a": 2, "b": 1}) == ["a", "b", "a"]
+    cycle = snapshot.smooth_round_robin({"a": 4, "b": 3, "c": 1})
+    assert collections.Counter(cycle) == {"a": 4, "b": 3, "c": 1}
+    assert all(x != y for x, y in itertools.pairwise(cycle))  # no name twice in a row
+    assert snapshot.smooth_round_robin({}) == []

@@ -315,6 +315,42 @@ def test_a_poll_that_reads_the_same_state_wakes_no_stream_and_a_change_does():
     asyncio.run(scenario())
 
 
+def test_a_poll_rebuilds_only_the_flavours_of_connected_edges():
+    async def scenario():
+        built: list[list[EdgeFlags]] = []
+        plane, _state = _plane()
+        build_for = plane._build
+
+        async def recording(flavours: Sequence[EdgeFlags]) -> Sequence[snapshot.Resources]:
+            built.append(list(flavours))
+            resources: Sequence[snapshot.Resources] = await build_for(flavours)
+            return resources
+
+        plane._build = recording
+        await plane.refresh()
+        assert built[-1] == [DEFAULT_FLAGS]  # nobody connected: what a first request gets
+        stream = _Stream(plane, "edge")
+        await stream.on_request(_request(CLUSTER_TYPE, node=True))  # without auth
+        edge = EdgeFlags(auth=False)
+        assert stream.flags == edge and built[-1] == [edge]  # built on arrival
+        await plane.refresh()
+        assert built[-1] == [edge]  # the default is no longer rebuilt for nobody
+        assert plane.resources(edge).versions[ROUTE_TYPE]
+        twin = _Stream(plane, "another edge")
+        await twin.on_request(_request(CLUSTER_TYPE, node=True))
+        assert built[-1] == [edge]  # already fresh: no build of its own
+        plane.release(edge)
+        await plane.refresh()
+        assert built[-1] == [edge]  # one of its edges is still connected
+        plane.release(edge)
+        await plane.refresh()
+        assert built[-1] == [DEFAULT_FLAGS]
+        with pytest.raises(KeyError):
+            plane.resources(edge)  # dropped, not kept stale
+
+    asyncio.run(scenario())
+
+
 def test_repacking_reuses_what_did_not_change_and_versions_stay_content_hashes():
     workers = [worker("w1", 1001, ("m", "1")), worker("w2", 1002, ("m", "1"))]
     models = {"m": two_versions()}
