@@ -12,7 +12,7 @@
 -- x-tokenmesh-prefix, which the routes hash (bounded-load consistent
 -- hashing) to pick the worker, unless the router pinned that head to a
 -- worker (the route's metadata), or this Envoy thread has not seen the head
--- lately (then the next of the route's workers in turn: see first_sighting).
+-- lately (then the route's next turn: see first_sighting).
 -- OpenAI-surface requests carry JSON instead (see OPENAI below): their
 -- top-level `model` is read the same way.
 
@@ -49,22 +49,23 @@ local OPENAI = {
   ["/tokenmesh.openai.v1.OpenAIService/CreateEmbedding"] = false,
 }
 local PREFIX_BYTES = 64
--- The route metadata key listing the route's workers (gateway/model_routing.py
--- SPREAD_KEY; the pins' keys are hex, never this).
+-- The route metadata key of one cycle of weighted turns over the route's
+-- workers (gateway/model_routing.py SPREAD_KEY; the pins' keys are hex, never this).
 local SPREAD_KEY = "workers"
 -- Heads this Envoy thread sent lately: two generations of up to SEEN_MAX heads
 -- each (bounded memory; a head in use moves to the current one).
 local SEEN_MAX = 4096
 local seen, seen_before, seen_count = {}, {}, 0
--- Per model, the last of its workers an unseen head went to.
+-- Per model, the last turn an unseen head took.
 local turns = {}
 
 -- Returns true the first time this thread sees `prefix` (lately), and remembers it.
--- A head nobody sent is cached nowhere, so its place is a matter of load: in turn
--- over the workers (like round robin), not where the hash points (a hash puts a
--- handful of requests unevenly). Its next requests follow the hash, which every
--- thread and edge agrees on. The cost: a head reused later whose first request
--- went elsewhere misses the cache once more, once per Envoy thread and edge.
+-- A head nobody sent is cached nowhere, so its place is a matter of load: the
+-- route's turns (a round robin weighted by the workers' load-aware weights),
+-- not where the hash points (a hash puts a handful of requests unevenly). Its
+-- next requests follow the hash, which every thread and edge agrees on. The
+-- cost: a head reused later whose first request went elsewhere misses the
+-- cache once more, once per Envoy thread and edge.
 local function first_sighting(prefix)
   if seen[prefix] then return false end
   local known = seen_before[prefix]
@@ -300,7 +301,7 @@ function envoy_on_request(handle)
   handle:clearRouteCache()
   -- A hot head the router pinned to one worker (the matched route's metadata,
   -- services/router/prefix_pins.py) goes there while that worker is healthy,
-  -- an unseen head to the route's next worker in turn; not strict: a worker
+  -- an unseen head to the route's next turn; not strict: a worker
   -- that is unhealthy, gone or outside the cluster the route picked leaves the
   -- choice to the hash.
   if prefix ~= nil then

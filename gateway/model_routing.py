@@ -61,9 +61,10 @@ def model_health_name(model: str, version: str) -> str:
 #: filter's `handle:metadata()` reads (the router's prefix pins).
 LUA_FILTER_NAME = "envoy.filters.http.lua"
 #: Route metadata (beside the pins' prefix keys, which are hex, so never this):
-#: the override addresses of the workers of the versions a route splits over.
-#: A head the filter's Envoy thread has not seen lately goes to the next of them
-#: in turn instead of where the hash points (see model_routing.lua).
+#: one cycle of weighted turns over the workers of the versions a route splits
+#: over (override addresses, services/router/snapshot.spread_workers). A head the
+#: filter's Envoy thread has not seen lately takes the next turn instead of where
+#: the hash points (see model_routing.lua).
 SPREAD_KEY = "workers"
 
 
