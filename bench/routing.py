@@ -116,7 +116,7 @@ class Plan:
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
-        return cls(2, 5.0, 1, 4.0, 80.0, 4.0) if quick else cls(3, 6.0, 4, 5.0, 240.0, 6.0)
+        return cls(2, 5.0, 1, 4.0, 80.0, 4.0) if quick else cls(3, 6.0, 2, 6.0, 240.0, 6.0)
 
 
 def system_prompt(tag: str, tokenizer: Tokenizer) -> str:

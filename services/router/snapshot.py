@@ -109,9 +109,10 @@ class Placement:
     """Placement is what the edge's Lua filter reads from a route to place a prompt head.
 
     Per (model, version): `pins`, the hot heads pinned to a worker (`version_pins`), and
-    `workers`, the override addresses a head the edge has not seen lately is sent to in
-    turn (a head nobody has sent is cached nowhere: its place is chosen by load, not by
-    hash; from its next request on, the hash keeps it on one worker).
+    `workers`, one cycle of weighted turns (override addresses, `spread_workers`) for a
+    head the edge has not seen lately (a head nobody has sent is cached nowhere: its
+    place is chosen by load, not by hash; from its next request on, the hash keeps it
+    on one worker).
     """
 
     pins: Pins = field(default_factory=dict)
@@ -371,9 +372,9 @@ def spread_workers(hosts: Sequence[WorkerEntry], weighted: bool = True) -> list[
     (one large resource) change only when a worker's level does, not with each
     weight move.
     """
-    if not weighted:
-        return []
     top = max((w.weight.weight for w in hosts), default=0)
+    if not weighted or top <= 0:
+        return []
     turns = {
         override_address(w.host, w.port): round(SPREAD_TURNS * w.weight.weight / top) for w in hosts
     }
