@@ -73,8 +73,8 @@ SEE_HEAD_REQUESTS = 16
 def seen_by_the_edge(send: Callable[[], object], requests: int = SEE_HEAD_REQUESTS) -> None:
     """Sends a prompt head through the edge until each of its Envoy threads has seen it.
 
-    A thread sends a head it has not seen to the next worker in turn (a head nobody
-    sent is cached nowhere; gateway/model_routing.lua), and the head's later
+    A thread sends a head it has not seen where the route's next turn says (a head
+    nobody sent is cached nowhere; gateway/model_routing.lua), and the head's later
     requests where the routes' hash points: tests of where a head goes send it first.
     """
     for _ in range(requests):

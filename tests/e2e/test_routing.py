@@ -232,7 +232,7 @@ def workers_of(channel: grpc.Channel, prompts: Iterable[str]) -> set[str]:
 
 def hashed_worker(channel: grpc.Channel, prompt: str) -> str:
     """Returns the worker the routes' hash sends `prompt` to: its head's first request on
-    an Envoy thread goes to the next worker in turn, so the prompt is sent twice."""
+    an Envoy thread takes a turn instead, so the prompt is sent twice."""
     complete(channel, prompt=prompt)
     return complete(channel, prompt=prompt).worker
 
@@ -565,7 +565,7 @@ def pins_of(routes: list[dict[str, Any]], label: str = "1") -> dict[str, str]:
     """The prompt heads a version route pins to a worker: prefix key -> worker address."""
     metadata = version_route(routes, label).get("metadata", {}).get("filter_metadata", {})
     placed = dict(metadata.get(LUA_FILTER_NAME, {}))
-    placed.pop(SPREAD_KEY, None)  # the workers unseen heads go to in turn
+    placed.pop(SPREAD_KEY, None)  # the turns unseen heads take
     return placed
 
 

@@ -64,6 +64,7 @@ def test_refusals_by_a_live_worker_do_not_eject_it(two_workers):
             replies = [http.post(V2_COMPLETE, json=body) for _ in range(4)]
             return {reply.headers["x-tokenmesh-worker"] for reply in replies}
 
+        served_by()  # the edge's first request of a head takes a turn; the next follow the hash
         before = served_by()
         # The same prompt each time: prefix affinity sends them all to one worker.
         v1_body = {"prompt": "a b", "max_tokens": 2}
