@@ -107,9 +107,7 @@ class ControlPlane:
     ) -> None:
         self._build = build
         self._poll_s = poll_s
-        self._flavours: dict[EdgeFlags, PackedResources] = {
-            EdgeFlags(): PackedResources({}, {}, Resources({}))
-        }
+        self._flavours: dict[EdgeFlags, PackedResources] = {}  # filled by the first refresh
         # Connected streams per flavour: a poll rebuilds only these (each flavour is
         # a build of every resource; the default used to be rebuilt for nobody).
         self._users: collections.Counter[EdgeFlags] = collections.Counter()
