@@ -279,6 +279,13 @@ def eds_cluster(
         "health_checks": [
             envoy_config.grpc_health_check(health_service, options.health_check_interval_s)
         ],
+        # A worker the router took out (drain, lease expiry) leaves the load
+        # balancer at once. By default Envoy keeps a removed host that still
+        # passes its health check, flagged pending_dynamic_removal, so a
+        # draining worker took new requests (and pins, turns and the hash
+        # could still pick it) until it stopped and failed two checks. Its
+        # open streams finish: Envoy drains the removed host's connections.
+        "ignore_health_on_host_removal": True,
         # No panic routing to unhealthy workers: fail over (aggregate) or answer 503.
         "common_lb_config": lb_config,
         "outlier_detection": OUTLIER_DETECTION,

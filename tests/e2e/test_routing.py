@@ -35,6 +35,7 @@ from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV
 from tests.e2e.conftest import (
     authed_channel,
+    edge_hosts,
     seen_by_the_edge,
     spread_of,
     stable_round,
@@ -645,8 +646,14 @@ def test_sigterm_drains_a_worker_its_stream_completes(routed, edge):
     stream = stub.Generate(pb.GenerateRequest(model=MODEL, prompt="a", max_tokens=500), timeout=30)
     first = next(stream)
     victim = dict(stream.initial_metadata())["x-tokenmesh-worker"]
+    address = routed.address(victim)
     stop, outcomes, threads = under_load(edge)
     routed.terminate(victim)
+    # The edge drops the draining worker as soon as the router takes it out; it
+    # used to keep it, still healthy and taking requests, as pending removal
+    # until the stopped worker failed two health checks.
+    seen = states_until_gone(routed, CLUSTERS[0], address)
+    assert not [flags for flags in seen if "pending_dynamic_removal" in flags], seen
     rest = list(stream)
     assert rest[-1].finish_reason == "length"
     assert first.index == 0 and rest[-1].usage.completion_tokens == 500
@@ -658,6 +665,18 @@ def test_sigterm_drains_a_worker_its_stream_completes(routed, edge):
     survivor = "inference-0" if victim == "inference-1" else "inference-1"
     assert {complete(edge).worker for _ in range(10)} == {survivor}
     routed.start_worker(victim)
+
+
+def states_until_gone(mesh: Mesh, cluster: str, address: str, timeout_s: float = 10) -> list[str]:
+    """Polls the edge's `cluster` until `address` leaves it; returns the health flags
+    it showed meanwhile (every 0.1 s)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while host := edge_hosts(mesh, cluster).get(address):
+        assert time.monotonic() < deadline, f"{address} still in {cluster}: {seen}"
+        seen.append(host["health_flags"])
+        time.sleep(0.1)
+    return seen
 
 
 def test_a_worker_the_router_cannot_drain_leaves_through_the_edges_health_checks(routed, edge):
