@@ -15,6 +15,33 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else 0.0
 
 
+def percentile_ratio_interval(
+    numerator: Sequence[float],
+    denominator: Sequence[float],
+    q: float,
+    level: float = 0.95,
+    draws: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """A bootstrap interval of percentile(numerator, q) / percentile(denominator, q).
+
+    Resamples each side's values with replacement (seeded: a report reads the
+    same twice). It treats the values as independent draws, so it leaves out
+    what moves a whole round (the VM's speed drifting between rounds): a lower
+    bound on how far another run could read. (0, 0) without values.
+    """
+    if not len(numerator) or not len(denominator):
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    top, bottom = np.asarray(numerator, float), np.asarray(denominator, float)
+    tops = np.percentile(top[rng.integers(0, len(top), (draws, len(top)))], q, axis=1)
+    bottoms = np.percentile(bottom[rng.integers(0, len(bottom), (draws, len(bottom)))], q, axis=1)
+    ratios = tops / np.maximum(bottoms, 1e-9)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def median_each(rounds: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """The median of each key over rounds (a process's CPU per unit of work, say),
     a key missing from a round counting 0; values under 0.5 left out."""
