@@ -667,6 +667,21 @@ def test_sigterm_drains_a_worker_its_stream_completes(routed, edge):
     routed.start_worker(victim)
 
 
+def test_a_killed_workers_heads_reach_the_other_worker_at_once(routed, edge):
+    # A seen head follows the hash (or its pin), an unseen one a turn: both name
+    # an address. When that worker dies, its requests must reach the survivor
+    # (retried on another host) before health checks or the router notice.
+    victim, survivor = "inference-0", "inference-1"
+    head = prompt_for_each_worker(edge, {victim, survivor})[victim]
+    routed.kill(victim)  # returns once it is dead
+    try:
+        assert {complete(edge, prompt=head).worker for _ in range(10)} == {survivor}
+        assert workers_of(edge, (f"after the kill {n}" for n in range(10))) == {survivor}
+    finally:
+        routed.start_worker(victim)
+    wait_for_healthy_hosts(routed, CLUSTERS, 2)
+
+
 def states_until_gone(mesh: Mesh, cluster: str, address: str, timeout_s: float = 10) -> list[str]:
     """Polls the edge's `cluster` until `address` leaves it; returns the health flags
     it showed meanwhile (every 0.1 s)."""
