@@ -123,19 +123,42 @@ def _usage_measure(ctx: Context) -> dict[str, Any]:
 
 
 def _usage_judge(results: dict[str, Any]) -> list[Row]:
-    echo, limiter = results["echo"], results["rate_limit"]
+    echo, limiter, unleased = results["echo"], results["rate_limit"], results["no_leases"]
     ratio = limiter["rps"] / echo["rps"]
-    unleased = results["no_leases"]["rps"] / echo["rps"]
+    by_cpu = _per_cpu_ratio(limiter, echo)
     return [
         row(
             "R1",
-            f"{ratio:.0%} ({limiter['rps']:.0f} decisions/s from leases; leases off, a Redis"
-            f" round trip each: {unleased:.0%}; one at a time p99"
+            f"{ratio:.0%}, by CPU {by_cpu:.0%} ({limiter['rps']:.0f} decisions/s from leases;"
+            f" leases off, a Redis round trip each: {unleased['rps'] / echo['rps']:.0%}, by CPU"
+            f" {_per_cpu_ratio(unleased, echo):.0%}; one at a time p99"
             f" {limiter['sequential']['p99_ms']:.2f} ms)",
             ratio >= 0.7,
             baseline=f"echo {echo['rps']:.0f} req/s",
+            cpu=_cpu_per_call(results),
         )
     ]
+
+
+def _per_cpu_ratio(limiter: dict[str, Any], echo: dict[str, Any]) -> float:
+    """Calls per CPU second of a limiter over the echo's (0 when not measured)."""
+    spent = limiter.get("cpu_us_per_call", 0.0)
+    return echo.get("cpu_us_per_call", 0.0) / spent if spent else 0.0
+
+
+def _cpu_per_call(results: dict[str, Any]) -> str:
+    """The CPU µs per call of each R1 target (a limiter's with its windows' Redis)."""
+    return (
+        ", ".join(
+            f"{label} {results[name].get('cpu_us_per_call', 0.0):.0f}"
+            for name, label in (
+                ("rate_limit", "limiter"),
+                ("no_leases", "leases off"),
+                ("echo", "echo"),
+            )
+        )
+        + " µs/call"
+    )
 
 
 def _templates_measure(ctx: Context) -> dict[str, Any]:

@@ -6,17 +6,19 @@ import asyncio
 import contextlib
 import itertools
 import os
+import statistics
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from bench.peers import Peer, bench_pki
-from bench.pinning import LOAD, SUT, pinned_self
+from bench.pinning import LOAD, SUT, CpuMeter, pinned_self
 from bench.rows import Context
 from bench.servers import bare_server_process, redis_server, service, service_pid
 from bench.stats import percentile
@@ -158,6 +160,18 @@ def rate_limit_decisions(ctx: Context) -> dict[str, Any]:
         placement.record("bare grpc.aio echo (R1 baseline)", echo_pid, SUT)
         for name in ("usage", "usage-no-leases"):
             placement.record(f"rate limiter, {name} (R1)", service_pid(state, name), SUT)
+        # Each load's CPU: its server's, and for a limiter the windows' Redis too
+        # (a decision's whole cost; the echo has none). CPU per call does not
+        # depend on what else ran on the machine, which decisions/s does.
+        windows_pid = redis_pid(limits_url)
+        measured = {
+            "echo": {"echo": echo_pid},
+            "rate_limit": {"usage": service_pid(state, "usage"), "redis-limits": windows_pid},
+            "no_leases": {
+                "usage-no-leases": service_pid(state, "usage-no-leases"),
+                "redis-limits": windows_pid,
+            },
+        }
         # Interleaved rounds (order flipped each round), median of each: this VM's
         # speed drifts by 30% within a minute, which one round of each would
         # charge to one side.
@@ -169,10 +183,14 @@ def rate_limit_decisions(ctx: Context) -> dict[str, Any]:
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in loads}
         for n in range(ROUNDS):
             for name in loads if n % 2 == 0 else list(loads)[::-1]:
-                rounds[name].append(asyncio.run(loads[name]()))
+                with CpuMeter(measured[name]) as meter:
+                    figures = asyncio.run(loads[name]())
+                figures["cpu_us_per_call"] = sum(meter.used.values()) / RLS_LOAD_CALLS * 1e6
+                rounds[name].append(figures)
         for name, runs in rounds.items():
             out[name] = sorted(runs, key=lambda r: float(r["rps"]))[len(runs) // 2]
             out[name]["rps_rounds"] = [r["rps"] for r in runs]
+            out[name]["cpu_us_per_call"] = statistics.median(r["cpu_us_per_call"] for r in runs)
             # One-at-a-time latency likewise: the median of the rounds' p50 and
             # p99 (a p99 of 500 calls moves by milliseconds when the VM stalls once).
             sequential: dict[str, Any] = {}
@@ -189,11 +207,18 @@ def rate_limit_decisions(ctx: Context) -> dict[str, Any]:
         seq = s["sequential"]
         print(
             f"  {name:>11}: {s['rps']:8.0f} req/s at {CONCURRENCY} concurrent (p99 {s['p99_ms']:.1f} ms);"
-            f" one at a time p50 {seq['p50_ms']:.2f} ms p99 {seq['p99_ms']:.2f} ms",
+            f" one at a time p50 {seq['p50_ms']:.2f} ms p99 {seq['p99_ms']:.2f} ms;"
+            f" {s['cpu_us_per_call']:.0f} µs CPU a call",
             flush=True,
         )
     print(f"     metering: {out['metering']['events_per_s']:8.0f} events/s", flush=True)
     return out
+
+
+def redis_pid(url: str) -> int:
+    """Returns the pid of the Redis at `url` (its INFO says)."""
+    with redis.Redis.from_url(url) as client:
+        return int(client.info("server")["process_id"])
 
 
 async def _metering(redis_url: str, events: int = 5000) -> dict[str, float]:

@@ -1,9 +1,10 @@
-"""The benchmark reports' statistics helpers."""
+"""The benchmark reports' statistics helpers and the figures built on them."""
 
 from __future__ import annotations
 
 import random
 
+from bench.registry import _usage_judge
 from bench.stats import percentile_ratio_interval
 
 
@@ -30,3 +31,19 @@ def test_a_shifted_side_moves_the_interval_and_no_values_give_zeros() -> None:
     low, high = percentile_ratio_interval([2 * v for v in base], base, 90)
     assert 1.8 < low <= 2.0 <= high < 2.2
     assert percentile_ratio_interval([], base, 90) == (0.0, 0.0)
+
+
+def test_r1_reports_decisions_per_cpu_second_beside_decisions_per_second() -> None:
+    def load(rps: float, cpu_us: float) -> dict[str, object]:
+        return {"rps": rps, "cpu_us_per_call": cpu_us, "sequential": {"p99_ms": 1.0}}
+
+    results = {
+        "echo": load(4000, 270),
+        "rate_limit": load(2600, 390),
+        "no_leases": load(2000, 500),
+    }
+    (r1,) = _usage_judge(results)
+    assert r1.id == "R1" and not r1.passed  # 65% of the echo's decisions/s
+    assert r1.measured.startswith("65%, by CPU 69%")
+    assert "leases off, a Redis round trip each: 50%, by CPU 54%" in r1.measured
+    assert r1.cpu == "limiter 390, leases off 500, echo 270 µs/call"
