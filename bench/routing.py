@@ -493,6 +493,9 @@ def judge(results: dict[str, Any]) -> list[Row]:
     fast, slow = heavy["affinity"], heavy["round_robin"]
     paced_fast, paced_slow = fast["paced"], slow["paced"]
     lower = paced_slow["ttft_p90_ms"] / max(paced_fast["ttft_p90_ms"], 1e-9)
+    low, high = percentile_ratio_interval(
+        paced_slow.get("_ttft_ms", ()), paced_fast.get("_ttft_ms", ()), 90
+    )
     closed_lower = slow["ttft_p90_ms"] / max(fast["ttft_p90_ms"], 1e-9)
     more = fast["rps"] / max(slow["rps"], 1e-9)
     more_cpu = fast["rps_by_cpu"] / max(slow["rps_by_cpu"], 1e-9)
@@ -509,7 +512,8 @@ def judge(results: dict[str, Any]) -> list[Row]:
     return [
         row(
             "K1",
-            f"TTFT p90 {paced_fast['ttft_p90_ms']:.0f} ms ({lower:.1f}x lower) at"
+            f"TTFT p90 {paced_fast['ttft_p90_ms']:.0f} ms ({lower:.1f}x lower; 95% bootstrap"
+            f" interval {low:.1f}-{high:.1f}x) at"
             f" {paced_fast['offered_rps']:.1f} req/s offered ({PACED_LOAD:.0%} of round robin's"
             f" first round; {paced_fast['requests']} requests); {fast['rps']:.1f} req/s at"
             f" {CONCURRENCY} clients ({more:.2f}x; by CPU {more_cpu:.2f}x), TTFT p90 there"

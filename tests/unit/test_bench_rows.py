@@ -163,3 +163,8 @@ def test_k1_compares_ttft_at_one_offered_load_and_throughput_in_the_closed_loop(
     assert k1(mode(200, 50, 20), mode(200, 160, 10)).passed
     assert not k1(mode(50, 60, 20), mode(200, 160, 10)).passed  # 2.7x at the same load
     assert not k1(mode(200, 50, 12), mode(200, 160, 10)).passed  # 1.2x throughput
+    # Identical samples: the bootstrap interval is the ratio itself.
+    assert (
+        "(3.2x lower; 95% bootstrap interval 3.2-3.2x)"
+        in k1(mode(200, 50, 20), mode(200, 160, 10)).measured
+    )
