@@ -673,6 +673,7 @@ def test_a_killed_workers_heads_reach_the_other_worker_at_once(routed, edge):
     # (retried on another host) before health checks or the router notice.
     victim, survivor = "inference-0", "inference-1"
     head = prompt_for_each_worker(edge, {victim, survivor})[victim]
+    dead = routed.address(victim)
     routed.kill(victim)  # returns once it is dead
     try:
         assert {complete(edge, prompt=head).worker for _ in range(10)} == {survivor}
@@ -680,6 +681,8 @@ def test_a_killed_workers_heads_reach_the_other_worker_at_once(routed, edge):
     finally:
         routed.start_worker(victim)
     wait_for_healthy_hosts(routed, CLUSTERS, 2)
+    for cluster in CLUSTERS:  # the next test finds only live workers (its lease expires)
+        states_until_gone(routed, cluster, dead, 30)
 
 
 def states_until_gone(mesh: Mesh, cluster: str, address: str, timeout_s: float = 10) -> list[str]:
