@@ -158,19 +158,17 @@ def rate_limit_decisions(ctx: Context) -> dict[str, Any]:
         ) as unleased,
     ):
         placement.record("bare grpc.aio echo (R1 baseline)", echo_pid, SUT)
-        for name in ("usage", "usage-no-leases"):
-            placement.record(f"rate limiter, {name} (R1)", service_pid(state, name), SUT)
+        limiter_pids = {name: service_pid(state, name) for name in ("usage", "usage-no-leases")}
+        for name, pid in limiter_pids.items():
+            placement.record(f"rate limiter, {name} (R1)", pid, SUT)
         # Each load's CPU: its server's, and for a limiter the windows' Redis too
         # (a decision's whole cost; the echo has none). CPU per call does not
         # depend on what else ran on the machine, which decisions/s does.
-        windows_pid = redis_pid(limits_url)
+        windows = {"redis-limits": redis_pid(limits_url)}
         measured = {
             "echo": {"echo": echo_pid},
-            "rate_limit": {"usage": service_pid(state, "usage"), "redis-limits": windows_pid},
-            "no_leases": {
-                "usage-no-leases": service_pid(state, "usage-no-leases"),
-                "redis-limits": windows_pid,
-            },
+            "rate_limit": {"usage": limiter_pids["usage"], **windows},
+            "no_leases": {"usage-no-leases": limiter_pids["usage-no-leases"], **windows},
         }
         # Interleaved rounds (order flipped each round), median of each: this VM's
         # speed drifts by 30% within a minute, which one round of each would
