@@ -19,7 +19,7 @@ TLS target name, whatever address the channel dials.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import grpc
@@ -104,13 +104,13 @@ def peer_identity(context: Context) -> str | None:
     return None
 
 
-def _peer_hosts(context: Context) -> set[str]:
+def peer_hosts(context: Context) -> frozenset[str]:
     """Returns the caller's address and the DNS/IP names its certificate vouches for."""
     hosts = {name.decode(errors="replace") for name in context.peer_identities() or ()}
     peer = context.peer()  # "ipv4:127.0.0.1:5000" or "ipv6:[::1]:5000"
     address = peer.split(":", 1)[-1].rsplit(":", 1)[0].strip("[]")
     hosts.add(address)
-    return hosts
+    return frozenset(hosts)
 
 
 class Authorizer:
@@ -220,8 +220,14 @@ def _priority_name(request: Any) -> str | None:
 
 def require_own_host(rpc: str, address: str, context: Context) -> None:
     """Raises PermissionDenied unless `address` (host:port) is on the caller's own host."""
+    require_host_among(rpc, address, peer_hosts(context))
+
+
+def require_host_among(rpc: str, address: str, hosts: Collection[str]) -> None:
+    """Raises PermissionDenied unless the host of `address` (host:port) is one of `hosts`
+    (the caller's, from `peer_hosts`)."""
     host = address.rsplit(":", 1)[0].strip("[]")
-    if host not in _peer_hosts(context):
+    if host not in hosts:
         raise PermissionDenied(
             f"{rpc}: a worker may act only for an address of its own host",
             reason="NOT_OWN_ADDRESS",

@@ -24,7 +24,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from services.core import contract
+from services.core import contract, identity
 from services.core.errors import (
     AlreadyExists,
     FieldViolation,
@@ -216,18 +216,36 @@ def check_lease_token(lease_token: str) -> None:
         raise InvalidArgument([FieldViolation("lease_token", rule)])
 
 
-def _require_holder(rpc: str, entry: WorkerEntry, holder: str | None) -> None:
-    """Raises PermissionDenied unless `holder` (when given) is the entry's lease token.
+@dataclass(frozen=True)
+class WorkerCaller:
+    """WorkerCaller is a worker acting for its own registration (heartbeat, drain).
 
-    Checked on the entry the change is computed from, inside the
-    compare-and-set loop: a registration replaced meanwhile is checked again.
+    Every worker shares the `worker` identity, so the registration tells them
+    apart: its address's host must be one of `hosts` (what the caller's
+    certificate and connection vouch for), and a registration made with a
+    lease token needs that token. Checked on the entry a change is computed
+    from, inside the compare-and-set loop: a registration replaced meanwhile
+    is checked again, so no change lands on one the caller does not own.
     """
-    if holder is not None and not entry.holds(holder):
-        raise PermissionDenied(
-            f"{rpc}: a worker may act only for its own registration "
-            "(the lease token it registered with)",
-            reason="NOT_LEASE_HOLDER",
-        )
+
+    lease_token: str
+    hosts: frozenset[str]
+
+    def require_owner(self, rpc: str, entry: WorkerEntry) -> None:
+        """Raises PermissionDenied unless `entry` is this caller's registration."""
+        identity.require_host_among(rpc, entry.address, self.hosts)
+        if not entry.holds(self.lease_token):
+            raise PermissionDenied(
+                f"{rpc}: a worker may act only for its own registration "
+                "(the lease token it registered with)",
+                reason="NOT_LEASE_HOLDER",
+            )
+
+
+def _require_owner(rpc: str, entry: WorkerEntry, caller: WorkerCaller | None) -> None:
+    """Raises PermissionDenied unless `caller` (None: an operator) owns `entry`."""
+    if caller is not None:
+        caller.require_owner(rpc, entry)
 
 
 def check_models(models: Sequence[tuple[str, str]]) -> None:
@@ -307,14 +325,14 @@ class WorkerRegistry:
         now: float,
         load: LoadReport | None = None,
         outcomes: Sequence[VersionCounts] = (),
-        holder: str | None = None,
+        caller: WorkerCaller | None = None,
     ) -> tuple[WorkerEntry, bool]:
         """Extends a worker's lease (a draining worker stays draining) and takes its load.
 
         The worker's weight moves one heartbeat's step (services.router.load_weights),
         relative to the other routable workers' costs as they are now.
-        `holder`: the lease token the caller presented, checked against the
-        entry it changes (None: the caller needs none).
+        `caller`: the worker calling for itself, checked against the entry it
+        changes (None: an operator, who may renew any).
 
         Returns the worker and whether its set of model versions changed.
         """
@@ -329,7 +347,7 @@ class WorkerRegistry:
             if raw is None:
                 raise _not_registered(worker_id)
             entry = WorkerEntry.from_json(worker_id, raw)
-            _require_holder("RenewLease", entry, holder)
+            _require_owner("RenewLease", entry, caller)
             others = [
                 other.weight.cost
                 for other_id, value in stored.items()
@@ -347,14 +365,14 @@ class WorkerRegistry:
             if await self._swap(worker_id, raw, renewed, _heads_json(renewed.outcomes)):
                 return renewed, set(renewed.models) != set(entry.models)
 
-    async def drain(self, worker_id: str, holder: str | None = None) -> WorkerEntry:
+    async def drain(self, worker_id: str, caller: WorkerCaller | None = None) -> WorkerEntry:
         """Marks a worker draining: the edge stops sending it new requests.
 
-        `holder`: as for `renew`.
+        `caller`: as for `renew`.
         """
         while True:
             raw, entry = await self._read(worker_id)
-            _require_holder("DrainWorker", entry, holder)
+            _require_owner("DrainWorker", entry, caller)
             drained = replace(entry, state=DRAINING)
             if await self._swap(worker_id, raw, drained):
                 return drained

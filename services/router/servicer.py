@@ -20,7 +20,13 @@ from services.router.load_weights import LoadReport
 from services.router.policies import PolicyCatalog
 from services.router.policy_servicer import PolicyRpcs
 from services.router.prompts import PromptCatalog, PromptHead, PromptTemplate
-from services.router.registry import DRAINING, VersionCounts, WorkerEntry, WorkerRegistry
+from services.router.registry import (
+    DRAINING,
+    VersionCounts,
+    WorkerCaller,
+    WorkerEntry,
+    WorkerRegistry,
+)
 from services.router.shadow_pairs import PairStore
 from services.router.shadow_servicer import ShadowRpcs
 from tokenmesh.router.v1 import router_pb2
@@ -206,6 +212,14 @@ def variables_from_pb(variables: Sequence[router_pb2.PromptVariable]) -> list[Va
         Variable(v.name, v.required, v.default_value, v.max_length or DEFAULT_MAX_LENGTH)
         for v in variables
     ]
+
+
+def _worker_caller(lease_token: str, context: Context) -> WorkerCaller | None:
+    """Returns who a worker caller is, for the registry to check against the entry it
+    changes (None: an operator or admin, who may act for any worker)."""
+    if identity.peer_identity(context) != contract.WORKER:
+        return None
+    return WorkerCaller(lease_token, identity.peer_hosts(context))
 
 
 def _refs(models: Sequence[types_pb2.ModelRef]) -> list[tuple[str, str]]:
@@ -494,14 +508,12 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         self, request: pb.RenewLeaseRequest, context: Context
     ) -> pb.RenewLeaseResponse:
         # A heartbeat rewrites the worker's models and load: only the worker itself.
-        holder = await self._own_worker(
-            "RenewLease", request.worker_id, request.lease_token, context
-        )
+        caller = _worker_caller(request.lease_token, context)
         models = _refs(request.models)
         load = load_from_pb(request.load) if request.HasField("load") else None
         at = now()
         worker, models_changed = await self.registry.renew(
-            request.worker_id, models, at, load, outcomes_from_pb(request.load, at), holder
+            request.worker_id, models, at, load, outcomes_from_pb(request.load, at), caller
         )
         if models_changed:
             await self.catalog.register(models)
@@ -514,29 +526,10 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         self, request: pb.DrainWorkerRequest, context: Context
     ) -> pb.DrainWorkerResponse:
         # A worker drains only itself (the operator and admins drain any).
-        holder = await self._own_worker(
-            "DrainWorker", request.worker_id, request.lease_token, context
-        )
-        worker = await self.registry.drain(request.worker_id, holder)
+        caller = _worker_caller(request.lease_token, context)
+        worker = await self.registry.drain(request.worker_id, caller)
         await self.refresh()
         return pb.DrainWorkerResponse(worker=worker_to_pb(worker))
-
-    async def _own_worker(
-        self, rpc: str, worker_id: str, lease_token: str, context: Context
-    ) -> str | None:
-        """Returns the lease token a worker caller must hold (None: an operator or admin).
-
-        Every worker shares the `worker` identity, so the registration tells
-        them apart: its address's host must be one the caller's certificate or
-        connection vouches for (else PermissionDenied; NotFound for an unknown
-        worker), and the registry then checks the token on the entry it
-        changes (a registration made with one needs it).
-        """
-        if identity.peer_identity(context) != contract.WORKER:
-            return None
-        registered = await self.registry.get(worker_id)
-        identity.require_own_host(rpc, registered.address, context)
-        return lease_token
 
     async def ListWorkers(
         self, request: pb.ListWorkersRequest, context: Context

@@ -35,7 +35,14 @@ from services.inference.budget import Limits, TokenBudgets
 from services.launcher.mesh import spawn_redis
 from services.router import catalog as cat
 from services.router.catalog import Catalog
-from services.router.registry import DRAINING, SERVING, WORKERS_KEY, VersionCounts, WorkerRegistry
+from services.router.registry import (
+    DRAINING,
+    SERVING,
+    WORKERS_KEY,
+    VersionCounts,
+    WorkerCaller,
+    WorkerRegistry,
+)
 from tokenmesh.auth.v1 import auth_pb2
 
 
@@ -121,6 +128,9 @@ async def interleaved(redis_url: str) -> AsyncIterator[Interleave]:
         await client.aclose()
 
 
+LOOPBACK = frozenset({"127.0.0.1"})  # the hosts a worker caller on this machine presents
+
+
 def _worker_id() -> str:
     return f"w-{uuid.uuid4().hex[:8]}"
 
@@ -155,7 +165,7 @@ async def test_a_heartbeat_is_checked_against_the_registration_it_writes(client,
 
     late = WorkerRegistry(interleaved("HGETALL", takeover), lease_s=30)
     with pytest.raises(PermissionDenied) as refused:
-        await late.renew(worker, [("m", "1")], now + 1, holder=token_a)
+        await late.renew(worker, [("m", "1")], now + 1, caller=WorkerCaller(token_a, LOOPBACK))
     assert refused.value.reason == "NOT_LEASE_HOLDER"
     kept = await operator.get(worker)
     assert (kept.address, kept.models, kept.holds(token_b)) == (
@@ -163,6 +173,45 @@ async def test_a_heartbeat_is_checked_against_the_registration_it_writes(client,
         (("m", "2"),),
         True,
     )
+
+
+async def test_a_tokenless_heartbeat_is_checked_for_its_host_on_the_entry_it_writes(
+    client, interleaved
+):
+    # Worker A (on this host, registered without a lease token, as workers of
+    # before lease tokens did) let its lease lapse; between its late
+    # heartbeat's read and write, a worker on another host registers the id.
+    # A's heartbeat must not rewrite that registration: the host is checked
+    # on every retry, as the token is (the router used to check it once,
+    # before the compare-and-set).
+    worker, now = _worker_id(), time.time()
+    operator = WorkerRegistry(client, lease_s=30)
+    await operator.register(worker, "127.0.0.1:1001", [("m", "1")], now - 100)
+
+    async def elsewhere() -> None:
+        await operator.register(worker, "10.9.8.7:1002", [("m", "2")], now)
+
+    late = WorkerRegistry(interleaved("HGETALL", elsewhere), lease_s=30)
+    with pytest.raises(PermissionDenied) as refused:
+        await late.renew(worker, [("m", "1")], now + 1, caller=WorkerCaller("", LOOPBACK))
+    assert refused.value.reason == "NOT_OWN_ADDRESS"
+    kept = await operator.get(worker)
+    assert (kept.address, kept.models) == ("10.9.8.7:1002", (("m", "2"),))
+
+
+async def test_a_drain_is_checked_for_its_host_on_the_entry_it_writes(client, interleaved):
+    worker, now = _worker_id(), time.time()
+    operator = WorkerRegistry(client, lease_s=30)
+    await operator.register(worker, "127.0.0.1:1001", [("m", "1")], now - 100)
+
+    async def elsewhere() -> None:
+        await operator.register(worker, "10.9.8.7:1002", [("m", "2")], now)
+
+    late = WorkerRegistry(interleaved("HGET", elsewhere), lease_s=30)
+    with pytest.raises(PermissionDenied) as refused:
+        await late.drain(worker, WorkerCaller("", LOOPBACK))
+    assert refused.value.reason == "NOT_OWN_ADDRESS"
+    assert (await operator.get(worker)).state == SERVING
 
 
 class _Recording(aioredis.Redis):
