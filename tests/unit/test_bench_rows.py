@@ -168,3 +168,11 @@ def test_k1_compares_ttft_at_one_offered_load_and_throughput_in_the_closed_loop(
         "(3.2x lower; 95% bootstrap interval 3.2-3.2x)"
         in k1(mode(200, 50, 20), mode(200, 160, 10)).measured
     )
+
+
+def test_k1_paces_at_round_robins_mean_rate_of_its_first_two_rounds() -> None:
+    from bench import routing
+
+    # One round alone put the paced load at 64-97% of round robin's later rounds.
+    assert routing._offered([26.0, 20.0, 21.0]) == routing.PACED_LOAD * 23.0
+    assert routing._offered([20.0]) == routing.PACED_LOAD * 20.0
