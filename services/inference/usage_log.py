@@ -2,7 +2,9 @@
 
 Every finished request appends one `UsageEvent` to `events.log` (length-
 prefixed protobuf) *before* anything else can lose it; a shipper task XADDs
-events to the stream and then advances a cursor file. On restart the shipper
+events to the stream and then advances a cursor file (it sends what this
+process appended from memory, and reads back from the spool only what an
+earlier run left unshipped). On restart the shipper
 resumes at the cursor (an event may be sent twice; consumers deduplicate by
 request_id). The spool is bounded: past `max_backlog_bytes` of unshipped
 events the worker refuses new requests (UNAVAILABLE) instead of dropping
@@ -25,6 +27,7 @@ of an interval into one fsync keeps its cost off the request path.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -109,6 +112,11 @@ class UsageLog:
         # One thread: fsyncs run in order, and stop() can wait for the last one.
         self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="usage-fsync")
         self._tasks: list[SupervisedTask] = []
+        # What this process appended and has not shipped yet, in spool order:
+        # (the spool offset the record ends at, its request id, its body). The
+        # shipper sends these from memory (no thread hop, no file read, no
+        # parse); only what an earlier run left unshipped is read back.
+        self._recent: collections.deque[tuple[int, str, bytes]] = collections.deque()
         self.appended_total = 0
         self.synced_total = 0  # appended events known to be on disk
         self.shipped_total = 0
@@ -166,6 +174,7 @@ class UsageLog:
         payload = event.SerializeToString()
         self._log.write(_HEADER.pack(len(payload)) + payload)
         self._log.flush()
+        self._recent.append((self._log.tell(), event.request_id, payload))
         self.appended_total += 1
         self._dirty.set()
         self._wake.set()
@@ -229,7 +238,9 @@ class UsageLog:
                 backoff = min(backoff * 2, 5.0)
 
     async def _ship_batch(self, max_bytes: int = 256 * 1024) -> None:
-        events, end = await asyncio.to_thread(self._read, self._cursor, max_bytes)
+        events, end = self._take_recent(max_bytes)
+        if not events:  # what an earlier run left (or nothing)
+            events, end = await asyncio.to_thread(self._read, self._cursor, max_bytes)
         if not events:
             return
         async with self.client.pipeline(transaction=False) as pipe:
@@ -237,10 +248,32 @@ class UsageLog:
                 pipe.xadd(self.stream, {"request_id": request_id, "event": body})
             await pipe.execute()
         self._write_cursor(end)
+        self._forget_shipped()
         self.shipped_total += len(events)
         # Under load, let events gather for a moment: one pipeline and one
         # cursor write then carry many of them instead of a few.
         await asyncio.sleep(SHIP_GATHER_S)
+
+    def _take_recent(self, max_bytes: int) -> tuple[list[tuple[str, bytes]], int]:
+        """Returns the events at the cursor that this process appended (oldest first, at
+        least one, about `max_bytes`) and where they end; none when the spool holds
+        unshipped records from before them (an earlier run's)."""
+        self._forget_shipped()
+        events: list[tuple[str, bytes]] = []
+        position = self._cursor
+        for end, request_id, body in self._recent:
+            if end - _HEADER.size - len(body) != position or (
+                events and end - self._cursor > max_bytes
+            ):
+                break
+            events.append((request_id, body))
+            position = end
+        return events, position
+
+    def _forget_shipped(self) -> None:
+        """Drops the recent events the cursor has passed (shipped from memory or the file)."""
+        while self._recent and self._recent[0][0] <= self._cursor:
+            self._recent.popleft()
 
     def _read(self, offset: int, max_bytes: int) -> tuple[list[tuple[str, bytes]], int]:
         """Returns (request_id, serialized event) pairs from `offset`, and where they end."""
@@ -268,3 +301,4 @@ class UsageLog:
             self._write_cursor(0)
             self._log.truncate(0)
             self._log.seek(0)
+            self._recent.clear()  # all shipped: offsets start again at 0

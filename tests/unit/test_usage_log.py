@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from services.core.errors import Unavailable
 from services.core.tasks import Supervisor
+from services.inference import usage_log
 from services.inference.usage_log import UsageLog
 from services.launcher.processes import reserve_port
 from tokenmesh.inference.v1 import inference_pb2
@@ -87,6 +88,88 @@ async def test_events_reach_the_stream_intact(tmp_path, redis_url):
     finally:
         await log.stop()
         await client.aclose()
+
+
+class _CountingReads:
+    """Wraps a UsageLog's spool reader: counts how often the shipper reads the file."""
+
+    def __init__(self, log: UsageLog) -> None:
+        self.calls = 0
+        self._read = log._read
+        log._read = self  # type: ignore[method-assign]
+
+    def __call__(self, offset: int, max_bytes: int) -> tuple[list[tuple[str, bytes]], int]:
+        self.calls += 1
+        return self._read(offset, max_bytes)
+
+
+async def test_what_this_process_appends_ships_from_memory(tmp_path, redis_url):
+    stream = f"test:{uuid.uuid4().hex}"
+    client = aioredis.from_url(redis_url)
+    log = UsageLog(tmp_path, client, stream, max_backlog_bytes=1 << 20)
+    reads = _CountingReads(log)
+    log.start(_supervisor())
+    try:
+        for batch in range(5):
+            for i in range(10 * batch, 10 * batch + 10):
+                log.append(_event(i))
+            await _wait_shipped(log)
+        assert await _stream_ids(client, stream) == [f"req-{i}" for i in range(50)]
+        assert reads.calls == 0  # no thread hop, no file read: the spool is for restarts
+        assert not log._recent  # nothing held once shipped
+    finally:
+        await log.stop()
+        await client.aclose()
+
+
+async def test_events_after_a_compaction_ship_from_the_new_offsets(
+    tmp_path, redis_url, monkeypatch
+):
+    monkeypatch.setattr(usage_log, "_COMPACT_BYTES", 200)  # every few events
+    stream = f"test:{uuid.uuid4().hex}"
+    client = aioredis.from_url(redis_url)
+    log = UsageLog(tmp_path, client, stream, max_backlog_bytes=1 << 20)
+    log.start(_supervisor())
+    try:
+        compactions = 0
+        for batch in range(6):
+            for i in range(10 * batch, 10 * batch + 10):
+                log.append(_event(i))
+            await _wait_shipped(log)
+            await _until(lambda: log._cursor == 0)  # the shipper emptied the spool
+            compactions += (tmp_path / "events.log").stat().st_size == 0
+        assert compactions == 6
+        assert await _stream_ids(client, stream) == [f"req-{i}" for i in range(60)]
+    finally:
+        await log.stop()
+        await client.aclose()
+
+
+async def test_an_earlier_runs_events_ship_once_before_new_ones(tmp_path, redis_url):
+    stream = f"test:{uuid.uuid4().hex}"
+    dead = _dead_redis()
+    log = UsageLog(tmp_path, dead, stream, max_backlog_bytes=1 << 20)
+    for i in range(10):
+        log.append(_event(i))
+    await log.stop(timeout_s=0)  # stopped (or crashed) with 10 events unshipped
+    await dead.aclose()
+
+    live = aioredis.from_url(redis_url)
+    restarted = UsageLog(tmp_path, live, stream, max_backlog_bytes=1 << 20)
+    reads = _CountingReads(restarted)
+    for i in range(10, 30):  # appended before the shipper ran: behind the old ones
+        restarted.append(_event(i))
+    restarted.start(_supervisor())
+    try:
+        await _wait_shipped(restarted)
+        for i in range(30, 40):
+            restarted.append(_event(i))
+        await _wait_shipped(restarted)
+        assert await _stream_ids(live, stream) == [f"req-{i}" for i in range(40)]
+        assert reads.calls >= 1  # the earlier run's events came from the spool
+    finally:
+        await restarted.stop()
+        await live.aclose()
 
 
 async def test_redis_down_spools_then_ships_after_a_restart(tmp_path: Path, redis_url: str):
