@@ -175,23 +175,31 @@ async def test_a_heartbeat_is_checked_against_the_registration_it_writes(client,
     )
 
 
-async def test_a_tokenless_heartbeat_is_checked_for_its_host_on_the_entry_it_writes(
-    client, interleaved
-):
-    # Worker A (on this host, registered without a lease token, as workers of
-    # before lease tokens did) let its lease lapse; between its late
-    # heartbeat's read and write, a worker on another host registers the id.
-    # A's heartbeat must not rewrite that registration: the host is checked
-    # on every retry, as the token is (the router used to check it once,
-    # before the compare-and-set).
-    worker, now = _worker_id(), time.time()
+async def _taken_from_elsewhere_after(
+    client: aioredis.Redis, interleaved: Interleave, command: str, now: float
+) -> tuple[str, WorkerRegistry, WorkerRegistry]:
+    """Registers a worker on this host without a lease token (as workers of before
+    lease tokens did), its lease lapsed; returns its id, an operator's registry, and
+    a registry whose first `command` (a change's read) is followed by a worker on
+    another host registering the id."""
+    worker = _worker_id()
     operator = WorkerRegistry(client, lease_s=30)
     await operator.register(worker, "127.0.0.1:1001", [("m", "1")], now - 100)
 
     async def elsewhere() -> None:
         await operator.register(worker, "10.9.8.7:1002", [("m", "2")], now)
 
-    late = WorkerRegistry(interleaved("HGETALL", elsewhere), lease_s=30)
+    return worker, operator, WorkerRegistry(interleaved(command, elsewhere), lease_s=30)
+
+
+async def test_a_tokenless_heartbeat_is_checked_for_its_host_on_the_entry_it_writes(
+    client, interleaved
+):
+    # The late heartbeat must not rewrite the other host's registration: the
+    # host is checked on every retry, as the token is (the router used to
+    # check it once, on a read before the compare-and-set).
+    now = time.time()
+    worker, operator, late = await _taken_from_elsewhere_after(client, interleaved, "HGETALL", now)
     with pytest.raises(PermissionDenied) as refused:
         await late.renew(worker, [("m", "1")], now + 1, caller=WorkerCaller("", LOOPBACK))
     assert refused.value.reason == "NOT_OWN_ADDRESS"
@@ -200,14 +208,8 @@ async def test_a_tokenless_heartbeat_is_checked_for_its_host_on_the_entry_it_wri
 
 
 async def test_a_drain_is_checked_for_its_host_on_the_entry_it_writes(client, interleaved):
-    worker, now = _worker_id(), time.time()
-    operator = WorkerRegistry(client, lease_s=30)
-    await operator.register(worker, "127.0.0.1:1001", [("m", "1")], now - 100)
-
-    async def elsewhere() -> None:
-        await operator.register(worker, "10.9.8.7:1002", [("m", "2")], now)
-
-    late = WorkerRegistry(interleaved("HGET", elsewhere), lease_s=30)
+    now = time.time()
+    worker, operator, late = await _taken_from_elsewhere_after(client, interleaved, "HGET", now)
     with pytest.raises(PermissionDenied) as refused:
         await late.drain(worker, WorkerCaller("", LOOPBACK))
     assert refused.value.reason == "NOT_OWN_ADDRESS"
