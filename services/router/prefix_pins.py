@@ -25,11 +25,11 @@ for the pinned worker (a non-strict override: a worker that is unhealthy or
 gone falls back to the hash). Heads that are not pinned keep the hash.
 
 Pure and deterministic: the same reports and last pins give the same pins.
-The last pins are the router's own (in memory): starting from the reports
-alone, a head that just moved still showed most of its heat on its old
-worker, and the balance moved it, or another, back and forth. Router
-replicas each keep theirs; two that pinned a head differently send it to two
-workers (both caches hold it) until it cools.
+The last pins are kept in Redis (services.router.pin_store), for every
+router replica to start from: starting from the reports alone, a head that
+just moved still showed most of its heat on its old worker, and the balance
+moved it, or another, back and forth; and two replicas that each kept their
+own pinned a head differently, sending it to two workers.
 """
 
 from __future__ import annotations

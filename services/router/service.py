@@ -7,6 +7,7 @@ discovers every public service through a single port.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,12 +15,14 @@ from dataclasses import dataclass
 import grpc
 import grpc.aio
 from envoy.service.discovery.v3 import ads_pb2, ads_pb2_grpc
+from redis.exceptions import RedisError
 
 from services.core.redis_service import RedisBackedService
 from services.core.server import RunningServer
 from services.core.settings import RedisSettings, env, require
 from services.router import snapshot
 from services.router.catalog import Catalog, now
+from services.router.pin_store import PinStore
 from services.router.prompts import PromptCatalog
 from services.router.registry import WorkerRegistry
 from services.router.rollouts import RolloutDriver, RolloutStore
@@ -33,6 +36,8 @@ from tokenmesh.openai.v1 import openai_service_pb2
 from tokenmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
 from tokenmesh.usage.v1 import usage_service_pb2
 from tokenmesh.usage.v2 import usage_service_pb2 as usage_v2_service_pb2
+
+logger = logging.getLogger(__name__)
 
 ROUTER_SERVICE = router_service_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 REGISTRY_SERVICE = router_service_pb2.DESCRIPTOR.services_by_name["WorkerRegistryService"].full_name
@@ -112,25 +117,35 @@ class RouterService(RedisBackedService):
         self.lease_s = settings.lease_s
         # Until workers had a lease period to renew, expired leases still count.
         self._lease_grace_until = time.monotonic() + settings.lease_s
-        self._pins: snapshot.Pins = {}  # the last prefix pins (services.router.prefix_pins)
+        self.pin_store = PinStore(self.redis)  # the last prefix pins, shared by replicas
 
     async def _build(self, flavours: Sequence[EdgeFlags]) -> list[Resources]:
         """Reads the catalogue and the workers once; builds each flavour's resources."""
         at = now()
         try:
             models, workers = await self.catalog.all(), await self.registry.all(at)
+            last_pins = await self.pin_store.load()
         except Exception:
             # Heartbeats fail while Redis does: give workers a lease period after it is back.
             self._lease_grace_until = time.monotonic() + self.lease_s
             raise
         grace = time.monotonic() < self._lease_grace_until
         built = [
-            snapshot.build(models, workers, at, flags, self.options, grace, last_pins=self._pins)
+            snapshot.build(models, workers, at, flags, self.options, grace, last_pins=last_pins)
             for flags in flavours
         ]
         # Only edges with prefix affinity get pins, the same for each of them.
-        self._pins = next((r.pins for r in built if r.pins), self._pins)
+        pins = next((r.pins for r in built if r.pins), None)
+        if pins is not None and pins != last_pins:
+            await self._save_pins(pins)
         return built
+
+    async def _save_pins(self, pins: snapshot.Pins) -> None:
+        """Stores the build's pins for the next build (of any replica) to start from."""
+        try:
+            await self.pin_store.save(pins)
+        except RedisError as exc:  # the build stands; the next one reads Redis again
+            logger.warning("could not store the prefix pins: %s", exc)
 
     def service_names(self) -> Sequence[str]:
         return [ROUTER_SERVICE, REGISTRY_SERVICE, ADS_SERVICE]
