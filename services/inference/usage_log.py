@@ -155,6 +155,8 @@ class UsageLog:
         # events (deduplicated downstream) — it never skips one.
         os.pwrite(self._cursor_fd, b"%020d\n" % offset, 0)
         self._cursor = offset
+        while self._recent and self._recent[0][0] <= offset:
+            self._recent.popleft()  # shipped (from memory or from the file)
 
     def backlog_bytes(self) -> int:
         """Returns how many spooled bytes are not yet in Redis."""
@@ -248,7 +250,6 @@ class UsageLog:
                 pipe.xadd(self.stream, {"request_id": request_id, "event": body})
             await pipe.execute()
         self._write_cursor(end)
-        self._forget_shipped()
         self.shipped_total += len(events)
         # Under load, let events gather for a moment: one pipeline and one
         # cursor write then carry many of them instead of a few.
@@ -258,7 +259,6 @@ class UsageLog:
         """Returns the events at the cursor that this process appended (oldest first, at
         least one, about `max_bytes`) and where they end; none when the spool holds
         unshipped records from before them (an earlier run's)."""
-        self._forget_shipped()
         events: list[tuple[str, bytes]] = []
         position = self._cursor
         for end, request_id, body in self._recent:
@@ -269,11 +269,6 @@ class UsageLog:
             events.append((request_id, body))
             position = end
         return events, position
-
-    def _forget_shipped(self) -> None:
-        """Drops the recent events the cursor has passed (shipped from memory or the file)."""
-        while self._recent and self._recent[0][0] <= self._cursor:
-            self._recent.popleft()
 
     def _read(self, offset: int, max_bytes: int) -> tuple[list[tuple[str, bytes]], int]:
         """Returns (request_id, serialized event) pairs from `offset`, and where they end."""
