@@ -7,7 +7,10 @@ ceiling with the worker's engine thread count. Only one of them is under
 load at a time.
 
 S1  served demo-lm tokens/s at 32 streams vs the engine ceiling at batch 32
-    (the raw ONNX Runtime engine, greedy decode, no server).
+    (the raw ONNX Runtime engine, greedy decode, no server). Beside it, each
+    round: S1's requests in-process (bench.offline: the worker's scheduler and
+    engine, no server), which splits S1's gap into what the server costs and
+    what serving requests costs the engine (prefill, sampling, a continuous batch).
 S2  TTFT p99 at 32 streams (the steady state: each stream's first call, the
     opening burst, is reported apart) vs a bare grpc.aio streamer's under the
     same client and the same 32 streams of the same requests. Reported beside
@@ -43,7 +46,7 @@ from bench.pinning import LOAD, SUT, CpuMeter, pin, pinned_self
 from bench.rows import Context, Row, row
 from bench.servers import PACE_KEY, bare_server_process, service_pid, worker
 from bench.stats import summarize_streams
-from services.launcher.mesh import spawn_redis
+from services.launcher.mesh import REPO_ROOT, spawn_redis
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 
 STREAMS = 32
@@ -135,8 +138,7 @@ def _servers(ctx: Context) -> Iterator[dict[str, Target]]:
                 pki_dir=pki_dir,
                 prefix=prefix,
                 TOKENMESH_MODELS="demo-lm:1",
-                TOKENMESH_MAX_SEQUENCES=str(STREAMS),
-                TOKENMESH_ENGINE_THREADS=threads,
+                **served_env(threads),
             ) as served,
             worker(
                 state,
@@ -177,6 +179,34 @@ def _servers(ctx: Context) -> Iterator[dict[str, Target]]:
     finally:
         redis.terminate()
         redis.wait(10)
+
+
+def served_env(threads: str) -> dict[str, str]:
+    """The S1 worker's settings beyond bench.servers.worker's (the offline run's too)."""
+    return {"TOKENMESH_MAX_SEQUENCES": str(STREAMS), "TOKENMESH_ENGINE_THREADS": threads}
+
+
+def _offline(ctx: Context, seconds: float) -> dict[str, float]:
+    """Runs S1's requests in-process (bench.offline) on the worker's core, in the worker's
+    environment: its scheduler and engine, no server."""
+    lay = ctx.placement.layout
+    env = {
+        **os.environ,
+        **served_env(str(lay.threads(SUT))),
+        "TOKENMESH_MODEL_REPOSITORY": str(REPO_ROOT / "models"),
+        "TOKENMESH_ENGINE": "onnxruntime",
+        "TOKENMESH_LOG_LEVEL": "WARNING",
+    }
+    command = [*lay.taskset(SUT), sys.executable, "-m", "bench.offline", str(seconds)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True, env=env)
+    ctx.placement.record(
+        "S1's requests in-process (worker's scheduler and engine, no server)",
+        "one per round",
+        SUT,
+        f"engine {lay.threads(SUT)}",
+    )
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def _ceiling(
@@ -267,7 +297,7 @@ def _served_rounds(
     run_streams(servers["bare"].peer, 2, 1, served_request(), processes=1)  # warm-up
     for n in range(plan.rounds):
         ceiling = _ceiling(ctx, (STREAMS,), plan.window_s)[str(STREAMS)]
-        figures: dict[str, Any] = {"ceiling": ceiling}
+        figures: dict[str, Any] = {"ceiling": ceiling, "offline": _offline(ctx, plan.window_s)}
         order = ("served", "bare") if n % 2 == 0 else ("bare", "served")
         for name in order:
             figures[name], raw[f"{name} 32"] = _load(
@@ -282,8 +312,10 @@ def _served_rounds(
         figures["bare_paced"]["pace_us"] = pace_us
         rounds.append(figures)
         c, s, b, p = (figures[k] for k in ("ceiling", "served", "bare", "bare_paced"))
+        o = figures["offline"]
         print(
             f"    round {n + 1}/{plan.rounds}: ceiling {c['tokens_per_s']:.0f} tokens/s,"
+            f" in-process {o['tokens_per_s']:.0f},"
             f" served {s['tokens_per_s']:.0f} ({s['tokens_per_s'] / c['tokens_per_s']:.0%});"
             f" TTFT p99 served {s['ttft_p99_ms']:.1f} ms, bare {b['ttft_p99_ms']:.1f} ms,"
             f" bare paced {p['ttft_p99_ms']:.1f} ms; worker CPU {s['worker_cpu_us_per_token']:.0f}"
@@ -294,6 +326,18 @@ def _served_rounds(
         "rounds": rounds,
         "s1_ratio": _median(
             r["served"]["tokens_per_s"] / r["ceiling"]["tokens_per_s"] for r in rounds
+        ),
+        # Beside S1: served over the same requests in-process (what the server costs),
+        # and in-process over the ceiling (what serving requests costs the engine).
+        "server_ratio": _median(
+            r["served"]["tokens_per_s"] / r["offline"]["tokens_per_s"] for r in rounds
+        ),
+        "server_cpu_ratio": _median(
+            r["offline"]["cpu_us_per_token"] / r["served"]["worker_cpu_us_per_token"]
+            for r in rounds
+        ),
+        "offline_ratio": _median(
+            r["offline"]["tokens_per_s"] / r["ceiling"]["tokens_per_s"] for r in rounds
         ),
         # The robust twin of S1: tokens per CPU second, served over the ceiling's.
         # Both saturate the same core, so on a quiet machine this is the
@@ -378,11 +422,15 @@ def judge(results: dict[str, Any]) -> list[Row]:
         row(
             "S1",
             f"{s12['s1_ratio']:.0%} by tokens/s, {s12['s1_cpu_ratio']:.0%} by CPU per token"
-            f" (both must pass; {served['tokens_per_s']:.0f} tokens/s; {rounds})",
+            f" (both must pass; {served['tokens_per_s']:.0f} tokens/s; {rounds}); vs the same"
+            f" requests in-process (scheduler and engine, no server): {s12['server_ratio']:.0%},"
+            f" by CPU {s12['server_cpu_ratio']:.0%}",
             min(s12["s1_ratio"], s12["s1_cpu_ratio"]) >= 0.85,
-            baseline=f"engine ceiling {ceiling['tokens_per_s']:.0f} tokens/s",
+            baseline=f"engine ceiling {ceiling['tokens_per_s']:.0f} tokens/s (in-process"
+            f" requests: {m['offline']['tokens_per_s']:.0f}, {s12['offline_ratio']:.0%} of it)",
             cpu=f"worker {served['worker_cpu_us_per_token']:.0f} µs/token"
-            f" ({served['worker_cpu_cores']:.2f} cores), ceiling"
+            f" ({served['worker_cpu_cores']:.2f} cores), in-process"
+            f" {m['offline']['cpu_us_per_token']:.0f}, ceiling"
             f" {ceiling['cpu_us_per_token']:.0f} µs/token; client"
             f" {served['client_cpu_us_per_token']:.0f} µs/token",
         ),

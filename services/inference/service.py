@@ -252,6 +252,16 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
             "must be 1-10000",
         )
 
+    def engine_options(self) -> EngineOptions:
+        """Returns what every model this worker loads runs with (engine, threads, limits)."""
+        return EngineOptions(
+            engine=resolve_engine(self.engine),
+            threads=self.engine_threads,
+            limits=self.limits(),
+            prefix_cache_tokens=self.prefix_cache_tokens,
+            in_place_decode=self.engine_decode == "in-place",
+        )
+
     def limits(self) -> SchedulerLimits:
         """Returns the scheduler limits."""
         return SchedulerLimits(
@@ -298,13 +308,7 @@ class InferenceService(Service):
     def __init__(self, settings: InferenceSettings) -> None:
         self.settings = settings
         self.registry = ModelRegistry()
-        self.options = EngineOptions(
-            engine=resolve_engine(settings.engine),
-            threads=settings.engine_threads,
-            limits=settings.limits(),
-            prefix_cache_tokens=settings.prefix_cache_tokens,
-            in_place_decode=settings.engine_decode == "in-place",
-        )
+        self.options = settings.engine_options()
         self.redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0)
         self.usage_log = UsageLog(
             settings.usage_spool_dir / settings.worker_id,
