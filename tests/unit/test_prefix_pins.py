@@ -60,6 +60,31 @@ def test_an_even_split_is_left_alone_whatever_the_noise():
     assert pins == {h: "10.0.0.1:1" for h in HEADS[:4]} | {h: "10.0.0.2:1" for h in HEADS[4:]}
 
 
+def test_pinned_heads_stay_while_the_split_is_within_the_counts_noise():
+    # 8 equally busy heads (~18 decayed requests each, as in bench K1), pinned 4/4
+    # by the last assignment: this build's counts read 85 against 62, 1.16x the
+    # even share, a difference of ~2.7 standard deviations of such counts. Moving
+    # a head would cost it a cache miss, and the next build's noise moves it back.
+    a = Holder(
+        "10.0.0.1:1", 100, {h: (n, 0.1) for h, n in zip(HEADS[:4], (24, 22, 20, 19), strict=True)}
+    )
+    b = Holder(
+        "10.0.0.2:1", 100, {h: (n, 0.1) for h, n in zip(HEADS[4:], (17, 16, 15, 14), strict=True)}
+    )
+    last = {h: "10.0.0.1:1" for h in HEADS[:4]} | {h: "10.0.0.2:1" for h in HEADS[4:]}
+    assert prefix_pins.pins([a, b], last) == last
+
+
+def test_pinned_heads_move_when_the_split_is_beyond_noise():
+    # The same heads, pinned 5/3: 90 against 54 is beyond noise, and one head moves.
+    a = Holder("10.0.0.1:1", 100, {h: (18.0, 0.1) for h in HEADS[:5]})
+    b = Holder("10.0.0.2:1", 100, {h: (18.0, 0.1) for h in HEADS[5:]})
+    last = {h: "10.0.0.1:1" for h in HEADS[:5]} | {h: "10.0.0.2:1" for h in HEADS[5:]}
+    pins = prefix_pins.pins([a, b], last)
+    assert split(pins) == {"10.0.0.1:1": 4, "10.0.0.2:1": 4}
+    assert all(pins[h] == "10.0.0.2:1" for h in HEADS[5:])
+
+
 def test_a_head_starts_where_its_requests_go_now_else_where_most_went():
     # HEADS[0] and HEADS[1]: both workers see them now (the hash spilled): most wins.
     # HEADS[2] was moved to b a moment ago: a still holds more of its heat, but its
