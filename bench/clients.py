@@ -40,7 +40,7 @@ class StreamRecord:
 SPREAD = 16
 
 
-def _variant(request: pb.GenerateRequest, stream: int, repeat: int) -> pb.GenerateRequest:
+def variant(request: pb.GenerateRequest, stream: int, repeat: int) -> pb.GenerateRequest:
     varied = pb.GenerateRequest()
     varied.CopyFrom(request)
     varied.seed = request.seed + 1000 * stream + repeat
@@ -73,7 +73,7 @@ async def _one_stream(
             break
         record = StreamRecord(start=time.monotonic(), opening=repeat == 0)
         last = record.start
-        call = stub.Generate(_variant(request, stream, repeat), timeout=120, metadata=metadata)
+        call = stub.Generate(variant(request, stream, repeat), timeout=120, metadata=metadata)
         try:
             async for message in call:
                 now = time.monotonic()

@@ -26,7 +26,8 @@ import sys
 import time
 from typing import Any
 
-from bench.clients import SPREAD
+from bench.clients import variant
+from bench.serving import served_request
 from services.core.settings import load
 from services.inference.generation import GenerationState, stream_deltas
 from services.inference.models import LoadedModel, ModelDefaults
@@ -35,21 +36,18 @@ from services.inference.sampling import SamplingParams
 from services.inference.service import InferenceSettings
 
 STREAMS = 32
-PROMPT = "And it came to pass in those days, that there went out a decree"
-MAX_TOKENS = 64
-TEMPERATURE = 0.8
 
 
 def call_params(defaults: ModelDefaults, stream: int, repeat: int) -> SamplingParams:
-    """Returns the sampling of S1's call `repeat` of `stream`: its seed and length as the
-    streaming client varies them (bench.clients), the model's defaults for the rest."""
-    offset = (7 * stream + 11 * repeat) % (2 * SPREAD + 1) - SPREAD
+    """Returns the sampling of S1's call `repeat` of `stream`: the request the streaming
+    client sends then (bench.clients.variant), the model's defaults for what it leaves unset."""
+    call = variant(served_request(), stream, repeat)
     return SamplingParams(
-        max_tokens=max(1, MAX_TOKENS + offset),
-        temperature=TEMPERATURE,
+        max_tokens=call.max_tokens,
+        temperature=call.temperature,
         top_p=defaults.top_p,
         top_k=defaults.top_k,
-        seed=1 + 1000 * stream + repeat,
+        seed=call.seed,
         stop=(),
     )
 
@@ -57,7 +55,7 @@ def call_params(defaults: ModelDefaults, stream: int, repeat: int) -> SamplingPa
 async def _caller(model: LoadedModel, stream: int, deadline: float, tokens: list[int]) -> None:
     """Calls back to back until `deadline`; the call in flight then is cut (its tokens count)."""
     assert model.scheduler is not None
-    prompt = model.tokenizer.encode(PROMPT)
+    prompt = model.tokenizer.encode(served_request().prompt)
     repeat = 0
     while time.monotonic() < deadline:
         seq = model.scheduler.submit(prompt, call_params(model.defaults, stream, repeat), 0, None)
