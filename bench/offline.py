@@ -27,15 +27,13 @@ import time
 from typing import Any
 
 from bench.clients import variant
-from bench.serving import served_request
+from bench.serving import STREAMS, served_request
 from services.core.settings import load
 from services.inference.generation import GenerationState, stream_deltas
 from services.inference.models import LoadedModel, ModelDefaults
 from services.inference.repository import load_from_repository
 from services.inference.sampling import SamplingParams
 from services.inference.service import InferenceSettings
-
-STREAMS = 32
 
 
 def call_params(defaults: ModelDefaults, stream: int, repeat: int) -> SamplingParams:

@@ -189,23 +189,15 @@ def served_env(threads: str) -> dict[str, str]:
 def _offline(ctx: Context, seconds: float) -> dict[str, float]:
     """Runs S1's requests in-process (bench.offline) on the worker's core, in the worker's
     environment: its scheduler and engine, no server."""
-    lay = ctx.placement.layout
     env = {
         **os.environ,
-        **served_env(str(lay.threads(SUT))),
+        **served_env(str(ctx.placement.layout.threads(SUT))),
         "TOKENMESH_MODEL_REPOSITORY": str(REPO_ROOT / "models"),
         "TOKENMESH_ENGINE": "onnxruntime",
         "TOKENMESH_LOG_LEVEL": "WARNING",
     }
-    command = [*lay.taskset(SUT), sys.executable, "-m", "bench.offline", str(seconds)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True, env=env)
-    ctx.placement.record(
-        "S1's requests in-process (worker's scheduler and engine, no server)",
-        "one per round",
-        SUT,
-        f"engine {lay.threads(SUT)}",
-    )
-    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    label = "S1's requests in-process (worker's scheduler and engine, no server)"
+    result: dict[str, float] = _run_on_sut(ctx, label, ["bench.offline", str(seconds)], env)
     return result
 
 
@@ -214,25 +206,21 @@ def _ceiling(
 ) -> dict[str, dict[str, float]]:
     """Runs the in-process engine ceiling in a process of its own on the worker's core,
     with the worker's engine thread count."""
-    lay = ctx.placement.layout
-    command = [
-        *lay.taskset(SUT),
-        sys.executable,
-        "-m",
-        "bench.ceiling",
-        str(lay.threads(SUT)),
-        str(min_seconds),
-        *(str(b) for b in batches),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
-    ctx.placement.record(
-        "engine ceiling (in-process ONNX Runtime, demo-lm)",
-        "one per round",
-        SUT,
-        f"engine {lay.threads(SUT)}",
-    )
-    result: dict[str, dict[str, float]] = json.loads(done.stdout.strip().splitlines()[-1])
+    threads = str(ctx.placement.layout.threads(SUT))
+    module = ["bench.ceiling", threads, str(min_seconds), *(str(b) for b in batches)]
+    label = "engine ceiling (in-process ONNX Runtime, demo-lm)"
+    result: dict[str, dict[str, float]] = _run_on_sut(ctx, label, module, None)
     return result
+
+
+def _run_on_sut(ctx: Context, label: str, module: list[str], env: dict[str, str] | None) -> Any:
+    """Runs `python -m module...` pinned to the worker's core; returns the JSON of its last
+    line (and records it in the placement: one process per round)."""
+    lay = ctx.placement.layout
+    command = [*lay.taskset(SUT), sys.executable, "-m", *module]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True, env=env)
+    ctx.placement.record(label, "one per round", SUT, f"engine {lay.threads(SUT)}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _load(
