@@ -89,3 +89,31 @@ async def test_a_fresh_replica_starts_from_the_pins_another_stored(url: str):
             if replica is not None:
                 await replica.redis.aclose()
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [b"{not json", b'{"m": 1}', b'[["m", "1"]]', b'[["m", "1", {"head": 7}]]', b"\xff\xfe"],
+    ids=["not-json", "not-a-list", "short-entry", "non-string-address", "not-utf8"],
+)
+async def test_unreadable_stored_pins_read_as_none_and_builds_go_on(
+    url: str, stored: bytes, caplog: pytest.LogCaptureFixture
+):
+    """A value that does not parse must not stop the builds (and every edge's updates):
+    it reads as no pins, logged, and the build's own pins replace it."""
+    client = aioredis.from_url(url)
+    registry, replica = WorkerRegistry(client, lease_s=30), _replica(url)
+    try:
+        for worker, address in (("w-a", A), ("w-b", B)):
+            await registry.register(worker, address, [MODEL], time.time())
+        await Catalog(client).register([MODEL])
+        await _report(registry, {"w-a": {HEADS[0]: (10, 0.1)}, "w-b": {HEADS[1]: (10, 0.1)}})
+        await client.set("tokenmesh:router:prefix-pins", stored)
+        assert await PinStore(client).load() == {}
+        assert "unreadable prefix pins" in caplog.text
+        pinned = {HEADS[0]: A, HEADS[1]: B}
+        assert await _pins(replica) == pinned
+        assert (await PinStore(client).load())[MODEL] == pinned
+    finally:
+        await replica.redis.aclose()
+        await client.aclose()
