@@ -23,7 +23,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from services.core import contract
 from tokenmesh.router.v1 import router_pb2
@@ -51,36 +51,49 @@ HOT_MIN_REQUESTS = 2.0
 PREFIX_IDLE_S = 3.0
 
 
+class HotHead(NamedTuple):
+    """HotHead is one busy prompt head as a heartbeat reports it."""
+
+    prefix: str
+    requests: float  # decayed
+    idle_s: float  # since the latest of them
+    prompt_tokens: int  # the latest one's prompt length (about what the head holds in cache)
+
+
 class PrefixHeat:
     """PrefixHeat counts requests per prompt head, each count halving every PREFIX_HALF_LIFE_S."""
 
     def __init__(self) -> None:
-        self._heat: dict[str, tuple[float, float]] = {}  # head -> (count, as of when)
+        # head -> (count, as of when, the latest request's prompt tokens)
+        self._heat: dict[str, tuple[float, float, int]] = {}
 
-    def observe(self, prefix: str, now: float | None = None) -> None:
-        """Counts one request that carried `prefix` (empty or not the edge's key: not counted)."""
+    def observe(self, prefix: str, prompt_tokens: int = 0, now: float | None = None) -> None:
+        """Counts one request that carried `prefix` (empty or not the edge's key: not
+        counted), whose prompt was `prompt_tokens` long."""
         if not contract.is_prefix_key(prefix):
             return
         at = time.monotonic() if now is None else now
-        count, then = self._heat.get(prefix, (0.0, at))
-        self._heat[prefix] = (_decayed(count, at - then) + 1.0, at)
+        count, then, _ = self._heat.get(prefix, (0.0, at, 0))
+        self._heat[prefix] = (_decayed(count, at - then) + 1.0, at, prompt_tokens)
         if len(self._heat) > PREFIX_MAX_TRACKED:
             kept = self._ranked(at)[: PREFIX_MAX_TRACKED // 2]
-            self._heat = {head: (count, at) for head, count in kept}
+            self._heat = {head: (count, at, self._heat[head][2]) for head, count in kept}
 
-    def hottest(self, now: float | None = None) -> list[tuple[str, float, float]]:
-        """Returns up to HOT_PREFIXES (head, decayed count, seconds idle), busiest first:
-        those at or above HOT_MIN_REQUESTS last seen within PREFIX_IDLE_S."""
+    def hottest(self, now: float | None = None) -> list[HotHead]:
+        """Returns up to HOT_PREFIXES heads, busiest first: those at or above
+        HOT_MIN_REQUESTS last seen within PREFIX_IDLE_S."""
         at = time.monotonic() if now is None else now
         busy = [
-            (head, count, at - self._heat[head][1])
+            HotHead(head, count, at - self._heat[head][1], self._heat[head][2])
             for head, count in self._ranked(at)
             if count >= HOT_MIN_REQUESTS and at - self._heat[head][1] <= PREFIX_IDLE_S
         ]
         return busy[:HOT_PREFIXES]
 
     def _ranked(self, at: float) -> list[tuple[str, float]]:
-        decayed = ((head, _decayed(count, at - then)) for head, (count, then) in self._heat.items())
+        decayed = (
+            (head, _decayed(count, at - then)) for head, (count, then, _) in self._heat.items()
+        )
         return sorted(decayed, key=lambda item: (-item[1], item[0]))
 
 
@@ -154,7 +167,20 @@ def version_outcomes_pb(model: LoadedModel) -> router_pb2.VersionOutcomes:
         ttft_bucket_counts=outcomes.ttft_counts,
         ttft_bucket_bounds_ms=TTFT_BOUNDS_MS,
         hot_prefixes=[
-            router_pb2.PrefixHeat(prefix=head, requests=count, idle_seconds=idle)
-            for head, count, idle in outcomes.prefixes.hottest()
+            router_pb2.PrefixHeat(
+                prefix=head.prefix,
+                requests=head.requests,
+                idle_seconds=head.idle_s,
+                prompt_tokens=head.prompt_tokens,
+            )
+            for head in outcomes.prefixes.hottest()
         ],
+        prefix_cache_tokens=prefix_cache_tokens(model),
     )
+
+
+def prefix_cache_tokens(model: LoadedModel) -> int:
+    """The capacity of the version's prefix cache, in tokens (0: it has none)."""
+    engine = model.scheduler.engine if model.scheduler is not None else None
+    cache = engine.prefix_cache if engine is not None else None
+    return cache.capacity_tokens if cache is not None and cache.enabled else 0

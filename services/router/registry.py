@@ -20,7 +20,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 
@@ -147,6 +147,15 @@ class WorkerEntry:
         return hmac.compare_digest(self.token_sha256, token_sha256(lease_token))
 
 
+class HotPrefix(NamedTuple):
+    """HotPrefix is one of a version's busiest prompt heads on a worker."""
+
+    prefix: str  # the edge's key (x-tokenmesh-prefix)
+    requests: float  # decayed
+    seen_at: float  # when the latest of them arrived: unix seconds, the router's clock
+    prompt_tokens: int = 0  # that request's prompt length (0: not reported)
+
+
 @dataclass(frozen=True)
 class VersionCounts:
     """VersionCounts are one model version's outcome counters on one worker.
@@ -157,9 +166,10 @@ class VersionCounts:
         errors: those that ended in a server error.
         ttft_bounds_ms: TTFT bucket bounds (ascending); `ttft_counts` has one more.
         ttft_counts: requests per TTFT bucket (the last: above every bound).
-        hot_prefixes: (edge prefix key, decayed requests, when the last arrived: unix
-            seconds, the router's clock) of the version's busiest prompt heads on the
-            worker (services.router.prefix_pins).
+        hot_prefixes: the version's busiest prompt heads on the worker
+            (services.router.prefix_pins).
+        prefix_cache_tokens: the capacity of the version's prefix cache on the
+            worker, in tokens (0: it has none).
     """
 
     model: str
@@ -168,7 +178,8 @@ class VersionCounts:
     errors: int = 0
     ttft_bounds_ms: tuple[float, ...] = ()
     ttft_counts: tuple[int, ...] = ()
-    hot_prefixes: tuple[tuple[str, float, float], ...] = ()
+    hot_prefixes: tuple[HotPrefix, ...] = ()
+    prefix_cache_tokens: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """Serialises the counters for the worker's entry (the hot heads go apart:
@@ -187,6 +198,7 @@ class VersionCounts:
             errors=int(data["errors"]),
             ttft_bounds_ms=tuple(float(b) for b in data["ttft_bounds_ms"]),
             ttft_counts=tuple(int(c) for c in data["ttft_counts"]),
+            prefix_cache_tokens=int(data.get("prefix_cache_tokens", 0)),  # absent before
         )
 
 
@@ -422,20 +434,22 @@ def _heads_json(outcomes: Sequence[VersionCounts]) -> str:
     return json.dumps(heads, sort_keys=True)
 
 
-def _heads_from_json(
-    raw: str | bytes,
-) -> dict[tuple[str, str], tuple[tuple[str, float, float], ...]]:
+def _heads_from_json(raw: str | bytes) -> dict[tuple[str, str], tuple[HotPrefix, ...]]:
     data: dict[str, list[list[Any]]] = json.loads(raw)
     return {
         (ref.split("@", 1)[0], ref.split("@", 1)[1]): tuple(
-            (str(p), float(n), float(seen)) for p, n, seen in heads
+            # Heads stored before prompt_tokens was reported have three fields.
+            HotPrefix(
+                str(head[0]), float(head[1]), float(head[2]), int(head[3]) if len(head) > 3 else 0
+            )
+            for head in heads
         )
         for ref, heads in data.items()
     }
 
 
 def _with_heads(
-    entry: WorkerEntry, heads: Mapping[tuple[str, str], tuple[tuple[str, float, float], ...]]
+    entry: WorkerEntry, heads: Mapping[tuple[str, str], tuple[HotPrefix, ...]]
 ) -> WorkerEntry:
     """The entry with its stored hot heads on its outcome counters."""
     if not heads:

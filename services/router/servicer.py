@@ -22,6 +22,7 @@ from services.router.policy_servicer import PolicyRpcs
 from services.router.prompts import PromptCatalog, PromptHead, PromptTemplate
 from services.router.registry import (
     DRAINING,
+    HotPrefix,
     VersionCounts,
     WorkerCaller,
     WorkerEntry,
@@ -137,12 +138,14 @@ def outcomes_from_pb(load: router_pb2.WorkerLoad, received_at: float) -> list[Ve
             ttft_bounds_ms=tuple(v.ttft_bucket_bounds_ms),
             ttft_counts=tuple(v.ttft_bucket_counts),
             hot_prefixes=tuple(
-                (h.prefix, h.requests, received_at - h.idle_seconds)
+                HotPrefix(h.prefix, h.requests, received_at - h.idle_seconds, h.prompt_tokens)
                 for h in v.hot_prefixes[:HOT_PREFIXES_KEPT]
                 if contract.is_prefix_key(h.prefix)
                 and 0 < h.requests < math.inf
                 and 0 <= h.idle_seconds < math.inf
+                and h.prompt_tokens >= 0
             ),
+            prefix_cache_tokens=max(0, v.prefix_cache_tokens),
         )
         for v in load.versions
         if len(v.ttft_bucket_counts) == len(v.ttft_bucket_bounds_ms) + 1
@@ -170,9 +173,15 @@ def load_to_pb(load: LoadReport, outcomes: Sequence[VersionCounts]) -> router_pb
                 ttft_bucket_counts=c.ttft_counts,
                 ttft_bucket_bounds_ms=c.ttft_bounds_ms,
                 hot_prefixes=[
-                    router_pb2.PrefixHeat(prefix=p, requests=n, idle_seconds=max(0.0, at - seen))
-                    for p, n, seen in c.hot_prefixes
+                    router_pb2.PrefixHeat(
+                        prefix=h.prefix,
+                        requests=h.requests,
+                        idle_seconds=max(0.0, at - h.seen_at),
+                        prompt_tokens=h.prompt_tokens,
+                    )
+                    for h in c.hot_prefixes
                 ],
+                prefix_cache_tokens=c.prefix_cache_tokens,
             )
             for c in outcomes
         ],

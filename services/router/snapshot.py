@@ -344,19 +344,19 @@ def version_pins(
     last: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Pins the version's hottest prompt heads to its workers (services.router.prefix_pins)."""
-    holders = [
-        prefix_pins.Holder(
-            override_address(w.host, w.port),
-            w.weight.weight if weighted else NEUTRAL_WEIGHT,
-            {
-                head: (count, max(0.0, now - seen))
-                for counts in w.outcomes
-                if (counts.model, counts.version) == (model, version)
-                for head, count, seen in counts.hot_prefixes
-            },
+    holders = []
+    for w in hosts:
+        counts = [c for c in w.outcomes if (c.model, c.version) == (model, version)]
+        heads = [head for c in counts for head in c.hot_prefixes]
+        holders.append(
+            prefix_pins.Holder(
+                override_address(w.host, w.port),
+                w.weight.weight if weighted else NEUTRAL_WEIGHT,
+                {h.prefix: (h.requests, max(0.0, now - h.seen_at)) for h in heads},
+                {h.prefix: h.prompt_tokens for h in heads if h.prompt_tokens},
+                max((c.prefix_cache_tokens for c in counts), default=0),
+            )
         )
-        for w in hosts
-    ]
     return prefix_pins.pins(holders, last)
 
 

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from services.router.catalog import Catalog
 from services.router.pin_store import PinStore
-from services.router.registry import VersionCounts, WorkerRegistry
+from services.router.registry import HotPrefix, VersionCounts, WorkerRegistry
 from services.router.service import RouterService, RouterSettings
 from services.router.snapshot import EdgeFlags
 from tests import mtls
@@ -40,7 +40,7 @@ async def _report(
     """Each worker's heartbeat with its hot heads: head -> (decayed requests, seconds ago)."""
     now = time.time()
     for worker, heads in heat.items():
-        hot = tuple((head, n, now - ago) for head, (n, ago) in heads.items())
+        hot = tuple(HotPrefix(head, n, now - ago) for head, (n, ago) in heads.items())
         await registry.renew(worker, [MODEL], now, None, [VersionCounts(*MODEL, hot_prefixes=hot)])
 
 

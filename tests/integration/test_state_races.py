@@ -39,6 +39,7 @@ from services.router.registry import (
     DRAINING,
     SERVING,
     WORKERS_KEY,
+    HotPrefix,
     VersionCounts,
     WorkerCaller,
     WorkerRegistry,
@@ -526,10 +527,12 @@ async def test_hot_heads_are_kept_apart_from_the_entry_and_replaced_by_each_hear
     worker, now = _worker_id(), time.time()
     registry = WorkerRegistry(client, lease_s=30)
     await registry.register(worker, "127.0.0.1:1001", [("m", "1")], now)
-    hot = VersionCounts("m", "1", 3, 0, (1.0,), (1, 2, 0), hot_prefixes=(("aabb", 4.0, now),))
+    hot = VersionCounts(
+        "m", "1", 3, 0, (1.0,), (1, 2, 0), hot_prefixes=(HotPrefix("aabb", 4.0, now, 440),)
+    )
     await registry.renew(worker, [("m", "1")], now + 1, outcomes=[hot])
     (listed,) = [w for w in await registry.all(now + 1) if w.worker_id == worker]
-    assert listed.outcomes[0].hot_prefixes == (("aabb", 4.0, now),)
+    assert listed.outcomes[0].hot_prefixes == (HotPrefix("aabb", 4.0, now, 440),)
     # The entry every heartbeat reads does not carry them.
     assert b"aabb" not in await client.hget(WORKERS_KEY, worker)
     await registry.renew(worker, [("m", "1")], now + 2, outcomes=[replace(hot, hot_prefixes=())])

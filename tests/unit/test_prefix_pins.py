@@ -17,13 +17,14 @@ from services.inference.load_report import (
     PREFIX_HALF_LIFE_S,
     PREFIX_IDLE_S,
     PREFIX_MAX_TRACKED,
+    HotHead,
     PrefixHeat,
 )
 from services.router import catalog as cat
 from services.router import prefix_pins, snapshot
 from services.router.load_weights import LoadReport, WeightState
 from services.router.prefix_pins import Holder
-from services.router.registry import VersionCounts, WorkerEntry
+from services.router.registry import HotPrefix, VersionCounts, WorkerEntry
 from services.router.servicer import load_to_pb, outcomes_from_pb
 from services.router.snapshot import ROUTE_TYPE
 from services.router.xds import pack
@@ -83,6 +84,56 @@ def test_pinned_heads_move_when_the_split_is_beyond_noise():
     pins = prefix_pins.pins([a, b], last)
     assert split(pins) == {"10.0.0.1:1": 4, "10.0.0.2:1": 4}
     assert all(pins[h] == "10.0.0.2:1" for h in HEADS[5:])
+
+
+def _cached(address: str, heat: dict[str, float], cache: int, tokens: int = 440) -> Holder:
+    """A worker whose prefix cache holds `cache` tokens, each head's prompt `tokens` long."""
+    return Holder(
+        address, 100, {h: (n, 0.1) for h, n in heat.items()}, dict.fromkeys(heat, tokens), cache
+    )
+
+
+def test_a_split_within_noise_that_overflows_a_prefix_cache_is_fitted():
+    # K1 at a paced load: 8 equal heads at ~8 decayed requests, pinned 5/3. 40
+    # against 24 is within the noise bound, so the balance alone keeps it; but 5
+    # prompts of 440 tokens overflow a 2048-token cache that 4 fit in, and that
+    # worker's cache evicts its own heads in turn (every eviction a full prefill).
+    a = _cached("10.0.0.1:1", dict.fromkeys(HEADS[:5], 8.0), 2048)
+    b = _cached("10.0.0.2:1", dict.fromkeys(HEADS[5:], 8.0), 2048)
+    last = {h: "10.0.0.1:1" for h in HEADS[:5]} | {h: "10.0.0.2:1" for h in HEADS[5:]}
+    without_caches = [replace(a, cache_tokens=0), replace(b, cache_tokens=0)]
+    assert prefix_pins.pins(without_caches, last) == last  # within noise: kept
+    pins = prefix_pins.pins([a, b], last)
+    assert split(pins) == {"10.0.0.1:1": 4, "10.0.0.2:1": 4}
+    assert all(pins[h] == "10.0.0.2:1" for h in HEADS[5:])  # only a's moved
+
+
+def test_the_balance_never_moves_a_head_into_a_cache_it_would_overflow():
+    # a is busier by heat (one hot head), but b's cache holds its 4 heads and no more:
+    # moving a head there would trade a's queue for b's misses.
+    a = _cached("10.0.0.1:1", {HEADS[0]: 60.0, HEADS[1]: 20.0, HEADS[2]: 20.0}, 2048)
+    b = _cached("10.0.0.2:1", dict.fromkeys(HEADS[3:7], 10.0), 2048)
+    pins = prefix_pins.pins([a, b])
+    assert split(pins) == {"10.0.0.1:1": 3, "10.0.0.2:1": 4}
+    # With room in b's cache the balance moves one as before.
+    roomy = [a, replace(b, cache_tokens=4096)]
+    assert split(prefix_pins.pins(roomy)) == {"10.0.0.1:1": 2, "10.0.0.2:1": 5}
+
+
+def test_when_no_cache_has_room_the_heat_balance_goes_on():
+    # 12 heads, caches of 4 each: neither can hold its share, so fitting moves
+    # nothing and heads still balance by heat (a full cache gains nothing by refusing).
+    a = _cached("10.0.0.1:1", dict.fromkeys(HEADS[:8], 6.0) | {"aa" * 8: 6.0}, 1800)
+    b = _cached("10.0.0.2:1", {f"{i:02x}" * 8: 6.0 for i in range(0xB0, 0xB3)}, 1800)
+    assert sorted(split(prefix_pins.pins([a, b])).values()) == [6, 6]
+
+
+def test_heads_of_unknown_size_and_workers_without_a_cache_are_not_fitted():
+    a = _cached("10.0.0.1:1", dict.fromkeys(HEADS[:5], 8.0), 2048, tokens=0)
+    b = _cached("10.0.0.2:1", dict.fromkeys(HEADS[5:], 8.0), 0)
+    last = {h: "10.0.0.1:1" for h in HEADS[:5]} | {h: "10.0.0.2:1" for h in HEADS[5:]}
+    assert prefix_pins.pins([a, b], last) == last
+    assert prefix_pins.pins([replace(a, head_tokens=b.head_tokens), b], last) == last
 
 
 def test_a_head_starts_where_its_requests_go_now_else_where_most_went():
@@ -147,46 +198,57 @@ def test_no_pins_with_one_worker_and_at_most_max_pins():
 
 def test_prefix_heat_decays_reports_only_reuse_and_stays_bounded():
     heat = PrefixHeat()
-    for _ in range(4):
-        heat.observe("aa", now=100.0)
+    for tokens in (430, 445, 440, 436):
+        heat.observe("aa", tokens, now=100.0)
     heat.observe("bb", now=100.0)  # once: not reuse
     heat.observe("not hex", now=100.0)
     heat.observe("", now=100.0)
-    assert heat.hottest(now=100.0) == [("aa", 4.0, 0.0)]
+    # The latest request's prompt length: about what the head holds in the cache.
+    assert heat.hottest(now=100.0) == [HotHead("aa", 4.0, 0.0, 436)]
     later = 100.0 + PREFIX_IDLE_S
-    assert heat.hottest(now=later) == [("aa", 4.0 * 0.5 ** (PREFIX_IDLE_S / 5), PREFIX_IDLE_S)]
+    assert heat.hottest(now=later) == [
+        HotHead("aa", 4.0 * 0.5 ** (PREFIX_IDLE_S / 5), PREFIX_IDLE_S, 436)
+    ]
     assert heat.hottest(now=later + 0.1) == []  # no request since: gone cold
-    heat.observe("aa", now=100.0 + PREFIX_HALF_LIFE_S)
-    assert heat.hottest(now=100.0 + PREFIX_HALF_LIFE_S) == [("aa", 3.0, 0.0)]
+    heat.observe("aa", 450, now=100.0 + PREFIX_HALF_LIFE_S)
+    assert heat.hottest(now=100.0 + PREFIX_HALF_LIFE_S) == [HotHead("aa", 3.0, 0.0, 450)]
     for _ in range(3):
         heat.observe("cc", now=120.0)
-    assert heat.hottest(now=120.0) == [("cc", 3.0, 0.0)]  # "aa" decayed below the minimum
+    assert heat.hottest(now=120.0) == [HotHead("cc", 3.0, 0.0, 0)]  # "aa" decayed below 2
     assert HOT_MIN_REQUESTS == 2.0
     for i in range(PREFIX_MAX_TRACKED + 1):
         heat.observe(f"{i:06x}", now=200.0)
         heat.observe(f"{i:06x}", now=200.0)
     hottest = heat.hottest(now=200.0)
-    assert len(hottest) == HOT_PREFIXES and all(count == 2.0 for _, count, _ in hottest)
+    assert len(hottest) == HOT_PREFIXES and all(h.requests == 2.0 for h in hottest)
     assert len(heat._heat) <= PREFIX_MAX_TRACKED
 
 
 def test_heartbeat_hot_prefixes_round_trip_and_malformed_ones_are_dropped():
     seen = time.time() - 2
     counts = VersionCounts(
-        "m", "1", 5, 0, (1.0,), (2, 3), hot_prefixes=(("aabb", 3.5, seen), ("NOT-HEX", 9.0, seen))
+        "m",
+        "1",
+        5,
+        0,
+        (1.0,),
+        (2, 3),
+        hot_prefixes=(HotPrefix("aabb", 3.5, seen, 440), HotPrefix("NOT-HEX", 9.0, seen, 440)),
+        prefix_cache_tokens=2048,
     )
     load = load_to_pb(LoadReport(), [counts])
     assert 2 <= load.versions[0].hot_prefixes[0].idle_seconds < 3
     (parsed,) = outcomes_from_pb(load, received_at=seen + 2)
-    ((head, count, seen_again),) = parsed.hot_prefixes
-    assert (head, count) == ("aabb", 3.5) and abs(seen_again - seen) < 1
+    ((head, count, seen_again, tokens),) = parsed.hot_prefixes
+    assert (head, count, tokens) == ("aabb", 3.5, 440) and abs(seen_again - seen) < 1
+    assert parsed.prefix_cache_tokens == 2048
     # The entry keeps its counters; the heads are stored apart (registry.HEAT_KEY).
     assert VersionCounts.from_json(parsed.to_json()) == replace(parsed, hot_prefixes=())
 
 
 def _worker(name: str, host: str, port: int, heads: dict[str, float]) -> WorkerEntry:
     counts = VersionCounts(
-        "m", "1", hot_prefixes=tuple((h, n, NOW - 0.2) for h, n in heads.items())
+        "m", "1", hot_prefixes=tuple(HotPrefix(h, n, NOW - 0.2) for h, n in heads.items())
     )
     entry = WorkerEntry(name, host, port, (("m", "1"),), "serving", NOW + 5)
     return replace(entry, outcomes=(counts,))

@@ -394,10 +394,17 @@ class VersionOutcomes(_message.Message):
     TTFT_BUCKET_COUNTS_FIELD_NUMBER: _builtins.int
     TTFT_BUCKET_BOUNDS_MS_FIELD_NUMBER: _builtins.int
     HOT_PREFIXES_FIELD_NUMBER: _builtins.int
+    PREFIX_CACHE_TOKENS_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     """requests is the finished generation requests."""
     errors: _builtins.int
     """errors is the requests that ended in a server error (finish reason "error")."""
+    prefix_cache_tokens: _builtins.int
+    """prefix_cache_tokens is the capacity, in prompt tokens, of this version's
+    prefix cache on the worker (0: it has none). The router keeps the heads it
+    pins to a worker within it where another worker has room: a worker
+    pinned more than its cache holds evicts its own heads in turn.
+    """
     @_builtins.property
     def model(self) -> _types_pb2.ModelRef:
         """model is the model version."""
@@ -430,10 +437,11 @@ class VersionOutcomes(_message.Message):
         ttft_bucket_counts: _abc.Iterable[_builtins.int] | None = ...,
         ttft_bucket_bounds_ms: _abc.Iterable[_builtins.float] | None = ...,
         hot_prefixes: _abc.Iterable[Global___PrefixHeat] | None = ...,
+        prefix_cache_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "hot_prefixes", b"hot_prefixes", "model", b"model", "requests", b"requests", "ttft_bucket_bounds_ms", b"ttft_bucket_bounds_ms", "ttft_bucket_counts", b"ttft_bucket_counts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "hot_prefixes", b"hot_prefixes", "model", b"model", "prefix_cache_tokens", b"prefix_cache_tokens", "requests", b"requests", "ttft_bucket_bounds_ms", b"ttft_bucket_bounds_ms", "ttft_bucket_counts", b"ttft_bucket_counts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -448,6 +456,7 @@ class PrefixHeat(_message.Message):
     PREFIX_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
     IDLE_SECONDS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     prefix: _builtins.str
     """prefix is the edge's key for the head (the x-tokenmesh-prefix header:
     hex of the prompt's first 64 bytes, or of its template reference).
@@ -460,16 +469,21 @@ class PrefixHeat(_message.Message):
     """idle_seconds is the time since the last of them reached the worker: where
     a head's requests go now (its pin) is where they arrived last.
     """
+    prompt_tokens: _builtins.int
+    """prompt_tokens is the prompt length, in tokens, of the latest of them: about
+    what holding the head takes in the worker's prefix cache (0: unknown).
+    """
     def __init__(
         self,
         *,
         prefix: _builtins.str = ...,
         requests: _builtins.float = ...,
         idle_seconds: _builtins.float = ...,
+        prompt_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idle_seconds", b"idle_seconds", "prefix", b"prefix", "requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idle_seconds", b"idle_seconds", "prefix", b"prefix", "prompt_tokens", b"prompt_tokens", "requests", b"requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
