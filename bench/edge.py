@@ -390,6 +390,7 @@ def complete_throughput(
     paths: dict[str, tuple[Peer, list[tuple[str, str]]]],
     bare_envoy_pid: int,
     rounds: int = ROUNDS,
+    requests: int = COMPLETES,
 ) -> dict[str, Any]:
     """demo-lm Complete (16 tokens) at 32 concurrent on each path; interleaved rounds.
 
@@ -403,7 +404,6 @@ def complete_throughput(
     body = REALISTIC.SerializeToString()
     pids = {c.name: c.pid for c in mesh.children if not c.stopping}
     pids["bare-envoy"] = bare_envoy_pid
-    requests = COMPLETES
     for n in range(rounds):
         # Order flipped every round: no path always runs right after another.
         for name, (target, metadata) in list(paths.items())[:: 1 if n % 2 == 0 else -1]:
@@ -548,6 +548,7 @@ def edge_overhead(ctx: Context) -> dict[str, Any]:
                     "envoy": (Peer(proxy_address), []),
                 },
                 proxy.pid,
+                requests=round(ctx.scaled(COMPLETES)),
             )
         finally:
             for child, _ in envoys:

@@ -28,7 +28,7 @@ import os
 import statistics
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,10 @@ class Plan:
         # 7 s windows: L1 reads 11-18x with ~200 requests a round on the equal-weights
         # edge; 10 s took 12 s more of a `make bench` that must stay within 15 minutes.
         return cls(1, 4.0, 30.0, 60.0) if quick else cls(2, 7.0, 60.0, 150.0)
+
+    def paced(self, scale: float) -> Plan:
+        """The plan with its windows at `scale` (bench.rows.Context.scale)."""
+        return replace(self, window_s=self.window_s * scale)
 
 
 def mesh_config(state: Path) -> MeshConfig:
@@ -213,7 +217,7 @@ def _serves(edge: str, key: str) -> bool:
 
 def measure(ctx: Context) -> dict[str, Any]:
     """Runs L1; returns per mode the TTFT, requests/s and the slowed worker's share."""
-    plan = Plan.of(ctx.quick)
+    plan = Plan.of(ctx.quick).paced(ctx.scale)
     ctx.placement.record("bench + L1 client (httpx)", os.getpid(), LOAD, 1)
     with pinned_self(ctx.placement.layout.load), _edges(ctx) as (edges, key, mesh):
         results = asyncio.run(_measure(edges, key, mesh, plan))

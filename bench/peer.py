@@ -41,7 +41,7 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,10 @@ class Plan:
     @classmethod
     def of(cls, quick: bool) -> Plan:
         return cls(30, 1, 2.0, 60.0) if quick else cls(150, 3, 3.0, 150.0)
+
+    def paced(self, scale: float) -> Plan:
+        """The plan with its calls and windows at `scale` (bench.rows.Context.scale)."""
+        return replace(self, calls=round(self.calls * scale), window_s=self.window_s * scale)
 
 
 @dataclass(frozen=True)
@@ -547,7 +551,7 @@ def _summarize(
 
 def measure(ctx: Context) -> dict[str, Any]:
     """Runs P1 and P2; returns each target's latency, throughput and CPU per request."""
-    plan = Plan.of(ctx.quick)
+    plan = Plan.of(ctx.quick).paced(ctx.scale)
     ctx.placement.record("bench + P1/P2 client (httpx)", os.getpid(), LOAD, 1)
     with pinned_self(ctx.placement.layout.load), _targets(ctx) as (targets, version):
         import uvloop

@@ -213,18 +213,22 @@ def _mtls_judge(results: dict[str, Any]) -> list[Row]:
 
 
 SCENARIOS: tuple[Scenario, ...] = (
-    Scenario("serving", ("S1", "S2", "S3"), serving.measure, serving.judge, serving.plots),
-    Scenario("edge", ("E1", "E1k", "E2", "E3"), _edge_measure, _edge_judge, _edge_plots),
-    Scenario("usage", ("R1",), _usage_measure, _usage_judge),
-    Scenario("templates", ("T1",), _templates_measure, _templates_judge),
+    Scenario(
+        "serving", ("S1", "S2", "S3"), serving.measure, serving.judge, serving.plots, seconds=145
+    ),
+    Scenario(
+        "edge", ("E1", "E1k", "E2", "E3"), _edge_measure, _edge_judge, _edge_plots, seconds=125
+    ),
+    Scenario("usage", ("R1",), _usage_measure, _usage_judge, seconds=32),
+    Scenario("templates", ("T1",), _templates_measure, _templates_judge, seconds=13),
     Scenario("mtls", ("M1", "M2"), _mtls_measure, _mtls_judge, default=False),
     Scenario("openai", ("O1", "O2"), openai.measure, openai.judge, default=False),
-    Scenario("fairness", ("F1",), fairness.measure, fairness.judge),
-    Scenario("policy", ("C1", "C2"), policy.measure, policy.judge),
-    Scenario("peer", ("P1", "P2"), peer.measure, peer.judge, peer.plots),
-    Scenario("routing", ("K1", "K2"), routing.measure, routing.judge, routing.plots),
-    Scenario("load_routing", ("L1",), load_scenario.measure, load_scenario.judge),
-    Scenario("jobs", ("J1",), jobs_scenario.measure, jobs_scenario.judge),
+    Scenario("fairness", ("F1",), fairness.measure, fairness.judge, seconds=77),
+    Scenario("policy", ("C1", "C2"), policy.measure, policy.judge, seconds=3),
+    Scenario("peer", ("P1", "P2"), peer.measure, peer.judge, peer.plots, seconds=108),
+    Scenario("routing", ("K1", "K2"), routing.measure, routing.judge, routing.plots, seconds=135),
+    Scenario("load_routing", ("L1",), load_scenario.measure, load_scenario.judge, seconds=56),
+    Scenario("jobs", ("J1",), jobs_scenario.measure, jobs_scenario.judge, seconds=50),
 )
 ALIASES = {"inference": "serving"}  # older --only names
 

@@ -46,7 +46,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,15 @@ class Plan:
         # K2 at 3 rounds of 6 s (~210 requests a mode): its TTFT p90 ratio read
         # 0.85-1.14x between identical runs at 2; the time comes from F1's calls.
         return cls(2, 5.0, 1, 4.0, 80.0, 4.0) if quick else cls(3, 6.0, 3, 6.0, 240.0, 6.0)
+
+    def paced(self, scale: float) -> Plan:
+        """The plan with its windows at `scale` (bench.rows.Context.scale)."""
+        return replace(
+            self,
+            window_s=self.window_s * scale,
+            control_window_s=self.control_window_s * scale,
+            paced_window_s=self.paced_window_s * scale,
+        )
 
 
 def system_prompt(tag: str, tokenizer: Tokenizer) -> str:
@@ -481,7 +490,7 @@ async def _measure(edges: Edges, plan: Plan) -> dict[str, Any]:
 
 def measure(ctx: Context) -> dict[str, Any]:
     """Runs K1 and K2; returns per case and mode the TTFT, requests/s and cache share."""
-    plan = Plan.of(ctx.quick)
+    plan = Plan.of(ctx.quick).paced(ctx.scale)
     ctx.placement.record("bench + K1/K2 client (httpx)", os.getpid(), LOAD, 1)
     with pinned_self(ctx.placement.layout.load), _edges(ctx) as edges:
         import uvloop

@@ -135,6 +135,13 @@ class Context:
     state: Path  # the run's scratch directory (removed afterwards)
     quick: bool  # fewer rounds and shorter windows: a smoke run, not a measurement
     placement: Placement  # record every process a scenario pins
+    #: The share of its load windows and fixed request counts a scenario runs: below 1
+    #: only when the run has fallen behind the time `make bench` has (bench.__main__).
+    scale: float = 1.0
+
+    def scaled(self, value: float) -> float:
+        """`value` (a window's seconds, a request count) at this run's scale."""
+        return value * self.scale
 
 
 Measure = Callable[[Context], dict[str, Any]]
@@ -147,6 +154,7 @@ class Scenario:
     """Scenario measures once and fills `rows` (see the module docstring).
 
     default: run by a plain `make bench` (False: only when named by --only).
+    seconds: what it takes on a quiet 2-core VM, setup included (the run's pacing).
     """
 
     name: str
@@ -155,6 +163,7 @@ class Scenario:
     judge: Judge
     plots: Plots | None = None
     default: bool = True
+    seconds: int = 60
 
 
 def table(rows: list[Row]) -> str:

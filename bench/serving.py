@@ -35,7 +35,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,10 @@ class Plan:
     @classmethod
     def of(cls, quick: bool) -> Plan:
         return cls(1, 3.0, (1, STREAMS)) if quick else cls(3, 4.0, LEVELS)
+
+    def paced(self, scale: float) -> Plan:
+        """The plan with its windows at `scale` (bench.rows.Context.scale)."""
+        return replace(self, window_s=self.window_s * scale)
 
 
 def served_request() -> pb.GenerateRequest:
@@ -96,7 +100,7 @@ class Target:
 
 def measure(ctx: Context) -> dict[str, Any]:
     """Runs S1-S3; returns their figures, every round's, and raw records for the plots."""
-    plan = Plan.of(ctx.quick)
+    plan = Plan.of(ctx.quick).paced(ctx.scale)
     lay = ctx.placement.layout
     with pinned_self(lay.load):
         ctx.placement.record("bench + streaming clients", os.getpid(), LOAD, 1)

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 
 import pytest
 
+from bench import peer, routing, serving
+from bench.__main__ import BUDGET_S, MIN_SCALE, pace
 from bench.pinning import LOAD, SUT, CpuMeter, Layout, Placement, cpu_seconds, layout
 from bench.registry import SCENARIOS, select
 from bench.report import placement_table, public
@@ -39,6 +41,31 @@ def test_only_selects_scenarios_by_row_id_or_name_and_rejects_unknown_ones() -> 
     assert [s.name for s in select(None)] == [s.name for s in SCENARIOS if s.default]
     with pytest.raises(SystemExit, match="unknown"):
         select("S9")
+
+
+def test_a_run_behind_time_shortens_the_remaining_windows_within_bounds() -> None:
+    default = [s for s in SCENARIOS if s.default]
+    planned = sum(s.seconds for s in default)
+    assert planned <= BUDGET_S  # a quiet VM runs every window in full
+    assert pace(0.0, default) == 1.0
+    # A slow VM that used 480 s by the last four scenarios' start (planned: ~400).
+    rest = default[-4:]
+    behind = pace(480.0, rest)
+    assert behind == pytest.approx((BUDGET_S - 480.0) / sum(s.seconds for s in rest))
+    assert behind < 1.0
+    assert pace(BUDGET_S + 100, rest) == MIN_SCALE  # never below: shorter windows are noise
+    assert pace(0.0, []) == 1.0
+
+
+def test_pacing_scales_windows_and_counts_not_rounds() -> None:
+    full = routing.Plan.of(quick=False)
+    paced = full.paced(0.75)
+    assert (paced.rounds, paced.control_rounds) == (full.rounds, full.control_rounds)
+    assert paced.window_s == full.window_s * 0.75
+    assert paced.paced_window_s == full.paced_window_s * 0.75
+    assert serving.Plan.of(quick=False).paced(0.5).window_s == serving.Plan.of(False).window_s / 2
+    assert peer.Plan.of(quick=False).paced(0.8).calls == 120
+    assert routing.Plan.of(quick=False).paced(1.0) == full
 
 
 def test_report_json_leaves_out_raw_objects() -> None:
