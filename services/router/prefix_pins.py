@@ -26,10 +26,11 @@ assigns each hot head one worker:
 - before that, the pinned heads are fitted into the workers' prefix caches:
   while a worker is pinned more prompt tokens than its cache holds (each
   head's latest prompt length, as workers report it), one of its heads moves
-  to a worker with room, noise or not, and the balance moves no head into a
-  cache it would overflow (unless the head's own worker overflows already:
-  when the caches cannot hold every head, a move only moves misses). A
-  cache that cannot hold its worker's heads evicts them in turn, and every
+  to a worker with room (FIT_SHARE of its cache), noise or not, and the
+  balance moves no head into a cache it would take past FIT_SHARE (unless
+  the head's own worker overflows already: when the caches cannot hold
+  every head, a move only moves misses). A cache that cannot hold its
+  worker's heads evicts them in turn, and every
   eviction is a full prefill: K1 probes held 5/3 splits of 8 equal heads
   for 7-11 s (within the noise bound at their counts) while 4 of those
   prompts fill a worker's cache, and a tenth of requests missing puts TTFT
@@ -62,6 +63,11 @@ MOVE_GAIN = 1.1
 #: about half the count): ~0.3% of polls on noise alone, where MOVE_GAIN alone let
 #: an even split of 8 heads at ~18 requests each move a head every few seconds.
 NOISE_SIGMAS = 3.0
+#: A head is moved into a worker's prefix cache only while the heads pinned there then
+#: take at most this share of it (a worker counts as overflowing past all of it): the
+#: cache also holds each prompt's own tail, and a head's size moves with its requests'
+#: lengths, so without the margin heads at the boundary would move back and forth.
+FIT_SHARE = 0.9
 #: Workers that saw a head within this many seconds of the latest one that did
 #: count as where it goes now (a heartbeat a second: two reports apart at most).
 CURRENT_S = 1.0
@@ -126,15 +132,17 @@ class _Caches:
         return max(0, self.held[address] - capacity) if capacity else 0
 
     def has_room(self, address: str, head: str) -> bool:
+        """Whether `address` has a cache that holds `head` beside its pinned heads, within
+        FIT_SHARE of it."""
         capacity = self.capacity[address]
-        return capacity > 0 and self.held[address] + self.size[head] <= capacity
+        return capacity > 0 and self.held[address] + self.size[head] <= FIT_SHARE * capacity
 
     def would_overflow(self, address: str, head: str) -> bool:
-        """Whether `head` would push a worker whose pinned heads fit its cache past it."""
+        """Whether `head` would take a worker whose pinned heads fit its cache past
+        FIT_SHARE of it."""
         capacity = self.capacity[address]
-        return (
-            capacity > 0 and self.held[address] <= capacity < self.held[address] + self.size[head]
-        )
+        held = self.held[address]
+        return capacity > 0 and held <= capacity and held + self.size[head] > FIT_SHARE * capacity
 
     def move(self, head: str, source: str, target: str) -> None:
         self.held[source] -= self.size[head]

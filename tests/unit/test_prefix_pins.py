@@ -120,6 +120,34 @@ def test_the_balance_never_moves_a_head_into_a_cache_it_would_overflow():
     assert split(prefix_pins.pins(roomy)) == {"10.0.0.1:1": 2, "10.0.0.2:1": 5}
 
 
+def test_heads_at_a_caches_boundary_do_not_move_back_and_forth(monkeypatch):
+    # 4 heads of ~515 tokens over a 2048-token cache, 2 on the other worker: one
+    # moves there. Their requests' lengths vary by a few tokens: at the next build
+    # the 4 would just fit (2040), and b is busier by heat beyond noise. Moving the
+    # head back would fill all but 8 tokens of a's cache (its prompts' own tails
+    # would overflow it), and the build after would move it out again: it stays.
+    sizes = {HEADS[0]: 520, HEADS[1]: 515, HEADS[2]: 515, HEADS[3]: 510}
+    a = replace(_cached("10.0.0.1:1", dict.fromkeys(HEADS[:4], 24.0), 2048), head_tokens=sizes)
+    b = _cached("10.0.0.2:1", dict.fromkeys(HEADS[4:6], 40.0), 2048, tokens=500)
+    first = prefix_pins.pins([a, b])
+    assert split(first) == {"10.0.0.1:1": 3, "10.0.0.2:1": 3}
+    moved = next(h for h in HEADS[:4] if first[h] == "10.0.0.2:1")
+    shorter = dict.fromkeys(HEADS[:4], 510)
+    a2 = replace(
+        a,
+        heat={h: (24.0, 0.1) for h in HEADS[:4] if h != moved},
+        head_tokens={h: n for h, n in shorter.items() if h != moved},
+    )
+    b2 = replace(
+        b,
+        heat={**b.heat, moved: (24.0, 0.1)},
+        head_tokens={**b.head_tokens, moved: shorter[moved]},
+    )
+    assert prefix_pins.pins([a2, b2], first) == first
+    monkeypatch.setattr(prefix_pins, "FIT_SHARE", 1.0)  # without the margin it moves back
+    assert prefix_pins.pins([a2, b2], first)[moved] == "10.0.0.1:1"
+
+
 def test_when_no_cache_has_room_the_heat_balance_goes_on():
     # 12 heads, caches of 4 each: neither can hold its share, so fitting moves
     # nothing and heads still balance by heat (a full cache gains nothing by refusing).
