@@ -30,11 +30,10 @@ assigns each hot head one worker:
   balance moves no head into a cache it would take past FIT_SHARE (unless
   the head's own worker overflows already: when the caches cannot hold
   every head, a move only moves misses). A cache that cannot hold its
-  worker's heads evicts them in turn, and every
-  eviction is a full prefill: K1 probes held 5/3 splits of 8 equal heads
-  for 7-11 s (within the noise bound at their counts) while 4 of those
-  prompts fill a worker's cache, and a tenth of requests missing puts TTFT
-  p90 on a miss.
+  worker's heads evicts them in turn, and every eviction is a full prefill:
+  K1 probes held 5/3 splits of 8 equal heads for 7-11 s (within the noise
+  bound at their counts) while 4 of those prompts fill a worker's cache,
+  and a tenth of requests missing puts TTFT p90 on a miss.
 
 The edge's Lua filter reads the pins from its route's metadata and asks Envoy
 for the pinned worker (a non-strict override: a worker that is unhealthy or
@@ -156,10 +155,7 @@ def _fit(
     its heads to a worker with room (of those moves, the one that leaves the two workers'
     shares most even), pinned before or not."""
     caches.count(owner)
-    weight = {h.address: float(h.weight) for h in live}
-    load = dict.fromkeys(weight, 0.0)
-    for head, address in owner.items():
-        load[address] += totals[head]
+    weight, load = _loads(live, owner, totals)
     for _ in range(len(owner)):
         full = max(weight, key=lambda a: (caches.over(a), a))
         if not caches.over(full):
@@ -178,6 +174,17 @@ def _fit(
         load[full] -= totals[head]
         load[target] += totals[head]
         caches.move(head, full, target)
+
+
+def _loads(
+    live: Sequence[Holder], owner: Mapping[str, str], totals: Mapping[str, float]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Each worker's endpoint weight and the heat of the heads `owner` pins to it."""
+    weight = {h.address: float(h.weight) for h in live}
+    load = dict.fromkeys(weight, 0.0)
+    for head, address in owner.items():
+        load[address] += totals[head]
+    return weight, load
 
 
 def _warmest(live: Sequence[Holder], head: str) -> Holder:
@@ -201,10 +208,7 @@ def _balance(
     by the last assignment) only while the two shares differ beyond noise, and no head
     into a prefix cache it would overflow unless its own worker's overflows already (when
     the caches cannot hold every head, moving one only moves the misses)."""
-    weight = {h.address: float(h.weight) for h in live}
-    load = dict.fromkeys(weight, 0.0)
-    for head, address in owner.items():
-        load[address] += totals[head]
+    weight, load = _loads(live, owner, totals)
     even = sum(load.values()) / sum(weight.values())
 
     def share(address: str) -> float:
