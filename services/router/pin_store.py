@@ -56,7 +56,8 @@ class PinStore:
 
 
 def _parse(entries: Any) -> Pins:
-    """The pins in `entries` ([[model, version, {head: address}], ...]), checked strictly."""
+    """The pins in `entries` (a list of entries: model, version, {head: address}), checked
+    strictly."""
     if not isinstance(entries, list):
         raise TypeError(f"expected a list, got {type(entries).__name__}")
     pins: dict[tuple[str, str], dict[str, str]] = {}
