@@ -41,7 +41,11 @@ WORKERS_KEY = "tokenmesh:router:workers"
 # Each worker's hot prompt heads per version, apart from its entry: every
 # heartbeat reads every entry (weights are relative), and the heads would make
 # those reads several times larger. Only the snapshot builder needs them.
-HEAT_KEY = "tokenmesh:router:worker-heat"
+# ":2": each head also carries its prompt tokens (four fields where routers of an
+# earlier version unpack three, and would fail every build). Mid-upgrade those
+# read their own key, no longer written: their heads go cold and fall back to the
+# hash until they are upgraded, and nothing fails.
+HEAT_KEY = "tokenmesh:router:worker-heat:2"
 _ADDRESS = re.compile(r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$")
 # A lease this long past its end is deleted (kept briefly so ListWorkers shows it went).
 _FORGET_AFTER_S = 60.0
@@ -438,11 +442,7 @@ def _heads_from_json(raw: str | bytes) -> dict[tuple[str, str], tuple[HotPrefix,
     data: dict[str, list[list[Any]]] = json.loads(raw)
     return {
         (ref.split("@", 1)[0], ref.split("@", 1)[1]): tuple(
-            # Heads stored before prompt_tokens was reported have three fields.
-            HotPrefix(
-                str(head[0]), float(head[1]), float(head[2]), int(head[3]) if len(head) > 3 else 0
-            )
-            for head in heads
+            HotPrefix(str(p), float(n), float(seen), int(tokens)) for p, n, seen, tokens in heads
         )
         for ref, heads in data.items()
     }

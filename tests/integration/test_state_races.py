@@ -11,6 +11,7 @@ WATCH/MULTI was already right).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -37,6 +38,7 @@ from services.router import catalog as cat
 from services.router.catalog import Catalog
 from services.router.registry import (
     DRAINING,
+    HEAT_KEY,
     SERVING,
     WORKERS_KEY,
     HotPrefix,
@@ -535,6 +537,11 @@ async def test_hot_heads_are_kept_apart_from_the_entry_and_replaced_by_each_hear
     assert listed.outcomes[0].hot_prefixes == (HotPrefix("aabb", 4.0, now, 440),)
     # The entry every heartbeat reads does not carry them.
     assert b"aabb" not in await client.hget(WORKERS_KEY, worker)
+    # Four fields a head, under a key of their own: routers of an earlier version
+    # unpack three from "tokenmesh:router:worker-heat", and would fail every build.
+    assert HEAT_KEY.endswith(":2")
+    assert json.loads(await client.hget(HEAT_KEY, worker)) == {"m@1": [["aabb", 4.0, now, 440]]}
+    assert not await client.hexists("tokenmesh:router:worker-heat", worker)
     await registry.renew(worker, [("m", "1")], now + 2, outcomes=[replace(hot, hot_prefixes=())])
     (listed,) = [w for w in await registry.all(now + 2) if w.worker_id == worker]
     assert listed.outcomes[0].hot_prefixes == ()
