@@ -101,7 +101,7 @@ def pins(holders: Sequence[Holder], last: Mapping[str, str] | None = None) -> di
     earlier = last or {}
     kept = {head: earlier[head] for head in heads if earlier.get(head) in serving}
     owner = {head: kept.get(head) or _warmest(live, head).address for head in heads}
-    caches = _Caches.of(live, heads)
+    caches = _Caches.of(live, owner)
     _fit(live, owner, totals, caches)
     _balance(live, owner, totals, set(kept), caches)
     return owner
@@ -116,14 +116,13 @@ class _Caches:
     held: dict[str, int]  # address -> tokens of the heads pinned to it
 
     @classmethod
-    def of(cls, live: Sequence[Holder], heads: Sequence[str]) -> _Caches:
-        size = {head: max(h.head_tokens.get(head, 0) for h in live) for head in heads}
-        return cls({h.address: h.cache_tokens for h in live}, size, {})
-
-    def count(self, owner: Mapping[str, str]) -> None:
-        self.held = dict.fromkeys(self.capacity, 0)
+    def of(cls, live: Sequence[Holder], owner: Mapping[str, str]) -> _Caches:
+        """The caches of `live` with the heads `owner` pins to them (`move` keeps it so)."""
+        size = {head: max(h.head_tokens.get(head, 0) for h in live) for head in owner}
+        held = dict.fromkeys((h.address for h in live), 0)
         for head, address in owner.items():
-            self.held[address] += self.size[head]
+            held[address] += size[head]
+        return cls({h.address: h.cache_tokens for h in live}, size, held)
 
     def over(self, address: str) -> int:
         """Tokens pinned to `address` beyond its cache (0: they fit, or it has none)."""
@@ -154,7 +153,6 @@ def _fit(
     """While a worker is pinned more prompt tokens than its prefix cache holds, moves one of
     its heads to a worker with room (of those moves, the one that leaves the two workers'
     shares most even), pinned before or not."""
-    caches.count(owner)
     weight, load = _loads(live, owner, totals)
     for _ in range(len(owner)):
         full = max(weight, key=lambda a: (caches.over(a), a))
