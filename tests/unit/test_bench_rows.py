@@ -68,6 +68,16 @@ def test_pacing_scales_windows_and_counts_not_rounds() -> None:
     assert routing.Plan.of(quick=False).paced(1.0) == full
 
 
+def test_k2_runs_each_mode_first_equally_often_after_an_opening() -> None:
+    # Rounds flip the modes' order: with an odd count one mode ran first twice,
+    # and the first phase after K1 read the lowest rate in five runs out of five.
+    for quick in (True, False):
+        plan = routing.Plan.of(quick)
+        assert plan.control_rounds % 2 == 0
+        assert plan.control_opening_s > 0
+    assert routing.Plan.of(False).paced(0.5).control_opening_s == 1.5
+
+
 def test_report_json_leaves_out_raw_objects() -> None:
     assert public({"serving": {"_records": [object()], "s1": 0.9}, "quick": False}) == {
         "serving": {"s1": 0.9},
