@@ -226,7 +226,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("fairness", ("F1",), fairness.measure, fairness.judge, seconds=77),
     Scenario("policy", ("C1", "C2"), policy.measure, policy.judge, seconds=3),
     Scenario("peer", ("P1", "P2"), peer.measure, peer.judge, peer.plots, seconds=108),
-    Scenario("routing", ("K1", "K2"), routing.measure, routing.judge, routing.plots, seconds=135),
+    Scenario("routing", ("K1", "K2"), routing.measure, routing.judge, routing.plots, seconds=140),
     Scenario("load_routing", ("L1",), load_scenario.measure, load_scenario.judge, seconds=56),
     Scenario("jobs", ("J1",), jobs_scenario.measure, jobs_scenario.judge, seconds=50),
 )
