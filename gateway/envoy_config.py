@@ -755,12 +755,14 @@ def hsts_filter() -> dict[str, Any]:
 
 
 def _strip_filters(config: EdgeConfig) -> list[dict[str, Any]]:
-    """Removes headers only the edge may set, before anything can trust them."""
+    """Removes headers only the edge may set, before anything can trust them: routing
+    and shadow headers on every edge (a static one too: workers read a client's
+    x-tokenmesh-shadow as a mirrored, unmetered copy), identity with auth."""
     names = [
         *(edge_auth.IDENTITY_HEADERS if config.auth else ()),
-        *(model_routing.EDGE_ONLY_HEADERS if config.xds else ()),
+        *model_routing.EDGE_ONLY_HEADERS,
     ]
-    return [edge_auth.strip_headers_filter(names)] if names else []
+    return [edge_auth.strip_headers_filter(names)]
 
 
 def _auth_filters(config: EdgeConfig) -> list[dict[str, Any]]:

@@ -49,6 +49,10 @@ local OPENAI = {
   ["/tokenmesh.openai.v1.OpenAIService/CreateEmbedding"] = false,
 }
 local PREFIX_BYTES = 64
+-- INVALID_ARGUMENT's message for a compressed request message (no percent signs:
+-- grpc-message is percent-encoded).
+local COMPRESSED_REFUSAL = "the edge reads inference requests uncompressed: send them "
+  .. "without grpc-encoding (it reads the model to route and limit each request)"
 -- The route metadata key of one cycle of weighted turns over the route's
 -- workers (gateway/model_routing.py SPREAD_KEY; the pins' keys are hex, never this).
 local SPREAD_KEY = "workers"
@@ -78,11 +82,15 @@ local function first_sighting(prefix)
 end
 
 -- Returns the varint at position i and the position after it (nil when malformed).
+-- Up to 10 bytes: a uint64 at or past 2^63 and every negative int take 10 (a
+-- 9-byte cap stopped the walk at a REST call's `"seed": "18446744073709551615"`,
+-- before the path's model, which the transcoder writes last). Past 2^53 the value
+-- is approximate; only lengths (small) are used.
 local function varint(s, i)
   local result, scale = 0, 1
   while true do
     local b = s:byte(i)
-    if b == nil or scale > 2 ^ 56 then return nil, i end
+    if b == nil or scale > 2 ^ 63 then return nil, i end
     result = result + (b % 128) * scale
     i = i + 1
     if b < 128 then return result, i end
@@ -181,8 +189,39 @@ local function value_end(s, i)
   end
 end
 
+-- JSON's one-character escapes (\u is decoded apart).
+local ESCAPES = { ['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f", n = "\n", r = "\r", t = "\t" }
+
+-- Returns the body of a JSON string (between its quotes) with its escapes decoded,
+-- as the worker's parser reads it; a \u escape of anything but ASCII becomes "?"
+-- (no name has such characters, so none matches).
+local function unescape(body)
+  if not body:find("\\", 1, true) then return body end
+  local parts, i = {}, 1
+  while true do
+    local k = body:find("\\", i, true)
+    if k == nil then
+      parts[#parts + 1] = body:sub(i)
+      return table.concat(parts)
+    end
+    parts[#parts + 1] = body:sub(i, k - 1)
+    local kind = body:sub(k + 1, k + 1)
+    if kind == "u" then
+      local digits = body:sub(k + 2, k + 5)
+      local code = digits:match("^%x%x%x%x$") and tonumber(digits, 16) or 128
+      parts[#parts + 1] = code < 128 and string.char(code) or "?"
+      i = k + 6
+    else
+      parts[#parts + 1] = ESCAPES[kind] or "?"
+      i = k + 2
+    end
+  end
+end
+
 -- Returns the raw JSON text of the wanted top-level members of a JSON object
--- ({name = text}); what follows a malformed member is not read.
+-- ({name = text}), read as the worker's parser reads them: keys with their
+-- escapes decoded, and of a key given twice the last; what follows a malformed
+-- member is not read.
 local function json_members(s, wanted)
   local found = {}
   local i = skip_space(s, 1)
@@ -191,13 +230,13 @@ local function json_members(s, wanted)
   while s:byte(i) == 34 do
     local key_end = string_end(s, i)
     if key_end == nil then break end
-    local key = s:sub(i + 1, key_end - 2)
+    local key = unescape(s:sub(i + 1, key_end - 2))
     i = skip_space(s, key_end)
     if s:byte(i) ~= 58 then break end
     i = skip_space(s, i + 1)
     local stop = value_end(s, i)
     if stop == nil then break end
-    if wanted[key] and found[key] == nil then found[key] = s:sub(i, stop - 1) end
+    if wanted[key] then found[key] = s:sub(i, stop - 1) end
     i = skip_space(s, stop)
     if s:byte(i) ~= 44 then break end
     i = skip_space(s, i + 1)
@@ -216,9 +255,10 @@ local function openai_fields(s, input)
   local members = json_members(data, { model = true, [input or "model"] = true })
   local model, version, head = nil, nil, nil
   local id = members.model
-  -- Only a plain JSON string: an escaped one is left to the worker.
-  if id ~= nil and id:match('^"[^"\\]*"$') then
-    id = id:sub(2, -2)
+  -- A JSON string, its escapes decoded (the worker decodes them too: an escaped
+  -- name left unread went past the routes and the per-model limits).
+  if id ~= nil and id:byte(1) == 34 then
+    id = unescape(id:sub(2, -2))
     local at = id:find("@", 1, true)
     if at == nil then
       model = id
@@ -265,6 +305,17 @@ function envoy_on_request(handle)
   local body = handle:body()
   if body == nil then return end
   local bytes = body:getBytes(0, body:length())
+  -- A compressed message (the frame's flag; grpc-encoding gzip) cannot be read
+  -- here: it went to any worker, past the routes and the per-model limits.
+  if bytes:byte(1) == 1 then
+    handle:respond({
+      [":status"] = "200",
+      ["content-type"] = "application/grpc",
+      ["grpc-status"] = "3",
+      ["grpc-message"] = COMPRESSED_REFUSAL,
+    }, nil)
+    return
+  end
   local model, version, head
   if openai ~= nil then
     model, version, head = openai_fields(bytes, openai)
@@ -291,7 +342,10 @@ function envoy_on_request(handle)
     headers:replace("x-tokenmesh-prefix", prefix)
   end
   -- The request's version field wins over an x-model-version header, which
-  -- wins over the caller's key pin ("model=version,..." set by the edge).
+  -- wins over the caller's key pin ("model=version,..." set by the edge). An
+  -- empty header names no version: left in, it matched the routes' "some other
+  -- version" case and skipped the pin and the split.
+  if headers:get("x-model-version") == "" then headers:remove("x-model-version") end
   if version ~= nil and version ~= "" then
     headers:replace("x-model-version", version)
   elseif model ~= nil and headers:get("x-model-version") == nil then

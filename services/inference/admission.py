@@ -331,7 +331,9 @@ class Admission:
         labels = (request.model.name, request.model.version)
         metrics.REQUESTS.labels(*labels, event.finish_reason).inc()
         request.model.outcomes.observe(event.finish_reason, event.timing.time_to_first_token_ms)
-        request.model.outcomes.prefixes.observe(request.prefix, event.usage.prompt_tokens)
+        # The prompt's length as served: a cache hit's billed usage may be 0.
+        served = event.served_usage if event.HasField("served_usage") else event.usage
+        request.model.outcomes.prefixes.observe(request.prefix, served.prompt_tokens)
         metrics.REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - request.started)
         self.usage_log.append(event)
         if request.shadow is not None and self.shadow_records is not None:

@@ -69,12 +69,13 @@ class PrefixHeat:
 
     def observe(self, prefix: str, prompt_tokens: int = 0, now: float | None = None) -> None:
         """Counts one request that carried `prefix` (empty or not the edge's key: not
-        counted), whose prompt was `prompt_tokens` long."""
+        counted), whose prompt was `prompt_tokens` long (0: unknown, the head keeps the
+        length it had)."""
         if not contract.is_prefix_key(prefix):
             return
         at = time.monotonic() if now is None else now
-        count, then, _ = self._heat.get(prefix, (0.0, at, 0))
-        self._heat[prefix] = (_decayed(count, at - then) + 1.0, at, prompt_tokens)
+        count, then, known = self._heat.get(prefix, (0.0, at, 0))
+        self._heat[prefix] = (_decayed(count, at - then) + 1.0, at, prompt_tokens or known)
         if len(self._heat) > PREFIX_MAX_TRACKED:
             kept = self._ranked(at)[: PREFIX_MAX_TRACKED // 2]
             self._heat = {head: (count, at, self._heat[head][2]) for head, count in kept}

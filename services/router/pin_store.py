@@ -45,7 +45,8 @@ class PinStore:
             return {}
         try:
             return _parse(json.loads(raw))
-        except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        # JSONDecodeError is a ValueError; a deeply nested value raises RecursionError.
+        except (ValueError, TypeError, RecursionError) as exc:
             logger.warning("ignoring unreadable prefix pins in %s: %s", PINS_KEY, exc)
             return {}
 

@@ -117,8 +117,18 @@ class _Caches:
 
     @classmethod
     def of(cls, live: Sequence[Holder], owner: Mapping[str, str]) -> _Caches:
-        """The caches of `live` with the heads `owner` pins to them (`move` keeps it so)."""
-        size = {head: max(h.head_tokens.get(head, 0) for h in live) for head in owner}
+        """The caches of `live` with the heads `owner` pins to them (`move` keeps it so).
+
+        A head too big for FIT_SHARE of the largest cache counts as unknown (0): no
+        cache can hold it, so where it goes changes no hit; counted, it marked its
+        worker as overflowing for good, which let the balance move heads into the
+        other cache and back at every build.
+        """
+        largest = max(h.cache_tokens for h in live)
+        size = {}
+        for head in owner:
+            tokens = max(h.head_tokens.get(head, 0) for h in live)
+            size[head] = tokens if tokens <= FIT_SHARE * largest else 0
         held = dict.fromkeys((h.address for h in live), 0)
         for head, address in owner.items():
             held[address] += size[head]
@@ -136,11 +146,10 @@ class _Caches:
         return capacity > 0 and self.held[address] + self.size[head] <= FIT_SHARE * capacity
 
     def would_overflow(self, address: str, head: str) -> bool:
-        """Whether `head` would take a worker whose pinned heads fit its cache past
-        FIT_SHARE of it."""
-        capacity = self.capacity[address]
-        held = self.held[address]
-        return capacity > 0 and held <= capacity and held + self.size[head] > FIT_SHARE * capacity
+        """Whether `head` would take the cache of `address` past FIT_SHARE of it (a head of
+        unknown size takes none of it)."""
+        capacity, size = self.capacity[address], self.size[head]
+        return capacity > 0 and size > 0 and self.held[address] + size > FIT_SHARE * capacity
 
     def move(self, head: str, source: str, target: str) -> None:
         self.held[source] -= self.size[head]
@@ -152,12 +161,31 @@ def _fit(
 ) -> None:
     """While a worker is pinned more prompt tokens than its prefix cache holds, moves one of
     its heads to a worker with room (of those moves, the one that leaves the two workers'
-    shares most even), pinned before or not."""
+    shares most even), pinned before or not; the most overflowing worker first, and the
+    next one when none of its heads fits anywhere."""
     weight, load = _loads(live, owner, totals)
     for _ in range(len(owner)):
-        full = max(weight, key=lambda a: (caches.over(a), a))
-        if not caches.over(full):
+        move = _fitting_move(owner, caches, weight, load, totals)
+        if move is None:
             return
+        head, full, target = move
+        owner[head] = target
+        load[full] -= totals[head]
+        load[target] += totals[head]
+        caches.move(head, full, target)
+
+
+def _fitting_move(
+    owner: Mapping[str, str],
+    caches: _Caches,
+    weight: Mapping[str, float],
+    load: Mapping[str, float],
+    totals: Mapping[str, float],
+) -> tuple[str, str, str] | None:
+    """The (head, from, to) of `_fit`'s next move, None when no overflowing worker has a
+    head that fits elsewhere. A head only moves into room (FIT_SHARE of a cache), so it
+    never moves back."""
+    for full in sorted((a for a in weight if caches.over(a)), key=lambda a: (-caches.over(a), a)):
         moves = [
             (max((load[full] - totals[h]) / weight[full], (load[t] + totals[h]) / weight[t]), h, t)
             for h, a in sorted(owner.items())
@@ -165,13 +193,10 @@ def _fit(
             for t in sorted(weight)
             if t != full and caches.has_room(t, h)
         ]
-        if not moves:
-            return
-        _, head, target = min(moves)
-        owner[head] = target
-        load[full] -= totals[head]
-        load[target] += totals[head]
-        caches.move(head, full, target)
+        if moves:
+            _, head, target = min(moves)
+            return head, full, target
+    return None
 
 
 def _loads(

@@ -124,6 +124,11 @@ def load_from_pb(load: router_pb2.WorkerLoad) -> LoadReport:
 
 # A heartbeat's hot prompt heads kept per version (the worker sends at most 32).
 HOT_PREFIXES_KEPT = 32
+# A head reporting more decayed requests or prompt tokens than these is malformed
+# (dropped): pins sum counts over workers, and a head's size is the largest any
+# worker reports, so one absurd report would count for every worker.
+HOT_PREFIX_MAX_REQUESTS = 1e9
+HOT_PREFIX_MAX_TOKENS = 1 << 24
 
 
 def outcomes_from_pb(load: router_pb2.WorkerLoad, received_at: float) -> list[VersionCounts]:
@@ -141,9 +146,9 @@ def outcomes_from_pb(load: router_pb2.WorkerLoad, received_at: float) -> list[Ve
                 HotPrefix(h.prefix, h.requests, received_at - h.idle_seconds, h.prompt_tokens)
                 for h in v.hot_prefixes[:HOT_PREFIXES_KEPT]
                 if contract.is_prefix_key(h.prefix)
-                and 0 < h.requests < math.inf
+                and 0 < h.requests <= HOT_PREFIX_MAX_REQUESTS
                 and 0 <= h.idle_seconds < math.inf
-                and h.prompt_tokens >= 0
+                and 0 <= h.prompt_tokens <= HOT_PREFIX_MAX_TOKENS
             ),
             prefix_cache_tokens=max(0, v.prefix_cache_tokens),
         )

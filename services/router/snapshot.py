@@ -347,7 +347,7 @@ def version_pins(
     holders = []
     for w in hosts:
         counts = [c for c in w.outcomes if (c.model, c.version) == (model, version)]
-        heads = [head for c in counts for head in c.hot_prefixes]
+        heads = [h for c in counts for h in c.hot_prefixes if now - h.seen_at <= HOT_PREFIX_STALE_S]
         holders.append(
             prefix_pins.Holder(
                 override_address(w.host, w.port),
@@ -358,6 +358,13 @@ def version_pins(
             )
         )
     return prefix_pins.pins(holders, last)
+
+
+#: Heads whose latest request is older than this are left out of the pins: workers
+#: report only heads seen within 3 s (PREFIX_IDLE_S), so an older one is a report
+#: that stopped being refreshed (mid-upgrade, routers of an earlier version take
+#: some heartbeats and write the heads elsewhere), its count frozen.
+HOT_PREFIX_STALE_S = 10.0
 
 
 #: In one cycle of turns for unseen heads, the worker at the version's top weight

@@ -308,6 +308,64 @@ def test_rest_response_names_the_version(routed, catalogue):
     assert reply.json()["model"] == {"name": MODEL, "version": "2"}
 
 
+def test_a_rest_call_with_a_ten_byte_varint_still_follows_the_routes(routed, catalogue):
+    # The transcoder writes the path's model last, after the body's fields; a uint64
+    # seed at or past 2^63 takes a 10-byte varint, which stopped the Lua filter's
+    # walk before it: the call skipped the routes (and the per-model limits) and
+    # the worker served its newest version.
+    reply = rest_complete(routed, prompt="a b", seed="18446744073709551615")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["model"] == {"name": MODEL, "version": "1"}
+
+
+def _openai_chat(routed: Mesh, raw: bytes) -> httpx.Response:
+    return httpx.post(
+        f"{routed.edge_url}/openai/v1/completions",
+        content=raw,
+        headers={"authorization": f"Bearer {routed.dev_api_key()}"},
+        timeout=10,
+    )
+
+
+def test_the_edge_reads_an_openai_body_as_the_worker_does(routed, catalogue):
+    # The split sends everything to version 1; a body the edge misread went past the
+    # routes to the worker, which served version 2 (its newest).
+    tail = b', "prompt": "a b", "max_tokens": 1}'
+    escaped = _openai_chat(routed, b'{"model": "deterministic-\\u0074est"' + tail)
+    assert escaped.status_code == 200, escaped.text
+    assert escaped.json()["model"] == f"{MODEL}@1"
+    # A key given twice: the worker's parser keeps the last, and so does the edge.
+    twice = _openai_chat(
+        routed, b'{"model": "no-such-model", "m\\u006fdel": "' + MODEL.encode() + b'"' + tail
+    )
+    assert twice.status_code == 200, twice.text
+    assert twice.json()["model"] == f"{MODEL}@1"
+    # UTF-8 only (the edge reads nothing else): a BOM or UTF-16 is a clear 400.
+    plain = b'{"model": "' + MODEL.encode() + b'"' + tail
+    for raw in (b"\xef\xbb\xbf" + plain, plain.decode().encode("utf-16")):
+        refused = _openai_chat(routed, raw)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_compressed_request_is_refused_not_sent_past_the_routes(edge):
+    # The Lua filter cannot read a gzip message's model: the request went to any
+    # worker, past the split, the key's pin and the per-model limits.
+    stub = rpc.InferenceServiceStub(edge)
+    request = pb.CompleteRequest(model=MODEL, prompt="a b " * 50, max_tokens=1)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Complete(request, compression=grpc.Compression.Gzip, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "uncompressed" in info.value.details()
+    assert stub.Complete(request, timeout=10).model.version == "1"
+
+
+def test_an_empty_version_header_names_no_version(edge, catalogue):
+    # It matched the routes' "a version this edge does not know" case, which any
+    # worker serves with its newest version, past the split.
+    assert complete(edge, metadata=(("x-model-version", ""),)).version == "1"
+
+
 def test_deprecated_version_sends_deprecation_and_sunset(routed, edge, catalogue):
     catalogue.DeprecateModelVersion(
         router_pb.DeprecateModelVersionRequest(

@@ -93,8 +93,15 @@ async def test_a_fresh_replica_starts_from_the_pins_another_stored(url: str):
 
 @pytest.mark.parametrize(
     "stored",
-    [b"{not json", b'{"m": 1}', b'[["m", "1"]]', b'[["m", "1", {"head": 7}]]', b"\xff\xfe"],
-    ids=["not-json", "not-a-list", "short-entry", "non-string-address", "not-utf8"],
+    [
+        b"{not json",
+        b'{"m": 1}',
+        b'[["m", "1"]]',
+        b'[["m", "1", {"head": 7}]]',
+        b"\xff\xfe",
+        b"[" * 100_000,  # json.loads raises RecursionError, not a ValueError
+    ],
+    ids=["not-json", "not-a-list", "short-entry", "non-string-address", "not-utf8", "too-deep"],
 )
 async def test_unreadable_stored_pins_read_as_none_and_builds_go_on(
     url: str, stored: bytes, caplog: pytest.LogCaptureFixture

@@ -7,6 +7,8 @@ from pathlib import Path
 from gateway import edge_lua, envoy_config, key_cache
 from gateway.edge_auth import EdgeAuth
 from gateway.envoy_config import EdgeConfig, Endpoint
+from gateway.model_routing import MODEL_HEADER
+from services.core import contract
 
 LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 
@@ -43,3 +45,24 @@ def test_the_merged_response_filter_makes_the_openai_body_before_the_rest_status
     source = edge_lua.RESPONSE_SOURCE
     handler = source[source.index("function envoy_on_response") :]
     assert handler.index("openai_error_body(") < handler.index("apply_error_status(")
+
+
+def test_every_edge_strips_client_copies_of_its_routing_and_shadow_headers(
+    tmp_path: Path,
+) -> None:
+    # A static edge (no control plane, no auth) too: a worker reads a client's
+    # x-tokenmesh-shadow as a mirrored copy, which is not metered.
+    config = EdgeConfig(
+        listen_port=18080,
+        admin_port=18081,
+        descriptor_path=tmp_path / "d.pb",
+        upstreams={"inference": [Endpoint("127.0.0.1", 10000)]},
+    )
+    filters = envoy_config.http_connection_manager(config)["http_filters"]
+    removed = {
+        m["remove"]
+        for f in filters
+        if f["name"] == "envoy.filters.http.header_mutation"
+        for m in f["typed_config"]["mutations"].get("request_mutations", [])
+    }
+    assert {contract.SHADOW_HEADER, contract.SHADOWED_HEADER, MODEL_HEADER} <= removed

@@ -164,6 +164,74 @@ def test_heads_of_unknown_size_and_workers_without_a_cache_are_not_fitted():
     assert prefix_pins.pins([replace(a, head_tokens=b.head_tokens), b], last) == last
 
 
+def _reporting(
+    pins: dict[str, str], heads: dict[str, tuple[float, int]], cache: int
+) -> list[Holder]:
+    """Two workers whose heat follows `pins` (head -> (requests, prompt tokens))."""
+    return [
+        Holder(
+            address,
+            100,
+            {h: (n, 0.1) for h, (n, _) in heads.items() if pins[h] == address},
+            {h: tokens for h, (_, tokens) in heads.items() if pins[h] == address},
+            cache,
+        )
+        for address in ("10.0.0.1:1", "10.0.0.2:1")
+    ]
+
+
+def test_the_balance_moves_no_head_into_a_cache_that_overflows_already():
+    # a's two heads overflow its cache (1200 of 1000) and fit nowhere else; b is
+    # busier by heat, but its heads fit its own cache: moving one to a only adds misses.
+    heads = {
+        HEADS[0]: (1.0, 600),
+        HEADS[1]: (1.0, 600),
+        HEADS[2]: (30.0, 700),
+        HEADS[3]: (30.0, 50),
+    }
+    last = {h: "10.0.0.1:1" for h in HEADS[:2]} | {h: "10.0.0.2:1" for h in HEADS[2:4]}
+    pins = prefix_pins.pins(_reporting(last, heads, 1000))
+    assert pins == last
+
+
+def test_fitting_goes_on_with_the_next_worker_when_the_fullest_cannot_be_fitted():
+    # a overflows most, by heads too big for the room anywhere; b overflows by one
+    # 600-token head, which fits in c.
+    a = Holder(
+        "10.0.0.1:1", 100, dict.fromkeys(HEADS[:2], (5.0, 0.1)), dict.fromkeys(HEADS[:2], 800), 1000
+    )
+    b = Holder(
+        "10.0.0.2:1",
+        100,
+        dict.fromkeys(HEADS[2:4], (5.0, 0.1)),
+        dict.fromkeys(HEADS[2:4], 600),
+        1000,
+    )
+    c = Holder("10.0.0.3:1", 100, {HEADS[4]: (5.0, 0.1)}, {HEADS[4]: 200}, 1000)
+    last = {h: "10.0.0.1:1" for h in HEADS[:2]} | {h: "10.0.0.2:1" for h in HEADS[2:4]}
+    pins = prefix_pins.pins([a, b, c], last | {HEADS[4]: "10.0.0.3:1"})
+    assert [pins[h] for h in HEADS[:4]].count("10.0.0.3:1") == 1
+    assert all(pins[h] == "10.0.0.1:1" for h in HEADS[:2])
+
+
+def test_a_head_bigger_than_every_cache_does_not_swing_the_pins_at_every_build():
+    # A 2000-token head fits no 1000-token cache. Counted, it kept its worker
+    # overflowing for good: the fit moved the small heads off it, the balance moved
+    # the big one after them, and the next build swapped everything back.
+    heads = {
+        HEADS[0]: (40.0, 300),
+        HEADS[1]: (5.0, 100),
+        HEADS[2]: (5.0, 2000),
+        HEADS[3]: (10.0, 100),
+    }
+    pins = {HEADS[0]: "10.0.0.1:1"} | {h: "10.0.0.2:1" for h in HEADS[1:4]}
+    builds = []
+    for _ in range(4):
+        pins = prefix_pins.pins(_reporting(pins, heads, 1000), pins)
+        builds.append(pins)
+    assert builds[1] == builds[2] == builds[3]
+
+
 def test_a_head_starts_where_its_requests_go_now_else_where_most_went():
     # HEADS[0] and HEADS[1]: both workers see them now (the hash spilled): most wins.
     # HEADS[2] was moved to b a moment ago: a still holds more of its heat, but its
@@ -243,6 +311,10 @@ def test_prefix_heat_decays_reports_only_reuse_and_stays_bounded():
     for _ in range(3):
         heat.observe("cc", now=120.0)
     assert heat.hottest(now=120.0) == [HotHead("cc", 3.0, 0.0, 0)]  # "aa" decayed below 2
+    # A request of unknown length (a cache hit billed 0) keeps the length known.
+    heat.observe("cc", 420, now=120.0)
+    heat.observe("cc", 0, now=120.0)
+    assert heat.hottest(now=120.0) == [HotHead("cc", 5.0, 0.0, 420)]
     assert HOT_MIN_REQUESTS == 2.0
     for i in range(PREFIX_MAX_TRACKED + 1):
         heat.observe(f"{i:06x}", now=200.0)
@@ -261,7 +333,13 @@ def test_heartbeat_hot_prefixes_round_trip_and_malformed_ones_are_dropped():
         0,
         (1.0,),
         (2, 3),
-        hot_prefixes=(HotPrefix("aabb", 3.5, seen, 440), HotPrefix("NOT-HEX", 9.0, seen, 440)),
+        hot_prefixes=(
+            HotPrefix("aabb", 3.5, seen, 440),
+            HotPrefix("NOT-HEX", 9.0, seen, 440),
+            # Sizes and counts no worker can have: one would count for every worker.
+            HotPrefix("ccdd", 3.5, seen, 1 << 40),
+            HotPrefix("eeff", 1e300, seen, 440),
+        ),
         prefix_cache_tokens=2048,
     )
     load = load_to_pb(LoadReport(), [counts])
@@ -316,6 +394,24 @@ def test_the_edge_routes_carry_the_pins_and_the_workers_for_the_lua_filter():
     assert not any(
         "metadata" in r for r in plain.by_type[ROUTE_TYPE]["edge"]["virtual_hosts"][0]["routes"]
     )
+
+
+def test_heads_no_worker_reported_lately_are_not_pinned():
+    # Mid-upgrade, routers of an earlier version take some heartbeats and store the
+    # heads elsewhere: the last ones stored here stop being refreshed, counts frozen.
+    fresh = _worker("w1", "127.0.0.1", 1001, dict.fromkeys(HEADS[:2], 6.0))
+    frozen = _worker("w2", "::1", 1002, dict.fromkeys(HEADS[2:4], 6.0))
+    stale = replace(
+        frozen.outcomes[0],
+        hot_prefixes=tuple(replace_seen(h, NOW - 60) for h in frozen.outcomes[0].hot_prefixes),
+    )
+    pins = snapshot.version_pins("m", "1", [fresh, replace(frozen, outcomes=(stale,))], NOW)
+    assert set(pins) == set(HEADS[:2])
+    assert set(snapshot.version_pins("m", "1", [fresh, frozen], NOW)) == set(HEADS[:4])
+
+
+def replace_seen(head: HotPrefix, seen_at: float) -> HotPrefix:
+    return head._replace(seen_at=seen_at)
 
 
 def test_a_version_with_one_worker_lists_no_workers_to_spread_over():
