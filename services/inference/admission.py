@@ -128,7 +128,10 @@ def route_target(
         fallback = headers.get(model_routing.FALLBACK_MODEL_HEADER, "")
         fallback_version = headers.get(model_routing.FALLBACK_VERSION_HEADER, "")
         if fallback and registry.has(fallback, fallback_version):
-            return Target(registry.resolve(fallback, fallback_version), fallback_from=name)
+            # The model the edge routed, whose fallback this is (and whose key
+            # permission it takes), not the body's name, should the two differ.
+            target = registry.resolve(fallback, fallback_version)
+            return Target(target, fallback_from=routed_model)
         # The edge's endpoints were stale (the version was just unloaded here):
         # UNAVAILABLE makes Envoy retry on another worker before any byte is sent.
         raise Unavailable(

@@ -36,6 +36,9 @@ def test_the_fallback_serves_when_the_routed_version_is_not_here(registry):
     )
     target = route_target(registry, headers, "ghost", "")
     assert (target.model.name, target.fallback_from) == ("backup", "ghost")
+    # Should the body name another model than the edge read, the fallback is the
+    # routed model's (a key's permission is checked against it, not the body's).
+    assert route_target(registry, headers, "allowed", "").fallback_from == "ghost"
 
 
 def test_a_stale_endpoint_asks_for_a_retry_elsewhere(registry):
