@@ -861,12 +861,13 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
     ]
     if config.otlp_endpoint is not None:
         clusters.append(single_host_cluster("otlp", config.otlp_endpoint, http2=True))
+    # The edge's own plaintext listener, wherever it is bound (an edge bound to one
+    # address only, not to 127.0.0.1, could not fetch its JWKS: every JWT refused).
+    own_listener = Endpoint(_loopback_or(config.listen_host), config.listen_port)
     if config.auth is not None:
         # jwt_authn fetches the JWKS through the edge's own listener.
-        jwks = Endpoint("127.0.0.1", config.listen_port)
-        clusters.append(single_host_cluster("jwks", jwks, http2=False))
+        clusters.append(single_host_cluster("jwks", own_listener, http2=False))
     # gRPC health for service "" asks this edge's own /healthz (gateway/edge_health.py).
-    own_listener = Endpoint(_loopback_or(config.listen_host), config.listen_port)
     clusters.append(single_host_cluster(edge_health.SELF_CLUSTER, own_listener, http2=False))
     clusters.extend(dict(c) for c in config.extra_clusters)
     if config.stats is not None:

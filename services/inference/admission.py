@@ -34,6 +34,7 @@ from services.core.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.core.identity import peer_identity
 from services.core.interceptors import Context, request_headers
 from services.inference import metrics, shadow
 from services.inference.budget import Limits, TokenBudgets
@@ -51,6 +52,9 @@ KEY_ID_HEADER = contract.KEY_ID_HEADER
 TENANT_HEADER = contract.TENANT_HEADER
 MODELS_HEADER = contract.MODELS_HEADER
 FALLBACK_FROM_HEADER = "x-tokenmesh-fallback-from"  # the model a fallback answer stands in for
+#: Callers whose request id is the request's usage id (a replay is the same request):
+#: the jobs service, and plaintext (development, benchmarks: no identities at all).
+REPLAYING_CALLERS = frozenset({contract.JOBS, None})
 CHARGE_EVERY_TOKENS = 16  # an unreserved stream is charged in chunks of at least this
 
 
@@ -173,6 +177,13 @@ class Request:
         self.budget_warning = ""  # budgets at >= 80% after this request's reservation
         self.cache_status = ""  # x-tokenmesh-cache: how the response cache served it
         self.request_id = request_id or uuid.uuid4().hex
+        # What budgets and metering count this request under (its usage event's
+        # event_id): the request id for the jobs service, whose replayed item is the
+        # same `<job>:<n>` (charged and metered once), a fresh id for any other
+        # caller: a request id is the caller's to choose, and reused it let every
+        # request after the first pass unbudgeted and unmetered.
+        replays = not request_id or peer_identity(context) in REPLAYING_CALLERS
+        self.usage_id = self.request_id if replays else uuid.uuid4().hex
         self.rpc = rpc
         self.api_version = api_version
         self.metadata = dict(metadata or {})
@@ -199,6 +210,7 @@ class Request:
         # charged as it goes, once they are back) and what that charged so far.
         self.needed_tokens = 0
         self.reserved_tokens = 0
+        self.reserved_at = 0.0  # time.time() of the reservation
         self.unmetered = False
         self.charged_tokens = 0
 
@@ -228,6 +240,7 @@ class Request:
         """Builds the usage record of this request."""
         return inference_pb2.UsageEvent(
             request_id=self.request_id,
+            event_id=self.usage_id,
             key_id=self.key_id,
             tenant=self.tenant,
             model=self.model_ref(),
@@ -292,8 +305,9 @@ class Admission:
             return
         try:
             request.budget_warning = await self.budgets.reserve(
-                request.key_id, request.limits, request.request_id, request.needed_tokens
+                request.key_id, request.limits, request.usage_id, request.needed_tokens
             )
+            request.reserved_at = time.time()  # the month it is reconciled in
         except RedisError as exc:  # budgets fail open, like request limits
             logger.warning("token budgets unavailable (%s); admitting", type(exc).__name__)
             request.unmetered = True
@@ -319,7 +333,7 @@ class Admission:
             await self.budgets.reserve(
                 request.key_id,
                 request.limits,
-                f"{request.request_id}:{request.charged_tokens}",
+                f"{request.usage_id}:{request.charged_tokens}",
                 due,
             )
         except ResourceExhausted:
@@ -350,7 +364,7 @@ class Admission:
     async def _reconcile(self, request: Request, used: int) -> None:
         try:
             await self.budgets.reconcile(
-                request.key_id, request.request_id, request.reserved_tokens, used
+                request.key_id, request.usage_id, request.reserved_tokens, used, request.reserved_at
             )
         except RedisError as exc:  # the reservation stands: conservative, never over budget
             logger.warning("token budget reconcile failed (%s)", type(exc).__name__)

@@ -8,7 +8,9 @@ minute — never fewer, never more.
 
 Reservations are idempotent per (key, request id): a request id reserved
 again within `REPLAY_TTL_S` (a job item replayed after its jobs replica died
-while it ran: the same `<job>:<n>`) is not charged again, and reconciling
+while it ran: the same `<job>:<n>`) is not charged again (workers pass the
+request id only for the jobs service; any other caller's requests get ids of
+their own: services.inference.admission.Request.usage_id), and reconciling
 it makes the month's charge for that id its latest actual use, so a
 replayed request costs the budget once, as the usage meter counts it once.
 """
@@ -186,9 +188,19 @@ class TokenBudgets:
             reason="TOKEN_BUDGET_EXCEEDED",
         )
 
-    async def reconcile(self, key_id: str, request_id: str, reserved: int, actual: int) -> None:
-        """Replaces a reservation with the tokens really used (once per request id)."""
-        _, amounts, month = self._keys(key_id, time.time())
+    async def reconcile(
+        self,
+        key_id: str,
+        request_id: str,
+        reserved: int,
+        actual: int,
+        reserved_at: float | None = None,
+    ) -> None:
+        """Replaces a reservation with the tokens really used (once per request id), in
+        the month it was reserved in (`reserved_at`, time.time(); default: now): a
+        request reserved on the 31st at midnight and reconciled after it charged the
+        new month the difference, a negative counter that never expired."""
+        _, amounts, month = self._keys(key_id, time.time() if reserved_at is None else reserved_at)
         await self._reconcile(
             keys=[amounts, month, self._charge_key(key_id, request_id)],
             args=[request_id, reserved, actual, self.replay_ttl_s],

@@ -1,7 +1,8 @@
 """Lossless, exact metering: a consumer group over the workers' usage stream.
 
-Each event is applied by one Lua script that (1) claims its request_id (SET NX
-with a retention TTL), (2) adds it to the minute/hour/day/month buckets of its
+Each event is applied by one Lua script that (1) claims its event_id (else,
+in events from before it, its request_id: SET NX with a retention TTL), (2)
+adds it to the minute/hour/day/month buckets of its
 key, its tenant and the whole mesh, (3) records an audit entry, and (4) acks
 the stream entry — atomically, so a replayed or re-claimed event never counts
 twice and an applied one is never lost. Entries a crashed consumer left
@@ -363,7 +364,7 @@ class Contribution:
 
     Attributes:
         finished: when the request finished (Unix seconds).
-        seen_key: the marker that it was metered (its request_id).
+        seen_key: the marker that it was metered (its event_id, else its request_id).
         audit_key, audit_score, audit_member: its audit entry and where it goes.
         buckets: (bucket hash, dimension hash, ttl) of each scope and granularity.
         plain: the (field, amount) pairs it adds to each bucket hash.
@@ -393,7 +394,7 @@ def contribution(
     )
     return Contribution(
         finished=finished,
-        seen_key=f"{PREFIX}seen:{event.request_id}",
+        seen_key=f"{PREFIX}seen:{event.event_id or event.request_id}",
         audit_key=f"{PREFIX}audit:{event.tenant or '-'}",
         audit_score=event.finish_unix_ms or int(finished * 1000),
         audit_member=audit_entry(event).SerializeToString().hex(),
@@ -408,7 +409,7 @@ class _Batch:
     """_Batch sums the contributions of events into one _APPLY_BATCH call.
 
     Events with the same buckets (the same key, tenant and minute) are summed
-    once, then spread over their buckets. A request_id seen twice in one batch
+    once, then spread over their buckets. An event id seen twice in one batch
     (a replay read with its original) counts once: its later entries are only
     acked.
     """

@@ -106,3 +106,13 @@ def test_a_revoked_key_is_refused_within_the_bound_while_cached(mesh):
     assert late and set(late) == {401}, seen
     first_refusal = next(i for i, (_, status) in enumerate(seen) if status == 401)
     assert {status for _, status in seen[first_refusal:]} == {401}, seen
+
+
+def test_a_header_of_many_spaces_is_refused_at_once_and_stalls_no_one(mesh):
+    # The cache's trim was quadratic in a run of spaces: one such header held an
+    # Envoy worker thread (every request on it, /healthz too) for seconds.
+    padded = {"x-api-key": "a" + " " * 55_000 + "b"}
+    with httpx.Client() as client:
+        started = time.monotonic()
+        assert _complete(client, mesh, padded).status_code == 401
+        assert time.monotonic() - started < 2.0

@@ -124,3 +124,23 @@ async def test_a_replay_of_a_request_is_admitted_although_the_budget_is_spent(bu
     await budgets.reserve(key, limits, "job-2:0", 100)  # its own reservation covers it
     with pytest.raises(ResourceExhausted):
         await budgets.reserve(key, limits, "job-2:1", 1)
+
+
+async def test_a_reused_request_id_is_charged_each_time(tmp_path, redis_url):
+    """A request id is the caller's to choose: reused, every request after the first
+    passed unchecked and uncharged. (The replay rule is the jobs service's: the same
+    `<job>:<n>` is one item, test_the_same_request_id_reserved_twice_is_charged_once.)"""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-tpm", "100000")]
+    request = pb.CompleteRequest(
+        model="deterministic-test", prompt="a", max_tokens=4, request_id="mine"
+    )
+    window = aioredis.from_url(redis_url)
+    try:
+        async with await start_inference(inference_settings(tmp_path, redis_url)) as (_, channel):
+            stub = rpc.InferenceServiceStub(channel)
+            for _ in range(3):
+                await stub.Complete(request, metadata=identity)
+        assert await window.hlen(f"tm:budget:{key}:tpm:amounts") == 3
+    finally:
+        await window.aclose()

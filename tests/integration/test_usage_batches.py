@@ -141,6 +141,33 @@ async def test_a_replay_in_a_later_batch_counts_once_and_the_batch_is_still_mete
     assert await _usage_state(replayed) == await _usage_state(reference)
 
 
+async def test_events_of_one_request_id_count_apart_unless_they_share_an_event_id(clients):
+    # A caller may reuse its request id: those are different requests, and were
+    # metered once in all. A job item's replay shares its event id: counted once.
+    reused, reference = clients
+    rng = random.Random(5)
+    now_ms = int(time.time() * 1000)
+    events = [_random_event(rng, now_ms) for _ in range(3)]
+    for event in events:
+        event.request_id, event.event_id = "mine", uuid.uuid4().hex
+    replay = inference_pb2.UsageEvent()
+    replay.CopyFrom(events[0])
+    meter = await _stream_of(reused, [*events, replay])
+    assert await meter.run_once(block_ms=100) == 4
+    distinct = []
+    for event in events:
+        alone = inference_pb2.UsageEvent()
+        alone.CopyFrom(event)
+        alone.request_id, alone.event_id = uuid.uuid4().hex, ""
+        distinct.append(alone)
+    assert await (await _stream_of(reference, distinct)).run_once(block_ms=100) == 3
+    state, expected = await _usage_state(reused), await _usage_state(reference)
+    audits = [k for k in expected if k.startswith(f"{PREFIX}audit:")]
+    for key in audits:  # the same entries but for their request ids
+        assert len(state.pop(key)) == len(expected.pop(key))
+    assert state == expected
+
+
 async def test_a_read_lingers_for_events_that_arrive_after_the_first(clients):
     _, client = clients
     rng = random.Random(3)

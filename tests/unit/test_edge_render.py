@@ -10,6 +10,7 @@ import yaml
 
 from gateway import __main__ as edge_main
 from gateway import envoy_config
+from gateway.edge_auth import EdgeAuth
 from services.core import pki
 from services.core.settings import SettingsError, load
 
@@ -148,3 +149,20 @@ def test_missing_certificate_files_name_their_variable(tmp_path: Path) -> None:
     settings = load(edge_main.EdgeSettings, {"TOKENMESH_PKI_DIR": str(tmp_path)})
     with pytest.raises(SettingsError, match="TOKENMESH_PKI_DIR"):
         edge_main.check_files(settings)
+
+
+def test_an_edge_bound_to_one_address_fetches_its_jwks_there(tmp_path: Path) -> None:
+    # It dialled 127.0.0.1, where nothing listens: no JWKS, every JWT refused.
+    config = envoy_config.EdgeConfig(
+        listen_host="10.0.0.5",
+        listen_port=18080,
+        admin_port=18081,
+        descriptor_path=tmp_path / "d.pb",
+        upstreams={"inference": [envoy_config.Endpoint("127.0.0.1", 10000)]},
+        auth=EdgeAuth(),
+    )
+    clusters = {
+        c["name"]: c for c in envoy_config.bootstrap(config)["static_resources"]["clusters"]
+    }
+    (endpoint,) = clusters["jwks"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["endpoint"]["address"]["socket_address"]["address"] == "10.0.0.5"

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tokenmesh.type.v1 import types_pb2 as tokenmesh_dot_type_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&tokenmesh/inference/v1/inference.proto\x12\x16tokenmesh.inference.v1\x1a\x1dtokenmesh/type/v1/types.proto\"\xac\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.tokenmesh.inference.v1.ModelKind\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\t\x12\x36\n\x08versions\x18\x04 \x03(\x0b\x32$.tokenmesh.inference.v1.ModelVersion\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"\xcc\x01\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x38\n\x05state\x18\x02 \x01(\x0e\x32).tokenmesh.inference.v1.ModelVersionState\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12\x1a\n\x12max_tokens_default\x18\x05 \x01(\x05\x12\x1c\n\x14\x65mbedding_dimensions\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\"L\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"<\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"*\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\xcc\x04\n\nUsageEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12*\n\x05model\x18\x04 \x01(\x0b\x32\x1b.tokenmesh.type.v1.ModelRef\x12,\n\x05usage\x18\x05 \x01(\x0b\x32\x1d.tokenmesh.type.v1.TokenUsage\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12.\n\x06timing\x18\x07 \x01(\x0b\x32\x1e.tokenmesh.inference.v1.Timing\x12\x10\n\x08trace_id\x18\x08 \x01(\t\x12\x0b\n\x03rpc\x18\t \x01(\t\x12\x16\n\x0e\x66inish_unix_ms\x18\n \x01(\x03\x12\x42\n\x08metadata\x18\x0b \x03(\x0b\x32\x30.tokenmesh.inference.v1.UsageEvent.MetadataEntry\x12\x13\n\x0b\x61pi_version\x18\x0c \x01(\t\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\r \x01(\x05\x12\x30\n\x08template\x18\x0e \x01(\x0b\x32\x1e.tokenmesh.type.v1.TemplateRef\x12\x13\n\x0bpolicy_hits\x18\x0f \x03(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x10 \x01(\x08\x12\x33\n\x0cserved_usage\x18\x11 \x01(\x0b\x32\x1d.tokenmesh.type.v1.TokenUsage\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\\\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_KIND_GENERATIVE\x10\x01\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x02*\xbb\x01\n\x11ModelVersionState\x12#\n\x1fMODEL_VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMODEL_VERSION_STATE_LOADING\x10\x01\x12\x1d\n\x19MODEL_VERSION_STATE_READY\x10\x02\x12!\n\x1dMODEL_VERSION_STATE_UNLOADING\x10\x03\x12\x1e\n\x1aMODEL_VERSION_STATE_FAILED\x10\x04*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&tokenmesh/inference/v1/inference.proto\x12\x16tokenmesh.inference.v1\x1a\x1dtokenmesh/type/v1/types.proto\"\xac\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.tokenmesh.inference.v1.ModelKind\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\t\x12\x36\n\x08versions\x18\x04 \x03(\x0b\x32$.tokenmesh.inference.v1.ModelVersion\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"\xcc\x01\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x38\n\x05state\x18\x02 \x01(\x0e\x32).tokenmesh.inference.v1.ModelVersionState\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12\x1a\n\x12max_tokens_default\x18\x05 \x01(\x05\x12\x1c\n\x14\x65mbedding_dimensions\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\"L\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"<\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"*\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\xde\x04\n\nUsageEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12*\n\x05model\x18\x04 \x01(\x0b\x32\x1b.tokenmesh.type.v1.ModelRef\x12,\n\x05usage\x18\x05 \x01(\x0b\x32\x1d.tokenmesh.type.v1.TokenUsage\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12.\n\x06timing\x18\x07 \x01(\x0b\x32\x1e.tokenmesh.inference.v1.Timing\x12\x10\n\x08trace_id\x18\x08 \x01(\t\x12\x0b\n\x03rpc\x18\t \x01(\t\x12\x16\n\x0e\x66inish_unix_ms\x18\n \x01(\x03\x12\x42\n\x08metadata\x18\x0b \x03(\x0b\x32\x30.tokenmesh.inference.v1.UsageEvent.MetadataEntry\x12\x13\n\x0b\x61pi_version\x18\x0c \x01(\t\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\r \x01(\x05\x12\x30\n\x08template\x18\x0e \x01(\x0b\x32\x1e.tokenmesh.type.v1.TemplateRef\x12\x13\n\x0bpolicy_hits\x18\x0f \x03(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x10 \x01(\x08\x12\x33\n\x0cserved_usage\x18\x11 \x01(\x0b\x32\x1d.tokenmesh.type.v1.TokenUsage\x12\x10\n\x08\x65vent_id\x18\x12 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\\\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_KIND_GENERATIVE\x10\x01\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x02*\xbb\x01\n\x11ModelVersionState\x12#\n\x1fMODEL_VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMODEL_VERSION_STATE_LOADING\x10\x01\x12\x1d\n\x19MODEL_VERSION_STATE_READY\x10\x02\x12!\n\x1dMODEL_VERSION_STATE_UNLOADING\x10\x03\x12\x1e\n\x1aMODEL_VERSION_STATE_FAILED\x10\x04*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_USAGEEVENT_METADATAENTRY']._loaded_options = None
   _globals['_USAGEEVENT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_MODELKIND']._serialized_start=1254
-  _globals['_MODELKIND']._serialized_end=1346
-  _globals['_MODELVERSIONSTATE']._serialized_start=1349
-  _globals['_MODELVERSIONSTATE']._serialized_end=1536
-  _globals['_PRIORITY']._serialized_start=1538
-  _globals['_PRIORITY']._serialized_end=1620
+  _globals['_MODELKIND']._serialized_start=1272
+  _globals['_MODELKIND']._serialized_end=1364
+  _globals['_MODELVERSIONSTATE']._serialized_start=1367
+  _globals['_MODELVERSIONSTATE']._serialized_end=1554
+  _globals['_PRIORITY']._serialized_start=1556
+  _globals['_PRIORITY']._serialized_end=1638
   _globals['_MODEL']._serialized_start=98
   _globals['_MODEL']._serialized_end=270
   _globals['_MODELVERSION']._serialized_start=273
@@ -51,7 +51,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDDING']._serialized_start=619
   _globals['_EMBEDDING']._serialized_end=661
   _globals['_USAGEEVENT']._serialized_start=664
-  _globals['_USAGEEVENT']._serialized_end=1252
-  _globals['_USAGEEVENT_METADATAENTRY']._serialized_start=1205
-  _globals['_USAGEEVENT_METADATAENTRY']._serialized_end=1252
+  _globals['_USAGEEVENT']._serialized_end=1270
+  _globals['_USAGEEVENT_METADATAENTRY']._serialized_start=1223
+  _globals['_USAGEEVENT_METADATAENTRY']._serialized_end=1270
 # @@protoc_insertion_point(module_scope)

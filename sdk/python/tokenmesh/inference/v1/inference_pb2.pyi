@@ -321,8 +321,11 @@ class UsageEvent(_message.Message):
     POLICY_HITS_FIELD_NUMBER: _builtins.int
     CACHED_FIELD_NUMBER: _builtins.int
     SERVED_USAGE_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """request_id identifies the request; consumers deduplicate on it."""
+    """request_id identifies the request (the caller's id, when it gave one);
+    consumers deduplicate on event_id, else on it.
+    """
     key_id: _builtins.str
     """key_id is the caller's API key id, when known."""
     tenant: _builtins.str
@@ -349,6 +352,13 @@ class UsageEvent(_message.Message):
     from an identical request's computation (coalesced) rather than its own;
     `usage` then holds what is billed for it (TOKENMESH_CACHE_BILLING) and
     `served_usage` what the caller received: the difference is the saving.
+    """
+    event_id: _builtins.str
+    """event_id is what consumers deduplicate on: the request_id for the jobs
+    service's calls (every run of one job item is the same request, counted
+    once), unique per request otherwise (a caller's request_id is the
+    caller's to choose, and may repeat). Empty in events written before it
+    existed: request_id then.
     """
     @_builtins.property
     def model(self) -> _types_pb2.ModelRef:
@@ -407,10 +417,11 @@ class UsageEvent(_message.Message):
         policy_hits: _abc.Iterable[_builtins.str] | None = ...,
         cached: _builtins.bool = ...,
         served_usage: _types_pb2.TokenUsage | None = ...,
+        event_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "served_usage", b"served_usage", "template", b"template", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "cached", b"cached", "cached_prompt_tokens", b"cached_prompt_tokens", "finish_reason", b"finish_reason", "finish_unix_ms", b"finish_unix_ms", "key_id", b"key_id", "metadata", b"metadata", "model", b"model", "policy_hits", b"policy_hits", "request_id", b"request_id", "rpc", b"rpc", "served_usage", b"served_usage", "template", b"template", "tenant", b"tenant", "timing", b"timing", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "cached", b"cached", "cached_prompt_tokens", b"cached_prompt_tokens", "event_id", b"event_id", "finish_reason", b"finish_reason", "finish_unix_ms", b"finish_unix_ms", "key_id", b"key_id", "metadata", b"metadata", "model", b"model", "policy_hits", b"policy_hits", "request_id", b"request_id", "rpc", b"rpc", "served_usage", b"served_usage", "template", b"template", "tenant", b"tenant", "timing", b"timing", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
