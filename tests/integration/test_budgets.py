@@ -144,3 +144,16 @@ async def test_a_reused_request_id_is_charged_each_time(tmp_path, redis_url):
         assert await window.hlen(f"tm:budget:{key}:tpm:amounts") == 3
     finally:
         await window.aclose()
+
+
+async def test_a_reservation_is_reconciled_in_the_month_it_was_made(budgets, monkeypatch):
+    """Reserved before midnight on the 31st, reconciled after it: January is charged
+    the use, February nothing (it got the difference: a negative, never-expiring key)."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    january, february = 1_801_439_999.0, 1_801_440_001.0  # 2027-01-31T23:59:59Z, +2 s
+    monkeypatch.setattr("services.inference.budget.time.time", lambda: january)
+    await budgets.reserve(key, Limits(monthly_tokens=1000), "r1", 100)
+    monkeypatch.setattr("services.inference.budget.time.time", lambda: february)
+    await budgets.reconcile(key, "r1", 100, 30, reserved_at=january)
+    assert int(await budgets.redis.get(f"tm:budget:{key}:month:202701")) == 30
+    assert not await budgets.redis.exists(f"tm:budget:{key}:month:202702")
