@@ -357,14 +357,22 @@ class Admission:
             self.shadow_records.observe(request, request.shadow, event)
         if request.reserved_tokens:
             used = event.usage.prompt_tokens + event.usage.completion_tokens
-            task = asyncio.create_task(self._reconcile(request, used))
+            task = asyncio.create_task(self._reconcile(request, request.reserved_tokens, used))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _reconcile(self, request: Request, used: int) -> None:
+    def release(self, request: Request) -> None:
+        """Gives a request's whole reservation back (it was refused before it ran)."""
+        if request.reserved_tokens:
+            task = asyncio.create_task(self._reconcile(request, request.reserved_tokens, 0))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            request.reserved_tokens = 0  # its record, if any, reconciles nothing more
+
+    async def _reconcile(self, request: Request, reserved: int, used: int) -> None:
         try:
             await self.budgets.reconcile(
-                request.key_id, request.usage_id, request.reserved_tokens, used, request.reserved_at
+                request.key_id, request.usage_id, reserved, used, request.reserved_at
             )
         except RedisError as exc:  # the reservation stands: conservative, never over budget
             logger.warning("token budget reconcile failed (%s)", type(exc).__name__)

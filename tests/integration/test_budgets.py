@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -157,3 +158,26 @@ async def test_a_reservation_is_reconciled_in_the_month_it_was_made(budgets, mon
     await budgets.reconcile(key, "r1", 100, 30, reserved_at=january)
     assert int(await budgets.redis.get(f"tm:budget:{key}:month:202701")) == 30
     assert not await budgets.redis.exists(f"tm:budget:{key}:month:202702")
+
+
+async def test_a_request_the_worker_refuses_to_queue_gives_its_reservation_back(
+    tmp_path, redis_url
+):
+    """A full queue (or a model unloading) refuses after the reservation: nothing ran,
+    so the month keeps nothing (Envoy retries UNAVAILABLE: each try reserved anew)."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-monthly-tokens", "100000")]
+    request = pb.CompleteRequest(model="deterministic-test", prompt="a", max_tokens=40)
+    budgets = TokenBudgets(aioredis.from_url(redis_url))
+    try:
+        settings = inference_settings(tmp_path, redis_url, max_queue=0)
+        async with await start_inference(settings) as (_, channel):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await rpc.InferenceServiceStub(channel).Complete(request, metadata=identity)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            deadline = time.monotonic() + 5
+            while await _month_used(budgets, key) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)  # reconciled in the background
+        assert await _month_used(budgets, key) == 0
+    finally:
+        await budgets.redis.aclose()

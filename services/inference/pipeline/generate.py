@@ -188,7 +188,12 @@ class GenerationPipeline:
     async def schedule(self, context: Context, generation: Generation) -> None:
         """Reserves the request's tokens in its caller's budget, then queues its sequences."""
         await self.admission.reserve(generation)
-        generation.submit(context.time_remaining())
+        try:
+            generation.submit(context.time_remaining())
+        except BaseException:
+            # Refused (queue full, model unloading): nothing ran, so nothing is charged.
+            self.admission.release(generation)
+            raise
         COMPUTED_SEQUENCES.labels(generation.model.name).inc(len(generation.choices))
 
     # ---------------------------------------------------------------- Generate
