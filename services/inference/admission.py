@@ -355,19 +355,20 @@ class Admission:
         self.usage_log.append(event)
         if request.shadow is not None and self.shadow_records is not None:
             self.shadow_records.observe(request, request.shadow, event)
+        self.settle(request, event.usage.prompt_tokens + event.usage.completion_tokens)
+
+    def settle(self, request: Request, used: int) -> None:
+        """Reconciles a request's reservation with the tokens it used (in the background;
+        once: its reservation is then spent)."""
         if request.reserved_tokens:
-            used = event.usage.prompt_tokens + event.usage.completion_tokens
             task = asyncio.create_task(self._reconcile(request, request.reserved_tokens, used))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+            request.reserved_tokens = 0
 
     def release(self, request: Request) -> None:
         """Gives a request's whole reservation back (it was refused before it ran)."""
-        if request.reserved_tokens:
-            task = asyncio.create_task(self._reconcile(request, request.reserved_tokens, 0))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            request.reserved_tokens = 0  # its record, if any, reconciles nothing more
+        self.settle(request, 0)
 
     async def _reconcile(self, request: Request, reserved: int, used: int) -> None:
         try:

@@ -181,3 +181,25 @@ async def test_a_request_the_worker_refuses_to_queue_gives_its_reservation_back(
         assert await _month_used(budgets, key) == 0
     finally:
         await budgets.redis.aclose()
+
+
+async def test_embeddings_spend_the_token_budgets_too(model_server, redis_url):
+    """They skipped them: a key whose month was spent embedded on, uncounted."""
+    _, channel = model_server
+    stub = rpc.InferenceServiceStub(channel)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    request = pb.EmbedRequest(model="all-minilm-l6-v2", inputs=["The LORD is my shepherd"])
+    budgets = TokenBudgets(aioredis.from_url(redis_url))
+    try:
+        tight = [("x-tokenmesh-key-id", key), ("x-tokenmesh-monthly-tokens", "3")]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Embed(request, metadata=tight)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        roomy = [("x-tokenmesh-key-id", key), ("x-tokenmesh-monthly-tokens", "1000")]
+        reply = await stub.Embed(request, metadata=roomy)
+        deadline = time.monotonic() + 5
+        while await _month_used(budgets, key) != reply.usage.prompt_tokens:
+            assert time.monotonic() < deadline, await _month_used(budgets, key)
+            await asyncio.sleep(0.02)  # reconciled in the background
+    finally:
+        await budgets.redis.aclose()

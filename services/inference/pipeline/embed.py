@@ -104,6 +104,10 @@ class EmbeddingPipeline:
             encoded = await asyncio.to_thread(embedder.tokenize, inputs)
             cut = [False] * len(encoded)
         prompt_tokens = sum(len(ids) for ids in encoded)
+        # Embeddings spend the caller's token budgets too (they skipped them: a key
+        # whose month was spent embedded on, uncounted).
+        call.needed_tokens = prompt_tokens
+        await self.admission.reserve(call)
         finish_reason = "error"
         embedded: Embedded | None = None
         try:
@@ -122,6 +126,7 @@ class EmbeddingPipeline:
                 event.served_usage.CopyFrom(token_usage(prompt_tokens, 0))
             content.record(event)
             self.admission.usage_log.append(event)
+            self.admission.settle(call, event.usage.prompt_tokens)
         base64_encoded = request.encoding == inference_pb2.EMBEDDING_ENCODING_BASE64
         return pb.EmbedResponse(
             embeddings=[
