@@ -23,14 +23,20 @@ CACHE_TTL_S = 2.0
 TOUCH_INTERVAL_S = 60.0
 
 
+# What the edge's key cache trims (Lua's %s): str.strip() also took Unicode spaces,
+# so `key + "\u00a0"` verified as the key while the edge cached it apart, and one
+# key could fill every Envoy thread's cache with spellings of itself.
+ASCII_SPACE = " \t\n\v\f\r"
+
+
 def credential(headers: Mapping[str, str]) -> str:
     """Returns the credential a request carries: x-api-key, else the bearer token."""
-    api_key = headers.get("x-api-key", "").strip()
+    api_key = headers.get("x-api-key", "").strip(ASCII_SPACE)
     if api_key:
         return api_key
-    authorization = headers.get("authorization", "").strip()
+    authorization = headers.get("authorization", "").strip(ASCII_SPACE)
     scheme, _, token = authorization.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
+    return token.strip(ASCII_SPACE) if scheme.lower() == "bearer" else ""
 
 
 def unauthenticated() -> Unauthenticated:
