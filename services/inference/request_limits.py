@@ -211,6 +211,13 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
             if self.failure_mode_deny:
                 raise
             return None
+        except Exception:
+            # Not an outage (a window key of the wrong type, a script error): logged and
+            # counted by the limiter; the same failure mode applies, as Envoy applies it
+            # to the usage service's INTERNAL. It failed every request of the key.
+            if self.failure_mode_deny:
+                raise
+            return None
         if not windows:
             return None
         headers = draft03_headers(windows)

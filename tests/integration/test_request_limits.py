@@ -11,6 +11,9 @@ from prometheus_client import REGISTRY
 
 from services.core.tasks import Supervisor
 from services.usage.ratelimit import RequestLimiter
+from tests.integration.conftest import inference_settings, start_inference
+from tokenmesh.inference.v1 import inference_service_pb2 as pb
+from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 
 LIMIT = 640  # leases of up to 10 slots (1/64 of the limit)
 REQUESTS = 800
@@ -54,3 +57,23 @@ async def test_two_workers_never_admit_more_than_the_limit(redis_url):
 def _leased() -> float:
     value = REGISTRY.get_sample_value("tokenmesh_ratelimit_decisions_total", {"path": "lease"})
     return value or 0.0
+
+
+async def test_a_limiter_error_that_is_not_an_outage_fails_open_like_one(tmp_path, redis_url):
+    """A window key of the wrong type makes the decision fail: logged and counted as an
+    error (not an outage), and the failure mode applies; it failed every call INTERNAL."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    client = aioredis.from_url(redis_url)
+    await client.set(f"tm:ratelimit:rpm:{key}", "not a window")
+    identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-rpm", "1000")]
+    request = pb.CompleteRequest(model="deterministic-test", prompt="a", max_tokens=1)
+    errors = REGISTRY.get_sample_value("tokenmesh_ratelimit_errors_total", {"stage": "decide"})
+    try:
+        async with await start_inference(inference_settings(tmp_path, redis_url)) as (_, channel):
+            reply = await rpc.InferenceServiceStub(channel).Complete(request, metadata=identity)
+        assert reply.usage.completion_tokens == 1
+        after = REGISTRY.get_sample_value("tokenmesh_ratelimit_errors_total", {"stage": "decide"})
+        assert (after or 0) > (errors or 0)
+    finally:
+        await client.delete(f"tm:ratelimit:rpm:{key}")
+        await client.aclose()
