@@ -121,7 +121,7 @@ local MAX_ENTRIES = {MAX_ENTRIES}
 local PREFIX = "{API_KEY_PREFIX}"
 local SHORTEST, LONGEST = {API_KEY_LENGTHS[0]}, {API_KEY_LENGTHS[1]}
 
--- digest -> {{expires = ms, identity = {{header = value}}}}, per worker thread.
+-- digest -> {{expires = ms, filled = ms, identity = {{header = value}}}}, per worker thread.
 local entries, size = {{}}, 0
 
 local function is_space(b)
@@ -172,7 +172,10 @@ function envoy_on_request(handle)
   local digest = sha256_hex(key)
   local now = handle:timestamp()
   local entry = entries[digest]
-  if entry ~= nil and entry.expires > now then
+  -- handle:timestamp() is the wall clock: one stepped back (NTP, a resumed VM)
+  -- would stretch every entry past the revocation bound, so an entry also ends
+  -- when the clock reads earlier than when it was filled.
+  if entry ~= nil and entry.expires > now and now >= entry.filled then
     for name, value in pairs(entry.identity) do
       headers:replace(name, value)
     end
@@ -211,7 +214,8 @@ function envoy_on_response(handle)
     end
     size = size + 1
   end
-  entries[mine.digest] = {{expires = mine.asked_at + ttl, identity = identity}}
+  local asked = mine.asked_at
+  entries[mine.digest] = {{expires = asked + ttl, filled = asked, identity = identity}}
 end
 """
 )
