@@ -65,7 +65,7 @@ def parse(url: str, allow_hosts: Collection[str]) -> WebhookTarget:
         port = parts.port
     except ValueError:
         raise RefusedUrl("is not a valid URL") from None
-    host = (parts.hostname or "").lower()
+    host = _ascii_host((parts.hostname or "").lower())
     if not host:
         raise RefusedUrl("must name a host")
     if parts.username is not None or parts.password is not None:
@@ -78,6 +78,22 @@ def parse(url: str, allow_hosts: Collection[str]) -> WebhookTarget:
         target += "?" + parts.query
     default_port = 443 if parts.scheme == "https" else 80
     return WebhookTarget(url, parts.scheme, host, port or default_port, target, allowed)
+
+
+def _ascii_host(host: str) -> str:
+    """Returns `host` as it goes on the wire (IDNA: "bücher.example" is
+    "xn--bcher-kva.example"); raises RefusedUrl for a name that has no such form (an
+    empty or over-long label). A non-ASCII name passed the lookup (which encodes it
+    itself) and then failed every delivery in the HTTP client's Host header."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise RefusedUrl("does not name a valid host") from None
 
 
 def is_forbidden(address: IpAddress) -> bool:
@@ -111,9 +127,11 @@ async def resolve(target: WebhookTarget, timeout_s: float = 5.0) -> list[IpAddre
     if not target.allowed:
         for address in addresses:
             if is_forbidden(address):
+                # A name's address stays unsaid: the answer would map the mesh's
+                # internal names (search domains apply) for whoever asks.
+                named = f"is {address}" if literal is not None else "resolves to"
                 raise RefusedUrl(
-                    f"resolves to {address}, a private, loopback, link-local, multicast or "
-                    "metadata address"
+                    f"{named} a private, loopback, link-local, multicast or metadata address"
                 )
     return addresses
 

@@ -123,7 +123,15 @@ class WebhookSender:
         """Sends the webhooks due now; returns how many it tried."""
         lease_ms = int(self.policy.lease_s * 1000)
         due = await self.store.claim_due_hooks(lease_ms, self.concurrency)
-        await asyncio.gather(*(self.deliver(job_id) for job_id in due))
+        # One hook's failure must not stop the others (nor, raised, the loop: it was
+        # restarted, and the hook, still leased, failed it again every lease).
+        outcomes = await asyncio.gather(
+            *(self.deliver(job_id) for job_id in due), return_exceptions=True
+        )
+        for job_id, outcome in zip(due, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                name = type(outcome).__name__
+                logger.error("webhook of job %s failed: %s: %s", job_id, name, outcome)
         return len(due)
 
     async def deliver(self, job_id: str) -> None:
@@ -197,6 +205,9 @@ class WebhookSender:
             return Answer(error="timeout")
         except httpx.HTTPError as exc:
             return Answer(error=f"connection failed: {type(exc).__name__}")
+        except Exception as exc:  # recorded as a failed attempt (retried, then dead)
+            logger.warning("webhook of job %s: %s: %s", job_id, type(exc).__name__, exc)
+            return Answer(error=f"failed: {type(exc).__name__}")
 
     async def _send(
         self, url: str, headers: dict[str, str], body: bytes, extensions: dict[str, str]

@@ -94,6 +94,22 @@ def test_a_name_that_resolves_to_loopback_is_refused():
         asyncio.run(ssrf.resolve(target))
 
 
+def test_a_name_s_address_is_not_told_to_the_caller():
+    target = ssrf.parse("https://localhost/hook", allow_hosts=())
+    with pytest.raises(ssrf.RefusedUrl) as refused:
+        asyncio.run(ssrf.resolve(target))
+    assert "127.0.0.1" not in str(refused.value) and "::1" not in str(refused.value)
+
+
+def test_an_international_host_is_sent_in_its_ascii_form_and_a_malformed_one_refused():
+    # It passed the lookup and then failed every delivery (a non-ASCII Host header),
+    # raising out of the webhooks loop at each lease.
+    assert ssrf.parse("https://bücher.example/hook", allow_hosts=()).host == "xn--bcher-kva.example"
+    for url in ("https://a..b.example/hook", f"https://{'x' * 64}.example/hook"):
+        with pytest.raises(ssrf.RefusedUrl, match="valid host"):
+            ssrf.parse(url, allow_hosts=())
+
+
 def test_the_retry_schedule_ends_in_the_dead_letter_state():
     policy = DeliveryPolicy(schedule_s=(1, 2))
     assert 0.8 <= policy.next_delay_s(1) <= 1.2
