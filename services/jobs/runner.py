@@ -162,18 +162,26 @@ class Runner:
             if free <= 0:
                 continue
             await self.store.ensure_group(stream)
-            reply: Any = await self.redis.xautoclaim(
-                stream,
-                jobstore.GROUP,
-                self.consumer,
-                min_idle_time=int(self.claim_idle_s * 1000),
-                start_id="0-0",
-                count=free,
-            )
-            for entry_id, fields in reply[1]:
-                if fields and (stream, text(entry_id)) not in self._tasks:
-                    self._start(stream, text(entry_id), fields)
-                    claimed += 1
+            # Through the whole pending list: XAUTOCLAIM scans at most 10 x count
+            # entries a call, and a dead replica's items behind 10 x count live
+            # ones (a few replicas) were never taken over, ending EXPIRED.
+            cursor = "0-0"
+            while free > 0:
+                reply: Any = await self.redis.xautoclaim(
+                    stream,
+                    jobstore.GROUP,
+                    self.consumer,
+                    min_idle_time=int(self.claim_idle_s * 1000),
+                    start_id=cursor,
+                    count=free,
+                )
+                for entry_id, fields in reply[1]:
+                    if fields and (stream, text(entry_id)) not in self._tasks:
+                        self._start(stream, text(entry_id), fields)
+                        claimed += 1
+                cursor, free = text(reply[0]), self._free(stream)
+                if cursor == "0-0":
+                    break
         if claimed:
             logger.info("took over %d items from a replica that stopped", claimed)
         return claimed

@@ -13,6 +13,7 @@ from services.core.pki import IdentityFiles
 from services.core.server import serving
 from services.core.tasks import cancel_and_wait
 from services.inference.service import InferenceService
+from services.jobs import store as jobstore
 from services.jobs.execution import Backoff, ItemExecutor
 from services.jobs.runner import Runner
 from services.jobs.store import JobStore, NewJob, Owner, now_ms
@@ -96,4 +97,33 @@ async def test_a_lane_with_one_slot_starts_its_next_item_when_one_ends(tmp_path,
         await runner.stop()
         await executor.close()
         await client.hdel(WORKERS_KEY, worker_id)
+        await client.aclose()
+
+
+async def test_a_dead_replicas_items_behind_many_live_ones_are_taken_over(redis_url, monkeypatch):
+    """XAUTOCLAIM scans 10 x count pending entries a call: the sweep follows its cursor
+    (it started at 0-0 every time, so 20 live entries hid a dead replica's)."""
+    client = aioredis.from_url(private_db_url(redis_url, PRIVATE_DB))
+    store = JobStore(client, 3600)
+    lane = f"lane-{uuid.uuid4().hex[:6]}"
+    stream = jobstore.work_stream(lane)
+    runner = Runner(store, None, "taker", 1, 1, claim_idle_s=0.2)  # no item runs: no executor
+    started: list[str] = []
+    monkeypatch.setattr(
+        runner, "_start", lambda _stream, entry_id, _fields: started.append(entry_id)
+    )
+    try:
+        await client.sadd(jobstore.LANES_KEY, lane)
+        await store.ensure_group(stream)
+        ids = [await client.xadd(stream, {"job": "j", "index": str(n)}) for n in range(21)]
+        await client.xreadgroup(jobstore.GROUP, "live", {stream: ">"}, count=20)
+        await client.xreadgroup(jobstore.GROUP, "dead", {stream: ">"}, count=1)
+        await asyncio.sleep(0.3)  # both idle past claim_idle_s ...
+        live = [i.decode() for i in ids[:20]]
+        await client.xclaim(stream, jobstore.GROUP, "live", 0, live)  # ... the live ones not
+        assert await runner.claim_stale() == 1
+        assert started == [ids[20].decode()]
+    finally:
+        await client.delete(stream)
+        await client.srem(jobstore.LANES_KEY, lane)
         await client.aclose()
