@@ -135,7 +135,7 @@ def parse_batch_request(raw: bytes) -> BatchRequest:
     """Reads a CreateBatch body; raises InvalidArgument naming OpenAI's parameters."""
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # too deep: not JSON we read
         raise InvalidArgument([FieldViolation("body", "is not valid JSON")]) from None
     if not isinstance(body, dict):
         raise _bad("body", "must be a JSON object")
@@ -215,7 +215,7 @@ def _line_item(endpoint: str, body: bytes) -> tuple[jobs_pb2.JobItem, dict[str, 
 def _read_line(number: int, raw: bytes, endpoint: str, seen: set[str]) -> BatchLine:
     try:
         line = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # too deep: not JSON we read
         raise _bad(f"line {number}", "is not valid JSON") from None
     if not isinstance(line, dict):
         raise _bad(f"line {number}", "must be a JSON object")

@@ -131,3 +131,12 @@ def test_error_json_is_printable_ascii_for_grpc_metadata():
     assert all(0x20 <= ord(c) < 0x7F for c in value)
     assert json.loads(value)["error"]["message"] == "model: bad \u00e9\x7f\n"
     assert list(json.loads(value)["error"]) == ["message", "type", "param", "code"]
+
+
+def test_bodies_nested_too_deep_or_not_utf8_are_invalid_json_not_internal_errors():
+    # json.loads raises RecursionError past ~1,000 levels (it was an INTERNAL), and
+    # takes UTF-16 and a BOM, which the edge does not read.
+    deep = b'{"model": "demo-lm", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    plain = json.dumps(CHAT).encode()
+    for raw in (deep, b"\xef\xbb\xbf" + plain, plain.decode().encode("utf-16")):
+        assert _violations(lambda raw=raw: params.parse_chat(raw)) == {"body": "is not valid JSON"}

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from gateway import openapi
+from services.core.errors import InvalidArgument
 from services.jobs import openai_batches as batches
 from services.jobs.openai_files import file_object
 from services.jobs.store import CANCELLED, EXPIRED, FAILED, SUCCEEDED, JobRecord
@@ -90,3 +91,11 @@ def test_batch_errors_are_documented_in_openai_shape():
             for status in ("401", "403", "404", "429"):
                 error = {"error": {"message": "no", "type": "permission_error", "param": None}}
                 _check(_schema_of(path, verb, status), error | {"code": None})
+
+
+def test_a_batch_body_or_line_nested_too_deep_is_invalid_json_not_an_internal_error():
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(InvalidArgument, match="JSON"):
+        batches.parse_batch_request(deep)
+    with pytest.raises(InvalidArgument, match="JSON"):
+        batches._read_line(1, deep, "/v1/chat/completions", set())

@@ -115,3 +115,11 @@ def test_long_inputs_without_structure_stay_linear():
     # A megabyte of digits, dots and colons: every pattern is bounded and anchored.
     blob = ("1234567890." * 1000 + "ab:cd:" * 1000) * 10
     assert isinstance(pii.find(blob), list)
+
+
+def test_a_token_whose_header_nests_too_deep_is_no_jwt_and_no_error():
+    import base64
+
+    header = base64.urlsafe_b64encode(b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}").rstrip(b"=")
+    token = f"{header.decode()}.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
+    assert pii._jwt_header_valid(token) is False

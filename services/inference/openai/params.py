@@ -180,7 +180,7 @@ class _Body:
             # UTF-8 only, as the edge reads it: json.loads(bytes) also takes UTF-16,
             # UTF-32 and a BOM, bodies whose model the edge's routes never saw.
             body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise InvalidArgument(
                 [FieldViolation("body", "is not valid JSON")], reason="INVALID_JSON"
             ) from None

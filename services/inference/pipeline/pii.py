@@ -244,7 +244,7 @@ def _jwt_header_valid(token: str) -> bool:
     header = token.split(".", 1)[0]
     try:
         decoded = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):  # too deep: no JWT header
         return False
     return isinstance(decoded, dict) and "alg" in decoded
 
