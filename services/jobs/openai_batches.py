@@ -351,14 +351,12 @@ class BatchStore:
     async def page(self, owner: str, after: str, limit: int) -> tuple[list[str], bool]:
         """Returns up to `limit` of an owner's batch ids, newest first, after the batch
         `after` (its creation time), and whether more follow."""
-        before = "+inf"
-        if after:
-            score = await self.redis.zscore(owner_batches_key(owner), after)
-            if score is not None:
-                before = f"({int(score)}"
-        raw: Any = await self.redis.zrevrangebyscore(
-            owner_batches_key(owner), before, "-inf", start=0, num=limit + 1
-        )
+        key = owner_batches_key(owner)
+        # By the batch's place, not its creation time alone: a page that ended at one
+        # of several batches created in the same millisecond skipped the others.
+        rank: Any = await self.redis.zrevrank(key, after) if after else None
+        start = 0 if rank is None else rank + 1  # an unknown `after`: from the newest
+        raw: Any = await self.redis.zrevrange(key, start, start + limit)
         ids = [text(r) for r in raw]
         return ids[:limit], len(ids) > limit
 

@@ -152,15 +152,15 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
             raise InvalidArgument(
                 [FieldViolation("status", f"must be one of {', '.join(STATUSES)}")]
             )
-        before = _page_token(request.page_token, default=2**62)
+        before, after = _list_token(request.page_token)
         jobs: list[jobs_pb2.Job] = []
         while len(jobs) < size:
-            page = await self.store.owned(key_id, before, size)
+            page = await self.store.owned(key_id, before, size, after)
             if not page:
                 return pb.ListJobsResponse(jobs=jobs)
             gone = []
             for job_id, created in page:
-                before = created
+                before, after = created, job_id
                 record = await self.store.get(job_id)
                 if record is None:
                     gone.append(job_id)
@@ -169,7 +169,7 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
                     if len(jobs) == size:
                         break
             await self.store.forget_owned(key_id, gone)
-        return pb.ListJobsResponse(jobs=jobs, next_page_token=str(before))
+        return pb.ListJobsResponse(jobs=jobs, next_page_token=f"{before}:{after}")
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> jobs_pb2.Job:
         record = await self._owned(context, request.id)
@@ -281,6 +281,13 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
         secret = signing.new_secret()
         await self.store.rotate_secret(key_id, secret, int(overlap * 1000))
         return pb.RotateWebhookSecretResponse(secret=secret, key_id=key_id)
+
+
+def _list_token(token: str) -> tuple[int, str]:
+    """Reads a ListJobs page token: the last job listed, "<created ms>:<id>" (a bare
+    "<created ms>" from earlier versions still reads, without the id)."""
+    created, _, job_id = token.partition(":")
+    return _page_token(created, default=2**62), job_id
 
 
 def _page_token(token: str, default: int) -> int:

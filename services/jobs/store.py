@@ -454,11 +454,23 @@ class JobStore:
         replies: Any = await self.redis.hmget(results_key(job_id), [str(i) for i in indexes])
         return list(replies)
 
-    async def owned(self, key_id: str, before_ms: int, count: int) -> list[tuple[str, int]]:
-        """Returns up to `count` of a key's jobs created before `before_ms`, newest first."""
-        raw: Any = await self.redis.zrevrangebyscore(
-            owner_key(key_id), f"({before_ms}", "-inf", start=0, num=count, withscores=True
-        )
+    async def owned(
+        self, key_id: str, before_ms: int, count: int, after: str = ""
+    ) -> list[tuple[str, int]]:
+        """Returns up to `count` of a key's jobs, newest first, that follow the job `after`
+        in that order (while it is listed), else that were created before `before_ms`.
+
+        By the job's place, not its time alone: a page that ended at one of several
+        jobs created in the same millisecond skipped the others.
+        """
+        key = owner_key(key_id)
+        rank: Any = await self.redis.zrevrank(key, after) if after else None
+        if rank is not None:
+            raw: Any = await self.redis.zrevrange(key, rank + 1, rank + count, withscores=True)
+        else:
+            raw = await self.redis.zrevrangebyscore(
+                key, f"({before_ms}", "-inf", start=0, num=count, withscores=True
+            )
         return [(text(member), int(score)) for member, score in raw]
 
     async def forget_owned(self, key_id: str, job_ids: Sequence[str]) -> None:

@@ -1,0 +1,48 @@
+"""Listing a key's jobs and an owner's batches page by page (real Redis): every one
+once, also when several were created in the same millisecond."""
+
+from __future__ import annotations
+
+import uuid
+
+import redis.asyncio as aioredis
+
+from services.jobs.openai_batches import BatchStore, owner_batches_key
+from services.jobs.store import JobStore, owner_key
+
+SAME_MS = 1_800_000_000_000
+
+
+async def test_jobs_created_in_one_millisecond_are_each_listed_once(redis_url):
+    client = aioredis.from_url(redis_url)
+    store, key = JobStore(client, 3600), f"key_{uuid.uuid4().hex[:8]}"
+    try:
+        await client.zadd(owner_key(key), {"job-a": SAME_MS, "job-b": SAME_MS, "job-c": SAME_MS})
+        await client.zadd(owner_key(key), {"job-old": SAME_MS - 1})
+        listed, before, after = [], 2**62, ""
+        while page := await store.owned(key, before, 1, after):
+            ((job_id, before),) = page
+            after = job_id
+            listed.append(job_id)
+        # A page that ended at job-c read "before its millisecond": a and b were lost.
+        assert listed == ["job-c", "job-b", "job-a", "job-old"]
+    finally:
+        await client.delete(owner_key(key))
+        await client.aclose()
+
+
+async def test_batches_created_in_one_millisecond_are_each_listed_once(redis_url):
+    client = aioredis.from_url(redis_url)
+    batches, owner = BatchStore(client, 3600), f"owner-{uuid.uuid4().hex[:8]}"
+    try:
+        await client.zadd(owner_batches_key(owner), {"batch_a": SAME_MS, "batch_b": SAME_MS})
+        await client.zadd(owner_batches_key(owner), {"batch_old": SAME_MS - 1})
+        listed, after, more = [], "", True
+        while more:
+            ids, more = await batches.page(owner, after, 1)
+            listed += ids
+            after = ids[-1]
+        assert listed == ["batch_b", "batch_a", "batch_old"]
+    finally:
+        await client.delete(owner_batches_key(owner))
+        await client.aclose()
