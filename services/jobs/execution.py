@@ -17,11 +17,13 @@ item's result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -172,8 +174,15 @@ class ItemExecutor:
         request_id: str,
         identity: Mapping[str, str],
         deadline_s: float,
+        slot: contextlib.AbstractAsyncContextManager[Any] | None = None,
     ) -> Outcome:
-        """Runs an item until it has a result; raises DeadlinePassed when time ran out."""
+        """Runs an item until it has a result; raises DeadlinePassed when time ran out.
+
+        slot: held around each call to a worker, not while the item waits (no worker
+        for its model, a spent budget, a refusal to retry later): held across the
+        waits, a few such items took every slot of the replica, and every other
+        tenant's items waited behind them until their jobs' deadlines.
+        """
         tries = 0
         while True:
             remaining = deadline_s - time.time()
@@ -185,7 +194,15 @@ class ItemExecutor:
                 await self._wait(tries, None, deadline_s)
                 continue
             try:
-                return await self._call(placement, item, index, request_id, identity, remaining)
+                async with slot or contextlib.nullcontext():
+                    return await self._call(
+                        placement,
+                        item,
+                        index,
+                        request_id,
+                        identity,
+                        max(0.001, deadline_s - time.time()),
+                    )
             except grpc.aio.AioRpcError as error:
                 status = status_details(error)
                 if error.code() not in WAIT_CODES:

@@ -270,20 +270,20 @@ class Runner:
             await self.store.ack(stream, entry_id)
             return
         deadline_s = record.number("deadline_ms") / 1000
-        async with self._slots:
-            await self.store.mark_running(job_id)
-            try:
-                outcome = await self.executor.run(
-                    item,
-                    index,
-                    jobstore.request_id(job_id, index),
-                    record.owner.identity,
-                    deadline_s,
-                )
-            except DeadlinePassed:
-                await self.store.end(job_id, jobstore.EXPIRED, due_before_ms=jobstore.now_ms())
-                await self.store.ack(stream, entry_id)
-                return
+        await self.store.mark_running(job_id)
+        try:
+            outcome = await self.executor.run(
+                item,
+                index,
+                jobstore.request_id(job_id, index),
+                record.owner.identity,
+                deadline_s,
+                slot=self._slots,  # held per call: a waiting item holds none
+            )
+        except DeadlinePassed:
+            await self.store.end(job_id, jobstore.EXPIRED, due_before_ms=jobstore.now_ms())
+            await self.store.ack(stream, entry_id)
+            return
         await self.store.finish_item(job_id, index, outcome.result, outcome.usage, stream, entry_id)
         self.finished_total += 1
 

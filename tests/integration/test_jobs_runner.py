@@ -127,3 +127,63 @@ async def test_a_dead_replicas_items_behind_many_live_ones_are_taken_over(redis_
         await client.delete(stream)
         await client.srem(jobstore.LANES_KEY, lane)
         await client.aclose()
+
+
+async def test_items_that_wait_for_a_worker_do_not_hold_other_tenants_back(tmp_path, redis_url):
+    """Two slots, two lanes whose items wait (their model has no worker): a third
+    lane's item runs at once. Held across the waits, the two waiting items took both
+    slots until their jobs' deadlines."""
+    redis_url = private_db_url(redis_url, PRIVATE_DB)
+    client = aioredis.from_url(redis_url)
+    settings = inference_settings(tmp_path, redis_url, test_models=("deterministic-test:1",))
+    service = InferenceService(settings)
+    store = JobStore(client, 3600)
+    executor = ItemExecutor(
+        WorkerDirectory(client),
+        IdentityFiles.of(mtls.pki_dir(), contract.JOBS),
+        Backoff(),
+        call_timeout_s=30,
+    )
+    runner = Runner(store, executor, f"t-{uuid.uuid4().hex[:6]}", 2, 1, claim_idle_s=30)
+    worker_id = f"runner-test-{uuid.uuid4().hex[:6]}"
+    jobs: list[str] = []
+    try:
+        async with serving(service, settings) as server:
+            entry = WorkerEntry(
+                worker_id,
+                "127.0.0.1",
+                server.port,
+                (("deterministic-test", "1"),),
+                lease_expires_at=time.time() + 600,
+            )
+            await client.hset(WORKERS_KEY, worker_id, entry.to_json())
+            for model in ("nobody-serves-this", "nor-this", "deterministic-test"):
+                key = f"key_{uuid.uuid4().hex[:8]}"  # a lane each
+                identity = {
+                    contract.KEY_ID_HEADER: key,
+                    contract.SCOPES_HEADER: "inference:generate",
+                }
+                item = jobs_pb2.JobItem(
+                    complete=v2.CompleteRequest(model=model, prompt="a", max_output_tokens=1)
+                )
+                job_id, _ = await store.create(
+                    NewJob(Owner(key, "", identity), [item], "", {}, "", now_ms() + 600_000)
+                )
+                jobs.append(job_id)
+                if len(jobs) == 2:  # the waiting items start first
+                    task = asyncio.create_task(runner.run_forever(block_ms=200))
+                    deadline = time.monotonic() + 10
+                    while len(runner._tasks) < 2 and time.monotonic() < deadline:
+                        await asyncio.sleep(0.02)
+            try:
+                status = await _wait_for_status(store, jobs[2], timeout_s=10)
+            finally:
+                await cancel_and_wait(task, 10)
+            assert status == "SUCCEEDED"
+    finally:
+        await runner.stop()
+        await executor.close()
+        await client.hdel(WORKERS_KEY, worker_id)
+        for job_id in jobs:
+            await store.end(job_id, "CANCELLED")
+        await client.aclose()
