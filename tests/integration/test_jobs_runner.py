@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
@@ -43,10 +46,12 @@ async def _wait_for_status(store: JobStore, job_id: str, timeout_s: float) -> st
     return "still running"
 
 
-async def test_a_lane_with_one_slot_starts_its_next_item_when_one_ends(tmp_path, redis_url):
-    """A full lane waits for a slot to free, not for a fixed pause: with one slot and a
-    5 s read block, the old runner took ~5 s per item (40 s for 8); this one finishes
-    them back to back."""
+@contextlib.asynccontextmanager
+async def _runner_beside_a_worker(
+    tmp_path: Path, redis_url: str, concurrency: int
+) -> AsyncIterator[tuple[JobStore, Runner]]:
+    """A runner (`concurrency` slots, one per lane) and a real worker of
+    deterministic-test version 1, registered where the runner looks for workers."""
     redis_url = private_db_url(redis_url, PRIVATE_DB)
     client = aioredis.from_url(redis_url)
     assert client.connection_pool.connection_kwargs["db"] == PRIVATE_DB
@@ -59,7 +64,7 @@ async def test_a_lane_with_one_slot_starts_its_next_item_when_one_ends(tmp_path,
         Backoff(),
         call_timeout_s=30,
     )
-    runner = Runner(store, executor, f"t-{uuid.uuid4().hex[:6]}", 1, 1, claim_idle_s=30)
+    runner = Runner(store, executor, f"t-{uuid.uuid4().hex[:6]}", concurrency, 1, claim_idle_s=30)
     worker_id = f"runner-test-{uuid.uuid4().hex[:6]}"
     try:
         async with serving(service, settings) as server:
@@ -71,33 +76,46 @@ async def test_a_lane_with_one_slot_starts_its_next_item_when_one_ends(tmp_path,
                 lease_expires_at=time.time() + 600,
             )
             await client.hset(WORKERS_KEY, worker_id, entry.to_json())
-            key = f"key_{uuid.uuid4().hex[:8]}"
-            identity = {contract.KEY_ID_HEADER: key, contract.SCOPES_HEADER: "inference:generate"}
-            items = [
-                jobs_pb2.JobItem(
-                    complete=v2.CompleteRequest(
-                        model="deterministic-test", prompt=f"item {i}", max_output_tokens=1
-                    )
-                )
-                for i in range(ITEMS)
-            ]
-            job_id, _ = await store.create(
-                NewJob(Owner(key, "", identity), items, "", {}, "", now_ms() + 600_000)
-            )
-            task = asyncio.create_task(runner.run_forever(block_ms=READ_BLOCK_MS))
-            try:
-                status = await _wait_for_status(store, job_id, timeout_s=READ_BLOCK_MS / 1000 * 3)
-            finally:
-                # As the service stops it: a cancel that lands while redis-py's read
-                # timeout fires comes back as a Redis TimeoutError (this test failed
-                # so once in CI), so cancel until the task has ended.
-                await cancel_and_wait(task, 10)
-            assert status == "SUCCEEDED"
+            yield store, runner
     finally:
         await runner.stop()
         await executor.close()
         await client.hdel(WORKERS_KEY, worker_id)
         await client.aclose()
+
+
+async def _job(store: JobStore, items: list[jobs_pb2.JobItem]) -> str:
+    """Creates a job of `items` for a key of its own (a lane of its own)."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    identity = {contract.KEY_ID_HEADER: key, contract.SCOPES_HEADER: "inference:generate"}
+    job_id, _ = await store.create(
+        NewJob(Owner(key, "", identity), items, "", {}, "", now_ms() + 600_000)
+    )
+    return job_id
+
+
+def _complete(model: str, prompt: str) -> jobs_pb2.JobItem:
+    return jobs_pb2.JobItem(
+        complete=v2.CompleteRequest(model=model, prompt=prompt, max_output_tokens=1)
+    )
+
+
+async def test_a_lane_with_one_slot_starts_its_next_item_when_one_ends(tmp_path, redis_url):
+    """A full lane waits for a slot to free, not for a fixed pause: with one slot and a
+    5 s read block, the old runner took ~5 s per item (40 s for 8); this one finishes
+    them back to back."""
+    async with _runner_beside_a_worker(tmp_path, redis_url, 1) as (store, runner):
+        items = [_complete("deterministic-test", f"item {i}") for i in range(ITEMS)]
+        job_id = await _job(store, items)
+        task = asyncio.create_task(runner.run_forever(block_ms=READ_BLOCK_MS))
+        try:
+            status = await _wait_for_status(store, job_id, timeout_s=READ_BLOCK_MS / 1000 * 3)
+        finally:
+            # As the service stops it: a cancel that lands while redis-py's read
+            # timeout fires comes back as a Redis TimeoutError (this test failed
+            # so once in CI), so cancel until the task has ended.
+            await cancel_and_wait(task, 10)
+        assert status == "SUCCEEDED"
 
 
 async def test_a_dead_replicas_items_behind_many_live_ones_are_taken_over(redis_url, monkeypatch):
@@ -133,57 +151,17 @@ async def test_items_that_wait_for_a_worker_do_not_hold_other_tenants_back(tmp_p
     """Two slots, two lanes whose items wait (their model has no worker): a third
     lane's item runs at once. Held across the waits, the two waiting items took both
     slots until their jobs' deadlines."""
-    redis_url = private_db_url(redis_url, PRIVATE_DB)
-    client = aioredis.from_url(redis_url)
-    settings = inference_settings(tmp_path, redis_url, test_models=("deterministic-test:1",))
-    service = InferenceService(settings)
-    store = JobStore(client, 3600)
-    executor = ItemExecutor(
-        WorkerDirectory(client),
-        IdentityFiles.of(mtls.pki_dir(), contract.JOBS),
-        Backoff(),
-        call_timeout_s=30,
-    )
-    runner = Runner(store, executor, f"t-{uuid.uuid4().hex[:6]}", 2, 1, claim_idle_s=30)
-    worker_id = f"runner-test-{uuid.uuid4().hex[:6]}"
-    jobs: list[str] = []
-    try:
-        async with serving(service, settings) as server:
-            entry = WorkerEntry(
-                worker_id,
-                "127.0.0.1",
-                server.port,
-                (("deterministic-test", "1"),),
-                lease_expires_at=time.time() + 600,
-            )
-            await client.hset(WORKERS_KEY, worker_id, entry.to_json())
-            for model in ("nobody-serves-this", "nor-this", "deterministic-test"):
-                key = f"key_{uuid.uuid4().hex[:8]}"  # a lane each
-                identity = {
-                    contract.KEY_ID_HEADER: key,
-                    contract.SCOPES_HEADER: "inference:generate",
-                }
-                item = jobs_pb2.JobItem(
-                    complete=v2.CompleteRequest(model=model, prompt="a", max_output_tokens=1)
-                )
-                job_id, _ = await store.create(
-                    NewJob(Owner(key, "", identity), [item], "", {}, "", now_ms() + 600_000)
-                )
-                jobs.append(job_id)
-                if len(jobs) == 2:  # the waiting items start first
-                    task = asyncio.create_task(runner.run_forever(block_ms=200))
-                    deadline = time.monotonic() + 10
-                    while len(runner._tasks) < 2 and time.monotonic() < deadline:
-                        await asyncio.sleep(0.02)
-            try:
-                status = await _wait_for_status(store, jobs[2], timeout_s=10)
-            finally:
-                await cancel_and_wait(task, 10)
-            assert status == "SUCCEEDED"
-    finally:
-        await runner.stop()
-        await executor.close()
-        await client.hdel(WORKERS_KEY, worker_id)
-        for job_id in jobs:
-            await store.end(job_id, "CANCELLED")
-        await client.aclose()
+    async with _runner_beside_a_worker(tmp_path, redis_url, 2) as (store, runner):
+        waiting = [await _job(store, [_complete(m, "a")]) for m in ("nobody-has-it", "nor-it")]
+        task = asyncio.create_task(runner.run_forever(block_ms=200))
+        try:
+            deadline = time.monotonic() + 10
+            while len(runner._tasks) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)  # the waiting items started first
+            served = await _job(store, [_complete("deterministic-test", "a")])
+            status = await _wait_for_status(store, served, timeout_s=10)
+        finally:
+            await cancel_and_wait(task, 10)
+            for job_id in waiting:
+                await store.end(job_id, "CANCELLED")
+        assert status == "SUCCEEDED"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from gateway import edge_lua, envoy_config, key_cache
 from gateway.edge_auth import EdgeAuth
@@ -11,6 +12,17 @@ from gateway.model_routing import MODEL_HEADER
 from services.core import contract
 
 LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+
+
+def _config(tmp_path: Path, **options: Any) -> EdgeConfig:
+    """An edge in front of one inference upstream, with `options`."""
+    return EdgeConfig(
+        listen_port=18080,
+        admin_port=18081,
+        descriptor_path=tmp_path / "d.pb",
+        upstreams={"inference": [Endpoint("127.0.0.1", 10000)]},
+        **options,
+    )
 
 
 def _lua_filters(config: EdgeConfig) -> list[str]:
@@ -23,14 +35,7 @@ def test_the_full_edge_runs_four_lua_filters_two_of_them_for_every_request(
 ) -> None:
     # Each Lua filter costs Envoy a coroutine per request (and per response):
     # header names, edge health, OpenAI errors and REST statuses share two.
-    config = EdgeConfig(
-        listen_port=18080,
-        admin_port=18081,
-        descriptor_path=tmp_path / "d.pb",
-        upstreams={"inference": [Endpoint("127.0.0.1", 10000)]},
-        auth=EdgeAuth(),
-        xds=Endpoint("127.0.0.1", 18000),
-    )
+    config = _config(tmp_path, auth=EdgeAuth(), xds=Endpoint("127.0.0.1", 18000))
     assert _lua_filters(config) == [
         edge_lua.REQUEST_FILTER,
         edge_lua.RESPONSE_FILTER,
@@ -52,13 +57,7 @@ def test_every_edge_strips_client_copies_of_its_routing_and_shadow_headers(
 ) -> None:
     # A static edge (no control plane, no auth) too: a worker reads a client's
     # x-tokenmesh-shadow as a mirrored copy, which is not metered.
-    config = EdgeConfig(
-        listen_port=18080,
-        admin_port=18081,
-        descriptor_path=tmp_path / "d.pb",
-        upstreams={"inference": [Endpoint("127.0.0.1", 10000)]},
-    )
-    filters = envoy_config.http_connection_manager(config)["http_filters"]
+    filters = envoy_config.http_connection_manager(_config(tmp_path))["http_filters"]
     removed = {
         m["remove"]
         for f in filters
