@@ -35,6 +35,14 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = jobs_service_pb2.DESCRIPTOR.services_by_name["JobsService"].full_name
 
 
+def webhook_lease_s(timeout_s: float) -> float:
+    """How long a replica holds a due webhook: past its longest attempt (the lookup,
+    bounded by `timeout_s`, and the send, by twice that) with room to record it. A
+    lease as long as the attempt let a second replica send the same event while the
+    first still waited, and the first's late failure overwrite its success."""
+    return 3 * timeout_s + 30.0
+
+
 @dataclass(frozen=True)
 class JobsSettings(RedisSettings):
     """JobsSettings configure the jobs service."""
@@ -205,7 +213,7 @@ class JobsService(RedisBackedService):
                 timeout_s=settings.webhook_timeout_s,
                 max_response_bytes=settings.webhook_max_response_bytes,
                 allow_hosts=settings.webhook_allow_hosts,
-                lease_s=max(30.0, 3 * settings.webhook_timeout_s),
+                lease_s=webhook_lease_s(settings.webhook_timeout_s),
             ),
         )
         self._tasks: list[SupervisedTask] = []

@@ -115,3 +115,13 @@ def test_the_retry_schedule_ends_in_the_dead_letter_state():
     assert 0.8 <= policy.next_delay_s(1) <= 1.2
     assert 1.6 <= policy.next_delay_s(2) <= 2.4
     assert policy.next_delay_s(3) is None
+
+
+def test_a_webhook_lease_outlasts_its_longest_attempt():
+    # An attempt: the lookup (bounded by the timeout) and the send (by twice it). A
+    # lease of exactly that let a second replica send the event while the first still
+    # waited, and the first's late failure overwrite the second's success.
+    from services.jobs.service import webhook_lease_s
+
+    for timeout_s in (1.0, 10.0, 30.0):
+        assert webhook_lease_s(timeout_s) >= 3 * timeout_s + 10
