@@ -163,6 +163,11 @@ if redis.call('EXISTS', KEYS[1]) == 1
   local done = tonumber(h[1] or 0) + tonumber(h[2] or 0)
   if running(status) and done >= tonumber(h[3]) then
     finish(tonumber(h[1] or 0) > 0 and 'SUCCEEDED' or 'FAILED', ARGV[8], tonumber(ARGV[9]))
+  elseif not running(status) then
+    -- The job ended (cancelled, expired) before this result: the results, made
+    -- now if it had none, expire with the job (they were kept for good).
+    local ttl = redis.call('PTTL', KEYS[1])
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
   end
 end
 redis.call('XACK', KEYS[7], ARGV[10], ARGV[11])

@@ -1,5 +1,6 @@
-"""Listing a key's jobs and an owner's batches page by page (real Redis): every one
-once, also when several were created in the same millisecond."""
+"""The job store's keys over a job's life (real Redis): listing a key's jobs and an
+owner's batches page by page (every one once, also when several were created in the
+same millisecond), and results that expire with their job."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import uuid
 
 import redis.asyncio as aioredis
 
+from services.jobs import store as jobstore
 from services.jobs.openai_batches import BatchStore, owner_batches_key
-from services.jobs.store import JobStore, owner_key
+from services.jobs.store import JobStore, NewJob, Owner, now_ms, owner_key, results_key
+from tokenmesh.inference.v2 import inference_service_pb2 as v2
+from tokenmesh.jobs.v1 import jobs_pb2
 
 SAME_MS = 1_800_000_000_000
 
@@ -45,4 +49,23 @@ async def test_batches_created_in_one_millisecond_are_each_listed_once(redis_url
         assert listed == ["batch_b", "batch_a", "batch_old"]
     finally:
         await client.delete(owner_batches_key(owner))
+        await client.aclose()
+
+
+async def test_a_result_written_after_its_job_ended_expires_with_the_job(redis_url):
+    """An item that finishes after its job was cancelled made the results hash anew,
+    without an expiry: kept for good."""
+    client = aioredis.from_url(redis_url)
+    store, key = JobStore(client, 3600), f"key_{uuid.uuid4().hex[:8]}"
+    item = jobs_pb2.JobItem(complete=v2.CompleteRequest(model="m", prompt="a"))
+    try:
+        job_id, _ = await store.create(
+            NewJob(Owner(key, "", {}), [item], "", {}, "", now_ms() + 600_000)
+        )
+        assert await store.end(job_id, jobstore.CANCELLED)
+        stream = f"stream-{uuid.uuid4().hex[:6]}"
+        await store.finish_item(job_id, 0, jobs_pb2.JobResult(index=0), (1, 1, 0), stream, "0-1")
+        assert await client.exists(results_key(job_id))
+        assert 0 < await client.ttl(results_key(job_id)) <= 3600
+    finally:
         await client.aclose()
