@@ -10,6 +10,7 @@ tokenmesh.openai.v1.OpenAIService).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -250,7 +251,11 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
             if stored is None:
                 raise _not_found("file", wanted.input_file_id)
             data = await self.files.content(wanted.input_file_id)
-            lines = batches.parse_input(data, wanted.endpoint, self.max_lines)
+            # Off the event loop: a file of many lines takes a while to parse, and the
+            # replica's runners, heartbeats and webhooks share the loop.
+            lines = await asyncio.to_thread(
+                batches.parse_input, data, wanted.endpoint, self.max_lines
+            )
             items = [line.item for line in lines]
             validation.check_item_scopes(items, scopes)
             deadline_ms = now_ms() + int(BATCH_WINDOW_S * 1000)
