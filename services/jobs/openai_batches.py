@@ -131,12 +131,18 @@ def _bad(field: str, description: str) -> InvalidArgument:
     return InvalidArgument([FieldViolation(field, description)])
 
 
+def _json(raw: bytes, field: str) -> Any:
+    """Parses a client's JSON; raises InvalidArgument naming `field` when it is not
+    JSON (nested past the recursion limit included: that raised RecursionError)."""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise _bad(field, "is not valid JSON") from None
+
+
 def parse_batch_request(raw: bytes) -> BatchRequest:
     """Reads a CreateBatch body; raises InvalidArgument naming OpenAI's parameters."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # too deep: not JSON we read
-        raise InvalidArgument([FieldViolation("body", "is not valid JSON")]) from None
+    body = _json(raw, "body")
     if not isinstance(body, dict):
         raise _bad("body", "must be a JSON object")
     out: list[FieldViolation] = []
@@ -213,10 +219,7 @@ def _line_item(endpoint: str, body: bytes) -> tuple[jobs_pb2.JobItem, dict[str, 
 
 
 def _read_line(number: int, raw: bytes, endpoint: str, seen: set[str]) -> BatchLine:
-    try:
-        line = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # too deep: not JSON we read
-        raise _bad(f"line {number}", "is not valid JSON") from None
+    line = _json(raw, f"line {number}")
     if not isinstance(line, dict):
         raise _bad(f"line {number}", "must be a JSON object")
     custom_id = line.get("custom_id")

@@ -169,10 +169,7 @@ def _fit(
         if move is None:
             return
         head, full, target = move
-        owner[head] = target
-        load[full] -= totals[head]
-        load[target] += totals[head]
-        caches.move(head, full, target)
+        _move(head, full, target, owner, load, totals[head], caches)
 
 
 def _fitting_move(
@@ -187,7 +184,7 @@ def _fitting_move(
     never moves back."""
     for full in sorted((a for a in weight if caches.over(a)), key=lambda a: (-caches.over(a), a)):
         moves = [
-            (max((load[full] - totals[h]) / weight[full], (load[t] + totals[h]) / weight[t]), h, t)
+            (_larger_share_after(totals[h], full, t, load, weight), h, t)
             for h, a in sorted(owner.items())
             if a == full and caches.size[h]
             for t in sorted(weight)
@@ -258,10 +255,35 @@ def _balance(
         move = _best_move(busiest, idlest, movable, totals, load, weight)
         if move is None:
             return
-        owner[move] = idlest
-        load[busiest] -= totals[move]
-        load[idlest] += totals[move]
-        caches.move(move, busiest, idlest)
+        _move(move, busiest, idlest, owner, load, totals[move], caches)
+
+
+def _larger_share_after(
+    heat: float,
+    source: str,
+    target: str,
+    load: Mapping[str, float],
+    weight: Mapping[str, float],
+) -> float:
+    """The larger of two workers' shares once a head of `heat` moves from `source` to
+    `target` (what both the fit and the balance minimise)."""
+    return max((load[source] - heat) / weight[source], (load[target] + heat) / weight[target])
+
+
+def _move(
+    head: str,
+    source: str,
+    target: str,
+    owner: dict[str, str],
+    load: dict[str, float],
+    heat: float,
+    caches: _Caches,
+) -> None:
+    """Pins `head` (of `heat`) to `target` instead of `source`, and counts it there."""
+    owner[head] = target
+    load[source] -= heat
+    load[target] += heat
+    caches.move(head, source, target)
 
 
 def _best_move(
@@ -276,10 +298,7 @@ def _best_move(
     their shares most (None: no move lowers it)."""
     best: tuple[float, str] | None = None
     for head in movable:
-        after = max(
-            (load[busiest] - totals[head]) / weight[busiest],
-            (load[idlest] + totals[head]) / weight[idlest],
-        )
+        after = _larger_share_after(totals[head], busiest, idlest, load, weight)
         if after < load[busiest] / weight[busiest] and (best is None or after < best[0]):
             best = (after, head)
     return None if best is None else best[1]
