@@ -55,6 +55,9 @@ FALLBACK_FROM_HEADER = "x-tokenmesh-fallback-from"  # the model a fallback answe
 #: Callers whose request id is the request's usage id (a replay is the same request):
 #: the jobs service, and plaintext (development, benchmarks: no identities at all).
 REPLAYING_CALLERS = frozenset({contract.JOBS, None})
+#: How a job item's attempt ends when the jobs service will try it again (its call
+#: timed out or its replica died: cancelled; the model unloaded under it: error).
+UNFINISHED_ATTEMPT = frozenset({"cancelled", "error"})
 CHARGE_EVERY_TOKENS = 16  # an unreserved stream is charged in chunks of at least this
 
 
@@ -182,8 +185,11 @@ class Request:
         # same `<job>:<n>` (charged and metered once), a fresh id for any other
         # caller: a request id is the caller's to choose, and reused it let every
         # request after the first pass unbudgeted and unmetered.
-        replays = not request_id or peer_identity(context) in REPLAYING_CALLERS
+        caller = peer_identity(context) if request_id else None
+        replays = not request_id or caller in REPLAYING_CALLERS
         self.usage_id = self.request_id if replays else uuid.uuid4().hex
+        # One attempt at a job item (`<job>:<n>`, the jobs service's own id).
+        self.job_attempt = bool(request_id) and caller == contract.JOBS
         self.rpc = rpc
         self.api_version = api_version
         self.metadata = dict(metadata or {})
@@ -253,6 +259,22 @@ class Request:
             metadata=self.metadata,
             api_version=self.api_version,
         )
+
+
+def set_attempt_apart(event: inference_pb2.UsageEvent) -> None:
+    """Records a job item's unfinished attempt beside the item, billed nothing.
+
+    The jobs service tries such an item again under the same id, and the meter
+    keeps the first event of an id: this attempt's tokens-so-far would have been
+    the item's usage, and the finished run's dropped. So the attempt gets an
+    event id of its own, `usage` zero (nothing billed, budgets reconciled to
+    zero) and `served_usage` what it computed. The run that finishes is billed
+    under the item's id, once.
+    """
+    event.served_usage.CopyFrom(event.usage)
+    event.usage.CopyFrom(token_usage(0, 0))
+    event.cached_prompt_tokens = 0
+    event.event_id = f"{event.event_id}:unfinished:{uuid.uuid4().hex}"
 
 
 class Admission:
@@ -345,6 +367,8 @@ class Admission:
 
     def record(self, request: Request, event: inference_pb2.UsageEvent) -> None:
         """Counts a finished request, appends its usage event and reconciles its reservation."""
+        if request.job_attempt and event.finish_reason in UNFINISHED_ATTEMPT:
+            set_attempt_apart(event)
         labels = (request.model.name, request.model.version)
         metrics.REQUESTS.labels(*labels, event.finish_reason).inc()
         request.model.outcomes.observe(event.finish_reason, event.timing.time_to_first_token_ms)

@@ -11,7 +11,10 @@ Backpressure: no worker for the model, a worker's full queue or drain
 (UNAVAILABLE), the owner's exhausted token budget (RESOURCE_EXHAUSTED) and
 the like make the item wait (RetryInfo's delay, else exponential backoff
 with jitter) and try again until the job's deadline; any other status is the
-item's result.
+item's result. An item whose call runs past the call timeout
+(TOKENMESH_JOBS_CALL_TIMEOUT_SECONDS) is tried once more, then gets a
+DEADLINE_EXCEEDED result: tried until the job's deadline, an item longer than
+the timeout ran again and again, each run cut and wasted.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ WAIT_CODES = frozenset(
     }
 )
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# Calls of one item cut by the call timeout before it gets an error result.
+CALL_TIMEOUT_TRIES = 2
 
 
 class DeadlinePassed(Exception):
@@ -183,7 +188,7 @@ class ItemExecutor:
         waits, a few such items took every slot of the replica, and every other
         tenant's items waited behind them until their jobs' deadlines.
         """
-        tries = 0
+        tries = timeouts = 0
         while True:
             remaining = deadline_s - time.time()
             if remaining <= 0:
@@ -193,6 +198,7 @@ class ItemExecutor:
             if placement is None:
                 await self._wait(tries, None, deadline_s)
                 continue
+            bounded_by_call_timeout = self.call_timeout_s < remaining
             try:
                 async with slot or contextlib.nullcontext():
                     return await self._call(
@@ -205,6 +211,10 @@ class ItemExecutor:
                     )
             except grpc.aio.AioRpcError as error:
                 status = status_details(error)
+                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and bounded_by_call_timeout:
+                    timeouts += 1
+                    if timeouts >= CALL_TIMEOUT_TRIES:
+                        return Outcome(self._timed_out(index), (0, 0, 0))
                 if error.code() not in WAIT_CODES:
                     reason = error_reason(status)
                     return Outcome(
@@ -212,6 +222,13 @@ class ItemExecutor:
                     )
                 logger.debug("item %s waits: %s", request_id, error.code().name)
                 await self._wait(tries, retry_delay_s(status), deadline_s)
+
+    def _timed_out(self, index: int) -> jobs_pb2.JobResult:
+        message = (
+            f"the item ran longer than the jobs service's call timeout"
+            f" ({self.call_timeout_s:g} s) in each of {CALL_TIMEOUT_TRIES} tries"
+        )
+        return error_result(index, grpc.StatusCode.DEADLINE_EXCEEDED, message, "CALL_TIMEOUT")
 
     async def _wait(self, tries: int, suggested_s: float | None, deadline_s: float) -> None:
         delay = self.backoff.delay_s(tries, suggested_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -14,6 +15,7 @@ import redis.asyncio as aioredis
 from services.core.errors import ResourceExhausted
 from services.inference.budget import Limits, TokenBudgets
 from services.launcher.mesh import spawn_redis
+from tests import mtls
 from tests.integration.conftest import inference_settings, start_inference
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
@@ -203,3 +205,68 @@ async def test_embeddings_spend_the_token_budgets_too(model_server, redis_url):
             await asyncio.sleep(0.02)  # reconciled in the background
     finally:
         await budgets.redis.aclose()
+
+
+async def _events_of(client, stream, request_id):
+    from tokenmesh.inference.v1 import inference_pb2
+
+    entries = await client.xrange(stream)
+    events = [inference_pb2.UsageEvent.FromString(f[b"event"]) for _, f in entries]
+    return [e for e in events if e.request_id == request_id]
+
+
+async def test_a_job_item_tried_again_is_billed_its_finished_run(tmp_path, redis_url):
+    """A job item's call that timed out (cancelled in the worker) is tried again under
+    the same `<job>:<n>`. The meter keeps an id's first event: the cut attempt's
+    tokens-so-far were the item's usage, the finished run's dropped, and the budget
+    charged the same. Now the cut attempt is recorded apart, billed nothing."""
+    from tokenmesh.inference.v2 import inference_pb2 as resources
+    from tokenmesh.inference.v2 import inference_service_pb2 as v2
+    from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_rpc
+
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    owner = [
+        ("x-tokenmesh-key-id", key),
+        ("x-tokenmesh-scopes", "inference:generate"),
+        ("x-tokenmesh-monthly-tokens", "100000"),
+    ]
+    item = v2.CompleteRequest(
+        model="deterministic-test",
+        prompt="a",
+        max_output_tokens=60,
+        request_id="job-9:0",
+        priority=resources.PRIORITY_BATCH,  # as the jobs service calls
+    )
+    settings = inference_settings(tmp_path, redis_url, test_engine_step_ms=20.0)
+    client = aioredis.from_url(redis_url)
+    budgets = TokenBudgets(client)
+    try:
+        async with await start_inference(settings) as (service, _):
+            port = service._running.port  # noqa: SLF001 - the bound port
+            async with mtls.aio_channel(port, peer="worker", caller="jobs") as channel:
+                stub = v2_rpc.InferenceServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as cut:
+                    await stub.Complete(item, metadata=owner, timeout=0.4)  # ~20 tokens in
+                assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                events: list[Any] = []
+                deadline = time.monotonic() + 10
+                while not events and time.monotonic() < deadline:  # the cut run's event
+                    events = await _events_of(client, settings.usage_stream, "job-9:0")
+                    await asyncio.sleep(0.05)
+                reply = await stub.Complete(item, metadata=owner)
+                billed = reply.usage.total_tokens
+                while len(events) < 2 and time.monotonic() < deadline:
+                    events = await _events_of(client, settings.usage_stream, "job-9:0")
+                    await asyncio.sleep(0.05)
+                while await _month_used(budgets, key) != billed and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)  # reconciled in the background
+        cut_run, finished = events
+        assert cut_run.finish_reason == "cancelled"
+        assert cut_run.event_id.startswith("job-9:0:unfinished:")
+        assert cut_run.usage.total_tokens == 0
+        assert 0 < cut_run.served_usage.completion_tokens < 60  # what it computed
+        assert finished.event_id == "job-9:0"
+        assert finished.usage.completion_tokens == reply.usage.completion_tokens == 60
+        assert await _month_used(budgets, key) == billed
+    finally:
+        await client.aclose()

@@ -165,3 +165,28 @@ async def test_items_that_wait_for_a_worker_do_not_hold_other_tenants_back(tmp_p
             for job_id in waiting:
                 await store.end(job_id, "CANCELLED")
         assert status == "SUCCEEDED"
+
+
+async def test_an_item_longer_than_the_call_timeout_ends_with_an_error(tmp_path, redis_url):
+    """Cut by the call timeout, the item was tried again until its job's deadline
+    (a day by default), each run cut and wasted. It now gets a DEADLINE_EXCEEDED
+    result after its second cut run."""
+    async with _runner_beside_a_worker(tmp_path, redis_url, 1) as (store, runner):
+        runner.executor.call_timeout_s = 0.2  # the item needs ~2 s (400 steps of 5 ms)
+        long_item = jobs_pb2.JobItem(
+            complete=v2.CompleteRequest(
+                model="deterministic-test", prompt="a", max_output_tokens=400
+            )
+        )
+        job_id = await _job(store, [long_item])
+        task = asyncio.create_task(runner.run_forever(block_ms=200))
+        try:
+            status = await _wait_for_status(store, job_id, timeout_s=10)
+        finally:
+            await cancel_and_wait(task, 10)
+        assert status in ("SUCCEEDED", "FAILED"), status
+        (body,) = await store.results(job_id, [0])
+        assert body is not None
+        result = jobs_pb2.JobResult.FromString(body)
+        assert result.error.code == "DEADLINE_EXCEEDED"
+        assert result.error.reason == "CALL_TIMEOUT"

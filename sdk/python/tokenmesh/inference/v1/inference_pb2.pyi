@@ -357,8 +357,9 @@ class UsageEvent(_message.Message):
     """event_id is what consumers deduplicate on: the request_id for the jobs
     service's calls (every run of one job item is the same request, counted
     once), unique per request otherwise (a caller's request_id is the
-    caller's to choose, and may repeat). Empty in events written before it
-    existed: request_id then.
+    caller's to choose, and may repeat). A job item's unfinished attempt
+    (see served_usage) has one of its own, "<request_id>:unfinished:<hex>".
+    Empty in events written before it existed: request_id then.
     """
     @_builtins.property
     def model(self) -> _types_pb2.ModelRef:
@@ -395,7 +396,11 @@ class UsageEvent(_message.Message):
 
     @_builtins.property
     def served_usage(self) -> _types_pb2.TokenUsage:
-        """served_usage counts the tokens the caller received; set when `cached`."""
+        """served_usage counts the tokens the caller received; set when `cached`.
+        Also set, with `usage` zero, on a job item's attempt that did not finish
+        (finish_reason "cancelled" or "error": the jobs service tries the item
+        again): what that attempt computed, billed to no one.
+        """
 
     def __init__(
         self,
