@@ -83,6 +83,8 @@ TRANSCODED_SERVICES = (
 SELF_LIMITING_UPSTREAMS = frozenset({"inference"})
 # Streaming routes get no total timeout (a long generation is fine), only an idle one.
 STREAMING_UPSTREAMS = frozenset({"inference", "jobs"})  # jobs: progress events (SSE)
+# What every edge removes from a client's request: only the edge may set them.
+STRIPPED_HEADERS = (*edge_auth.IDENTITY_HEADERS, *model_routing.EDGE_ONLY_HEADERS)
 # The identity each upstream cluster's hosts must prove (their certificate's SPIFFE id).
 UPSTREAM_IDENTITY: Mapping[str, str] = {
     "auth": contract.AUTH,
@@ -755,14 +757,11 @@ def hsts_filter() -> dict[str, Any]:
 
 
 def _strip_filters(config: EdgeConfig) -> list[dict[str, Any]]:
-    """Removes headers only the edge may set, before anything can trust them: routing
-    and shadow headers on every edge (a static one too: workers read a client's
-    x-tokenmesh-shadow as a mirrored, unmetered copy), identity with auth."""
-    names = [
-        *(edge_auth.IDENTITY_HEADERS if config.auth else ()),
-        *model_routing.EDGE_ONLY_HEADERS,
-    ]
-    return [edge_auth.strip_headers_filter(names)]
+    """Removes headers only the edge may set, before anything can trust them, on every
+    edge: one without auth too (its callers are anonymous: workers trust the edge's
+    identity headers, so a client's copies named any key, tenant or scope, admin
+    included; and a client's x-tokenmesh-shadow made its request an unmetered mirror)."""
+    return [edge_auth.strip_headers_filter(STRIPPED_HEADERS)]
 
 
 def _auth_filters(config: EdgeConfig) -> list[dict[str, Any]]:

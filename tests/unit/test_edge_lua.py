@@ -52,12 +52,15 @@ def test_the_merged_response_filter_makes_the_openai_body_before_the_rest_status
     assert handler.index("openai_error_body(") < handler.index("apply_error_status(")
 
 
-def test_every_edge_strips_client_copies_of_its_routing_and_shadow_headers(
+def test_every_edge_strips_client_copies_of_its_routing_shadow_and_identity_headers(
     tmp_path: Path,
 ) -> None:
     # A static edge (no control plane, no auth) too: a worker reads a client's
-    # x-tokenmesh-shadow as a mirrored copy, which is not metered.
-    filters = envoy_config.http_connection_manager(_config(tmp_path))["http_filters"]
+    # x-tokenmesh-shadow as a mirrored copy, which is not metered, and trusts the
+    # edge's identity headers (an edge without auth passed a client's
+    # x-tokenmesh-scopes: admin, or another key's id to bill).
+    config = _config(tmp_path, auth=None)
+    filters = envoy_config.http_connection_manager(config)["http_filters"]
     removed = {
         m["remove"]
         for f in filters
@@ -65,3 +68,4 @@ def test_every_edge_strips_client_copies_of_its_routing_and_shadow_headers(
         for m in f["typed_config"]["mutations"].get("request_mutations", [])
     }
     assert {contract.SHADOW_HEADER, contract.SHADOWED_HEADER, MODEL_HEADER} <= removed
+    assert set(contract.IDENTITY_HEADERS) <= removed
