@@ -30,12 +30,17 @@ from services.core.redis_service import text
 REPLAY_TTL_S = 3600
 
 # KEYS: window zset, window amounts hash, month counter, the request id's charge
-# ARGV: now_ms, request id, amount, tpm (0 = none), monthly (0 = none), month ttl s,
-#       replay ttl s
+# ARGV: (unused), request id, amount, tpm (0 = none), monthly (0 = none), month
+#       ttl s, replay ttl s
+# The minute window is scored by Redis's clock (TIME), the same for every worker
+# (services.usage.ratelimit._SLIDING_WINDOWS says why).
 # Returns {0 or 1, which budget failed ("" | "tpm" | "monthly"), retry_after_ms,
 #          tokens used this minute and this month including this reservation}
 _RESERVE = """
-local now, id, amount = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+if redis.replicate_commands then redis.replicate_commands() end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local id, amount = ARGV[2], tonumber(ARGV[3])
 local tpm, monthly = tonumber(ARGV[4]), tonumber(ARGV[5])
 local used, month_used = 0, 0
 -- This request id holds a reservation already (a replay): admitted, not charged again.

@@ -100,13 +100,19 @@ WARN_AT = 0.8
 WARNING_HEADER = "x-tokenmesh-ratelimit-warning"
 SHAPE_CACHE_SIZE = 16384
 
-# KEYS: one sliding window per limit; ARGV: now_ms, window_ms, hits, member
+# KEYS: one sliding window per limit; ARGV: (unused), window_ms, hits, member
 # prefix, lease size, limit per key. All-or-nothing: the request is counted in
 # every window or in none. When every window stays at most half full after it,
-# `lease` more slots are reserved in each (see leases.py), else none.
-# Returns a flat list {allowed, leased, used_1, oldest_1, used_2, oldest_2, ...}.
+# `lease` more slots are reserved in each (see leases.py), else none. Windows
+# are scored by Redis's clock (TIME), one for every replica: scored by each
+# replica's own, a replica whose clock ran ahead dropped the others' recent
+# hits as expired, and one behind added hits that the others dropped at once.
+# Returns a flat list {allowed, leased, now_ms, used_1, oldest_1, ...}.
 _SLIDING_WINDOWS = """
-local now, window, hits = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.replicate_commands then redis.replicate_commands() end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local window, hits = tonumber(ARGV[2]), tonumber(ARGV[3])
 local lease = tonumber(ARGV[5])
 local allowed = 1
 local used = {}
@@ -123,7 +129,7 @@ for h = 1, hits + lease do
   table.insert(members, now)
   table.insert(members, ARGV[4] .. ':' .. h)
 end
-local out = {allowed, lease}
+local out = {allowed, lease, now}
 for i, key in ipairs(KEYS) do
   if allowed == 1 then
     redis.call('ZADD', key, unpack(members))
@@ -226,6 +232,8 @@ class RequestLimiter:
         self._shapes: dict[tuple[tuple[str, str], ...], tuple[list[Limit], LeaseKey] | None] = {}
         self._tasks = supervisor if supervisor is not None else Supervisor("usage")
         self._settler: SupervisedTask | None = None
+        # Redis's clock minus this replica's, learned at every decision (see _SLIDING_WINDOWS).
+        self._redis_clock_offset_ms = 0
 
     async def close(self) -> None:
         """Settles every lease (unused slots go back) and closes the connections."""
@@ -298,15 +306,19 @@ class RequestLimiter:
             self._shapes[entries] = shape
         return shape
 
+    def _now_ms(self) -> int:
+        """Returns the time on Redis's clock, as this replica last learned it."""
+        return int(time.time() * 1000) + self._redis_clock_offset_ms
+
     async def _check(self, limits: list[Limit], key: LeaseKey, hits: int) -> list[WindowStatus]:
-        now_ms = int(time.time() * 1000)
+        now_ms = self._now_ms()
         lease = self.leases.admit(key, hits, now_ms)
         if lease is not None:
             LEASED.inc()
             allowed, counts, oldest = True, lease.counts, lease.oldest
         else:
             READ.inc()
-            allowed, counts, oldest = await self._decide(key, limits, hits, now_ms)
+            allowed, counts, oldest, now_ms = await self._decide(key, limits, hits)
         windows = []
         for limit, used, first in zip(limits, counts, oldest, strict=True):
             reset_s = max(1, (first + WINDOW_S * 1000 - now_ms + 999) // 1000)
@@ -317,21 +329,26 @@ class RequestLimiter:
         return windows
 
     async def _decide(
-        self, key: LeaseKey, limits: list[Limit], hits: int, now_ms: int
-    ) -> tuple[bool, list[int], list[int]]:
-        """Asks Redis; returns (allowed, count per window, oldest score per window)."""
+        self, key: LeaseKey, limits: list[Limit], hits: int
+    ) -> tuple[bool, list[int], list[int], int]:
+        """Asks Redis; returns (allowed, count per window, oldest score per window, the
+        decision's time on Redis's clock)."""
         size = self.leases.request(key, [limit.limit for limit in limits])
         member = next(self._hit_ids)
         windows = tuple(window for window, _ in key)
         lease: Lease | None = None
+        sent_ms = int(time.time() * 1000)
         try:
             reply = await self._windows(
                 keys=windows,
-                args=[now_ms, WINDOW_S * 1000, hits, member, size, *(n for _, n in key)],
+                args=[sent_ms, WINDOW_S * 1000, hits, member, size, *(n for _, n in key)],
             )
             allowed, leased = bool(reply[0]), int(reply[1])
-            counts = [int(n) for n in reply[2::2]]
-            oldest = [int(n) for n in reply[3::2]]
+            redis_now_ms = int(reply[2])
+            # Leases time their admissions on it (leases.py); the RTT's half is noise.
+            self._redis_clock_offset_ms = redis_now_ms - sent_ms
+            counts = [int(n) for n in reply[3::2]]
+            oldest = [int(n) for n in reply[4::2]]
             if leased:
                 lease = Lease(
                     windows=windows,
@@ -355,7 +372,7 @@ class RequestLimiter:
         finally:  # also when cancelled: the next decision may ask for a lease again
             if size:  # (a decision that asked for none must not clear another's request)
                 self.leases.granted(key, lease)
-        return allowed, counts, oldest
+        return allowed, counts, oldest, redis_now_ms
 
     def _start_settler(self) -> None:
         if self._settler is None or self._settler.done():

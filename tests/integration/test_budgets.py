@@ -43,6 +43,18 @@ async def test_exactly_n_tokens_per_minute(budgets):
         await budgets.reserve(key, limits, "r7", 1)
 
 
+async def test_a_worker_whose_clock_runs_ahead_cannot_empty_the_minute_window(budgets, monkeypatch):
+    """The window was scored by each worker's clock: one 61 s ahead saw the others'
+    reservations as expired and reserved past tokens_per_minute. Redis's clock now."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    limits = Limits(tokens_per_minute=100)
+    await budgets.reserve(key, limits, "on-time", 60)
+    real_time = time.time
+    monkeypatch.setattr("services.inference.budget.time.time", lambda: real_time() + 61)
+    with pytest.raises(ResourceExhausted):
+        await budgets.reserve(key, limits, "ahead", 60)
+
+
 async def test_monthly_quota_counts_actual_usage(budgets):
     key = f"key_{uuid.uuid4().hex[:8]}"
     limits = Limits(monthly_tokens=30)

@@ -206,3 +206,38 @@ async def test_no_lease_is_granted_above_half_a_limit_so_none_holds_back_other_r
             for _ in range(40)
         ]
     assert codes == [OK] * 39 + [OVER]
+
+
+@pytest.mark.parametrize("skew_s", [61.0, -120.0])
+async def test_a_replica_whose_clock_is_off_still_admits_exactly_the_limit(
+    redis_url, monkeypatch, skew_s
+):
+    """Windows were scored by each replica's own clock. One 61 s ahead dropped the
+    others' hits as expired; one 120 s behind added hits the others dropped at once.
+    Both admitted past the limit; Redis's clock (TIME) now scores every window."""
+    from services.usage import ratelimit
+
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    entries = (("key_id", key),)
+    client = aioredis.from_url(redis_url)
+    on_time = ratelimit.RequestLimiter(client, default_rpm=10, redis_url=redis_url)
+    off = ratelimit.RequestLimiter(client, default_rpm=10, redis_url=redis_url)
+    real_time = time.time
+    try:
+        admitted = 0
+        for n in range(12):  # the two replicas take turns
+            replica = off if n % 2 else on_time
+            if replica is off:
+                monkeypatch.setattr(ratelimit.time, "time", lambda: real_time() + skew_s)
+            statuses = await replica.decide(entries)
+            monkeypatch.setattr(ratelimit.time, "time", real_time)
+            assert statuses is not None
+            admitted += not any(s.over for s in statuses)
+            if replica is off:
+                assert all(1 <= s.reset_s <= 60 for s in statuses)  # on Redis's clock too
+        assert admitted == 10
+    finally:
+        monkeypatch.setattr(ratelimit.time, "time", real_time)
+        await on_time.close()
+        await off.close()
+        await client.aclose()
