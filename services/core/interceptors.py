@@ -96,9 +96,11 @@ def to_domain_error(exc: BaseException, method: str) -> TokenmeshError:
 
 
 async def abort_with(context: Context, error: TokenmeshError) -> None:
-    """Ends the RPC with `error`'s status and google.rpc details."""
+    """Ends the RPC with `error`'s status and google.rpc details, keeping the trailing
+    metadata the RPC set before (grpc.aio's abort replaces it)."""
     status = rpc_status.to_status(error.to_status())
-    metadata = tuple(status.trailing_metadata)
+    kept = getattr(context, "trailing_metadata", None)
+    metadata = (*tuple((kept() if kept is not None else None) or ()), *status.trailing_metadata)
     retry_after = getattr(error, "retry_after_s", None)
     if retry_after is not None:
         # REST clients behind the transcoder see this as a Retry-After header.
@@ -175,6 +177,14 @@ class _AnnouncingContext:
         if not self._sent:
             trailing_metadata = (*tuple(trailing_metadata), *self._headers)
         return await self._context.abort(code, details, trailing_metadata)
+
+    def keep_for_error(self) -> None:
+        """Puts the headers in the trailing metadata unless they were sent: the RPC is
+        failing, and an outer layer (the error boundary) ends it on its own context."""
+        if not self._sent:
+            self._sent = True
+            kept = tuple(self._context.trailing_metadata() or ())
+            self._context.set_trailing_metadata((*kept, *self._headers))
 
 
 # Public: other interceptors announce headers the same way (services.inference.request_limits).

@@ -105,14 +105,22 @@ def refusal(window: WindowStatus) -> ResourceExhausted:
 
 
 async def _announced(result: Any, limited: AnnouncingContext | None) -> AsyncIterator[Any]:
-    """Streams a handler's messages, announcing the limits' headers before the first."""
-    if inspect.isasyncgen(result):
-        async for message in result:
-            if limited is not None:
-                await limited.ensure_announced()
-            yield message
-    elif inspect.isawaitable(result):
-        await result
+    """Streams a handler's messages, announcing the limits' headers before the first
+    (or in the trailers of an error before it)."""
+    try:
+        if inspect.isasyncgen(result):
+            async for message in result:
+                if limited is not None:
+                    await limited.ensure_announced()
+                yield message
+        elif inspect.isawaitable(result):
+            await result
+    except grpc.aio.AbortError:
+        raise  # aborted through `limited`: the headers are in its trailers
+    except Exception:
+        if limited is not None:
+            limited.keep_for_error()
+        raise
     if limited is not None:
         await limited.ensure_announced()
 
@@ -169,10 +177,18 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
     def _unary(self, behavior: Handler, openai: bool) -> Handler:
         async def unary(request: Any, context: Context) -> Any:
             limited = await self.admit(context, openai)
-            result = behavior(request, limited or context)
-            response = await result if inspect.isawaitable(result) else result
-            if limited is not None:
-                await limited.ensure_announced()
+            if limited is None:
+                result = behavior(request, context)
+                return await result if inspect.isawaitable(result) else result
+            try:
+                result = behavior(request, limited)
+                response = await result if inspect.isawaitable(result) else result
+            except grpc.aio.AbortError:
+                raise  # aborted through `limited`: the headers are in its trailers
+            except Exception:
+                limited.keep_for_error()  # an error answer carries the limits' headers too
+                raise
+            await limited.ensure_announced()
             return response
 
         return unary

@@ -37,6 +37,20 @@ def test_three_per_minute_means_exactly_three(mesh):
     assert body["code"] == 8 and "requests_per_minute=3" in body["message"]
 
 
+def test_a_request_the_worker_refuses_still_gets_the_limits_headers(mesh):
+    # As Envoy's filter gives them on every answer; the worker's error answers lacked them.
+    key = create_key(mesh, "--rpm", "5")
+    reply = httpx.post(
+        f"{mesh.edge_url}/v1/models/deterministic-test:complete",
+        json={"prompt": "hello", "max_tokens": -1},
+        headers={"x-api-key": key["secret"]},
+        timeout=10,
+    )
+    assert reply.status_code == 400
+    assert reply.headers["x-ratelimit-limit"].startswith("5")
+    assert reply.headers["x-ratelimit-remaining"] == "4"
+
+
 def test_grpc_callers_get_resource_exhausted_and_jwts_share_the_limit(mesh):
     key = create_key(mesh, "--rpm", "2")
     token = httpx.post(

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import grpc
+import grpc.aio
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
@@ -77,3 +80,26 @@ async def test_a_limiter_error_that_is_not_an_outage_fails_open_like_one(tmp_pat
     finally:
         await client.delete(f"tm:ratelimit:rpm:{key}")
         await client.aclose()
+
+
+async def test_an_error_answer_carries_the_limits_headers_too(tmp_path, redis_url):
+    """Envoy's rate-limit filter puts the draft-03 headers on every answer; a worker's
+    limited call that failed in its handler (an unknown model, a spent budget) lost
+    them: the error boundary ended it on a context that never had them."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-rpm", "1000")]
+    unknown = pb.CompleteRequest(model="no-such-model", prompt="a", max_tokens=1)
+    streamed = pb.GenerateRequest(model="no-such-model", prompt="a", max_tokens=1)
+    async with await start_inference(inference_settings(tmp_path, redis_url)) as (_, channel):
+        stub = rpc.InferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await stub.Complete(unknown, metadata=identity)
+        with pytest.raises(grpc.aio.AioRpcError) as stream:
+            async for _ in stub.Generate(streamed, metadata=identity):
+                pass
+    for failed in (unary.value, stream.value):
+        assert failed.code() == grpc.StatusCode.NOT_FOUND
+        headers = dict(failed.trailing_metadata() or ())
+        assert headers["x-ratelimit-limit"].startswith("1000")
+        assert int(headers["x-ratelimit-remaining"]) < 1000
+        assert "grpc-status-details-bin" in headers  # the error's details are kept
