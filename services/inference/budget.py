@@ -22,7 +22,10 @@ import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from services.core.breaker import Breaker
 from services.core.errors import QuotaViolation, ResourceExhausted
 from services.core.redis_service import text
 
@@ -145,6 +148,9 @@ class TokenBudgets:
         self.redis = client
         self.replay_ttl_s = replay_ttl_s
         self._reserve = client.register_script(_RESERVE)
+        # A hung Redis fails reservations at once after a few timeouts
+        # (services.core.breaker): requests are admitted unmetered without waiting.
+        self.breaker = Breaker("budgets")
         self._reconcile = client.register_script(_RECONCILE)
 
     def _keys(self, key_id: str, now: float) -> tuple[str, str, str]:
@@ -164,18 +170,24 @@ class TokenBudgets:
         """
         now = time.time()
         _, until_next_month = _month(now)
-        ok, budget, retry_ms, *used = await self._reserve(
-            keys=[*self._keys(key_id, now), self._charge_key(key_id, request_id)],
-            args=[
-                int(now * 1000),
-                request_id,
-                amount,
-                limits.tokens_per_minute,
-                limits.monthly_tokens,
-                int(until_next_month) + 86400,
-                self.replay_ttl_s,
-            ],
-        )
+        self.breaker.check()  # raises BreakerOpen, a connection error: budgets fail open
+        try:
+            ok, budget, retry_ms, *used = await self._reserve(
+                keys=[*self._keys(key_id, now), self._charge_key(key_id, request_id)],
+                args=[
+                    int(now * 1000),
+                    request_id,
+                    amount,
+                    limits.tokens_per_minute,
+                    limits.monthly_tokens,
+                    int(until_next_month) + 86400,
+                    self.replay_ttl_s,
+                ],
+            )
+        except (RedisConnectionError, RedisTimeoutError):
+            self.breaker.failed()
+            raise
+        self.breaker.succeeded()
         if ok:
             return _warning(limits, int(used[0]), int(used[1]))
         name = text(budget)

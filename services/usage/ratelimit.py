@@ -46,6 +46,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from services.core.breaker import Breaker, BreakerOpen
 from services.core.errors import Unavailable
 from services.core.interceptors import Context
 from services.core.tasks import SupervisedTask, Supervisor
@@ -232,6 +233,8 @@ class RequestLimiter:
         self._shapes: dict[tuple[tuple[str, str], ...], tuple[list[Limit], LeaseKey] | None] = {}
         self._tasks = supervisor if supervisor is not None else Supervisor("usage")
         self._settler: SupervisedTask | None = None
+        # A hung store fails decisions at once after a few timeouts (services.core.breaker).
+        self.breaker = Breaker("ratelimit")
         # Redis's clock minus this replica's, learned at every decision (see _SLIDING_WINDOWS).
         self._redis_clock_offset_ms = 0
 
@@ -333,6 +336,11 @@ class RequestLimiter:
     ) -> tuple[bool, list[int], list[int], int]:
         """Asks Redis; returns (allowed, count per window, oldest score per window, the
         decision's time on Redis's clock)."""
+        try:
+            self.breaker.check()
+        except BreakerOpen:
+            FAIL_OPEN.inc()  # the store failed its last decisions: not waited for again
+            raise Unavailable("rate-limit store unavailable", retry_after_s=1.0) from None
         size = self.leases.request(key, [limit.limit for limit in limits])
         member = next(self._hit_ids)
         windows = tuple(window for window, _ in key)
@@ -343,6 +351,7 @@ class RequestLimiter:
                 keys=windows,
                 args=[sent_ms, WINDOW_S * 1000, hits, member, size, *(n for _, n in key)],
             )
+            self.breaker.succeeded()
             allowed, leased = bool(reply[0]), int(reply[1])
             redis_now_ms = int(reply[2])
             # Leases time their admissions on it (leases.py); the RTT's half is noise.
@@ -359,6 +368,7 @@ class RequestLimiter:
                 )
                 self._start_settler()
         except STORE_UNAVAILABLE as exc:  # Redis down: Envoy applies failure_mode_deny
+            self.breaker.failed()
             FAIL_OPEN.inc()
             logger.warning("rate-limit store unavailable: %s", type(exc).__name__)
             raise Unavailable("rate-limit store unavailable", retry_after_s=1.0) from None

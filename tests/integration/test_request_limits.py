@@ -4,6 +4,9 @@ the same Redis windows, leases on, never more admitted than the limit."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 import uuid
 
 import grpc
@@ -13,6 +16,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from services.core.tasks import Supervisor
+from services.launcher.mesh import spawn_redis
 from services.usage.ratelimit import RequestLimiter
 from tests.integration.conftest import inference_settings, start_inference
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
@@ -103,3 +107,33 @@ async def test_an_error_answer_carries_the_limits_headers_too(tmp_path, redis_ur
         assert headers["x-ratelimit-limit"].startswith("1000")
         assert int(headers["x-ratelimit-remaining"]) < 1000
         assert "grpc-status-details-bin" in headers  # the error's details are kept
+
+
+async def test_a_hung_store_is_not_waited_for_on_every_request(tmp_path):
+    """A Redis that stops answering (SIGSTOP: connections open, no replies) made every
+    limited, budgeted request wait out both stores' timeouts (1 s + 2 s) before it
+    failed open. After a few such waits the breakers open: requests pass at once."""
+    child, url = spawn_redis(tmp_path / "data", tmp_path / "redis.log")
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    identity = [
+        ("x-tokenmesh-key-id", key),
+        ("x-tokenmesh-rpm", "100"),  # too few for window leases: every decision asks
+        ("x-tokenmesh-monthly-tokens", "100000"),
+    ]
+    request = pb.CompleteRequest(model="deterministic-test", prompt="a", max_tokens=1)
+    try:
+        async with await start_inference(inference_settings(tmp_path, url)) as (_, channel):
+            stub = rpc.InferenceServiceStub(channel)
+            await stub.Complete(request, metadata=identity)  # connections made
+            os.kill(child.pid, signal.SIGSTOP)
+            # Three at once: each waits for the stores' timeouts, then the breakers open.
+            await asyncio.gather(*(stub.Complete(request, metadata=identity) for _ in range(3)))
+            started = time.monotonic()
+            for _ in range(5):
+                reply = await stub.Complete(request, metadata=identity)
+                assert reply.usage.completion_tokens == 1
+            assert time.monotonic() - started < 1.0  # not one store timeout among five
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        child.terminate()
+        child.wait(10)

@@ -1,0 +1,96 @@
+"""A circuit breaker for a store the request path waits on (Redis: limits, budgets).
+
+A Redis that hangs (stopped, swapping, a network partition that drops
+packets) does not refuse connections: every call waits for its timeout
+(1-2 s) before the request fails open. At 32 concurrent requests that is 32
+requests every 1-3 s, while the store's answer is known. After `failures`
+store failures in a row the breaker opens: calls fail at once (the caller's
+failure mode applies, as for any outage) for `open_s`; then one call goes
+through as a probe, and its answer closes the breaker or opens it again (a
+probe that never answers, cancelled with its request, is replaced after
+`PROBE_S`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import Counter
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+OPENED = Counter(
+    "tokenmesh_store_breaker_opened_total",
+    "Times a store's circuit breaker opened (its calls failed at once for a while).",
+    ["store"],
+)
+SHORT_CIRCUITED = Counter(
+    "tokenmesh_store_breaker_short_circuits_total",
+    "Calls a store's open circuit breaker failed at once, without waiting for the store.",
+    ["store"],
+)
+PROBE_S = 10.0  # longer than any store call's timeout
+
+
+class BreakerOpen(RedisConnectionError):
+    """BreakerOpen: the store failed its last calls; this one was not tried.
+
+    A connection error, so every caller's outage handling (fail open, spool,
+    the failure mode) applies unchanged.
+    """
+
+
+class Breaker:
+    """Breaker fails a store's calls at once while the store keeps failing (see module).
+
+    Args:
+        store: the store's name, in metrics ("ratelimit", "budgets").
+        failures: store failures in a row that open it.
+        open_s: how long it stays open before a probe.
+        clock: monotonic seconds (tests pass another).
+    """
+
+    def __init__(
+        self,
+        store: str,
+        failures: int = 3,
+        open_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.failures = failures
+        self.open_s = open_s
+        self._clock = clock
+        self._failed = 0
+        self._open_until = 0.0
+        self._probe_until = 0.0  # a probe is under way until then
+        self._opened = OPENED.labels(store)
+        self._short_circuited = SHORT_CIRCUITED.labels(store)
+
+    @property
+    def is_open(self) -> bool:
+        """Whether calls are failing at once now (a probe may be under way)."""
+        return self._failed >= self.failures
+
+    def check(self) -> None:
+        """Raises BreakerOpen unless this call may go to the store."""
+        if not self.is_open:
+            return
+        now = self._clock()
+        if now < self._open_until or now < self._probe_until:
+            self._short_circuited.inc()
+            raise BreakerOpen("the store failed its last calls; not tried")
+        self._probe_until = now + PROBE_S  # this call probes; the others wait for it
+
+    def succeeded(self) -> None:
+        """Records a call the store answered: the breaker closes."""
+        self._failed = 0
+        self._probe_until = 0.0
+
+    def failed(self) -> None:
+        """Records a call the store failed (unreachable, timed out)."""
+        self._failed += 1
+        self._probe_until = 0.0
+        if self._failed >= self.failures:
+            if self._failed == self.failures:
+                self._opened.inc()
+            self._open_until = self._clock() + self.open_s
