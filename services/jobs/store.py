@@ -210,12 +210,20 @@ return due
 """
 
 # KEYS: job, attempts, hooks. ARGV: job id, attempt bytes, new state, next due ms
-# (0: none), attempts kept. Records an attempt and the webhook's next state.
+# (0: none), attempts kept, the round the attempt belongs to (its round_start).
+# Records an attempt and the webhook's next state, unless the attempt came late:
+# its round was delivered already, or a redelivery started a new one (a replica
+# whose lease ran out while it waited; its failure overwrote the success of the
+# replica that sent the event after it). Returns 1 when the state changed.
 _RECORD_ATTEMPT = """
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
 local ttl = redis.call('TTL', KEYS[1])
 if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+local round = tonumber(redis.call('HGET', KEYS[1], 'round_start') or '0')
+if round ~= tonumber(ARGV[6]) or redis.call('HGET', KEYS[1], 'webhook_state') == 'DELIVERED' then
+  return 0
+end
 redis.call('HSET', KEYS[1], 'webhook_state', ARGV[3], 'webhook_next_ms', ARGV[4])
 if tonumber(ARGV[4]) > 0 then
   redis.call('ZADD', KEYS[3], tonumber(ARGV[4]), ARGV[1])
@@ -569,13 +577,28 @@ class JobStore:
         return int(await self.redis.hincrby(job_key(job_id), "webhook_attempts", 1))
 
     async def record_attempt(
-        self, job_id: str, attempt: jobs_pb2.WebhookAttempt, state: str, next_ms: int
-    ) -> None:
-        """Records an attempt and the webhook's next state (next_ms 0: no further attempt)."""
-        await self._record_attempt(
+        self,
+        job_id: str,
+        attempt: jobs_pb2.WebhookAttempt,
+        state: str,
+        next_ms: int,
+        round_start: int,
+    ) -> bool:
+        """Records an attempt and the webhook's next state (next_ms 0: no further
+        attempt); False when the attempt came late and changed no state (its round,
+        `round_start` when it was sent, was delivered or replaced meanwhile)."""
+        changed = await self._record_attempt(
             keys=[job_key(job_id), attempts_key(job_id), HOOKS_KEY],
-            args=[job_id, attempt.SerializeToString(), state, next_ms, MAX_ATTEMPTS_KEPT],
+            args=[
+                job_id,
+                attempt.SerializeToString(),
+                state,
+                next_ms,
+                MAX_ATTEMPTS_KEPT,
+                round_start,
+            ],
         )
+        return bool(changed)
 
     async def redeliver(self, job_id: str) -> None:
         """Makes a final job's webhook due now, for a new round of attempts."""

@@ -153,8 +153,9 @@ class WebhookSender:
             error=answer.error,
             duration_ms=(time.time() - started) * 1000,
         )
+        round_start = record.number("round_start")
         await self.store.record_attempt(
-            job_id, attempt, *self._next(record.number("round_start"), number, answer)
+            job_id, attempt, *self._next(round_start, number, answer), round_start
         )
         logger.info(
             "webhook of %s attempt %d: %s", job_id, number, answer.http_status or answer.error

@@ -69,3 +69,33 @@ async def test_a_result_written_after_its_job_ended_expires_with_the_job(redis_u
         assert 0 < await client.ttl(results_key(job_id)) <= 3600
     finally:
         await client.aclose()
+
+
+async def test_a_late_failed_webhook_attempt_does_not_undo_a_delivery(redis_url):
+    """A replica whose lease on a due webhook ran out while it waited for the receiver
+    recorded its failure after another replica delivered the event: the webhook went
+    back to RETRYING (sent again) or DEAD. A late attempt is now kept in the list and
+    changes nothing; so is one of a round a redelivery replaced."""
+    client = aioredis.from_url(redis_url)
+    store, key = JobStore(client, 3600), f"key_{uuid.uuid4().hex[:8]}"
+    item = jobs_pb2.JobItem(complete=v2.CompleteRequest(model="m", prompt="a"))
+    try:
+        job_id, _ = await store.create(
+            NewJob(Owner(key, "", {}), [item], "https://hooks.example/x", {}, "", now_ms() + 1)
+        )
+        numbers = [await store.next_attempt(job_id) for _ in range(2)]  # two replicas'
+        late, sent = (jobs_pb2.WebhookAttempt(attempt=n) for n in numbers)
+        assert await store.record_attempt(job_id, sent, jobstore.HOOK_DELIVERED, 0, 0)
+        retry_at = now_ms() + 30_000
+        assert not await store.record_attempt(job_id, late, jobstore.HOOK_RETRYING, retry_at, 0)
+        record = await store.get(job_id)
+        assert record is not None and record.get("webhook_state") == jobstore.HOOK_DELIVERED
+        assert await client.zscore(jobstore.HOOKS_KEY, job_id) is None  # not sent again
+        assert [a.attempt for a in await store.attempts(job_id)] == [2, 1]
+        await store.redeliver(job_id)  # a new round, counted from attempt 2 on
+        assert not await store.record_attempt(job_id, late, jobstore.HOOK_DEAD, 0, 0)
+        record = await store.get(job_id)
+        assert record is not None and record.get("webhook_state") == jobstore.HOOK_PENDING
+    finally:
+        await client.zrem(jobstore.HOOKS_KEY, job_id)
+        await client.aclose()
