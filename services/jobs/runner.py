@@ -129,9 +129,15 @@ class Runner:
         if not open_lanes:
             return False
         count = max(1, min(self._free(s) for s in open_lanes))
-        reply: Any = await self.redis.xreadgroup(
-            jobstore.GROUP, self.consumer, open_lanes, count=count, block=block_ms
-        )
+        try:
+            reply: Any = await self.redis.xreadgroup(
+                jobstore.GROUP, self.consumer, open_lanes, count=count, block=block_ms
+            )
+        except ResponseError as exc:
+            if not jobstore.is_missing_group(exc):
+                raise
+            self.store.forget_groups()  # a lane read above was retired: read the set again
+            return False
         for stream, entries in reply or []:
             for entry_id, fields in entries:
                 self._start(text(stream), text(entry_id), fields)
@@ -142,9 +148,14 @@ class Runner:
         resumed = 0
         for stream in await self.store.lanes():
             await self.store.ensure_group(stream)
-            reply: Any = await self.redis.xreadgroup(
-                jobstore.GROUP, self.consumer, {stream: "0"}, count=10_000
-            )
+            try:
+                reply: Any = await self.redis.xreadgroup(
+                    jobstore.GROUP, self.consumer, {stream: "0"}, count=10_000
+                )
+            except ResponseError as exc:
+                if not jobstore.is_missing_group(exc):
+                    raise
+                continue  # retired meanwhile: nothing of this replica's was in it
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     if fields:  # an entry trimmed meanwhile comes back empty
@@ -167,14 +178,19 @@ class Runner:
             # ones (a few replicas) were never taken over, ending EXPIRED.
             cursor = "0-0"
             while free > 0:
-                reply: Any = await self.redis.xautoclaim(
-                    stream,
-                    jobstore.GROUP,
-                    self.consumer,
-                    min_idle_time=int(self.claim_idle_s * 1000),
-                    start_id=cursor,
-                    count=free,
-                )
+                try:
+                    reply: Any = await self.redis.xautoclaim(
+                        stream,
+                        jobstore.GROUP,
+                        self.consumer,
+                        min_idle_time=int(self.claim_idle_s * 1000),
+                        start_id=cursor,
+                        count=free,
+                    )
+                except ResponseError as exc:
+                    if not jobstore.is_missing_group(exc):
+                        raise
+                    break  # retired meanwhile: nothing pending in it
                 for entry_id, fields in reply[1]:
                     if fields and (stream, text(entry_id)) not in self._tasks:
                         self._start(stream, text(entry_id), fields)
@@ -210,7 +226,8 @@ class Runner:
                     task.cancel()
 
     async def trim(self) -> None:
-        """Deletes acknowledged entries: those before the oldest pending or undelivered one."""
+        """Deletes acknowledged entries (those before the oldest pending or undelivered
+        one), and retires lanes left with none."""
         for stream in await self.store.lanes():
             try:
                 groups: Any = await self.redis.xinfo_groups(stream)
@@ -221,9 +238,11 @@ class Runner:
             if group is None:
                 continue
             oldest = pending.get("min") if pending.get("pending") else None
-            keep_from = text(oldest) if oldest else text(group["last-delivered-id"])
+            # Nothing pending: every delivered entry is done, the last one too.
+            keep_from = text(oldest) if oldest else _after(text(group["last-delivered-id"]))
             if keep_from not in ("0-0", ""):
                 await self.redis.xtrim(stream, minid=keep_from, approximate=False)
+            await self.store.retire_lane_if_empty(stream)
 
     # -- one item ---------------------------------------------------------
 
@@ -307,3 +326,11 @@ class ExpirySweep:
         for job_id in await self.store.overdue(now):
             ended += await self.store.end(job_id, jobstore.EXPIRED, due_before_ms=now)
         return ended
+
+
+def _after(entry_id: str) -> str:
+    """Returns the stream id right after `entry_id` ("0-0" stays: nothing delivered)."""
+    if entry_id in ("0-0", ""):
+        return entry_id
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"

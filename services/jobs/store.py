@@ -6,10 +6,13 @@ Keys (prefix `tm:jobs:`)::
     job:<id>:items       hash: index -> JobItem bytes (deleted when the job ends)
     job:<id>:results     hash: index -> JobResult bytes (HSETNX: one per item)
     job:<id>:attempts    list: the latest WebhookAttempt bytes
-    owner:<key id>       zset: the key's jobs by creation time
+    owner:<key id>       zset: the key's jobs by creation time (members older than a
+                         job can live are dropped at the key's next job; the whole
+                         set expires as its newest job would)
     idem:<key id>:<key>  the job an idempotency key created (24 h)
     work:<lane>          stream: one entry per item, consumer group `jobs-runner`
-    lanes                set: every lane (a tenant, or a key without one)
+                         (deleted with its lane once empty; a new job makes both again)
+    lanes                set: every lane with work (a tenant, or a key without one)
     active               zset: unfinished jobs by deadline (the expiry sweep)
     hooks                zset: webhooks due, by time (a lease while one is sent)
     whsec:<key id>       hash: the key's webhook secrets (current, previous)
@@ -34,6 +37,7 @@ from redis.exceptions import ResponseError, WatchError
 
 from services.core.redis_service import text
 from services.jobs.secret_box import SEALED_PREFIX, SecretBox, SecretUnreadable
+from services.jobs.validation import MAX_WINDOW_S
 from tokenmesh.jobs.v1 import jobs_pb2
 
 PREFIX = "tm:jobs:"
@@ -209,6 +213,17 @@ end
 return due
 """
 
+# KEYS: lanes, the lane's stream. ARGV: lane. Retires a lane whose stream is empty
+# (every item acknowledged and trimmed): runners poll every lane in the set, and
+# it only grew, by every tenant and key that ever ran a job. A job created after
+# makes the stream, its group and the lane again (in its own transaction).
+_RETIRE_LANE = """
+if redis.call('XLEN', KEYS[2]) ~= 0 then return 0 end
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
 # KEYS: job, attempts, hooks. ARGV: job id, attempt bytes, new state, next due ms
 # (0: none), attempts kept, the round the attempt belongs to (its round_start).
 # Records an attempt and the webhook's next state, unless the attempt came late:
@@ -327,6 +342,18 @@ def _decode(raw: Mapping[Any, Any]) -> dict[str, str]:
     return {text(k): text(v) for k, v in raw.items()}
 
 
+def _raise_unless_busygroup(replies: Sequence[Any]) -> None:
+    """Raises the first error of a transaction's replies, but an existing group's."""
+    for reply in replies:
+        if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+            raise reply
+
+
+def is_missing_group(exc: ResponseError) -> bool:
+    """Whether a stream command failed for a retired lane (no stream, no group)."""
+    return "NOGROUP" in str(exc)
+
+
 class JobStore:
     """JobStore reads and changes jobs atomically.
 
@@ -351,6 +378,7 @@ class JobStore:
         self._rotate_secret = client.register_script(_ROTATE_SECRET)
         self._reseal_secret = client.register_script(_RESEAL_SECRET)
         self._redeliver = client.register_script(_REDELIVER)
+        self._retire_lane = client.register_script(_RETIRE_LANE)
         self._groups: set[str] = set()
 
     # -- creation ---------------------------------------------------------
@@ -361,7 +389,6 @@ class JobStore:
             f"{PREFIX}idem:{job.owner.key_id}:{job.idempotency_key}" if job.idempotency_key else ""
         )
         stream = work_stream(job.owner.lane)
-        await self.ensure_group(stream)
         while True:
             job_id = new_job_id()
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -374,10 +401,14 @@ class JobStore:
                         ):
                             return text(existing), False
                     pipe.multi()  # type: ignore[no-untyped-call]
+                    # The group with the stream, in the job's transaction: a lane
+                    # retired meanwhile (its stream deleted) comes back whole.
+                    pipe.xgroup_create(stream, GROUP, id="0", mkstream=True)
                     self._queue_creation(pipe, job_id, job, stream)
                     if idem:
                         pipe.set(idem, job_id, ex=IDEMPOTENCY_TTL_S)
-                    await pipe.execute()
+                    replies = await pipe.execute(raise_on_error=False)
+                    _raise_unless_busygroup(replies)
                     return job_id, True
                 except WatchError:
                     continue  # another request with the key won: read its job
@@ -418,6 +449,10 @@ class JobStore:
             pipe.xadd(stream, {"job": job_id, "i": str(index)})
         pipe.sadd(LANES_KEY, owner.lane)
         pipe.zadd(owner_key(owner.key_id), {job_id: created})
+        # No job outlives its window and then its retention: older members are gone.
+        lifetime_s = int(MAX_WINDOW_S) + self.retention_s
+        pipe.zremrangebyscore(owner_key(owner.key_id), "-inf", created - lifetime_s * 1000)
+        pipe.expire(owner_key(owner.key_id), lifetime_s)
         pipe.zadd(ACTIVE_KEY, {job_id: job.deadline_ms})
 
     async def ensure_group(self, stream: str) -> None:
@@ -430,6 +465,18 @@ class JobStore:
             if "BUSYGROUP" not in str(exc):
                 raise
         self._groups.add(stream)
+
+    def forget_groups(self) -> None:
+        """Forgets which consumer groups exist (a lane was retired: its group is gone)."""
+        self._groups.clear()
+
+    async def retire_lane_if_empty(self, stream: str) -> bool:
+        """Drops a lane whose stream holds no entry (and its stream); True if it did."""
+        lane = stream.removeprefix(work_stream(""))
+        retired = bool(await self._retire_lane(keys=[LANES_KEY, stream], args=[lane]))
+        if retired:
+            self._groups.discard(stream)
+        return retired
 
     # -- reading ----------------------------------------------------------
 

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from services.core import contract
 from services.core.pki import IdentityFiles
+from services.core.redis_service import text
 from services.core.server import serving
 from services.core.tasks import cancel_and_wait
 from services.inference.service import InferenceService
@@ -190,3 +191,27 @@ async def test_an_item_longer_than_the_call_timeout_ends_with_an_error(tmp_path,
         result = jobs_pb2.JobResult.FromString(body)
         assert result.error.code == "DEADLINE_EXCEEDED"
         assert result.error.reason == "CALL_TIMEOUT"
+
+
+async def test_a_lane_left_empty_is_retired_and_comes_back_with_its_next_job(tmp_path, redis_url):
+    """Runners poll every lane in `lanes`, and the set only grew: every tenant or key
+    that ever ran a job was read (and claimed, and trimmed) at every poll, for good."""
+    async with _runner_beside_a_worker(tmp_path, redis_url, 1) as (store, runner):
+        task = asyncio.create_task(runner.run_forever(block_ms=200))
+        try:
+            first = await _job(store, [_complete("deterministic-test", "a")])
+            assert await _wait_for_status(store, first, timeout_s=10) == "SUCCEEDED"
+            record = await store.get(first)
+            assert record is not None
+            lane = record.get("lane")
+            await runner.trim()
+            assert lane not in {text(m) for m in await store.redis.smembers(jobstore.LANES_KEY)}
+            assert not await store.redis.exists(jobstore.work_stream(lane))
+            # The lane's owner again: its stream, group and lane come back with the job.
+            owner = jobstore.Owner(record.owner.key_id, "", record.owner.identity)
+            again, _ = await store.create(
+                NewJob(owner, [_complete("deterministic-test", "b")], "", {}, "", now_ms() + 60_000)
+            )
+            assert await _wait_for_status(store, again, timeout_s=10) == "SUCCEEDED"
+        finally:
+            await cancel_and_wait(task, 10)

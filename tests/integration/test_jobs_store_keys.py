@@ -8,9 +8,11 @@ import uuid
 
 import redis.asyncio as aioredis
 
+from services.core.redis_service import text
 from services.jobs import store as jobstore
 from services.jobs.openai_batches import BatchStore, owner_batches_key
 from services.jobs.store import JobStore, NewJob, Owner, now_ms, owner_key, results_key
+from services.jobs.validation import MAX_WINDOW_S
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.jobs.v1 import jobs_pb2
 
@@ -98,4 +100,23 @@ async def test_a_late_failed_webhook_attempt_does_not_undo_a_delivery(redis_url)
         assert record is not None and record.get("webhook_state") == jobstore.HOOK_PENDING
     finally:
         await client.zrem(jobstore.HOOKS_KEY, job_id)
+        await client.aclose()
+
+
+async def test_a_keys_job_list_drops_what_no_job_can_outlive_and_expires(redis_url):
+    """owner:<key> only shrank when its owner listed its jobs: every job id a key ever
+    made was kept for good."""
+    client = aioredis.from_url(redis_url)
+    store, key = JobStore(client, 3600), f"key_{uuid.uuid4().hex[:8]}"
+    item = jobs_pb2.JobItem(complete=v2.CompleteRequest(model="m", prompt="a"))
+    lifetime_s = int(MAX_WINDOW_S) + 3600
+    try:
+        await client.zadd(owner_key(key), {"job-long-gone": now_ms() - lifetime_s * 1000 - 1})
+        job_id, _ = await store.create(
+            NewJob(Owner(key, "", {}), [item], "", {}, "", now_ms() + 600_000)
+        )
+        assert [text(m) for m in await client.zrange(owner_key(key), 0, -1)] == [job_id]
+        assert lifetime_s - 5 <= await client.ttl(owner_key(key)) <= lifetime_s
+    finally:
+        await client.delete(owner_key(key))
         await client.aclose()
