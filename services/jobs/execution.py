@@ -158,6 +158,7 @@ class ItemExecutor:
         self.files = files
         self.backoff = backoff
         self.call_timeout_s = call_timeout_s
+        self.waiting = 0  # items backing off now (no worker, a refusal to retry later)
         self._channels: dict[str, ClientChannel] = {}
 
     async def close(self) -> None:
@@ -232,7 +233,11 @@ class ItemExecutor:
 
     async def _wait(self, tries: int, suggested_s: float | None, deadline_s: float) -> None:
         delay = self.backoff.delay_s(tries, suggested_s)
-        await asyncio.sleep(max(0.0, min(delay, deadline_s - time.time())))
+        self.waiting += 1
+        try:
+            await asyncio.sleep(max(0.0, min(delay, deadline_s - time.time())))
+        finally:
+            self.waiting -= 1
 
     async def _call(
         self,

@@ -33,6 +33,8 @@ from services.jobs.execution import DeadlinePassed, ItemExecutor
 from services.jobs.store import FINAL, JobStore
 
 logger = logging.getLogger(__name__)
+# The most items a replica holds per slot, waiting ones included (a bound on memory).
+HELD_PER_SLOT = 32
 EntryKey = tuple[str, str]  # (stream, entry id)
 
 
@@ -119,8 +121,18 @@ class Runner:
         return self.lane_concurrency - self._per_lane[stream]
 
     async def read_once(self, block_ms: int) -> bool:
-        """Reads new entries for lanes with free slots; False when there was nothing to read."""
-        if len(self._tasks) >= 2 * self.concurrency:
+        """Reads new entries for lanes with free slots; False when there was nothing to read.
+
+        Reads ahead of the replica's slots by as many again, not counting items that
+        back off (no worker for their model, a spent budget): counted, a few lanes'
+        waiting items stopped the reading, and every other tenant's items waited
+        behind them until their deadlines. (Each lane holds at most
+        `lane_concurrency` items, and all of them `HELD_PER_SLOT` per slot.)
+        """
+        held = len(self._tasks)
+        if held - self.executor.waiting >= 2 * self.concurrency:
+            return False
+        if held >= HELD_PER_SLOT * self.concurrency:
             return False
         streams = await self.store.lanes()
         for stream in streams:

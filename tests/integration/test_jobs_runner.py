@@ -215,3 +215,23 @@ async def test_a_lane_left_empty_is_retired_and_comes_back_with_its_next_job(tmp
             assert await _wait_for_status(store, again, timeout_s=10) == "SUCCEEDED"
         finally:
             await cancel_and_wait(task, 10)
+
+
+async def test_items_that_wait_do_not_stop_the_reading_either(tmp_path, redis_url):
+    """One slot reads up to 2 items ahead; two lanes' items that wait (their model has
+    no worker) were counted against that and stopped the reading: a third lane's item
+    was never read until their jobs' deadlines."""
+    async with _runner_beside_a_worker(tmp_path, redis_url, 1) as (store, runner):
+        waiting = [await _job(store, [_complete(m, "a")]) for m in ("nobody-has-it", "nor-it")]
+        task = asyncio.create_task(runner.run_forever(block_ms=200))
+        try:
+            deadline = time.monotonic() + 10
+            while runner.executor.waiting < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)  # both are backing off
+            served = await _job(store, [_complete("deterministic-test", "a")])
+            status = await _wait_for_status(store, served, timeout_s=10)
+        finally:
+            await cancel_and_wait(task, 10)
+            for job_id in waiting:
+                await store.end(job_id, "CANCELLED")
+        assert status == "SUCCEEDED"
