@@ -4,6 +4,8 @@
     python -m bench.profile S1   # the worker: demo-lm, 32 streams
     python -m bench.profile E2   # the worker under E2's call through the full edge
     python -m bench.profile E2-direct  # ... and called directly (compare the two)
+    python -m bench.profile E1   # the worker under ListModels (E1's call) through the edge
+    python -m bench.profile E1-direct  # ... and called directly
     python -m bench.profile R1   # the rate limiter under R1's decisions (leases on)
     python -m bench.profile S3 /tmp/s3.txt  # also keep py-spy's collapsed stacks
     python -m bench.profile S3 --gil        # only samples of the thread holding the GIL
@@ -122,10 +124,14 @@ def serving_worker(row: str, lay: Layout, state: Path) -> Iterator[tuple[int, Lo
 
 
 @contextlib.contextmanager
-def edge_worker(direct: bool, lay: Layout, state: Path) -> Iterator[tuple[int, Load]]:
-    """E2: the worker of E2's mesh under its call (demo-lm Complete, 16 tokens, 32
-    concurrent), through the full edge with a JWT or directly (units: Completes)."""
-    body = edge.REALISTIC.SerializeToString()
+def edge_worker(
+    direct: bool, lay: Layout, state: Path, method: str = edge.COMPLETE
+) -> Iterator[tuple[int, Load]]:
+    """E2 (E1): the worker of the edge's mesh under E2's call (demo-lm Complete, 16
+    tokens; E1: ListModels), 32 concurrent, through the full edge with a JWT or
+    directly (units: calls)."""
+    body = edge.REALISTIC.SerializeToString() if method == edge.COMPLETE else None
+    calls = 300 if method == edge.COMPLETE else 3000
     with Mesh(edge.mesh_config(state, edge_tls_port=None)) as mesh:
         for child in mesh.children:
             pin(child.pid, lay.sut)
@@ -135,13 +141,13 @@ def edge_worker(direct: bool, lay: Layout, state: Path) -> Iterator[tuple[int, L
         else:
             token = edge.issue_token(mesh.edge_url, mesh.dev_api_key())
             target, metadata = Peer(mesh.edge_address), [("authorization", f"Bearer {token}")]
-        edge.throughput_rps(target, state, metadata, 200, edge.COMPLETE, body)  # warm-up
+        edge.throughput_rps(target, state, metadata, 200, method, body)  # warm-up
 
         def load(seconds: float) -> int:
             done, stop = 0, time.monotonic() + seconds
             while time.monotonic() < stop:
-                edge.throughput_rps(target, state, metadata, 300, edge.COMPLETE, body)
-                done += 300
+                edge.throughput_rps(target, state, metadata, calls, method, body)
+                done += calls
             return done
 
         yield next(c.pid for c in mesh.children if c.name == "inference-0"), load
@@ -175,9 +181,11 @@ def target(
         return serving_worker(row, lay, state)
     if row in ("E2", "E2-direct"):
         return edge_worker(row == "E2-direct", lay, state)
+    if row in ("E1", "E1-direct"):
+        return edge_worker(row == "E1-direct", lay, state, edge.METHOD)
     if row == "R1":
         return rate_limiter(lay, state)
-    raise SystemExit(f"no profile for {row!r}: S1, S3, E2, E2-direct or R1")
+    raise SystemExit(f"no profile for {row!r}: S1, S3, E1, E1-direct, E2, E2-direct or R1")
 
 
 def main() -> None:
