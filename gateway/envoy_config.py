@@ -83,8 +83,14 @@ TRANSCODED_SERVICES = (
 SELF_LIMITING_UPSTREAMS = frozenset({"inference"})
 # Streaming routes get no total timeout (a long generation is fine), only an idle one.
 STREAMING_UPSTREAMS = frozenset({"inference", "jobs"})  # jobs: progress events (SSE)
-# What every edge removes from a client's request: only the edge may set them.
-STRIPPED_HEADERS = (*edge_auth.IDENTITY_HEADERS, *model_routing.EDGE_ONLY_HEADERS)
+# What every edge removes from a client's request: only the edge may set them (Envoy
+# sets the attempt count on each try itself; removed too, so no client's copy can
+# ever reach a worker, which counts a retry's window hit once).
+STRIPPED_HEADERS = (
+    *edge_auth.IDENTITY_HEADERS,
+    *model_routing.EDGE_ONLY_HEADERS,
+    contract.ATTEMPT_COUNT_HEADER,
+)
 # The identity each upstream cluster's hosts must prove (their certificate's SPIFFE id).
 UPSTREAM_IDENTITY: Mapping[str, str] = {
     "auth": contract.AUTH,
@@ -440,6 +446,9 @@ def route_configuration(
     virtual_host: dict[str, Any] = {
         "name": "edge",
         "domains": ["*"],
+        # x-envoy-attempt-count on every upstream try: a worker counts a request in
+        # its rate-limit windows on the first try only (request_limits.py).
+        "include_request_attempt_count": True,
         "routes": [
             *(edge_auth.public_routes() if auth else static_site.routes()),
             *handover.routes(),

@@ -155,6 +155,9 @@ SHADOW_HEADER = "x-tokenmesh-shadow"
 #: Set by a shadowed model's routes on the live request: the version its copies
 #: go to; the worker then keeps a comparison record of the request.
 SHADOWED_HEADER = "x-tokenmesh-shadowed"
+# Envoy's count of the tries of a request (1, then 2... on its retries), set by the
+# edge on every upstream request (a client's copy is removed on arrival).
+ATTEMPT_COUNT_HEADER = "x-envoy-attempt-count"
 #: The account shadow copies are metered to (usage reports: tenant tokenmesh.shadow).
 SHADOW_TENANT = "tokenmesh.shadow"
 ADMIN_SCOPE = "admin"

@@ -218,11 +218,16 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         """
         if peer_identity(context) not in LIMITED_CALLERS:
             return None
-        entries = descriptor(request_headers(context))
+        incoming = request_headers(context)
+        entries = descriptor(incoming)
         if entries is None:
             return None
         try:
-            windows = await self.limiter.decide(entries)
+            # Envoy's retry of a request a worker counted and answered UNAVAILABLE
+            # (draining, a version not here): counted again, a retried request took
+            # two of its key's slots. A retry only reads the windows (0 hits).
+            retry = incoming.get(contract.ATTEMPT_COUNT_HEADER, "1") != "1"
+            windows = await self.limiter.decide(entries, hits=0 if retry else 1)
         except Unavailable:
             if self.failure_mode_deny:
                 raise

@@ -132,7 +132,7 @@ for h = 1, hits + lease do
 end
 local out = {allowed, lease, now}
 for i, key in ipairs(KEYS) do
-  if allowed == 1 then
+  if allowed == 1 and #members > 0 then  -- none: a read of the windows (0 hits)
     redis.call('ZADD', key, unpack(members))
     used[i] = used[i] + hits
   end
@@ -285,7 +285,8 @@ class RequestLimiter:
         """Counts a request with these descriptor entries in its windows, all or nothing.
 
         Returns each window's status (None: not a key's request, nothing to
-        limit); raises Unavailable while the store is unreachable.
+        limit); raises Unavailable while the store is unreachable. `hits` 0
+        only reads the windows (a retry of a request counted before).
         """
         shape = self._shape(entries)
         if shape is None:
@@ -341,7 +342,8 @@ class RequestLimiter:
         except BreakerOpen:
             FAIL_OPEN.inc()  # the store failed its last decisions: not waited for again
             raise Unavailable("rate-limit store unavailable", retry_after_s=1.0) from None
-        size = self.leases.request(key, [limit.limit for limit in limits])
+        # A read (0 hits: a retry's) asks for no lease.
+        size = self.leases.request(key, [limit.limit for limit in limits]) if hits else 0
         member = next(self._hit_ids)
         windows = tuple(window for window, _ in key)
         lease: Lease | None = None

@@ -51,6 +51,23 @@ def test_a_request_the_worker_refuses_still_gets_the_limits_headers(mesh):
     assert reply.headers["x-ratelimit-remaining"] == "4"
 
 
+def test_a_clients_attempt_count_cannot_pass_as_an_envoy_retry(mesh):
+    # A worker only reads the windows for a retry's try (x-envoy-attempt-count > 1):
+    # a client's copy must never reach it.
+    key = create_key(mesh, "--rpm", "2")
+    headers = {"x-api-key": key["secret"], "x-envoy-attempt-count": "2"}
+    codes = [
+        httpx.post(
+            f"{mesh.edge_url}/v1/models/deterministic-test:complete",
+            json=BODY,
+            headers=headers,
+            timeout=10,
+        ).status_code
+        for _ in range(3)
+    ]
+    assert codes == [200, 200, 429]
+
+
 def test_grpc_callers_get_resource_exhausted_and_jwts_share_the_limit(mesh):
     key = create_key(mesh, "--rpm", "2")
     token = httpx.post(

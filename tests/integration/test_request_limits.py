@@ -137,3 +137,29 @@ async def test_a_hung_store_is_not_waited_for_on_every_request(tmp_path):
         os.kill(child.pid, signal.SIGCONT)
         child.terminate()
         child.wait(10)
+
+
+async def test_an_envoy_retry_is_not_counted_twice(tmp_path, redis_url):
+    """Envoy retries a request a worker answered UNAVAILABLE (draining, a version not
+    on it) on another worker: both counted it, so a retried request took two of its
+    key's slots. A try after the first (x-envoy-attempt-count > 1) only reads them."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-rpm", "3")]
+    request = pb.CompleteRequest(model="deterministic-test", prompt="a", max_tokens=1)
+    client = aioredis.from_url(redis_url)
+    try:
+        async with await start_inference(inference_settings(tmp_path, redis_url)) as (_, channel):
+            stub = rpc.InferenceServiceStub(channel)
+            for _ in range(3):
+                await stub.Complete(request, metadata=identity)
+            retry = stub.Complete(request, metadata=[*identity, ("x-envoy-attempt-count", "2")])
+            assert (await retry).usage.completion_tokens == 1
+            headers = dict(await retry.initial_metadata() or ())
+            assert headers["x-ratelimit-remaining"] == "0"
+            with pytest.raises(grpc.aio.AioRpcError) as refused:  # a new request: over
+                await stub.Complete(request, metadata=identity)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await client.zcard(f"tm:ratelimit:rpm:{key}") == 3
+    finally:
+        await client.delete(f"tm:ratelimit:rpm:{key}")
+        await client.aclose()

@@ -69,3 +69,4 @@ def test_every_edge_strips_client_copies_of_its_routing_shadow_and_identity_head
     }
     assert {contract.SHADOW_HEADER, contract.SHADOWED_HEADER, MODEL_HEADER} <= removed
     assert set(contract.IDENTITY_HEADERS) <= removed
+    assert contract.ATTEMPT_COUNT_HEADER in removed  # Envoy sets it on each try
