@@ -4,11 +4,14 @@ A Redis that hangs (stopped, swapping, a network partition that drops
 packets) does not refuse connections: every call waits for its timeout
 (1-2 s) before the request fails open. At 32 concurrent requests that is 32
 requests every 1-3 s, while the store's answer is known. After `failures`
-store failures in a row the breaker opens: calls fail at once (the caller's
-failure mode applies, as for any outage) for `open_s`; then one call goes
-through as a probe, and its answer closes the breaker or opens it again (a
-probe that never answers, cancelled with its request, is replaced after
-`PROBE_S`).
+store failures in a row, over at least `span_s` (a one-off stall, a fork or
+an fsync, times out many concurrent calls at once and then passes: it must
+not open it), the breaker opens: calls fail at once (the caller's failure
+mode applies, as for any outage) for `open_s`; then one call goes through as
+a probe, and its answer closes the breaker or opens it again (a probe that
+never answers, cancelled with its request, is replaced after `PROBE_S`).
+Only timeouts and lost connections are failures: a store that answers, even
+with an error, is not hung.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ class Breaker:
 
     Args:
         store: the store's name, in metrics ("ratelimit", "budgets").
-        failures: store failures in a row that open it.
+        failures: store failures in a row that open it...
+        span_s: ... from the first of them to the last at least.
         open_s: how long it stays open before a probe.
         clock: monotonic seconds (tests pass another).
     """
@@ -54,13 +58,17 @@ class Breaker:
         self,
         store: str,
         failures: int = 3,
+        span_s: float = 1.0,
         open_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.failures = failures
+        self.span_s = span_s
         self.open_s = open_s
         self._clock = clock
         self._failed = 0
+        self._first_failed_at = 0.0
+        self._open = False
         self._open_until = 0.0
         self._probe_until = 0.0  # a probe is under way until then
         self._opened = OPENED.labels(store)
@@ -69,11 +77,11 @@ class Breaker:
     @property
     def is_open(self) -> bool:
         """Whether calls are failing at once now (a probe may be under way)."""
-        return self._failed >= self.failures
+        return self._open
 
     def check(self) -> None:
         """Raises BreakerOpen unless this call may go to the store."""
-        if not self.is_open:
+        if not self._open:
             return
         now = self._clock()
         if now < self._open_until or now < self._probe_until:
@@ -82,15 +90,21 @@ class Breaker:
         self._probe_until = now + PROBE_S  # this call probes; the others wait for it
 
     def succeeded(self) -> None:
-        """Records a call the store answered: the breaker closes."""
+        """Records a call the store answered (an error reply too): the breaker closes."""
         self._failed = 0
+        self._open = False
         self._probe_until = 0.0
 
     def failed(self) -> None:
-        """Records a call the store failed (unreachable, timed out)."""
+        """Records a call the store failed (timed out, connection lost)."""
+        now = self._clock()
+        if not self._failed:
+            self._first_failed_at = now
         self._failed += 1
         self._probe_until = 0.0
-        if self._failed >= self.failures:
-            if self._failed == self.failures:
-                self._opened.inc()
-            self._open_until = self._clock() + self.open_s
+        if self._open:  # a probe failed: open again
+            self._open_until = now + self.open_s
+        elif self._failed >= self.failures and now - self._first_failed_at >= self.span_s:
+            self._open = True
+            self._opened.inc()
+            self._open_until = now + self.open_s

@@ -37,7 +37,7 @@ from services.core.errors import (
 from services.core.identity import peer_identity
 from services.core.interceptors import Context, request_headers
 from services.inference import metrics, shadow
-from services.inference.budget import Limits, TokenBudgets
+from services.inference.budget import Limits, Run, TokenBudgets
 from services.inference.models import LoadedModel, ModelRegistry
 from services.inference.pipeline.content import ContentStage
 from services.inference.usage_log import UsageLog
@@ -59,6 +59,9 @@ REPLAYING_CALLERS = frozenset({contract.JOBS, None})
 #: timed out or its replica died: cancelled; the model unloaded under it: error).
 UNFINISHED_ATTEMPT = frozenset({"cancelled", "error"})
 CHARGE_EVERY_TOKENS = 16  # an unreserved stream is charged in chunks of at least this
+# What a budgets call raises while Redis is away or hung (redis-py's errors, and a
+# socket's own: budgets fail open on them).
+BUDGETS_UNAVAILABLE = (RedisError, TimeoutError, OSError)
 
 
 def token_usage(prompt_tokens: int, completion_tokens: int) -> types_pb2.TokenUsage:
@@ -271,7 +274,8 @@ def set_attempt_apart(event: inference_pb2.UsageEvent) -> None:
     zero) and `served_usage` what it computed. The run that finishes is billed
     under the item's id, once.
     """
-    event.served_usage.CopyFrom(event.usage)
+    if not event.cached:  # a cached answer's served_usage is what the caller received
+        event.served_usage.CopyFrom(event.usage)
     event.usage.CopyFrom(token_usage(0, 0))
     event.cached_prompt_tokens = 0
     event.event_id = f"{event.event_id}:unfinished:{uuid.uuid4().hex}"
@@ -330,7 +334,7 @@ class Admission:
                 request.key_id, request.limits, request.usage_id, request.needed_tokens
             )
             request.reserved_at = time.time()  # the month it is reconciled in
-        except RedisError as exc:  # budgets fail open, like request limits
+        except BUDGETS_UNAVAILABLE as exc:  # budgets fail open, like request limits
             logger.warning("token budgets unavailable (%s); admitting", type(exc).__name__)
             request.unmetered = True
             return
@@ -360,14 +364,15 @@ class Admission:
             )
         except ResourceExhausted:
             return False
-        except RedisError:
+        except BUDGETS_UNAVAILABLE:
             return True  # still unreachable: still open
         request.charged_tokens += due
         return True
 
     def record(self, request: Request, event: inference_pb2.UsageEvent) -> None:
         """Counts a finished request, appends its usage event and reconciles its reservation."""
-        if request.job_attempt and event.finish_reason in UNFINISHED_ATTEMPT:
+        unfinished = request.job_attempt and event.finish_reason in UNFINISHED_ATTEMPT
+        if unfinished:
             set_attempt_apart(event)
         labels = (request.model.name, request.model.version)
         metrics.REQUESTS.labels(*labels, event.finish_reason).inc()
@@ -379,25 +384,28 @@ class Admission:
         self.usage_log.append(event)
         if request.shadow is not None and self.shadow_records is not None:
             self.shadow_records.observe(request, request.shadow, event)
-        self.settle(request, event.usage.prompt_tokens + event.usage.completion_tokens)
+        used = event.usage.prompt_tokens + event.usage.completion_tokens
+        self.settle(request, used, finished=not unfinished)
 
-    def settle(self, request: Request, used: int) -> None:
+    def settle(self, request: Request, used: int, finished: bool = True) -> None:
         """Reconciles a request's reservation with the tokens it used (in the background;
         once: its reservation is then spent)."""
         if request.reserved_tokens:
-            task = asyncio.create_task(self._reconcile(request, request.reserved_tokens, used))
+            run: Run = ("finished" if finished else "unfinished") if request.job_attempt else ""
+            reconcile = self._reconcile(request, request.reserved_tokens, used, run)
+            task = asyncio.create_task(reconcile)
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             request.reserved_tokens = 0
 
     def release(self, request: Request) -> None:
         """Gives a request's whole reservation back (it was refused before it ran)."""
-        self.settle(request, 0)
+        self.settle(request, 0, finished=False)
 
-    async def _reconcile(self, request: Request, reserved: int, used: int) -> None:
+    async def _reconcile(self, request: Request, reserved: int, used: int, run: Run) -> None:
         try:
             await self.budgets.reconcile(
-                request.key_id, request.usage_id, reserved, used, request.reserved_at
+                request.key_id, request.usage_id, reserved, used, request.reserved_at, run
             )
-        except RedisError as exc:  # the reservation stands: conservative, never over budget
+        except BUDGETS_UNAVAILABLE as exc:  # the reservation stands: never over budget
             logger.warning("token budget reconcile failed (%s)", type(exc).__name__)

@@ -20,8 +20,10 @@ from __future__ import annotations
 import calendar
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import redis.asyncio as aioredis
+from redis.exceptions import BusyLoadingError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -84,11 +86,15 @@ redis.call('SET', KEYS[4], amount, 'EX', tonumber(ARGV[7]))
 return {1, '', 0, used + amount, month_used + amount}
 """
 
-# KEYS: window amounts hash, month counter, the request id's charge
-# ARGV: request id, reserved, actual, replay ttl s
+# KEYS: window amounts hash, month counter, the request id's charge, the id's
+#       "a run finished" mark
+# ARGV: request id, reserved, actual, replay ttl s, the run ("": any request;
+#       "finished" or "unfinished": a job item's run, see TokenBudgets.reconcile)
 # The month is charged what the id has not been charged yet (its charge, else
-# `reserved`), so the id's total is its latest actual use however often it ran.
+# `reserved`), so the id's total is its latest actual use however often it ran,
+# except that an unfinished run reconciled after a finished one changes nothing.
 _RECONCILE = """
+if ARGV[5] == 'unfinished' and redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 local actual = tonumber(ARGV[3])
 local charged = tonumber(redis.call('GET', KEYS[3]) or ARGV[2])
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
@@ -96,8 +102,13 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
 end
 redis.call('INCRBY', KEYS[2], actual - charged)
 redis.call('SET', KEYS[3], actual, 'EX', tonumber(ARGV[4]))
+if ARGV[5] == 'finished' then redis.call('SET', KEYS[4], '1', 'EX', tonumber(ARGV[4])) end
 return 1
 """
+
+
+# Which run of a job item a reconcile is for ("": any other request).
+Run = Literal["", "finished", "unfinished"]
 
 
 @dataclass(frozen=True)
@@ -184,8 +195,14 @@ class TokenBudgets:
                     self.replay_ttl_s,
                 ],
             )
-        except (RedisConnectionError, RedisTimeoutError):
+        except BusyLoadingError:
+            self.breaker.succeeded()  # it answers: not hung (services.core.breaker)
+            raise
+        except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError):
             self.breaker.failed()
+            raise
+        except RedisError:
+            self.breaker.succeeded()  # an error reply: it answers
             raise
         self.breaker.succeeded()
         if ok:
@@ -212,13 +229,21 @@ class TokenBudgets:
         reserved: int,
         actual: int,
         reserved_at: float | None = None,
+        run: Run = "",
     ) -> None:
         """Replaces a reservation with the tokens really used (once per request id), in
         the month it was reserved in (`reserved_at`, time.time(); default: now): a
         request reserved on the 31st at midnight and reconciled after it charged the
-        new month the difference, a negative counter that never expired."""
+        new month the difference, a negative counter that never expired.
+
+        run: for a job item's runs, "finished" or "unfinished" (cut, to be tried
+        again: reconciled to 0). An unfinished run's reconcile that lands after a
+        finished run's (its worker stalled, which is why its call timed out) is
+        ignored: it set the item's charge back to 0.
+        """
         _, amounts, month = self._keys(key_id, time.time() if reserved_at is None else reserved_at)
+        charge = self._charge_key(key_id, request_id)
         await self._reconcile(
-            keys=[amounts, month, self._charge_key(key_id, request_id)],
-            args=[request_id, reserved, actual, self.replay_ttl_s],
+            keys=[amounts, month, charge, f"{charge}:finished"],
+            args=[request_id, reserved, actual, self.replay_ttl_s, run],
         )

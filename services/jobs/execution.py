@@ -11,10 +11,12 @@ Backpressure: no worker for the model, a worker's full queue or drain
 (UNAVAILABLE), the owner's exhausted token budget (RESOURCE_EXHAUSTED) and
 the like make the item wait (RetryInfo's delay, else exponential backoff
 with jitter) and try again until the job's deadline; any other status is the
-item's result. An item whose call runs past the call timeout
-(TOKENMESH_JOBS_CALL_TIMEOUT_SECONDS) is tried once more, then gets a
-DEADLINE_EXCEEDED result: tried until the job's deadline, an item longer than
-the timeout ran again and again, each run cut and wasted.
+item's result. A call cut by the call timeout (TOKENMESH_JOBS_CALL_TIMEOUT_SECONDS)
+is tried again with twice the timeout, and so on (within the job's deadline):
+with the same timeout, an item longer than it ran again and again, each run cut
+and wasted. Doubling wastes at most what the run that finishes takes, and an
+item that only waited in a busy worker's queue (the worker cannot tell the
+two apart either) is not failed for it.
 """
 
 from __future__ import annotations
@@ -53,8 +55,6 @@ WAIT_CODES = frozenset(
     }
 )
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
-# Calls of one item cut by the call timeout before it gets an error result.
-CALL_TIMEOUT_TRIES = 2
 
 
 class DeadlinePassed(Exception):
@@ -144,7 +144,7 @@ class ItemExecutor:
         directory: where the workers are.
         files: this service's certificate (None: plaintext, development only).
         backoff: waits between tries.
-        call_timeout_s: the longest one call may take.
+        call_timeout_s: an item's first call's timeout (doubled after each call it cuts).
     """
 
     def __init__(
@@ -189,7 +189,8 @@ class ItemExecutor:
         waits, a few such items took every slot of the replica, and every other
         tenant's items waited behind them until their jobs' deadlines.
         """
-        tries = timeouts = 0
+        tries = 0
+        call_timeout_s = self.call_timeout_s
         while True:
             remaining = deadline_s - time.time()
             if remaining <= 0:
@@ -199,23 +200,15 @@ class ItemExecutor:
             if placement is None:
                 await self._wait(tries, None, deadline_s)
                 continue
-            bounded_by_call_timeout = self.call_timeout_s < remaining
             try:
                 async with slot or contextlib.nullcontext():
-                    return await self._call(
-                        placement,
-                        item,
-                        index,
-                        request_id,
-                        identity,
-                        max(0.001, deadline_s - time.time()),
-                    )
+                    remaining = max(0.001, deadline_s - time.time())
+                    timeout_s = min(remaining, call_timeout_s)
+                    return await self._call(placement, item, index, request_id, identity, timeout_s)
             except grpc.aio.AioRpcError as error:
                 status = status_details(error)
-                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and bounded_by_call_timeout:
-                    timeouts += 1
-                    if timeouts >= CALL_TIMEOUT_TRIES:
-                        return Outcome(self._timed_out(index), (0, 0, 0))
+                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    call_timeout_s *= 2  # the next try gets twice as long (see module)
                 if error.code() not in WAIT_CODES:
                     reason = error_reason(status)
                     return Outcome(
@@ -223,13 +216,6 @@ class ItemExecutor:
                     )
                 logger.debug("item %s waits: %s", request_id, error.code().name)
                 await self._wait(tries, retry_delay_s(status), deadline_s)
-
-    def _timed_out(self, index: int) -> jobs_pb2.JobResult:
-        message = (
-            f"the item ran longer than the jobs service's call timeout"
-            f" ({self.call_timeout_s:g} s) in each of {CALL_TIMEOUT_TRIES} tries"
-        )
-        return error_result(index, grpc.StatusCode.DEADLINE_EXCEEDED, message, "CALL_TIMEOUT")
 
     async def _wait(self, tries: int, suggested_s: float | None, deadline_s: float) -> None:
         delay = self.backoff.delay_s(tries, suggested_s)
@@ -246,11 +232,10 @@ class ItemExecutor:
         index: int,
         request_id: str,
         identity: Mapping[str, str],
-        remaining_s: float,
+        timeout: float,
     ) -> Outcome:
         stub = self._stub(placement.address)
         metadata = call_metadata(identity)
-        timeout = min(remaining_s, self.call_timeout_s)
         kind = item.WhichOneof("request")
         if kind == "embed":
             embed = v2.EmbedRequest()

@@ -148,7 +148,9 @@ class Runner:
         except ResponseError as exc:
             if not jobstore.is_missing_group(exc):
                 raise
-            self.store.forget_groups()  # a lane read above was retired: read the set again
+            # A stream that expired after its lane was retired came back without its
+            # group (a replica of an earlier version added to it): make them again.
+            self.store.forget_groups()
             return False
         for stream, entries in reply or []:
             for entry_id, fields in entries:
@@ -167,7 +169,7 @@ class Runner:
             except ResponseError as exc:
                 if not jobstore.is_missing_group(exc):
                     raise
-                continue  # retired meanwhile: nothing of this replica's was in it
+                continue  # expired after its lane was retired: nothing of ours in it
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     if fields:  # an entry trimmed meanwhile comes back empty
@@ -202,7 +204,7 @@ class Runner:
                 except ResponseError as exc:
                     if not jobstore.is_missing_group(exc):
                         raise
-                    break  # retired meanwhile: nothing pending in it
+                    break  # expired after its lane was retired: nothing pending
                 for entry_id, fields in reply[1]:
                     if fields and (stream, text(entry_id)) not in self._tasks:
                         self._start(stream, text(entry_id), fields)

@@ -11,7 +11,8 @@ Keys (prefix `tm:jobs:`)::
                          set expires as its newest job would)
     idem:<key id>:<key>  the job an idempotency key created (24 h)
     work:<lane>          stream: one entry per item, consumer group `jobs-runner`
-                         (deleted with its lane once empty; a new job makes both again)
+                         (once empty, its lane is retired and it expires in a day
+                         unless a new job puts the lane back)
     lanes                set: every lane with work (a tenant, or a key without one)
     active               zset: unfinished jobs by deadline (the expiry sweep)
     hooks                zset: webhooks due, by time (a lease while one is sent)
@@ -213,16 +214,21 @@ end
 return due
 """
 
-# KEYS: lanes, the lane's stream. ARGV: lane. Retires a lane whose stream is empty
-# (every item acknowledged and trimmed): runners poll every lane in the set, and
-# it only grew, by every tenant and key that ever ran a job. A job created after
-# makes the stream, its group and the lane again (in its own transaction).
+# KEYS: lanes, the lane's stream. ARGV: lane, seconds the empty stream is kept.
+# Retires a lane whose stream is empty (every item acknowledged and trimmed):
+# runners poll every lane in the set, and it only grew, by every tenant and key
+# that ever ran a job. The stream (and its group) stays a day: deleted at once,
+# a runner still blocked reading it got an error (Redis 7: UNBLOCKED), and one
+# that had read the set before recreated it, group-less or lane-less. A job
+# created meanwhile puts the lane back and keeps the stream (PERSIST, in its own
+# transaction, which also makes the stream and group if they expired).
 _RETIRE_LANE = """
 if redis.call('XLEN', KEYS[2]) ~= 0 then return 0 end
 redis.call('SREM', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
 return 1
 """
+RETIRED_STREAM_TTL_S = 86400
 
 # KEYS: job, attempts, hooks. ARGV: job id, attempt bytes, new state, next due ms
 # (0: none), attempts kept, the round the attempt belongs to (its round_start).
@@ -350,8 +356,9 @@ def _raise_unless_busygroup(replies: Sequence[Any]) -> None:
 
 
 def is_missing_group(exc: ResponseError) -> bool:
-    """Whether a stream command failed for a retired lane (no stream, no group)."""
-    return "NOGROUP" in str(exc)
+    """Whether a stream command failed for a lane whose stream expired after it was
+    retired (no group; Redis 7 answers a blocked read UNBLOCKED)."""
+    return str(exc).startswith(("NOGROUP", "UNBLOCKED"))
 
 
 class JobStore:
@@ -448,6 +455,7 @@ class JobStore:
         for index in range(len(job.items)):
             pipe.xadd(stream, {"job": job_id, "i": str(index)})
         pipe.sadd(LANES_KEY, owner.lane)
+        pipe.persist(stream)  # a retired lane's stream was set to expire
         pipe.zadd(owner_key(owner.key_id), {job_id: created})
         # No job outlives its window and then its retention: older members are gone.
         lifetime_s = int(MAX_WINDOW_S) + self.retention_s
@@ -471,12 +479,11 @@ class JobStore:
         self._groups.clear()
 
     async def retire_lane_if_empty(self, stream: str) -> bool:
-        """Drops a lane whose stream holds no entry (and its stream); True if it did."""
+        """Drops a lane whose stream holds no entry (the stream expires in a day unless
+        a job comes); True if it did."""
         lane = stream.removeprefix(work_stream(""))
-        retired = bool(await self._retire_lane(keys=[LANES_KEY, stream], args=[lane]))
-        if retired:
-            self._groups.discard(stream)
-        return retired
+        retire = self._retire_lane(keys=[LANES_KEY, stream], args=[lane, RETIRED_STREAM_TTL_S])
+        return bool(await retire)
 
     # -- reading ----------------------------------------------------------
 

@@ -55,6 +55,11 @@ class ScriptUnavailable(Exception):
     """ScriptUnavailable reports that Redis could not run the script."""
 
 
+class ScriptRefused(ScriptUnavailable):
+    """ScriptRefused: Redis answered that it cannot run it now (loading, busy,
+    read-only, out of memory): unavailable, but not hung."""
+
+
 class ScriptError(Exception):
     """ScriptError reports that the script ran and failed (its error reply)."""
 
@@ -180,7 +185,7 @@ class ScriptClient:
             reply = await self._send(_command("EVAL", self.script, len(keys), *keys, *args))
         if isinstance(reply, hiredis.ReplyError):
             if str(reply).startswith(_UNAVAILABLE_REPLIES):
-                raise ScriptUnavailable(str(reply))
+                raise ScriptRefused(str(reply))
             raise ScriptError(str(reply))
         return reply
 

@@ -132,6 +132,24 @@ async def test_the_same_request_id_reserved_twice_is_charged_once(budgets):
     assert await _month_used(budgets, key) == 30
 
 
+async def test_a_cut_runs_late_reconcile_does_not_undo_the_finished_runs_charge(budgets):
+    """A job item's cut run reconciles to 0 in the background; landing after the run
+    that finished (its worker stalled: why its call timed out), it set the item's
+    charge back to 0 and took the finished run's tokens off the month."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    limits = Limits(monthly_tokens=1000)
+    for first, second in (
+        (("finished", 40), ("unfinished", 0)),
+        (("unfinished", 0), ("finished", 40)),
+    ):
+        item = f"job-{first[0]}:0"
+        await budgets.reserve(key, limits, item, 100)  # the cut run
+        await budgets.reserve(key, limits, item, 100)  # the retry (a replay: no charge)
+        for run, used in (first, second):
+            await budgets.reconcile(key, item, 100, used, run=run)
+    assert await _month_used(budgets, key) == 80  # 40 for each item, either order
+
+
 async def test_a_replay_of_a_request_is_admitted_although_the_budget_is_spent(budgets):
     key = f"key_{uuid.uuid4().hex[:8]}"
     limits = Limits(monthly_tokens=100)
@@ -245,11 +263,11 @@ async def test_a_job_item_tried_again_is_billed_its_finished_run(tmp_path, redis
     item = v2.CompleteRequest(
         model="deterministic-test",
         prompt="a",
-        max_output_tokens=60,
+        max_output_tokens=150,
         request_id="job-9:0",
         priority=resources.PRIORITY_BATCH,  # as the jobs service calls
     )
-    settings = inference_settings(tmp_path, redis_url, test_engine_step_ms=20.0)
+    settings = inference_settings(tmp_path, redis_url, test_engine_step_ms=10.0)
     client = aioredis.from_url(redis_url)
     budgets = TokenBudgets(client)
     try:
@@ -258,7 +276,7 @@ async def test_a_job_item_tried_again_is_billed_its_finished_run(tmp_path, redis
             async with mtls.aio_channel(port, peer="worker", caller="jobs") as channel:
                 stub = v2_rpc.InferenceServiceStub(channel)
                 with pytest.raises(grpc.aio.AioRpcError) as cut:
-                    await stub.Complete(item, metadata=owner, timeout=0.4)  # ~20 tokens in
+                    await stub.Complete(item, metadata=owner, timeout=0.8)  # ~80 tokens in
                 assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 events: list[Any] = []
                 deadline = time.monotonic() + 10
@@ -276,9 +294,9 @@ async def test_a_job_item_tried_again_is_billed_its_finished_run(tmp_path, redis
         assert cut_run.finish_reason == "cancelled"
         assert cut_run.event_id.startswith("job-9:0:unfinished:")
         assert cut_run.usage.total_tokens == 0
-        assert 0 < cut_run.served_usage.completion_tokens < 60  # what it computed
+        assert 0 < cut_run.served_usage.completion_tokens < 150  # what it computed
         assert finished.event_id == "job-9:0"
-        assert finished.usage.completion_tokens == reply.usage.completion_tokens == 60
+        assert finished.usage.completion_tokens == reply.usage.completion_tokens == 150
         assert await _month_used(budgets, key) == billed
     finally:
         await client.aclose()

@@ -168,15 +168,15 @@ async def test_items_that_wait_for_a_worker_do_not_hold_other_tenants_back(tmp_p
         assert status == "SUCCEEDED"
 
 
-async def test_an_item_longer_than_the_call_timeout_ends_with_an_error(tmp_path, redis_url):
-    """Cut by the call timeout, the item was tried again until its job's deadline
-    (a day by default), each run cut and wasted. It now gets a DEADLINE_EXCEEDED
-    result after its second cut run."""
+async def test_an_item_longer_than_the_call_timeout_gets_longer_calls(tmp_path, redis_url):
+    """Cut by the call timeout, the item was tried again with the same timeout until its
+    job's deadline (a day by default), each run cut and wasted. Each try now gets
+    twice as long as the one before: the item finishes."""
     async with _runner_beside_a_worker(tmp_path, redis_url, 1) as (store, runner):
-        runner.executor.call_timeout_s = 0.2  # the item needs ~2 s (400 steps of 5 ms)
+        runner.executor.call_timeout_s = 0.2  # the item needs ~0.75 s (150 steps of 5 ms)
         long_item = jobs_pb2.JobItem(
             complete=v2.CompleteRequest(
-                model="deterministic-test", prompt="a", max_output_tokens=400
+                model="deterministic-test", prompt="a", max_output_tokens=150
             )
         )
         job_id = await _job(store, [long_item])
@@ -185,12 +185,11 @@ async def test_an_item_longer_than_the_call_timeout_ends_with_an_error(tmp_path,
             status = await _wait_for_status(store, job_id, timeout_s=10)
         finally:
             await cancel_and_wait(task, 10)
-        assert status in ("SUCCEEDED", "FAILED"), status
+        assert status == "SUCCEEDED"
         (body,) = await store.results(job_id, [0])
         assert body is not None
         result = jobs_pb2.JobResult.FromString(body)
-        assert result.error.code == "DEADLINE_EXCEEDED"
-        assert result.error.reason == "CALL_TIMEOUT"
+        assert result.complete.usage.completion_tokens == 150
 
 
 async def test_a_lane_left_empty_is_retired_and_comes_back_with_its_next_job(tmp_path, redis_url):
@@ -206,13 +205,15 @@ async def test_a_lane_left_empty_is_retired_and_comes_back_with_its_next_job(tmp
             lane = record.get("lane")
             await runner.trim()
             assert lane not in {text(m) for m in await store.redis.smembers(jobstore.LANES_KEY)}
-            assert not await store.redis.exists(jobstore.work_stream(lane))
+            # Its stream stays a while (a runner may still be blocked reading it).
+            assert 0 < await store.redis.ttl(jobstore.work_stream(lane)) <= 86400
             # The lane's owner again: its stream, group and lane come back with the job.
             owner = jobstore.Owner(record.owner.key_id, "", record.owner.identity)
             again, _ = await store.create(
                 NewJob(owner, [_complete("deterministic-test", "b")], "", {}, "", now_ms() + 60_000)
             )
             assert await _wait_for_status(store, again, timeout_s=10) == "SUCCEEDED"
+            assert await store.redis.ttl(jobstore.work_stream(lane)) == -1  # kept again
         finally:
             await cancel_and_wait(task, 10)
 

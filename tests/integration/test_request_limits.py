@@ -125,9 +125,15 @@ async def test_a_hung_store_is_not_waited_for_on_every_request(tmp_path):
         async with await start_inference(inference_settings(tmp_path, url)) as (_, channel):
             stub = rpc.InferenceServiceStub(channel)
             await stub.Complete(request, metadata=identity)  # connections made
+            opened_before = {store: _opened(store) for store in ("ratelimit", "budgets")}
             os.kill(child.pid, signal.SIGSTOP)
-            # Three at once: each waits for the stores' timeouts, then the breakers open.
-            await asyncio.gather(*(stub.Complete(request, metadata=identity) for _ in range(3)))
+            # Each waits for the stores' timeouts; failing for over a second, they open.
+            for _ in range(4):
+                if all(_opened(store) > n for store, n in opened_before.items()):
+                    break
+                calls = (stub.Complete(request, metadata=identity) for _ in range(3))
+                await asyncio.gather(*calls)
+            assert all(_opened(store) > n for store, n in opened_before.items())
             started = time.monotonic()
             for _ in range(5):
                 reply = await stub.Complete(request, metadata=identity)
@@ -163,3 +169,8 @@ async def test_an_envoy_retry_is_not_counted_twice(tmp_path, redis_url):
     finally:
         await client.delete(f"tm:ratelimit:rpm:{key}")
         await client.aclose()
+
+
+def _opened(store: str) -> float:
+    labels = {"store": store}
+    return REGISTRY.get_sample_value("tokenmesh_store_breaker_opened_total", labels) or 0.0

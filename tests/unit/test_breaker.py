@@ -16,23 +16,38 @@ class Clock:
 
 
 def _opened(clock: Clock) -> Breaker:
-    breaker = Breaker("test", failures=3, open_s=1.0, clock=clock)
+    breaker = Breaker("test", failures=3, span_s=1.0, open_s=1.0, clock=clock)
     for _ in range(3):
         breaker.check()
         breaker.failed()
+        clock.now += 0.5
     return breaker
 
 
 def test_it_opens_after_failures_in_a_row_only() -> None:
     clock = Clock()
-    breaker = Breaker("test", failures=3, open_s=1.0, clock=clock)
+    breaker = Breaker("test", failures=3, span_s=1.0, open_s=1.0, clock=clock)
     for _ in range(5):  # a success between failures keeps it closed
         breaker.failed()
+        clock.now += 0.6
         breaker.failed()
         breaker.succeeded()
     breaker.check()
     assert not breaker.is_open
     assert _opened(clock).is_open
+
+
+def test_a_one_off_stall_that_fails_many_calls_at_once_does_not_open_it() -> None:
+    # 32 concurrent calls time out together (a fork, an fsync), then Redis answers.
+    clock = Clock()
+    breaker = Breaker("test", failures=3, span_s=1.0, open_s=1.0, clock=clock)
+    for _ in range(32):
+        breaker.failed()
+    breaker.check()
+    assert not breaker.is_open
+    clock.now += 1.0
+    breaker.failed()  # still failing a second later: hung
+    assert breaker.is_open
 
 
 def test_an_open_breaker_fails_calls_at_once_until_one_probe_goes() -> None:
