@@ -132,12 +132,8 @@ def _bad(field: str, description: str) -> InvalidArgument:
 
 
 def _json(raw: bytes, field: str) -> Any:
-    """Parses a client's JSON; raises InvalidArgument naming `field` when it is not
-    JSON (nested past the recursion limit included: that raised RecursionError)."""
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise _bad(field, "is not valid JSON") from None
+    """Parses a client's JSON as the OpenAI routes do (params.client_json)."""
+    return params.client_json(raw, field)
 
 
 def parse_batch_request(raw: bytes) -> BatchRequest:

@@ -263,6 +263,36 @@ def test_errors_have_openais_shape_on_every_path(mesh, admin_key):
         assert "x-tokenmesh-openai-error" not in reply.headers
 
 
+def test_odd_but_parseable_bodies_get_a_400_not_a_500(mesh, admin_key):
+    # Each was an INTERNAL error (a 500 with a traceback in the worker's log), or a
+    # 502: a lone surrogate protobuf cannot hold, an integer past Python's 4,300
+    # digits, 20,000 bad messages (a 750 KB error status in the trailers), and one
+    # legacy request asking for 200 sequences (each a worker request, at once).
+    headers = {"authorization": f"Bearer {admin_key}", "content-type": "application/json"}
+    chat = '{"model":"demo-lm","messages":[{"role":"user","content":%s}]%s}'
+    bodies = {
+        "lone surrogate": (chat % ('"\\ud800"', ""), "body"),
+        "huge integer": (chat % ('"hi"', ',"max_tokens":' + "1" * 5000), "body"),
+        "20,000 bad messages": (
+            '{"model":"demo-lm","messages":[' + ",".join(["1"] * 20000) + "]}",
+            None,
+        ),
+    }
+    with httpx.Client(base_url=f"{mesh.edge_url}/openai/v1", timeout=30) as http:
+        for name, (body, param) in bodies.items():
+            reply = http.post("/chat/completions", content=body.encode(), headers=headers)
+            assert reply.status_code == 400, (name, reply.text[:200])
+            error = reply.json()["error"]
+            assert error["type"] == "invalid_request_error", name
+            if param is not None:
+                assert error["param"] == param, name
+            assert len(reply.content) < 16_384, name  # the first problems, then a count
+        legacy = {"model": "demo-lm", "prompt": ["a"] * 25, "n": 8, "max_tokens": 1}
+        reply = http.post("/completions", json=legacy, headers=headers)
+        assert reply.status_code == 400
+        assert reply.json()["error"]["param"] == "prompt"
+
+
 def test_requests_are_routed_by_the_model_in_their_json(mesh, admin_key):
     # The model-routing Lua filter reads `model` (a name@version pins) and the
     # head of `messages` from the JSON: chats that start alike meet one worker.

@@ -140,3 +140,26 @@ def test_bodies_nested_too_deep_or_not_utf8_are_invalid_json_not_internal_errors
     plain = json.dumps(CHAT).encode()
     for raw in (deep, b"\xef\xbb\xbf" + plain, plain.decode().encode("utf-16")):
         assert _violations(lambda raw=raw: params.parse_chat(raw)) == {"body": "is not valid JSON"}
+
+
+def test_a_batch_line_with_a_lone_surrogate_is_a_bad_line_not_an_internal_error() -> None:
+    from services.jobs.openai_batches import parse_input
+
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "m", "messages": [{"role": "user", "content": "\ud800"}]},
+    }
+    data = json.dumps(line).encode()  # ensure_ascii: the surrogate as a \\ud800 escape
+    with pytest.raises(InvalidArgument) as bad:
+        parse_input(data, "/v1/chat/completions", 10)
+    assert "surrogate" in bad.value.message
+
+
+def test_an_error_reports_its_first_20_problems_and_counts_the_rest() -> None:
+    from services.core.errors import MAX_VIOLATIONS, FieldViolation
+
+    error = InvalidArgument([FieldViolation(f"f{i}", "bad") for i in range(5000)])
+    assert len(error.violations) == MAX_VIOLATIONS + 1
+    assert error.violations[-1] == FieldViolation("request", "and 4980 more problems")

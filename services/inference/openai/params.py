@@ -166,6 +166,53 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# Sequences one legacy completion request may ask for (its prompts times n): each
+# prompt is a request of its own on the worker, all at once, counted once by the
+# rate limit; 200,000 prompts in 1 MB filled every queue for every tenant.
+MAX_LEGACY_SEQUENCES = 32
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def client_json(raw: bytes, field: str) -> Any:
+    """Parses a client's JSON; raises InvalidArgument (INVALID_JSON) naming `field`.
+
+    UTF-8 only, as the edge reads it: json.loads(bytes) also takes UTF-16, UTF-32
+    and a BOM, bodies whose model the edge's routes never saw. Not JSON either,
+    as answers go: nesting past the recursion limit (RecursionError), an integer
+    of over 4,300 digits (ValueError), and a lone UTF-16 surrogate (a "\\ud800"
+    escape): JSON parses it, protobuf strings cannot hold it, and each of them
+    was an INTERNAL error (500) with a traceback in the log.
+    """
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError, JSONDecodeError among them
+        raise _not_json(field) from None
+    if b"\\u" in raw and _holds_lone_surrogate(value):
+        raise _not_json(field, "holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape)")
+    return value
+
+
+def _not_json(field: str, why: str = "is not valid JSON") -> InvalidArgument:
+    return InvalidArgument([FieldViolation(field, why)], reason="INVALID_JSON")
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    """Whether any string (key or value) in parsed JSON holds a surrogate code point
+    (a pair of escapes decodes to one character: only a lone one is left)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 class _Body:
     """_Body reads one request's parameters, collecting a violation per problem."""
 
@@ -176,14 +223,7 @@ class _Body:
         ignored: Mapping[str, Callable[[Any], bool]],
     ) -> None:
         self.out: list[FieldViolation] = []
-        try:
-            # UTF-8 only, as the edge reads it: json.loads(bytes) also takes UTF-16,
-            # UTF-32 and a BOM, bodies whose model the edge's routes never saw.
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise InvalidArgument(
-                [FieldViolation("body", "is not valid JSON")], reason="INVALID_JSON"
-            ) from None
+        body = client_json(raw, "body")
         if not isinstance(body, dict):
             raise InvalidArgument(
                 [FieldViolation("body", "must be a JSON object")], reason="INVALID_JSON"
@@ -412,6 +452,15 @@ def parse_completion(raw: bytes) -> GenerationCall:
     best_of = body.integer("best_of")
     if best_of is not None and best_of != request.get("n", 1):
         body.out.append(FieldViolation("best_of", "must equal n (choices are not ranked)"))
+    choices = len(prompts) * int(request.get("n") or 1)
+    if choices > MAX_LEGACY_SEQUENCES:
+        body.out.append(
+            FieldViolation(
+                "prompt",
+                f"{len(prompts)} prompts x n is {choices} sequences; at most"
+                f" {MAX_LEGACY_SEQUENCES} per request (send more through /v1/batches)",
+            )
+        )
     stream = body.boolean("stream")
     include_usage = body.stream_options(stream)
     body.check()

@@ -211,7 +211,9 @@ class OpenAIServicer(openai_service_pb2_grpc.OpenAIServiceServicer):
         self, raw: bytes, context: Context, parse: Any, rpc: str
     ) -> AsyncIterator[HttpBody]:
         ctx = _ResponseContext(context)
-        renames = Renames()
+        # Before the body is read too (its own problems): a legacy completion's
+        # input is `prompt` (a problem with it was reported as `messages`).
+        renames = Renames() if rpc == CHAT_RPC else Renames(input="prompt")
         try:
             call: GenerationCall = parse(raw)
             renames = call.renames
