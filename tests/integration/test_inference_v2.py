@@ -520,3 +520,19 @@ async def test_a_stream_admitted_while_budgets_were_down_ends_every_choice_with_
     assert all(m.finish_reason == resources.FINISH_REASON_QUOTA for m in finals)
     sent = sum(len(m.token_ids) for m in messages)
     assert finals[-1].usage.completion_tokens == sent < 800
+
+
+async def test_a_prompt_near_the_context_without_a_limit_gets_the_room_left(inference_channel):
+    # The model's default (64) no longer fits after 500 of its 512 tokens: it was a
+    # 400 naming max_output_tokens, which the caller never sent. OpenAI and vLLM
+    # cut the default to the room left.
+    stub = rpc.InferenceServiceStub(inference_channel)
+    prompt = " ".join(["the"] * 500)
+    reply = await stub.Complete(pb.CompleteRequest(model="deterministic-test", prompt=prompt))
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens <= 512
+    assert reply.usage.completion_tokens > 0
+    with pytest.raises(grpc.aio.AioRpcError) as asked:  # a limit the caller set is checked
+        await stub.Complete(
+            pb.CompleteRequest(model="deterministic-test", prompt=prompt, max_output_tokens=64)
+        )
+    assert asked.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.core.interceptors import Context
 from services.inference.admission import Request, Target
@@ -132,6 +132,12 @@ class Generation(Request):
         self.spec = spec
         self.prompt_ids = prompt_ids
         self.params = spec.choice_params(model.defaults)
+        room = model.context_length - len(prompt_ids)
+        if spec.max_output_tokens is None and 0 < room < self.params[0].max_tokens:
+            # The caller set no limit: the model's default is cut to the context's
+            # room, as OpenAI and vLLM do (it refused a prompt near the context
+            # length, naming a max_output_tokens the caller never sent).
+            self.params = [replace(p, max_tokens=room) for p in self.params]
         max_tokens = self.params[0].max_tokens
         check_context(len(prompt_ids), max_tokens, model.context_length, "max_output_tokens")
         # Billed: the prompt once, plus up to max_tokens per choice.
