@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -16,6 +17,17 @@ from services.core.tasks import HealthGate, Supervisor
 def text(reply: bytes | str) -> str:
     """Returns a Redis reply as str (clients here do not decode responses)."""
     return reply.decode() if isinstance(reply, bytes) else reply
+
+
+def known_fields(record: type[Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """Returns the entries of a stored record that dataclass `record` has fields for.
+
+    Fields a newer replica added are left out: mid-upgrade, the older replicas
+    raised on them (TypeError) at every read, and every build or tick that read
+    the record stopped.
+    """
+    known = record.__dataclass_fields__
+    return {k: v for k, v in data.items() if k in known}
 
 
 class RedisBackedService(Service):

@@ -20,7 +20,7 @@ from redis.exceptions import WatchError
 from services.core import contract
 from services.core.errors import FieldViolation, InvalidArgument, NotFound
 from services.core.pricing import Price, PriceChange, with_change
-from services.core.redis_service import text
+from services.core.redis_service import known_fields, text
 
 CATALOG_KEY = "tokenmesh:router:catalog"
 
@@ -51,7 +51,7 @@ class VersionEntry:
     def from_json(cls, data: Mapping[str, Any]) -> VersionEntry:
         """Parses a version stored by `to_json`."""
         prices = tuple(PriceChange.from_json(c) for c in data.get("prices", ()))
-        fields = {k: v for k, v in data.items() if k != "prices"}
+        fields = {k: v for k, v in known_fields(cls, data).items() if k != "prices"}
         return cls(**fields, prices=prices)
 
     def sunset(self, now: float) -> bool:

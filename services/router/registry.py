@@ -32,7 +32,7 @@ from services.core.errors import (
     NotFound,
     PermissionDenied,
 )
-from services.core.redis_service import text
+from services.core.redis_service import known_fields, text
 from services.router import load_weights
 from services.router.catalog import check_name, check_version
 from services.router.load_weights import LoadReport, WeightState
@@ -137,8 +137,8 @@ class WorkerEntry:
             state=str(data["state"]),
             lease_expires_at=float(data["lease_expires_at"]),
             # Entries written before load reports existed have none.
-            load=LoadReport(**data["load"]) if data.get("load") else None,
-            weight=WeightState(**data["weight"]) if data.get("weight") else WeightState(),
+            load=LoadReport(**known_fields(LoadReport, data["load"])) if data.get("load") else None,
+            weight=WeightState(**known_fields(WeightState, data.get("weight") or {})),
             outcomes=tuple(VersionCounts.from_json(c) for c in data.get("outcomes", ())),
             # Entries written before lease tokens existed have none.
             token_sha256=str(data.get("token_sha256", "")),

@@ -49,7 +49,7 @@ from services.core.errors import (
     InvalidArgument,
     NotFound,
 )
-from services.core.redis_service import text
+from services.core.redis_service import known_fields, text
 from services.core.tasks import SupervisedTask, Supervisor
 from services.router import catalog as cat
 from services.router.catalog import Catalog, ModelEntry
@@ -169,7 +169,7 @@ class Window:
     def ttft_p99_ms(self) -> float:
         """Returns the TTFT p99 read from the histogram (the bucket's upper bound; 0: none)."""
         total = self.ttft_samples
-        if not total:
+        if not total or not self.ttft_bounds_ms:  # no bounds: a worker's bad report
             return 0.0
         rank = math.ceil(0.99 * total)
         seen = 0
@@ -182,9 +182,7 @@ class Window:
 
     def plus(self, counts: VersionCounts, base: VersionCounts | None) -> Window:
         """Adds one worker's counts since `base` (all of them when it restarted since)."""
-        if base is not None and (
-            counts.requests < base.requests or len(base.ttft_counts) != len(counts.ttft_counts)
-        ):
+        if base is not None and _counters_restarted(counts, base):
             base = None  # the version was reloaded: its counters started again
         requests = counts.requests - (base.requests if base else 0)
         errors = counts.errors - (base.errors if base else 0)
@@ -249,7 +247,7 @@ class Rollout:
             model=data["model"],
             version=data["version"],
             stable=data["stable"],
-            policy=Policy(**{**policy, "steps": tuple(policy["steps"])}),
+            policy=Policy(**{**known_fields(Policy, policy), "steps": tuple(policy["steps"])}),
             state=data["state"],
             step_index=int(data["step_index"]),
             step_started_at=float(data["step_started_at"]),
@@ -282,6 +280,21 @@ def baseline_of(
         counts = [counts_of(worker, model, v) for v in versions]
         found[worker.worker_id] = tuple(c for c in counts if c is not None)
     return found
+
+
+def _counters_restarted(counts: VersionCounts, base: VersionCounts) -> bool:
+    """Whether a worker's counters started again since `base`: any of them is lower.
+
+    Requests alone missed a worker that restarted under its id and served past
+    its old count: (100 requests, 10 errors) then (150, 2) read as 50 requests
+    and -8 errors, which hid other workers' errors from the error gate.
+    """
+    return (
+        counts.requests < base.requests
+        or counts.errors < base.errors
+        or len(base.ttft_counts) != len(counts.ttft_counts)
+        or any(c < b for c, b in zip(counts.ttft_counts, base.ttft_counts, strict=False))
+    )
 
 
 def window(rollout: Rollout, workers: Sequence[WorkerEntry], version: str) -> Window:

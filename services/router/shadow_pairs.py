@@ -23,11 +23,11 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import redis.asyncio as aioredis
 
-from services.core.redis_service import text
+from services.core.redis_service import known_fields, text
 
 LIVE = "live"
 SHADOW = "shadow"
@@ -102,9 +102,7 @@ class Record:
     @classmethod
     def from_json(cls, raw: str | bytes) -> Record:
         """Parses a record written by `to_json` (unknown fields are ignored)."""
-        data: dict[str, Any] = json.loads(raw)
-        known = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**known_fields(cls, json.loads(raw)))
 
 
 @dataclass(frozen=True)

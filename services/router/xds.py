@@ -116,6 +116,11 @@ class ControlPlane:
         self.ready = asyncio.Event()
         self.closing = asyncio.Event()  # set on shutdown: streams end, Envoys reconnect elsewhere
         self._task: SupervisedTask | None = None
+        # One build at a time: the poll, the catalogue RPCs and rollouts all refresh,
+        # and a slow build that read Redis first, installed last, pushed every edge
+        # the older state (a drained worker back in, a rollback undone) until the
+        # next poll.
+        self._building = asyncio.Lock()
 
     def start(self, supervisor: Supervisor) -> None:
         """Starts polling Redis in the background, under `supervisor`."""
@@ -137,8 +142,9 @@ class ControlPlane:
         fresh = flags in self._in_use() and flags in self._flavours
         self._users[flags] += 1
         if not fresh:
-            (resources,) = await self._build([flags])
-            self._flavours[flags] = pack(resources, self._flavours.get(flags))
+            async with self._building:
+                (resources,) = await self._build([flags])
+                self._flavours[flags] = pack(resources, self._flavours.get(flags))
 
     def release(self, flags: EdgeFlags) -> None:
         """Counts a stream of `flags` out (its flavour is dropped at the next poll if unused)."""
@@ -152,9 +158,19 @@ class ControlPlane:
 
     async def refresh(self) -> None:
         """Reads Redis now; wakes every stream when anything changed."""
+        async with self._building:
+            flavours = self._in_use()
+            changed = self._install(flavours, await self._build(flavours))
+        self.ready.set()
+        if changed:
+            async with self._changed:
+                self._generation += 1
+                self._changed.notify_all()
+
+    def _install(self, flavours: Sequence[EdgeFlags], built: Sequence[Resources]) -> bool:
+        """Keeps a build's resources; returns whether any flavour changed."""
         changed = False
-        flavours = self._in_use()
-        for flags, resources in zip(flavours, await self._build(flavours), strict=True):
+        for flags, resources in zip(flavours, built, strict=True):
             # Converting to protobuf and hashing are not cheap (JSON-encoding every
             # resource was ~40% of an idle router's CPU, 4 polls a second): compare
             # the dicts, and pack and hash only on change.
@@ -165,11 +181,7 @@ class ControlPlane:
         # A flavour nobody uses now is dropped, not kept stale: `ensure` builds it afresh.
         for unused in set(self._flavours) - set(self._in_use()):
             del self._flavours[unused]
-        self.ready.set()
-        if changed:
-            async with self._changed:
-                self._generation += 1
-                self._changed.notify_all()
+        return changed
 
     async def wait_changed(self, seen: int) -> int:
         """Waits until the generation moves past `seen`; returns the new one."""

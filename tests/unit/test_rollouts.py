@@ -103,3 +103,19 @@ def test_rollouts_round_trip_through_json_and_weights_follow_the_state():
     from dataclasses import replace
 
     assert replace(stored, state=ro.ROLLED_BACK).weight == 0
+
+
+def test_a_worker_that_restarted_under_its_id_counts_from_its_restart():
+    # Requests alone told a restart: one that served past its old count read as
+    # 50 requests and -8 errors, hiding other workers' errors from the gate.
+    def counts(requests: int, errors: int) -> VersionCounts:
+        return VersionCounts("m", "2", requests, errors, TTFT_BOUNDS_MS, ttfts(10, requests))
+
+    summed = ro.Window().plus(counts(150, 2), counts(100, 10))
+    assert (summed.requests, summed.errors) == (150, 2)
+
+
+def test_a_histogram_without_bounds_reads_no_p99_instead_of_failing():
+    # A heartbeat with counts and no bounds made the rollout driver raise at every
+    # tick (IndexError), and no rollout after that model was ever checked.
+    assert ro.Window(10, 0, (), (10,)).ttft_p99_ms() == 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -368,3 +369,46 @@ def test_repacking_reuses_what_did_not_change_and_versions_stay_content_hashes()
     changed = incremental.by_type[ENDPOINT_TYPE]["model:m:1"]
     assert changed is not first.by_type[ENDPOINT_TYPE]["model:m:1"]
     assert changed == full.by_type[ENDPOINT_TYPE]["model:m:1"]
+
+
+def test_a_slow_build_cannot_install_older_state_over_a_newer_one():
+    # The poll, catalogue RPCs and rollouts all refresh: a build that read the state
+    # first and finished last installed the older state (a rollback undone) until
+    # the next poll. Refreshes now build one at a time.
+    async def scenario():
+        state = {"models": {"m": two_versions()}}
+        slow = asyncio.Event()
+
+        async def build_for(flavours):
+            models = state["models"]  # what this build read
+            if models["m"] is first:
+                await slow.wait()  # the first build stalls after reading
+            return [build(models, [worker("w", 1, ("m", "1"))], flags) for flags in flavours]
+
+        first = state["models"]["m"]
+        plane = ControlPlane(build_for, poll_s=1)
+        older = asyncio.create_task(plane.refresh())
+        await asyncio.sleep(0)  # it has read the state
+        state["models"] = {"m": cat.set_split(two_versions(), {"1": 50, "2": 50})}
+        newer = asyncio.create_task(plane.refresh())
+        await asyncio.sleep(0)
+        slow.set()
+        await asyncio.gather(older, newer)
+        routes = plane.resources(EdgeFlags()).source.by_type[ROUTE_TYPE]
+        return json.dumps(routes)
+
+    installed = asyncio.run(scenario())
+    assert '"weight": 50' in installed  # the newer state stays
+
+
+def test_records_written_by_a_newer_replica_still_read():
+    # Mid-upgrade, an older router raised on a field it did not know (TypeError) at
+    # every read of the record: every build, renewal or rollout tick stopped.
+    from services.router.catalog import VersionEntry
+    from services.router.registry import WorkerEntry
+
+    entry = json.loads(worker("w", 1, ("m", "1")).to_json())
+    entry["load"] = {**(entry.get("load") or {}), "added_later": 1}
+    entry["weight"] = {**(entry.get("weight") or {}), "added_later": 1}
+    assert WorkerEntry.from_json("w", json.dumps(entry)).worker_id == "w"
+    assert VersionEntry.from_json({"version": "1", "added_later": True}).version == "1"
