@@ -60,6 +60,8 @@ from tokenmesh.usage.v1 import usage_pb2
 logger = logging.getLogger(__name__)
 ROLLOUTS_KEY = "tokenmesh:router:rollouts"
 LEASE_KEY = "tokenmesh:router:rollouts:lease"
+# model -> the traffic split its rollout last applied (traffic_of; see the driver's tick).
+APPLIED_KEY = "tokenmesh:router:rollouts:applied"
 FENCE_KEY = "tokenmesh:router:rollouts:fence"
 #: The audit log's tenant for what the mesh does by itself (rollout decisions).
 AUDIT_TENANT = "tokenmesh.system"
@@ -473,6 +475,13 @@ class RolloutStore:
         if await self._swap(raw, changed, lease):
             await self._apply(changed, decision)
 
+    async def move_traffic(self, rollout: Rollout) -> None:
+        """Sets the model's split to the rollout's share, then marks the rollout applied."""
+        weight = rollout.weight
+        await self.catalog.update(rollout.model, lambda m, _: split_for(m, rollout, weight))
+        await self.refresh()
+        await self.redis.hset(APPLIED_KEY, rollout.model, traffic_of(rollout))
+
     async def _swap(self, raw: str | bytes | None, rollout: Rollout, lease: str) -> bool:
         expected = b"" if raw is None else raw
         args: list[str | bytes] = [rollout.model, expected, rollout.to_json(), lease]
@@ -482,8 +491,9 @@ class RolloutStore:
         """Moves the traffic, records the decision in the audit log and the metrics."""
         weight = rollout.weight
         if decision.action not in ("pause", "resume"):
-            await self.catalog.update(rollout.model, lambda m, _: split_for(m, rollout, weight))
-            await self.refresh()
+            await self.move_traffic(rollout)
+        else:
+            await self.redis.hset(APPLIED_KEY, rollout.model, traffic_of(rollout))
         STEP_PERCENT.labels(rollout.model, rollout.version).set(weight)
         if decision.action == "rollback":
             ROLLED_BACK_TOTAL.labels(rollout.model, rollout.version).inc()
@@ -502,6 +512,12 @@ class RolloutStore:
             weight,
             decision.reason,
         )
+
+
+def traffic_of(rollout: Rollout) -> str:
+    """Returns the split a rollout asks for, as APPLIED_KEY records it (the rest of
+    the record, a hold's reason say, changes no traffic)."""
+    return f"{rollout.version}:{rollout.weight}|{rollout.stable}:{100 - rollout.weight}"
 
 
 def _stable_version(entry: ModelEntry, version: str, now: float) -> str:
@@ -610,7 +626,28 @@ class RolloutDriver:
             return
         lease = f"{self.holder}:{self.token}"
         raw_all = await self.store.redis.hgetall(ROLLOUTS_KEY)
-        for raw in raw_all.values():
+        applied = await self.store.redis.hgetall(APPLIED_KEY)
+        for model, raw in raw_all.items():
             rollout = Rollout.from_json(raw)
+            await self._reconcile(rollout, applied.get(model))
             if rollout.state == RUNNING:
                 await self.store.step(rollout, raw, lease, self.now())
+
+    async def _reconcile(self, rollout: Rollout, applied: str | bytes | None) -> None:
+        """Applies a decision whose traffic never moved: written to the rollout, then the
+        split's update failed (a Redis error), or a stalled driver's late update of an
+        earlier decision landed after an operator's abort. The rolled-back or aborted
+        canary kept its share while the rollout read as ended. (A rollout that ended
+        before the marks existed has none, and is left alone: an operator's later
+        split must not be undone.)"""
+        if applied is None and rollout.state not in ACTIVE:
+            return
+        if applied is not None and text(applied) == traffic_of(rollout):
+            return
+        logger.warning(
+            "rollout %s %s: its traffic did not match its last decision; moving it to %d%%",
+            rollout.model,
+            rollout.version,
+            rollout.weight,
+        )
+        await self.store.move_traffic(rollout)

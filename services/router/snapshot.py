@@ -457,11 +457,14 @@ def _streaming_action(affinity: bool = False, **target: Any) -> dict[str, Any]:
                 }
             ],
             # How many picks a retry gets to find a host it has not tried. The
-            # routes hash (Maglev): each re-pick is a perturbed hash, a coin toss
-            # between 2 workers, so 3 picks put a retry back on the dead worker
-            # 1 time in 8, and a drain under load failed requests that way.
-            # 10 picks: about 1 in 1,000; a pick costs a table lookup.
-            "host_selection_retry_max_attempts": 10,
+            # routes hash (Maglev): each re-pick is a perturbed hash, a draw
+            # weighted by the workers' load-aware weights (5 to 100). Even, 3
+            # picks put a retry back on the dead worker 1 time in 8, and a drain
+            # under load failed requests that way; 10 picks made that 1 in 1,000,
+            # but at 100 to 5 a pick finds the live worker 1 time in 21, and 10
+            # picks missed it 6 times in 10. 100 picks: 1 in 130 a retry, and a
+            # request gets two (a pick costs a table lookup).
+            "host_selection_retry_max_attempts": 100,
         },
     }
 

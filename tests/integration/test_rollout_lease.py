@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.router import catalog as cat
 from services.router import rollouts as ro
@@ -88,5 +89,34 @@ async def test_an_abort_between_a_drivers_read_and_write_is_kept(client):
     )  # ... and the driver writes what it computed from its read
     kept = await store(client).get(rollout.model)
     assert kept.state == ro.ABORTED and kept.weight == 0
+    weights = (await Catalog(client).get(rollout.model)).effective_weights(time.time())
+    assert weights == {"1": 100}
+
+
+async def test_a_decision_whose_traffic_never_moved_is_applied_by_the_next_tick(client):
+    """The decision is written first and the split after: when the split's update
+    failed (a Redis error) or a stalled driver's late update of an older decision
+    landed after an abort, the canary kept its share while the rollout read as
+    ended, for good (an ended rollout is never stepped again)."""
+    rollout = await started(client)
+    calls = {"n": 0}
+    real_update = Catalog.update
+
+    async def failing_once(self, model, change):  # the abort's split update fails
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RedisConnectionError("lost")
+        return await real_update(self, model, change)
+
+    Catalog.update = failing_once
+    try:
+        with pytest.raises(RedisConnectionError):
+            await store(client).operate(rollout.model, "abort", time.time())
+    finally:
+        Catalog.update = real_update
+    assert (await store(client).get(rollout.model)).state == ro.ABORTED
+    weights = (await Catalog(client).get(rollout.model)).effective_weights(time.time())
+    assert weights == {"1": 90, "2": 10}  # the canary still has its share
+    await ro.RolloutDriver(store(client), time.time).tick()
     weights = (await Catalog(client).get(rollout.model)).effective_weights(time.time())
     assert weights == {"1": 100}
