@@ -171,6 +171,10 @@ def add_version(model: ModelEntry | None, name: str, version: str, weight: int) 
     model = model or ModelEntry(name=name)
     if model.version(version) is not None:
         return model
+    if version in model.aliases:
+        # Its exact route would come first: the alias (and callers of it) silently
+        # moved to a new version at 0% (set_alias refuses the other way round).
+        raise _violation("version", f"{version!r} is an alias of {model.name!r}; remove it first")
     if not model.versions:
         weight = 100  # a model's only version takes all of its traffic
     elif weight:

@@ -60,6 +60,8 @@ from tokenmesh.usage.v1 import usage_pb2
 logger = logging.getLogger(__name__)
 ROLLOUTS_KEY = "tokenmesh:router:rollouts"
 LEASE_KEY = "tokenmesh:router:rollouts:lease"
+# A step whose new version no worker serves rolls back after this long (and its time).
+NO_WORKER_GRACE_S = 60.0
 # model -> the traffic split its rollout last applied (traffic_of; see the driver's tick).
 APPLIED_KEY = "tokenmesh:router:rollouts:applied"
 FENCE_KEY = "tokenmesh:router:rollouts:fence"
@@ -337,13 +339,23 @@ def ttft_breach(policy: Policy, canary: Window, stable: Window) -> str:
     return ""
 
 
-def decide(rollout: Rollout, canary: Window, stable: Window, now: float) -> tuple[str, str]:
-    """Returns (action, reason) for a running rollout: hold, advance, succeed or rollback."""
+def decide(
+    rollout: Rollout, canary: Window, stable: Window, now: float, canary_workers: int = 1
+) -> tuple[str, str]:
+    """Returns (action, reason) for a running rollout: hold, advance, succeed or rollback.
+
+    canary_workers: the workers serving the new version now. With none, its share
+    of the traffic fails at the edge (503, no upstream), where no worker counts
+    it: the step waited for traffic for good. A step without one for its whole
+    time, and at least NO_WORKER_GRACE_S, rolls back.
+    """
     policy = rollout.policy
     broken = error_breach(policy, canary, stable)
     if broken:
         return "rollback", broken
     elapsed = now - rollout.step_started_at
+    if not canary_workers and elapsed >= max(policy.step_s, NO_WORKER_GRACE_S):
+        return "rollback", f"no worker served {rollout.version} for {elapsed:.0f}s"
     if elapsed < policy.step_s:
         return "hold", f"observing step {rollout.weight}% ({elapsed:.0f}/{policy.step_s:g}s)"
     if canary.requests < policy.min_requests:
@@ -464,7 +476,10 @@ class RolloutStore:
         workers = await self.registry.all(now)
         canary = window(rollout, workers, rollout.version)
         stable = window(rollout, workers, rollout.stable)
-        action, reason = decide(rollout, canary, stable, now)
+        serving = sum(
+            1 for w in workers if w.routable(now) and (rollout.model, rollout.version) in w.models
+        )
+        action, reason = decide(rollout, canary, stable, now, serving)
         if action == "hold":
             if reason != rollout.reason:
                 await self._swap(raw, replace(rollout, reason=reason), lease)

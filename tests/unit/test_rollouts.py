@@ -119,3 +119,14 @@ def test_a_histogram_without_bounds_reads_no_p99_instead_of_failing():
     # A heartbeat with counts and no bounds made the rollout driver raise at every
     # tick (IndexError), and no rollout after that model was ever checked.
     assert ro.Window(10, 0, (), (10,)).ttft_p99_ms() == 0.0
+
+
+def test_a_canary_no_worker_serves_rolls_back_instead_of_waiting_for_traffic():
+    # Its share failed at the edge (503, no upstream), where no worker counted it:
+    # the step held at "waiting for traffic 0/50" for good.
+    started = rollout()
+    later = NOW + max(POLICY.step_s, ro.NO_WORKER_GRACE_S)
+    action, reason = ro.decide(started, ro.Window(), window(100), later, canary_workers=0)
+    assert action == "rollback" and "no worker served 2" in reason
+    assert ro.decide(started, ro.Window(), window(100), NOW + 1, canary_workers=0)[0] == "hold"
+    assert ro.decide(started, ro.Window(), window(100), later, canary_workers=1)[0] == "hold"

@@ -73,6 +73,14 @@ def test_aliases_cannot_shadow_versions():
         cat.set_alias(model, "1", "2")
 
 
+def test_versions_cannot_shadow_aliases_either():
+    # A worker registering version "stable" took the alias's callers to a new
+    # version at 0% (its exact route comes first), silently.
+    model = cat.set_alias(two_versions(), "stable", "1")
+    with pytest.raises(InvalidArgument, match="alias"):
+        cat.add_version(model, "m", "stable", 0)
+
+
 def worker(
     worker_id: str, port: int, *models: tuple[str, str], state: str = "serving"
 ) -> WorkerEntry:
