@@ -505,10 +505,8 @@ class RolloutStore:
     async def _apply(self, rollout: Rollout, decision: Decision) -> None:
         """Moves the traffic, records the decision in the audit log and the metrics."""
         weight = rollout.weight
-        if decision.action not in ("pause", "resume"):
+        if decision.action not in ("pause", "resume"):  # they move no traffic
             await self.move_traffic(rollout)
-        else:
-            await self.redis.hset(APPLIED_KEY, rollout.model, traffic_of(rollout))
         STEP_PERCENT.labels(rollout.model, rollout.version).set(weight)
         if decision.action == "rollback":
             ROLLED_BACK_TOTAL.labels(rollout.model, rollout.version).inc()
