@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -152,20 +152,33 @@ async def test_items_that_wait_for_a_worker_do_not_hold_other_tenants_back(tmp_p
     """Two slots, two lanes whose items wait (their model has no worker): a third
     lane's item runs at once. Held across the waits, the two waiting items took both
     slots until their jobs' deadlines."""
-    async with _runner_beside_a_worker(tmp_path, redis_url, 2) as (store, runner):
+    status = await _a_third_lane_beside_two_waiting(
+        tmp_path,
+        redis_url,
+        2,
+        lambda runner: len(runner._tasks) >= 2,  # both started
+    )
+    assert status == "SUCCEEDED"
+
+
+async def _a_third_lane_beside_two_waiting(
+    tmp_path: Path, redis_url: str, slots: int, waiting_ready: Callable[[Runner], bool]
+) -> str:
+    """Two lanes' items wait (their model has no worker); once `waiting_ready`, a third
+    lane's item is queued: returns its job's status (or "still running")."""
+    async with _runner_beside_a_worker(tmp_path, redis_url, slots) as (store, runner):
         waiting = [await _job(store, [_complete(m, "a")]) for m in ("nobody-has-it", "nor-it")]
         task = asyncio.create_task(runner.run_forever(block_ms=200))
         try:
             deadline = time.monotonic() + 10
-            while len(runner._tasks) < 2 and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)  # the waiting items started first
+            while not waiting_ready(runner) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
             served = await _job(store, [_complete("deterministic-test", "a")])
-            status = await _wait_for_status(store, served, timeout_s=10)
+            return await _wait_for_status(store, served, timeout_s=10)
         finally:
             await cancel_and_wait(task, 10)
             for job_id in waiting:
                 await store.end(job_id, "CANCELLED")
-        assert status == "SUCCEEDED"
 
 
 async def test_an_item_longer_than_the_call_timeout_gets_longer_calls(tmp_path, redis_url):
@@ -222,17 +235,10 @@ async def test_items_that_wait_do_not_stop_the_reading_either(tmp_path, redis_ur
     """One slot reads up to 2 items ahead; two lanes' items that wait (their model has
     no worker) were counted against that and stopped the reading: a third lane's item
     was never read until their jobs' deadlines."""
-    async with _runner_beside_a_worker(tmp_path, redis_url, 1) as (store, runner):
-        waiting = [await _job(store, [_complete(m, "a")]) for m in ("nobody-has-it", "nor-it")]
-        task = asyncio.create_task(runner.run_forever(block_ms=200))
-        try:
-            deadline = time.monotonic() + 10
-            while runner.executor.waiting < 2 and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)  # both are backing off
-            served = await _job(store, [_complete("deterministic-test", "a")])
-            status = await _wait_for_status(store, served, timeout_s=10)
-        finally:
-            await cancel_and_wait(task, 10)
-            for job_id in waiting:
-                await store.end(job_id, "CANCELLED")
-        assert status == "SUCCEEDED"
+    status = await _a_third_lane_beside_two_waiting(
+        tmp_path,
+        redis_url,
+        1,
+        lambda runner: runner.executor.waiting >= 2,  # backing off
+    )
+    assert status == "SUCCEEDED"
