@@ -367,6 +367,26 @@ def _parse_catalog(raw: Mapping[bytes | str, bytes | str]) -> dict[str, ModelEnt
     return {text(k): ModelEntry.from_json(text(k), v) for k, v in raw.items()}
 
 
+# Redis's clock minus this process's, as the router last read it (sync_clock).
+_redis_clock_offset_s = 0.0
+
+
 def now() -> float:
-    """Returns the wall-clock time (one place, so tests read the same clock)."""
-    return time.time()
+    """Returns the wall-clock time on Redis's clock, as this replica last learned it.
+
+    Router replicas write times others read: a worker's lease end (written by
+    the replica its heartbeat reached, checked by every replica's builds),
+    rollout step starts, heads' last sightings. On each replica's own clock, one
+    2 s off made workers flap out of its edges' endpoints (3 s leases, 1 s
+    heartbeats) and one a minute off forgot live workers. The limits moved to
+    Redis's TIME for the same reason (services.usage.ratelimit).
+    """
+    return time.time() + _redis_clock_offset_s
+
+
+async def sync_clock(client: aioredis.Redis) -> None:
+    """Learns the offset to Redis's clock (every build; the round trip's half is noise)."""
+    global _redis_clock_offset_s
+    sent = time.time()
+    seconds, microseconds = await client.time()
+    _redis_clock_offset_s = seconds + microseconds / 1e6 - sent

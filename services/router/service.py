@@ -21,7 +21,7 @@ from services.core.redis_service import RedisBackedService
 from services.core.server import RunningServer
 from services.core.settings import RedisSettings, env, require
 from services.router import snapshot
-from services.router.catalog import Catalog, now
+from services.router.catalog import Catalog, now, sync_clock
 from services.router.pin_store import PinStore
 from services.router.prompts import PromptCatalog
 from services.router.registry import WorkerRegistry
@@ -121,8 +121,9 @@ class RouterService(RedisBackedService):
 
     async def _build(self, flavours: Sequence[EdgeFlags]) -> list[Resources]:
         """Reads the catalogue and the workers once; builds each flavour's resources."""
-        at = now()
         try:
+            await sync_clock(self.redis)
+            at = now()
             models, workers = await self.catalog.all(), await self.registry.all(at)
             last_pins = await self.pin_store.load()
         except Exception:

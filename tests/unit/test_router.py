@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -424,3 +425,21 @@ def test_records_written_by_a_newer_replica_still_read():
     entry["weight"] = {**(entry.get("weight") or {}), "added_later": 1}
     assert WorkerEntry.from_json("w", json.dumps(entry)).worker_id == "w"
     assert VersionEntry.from_json({"version": "1", "added_later": True}).version == "1"
+
+
+def test_every_router_replica_reads_redis_clock():
+    # Lease ends and rollout step starts are written by one replica and read by
+    # another: on their own clocks, a replica 2 s off made workers flap out of its
+    # edges' endpoints (3 s leases, 1 s heartbeats).
+    class RedisAhead:
+        async def time(self) -> tuple[int, int]:
+            at = time.time() + 120
+            return int(at), int(at % 1 * 1e6)
+
+    before = cat.now()
+    try:
+        asyncio.run(cat.sync_clock(RedisAhead()))
+        assert 119 < cat.now() - time.time() < 121
+    finally:
+        cat._redis_clock_offset_s = 0.0
+    assert abs(cat.now() - before) < 5
