@@ -256,6 +256,14 @@ def set_fallback(model: ModelEntry, fallback: str, catalog: Mapping[str, ModelEn
             raise _violation(
                 "fallback_model", f"{fallback!r} has a fallback of its own; chains are not allowed"
             )
+        # ... checked from the other end too: B -> C after A -> B made A -> B -> C.
+        falling_back = sorted(m.name for m in catalog.values() if m.fallback == model.name)
+        if falling_back:
+            raise _violation(
+                "fallback_model",
+                f"{', '.join(map(repr, falling_back))} fall(s) back to {model.name!r};"
+                " chains are not allowed",
+            )
     return replace(model, fallback=fallback)
 
 

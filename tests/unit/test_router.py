@@ -65,6 +65,10 @@ def test_fallbacks_must_exist_and_not_chain():
     models["b"] = cat.set_fallback(b, "m", models)
     with pytest.raises(InvalidArgument, match="chains"):
         cat.set_fallback(a, "b", models)
+    # From the other end: m falling back to c while b falls back to m (b -> m -> c).
+    models["c"] = cat.add_version(None, "c", "1", 0)
+    with pytest.raises(InvalidArgument, match="chains"):
+        cat.set_fallback(models["m"], "c", models)
 
 
 def test_aliases_cannot_shadow_versions():
