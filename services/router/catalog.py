@@ -9,6 +9,7 @@ Envoy configuration from it.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,8 @@ from services.core import contract
 from services.core.errors import FieldViolation, InvalidArgument, NotFound
 from services.core.pricing import Price, PriceChange, with_change
 from services.core.redis_service import known_fields, text
+
+logger = logging.getLogger(__name__)
 
 CATALOG_KEY = "tokenmesh:router:catalog"
 
@@ -361,6 +364,11 @@ class Catalog:
         ordered = sorted(refs, key=lambda ref: (ref[0], _version_key(VersionEntry(ref[1]))))
         for name, version in ordered:
             model = known.get(name)
+            if model is not None and version in model.aliases:
+                # add_version refuses it; a worker's registration must not fail for it
+                # (its other versions would go unregistered): it serves it unrouted.
+                logger.warning("%s version %r is named like an alias: not routed", name, version)
+                continue
             if model is None or model.version(version) is None:
                 known[name] = await self.change(name, _adder(name, version))
 
@@ -393,8 +401,10 @@ def now() -> float:
 
 
 async def sync_clock(client: aioredis.Redis) -> None:
-    """Learns the offset to Redis's clock (every build; the round trip's half is noise)."""
+    """Learns the offset to Redis's clock (every build), read against the round trip's
+    midpoint."""
     global _redis_clock_offset_s
     sent = time.time()
     seconds, microseconds = await client.time()
-    _redis_clock_offset_s = seconds + microseconds / 1e6 - sent
+    midway = (sent + time.time()) / 2  # a queued Redis must not push now() ahead
+    _redis_clock_offset_s = seconds + microseconds / 1e6 - midway

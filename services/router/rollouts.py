@@ -476,10 +476,7 @@ class RolloutStore:
         workers = await self.registry.all(now)
         canary = window(rollout, workers, rollout.version)
         stable = window(rollout, workers, rollout.stable)
-        serving = sum(
-            1 for w in workers if w.routable(now) and (rollout.model, rollout.version) in w.models
-        )
-        action, reason = decide(rollout, canary, stable, now, serving)
+        action, reason = decide(rollout, canary, stable, now, _canary_seen(rollout, workers, now))
         if action == "hold":
             if reason != rollout.reason:
                 await self._swap(raw, replace(rollout, reason=reason), lease)
@@ -525,6 +522,21 @@ class RolloutStore:
             weight,
             decision.reason,
         )
+
+
+def _canary_seen(rollout: Rollout, workers: Sequence[WorkerEntry], now: float) -> int:
+    """Returns 1 unless no worker has served the new version for NO_WORKER_GRACE_S.
+
+    A worker's lease ending within the grace counts (a restart, a drain, a late
+    heartbeat: a moment without one must not roll a healthy canary back), and so
+    does a registry where no worker is routable at all (Redis just came back:
+    every lease lapsed meanwhile, the canary's as much as the stable's).
+    """
+    if not any(w.routable(now) for w in workers):
+        return 1
+    key = (rollout.model, rollout.version)
+    seen = max((w.lease_expires_at for w in workers if key in w.models), default=0.0)
+    return int(seen > now - NO_WORKER_GRACE_S)
 
 
 def traffic_of(rollout: Rollout) -> str:
@@ -650,10 +662,13 @@ class RolloutDriver:
         """Applies a decision whose traffic never moved: written to the rollout, then the
         split's update failed (a Redis error), or a stalled driver's late update of an
         earlier decision landed after an operator's abort. The rolled-back or aborted
-        canary kept its share while the rollout read as ended. (A rollout that ended
-        before the marks existed has none, and is left alone: an operator's later
-        split must not be undone.)"""
-        if applied is None and rollout.state not in ACTIVE:
+        canary kept its share while the rollout read as ended. (A rollout from before
+        the marks existed has none: its split is left as it is.)"""
+        if applied is None:
+            # No mark: a rollout from before the marks existed. An active one is marked
+            # as it stands (its split may be an operator's, made while it was paused).
+            if rollout.state in ACTIVE:
+                await self.store.redis.hset(APPLIED_KEY, rollout.model, traffic_of(rollout))
             return
         if applied is not None and text(applied) == traffic_of(rollout):
             return

@@ -120,3 +120,16 @@ async def test_a_decision_whose_traffic_never_moved_is_applied_by_the_next_tick(
     await ro.RolloutDriver(store(client), time.time).tick()
     weights = (await Catalog(client).get(rollout.model)).effective_weights(time.time())
     assert weights == {"1": 100}
+
+
+async def test_a_worker_version_named_like_an_alias_does_not_fail_its_registration(client):
+    # add_version refuses it; raised in the middle of a registration, the worker's
+    # other versions went unregistered and every RegisterWorker retry failed.
+    catalog = Catalog(client)
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    await catalog.change(model, lambda current, _: cat.add_version(current, model, "1", 0))
+    await catalog.change(model, lambda current, _: cat.set_alias(current, "canary", "1"))
+    await catalog.register([(model, "canary"), (model, "3")])
+    entry = await catalog.get(model)
+    assert [v.version for v in entry.versions] == ["1", "3"]
+    assert entry.aliases == {"canary": "1"}

@@ -163,3 +163,26 @@ def test_an_error_reports_its_first_20_problems_and_counts_the_rest() -> None:
     error = InvalidArgument([FieldViolation(f"f{i}", "bad") for i in range(5000)])
     assert len(error.violations) == MAX_VIOLATIONS + 1
     assert error.violations[-1] == FieldViolation("request", "and 4980 more problems")
+
+
+def test_a_capped_error_re_raised_keeps_its_count() -> None:
+    # The OpenAI routes rename every error's fields into a new InvalidArgument: the
+    # count entry was counted as a violation, and 500 problems read "and 1 more".
+    from services.core.errors import FieldViolation
+
+    capped = InvalidArgument([FieldViolation(f"f{i}", "bad") for i in range(500)])
+    again = InvalidArgument(capped.violations)
+    assert again.violations[-1] == FieldViolation("request", "and 480 more problems")
+
+
+def test_a_batch_file_may_open_with_a_utf8_bom() -> None:
+    from services.jobs.openai_batches import parse_input
+
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+    }
+    data = b"\xef\xbb\xbf" + json.dumps(line).encode()
+    assert [b.custom_id for b in parse_input(data, "/v1/chat/completions", 10)] == ["a"]

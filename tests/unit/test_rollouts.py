@@ -130,3 +130,18 @@ def test_a_canary_no_worker_serves_rolls_back_instead_of_waiting_for_traffic():
     assert action == "rollback" and "no worker served 2" in reason
     assert ro.decide(started, ro.Window(), window(100), NOW + 1, canary_workers=0)[0] == "hold"
     assert ro.decide(started, ro.Window(), window(100), later, canary_workers=1)[0] == "hold"
+
+
+def test_a_moment_without_a_canary_worker_does_not_roll_it_back():
+    # A restart, a drain or a late heartbeat leaves no routable canary worker for a
+    # tick: counted at that tick alone, a healthy canary rolled back.
+    started = rollout()
+    later = NOW + max(POLICY.step_s, ro.NO_WORKER_GRACE_S) + 1
+    restarting = WorkerEntry("c", "127.0.0.1", 1, (("m", "2"),), "draining", later - 5)
+    stable = WorkerEntry("s", "127.0.0.1", 2, (("m", "1"),), "serving", later + 5)
+    assert ro._canary_seen(started, [restarting, stable], later) == 1
+    gone = WorkerEntry("c", "127.0.0.1", 1, (("m", "2"),), "serving", later - 61)
+    assert ro._canary_seen(started, [gone, stable], later) == 0
+    # Just after a Redis outage every lease lapsed: nothing is judged.
+    lapsed = WorkerEntry("s", "127.0.0.1", 2, (("m", "1"),), "serving", later - 120)
+    assert ro._canary_seen(started, [gone, lapsed], later) == 1
