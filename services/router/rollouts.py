@@ -192,12 +192,16 @@ class Window:
         errors = counts.errors - (base.errors if base else 0)
         ttft = [c - (base.ttft_counts[i] if base else 0) for i, c in enumerate(counts.ttft_counts)]
         summed = list(self.ttft_counts) or [0] * len(ttft)
-        if len(summed) != len(ttft):
-            return self  # a worker with other bucket bounds: not comparable, left out
+        bounds = self.ttft_bounds_ms or counts.ttft_bounds_ms
+        if len(summed) != len(ttft) or not bounds or counts.ttft_bounds_ms != bounds:
+            # Other bucket bounds (or none: a bad report) are not comparable: left out.
+            # A report without bounds, added first, set the shape: every other
+            # worker was left out and the version's p99 read 0 (the gate passed it).
+            return self
         return Window(
             self.requests + requests,
             self.errors + errors,
-            counts.ttft_bounds_ms,
+            bounds,
             tuple(a + max(b, 0) for a, b in zip(summed, ttft, strict=True)),
         )
 

@@ -145,3 +145,14 @@ def test_a_moment_without_a_canary_worker_does_not_roll_it_back():
     # Just after a Redis outage every lease lapsed: nothing is judged.
     lapsed = WorkerEntry("s", "127.0.0.1", 2, (("m", "1"),), "serving", later - 120)
     assert ro._canary_seen(started, [gone, lapsed], later) == 1
+
+
+def test_a_worker_reporting_no_bounds_does_not_switch_the_ttft_gate_off():
+    # The first worker's bucket count (and the last one's bounds) were taken as
+    # everyone's: one reporting counts without bounds, added first, left every other
+    # worker out and read the version's p99 as 0, so a slow canary passed the gate.
+    slow = VersionCounts("m", "2", 100, 0, TTFT_BOUNDS_MS, ttfts(5000, 100))
+    bad = VersionCounts("m", "2", 10, 0, (), (10,))
+    summed = ro.Window().plus(bad, None).plus(slow, None)  # the bad one comes first
+    assert summed.ttft_p99_ms() >= 5000
+    assert summed.requests == 100  # the bad report is left out whole
