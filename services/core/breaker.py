@@ -20,7 +20,9 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import Counter
+from redis.exceptions import BusyLoadingError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 OPENED = Counter(
     "tokenmesh_store_breaker_opened_total",
@@ -41,6 +43,21 @@ class BreakerOpen(RedisConnectionError):
     A connection error, so every caller's outage handling (fail open, spool,
     the failure mode) applies unchanged.
     """
+
+
+class StoreAnswered(Exception):
+    """Mixin for a client's errors that carry the store's own answer (it is up, only
+    refusing for now): not a failure to the breaker (e.g. ScriptRefused)."""
+
+
+def store_answered(exc: BaseException) -> bool:
+    """Whether a failed call's error is the store's answer (an error reply, "loading"),
+    not a timeout or a lost connection."""
+    if isinstance(exc, BusyLoadingError | StoreAnswered):
+        return True
+    return isinstance(exc, RedisError) and not isinstance(
+        exc, RedisConnectionError | RedisTimeoutError
+    )
 
 
 class Breaker:
@@ -94,6 +111,13 @@ class Breaker:
         self._failed = 0
         self._open = False
         self._probe_until = 0.0
+
+    def failed_with(self, exc: BaseException) -> None:
+        """Records a call that raised `exc`: a failure unless the store answered it."""
+        if store_answered(exc):
+            self.succeeded()
+        else:
+            self.failed()
 
     def failed(self) -> None:
         """Records a call the store failed (timed out, connection lost)."""

@@ -23,9 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import redis.asyncio as aioredis
-from redis.exceptions import BusyLoadingError, RedisError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from services.core.breaker import Breaker
 from services.core.errors import QuotaViolation, ResourceExhausted
@@ -195,14 +193,8 @@ class TokenBudgets:
                     self.replay_ttl_s,
                 ],
             )
-        except BusyLoadingError:
-            self.breaker.succeeded()  # it answers: not hung (services.core.breaker)
-            raise
-        except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError):
-            self.breaker.failed()
-            raise
-        except RedisError:
-            self.breaker.succeeded()  # an error reply: it answers
+        except (RedisError, TimeoutError, OSError) as exc:
+            self.breaker.failed_with(exc)  # a timeout or lost connection, not a reply
             raise
         self.breaker.succeeded()
         if ok:

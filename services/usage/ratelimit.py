@@ -42,8 +42,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
 from prometheus_client import Counter
-from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.core.breaker import Breaker, BreakerOpen
@@ -59,7 +59,7 @@ from services.usage.leases import (
     LeaseTable,
     settle_call,
 )
-from services.usage.script_client import ScriptClient, ScriptRefused, ScriptUnavailable
+from services.usage.script_client import ScriptClient, ScriptUnavailable
 
 logger = logging.getLogger(__name__)
 DECISIONS = Counter(
@@ -95,14 +95,6 @@ STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
     ScriptUnavailable,
     OSError,
     TimeoutError,
-)
-# ... of which Redis answered (not hung: services.core.breaker).
-STORE_ANSWERED: tuple[type[Exception], ...] = (
-    BusyLoadingError,
-    ReadOnlyError,
-    OutOfMemoryError,
-    TryAgainError,
-    ScriptRefused,
 )
 WINDOW_S = 60
 WARN_AT = 0.8
@@ -378,10 +370,7 @@ class RequestLimiter:
                 )
                 self._start_settler()
         except STORE_UNAVAILABLE as exc:  # Redis down: Envoy applies failure_mode_deny
-            if isinstance(exc, STORE_ANSWERED):
-                self.breaker.succeeded()  # it answers: not hung
-            else:
-                self.breaker.failed()
+            self.breaker.failed_with(exc)  # a timeout or lost connection, not a reply
             FAIL_OPEN.inc()
             logger.warning("rate-limit store unavailable: %s", type(exc).__name__)
             raise Unavailable("rate-limit store unavailable", retry_after_s=1.0) from None

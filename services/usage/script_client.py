@@ -33,6 +33,8 @@ from collections.abc import Sequence
 
 import hiredis
 
+from services.core.breaker import StoreAnswered
+
 Arg = str | int | bytes
 
 
@@ -55,7 +57,7 @@ class ScriptUnavailable(Exception):
     """ScriptUnavailable reports that Redis could not run the script."""
 
 
-class ScriptRefused(ScriptUnavailable):
+class ScriptRefused(ScriptUnavailable, StoreAnswered):
     """ScriptRefused: Redis answered that it cannot run it now (loading, busy,
     read-only, out of memory): unavailable, but not hung."""
 

@@ -93,3 +93,19 @@ def test_it_is_a_connection_error_so_callers_treat_it_as_an_outage() -> None:
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     assert issubclass(BreakerOpen, RedisConnectionError)
+
+
+def test_a_store_that_answers_with_an_error_is_not_hung() -> None:
+    # One classification for every caller (the limiter and budgets each had theirs).
+    from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from services.core.breaker import store_answered
+    from services.usage.script_client import ScriptRefused, ScriptUnavailable
+
+    for answered in (BusyLoadingError(), ReadOnlyError(), OutOfMemoryError(), ScriptRefused()):
+        assert store_answered(answered), answered
+    for hung in (RedisConnectionError(), RedisTimeoutError(), TimeoutError(), OSError()):
+        assert not store_answered(hung), hung
+    assert not store_answered(ScriptUnavailable("TimeoutError"))
