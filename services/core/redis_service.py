@@ -19,6 +19,16 @@ def text(reply: bytes | str) -> str:
     return reply.decode() if isinstance(reply, bytes) else reply
 
 
+# Lua that sets `now` to Redis's clock in ms, for scripts that score shared windows:
+# one clock for every replica (services.usage.ratelimit._SLIDING_WINDOWS says why).
+# replicate_commands lets a Redis 6 script write after TIME; Redis 7 ignores it.
+LUA_REDIS_NOW_MS = """
+if redis.replicate_commands then redis.replicate_commands() end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+"""
+
+
 def known_fields(record: type[Any], data: Mapping[str, Any]) -> dict[str, Any]:
     """Returns the entries of a stored record that dataclass `record` has fields for.
 

@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 
 from services.core.breaker import Breaker
 from services.core.errors import QuotaViolation, ResourceExhausted
-from services.core.redis_service import text
+from services.core.redis_service import LUA_REDIS_NOW_MS, text
 
 # How long a reservation is remembered by request id (replays are charged once).
 REPLAY_TTL_S = 3600
@@ -39,10 +39,9 @@ REPLAY_TTL_S = 3600
 # (services.usage.ratelimit._SLIDING_WINDOWS says why).
 # Returns {0 or 1, which budget failed ("" | "tpm" | "monthly"), retry_after_ms,
 #          tokens used this minute and this month including this reservation}
-_RESERVE = """
-if redis.replicate_commands then redis.replicate_commands() end
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+_RESERVE = (
+    LUA_REDIS_NOW_MS
+    + """
 local id, amount = ARGV[2], tonumber(ARGV[3])
 local tpm, monthly = tonumber(ARGV[4]), tonumber(ARGV[5])
 local used, month_used = 0, 0
@@ -83,6 +82,7 @@ redis.call('EXPIRE', KEYS[3], tonumber(ARGV[6]))
 redis.call('SET', KEYS[4], amount, 'EX', tonumber(ARGV[7]))
 return {1, '', 0, used + amount, month_used + amount}
 """
+)
 
 # KEYS: window amounts hash, month counter, the request id's charge, the id's
 #       "a run finished" mark

@@ -49,6 +49,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from services.core.breaker import Breaker, BreakerOpen
 from services.core.errors import Unavailable
 from services.core.interceptors import Context
+from services.core.redis_service import LUA_REDIS_NOW_MS
 from services.core.tasks import SupervisedTask, Supervisor
 from services.usage.leases import (
     LEASE_TTL_S,
@@ -109,10 +110,9 @@ SHAPE_CACHE_SIZE = 16384
 # replica's own, a replica whose clock ran ahead dropped the others' recent
 # hits as expired, and one behind added hits that the others dropped at once.
 # Returns a flat list {allowed, leased, now_ms, used_1, oldest_1, ...}.
-_SLIDING_WINDOWS = """
-if redis.replicate_commands then redis.replicate_commands() end
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+_SLIDING_WINDOWS = (
+    LUA_REDIS_NOW_MS
+    + """
 local window, hits = tonumber(ARGV[2]), tonumber(ARGV[3])
 local lease = tonumber(ARGV[5])
 local allowed = 1
@@ -143,6 +143,7 @@ for i, key in ipairs(KEYS) do
 end
 return out
 """
+)
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValue:
