@@ -8,14 +8,17 @@ Envoy CPU per request with six Lua filters and 126 µs with these four
 most requests share one coroutine:
 
 - request (before the health-check filter): drop header names gRPC cannot
-  carry (gateway/header_names.py), then, for `grpc.health.v1.Health/Check`
+  carry (gateway/header_names.py), mark a unary gRPC call (a table lookup,
+  gateway/response_headers.py), then, for `grpc.health.v1.Health/Check`
   only, gate it on `/healthz` (gateway/edge_health.py). The health-check
   filter answers only `GET /healthz`, so running the gate before it changes
   nothing for either path;
-- response (before the transcoder, so it sees REST responses): a worker's
-  OpenAI error JSON becomes the body (gateway/openai_edge.py), then the
-  REST status a service asked for is applied (gateway/error_status.py), in
-  the order the two filters ran in before.
+- response (before the transcoder, so it sees REST responses): a unary
+  answer's response headers are lifted out of its trailers
+  (gateway/response_headers.py), a worker's OpenAI error JSON becomes the
+  body (gateway/openai_edge.py), then the REST status a service asked for
+  is applied (gateway/error_status.py), in the order the two filters ran in
+  before.
 
 The modules keep their own filters (and their tests' subjects) for Envoys
 that need only one of them (e.g. gateway/openai_backend.py).
@@ -23,33 +26,47 @@ that need only one of them (e.g. gateway/openai_backend.py).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from gateway import edge_health, error_status, header_names, openai_edge
+from gateway import edge_health, error_status, header_names, openai_edge, response_headers
 
 REQUEST_FILTER = "tokenmesh.edge_requests"
 RESPONSE_FILTER = "tokenmesh.edge_responses"
 
-REQUEST_SOURCE = (
-    header_names.LUA_FUNCTION
-    + edge_health.LUA_FUNCTION
-    + """
+
+@functools.cache
+def request_source() -> str:
+    """The request filter's Lua (it names every unary gRPC method: built once)."""
+    return (
+        header_names.LUA_FUNCTION
+        + edge_health.LUA_FUNCTION
+        + response_headers.request_lua_function()
+        + """
 function envoy_on_request(handle)
   local headers = handle:headers()
   drop_illegal_header_names(headers)
-  if headers:get(":path") == HEALTH_CHECK_PATH then
+  local path = headers:get(":path")
+  mark_unary_grpc(handle, path)
+  if path == HEALTH_CHECK_PATH then
     gate_edge_health(handle)
   end
 end
 """
-)
+    )
+
 
 RESPONSE_SOURCE = (
-    openai_edge.LUA_FUNCTION
+    response_headers.RESPONSE_LUA_FUNCTION
+    + openai_edge.LUA_FUNCTION
     + error_status.LUA_FUNCTION
     + """
 function envoy_on_response(handle)
   local headers = handle:headers()
+  if lift_response_headers(handle, headers) then
+    -- It waited for the body: header objects do not survive a wait, fetch them again.
+    headers = handle:headers()
+  end
   if openai_error_body(handle, headers) then
     -- The body was replaced: header objects do not survive that, fetch them again.
     headers = handle:headers()
@@ -72,7 +89,7 @@ def _lua(name: str, source: str) -> dict[str, Any]:
 
 def request_filter() -> dict[str, Any]:
     """Builds the request-side filter: header names gRPC cannot carry, edge health."""
-    return _lua(REQUEST_FILTER, REQUEST_SOURCE)
+    return _lua(REQUEST_FILTER, request_source())
 
 
 def response_filter() -> dict[str, Any]:

@@ -158,6 +158,15 @@ SHADOWED_HEADER = "x-tokenmesh-shadowed"
 # Envoy's count of the tries of a request (1, then 2... on its retries), set by the
 # edge on every upstream request (a client's copy is removed on arrival).
 ATTEMPT_COUNT_HEADER = "x-envoy-attempt-count"
+#: A unary answer's response headers ride its final batch (services.core.interceptors,
+#: HeadersAtEnd): in its trailing metadata, with this trailer naming them, which the
+#: edge lifts back into the response headers (gateway/edge_lua.py). An answer over
+#: HEADERS_AT_END_MAX_BYTES sends them first, as before, with this header set to
+#: HEADERS_SENT: the edge buffers a unary answer to lift its headers, and a large
+#: one would pass its buffer limit (gateway.envoy_config.Limits.connection_buffer_bytes).
+RESPONSE_HEADERS_TRAILER = "x-tokenmesh-response-headers"
+HEADERS_SENT = "sent"
+HEADERS_AT_END_MAX_BYTES = 256 * 1024
 #: The account shadow copies are metered to (usage reports: tenant tokenmesh.shadow).
 SHADOW_TENANT = "tokenmesh.shadow"
 ADMIN_SCOPE = "admin"

@@ -29,6 +29,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from tests import mtls
+from tests.answer_headers import answer_headers
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
@@ -443,7 +444,10 @@ async def run_case(channel: grpc.aio.Channel, case: Mapping[str, Any]) -> dict[s
             if "request_id" in data:
                 data["request_id"] = _request_id(data["request_id"], case)
             outcome["response"] = data
-    outcome["headers"] = _headers(await call.initial_metadata())
+    # A unary answer's headers ride its trailing metadata (tests/answer_headers.py).
+    outcome["headers"] = _headers(
+        answer_headers(await call.initial_metadata(), await call.trailing_metadata()).items()
+    )
     return outcome
 
 

@@ -22,6 +22,7 @@ from services.core import contract
 from services.core.api_versions import DeprecationSchedule
 from services.core.errors import NotFound
 from services.core.interceptors import BoundaryInterceptor
+from tests.answer_headers import call_headers
 
 V1 = "tokenmesh.inference.v1.InferenceService"
 V2 = "tokenmesh.inference.v2.InferenceService"
@@ -105,7 +106,7 @@ async def test_every_v1_response_announces_the_deprecation(served) -> None:
     for rpc in ("Plain", "OwnHeaders"):
         call = channel.unary_unary(f"/{V1}/{rpc}")(b"", timeout=5)
         assert await call == b"ok"
-        headers = _keys(await call.initial_metadata())
+        headers = _keys((await call_headers(call)).items())
         assert headers["sunset"] == "Wed, 30 Jun 2027 00:00:00 GMT"
         assert headers["deprecation"].startswith("@")
         assert headers["link"] == (

@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY
 from services.core.tasks import Supervisor
 from services.launcher.mesh import spawn_redis
 from services.usage.ratelimit import RequestLimiter
+from tests.answer_headers import call_headers
 from tests.integration.conftest import inference_settings, start_inference
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
@@ -160,7 +161,7 @@ async def test_an_envoy_retry_is_not_counted_twice(tmp_path, redis_url):
                 await stub.Complete(request, metadata=identity)
             retry = stub.Complete(request, metadata=[*identity, ("x-envoy-attempt-count", "2")])
             assert (await retry).usage.completion_tokens == 1
-            headers = dict(await retry.initial_metadata() or ())
+            headers = await call_headers(retry)
             assert headers["x-ratelimit-remaining"] == "0"
             with pytest.raises(grpc.aio.AioRpcError) as refused:  # a new request: over
                 await stub.Complete(request, metadata=identity)

@@ -16,6 +16,7 @@ import pytest
 
 from services.inference.pipeline.cache import COMPUTED_SEQUENCES, EMBEDDING_INPUTS
 from services.inference.service import InferenceService
+from tests.answer_headers import call_headers
 from tests.integration.conftest import inference_settings, start_inference
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
@@ -43,7 +44,7 @@ def _computed(model: str = MODEL) -> float:
 async def _complete(stub: Any, request: pb.CompleteRequest) -> tuple[pb.CompleteResponse, str]:
     call = stub.Complete(request)
     response = await call
-    return response, dict(await call.initial_metadata())["x-tokenmesh-cache"]
+    return response, (await call_headers(call))["x-tokenmesh-cache"]
 
 
 async def test_a_seeded_completion_is_computed_once_then_served(cached_worker):

@@ -1,0 +1,106 @@
+"""Lifts a unary answer's response headers out of its trailers, at the edge.
+
+A service's unary answer carries its response headers (request id, serving
+version, rate limits, deprecation...) in its trailing metadata, named by
+`x-tokenmesh-response-headers`: grpc.aio sends headers a handler sends early
+as a batch of their own, which cost a worker 200 µs per call through the
+edge (services.core.interceptors, HeadersAtEnd). The edge moves them back
+into the response headers, so its REST and gRPC clients see what they saw
+before:
+
+- request (the edge's request filter, before the transcoder): a native gRPC
+  call of a unary method (its path is the method's) is marked in the
+  stream's dynamic metadata. REST requests cannot be told apart here;
+- response (the edge's response filter, after the transcoder): a whole unary
+  answer is a marked gRPC call's, or a transcoded REST one's (the transcoder
+  holds a unary answer's headers until its trailers, then sets `grpc-status`
+  in them). Its body is buffered (REST: the transcoder buffered it already),
+  and the trailers it names become headers. An answer that sent its headers
+  first (one over contract.HEADERS_AT_END_MAX_BYTES, which a buffer would not
+  hold) says so in them: the mark is removed and nothing is buffered.
+
+Streams never wait: their headers go first, as always.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+from gateway import protos
+from services.core import contract
+
+# Where the request filter marks a unary gRPC call (the stream's dynamic metadata).
+MARK_NAMESPACE = "tokenmesh.unary"
+
+
+@functools.cache
+def unary_grpc_paths() -> tuple[str, ...]:
+    """Returns the paths of every tokenmesh gRPC method that answers once."""
+    paths = []
+    for module_path in sorted(protos.STUBS_DIR.glob("tokenmesh/**/*_service_pb2.py")):
+        relative = module_path.relative_to(protos.STUBS_DIR).with_suffix("")
+        module = importlib.import_module(".".join(relative.parts))
+        for service in module.DESCRIPTOR.services_by_name.values():
+            paths += [
+                f"/{service.full_name}/{method.name}"
+                for method in service.methods
+                if not method.server_streaming
+            ]
+    return tuple(paths)
+
+
+def request_lua_function() -> str:
+    """Lua: `mark_unary_grpc(handle, path)`, with the unary methods' paths."""
+    entries = "".join(f'  ["{path}"] = true,\n' for path in unary_grpc_paths())
+    return f"""
+local UNARY_GRPC_PATHS = {{
+{entries}}}
+
+local function mark_unary_grpc(handle, path)
+  if UNARY_GRPC_PATHS[path] then
+    handle:streamInfo():dynamicMetadata():set("{MARK_NAMESPACE}", "unary", true)
+  end
+end
+"""
+
+
+# A Lua function of the edge's response filter (gateway/edge_lua.py).
+RESPONSE_LUA_FUNCTION = f"""
+local RESPONSE_HEADERS = "{contract.RESPONSE_HEADERS_TRAILER}"
+
+local function answers_once(handle, headers)
+  local content_type = headers:get("content-type") or ""
+  if string.find(content_type, "application/grpc", 1, true) == 1 then
+    local mark = handle:streamInfo():dynamicMetadata():get("{MARK_NAMESPACE}")
+    return mark ~= nil and mark["unary"] == true
+  end
+  return headers:get("grpc-status") ~= nil
+end
+
+-- Returns whether it waited for the body: the caller's header object is then stale.
+local function lift_response_headers(handle, headers)
+  if headers:get(RESPONSE_HEADERS) ~= nil then
+    headers:remove(RESPONSE_HEADERS)
+    return false
+  end
+  if not answers_once(handle, headers) then
+    return false
+  end
+  handle:body()
+  local trailers = handle:trailers()
+  local names = trailers ~= nil and trailers:get(RESPONSE_HEADERS) or nil
+  if names == nil then
+    return true
+  end
+  trailers:remove(RESPONSE_HEADERS)
+  headers = handle:headers()
+  for name in string.gmatch(names, "[^,]+") do
+    for index = 0, trailers:getNumValues(name) - 1 do
+      headers:add(name, trailers:getAtIndex(name, index))
+    end
+    trailers:remove(name)
+  end
+  return true
+end
+"""
