@@ -65,4 +65,3 @@ def test_a_rest_clients_unary_answer_has_its_headers(mesh):
     assert reply.headers["x-ratelimit-remaining"] == "99"
     assert contract.RESPONSE_HEADERS_TRAILER not in reply.headers
     assert int(reply.headers["content-length"]) == len(reply.content)
-
