@@ -329,33 +329,58 @@ class Catalog:
         apply: Callable[[ModelEntry | None, dict[str, ModelEntry]], ModelEntry],
     ) -> ModelEntry:
         """Applies `apply(current, catalog)` to one model atomically; returns the result."""
+        updated = await self.change_if(name, apply, None)
+        assert updated is not None  # no guard: the change always lands
+        return updated
+
+    async def change_if(
+        self,
+        name: str,
+        apply: Callable[[ModelEntry | None, dict[str, ModelEntry]], ModelEntry],
+        guard: Guard | None,
+    ) -> ModelEntry | None:
+        """Applies `apply(current, catalog)` to one model atomically, only while `guard`
+        holds (read in the same transaction), and writes the guard's own fields with
+        it; returns the result, or None when the guard did not hold."""
         check_name(name)
+        watched = [CATALOG_KEY] if guard is None else [CATALOG_KEY, guard.key]
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
-                    await pipe.watch(CATALOG_KEY)
+                    await pipe.watch(*watched)
+                    if guard is not None and not guard.holds(
+                        await pipe.hget(guard.key, guard.field)
+                    ):
+                        return None
                     catalog = _parse_catalog(await pipe.hgetall(CATALOG_KEY))
                     updated = apply(catalog.get(name), catalog)
-                    if updated == catalog.get(name):
+                    writes = guard.writes if guard is not None else ()
+                    if updated == catalog.get(name) and not writes:
                         return updated
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.hset(CATALOG_KEY, name, updated.to_json())
+                    if updated != catalog.get(name):
+                        pipe.hset(CATALOG_KEY, name, updated.to_json())
+                    for key, field_name, value in writes:
+                        pipe.hset(key, field_name, value)
                     await pipe.execute()
                     return updated
                 except WatchError:
-                    continue  # someone else changed the catalogue: read it again
+                    continue  # someone else changed the catalogue (or the guard): read again
 
     async def update(
         self, name: str, apply: Callable[[ModelEntry, dict[str, ModelEntry]], ModelEntry]
     ) -> ModelEntry:
         """Changes an existing model (`apply(model, catalog)`); NotFound when it is missing."""
+        return await self.change(name, _on_existing(name, apply))
 
-        def existing(current: ModelEntry | None, catalog: dict[str, ModelEntry]) -> ModelEntry:
-            if current is None:
-                raise NotFound(f"model {name!r} is not in the catalogue", reason="MODEL_NOT_FOUND")
-            return apply(current, catalog)
-
-        return await self.change(name, existing)
+    async def update_if(
+        self,
+        name: str,
+        apply: Callable[[ModelEntry, dict[str, ModelEntry]], ModelEntry],
+        guard: Guard,
+    ) -> ModelEntry | None:
+        """`update`, only while `guard` holds (Catalog.change_if); None when it did not."""
+        return await self.change_if(name, _on_existing(name, apply), guard)
 
     async def register(self, refs: Sequence[tuple[str, str]]) -> None:
         """Adds model versions that workers serve but the catalogue does not know yet."""
@@ -371,6 +396,37 @@ class Catalog:
                 continue
             if model is None or model.version(version) is None:
                 known[name] = await self.change(name, _adder(name, version))
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A condition on one hash field that a catalogue change lands under (Catalog.change_if),
+    and the fields written with it, in the same transaction.
+
+    Attributes:
+        key, field: the hash field the condition reads (watched: a change to the
+            hash meanwhile reads it again).
+        holds: whether the field's value (None: absent) lets the change land.
+        writes: (key, field, value) set with the change.
+    """
+
+    key: str
+    field: str
+    holds: Callable[[bytes | str | None], bool]
+    writes: tuple[tuple[str, str, str], ...] = ()
+
+
+def _on_existing(
+    name: str, apply: Callable[[ModelEntry, dict[str, ModelEntry]], ModelEntry]
+) -> Callable[[ModelEntry | None, dict[str, ModelEntry]], ModelEntry]:
+    """Returns `apply` for a model that must exist (NotFound when it does not)."""
+
+    def existing(current: ModelEntry | None, catalog: dict[str, ModelEntry]) -> ModelEntry:
+        if current is None:
+            raise NotFound(f"model {name!r} is not in the catalogue", reason="MODEL_NOT_FOUND")
+        return apply(current, catalog)
+
+    return existing
 
 
 def _adder(

@@ -492,11 +492,33 @@ class RolloutStore:
             await self._apply(changed, decision)
 
     async def move_traffic(self, rollout: Rollout) -> None:
-        """Sets the model's split to the rollout's share, then marks the rollout applied."""
+        """Sets the model's split to the rollout's share and marks the rollout applied, in
+        one transaction, while the stored rollout still asks for that split.
+
+        A decision stored after this one owns the split: a stalled driver's late
+        "advance to 50%" landing after an operator's abort (0%) left the canary at
+        50% while the abort's mark, written last, read as applied.
+        """
         weight = rollout.weight
-        await self.catalog.update(rollout.model, lambda m, _: split_for(m, rollout, weight))
+        traffic = traffic_of(rollout)
+
+        def still_asked(raw: bytes | str | None) -> bool:
+            return raw is not None and traffic_of(Rollout.from_json(raw)) == traffic
+
+        guard = cat.Guard(
+            ROLLOUTS_KEY, rollout.model, still_asked, ((APPLIED_KEY, rollout.model, traffic),)
+        )
+        moved = await self.catalog.update_if(
+            rollout.model, lambda m, _: split_for(m, rollout, weight), guard
+        )
+        if moved is None:
+            logger.info(
+                "rollout %s: a later decision owns the split; %d%% not applied",
+                rollout.model,
+                weight,
+            )
+            return
         await self.refresh()
-        await self.redis.hset(APPLIED_KEY, rollout.model, traffic_of(rollout))
 
     async def _swap(self, raw: str | bytes | None, rollout: Rollout, lease: str) -> bool:
         expected = b"" if raw is None else raw

@@ -7,6 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 import redis.asyncio as aioredis
@@ -100,26 +101,41 @@ async def test_a_decision_whose_traffic_never_moved_is_applied_by_the_next_tick(
     ended, for good (an ended rollout is never stepped again)."""
     rollout = await started(client)
     calls = {"n": 0}
-    real_update = Catalog.update
+    real_update = Catalog.update_if
 
-    async def failing_once(self, model, change):  # the abort's split update fails
+    async def failing_once(self, model, change, guard):  # the abort's split update fails
         calls["n"] += 1
         if calls["n"] == 1:
             raise RedisConnectionError("lost")
-        return await real_update(self, model, change)
+        return await real_update(self, model, change, guard)
 
-    Catalog.update = failing_once
+    Catalog.update_if = failing_once
     try:
         with pytest.raises(RedisConnectionError):
             await store(client).operate(rollout.model, "abort", time.time())
     finally:
-        Catalog.update = real_update
+        Catalog.update_if = real_update
     assert (await store(client).get(rollout.model)).state == ro.ABORTED
     weights = (await Catalog(client).get(rollout.model)).effective_weights(time.time())
     assert weights == {"1": 90, "2": 10}  # the canary still has its share
     await ro.RolloutDriver(store(client), time.time).tick()
     weights = (await Catalog(client).get(rollout.model)).effective_weights(time.time())
     assert weights == {"1": 100}
+
+
+async def test_a_stalled_drivers_late_split_never_lands_over_a_later_abort(client):
+    """A driver stores "advance to 100%" and stalls before moving the split; an operator
+    aborts (0%, applied and marked). The driver's late split update used to land
+    anyway: the canary took every request, and when the abort's mark was written
+    after it, the mark matched the stored abort and no tick repaired it."""
+    rollout = await started(client)
+    advanced = replace(rollout, step_index=1)  # 100%
+    await client.hset(ro.ROLLOUTS_KEY, rollout.model, advanced.to_json())
+    aborted = await store(client).operate(rollout.model, "abort", time.time())
+    await store(client).move_traffic(advanced)  # the stalled driver wakes up
+    weights = (await Catalog(client).get(rollout.model)).effective_weights(time.time())
+    assert weights == {"1": 100}
+    assert (await client.hget(ro.APPLIED_KEY, rollout.model)).decode() == ro.traffic_of(aborted)
 
 
 async def test_a_worker_version_named_like_an_alias_does_not_fail_its_registration(client):
