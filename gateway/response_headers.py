@@ -15,7 +15,10 @@ before:
   answer is a marked gRPC call's, or a transcoded REST one's (the transcoder
   holds a unary answer's headers until its trailers, then sets `grpc-status`
   in them). Its body is buffered (REST: the transcoder buffered it already),
-  and the trailers it names become headers. An answer that sent its headers
+  and the trailers it names become headers, unless the edge set that header
+  itself (a deprecated model version's route sets Deprecation and Sunset,
+  which won over the worker's API-version ones when both came as headers).
+  An answer that sent its headers
   first (one over contract.HEADERS_AT_END_MAX_BYTES, which a buffer would not
   hold) says so in them: the mark is removed and nothing is buffered.
 
@@ -96,8 +99,10 @@ local function lift_response_headers(handle, headers)
   trailers:remove(RESPONSE_HEADERS)
   headers = handle:headers()
   for name in string.gmatch(names, "[^,]+") do
-    for index = 0, trailers:getNumValues(name) - 1 do
-      headers:add(name, trailers:getAtIndex(name, index))
+    if headers:get(name) == nil then
+      for index = 0, trailers:getNumValues(name) - 1 do
+        headers:add(name, trailers:getAtIndex(name, index))
+      end
     end
     trailers:remove(name)
   end

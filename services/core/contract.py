@@ -164,9 +164,12 @@ ATTEMPT_COUNT_HEADER = "x-envoy-attempt-count"
 #: HEADERS_AT_END_MAX_BYTES sends them first, as before, with this header set to
 #: HEADERS_SENT: the edge buffers a unary answer to lift its headers, and a large
 #: one would pass its buffer limit (gateway.envoy_config.Limits.connection_buffer_bytes).
+#: A REST answer is buffered as JSON, up to ~8x its protobuf size (usage buckets):
+#: a transcoded call's bound is REST_HEADERS_AT_END_MAX_BYTES (a sixteenth of 1 MiB).
 RESPONSE_HEADERS_TRAILER = "x-tokenmesh-response-headers"
 HEADERS_SENT = "sent"
 HEADERS_AT_END_MAX_BYTES = 256 * 1024
+REST_HEADERS_AT_END_MAX_BYTES = 64 * 1024
 #: The account shadow copies are metered to (usage reports: tenant tokenmesh.shadow).
 SHADOW_TENANT = "tokenmesh.shadow"
 ADMIN_SCOPE = "admin"

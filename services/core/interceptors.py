@@ -191,11 +191,8 @@ class _AnnouncingContext:
 AnnouncingContext = _AnnouncingContext
 
 
-def _answer_bytes(response: Any) -> int:
-    size = getattr(response, "ByteSize", None)
-    if size is not None:
-        return int(size())
-    return len(response) if isinstance(response, bytes) else 0
+# What a transcoded (REST) request carries: the transcoder records the path it rewrote.
+ORIGINAL_PATH_HEADER = "x-envoy-original-path"
 
 
 class _HeadersAtEnd:
@@ -210,9 +207,17 @@ class _HeadersAtEnd:
     RESPONSE_HEADERS_TRAILER naming them: the edge lifts them back into the
     response headers, so REST and gRPC clients there see no change. A direct
     gRPC caller (only the mesh's own components) reads them from the trailing
-    metadata. An answer over HEADERS_AT_END_MAX_BYTES sends them first instead,
-    marked HEADERS_SENT (the edge buffers the answers it lifts headers from).
-    An error carries them in its trailing metadata, as it always did.
+    metadata.
+
+    Sent first instead, as before:
+    - with a large answer, marked HEADERS_SENT: the edge buffers the answers it
+      lifts headers from, within its buffer limit (1 MiB). A REST answer is
+      buffered as JSON, up to ~8x its protobuf size (usage buckets), so a
+      transcoded call's bound is REST_HEADERS_AT_END_MAX_BYTES;
+    - with an error, once the handler sent them: an error without any response
+      header is trailers-only, and Envoy retries a trailers-only UNAVAILABLE or
+      CANCELLED on another worker. A Complete that failed after it started
+      (its model unloaded) would run, and be billed, again.
     """
 
     def __init__(self, context: Context) -> None:
@@ -228,20 +233,31 @@ class _HeadersAtEnd:
     async def abort(
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
     ) -> Any:
-        return await self._context.abort(code, details, (*self._held, *tuple(trailing_metadata)))
+        await self._send_held()
+        return await self._context.abort(code, details, trailing_metadata)
 
-    async def answer(self, response: Any) -> Any:
-        """Places the held headers with `response` (see the class); returns it."""
-        if _answer_bytes(response) > contract.HEADERS_AT_END_MAX_BYTES:
-            marked = (*self._held, (contract.RESPONSE_HEADERS_TRAILER, contract.HEADERS_SENT))
-            await self._context.send_initial_metadata(marked)
+    async def answer(self, encoded: bytes | None) -> bytes | None:
+        """Places the held headers with the `encoded` answer (see the class); returns it."""
+        if encoded is not None and len(encoded) > self._bound():
+            await self._send_held(mark=True)
         elif self._held:
             names = ",".join(dict.fromkeys(name for name, _ in self._held))
             kept = tuple(self._context.trailing_metadata() or ())
             self._context.set_trailing_metadata(
                 (*kept, *self._held, (contract.RESPONSE_HEADERS_TRAILER, names))
             )
-        return response
+        return encoded
+
+    def _bound(self) -> int:
+        if ORIGINAL_PATH_HEADER in request_headers(self._context):
+            return contract.REST_HEADERS_AT_END_MAX_BYTES
+        return contract.HEADERS_AT_END_MAX_BYTES
+
+    async def _send_held(self, mark: bool = False) -> None:
+        marked = ((contract.RESPONSE_HEADERS_TRAILER, contract.HEADERS_SENT),) if mark else ()
+        if self._held or marked:
+            held, self._held = self._held, ()
+            await self._context.send_initial_metadata((*held, *marked))
 
 
 class _MethodMetrics:
@@ -345,12 +361,15 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
-        # Unary requests arrive as bytes and are decoded inside the boundary.
+        # Unary requests arrive as bytes and are decoded inside the boundary; unary
+        # answers leave as bytes, encoded inside it (_HeadersAtEnd needs their size).
         decode = request_decoder(handler.request_deserializer)
+        encode = handler.response_serializer
         raw = {**codecs, "request_deserializer": None}
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, metrics, decode), **raw
+                self._wrap_unary(handler.unary_unary, metrics, encode, decode),
+                request_deserializer=None,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
@@ -358,7 +377,8 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, metrics), **codecs
+                self._wrap_unary(handler.stream_unary, metrics, encode),
+                request_deserializer=handler.request_deserializer,
             )
         if handler.stream_stream is None:
             return handler
@@ -368,7 +388,10 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     def _wrap_unary(
-        behavior: Handler, metrics: _MethodMetrics, decode: Decoder | None = None
+        behavior: Handler,
+        metrics: _MethodMetrics,
+        encode: Callable[[Any], bytes] | None,
+        decode: Decoder | None = None,
     ) -> Handler:
         async def unary(request: Any, context: Context) -> Any:
             started = time.perf_counter()
@@ -384,7 +407,8 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
                 result = behavior(request, context)
                 response = await result if inspect.isawaitable(result) else result
                 await _announce(context)
-                return await at_end.answer(response)
+                encoded = response if encode is None or response is None else encode(response)
+                return await at_end.answer(encoded)
             except grpc.aio.AbortError:
                 raise  # already aborted with a status: must not be suppressed
             except Exception as exc:

@@ -15,7 +15,9 @@ only slots already reserved there (leases.py), so no replica can over-admit.
 
 What a client sees is what the edge's filter gave it:
 - draft-03 `x-ratelimit-limit`, `-remaining`, `-reset` on every answer (REST:
-  response headers; gRPC: initial metadata, or trailers of an error), and
+  response headers; gRPC: initial metadata, or trailers of an error; a
+  unary answer sends them in its trailers, which the edge lifts back:
+  services.core.interceptors, HeadersAtEnd), and
   `x-tokenmesh-ratelimit-warning` at >= 80% of a limit;
 - over a limit: RESOURCE_EXHAUSTED (REST 429) with `retry-after` and the
   same message, e.g. "rate limit exceeded: requests_per_minute=3 for key

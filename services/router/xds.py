@@ -17,8 +17,9 @@ import asyncio
 import collections
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc.aio
@@ -49,6 +50,11 @@ _MESSAGES: Mapping[str, type[Message]] = {
 }
 # State of the world: these types are always sent whole, whatever was asked for.
 _WILDCARD_TYPES = frozenset({CLUSTER_TYPE})
+# A cluster a build drops (a version sunset, a model or fallback removed) outlives the
+# routes that named it by this long: make before break. Envoy applies a stream's
+# clusters before its routes, so a cluster removed with its routes left them naming a
+# cluster Envoy no longer had for a moment (503, "no cluster"). It takes one poll.
+CLUSTER_LINGER_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,18 @@ def pack(resources: Resources, previous: PackedResources | None = None) -> Packe
     return PackedResources(versions, by_type, resources)
 
 
+@dataclass(frozen=True)
+class _Lingering:
+    """A cluster a build dropped, kept since `dropped_at` (ControlPlane._before_break)."""
+
+    dropped_at: float
+    cluster: dict[str, Any]
+    endpoints: dict[str, Any] | None
+
+    def over(self, now: float) -> bool:
+        return now - self.dropped_at >= CLUSTER_LINGER_S
+
+
 class ControlPlane:
     """ControlPlane holds the latest resources and tells streams when they change.
 
@@ -104,9 +122,13 @@ class ControlPlane:
         self,
         build: Callable[[Sequence[EdgeFlags]], Awaitable[Sequence[Resources]]],
         poll_s: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._build = build
         self._poll_s = poll_s
+        self._clock = clock
+        # Per flavour: clusters the builds dropped, kept a while (CLUSTER_LINGER_S).
+        self._lingering: dict[EdgeFlags, dict[str, _Lingering]] = {}
         self._flavours: dict[EdgeFlags, PackedResources] = {}  # filled by the first refresh
         # Connected streams per flavour: a poll rebuilds only these (each flavour is
         # a build of every resource; the default used to be rebuilt for nobody).
@@ -170,7 +192,9 @@ class ControlPlane:
     def _install(self, flavours: Sequence[EdgeFlags], built: Sequence[Resources]) -> bool:
         """Keeps a build's resources; returns whether any flavour changed."""
         changed = False
-        for flags, resources in zip(flavours, built, strict=True):
+        now = self._clock()
+        for flags, built_resources in zip(flavours, built, strict=True):
+            resources = self._before_break(flags, built_resources, now)
             # Converting to protobuf and hashing are not cheap (JSON-encoding every
             # resource was ~40% of an idle router's CPU, 4 polls a second): compare
             # the dicts, and pack and hash only on change.
@@ -181,7 +205,32 @@ class ControlPlane:
         # A flavour nobody uses now is dropped, not kept stale: `ensure` builds it afresh.
         for unused in set(self._flavours) - set(self._in_use()):
             del self._flavours[unused]
+            self._lingering.pop(unused, None)
         return changed
+
+    def _before_break(self, flags: EdgeFlags, resources: Resources, now: float) -> Resources:
+        """Returns `resources` with the clusters (and endpoints) the last install had and
+        this build dropped, until CLUSTER_LINGER_S after they were dropped."""
+        lingering = self._lingering.setdefault(flags, {})
+        last = self._flavours.get(flags)
+        clusters = resources.by_type.get(CLUSTER_TYPE, {})
+        if last is not None:
+            had = last.source.by_type
+            for name, cluster in had.get(CLUSTER_TYPE, {}).items():
+                if name not in clusters and name not in lingering:
+                    endpoints = had.get(ENDPOINT_TYPE, {}).get(name)
+                    lingering[name] = _Lingering(now, cluster, endpoints)
+        for name in [n for n, kept in lingering.items() if n in clusters or kept.over(now)]:
+            del lingering[name]
+        if not lingering:
+            return resources
+        by_type = dict(resources.by_type)
+        by_type[CLUSTER_TYPE] = {**clusters, **{n: k.cluster for n, k in lingering.items()}}
+        by_type[ENDPOINT_TYPE] = {
+            **resources.by_type.get(ENDPOINT_TYPE, {}),
+            **{n: k.endpoints for n, k in lingering.items() if k.endpoints is not None},
+        }
+        return replace(resources, by_type=by_type)
 
     async def wait_changed(self, seen: int) -> int:
         """Waits until the generation moves past `seen`; returns the new one."""

@@ -8,14 +8,23 @@ headers. Each once, and never the name list.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
 import httpx
+import pytest
 
 from services.core import contract
 from services.inference.validation import MAX_EMBED_INPUTS
+from services.launcher.mesh import Mesh, MeshConfig
+from tests.conftest import TEST_SERVICE_ENV
 from tests.e2e.conftest import authed_channel
 from tests.e2e.test_auth import create_key
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
+from tokenmesh.router.v1 import router_service_pb2 as router_pb
+from tokenmesh.router.v1 import router_service_pb2_grpc as router_rpc
 
 LIFTED = {"x-request-id", "x-model-version", "x-ratelimit-limit", "x-ratelimit-remaining"}
 
@@ -65,3 +74,55 @@ def test_a_rest_clients_unary_answer_has_its_headers(mesh):
     assert reply.headers["x-ratelimit-remaining"] == "99"
     assert contract.RESPONSE_HEADERS_TRAILER not in reply.headers
     assert int(reply.headers["content-length"]) == len(reply.content)
+
+
+@pytest.fixture(scope="module")
+def api_deprecated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """A mesh of its own whose worker deprecates inference v1 (sunset in 2099)."""
+    env = {
+        **TEST_SERVICE_ENV,
+        "TOKENMESH_TEST_MODELS": "deterministic-test:1",
+        "TOKENMESH_MODELS": "",
+        "TOKENMESH_API_DEPRECATIONS": "v1=2099-12-31",
+    }
+    config = MeshConfig(
+        state_dir=Path(tmp_path_factory.mktemp("api-deprecated")),
+        redis_url=None,
+        workers=1,
+        envoy_concurrency=1,
+        health_check_interval_s=0.5,
+        edge_tls_port=None,
+        service_env=env,
+    )
+    with Mesh(config) as mesh:
+        yield mesh
+
+
+def test_a_header_the_edge_sets_is_not_doubled_by_the_lifted_one(api_deprecated):
+    # A deprecated model version's route sets Deprecation and Sunset on its answers;
+    # they replaced the worker's API-version ones when both came as headers. Lifted
+    # from the trailers after the route's were set, both were sent (two Sunsets).
+    mesh = api_deprecated
+    admin = [("x-api-key", mesh.dev_api_key())]
+    with authed_channel(mesh.edge_address, admin) as channel:
+        router_rpc.RouterServiceStub(channel).DeprecateModelVersion(
+            router_pb.DeprecateModelVersionRequest(
+                model="deterministic-test", version="1", sunset_time={"seconds": 4102444800}
+            ),
+            timeout=10,
+        )
+    deadline = time.monotonic() + 10
+    while True:
+        reply = httpx.post(
+            f"{mesh.edge_url}/v1/models/deterministic-test:complete",
+            json={"prompt": "a b", "max_tokens": 2},
+            headers=dict(admin),
+            timeout=10,
+        )
+        assert reply.status_code == 200, reply.text
+        if "2100" in reply.headers.get("sunset", "") or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert reply.headers.get_list("sunset") == ["Fri, 01 Jan 2100 00:00:00 GMT"]
+    assert len(reply.headers.get_list("deprecation")) == 1
+    assert len(reply.headers.get_list("link")) == 1  # the API version's, not the route's

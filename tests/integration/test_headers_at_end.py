@@ -37,6 +37,15 @@ async def _large_without_headers(request: bytes, context: Context) -> bytes:
     return b"x" * (contract.HEADERS_AT_END_MAX_BYTES + 1)
 
 
+async def _medium(request: bytes, context: Context) -> bytes:
+    await context.send_initial_metadata(HEADERS)
+    return b"x" * (contract.REST_HEADERS_AT_END_MAX_BYTES + 1)
+
+
+async def _fails_first(request: bytes, context: Context) -> bytes:
+    raise NotFound("no such model")
+
+
 async def _fails_after_headers(request: bytes, context: Context) -> bytes:
     await context.send_initial_metadata(HEADERS)
     raise NotFound("no such model")
@@ -51,6 +60,8 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
             "Small": _small,
             "Large": _large,
             "LargeWithoutHeaders": _large_without_headers,
+            "Medium": _medium,
+            "FailsFirst": _fails_first,
             "FailsAfterHeaders": _fails_after_headers,
         }.items()
     }
@@ -93,13 +104,35 @@ async def test_a_large_answer_sends_its_headers_first_marked_sent(channel) -> No
         assert contract.RESPONSE_HEADERS_TRAILER not in trailing
 
 
-async def test_an_error_after_headers_carries_them_in_its_trailers(channel) -> None:
+async def test_an_error_after_headers_sends_them_first_so_envoy_does_not_retry_it(
+    channel,
+) -> None:
+    # Trailers-only, an UNAVAILABLE or CANCELLED after the work started was retried
+    # by Envoy on another worker (the route's retry_on), and run and billed again.
     call = _call(channel, "FailsAfterHeaders")
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await call
     assert failed.value.code() is grpc.StatusCode.NOT_FOUND
-    trailing = list(failed.value.trailing_metadata())
-    assert set(HEADERS) <= set(trailing)
-    # An error answer is trailers only: its headers need no lifting, so no name list.
-    assert contract.RESPONSE_HEADERS_TRAILER not in dict(trailing)
+    assert list(failed.value.initial_metadata()) == list(HEADERS)
+    assert contract.RESPONSE_HEADERS_TRAILER not in dict(failed.value.trailing_metadata())
     assert failed.value.details() == "no such model"
+
+
+async def test_an_error_before_any_header_is_trailers_only(channel) -> None:
+    call = _call(channel, "FailsFirst")
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await call
+    assert failed.value.code() is grpc.StatusCode.NOT_FOUND
+    assert not list(failed.value.initial_metadata())
+
+
+async def test_a_transcoded_calls_bound_is_lower(channel) -> None:
+    # The edge buffers a REST answer as JSON, up to ~8x its protobuf size.
+    call: Any = channel.unary_unary(f"/{SERVICE}/Medium")
+    plain = call(b"", timeout=5)
+    assert await plain
+    assert contract.RESPONSE_HEADERS_TRAILER in dict(await plain.trailing_metadata())
+    rest = call(b"", timeout=5, metadata=(("x-envoy-original-path", "/v1/medium"),))
+    assert await rest
+    initial = dict(await rest.initial_metadata())
+    assert initial[contract.RESPONSE_HEADERS_TRAILER] == contract.HEADERS_SENT

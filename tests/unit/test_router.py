@@ -447,3 +447,32 @@ def test_every_router_replica_reads_redis_clock():
     finally:
         cat._redis_clock_offset_s = 0.0
     assert abs(cat.now() - before) < 5
+
+
+def test_a_dropped_cluster_outlives_the_routes_that_named_it():
+    # Make before break: Envoy applies a stream's clusters before its routes, so a
+    # cluster removed with its routes left them naming a missing cluster (503s).
+    async def scenario() -> list[tuple[bool, bool]]:
+        state = {"models": {"m": two_versions()}}
+        clock = {"now": 100.0}
+
+        async def build_for(flavours: Sequence[EdgeFlags]):
+            workers = [worker("w", 1, ("m", "1"), ("m", "2"))]
+            return [build(state["models"], workers, flags) for flags in flavours]
+
+        plane = ControlPlane(build_for, poll_s=1, clock=lambda: clock["now"])
+        seen = []
+        for models, now in (
+            ({"m": two_versions()}, 100.0),
+            ({"m": cat.add_version(None, "m", "1", 0)}, 101.0),  # version 2 removed
+            ({"m": cat.add_version(None, "m", "1", 0)}, 105.9),
+            ({"m": cat.add_version(None, "m", "1", 0)}, 106.0),
+        ):
+            state["models"], clock["now"] = models, now
+            await plane.refresh()
+            source = plane.resources(EdgeFlags()).source.by_type
+            routes = json.dumps(source[ROUTE_TYPE])
+            seen.append(("model:m:2" in source[CLUSTER_TYPE], "model:m:2" in routes))
+        return seen
+
+    assert asyncio.run(scenario()) == [(True, True), (True, False), (True, False), (False, False)]
