@@ -27,7 +27,8 @@ PATH_PREFIX = "/openai/"
 # HTTP status of a local reply -> OpenAI's (type, code) for it.
 LOCAL_ERRORS: Mapping[int, tuple[str, str]] = {
     400: ("invalid_request_error", "invalid_request"),
-    401: ("authentication_error", "invalid_api_key"),
+    # OpenAI answers a bad key with type invalid_request_error (its SDKs go by status).
+    401: ("invalid_request_error", "invalid_api_key"),
     403: ("permission_error", "permission_denied"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),

@@ -425,6 +425,8 @@ def _body(
         dimensions = options.get("dimensions")
         first = result.embed.embeddings[0] if result.embed.embeddings else None
         size = (len(first.values) or len(first.base64) // 4) if first is not None else 0
+        # The worker refuses another size before computing (v2 EmbedRequest.dimensions);
+        # one from before that field computed the line anyway.
         if dimensions is not None and size and dimensions != size:
             raise _bad("dimensions", f"must be {size} for this model (or left out)")
         return shapes.embeddings(result.embed, bool(options.get("base64")))

@@ -215,6 +215,10 @@ def deprecate(model: ModelEntry, version: str, sunset_at: float, now: float) -> 
         raise _unknown_version(model, version, "version")
     if sunset_at <= 0:
         raise _violation("sunset_time", "is required")
+    if sunset_at <= now:
+        # A sunset passed ends the version's routes at once: a typo in a date took
+        # all of its traffic. Retiring now is a split without it, then a sunset.
+        raise _violation("sunset_time", "must be in the future")
     deprecated = replace(entry, deprecated_at=entry.deprecated_at or now, sunset_at=sunset_at)
     versions = tuple(deprecated if v.version == version else v for v in model.versions)
     return replace(model, versions=versions)

@@ -205,6 +205,7 @@ def test_sdk_exceptions(mesh, client):
     assert unauthenticated.value.status_code == 401
     body = unauthenticated.value.body
     assert isinstance(body, dict) and set(body) == {"message", "type", "param", "code"}
+    assert (body["type"], body["code"]) == ("invalid_request_error", "invalid_api_key")  # OpenAI's
     other_model = create_key(mesh, "--models", "deterministic-test")
     with pytest.raises(openai.PermissionDeniedError), sdk(mesh, other_model["secret"]) as narrow:
         narrow.chat.completions.create(model="demo-lm", messages=CHAT, max_tokens=1)

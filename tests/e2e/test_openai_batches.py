@@ -110,12 +110,17 @@ def test_an_embeddings_batch_answers_openai_embeddings(client):
         "url": "/v1/embeddings",
         "body": {"model": "all-minilm-l6-v2", "input": ["In the beginning", "was the Word"]},
     }
-    upload = client.files.create(file=jsonl([line]), purpose="batch")
+    # Another size: the worker refuses the line before computing it (it was computed
+    # and billed, then failed here).
+    resized = {**line, "custom_id": "e-2", "body": {**line["body"], "dimensions": 256}}
+    upload = client.files.create(file=jsonl([line, resized]), purpose="batch")
     batch = client.batches.create(
         input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h"
     )
     done = finished(client, batch.id)
     [output] = read_lines(client, done.output_file_id)
+    [refused] = read_lines(client, done.error_file_id)
+    assert refused["custom_id"] == "e-2" and "dimensions" in json.dumps(refused), refused
     body = output["response"]["body"]
     assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
     sync = client.embeddings.create(model="all-minilm-l6-v2", input=["In the beginning"])

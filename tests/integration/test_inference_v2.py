@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -418,6 +419,31 @@ async def test_embed_truncation_none_rejects_and_end_cuts(model_server):
     assert not short.truncated and cut.truncated
     assert cut.prompt_tokens == embedder.max_input_tokens and short.prompt_tokens < 10
     assert math.isclose(sum(v * v for v in cut.values), 1.0, rel_tol=1e-4)
+
+
+async def test_embed_with_another_size_is_refused_before_any_work(model_server):
+    # OpenAI batches pass `dimensions` on: a line asking for another size was
+    # computed and billed, then failed as a 400 line.
+    service, channel = model_server
+    stub = rpc.InferenceServiceStub(channel)
+    metered: list[Any] = []
+    log = service.usage_log
+    append = log.append
+    log.append = lambda event: (metered.append(event), append(event))[-1]
+    violations = await _bad_request(
+        stub.Embed(pb.EmbedRequest(model="all-minilm-l6-v2", inputs=["a"], dimensions=256))
+    )
+    assert violations == {"dimensions": "must be 384 for this model (or left out)"}
+    assert not metered  # refused before any work: nothing metered
+    assert set(
+        await _bad_request(
+            stub.Embed(pb.EmbedRequest(model="all-minilm-l6-v2", inputs=["a"], dimensions=0))
+        )
+    ) == {"dimensions"}
+    reply = await stub.Embed(
+        pb.EmbedRequest(model="all-minilm-l6-v2", inputs=["a"], dimensions=384)
+    )
+    assert len(reply.embeddings[0].values) == 384
 
 
 async def test_list_and_get_models_in_the_v2_shape(inference_channel):

@@ -476,3 +476,10 @@ def test_a_dropped_cluster_outlives_the_routes_that_named_it():
         return seen
 
     assert asyncio.run(scenario()) == [(True, True), (True, False), (True, False), (False, False)]
+
+
+def test_a_sunset_in_the_past_is_refused():
+    # It ended the version's routes at once: a mistyped date took all its traffic.
+    with pytest.raises(InvalidArgument, match="sunset_time"):
+        cat.deprecate(two_versions(), "1", sunset_at=NOW - 1, now=NOW)
+    assert cat.deprecate(two_versions(), "1", sunset_at=NOW + 60, now=NOW).versions[0].sunset_at

@@ -29,7 +29,7 @@ ERROR_TYPES: Mapping[int, str] = {
     code_pb2.OUT_OF_RANGE: "invalid_request_error",
     code_pb2.NOT_FOUND: "invalid_request_error",
     code_pb2.ALREADY_EXISTS: "invalid_request_error",
-    code_pb2.UNAUTHENTICATED: "authentication_error",
+    code_pb2.UNAUTHENTICATED: "invalid_request_error",  # as OpenAI types a bad key
     code_pb2.PERMISSION_DENIED: "permission_error",
     code_pb2.RESOURCE_EXHAUSTED: "rate_limit_error",
     code_pb2.UNIMPLEMENTED: "invalid_request_error",

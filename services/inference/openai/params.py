@@ -492,6 +492,8 @@ def parse_embedding(raw: bytes) -> EmbeddingCall:
     )
     if encoding == "base64":
         request.encoding = inference_pb2.EMBEDDING_ENCODING_BASE64
+    if dimensions is not None:
+        request.dimensions = dimensions  # the worker refuses another size before any work
     return EmbeddingCall(model_id, request, dimensions, encoding == "base64")
 
 

@@ -25,12 +25,12 @@ from google.api.httpbody_pb2 import HttpBody
 
 from gateway import model_routing
 from services.core import contract
-from services.core.errors import FieldViolation, InvalidArgument, TokenmeshError
+from services.core.errors import TokenmeshError
 from services.core.interceptors import Context, abort_with, request_headers, to_domain_error
 from services.inference import validation as v1_validation
 from services.inference.admission import check_model_allowed, visible_models
 from services.inference.openai import errors, params, shapes
-from services.inference.openai.params import EmbeddingCall, GenerationCall, Renames
+from services.inference.openai.params import GenerationCall, Renames
 from services.inference.v2.servicer import InferenceServicer as V2Servicer
 from tokenmesh.inference.v2 import inference_pb2
 from tokenmesh.inference.v2 import inference_service_pb2 as v2_pb
@@ -168,7 +168,6 @@ class OpenAIServicer(openai_service_pb2_grpc.OpenAIServiceServicer):
         ctx = _ResponseContext(context)
         try:
             call = params.parse_embedding(request.data)
-            self._check_dimensions(ctx, call)
             response = await self.v2.Embed(call.request, cast(Context, ctx))
             body = _json(shapes.embeddings(response, call.base64))
             await ctx.flush()
@@ -179,19 +178,6 @@ class OpenAIServicer(openai_service_pb2_grpc.OpenAIServiceServicer):
             error, _ = ctx.fail(exc, EMBEDDING_RPC, Renames(input="input"))
             await abort_with(cast(Context, ctx), error)
             raise  # not reached: abort_with raised
-
-    def _check_dimensions(self, ctx: _ResponseContext, call: EmbeddingCall) -> None:
-        if call.dimensions is None:
-            return
-        request = call.request
-        target = self.v2.admission.resolve(
-            cast(Context, ctx), request.model, request.version, generative=False
-        )
-        size = target.model.embedding_dimensions
-        if call.dimensions != size:
-            raise InvalidArgument(
-                [FieldViolation("dimensions", f"must be {size} for this model (or left out)")]
-            )
 
     async def CreateChatCompletion(
         self, request: HttpBody, context: Context

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.core.errors import FieldViolation, InvalidArgument
 from services.core.interceptors import Context, request_headers
 from services.inference import genai_spans, quality
 from services.inference.admission import Admission, Request, Target, token_usage
@@ -91,6 +92,7 @@ class EmbeddingPipeline:
         target = self.admission.resolve(context, request.model, request.version, generative=False)
         embedder = target.model.embedder
         assert embedder is not None  # resolve() checked the kind
+        _check_dimensions(request, target.model.embedding_dimensions)
         rpc, api_version = self.surface.rpc("Embed"), self.surface.api_version
         call = Request(context, target, request.request_id, rpc, api_version, request.metadata)
         inputs, content = await self.admission.content.check_texts(
@@ -263,3 +265,12 @@ def embedding_pb(
     else:
         embedding.values.extend(vector.tolist())
     return embedding
+
+
+def _check_dimensions(request: pb.EmbedRequest, size: int) -> None:
+    """Refuses a request for vectors of another size than the model's, before any work
+    (an OpenAI batch line asking for them was computed and billed, then failed)."""
+    if request.HasField("dimensions") and request.dimensions != size:
+        raise InvalidArgument(
+            [FieldViolation("dimensions", f"must be {size} for this model (or left out)")]
+        )

@@ -259,6 +259,8 @@ def validate_embed(request: pb.EmbedRequest) -> None:
             out.append(
                 FieldViolation(f"inputs[{i}]", f"must be 1-{v1.MAX_EMBED_INPUT_CHARS} characters")
             )
+    if request.HasField("dimensions") and request.dimensions < 1:
+        out.append(FieldViolation("dimensions", "must be at least 1"))
     check_metadata(request.metadata, out)
     v1.check_request_id(request.request_id, out)
     if out:

@@ -657,6 +657,7 @@ class EmbedRequest(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CACHE_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the model name (required; 1-128 characters)."""
     version: _builtins.str
@@ -674,6 +675,12 @@ class EmbedRequest(_message.Message):
     cache: _inference_pb2.CacheMode.ValueType
     """cache says how this request may use the worker's per-input embedding
     cache (as for GenerateRequest.cache).
+    """
+    dimensions: _builtins.int
+    """dimensions, when set, is the vector size the caller expects (at least 1):
+    a model that embeds into another size refuses the request
+    (INVALID_ARGUMENT naming `dimensions`) before any work or metering.
+    Vectors are never shortened.
     """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -696,12 +703,15 @@ class EmbedRequest(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         request_id: _builtins.str = ...,
         cache: _inference_pb2.CacheMode.ValueType = ...,
+        dimensions: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "dimensions", b"dimensions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "encoding", b"encoding", "inputs", b"inputs", "metadata", b"metadata", "model", b"model", "request_id", b"request_id", "truncate", b"truncate", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "cache", b"cache", "dimensions", b"dimensions", "encoding", b"encoding", "inputs", b"inputs", "metadata", b"metadata", "model", b"model", "request_id", b"request_id", "truncate", b"truncate", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
+    _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dimensions) -> _WhichOneofReturnType__dimensions | None: ...
 
 Global___EmbedRequest: _TypeAlias = EmbedRequest  # noqa: Y015
 
