@@ -238,7 +238,9 @@ class _HeadersAtEnd:
 
     async def answer(self, encoded: bytes | None) -> bytes | None:
         """Places the held headers with the `encoded` answer (see the class); returns it."""
-        if encoded is not None and len(encoded) > self._bound():
+        size = 0 if encoded is None else len(encoded)
+        # The request's headers are read only for a size between the two bounds.
+        if size > contract.REST_HEADERS_AT_END_MAX_BYTES and size > self._bound():
             await self._send_held(mark=True)
         elif self._held:
             names = ",".join(dict.fromkeys(name for name, _ in self._held))
