@@ -51,6 +51,10 @@ MODEL_ALIAS_RULE = "1-32 characters of [a-z0-9-]"
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 METADATA_KEY_RULE = "1-64 characters of [A-Za-z0-9_.-]"
 MAX_METADATA_ENTRIES = 16
+#: The tag OpenAI's `user` parameter is recorded under: not counted against
+#: MAX_METADATA_ENTRIES, so an OpenAI request with its full 16 `metadata` pairs
+#: and a `user` fits (it was refused: 17 entries).
+USER_TAG = "user"
 MAX_METADATA_VALUE_CHARS = 256
 
 # NOTE: match only through the is_* helpers below. They use `fullmatch`:

@@ -10,6 +10,7 @@ import pytest
 from services.core.errors import InvalidArgument
 from services.inference.openai import errors, params
 from services.inference.openai.params import Renames, v2_param
+from services.inference.v2 import validation as v2_validation
 
 
 def _raw(**fields: Any) -> bytes:
@@ -186,3 +187,21 @@ def test_a_batch_file_may_open_with_a_utf8_bom() -> None:
     }
     data = b"\xef\xbb\xbf" + json.dumps(line).encode()
     assert [b.custom_id for b in parse_input(data, "/v1/chat/completions", 10)] == ["a"]
+
+
+def test_openais_full_16_metadata_pairs_with_a_user_fit():
+    # OpenAI allows 16 metadata pairs and a `user`; recorded as 17 usage tags, the
+    # request was refused ("metadata must have at most 16 entries").
+    tags = {f"k{i}": "v" for i in range(16)}
+    call = params.parse_chat(
+        _raw(model="demo-lm", messages=[{"role": "user", "content": "a"}], user="u", metadata=tags)
+    )
+    [request] = call.complete_requests()
+    assert len(request.metadata) == 17
+    v2_validation.validate_generation(request)  # no violation
+    tags["k16"] = "v"
+    too_many = params.parse_chat(
+        _raw(model="demo-lm", messages=[{"role": "user", "content": "a"}], user="u", metadata=tags)
+    )
+    with pytest.raises(InvalidArgument, match="metadata"):
+        v2_validation.validate_generation(too_many.complete_requests()[0])

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.core import contract
 from services.core.errors import FieldViolation, InvalidArgument
 from tokenmesh.inference.v2 import inference_pb2
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
@@ -28,7 +29,7 @@ from tokenmesh.inference.v2 import inference_service_pb2 as pb
 INT32_MAX = 2**31 - 1
 SEED_MODULUS = 2**64  # OpenAI seeds are signed; v2's are uint64
 # The metadata tag `user` is recorded under (usage reports group by it).
-USER_TAG = "user"
+USER_TAG = contract.USER_TAG
 # OpenAI's "developer" role (newer models) is what the chat template calls "system".
 ROLE_ALIASES = {"developer": "system"}
 

@@ -215,9 +215,13 @@ def _check_sampling(request: GenerationRequest, out: list[FieldViolation]) -> No
 
 def check_metadata(metadata: Mapping[str, str], out: list[FieldViolation]) -> None:
     """Adds a violation per problem with a request's usage tags."""
-    if len(metadata) > contract.MAX_METADATA_ENTRIES:
+    if len(metadata) - (contract.USER_TAG in metadata) > contract.MAX_METADATA_ENTRIES:
         out.append(
-            FieldViolation("metadata", f"must have at most {contract.MAX_METADATA_ENTRIES} entries")
+            FieldViolation(
+                "metadata",
+                f"must have at most {contract.MAX_METADATA_ENTRIES} entries"
+                f" besides {contract.USER_TAG!r}",
+            )
         )
     for key in sorted(metadata):
         if not contract.is_metadata_key(key):

@@ -541,8 +541,9 @@ class CompleteRequest(_message.Message):
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """metadata are usage tags (at most 16; keys 1-64 characters of
-        [A-Za-z0-9_.-], values at most 256 characters).
+        """metadata are usage tags (at most 16 besides `user`, which OpenAI's `user`
+        parameter sets; keys 1-64 characters of [A-Za-z0-9_.-], values at most 256
+        characters).
         """
 
     def __init__(
@@ -688,8 +689,9 @@ class EmbedRequest(_message.Message):
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """metadata are usage tags (at most 16; keys 1-64 characters of
-        [A-Za-z0-9_.-], values at most 256 characters).
+        """metadata are usage tags (at most 16 besides `user`, which OpenAI's `user`
+        parameter sets; keys 1-64 characters of [A-Za-z0-9_.-], values at most 256
+        characters).
         """
 
     def __init__(
