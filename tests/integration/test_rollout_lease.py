@@ -149,3 +149,18 @@ async def test_a_worker_version_named_like_an_alias_does_not_fail_its_registrati
     entry = await catalog.get(model)
     assert [v.version for v in entry.versions] == ["1", "3"]
     assert entry.aliases == {"canary": "1"}
+
+
+async def test_a_rollout_from_before_the_marks_is_marked_as_it_stands_not_moved(client):
+    # Its split may be an operator's, made while it was paused: the first tick of a
+    # replica that knows the marks must not move it back to the rollout's step.
+    rollout = await started(client)
+    await client.hdel(ro.APPLIED_KEY, rollout.model)  # as before the marks existed
+    operators = {"1": 70, "2": 30}
+    await Catalog(client).update(rollout.model, lambda m, _: cat.set_split(m, operators))
+    driver = ro.RolloutDriver(store(client), time.time)
+    await driver.tick()
+    marked = await client.hget(ro.APPLIED_KEY, rollout.model)
+    assert marked is not None and marked.decode() == ro.traffic_of(rollout)
+    weights = (await Catalog(client).get(rollout.model)).effective_weights(time.time())
+    assert weights == operators

@@ -483,3 +483,19 @@ def test_a_sunset_in_the_past_is_refused():
     with pytest.raises(InvalidArgument, match="sunset_time"):
         cat.deprecate(two_versions(), "1", sunset_at=NOW - 1, now=NOW)
     assert cat.deprecate(two_versions(), "1", sunset_at=NOW + 60, now=NOW).versions[0].sunset_at
+
+
+def test_the_router_clock_reads_redis_at_the_round_trips_midpoint():
+    # A Redis that answers 0.2 s late, its clock equal to ours, read 0.1 s in: read
+    # against the send time, now() would run 0.1 s ahead until the next build.
+    class SlowRedis:
+        async def time(self) -> tuple[int, int]:
+            await asyncio.sleep(0.2)
+            at = time.time() - 0.1  # the clock Redis read halfway through the wait
+            return int(at), int(at % 1 * 1e6)
+
+    try:
+        asyncio.run(cat.sync_clock(SlowRedis()))
+        assert abs(cat._redis_clock_offset_s) < 0.05
+    finally:
+        cat._redis_clock_offset_s = 0.0
