@@ -20,7 +20,7 @@ TOKENMESH_API_KEY).
     tokenmesh models register MODEL VERSION
     tokenmesh models price MODEL VERSION --prompt X --completion Y [--cached Z]  (USD per
         million tokens; --clear removes the price)
-    tokenmesh models rollout MODEL VERSION [--steps 5,25,50,100] [--step-seconds 60]
+    tokenmesh models rollout [start] MODEL VERSION [--steps 5,25,50,100] [--step-seconds 60]
         [--max-error-rate 0.01] [--max-ttft-p99-ratio 1.5] [--min-requests 50]
     tokenmesh models rollout status|pause|resume|abort MODEL
     tokenmesh models shadow MODEL VERSION --percent P   (MODEL --off stops it)

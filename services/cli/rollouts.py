@@ -1,8 +1,11 @@
 """`tokenmesh models rollout ...`: SLO-gated canary rollouts, through the edge.
 
-tokenmesh models rollout MODEL VERSION [--steps 5,25,50,100] [--step-seconds 60]
+tokenmesh models rollout [start] MODEL VERSION [--steps 5,25,50,100] [--step-seconds 60]
     [--max-error-rate 0.01] [--max-ttft-p99-ratio 1.5] [--min-requests 50]
 tokenmesh models rollout status|pause|resume|abort MODEL
+
+A model named like an operation ("status") is rolled out with `start`:
+`rollout status 2` reads as the status of model "2".
 """
 
 from __future__ import annotations
@@ -33,8 +36,12 @@ def add_parser(actions: Any) -> argparse.ArgumentParser:
         "rollout",
         help="start (MODEL VERSION) or operate (status|pause|resume|abort MODEL) a canary rollout",
     )
-    rollout.add_argument("first", help="MODEL, or status|pause|resume|abort")
-    rollout.add_argument("second", help="VERSION to roll out, or MODEL")
+    rollout.add_argument(
+        "words",
+        nargs="+",
+        metavar="WORD",
+        help="[start] MODEL VERSION, or status|pause|resume|abort MODEL",
+    )
     rollout.add_argument("--steps", default="5,25,50,100", help="traffic shares, percent")
     rollout.add_argument("--step-seconds", type=float, default=60.0)
     rollout.add_argument("--max-error-rate", type=float, default=0.01)
@@ -48,20 +55,37 @@ def models_rollout(
     stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]
 ) -> None:
     """Starts a rollout, or shows / pauses / resumes / aborts one."""
-    if args.first in OPERATIONS:
-        rpc, request_type = OPERATIONS[args.first]
-        reply = getattr(stub, rpc)(
-            request_type(model=args.second), metadata=metadata, timeout=TIMEOUT_S
-        )
+    operation, model, version = parse_words(args.words)
+    if operation != "start":
+        rpc, request_type = OPERATIONS[operation]
+        reply = getattr(stub, rpc)(request_type(model=model), metadata=metadata, timeout=TIMEOUT_S)
     else:
-        reply = stub.StartRollout(start_request(args), metadata=metadata, timeout=TIMEOUT_S)
+        request = start_request(args, model, version)
+        reply = stub.StartRollout(request, metadata=metadata, timeout=TIMEOUT_S)
     if args.json:
         print(json.dumps(json_format.MessageToDict(reply.rollout), indent=2))
     else:
         print(describe(reply.rollout))
 
 
-def start_request(args: argparse.Namespace) -> router_pb.StartRolloutRequest:
+def parse_words(words: Sequence[str]) -> tuple[str, str, str]:
+    """Returns (operation, model, version) of `rollout`'s words ("start" or an OPERATIONS
+    key; version "" for an operation)."""
+    if len(words) == 3 and words[0] == "start":
+        return "start", words[1], words[2]
+    if len(words) == 2 and words[0] in OPERATIONS:
+        return words[0], words[1], ""
+    if len(words) == 2:
+        return "start", words[0], words[1]
+    raise SystemExit(
+        "tokenmesh: models rollout takes [start] MODEL VERSION, or "
+        f"{'|'.join(OPERATIONS)} MODEL; got {' '.join(words)!r}"
+    )
+
+
+def start_request(
+    args: argparse.Namespace, model: str, version: str
+) -> router_pb.StartRolloutRequest:
     """Builds StartRollout from the command line."""
     try:
         steps = [int(s) for s in args.steps.split(",") if s.strip()]
@@ -70,8 +94,8 @@ def start_request(args: argparse.Namespace) -> router_pb.StartRolloutRequest:
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(int(args.step_seconds * 1e9))
     return router_pb.StartRolloutRequest(
-        model=args.first,
-        version=args.second,
+        model=model,
+        version=version,
         steps=steps,
         step_duration=duration,
         max_error_rate=args.max_error_rate,
