@@ -72,6 +72,7 @@ class Runner:
         self._tasks: dict[EntryKey, asyncio.Task[None]] = {}
         self._jobs: dict[EntryKey, str] = {}
         self._per_lane: collections.Counter[str] = collections.Counter()
+        self._next_lane = 0  # where the next read's window of lanes starts (_window)
         self._ending: set[EntryKey] = set()
         self.finished_total = 0
 
@@ -132,18 +133,24 @@ class Runner:
         held = len(self._tasks)
         if held - self.executor.waiting >= 2 * self.concurrency:
             return False
-        if held >= HELD_PER_SLOT * self.concurrency:
+        room = HELD_PER_SLOT * self.concurrency - held
+        if room <= 0:
             return False
         streams = await self.store.lanes()
         for stream in streams:
             await self.store.ensure_group(stream)
-        open_lanes: dict[Any, Any] = {s: ">" for s in streams if self._free(s) > 0}
-        if not open_lanes:
+        lanes = [s for s in streams if self._free(s) > 0]
+        if not lanes:
             return False
-        count = max(1, min(self._free(s) for s in open_lanes))
+        count = min(room, max(1, min(self._free(s) for s in lanes)))
+        window, last = self._window(lanes, room // count)
+        open_lanes: dict[Any, Any] = {s: ">" for s in window}
+        # Only the window that ends a round of the lanes waits for entries: one that
+        # waited on idle lanes held the others' items back a block each.
+        block = block_ms if last else None
         try:
             reply: Any = await self.redis.xreadgroup(
-                jobstore.GROUP, self.consumer, open_lanes, count=count, block=block_ms
+                jobstore.GROUP, self.consumer, open_lanes, count=count, block=block
             )
         except ResponseError as exc:
             if not jobstore.is_missing_group(exc):
@@ -156,6 +163,21 @@ class Runner:
             for entry_id, fields in entries:
                 self._start(text(stream), text(entry_id), fields)
         return True
+
+    def _window(self, lanes: list[str], size: int) -> tuple[list[str], bool]:
+        """Returns `size` of `lanes`, from where the last window ended (all when they fit),
+        and whether the window ends a round of them.
+
+        XREADGROUP's COUNT is per stream: one read of every lane could return
+        lanes x count entries, past HELD_PER_SLOT. A rotating window keeps the
+        bound and still reaches every lane in turn.
+        """
+        if len(lanes) <= size:
+            return lanes, True
+        start = self._next_lane % len(lanes)
+        end = start + size
+        self._next_lane = end % len(lanes)
+        return (lanes + lanes)[start:end], end >= len(lanes)
 
     async def recover_own(self) -> int:
         """Starts the entries this consumer had read before it restarted."""

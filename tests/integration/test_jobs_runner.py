@@ -19,7 +19,7 @@ from services.core.tasks import cancel_and_wait
 from services.inference.service import InferenceService
 from services.jobs import store as jobstore
 from services.jobs.execution import Backoff, ItemExecutor
-from services.jobs.runner import Runner
+from services.jobs.runner import HELD_PER_SLOT, Runner
 from services.jobs.store import JobStore, NewJob, Owner, now_ms
 from services.jobs.workers import WorkerDirectory
 from services.router.registry import WORKERS_KEY, WorkerEntry
@@ -242,3 +242,25 @@ async def test_items_that_wait_do_not_stop_the_reading_either(tmp_path, redis_ur
         lambda runner: runner.executor.waiting >= 2,  # backing off
     )
     assert status == "SUCCEEDED"
+
+
+async def test_one_read_of_many_lanes_holds_no_more_than_the_bound(tmp_path, redis_url):
+    """XREADGROUP's COUNT is per stream: one read of 40 lanes took an entry of each,
+    past HELD_PER_SLOT (32 for one slot), every one a task holding its item."""
+    async with _runner_beside_a_worker(tmp_path, redis_url, 1) as (store, runner):
+        jobs = [await _job(store, [_complete("nobody-has-it", "a")]) for _ in range(40)]
+        try:
+            assert await runner.read_once(block_ms=100)
+            assert 1 <= len(runner._tasks) <= HELD_PER_SLOT
+        finally:
+            for job_id in jobs:
+                await store.end(job_id, "CANCELLED")
+
+
+def test_the_window_of_lanes_rotates_through_every_lane():
+    runner = object.__new__(Runner)
+    runner._next_lane = 0
+    lanes = ["a", "b", "c", "d", "e"]
+    seen = [runner._window(lanes, 2) for _ in range(3)]
+    assert seen == [(["a", "b"], False), (["c", "d"], False), (["e", "a"], True)]
+    assert runner._window(lanes, 5) == (lanes, True)
