@@ -36,12 +36,10 @@ def add_parser(actions: Any) -> argparse.ArgumentParser:
         "rollout",
         help="start (MODEL VERSION) or operate (status|pause|resume|abort MODEL) a canary rollout",
     )
-    rollout.add_argument(
-        "words",
-        nargs="+",
-        metavar="WORD",
-        help="[start] MODEL VERSION, or status|pause|resume|abort MODEL",
-    )
+    # Fixed positionals (not nargs="+"): options may stand between them, as before.
+    rollout.add_argument("first", help="MODEL, start, or status|pause|resume|abort")
+    rollout.add_argument("second", help="VERSION to roll out, or MODEL")
+    rollout.add_argument("third", nargs="?", help="VERSION, after start MODEL")
     rollout.add_argument("--steps", default="5,25,50,100", help="traffic shares, percent")
     rollout.add_argument("--step-seconds", type=float, default=60.0)
     rollout.add_argument("--max-error-rate", type=float, default=0.01)
@@ -55,7 +53,8 @@ def models_rollout(
     stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]
 ) -> None:
     """Starts a rollout, or shows / pauses / resumes / aborts one."""
-    operation, model, version = parse_words(args.words)
+    words = [w for w in (args.first, args.second, args.third) if w is not None]
+    operation, model, version = parse_words(words)
     if operation != "start":
         rpc, request_type = OPERATIONS[operation]
         reply = getattr(stub, rpc)(request_type(model=model), metadata=metadata, timeout=TIMEOUT_S)

@@ -174,6 +174,10 @@ RESPONSE_HEADERS_TRAILER = "x-tokenmesh-response-headers"
 HEADERS_SENT = "sent"
 HEADERS_AT_END_MAX_BYTES = 256 * 1024
 REST_HEADERS_AT_END_MAX_BYTES = 64 * 1024
+#: In the event id of a job item's attempt the jobs service will try again (cut by a
+#: timeout or a restart): billed nothing and not one of the caller's requests
+#: (services.inference.admission.set_attempt_apart; the meter skips its counters).
+UNFINISHED_ATTEMPT_MARK = ":unfinished:"
 #: The account shadow copies are metered to (usage reports: tenant tokenmesh.shadow).
 SHADOW_TENANT = "tokenmesh.shadow"
 ADMIN_SCOPE = "admin"

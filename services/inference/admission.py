@@ -278,7 +278,7 @@ def set_attempt_apart(event: inference_pb2.UsageEvent) -> None:
         event.served_usage.CopyFrom(event.usage)
     event.usage.CopyFrom(token_usage(0, 0))
     event.cached_prompt_tokens = 0
-    event.event_id = f"{event.event_id}:unfinished:{uuid.uuid4().hex}"
+    event.event_id = f"{event.event_id}{contract.UNFINISHED_ATTEMPT_MARK}{uuid.uuid4().hex}"
 
 
 class Admission:

@@ -19,6 +19,7 @@ acknowledged without a result.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import logging
@@ -72,7 +73,8 @@ class Runner:
         self._tasks: dict[EntryKey, asyncio.Task[None]] = {}
         self._jobs: dict[EntryKey, str] = {}
         self._per_lane: collections.Counter[str] = collections.Counter()
-        self._next_lane = 0  # where the next read's window of lanes starts (_window)
+        self._last_lane = ""  # the lane the last read's window ended on (_window)
+        self._round_found = False  # whether this round of windows read any entry
         self._ending: set[EntryKey] = set()
         self.finished_total = 0
 
@@ -143,11 +145,11 @@ class Runner:
         if not lanes:
             return False
         count = min(room, max(1, min(self._free(s) for s in lanes)))
-        window, last = self._window(lanes, room // count)
+        window, ends_round = self._window(lanes, room // count)
         open_lanes: dict[Any, Any] = {s: ">" for s in window}
-        # Only the window that ends a round of the lanes waits for entries: one that
-        # waited on idle lanes held the others' items back a block each.
-        block = block_ms if last else None
+        # Only a round of windows that found nothing waits for entries, in its last
+        # window: one that waited on idle lanes held the others' items back a block.
+        block = block_ms if ends_round and not self._round_found else None
         try:
             reply: Any = await self.redis.xreadgroup(
                 jobstore.GROUP, self.consumer, open_lanes, count=count, block=block
@@ -162,22 +164,26 @@ class Runner:
         for stream, entries in reply or []:
             for entry_id, fields in entries:
                 self._start(text(stream), text(entry_id), fields)
+        self._round_found = not ends_round and (self._round_found or bool(reply))
         return True
 
     def _window(self, lanes: list[str], size: int) -> tuple[list[str], bool]:
-        """Returns `size` of `lanes`, from where the last window ended (all when they fit),
-        and whether the window ends a round of them.
+        """Returns `size` of `lanes`, from the first after the lane the last window ended
+        on (all when they fit), and whether the window ends a round of them.
 
         XREADGROUP's COUNT is per stream: one read of every lane could return
         lanes x count entries, past HELD_PER_SLOT. A rotating window keeps the
-        bound and still reaches every lane in turn.
+        bound and still reaches every lane in turn. It goes by name, not index:
+        the lanes with free slots change between reads.
         """
         if len(lanes) <= size:
             return lanes, True
-        start = self._next_lane % len(lanes)
+        ordered = sorted(lanes)
+        start = bisect.bisect_right(ordered, self._last_lane) % len(ordered)
         end = start + size
-        self._next_lane = end % len(lanes)
-        return (lanes + lanes)[start:end], end >= len(lanes)
+        window = (ordered + ordered)[start:end]
+        self._last_lane = window[-1]
+        return window, end >= len(ordered)
 
     async def recover_own(self) -> int:
         """Starts the entries this consumer had read before it restarted."""

@@ -117,8 +117,12 @@ _COMPARE_AND_SET = """
 if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then return 0 end
 if (redis.call('HGET', KEYS[1], ARGV[1]) or '') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+if ARGV[5] == '1' then redis.call('HSET', KEYS[3], ARGV[1], '') end
 return 1
 """
+# A new rollout's applied mark until its first split moves: never a split (see
+# RolloutDriver._reconcile: no mark at all means a rollout from before the marks).
+PENDING_MARK = ""
 
 
 @dataclass(frozen=True)
@@ -454,7 +458,7 @@ class RolloutStore:
         )
         decision = Decision(now, "start", policy.steps[0], f"from {stable}, steps {policy.steps}")
         rollout = rollout.decided(decision)
-        if not await self._swap(raw, rollout, lease=""):
+        if not await self._swap(raw, rollout, lease="", started=True):
             raise FailedPrecondition(
                 f"the rollout of {model!r} changed meanwhile; try again", reason="ROLLOUT_CHANGED"
             )
@@ -491,7 +495,7 @@ class RolloutStore:
         if await self._swap(raw, changed, lease):
             await self._apply(changed, decision)
 
-    async def move_traffic(self, rollout: Rollout) -> None:
+    async def move_traffic(self, rollout: Rollout) -> bool:
         """Sets the model's split to the rollout's share and marks the rollout applied, in
         one transaction, while the stored rollout still asks for that split.
 
@@ -517,20 +521,36 @@ class RolloutStore:
                 rollout.model,
                 weight,
             )
-            return
+            return False
         await self.refresh()
+        return True
 
-    async def _swap(self, raw: str | bytes | None, rollout: Rollout, lease: str) -> bool:
+    async def _swap(
+        self, raw: str | bytes | None, rollout: Rollout, lease: str, started: bool = False
+    ) -> bool:
+        """Stores `rollout` if the stored one is still `raw` (and `lease` still holds);
+        `started`: a new rollout, whose applied mark is PENDING_MARK until its split
+        moves. Without one, a start whose split update failed read as a rollout from
+        before the marks, and its canary stayed at 0% for good."""
         expected = b"" if raw is None else raw
-        args: list[str | bytes] = [rollout.model, expected, rollout.to_json(), lease]
-        return bool(await self._compare_and_set(keys=[ROLLOUTS_KEY, LEASE_KEY], args=args))
+        args: list[str | bytes] = [
+            rollout.model,
+            expected,
+            rollout.to_json(),
+            lease,
+            "1" if started else "0",
+        ]
+        keys = [ROLLOUTS_KEY, LEASE_KEY, APPLIED_KEY]
+        return bool(await self._compare_and_set(keys=keys, args=args))
 
     async def _apply(self, rollout: Rollout, decision: Decision) -> None:
         """Moves the traffic, records the decision in the audit log and the metrics."""
         weight = rollout.weight
-        if decision.action not in ("pause", "resume"):  # they move no traffic
-            await self.move_traffic(rollout)
-        STEP_PERCENT.labels(rollout.model, rollout.version).set(weight)
+        # Pause and resume move no traffic; a refused move (a later decision owns the
+        # split) leaves the gauge to that decision.
+        moved = decision.action in ("pause", "resume") or await self.move_traffic(rollout)
+        if moved:
+            STEP_PERCENT.labels(rollout.model, rollout.version).set(weight)
         if decision.action == "rollback":
             ROLLED_BACK_TOTAL.labels(rollout.model, rollout.version).inc()
         entry = audit_entry(rollout, decision)

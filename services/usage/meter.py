@@ -39,6 +39,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Histogram
 from redis.exceptions import ResponseError
 
+from services.core import contract
 from services.core.pricing import Price
 from services.core.redis_service import text
 from services.usage import tenant_metrics
@@ -392,6 +393,10 @@ def contribution(
         for scope in scopes(event)
         for g, start in starts
     )
+    # A job item's cut attempt billed nothing and is not one of the caller's requests
+    # (its finished run is): counted, a job cut by a restart read as more requests
+    # than it had items. It stays in the audit log.
+    attempt = contract.UNFINISHED_ATTEMPT_MARK in event.event_id
     return Contribution(
         finished=finished,
         seen_key=f"{PREFIX}seen:{event.event_id or event.request_id}",
@@ -399,8 +404,8 @@ def contribution(
         audit_score=event.finish_unix_ms or int(finished * 1000),
         audit_member=audit_entry(event).SerializeToString().hex(),
         buckets=buckets,
-        plain=increments(event),
-        rows=event_rows(event, price, template_label(event)),
+        plain=[] if attempt else increments(event),
+        rows=[] if attempt else event_rows(event, price, template_label(event)),
     )
 
 

@@ -257,10 +257,14 @@ async def test_one_read_of_many_lanes_holds_no_more_than_the_bound(tmp_path, red
                 await store.end(job_id, "CANCELLED")
 
 
-def test_the_window_of_lanes_rotates_through_every_lane():
+def test_the_window_of_lanes_rotates_through_every_lane_by_name():
     runner = object.__new__(Runner)
-    runner._next_lane = 0
+    runner._last_lane = ""
     lanes = ["a", "b", "c", "d", "e"]
     seen = [runner._window(lanes, 2) for _ in range(3)]
     assert seen == [(["a", "b"], False), (["c", "d"], False), (["e", "a"], True)]
     assert runner._window(lanes, 5) == (lanes, True)
+    # A lane that fills between reads does not shift the others out of their turn.
+    runner._last_lane = "b"
+    assert runner._window(["b", "c", "d", "e"], 2) == (["c", "d"], False)
+    assert runner._window(["a", "c", "d", "e"], 2) == (["e", "a"], True)

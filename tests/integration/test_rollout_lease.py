@@ -164,3 +164,26 @@ async def test_a_rollout_from_before_the_marks_is_marked_as_it_stands_not_moved(
     assert marked is not None and marked.decode() == ro.traffic_of(rollout)
     weights = (await Catalog(client).get(rollout.model)).effective_weights(time.time())
     assert weights == operators
+
+
+async def test_a_start_whose_split_update_failed_is_moved_by_the_next_tick(client):
+    # Its rollout was stored without an applied mark, which reads as a rollout from
+    # before the marks: marked as it stood, the canary stayed at 0% for good.
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    await Catalog(client).change(model, lambda current, _: cat.add_version(current, model, "1", 0))
+    await Catalog(client).change(model, lambda current, _: cat.add_version(current, model, "2", 0))
+    real_update = Catalog.update_if
+
+    async def failing(self, name, change, guard):
+        raise RedisConnectionError("lost")
+
+    Catalog.update_if = failing
+    try:
+        with pytest.raises(RedisConnectionError):
+            await store(client).start(model, "2", ro.Policy(steps=(10, 100)), time.time())
+    finally:
+        Catalog.update_if = real_update
+    assert (await Catalog(client).get(model)).effective_weights(time.time()) == {"1": 100}
+    await ro.RolloutDriver(store(client), time.time).tick()
+    weights = (await Catalog(client).get(model)).effective_weights(time.time())
+    assert weights == {"1": 90, "2": 10}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import calendar
 
-from services.usage.meter import bucket_start, next_bucket
+from services.core import contract
+from services.usage.meter import Retention, bucket_start, contribution, next_bucket
 from services.usage.reports import plan_buckets
+from tokenmesh.inference.v1 import inference_pb2
 
 
 def _utc(*fields: int) -> int:
@@ -37,3 +39,15 @@ def test_the_minute_a_report_is_asked_in_is_covered_from_its_first_moment():
     minute = _utc(2026, 12, 1, 22, 24, 0)
     for end in (minute + 0.797, minute + 0.001, minute + 59.9):
         assert plan_buckets(minute - 600, end)[-1] == ("minute", minute)
+
+
+def test_a_job_items_cut_attempt_counts_as_no_request():
+    # The jobs service tries it again; its finished run is the caller's request. It
+    # counted one more: a job of 24 items cut by a restart read 25 requests.
+    event = inference_pb2.UsageEvent(request_id="r", event_id="job_1:3", key_id="k")
+    event.model.name, event.model.version = "m", "1"
+    assert contribution(event, None, Retention()).plain
+    event.event_id += f"{contract.UNFINISHED_ATTEMPT_MARK}abc"
+    cut = contribution(event, None, Retention())
+    assert cut.plain == [] and cut.rows == []
+    assert cut.audit_member  # still in the audit log

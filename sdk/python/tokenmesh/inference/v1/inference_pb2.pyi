@@ -375,8 +375,9 @@ class UsageEvent(_message.Message):
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """metadata are the request's tags (inference v2 `metadata`: at most 16;
-        keys 1-64 characters of [A-Za-z0-9_.-], values at most 256 characters),
+        """metadata are the request's tags (inference v2 `metadata`: at most 16
+        besides `user`; keys 1-64 characters of [A-Za-z0-9_.-], values at most
+        256 characters),
         for usage reports grouped by tag. Empty for v1 requests.
         """
 

@@ -274,7 +274,7 @@ class GenerateRequest(_message.Message):
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """metadata are tags recorded with the request's usage, so reports can group
-        spend by them (group_by=tag:<key>). At most 16 entries; keys 1-64
+        spend by them (group_by=tag:<key>). At most 16 entries besides `user`; keys 1-64
         characters of [A-Za-z0-9_.-], values at most 256 characters. They never
         affect routing or sampling.
         """

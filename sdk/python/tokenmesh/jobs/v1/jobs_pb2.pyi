@@ -334,7 +334,7 @@ class Job(_message.Message):
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """metadata are the caller's labels (at most 16 entries; keys 1-64
+        """metadata are the caller's labels (at most 16 entries besides `user`; keys 1-64
         characters of [A-Za-z0-9_.-], values at most 256 characters).
         """
 

@@ -71,7 +71,7 @@ class CreateJobRequest(_message.Message):
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """metadata are labels kept with the job (at most 16 entries; keys 1-64
+        """metadata are labels kept with the job (at most 16 entries besides `user`; keys 1-64
         characters of [A-Za-z0-9_.-], values at most 256 characters).
         """
 
