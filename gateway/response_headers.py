@@ -18,11 +18,13 @@ before:
   and the trailers it names become headers, unless the edge set that header
   itself (a deprecated model version's route sets Deprecation and Sunset,
   which won over the worker's API-version ones when both came as headers).
-  An answer that sent its headers
-  first (one over contract.HEADERS_AT_END_MAX_BYTES, which a buffer would not
-  hold) says so in them: the mark is removed and nothing is buffered.
+  An answer that sent its headers first (one over
+  contract.HEADERS_AT_END_MAX_BYTES, or REST_HEADERS_AT_END_MAX_BYTES when
+  transcoded, which the buffer might not hold) says so in them: the mark is
+  removed and nothing is buffered.
 
-Streams never wait: their headers go first, as always.
+Streams never wait: their headers go first, as always. So do an error's
+once its handler sent them (a trailers-only error is retried by Envoy).
 """
 
 from __future__ import annotations
