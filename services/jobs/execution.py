@@ -93,14 +93,14 @@ def call_metadata(identity: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 def error_result(
-    index: int, code: grpc.StatusCode, message: str, reason: str = ""
+    index: int, code: grpc.StatusCode, message: str, reason: str = "", field: str = ""
 ) -> jobs_pb2.JobResult:
     """Returns an item's error result."""
     number = code.value[0] if isinstance(code.value, tuple) else int(code.value)
-    return jobs_pb2.JobResult(
-        index=index,
-        error=jobs_pb2.JobError(code=code.name, message=message, reason=reason, grpc_code=number),
+    error = jobs_pb2.JobError(
+        code=code.name, message=message, reason=reason, grpc_code=number, field=field
     )
+    return jobs_pb2.JobResult(index=index, error=error)
 
 
 def status_details(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
@@ -112,6 +112,16 @@ def status_details(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
             except DecodeError:
                 return None
     return None
+
+
+def error_field(status: status_pb2.Status | None) -> str:
+    """Returns the field of a status's first BadRequest violation ("" when none): an
+    OpenAI batch line names it as `param`."""
+    for detail in status.details if status is not None else ():
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad) and bad.field_violations:
+            return str(bad.field_violations[0].field)
+    return ""
 
 
 def error_reason(status: status_pb2.Status | None) -> str:
@@ -210,10 +220,14 @@ class ItemExecutor:
                 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     call_timeout_s *= 2  # the next try gets twice as long (see module)
                 if error.code() not in WAIT_CODES:
-                    reason = error_reason(status)
-                    return Outcome(
-                        error_result(index, error.code(), error.details() or "", reason), (0, 0, 0)
+                    failed = error_result(
+                        index,
+                        error.code(),
+                        error.details() or "",
+                        error_reason(status),
+                        error_field(status),
                     )
+                    return Outcome(failed, (0, 0, 0))
                 logger.debug("item %s waits: %s", request_id, error.code().name)
                 await self._wait(tries, retry_delay_s(status), deadline_s)
 

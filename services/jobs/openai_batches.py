@@ -45,6 +45,12 @@ from services.jobs.store import (
 from tokenmesh.jobs.v1 import jobs_pb2
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
+# The OpenAI names of an endpoint's v2 input fields (an item error's `param`).
+_RENAMES = {
+    CHAT: params.Renames(input="messages"),
+    COMPLETIONS: params.Renames(input="prompt"),
+    EMBEDDINGS: params.Renames(input="input"),
+}
 ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)
 COMPLETION_WINDOW = "24h"
 BATCH_PREFIX, JOB_PREFIX, FILE_PREFIX = "batch_", "job-", "file-"
@@ -457,7 +463,8 @@ def output_line(batch: BatchRecord, result: jobs_pb2.JobResult, created: int) ->
     if result.HasField("error"):
         failure = result.error
         kind = openai_errors.ERROR_TYPES.get(failure.grpc_code, openai_errors.SERVER_ERROR)
-        body = shapes.error(failure.message, kind, None, failure.reason.lower() or None)
+        param = params.v2_param(failure.field, _RENAMES[batch.endpoint]) if failure.field else None
+        body = shapes.error(failure.message, kind, param, failure.reason.lower() or None)
         status = HTTP_STATUS.get(failure.grpc_code, 500)
         return _line(batch, index, _error_response(rid, status, body), None), True
     try:

@@ -71,6 +71,7 @@ class JobError(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     GRPC_CODE_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """code is the gRPC status code's name, e.g. "PERMISSION_DENIED"."""
     message: _builtins.str
@@ -79,6 +80,10 @@ class JobError(_message.Message):
     """reason is the ErrorInfo reason (UPPER_SNAKE), when the error had one."""
     grpc_code: _builtins.int
     """grpc_code is the gRPC status code's number, e.g. 7."""
+    field: _builtins.str
+    """field is the request field the error's first violation names (the
+    item's v2 field path, e.g. "dimensions"), when it named one.
+    """
     def __init__(
         self,
         *,
@@ -86,10 +91,11 @@ class JobError(_message.Message):
         message: _builtins.str = ...,
         reason: _builtins.str = ...,
         grpc_code: _builtins.int = ...,
+        field: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "grpc_code", b"grpc_code", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field", b"field", "grpc_code", b"grpc_code", "message", b"message", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
