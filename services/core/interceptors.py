@@ -141,6 +141,13 @@ def _code_name(context: Context, failed: TokenmeshError | None) -> str:
     return "OK" if code in (None, 0) else str(code)
 
 
+def _add_trailing_metadata(context: Context, pairs: tuple[tuple[str, Any], ...]) -> None:
+    """Adds `pairs` after the trailing metadata the RPC set before (grpc.aio's setter
+    replaces it)."""
+    kept = tuple(context.trailing_metadata() or ())
+    context.set_trailing_metadata((*kept, *pairs))
+
+
 class _AnnouncingContext:
     """The RPC's context, adding a deprecated version's headers to what the RPC sends first.
 
@@ -183,8 +190,7 @@ class _AnnouncingContext:
         failing, and an outer layer (the error boundary) ends it on its own context."""
         if not self._sent:
             self._sent = True
-            kept = tuple(self._context.trailing_metadata() or ())
-            self._context.set_trailing_metadata((*kept, *self._headers))
+            _add_trailing_metadata(self._context, self._headers)
 
 
 # Public: other interceptors announce headers the same way (services.inference.request_limits).
@@ -244,10 +250,8 @@ class _HeadersAtEnd:
             await self._send_held(mark=True)
         elif self._held:
             names = ",".join(dict.fromkeys(name for name, _ in self._held))
-            kept = tuple(self._context.trailing_metadata() or ())
-            self._context.set_trailing_metadata(
-                (*kept, *self._held, (contract.RESPONSE_HEADERS_TRAILER, names))
-            )
+            named = (contract.RESPONSE_HEADERS_TRAILER, names)
+            _add_trailing_metadata(self._context, (*self._held, named))
         return encoded
 
     def _bound(self) -> int:

@@ -117,12 +117,11 @@ _COMPARE_AND_SET = """
 if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then return 0 end
 if (redis.call('HGET', KEYS[1], ARGV[1]) or '') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+-- A new rollout: its applied mark is empty (never a split) until its first split
+-- moves. No mark at all means a rollout from before the marks (RolloutDriver._reconcile).
 if ARGV[5] == '1' then redis.call('HSET', KEYS[3], ARGV[1], '') end
 return 1
 """
-# A new rollout's applied mark until its first split moves: never a split (see
-# RolloutDriver._reconcile: no mark at all means a rollout from before the marks).
-PENDING_MARK = ""
 
 
 @dataclass(frozen=True)
@@ -529,7 +528,7 @@ class RolloutStore:
         self, raw: str | bytes | None, rollout: Rollout, lease: str, started: bool = False
     ) -> bool:
         """Stores `rollout` if the stored one is still `raw` (and `lease` still holds);
-        `started`: a new rollout, whose applied mark is PENDING_MARK until its split
+        `started`: a new rollout, whose applied mark is empty until its split
         moves. Without one, a start whose split update failed read as a rollout from
         before the marks, and its canary stayed at 0% for good."""
         expected = b"" if raw is None else raw
@@ -716,7 +715,7 @@ class RolloutDriver:
             if rollout.state in ACTIVE:
                 await self.store.redis.hset(APPLIED_KEY, rollout.model, traffic_of(rollout))
             return
-        if applied is not None and text(applied) == traffic_of(rollout):
+        if text(applied) == traffic_of(rollout):
             return
         logger.warning(
             "rollout %s %s: its traffic did not match its last decision; moving it to %d%%",
