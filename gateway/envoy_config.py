@@ -91,6 +91,13 @@ STRIPPED_HEADERS = (
     *model_routing.EDGE_ONLY_HEADERS,
     contract.ATTEMPT_COUNT_HEADER,
 )
+# A client's credentials: an API key (x-api-key, or a bearer `tm_` key) or a JWT.
+# Only the auth service reads them past the edge (its admin RPCs authenticate
+# their caller themselves); every other upstream gets the identity headers the
+# edge derived from them, so a worker, or anything that reads its memory, never
+# holds a key or token it could replay (a JWT was forwarded to every upstream).
+CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+CREDENTIAL_UPSTREAMS = frozenset({"auth"})
 # The identity each upstream cluster's hosts must prove (their certificate's SPIFFE id).
 UPSTREAM_IDENTITY: Mapping[str, str] = {
     "auth": contract.AUTH,
@@ -458,12 +465,24 @@ def route_configuration(
             grpc_paths.unrouted_grpc_route(auth_filters=auth is not None),
         ],
     }
+    virtual_host["routes"] = [without_credentials(r) for r in virtual_host["routes"]]
     return {
         "name": "edge",
         "virtual_hosts": [virtual_host],
         # Envoy refuses direct_response bodies over this (4 KiB by default).
         "max_direct_response_body_size_bytes": static_site.MAX_BODY_BYTES,
     }
+
+
+def without_credentials(route: Mapping[str, Any]) -> dict[str, Any]:
+    """Returns `route`, removing the client's credentials from what it forwards unless
+    its upstream reads them (CREDENTIAL_UPSTREAMS). The router filter removes them
+    after every filter that checks them (JWT, key cache, ext_authz) has run."""
+    action = route.get("route")
+    if action is None or action.get("cluster") in CREDENTIAL_UPSTREAMS:
+        return dict(route)
+    removed = [*route.get("request_headers_to_remove", ()), *CREDENTIAL_HEADERS]
+    return {**route, "request_headers_to_remove": removed}
 
 
 def transcoder_filter(
