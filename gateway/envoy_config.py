@@ -83,6 +83,15 @@ TRANSCODED_SERVICES = (
 SELF_LIMITING_UPSTREAMS = frozenset({"inference"})
 # Streaming routes get no total timeout (a long generation is fine), only an idle one.
 STREAMING_UPSTREAMS = frozenset({"inference", "jobs"})  # jobs: progress events (SSE)
+# The idle timeout of routes to workers: the longest a non-streamed answer may be
+# silent, since its one message comes when the whole generation is done (a unary
+# Complete, a REST /v1/complete, an OpenAI request without `stream`). It was 60 s,
+# which cut any longer generation with a 504, as gateways with the same default did
+# (LiteLLM's and Envoy AI Gateway's "504 for long non-streaming requests"). 600 s is
+# the OpenAI SDK's own default timeout; a client that wants less sets its deadline.
+INFERENCE_IDLE_TIMEOUT = "600s"
+# Other streaming upstreams (jobs' progress events) send something within this.
+STREAM_IDLE_TIMEOUT = "60s"
 # What every edge removes from a client's request: only the edge may set them (Envoy
 # sets the attempt count on each try itself; removed too, so no client's copy can
 # ever reach a worker, which counts a retry's window hit once).
@@ -436,7 +445,8 @@ def routes(ratelimit: bool = False) -> list[dict[str, Any]]:
         for service in services:
             action: dict[str, Any] = {"cluster": upstream}
             if upstream in STREAMING_UPSTREAMS:
-                action.update(timeout="0s", idle_timeout="60s")
+                idle = INFERENCE_IDLE_TIMEOUT if upstream == "inference" else STREAM_IDLE_TIMEOUT
+                action.update(timeout="0s", idle_timeout=idle)
             else:
                 action.update(timeout="30s")
             if ratelimit and upstream not in SELF_LIMITING_UPSTREAMS:

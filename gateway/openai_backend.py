@@ -38,7 +38,11 @@ def route_configuration() -> dict[str, Any]:
                 "routes": [
                     {
                         "match": {"prefix": f"/{SERVICE}/"},
-                        "route": {"cluster": CLUSTER, "timeout": "0s", "idle_timeout": "60s"},
+                        "route": {
+                            "cluster": CLUSTER,
+                            "timeout": "0s",
+                            "idle_timeout": envoy_config.INFERENCE_IDLE_TIMEOUT,
+                        },
                     }
                 ],
             }

@@ -438,7 +438,8 @@ def _streaming_action(affinity: bool = False, **target: Any) -> dict[str, Any]:
         **target,
         **hashing,
         "timeout": "0s",
-        "idle_timeout": "60s",
+        # A non-streamed answer is silent until it is done (envoy_config).
+        "idle_timeout": envoy_config.INFERENCE_IDLE_TIMEOUT,
         "retry_policy": {
             # Before the first response byte only (Envoy never retries after
             # it forwarded response headers): a dead or draining worker costs
