@@ -8,8 +8,10 @@ Envoy configuration from it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,13 +21,18 @@ import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from services.core import contract
-from services.core.errors import FieldViolation, InvalidArgument, NotFound
+from services.core.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from services.core.pricing import Price, PriceChange, with_change
 from services.core.redis_service import known_fields, text
 
 logger = logging.getLogger(__name__)
 
 CATALOG_KEY = "tokenmesh:router:catalog"
+# How often one change is tried while other writers keep changing what it watches
+# (the whole catalogue, and a guard's hash): then it gives up, retryable, instead
+# of spinning; each retry waits a little longer, up to CHANGE_BACKOFF_MAX_S.
+CHANGE_ATTEMPTS = 32
+CHANGE_BACKOFF_MAX_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -348,7 +355,9 @@ class Catalog:
         it; returns the result, or None when the guard did not hold."""
         check_name(name)
         watched = [CATALOG_KEY] if guard is None else [CATALOG_KEY, guard.key]
-        while True:
+        for attempt in range(CHANGE_ATTEMPTS):
+            if attempt:  # jittered: writers that collided do not collide again in step
+                await asyncio.sleep(random.uniform(0, min(CHANGE_BACKOFF_MAX_S, 0.002 * attempt)))
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(*watched)
@@ -370,6 +379,11 @@ class Catalog:
                     return updated
                 except WatchError:
                     continue  # someone else changed the catalogue (or the guard): read again
+        logger.warning("catalogue change of %s gave up after %d conflicts", name, CHANGE_ATTEMPTS)
+        raise Unavailable(
+            f"the model catalogue changed {CHANGE_ATTEMPTS} times while changing {name!r}; retry",
+            retry_after_s=1.0,
+        )
 
     async def update(
         self, name: str, apply: Callable[[ModelEntry, dict[str, ModelEntry]], ModelEntry]

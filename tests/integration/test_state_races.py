@@ -31,6 +31,7 @@ from services.core.errors import (
     FailedPrecondition,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
 )
 from services.inference.budget import Limits, TokenBudgets
 from services.launcher.mesh import spawn_redis
@@ -545,3 +546,43 @@ async def test_hot_heads_are_kept_apart_from_the_entry_and_replaced_by_each_hear
     await registry.renew(worker, [("m", "1")], now + 2, outcomes=[replace(hot, hot_prefixes=())])
     (listed,) = [w for w in await registry.all(now + 2) if w.worker_id == worker]
     assert listed.outcomes[0].hot_prefixes == ()
+
+
+class _EveryTime(_Hook):
+    """Runs `between()` after every reply to `command`."""
+
+    def __init__(self, command: str, between: Callable[[], Awaitable[object]]) -> None:
+        super().__init__(command, between)
+        self.always = between
+
+    async def after(self, command: object) -> None:
+        if str(command).upper() == self.command:
+            await self.always()
+
+
+async def test_a_catalogue_change_that_always_collides_gives_up_retryable(client, redis_url):
+    # Another writer changes the catalogue between every read and write of this
+    # change: it used to retry for ever (a router RPC that never answered).
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    other = Catalog(client)
+    await other.change(model, lambda m, _: cat.add_version(m, model, "1", 0))
+    collisions = 0
+
+    async def collide() -> None:
+        nonlocal collisions
+        collisions += 1
+        entry = cat.add_version(None, f"{model}-other", str(collisions), 0)
+        await client.hset(cat.CATALOG_KEY, entry.name, entry.to_json())
+
+    colliding = cast(InterleavedRedis, InterleavedRedis.from_url(redis_url))
+    colliding.hook = _EveryTime("HGETALL", collide)
+    try:
+        with pytest.raises(Unavailable, match=f"changed {cat.CHANGE_ATTEMPTS} times"):
+            await asyncio.wait_for(
+                Catalog(colliding).update(model, lambda m, _: cat.pin(m, "1")), timeout=30
+            )
+    finally:
+        await colliding.aclose()
+        await client.hdel(cat.CATALOG_KEY, f"{model}-other")
+    assert collisions == cat.CHANGE_ATTEMPTS
+    assert (await other.get(model)).pinned == ""  # nothing half-written
