@@ -48,6 +48,16 @@ local OPENAI = {
   ["/tokenmesh.openai.v1.OpenAIService/CreateCompletion"] = "prompt",
   ["/tokenmesh.openai.v1.OpenAIService/CreateEmbedding"] = false,
 }
+-- Requests that look one model up by its id (field 1 of the request message:
+-- "name", or "name@version" on the OpenAI surface): routed like the model's
+-- requests, so a worker that serves it answers (another said NOT_FOUND), and
+-- an alias resolves to its version as the routes resolve it (the worker knows
+-- no aliases).
+local MODEL_LOOKUPS = {
+  ["/tokenmesh.inference.v1.InferenceService/GetModel"] = true,
+  ["/tokenmesh.inference.v2.InferenceService/GetModel"] = true,
+  ["/tokenmesh.openai.v1.OpenAIService/GetModel"] = true,
+}
 local PREFIX_BYTES = 64
 -- INVALID_ARGUMENT's message for a compressed request message (no percent signs:
 -- grpc-message is percent-encoded).
@@ -244,6 +254,15 @@ local function json_members(s, wanted)
   return found
 end
 
+-- Returns (model, version) of a model id: "name", or "name@version" (a version
+-- number or an alias).
+local function split_model_id(id)
+  if id == nil then return nil, nil end
+  local at = id:find("@", 1, true)
+  if at == nil then return id, nil end
+  return id:sub(1, at - 1), id:sub(at + 1)
+end
+
 -- Returns (model, version, head of the `input` member) of an OpenAI request:
 -- the JSON in field 2 of its google.api.HttpBody frame.
 local function openai_fields(s, input)
@@ -258,13 +277,7 @@ local function openai_fields(s, input)
   -- A JSON string, its escapes decoded (the worker decodes them too: an escaped
   -- name left unread went past the routes and the per-model limits).
   if id ~= nil and id:byte(1) == 34 then
-    id = unescape(id:sub(2, -2))
-    local at = id:find("@", 1, true)
-    if at == nil then
-      model = id
-    else
-      model, version = id:sub(1, at - 1), id:sub(at + 1)
-    end
+    model, version = split_model_id(unescape(id:sub(2, -2)))
   end
   if input and members[input] ~= nil then head = members[input]:sub(1, PREFIX_BYTES) end
   return model, version, head
@@ -301,7 +314,7 @@ end
 function envoy_on_request(handle)
   local path = handle:headers():get(":path")
   local openai = OPENAI[path]
-  if not ROUTED[path] and openai == nil then return end
+  if not ROUTED[path] and openai == nil and not MODEL_LOOKUPS[path] then return end
   local body = handle:body()
   if body == nil then return end
   local bytes = body:getBytes(0, body:length())
@@ -317,7 +330,9 @@ function envoy_on_request(handle)
     return
   end
   local model, version, head
-  if openai ~= nil then
+  if MODEL_LOOKUPS[path] then
+    model, version = split_model_id((model_fields(bytes)))
+  elseif openai ~= nil then
     model, version, head = openai_fields(bytes, openai)
   else
     local chat, template

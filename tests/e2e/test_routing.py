@@ -294,6 +294,30 @@ def test_request_version_header_and_alias_choose_the_version(routed, edge, catal
     assert complete(edge, version="latest").version == "2"  # implicit alias
 
 
+def _openai_model(routed: Mesh, model_id: str) -> httpx.Response:
+    return httpx.get(
+        f"{routed.edge_url}/openai/v1/models/{model_id}",
+        headers={"authorization": f"Bearer {routed.dev_api_key()}"},
+        timeout=10,
+    )
+
+
+def test_an_openai_model_lookup_resolves_an_alias_as_the_routes_do(routed, catalogue):
+    # The worker knows no aliases: GET /openai/v1/models/<model>@<alias> was a 404
+    # while a completion with the same model id was served.
+    catalogue.SetModelAlias(
+        router_pb.SetModelAliasRequest(model=MODEL, alias="canary", version="2")
+    )
+    wait_for_routes(routed, lambda routes: bool(version_route(routes, "canary")), "the alias")
+    for model_id in (f"{MODEL}@canary", f"{MODEL}@latest", f"{MODEL}@1", MODEL):
+        reply = _openai_model(routed, model_id)
+        assert reply.status_code == 200, (model_id, reply.text)
+        assert reply.json()["id"] == model_id
+    unknown = _openai_model(routed, f"{MODEL}@no-such-alias")
+    assert unknown.status_code == 404, unknown.text
+    assert unknown.json()["error"]["code"] == "model_version_not_found"
+
+
 def test_unknown_version_is_not_found(edge):
     with pytest.raises(grpc.RpcError) as info:
         complete(edge, version="9")

@@ -28,7 +28,7 @@ from services.core import contract
 from services.core.errors import TokenmeshError
 from services.core.interceptors import Context, abort_with, request_headers, to_domain_error
 from services.inference import validation as v1_validation
-from services.inference.admission import check_model_allowed, visible_models
+from services.inference.admission import check_model_allowed, route_target, visible_models
 from services.inference.openai import errors, params, shapes
 from services.inference.openai.params import GenerationCall, Renames
 from services.inference.v2.servicer import InferenceServicer as V2Servicer
@@ -156,8 +156,11 @@ class OpenAIServicer(openai_service_pb2_grpc.OpenAIServiceServicer):
         try:
             name, version = params.parse_model_id(request.model)
             v1_validation.validate_model_name(name)
-            check_model_allowed(request_headers(context), name)
-            self.registry.resolve(name, version)
+            headers = request_headers(context)
+            check_model_allowed(headers, name)
+            # The edge routes the lookup as the model's requests (an alias resolved
+            # to its version, which only the routes know); a direct call resolves it here.
+            route_target(self.registry, headers, name, version)
             return _json(shapes.model(request.model, self.started))
         except Exception as exc:
             error, _ = ctx.fail(exc, MODEL_RPC, Renames())
