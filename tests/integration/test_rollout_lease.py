@@ -138,6 +138,22 @@ async def test_a_stalled_drivers_late_split_never_lands_over_a_later_abort(clien
     assert (await client.hget(ro.APPLIED_KEY, rollout.model)).decode() == ro.traffic_of(aborted)
 
 
+async def test_a_refused_late_split_leaves_the_step_gauge_to_the_later_decision(client):
+    # The stalled driver's "advance to 100%" is refused by the split's guard: the
+    # gauge went on showing 100% for a canary the abort had taken to 0%.
+    rollout = await started(client)
+    advanced = replace(rollout, step_index=1)  # 100%
+    await client.hset(ro.ROLLOUTS_KEY, rollout.model, advanced.to_json())
+    aborted = await store(client).operate(rollout.model, "abort", time.time())
+    gauge = ro.STEP_PERCENT.labels(rollout.model, rollout.version)
+    assert gauge._value.get() == aborted.weight == 0
+    late = ro.Decision(time.time(), "advance", advanced.weight, "the step's checks passed")
+    await store(client)._apply(advanced, late)  # the stalled driver wakes up
+    assert gauge._value.get() == 0
+    weights = (await Catalog(client).get(rollout.model)).effective_weights(time.time())
+    assert weights == {"1": 100}
+
+
 async def test_a_worker_version_named_like_an_alias_does_not_fail_its_registration(client):
     # add_version refuses it; raised in the middle of a registration, the worker's
     # other versions went unregistered and every RegisterWorker retry failed.
