@@ -48,6 +48,7 @@ from services.core.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 from services.core.redis_service import known_fields, text
 from services.core.tasks import SupervisedTask, Supervisor
@@ -511,9 +512,17 @@ class RolloutStore:
         guard = cat.Guard(
             ROLLOUTS_KEY, rollout.model, still_asked, ((APPLIED_KEY, rollout.model, traffic),)
         )
-        moved = await self.catalog.update_if(
-            rollout.model, lambda m, _: split_for(m, rollout, weight), guard
-        )
+        try:
+            moved = await self.catalog.update_if(
+                rollout.model, lambda m, _: split_for(m, rollout, weight), guard
+            )
+        except Unavailable as exc:
+            # The catalogue kept changing under this write (Catalog.change_if gave
+            # up). The decision is stored and not marked applied: the next tick moves
+            # its split (raised, it ended the tick for every model, and five in a row
+            # made the router report NOT_SERVING).
+            logger.warning("rollout %s: %d%% not applied yet: %s", rollout.model, weight, exc)
+            return False
         if moved is None:
             logger.info(
                 "rollout %s: a later decision owns the split; %d%% not applied",
@@ -683,7 +692,7 @@ class RolloutDriver:
         while True:
             try:
                 await self.tick()
-            except RedisError as exc:  # absorbed: the next tick retries
+            except (RedisError, Unavailable) as exc:  # absorbed: the next tick retries
                 logger.warning("rollouts: Redis unavailable (%s)", type(exc).__name__)
             await asyncio.sleep(self.tick_s)
 

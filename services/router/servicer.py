@@ -503,6 +503,16 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         self.catalog = catalog
         self.registry = registry
         self.refresh = refresh
+        # The versions this replica registered in the catalogue. A heartbeat whose new
+        # models were stored but whose catalogue registration failed (Redis, or a busy
+        # catalogue's UNAVAILABLE) registers them at the worker's next heartbeat: the
+        # registry no longer reports them as changed, and the version stayed unrouted.
+        self._in_catalogue: set[tuple[str, str]] = set()
+
+    async def _register(self, models: Sequence[tuple[str, str]]) -> None:
+        """Adds versions no operator registered yet to the catalogue (0% of traffic)."""
+        await self.catalog.register(models)
+        self._in_catalogue.update(models)
 
     async def RegisterWorker(
         self, request: pb.RegisterWorkerRequest, context: Context
@@ -511,8 +521,7 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         await self.registry.register(
             request.worker_id, request.address, models, now(), request.lease_token
         )
-        # A version no operator registered yet joins the catalogue with 0% of traffic.
-        await self.catalog.register(models)
+        await self._register(models)
         await self.refresh()
         lease = duration_pb2.Duration()
         lease.FromNanoseconds(int(self.registry.lease_s * 1e9))
@@ -529,8 +538,8 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         worker, models_changed = await self.registry.renew(
             request.worker_id, models, at, load, outcomes_from_pb(request.load, at), caller
         )
-        if models_changed:
-            await self.catalog.register(models)
+        if models_changed or not self._in_catalogue.issuperset(models):
+            await self._register(models)
             await self.refresh()
         return pb.RenewLeaseResponse(
             lease_expire_time=_timestamp(worker.lease_expires_at), drain=worker.state == DRAINING

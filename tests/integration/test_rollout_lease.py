@@ -13,11 +13,15 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from services.core.errors import Unavailable
 from services.router import catalog as cat
 from services.router import rollouts as ro
 from services.router.catalog import Catalog
 from services.router.registry import WorkerRegistry
+from services.router.servicer import WorkerRegistryServicer
 from tests.conftest import private_db_url
+from tokenmesh.router.v1 import router_service_pb2 as router_pb
+from tokenmesh.type.v1.types_pb2 import ModelRef
 
 # A logical database of its own: the session mesh shares this Redis, and its
 # router's driver (database 0) takes the same lease every 0.5 s, so it could
@@ -123,6 +127,30 @@ async def test_a_decision_whose_traffic_never_moved_is_applied_by_the_next_tick(
     assert weights == {"1": 100}
 
 
+async def test_a_split_the_busy_catalogue_refused_is_moved_by_the_next_tick(client):
+    # Catalog.change_if gives up (UNAVAILABLE) when other writers keep changing the
+    # catalogue: raised out of the decision, it ended the driver's tick for every
+    # model (five in a row: the router NOT_SERVING) and told the operator nothing
+    # was written, while the abort was stored.
+    rollout = await started(client)
+    real_update = Catalog.update_if
+
+    async def busy(self, model, change, guard):
+        raise Unavailable("the model catalogue changed 32 times; retry", retry_after_s=1)
+
+    Catalog.update_if = busy
+    try:
+        aborted = await store(client).operate(rollout.model, "abort", time.time())
+    finally:
+        Catalog.update_if = real_update
+    assert aborted.state == ro.ABORTED
+    weights = (await Catalog(client).get(rollout.model)).effective_weights(time.time())
+    assert weights == {"1": 90, "2": 10}  # not moved yet
+    await ro.RolloutDriver(store(client), time.time).tick()
+    weights = (await Catalog(client).get(rollout.model)).effective_weights(time.time())
+    assert weights == {"1": 100}
+
+
 async def test_a_stalled_drivers_late_split_never_lands_over_a_later_abort(client):
     """A driver stores "advance to 100%" and stalls before moving the split; an operator
     aborts (0%, applied and marked). The driver's late split update used to land
@@ -152,6 +180,43 @@ async def test_a_refused_late_split_leaves_the_step_gauge_to_the_later_decision(
     assert gauge._value.get() == 0
     weights = (await Catalog(client).get(rollout.model)).effective_weights(time.time())
     assert weights == {"1": 100}
+
+
+class _OperatorContext:
+    """A call's context as the servicer reads it: no worker certificate (an operator)."""
+
+    def peer_identities(self) -> None:
+        return None
+
+
+async def test_a_heartbeats_version_whose_catalogue_registration_failed_joins_at_the_next(
+    client,
+):
+    # The registry stored the heartbeat's new models, then the catalogue refused the
+    # write (a busy catalogue's UNAVAILABLE, or Redis): the next heartbeats saw no
+    # change and never registered the version, which stayed unrouted.
+    model, worker = f"m-{uuid.uuid4().hex[:8]}", f"w-{uuid.uuid4().hex[:8]}"
+    catalog, registry = Catalog(client), WorkerRegistry(client, lease_s=30)
+    servicer = WorkerRegistryServicer(catalog, registry, _noop)
+    await registry.register(worker, "127.0.0.1:1", [(model, "1")], time.time())
+    await catalog.register([(model, "1")])
+    real_register = Catalog.register
+
+    async def busy(self, refs):
+        raise Unavailable("the model catalogue changed 32 times; retry", retry_after_s=1)
+
+    renewal = router_pb.RenewLeaseRequest(
+        worker_id=worker, models=[ModelRef(name=model, version=v) for v in ("1", "2")]
+    )
+    Catalog.register = busy
+    try:
+        with pytest.raises(Unavailable):
+            await servicer.RenewLease(renewal, _OperatorContext())
+    finally:
+        Catalog.register = real_register
+    await servicer.RenewLease(renewal, _OperatorContext())
+    entry = await catalog.get(model)
+    assert [v.version for v in entry.versions] == ["1", "2"]
 
 
 async def test_a_worker_version_named_like_an_alias_does_not_fail_its_registration(client):
