@@ -90,8 +90,9 @@ STREAMING_UPSTREAMS = frozenset({"inference", "jobs"})  # jobs: progress events 
 # (LiteLLM's and Envoy AI Gateway's "504 for long non-streaming requests"). 600 s is
 # the OpenAI SDK's own default timeout; a client that wants less sets its deadline.
 INFERENCE_IDLE_TIMEOUT = "600s"
-# Other streaming upstreams (jobs' progress events) send something within this.
-STREAM_IDLE_TIMEOUT = "60s"
+# The jobs service's routes: a `Prefer: wait=N` request is silent for up to 60 s
+# (services/jobs/handover.py MAX_WAIT_S) before its answer; at 60 s the two raced.
+STREAM_IDLE_TIMEOUT = "90s"
 # What every edge removes from a client's request: only the edge may set them (Envoy
 # sets the attempt count on each try itself; removed too, so no client's copy can
 # ever reach a worker, which counts a retry's window hit once).

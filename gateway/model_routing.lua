@@ -48,14 +48,12 @@ local OPENAI = {
   ["/tokenmesh.openai.v1.OpenAIService/CreateCompletion"] = "prompt",
   ["/tokenmesh.openai.v1.OpenAIService/CreateEmbedding"] = false,
 }
--- Requests that look one model up by its id (field 1 of the request message:
--- "name", or "name@version" on the OpenAI surface): routed like the model's
--- requests, so a worker that serves it answers (another said NOT_FOUND), and
--- an alias resolves to its version as the routes resolve it (the worker knows
--- no aliases).
+-- OpenAI model lookups (`GET /models/{id}`: field 1 of the request message,
+-- "name" or "name@version"): routed like the model's requests, so an alias
+-- resolves to its version as the routes resolve it (the worker knows no
+-- aliases). Not the v1/v2 GetModel: it reports a version's state (LOADING,
+-- FAILED), which the routes' healthy workers only would hide.
 local MODEL_LOOKUPS = {
-  ["/tokenmesh.inference.v1.InferenceService/GetModel"] = true,
-  ["/tokenmesh.inference.v2.InferenceService/GetModel"] = true,
   ["/tokenmesh.openai.v1.OpenAIService/GetModel"] = true,
 }
 local PREFIX_BYTES = 64
@@ -321,6 +319,8 @@ function envoy_on_request(handle)
   -- A compressed message (the frame's flag; grpc-encoding gzip) cannot be read
   -- here: it went to any worker, past the routes and the per-model limits.
   if bytes:byte(1) == 1 then
+    -- A compressed lookup is answered by any worker, as before it was routed.
+    if MODEL_LOOKUPS[path] then return end
     handle:respond({
       [":status"] = "200",
       ["content-type"] = "application/grpc",

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
@@ -60,6 +61,10 @@ INFERENCE_SERVICES = (
     "/tokenmesh.openai.v1.OpenAIService/",
 )
 OPENAI_SERVICE = "/tokenmesh.openai.v1.OpenAIService/"
+# A model lookup is routed by its model (OpenAI's GET /models/{id}) but is no
+# request to the model: it counts in its key's and tenant's windows, not in the
+# model's, which a client polling models.retrieve would use up.
+LOOKUPS = ("/GetModel",)
 # Identity header -> descriptor key, as gateway.edge_auth.rate_limits builds it.
 DESCRIPTOR_HEADERS = (
     (contract.RPM_HEADER, "rpm"),
@@ -73,13 +78,20 @@ LIMITED_CALLERS = frozenset({contract.EDGE, None})
 Handler = Callable[..., Any]
 
 
-def descriptor(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...] | None:
-    """Returns the rate-limit descriptor of a request's identity headers (None: anonymous)."""
+def descriptor(
+    headers: Mapping[str, str], model_window: bool = True
+) -> tuple[tuple[str, str], ...] | None:
+    """Returns the rate-limit descriptor of a request's identity headers (None: anonymous);
+    `model_window` False leaves the routed model out (a lookup's)."""
     key_id = headers.get(contract.KEY_ID_HEADER, "")
     if not key_id or shadow.is_copy(headers):
         return None  # anonymous, or the edge's shadow copy (its live request was counted)
     entries = [("key_id", key_id)]
-    entries += [(key, headers[h]) for h, key in DESCRIPTOR_HEADERS if headers.get(h)]
+    entries += [
+        (key, headers[h])
+        for h, key in DESCRIPTOR_HEADERS
+        if headers.get(h) and (model_window or key != "model")
+    ]
     return tuple(entries)
 
 
@@ -127,6 +139,19 @@ async def _announced(result: Any, limited: AnnouncingContext | None) -> AsyncIte
         await limited.ensure_announced()
 
 
+@dataclass(frozen=True)
+class _Kind:
+    """What a limited method's calls count in and how they are refused."""
+
+    openai: bool  # refusals in OpenAI's error shape
+    model_window: bool  # counted in the routed model's window (not a lookup)
+
+
+def method_kind(method: str) -> _Kind:
+    """Returns how a limited inference method's calls are counted and refused."""
+    return _Kind(method.startswith(OPENAI_SERVICE), not method.endswith(LOOKUPS))
+
+
 class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
     """RequestLimitInterceptor decides inference RPCs' request rates (see the module).
 
@@ -156,11 +181,11 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not method.startswith(INFERENCE_SERVICES):
             return handler
-        wrapped = self._wrapped[method] = self._wrap(handler, method.startswith(OPENAI_SERVICE))
+        wrapped = self._wrapped[method] = self._wrap(handler, method_kind(method))
         return wrapped
 
     def _wrap(
-        self, handler: grpc.RpcMethodHandler[Any, Any], openai: bool
+        self, handler: grpc.RpcMethodHandler[Any, Any], kind: _Kind
     ) -> grpc.RpcMethodHandler[Any, Any]:
         codecs = {
             "request_deserializer": handler.request_deserializer,
@@ -168,17 +193,17 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         }
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, openai), **codecs
+                self._unary(handler.unary_unary, kind), **codecs
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, openai), **codecs
+                self._stream(handler.unary_stream, kind), **codecs
             )
         return handler  # no client-streaming inference RPC exists
 
-    def _unary(self, behavior: Handler, openai: bool) -> Handler:
+    def _unary(self, behavior: Handler, kind: _Kind) -> Handler:
         async def unary(request: Any, context: Context) -> Any:
-            limited = await self.admit(context, openai)
+            limited = await self.admit(context, kind)
             if limited is None:
                 result = behavior(request, context)
                 return await result if inspect.isawaitable(result) else result
@@ -195,7 +220,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
 
         return unary
 
-    def _stream(self, behavior: Handler, openai: bool) -> Handler:
+    def _stream(self, behavior: Handler, kind: _Kind) -> Handler:
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
             async for message in await open_stream(request, context):
                 yield message
@@ -203,7 +228,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         async def open_stream(request: Any, context: Context) -> AsyncIterator[Any]:
             # The error boundary calls this instead of `stream` (STREAM_OPENER): an
             # unlimited call's messages then skip this layer.
-            limited = await self.admit(context, openai)
+            limited = await self.admit(context, kind)
             result = behavior(request, limited or context)
             if limited is None and inspect.isasyncgen(result):
                 return cast(AsyncIterator[Any], result)
@@ -212,7 +237,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         setattr(stream, STREAM_OPENER, open_stream)
         return stream
 
-    async def admit(self, context: Context, openai: bool) -> AnnouncingContext | None:
+    async def admit(self, context: Context, kind: _Kind) -> AnnouncingContext | None:
         """Counts the call in its windows; returns the context that announces them.
 
         None: nothing to limit (not the edge's call, anonymous, or the store
@@ -221,7 +246,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         if peer_identity(context) not in LIMITED_CALLERS:
             return None
         incoming = request_headers(context)
-        entries = descriptor(incoming)
+        entries = descriptor(incoming, kind.model_window)
         if entries is None:
             return None
         try:
@@ -247,7 +272,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         over = next((w for w in windows if w.over), None)
         if over is not None:
             error = refusal(over)
-            if openai:
+            if kind.openai:
                 body = openai_errors.header_value(openai_errors.from_error(error))
                 headers.append((contract.OPENAI_ERROR_HEADER, body))
             await abort_with(cast(Context, AnnouncingContext(context, tuple(headers))), error)

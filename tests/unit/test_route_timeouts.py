@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from gateway import envoy_config, openai_backend
+from services.jobs import handover
 from services.router import catalog as cat
 from services.router import snapshot
+from tokenmesh.client import Client, V1Client
 
 NOW = 1_800_000_000.0
 # The OpenAI SDK's default timeout: a client waits this long for a non-streamed answer.
@@ -41,6 +44,19 @@ def test_no_route_to_workers_cuts_a_silent_non_streamed_answer_before_clients_gi
         assert _seconds(action["idle_timeout"]) >= OPENAI_SDK_TIMEOUT_S, action
 
 
-def test_other_streaming_routes_keep_their_short_idle_timeout():
+def test_the_jobs_routes_outlast_the_longest_wait_the_jobs_service_answers_after():
+    # `Prefer: wait=60` is silent for up to 60 s before its answer: an idle timeout
+    # of 60 s raced it.
     jobs = [r["route"] for r in envoy_config.routes() if r["route"]["cluster"] == "jobs"]
-    assert jobs and all(a["idle_timeout"] == envoy_config.STREAM_IDLE_TIMEOUT for a in jobs)
+    assert jobs
+    for action in jobs:
+        assert _seconds(action["idle_timeout"]) > handover.MAX_WAIT_S
+        assert _seconds(action["idle_timeout"]) < OPENAI_SDK_TIMEOUT_S  # a stream's, not a call's
+
+
+def test_the_sdk_waits_as_long_as_the_edge_lets_an_answer_be_silent():
+    # Its per-call deadline was 60 s: a stream or a non-streamed answer longer than
+    # that ended with DEADLINE_EXCEEDED however long the edge allowed.
+    for client in (Client, V1Client):
+        default = inspect.signature(client.__init__).parameters["timeout_s"].default
+        assert default >= _seconds(envoy_config.INFERENCE_IDLE_TIMEOUT) == OPENAI_SDK_TIMEOUT_S

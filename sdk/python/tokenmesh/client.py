@@ -30,6 +30,12 @@ from tokenmesh.inference.v2 import inference_pb2 as types_pb
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
 
+#: The per-call deadline by default: a whole stream's, or a non-streamed answer's,
+#: which arrives when its generation is done. The OpenAI SDK's default, and as long
+#: as the edge lets a call to a worker stay silent; at 60 s a longer generation
+#: ended with DEADLINE_EXCEEDED.
+DEFAULT_TIMEOUT_S = 600.0
+
 #: A chat turn: a ChatMessage, or a (role, content) pair.
 Turn = types_pb.ChatMessage | tuple[str, str]
 
@@ -187,7 +193,7 @@ class Client(_Connection):
     Args:
         target: host:port of the edge (8080 plaintext, 8443 TLS) or a worker.
         token: a JWT or API key sent as `authorization: Bearer ...`, if any.
-        timeout_s: the per-call deadline.
+        timeout_s: the per-call deadline (a whole stream's; DEFAULT_TIMEOUT_S).
         tls: use TLS (the edge's 8443 listener); implied by root_certificates.
         root_certificates: PEM roots to verify the edge with (default: system roots).
 
@@ -201,7 +207,7 @@ class Client(_Connection):
         target: str,
         *,
         token: str | None = None,
-        timeout_s: float = 60.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         tls: bool = False,
         root_certificates: bytes | None = None,
     ) -> None:
@@ -287,7 +293,7 @@ class V1Client(_Connection):
         target: str,
         *,
         token: str | None = None,
-        timeout_s: float = 60.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         tls: bool = False,
         root_certificates: bytes | None = None,
     ) -> None:
