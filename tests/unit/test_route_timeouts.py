@@ -60,3 +60,17 @@ def test_the_sdk_waits_as_long_as_the_edge_lets_an_answer_be_silent():
     for client in (Client, V1Client):
         default = inspect.signature(client.__init__).parameters["timeout_s"].default
         assert default >= _seconds(envoy_config.INFERENCE_IDLE_TIMEOUT) == OPENAI_SDK_TIMEOUT_S
+
+
+def test_a_request_must_arrive_whole_well_before_an_answer_may_stay_silent(tmp_path):
+    # Routes to workers allow 600 s of silence, for answers; a client trickling its
+    # request body one byte a few minutes apart held a stream that long.
+    config = envoy_config.EdgeConfig(
+        listen_port=18080,
+        admin_port=18081,
+        descriptor_path=tmp_path / "d.pb",
+        upstreams={"inference": [envoy_config.Endpoint("127.0.0.1", 10000)]},
+    )
+    hcm = envoy_config.http_connection_manager(config)
+    assert _seconds(hcm["request_timeout"]) < _seconds(envoy_config.INFERENCE_IDLE_TIMEOUT)
+    assert _seconds(hcm["request_headers_timeout"]) <= 10
