@@ -140,16 +140,16 @@ async def _announced(result: Any, limited: AnnouncingContext | None) -> AsyncIte
 
 
 @dataclass(frozen=True)
-class _Kind:
+class MethodKind:
     """What a limited method's calls count in and how they are refused."""
 
     openai: bool  # refusals in OpenAI's error shape
     model_window: bool  # counted in the routed model's window (not a lookup)
 
 
-def method_kind(method: str) -> _Kind:
+def method_kind(method: str) -> MethodKind:
     """Returns how a limited inference method's calls are counted and refused."""
-    return _Kind(method.startswith(OPENAI_SERVICE), not method.endswith(LOOKUPS))
+    return MethodKind(method.startswith(OPENAI_SERVICE), not method.endswith(LOOKUPS))
 
 
 class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
@@ -185,7 +185,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(
-        self, handler: grpc.RpcMethodHandler[Any, Any], kind: _Kind
+        self, handler: grpc.RpcMethodHandler[Any, Any], kind: MethodKind
     ) -> grpc.RpcMethodHandler[Any, Any]:
         codecs = {
             "request_deserializer": handler.request_deserializer,
@@ -201,7 +201,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler  # no client-streaming inference RPC exists
 
-    def _unary(self, behavior: Handler, kind: _Kind) -> Handler:
+    def _unary(self, behavior: Handler, kind: MethodKind) -> Handler:
         async def unary(request: Any, context: Context) -> Any:
             limited = await self.admit(context, kind)
             if limited is None:
@@ -220,7 +220,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
 
         return unary
 
-    def _stream(self, behavior: Handler, kind: _Kind) -> Handler:
+    def _stream(self, behavior: Handler, kind: MethodKind) -> Handler:
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
             async for message in await open_stream(request, context):
                 yield message
@@ -237,7 +237,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         setattr(stream, STREAM_OPENER, open_stream)
         return stream
 
-    async def admit(self, context: Context, kind: _Kind) -> AnnouncingContext | None:
+    async def admit(self, context: Context, kind: MethodKind) -> AnnouncingContext | None:
         """Counts the call in its windows; returns the context that announces them.
 
         None: nothing to limit (not the edge's call, anonymous, or the store
