@@ -85,9 +85,9 @@ async def _runner_beside_a_worker(
         await client.aclose()
 
 
-async def _job(store: JobStore, items: list[jobs_pb2.JobItem]) -> str:
-    """Creates a job of `items` for a key of its own (a lane of its own)."""
-    key = f"key_{uuid.uuid4().hex[:8]}"
+async def _job(store: JobStore, items: list[jobs_pb2.JobItem], key: str = "") -> str:
+    """Creates a job of `items` for `key`, else a key of its own (a lane of its own)."""
+    key = key or f"key_{uuid.uuid4().hex[:8]}"
     identity = {contract.KEY_ID_HEADER: key, contract.SCOPES_HEADER: "inference:generate"}
     job_id, _ = await store.create(
         NewJob(Owner(key, "", identity), items, "", {}, "", now_ms() + 600_000)
@@ -268,3 +268,57 @@ def test_the_window_of_lanes_rotates_through_every_lane_by_name():
     runner._last_lane = "b"
     assert runner._window(["b", "c", "d", "e"], 2) == (["c", "d"], False)
     assert runner._window(["a", "c", "d", "e"], 2) == (["e", "a"], True)
+
+
+async def test_only_a_round_of_lane_windows_that_found_nothing_waits(
+    tmp_path, redis_url, monkeypatch
+):
+    """A read covers a window of the lanes. A round of windows that found nothing waits
+    for entries in its last window; one that found work does not (waiting on idle
+    lanes held the other lanes' items back a block)."""
+    monkeypatch.setattr("services.jobs.runner.HELD_PER_SLOT", 3)  # windows of 3 lanes
+    async with _runner_beside_a_worker(tmp_path, redis_url, 1) as (store, runner):
+        await runner.redis.delete(jobstore.LANES_KEY)  # only this test's lanes
+        keys = [f"key_{uuid.uuid4().hex[:8]}" for _ in range(5)]
+        jobs = [await _job(store, [_complete("nobody-has-it", "a")], key) for key in keys]
+        key_of = {jobstore.work_stream(Owner(k, "", {}).lane): k for k in keys}
+        lanes = sorted(await store.lanes())
+        assert lanes == sorted(key_of)
+        for lane in lanes:  # every entry taken by another replica: nothing new to read
+            await store.ensure_group(lane)
+            await runner.redis.xreadgroup(jobstore.GROUP, "other", {lane: ">"}, count=1000)
+        blocks: list[int | None] = []
+        ends: list[bool] = []
+        read, window = runner.redis.xreadgroup, runner._window
+
+        async def recorded_read(*args, **options):
+            blocks.append(options.get("block"))
+            return await read(*args, **options)
+
+        def recorded_window(lanes: list[str], size: int) -> tuple[list[str], bool]:
+            found = window(lanes, size)
+            ends.append(found[1])
+            return found
+
+        runner.redis.xreadgroup, runner._window = recorded_read, recorded_window
+        try:
+
+            async def a_round() -> list[int | None]:
+                blocks.clear()
+                ends.clear()
+                while not ends or not ends[-1]:
+                    assert await runner.read_once(block_ms=50)
+                    assert len(ends) < 10, "no window ended the round"
+                return list(blocks)
+
+            idle = await a_round()
+            assert len(idle) >= 2 and idle[:-1] == [None] * (len(idle) - 1) and idle[-1] == 50
+            # An entry in the lane the next window starts with: that round finds it.
+            following = [lane for lane in lanes if lane > runner._last_lane] or lanes
+            jobs.append(await _job(store, [_complete("nobody-has-it", "b")], key_of[following[0]]))
+            busy = await a_round()
+            assert busy == [None] * len(busy)
+            assert len(runner._tasks) == 1
+        finally:
+            for job_id in jobs:
+                await store.end(job_id, "CANCELLED")
