@@ -296,7 +296,7 @@ async def test_only_a_round_of_lane_windows_that_found_nothing_waits(
             return await read(*args, **options)
 
         def recorded_window(lanes: list[str], size: int) -> tuple[list[str], bool]:
-            found = window(lanes, size)
+            found: tuple[list[str], bool] = window(lanes, size)
             ends.append(found[1])
             return found
 
