@@ -8,23 +8,19 @@ upstream cluster: the routes' header rules are what is under test, not a service
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
-import httpx
 import pytest
-import yaml
 
 from gateway import envoy_config
 from gateway.edge_auth import EdgeAuth
 from gateway.envoy_config import Endpoint
-from services.launcher.mesh import envoy_binary
 from services.launcher.processes import reserve_port
+from tests.envoy_process import running_envoy
 
 CREDENTIALS = [("authorization", "Bearer tm_" + "a" * 40), ("x-api-key", "tm_" + "b" * 40)]
 
@@ -95,32 +91,8 @@ def _bootstrap(listen: int, admin: int, upstream: int) -> dict[str, Any]:
 @pytest.fixture
 def edge_and_recorder(tmp_path: Path) -> Iterator[tuple[str, int, _Recorder]]:
     listen, admin, upstream = reserve_port(), reserve_port(), reserve_port()
-    path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(_bootstrap(listen, admin, upstream)))
-    log = (tmp_path / "envoy.log").open("w")
-    process = subprocess.Popen(
-        [str(envoy_binary()), "-c", str(path), "--disable-hot-restart", "--concurrency", "1"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not _ready(admin):
-            assert process.poll() is None, (tmp_path / "envoy.log").read_text()
-            assert time.monotonic() < deadline, "envoy did not become ready"
-            time.sleep(0.1)
+    with running_envoy(_bootstrap(listen, admin, upstream), admin, tmp_path):
         yield f"127.0.0.1:{listen}", upstream, _Recorder()
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        log.close()
-
-
-def _ready(admin: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 async def _call_through(edge: str, upstream: int, recorder: _Recorder, methods: list[str]) -> None:

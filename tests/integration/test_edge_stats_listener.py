@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from gateway import envoy_config, protos
 from gateway.envoy_config import EdgeConfig, Endpoint
-from services.launcher.mesh import envoy_binary
 from services.launcher.processes import reserve_port
+from tests.envoy_process import ready, running_envoy
 
 
 @pytest.fixture
@@ -30,32 +27,8 @@ def edge(tmp_path: Path) -> Iterator[tuple[int, int]]:
         auth=None,
         stats=Endpoint("127.0.0.1", stats),
     )
-    path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(envoy_config.bootstrap(config)))
-    log = (tmp_path / "envoy.log").open("w")
-    process = subprocess.Popen(
-        [str(envoy_binary()), "-c", str(path), "--disable-hot-restart", "--concurrency", "1"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not _ready(admin):
-            assert process.poll() is None, (tmp_path / "envoy.log").read_text()
-            assert time.monotonic() < deadline, "envoy did not become ready"
-            time.sleep(0.1)
+    with running_envoy(envoy_config.bootstrap(config), admin, tmp_path):
         yield admin, stats
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        log.close()
-
-
-def _ready(admin: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_the_stats_port_serves_prometheus_text_and_nothing_else(edge):
@@ -73,4 +46,4 @@ def test_the_stats_port_serves_prometheus_text_and_nothing_else(edge):
         ("POST", "/logging?level=debug"),
     ]:
         assert httpx.request(method, f"{base}{path}", timeout=5).status_code == 404, path
-    assert _ready(edge[0]), "the edge is still up"
+    assert ready(edge[0]), "the edge is still up"
