@@ -738,7 +738,7 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
         # The whole request (headers and body) must arrive within this: no public RPC
         # streams its request, and the routes to workers allow 600 s of silence (for
         # their answers), which a client trickling a body could hold a stream with.
-        # A 100 MiB file upload needs ~350 KB/s.
+        # An upload of the largest file (gateway/handover.py, ~8 MiB) needs ~28 KB/s.
         "request_timeout": "300s",
         "generate_request_id": True,
         # The edge faces clients: the peer address is the client's, and a

@@ -400,8 +400,10 @@ class Catalog:
         """`update`, only while `guard` holds (Catalog.change_if); None when it did not."""
         return await self.change_if(name, _on_existing(name, apply), guard)
 
-    async def register(self, refs: Sequence[tuple[str, str]]) -> None:
-        """Adds model versions that workers serve but the catalogue does not know yet."""
+    async def register(self, refs: Sequence[tuple[str, str]]) -> bool:
+        """Adds model versions that workers serve but the catalogue does not know yet;
+        returns whether it added any."""
+        added = False
         known = await self.all()
         # Oldest version first: it is the one a new model's traffic goes to.
         ordered = sorted(refs, key=lambda ref: (ref[0], _version_key(VersionEntry(ref[1]))))
@@ -414,6 +416,8 @@ class Catalog:
                 continue
             if model is None or model.version(version) is None:
                 known[name] = await self.change(name, _adder(name, version))
+                added = True
+        return added
 
 
 @dataclass(frozen=True)

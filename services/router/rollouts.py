@@ -569,11 +569,12 @@ class RolloutStore:
             pipe.zremrangebyscore(key, "-inf", stamp - AUDIT_RETENTION_MS)
             await pipe.execute()
         logger.info(
-            "rollout %s %s: %s -> %d%% (%s)",
+            "rollout %s %s: %s -> %d%%%s (%s)",
             rollout.model,
             rollout.version,
             decision.action,
             weight,
+            "" if moved else " (the split is left to a later decision or the next tick)",
             decision.reason,
         )
 
@@ -693,7 +694,7 @@ class RolloutDriver:
             try:
                 await self.tick()
             except (RedisError, Unavailable) as exc:  # absorbed: the next tick retries
-                logger.warning("rollouts: Redis unavailable (%s)", type(exc).__name__)
+                logger.warning("rollouts: the store was unavailable (%s)", exc)
             await asyncio.sleep(self.tick_s)
 
     async def tick(self) -> None:
@@ -732,4 +733,7 @@ class RolloutDriver:
             rollout.version,
             rollout.weight,
         )
-        await self.store.move_traffic(rollout)
+        if await self.store.move_traffic(rollout):
+            # The decision's own _apply left the gauge when its move was refused or
+            # deferred (a busy catalogue): the share is the decision's from now on.
+            STEP_PERCENT.labels(rollout.model, rollout.version).set(rollout.weight)

@@ -509,10 +509,12 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         # registry no longer reports them as changed, and the version stayed unrouted.
         self._in_catalogue: set[tuple[str, str]] = set()
 
-    async def _register(self, models: Sequence[tuple[str, str]]) -> None:
-        """Adds versions no operator registered yet to the catalogue (0% of traffic)."""
-        await self.catalog.register(models)
+    async def _register(self, models: Sequence[tuple[str, str]]) -> bool:
+        """Adds versions no operator registered yet to the catalogue (0% of traffic);
+        returns whether it added any."""
+        added = await self.catalog.register(models)
         self._in_catalogue.update(models)
+        return added
 
     async def RegisterWorker(
         self, request: pb.RegisterWorkerRequest, context: Context
@@ -539,8 +541,11 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
             request.worker_id, models, at, load, outcomes_from_pb(request.load, at), caller
         )
         if models_changed or not self._in_catalogue.issuperset(models):
-            await self._register(models)
-            await self.refresh()
+            # A replica's first heartbeat from each worker only checks the catalogue:
+            # the routes are built again when something changed.
+            added = await self._register(models)
+            if models_changed or added:
+                await self.refresh()
         return pb.RenewLeaseResponse(
             lease_expire_time=_timestamp(worker.lease_expires_at), drain=worker.state == DRAINING
         )

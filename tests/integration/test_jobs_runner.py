@@ -322,3 +322,6 @@ async def test_only_a_round_of_lane_windows_that_found_nothing_waits(
         finally:
             for job_id in jobs:
                 await store.end(job_id, "CANCELLED")
+            # Its lanes hold entries pending for "other": no later test may claim them.
+            await runner.redis.srem(jobstore.LANES_KEY, *(Owner(k, "", {}).lane for k in keys))
+            await runner.redis.delete(*lanes)

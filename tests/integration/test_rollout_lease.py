@@ -146,9 +146,12 @@ async def test_a_split_the_busy_catalogue_refused_is_moved_by_the_next_tick(clie
     assert aborted.state == ro.ABORTED
     weights = (await Catalog(client).get(rollout.model)).effective_weights(time.time())
     assert weights == {"1": 90, "2": 10}  # not moved yet
+    gauge = ro.STEP_PERCENT.labels(rollout.model, rollout.version)
+    assert gauge._value.get() == rollout.weight  # the abort's share is not in effect yet
     await ro.RolloutDriver(store(client), time.time).tick()
     weights = (await Catalog(client).get(rollout.model)).effective_weights(time.time())
     assert weights == {"1": 100}
+    assert gauge._value.get() == 0  # the tick that moved it says so (it kept 10%)
 
 
 async def test_a_stalled_drivers_late_split_never_lands_over_a_later_abort(client):
@@ -197,7 +200,12 @@ async def test_a_heartbeats_version_whose_catalogue_registration_failed_joins_at
     # change and never registered the version, which stayed unrouted.
     model, worker = f"m-{uuid.uuid4().hex[:8]}", f"w-{uuid.uuid4().hex[:8]}"
     catalog, registry = Catalog(client), WorkerRegistry(client, lease_s=30)
-    servicer = WorkerRegistryServicer(catalog, registry, _noop)
+    refreshes: list[None] = []
+
+    async def refresh() -> None:
+        refreshes.append(None)
+
+    servicer = WorkerRegistryServicer(catalog, registry, refresh)
     await registry.register(worker, "127.0.0.1:1", [(model, "1")], time.time())
     await catalog.register([(model, "1")])
     real_register = Catalog.register
@@ -217,6 +225,11 @@ async def test_a_heartbeats_version_whose_catalogue_registration_failed_joins_at
     await servicer.RenewLease(renewal, _OperatorContext())
     entry = await catalog.get(model)
     assert [v.version for v in entry.versions] == ["1", "2"]
+    assert len(refreshes) == 1  # the routes were built again once: a version was added
+    # Another replica's first heartbeat from the worker only checks the catalogue.
+    other = WorkerRegistryServicer(catalog, registry, refresh)
+    await other.RenewLease(renewal, _OperatorContext())
+    assert len(refreshes) == 1
 
 
 async def test_a_worker_version_named_like_an_alias_does_not_fail_its_registration(client):

@@ -707,7 +707,10 @@ class Rollout(_message.Message):
     step_index: _builtins.int
     """step_index is the current step (an index into steps)."""
     weight: _builtins.int
-    """weight is the new version's share of traffic now, in percent."""
+    """weight is the new version's share of traffic as decided, in percent:
+    applied with the decision, or by the rollout driver's next tick when the
+    model catalogue was too busy to move the split at once.
+    """
     reason: _builtins.str
     """reason explains the last decision (or what the rollout waits for)."""
     @_builtins.property
