@@ -35,6 +35,9 @@ from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
 #: as the edge lets a call to a worker stay silent; at 60 s a longer generation
 #: ended with DEADLINE_EXCEEDED.
 DEFAULT_TIMEOUT_S = 600.0
+#: The most a model lookup (list_models, get_model) waits: it answers at once, and
+#: one stuck behind a hung upstream should fail in seconds, not in ten minutes.
+LOOKUP_TIMEOUT_S = 30.0
 
 #: A chat turn: a ChatMessage, or a (role, content) pair.
 Turn = types_pb.ChatMessage | tuple[str, str]
@@ -121,9 +124,10 @@ class _Connection:
         """Closes the channel."""
         await self._channel.close()
 
-    async def _unary(self, method: Any, request: Any) -> Any:
+    async def _unary(self, method: Any, request: Any, lookup: bool = False) -> Any:
+        timeout = min(self._timeout_s, LOOKUP_TIMEOUT_S) if lookup else self._timeout_s
         try:
-            return await method(request, metadata=self._metadata, timeout=self._timeout_s)
+            return await method(request, metadata=self._metadata, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise _decoded(error) from None
 
@@ -193,7 +197,8 @@ class Client(_Connection):
     Args:
         target: host:port of the edge (8080 plaintext, 8443 TLS) or a worker.
         token: a JWT or API key sent as `authorization: Bearer ...`, if any.
-        timeout_s: the per-call deadline (a whole stream's; DEFAULT_TIMEOUT_S).
+        timeout_s: the per-call deadline (a whole stream's; DEFAULT_TIMEOUT_S; a
+            model lookup's at most LOOKUP_TIMEOUT_S).
         tls: use TLS (the edge's 8443 listener); implied by root_certificates.
         root_certificates: PEM roots to verify the edge with (default: system roots).
 
@@ -226,13 +231,15 @@ class Client(_Connection):
     async def list_models(self, page_size: int = 0, page_token: str = "") -> pb.ListModelsResponse:
         """Returns one page of the models the caller may use."""
         request = pb.ListModelsRequest(page_size=page_size, page_token=page_token)
-        response: pb.ListModelsResponse = await self._unary(self._stub.ListModels, request)
+        response: pb.ListModelsResponse = await self._unary(
+            self._stub.ListModels, request, lookup=True
+        )
         return response
 
     async def get_model(self, model: str) -> pb.GetModelResponse:
         """Returns one model and its versions."""
         response: pb.GetModelResponse = await self._unary(
-            self._stub.GetModel, pb.GetModelRequest(model=model)
+            self._stub.GetModel, pb.GetModelRequest(model=model), lookup=True
         )
         return response
 
@@ -312,7 +319,7 @@ class V1Client(_Connection):
     async def list_models(self) -> v1_pb.ListModelsResponse:
         """Returns the served models."""
         response: v1_pb.ListModelsResponse = await self._unary(
-            self._stub.ListModels, v1_pb.ListModelsRequest()
+            self._stub.ListModels, v1_pb.ListModelsRequest(), lookup=True
         )
         return response
 
