@@ -26,13 +26,13 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 
 from services.core import contract
@@ -42,6 +42,8 @@ from services.jobs.workers import Placement, WorkerDirectory
 from tokenmesh.inference.v2 import inference_pb2, inference_service_pb2_grpc
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.jobs.v1 import jobs_pb2
+
+DetailT = TypeVar("DetailT", bound=Message)
 
 logger = logging.getLogger(__name__)
 # Statuses that mean "not now": the item waits and tries again until its deadline.
@@ -114,32 +116,35 @@ def status_details(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
     return None
 
 
+def _details(status: status_pb2.Status | None, kind: type[DetailT]) -> Iterator[DetailT]:
+    """Yields each of a status's details of type `kind` (none without a status)."""
+    for detail in status.details if status is not None else ():
+        unpacked = kind()
+        if detail.Unpack(unpacked):
+            yield unpacked
+
+
 def error_field(status: status_pb2.Status | None) -> str:
     """Returns the field of a status's first BadRequest violation ("" when none): an
     OpenAI batch line names it as `param`."""
-    for detail in status.details if status is not None else ():
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad) and bad.field_violations:
+    for bad in _details(status, error_details_pb2.BadRequest):
+        if bad.field_violations:
             return str(bad.field_violations[0].field)
     return ""
 
 
 def error_reason(status: status_pb2.Status | None) -> str:
     """Returns the ErrorInfo reason of a status ("" when none)."""
-    for detail in status.details if status is not None else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return str(info.reason)
-    return ""
+    info = next(_details(status, error_details_pb2.ErrorInfo), None)
+    return "" if info is None else str(info.reason)
 
 
 def retry_delay_s(status: status_pb2.Status | None) -> float | None:
     """Returns the RetryInfo delay of a status, when it has one."""
-    for detail in status.details if status is not None else ():
-        info = error_details_pb2.RetryInfo()
-        if detail.Unpack(info):
-            return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
-    return None
+    info = next(_details(status, error_details_pb2.RetryInfo), None)
+    if info is None:
+        return None
+    return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
 
 
 def usage_of(usage: inference_pb2.Usage) -> tuple[int, int, int]:
