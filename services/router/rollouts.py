@@ -531,6 +531,9 @@ class RolloutStore:
             )
             return False
         await self.refresh()
+        # The gauge follows the split: a refused or deferred move leaves it to the
+        # decision whose split lands (that decision's, or the tick's that moves it).
+        STEP_PERCENT.labels(rollout.model, rollout.version).set(weight)
         return True
 
     async def _swap(
@@ -554,11 +557,11 @@ class RolloutStore:
     async def _apply(self, rollout: Rollout, decision: Decision) -> None:
         """Moves the traffic, records the decision in the audit log and the metrics."""
         weight = rollout.weight
-        # Pause and resume move no traffic; a refused move (a later decision owns the
-        # split) leaves the gauge to that decision.
-        moved = decision.action in ("pause", "resume") or await self.move_traffic(rollout)
-        if moved:
+        if decision.action in ("pause", "resume"):  # they move no traffic
             STEP_PERCENT.labels(rollout.model, rollout.version).set(weight)
+            moved = True
+        else:
+            moved = await self.move_traffic(rollout)  # it sets the gauge when it lands
         if decision.action == "rollback":
             ROLLED_BACK_TOTAL.labels(rollout.model, rollout.version).inc()
         entry = audit_entry(rollout, decision)
@@ -733,7 +736,4 @@ class RolloutDriver:
             rollout.version,
             rollout.weight,
         )
-        if await self.store.move_traffic(rollout):
-            # The decision's own _apply left the gauge when its move was refused or
-            # deferred (a busy catalogue): the share is the decision's from now on.
-            STEP_PERCENT.labels(rollout.model, rollout.version).set(rollout.weight)
+        await self.store.move_traffic(rollout)
