@@ -38,6 +38,7 @@ from services.core.identity import peer_identity
 from services.core.interceptors import Context, request_headers
 from services.inference import metrics, shadow
 from services.inference.budget import Limits, Run, TokenBudgets
+from services.inference.mesh_models import MeshModels
 from services.inference.models import LoadedModel, ModelRegistry
 from services.inference.pipeline.content import ContentStage
 from services.inference.usage_log import UsageLog
@@ -80,11 +81,11 @@ def allowed_models(headers: Mapping[str, str]) -> frozenset[str] | None:
 
 
 def visible_models(
-    registry: ModelRegistry, context: Context, page_token: str, page_size: int
+    models: MeshModels, context: Context, page_token: str, page_size: int
 ) -> tuple[list[str], str]:
-    """Returns one page of the model names the caller may use, and the next page token."""
+    """Returns one page of the mesh's model names the caller may use, and the next page token."""
     allowed = allowed_models(request_headers(context))
-    names = [n for n in registry.names() if n > page_token and (allowed is None or n in allowed)]
+    names = [n for n in models.names() if n > page_token and (allowed is None or n in allowed)]
     page, rest = names[:page_size], names[page_size:]
     return page, page[-1] if rest else ""
 
@@ -307,6 +308,9 @@ class Admission:
         # The response cache (services.inference.pipeline.generate.CacheStage); the
         # service sets it when TOKENMESH_CACHE is on. None: not on the path at all.
         self.cache: CacheStage | None = None
+        # What the whole mesh serves, for ListModels and GetModel: the service
+        # feeds it the router's view of the other workers; until then, this one's.
+        self.mesh_models = MeshModels(registry)
         self._background: set[asyncio.Task[None]] = set()
 
     def resolve(self, context: Context, name: str, version: str, *, generative: bool) -> Target:

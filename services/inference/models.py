@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from services.core.errors import NotFound
 from services.inference.embedder import Embedder
 from services.inference.load_report import VersionOutcomes
+from services.inference.model_merge import version_key
 from services.inference.scheduler import Scheduler
 from services.inference.templates import DEFAULT_CHAT_TEMPLATE_ID, Prompt, TemplateId, chat_prompt
 from services.inference.tokenizer import Tokenizer
@@ -106,12 +107,8 @@ class ModelRegistry:
         """Returns a model's versions, oldest label first; NotFound if unknown."""
         versions = self._models.get(name)
         if not versions:
-            raise NotFound(
-                f"model {name!r} is not served here",
-                reason="MODEL_NOT_FOUND",
-                metadata={"model": name},
-            )
-        return [versions[v] for v in sorted(versions, key=_version_key)]
+            raise model_not_found(name)
+        return [versions[v] for v in sorted(versions, key=version_key)]
 
     def has(self, name: str, version: str) -> bool:
         """Tells whether this exact version is loaded."""
@@ -149,5 +146,8 @@ class ModelRegistry:
         return [m for name in self.names() for m in self.versions(name)]
 
 
-def _version_key(version: str) -> tuple[int, int | str]:
-    return (0, int(version)) if version.isdigit() else (1, version)
+def model_not_found(name: str) -> NotFound:
+    """Returns the error of a model that nothing here serves."""
+    return NotFound(
+        f"model {name!r} is not served here", reason="MODEL_NOT_FOUND", metadata={"model": name}
+    )

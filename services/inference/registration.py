@@ -30,6 +30,7 @@ import grpc.aio
 from services.core import contract
 from services.core.identity import ClientChannel
 from services.core.tasks import SupervisedTask, Supervisor
+from tokenmesh.inference.v2 import inference_pb2
 from tokenmesh.router.v1 import router_pb2
 from tokenmesh.router.v1 import router_service_pb2 as pb
 from tokenmesh.router.v1 import router_service_pb2_grpc as pb_grpc
@@ -100,6 +101,9 @@ class Registration:
         lease_s: heartbeat period is a third of this (the router's lease, once known).
         load: returns the worker's load, sent with every heartbeat (None: none).
         token: the lease token this worker registers with (see the module).
+        served: returns every model of the worker, described (services.inference.mesh_models).
+        on_mesh_models: takes the other workers' models from each heartbeat's answer, and
+            how long they stay valid without another (a lease).
     """
 
     def __init__(
@@ -111,12 +115,16 @@ class Registration:
         lease_s: float = 3.0,
         load: Callable[[], router_pb2.WorkerLoad] | None = None,
         token: str = "",
+        served: Callable[[], Sequence[inference_pb2.Model]] | None = None,
+        on_mesh_models: Callable[[Sequence[inference_pb2.Model], float], None] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self._token = token
         self.address = address
         self._models = models
         self._load = load
+        self._served = served
+        self._on_mesh_models = on_mesh_models
         self._lease_s = lease_s
         self._router = router
         self._task: SupervisedTask | None = None
@@ -210,9 +218,12 @@ class Registration:
                 models=self._refs(),
                 load=None if self._load is None else self._load(),
                 lease_token=self._token,
+                served_models=() if self._served is None else self._served(),
             ),
             timeout=_RPC_TIMEOUT_S,
         )
+        if self._on_mesh_models is not None:
+            self._on_mesh_models(response.mesh_models, self._lease_s)
         if response.drain:
             logger.info("the router asked this worker to drain")
             os.kill(os.getpid(), signal.SIGTERM)  # the same path as an operator's SIGTERM

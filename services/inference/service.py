@@ -25,6 +25,7 @@ from services.inference.budget import TokenBudgets
 from services.inference.engines.base import DECODE_PATHS
 from services.inference.fairness import FAIRNESS_MODES, FairnessPolicy, parse_weights
 from services.inference.load_report import worker_load
+from services.inference.mesh_models import MeshModels, local_models
 from services.inference.models import LoadedModel, ModelRegistry
 from services.inference.openai import servicer as openai
 from services.inference.pipeline.cache import CacheSettings, CacheStage, ResponseCache
@@ -308,6 +309,7 @@ class InferenceService(Service):
     def __init__(self, settings: InferenceSettings) -> None:
         self.settings = settings
         self.registry = ModelRegistry()
+        self.mesh_models = MeshModels(self.registry)  # ListModels and GetModel answer for the mesh
         self.options = settings.engine_options()
         self.redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0)
         self.usage_log = UsageLog(
@@ -373,6 +375,7 @@ class InferenceService(Service):
         v1.admission.content = ContentStage(self.policies, self.usage_log, self.redis)
         v1.admission.shadow_records = self.shadow_records
         v1.admission.cache = self.cache
+        v1.admission.mesh_models = self.mesh_models
         # v2 shares v1's routing, budgets and usage recording (one Admission).
         v2_servicer = v2.InferenceServicer(v1.admission, templates=self.templates)
         v2_grpc.add_InferenceServiceServicer_to_server(v2_servicer, server)
@@ -418,6 +421,8 @@ class InferenceService(Service):
                 lambda: [(m.name, m.version) for m in self.registry.all() if m.ready],
                 load=lambda: worker_load(self.registry.all()),
                 token=lease_token(self.settings.lease_token_dir / self.settings.worker_id),
+                served=lambda: local_models(self.registry),
+                on_mesh_models=self.mesh_models.update,
             )
             self.registration.start(self.tasks)
 

@@ -93,6 +93,9 @@ class WorkerEntry:
     outcomes: tuple[VersionCounts, ...] = ()
     # SHA-256 (hex) of the lease token the worker registered with ("" = none).
     token_sha256: str = ""
+    # The worker's models as it describes them (serialized tokenmesh.inference.v2.Model,
+    # base64; services.inference.mesh_models). Empty: it described none.
+    served: tuple[str, ...] = ()
 
     @property
     def address(self) -> str:
@@ -121,6 +124,7 @@ class WorkerEntry:
                 "weight": asdict(self.weight),
                 "outcomes": [c.to_json() for c in self.outcomes],
                 "token_sha256": self.token_sha256,
+                "served": list(self.served),
             },
             sort_keys=True,
         )
@@ -142,6 +146,8 @@ class WorkerEntry:
             outcomes=tuple(VersionCounts.from_json(c) for c in data.get("outcomes", ())),
             # Entries written before lease tokens existed have none.
             token_sha256=str(data.get("token_sha256", "")),
+            # Entries written before workers described their models have none.
+            served=tuple(str(m) for m in data.get("served", ())),
         )
 
     def holds(self, lease_token: str) -> bool:
@@ -273,6 +279,14 @@ def check_models(models: Sequence[tuple[str, str]]) -> None:
         check_version(version, "models.version")
 
 
+class Renewal(NamedTuple):
+    """Renewal is a heartbeat's outcome."""
+
+    worker: WorkerEntry  # after the heartbeat
+    models_changed: bool  # its set of model versions changed
+    others: tuple[WorkerEntry, ...]  # every other routable worker, as read
+
+
 class WorkerRegistry:
     """WorkerRegistry keeps workers and their leases in Redis."""
 
@@ -342,15 +356,17 @@ class WorkerRegistry:
         load: LoadReport | None = None,
         outcomes: Sequence[VersionCounts] = (),
         caller: WorkerCaller | None = None,
-    ) -> tuple[WorkerEntry, bool]:
-        """Extends a worker's lease (a draining worker stays draining) and takes its load.
+        served: Sequence[str] = (),
+    ) -> Renewal:
+        """Extends a worker's lease (a draining worker stays draining), takes its load
+        and its models' descriptions (`served`: see WorkerEntry; empty keeps the last).
 
         The worker's weight moves one heartbeat's step (services.router.load_weights),
         relative to the other routable workers' costs as they are now.
         `caller`: the worker calling for itself, checked against the entry it
         changes (None: an operator, who may renew any).
 
-        Returns the worker and whether its set of model versions changed.
+        Returns the worker, whether its set of model versions changed, and the others.
         """
         if models:
             check_models(models)
@@ -364,22 +380,24 @@ class WorkerRegistry:
                 raise _not_registered(worker_id)
             entry = WorkerEntry.from_json(worker_id, raw)
             _require_owner("RenewLease", entry, caller)
-            others = [
-                other.weight.cost
+            others = tuple(
+                other
                 for other_id, value in stored.items()
                 if other_id != worker_id
                 and (other := WorkerEntry.from_json(other_id, value)).routable(now)
-            ]
+            )
             renewed = replace(
                 entry,
                 models=tuple(models) or entry.models,
                 lease_expires_at=now + self.lease_s,
                 load=load,
-                weight=load_weights.update(entry.weight, load, others),
+                weight=load_weights.update(entry.weight, load, [o.weight.cost for o in others]),
                 outcomes=tuple(outcomes),
+                served=tuple(served) or entry.served,
             )
             if await self._swap(worker_id, raw, renewed, _heads_json(renewed.outcomes)):
-                return renewed, set(renewed.models) != set(entry.models)
+                changed = set(renewed.models) != set(entry.models)
+                return Renewal(renewed, changed, tuple(sorted(others, key=lambda o: o.worker_id)))
 
     async def drain(self, worker_id: str, caller: WorkerCaller | None = None) -> WorkerEntry:
         """Marks a worker draining: the edge stops sending it new requests.

@@ -28,6 +28,7 @@ from services.router.registry import (
     WorkerEntry,
     WorkerRegistry,
 )
+from services.router.served_models import mesh_models, served_from_pb
 from services.router.shadow_pairs import PairStore
 from services.router.shadow_servicer import ShadowRpcs
 from tokenmesh.router.v1 import router_pb2
@@ -537,17 +538,26 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         models = _refs(request.models)
         load = load_from_pb(request.load) if request.HasField("load") else None
         at = now()
-        worker, models_changed = await self.registry.renew(
-            request.worker_id, models, at, load, outcomes_from_pb(request.load, at), caller
+        renewal = await self.registry.renew(
+            request.worker_id,
+            models,
+            at,
+            load,
+            outcomes_from_pb(request.load, at),
+            caller,
+            served_from_pb(request.served_models),
         )
-        if models_changed or not self._in_catalogue.issuperset(models):
+        if renewal.models_changed or not self._in_catalogue.issuperset(models):
             # A replica's first heartbeat from each worker only checks the catalogue:
             # the routes are built again when something changed.
             added = await self._register(models)
-            if models_changed or added:
+            if renewal.models_changed or added:
                 await self.refresh()
+        worker = renewal.worker
         return pb.RenewLeaseResponse(
-            lease_expire_time=_timestamp(worker.lease_expires_at), drain=worker.state == DRAINING
+            lease_expire_time=_timestamp(worker.lease_expires_at),
+            drain=worker.state == DRAINING,
+            mesh_models=mesh_models(renewal.others),
         )
 
     async def DrainWorker(

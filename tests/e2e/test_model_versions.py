@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 import httpx
+import openai
 import pytest
 from google.protobuf import duration_pb2
 
@@ -448,3 +449,40 @@ def test_job_items_follow_the_traffic_split(versions_mesh, edge):
     )
     assert done["status"] == "SUCCEEDED", (done, versions)
     assert versions == {"1": 24}
+
+
+def model_versions_answered(edge: grpc.Channel) -> list[set[str]]:
+    """The versions of MODEL in each of 9 GetModel, ListModels and OpenAI answers
+    through the edge (each call goes to any worker)."""
+    stub = v2_rpc.InferenceServiceStub(edge)
+    answers = []
+    for _ in range(3):
+        got = stub.GetModel(v2_pb.GetModelRequest(model=MODEL), timeout=10).model
+        answers.append({v.version for v in got.versions})
+        (listed,) = [
+            m
+            for m in stub.ListModels(v2_pb.ListModelsRequest(), timeout=10).models
+            if m.name == MODEL
+        ]
+        answers.append({v.version for v in listed.versions})
+    return answers
+
+
+def test_any_worker_answers_model_lookups_for_the_whole_mesh(versions_mesh, edge):
+    # Each worker serves other versions of MODEL (1 and 3, 1, 2): the edge sends
+    # lookups to any worker, and each answered with its own versions only.
+    every = {"1", "2", "3"}
+    wait_for(
+        lambda: all(found == every for found in model_versions_answered(edge)),
+        timeout_s=20,
+        what="every lookup answered with every worker's versions",
+        show=lambda: model_versions_answered(edge),
+    )
+    assert all(found == every for found in model_versions_answered(edge))
+    key = versions_mesh.dev_api_key()
+    with openai.OpenAI(
+        api_key=key, base_url=f"{versions_mesh.edge_url}/openai/v1", max_retries=0
+    ) as client:
+        for _ in range(4):
+            ids = {m.id for m in client.models.list()}
+            assert {MODEL, *(f"{MODEL}@{v}" for v in every)} <= ids

@@ -149,7 +149,7 @@ async def test_a_drain_between_a_heartbeats_read_and_write_is_kept(client, inter
     operator = WorkerRegistry(client, lease_s=30)
     await operator.register(worker, "127.0.0.1:1001", [("m", "1")], now)
     heartbeat = WorkerRegistry(interleaved("HGETALL", lambda: operator.drain(worker)), lease_s=30)
-    renewed, _ = await heartbeat.renew(worker, [("m", "1")], now + 1)
+    renewed, _, _ = await heartbeat.renew(worker, [("m", "1")], now + 1)
     assert renewed.state == DRAINING  # the worker is told to drain by this very heartbeat
     assert renewed.lease_expires_at == now + 31
     assert (await operator.get(worker)).state == DRAINING

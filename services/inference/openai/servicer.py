@@ -144,11 +144,12 @@ class OpenAIServicer(openai_service_pb2_grpc.OpenAIServiceServicer):
         self.started = int(time.time())  # the models' `created`
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> HttpBody:
-        names, _ = visible_models(self.registry, context, "", v1_validation.MAX_PAGE_SIZE)
+        models = self.v2.admission.mesh_models
+        names, _ = visible_models(models, context, "", v1_validation.MAX_PAGE_SIZE)
         ids: list[str] = []
         for name in names:
             ids.append(name)
-            ids.extend(f"{name}@{m.version}" for m in self.registry.versions(name))
+            ids.extend(f"{name}@{v.version}" for v in models.describe(name).versions)
         return _json(shapes.model_list(ids, self.started))
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> HttpBody:

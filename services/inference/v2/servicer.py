@@ -21,7 +21,6 @@ from services.inference.admission import (
     check_model_allowed,
     visible_models,
 )
-from services.inference.models import ModelRegistry
 from services.inference.pipeline.embed import EmbeddingPipeline
 from services.inference.pipeline.embed import embedding_pb as embedding_pb
 from services.inference.pipeline.generate import GenerationPipeline
@@ -32,9 +31,8 @@ from services.inference.pipeline.stream import timing_pb as timing_pb
 from services.inference.pipeline.stream import usage_pb as usage_pb
 from services.inference.surface import ApiSurface
 from services.inference.template_cache import TemplateCache
-from services.inference.v2 import prompting
-from tokenmesh.inference.v2 import inference_pb2, inference_service_pb2_grpc
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
+from tokenmesh.inference.v2 import inference_service_pb2_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 GENERATE_RPC = f"/{SERVICE_NAME}/Generate"
@@ -46,35 +44,6 @@ V2_SURFACE = ApiSurface(api_version="v2", service=SERVICE_NAME)
 def status_pb(error: TokenmeshError) -> status_pb2.Status:
     """Returns the google.rpc.Status the error boundary would send for `error`."""
     return error.to_status()
-
-
-def model_pb(registry: ModelRegistry, name: str) -> inference_pb2.Model:
-    """Returns a model with its versions in the v2 shape (the v1 shape, renamed fields)."""
-    v1 = registry.to_pb(name)
-    chat_templates = {
-        m.version: prompting.template_ref(m.chat_template_id)
-        for m in registry.versions(name)
-        if m.scheduler is not None
-    }
-    return inference_pb2.Model(
-        name=v1.name,
-        kind=int(v1.kind),  # type: ignore[arg-type]  # same numbers in both versions
-        default_version=v1.default_version,
-        description=v1.description,
-        versions=[
-            inference_pb2.ModelVersion(
-                version=v.version,
-                state=int(v.state),  # type: ignore[arg-type]
-                engine=v.engine,
-                context_length=v.context_length,
-                max_output_tokens_default=v.max_tokens_default,
-                embedding_dimensions=v.embedding_dimensions,
-                message=v.message,
-                chat_template=chat_templates.get(v.version),
-            )
-            for v in v1.versions
-        ],
-    )
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
@@ -105,15 +74,16 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
         page_size = v1_validation.validate_page_size(request.page_size)
-        page, next_token = visible_models(self.registry, context, request.page_token, page_size)
+        models = self.admission.mesh_models
+        page, next_token = visible_models(models, context, request.page_token, page_size)
         return pb.ListModelsResponse(
-            models=[model_pb(self.registry, n) for n in page], next_page_token=next_token
+            models=[models.describe(n) for n in page], next_page_token=next_token
         )
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
         v1_validation.validate_model_name(request.model)
         check_model_allowed(request_headers(context), request.model)
-        return pb.GetModelResponse(model=model_pb(self.registry, request.model))
+        return pb.GetModelResponse(model=self.admission.mesh_models.describe(request.model))
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Context

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from tokenmesh.inference.v2 import inference_pb2 as _inference_pb2
 from tokenmesh.router.v1 import router_pb2 as _router_pb2
 from tokenmesh.type.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
@@ -776,6 +777,7 @@ class RenewLeaseRequest(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
     LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    SERVED_MODELS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """worker_id is the worker's id."""
     lease_token: _builtins.str
@@ -790,6 +792,15 @@ class RenewLeaseRequest(_message.Message):
         neutral weight).
         """
 
+    @_builtins.property
+    def served_models(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.Model]:
+        """served_models describe every model the worker has, each version in any
+        state (LOADING and FAILED too), as its ListModels describes them. The
+        other workers answer ListModels and GetModel for the whole mesh from
+        them (see RenewLeaseResponse.mesh_models). Empty: only `models` is known
+        of this worker (a worker from before this field), its versions READY.
+        """
+
     def __init__(
         self,
         *,
@@ -797,10 +808,11 @@ class RenewLeaseRequest(_message.Message):
         models: _abc.Iterable[_types_pb2.ModelRef] | None = ...,
         load: _router_pb2.WorkerLoad | None = ...,
         lease_token: _builtins.str = ...,
+        served_models: _abc.Iterable[_inference_pb2.Model] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_token", b"lease_token", "load", b"load", "models", b"models", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_token", b"lease_token", "load", b"load", "models", b"models", "served_models", b"served_models", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -814,21 +826,29 @@ class RenewLeaseResponse(_message.Message):
 
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
+    MESH_MODELS_FIELD_NUMBER: _builtins.int
     drain: _builtins.bool
     """drain tells the worker it has been asked to drain."""
     @_builtins.property
     def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
         """lease_expire_time is the lease's new end."""
 
+    @_builtins.property
+    def mesh_models(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.Model]:
+        """mesh_models are the models every other serving worker serves, one per
+        name, their versions merged (a version READY on any worker is READY).
+        """
+
     def __init__(
         self,
         *,
         lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
         drain: _builtins.bool = ...,
+        mesh_models: _abc.Iterable[_inference_pb2.Model] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "lease_expire_time", b"lease_expire_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "lease_expire_time", b"lease_expire_time", "mesh_models", b"mesh_models"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,123 @@
+"""The router answers each worker's heartbeat with what the other workers serve (real
+Redis): any worker can then answer ListModels and GetModel for the whole mesh."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.core.errors import InvalidArgument
+from services.router.catalog import Catalog
+from services.router.registry import WORKERS_KEY, WorkerRegistry
+from services.router.served_models import MAX_BYTES
+from services.router.servicer import WorkerRegistryServicer
+from tests.conftest import private_db_url
+from tokenmesh.inference.v2 import inference_pb2 as v2
+from tokenmesh.router.v1 import router_service_pb2 as router_pb
+from tokenmesh.type.v1.types_pb2 import ModelRef
+
+PRIVATE_DB = 14  # the registry is one hash: a database apart from the session mesh's
+READY = v2.ModelVersionState.MODEL_VERSION_STATE_READY
+FAILED = v2.ModelVersionState.MODEL_VERSION_STATE_FAILED
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(private_db_url(redis_url, PRIVATE_DB))
+    await client.flushdb()
+    yield client
+    await client.flushdb()
+    await client.aclose()
+
+
+class _Operator:
+    """A call's context as the servicer reads it: no worker certificate."""
+
+    def peer_identities(self) -> None:
+        return None
+
+
+async def _refresh() -> None:
+    return None
+
+
+def model(name: str, *versions: tuple[str, int]) -> v2.Model:
+    return v2.Model(name=name, versions=[v2.ModelVersion(version=v, state=s) for v, s in versions])
+
+
+def heartbeat(worker: str, served: list[v2.Model]) -> router_pb.RenewLeaseRequest:
+    refs = [
+        ModelRef(name=m.name, version=v.version)
+        for m in served
+        for v in m.versions
+        if v.state == READY
+    ]
+    return router_pb.RenewLeaseRequest(worker_id=worker, models=refs, served_models=served)
+
+
+def described(response: router_pb.RenewLeaseResponse) -> dict[str, dict[str, int]]:
+    return {m.name: {v.version: v.state for v in m.versions} for m in response.mesh_models}
+
+
+async def test_a_heartbeat_s_answer_holds_every_other_serving_worker_s_models(client):
+    registry = WorkerRegistry(client, lease_s=30)
+    servicer = WorkerRegistryServicer(Catalog(client), registry, _refresh)
+    workers = {
+        "canary": [model("lm", ("2", READY))],
+        "stable": [model("lm", ("1", READY)), model("embedder", ("1", READY))],
+        "leaving": [model("retired", ("1", READY))],
+        "broken": [model("lm", ("1", READY), ("3", FAILED))],
+    }
+    for port, (worker, served) in enumerate(workers.items(), 1):
+        await registry.register(worker, f"127.0.0.1:{port}", [("lm", "1")], time.time())
+        await servicer.RenewLease(heartbeat(worker, served), _Operator())
+    await registry.drain("leaving")
+
+    answer = await servicer.RenewLease(heartbeat("canary", workers["canary"]), _Operator())
+    # Its own models come from itself; a draining worker's are gone from the mesh.
+    assert described(answer) == {"embedder": {"1": READY}, "lm": {"1": READY, "3": FAILED}}
+    answer = await servicer.RenewLease(heartbeat("stable", workers["stable"]), _Operator())
+    assert described(answer)["lm"] == {"1": READY, "2": READY, "3": FAILED}
+
+
+async def test_a_worker_from_before_descriptions_counts_with_its_ready_versions(client):
+    registry = WorkerRegistry(client, lease_s=30)
+    servicer = WorkerRegistryServicer(Catalog(client), registry, _refresh)
+    await registry.register("old", "127.0.0.1:1", [("lm", "1"), ("lm", "2")], time.time())
+    await registry.register("new", "127.0.0.1:2", [("lm", "3")], time.time())
+    answer = await servicer.RenewLease(heartbeat("new", [model("lm", ("3", READY))]), _Operator())
+    assert described(answer) == {"lm": {"1": READY, "2": READY}}
+    assert answer.mesh_models[0].default_version == "2"
+
+
+async def test_a_heartbeat_without_descriptions_keeps_the_last_ones(client):
+    registry = WorkerRegistry(client, lease_s=30)
+    servicer = WorkerRegistryServicer(Catalog(client), registry, _refresh)
+    for port, worker in enumerate(("a", "b"), 1):
+        await registry.register(worker, f"127.0.0.1:{port}", [("lm", "1")], time.time())
+    await servicer.RenewLease(
+        heartbeat("a", [model("lm", ("1", READY), ("2", FAILED))]), _Operator()
+    )
+    await servicer.RenewLease(
+        router_pb.RenewLeaseRequest(worker_id="a", models=[ModelRef(name="lm", version="1")]),
+        _Operator(),
+    )
+    answer = await servicer.RenewLease(heartbeat("b", [model("lm", ("1", READY))]), _Operator())
+    assert described(answer) == {"lm": {"1": READY, "2": FAILED}}
+
+
+async def test_malformed_or_oversized_descriptions_are_refused_and_not_stored(client):
+    registry = WorkerRegistry(client, lease_s=30)
+    servicer = WorkerRegistryServicer(Catalog(client), registry, _refresh)
+    await registry.register("w", "127.0.0.1:1", [("lm", "1")], time.time())
+    before = await client.hget(WORKERS_KEY, "w")
+    bad_name = heartbeat("w", [model("lm", ("1", READY)), model("../evil", ("1", READY))])
+    huge = heartbeat("w", [model("lm", ("1", READY))])
+    huge.served_models[0].description = "x" * (MAX_BYTES + 1)
+    for request in (bad_name, huge):
+        with pytest.raises(InvalidArgument):
+            await servicer.RenewLease(request, _Operator())
+    assert await client.hget(WORKERS_KEY, "w") == before
