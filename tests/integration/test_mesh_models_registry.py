@@ -44,7 +44,7 @@ async def _refresh() -> None:
     return None
 
 
-def model(name: str, *versions: tuple[str, int]) -> v2.Model:
+def model(name: str, *versions: tuple[str, v2.ModelVersionState.ValueType]) -> v2.Model:
     return v2.Model(name=name, versions=[v2.ModelVersion(version=v, state=s) for v, s in versions])
 
 

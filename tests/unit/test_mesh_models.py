@@ -20,7 +20,9 @@ FAILED = pb.ModelVersionState.MODEL_VERSION_STATE_FAILED
 GENERATIVE = pb.ModelKind.MODEL_KIND_GENERATIVE
 
 
-def described(name: str, *versions: tuple[str, int], description: str = "") -> pb.Model:
+def described(
+    name: str, *versions: tuple[str, pb.ModelVersionState.ValueType], description: str = ""
+) -> pb.Model:
     return pb.Model(
         name=name,
         kind=GENERATIVE,
