@@ -160,6 +160,31 @@ async def test_output_rule_stops_the_choice_before_the_match_and_meters_its_toke
     assert list(event.policy_hits) == [f"{policy.label} output_block_pattern:0 block output"]
 
 
+async def test_a_match_found_only_when_the_choice_ends_still_stops_it(worker, catalog, tenant):
+    # A short answer (under the filter's hold-back, so only the last scan, at the
+    # end, looks at it) ending in a banned word: the choice lost its final message
+    # (an empty OK stream), its tokens went unbilled and the hit unaudited.
+    service, stub = worker
+    prompt = "the quick brown fox"
+    free, _ = await _generate(stub, f"free-{tenant}", prompt=prompt, max_output_tokens=4)
+    banned = free.split()[-1]
+    rule = PatternRule(rf"(?<!\S){banned}(?!\S)", "banned word")
+    policy = await _attach(
+        service, catalog, tenant, Policy(f"end-{tenant}", 0, output_block_patterns=(rule,))
+    )
+    request_id = f"end-{tenant}"
+    text, finals = await _generate(
+        stub, tenant, prompt=prompt, max_output_tokens=4, request_id=request_id
+    )
+    (final,) = finals
+    assert final.finish_reason == resources.FINISH_REASON_CONTENT_FILTER
+    assert banned not in text.split()
+    event = await _usage_event(service, request_id)
+    assert (event.finish_reason, event.usage.completion_tokens) == ("content_filter", 4)
+    assert final.usage.completion_tokens == 4  # generated, held back, billed
+    assert list(event.policy_hits) == [f"{policy.label} output_block_pattern:0 block output"]
+
+
 async def test_flag_lets_the_request_through_and_counts_it(worker, catalog, tenant):
     service, stub = worker
     policy = await _attach(

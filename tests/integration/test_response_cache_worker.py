@@ -13,11 +13,14 @@ from typing import Any
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 
+from services.core import contract
 from services.inference.pipeline.cache import COMPUTED_SEQUENCES, EMBEDDING_INPUTS
 from services.inference.service import InferenceService
 from tests.answer_headers import call_headers
 from tests.integration.conftest import inference_settings, start_inference
+from tests.integration.test_inference_v2 import _usage_event
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
 
@@ -111,3 +114,45 @@ async def test_concurrent_embeddings_compute_each_distinct_input_once(cached_wor
     assert computed._value.get() - before == len(shared) + len(requests)
     first = [list(e.values) for e in replies[0].embeddings[:3]]
     assert all([list(e.values) for e in r.embeddings[:3]] == first for r in replies)
+
+
+async def test_a_follower_refused_by_its_own_budget_is_not_billed(cached_worker):
+    # A key out of token budget joined a stream another key of its tenant computes:
+    # its caller got RESOURCE_EXHAUSTED, yet a usage event billed it the prompt.
+    service, channel = cached_worker
+    stub = rpc.InferenceServiceStub(channel)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    request = pb.GenerateRequest(model=MODEL, prompt=f"b {uuid.uuid4().hex}", max_output_tokens=20)
+    request.sampling.seed = 5
+
+    def call(key: str, request_id: str, monthly: int = 0) -> Any:
+        mine = pb.GenerateRequest()
+        mine.CopyFrom(request)
+        mine.request_id = request_id
+        metadata = [(contract.TENANT_HEADER, tenant), (contract.KEY_ID_HEADER, key)]
+        if monthly:
+            metadata.append((contract.MONTHLY_TOKENS_HEADER, str(monthly)))
+        return stub.Generate(mine, metadata=metadata)
+
+    leader_id, follower_id = f"lead-{tenant}", f"poor-{tenant}"
+    leader = call(f"rich-{tenant}", leader_id)
+    assert dict(await leader.initial_metadata())["x-tokenmesh-cache"] == "miss"
+    follower = call(f"poor-{tenant}", follower_id, monthly=1)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        async for _ in follower:
+            pass
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    async for _ in leader:
+        pass
+    # Events ship in order: once the leader's (appended after) is in, a follower's is too.
+    await _usage_event(service, leader_id)
+    assert await _usage_events(service, follower_id) == []
+
+
+async def _usage_events(service: InferenceService, request_id: str) -> list[Any]:
+    client = aioredis.from_url(service.settings.redis_url)
+    try:
+        entries: Any = await client.xrange(service.settings.usage_stream)
+        return [f[b"event"] for _, f in entries if f[b"request_id"].decode() == request_id]
+    finally:
+        await client.aclose()

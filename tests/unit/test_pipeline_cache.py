@@ -8,8 +8,10 @@ import pytest
 
 from services.core.settings import SettingsError, load
 from services.inference.pipeline import cache
-from services.inference.pipeline.coalesce import Flights
+from services.inference.pipeline.coalesce import Flights, LeaderLeft
+from services.inference.pipeline.generate import _storable_stream
 from tokenmesh.inference.v2 import inference_pb2
+from tokenmesh.inference.v2 import inference_service_pb2 as pb
 
 
 def test_the_request_field_wins_over_cache_control():
@@ -112,3 +114,24 @@ async def test_a_flight_whose_leader_was_refused_fails_its_waiters():
     with pytest.raises(RuntimeError):
         await anext(reader)
     assert flights.join("k") is None
+
+
+async def test_a_leader_cancelled_before_it_started_sends_its_waiters_to_compute():
+    # Its client left while it reserved its budget: the waiters got its CancelledError,
+    # which no `except Exception` caught, and their callers' RPCs ended as cancelled.
+    flight = Flights[int]().open("k")
+    reader = flight.follow()
+    flight.fail(asyncio.CancelledError())
+    with pytest.raises(LeaderLeft):  # an Exception: the waiter computes its own answer
+        await anext(reader)
+
+
+def test_a_stream_missing_a_choice_s_final_message_is_not_stored():
+    final = pb.GenerateResponse(choice_index=0, text="a")
+    final.finish_reason = inference_pb2.FINISH_REASON_STOP
+    delta = pb.GenerateResponse(choice_index=1, text="b")
+    assert not _storable_stream([final, delta], n=2)  # choice 1 never ended
+    other = pb.GenerateResponse(choice_index=1)
+    other.CopyFrom(final)
+    other.choice_index = 1
+    assert _storable_stream([final, delta, other], n=2)

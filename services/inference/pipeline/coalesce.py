@@ -27,6 +27,11 @@ import numpy as np
 T = TypeVar("T")
 
 
+class LeaderLeft(Exception):
+    """LeaderLeft: the computation was cancelled before it ended (its waiters compute
+    their own answers)."""
+
+
 class Flight(Generic[T]):
     """Flight is one computation and what it produced so far (module docstring)."""
 
@@ -52,7 +57,7 @@ class Flight(Generic[T]):
                 self.items.append(item)
                 self._publish()
         except asyncio.CancelledError:
-            self.error = asyncio.CancelledError()
+            self.error = LeaderLeft()  # an Exception: a late waiter computes its own
             raise
         except Exception as exc:  # handed to every waiter, which raises it in its own RPC
             self.error = exc
@@ -75,8 +80,10 @@ class Flight(Generic[T]):
         self._task = asyncio.create_task(self._run(items, finish))
 
     def fail(self, error: BaseException) -> None:
-        """Ends a flight that could not start (its leader was refused): waiters get `error`."""
-        self.error = error
+        """Ends a flight that could not start (its leader was refused): waiters get `error`,
+        or LeaderLeft if the leader was cancelled (a waiter then computes its own answer:
+        raised as is, its caller's RPC ended as cancelled, although that caller stayed)."""
+        self.error = error if isinstance(error, Exception) else LeaderLeft()
         self.done = True
         self._publish()
         self._release()

@@ -120,6 +120,12 @@ class RequestContent:
                     released += flt.flush()
                 for item in released:
                     yield choice, item
+                if flt.match is not None:
+                    # The choice's last scan (at its end, by flush) found a rule: the
+                    # output is too short for feed to have scanned it, or the match
+                    # ends it. What was held is never sent; the choice ends here.
+                    self._stop(choice, flt, generation)
+                    yield choice, Delta("", [], CONTENT_FILTER)
         finally:
             await stream.aclose()
 

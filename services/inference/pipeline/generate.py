@@ -131,9 +131,12 @@ def decode_stream(entry: bytes) -> list[pb.GenerateResponse]:
     return messages
 
 
-def _storable_stream(messages: Sequence[pb.GenerateResponse]) -> bool:
+def _storable_stream(messages: Sequence[pb.GenerateResponse], n: int) -> bool:
+    """Tells whether a stream may be replayed: every choice ended once, well."""
     finals = [m for m in messages if m.HasField("finish_reason")]
-    return bool(finals) and all(
+    if sorted(m.choice_index for m in finals) != list(range(n)):
+        return False  # a choice without its final message: a cut stream
+    return all(
         finish_reason_name(m.finish_reason) in _STORED_REASONS and not m.HasField("error")
         for m in finals
     )
@@ -267,7 +270,7 @@ class GenerationPipeline:
         await self._reserve_served(generation, prompt_tokens, completion)
         _count(generation, HIT)
         generation.cache_status = HIT
-        await generation.send_headers(context)
+        await self._send_headers_or_release(context, generation)
         first_ms = _elapsed_ms(generation)
         sent, reasons = 0, []
         try:
@@ -299,14 +302,19 @@ class GenerationPipeline:
         sent, reasons, first_ms = 0, [], 0.0
         started = False
         try:
-            async for item in items:
-                if not started:
-                    started = True
-                    await self._reserve_served(generation, generation.prompt_tokens, 0, upper=True)
-                    _count(generation, status)
-                    generation.cache_status = status
-                    await generation.send_headers(context)
-                    first_ms = _elapsed_ms(generation)
+            try:
+                first = await anext(items)
+            except Exception:  # StopAsyncIteration too: it ended with no message
+                yield None  # nothing received: compute it ourselves
+                return
+            # Refused by its own budget: raised before anything is sent or billed.
+            await self._reserve_served(generation, generation.prompt_tokens, 0, upper=True)
+            started = True
+            _count(generation, status)
+            generation.cache_status = status
+            await generation.send_headers(context)
+            first_ms = _elapsed_ms(generation)
+            async for item in _prepend(first, items):
                 message = pb.GenerateResponse()
                 message.CopyFrom(item)
                 message.request_id = generation.request_id
@@ -316,10 +324,6 @@ class GenerationPipeline:
                         _replayed_timing(message.timing, first_ms, _elapsed_ms(generation))
                 yield message
                 sent += len(message.token_ids)
-        except Exception:
-            if started:
-                raise
-            yield None  # nothing received: compute it ourselves
         finally:
             await items.aclose()  # type: ignore[attr-defined]
             if started:
@@ -349,7 +353,7 @@ class GenerationPipeline:
             raise
 
         async def store(ended: Flight[pb.GenerateResponse]) -> None:
-            if ended.error is None and _storable_stream(ended.items):
+            if ended.error is None and _storable_stream(ended.items, generation.spec.n):
                 await stage.store.put(key, encode_stream(ended.items))
 
         flight.start(produce(self.admission, generation), store)
@@ -447,7 +451,7 @@ class GenerationPipeline:
         await self._reserve_served(generation, prompt_tokens, completion)
         _count(generation, status)
         generation.cache_status = status
-        await generation.send_headers(context)
+        await self._send_headers_or_release(context, generation)
         elapsed = _elapsed_ms(generation)
         response.request_id = generation.request_id
         if status == HIT:
@@ -504,6 +508,15 @@ class GenerationPipeline:
         stage = self.cache
         return stage.config.billing if stage is not None else "full"
 
+    async def _send_headers_or_release(self, context: Context, generation: Generation) -> None:
+        """Sends an answer's headers; gives its reservation back if they could not go (the
+        caller left: nothing was served, nothing is recorded)."""
+        try:
+            await generation.send_headers(context)
+        except BaseException:
+            self.admission.release(generation)
+            raise
+
     async def _reserve_served(
         self,
         generation: Generation,
@@ -527,6 +540,14 @@ class GenerationPipeline:
         generation.needed_tokens = prompt + completion
         if generation.needed_tokens:
             await self.admission.reserve(generation)
+
+
+async def _prepend(
+    first: pb.GenerateResponse, rest: AsyncIterator[pb.GenerateResponse]
+) -> AsyncIterator[pb.GenerateResponse]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 def _count(generation: Generation, result: str) -> None:
