@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 
 from gateway import model_routing
 from services.core import contract
+from services.core.breaker import BreakerOpen
 from services.core.errors import (
     FieldViolation,
     InvalidArgument,
@@ -63,6 +64,10 @@ CHARGE_EVERY_TOKENS = 16  # an unreserved stream is charged in chunks of at leas
 # What a budgets call raises while Redis is away or hung (redis-py's errors, and a
 # socket's own: budgets fail open on them).
 BUDGETS_UNAVAILABLE = (RedisError, TimeoutError, OSError)
+# A reservation whose answer never came is taken back in the background: tries
+# 1 s, 2 s, 4 s apart (a Redis stall that timed the call out often outlasts one).
+FORGET_ATTEMPTS = 4
+FORGET_BACKOFF_S = 1.0
 
 
 def token_usage(prompt_tokens: int, completion_tokens: int) -> types_pb2.TokenUsage:
@@ -333,15 +338,26 @@ class Admission:
         """Reserves `request.needed_tokens` in the caller's token budget, before any compute."""
         if not (request.key_id and request.limits.any):
             return
+        # The month it is reserved in, and reconciled in (taken after the call, a
+        # reservation at midnight on the 31st was reconciled into the next month).
+        request.reserved_at = time.time()
         try:
             request.budget_warning = await self.budgets.reserve(
-                request.key_id, request.limits, request.usage_id, request.needed_tokens
+                request.key_id,
+                request.limits,
+                request.usage_id,
+                request.needed_tokens,
+                request.reserved_at,
             )
-            request.reserved_at = time.time()  # the month it is reconciled in
         except BUDGETS_UNAVAILABLE as exc:  # budgets fail open, like request limits
             logger.warning("token budgets unavailable (%s); admitting", type(exc).__name__)
+            if not isinstance(exc, BreakerOpen):
+                self._forget(request)  # sent: it may have reserved, and nobody settles it
             request.unmetered = True
             return
+        except asyncio.CancelledError:
+            self._forget(request)  # the caller left while it was sent
+            raise
         request.reserved_tokens = request.needed_tokens
 
     async def within_budget(self, request: Request, used_tokens: int) -> bool:
@@ -405,6 +421,29 @@ class Admission:
     def release(self, request: Request) -> None:
         """Gives a request's whole reservation back (it was refused before it ran)."""
         self.settle(request, 0, finished=False)
+
+    def _forget(self, request: Request) -> None:
+        """Takes back, in the background, a reservation whose answer never came: an
+        unmetered request (the stream is charged as it goes) or a cancelled one would
+        leave it charged for the month (prompt + max_tokens each)."""
+        task = asyncio.create_task(self._forget_with_retries(request))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _forget_with_retries(self, request: Request) -> None:
+        for attempt in range(FORGET_ATTEMPTS):
+            try:
+                await self.budgets.forget(request.key_id, request.usage_id, request.reserved_at)
+                return
+            except BUDGETS_UNAVAILABLE as exc:
+                if attempt == FORGET_ATTEMPTS - 1:
+                    logger.warning(
+                        "could not take back an unanswered token reservation (%s): it stays "
+                        "charged until the month ends",
+                        type(exc).__name__,
+                    )
+                    return
+                await asyncio.sleep(FORGET_BACKOFF_S * 2**attempt)
 
     async def _reconcile(self, request: Request, reserved: int, used: int, run: Run) -> None:
         try:

@@ -104,6 +104,23 @@ if ARGV[5] == 'finished' then redis.call('SET', KEYS[4], '1', 'EX', tonumber(ARG
 return 1
 """
 
+# KEYS: window zset, window amounts hash, month counter, the request id's charge
+# ARGV: request id, replay ttl s
+# Takes back a reservation whose outcome its worker never learnt (the call timed
+# out or was cancelled after it was sent): refunds what the id was charged, and
+# leaves a charge of 0, so that the reservation, should it reach Redis only now,
+# is taken for a replay and charges nothing. Returns 1 if it refunded.
+_FORGET = """
+local charged = redis.call('GET', KEYS[4])
+if charged then
+  redis.call('INCRBY', KEYS[3], -tonumber(charged))
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+redis.call('SET', KEYS[4], 0, 'EX', tonumber(ARGV[2]))
+if charged then return 1 end
+return 0
+"""
 
 # Which run of a job item a reconcile is for ("": any other request).
 Run = Literal["", "finished", "unfinished"]
@@ -161,6 +178,7 @@ class TokenBudgets:
         # (services.core.breaker): requests are admitted unmetered without waiting.
         self.breaker = Breaker("budgets")
         self._reconcile = client.register_script(_RECONCILE)
+        self._forget = client.register_script(_FORGET)
 
     def _keys(self, key_id: str, now: float) -> tuple[str, str, str]:
         label, _ = _month(now)
@@ -172,12 +190,18 @@ class TokenBudgets:
         """Returns the key holding what a request id was charged (its replays' guard)."""
         return f"tm:budget:{key_id}:req:{request_id}"
 
-    async def reserve(self, key_id: str, limits: Limits, request_id: str, amount: int) -> str:
+    async def reserve(
+        self, key_id: str, limits: Limits, request_id: str, amount: int, now: float | None = None
+    ) -> str:
         """Reserves `amount` tokens or raises ResourceExhausted naming the budget.
+
+        `now` (time.time(); default: now) picks the month: reconcile and forget
+        the reservation with the same. A call that fails after it was sent (a
+        timeout, a cancel) may have reserved: `forget` it.
 
         Returns a warning naming each budget now at or over 80% ("" if none).
         """
-        now = time.time()
+        now = time.time() if now is None else now
         _, until_next_month = _month(now)
         self.breaker.check()  # raises BreakerOpen, a connection error: budgets fail open
         try:
@@ -239,3 +263,13 @@ class TokenBudgets:
             keys=[amounts, month, charge, f"{charge}:finished"],
             args=[request_id, reserved, actual, self.replay_ttl_s, run],
         )
+
+    async def forget(self, key_id: str, request_id: str, reserved_at: float) -> bool:
+        """Takes back a reservation whose answer never came (see _FORGET); returns
+        whether one had been made. `reserved_at`: the `now` it was reserved with."""
+        window, amounts, month = self._keys(key_id, reserved_at)
+        refunded = await self._forget(
+            keys=[window, amounts, month, self._charge_key(key_id, request_id)],
+            args=[request_id, self.replay_ttl_s],
+        )
+        return bool(refunded)

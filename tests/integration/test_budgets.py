@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+import types
 import uuid
 from typing import Any
 
@@ -13,7 +15,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.core.errors import ResourceExhausted
+from services.inference.admission import Admission
 from services.inference.budget import Limits, TokenBudgets
+from services.inference.models import ModelRegistry
 from services.launcher.mesh import spawn_redis
 from tests import mtls
 from tests.integration.conftest import inference_settings, start_inference
@@ -300,3 +304,67 @@ async def test_a_job_item_tried_again_is_billed_its_finished_run(tmp_path, redis
         assert await _month_used(budgets, key) == billed
     finally:
         await client.aclose()
+
+
+async def test_a_reservation_forgotten_is_refunded_and_a_late_one_charges_nothing(budgets):
+    """A reservation whose answer never came is taken back (its request, admitted
+    unmetered or cancelled, would never settle it); one that reaches Redis only after
+    being forgotten is taken for a replay and charges nothing."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    limits = Limits(tokens_per_minute=1000, monthly_tokens=1000)
+    now = time.time()
+    await budgets.reserve(key, limits, "answered-late", 100, now)
+    assert await budgets.forget(key, "answered-late", now)
+    assert await _month_used(budgets, key) == 0
+    assert await budgets.redis.hlen(f"tm:budget:{key}:tpm:amounts") == 0
+    assert not await budgets.forget(key, "arrives-late", now)  # not reserved yet
+    await budgets.reserve(key, limits, "arrives-late", 100, now)
+    assert await _month_used(budgets, key) == 0
+
+
+async def _wait_month_used(budgets: TokenBudgets, key: str, expected: int) -> int:
+    deadline = time.monotonic() + 5
+    while (used := await _month_used(budgets, key)) != expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)  # taken back in the background
+    return used
+
+
+def _request(key: str, needed: int) -> Any:
+    """What Admission.reserve reads of a request (services.inference.admission.Request)."""
+    return types.SimpleNamespace(
+        key_id=key,
+        limits=Limits(monthly_tokens=1000),
+        usage_id=f"u-{uuid.uuid4().hex[:8]}",
+        needed_tokens=needed,
+        reserved_at=0.0,
+        budget_warning="",
+        unmetered=False,
+        reserved_tokens=0,
+    )
+
+
+@pytest.mark.parametrize("ending", ["timeout", "cancel"])
+async def test_a_reservation_whose_answer_never_came_is_taken_back(budgets, ending):
+    """Redis ran the reservation, then the call timed out (a stall) or its caller left:
+    the month stayed charged prompt + max_tokens on top of what the request used."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    admission = Admission(ModelRegistry(), None, budgets, "w")
+    script, ran = budgets._reserve, asyncio.Event()
+
+    async def reserved_then_lost(*args: Any, **kwargs: Any) -> Any:
+        await script(*args, **kwargs)
+        ran.set()
+        if ending == "timeout":
+            raise TimeoutError("Timeout reading from 127.0.0.1:6379")
+        await asyncio.Event().wait()
+
+    budgets._reserve = reserved_then_lost
+    request = _request(key, 100)
+    reserving = asyncio.create_task(admission.reserve(request))
+    await ran.wait()
+    if ending == "cancel":
+        reserving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reserving
+    assert request.reserved_tokens == 0
+    assert await _wait_month_used(budgets, key, 0) == 0
