@@ -20,6 +20,8 @@ Durability, precisely:
   last interval that had not reached Redis yet; nothing older.
 - A power loss can leave a torn last record; opening the spool sets the torn
   tail aside (`events.torn-<offset>`) instead of shipping garbage.
+- A lost cursor write only replays events. The one exception, emptying a
+  shipped spool, syncs the zeroed cursor before it truncates the log.
 fsync runs on its own thread, never on the event loop; grouping the appends
 of an interval into one fsync keeps its cost off the request path.
 """
@@ -51,6 +53,11 @@ _COMPACT_BYTES = 1 << 20  # rewrite the spool once this much is shipped and noth
 SYNC_INTERVAL_S = 0.02  # the most a power loss can lose of what Redis does not have yet
 # Redis unreachable, or refusing for now: the spool rides it out (that is its job).
 _REDIS_UNAVAILABLE = (RedisError, ConnectionError, TimeoutError)
+
+
+def _cursor_record(offset: int) -> bytes:
+    """Returns the cursor file's content for `offset` (fixed width: one small write)."""
+    return b"%020d\n" % offset
 
 
 def _intact_length(data: bytes) -> int:
@@ -153,7 +160,7 @@ class UsageLog:
         # One fixed-width pwrite on a held descriptor: a process crash cannot
         # tear a single small write, and a cursor left behind only replays
         # events (deduplicated downstream) — it never skips one.
-        os.pwrite(self._cursor_fd, b"%020d\n" % offset, 0)
+        os.pwrite(self._cursor_fd, _cursor_record(offset), 0)
         self._cursor = offset
         while self._recent and self._recent[0][0] <= offset:
             self._recent.popleft()  # shipped (from memory or from the file)
@@ -223,8 +230,9 @@ class UsageLog:
         backoff = 0.1
         while True:
             if self.backlog_bytes() == 0:
-                self._compact()
+                # Cleared first: an append while compaction awaits its fsync wakes the wait.
                 self._wake.clear()
+                await self._compact()
                 await self._wake.wait()
             try:
                 await self._ship_batch()
@@ -288,12 +296,34 @@ class UsageLog:
             position += _HEADER.size + size
         return events, offset + position
 
-    def _compact(self) -> None:
-        """Empties a fully shipped spool (runs on the event loop: no append interleaves)."""
-        if self._cursor >= _COMPACT_BYTES and self.backlog_bytes() == 0:
-            # Cursor first: a crash in between replays events (deduplicated
-            # downstream) rather than skipping any.
-            self._write_cursor(0)
-            self._log.truncate(0)
-            self._log.seek(0)
-            self._recent.clear()  # all shipped: offsets start again at 0
+    async def _compact(self) -> None:
+        """Empties a fully shipped spool, unless an event is appended meanwhile."""
+        shipped = self._cursor
+        if shipped < _COMPACT_BYTES or self.backlog_bytes() > 0:
+            return
+        # The cursor must read 0 *on disk* before the log is emptied. Unsynced,
+        # a power loss could keep the old cursor's page (>= 1 MiB) while new,
+        # synced events lie below it: on restart the clamped cursor would skip
+        # them. Every other cursor write may be lost: an old cursor only
+        # replays events (deduplicated downstream). So this write alone is
+        # synced, once per `_COMPACT_BYTES` shipped, on the sync thread (never
+        # on the event loop).
+        os.pwrite(self._cursor_fd, _cursor_record(0), 0)
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._syncer, self._fsync, self._cursor_fd)
+        except BaseException:
+            # Stopped (or the disk failed): the spool stays as it is.
+            os.pwrite(self._cursor_fd, _cursor_record(shipped), 0)
+            raise
+        if self._log.tell() != shipped:
+            # Appended during the fsync: those events are not shipped and stay;
+            # the next idle moment compacts. (Should this write be lost, the 0
+            # on disk only replays the shipped events.)
+            os.pwrite(self._cursor_fd, _cursor_record(shipped), 0)
+            return
+        # No await from here on: no append interleaves.
+        self._cursor = 0
+        self._log.truncate(0)
+        self._log.seek(0)
+        self._recent.clear()  # all shipped: offsets start again at 0

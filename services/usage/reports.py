@@ -10,7 +10,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from google.protobuf import timestamp_pb2
 
-from services.usage.meter import PREFIX, bucket_key, bucket_start, next_bucket
+from services.usage.meter import PREFIX, Retention, bucket_key, bucket_start, next_bucket
 from tokenmesh.usage.v1 import usage_pb2, usage_service_pb2
 
 _GRANULARITY: dict[int, str] = {
@@ -20,6 +20,13 @@ _GRANULARITY: dict[int, str] = {
     usage_pb2.GRANULARITY_MONTH: "month",
 }
 MAX_BUCKETS = 2000
+_COARSE_TO_FINE = ("month", "day", "hour", "minute")
+# The meter's bucket retention (the usage service sets only the audit log's).
+_RETENTION = Retention()
+# A bucket's hash expires its granularity's retention after its last increment,
+# which comes after the bucket starts, but by other clocks (the worker's, Redis's):
+# a bucket is read only while it is this much inside its retention.
+_CLOCK_MARGIN_S = 3600
 
 
 @dataclass
@@ -74,24 +81,53 @@ def month_start(now: float) -> int:
     return bucket_start(now, "month")
 
 
-def plan_buckets(start: float, end: float) -> list[tuple[str, int]]:
+@dataclass(frozen=True)
+class BucketPlan:
+    """BucketPlan is the buckets a report reads and the range they cover exactly."""
+
+    buckets: list[tuple[str, int]]
+    start: int  # the effective range: [start, end)
+    end: int
+
+
+def _finest_kept(at: int, now: float, retention: Retention) -> str:
+    """Returns the finest granularity whose bucket holding `at` is surely still kept."""
+    for granularity in ("minute", "hour", "day"):
+        if bucket_start(at, granularity) + retention.of(granularity) - _CLOCK_MARGIN_S > now:
+            return granularity
+    return "month"  # older than every retention: a month bucket, if anything, is left
+
+
+def plan_buckets(
+    start: float, end: float, *, now: float, retention: Retention = _RETENTION
+) -> BucketPlan:
     """Covers [start, end) with the fewest whole buckets (months, days, hours, minutes).
 
-    Minute resolution at the edges: usage is exact to the minute.
+    The edges are the finest buckets still kept: a minute for recent usage,
+    the hour (or day, or month) holding an edge whose minutes (or hours, or
+    days) have expired. An expired bucket reads as empty, so a report from it
+    would silently leave usage out; a billing user would rather be billed for
+    a range a little wider than asked, and told so (the effective range in the
+    response), than read a wrong total. Refusing the range instead would
+    break the plainest query, "the last 7 days".
     """
     out: list[tuple[str, int]] = []
-    cursor = int(start) // 60 * 60
+    first = bucket_start(start, _finest_kept(int(start), now, retention))
+    cursor = first
     # `end` stays fractional: truncated, a report asked for in the first second
     # of a minute would leave out that minute's bucket and what it holds.
     while cursor < end:
-        for granularity in ("month", "day", "hour", "minute"):
+        # `cursor` is a boundary of `finest`: a later bucket is kept at least as
+        # finely as an earlier one, and a coarse boundary is a finer one too.
+        finest = _finest_kept(cursor, now, retention)
+        for granularity in _COARSE_TO_FINE[: _COARSE_TO_FINE.index(finest) + 1]:
             aligned = bucket_start(cursor, granularity) == cursor
             following = next_bucket(cursor, granularity)
-            if aligned and following <= end or granularity == "minute":
+            if aligned and following <= end or granularity == finest:
                 out.append((granularity, cursor))
                 cursor = following
                 break
-    return out
+    return BucketPlan(out, first, cursor)
 
 
 class UsageReader:
@@ -122,7 +158,9 @@ class UsageReader:
         self, scope: str, start: float, end: float, granularity: int, by_version: bool
     ) -> usage_service_pb2.GetUsageResponse:
         """Builds a GetUsage response for one scope."""
-        overall, per_model = await self.totals(scope, plan_buckets(start, end), by_version)
+        plan = plan_buckets(start, end, now=now())
+        start, end = plan.start, plan.end  # what the totals cover: the response says so
+        overall, per_model = await self.totals(scope, plan.buckets, by_version)
         totals = overall.to_pb()
         response = usage_service_pb2.GetUsageResponse(
             requests=totals.requests,

@@ -25,7 +25,7 @@ from services.usage.dimensions import (
     totals,
 )
 from services.usage.meter import bucket_key, bucket_start, dimension_key, next_bucket
-from services.usage.reports import MAX_BUCKETS, plan_buckets
+from services.usage.reports import MAX_BUCKETS, now, plan_buckets
 from tokenmesh.usage.v2 import usage_pb2, usage_service_pb2
 
 _GRANULARITY: dict[int, str] = {
@@ -124,7 +124,9 @@ class DimensionReader:
         self, scope: str, start: float, end: float, granularity: int, dimension: str
     ) -> usage_service_pb2.GetUsageResponse:
         """Builds a v2 GetUsage response for one scope, grouped by `dimension`."""
-        overall, groups = await self._grouped(scope, plan_buckets(start, end), dimension)
+        plan = plan_buckets(start, end, now=now())
+        start, end = plan.start, plan.end  # what the totals cover: the response says so
+        overall, groups = await self._grouped(scope, plan.buckets, dimension)
         response = usage_service_pb2.GetUsageResponse(
             totals=totals_pb(overall),
             group_by=dimension,

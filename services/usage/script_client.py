@@ -161,7 +161,7 @@ class ScriptClient:
     """ScriptClient runs one Lua script on a redis:// URL, pipelining concurrent calls.
 
     Args:
-        url: redis://[:password@]host[:port][/db].
+        url: redis://[username:password@]host[:port][/db] (username, optional: an ACL user).
         script: the Lua source.
         timeout_s: how long a call may wait for its reply.
     """
@@ -172,6 +172,7 @@ class ScriptClient:
             raise ValueError("ScriptClient speaks plain redis:// only")
         self.host = parsed.hostname or "127.0.0.1"
         self.port = parsed.port or 6379
+        self.username = urllib.parse.unquote(parsed.username) if parsed.username else None
         self.password = urllib.parse.unquote(parsed.password) if parsed.password else None
         self.db = int(parsed.path.strip("/") or 0)
         self.script = script
@@ -215,7 +216,11 @@ class ScriptClient:
                 raise ScriptUnavailable(type(exc).__name__) from None
             # Callers see the connection only once it is set up, so no
             # command of theirs can overtake AUTH or SELECT.
-            if self.password:
+            if self.username:
+                # An ACL user: AUTH with the password alone would log in as "default".
+                auth = _command("AUTH", self.username, self.password or "")
+                await self._expect_ok(protocol, auth)
+            elif self.password:
                 await self._expect_ok(protocol, _command("AUTH", self.password))
             if self.db:
                 await self._expect_ok(protocol, _command("SELECT", self.db))
