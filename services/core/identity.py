@@ -258,20 +258,28 @@ class ClientChannel:
     `get()` returns the current channel; once this component's certificate
     files change, it opens a new channel with them (in-flight calls finish on
     the old one, which is closed on `close()`). Without `files`: plaintext.
+    `options` are gRPC channel arguments for every channel it opens.
     """
 
-    def __init__(self, target: str, files: IdentityFiles | None, peer: str) -> None:
+    def __init__(
+        self,
+        target: str,
+        files: IdentityFiles | None,
+        peer: str,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
         self.target = target
         self.files = files
         self.peer = peer
+        self.options = tuple(options)
         self._version = files.version() if files is not None else None
         self._channel = self._open()
         self._old: list[grpc.aio.Channel] = []
 
     def _open(self) -> grpc.aio.Channel:
         if self.files is None:
-            return grpc.aio.insecure_channel(self.target)
-        return secure_channel(self.target, self.files, self.peer)
+            return grpc.aio.insecure_channel(self.target, options=self.options)
+        return secure_channel(self.target, self.files, self.peer, self.options)
 
     def get(self) -> grpc.aio.Channel:
         """Returns the channel to use now (a new one after a certificate rotation)."""

@@ -11,12 +11,14 @@ Backpressure: no worker for the model, a worker's full queue or drain
 (UNAVAILABLE), the owner's exhausted token budget (RESOURCE_EXHAUSTED) and
 the like make the item wait (RetryInfo's delay, else exponential backoff
 with jitter) and try again until the job's deadline; any other status is the
-item's result. A call cut by the call timeout (TOKENMESH_JOBS_CALL_TIMEOUT_SECONDS)
-is tried again with twice the timeout, and so on (within the job's deadline):
-with the same timeout, an item longer than it ran again and again, each run cut
-and wasted. Doubling wastes at most what the run that finishes takes, and an
-item that only waited in a busy worker's queue (the worker cannot tell the
-two apart either) is not failed for it.
+item's result, and so is a RESOURCE_EXHAUSTED that gRPC raised itself (an
+answer past the message size limit: `waits`). A call cut by the call timeout
+(TOKENMESH_JOBS_CALL_TIMEOUT_SECONDS) is tried again with twice the timeout,
+and so on (within the job's deadline): with the same timeout, an item longer
+than it ran again and again, each run cut and wasted. Doubling wastes at most
+what the run that finishes takes, and an item that only waited in a busy
+worker's queue (the worker cannot tell the two apart either) is not failed
+for it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from google.rpc import error_details_pb2, status_pb2
 from services.core import contract
 from services.core.identity import ClientChannel
 from services.core.pki import IdentityFiles
+from services.core.server import MAX_MESSAGE_BYTES
 from services.jobs.workers import Placement, WorkerDirectory
 from tokenmesh.inference.v2 import inference_pb2, inference_service_pb2_grpc
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
@@ -57,6 +60,9 @@ WAIT_CODES = frozenset(
     }
 )
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# A worker may answer up to the servers' message cap; a client channel accepts only
+# 4 MiB unless told otherwise, and an item answered with more failed every try.
+WORKER_CHANNEL_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),)
 
 
 class DeadlinePassed(Exception):
@@ -147,6 +153,20 @@ def retry_delay_s(status: status_pb2.Status | None) -> float | None:
     return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
 
 
+def waits(error: grpc.aio.AioRpcError, status: status_pb2.Status | None) -> bool:
+    """Whether a failed call means "not now" (the item tries again) rather than a result.
+
+    A RESOURCE_EXHAUSTED from a worker (a full queue, a limit, a spent budget) carries
+    an ErrorInfo or a RetryInfo; one with neither is gRPC's own, raised here: a message
+    past a size limit, which fails again however long the item waits.
+    """
+    code = error.code()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        has_info = next(_details(status, error_details_pb2.ErrorInfo), None) is not None
+        return has_info or retry_delay_s(status) is not None
+    return code in WAIT_CODES
+
+
 def usage_of(usage: inference_pb2.Usage) -> tuple[int, int, int]:
     """Returns (prompt, completion, cached) tokens of a v2 Usage."""
     return usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens
@@ -185,7 +205,9 @@ class ItemExecutor:
     def _stub(self, address: str) -> inference_service_pb2_grpc.InferenceServiceAsyncStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = ClientChannel(address, self.files, contract.WORKER)
+            channel = self._channels[address] = ClientChannel(
+                address, self.files, contract.WORKER, WORKER_CHANNEL_OPTIONS
+            )
         return inference_service_pb2_grpc.InferenceServiceStub(channel.get())
 
     async def run(
@@ -224,7 +246,7 @@ class ItemExecutor:
                 status = status_details(error)
                 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     call_timeout_s *= 2  # the next try gets twice as long (see module)
-                if error.code() not in WAIT_CODES:
+                if not waits(error, status):
                     failed = error_result(
                         index,
                         error.code(),

@@ -301,6 +301,19 @@ class BatchRecord:
         return job_id_of(self.batch_id)
 
 
+# KEYS: an owner's batches. ARGV: the batch the page follows ("": none), limit.
+# Returns up to limit + 1 ids (one more tells that more follow), newest first, after
+# `after` (from the newest when it is not listed). One script: in two round trips,
+# a batch created between the rank and the range shifted the ranks, and the page
+# repeated the batch it should follow.
+_PAGE = """
+local rank = false
+if ARGV[1] ~= '' then rank = redis.call('ZREVRANK', KEYS[1], ARGV[1]) end
+local start = rank and rank + 1 or 0
+return redis.call('ZREVRANGE', KEYS[1], start, start + tonumber(ARGV[2]))
+"""
+
+
 class BatchStore:
     """BatchStore keeps batches' records next to their jobs.
 
@@ -312,34 +325,36 @@ class BatchStore:
     def __init__(self, client: aioredis.Redis, retention_s: int) -> None:
         self.redis = client
         self.retention_s = retention_s
+        self._page = client.register_script(_PAGE)
 
-    async def create(
+    def queue_creation(
         self,
+        pipe: Any,
         job_id: str,
         owner: str,
         request: BatchRequest,
         lines: Sequence[BatchLine],
         deadline_ms: int,
     ) -> str:
-        """Stores the batch a job runs; returns its id."""
+        """Queues the record of the batch a job runs into `pipe` (the job's creating
+        transaction: JobStore.create's `also`, so neither exists without the other);
+        returns the batch's id."""
         batch_id = batch_id_of(job_id)
         created = now_ms()
         ttl_s = max(1, (deadline_ms - created) // 1000) + self.retention_s
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                batch_key(batch_id),
-                mapping={
-                    "owner": owner,
-                    "endpoint": request.endpoint,
-                    "input_file_id": request.input_file_id,
-                    "metadata": json.dumps(request.metadata),
-                    "created_ms": created,
-                    "lines": json.dumps([[line.custom_id, line.options] for line in lines]),
-                },
-            )
-            pipe.expire(batch_key(batch_id), ttl_s)
-            pipe.zadd(owner_batches_key(owner), {batch_id: created})
-            await pipe.execute()
+        pipe.hset(
+            batch_key(batch_id),
+            mapping={
+                "owner": owner,
+                "endpoint": request.endpoint,
+                "input_file_id": request.input_file_id,
+                "metadata": json.dumps(request.metadata),
+                "created_ms": created,
+                "lines": json.dumps([[line.custom_id, line.options] for line in lines]),
+            },
+        )
+        pipe.expire(batch_key(batch_id), ttl_s)
+        pipe.zadd(owner_batches_key(owner), {batch_id: created})
         return batch_id
 
     async def get(self, batch_id: str, owner: str) -> BatchRecord | None:
@@ -362,12 +377,9 @@ class BatchStore:
     async def page(self, owner: str, after: str, limit: int) -> tuple[list[str], bool]:
         """Returns up to `limit` of an owner's batch ids, newest first, after the batch
         `after` (its creation time), and whether more follow."""
-        key = owner_batches_key(owner)
         # By the batch's place, not its creation time alone: a page that ended at one
         # of several batches created in the same millisecond skipped the others.
-        rank: Any = await self.redis.zrevrank(key, after) if after else None
-        start = 0 if rank is None else rank + 1  # an unknown `after`: from the newest
-        raw: Any = await self.redis.zrevrange(key, start, start + limit)
+        raw: Any = await self._page(keys=[owner_batches_key(owner)], args=[after, limit])
         ids = [text(r) for r in raw]
         return ids[:limit], len(ids) > limit
 

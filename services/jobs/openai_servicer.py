@@ -31,6 +31,7 @@ from services.inference.openai import errors as openai_errors
 from services.inference.openai import shapes
 from services.jobs import openai_batches as batches
 from services.jobs import validation
+from services.jobs.chunking import RESULTS_PER_READ, byte_chunks
 from services.jobs.openai_files import FileStore, file_object, parse_upload
 from services.jobs.store import (
     CANCELLED,
@@ -48,7 +49,6 @@ from tokenmesh.openai.v1 import openai_batch_service_pb2_grpc
 T = TypeVar("T")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OpenAIBatchService"].full_name
 BATCH_WINDOW_S = 24 * 3600.0  # completion_window "24h", the only one OpenAI offers
-RESULTS_PER_CHUNK = 500  # results read (and lines sent) at a time
 JSONL = "application/jsonl"
 
 
@@ -144,7 +144,9 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
                     raise _not_found("file", request.file_id)
                 return _json(stored.to_json())
             batch, job, errors = await self._result_file(owner, request.file_id)
-            size = sum(len(chunk) for chunk in await self._render_all(batch, job, errors))
+            size = 0
+            async for line in self._render(batch, job, errors):
+                size += len(line)
             kind = "errors" if errors else "output"
             return _json(
                 file_object(
@@ -175,7 +177,8 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
             yield HttpBody(content_type=JSONL, data=data)
             return
         sent = False
-        async for chunk in self._render(batch, job, errors):
+        # By size, not by line count (services/jobs/chunking.py).
+        async for chunk in byte_chunks(self._render(batch, job, errors)):
             yield HttpBody(content_type=JSONL, data=chunk) if not sent else HttpBody(data=chunk)
             sent = True
         if not sent:
@@ -215,30 +218,22 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
     async def _render(
         self, batch: batches.BatchRecord, job: JobRecord, errors: bool
     ) -> AsyncIterator[bytes]:
-        """Yields a result file's lines, a chunk of results at a time, in request order."""
+        """Yields a result file's lines, one at a time, in request order."""
         created = job.number("ended_ms") // 1000
         total = len(batch.lines)
-        for start in range(0, total, RESULTS_PER_CHUNK):
-            indexes = list(range(start, min(start + RESULTS_PER_CHUNK, total)))
+        for start in range(0, total, RESULTS_PER_READ):
+            indexes = list(range(start, min(start + RESULTS_PER_READ, total)))
             stored = await self.jobs.results(batch.job_id, indexes)
-            chunk = bytearray()
             for index, raw in zip(indexes, stored, strict=True):
                 if raw is None:
                     if errors and job.status in batches.NEVER_RAN:
-                        chunk += batches.unrun_line(batch, index, job.status)
+                        yield batches.unrun_line(batch, index, job.status)
                     continue
                 result = jobs_pb2.JobResult.FromString(raw)
                 result.request_id = request_id(batch.job_id, index)
                 line, is_error = batches.output_line(batch, result, created)
                 if is_error == errors:
-                    chunk += line
-            if chunk:
-                yield bytes(chunk)
-
-    async def _render_all(
-        self, batch: batches.BatchRecord, job: JobRecord, errors: bool
-    ) -> list[bytes]:
-        return [chunk async for chunk in self._render(batch, job, errors)]
+                    yield line
 
     # -- batches ----------------------------------------------------------
 
@@ -267,10 +262,13 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
                     metadata={"openai.input_file_id": wanted.input_file_id},
                     idempotency_key="",
                     deadline_ms=deadline_ms,
-                )
+                ),
+                # One transaction with the job: neither is written without the other.
+                also=lambda pipe, new_id: self.batches.queue_creation(
+                    pipe, new_id, owner.lane, wanted, lines, deadline_ms
+                ),
             )
-            batch_id = await self.batches.create(job_id, owner.lane, wanted, lines, deadline_ms)
-            return _json(await self._object(owner, batch_id))
+            return _json(await self._object(owner, batches.batch_id_of(job_id)))
 
         return await _answer(context, "CreateBatch", work)
 

@@ -6,10 +6,11 @@ hold back another's: each lane has at most `lane_concurrency` items running
 per replica, and all lanes together at most `concurrency` calls in flight.
 An entry stays pending until its item's result is stored (the same script
 acknowledges it), and this replica keeps its running entries' idle time low
-(XCLAIM to itself). Entries a crashed replica left pending are taken over
-with XAUTOCLAIM once idle `claim_idle_s`; on start a replica first resumes its
-own (its consumer name is stable: the host name). Acknowledged entries are
-trimmed from the streams.
+(XCLAIM to itself, of the entries it still owns: one another replica took over
+meanwhile is stopped here, not taken back). Entries a crashed replica left
+pending are taken over with XAUTOCLAIM once idle `claim_idle_s`; on start a
+replica first resumes its own (its consumer name is stable: the host name).
+Acknowledged entries are trimmed from the streams.
 
 A job that ends while its items run (cancelled, expired) has them stopped:
 `watch_ended` sees its status and cancels their calls; their entries are
@@ -36,6 +37,26 @@ from services.jobs.store import FINAL, JobStore
 logger = logging.getLogger(__name__)
 # The most items a replica holds per slot, waiting ones included (a bound on memory).
 HELD_PER_SLOT = 32
+# Entry ids per heartbeat script call (a Lua call unpacks its arguments on a bounded stack).
+HEARTBEAT_BATCH = 1000
+# KEYS: stream. ARGV: group, consumer, entry ids.
+# Claims (resetting their idle time) the ids this consumer owns in the group's
+# pending list; returns the others (another consumer's now, or acknowledged).
+_KEEP_OWNED = """
+local mine, lost = {}, {}
+for i = 3, #ARGV do
+  local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if entry[1] ~= nil and entry[1][2] == ARGV[2] then
+    mine[#mine + 1] = ARGV[i]
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+if #mine > 0 then
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine), 'JUSTID')
+end
+return lost
+"""
 EntryKey = tuple[str, str]  # (stream, entry id)
 
 
@@ -68,6 +89,7 @@ class Runner:
         self.lane_concurrency = lane_concurrency
         self.claim_idle_s = claim_idle_s
         self._slots = asyncio.Semaphore(concurrency)
+        self._keep_owned = self.redis.register_script(_KEEP_OWNED)
         # Set when an item ends: a lane may have a free slot again.
         self._slot_freed = asyncio.Event()
         self._tasks: dict[EntryKey, asyncio.Task[None]] = {}
@@ -244,15 +266,39 @@ class Runner:
             logger.info("took over %d items from a replica that stopped", claimed)
         return claimed
 
-    async def heartbeat(self) -> None:
-        """Resets the idle time of this replica's running entries (nobody takes them over)."""
-        by_stream: dict[str, list[Any]] = collections.defaultdict(list)
+    async def heartbeat(self) -> list[EntryKey]:
+        """Resets the idle time of the running entries this consumer still owns (nobody
+        takes them over), and stops those it lost; returns the lost ones.
+
+        An entry is lost when another replica took it over (this one stalled past
+        `claim_idle_s`) or it is no longer pending. Claimed back regardless (XCLAIM
+        with no idle time takes an entry from whoever owns it), the item ran on both
+        replicas. A lost item's task is cancelled without acknowledging its entry:
+        the entry is the new owner's to finish.
+        """
+        by_stream: dict[str, list[str]] = collections.defaultdict(list)
         for stream, entry_id in self._tasks:
             by_stream[stream].append(entry_id)
+        lost: list[EntryKey] = []
         for stream, ids in by_stream.items():
-            await self.redis.xclaim(
-                stream, jobstore.GROUP, self.consumer, min_idle_time=0, message_ids=ids, justid=True
-            )
+            for start in range(0, len(ids), HEARTBEAT_BATCH):
+                batch = ids[start : start + HEARTBEAT_BATCH]
+                try:
+                    reply: Any = await self._keep_owned(
+                        keys=[stream], args=[jobstore.GROUP, self.consumer, *batch]
+                    )
+                except ResponseError as exc:
+                    if not jobstore.is_missing_group(exc):
+                        raise
+                    reply = batch  # the stream expired, its entries with it
+                lost += [(stream, text(entry_id)) for entry_id in reply]
+        for key in lost:
+            task = self._tasks.get(key)
+            if task is not None and key not in self._ending:
+                task.cancel()  # not in _ending: its entry stays pending (_run_entry)
+        if lost:
+            logger.warning("stopped %d items this replica no longer owns", len(lost))
+        return lost
 
     async def watch_ended(self) -> None:
         """Stops the running items of jobs that were cancelled or expired."""

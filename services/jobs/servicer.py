@@ -25,6 +25,7 @@ from services.core.errors import (
 )
 from services.core.interceptors import Context, request_headers
 from services.jobs import signing, ssrf, validation, views
+from services.jobs.chunking import RESULTS_PER_READ, byte_chunks
 from services.jobs.store import (
     CANCELLED,
     EXPIRED,
@@ -40,7 +41,6 @@ from services.jobs.store import (
 from tokenmesh.jobs.v1 import jobs_pb2, jobs_service_pb2_grpc
 from tokenmesh.jobs.v1 import jobs_service_pb2 as pb
 
-DOWNLOAD_CHUNK = 500  # results per HttpBody message of a JSONL download
 WATCH_POLL_S = 0.5
 WATCH_KEEPALIVE_S = 15.0  # an unchanged job is sent again this often (idle timeouts)
 # What a result says for an item a cancelled or expired job never ran.
@@ -216,15 +216,21 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
         self, request: pb.DownloadJobResultsRequest, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         record = await self._owned(context, request.id)
-        total = record.number("total")
-        for start in range(0, total, DOWNLOAD_CHUNK):
-            results = await self._results(record, start, min(start + DOWNLOAD_CHUNK, total))
-            lines = "".join(
-                json.dumps(views.to_json(r), separators=(",", ":")) + "\n" for r in results
-            )
-            yield httpbody_pb2.HttpBody(content_type="application/jsonl", data=lines.encode())
-        if total == 0:
+        sent = False
+        # By size, not by result count (services/jobs/chunking.py).
+        async for chunk in byte_chunks(self._jsonl(record)):
+            yield httpbody_pb2.HttpBody(content_type="application/jsonl", data=chunk)
+            sent = True
+        if not sent:
             yield httpbody_pb2.HttpBody(content_type="application/jsonl", data=b"")
+
+    async def _jsonl(self, record: JobRecord) -> AsyncIterator[bytes]:
+        """Yields a job's results as JSON lines, one at a time, in item order."""
+        total = record.number("total")
+        for start in range(0, total, RESULTS_PER_READ):
+            for result in await self._results(record, start, min(start + RESULTS_PER_READ, total)):
+                line = json.dumps(views.to_json(result), separators=(",", ":")) + "\n"
+                yield line.encode()
 
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: Context

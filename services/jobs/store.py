@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,7 +236,10 @@ RETIRED_STREAM_TTL_S = 86400
 # its round was delivered already, or a redelivery started a new one (a replica
 # whose lease ran out while it waited; its failure overwrote the success of the
 # replica that sent the event after it). Returns 1 when the state changed.
+# This script, _REDELIVER and _NEXT_ATTEMPT first check that the job is still there:
+# a write after it expired made its hash (and attempts) anew, kept for good.
 _RECORD_ATTEMPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[3], ARGV[1]) return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
 local ttl = redis.call('TTL', KEYS[1])
@@ -257,11 +260,33 @@ return 1
 # KEYS: job, hooks. ARGV: job id, now ms. A new round of attempts, due now;
 # `round_start` is where the round's attempt count starts (the retry schedule).
 _REDELIVER = """
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) return 0 end
 local attempts = redis.call('HGET', KEYS[1], 'webhook_attempts') or '0'
 redis.call('HSET', KEYS[1], 'webhook_state', 'PENDING', 'webhook_next_ms', ARGV[2],
            'round_start', attempts)
 redis.call('ZADD', KEYS[2], tonumber(ARGV[2]), ARGV[1])
 return 1
+"""
+
+# KEYS: job, hooks. ARGV: job id. Counts a delivery attempt; returns its number
+# (0: the job is gone, and so is its webhook).
+_NEXT_ATTEMPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) return 0 end
+return redis.call('HINCRBY', KEYS[1], 'webhook_attempts', 1)
+"""
+
+# KEYS: an owner's zset (members scored by creation ms). ARGV: the member the page
+# follows ("": none), count, created before (ms). One script: in two round trips, a
+# job created between the rank and the range shifted the ranks, and the page
+# repeated the member it should follow.
+_PAGE_AFTER = """
+local rank = false
+if ARGV[1] ~= '' then rank = redis.call('ZREVRANK', KEYS[1], ARGV[1]) end
+if rank then
+  return redis.call('ZREVRANGE', KEYS[1], rank + 1, rank + tonumber(ARGV[2]), 'WITHSCORES')
+end
+return redis.call('ZREVRANGEBYSCORE', KEYS[1], '(' .. ARGV[3], '-inf', 'WITHSCORES',
+                  'LIMIT', 0, tonumber(ARGV[2]))
 """
 
 # KEYS: secrets hash. ARGV: new secret, overlap ms, now ms. Returns 1.
@@ -303,6 +328,10 @@ class Owner:
     def lane(self) -> str:
         """Returns the concurrency lane: the tenant, else the key."""
         return f"t.{self.tenant}" if self.tenant else f"k.{self.key_id}"
+
+
+# Queues writes into a job's creating transaction: (pipeline, job id) -> ignored.
+AlsoCreate = Callable[[Any, str], object]
 
 
 @dataclass(frozen=True)
@@ -385,13 +414,21 @@ class JobStore:
         self._rotate_secret = client.register_script(_ROTATE_SECRET)
         self._reseal_secret = client.register_script(_RESEAL_SECRET)
         self._redeliver = client.register_script(_REDELIVER)
+        self._next_attempt = client.register_script(_NEXT_ATTEMPT)
+        self._page_after = client.register_script(_PAGE_AFTER)
         self._retire_lane = client.register_script(_RETIRE_LANE)
         self._groups: set[str] = set()
 
     # -- creation ---------------------------------------------------------
 
-    async def create(self, job: NewJob) -> tuple[str, bool]:
-        """Creates a job (or finds the one its idempotency key made); returns (id, created)."""
+    async def create(self, job: NewJob, also: AlsoCreate | None = None) -> tuple[str, bool]:
+        """Creates a job (or finds the one its idempotency key made); returns (id, created).
+
+        also: queues more writes, given the transaction and the new job's id, that
+            commit with the job or not at all (an OpenAI batch's record: written
+            apart, a failure between the two left a running, billed job without
+            its batch, and the client's retry ran and billed it again).
+        """
         idem = (
             f"{PREFIX}idem:{job.owner.key_id}:{job.idempotency_key}" if job.idempotency_key else ""
         )
@@ -412,6 +449,8 @@ class JobStore:
                     # retired meanwhile (its stream deleted) comes back whole.
                     pipe.xgroup_create(stream, GROUP, id="0", mkstream=True)
                     self._queue_creation(pipe, job_id, job, stream)
+                    if also is not None:
+                        also(pipe, job_id)
                     if idem:
                         pipe.set(idem, job_id, ex=IDEMPOTENCY_TTL_S)
                     replies = await pipe.execute(raise_on_error=False)
@@ -530,15 +569,8 @@ class JobStore:
         By the job's place, not its time alone: a page that ended at one of several
         jobs created in the same millisecond skipped the others.
         """
-        key = owner_key(key_id)
-        rank: Any = await self.redis.zrevrank(key, after) if after else None
-        if rank is not None:
-            raw: Any = await self.redis.zrevrange(key, rank + 1, rank + count, withscores=True)
-        else:
-            raw = await self.redis.zrevrangebyscore(
-                key, f"({before_ms}", "-inf", start=0, num=count, withscores=True
-            )
-        return [(text(member), int(score)) for member, score in raw]
+        raw: Any = await self._page_after(keys=[owner_key(key_id)], args=[after, count, before_ms])
+        return [(text(raw[i]), int(float(raw[i + 1]))) for i in range(0, len(raw), 2)]
 
     async def forget_owned(self, key_id: str, job_ids: Sequence[str]) -> None:
         """Drops jobs whose records expired from a key's list."""
@@ -626,9 +658,11 @@ class JobStore:
         """Forgets a due webhook that has nothing to send (its job is gone or it was sent)."""
         await self.redis.zrem(HOOKS_KEY, job_id)
 
-    async def next_attempt(self, job_id: str) -> int:
-        """Counts a delivery attempt; returns its number."""
-        return int(await self.redis.hincrby(job_key(job_id), "webhook_attempts", 1))
+    async def next_attempt(self, job_id: str) -> int | None:
+        """Counts a delivery attempt; returns its number (None: the job is gone, and its
+        webhook with it)."""
+        number = int(await self._next_attempt(keys=[job_key(job_id), HOOKS_KEY], args=[job_id]))
+        return number or None
 
     async def record_attempt(
         self,
@@ -654,9 +688,12 @@ class JobStore:
         )
         return bool(changed)
 
-    async def redeliver(self, job_id: str) -> None:
-        """Makes a final job's webhook due now, for a new round of attempts."""
-        await self._redeliver(keys=[job_key(job_id), HOOKS_KEY], args=[job_id, now_ms()])
+    async def redeliver(self, job_id: str) -> bool:
+        """Makes a final job's webhook due now, for a new round of attempts; False when
+        the job is gone."""
+        return bool(
+            await self._redeliver(keys=[job_key(job_id), HOOKS_KEY], args=[job_id, now_ms()])
+        )
 
     # -- webhook secrets --------------------------------------------------
 

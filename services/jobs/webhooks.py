@@ -141,6 +141,8 @@ class WebhookSender:
             await self.store.drop_hook(job_id)
             return
         number = await self.store.next_attempt(job_id)
+        if number is None:
+            return  # the job expired since it was read (the script dropped its webhook)
         record.fields["webhook_attempts"] = str(number)
         job = views.job_pb(record, await self.store.attempts(job_id))
         started = time.time()

@@ -1,0 +1,43 @@
+"""Cuts a download's bytes into messages of a bounded size.
+
+A result file's lines are sent as a byte stream of HttpBody messages. Sized
+by result count (500 lines a message), one message of large results (3072-dim
+embeddings, ~65 KB a line) was ~33 MB, past the server's 16 MiB message cap
+(services.core.server.MAX_MESSAGE_BYTES): every download of such a batch
+ended RESOURCE_EXHAUSTED. Messages are cut by size instead, and a byte stream
+may be cut anywhere, so one line larger than a message spans several.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+
+# Well under the server's 16 MiB cap and a client's default 4 MiB receive limit.
+MESSAGE_BYTES = 1024 * 1024
+# Results read from Redis at a time: a read is held in memory until it is sent.
+RESULTS_PER_READ = 100
+
+
+async def byte_chunks(
+    pieces: AsyncIterable[bytes], size: int = MESSAGE_BYTES
+) -> AsyncIterator[bytes]:
+    """Yields the bytes of `pieces`, in order, as chunks of exactly `size` bytes (the
+    last one shorter); nothing when the pieces hold no bytes."""
+    if size <= 0:
+        raise ValueError("size must be > 0")
+    buffer = bytearray()
+    async for piece in pieces:
+        buffer += piece
+        if len(buffer) < size:
+            continue
+        # Cut every full chunk off the front at once (not one `del` per chunk: a line
+        # of many chunks would be moved once for each).
+        full = len(buffer) - len(buffer) % size
+        view = memoryview(buffer)
+        chunks = [bytes(view[start : start + size]) for start in range(0, full, size)]
+        view.release()
+        del buffer[:full]
+        for chunk in chunks:
+            yield chunk
+    if buffer:
+        yield bytes(buffer)
