@@ -94,8 +94,8 @@ INFERENCE_IDLE_TIMEOUT = "600s"
 # (services/jobs/handover.py MAX_WAIT_S) before its answer; at 60 s the two raced.
 STREAM_IDLE_TIMEOUT = "90s"
 # What every edge removes from a client's request: only the edge may set them (Envoy
-# sets the attempt count on each try itself; removed too, so no client's copy can
-# ever reach a worker, which counts a retry's window hit once).
+# sets the attempt count on each try itself: removed too, so that no client's copy
+# reaches a worker, whose logs and retries' accounting may read it).
 STRIPPED_HEADERS = (
     *edge_auth.IDENTITY_HEADERS,
     *model_routing.EDGE_ONLY_HEADERS,

@@ -165,6 +165,11 @@ class _AnnouncingContext:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
+    @property
+    def sent(self) -> bool:
+        """Tells whether the headers went out (or wait in the error's trailers)."""
+        return self._sent
+
     async def send_initial_metadata(self, metadata: Any) -> None:
         self._sent = True
         await self._context.send_initial_metadata((*tuple(metadata), *self._headers))

@@ -12,6 +12,11 @@ filter for every other route (gateway/envoy_config.py).
 Exact across replicas: every worker and the usage service count in the same
 sliding windows, atomically in Redis; a worker admits from a window lease
 only slots already reserved there (leases.py), so no replica can over-admit.
+Every try of a request counts, Envoy's retries too (a retry's first try may
+never have reached a worker: a connect failure, a refused stream); a try
+that a worker refuses in a way Envoy tries again elsewhere (UNAVAILABLE or
+CANCELLED, no response header sent: a draining worker, a version not here)
+gives its count back first, so a retried request counts once.
 
 What a client sees is what the edge's filter gave it:
 - draft-03 `x-ratelimit-limit`, `-remaining`, `-reset` on every answer (REST:
@@ -53,7 +58,7 @@ from services.core.interceptors import (
 )
 from services.inference import shadow
 from services.inference.openai import errors as openai_errors
-from services.usage.ratelimit import WARNING_HEADER, WINDOW_S, RequestLimiter, WindowStatus
+from services.usage.ratelimit import WARNING_HEADER, WINDOW_S, Hit, RequestLimiter, WindowStatus
 
 INFERENCE_SERVICES = (
     "/tokenmesh.inference.v1.InferenceService/",
@@ -118,7 +123,7 @@ def refusal(window: WindowStatus) -> ResourceExhausted:
     )
 
 
-async def _announced(result: Any, limited: AnnouncingContext | None) -> AsyncIterator[Any]:
+async def _announced(result: Any, limited: _Counted | None) -> AsyncIterator[Any]:
     """Streams a handler's messages, announcing the limits' headers before the first
     (or in the trailers of an error before it)."""
     try:
@@ -131,8 +136,9 @@ async def _announced(result: Any, limited: AnnouncingContext | None) -> AsyncIte
             await result
     except grpc.aio.AbortError:
         raise  # aborted through `limited`: the headers are in its trailers
-    except Exception:
+    except Exception as exc:
         if limited is not None:
+            await limited.refund_if_retried(exc)
             limited.keep_for_error()
         raise
     if limited is not None:
@@ -150,6 +156,40 @@ class MethodKind:
 def method_kind(method: str) -> MethodKind:
     """Returns how a limited inference method's calls are counted and refused."""
     return MethodKind(method.startswith(OPENAI_SERVICE), not method.endswith(LOOKUPS))
+
+
+# What Envoy tries again on another worker when no response header went out
+# (services/router/snapshot.py, retry_on): that try counts, so this one gives back its count.
+RETRIED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+
+class _Counted(AnnouncingContext):
+    """The call's context: it announces the limits' headers and knows where the call
+    was counted, to take the count back if Envoy tries the call again elsewhere."""
+
+    def __init__(
+        self,
+        context: Context,
+        headers: tuple[tuple[str, str], ...],
+        hit: Hit | None,
+        limiter: RequestLimiter,
+    ) -> None:
+        super().__init__(context, headers)
+        self._hit = hit
+        self._limiter = limiter
+
+    async def refund_if_retried(self, error: BaseException | grpc.StatusCode) -> None:
+        """Gives the call's count back if it ends in a way Envoy tries again."""
+        code = error if isinstance(error, grpc.StatusCode) else getattr(error, "code", None)
+        if self._hit is not None and not self.sent and code in RETRIED_CODES:
+            hit, self._hit = self._hit, None
+            await self._limiter.refund(hit)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> Any:
+        await self.refund_if_retried(code)
+        return await super().abort(code, details, trailing_metadata)
 
 
 class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
@@ -212,7 +252,8 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
                 response = await result if inspect.isawaitable(result) else result
             except grpc.aio.AbortError:
                 raise  # aborted through `limited`: the headers are in its trailers
-            except Exception:
+            except Exception as exc:
+                await limited.refund_if_retried(exc)
                 limited.keep_for_error()  # an error answer carries the limits' headers too
                 raise
             await limited.ensure_announced()
@@ -237,7 +278,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         setattr(stream, STREAM_OPENER, open_stream)
         return stream
 
-    async def admit(self, context: Context, kind: MethodKind) -> AnnouncingContext | None:
+    async def admit(self, context: Context, kind: MethodKind) -> _Counted | None:
         """Counts the call in its windows; returns the context that announces them.
 
         None: nothing to limit (not the edge's call, anonymous, or the store
@@ -250,11 +291,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         if entries is None:
             return None
         try:
-            # Envoy's retry of a request a worker counted and answered UNAVAILABLE
-            # (draining, a version not here): counted again, a retried request took
-            # two of its key's slots. A retry only reads the windows (0 hits).
-            retry = incoming.get(contract.ATTEMPT_COUNT_HEADER, "1") != "1"
-            windows = await self.limiter.decide(entries, hits=0 if retry else 1)
+            counted = await self.limiter.count(entries)
         except Unavailable:
             if self.failure_mode_deny:
                 raise
@@ -266,8 +303,9 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
             if self.failure_mode_deny:
                 raise
             return None
-        if not windows:
+        if counted is None or not counted[0]:
             return None
+        windows, hit = counted
         headers = draft03_headers(windows)
         over = next((w for w in windows if w.over), None)
         if over is not None:
@@ -276,4 +314,4 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
                 body = openai_errors.header_value(openai_errors.from_error(error))
                 headers.append((contract.OPENAI_ERROR_HEADER, body))
             await abort_with(cast(Context, AnnouncingContext(context, tuple(headers))), error)
-        return AnnouncingContext(context, tuple(headers))
+        return _Counted(context, tuple(headers), hit, self.limiter)

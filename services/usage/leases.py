@@ -89,6 +89,7 @@ class Lease:
     free: list[str]
     deadline: float
     used: list[tuple[str, int]] = field(default_factory=list)
+    settling: bool = False  # handed to the settler: its slots are Redis's to change now
 
     def take(self, hits: int, now_ms: int) -> bool:
         """Admits `hits` from the lease if it has them; True when it did."""
@@ -98,6 +99,19 @@ class Lease:
             self.used.append((self.free.pop(), now_ms))
         self.counts = [count + hits for count in self.counts]
         return True
+
+    def give_back(self, member: str) -> bool:
+        """Makes a used slot free again (its request was taken back); False when the
+        lease is being settled or the slot is not among its used ones."""
+        if self.settling:
+            return False
+        for index, (used, _) in enumerate(self.used):
+            if used == member:
+                del self.used[index]
+                self.free.append(member)
+                self.counts = [count - 1 for count in self.counts]
+                return True
+        return False
 
 
 class LeaseTable:
@@ -145,6 +159,8 @@ class LeaseTable:
         for key in [k for k, lease in self._live.items() if everything or _over(lease, now)]:
             self._retire(key)
         finished, self._finished = self._finished, []
+        for lease in finished:
+            lease.settling = True
         return finished
 
     def holds_any(self) -> bool:

@@ -101,6 +101,8 @@ WINDOW_S = 60
 WARN_AT = 0.8
 WARNING_HEADER = "x-tokenmesh-ratelimit-warning"
 SHAPE_CACHE_SIZE = 16384
+# How long a refused request waits to take its count back (then it stays counted).
+REFUND_TIMEOUT_S = 1.0
 
 # KEYS: one sliding window per limit; ARGV: (unused), window_ms, hits, member
 # prefix, lease size, limit per key. All-or-nothing: the request is counted in
@@ -146,6 +148,13 @@ return out
 )
 
 
+# KEYS: the windows a request was counted in. ARGV: its member. Takes the request back.
+_FORGET_HIT = """
+for _, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[1]) end
+return 1
+"""
+
+
 def _header(key: str, value: str) -> base_pb2.HeaderValue:
     return base_pb2.HeaderValue(key=key, value=value)
 
@@ -181,6 +190,15 @@ class WindowStatus:
         if self.over or self.used < WARN_AT * self.limit.limit:
             return ""
         return f"{self.limit.name} {self.used}/{self.limit.limit}"
+
+
+@dataclass(frozen=True)
+class Hit:
+    """Hit is where one admitted request was counted (`RequestLimiter.refund` takes it back)."""
+
+    windows: tuple[str, ...]
+    member: str  # its member in every window
+    lease: Lease | None  # the lease it was admitted from (None: counted in Redis)
 
 
 class RequestLimiter:
@@ -230,6 +248,7 @@ class RequestLimiter:
         else:
             self._windows = client.register_script(_SLIDING_WINDOWS)
             self._settle_script = client.register_script(SETTLE_SCRIPT)
+        self._forget_hit = client.register_script(_FORGET_HIT)  # rare: refusals only
         self.leases = LeaseTable(lease_size)
         self._shapes: dict[tuple[tuple[str, str], ...], tuple[list[Limit], LeaseKey] | None] = {}
         self._tasks = supervisor if supervisor is not None else Supervisor("usage")
@@ -289,10 +308,31 @@ class RequestLimiter:
         limit); raises Unavailable while the store is unreachable. `hits` 0
         only reads the windows (a retry of a request counted before).
         """
+        counted = await self.count(entries, hits)
+        return None if counted is None else counted[0]
+
+    async def count(
+        self, entries: tuple[tuple[str, str], ...], hits: int = 1
+    ) -> tuple[list[WindowStatus], Hit | None] | None:
+        """Decides as `decide`, and returns where a single admitted hit was counted
+        (None: refused, or `hits` is not 1) for `refund`."""
         shape = self._shape(entries)
         if shape is None:
             return None
         return await self._check(*shape, hits)
+
+    async def refund(self, hit: Hit) -> None:
+        """Takes back a request counted in `hit`: its worker refused it before doing any
+        work, in a way Envoy tries again on another worker, where the try counts."""
+        if hit.lease is not None and hit.lease.give_back(hit.member):
+            return  # a free slot of its lease again (the settler frees it, or it is reused)
+        try:
+            self.breaker.check()
+            async with asyncio.timeout(REFUND_TIMEOUT_S):  # the refusal waits for it
+                await self._forget_hit(keys=list(hit.windows), args=[hit.member])
+        except STORE_UNAVAILABLE as exc:  # BreakerOpen and asyncio.timeout's TimeoutError too
+            # It stays counted: the window may refuse a request early, never admit one over.
+            logger.warning("could not take back a refused request's count: %s", exc)
 
     def _shape(self, entries: tuple[tuple[str, str], ...]) -> tuple[list[Limit], LeaseKey] | None:
         """Returns the limits of a descriptor and their lease key (None: not a key's).
@@ -315,15 +355,22 @@ class RequestLimiter:
         """Returns the time on Redis's clock, as this replica last learned it."""
         return int(time.time() * 1000) + self._redis_clock_offset_ms
 
-    async def _check(self, limits: list[Limit], key: LeaseKey, hits: int) -> list[WindowStatus]:
+    async def _check(
+        self, limits: list[Limit], key: LeaseKey, hits: int
+    ) -> tuple[list[WindowStatus], Hit | None]:
         now_ms = self._now_ms()
         lease = self.leases.admit(key, hits, now_ms)
+        hit: Hit | None = None
         if lease is not None:
             LEASED.inc()
             allowed, counts, oldest = True, lease.counts, lease.oldest
+            if hits == 1:
+                hit = Hit(lease.windows, lease.used[-1][0], lease)
         else:
             READ.inc()
-            allowed, counts, oldest, now_ms = await self._decide(key, limits, hits)
+            allowed, counts, oldest, now_ms, member = await self._decide(key, limits, hits)
+            if allowed and hits == 1:
+                hit = Hit(tuple(window for window, _ in key), f"{member}:1", None)
         windows = []
         for limit, used, first in zip(limits, counts, oldest, strict=True):
             reset_s = max(1, (first + WINDOW_S * 1000 - now_ms + 999) // 1000)
@@ -331,13 +378,14 @@ class RequestLimiter:
             if over:
                 OVER_LIMIT.labels(limit.name).inc()
             windows.append(WindowStatus(limit, used, reset_s, over))
-        return windows
+        return windows, hit
 
     async def _decide(
         self, key: LeaseKey, limits: list[Limit], hits: int
-    ) -> tuple[bool, list[int], list[int], int]:
+    ) -> tuple[bool, list[int], list[int], int, str]:
         """Asks Redis; returns (allowed, count per window, oldest score per window, the
-        decision's time on Redis's clock)."""
+        decision's time on Redis's clock, the prefix of its members: hit h is
+        `<prefix>:<h>`)."""
         try:
             self.breaker.check()
         except BreakerOpen:
@@ -385,7 +433,7 @@ class RequestLimiter:
         finally:  # also when cancelled: the next decision may ask for a lease again
             if size:  # (a decision that asked for none must not clear another's request)
                 self.leases.granted(key, lease)
-        return allowed, counts, oldest, redis_now_ms
+        return allowed, counts, oldest, redis_now_ms, member
 
     def _start_settler(self) -> None:
         if self._settler is None or self._settler.done():

@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY
 
 from services.core.server import serving
 from services.usage.leases import LEASE_TTL_S, SETTLE_INTERVAL_S
+from services.usage.ratelimit import RequestLimiter
 from services.usage.service import UsageService, UsageSettings
 from tests import mtls
 
@@ -240,4 +241,30 @@ async def test_a_replica_whose_clock_is_off_still_admits_exactly_the_limit(
         monkeypatch.setattr(ratelimit.time, "time", real_time)
         await on_time.close()
         await off.close()
+        await client.aclose()
+
+
+async def test_a_refunded_request_leaves_the_window_leased_or_not(redis_url):
+    """A worker gives back the count of a try Envoy retries elsewhere (where it counts):
+    from its lease's slots, or from Redis when it was counted there."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    entries = (("key_id", key), ("rpm", "6400"))  # leases of 32 slots
+    client = aioredis.from_url(redis_url)
+    limiter = RequestLimiter(client, default_rpm=60, lease_size=32)
+    try:
+        first = await limiter.count(entries)  # asks Redis, which grants a lease
+        second = await limiter.count(entries)  # admitted from the lease
+        assert first is not None and second is not None
+        (_, in_redis), (_, leased) = first, second
+        assert in_redis is not None and in_redis.lease is None
+        assert leased is not None and leased.lease is not None
+        for hit in (in_redis, leased):
+            await limiter.refund(hit)
+        # Once the lease is settled, neither request is in the window.
+        deadline = time.monotonic() + LEASE_TTL_S + 5.0
+        while window := await _window(redis_url, key):
+            assert time.monotonic() < deadline, window
+            await asyncio.sleep(SETTLE_INTERVAL_S)
+    finally:
+        await limiter.close()
         await client.aclose()

@@ -15,10 +15,10 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
+from gateway import model_routing
 from services.core.tasks import Supervisor
 from services.launcher.mesh import spawn_redis
 from services.usage.ratelimit import RequestLimiter
-from tests.answer_headers import call_headers
 from tests.integration.conftest import inference_settings, start_inference
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
@@ -146,29 +146,39 @@ async def test_a_hung_store_is_not_waited_for_on_every_request(tmp_path):
         child.wait(10)
 
 
-async def test_an_envoy_retry_is_not_counted_twice(tmp_path, redis_url):
-    """Envoy retries a request a worker answered UNAVAILABLE (draining, a version not
-    on it) on another worker: both counted it, so a retried request took two of its
-    key's slots. A try after the first (x-envoy-attempt-count > 1) only reads them."""
+async def test_a_retried_request_counts_once_and_every_try_counts(tmp_path, redis_url):
+    """Envoy retries a request a worker refused UNAVAILABLE (draining, a version not on
+    it) on another worker. Tries after the first only read the windows, so a retry
+    whose first try never reached a worker (a connect failure, a refused stream) was
+    admitted uncounted, over a full window. Every try counts now, and a try refused
+    in a way Envoy retries gives its count back first."""
     key = f"key_{uuid.uuid4().hex[:8]}"
     identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-rpm", "3")]
+    # The edge routed it to a version this worker does not have: it asks for a retry.
+    stale = [
+        *identity,
+        (model_routing.ROUTE_MODEL_HEADER, "deterministic-test"),
+        (model_routing.ROUTE_VERSION_HEADER, "9"),
+    ]
     request = pb.CompleteRequest(model="deterministic-test", prompt="a", max_tokens=1)
+    window = f"tm:ratelimit:rpm:{key}"
     client = aioredis.from_url(redis_url)
     try:
         async with await start_inference(inference_settings(tmp_path, redis_url)) as (_, channel):
             stub = rpc.InferenceServiceStub(channel)
-            for _ in range(3):
-                await stub.Complete(request, metadata=identity)
-            retry = stub.Complete(request, metadata=[*identity, ("x-envoy-attempt-count", "2")])
-            assert (await retry).usage.completion_tokens == 1
-            headers = await call_headers(retry)
-            assert headers["x-ratelimit-remaining"] == "0"
-            with pytest.raises(grpc.aio.AioRpcError) as refused:  # a new request: over
-                await stub.Complete(request, metadata=identity)
+            with pytest.raises(grpc.aio.AioRpcError) as retried:
+                await stub.Complete(request, metadata=stale)
+            assert retried.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert await client.zcard(window) == 0  # given back: its retry counts
+            retry = [*identity, ("x-envoy-attempt-count", "2")]
+            for metadata in (retry, identity, identity):
+                await stub.Complete(request, metadata=metadata)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:  # a retry over the limit
+                await stub.Complete(request, metadata=retry)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert await client.zcard(f"tm:ratelimit:rpm:{key}") == 3
+        assert await client.zcard(window) == 3
     finally:
-        await client.delete(f"tm:ratelimit:rpm:{key}")
+        await client.delete(window)
         await client.aclose()
 
 

@@ -94,3 +94,19 @@ def test_settle_call_lays_out_every_lease_after_the_other():
     keys, args = settle_call([one, two], window_ms=60_000)
     assert keys == ["tm:ratelimit:rpm:k", "w1", "w2"]
     assert args == [60_000, 1, 1, 1, "m:2", 5000, "m:3", 2, 0, 1, "x:2"]
+
+
+def test_a_slot_given_back_is_free_again_until_its_lease_is_being_settled():
+    table = LeaseTable(32)
+    table.granted(KEY, _lease(free=3))
+    lease = table.admit(KEY, 1, now_ms=2000)
+    assert lease is not None
+    (member, _), counts = lease.used[-1], list(lease.counts)
+    assert lease.give_back(member)
+    assert (lease.used, member in lease.free, lease.counts) == ([], True, [counts[0] - 1])
+    assert not lease.give_back(member)  # not among its used slots any more
+    again = table.admit(KEY, 1, now_ms=2001)
+    assert again is lease
+    (taken, _) = lease.used[-1]
+    table.due(everything=True)  # handed to the settler: Redis has its slots' fate now
+    assert not lease.give_back(taken)
