@@ -35,7 +35,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
 from envoy.config.core.v3 import base_pb2
@@ -192,8 +192,7 @@ class WindowStatus:
         return f"{self.limit.name} {self.used}/{self.limit.limit}"
 
 
-@dataclass(frozen=True)
-class Hit:
+class Hit(NamedTuple):
     """Hit is where one admitted request was counted (`RequestLimiter.refund` takes it back)."""
 
     windows: tuple[str, ...]
