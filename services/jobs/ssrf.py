@@ -76,8 +76,12 @@ def parse(url: str, allow_hosts: Collection[str]) -> WebhookTarget:
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
+    if port == 0:
+        raise RefusedUrl("must name a valid port (1-65535)")  # it was sent to 443 instead
     default_port = 443 if parts.scheme == "https" else 80
-    return WebhookTarget(url, parts.scheme, host, port or default_port, target, allowed)
+    return WebhookTarget(
+        url, parts.scheme, host, default_port if port is None else port, target, allowed
+    )
 
 
 def _ascii_host(host: str) -> str:
@@ -98,8 +102,16 @@ def _ascii_host(host: str) -> str:
 
 def is_forbidden(address: IpAddress) -> bool:
     """Tells whether a webhook may not connect to `address`."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        elif address.is_site_local:
+            return True  # fec0::/10: deprecated, yet routed inside some sites; "global" here
+        elif address.sixtofour is not None and is_forbidden(address.sixtofour):
+            # 6to4 (2002::/16) carries an IPv4 address that a host with a 6to4 route
+            # reaches: 2002:7f00:1:: was "global" but is 127.0.0.1. (Teredo's 2001::/32
+            # is not global already.)
+            return True
     return (
         address in METADATA_ADDRESSES
         or address.is_multicast

@@ -50,6 +50,9 @@ def test_a_rotated_secret_signs_with_both_and_either_verifies():
         "fd00:ec2::254",
         "::ffff:10.0.0.1",
         "ff02::1",
+        "2002:7f00:1::",  # 6to4 of 127.0.0.1: "global" to Python 3.11's ipaddress
+        "2002:a00:1::",  # 6to4 of 10.0.0.1
+        "fec0::1",  # site-local (deprecated, still routed in some sites)
     ],
 )
 def test_private_loopback_link_local_multicast_and_metadata_addresses_are_forbidden(address):
@@ -59,6 +62,7 @@ def test_private_loopback_link_local_multicast_and_metadata_addresses_are_forbid
 def test_public_addresses_are_allowed():
     assert not ssrf.is_forbidden(ipaddress.ip_address("8.8.8.8"))
     assert not ssrf.is_forbidden(ipaddress.ip_address("2606:4700:4700::1111"))
+    assert not ssrf.is_forbidden(ipaddress.ip_address("2002:808:808::"))  # 6to4 of 8.8.8.8
 
 
 @pytest.mark.parametrize(
@@ -69,6 +73,7 @@ def test_public_addresses_are_allowed():
         ("https://user:pw@8.8.8.8/hook", "credentials"),
         ("https:///hook", "host"),
         ("https://8.8.8.8:99999/hook", "valid"),
+        ("https://8.8.8.8:0/hook", "port"),  # was sent to 443
     ],
 )
 def test_urls_that_are_not_plain_https_are_refused(url, why):
