@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from services.core.errors import InvalidArgument
+from services.core.errors import FieldViolation, InvalidArgument
 from services.inference.openai import errors, params
-from services.inference.openai.params import Renames, v2_param
+from services.inference.openai.errors import renamed
+from services.inference.openai.params import Renames, parse_completion, v2_param
 from services.inference.v2 import validation as v2_validation
 
 
@@ -124,6 +125,24 @@ def test_v2_field_names_become_the_clients_parameters():
     assert v2_param("messages[2].role", renames) == "messages[2].role"
     assert v2_param("inputs[3]", Renames(input="input")) == "input[3]"
     assert v2_param("version", renames) == "model"
+    assert v2_param("top_logprobs", renames) == "top_logprobs"
+    assert v2_param("top_logprobs", Renames(top_logprobs="logprobs")) == "logprobs"
+
+
+def test_a_legacy_completion_s_logprobs_errors_name_logprobs_and_its_own_words():
+    # Its `logprobs: 25` becomes v2's top_logprobs: the 400 named a parameter the
+    # client never sent, and a context overflow's text said max_output_tokens.
+    call = parse_completion(b'{"model": "m", "prompt": "hi", "logprobs": 25}')
+    assert call.renames.top_logprobs == "logprobs"
+    too_many = InvalidArgument([FieldViolation("top_logprobs", "must be between 0 and 20")])
+    (violation,) = renamed(too_many, call.renames).violations
+    assert (violation.field, violation.description) == ("logprobs", "must be between 0 and 20")
+    overflow = InvalidArgument(
+        [FieldViolation("max_output_tokens", "prompt (9 tokens) + max_output_tokens (4000) = 4009")]
+    )
+    (violation,) = renamed(overflow, call.renames).violations
+    assert violation.field == "max_tokens"
+    assert violation.description == "prompt (9 tokens) + max_tokens (4000) = 4009"
 
 
 def test_error_json_is_printable_ascii_for_grpc_metadata():

@@ -14,6 +14,7 @@ metadata, so it is printable ASCII: JSON with every other character escaped.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -56,9 +57,13 @@ def renamed(error: TokenmeshError, renames: Renames) -> TokenmeshError:
     """Returns `error` with v2 field names replaced by the OpenAI parameters they came from."""
     if not isinstance(error, InvalidArgument):
         return error
-    violations = [
-        FieldViolation(v2_param(v.field, renames), v.description) for v in error.violations
-    ]
+    violations = []
+    for violation in error.violations:
+        param = v2_param(violation.field, renames)
+        # A description may name its own field ("prompt (9 tokens) + max_output_tokens
+        # (4000) = ..."): the client reads the parameter it sent.
+        description = re.sub(rf"\b{re.escape(violation.field)}\b", param, violation.description)
+        violations.append(FieldViolation(param, description))
     return InvalidArgument(violations, reason=error.reason)
 
 

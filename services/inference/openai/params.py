@@ -117,6 +117,7 @@ class Renames:
 
     max_output_tokens: str = "max_tokens"
     input: str = "messages"  # v2's prompt/messages, as the client sent them
+    top_logprobs: str = "top_logprobs"  # a legacy completion's `logprobs`
 
 
 @dataclass
@@ -436,7 +437,7 @@ def parse_chat(raw: bytes) -> GenerationCall:
 def parse_completion(raw: bytes) -> GenerationCall:
     """Reads a legacy completion request (one v2 request per prompt)."""
     body = _Body(raw, COMPLETION_PARAMS, IGNORED_COMPLETION_PARAMS)
-    renames = Renames(input="prompt")
+    renames = Renames(input="prompt", top_logprobs="logprobs")
     request = _common(body, renames, ("max_tokens",))
     prompts = body.strings("prompt")
     if prompts is None and "prompt" in body.values:
@@ -505,6 +506,7 @@ _V2_FIELDS: Mapping[str, str | None] = {
     "inputs": "input",
     "version": "model",
     "max_output_tokens": None,
+    "top_logprobs": None,
     "prompt": None,
 }
 _HEAD = re.compile(r"^([a-z_]+)\.?")
@@ -520,7 +522,11 @@ def v2_param(v2_field: str, renames: Renames) -> str:
         return v2_field
     name = _V2_FIELDS[head]
     if name is None:
-        name = renames.max_output_tokens if head == "max_output_tokens" else renames.input
+        named = {
+            "max_output_tokens": renames.max_output_tokens,
+            "top_logprobs": renames.top_logprobs,
+        }
+        name = named.get(head, renames.input)
     if not name:
         return rest
     return name + (rest if rest.startswith("[") else f".{rest}" if rest else "")

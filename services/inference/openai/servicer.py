@@ -203,7 +203,7 @@ class OpenAIServicer(openai_service_pb2_grpc.OpenAIServiceServicer):
         ctx = _ResponseContext(context)
         # Before the body is read too (its own problems): a legacy completion's
         # input is `prompt` (a problem with it was reported as `messages`).
-        renames = Renames() if rpc == CHAT_RPC else Renames(input="prompt")
+        renames = Renames() if rpc == CHAT_RPC else Renames("max_tokens", "prompt", "logprobs")
         try:
             call: GenerationCall = parse(raw)
             renames = call.renames
