@@ -158,3 +158,17 @@ def test_output_filter_without_rules_releases_at_once_and_records_the_text():
     flt: OutputFilter[int] = OutputFilter([_policy(pii={"email": "redact"})])
     assert flt.feed("a", 0) == [0] and flt.feed("bc", 1) == [1] and flt.flush() == []
     assert "".join(flt.released_text) == "abc"
+
+
+def test_a_flagged_detector_s_span_does_not_hide_a_redacted_or_blocked_one_s():
+    # A token-looking email: the secret detector outranks the email one where their
+    # spans overlap, so with secrets only flagged the address went to the model.
+    text = "write to ghp_abcdefghijklmnopqrstuvwxyz0123456789@example.com"
+    result = check_input([_policy(pii={"secret": "flag", "email": "redact"})], [text])
+    assert result.texts == ["write to [EMAIL]"]
+    assert [(h.rule, h.action) for h in result.hits] == [
+        ("pii:email", "redact"),
+        ("pii:secret", "flag"),
+    ]
+    with pytest.raises(ContentPolicyViolation):
+        check_input([_policy(pii={"secret": "flag", "email": "block"})], [text])

@@ -123,3 +123,10 @@ def test_a_token_whose_header_nests_too_deep_is_no_jwt_and_no_error():
     header = base64.urlsafe_b64encode(b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}").rstrip(b"=")
     token = f"{header.decode()}.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
     assert pii._jwt_header_valid(token) is False
+
+
+def test_overlapping_spans_are_redacted_whole_under_the_more_specific_name():
+    # A token used as an email's local part: the secret detector won and only its
+    # own span was replaced, leaving the address's domain ("[SECRET]@example.com").
+    text = "key ghp_abcdefghijklmnopqrstuvwxyz0123456789@example.com ok"
+    assert pii.redact(text, pii.find(text)) == "key [SECRET] ok"

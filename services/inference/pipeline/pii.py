@@ -292,8 +292,10 @@ def check_detectors(names: Iterable[str]) -> list[str]:
 def find(text: str, detectors: Sequence[str] = DETECTORS) -> list[Span]:
     """Returns the non-overlapping spans `detectors` find in `text`, in order.
 
-    Where spans overlap the more specific detector wins (secret, card, iban,
-    ssn, email, ip, phone), then the longer span.
+    Overlapping spans become one span over both: the more specific detector
+    names it (secret, card, iban, ssn, email, ip, phone), then the longer
+    span's. The union, not the winner's own extent: a secret key used as an
+    email's local part was redacted as "[SECRET]@example.com".
     """
     candidates = [
         Span(start, end, name) for name in detectors for start, end in _FINDERS[name](text)
@@ -305,11 +307,12 @@ def find(text: str, detectors: Sequence[str] = DETECTORS) -> list[Span]:
     for span in candidates:
         if chosen and span.start < chosen[-1].end:
             last = chosen[-1]
-            if (_PRIORITY[span.detector], span.start - span.end) < (
+            wins = (_PRIORITY[span.detector], span.start - span.end) < (
                 _PRIORITY[last.detector],
                 last.start - last.end,
-            ):
-                chosen[-1] = span
+            )
+            detector = span.detector if wins else last.detector
+            chosen[-1] = Span(last.start, max(last.end, span.end), detector)
             continue
         chosen.append(span)
     return chosen

@@ -270,19 +270,20 @@ def check_input(
 def _apply_pii(policy: Policy, text: str, hits: list[Hit], field_name: str) -> str:
     if not policy.pii or not text:
         return text
-    spans = pii.find(text, list(policy.pii))
-    if not spans:
-        return text
-    redacted: list[pii.Span] = []
-    for detector in sorted({s.detector for s in spans}):
-        action = policy.pii[detector]
-        hit = policy.hit(f"pii:{detector}", action, INPUT)
-        if action == BLOCK:
-            raise ContentPolicyViolation(hit, field_name, f"the input contains {detector} data")
-        hits.append(hit)
-        if action == REDACT:
-            redacted += [s for s in spans if s.detector == detector]
-    return pii.redact(text, redacted)
+    # Each action's detectors on their own: where spans overlap one detector names
+    # them (pii.find), and a flagged detector's span that outranked a blocked or
+    # redacted one's let that text through.
+    found = {
+        action: pii.find(text, [d for d, a in policy.pii.items() if a == action])
+        for action in (BLOCK, REDACT, FLAG)
+    }
+    if found[BLOCK]:
+        detector = min(s.detector for s in found[BLOCK])
+        hit = policy.hit(f"pii:{detector}", BLOCK, INPUT)
+        raise ContentPolicyViolation(hit, field_name, f"the input contains {detector} data")
+    acted = {(span.detector, action) for action in (REDACT, FLAG) for span in found[action]}
+    hits += [policy.hit(f"pii:{detector}", action, INPUT) for detector, action in sorted(acted)]
+    return pii.redact(text, found[REDACT])
 
 
 T = TypeVar("T")
