@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from services.inference.pipeline import pii
+from services.inference.pipeline import pii, samples
 
 CORPUS = Path(__file__).parent.parent / "data" / "pii_corpus.jsonl"
 # The floors the detectors are held to (docs/security.md states them).
@@ -130,3 +130,11 @@ def test_overlapping_spans_are_redacted_whole_under_the_more_specific_name():
     # own span was replaced, leaving the address's domain ("[SECRET]@example.com").
     text = "key ghp_abcdefghijklmnopqrstuvwxyz0123456789@example.com ok"
     assert pii.redact(text, pii.find(text)) == "key [SECRET] ok"
+
+
+def test_a_sample_cut_through_a_card_number_keeps_none_of_its_digits():
+    # Cut first, then scanned: the card's head was no card any more and was written.
+    text = "x" * (samples.MAX_TEXT_CHARS - 9) + " 4111 1111 1111 1111 tail"
+    kept = samples.redact_all(text)
+    assert len(kept) <= samples.MAX_TEXT_CHARS
+    assert kept.endswith(" [CARD]") and "4111" not in kept

@@ -41,6 +41,9 @@ RETENTION_S = 7 * 86400
 MAX_ENTRIES = 100_000
 #: Each text in a sample is cut to this many characters.
 MAX_TEXT_CHARS = 64 * 1024
+# Text past the cut that detection still reads: longer than any match the detectors
+# make (a PEM key block is ~1.7-3.2 KB).
+PII_CONTEXT_CHARS = 8 * 1024
 
 SAMPLES_WRITTEN = Counter(
     "tokenmesh_samples_written_total", "Redacted samples written, by outcome.", ("outcome",)
@@ -53,9 +56,18 @@ def stream_key(tenant: str) -> str:
 
 
 def redact_all(text: str) -> str:
-    """Returns `text` with every detector's matches replaced, cut to MAX_TEXT_CHARS."""
-    text = text[:MAX_TEXT_CHARS]
-    return pii.redact(text, pii.find(text))
+    """Returns `text` cut to MAX_TEXT_CHARS, with every detector's matches replaced.
+
+    Detected on the text past the cut too (PII_CONTEXT_CHARS): cut first, a card
+    number across the cut was no longer one, and its digits were kept.
+    """
+    spans = pii.find(text[: MAX_TEXT_CHARS + PII_CONTEXT_CHARS])
+    kept = [
+        pii.Span(s.start, min(s.end, MAX_TEXT_CHARS), s.detector)
+        for s in spans
+        if s.start < MAX_TEXT_CHARS
+    ]
+    return pii.redact(text[:MAX_TEXT_CHARS], kept)
 
 
 def sampled(rate: float, draw: Callable[[], float] = random.random) -> bool:
