@@ -15,10 +15,11 @@ reservation with what was used.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -64,10 +65,11 @@ CHARGE_EVERY_TOKENS = 16  # an unreserved stream is charged in chunks of at leas
 # What a budgets call raises while Redis is away or hung (redis-py's errors, and a
 # socket's own: budgets fail open on them).
 BUDGETS_UNAVAILABLE = (RedisError, TimeoutError, OSError)
-# A reservation whose answer never came is taken back in the background: tries
-# 1 s, 2 s, 4 s apart (a Redis stall that timed the call out often outlasts one).
-FORGET_ATTEMPTS = 4
-FORGET_BACKOFF_S = 1.0
+# Reconciling a reservation, or taking back one whose answer never came, runs in
+# the background: tries 1 s, 2 s, 4 s apart (a Redis stall that timed the call out
+# often outlasts one).
+STORE_ATTEMPTS = 4
+STORE_BACKOFF_S = 1.0
 
 
 def token_usage(prompt_tokens: int, completion_tokens: int) -> types_pb2.TokenUsage:
@@ -412,10 +414,18 @@ class Admission:
         once: its reservation is then spent)."""
         if request.reserved_tokens:
             run: Run = ("finished" if finished else "unfinished") if request.job_attempt else ""
-            reconcile = self._reconcile(request, request.reserved_tokens, used, run)
-            task = asyncio.create_task(reconcile)
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            # Idempotent (the id's charge becomes `used`): tried again after a blip,
+            # which left the whole reservation charged for the month.
+            reconcile = functools.partial(
+                self.budgets.reconcile,
+                request.key_id,
+                request.usage_id,
+                request.reserved_tokens,
+                used,
+                request.reserved_at,
+                run,
+            )
+            self._in_background(reconcile, "reconcile a token reservation")
             request.reserved_tokens = 0
 
     def release(self, request: Request) -> None:
@@ -426,29 +436,26 @@ class Admission:
         """Takes back, in the background, a reservation whose answer never came: an
         unmetered request (the stream is charged as it goes) or a cancelled one would
         leave it charged for the month (prompt + max_tokens each)."""
-        task = asyncio.create_task(self._forget_with_retries(request))
+        forget = functools.partial(
+            self.budgets.forget, request.key_id, request.usage_id, request.reserved_at
+        )
+        self._in_background(forget, "take back an unanswered token reservation")
+
+    def _in_background(self, call: Callable[[], Awaitable[object]], what: str) -> None:
+        """Runs a budgets call in the background, tried again while Redis is away."""
+        task = asyncio.create_task(self._with_retries(call, what))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _forget_with_retries(self, request: Request) -> None:
-        for attempt in range(FORGET_ATTEMPTS):
+    @staticmethod
+    async def _with_retries(call: Callable[[], Awaitable[object]], what: str) -> None:
+        for attempt in range(STORE_ATTEMPTS):
             try:
-                await self.budgets.forget(request.key_id, request.usage_id, request.reserved_at)
+                await call()
                 return
             except BUDGETS_UNAVAILABLE as exc:
-                if attempt == FORGET_ATTEMPTS - 1:
-                    logger.warning(
-                        "could not take back an unanswered token reservation (%s): it stays "
-                        "charged until the month ends",
-                        type(exc).__name__,
-                    )
+                if attempt == STORE_ATTEMPTS - 1:
+                    # Left as it is: a reservation stays charged (never over budget).
+                    logger.warning("could not %s (%s)", what, type(exc).__name__)
                     return
-                await asyncio.sleep(FORGET_BACKOFF_S * 2**attempt)
-
-    async def _reconcile(self, request: Request, reserved: int, used: int, run: Run) -> None:
-        try:
-            await self.budgets.reconcile(
-                request.key_id, request.usage_id, reserved, used, request.reserved_at, run
-            )
-        except BUDGETS_UNAVAILABLE as exc:  # the reservation stands: never over budget
-            logger.warning("token budget reconcile failed (%s)", type(exc).__name__)
+                await asyncio.sleep(STORE_BACKOFF_S * 2**attempt)

@@ -13,6 +13,7 @@ import grpc
 import grpc.aio
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.core.errors import ResourceExhausted
 from services.inference.admission import Admission
@@ -330,7 +331,7 @@ async def _wait_month_used(budgets: TokenBudgets, key: str, expected: int) -> in
 
 
 def _request(key: str, needed: int) -> Any:
-    """What Admission.reserve reads of a request (services.inference.admission.Request)."""
+    """What Admission.reserve and settle read of a request (admission.Request)."""
     return types.SimpleNamespace(
         key_id=key,
         limits=Limits(monthly_tokens=1000),
@@ -340,6 +341,7 @@ def _request(key: str, needed: int) -> Any:
         budget_warning="",
         unmetered=False,
         reserved_tokens=0,
+        job_attempt=False,
     )
 
 
@@ -368,3 +370,26 @@ async def test_a_reservation_whose_answer_never_came_is_taken_back(budgets, endi
         await reserving
     assert request.reserved_tokens == 0
     assert await _wait_month_used(budgets, key, 0) == 0
+
+
+async def test_a_reconcile_that_fails_once_is_tried_again(budgets, monkeypatch):
+    """A Redis blip failed the reconcile of a finished request: its whole reservation
+    (prompt + max_tokens) stayed charged for the month."""
+    monkeypatch.setattr("services.inference.admission.STORE_BACKOFF_S", 0.01, raising=False)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    admission = Admission(ModelRegistry(), None, budgets, "w")  # type: ignore[arg-type]
+    request = _request(key, 100)
+    await admission.reserve(request)
+    assert await _month_used(budgets, key) == 100
+    script, failures = budgets._reconcile, []
+
+    async def blip_once(*args: Any, **kwargs: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise RedisConnectionError("Connection reset by peer")
+        return await script(*args, **kwargs)
+
+    budgets._reconcile = blip_once
+    admission.settle(request, 30)
+    assert await _wait_month_used(budgets, key, 30) == 30
+    assert failures == [1]
