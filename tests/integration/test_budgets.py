@@ -377,7 +377,7 @@ async def test_a_reconcile_that_fails_once_is_tried_again(budgets, monkeypatch):
     (prompt + max_tokens) stayed charged for the month."""
     monkeypatch.setattr("services.inference.admission.STORE_BACKOFF_S", 0.01, raising=False)
     key = f"key_{uuid.uuid4().hex[:8]}"
-    admission = Admission(ModelRegistry(), None, budgets, "w")  # type: ignore[arg-type]
+    admission = Admission(ModelRegistry(), None, budgets, "w")
     request = _request(key, 100)
     await admission.reserve(request)
     assert await _month_used(budgets, key) == 100
