@@ -29,18 +29,26 @@ MAX_BYTES = 64 * 1024
 _READY = inference_pb2.ModelVersionState.MODEL_VERSION_STATE_READY
 
 
-def served_from_pb(models: Sequence[inference_pb2.Model]) -> tuple[str, ...]:
-    """Returns a heartbeat's descriptions as the registry stores them; InvalidArgument
-    when a name or version is malformed or they take over MAX_BYTES."""
+def served_from_pb(worker_id: str, models: Sequence[inference_pb2.Model]) -> tuple[str, ...]:
+    """Returns a heartbeat's descriptions as the registry stores them; none (the last
+    ones stay) when a name or version is malformed or they take over MAX_BYTES.
+
+    Never a refusal: a worker whose heartbeat is refused stops heartbeating and
+    leaves the mesh, and its descriptions only serve other workers' lookups.
+    """
     encoded = tuple(m.SerializeToString() for m in models)
-    if sum(len(m) for m in encoded) > MAX_BYTES:
-        raise InvalidArgument(
-            [FieldViolation("served_models", f"must take at most {MAX_BYTES} bytes")]
-        )
-    for model in models:
-        check_name(model.name)
-        for version in model.versions:
-            check_version(version.version, "served_models.versions.version")
+    try:
+        if sum(len(m) for m in encoded) > MAX_BYTES:
+            raise InvalidArgument(
+                [FieldViolation("served_models", f"must take at most {MAX_BYTES} bytes")]
+            )
+        for model in models:
+            check_name(model.name)
+            for version in model.versions:
+                check_version(version.version, "served_models.versions.version")
+    except InvalidArgument as exc:
+        logger.warning("worker %s: its model descriptions are left out: %s", worker_id, exc)
+        return ()
     return tuple(base64.b64encode(m).decode("ascii") for m in encoded)
 
 

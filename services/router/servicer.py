@@ -545,7 +545,7 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
             load,
             outcomes_from_pb(request.load, at),
             caller,
-            served_from_pb(request.served_models),
+            served_from_pb(request.worker_id, request.served_models),
         )
         if renewal.models_changed or not self._in_catalogue.issuperset(models):
             # A replica's first heartbeat from each worker only checks the catalogue:

@@ -9,9 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from services.core.errors import InvalidArgument
 from services.router.catalog import Catalog
-from services.router.registry import WORKERS_KEY, WorkerRegistry
+from services.router.registry import WorkerRegistry
 from services.router.served_models import MAX_BYTES
 from services.router.servicer import WorkerRegistryServicer
 from tests.conftest import private_db_url
@@ -109,15 +108,20 @@ async def test_a_heartbeat_without_descriptions_keeps_the_last_ones(client):
     assert described(answer) == {"lm": {"1": READY, "2": FAILED}}
 
 
-async def test_malformed_or_oversized_descriptions_are_refused_and_not_stored(client):
+async def test_malformed_or_oversized_descriptions_are_left_out_not_refused(client):
+    # A refused heartbeat stops a worker heartbeating: it would leave the mesh over
+    # descriptions that only serve other workers' lookups.
     registry = WorkerRegistry(client, lease_s=30)
     servicer = WorkerRegistryServicer(Catalog(client), registry, _refresh)
-    await registry.register("w", "127.0.0.1:1", [("lm", "1")], time.time())
-    before = await client.hget(WORKERS_KEY, "w")
-    bad_name = heartbeat("w", [model("lm", ("1", READY)), model("../evil", ("1", READY))])
+    for port, worker in enumerate(("w", "peer"), 1):
+        await registry.register(worker, f"127.0.0.1:{port}", [("lm", "1")], time.time())
+    bad_name = heartbeat("w", [model("lm", ("1", READY)), model("../evil", ("1", FAILED))])
     huge = heartbeat("w", [model("lm", ("1", READY))])
     huge.served_models[0].description = "x" * (MAX_BYTES + 1)
     for request in (bad_name, huge):
-        with pytest.raises(InvalidArgument):
-            await servicer.RenewLease(request, _Operator())
-    assert await client.hget(WORKERS_KEY, "w") == before
+        renewed = await servicer.RenewLease(request, _Operator())
+        assert renewed.lease_expire_time.seconds > time.time()
+    answer = await servicer.RenewLease(heartbeat("peer", [model("lm", ("1", READY))]), _Operator())
+    # Counted with its READY versions, as a worker that describes none.
+    assert described(answer) == {"lm": {"1": READY}}
+    assert answer.mesh_models[0].description == ""
