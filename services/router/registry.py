@@ -386,13 +386,16 @@ class WorkerRegistry:
                 if other_id != worker_id
                 and (other := WorkerEntry.from_json(other_id, value)).routable(now)
             )
+            # Only counters of versions the worker serves: rollouts and pins sum every
+            # worker's, and a worker reported made-up outcomes of any model's canary.
+            serving = {*models, *entry.models}
             renewed = replace(
                 entry,
                 models=tuple(models) or entry.models,
                 lease_expires_at=now + self.lease_s,
                 load=load,
                 weight=load_weights.update(entry.weight, load, [o.weight.cost for o in others]),
-                outcomes=tuple(outcomes),
+                outcomes=tuple(o for o in outcomes if (o.model, o.version) in serving),
                 served=tuple(served) or entry.served,
             )
             if await self._swap(worker_id, raw, renewed, _heads_json(renewed.outcomes)):

@@ -157,6 +157,10 @@ def outcomes_from_pb(load: router_pb2.WorkerLoad, received_at: float) -> list[Ve
         if len(v.ttft_bucket_counts) == len(v.ttft_bucket_bounds_ms) + 1
         and contract.is_model_name(v.model.name)
         and contract.is_model_version(v.model.version)
+        # Rollouts sum these over workers: a negative count hid another's errors.
+        and 0 <= v.errors <= v.requests
+        and all(count >= 0 for count in v.ttft_bucket_counts)
+        and sum(v.ttft_bucket_counts) <= v.requests
     ]
 
 

@@ -1,0 +1,70 @@
+"""A heartbeat's outcome counters feed rollouts (real Redis): a worker reports only the
+versions it serves, and counts that cannot be true are dropped."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.router.catalog import Catalog
+from services.router.registry import WorkerRegistry
+from services.router.servicer import WorkerRegistryServicer
+from tests.conftest import private_db_url
+from tokenmesh.router.v1 import router_pb2
+from tokenmesh.router.v1 import router_service_pb2 as router_pb
+from tokenmesh.type.v1.types_pb2 import ModelRef
+
+PRIVATE_DB = 14  # the registry is one hash: a database apart from the session mesh's
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(private_db_url(redis_url, PRIVATE_DB))
+    await client.flushdb()
+    yield client
+    await client.flushdb()
+    await client.aclose()
+
+
+class _Operator:
+    def peer_identities(self) -> None:
+        return None
+
+
+async def _refresh() -> None:
+    return None
+
+
+def outcomes(model: str, version: str, requests: int, errors: int) -> router_pb2.VersionOutcomes:
+    return router_pb2.VersionOutcomes(
+        model=ModelRef(name=model, version=version),
+        requests=requests,
+        errors=errors,
+        ttft_bucket_bounds_ms=[100.0],
+        ttft_bucket_counts=[requests, 0],
+    )
+
+
+async def test_a_worker_reports_outcomes_only_of_versions_it_serves_and_true_ones(client):
+    # A worker serving only model a reported a million clean requests of b's canary
+    # (its rollout advanced to 100%), or negative errors that hid another's.
+    registry = WorkerRegistry(client, lease_s=30)
+    servicer = WorkerRegistryServicer(Catalog(client), registry, _refresh)
+    await registry.register("w", "127.0.0.1:1", [("a", "1")], time.time())
+    load = router_pb2.WorkerLoad(
+        versions=[
+            outcomes("a", "1", 10, 1),
+            outcomes("b", "2", 1_000_000, 0),  # not served here
+            outcomes("a", "1", 10, -10),  # negative errors
+            outcomes("a", "1", 10, 11),  # more errors than requests
+        ]
+    )
+    request = router_pb.RenewLeaseRequest(
+        worker_id="w", models=[ModelRef(name="a", version="1")], load=load
+    )
+    await servicer.RenewLease(request, _Operator())
+    stored = (await registry.get("w")).outcomes
+    assert [(o.model, o.version, o.requests, o.errors) for o in stored] == [("a", "1", 10, 1)]
