@@ -21,6 +21,7 @@ from services.core.redis_service import RedisBackedService
 from services.core.server import RunningServer
 from services.core.settings import RedisSettings, env, require
 from services.router import snapshot
+from services.router.addresses import HostResolver
 from services.router.catalog import Catalog, now, sync_clock
 from services.router.pin_store import PinStore
 from services.router.prompts import PromptCatalog
@@ -109,6 +110,7 @@ class RouterService(RedisBackedService):
             prefix_affinity=settings.prefix_affinity,
             load_aware=settings.load_aware,
         )
+        self.hosts = HostResolver()
         self.plane = ControlPlane(self._build, settings.poll_s)
         self.rollout_store = RolloutStore(
             self.redis, self.catalog, self.registry, self.plane.refresh
@@ -126,6 +128,7 @@ class RouterService(RedisBackedService):
             at = now()
             models, workers = await self.catalog.all(), await self.registry.all(at)
             last_pins = await self.pin_store.load()
+            workers = await self.hosts.with_ip_hosts(workers)  # EDS takes IP addresses
         except Exception:
             # Heartbeats fail while Redis does: give workers a lease period after it is back.
             self._lease_grace_until = time.monotonic() + self.lease_s

@@ -1,0 +1,92 @@
+"""A worker that registers a host name gets IP endpoints at the edge (real Redis, a real
+router build, and Envoy's own check of the endpoints)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.launcher.mesh import envoy_binary
+from services.router.catalog import Catalog
+from services.router.registry import WorkerRegistry
+from services.router.service import RouterService, RouterSettings
+from services.router.snapshot import EdgeFlags
+from tests import mtls
+from tests.conftest import private_db_url
+
+PRIVATE_DB = 14  # the registry is one hash: a database apart from the session mesh's
+EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+MODEL = ("m", "1")
+
+
+@pytest.fixture
+async def url(redis_url: str) -> AsyncIterator[str]:
+    url = private_db_url(redis_url, PRIVATE_DB)
+    client = aioredis.from_url(url)
+    await client.flushdb()
+    yield url
+    await client.flushdb()
+    await client.aclose()
+
+
+def _endpoints(assignment: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        endpoint["endpoint"]["address"]["socket_address"]
+        for group in assignment.get("endpoints", [])
+        for endpoint in group["lb_endpoints"]
+    ]
+
+
+def _envoy_accepts(
+    assignments: list[dict[str, Any]], tmp_path: Path
+) -> subprocess.CompletedProcess[str]:
+    """Runs Envoy's config check on static clusters holding these endpoints."""
+    clusters = [
+        {"name": a["cluster_name"], "type": "STATIC", "load_assignment": a} for a in assignments
+    ]
+    config = tmp_path / "envoy.json"
+    config.write_text(json.dumps({"static_resources": {"clusters": clusters}}))
+    return subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_a_worker_host_name_becomes_an_ip_endpoint_and_an_unknown_one_is_left_out(
+    url: str, tmp_path: Path
+):
+    # Every edge rejected the whole endpoint update: "malformed IP address: localhost".
+    client = aioredis.from_url(url)
+    registry = WorkerRegistry(client, lease_s=30)
+    router = RouterService(RouterSettings(pki_dir=mtls.pki_dir(), metrics_port=-1, redis_url=url))
+    try:
+        for worker, address in (
+            ("named", "localhost:1001"),
+            ("unknown", "no-such-host.invalid:1002"),
+            ("literal", "10.0.0.3:1003"),
+        ):
+            await registry.register(worker, address, [MODEL], time.time())
+        await Catalog(client).register([MODEL])
+        (built,) = await router._build([EdgeFlags()])
+    finally:
+        await router.redis.aclose()
+        await client.aclose()
+    assignments = list(built.by_type[EDS].values())
+    inference = next(a for a in assignments if a["cluster_name"] == "inference")
+    hosts = sorted((e["address"], e["port_value"]) for e in _endpoints(inference))
+    assert hosts == [("10.0.0.3", 1003), ("127.0.0.1", 1001)]
+    for assignment in assignments:
+        for endpoint in _endpoints(assignment):
+            ipaddress.ip_address(endpoint["address"])  # raises for a name
+    checked = _envoy_accepts(assignments, tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
