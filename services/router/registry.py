@@ -433,9 +433,10 @@ class WorkerRegistry:
             keys, args = [WORKERS_KEY, HEAT_KEY], [*args, heads]
         return bool(await self._compare_and_set(keys=keys, args=args))
 
-    async def all(self, now: float) -> list[WorkerEntry]:
+    async def all(self, now: float, forget: bool = True) -> list[WorkerEntry]:
         """Returns every known worker (with its hot prompt heads), forgetting those whose
-        lease ended long ago."""
+        lease ended long ago unless `forget` is off (the router's lease grace: workers
+        could not renew while it or its Redis was away)."""
         raw = await self.redis.hgetall(WORKERS_KEY)
         heat = await self.redis.hgetall(HEAT_KEY)
         heads = {text(k): _heads_from_json(v) for k, v in heat.items()}
@@ -443,7 +444,9 @@ class WorkerRegistry:
             _with_heads(WorkerEntry.from_json(text(k), v), heads.get(text(k), {}))
             for k, v in raw.items()
         ]
-        gone = [w.worker_id for w in workers if w.lease_expires_at + _FORGET_AFTER_S < now]
+        gone = [
+            w.worker_id for w in workers if forget and w.lease_expires_at + _FORGET_AFTER_S < now
+        ]
         if gone:
             # Only entries still as read: a worker that re-registered meanwhile stays.
             stale = [x for k, v in raw.items() if text(k) in gone for x in (k, v)]

@@ -123,17 +123,21 @@ class RouterService(RedisBackedService):
 
     async def _build(self, flavours: Sequence[EdgeFlags]) -> list[Resources]:
         """Reads the catalogue and the workers once; builds each flavour's resources."""
+        # Workers could not renew while this router or its Redis was away: their leases
+        # count as live for a lease, and none is forgotten meanwhile (a minute's outage
+        # forgot every worker, and the edges got empty endpoints until they registered).
+        grace = time.monotonic() < self._lease_grace_until
         try:
             await sync_clock(self.redis)
             at = now()
-            models, workers = await self.catalog.all(), await self.registry.all(at)
+            models = await self.catalog.all()
+            workers = await self.registry.all(at, forget=not grace)
             last_pins = await self.pin_store.load()
             workers = await self.hosts.with_ip_hosts(workers)  # EDS takes IP addresses
         except Exception:
             # Heartbeats fail while Redis does: give workers a lease period after it is back.
             self._lease_grace_until = time.monotonic() + self.lease_s
             raise
-        grace = time.monotonic() < self._lease_grace_until
         built = [
             snapshot.build(models, workers, at, flags, self.options, grace, last_pins=last_pins)
             for flags in flavours
