@@ -389,12 +389,16 @@ class WorkerRegistry:
             # Only counters of versions the worker serves: rollouts and pins sum every
             # worker's, and a worker reported made-up outcomes of any model's canary.
             serving = {*models, *entry.models}
+            # Weighed against the workers it shares a version with (a cluster at the
+            # edge): a fast worker of a small model made a large model's workers all
+            # look slow, and their weights all fell to the floor (an even split).
+            peers = [o.weight.cost for o in others if serving.intersection(o.models)]
             renewed = replace(
                 entry,
                 models=tuple(models) or entry.models,
                 lease_expires_at=now + self.lease_s,
                 load=load,
-                weight=load_weights.update(entry.weight, load, [o.weight.cost for o in others]),
+                weight=load_weights.update(entry.weight, load, peers),
                 outcomes=tuple(o for o in outcomes if (o.model, o.version) in serving),
                 served=tuple(served) or entry.served,
             )

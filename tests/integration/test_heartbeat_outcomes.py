@@ -1,4 +1,4 @@
-"""A heartbeat's outcome counters feed rollouts (real Redis): a worker reports only the
+"""A heartbeat's reports feed rollouts and weights (real Redis): a worker reports only the
 versions it serves, and counts that cannot be true are dropped."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.router.catalog import Catalog
+from services.router.load_weights import MIN_WEIGHT, NEUTRAL_WEIGHT, LoadReport
 from services.router.registry import WorkerRegistry
 from services.router.servicer import WorkerRegistryServicer
 from tests.conftest import private_db_url
@@ -68,3 +69,19 @@ async def test_a_worker_reports_outcomes_only_of_versions_it_serves_and_true_one
     await servicer.RenewLease(request, _Operator())
     stored = (await registry.get("w")).outcomes
     assert [(o.model, o.version, o.requests, o.errors) for o in stored] == [("a", "1", 10, 1)]
+
+
+async def test_a_worker_is_weighed_against_the_workers_of_its_own_models(client):
+    # A fast worker of a small model was the reference of every worker: both workers
+    # of a large model fell to the floor weight, an even split of 500 and 1500 ms.
+    registry = WorkerRegistry(client, lease_s=30)
+    costs = {"small": ("s", 10.0), "fast": ("b", 500.0), "slow": ("b", 1500.0)}
+    for port, (worker, (model, _)) in enumerate(costs.items(), 1):
+        await registry.register(worker, f"127.0.0.1:{port}", [(model, "1")], time.time())
+    for _ in range(6):  # a weight moves a step a heartbeat
+        for worker, (model, ttft_ms) in costs.items():
+            report = LoadReport(slots=4, ttft_samples=50, ttft_p50_ms=ttft_ms)
+            await registry.renew(worker, [(model, "1")], time.time(), report)
+    weights = {w.worker_id: w.weight.weight for w in await registry.all(time.time())}
+    assert weights["fast"] == NEUTRAL_WEIGHT  # the best of its own model's workers
+    assert MIN_WEIGHT < weights["slow"] < weights["fast"]
