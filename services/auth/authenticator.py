@@ -55,7 +55,12 @@ class Authenticator:
         self._touched: dict[str, float] = {}
 
     async def authenticate(
-        self, headers: Mapping[str, str], source: str, *, allow_jwt: bool = True
+        self,
+        headers: Mapping[str, str],
+        source: str,
+        *,
+        allow_jwt: bool = True,
+        fresh: bool = False,
     ) -> Principal:
         """Returns the caller; raises Unauthenticated (or ResourceExhausted when guessing).
 
@@ -67,10 +72,14 @@ class Authenticator:
 
         The edge's ext_authz passes allow_jwt=False: a JWT that Envoy's
         jwt_authn did not accept must not get a second opinion here.
+
+        fresh=True reads an API key from Redis even when a verdict is cached:
+        IssueToken mints a JWT from it that lives on after a revocation or a
+        rotation, so it must not go by a verdict from before either.
         """
         token = credential(headers)
         principal = (
-            await self._verify(token)
+            await self._verify(token, fresh)
             if token and (allow_jwt or looks_like_api_key(token))
             else None
         )
@@ -86,22 +95,23 @@ class Authenticator:
         self.limiter.record(source)
         raise unauthenticated()
 
-    async def _verify(self, token: str) -> Principal | None:
+    async def _verify(self, token: str, fresh: bool = False) -> Principal | None:
         if not looks_like_api_key(token):
             return await self.tokens.verify(token)
         digest = self.keys.secret.hash_api_key(token)
         cached = self._cache.get(digest)
         now = time.monotonic()
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > now and not fresh:
             return cached[1]
-        key = await self.keys.authenticate(token)
-        if key is None:
+        found = await self.keys.lookup(token)
+        if found is None:
             self._cache.pop(digest, None)
             return None
+        key, secret_ends_at = found
         if now - self._touched.get(key.id, 0.0) > TOUCH_INTERVAL_S:
             self._touched[key.id] = now
             await self.keys.touch(key)
-        principal = Principal.from_key(key)
+        principal = Principal.from_key(key, secret_ends_at)
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[digest] = (now + CACHE_TTL_S, principal)

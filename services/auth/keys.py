@@ -4,6 +4,8 @@ Layout (all keys under `tm:auth:`):
     key:<id>            ApiKey (serialized protobuf; never a secret)
     secret:<hmac>       -> key id; rotated-out secrets carry a TTL (the overlap)
     key:<id>:secrets    set of the key's live secret hashes (for revocation)
+    issued:<hmac>       -> key id, for every secret ever issued; never deleted, so a
+                        revoked or rotated-out secret stays known as such (adopt)
     keys                sorted set of key ids by creation time
     tenant:<tenant>     set of the tenant's key ids
     last-used           hash: key id -> when it was last used (unix nanoseconds)
@@ -13,10 +15,16 @@ every replica, while the key is in use) writes only that field and never a
 copy of the record read earlier. Revoke and rotate change the record and its
 secrets in one WATCH/MULTI transaction on both, retried when either changed,
 so a rotation never brings a key revoked meanwhile back to ACTIVE.
+
+`adopt` registers a secret given from outside (the production bootstrap key,
+passed again on every start). It consults `issued:` rather than the live
+secrets: revocation deletes `secret:<hmac>`, and a lookup there alone took a
+revoked bootstrap key for a new one and stored it again, active.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +40,8 @@ from services.auth.crypto import ServerSecret, new_api_key
 from services.core.errors import FailedPrecondition, NotFound
 from services.core.redis_service import text
 from tokenmesh.auth.v1 import auth_pb2
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "tm:auth:"
 LAST_USED = f"{PREFIX}last-used"
@@ -52,14 +62,22 @@ class Principal:
     tpm: int = 0  # tokens per minute; 0 = unlimited
     monthly: int = 0  # tokens per calendar month; 0 = unlimited
     pins: str = ""  # "model=version,..." the key's requests default to
+    # When the credential stops working (unix seconds): the key's expiry, or the end
+    # of a rotated-out secret's overlap, whichever is first; 0 = never. Tokens issued
+    # for it expire by then: a JWT outliving its key is a credential nobody can revoke.
+    expires_at: float = 0.0
 
     def has_scope(self, scope: str) -> bool:
         """Tells whether the caller holds `scope` (admin holds every scope)."""
         return scope in self.scopes or "admin" in self.scopes
 
     @classmethod
-    def from_key(cls, key: auth_pb2.ApiKey) -> Principal:
-        """Builds the principal an API key authenticates as."""
+    def from_key(cls, key: auth_pb2.ApiKey, secret_ends_at: float = 0.0) -> Principal:
+        """Builds the principal an API key authenticates as; `secret_ends_at` is
+        when the secret used stops working (a rotated-out one's overlap; 0 = never)."""
+        ends = [secret_ends_at] if secret_ends_at else []
+        if key.HasField("expire_time"):
+            ends.append(key.expire_time.ToNanoseconds() / 1e9)
         return cls(
             key.id,
             key.tenant,
@@ -70,6 +88,7 @@ class Principal:
             key.limits.tokens_per_minute,
             key.limits.monthly_tokens,
             format_pins(key.pinned_versions),
+            min(ends, default=0.0),
         )
 
 
@@ -94,6 +113,10 @@ def _parse(raw: bytes | str, last_used_ns: bytes | str | None) -> auth_pb2.ApiKe
 
 def _record(key_id: str) -> str:
     return f"{PREFIX}key:{key_id}"
+
+
+def _issued(digest: str) -> str:
+    return f"{PREFIX}issued:{digest}"
 
 
 def _not_found(key_id: str) -> NotFound:
@@ -146,14 +169,18 @@ class ApiKeyStore:
         return key, secret
 
     async def _store(self, key: auth_pb2.ApiKey, secret: str, now: float) -> None:
-        digest = self.secret.hash_api_key(secret)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(f"{PREFIX}key:{key.id}", key.SerializeToString())
-            pipe.set(f"{PREFIX}secret:{digest}", key.id)
-            pipe.sadd(f"{PREFIX}key:{key.id}:secrets", digest)
-            pipe.zadd(f"{PREFIX}keys", {key.id: now})
-            pipe.sadd(f"{PREFIX}tenant:{key.tenant}", key.id)
+            self._queue_store(pipe, key, self.secret.hash_api_key(secret), now)
             await pipe.execute()
+
+    @staticmethod
+    def _queue_store(pipe: Pipeline, key: auth_pb2.ApiKey, digest: str, now: float) -> None:
+        pipe.set(f"{PREFIX}key:{key.id}", key.SerializeToString())
+        pipe.set(f"{PREFIX}secret:{digest}", key.id)
+        pipe.set(_issued(digest), key.id)
+        pipe.sadd(f"{PREFIX}key:{key.id}:secrets", digest)
+        pipe.zadd(f"{PREFIX}keys", {key.id: now})
+        pipe.sadd(f"{PREFIX}tenant:{key.tenant}", key.id)
 
     async def get(self, key_id: str) -> auth_pb2.ApiKey:
         """Returns a key's metadata; NotFound when unknown."""
@@ -184,15 +211,25 @@ class ApiKeyStore:
 
     async def authenticate(self, api_key: str) -> auth_pb2.ApiKey | None:
         """Returns the active key a secret belongs to, or None (unknown, revoked, expired)."""
+        found = await self.lookup(api_key)
+        return found[0] if found is not None else None
+
+    async def lookup(self, api_key: str) -> tuple[auth_pb2.ApiKey, float] | None:
+        """Returns the active key a secret belongs to and when that secret stops
+        working (unix seconds; 0 = not before the key does), or None."""
         digest = self.secret.hash_api_key(api_key)
-        key_id = await self.redis.get(f"{PREFIX}secret:{digest}")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(f"{PREFIX}secret:{digest}")
+            pipe.pttl(f"{PREFIX}secret:{digest}")  # a rotated-out secret's overlap
+            key_id, ttl_ms = await pipe.execute()
         if key_id is None:
             return None
+        ends_at = time.time() + ttl_ms / 1000 if ttl_ms > 0 else 0.0
         try:
             key = await self.get(text(key_id))
         except NotFound:
             return None
-        return key if key.state == auth_pb2.API_KEY_STATE_ACTIVE else None
+        return (key, ends_at) if key.state == auth_pb2.API_KEY_STATE_ACTIVE else None
 
     async def touch(self, key: auth_pb2.ApiKey) -> None:
         """Records that a key was used (callers throttle this); writes nothing else."""
@@ -231,6 +268,7 @@ class ApiKeyStore:
                     pipe.delete(f"{PREFIX}secret:{old_digest}")
                 pipe.srem(f"{PREFIX}key:{key_id}:secrets", old_digest)
             pipe.set(f"{PREFIX}secret:{digest}", key_id)
+            pipe.set(_issued(digest), key_id)
             pipe.sadd(f"{PREFIX}key:{key_id}:secrets", digest)
             pipe.set(_record(key_id), key.SerializeToString())
             return secret, time.time() + overlap_s
@@ -271,20 +309,50 @@ class ApiKeyStore:
                 key.last_used_time.FromNanoseconds(int(last_used))
             return key, result
 
-    async def adopt(self, api_key: str, tenant: str, scopes: Sequence[str]) -> auth_pb2.ApiKey:
-        """Registers a given secret (the production bootstrap key from a secret store)."""
-        existing = await self.authenticate(api_key)
-        if existing is not None:
-            return existing
-        now = time.time()
-        key = auth_pb2.ApiKey(
-            id=f"key_{uuid.uuid4().hex[:16]}",
-            tenant=tenant,
-            name="bootstrap",
-            scopes=list(scopes),
-            create_time=_timestamp(now),
-            state=auth_pb2.API_KEY_STATE_ACTIVE,
-            prefix=api_key[:7],
-        )
-        await self._store(key, api_key, now)
-        return key
+    async def adopt(
+        self, api_key: str, tenant: str, scopes: Sequence[str]
+    ) -> auth_pb2.ApiKey | None:
+        """Registers a given secret (the production bootstrap key from a secret store).
+
+        Returns the key it authenticates as: the one it already belongs to when
+        that is active, else a new one. Returns None, and logs an error, for a
+        secret that was revoked, expired or rotated out: it stays refused.
+        """
+        digest = self.secret.hash_api_key(api_key)
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    # Two replicas starting at once: the second sees the first's key.
+                    await pipe.watch(_issued(digest))
+                    owner = await pipe.get(_issued(digest))
+                    existing = await self.authenticate(api_key)
+                    if existing is not None:
+                        if owner is None:  # issued before `issued:` was kept
+                            pipe.multi()  # type: ignore[no-untyped-call]
+                            pipe.set(_issued(digest), existing.id)
+                            await pipe.execute()
+                        return existing
+                    if owner is not None:
+                        logger.error(
+                            "refusing to register the bootstrap API key again: it belonged to "
+                            "key %s and was revoked, expired or rotated out; configure a new "
+                            "secret (TOKENMESH_AUTH_BOOTSTRAP_KEY) to get a bootstrap key",
+                            text(owner),
+                        )
+                        return None
+                    now = time.time()
+                    key = auth_pb2.ApiKey(
+                        id=f"key_{uuid.uuid4().hex[:16]}",
+                        tenant=tenant,
+                        name="bootstrap",
+                        scopes=list(scopes),
+                        create_time=_timestamp(now),
+                        state=auth_pb2.API_KEY_STATE_ACTIVE,
+                        prefix=api_key[:7],
+                    )
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    self._queue_store(pipe, key, digest, now)
+                    await pipe.execute()
+                    return key
+                except WatchError:
+                    continue  # another replica registered it meanwhile: read its key

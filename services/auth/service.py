@@ -21,7 +21,7 @@ from services.auth.ext_authz import ExtAuthzServicer
 from services.auth.failures import FailureLimiter
 from services.auth.keys import SCOPES, ApiKeyStore
 from services.auth.servicer import AuthServicer
-from services.auth.signing import SigningKeyRing
+from services.auth.signing import SigningKeyRing, current_since
 from services.auth.tokens import TokenIssuer
 from services.core import secret_files
 from services.core.errors import FailedPrecondition
@@ -163,7 +163,8 @@ class AuthService(RedisBackedService):
     async def _bootstrap(self) -> None:
         if self.settings.bootstrap_key:
             key = await self.keys.adopt(self.settings.bootstrap_key, "admin", ["admin"])
-            logger.info("bootstrap admin key %s registered", key.id)
+            if key is not None:  # else refused (revoked or rotated out): adopt logged why
+                logger.info("bootstrap admin key %s registered", key.id)
         path = self.settings.bootstrap_key_file
         if path is not None and not (
             path.exists() and await self.keys.authenticate(path.read_text().strip())
@@ -177,9 +178,9 @@ class AuthService(RedisBackedService):
     async def _rotate_on_schedule(self) -> None:
         """Rotates the signing key every `rotation_s` (a restarted run resumes the schedule)."""
         while True:
-            records = await self.ring.records()
-            current = next((r for r in records if r.state == "current"), None)
-            age = time.time() - current.created if current else 0.0
+            # Counted from the promotion: the key was created one period earlier, as next.
+            since = current_since(await self.ring.records())
+            age = time.time() - since if since is not None else 0.0
             wait = max(1.0, self.settings.rotation_s - age)
             await asyncio.sleep(wait)
             with contextlib.suppress(FailedPrecondition):

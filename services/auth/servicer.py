@@ -100,15 +100,14 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         if not looks_like_api_key(api_key):
             self.authenticator.limiter.record(source)
             raise unauthenticated()
-        principal = await self.authenticator.authenticate({"x-api-key": api_key}, source)
-        token = await self.tokens.issue(principal)
-        return pb.IssueTokenResponse(
-            access_token=token, token_type="Bearer", expires_in=self.tokens.ttl_s
+        principal = await self.authenticator.authenticate(
+            {"x-api-key": api_key}, source, fresh=True
         )
+        token, expires_in = await self.tokens.issue(principal)
+        return pb.IssueTokenResponse(access_token=token, token_type="Bearer", expires_in=expires_in)
 
     async def GetJwks(self, request: pb.GetJwksRequest, context: Context) -> httpbody_pb2.HttpBody:
         body = json.dumps(await self.ring.jwks()).encode()
-        await self.ring.mark_served()
         return httpbody_pb2.HttpBody(content_type="application/json", data=body)
 
     async def CreateApiKey(

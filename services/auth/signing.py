@@ -5,7 +5,15 @@ whose tokens may still be valid. Rotation promotes the next key (which every
 Envoy already caches) and publishes a new next key, so tokens signed after a
 rotation verify at once and no Envoy restart or refetch race is involved.
 Rotation is refused while the next key is younger than the edge's JWKS cache
-duration. Private keys are stored AES-GCM encrypted under the server secret.
+duration (plus a margin for the refetch): only then has every edge's cache
+turned over since it was published. A JWKS fetch proves nothing about the
+others (it may be one edge of several, a probe, anyone: the JWKS is public),
+so fetches are not counted. Private keys are stored AES-GCM encrypted under
+the server secret.
+
+A key's age as the signing key counts from its promotion (`activated`), not
+from its creation as the next key one period earlier: the schedule took a
+promoted key for due at once and rotated twice a period.
 
 Every change of the ring (first keys, rotation, retiring old keys) holds a
 lock shared by all auth replicas and carries its fencing token: taking the
@@ -23,7 +31,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -38,8 +46,11 @@ from tokenmesh.auth.v1 import auth_pb2
 KEYS = "tm:auth:signing:keys"
 LOCK = "tm:auth:signing:lock"
 FENCE = "tm:auth:signing:fence"
-LAST_SERVED = "tm:auth:signing:jwks-served-at"
 ALGORITHM = "ES256"
+# An edge refetches the JWKS when its cache runs out: a 2 s fetch, retried every
+# second after a failure (gateway/edge_auth.py). Some seconds past the cache
+# duration, every edge that can reach the auth service holds the new JWKS.
+JWKS_REFETCH_MARGIN_S = 10.0
 # A change of the ring takes milliseconds; a holder that stalls longer loses the lock.
 LOCK_MS = 10_000
 
@@ -78,6 +89,8 @@ class SigningKeyRecord:
     state: str  # "next", "current", "previous"
     deactivated: float  # when it stopped being current (0 while current/next)
     private: str
+    # When it became current (0 while next, and in records stored before it was kept).
+    activated: float = 0.0
 
     def to_pb(self) -> auth_pb2.SigningKey:
         """Returns the public description of the key."""
@@ -90,6 +103,31 @@ class SigningKeyRecord:
         return auth_pb2.SigningKey(
             kid=self.kid, algorithm=ALGORITHM, state=state, create_time=created
         )
+
+
+_FIELDS = frozenset(f.name for f in fields(SigningKeyRecord))
+
+
+def _parse_record(raw: bytes | str) -> SigningKeyRecord:
+    # Fields a newer replica added are skipped, so replicas of two versions share a ring.
+    values = json.loads(raw)
+    return SigningKeyRecord(**{k: v for k, v in values.items() if k in _FIELDS})
+
+
+def current_since(records: Sequence[SigningKeyRecord]) -> float | None:
+    """Returns when the current key became current (None when there is none).
+
+    A record stored before `activated` was kept became current when the key
+    before it was retired (the newest previous key's `deactivated`), or, the
+    first key of all, when it was created.
+    """
+    current = next((r for r in records if r.state == "current"), None)
+    if current is None:
+        return None
+    if current.activated:
+        return current.activated
+    retired = [r.deactivated for r in records if r.state == "previous"]
+    return max(retired, default=current.created)
 
 
 def _b64url(number: int) -> str:
@@ -133,14 +171,20 @@ class SigningKeyRing:
             serialization.NoEncryption(),
         )
         kid = f"sk_{uuid.uuid4().hex[:12]}"
+        now = time.time()
         return SigningKeyRecord(
-            kid, time.time(), state, 0.0, self.secret.encrypt(pem, kid.encode())
+            kid,
+            now,
+            state,
+            0.0,
+            self.secret.encrypt(pem, kid.encode()),
+            activated=now if state == "current" else 0.0,
         )
 
     async def records(self) -> list[SigningKeyRecord]:
         """Returns every stored key, newest first."""
         raw = await self.redis.hgetall(KEYS)
-        records = [SigningKeyRecord(**json.loads(value)) for value in raw.values()]
+        records = [_parse_record(value) for value in raw.values()]
         return sorted(records, key=lambda r: r.created, reverse=True)
 
     @contextlib.asynccontextmanager
@@ -214,16 +258,16 @@ class SigningKeyRing:
             raise FailedPrecondition(
                 "no next signing key; restart the auth service", reason="NO_NEXT_KEY"
             )
-        if not force and not await self._next_key_published(upcoming):
-            wait = self.jwks_cache_s - (time.time() - upcoming.created)
+        now = time.time()
+        wait = self.publish_s - (now - upcoming.created)
+        if not force and wait > 0:
             raise FailedPrecondition(
-                f"no edge has fetched the next signing key yet; rotate again in {wait:.0f}s "
+                f"edges may not know the next signing key yet; rotate again in {wait:.0f}s "
                 f"(edges refresh the JWKS every {self.jwks_cache_s:.0f}s)",
                 reason="SIGNING_KEY_NOT_PUBLISHED",
             )
-        now = time.time()
         changed = [upcoming, self._new_record("next")]
-        upcoming.state = "current"
+        upcoming.state, upcoming.activated = "current", now
         if "current" in by_state:
             old = by_state["current"]
             old.state, old.deactivated = "previous", now
@@ -231,15 +275,11 @@ class SigningKeyRing:
         await self._save(token, changed, self._expired(records, now))
         return upcoming
 
-    async def _next_key_published(self, upcoming: SigningKeyRecord) -> bool:
-        """Tells whether edges know the next key: one fetched the JWKS since it
-        was created, or every edge's cache has turned over since."""
-        served_at = float(await self.redis.get(LAST_SERVED) or 0)
-        return served_at > upcoming.created or time.time() - upcoming.created >= self.jwks_cache_s
-
-    async def mark_served(self) -> None:
-        """Records that an edge fetched the JWKS (called by GetJwks)."""
-        await self.redis.set(LAST_SERVED, str(time.time()))
+    @property
+    def publish_s(self) -> float:
+        """How long the next key is published before it may sign: every edge's
+        JWKS cache has turned over (and been refetched) by then."""
+        return self.jwks_cache_s + JWKS_REFETCH_MARGIN_S
 
     def _expired(self, records: list[SigningKeyRecord], now: float) -> list[str]:
         """Returns the kids of previous keys no unexpired token can name any more."""

@@ -27,10 +27,17 @@ class TokenIssuer:
         self.audience = audience
         self.ttl_s = ttl_s
 
-    async def issue(self, principal: Principal) -> str:
-        """Returns a signed JWT for `principal`."""
+    async def issue(self, principal: Principal) -> tuple[str, int]:
+        """Returns a signed JWT for `principal` and its lifetime in seconds.
+
+        It expires after `ttl_s`, or when the principal's credential does if
+        that is sooner (rounded down: never a second past it).
+        """
         kid, key = await self.ring.current()
         now = int(time.time())
+        exp = now + self.ttl_s
+        if principal.expires_at:
+            exp = min(exp, int(principal.expires_at))
         claims = {
             "iss": self.issuer,
             "aud": self.audience,
@@ -45,10 +52,10 @@ class TokenIssuer:
             "pins": principal.pins,
             "iat": now,
             "nbf": now,
-            "exp": now + self.ttl_s,
+            "exp": exp,
             "jti": uuid.uuid4().hex,
         }
-        return jwt.encode(claims, key, algorithm=ALGORITHM, headers={"kid": kid})
+        return jwt.encode(claims, key, algorithm=ALGORITHM, headers={"kid": kid}), exp - now
 
     async def verify(self, token: str) -> Principal | None:
         """Returns the principal of a valid token, else None (any failure)."""

@@ -19,7 +19,7 @@ import redis
 from cryptography.hazmat.primitives import serialization
 
 from services.auth.crypto import ServerSecret
-from services.auth.signing import SigningKeyRing
+from services.auth.signing import JWKS_REFETCH_MARGIN_S, KEYS, SigningKeyRing
 from tests.e2e.conftest import authed_channel
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
@@ -298,9 +298,27 @@ def test_a_rotated_key_keeps_its_old_secret_for_the_overlap_only(mesh):
     assert complete(mesh, {"x-api-key": new}).status_code == 200
 
 
+def _next_key_published_a_cache_period_ago(mesh) -> None:
+    """Backdates the next signing key past the JWKS cache time (and refetch margin).
+
+    A rotation waits until every edge's cached JWKS holds the next key; this
+    mesh's one edge fetched it at start, after the auth service created it.
+    """
+    client = redis.Redis.from_url(mesh.redis_url)
+    try:
+        for kid, raw in client.hgetall(KEYS).items():
+            record = json.loads(raw)
+            if record["state"] == "next":
+                record["created"] = time.time() - 300 - JWKS_REFETCH_MARGIN_S - 60
+                client.hset(KEYS, kid, json.dumps(record))
+    finally:
+        client.close()
+
+
 def test_signing_key_rotation_needs_no_envoy_restart(mesh, key):
     envoy_pid = next(c.pid for c in mesh.children if c.name == "envoy")
     before = token_for(mesh, key["secret"])
+    _next_key_published_a_cache_period_ago(mesh)
     rotated = cli(mesh, "signing-keys", "rotate")
     after = token_for(mesh, key["secret"])
     assert jwt.get_unverified_header(after)["kid"] == rotated["kid"]

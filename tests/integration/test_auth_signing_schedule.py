@@ -1,0 +1,175 @@
+"""The signing-key schedule: one rotation a period, and never a promotion of a
+next key that an edge's cached JWKS may not hold yet."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+import grpc.aio
+import pytest
+import redis.asyncio as aioredis
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from services.auth import signing
+from services.auth.crypto import ServerSecret
+from services.auth.service import AuthService, AuthSettings
+from services.auth.signing import KEYS, SigningKeyRing
+from services.core.server import serving
+from tests import mtls
+from tests.conftest import private_db_url
+from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
+
+# A logical database of its own: the session mesh's auth service (database 0)
+# keeps its signing keys under the same global names.
+PRIVATE_DB = 6
+SERVER_SECRET = "s" * 32
+
+
+@pytest.fixture
+def db_url(redis_url: str) -> str:
+    return private_db_url(redis_url, PRIVATE_DB)
+
+
+@pytest.fixture
+async def client(db_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(db_url)
+    assert client.connection_pool.connection_kwargs["db"] == PRIVATE_DB
+    await client.flushdb()
+    yield client
+    await client.flushdb()
+    await client.aclose()
+
+
+def _ring(client: aioredis.Redis, jwks_cache_s: float = 300.0) -> SigningKeyRing:
+    return SigningKeyRing(client, ServerSecret(SERVER_SECRET.encode()), 900, jwks_cache_s)
+
+
+def _settings(db_url: str, **overrides: Any) -> AuthSettings:
+    values: dict[str, Any] = dict(
+        pki_dir=mtls.pki_dir(),
+        metrics_port=-1,
+        grace_s=0.5,
+        redis_url=db_url,
+        secret=SERVER_SECRET,
+    )
+    values.update(overrides)
+    return AuthSettings(**values)
+
+
+@contextlib.asynccontextmanager
+async def _auth(settings: AuthSettings) -> AsyncIterator[tuple[AuthService, grpc.aio.Channel]]:
+    service = AuthService(settings)
+    async with serving(service, settings) as running:
+        async with mtls.aio_channel(running.port, peer="auth") as channel:  # as the edge
+            yield service, channel
+
+
+async def _age(client: aioredis.Redis, state: str, created: float) -> str:
+    """Rewrites the `state` key as created at `created`, in the form stored before
+    `activated` was kept (so this runs on either version); returns its kid."""
+    for raw in (await client.hgetall(KEYS)).values():
+        record = json.loads(raw)
+        if record["state"] == state:
+            record["created"] = created
+            record.pop("activated", None)
+            await client.hset(KEYS, record["kid"], json.dumps(record))
+            return str(record["kid"])
+    raise AssertionError(f"no {state} key")
+
+
+async def _current_kid(client: aioredis.Redis) -> str:
+    records = [json.loads(raw) for raw in (await client.hgetall(KEYS)).values()]
+    return next(str(r["kid"]) for r in records if r["state"] == "current")
+
+
+async def test_the_schedule_rotates_once_per_period(client: aioredis.Redis, db_url: str) -> None:
+    rotation_s = 60.0  # the shortest allowed
+    ring = _ring(client)
+    await ring.ensure()
+    now = time.time()
+    await _age(client, "current", now - rotation_s - 1)  # due now
+    # The next key was created at the last rotation and every edge has it by now.
+    upcoming = await _age(client, "next", now - rotation_s - 1000)
+    settings = _settings(db_url, rotation_s=rotation_s, jwks_cache_s=1.0)
+    async with _auth(settings) as (_, channel):
+        deadline = time.monotonic() + 10
+        while await _current_kid(client) != upcoming:
+            assert time.monotonic() < deadline, "the due rotation never came"
+            await asyncio.sleep(0.05)
+        # The promoted key signs for a whole period now. The old schedule counted
+        # its age from its creation as the next key, a period before: it rotated
+        # again within about a second, as soon as the new next key counted as
+        # published (an edge's fetch, or this short cache's time rule).
+        stub = auth_service_pb2_grpc.AuthServiceStub(channel)
+        await stub.GetJwks(auth_service_pb2.GetJwksRequest(), timeout=10)
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            assert await _current_kid(client) == upcoming, "rotated twice in one period"
+            await asyncio.sleep(0.1)
+
+
+async def test_a_key_is_current_since_its_promotion(client: aioredis.Redis) -> None:
+    ring = _ring(client)
+    await ring.ensure()
+    first = signing.current_since(await ring.records())
+    assert first is not None and first <= time.time()
+    created = await _age(client, "next", time.time() - 1000)
+    promoted = await ring.rotate()
+    assert promoted.kid == created and promoted.activated >= first
+    assert signing.current_since(await ring.records()) == promoted.activated
+    # A record stored before `activated` was kept: current since its predecessor retired.
+    await _age(client, "current", time.time() - 2000)
+    retired = next(r for r in await ring.records() if r.state == "previous")
+    assert signing.current_since(await ring.records()) == retired.deactivated
+    # Fields a newer replica adds do not break this one.
+    newer = {**asdict(promoted), "future_field": 1}
+    await client.hset(KEYS, promoted.kid, json.dumps(newer))
+    assert promoted.kid in {r.kid for r in await ring.records()}
+
+
+def _reason(error: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return str(info.reason)
+
+
+async def test_a_jwks_fetch_does_not_make_a_new_next_key_published(
+    client: aioredis.Redis, db_url: str
+) -> None:
+    async with _auth(_settings(db_url, rotation_s=0, jwks_cache_s=300.0)) as (service, channel):
+        _, admin = await service.keys.create(
+            "admin", "ops", ["admin"], [], auth_pb2.KeyLimits(), None
+        )
+        stub = auth_service_pb2_grpc.AuthServiceStub(channel)
+        metadata = (("x-api-key", admin),)
+        # The next key has been published for longer than any edge caches the JWKS.
+        await _age(client, "next", time.time() - 300 - 60)
+        first = await stub.RotateSigningKey(
+            auth_service_pb2.RotateSigningKeyRequest(), metadata=metadata, timeout=10
+        )
+        # One fetch (one edge of several, a probe, curl: the JWKS is public)...
+        await stub.GetJwks(auth_service_pb2.GetJwksRequest(), timeout=10)
+        # ...says nothing of the other edges, which cached the JWKS before this
+        # next key existed: promoting it now would fail their tokens' kid.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.RotateSigningKey(
+                auth_service_pb2.RotateSigningKeyRequest(), metadata=metadata, timeout=10
+            )
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert _reason(refused.value) == "SIGNING_KEY_NOT_PUBLISHED"
+        assert await _current_kid(client) == first.signing_key.kid
+        # Once every edge's cache has turned over (and been refetched), it may sign.
+        upcoming = await _age(client, "next", time.time() - 300 - 11)
+        second = await stub.RotateSigningKey(
+            auth_service_pb2.RotateSigningKeyRequest(), metadata=metadata, timeout=10
+        )
+        assert second.signing_key.kid == upcoming
