@@ -12,6 +12,8 @@ A copy:
   never to the caller's key, budgets or rate limits (services.inference.admission,
   services.inference.request_limits). The edge decided the live request's
   limits before Envoy made the copy;
+- is never sampled (services.inference.pipeline.content, by `is_copy`): its
+  live request was sampled, or not, under the caller's tenant;
 - answers into nothing: Envoy discards it, and the caller never waits for it.
 
 Both sides write a compact record keyed by the request id they share (the

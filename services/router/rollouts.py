@@ -10,8 +10,16 @@ counters every worker reports in its heartbeats (services.inference.load_report)
   request still needed to reach min_requests succeeded, the rate would be
   too high) and its rate is above the stable version's (a mesh-wide outage
   is not the canary's fault);
-- TTFT p99: at the end of the step, rolled back when the new version's is
-  more than `max_ttft_p99_ratio` times the stable version's.
+- TTFT: at the end of the step, rolled back when the new version's p99 is more
+  than `max_ttft_p99_ratio` times the stable version's, or its p90 is (the
+  quantile a step's few requests can show: a canary slower across the board
+  breaks it at 50 requests), with 99.9% confidence (`ttft_checks`): more of
+  its requests were slower than that bound than the 1% (10%) a p99 (p90)
+  within it allows, by a margin chance explains at most 0.1% of the time.
+  Comparing the two p99s read from the histograms compared the canary's
+  slowest request with the stable version's real p99 (the 99th percentile of
+  50 requests is the 50th): one cold start rolled back a canary whose
+  latencies matched the stable version's.
 
 At the end of a step with at least `min_requests` requests and both bounds
 held, it advances; with fewer it waits for traffic. Reaching 100% ends it
@@ -33,6 +41,7 @@ import asyncio
 import json
 import logging
 import math
+import statistics
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -76,6 +85,14 @@ DEFAULT_STEP_S = 60.0
 DEFAULT_MAX_ERROR_RATE = 0.01
 DEFAULT_MAX_TTFT_P99_RATIO = 1.5
 DEFAULT_MIN_REQUESTS = 50
+# The TTFT gate's quantiles (p99: the policy's; p90: what a step's few requests show).
+TTFT_GATE_QUANTILES = (0.99, 0.9)
+# The TTFT gate's false alarm rate per quantile: the chance that a canary whose
+# quantile is within the bound has as many requests above it as the gate needs to
+# roll back (ttft_checks).
+TTFT_GATE_ALPHA = 0.001
+# Above this many requests the gate's binomial tail is read from its normal approximation.
+TTFT_GATE_EXACT_UP_TO = 1_000_000
 
 RUNNING, PAUSED, SUCCEEDED, ROLLED_BACK, ABORTED = (
     "running",
@@ -175,11 +192,19 @@ class Window:
         return sum(self.ttft_counts)
 
     def ttft_p99_ms(self) -> float:
-        """Returns the TTFT p99 read from the histogram (the bucket's upper bound; 0: none)."""
+        """Returns the TTFT p99 read from the histogram (the bucket's upper bound; 0: none).
+
+        Under 100 requests it is their slowest's: the gate (ttft_checks) does not
+        compare it as it stands."""
+        return self.ttft_quantile_ms(0.99)
+
+    def ttft_quantile_ms(self, q: float) -> float:
+        """Returns the TTFT `q`-quantile read from the histogram (the bucket's upper
+        bound; 0: none)."""
         total = self.ttft_samples
         if not total or not self.ttft_bounds_ms:  # no bounds: a worker's bad report
             return 0.0
-        rank = math.ceil(0.99 * total)
+        rank = math.ceil(q * total)
         seen = 0
         for index, count in enumerate(self.ttft_counts):
             seen += count
@@ -187,6 +212,18 @@ class Window:
                 bounds = self.ttft_bounds_ms
                 return bounds[index] if index < len(bounds) else bounds[-1] * 1.25
         return self.ttft_bounds_ms[-1]
+
+    def ttft_slower_than(self, bound_ms: float) -> int:
+        """Returns how many requests were certainly slower than `bound_ms`: those in
+        buckets whose lower bound is at least `bound_ms` (0: no bounds)."""
+        bounds = self.ttft_bounds_ms
+        if not bounds:
+            return 0
+        return sum(
+            count
+            for index, count in enumerate(self.ttft_counts)
+            if index and bounds[min(index - 1, len(bounds) - 1)] >= bound_ms
+        )
 
     def plus(self, counts: VersionCounts, base: VersionCounts | None) -> Window:
         """Adds one worker's counts since `base` (all of them when it restarted since)."""
@@ -334,17 +371,105 @@ def error_breach(policy: Policy, canary: Window, stable: Window) -> str:
     return ""
 
 
+def breach_count(requests: int, q: float = 0.99, alpha: float = TTFT_GATE_ALPHA) -> int:
+    """Returns how many of `requests` must be slower than a bound to show, with
+    confidence 1 - `alpha`, that their `q`-quantile is above it: the fewest c with
+    P(Binomial(requests, 1 - q) >= c) <= alpha (requests + 1: no count shows it)."""
+    p = 1.0 - q
+    if requests > TTFT_GATE_EXACT_UP_TO:
+        z = statistics.NormalDist().inv_cdf(1 - alpha)
+        return math.floor(requests * p + z * math.sqrt(requests * p * (1 - p))) + 1
+    log_odds = math.log(p / (1 - p))
+    log_pmf = requests * math.log1p(-p)  # P(X = 0)
+    cdf = 0.0
+    for k in range(requests + 1):
+        cdf += math.exp(log_pmf)
+        if 1.0 - cdf <= alpha:
+            return k + 1
+        if k < requests:
+            log_pmf += math.log((requests - k) / (k + 1)) + log_odds
+    return requests + 1
+
+
+@dataclass(frozen=True)
+class TtftCheck:
+    """TtftCheck is the TTFT gate's reading of one quantile over a step (`ttft_checks`).
+
+    Attributes:
+        name: "p99" or "p90".
+        canary_ms: the canary's quantile read from its histogram (over few
+            requests, the p99 is its slowest request's).
+        stable_ms: the stable version's.
+        bound_ms: max_ttft_p99_ratio x stable_ms (0: no bound, the gate passes).
+        slow: the canary's requests certainly slower than the bound.
+        needed: how many would show its quantile above the bound (breach_count).
+    """
+
+    name: str
+    canary_ms: float
+    stable_ms: float
+    bound_ms: float = 0.0
+    slow: int = 0
+    needed: int = 0
+
+    @property
+    def broken(self) -> bool:
+        """Whether the canary's quantile is above the bound (with the gate's confidence)."""
+        return self.bound_ms > 0 and self.slow >= self.needed
+
+
+def ttft_checks(policy: Policy, canary: Window, stable: Window) -> tuple[TtftCheck, ...]:
+    """Reads the TTFT gate: the canary's p99, then p90, against `max_ttft_p99_ratio`
+    times the stable version's.
+
+    A quantile within the bound leaves at most 1 - q of the canary's requests above
+    it; each check breaks only when more are, by more than chance explains
+    (TTFT_GATE_ALPHA). With the same latencies on both versions neither breaks
+    whatever the step's size (98.5% at 100 ms, 1% at 300 ms, 0.5% at 600 ms rolled
+    back one 50-request step in five when the gate compared the canary's slowest
+    request). A canary slower across the board breaks the p90 check from 14 of 50
+    requests above the bound and the p99 one from 5; one slower in its tail only
+    breaks the p99 check once the step has the requests to show it.
+    """
+    checks = []
+    for q in TTFT_GATE_QUANTILES:
+        name = f"p{round(q * 100)}"
+        canary_ms, stable_ms = canary.ttft_quantile_ms(q), stable.ttft_quantile_ms(q)
+        if not canary.ttft_samples or not stable.ttft_samples or stable_ms <= 0:
+            checks.append(TtftCheck(name, canary_ms, stable_ms))
+            continue
+        bound = policy.max_ttft_p99_ratio * stable_ms
+        slow = canary.ttft_slower_than(bound)
+        needed = breach_count(canary.ttft_samples, q)
+        checks.append(TtftCheck(name, canary_ms, stable_ms, bound, slow, needed))
+    return tuple(checks)
+
+
 def ttft_breach(policy: Policy, canary: Window, stable: Window) -> str:
-    """Returns why the canary's TTFT p99 breaks the policy ("" when it does not or cannot)."""
-    if not canary.ttft_samples or not stable.ttft_samples:
-        return ""
-    canary_p99, stable_p99 = canary.ttft_p99_ms(), stable.ttft_p99_ms()
-    if stable_p99 > 0 and canary_p99 > policy.max_ttft_p99_ratio * stable_p99:
-        return (
-            f"ttft p99 {canary_p99:.0f}ms > {policy.max_ttft_p99_ratio:g} x stable "
-            f"{stable_p99:.0f}ms"
-        )
+    """Returns why the canary's TTFT breaks the policy ("" when it does not or cannot)."""
+    for check in ttft_checks(policy, canary, stable):
+        if check.broken:
+            return (
+                f"ttft {check.name} {check.canary_ms:.0f}ms > {policy.max_ttft_p99_ratio:g} x "
+                f"stable {check.stable_ms:.0f}ms ({check.slow} of {canary.ttft_samples} "
+                f"requests above {check.bound_ms:.0f}ms; a {check.name} within it leaves up "
+                f"to {check.needed - 1} by chance)"
+            )
     return ""
+
+
+def _ttft_held(checks: Sequence[TtftCheck]) -> str:
+    """Describes TTFT checks that held, e.g. "ttft p99 646ms (stable 331ms; 1 above
+    496ms, within chance), p90 108ms (stable 108ms)"."""
+    parts = []
+    for check in checks:
+        slow = (
+            f"; {check.slow} above {check.bound_ms:.0f}ms, within chance"
+            if check.slow and check.bound_ms
+            else ""
+        )
+        parts.append(f"{check.name} {check.canary_ms:.0f}ms (stable {check.stable_ms:.0f}ms{slow})")
+    return "ttft " + ", ".join(parts)
 
 
 def decide(
@@ -372,9 +497,8 @@ def decide(
     if broken:
         return "rollback", broken
     held = (
-        f"error rate {canary.error_rate:.3f} (stable {stable.error_rate:.3f}), ttft p99 "
-        f"{canary.ttft_p99_ms():.0f}ms (stable {stable.ttft_p99_ms():.0f}ms) over "
-        f"{canary.requests} requests"
+        f"error rate {canary.error_rate:.3f} (stable {stable.error_rate:.3f}), "
+        f"{_ttft_held(ttft_checks(policy, canary, stable))} over {canary.requests} requests"
     )
     if rollout.step_index + 1 >= len(policy.steps) - 1:
         return "succeed", held

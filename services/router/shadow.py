@@ -12,7 +12,9 @@ adds to each of the model's routes that serves another version:
   worker meters it to the shadow account and keeps a comparison record);
 - on the live request, SHADOWED_HEADER: its worker keeps a record too, so
   `tokenmesh models compare` pairs the two by request id (x-request-id, which
-  the copy shares with the live request).
+  the copy shares with the live request). Every live request of the model gets
+  it (which ones Envoy mirrors is not known here): the pair store keeps the
+  records no copy pairs with apart, briefly (services.router.shadow_pairs).
 
 Nothing here does I/O.
 """

@@ -7,14 +7,25 @@ CompareModelVersions) reads the pairs of a window and summarises each version.
 
 Redis layout, per model (one hash slot: the model is the key's hash tag):
 
-- `tokenmesh:shadow:{MODEL}:index`: sorted set of request ids by the time
-  (unix ms) of their first record;
+- `tokenmesh:shadow:{MODEL}:index`: sorted set of complete pairs' request ids by
+  the time (unix ms) of their first record;
+- `tokenmesh:shadow:{MODEL}:pending`: sorted set of request ids with one record
+  so far, by the time of that record;
 - `tokenmesh:shadow:{MODEL}:records`: hash `REQUEST_ID|live` / `REQUEST_ID|shadow`
   -> the record's JSON.
 
-Bounded: one Lua script writes a record and drops pairs older than
-RETENTION_S and the oldest beyond MAX_PAIRS, so both keys stay small
-whatever the traffic; both expire RETENTION_S after the last write.
+Every live request of a shadowed model writes a record (the edge marks them
+all: it cannot know which ones Envoy mirrors), so at a 1% shadow 99 of 100
+live records never get a partner. Counted with the pairs, they pushed the
+pairs out: 10,000 ids at 1,000 requests a second held 10 s of pairs. A record
+therefore waits in `pending` until its partner comes (then the id moves to
+`index`), at most PENDING_S and among the newest MAX_PENDING; only complete
+pairs count towards MAX_PAIRS and RETENTION_S.
+
+Bounded: one Lua script writes a record and drops unpaired records past
+PENDING_S or beyond MAX_PENDING, and pairs older than RETENTION_S or beyond
+MAX_PAIRS, so the keys stay small whatever the traffic; they expire
+RETENTION_S after the last write.
 """
 
 from __future__ import annotations
@@ -34,25 +45,43 @@ SHADOW = "shadow"
 ROLES = (LIVE, SHADOW)
 MAX_PAIRS = 10_000
 RETENTION_S = 7 * 24 * 3600
+# Unpaired records: how many wait for their partner, and for how long (a copy
+# finishes about when its live request does: both start together at the edge).
+MAX_PENDING = 20_000
+PENDING_S = 600
 READ_BATCH = 500  # request ids per HMGET when reading a window
 
-# KEYS: index, records. ARGV: request id, role, record JSON, now (ms), max pairs,
-# retention (ms). Drops at most 64 aged-out pairs a call (the rest next time).
+# KEYS: index, pending, records. ARGV: request id, role, record JSON, now (ms), max
+# pairs, retention (ms), max pending, pending time (ms). Drops at most 64 aged-out
+# pairs and 64 aged-out unpaired records a call (the rest next time).
 WRITE_SCRIPT = """
-redis.call('HSET', KEYS[2], ARGV[1] .. '|' .. ARGV[2], ARGV[3])
-redis.call('ZADD', KEYS[1], 'NX', ARGV[4], ARGV[1])
-local function drop(ids)
-  for _, id in ipairs(ids) do
-    redis.call('HDEL', KEYS[2], id .. '|live', id .. '|shadow')
-    redis.call('ZREM', KEYS[1], id)
+local id, role = ARGV[1], ARGV[2]
+local other = role == 'live' and 'shadow' or 'live'
+local now = tonumber(ARGV[4])
+redis.call('HSET', KEYS[3], id .. '|' .. role, ARGV[3])
+if not redis.call('ZSCORE', KEYS[1], id) then
+  local first = redis.call('ZSCORE', KEYS[2], id)
+  if first and redis.call('HEXISTS', KEYS[3], id .. '|' .. other) == 1 then
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('ZADD', KEYS[1], first, id)
+  else
+    redis.call('ZADD', KEYS[2], 'NX', now, id)
   end
 end
-drop(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[4]) - tonumber(ARGV[6]),
-  'LIMIT', 0, 64))
-local extra = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[5])
-if extra > 0 then drop(redis.call('ZRANGE', KEYS[1], 0, extra - 1)) end
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
-redis.call('PEXPIRE', KEYS[2], ARGV[6])
+local function drop(set, ids)
+  for _, dropped in ipairs(ids) do
+    redis.call('HDEL', KEYS[3], dropped .. '|live', dropped .. '|shadow')
+    redis.call('ZREM', set, dropped)
+  end
+end
+local function trim(set, max, age)
+  drop(set, redis.call('ZRANGEBYSCORE', set, '-inf', now - age, 'LIMIT', 0, 64))
+  local extra = redis.call('ZCARD', set) - max
+  if extra > 0 then drop(set, redis.call('ZRANGE', set, 0, extra - 1)) end
+end
+trim(KEYS[2], tonumber(ARGV[7]), tonumber(ARGV[8]))
+trim(KEYS[1], tonumber(ARGV[5]), tonumber(ARGV[6]))
+for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[6]) end
 return 1
 """
 
@@ -60,6 +89,11 @@ return 1
 def index_key(model: str) -> str:
     """Returns the sorted set of a model's pair ids."""
     return f"tokenmesh:shadow:{{{model}}}:index"
+
+
+def pending_key(model: str) -> str:
+    """Returns the sorted set of a model's unpaired request ids."""
+    return f"tokenmesh:shadow:{{{model}}}:pending"
 
 
 def records_key(model: str) -> str:
@@ -118,11 +152,18 @@ class PairStore:
     """PairStore writes and reads shadow records in Redis (see the module)."""
 
     def __init__(
-        self, redis: aioredis.Redis, max_pairs: int = MAX_PAIRS, retention_s: float = RETENTION_S
+        self,
+        redis: aioredis.Redis,
+        max_pairs: int = MAX_PAIRS,
+        retention_s: float = RETENTION_S,
+        max_pending: int = MAX_PENDING,
+        pending_s: float = PENDING_S,
     ) -> None:
         self.redis = redis
         self.max_pairs = max_pairs
         self.retention_ms = int(retention_s * 1000)
+        self.max_pending = max_pending
+        self.pending_ms = int(pending_s * 1000)
         self._write = redis.register_script(WRITE_SCRIPT)
 
     async def write(
@@ -130,8 +171,17 @@ class PairStore:
     ) -> None:
         """Writes one side of a pair (and trims the model's pairs)."""
         await self._write(
-            keys=[index_key(model), records_key(model)],
-            args=[request_id, role, record.to_json(), now_ms, self.max_pairs, self.retention_ms],
+            keys=[index_key(model), pending_key(model), records_key(model)],
+            args=[
+                request_id,
+                role,
+                record.to_json(),
+                now_ms,
+                self.max_pairs,
+                self.retention_ms,
+                self.max_pending,
+                self.pending_ms,
+            ],
         )
 
     async def pairs(self, model: str, since_ms: int) -> list[Pair]:

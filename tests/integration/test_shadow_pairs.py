@@ -52,8 +52,9 @@ async def test_the_store_keeps_at_most_max_pairs_and_drops_aged_ones(
     assert await client.zcard(index_key(model)) == 5
     assert await client.hlen(records_key(model)) == 10
     assert [p.request_id for p in await store.pairs(model, 0)] == [f"r{n}" for n in range(7, 12)]
-    # 100 s later, one more write drops every pair older than the retention.
+    # 100 s later, one more pair drops every pair older than the retention.
     await store.write(model, "late", LIVE, Record("1", "stop"), 10_000 + 100_000 + 20)
+    await store.write(model, "late", SHADOW, Record("2", "stop"), 10_000 + 100_000 + 20)
     assert await client.zrange(index_key(model), 0, -1) == [b"late"]
-    assert await client.hlen(records_key(model)) == 1
+    assert await client.hlen(records_key(model)) == 2
     assert 0 < await client.pttl(records_key(model)) <= 100_000

@@ -17,7 +17,8 @@ the v2 servicer, so v1 and the OpenAI surface get it too):
   choice with finish reason "content_filter" (its held tokens counted as
   sent: they were generated and are billed) and cancels its sequence.
 - `RequestContent.record(event, ...)` adds the hits to the usage event and
-  writes the redacted sample when the request was sampled.
+  writes the redacted sample when the request was sampled (a shadow copy
+  never is: services.inference.shadow).
 
 With no policy attached and no sampling, `admit` is two dict lookups and the
 stream is not wrapped: the disabled path costs what it cost before.
@@ -34,6 +35,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 
 from services.core.interceptors import Context, request_headers
+from services.inference import shadow
 from services.inference.pipeline import samples
 from services.inference.pipeline.policy import (
     ContentPolicyViolation,
@@ -215,7 +217,11 @@ class ContentStage:
 
         tenant, key_id = headers.get(TENANT_HEADER, ""), headers.get(KEY_ID_HEADER, "")
         policies = self.cache.policies(tenant, key_id)
-        sampled = samples.sampled(self.cache.sample_rate(tenant))
+        # A shadow copy is never sampled: its live request had the caller's chance,
+        # under the caller's tenant. The copy's usage event names the shadow account
+        # (contract.SHADOW_TENANT): its sample went to one stream shared by every
+        # tenant, out of the caller's export, retention and consent.
+        sampled = not shadow.is_copy(headers) and samples.sampled(self.cache.sample_rate(tenant))
         return policies, sampled, tenant, key_id
 
     async def check_texts(

@@ -699,7 +699,9 @@ class Rollout(_message.Message):
     max_error_rate: _builtins.float
     """max_error_rate is the bound on the new version's error rate."""
     max_ttft_p99_ratio: _builtins.float
-    """max_ttft_p99_ratio is the bound on its TTFT p99 over the stable version's."""
+    """max_ttft_p99_ratio is the bound on its TTFT p99 over the stable version's
+    (and on its p90 over the stable p90: a step's few requests show that one).
+    """
     min_requests: _builtins.int
     """min_requests is how many requests a step needs before it may advance."""
     state: Global___RolloutState.ValueType

@@ -972,7 +972,9 @@ class StartRolloutRequest(_message.Message):
     """
     max_ttft_p99_ratio: _builtins.float
     """max_ttft_p99_ratio is the highest ratio of the new version's TTFT p99 to
-    the stable version's over a step (1-100; 0 means 1.5).
+    the stable version's over a step (1-100; 0 means 1.5). The same ratio
+    bounds its p90, which a step's few requests can show; each is broken only
+    when more requests are over the bound than chance explains (99.9%).
     """
     min_requests: _builtins.int
     """min_requests is how many requests the new version must finish in a step
