@@ -224,3 +224,12 @@ def test_openais_full_16_metadata_pairs_with_a_user_fit():
     )
     with pytest.raises(InvalidArgument, match="metadata"):
         v2_validation.validate_generation(too_many.complete_requests()[0])
+
+
+def test_a_parameter_name_with_a_backslash_is_named_not_a_server_error():
+    # The rename's re.sub read the client's "x\\1" as a group reference: re.error, 500.
+    raw = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "x\\1": 1})
+    with pytest.raises(InvalidArgument) as bad:
+        params.parse_chat(raw.encode())
+    (violation,) = renamed(bad.value, Renames()).violations
+    assert violation.field == "x\\1"
