@@ -62,10 +62,11 @@ def renamed(error: TokenmeshError, renames: Renames) -> TokenmeshError:
         param = v2_param(violation.field, renames)
         # A description may name its own field ("prompt (9 tokens) + max_output_tokens
         # (4000) = ..."): the client reads the parameter it sent.
-        # A function, not the string: a client's parameter name may hold backslashes,
-        # which re.sub reads as group references in a replacement string (a 500).
+        # Escaped: a client's parameter name may hold backslashes, which re.sub reads
+        # as group references in a replacement (re.error: a 500).
+        replacement = param.replace("\\", "\\\\")
         description = re.sub(
-            rf"\b{re.escape(violation.field)}\b", lambda _: param, violation.description
+            rf"\b{re.escape(violation.field)}\b", replacement, violation.description
         )
         violations.append(FieldViolation(param, description))
     return InvalidArgument(violations, reason=error.reason)
