@@ -26,7 +26,10 @@ from services.router.registry import WorkerEntry
 logger = logging.getLogger(__name__)
 
 TTL_S = 30.0  # how long a resolved name is reused
-LOOKUP_TIMEOUT_S = 2.0  # a build does not wait longer for a name
+# How long a failed lookup's outcome (the stale answer, or none) is reused: builds
+# run every poll under one lock, and must not each wait for a dead resolver.
+FAILURE_TTL_S = 5.0
+LOOKUP_TIMEOUT_S = 2.0  # a build does not wait longer for its names (looked up at once)
 
 
 def is_ip(host: str) -> bool:
@@ -42,16 +45,19 @@ class HostResolver:
     """HostResolver gives workers IP hosts, resolving and caching names (see the module)."""
 
     def __init__(self) -> None:
-        self._cache: dict[str, tuple[str, float]] = {}  # name -> (IP, monotonic expiry)
+        # name -> (IP or None: did not resolve, monotonic expiry)
+        self._cache: dict[str, tuple[str | None, float]] = {}
 
     async def with_ip_hosts(self, workers: Sequence[WorkerEntry]) -> list[WorkerEntry]:
         """Returns `workers` with IP hosts; a worker whose name does not resolve is left out."""
+        names = sorted({w.host for w in workers if not is_ip(w.host)})
+        answers = dict(zip(names, await asyncio.gather(*map(self._resolve, names)), strict=True))
         resolved = []
         for worker in workers:
             if is_ip(worker.host):
                 resolved.append(worker)
                 continue
-            address = await self._resolve(worker.host)
+            address = answers[worker.host]
             if address is None:
                 logger.warning(
                     "worker %s: %s does not resolve; left out of the endpoints",
@@ -72,7 +78,9 @@ class HostResolver:
                     name, None, type=socket.SOCK_STREAM
                 )
         except (OSError, TimeoutError):
-            return cached[0] if cached is not None else None  # a stale answer beats none
+            stale = cached[0] if cached is not None else None  # a stale answer beats none
+            self._cache[name] = (stale, time.monotonic() + FAILURE_TTL_S)
+            return stale
         addresses = [str(info[4][0]) for info in found]
         if not addresses:
             return None

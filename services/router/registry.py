@@ -437,10 +437,15 @@ class WorkerRegistry:
             keys, args = [WORKERS_KEY, HEAT_KEY], [*args, heads]
         return bool(await self._compare_and_set(keys=keys, args=args))
 
-    async def all(self, now: float, forget: bool = True) -> list[WorkerEntry]:
-        """Returns every known worker (with its hot prompt heads), forgetting those whose
-        lease ended long ago unless `forget` is off (the router's lease grace: workers
-        could not renew while it or its Redis was away)."""
+    async def all(self, now: float, forget: bool = False) -> list[WorkerEntry]:
+        """Returns every known worker (with its hot prompt heads); with `forget`, forgets
+        those whose lease ended long ago.
+
+        Only the route build forgets, and not in the router's lease grace (workers
+        could not renew while it or its Redis was away): a rollout tick or an admin's
+        ListWorkers right after a minute's outage forgot every worker, and the edges
+        got empty endpoints until each registered again.
+        """
         raw = await self.redis.hgetall(WORKERS_KEY)
         heat = await self.redis.hgetall(HEAT_KEY)
         heads = {text(k): _heads_from_json(v) for k, v in heat.items()}

@@ -48,3 +48,18 @@ async def test_a_router_back_after_minutes_keeps_the_workers_it_could_not_hear(u
     finally:
         await router.redis.aclose()
         await client.aclose()
+
+
+async def test_only_the_route_build_forgets_long_gone_workers(url: str):
+    # A rollout tick or an admin's ListWorkers right after the outage forgot them too,
+    # and the next build, in its grace, had none left to keep.
+    client = aioredis.from_url(url)
+    try:
+        registry = WorkerRegistry(client, lease_s=30)
+        await registry.register("w", "10.0.0.1:1001", [MODEL], time.time() - 180)
+        assert [w.worker_id for w in await registry.all(time.time())] == ["w"]
+        assert await client.hexists(WORKERS_KEY, "w")
+        assert await registry.all(time.time(), forget=True) == []
+        assert not await client.hexists(WORKERS_KEY, "w")
+    finally:
+        await client.aclose()

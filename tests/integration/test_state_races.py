@@ -279,7 +279,7 @@ async def test_forgetting_a_long_gone_worker_spares_it_once_it_registered_again(
     await fresh.register(worker, "127.0.0.1:1003", [("m", "1")], then)
     back = lambda: fresh.register(worker, "127.0.0.1:1003", [("m", "1")], time.time())  # noqa: E731
     lister = WorkerRegistry(interleaved("HGETALL", back), lease_s=30)
-    await lister.all(time.time())  # read the old lease, then the worker came back
+    await lister.all(time.time(), forget=True)  # read the old lease, then it came back
     assert (await fresh.get(worker)).state == SERVING
 
 

@@ -3,6 +3,7 @@ router build, and Envoy's own check of the endpoints)."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import subprocess
@@ -15,8 +16,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.launcher.mesh import envoy_binary
+from services.router.addresses import HostResolver
 from services.router.catalog import Catalog
-from services.router.registry import WorkerRegistry
+from services.router.registry import WorkerEntry, WorkerRegistry
 from services.router.service import RouterService, RouterSettings
 from services.router.snapshot import EdgeFlags
 from tests import mtls
@@ -90,3 +92,34 @@ async def test_a_worker_host_name_becomes_an_ip_endpoint_and_an_unknown_one_is_l
             ipaddress.ip_address(endpoint["address"])  # raises for a name
     checked = _envoy_accepts(assignments, tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+async def test_names_are_looked_up_together_and_a_failure_is_not_asked_again_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # Builds run every poll under one lock: one lookup after the other, and each
+    # failed name asked again at every build, held them all up while DNS was down.
+    loop = asyncio.get_running_loop()
+    real, asked, concurrent, peak = loop.getaddrinfo, [], [0], [0]
+
+    async def counted(host: Any, *args: Any, **kwargs: Any) -> Any:
+        asked.append(host)
+        concurrent[0] += 1
+        peak[0] = max(peak[0], concurrent[0])
+        try:
+            await asyncio.sleep(0.05)
+            return await real(host, *args, **kwargs)
+        finally:
+            concurrent[0] -= 1
+
+    monkeypatch.setattr(loop, "getaddrinfo", counted)
+    resolver = HostResolver()
+    workers = [
+        WorkerEntry("a", "localhost", 1, (MODEL,)),
+        WorkerEntry("b", "no-such-host.invalid", 2, (MODEL,)),
+    ]
+    first = await resolver.with_ip_hosts(workers)
+    assert [(w.worker_id, w.host) for w in first] == [("a", "127.0.0.1")]
+    assert peak[0] == 2  # both at once
+    await resolver.with_ip_hosts(workers)
+    assert sorted(asked) == ["localhost", "no-such-host.invalid"]  # neither asked again
