@@ -539,7 +539,7 @@ def health_filter(upstreams: Sequence[str]) -> dict[str, Any]:
 
 def local_reply_config() -> dict[str, Any]:
     """Makes Envoy's own error replies JSON shaped like transcoded gRPC errors."""
-    no_healthy_worker = {
+    no_healthy_worker: dict[str, Any] = {
         # No healthy worker (and no fallback): UNAVAILABLE, and when to try again.
         "filter": {"response_flag_filter": {"flags": ["UH"]}},
         "headers_to_add": [
@@ -550,13 +550,21 @@ def local_reply_config() -> dict[str, Any]:
         ],
         "body_format_override": _error_body(14),
     }
-    # /openai/ paths answer OpenAI's error shape: their mappers come first, after
-    # the one for native gRPC requests' 404s (whose message is the grpc-message).
+    # Native gRPC requests first: their body is their grpc-message, so plain text
+    # (413 with its own, 429 as RESOURCE_EXHAUSTED, no healthy worker with when to
+    # retry). Then /openai/ paths, which answer OpenAI's error shape.
+    grpc_no_healthy_worker = {
+        **no_healthy_worker,
+        "filter": grpc_paths.native_grpc(no_healthy_worker["filter"]),
+        "body_format_override": grpc_paths.PLAIN_MESSAGE,
+    }
     mappers = [
+        _grpc_too_large(),
+        grpc_paths.rate_limited_mapper(),
+        grpc_no_healthy_worker,
         grpc_paths.local_reply_mapper(),
         *openai_edge.local_reply_mappers(),
         no_healthy_worker,
-        _grpc_too_large(),
     ]
     mappers += [
         {

@@ -26,6 +26,7 @@ from gateway import edge_auth, key_cache
 # gRPC-Web is not among them (it gets the JSON 404 of any unknown path).
 GRPC_CONTENT_TYPE = r"^application/grpc([+;].*)?$"
 NOT_FOUND = 5
+RESOURCE_EXHAUSTED = 8
 MESSAGE = (
     "no RPC at this path: a gRPC method's path is /<package>.<Service>/<Method>; "
     "REST paths take JSON, not a gRPC content type"
@@ -77,29 +78,61 @@ def unrouted_grpc_route(auth_filters: bool) -> dict[str, Any]:
     return route
 
 
-def local_reply_mapper() -> dict[str, Any]:
-    """Keeps a native gRPC request's 404 message as plain text (the grpc-message),
-    instead of the JSON body REST clients get."""
+def status_filter(op: str, status: int, runtime_key: str) -> dict[str, Any]:
+    """A local-reply filter on the HTTP status (`op`: EQ, GE, LE)."""
+    comparison = {"op": op, "value": {"default_value": status, "runtime_key": runtime_key}}
+    return {"status_code_filter": {"comparison": comparison}}
+
+
+def native_grpc(condition: dict[str, Any]) -> dict[str, Any]:
+    """A local-reply filter: `condition`, for a native gRPC request (a gRPC content type;
+    a transcoded REST request has one too by then, but carries x-envoy-original-path)."""
     return {
-        "filter": {
-            "and_filter": {
-                "filters": [
-                    {
-                        "status_code_filter": {
-                            "comparison": {
-                                "op": "EQ",
-                                "value": {"default_value": 404, "runtime_key": "tm.lr.grpc404"},
-                            }
-                        }
-                    },
-                    {"header_filter": {"header": grpc_content_type()}},
-                    {
-                        "header_filter": {
-                            "header": {"name": "x-envoy-original-path", "present_match": False}
-                        }
-                    },
-                ]
+        "and_filter": {
+            "filters": [
+                condition,
+                {"header_filter": {"header": grpc_content_type()}},
+                {
+                    "header_filter": {
+                        "header": {"name": "x-envoy-original-path", "present_match": False}
+                    }
+                },
+            ]
+        }
+    }
+
+
+#: The local reply's own text as the body: Envoy sends a gRPC caller the body as
+#: its grpc-message (REST callers get the JSON error shape instead).
+PLAIN_MESSAGE = {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"}}
+
+
+def local_reply_mapper() -> dict[str, Any]:
+    """Keeps the message of Envoy's own error reply to a native gRPC request (404 from
+    the last route, 401 from jwt_authn or ext_authz, 403 from RBAC, ...) as plain text,
+    its grpc-message, instead of the JSON body REST clients get (which a gRPC caller
+    read as its message: `{"code":16,"details":[],...}`)."""
+    return {
+        "filter": native_grpc(status_filter("GE", 400, "tm.lr.grpc_error")),
+        "body_format_override": PLAIN_MESSAGE,
+    }
+
+
+def rate_limited_mapper() -> dict[str, Any]:
+    """Answers a native gRPC request's 429 (ext_authz's failed-authentication limiter,
+    the rate limit filter) RESOURCE_EXHAUSTED with a plain message.
+
+    Envoy derives a local reply's grpc-status from the HTTP status when none is
+    set, and maps 429 to UNAVAILABLE, which gRPC clients retry at once: the
+    limiter's Retry-After went unheeded. A grpc-status set here is kept.
+    """
+    return {
+        "filter": native_grpc(status_filter("EQ", 429, "tm.lr.grpc429")),
+        "headers_to_add": [
+            {
+                "header": {"key": "grpc-status", "value": str(RESOURCE_EXHAUSTED)},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
             }
-        },
-        "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"}},
+        ],
+        "body_format_override": PLAIN_MESSAGE,
     }

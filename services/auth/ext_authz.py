@@ -8,6 +8,8 @@ x-tokenmesh-key-id, -tenant, -scopes (space-separated), -models
 
 from __future__ import annotations
 
+import math
+
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
@@ -51,7 +53,9 @@ def _denied(error: TokenmeshError) -> external_auth_pb2.CheckResponse:
     headers = []
     if isinstance(error, ResourceExhausted):
         http = http_status_pb2.StatusCode.TooManyRequests
-        headers.append(_header("retry-after", str(max(1, round(error.retry_after_s or 1)))))
+        # Rounded up: a client retrying after a rounded-down wait is throttled again.
+        retry_after = max(1, math.ceil(error.retry_after_s or 1))
+        headers.append(_header("retry-after", str(retry_after)))
     else:
         http = http_status_pb2.StatusCode.Unauthorized
         headers.append(

@@ -442,7 +442,8 @@ def workers_drain(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[
 
 # The identity of the service each direct target is (its certificate is verified).
 SERVICE_IDENTITIES = {"auth": contract.AUTH, "router": contract.ROUTER}
-Command = Callable[[Any, argparse.Namespace, Sequence[tuple[str, str]]], None]
+#: A command prints its answer; it may return the exit code (None: 0).
+Command = Callable[[Any, argparse.Namespace, Sequence[tuple[str, str]]], int | None]
 # Which service a command group talks to, and its stub.
 TARGETS: dict[str, Callable[[grpc.Channel], Any]] = {
     "auth": auth_service_pb2_grpc.AuthServiceStub,
@@ -519,7 +520,11 @@ def parser() -> argparse.ArgumentParser:
     subs += policy_cli.add_parsers(groups)
     subs += jobs_cli.add_parsers(groups)
     for sub in subs:
-        sub.add_argument("--json", action="store_true", help="print JSON")
+        # Also after the command; SUPPRESS: when not given there, the subparser leaves
+        # the root's --json alone (a default of False overwrote `tokenmesh --json ...`).
+        sub.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
+        )
     return root
 
 
@@ -688,11 +693,11 @@ def main(argv: list[str] | None = None) -> int:
         with _channel(args) as channel:
             stub = TARGETS[args.target](channel)
             metadata = _metadata(args, command)
-            command(stub, args, metadata)
+            code = command(stub, args, metadata)
     except grpc.RpcError as error:
         print(f"tokenmesh: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 def _pki_dir(args: argparse.Namespace) -> Path | None:

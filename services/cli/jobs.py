@@ -2,6 +2,8 @@
 
     tokenmesh jobs submit FILE.jsonl [--webhook URL] [--wait] [--metadata KEY=VALUE]...
         [--idempotency-key KEY] [--window SECONDS] [--json]
+        (--wait exits 1 unless the job SUCCEEDED: FAILED, CANCELLED, EXPIRED, or
+        the progress stream ended first)
     tokenmesh jobs list [--status STATUS] [--limit N] [--json]
     tokenmesh jobs get|cancel|redeliver ID [--json]
     tokenmesh jobs results ID > results.jsonl
@@ -28,7 +30,8 @@ from tokenmesh.jobs.v1 import jobs_pb2
 from tokenmesh.jobs.v1 import jobs_service_pb2 as pb
 
 TIMEOUT_S = 30.0
-FINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
+SUCCEEDED = "SUCCEEDED"
+FINAL = (SUCCEEDED, "FAILED", "CANCELLED", "EXPIRED")
 Metadata = Sequence[tuple[str, str]]
 
 
@@ -76,7 +79,8 @@ def _metadata_pairs(pairs: Sequence[str] | None) -> dict[str, str]:
     return out
 
 
-def jobs_submit(stub: Any, args: argparse.Namespace, metadata: Metadata) -> None:
+def jobs_submit(stub: Any, args: argparse.Namespace, metadata: Metadata) -> int:
+    """Submits a job; with --wait, follows it and returns 0 only if it SUCCEEDED."""
     request = pb.CreateJobRequest(
         items=read_items(Path(args.file)),
         webhook_url=args.webhook or "",
@@ -86,13 +90,27 @@ def jobs_submit(stub: Any, args: argparse.Namespace, metadata: Metadata) -> None
     if args.window:
         request.completion_window.CopyFrom(duration_pb2.Duration(seconds=args.window))
     job = stub.CreateJob(request, metadata=metadata, timeout=TIMEOUT_S)
-    if args.wait:
-        job = _wait(stub, job, metadata)
+    if not args.wait:
+        _print_job(job, args.json)
+        return 0
+    job = _wait(stub, job, metadata)
     _print_job(job, args.json)
+    if job.status == SUCCEEDED:
+        return 0
+    if job.status in FINAL:
+        print(f"tokenmesh: job {job.id} ended {job.status}", file=sys.stderr)
+    else:  # the stream ended before the job did (e.g. the job was deleted)
+        print(
+            f"tokenmesh: job {job.id} is still {job.status or 'unknown'}: its progress stream "
+            "ended before the job did",
+            file=sys.stderr,
+        )
+    return 1
 
 
 def _wait(stub: Any, job: jobs_pb2.Job, metadata: Metadata) -> jobs_pb2.Job:
-    """Follows the job's progress stream (WatchJob) until it ends, showing it on stderr."""
+    """Follows the job's progress stream (WatchJob) until it ends, showing it on stderr;
+    returns the job as last seen (the caller checks whether it ended)."""
     for update in stub.WatchJob(pb.WatchJobRequest(id=job.id), metadata=metadata):
         job = update.event.job
         print(f"\r{_line(job)}", end="", file=sys.stderr, flush=True)
@@ -181,7 +199,11 @@ def add_parsers(groups: Any) -> list[argparse.ArgumentParser]:
     submit = actions.add_parser("submit", help="submit a JSONL file of v2 requests")
     submit.add_argument("file", metavar="FILE.jsonl")
     submit.add_argument("--webhook", metavar="URL", help="signed completion callback (https)")
-    submit.add_argument("--wait", action="store_true", help="wait until the job ends")
+    submit.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until the job ends; exit 1 unless it SUCCEEDED",
+    )
     submit.add_argument("--metadata", action="append", metavar="KEY=VALUE")
     submit.add_argument("--idempotency-key", metavar="KEY")
     submit.add_argument("--window", type=int, metavar="SECONDS", help="completion window")

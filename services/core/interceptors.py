@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, cast
@@ -104,7 +105,8 @@ async def abort_with(context: Context, error: TokenmeshError) -> None:
     retry_after = getattr(error, "retry_after_s", None)
     if retry_after is not None:
         # REST clients behind the transcoder see this as a Retry-After header.
-        metadata += (("retry-after", str(max(1, round(retry_after)))),)
+        # Rounded up: a client retrying after a rounded-down wait is refused again.
+        metadata += (("retry-after", str(max(1, math.ceil(retry_after)))),)
     http_status = getattr(error, "http_status", None)
     if http_status is not None:
         # The edge answers REST clients this status instead of the code's mapping.

@@ -202,9 +202,11 @@ class Client(_Connection):
         tls: use TLS (the edge's 8443 listener); implied by root_certificates.
         root_certificates: PEM roots to verify the edge with (default: system roots).
 
-    Errors raise TokenmeshRpcError with the decoded google.rpc details. A
-    failure inside a running stream is not raised: the choice's final message
-    carries `error` (a google.rpc.Status) with finish_reason ERROR.
+    Errors raise TokenmeshRpcError with the decoded google.rpc details, also a
+    failure inside a running stream: generate() first yields the final message
+    of every choice still running (finish_reason ERROR, `error` a
+    google.rpc.Status), then raises TokenmeshRpcError with the same status, as
+    the worker ends the RPC with it. The messages yielded before stay valid.
     """
 
     def __init__(
@@ -260,6 +262,11 @@ class Client(_Connection):
         max_output_tokens, stop_sequences, template, variables, metadata, ...).
         The v1 client's keywords still work: max_tokens, stop, and temperature,
         top_p, top_k, seed outside `sampling`.
+
+        Raises:
+            TokenmeshRpcError: the call failed; when it failed after the stream
+                started, only after the final message (finish_reason ERROR, with
+                `error`) of every choice still running was yielded.
         """
         request = pb.GenerateRequest(
             model=model, **_generation_fields(prompt, messages, sampling, fields)
@@ -330,6 +337,10 @@ class V1Client(_Connection):
         return response
 
     def generate(self, model: str, prompt: str, **fields: Any) -> AsyncIterator[Any]:
-        """Streams a generation; `fields` are GenerateRequest fields."""
+        """Streams a generation; `fields` are GenerateRequest fields.
+
+        A failure after the stream started is raised (TokenmeshRpcError) after the
+        final message, whose `error` (v1's StreamError) says the same, was yielded.
+        """
         request = v1_pb.GenerateRequest(model=model, prompt=prompt, **fields)
         return self._stream(self._stub.Generate, request)
