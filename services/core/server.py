@@ -77,6 +77,14 @@ class Service(abc.ABC):
         The service names turn SERVING when this returns.
         """
 
+    async def report_serving(self, running: RunningServer) -> None:
+        """Turns the service SERVING once `start` has returned.
+
+        A service whose health has conditions of its own (a HealthGate, per-model
+        entries) overrides this to apply their current state instead.
+        """
+        await running.set_serving(self.service_names(), serving=True)
+
     async def drain(self) -> None:  # noqa: B027 - optional hook
         """Takes the service out of rotation before it stops (e.g. leaves the edge's endpoints)."""
 
@@ -175,7 +183,7 @@ async def serving(service: Service, settings: ServerSettings) -> AsyncIterator[R
     running = await start_server(service, settings)
     try:
         await service.start(running)
-        await running.set_serving(service.service_names(), serving=True)
+        await service.report_serving(running)
         logger.info("%s serving on %s:%d", service.name, settings.host, running.port)
         yield running
     finally:

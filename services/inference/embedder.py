@@ -1,4 +1,11 @@
-"""Embeddings: tokenize, pad per chunk, run the engine off the event loop."""
+"""Embeddings: tokenize, pad per chunk, run the engine off the event loop.
+
+Unloading drains: `stop` refuses new embeds (UNAVAILABLE, reason
+MODEL_UNLOADING: the edge retries them on another worker), lets the ones in
+flight finish up to the drain timeout, then closes the compute thread; an
+embed still running then ends UNAVAILABLE, reason MODEL_UNLOADED (as a
+generation's does).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from services.core.errors import FieldViolation, InvalidArgument
+from services.core.errors import FieldViolation, InvalidArgument, Unavailable
 from services.inference.engines.base import EmbeddingEngine
 from services.inference.tokenizer import Tokenizer
 
@@ -35,6 +42,16 @@ class Embedder:
         self.max_input_tokens = max_input_tokens
         self.max_batch_size = max_batch_size
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedder")
+        self._accepting = True
+        self._closed = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Returns the embeds admitted and not yet ended."""
+        return self._in_flight
 
     def tokenize(self, inputs: Sequence[str]) -> list[list[int]]:
         """Returns token ids per input; raises InvalidArgument for over-long ones."""
@@ -72,14 +89,43 @@ class Embedder:
         return specials[1:] if len(specials) >= 2 else []
 
     async def embed(self, encoded: Sequence[Sequence[int]]) -> np.ndarray:
-        """Returns [len(encoded), dims] unit vectors, computed in chunks off the loop."""
-        loop = asyncio.get_running_loop()
-        chunks = [
-            encoded[i : i + self.max_batch_size]
-            for i in range(0, len(encoded), self.max_batch_size)
-        ]
-        parts = [await loop.run_in_executor(self._executor, self._run, chunk) for chunk in chunks]
+        """Returns [len(encoded), dims] unit vectors, computed in chunks off the loop.
+
+        Raises:
+            Unavailable: the version is unloading (MODEL_UNLOADING: nothing was
+                computed), or was unloaded before this embed finished (MODEL_UNLOADED).
+        """
+        if not self._accepting:
+            raise Unavailable(
+                "model version is unloading", retry_after_s=1.0, reason="MODEL_UNLOADING"
+            )
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            chunks = [
+                encoded[i : i + self.max_batch_size]
+                for i in range(0, len(encoded), self.max_batch_size)
+            ]
+            parts = [await self._compute(chunk) for chunk in chunks]
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
         return np.concatenate(parts) if parts else np.empty((0, self.engine.dimensions), np.float32)
+
+    async def _compute(self, chunk: Sequence[Sequence[int]]) -> np.ndarray:
+        """Runs one chunk on the compute thread."""
+        unloaded = Unavailable("model version unloaded", retry_after_s=1.0, reason="MODEL_UNLOADED")
+        if self._closed:
+            raise unloaded
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self._run, chunk)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():
+                raise unloaded from None  # close() cancelled the queued chunk, not the caller
+            raise
 
     def _run(self, chunk: Sequence[Sequence[int]]) -> np.ndarray:
         width = max(len(ids) for ids in chunk)
@@ -94,6 +140,23 @@ class Embedder:
         """Runs one batch so the first request pays no start-up cost."""
         await self.embed(self.tokenize(["warm up"]))
 
+    async def stop(self, drain_timeout_s: float) -> None:
+        """Refuses new embeds, lets the admitted ones finish (up to the timeout), closes.
+
+        Returns once the compute thread has ended (after the chunk it was computing).
+        """
+        self._accepting = False
+        if self._in_flight:
+            try:
+                await asyncio.wait_for(self._idle.wait(), drain_timeout_s)
+            except TimeoutError:
+                pass  # what still runs ends with MODEL_UNLOADED
+        self.close()
+        # The chunk being computed (at most one) ends before the engine is let go.
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
     def close(self) -> None:
-        """Stops the compute thread."""
+        """Stops the compute thread (embeds still running end with MODEL_UNLOADED)."""
+        self._accepting = False
+        self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.core.errors import NotFound
+from services.core.errors import AlreadyExists, NotFound
 from services.inference.embedder import Embedder
 from services.inference.load_report import VersionOutcomes
 from services.inference.model_merge import version_key
@@ -62,7 +62,7 @@ class LoadedModel:
         if self.scheduler is not None:
             await self.scheduler.stop(drain_timeout_s)
         if self.embedder is not None:
-            self.embedder.close()
+            await self.embedder.stop(drain_timeout_s)
 
     def version_pb(self) -> inference_pb2.ModelVersion:
         """Returns this version as a protobuf message."""
@@ -88,16 +88,38 @@ class ModelRegistry:
         self._models: dict[str, dict[str, LoadedModel]] = {}
 
     def add(self, model: LoadedModel) -> None:
-        """Adds (or replaces) a model version."""
+        """Adds a model version; AlreadyExists when another object holds its place.
+
+        Replacing a loaded version silently would leak its engine (its thread
+        and KV cache): unload it first.
+        """
+        held = self._models.get(model.name, {}).get(model.version)
+        if held is not None and held is not model:
+            raise AlreadyExists(
+                f"model {model.name!r} version {model.version!r} is already loaded",
+                reason="MODEL_VERSION_LOADED",
+            )
         self._models.setdefault(model.name, {})[model.version] = model
 
     def remove(self, name: str, version: str) -> LoadedModel:
         """Removes and returns a version; NotFound when it is not loaded."""
         model = self.resolve(name, version)
-        del self._models[name][version]
-        if not self._models[name]:
-            del self._models[name]
+        self.discard(model)
         return model
+
+    def discard(self, model: LoadedModel) -> bool:
+        """Removes `model` if it is still the one registered for its version.
+
+        An unload removes the exact object it stopped, never a version loaded
+        again meanwhile. Returns whether it was removed.
+        """
+        versions = self._models.get(model.name, {})
+        if versions.get(model.version) is not model:
+            return False
+        del versions[model.version]
+        if not versions:
+            del self._models[model.name]
+        return True
 
     def names(self) -> list[str]:
         """Returns the model names, sorted."""

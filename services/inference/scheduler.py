@@ -11,7 +11,9 @@ requests through one `call_soon_threadsafe` per step. (An asyncio task that
 awaited each step in an executor lost ~1.1 ms per step to the event loop's
 backlog before it could start the next one.) Joining prompts are prefilled
 in a step of their own, so their first token does not wait for the running
-batch's decode.
+batch's decode; the step after a prefill-only step decodes whenever a
+sequence is decoding, so arriving prompts can delay a running stream by one
+step at a time, never stall it.
 
 Which waiting request joins next: interactive before batch, always; within a
 priority class, the one whose tenant has received the least service
@@ -36,6 +38,8 @@ import numpy as np
 
 from services.core.errors import (
     DeadlineExceeded,
+    FieldViolation,
+    InvalidArgument,
     QuotaViolation,
     ResourceExhausted,
     TokenmeshError,
@@ -64,7 +68,8 @@ class SchedulerLimits:
     Attributes:
         max_sequences: KV slots, i.e. the largest running batch.
         max_kv_tokens: budget of prompt + max_tokens over running sequences.
-        max_queue: requests that may wait for a slot; more are refused.
+        max_queue: requests that may wait for a slot beyond those the free slots
+            take at the next step; more are refused (0: none waits).
         max_prefill_tokens: prompt tokens admitted per step (bounds the
             inter-token latency hit that new prompts impose on running streams).
         messages_per_step: stream messages per step before token batching:
@@ -232,6 +237,8 @@ class Scheduler:
         # Outbox items of this step, handed to the event loop in one call.
         self._outgoing: list[tuple[Sequence_, int | Finished]] = []
         self._accepting = True
+        # The last step prefilled new prompts only: the next one decodes.
+        self._prefilled_last = False
         self.cancelled_total = 0
         # Bound metric children once: label lookups are not free per token.
         self._ttft = metrics.TIME_TO_FIRST_TOKEN.labels(*labels)
@@ -270,13 +277,21 @@ class Scheduler:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10.0)
         with self._lock:
-            leftovers = [*self._running, *self._waiting, *self._inbox]
-        for seq in leftovers:
+            queued = [*self._waiting.remove_where(lambda _: True), *self._inbox]
+            self._inbox = []
+            self._waiting_count = 0
+        for seq in [*self._running, *queued]:
             self._finish(
                 seq,
                 Finished("error", Unavailable("model version unloaded", reason="MODEL_UNLOADED")),
             )
         self._hand_over(self._take_outgoing())
+        # Nothing runs or waits any more: the gauges say so (the preStop hook and
+        # autoscalers read them; the engine thread that published them has ended).
+        self._queue_depth.set(0)
+        self._running_gauge.set(0)
+        self._slots_used.set(0)
+        self._kv_reserved.set(0)
 
     def submit(
         self,
@@ -290,6 +305,9 @@ class Scheduler:
     ) -> Sequence_:
         """Queues a sequence; raises ResourceExhausted when the queue is full.
 
+        Raises InvalidArgument for an empty prompt (no token to compute the
+        first logits from: it would fail the whole prefill step it joins).
+
         top_logprobs: None, or record each token's log-probability and that many
         best alternatives (costs a softmax of the row, only for these sequences).
         tenant, tier: the caller's (the edge's identity headers), for fair sharing.
@@ -297,6 +315,11 @@ class Scheduler:
         if not self._accepting:
             raise Unavailable(
                 "model version is unloading", retry_after_s=1.0, reason="MODEL_UNLOADING"
+            )
+        if not prompt_ids:
+            raise InvalidArgument(
+                [FieldViolation("prompt", "renders to no tokens; at least one is needed")],
+                reason="EMPTY_PROMPT",
             )
         seed = params.seed if params.seed is not None else None
         seq = Sequence_(
@@ -311,7 +334,10 @@ class Scheduler:
             weight=self.limits.fairness.weight(tenant, tier),
         )
         with self._lock:
-            if self._waiting_count >= self.limits.max_queue:
+            # Requests the free slots take at the next step never wait: max_queue
+            # bounds the ones beyond them. (len() of the engine thread's heap: a
+            # step boundary later it is at most smaller, refusing one early.)
+            if self._waiting_count >= self.limits.max_queue + len(self._free_slots):
                 raise ResourceExhausted(
                     f"worker queue is full ({self.limits.max_queue} requests waiting)",
                     retry_after_s=1.0,
@@ -417,17 +443,26 @@ class Scheduler:
             seq.outbox.put_nowait(item)
 
     def _next_batch(self) -> list[Sequence_]:
-        """Returns the sequences of the next step: new prompts alone, when there are any.
+        """Returns the sequences of the next step: new prompts alone, or the decoding ones.
 
         A prompt that joined the running batch would get its first token only
         with the whole batch's decode step; a prefill-only step gives it at
         once (time to first token ~ half a step plus its own prefill, instead
         of one and a half steps), while the running sequences wait that one
-        short step. Only finished sequences free slots, so such steps cannot
-        starve decoding.
+        short step. But requests that end in their own prefill step
+        (max_tokens=1, EOS first) free their slot at once, so prompts can keep
+        arriving for every step: after a prefill-only step the next one
+        therefore decodes whenever a sequence is decoding, and the prompts that
+        arrived meanwhile wait that one step. Every decoding sequence gets a
+        token at least every second step.
         """
         starting = [seq for seq in self._running if not seq.generated]
-        return starting or list(self._running)
+        decoding = [seq for seq in self._running if seq.generated]
+        if starting and not (decoding and self._prefilled_last):
+            self._prefilled_last = True
+            return starting
+        self._prefilled_last = False
+        return decoding
 
     def _release_every(self, running: int) -> int:
         """Returns after how many tokens a running sequence's stream gets them."""

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,7 +319,15 @@ class InferenceService(Service):
             settings.usage_spool_max_bytes,
             sync_interval_s=settings.usage_spool_sync_ms / 1000,
         )
+        # The gate's every change reaches _apply_health from the start (attached
+        # now, while no condition can have failed): health is never set from an
+        # assumption, only from the gate's and the models' current state.
         self.health = HealthGate()
+        self.health.attach(self._gate_changed)
+        self._health_lock = asyncio.Lock()
+        self._started = False  # start() has returned: the service names may be SERVING
+        # LoadModel and UnloadModel of one version run one at a time (lock, its users).
+        self._version_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
         self.tasks = Supervisor(self.name, self.health)
         # Inference RPCs' request-rate limits are decided here, in the usage
         # service's windows (services/inference/request_limits.py).
@@ -387,7 +395,6 @@ class InferenceService(Service):
 
     async def start(self, running: RunningServer) -> None:
         self._running = running
-        self.health.attach(functools.partial(running.set_serving, self.service_names()))
         self.usage_log.start(self.tasks)
         self.templates.start(self.tasks)
         self.policies.start(self.tasks)
@@ -441,32 +448,91 @@ class InferenceService(Service):
             await self._running.health.enter_graceful_shutdown()
         await asyncio.sleep(wait_s)
 
+    async def report_serving(self, running: RunningServer) -> None:
+        """Turns SERVING once started, unless a health condition fails (the gate's state)."""
+        self._started = True
+        await self._apply_health()
+
+    async def _gate_changed(self, serving: bool) -> None:
+        """The HealthGate's sink: applies the current state (which `serving` was)."""
+        await self._apply_health()
+
+    async def _apply_health(self) -> None:
+        """Sets every health entry from the current state: the gate, start, the versions.
+
+        The edge checks each version's own names (model_health_name), so a
+        failing gate turns those NOT_SERVING too, not only "" and the service
+        names. One writer at a time, reading the state once it holds the lock:
+        whichever change applies last applies the latest state.
+        """
+        async with self._health_lock:
+            if self._running is None:
+                return
+            gate = self.health.serving
+            await self._running.set_serving(self.service_names(), gate and self._started)
+            for model in self.registry.all():
+                if model.ready:
+                    names = _model_health_names(model.name, model.version)
+                    await self._running.set_entries_serving(names, gate)
+
+    async def _set_version_health(self, model: LoadedModel, serving: bool) -> None:
+        """Sets one version's health entries (SERVING only while the gate holds)."""
+        async with self._health_lock:
+            if self._running is not None:
+                await self._running.set_entries_serving(
+                    _model_health_names(model.name, model.version),
+                    serving and self.health.serving,
+                )
+
+    @contextlib.asynccontextmanager
+    async def _version_lock(self, name: str, version: str) -> AsyncIterator[None]:
+        """Holds the lock of one version's LoadModel and UnloadModel (dropped when unused)."""
+        key = (name, version)
+        lock, users = self._version_locks.get(key, (asyncio.Lock(), 0))
+        self._version_locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._version_locks[key]
+            if users == 1:
+                del self._version_locks[key]
+            else:
+                self._version_locks[key] = (lock, users - 1)
+
     async def load(self, name: str, version: str) -> None:
-        """Loads a version from the repository, warms it up, marks it ready."""
-        model = await asyncio.to_thread(
-            load_from_repository, self.settings.model_repository, name, version, self.options
-        )
-        await self._activate(model)
+        """Loads a version from the repository, warms it up, marks it ready.
+
+        Idempotent: a version already loaded stays as it is, and the call
+        succeeds (as Triton's repository API answers a load of a loaded model;
+        versions are immutable here, so there is nothing to reload: unload
+        first to load its files again). Loads and unloads of one version run
+        one at a time, so concurrent loads build one engine.
+        """
+        async with self._version_lock(name, version):
+            if self.registry.has(name, version):
+                logger.info("model %s version %s is already loaded", name, version)
+                return
+            model = await asyncio.to_thread(
+                load_from_repository, self.settings.model_repository, name, version, self.options
+            )
+            await self._activate(model)
 
     async def _activate(self, model: LoadedModel) -> None:
         await model.start()
         self.registry.add(model)
-        if self._running is not None:
-            await self._running.set_entries_serving(
-                _model_health_names(model.name, model.version), serving=True
-            )
+        await self._set_version_health(model, serving=True)
         logger.info("model %s version %s ready (%s)", model.name, model.version, model.engine_name)
 
     async def unload(self, name: str, version: str) -> None:
         """Stops admitting a version, lets its requests finish, frees it."""
-        model = self.registry.resolve(name, version)
-        if self._running is not None:
-            await self._running.set_entries_serving(
-                _model_health_names(name, version), serving=False
-            )
-        await model.stop(self.settings.grace_s)
-        self.registry.remove(name, version)
-        logger.info("model %s version %s unloaded", name, version)
+        async with self._version_lock(name, version):
+            model = self.registry.resolve(name, version)
+            model.ready = False  # health is never set SERVING for it again
+            await self._set_version_health(model, serving=False)
+            await model.stop(self.settings.grace_s)
+            self.registry.discard(model)  # this object: never a version loaded since
+            logger.info("model %s version %s unloaded", name, version)
 
     async def stop(self) -> None:
         if self.registration is not None:

@@ -13,7 +13,10 @@ Three inputs, one result (token ids plus the effective template):
 Rendering is sandboxed and deterministic (services.inference.templates);
 a variable that is missing, unknown or over its declared length is
 INVALID_ARGUMENT naming `variables.<name>`. Unknown templates, versions and
-aliases are NOT_FOUND with a ResourceInfo naming the reference.
+aliases are NOT_FOUND with a ResourceInfo naming the reference. A prompt
+that tokenizes to nothing ("   " with a word tokenizer, a template that
+renders "") is INVALID_ARGUMENT naming the input that produced it: the engine
+needs a last token to compute the first logits from.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from services.core.errors import FailedPrecondition, NotFound
+from services.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from services.inference.models import LoadedModel
 from services.inference.template_cache import TemplateCache
 from services.inference.templates import Message, TemplateId
@@ -101,6 +104,13 @@ def _renders_inline(spec: GenerationSpec, template: PromptTemplate | None) -> bo
     return chars <= INLINE_CHARS
 
 
+def _input_field(spec: GenerationSpec) -> str:
+    """Returns the request field whose rendering is the prompt."""
+    if spec.template:
+        return "template"
+    return "prompt" if spec.prompt is not None else "messages"
+
+
 def _token_ids(
     spec: GenerationSpec, model: LoadedModel, template: PromptTemplate | None
 ) -> list[int]:
@@ -113,7 +123,8 @@ async def prepare(
     """Renders and tokenizes the prompt of `spec` for `model`.
 
     Raises:
-        InvalidArgument: bad variables or messages, or a template that fails to render.
+        InvalidArgument: bad variables or messages, a template that fails to render,
+            or a prompt of no tokens.
         NotFound: an unknown template, version or alias.
         FailedPrecondition: a template on a worker without a template cache.
     """
@@ -132,4 +143,9 @@ async def prepare(
         token_ids = _token_ids(spec, model, template)
     else:
         token_ids = await asyncio.to_thread(_token_ids, spec, model, template)
+    if not token_ids:
+        raise InvalidArgument(
+            [FieldViolation(_input_field(spec), "renders to no tokens; at least one is needed")],
+            reason="EMPTY_PROMPT",
+        )
     return PreparedPrompt(token_ids, effective)
