@@ -149,7 +149,10 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
         "Router host:port to register with (the edge routes by it); empty = standalone.",
     )
     advertise_host: str = env(
-        "TOKENMESH_ADVERTISE_HOST", "127.0.0.1", "Host the edge reaches this worker at."
+        "TOKENMESH_ADVERTISE_HOST",
+        "127.0.0.1",
+        "Host the edge reaches this worker at; `auto`: this worker's address on the "
+        "route to the router (compose: each replica its own, where a service name is one).",
     )
     drain_delay_s: float = env(
         "TOKENMESH_DRAIN_DELAY_SECONDS",
@@ -291,6 +294,22 @@ def resolve_engine(choice: str) -> str:
     return "tensorrt" if usable else "onnxruntime"
 
 
+def advertised_host(setting: str, router_address: str) -> str:
+    """Returns the host a worker registers: `setting`, or for "auto" its own address on
+    the route to the router (no packet is sent: a UDP socket's connect picks the
+    route). Replicas of one compose service that advertised the service's name were
+    one address at the edge: the router resolves a name to its first address."""
+    if setting != "auto":
+        return setting
+    host, port = router_address.rsplit(":", 1)
+    family, kind, proto, _, target = socket.getaddrinfo(
+        host.strip("[]"), int(port), type=socket.SOCK_DGRAM
+    )[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.connect(target)
+        return str(probe.getsockname()[0])
+
+
 def _split(entry: str) -> tuple[str, str]:
     name, version = entry.split(":", 1)
     return name.strip(), version.strip()
@@ -424,7 +443,8 @@ class InferenceService(Service):
             self.registration = Registration(
                 router,
                 self.settings.worker_id,
-                f"{self.settings.advertise_host}:{running.port}",
+                f"{advertised_host(self.settings.advertise_host, self.settings.router_address)}"
+                f":{running.port}",
                 lambda: [(m.name, m.version) for m in self.registry.all() if m.ready],
                 load=lambda: worker_load(self.registry.all()),
                 token=lease_token(self.settings.lease_token_dir / self.settings.worker_id),

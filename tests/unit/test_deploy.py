@@ -429,8 +429,10 @@ def test_compose_runs_every_process_with_the_shared_pki():
         assert service["environment"]["TOKENMESH_PKI_DIR"] == pki_dir, name
         assert f"pki:{pki_dir}:ro" in service["volumes"], name
         assert service["depends_on"]["pki"] == {"condition": "service_healthy"}, name
-    # The worker registers as host `inference`: its leaf must name it.
-    assert services["inference"]["environment"]["TOKENMESH_ADVERTISE_HOST"] == "inference"
+    # Each worker registers its own address on the route to the router (`auto`: the
+    # router sees it connect from there, which the own-address check accepts); the
+    # service's name was one address for every replica of `--scale inference=N`.
+    assert services["inference"]["environment"]["TOKENMESH_ADVERTISE_HOST"] == "auto"
     assert "worker=inference" in services["pki"]["command"]
     assert services["edge"]["ports"] == ["127.0.0.1:8443:8443"]
     assert "pki)" in (ROOT / "deploy" / "docker" / "entrypoint.sh").read_text()
