@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,6 +19,10 @@ import numpy as np
 from services.core.errors import FieldViolation, InvalidArgument, Unavailable
 from services.inference.engines.base import EmbeddingEngine
 from services.inference.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+# How long an unload waits for the chunk being computed once its drain timed out.
+CHUNK_WAIT_S = 30.0
 
 
 class Embedder:
@@ -152,8 +157,14 @@ class Embedder:
             except TimeoutError:
                 pass  # what still runs ends with MODEL_UNLOADED
         self.close()
-        # The chunk being computed (at most one) ends before the engine is let go.
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        # The chunk being computed (at most one) ends before the engine is let go;
+        # bounded: a hung engine call must not hold the unload (or shutdown) for good.
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(self._executor.shutdown, wait=True), CHUNK_WAIT_S
+            )
+        except TimeoutError:
+            logger.error("an embedding chunk still runs %.0fs after its unload", CHUNK_WAIT_S)
 
     def close(self) -> None:
         """Stops the compute thread (embeds still running end with MODEL_UNLOADED)."""

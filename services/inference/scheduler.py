@@ -276,6 +276,11 @@ class Scheduler:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10.0)
+            if self._thread.is_alive():
+                # A step still runs (a hung engine call): its thread owns the batch and
+                # the queue, so nothing here may change them; its sequences end with it.
+                logger.error("engine thread of %s still runs 10s after stop", self.labels)
+                return
         with self._lock:
             queued = [*self._waiting.remove_where(lambda _: True), *self._inbox]
             self._inbox = []
@@ -520,7 +525,11 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Moves waiting sequences into the batch while slots and budgets allow."""
-        prefill_budget = self.limits.max_prefill_tokens
+        # Prompts admitted at the last boundary and not prefilled yet (a decode step
+        # came first: _next_batch) spend the same step's budget: the next prefill
+        # step carried two boundaries' worth, twice the bound on its ITL hit.
+        pending = sum(len(seq.prompt_ids) for seq in self._running if not seq.generated)
+        prefill_budget = self.limits.max_prefill_tokens - pending
         admitted = 0
         while self._free_slots:
             seq = self._waiting.peek()

@@ -329,6 +329,7 @@ class InferenceService(Service):
         self.settings = settings
         self.registry = ModelRegistry()
         self.mesh_models = MeshModels(self.registry)  # ListModels and GetModel answer for the mesh
+        self._unloads: set[asyncio.Task[None]] = set()  # unloads whose caller left
         self.options = settings.engine_options()
         self.redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0)
         self.usage_log = UsageLog(
@@ -531,8 +532,14 @@ class InferenceService(Service):
         """
         async with self._version_lock(name, version):
             if self.registry.has(name, version):
-                logger.info("model %s version %s is already loaded", name, version)
-                return
+                existing = self.registry.resolve(name, version)
+                if existing.ready:
+                    logger.info("model %s version %s is already loaded", name, version)
+                    return
+                # Left by an unload that did not finish (its stop raised): not served,
+                # not health-checked in, yet registered. Cleared, then loaded anew.
+                await existing.stop(drain_timeout_s=0)
+                self.registry.discard(existing)
             model = await asyncio.to_thread(
                 load_from_repository, self.settings.model_repository, name, version, self.options
             )
@@ -545,7 +552,19 @@ class InferenceService(Service):
         logger.info("model %s version %s ready (%s)", model.name, model.version, model.engine_name)
 
     async def unload(self, name: str, version: str) -> None:
-        """Stops admitting a version, lets its requests finish, frees it."""
+        """Stops admitting a version, lets its requests finish, frees it.
+
+        Runs to the end even if the caller leaves (its RPC cancelled, or past its
+        deadline while the version drains): cut short, the version stayed
+        registered, refusing every request and out of health, and the idempotent
+        LoadModel then took it for loaded.
+        """
+        task = asyncio.create_task(self._unload(name, version))
+        self._unloads.add(task)  # asyncio keeps only weak references to tasks
+        task.add_done_callback(self._unloads.discard)
+        await asyncio.shield(task)
+
+    async def _unload(self, name: str, version: str) -> None:
         async with self._version_lock(name, version):
             model = self.registry.resolve(name, version)
             model.ready = False  # health is never set SERVING for it again

@@ -245,3 +245,39 @@ async def test_unloading_an_embedding_version_drains_its_embeds(
         await asyncio.wait_for(unloading, 60)
         assert not service.registry.has("all-minilm-l6-v2", "1")
         assert embedder.in_flight == 0
+
+
+async def test_an_unload_whose_caller_left_still_finishes_and_the_version_loads_again(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # UnloadModel past its deadline while the version drained: cut short, the version
+    # stayed registered but unready (refusing every request, out of health), and the
+    # idempotent LoadModel then took it for loaded.
+    settings = inference_settings(tmp_path, redis_url, grace_s=60.0)
+    async with await start_inference(settings) as (service, channel):
+        assert isinstance(service, InferenceService)
+        admin = v1_rpc.InferenceAdminServiceStub(channel)
+        stub = v1_rpc.InferenceServiceStub(channel)
+        load = v1.LoadModelRequest(model="demo-lm", version="2")
+        await admin.LoadModel(load, metadata=mtls.EDGE_FOR_ADMIN)
+        stream = stub.Generate(
+            v1.GenerateRequest(model="demo-lm", version="2", prompt="a", max_tokens=200)
+        )
+        await stream.read()  # running: the unload waits for it
+        with pytest.raises(grpc.aio.AioRpcError) as left:
+            await admin.UnloadModel(
+                v1.UnloadModelRequest(model="demo-lm", version="2"),
+                metadata=mtls.EDGE_FOR_ADMIN,
+                timeout=0.05,
+            )
+        assert left.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        async def unloaded() -> bool:
+            return not service.registry.has("demo-lm", "2")
+
+        await _until(unloaded)  # the drain finished without its caller
+        await admin.LoadModel(load, metadata=mtls.EDGE_FOR_ADMIN)
+        reply = await stub.Complete(
+            v1.CompleteRequest(model="demo-lm", version="2", prompt="x", max_tokens=2)
+        )
+        assert reply.model.version == "2" and _engine_threads("demo-lm", "2") == 1

@@ -191,3 +191,28 @@ async def test_a_zero_queue_admits_what_free_slots_take_and_refuses_the_rest() -
         assert await _finished(third) == Finished("length")
     finally:
         await sched.stop(drain_timeout_s=0)
+
+
+async def test_a_prefill_step_never_carries_more_than_the_prefill_budget() -> None:
+    # Prompts admitted at a boundary before a forced decode step waited, unprefilled,
+    # while the next boundary admitted a full budget more: the next prefill step
+    # carried twice max_prefill_tokens (twice the ITL hit it bounds).
+    engine = RecordingEngine(step_s=0.002)
+    limits = SchedulerLimits(max_sequences=16, max_prefill_tokens=8)
+    sched = Scheduler(engine, engine.eos_token_id, limits, _labels())
+    await sched.start()
+    try:
+        long = sched.submit([1, 2], _params(max_tokens=100), PRIORITY_INTERACTIVE, None)
+        await asyncio.wait_for(long.outbox.get(), 5)
+        prompts = [
+            sched.submit([3, 4, 5, 6, 7], _params(max_tokens=40), PRIORITY_INTERACTIVE, None)
+            for _ in range(12)
+        ]
+        for seq in prompts:
+            assert await _finished(seq) == Finished("length")
+        prefills = [b for b in engine.batches if all(item.start == 0 for item in b)]
+        assert sum(1 for b in prefills for i in b if i.token_ids == [3, 4, 5, 6, 7]) == 12
+        oversized = [b for b in prefills if len(b) > 1 and sum(len(i.token_ids) for i in b) > 8]
+        assert oversized == []
+    finally:
+        await sched.stop(drain_timeout_s=0)
