@@ -45,6 +45,7 @@ class LoadedModel:
     # What responses and usage events name chat_template as.
     chat_template_id: TemplateId = DEFAULT_CHAT_TEMPLATE_ID
     ready: bool = False
+    unloading: bool = False  # finishing its requests before it goes (UnloadModel)
     # How its requests ended and began, for the router's weights and rollouts.
     outcomes: VersionOutcomes = field(default_factory=VersionOutcomes)
 
@@ -66,11 +67,12 @@ class LoadedModel:
 
     def version_pb(self) -> inference_pb2.ModelVersion:
         """Returns this version as a protobuf message."""
-        state = (
-            inference_pb2.MODEL_VERSION_STATE_READY
-            if self.ready
-            else inference_pb2.MODEL_VERSION_STATE_LOADING
-        )
+        if self.unloading:  # it said LOADING while it drained
+            state = inference_pb2.MODEL_VERSION_STATE_UNLOADING
+        elif self.ready:
+            state = inference_pb2.MODEL_VERSION_STATE_READY
+        else:
+            state = inference_pb2.MODEL_VERSION_STATE_LOADING
         return inference_pb2.ModelVersion(
             version=self.version,
             state=state,

@@ -568,6 +568,7 @@ class InferenceService(Service):
         async with self._version_lock(name, version):
             model = self.registry.resolve(name, version)
             model.ready = False  # health is never set SERVING for it again
+            model.unloading = True  # lookups say UNLOADING while it drains
             await self._set_version_health(model, serving=False)
             await model.stop(self.settings.grace_s)
             self.registry.discard(model)  # this object: never a version loaded since

@@ -25,6 +25,7 @@ from tests import mtls
 from tests.integration.conftest import inference_settings, start_inference
 from tokenmesh.inference.v1 import inference_service_pb2 as v1
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as v1_rpc
+from tokenmesh.inference.v2 import inference_pb2 as v2_resources
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_rpc
 
@@ -261,7 +262,7 @@ async def test_an_unload_whose_caller_left_still_finishes_and_the_version_loads_
         load = v1.LoadModelRequest(model="demo-lm", version="2")
         await admin.LoadModel(load, metadata=mtls.EDGE_FOR_ADMIN)
         stream = stub.Generate(
-            v1.GenerateRequest(model="demo-lm", version="2", prompt="a", max_tokens=200)
+            v1.GenerateRequest(model="demo-lm", version="2", prompt="a", max_tokens=400)
         )
         await stream.read()  # running: the unload waits for it
         with pytest.raises(grpc.aio.AioRpcError) as left:
@@ -271,6 +272,12 @@ async def test_an_unload_whose_caller_left_still_finishes_and_the_version_loads_
                 timeout=0.05,
             )
         assert left.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # While it drains, a lookup says so (it said LOADING).
+        looked_up = await v2_rpc.InferenceServiceStub(channel).GetModel(
+            v2.GetModelRequest(model="demo-lm")
+        )
+        states = {v.version: v.state for v in looked_up.model.versions}
+        assert states["2"] == v2_resources.MODEL_VERSION_STATE_UNLOADING
 
         async def unloaded() -> bool:
             return not service.registry.has("demo-lm", "2")
