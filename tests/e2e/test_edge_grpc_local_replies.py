@@ -11,6 +11,7 @@ the limiter. REST callers keep their JSON.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tests.conftest import TEST_SERVICE_ENV
 from tests.e2e.conftest import authed_channel
 from tests.e2e.test_auth import create_key
 from tests.e2e.test_jobs import wait_until
+from tokenmesh.client import Client, TokenmeshRpcError
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
@@ -117,6 +119,17 @@ def test_no_healthy_worker_is_unavailable_with_a_plain_message_and_retry_after(
     error = wait_until(no_worker, 30, "the edge to route ghost (to no worker)")
     assert error.details() == "no healthy upstream"
     assert _trailers(error)["retry-after"] == "1"
+    # The SDK tells when to try again from the header too: the edge's own refusals
+    # carry no RetryInfo, and its retry_after_s was None.
+    asyncio.run(_sdk_retry_after(guarded, "ghost", expected=1.0))
+
+
+async def _sdk_retry_after(mesh: Mesh, model: str, expected: float) -> None:
+    async with Client(mesh.edge_address, token=mesh.dev_api_key()) as client:
+        with pytest.raises(TokenmeshRpcError) as refused:
+            await client.complete(model, "hi")
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    assert refused.value.retry_after_s == expected
 
 
 def test_the_auth_limiter_answers_grpc_callers_resource_exhausted(guarded: Mesh) -> None:

@@ -51,7 +51,8 @@ class TokenmeshRpcError(Exception):
         message: the server's client-safe message.
         reason: the ErrorInfo reason (UPPER_SNAKE), or "".
         field_violations: (field, description) pairs from BadRequest.
-        retry_after_s: the RetryInfo delay in seconds, when the server sent one.
+        retry_after_s: when to try again, in seconds: the RetryInfo delay, else the
+            `retry-after` metadata (the edge's own refusals send only that), else None.
     """
 
     def __init__(self, error: grpc.aio.AioRpcError, status: Any) -> None:
@@ -62,6 +63,8 @@ class TokenmeshRpcError(Exception):
         self.retry_after_s: float | None = None
         for detail in status.details if status is not None else ():
             self._absorb(detail)
+        if self.retry_after_s is None:
+            self.retry_after_s = _retry_after(error)
         super().__init__(f"{self.code.name}: {self.message}")
 
     def _absorb(self, detail: Any) -> None:
@@ -74,6 +77,18 @@ class TokenmeshRpcError(Exception):
             self.field_violations = [(v.field, v.description) for v in bad_request.field_violations]
         elif detail.Unpack(retry):
             self.retry_after_s = retry.retry_delay.ToMilliseconds() / 1000
+
+
+def _retry_after(error: grpc.aio.AioRpcError) -> float | None:
+    """Returns a `retry-after` header's seconds (None: none, or not a number)."""
+    for metadata in (error.trailing_metadata(), error.initial_metadata()):
+        for key, value in metadata or ():
+            if key == "retry-after" and isinstance(value, str):
+                try:
+                    return max(0.0, float(value))
+                except ValueError:
+                    return None  # an HTTP date: never sent by tokenmesh
+    return None
 
 
 def _decoded(error: grpc.aio.AioRpcError) -> TokenmeshRpcError:
