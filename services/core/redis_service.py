@@ -60,6 +60,11 @@ class RedisBackedService(Service):
         self.health.attach(functools.partial(running.set_serving, self.service_names()))
         await self.monitor.start(self.tasks)
 
+    async def report_serving(self, running: RunningServer) -> None:
+        """Turns SERVING once started unless a health condition fails now: a condition
+        that failed before or during start (Redis away) was overridden with SERVING."""
+        await running.set_serving(self.service_names(), serving=self.health.serving)
+
     async def stop(self) -> None:
         await self.tasks.stop()
         await self.monitor.stop()

@@ -109,9 +109,12 @@ class HealthGate:
         return frozenset(self._failing)
 
     def attach(self, sink: HealthSink) -> None:
-        """Sends later changes of the overall state to `sink` (the service is serving now)."""
+        """Sends later changes of the overall state to `sink`, from the state now (which
+        the service reports once started: Service.report_serving)."""
         self._sink = sink
-        self._applied = True  # the server turns SERVING when the service has started
+        # The state now, not SERVING: a condition that failed before the sink was
+        # attached never changed state again, so its recovery never reached the sink.
+        self._applied = self.serving
 
     async def report(self, condition: str, ok: bool) -> None:
         """Records whether `condition` holds; applies the overall state when it changed."""

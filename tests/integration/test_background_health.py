@@ -109,3 +109,16 @@ async def test_killing_the_meter_s_redis_flips_health_and_restoring_it_recovers(
     finally:
         child.terminate()
         child.wait(10)
+
+
+async def test_a_condition_failing_before_start_keeps_the_service_not_serving(redis_url):
+    # The server turned SERVING once start returned whatever the gate said, and the
+    # gate, attached as if serving, never passed the condition's recovery on.
+    service = _usage(redis_url)
+    await service.health.report("warming up", False)
+    async with serving(service, service.settings) as running:
+        async with mtls.aio_channel(running.port, peer="usage") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert await _status_is(health, NOT_SERVING)()
+            await service.health.report("warming up", True)
+            await _until(_status_is(health, SERVING))
