@@ -76,6 +76,11 @@ class Authenticator:
         fresh=True reads an API key from Redis even when a verdict is cached:
         IssueToken mints a JWT from it that lives on after a revocation or a
         rotation, so it must not go by a verdict from before either.
+
+        A JWT (the auth service's own admin RPCs: allow_jwt) counts only while
+        the key it was issued for (`sub`) is still active, read from Redis on
+        every call, not from the cache: its signature and claims stay valid
+        until it expires, after a revocation too.
         """
         token = credential(headers)
         principal = (
@@ -97,7 +102,10 @@ class Authenticator:
 
     async def _verify(self, token: str, fresh: bool = False) -> Principal | None:
         if not looks_like_api_key(token):
-            return await self.tokens.verify(token)
+            principal = await self.tokens.verify(token)
+            if principal is None or not await self.keys.is_active(principal.key_id):
+                return None
+            return principal
         digest = self.keys.secret.hash_api_key(token)
         cached = self._cache.get(digest)
         now = time.monotonic()

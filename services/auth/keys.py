@@ -231,6 +231,15 @@ class ApiKeyStore:
             return None
         return (key, ends_at) if key.state == auth_pb2.API_KEY_STATE_ACTIVE else None
 
+    async def is_active(self, key_id: str) -> bool:
+        """Tells whether key `key_id` is active now (read from Redis: not revoked,
+        not expired, not deleted)."""
+        try:
+            key = await self.get(key_id)
+        except NotFound:
+            return False
+        return key.state == auth_pb2.API_KEY_STATE_ACTIVE
+
     async def touch(self, key: auth_pb2.ApiKey) -> None:
         """Records that a key was used (callers throttle this); writes nothing else."""
         now_ns = time.time_ns()

@@ -11,6 +11,14 @@ others (it may be one edge of several, a probe, anyone: the JWKS is public),
 so fetches are not counted. Private keys are stored AES-GCM encrypted under
 the server secret.
 
+Each replica keeps the JWKS it built for JWKS_SERVE_CACHE_S (GetJwks is public
+and not rate limited: decrypting every key for every fetch let a flood compete
+with ext_authz) and each private key it decrypted, by kid (a kid's key never
+changes). A change of the ring on this replica is served at once; one made by
+another replica within the cache time. That time counts towards publishing
+the next key: an edge may fetch a JWKS built that long before the next key was
+created, so rotation waits for it too.
+
 A key's age as the signing key counts from its promotion (`activated`), not
 from its creation as the next key one period earlier: the schedule took a
 promoted key for due at once and rotated twice a period.
@@ -25,6 +33,7 @@ and a replica that stalled past its lock's lifetime writes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -51,6 +60,8 @@ ALGORITHM = "ES256"
 # second after a failure (gateway/edge_auth.py). Some seconds past the cache
 # duration, every edge that can reach the auth service holds the new JWKS.
 JWKS_REFETCH_MARGIN_S = 10.0
+# How long a replica serves the JWKS it built (from before its Redis read).
+JWKS_SERVE_CACHE_S = 2.0
 # A change of the ring takes milliseconds; a holder that stalls longer loses the lock.
 LOCK_MS = 10_000
 
@@ -159,6 +170,12 @@ class SigningKeyRing:
         self.jwks_cache_s = jwks_cache_s
         self.lock_ms = lock_ms
         self._private_cache: dict[str, ec.EllipticCurvePrivateKey] = {}
+        # The JWKS served until (monotonic seconds); None after a change of the ring.
+        self._jwks: tuple[float, list[dict[str, str]]] | None = None
+        # Bumped by every change of the ring: a build that read the ring before
+        # one is served to its own callers but not kept.
+        self._ring_changes = 0
+        self._jwks_lock = asyncio.Lock()
         self._acquire = client.register_script(_ACQUIRE)
         self._fenced_write = client.register_script(_FENCED_WRITE)
         self._release = client.register_script(_RELEASE)
@@ -213,7 +230,12 @@ class SigningKeyRing:
         """
         pairs = [x for r in records for x in (r.kid, json.dumps(asdict(r)))]
         args: list[str | int] = [token, len(records), *pairs, *retire]
-        if not await self._fenced_write(keys=[FENCE, KEYS], args=args):
+        try:
+            written = await self._fenced_write(keys=[FENCE, KEYS], args=args)
+        finally:  # whatever came of it (a timeout may hide a write): read the ring again
+            self._jwks = None
+            self._ring_changes += 1
+        if not written:
             raise FailedPrecondition(
                 "this auth replica held the signing-key lock too long and another took it; "
                 "nothing was changed, try again",
@@ -234,12 +256,17 @@ class SigningKeyRing:
         record = next((r for r in await self.records() if r.state == "current"), None)
         if record is None:
             raise FailedPrecondition("no current signing key", reason="NO_SIGNING_KEY")
-        if record.kid not in self._private_cache:
+        return record.kid, self._private(record)
+
+    def _private(self, record: SigningKeyRecord) -> ec.EllipticCurvePrivateKey:
+        """Returns a record's private key, decrypted once per kid."""
+        key = self._private_cache.get(record.kid)
+        if key is None:
             pem = self.secret.decrypt(record.private, record.kid.encode())
-            key = serialization.load_pem_private_key(pem, password=None)
-            assert isinstance(key, ec.EllipticCurvePrivateKey)
-            self._private_cache[record.kid] = key
-        return record.kid, self._private_cache[record.kid]
+            loaded = serialization.load_pem_private_key(pem, password=None)
+            assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+            key = self._private_cache[record.kid] = loaded
+        return key
 
     async def rotate(self, force: bool = False) -> SigningKeyRecord:
         """Promotes the next key to current; returns the new current key.
@@ -277,9 +304,10 @@ class SigningKeyRing:
 
     @property
     def publish_s(self) -> float:
-        """How long the next key is published before it may sign: every edge's
-        JWKS cache has turned over (and been refetched) by then."""
-        return self.jwks_cache_s + JWKS_REFETCH_MARGIN_S
+        """How long the next key is published before it may sign: every replica
+        serves it, and every edge's JWKS cache has turned over (and been
+        refetched) by then."""
+        return self.jwks_cache_s + JWKS_REFETCH_MARGIN_S + JWKS_SERVE_CACHE_S
 
     def _expired(self, records: list[SigningKeyRecord], now: float) -> list[str]:
         """Returns the kids of previous keys no unexpired token can name any more."""
@@ -290,17 +318,34 @@ class SigningKeyRing:
         ]
 
     async def jwks(self) -> dict[str, Any]:
-        """Returns the JWK Set: current, next and still-valid previous keys."""
+        """Returns the JWK Set: current, next and still-valid previous keys.
+
+        Built at most every JWKS_SERVE_CACHE_S (by one caller; the others wait
+        for it), and at once after a change of the ring on this replica.
+        """
+        keys = self._fresh_jwks()
+        if keys is None:
+            async with self._jwks_lock:
+                keys = self._fresh_jwks()
+                if keys is None:
+                    changes, started = self._ring_changes, time.monotonic()
+                    keys = await self._build_jwks()
+                    if changes == self._ring_changes:
+                        self._jwks = (started + JWKS_SERVE_CACHE_S, keys)
+        return {"keys": [dict(k) for k in keys]}  # a caller's copy
+
+    def _fresh_jwks(self) -> list[dict[str, str]] | None:
+        cached = self._jwks
+        return cached[1] if cached is not None and cached[0] > time.monotonic() else None
+
+    async def _build_jwks(self) -> list[dict[str, str]]:
         keys = []
         now = time.time()
-        for record in await self.records():
+        records = await self.records()
+        for record in records:
             if record.state == "previous" and now - record.deactivated > self.token_ttl_s + 60:
                 continue
-            private = serialization.load_pem_private_key(
-                self.secret.decrypt(record.private, record.kid.encode()), password=None
-            )
-            assert isinstance(private, ec.EllipticCurvePrivateKey)
-            numbers = private.public_key().public_numbers()
+            numbers = self._private(record).public_key().public_numbers()
             keys.append(
                 {
                     "kty": "EC",
@@ -312,4 +357,8 @@ class SigningKeyRing:
                     "y": _b64url(numbers.y),
                 }
             )
-        return {"keys": keys}
+        # Keys retired from the ring (by any replica) are forgotten here too.
+        stored = {r.kid for r in records}
+        for kid in [k for k in self._private_cache if k not in stored]:
+            del self._private_cache[kid]
+        return keys

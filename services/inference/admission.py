@@ -32,12 +32,12 @@ from services.core.breaker import BreakerOpen
 from services.core.errors import (
     FieldViolation,
     InvalidArgument,
-    PermissionDenied,
     ResourceExhausted,
     Unavailable,
 )
 from services.core.identity import peer_identity
 from services.core.interceptors import Context, request_headers
+from services.core.model_access import allowed_models, check_model_allowed
 from services.inference import metrics, shadow
 from services.inference.budget import Limits, Run, TokenBudgets
 from services.inference.mesh_models import MeshModels
@@ -81,12 +81,6 @@ def token_usage(prompt_tokens: int, completion_tokens: int) -> types_pb2.TokenUs
     )
 
 
-def allowed_models(headers: Mapping[str, str]) -> frozenset[str] | None:
-    """Returns the models the caller may use (None: any), as the edge vouched."""
-    value = headers.get(MODELS_HEADER, "").strip()
-    return frozenset(m for m in value.split(",") if m) or None
-
-
 def visible_models(
     models: MeshModels, context: Context, page_token: str, page_size: int
 ) -> tuple[list[str], str]:
@@ -95,17 +89,6 @@ def visible_models(
     names = [n for n in models.names() if n > page_token and (allowed is None or n in allowed)]
     page, rest = names[:page_size], names[page_size:]
     return page, page[-1] if rest else ""
-
-
-def check_model_allowed(headers: Mapping[str, str], model: str) -> None:
-    """Raises PERMISSION_DENIED when the caller's key does not cover `model`."""
-    allowed = allowed_models(headers)
-    if allowed is not None and model not in allowed:
-        raise PermissionDenied(
-            f"this key may not use model {model!r}",
-            reason="MODEL_NOT_ALLOWED",
-            metadata={"model": model},
-        )
 
 
 def _int(value: object) -> int:

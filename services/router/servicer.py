@@ -9,7 +9,8 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from services.core import contract, identity
 from services.core.errors import FieldViolation, InvalidArgument
-from services.core.interceptors import Context
+from services.core.interceptors import Context, request_headers
+from services.core.model_access import allowed_models, check_model_allowed
 from services.core.pricing import Price
 from services.core.time_fields import timestamp_seconds
 from services.inference.templates import DEFAULT_MAX_LENGTH, Variable
@@ -388,13 +389,17 @@ class RouterServicer(PolicyRpcs, ShadowRpcs, pb_grpc.RouterServiceServicer):
     ) -> pb.ListCatalogModelsResponse:
         at = now()
         models, workers = await self.catalog.all(), await self.registry.all(at)
+        allowed = allowed_models(request_headers(context))
+        names = sorted(n for n in models if allowed is None or n in allowed)
         return pb.ListCatalogModelsResponse(
-            models=[model_to_pb(models[n], workers, at) for n in sorted(models)]
+            models=[model_to_pb(models[n], workers, at) for n in names]
         )
 
     async def GetCatalogModel(
         self, request: pb.GetCatalogModelRequest, context: Context
     ) -> pb.GetCatalogModelResponse:
+        cat.check_name(request.model)
+        check_model_allowed(request_headers(context), request.model)
         return pb.GetCatalogModelResponse(
             model=await self._answer(await self.catalog.get(request.model))
         )

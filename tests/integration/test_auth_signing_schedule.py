@@ -167,8 +167,10 @@ async def test_a_jwks_fetch_does_not_make_a_new_next_key_published(
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert _reason(refused.value) == "SIGNING_KEY_NOT_PUBLISHED"
         assert await _current_kid(client) == first.signing_key.kid
-        # Once every edge's cache has turned over (and been refetched), it may sign.
-        upcoming = await _age(client, "next", time.time() - 300 - 11)
+        # Once every replica serves it and every edge's cache has turned over (and
+        # been refetched), it may sign.
+        published = 300 + signing.JWKS_REFETCH_MARGIN_S + signing.JWKS_SERVE_CACHE_S + 1
+        upcoming = await _age(client, "next", time.time() - published)
         second = await stub.RotateSigningKey(
             auth_service_pb2.RotateSigningKeyRequest(), metadata=metadata, timeout=10
         )

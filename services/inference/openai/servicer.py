@@ -27,8 +27,9 @@ from gateway import model_routing
 from services.core import contract
 from services.core.errors import TokenmeshError
 from services.core.interceptors import Context, abort_with, request_headers, to_domain_error
+from services.core.model_access import check_model_allowed
 from services.inference import validation as v1_validation
-from services.inference.admission import check_model_allowed, route_target, visible_models
+from services.inference.admission import route_target, visible_models
 from services.inference.openai import errors, params, shapes
 from services.inference.openai.params import GenerationCall, Renames
 from services.inference.v2.servicer import InferenceServicer as V2Servicer

@@ -15,12 +15,9 @@ from google.rpc import status_pb2
 
 from services.core.errors import TokenmeshError
 from services.core.interceptors import Context, abort_with, request_headers
+from services.core.model_access import check_model_allowed
 from services.inference import validation as v1_validation
-from services.inference.admission import (
-    Admission,
-    check_model_allowed,
-    visible_models,
-)
+from services.inference.admission import Admission, visible_models
 from services.inference.pipeline.embed import EmbeddingPipeline
 from services.inference.pipeline.embed import embedding_pb as embedding_pb
 from services.inference.pipeline.generate import GenerationPipeline

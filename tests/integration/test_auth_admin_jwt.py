@@ -1,0 +1,101 @@
+"""The auth service's admin RPCs take a JWT only while its API key is still active.
+
+A JWT's signature and claims stay valid until it expires, after its key was
+revoked too: the edge accepts it until then (documented), but the auth
+service reads the key anyway and refuses it for its own admin RPCs at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from services.auth.service import AuthService, AuthSettings
+from services.core.server import serving
+from services.launcher.mesh import spawn_redis
+from tests import mtls
+from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis of its own: auth state is encrypted under this test's server secret."""
+    child, url = spawn_redis(tmp_path / "redis", tmp_path / "redis.log", durable=False)
+    try:
+        yield url
+    finally:
+        child.terminate()
+        child.wait(10)
+
+
+@contextlib.asynccontextmanager
+async def _auth(redis_url: str) -> AsyncIterator[tuple[AuthService, Any]]:
+    """The auth service on `redis_url`, and a grpc.aio AuthService stub (as the edge)."""
+    settings = AuthSettings(
+        pki_dir=mtls.pki_dir(),
+        metrics_port=-1,
+        grace_s=0.5,
+        redis_url=redis_url,
+        secret="s" * 32,
+    )
+    service = AuthService(settings)
+    async with serving(service, settings) as running:
+        async with mtls.aio_channel(running.port, peer="auth") as channel:  # as the edge
+            yield service, auth_service_pb2_grpc.AuthServiceStub(channel)
+
+
+async def _admin_key(service: AuthService, name: str) -> tuple[str, str]:
+    """Creates an admin API key; returns its id and secret."""
+    key, secret = await service.keys.create(
+        "admin", name, ["admin"], [], auth_pb2.KeyLimits(), None
+    )
+    return key.id, secret
+
+
+async def _bearer(stub: Any, secret: str) -> Metadata:
+    reply = await stub.IssueToken(auth_service_pb2.IssueTokenRequest(api_key=secret), timeout=10)
+    return (("authorization", f"Bearer {reply.access_token}"),)
+
+
+async def _list_keys(stub: Any, metadata: Metadata) -> int:
+    reply = await stub.ListApiKeys(
+        auth_service_pb2.ListApiKeysRequest(), metadata=metadata, timeout=10
+    )
+    return len(reply.api_keys)
+
+
+async def test_a_revoked_keys_jwt_is_refused_by_the_admin_rpcs_at_once(own_redis: str) -> None:
+    async with _auth(own_redis) as (service, stub):
+        _, other_admin = await _admin_key(service, "ops")
+        doomed_id, doomed = await _admin_key(service, "doomed")
+        token = await _bearer(stub, doomed)
+        assert await _list_keys(stub, token) >= 2  # the JWT works while its key does
+
+        await stub.RevokeApiKey(
+            auth_service_pb2.RevokeApiKeyRequest(id=doomed_id),
+            metadata=(("x-api-key", other_admin),),
+            timeout=10,
+        )
+        # The very next call: the key is read from Redis, not the 2 s cache.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _list_keys(stub, token)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.CreateApiKey(
+                auth_service_pb2.CreateApiKeyRequest(tenant="acme", scopes=["admin"]),
+                metadata=token,
+                timeout=10,
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        # Another active key's JWT, and the API key path, work as before.
+        assert await _list_keys(stub, await _bearer(stub, other_admin)) >= 2
+        assert await _list_keys(stub, (("x-api-key", other_admin),)) >= 2
