@@ -207,10 +207,20 @@ async def test_a_request_the_worker_refuses_to_queue_gives_its_reservation_back(
     request = pb.CompleteRequest(model="deterministic-test", prompt="a", max_tokens=40)
     budgets = TokenBudgets(aioredis.from_url(redis_url))
     try:
-        settings = inference_settings(tmp_path, redis_url, max_queue=0)
+        # One slot, no queue beyond it: once a stream holds the slot, the next request
+        # is refused (a zero queue still serves a free slot).
+        settings = inference_settings(
+            tmp_path, redis_url, max_queue=0, max_sequences=1, test_engine_step_ms=20.0
+        )
         async with await start_inference(settings) as (_, channel):
+            stub = rpc.InferenceServiceStub(channel)
+            holder = stub.Generate(
+                pb.GenerateRequest(model="deterministic-test", prompt="b", max_tokens=400)
+            )
+            await holder.read()  # it holds the only slot
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await rpc.InferenceServiceStub(channel).Complete(request, metadata=identity)
+                await stub.Complete(request, metadata=identity)
+            holder.cancel()
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             deadline = time.monotonic() + 5
             while await _month_used(budgets, key) and time.monotonic() < deadline:
