@@ -257,7 +257,7 @@ def cluster(
         {
             "name": name,
             # Host names (Kubernetes headless services) resolve to every pod's address.
-            "type": "STATIC" if all(_is_ip(e.host) for e in endpoints) else "STRICT_DNS",
+            "type": "STATIC" if all(is_ip(e.host) for e in endpoints) else "STRICT_DNS",
             "connect_timeout": "1s",
             "typed_extension_protocol_options": h2_options(),
             "load_assignment": load_assignment(name, endpoints),
@@ -400,7 +400,8 @@ def grpc_health_check(service_name: str, interval_s: float) -> dict[str, Any]:
     }
 
 
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
+    """Tells whether `host` is an IP literal (Envoy's static and EDS endpoints need one)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -967,7 +968,7 @@ def single_host_cluster(name: str, endpoint: Endpoint, *, http2: bool) -> dict[s
     """Builds a cluster of one host (an IP, or a DNS name resolved by Envoy)."""
     cluster: dict[str, Any] = {
         "name": name,
-        "type": "STATIC" if _is_ip(endpoint.host) else "STRICT_DNS",
+        "type": "STATIC" if is_ip(endpoint.host) else "STRICT_DNS",
         "connect_timeout": "1s",
         "load_assignment": load_assignment(name, [endpoint]),
         "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 30}},

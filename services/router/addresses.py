@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import logging
 import socket
 import time
 from collections.abc import Sequence
 
+from gateway.envoy_config import is_ip
 from services.router.registry import WorkerEntry
 
 logger = logging.getLogger(__name__)
@@ -30,15 +30,6 @@ TTL_S = 30.0  # how long a resolved name is reused
 # run every poll under one lock, and must not each wait for a dead resolver.
 FAILURE_TTL_S = 5.0
 LOOKUP_TIMEOUT_S = 2.0  # a build does not wait longer for its names (looked up at once)
-
-
-def is_ip(host: str) -> bool:
-    """Tells whether `host` is an IP literal."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class HostResolver:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
+import redis.asyncio as aioredis
 
 from services.core.server import serving
 from services.inference.service import InferenceService, InferenceSettings
+from services.launcher.mesh import spawn_redis
 from tests import mtls
+from tests.conftest import private_db_url
 
 MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "models"
 
@@ -69,3 +72,50 @@ async def model_server(
     )
     async with await start_inference(settings) as pair:
         yield pair
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis of its own (auth state is encrypted under each test's server secret, and
+    its keys have global names): its URL."""
+    child, url = spawn_redis(tmp_path / "redis", tmp_path / "redis.log", durable=False)
+    try:
+        yield url
+    finally:
+        child.terminate()
+        child.wait(10)
+
+
+# The worker registry is one hash of global names: its tests take a database apart
+# from the session mesh's router (which heartbeats into database 0).
+REGISTRY_DB = 14
+
+
+@pytest.fixture
+async def registry_url(redis_url: str) -> AsyncIterator[str]:
+    """A Redis database of its own for the registry and catalogue, emptied around a test."""
+    url = private_db_url(redis_url, REGISTRY_DB)
+    client = aioredis.from_url(url)
+    await client.flushdb()
+    yield url
+    await client.flushdb()
+    await client.aclose()
+
+
+@pytest.fixture
+async def registry_client(registry_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client of `registry_url`."""
+    client = aioredis.from_url(registry_url)
+    yield client
+    await client.aclose()
+
+
+class RegistryOperator:
+    """A registry call's context as the servicer reads it: no worker certificate."""
+
+    def peer_identities(self) -> None:
+        return None
+
+
+async def no_refresh() -> None:
+    """A route refresh that does nothing (the registry's tests build no routes)."""

@@ -8,8 +8,7 @@ service reads the key anyway and refuses it for its own admin RPCs at once.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -18,22 +17,10 @@ import pytest
 
 from services.auth.service import AuthService, AuthSettings
 from services.core.server import serving
-from services.launcher.mesh import spawn_redis
 from tests import mtls
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
 
 Metadata = tuple[tuple[str, str], ...]
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[str]:
-    """A Redis of its own: auth state is encrypted under this test's server secret."""
-    child, url = spawn_redis(tmp_path / "redis", tmp_path / "redis.log", durable=False)
-    try:
-        yield url
-    finally:
-        child.terminate()
-        child.wait(10)
 
 
 @contextlib.asynccontextmanager

@@ -8,8 +8,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -28,7 +27,6 @@ from services.auth.signing import (
     SigningKeyRing,
 )
 from services.core.server import serving
-from services.launcher.mesh import spawn_redis
 from tests import mtls
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
 
@@ -46,17 +44,6 @@ class CountingSecret(ServerSecret):
     def decrypt(self, token: str, context: bytes) -> bytes:
         self.decrypts += 1
         return super().decrypt(token, context)
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[str]:
-    """A Redis of its own: auth state is encrypted under this test's server secret."""
-    child, url = spawn_redis(tmp_path / "redis", tmp_path / "redis.log", durable=False)
-    try:
-        yield url
-    finally:
-        child.terminate()
-        child.wait(10)
 
 
 @pytest.fixture

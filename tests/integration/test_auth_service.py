@@ -6,7 +6,6 @@ import contextlib
 import os
 import stat
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc.aio
@@ -17,7 +16,6 @@ from google.rpc import code_pb2
 
 from services.auth.service import AuthService, AuthSettings
 from services.core.server import serving
-from services.launcher.mesh import spawn_redis
 from tests import audit, mtls
 from tokenmesh.auth.v1 import auth_pb2
 
@@ -25,17 +23,6 @@ MAX_FAILURES = 3
 NAT = "203.0.113.7"  # many clients behind one address
 ELSEWHERE = "198.51.100.9"
 GUESS = "tm_" + "y" * 43
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[str]:
-    """A Redis of its own: auth state is encrypted under this test's server secret."""
-    child, url = spawn_redis(tmp_path / "redis", tmp_path / "redis.log", durable=False)
-    try:
-        yield url
-    finally:
-        child.terminate()
-        child.wait(10)
 
 
 @contextlib.asynccontextmanager

@@ -4,39 +4,15 @@ versions it serves, and counts that cannot be true are dropped."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-
-import pytest
-import redis.asyncio as aioredis
 
 from services.router.catalog import Catalog
 from services.router.load_weights import MIN_WEIGHT, NEUTRAL_WEIGHT, LoadReport
 from services.router.registry import WorkerRegistry
 from services.router.servicer import WorkerRegistryServicer
-from tests.conftest import private_db_url
+from tests.integration.conftest import RegistryOperator, no_refresh
 from tokenmesh.router.v1 import router_pb2
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
 from tokenmesh.type.v1.types_pb2 import ModelRef
-
-PRIVATE_DB = 14  # the registry is one hash: a database apart from the session mesh's
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(private_db_url(redis_url, PRIVATE_DB))
-    await client.flushdb()
-    yield client
-    await client.flushdb()
-    await client.aclose()
-
-
-class _Operator:
-    def peer_identities(self) -> None:
-        return None
-
-
-async def _refresh() -> None:
-    return None
 
 
 def outcomes(model: str, version: str, requests: int, errors: int) -> router_pb2.VersionOutcomes:
@@ -49,11 +25,11 @@ def outcomes(model: str, version: str, requests: int, errors: int) -> router_pb2
     )
 
 
-async def test_a_worker_reports_outcomes_only_of_versions_it_serves_and_true_ones(client):
+async def test_a_worker_reports_outcomes_only_of_versions_it_serves_and_true_ones(registry_client):
     # A worker serving only model a reported a million clean requests of b's canary
     # (its rollout advanced to 100%), or negative errors that hid another's.
-    registry = WorkerRegistry(client, lease_s=30)
-    servicer = WorkerRegistryServicer(Catalog(client), registry, _refresh)
+    registry = WorkerRegistry(registry_client, lease_s=30)
+    servicer = WorkerRegistryServicer(Catalog(registry_client), registry, no_refresh)
     await registry.register("w", "127.0.0.1:1", [("a", "1")], time.time())
     load = router_pb2.WorkerLoad(
         versions=[
@@ -66,15 +42,15 @@ async def test_a_worker_reports_outcomes_only_of_versions_it_serves_and_true_one
     request = router_pb.RenewLeaseRequest(
         worker_id="w", models=[ModelRef(name="a", version="1")], load=load
     )
-    await servicer.RenewLease(request, _Operator())
+    await servicer.RenewLease(request, RegistryOperator())
     stored = (await registry.get("w")).outcomes
     assert [(o.model, o.version, o.requests, o.errors) for o in stored] == [("a", "1", 10, 1)]
 
 
-async def test_a_worker_is_weighed_against_the_workers_of_its_own_models(client):
+async def test_a_worker_is_weighed_against_the_workers_of_its_own_models(registry_client):
     # A fast worker of a small model was the reference of every worker: both workers
     # of a large model fell to the floor weight, an even split of 500 and 1500 ms.
-    registry = WorkerRegistry(client, lease_s=30)
+    registry = WorkerRegistry(registry_client, lease_s=30)
     costs = {"small": ("s", 10.0), "fast": ("b", 500.0), "slow": ("b", 1500.0)}
     for port, (worker, (model, _)) in enumerate(costs.items(), 1):
         await registry.register(worker, f"127.0.0.1:{port}", [(model, "1")], time.time())

@@ -4,43 +4,18 @@ Redis): any worker can then answer ListModels and GetModel for the whole mesh.""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-
-import pytest
-import redis.asyncio as aioredis
 
 from services.router.catalog import Catalog
 from services.router.registry import WorkerRegistry
 from services.router.served_models import MAX_BYTES
 from services.router.servicer import WorkerRegistryServicer
-from tests.conftest import private_db_url
+from tests.integration.conftest import RegistryOperator, no_refresh
 from tokenmesh.inference.v2 import inference_pb2 as v2
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
 from tokenmesh.type.v1.types_pb2 import ModelRef
 
-PRIVATE_DB = 14  # the registry is one hash: a database apart from the session mesh's
 READY = v2.ModelVersionState.MODEL_VERSION_STATE_READY
 FAILED = v2.ModelVersionState.MODEL_VERSION_STATE_FAILED
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(private_db_url(redis_url, PRIVATE_DB))
-    await client.flushdb()
-    yield client
-    await client.flushdb()
-    await client.aclose()
-
-
-class _Operator:
-    """A call's context as the servicer reads it: no worker certificate."""
-
-    def peer_identities(self) -> None:
-        return None
-
-
-async def _refresh() -> None:
-    return None
 
 
 def model(name: str, *versions: tuple[str, v2.ModelVersionState.ValueType]) -> v2.Model:
@@ -61,9 +36,9 @@ def described(response: router_pb.RenewLeaseResponse) -> dict[str, dict[str, int
     return {m.name: {v.version: v.state for v in m.versions} for m in response.mesh_models}
 
 
-async def test_a_heartbeat_s_answer_holds_every_other_serving_worker_s_models(client):
-    registry = WorkerRegistry(client, lease_s=30)
-    servicer = WorkerRegistryServicer(Catalog(client), registry, _refresh)
+async def test_a_heartbeat_s_answer_holds_every_other_serving_worker_s_models(registry_client):
+    registry = WorkerRegistry(registry_client, lease_s=30)
+    servicer = WorkerRegistryServicer(Catalog(registry_client), registry, no_refresh)
     workers = {
         "canary": [model("lm", ("2", READY))],
         "stable": [model("lm", ("1", READY)), model("embedder", ("1", READY))],
@@ -72,56 +47,62 @@ async def test_a_heartbeat_s_answer_holds_every_other_serving_worker_s_models(cl
     }
     for port, (worker, served) in enumerate(workers.items(), 1):
         await registry.register(worker, f"127.0.0.1:{port}", [("lm", "1")], time.time())
-        await servicer.RenewLease(heartbeat(worker, served), _Operator())
+        await servicer.RenewLease(heartbeat(worker, served), RegistryOperator())
     await registry.drain("leaving")
 
-    answer = await servicer.RenewLease(heartbeat("canary", workers["canary"]), _Operator())
+    answer = await servicer.RenewLease(heartbeat("canary", workers["canary"]), RegistryOperator())
     # Its own models come from itself; a draining worker's are gone from the mesh.
     assert described(answer) == {"embedder": {"1": READY}, "lm": {"1": READY, "3": FAILED}}
-    answer = await servicer.RenewLease(heartbeat("stable", workers["stable"]), _Operator())
+    answer = await servicer.RenewLease(heartbeat("stable", workers["stable"]), RegistryOperator())
     assert described(answer)["lm"] == {"1": READY, "2": READY, "3": FAILED}
 
 
-async def test_a_worker_from_before_descriptions_counts_with_its_ready_versions(client):
-    registry = WorkerRegistry(client, lease_s=30)
-    servicer = WorkerRegistryServicer(Catalog(client), registry, _refresh)
+async def test_a_worker_from_before_descriptions_counts_with_its_ready_versions(registry_client):
+    registry = WorkerRegistry(registry_client, lease_s=30)
+    servicer = WorkerRegistryServicer(Catalog(registry_client), registry, no_refresh)
     await registry.register("old", "127.0.0.1:1", [("lm", "1"), ("lm", "2")], time.time())
     await registry.register("new", "127.0.0.1:2", [("lm", "3")], time.time())
-    answer = await servicer.RenewLease(heartbeat("new", [model("lm", ("3", READY))]), _Operator())
+    answer = await servicer.RenewLease(
+        heartbeat("new", [model("lm", ("3", READY))]), RegistryOperator()
+    )
     assert described(answer) == {"lm": {"1": READY, "2": READY}}
     assert answer.mesh_models[0].default_version == "2"
 
 
-async def test_a_heartbeat_without_descriptions_keeps_the_last_ones(client):
-    registry = WorkerRegistry(client, lease_s=30)
-    servicer = WorkerRegistryServicer(Catalog(client), registry, _refresh)
+async def test_a_heartbeat_without_descriptions_keeps_the_last_ones(registry_client):
+    registry = WorkerRegistry(registry_client, lease_s=30)
+    servicer = WorkerRegistryServicer(Catalog(registry_client), registry, no_refresh)
     for port, worker in enumerate(("a", "b"), 1):
         await registry.register(worker, f"127.0.0.1:{port}", [("lm", "1")], time.time())
     await servicer.RenewLease(
-        heartbeat("a", [model("lm", ("1", READY), ("2", FAILED))]), _Operator()
+        heartbeat("a", [model("lm", ("1", READY), ("2", FAILED))]), RegistryOperator()
     )
     await servicer.RenewLease(
         router_pb.RenewLeaseRequest(worker_id="a", models=[ModelRef(name="lm", version="1")]),
-        _Operator(),
+        RegistryOperator(),
     )
-    answer = await servicer.RenewLease(heartbeat("b", [model("lm", ("1", READY))]), _Operator())
+    answer = await servicer.RenewLease(
+        heartbeat("b", [model("lm", ("1", READY))]), RegistryOperator()
+    )
     assert described(answer) == {"lm": {"1": READY, "2": FAILED}}
 
 
-async def test_malformed_or_oversized_descriptions_are_left_out_not_refused(client):
+async def test_malformed_or_oversized_descriptions_are_left_out_not_refused(registry_client):
     # A refused heartbeat stops a worker heartbeating: it would leave the mesh over
     # descriptions that only serve other workers' lookups.
-    registry = WorkerRegistry(client, lease_s=30)
-    servicer = WorkerRegistryServicer(Catalog(client), registry, _refresh)
+    registry = WorkerRegistry(registry_client, lease_s=30)
+    servicer = WorkerRegistryServicer(Catalog(registry_client), registry, no_refresh)
     for port, worker in enumerate(("w", "peer"), 1):
         await registry.register(worker, f"127.0.0.1:{port}", [("lm", "1")], time.time())
     bad_name = heartbeat("w", [model("lm", ("1", READY)), model("../evil", ("1", FAILED))])
     huge = heartbeat("w", [model("lm", ("1", READY))])
     huge.served_models[0].description = "x" * (MAX_BYTES + 1)
     for request in (bad_name, huge):
-        renewed = await servicer.RenewLease(request, _Operator())
+        renewed = await servicer.RenewLease(request, RegistryOperator())
         assert renewed.lease_expire_time.seconds > time.time()
-    answer = await servicer.RenewLease(heartbeat("peer", [model("lm", ("1", READY))]), _Operator())
+    answer = await servicer.RenewLease(
+        heartbeat("peer", [model("lm", ("1", READY))]), RegistryOperator()
+    )
     # Counted with its READY versions, as a worker that describes none.
     assert described(answer) == {"lm": {"1": READY}}
     assert answer.mesh_models[0].description == ""

@@ -4,9 +4,7 @@ they could not renew meanwhile (real Redis, a real router build)."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
-import pytest
 import redis.asyncio as aioredis
 
 from services.router.catalog import Catalog
@@ -14,29 +12,19 @@ from services.router.registry import WORKERS_KEY, WorkerRegistry
 from services.router.service import RouterService, RouterSettings
 from services.router.snapshot import EdgeFlags
 from tests import mtls
-from tests.conftest import private_db_url
 
-PRIVATE_DB = 14  # the registry is one hash: a database apart from the session mesh's
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 MODEL = ("m", "1")
 
 
-@pytest.fixture
-async def url(redis_url: str) -> AsyncIterator[str]:
-    url = private_db_url(redis_url, PRIVATE_DB)
-    client = aioredis.from_url(url)
-    await client.flushdb()
-    yield url
-    await client.flushdb()
-    await client.aclose()
-
-
-async def test_a_router_back_after_minutes_keeps_the_workers_it_could_not_hear(url: str):
+async def test_a_router_back_after_minutes_keeps_the_workers_it_could_not_hear(registry_url: str):
     # Its first build forgot every worker whose lease ended over a minute ago, before
     # the lease grace it gives them could apply: the edges got empty endpoints (503
     # for every model) until each worker's next heartbeat registered it again.
-    client = aioredis.from_url(url)
-    router = RouterService(RouterSettings(pki_dir=mtls.pki_dir(), metrics_port=-1, redis_url=url))
+    client = aioredis.from_url(registry_url)
+    router = RouterService(
+        RouterSettings(pki_dir=mtls.pki_dir(), metrics_port=-1, redis_url=registry_url)
+    )
     try:
         away_since = time.time() - 180  # its lease (30 s) ended 150 s ago
         await WorkerRegistry(client, lease_s=30).register("w", "10.0.0.1:1001", [MODEL], away_since)
@@ -50,10 +38,10 @@ async def test_a_router_back_after_minutes_keeps_the_workers_it_could_not_hear(u
         await client.aclose()
 
 
-async def test_only_the_route_build_forgets_long_gone_workers(url: str):
+async def test_only_the_route_build_forgets_long_gone_workers(registry_url: str):
     # A rollout tick or an admin's ListWorkers right after the outage forgot them too,
     # and the next build, in its grace, had none left to keep.
-    client = aioredis.from_url(url)
+    client = aioredis.from_url(registry_url)
     try:
         registry = WorkerRegistry(client, lease_s=30)
         await registry.register("w", "10.0.0.1:1001", [MODEL], time.time() - 180)

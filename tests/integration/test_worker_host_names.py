@@ -8,7 +8,6 @@ import ipaddress
 import json
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +21,9 @@ from services.router.registry import WorkerEntry, WorkerRegistry
 from services.router.service import RouterService, RouterSettings
 from services.router.snapshot import EdgeFlags
 from tests import mtls
-from tests.conftest import private_db_url
 
-PRIVATE_DB = 14  # the registry is one hash: a database apart from the session mesh's
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 MODEL = ("m", "1")
-
-
-@pytest.fixture
-async def url(redis_url: str) -> AsyncIterator[str]:
-    url = private_db_url(redis_url, PRIVATE_DB)
-    client = aioredis.from_url(url)
-    await client.flushdb()
-    yield url
-    await client.flushdb()
-    await client.aclose()
 
 
 def _endpoints(assignment: dict[str, Any]) -> list[dict[str, Any]]:
@@ -65,12 +52,14 @@ def _envoy_accepts(
 
 
 async def test_a_worker_host_name_becomes_an_ip_endpoint_and_an_unknown_one_is_left_out(
-    url: str, tmp_path: Path
+    registry_url: str, tmp_path: Path
 ):
     # Every edge rejected the whole endpoint update: "malformed IP address: localhost".
-    client = aioredis.from_url(url)
+    client = aioredis.from_url(registry_url)
     registry = WorkerRegistry(client, lease_s=30)
-    router = RouterService(RouterSettings(pki_dir=mtls.pki_dir(), metrics_port=-1, redis_url=url))
+    router = RouterService(
+        RouterSettings(pki_dir=mtls.pki_dir(), metrics_port=-1, redis_url=registry_url)
+    )
     try:
         for worker, address in (
             ("named", "localhost:1001"),
