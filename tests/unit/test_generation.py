@@ -108,15 +108,24 @@ def test_held_back_keeps_possible_stop_prefixes():
     assert held_back("abcE", ["xyz", "END"]) == 1
 
 
-async def test_sequences_are_batched_together(scheduler):
-    results = await asyncio.gather(
-        *(_text(scheduler, _params(max_tokens=10 + i, seed=i)) for i in range(6))
+async def test_sequences_are_batched_together():
+    # Steps take 2 ms, so the first of the six cannot finish before the last joins
+    # (with 0 ms steps an event-loop stall let it: about one run in eight failed).
+    engine = RecordingEngine(step_s=0.002)
+    scheduler = Scheduler(
+        engine, engine.eos_token_id, SchedulerLimits(max_sequences=8, max_queue=16), ("t", "1")
     )
-    assert [r[2] for r in results] == [10 + i for i in range(6)]
-    engine = scheduler.engine
-    assert isinstance(engine, RecordingEngine)
-    assert max(len(batch) for batch in engine.batches) == 6  # one step served all six
-    assert scheduler.stats()["slots_free"] == 8 and scheduler.stats()["kv_tokens_reserved"] == 0
+    await scheduler.start()
+    try:
+        results = await asyncio.gather(
+            *(_text(scheduler, _params(max_tokens=10 + i, seed=i)) for i in range(6))
+        )
+        assert [r[2] for r in results] == [10 + i for i in range(6)]
+        assert max(len(batch) for batch in engine.batches) == 6  # one step served all six
+        stats = scheduler.stats()
+        assert stats["slots_free"] == 8 and stats["kv_tokens_reserved"] == 0
+    finally:
+        await scheduler.stop(drain_timeout_s=0)
 
 
 async def test_sequences_join_and_leave_between_steps():
