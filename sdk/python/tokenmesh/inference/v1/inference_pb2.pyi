@@ -331,7 +331,9 @@ class UsageEvent(_message.Message):
     tenant: _builtins.str
     """tenant is the caller's tenant, when known."""
     finish_reason: _builtins.str
-    """finish_reason is one of "stop", "length", "cancelled", "error", "quota"."""
+    """finish_reason is one of "stop", "length", "cancelled", "error", "quota",
+    "content_filter".
+    """
     trace_id: _builtins.str
     """trace_id is the W3C trace id, when the request was traced."""
     rpc: _builtins.str

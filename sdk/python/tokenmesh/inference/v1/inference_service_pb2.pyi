@@ -230,7 +230,8 @@ class GenerateResponse(_message.Message):
     """text is the text generated since the previous message."""
     finish_reason: _builtins.str
     """finish_reason is set on the last message only: one of "stop", "length",
-    "cancelled", "error", "quota".
+    "cancelled", "error", "quota", "content_filter" (a content policy stopped
+    the output).
     """
     request_id: _builtins.str
     """request_id identifies the request."""
@@ -376,7 +377,9 @@ class CompleteResponse(_message.Message):
     text: _builtins.str
     """text is the generated text."""
     finish_reason: _builtins.str
-    """finish_reason is one of "stop", "length", "cancelled", "error", "quota"."""
+    """finish_reason is one of "stop", "length", "cancelled", "error", "quota",
+    "content_filter" (a content policy stopped the output).
+    """
     request_id: _builtins.str
     """request_id identifies the request."""
     @_builtins.property
