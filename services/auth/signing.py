@@ -40,7 +40,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -50,6 +50,7 @@ from google.protobuf import timestamp_pb2
 
 from services.auth.crypto import ServerSecret
 from services.core.errors import FailedPrecondition
+from services.core.redis_service import known_fields
 from tokenmesh.auth.v1 import auth_pb2
 
 KEYS = "tm:auth:signing:keys"
@@ -114,15 +115,6 @@ class SigningKeyRecord:
         return auth_pb2.SigningKey(
             kid=self.kid, algorithm=ALGORITHM, state=state, create_time=created
         )
-
-
-_FIELDS = frozenset(f.name for f in fields(SigningKeyRecord))
-
-
-def _parse_record(raw: bytes | str) -> SigningKeyRecord:
-    # Fields a newer replica added are skipped, so replicas of two versions share a ring.
-    values = json.loads(raw)
-    return SigningKeyRecord(**{k: v for k, v in values.items() if k in _FIELDS})
 
 
 def current_since(records: Sequence[SigningKeyRecord]) -> float | None:
@@ -201,7 +193,11 @@ class SigningKeyRing:
     async def records(self) -> list[SigningKeyRecord]:
         """Returns every stored key, newest first."""
         raw = await self.redis.hgetall(KEYS)
-        records = [_parse_record(value) for value in raw.values()]
+        # Fields a newer replica added are left out: replicas of two versions share a ring.
+        records = [
+            SigningKeyRecord(**known_fields(SigningKeyRecord, json.loads(value)))
+            for value in raw.values()
+        ]
         return sorted(records, key=lambda r: r.created, reverse=True)
 
     @contextlib.asynccontextmanager

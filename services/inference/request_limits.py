@@ -138,8 +138,7 @@ async def _announced(result: Any, limited: _Counted | None) -> AsyncIterator[Any
         raise  # aborted through `limited`: the headers are in its trailers
     except Exception as exc:
         if limited is not None:
-            await limited.refund_if_retried(exc)
-            limited.keep_for_error()
+            await limited.failing(exc)
         raise
     if limited is not None:
         await limited.ensure_announced()
@@ -184,6 +183,12 @@ class _Counted(AnnouncingContext):
         if self._hit is not None and not self.sent and code in RETRIED_CODES:
             hit, self._hit = self._hit, None
             await self._limiter.refund(hit)
+
+    async def failing(self, error: Exception) -> None:
+        """The handler raised `error`, which an outer layer answers: gives the count back
+        if Envoy will try the call again, and keeps the limits' headers for the answer."""
+        await self.refund_if_retried(error)
+        self.keep_for_error()
 
     async def abort(
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
@@ -253,8 +258,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 raise  # aborted through `limited`: the headers are in its trailers
             except Exception as exc:
-                await limited.refund_if_retried(exc)
-                limited.keep_for_error()  # an error answer carries the limits' headers too
+                await limited.failing(exc)  # an error answer carries the limits' headers too
                 raise
             await limited.ensure_announced()
             return response

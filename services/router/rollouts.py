@@ -209,8 +209,7 @@ class Window:
         for index, count in enumerate(self.ttft_counts):
             seen += count
             if seen >= rank:
-                bounds = self.ttft_bounds_ms
-                return bounds[index] if index < len(bounds) else bounds[-1] * 1.25
+                return self._edges(index)[1]
         return self.ttft_bounds_ms[-1]
 
     def _edges(self, index: int) -> tuple[float, float]:
@@ -422,8 +421,8 @@ class TtftCheck:
 
     Attributes:
         name: "p99" or "p90".
-        canary_ms: the canary's quantile read from its histogram (over few
-            requests, the p99 is its slowest request's).
+        canary_ms: the canary's quantile, interpolated within its histogram
+            bucket (Window.ttft_estimate_ms).
         stable_ms: the stable version's.
         bound_ms: max_ttft_p99_ratio x stable_ms (0: no bound, the gate passes).
         slow: the canary's requests slower than the bound (Window.ttft_slower_than).

@@ -305,7 +305,7 @@ class RequestLimiter:
 
         Returns each window's status (None: not a key's request, nothing to
         limit); raises Unavailable while the store is unreachable. `hits` 0
-        only reads the windows (a retry of a request counted before).
+        only reads the windows.
         """
         counted = await self.count(entries, hits)
         return None if counted is None else counted[0]
