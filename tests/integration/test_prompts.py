@@ -196,6 +196,40 @@ async def test_writes_need_admin_and_reads_reach_any_edge_caller_and_the_operato
         assert code == grpc.StatusCode.PERMISSION_DENIED
 
 
+async def test_the_catalogue_is_shared_across_tenants_and_only_admins_change_it(router, name):
+    # The contract (proto, docs/security.md): templates are catalogue objects an admin
+    # (a platform-wide scope) writes and every tenant's models:read key reads, as models.
+    alpha_admin = [
+        ("x-tokenmesh-key-id", "key-alpha"),
+        ("x-tokenmesh-tenant", "alpha"),
+        ("x-tokenmesh-scopes", "admin"),
+    ]
+    beta_reader = [
+        ("x-tokenmesh-key-id", "key-beta"),
+        ("x-tokenmesh-tenant", "beta"),
+        ("x-tokenmesh-scopes", "models:read inference:generate"),
+    ]
+    async with mtls.aio_channel(router.port, peer="router") as channel:
+        alpha = _with_metadata(rpc.RouterServiceStub(channel), alpha_admin)
+        beta = _with_metadata(rpc.RouterServiceStub(channel), beta_reader)
+        await alpha.CreatePromptTemplate(_create(name, system_prompt="Be kind."))
+        got = (await beta.GetPromptTemplate(pb.GetPromptTemplateRequest(name=name))).template
+        assert (got.version, got.template, got.system_prompt) == (1, SUPPORT, "Be kind.")
+        listed = await beta.ListPromptTemplates(pb.ListPromptTemplatesRequest())
+        assert name in [t.name for t in listed.templates]
+        # Another tenant cannot change a shared template: neither a version nor an alias.
+        alias = pb.SetPromptTemplateAliasRequest(name=name, alias="stable", version=1)
+        for call in (beta.CreatePromptTemplate(_create(name)), beta.SetPromptTemplateAlias(alias)):
+            code, _, reason = await _error(call)
+            assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_ALLOWED")
+        head = next(
+            t
+            for t in (await alpha.ListPromptTemplates(pb.ListPromptTemplatesRequest())).templates
+            if t.name == name
+        )
+        assert (head.latest_version, dict(head.aliases)) == (1, {})
+
+
 async def test_concurrent_creates_get_distinct_versions_and_no_alias_is_lost(admin, name):
     created = await asyncio.gather(
         *(admin.CreatePromptTemplate(_create(name, template=f"v{i}")) for i in range(12))
