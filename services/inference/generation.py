@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from services.inference.scheduler import Finished, Scheduler, Sequence_
-from services.inference.tokenizer import IncrementalDecoder, Tokenizer
+from services.inference.tokenizer import IncrementalDecoder, Tokenizer, incremental_decoder
 
 T = TypeVar("T")
 
@@ -94,7 +94,7 @@ async def tagged_deltas(
     a pairing generator around `stream_deltas` would cost every stream message
     another async-generator hop.
     """
-    decoder = IncrementalDecoder(tokenizer)
+    decoder = incremental_decoder(tokenizer)
     text = ""  # decoded but not yet sent
     finished = False
     try:
@@ -102,10 +102,10 @@ async def tagged_deltas(
             tokens, end = _split(await seq.outbox.take())
             if tokens and state.completion_tokens == 0:
                 _mark_first_token(seq, state)
-            before, mark = text, decoder.mark()
+            before, mark = text, decoder.mark() if stops else None
             text += decoder.push(tokens) + (decoder.flush() if end else "")
-            stop_at = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
-            if stop_at >= 0 and len(tokens) > 1:
+            stop_at = _first_stop(text, stops) if stops else -1
+            if stop_at >= 0 and len(tokens) > 1 and mark is not None:
                 # A reader a step behind gets several tokens at once: the ones
                 # after the stop were never part of the answer (not sent, not billed).
                 tokens = _through_stop(decoder.rewound(mark), before, tokens, stops)
@@ -121,12 +121,21 @@ async def tagged_deltas(
                     raise end.error
                 yield tag, Delta(text, tokens, end.reason)
                 return
+            if not stops:  # nothing to hold back (most streams: one message each step)
+                yield tag, Delta(text, tokens)
+                text = ""
+                continue
             keep = held_back(text, stops)
             yield tag, Delta(text[: len(text) - keep], tokens)
             text = text[len(text) - keep :]
     finally:
         if not finished:
             scheduler.cancel(seq)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int:
+    """Returns where the earliest stop sequence in `text` starts (-1: none)."""
+    return min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
 
 
 def _through_stop(

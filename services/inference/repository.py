@@ -153,6 +153,8 @@ def load_from_repository(
     tokenizer = HuggingFaceTokenizer(
         weights / "tokenizer.json", add_special_tokens=card["kind"] == "embedding"
     )
+    if card["kind"] != "embedding":
+        tokenizer.piece_bytes()  # now, off the event loop: streams decode by bytes if they can
     common = dict(
         name=name,
         version=version,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import abc
+import codecs
 import hashlib
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 class Tokenizer(abc.ABC):
@@ -23,6 +26,11 @@ class Tokenizer(abc.ABC):
         """Returns the token ids of each text."""
         return [self.encode(text) for text in texts]
 
+    def piece_bytes(self) -> Sequence[bytes] | None:
+        """Returns each token id's bytes when decoding is their concatenation read as
+        UTF-8 (byte-level BPE); None when it is not (then streams decode windows)."""
+        return None
+
 
 class HuggingFaceTokenizer(Tokenizer):
     """HuggingFaceTokenizer wraps a `tokenizers` tokenizer.json (no transformers)."""
@@ -34,6 +42,8 @@ class HuggingFaceTokenizer(Tokenizer):
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
         self._special = add_special_tokens
+        self._pieces: list[bytes] | None = None
+        self._pieces_checked = False
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=self._special).ids)
@@ -45,10 +55,69 @@ class HuggingFaceTokenizer(Tokenizer):
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
+    def _decode_batch(self, batch: list[list[int]]) -> list[str]:
+        decoded = self._tokenizer.decode_batch(batch, skip_special_tokens=True)
+        return [str(text) for text in decoded]
+
     def token_id(self, token: str) -> int | None:
         """Returns the id of a (special) token, if the vocabulary has it."""
         found = self._tokenizer.token_to_id(token)
         return None if found is None else int(found)
+
+    def piece_bytes(self) -> Sequence[bytes] | None:
+        if not self._pieces_checked:  # once (the loader asks: ~5 ms for 4k tokens)
+            self._pieces = _byte_level_pieces(self._tokenizer, self._decode_batch)
+            self._pieces_checked = True
+        return self._pieces
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Returns GPT-2's byte-level alphabet: the byte each vocabulary character stands for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1)]
+    printable += range(ord("\xae"), ord("\xff") + 1)
+    chars = {byte: chr(byte) for byte in printable}
+    shifted = (byte for byte in range(256) if byte not in chars)
+    chars.update({byte: chr(256 + n) for n, byte in enumerate(shifted)})
+    return {char: byte for byte, char in chars.items()}
+
+
+def _byte_level_pieces(
+    tokenizer: Any, decode_batch: Callable[[list[list[int]]], list[str]]
+) -> list[bytes] | None:
+    """Returns each id's bytes if `tokenizer` decodes byte-level BPE and nothing else.
+
+    Checked against the tokenizer's own decoding, id by id and on mixed
+    sequences, so a vocabulary or decoder this reading gets wrong keeps the
+    window decoding (slower, always right).
+    """
+    from tokenizers import decoders
+
+    if not isinstance(tokenizer.decoder, decoders.ByteLevel):
+        return None
+    alphabet = _byte_level_alphabet()
+    special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    pieces: list[bytes] = []
+    for token_id in range(tokenizer.get_vocab_size(with_added_tokens=True)):
+        token = tokenizer.id_to_token(token_id)
+        if token_id in special or token is None:
+            pieces.append(b"")
+        elif all(char in alphabet for char in token):
+            pieces.append(bytes(alphabet[char] for char in token))
+        else:
+            return None  # a token outside the alphabet (an added word, say)
+    return pieces if _decodes_alike(pieces, decode_batch) else None
+
+
+def _decodes_alike(
+    pieces: list[bytes], decode_batch: Callable[[list[list[int]]], list[str]]
+) -> bool:
+    """Tells whether `pieces` read as UTF-8 give what `decode_batch` gives, one id at a
+    time and for a fixed sample of sequences."""
+    sample = random.Random(0)
+    mixed = [[sample.randrange(len(pieces)) for _ in range(12)] for _ in range(64)]
+    batch = [[i] for i in range(len(pieces))] + mixed
+    expected = [b"".join(pieces[i] for i in ids).decode("utf-8", "replace") for ids in batch]
+    return decode_batch(batch) == expected
 
 
 # The test engine's closed vocabulary keeps its output readable.
@@ -77,13 +146,86 @@ class WordTokenizer(Tokenizer):
     def decode(self, token_ids: Sequence[int]) -> str:
         return "".join(" " + self.words[i] for i in token_ids if i != 0)
 
+    def piece_bytes(self) -> Sequence[bytes] | None:
+        return [b"", *((" " + word).encode() for word in self.words[1:])]
+
     def _hash_id(self, word: str) -> int:
         digest = hashlib.blake2b(word.encode(), digest_size=4).digest()
         return 1 + int.from_bytes(digest, "big") % (len(self.words) - 1)
 
 
-class IncrementalDecoder:
-    """IncrementalDecoder turns a growing token list into text deltas.
+#: Mark: where a decoder stood, for `IncrementalDecoder.rewound`.
+Mark = tuple[int, int, int] | tuple[bytes, int]
+
+
+class IncrementalDecoder(abc.ABC):
+    """IncrementalDecoder turns a stream's tokens into text deltas, each as soon as
+    its characters are complete (`incremental_decoder` picks the implementation)."""
+
+    @abc.abstractmethod
+    def push(self, token_ids: Sequence[int]) -> str:
+        """Adds tokens; returns the text they complete."""
+
+    @abc.abstractmethod
+    def flush(self) -> str:
+        """Returns whatever is left, incomplete characters included."""
+
+    @abc.abstractmethod
+    def mark(self) -> Mark:
+        """Returns the decoder's position, for `rewound`."""
+
+    @abc.abstractmethod
+    def rewound(self, mark: Mark) -> IncrementalDecoder:
+        """Returns a new decoder in the state this one had at `mark`."""
+
+
+def incremental_decoder(tokenizer: Tokenizer) -> IncrementalDecoder:
+    """Returns the cheapest exact incremental decoder for `tokenizer`."""
+    pieces = tokenizer.piece_bytes()
+    return WindowDecoder(tokenizer) if pieces is None else ByteDecoder(pieces)
+
+
+class ByteDecoder(IncrementalDecoder):
+    """ByteDecoder decodes tokens whose text is their bytes, concatenated, read as
+    UTF-8: a table lookup per token and an incremental UTF-8 decoder that holds
+    back a character's first bytes until the rest arrive. Every stream message
+    pays this (the window decoding below costs two tokenizer calls a message).
+    """
+
+    __slots__ = ("_pieces", "_utf8")
+
+    def __init__(self, pieces: Sequence[bytes]) -> None:
+        self._pieces = pieces
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        pieces = self._pieces
+        try:
+            if len(token_ids) == 1:  # the usual message
+                return self._utf8.decode(pieces[token_ids[0]])
+            return self._utf8.decode(b"".join([pieces[i] for i in token_ids]))
+        except IndexError:  # an id past the vocabulary (padded logits) has no text
+            size = len(pieces)
+            return self._utf8.decode(b"".join([pieces[i] for i in token_ids if i < size]))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+    def mark(self) -> Mark:
+        state: tuple[bytes, int] = self._utf8.getstate()
+        return state
+
+    def rewound(self, mark: Mark) -> IncrementalDecoder:
+        buffered, flag = mark[0], mark[1]
+        if not isinstance(buffered, bytes):
+            raise TypeError("not a ByteDecoder's mark")
+        other = ByteDecoder(self._pieces)
+        other._utf8.setstate((buffered, flag))
+        return other
+
+
+class WindowDecoder(IncrementalDecoder):
+    """WindowDecoder decodes with the tokenizer itself, for any tokenizer.
 
     Byte-level BPE pieces may only form a character together, and a token's
     text can depend on its neighbours, so it decodes a short window (the last
@@ -99,7 +241,6 @@ class IncrementalDecoder:
         self._read = 0  # tokens whose text has been emitted
 
     def push(self, token_ids: Sequence[int]) -> str:
-        """Adds tokens; returns the text they complete."""
         self._ids.extend(token_ids)
         prefix_text = self._tokenizer.decode(self._ids[self._prefix : self._read])
         text = self._tokenizer.decode(self._ids[self._prefix :])
@@ -108,19 +249,16 @@ class IncrementalDecoder:
         self._prefix, self._read = self._read, len(self._ids)
         return text[len(prefix_text) :]
 
-    def mark(self) -> tuple[int, int, int]:
-        """Returns the decoder's position, for `rewound` (cheap: ids only grow)."""
-        return len(self._ids), self._prefix, self._read
+    def mark(self) -> Mark:
+        return len(self._ids), self._prefix, self._read  # cheap: ids only grow
 
-    def rewound(self, mark: tuple[int, int, int]) -> IncrementalDecoder:
-        """Returns a new decoder in the state this one had at `mark`."""
-        size, prefix, read = mark
-        other = IncrementalDecoder(self._tokenizer)
+    def rewound(self, mark: Mark) -> IncrementalDecoder:
+        size, prefix, read = mark  # type: ignore[misc]  # a WindowDecoder's own mark
+        other = WindowDecoder(self._tokenizer)
         other._ids, other._prefix, other._read = self._ids[:size], prefix, read
         return other
 
     def flush(self) -> str:
-        """Returns whatever is left, incomplete characters included."""
         prefix_text = self._tokenizer.decode(self._ids[self._prefix : self._read])
         text = self._tokenizer.decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)

@@ -7,7 +7,9 @@ sampling, slots, budgets); only the logits are synthetic.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,14 @@ from services.inference.scheduler import (
     Scheduler,
     SchedulerLimits,
 )
-from services.inference.tokenizer import WordTokenizer
+from services.inference.tokenizer import (
+    ByteDecoder,
+    HuggingFaceTokenizer,
+    WindowDecoder,
+    WordTokenizer,
+    _byte_level_pieces,
+    incremental_decoder,
+)
 
 TOKENIZER = WordTokenizer()
 
@@ -250,20 +259,91 @@ async def test_an_engine_failure_ends_running_sequences_with_an_error():
         await sched.stop(drain_timeout_s=0)
 
 
-def test_incremental_decoding_equals_decoding_everything_at_once():
-    from pathlib import Path
+MODELS = Path(__file__).resolve().parents[2] / "models"
 
-    from services.inference.tokenizer import HuggingFaceTokenizer, IncrementalDecoder
 
-    tokenizer = HuggingFaceTokenizer(
-        Path(__file__).resolve().parents[2] / "models" / "demo-lm" / "1" / "tokenizer.json"
-    )
+def _demo_tokenizer() -> HuggingFaceTokenizer:
+    return HuggingFaceTokenizer(MODELS / "demo-lm" / "1" / "tokenizer.json")
+
+
+@pytest.mark.parametrize("kind", [ByteDecoder, WindowDecoder])
+def test_incremental_decoding_equals_decoding_everything_at_once(kind: type) -> None:
+    tokenizer = _demo_tokenizer()
     text = "In the beginning God created the heaven — and the earth. Ünïcödé 😀 works too."
     ids = tokenizer.encode(text)
-    decoder = IncrementalDecoder(tokenizer)
+    pieces_table = tokenizer.piece_bytes()
+    assert pieces_table is not None  # demo-lm is byte-level BPE
+    decoder = ByteDecoder(pieces_table) if kind is ByteDecoder else WindowDecoder(tokenizer)
     pieces = [decoder.push([token]) for token in ids]
     assert "".join(pieces) + decoder.flush() == tokenizer.decode(ids) == text
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_byte_decoding_equals_the_tokenizers_for_any_ids_and_any_split() -> None:
+    tokenizer = _demo_tokenizer()
+    rng = random.Random(7)
+    size = len(tokenizer.piece_bytes() or ())
+    for _ in range(300):
+        # Any ids, broken UTF-8 and the special <|endoftext|> (id 0) included.
+        ids = [rng.randrange(size) for _ in range(rng.randrange(1, 20))]
+        decoder = incremental_decoder(tokenizer)
+        assert isinstance(decoder, ByteDecoder)
+        cut, text = 0, ""
+        while cut < len(ids):
+            step = rng.randrange(1, 4)
+            text += decoder.push(ids[cut : cut + step])
+            cut += step
+        assert text + decoder.flush() == tokenizer.decode(ids)
+
+
+def test_a_byte_decoder_rewound_to_a_mark_continues_from_there() -> None:
+    tokenizer = _demo_tokenizer()
+    ids = tokenizer.encode("café 😀 done")
+    decoder = incremental_decoder(tokenizer)
+    head = "".join(decoder.push([i]) for i in ids[:3])
+    mark = decoder.mark()
+    rest = "".join(decoder.push([i]) for i in ids[3:]) + decoder.flush()
+    again = decoder.rewound(mark)
+    assert head + "".join(again.push([i]) for i in ids[3:]) + again.flush() == head + rest
+    assert head + rest == "café 😀 done"
+
+
+def test_ids_past_the_vocabulary_have_no_text() -> None:
+    tokenizer = _demo_tokenizer()
+    decoder = incremental_decoder(tokenizer)
+    ids = tokenizer.encode(" ok")
+    assert decoder.push([*ids, 10**6]) == tokenizer.decode([*ids, 10**6]) == " ok"
+
+
+def test_tokenizers_that_are_not_byte_level_decode_windows() -> None:
+    wordpiece = HuggingFaceTokenizer(MODELS / "all-minilm-l6-v2" / "1" / "tokenizer.json")
+    assert wordpiece.piece_bytes() is None
+    decoder = incremental_decoder(wordpiece)
+    assert isinstance(decoder, WindowDecoder)
+    ids = wordpiece.encode("routing tokens")
+    assert "".join(decoder.push([i]) for i in ids) + decoder.flush() == wordpiece.decode(ids)
+
+
+def test_a_vocabulary_the_byte_table_reads_wrong_keeps_window_decoding() -> None:
+    tokenizer = _demo_tokenizer()
+    wrong = {5: "!!"}  # a tokenizer whose id 5 decodes unlike its byte-level token
+
+    def decode_batch(batch: list[list[int]]) -> list[str]:
+        return ["".join(wrong.get(i, tokenizer.decode([i])) for i in ids) for ids in batch]
+
+    def right(batch: list[list[int]]) -> list[str]:
+        return [tokenizer.decode(ids) for ids in batch]
+
+    assert _byte_level_pieces(tokenizer._tokenizer, decode_batch) is None
+    assert _byte_level_pieces(tokenizer._tokenizer, right) is not None
+
+
+def test_the_test_tokenizer_decodes_bytes_alike() -> None:
+    tokenizer = WordTokenizer()
+    ids = tokenizer.encode("the mesh routes tokens") + [0]
+    decoder = incremental_decoder(tokenizer)
+    assert isinstance(decoder, ByteDecoder)
+    assert "".join(decoder.push([i]) for i in ids) == tokenizer.decode(ids)
 
 
 async def test_under_load_streams_get_tokens_in_batches_but_the_first_at_once():
