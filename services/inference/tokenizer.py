@@ -155,7 +155,7 @@ class WordTokenizer(Tokenizer):
 
 
 #: Mark: where a decoder stood, for `IncrementalDecoder.rewound`.
-Mark = tuple[int, int, int] | tuple[bytes, int]
+Mark = tuple[int, int, int] | bytes
 
 
 class IncrementalDecoder(abc.ABC):
@@ -187,40 +187,47 @@ def incremental_decoder(tokenizer: Tokenizer) -> IncrementalDecoder:
 
 class ByteDecoder(IncrementalDecoder):
     """ByteDecoder decodes tokens whose text is their bytes, concatenated, read as
-    UTF-8: a table lookup per token and an incremental UTF-8 decoder that holds
-    back a character's first bytes until the rest arrive. Every stream message
-    pays this (the window decoding below costs two tokenizer calls a message).
+    UTF-8: a table lookup per token and one UTF-8 decoding that holds back a
+    character's first bytes until the rest arrive. Every stream message pays
+    this (the window decoding below costs two tokenizer calls a message).
     """
 
-    __slots__ = ("_pieces", "_utf8")
+    __slots__ = ("_pieces", "_pending")
 
     def __init__(self, pieces: Sequence[bytes]) -> None:
         self._pieces = pieces
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = b""  # the start of a character whose other bytes are to come
 
     def push(self, token_ids: Sequence[int]) -> str:
         pieces = self._pieces
         try:
             if len(token_ids) == 1:  # the usual message
-                return self._utf8.decode(pieces[token_ids[0]])
-            return self._utf8.decode(b"".join([pieces[i] for i in token_ids]))
+                return self._decode(pieces[token_ids[0]])
+            return self._decode(b"".join([pieces[i] for i in token_ids]))
         except IndexError:  # an id past the vocabulary (padded logits) has no text
             size = len(pieces)
-            return self._utf8.decode(b"".join([pieces[i] for i in token_ids if i < size]))
+            return self._decode(b"".join([pieces[i] for i in token_ids if i < size]))
+
+    def _decode(self, data: bytes) -> str:
+        if self._pending:
+            data = self._pending + data
+        text, used = codecs.utf_8_decode(data, "replace", False)
+        self._pending = data[used:]
+        return text
 
     def flush(self) -> str:
-        return self._utf8.decode(b"", final=True)
+        text, _ = codecs.utf_8_decode(self._pending, "replace", True)
+        self._pending = b""
+        return text
 
     def mark(self) -> Mark:
-        state: tuple[bytes, int] = self._utf8.getstate()
-        return state
+        return self._pending
 
     def rewound(self, mark: Mark) -> IncrementalDecoder:
-        buffered, flag = mark[0], mark[1]
-        if not isinstance(buffered, bytes):
+        if not isinstance(mark, bytes):
             raise TypeError("not a ByteDecoder's mark")
         other = ByteDecoder(self._pieces)
-        other._utf8.setstate((buffered, flag))
+        other._pending = mark
         return other
 
 
@@ -253,7 +260,9 @@ class WindowDecoder(IncrementalDecoder):
         return len(self._ids), self._prefix, self._read  # cheap: ids only grow
 
     def rewound(self, mark: Mark) -> IncrementalDecoder:
-        size, prefix, read = mark  # type: ignore[misc]  # a WindowDecoder's own mark
+        if isinstance(mark, bytes):
+            raise TypeError("not a WindowDecoder's mark")
+        size, prefix, read = mark
         other = WindowDecoder(self._tokenizer)
         other._ids, other._prefix, other._read = self._ids[:size], prefix, read
         return other
