@@ -29,6 +29,7 @@ logged, counted in `tokenmesh_ratelimit_errors_total`, and the RPC fails
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -101,8 +102,12 @@ WINDOW_S = 60
 WARN_AT = 0.8
 WARNING_HEADER = "x-tokenmesh-ratelimit-warning"
 SHAPE_CACHE_SIZE = 16384
-# How long a refused request waits to take its count back (then it stays counted).
+# How long a refund may take (then the request stays counted), and how long the
+# refusal waits for it: Redis answers in well under a millisecond, so Envoy's
+# retry elsewhere normally counts after the refund; during a stall the refusal
+# goes out after REFUND_WAIT_S and the refund finishes behind it.
 REFUND_TIMEOUT_S = 1.0
+REFUND_WAIT_S = 0.05
 
 # KEYS: one sliding window per limit; ARGV: (unused), window_ms, hits, member
 # prefix, lease size, limit per key. All-or-nothing: the request is counted in
@@ -256,11 +261,15 @@ class RequestLimiter:
         self.breaker = Breaker("ratelimit")
         # Redis's clock minus this replica's, learned at every decision (see _SLIDING_WINDOWS).
         self._redis_clock_offset_ms = 0
+        self._refunds: set[asyncio.Task[None]] = set()  # still running behind their refusals
 
     async def close(self) -> None:
-        """Settles every lease (unused slots go back) and closes the connections."""
+        """Settles every lease (unused slots go back), finishes the refunds (each ends
+        within REFUND_TIMEOUT_S) and closes the connections."""
         if self._settler is not None:
             await self._settler.stop(timeout_s=1)
+        if self._refunds:
+            await asyncio.wait(set(self._refunds))
         await self._settle(self.leases.due(everything=True))
         for script in (self._windows, self._settle_script):
             if isinstance(script, ScriptClient):
@@ -325,9 +334,18 @@ class RequestLimiter:
         work, in a way Envoy tries again on another worker, where the try counts."""
         if hit.lease is not None and hit.lease.give_back(hit.member):
             return  # a free slot of its lease again (the settler frees it, or it is reused)
+        refund = asyncio.create_task(self._forget(hit))
+        self._refunds.add(refund)
+        refund.add_done_callback(self._refunds.discard)
+        # Shielded: a refusal that stops waiting leaves the refund running.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(refund), REFUND_WAIT_S)
+
+    async def _forget(self, hit: Hit) -> None:
+        """Removes `hit` from its windows in Redis, or leaves it counted."""
         try:
             self.breaker.check()
-            async with asyncio.timeout(REFUND_TIMEOUT_S):  # the refusal waits for it
+            async with asyncio.timeout(REFUND_TIMEOUT_S):
                 await self._forget_hit(keys=list(hit.windows), args=[hit.member])
         except STORE_UNAVAILABLE as exc:  # BreakerOpen and asyncio.timeout's TimeoutError too
             # It stays counted: the window may refuse a request early, never admit one over.

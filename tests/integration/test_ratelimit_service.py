@@ -268,3 +268,29 @@ async def test_a_refunded_request_leaves_the_window_leased_or_not(redis_url):
     finally:
         await limiter.close()
         await client.aclose()
+
+
+async def test_a_refund_during_a_redis_stall_holds_the_refusal_briefly_and_lands_after(
+    own_redis,
+):
+    """A worker refusing a try Envoy retries waited for its refund up to 1 s while
+    Redis stalled (the client's retry with it); it now waits 50 ms and the refund
+    finishes behind the refusal, once Redis answers."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    client = aioredis.from_url(own_redis)
+    limiter = RequestLimiter(client, default_rpm=60, redis_url=own_redis)  # no leases
+    try:
+        counted = await limiter.count((("key_id", key),))
+        assert counted is not None and counted[1] is not None
+        assert len(await _window(own_redis, key)) == 1
+        await client.execute_command("CLIENT", "PAUSE", "600", "ALL")  # a stalled Redis
+        started = time.monotonic()
+        await limiter.refund(counted[1])
+        assert time.monotonic() - started < 0.3  # 0.6 s (the stall) before
+        deadline = time.monotonic() + 5.0
+        while await _window(own_redis, key):  # taken back once Redis answers again
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        await limiter.close()
+        await client.aclose()
