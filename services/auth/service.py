@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from prometheus_client import Gauge
 
 from services.auth.authenticator import Authenticator
 from services.auth.crypto import ServerSecret, looks_like_api_key
@@ -32,6 +33,10 @@ from services.core.tasks import SupervisedTask
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
 
 logger = logging.getLogger(__name__)
+NEXT_ROTATION = Gauge(
+    "tokenmesh_auth_signing_next_rotation_timestamp_seconds",
+    "When this auth replica next rotates the JWT signing key on its schedule (Unix time).",
+)
 SERVICE_NAME = auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 EXT_AUTHZ_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 
@@ -182,6 +187,7 @@ class AuthService(RedisBackedService):
             since = current_since(await self.ring.records())
             age = time.time() - since if since is not None else 0.0
             wait = max(1.0, self.settings.rotation_s - age)
+            NEXT_ROTATION.set(time.time() + wait)
             await asyncio.sleep(wait)
             with contextlib.suppress(FailedPrecondition):
                 record = await self.ring.rotate()
