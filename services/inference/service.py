@@ -489,20 +489,21 @@ class InferenceService(Service):
         async with self._health_lock:
             if self._running is None:
                 return
-            gate = self.health.serving
-            await self._running.set_serving(self.service_names(), gate and self._started)
+            serving = self.health.serving and self._started
+            await self._running.set_serving(self.service_names(), serving)
             for model in self.registry.all():
                 if model.ready:
                     names = _model_health_names(model.name, model.version)
-                    await self._running.set_entries_serving(names, gate)
+                    await self._running.set_entries_serving(names, serving)
 
     async def _set_version_health(self, model: LoadedModel, serving: bool) -> None:
-        """Sets one version's health entries (SERVING only while the gate holds)."""
+        """Sets one version's health entries (SERVING only once the worker has started,
+        while the gate holds: the edge checks these names, not the service's)."""
         async with self._health_lock:
             if self._running is not None:
                 await self._running.set_entries_serving(
                     _model_health_names(model.name, model.version),
-                    serving and self.health.serving,
+                    serving and self.health.serving and self._started,
                 )
 
     @contextlib.asynccontextmanager

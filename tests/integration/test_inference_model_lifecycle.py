@@ -7,6 +7,7 @@ health condition comes from a task under the worker's own supervisor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,10 +16,12 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from services.core.server import serving
 from services.core.tasks import RestartPolicy
 from services.inference.service import InferenceService
 from tests import mtls
@@ -159,6 +162,40 @@ async def test_a_failing_health_condition_takes_every_version_out_and_back(
             await _until(loaded_later(SERVING))
         finally:
             await task.stop()
+
+
+async def test_versions_turn_serving_only_once_the_worker_has_started(
+    tmp_path: Path, own_redis: str
+) -> None:
+    # A worker refuses every request until it has read the content policies once,
+    # and says SERVING only then; its versions' own names (what the edge checks)
+    # turned SERVING as each loaded, before that. An edge that still had the
+    # address (a worker restarted within its lease) sent it requests it refused.
+    settings = inference_settings(tmp_path, own_redis)
+    service = InferenceService(settings)
+    stalled = aioredis.from_url(own_redis)
+    await stalled.execute_command("CLIENT", "PAUSE", "2500", "ALL")  # policies wait
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            starting = asyncio.ensure_future(stack.enter_async_context(serving(service, settings)))
+            await _until(lambda: _loaded(service, "deterministic-test", "1"))
+            assert service._running is not None and not starting.done()
+            channel = await stack.enter_async_context(
+                mtls.aio_channel(service._running.port, peer="worker")
+            )
+            health = health_pb2_grpc.HealthStub(channel)
+            versions = _health_of(
+                health, f"{V1}/deterministic-test/1", f"{V2}/deterministic-test/1"
+            )
+            assert await versions(NOT_SERVING)()  # loaded, but the worker has not started
+            await starting
+            await _until(versions(SERVING))
+    finally:
+        await stalled.aclose()
+
+
+async def _loaded(service: InferenceService, name: str, version: str) -> bool:
+    return service.registry.has(name, version) and service.registry.resolve(name, version).ready
 
 
 # ------------------------------------------------------------------ load and unload
