@@ -9,7 +9,7 @@ usage events (one per request, tagged with the API version).
 model version, `reserve` holds prompt + max_tokens in the caller's budget
 before any compute, `within_budget` charges a stream admitted while budgets
 were unreachable, and `record` writes the usage event and reconciles the
-reservation with what was used.
+reservation with what was used (or charges such a stream the rest of it).
 """
 
 from __future__ import annotations
@@ -350,6 +350,7 @@ class Admission:
 
         Only a stream admitted while Redis was unreachable gets here (every
         other stream reserved prompt + max_tokens up front and cannot run out).
+        What the chunks leave uncharged is charged when it is recorded (`settle`).
 
         Args:
             request: the request.
@@ -394,7 +395,10 @@ class Admission:
 
     def settle(self, request: Request, used: int, finished: bool = True) -> None:
         """Reconciles a request's reservation with the tokens it used (in the background;
-        once: its reservation is then spent)."""
+        once: its reservation is then spent). An unmetered request has none: it is
+        charged what its chunks did not charge (`_charge_rest`)."""
+        if request.unmetered:
+            self._charge_rest(request, used)
         if request.reserved_tokens:
             run: Run = ("finished" if finished else "unfinished") if request.job_attempt else ""
             # Idempotent (the id's charge becomes `used`): tried again after a blip,
@@ -410,6 +414,30 @@ class Admission:
             )
             self._in_background(reconcile, "reconcile a token reservation")
             request.reserved_tokens = 0
+
+    def _charge_rest(self, request: Request, used: int) -> None:
+        """Charges an unmetered request, in the background, the tokens it used beyond
+        the chunks `within_budget` charged. Those are charged at least
+        CHARGE_EVERY_TOKENS at a time, checked before each delta: the rest (under 16
+        tokens, plus the last delta, which no check sees, or a chunk the budget
+        refused) was never charged, however the request ended.
+
+        Charged whatever the budget holds (no limits: the tokens were sent), under the
+        id the next chunk would have had: tried again, it is charged once.
+        """
+        due = used - request.charged_tokens
+        if due <= 0:
+            return
+        charge = functools.partial(
+            self.budgets.reserve,
+            request.key_id,
+            Limits(),
+            f"{request.usage_id}:{request.charged_tokens}",
+            due,
+            time.time(),
+        )
+        request.charged_tokens = used
+        self._in_background(charge, "charge an unmetered request's last tokens")
 
     def release(self, request: Request) -> None:
         """Gives a request's whole reservation back (it was refused before it ran)."""

@@ -22,8 +22,11 @@ from services.inference.models import ModelRegistry
 from services.launcher.mesh import spawn_redis
 from tests import mtls
 from tests.integration.conftest import inference_settings, start_inference
+from tests.integration.test_inference_v2 import _usage_event
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
+from tokenmesh.inference.v2 import inference_service_pb2 as v2_pb
+from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_rpc
 
 
 @pytest.fixture
@@ -99,9 +102,8 @@ async def test_a_stream_admitted_while_redis_was_down_ends_with_quota(tmp_path):
             first = await call.read()  # admitted although the budget could not be checked
             assert first.index == 0
             child, _ = spawn_redis(tmp_path / "data", tmp_path / "redis.log", port=port)
-            client = aioredis.from_url(url)
-            await TokenBudgets(client).reserve(key, Limits(tokens_per_minute=100), "other", 90)
-            await client.aclose()
+            budgets = TokenBudgets(aioredis.from_url(url))
+            await budgets.reserve(key, Limits(tokens_per_minute=100), "other", 90)
             messages = [first]
             while (message := await call.read()) != grpc.aio.EOF:
                 messages.append(message)
@@ -111,6 +113,10 @@ async def test_a_stream_admitted_while_redis_was_down_ends_with_quota(tmp_path):
             assert final.usage.completion_tokens == sent < 400
             assert final.usage.prompt_tokens == 1
             assert await call.code() == grpc.StatusCode.OK  # a clean end, not an error
+            # Every token it sent is charged, the chunk the budget refused too.
+            charged = await _wait_month_used(budgets, key, 90 + 1 + sent)
+            await budgets.redis.aclose()
+            assert charged == 90 + 1 + sent
     finally:
         child.terminate()
         child.wait(10)
@@ -403,3 +409,62 @@ async def test_a_reconcile_that_fails_once_is_tried_again(budgets, monkeypatch):
     admission.settle(request, 30)
     assert await _wait_month_used(budgets, key, 30) == 30
     assert failures == [1]
+
+
+async def _computing(service: Any) -> None:
+    """Waits until a sequence runs on the worker (its request was admitted)."""
+    deadline = time.monotonic() + 5
+    while not any(m.scheduler.stats()["running"] for m in service.registry.all() if m.scheduler):
+        assert time.monotonic() < deadline, "nothing started computing"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("ending", ["length", "cancel", "complete"])
+async def test_a_request_admitted_while_redis_was_down_is_charged_every_token(tmp_path, ending):
+    """Admitted unmetered (budgets unreachable), a request is charged as it goes, in
+    chunks of at least CHARGE_EVERY_TOKENS checked before each delta: the rest (under
+    16 tokens, plus the last delta) was never charged, however it ended (at max
+    tokens, its caller leaving mid-stream, a Complete). The month now holds what its
+    usage event bills."""
+    child, url = spawn_redis(tmp_path / "data", tmp_path / "redis.log")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    settings = inference_settings(tmp_path, url, test_engine_step_ms=10.0)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-monthly-tokens", "100000")]
+    request = {"model": "deterministic-test", "prompt": "a", "max_output_tokens": 40}
+    budgets = TokenBudgets(aioredis.from_url(url))
+    try:
+        async with await start_inference(settings) as (service, channel):
+            child.terminate()
+            child.wait(10)
+            stub = v2_rpc.InferenceServiceStub(channel)
+            if ending == "complete":
+                answer = asyncio.ensure_future(
+                    stub.Complete(v2_pb.CompleteRequest(**request), metadata=identity)
+                )
+                await _computing(service)  # admitted although the budget could not be checked
+                child, _ = spawn_redis(tmp_path / "data", tmp_path / "redis.log", port=port)
+                reply = await answer
+                request_id, received = reply.request_id, reply.usage.completion_tokens
+            else:
+                call = stub.Generate(v2_pb.GenerateRequest(**request), metadata=identity)
+                first = await call.read()  # admitted although the budget could not be checked
+                request_id, received = first.request_id, len(first.token_ids)
+                child, _ = spawn_redis(tmp_path / "data", tmp_path / "redis.log", port=port)
+                while (message := await call.read()) != grpc.aio.EOF:
+                    received += len(message.token_ids)
+                    if ending == "cancel" and received >= 25:
+                        call.cancel()
+                        break
+            event = await _usage_event(service, request_id)
+            charged = await _wait_month_used(budgets, key, event.usage.total_tokens)
+        assert event.usage.prompt_tokens == 1
+        if ending == "cancel":
+            assert 25 <= received <= event.usage.completion_tokens < 40
+        else:
+            assert received == event.usage.completion_tokens == 40
+        assert charged == event.usage.total_tokens
+    finally:
+        await budgets.redis.aclose()
+        child.terminate()
+        child.wait(10)
