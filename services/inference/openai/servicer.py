@@ -287,7 +287,15 @@ class OpenAIServicer(openai_service_pb2_grpc.OpenAIServiceServicer):
     ) -> AsyncIterator[HttpBody]:
         created = int(time.time())
         requests = call.complete_requests()
-        tasks = [asyncio.ensure_future(self.v2.Complete(r, cast(Context, ctx))) for r in requests]
+        pipeline, context = self.v2.pipeline, cast(Context, ctx)
+        # Every prompt passes validation, the context length and input policy before
+        # any runs: a refused one fails the request before its siblings are computed
+        # (and billed for an answer the client never gets).
+        admitted = [await pipeline.admit(context, r, "Complete") for r in requests]
+        tasks = [
+            asyncio.ensure_future(pipeline.complete_admitted(context, r, g))
+            for r, g in zip(requests, admitted, strict=True)
+        ]
         try:
             responses = await asyncio.gather(*tasks)
         except BaseException:

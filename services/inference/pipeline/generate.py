@@ -378,6 +378,12 @@ class GenerationPipeline:
     async def complete(self, context: Context, request: pb.CompleteRequest) -> pb.CompleteResponse:
         """Returns the Complete response of `request`."""
         generation = await self.admit(context, request, "Complete")
+        return await self.complete_admitted(context, request, generation)
+
+    async def complete_admitted(
+        self, context: Context, request: pb.CompleteRequest, generation: Generation
+    ) -> pb.CompleteResponse:
+        """Returns the Complete response of `request`, admitted as `generation` (`admit`)."""
         stage = self.cache
         if stage is None:
             return await self._complete_computed(context, generation)

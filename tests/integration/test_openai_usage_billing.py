@@ -1,0 +1,145 @@
+"""A legacy completion's several prompts on a real worker: billed once each, as answered.
+
+`prompt` may be a list: each prompt is a v2 request of its own (its n choices
+share its prompt). The response's usage is every prompt's tokens once plus every
+choice's completion, and the usage events and the key's budget hold exactly that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+import redis.asyncio as aioredis
+from google.api.httpbody_pb2 import HttpBody
+
+from services.core import contract
+from services.inference.budget import TokenBudgets
+from tests.integration.conftest import inference_settings, start_inference
+from tokenmesh.inference.v1 import inference_pb2
+from tokenmesh.openai.v1 import openai_service_pb2_grpc as rpc
+
+MODEL = "deterministic-test"
+PROMPTS = ["a", "b c d e f g", "h i j"]
+MAX_TOKENS = 5
+N = 2
+
+
+def _body(**fields: Any) -> HttpBody:
+    return HttpBody(content_type="application/json", data=json.dumps(fields).encode())
+
+
+def _identity(key: str) -> list[tuple[str, str]]:
+    return [(contract.KEY_ID_HEADER, key), (contract.MONTHLY_TOKENS_HEADER, "100000")]
+
+
+async def _usage(stub: Any, body: dict[str, Any], key: str) -> dict[str, Any]:
+    """Returns the usage a legacy completion answers (its last event's, streamed)."""
+    call = stub.CreateCompletion(_body(**body), metadata=_identity(key))
+    data = b"".join([m.data async for m in call])
+    if not body.get("stream"):
+        return dict(json.loads(data)["usage"])
+    events = data.decode().split("\n\n")[:-1]
+    assert events[-1] == "data: [DONE]"
+    return dict(json.loads(events[-2].removeprefix("data: "))["usage"])
+
+
+async def _key_events(
+    client: aioredis.Redis, stream: str, key: str, count: int, until: str = ""
+) -> list[Any]:
+    """Waits for `count` usage events of `key` (and one of key `until`, recorded after
+    them: the worker ships its events in order); returns the key's events."""
+    deadline = time.monotonic() + 10
+    while True:
+        entries: Any = await client.xrange(stream)
+        events = [inference_pb2.UsageEvent.FromString(f[b"event"]) for _, f in entries]
+        mine = [e for e in events if e.key_id == key]
+        shipped = not until or any(e.key_id == until for e in events)
+        if (len(mine) >= count and shipped) or time.monotonic() > deadline:
+            return mine
+        await asyncio.sleep(0.02)
+
+
+async def _month_used(budgets: TokenBudgets, key: str, expected: int) -> int:
+    """Waits for the key's month to hold `expected` (reconciled in the background)."""
+    _, _, month = budgets._keys(key, time.time())  # noqa: SLF001 - the month's counter
+    deadline = time.monotonic() + 5
+    while (used := int(await budgets.redis.get(month) or 0)) != expected:
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    return used
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_each_prompt_is_billed_its_own_tokens_once(
+    tmp_path: Path, redis_url: str, stream: bool
+) -> None:
+    settings = inference_settings(tmp_path, redis_url)
+    client = aioredis.from_url(redis_url)
+    budgets = TokenBudgets(client)
+    try:
+        async with await start_inference(settings) as (_, channel):
+            stub = rpc.OpenAIServiceStub(channel)
+            own = [
+                (await _usage(stub, {"model": MODEL, "prompt": p, "max_tokens": 1}, "alone"))
+                for p in PROMPTS
+            ]
+            key = f"key_{uuid.uuid4().hex[:8]}"
+            body: dict[str, Any] = {
+                "model": MODEL,
+                "prompt": PROMPTS,
+                "max_tokens": MAX_TOKENS,
+                "n": N,
+            }
+            if stream:
+                body |= {"stream": True, "stream_options": {"include_usage": True}}
+            usage = await _usage(stub, body, key)
+            events = await _key_events(client, settings.usage_stream, key, len(PROMPTS))
+            month = await _month_used(budgets, key, usage["total_tokens"])
+    finally:
+        await client.aclose()
+    prompt_tokens = [u["prompt_tokens"] for u in own]
+    assert len(set(prompt_tokens)) == len(PROMPTS)  # each prompt's own length shows
+    # Each prompt once (not once per choice, not the batch's for each prompt).
+    assert usage["prompt_tokens"] == sum(prompt_tokens)
+    assert usage["completion_tokens"] == len(PROMPTS) * N * MAX_TOKENS
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    # One event per prompt, billing its own tokens: together what the response says.
+    assert len(events) == len(PROMPTS)
+    assert sorted(e.usage.prompt_tokens for e in events) == sorted(prompt_tokens)
+    assert all(e.usage.completion_tokens == N * MAX_TOKENS for e in events)
+    assert sum(e.usage.total_tokens for e in events) == usage["total_tokens"]
+    assert month == usage["total_tokens"]
+
+
+async def test_a_refused_multi_prompt_completion_bills_nothing(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A prompt too long for the context refuses the request (400, no usage): its
+    siblings, admitted and scheduled before, were cancelled and billed their prompts."""
+    settings = inference_settings(tmp_path, redis_url)
+    client = aioredis.from_url(redis_url)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    body = {"model": MODEL, "prompt": ["a b c", "d e", "x " * 40000], "max_tokens": 100, "n": 2}
+    try:
+        async with await start_inference(settings) as (_, channel):
+            stub = rpc.OpenAIServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.CreateCompletion(_body(**body), metadata=_identity(key)).read()
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # A request that follows it: once its event is shipped, any of the
+            # refused request's are too.
+            after = f"key_{uuid.uuid4().hex[:8]}"
+            await _usage(stub, {"model": MODEL, "prompt": "z", "max_tokens": 1}, after)
+            events = await _key_events(client, settings.usage_stream, key, 0, until=after)
+    finally:
+        await client.aclose()
+    assert [(e.usage.total_tokens, e.finish_reason) for e in events] == []
