@@ -42,6 +42,12 @@ CLAIM_HEADERS = {
     "monthly": contract.MONTHLY_TOKENS_HEADER,
     "pins": contract.PINS_HEADER,
 }
+# The longest lifetime the auth service may give a JWT: the upper bound of
+# TOKENMESH_AUTH_TOKEN_TTL_SECONDS (services/auth/service.py; a key's expiry only
+# shortens it). The edge cannot know the configured TTL, only this bound.
+LONGEST_TOKEN_TTL_S = 86400
+# How far the edge's clock may differ from the auth service's for exp and nbf.
+JWT_CLOCK_SKEW_S = 10
 PUBLIC = "public"  # no credentials needed
 AUTHENTICATED = "authenticated"  # any valid credential
 # Every public RPC and the scope it needs ("admin" holds every scope).
@@ -206,7 +212,14 @@ def jwt_filter(auth: EdgeAuth, listen_port: int) -> dict[str, Any]:
         "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
         "forward": True,  # upstreams that authorize for themselves (auth admin RPCs) see the token
         "payload_in_metadata": "jwt_payload",
-        "clock_skew_seconds": 10,
+        "clock_skew_seconds": JWT_CLOCK_SKEW_S,
+        # A token without `exp` (the auth service always sets one) would be valid
+        # forever: refused. A longer remaining lifetime than the auth service can
+        # issue is refused too; the skew allowance makes this refuse only tokens
+        # whose `nbf` check would already refuse them when new (issuing clock
+        # more than the skew ahead).
+        "require_expiration": True,
+        "max_lifetime": f"{LONGEST_TOKEN_TTL_S + JWT_CLOCK_SKEW_S}s",
         # Verified tokens are cached: a client reusing its JWT costs one
         # signature check, not one per request.
         "jwt_cache_config": {"jwt_cache_size": 10000},

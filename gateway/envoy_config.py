@@ -753,6 +753,15 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
         # The edge faces clients: the peer address is the client's, and a
         # client-sent x-forwarded-for is not trusted.
         "use_remote_address": True,
+        # NOTE: no `internal_address_config`, on purpose. Unset, Envoy (>= 1.36)
+        # takes no address as internal, so it strips x-envoy-* control headers
+        # (x-envoy-upstream-rq-timeout-ms, -retry-on, -max-retries, -internal,
+        # -original-path...) from every client, 127.0.0.1 included. Set with no
+        # cidr_ranges (`{}`, `cidr_ranges: []`) it falls back to RFC1918 and
+        # loopback as internal: a client behind a private address (a load
+        # balancer's) could set them. Nothing of ours needs to be internal (the
+        # JWKS and /healthz self-calls read no x-envoy-* header).
+        # tests/e2e/test_edge_envoy_headers.py holds it.
         "access_log": access_log(config.access_log_path),
         "local_reply_config": local_reply_config(),
         "http_filters": [

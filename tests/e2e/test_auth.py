@@ -18,6 +18,7 @@ import pytest
 import redis
 from cryptography.hazmat.primitives import serialization
 
+from gateway import edge_auth
 from services.auth.crypto import ServerSecret
 from services.auth.signing import JWKS_REFETCH_MARGIN_S, KEYS, SigningKeyRing
 from tests.e2e.conftest import authed_channel
@@ -215,6 +216,26 @@ def test_bad_jwts_are_rejected(mesh, key):
     for name, token in bad.items():
         reply = complete(mesh, {"authorization": f"Bearer {token}"})
         assert reply.status_code == 401, f"{name}: {reply.status_code} {reply.text}"
+
+
+def test_a_jwt_without_exp_or_outliving_any_issued_token_is_rejected(mesh, key):
+    kid, private = _signer(mesh)
+
+    def status(claims: dict[str, Any]) -> int:
+        token = jwt.encode(claims, private, algorithm="ES256", headers={"kid": kid})
+        return complete(mesh, {"authorization": f"Bearer {token}"}).status_code
+
+    no_exp = _claims(key)
+    del no_exp["exp"]
+    # Signed by the real current key, every other claim valid: it would never expire.
+    assert status(no_exp) == 401
+    now = int(time.time())
+    longest = edge_auth.LONGEST_TOKEN_TTL_S
+    # The longest lifetime the auth service may issue is accepted...
+    assert status(_claims(key, exp=now + longest)) == 200
+    # ...a longer one (beyond the clock-skew allowance) is not.
+    too_long = now + longest + edge_auth.JWT_CLOCK_SKEW_S + 60
+    assert status(_claims(key, exp=too_long)) == 401
 
 
 def _hs256(claims: dict[str, Any], key: bytes, kid: str) -> str:
