@@ -33,9 +33,12 @@ from services.inference.openai import params, shapes
 from services.inference.v2 import validation as v2_validation
 from services.jobs.store import (
     CANCELLED,
+    CANCELLING,
     EXPIRED,
     FAILED,
     FINAL,
+    KEY_EXPIRED,
+    KEY_REVOKED,
     PREFIX,
     SUCCEEDED,
     JobRecord,
@@ -62,15 +65,25 @@ MAX_LINE_ERRORS = 10
 BATCH_STATUS = {
     "QUEUED": "in_progress",
     "RUNNING": "in_progress",
+    CANCELLING: "cancelling",  # requests in flight are being stopped
     SUCCEEDED: "completed",
     FAILED: "completed",  # every request failed: OpenAI still completes the batch
     CANCELLED: "cancelled",
     EXPIRED: "expired",
 }
-# What a request the batch never ran says in the error file.
+# What a request the batch never ran says in the error file, by its job's
+# (status, stop_reason).
 NEVER_RAN = {
-    CANCELLED: ("batch_cancelled", "This request was not run: the batch was cancelled."),
-    EXPIRED: (
+    (CANCELLED, ""): ("batch_cancelled", "This request was not run: the batch was cancelled."),
+    (CANCELLED, KEY_REVOKED): (
+        "key_revoked",
+        "This request was not run: the API key that created the batch was revoked.",
+    ),
+    (CANCELLED, KEY_EXPIRED): (
+        "key_expired",
+        "This request was not run: the API key that created the batch expired.",
+    ),
+    (EXPIRED, ""): (
         "batch_expired",
         "This request could not be executed before the completion window expired.",
     ),
@@ -405,6 +418,7 @@ def batch_object(batch: BatchRecord, job: JobRecord) -> dict[str, Any]:
     """Returns OpenAI's batch object of a batch as far as its job is."""
     status = job.status
     ended = job.number("ended_ms")
+    stopping = job.number("stopping_ms") or ended  # a cancel from before it was kept
     output_id, errors_id = result_file_ids(batch.batch_id)
     succeeded, failed = job.number("succeeded"), job.number("failed")
     unrun = job.number("total") - succeeded - failed
@@ -426,7 +440,7 @@ def batch_object(batch: BatchRecord, job: JobRecord) -> dict[str, Any]:
         "completed_at": _at(status in (SUCCEEDED, FAILED), ended),
         "failed_at": None,
         "expired_at": _at(status == EXPIRED, ended),
-        "cancelling_at": _at(status == CANCELLED, ended),
+        "cancelling_at": _at(status in (CANCELLING, CANCELLED), stopping),
         "cancelled_at": _at(status == CANCELLED, ended),
         "request_counts": {"total": len(batch.lines), "completed": succeeded, "failed": failed},
         "metadata": batch.metadata or None,
@@ -487,7 +501,19 @@ def output_line(batch: BatchRecord, result: jobs_pb2.JobResult, created: int) ->
     return _line(batch, index, _error_response(rid, 200, body), None), False
 
 
-def unrun_line(batch: BatchRecord, index: int, job_status: str) -> bytes:
-    """Returns the error-file line of a request a cancelled or expired batch never ran."""
-    code, message = NEVER_RAN[job_status]
-    return _line(batch, index, None, {"code": code, "message": message})
+def unrun_error(job: JobRecord) -> dict[str, str] | None:
+    """Returns the error of the requests a batch will never run (None while they may
+    still run, or when it ended having run every one)."""
+    reason = job.get("stop_reason") if job.status == CANCELLED else ""
+    # A reason this replica does not know (a newer one's) reads as a plain cancel.
+    found = NEVER_RAN.get((job.status, reason)) or NEVER_RAN.get((job.status, ""))
+    if found is None:
+        return None
+    code, message = found
+    return {"code": code, "message": message}
+
+
+def unrun_line(batch: BatchRecord, index: int, error: Mapping[str, str]) -> bytes:
+    """Returns the error-file line of a request a cancelled or expired batch never ran
+    (`error`: `unrun_error` of its job)."""
+    return _line(batch, index, None, dict(error))

@@ -34,11 +34,11 @@ from services.jobs import validation
 from services.jobs.chunking import RESULTS_PER_READ, byte_chunks
 from services.jobs.openai_files import FileStore, file_object, parse_upload
 from services.jobs.store import (
-    CANCELLED,
     JobRecord,
     JobStore,
     NewJob,
     Owner,
+    StopOutcome,
     now_ms,
     request_id,
 )
@@ -220,14 +220,15 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
     ) -> AsyncIterator[bytes]:
         """Yields a result file's lines, one at a time, in request order."""
         created = job.number("ended_ms") // 1000
+        unrun = batches.unrun_error(job) if errors else None
         total = len(batch.lines)
         for start in range(0, total, RESULTS_PER_READ):
             indexes = list(range(start, min(start + RESULTS_PER_READ, total)))
             stored = await self.jobs.results(batch.job_id, indexes)
             for index, raw in zip(indexes, stored, strict=True):
                 if raw is None:
-                    if errors and job.status in batches.NEVER_RAN:
-                        yield batches.unrun_line(batch, index, job.status)
+                    if unrun is not None:
+                        yield batches.unrun_line(batch, index, unrun)
                     continue
                 result = jobs_pb2.JobResult.FromString(raw)
                 result.request_id = request_id(batch.job_id, index)
@@ -289,7 +290,9 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
         async def work() -> HttpBody:
             owner = _caller(context)
             view = await self._object(owner, request.batch_id)
-            if not await self.jobs.end(batches.job_id_of(request.batch_id), CANCELLED):
+            # "cancelling" while requests in flight are stopped, then "cancelled".
+            stopped = await self.jobs.stop(batches.job_id_of(request.batch_id))
+            if stopped == StopOutcome.ENDED_BEFORE:
                 raise FailedPrecondition(
                     f"Cannot cancel a batch with status {view['status']!r}",
                     reason="BATCH_ENDED",

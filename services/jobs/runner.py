@@ -12,9 +12,19 @@ pending are taken over with XAUTOCLAIM once idle `claim_idle_s`; on start a
 replica first resumes its own (its consumer name is stable: the host name).
 Acknowledged entries are trimmed from the streams.
 
-A job that ends while its items run (cancelled, expired) has them stopped:
-`watch_ended` sees its status and cancels their calls; their entries are
-acknowledged without a result.
+A job that stops or ends while its items run (cancelled, its key revoked,
+expired) has them stopped: `watch_ended` sees its status and cancels their
+calls; they are let go without a result (`JobStore.let_go`: a stopping job
+ends CANCELLED with its last one). An item starts only through
+`JobStore.start_item`, which refuses one of a job that is stopping or ended.
+
+A revoked key must not keep spending: before an item starts, and every
+watch round for the jobs whose items run here, the runner asks `KeyStatus`
+whether each owner's key is still active (its verdicts are at most 2 s old);
+a revoked or expired key's jobs are stopped (reason KEY_REVOKED or
+KEY_EXPIRED), and their calls cut at once, within the 5 s revocation bound.
+The workers cannot tell: they take the identity the edge vouched for when
+the job was created.
 """
 
 from __future__ import annotations
@@ -32,7 +42,8 @@ from redis.exceptions import ResponseError
 from services.core.redis_service import text
 from services.jobs import store as jobstore
 from services.jobs.execution import DeadlinePassed, ItemExecutor
-from services.jobs.store import FINAL, JobStore
+from services.jobs.key_status import KeyStatus
+from services.jobs.store import RUNNABLE, JobState, JobStore
 
 logger = logging.getLogger(__name__)
 # The most items a replica holds per slot, waiting ones included (a bound on memory).
@@ -70,6 +81,8 @@ class Runner:
         concurrency: items in flight on this replica, all lanes together.
         lane_concurrency: items in flight per lane on this replica.
         claim_idle_s: pending entries idle this long are taken over.
+        key_status: tells whether a job's owner key may still spend (default: one
+            reading the key records in the store's Redis).
     """
 
     def __init__(
@@ -80,8 +93,10 @@ class Runner:
         concurrency: int,
         lane_concurrency: int,
         claim_idle_s: float,
+        key_status: KeyStatus | None = None,
     ) -> None:
         self.store = store
+        self.key_status = key_status or KeyStatus(store.redis)
         self.redis = store.redis
         self.executor = executor
         self.consumer = consumer
@@ -301,17 +316,33 @@ class Runner:
         return lost
 
     async def watch_ended(self) -> None:
-        """Stops the running items of jobs that were cancelled or expired."""
+        """Stops the running items of jobs that are stopping or ended (cancelled, their
+        key revoked, expired, gone); stops the jobs whose key was revoked first."""
         job_ids = sorted(set(self._jobs.values()))
         if not job_ids:
             return
-        statuses = await self.store.statuses(job_ids)
+        states = await self.store.owners(job_ids)
+        ended = {job_id for job_id, state in states.items() if state.status not in RUNNABLE}
+        running = {job_id: state for job_id, state in states.items() if job_id not in ended}
+        ended |= await self._stop_revoked(running)
         for key, job_id in list(self._jobs.items()):
-            if statuses.get(job_id, "") in FINAL or not statuses.get(job_id):
+            if job_id in ended:
                 task = self._tasks.get(key)
                 if task is not None and key not in self._ending:
                     self._ending.add(key)
                     task.cancel()
+
+    async def _stop_revoked(self, states: dict[str, JobState]) -> set[str]:
+        """Stops the jobs whose owner key was revoked (or expired); returns them."""
+        reasons = await self.key_status.stop_reasons({state.owner for state in states.values()})
+        stopped = set()
+        for job_id, state in states.items():
+            reason = reasons.get(state.owner, "")
+            if reason:
+                await self.store.stop(job_id, reason)
+                logger.info("stopped job %s: its key %s (%s)", job_id, state.owner, reason)
+                stopped.add(job_id)
+        return stopped
 
     async def trim(self) -> None:
         """Deletes acknowledged entries (those before the oldest pending or undelivered
@@ -361,37 +392,46 @@ class Runner:
     async def _run_entry(self, stream: str, entry_id: str, job_id: str, index: int) -> None:
         key = (stream, entry_id)
         try:
+            if not job_id or index < 0:
+                await self.store.ack(stream, entry_id)  # not an item's entry
+                return
             await self._run_item(stream, entry_id, job_id, index)
         except asyncio.CancelledError:
             if key not in self._ending:
                 raise  # shutting down: the entry stays pending for the next run
-            await self.store.ack(stream, entry_id)  # its job ended: the item never runs
+            # Its job is stopping or ended: the item goes without a result (a cut
+            # call is metered as no request), and a stopping job may end now.
+            await self.store.let_go(job_id, index, self.consumer, stream, entry_id)
 
     async def _run_item(self, stream: str, entry_id: str, job_id: str, index: int) -> None:
-        record = await self.store.get(job_id) if job_id and index >= 0 else None
-        if record is None or record.status in FINAL or await self.store.has_result(job_id, index):
+        record = await self.store.get(job_id)
+        if record is None:
             await self.store.ack(stream, entry_id)
             return
-        item = await self.store.item(job_id, index)
+        owner = record.owner
+        reason = await self.key_status.stop_reason(owner.key_id)
+        if reason:
+            await self.store.stop(job_id, reason)  # start_item refuses the item now
+        item = await self.store.start_item(job_id, index, self.consumer, stream, entry_id)
         if item is None:
-            await self.store.ack(stream, entry_id)
-            return
+            return  # not to run (the job ended or is stopping, or it has a result)
         deadline_s = record.number("deadline_ms") / 1000
-        await self.store.mark_running(job_id)
         try:
             outcome = await self.executor.run(
                 item,
                 index,
                 jobstore.request_id(job_id, index),
-                record.owner.identity,
+                owner.identity,
                 deadline_s,
                 slot=self._slots,  # held per call: a waiting item holds none
             )
         except DeadlinePassed:
             await self.store.end(job_id, jobstore.EXPIRED, due_before_ms=jobstore.now_ms())
-            await self.store.ack(stream, entry_id)
+            await self.store.let_go(job_id, index, self.consumer, stream, entry_id)
             return
-        await self.store.finish_item(job_id, index, outcome.result, outcome.usage, stream, entry_id)
+        await self.store.finish_item(
+            job_id, index, outcome.result, outcome.usage, stream, entry_id, self.consumer
+        )
         self.finished_total += 1
 
 

@@ -27,14 +27,13 @@ from services.core.interceptors import Context, request_headers
 from services.jobs import signing, ssrf, validation, views
 from services.jobs.chunking import RESULTS_PER_READ, byte_chunks
 from services.jobs.store import (
-    CANCELLED,
-    EXPIRED,
     FINAL,
     STATUSES,
     JobRecord,
     JobStore,
     NewJob,
     Owner,
+    StopOutcome,
     now_ms,
     request_id,
 )
@@ -43,11 +42,6 @@ from tokenmesh.jobs.v1 import jobs_service_pb2 as pb
 
 WATCH_POLL_S = 0.5
 WATCH_KEEPALIVE_S = 15.0  # an unchanged job is sent again this often (idle timeouts)
-# What a result says for an item a cancelled or expired job never ran.
-NEVER_RAN = {
-    CANCELLED: ("CANCELLED", 1, "the job was cancelled before this item finished"),
-    EXPIRED: ("DEADLINE_EXCEEDED", 4, "the job's completion window ended before this item ran"),
-}
 
 
 class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
@@ -172,8 +166,11 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
         return pb.ListJobsResponse(jobs=jobs, next_page_token=f"{before}:{after}")
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> jobs_pb2.Job:
+        """Stops the job: CANCELLING while items in flight are cut (one that finishes
+        meanwhile keeps its result), then CANCELLED, its results final; at once when
+        none is in flight. Cancelling a job that is CANCELLING answers it as it is."""
         record = await self._owned(context, request.id)
-        if not await self.store.end(record.job_id, CANCELLED):
+        if await self.store.stop(record.job_id) == StopOutcome.ENDED_BEFORE:
             raise FailedPrecondition(
                 f"job {record.job_id} has ended already ({record.status})", reason="JOB_ENDED"
             )
@@ -182,17 +179,13 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
     async def _results(self, record: JobRecord, start: int, end: int) -> list[jobs_pb2.JobResult]:
         indexes = list(range(start, end))
         stored = await self.store.results(record.job_id, indexes)
-        never_ran = NEVER_RAN.get(record.status)
+        never_ran = views.never_ran(record)
         out = []
         for index, raw in zip(indexes, stored, strict=True):
             if raw is not None:
                 result = jobs_pb2.JobResult.FromString(raw)
             elif never_ran is not None:
-                code, number, message = never_ran
-                result = jobs_pb2.JobResult(
-                    index=index,
-                    error=jobs_pb2.JobError(code=code, message=message, grpc_code=number),
-                )
+                result = jobs_pb2.JobResult(index=index, error=never_ran)
             else:
                 continue  # still to run
             result.request_id = request_id(record.job_id, index)

@@ -5,6 +5,8 @@ Keys (prefix `tm:jobs:`)::
     job:<id>             hash: owner, status, counters, times, webhook state
     job:<id>:items       hash: index -> JobItem bytes (deleted when the job ends)
     job:<id>:results     hash: index -> JobResult bytes (HSETNX: one per item)
+    job:<id>:inflight    hash: index -> consumer, the items a runner started and has
+                         not finished or let go (deleted when the job ends)
     job:<id>:attempts    list: the latest WebhookAttempt bytes
     owner:<key id>       zset: the key's jobs by creation time (members older than a
                          job can live are dropped at the key's next job; the whole
@@ -22,16 +24,30 @@ An item's result is written, its counters added, the job finished when it
 was the last one, and its stream entry acknowledged in one script
 (`_FINISH_ITEM`), so a crash at any point leaves either nothing or all of it;
 a replayed item finds its result and is only acknowledged.
+
+A final status freezes the results: no script writes a result or a counter
+of a job that ended. So a job is stopped in two steps, as an OpenAI batch is
+cancelled: `stop` (a cancel, or its key revoked) makes it CANCELLING, no item
+of it starts any more, and the runners cut the calls in flight; an item
+that finishes meanwhile still keeps its result (the worker metered it). When
+the last item in flight is finished or let go, the same script makes the job
+CANCELLED, with every result it will ever have. (A cancel used to end the job
+at once, and items in flight wrote their results after it: a later read of
+a CANCELLED job's results, counts or output file differed from the first.)
+A job with nothing in flight goes straight to CANCELLED. One whose runner
+died with an item in flight ends when another replica takes the entry over
+(`claim_idle_s`), or at the latest `STOP_GRACE_S` after the stop (the sweep).
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError, WatchError
@@ -49,16 +65,24 @@ HOOKS_KEY = PREFIX + "hooks"
 IDEMPOTENCY_TTL_S = 24 * 3600
 MAX_ATTEMPTS_KEPT = 20
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED = (
+QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED, EXPIRED = (
     "QUEUED",
     "RUNNING",
+    "CANCELLING",
     "SUCCEEDED",
     "FAILED",
     "CANCELLED",
     "EXPIRED",
 )
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED)
+STATUSES = (QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED, EXPIRED)
 FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, EXPIRED})
+# Statuses in which a job's items may start.
+RUNNABLE = frozenset({QUEUED, RUNNING})
+# Why a job was stopped (its `stop_reason`; "" is its owner's cancel).
+KEY_REVOKED, KEY_EXPIRED = "KEY_REVOKED", "KEY_EXPIRED"
+# The longest a stopped job stays CANCELLING when a runner died with one of its
+# items in flight and no replica took the entry over (OpenAI: up to 10 minutes).
+STOP_GRACE_S = 600
 # Webhook states (Job.webhook.state).
 HOOK_WAITING, HOOK_PENDING, HOOK_RETRYING, HOOK_DELIVERED, HOOK_DEAD = (
     "WAITING",
@@ -82,6 +106,11 @@ def items_key(job_id: str) -> str:
 def results_key(job_id: str) -> str:
     """Returns the hash of a job's results."""
     return f"{PREFIX}job:{job_id}:results"
+
+
+def inflight_key(job_id: str) -> str:
+    """Returns the hash of a job's items in flight (index -> consumer)."""
+    return f"{PREFIX}job:{job_id}:inflight"
 
 
 def attempts_key(job_id: str) -> str:
@@ -130,8 +159,11 @@ def now_ms() -> int:
 
 
 # What ends a job: its status, end time, no deadline any more, its webhook due
-# (when it has one), its items gone and everything kept for `retention`.
-# Used by the scripts below as a Lua function: finish(final status, now).
+# (when it has one), its items and items in flight gone and everything kept for
+# `retention`. The scripts below take the job's keys (`JobStore._job_keys`):
+# KEYS 1 job, 2 items, 3 results, 4 active, 5 hooks, 6 attempts, 7 inflight,
+# and the job id as ARGV[1]. Lua functions: finish(final status, now, retention),
+# running(status), let_go(index, consumer), finish_if_idle(now, retention).
 _FINISH_FN = """
 local function finish(status, now, retention)
   redis.call('HSET', KEYS[1], 'status', status, 'ended_ms', now)
@@ -140,68 +172,144 @@ local function finish(status, now, retention)
     redis.call('HSET', KEYS[1], 'webhook_state', 'PENDING', 'webhook_next_ms', now)
     redis.call('ZADD', KEYS[5], now, ARGV[1])
   end
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], KEYS[7])
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], retention) end
   redis.call('EXPIRE', KEYS[6], retention)
 end
 local function running(status) return status == 'QUEUED' or status == 'RUNNING' end
+-- An item is no longer in flight for `consumer` (another replica that took its
+-- entry over since then owns the mark).
+local function let_go(index, consumer)
+  if redis.call('HGET', KEYS[7], index) == consumer then redis.call('HDEL', KEYS[7], index) end
+end
+-- A stopped job ends once none of its items is in flight: its results are final.
+local function finish_if_idle(now, retention)
+  if redis.call('HGET', KEYS[1], 'status') == 'CANCELLING'
+     and redis.call('HLEN', KEYS[7]) == 0 then
+    finish('CANCELLED', now, retention)
+  end
+end
 """
 
-# KEYS: job, items, results, active, hooks, attempts, stream
+# KEYS: the job's keys, then the lane's stream (8).
+# ARGV: job id, index, consumer, now ms, retention s, group, entry id.
+# Starts an item: returns its JobItem bytes and marks it in flight for `consumer`
+# (QUEUED -> RUNNING), or returns false and acknowledges its entry when it must not
+# run (the job ended or is stopping, or the item has its result). A stopping job's
+# mark is dropped whoever set it: this consumer owns the entry now (it read it, or
+# took it over from a replica that stopped), so nobody else runs the item.
+_START_ITEM = (
+    _FINISH_FN
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if running(status) and redis.call('HEXISTS', KEYS[3], ARGV[2]) == 0 then
+  local item = redis.call('HGET', KEYS[2], ARGV[2])
+  if item then
+    redis.call('HSET', KEYS[7], ARGV[2], ARGV[3])
+    if status == 'QUEUED' then
+      redis.call('HSET', KEYS[1], 'status', 'RUNNING', 'started_ms', ARGV[4])
+    end
+    return item
+  end
+end
+if status == 'CANCELLING' then
+  redis.call('HDEL', KEYS[7], ARGV[2])
+  finish_if_idle(ARGV[4], tonumber(ARGV[5]))
+end
+redis.call('XACK', KEYS[8], ARGV[6], ARGV[7])
+return false
+"""
+)
+
+# KEYS: the job's keys, then the lane's stream (8).
 # ARGV: job id, index, result bytes, succeeded (1/0), prompt, completion,
-#       cached, now ms, retention s, group, entry id
-# Returns 1 when this call wrote the result, 0 when it was there already.
+#       cached, now ms, retention s, group, entry id, consumer
+# Returns 1 when this call wrote the result, 0 when it did not: the item had one,
+# or the job had ended (its results are final) or is gone.
 _FINISH_ITEM = (
     _FINISH_FN
     + """
 local wrote = 0
-if redis.call('EXISTS', KEYS[1]) == 1
-   and redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[3]) == 1 then
-  wrote = 1
-  local counter = ARGV[4] == '1' and 'succeeded' or 'failed'
-  redis.call('HINCRBY', KEYS[1], counter, 1)
-  redis.call('HINCRBY', KEYS[1], 'prompt_tokens', tonumber(ARGV[5]))
-  redis.call('HINCRBY', KEYS[1], 'completion_tokens', tonumber(ARGV[6]))
-  redis.call('HINCRBY', KEYS[1], 'cached_tokens', tonumber(ARGV[7]))
-  local status = redis.call('HGET', KEYS[1], 'status')
+local status = redis.call('HGET', KEYS[1], 'status')
+if running(status) or status == 'CANCELLING' then
+  if redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[3]) == 1 then
+    wrote = 1
+    local counter = ARGV[4] == '1' and 'succeeded' or 'failed'
+    redis.call('HINCRBY', KEYS[1], counter, 1)
+    redis.call('HINCRBY', KEYS[1], 'prompt_tokens', tonumber(ARGV[5]))
+    redis.call('HINCRBY', KEYS[1], 'completion_tokens', tonumber(ARGV[6]))
+    redis.call('HINCRBY', KEYS[1], 'cached_tokens', tonumber(ARGV[7]))
+  end
+  let_go(ARGV[2], ARGV[12])
   local h = redis.call('HMGET', KEYS[1], 'succeeded', 'failed', 'total')
   local done = tonumber(h[1] or 0) + tonumber(h[2] or 0)
   if running(status) and done >= tonumber(h[3]) then
     finish(tonumber(h[1] or 0) > 0 and 'SUCCEEDED' or 'FAILED', ARGV[8], tonumber(ARGV[9]))
-  elseif not running(status) then
-    -- The job ended (cancelled, expired) before this result: the results, made
-    -- now if it had none, expire with the job (they were kept for good).
-    local ttl = redis.call('PTTL', KEYS[1])
-    if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
+  else
+    finish_if_idle(ARGV[8], tonumber(ARGV[9]))
   end
 end
-redis.call('XACK', KEYS[7], ARGV[10], ARGV[11])
+redis.call('XACK', KEYS[8], ARGV[10], ARGV[11])
 return wrote
 """
 )
 
-# KEYS: job, items, results, active, hooks, attempts
-# ARGV: job id, final status, now ms, retention s, only before (ms; 0 = any time)
-# Returns 1 when the job ended now, 0 when it had ended already (or was not due).
-_END_JOB = (
+# KEYS: the job's keys, then the lane's stream (8).
+# ARGV: job id, index, consumer, now ms, retention s, group, entry id.
+# Lets an item go without a result (its call was cut: the job is stopping or
+# ended), acknowledges its entry, and ends a stopping job left with none in flight.
+_LET_GO_ITEM = (
     _FINISH_FN
     + """
-local h = redis.call('HMGET', KEYS[1], 'status', 'deadline_ms')
-if not h[1] then redis.call('ZREM', KEYS[4], ARGV[1]) return 0 end
-if not running(h[1]) then return 0 end
-if tonumber(ARGV[5]) > 0 and tonumber(h[2]) > tonumber(ARGV[5]) then return 0 end
-finish(ARGV[2], ARGV[3], tonumber(ARGV[4]))
+let_go(ARGV[2], ARGV[3])
+finish_if_idle(ARGV[4], tonumber(ARGV[5]))
+redis.call('XACK', KEYS[8], ARGV[6], ARGV[7])
 return 1
 """
 )
 
-# KEYS: job. ARGV: now ms. QUEUED -> RUNNING (once).
-_MARK_RUNNING = """
-if redis.call('HGET', KEYS[1], 'status') == 'QUEUED' then
-  redis.call('HSET', KEYS[1], 'status', 'RUNNING', 'started_ms', ARGV[1])
+# KEYS: the job's keys. ARGV: job id, reason, now ms, retention s, stop by (ms).
+# Stops a running job: CANCELLING (no item starts any more; the runners cut the
+# calls in flight), or CANCELLED at once when none is in flight. Returns 1 when
+# it stopped now, 2 when it was stopping already, 0 when it had ended (or is gone).
+_STOP_JOB = (
+    _FINISH_FN
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'CANCELLING' then return 2 end
+if not running(status) then
+  if not status then redis.call('ZREM', KEYS[4], ARGV[1]) end
+  return 0
 end
+redis.call('HSET', KEYS[1], 'status', 'CANCELLING', 'stop_reason', ARGV[2],
+           'stopping_ms', ARGV[3], 'stop_by_ms', ARGV[5])
+-- The sweep ends it by then even if a runner died with an item in flight.
+redis.call('ZADD', KEYS[4], tonumber(ARGV[5]), ARGV[1])
+finish_if_idle(ARGV[3], tonumber(ARGV[4]))
 return 1
 """
+)
+
+# KEYS: the job's keys. ARGV: job id, final status, now ms, retention s, only
+# before (ms; 0 = any time).
+# Returns 1 when the job ended now, 0 when it had ended already (or was not due).
+# A stopping job ends CANCELLED, due at its `stop_by_ms` (not its deadline).
+_END_JOB = (
+    _FINISH_FN
+    + """
+local h = redis.call('HMGET', KEYS[1], 'status', 'deadline_ms', 'stop_by_ms')
+if not h[1] then redis.call('ZREM', KEYS[4], ARGV[1]) return 0 end
+local final, due = ARGV[2], h[2]
+if h[1] == 'CANCELLING' then
+  final, due = 'CANCELLED', h[3]
+elseif not running(h[1]) then
+  return 0
+end
+if tonumber(ARGV[5]) > 0 and tonumber(due) > tonumber(ARGV[5]) then return 0 end
+finish(final, ARGV[3], tonumber(ARGV[4]))
+return 1
+"""
+)
 
 # KEYS: hooks. ARGV: now ms, lease ms, max count.
 # Returns the due jobs and moves each one lease ms ahead (another replica does
@@ -309,6 +417,21 @@ return 1
 """
 
 
+class StopOutcome(enum.IntEnum):
+    """What `JobStore.stop` did (the stop script's answer)."""
+
+    ENDED_BEFORE = 0  # the job had ended (or is gone): nothing to stop
+    STOPPED = 1
+    STOPPING_ALREADY = 2
+
+
+class JobState(NamedTuple):
+    """JobState is what the runner's watch reads of a job it runs items of."""
+
+    status: str
+    owner: str
+
+
 @dataclass(frozen=True)
 class Owner:
     """Owner is the key a job runs as: what the edge vouched for when it was created.
@@ -408,7 +531,9 @@ class JobStore:
         self.secret_box = secret_box
         self._finish_item = client.register_script(_FINISH_ITEM)
         self._end_job = client.register_script(_END_JOB)
-        self._mark_running = client.register_script(_MARK_RUNNING)
+        self._start_item = client.register_script(_START_ITEM)
+        self._let_go_item = client.register_script(_LET_GO_ITEM)
+        self._stop_job = client.register_script(_STOP_JOB)
         self._claim_hooks = client.register_script(_CLAIM_HOOKS)
         self._record_attempt = client.register_script(_RECORD_ATTEMPT)
         self._rotate_secret = client.register_script(_ROTATE_SECRET)
@@ -539,19 +664,21 @@ class JobStore:
             replies = await pipe.execute()
         return {j: text(r) if r is not None else "" for j, r in zip(job_ids, replies, strict=True)}
 
+    async def owners(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        """Returns the status and owner of each job (both "" for a job that is gone)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(job_key(job_id), ["status", "owner"])
+            replies = await pipe.execute()
+        return {
+            job_id: JobState(*(text(v) if v is not None else "" for v in reply))
+            for job_id, reply in zip(job_ids, replies, strict=True)
+        }
+
     async def attempts(self, job_id: str) -> list[jobs_pb2.WebhookAttempt]:
         """Returns a job's latest webhook attempts, oldest first."""
         raw: Any = await self.redis.lrange(attempts_key(job_id), 0, -1)
         return [jobs_pb2.WebhookAttempt.FromString(r) for r in raw]
-
-    async def item(self, job_id: str, index: int) -> jobs_pb2.JobItem | None:
-        """Returns one item of a running job (None once the job ended)."""
-        raw: Any = await self.redis.hget(items_key(job_id), str(index))
-        return jobs_pb2.JobItem.FromString(raw) if raw is not None else None
-
-    async def has_result(self, job_id: str, index: int) -> bool:
-        """Tells whether an item has its result."""
-        return bool(await self.redis.hexists(results_key(job_id), str(index)))
 
     async def results(self, job_id: str, indexes: Sequence[int]) -> list[bytes | None]:
         """Returns the stored results of `indexes` (None where an item has none)."""
@@ -579,9 +706,17 @@ class JobStore:
 
     # -- running ----------------------------------------------------------
 
-    async def mark_running(self, job_id: str) -> None:
-        """Moves a QUEUED job to RUNNING (its first item starts)."""
-        await self._mark_running(keys=[job_key(job_id)], args=[now_ms()])
+    async def start_item(
+        self, job_id: str, index: int, consumer: str, stream: str, entry_id: str
+    ) -> jobs_pb2.JobItem | None:
+        """Marks an item in flight for `consumer` and returns it (its job becomes
+        RUNNING), or acknowledges its entry and returns None when it must not run: its
+        job ended, is stopping or is gone, or the item has its result."""
+        raw = await self._start_item(
+            keys=[*self._job_keys(job_id), stream],
+            args=[job_id, index, consumer, now_ms(), self.retention_s, GROUP, entry_id],
+        )
+        return jobs_pb2.JobItem.FromString(raw) if raw else None
 
     async def finish_item(
         self,
@@ -591,9 +726,12 @@ class JobStore:
         usage: tuple[int, int, int],
         stream: str,
         entry_id: str,
+        consumer: str = "",
     ) -> bool:
-        """Stores an item's result, counts it, ends the job after its last item, and
-        acknowledges the item's stream entry, atomically; False when it had a result."""
+        """Stores an item's result, counts it, ends the job after its last item (a
+        stopping job after its last one in flight), and acknowledges the item's stream
+        entry, atomically; False when it wrote nothing: the item had a result, or the
+        job ended (its results are final) or is gone."""
         succeeded = "0" if result.HasField("error") else "1"
         wrote = await self._finish_item(
             keys=[*self._job_keys(job_id), stream],
@@ -607,19 +745,42 @@ class JobStore:
                 self.retention_s,
                 GROUP,
                 entry_id,
+                consumer,
             ],
         )
         return bool(wrote)
+
+    async def let_go(
+        self, job_id: str, index: int, consumer: str, stream: str, entry_id: str
+    ) -> None:
+        """Lets an item in flight go without a result (its job is stopping or ended) and
+        acknowledges its entry; a stopping job with nothing left in flight ends."""
+        await self._let_go_item(
+            keys=[*self._job_keys(job_id), stream],
+            args=[job_id, index, consumer, now_ms(), self.retention_s, GROUP, entry_id],
+        )
+
+    async def stop(self, job_id: str, reason: str = "") -> StopOutcome:
+        """Stops a running job (a cancel: `reason` ""; its key revoked: KEY_REVOKED):
+        no item of it starts any more, and it ends CANCELLED once none is in flight
+        (at once when none is)."""
+        stopped = await self._stop_job(
+            keys=self._job_keys(job_id),
+            args=[job_id, reason, now_ms(), self.retention_s, now_ms() + STOP_GRACE_S * 1000],
+        )
+        return StopOutcome(int(stopped))
 
     async def ack(self, stream: str, entry_id: str) -> None:
         """Acknowledges an entry whose item must not run (its job ended or is gone)."""
         await self.redis.xack(stream, GROUP, entry_id)
 
     async def end(self, job_id: str, status: str, due_before_ms: int = 0) -> bool:
-        """Ends a running job with `status` (CANCELLED, EXPIRED); False when it had ended.
+        """Ends a running job with `status` (CANCELLED, EXPIRED) at once; False when it
+        had ended. A stopping job ends CANCELLED (whatever `status` says).
 
         With `due_before_ms`, only a job whose deadline is before it ends (the
-        expiry sweep cannot end a job whose deadline moved).
+        expiry sweep cannot end a job whose deadline moved; a stopping job is due
+        `STOP_GRACE_S` after it was stopped).
         """
         ended = await self._end_job(
             keys=self._job_keys(job_id),
@@ -640,6 +801,7 @@ class JobStore:
             ACTIVE_KEY,
             HOOKS_KEY,
             attempts_key(job_id),
+            inflight_key(job_id),
         ]
 
     async def lanes(self) -> list[str]:

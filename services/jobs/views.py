@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from google.protobuf import json_format, timestamp_pb2
 
-from services.jobs.store import FINAL, JobRecord
+from services.jobs.store import CANCELLED, EXPIRED, FINAL, KEY_EXPIRED, KEY_REVOKED, JobRecord
 from tokenmesh.inference.v2 import inference_pb2
 from tokenmesh.jobs.v1 import jobs_pb2
 
@@ -17,6 +17,40 @@ EVENT_TYPES = {
     "CANCELLED": "job.cancelled",
     "EXPIRED": "job.expired",
 }
+
+
+# What a result says for an item a stopped or expired job never ran, by the job's
+# (status, stop_reason): (code, grpc code, message); the reason goes with it.
+NEVER_RAN = {
+    (CANCELLED, ""): ("CANCELLED", 1, "the job was cancelled before this item finished"),
+    (CANCELLED, KEY_REVOKED): (
+        "CANCELLED",
+        1,
+        "the job was stopped before this item finished: the API key that created it was revoked",
+    ),
+    (CANCELLED, KEY_EXPIRED): (
+        "CANCELLED",
+        1,
+        "the job was stopped before this item finished: the API key that created it expired",
+    ),
+    (EXPIRED, ""): (
+        "DEADLINE_EXCEEDED",
+        4,
+        "the job's completion window ended before this item ran",
+    ),
+}
+
+
+def never_ran(record: JobRecord) -> jobs_pb2.JobError | None:
+    """Returns the error of an item the job will never run (None while it may still run,
+    or when it ended having run every item)."""
+    reason = record.get("stop_reason") if record.status == CANCELLED else ""
+    # A reason this replica does not know (a newer one's) reads as a plain stop.
+    found = NEVER_RAN.get((record.status, reason)) or NEVER_RAN.get((record.status, ""))
+    if found is None:
+        return None
+    code, number, message = found
+    return jobs_pb2.JobError(code=code, message=message, grpc_code=number, reason=reason)
 
 
 def _time(millis: int) -> timestamp_pb2.Timestamp | None:

@@ -52,7 +52,8 @@ def completion_line(i: int, max_tokens: int = 6) -> dict[str, Any]:
 def finished(client: openai.OpenAI, batch_id: str, timeout_s: float = 120) -> Any:
     def final() -> Any:
         batch = client.batches.retrieve(batch_id)
-        return batch if batch.status not in ("validating", "in_progress", "finalizing") else None
+        running = ("validating", "in_progress", "finalizing", "cancelling")
+        return batch if batch.status not in running else None
 
     return wait_until(final, timeout_s, f"batch {batch_id} to end")
 
@@ -134,7 +135,10 @@ def test_a_cancelled_batch_keeps_finished_lines_and_names_the_rest(client):
     batch = client.batches.create(
         input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
     )
-    cancelled = client.batches.cancel(batch.id)
+    cancelling = client.batches.cancel(batch.id)
+    # "cancelling" while requests in flight are stopped, then "cancelled".
+    assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
+    cancelled = finished(client, batch.id)
     assert cancelled.status == "cancelled" and cancelled.cancelled_at is not None
     with pytest.raises(openai.BadRequestError):
         client.batches.cancel(batch.id)

@@ -54,9 +54,10 @@ async def test_batches_created_in_one_millisecond_are_each_listed_once(redis_url
         await client.aclose()
 
 
-async def test_a_result_written_after_its_job_ended_expires_with_the_job(redis_url):
-    """An item that finishes after its job was cancelled made the results hash anew,
-    without an expiry: kept for good."""
+async def test_a_result_that_arrives_after_its_job_ended_is_not_kept(redis_url):
+    """An item that finishes after its job ended made the results hash anew, without an
+    expiry (kept for good), and changed the results of a job that had reported its
+    final status. The results are final now: the late one is not written at all."""
     client = aioredis.from_url(redis_url)
     store, key = JobStore(client, 3600), f"key_{uuid.uuid4().hex[:8]}"
     item = jobs_pb2.JobItem(complete=v2.CompleteRequest(model="m", prompt="a"))
@@ -66,9 +67,11 @@ async def test_a_result_written_after_its_job_ended_expires_with_the_job(redis_u
         )
         assert await store.end(job_id, jobstore.CANCELLED)
         stream = f"stream-{uuid.uuid4().hex[:6]}"
-        await store.finish_item(job_id, 0, jobs_pb2.JobResult(index=0), (1, 1, 0), stream, "0-1")
-        assert await client.exists(results_key(job_id))
-        assert 0 < await client.ttl(results_key(job_id)) <= 3600
+        result = jobs_pb2.JobResult(index=0)
+        assert not await store.finish_item(job_id, 0, result, (1, 1, 0), stream, "0-1")
+        assert not await client.exists(results_key(job_id))
+        record = await store.get(job_id)
+        assert record is not None and record.number("succeeded") == 0
     finally:
         await client.aclose()
 

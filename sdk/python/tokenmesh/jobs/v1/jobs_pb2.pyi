@@ -322,9 +322,11 @@ class Job(_message.Message):
     id: _builtins.str
     """id is the job's id: "job-" followed by 24 hex digits."""
     status: _builtins.str
-    """status is "QUEUED", "RUNNING", "SUCCEEDED" (every item finished, at least
-    one with a response), "FAILED" (every item failed), "CANCELLED" or
-    "EXPIRED" (its completion window passed first).
+    """status is "QUEUED", "RUNNING", "CANCELLING" (cancelled, or its key
+    revoked: nothing starts any more, and items in flight finish or are cut;
+    not final), "SUCCEEDED" (every item finished, at least one with a
+    response), "FAILED" (every item failed), "CANCELLED" or "EXPIRED" (its
+    completion window passed first). Once final, a job's results never change.
     """
     progress: _builtins.float
     """progress is the share of items finished, from 0 to 1."""
