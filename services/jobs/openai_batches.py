@@ -14,7 +14,13 @@ input file, the metadata and each line's custom_id and response options;
 the batch id, the job id and the output and error file ids share one hex
 part (`batch_<hex>`, `job-<hex>`, `file-<hex>-output`, `file-<hex>-errors`).
 Status, counts and times are read from the job, so a batch is exactly as
-far as its job.
+far as its job, and it lives as long: its record expires with the job, its
+job's retention after the job ended (store.py's `finish`).
+
+An owner's batches are listed from `tm:jobs:batches:<owner>` (a zset by
+creation time). A list drops the members whose batch is gone; a new batch
+drops the members older than any batch can live, and the zset expires as its
+newest batch would.
 """
 
 from __future__ import annotations
@@ -37,14 +43,19 @@ from services.jobs.store import (
     EXPIRED,
     FAILED,
     FINAL,
+    FIRST_PAGE_MS,
     KEY_EXPIRED,
     KEY_REVOKED,
+    PAGE_AFTER,
     PREFIX,
+    STOP_GRACE_S,
     SUCCEEDED,
     JobRecord,
     now_ms,
+    page_after,
     request_id,
 )
+from services.jobs.validation import MAX_WINDOW_S
 from tokenmesh.jobs.v1 import jobs_pb2
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
@@ -314,17 +325,9 @@ class BatchRecord:
         return job_id_of(self.batch_id)
 
 
-# KEYS: an owner's batches. ARGV: the batch the page follows ("": none), limit.
-# Returns up to limit + 1 ids (one more tells that more follow), newest first, after
-# `after` (from the newest when it is not listed). One script: in two round trips,
-# a batch created between the rank and the range shifted the ranks, and the page
-# repeated the batch it should follow.
-_PAGE = """
-local rank = false
-if ARGV[1] ~= '' then rank = redis.call('ZREVRANK', KEYS[1], ARGV[1]) end
-local start = rank and rank + 1 or 0
-return redis.call('ZREVRANGE', KEYS[1], start, start + tonumber(ARGV[2]))
-"""
+# The longest a batch lives: its window, a cancel's grace, then its retention.
+def _lifetime_s(retention_s: int) -> int:
+    return int(MAX_WINDOW_S) + STOP_GRACE_S + retention_s
 
 
 class BatchStore:
@@ -338,7 +341,7 @@ class BatchStore:
     def __init__(self, client: aioredis.Redis, retention_s: int) -> None:
         self.redis = client
         self.retention_s = retention_s
-        self._page = client.register_script(_PAGE)
+        self._page = client.register_script(PAGE_AFTER)
 
     def queue_creation(
         self,
@@ -354,7 +357,9 @@ class BatchStore:
         returns the batch's id."""
         batch_id = batch_id_of(job_id)
         created = now_ms()
-        ttl_s = max(1, (deadline_ms - created) // 1000) + self.retention_s
+        # Until its job ends, which then sets both to the retention: a stopped job
+        # ends up to STOP_GRACE_S after its deadline (the record died first).
+        ttl_s = max(1, (deadline_ms - created) // 1000) + STOP_GRACE_S + self.retention_s
         pipe.hset(
             batch_key(batch_id),
             mapping={
@@ -367,7 +372,12 @@ class BatchStore:
             },
         )
         pipe.expire(batch_key(batch_id), ttl_s)
-        pipe.zadd(owner_batches_key(owner), {batch_id: created})
+        index = owner_batches_key(owner)
+        pipe.zadd(index, {batch_id: created})
+        # The index kept every batch an owner ever made, and never expired.
+        lifetime_s = _lifetime_s(self.retention_s)
+        pipe.zremrangebyscore(index, "-inf", created - lifetime_s * 1000)
+        pipe.expire(index, lifetime_s)
         return batch_id
 
     async def get(self, batch_id: str, owner: str) -> BatchRecord | None:
@@ -387,14 +397,35 @@ class BatchStore:
             lines=[(c, o) for c, o in json.loads(raw["lines"])],
         )
 
-    async def page(self, owner: str, after: str, limit: int) -> tuple[list[str], bool]:
-        """Returns up to `limit` of an owner's batch ids, newest first, after the batch
-        `after` (its creation time), and whether more follow."""
-        # By the batch's place, not its creation time alone: a page that ended at one
-        # of several batches created in the same millisecond skipped the others.
-        raw: Any = await self._page(keys=[owner_batches_key(owner)], args=[after, limit])
-        ids = [text(r) for r in raw]
-        return ids[:limit], len(ids) > limit
+    async def page(
+        self, owner: str, after: str, limit: int, place_ms: int | None = None
+    ) -> tuple[list[tuple[str, int]], bool]:
+        """Returns up to `limit` of an owner's batches (id, created ms), newest first,
+        after the batch `after` (created at `place_ms`; read from its record when not
+        given), and whether more follow.
+
+        By the batch's place, not its creation time alone: a page that ended at one
+        of several batches created in the same millisecond skipped the others. A
+        batch no longer listed is followed from its place.
+
+        Raises:
+            UnknownCursor: `after` is not listed and its place is not known (it is no
+                batch of the owner's, or it is gone): the page started again from the
+                newest, and a client paging through read the same batches again.
+        """
+        if not after:
+            place_ms = FIRST_PAGE_MS
+        elif place_ms is None:
+            place_ms = await self._created_ms(after, owner)
+        found = await page_after(self._page, owner_batches_key(owner), after, limit + 1, place_ms)
+        return found[:limit], len(found) > limit
+
+    async def _created_ms(self, batch_id: str, owner: str) -> int | None:
+        """Returns when an owner's batch was created (None: no such batch of theirs)."""
+        raw: Any = await self.redis.hmget(batch_key(batch_id), ["owner", "created_ms"])
+        if raw[0] is None or text(raw[0]) != owner or raw[1] is None:
+            return None
+        return int(raw[1])
 
     async def forget(self, owner: str, batch_ids: Iterable[str]) -> None:
         """Drops batches whose records expired from an owner's list."""

@@ -39,6 +39,7 @@ from services.jobs.store import (
     NewJob,
     Owner,
     StopOutcome,
+    UnknownCursor,
     now_ms,
     request_id,
 )
@@ -305,14 +306,7 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
         async def work() -> HttpBody:
             owner = _caller(context)
             limit = validation.page_size(request.limit, 20, 100, field="limit")
-            ids, more = await self.batches.page(owner.lane, request.after, limit)
-            data, gone = [], []
-            for batch_id in ids:
-                try:
-                    data.append(await self._object(owner, batch_id))
-                except NotFound:
-                    gone.append(batch_id)
-            await self.batches.forget(owner.lane, gone)
+            data, more = await self._batch_page(owner, request.after, limit)
             return _json(
                 {
                     "object": "list",
@@ -324,3 +318,36 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
             )
 
         return await _answer(context, "ListBatches", work)
+
+    async def _batch_page(
+        self, owner: Owner, after: str, limit: int
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Returns up to `limit` batch objects after the batch `after`, and whether more
+        follow. Batches that are gone are skipped (and dropped from the list): a page
+        of them came back short, or empty with has_more and no last_id to go on from.
+
+        Raises:
+            InvalidArgument: `after` is no batch of this list (OpenAI answers 400).
+        """
+        data: list[dict[str, Any]] = []
+        gone: list[str] = []
+        cursor, place_ms, more = after, None, True
+        try:
+            while more and len(data) < limit:
+                found, more = await self.batches.page(
+                    owner.lane, cursor, limit - len(data), place_ms
+                )
+                for batch_id, _ in found:
+                    try:
+                        data.append(await self._object(owner, batch_id))
+                    except NotFound:
+                        gone.append(batch_id)
+                if found:
+                    cursor, place_ms = found[-1]
+        except UnknownCursor:
+            raise InvalidArgument(
+                [FieldViolation("after", "is not a batch of this list (it may have expired)")]
+            ) from None
+        finally:
+            await self.batches.forget(owner.lane, gone)
+        return data, more

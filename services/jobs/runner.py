@@ -10,7 +10,12 @@ acknowledges it), and this replica keeps its running entries' idle time low
 meanwhile is stopped here, not taken back). Entries a crashed replica left
 pending are taken over with XAUTOCLAIM once idle `claim_idle_s`; on start a
 replica first resumes its own (its consumer name is stable: the host name).
-Acknowledged entries are trimmed from the streams.
+Acknowledged entries are trimmed from the streams, and consumers idle for
+`DEAD_CONSUMER_IDLE_S` with no pending entry are deleted from the groups:
+replicas that are gone for good (k8s pods, each a new name) stayed in every
+lane's group for ever. A live replica that got nothing from a lane for that
+long may be deleted too (Redis 6 counts only reads that deliver): harmless,
+it has nothing pending there, and the next entry it reads makes it again.
 
 A job that stops or ends while its items run (cancelled, its key revoked,
 expired) has them stopped: `watch_ended` sees its status and cancels their
@@ -69,6 +74,29 @@ end
 return lost
 """
 EntryKey = tuple[str, str]  # (stream, entry id)
+# A consumer with nothing pending and idle this long is a replica that is gone.
+DEAD_CONSUMER_IDLE_S = 3600.0
+# KEYS: stream. ARGV: group, idle ms, this consumer.
+# Deletes the group's consumers that have no pending entry and have been idle at
+# least `idle ms` (never this one); returns their names. One script: a consumer
+# that read an entry between the look and the delete would lose it (XGROUP
+# DELCONSUMER drops its pending entries). A stream or group that is gone (a
+# retired lane's expired) has no consumer to delete.
+_FORGET_DEAD_CONSUMERS = """
+local gone = {}
+local consumers = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if consumers['err'] then return gone end
+for _, consumer in ipairs(consumers) do
+  local f = {}
+  for i = 1, #consumer, 2 do f[consumer[i]] = consumer[i + 1] end
+  if f['name'] ~= ARGV[3] and tonumber(f['pending']) == 0
+     and tonumber(f['idle']) >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    gone[#gone + 1] = f['name']
+  end
+end
+return gone
+"""
 
 
 class Runner:
@@ -105,6 +133,8 @@ class Runner:
         self.claim_idle_s = claim_idle_s
         self._slots = asyncio.Semaphore(concurrency)
         self._keep_owned = self.redis.register_script(_KEEP_OWNED)
+        self._forget_dead = self.redis.register_script(_FORGET_DEAD_CONSUMERS)
+        self.dead_consumer_idle_s = DEAD_CONSUMER_IDLE_S
         # Set when an item ends: a lane may have a free slot again.
         self._slot_freed = asyncio.Event()
         self._tasks: dict[EntryKey, asyncio.Task[None]] = {}
@@ -346,7 +376,8 @@ class Runner:
 
     async def trim(self) -> None:
         """Deletes acknowledged entries (those before the oldest pending or undelivered
-        one), and retires lanes left with none."""
+        one) and the consumers of replicas that are gone, and retires lanes left with
+        no entry."""
         for stream in await self.store.lanes():
             try:
                 groups: Any = await self.redis.xinfo_groups(stream)
@@ -361,7 +392,18 @@ class Runner:
             keep_from = text(oldest) if oldest else _after(text(group["last-delivered-id"]))
             if keep_from not in ("0-0", ""):
                 await self.redis.xtrim(stream, minid=keep_from, approximate=False)
+            await self._forget_dead_consumers(stream)
             await self.store.retire_lane_if_empty(stream)
+
+    async def _forget_dead_consumers(self, stream: str) -> None:
+        """Deletes the lane's consumers idle `dead_consumer_idle_s` with nothing pending."""
+        idle_ms = int(self.dead_consumer_idle_s * 1000)
+        gone: Any = await self._forget_dead(
+            keys=[stream], args=[jobstore.GROUP, idle_ms, self.consumer]
+        )
+        if gone:
+            names = ", ".join(text(name) for name in gone)
+            logger.info("deleted consumers of replicas gone from %s: %s", stream, names)
 
     # -- one item ---------------------------------------------------------
 

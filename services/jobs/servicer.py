@@ -28,6 +28,7 @@ from services.jobs import signing, ssrf, validation, views
 from services.jobs.chunking import RESULTS_PER_READ, byte_chunks
 from services.jobs.store import (
     FINAL,
+    FIRST_PAGE_MS,
     STATUSES,
     JobRecord,
     JobStore,
@@ -42,6 +43,7 @@ from tokenmesh.jobs.v1 import jobs_service_pb2 as pb
 
 WATCH_POLL_S = 0.5
 WATCH_KEEPALIVE_S = 15.0  # an unchanged job is sent again this often (idle timeouts)
+MAX_TOKEN_ID_CHARS = 64  # a page token's job id ("job-" and 24 hex digits)
 
 
 class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
@@ -284,9 +286,15 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
 
 def _list_token(token: str) -> tuple[int, str]:
     """Reads a ListJobs page token: the last job listed, "<created ms>:<id>" (a bare
-    "<created ms>" from earlier versions still reads, without the id)."""
+    "<created ms>" from earlier versions still reads, without the id). The page goes
+    on from that place even when the job is gone; a token without a place (":<id>")
+    is refused, as it started again from the first page."""
+    if not token:
+        return FIRST_PAGE_MS, ""
     created, _, job_id = token.partition(":")
-    return _page_token(created, default=2**62), job_id
+    if not created or len(job_id) > MAX_TOKEN_ID_CHARS or not job_id.isprintable():
+        raise InvalidArgument([FieldViolation("page_token", "is not a token this API returned")])
+    return _page_token(created, default=FIRST_PAGE_MS), job_id
 
 
 def _page_token(token: str, default: int) -> int:

@@ -16,10 +16,13 @@ import asyncio
 import ipaddress
 import socket
 import urllib.parse
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: Looks a host name up: (host, port) -> its addresses as text, in the resolver's
+#: order (the system's resolver by default; tests give their own names).
+Lookup = Callable[[str, int], Awaitable[Sequence[str]]]
 MAX_URL_CHARS = 2048
 # Metadata endpoints that a global-address check alone would not catch.
 METADATA_ADDRESSES = frozenset(
@@ -124,18 +127,29 @@ def is_forbidden(address: IpAddress) -> bool:
     )
 
 
-async def resolve(target: WebhookTarget, timeout_s: float = 5.0) -> list[IpAddress]:
-    """Returns the addresses a webhook may connect to; raises RefusedUrl when any is forbidden.
+async def system_lookup(host: str, port: int) -> list[str]:
+    """Returns the addresses the system's resolver gives `host` (getaddrinfo, TCP)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(sockaddr[0]) for *_, sockaddr in infos]
+
+
+async def resolve(
+    target: WebhookTarget, timeout_s: float = 5.0, lookup: Lookup = system_lookup
+) -> list[IpAddress]:
+    """Returns the addresses a webhook may connect to, in the resolver's order; raises
+    RefusedUrl when any is forbidden.
 
     Every address the name resolves to must be allowed: a name that answers
     with one public and one private address is refused (an attacker picks
-    which one a later lookup returns).
+    which one a later lookup returns). The caller connects to these addresses
+    only, never to a fresh lookup of the name.
     """
     try:
         literal: IpAddress | None = ipaddress.ip_address(target.host)
     except ValueError:
         literal = None
-    addresses = [literal] if literal is not None else await _lookup(target, timeout_s)
+    addresses = [literal] if literal is not None else await _lookup(target, timeout_s, lookup)
     if not target.allowed:
         for address in addresses:
             if is_forbidden(address):
@@ -148,17 +162,14 @@ async def resolve(target: WebhookTarget, timeout_s: float = 5.0) -> list[IpAddre
     return addresses
 
 
-async def _lookup(target: WebhookTarget, timeout_s: float) -> list[IpAddress]:
-    loop = asyncio.get_running_loop()
+async def _lookup(target: WebhookTarget, timeout_s: float, lookup: Lookup) -> list[IpAddress]:
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM), timeout_s
-        )
-    except (OSError, TimeoutError):
+        found = await asyncio.wait_for(lookup(target.host, target.port), timeout_s)
+        parsed = [ipaddress.ip_address(str(a).split("%", 1)[0]) for a in found]
+    except (OSError, TimeoutError, ValueError):
         raise RefusedUrl(f"host {target.host!r} does not resolve") from None
-    addresses = []
-    for *_, sockaddr in infos:
-        address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+    addresses: list[IpAddress] = []
+    for address in parsed:
         if address not in addresses:
             addresses.append(address)
     if not addresses:

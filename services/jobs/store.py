@@ -8,6 +8,8 @@ Keys (prefix `tm:jobs:`)::
     job:<id>:inflight    hash: index -> consumer, the items a runner started and has
                          not finished or let go (deleted when the job ends)
     job:<id>:attempts    list: the latest WebhookAttempt bytes
+    batch:<batch id>     hash: the OpenAI batch a job runs, if any (openai_batches.py):
+                         it expires with its job
     owner:<key id>       zset: the key's jobs by creation time (members older than a
                          job can live are dropped at the key's next job; the whole
                          set expires as its newest job would)
@@ -123,6 +125,12 @@ def owner_key(key_id: str) -> str:
     return f"{PREFIX}owner:{key_id}"
 
 
+def batch_key_of_job(job_id: str) -> str:
+    """Returns the hash of the OpenAI batch a job runs (openai_batches.batch_key of
+    its batch id; no such key for a plain job)."""
+    return f"{PREFIX}batch:batch_{job_id.removeprefix('job-')}"
+
+
 def work_stream(lane: str) -> str:
     """Returns the stream of a lane's pending items."""
     return f"{PREFIX}work:{lane}"
@@ -160,10 +168,12 @@ def now_ms() -> int:
 
 # What ends a job: its status, end time, no deadline any more, its webhook due
 # (when it has one), its items and items in flight gone and everything kept for
-# `retention`. The scripts below take the job's keys (`JobStore._job_keys`):
-# KEYS 1 job, 2 items, 3 results, 4 active, 5 hooks, 6 attempts, 7 inflight,
-# and the job id as ARGV[1]. Lua functions: finish(final status, now, retention),
-# running(status), let_go(index, consumer), finish_if_idle(now, retention).
+# `retention`, the record of the OpenAI batch it runs (if any) too: the batch is
+# listed and read for exactly as long as its job. The scripts below take the job's
+# keys (`JobStore._job_keys`): KEYS 1 job, 2 items, 3 results, 4 active, 5 hooks,
+# 6 attempts, 7 inflight, 8 batch, and the job id as ARGV[1]. Lua functions:
+# finish(final status, now, retention), running(status), let_go(index, consumer),
+# finish_if_idle(now, retention).
 _FINISH_FN = """
 local function finish(status, now, retention)
   redis.call('HSET', KEYS[1], 'status', status, 'ended_ms', now)
@@ -175,6 +185,7 @@ local function finish(status, now, retention)
   redis.call('DEL', KEYS[2], KEYS[7])
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], retention) end
   redis.call('EXPIRE', KEYS[6], retention)
+  redis.call('EXPIRE', KEYS[8], retention)
 end
 local function running(status) return status == 'QUEUED' or status == 'RUNNING' end
 -- An item is no longer in flight for `consumer` (another replica that took its
@@ -191,7 +202,7 @@ local function finish_if_idle(now, retention)
 end
 """
 
-# KEYS: the job's keys, then the lane's stream (8).
+# KEYS: the job's keys, then the lane's stream (9).
 # ARGV: job id, index, consumer, now ms, retention s, group, entry id.
 # Starts an item: returns its JobItem bytes and marks it in flight for `consumer`
 # (QUEUED -> RUNNING), or returns false and acknowledges its entry when it must not
@@ -216,12 +227,12 @@ if status == 'CANCELLING' then
   redis.call('HDEL', KEYS[7], ARGV[2])
   finish_if_idle(ARGV[4], tonumber(ARGV[5]))
 end
-redis.call('XACK', KEYS[8], ARGV[6], ARGV[7])
+redis.call('XACK', KEYS[9], ARGV[6], ARGV[7])
 return false
 """
 )
 
-# KEYS: the job's keys, then the lane's stream (8).
+# KEYS: the job's keys, then the lane's stream (9).
 # ARGV: job id, index, result bytes, succeeded (1/0), prompt, completion,
 #       cached, now ms, retention s, group, entry id, consumer
 # Returns 1 when this call wrote the result, 0 when it did not: the item had one,
@@ -249,12 +260,12 @@ if running(status) or status == 'CANCELLING' then
     finish_if_idle(ARGV[8], tonumber(ARGV[9]))
   end
 end
-redis.call('XACK', KEYS[8], ARGV[10], ARGV[11])
+redis.call('XACK', KEYS[9], ARGV[10], ARGV[11])
 return wrote
 """
 )
 
-# KEYS: the job's keys, then the lane's stream (8).
+# KEYS: the job's keys, then the lane's stream (9).
 # ARGV: job id, index, consumer, now ms, retention s, group, entry id.
 # Lets an item go without a result (its call was cut: the job is stopping or
 # ended), acknowledges its entry, and ends a stopping job left with none in flight.
@@ -263,7 +274,7 @@ _LET_GO_ITEM = (
     + """
 let_go(ARGV[2], ARGV[3])
 finish_if_idle(ARGV[4], tonumber(ARGV[5]))
-redis.call('XACK', KEYS[8], ARGV[6], ARGV[7])
+redis.call('XACK', KEYS[9], ARGV[6], ARGV[7])
 return 1
 """
 )
@@ -383,19 +394,35 @@ if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) 
 return redis.call('HINCRBY', KEYS[1], 'webhook_attempts', 1)
 """
 
-# KEYS: an owner's zset (members scored by creation ms). ARGV: the member the page
-# follows ("": none), count, created before (ms). One script: in two round trips, a
-# job created between the rank and the range shifted the ranks, and the page
-# repeated the member it should follow.
-_PAGE_AFTER = """
-local rank = false
-if ARGV[1] ~= '' then rank = redis.call('ZREVRANK', KEYS[1], ARGV[1]) end
-if rank then
-  return redis.call('ZREVRANGE', KEYS[1], rank + 1, rank + tonumber(ARGV[2]), 'WITHSCORES')
+# KEYS: an index zset (members scored by creation ms). ARGV: the member the page
+# follows ("": none), count, that member's score ("": not known).
+# Returns {found, page, ties}: found 0 when `after` is not listed and its place is
+# not known; else the page (member, score, ...) after it in the zset's order (by
+# score, then by member, descending). A member no longer listed (it expired, or a
+# list dropped it) is followed from its place: the page is what comes after its
+# score, and `ties` the members of its score, for the caller to keep those that
+# come after the member itself (few: one millisecond's). One script: in two round
+# trips, an object created between the rank and the range shifted the ranks, and
+# the page repeated the member it should follow.
+PAGE_AFTER = """
+local count = tonumber(ARGV[2])
+if ARGV[1] ~= '' then
+  local rank = redis.call('ZREVRANK', KEYS[1], ARGV[1])
+  if rank then
+    return {1, redis.call('ZREVRANGE', KEYS[1], rank + 1, rank + count, 'WITHSCORES'), {}}
+  end
+  if ARGV[3] == '' then return {0, {}, {}} end
 end
-return redis.call('ZREVRANGEBYSCORE', KEYS[1], '(' .. ARGV[3], '-inf', 'WITHSCORES',
-                  'LIMIT', 0, tonumber(ARGV[2]))
+local ties = {}
+if ARGV[1] ~= '' then
+  ties = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[3], ARGV[3], 'WITHSCORES')
+end
+local page = redis.call('ZREVRANGEBYSCORE', KEYS[1], '(' .. ARGV[3], '-inf', 'WITHSCORES',
+                        'LIMIT', 0, count)
+return {1, page, ties}
 """
+#: The place of a page's start when nothing precedes it: after every creation time.
+FIRST_PAGE_MS = 2**62
 
 # KEYS: secrets hash. ARGV: new secret, overlap ms, now ms. Returns 1.
 # Re-seals one stored secret: only if it still holds what was read (a rotation
@@ -415,6 +442,33 @@ end
 redis.call('HSET', KEYS[1], 'current', ARGV[1])
 return 1
 """
+
+
+class UnknownCursor(LookupError):
+    """UnknownCursor: a page was asked for after an object that is not listed (gone, or
+    never there), whose place in the list is not known either."""
+
+
+async def page_after(
+    script: Any, index_key: str, after: str, count: int, place_ms: int | None
+) -> list[tuple[str, int]]:
+    """Returns up to `count` (member, score) of an index zset, newest first, that follow
+    `after` ("": from the start); a member no longer listed is followed from its
+    place (`place_ms`, its score).
+
+    Raises:
+        UnknownCursor: `after` is not listed and `place_ms` is None.
+    """
+    place = "" if place_ms is None else str(place_ms)
+    found, page, ties = await script(keys=[index_key], args=[after, count, place])
+    if not found:
+        raise UnknownCursor(after)
+    # Members of one score are ordered by their bytes (memcmp, as Python compares bytes).
+    mark = after.encode()
+    following = [(bytes(ties[i]), ties[i + 1]) for i in range(0, len(ties), 2)]
+    pairs = [(m, sc) for m, sc in following if m < mark]
+    pairs += [(bytes(page[i]), page[i + 1]) for i in range(0, len(page), 2)]
+    return [(text(m), int(float(sc))) for m, sc in pairs[:count]]
 
 
 class StopOutcome(enum.IntEnum):
@@ -540,7 +594,7 @@ class JobStore:
         self._reseal_secret = client.register_script(_RESEAL_SECRET)
         self._redeliver = client.register_script(_REDELIVER)
         self._next_attempt = client.register_script(_NEXT_ATTEMPT)
-        self._page_after = client.register_script(_PAGE_AFTER)
+        self._page_after = client.register_script(PAGE_AFTER)
         self._retire_lane = client.register_script(_RETIRE_LANE)
         self._groups: set[str] = set()
 
@@ -690,14 +744,15 @@ class JobStore:
     async def owned(
         self, key_id: str, before_ms: int, count: int, after: str = ""
     ) -> list[tuple[str, int]]:
-        """Returns up to `count` of a key's jobs, newest first, that follow the job `after`
-        in that order (while it is listed), else that were created before `before_ms`.
+        """Returns up to `count` of a key's jobs, newest first, that follow the job `after`,
+        created at `before_ms` (without `after`: that were created before `before_ms`).
 
         By the job's place, not its time alone: a page that ended at one of several
-        jobs created in the same millisecond skipped the others.
+        jobs created in the same millisecond skipped the others. A job no longer
+        listed (expired, or dropped by a list) is followed from its place, the
+        same millisecond's later jobs included: it used to skip those.
         """
-        raw: Any = await self._page_after(keys=[owner_key(key_id)], args=[after, count, before_ms])
-        return [(text(raw[i]), int(float(raw[i + 1]))) for i in range(0, len(raw), 2)]
+        return await page_after(self._page_after, owner_key(key_id), after, count, before_ms)
 
     async def forget_owned(self, key_id: str, job_ids: Sequence[str]) -> None:
         """Drops jobs whose records expired from a key's list."""
@@ -802,6 +857,7 @@ class JobStore:
             HOOKS_KEY,
             attempts_key(job_id),
             inflight_key(job_id),
+            batch_key_of_job(job_id),
         ]
 
     async def lanes(self) -> list[str]:

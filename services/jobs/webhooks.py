@@ -9,9 +9,14 @@ DELIVERED. Anything else (another status, a timeout, a refused address) is
 tried again after the next delay of the schedule, +-20% jitter, and after the
 last one the webhook is DEAD_LETTER until RedeliverWebhook starts a new round.
 
-Every attempt checks the URL again (ssrf.resolve: DNS may have changed) and
-connects to the vetted address itself, with bounded timeouts, without
-following redirects, reading at most `max_response_bytes` of the answer.
+Every attempt checks the URL again (ssrf.resolve: DNS may have changed; every
+address the name resolves to must be allowed) and connects to a vetted
+address itself, never to a fresh lookup: the first that accepts the
+connection, in the resolver's order (a receiver whose first address is down
+still gets its event; one that fails after connecting is not sent it again
+at the next address). Timeouts are bounded (the whole attempt, every address
+tried, by twice `timeout_s`), redirects are not followed, and at most
+`max_response_bytes` of the answer is read.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class DeliveryPolicy:
         max_response_bytes: how much of a receiver's answer is read.
         allow_hosts: hosts that skip the address check and may use http.
         lease_s: how long a replica holds a due webhook before another may send it.
+        lookup: resolves receivers' host names (the system's resolver).
     """
 
     schedule_s: Sequence[float] = DEFAULT_SCHEDULE_S
@@ -64,6 +70,7 @@ class DeliveryPolicy:
     max_response_bytes: int = 64 * 1024
     allow_hosts: Collection[str] = ()
     lease_s: float = 60.0
+    lookup: ssrf.Lookup = ssrf.system_lookup
 
     def next_delay_s(self, attempt_in_round: int) -> float | None:
         """Returns the wait after a failed attempt (1-based), or None after the last one."""
@@ -189,7 +196,7 @@ class WebhookSender:
         """POSTs a signed event to a vetted address of `url`."""
         try:
             target = ssrf.parse(url, self.policy.allow_hosts)
-            addresses = await ssrf.resolve(target, self.policy.timeout_s)
+            addresses = await ssrf.resolve(target, self.policy.timeout_s, self.policy.lookup)
         except ssrf.RefusedUrl as exc:
             return Answer(error=f"refused: {exc}")
         headers = {
@@ -201,7 +208,7 @@ class WebhookSender:
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
         try:
             return await asyncio.wait_for(
-                self._send(_address_url(target, addresses[0]), headers, body, extensions),
+                self._send_to_one_of(target, addresses, headers, body, extensions),
                 2 * self.policy.timeout_s,
             )
         except (TimeoutError, httpx.TimeoutException):
@@ -211,6 +218,31 @@ class WebhookSender:
         except Exception as exc:  # recorded as a failed attempt (retried, then dead)
             logger.warning("webhook of job %s: %s: %s", job_id, type(exc).__name__, exc)
             return Answer(error=f"failed: {type(exc).__name__}")
+
+    async def _send_to_one_of(
+        self,
+        target: ssrf.WebhookTarget,
+        addresses: Sequence[ssrf.IpAddress],
+        headers: dict[str, str],
+        body: bytes,
+        extensions: dict[str, str],
+    ) -> Answer:
+        """POSTs to the first of the vetted `addresses` that accepts a connection.
+
+        Only the first address was ever tried: a receiver whose name resolved to
+        one address that was down and one that was up never got its event. A
+        connection refused or timed out (or a failed TLS handshake) sent nothing,
+        so the next address is tried; an error after that (a read timeout) ends
+        the attempt: the receiver may have the event, and the retry schedule sends
+        it again anyway.
+        """
+        *others, last = addresses
+        for address in others:
+            try:
+                return await self._send(_address_url(target, address), headers, body, extensions)
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                logger.info("webhook receiver %s unreachable at %s", target.host, address)
+        return await self._send(_address_url(target, last), headers, body, extensions)
 
     async def _send(
         self, url: str, headers: dict[str, str], body: bytes, extensions: dict[str, str]

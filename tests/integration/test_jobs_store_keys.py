@@ -45,7 +45,8 @@ async def test_batches_created_in_one_millisecond_are_each_listed_once(redis_url
         await client.zadd(owner_batches_key(owner), {"batch_old": SAME_MS - 1})
         listed, after, more = [], "", True
         while more:
-            ids, more = await batches.page(owner, after, 1)
+            found, more = await batches.page(owner, after, 1)
+            ids = [batch_id for batch_id, _ in found]
             listed += ids
             after = ids[-1]
         assert listed == ["batch_b", "batch_a", "batch_old"]

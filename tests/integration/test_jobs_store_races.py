@@ -88,7 +88,7 @@ async def test_a_batch_created_while_a_page_is_read_does_not_repeat_its_last_bat
         await client.zadd(owner_batches_key(owner), {"batch_a": SAME_MS - 2})
         await client.zadd(owner_batches_key(owner), {"batch_b": SAME_MS - 1})
         create_between_rank_and_range.append((owner_batches_key(owner), "batch_new"))
-        assert await batches.page(owner, "batch_b", 1) == (["batch_a"], False)
+        assert await batches.page(owner, "batch_b", 1) == ([("batch_a", SAME_MS - 2)], False)
     finally:
         await client.delete(owner_batches_key(owner))
         await client.aclose()
