@@ -133,7 +133,10 @@ class ListJobsRequest(_message.Message):
     page_size: _builtins.int
     """page_size is the maximum number of jobs to return (1-100; 0 means 20)."""
     page_token: _builtins.str
-    """page_token is the next_page_token of a previous response."""
+    """page_token is the next_page_token of a previous response. It names a place
+    in the list, so paging goes on after the job it ended at expired or was
+    deleted; one that names no place is INVALID_ARGUMENT.
+    """
     status: _builtins.str
     """status keeps only jobs in this status ("QUEUED", "RUNNING", ...); empty
     keeps all.
