@@ -36,8 +36,15 @@ KV_TOKENS_RESERVED = Gauge(
     "KV tokens reserved (prompt + max_tokens) by running sequences.",
     _LABELS,
 )
+# Engine work, not usage: counted per step (no per-token Python on the engine
+# thread). Billed tokens are the usage meter's tokenmesh_tenant_tokens_total.
 TOKENS = Counter(
-    "tokenmesh_tokens_total", "Tokens processed, by kind (prompt, completion).", (*_LABELS, "kind")
+    "tokenmesh_tokens_total",
+    "Tokens the engine processed, by kind: prompt (prompts admitted to the batch, "
+    "prefix-cache hits included) and completion (every token sampled: EOS, tokens "
+    "past a stop sequence and those of cancelled sequences included). Engine "
+    "throughput, not billed usage.",
+    (*_LABELS, "kind"),
 )
 CANCELLATIONS = Counter(
     "tokenmesh_cancellations_total", "Sequences cancelled (client gone, deadline, stop).", _LABELS

@@ -68,8 +68,10 @@ class SchedulerLimits:
     Attributes:
         max_sequences: KV slots, i.e. the largest running batch.
         max_kv_tokens: budget of prompt + max_tokens over running sequences.
-        max_queue: requests that may wait for a slot beyond those the free slots
-            take at the next step; more are refused (0: none waits).
+        max_queue: requests that may wait beyond those the next admission
+            starts (a free slot and room in the KV budget for their prompt +
+            max_tokens); more are refused (0: none waits). A free slot the KV
+            budget keeps unusable is no room to wait in.
         max_prefill_tokens: prompt tokens admitted per step (bounds the
             inter-token latency hit that new prompts impose on running streams).
         messages_per_step: stream messages per step before token batching:
@@ -88,6 +90,52 @@ class SchedulerLimits:
     max_prefill_tokens: int = 2048
     messages_per_step: int = 16
     fairness: FairnessPolicy = field(default_factory=FairnessPolicy)
+
+
+@dataclass(eq=False)
+class StartCapacity:
+    """StartCapacity is what the next admission can start, as `submit` counts it.
+
+    Shared by the event loop (submit) and the engine thread, under the
+    scheduler's lock. After each admission the engine thread sets it from the
+    truth: the free slots, the KV budget left, and the waiting requests the
+    admission could not start (queued). Each request submitted meanwhile either
+    counts on a free slot and its KV reservation (it starts at the next
+    admission: not queued) or, when none is left or others are queued ahead of
+    it (admission stops at the first request that does not fit), is queued;
+    `max_queue` bounds the queued ones. O(1) per request: `submit` runs on the
+    event loop.
+
+    Attributes:
+        slots: free slots no counted request is to take.
+        kv_tokens: KV budget neither running sequences nor counted requests reserve.
+        queued: waiting requests that cannot start at the next admission.
+        budget: the whole KV budget (`kv_tokens == budget`: nothing runs or is
+            counted, and an empty batch admits one request whatever its size).
+    """
+
+    slots: int
+    kv_tokens: int
+    budget: int
+    queued: int = 0
+
+    def starts(self, reserved: int) -> bool:
+        """Tells whether a request reserving `reserved` KV tokens starts at the next admission."""
+        return (
+            self.queued == 0
+            and self.slots > 0
+            and (reserved <= self.kv_tokens or self.kv_tokens == self.budget)
+        )
+
+    def count(self, reserved: int) -> bool:
+        """Counts a waiting request: True when it starts at the next admission (its
+        slot and KV are now spoken for), False when it is queued."""
+        if self.starts(reserved):
+            self.slots -= 1
+            self.kv_tokens -= reserved
+            return True
+        self.queued += 1
+        return False
 
 
 @dataclass(frozen=True)
@@ -229,6 +277,10 @@ class Scheduler:
         self._running: list[Sequence_] = []
         self._free_slots = list(range(limits.max_sequences))  # a heap: lowest slot first
         self._reserved = 0
+        # What the next admission starts, for submit's queue bound (under _lock).
+        self._capacity = StartCapacity(
+            limits.max_sequences, limits.max_kv_tokens, limits.max_kv_tokens
+        )
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._stopping = False
@@ -339,10 +391,12 @@ class Scheduler:
             weight=self.limits.fairness.weight(tenant, tier),
         )
         with self._lock:
-            # Requests the free slots take at the next step never wait: max_queue
-            # bounds the ones beyond them. (len() of the engine thread's heap: a
-            # step boundary later it is at most smaller, refusing one early.)
-            if self._waiting_count >= self.limits.max_queue + len(self._free_slots):
+            # Requests the next admission starts (a free slot, room in the KV
+            # budget) never wait: max_queue bounds the ones that cannot start.
+            capacity = self._capacity
+            if capacity.queued >= self.limits.max_queue and not capacity.starts(
+                seq.reserved_tokens
+            ):
                 raise ResourceExhausted(
                     f"worker queue is full ({self.limits.max_queue} requests waiting)",
                     retry_after_s=1.0,
@@ -351,6 +405,7 @@ class Scheduler:
                     ],
                     reason="QUEUE_FULL",
                 )
+            capacity.count(seq.reserved_tokens)
             self._inbox.append(seq)
             self._waiting_count += 1
             self._queue_depth.set(self._waiting_count)
@@ -418,6 +473,8 @@ class Scheduler:
         for seq, token in zip(batch, tokens, strict=True):
             self._deliver(seq, token, now, every, gaps)
         metrics.observe_many(self._itl, gaps)
+        # Engine throughput: every token sampled (EOS and those past a stop sequence
+        # too), once per step; usage counts what the streams deliver.
         self._completion_tokens.inc(len(batch))
         self._post()
 
@@ -530,18 +587,22 @@ class Scheduler:
         # step carried two boundaries' worth, twice the bound on its ITL hit.
         pending = sum(len(seq.prompt_ids) for seq in self._running if not seq.generated)
         prefill_budget = self.limits.max_prefill_tokens - pending
-        admitted = 0
+        paced = False  # stopped by the prefill budget alone: the rest start in later steps
         while self._free_slots:
             seq = self._waiting.peek()
             if seq is None:
                 break
-            if self._running and (
-                self._reserved + seq.reserved_tokens > self.limits.max_kv_tokens
-                or len(seq.prompt_ids) > prefill_budget
-            ):
-                break  # an empty batch always admits one, so nothing starves
+            if self._running:  # an empty batch always admits one, so nothing starves
+                if self._reserved + seq.reserved_tokens > self.limits.max_kv_tokens:
+                    break
+                if len(seq.prompt_ids) > prefill_budget:
+                    paced = True
+                    break
             self._waiting.pop()
-            seq.slot = heapq.heappop(self._free_slots)
+            # The slot and the waiting count change together: submit reads both.
+            with self._lock:
+                seq.slot = heapq.heappop(self._free_slots)
+                self._waiting_count -= 1
             seq.started_at = time.monotonic()
             self._reserved += seq.reserved_tokens
             prefill_budget -= len(seq.prompt_ids)
@@ -549,10 +610,37 @@ class Scheduler:
             self._prompt_tokens.inc(len(seq.prompt_ids))
             if seq.account is not None:
                 seq.account.charge_prompt(len(seq.prompt_ids), seq.weight)
-            admitted += 1
-        if admitted:
-            with self._lock:
-                self._waiting_count -= admitted
+        self._recount_capacity(paced)
+
+    def _recount_capacity(self, paced: bool) -> None:
+        """Sets what the next admission can start from the truth, after an admission.
+
+        The waiting requests it did not start are queued, unless only the
+        prefill budget stopped it (they start in the next steps as far as
+        slots and KV allow: counted in the queue's order, priority class
+        first, up to the first that does not fit, so at most a free slot's
+        worth of them are looked at). Requests submitted
+        since the inbox was taken are counted again against the new truth.
+        """
+        capacity = StartCapacity(
+            len(self._free_slots),
+            self.limits.max_kv_tokens - self._reserved,
+            self.limits.max_kv_tokens,
+        )
+        waiting = len(self._waiting)
+        if paced:
+            starting = 0
+            for seq in self._waiting:
+                if not capacity.count(seq.reserved_tokens):
+                    break
+                starting += 1
+            capacity.queued = waiting - starting
+        else:
+            capacity.queued = waiting
+        with self._lock:
+            for seq in self._inbox:
+                capacity.count(seq.reserved_tokens)
+            self._capacity = capacity
 
     def _deliver(
         self, seq: Sequence_, token: int, now: float, every: int, gaps: list[float]
@@ -595,7 +683,10 @@ class Scheduler:
             metrics.CANCELLATIONS.labels(*self.labels).inc()
         if seq in self._running:
             self._running.remove(seq)
-            heapq.heappush(self._free_slots, seq.slot)
+            with self._lock:  # submit may count the freed slot and KV at once
+                heapq.heappush(self._free_slots, seq.slot)
+                self._capacity.slots += 1
+                self._capacity.kv_tokens += seq.reserved_tokens
             self._reserved -= seq.reserved_tokens
             if seq.account is not None:
                 self._waiting.finished(seq.priority, seq.account)

@@ -197,6 +197,11 @@ class OnnxGenerativeEngine(GenerativeEngine):
         prompt, is copied from the first). Every computed prompt is stored.
         """
         logits = np.empty((len(items), self.vocab_size), np.float32)
+        # A slot's count is its latest prompt's: a step that failed after counting
+        # a hit (its scheduler never took the count) must not leave that count to
+        # the slot's next prompt, which may reuse nothing (billed as cached).
+        for item in items:
+            self._reused.pop(item.slot, None)
         computed: dict[tuple[int, ...], list[int]] = {}  # distinct prompt -> its rows
         for i, item in enumerate(items):
             prompt = tuple(item.token_ids)  # once: the cache keys by it, tuple() of it is free
