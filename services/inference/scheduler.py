@@ -26,6 +26,7 @@ sampled, then one `Finished`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -417,6 +418,17 @@ class Scheduler:
         if seq.finished is None and not seq.cancelled:
             seq.cancelled = True
             self._wake.set()
+
+    def has_room(self, reserved: Sequence[int]) -> bool:
+        """Tells whether requests reserving these KV tokens would all be taken by
+        `submit` now (none refused QUEUE_FULL), counted as `submit` counts them."""
+        with self._lock:
+            capacity = dataclasses.replace(self._capacity)
+            for tokens in reserved:
+                if capacity.queued >= self.limits.max_queue and not capacity.starts(tokens):
+                    return False
+                capacity.count(tokens)
+        return True
 
     def stats(self) -> dict[str, int]:
         """Returns current occupancy (for GetWorkerStats and tests)."""

@@ -130,6 +130,27 @@ async def test_free_slots_the_kv_budget_keeps_unusable_are_no_queue_capacity() -
         await sched.stop(drain_timeout_s=0)
 
 
+async def test_has_room_answers_what_submit_would_do_for_several_requests() -> None:
+    # A multi-prompt request asks first (services.inference.pipeline.generate): the
+    # answer must be submit's, KV-blocked free slots included, and change nothing.
+    engine = GatedEngine(step_s=0.005)
+    limits = SchedulerLimits(max_sequences=4, max_kv_tokens=401, max_queue=1)
+    sched = Scheduler(engine, engine.eos_token_id, limits, _labels())
+    await sched.start()
+    try:
+        assert sched.has_room([9, 9, 9, 9, 9])  # four start, one waits
+        assert not sched.has_room([9] * 6)
+        long = _submit(sched, [1], 400)  # the whole KV budget
+        assert isinstance(await asyncio.wait_for(long.outbox.get(), 5), int)
+        assert sched.has_room([9]) and not sched.has_room([9, 9])  # one may wait, not two
+        _submit(sched, [2], 8)
+        assert not sched.has_room([9])
+        with pytest.raises(ResourceExhausted):
+            _submit(sched, [3], 8)
+    finally:
+        await sched.stop(drain_timeout_s=0)
+
+
 async def test_requests_the_kv_budget_lets_start_are_not_queued_and_the_rest_are() -> None:
     # KV for three of the four slots: three start, the fourth waits (max_queue=1),
     # the fifth is refused, whether or not the engine thread admitted the first ones.
