@@ -213,6 +213,14 @@ class Request:
         self.reserved_at = 0.0  # time.time() of the reservation
         self.unmetered = False
         self.charged_tokens = 0
+        # `reserve` ran for it: a later call holds nothing more (a multi-prompt request
+        # reserves every prompt's tokens before any of them runs).
+        self.budget_reserved = False
+        # None: `record` records its usage events as they come. A list: they are held
+        # there until the request they belong to is answered, then recorded, or dropped
+        # (with the reservation) if it was refused (services.inference.pipeline.
+        # generate.GenerationPipeline.complete_all).
+        self.held_events: list[inference_pb2.UsageEvent] | None = None
 
     def model_ref(self) -> types_pb2.ModelRef:
         """Returns the serving model version as a protobuf message."""
@@ -320,7 +328,13 @@ class Admission:
         return target
 
     async def reserve(self, request: Request) -> None:
-        """Reserves `request.needed_tokens` in the caller's token budget, before any compute."""
+        """Reserves `request.needed_tokens` in the caller's token budget, before any compute.
+
+        Once per request: a request reserved already (with its siblings) holds it.
+        """
+        if request.budget_reserved:
+            return
+        request.budget_reserved = True
         if not (request.key_id and request.limits.any):
             return
         # The month it is reserved in, and reconciled in (taken after the call, a
@@ -376,7 +390,11 @@ class Admission:
         return True
 
     def record(self, request: Request, event: inference_pb2.UsageEvent) -> None:
-        """Counts a finished request, appends its usage event and reconciles its reservation."""
+        """Counts a finished request, appends its usage event and reconciles its reservation
+        (held instead while its `held_events` is a list)."""
+        if request.held_events is not None:
+            request.held_events.append(event)
+            return
         unfinished = request.job_attempt and event.finish_reason in UNFINISHED_ATTEMPT
         if unfinished:
             set_attempt_apart(event)

@@ -358,6 +358,7 @@ def _request(key: str, needed: int) -> Any:
         unmetered=False,
         reserved_tokens=0,
         job_attempt=False,
+        budget_reserved=False,
     )
 
 

@@ -22,6 +22,7 @@ from google.api.httpbody_pb2 import HttpBody
 
 from services.core import contract
 from services.inference.budget import TokenBudgets
+from services.inference.service import InferenceService
 from tests.integration.conftest import inference_settings, start_inference
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.openai.v1 import openai_service_pb2_grpc as rpc
@@ -143,3 +144,150 @@ async def test_a_refused_multi_prompt_completion_bills_nothing(
     finally:
         await client.aclose()
     assert [(e.usage.total_tokens, e.finish_reason) for e in events] == []
+
+
+async def _idle(service: InferenceService) -> None:
+    """Waits until no model version runs or queues a sequence."""
+    schedulers = [m.scheduler for m in service.registry.all() if m.scheduler is not None]
+    async with asyncio.timeout(10):
+        while any(s.stats()["running"] or s.stats()["waiting"] for s in schedulers):
+            await asyncio.sleep(0.02)
+
+
+async def _refused_completion(
+    stub: Any, body: dict[str, Any], identity: list[tuple[str, str]]
+) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.CreateCompletion(_body(**body), metadata=identity).read()
+    return refused.value
+
+
+async def test_a_multi_prompt_completion_over_the_budget_bills_nothing(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The month holds two prompts' reservations, not three: the third prompt was
+    refused 429 while the first two, reserved and scheduled, ran, were cancelled and
+    billed. Every prompt is now reserved before any runs; a refusal gives them back."""
+    settings = inference_settings(tmp_path, redis_url, test_engine_step_ms=20.0)
+    client = aioredis.from_url(redis_url)
+    budgets = TokenBudgets(client)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    # Each prompt needs its few tokens plus n * max_tokens = 200.
+    identity = [(contract.KEY_ID_HEADER, key), (contract.MONTHLY_TOKENS_HEADER, "450")]
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "prompt": ["a b c", "d e", "f g"],
+        "max_tokens": 100,
+        "n": 2,
+    }
+    try:
+        async with await start_inference(settings) as (_, channel):
+            stub = rpc.OpenAIServiceStub(channel)
+            refused = await _refused_completion(stub, body, identity)
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            after = f"key_{uuid.uuid4().hex[:8]}"
+            await _usage(stub, {"model": MODEL, "prompt": "z", "max_tokens": 1}, after)
+            events = await _key_events(client, settings.usage_stream, key, 0, until=after)
+            month = await _month_used(budgets, key, 0)
+            # The budget is whole again: two of the prompts fit, and are billed.
+            usage = await _usage(stub, {**body, "prompt": body["prompt"][:2]}, key)
+            billed = await _month_used(budgets, key, usage["total_tokens"])
+    finally:
+        await client.aclose()
+    assert [(e.usage.total_tokens, e.finish_reason) for e in events] == []
+    assert month == 0
+    assert billed == usage["total_tokens"] > 0
+
+
+async def test_a_multi_prompt_completion_the_queue_cannot_hold_bills_nothing(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Two free slots and no queue: the third prompt was refused QUEUE_FULL after the
+    first two were submitted (they ran, were cancelled and billed). The request is
+    refused before any prompt is submitted when the queue cannot hold them all."""
+    settings = inference_settings(
+        tmp_path, redis_url, max_queue=0, max_sequences=2, test_engine_step_ms=20.0
+    )
+    client = aioredis.from_url(redis_url)
+    budgets = TokenBudgets(client)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    body: dict[str, Any] = {"model": MODEL, "prompt": ["a b c", "d e", "f g"], "max_tokens": 20}
+    try:
+        async with await start_inference(settings) as (service, channel):
+            stub = rpc.OpenAIServiceStub(channel)
+            refused = await _refused_completion(stub, body, _identity(key))
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue is full" in str(refused.details())
+            await _idle(service)  # (cancelled sequences free their slots a step later)
+            after = f"key_{uuid.uuid4().hex[:8]}"
+            await _usage(stub, {"model": MODEL, "prompt": "z", "max_tokens": 1}, after)
+            events = await _key_events(client, settings.usage_stream, key, 0, until=after)
+            month = await _month_used(budgets, key, 0)
+            # Two prompts fit the two slots.
+            usage = await _usage(stub, {**body, "prompt": body["prompt"][:2]}, key)
+    finally:
+        await client.aclose()
+    assert [(e.usage.total_tokens, e.finish_reason) for e in events] == []
+    assert month == 0
+    assert usage["completion_tokens"] == 2 * 20
+
+
+async def test_a_multi_prompt_completion_served_by_the_cache_settles_every_reservation(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompts reserved before they run, then answered by another's computation (the
+    same prompt twice: one computes, the other joins it) are reconciled to their bill."""
+    monkeypatch.setenv("TOKENMESH_CACHE", "on")
+    monkeypatch.setenv("TOKENMESH_CACHE_REDIS_URL", redis_url)
+    settings = inference_settings(tmp_path, redis_url)
+    client = aioredis.from_url(redis_url)
+    budgets = TokenBudgets(client)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    prompt = f"same {uuid.uuid4().hex}"
+    body = {"model": MODEL, "prompt": [prompt, prompt], "max_tokens": 6, "seed": 7}
+    try:
+        async with await start_inference(settings) as (_, channel):
+            stub = rpc.OpenAIServiceStub(channel)
+            usage = await _usage(stub, body, key)
+            events = await _key_events(client, settings.usage_stream, key, 2)
+            billed = sum(e.usage.total_tokens for e in events)
+            month = await _month_used(budgets, key, billed)
+    finally:
+        await client.aclose()
+    assert sorted(e.cached for e in events) == [False, True]
+    assert usage["completion_tokens"] == 2 * 6
+    assert month == billed < usage["total_tokens"]  # the cached one: its prompt only
+
+
+async def test_a_prompt_refused_when_submitted_leaves_its_siblings_unbilled(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal only the scheduler's submit makes (the model version unloading; or a
+    queue filled since the check) fails the request after its other prompts ran or
+    were answered: here one the cache answered. None of them is billed."""
+    monkeypatch.setenv("TOKENMESH_CACHE", "on")
+    monkeypatch.setenv("TOKENMESH_CACHE_REDIS_URL", redis_url)
+    settings = inference_settings(tmp_path, redis_url)
+    client = aioredis.from_url(redis_url)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    cached = f"cached {uuid.uuid4().hex}"
+    body = {"model": MODEL, "prompt": cached, "max_tokens": 4, "seed": 7}
+    try:
+        async with await start_inference(settings) as (service, channel):
+            stub = rpc.OpenAIServiceStub(channel)
+            await _usage(stub, body, f"warm-{key}")  # stores the first prompt's answer
+            for model in service.registry.all():
+                if model.scheduler is not None:
+                    await model.scheduler.stop(drain_timeout_s=0)  # as an unload does
+            refused = await _refused_completion(
+                stub, {**body, "prompt": [cached, "not cached"]}, _identity(key)
+            )
+            assert refused.code() == grpc.StatusCode.UNAVAILABLE
+            # A request the cache answers alone: once its event is shipped, any of the
+            # refused request's are too.
+            after = f"key_{uuid.uuid4().hex[:8]}"
+            await _usage(stub, body, after)
+            events = await _key_events(client, settings.usage_stream, key, 0, until=after)
+    finally:
+        await client.aclose()
+    assert [(e.usage.total_tokens, e.cached, e.finish_reason) for e in events] == []

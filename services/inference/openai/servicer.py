@@ -14,7 +14,6 @@ a last `data: {"error": ...}` event, then the status.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
@@ -288,21 +287,15 @@ class OpenAIServicer(openai_service_pb2_grpc.OpenAIServiceServicer):
         created = int(time.time())
         requests = call.complete_requests()
         pipeline, context = self.v2.pipeline, cast(Context, ctx)
-        # Every prompt passes validation, the context length and input policy before
-        # any runs: a refused one fails the request before its siblings are computed
-        # (and billed for an answer the client never gets).
-        admitted = [await pipeline.admit(context, r, "Complete") for r in requests]
-        tasks = [
-            asyncio.ensure_future(pipeline.complete_admitted(context, r, g))
-            for r, g in zip(requests, admitted, strict=True)
-        ]
-        try:
-            responses = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        if len(requests) == 1:
+            responses = [await pipeline.complete(context, requests[0])]
+        else:
+            # Every prompt passes validation, the context length and input policy,
+            # then its budget and the queue, before any runs: a refused one fails the
+            # request before its siblings are computed (and billed for an answer the
+            # client never gets). GenerationPipeline.complete_all says what remains.
+            admitted = [await pipeline.admit(context, r, "Complete") for r in requests]
+            responses = await pipeline.complete_all(context, requests, admitted)
         n = max(1, requests[0].n)
         yield _json(shapes.text_completion(responses, n, call.logprobs, created))
 

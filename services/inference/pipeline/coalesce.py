@@ -9,6 +9,11 @@ leaves before the end, the computation is cancelled (its sequences free their
 slots). A flight stays joinable until its answer is stored, so a request
 arriving in between joins instead of computing again.
 
+A flight also carries what its computation's content policy did: `stops`,
+the output rule that stopped each stopped choice. The request that computed
+recorded those hits; every waiter that receives a choice's filtered final
+records its rule as a hit of its own (services.inference.pipeline.generate).
+
 Coalescing is per worker: prefix-affinity routing sends identical prompts to
 the same worker, so identical requests meet here; two that land on two
 workers (a worker draining, weights shifting) compute twice, and the second
@@ -19,10 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Generic, TypeVar
 
 import numpy as np
+
+from services.inference.pipeline.policy import OutputMatch
 
 T = TypeVar("T")
 
@@ -44,6 +51,9 @@ class Flight(Generic[T]):
         self._task: asyncio.Task[None] | None = None
         self._cancelled = False
         self._release: Callable[[], None] = lambda: None
+        # The output rule that stopped each stopped choice, by choice index: the
+        # computing request's own (live) record, read by waiters, never written.
+        self.stops: Mapping[int, OutputMatch] = {}
 
     def _publish(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()

@@ -19,6 +19,13 @@ the v2 servicer, so v1 and the OpenAI surface get it too):
 - `RequestContent.record(event, ...)` adds the hits to the usage event and
   writes the redacted sample when the request was sampled (a shadow copy
   never is: services.inference.shadow).
+- `adopt_stop(generation, match)`: a request answered without its own
+  computation (a coalesced waiter, or one joining a computation that just
+  ended) received a choice an output rule stopped; the rule is its hit too
+  (its usage event and audit entry name it, and it is counted once more:
+  tokenmesh_policy_hits_total counts hits per request, as input hits are).
+  Stopped answers are never stored in the response cache (only "stop" and
+  "length" ones are), so no cache entry has hits to carry.
 
 With no policy attached and no sampling, `admit` is two dict lookups and the
 stream is not wrapped: the disabled path costs what it cost before.
@@ -169,6 +176,18 @@ class RequestContent:
 
 
 NO_CONTENT = RequestContent()
+
+
+def adopt_stop(generation: Generation, match: OutputMatch) -> None:
+    """Records, as `generation`'s own hit, the output rule that stopped a choice of an
+    answer it was served but did not compute (the computing request recorded it for
+    itself; its record is only read here)."""
+    if generation.content is NO_CONTENT:  # shared by every request: never written
+        generation.content = RequestContent()
+    generation.content.hits.append(match.hit)
+    count([match.hit])
+
+
 # Sample writes in flight (a request's state may be gone before its write ends).
 _SAMPLE_WRITES: set[asyncio.Task[None]] = set()
 

@@ -15,15 +15,23 @@ With the cache off (TOKENMESH_CACHE=off) the cache stage is not on the path
 at all: the request costs what it cost before the pipeline existed. With it
 on, a request that may not be cached (not deterministic, `no-store`, or
 sampled for the redacted-sample log) is `bypass` and computes as before.
+A request answered by another's computation (coalesced, or joining one that
+just ended) records the output rules that stopped its choices as its own hits.
+
+`complete_all` runs one request's several prompts (a legacy completion's
+`prompt` list) all or none: every budget reserved and room in the queue for
+all before any runs; one refused, the others bill nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from services.core.errors import QuotaViolation, ResourceExhausted
 from services.core.interceptors import Context, request_headers
 from services.inference.admission import Admission
 from services.inference.pipeline import cache as cache_stage
@@ -39,8 +47,11 @@ from services.inference.pipeline.cache import (
     ClientMode,
 )
 from services.inference.pipeline.coalesce import Flight
+from services.inference.pipeline.content import adopt_stop
+from services.inference.pipeline.policy import OutputMatch
 from services.inference.pipeline.record import record_computed, record_served
 from services.inference.pipeline.stream import collect, finish_reason_name, produce
+from services.inference.scheduler import Scheduler
 from services.inference.surface import ApiSurface
 from services.inference.template_cache import TemplateCache
 from services.inference.v2 import prompting
@@ -320,6 +331,7 @@ class GenerationPipeline:
                 message.request_id = generation.request_id
                 if message.HasField("finish_reason"):
                     reasons.append(finish_reason_name(message.finish_reason))
+                    _adopt_stop(generation, flight.stops, message.choice_index, message)
                     if status == HIT:
                         _replayed_timing(message.timing, first_ms, _elapsed_ms(generation))
                 yield message
@@ -346,6 +358,7 @@ class GenerationPipeline:
         generation: Generation,
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         flight = stage.streams.open(key, register=stage.streams.join(key) is None)
+        flight.stops = generation.content.stops  # its waiters record the rules as theirs
         try:
             await self.schedule(context, generation)
         except BaseException as exc:
@@ -420,7 +433,7 @@ class GenerationPipeline:
         self, context: Context, generation: Generation, entry: bytes
     ) -> pb.CompleteResponse:
         response = pb.CompleteResponse.FromString(entry)
-        return await self._serve_completion(context, generation, response, HIT)
+        return await self._serve_completion(context, generation, response, HIT, stops={})
 
     async def _follow_completion(
         self, context: Context, generation: Generation, flight: Flight[pb.CompleteResponse]
@@ -438,7 +451,9 @@ class GenerationPipeline:
             return None
         response = pb.CompleteResponse()
         response.CopyFrom(shared)
-        return await self._serve_completion(context, generation, response, status)
+        return await self._serve_completion(
+            context, generation, response, status, stops=flight.stops
+        )
 
     async def _serve_completion(
         self,
@@ -446,11 +461,14 @@ class GenerationPipeline:
         generation: Generation,
         response: pb.CompleteResponse,
         status: str,
+        *,
+        stops: Mapping[int, OutputMatch],
     ) -> pb.CompleteResponse:
         """Answers this caller with a completion it did not compute (a hit, or a shared one).
 
         A hit's per-choice timing is replayed as this caller's; a coalesced
-        caller keeps the timing of the computation it waited for.
+        caller keeps the timing of the computation it waited for. `stops`: the
+        output rules that stopped the computation's choices (hits of this caller's too).
         """
         prompt_tokens = response.usage.prompt_tokens
         completion = response.usage.completion_tokens
@@ -460,8 +478,9 @@ class GenerationPipeline:
         await self._send_headers_or_release(context, generation)
         elapsed = _elapsed_ms(generation)
         response.request_id = generation.request_id
-        if status == HIT:
-            for choice in response.choices:
+        for choice in response.choices:
+            _adopt_stop(generation, stops, choice.index, choice)
+            if status == HIT:
                 _replayed_timing(choice.timing, elapsed, elapsed)
         record_served(
             self.admission,
@@ -478,6 +497,7 @@ class GenerationPipeline:
         self, stage: CacheStage, key: str, context: Context, generation: Generation
     ) -> pb.CompleteResponse:
         flight = stage.completions.open(key, register=stage.completions.join(key) is None)
+        flight.stops = generation.content.stops  # its waiters record the rules as theirs
         try:
             await self.schedule(context, generation)
         except BaseException as exc:
@@ -506,6 +526,76 @@ class GenerationPipeline:
                 record_computed(self.admission, generation)
             else:
                 record_computed(self.admission, generation, finish_reason="cancelled")
+
+    # ---------------------------------------------------------------- several prompts
+
+    async def complete_all(
+        self,
+        context: Context,
+        requests: Sequence[pb.CompleteRequest],
+        generations: Sequence[Generation],
+    ) -> list[pb.CompleteResponse]:
+        """Returns the Complete responses of one request's several prompts, admitted as
+        `generations` (`admit`), computed at once: all answered, or none billed.
+
+        Before any runs, every prompt's tokens are reserved in the caller's budget
+        and the model's queue must hold all their sequences (a refusal gives every
+        reservation back). Their usage events are held until all are answered (or
+        the request failed, or its caller left, after they ran: recorded then); if
+        a prompt was refused when it was to run (the queue filled up since the
+        check, the model is unloading), its cancelled siblings' are dropped with
+        their reservations: the request was refused, nothing of it is billed.
+        """
+        await self._reserve_all(generations)
+        try:
+            _check_queue_room(generations)
+        except BaseException:
+            self._release_all(generations)
+            raise
+        for generation in generations:
+            generation.held_events = []
+        tasks = [
+            asyncio.ensure_future(self.complete_admitted(context, request, generation))
+            for request, generation in zip(requests, generations, strict=True)
+        ]
+        try:
+            responses = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._end_together(generations, bill=not _one_refused(tasks, generations))
+            raise
+        self._end_together(generations, bill=True)
+        return list(responses)
+
+    async def _reserve_all(self, generations: Sequence[Generation]) -> None:
+        """Reserves every prompt's tokens; one refused, gives all of them back and raises."""
+        try:
+            outcomes = await asyncio.gather(
+                *(self.admission.reserve(g) for g in generations), return_exceptions=True
+            )
+        except BaseException:  # the caller left: each cancelled reservation was forgotten
+            self._release_all(generations)
+            raise
+        refused = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if refused is not None:
+            self._release_all(generations)
+            raise refused
+
+    def _release_all(self, generations: Sequence[Generation]) -> None:
+        for generation in generations:
+            self.admission.release(generation)  # nothing for one that holds none
+
+    def _end_together(self, generations: Sequence[Generation], *, bill: bool) -> None:
+        """Records (or drops) the held usage events; gives back what nobody recorded."""
+        for generation in generations:
+            events, generation.held_events = generation.held_events or [], None
+            for event in events if bill else ():
+                self.admission.record(generation, event)
+            # A recorded prompt's reservation was reconciled: this gives back only
+            # those of dropped events and of prompts that ended without one.
+            self.admission.release(generation)
 
     # ---------------------------------------------------------------- shared
 
@@ -554,6 +644,57 @@ async def _prepend(
     yield first
     async for item in rest:
         yield item
+
+
+def _adopt_stop(
+    generation: Generation,
+    stops: Mapping[int, OutputMatch],
+    choice_index: int,
+    final: pb.GenerateResponse | inference_pb2.Choice,
+) -> None:
+    """Records the output rule that stopped a choice this request was served as its own
+    hit (services.inference.pipeline.content.adopt_stop); other finals have none."""
+    if final.finish_reason != inference_pb2.FINISH_REASON_CONTENT_FILTER:
+        return
+    match = stops.get(choice_index)
+    if match is not None:
+        adopt_stop(generation, match)
+
+
+def _check_queue_room(generations: Sequence[Generation]) -> None:
+    """Refuses (QUEUE_FULL, as the scheduler's submit does) prompts whose sequences their
+    model's queue cannot all take now: submitted one by one, the last ones were refused
+    after the first ones ran. (Prompts the cache would answer count too.)"""
+    reserved: dict[Scheduler, list[int]] = {}
+    for generation in generations:
+        prompt = len(generation.prompt_ids)
+        reserved.setdefault(generation.scheduler, []).extend(
+            prompt + params.max_tokens for params in generation.params
+        )
+    for scheduler, tokens in reserved.items():
+        if not scheduler.has_room(tokens):
+            max_queue = scheduler.limits.max_queue
+            raise ResourceExhausted(
+                f"worker queue is full ({max_queue} requests waiting): this request's "
+                f"{len(tokens)} sequences do not fit",
+                retry_after_s=1.0,
+                quota_violations=[QuotaViolation("worker:queue", f"max_queue={max_queue}")],
+                reason="QUEUE_FULL",
+            )
+
+
+def _one_refused(
+    tasks: Sequence[asyncio.Future[pb.CompleteResponse]], generations: Sequence[Generation]
+) -> bool:
+    """Tells whether a prompt failed before it ran: raised (not cancelled) with no usage
+    event held, which every prompt that ran (or was answered) records."""
+    return any(
+        task.done()
+        and not task.cancelled()
+        and task.exception() is not None
+        and not generation.held_events
+        for task, generation in zip(tasks, generations, strict=True)
+    )
 
 
 def _count(generation: Generation, result: str) -> None:
