@@ -14,11 +14,11 @@ most requests share one coroutine:
   filter answers only `GET /healthz`, so running the gate before it changes
   nothing for either path;
 - response (before the transcoder, so it sees REST responses): a unary
-  answer's response headers are lifted out of its trailers
-  (gateway/response_headers.py), a worker's OpenAI error JSON becomes the
-  body (gateway/openai_edge.py), then the REST status a service asked for
-  is applied (gateway/error_status.py), in the order the two filters ran in
-  before.
+  answer's response headers, and a REST error's metadata, are lifted out of
+  its trailers (gateway/response_headers.py), a worker's OpenAI error JSON
+  becomes the body (gateway/openai_edge.py), then the REST status a service
+  asked for is applied (gateway/error_status.py), in the order the two
+  filters ran in before.
 
 The modules keep their own filters (and their tests' subjects) for Envoys
 that need only one of them (e.g. gateway/openai_backend.py).

@@ -143,6 +143,8 @@ HTTP_TO_GRPC_CODE: Mapping[int, int] = {
     408: 4,
     413: 8,
     429: 8,
+    # Request headers over max_request_headers_kb (or max_headers): too large, as 413.
+    431: 8,
     500: 13,
     501: 12,
     502: 14,
@@ -152,6 +154,7 @@ HTTP_TO_GRPC_CODE: Mapping[int, int] = {
 
 
 RESOURCE_EXHAUSTED = 8
+UNKNOWN = 2
 # What a gRPC client reads when its request is larger than the edge buffers.
 GRPC_TOO_LARGE_MESSAGE = "request larger than the edge accepts; send a smaller message"
 
@@ -196,6 +199,12 @@ class EdgeLimits:
     max_concurrent_streams: int = 128  # per HTTP/2 connection
     max_request_headers_kb: int = 60
     max_headers: int = 100
+    # The whole request (headers and body) must arrive within this: no public RPC
+    # streams its request, and the routes to workers allow 600 s of silence (for
+    # their answers), which a client trickling a body could hold a stream with.
+    # An upload of the largest file (gateway/handover.py, ~8 MiB) needs ~28 KB/s.
+    request_timeout_s: float = 300.0
+    request_headers_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -553,7 +562,8 @@ def local_reply_config() -> dict[str, Any]:
     }
     # Native gRPC requests first: their body is their grpc-message, so plain text
     # (413 with its own, 429 as RESOURCE_EXHAUSTED, no healthy worker with when to
-    # retry). Then /openai/ paths, which answer OpenAI's error shape.
+    # retry). Then replies sent before any request header was read, in both
+    # shapes; then /openai/ paths, which answer OpenAI's error shape.
     grpc_no_healthy_worker = {
         **no_healthy_worker,
         "filter": grpc_paths.native_grpc(no_healthy_worker["filter"]),
@@ -564,6 +574,7 @@ def local_reply_config() -> dict[str, Any]:
         grpc_paths.rate_limited_mapper(),
         grpc_no_healthy_worker,
         grpc_paths.local_reply_mapper(),
+        *before_request_mappers(),
         *openai_edge.local_reply_mappers(),
         no_healthy_worker,
     ]
@@ -592,10 +603,52 @@ def local_reply_config() -> dict[str, Any]:
                     }
                 }
             },
-            "body_format_override": _error_body(2),
+            "body_format_override": _error_body(UNKNOWN),
         }
     )
     return {"mappers": mappers}
+
+
+def before_request_mappers() -> list[dict[str, Any]]:
+    """Envoy's replies sent before it read the request's headers, in both error shapes.
+
+    The HTTP/1.1 codec answers 431 (headers over max_request_headers_kb or
+    max_headers), 400 (a malformed request, a header name with "_") and the
+    connection manager 408 (headers slower than request_headers_timeout)
+    before any request header exists: no mapper can tell an /openai/ path
+    from a REST one then, so these came out in the REST shape to OpenAI's
+    SDKs too. The body is the REST shape with OpenAI's `error` object added:
+    REST clients read `code`, `message` and `details` (the extra field is
+    ignored, as `http_status` is), OpenAI's SDKs read `error` (they take a
+    body's `error` when it has one). Over HTTP/2 Envoy resets the stream
+    instead (no reply: docs/openai.md).
+    """
+    no_request_headers = {"header_filter": {"header": {"name": ":path", "present_match": False}}}
+
+    def mapper(
+        status_filter: dict[str, Any], grpc_code: int, error: dict[str, Any]
+    ) -> dict[str, Any]:
+        body = _error_body(grpc_code)
+        body["json_format"]["error"] = error
+        return {
+            "filter": {"and_filter": {"filters": [no_request_headers, status_filter]}},
+            "body_format_override": body,
+        }
+
+    statuses = sorted({*HTTP_TO_GRPC_CODE, *openai_edge.LOCAL_ERRORS})
+    mappers = [
+        mapper(
+            grpc_paths.status_filter("EQ", status, f"tm.lr.early{status}"),
+            HTTP_TO_GRPC_CODE.get(status, UNKNOWN),
+            openai_edge.error_object(status),
+        )
+        for status in statuses
+    ]
+    # Any other: UNKNOWN, and OpenAI's generic type of the status's class.
+    for lowest in (500, 400):
+        any_status = grpc_paths.status_filter("GE", lowest, f"tm.lr.early{lowest // 100}xx")
+        mappers.append(mapper(any_status, UNKNOWN, openai_edge.other_error_object(lowest)))
+    return mappers
 
 
 def _grpc_too_large() -> dict[str, Any]:
@@ -743,12 +796,9 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
         },
         # Long token streams: no total request timeout, only idle ones.
         "stream_idle_timeout": "300s",
-        "request_headers_timeout": "10s",
-        # The whole request (headers and body) must arrive within this: no public RPC
-        # streams its request, and the routes to workers allow 600 s of silence (for
-        # their answers), which a client trickling a body could hold a stream with.
-        # An upload of the largest file (gateway/handover.py, ~8 MiB) needs ~28 KB/s.
-        "request_timeout": "300s",
+        "request_headers_timeout": _duration(limits.request_headers_timeout_s),
+        # See EdgeLimits.request_timeout_s.
+        "request_timeout": _duration(limits.request_timeout_s),
         "generate_request_id": True,
         # The edge faces clients: the peer address is the client's, and a
         # client-sent x-forwarded-for is not trusted.

@@ -12,8 +12,17 @@ Errors come in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`:
   there, makes it the body (success responses cost one header lookup);
 - from Envoy itself on /openai/ paths (401 from jwt_authn or ext_authz, 403
   from RBAC, 429 from the rate limiter, 503 without a healthy worker, the
-  transcoder's 404 for an unknown path): local-reply mappers, placed before
-  the REST API's own.
+  transcoder's 404 for an unknown path, 408 when the request did not arrive
+  within `request_timeout`, any other error status): local-reply mappers,
+  placed before the REST API's own;
+- from Envoy before it read the request's headers (HTTP/1.1 only: 431 for
+  headers over `max_request_headers_kb`, 408 for headers slower than
+  `request_headers_timeout`, 400 for a malformed request or a header name
+  with "_"): no mapper can tell an /openai/ path then (no request header
+  exists, `:path` included), so the edge answers one body that both kinds
+  of client read (gateway/envoy_config.py, `before_request_mappers`), with
+  this module's `error` object in it. Over HTTP/2 Envoy resets the stream
+  instead: there is no reply to shape (docs/openai.md, "Errors").
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from gateway import grpc_paths
 from services.core import contract
 
 PATH_PREFIX = "/openai/"
@@ -32,13 +42,22 @@ LOCAL_ERRORS: Mapping[int, tuple[str, str]] = {
     403: ("permission_error", "permission_denied"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
+    # The request (`request_timeout`) or its headers (`request_headers_timeout`)
+    # arrived too slowly; the SDKs retry a 408.
+    408: ("invalid_request_error", "request_timeout"),
     413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
+    # Headers over the edge's max_request_headers_kb or max_headers.
+    431: ("invalid_request_error", "request_headers_too_large"),
     500: ("server_error", "internal_error"),
+    501: ("server_error", "not_implemented"),
     502: ("server_error", "bad_gateway"),
     503: ("server_error", "service_unavailable"),
     504: ("server_error", "timeout"),
 }
+# Any other error status Envoy answers (OpenAI's `code` may be null).
+OTHER_CLIENT_ERROR = ("invalid_request_error", None)
+OTHER_SERVER_ERROR = ("server_error", None)
 
 # A Lua function of the edge's response filter (gateway/edge_lua.py) and of this one.
 # It returns true when it replaced the body (the header object is stale then).
@@ -102,34 +121,45 @@ def _on_openai_path() -> dict[str, Any]:
     }
 
 
-def _status_is(status: int) -> dict[str, Any]:
-    return {
-        "status_code_filter": {
-            "comparison": {
-                "op": "EQ",
-                "value": {"default_value": status, "runtime_key": f"tm.openai.{status}"},
-            }
-        }
-    }
+def error_object(status: int) -> dict[str, Any]:
+    """OpenAI's `error` object of Envoy's local reply with this HTTP status (its message
+    the reply's own text); a status LOCAL_ERRORS lacks gets `other_error_object`'s."""
+    if status not in LOCAL_ERRORS:
+        return other_error_object(status)
+    return _error(*LOCAL_ERRORS[status])
+
+
+def other_error_object(status: int) -> dict[str, Any]:
+    """OpenAI's `error` object of any error status of `status`'s class (4xx or 5xx)."""
+    return _error(*(OTHER_SERVER_ERROR if status >= 500 else OTHER_CLIENT_ERROR))
+
+
+def _error(kind: str, code: str | None) -> dict[str, Any]:
+    return {"message": "%LOCAL_REPLY_BODY%", "type": kind, "param": None, "code": code}
+
+
+def _openai_body(error: dict[str, Any]) -> dict[str, Any]:
+    return {"json_format": {"error": error}, "content_type": "application/json"}
+
+
+def _on_openai_path_with(status_filter: dict[str, Any]) -> dict[str, Any]:
+    return {"and_filter": {"filters": [_on_openai_path(), status_filter]}}
 
 
 def local_reply_mappers() -> list[dict[str, Any]]:
-    """Envoy's own error replies on /openai/ paths, in OpenAI's error shape."""
+    """Envoy's own error replies on /openai/ paths, in OpenAI's error shape.
+
+    One mapper per status of LOCAL_ERRORS, then one for any other server
+    error and one for any other client error (a 408 from `request_timeout`
+    came out in the REST API's google.rpc shape: no mapper had its status).
+    """
     mappers = []
-    for status, (kind, code) in LOCAL_ERRORS.items():
+    for status in LOCAL_ERRORS:
         mapper: dict[str, Any] = {
-            "filter": {"and_filter": {"filters": [_on_openai_path(), _status_is(status)]}},
-            "body_format_override": {
-                "json_format": {
-                    "error": {
-                        "message": "%LOCAL_REPLY_BODY%",
-                        "type": kind,
-                        "param": None,
-                        "code": code,
-                    }
-                },
-                "content_type": "application/json",
-            },
+            "filter": _on_openai_path_with(
+                grpc_paths.status_filter("EQ", status, f"tm.openai.{status}")
+            ),
+            "body_format_override": _openai_body(error_object(status)),
         }
         if status == 503:
             mapper["headers_to_add"] = [
@@ -139,4 +169,12 @@ def local_reply_mappers() -> list[dict[str, Any]]:
                 }
             ]
         mappers.append(mapper)
+    for lowest in (500, 400):
+        runtime_key = f"tm.openai.{lowest // 100}xx"
+        mappers.append(
+            {
+                "filter": _on_openai_path_with(grpc_paths.status_filter("GE", lowest, runtime_key)),
+                "body_format_override": _openai_body(other_error_object(lowest)),
+            }
+        )
     return mappers

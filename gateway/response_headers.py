@@ -25,6 +25,17 @@ before:
 
 Streams never wait: their headers go first, as always. So do an error's
 once its handler sent them (a trailers-only error is retried by Envoy).
+
+A REST error answer (transcoded, status >= 400) waits for its body too:
+the transcoder makes a trailers-only error's metadata its headers, but an
+error whose handler sent headers first keeps its own metadata (retry-after,
+the limits' headers, `contract.HTTP_STATUS_HEADER`, OpenAI's error JSON) in
+the trailers, after the body the transcoder wrote from its status: no
+REST client got them as headers, over HTTP/1.1 (a content-length, so no
+trailers) or HTTP/2 (tests/integration/test_edge_error_trailers.py). Every
+trailer but gRPC's own status fields becomes a header, as a trailers-only
+error's would have; the filters after this one then see the REST status
+and OpenAI JSON the service asked for.
 """
 
 from __future__ import annotations
@@ -70,17 +81,41 @@ end
 """
 
 
+# A transcoded error's trailers that are no metadata of the service's: the
+# transcoder made the status and the JSON body of them.
+GRPC_STATUS_TRAILERS = ("grpc-status", "grpc-message", "grpc-status-details-bin")
+_GRPC_STATUS_TABLE = "".join(f'  ["{name}"] = true,\n' for name in GRPC_STATUS_TRAILERS)
+
 # A Lua function of the edge's response filter (gateway/edge_lua.py).
 RESPONSE_LUA_FUNCTION = f"""
 local RESPONSE_HEADERS = "{contract.RESPONSE_HEADERS_TRAILER}"
+local GRPC_STATUS_TRAILERS = {{
+{_GRPC_STATUS_TABLE}}}
 
+-- Returns whether the answer is whole at once (a unary one), and whether it is a
+-- REST error: a transcoded error's trailers, if any, are its metadata whose
+-- headers went first (Envoy's own replies have none).
 local function answers_once(handle, headers)
   local content_type = headers:get("content-type") or ""
   if string.find(content_type, "application/grpc", 1, true) == 1 then
     local mark = handle:streamInfo():dynamicMetadata():get("{MARK_NAMESPACE}")
-    return mark ~= nil and mark["unary"] == true
+    return mark ~= nil and mark["unary"] == true, false
   end
-  return headers:get("grpc-status") ~= nil
+  if headers:get("grpc-status") ~= nil then
+    return true, false
+  end
+  local failed = (tonumber(headers:get(":status")) or 0) >= 400
+  return failed, failed
+end
+
+-- Moves a trailer into the headers (all its values), unless the edge set that header.
+local function lift_trailer(headers, trailers, name)
+  if headers:get(name) == nil then
+    for index = 0, trailers:getNumValues(name) - 1 do
+      headers:add(name, trailers:getAtIndex(name, index))
+    end
+  end
+  trailers:remove(name)
 end
 
 -- Returns whether it waited for the body: the caller's header object is then stale.
@@ -89,24 +124,33 @@ local function lift_response_headers(handle, headers)
     headers:remove(RESPONSE_HEADERS)
     return false
   end
-  if not answers_once(handle, headers) then
+  local whole, failed = answers_once(handle, headers)
+  if not whole then
     return false
   end
   handle:body()
   local trailers = handle:trailers()
-  local names = trailers ~= nil and trailers:get(RESPONSE_HEADERS) or nil
-  if names == nil then
+  if trailers == nil then
     return true
   end
-  trailers:remove(RESPONSE_HEADERS)
   headers = handle:headers()
-  for name in string.gmatch(names, "[^,]+") do
-    if headers:get(name) == nil then
-      for index = 0, trailers:getNumValues(name) - 1 do
-        headers:add(name, trailers:getAtIndex(name, index))
+  local names = trailers:get(RESPONSE_HEADERS)
+  if names ~= nil then
+    trailers:remove(RESPONSE_HEADERS)
+    for name in string.gmatch(names, "[^,]+") do
+      lift_trailer(headers, trailers, name)
+    end
+  end
+  if failed then
+    local metadata = {{}}
+    for name, _ in pairs(trailers) do
+      if not GRPC_STATUS_TRAILERS[name] then
+        metadata[#metadata + 1] = name
       end
     end
-    trailers:remove(name)
+    for _, name in ipairs(metadata) do
+      lift_trailer(headers, trailers, name)
+    end
   end
   return true
 end
