@@ -84,13 +84,32 @@ end
 # A transcoded error's trailers that are no metadata of the service's: the
 # transcoder made the status and the JSON body of them.
 GRPC_STATUS_TRAILERS = ("grpc-status", "grpc-message", "grpc-status-details-bin")
-_GRPC_STATUS_TABLE = "".join(f'  ["{name}"] = true,\n' for name in GRPC_STATUS_TRAILERS)
+# Trailers of an error that never become headers: framing, hop-by-hop and
+# entity fields, and those that act on the client (cookies, redirects, HSTS).
+# Our services send none of them; this keeps it so whatever a handler sends.
+NEVER_LIFTED = (
+    *GRPC_STATUS_TRAILERS,
+    "connection",
+    "content-encoding",
+    "content-length",
+    "content-type",
+    "keep-alive",
+    "location",
+    "proxy-connection",
+    "set-cookie",
+    "strict-transport-security",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+)
+_NEVER_LIFTED_TABLE = "".join(f'  ["{name}"] = true,\n' for name in NEVER_LIFTED)
 
 # A Lua function of the edge's response filter (gateway/edge_lua.py).
 RESPONSE_LUA_FUNCTION = f"""
 local RESPONSE_HEADERS = "{contract.RESPONSE_HEADERS_TRAILER}"
-local GRPC_STATUS_TRAILERS = {{
-{_GRPC_STATUS_TABLE}}}
+local NEVER_LIFTED = {{
+{_NEVER_LIFTED_TABLE}}}
 
 -- Returns whether the answer is whole at once (a unary one), and whether it is a
 -- REST error: a transcoded error's trailers, if any, are its metadata whose
@@ -144,7 +163,8 @@ local function lift_response_headers(handle, headers)
   if failed then
     local metadata = {{}}
     for name, _ in pairs(trailers) do
-      if not GRPC_STATUS_TRAILERS[name] then
+      local envoys = string.find(name, "x-envoy-", 1, true) == 1
+      if not NEVER_LIFTED[name] and not envoys and string.sub(name, 1, 1) ~= ":" then
         metadata[#metadata + 1] = name
       end
     end

@@ -100,12 +100,13 @@ class StartCapacity:
     Shared by the event loop (submit) and the engine thread, under the
     scheduler's lock. After each admission the engine thread sets it from the
     truth: the free slots, the KV budget left, and the waiting requests the
-    admission could not start (queued). Each request submitted meanwhile either
-    counts on a free slot and its KV reservation (it starts at the next
-    admission: not queued) or, when none is left or others are queued ahead of
-    it (admission stops at the first request that does not fit), is queued;
-    `max_queue` bounds the queued ones. O(1) per request: `submit` runs on the
-    event loop.
+    admission could not start (queued). A request submitted meanwhile that
+    fits a free slot and the KV left is counted on them (it, or one it ranks
+    below, starts at the next admission); one that does not is queued, and
+    `max_queue` bounds the queued ones. A request that fits is never refused:
+    the next admission takes the highest priority class and the least served
+    tenant first, so a request may start ahead of others that wait. O(1) per
+    request: `submit` runs on the event loop.
 
     Attributes:
         slots: free slots no counted request is to take.
@@ -120,18 +121,14 @@ class StartCapacity:
     budget: int
     queued: int = 0
 
-    def starts(self, reserved: int) -> bool:
-        """Tells whether a request reserving `reserved` KV tokens starts at the next admission."""
-        return (
-            self.queued == 0
-            and self.slots > 0
-            and (reserved <= self.kv_tokens or self.kv_tokens == self.budget)
-        )
+    def fits(self, reserved: int) -> bool:
+        """Tells whether a request reserving `reserved` KV tokens fits what is free."""
+        return self.slots > 0 and (reserved <= self.kv_tokens or self.kv_tokens == self.budget)
 
     def count(self, reserved: int) -> bool:
-        """Counts a waiting request: True when it starts at the next admission (its
-        slot and KV are now spoken for), False when it is queued."""
-        if self.starts(reserved):
+        """Counts a waiting request: True when it fits (its slot and KV are now spoken
+        for), False when it is queued."""
+        if self.fits(reserved):
             self.slots -= 1
             self.kv_tokens -= reserved
             return True
@@ -395,9 +392,7 @@ class Scheduler:
             # Requests the next admission starts (a free slot, room in the KV
             # budget) never wait: max_queue bounds the ones that cannot start.
             capacity = self._capacity
-            if capacity.queued >= self.limits.max_queue and not capacity.starts(
-                seq.reserved_tokens
-            ):
+            if capacity.queued >= self.limits.max_queue and not capacity.fits(seq.reserved_tokens):
                 raise ResourceExhausted(
                     f"worker queue is full ({self.limits.max_queue} requests waiting)",
                     retry_after_s=1.0,
@@ -425,7 +420,7 @@ class Scheduler:
         with self._lock:
             capacity = dataclasses.replace(self._capacity)
             for tokens in reserved:
-                if capacity.queued >= self.limits.max_queue and not capacity.starts(tokens):
+                if capacity.queued >= self.limits.max_queue and not capacity.fits(tokens):
                     return False
                 capacity.count(tokens)
         return True
@@ -611,7 +606,7 @@ class Scheduler:
                     paced = True
                     break
             self._waiting.pop()
-            # The slot and the waiting count change together: submit reads both.
+            # The slot and the waiting count change together (stats() reads both).
             with self._lock:
                 seq.slot = heapq.heappop(self._free_slots)
                 self._waiting_count -= 1
@@ -629,10 +624,12 @@ class Scheduler:
 
         The waiting requests it did not start are queued, unless only the
         prefill budget stopped it (they start in the next steps as far as
-        slots and KV allow: counted in the queue's order, priority class
-        first, up to the first that does not fit, so at most a free slot's
-        worth of them are looked at). Requests submitted
-        since the inbox was taken are counted again against the new truth.
+        slots and KV allow: counted in the waiting requests' order, priority
+        class first, up to the first that does not fit, so at most a free
+        slot's worth of them are looked at; admission's fair order within a
+        class may pick others, an estimate off by at most those). Requests
+        submitted since the inbox was taken are counted again against the new
+        truth.
         """
         capacity = StartCapacity(
             len(self._free_slots),

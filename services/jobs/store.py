@@ -213,7 +213,8 @@ _START_ITEM = (
     _FINISH_FN
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
-if running(status) and redis.call('HEXISTS', KEYS[3], ARGV[2]) == 0 then
+local has_result = redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1
+if running(status) and not has_result then
   local item = redis.call('HGET', KEYS[2], ARGV[2])
   if item then
     redis.call('HSET', KEYS[7], ARGV[2], ARGV[3])
@@ -223,7 +224,9 @@ if running(status) and redis.call('HEXISTS', KEYS[3], ARGV[2]) == 0 then
     return item
   end
 end
-if status == 'CANCELLING' then
+-- An item with its result is in flight for nobody (a replica that ran it again
+-- after a takeover may still hold a mark).
+if has_result or status == 'CANCELLING' then
   redis.call('HDEL', KEYS[7], ARGV[2])
   finish_if_idle(ARGV[4], tonumber(ARGV[5]))
 end
@@ -251,7 +254,9 @@ if running(status) or status == 'CANCELLING' then
     redis.call('HINCRBY', KEYS[1], 'completion_tokens', tonumber(ARGV[6]))
     redis.call('HINCRBY', KEYS[1], 'cached_tokens', tonumber(ARGV[7]))
   end
-  let_go(ARGV[2], ARGV[12])
+  -- Its result is stored: in flight for nobody, whoever marked it (a replica that
+  -- took the entry over and runs it again holds a mark this one must not leave).
+  redis.call('HDEL', KEYS[7], ARGV[2])
   local h = redis.call('HMGET', KEYS[1], 'succeeded', 'failed', 'total')
   local done = tonumber(h[1] or 0) + tonumber(h[2] or 0)
   if running(status) and done >= tonumber(h[3]) then

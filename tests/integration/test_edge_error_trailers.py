@@ -46,6 +46,13 @@ SERVICE = "tokenmesh.inference.v1.InferenceService"
 PATH = "/v1/models/m:complete"
 EARLY = (("x-request-id", "r-1"), ("x-model-version", "1"))
 RETRY_AFTER_S = 7
+# Trailers no error may turn into headers (framing, cookies, redirects, Envoy's).
+HOSTILE_TRAILERS = (
+    ("set-cookie", "session=stolen"),
+    ("location", "https://elsewhere.example"),
+    ("x-envoy-injected", "by-upstream"),
+    ("x-tokenmesh-kept", "yes"),
+)
 
 
 async def _complete(request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
@@ -59,6 +66,9 @@ async def _complete(request: pb.CompleteRequest, context: Any) -> pb.CompleteRes
     if request.prompt == "sunset after headers":
         raise ApiVersionSunset("inference v1 was retired")
     if request.prompt == "invalid after headers":
+        raise InvalidArgument([FieldViolation("prompt", "is bad")], reason="BAD")
+    if request.prompt == "client-acting trailers after headers":
+        context.set_trailing_metadata(HOSTILE_TRAILERS)
         raise InvalidArgument([FieldViolation("prompt", "is bad")], reason="BAD")
     return pb.CompleteResponse(text="ok")
 
@@ -192,3 +202,12 @@ def test_an_error_before_any_header_and_a_success_are_as_before(edge: Edge) -> N
     answered = _http11(edge, "answer")
     assert answered.status == 200 and answered.body["text"] == "ok"
     assert answered.headers["x-request-id"] == "r-1"  # lifted from the trailers
+
+
+@pytest.mark.parametrize("protocol", SEND)
+def test_an_errors_trailers_that_act_on_the_client_stay_trailers(edge: Edge, protocol: str) -> None:
+    answer = SEND[protocol](edge, "client-acting trailers after headers")
+    assert answer.status == 400
+    assert answer.headers.get("x-tokenmesh-kept") == "yes"  # metadata of ours is lifted
+    assert "set-cookie" not in answer.headers and "location" not in answer.headers
+    assert "x-envoy-injected" not in answer.headers

@@ -357,3 +357,22 @@ async def test_a_stopped_job_nobody_takes_over_ends_cancelled_after_the_grace(re
         # The expiry sweep, once the grace has passed: the job was stopped, not expired.
         assert await store.end(job_id, jobstore.EXPIRED, due_before_ms=int(due))
         assert await _status(store, job_id) == "CANCELLED"
+
+
+async def test_an_item_with_its_result_is_in_flight_for_nobody(redis_url):
+    """Runner "a" stalled past the claim time; "b" took the entry over and started the
+    item again; "a" then finished it. The mark "b" set stayed (only a consumer's own
+    was dropped), so a later cancel stayed CANCELLING until the 10-minute sweep."""
+    async with _two_items_read(redis_url) as (store, job_id, stream, entries):
+        assert await store.start_item(job_id, 0, "a", stream, entries[0]) is not None
+        await store.redis.xclaim(stream, jobstore.GROUP, "b", 0, [entries[0]])
+        assert await store.start_item(job_id, 0, "b", stream, entries[0]) is not None
+        result = jobs_pb2.JobResult(index=0, complete=v2.CompleteResponse())
+        assert await store.finish_item(job_id, 0, result, (1, 2, 0), stream, entries[0], "a")
+        assert not await store.redis.hexists(jobstore.inflight_key(job_id), "0")
+        # A takeover of an entry whose item has its result drops any mark too.
+        await store.redis.hset(jobstore.inflight_key(job_id), "0", "c")
+        assert await store.start_item(job_id, 0, "b", stream, entries[0]) is None
+        assert not await store.redis.hexists(jobstore.inflight_key(job_id), "0")
+        assert await store.stop(job_id) == jobstore.StopOutcome.STOPPED
+        assert await _status(store, job_id) == "CANCELLED"  # nothing in flight: at once

@@ -31,6 +31,7 @@ from services.inference.fairness import TenantAccount
 from services.inference.generation import GenerationState, stream_deltas
 from services.inference.sampling import SamplingParams
 from services.inference.scheduler import (
+    PRIORITY_BATCH,
     PRIORITY_INTERACTIVE,
     Finished,
     Scheduler,
@@ -291,5 +292,26 @@ async def test_a_failed_prefill_leaves_no_cached_tokens_to_the_next_prompt_in_it
         again = _submit(sched, head, 2)  # and an exact hit still counts its reuse
         assert await _finished(again) == Finished("length")
         assert again.cached_prompt_tokens == len(head)
+    finally:
+        await sched.stop(drain_timeout_s=0)
+
+
+async def test_a_request_that_fits_is_taken_while_others_wait_for_kv() -> None:
+    # A batch request waits for KV (max_queue=1 reached); an interactive one that fits
+    # the free slots and KV starts ahead of it (admission takes the higher class
+    # first), so it must not be refused QUEUE_FULL. (The first version of the
+    # KV-aware bound queued everything behind a waiting request and refused it.)
+    engine = GatedEngine(step_s=0.005)
+    limits = SchedulerLimits(max_sequences=4, max_kv_tokens=100, max_queue=1)
+    sched = Scheduler(engine, engine.eos_token_id, limits, _labels())
+    await sched.start()
+    try:
+        running = _submit(sched, [1], 59)  # 60 of the 100 KV tokens
+        assert isinstance(await asyncio.wait_for(running.outbox.get(), 5), int)
+        blocked = sched.submit([2], _params(max_tokens=59), PRIORITY_BATCH, None)
+        await _until(lambda: sched.stats()["waiting"] == 1 and blocked.started_at is None)
+        interactive = _submit(sched, [3], 9)  # 10 tokens: fits the 40 left
+        assert await _finished(interactive) == Finished("length")
+        assert blocked.started_at is None or running.finished is not None
     finally:
         await sched.stop(drain_timeout_s=0)

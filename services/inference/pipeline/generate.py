@@ -26,6 +26,7 @@ all before any runs; one refused, the others bill nothing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
@@ -59,6 +60,8 @@ from services.inference.v2.choices import Generation, request_finish_reason
 from services.inference.v2.validation import GenerationSpec
 from tokenmesh.inference.v2 import inference_pb2
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
+
+logger = logging.getLogger(__name__)
 
 GenerationRequest = pb.GenerateRequest | pb.CompleteRequest
 _LENGTH = struct.Struct(">I")
@@ -546,28 +549,27 @@ class GenerationPipeline:
         check, the model is unloading), its cancelled siblings' are dropped with
         their reservations: the request was refused, nothing of it is billed.
         """
+        _check_queue_room(generations)  # first: a full queue costs no Redis round trip
         await self._reserve_all(generations)
-        try:
-            _check_queue_room(generations)
-        except BaseException:
-            self._release_all(generations)
-            raise
         for generation in generations:
             generation.held_events = []
         tasks = [
             asyncio.ensure_future(self.complete_admitted(context, request, generation))
             for request, generation in zip(requests, generations, strict=True)
         ]
+        bill = True
         try:
-            responses = await asyncio.gather(*tasks)
+            return list(await asyncio.gather(*tasks))
         except BaseException:
+            # Decided now: the wind-down below awaits, and the caller leaving (the
+            # deadline that failed a prompt ends the RPC too) may cut it short.
+            bill = not _one_refused(tasks, generations)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self._end_together(generations, bill=not _one_refused(tasks, generations))
             raise
-        self._end_together(generations, bill=True)
-        return list(responses)
+        finally:
+            self._end_together(generations, bill=bill)
 
     async def _reserve_all(self, generations: Sequence[Generation]) -> None:
         """Reserves every prompt's tokens; one refused, gives all of them back and raises."""
@@ -591,8 +593,11 @@ class GenerationPipeline:
         """Records (or drops) the held usage events; gives back what nobody recorded."""
         for generation in generations:
             events, generation.held_events = generation.held_events or [], None
-            for event in events if bill else ():
-                self.admission.record(generation, event)
+            try:
+                for event in events if bill else ():
+                    self.admission.record(generation, event)
+            except Exception:  # one prompt's failure must not lose the others' usage
+                logger.exception("recording a prompt's usage of %s failed", generation.request_id)
             # A recorded prompt's reservation was reconciled: this gives back only
             # those of dropped events and of prompts that ended without one.
             self.admission.release(generation)
