@@ -51,6 +51,7 @@ class FakeGeneration:
     spec: Any = field(default_factory=lambda: SimpleNamespace(logprobs=False))
     started: float = field(default_factory=time.monotonic)
     closed: bool = False
+    unmetered: bool = True  # every message asks the fake admission's budget
 
     def __post_init__(self) -> None:
         self.choices = [_choice(i) for i in range(self.n)]

@@ -170,8 +170,11 @@ async def produce(
     streamed = False
     try:
         async for choice, delta in deltas:
-            used = generation.prompt_tokens + generation.sent_tokens
-            if not await admission.within_budget(generation, used):
+            # Only a stream admitted while budgets were unreachable is charged as it
+            # goes (checked here: no coroutine a message for every other stream).
+            if generation.unmetered and not await admission.within_budget(
+                generation, generation.prompt_tokens + generation.sent_tokens
+            ):
                 await deltas.aclose()  # frees every sequence's slot
                 for message in finals(generation, "quota"):
                     yield message
@@ -205,8 +208,9 @@ async def collect(admission: Admission, generation: Generation) -> pb.CompleteRe
     deltas = generation.deltas()
     try:
         async for choice, delta in deltas:
-            used = generation.prompt_tokens + generation.sent_tokens
-            if not await admission.within_budget(generation, used):
+            if generation.unmetered and not await admission.within_budget(
+                generation, generation.prompt_tokens + generation.sent_tokens
+            ):
                 generation.end_running("quota")
                 break
             output = outputs[choice.index]
