@@ -111,7 +111,9 @@ def _parse(raw: bytes | str, last_used_ns: bytes | str | None) -> auth_pb2.ApiKe
     return key
 
 
-def _record(key_id: str) -> str:
+def key_record_name(key_id: str) -> str:
+    """Returns the Redis key of an API key's record (an ApiKey protobuf). Public: the
+    jobs service reads the record to stop a revoked key's jobs (services/jobs/key_status.py)."""
     return f"{PREFIX}key:{key_id}"
 
 
@@ -175,7 +177,7 @@ class ApiKeyStore:
 
     @staticmethod
     def _queue_store(pipe: Pipeline, key: auth_pb2.ApiKey, digest: str, now: float) -> None:
-        pipe.set(f"{PREFIX}key:{key.id}", key.SerializeToString())
+        pipe.set(key_record_name(key.id), key.SerializeToString())
         pipe.set(f"{PREFIX}secret:{digest}", key.id)
         pipe.set(_issued(digest), key.id)
         pipe.sadd(f"{PREFIX}key:{key.id}:secrets", digest)
@@ -185,7 +187,7 @@ class ApiKeyStore:
     async def get(self, key_id: str) -> auth_pb2.ApiKey:
         """Returns a key's metadata; NotFound when unknown."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(_record(key_id))
+            pipe.get(key_record_name(key_id))
             pipe.hget(LAST_USED, key_id)
             raw, last_used = await pipe.execute()
         if raw is None:
@@ -251,7 +253,7 @@ class ApiKeyStore:
 
         def write(pipe: Pipeline, key: auth_pb2.ApiKey, digests: Sequence[str]) -> None:
             key.state = auth_pb2.API_KEY_STATE_REVOKED
-            pipe.set(_record(key_id), key.SerializeToString())
+            pipe.set(key_record_name(key_id), key.SerializeToString())
             for digest in digests:
                 pipe.delete(f"{PREFIX}secret:{digest}")
             pipe.delete(f"{PREFIX}key:{key_id}:secrets")
@@ -279,7 +281,7 @@ class ApiKeyStore:
             pipe.set(f"{PREFIX}secret:{digest}", key_id)
             pipe.set(_issued(digest), key_id)
             pipe.sadd(f"{PREFIX}key:{key_id}:secrets", digest)
-            pipe.set(_record(key_id), key.SerializeToString())
+            pipe.set(key_record_name(key_id), key.SerializeToString())
             return secret, time.time() + overlap_s
 
         key, (secret, expires_at) = await self._change(key_id, write)
@@ -301,8 +303,8 @@ class ApiKeyStore:
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
-                    await pipe.watch(_record(key_id), secrets)
-                    raw = await pipe.get(_record(key_id))
+                    await pipe.watch(key_record_name(key_id), secrets)
+                    raw = await pipe.get(key_record_name(key_id))
                     if raw is None:
                         raise _not_found(key_id)
                     key = _parse(raw, None)

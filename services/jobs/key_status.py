@@ -8,7 +8,8 @@ for the jobs whose items it runs, every watch round: a key that was revoked
 KEY_EXPIRED), as the edge refuses the key's own requests.
 
 The record is the auth service's (`tm:auth:key:<id>`, an ApiKey protobuf in
-the same AOF Redis, services/auth/keys.py), read and never written: no RPC
+the same AOF Redis, named by services/auth/keys.py's `key_record_name`: not
+built again here, so the two never drift apart), read and never written: no RPC
 to the auth service per item, and jobs keep running while it restarts. A
 verdict is kept `ttl_s` (2 s, the auth service's own cache): with the
 runner's watch round (0.5 s) a revoked key's calls are cut within the 5 s
@@ -39,11 +40,6 @@ STOP_REASONS = {
     auth_pb2.API_KEY_STATE_REVOKED: KEY_REVOKED,
     auth_pb2.API_KEY_STATE_EXPIRED: KEY_EXPIRED,
 }
-
-
-def key_record(key_id: str) -> str:
-    """Returns the Redis key of an API key's record (services/auth/keys.py's layout)."""
-    return f"{auth_keys.PREFIX}key:{key_id}"
 
 
 def stop_reason_of(raw: bytes | None, now: float) -> str:
@@ -87,7 +83,7 @@ class KeyStatus:
         if stale:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key_id in stale:
-                    pipe.get(key_record(key_id))
+                    pipe.get(auth_keys.key_record_name(key_id))
                 records = await pipe.execute()
             if len(self._verdicts) + len(stale) > MAX_ENTRIES:
                 self._verdicts.clear()

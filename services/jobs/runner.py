@@ -29,7 +29,8 @@ whether each owner's key is still active (its verdicts are at most 2 s old);
 a revoked or expired key's jobs are stopped (reason KEY_REVOKED or
 KEY_EXPIRED), and their calls cut at once, within the 5 s revocation bound.
 The workers cannot tell: they take the identity the edge vouched for when
-the job was created.
+the job was created. A job whose items no runner has read yet is stopped by
+`RevokedKeySweep`, every replica's bounded round over the unfinished jobs.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -74,6 +76,14 @@ end
 return lost
 """
 EntryKey = tuple[str, str]  # (stream, entry id)
+# How often each replica looks for unfinished jobs of revoked keys that no runner
+# reads (RevokedKeySweep), and the most jobs one round reads: with a verdict's age
+# (2 s) a revoked key's jobs stop within the 5 s revocation bound while the
+# unfinished jobs fit one round.
+KEY_SWEEP_EVERY_S = 2.0
+KEY_SWEEP_BATCH = 1000
+# ZSCAN calls one round makes at most (a sparse zset answers a call with few).
+KEY_SWEEP_SCANS = 8
 # A consumer with nothing pending and idle this long is a replica that is gone.
 DEAD_CONSUMER_IDLE_S = 3600.0
 # KEYS: stream. ARGV: group, idle ms, this consumer.
@@ -364,15 +374,7 @@ class Runner:
 
     async def _stop_revoked(self, states: dict[str, JobState]) -> set[str]:
         """Stops the jobs whose owner key was revoked (or expired); returns them."""
-        reasons = await self.key_status.stop_reasons({state.owner for state in states.values()})
-        stopped = set()
-        for job_id, state in states.items():
-            reason = reasons.get(state.owner, "")
-            if reason:
-                await self.store.stop(job_id, reason)
-                logger.info("stopped job %s: its key %s (%s)", job_id, state.owner, reason)
-                stopped.add(job_id)
-        return stopped
+        return await stop_revoked(self.store, self.key_status, states)
 
     async def trim(self) -> None:
         """Deletes acknowledged entries (those before the oldest pending or undelivered
@@ -475,6 +477,83 @@ class Runner:
             job_id, index, outcome.result, outcome.usage, stream, entry_id, self.consumer
         )
         self.finished_total += 1
+
+
+async def stop_revoked(
+    store: JobStore, key_status: KeyStatus, states: Mapping[str, JobState]
+) -> set[str]:
+    """Stops the jobs (id -> status and owner) whose owner key was revoked or expired
+    (reason KEY_REVOKED or KEY_EXPIRED); returns them. Asks once per distinct owner."""
+    reasons = await key_status.stop_reasons({state.owner for state in states.values()})
+    stopped = set()
+    for job_id, state in states.items():
+        reason = reasons.get(state.owner, "")
+        if reason:
+            await store.stop(job_id, reason)
+            logger.info("stopped job %s: its key %s (%s)", job_id, state.owner, reason)
+            stopped.add(job_id)
+    return stopped
+
+
+class RevokedKeySweep:
+    """RevokedKeySweep stops the unfinished jobs of revoked or expired keys, whoever runs
+    them, or nobody yet.
+
+    The runners check a job's key only for the items they read: a job whose items no
+    runner had picked up (every slot busy with other lanes, or queued behind other
+    jobs) stayed QUEUED or RUNNING after its key was revoked, and its owner, its
+    webhook and its OpenAI batch were told it was in progress. Nothing was spent
+    meanwhile; the status lied.
+
+    A round reads up to `batch` jobs of the `active` zset (ZSCAN, going on from where
+    the last round stopped), their status and owner in one round trip, and each
+    distinct owner's key once (`KeyStatus`, verdicts up to 2 s old). So a pass over
+    N unfinished jobs takes ceil(N / batch) rounds; with few (up to `batch`) a
+    revoked key's jobs stop within one round and a verdict's age.
+
+    Args:
+        store: the jobs in Redis.
+        key_status: tells whether keys may still spend (the runner's: one cache).
+        batch: the most jobs one round reads.
+    """
+
+    def __init__(
+        self, store: JobStore, key_status: KeyStatus, batch: int = KEY_SWEEP_BATCH
+    ) -> None:
+        self.store = store
+        self.key_status = key_status
+        self.batch = batch
+        self._cursor = 0  # where the next round goes on in the `active` zset
+
+    async def run_forever(self, every_s: float = KEY_SWEEP_EVERY_S) -> None:
+        """Sweeps a batch every `every_s` seconds."""
+        while True:
+            await self.sweep()
+            await asyncio.sleep(every_s)
+
+    async def sweep(self) -> int:
+        """Stops the next batch's jobs of revoked or expired keys; returns how many."""
+        job_ids = await self._next_batch()
+        if not job_ids:
+            return 0
+        states = await self.store.owners(job_ids)
+        runnable = {
+            job_id: state
+            for job_id, state in states.items()
+            if state.status in RUNNABLE and state.owner  # a stopping one is stopped already
+        }
+        return len(await stop_revoked(self.store, self.key_status, runnable))
+
+    async def _next_batch(self) -> list[str]:
+        """Returns up to about `batch` active jobs from where the last round stopped (a
+        round ends early where a pass ends: the next one starts it again)."""
+        found: dict[str, None] = {}
+        for _ in range(KEY_SWEEP_SCANS):
+            page, self._cursor = await self.store.active_page(self._cursor, self.batch)
+            found.update(dict.fromkeys(page))
+            if self._cursor == 0 or len(found) >= self.batch:
+                break
+        return list(found)
 
 
 class ExpirySweep:

@@ -1,4 +1,5 @@
-"""The jobs service: settings, the runner, the expiry sweep and webhook delivery."""
+"""The jobs service: settings, the runner, the expiry and revoked-key sweeps and webhook
+delivery."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from services.jobs.openai_batches import BatchStore
 from services.jobs.openai_files import FileStore
 from services.jobs.openai_servicer import SERVICE_NAME as OPENAI_BATCH_SERVICE
 from services.jobs.openai_servicer import OpenAIBatchServicer
-from services.jobs.runner import ExpirySweep, Runner
+from services.jobs.runner import KEY_SWEEP_EVERY_S, ExpirySweep, RevokedKeySweep, Runner
 from services.jobs.secret_box import SecretBox, key_of_hex
 from services.jobs.servicer import JobsServicer
 from services.jobs.store import JobStore
@@ -206,6 +207,8 @@ class JobsService(RedisBackedService):
             settings.tenant_concurrency,
             settings.claim_idle_s,
         )
+        # The runner's KeyStatus: one cache of verdicts for the items and the sweep.
+        self.key_sweep = RevokedKeySweep(self.store, self.runner.key_status)
         self.sender = WebhookSender(
             self.store,
             DeliveryPolicy(
@@ -251,6 +254,9 @@ class JobsService(RedisBackedService):
             self.tasks.spawn("jobs-runner", self.runner.run_forever),
             self.tasks.spawn("jobs-maintain", lambda: self.runner.maintain_forever(maintain_s)),
             self.tasks.spawn("jobs-expiry", lambda: ExpirySweep(self.store).run_forever(1.0)),
+            self.tasks.spawn(
+                "jobs-revoked-keys", lambda: self.key_sweep.run_forever(KEY_SWEEP_EVERY_S)
+            ),
             self.tasks.spawn(
                 "jobs-webhooks", lambda: self.sender.run_forever(self.settings.webhook_poll_s)
             ),

@@ -853,6 +853,18 @@ class JobStore:
         raw: Any = await self.redis.zrangebyscore(ACTIVE_KEY, "-inf", now, start=0, num=count)
         return [text(r) for r in raw]
 
+    async def active_page(self, cursor: int, count: int) -> tuple[list[str], int]:
+        """Returns about `count` unfinished jobs (the `active` zset, in no order) from
+        `cursor`, and the cursor to go on from (0: a pass over them all is done).
+
+        ZSCAN, not a range by deadline or by rank: jobs end and stopped ones move
+        (their deadline becomes `stop_by_ms`) while a pass goes on, and a scan still
+        returns every job that stays active throughout it (some may come twice).
+        """
+        reply: Any = await self.redis.zscan(ACTIVE_KEY, cursor, count=count)
+        next_cursor, members = reply
+        return list(dict.fromkeys(text(member) for member, _ in members)), int(next_cursor)
+
     def _job_keys(self, job_id: str) -> list[str]:
         return [
             job_key(job_id),
