@@ -300,6 +300,19 @@ local function hex(s)
   return (s:gsub(".", HEX))
 end
 
+-- Tells whether the caller's key may use `model`: `allowed` is the edge's
+-- x-tokenmesh-models identity header ("a,b"; absent or blank: any model), read
+-- as the workers read it (services/core/model_access.py).
+local function key_allows(allowed, model)
+  if allowed == nil then return true end
+  local any = true
+  for name in string.gmatch(allowed:match("^%s*(.-)%s*$"), "[^,]+") do
+    if name == model then return true end
+    any = false
+  end
+  return any
+end
+
 -- Returns the version `pins` ("model=version,...") pins `model` to, or nil.
 local function key_pin(pins, model)
   if pins == nil then return nil end
@@ -350,6 +363,13 @@ function envoy_on_request(handle)
   local headers = handle:headers()
   if not header_safe(model, 128) then model = nil end
   if not header_safe(version, 64) then version = nil end
+  -- A model the caller's key may not use takes no model route: it goes, as an
+  -- unknown model does, to any worker, which refuses it (MODEL_NOT_ALLOWED).
+  -- Routed, its state leaked to a key that may not see it: no healthy worker
+  -- (503), a sunset version (the route's 404), while a served one got 403.
+  if model ~= nil and not key_allows(headers:get("x-tokenmesh-models"), model) then
+    model = nil
+  end
   if model ~= nil then headers:replace("x-tokenmesh-model", model) end
   local prefix = nil
   if head ~= nil and head ~= "" then

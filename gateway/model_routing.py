@@ -24,6 +24,10 @@ INFERENCE_PREFIX = "/tokenmesh.inference.v1.InferenceService/"
 # so other paths under this prefix (InferenceAdminService, other services) never
 # match a model route.
 INFERENCE_ROUTE_PREFIX = "/tokenmesh."
+# Model lookups the Lua filter routes by their model (its MODEL_LOOKUPS): they match
+# the model's routes, but are no inference request (shadow traffic never copies them:
+# services/router/shadow.py).
+MODEL_LOOKUP_PATHS = ("/tokenmesh.openai.v1.OpenAIService/GetModel",)
 # Set by the Lua filter from the request body.
 MODEL_HEADER = "x-tokenmesh-model"
 # Set by the client or, from the body's version field, by the Lua filter.

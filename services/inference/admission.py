@@ -122,6 +122,9 @@ def route_target(
     was reached through the model's fallback cluster).
     """
     routed_model = headers.get(model_routing.ROUTE_MODEL_HEADER, "")
+    # Before any lookup: a model outside the key's list is refused alike whether it
+    # is served, unknown or unloading (its state is not the caller's to learn).
+    check_model_allowed(headers, routed_model or name)
     routed_version = shadow.routed_version(headers)  # a shadow copy: the shadow version
     if routed_model:
         if registry.has(routed_model, routed_version):

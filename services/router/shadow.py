@@ -16,6 +16,13 @@ adds to each of the model's routes that serves another version:
   it (which ones Envoy mirrors is not known here): the pair store keeps the
   records no copy pairs with apart, briefly (services.router.shadow_pairs).
 
+Only inference requests are mirrored. A model lookup (OpenAI's `GET
+/models/{id}`, gateway.model_routing.MODEL_LOOKUP_PATHS) is routed by its model
+too, so it matched the mirrored routes: each copy cost the shadow version's
+workers a lookup and the live one a record no copy would ever pair with. Each
+mirrored route is preceded by a copy of the model's route (no mirror, no
+SHADOWED_HEADER) matching only the lookup paths.
+
 Nothing here does I/O.
 """
 
@@ -23,7 +30,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.model_routing import FALLBACK_MODEL_HEADER, FALLBACK_VERSION_HEADER
+from gateway.model_routing import (
+    FALLBACK_MODEL_HEADER,
+    FALLBACK_VERSION_HEADER,
+    MODEL_LOOKUP_PATHS,
+)
 from services.core import contract
 from services.router.catalog import ModelEntry
 
@@ -53,11 +64,12 @@ def with_shadow(
     now: float,
     cluster: str,
     serves: frozenset[str],
-) -> dict[str, Any]:
-    """Returns `route` mirroring the model's shadow share, unless it serves only the shadow.
+) -> list[dict[str, Any]]:
+    """Returns `route` mirroring the model's shadow share, unless it serves only the shadow,
+    preceded by its unmirrored copies for model lookups (Envoy takes the first match).
 
     Args:
-        route: one of the model's routes (with a "route" action).
+        route: one of the model's routes (with a "route" action, matching a prefix).
         entry: the model.
         now: the time (a sunset shadow version is no shadow).
         cluster: the shadow version's cluster.
@@ -65,9 +77,16 @@ def with_shadow(
     """
     shadow = entry.shadow(now)
     if shadow is None or serves <= {shadow[0]}:
-        return route
+        return [route]
     version, percent = shadow
     mirrors = [mirror_policy(cluster, version, percent)]
     action = {**route["route"], "request_mirror_policies": mirrors}
     headers = [*route.get("request_headers_to_add", []), _set(contract.SHADOWED_HEADER, version)]
-    return {**route, "route": action, "request_headers_to_add": headers}
+    mirrored = {**route, "route": action, "request_headers_to_add": headers}
+    return [*(_lookups_only(route, path) for path in MODEL_LOOKUP_PATHS), mirrored]
+
+
+def _lookups_only(route: dict[str, Any], path: str) -> dict[str, Any]:
+    """Returns `route` (unmirrored) matching only requests to `path`, with the same headers."""
+    match = {k: v for k, v in route["match"].items() if k != "prefix"}
+    return {**route, "match": {**match, "path": path}}

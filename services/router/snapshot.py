@@ -544,7 +544,7 @@ def model_routes(
             "route": _streaming_action(affinity, weighted_clusters={"clusters": [target]}),
             **_placement_metadata(placed, entry.name, [version]),
         }
-        routes.append(_shadowed(route, entry, now, frozenset({version})))
+        routes += _shadowed(route, entry, now, frozenset({version}))
     # A version the catalogue does not know: any worker answers (NOT_FOUND, or the
     # version if a worker loaded it outside the catalogue), never another version.
     unknown_version = _match(entry.name, None)
@@ -558,7 +558,7 @@ def model_routes(
             "route": _streaming_action(affinity, weighted_clusters={"clusters": targets}),
             **_placement_metadata(placed, entry.name, sorted(weights)),
         }
-        routes.append(_shadowed(route, entry, now, frozenset(weights)))
+        routes += _shadowed(route, entry, now, frozenset(weights))
     return routes
 
 
@@ -586,8 +586,9 @@ def _placement_metadata(
 
 def _shadowed(
     route: dict[str, Any], entry: ModelEntry, now: float, serves: frozenset[str]
-) -> dict[str, Any]:
-    """Adds the model's shadow traffic (services.router.shadow) to one of its routes."""
+) -> list[dict[str, Any]]:
+    """Adds the model's shadow traffic (services.router.shadow) to one of its routes: the
+    route, or its unmirrored lookup routes and then it, mirrored."""
     return shadow.with_shadow(
         route, entry, now, model_cluster(entry.name, entry.shadow_version), serves
     )

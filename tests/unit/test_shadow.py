@@ -3,6 +3,7 @@ marks, and the comparison of pairs."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -155,3 +156,46 @@ def test_percentile_is_nearest_rank():
     assert percentile([], 50) == 0.0
     assert percentile([5.0, 1.0, 3.0], 50) == 3.0
     assert percentile([float(n) for n in range(1, 101)], 99) == 99.0
+
+
+def _first_match(
+    routes: list[dict[str, Any]], path: str, headers: dict[str, str]
+) -> dict[str, Any]:
+    """The route Envoy takes for a request (path, exact and presence header matches)."""
+    for route in routes:
+        match = route["match"]
+        if "path" in match and match["path"] != path:
+            continue
+        if not path.startswith(match.get("prefix", "")):
+            continue
+        if all(
+            h["name"] in headers
+            and h.get("string_match", {}).get("exact", headers[h["name"]]) == headers[h["name"]]
+            for h in match.get("headers", [])
+        ):
+            return route
+    raise AssertionError(f"no route takes {path} {headers}")
+
+
+@pytest.mark.parametrize("version", [None, "1"], ids=["split", "version 1"])
+def test_model_lookups_are_not_mirrored_only_inference_requests(version: str | None) -> None:
+    routes = snapshot.model_routes(shadowed(100), {"m": shadowed(100)}, NOW)
+    headers = {model_routing.MODEL_HEADER: "m"}
+    if version is not None:
+        headers[model_routing.VERSION_HEADER] = version
+    generate = _first_match(routes, "/tokenmesh.inference.v2.InferenceService/Generate", headers)
+    assert generate["route"]["request_mirror_policies"]
+    for path in model_routing.MODEL_LOOKUP_PATHS:
+        lookup = _first_match(routes, path, headers)
+        # The same targets as the inference request, without the copy or its mark.
+        assert "request_mirror_policies" not in lookup["route"]
+        assert "request_headers_to_add" not in lookup
+        assert lookup["route"]["weighted_clusters"] == generate["route"]["weighted_clusters"]
+
+
+def test_the_lua_filter_routes_the_lookups_the_routes_know() -> None:
+    # model_routing.lua's MODEL_LOOKUPS and MODEL_LOOKUP_PATHS must agree: a lookup
+    # path only the filter knew would be mirrored again.
+    source = model_routing.LUA_SOURCE.read_text()
+    table = source.split("local MODEL_LOOKUPS = {", 1)[1].split("}", 1)[0]
+    assert tuple(re.findall(r'\["([^"]+)"\]', table)) == model_routing.MODEL_LOOKUP_PATHS
