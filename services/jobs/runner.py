@@ -50,7 +50,7 @@ from services.core.redis_service import text
 from services.jobs import store as jobstore
 from services.jobs.execution import DeadlinePassed, ItemExecutor
 from services.jobs.key_status import KeyStatus
-from services.jobs.store import RUNNABLE, JobState, JobStore
+from services.jobs.store import RUNNABLE, JobState, JobStore, StopOutcome
 
 logger = logging.getLogger(__name__)
 # The most items a replica holds per slot, waiting ones included (a bound on memory).
@@ -489,9 +489,9 @@ async def stop_revoked(
     for job_id, state in states.items():
         reason = reasons.get(state.owner, "")
         if reason:
-            await store.stop(job_id, reason)
-            logger.info("stopped job %s: its key %s (%s)", job_id, state.owner, reason)
-            stopped.add(job_id)
+            if await store.stop(job_id, reason) == StopOutcome.STOPPED:  # not another's
+                logger.info("stopped job %s: its key %s (%s)", job_id, state.owner, reason)
+            stopped.add(job_id)  # stopping or ended either way: its calls are cut
     return stopped
 
 
