@@ -125,6 +125,11 @@ class StartCapacity:
         """Tells whether a request reserving `reserved` KV tokens fits what is free."""
         return self.slots > 0 and (reserved <= self.kv_tokens or self.kv_tokens == self.budget)
 
+    def refuses(self, reserved: int, max_queue: int) -> bool:
+        """Tells whether `submit` refuses a request reserving `reserved` KV tokens: it
+        does not fit, and `max_queue` requests are queued already."""
+        return self.queued >= max_queue and not self.fits(reserved)
+
     def count(self, reserved: int) -> bool:
         """Counts a waiting request: True when it fits (its slot and KV are now spoken
         for), False when it is queued."""
@@ -392,7 +397,7 @@ class Scheduler:
             # Requests the next admission starts (a free slot, room in the KV
             # budget) never wait: max_queue bounds the ones that cannot start.
             capacity = self._capacity
-            if capacity.queued >= self.limits.max_queue and not capacity.fits(seq.reserved_tokens):
+            if capacity.refuses(seq.reserved_tokens, self.limits.max_queue):
                 raise ResourceExhausted(
                     f"worker queue is full ({self.limits.max_queue} requests waiting)",
                     retry_after_s=1.0,
@@ -420,7 +425,7 @@ class Scheduler:
         with self._lock:
             capacity = dataclasses.replace(self._capacity)
             for tokens in reserved:
-                if capacity.queued >= self.limits.max_queue and not capacity.fits(tokens):
+                if capacity.refuses(tokens, self.limits.max_queue):
                     return False
                 capacity.count(tokens)
         return True
