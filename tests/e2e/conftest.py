@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from services.launcher.mesh import Mesh
+from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
 
 
 def edge_hosts(mesh: Mesh, cluster: str) -> dict[str, dict[str, str]]:
@@ -133,6 +134,24 @@ class _Metadata(
 def authed_channel(address: str, metadata: Sequence[tuple[str, str]]) -> grpc.Channel:
     """Returns a channel that sends `metadata` (e.g. x-api-key) on every call."""
     return grpc.intercept_channel(grpc.insecure_channel(address), _Metadata(metadata))
+
+
+def model_limited_key_channel(
+    mesh: Mesh, admin: grpc.Channel, name: str, allowed_models: Sequence[str]
+) -> grpc.Channel:
+    """Returns a channel to the edge as a new key of tenant "acme" (`models:read`,
+    `inference:generate`) that may use only `allowed_models`; `admin` creates it."""
+    created = auth_service_pb2_grpc.AuthServiceStub(admin).CreateApiKey(
+        auth_service_pb2.CreateApiKeyRequest(
+            tenant="acme",
+            name=name,
+            scopes=["models:read", "inference:generate"],
+            allowed_models=list(allowed_models),
+            limits=auth_pb2.KeyLimits(),
+        ),
+        timeout=10,
+    )
+    return authed_channel(mesh.edge_address, [("x-api-key", created.secret)])
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from services.launcher.mesh import Mesh
-from tests.e2e.conftest import authed_channel
-from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
+from tests.e2e.conftest import model_limited_key_channel
 from tokenmesh.inference.v2 import inference_service_pb2 as v2_pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_rpc
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
@@ -49,17 +48,7 @@ def catalogue(channel: grpc.Channel) -> router_rpc.RouterServiceStub:
 @pytest.fixture(scope="module")
 def restricted(mesh: Mesh, channel: grpc.Channel) -> Iterator[grpc.Channel]:
     """The edge, as a `models:read` key allowed SHOWN only."""
-    created = auth_service_pb2_grpc.AuthServiceStub(channel).CreateApiKey(
-        auth_service_pb2.CreateApiKeyRequest(
-            tenant="acme",
-            name="one model",
-            scopes=["models:read", "inference:generate"],
-            allowed_models=[SHOWN],
-            limits=auth_pb2.KeyLimits(),
-        ),
-        timeout=10,
-    )
-    with authed_channel(mesh.edge_address, [("x-api-key", created.secret)]) as edge:
+    with model_limited_key_channel(mesh, channel, "one model", [SHOWN]) as edge:
         yield edge
 
 

@@ -24,9 +24,8 @@ from grpc_status import rpc_status
 
 from gateway.model_routing import MODEL_HEADER
 from services.launcher.mesh import Mesh
-from tests.e2e.conftest import authed_channel
+from tests.e2e.conftest import model_limited_key_channel
 from tests.e2e.test_jobs import wait_until
-from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
 from tokenmesh.inference.v2 import inference_service_pb2 as v2_pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_rpc
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
@@ -89,17 +88,7 @@ def routed_elsewhere(mesh: Mesh, channel: grpc.Channel) -> None:
 @pytest.fixture(scope="module")
 def restricted(mesh: Mesh, channel: grpc.Channel) -> Iterator[grpc.Channel]:
     """The edge, as a key allowed ALLOWED only."""
-    created = auth_service_pb2_grpc.AuthServiceStub(channel).CreateApiKey(
-        auth_service_pb2.CreateApiKeyRequest(
-            tenant="acme",
-            name="one model at the edge",
-            scopes=["models:read", "inference:generate"],
-            allowed_models=[ALLOWED],
-            limits=auth_pb2.KeyLimits(),
-        ),
-        timeout=10,
-    )
-    with authed_channel(mesh.edge_address, [("x-api-key", created.secret)]) as edge:
+    with model_limited_key_channel(mesh, channel, "one model at the edge", [ALLOWED]) as edge:
         yield edge
 
 

@@ -9,8 +9,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 
@@ -25,6 +24,7 @@ from services.jobs.runner import RevokedKeySweep
 from services.jobs.service import JobsService, JobsSettings
 from tests import mtls
 from tests.conftest import private_db_url
+from tests.integration.test_jobs_stopping import _until
 from tokenmesh.auth.v1 import auth_pb2
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.jobs.v1 import jobs_pb2, jobs_service_pb2_grpc
@@ -33,19 +33,6 @@ from tokenmesh.jobs.v1 import jobs_service_pb2 as jobs_pb
 # A database of its own: no other test's jobs service reads these jobs' lanes.
 PRIVATE_DB = 11
 SCOPES = ("inference:generate", "jobs")
-
-
-async def _until(
-    check: Callable[[], Awaitable[Any]], timeout_s: float, what: str, every_s: float = 0.02
-) -> Any:
-    """Returns `check()`'s first true answer; fails naming `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = await check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
-        await asyncio.sleep(every_s)
 
 
 async def _never_read() -> None:

@@ -29,7 +29,6 @@ from services.inference.engines.deterministic import DeterministicTestEngine
 from services.inference.engines.onnx import OnnxGenerativeEngine
 from services.inference.fairness import TenantAccount
 from services.inference.generation import GenerationState, stream_deltas
-from services.inference.sampling import SamplingParams
 from services.inference.scheduler import (
     PRIORITY_BATCH,
     PRIORITY_INTERACTIVE,
@@ -39,6 +38,7 @@ from services.inference.scheduler import (
     Sequence_,
 )
 from services.inference.tokenizer import WordTokenizer
+from tests.unit.test_scheduler_liveness import _params
 
 TOKENIZER = WordTokenizer()
 DEMO_LM = Path(__file__).resolve().parents[2] / "models" / "demo-lm" / "1"
@@ -75,14 +75,6 @@ class GatedEngine(DeterministicTestEngine):
             self.inside.set()
             self._released.wait(10)
         return super().forward(items)
-
-
-def _params(**overrides: Any) -> SamplingParams:
-    values: dict[str, Any] = dict(
-        max_tokens=8, temperature=1.0, top_p=1.0, top_k=0, seed=3, stop=()
-    )
-    values.update(overrides)
-    return SamplingParams(**values)
 
 
 def _labels() -> tuple[str, str]:
