@@ -364,17 +364,13 @@ class Runner:
         states = await self.store.owners(job_ids)
         ended = {job_id for job_id, state in states.items() if state.status not in RUNNABLE}
         running = {job_id: state for job_id, state in states.items() if job_id not in ended}
-        ended |= await self._stop_revoked(running)
+        ended |= await stop_revoked(self.store, self.key_status, running)
         for key, job_id in list(self._jobs.items()):
             if job_id in ended:
                 task = self._tasks.get(key)
                 if task is not None and key not in self._ending:
                     self._ending.add(key)
                     task.cancel()
-
-    async def _stop_revoked(self, states: dict[str, JobState]) -> set[str]:
-        """Stops the jobs whose owner key was revoked (or expired); returns them."""
-        return await stop_revoked(self.store, self.key_status, states)
 
     async def trim(self) -> None:
         """Deletes acknowledged entries (those before the oldest pending or undelivered
