@@ -198,6 +198,12 @@ class Outbox:
                     self._waiter = None
 
 
+def kv_reservation(prompt_ids: Sequence[int], params: SamplingParams) -> int:
+    """Returns the KV tokens a sequence of this prompt may need: prompt + max_tokens
+    (what admission and `submit`'s queue bound count)."""
+    return len(prompt_ids) + params.max_tokens
+
+
 @dataclass(eq=False)
 class Sequence_:
     """Sequence_ is one request's generation state inside the scheduler."""
@@ -235,7 +241,7 @@ class Sequence_:
     @property
     def reserved_tokens(self) -> int:
         """Returns the KV tokens this sequence may need: prompt + max_tokens."""
-        return len(self.prompt_ids) + self.params.max_tokens
+        return kv_reservation(self.prompt_ids, self.params)
 
     def step_item(self) -> StepItem:
         """Returns what to feed next: the prompt first, then the last token."""

@@ -52,7 +52,7 @@ from services.inference.pipeline.content import adopt_stop
 from services.inference.pipeline.policy import OutputMatch
 from services.inference.pipeline.record import record_computed, record_served
 from services.inference.pipeline.stream import collect, finish_reason_name, produce
-from services.inference.scheduler import Scheduler
+from services.inference.scheduler import Scheduler, kv_reservation
 from services.inference.surface import ApiSurface
 from services.inference.template_cache import TemplateCache
 from services.inference.v2 import prompting
@@ -672,9 +672,8 @@ def _check_queue_room(generations: Sequence[Generation]) -> None:
     after the first ones ran. (Prompts the cache would answer count too.)"""
     reserved: dict[Scheduler, list[int]] = {}
     for generation in generations:
-        prompt = len(generation.prompt_ids)
         reserved.setdefault(generation.scheduler, []).extend(
-            prompt + params.max_tokens for params in generation.params
+            kv_reservation(generation.prompt_ids, params) for params in generation.params
         )
     for scheduler, tokens in reserved.items():
         if not scheduler.has_room(tokens):
