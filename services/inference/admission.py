@@ -378,16 +378,20 @@ class Admission:
         due = used_tokens - request.charged_tokens
         if due < CHARGE_EVERY_TOKENS:
             return True
+        chunk_id, now = f"{request.usage_id}:{request.charged_tokens}", time.time()
         try:
-            await self.budgets.reserve(
-                request.key_id,
-                request.limits,
-                f"{request.usage_id}:{request.charged_tokens}",
-                due,
-            )
+            await self.budgets.reserve(request.key_id, request.limits, chunk_id, due, now)
         except ResourceExhausted:
             return False
+        except BreakerOpen:
+            return True  # not sent: the next chunk takes its tokens under the same id
         except BUDGETS_UNAVAILABLE:
+            # Sent, and it may have been charged (a stall that timed the call out): the
+            # next chunk under this id would be taken for its replay and charge nothing
+            # more. This chunk is charged as it was sent, in the background (a replay
+            # if it landed), and the next one gets an id of its own.
+            self._charge_chunk(request.key_id, chunk_id, due, now)
+            request.charged_tokens += due
             return True  # still unreachable: still open
         request.charged_tokens += due
         return True
@@ -449,16 +453,16 @@ class Admission:
         due = used - request.charged_tokens
         if due <= 0:
             return
-        charge = functools.partial(
-            self.budgets.reserve,
-            request.key_id,
-            Limits(),
-            f"{request.usage_id}:{request.charged_tokens}",
-            due,
-            time.time(),
+        self._charge_chunk(
+            request.key_id, f"{request.usage_id}:{request.charged_tokens}", due, time.time()
         )
         request.charged_tokens = used
-        self._in_background(charge, "charge an unmetered request's last tokens")
+
+    def _charge_chunk(self, key_id: str, chunk_id: str, amount: int, now: float) -> None:
+        """Charges an unmetered request's chunk in the background, whatever the budget
+        holds (no limits: its tokens were sent); tried again, it is charged once."""
+        charge = functools.partial(self.budgets.reserve, key_id, Limits(), chunk_id, amount, now)
+        self._in_background(charge, "charge an unmetered request's tokens")
 
     def release(self, request: Request) -> None:
         """Gives a request's whole reservation back (it was refused before it ran)."""

@@ -412,6 +412,35 @@ async def test_a_reconcile_that_fails_once_is_tried_again(budgets, monkeypatch):
     assert failures == [1]
 
 
+async def test_a_chunk_charged_while_its_answer_was_lost_does_not_swallow_the_next(
+    budgets, monkeypatch
+):
+    """An unmetered stream's chunk reached Redis, then its call timed out (a stall): the
+    next chunk went under the same id, was taken for the first one's replay and charged
+    nothing, and so did the rest at record: the month held 30 of 50 tokens used."""
+    monkeypatch.setattr("services.inference.admission.STORE_BACKOFF_S", 0.01, raising=False)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    admission = Admission(ModelRegistry(), None, budgets, "w")
+    request = _request(key, 0)
+    request.unmetered, request.charged_tokens = True, 0
+    script, lost = budgets._reserve, []
+
+    async def charged_then_lost_once(*args: Any, **kwargs: Any) -> Any:
+        reply = await script(*args, **kwargs)
+        if not lost:
+            lost.append(1)
+            raise TimeoutError("Timeout reading from 127.0.0.1:6379")
+        return reply
+
+    budgets._reserve = charged_then_lost_once
+    assert await admission.within_budget(request, 20)  # charged, its answer lost
+    assert await _month_used(budgets, key) == 20
+    assert await admission.within_budget(request, 40)
+    admission.settle(request, 50)
+    assert await _wait_month_used(budgets, key, 50) == 50
+    assert lost == [1]
+
+
 async def _computing(service: Any) -> None:
     """Waits until a sequence runs on the worker (its request was admitted)."""
     deadline = time.monotonic() + 5
