@@ -2,7 +2,7 @@
 
 A child that exits without being asked to (`Child.stopping` unset) is restarted
 by its owner's restart function after a backoff that doubles with each crash in
-a row (`RestartPolicy`); a child that ran for `reset_after_s` starts a new
+a row (`RestartPolicy`); a child that served for `reset_after_s` starts a new
 streak. Every exit is logged and counted (`ChildRecord`); the owner writes the
 records to `run/mesh.json`. The supervisor never gives up: a child that keeps
 crashing is retried every `max_s` with an error logged each time, as
@@ -48,7 +48,10 @@ class ChildRecord:
     last_exit_code: int | None = None  # of the last unexpected exit (negative: a signal)
     streak: int = 0  # unexpected exits in a row (reset once a child runs reset_after_s)
     state: str = "running"  # running | backoff | restarting
-    started_at: float = field(default_factory=time.monotonic)
+    # When the child last came up (served), not when it was spawned: one whose start
+    # takes reset_after_s (a worker loading its models) and which dies once up would
+    # otherwise start a new streak at every crash and be restarted at base_s forever.
+    serving_since: float = field(default_factory=time.monotonic)
 
     def to_json(self) -> dict[str, Any]:
         """Returns the record as mesh.json shows it."""
@@ -139,7 +142,10 @@ class Supervisor:
         self._changed()
 
     def _schedule(self, name: str, record: ChildRecord) -> float:
-        if time.monotonic() - record.started_at >= self.policy.reset_after_s:
+        # Only a child that was up (not one whose restart failed or hung) may have
+        # served long enough to start a new streak.
+        served_s = time.monotonic() - record.serving_since if record.state == "running" else 0.0
+        if served_s >= self.policy.reset_after_s:
             record.streak = 0
         record.streak += 1
         record.state = "backoff"
@@ -151,7 +157,6 @@ class Supervisor:
         record = self.records[name]
         record.state = "restarting"
         record.restarts += 1
-        record.started_at = time.monotonic()
         try:
             self._restart(name)
         except (RuntimeError, TimeoutError, OSError) as exc:
@@ -159,6 +164,7 @@ class Supervisor:
             self._after_failed_restart(name, record)
             self._changed()
             return
+        record.serving_since = time.monotonic()
         record.state = "running"
         logger.info("restarted %s (restart %d)", name, record.restarts)
         self._changed()
