@@ -20,7 +20,9 @@ just ended) records the output rules that stopped its choices as its own hits.
 
 `complete_all` runs one request's several prompts (a legacy completion's
 `prompt` list) all or none: every budget reserved and room in the queue for
-all before any runs; one refused, the others bill nothing.
+all before any runs; one refused, the others bill nothing. The cache is read
+for all of them first: a prompt it answers needs no room in the queue and
+reserves what it is billed, as it would alone.
 """
 
 from __future__ import annotations
@@ -74,6 +76,27 @@ class CachePlan:
 
     key: str | None
     mode: ClientMode
+
+    @property
+    def read_key(self) -> str | None:
+        """Returns the key the request may be answered under, from the cache or a shared
+        computation (None: it computes its own)."""
+        return self.key if self.mode.read else None
+
+
+@dataclass(frozen=True)
+class CacheLookup:
+    """CacheLookup is one prompt's cache plan and the answer read for it before the
+    request was admitted (`complete_all`): the answer served (it cannot expire in
+    between), or, on a miss, the prompt joins or computes without reading again.
+
+    Attributes:
+        plan: what the cache stage may do for the prompt.
+        hit: the cached answer (None: a miss, or a prompt that does not read the cache).
+    """
+
+    plan: CachePlan
+    hit: pb.CompleteResponse | None = None
 
 
 def deterministic(generation: Generation) -> bool:
@@ -404,14 +427,34 @@ class GenerationPipeline:
         if stage is None:
             return await self._complete_computed(context, generation)
         cache_plan = plan(stage, context, generation, request.cache, "Complete", self.surface)
+        return await self._complete_cached(stage, cache_plan, context, generation)
+
+    async def _complete_cached(
+        self,
+        stage: CacheStage,
+        cache_plan: CachePlan,
+        context: Context,
+        generation: Generation,
+        looked_up: CacheLookup | None = None,
+    ) -> pb.CompleteResponse:
+        """Serves a Complete request through the cache stage.
+
+        `looked_up`: the cache was read for it already (`complete_all`): its
+        answer is served, or on a miss the request joins or computes without
+        reading the store again.
+        """
         key = cache_plan.key
         if key is None:
             _count(generation, BYPASS)
             generation.cache_status = BYPASS
             return await self._complete_computed(context, generation)
         if cache_plan.mode.read:
+            if looked_up is not None and looked_up.hit is not None:
+                return await self._serve_completion(
+                    context, generation, looked_up.hit, HIT, stops={}
+                )
             flight = stage.completions.join(key)
-            if flight is None:
+            if flight is None and looked_up is None:
                 entry = await stage.store.get(key)
                 if entry is not None:
                     return await self._replay_completion(context, generation, entry)
@@ -541,21 +584,37 @@ class GenerationPipeline:
         """Returns the Complete responses of one request's several prompts, admitted as
         `generations` (`admit`), computed at once: all answered, or none billed.
 
-        Before any runs, every prompt's tokens are reserved in the caller's budget
-        and the model's queue must hold all their sequences (a refusal gives every
-        reservation back). Their usage events are held until all are answered (or
-        the request failed, or its caller left, after they ran: recorded then); if
-        a prompt was refused when it was to run (the queue filled up since the
-        check, the model is unloading), its cancelled siblings' are dropped with
-        their reservations: the request was refused, nothing of it is billed.
+        Before any runs, the cache is read for every prompt that may use it (one
+        round trip), the model's queue must hold the sequences of those it does not
+        answer (a repeated prompt counted once: the repeats join its computation),
+        and every prompt's tokens are reserved in the caller's budget: prompt +
+        max_tokens, or what a cached answer is billed (TOKENMESH_CACHE_BILLING), as
+        for a single prompt. A refusal gives every reservation back. A cached
+        answer read here is the one served: it cannot expire before its prompt
+        runs. The queue check is an estimate: a prompt may still be refused when
+        it is to run (the queue filled up since the check, the model is unloading).
+
+        Their usage events are held until all are answered (or the request failed,
+        or its caller left, after they ran: recorded then); if a prompt was refused
+        when it was to run, its cancelled siblings' are dropped with their
+        reservations: the request was refused, nothing of it is billed.
         """
-        _check_queue_room(generations)  # first: a full queue costs no Redis round trip
+        # The cache first (one read for all): a prompt it answers takes no sequence,
+        # and holds in the budget what it will be billed, as it does alone.
+        lookups = await self._look_up_all(context, requests, generations)
+        _check_queue_room(_computing(generations, lookups))
+        for generation, lookup in zip(generations, lookups, strict=True):
+            if lookup is not None and lookup.hit is not None:
+                usage = lookup.hit.usage
+                generation.needed_tokens = self._billed_tokens(
+                    usage.prompt_tokens, usage.completion_tokens
+                )
         await self._reserve_all(generations)
         for generation in generations:
             generation.held_events = []
         tasks = [
-            asyncio.ensure_future(self.complete_admitted(context, request, generation))
-            for request, generation in zip(requests, generations, strict=True)
+            asyncio.ensure_future(self._complete_prompt(context, request, generation, lookup))
+            for request, generation, lookup in zip(requests, generations, lookups, strict=True)
         ]
         bill = True
         try:
@@ -571,11 +630,54 @@ class GenerationPipeline:
         finally:
             self._end_together(generations, bill=bill)
 
+    async def _look_up_all(
+        self,
+        context: Context,
+        requests: Sequence[pb.CompleteRequest],
+        generations: Sequence[Generation],
+    ) -> list[CacheLookup | None]:
+        """Plans every prompt's use of the cache and reads the answers of those that may be
+        answered from it, in one round trip (None for each: the cache is off)."""
+        stage = self.cache
+        if stage is None:
+            return [None] * len(generations)
+        plans = [
+            plan(stage, context, generation, request.cache, "Complete", self.surface)
+            for request, generation in zip(requests, generations, strict=True)
+        ]
+        keys = list(dict.fromkeys(k for p in plans if (k := p.read_key) is not None))
+        entries = dict(zip(keys, await stage.store.get_many(keys), strict=True))
+        lookups: list[CacheLookup | None] = []
+        for cache_plan in plans:
+            key = cache_plan.read_key
+            entry = None if key is None else entries[key]
+            hit = None if entry is None else pb.CompleteResponse.FromString(entry)
+            lookups.append(CacheLookup(cache_plan, hit))
+        return lookups
+
+    async def _complete_prompt(
+        self,
+        context: Context,
+        request: pb.CompleteRequest,
+        generation: Generation,
+        lookup: CacheLookup | None,
+    ) -> pb.CompleteResponse:
+        """Answers one of `complete_all`'s prompts as its lookup decided."""
+        stage = self.cache
+        if stage is None or lookup is None:
+            return await self.complete_admitted(context, request, generation)
+        return await self._complete_cached(stage, lookup.plan, context, generation, lookup)
+
     async def _reserve_all(self, generations: Sequence[Generation]) -> None:
-        """Reserves every prompt's tokens; one refused, gives all of them back and raises."""
+        """Reserves every prompt's tokens; one refused, gives all of them back and raises.
+
+        A prompt the cache answers billed nothing reserves nothing (alone, it is
+        served whatever the budget holds).
+        """
         try:
             outcomes = await asyncio.gather(
-                *(self.admission.reserve(g) for g in generations), return_exceptions=True
+                *(self.admission.reserve(g) for g in generations if g.needed_tokens),
+                return_exceptions=True,
             )
         except BaseException:  # the caller left: each cancelled reservation was forgotten
             self._release_all(generations)
@@ -637,10 +739,14 @@ class GenerationPipeline:
         """
         if upper:
             completion_tokens = generation.needed_tokens - generation.prompt_tokens
-        prompt, completion = cache_stage.billed(prompt_tokens, completion_tokens, self._billing)
-        generation.needed_tokens = prompt + completion
+        generation.needed_tokens = self._billed_tokens(prompt_tokens, completion_tokens)
         if generation.needed_tokens:
             await self.admission.reserve(generation)
+
+    def _billed_tokens(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """Returns what an answer served without computing is billed, in all."""
+        prompt, completion = cache_stage.billed(prompt_tokens, completion_tokens, self._billing)
+        return prompt + completion
 
 
 async def _prepend(
@@ -666,10 +772,38 @@ def _adopt_stop(
         adopt_stop(generation, match)
 
 
+def _computing(
+    generations: Sequence[Generation], lookups: Sequence[CacheLookup | None]
+) -> list[Generation]:
+    """Returns the prompts that will queue sequences: not one whose cached answer is in
+    hand, nor a repeat of an earlier prompt that may share its computation (it joins it).
+
+    An estimate, like the queue check it feeds: a prompt joining another request's
+    computation counts (that computation may end without an answer, its caller
+    gone: the prompt then computes its own).
+    """
+    computing: list[Generation] = []
+    leading: set[str] = set()
+    for generation, lookup in zip(generations, lookups, strict=True):
+        if lookup is not None and lookup.hit is not None:
+            continue  # answered from the cache
+        key = None if lookup is None else lookup.plan.read_key
+        if key is not None:
+            if key in leading:
+                continue
+            leading.add(key)
+        computing.append(generation)
+    return computing
+
+
 def _check_queue_room(generations: Sequence[Generation]) -> None:
     """Refuses (QUEUE_FULL, as the scheduler's submit does) prompts whose sequences their
     model's queue cannot all take now: submitted one by one, the last ones were refused
-    after the first ones ran. (Prompts the cache would answer count too.)"""
+    after the first ones ran.
+
+    An admission estimate: the queue may fill up before they are submitted; a prompt
+    refused then fails the request, and `complete_all` bills none of it.
+    """
     reserved: dict[Scheduler, list[int]] = {}
     for generation in generations:
         reserved.setdefault(generation.scheduler, []).extend(
