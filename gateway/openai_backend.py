@@ -11,6 +11,10 @@ latency against it, and LiteLLM uses it as its `openai/` backend.
 
 Built from the edge's own pieces (gateway/envoy_config.py): the transcoder,
 the OpenAI error filter and local replies, the worker cluster and its TLS.
+Its local replies are the edge's for /openai/ paths, those Envoy sends before
+it read the request's headers included (431, 400 over HTTP/1.1: one body in
+both error shapes, `envoy_config.before_request_mappers`); without those a
+client got Envoy's plain text.
 """
 
 from __future__ import annotations
@@ -50,6 +54,15 @@ def route_configuration() -> dict[str, Any]:
     }
 
 
+def local_reply_config() -> dict[str, Any]:
+    """Envoy's own error replies in OpenAI's shape, as the edge answers them on /openai/.
+
+    The before-headers mappers go before the /openai/ ones, as at the edge:
+    they match only replies without a `:path`, which no path filter can match.
+    """
+    return {"mappers": [*envoy_config.before_request_mappers(), *openai_edge.local_reply_mappers()]}
+
+
 def http_connection_manager(descriptor_path: Path) -> dict[str, Any]:
     """Builds the listener's HTTP connection manager: errors, transcoder, router only."""
     return {
@@ -58,7 +71,7 @@ def http_connection_manager(descriptor_path: Path) -> dict[str, Any]:
         "stat_prefix": "openai_backend",
         "codec_type": "AUTO",
         "stream_idle_timeout": "300s",
-        "local_reply_config": {"mappers": openai_edge.local_reply_mappers()},
+        "local_reply_config": local_reply_config(),
         "route_config": route_configuration(),
         "http_filters": [
             openai_edge.lua_filter(),

@@ -55,6 +55,9 @@ LOCAL_ERRORS: Mapping[int, tuple[str, str]] = {
     503: ("server_error", "service_unavailable"),
     504: ("server_error", "timeout"),
 }
+# What Envoy answers over HTTP/1.1 before it has read a request's headers (see the
+# module's docstring), on any path: the OpenAPI document lists them on every route.
+BEFORE_HEADERS_STATUSES = (400, 408, 431)
 # Any other error status Envoy answers (OpenAI's `code` may be null).
 OTHER_CLIENT_ERROR = ("invalid_request_error", None)
 OTHER_SERVER_ERROR = ("server_error", None)

@@ -18,6 +18,12 @@ there replaces the generated one of the same method and path, and is left
 out while no served RPC has that route. `openapi_examples.yaml` holds
 request and response examples by operationId. A test regenerates the
 document and fails when docs/openapi.yaml is stale.
+
+The error bodies are described here, as the edge sends them: `Error` (our
+google.rpc shape) and `openai.Error`. Envoy's replies sent before it read a
+request's headers (openai_edge.BEFORE_HEADERS_STATUSES) answer any route in
+both shapes at once, so every operation lists them and `Error` has OpenAI's
+`error` member (envoy_config.before_request_mappers).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import yaml
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
-from gateway import edge_auth, envoy_config, protos, static_site
+from gateway import edge_auth, envoy_config, openai_edge, protos, static_site
 
 DOCUMENT_PATH = static_site.OPENAPI_DOCUMENT
 HTTPBODY_FRAGMENT = Path(__file__).with_name("openapi_httpbody.yaml")
@@ -556,7 +562,9 @@ _ERRORS: Mapping[str, tuple[str, str]] = {
     "400": (
         "BadRequest",
         "INVALID_ARGUMENT, FAILED_PRECONDITION or OUT_OF_RANGE: a bad field (google.rpc.BadRequest "
-        "names it), JSON the transcoder cannot parse, or an unknown query parameter.",
+        "names it), JSON the transcoder cannot parse, or an unknown query parameter. Also a "
+        "request Envoy refused before reading its headers (malformed, a header name with `_`): "
+        "then `error` is set.",
     ),
     "401": (
         "Unauthenticated",
@@ -564,16 +572,36 @@ _ERRORS: Mapping[str, tuple[str, str]] = {
     ),
     "403": ("PermissionDenied", "PERMISSION_DENIED: the key lacks the scope, or the model."),
     "404": ("NotFound", "NOT_FOUND: an unknown resource, or no route for the path."),
+    "408": (
+        "RequestTimeout",
+        "DEADLINE_EXCEEDED: the request did not arrive whole within the edge's "
+        "`request_timeout`, or its headers within `request_headers_timeout` (then `error` is set).",
+    ),
     "409": ("Conflict", "ALREADY_EXISTS or ABORTED."),
     "410": ("Gone", "An API version past its sunset date."),
     "429": (
         "ResourceExhausted",
         "RESOURCE_EXHAUSTED: over a rate limit, token budget or the failed-authentication limit.",
     ),
+    "431": (
+        "RequestHeaderFieldsTooLarge",
+        "RESOURCE_EXHAUSTED: headers over the edge's size or count limit, refused before they "
+        "were read (`error` is set). Over HTTP/2 the stream is reset instead.",
+    ),
     "500": ("Internal", "INTERNAL or UNKNOWN: a server bug (the message is generic)."),
     "501": ("Unimplemented", "UNIMPLEMENTED."),
     "503": ("Unavailable", "UNAVAILABLE: no healthy upstream; try again (retry-after)."),
     "504": ("DeadlineExceeded", "DEADLINE_EXCEEDED: the upstream did not answer in time."),
+}
+_BEFORE_HEADERS = ", ".join(map(str, openai_edge.BEFORE_HEADERS_STATUSES))
+# What each status of openai_edge.BEFORE_HEADERS_STATUSES is on /openai/ paths.
+_OPENAI_BEFORE_HEADERS: Mapping[int, str] = {
+    400: "A bad or unsupported parameter (`param` names it), JSON that cannot be read, or a "
+    "request Envoy refused before reading its headers (malformed, a header name with `_`).",
+    408: "The request did not arrive whole within the edge's `request_timeout`, or its headers "
+    "within `request_headers_timeout` (the SDKs retry it).",
+    431: "Headers over the edge's size or count limit, refused before they were read (over "
+    "HTTP/2 the stream is reset instead).",
 }
 # A public RPC may still check a credential it is given (IssueToken: 401).
 _PUBLIC_ERRORS = ("400", "401", "404", "429", "500", "503", "504")
@@ -587,12 +615,13 @@ def _error_responses(verb: str, public: bool) -> dict[str, Schema]:
 
 
 def _error_components() -> tuple[dict[str, Schema], dict[str, Schema]]:
-    """Returns the Error schema and one response per mapped HTTP status."""
+    """Returns the error schemas (ours and OpenAI's) and one response per mapped HTTP status."""
     error: Schema = {
         "type": "object",
         "description": (
             "A google.rpc.Status as the edge renders it: from a service (the transcoder), or "
-            "from Envoy itself (`http_status` set, `details` empty). `code` is the gRPC code."
+            "from Envoy itself (`http_status` set, `details` empty). `code` is the gRPC code. "
+            "A reply Envoy sent before it read the request's headers also has `error`."
         ),
         "required": ["code", "message"],
         "properties": {
@@ -608,6 +637,12 @@ def _error_components() -> tuple[dict[str, Schema], dict[str, Schema]]:
                 "type": "integer",
                 "description": "The HTTP status (only on replies Envoy generates itself).",
             },
+            "error": {
+                **_ref("schemas", "openai.ErrorObject"),
+                "description": "Only on replies Envoy sent before it read the request's "
+                f"headers (HTTP/1.1: {_BEFORE_HEADERS}): nothing tells an /openai/ request from "
+                "ours then, so one body carries both error shapes; OpenAI's SDKs read this member.",
+            },
         },
     }
     responses = {}
@@ -619,9 +654,73 @@ def _error_components() -> tuple[dict[str, Schema], dict[str, Schema]]:
         if status in ("429", "503"):
             response["headers"] = {"retry-after": _ref("headers", "retry-after")}
         responses[name] = response
-    return {"Error": error, "google.protobuf.Any": dict(_WELL_KNOWN["google.protobuf.Any"])}, (
-        responses
-    )
+    responses.update(_openai_before_headers_responses())
+    schemas = {
+        "Error": error,
+        "google.protobuf.Any": dict(_WELL_KNOWN["google.protobuf.Any"]),
+        **_openai_error_schemas(),
+    }
+    return schemas, responses
+
+
+def _openai_error_schemas() -> dict[str, Schema]:
+    """OpenAI's error body, as the workers (`shapes.error`) and the edge's local replies
+    (openai_edge) write it: all four members, `param` and `code` possibly null."""
+    error_object: Schema = {
+        "type": "object",
+        "description": "OpenAI's error object.",
+        "required": ["message", "type", "param", "code"],
+        "properties": {
+            "message": {"type": "string"},
+            "type": {"type": "string", "description": "e.g. invalid_request_error, server_error."},
+            "param": {"type": ["string", "null"], "description": "The request parameter at fault."},
+            "code": {
+                "type": ["string", "null"],
+                "description": "e.g. model_not_found, invalid_api_key, request_timeout.",
+            },
+        },
+    }
+    body: Schema = {
+        "type": "object",
+        "description": "OpenAI's error body (`error` is the first key).",
+        "required": ["error"],
+        "properties": {"error": _ref("schemas", "openai.ErrorObject")},
+    }
+    return {"openai.Error": body, "openai.ErrorObject": error_object}
+
+
+def _openai_before_headers_responses() -> dict[str, Schema]:
+    """One response per status of Envoy's before-headers replies, for /openai/ paths."""
+    responses = {}
+    for status in openai_edge.BEFORE_HEADERS_STATUSES:
+        what = _OPENAI_BEFORE_HEADERS[status]
+        kind, code = openai_edge.LOCAL_ERRORS[status]
+        # Sent before the headers were read, the body is both shapes: `Error` with `error`.
+        schema = {"anyOf": [_ref("schemas", "openai.Error"), _ref("schemas", "Error")]}
+        responses[_openai_response_name(status)] = {
+            "description": f"`{kind}` (`code` `{code}` from the edge itself). {what} A reply "
+            "sent before the headers were read carries both shapes: an `Error` with `error`.",
+            "content": {"application/json": {"schema": schema}},
+        }
+    return responses
+
+
+def _openai_response_name(status: int) -> str:
+    return f"OpenAI{_ERRORS[str(status)][0]}"
+
+
+def _add_before_headers_replies(paths: Mapping[str, Mapping[str, Schema]]) -> None:
+    """Lists Envoy's before-headers replies (openai_edge.BEFORE_HEADERS_STATUSES) on every
+    operation: they answer any path, in both error shapes. An operation's own response
+    for such a status is kept (its schema is the path's error shape, which the body has)."""
+    for path, operations in paths.items():
+        openai = path.startswith(openai_edge.PATH_PREFIX)
+        for operation in operations.values():
+            responses = operation["responses"]
+            for status in openai_edge.BEFORE_HEADERS_STATUSES:
+                name = _openai_response_name(status) if openai else _ERRORS[str(status)][0]
+                responses.setdefault(str(status), _ref("responses", name))
+            operation["responses"] = dict(sorted(responses.items()))
 
 
 def _edge_paths() -> dict[str, Schema]:
@@ -700,6 +799,7 @@ def build(
             operation = operations.operation(binding)
         paths.setdefault(binding.path, {})[binding.verb] = operation
     paths.update(_edge_paths())
+    _add_before_headers_replies(paths)
     _add_examples(paths, (_load_yaml(EXAMPLES) or {}) if examples is None else examples)
     schemas, responses = _error_components()
     schemas.update(components.schemas())
@@ -795,9 +895,13 @@ without presence is printed, zeros included; enums print their value names; \
 64-bit integers are JSON strings; Timestamps are RFC 3339 strings and Durations \
 strings like `"3.5s"`. Server-streaming RPCs answer `text/event-stream`: \
 `data: <message JSON>` and a blank line per message. Errors are JSON \
-google.rpc.Status (`code`, `message`, `details`) with the mapped HTTP status. \
+google.rpc.Status (`code`, `message`, `details`) with the mapped HTTP status; \
+the OpenAI-compatible routes (/openai/v1) answer OpenAI's `{"error": {...}}`. \
+Replies Envoy sends before it has read the request's headers (HTTP/1.1: \
+{before_headers}) cannot tell the two apart and carry both: google.rpc.Status's \
+members and OpenAI's `error`. \
 The same API over gRPC: the same paths as `/package.Service/Method` on the same port.
-"""
+""".replace("{before_headers}", _BEFORE_HEADERS)
 _SECURITY_SCHEMES: Mapping[str, Schema] = {
     "bearer": {
         "type": "http",

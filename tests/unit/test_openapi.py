@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
 from openapi_spec_validator import validate
 
-from gateway import edge_auth, envoy_config, openapi, protos
+from gateway import edge_auth, envoy_config, openai_edge, openapi, protos
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,60 @@ def test_error_responses_match_what_the_edge_sends(document):
             ],
         }
     )
+
+
+def error_reply_problems(
+    document: dict[str, Any], path: str, verb: str, status: int, body: dict[str, Any]
+) -> list[str]:
+    """What `document` gets wrong about an error reply the edge sent for (path, verb, status):
+    no response for the status, a schema the body breaks, or a member of the body that
+    the response's schema does not describe (Error and openai.Error are open objects)."""
+    response = document["paths"][path][verb]["responses"].get(str(status))
+    if response is None:
+        return [f"{verb.upper()} {path} lists no {status}"]
+    while "$ref" in response:
+        _, _, kind, name = response["$ref"].split("/", 3)
+        response = document["components"][kind][name]
+    schema = response["content"]["application/json"]["schema"]
+    described = {"allOf": [schema], "unevaluatedProperties": False}
+    errors = _validator(document, described).iter_errors(body)
+    return [f"{verb.upper()} {path} {status}: {e.message}" for e in errors]
+
+
+def before_headers_body(status: int) -> dict[str, Any]:
+    """The edge's reply of `status` sent before it read a request's headers, as Envoy fills
+    its mapper's placeholders (the message is the status's reason phrase)."""
+    for mapper in envoy_config.before_request_mappers():
+        _, status_filter = mapper["filter"]["and_filter"]["filters"]
+        comparison = status_filter["status_code_filter"]["comparison"]
+        if (comparison["op"], comparison["value"]["default_value"]) == ("EQ", status):
+            text = json.dumps(mapper["body_format_override"]["json_format"])
+            text = text.replace('"%RESPONSE_CODE%"', str(status))
+            return dict(json.loads(text.replace("%LOCAL_REPLY_BODY%", HTTPStatus(status).phrase)))
+    raise AssertionError(f"no before-headers mapper for {status}")
+
+
+@pytest.mark.parametrize("status", openai_edge.BEFORE_HEADERS_STATUSES)
+def test_every_route_describes_the_replies_sent_before_its_headers_were_read(document, status):
+    # Nothing tells a path then: any route gets the body in both shapes, which
+    # carries OpenAI's `error` beside google.rpc.Status's members.
+    body = before_headers_body(status)
+    assert body["error"]["code"] == openai_edge.LOCAL_ERRORS[status][1]
+    problems = [
+        problem
+        for path, operations in document["paths"].items()
+        for verb in operations
+        for problem in error_reply_problems(document, path, verb, status, body)
+    ]
+    assert not problems, problems[:5]
+
+
+def test_the_rest_error_describes_openais_error_member(document):
+    validator = _validator(document, openapi._ref("schemas", "Error"))
+    body = before_headers_body(431)
+    assert validator.is_valid(body)
+    assert not validator.is_valid(body | {"error": {"message": "m"}})  # OpenAI's four members
+    assert validator.is_valid({k: v for k, v in body.items() if k != "error"})  # optional
 
 
 # A service that uses every JSON convention the transcoder has.
