@@ -4,7 +4,8 @@ Unloading drains: `stop` refuses new embeds (UNAVAILABLE, reason
 MODEL_UNLOADING: the edge retries them on another worker), lets the ones in
 flight finish up to the drain timeout, then closes the compute thread; an
 embed still running then ends UNAVAILABLE, reason MODEL_UNLOADED (as a
-generation's does).
+generation's does), at the latest CHUNK_WAIT_S later when the engine call it
+waits for never returns.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from collections.abc import Sequence
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -23,6 +28,75 @@ from services.inference.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 # How long an unload waits for the chunk being computed once its drain timed out.
 CHUNK_WAIT_S = 30.0
+T = TypeVar("T")
+_Call = tuple[concurrent.futures.Future[Any], Callable[[], Any]]  # a call and its result
+
+
+class ComputeThread:
+    """ComputeThread runs calls one at a time, in order, on a daemon thread of its own.
+
+    Not a ThreadPoolExecutor: the interpreter joins those threads at exit, so an
+    engine call that never returns held the worker's exit for good. A daemon
+    thread (as the scheduler's engine thread) goes with the process.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # submit against shutdown
+        self._shut = False
+        self._thread: threading.Thread | None = None  # started by the first call
+        # One never shut down (its model failed to start) ends its thread once dropped.
+        weakref.finalize(self, self._calls.put, None)
+
+    def submit(self, call: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Queues `call`; raises RuntimeError once shut down (as an executor does)."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("cannot run calls after shutdown")
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=_work, args=(self._calls,), name=self._name, daemon=True
+                )
+                self._thread.start()
+            self._calls.put((future, call))
+        return future
+
+    def shutdown(self) -> None:
+        """Takes no more calls and cancels the queued ones; the running one runs on."""
+        with self._lock:
+            self._shut = True
+        while True:
+            try:
+                queued = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            if queued is not None:
+                queued[0].cancel()
+        self._calls.put(None)  # the thread ends after the call it runs, if any
+
+    def join(self, timeout_s: float) -> bool:
+        """Waits up to `timeout_s` for the thread to end (blocking); tells whether it has."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+
+def _work(calls: queue.SimpleQueue[_Call | None]) -> None:
+    """Runs the queued calls until the end mark (no reference to its ComputeThread, so
+    that one can be dropped)."""
+    while (item := calls.get()) is not None:
+        future, call = item
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            result = call()
+        except BaseException as exc:  # the caller's to handle, as an executor hands it over
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
 
 
 class Embedder:
@@ -46,7 +120,10 @@ class Embedder:
         self.tokenizer = tokenizer
         self.max_input_tokens = max_input_tokens
         self.max_batch_size = max_batch_size
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedder")
+        self._compute_thread = ComputeThread("embedder")
+        # The chunks computing or queued, as their callers await them (stop ends
+        # the callers of a chunk that never returns).
+        self._chunks: set[asyncio.Future[np.ndarray]] = set()
         self._accepting = True
         self._closed = False
         self._in_flight = 0
@@ -123,14 +200,17 @@ class Embedder:
         unloaded = Unavailable("model version unloaded", retry_after_s=1.0, reason="MODEL_UNLOADED")
         if self._closed:
             raise unloaded
+        computed = asyncio.wrap_future(self._compute_thread.submit(lambda: self._run(chunk)))
+        self._chunks.add(computed)
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._run, chunk)
+            return await computed
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if self._closed and task is not None and not task.cancelling():
-                raise unloaded from None  # close() cancelled the queued chunk, not the caller
+                raise unloaded from None  # close() or stop() ended the chunk, not the caller
             raise
+        finally:
+            self._chunks.discard(computed)
 
     def _run(self, chunk: Sequence[Sequence[int]]) -> np.ndarray:
         width = max(len(ids) for ids in chunk)
@@ -148,7 +228,9 @@ class Embedder:
     async def stop(self, drain_timeout_s: float) -> None:
         """Refuses new embeds, lets the admitted ones finish (up to the timeout), closes.
 
-        Returns once the compute thread has ended (after the chunk it was computing).
+        Returns once the compute thread has ended (after the chunk it was computing), or
+        CHUNK_WAIT_S later: the embed waiting for a chunk that never returns then ends
+        MODEL_UNLOADED, and the thread, a daemon, holds neither this nor the exit.
         """
         self._accepting = False
         if self._in_flight:
@@ -159,15 +241,15 @@ class Embedder:
         self.close()
         # The chunk being computed (at most one) ends before the engine is let go;
         # bounded: a hung engine call must not hold the unload (or shutdown) for good.
-        try:
-            await asyncio.wait_for(
-                asyncio.to_thread(self._executor.shutdown, wait=True), CHUNK_WAIT_S
-            )
-        except TimeoutError:
+        # The join itself is bounded too: a default-executor thread left joining
+        # for good held asyncio.run's executor shutdown, so the process never exited.
+        if not await asyncio.to_thread(self._compute_thread.join, CHUNK_WAIT_S):
             logger.error("an embedding chunk still runs %.0fs after its unload", CHUNK_WAIT_S)
+            for computed in list(self._chunks):  # its embed ends MODEL_UNLOADED now
+                computed.cancel()
 
     def close(self) -> None:
         """Stops the compute thread (embeds still running end with MODEL_UNLOADED)."""
         self._accepting = False
         self._closed = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._compute_thread.shutdown()

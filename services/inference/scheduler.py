@@ -198,6 +198,10 @@ class Outbox:
                     self._waiter = None
 
 
+def _unloaded() -> Unavailable:
+    return Unavailable("model version unloaded", reason="MODEL_UNLOADED")
+
+
 def kv_reservation(prompt_ids: Sequence[int], params: SamplingParams) -> int:
     """Returns the KV tokens a sequence of this prompt may need: prompt + max_tokens
     (what admission and `submit`'s queue bound count)."""
@@ -263,6 +267,7 @@ class Scheduler:
     """
 
     IDLE_WAIT_S = 0.1  # an idle engine thread re-checks (deadlines of waiting requests)
+    STOP_JOIN_S = 10.0  # how long stop waits for the engine thread's last step
     TENANT_METRICS_EVERY_S = 0.25  # per-tenant metrics walk the tenants: not every step
 
     def __init__(
@@ -297,6 +302,9 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Outbox items of this step, handed to the event loop in one call.
         self._outgoing: list[tuple[Sequence_, int | Finished]] = []
+        # The sequences whose outbox has not had its `Finished` yet (event loop only):
+        # stop ends them itself when the engine thread is stuck in a step.
+        self._open: set[Sequence_] = set()
         self._accepting = True
         # The last step prefilled new prompts only: the next one decodes.
         self._prefilled_last = False
@@ -336,21 +344,25 @@ class Scheduler:
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10.0)
+            await asyncio.to_thread(self._thread.join, self.STOP_JOIN_S)
             if self._thread.is_alive():
                 # A step still runs (a hung engine call): its thread owns the batch and
-                # the queue, so nothing here may change them; its sequences end with it.
-                logger.error("engine thread of %s still runs 10s after stop", self.labels)
+                # the queue, so nothing here may change them. Their streams end here,
+                # through the outboxes the event loop owns (they waited for good: the
+                # thread, once its call returns, delivers that step and ends).
+                logger.error(
+                    "engine thread of %s still runs %.0fs after stop", self.labels, self.STOP_JOIN_S
+                )
+                for seq in self._open:
+                    seq.outbox.put_nowait(Finished("error", _unloaded()))
+                self._open.clear()
                 return
         with self._lock:
             queued = [*self._waiting.remove_where(lambda _: True), *self._inbox]
             self._inbox = []
             self._waiting_count = 0
         for seq in [*self._running, *queued]:
-            self._finish(
-                seq,
-                Finished("error", Unavailable("model version unloaded", reason="MODEL_UNLOADED")),
-            )
+            self._finish(seq, Finished("error", _unloaded()))
         self._hand_over(self._take_outgoing())
         # Nothing runs or waits any more: the gauges say so (the preStop hook and
         # autoscalers read them; the engine thread that published them has ended).
@@ -414,6 +426,7 @@ class Scheduler:
                 )
             capacity.count(seq.reserved_tokens)
             self._inbox.append(seq)
+            self._open.add(seq)
             self._waiting_count += 1
             self._queue_depth.set(self._waiting_count)
         self._wake.set()
@@ -516,11 +529,12 @@ class Scheduler:
         except RuntimeError:  # the event loop is closed: nobody is listening
             self._stopping = True
 
-    @staticmethod
-    def _hand_over(outgoing: list[tuple[Sequence_, int | Finished]]) -> None:
+    def _hand_over(self, outgoing: list[tuple[Sequence_, int | Finished]]) -> None:
         """Puts the items in their outboxes (event loop)."""
         for seq, item in outgoing:
             seq.outbox.put_nowait(item)
+            if type(item) is Finished:
+                self._open.discard(seq)
 
     def _next_batch(self) -> list[Sequence_]:
         """Returns the sequences of the next step: new prompts alone, or the decoding ones.

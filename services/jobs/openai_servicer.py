@@ -325,6 +325,9 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
         """Returns up to `limit` batch objects after the batch `after`, and whether more
         follow. Batches that are gone are skipped (and dropped from the list): a page
         of them came back short, or empty with has_more and no last_id to go on from.
+        `has_more` counts only a batch that is there: it looks for one more than the
+        page (a page followed only by expired batches said has_more, and the next
+        page was empty).
 
         Raises:
             InvalidArgument: `after` is no batch of this list (OpenAI answers 400).
@@ -333,9 +336,9 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
         gone: list[str] = []
         cursor, place_ms, more = after, None, True
         try:
-            while more and len(data) < limit:
+            while more and len(data) <= limit:
                 found, more = await self.batches.page(
-                    owner.lane, cursor, limit - len(data), place_ms
+                    owner.lane, cursor, limit + 1 - len(data), place_ms
                 )
                 for batch_id, _ in found:
                     try:
@@ -350,4 +353,4 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
             ) from None
         finally:
             await self.batches.forget(owner.lane, gone)
-        return data, more
+        return data[:limit], len(data) > limit

@@ -153,6 +153,7 @@ class Runner:
         self._last_lane = ""  # the lane the last read's window ended on (_window)
         self._round_found = False  # whether this round of windows read any entry
         self._ending: set[EntryKey] = set()
+        self._lost: set[EntryKey] = set()  # taken over by another replica (heartbeat)
         self.finished_total = 0
 
     # -- the loops (supervised by the service) ------------------------------
@@ -329,7 +330,8 @@ class Runner:
         `claim_idle_s`) or it is no longer pending. Claimed back regardless (XCLAIM
         with no idle time takes an entry from whoever owns it), the item ran on both
         replicas. A lost item's task is cancelled without acknowledging its entry:
-        the entry is the new owner's to finish.
+        the entry is the new owner's to finish. Its in-flight mark, if still this
+        consumer's, goes (`JobStore.drop_mark`).
         """
         by_stream: dict[str, list[str]] = collections.defaultdict(list)
         for stream, entry_id in self._tasks:
@@ -350,6 +352,7 @@ class Runner:
         for key in lost:
             task = self._tasks.get(key)
             if task is not None and key not in self._ending:
+                self._lost.add(key)
                 task.cancel()  # not in _ending: its entry stays pending (_run_entry)
         if lost:
             logger.warning("stopped %d items this replica no longer owns", len(lost))
@@ -422,6 +425,7 @@ class Runner:
         self._tasks.pop(key, None)
         self._jobs.pop(key, None)
         self._ending.discard(key)
+        self._lost.discard(key)
         self._per_lane[key[0]] -= 1
         if not self._per_lane[key[0]]:
             del self._per_lane[key[0]]
@@ -431,17 +435,30 @@ class Runner:
 
     async def _run_entry(self, stream: str, entry_id: str, job_id: str, index: int) -> None:
         key = (stream, entry_id)
+        if not job_id or index < 0:
+            await self.store.ack(stream, entry_id)  # not an item's entry
+            return
         try:
-            if not job_id or index < 0:
-                await self.store.ack(stream, entry_id)  # not an item's entry
-                return
             await self._run_item(stream, entry_id, job_id, index)
         except asyncio.CancelledError:
+            if key in self._lost:
+                # Another replica owns the entry: it is left pending for it, but this
+                # consumer's mark goes. A stopping job's takeover leaves the mark of
+                # the replica it took over from (that one may be stalled, its call
+                # still running), and the job waited for the sweep.
+                await self.store.drop_mark(job_id, index, self.consumer, stream)
+                raise
             if key not in self._ending:
                 raise  # shutting down: the entry stays pending for the next run
             # Its job is stopping or ended: the item goes without a result (a cut
             # call is metered as no request), and a stopping job may end now.
             await self.store.let_go(job_id, index, self.consumer, stream, entry_id)
+        except Exception:
+            # Not running here any more (_finished logs why; the entry stays pending,
+            # to be taken over): this consumer's mark goes, or a job stopped
+            # meanwhile waited for the sweep (a takeover keeps another's mark).
+            await self.store.drop_mark(job_id, index, self.consumer, stream)
+            raise
 
     async def _run_item(self, stream: str, entry_id: str, job_id: str, index: int) -> None:
         record = await self.store.get(job_id)

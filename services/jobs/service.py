@@ -135,6 +135,12 @@ class JobsSettings(RedisSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # An item's in-flight mark lists consumer names space-separated (store.py).
+        require(
+            bool(self.consumer) and not any(c.isspace() for c in self.consumer),
+            "TOKENMESH_JOBS_CONSUMER",
+            "must be a name without spaces",
+        )
         require(self.concurrency >= 1, "TOKENMESH_JOBS_CONCURRENCY", "must be >= 1")
         require(self.tenant_concurrency >= 1, "TOKENMESH_JOBS_TENANT_CONCURRENCY", "must be >= 1")
         require(self.claim_idle_s >= 1, "TOKENMESH_JOBS_CLAIM_IDLE_SECONDS", "must be >= 1")

@@ -149,23 +149,39 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
                 [FieldViolation("status", f"must be one of {', '.join(STATUSES)}")]
             )
         before, after = _list_token(request.page_token)
-        jobs: list[jobs_pb2.Job] = []
-        while len(jobs) < size:
-            page = await self.store.owned(key_id, before, size, after)
-            if not page:
-                return pb.ListJobsResponse(jobs=jobs)
+        records, token = await self._listed(key_id, request.status, size, before, after)
+        jobs = [await self._job(record) for record in records]
+        return pb.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+    async def _listed(
+        self, key_id: str, status: str, size: int, before: int, after: str
+    ) -> tuple[list[JobRecord], str]:
+        """Returns up to `size` of a key's jobs in `status` ("": any) that follow the
+        place (`before`, `after`), and the token of the next page: "" when this page
+        is the last. Jobs that are gone are skipped and dropped from the key's list.
+
+        It looks for one job more than the page: a token given whenever the page was
+        full sent a client that had read the last jobs on for an empty page.
+        """
+        found: list[tuple[int, str, JobRecord]] = []
+        while len(found) <= size:
+            page = await self.store.owned(key_id, before, size + 1, after)
             gone = []
             for job_id, created in page:
                 before, after = created, job_id
                 record = await self.store.get(job_id)
                 if record is None:
                     gone.append(job_id)
-                elif not request.status or record.status == request.status:
-                    jobs.append(await self._job(record))
-                    if len(jobs) == size:
+                elif not status or record.status == status:
+                    found.append((created, job_id, record))
+                    if len(found) > size:
                         break
             await self.store.forget_owned(key_id, gone)
-        return pb.ListJobsResponse(jobs=jobs, next_page_token=f"{before}:{after}")
+            if len(page) <= size:
+                break  # the list ended
+        listed = found[:size]
+        token = f"{listed[-1][0]}:{listed[-1][1]}" if len(found) > size else ""
+        return [record for _, _, record in listed], token
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> jobs_pb2.Job:
         """Stops the job: CANCELLING while items in flight are cut (one that finishes

@@ -5,8 +5,9 @@ Keys (prefix `tm:jobs:`)::
     job:<id>             hash: owner, status, counters, times, webhook state
     job:<id>:items       hash: index -> JobItem bytes (deleted when the job ends)
     job:<id>:results     hash: index -> JobResult bytes (HSETNX: one per item)
-    job:<id>:inflight    hash: index -> consumer, the items a runner started and has
-                         not finished or let go (deleted when the job ends)
+    job:<id>:inflight    hash: index -> consumers (space-separated), the items a
+                         runner started and has not finished or let go: two
+                         after a takeover (deleted when the job ends)
     job:<id>:attempts    list: the latest WebhookAttempt bytes
     batch:<batch id>     hash: the OpenAI batch a job runs, if any (openai_batches.py):
                          it expires with its job
@@ -36,9 +37,16 @@ the last item in flight is finished or let go, the same script makes the job
 CANCELLED, with every result it will ever have. (A cancel used to end the job
 at once, and items in flight wrote their results after it: a later read of
 a CANCELLED job's results, counts or output file differed from the first.)
-A job with nothing in flight goes straight to CANCELLED. One whose runner
-died with an item in flight ends when another replica takes the entry over
-(`claim_idle_s`), or at the latest `STOP_GRACE_S` after the stop (the sweep).
+A job with nothing in flight goes straight to CANCELLED. An item's mark names
+every consumer that may be running it; each drops only its own name (it
+finishes, lets the item go, finds its entry taken over, or resumes its own
+entry after a restart), and a stored result drops them all. A replica that
+takes an entry over (`claim_idle_s`) cannot tell a dead runner from a stalled
+one whose call still runs and will be metered, so it keeps the other's name:
+a stopped job whose runner died with an item in flight ends `STOP_GRACE_S`
+after the stop (the sweep). (A takeover dropped or replaced the other's mark:
+the job ended CANCELLED and the stalled runner's metered result was thrown
+away.)
 """
 
 from __future__ import annotations
@@ -111,7 +119,7 @@ def results_key(job_id: str) -> str:
 
 
 def inflight_key(job_id: str) -> str:
-    """Returns the hash of a job's items in flight (index -> consumer)."""
+    """Returns the hash of a job's items in flight (index -> consumers, space-separated)."""
     return f"{PREFIX}job:{job_id}:inflight"
 
 
@@ -172,8 +180,8 @@ def now_ms() -> int:
 # listed and read for exactly as long as its job. The scripts below take the job's
 # keys (`JobStore._job_keys`): KEYS 1 job, 2 items, 3 results, 4 active, 5 hooks,
 # 6 attempts, 7 inflight, 8 batch, and the job id as ARGV[1]. Lua functions:
-# finish(final status, now, retention), running(status), let_go(index, consumer),
-# finish_if_idle(now, retention).
+# finish(final status, now, retention), running(status), mark(index, consumer),
+# let_go(index, consumer), finish_if_idle(now, retention).
 _FINISH_FN = """
 local function finish(status, now, retention)
   redis.call('HSET', KEYS[1], 'status', status, 'ended_ms', now)
@@ -188,10 +196,34 @@ local function finish(status, now, retention)
   redis.call('EXPIRE', KEYS[8], retention)
 end
 local function running(status) return status == 'QUEUED' or status == 'RUNNING' end
--- An item is no longer in flight for `consumer` (another replica that took its
--- entry over since then owns the mark).
+-- The consumers an item is in flight for, its mark space-separated: two after a
+-- replica took over the entry of one that stalled (both may be running it).
+local function marks(index)
+  local names = {}
+  for name in string.gmatch(redis.call('HGET', KEYS[7], index) or '', '%S+') do
+    names[#names + 1] = name
+  end
+  return names
+end
+-- An item is in flight for `consumer` too (a replica it took the entry over from
+-- keeps its mark: it may be stalled, not dead, its call still running).
+local function mark(index, consumer)
+  local names = marks(index)
+  for _, name in ipairs(names) do if name == consumer then return end end
+  names[#names + 1] = consumer
+  redis.call('HSET', KEYS[7], index, table.concat(names, ' '))
+end
+-- An item is no longer in flight for `consumer` (only its own mark goes).
 local function let_go(index, consumer)
-  if redis.call('HGET', KEYS[7], index) == consumer then redis.call('HDEL', KEYS[7], index) end
+  local kept = {}
+  for _, name in ipairs(marks(index)) do
+    if name ~= consumer then kept[#kept + 1] = name end
+  end
+  if #kept == 0 then
+    redis.call('HDEL', KEYS[7], index)
+  else
+    redis.call('HSET', KEYS[7], index, table.concat(kept, ' '))
+  end
 end
 -- A stopped job ends once none of its items is in flight: its results are final.
 local function finish_if_idle(now, retention)
@@ -206,9 +238,7 @@ end
 # ARGV: job id, index, consumer, now ms, retention s, group, entry id.
 # Starts an item: returns its JobItem bytes and marks it in flight for `consumer`
 # (QUEUED -> RUNNING), or returns false and acknowledges its entry when it must not
-# run (the job ended or is stopping, or the item has its result). A stopping job's
-# mark is dropped whoever set it: this consumer owns the entry now (it read it, or
-# took it over from a replica that stopped), so nobody else runs the item.
+# run (the job ended or is stopping, or the item has its result).
 _START_ITEM = (
     _FINISH_FN
     + """
@@ -217,7 +247,7 @@ local has_result = redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1
 if running(status) and not has_result then
   local item = redis.call('HGET', KEYS[2], ARGV[2])
   if item then
-    redis.call('HSET', KEYS[7], ARGV[2], ARGV[3])
+    mark(ARGV[2], ARGV[3])
     if status == 'QUEUED' then
       redis.call('HSET', KEYS[1], 'status', 'RUNNING', 'started_ms', ARGV[4])
     end
@@ -226,8 +256,17 @@ if running(status) and not has_result then
 end
 -- An item with its result is in flight for nobody (a replica that ran it again
 -- after a takeover may still hold a mark).
-if has_result or status == 'CANCELLING' then
+if has_result then
   redis.call('HDEL', KEYS[7], ARGV[2])
+  finish_if_idle(ARGV[4], tonumber(ARGV[5]))
+elseif status == 'CANCELLING' then
+  -- Only this consumer's own name leaves a stopping job's mark (it restarted and
+  -- resumed its entry). Another's is a replica that let the entry go idle past
+  -- the claim time: dead, or stalled with its call still running. Its result may
+  -- yet come, metered: dropped here, the job ended CANCELLED and that result was
+  -- thrown away. So the job stays CANCELLING until that replica finishes or lets
+  -- the item go, at the latest until the sweep (STOP_GRACE_S).
+  let_go(ARGV[2], ARGV[3])
   finish_if_idle(ARGV[4], tonumber(ARGV[5]))
 end
 redis.call('XACK', KEYS[9], ARGV[6], ARGV[7])
@@ -271,15 +310,17 @@ return wrote
 )
 
 # KEYS: the job's keys, then the lane's stream (9).
-# ARGV: job id, index, consumer, now ms, retention s, group, entry id.
+# ARGV: job id, index, consumer, now ms, retention s, group, entry id ("": not
+# this consumer's to acknowledge).
 # Lets an item go without a result (its call was cut: the job is stopping or
-# ended), acknowledges its entry, and ends a stopping job left with none in flight.
+# ended, or another replica took its entry over), acknowledges its entry, and
+# ends a stopping job left with none in flight.
 _LET_GO_ITEM = (
     _FINISH_FN
     + """
 let_go(ARGV[2], ARGV[3])
 finish_if_idle(ARGV[4], tonumber(ARGV[5]))
-redis.call('XACK', KEYS[9], ARGV[6], ARGV[7])
+if ARGV[7] ~= '' then redis.call('XACK', KEYS[9], ARGV[6], ARGV[7]) end
 return 1
 """
 )
@@ -818,6 +859,15 @@ class JobStore:
         await self._let_go_item(
             keys=[*self._job_keys(job_id), stream],
             args=[job_id, index, consumer, now_ms(), self.retention_s, GROUP, entry_id],
+        )
+
+    async def drop_mark(self, job_id: str, index: int, consumer: str, stream: str) -> None:
+        """Forgets that `consumer` runs an item whose entry another replica took over
+        (its call was cut), leaving the entry to that replica; a stopping job with
+        nothing left in flight ends."""
+        await self._let_go_item(
+            keys=[*self._job_keys(job_id), stream],
+            args=[job_id, index, consumer, now_ms(), self.retention_s, GROUP, ""],
         )
 
     async def stop(self, job_id: str, reason: str = "") -> StopOutcome:

@@ -126,6 +126,46 @@ async def test_jobs_listed_while_each_listed_one_expires_are_each_listed_once(jo
     assert listed == expected
 
 
+async def _pages(stub: jobs_service_pb2_grpc.JobsServiceAsyncStub, headers: Headers, size: int):
+    """Every page a client reads, following next_page_token until it is empty."""
+    pages: list[list[str]] = []
+    token = ""
+    while True:
+        request = jobs_pb.ListJobsRequest(page_size=size, page_token=token)
+        reply = await stub.ListJobs(request, metadata=headers)
+        pages.append([job.id for job in reply.jobs])
+        token = reply.next_page_token
+        if not token:
+            return pages
+
+
+@pytest.mark.parametrize("count", [2, 4])
+async def test_the_last_page_of_jobs_has_no_token(jobs, count):
+    """A list of a multiple of page_size jobs gave its last full page a token, and the
+    client's next request answered an empty page (the proto says "empty on the last
+    page")."""
+    service, channel = jobs
+    owner, headers = _owner()
+    expected = await _jobs_in_one_millisecond(service, owner, count)
+    stub = jobs_service_pb2_grpc.JobsServiceStub(channel)
+    pages = await _pages(stub, headers, 2)
+    assert pages == [expected[i : i + 2] for i in range(0, count, 2)]
+
+
+async def test_a_page_followed_only_by_gone_jobs_has_no_token(jobs):
+    """The jobs after a full page are all gone (expired, still in the key's list): no
+    token, and the gone ones leave the list."""
+    service, channel = jobs
+    owner, headers = _owner()
+    first, second, *gone = await _jobs_in_one_millisecond(service, owner, 4)
+    for job_id in gone:
+        await _expire_job(service, owner, job_id)
+    stub = jobs_service_pb2_grpc.JobsServiceStub(channel)
+    assert await _pages(stub, headers, 2) == [[first, second]]
+    listed = await service.redis.zrange(jobstore.owner_key(owner.key_id), 0, -1)
+    assert sorted(text(m) for m in listed) == sorted([first, second])
+
+
 @pytest.mark.parametrize("token", [":job-0123", "abc", "12:" + "x" * 100, "-5:job-1"])
 async def test_a_job_page_token_without_a_place_is_refused(jobs, token):
     """ ":<id>" read as "from the newest": a client paging on with it listed page 1 again."""
@@ -208,6 +248,19 @@ async def test_a_page_of_batches_skips_those_gone_and_fills_from_older_ones(jobs
     assert (_ids(page), page["has_more"], page["last_id"]) == ([oldest], False, oldest)
     index = openai_batches.owner_batches_key(owner.lane)
     assert [text(m) for m in await service.redis.zrange(index, 0, -1)] == [oldest]
+
+
+async def test_a_full_page_of_batches_is_the_last_when_only_gone_ones_follow(jobs):
+    """has_more said whether the owner's index had another member, gone or not: a page
+    followed only by expired batches had has_more, and the next page was empty."""
+    service, channel = jobs
+    owner, headers = _owner()
+    newest, middle, oldest = await _batches(service, channel, headers, 3)
+    page = await _list_batches(channel, headers, "", 3)
+    assert (_ids(page), page["has_more"]) == ([newest, middle, oldest], False)
+    await _expire_job(service, owner, openai_batches.job_id_of(oldest))
+    page = await _list_batches(channel, headers, "", 2)
+    assert (_ids(page), page["has_more"], page["last_id"]) == ([newest, middle], False, middle)
 
 
 async def test_batches_after_one_no_longer_listed_go_on_from_its_place(jobs):

@@ -331,19 +331,41 @@ async def test_a_stopped_job_ends_with_its_last_item_in_flight(redis_url):
         assert not (await store.redis.xpending(stream, jobstore.GROUP))["pending"]
 
 
-async def test_a_stopped_job_whose_runner_died_ends_when_its_item_is_taken_over(redis_url):
-    """Runner "a" died with an item in flight: the job stays CANCELLING until another
-    runner takes the entry over (and lets it go), or the sweep ends it after the grace."""
+async def test_a_takeover_of_a_stopped_jobs_item_leaves_the_other_runners_mark(redis_url):
+    """Runner "a" let its entry go idle past the claim time with an item in flight: "b"
+    takes the entry over, but "a" may be stalled, its call still running (and metered):
+    the job stays CANCELLING with "a"'s mark until "a" finishes or lets the item go, or
+    the sweep ends it after the grace. ("b" dropped the mark, and the job ended
+    CANCELLED before "a"'s result came.)"""
     async with _two_items_read(redis_url) as (store, job_id, stream, entries):
         assert await store.start_item(job_id, 0, "a", stream, entries[0]) is not None
         assert await store.stop(job_id, jobstore.KEY_REVOKED) == jobstore.StopOutcome.STOPPED
-        now = jobstore.now_ms()
-        assert not await store.end(job_id, jobstore.EXPIRED, due_before_ms=now)  # not due
         await store.redis.xclaim(stream, jobstore.GROUP, "b", 0, [entries[0]])
         assert await store.start_item(job_id, 0, "b", stream, entries[0]) is None
+        assert await _status(store, job_id) == "CANCELLING"
+        inflight = await store.redis.hgetall(jobstore.inflight_key(job_id))
+        assert {text(k): text(v) for k, v in inflight.items()} == {"0": "a"}
+        pending = await store.redis.xpending_range(stream, jobstore.GROUP, "-", "+", 10)
+        assert [text(p["message_id"]) for p in pending] == [entries[1]]  # "b" acknowledged
+        now = jobstore.now_ms()
+        assert not await store.end(job_id, jobstore.EXPIRED, due_before_ms=now)  # not due
+        due = await store.redis.zscore(jobstore.ACTIVE_KEY, job_id)
+        assert due is not None
+        assert await store.end(job_id, jobstore.EXPIRED, due_before_ms=int(due))  # the sweep
         record = await store.get(job_id)
         assert record is not None and record.status == "CANCELLED"
         assert record.get("stop_reason") == "KEY_REVOKED"
+        assert not await store.redis.exists(jobstore.inflight_key(job_id))
+
+
+async def test_a_runner_that_resumes_its_own_entry_of_a_stopped_job_drops_its_mark(redis_url):
+    """Runner "a" restarted (same consumer name) and resumed its pending entry: its own
+    mark goes, and the job with nothing else in flight ends CANCELLED at once."""
+    async with _two_items_read(redis_url) as (store, job_id, stream, entries):
+        assert await store.start_item(job_id, 0, "a", stream, entries[0]) is not None
+        assert await store.stop(job_id) == jobstore.StopOutcome.STOPPED
+        assert await store.start_item(job_id, 0, "a", stream, entries[0]) is None
+        assert await _status(store, job_id) == "CANCELLED"
         assert not await store.redis.exists(jobstore.inflight_key(job_id))
 
 
