@@ -214,6 +214,9 @@ class Request:
         self.needed_tokens = 0
         self.reserved_tokens = 0
         self.reserved_at = 0.0  # time.time() of the reservation
+        # Its reservation call's own id: a forgotten call that reaches Redis late
+        # charges nothing, while the request id's next attempt reserves anew.
+        self.reservation_attempt = ""
         self.unmetered = False
         self.charged_tokens = 0
         # `reserve` ran for it: a later call holds nothing more (a multi-prompt request
@@ -343,6 +346,7 @@ class Admission:
         # The month it is reserved in, and reconciled in (taken after the call, a
         # reservation at midnight on the 31st was reconciled into the next month).
         request.reserved_at = time.time()
+        request.reservation_attempt = uuid.uuid4().hex
         try:
             request.budget_warning = await self.budgets.reserve(
                 request.key_id,
@@ -350,6 +354,7 @@ class Admission:
                 request.usage_id,
                 request.needed_tokens,
                 request.reserved_at,
+                request.reservation_attempt,
             )
         except BUDGETS_UNAVAILABLE as exc:  # budgets fail open, like request limits
             logger.warning("token budgets unavailable (%s); admitting", type(exc).__name__)
@@ -421,11 +426,19 @@ class Admission:
     def settle(self, request: Request, used: int, finished: bool = True) -> None:
         """Reconciles a request's reservation with the tokens it used (in the background;
         once: its reservation is then spent). An unmetered request has none: it is
-        charged what its chunks did not charge (`_charge_rest`)."""
+        charged what its chunks did not charge (`_charge_rest`), and nothing more: a
+        coalesced computation it led runs on for its waiters, and went on charging it
+        for tokens only they received."""
         if request.unmetered:
             self._charge_rest(request, used)
+            request.unmetered = False
         if request.reserved_tokens:
-            run: Run = ("finished" if finished else "unfinished") if request.job_attempt else ""
+            # Given back ("unfinished"), whoever the caller: the id then holds nothing,
+            # and a retry under it (a job item's, Envoy's of a plaintext request id)
+            # reserves anew, checked against the limits.
+            run: Run = "finished" if request.job_attempt else ""
+            if not finished:
+                run = "unfinished"
             # Idempotent (the id's charge becomes `used`): tried again after a blip,
             # which left the whole reservation charged for the month.
             reconcile = functools.partial(
@@ -473,7 +486,11 @@ class Admission:
         unmetered request (the stream is charged as it goes) or a cancelled one would
         leave it charged for the month (prompt + max_tokens each)."""
         forget = functools.partial(
-            self.budgets.forget, request.key_id, request.usage_id, request.reserved_at
+            self.budgets.forget,
+            request.key_id,
+            request.usage_id,
+            request.reserved_at,
+            request.reservation_attempt,
         )
         self._in_background(forget, "take back an unanswered token reservation")
 

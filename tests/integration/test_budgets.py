@@ -25,6 +25,7 @@ from tests.integration.conftest import inference_settings, start_inference
 from tests.integration.test_inference_v2 import _usage_event
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
+from tokenmesh.inference.v2 import inference_pb2 as v2_resources
 from tokenmesh.inference.v2 import inference_service_pb2 as v2_pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_rpc
 
@@ -494,6 +495,70 @@ async def test_a_request_admitted_while_redis_was_down_is_charged_every_token(tm
         else:
             assert received == event.usage.completion_tokens == 40
         assert charged == event.usage.total_tokens
+    finally:
+        await budgets.redis.aclose()
+        child.terminate()
+        child.wait(10)
+
+
+@pytest.mark.parametrize("leader", ["stays", "leaves"])
+async def test_an_unmetered_leaders_budget_does_not_cut_or_charge_its_waiters_stream(
+    tmp_path, redis_url, monkeypatch, leader
+):
+    """A coalesced computation runs on its leader's request: admitted while budgets were
+    unreachable, the leader was charged as it went for every token the computation
+    made, after it had left and been recorded too (billed only what it received),
+    and its budget running out ended every waiter's stream with "quota". Now only
+    the leader's own stream ends so, and it is charged what its event bills."""
+    monkeypatch.setenv("TOKENMESH_CACHE", "on")
+    monkeypatch.setenv("TOKENMESH_CACHE_REDIS_URL", redis_url)  # stays up
+    child, url = spawn_redis(tmp_path / "data", tmp_path / "redis.log")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    settings = inference_settings(tmp_path, url, test_engine_step_ms=25.0)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-tpm", "100")]
+    request = v2_pb.GenerateRequest(
+        model="deterministic-test", prompt=f"shared {uuid.uuid4().hex}", max_output_tokens=500
+    )
+    request.sampling.seed = 3  # deterministic: cacheable, so identical requests coalesce
+    budgets = TokenBudgets(aioredis.from_url(url))
+    try:
+        async with await start_inference(settings) as (service, channel):
+            child.terminate()
+            child.wait(10)
+            stub = v2_rpc.InferenceServiceStub(channel)
+            lead = stub.Generate(request, metadata=identity)
+            first = await lead.read()  # admitted although the budget could not be checked
+            lead_received = len(first.token_ids)
+            follow = stub.Generate(request)  # another caller, no budget of its own
+            assert dict(await follow.initial_metadata())["x-tokenmesh-cache"] == "coalesced"
+            child, _ = spawn_redis(tmp_path / "data", tmp_path / "redis.log", port=port)
+            if leader == "leaves":
+                lead.cancel()
+                leader_event = await _usage_event(service, first.request_id)
+            else:  # its tokens per minute are gone (another request took them)
+                await budgets.reserve(key, Limits(), "other", 90)
+            finals, received = [], 0
+            async for message in follow:
+                received += len(message.token_ids)
+                if message.HasField("usage"):
+                    finals.append(message)
+            assert [f.finish_reason for f in finals] == [v2_resources.FINISH_REASON_LENGTH]
+            assert received == 500
+            if leader == "stays":
+                lead_finals = []
+                while (message := await lead.read()) != grpc.aio.EOF:
+                    lead_received += len(message.token_ids)
+                    if message.HasField("usage"):
+                        lead_finals.append(message)
+                assert [f.finish_reason for f in lead_finals] == [v2_resources.FINISH_REASON_QUOTA]
+                leader_event = await _usage_event(service, first.request_id)
+                assert leader_event.finish_reason == "quota"
+                assert lead_received == leader_event.usage.completion_tokens < 500
+            # The month holds what the leader's usage event bills ("other" aside).
+            other = 90 if leader == "stays" else 0
+            billed = leader_event.usage.total_tokens
+            assert await _wait_month_used(budgets, key, other + billed) == other + billed
     finally:
         await budgets.redis.aclose()
         child.terminate()

@@ -53,7 +53,12 @@ from services.inference.pipeline.coalesce import Flight
 from services.inference.pipeline.content import adopt_stop
 from services.inference.pipeline.policy import OutputMatch
 from services.inference.pipeline.record import record_computed, record_served
-from services.inference.pipeline.stream import collect, finish_reason_name, produce
+from services.inference.pipeline.stream import (
+    collect,
+    finish_reason_name,
+    produce,
+    quota_finals,
+)
 from services.inference.scheduler import Scheduler, kv_reservation
 from services.inference.surface import ApiSurface
 from services.inference.template_cache import TemplateCache
@@ -395,22 +400,41 @@ class GenerationPipeline:
             if ended.error is None and _storable_stream(ended.items, generation.spec.n):
                 await stage.store.put(key, encode_stream(ended.items))
 
-        flight.start(produce(self.admission, generation), store)
+        # Its waiters' answers are not cut by its own budget (each holds its own).
+        flight.start(produce(self.admission, generation, lambda: flight.waiters > 1), store)
         _count(generation, MISS)
         generation.cache_status = MISS
         items = flight.follow()
-        received = 0
+        received, ended, reason = 0, set[int](), "cancelled"
         try:
             await generation.send_headers(context)
             async for message in items:
+                if not await self._leader_within_budget(flight, generation, received):
+                    # Its budget is out while others read on: only its own answer ends.
+                    running = [c.index for c in generation.choices if c.index not in ended]
+                    for final in quota_finals(generation, running, received):
+                        yield final
+                    reason = "quota"
+                    break
                 yield message
                 received += len(message.token_ids)
+                if message.HasField("finish_reason"):
+                    ended.add(message.choice_index)
         finally:
             await items.aclose()  # type: ignore[attr-defined]
-            if flight.done:
+            if flight.done and reason != "quota":
                 record_computed(self.admission, generation)
             else:  # left a computation others still wait for: billed what it received
-                record_computed(self.admission, generation, received, "cancelled")
+                record_computed(self.admission, generation, received, reason)
+
+    async def _leader_within_budget(
+        self, flight: Flight[pb.GenerateResponse], generation: Generation, received: int
+    ) -> bool:
+        """Charges an unmetered leader what it received while others share its computation
+        (which its budget does not end: `produce`); False once its budget is out."""
+        if not (generation.unmetered and flight.waiters > 1):
+            return True
+        return await self.admission.within_budget(generation, generation.prompt_tokens + received)
 
     # ---------------------------------------------------------------- Complete
 
@@ -551,7 +575,8 @@ class GenerationPipeline:
             raise
 
         async def compute() -> AsyncIterator[pb.CompleteResponse]:
-            yield await collect(self.admission, generation)
+            # Its waiters' answers are not cut by its own budget (each holds its own).
+            yield await collect(self.admission, generation, lambda: flight.waiters > 1)
 
         async def store(ended: Flight[pb.CompleteResponse]) -> None:
             if ended.error is None and ended.items and _storable_completion(ended.items[0]):

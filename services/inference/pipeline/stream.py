@@ -15,7 +15,7 @@ applies), so every surface and the cache see filtered text only.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 from services.core.errors import TokenmeshError
 from services.core.interceptors import to_domain_error
@@ -140,6 +140,24 @@ def finals(
     ]
 
 
+def quota_finals(
+    generation: Generation, choice_indexes: Sequence[int], completion_tokens: int
+) -> list[pb.GenerateResponse]:
+    """Returns "quota" final messages of a reader of a shared computation whose own
+    budget ran out: the computation's choices run on for the others (untouched)."""
+    usage = usage_pb(generation, completion_tokens)
+    return [
+        pb.GenerateResponse(
+            choice_index=index,
+            request_id=generation.request_id,
+            finish_reason=FINISH_REASONS["quota"],
+            usage=usage,
+            model=generation.model_ref(),
+        )
+        for index in choice_indexes
+    ]
+
+
 def delta_pb(
     generation: Generation, choice: Choice, text: str, token_ids: list[int]
 ) -> pb.GenerateResponse:
@@ -156,10 +174,34 @@ def delta_pb(
     return message
 
 
+def _alone() -> bool:
+    return False
+
+
+async def _within_budget(
+    admission: Admission, generation: Generation, shared: Callable[[], bool]
+) -> bool:
+    """Tells whether an unmetered generation may go on (charging it what it used so far).
+
+    A computation others read too (coalesced waiters, each holding its own budget)
+    is not ended by its leader's budget: that ended every waiter's answer with
+    "quota". A Generate leader's own stream is checked as it reads instead
+    (GenerationPipeline._lead_stream); a Complete leader, answered in one message,
+    is charged what it was billed when it is recorded.
+    """
+    if shared():
+        return True
+    used = generation.prompt_tokens + generation.sent_tokens
+    return await admission.within_budget(generation, used)
+
+
 async def produce(
-    admission: Admission, generation: Generation
+    admission: Admission, generation: Generation, shared: Callable[[], bool] = _alone
 ) -> AsyncGenerator[pb.GenerateResponse, None]:
     """Yields a submitted generation's Generate messages; counts what the caller accepted.
+
+    `shared`: tells whether other requests read this computation too (its
+    caller's budget then does not end it).
 
     Raises:
         StreamAborted: it failed after messages were sent (each running choice's
@@ -172,9 +214,7 @@ async def produce(
         async for choice, delta in deltas:
             # Only a stream admitted while budgets were unreachable is charged as it
             # goes (checked here: no coroutine a message for every other stream).
-            if generation.unmetered and not await admission.within_budget(
-                generation, generation.prompt_tokens + generation.sent_tokens
-            ):
+            if generation.unmetered and not await _within_budget(admission, generation, shared):
                 await deltas.aclose()  # frees every sequence's slot
                 for message in finals(generation, "quota"):
                     yield message
@@ -202,15 +242,18 @@ async def produce(
         await deltas.aclose()
 
 
-async def collect(admission: Admission, generation: Generation) -> pb.CompleteResponse:
-    """Runs a submitted generation to its end; returns the Complete response."""
+async def collect(
+    admission: Admission, generation: Generation, shared: Callable[[], bool] = _alone
+) -> pb.CompleteResponse:
+    """Runs a submitted generation to its end; returns the Complete response.
+
+    `shared`: as `produce`'s.
+    """
     outputs = {c.index: inference_pb2.Choice(index=c.index) for c in generation.choices}
     deltas = generation.deltas()
     try:
         async for choice, delta in deltas:
-            if generation.unmetered and not await admission.within_budget(
-                generation, generation.prompt_tokens + generation.sent_tokens
-            ):
+            if generation.unmetered and not await _within_budget(admission, generation, shared):
                 generation.end_running("quota")
                 break
             output = outputs[choice.index]
