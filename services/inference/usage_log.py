@@ -1,14 +1,30 @@
 """Usage events: a local append-only spool shipped to a Redis Stream.
 
-Every finished request appends one `UsageEvent` to `events.log` (length-
-prefixed protobuf) *before* anything else can lose it; a shipper task XADDs
-events to the stream and then advances a cursor file (it sends what this
-process appended from memory, and reads back from the spool only what an
-earlier run left unshipped). On restart the shipper
-resumes at the cursor (an event may be sent twice; consumers deduplicate by
-request_id). The spool is bounded: past `max_backlog_bytes` of unshipped
-events the worker refuses new requests (UNAVAILABLE) instead of dropping
-records.
+Every finished request appends one `UsageEvent` (length-prefixed protobuf)
+to the spool *before* anything else can lose it; a shipper task XADDs events
+to the stream and then advances a cursor file (it sends what this process
+appended from memory, and reads back from the spool only what an earlier run
+left unshipped). On restart the shipper resumes at the cursor (an event may
+be sent twice; the meter deduplicates by event id). The spool is bounded:
+past `max_backlog_bytes` of unshipped events the worker refuses new requests
+(UNAVAILABLE) instead of dropping records.
+
+Layout: the spool is a series of segment files `events.<base>.log`, where
+<base> (20 digits) is the spool position of the segment's first byte.
+Positions only grow: the cursor file holds the position up to which every
+event is in Redis, never an offset into one file. Appends go to the newest
+segment; once it holds `_SEGMENT_BYTES` the next append starts a new one,
+and a segment is deleted once the cursor has passed its end. So under steady
+load the spool holds about two segments plus what is not shipped yet; no
+step ever rewrites or empties a file, and no file and cursor must change
+together:
+- A lost or stale cursor write only replays events: a cursor below the
+  oldest segment starts at that segment (what was deleted had shipped).
+- A segment that outlives its delete (a crash just before it, or a power
+  loss undoing it) lies below the cursor and is deleted at the next start.
+- A cursor beyond the spool's end (a power loss kept the cursor but not the
+  shipped events' unsynced tail) starts a new segment at the cursor, so a
+  position is never used twice.
 
 Durability, precisely:
 - An appended event is in the operating system's page cache when `append`
@@ -17,11 +33,10 @@ Durability, precisely:
 - It is on disk (fsync) at most `sync_interval_s` (+ one fsync) later, or
   sooner once it is in Redis (whose AOF fsyncs every write). A power loss or
   kernel crash of the worker's machine can lose the events appended in that
-  last interval that had not reached Redis yet; nothing older.
+  last interval that had not reached Redis yet; nothing older. A new
+  segment's directory entry is synced with its first events.
 - A power loss can leave a torn last record; opening the spool sets the torn
-  tail aside (`events.torn-<offset>`) instead of shipping garbage.
-- A lost cursor write only replays events. The one exception, emptying a
-  shipped spool, syncs the zeroed cursor before it truncates the log.
+  tail aside (`events.torn-<position>`) instead of shipping garbage.
 fsync runs on its own thread, never on the event loop; grouping the appends
 of an interval into one fsync keeps its cost off the request path.
 """
@@ -34,9 +49,11 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
@@ -49,15 +66,22 @@ from tokenmesh.inference.v1 import inference_pb2
 logger = logging.getLogger(__name__)
 _HEADER = struct.Struct(">I")
 SHIP_GATHER_S = 0.005  # pause after each shipped batch (bounds batches per second)
-_COMPACT_BYTES = 1 << 20  # rewrite the spool once this much is shipped and nothing is pending
+_SEGMENT_BYTES = 1 << 20  # a segment this full gets no more appends: the next one starts
 SYNC_INTERVAL_S = 0.02  # the most a power loss can lose of what Redis does not have yet
 # Redis unreachable, or refusing for now: the spool rides it out (that is its job).
 _REDIS_UNAVAILABLE = (RedisError, ConnectionError, TimeoutError)
+_SEGMENT_NAME = re.compile(r"events\.(\d{20})\.log")
+# The single file of releases before segments: its offsets are positions from 0.
+_LEGACY_NAME = "events.log"
 
 
 def _cursor_record(offset: int) -> bytes:
     """Returns the cursor file's content for `offset` (fixed width: one small write)."""
     return b"%020d\n" % offset
+
+
+def _segment_name(base: int) -> str:
+    return f"events.{base:020d}.log"
 
 
 def _intact_length(data: bytes) -> int:
@@ -84,7 +108,7 @@ class UsageLog:
     """UsageLog spools usage events on disk and ships them to a Redis Stream.
 
     Args:
-        directory: where events.log and its cursor live (one per worker).
+        directory: where the spool's segments and its cursor live (one per worker).
         client: Redis connection.
         stream: the stream key, e.g. "tokenmesh:usage".
         max_backlog_bytes: unshipped bytes above which new work is refused.
@@ -108,11 +132,13 @@ class UsageLog:
         self.sync_interval_s = sync_interval_s
         self._fsync = fsync
         directory.mkdir(parents=True, exist_ok=True)
-        self._log_path = directory / "events.log"
         self._cursor_path = directory / "events.cursor"
-        self._set_aside_torn_tail()
-        self._log = open(self._log_path, "ab")  # noqa: SIM115 - held open for the worker's life
-        self._cursor = self._read_cursor()
+        # Full segments not deleted yet, oldest first: (base, end, path).
+        self._sealed: collections.deque[tuple[int, int, Path]] = collections.deque()
+        # Full segments whose last appends are not fsynced yet (closed once they are).
+        self._unsynced: list[BinaryIO] = []
+        self._dir_dirty = False  # a segment was created since the last sync
+        self._cursor = self._open_spool()
         self._cursor_fd = os.open(self._cursor_path, os.O_WRONLY | os.O_CREAT, 0o644)
         self._wake = asyncio.Event()
         self._dirty = asyncio.Event()
@@ -120,7 +146,7 @@ class UsageLog:
         self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="usage-fsync")
         self._tasks: list[SupervisedTask] = []
         # What this process appended and has not shipped yet, in spool order:
-        # (the spool offset the record ends at, its request id, its body). The
+        # (the spool position the record ends at, its request id, its body). The
         # shipper sends these from memory (no thread hop, no file read, no
         # parse); only what an earlier run left unshipped is read back.
         self._recent: collections.deque[tuple[int, str, bytes]] = collections.deque()
@@ -128,33 +154,93 @@ class UsageLog:
         self.synced_total = 0  # appended events known to be on disk
         self.shipped_total = 0
 
-    def _set_aside_torn_tail(self) -> None:
-        """Moves a torn end of the spool (a power loss mid-write) to events.torn-<offset>."""
-        if not self._log_path.exists():
+    # -- opening: what a crash or a power loss left -------------------------------------
+
+    def _open_spool(self) -> int:
+        """Opens the newest segment for appends (or starts one); returns the cursor."""
+        self._adopt_legacy_log()
+        segments: list[tuple[int, int, Path]] = []
+        for path in sorted(self.directory.iterdir()):
+            match = _SEGMENT_NAME.fullmatch(path.name)
+            if match:
+                base = int(match.group(1))
+                segments.append((base, base + self._set_aside_torn_tail(path, base), path))
+        cursor = self._read_cursor()
+        # Appends go on at the spool's end, or at the cursor if a power loss lost
+        # a shipped tail: a position the cursor has passed is never written again.
+        active_base = max([cursor] + [end for _, end, _ in segments])
+        if segments and segments[-1][1] == active_base:
+            *segments, (active_base, _, _) = segments
+        else:
+            self._create_segment_durably(active_base)
+        for base, end, path in segments:
+            if end <= cursor:
+                # Shipped; still here after a crash just before its delete.
+                path.unlink()
+            else:
+                self._sealed.append((base, end, path))
+        self._base = active_base
+        self._log_path = self.directory / _segment_name(active_base)
+        self._log: BinaryIO = open(self._log_path, "ab")  # noqa: SIM115 - held until rolled
+        # A stale cursor below the oldest segment: what lay between was deleted,
+        # so it had shipped.
+        return max(cursor, self._sealed[0][0] if self._sealed else active_base)
+
+    def _adopt_legacy_log(self) -> None:
+        """Renames a single-file spool of an earlier release to the segment at 0."""
+        legacy = self.directory / _LEGACY_NAME
+        if not legacy.exists():
             return
-        data = self._log_path.read_bytes()
+        if any(_SEGMENT_NAME.fullmatch(p.name) for p in self.directory.iterdir()):
+            # Only after a downgrade and an upgrade: which holds what is unknowable.
+            logger.error(
+                "usage spool %s holds %s and segments; it is left as is", legacy.parent, legacy
+            )
+            return
+        # Its cursor was an offset into it: the same as a position from 0.
+        legacy.rename(self.directory / _segment_name(0))
+
+    def _create_segment_durably(self, base: int) -> None:
+        """Creates an empty segment at `base` and syncs its directory entry (start only)."""
+        (self.directory / _segment_name(base)).touch()
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def _set_aside_torn_tail(self, path: Path, base: int) -> int:
+        """Moves a torn end of a segment (a power loss mid-write) to events.torn-<position>;
+        returns the segment's intact length."""
+        data = path.read_bytes()
         intact = _intact_length(data)
         if intact == len(data):
-            return
-        torn = self.directory / f"events.torn-{intact}"
+            return intact
+        torn = self.directory / f"events.torn-{base + intact}"
         torn.write_bytes(data[intact:])
-        with open(self._log_path, "r+b") as log:
+        with open(path, "r+b") as log:
             log.truncate(intact)
             os.fsync(log.fileno())
         logger.error(
-            "usage spool %s had a torn tail (%d bytes) after offset %d; set aside in %s",
-            self._log_path,
+            "usage spool %s had a torn tail (%d bytes) after position %d; set aside in %s",
+            path,
             len(data) - intact,
-            intact,
+            base + intact,
             torn,
         )
+        return intact
 
     def _read_cursor(self) -> int:
         try:
-            cursor = int(self._cursor_path.read_text().strip() or 0)
+            return int(self._cursor_path.read_text().strip() or 0)
         except FileNotFoundError:
             return 0
-        return min(cursor, self._log_path.stat().st_size)
+
+    # -- appending ---------------------------------------------------------------------
+
+    def _end(self) -> int:
+        """Returns the spool position after the last appended record."""
+        return self._base + self._log.tell()
 
     def _write_cursor(self, offset: int) -> None:
         # One fixed-width pwrite on a held descriptor: a process crash cannot
@@ -164,10 +250,19 @@ class UsageLog:
         self._cursor = offset
         while self._recent and self._recent[0][0] <= offset:
             self._recent.popleft()  # shipped (from memory or from the file)
+        self._delete_shipped_segments()
+
+    def _delete_shipped_segments(self) -> None:
+        # After the cursor write: a crash between the two leaves a segment below
+        # the cursor, which the next start deletes. (Its events are in Redis,
+        # so the delete need not wait for the cursor to reach the disk.)
+        while self._sealed and self._sealed[0][1] <= self._cursor:
+            _, _, path = self._sealed.popleft()
+            path.unlink(missing_ok=True)
 
     def backlog_bytes(self) -> int:
         """Returns how many spooled bytes are not yet in Redis."""
-        return self._log.tell() - self._cursor
+        return self._end() - self._cursor
 
     def check_capacity(self) -> None:
         """Raises Unavailable when the spool is full (Redis unreachable for long)."""
@@ -180,13 +275,28 @@ class UsageLog:
 
     def append(self, event: inference_pb2.UsageEvent) -> None:
         """Spools one event: in the OS when this returns, on disk within `sync_interval_s`."""
+        if self._log.tell() >= _SEGMENT_BYTES:
+            self._roll()
         payload = event.SerializeToString()
         self._log.write(_HEADER.pack(len(payload)) + payload)
         self._log.flush()
-        self._recent.append((self._log.tell(), event.request_id, payload))
+        self._recent.append((self._end(), event.request_id, payload))
         self.appended_total += 1
         self._dirty.set()
         self._wake.set()
+
+    def _roll(self) -> None:
+        """Starts the next segment at the spool's end; the full one waits to ship."""
+        end = self._end()
+        self._sealed.append((self._base, end, self._log_path))
+        # Kept open until the sync thread has flushed its last appends.
+        self._unsynced.append(self._log)
+        self._base = end
+        self._log_path = self.directory / _segment_name(end)
+        self._log = open(self._log_path, "ab")  # noqa: SIM115 - held until rolled
+        self._dir_dirty = True
+
+    # -- syncing and shipping ----------------------------------------------------------
 
     def start(self, supervisor: Supervisor) -> None:
         """Starts shipping (including whatever a previous run left unshipped) and syncing."""
@@ -200,9 +310,33 @@ class UsageLog:
         """Flushes every event appended so far to disk (off the event loop)."""
         appended = self.appended_total
         self._dirty.clear()
+        full, self._unsynced = self._unsynced, []
+        directory, self._dir_dirty = self._dir_dirty, False
+        fds = [log.fileno() for log in full] + [self._log.fileno()]
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._syncer, self._fsync, self._log.fileno())
+        try:
+            await loop.run_in_executor(self._syncer, self._sync_fds, fds, directory)
+        except BaseException:
+            # Not known to be on disk: the next sync does them again. The files stay
+            # open: a cancelled sync's fsync may still be running on the thread.
+            self._unsynced[:0] = full
+            self._dir_dirty |= directory
+            raise
+        for log in full:
+            log.close()
         self.synced_total = max(self.synced_total, appended)
+
+    def _sync_fds(self, fds: list[int], directory: bool) -> None:
+        """On the sync thread: fsyncs `fds`, and the directory after a segment was created."""
+        for fd in fds:
+            self._fsync(fd)
+        if directory:
+            # A new segment's events are on disk only once its name is.
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                self._fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         """Ships what it can within `timeout_s`, syncs the rest to disk, then stops."""
@@ -213,10 +347,11 @@ class UsageLog:
                     await asyncio.sleep(0.05)
         for task in self._tasks:
             await task.stop(timeout_s=5)
-        # Queued behind any fsync a cancelled sync left running: the file stays open until then.
+        # Queued behind any fsync a cancelled sync left running: the files stay open until then.
         await self.sync()
         self._syncer.shutdown(wait=True)
-        self._log.close()
+        for log in [*self._unsynced, self._log]:  # appended to during the last sync
+            log.close()
         os.close(self._cursor_fd)
 
     async def _sync_forever(self) -> None:
@@ -230,9 +365,7 @@ class UsageLog:
         backoff = 0.1
         while True:
             if self.backlog_bytes() == 0:
-                # Cleared first: an append while compaction awaits its fsync wakes the wait.
                 self._wake.clear()
-                await self._compact()
                 await self._wake.wait()
             try:
                 await self._ship_batch()
@@ -250,7 +383,8 @@ class UsageLog:
     async def _ship_batch(self, max_bytes: int = 256 * 1024) -> None:
         events, end = self._take_recent(max_bytes)
         if not events:  # what an earlier run left (or nothing)
-            events, end = await asyncio.to_thread(self._read, self._cursor, max_bytes)
+            path, base, start = self._segment_at(self._cursor)
+            events, end = await asyncio.to_thread(self._read, path, base, start, max_bytes)
         if not events:
             return
         async with self.client.pipeline(transaction=False) as pipe:
@@ -278,52 +412,31 @@ class UsageLog:
             position = end
         return events, position
 
-    def _read(self, offset: int, max_bytes: int) -> tuple[list[tuple[str, bytes]], int]:
-        """Returns (request_id, serialized event) pairs from `offset`, and where they end."""
+    def _segment_at(self, position: int) -> tuple[Path, int, int]:
+        """Returns the segment holding the first record at or after `position`: its
+        path, its base, and where to read from (past a gap a power loss left)."""
+        for base, end, path in self._sealed:
+            if end > position:
+                return path, base, max(position, base)
+        return self._log_path, self._base, max(position, self._base)
+
+    def _read(
+        self, path: Path, base: int, start: int, max_bytes: int
+    ) -> tuple[list[tuple[str, bytes]], int]:
+        """Returns (request_id, serialized event) pairs from position `start` of the
+        segment at `base`, and the position they end at."""
         events: list[tuple[str, bytes]] = []
-        with open(self._log_path, "rb") as log:
-            log.seek(offset)
+        with open(path, "rb") as log:
+            log.seek(start - base)
             data = log.read(max_bytes)
         position = 0
         while position + _HEADER.size <= len(data):
             (size,) = _HEADER.unpack_from(data, position)
             if position + _HEADER.size + size > len(data):
                 if not events and size + _HEADER.size > max_bytes:
-                    return self._read(offset, size + _HEADER.size)
+                    return self._read(path, base, start, size + _HEADER.size)
                 break
             body = data[position + _HEADER.size : position + _HEADER.size + size]
             events.append((inference_pb2.UsageEvent.FromString(body).request_id, body))
             position += _HEADER.size + size
-        return events, offset + position
-
-    async def _compact(self) -> None:
-        """Empties a fully shipped spool, unless an event is appended meanwhile."""
-        shipped = self._cursor
-        if shipped < _COMPACT_BYTES or self.backlog_bytes() > 0:
-            return
-        # The cursor must read 0 *on disk* before the log is emptied. Unsynced,
-        # a power loss could keep the old cursor's page (>= 1 MiB) while new,
-        # synced events lie below it: on restart the clamped cursor would skip
-        # them. Every other cursor write may be lost: an old cursor only
-        # replays events (deduplicated downstream). So this write alone is
-        # synced, once per `_COMPACT_BYTES` shipped, on the sync thread (never
-        # on the event loop).
-        os.pwrite(self._cursor_fd, _cursor_record(0), 0)
-        try:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._syncer, self._fsync, self._cursor_fd)
-        except BaseException:
-            # Stopped (or the disk failed): the spool stays as it is.
-            os.pwrite(self._cursor_fd, _cursor_record(shipped), 0)
-            raise
-        if self._log.tell() != shipped:
-            # Appended during the fsync: those events are not shipped and stay;
-            # the next idle moment compacts. (Should this write be lost, the 0
-            # on disk only replays the shipped events.)
-            os.pwrite(self._cursor_fd, _cursor_record(shipped), 0)
-            return
-        # No await from here on: no append interleaves.
-        self._cursor = 0
-        self._log.truncate(0)
-        self._log.seek(0)
-        self._recent.clear()  # all shipped: offsets start again at 0
+        return events, start + position

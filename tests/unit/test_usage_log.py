@@ -98,9 +98,11 @@ class _CountingReads:
         self._read = log._read
         log._read = self  # type: ignore[method-assign]
 
-    def __call__(self, offset: int, max_bytes: int) -> tuple[list[tuple[str, bytes]], int]:
+    def __call__(
+        self, path: Path, base: int, start: int, max_bytes: int
+    ) -> tuple[list[tuple[str, bytes]], int]:
         self.calls += 1
-        return self._read(offset, max_bytes)
+        return self._read(path, base, start, max_bytes)
 
 
 async def test_what_this_process_appends_ships_from_memory(tmp_path, redis_url):
@@ -122,27 +124,57 @@ async def test_what_this_process_appends_ships_from_memory(tmp_path, redis_url):
         await client.aclose()
 
 
-async def test_events_after_a_compaction_ship_from_the_new_offsets(
+def _segments(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("events.*.log"))
+
+
+async def test_events_ship_in_order_across_segments_and_shipped_ones_are_deleted(
     tmp_path, redis_url, monkeypatch
 ):
-    monkeypatch.setattr(usage_log, "_COMPACT_BYTES", 200)  # every few events
+    monkeypatch.setattr(usage_log, "_SEGMENT_BYTES", 200)  # a new segment every few events
     stream = f"test:{uuid.uuid4().hex}"
     client = aioredis.from_url(redis_url)
     log = UsageLog(tmp_path, client, stream, max_backlog_bytes=1 << 20)
     log.start(_supervisor())
     try:
-        compactions = 0
         for batch in range(6):
             for i in range(10 * batch, 10 * batch + 10):
                 log.append(_event(i))
             await _wait_shipped(log)
-            await _until(lambda: log._cursor == 0)  # the shipper emptied the spool
-            compactions += (tmp_path / "events.log").stat().st_size == 0
-        assert compactions == 6
+            # Every full segment shipped and was deleted: only the one appended to is left.
+            assert _segments(tmp_path) == [log._log_path.name]
+        assert int(log._log_path.name.split(".")[1]) > 1000  # positions went on growing
         assert await _stream_ids(client, stream) == [f"req-{i}" for i in range(60)]
     finally:
         await log.stop()
         await client.aclose()
+
+
+async def test_an_earlier_runs_segments_ship_in_order_after_a_restart(
+    tmp_path, redis_url, monkeypatch
+):
+    monkeypatch.setattr(usage_log, "_SEGMENT_BYTES", 200)
+    stream = f"test:{uuid.uuid4().hex}"
+    dead = _dead_redis()
+    log = UsageLog(tmp_path, dead, stream, max_backlog_bytes=1 << 20)
+    for i in range(30):
+        log.append(_event(i))
+    await log.stop(timeout_s=0)  # several full segments, none shipped
+    await dead.aclose()
+    assert len(_segments(tmp_path)) >= 5
+
+    live = aioredis.from_url(redis_url)
+    restarted = UsageLog(tmp_path, live, stream, max_backlog_bytes=1 << 20)
+    for i in range(30, 40):
+        restarted.append(_event(i))
+    restarted.start(_supervisor())
+    try:
+        await _wait_shipped(restarted)
+        assert await _stream_ids(live, stream) == [f"req-{i}" for i in range(40)]
+        assert _segments(tmp_path) == [restarted._log_path.name]
+    finally:
+        await restarted.stop()
+        await live.aclose()
 
 
 async def test_an_earlier_runs_events_ship_once_before_new_ones(tmp_path, redis_url):

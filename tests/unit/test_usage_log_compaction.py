@@ -1,15 +1,21 @@
-"""Compacting the usage spool survives a power loss: the emptied spool's cursor
-is on disk before the spool is emptied, so no event appended afterwards is
-skipped on restart; and an event appended while compaction waits for the disk
-is kept."""
+"""The usage spool's segments are crash-safe: a crash (kill -9) between any two
+steps of appending, rolling to a new segment, shipping, moving the cursor and
+deleting a shipped segment loses no event and replays at most the batch Redis
+had taken before the cursor moved; a power loss that keeps a stale cursor, or
+undoes deletes, only replays; and a cursor left past the spool's end by a power
+loss never makes a later event look shipped."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
-import threading
+import shutil
+import struct
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +25,12 @@ import redis.asyncio as aioredis
 from services.core.tasks import Supervisor
 from services.inference import usage_log
 from services.inference.usage_log import UsageLog
+from services.launcher.processes import reserve_port
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.type.v1 import types_pb2
 
-# Compact every few events (instead of every MiB).
-COMPACT_BYTES = 200
+# A new segment every few events (instead of every MiB).
+SEGMENT_BYTES = 200
 
 
 def _event(i: int) -> inference_pb2.UsageEvent:
@@ -35,8 +42,9 @@ def _event(i: int) -> inference_pb2.UsageEvent:
     )
 
 
-def _record_size(event: inference_pb2.UsageEvent) -> int:
-    return 4 + event.ByteSize()  # a 4-byte length, then the event
+def _records(events: range) -> bytes:
+    bodies = (_event(i).SerializeToString() for i in events)
+    return b"".join(struct.pack(">I", len(body)) + body for body in bodies)
 
 
 async def _stream_ids(client: aioredis.Redis, stream: str) -> list[str]:
@@ -50,12 +58,172 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
             await asyncio.sleep(0.01)
 
 
+def _files(directory: Path) -> dict[str, bytes]:
+    """A process crash's image of the spool: every file as the page cache holds it."""
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    redis = aioredis.from_url(redis_url)
+    yield redis
+    await redis.aclose()
+
+
+async def _restart(directory: Path, files: dict[str, bytes], client: aioredis.Redis) -> list[str]:
+    """Starts a spool on `files`, ships all of it to a new stream; returns what shipped."""
+    directory.mkdir()
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    stream = f"test:{uuid.uuid4().hex}"
+    restarted = UsageLog(directory, client, stream, max_backlog_bytes=1 << 20)
+    restarted.start(Supervisor("inference-test"))
+    try:
+        await _until(lambda: restarted.backlog_bytes() == 0)
+    finally:
+        await restarted.stop()
+    shipped = await _stream_ids(client, stream)
+    await client.delete(stream)
+    return shipped
+
+
+@dataclass
+class _Crash:
+    """The spool's files at one step, and what Redis had acknowledged by then."""
+
+    step: str
+    files: dict[str, bytes]
+    appended: list[str]
+    acked: set[str]
+    uncommitted: set[str]  # acknowledged, the cursor not yet past them
+
+
+class _Recorder:
+    """Takes a crash image of the spool between every two steps of a running UsageLog.
+
+    Wraps the log's own steps (instance attributes shadow the methods) and its
+    real Redis client's pipeline, to know what Redis had acknowledged at each image.
+    """
+
+    def __init__(self, log: UsageLog, redis: aioredis.Redis) -> None:
+        self.log, self.redis = log, redis
+        self.crashes: list[_Crash] = []
+        self.appended: list[str] = []
+        self.acked: set[str] = set()
+        self.uncommitted: set[str] = set()
+        self.on_trip: Callable[[], None] = lambda: None
+        log.client = self  # type: ignore[assignment]
+        self._wrap("append", before=False)
+        self._wrap("_roll", before=True)
+        self._wrap("_delete_shipped_segments", before=True)
+
+    def image(self, step: str) -> None:
+        self.crashes.append(
+            _Crash(
+                step,
+                _files(self.log.directory),
+                list(self.appended),
+                set(self.acked),
+                set(self.uncommitted),
+            )
+        )
+
+    def _wrap(self, name: str, before: bool) -> None:
+        inner = getattr(self.log, name)
+
+        def step(*args: Any) -> Any:
+            if name == "_delete_shipped_segments":
+                self.uncommitted.clear()  # the cursor was just written
+            if before:
+                self.image(f"before {name}")
+            result = inner(*args)
+            if name == "append":  # written: from now on it must not be lost
+                self.appended.append(args[0].request_id)
+            self.image(f"after {name}")
+            return result
+
+        setattr(self.log, name, step)
+
+    def pipeline(self, transaction: bool = False) -> _Pipeline:
+        return _Pipeline(self, self.redis.pipeline(transaction=transaction))
+
+
+class _Pipeline:
+    def __init__(self, recorder: _Recorder, inner: Any) -> None:
+        self.recorder, self.inner = recorder, inner
+        self.ids: list[str] = []
+
+    async def __aenter__(self) -> _Pipeline:
+        await self.inner.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.inner.__aexit__(*exc)
+
+    def xadd(self, stream: str, fields: dict[str, Any]) -> None:
+        self.ids.append(fields["request_id"])
+        self.inner.xadd(stream, fields)
+
+    async def execute(self) -> Any:
+        self.recorder.image("before XADD")
+        result = await self.inner.execute()
+        self.recorder.on_trip()  # a request finished meanwhile: shipping lags appending
+        self.recorder.acked.update(self.ids)
+        self.recorder.uncommitted.update(self.ids)
+        self.recorder.image("after XADD, before the cursor")
+        return result
+
+
+async def test_a_crash_between_any_two_steps_loses_no_event(
+    tmp_path: Path, client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(usage_log, "_SEGMENT_BYTES", SEGMENT_BYTES)
+    worker = tmp_path / "worker"
+    log = UsageLog(worker, client, f"test:{uuid.uuid4().hex}", 1 << 20)
+    recorder = _Recorder(log, client)
+    busy = iter(range(100, 130))
+
+    def three_more() -> None:  # a roll between two of them: the cursor stops inside a segment
+        for i in itertools.islice(busy, 3):
+            log.append(_event(i))
+
+    log.start(Supervisor("inference-test"))
+    try:
+        for burst in range(6):  # rolls while shipping and while idle
+            for i in range(5 * burst, 5 * burst + 5):
+                log.append(_event(i))
+            await _until(lambda: log.backlog_bytes() == 0)
+        recorder.on_trip = three_more  # then rolls while a segment is partly shipped
+        log.append(_event(99))
+        await _until(lambda: log.appended_total == 61 and log.backlog_bytes() == 0)
+    finally:
+        await log.stop()
+    steps = {crash.step for crash in recorder.crashes}
+    assert {"after _roll", "before _delete_shipped_segments", "after XADD, before the cursor"} <= (
+        steps
+    )
+    assert any(len(c.files) > 2 for c in recorder.crashes)  # several segments at once
+    # A full segment still partly unshipped (the cursor inside it) when an image was taken.
+    assert any(c.uncommitted and len(c.files) > 2 for c in recorder.crashes)
+
+    for n, crash in enumerate(recorder.crashes):
+        shipped = await _restart(tmp_path / f"crash-{n}", crash.files, client)
+        where = f"crash {n} {crash.step}"
+        # Nothing lost: each event Redis had not taken ships after the restart.
+        assert set(crash.appended) <= crash.acked | set(shipped), where
+        # In order, once each; replayed only if Redis took it before the cursor moved.
+        assert shipped == [i for i in crash.appended if i in shipped], where
+        assert set(shipped) & crash.acked <= crash.uncommitted, where
+        # A delete the crash cut short is done at the restart: only the newest segment stays.
+        assert len(list((tmp_path / f"crash-{n}").glob("events.*.log"))) == 1, where
+
+
 class _Disk:
     """What a power loss keeps of a directory's files: each as of its last fsync.
 
     Passed as UsageLog's `fsync`: every call records the bytes of the file the
-    descriptor refers to. A file never synced keeps whatever the kernel wrote
-    back on its own: possibly an old version.
+    descriptor refers to, even if it was deleted since (a power loss can undo an
+    unsynced delete).
     """
 
     def __init__(self, directory: Path) -> None:
@@ -66,89 +234,60 @@ class _Disk:
         os.fsync(fd)
         inode = os.fstat(fd).st_ino
         for path in self.directory.iterdir():
-            if path.stat().st_ino == inode:
-                self.synced[path.name] = path.read_bytes()
+            with contextlib.suppress(FileNotFoundError):  # shipped and deleted meanwhile
+                if path.stat().st_ino == inode:
+                    self.synced[path.name] = path.read_bytes()
 
 
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    redis = aioredis.from_url(redis_url)
-    yield redis
-    await redis.aclose()
-
-
-async def test_a_power_loss_after_a_compaction_skips_no_synced_event(
+async def test_a_power_loss_undoing_deletes_and_cursor_writes_only_replays(
     tmp_path: Path, client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(usage_log, "_COMPACT_BYTES", COMPACT_BYTES)
+    monkeypatch.setattr(usage_log, "_SEGMENT_BYTES", SEGMENT_BYTES)
     worker = tmp_path / "worker"
     worker.mkdir()
     disk = _Disk(worker)
+    dead = aioredis.from_url(f"redis://127.0.0.1:{reserve_port()}/0", socket_connect_timeout=0.2)
     log = UsageLog(worker, client, f"test:{uuid.uuid4().hex}", 1 << 20, fsync=disk)
-    log.start(Supervisor("inference-test"))
-    try:
-        shipped = [_event(i) for i in range(10)]
-        for event in shipped:
-            log.append(event)
-        await _until(lambda: (worker / "events.log").stat().st_size == 0)  # shipped, compacted
-        # The kernel wrote the cursor back before the compaction, not since.
-        stale_cursor = b"%020d\n" % sum(_record_size(e) for e in shipped)
-        assert int(stale_cursor) >= COMPACT_BYTES
-        for i in range(10, 13):
-            log.append(_event(i))
-        # Power lost now (no await since the appends: nothing of them shipped).
-        # The new events count as synced: the fsync thread's next turn syncs them.
-        spool = (worker / "events.log").read_bytes()
-        cursor = disk.synced.get("events.cursor", stale_cursor)
-    finally:
-        await log.stop()
-
-    rebooted = tmp_path / "rebooted"
-    rebooted.mkdir()
-    (rebooted / "events.log").write_bytes(spool)
-    (rebooted / "events.cursor").write_bytes(cursor)
-    stream = f"test:{uuid.uuid4().hex}"
-    restarted = UsageLog(rebooted, client, stream, max_backlog_bytes=1 << 20)
-    restarted.start(Supervisor("inference-test"))
-    try:
-        await _until(lambda: restarted.backlog_bytes() == 0)
-        assert await _stream_ids(client, stream) == ["req-10", "req-11", "req-12"]
-    finally:
-        await restarted.stop()
-
-
-class _GatedFsync:
-    """os.fsync that holds a sync of `fd_of()` until released (appends go on meanwhile)."""
-
-    def __init__(self) -> None:
-        self.fd_of: Callable[[], int] = lambda: -1
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def __call__(self, fd: int) -> None:
-        if fd == self.fd_of():
-            self.entered.set()
-            self.release.wait(10)
-        os.fsync(fd)
-
-
-async def test_an_event_appended_while_compaction_syncs_the_cursor_is_kept(
-    tmp_path: Path, client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(usage_log, "_COMPACT_BYTES", COMPACT_BYTES)
-    stream = f"test:{uuid.uuid4().hex}"
-    gate = _GatedFsync()
-    log = UsageLog(tmp_path, client, stream, 1 << 20, sync_interval_s=3600, fsync=gate)
-    gate.fd_of = lambda: log._cursor_fd
-    log.start(Supervisor("inference-test"))
     try:
         for i in range(10):
             log.append(_event(i))
-        await _until(gate.entered.is_set)  # all shipped; compaction waits for the disk
-        log.append(_event(10))
-        gate.release.set()
-        await _until(lambda: (tmp_path / "events.log").stat().st_size == 0)  # compacted later
-        assert await _stream_ids(client, stream) == [f"req-{i}" for i in range(11)]
+        await log.sync()  # every segment on disk before it ships
+        log.start(Supervisor("inference-test"))
+        await _until(lambda: log.backlog_bytes() == 0)
+        assert len(list(worker.glob("events.*.log"))) == 1  # the shipped ones deleted
+        log.client = dead  # Redis goes away: what follows is spooled, not shipped
+        for i in range(10, 13):
+            log.append(_event(i))
+        await log.sync()
+        # Power lost now: every segment ever synced comes back (deletes undone) and
+        # the cursor as the kernel last wrote it back: here, never.
+        image = dict(disk.synced)
     finally:
-        gate.release.set()
-        await log.stop()
+        await log.stop(timeout_s=0)
+        await dead.aclose()
+    assert len(image) == 3 and "events.cursor" not in image  # two shipped segments, one not
+
+    shipped = await _restart(tmp_path / "rebooted", image, client)
+    assert shipped[-3:] == ["req-10", "req-11", "req-12"]
+    assert shipped[:-3] == [f"req-{i}" for i in range(10)]  # replays, deduplicated by the meter
+
+
+async def test_a_cursor_past_the_spools_end_never_skips_later_events(
+    tmp_path: Path, client: aioredis.Redis
+) -> None:
+    # Events 0-9 shipped; a power loss kept the cursor written after them but
+    # not the unsynced tail of the spool (events 3-9).
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "events.log").write_bytes(_records(range(3)))  # a spool of the earlier layout
+    (spool / "events.cursor").write_bytes(b"%020d\n" % len(_records(range(10))))
+    dead = aioredis.from_url(f"redis://127.0.0.1:{reserve_port()}/0", socket_connect_timeout=0.2)
+    log = UsageLog(spool, dead, "s", max_backlog_bytes=1 << 20)
+    for i in range(10, 13):
+        log.append(_event(i))
+    await log.stop(timeout_s=0)  # synced, not shipped; then a second power loss or crash
+    await dead.aclose()
+
+    image = _files(spool)
+    shutil.rmtree(spool)
+    assert await _restart(spool, image, client) == ["req-10", "req-11", "req-12"]
