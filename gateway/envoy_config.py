@@ -506,6 +506,21 @@ def without_credentials(route: Mapping[str, Any]) -> dict[str, Any]:
     return {**route, "request_headers_to_remove": removed}
 
 
+# The largest unary answer the transcoder buffers (it transcodes one whole); without
+# it the stream's buffer limit applies (1 MiB: the listener's, or Envoy's default),
+# and a larger answer became a 500, which OpenAI's SDKs retry twice, each run billed.
+# Sized to the largest unary answer a client may ask for, the embeddings of
+# MAX_EMBED_INPUTS (256) inputs as JSON floats: ~21 B per dimension (a float32 as a
+# double: sign, 17 digits, comma), 2.1 MB at 384 dimensions (all-minilm-l6-v2) and
+# 5.5 MB at 1,024. A model with more dimensions answers 256 inputs as base64 (~4x
+# smaller) or fewer inputs a call. Explicit, not unlimited: each stream holds at most
+# this much (the overload manager's heap limit bounds them together). Server streams
+# are not buffered whole: a non-streamed OpenAI chat or completion comes as several
+# HttpBody messages of at most 256 KiB (services.inference.openai.servicer), and v2's
+# Generate is the way to a v2 answer larger than this.
+MAX_TRANSCODED_RESPONSE_BYTES = 8 << 20
+
+
 def transcoder_filter(
     descriptor_path: Path, services: Sequence[str] = TRANSCODED_SERVICES
 ) -> dict[str, Any]:
@@ -517,6 +532,7 @@ def transcoder_filter(
             "proto_descriptor": str(descriptor_path),
             "services": list(services),
             "convert_grpc_status": True,
+            "max_response_body_size": MAX_TRANSCODED_RESPONSE_BYTES,
             "request_validation_options": {
                 "reject_unknown_method": True,
                 "reject_unknown_query_parameters": True,

@@ -23,12 +23,42 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway import envoy_config, openai_edge
+from gateway import envoy_config, openai_edge, response_headers
 from gateway.envoy_config import Endpoint
 
 SERVICE = "tokenmesh.openai.v1.OpenAIService"
 CLUSTER = "inference"
 TYPE_PREFIX = "type.googleapis.com/envoy"
+# The edge's response Lua (gateway/edge_lua.py) less what needs its other filters.
+# A worker's error after the work started keeps its metadata (OpenAI's error JSON
+# included) in the trailers, after the response headers it sent first so that Envoy
+# does not retry it (services.inference.openai.servicer): lifted into the headers,
+# the JSON becomes the body, as the edge does. So do a unary answer's headers (the
+# request id), which ride its trailers (services.core.interceptors, HeadersAtEnd).
+LUA_SOURCE = (
+    response_headers.RESPONSE_LUA_FUNCTION
+    + openai_edge.LUA_FUNCTION
+    + """
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  if lift_response_headers(handle, headers) then
+    headers = handle:headers()  -- it waited for the body: fetch them again
+  end
+  openai_error_body(handle, headers)
+end
+"""
+)
+
+
+def lua_filter() -> dict[str, Any]:
+    """Builds the response filter: headers out of the trailers, OpenAI's error bodies."""
+    return {
+        "name": "tokenmesh.openai_errors",  # as before: its job grew, its name stays
+        "typed_config": {
+            "@type": f"{TYPE_PREFIX}.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": LUA_SOURCE},
+        },
+    }
 
 
 def route_configuration() -> dict[str, Any]:
@@ -74,7 +104,7 @@ def http_connection_manager(descriptor_path: Path) -> dict[str, Any]:
         "local_reply_config": local_reply_config(),
         "route_config": route_configuration(),
         "http_filters": [
-            openai_edge.lua_filter(),
+            lua_filter(),
             envoy_config.transcoder_filter(descriptor_path, (SERVICE,)),
             {
                 "name": "envoy.filters.http.router",

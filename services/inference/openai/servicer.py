@@ -7,15 +7,23 @@ and writes OpenAI's objects (services.inference.openai.shapes): one JSON body,
 or one Server-Sent Event per HttpBody message.
 
 Response headers wait for the first body (`_ResponseContext`): an error
-before it is a trailers-only status with OpenAI's error JSON in the trailing
-metadata, which the edge turns into the response body; an error after it is
-a last `data: {"error": ...}` event, then the status.
+before it is a status with OpenAI's error JSON in the trailing metadata,
+which the edge turns into the response body; an error after it is a last
+`data: {"error": ...}` event, then the status. Once v2 sent its headers (the
+work started and is billed), they go out before the error: without them the
+error is trailers-only, which Envoy retries (UNAVAILABLE, CANCELLED), running
+and billing the request again.
+
+A non-streamed answer is one JSON body; chat and legacy completions (server
+streams) write it as several HttpBody messages of at most BODY_CHUNK_BYTES,
+which the transcoder passes on as they come: one message of the whole answer
+had to fit the edge's buffer (1 MiB), and a larger one became a 500.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import aclosing
 from typing import Any, TypeVar, cast
 
@@ -49,17 +57,25 @@ MODEL_RPC = f"/{SERVICE_NAME}/GetModel"
 # model, when a fallback serves).
 VERSION_HEADER = model_routing.VERSION_HEADER
 FALLBACK_MODEL_HEADER = model_routing.MODEL_HEADER
+# The largest HttpBody message of a non-streamed chat or legacy completion. The
+# transcoder buffers each message whole (within the edge's 1 MiB buffer) before it
+# passes its bytes on; an answer's size has no bound of its own (n x max_tokens x
+# top_logprobs), so the worker splits it (tests/e2e/test_openai_large_answers.py).
+BODY_CHUNK_BYTES = 256 * 1024
 
 
 class _ResponseContext:
     """The RPC's context as the v2 servicer sees it: its response headers wait for ours.
 
     v2 sends response headers (request id, serving version) when generation
-    starts. Held back until the first body, an error before it stays a
-    trailers-only status (the edge rewrites those; once headers went out a
-    REST client only sees the 200), and carries them with OpenAI's error
-    JSON. A legacy completion's several prompts (several v2 calls) send
-    them once.
+    starts. Held back until the first body (once a body went out a REST client
+    only sees the 200). An error before it carries OpenAI's error JSON in its
+    trailers, which the edge makes the body; it is sent after those headers
+    when v2 sent them: the work started (and was billed), and a trailers-only
+    UNAVAILABLE or CANCELLED is retried by Envoy on a worker that runs and
+    bills it again (as services.core.interceptors' HeadersAtEnd does for v2).
+    An error before any work (a bad request, a refusal) stays trailers-only.
+    A legacy completion's several prompts (several v2 calls) send them once.
     """
 
     def __init__(self, context: Context) -> None:
@@ -89,10 +105,10 @@ class _ResponseContext:
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
     ) -> None:
         extra: tuple[tuple[str, str], ...] = ()
-        if not self.sent:
-            extra = self.headers
-            if self.error_json:
-                extra += ((contract.OPENAI_ERROR_HEADER, self.error_json),)
+        if self.error_json:  # set only while no body went out (`fail`)
+            extra = ((contract.OPENAI_ERROR_HEADER, self.error_json),)
+        if self.headers:  # v2 sent them: the work started (see the class)
+            await self.flush()
         await self._context.abort(code, details, (*tuple(trailing_metadata), *extra))
 
     def fail(
@@ -115,6 +131,15 @@ def _generator(stream: AsyncIterator[T]) -> AsyncGenerator[T, None]:
 
 def _json(value: shapes.Json) -> HttpBody:
     return HttpBody(content_type=shapes.JSON, data=shapes.json_bytes(value))
+
+
+def _json_parts(value: shapes.Json) -> Iterator[HttpBody]:
+    """Yields a server stream's one JSON answer in messages of at most BODY_CHUNK_BYTES,
+    the content type on the first (the transcoder forwards each one's bytes as they are)."""
+    data = shapes.json_bytes(value)
+    for start in range(0, len(data), BODY_CHUNK_BYTES):
+        part = data[start : start + BODY_CHUNK_BYTES]
+        yield HttpBody(content_type=shapes.JSON, data=part) if not start else HttpBody(data=part)
 
 
 class _Stream:
@@ -235,7 +260,8 @@ class OpenAIServicer(openai_service_pb2_grpc.OpenAIServiceServicer):
         created = int(time.time())
         [request] = call.complete_requests()
         response = await self.v2.Complete(request, cast(Context, ctx))
-        yield _json(shapes.chat_completion(response, created))
+        for part in _json_parts(shapes.chat_completion(response, created)):
+            yield part
 
     def _served(self, ctx: _ResponseContext, request: v2_pb.GenerateRequest) -> types_pb2.ModelRef:
         """Returns the version serving a stream, from v2's response headers."""
@@ -297,7 +323,8 @@ class OpenAIServicer(openai_service_pb2_grpc.OpenAIServiceServicer):
             admitted = [await pipeline.admit(context, r, "Complete") for r in requests]
             responses = await pipeline.complete_all(context, requests, admitted)
         n = max(1, requests[0].n)
-        yield _json(shapes.text_completion(responses, n, call.logprobs, created))
+        for part in _json_parts(shapes.text_completion(responses, n, call.logprobs, created)):
+            yield part
 
     async def _completion_stream(
         self, call: GenerationCall, ctx: _ResponseContext

@@ -1,0 +1,193 @@
+"""An OpenAI call that fails after its work started sends its headers before the error.
+
+Without them the error was trailers-only: Envoy retries a trailers-only
+UNAVAILABLE or CANCELLED (the per-model routes' retry_on), so a non-streamed
+chat whose version was unloaded mid-generation ran, and was billed, again (on
+one worker, the retry found no version and the client read a 404). A real
+worker here, and a real Envoy (the bare OpenAI backend) with the per-model
+routes' retry policy in front of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import httpx
+import pytest
+import yaml
+from google.api.httpbody_pb2 import HttpBody
+
+from gateway import envoy_config, openai_backend, protos
+from gateway.envoy_config import Endpoint
+from services.core import contract
+from services.core.server import serving
+from services.inference.pipeline.generate import COMPUTED_SEQUENCES
+from services.inference.service import InferenceService
+from services.launcher.mesh import envoy_binary
+from services.launcher.processes import Child, clean_env, reserve_port, wait_for
+from services.router import snapshot
+from tests import mtls
+from tests.integration.conftest import inference_settings
+from tokenmesh.inference.v1 import inference_service_pb2 as v1
+from tokenmesh.inference.v1 import inference_service_pb2_grpc as v1_rpc
+from tokenmesh.openai.v1 import openai_service_pb2_grpc as rpc
+
+LONG = [{"role": "user", "content": "long"}]
+
+
+def _body(**fields: Any) -> HttpBody:
+    return HttpBody(content_type="application/json", data=json.dumps(fields).encode())
+
+
+async def _unload_once_started(channel: grpc.aio.Channel, version: str) -> None:
+    """Unloads deterministic-test@version once a sequence of it is being computed."""
+    before = _computed()
+    while _computed() == before:
+        await asyncio.sleep(0.01)
+    admin = v1_rpc.InferenceAdminServiceStub(channel)
+    request = v1.UnloadModelRequest(model="deterministic-test", version=version)
+    await admin.UnloadModel(request, metadata=mtls.EDGE_FOR_ADMIN)
+
+
+def _computed() -> float:
+    return float(COMPUTED_SEQUENCES.labels("deterministic-test")._value.get())
+
+
+async def _failure(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in call:
+            pass
+    return info.value
+
+
+def _assert_headers_then_openai_error(error: grpc.aio.AioRpcError, code: str) -> None:
+    initial = dict(error.initial_metadata() or ())
+    assert initial["x-request-id"] and initial["x-model-version"]
+    trailing = dict(error.trailing_metadata() or ())
+    assert "x-request-id" not in trailing  # sent once, first
+    assert json.loads(trailing[contract.OPENAI_ERROR_HEADER])["error"]["code"] == code
+
+
+@pytest.fixture
+async def worker(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[int, grpc.aio.Channel]]:
+    # Slow enough steps that an unload lands mid-generation.
+    settings = inference_settings(tmp_path, redis_url, test_engine_step_ms=20.0)
+    async with serving(InferenceService(settings), settings) as server:
+        async with mtls.aio_channel(server.port, peer="worker") as channel:
+            yield server.port, channel
+
+
+@pytest.mark.parametrize(
+    ("method", "fields"),
+    [
+        ("CreateChatCompletion", {"messages": LONG}),
+        ("CreateCompletion", {"prompt": "long"}),
+        ("CreateCompletion", {"prompt": ["long", "longer"]}),  # several v2 calls
+    ],
+)
+async def test_a_non_streamed_call_unloaded_mid_generation_sends_headers_first(
+    worker, method, fields
+):
+    _, channel = worker
+    stub = rpc.OpenAIServiceStub(channel)
+    call = getattr(stub, method)(_body(model="deterministic-test@1", max_tokens=400, **fields))
+    unloading = asyncio.ensure_future(_unload_once_started(channel, "1"))
+    error = await _failure(call)
+    await unloading
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    _assert_headers_then_openai_error(error, "model_unloaded")
+
+
+async def test_a_stream_failing_before_its_first_token_sends_headers_first(
+    tmp_path: Path, redis_url: str
+):
+    # Every prefill fails: the request was scheduled (v2 sent its headers), no token came.
+    settings = inference_settings(tmp_path, redis_url, test_engine_error_rate=1.0)
+    async with serving(InferenceService(settings), settings) as server:
+        async with mtls.aio_channel(server.port, peer="worker") as channel:
+            stub = rpc.OpenAIServiceStub(channel)
+            for stream in (True, False):
+                call = stub.CreateChatCompletion(
+                    _body(model="deterministic-test", messages=LONG, max_tokens=4, stream=stream)
+                )
+                error = await _failure(call)
+                assert error.code() is grpc.StatusCode.INTERNAL
+                _assert_headers_then_openai_error(error, "internal")
+
+
+async def test_an_error_before_any_work_stays_trailers_only(worker):
+    # Nothing ran: Envoy may retry it elsewhere (the version is not here, say).
+    _, channel = worker
+    call = rpc.OpenAIServiceStub(channel).CreateChatCompletion(
+        _body(model="deterministic-test@9", messages=LONG)
+    )
+    error = await _failure(call)
+    assert not list(error.initial_metadata() or ())
+    assert contract.OPENAI_ERROR_HEADER in dict(error.trailing_metadata() or ())
+
+
+@contextlib.contextmanager
+def _retrying_backend(state: Path, worker_port: int) -> Any:
+    """The bare OpenAI backend, its route retrying as the per-model routes do."""
+    sds = state / "sds"
+    sds.mkdir(parents=True)
+    for name, content in envoy_config.sds_files(mtls.pki_dir(), contract.EDGE, None).items():
+        (sds / name).write_text(yaml.safe_dump(content, sort_keys=False))
+    descriptor = protos.build_descriptor_set(state / "tokenmesh.pb")
+    port, admin = reserve_port(), reserve_port()
+    bootstrap = openai_backend.bootstrap(
+        Endpoint("127.0.0.1", port), admin, descriptor, [Endpoint("127.0.0.1", worker_port)], sds
+    )
+    [route] = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]["route_config"]["virtual_hosts"][0]["routes"]
+    route["route"]["retry_policy"] = snapshot._streaming_action(cluster="x")["retry_policy"]
+    config = state / "envoy.yaml"
+    config.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+    argv = [str(envoy_binary()), "-c", str(config), "--concurrency", "1"]
+    child = Child("envoy", [*argv, "--disable-hot-restart"], clean_env({}), state / "envoy.log")
+    try:
+        ready = f"http://127.0.0.1:{admin}/ready"
+        wait_for(lambda: _ok(ready), 60, "envoy", child)
+        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+    finally:
+        child.terminate()
+        child.wait(10)
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def test_the_edge_does_not_retry_it_and_the_client_reads_the_real_error(
+    worker, tmp_path: Path
+):
+    port, channel = worker
+    with contextlib.ExitStack() as stack:
+        base, admin = await asyncio.to_thread(
+            stack.enter_context, _retrying_backend(tmp_path / "envoy", port)
+        )
+        computed = _computed()
+        unloading = asyncio.ensure_future(_unload_once_started(channel, "1"))
+        async with httpx.AsyncClient(timeout=60) as http:
+            reply = await http.post(
+                f"{base}/openai/v1/chat/completions",
+                json={"model": "deterministic-test@1", "messages": LONG, "max_tokens": 400, "n": 2},
+            )
+            await unloading
+            stats = (await http.get(f"{admin}/stats?filter=upstream_rq_retry$")).text
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["error"]["code"] == "model_unloaded"  # not the retry's 404
+    assert reply.headers["x-request-id"]
+    assert "cluster.inference.upstream_rq_retry: 0" in stats
+    assert _computed() - computed == 2  # n, once
