@@ -70,6 +70,7 @@ async def _failure(call: Any) -> grpc.aio.AioRpcError:
 def _assert_headers_then_openai_error(error: grpc.aio.AioRpcError, code: str) -> None:
     initial = dict(error.initial_metadata() or ())
     assert initial["x-request-id"] and initial["x-model-version"]
+    assert initial["x-should-retry"] == "false"  # the SDK would run, and bill, it again
     trailing = dict(error.trailing_metadata() or ())
     assert "x-request-id" not in trailing  # sent once, first
     assert json.loads(trailing[contract.OPENAI_ERROR_HEADER])["error"]["code"] == code
@@ -189,5 +190,6 @@ async def test_the_edge_does_not_retry_it_and_the_client_reads_the_real_error(
     assert reply.status_code == 503, reply.text
     assert reply.json()["error"]["code"] == "model_unloaded"  # not the retry's 404
     assert reply.headers["x-request-id"]
+    assert reply.headers["x-should-retry"] == "false"
     assert "cluster.inference.upstream_rq_retry: 0" in stats
     assert _computed() - computed == 2  # n, once

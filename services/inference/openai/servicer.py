@@ -62,6 +62,9 @@ FALLBACK_MODEL_HEADER = model_routing.MODEL_HEADER
 # passes its bytes on; an answer's size has no bound of its own (n x max_tokens x
 # top_logprobs), so the worker splits it (tests/e2e/test_openai_large_answers.py).
 BODY_CHUNK_BYTES = 256 * 1024
+# Sent with an error after work started: OpenAI's SDKs read `x-should-retry`
+# before their own retry rules (openai-python's _base_client._should_retry).
+NO_CLIENT_RETRY = ("x-should-retry", "false")
 
 
 class _ResponseContext:
@@ -108,6 +111,10 @@ class _ResponseContext:
         if self.error_json:  # set only while no body went out (`fail`)
             extra = ((contract.OPENAI_ERROR_HEADER, self.error_json),)
         if self.headers:  # v2 sent them: the work started (see the class)
+            # OpenAI's SDKs retry a 5xx (twice, by default) unless told not to: each
+            # retry would run, and bill, the request again.
+            if not self.sent:
+                self.headers = (*self.headers, NO_CLIENT_RETRY)
             await self.flush()
         await self._context.abort(code, details, (*tuple(trailing_metadata), *extra))
 
