@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -10,6 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from google.protobuf import timestamp_pb2
 
+from services.core.errors import FieldViolation, InvalidArgument
 from services.usage.meter import PREFIX, Retention, bucket_key, bucket_start, next_bucket
 from tokenmesh.usage.v1 import usage_pb2, usage_service_pb2
 
@@ -130,6 +135,67 @@ def plan_buckets(
     return BucketPlan(out, first, cursor)
 
 
+_AUDIT_TOKEN_VERSION = "2"  # version 1 was a bare offset from the newest entry
+_AUDIT_TOKEN_INT = re.compile(r"-?[0-9]{1,19}")
+_NOT_OURS = "is not a token this service issued"
+_OFFSET_TOKEN = (
+    "is an offset token of an earlier version of this service, which cannot resume a"
+    " listing exactly (entries metered since would shift it); list again from the first page"
+)
+
+
+def _tenant_mark(tenant: str) -> str:
+    # A token names its tenant by a digest: short, whatever the name's length.
+    return hashlib.sha256(tenant.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class AuditListing:
+    """AuditListing is one listing of a tenant's audit log, first page to last.
+
+    Its range [start_ms, end_ms) is fixed by the first page (a default end is
+    "now" then, not at each page) and `place` is the last entry listed,
+    (score, member) as the sorted set holds them; the page token carries both.
+    """
+
+    tenant: str
+    start_ms: int
+    end_ms: int
+    place: tuple[int, bytes] | None = None
+
+    def token_after(self, score: int, member: bytes) -> str:
+        """Returns the page token that resumes the listing after the entry (score, member)."""
+        packed = base64.urlsafe_b64encode(bytes.fromhex(member.decode())).decode().rstrip("=")
+        parts = [self.end_ms, self.start_ms, score, _tenant_mark(self.tenant), packed]
+        return ".".join([_AUDIT_TOKEN_VERSION, *map(str, parts)])
+
+
+def resume_listing(tenant: str, token: str) -> AuditListing:
+    """Returns the listing a page token resumes; raises InvalidArgument naming
+    `page_token` for a token this service did not issue for `tenant`, and for an
+    offset token of an earlier version (resuming it could repeat or skip entries)."""
+    if token.isdigit():
+        raise InvalidArgument([FieldViolation("page_token", _OFFSET_TOKEN)])
+    parts = token.split(".")
+    numbers = parts[1:4]
+    if (
+        len(parts) != 6
+        or parts[0] != _AUDIT_TOKEN_VERSION
+        or not all(_AUDIT_TOKEN_INT.fullmatch(n) for n in numbers)
+    ):
+        raise InvalidArgument([FieldViolation("page_token", _NOT_OURS)])
+    if parts[4] != _tenant_mark(tenant):
+        raise InvalidArgument([FieldViolation("page_token", "was issued for another tenant")])
+    try:
+        raw = base64.urlsafe_b64decode(parts[5] + "=" * (-len(parts[5]) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidArgument([FieldViolation("page_token", _NOT_OURS)]) from None
+    end_ms, start_ms, score = map(int, numbers)
+    if not raw or not start_ms <= score < end_ms:
+        raise InvalidArgument([FieldViolation("page_token", _NOT_OURS)])
+    return AuditListing(tenant, start_ms, end_ms, (score, raw.hex().encode()))
+
+
 class UsageReader:
     """UsageReader sums buckets for a scope over a time range."""
 
@@ -209,17 +275,38 @@ class UsageReader:
         return out
 
     async def audit(
-        self, tenant: str, start_ms: int, end_ms: int, page_size: int, page_token: str
+        self, listing: AuditListing, page_size: int
     ) -> tuple[list[usage_pb2.AuditEntry], str]:
-        """Returns audit entries of a tenant, newest first, and the next page token."""
-        offset = int(page_token or 0)
-        raw: list[Any] = await self.redis.zrevrangebyscore(
-            f"{PREFIX}audit:{tenant}", f"({end_ms}", start_ms, start=offset, num=page_size + 1
-        )
-        entries = [
-            usage_pb2.AuditEntry.FromString(bytes.fromhex(r.decode())) for r in raw[:page_size]
-        ]
-        return entries, str(offset + page_size) if len(raw) > page_size else ""
+        """Returns the next page of a listing's entries, newest first, and the next page token.
+
+        The page goes on after the listing's place, (score, member) in the
+        sorted set's own order, not at an offset: entries metered between
+        two pages (newer ones, or ones shipped late into a range already
+        read) move no page, so nothing repeats and nothing is skipped.
+        """
+        key = f"{PREFIX}audit:{listing.tenant}"
+        high = f"({listing.end_ms}"
+        # One transaction: the place's ties and what follows them are one snapshot.
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if listing.place is not None:
+                score, _ = listing.place
+                # Entries of the place's millisecond: the set orders them by
+                # member, so those below the place's member come next. They are
+                # few (one tenant's requests that finished in the same ms).
+                pipe.zrevrangebyscore(key, score, score)
+                high = f"({score}"
+            pipe.zrevrangebyscore(
+                key, high, listing.start_ms, start=0, num=page_size + 1, withscores=True
+            )
+            replies: list[Any] = await pipe.execute()
+        rows: list[tuple[int, bytes]] = []
+        if listing.place is not None:
+            score, member = listing.place
+            rows += [(score, m) for m in replies[0] if m < member]
+        rows += [(int(s), m) for m, s in replies[-1]]
+        page = rows[:page_size]
+        entries = [usage_pb2.AuditEntry.FromString(bytes.fromhex(m.decode())) for _, m in page]
+        return entries, listing.token_after(*page[-1]) if len(rows) > page_size else ""
 
 
 def now() -> float:

@@ -11,7 +11,7 @@ from services.core import contract
 from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied, Unauthenticated
 from services.core.interceptors import Context, request_headers
 from services.core.time_fields import timestamp_millis, timestamp_seconds
-from services.usage.reports import UsageReader, month_start, now
+from services.usage.reports import AuditListing, UsageReader, month_start, now, resume_listing
 from tokenmesh.usage.v1 import usage_service_pb2 as pb
 from tokenmesh.usage.v1 import usage_service_pb2_grpc
 from tokenmesh.usage.v2 import usage_service_pb2 as v2_pb
@@ -89,21 +89,38 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
             raise PermissionDenied("the audit log needs the admin scope", reason="MISSING_SCOPE")
         if not 0 <= request.page_size <= 1000:
             raise InvalidArgument([FieldViolation("page_size", "must be between 0 and 1000")])
-        if request.page_token and not request.page_token.isdigit():
-            raise InvalidArgument(
-                [FieldViolation("page_token", "is not a token this service issued")]
-            )
-        end = (
-            timestamp_millis(request.end_time, "end_time")
-            if request.HasField("end_time")
-            else int(now() * 1000) + 1
-        )
-        start = (
-            timestamp_millis(request.start_time, "start_time")
-            if request.HasField("start_time")
-            else 0
-        )
-        entries, token = await self.reader.audit(
-            request.tenant, start, end, request.page_size or 100, request.page_token
-        )
+        entries, token = await self.reader.audit(audit_listing(request), request.page_size or 100)
         return pb.ListAuditEntriesResponse(entries=entries, next_page_token=token)
+
+
+def audit_listing(request: pb.ListAuditEntriesRequest) -> AuditListing:
+    """Returns the listing a request starts, or resumes with its page token.
+
+    A resumed listing keeps its first page's range: a default end_time is
+    "now" once, when the listing starts, so a listing paged to its end holds
+    every entry that existed then, whatever is metered between pages. A range
+    sent with a token must be the token's (AIP-158: a page token is valid only
+    with the request that returned it).
+    """
+    start = (
+        timestamp_millis(request.start_time, "start_time")
+        if request.HasField("start_time")
+        else None
+    )
+    end = timestamp_millis(request.end_time, "end_time") if request.HasField("end_time") else None
+    if not request.page_token:
+        return AuditListing(
+            request.tenant,
+            0 if start is None else start,
+            int(now() * 1000) + 1 if end is None else end,
+        )
+    listing = resume_listing(request.tenant, request.page_token)
+    for name, sent, pinned in (
+        ("start_time", start, listing.start_ms),
+        ("end_time", end, listing.end_ms),
+    ):
+        if sent is not None and sent != pinned:
+            raise InvalidArgument(
+                [FieldViolation(name, "must be the first page's (or left out) with a page_token")]
+            )
+    return listing

@@ -1,0 +1,184 @@
+"""The audit log listing against a real Redis and the real usage service: pages stay
+put while requests are metered between them (keyset page tokens, a pinned range)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+import pytest
+import redis.asyncio as aioredis
+from google.protobuf import timestamp_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from services.core.server import serving
+from services.usage.meter import Meter, Retention
+from services.usage.service import UsageService, UsageSettings
+from tests import mtls
+from tokenmesh.inference.v1 import inference_pb2
+from tokenmesh.type.v1 import types_pb2
+from tokenmesh.usage.v1 import usage_service_pb2 as pb
+from tokenmesh.usage.v1 import usage_service_pb2_grpc as rpc
+
+ADMIN = (
+    ("x-tokenmesh-key-id", "key_admin"),
+    ("x-tokenmesh-tenant", "admin"),
+    ("x-tokenmesh-scopes", "admin"),
+)
+
+
+@dataclass
+class Audit:
+    """A tenant of its own, a meter that applies what the test publishes, and the service."""
+
+    tenant: str
+    stream: str
+    client: aioredis.Redis
+    meter: Meter
+    stub: rpc.UsageServiceStub
+
+    async def meter_events(self, *events: tuple[str, int]) -> None:
+        """Meters events (request id, finish ms) of the tenant; returns once all are applied."""
+        for request_id, finish_ms in events:
+            event = inference_pb2.UsageEvent(
+                request_id=request_id,
+                # Metered-once markers are global: an id of this test's own.
+                event_id=f"{self.tenant}:{request_id}",
+                key_id="key_x",
+                tenant=self.tenant,
+                finish_reason="stop",
+                model=types_pb2.ModelRef(name="demo-lm", version="1"),
+                usage=types_pb2.TokenUsage(prompt_tokens=1, completion_tokens=1, total_tokens=2),
+                finish_unix_ms=finish_ms,
+            )
+            await self.client.xadd(
+                self.stream, {"request_id": request_id, "event": event.SerializeToString()}
+            )
+        # The service meters the same stream; whichever meter applies an event first,
+        # it is in the audit log once this meter has read past it.
+        while await self.meter.run_once(block_ms=50):
+            pass
+
+    async def page(
+        self, token: str = "", end_time: timestamp_pb2.Timestamp | None = None
+    ) -> pb.ListAuditEntriesResponse:
+        request = pb.ListAuditEntriesRequest(
+            tenant=self.tenant, page_size=2, page_token=token, end_time=end_time
+        )
+        return await self.stub.ListAuditEntries(request, metadata=ADMIN)  # type: ignore[misc,no-any-return]
+
+
+@asynccontextmanager
+async def _audit(redis_url: str) -> AsyncIterator[Audit]:
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    stream = f"usage-test:{uuid.uuid4().hex}"
+    client = aioredis.from_url(redis_url)
+    meter = Meter(client, stream, "meter", "c", Retention())
+    await meter.ensure_group()
+    settings = UsageSettings(
+        pki_dir=mtls.pki_dir(),
+        metrics_port=-1,
+        grace_s=0.5,
+        redis_url=redis_url,
+        usage_stream=stream,
+    )
+    try:
+        async with serving(UsageService(settings), settings) as running:
+            async with mtls.aio_channel(running.port, peer="usage") as channel:
+                yield Audit(tenant, stream, client, meter, rpc.UsageServiceStub(channel))
+    finally:
+        await client.aclose()
+
+
+def _violations(error: grpc.aio.AioRpcError) -> list[str]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            return [v.field for v in bad.field_violations]
+    raise AssertionError("no BadRequest detail")
+
+
+async def test_pages_list_every_entry_once_while_requests_are_metered(redis_url):
+    async with _audit(redis_url) as audit:
+        base = int(time.time() * 1000) - 60_000
+        # Newest first: a8 a7 a6, then a3 a4 a5 (one millisecond: a page ends inside
+        # them), a2 a1 a0.
+        times = [0, 1000, 2000, 3000, 3000, 3000, 4000, 5000, 6000]
+        before = [(f"a{i}", base + t) for i, t in enumerate(times)]
+        await audit.meter_events(*before)
+
+        listed: list[tuple[str, int]] = []
+        page = await audit.page()
+        # Nine entries, two a page: five pages. A listing that takes in what is
+        # metered meanwhile (three entries a page here) would never end.
+        for _ in range(10):
+            listed += [(e.request_id, e.time.ToMilliseconds()) for e in page.entries]
+            if not page.next_page_token:
+                break
+            n = len(listed)
+            await audit.meter_events(
+                # a request that finished after the listing started: past its end,
+                (f"new{n}", int(time.time() * 1000) + 1),
+                # one shipped late from a spool into the pages already read,
+                (f"late-read{n}", listed[-1][1] + 1),
+                # and one shipped late into what is still to be read.
+                (f"late-ahead{n}", base + 500 - n),
+            )
+            page = await audit.page(page.next_page_token)
+        else:
+            pytest.fail(f"the listing did not end; listed so far: {listed}")
+
+        ids = [request_id for request_id, _ in listed]
+        assert len(ids) == len(set(ids)), f"listed twice: {ids}"
+        ahead = {i for i in ids if i.startswith("late-ahead")}
+        assert set(ids) - ahead == {request_id for request_id, _ in before}
+        # Late into the range still ahead: listed, once, in its place. Newer than the
+        # listing's end, or late into pages already read: on no page of this listing.
+        assert ahead, "entries metered into the range still ahead are listed"
+        assert [t for _, t in listed] == sorted((t for _, t in listed), reverse=True)
+
+
+async def test_a_page_token_resumes_only_its_own_listing(redis_url):
+    async with _audit(redis_url) as audit:
+        base = int(time.time() * 1000) - 60_000
+        await audit.meter_events(*((f"b{i}", base + i) for i in range(5)))
+        end = timestamp_pb2.Timestamp()
+        end.FromMilliseconds(base + 4)  # b4 is past the end
+        first = await audit.page(end_time=end)
+        assert [e.request_id for e in first.entries] == ["b3", "b2"]
+        # The first page's range, sent again with its token, is the same listing.
+        second = await audit.page(first.next_page_token, end_time=end)
+        assert [e.request_id for e in second.entries] == ["b1", "b0"]
+        assert not second.next_page_token
+
+        other_end = timestamp_pb2.Timestamp()
+        other_end.FromMilliseconds(base + 5)
+        refused = {
+            # an offset token of the earlier version: it cannot resume a listing exactly
+            "2": "page_token",
+            "not-a-token": "page_token",
+            first.next_page_token.rsplit(".", 1)[0]: "page_token",
+            first.next_page_token.replace("2.", "3.", 1): "page_token",
+        }
+        for token, field in refused.items():
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await audit.page(token)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, token
+            assert _violations(info.value) == [field], token
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await audit.page(first.next_page_token, end_time=other_end)
+        assert _violations(info.value) == ["end_time"]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await audit.stub.ListAuditEntries(
+                pb.ListAuditEntriesRequest(tenant="another", page_token=first.next_page_token),
+                metadata=ADMIN,
+            )
+        assert _violations(info.value) == ["page_token"]
