@@ -5,8 +5,10 @@ in events from before it, its request_id: SET NX with a retention TTL), (2)
 adds it to the minute/hour/day/month buckets of its
 key, its tenant and the whole mesh, (3) records an audit entry, and (4) acks
 the stream entry — atomically, so a replayed or re-claimed event never counts
-twice and an applied one is never lost. Entries a crashed consumer left
-pending are claimed by another after `claim_idle_s`.
+twice and an applied one is never lost. The script says whether the event was
+new: the process's counters (tokenmesh_usage_events_applied_total, per tenant)
+count it only then, so they agree with the reports. Entries a crashed consumer
+left pending are claimed by another after `claim_idle_s`.
 
 Events are applied in batches: the meter lingers a moment (`linger_s`) after
 the first new entries arrive so that more join them, then one script applies
@@ -59,7 +61,12 @@ DEAD_LETTERS = Counter(
     "Usage-stream entries set aside because they could not be decoded, by reason.",
     ["reason"],
 )
-APPLIED = Counter("tokenmesh_usage_events_applied_total", "Usage events applied to the aggregates.")
+# Counted once per event id, when first applied: a replay (the same event read
+# again after a worker or meter restart) is only acked, as in the aggregates.
+APPLIED = Counter(
+    "tokenmesh_usage_events_applied_total",
+    "Usage events applied to the aggregates and audit log, each once (replays not counted).",
+)
 # How far metering runs behind: a request's finish (the worker's clock) to its
 # event applied here. Workers spool while Redis is away, so minutes can be normal
 # after an outage; hours are not.
@@ -94,6 +101,8 @@ end
 #       per bucket its ttl, then the bucket field/increment pairs (the same for
 #       all), then per dimension row: field prefix, overflow prefix ("": never
 #       overflows), requests, prompt, cached, completion.
+# Returns 1 if the event was new (applied now), 0 if it was metered before (a
+# replay: only acked), so that the process's counters count each event once.
 _APPLY = (
     _ROW_FOR
     + """
@@ -102,7 +111,8 @@ local n_plain = tonumber(ARGV[7])
 local cap = tonumber(ARGV[8])
 local first_plain = 9 + n
 local first_row = first_plain + n_plain
-if redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[3])) then
+local new = redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[3]))
+if new then
   for i = 1, n do
     local ttl = tonumber(ARGV[8 + i])
     local key = KEYS[3 + i]
@@ -125,7 +135,8 @@ if redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[3])) then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[4]) - tonumber(ARGV[6]))
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-return 1
+if new then return 1 end
+return 0
 """
 )
 
@@ -352,6 +363,12 @@ def decode_entry(fields: dict[bytes, bytes]) -> inference_pb2.UsageEvent | Poiso
     return event
 
 
+def is_attempt_apart(event: inference_pb2.UsageEvent) -> bool:
+    """Tells whether `event` is a job item's cut attempt, recorded apart from the item
+    (services.inference.admission.set_attempt_apart): audited, never counted."""
+    return contract.UNFINISHED_ATTEMPT_MARK in event.event_id
+
+
 @functools.lru_cache(maxsize=16)
 def _bucket_starts(minute: int) -> tuple[tuple[str, int], ...]:
     """Each granularity's bucket start for a finish time in this minute (a batch's
@@ -396,7 +413,7 @@ def contribution(
     # A job item's cut attempt billed nothing and is not one of the caller's requests
     # (its finished run is): counted, a job cut by a restart read as more requests
     # than it had items. It stays in the audit log.
-    attempt = contract.UNFINISHED_ATTEMPT_MARK in event.event_id
+    attempt = is_attempt_apart(event)
     return Contribution(
         finished=finished,
         seen_key=f"{PREFIX}seen:{event.event_id or event.request_id}",
@@ -562,8 +579,9 @@ class Meter:
 
     async def apply(
         self, entry_id: str, event: inference_pb2.UsageEvent, price: Price | None = None
-    ) -> None:
-        """Applies one event (idempotently) at `price` and acks its stream entry."""
+    ) -> bool:
+        """Applies one event (idempotently) at `price` and acks its stream entry; tells
+        whether it was new (False: metered before, a replay only acked)."""
         part = contribution(event, price, self.retention)
         keys = [
             self.stream,
@@ -586,8 +604,10 @@ class Meter:
         ]
         for row in part.rows:
             args += [row.prefix, row.overflow, *row.counts]
-        await self._apply(keys=keys, args=args)
-        self._count(event, part.finished)
+        new = bool(await self._apply(keys=keys, args=args))
+        if new:  # a replay's counters moved when it was first applied
+            self._count(event, part.finished)
+        return new
 
     async def apply_batch(
         self, items: Sequence[tuple[str, inference_pb2.UsageEvent, Price | None]]
@@ -609,9 +629,13 @@ class Meter:
             self._count(event, finished)
 
     def _count(self, event: inference_pb2.UsageEvent, finished: float) -> None:
+        """Counts an event applied for the first time (never a replay)."""
         self.applied_total += 1
         APPLIED.inc()
-        tenant_metrics.observe(event)
+        # As in the reports (`contribution`): a job item's cut attempt is not one of
+        # the tenant's requests (its finished run is) and billed nothing.
+        if not is_attempt_apart(event):
+            tenant_metrics.observe(event)
         METER_DELAY.observe(max(0.0, time.time() - finished))
 
     async def set_aside(self, entry_id: bytes, fields: dict[bytes, bytes], poison: Poison) -> None:

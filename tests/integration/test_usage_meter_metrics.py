@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 from prometheus_client import REGISTRY
 
@@ -18,7 +19,7 @@ async def test_applied_events_are_counted_with_their_delay(usage):  # noqa: F811
     applied = _value("tokenmesh_usage_events_applied_total")
     delays = _value("tokenmesh_usage_meter_delay_seconds_count")
     late = _value("tokenmesh_usage_meter_delay_seconds_bucket", {"le": "300.0"})
-    event = _event("req-late", completion=1)
+    event = _event(f"req-late-{uuid.uuid4().hex[:8]}", completion=1)
     # Finished ten minutes ago (a worker's spool shipped after an outage).
     event.finish_unix_ms = int((time.time() - 600) * 1000)
     await client.xadd(
@@ -38,7 +39,7 @@ async def test_applied_events_count_per_tenant(usage):  # noqa: F811
     labels = {"tenant": tenant, "finish_reason": "length"}
     requests = _value("tokenmesh_tenant_requests_total", labels)
     completion = _value("tokenmesh_tenant_tokens_total", {"tenant": tenant, "kind": "completion"})
-    event = _event("req-tenant", completion=7)
+    event = _event(f"req-tenant-{uuid.uuid4().hex[:8]}", completion=7)
     await client.xadd(
         service.settings.usage_stream,
         {"request_id": event.request_id, "event": event.SerializeToString()},

@@ -11,7 +11,11 @@ own: a request that leaves does not fail the others waiting for its inputs.
 
 Usage: `prompt_tokens` counts every input; inputs not computed for this
 request are billed as TOKENMESH_CACHE_BILLING says (`cached: true` and
-`served_usage` in the usage event when any was). The response header says
+`served_usage` in the usage event when any was). The event is recorded by
+`Admission.record`, as a generation's: a job item's attempt that ends cut
+(`cancelled`: its call timed out or its caller left; `error`) is set apart
+under an id of its own, billed nothing, and the run that answers is billed
+under the item's id. The response header says
 `hit` (nothing computed), `coalesced` (nothing computed, something awaited),
 `miss` (something computed) or `bypass` (`no-store`).
 """
@@ -120,6 +124,9 @@ class EmbeddingPipeline:
             vectors = np.stack(embedded.vectors) if embedded.vectors else np.empty((0, 0))
             quality.observe_embeddings(target.model, vectors)
             genai_spans.annotate_embedding(call, request.model, prompt_tokens)
+        except asyncio.CancelledError:
+            finish_reason = "cancelled"  # the caller left, or its deadline passed
+            raise
         finally:
             timing = v1_pb.Timing(total_ms=(time.monotonic() - call.started) * 1000)
             event = call.usage_event(self._billed(embedded, prompt_tokens), finish_reason, timing)
@@ -127,8 +134,10 @@ class EmbeddingPipeline:
                 event.cached = True
                 event.served_usage.CopyFrom(token_usage(prompt_tokens, 0))
             content.record(event)
-            self.admission.usage_log.append(event)
-            self.admission.settle(call, event.usage.prompt_tokens)
+            # As every other RPC (Admission.record): a job item's cut attempt is recorded
+            # apart, billed nothing. Appended and settled here directly, it took the
+            # item's id: the meter kept the cut run and dropped the retry that answered.
+            self.admission.record(call, event)
         base64_encoded = request.encoding == inference_pb2.EMBEDDING_ENCODING_BASE64
         return pb.EmbedResponse(
             embeddings=[
