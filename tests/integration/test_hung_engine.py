@@ -274,12 +274,6 @@ async def test_an_unload_ends_an_embed_whose_engine_call_hangs(
         await _until(thread_ended, 5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="an embed refused MODEL_UNLOADING (nothing computed) is billed its inputs "
-    "(services/inference/pipeline/embed.py records usage in a finally)",
-)
 async def test_an_embed_refused_by_an_unloading_version_bills_nothing(
     tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.core.errors import FieldViolation, InvalidArgument
+from services.core.errors import FieldViolation, InvalidArgument, Unavailable
 from services.core.interceptors import Context, request_headers
 from services.inference import genai_spans, quality
 from services.inference.admission import Admission, Request, Target, token_usage
@@ -45,6 +45,7 @@ from services.inference.pipeline.cache import (
     CacheStage,
     ClientMode,
 )
+from services.inference.pipeline.content import RequestContent
 from services.inference.surface import ApiSurface
 from services.inference.v2 import validation
 from tokenmesh.inference.v1 import inference_pb2 as v1_pb
@@ -116,6 +117,7 @@ class EmbeddingPipeline:
         await self.admission.reserve(call)
         finish_reason = "error"
         embedded: Embedded | None = None
+        refused = False
         try:
             embedded = await self._vectors(context, call, target, embedder, encoded, request.cache)
             call.cache_status = embedded.status
@@ -127,17 +129,17 @@ class EmbeddingPipeline:
         except asyncio.CancelledError:
             finish_reason = "cancelled"  # the caller left, or its deadline passed
             raise
+        except Unavailable as exc:
+            # Refused before any work (its version unloads; the edge tries another
+            # worker): nothing is billed, as for a generation refused so. It was billed
+            # every input here, and again where the retry ran.
+            refused = exc.reason == "MODEL_UNLOADING"
+            raise
         finally:
-            timing = v1_pb.Timing(total_ms=(time.monotonic() - call.started) * 1000)
-            event = call.usage_event(self._billed(embedded, prompt_tokens), finish_reason, timing)
-            if embedded is not None and embedded.served_tokens:
-                event.cached = True
-                event.served_usage.CopyFrom(token_usage(prompt_tokens, 0))
-            content.record(event)
-            # As every other RPC (Admission.record): a job item's cut attempt is recorded
-            # apart, billed nothing. Appended and settled here directly, it took the
-            # item's id: the meter kept the cut run and dropped the retry that answered.
-            self.admission.record(call, event)
+            if refused:
+                self.admission.release(call)
+            else:
+                self._record(call, embedded, prompt_tokens, finish_reason, content)
         base64_encoded = request.encoding == inference_pb2.EMBEDDING_ENCODING_BASE64
         return pb.EmbedResponse(
             embeddings=[
@@ -148,6 +150,26 @@ class EmbeddingPipeline:
             usage=inference_pb2.Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
             request_id=call.request_id,
         )
+
+    def _record(
+        self,
+        call: Request,
+        embedded: Embedded | None,
+        prompt_tokens: int,
+        finish_reason: str,
+        content: RequestContent,
+    ) -> None:
+        """Records an embed that ran (or failed, or whose caller left) and settles it."""
+        timing = v1_pb.Timing(total_ms=(time.monotonic() - call.started) * 1000)
+        event = call.usage_event(self._billed(embedded, prompt_tokens), finish_reason, timing)
+        if embedded is not None and embedded.served_tokens:
+            event.cached = True
+            event.served_usage.CopyFrom(token_usage(prompt_tokens, 0))
+        content.record(event)
+        # As every other RPC (Admission.record): a job item's cut attempt is recorded
+        # apart, billed nothing. Appended and settled here directly, it took the
+        # item's id: the meter kept the cut run and dropped the retry that answered.
+        self.admission.record(call, event)
 
     def _billed(self, embedded: Embedded | None, prompt_tokens: int) -> types_pb2.TokenUsage:
         stage = self.admission.cache
