@@ -9,8 +9,10 @@ Envoy configuration from it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +35,10 @@ CATALOG_KEY = "tokenmesh:router:catalog"
 # of spinning; each retry waits a little longer, up to CHANGE_BACKOFF_MAX_S.
 CHANGE_ATTEMPTS = 32
 CHANGE_BACKOFF_MAX_S = 0.05
+#: The latest time the catalogue keeps (9999-12-31T23:59:59Z, unix seconds): the last
+#: second both an HTTP date (the Sunset header) and a protobuf Timestamp can carry.
+MAX_TIME_S = 253_402_300_799
+MAX_TIME_TEXT = "9999-12-31T23:59:59Z"
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,9 @@ class VersionEntry:
         """Parses a version stored by `to_json`."""
         prices = tuple(PriceChange.from_json(c) for c in data.get("prices", ()))
         fields = {k: v for k, v in known_fields(cls, data).items() if k != "prices"}
+        for name in ("deprecated_at", "sunset_at"):
+            if fields.get(name) is not None:
+                fields[name] = _kept_time(fields[name], str(data.get("version")), name)
         return cls(**fields, prices=prices)
 
     def sunset(self, now: float) -> bool:
@@ -152,6 +161,34 @@ def _to_percent(weights: Mapping[str, int]) -> dict[str, int]:
     return shares
 
 
+def _kept_time(seconds: float, version: str, name: str) -> float:
+    """Returns a stored time the catalogue can show: one past MAX_TIME_S (or not a
+    number) reads as MAX_TIME_S.
+
+    An older router stored a sunset of 9999-12-31T23:59:59.999999999Z (the
+    largest Timestamp, a common "never") as 253402300800.0, the year 10000:
+    formatting it raised in every snapshot build and catalogue read, which froze
+    every edge's configuration on every replica. Such a sunset means "never".
+    """
+    if math.isfinite(seconds) and seconds <= MAX_TIME_S:
+        return seconds
+    _warn_unformattable(version, name, repr(seconds))
+    return float(MAX_TIME_S)
+
+
+@functools.lru_cache(maxsize=256)
+def _warn_unformattable(version: str, name: str, stored: str) -> None:
+    """Logs a stored time past MAX_TIME_S once (every build reads the catalogue)."""
+    logger.warning(
+        "catalogue: version %r has %s %s, past %s: read as %s (set it again to store it)",
+        version,
+        name,
+        stored,
+        MAX_TIME_TEXT,
+        MAX_TIME_TEXT,
+    )
+
+
 def _violation(field_name: str, description: str) -> InvalidArgument:
     return InvalidArgument([FieldViolation(field_name, description)])
 
@@ -208,10 +245,17 @@ def set_split(model: ModelEntry, weights: Mapping[str, int]) -> ModelEntry:
     return replace(model, versions=versions)
 
 
-def pin(model: ModelEntry, version: str) -> ModelEntry:
-    """Returns `model` pinned to `version` ("" unpins)."""
-    if version and model.version(version) is None:
+def pin(model: ModelEntry, version: str, at: float | None = None) -> ModelEntry:
+    """Returns `model` pinned to `version` ("" unpins); `at`: now (default: `now()`)."""
+    if not version:
+        return replace(model, pinned="")
+    found = model.version(version)
+    if found is None:
         raise _unknown_version(model, version, "version")
+    if found.sunset(now() if at is None else at):
+        # A pin to a sunset version does nothing (effective_weights skips it), yet it
+        # was reported as the pin and refused StartRollout with MODEL_PINNED.
+        raise _violation("version", f"version {version!r} of {model.name!r} was sunset")
     return replace(model, pinned=version)
 
 
@@ -226,6 +270,10 @@ def deprecate(model: ModelEntry, version: str, sunset_at: float, now: float) -> 
         # A sunset passed ends the version's routes at once: a typo in a date took
         # all of its traffic. Retiring now is a split without it, then a sunset.
         raise _violation("sunset_time", "must be in the future")
+    if not sunset_at <= MAX_TIME_S:
+        # Stored, it could not be formatted back (Sunset header, Timestamp): every
+        # snapshot build and catalogue read raised (see _kept_time).
+        raise _violation("sunset_time", f"must be at most {MAX_TIME_TEXT}")
     deprecated = replace(entry, deprecated_at=entry.deprecated_at or now, sunset_at=sunset_at)
     versions = tuple(deprecated if v.version == version else v for v in model.versions)
     return replace(model, versions=versions)

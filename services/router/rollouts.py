@@ -20,10 +20,18 @@ counters every worker reports in its heartbeats (services.inference.load_report)
   slowest request with the stable version's real p99 (the 99th percentile of
   50 requests is the 50th): one cold start rolled back a canary whose
   latencies matched the stable version's.
+  Requests that ended without a first token (cancelled, or past their
+  deadline, before it) have no TTFT; the canary's, beyond what the stable
+  version's share of them explains (`untimed_allowed`), count as slower than
+  the bound: left out, a canary slower than every client's deadline read as a
+  p99 of 0 and was promoted.
 
 At the end of a step with at least `min_requests` requests and both bounds
-held, it advances; with fewer it waits for traffic. Reaching 100% ends it
-(succeeded). Rolled back or aborted, the new version has 0%.
+held, it advances; with fewer it waits for traffic. A generative model's step
+also waits (`ttft_wait`) for the stable version's requests and first tokens to
+compare with, and for `min_requests` canary requests the TTFT gate can read.
+Reaching 100% ends it (succeeded); a first step of 100 is refused (nothing
+left to compare with). Rolled back or aborted, the new version has 0%.
 
 State lives in Redis (`ROLLOUTS_KEY`, one JSON document per model), so a
 rollout survives a router restart. Only one router replica drives rollouts:
@@ -38,6 +46,7 @@ Every decision goes to the rollout's history and to the audit log (tenant
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -160,6 +169,16 @@ class Policy:
             violations.append(FieldViolation("steps", f"1-{MAX_STEPS} shares of 1-100 (percent)"))
         elif any(b <= a for a, b in zip(steps, steps[1:], strict=False)) or steps[-1] != 100:
             violations.append(FieldViolation("steps", "must increase strictly and end at 100"))
+        elif steps[0] == 100:
+            # A first step of 100 leaves the stable version no traffic to compare with:
+            # the gates compared the canary with nothing and it succeeded unchecked.
+            violations.append(
+                FieldViolation(
+                    "steps",
+                    "the first step must be below 100: the stable version keeps traffic "
+                    "in every observed step, for the gates to compare with (e.g. 5,25,50,100)",
+                )
+            )
         if not 1 <= self.step_s <= 86400:
             violations.append(FieldViolation("step_duration", "must be 1 s to 24 h"))
         if not 0 < self.max_error_rate <= 1:
@@ -190,6 +209,19 @@ class Window:
     def ttft_samples(self) -> int:
         """Returns how many requests the TTFT histogram holds."""
         return sum(self.ttft_counts)
+
+    @property
+    def completed(self) -> int:
+        """Returns the requests that ended without a server error."""
+        return max(self.requests - self.errors, 0)
+
+    @property
+    def untimed(self) -> int:
+        """Returns the requests that ended without an error and without a first token
+        (cancelled, or past their deadline, before it: a worker records them with TTFT 0
+        and the histogram leaves them out). At least this many: an error after the
+        first token counts in both `errors` and the histogram."""
+        return max(self.completed - self.ttft_samples, 0)
 
     def ttft_p99_ms(self) -> float:
         """Returns the TTFT p99 read from the histogram (the bucket's upper bound; 0: none).
@@ -395,6 +427,9 @@ def error_breach(policy: Policy, canary: Window, stable: Window) -> str:
     return ""
 
 
+# Pure, and up to ~30 ms for a step of 300,000 requests: a tick reads it a few times per
+# rollout (the TTFT checks, the untimed allowance), with the same figures tick after tick.
+@functools.lru_cache(maxsize=1024)
 def breach_count(requests: int, q: float = 0.99, alpha: float = TTFT_GATE_ALPHA) -> int:
     """Returns how many of `requests` must be slower than a bound to show, with
     confidence 1 - `alpha`, that their `q`-quantile is above it: the fewest c with
@@ -422,11 +457,17 @@ class TtftCheck:
     Attributes:
         name: "p99" or "p90".
         canary_ms: the canary's quantile, interpolated within its histogram
-            bucket (Window.ttft_estimate_ms).
+            bucket (Window.ttft_estimate_ms); inf when it falls among the requests
+            that never got a first token.
         stable_ms: the stable version's.
         bound_ms: max_ttft_p99_ratio x stable_ms (0: no bound, the gate passes).
-        slow: the canary's requests slower than the bound (Window.ttft_slower_than).
+        slow: the canary's requests slower than the bound (Window.ttft_slower_than),
+            with those counted for never getting a first token (`untimed`).
         needed: how many would show its quantile above the bound (breach_count).
+        samples: the canary's requests the check reads: those with a first token,
+            and `untimed`.
+        untimed: the canary's requests without a first token beyond what the stable
+            version's share of them explains (untimed_allowed): slower than any bound.
     """
 
     name: str
@@ -435,11 +476,59 @@ class TtftCheck:
     bound_ms: float = 0.0
     slow: float = 0.0
     needed: int = 0
+    samples: int = 0
+    untimed: int = 0
 
     @property
     def broken(self) -> bool:
         """Whether the canary's quantile is above the bound (with the gate's confidence)."""
         return self.bound_ms > 0 and self.slow >= self.needed
+
+
+def untimed_share_bound(stable: Window) -> float:
+    """Returns the most the stable version's true share of requests without a first
+    token can be, with the gate's confidence (TTFT_GATE_ALPHA): the Wilson score
+    interval's upper end. A step's stable requests only estimate it (a stable step of
+    60 requests that happened to show none made every cancelled canary request count
+    as slow)."""
+    m = stable.completed
+    if not m:
+        return 1.0
+    z = statistics.NormalDist().inv_cdf(1 - TTFT_GATE_ALPHA)
+    share = stable.untimed / m
+    spread = z * math.sqrt(share * (1 - share) / m + z * z / (4 * m * m))
+    return min(1.0, (share + z * z / (2 * m) + spread) / (1 + z * z / m))
+
+
+def untimed_allowed(canary: Window, stable: Window) -> int:
+    """Returns how many of the canary's requests without a first token the stable
+    version's share of them explains: the most that share (at its upper bound) leaves
+    among the canary's completed requests by chance (TTFT_GATE_ALPHA). Clients'
+    cancels and deadlines hit both versions alike; a canary that hangs, or is slower
+    than the deadlines, has more."""
+    share = untimed_share_bound(stable)
+    if share >= 1.0:
+        return canary.completed
+    return min(canary.completed, breach_count(canary.completed, 1.0 - share) - 1)
+
+
+def _untimed_counted(canary: Window, stable: Window) -> int:
+    """Returns the canary's requests without a first token that the gate counts as
+    slower than any bound (none when the stable version has no TTFT to compare with)."""
+    if not stable.ttft_samples:
+        return 0
+    return max(canary.untimed - untimed_allowed(canary, stable), 0)
+
+
+def _canary_quantile_ms(canary: Window, untimed: int, q: float) -> float:
+    """Returns the canary's TTFT `q`-quantile with `untimed` requests above every bucket
+    (inf when it falls among them)."""
+    if not untimed:
+        return canary.ttft_estimate_ms(q)
+    rank = q * (canary.ttft_samples + untimed)
+    if rank > canary.ttft_samples:
+        return math.inf
+    return canary.ttft_estimate_ms(rank / canary.ttft_samples)
 
 
 def ttft_checks(policy: Policy, canary: Window, stable: Window) -> tuple[TtftCheck, ...]:
@@ -454,32 +543,84 @@ def ttft_checks(policy: Policy, canary: Window, stable: Window) -> tuple[TtftChe
     request). A canary slower across the board breaks the p90 check from 14 of 50
     requests above the bound and the p99 one from 5; one slower in its tail only
     breaks the p99 check once the step has the requests to show it.
+
+    The canary's requests that never got a first token, beyond what the stable
+    version's share of them explains (untimed_allowed), count as slower than the
+    bound: left out, a canary slower than its clients' deadlines (each request
+    cancelled before its first token) read as a p99 of 0 and was promoted.
     """
+    untimed = _untimed_counted(canary, stable)
+    samples = canary.ttft_samples + untimed
     checks = []
     for q in TTFT_GATE_QUANTILES:
         name = f"p{round(q * 100)}"
-        canary_ms, stable_ms = canary.ttft_estimate_ms(q), stable.ttft_estimate_ms(q)
-        if not canary.ttft_samples or not stable.ttft_samples or stable_ms <= 0:
+        canary_ms = _canary_quantile_ms(canary, untimed, q)
+        stable_ms = stable.ttft_estimate_ms(q)
+        if not samples or not stable.ttft_samples or stable_ms <= 0:
             checks.append(TtftCheck(name, canary_ms, stable_ms))
             continue
         bound = policy.max_ttft_p99_ratio * stable_ms
-        slow = canary.ttft_slower_than(bound)
-        needed = breach_count(canary.ttft_samples, q)
-        checks.append(TtftCheck(name, canary_ms, stable_ms, bound, slow, needed))
+        slow = canary.ttft_slower_than(bound) + untimed
+        needed = breach_count(samples, q)
+        checks.append(TtftCheck(name, canary_ms, stable_ms, bound, slow, needed, samples, untimed))
     return tuple(checks)
+
+
+def _ms(value: float) -> str:
+    return f"{value:.0f}ms" if math.isfinite(value) else "never (no first token)"
 
 
 def ttft_breach(policy: Policy, canary: Window, stable: Window) -> str:
     """Returns why the canary's TTFT breaks the policy ("" when it does not or cannot)."""
     for check in ttft_checks(policy, canary, stable):
         if check.broken:
+            untimed = (
+                f", {check.untimed} of them without a first token beyond what the stable "
+                f"version's {stable.untimed} of {stable.completed} explain"
+                if check.untimed
+                else ""
+            )
             return (
-                f"ttft {check.name} {check.canary_ms:.0f}ms > {policy.max_ttft_p99_ratio:g} x "
-                f"stable {check.stable_ms:.0f}ms ({check.slow:.0f} of {canary.ttft_samples} "
-                f"requests above {check.bound_ms:.0f}ms; a {check.name} within it leaves up "
-                f"to {check.needed - 1} by chance)"
+                f"ttft {check.name} {_ms(check.canary_ms)} > {policy.max_ttft_p99_ratio:g} x "
+                f"stable {check.stable_ms:.0f}ms ({check.slow:.0f} of {check.samples} "
+                f"requests above {check.bound_ms:.0f}ms{untimed}; a {check.name} within it "
+                f"leaves up to {check.needed - 1} by chance)"
             )
     return ""
+
+
+def ttft_wait(policy: Policy, canary: Window, stable: Window) -> str:
+    """Returns what the TTFT gate waits for before the step may pass ("" when nothing).
+
+    The stable version is the yardstick: without its requests this step (an empty
+    stable window) or its first tokens while the canary has some (a generative
+    model), the gate passed a canary it had compared with nothing. Without first
+    tokens on either version (an embedding model; every request cancelled) there is
+    no TTFT to compare. A generative canary must also show `min_requests` requests
+    the gate can read: a step whose requests were mostly cancelled before their
+    first token proved nothing about the ones that were not.
+    """
+    if not stable.completed:
+        return (
+            f"waiting for the stable version's traffic: none of its {stable.requests} "
+            "requests this step completed, to compare with"
+        )
+    if not stable.ttft_samples:
+        if not canary.ttft_samples:
+            return ""
+        return (
+            f"waiting for the stable version's first tokens: none of its {stable.completed} "
+            f"requests this step got one ({canary.ttft_samples} of the canary's did)"
+        )
+    samples = canary.ttft_samples + _untimed_counted(canary, stable)
+    if samples >= policy.min_requests:
+        return ""
+    return (
+        f"waiting for timed requests: {samples}/{policy.min_requests} ({canary.untimed} of "
+        f"{canary.completed} completed without a first token, "
+        f"{untimed_allowed(canary, stable)} explained by the stable version's "
+        f"{stable.untimed} of {stable.completed})"
+    )
 
 
 def _ttft_held(checks: Sequence[TtftCheck]) -> str:
@@ -492,8 +633,17 @@ def _ttft_held(checks: Sequence[TtftCheck]) -> str:
             if check.slow and check.bound_ms
             else ""
         )
-        parts.append(f"{check.name} {check.canary_ms:.0f}ms (stable {check.stable_ms:.0f}ms{slow})")
+        parts.append(f"{check.name} {_ms(check.canary_ms)} (stable {check.stable_ms:.0f}ms{slow})")
     return "ttft " + ", ".join(parts)
+
+
+def _untimed_held(canary: Window, stable: Window) -> str:
+    """Describes the canary's requests without a first token, if any, for a step that held."""
+    if not canary.untimed:
+        return ""
+    return (
+        f", {canary.untimed} without a first token (stable {stable.untimed} of {stable.completed})"
+    )
 
 
 def decide(
@@ -520,9 +670,13 @@ def decide(
     broken = ttft_breach(policy, canary, stable)
     if broken:
         return "rollback", broken
+    waiting = ttft_wait(policy, canary, stable)
+    if waiting:
+        return "hold", waiting
     held = (
         f"error rate {canary.error_rate:.3f} (stable {stable.error_rate:.3f}), "
         f"{_ttft_held(ttft_checks(policy, canary, stable))} over {canary.requests} requests"
+        f"{_untimed_held(canary, stable)}"
     )
     if rollout.step_index + 1 >= len(policy.steps) - 1:
         return "succeed", held

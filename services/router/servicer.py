@@ -41,9 +41,11 @@ Refresh = Callable[[], Awaitable[None]]
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
+    # Whole seconds apart from the fraction: seconds * 1e9 as a float showed
+    # 9999-12-31T23:59:59Z (a sunset of "never") as 23:59:58.999986176.
+    whole = math.floor(seconds)
+    nanos = min(round((seconds - whole) * 1e9), 999_999_999)
+    return timestamp_pb2.Timestamp(seconds=whole, nanos=nanos)
 
 
 def model_to_pb(
@@ -431,17 +433,21 @@ class RouterServicer(PolicyRpcs, ShadowRpcs, pb_grpc.RouterServiceServicer):
     async def PinModelVersion(
         self, request: pb.PinModelVersionRequest, context: Context
     ) -> pb.PinModelVersionResponse:
-        model = await self.catalog.update(request.model, lambda m, _: cat.pin(m, request.version))
+        model = await self.catalog.update(
+            request.model, lambda m, _: cat.pin(m, request.version, now())
+        )
         return pb.PinModelVersionResponse(model=await self._changed(model))
 
     async def DeprecateModelVersion(
         self, request: pb.DeprecateModelVersionRequest, context: Context
     ) -> pb.DeprecateModelVersionResponse:
-        sunset = (
-            timestamp_seconds(request.sunset_time, "sunset_time")
-            if request.HasField("sunset_time")
-            else 0
-        )
+        sunset = 0.0
+        if request.HasField("sunset_time"):
+            timestamp_seconds(request.sunset_time, "sunset_time")  # its range, checked
+            # Whole seconds, what the Sunset header carries: as a float, the largest
+            # Timestamp (9999-12-31T23:59:59.999999999Z, a common "never") rounded
+            # up to the year 10000, which no header or Timestamp can show.
+            sunset = float(request.sunset_time.seconds)
         model = await self.catalog.update(
             request.model, lambda m, _: cat.deprecate(m, request.version, sunset, now())
         )

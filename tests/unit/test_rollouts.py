@@ -41,9 +41,18 @@ def test_policies_are_validated():
         ro.Policy(max_error_rate=0),
         ro.Policy(max_ttft_p99_ratio=0.5),
         ro.Policy(min_requests=0),
+        ro.Policy(steps=(100,)),
     ):
         with pytest.raises(InvalidArgument):
             bad.check()
+
+
+def test_a_first_step_of_100_is_refused_saying_why():
+    # All traffic on the canary at once left the stable window empty: the gates
+    # compared it with nothing and a canary at ~7.5 s TTFT succeeded.
+    with pytest.raises(InvalidArgument, match="first step must be below 100"):
+        ro.Policy(steps=(100,)).check()
+    ro.Policy(steps=(99, 100)).check()
 
 
 def test_errors_roll_back_mid_step_once_even_all_missing_requests_could_not_save_it():
@@ -156,3 +165,66 @@ def test_a_worker_reporting_no_bounds_does_not_switch_the_ttft_gate_off():
     summed = ro.Window().plus(bad, None).plus(slow, None)  # the bad one comes first
     assert summed.ttft_p99_ms() >= 5000
     assert summed.requests == 100  # the bad report is left out whole
+
+
+ZEROS = tuple([0] * (len(TTFT_BOUNDS_MS) + 1))
+
+
+def untimed_window(requests: int, timed: int, ttft_ms: float = 10.0) -> ro.Window:
+    """`requests` of which only `timed` got a first token (the rest were cancelled, or
+    passed their deadline, before it: no TTFT sample, no error)."""
+    return ro.Window(requests, 0, TTFT_BOUNDS_MS, ttfts(ttft_ms, timed))
+
+
+def test_a_canary_that_never_gets_a_first_token_is_not_promoted():
+    # Slower than every client's deadline: each request cancelled before its first
+    # token, recorded without a TTFT and without an error. The gate read a p99 of 0
+    # and advanced (succeeded at the last step).
+    hung = ro.Window(100, 0, TTFT_BOUNDS_MS, ZEROS)
+    action, reason = ro.decide(rollout(), hung, window(600), NOW + 61)
+    assert action == "rollback", reason
+    assert "no first token" in reason and "without a first token" in reason
+    assert ro.decide(rollout(step_index=2), hung, window(600), NOW + 61)[0] == "rollback"
+    # Half of them hung, half fast: the slowest requests are the ones left out.
+    action, reason = ro.decide(rollout(), untimed_window(100, 50), window(600), NOW + 61)
+    assert action == "rollback", reason
+
+
+def test_cancels_the_stable_version_has_as_often_do_not_block_a_rollout():
+    # Clients cancel 30% of requests before the first token on both versions alike.
+    canary, stable = untimed_window(100, 70), untimed_window(1000, 700)
+    action, reason = ro.decide(rollout(), canary, stable, NOW + 61)
+    assert action == "advance", reason
+    assert reason.endswith("over 100 requests, 30 without a first token (stable 300 of 1000)")
+
+
+def test_no_first_tokens_on_either_version_is_no_ttft_to_compare():
+    # An embedding model (or a mesh where every request was cancelled): no TTFT at all.
+    quiet = ro.Window(100, 0, TTFT_BOUNDS_MS, ZEROS)
+    assert ro.decide(rollout(), quiet, ro.Window(600, 0, TTFT_BOUNDS_MS, ZEROS), NOW + 61)[0] == (
+        "advance"
+    )
+
+
+def test_a_step_with_too_few_timed_canary_requests_holds():
+    # 60% cancelled on both: 40 timed canary requests say little of its TTFT.
+    canary, stable = untimed_window(100, 40), untimed_window(1000, 400)
+    action, reason = ro.decide(rollout(), canary, stable, NOW + 61)
+    assert action == "hold", reason
+    assert reason.startswith("waiting for timed requests: 40/50")
+    assert ro.decide(rollout(), untimed_window(130, 52), stable, NOW + 61)[0] == "advance"
+
+
+def test_without_the_stable_versions_requests_or_first_tokens_a_step_holds():
+    # A generative canary compared with an empty stable window (steps (100,), stored
+    # before they were refused), or one whose requests got no first token: the gate
+    # passed it unchecked.
+    slow = window(100, ttft_ms=7500)
+    action, reason = ro.decide(rollout(), slow, ro.Window(), NOW + 61)
+    assert action == "hold" and "the stable version's traffic" in reason
+    no_first_tokens = ro.Window(600, 0, TTFT_BOUNDS_MS, ZEROS)
+    action, reason = ro.decide(rollout(), slow, no_first_tokens, NOW + 61)
+    assert action == "hold" and "the stable version's first tokens" in reason
+    # A stored one-step rollout no longer succeeds blindly.
+    one_step = rollout(policy=ro.Policy(steps=(100,), step_s=60, min_requests=50))
+    assert ro.decide(one_step, slow, ro.Window(), NOW + 61)[0] == "hold"

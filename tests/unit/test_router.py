@@ -55,6 +55,42 @@ def test_pin_overrides_the_split_and_sunset_versions_stop_serving():
     assert sunset.version("1") is not None and sunset.version("1").deprecated_at == NOW - 100
 
 
+def test_a_sunset_version_cannot_be_pinned():
+    # The pin did nothing (effective_weights skips a sunset version) yet was reported,
+    # and StartRollout refused with MODEL_PINNED because of it.
+    model = cat.deprecate(two_versions(), "1", sunset_at=NOW - 1, now=NOW - 100)
+    with pytest.raises(InvalidArgument, match="'1' of 'm' was sunset") as info:
+        cat.pin(model, "1", NOW)
+    assert [v.field for v in info.value.violations] == ["version"]
+    assert cat.pin(model, "1", NOW - 50).pinned == "1"  # before its sunset: fine
+    assert cat.pin(model, "2", NOW).pinned == "2"
+    assert cat.pin(cat.pin(model, "2", NOW), "", NOW).pinned == ""
+
+
+def test_a_sunset_that_cannot_be_formatted_back_is_refused():
+    # 253402300800 s (the year 10000: 9999-12-31T23:59:59.999999999Z as a float) was
+    # stored, and every snapshot build raised from then on.
+    with pytest.raises(InvalidArgument, match="at most 9999-12-31T23:59:59Z") as info:
+        cat.deprecate(two_versions(), "1", sunset_at=cat.MAX_TIME_S + 1, now=NOW)
+    assert [v.field for v in info.value.violations] == ["sunset_time"]
+    with pytest.raises(InvalidArgument):
+        cat.deprecate(two_versions(), "1", sunset_at=float("nan"), now=NOW)
+    kept = cat.deprecate(two_versions(), "1", sunset_at=cat.MAX_TIME_S, now=NOW)
+    assert kept.version("1").sunset_at == cat.MAX_TIME_S
+
+
+def test_a_stored_sunset_past_9999_reads_as_9999_and_builds_go_on():
+    # Written by an older router: it must not stop every build and catalogue read.
+    stored = json.loads(two_versions().to_json())
+    stored["versions"][0].update(deprecated_at=NOW, sunset_at=253402300800.0)
+    for sunset_at in (253402300800.0, float("inf")):
+        stored["versions"][0]["sunset_at"] = sunset_at
+        model = ModelEntry.from_json("m", json.dumps(stored))
+        assert model.version("1").sunset_at == cat.MAX_TIME_S
+        built = snapshot.build({"m": model}, [], NOW, DEFAULT_FLAGS, snapshot.ClusterOptions())
+        assert "Fri, 31 Dec 9999 23:59:59 GMT" in json.dumps(built.by_type[ROUTE_TYPE])
+
+
 def test_fallbacks_must_exist_and_not_chain():
     a, b = two_versions(), cat.add_version(None, "b", "1", 0)
     models = {"m": a, "b": b}
