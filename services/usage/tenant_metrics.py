@@ -18,7 +18,8 @@ NO_TENANT = "_none"
 
 REQUESTS = Counter(
     "tokenmesh_tenant_requests_total",
-    "Metered requests per tenant and finish reason (quota: ended by a token budget).",
+    "Metered requests per tenant and finish reason (quota: ended by a token budget); "
+    "a job item's cut attempt is not one (as in the usage reports).",
     ["tenant", "finish_reason"],
 )
 TOKENS = Counter(
