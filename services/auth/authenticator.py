@@ -6,6 +6,7 @@ own admin RPCs, which never trust identity headers a caller could forge.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 
@@ -39,6 +40,11 @@ def credential(headers: Mapping[str, str]) -> str:
     return token.strip(ASCII_SPACE) if scheme.lower() == "bearer" else ""
 
 
+def _left_s(principal: Principal) -> float:
+    """Returns how long the principal's credential still works (seconds; inf: no end)."""
+    return principal.expires_at - time.time() if principal.expires_at else math.inf
+
+
 def unauthenticated() -> Unauthenticated:
     """Returns the one answer for every bad credential (unknown, revoked, malformed)."""
     return Unauthenticated("missing or invalid credentials", reason="INVALID_CREDENTIALS")
@@ -51,7 +57,8 @@ class Authenticator:
         self.keys = keys
         self.tokens = tokens
         self.limiter = limiter
-        self._cache: dict[str, tuple[float, Principal]] = {}
+        # secret hash -> (read from Redis at, reusable until: monotonic seconds, principal)
+        self._cache: dict[str, tuple[float, float, Principal]] = {}
         self._touched: dict[str, float] = {}
 
     async def authenticate(
@@ -109,8 +116,8 @@ class Authenticator:
         digest = self.keys.secret.hash_api_key(token)
         cached = self._cache.get(digest)
         now = time.monotonic()
-        if cached is not None and cached[0] > now and not fresh:
-            return cached[1]
+        if cached is not None and cached[1] > now and not fresh:
+            return cached[2]
         found = await self.keys.lookup(token)
         if found is None:
             self._cache.pop(digest, None)
@@ -122,14 +129,19 @@ class Authenticator:
         principal = Principal.from_key(key, secret_ends_at)
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[digest] = (now + CACHE_TTL_S, principal)
+        # Never reused past the credential's end (a rotated-out secret's overlap,
+        # the key's expiry): the cached verdict would outlive what it says is alive.
+        until = now + min(CACHE_TTL_S, _left_s(principal))
+        self._cache[digest] = (now, until, principal)
         return principal
 
     def edge_cache_s(self, headers: Mapping[str, str]) -> float:
         """Returns how long the edge may reuse the verdict on this request's API key.
 
         That is what is left of REVOCATION_BOUND_S since the key was last read
-        from Redis (the entry `authenticate` just used); 0 for anything else.
+        from Redis (the entry `authenticate` just used), and never past the
+        credential's end (a rotated-out secret's overlap, the key's expiry);
+        0 for anything else.
         """
         token = credential(headers)
         if not looks_like_api_key(token):
@@ -137,8 +149,9 @@ class Authenticator:
         cached = self._cache.get(self.keys.secret.hash_api_key(token))
         if cached is None:
             return 0.0
-        verified_at = cached[0] - CACHE_TTL_S
-        return max(0.0, REVOCATION_BOUND_S - (time.monotonic() - verified_at))
+        verified_at, _, principal = cached
+        bound = REVOCATION_BOUND_S - (time.monotonic() - verified_at)
+        return max(0.0, min(bound, _left_s(principal)))
 
     async def require(self, headers: Mapping[str, str], source: str, scope: str) -> Principal:
         """Authenticates and checks one scope (PERMISSION_DENIED when missing)."""

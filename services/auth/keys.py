@@ -16,6 +16,12 @@ copy of the record read earlier. Revoke and rotate change the record and its
 secrets in one WATCH/MULTI transaction on both, retried when either changed,
 so a rotation never brings a key revoked meanwhile back to ACTIVE.
 
+`lookup` reads a secret, its remaining overlap and its key's record in one Lua
+script: Redis freezes its clock for a script, so the secret's liveness and its
+end come from one instant. Read apart (GET, then PTTL), a secret whose overlap
+ended in between was alive yet had "no TTL", and a JWT minted from it lived the
+full token lifetime past the overlap.
+
 `adopt` registers a secret given from outside (the production bootstrap key,
 passed again on every start). It consults `issued:` rather than the live
 secrets: revocation deletes `secret:<hmac>`, and a lookup there alone took a
@@ -47,6 +53,22 @@ PREFIX = "tm:auth:"
 LAST_USED = f"{PREFIX}last-used"
 SCOPES = ("inference:generate", "inference:embed", "models:read", "usage:read", "jobs", "admin")
 T = TypeVar("T")
+
+# KEYS: secret:<hmac>, last-used; ARGV: the key records' name prefix.
+# Returns {key id, the secret's PTTL (-1: no end), key record, last use} or nil
+# when the secret is gone. One script: the clock is frozen while it runs, so a
+# secret that GET finds alive has a PTTL >= 0 or -1 (read apart, it could
+# expire in between: PTTL -2 was taken for "never ends"). A secret with 0 ms
+# left is as good as gone. The record name is built here from the stored id
+# (not declared in KEYS: the auth store is one Redis, never a cluster).
+_LOOKUP = """
+local key_id = redis.call('GET', KEYS[1])
+if not key_id then return nil end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 or ttl == 0 then return nil end
+local record = redis.call('GET', ARGV[1] .. key_id)
+return {key_id, ttl, record, redis.call('HGET', KEYS[2], key_id)}
+"""
 
 
 @dataclass(frozen=True)
@@ -111,6 +133,11 @@ def _parse(raw: bytes | str, last_used_ns: bytes | str | None) -> auth_pb2.ApiKe
     return key
 
 
+def new_key_id() -> str:
+    """Returns a fresh API key id (create and adopt): contract.API_KEY_ID's shape."""
+    return f"key_{uuid.uuid4().hex[:16]}"
+
+
 def key_record_name(key_id: str) -> str:
     """Returns the Redis key of an API key's record (an ApiKey protobuf). Public: the
     jobs service reads the record to stop a revoked key's jobs (services/jobs/key_status.py)."""
@@ -139,6 +166,7 @@ class ApiKeyStore:
     def __init__(self, client: aioredis.Redis, secret: ServerSecret) -> None:
         self.redis = client
         self.secret = secret
+        self._lookup = client.register_script(_LOOKUP)
 
     async def create(
         self,
@@ -154,7 +182,7 @@ class ApiKeyStore:
         now = time.time()
         secret = new_api_key()
         key = auth_pb2.ApiKey(
-            id=f"key_{uuid.uuid4().hex[:16]}",
+            id=new_key_id(),
             tenant=tenant,
             name=name,
             scopes=list(scopes),
@@ -220,18 +248,27 @@ class ApiKeyStore:
         """Returns the active key a secret belongs to and when that secret stops
         working (unix seconds; 0 = not before the key does), or None."""
         digest = self.secret.hash_api_key(api_key)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(f"{PREFIX}secret:{digest}")
-            pipe.pttl(f"{PREFIX}secret:{digest}")  # a rotated-out secret's overlap
-            key_id, ttl_ms = await pipe.execute()
-        if key_id is None:
+        # Taken before the read: the secret ends `ttl_ms` after some instant of the
+        # script, no earlier than this, so its end is never put later than it is
+        # (less 1 ms: PTTL counts from Redis's clock truncated to the millisecond).
+        sent = time.time()
+        found = await self._lookup(
+            keys=[f"{PREFIX}secret:{digest}", LAST_USED], args=[key_record_name("")]
+        )
+        if found is None:
             return None
-        ends_at = time.time() + ttl_ms / 1000 if ttl_ms > 0 else 0.0
-        try:
-            key = await self.get(text(key_id))
-        except NotFound:
+        _, ttl_ms, raw, last_used = found
+        if raw is None:
+            return None  # a secret of a deleted key
+        key = _parse(raw, last_used)
+        now = time.time()
+        key.state = key_state(key, now)
+        if key.state != auth_pb2.API_KEY_STATE_ACTIVE:
             return None
-        return (key, ends_at) if key.state == auth_pb2.API_KEY_STATE_ACTIVE else None
+        ends_at = sent + (int(ttl_ms) - 1) / 1000 if int(ttl_ms) >= 0 else 0.0
+        if ends_at and ends_at <= now:
+            return None  # its overlap ended while the answer travelled
+        return key, ends_at
 
     async def is_active(self, key_id: str) -> bool:
         """Tells whether key `key_id` is active now (read from Redis: not revoked,
@@ -264,7 +301,7 @@ class ApiKeyStore:
     async def rotate(self, key_id: str, overlap_s: float) -> tuple[auth_pb2.ApiKey, str, float]:
         """Issues a new secret; old ones keep working for `overlap_s` seconds, then stop."""
 
-        def write(pipe: Pipeline, key: auth_pb2.ApiKey, old: Sequence[str]) -> tuple[str, float]:
+        def write(pipe: Pipeline, key: auth_pb2.ApiKey, old: Sequence[str]) -> str:
             if key.state != auth_pb2.API_KEY_STATE_ACTIVE:
                 raise FailedPrecondition(
                     f"API key {key_id!r} is not active", reason="API_KEY_NOT_ACTIVE"
@@ -282,10 +319,12 @@ class ApiKeyStore:
             pipe.set(_issued(digest), key_id)
             pipe.sadd(f"{PREFIX}key:{key_id}:secrets", digest)
             pipe.set(key_record_name(key_id), key.SerializeToString())
-            return secret, time.time() + overlap_s
+            return secret
 
-        key, (secret, expires_at) = await self._change(key_id, write)
-        return key, secret, expires_at
+        key, secret = await self._change(key_id, write)
+        # Taken once the overlap was set: no lookup puts the old secrets' end later
+        # than this (tokens for them expire by it; lookup reads the end from before).
+        return key, secret, time.time() + overlap_s
 
     async def _change(
         self,
@@ -353,7 +392,7 @@ class ApiKeyStore:
                         return None
                     now = time.time()
                     key = auth_pb2.ApiKey(
-                        id=f"key_{uuid.uuid4().hex[:16]}",
+                        id=new_key_id(),
                         tenant=tenant,
                         name="bootstrap",
                         scopes=list(scopes),

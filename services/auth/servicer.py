@@ -148,7 +148,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         self, request: pb.RevokeApiKeyRequest, context: Context
     ) -> pb.RevokeApiKeyResponse:
         principal = await self._admin(context)
-        if request.id == principal.key_id:
+        if _key_id(request.id) == principal.key_id:
             raise PermissionDenied("a key cannot revoke itself", reason="SELF_REVOCATION")
         return pb.RevokeApiKeyResponse(api_key=await self.keys.revoke(_key_id(request.id)))
 
@@ -184,6 +184,8 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
 
 
 def _key_id(key_id: str) -> str:
-    if not key_id or len(key_id) > 64:
-        raise InvalidArgument([FieldViolation("id", "is required (at most 64 characters)")])
+    """Returns a request's key id, checked against how ids are minted: the id is part
+    of Redis key names, and `key_x:secrets` named a key's secrets set (INTERNAL)."""
+    if not contract.is_api_key_id(key_id):
+        raise InvalidArgument([FieldViolation("id", f"must be {contract.API_KEY_ID_RULE}")])
     return key_id

@@ -35,6 +35,11 @@ LEASE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 PREFIX_KEY = re.compile(r"^(?:[0-9a-f]{2}){1,64}$")
 #: REQUEST_ID: a client- or edge-supplied request id.
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: API_KEY_ID: an API key's id, exactly as the auth service mints it (create and
+#: the bootstrap key's adopt: services/auth/keys.py `new_key_id`). It is part of Redis key names
+#: (tm:auth:key:<id>): anything else could name another record, e.g. a key's
+#: secrets set ("key_x:secrets").
+API_KEY_ID = re.compile(r"^key_[0-9a-f]{16}$")
 
 MODEL_NAME_RULE = "1-128 characters of [A-Za-z0-9._-], starting with a letter or digit"
 MODEL_VERSION_RULE = "1-64 characters of [A-Za-z0-9._-], starting with a letter or digit"
@@ -42,6 +47,7 @@ TENANT_RULE = "1-64 characters of [A-Za-z0-9._-], starting with a letter or digi
 WORKER_ID_RULE = "1-128 characters of [A-Za-z0-9._:-]"
 LEASE_TOKEN_RULE = "32-128 characters of [A-Za-z0-9_-]"
 REQUEST_ID_RULE = "1-128 characters of [A-Za-z0-9._:-]"
+API_KEY_ID_RULE = '"key_" and 16 lowercase hex digits'
 #: MODEL_ALIAS: a catalogue alias of a model version ("stable", "canary").
 MODEL_ALIAS = re.compile(r"^[a-z0-9-]{1,32}$")
 MODEL_ALIAS_RULE = "1-32 characters of [a-z0-9-]"
@@ -104,6 +110,11 @@ def is_prefix_key(value: str) -> bool:
 def is_request_id(value: str) -> bool:
     """Tells whether `value` is a valid request id."""
     return REQUEST_ID.fullmatch(value) is not None
+
+
+def is_api_key_id(value: str) -> bool:
+    """Tells whether `value` is an API key id as the auth service mints them."""
+    return API_KEY_ID.fullmatch(value) is not None
 
 
 # ---------------------------------------------------------------------------

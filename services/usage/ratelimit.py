@@ -342,14 +342,30 @@ class RequestLimiter:
             await asyncio.wait_for(asyncio.shield(refund), REFUND_WAIT_S)
 
     async def _forget(self, hit: Hit) -> None:
-        """Removes `hit` from its windows in Redis, or leaves it counted."""
+        """Removes `hit` from its windows in Redis, or leaves it counted (the window
+        may then refuse a request early, never admit one over).
+
+        The call may be the breaker's probe, so its outcome is recorded like a
+        decision's: a probe that recorded nothing kept the breaker open PROBE_S
+        (10 s) more, every decision failing open (or refused, failure_mode_deny)
+        while Redis answered.
+        """
         try:
             self.breaker.check()
+        except BreakerOpen as exc:  # not tried: nothing to record
+            logger.warning("could not take back a refused request's count: %s", exc)
+            return
+        try:
             async with asyncio.timeout(REFUND_TIMEOUT_S):
                 await self._forget_hit(keys=list(hit.windows), args=[hit.member])
-        except STORE_UNAVAILABLE as exc:  # BreakerOpen and asyncio.timeout's TimeoutError too
-            # It stays counted: the window may refuse a request early, never admit one over.
+        except STORE_UNAVAILABLE as exc:  # asyncio.timeout's TimeoutError too
+            self.breaker.failed_with(exc)  # a timeout or lost connection, not a reply
             logger.warning("could not take back a refused request's count: %s", exc)
+            return
+        except Exception:
+            self.breaker.succeeded()  # a bug or an error reply: the store is not hung
+            raise
+        self.breaker.succeeded()
 
     def _shape(self, entries: tuple[tuple[str, str], ...]) -> tuple[list[Limit], LeaseKey] | None:
         """Returns the limits of a descriptor and their lease key (None: not a key's).
@@ -442,6 +458,9 @@ class RequestLimiter:
             raise Unavailable("rate-limit store unavailable", retry_after_s=1.0) from None
         except Exception as exc:
             # A bug, not an outage: the boundary logs the traceback and answers INTERNAL.
+            # The breaker records it as an answer: this call may be its probe, and a
+            # probe that records nothing keeps it open for PROBE_S (10 s) more.
+            self.breaker.succeeded()
             ERRORS.labels("decide").inc()
             logger.error(
                 "rate-limit decision failed (not an outage): %s: %s", type(exc).__name__, exc
