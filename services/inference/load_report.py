@@ -137,12 +137,16 @@ def percentile(values: Sequence[float], share: float) -> float:
 
 
 def worker_load(models: Iterable[LoadedModel], now: float | None = None) -> router_pb2.WorkerLoad:
-    """Returns this worker's load report over its loaded generative versions."""
+    """Returns this worker's load report: the generative versions' load, and every
+    version's outcomes (an embedding version's too: without them its rollout never
+    saw a request, and waited for good)."""
     at = time.monotonic() if now is None else now
     load = router_pb2.WorkerLoad()
     ttfts: list[float] = []
     for model in models:
         if model.scheduler is None:
+            if model.embedder is not None:
+                load.versions.append(version_outcomes_pb(model))
             continue
         stats = model.scheduler.stats()
         load.queue_depth += stats["waiting"]
