@@ -6,7 +6,15 @@
 -- and v2, which kept v1's numbers for them). Only those fields, a
 -- generation's `prompt` (field 3), a v2 chat's first message (field 4) and
 -- a v2 `template` reference (field 5) are decoded; every other field is
--- skipped by its wire type. The hex of the template reference (requests
+-- skipped by its wire type. The walk reads a message as protobuf's parser
+-- (upb, in the workers) does, or not at all: of a field given twice the last
+-- counts (the first of a repeated one: a chat's first message), and a frame
+-- the walk cannot read that way (a group, wire types 3 and 4, which upb skips
+-- but a walk would have to match; wire types 6 and 7; a malformed varint, tag
+-- or length; bytes past the frame) is refused with INVALID_ARGUMENT, as a
+-- compressed one is: a crafted body whose model the edge misread took another
+-- model's route and window while the worker served the one it parsed. The hex
+-- of the template reference (requests
 -- rendered by one template share its head, whatever their variables), else
 -- of the prompt's (or first message's) first PREFIX_BYTES bytes goes into
 -- x-tokenmesh-prefix, which the routes hash (bounded-load consistent
@@ -61,6 +69,10 @@ local PREFIX_BYTES = 64
 -- grpc-message is percent-encoded).
 local COMPRESSED_REFUSAL = "the edge reads inference requests uncompressed: send them "
   .. "without grpc-encoding (it reads the model to route and limit each request)"
+-- INVALID_ARGUMENT's message for a message the edge cannot read as the workers do.
+local MALFORMED_REFUSAL = "the edge could not read this request message as protobuf "
+  .. "does (a group, an unknown wire type, a malformed field or bytes past the message): "
+  .. "send one well-formed message (the edge reads the model to route and limit each request)"
 -- The route metadata key of one cycle of weighted turns over the route's
 -- workers (gateway/model_routing.py SPREAD_KEY; the pins' keys are hex, never this).
 local SPREAD_KEY = "workers"
@@ -89,16 +101,17 @@ local function first_sighting(prefix)
   return not known
 end
 
--- Returns the varint at position i and the position after it (nil when malformed).
--- Up to 10 bytes: a uint64 at or past 2^63 and every negative int take 10 (a
--- 9-byte cap stopped the walk at a REST call's `"seed": "18446744073709551615"`,
--- before the path's model, which the transcoder writes last). Past 2^53 the value
--- is approximate; only lengths (small) are used.
-local function varint(s, i)
+-- Returns the varint at position i (read up to position `stop`) and the position
+-- after it; nil when malformed. Up to 10 bytes, as protobuf reads them: a uint64
+-- at or past 2^63 and every negative int take 10 (a 9-byte cap stopped the walk
+-- at a REST call's `"seed": "18446744073709551615"`, before the path's model,
+-- which the transcoder writes last). Past 2^53 the value is approximate; only
+-- tags and lengths (small) are used.
+local function varint(s, i, stop)
   local result, scale = 0, 1
   while true do
+    if i > stop or scale > 2 ^ 63 then return nil, i end
     local b = s:byte(i)
-    if b == nil or scale > 2 ^ 63 then return nil, i end
     result = result + (b % 128) * scale
     i = i + 1
     if b < 128 then return result, i end
@@ -106,48 +119,57 @@ local function varint(s, i)
   end
 end
 
--- Calls visit(field, position, length) for each length-delimited field of
--- the message in one uncompressed gRPC frame; other fields are skipped by
--- their wire type, and a malformed field ends the walk.
+-- Calls visit(field, position, length) for each length-delimited field of the
+-- message in `s`, which must be exactly one uncompressed gRPC frame; other fields
+-- are skipped by their wire type. Returns false, having stopped, at anything
+-- protobuf's parser (upb) would read otherwise or refuse: a tag of more than 5
+-- bytes, past 2^32 or of field 0; a group (wire types 3 and 4: upb skips an
+-- unknown one, and a model after it was read by the worker, not here); wire
+-- types 6 and 7; a field past the frame's end; bytes after the frame (a unary
+-- call has one message).
 local function each_bytes_field(s, visit)
-  if #s < 5 or s:byte(1) ~= 0 then return end
+  if #s < 5 or s:byte(1) ~= 0 then return false end
   local stop = 5 + s:byte(2) * 16777216 + s:byte(3) * 65536 + s:byte(4) * 256 + s:byte(5)
-  if stop > #s then stop = #s end
+  if stop ~= #s then return false end
   local i = 6
   while i <= stop do
     local key, value
-    key, i = varint(s, i)
-    if key == nil then break end
+    local start = i
+    key, i = varint(s, i, stop)
+    if key == nil or i - start > 5 or key >= 2 ^ 32 or key < 8 then return false end
     local field, wire = math.floor(key / 8), key % 8
     if wire == 0 then
-      value, i = varint(s, i)
-      if value == nil then break end
+      value, i = varint(s, i, stop)
+      if value == nil then return false end
     elseif wire == 1 then
       i = i + 8
     elseif wire == 5 then
       i = i + 4
     elseif wire == 2 then
-      value, i = varint(s, i)
-      if value == nil then break end
+      value, i = varint(s, i, stop)
+      if value == nil or value > stop + 1 - i then return false end
       visit(field, i, value)
       i = i + value
     else
-      break
+      return false
     end
   end
+  return i == stop + 1
 end
 
 -- Returns (model, version, head of field 3, head of the first field 4, head
--- of field 5) from one uncompressed gRPC frame, nil for what is absent.
+-- of field 5) from one uncompressed gRPC frame, nil for what is absent; false
+-- when the frame cannot be read as protobuf reads it. Of a field given twice
+-- the last counts, as in protobuf (field 4, `messages`, is repeated: its first).
 local function model_fields(s)
   local model, version, head, chat, template = nil, nil, nil, nil, nil
-  each_bytes_field(s, function(field, i, length)
+  local read = each_bytes_field(s, function(field, i, length)
     local head_end = i + math.min(length, PREFIX_BYTES) - 1
     if field == 1 then
       model = s:sub(i, i + length - 1)
     elseif field == 2 then
       version = s:sub(i, i + length - 1)
-    elseif field == 3 and head == nil then
+    elseif field == 3 then
       head = s:sub(i, head_end)
     elseif field == 4 and chat == nil then
       chat = s:sub(i, head_end)
@@ -155,6 +177,7 @@ local function model_fields(s)
       template = s:sub(i, head_end)
     end
   end)
+  if not read then return false end
   return model, version, head, chat, template
 end
 
@@ -262,12 +285,15 @@ local function split_model_id(id)
 end
 
 -- Returns (model, version, head of the `input` member) of an OpenAI request:
--- the JSON in field 2 of its google.api.HttpBody frame.
+-- the JSON in field 2 of its google.api.HttpBody frame (the last one, as protobuf
+-- reads it: the first took one model's route and window, the worker served the
+-- last's); false when the frame cannot be read as protobuf reads it.
 local function openai_fields(s, input)
   local data = nil
-  each_bytes_field(s, function(field, i, length)
-    if field == 2 and data == nil then data = s:sub(i, i + length - 1) end
+  local read = each_bytes_field(s, function(field, i, length)
+    if field == 2 then data = s:sub(i, i + length - 1) end
   end)
+  if not read then return false end
   if data == nil then return nil, nil, nil end
   local members = json_members(data, { model = true, [input or "model"] = true })
   local model, version, head = nil, nil, nil
@@ -322,6 +348,16 @@ local function key_pin(pins, model)
   return nil
 end
 
+-- Answers the request INVALID_ARGUMENT with `message`, without sending it on.
+local function refuse(handle, message)
+  handle:respond({
+    [":status"] = "200",
+    ["content-type"] = "application/grpc",
+    ["grpc-status"] = "3",
+    ["grpc-message"] = message,
+  }, nil)
+end
+
 function envoy_on_request(handle)
   local path = handle:headers():get(":path")
   local openai = OPENAI[path]
@@ -334,17 +370,13 @@ function envoy_on_request(handle)
   if bytes:byte(1) == 1 then
     -- A compressed lookup is answered by any worker, as before it was routed.
     if MODEL_LOOKUPS[path] then return end
-    handle:respond({
-      [":status"] = "200",
-      ["content-type"] = "application/grpc",
-      ["grpc-status"] = "3",
-      ["grpc-message"] = COMPRESSED_REFUSAL,
-    }, nil)
+    refuse(handle, COMPRESSED_REFUSAL)
     return
   end
   local model, version, head
   if MODEL_LOOKUPS[path] then
-    model, version = split_model_id((model_fields(bytes)))
+    model = model_fields(bytes)
+    if model ~= false then model, version = split_model_id(model) end
   elseif openai ~= nil then
     model, version, head = openai_fields(bytes, openai)
   else
@@ -358,6 +390,12 @@ function envoy_on_request(handle)
       end
     end
     if not GENERATION[path] then head = nil end
+  end
+  -- Read otherwise than the worker reads it, the model took one route and one
+  -- model's window while the worker served another.
+  if model == false then
+    refuse(handle, MALFORMED_REFUSAL)
+    return
   end
   -- Header objects do not survive the body() yield: fetch them again.
   local headers = handle:headers()

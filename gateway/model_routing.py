@@ -4,7 +4,10 @@ Envoy's routes pick a cluster per model version from headers; the Lua
 filter (LuaJIT inside Envoy, no Python hop) decodes a request's `model` and
 `version` fields from its protobuf body into those headers, so REST paths
 (`/v1/models/{model}:generate`, transcoded into the body) and native gRPC
-requests route the same way. It also copies the head of a generation's
+requests route the same way; it reads the body as the workers' protobuf
+parser does (of a field given twice the last) and refuses (INVALID_ARGUMENT)
+one it cannot read that way, so the model it routes and limits by is the one
+the worker serves. It also copies the head of a generation's
 prompt into a header that the routes hash, so that prompts which start the
 same way reach the same worker (and its prefix cache).
 """

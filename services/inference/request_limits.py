@@ -33,6 +33,13 @@ What a client sees is what the edge's filter gave it:
 
 Only calls from the edge are limited: a delegated caller (the jobs service,
 running a key's batch items) paces itself.
+
+The model window is the one the edge routed by (x-tokenmesh-model, which its
+Lua filter read from the request body): a call whose own message names another
+model is refused INVALID_ARGUMENT before it counts anywhere (`check_routed_model`).
+A crafted body the edge read otherwise than protobuf does (an empty group
+between two `model` fields) took one model's route and window while this
+worker served another, past that model's limit and the routes.
 """
 
 from __future__ import annotations
@@ -44,10 +51,18 @@ from typing import Any, cast
 
 import grpc
 import grpc.aio
+from google.api.httpbody_pb2 import HttpBody
 
 from gateway import model_routing
 from services.core import contract
-from services.core.errors import QuotaViolation, ResourceExhausted, Unavailable
+from services.core.errors import (
+    FieldViolation,
+    InvalidArgument,
+    QuotaViolation,
+    ResourceExhausted,
+    TokenmeshError,
+    Unavailable,
+)
 from services.core.identity import peer_identity
 from services.core.interceptors import (
     STREAM_OPENER,
@@ -58,6 +73,7 @@ from services.core.interceptors import (
 )
 from services.inference import shadow
 from services.inference.openai import errors as openai_errors
+from services.inference.openai import params as openai_params
 from services.usage.ratelimit import WARNING_HEADER, WINDOW_S, Hit, RequestLimiter, WindowStatus
 
 INFERENCE_SERVICES = (
@@ -98,6 +114,51 @@ def descriptor(
         if headers.get(h) and (model_window or key != "model")
     ]
     return tuple(entries)
+
+
+def body_model(request: Any, openai: bool) -> str | None:
+    """Returns the model name a request's message names, as this worker's servicers read
+    it (an OpenAI id's name, without its "@version"); None: none to compare (JSON the
+    OpenAI servicer refuses, or a message without a model)."""
+    if isinstance(request, HttpBody):
+        try:
+            body = openai_params.client_json(request.data, "body")
+        except InvalidArgument:
+            return None  # the servicer refuses it (INVALID_JSON), as it did
+        model = body.get("model") if isinstance(body, dict) else None
+    else:
+        model = getattr(request, "model", None)
+    if not isinstance(model, str):
+        return None
+    return openai_params.parse_model_id(model)[0] if openai else model
+
+
+def check_routed_model(request: Any, headers: Mapping[str, str], openai: bool) -> None:
+    """Raises InvalidArgument when the edge routed (and limits) the call as another model
+    than its message names.
+
+    The edge's Lua filter reads the model from the body (gateway/model_routing.lua)
+    and refuses a body it cannot read as protobuf does; this is the second guard,
+    should the two readers ever part again. No header (a direct internal call, a
+    model the edge left unrouted): nothing to compare.
+    """
+    routed = headers.get(model_routing.MODEL_HEADER)
+    if not routed:
+        return
+    model = body_model(request, openai)
+    if model is not None and model != routed:
+        # INVALID_ARGUMENT, as the edge answers a body it cannot read: the bytes are
+        # ambiguous, not the key short of a right (both models may be allowed).
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "model",
+                    "the edge read another model from this message than protobuf does: "
+                    "send one well-formed message",
+                )
+            ],
+            reason="MODEL_MISMATCH",
+        )
 
 
 def draft03_headers(windows: Sequence[WindowStatus]) -> list[tuple[str, str]]:
@@ -248,6 +309,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, behavior: Handler, kind: MethodKind) -> Handler:
         async def unary(request: Any, context: Context) -> Any:
+            await self.check_model(request, context, kind)
             limited = await self.admit(context, kind)
             if limited is None:
                 result = behavior(request, context)
@@ -273,6 +335,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         async def open_stream(request: Any, context: Context) -> AsyncIterator[Any]:
             # The error boundary calls this instead of `stream` (STREAM_OPENER): an
             # unlimited call's messages then skip this layer.
+            await self.check_model(request, context, kind)
             limited = await self.admit(context, kind)
             result = behavior(request, limited or context)
             if limited is None and inspect.isasyncgen(result):
@@ -281,6 +344,14 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
 
         setattr(stream, STREAM_OPENER, open_stream)
         return stream
+
+    async def check_model(self, request: Any, context: Context, kind: MethodKind) -> None:
+        """Ends a call the edge routed as another model than its message names, before
+        it counts in any window (see check_routed_model)."""
+        try:
+            check_routed_model(request, request_headers(context), kind.openai)
+        except InvalidArgument as error:
+            await _abort(context, error, kind)
 
     async def admit(self, context: Context, kind: MethodKind) -> _Counted | None:
         """Counts the call in its windows; returns the context that announces them.
@@ -313,9 +384,19 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         headers = draft03_headers(windows)
         over = next((w for w in windows if w.over), None)
         if over is not None:
-            error = refusal(over)
-            if kind.openai:
-                body = openai_errors.header_value(openai_errors.from_error(error))
-                headers.append((contract.OPENAI_ERROR_HEADER, body))
-            await abort_with(cast(Context, AnnouncingContext(context, tuple(headers))), error)
+            await _abort(context, refusal(over), kind, headers)
         return _Counted(context, tuple(headers), hit, self.limiter)
+
+
+async def _abort(
+    context: Context,
+    error: TokenmeshError,
+    kind: MethodKind,
+    headers: Sequence[tuple[str, str]] = (),
+) -> None:
+    """Ends the call with `error` and `headers` (OpenAI routes: in OpenAI's error shape too)."""
+    announced = list(headers)
+    if kind.openai:
+        body = openai_errors.header_value(openai_errors.from_error(error))
+        announced.append((contract.OPENAI_ERROR_HEADER, body))
+    await abort_with(cast(Context, AnnouncingContext(context, tuple(announced))), error)
