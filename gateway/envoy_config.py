@@ -518,6 +518,10 @@ def without_credentials(route: Mapping[str, Any]) -> dict[str, Any]:
 # are not buffered whole: a non-streamed OpenAI chat or completion comes as several
 # HttpBody messages of at most 256 KiB (services.inference.openai.servicer), and v2's
 # Generate is the way to a v2 answer larger than this.
+# NOTE: the transcoder raises the stream's buffer limit to this for the request too
+# (measured on 1.40; its max_request_body_size does not lower it): a REST request
+# body up to 8 MiB reaches the worker, whose validation refuses what is too long
+# (400), and a larger one is 413 (tests/e2e/test_hostile_input.py).
 MAX_TRANSCODED_RESPONSE_BYTES = 8 << 20
 
 

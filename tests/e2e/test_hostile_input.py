@@ -327,10 +327,12 @@ def test_a_grpc_request_to_a_rest_path_is_not_found_for_every_caller(
 
 # Over what the edge buffers of a request: the model-routing Lua filter reads
 # a whole inference request, up to Envoy's HTTP/2 stream buffer (16 MiB,
-# measured on 1.40), or the 1 MiB per-connection buffer over HTTP/1.1 (REST
-# bodies of 1-2.5 MB are refused or not, depending on timing; more always is).
+# measured on 1.40); a REST request up to the transcoder's buffer, which its
+# max_response_body_size raises to 8 MiB for both directions
+# (envoy_config.MAX_TRANSCODED_RESPONSE_BYTES: its max_request_body_size does
+# not lower the request's side, measured on 1.40).
 OVER_THE_GRPC_BUFFER = 20_000_000
-OVER_THE_REST_BUFFER = 8_000_000
+OVER_THE_REST_BUFFER = 12_000_000
 
 
 def _complete(prompt_bytes: int) -> bytes:
