@@ -288,12 +288,14 @@ class UsageLog:
     def _roll(self) -> None:
         """Starts the next segment at the spool's end; the full one waits to ship."""
         end = self._end()
+        path = self.directory / _segment_name(end)
+        # Opened first: a failed open (EMFILE, a full disk) changes nothing, and the
+        # append raises (a sealed entry for a file never made stopped shipping).
+        log = open(path, "ab")  # noqa: SIM115 - held until rolled
         self._sealed.append((self._base, end, self._log_path))
         # Kept open until the sync thread has flushed its last appends.
         self._unsynced.append(self._log)
-        self._base = end
-        self._log_path = self.directory / _segment_name(end)
-        self._log = open(self._log_path, "ab")  # noqa: SIM115 - held until rolled
+        self._base, self._log_path, self._log = end, path, log
         self._dir_dirty = True
 
     # -- syncing and shipping ----------------------------------------------------------

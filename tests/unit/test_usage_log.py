@@ -150,6 +150,44 @@ async def test_events_ship_in_order_across_segments_and_shipped_ones_are_deleted
         await client.aclose()
 
 
+async def test_a_segment_that_could_not_be_opened_does_not_stop_shipping(
+    tmp_path, redis_url, monkeypatch
+):
+    """A roll whose open() failed (EMFILE, a full disk) sealed the current segment and
+    moved to a file never made: the next roll sealed that one, and shipping raised
+    FileNotFoundError at it for good (until a restart), the backlog growing."""
+    monkeypatch.setattr(usage_log, "_SEGMENT_BYTES", 200)
+    stream = f"test:{uuid.uuid4().hex}"
+    client = aioredis.from_url(redis_url)
+    log = UsageLog(tmp_path, client, stream, max_backlog_bytes=1 << 20)
+    log.start(_supervisor())
+    real_open, failures = open, [OSError(24, "Too many open files")]
+
+    def open_failing_once(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real_open(*args, **kwargs)
+
+    try:
+        for i in range(10):
+            log.append(_event(i))
+        monkeypatch.setattr(usage_log, "open", open_failing_once, raising=False)
+        appended = 10
+        for i in range(10, 40):
+            try:
+                log.append(_event(i))
+                appended += 1
+            except OSError:  # the one refused: its request is refused, nothing spooled
+                pass
+        await _wait_shipped(log)
+        assert failures == []
+        shipped = await _stream_ids(client, stream)
+        assert len(shipped) == appended == 39
+    finally:
+        await log.stop()
+        await client.aclose()
+
+
 async def test_an_earlier_runs_segments_ship_in_order_after_a_restart(
     tmp_path, redis_url, monkeypatch
 ):
