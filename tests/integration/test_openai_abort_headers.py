@@ -15,7 +15,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -27,7 +27,10 @@ from google.api.httpbody_pb2 import HttpBody
 from gateway import envoy_config, openai_backend, protos
 from gateway.envoy_config import Endpoint
 from services.core import contract
+from services.core.errors import ResourceExhausted, Unavailable
 from services.core.server import serving
+from services.inference.openai.errors import Renames
+from services.inference.openai.servicer import _ResponseContext
 from services.inference.pipeline.generate import COMPUTED_SEQUENCES
 from services.inference.service import InferenceService
 from services.launcher.mesh import envoy_binary
@@ -193,3 +196,35 @@ async def test_the_edge_does_not_retry_it_and_the_client_reads_the_real_error(
     assert reply.headers["x-should-retry"] == "false"
     assert "cluster.inference.upstream_rq_retry: 0" in stats
     assert _computed() - computed == 2  # n, once
+
+
+class _RecordingContext:
+    """What _ResponseContext forwards to: the RPC's headers and its abort, in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Any]] = []
+
+    async def send_initial_metadata(self, metadata: Any) -> None:
+        self.sent.append(("headers", tuple(metadata)))
+
+    async def abort(self, code: grpc.StatusCode, details: str, metadata: Any) -> None:
+        self.sent.append(("abort", code))
+
+
+@pytest.mark.parametrize("reason", ["QUEUE_FULL", "MODEL_UNLOADING"])
+async def test_a_refusal_after_a_sibling_prompt_started_stays_retryable(reason: str):
+    """A multi-prompt completion whose later prompt was refused after an earlier one
+    had sent v2's headers bills nothing (pipeline.generate.complete_all), yet it was
+    answered headers first with x-should-retry: false: neither Envoy nor the SDK
+    tried it again elsewhere."""
+    recorded = _RecordingContext()
+    ctx = _ResponseContext(cast(Any, recorded))
+    await ctx.send_initial_metadata([("x-request-id", "r"), ("x-model-version", "1")])
+    refusal = (
+        ResourceExhausted("worker queue is full", reason=reason)
+        if reason == "QUEUE_FULL"
+        else Unavailable("model version is unloading", reason=reason)
+    )
+    error, _ = ctx.fail(refusal, "CreateCompletion", Renames())
+    await ctx.abort(error.code, error.message)
+    assert recorded.sent == [("abort", error.code)]  # trailers-only, no no-retry header

@@ -65,6 +65,9 @@ BODY_CHUNK_BYTES = 256 * 1024
 # Sent with an error after work started: OpenAI's SDKs read `x-should-retry`
 # before their own retry rules (openai-python's _base_client._should_retry).
 NO_CLIENT_RETRY = ("x-should-retry", "false")
+# Refusals of a request before any of it ran, or of a multi-prompt completion of
+# which nothing is billed (pipeline.generate.complete_all): tried again elsewhere.
+REFUSALS = frozenset({"QUEUE_FULL", "MODEL_UNLOADING"})
 
 
 class _ResponseContext:
@@ -86,6 +89,7 @@ class _ResponseContext:
         self.headers: tuple[tuple[str, str], ...] = ()
         self.sent = False
         self.error_json = ""
+        self.refused = False  # the error is a refusal: nothing of the request was billed
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -110,7 +114,11 @@ class _ResponseContext:
         extra: tuple[tuple[str, str], ...] = ()
         if self.error_json:  # set only while no body went out (`fail`)
             extra = ((contract.OPENAI_ERROR_HEADER, self.error_json),)
-        if self.headers:  # v2 sent them: the work started (see the class)
+        # v2 sent them: the work started (see the class). Not for a refusal: a
+        # multi-prompt completion whose later prompt was refused (its queue full, its
+        # version unloading) after an earlier one had started bills nothing, and the
+        # edge (and the SDK) may try it again elsewhere.
+        if self.headers and not self.refused:
             # OpenAI's SDKs retry a 5xx (twice, by default) unless told not to: each
             # retry would run, and bill, the request again.
             if not self.sent:
@@ -124,6 +132,7 @@ class _ResponseContext:
         """Returns `exc` as the error to abort with and, when output started, the
         stream's last event; before that the error JSON goes with the status."""
         error = errors.renamed(to_domain_error(exc, rpc), renames)
+        self.refused = error.reason in REFUSALS
         body = errors.from_error(error)
         if self.sent:
             return error, HttpBody(data=shapes.sse(body))
