@@ -21,6 +21,7 @@ import re
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import httpx
@@ -81,8 +82,8 @@ def openai_json(model: str) -> bytes:
 def call(channel: grpc.Channel, path: str, message: bytes) -> list[bytes]:
     """Sends `message` (raw protobuf bytes) to `path`; returns the answers' raw bytes."""
     if path in STREAMS:
-        return list(channel.unary_stream(path)(message, timeout=10))
-    return [channel.unary_unary(path)(message, timeout=10)]
+        return list(cast(Any, channel.unary_stream(path))(message, timeout=10))
+    return [cast(Any, channel.unary_unary(path))(message, timeout=10)]
 
 
 def code_of(channel: grpc.Channel, path: str, message: bytes) -> grpc.StatusCode:
@@ -129,13 +130,13 @@ class _AddMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
     def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
         self.metadata = list(metadata)
 
-    def _details(self, details):  # type: ignore[no-untyped-def]
+    def _details(self, details):
         return details._replace(metadata=[*(details.metadata or ()), *self.metadata])
 
-    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+    def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._details(details), request)
 
-    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+    def intercept_unary_stream(self, continuation, details, request):
         return continuation(self._details(details), request)
 
 

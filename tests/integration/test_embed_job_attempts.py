@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -73,7 +73,7 @@ async def _until(condition: Callable[[], Any], what: str) -> Any:
 
 
 async def _events(client: aioredis.Redis, stream: str, request_id: str) -> list[Any]:
-    entries = await client.xrange(stream)
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(stream))
     events = [inference_pb2.UsageEvent.FromString(f[b"event"]) for _, f in entries]
     return [e for e in events if e.request_id == request_id]
 
@@ -105,6 +105,7 @@ async def test_a_job_embed_cut_then_tried_again_is_billed_its_served_run(
             embedder = service.registry.resolve(EMBEDDINGS, "1").embedder
             assert embedder is not None
             monkeypatch.setattr(embedder.engine, "embed", gate.wrap(embedder.engine.embed))
+            assert service._running is not None  # noqa: SLF001
             port = service._running.port  # noqa: SLF001 - the bound port
             async with mtls.aio_channel(port, peer="worker", caller="jobs") as channel:
                 stub = v2_rpc.InferenceServiceStub(channel)
@@ -140,7 +141,8 @@ async def test_a_job_embed_cut_then_tried_again_is_billed_its_served_run(
 
         await _until(applied, "both events metered")
         day = bucket_key(f"key:{key}", "day", bucket_start(served.finish_unix_ms / 1000, "day"))
-        row = {k.decode(): int(v) for k, v in (await client.hgetall(day)).items()}
+        counts = cast(dict[bytes, bytes], await client.hgetall(day))
+        row = {k.decode(): int(v) for k, v in counts.items()}
         model = f"{EMBEDDINGS}|1"
         assert row[f"{model}|requests"] == 1
         assert row[f"{model}|prompt"] == prompt_tokens

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -42,7 +43,7 @@ def _event(event_id: str, key: str, finish_reason: str = "stop") -> inference_pb
 
 def _counters(finish_reason: str = "stop") -> tuple[float, ...]:
     """applied, the tenant's requests (of `finish_reason`), prompt and completion tokens."""
-    names = (
+    names: tuple[tuple[str, dict[str, str]], ...] = (
         ("tokenmesh_usage_events_applied_total", {}),
         ("tokenmesh_tenant_requests_total", {"tenant": TENANT, "finish_reason": finish_reason}),
         ("tokenmesh_tenant_tokens_total", {"tenant": TENANT, "kind": "prompt"}),
@@ -79,7 +80,8 @@ async def _read_all(meter: Meter) -> None:
 
 async def _report(meter: Meter, key: str) -> dict[str, int]:
     day = bucket_key(f"key:{key}", "day", bucket_start(time.time(), "day"))
-    return {k.decode(): int(v) for k, v in (await meter.redis.hgetall(day)).items()}
+    row = cast(dict[bytes, bytes], await meter.redis.hgetall(day))
+    return {k.decode(): int(v) for k, v in row.items()}
 
 
 async def test_an_event_read_twice_counts_once(meter: Meter) -> None:

@@ -29,9 +29,9 @@ from gateway.envoy_config import Endpoint
 from services.core import contract
 from services.core.errors import ResourceExhausted, Unavailable
 from services.core.server import serving
-from services.inference.openai.errors import Renames
+from services.inference.openai.params import Renames
 from services.inference.openai.servicer import _ResponseContext
-from services.inference.pipeline.generate import COMPUTED_SEQUENCES
+from services.inference.pipeline.cache import COMPUTED_SEQUENCES
 from services.inference.service import InferenceService
 from services.launcher.mesh import envoy_binary
 from services.launcher.processes import Child, clean_env, reserve_port, wait_for

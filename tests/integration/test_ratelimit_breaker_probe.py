@@ -14,6 +14,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -50,8 +51,8 @@ def _opened(limiter: RequestLimiter, clock: Clock) -> Breaker:
 
 
 async def _window(client: aioredis.Redis, key: str) -> list[bytes]:
-    members: list[bytes] = await client.zrange(f"tm:ratelimit:rpm:{key}", 0, -1)
-    return members
+    members = await client.zrange(f"tm:ratelimit:rpm:{key}", 0, -1)
+    return cast(list[bytes], members)
 
 
 async def test_a_refund_that_probes_closes_the_breaker(own_redis, client):
