@@ -219,6 +219,10 @@ class Request:
         self.reservation_attempt = ""
         self.unmetered = False
         self.charged_tokens = 0
+        # An unmetered request's chunks (within_budget): each charge call sent has an
+        # id of its own, and one charge call at a time.
+        self.chunks_sent = 0
+        self.charging = False
         # `reserve` ran for it: a later call holds nothing more (a multi-prompt request
         # reserves every prompt's tokens before any of them runs).
         self.budget_reserved = False
@@ -267,6 +271,11 @@ class Request:
             metadata=self.metadata,
             api_version=self.api_version,
         )
+
+
+def _chunk_id(request: Request) -> str:
+    """Returns the id of an unmetered request's next charge call (one id per call)."""
+    return f"{request.usage_id}:chunk-{request.chunks_sent}"
 
 
 def set_attempt_apart(event: inference_pb2.UsageEvent) -> None:
@@ -381,23 +390,29 @@ class Admission:
         if not request.unmetered:
             return True
         due = used_tokens - request.charged_tokens
-        if due < CHARGE_EVERY_TOKENS:
+        # One charge at a time: a coalesced leader's stream and its own reads both
+        # check it, and two calls under one chunk id charged once for both.
+        if due < CHARGE_EVERY_TOKENS or request.charging:
             return True
-        chunk_id, now = f"{request.usage_id}:{request.charged_tokens}", time.time()
+        chunk_id, now = _chunk_id(request), time.time()
+        request.charging = True
         try:
             await self.budgets.reserve(request.key_id, request.limits, chunk_id, due, now)
         except ResourceExhausted:
             return False
         except BreakerOpen:
-            return True  # not sent: the next chunk takes its tokens under the same id
+            return True  # not sent: its tokens stay due, for the next chunk
         except BUDGETS_UNAVAILABLE:
-            # Sent, and it may have been charged (a stall that timed the call out): the
-            # next chunk under this id would be taken for its replay and charge nothing
-            # more. This chunk is charged as it was sent, in the background (a replay
-            # if it landed), and the next one gets an id of its own.
-            self._charge_chunk(request.key_id, chunk_id, due, now)
-            request.charged_tokens += due
+            # Sent, and it may have been charged (a stall timed the call out) or not (a
+            # lost connection). Its tokens stay due, for the next chunk or the charge at
+            # record, under ids of their own (the next chunk under this id would be
+            # taken for its replay, and charge nothing); this one is taken back in the
+            # background, so that it counts once either way.
+            self._forget_chunk(request.key_id, chunk_id, now)
             return True  # still unreachable: still open
+        finally:
+            request.charging = False
+            request.chunks_sent += 1
         request.charged_tokens += due
         return True
 
@@ -460,15 +475,15 @@ class Admission:
         tokens, plus the last delta, which no check sees, or a chunk the budget
         refused) was never charged, however the request ended.
 
-        Charged whatever the budget holds (no limits: the tokens were sent), under the
-        id the next chunk would have had: tried again, it is charged once.
+        Charged whatever the budget holds (no limits: the tokens were sent), under an
+        id of its own: tried again, it is charged once. Once recorded, a request is
+        charged nothing more (`settle` clears `unmetered`).
         """
         due = used - request.charged_tokens
         if due <= 0:
             return
-        self._charge_chunk(
-            request.key_id, f"{request.usage_id}:{request.charged_tokens}", due, time.time()
-        )
+        self._charge_chunk(request.key_id, _chunk_id(request), due, time.time())
+        request.chunks_sent += 1
         request.charged_tokens = used
 
     def _charge_chunk(self, key_id: str, chunk_id: str, amount: int, now: float) -> None:
@@ -476,6 +491,14 @@ class Admission:
         holds (no limits: its tokens were sent); tried again, it is charged once."""
         charge = functools.partial(self.budgets.reserve, key_id, Limits(), chunk_id, amount, now)
         self._in_background(charge, "charge an unmetered request's tokens")
+
+    def _forget_chunk(self, key_id: str, chunk_id: str, now: float) -> None:
+        """Takes back, in the background, a chunk whose answer never came (a refund if it
+        was charged; one reaching Redis later charges nothing). Should Redis stay away
+        longer than the retries, a chunk that had landed stays charged as well as its
+        tokens' next charge: over, never under, the budget."""
+        forget = functools.partial(self.budgets.forget, key_id, chunk_id, now)
+        self._in_background(forget, "take back an unmetered request's unanswered chunk")
 
     def release(self, request: Request) -> None:
         """Gives a request's whole reservation back (it was refused before it ran)."""

@@ -360,6 +360,9 @@ def _request(key: str, needed: int) -> Any:
         reserved_tokens=0,
         job_attempt=False,
         budget_reserved=False,
+        charged_tokens=0,
+        chunks_sent=0,
+        charging=False,
     )
 
 
@@ -440,6 +443,35 @@ async def test_a_chunk_charged_while_its_answer_was_lost_does_not_swallow_the_ne
     admission.settle(request, 50)
     assert await _wait_month_used(budgets, key, 50) == 50
     assert lost == [1]
+
+
+async def test_a_chunk_that_never_reached_redis_is_charged_with_the_next_one(budgets, monkeypatch):
+    """An unmetered stream's chunk whose call failed (a lost connection: it never
+    reached Redis) was left to a background charge of its own; once that ran out of
+    tries (Redis away longer than ~7 s) its tokens were charged nowhere. They stay
+    due now, and the next chunk charges them."""
+    monkeypatch.setattr("services.inference.admission.STORE_BACKOFF_S", 0.01, raising=False)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    admission = Admission(ModelRegistry(), None, budgets, "w")
+    request = _request(key, 0)
+    request.unmetered, request.charged_tokens = True, 0
+    script, unreachable = budgets._reserve, []
+
+    async def first_chunk_never_lands(*args: Any, **kwargs: Any) -> Any:
+        charge_key = kwargs["keys"][3]
+        if not unreachable or unreachable[0] == charge_key:
+            unreachable[:1] = [charge_key]
+            raise RedisConnectionError("Connection refused")
+        return await script(*args, **kwargs)
+
+    budgets._reserve = first_chunk_never_lands
+    assert await admission.within_budget(request, 20)
+    async with asyncio.timeout(5):  # every background try of that chunk has failed
+        while admission._background:
+            await asyncio.sleep(0.01)
+    assert await admission.within_budget(request, 40)
+    admission.settle(request, 50)
+    assert await _wait_month_used(budgets, key, 50) == 50
 
 
 async def _computing(service: Any) -> None:
