@@ -683,6 +683,11 @@ class Scheduler:
             self._finish(seq, Finished("cancelled"))
             return
         if token == self.eos_token_id:
+            if seq.first_token_at is None:
+                # An empty answer: the end of sequence is its first token (its TTFT is
+                # when it was answered; 0 read as "never", slower than any rollout bound).
+                seq.first_token_at = seq.last_token_at = now
+                self._ttft.observe(now - seq.submitted_at)
             self._finish(seq, Finished("stop"))
             return
         if seq.account is not None:

@@ -104,6 +104,37 @@ async def test_greedy_ignores_the_seed(scheduler):
     assert a == b
 
 
+class EndsAtOnceEngine(DeterministicTestEngine):
+    """The test engine whose every step's likeliest token is the end of sequence."""
+
+    def __init__(self) -> None:
+        super().__init__(vocab_size=len(TOKENIZER.words), context_length=512)
+
+    def forward(self, items: Sequence[StepItem]) -> np.ndarray:
+        logits = super().forward(items).copy()
+        logits[:, self.eos_token_id] = 100.0
+        return logits
+
+
+async def test_an_empty_answer_has_its_first_token_time():
+    """An answer whose first token was the end of sequence finished with no first-token
+    time: its TTFT was reported 0 (v2 timing, usage events) and the router's rollout
+    gate counted it as a request that never got a first token (slower than any bound),
+    though it was answered at once."""
+    engine = EndsAtOnceEngine()
+    sched = Scheduler(engine, engine.eos_token_id, SchedulerLimits(max_sequences=2), ("t", "1"))
+    await sched.start()
+    try:
+        ids = TOKENIZER.encode("hello mesh")
+        seq = sched.submit(ids, _params(temperature=0), PRIORITY_INTERACTIVE, None)
+        state = GenerationState(prompt_tokens=len(ids))
+        deltas = [d async for d in stream_deltas(sched, seq, TOKENIZER, (), state)]
+        assert [(d.text, d.finish_reason) for d in deltas] == [("", "stop")]
+        assert seq.first_token_at is not None and seq.first_token_at >= seq.submitted_at
+    finally:
+        await sched.stop(drain_timeout_s=0)
+
+
 async def test_stop_sequence_truncates_and_never_leaks(scheduler):
     full, _, _ = await _text(scheduler, _params(max_tokens=30))
     word = full.split()[3]
