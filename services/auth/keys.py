@@ -16,11 +16,14 @@ copy of the record read earlier. Revoke and rotate change the record and its
 secrets in one WATCH/MULTI transaction on both, retried when either changed,
 so a rotation never brings a key revoked meanwhile back to ACTIVE.
 
-`lookup` reads a secret, its remaining overlap and its key's record in one Lua
-script: Redis freezes its clock for a script, so the secret's liveness and its
-end come from one instant. Read apart (GET, then PTTL), a secret whose overlap
-ended in between was alive yet had "no TTL", and a JWT minted from it lived the
-full token lifetime past the overlap.
+`lookup` reads a secret and its remaining overlap in one Lua script: Redis
+freezes its clock for a script, so the secret's liveness and its end come from
+one instant. Read apart (GET, then PTTL), a secret whose overlap ended in
+between was alive yet had "no TTL", and a JWT minted from it lived the full
+token lifetime past the overlap. The key's record is read after the script
+(its name comes from the secret's value, and a script touches only the keys
+it declares): revoke writes the record and deletes the secrets in one
+transaction, so a record read later can only be as revoked as the secret.
 
 `adopt` registers a secret given from outside (the production bootstrap key,
 passed again on every start). It consults `issued:` rather than the live
@@ -54,20 +57,19 @@ LAST_USED = f"{PREFIX}last-used"
 SCOPES = ("inference:generate", "inference:embed", "models:read", "usage:read", "jobs", "admin")
 T = TypeVar("T")
 
-# KEYS: secret:<hmac>, last-used; ARGV: the key records' name prefix.
-# Returns {key id, the secret's PTTL (-1: no end), key record, last use} or nil
-# when the secret is gone. One script: the clock is frozen while it runs, so a
-# secret that GET finds alive has a PTTL >= 0 or -1 (read apart, it could
-# expire in between: PTTL -2 was taken for "never ends"). A secret with 0 ms
-# left is as good as gone. The record name is built here from the stored id
-# (not declared in KEYS: the auth store is one Redis, never a cluster).
+# KEYS: secret:<hmac>.
+# Returns {key id, the secret's PTTL (-1: no end)} or nil when the secret is
+# gone. One script: the clock is frozen while it runs, so a secret that GET
+# finds alive has a PTTL >= 0 or -1 (read apart, it could expire in between:
+# PTTL -2 was taken for "never ends"). A secret with 0 ms left is as good as
+# gone. It touches no other key: one whose name a script builds is undeclared
+# (Redis's scripting rule, which ACL key patterns and Redis Cluster rely on).
 _LOOKUP = """
 local key_id = redis.call('GET', KEYS[1])
 if not key_id then return nil end
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl == -2 or ttl == 0 then return nil end
-local record = redis.call('GET', ARGV[1] .. key_id)
-return {key_id, ttl, record, redis.call('HGET', KEYS[2], key_id)}
+return {key_id, ttl}
 """
 
 
@@ -252,12 +254,17 @@ class ApiKeyStore:
         # script, no earlier than this, so its end is never put later than it is
         # (less 1 ms: PTTL counts from Redis's clock truncated to the millisecond).
         sent = time.time()
-        found = await self._lookup(
-            keys=[f"{PREFIX}secret:{digest}", LAST_USED], args=[key_record_name("")]
-        )
+        found = await self._lookup(keys=[f"{PREFIX}secret:{digest}"])
         if found is None:
             return None
-        _, ttl_ms, raw, last_used = found
+        key_id, ttl_ms = text(found[0]), found[1]
+        # After the secret: a key revoked meanwhile reads revoked here (revoke writes
+        # the record and deletes its secrets in one transaction). One MULTI: the
+        # record and its last use from one instant.
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(key_record_name(key_id))
+            pipe.hget(LAST_USED, key_id)
+            raw, last_used = await pipe.execute()
         if raw is None:
             return None  # a secret of a deleted key
         key = _parse(raw, last_used)

@@ -153,7 +153,6 @@ class Runner:
         self._last_lane = ""  # the lane the last read's window ended on (_window)
         self._round_found = False  # whether this round of windows read any entry
         self._ending: set[EntryKey] = set()
-        self._lost: set[EntryKey] = set()  # taken over by another replica (heartbeat)
         self.finished_total = 0
 
     # -- the loops (supervised by the service) ------------------------------
@@ -189,7 +188,8 @@ class Runner:
             await asyncio.sleep(watch_s)
 
     async def stop(self, timeout_s: float = 5.0) -> None:
-        """Cancels running items (their entries stay pending, resumed after a restart)."""
+        """Cancels running items: their entries stay pending (resumed after a restart
+        under the same name, or taken over), their in-flight marks go (_run_entry)."""
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -352,7 +352,6 @@ class Runner:
         for key in lost:
             task = self._tasks.get(key)
             if task is not None and key not in self._ending:
-                self._lost.add(key)
                 task.cancel()  # not in _ending: its entry stays pending (_run_entry)
         if lost:
             logger.warning("stopped %d items this replica no longer owns", len(lost))
@@ -425,7 +424,6 @@ class Runner:
         self._tasks.pop(key, None)
         self._jobs.pop(key, None)
         self._ending.discard(key)
-        self._lost.discard(key)
         self._per_lane[key[0]] -= 1
         if not self._per_lane[key[0]]:
             del self._per_lane[key[0]]
@@ -441,15 +439,18 @@ class Runner:
         try:
             await self._run_item(stream, entry_id, job_id, index)
         except asyncio.CancelledError:
-            if key in self._lost:
-                # Another replica owns the entry: it is left pending for it, but this
-                # consumer's mark goes. A stopping job's takeover leaves the mark of
-                # the replica it took over from (that one may be stalled, its call
-                # still running), and the job waited for the sweep.
+            if key not in self._ending:
+                # Another replica took the entry over (heartbeat), or this one is
+                # shutting down (stop): the entry stays pending, for the new owner, a
+                # takeover, or this consumer after a restart (start_item marks it
+                # again). This call was cut, so no result can come from it (a cut
+                # call is billed nothing): this consumer's mark goes. A takeover
+                # keeps the mark of the replica it took over from (it may be stalled,
+                # its call still running), and a k8s pod comes back under another
+                # name, which never resumes the old one's entries: a stopping job
+                # whose item a stopped replica had marked waited for the sweep.
                 await self.store.drop_mark(job_id, index, self.consumer, stream)
                 raise
-            if key not in self._ending:
-                raise  # shutting down: the entry stays pending for the next run
             # Its job is stopping or ended: the item goes without a result (a cut
             # call is metered as no request), and a stopping job may end now.
             await self.store.let_go(job_id, index, self.consumer, stream, entry_id)

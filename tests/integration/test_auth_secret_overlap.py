@@ -28,7 +28,8 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from redis.asyncio.client import Pipeline
 
 from gateway import key_cache
-from services.auth.keys import PREFIX
+from services.auth.crypto import ServerSecret
+from services.auth.keys import PREFIX, ApiKeyStore
 from services.auth.service import AuthService, AuthSettings
 from services.core.errors import Unauthenticated
 from services.core.server import serving
@@ -176,3 +177,35 @@ async def test_an_old_secret_is_refused_once_its_overlap_ended_though_cached(own
             await asyncio.sleep(0.01)
         with pytest.raises(Unauthenticated):  # within the 2 s the verdict was cached for
             await service.authenticator.authenticate(headers, "198.51.100.9")
+
+
+async def test_the_lookup_script_touches_only_the_keys_it_declares(own_redis):
+    # The script built the key record's name from the secret's value and read it: a key
+    # not declared in KEYS, against Redis's scripting rule (ACL key patterns and Redis
+    # Cluster route and check by the declared keys). MONITOR shows every command a
+    # script runs ("lua" as its client) after the EVAL/EVALSHA that declared its keys.
+    client = aioredis.from_url(own_redis)
+    watcher = aioredis.from_url(own_redis)
+    store = ApiKeyStore(client, ServerSecret(b"k" * 32))
+    marker = f"{PREFIX}test:end-of-lookup"
+    try:
+        _, secret = await store.create(
+            "acme", "declared", ["inference:generate"], [], auth_pb2.KeyLimits(), None
+        )
+        async with watcher.monitor() as monitor:
+            await client.ping()  # MONITOR is on: what follows is seen
+            assert await store.lookup(secret) is not None
+            await client.get(marker)  # the end of what the lookup sent
+            declared: set[str] = set()  # by every EVALSHA the lookup sent
+            touched: set[str] = set()  # the first argument (a key) of the script's commands
+            while marker not in (seen := await monitor.next_command())["command"]:
+                name, *args = seen["command"].split(" ")
+                if seen["client_type"] == "lua":
+                    touched.add(args[0])
+                elif name.upper() == "EVALSHA":  # sha, numkeys, keys..., args...
+                    declared.update(args[2 : 2 + int(args[1])])
+        assert touched, "the lookup ran no script"
+        assert touched <= declared, f"undeclared: {touched - declared}"
+    finally:
+        await watcher.aclose()
+        await client.aclose()

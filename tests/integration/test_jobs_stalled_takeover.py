@@ -197,6 +197,81 @@ async def test_a_runner_whose_item_failed_lets_its_mark_go(own_redis: str) -> No
         await client.aclose()
 
 
+async def test_a_stopped_runners_mark_goes_so_a_cancel_ends_after_a_takeover(
+    tmp_path: Path, own_redis: str
+) -> None:
+    """A replica shut down (SIGTERM: Runner.stop) mid-item kept its in-flight mark; a k8s
+    pod comes back under another name and never resumes it. B took the entry over (its
+    mark named both), the job was cancelled, B let its own name go, and the job stayed
+    CANCELLING until the 10-minute sweep. The stopped runner's call was cut: its mark
+    goes with it, the entry stays pending for the takeover."""
+    async with _mesh(tmp_path, own_redis, watch_s=STALLED_S) as mesh, _runner_b(mesh) as b:
+        _key_id, headers = await _key(mesh)
+        job_id = await _submit(mesh, headers, 1, tokens=TOKENS)
+        inflight = jobstore.inflight_key(job_id)
+        a = mesh.jobs.runner.consumer.encode()
+
+        async def marked_by(name: bytes) -> bool:
+            return name in (await mesh.redis.hget(inflight, "0") or b"").split()
+
+        await _until(lambda: marked_by(a), 30, "runner A starting the item")
+        await mesh.jobs.runner.stop()  # A shuts down mid-item
+        assert not await marked_by(a)
+        record = await mesh.jobs.store.get(job_id)
+        assert record is not None
+        stream = jobstore.work_stream(record.owner.lane)
+        pending: Any = await mesh.redis.xpending(stream, jobstore.GROUP)
+        assert pending["pending"] == 1  # left for a takeover (or A's restart)
+
+        assert await b.claim_stale() == 1
+        await _until(lambda: marked_by(b"replica-b"), 10, "runner B starting the item")
+        await mesh.stub.CancelJob(jobs_pb.CancelJobRequest(id=job_id), metadata=headers)
+        await b.watch_ended()  # B's call is cut, its own name let go
+
+        job = await _final(mesh, headers, job_id, timeout_s=10)  # not the sweep's 600 s
+        assert (job.status, job.counts.succeeded) == ("CANCELLED", 0)
+        assert not await _metered(mesh, job_id)  # both cut calls are billed nothing
+
+
+async def test_a_runner_restarted_under_its_name_marks_its_item_again(own_redis: str) -> None:
+    """A runner that stopped mid-item drops its mark; restarted under the same name it
+    resumes its pending entry (recover_own) and marks the item in flight again."""
+    client = aioredis.from_url(own_redis)
+    store = jobstore.JobStore(client, 3600)
+    owner = jobstore.Owner("key_restart", "", {contract.KEY_ID_HEADER: "key_restart"})
+    stream = jobstore.work_stream(owner.lane)
+    # No worker serves the model: the item waits in the executor, in flight for good.
+    item = jobs_pb2.JobItem(complete=v2.CompleteRequest(model="absent", prompt="a"))
+    executor = ItemExecutor(WorkerDirectory(client), None, Backoff(0.05, 0.2), 30)
+    first = Runner(store, executor, "replica-a", 1, 1, claim_idle_s=30)
+    again = Runner(store, executor, "replica-a", 1, 1, claim_idle_s=30)
+    inflight = ""
+
+    async def marked() -> bool:
+        return await client.hget(inflight, "0") == b"replica-a"
+
+    try:
+        deadline = jobstore.now_ms() + 600_000
+        job_id, _ = await store.create(jobstore.NewJob(owner, [item], "", {}, "", deadline))
+        inflight = jobstore.inflight_key(job_id)
+        reply: Any = await client.xreadgroup(jobstore.GROUP, "replica-a", {stream: ">"}, count=1)
+        ((_, ((entry_id, fields),)),) = reply
+        first._start(stream, text(entry_id), fields)
+        await _until(marked, 10, "the first run starting the item")
+        await first.stop()
+        assert not await client.hexists(inflight, "0")
+
+        assert await again.recover_own() == 1
+        await _until(marked, 10, "the restarted runner marking the item again")
+        pending: Any = await client.xpending_range(stream, jobstore.GROUP, "-", "+", 10)
+        assert [text(p["consumer"]) for p in pending] == ["replica-a"]
+    finally:
+        await first.stop()
+        await again.stop()
+        await executor.close()
+        await client.aclose()
+
+
 async def _no_tasks(runner: Runner) -> bool:
     return not runner._tasks
 
