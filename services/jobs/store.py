@@ -39,8 +39,8 @@ at once, and items in flight wrote their results after it: a later read of
 a CANCELLED job's results, counts or output file differed from the first.)
 A job with nothing in flight goes straight to CANCELLED. An item's mark names
 every consumer that may be running it; each drops only its own name (it
-finishes, lets the item go, finds its entry taken over, or resumes its own
-entry after a restart), and a stored result drops them all. A replica that
+finishes, lets the item go, finds its entry taken over, shuts down, or
+resumes its own entry after a restart), and a stored result drops them all. A replica that
 takes an entry over (`claim_idle_s`) cannot tell a dead runner from a stalled
 one whose call still runs and will be metered, so it keeps the other's name:
 a stopped job whose runner died with an item in flight ends `STOP_GRACE_S`
