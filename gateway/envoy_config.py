@@ -155,6 +155,10 @@ HTTP_TO_GRPC_CODE: Mapping[int, int] = {
 
 RESOURCE_EXHAUSTED = 8
 UNKNOWN = 2
+UNAVAILABLE = 14
+# What a caller reads when the edge could not get an answer from a service (any
+# 503 of Envoy's own but "no healthy upstream"): Envoy's text names its internals.
+UNAVAILABLE_MESSAGE = "upstream unavailable; try again"
 # What a gRPC client reads when its request is larger than the edge buffers.
 GRPC_TOO_LARGE_MESSAGE = "request larger than the edge accepts; send a smaller message"
 
@@ -572,31 +576,34 @@ def local_reply_config() -> dict[str, Any]:
     no_healthy_worker: dict[str, Any] = {
         # No healthy worker (and no fallback): UNAVAILABLE, and when to try again.
         "filter": {"response_flag_filter": {"flags": ["UH"]}},
-        "headers_to_add": [
-            {
-                "header": {"key": "retry-after", "value": "1"},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
-        ],
-        "body_format_override": _error_body(14),
+        "headers_to_add": [_RETRY_AFTER],
+        "body_format_override": _error_body(UNAVAILABLE),
     }
+    unavailable = _unavailable()
     # Native gRPC requests first: their body is their grpc-message, so plain text
-    # (413 with its own, 429 as RESOURCE_EXHAUSTED, no healthy worker with when to
-    # retry). Then replies sent before any request header was read, in both
-    # shapes; then /openai/ paths, which answer OpenAI's error shape.
+    # (413 with its own, 429 as RESOURCE_EXHAUSTED, no healthy worker and any
+    # other 503 with when to retry). Then replies sent before any request header
+    # was read, in both shapes; then /openai/ paths, which answer OpenAI's error shape.
     grpc_no_healthy_worker = {
         **no_healthy_worker,
         "filter": grpc_paths.native_grpc(no_healthy_worker["filter"]),
         "body_format_override": grpc_paths.PLAIN_MESSAGE,
     }
+    grpc_unavailable = {
+        **unavailable,
+        "filter": grpc_paths.native_grpc(_UNAVAILABLE_STATUS),
+        "body_format_override": {"text_format_source": {"inline_string": UNAVAILABLE_MESSAGE}},
+    }
     mappers = [
         _grpc_too_large(),
         grpc_paths.rate_limited_mapper(),
         grpc_no_healthy_worker,
+        grpc_unavailable,
         grpc_paths.local_reply_mapper(),
         *before_request_mappers(),
         *openai_edge.local_reply_mappers(),
         no_healthy_worker,
+        unavailable,
     ]
     mappers += [
         {
@@ -627,6 +634,32 @@ def local_reply_config() -> dict[str, Any]:
         }
     )
     return {"mappers": mappers}
+
+
+_RETRY_AFTER: dict[str, Any] = {
+    "header": {"key": "retry-after", "value": "1"},
+    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+}
+_UNAVAILABLE_STATUS = grpc_paths.status_filter("EQ", 503, "tm.lr.unavailable")
+
+
+def _unavailable() -> dict[str, Any]:
+    """Any other 503 Envoy answers itself: UNAVAILABLE with a fixed message and retry-after.
+
+    A worker that refused the connection or reset the call (its retries spent),
+    a circuit breaker, an unreachable auth service: Envoy's own text named its
+    internals ("upstream connect error or disconnect/reset before headers.
+    retried and the latest reset reason: remote connection failure") and,
+    unlike "no healthy upstream", carried no retry-after. `/healthz` (the
+    health-check filter's 503) keeps its answer.
+    """
+    return {
+        "filter": {
+            "and_filter": {"filters": [_UNAVAILABLE_STATUS, {"not_health_check_filter": {}}]}
+        },
+        "headers_to_add": [_RETRY_AFTER],
+        "body_format_override": _error_body(UNAVAILABLE, UNAVAILABLE_MESSAGE),
+    }
 
 
 def before_request_mappers() -> list[dict[str, Any]]:
@@ -719,11 +752,11 @@ def _grpc_too_large() -> dict[str, Any]:
     }
 
 
-def _error_body(grpc_code: int) -> dict[str, Any]:
+def _error_body(grpc_code: int, message: str = "%LOCAL_REPLY_BODY%") -> dict[str, Any]:
     return {
         "json_format": {
             "code": grpc_code,
-            "message": "%LOCAL_REPLY_BODY%",
+            "message": message,
             "http_status": "%RESPONSE_CODE%",
             "details": [],
         },

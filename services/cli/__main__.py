@@ -39,7 +39,9 @@ TOKENMESH_API_KEY).
     tokenmesh webhooks secret create|rotate [--json]
 
 `models` and `prompts` commands go through the edge (--edge-address, TOKENMESH_EDGE_ADDR),
-which checks the key's admin scope; `workers` talk to the router
+which checks the key's admin scope; over TLS with --edge-tls (TOKENMESH_EDGE_TLS=1), verifying
+the edge with --edge-ca (TOKENMESH_EDGE_CA; implies TLS; default: the system's roots, or the
+local mesh's CA for its own TLS listener); `workers` talk to the router
 (--router-address, TOKENMESH_ROUTER_ADDR), which the edge does not expose.
 `usage dead-letters` reads Redis itself ($REDIS_URL, else the local mesh's,
 and $TOKENMESH_USAGE_STREAM): the usage entries the meter could not decode.
@@ -88,13 +90,39 @@ def _address(args: argparse.Namespace) -> str:
     manifest = _state_dir() / "run" / "mesh.json"
     if not manifest.exists():
         raise SystemExit(
-            f"tokenmesh: no local mesh at {manifest} "
-            f"(start `make run`, or pass --{args.target}-address)"
+            f"tokenmesh: no local mesh at {manifest} (start `make run`, or pass --{via}-address)"
         )
     mesh = json.loads(manifest.read_text())
-    if args.target in EDGE_TARGETS:
+    if args.target not in EDGE_TARGETS:
+        return f"127.0.0.1:{mesh['ports'][args.target]}"
+    if not _edge_tls(args):
         return str(mesh["edge_url"]).removeprefix("http://")
-    return f"127.0.0.1:{mesh['ports'][args.target]}"
+    if not mesh.get("edge_tls_url"):
+        raise SystemExit("tokenmesh: the local mesh's edge has no TLS listener")
+    return str(mesh["edge_tls_url"]).removeprefix("https://")
+
+
+def _edge_tls(args: argparse.Namespace) -> bool:
+    """Tells whether the edge is spoken to over TLS (--edge-tls, implied by --edge-ca)."""
+    return bool(args.edge_tls or args.edge_ca)
+
+
+def _edge_roots(args: argparse.Namespace) -> bytes | None:
+    """Returns the PEM roots the edge's certificate is verified with: --edge-ca; for the
+    local mesh's own listener (no --edge-address) its CA; else None (the system's roots)."""
+    if args.edge_ca:
+        path = Path(args.edge_ca)
+    elif args.edge_address is None:
+        found = json.loads((_state_dir() / "run" / "mesh.json").read_text()).get("ca")
+        if not found:
+            return None
+        path = Path(found)
+    else:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise SystemExit(f"tokenmesh: cannot read the edge's CA {path}: {error}") from error
 
 
 def _api_key(args: argparse.Namespace) -> str:
@@ -468,6 +496,17 @@ def parser() -> argparse.ArgumentParser:
         "--edge-address", default=os.environ.get("TOKENMESH_EDGE_ADDR"), help="edge host:port"
     )
     root.add_argument(
+        "--edge-tls",
+        action="store_true",
+        default=os.environ.get("TOKENMESH_EDGE_TLS", "").lower() not in ("", "0", "false", "no"),
+        help="speak TLS to the edge (its 8443 listener; deployments publish only that one)",
+    )
+    root.add_argument(
+        "--edge-ca",
+        default=os.environ.get("TOKENMESH_EDGE_CA"),
+        help="PEM CA to verify the edge with (implies --edge-tls; default: the system's roots)",
+    )
+    root.add_argument(
         "--router-address", default=os.environ.get("TOKENMESH_ROUTER_ADDR"), help="router host:port"
     )
     root.add_argument(
@@ -715,10 +754,14 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     """Returns a channel to the command's target: the edge's listener, or a service over mTLS.
 
     Services accept only mesh identities: the CLI presents the operator's certificate.
+    The edge takes the caller's key instead; over TLS it is verified as the SDK does.
     """
     address = _address(args)
-    if args.target in EDGE_TARGETS:
+    if args.target in EDGE_TARGETS and not _edge_tls(args):
         return grpc.insecure_channel(address)
+    if args.target in EDGE_TARGETS:
+        credentials = grpc.ssl_channel_credentials(root_certificates=_edge_roots(args))
+        return grpc.secure_channel(address, credentials)
     pki_dir = _pki_dir(args)
     if pki_dir is None:
         raise SystemExit(
