@@ -158,7 +158,7 @@ UNKNOWN = 2
 UNAVAILABLE = 14
 # What a caller reads when the edge could not get an answer from a service (any
 # 503 of Envoy's own but "no healthy upstream"): Envoy's text names its internals.
-UNAVAILABLE_MESSAGE = "upstream unavailable; try again"
+UNAVAILABLE_MESSAGE = openai_edge.UNAVAILABLE_MESSAGE
 # What a gRPC client reads when its request is larger than the edge buffers.
 GRPC_TOO_LARGE_MESSAGE = "request larger than the edge accepts; send a smaller message"
 

@@ -58,6 +58,10 @@ LOCAL_ERRORS: Mapping[int, tuple[str, str]] = {
 # What Envoy answers over HTTP/1.1 before it has read a request's headers (see the
 # module's docstring), on any path: the OpenAPI document lists them on every route.
 BEFORE_HEADERS_STATUSES = (400, 408, 431)
+# What a client reads of a 503 Envoy answers itself (no healthy worker, a refused or
+# reset connection to one): never Envoy's own text, which names its internals
+# ("upstream connect error or disconnect/reset before headers. ... reset reason").
+UNAVAILABLE_MESSAGE = "upstream unavailable; try again"
 # Any other error status Envoy answers (OpenAI's `code` may be null).
 OTHER_CLIENT_ERROR = ("invalid_request_error", None)
 OTHER_SERVER_ERROR = ("server_error", None)
@@ -165,6 +169,8 @@ def local_reply_mappers() -> list[dict[str, Any]]:
             "body_format_override": _openai_body(error_object(status)),
         }
         if status == 503:
+            unavailable = {**error_object(status), "message": UNAVAILABLE_MESSAGE}
+            mapper["body_format_override"] = _openai_body(unavailable)
             mapper["headers_to_add"] = [
                 {
                     "header": {"key": "retry-after", "value": "1"},

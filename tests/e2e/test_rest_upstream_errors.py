@@ -124,3 +124,20 @@ def test_healthz_keeps_its_answer(crashed: Mesh) -> None:
         reply = wait_until(unhealthy, 90, "/healthz to notice the dead worker")
     assert "retry-after" not in reply.headers
     assert reply.json()["message"] == ""
+
+
+def test_openai_routes_read_the_fixed_message_too(crashed: Mesh) -> None:
+    """The /openai/ 503 had OpenAI's shape and retry-after, but Envoy's reset text as
+    its `error.message`."""
+    headers = {"authorization": f"Bearer {crashed.dev_api_key()}"}
+    body = {"model": MODEL, "prompt": "a b", "max_tokens": 2}
+    with httpx.Client(base_url=crashed.edge_url, headers=headers, timeout=30) as http:
+
+        def refused() -> httpx.Response | None:
+            reply = http.post("/openai/v1/completions", json=body)
+            return reply if reply.status_code != 200 else None
+
+        reply = _first_refusal(refused)
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["error"]["message"] == UNAVAILABLE_MESSAGE
+    assert reply.headers["retry-after"] == "1"
