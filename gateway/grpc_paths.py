@@ -32,6 +32,8 @@ MESSAGE = (
     "REST paths take JSON, not a gRPC content type"
 )
 TYPE_PREFIX = "type.googleapis.com/envoy"
+# What a transcoded (REST) request carries: the path the transcoder rewrote.
+ORIGINAL_PATH_HEADER = "x-envoy-original-path"
 
 
 def grpc_content_type(invert: bool = False) -> dict[str, Any]:
@@ -43,6 +45,15 @@ def grpc_content_type(invert: bool = False) -> dict[str, Any]:
     if invert:
         matcher.update(invert_match=True, treat_missing_header_as_empty=True)
     return matcher
+
+
+def native_grpc_request() -> list[dict[str, Any]]:
+    """Route header matchers for a native gRPC request: a gRPC content type, and no path
+    the transcoder rewrote (a transcoded REST request has a gRPC content type too)."""
+    return [
+        grpc_content_type(),
+        {"name": ORIGINAL_PATH_HEADER, "present_match": False},
+    ]
 
 
 def _disabled(auth_filters: bool) -> dict[str, Any]:
@@ -59,18 +70,23 @@ def _disabled(auth_filters: bool) -> dict[str, Any]:
     }
 
 
+def grpc_status_header(code: int) -> dict[str, Any]:
+    """A header to add to a local reply (a route's direct response, a local-reply mapper):
+    its gRPC status. Envoy keeps one set this way and derives the status from the HTTP
+    code only when there is none (404 -> UNIMPLEMENTED, 429 -> UNAVAILABLE)."""
+    return {
+        "header": {"key": "grpc-status", "value": str(code)},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    }
+
+
 def unrouted_grpc_route(auth_filters: bool) -> dict[str, Any]:
     """Builds the edge's last route: any gRPC request still unrouted gets NOT_FOUND
     (grpc-status set here; Envoy would derive UNIMPLEMENTED from the 404)."""
     route: dict[str, Any] = {
         "match": {"prefix": "/", "headers": [grpc_content_type()]},
         "direct_response": {"status": 404, "body": {"inline_string": MESSAGE}},
-        "response_headers_to_add": [
-            {
-                "header": {"key": "grpc-status", "value": str(NOT_FOUND)},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
-        ],
+        "response_headers_to_add": [grpc_status_header(NOT_FOUND)],
     }
     disabled = _disabled(auth_filters)
     if disabled:
@@ -94,7 +110,7 @@ def native_grpc(condition: dict[str, Any]) -> dict[str, Any]:
                 {"header_filter": {"header": grpc_content_type()}},
                 {
                     "header_filter": {
-                        "header": {"name": "x-envoy-original-path", "present_match": False}
+                        "header": {"name": ORIGINAL_PATH_HEADER, "present_match": False}
                     }
                 },
             ]
@@ -128,11 +144,6 @@ def rate_limited_mapper() -> dict[str, Any]:
     """
     return {
         "filter": native_grpc(status_filter("EQ", 429, "tm.lr.grpc429")),
-        "headers_to_add": [
-            {
-                "header": {"key": "grpc-status", "value": str(RESOURCE_EXHAUSTED)},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
-        ],
+        "headers_to_add": [grpc_status_header(RESOURCE_EXHAUSTED)],
         "body_format_override": PLAIN_MESSAGE,
     }

@@ -16,15 +16,22 @@ before:
   holds a unary answer's headers until its trailers, then sets `grpc-status`
   in them). Its body is buffered (REST: the transcoder buffered it already),
   and the trailers it names become headers, unless the edge set that header
-  itself (a deprecated model version's route sets Deprecation and Sunset,
-  which won over the worker's API-version ones when both came as headers).
-  An answer that sent its headers first (one over
+  itself. An answer that sent its headers first (one over
   contract.HEADERS_AT_END_MAX_BYTES, or REST_HEADERS_AT_END_MAX_BYTES when
   transcoded, which the buffer might not hold) says so in them: the mark is
   removed and nothing is buffered.
 
 Streams never wait: their headers go first, as always. So do an error's
 once its handler sent them (a trailers-only error is retried by Envoy).
+
+Deprecation and Sunset can come twice: a deprecated API version's from the
+service (services/core/api_versions.py) and a deprecated model version's
+from its route (services/router/snapshot.py, which adds rather than
+replaces). A client gets one of each, the earliest: the answer stops on the
+first of the two sunsets, and is deprecated since the first of the two
+deprecations (the route's used to replace the service's, so a v1 answer
+advertised the model version's later date, even after v1 was retired). The
+API version's Link stays (a model version has none).
 
 A REST error answer (transcoded, status >= 400) waits for its body too:
 the transcoder makes a trailers-only error's metadata its headers, but an
@@ -111,6 +118,58 @@ local RESPONSE_HEADERS = "{contract.RESPONSE_HEADERS_TRAILER}"
 local NEVER_LIFTED = {{
 {_NEVER_LIFTED_TABLE}}}
 
+local MONTHS = {{
+  Jan = "01", Feb = "02", Mar = "03", Apr = "04", May = "05", Jun = "06",
+  Jul = "07", Aug = "08", Sep = "09", Oct = "10", Nov = "11", Dec = "12",
+}}
+
+-- An IMF-fixdate ("Thu, 31 Dec 2099 00:00:00 GMT", RFC 8594's Sunset) as a key that
+-- sorts by time ("20991231000000"); nil if it is none.
+local function http_date_key(value)
+  local day, month, year, hour, minute, second = string.match(
+    value, "^%a%a%a, (%d%d) (%a%a%a) (%d%d%d%d) (%d%d):(%d%d):(%d%d) GMT$")
+  if day == nil or MONTHS[month] == nil then
+    return nil
+  end
+  return year .. MONTHS[month] .. day .. hour .. minute .. second
+end
+
+-- RFC 9745's Deprecation ("@<unix seconds>") as a number; nil if it is none.
+local function structured_date_key(value)
+  return tonumber(string.match(value, "^@(%d+)$"))
+end
+
+-- The headers that may come from both the service and the route, and how to order them.
+local RETIREMENT_KEYS = {{
+  ["deprecation"] = structured_date_key,
+  ["sunset"] = http_date_key,
+}}
+
+-- Leaves one value of each retirement header, the earliest (all of them if one
+-- cannot be read: nothing is lost).
+local function keep_earliest_retirement(headers)
+  for name, key_of in pairs(RETIREMENT_KEYS) do
+    local count = headers:getNumValues(name)
+    if count > 1 then
+      local earliest, earliest_key = nil, nil
+      for index = 0, count - 1 do
+        local value = headers:getAtIndex(name, index)
+        local key = key_of(value)
+        if key == nil then
+          earliest = nil
+          break
+        end
+        if earliest_key == nil or key < earliest_key then
+          earliest, earliest_key = value, key
+        end
+      end
+      if earliest ~= nil then
+        headers:replace(name, earliest)
+      end
+    end
+  end
+end
+
 -- Returns whether the answer is whole at once (a unary one), and whether it is a
 -- REST error: a transcoded error's trailers, if any, are its metadata whose
 -- headers went first (Envoy's own replies have none).
@@ -127,9 +186,10 @@ local function answers_once(handle, headers)
   return failed, failed
 end
 
--- Moves a trailer into the headers (all its values), unless the edge set that header.
+-- Moves a trailer into the headers (all its values), unless the edge set that header
+-- (the retirement headers join the edge's: keep_earliest_retirement picks one).
 local function lift_trailer(headers, trailers, name)
-  if headers:get(name) == nil then
+  if headers:get(name) == nil or RETIREMENT_KEYS[name] ~= nil then
     for index = 0, trailers:getNumValues(name) - 1 do
       headers:add(name, trailers:getAtIndex(name, index))
     end
@@ -138,7 +198,7 @@ local function lift_trailer(headers, trailers, name)
 end
 
 -- Returns whether it waited for the body: the caller's header object is then stale.
-local function lift_response_headers(handle, headers)
+local function lift_trailers(handle, headers)
   if headers:get(RESPONSE_HEADERS) ~= nil then
     headers:remove(RESPONSE_HEADERS)
     return false
@@ -173,5 +233,16 @@ local function lift_response_headers(handle, headers)
     end
   end
   return true
+end
+
+-- Lifts a unary answer's headers out of its trailers, then leaves one Deprecation and
+-- one Sunset. Returns whether it waited for the body (the caller's headers are stale).
+local function lift_response_headers(handle, headers)
+  local waited = lift_trailers(handle, headers)
+  if waited then
+    headers = handle:headers()
+  end
+  keep_earliest_retirement(headers)
+  return waited
 end
 """

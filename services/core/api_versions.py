@@ -19,6 +19,11 @@ HTTP 410 for REST clients. Extending a sunset is changing the date.
 Only services with a successor are covered: `v1=...` retires inference v1's
 InferenceService (v2 exists), never auth, usage or router v1, nor inference
 v1's admin service, which have no newer version to move to.
+
+An RPC that stands in for another (`STAND_INS`: the jobs service's hand-over
+of a REST Complete sent with `Prefer: respond-async`) answers under the
+policy of the RPC it stands in for, so a retired version is not reachable
+through the side door and its callers see the same headers.
 """
 
 from __future__ import annotations
@@ -65,6 +70,20 @@ class Successor:
 SUCCESSORS: Mapping[str, Successor] = {
     "tokenmesh.inference.v1.InferenceService": Successor(
         "tokenmesh.inference.v2.InferenceService", datetime.date(2026, 12, 3), "/v2/models"
+    ),
+}
+
+
+#: Each RPC that answers for another one -> the full method path of that one.
+#: HandoverService (services/jobs/handover.py) runs a REST Complete as a job on
+#: inference v2 whichever version the client called: without this, `Prefer:
+#: respond-async` on a retired v1 path was answered (202, or the v1 answer).
+STAND_INS: Mapping[str, str] = {
+    "/tokenmesh.jobs.v1.HandoverService/CompleteV1": (
+        "/tokenmesh.inference.v1.InferenceService/Complete"
+    ),
+    "/tokenmesh.jobs.v1.HandoverService/CompleteV2": (
+        "/tokenmesh.inference.v2.InferenceService/Complete"
     ),
 }
 
@@ -228,8 +247,9 @@ class DeprecationSchedule:
         return cls(parse_schedule(entries), docs_url.rstrip("/"))
 
     def policy(self, method: str) -> VersionPolicy | None:
-        """Returns the policy of a full method path, or None when it is not deprecated."""
-        name = parse_rpc(method)
+        """Returns the policy of a full method path (a stand-in's: that of the RPC it
+        stands in for), or None when it is not deprecated."""
+        name = parse_rpc(STAND_INS.get(method, method))
         if name is None:
             return None
         successor = SUCCESSORS.get(name.service)

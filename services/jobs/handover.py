@@ -14,6 +14,13 @@ JobsService.CreateJob would (same checks, same owner), and:
 
 The 202 is the `contract.HTTP_STATUS_HEADER` response header, which the
 edge's status filter applies (gateway/error_status.py).
+
+Each RPC answers under the API version policy of the Complete it stands in
+for (services.core.api_versions.STAND_INS; the error boundary applies it
+before the handler runs, as on a worker): CompleteV1 under inference v1's.
+A retired version answers 410 `API_VERSION_SUNSET` and creates no job; a
+deprecated one's 202, 200 and errors carry its Deprecation, Sunset and Link
+(the 202's through the context, which adds them to the headers sent here).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway import edge_auth, envoy_config, model_routing
+from gateway import edge_auth, envoy_config, grpc_paths, model_routing
 from gateway.envoy_config import Endpoint
 from gateway.model_routing import (
     FALLBACK_MODEL_HEADER,
@@ -416,8 +416,10 @@ def override_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _header(name: str, value: str) -> dict[str, Any]:
-    return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+def _header(
+    name: str, value: str, append_action: str = "OVERWRITE_IF_EXISTS_OR_ADD"
+) -> dict[str, Any]:
+    return {"header": {"key": name, "value": value}, "append_action": append_action}
 
 
 def _match(model: str, version: str | None) -> dict[str, Any]:
@@ -500,13 +502,21 @@ def _weighted_target(
 
 
 def _deprecation_headers(entry: ModelEntry, version: str) -> list[dict[str, Any]]:
-    """RFC 9745 Deprecation and RFC 8594 Sunset headers of a deprecated version."""
+    """RFC 9745 Deprecation and RFC 8594 Sunset headers of a deprecated version.
+
+    Added beside the answer's own: a deprecated API version's service sends them
+    too, and the edge's response filter keeps the earliest of each
+    (gateway/response_headers.py). Replacing them told a v1 client the model
+    version's sunset when v1's came first.
+    """
     found = entry.version(version)
     if found is None or found.deprecated_at is None:
         return []
-    headers = [_header("deprecation", f"@{int(found.deprecated_at)}")]
+    added = "APPEND_IF_EXISTS_OR_ADD"
+    headers = [_header("deprecation", f"@{int(found.deprecated_at)}", added)]
     if found.sunset_at is not None:
-        headers.append(_header("sunset", email.utils.formatdate(found.sunset_at, usegmt=True)))
+        sunset = email.utils.formatdate(found.sunset_at, usegmt=True)
+        headers.append(_header("sunset", sunset, added))
     return headers
 
 
@@ -529,14 +539,16 @@ def model_routes(
     labels = [(v.version, v.version) for v in entry.versions]
     labels += sorted(entry.aliases.items())
     serving = [v.version for v in entry.versions if not v.sunset(now)]
-    if serving and "latest" not in entry.aliases and entry.version("latest") is None:
-        labels.append(("latest", serving[-1]))  # unless set explicitly: the newest version
+    if entry.versions and "latest" not in entry.aliases and entry.version("latest") is None:
+        # Unless set explicitly: the newest version serving (none left: the newest
+        # version, whose sunset route answers).
+        labels.append(("latest", serving[-1] if serving else entry.versions[-1].version))
     for label, version in labels:
         found = entry.version(version)
         if found is None:
             continue
         if found.sunset(now):
-            routes.append(_sunset_route(entry.name, label, found.sunset_at or now))
+            routes += _sunset_routes(entry.name, label, found.sunset_at or now)
             continue
         target = _weighted_target(entry, version, 1, fallback)
         route = {
@@ -559,6 +571,11 @@ def model_routes(
             **_placement_metadata(placed, entry.name, sorted(weights)),
         }
         routes += _shadowed(route, entry, now, frozenset(weights))
+    elif entry.versions:
+        # Every version was sunset. Without a route of its own, a request naming
+        # no version fell through to `inference`, and a worker that still loads
+        # a retired version served it (without its Deprecation or Sunset).
+        routes += _retired_model_routes(entry, now)
     return routes
 
 
@@ -594,15 +611,44 @@ def _shadowed(
     )
 
 
-def _sunset_route(model: str, label: str, sunset_at: float) -> dict[str, Any]:
+def _sunset_routes(model: str, label: str, sunset_at: float) -> list[dict[str, Any]]:
+    """The edge answers a request for a sunset version (or an alias of one) itself."""
     when = email.utils.formatdate(sunset_at, usegmt=True)
-    return {
-        "match": _match(model, label),
-        "direct_response": {
-            "status": 404,
-            "body": {"inline_string": f"version {label!r} of {model!r} was sunset on {when}"},
+    return _not_found_routes(
+        _match(model, label), f"version {label!r} of {model!r} was sunset on {when}"
+    )
+
+
+def _retired_model_routes(entry: ModelEntry, now: float) -> list[dict[str, Any]]:
+    """The edge answers a request naming no version of a model whose versions were all
+    sunset, as it answers one naming a sunset version."""
+    last = max((v.sunset_at or now for v in entry.versions), default=now)
+    when = email.utils.formatdate(last, usegmt=True)
+    return _not_found_routes(
+        _match(entry.name, None),
+        f"every version of {entry.name!r} was sunset, the last on {when}",
+    )
+
+
+def _not_found_routes(match: dict[str, Any], message: str) -> list[dict[str, Any]]:
+    """Routes the edge answers 404 with `message` itself: native gRPC gets NOT_FOUND with
+    `message` as its grpc-message (the edge's local-reply mapper keeps the body as plain
+    text), REST the JSON error (code 5).
+
+    The status of a native gRPC request is set on a route of its own: without one,
+    Envoy derives UNIMPLEMENTED from the 404 ("no such RPC"), and a REST reply given
+    one showed it as a `grpc-status` header.
+    """
+    native = {**match, "headers": [*match["headers"], *grpc_paths.native_grpc_request()]}
+    body = {"status": 404, "body": {"inline_string": message}}
+    return [
+        {
+            "match": native,
+            "direct_response": body,
+            "response_headers_to_add": [grpc_paths.grpc_status_header(grpc_paths.NOT_FOUND)],
         },
-    }
+        {"match": match, "direct_response": body},
+    ]
 
 
 def route_configuration(

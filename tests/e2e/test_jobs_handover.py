@@ -7,9 +7,16 @@ from typing import Any
 
 import httpx
 import pytest
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import MethodDescriptor
 
+from services.core import api_versions
 from tests.e2e.test_auth import create_key
 from tests.e2e.test_jobs import JOB_SCOPES, all_results, finished
+from tokenmesh.inference.v1 import inference_service_pb2 as _v1  # noqa: F401 (registers it)
+from tokenmesh.inference.v2 import inference_service_pb2 as _v2  # noqa: F401 (registers it)
+from tokenmesh.jobs.v1 import handover_service_pb2
 
 MODEL = "deterministic-test"
 V2_BODY = {"prompt": "In the beginning", "max_output_tokens": 4, "sampling": {"seed": 7}}
@@ -81,3 +88,20 @@ def test_respond_async_refuses_bad_input_and_keys_without_the_jobs_scope(mesh, a
         f"{mesh.edge_url}/v2/models/{MODEL}:complete", json=V2_BODY, headers=headers, timeout=10
     )
     assert denied.status_code == 403, denied.text
+
+
+def _rest_path(method: MethodDescriptor) -> str:
+    post: str = method.GetOptions().Extensions[annotations_pb2.http].post
+    return post.replace("{request.", "{")  # HandoverService wraps the request
+
+
+def test_each_handover_rpc_answers_under_the_policy_of_the_rpc_its_rest_path_names():
+    # A Prefer header moves a Complete's REST path to HandoverService: the RPC it
+    # reaches must stand in for the one the path names (its version's deprecation,
+    # its sunset), or `Prefer: respond-async` gets past a retired version.
+    service = handover_service_pb2.DESCRIPTOR.services_by_name["HandoverService"]
+    pool = descriptor_pool.Default()
+    for method in service.methods:
+        stands_in_for = api_versions.STAND_INS[f"/{service.full_name}/{method.name}"]
+        target = pool.FindMethodByName(stands_in_for.lstrip("/").replace("/", "."))
+        assert _rest_path(method) == _rest_path(target), method.name

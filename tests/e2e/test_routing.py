@@ -9,6 +9,7 @@ kills processes.
 from __future__ import annotations
 
 import collections
+import email.utils
 import itertools
 import json
 import os
@@ -52,9 +53,10 @@ from tokenmesh.router.v1 import router_service_pb2_grpc as router_rpc
 
 MODEL = "deterministic-test"
 CLUSTERS = (f"model:{MODEL}:1", f"model:{MODEL}:2")  # the edge's clusters of its versions
+RETIRING = "retiring-test"  # a model one test retires (every version sunset)
 ENV = {
     **TEST_SERVICE_ENV,
-    "TOKENMESH_TEST_MODELS": f"{MODEL}:1,{MODEL}:2",
+    "TOKENMESH_TEST_MODELS": f"{MODEL}:1,{MODEL}:2,{RETIRING}:1",
     "TOKENMESH_MODELS": "",
     "TOKENMESH_TEST_ENGINE_STEP_MS": "5",
     "TOKENMESH_ROUTER_LEASE_SECONDS": "2",
@@ -411,6 +413,52 @@ def test_deprecated_version_sends_deprecation_and_sunset(routed, edge, catalogue
     assert "deprecation" not in complete(edge, version="1").headers
     reply = rest_complete(routed, version="2")
     assert reply.headers["sunset"] == "Fri, 01 Jan 2100 00:00:00 GMT"
+
+
+def test_a_model_past_every_versions_sunset_is_404_also_without_a_version(routed, edge, catalogue):
+    # Its split was empty then: a request naming no version took no route of the
+    # model's and fell through to the route of every worker, where one still loading
+    # the retired version served it (without its Deprecation or Sunset).
+    assert complete(edge, model=RETIRING).version == "1"
+    sunset = int(time.time()) + 3
+    catalogue.DeprecateModelVersion(
+        router_pb.DeprecateModelVersionRequest(
+            model=RETIRING, version="1", sunset_time={"seconds": sunset}
+        ),
+        timeout=10,
+    )
+    wait_until(
+        lambda: (
+            "direct_response"
+            in version_route(edge_routes(routed.admin_url("envoy")), "1", RETIRING)
+        ),
+        15,
+        "the edge to answer the sunset version itself",
+    )
+    when = email.utils.formatdate(sunset, usegmt=True)
+    for version, message in (
+        ("", f"every version of '{RETIRING}' was sunset, the last on {when}"),
+        ("1", f"version '1' of '{RETIRING}' was sunset on {when}"),
+    ):
+        # gRPC callers: NOT_FOUND, as for an unknown version (Envoy said UNIMPLEMENTED).
+        with pytest.raises(grpc.RpcError) as info:
+            complete(edge, model=RETIRING, version=version)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value
+        assert info.value.details() == message
+        for reply in (
+            rest_complete(routed, RETIRING, version=version),
+            httpx.post(
+                f"{routed.edge_url}/v2/models/{RETIRING}:complete",
+                json={"prompt": "a", "max_output_tokens": 1, "version": version},
+                headers={"x-api-key": routed.dev_api_key()},
+                timeout=10,
+            ),
+        ):
+            assert reply.status_code == 404, reply.text
+            assert reply.json()["code"] == grpc.StatusCode.NOT_FOUND.value[0]
+            assert reply.json()["message"] == message
+            assert "x-model-version" not in reply.headers
+            assert "grpc-status" not in reply.headers, reply.headers
 
 
 def test_no_worker_is_503_with_retry_then_the_fallback_serves(routed, edge, catalogue):

@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
@@ -14,6 +15,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
 
+from gateway.grpc_paths import GRPC_CONTENT_TYPE
 from services.core.errors import InvalidArgument, NotFound
 from services.router import catalog as cat
 from services.router import snapshot
@@ -219,8 +221,13 @@ def test_fallback_goes_through_an_aggregate_cluster_and_deprecation_adds_headers
     assert target["name"] == "fallback:m:1"
     added = {h["header"]["key"]: h["header"]["value"] for h in target["response_headers_to_add"]}
     assert added == {"deprecation": f"@{int(NOW)}", "sunset": "Fri, 01 Jan 2100 00:00:00 GMT"}
+    # Beside a deprecated API version's own (the edge keeps the earliest), not over them.
+    assert {h["append_action"] for h in target["response_headers_to_add"]} == {
+        "APPEND_IF_EXISTS_OR_ADD"
+    }
     told = {h["header"]["key"] for h in target["request_headers_to_add"]}
     assert {"x-tokenmesh-fallback-model", "x-tokenmesh-fallback-version"} <= told
+    assert pack(resources).by_type[ROUTE_TYPE]["edge"]  # valid Envoy protos
 
 
 def test_every_resource_converts_to_envoy_protos():
@@ -333,6 +340,65 @@ def test_a_sunset_version_is_answered_by_the_edge_and_leaves_the_split():
     assert [(c["name"], c["weight"]) for c in split] == [("model:m:2", 100)]
     resources = build({"m": model}, [worker("w", 1, ("m", "1"), ("m", "2"))])
     assert "model:m:1" not in resources.by_type[CLUSTER_TYPE]
+    assert pack(resources).by_type[ROUTE_TYPE]["edge"]  # valid Envoy protos
+
+
+NATIVE_GRPC = [
+    {"name": "content-type", "string_match": {"safe_regex": {"regex": GRPC_CONTENT_TYPE}}},
+    {"name": "x-envoy-original-path", "present_match": False},
+]
+
+
+def answered_by_the_edge(
+    routes: list[dict[str, Any]], model: str, label: str | None
+) -> dict[str, tuple[int, str, dict[str, str]]]:
+    """How the edge itself answers a request for `label` of `model` (None: naming no
+    version), by caller ("grpc": native gRPC, "rest"): HTTP status, body, added headers.
+    The first route whose match is that of the caller counts, as in Envoy (a native
+    gRPC request also matches the REST one's)."""
+    rest = snapshot._match(model, label)
+    native = {**rest, "headers": rest["headers"] + NATIVE_GRPC}
+    found: dict[str, tuple[int, str, dict[str, str]]] = {}
+    for caller, matches in (("grpc", (native, rest)), ("rest", (rest,))):
+        route = next((r for r in routes if r["match"] in matches), None)
+        if route is not None and "direct_response" in route:
+            reply = route["direct_response"]
+            added = route.get("response_headers_to_add", [])
+            headers = {h["header"]["key"]: h["header"]["value"] for h in added}
+            found[caller] = (reply["status"], reply["body"]["inline_string"], headers)
+    return found
+
+
+def test_a_sunset_version_answers_grpc_callers_not_found():
+    # Without a grpc-status of its own, Envoy derived UNIMPLEMENTED (12) from the 404;
+    # REST callers get the JSON 404 (code 5) without a grpc-status header.
+    model = cat.deprecate(two_versions(), "1", sunset_at=NOW - 60, now=NOW - 3600)
+    routes = snapshot.model_routes(model, {"m": model}, NOW)
+    message = "version '1' of 'm' was sunset on Fri, 15 Jan 2027 07:59:00 GMT"
+    assert answered_by_the_edge(routes, "m", "1") == {
+        "grpc": (404, message, {"grpc-status": "5"}),
+        "rest": (404, message, {}),
+    }
+
+
+def test_a_model_whose_versions_were_all_sunset_answers_requests_without_a_version_404():
+    # The split is empty then: no route took a request naming no version, which fell
+    # through to `inference`, and a worker still loading version 1 served it.
+    model = cat.deprecate(two_versions(), "1", sunset_at=NOW - 120, now=NOW - 3600)
+    model = cat.deprecate(model, "2", sunset_at=NOW - 60, now=NOW - 3600)
+    assert model.effective_weights(NOW) == {}
+    routes = snapshot.model_routes(model, {"m": model}, NOW)
+    last = "Fri, 15 Jan 2027 07:59:00 GMT"  # version 2's sunset, NOW - 60
+    message = f"every version of 'm' was sunset, the last on {last}"
+    assert answered_by_the_edge(routes, "m", None) == {
+        "grpc": (404, message, {"grpc-status": "5"}),
+        "rest": (404, message, {}),
+    }
+    # "latest" named the newest serving version; now the newest version's sunset answers.
+    latest = answered_by_the_edge(routes, "m", "latest")
+    assert latest["rest"][1] == f"version 'latest' of 'm' was sunset on {last}"
+    resources = build({"m": model}, [worker("w", 1, ("m", "1"), ("m", "2"))])
+    assert not any(name.startswith("model:m:") for name in resources.by_type[CLUSTER_TYPE])
     assert pack(resources).by_type[ROUTE_TYPE]["edge"]  # valid Envoy protos
 
 
