@@ -35,9 +35,11 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from services.core import contract
+from services.core.errors import PermissionDenied
 from services.core.interceptors import Context, request_headers
 from services.inference import v1_translation
 from services.inference import validation as v1_validation
+from services.inference.v2 import validation as v2_validation
 from services.jobs import views
 from services.jobs.servicer import JobsServicer
 from services.jobs.store import FINAL, JobStore
@@ -91,6 +93,9 @@ class HandoverServicer(handover_service_pb2_grpc.HandoverServiceServicer):
         self.store = store
 
     async def CompleteV2(self, request: pb.CompleteV2Request, context: Context) -> HttpBody:
+        # Its own field names first: the job's checks name them `items[0].complete.*`,
+        # fields the caller of a Complete never sent.
+        v2_validation.validate_generation(request.request)
         item = jobs_pb2.JobItem(complete=request.request)
         return await self._hand_over(item, context, lambda result: result.complete)
 
@@ -102,7 +107,17 @@ class HandoverServicer(handover_service_pb2_grpc.HandoverServiceServicer):
         )
 
     async def _hand_over(self, item: jobs_pb2.JobItem, context: Context, shape: Shape) -> HttpBody:
-        job = await self.jobs.CreateJob(jobs_pb.CreateJobRequest(items=[item]), context)
+        try:
+            job = await self.jobs.CreateJob(jobs_pb.CreateJobRequest(items=[item]), context)
+        except PermissionDenied as denied:
+            if denied.reason != "MISSING_SCOPE":
+                raise
+            scope = denied.metadata.get("scope", "")
+            raise PermissionDenied(
+                f"this key lacks the scope {scope!r}, which a Complete needs",
+                reason=denied.reason,
+                metadata=denied.metadata,
+            ) from None
         headers: Mapping[str, str] = request_headers(context)
         wait_s = wait_seconds(headers.get(PREFER_HEADER, ""))
         result = await self._result_within(job.id, wait_s) if wait_s else None

@@ -82,6 +82,20 @@ def test_respond_async_refuses_bad_input_and_keys_without_the_jobs_scope(mesh, a
         headers={"Prefer": "respond-async"},
     )
     assert bad.status_code == 400, bad.text
+    # The Complete's own field names, not the job's `items[0].complete.*`.
+    fields = [
+        v["field"] for detail in bad.json()["details"] for v in detail.get("field_violations", [])
+    ]
+    assert fields == ["sampling.temperature"], bad.text
+    without_inference = create_key(mesh, scopes="jobs")
+    lacking = httpx.post(
+        f"{mesh.edge_url}/v2/models/{MODEL}:complete",
+        json=V2_BODY,
+        headers={"x-api-key": without_inference["secret"], "Prefer": "respond-async"},
+        timeout=10,
+    )
+    assert lacking.status_code == 403, lacking.text
+    assert "items[" not in lacking.json()["message"], lacking.text
     key = create_key(mesh, scopes="inference:generate")
     headers = {"x-api-key": key["secret"], "Prefer": "respond-async"}
     denied = httpx.post(
