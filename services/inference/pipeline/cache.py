@@ -27,6 +27,9 @@ A client chooses per request (`Cache-Control` request header, or the v2
 field `cache`): `no-cache` recomputes and refreshes the entry, `no-store`
 neither reads nor writes. Billing of answers served without their own
 computation (hits, coalesced) is the operator's: TOKENMESH_CACHE_BILLING.
+Their completion tokens are those their caller received (the token ids of
+the messages or choices sent: pipeline.generate.delivered_tokens), not the
+computation's `usage`, which counts the tokens an output rule held back.
 """
 
 from __future__ import annotations

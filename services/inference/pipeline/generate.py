@@ -31,8 +31,17 @@ import asyncio
 import logging
 import struct
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
+from typing import TypeVar
 
 from services.core.errors import QuotaViolation, ResourceExhausted
 from services.core.interceptors import Context, request_headers
@@ -73,6 +82,7 @@ logger = logging.getLogger(__name__)
 GenerationRequest = pb.GenerateRequest | pb.CompleteRequest
 _LENGTH = struct.Struct(">I")
 _STORED_REASONS = frozenset({"stop", "length"})
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,18 @@ def decode_stream(entry: bytes) -> list[pb.GenerateResponse]:
     return messages
 
 
+def delivered_tokens(items: Iterable[pb.GenerateResponse | inference_pb2.Choice]) -> int:
+    """Returns the completion tokens of an answer served without its own computation (a
+    hit, a coalesced one): those its caller receives, the token ids of its messages or
+    choices. What it bills under TOKENMESH_CACHE_BILLING=full, in every path.
+
+    Not its usage's completion_tokens: that is the computation's, which counts the
+    tokens an output rule held back and never released (billed to the request that
+    computed them: services.inference.pipeline.content).
+    """
+    return sum(len(item.token_ids) for item in items)
+
+
 def _storable_stream(messages: Sequence[pb.GenerateResponse], n: int) -> bool:
     """Tells whether a stream may be replayed: every choice ended once, well."""
     finals = [m for m in messages if m.HasField("finish_reason")]
@@ -230,11 +252,21 @@ class GenerationPipeline:
         generation.content = content
         return generation
 
-    async def schedule(self, context: Context, generation: Generation) -> None:
-        """Reserves the request's tokens in its caller's budget, then queues its sequences."""
+    async def schedule(
+        self, context: Context, generation: Generation, *, shared: bool = False
+    ) -> None:
+        """Reserves the request's tokens in its caller's budget, then queues its sequences.
+
+        `shared`: the sequences are a computation other requests may read (coalesced):
+        queued with no deadline, since a deadline is one caller's. Each reader leaves
+        at its own deadline and the last to leave cancels the computation
+        (services.inference.pipeline.coalesce), which frees its sequences; queued
+        with its leader's deadline, the scheduler ended every reader's answer with
+        the leader's DEADLINE_EXCEEDED.
+        """
         await self.admission.reserve(generation)
         try:
-            generation.submit(context.time_remaining())
+            generation.submit(None if shared else context.time_remaining())
         except BaseException:
             # Refused (queue full, model unloading): nothing ran, so nothing is charged.
             self.admission.release(generation)
@@ -308,7 +340,7 @@ class GenerationPipeline:
         messages = decode_stream(entry)
         finals = [m for m in messages if m.HasField("finish_reason")]
         prompt_tokens = finals[0].usage.prompt_tokens if finals else generation.prompt_tokens
-        completion = sum(len(m.token_ids) for m in messages)
+        completion = delivered_tokens(messages)
         await self._reserve_served(generation, prompt_tokens, completion)
         _count(generation, HIT)
         generation.cache_status = HIT
@@ -351,10 +383,11 @@ class GenerationPipeline:
                 return
             # Refused by its own budget: raised before anything is sent or billed.
             await self._reserve_served(generation, generation.prompt_tokens, 0, upper=True)
-            started = True
             _count(generation, status)
             generation.cache_status = status
-            await generation.send_headers(context)
+            # Its caller gone before the headers went: nothing served, nothing billed.
+            await self._send_headers_or_release(context, generation)
+            started = True
             first_ms = _elapsed_ms(generation)
             async for item in _prepend(first, items):
                 message = pb.GenerateResponse()
@@ -390,24 +423,18 @@ class GenerationPipeline:
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         flight = stage.streams.open(key, register=stage.streams.join(key) is None)
         flight.stops = generation.content.stops  # its waiters record the rules as theirs
-        try:
-            await self.schedule(context, generation)
-        except BaseException as exc:
-            flight.fail(exc)
-            raise
+
+        def compute() -> AsyncIterator[pb.GenerateResponse]:
+            # Its waiters' answers are not cut by its own budget (each holds its own).
+            return produce(self.admission, generation, lambda: flight.waiters > 1)
 
         async def store(ended: Flight[pb.GenerateResponse]) -> None:
             if ended.error is None and _storable_stream(ended.items, generation.spec.n):
                 await stage.store.put(key, encode_stream(ended.items))
 
-        # Its waiters' answers are not cut by its own budget (each holds its own).
-        flight.start(produce(self.admission, generation, lambda: flight.waiters > 1), store)
-        _count(generation, MISS)
-        generation.cache_status = MISS
-        items = flight.follow()
+        items = await self._lead_flight(flight, context, generation, compute, store)
         received, ended, reason = 0, set[int](), "cancelled"
         try:
-            await generation.send_headers(context)
             async for message in items:
                 if not await self._leader_within_budget(flight, generation, received):
                     # Its budget is out while others read on: only its own answer ends.
@@ -435,6 +462,47 @@ class GenerationPipeline:
         if not (generation.unmetered and flight.waiters > 1):
             return True
         return await self.admission.within_budget(generation, generation.prompt_tokens + received)
+
+    async def _lead_flight(
+        self,
+        flight: Flight[T],
+        context: Context,
+        generation: Generation,
+        compute: Callable[[], AsyncIterator[T]],
+        store: Callable[[Flight[T]], Awaitable[None]],
+    ) -> AsyncIterator[T]:
+        """Queues the computation of the flight `generation` leads, sends its headers and
+        starts it; returns the leader's reader (iterate or close it at once).
+
+        The sequences are queued with no deadline (`schedule`) and at the leader's
+        priority, which waiters do not raise: most join after the sequences were
+        queued, and the scheduler fixes a queued sequence's place by its priority
+        (an interactive request joining a batch job's computation waits as batch;
+        one that must not sends `no-cache` and computes its own).
+
+        The reader is taken once the headers went, with no await between the start
+        and it: the leader counts as a waiter before the computation's first step,
+        and one whose caller left while its headers were sent holds none (closing
+        a reader never iterated did not count it out: the computation ran to its
+        end for nobody, holding its slots). Such a leader served nothing: its
+        sequences are cancelled, nothing is billed, its waiters compute their own.
+        """
+        try:
+            await self.schedule(context, generation, shared=True)
+        except BaseException as exc:
+            flight.fail(exc)
+            raise
+        _count(generation, MISS)
+        generation.cache_status = MISS
+        try:
+            await generation.send_headers(context)
+        except BaseException as exc:
+            generation.cancel()
+            flight.fail(exc)
+            self.admission.release(generation)
+            raise
+        flight.start(compute(), store)
+        return flight.follow()
 
     # ---------------------------------------------------------------- Complete
 
@@ -541,7 +609,7 @@ class GenerationPipeline:
         output rules that stopped the computation's choices (hits of this caller's too).
         """
         prompt_tokens = response.usage.prompt_tokens
-        completion = response.usage.completion_tokens
+        completion = delivered_tokens(response.choices)
         await self._reserve_served(generation, prompt_tokens, completion)
         _count(generation, status)
         generation.cache_status = status
@@ -568,11 +636,6 @@ class GenerationPipeline:
     ) -> pb.CompleteResponse:
         flight = stage.completions.open(key, register=stage.completions.join(key) is None)
         flight.stops = generation.content.stops  # its waiters record the rules as theirs
-        try:
-            await self.schedule(context, generation)
-        except BaseException as exc:
-            flight.fail(exc)
-            raise
 
         async def compute() -> AsyncIterator[pb.CompleteResponse]:
             # Its waiters' answers are not cut by its own budget (each holds its own).
@@ -582,12 +645,8 @@ class GenerationPipeline:
             if ended.error is None and ended.items and _storable_completion(ended.items[0]):
                 await stage.store.put(key, ended.items[0].SerializeToString())
 
-        flight.start(compute(), store)
-        _count(generation, MISS)
-        generation.cache_status = MISS
-        items = flight.follow()
+        items = await self._lead_flight(flight, context, generation, compute, store)
         try:
-            await generation.send_headers(context)
             response = await anext(items)
             assert isinstance(response, pb.CompleteResponse)
             return response
@@ -630,9 +689,8 @@ class GenerationPipeline:
         _check_queue_room(_computing(generations, lookups))
         for generation, lookup in zip(generations, lookups, strict=True):
             if lookup is not None and lookup.hit is not None:
-                usage = lookup.hit.usage
                 generation.needed_tokens = self._billed_tokens(
-                    usage.prompt_tokens, usage.completion_tokens
+                    lookup.hit.usage.prompt_tokens, delivered_tokens(lookup.hit.choices)
                 )
         await self._reserve_all(generations)
         for generation in generations:

@@ -1,0 +1,272 @@
+"""Coalesced requests on a real worker (cache on, real Redis): what each caller of a shared
+computation gets and is billed is its own, whoever else reads it.
+
+- The computation is queued with no deadline: each caller leaves at its own, the last
+  cancels it. Queued with its leader's, a follower's stream ended with the leader's
+  DEADLINE_EXCEEDED.
+- A served answer bills the tokens its caller received (TOKENMESH_CACHE_BILLING=full):
+  a Complete follower was billed the tokens an output rule held back from it.
+- A caller that left while its headers were sent holds nothing and is billed nothing:
+  a leader kept counting as a reader (its computation ran on for nobody), a follower
+  was billed its prompt.
+
+The callers that leave while their headers are sent run the worker's own pipeline
+(GenerationPipeline, wired as the service wires it) with a stand-in for grpc's
+context whose header send raises CancelledError, as grpc's does when the caller has
+gone: a real RPC cannot be cancelled at that await on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from services.core import contract
+from services.inference.admission import Admission
+from services.inference.budget import TokenBudgets
+from services.inference.pipeline.content import ContentStage
+from services.inference.pipeline.generate import GenerationPipeline
+from services.inference.service import InferenceService
+from services.inference.v2.servicer import V2_SURFACE
+from services.router.policies import PolicyCatalog
+from tests.integration.conftest import inference_settings, start_inference
+from tests.integration.test_inference_v2 import _usage_event
+from tests.integration.test_response_cache_policy_hits import (
+    _attach_output_rule,
+    _complete_request,
+    _flight_open,
+    _generate_request,
+    _identity,
+    _read_stream,
+)
+from tokenmesh.inference.v2 import inference_pb2
+from tokenmesh.inference.v2 import inference_service_pb2 as pb
+from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
+
+MODEL = "deterministic-test"
+ENDED_WELL = {inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH}
+
+
+async def _worker(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch, billing: str, **settings: Any
+) -> Any:
+    monkeypatch.setenv("TOKENMESH_CACHE", "on")
+    monkeypatch.setenv("TOKENMESH_CACHE_BILLING", billing)
+    monkeypatch.setenv("TOKENMESH_CACHE_REDIS_URL", redis_url)
+    # 20 ms a step: a computation lasts long enough for a second request to join it.
+    return await start_inference(
+        inference_settings(tmp_path, redis_url, test_engine_step_ms=20.0, **settings)
+    )
+
+
+@pytest.fixture
+async def one_slot_worker(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[InferenceService, Any]]:
+    """A worker computing one sequence at a time (a request's second choice queues)."""
+    async with await _worker(tmp_path, redis_url, monkeypatch, "full", max_sequences=1) as pair:
+        service, channel = pair
+        yield service, rpc.InferenceServiceStub(channel)
+
+
+@pytest.fixture
+async def full_billing_worker(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[InferenceService, Any]]:
+    async with await _worker(tmp_path, redis_url, monkeypatch, "full") as pair:
+        service, channel = pair
+        yield service, rpc.InferenceServiceStub(channel)
+
+
+@pytest.fixture
+async def catalog(redis_url: str) -> AsyncIterator[PolicyCatalog]:
+    client = aioredis.from_url(redis_url)
+    yield PolicyCatalog(client)
+    await client.aclose()
+
+
+def _seeded(prompt: str, request_id: str, max_tokens: int, n: int = 1) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(
+        model=MODEL, prompt=prompt, max_output_tokens=max_tokens, n=n, request_id=request_id
+    )
+    request.sampling.seed = 3
+    return request
+
+
+async def _scheduler_idle(service: InferenceService) -> None:
+    """Waits until no sequence runs or waits on the worker."""
+    schedulers = [m.scheduler for m in service.registry.all() if m.scheduler is not None]
+    async with asyncio.timeout(10):
+        while any(s.stats()["running"] or s.stats()["waiting"] for s in schedulers):
+            await asyncio.sleep(0.01)
+
+
+async def _usage_events(service: InferenceService, request_id: str) -> list[Any]:
+    client = aioredis.from_url(service.settings.redis_url)
+    try:
+        entries: Any = await client.xrange(service.settings.usage_stream)
+        return [f[b"event"] for _, f in entries if f[b"request_id"].decode() == request_id]
+    finally:
+        await client.aclose()
+
+
+# ---------------------------------------------------------------- the leader's deadline
+
+
+async def test_a_follower_outlives_its_leader_s_deadline(one_slot_worker):
+    # One slot: the request's second choice queues behind its first. The leader's
+    # deadline passes while it is queued: the scheduler ended it with the leader's
+    # DEADLINE_EXCEEDED, and the follower (no deadline) got it in mid-stream.
+    service, stub = one_slot_worker
+    prompt = f"deadline {uuid.uuid4().hex}"
+    leader = stub.Generate(_seeded(prompt, "leader", 60, n=2), timeout=1.0)
+    assert dict(await leader.initial_metadata())[contract.CACHE_HEADER] == "miss"
+    await leader.read()  # computing: the follower joins it
+    follower = stub.Generate(_seeded(prompt, "follower", 60, n=2))
+    status, finals = await _read_stream(follower)
+    assert status == "coalesced"
+    assert await follower.code() == grpc.StatusCode.OK
+    assert sorted(m.choice_index for m in finals) == [0, 1]
+    assert {m.finish_reason for m in finals} <= ENDED_WELL
+    assert not any(m.HasField("error") for m in finals)
+    assert await leader.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # its own deadline
+    await _scheduler_idle(service)
+
+
+async def test_a_lone_caller_s_deadline_still_frees_its_queued_computation(one_slot_worker):
+    # Queued with no deadline, the computation ends when its last reader leaves: a
+    # caller whose deadline passed while it waited leaves nothing in the queue.
+    service, stub = one_slot_worker
+    busy = stub.Generate(_seeded(f"busy {uuid.uuid4().hex}", "busy", 400))
+    await busy.read()  # holds the only slot for ~8 s
+    late = stub.Generate(_seeded(f"late {uuid.uuid4().hex}", "late", 10), timeout=0.3)
+    with pytest.raises(grpc.aio.AioRpcError) as left:
+        async for _ in late:
+            pass
+    assert left.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    schedulers = [m.scheduler for m in service.registry.all() if m.scheduler is not None]
+    assert service.cache is not None
+    async with asyncio.timeout(5):  # long before the busy stream ends
+        while any(s.stats()["waiting"] for s in schedulers) or len(service.cache.streams) > 1:
+            await asyncio.sleep(0.01)
+    busy.cancel()
+    await _scheduler_idle(service)
+
+
+# ---------------------------------------------------------------- what a served answer bills
+
+
+async def test_a_served_answer_bills_the_tokens_its_caller_received(full_billing_worker, catalog):
+    # An output rule fires late: the computation generated tokens it never released.
+    # The Complete follower was billed the computation's completion_tokens (what the
+    # request that computed them pays), the Generate follower what it received.
+    service, stub = full_billing_worker
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    await _attach_output_rule(service, stub, catalog, tenant)
+
+    lead = stub.Complete(_complete_request(f"lead-{tenant}"), metadata=_identity(tenant, "ka"))
+    await _flight_open(service, completions=True)
+    follow = stub.Complete(_complete_request(f"fol-{tenant}"), metadata=_identity(tenant, "kb"))
+    computed, served = await asyncio.gather(lead, follow)
+    received = sum(len(c.token_ids) for c in served.choices)
+    assert served.choices[0].finish_reason == inference_pb2.FINISH_REASON_CONTENT_FILTER
+    assert computed.usage.completion_tokens > received  # tokens held back, never sent
+    event = await _usage_event(service, f"fol-{tenant}")
+    assert event.cached
+    assert event.served_usage.completion_tokens == received
+    assert event.usage.completion_tokens == received  # billing=full: what it received
+
+    stream = stub.Generate(_generate_request(f"glead-{tenant}"), metadata=_identity(tenant, "ka"))
+    leading = asyncio.ensure_future(_read_stream(stream))
+    await _flight_open(service)
+    follower = stub.Generate(_generate_request(f"gfol-{tenant}"), metadata=_identity(tenant, "kb"))
+    messages = [m async for m in follower]
+    await leading
+    streamed = sum(len(m.token_ids) for m in messages)
+    event = await _usage_event(service, f"gfol-{tenant}")
+    assert event.usage.completion_tokens == event.served_usage.completion_tokens == streamed
+
+
+# ---------------------------------------------------------------- leaving while headers are sent
+
+
+class _LeavingContext:
+    """Stands in for grpc's context of a call whose caller leaves while its response
+    headers are sent: grpc cancels the handler's task at that await."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self._metadata = tuple(metadata)
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def peer_identities(self) -> None:
+        return None  # not one of the mesh's components
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def send_initial_metadata(self, metadata: Any) -> None:
+        raise asyncio.CancelledError
+
+
+def _pipeline(service: InferenceService) -> GenerationPipeline:
+    """Returns the v2 pipeline as the service wires it (InferenceService.add_to_server)."""
+    admission = Admission(service.registry, service.usage_log, TokenBudgets(service.redis), "w0")
+    admission.content = ContentStage(service.policies, service.usage_log, service.redis)
+    admission.cache = service.cache
+    return GenerationPipeline(admission, service.templates, V2_SURFACE)
+
+
+async def _leave_while_headers_are_sent(
+    service: InferenceService, request: pb.GenerateRequest, tenant: str
+) -> None:
+    context = cast(Any, _LeavingContext(_identity(tenant, "k")))
+    with pytest.raises(asyncio.CancelledError):
+        async for _ in _pipeline(service).generate(context, request):
+            pass
+
+
+async def test_a_leader_that_left_while_its_headers_were_sent_leaves_nothing_running(
+    full_billing_worker,
+):
+    # Its reader was taken before the headers and closed unstarted, which never
+    # counted it out: the flight kept a reader nobody held, and its computation
+    # ran to the end for nobody.
+    service, stub = full_billing_worker
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    prompt = f"leaves {uuid.uuid4().hex}"
+    await _leave_while_headers_are_sent(service, _seeded(prompt, f"gone-{tenant}", 200), tenant)
+    assert service.cache is not None
+    assert len(service.cache.streams) == 0  # nothing computes for it, nobody may join it
+    await _scheduler_idle(service)
+    after = stub.Generate(_seeded(prompt, f"next-{tenant}", 5), metadata=_identity(tenant, "k"))
+    status, _ = await _read_stream(after)
+    assert status == "miss"  # computed anew, as the first
+    # Events ship in order: once the later one is in, the leaver's would be too.
+    await _usage_event(service, f"next-{tenant}")
+    assert await _usage_events(service, f"gone-{tenant}") == []
+
+
+async def test_a_follower_that_left_while_its_headers_were_sent_is_not_billed(
+    full_billing_worker,
+):
+    service, stub = full_billing_worker
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    prompt = f"follows {uuid.uuid4().hex}"
+    leader = stub.Generate(_seeded(prompt, f"lead-{tenant}", 30), metadata=_identity(tenant, "k"))
+    await leader.read()  # computing: the follower joins it
+    await _leave_while_headers_are_sent(service, _seeded(prompt, f"gone-{tenant}", 30), tenant)
+    final = await leader.read()
+    while final is not grpc.aio.EOF and not final.HasField("finish_reason"):
+        final = await leader.read()
+    assert final is not grpc.aio.EOF and final.finish_reason in ENDED_WELL  # it read on
+    await _usage_event(service, f"lead-{tenant}")
+    assert await _usage_events(service, f"gone-{tenant}") == []
