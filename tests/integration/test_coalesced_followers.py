@@ -270,3 +270,21 @@ async def test_a_follower_that_left_while_its_headers_were_sent_is_not_billed(
     assert final is not grpc.aio.EOF and final.finish_reason in ENDED_WELL  # it read on
     await _usage_event(service, f"lead-{tenant}")
     assert await _usage_events(service, f"gone-{tenant}") == []
+
+
+async def test_without_the_cache_a_caller_that_left_while_its_headers_were_sent_frees_its_slot(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+):
+    # The cache-off path (the default) never started reading a generation whose
+    # headers could not be sent: its sequences ran to max_tokens for nobody.
+    monkeypatch.setenv("TOKENMESH_CACHE", "off")
+    settings = inference_settings(tmp_path, redis_url, test_engine_step_ms=20.0)
+    async with await start_inference(settings) as (service, _):
+        assert isinstance(service, InferenceService) and service.cache is None
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        request = _seeded(f"leaves {uuid.uuid4().hex}", f"gone-{tenant}", 200)  # ~4 s of steps
+        await _leave_while_headers_are_sent(service, request, tenant)
+        schedulers = [m.scheduler for m in service.registry.all() if m.scheduler is not None]
+        async with asyncio.timeout(1.5):
+            while any(s.stats()["running"] or s.stats()["waiting"] for s in schedulers):
+                await asyncio.sleep(0.01)

@@ -295,7 +295,11 @@ class GenerationPipeline:
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         await self.schedule(context, generation)
         try:
-            await generation.send_headers(context)
+            try:
+                await generation.send_headers(context)
+            except BaseException:
+                generation.cancel()  # its caller left: nobody reads what it would compute
+                raise
             async for message in produce(self.admission, generation):
                 yield message
         finally:
