@@ -51,6 +51,12 @@ API_KEY_ID_RULE = '"key_" and 16 lowercase hex digits'
 #: MODEL_ALIAS: a catalogue alias of a model version ("stable", "canary").
 MODEL_ALIAS = re.compile(r"^[a-z0-9-]{1,32}$")
 MODEL_ALIAS_RULE = "1-32 characters of [a-z0-9-]"
+#: VERSION_NUMBER: a catalogue version number in a reference ("support@3"). ASCII
+#: digits only: str.isdigit() also accepts "²" (which int() refuses: an INTERNAL
+#: error) and "٣" (which int() reads as 3). At most as long as an alias, so every
+#: selector is 1-32 characters and an all-digit one is always a number.
+VERSION_NUMBER = re.compile(r"^[0-9]{1,32}$")
+VERSION_NUMBER_RULE = "1-32 digits [0-9]"
 
 #: METADATA_KEY: a request's usage tag key (inference v2 `metadata`), also what
 #: usage reports group by (`group_by=tag:<key>`).
@@ -85,6 +91,11 @@ def is_tenant(value: str) -> bool:
 def is_model_alias(value: str) -> bool:
     """Tells whether `value` is a valid model alias."""
     return MODEL_ALIAS.fullmatch(value) is not None
+
+
+def is_version_number(value: str) -> bool:
+    """Tells whether `value` is a version number (ASCII digits; int() parses it)."""
+    return VERSION_NUMBER.fullmatch(value) is not None
 
 
 def is_metadata_key(value: str) -> bool:

@@ -56,6 +56,7 @@ from services.router.prompts import (
     PromptHead,
     PromptTemplate,
     check_selector,
+    version_number,
 )
 
 logger = logging.getLogger(__name__)
@@ -137,15 +138,25 @@ class TemplateCache:
             Unavailable: Redis is unreachable and the cache does not have the answer.
         """
         check_selector(selector)
-        if selector.isdigit():
-            return await self._version(name, int(selector))
+        number = version_number(selector)
+        if number is not None:
+            return await self._version(name, number)
         head = await self._head(name)
-        head.selectors.add(selector)
         if head.head is None:
             raise NotFound(
                 f"prompt template {name!r} does not exist", reason="PROMPT_TEMPLATE_NOT_FOUND"
             )
-        return await self._version(name, head.head.resolve(selector))
+        version = head.head.resolve(selector)
+        # Kept for prefetching only once it resolved: selectors come from clients,
+        # and unknown ones would pile up (and be scanned every refresh) forever.
+        head.selectors.add(selector)
+        return await self._version(name, version)
+
+    def prefetched(self, name: str) -> frozenset[str]:
+        """Returns the selectors of `name` the background refresh fetches ahead: those
+        requests used and that resolved (for tests and debugging)."""
+        entry = self._heads.get(name)
+        return frozenset(entry.selectors) if entry is not None else frozenset()
 
     async def _version(self, name: str, version: int) -> PromptTemplate:
         key = (name, version)
@@ -248,14 +259,20 @@ class TemplateCache:
 
     async def _prefetch(self, name: str) -> None:
         entry = self._heads.get(name)
-        if entry is None or entry.head is None:
+        if entry is None:
             return
+        head = entry.head
+        if head is None:
+            entry.selectors.clear()
+            return
+        # An alias an operator removed is dropped too: the set stays within the
+        # template's aliases (plus "" and "latest").
+        entry.selectors &= {"", LATEST, *head.aliases}
         for selector in list(entry.selectors):
-            if selector in ("", LATEST) or selector in entry.head.aliases:
-                try:
-                    await self._version(name, entry.head.resolve(selector))
-                except NotFound:
-                    continue  # written after the head was read: the next pass finds it
+            try:
+                await self._version(name, head.resolve(selector))
+            except NotFound:
+                continue  # written after the head was read: the next pass finds it
 
     async def _refresh_loop(self) -> None:
         while True:

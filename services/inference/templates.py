@@ -13,10 +13,15 @@ The template language is Jinja (`ImmutableSandboxedEnvironment`,
   globals, nothing reads the clock; the same template, variables and
   messages always give the same text;
 - bounded: at most MAX_OUTPUT_CHARS characters of output (rendering stops
-  there), MAX_LOOP_ITERATIONS loop iterations per render, no intermediate
-  string or list longer than MAX_OUTPUT_CHARS (`~`, `+`, `*` and the `join`
-  and `replace` filters are checked), `range` up to MAX_RANGE, and only
-  filters whose output grows at most linearly.
+  there) and MAX_RENDERED_CHARS produced in all (text a `{% set %}` or
+  `{% filter %}` block captures counts too), MAX_LOOP_ITERATIONS loop
+  iterations per render, no value a render builds bigger than
+  MAX_OUTPUT_CHARS, `range` up to MAX_RANGE, and only filters whose output
+  grows at most linearly. A value's size counts every item each time it
+  appears (`[row] * 1000` is 1000 times the size of `row`, as its text is):
+  `~`, `+`, `*`, list, tuple and dict literals, `dict()`, and the `join`,
+  `map` and `replace` filters are checked, so printing a value or turning it
+  into text is linear in what the bounds allow.
 
 A render sees each declared variable (a string), `system` (the rendered
 system prompt) and `messages` (a list of `{role, content}`; empty unless the
@@ -49,6 +54,9 @@ MAX_VARIABLES = 32
 DEFAULT_MAX_LENGTH = 4096  # characters of a variable's value unless declared
 MAX_VARIABLE_LENGTH = 64 * 1024
 MAX_OUTPUT_CHARS = 256 * 1024
+#: Characters a render may produce in all, counting blocks captured by `{% set %}`
+#: or `{% filter %}` (a captured block that is printed counts twice).
+MAX_RENDERED_CHARS = 4 * MAX_OUTPUT_CHARS
 MAX_LOOP_ITERATIONS = 100_000
 MAX_RANGE = 10_000
 MAX_MESSAGES = 1024
@@ -156,10 +164,11 @@ class _LimitExceeded(_Refused):
 
 
 class _Budget:
-    """The loop iterations a render has left."""
+    """The loop iterations and characters a render has left."""
 
     def __init__(self) -> None:
         self.iterations = MAX_LOOP_ITERATIONS
+        self.rendered = MAX_RENDERED_CHARS
 
 
 _BUDGET: contextvars.ContextVar[_Budget] = contextvars.ContextVar("template_budget")
@@ -174,26 +183,70 @@ def _bounded_loop(iterable: Iterable[Any]) -> Iterator[Any]:
         yield item
 
 
-def _printable(value: Any) -> Any:
-    """Returns `value` if its text is deterministic (no object reprs with addresses)."""
-    if value is None or isinstance(value, str | int | float | jinja2.Undefined):
-        return value
-    if isinstance(value, list | tuple):
-        for item in value:
-            _printable(item)
-        return value
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _printable(key)
-            _printable(item)
-        return value
-    raise _Refused(f"a {type(value).__name__} cannot be printed; print strings and numbers")
+def _measure(value: Any, limit: int = MAX_OUTPUT_CHARS, printing: bool = False) -> int:
+    """Returns the size of `value`: the characters of its strings, the digits of its
+    numbers, at least one per item, counting an item each time it appears (a list
+    holding one list 1000 times is as big as its text). Stops after about `limit`
+    steps, whatever the value shares, raising _LimitExceeded past `limit`.
+
+    With `printing`, also raises _Refused for what has no deterministic text
+    (object reprs with addresses).
+    """
+    size = 0
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            size += max(len(item), 1)
+        elif isinstance(item, int):
+            size += item.bit_length() // 3 + 1  # at least its decimal digits
+        elif isinstance(item, list | tuple | dict):
+            if not item:
+                size += 1
+            elif size + len(item) > limit:  # each item counts at least one
+                size += len(item)
+            else:
+                pending.extend(item.items() if isinstance(item, dict) else item)
+        elif printing and not (item is None or isinstance(item, float | jinja2.Undefined)):
+            raise _Refused(f"a {type(item).__name__} cannot be printed; print strings and numbers")
+        else:
+            size += 1
+        if size > limit:
+            raise _LimitExceeded(f"a value would exceed {MAX_OUTPUT_CHARS} characters or items")
+    return size
+
+
+def _built(value: Any) -> Any:
+    """Returns `value` (a list, tuple or dict literal, or `dict()`) if it is within bounds."""
+    _measure(value)
+    return value
+
+
+def _bounded_dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
+    value = dict(*args, **kwargs)
+    _measure(value)
+    return value
+
+
+def _emit(value: Any) -> Any:
+    """Returns `value`, to be printed, once it is counted against the render's budget
+    (the sandbox's `finalize`: every printed value, and the text of captured blocks)."""
+    budget = _BUDGET.get()
+    # Strings (most of what a prompt prints) are measured inline: this runs per output piece.
+    budget.rendered -= len(value) if type(value) is str else _measure(value, printing=True)
+    if budget.rendered < 0:
+        raise _LimitExceeded(
+            f"a render produces more than {MAX_RENDERED_CHARS} characters in all "
+            "(blocks captured by set or filter count too)"
+        )
+    return value
 
 
 def _bounded_concat(*parts: Any) -> str:
-    if sum(len(p) if isinstance(p, str) else 0 for p in parts) > MAX_OUTPUT_CHARS:
-        raise _LimitExceeded(f"a string would exceed {MAX_OUTPUT_CHARS} characters")
-    return "".join(str(_printable(p)) for p in parts)
+    size = 0
+    for part in parts:
+        size += _measure(part, MAX_OUTPUT_CHARS - size, printing=True)
+    return "".join(map(str, parts))
 
 
 def _bounded_range(*args: int) -> range:
@@ -201,10 +254,6 @@ def _bounded_range(*args: int) -> range:
     if len(values) > MAX_RANGE:
         raise _LimitExceeded(f"range() of more than {MAX_RANGE} items")
     return values
-
-
-def _sized(value: Any) -> int:
-    return len(value) if isinstance(value, str | list | tuple) else 1
 
 
 def _check_int(value: Any) -> Any:
@@ -218,14 +267,15 @@ def _bounded_mul(left: Any, right: Any) -> Any:
         return _check_int(_check_int(left) * _check_int(right))
     for seq, times in ((left, right), (right, left)):
         if isinstance(seq, str | list | tuple) and isinstance(times, int):
-            if _sized(seq) * max(times, 0) > MAX_OUTPUT_CHARS:
+            size = len(seq) if isinstance(seq, str) else _measure(seq)
+            if size * max(times, 0) > MAX_OUTPUT_CHARS:
                 raise _LimitExceeded(f"a repetition would exceed {MAX_OUTPUT_CHARS} items")
     return left * right
 
 
 def _bounded_add(left: Any, right: Any) -> Any:
-    if isinstance(left, str | list | tuple) and _sized(left) + _sized(right) > MAX_OUTPUT_CHARS:
-        raise _LimitExceeded(f"a value would exceed {MAX_OUTPUT_CHARS} characters or items")
+    if isinstance(left, str | list | tuple):
+        _measure(right, MAX_OUTPUT_CHARS - _measure(left))
     return left + right
 
 
@@ -243,10 +293,34 @@ def _no_string_percent(left: Any, right: Any) -> Any:
 
 
 def _bounded_join(value: Iterable[Any], d: str = "", attribute: Any = None) -> str:
-    items = [str(_printable(v)) for v in _bounded_loop(value)]
-    if sum(map(len, items)) + len(d) * len(items) > MAX_OUTPUT_CHARS:
-        raise _LimitExceeded(f"join() would exceed {MAX_OUTPUT_CHARS} characters")
+    items = []
+    size = 0
+    for item in _bounded_loop(value):
+        # Measured before it becomes text: str() of a list sharing items is quadratic.
+        size += len(d) + _measure(item, max(MAX_OUTPUT_CHARS - size, 0), printing=True)
+        if size > MAX_OUTPUT_CHARS:
+            raise _LimitExceeded(f"join() would exceed {MAX_OUTPUT_CHARS} characters")
+        items.append(str(item))
     return d.join(items)
+
+
+@jinja2.pass_context
+def _bounded_map(context: jinja2.runtime.Context, value: Any, *args: Any, **kwargs: Any) -> Any:
+    # map() can repeat a value (`map('default', row, true)`): what it yields is measured.
+    size = 0
+    for item in jinja2.filters.sync_do_map(context, value, *args, **kwargs):
+        size += _measure(item, MAX_OUTPUT_CHARS - size)
+        yield item
+
+
+@jinja2.pass_environment
+def _number_sum(
+    environment: jinja2.Environment, iterable: Iterable[Any], attribute: Any = None, start: Any = 0
+) -> Any:
+    # Python's sum() of lists copies the running total at each step: quadratic.
+    if not isinstance(start, int | float):
+        raise _Refused("sum() adds numbers; use + or join for lists and strings")
+    return jinja2.filters.sync_do_sum(environment, iterable, attribute, start)
 
 
 def _bounded_replace(value: str, old: str, new: str, count: int | None = None) -> str:
@@ -268,17 +342,21 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             autoescape=False,
             keep_trailing_newline=True,
             loader=None,
-            finalize=_printable,
+            finalize=_emit,
         )
         self.filters = {name: self.filters[name] for name in _SAFE_FILTERS}
         self.filters["join"] = _bounded_join
         self.filters["replace"] = _bounded_replace
+        self.filters["map"] = _bounded_map
+        self.filters["sum"] = _number_sum
         self.globals = {
             "range": _bounded_range,
-            "dict": dict,
+            "dict": _bounded_dict,
             "namespace": jinja2.utils.Namespace,
             f"{_INTERNAL_PREFIX}loop": _bounded_loop,
             f"{_INTERNAL_PREFIX}concat": _bounded_concat,
+            f"{_INTERNAL_PREFIX}built": _built,
+            f"{_INTERNAL_PREFIX}text": str,
         }
         self.binop_table = {
             **self.binop_table,
@@ -300,7 +378,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
 
 class _Bounder(NodeTransformer):
-    """Routes every loop and `~` through the bound-keeping helpers."""
+    """Routes every loop, `~`, literal and captured block through the bound-keeping helpers
+    (printed values go through `finalize`)."""
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
         self.generic_visit(node)
@@ -310,6 +389,46 @@ class _Bounder(NodeTransformer):
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
         self.generic_visit(node)
         return _helper_call("concat", list(node.nodes), node.lineno)
+
+    def visit_AssignBlock(self, node: nodes.AssignBlock) -> nodes.Node:
+        self.generic_visit(node)
+        return _text_counted(node)
+
+    def visit_FilterBlock(self, node: nodes.FilterBlock) -> nodes.Node:
+        self.generic_visit(node)
+        return _text_counted(node)
+
+    def visit_List(self, node: nodes.List) -> nodes.Node:
+        self.generic_visit(node)
+        return _helper_call("built", [node], node.lineno)
+
+    def visit_Dict(self, node: nodes.Dict) -> nodes.Node:
+        self.generic_visit(node)
+        return _helper_call("built", [node], node.lineno)
+
+    def visit_Tuple(self, node: nodes.Tuple) -> nodes.Node:
+        self.generic_visit(node)
+        if node.ctx != "load":  # a loop's or set's targets
+            return node
+        return _helper_call("built", [node], node.lineno)
+
+
+def _text_counted(block: nodes.Node) -> nodes.Node:
+    """Routes the literal text of a `{% set %}` or `{% filter %}` block through `finalize`
+    (printed values always go through it), so it counts against MAX_RENDERED_CHARS.
+
+    The output bound in `Prompt._run` sees only what reaches the output: a block's
+    text goes to a buffer, and a loop could otherwise fill it with gigabytes.
+    Only blocks pay for the extra call, not every piece of output.
+    """
+    for output in block.find_all(nodes.Output):
+        output.nodes = [
+            _helper_call("text", [nodes.Const(child.data, lineno=child.lineno)], child.lineno)
+            if isinstance(child, nodes.TemplateData)
+            else child
+            for child in output.nodes
+        ]
+    return block
 
 
 def _helper_call(name: str, args: Sequence[nodes.Node], lineno: int) -> nodes.Call:

@@ -118,8 +118,8 @@ class PromptHead:
         """
         if selector in ("", LATEST):
             return self.latest
-        if selector.isdigit():
-            number = int(selector)
+        number = version_number(selector)
+        if number is not None:
             if not 1 <= number <= self.latest:
                 raise NotFound(
                     f"prompt template {self.name!r} has no version {number} "
@@ -166,11 +166,24 @@ def check_name(name: str) -> None:
 
 
 def check_selector(selector: str, field_name: str = "version") -> None:
-    """Raises InvalidArgument unless `selector` is a version number, an alias or empty."""
-    if selector and not selector.isdigit() and not contract.is_model_alias(selector):
-        raise _violation(
-            field_name, f"must be a version number or an alias ({contract.MODEL_ALIAS_RULE})"
-        )
+    """Raises InvalidArgument unless `selector` is a version number, an alias or empty.
+
+    The one selector rule: every place that checks or parses a selector goes
+    through this and `version_number` (a number is ASCII digits, see
+    contract.VERSION_NUMBER; an all-digit alias is refused by `set_alias`).
+    """
+    if selector and not contract.is_version_number(selector):
+        if not contract.is_model_alias(selector):
+            raise _violation(
+                field_name,
+                f"must be a version number ({contract.VERSION_NUMBER_RULE}) "
+                f"or an alias ({contract.MODEL_ALIAS_RULE})",
+            )
+
+
+def version_number(selector: str) -> int | None:
+    """Returns the version number `selector` names, or None for an alias, "latest" or ""."""
+    return int(selector) if contract.is_version_number(selector) else None
 
 
 def parse_reference(reference: str, field_name: str = "template") -> tuple[str, str]:
@@ -219,7 +232,7 @@ def new_version(
 
 def set_alias(head: PromptHead, alias: str, version: int, now: float) -> PromptHead:
     """Returns `head` with `alias` pointing at `version` (0 removes the alias)."""
-    if not contract.is_model_alias(alias) or alias.isdigit():
+    if not contract.is_model_alias(alias) or contract.is_version_number(alias):
         raise _violation("alias", f"must be {contract.MODEL_ALIAS_RULE}, not all digits")
     if alias == LATEST:
         raise _violation("alias", f"{LATEST!r} is reserved: it always names the newest version")
@@ -278,8 +291,9 @@ class PromptCatalog:
     async def get(self, name: str, selector: str) -> PromptTemplate:
         """Returns the version `selector` names (a number, an alias, "latest" or "")."""
         check_selector(selector)
-        if selector.isdigit():
-            return await self.version(name, int(selector))
+        number = version_number(selector)
+        if number is not None:
+            return await self.version(name, number)
         return await self.version(name, (await self.head(name)).resolve(selector))
 
     async def create(

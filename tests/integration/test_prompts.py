@@ -339,3 +339,35 @@ async def test_the_cache_reports_missing_templates_and_remembers_them_briefly(re
 
 async def _version_is(cache: TemplateCache, name: str, selector: str, version: int) -> bool:
     return (await cache.get(name, selector)).version == version
+
+
+async def test_only_selectors_that_resolved_are_kept_for_prefetching(admin, redis_client, name):
+    await admin.CreatePromptTemplate(_create(name))
+    for alias in ("stable", "canary"):
+        await admin.SetPromptTemplateAlias(
+            pb.SetPromptTemplateAliasRequest(name=name, alias=alias, version=1)
+        )
+    cache = TemplateCache(PromptCatalog(redis_client), clock=lambda: 0.0)
+    for selector in ("stable", "canary", "", "latest"):
+        assert (await cache.get(name, selector)).version == 1
+    # Selectors come from clients: unknown aliases must not pile up (each was kept, and
+    # scanned by every refresh, for as long as the template was used).
+    for i in range(20_000):
+        with pytest.raises(NotFound):
+            await cache.get(name, f"junk{i}")
+    assert cache.prefetched(name) == {"stable", "canary", "", "latest"}
+    # An alias an operator removes leaves the set at the next refresh.
+    await admin.SetPromptTemplateAlias(
+        pb.SetPromptTemplateAliasRequest(name=name, alias="canary", version=0)
+    )
+    await cache.refresh()
+    assert cache.prefetched(name) == {"stable", "", "latest"}
+
+
+async def test_a_version_must_be_ascii_digits_on_the_router(admin, name):
+    await admin.CreatePromptTemplate(_create(name))
+    # "²".isdigit() is True but int() refuses it: it was INTERNAL (a ValueError).
+    for version in ("²", "٣", "1" * 5000):
+        request = pb.GetPromptTemplateRequest(name=name, version=version)
+        code, violations, _ = await _error(admin.GetPromptTemplate(request))
+        assert (code, list(violations)) == (grpc.StatusCode.INVALID_ARGUMENT, ["version"]), version

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from services.core.errors import InvalidArgument
@@ -174,6 +178,86 @@ def test_rendering_is_bounded(source):
     with pytest.raises(InvalidArgument) as error:
         Prompt("support@1", source).render()
     assert error.value.reason == "TEMPLATE_TOO_LARGE", _violations(error)
+
+
+# Each of these rendered (or built their value) on the old bounds, which counted only
+# a value's outer items: the text behind them is megabytes.
+@pytest.mark.parametrize(
+    "source",
+    [
+        # a list literal, dict() or `~` repeating a big list
+        "{% set row = [1] * 100000 %}{% set a = [row, row, row] %}{{ a | length }}",
+        "{% set row = [1] * 100000 %}{{ dict(a=row, b=row, c=row) | length }}",
+        "{% set row = [1] * 100000 %}{{ (row ~ row ~ row) | length }}",
+        # map() repeating one value, turned into text without printing it
+        "{% set row = [1] * 1000 %}"
+        "{{ ([0] * 1000) | map('default', row, true) | list | upper | length }}",
+        # text captured by a block never reached the output bound
+        "{% set s %}{% for i in range(100) %}{% for j in range(200) %}"
+        + "x" * 100
+        + "{% endfor %}{% endfor %}{% endset %}{{ s | length }}",
+        "{% filter first %}{% for i in range(100) %}{% for j in range(200) %}{{ 'x' * 100 }}"
+        "{% endfor %}{% endfor %}{% endfilter %}",
+    ],
+)
+def test_a_value_counts_every_item_it_repeats(source):
+    with pytest.raises(InvalidArgument) as error:
+        Prompt("support@1", source).render()
+    assert error.value.reason == "TEMPLATE_TOO_LARGE", _violations(error)
+
+
+# Run in a child with its memory capped: on the old bounds this printed N * N items
+# (0.4 s at N=1000, 10 s at 6000; at this N it never finished and took all memory).
+_NESTED = """
+import resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+from services.core.errors import InvalidArgument
+from services.inference.templates import Prompt
+prompt = Prompt("t@1", "{% set row = [1] * N %}{{ [row] * N }}".replace("N", sys.argv[1]))
+start = time.process_time()
+try:
+    prompt.render()
+except InvalidArgument as error:
+    print(error.reason, time.process_time() - start)
+"""
+
+
+def test_a_list_repeating_a_big_list_is_refused_at_once():
+    n = str(templates.MAX_OUTPUT_CHARS)  # the most the outer list alone may hold
+    root = Path(__file__).resolve().parents[2]
+    child = subprocess.run(
+        [sys.executable, "-c", _NESTED, n], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == 0 and child.stdout, child.stderr[-2000:]
+    reason, seconds = child.stdout.split()
+    assert reason == "TEMPLATE_TOO_LARGE"
+    # A liveness bound, not a performance target (~0.1 s here; the old bounds never
+    # finished): the render is refused before it builds the N * N items.
+    assert float(seconds) < 10.0, f"refused after {seconds} s of CPU"
+
+
+def test_summing_lists_is_refused_it_copies_the_total_at_each_step():
+    with pytest.raises(InvalidArgument) as error:
+        Prompt("t@1", "{{ ([[1]] * 100000) | sum(start=[]) | length }}").render()
+    assert error.value.reason == "TEMPLATE_UNSAFE", _violations(error)
+    assert Prompt("t@1", "{{ [1, 2, 3.5] | sum }} {{ ([1] * 1000) | sum }}").render() == (
+        "6.5 1000"
+    )
+
+
+def test_values_within_the_bounds_still_render():
+    source = (
+        "{{ [[1, 2], [3]] }} {{ {'a': [1]} }} {{ (1, 'b') }} {{ dict(a=1) }} "
+        "{% for a, b in [(1, 2)] %}{{ a ~ b }}{% endfor %} {% set x, y = 3, 4 %}{{ x + y }} "
+        "{% set s %}<{{ who }}>{% endset %}{{ s ~ s }} {% filter upper %}ok{% endfilter %} "
+        "{{ ['a', 'b'] | map('upper') | join('-') }} {{ ([[0] * 3] * 2) | length }}"
+    )
+    assert _prompt(source).render({"who": "Ann"}) == (
+        "[[1, 2], [3]] {'a': [1]} (1, 'b') {'a': 1} 12 7 <Ann><Ann> OK A-B 2"
+    )
+    limit = templates.MAX_OUTPUT_CHARS
+    row = f"{{% set row = [1] * {limit // 2} %}}"
+    assert Prompt("t@1", row + "{{ ([row] * 2) | length }}").render() == "2"
 
 
 def test_output_up_to_the_limit_renders():
