@@ -56,12 +56,17 @@ JSON = "application/json"
 Shape = Callable[[jobs_pb2.JobResult], Message]
 
 
+def _is_number(text: str) -> bool:
+    # ASCII digits only: str.isdigit() also takes "²", which float() refuses (INTERNAL).
+    return text.isascii() and text.isdigit()
+
+
 def wait_seconds(prefer: str) -> float:
     """Returns the `wait` preference of a Prefer header in seconds (0 when absent),
     at most MAX_WAIT_S; other preferences and malformed values are ignored (RFC 7240)."""
     for preference in prefer.replace(";", ",").split(","):
         name, _, value = preference.strip().partition("=")
-        if name.strip().lower() == "wait" and value.strip().isdigit():
+        if name.strip().lower() == "wait" and _is_number(value.strip()):
             return min(float(value.strip()), MAX_WAIT_S)
     return 0.0
 

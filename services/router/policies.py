@@ -55,7 +55,7 @@ def parse_reference(reference: str, field_name: str = "policy") -> tuple[str, in
     """Splits "name" (0: the newest) or "name@N" into (name, version)."""
     name, separator, version = reference.partition(SEPARATOR)
     check_name(name, field_name)
-    if separator and not (version.isdigit() and int(version) >= 1):
+    if separator and not (contract.is_version_number(version) and int(version) >= 1):
         raise _violation(field_name, "must be NAME or NAME@VERSION (a version number)")
     return name, int(version or 0)
 

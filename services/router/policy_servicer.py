@@ -129,7 +129,7 @@ def _page_size(value: int) -> int:
 
 def _page_token(token: str) -> str:
     stamp, _, sequence = token.partition("-")
-    if token and not (stamp.isdigit() and sequence.isdigit()):
+    if token and not (contract.is_version_number(stamp) and contract.is_version_number(sequence)):
         raise InvalidArgument([FieldViolation("page_token", "is not a token this RPC returned")])
     return token
 
@@ -149,7 +149,7 @@ class PolicyRpcs:
     async def GetPolicy(
         self, request: policy_pb2.GetPolicyRequest, context: Context
     ) -> policy_pb2.GetPolicyResponse:
-        if request.version and not request.version.isdigit():
+        if request.version and not contract.is_version_number(request.version):
             raise InvalidArgument([FieldViolation("version", "must be a version number")])
         policy = await self.policy_catalog.get(request.name, int(request.version or 0))
         return policy_pb2.GetPolicyResponse(policy=policy_to_pb(policy))

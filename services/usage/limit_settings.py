@@ -84,7 +84,10 @@ class RequestLimitSettings:
             ("TOKENMESH_RATELIMIT_MODEL_RPM", self.model_rpm),
         ):
             require(
-                all(n and r.isdigit() for n, _, r in (e.partition("=") for e in entries)),
+                all(
+                    n and r.isascii() and r.isdigit()
+                    for n, _, r in (e.partition("=") for e in entries)
+                ),
                 variable,
                 "must be NAME=RPM[,NAME=RPM...]",
             )
