@@ -1,4 +1,4 @@
-"""Cuts a download's bytes into messages of a bounded size.
+"""Cuts a download's bytes into messages of a bounded size; bounds a page of results.
 
 A result file's lines are sent as a byte stream of HttpBody messages. Sized
 by result count (500 lines a message), one message of large results (3072-dim
@@ -16,6 +16,14 @@ from collections.abc import AsyncIterable, AsyncIterator
 MESSAGE_BYTES = 1024 * 1024
 # Results read from Redis at a time: a read is held in memory until it is sent.
 RESULTS_PER_READ = 100
+# The most result bytes (protobuf) a ListJobResults page holds beyond its first
+# result. Sized by count alone (100 by default, up to 1000), a page of large
+# embeddings was 37.7 MiB: past the server's 16 MiB cap, the REST transcoder's
+# 8 MiB and a gRPC client's default 4 MiB, so such a job's results could not be
+# listed at all. Over REST a page is JSON, ~3.3-3.7x its protobuf for floats (4
+# bytes each in protobuf, ~13 characters printed) and up to 6x for text of
+# control characters: 1 MiB keeps both transports under their limits.
+PAGE_BYTES = 1024 * 1024
 
 
 async def byte_chunks(

@@ -25,7 +25,7 @@ from services.core.errors import (
 )
 from services.core.interceptors import Context, request_headers
 from services.jobs import signing, ssrf, validation, views
-from services.jobs.chunking import RESULTS_PER_READ, byte_chunks
+from services.jobs.chunking import PAGE_BYTES, RESULTS_PER_READ, byte_chunks
 from services.jobs.store import (
     FINAL,
     FIRST_PAGE_MS,
@@ -217,11 +217,28 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
         size = validation.page_size(request.page_size, 100, 1000)
         total = record.number("total")
         start = min(_page_token(request.page_token, default=0), total)
-        end = min(start + size, total)
+        results, end = await self._result_page(record, start, min(start + size, total))
         return pb.ListJobResultsResponse(
-            results=await self._results(record, start, end),
-            next_page_token=str(end) if end < total else "",
+            results=results, next_page_token=str(end) if end < total else ""
         )
+
+    async def _result_page(
+        self, record: JobRecord, start: int, end: int
+    ) -> tuple[list[jobs_pb2.JobResult], int]:
+        """Returns the results of items `start` to `end` that fit in PAGE_BYTES (the
+        first one whatever its size: a page always moves on), and the item the next
+        page starts at. A page may hold fewer results than asked for (AIP-158)."""
+        page: list[jobs_pb2.JobResult] = []
+        used = 0
+        for read in range(start, end, RESULTS_PER_READ):
+            for result in await self._results(record, read, min(read + RESULTS_PER_READ, end)):
+                # The field's tag and length take at most 6 bytes more.
+                cost = result.ByteSize() + 6
+                if page and used + cost > PAGE_BYTES:
+                    return page, max(result.index, page[-1].index + 1)  # always moves on
+                page.append(result)
+                used += cost
+        return page, end
 
     async def DownloadJobResults(
         self, request: pb.DownloadJobResultsRequest, context: Context

@@ -195,3 +195,35 @@ def test_a_file_of_several_megabytes_is_accepted_and_one_over_the_cap_refused(cl
     with pytest.raises((openai.BadRequestError, openai.APIStatusError)) as info:
         client.files.create(file=too_large, purpose="batch")
     assert info.value.status_code in (400, 413)
+
+
+# TOKENMESH_JOBS_RETENTION_DAYS's default (the session mesh keeps it).
+RETENTION_S = 7 * 86400
+
+
+def test_files_say_when_they_expire(client):
+    """Every file object said `expires_at: null`, though an upload is deleted after the
+    retention and a batch's result files go with the batch (its retention after it ended)."""
+    upload = client.files.create(file=jsonl([completion_line(0)]), purpose="batch")
+    assert upload.expires_at == upload.created_at + RETENTION_S
+    assert client.files.retrieve(upload.id).expires_at == upload.expires_at
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
+    )
+    done = finished(client, batch.id)
+    assert done.completed_at is not None and done.output_file_id
+    output = client.files.retrieve(done.output_file_id)
+    assert output.created_at == done.completed_at
+    assert output.expires_at == done.completed_at + RETENTION_S
+    assert output.bytes == len(client.files.content(done.output_file_id).content)
+
+
+def test_an_upload_with_an_unusual_filename_keeps_it(client):
+    """The SDK (httpx) writes the multipart form itself: quotes and backslashes in the
+    name are escaped, the purpose comes first, then the file as application/octet-stream."""
+    data = jsonl([completion_line(0)])
+    data.name = 'my "requests" \\ v2 é.jsonl'
+    upload = client.files.create(file=data, purpose="batch")
+    assert upload.bytes == len(data.getvalue())
+    assert client.files.content(upload.id).content == data.getvalue()
+    assert client.files.retrieve(upload.id).filename == upload.filename

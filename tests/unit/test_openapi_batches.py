@@ -72,10 +72,10 @@ def test_batch_objects_match_the_documented_batch(status, succeeded, failed):
 
 
 def test_file_objects_match_the_documented_file():
-    upload = file_object(
-        "file-0123456789abcdef01234567", 42, 1_735_689_600_000, "in.jsonl", "batch"
-    )
-    output = file_object("file-0123-output", 7, 1_735_689_600_000, "b_output.jsonl", "batch_output")
+    created, expires = 1_735_689_600_000, 1_736_294_400_000
+    upload = file_object("file-0123456789abcdef01234567", 42, created, "in.jsonl", "batch", expires)
+    output = file_object("file-0123-output", 7, created, "b_output.jsonl", "batch_output", expires)
+    assert upload["expires_at"] == output["expires_at"] == expires // 1000
     for view in (upload, output):
         _check(_schema_of("/openai/v1/files", "post"), view)
         _check(_schema_of("/openai/v1/files/{file_id}", "get"), view)
