@@ -284,7 +284,20 @@ async def test_without_the_cache_a_caller_that_left_while_its_headers_were_sent_
         tenant = f"t-{uuid.uuid4().hex[:8]}"
         request = _seeded(f"leaves {uuid.uuid4().hex}", f"gone-{tenant}", 200)  # ~4 s of steps
         await _leave_while_headers_are_sent(service, request, tenant)
-        schedulers = [m.scheduler for m in service.registry.all() if m.scheduler is not None]
-        async with asyncio.timeout(1.5):
-            while any(s.stats()["running"] or s.stats()["waiting"] for s in schedulers):
-                await asyncio.sleep(0.01)
+        await _all_slots_free(service)
+        # The same for a Complete (and so each prompt of a multi-prompt completion).
+        context = cast(Any, _LeavingContext(_identity(tenant, "k")))
+        complete = pb.CompleteRequest(
+            model=MODEL, prompt=f"leaves {uuid.uuid4().hex}", max_output_tokens=200
+        )
+        with pytest.raises(asyncio.CancelledError):
+            await _pipeline(service).complete(context, complete)
+        await _all_slots_free(service)
+
+
+async def _all_slots_free(service: InferenceService) -> None:
+    """Waits, 1.5 s at most, until nothing runs or waits (200 tokens take ~4 s)."""
+    schedulers = [m.scheduler for m in service.registry.all() if m.scheduler is not None]
+    async with asyncio.timeout(1.5):
+        while any(s.stats()["running"] or s.stats()["waiting"] for s in schedulers):
+            await asyncio.sleep(0.01)

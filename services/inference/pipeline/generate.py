@@ -295,11 +295,7 @@ class GenerationPipeline:
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         await self.schedule(context, generation)
         try:
-            try:
-                await generation.send_headers(context)
-            except BaseException:
-                generation.cancel()  # its caller left: nobody reads what it would compute
-                raise
+            await _send_headers_or_cancel(context, generation)
             async for message in produce(self.admission, generation):
                 yield message
         finally:
@@ -566,7 +562,7 @@ class GenerationPipeline:
     ) -> pb.CompleteResponse:
         await self.schedule(context, generation)
         try:
-            await generation.send_headers(context)
+            await _send_headers_or_cancel(context, generation)
             return await collect(self.admission, generation)
         finally:
             record_computed(self.admission, generation)
@@ -857,6 +853,16 @@ def _adopt_stop(
     match = stops.get(choice_index)
     if match is not None:
         adopt_stop(generation, match)
+
+
+async def _send_headers_or_cancel(context: Context, generation: Generation) -> None:
+    """Sends a scheduled generation's headers; cancels its sequences if they could not
+    go (its caller left: nobody reads what they would compute; they ran to max_tokens)."""
+    try:
+        await generation.send_headers(context)
+    except BaseException:
+        generation.cancel()
+        raise
 
 
 def _computing(
