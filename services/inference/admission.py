@@ -222,7 +222,7 @@ class Request:
         # An unmetered request's chunks (within_budget): each charge call sent has an
         # id of its own, and one charge call at a time.
         self.chunks_sent = 0
-        self.charging = False
+        self.charging: tuple[str, float] | None = None  # the chunk call in flight
         # `reserve` ran for it: a later call holds nothing more (a multi-prompt request
         # reserves every prompt's tokens before any of them runs).
         self.budget_reserved = False
@@ -392,16 +392,22 @@ class Admission:
         due = used_tokens - request.charged_tokens
         # One charge at a time: a coalesced leader's stream and its own reads both
         # check it, and two calls under one chunk id charged once for both.
-        if due < CHARGE_EVERY_TOKENS or request.charging:
+        if due < CHARGE_EVERY_TOKENS or request.charging is not None:
             return True
         chunk_id, now = _chunk_id(request), time.time()
-        request.charging = True
+        request.chunks_sent += 1  # its id is taken: the charge at record uses the next
+        request.charging = (chunk_id, now)
         try:
             await self.budgets.reserve(request.key_id, request.limits, chunk_id, due, now)
         except ResourceExhausted:
             return False
         except BreakerOpen:
             return True  # not sent: its tokens stay due, for the next chunk
+        except asyncio.CancelledError:
+            # The caller left while it was sent: it may have been charged, and its
+            # tokens are charged at record. Taken back, so that they count once.
+            self._forget_chunk(request.key_id, chunk_id, now)
+            raise
         except BUDGETS_UNAVAILABLE:
             # Sent, and it may have been charged (a stall timed the call out) or not (a
             # lost connection). Its tokens stay due, for the next chunk or the charge at
@@ -411,8 +417,7 @@ class Admission:
             self._forget_chunk(request.key_id, chunk_id, now)
             return True  # still unreachable: still open
         finally:
-            request.charging = False
-            request.chunks_sent += 1
+            request.charging = None
         request.charged_tokens += due
         return True
 
@@ -479,6 +484,11 @@ class Admission:
         id of its own: tried again, it is charged once. Once recorded, a request is
         charged nothing more (`settle` clears `unmetered`).
         """
+        if request.charging is not None:
+            # A chunk's call is still in flight (a coalesced leader recorded while its
+            # computation charges it): its tokens are charged here, and it is taken
+            # back (a refund if it lands first; nothing if it lands after).
+            self._forget_chunk(request.key_id, *request.charging)
         due = used - request.charged_tokens
         if due <= 0:
             return

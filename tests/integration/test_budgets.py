@@ -7,7 +7,7 @@ import contextlib
 import time
 import types
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -362,7 +362,7 @@ def _request(key: str, needed: int) -> Any:
         budget_reserved=False,
         charged_tokens=0,
         chunks_sent=0,
-        charging=False,
+        charging=None,
     )
 
 
@@ -472,6 +472,53 @@ async def test_a_chunk_that_never_reached_redis_is_charged_with_the_next_one(bud
     assert await admission.within_budget(request, 40)
     admission.settle(request, 50)
     assert await _wait_month_used(budgets, key, 50) == 50
+
+
+async def _charging_held(budgets: TokenBudgets) -> tuple[asyncio.Event, asyncio.Event]:
+    """Makes the next reserve call run in Redis, then wait for the second event (its
+    answer held back); returns (ran, release)."""
+    script, ran, release = budgets._reserve, asyncio.Event(), asyncio.Event()
+
+    async def charged_then_held(*args: Any, **kwargs: Any) -> Any:
+        reply = await script(*args, **kwargs)
+        if not ran.is_set():
+            ran.set()
+            await release.wait()
+        return reply
+
+    cast(Any, budgets)._reserve = charged_then_held
+    return ran, release
+
+
+@pytest.mark.parametrize("ending", ["caller left", "recorded meanwhile"])
+async def test_a_chunk_in_flight_when_its_request_ends_counts_once(budgets, monkeypatch, ending):
+    """An unmetered stream's chunk reached Redis, and then its caller left (the call
+    cancelled) or the request was recorded while the call was in flight (a coalesced
+    leader): its tokens were charged by the chunk and again at record (cancelled), or
+    the charge at record took the in-flight chunk's id and was taken for its replay
+    (recorded meanwhile: under-charged)."""
+    monkeypatch.setattr("services.inference.admission.STORE_BACKOFF_S", 0.01, raising=False)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    admission = Admission(ModelRegistry(), None, budgets, "w")
+    request = _request(key, 0)
+    request.unmetered = True
+    ran, release = await _charging_held(budgets)
+    charging = asyncio.ensure_future(admission.within_budget(request, 20))
+    await ran.wait()  # charged in Redis, its answer not back
+    if ending == "caller left":
+        charging.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await charging
+        admission.settle(request, 30)
+    else:
+        admission.settle(request, 30)
+        release.set()
+        await charging
+    assert await _wait_month_used(budgets, key, 30) == 30
+    async with asyncio.timeout(5):
+        while admission._background:
+            await asyncio.sleep(0.01)
+    assert await _month_used(budgets, key) == 30
 
 
 async def _computing(service: Any) -> None:
