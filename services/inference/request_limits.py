@@ -119,12 +119,13 @@ def descriptor(
 def body_model(request: Any, openai: bool) -> str | None:
     """Returns the model name a request's message names, as this worker's servicers read
     it (an OpenAI id's name, without its "@version"); None: none to compare (JSON the
-    OpenAI servicer refuses, or a message without a model)."""
+    OpenAI servicer refuses, or a message without a model).
+
+    An OpenAI body is parsed here once for the call: the servicer takes this parse
+    (openai_params.call_body) instead of parsing the body again."""
     if isinstance(request, HttpBody):
-        try:
-            body = openai_params.client_json(request.data, "body")
-        except InvalidArgument:
-            return None  # the servicer refuses it (INVALID_JSON), as it did
+        # Its INVALID_JSON, if any, is the servicer's answer, as it was.
+        body = openai_params.read_call_body(request).value
         model = body.get("model") if isinstance(body, dict) else None
     else:
         model = getattr(request, "model", None)

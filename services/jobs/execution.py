@@ -19,6 +19,11 @@ than it ran again and again, each run cut and wasted. Doubling wastes at most
 what the run that finishes takes, and an item that only waited in a busy
 worker's queue (the worker cannot tell the two apart either) is not failed
 for it.
+
+An item for a model version past its sunset (or naming no version of a model
+whose versions all are) ends at once with NOT_FOUND and the edge's text for
+the same request (`workers.Sunset`): it used to run on a worker still loading
+the version, or wait for one until the job expired.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from services.core import contract
 from services.core.identity import ClientChannel
 from services.core.pki import IdentityFiles
 from services.core.server import MAX_MESSAGE_BYTES
-from services.jobs.workers import Placement, WorkerDirectory
+from services.jobs.workers import Placement, Sunset, WorkerDirectory
 from tokenmesh.inference.v2 import inference_pb2, inference_service_pb2_grpc
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.jobs.v1 import jobs_pb2
@@ -233,7 +238,11 @@ class ItemExecutor:
             if remaining <= 0:
                 raise DeadlinePassed()
             tries += 1
-            placement = await self.directory.pick(_model_of(item), request_id)
+            try:
+                placement = await self.directory.pick(_model_of(item), request_id)
+            except Sunset as retired:  # final: no wait brings the version back
+                refused = error_result(index, grpc.StatusCode.NOT_FOUND, str(retired))
+                return Outcome(refused, (0, 0, 0))
             if placement is None:
                 await self._wait(tries, None, deadline_s)
                 continue

@@ -21,6 +21,12 @@ before the handler runs, as on a worker): CompleteV1 under inference v1's.
 A retired version answers 410 `API_VERSION_SUNSET` and creates no job; a
 deprecated one's 202, 200 and errors carry its Deprecation, Sunset and Link
 (the 202's through the context, which adds them to the headers sent here).
+
+A Complete naming a model version past its sunset (or an alias of one), or
+no version of a model whose versions all are, answers 404 (NOT_FOUND) with
+the edge's text and creates no job, as the direct call does: the edge's
+sunset routes match the model header, which its routing filter does not set
+on a request it hands over (the job's item would fail NOT_FOUND anyway).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from services.core.interceptors import Context, request_headers
 from services.inference import v1_translation
 from services.inference import validation as v1_validation
 from services.inference.v2 import validation as v2_validation
-from services.jobs import views
+from services.jobs import views, workers
 from services.jobs.servicer import JobsServicer
 from services.jobs.store import FINAL, JobStore
 from tokenmesh.jobs.v1 import handover_service_pb2 as pb
@@ -112,6 +118,12 @@ class HandoverServicer(handover_service_pb2_grpc.HandoverServiceServicer):
         )
 
     async def _hand_over(self, item: jobs_pb2.JobItem, context: Context, shape: Shape) -> HttpBody:
+        retired = await workers.sunset_of(
+            self.store.redis, (item.complete.model, item.complete.version)
+        )
+        if retired is not None:
+            # No ErrorInfo: the edge's own reply to the direct call carries none.
+            await context.abort(grpc.StatusCode.NOT_FOUND, retired)
         try:
             job = await self.jobs.CreateJob(jobs_pb.CreateJobRequest(items=[item]), context)
         except PermissionDenied as denied:

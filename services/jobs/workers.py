@@ -12,10 +12,18 @@ item's request id so that a retried item draws the same version. The draw is
 among the split's versions that some worker serves now. (Items used to go to
 any worker serving the model, which ran its newest version: a canary at 10%,
 or a version the split had rolled back, took a worker's whole share.)
+
+Sunsets: an item naming a version past its sunset (or an alias of one), or no
+version of a model whose versions are all past theirs, is refused as the edge
+refuses such a request (`Sunset`, with the edge's text: the router's
+`_sunset_routes`). Jobs and respond-async Completes never pass the edge's
+model routes, and items used to run on a worker still loading the version,
+or, naming none, to wait out the job's window for a version that never came.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import itertools
 import time
@@ -27,6 +35,15 @@ import redis.asyncio as aioredis
 from services.core.redis_service import text
 from services.router.catalog import CATALOG_KEY, ModelEntry
 from services.router.registry import WORKERS_KEY, WorkerEntry
+
+# The label of the newest version serving, unless the catalogue has an alias or a
+# version of that name (as in the router's `model_routes`).
+LATEST = "latest"
+
+
+class Sunset(Exception):
+    """Sunset: the item's model version is past its sunset; the message is the edge's
+    NOT_FOUND text for the same request."""
 
 
 @dataclass(frozen=True)
@@ -72,13 +89,22 @@ class WorkerDirectory:
     async def pick(self, model: tuple[str, str], draw_key: str) -> Placement | None:
         """Returns where an item of `model` (name, version or alias or "") runs, or None
         when no worker serves it now. `draw_key` (the item's request id) chooses the
-        version of an item that names none, by the catalogue's split."""
+        version of an item that names none, by the catalogue's split.
+
+        Raises:
+            Sunset: it names a sunset version or alias, or no version of a model
+                whose versions were all sunset (it would never be placed).
+        """
         name, label = model
         workers = await self.workers()
         entry = self._catalog.get(name)
+        now = time.time()
+        retired = sunset_message(entry, label, now)
+        if retired is not None:
+            raise Sunset(retired)
         if not label and entry is not None:
-            return self._by_split(name, entry, workers, draw_key)
-        version = entry.aliases.get(label, label) if entry is not None else label
+            return self._by_split(name, entry, workers, draw_key, now)
+        version = resolve(entry, label, now) if entry is not None else label
         serving = [w for w in workers if (name, version) in w.models]
         if not serving:  # a version the catalogue does not know: the worker answers for it
             serving = [w for w in workers if any(m == name for m, _ in w.models)]
@@ -88,9 +114,14 @@ class WorkerDirectory:
         return Placement(serving[next(self._turn) % len(serving)].address, version)
 
     def _by_split(
-        self, name: str, entry: ModelEntry, workers: list[WorkerEntry], draw_key: str
+        self,
+        name: str,
+        entry: ModelEntry,
+        workers: list[WorkerEntry],
+        draw_key: str,
+        now: float,
     ) -> Placement | None:
-        weights = entry.effective_weights(time.time())
+        weights = entry.effective_weights(now)
         serving = {
             version: [w for w in workers if (name, version) in w.models] for version in weights
         }
@@ -100,6 +131,54 @@ class WorkerDirectory:
         version = weighted_draw(available, draw_key)
         chosen = serving[version]
         return Placement(chosen[next(self._turn) % len(chosen)].address, version)
+
+
+def resolve(entry: ModelEntry, label: str, now: float) -> str:
+    """Returns the version `label` (a version, an alias or "latest") names, as the edge's
+    routes do: a version of that name first, then an alias, then "latest" as the newest
+    version serving (none left: the newest, which is sunset). Anything else is itself."""
+    if entry.version(label) is not None:
+        return label
+    if label in entry.aliases:
+        return entry.aliases[label]
+    if label == LATEST and entry.versions:
+        serving = [v.version for v in entry.versions if not v.sunset(now)]
+        return serving[-1] if serving else entry.versions[-1].version
+    return label
+
+
+def sunset_message(entry: ModelEntry | None, label: str, now: float) -> str | None:
+    """Returns the edge's NOT_FOUND text for a request naming `label` ("" for none) of
+    `entry` when it is refused for a sunset, else None (it may run).
+
+    The same words as the router's `_sunset_routes` and `_retired_model_routes`:
+    a client reads one answer whichever way its request went.
+    """
+    if entry is None or not entry.versions:
+        return None
+    if not label:
+        if entry.effective_weights(now):
+            return None
+        last = max(v.sunset_at or now for v in entry.versions)
+        return f"every version of {entry.name!r} was sunset, the last on {_http_date(last)}"
+    found = entry.version(resolve(entry, label, now))
+    if found is None or not found.sunset(now):
+        return None
+    when = _http_date(found.sunset_at or now)
+    return f"version {label!r} of {entry.name!r} was sunset on {when}"
+
+
+async def sunset_of(client: aioredis.Redis, model: tuple[str, str]) -> str | None:
+    """Returns `sunset_message` for `model` (name, version or alias or ""), read from the
+    catalogue in `client` now (one model's entry: for a single request, not a runner)."""
+    name, label = model
+    raw = await client.hget(CATALOG_KEY, name) if name else None
+    entry = ModelEntry.from_json(name, raw) if raw is not None else None
+    return sunset_message(entry, label, time.time())
+
+
+def _http_date(at: float) -> str:
+    return email.utils.formatdate(at, usegmt=True)
 
 
 def weighted_draw(weights: Mapping[str, int], key: str) -> str:

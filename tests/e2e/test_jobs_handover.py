@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import email.utils
+import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,13 +13,18 @@ import pytest
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.core import api_versions
+from services.launcher.mesh import Mesh
+from tests.e2e.conftest import authed_channel
 from tests.e2e.test_auth import create_key
-from tests.e2e.test_jobs import JOB_SCOPES, all_results, finished
+from tests.e2e.test_jobs import JOB_SCOPES, all_results, finished, wait_until
 from tokenmesh.inference.v1 import inference_service_pb2 as _v1  # noqa: F401 (registers it)
 from tokenmesh.inference.v2 import inference_service_pb2 as _v2  # noqa: F401 (registers it)
 from tokenmesh.jobs.v1 import handover_service_pb2
+from tokenmesh.router.v1 import router_service_pb2 as router_pb
+from tokenmesh.router.v1 import router_service_pb2_grpc as router_rpc
 
 MODEL = "deterministic-test"
 V2_BODY = {"prompt": "In the beginning", "max_output_tokens": 4, "sampling": {"seed": 7}}
@@ -102,6 +110,68 @@ def test_respond_async_refuses_bad_input_and_keys_without_the_jobs_scope(mesh, a
         f"{mesh.edge_url}/v2/models/{MODEL}:complete", json=V2_BODY, headers=headers, timeout=10
     )
     assert denied.status_code == 403, denied.text
+
+
+def test_a_sunset_version_is_404_handed_over_too_and_a_jobs_item_fails_at_once(
+    mesh: Mesh,
+) -> None:
+    # The edge's sunset routes match the model header, which its routing filter
+    # does not set on a request it hands over: a respond-async Complete for a
+    # sunset version became a job, whose item ran on a worker still loading the
+    # version or, naming no version of a retired model, waited out the job's window.
+    model = f"retired-{uuid.uuid4().hex[:8]}"  # no worker serves it: nothing else would answer
+    sunset = int(time.time()) + 2
+    with authed_channel(mesh.edge_address, [("x-api-key", mesh.dev_api_key())]) as channel:
+        catalogue = router_rpc.RouterServiceStub(channel)
+        catalogue.RegisterModelVersion(
+            router_pb.RegisterModelVersionRequest(model=model, version="1"), timeout=10
+        )
+        catalogue.DeprecateModelVersion(
+            router_pb.DeprecateModelVersionRequest(
+                model=model, version="1", sunset_time=Timestamp(seconds=sunset)
+            ),
+            timeout=10,
+        )
+    key = create_key(mesh, scopes=JOB_SCOPES)
+    when = email.utils.formatdate(sunset, usegmt=True)
+    with httpx.Client(
+        base_url=mesh.edge_url, timeout=30, headers={"x-api-key": key["secret"]}
+    ) as api:
+        path = f"/v2/models/{model}:complete"
+        wait_until(
+            lambda: api.post(path, json=V2_BODY).status_code == 404,
+            30,
+            "the edge to answer the sunset model itself",
+        )
+        for version, message in (
+            ("", f"every version of {model!r} was sunset, the last on {when}"),
+            ("1", f"version '1' of {model!r} was sunset on {when}"),
+        ):
+            direct = api.post(path, json={**V2_BODY, "version": version})
+            assert direct.status_code == 404 and direct.json()["message"] == message, direct.text
+            for prefer in ("respond-async", "respond-async, wait=5"):
+                handed = api.post(
+                    path, json={**V2_BODY, "version": version}, headers={"Prefer": prefer}
+                )
+                assert handed.status_code == 404, handed.text
+                assert handed.json()["code"] == direct.json()["code"]
+                assert handed.json()["message"] == message
+            v1 = api.post(
+                f"/v1/models/{model}:complete",
+                json={"prompt": "a", "max_tokens": 1, "version": version},
+                headers={"Prefer": "respond-async"},
+            )
+            assert v1.status_code == 404 and v1.json()["message"] == message, v1.text
+        assert api.get("/v1/jobs").json().get("jobs", []) == []  # none created
+        # A job's items take the same answer, at once (not at the window's end).
+        items = [{"complete": {**V2_BODY, "model": model, "version": v}} for v in ("", "1")]
+        job = api.post("/v1/jobs", json={"items": items}).json()
+        done = finished(api, job["id"], timeout_s=30)
+        assert done["status"] == "FAILED" and done["counts"]["failed"] == 2, done
+        errors = [r["error"] for r in all_results(api, job["id"])]
+    assert [e["code"] for e in errors] == ["NOT_FOUND"] * 2
+    assert errors[0]["message"] == f"every version of {model!r} was sunset, the last on {when}"
+    assert errors[1]["message"] == f"version '1' of {model!r} was sunset on {when}"
 
 
 def _rest_path(method: MethodDescriptor) -> str:

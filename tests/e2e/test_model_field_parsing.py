@@ -32,7 +32,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from gateway import model_routing
+from gateway.envoy_config import EdgeLimits
 from services.core import contract
+from services.inference.openai import params as openai_params
 from services.launcher.mesh import Mesh, MeshConfig
 from services.launcher.processes import reserve_port
 from tests.conftest import TEST_SERVICE_ENV
@@ -44,6 +46,7 @@ from tokenmesh.inference.v2 import inference_service_pb2 as v2
 MODEL = "deterministic-test"
 GROUP_CAPPED = "capped-group"  # spent by the group test only
 TWICE_CAPPED = "capped-twice"  # spent by the field-given-twice test only
+EMBEDDINGS = "all-minilm-l6-v2"  # a real embedding model (models/)
 ENV = {
     **TEST_SERVICE_ENV,
     "TOKENMESH_TEST_MODELS": f"{MODEL}:1,{GROUP_CAPPED}:1,{TWICE_CAPPED}:1",
@@ -322,6 +325,131 @@ def test_the_filter_reads_every_body_the_worker_parses_as_the_worker_does(tmp_pa
     assert 0 < refused < len(messages)  # the draw made both kinds
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out) + bytes([value])
+
+
+def _tag(number: int, wire_type: int) -> bytes:
+    return _varint(number << 3 | wire_type)
+
+
+# Fields a newer client might send that this version's messages do not have: a
+# varint of 2^64-1, a fixed64, a fixed32, a packed repeated varint, a nested
+# message, and the largest field number (2^29-1, a 5-byte tag).
+NEWER_FIELDS = (
+    _tag(100, 0)
+    + _varint(2**64 - 1)
+    + _tag(101, 1)
+    + b"\x01" * 8
+    + _tag(102, 5)
+    + b"\x02" * 4
+    + _tag(103, 2)
+    + _varint(6)
+    + b"\x01\x02\x03\x80\x01\x05"
+    + _tag(104, 2)
+    + _varint(4)
+    + _tag(1, 2)
+    + _varint(2)
+    + b"xy"
+    + _tag(2**29 - 1, 2)
+    + _varint(3)
+    + b"abc"
+)
+
+
+def _real_bodies() -> list[tuple[str, str, bytes, str, str]]:
+    """(name, path, body, model, version) of what real clients send: the model and
+    version the filter must read ("-": none in a header)."""
+    full = v2.CompleteRequest(
+        model="m",
+        prompt="hello",
+        n=2,
+        max_output_tokens=64,
+        stop_sequences=["a", "b"],
+        logprobs=True,
+        top_logprobs=3,
+        metadata={"k": "v"},
+        request_id="r-1",
+    )
+    full.sampling.temperature = 0.5
+    full.sampling.seed = 2**63 - 1
+    complete = full.SerializeToString()
+    chat = v2.CompleteRequest(model="m", template="support@stable", variables={"x": "y"})
+    chat.messages.add(role="user", content="hi")
+    openai = json.dumps(
+        {
+            "model": "m@2",
+            "messages": [{"role": "user", "content": 'hi \u00e9 "q" \\ \n'}],
+            "stream": True,
+            "logit_bias": {"50256": -100},
+            "temperature": 1e-05,
+            "some_new_option": {"nested": [1, 2.5e300, None]},
+        }
+    ).encode()
+    http_body = httpbody_pb2.HttpBody(content_type="application/json", data=openai)
+    generate = v2.GenerateRequest(model="m", version="2", prompt="p" * 900_000)
+    embed = v2.EmbedRequest(model="m", inputs=["a"] * 256)
+    return [
+        ("v2 Generate, 900 KB prompt", f"{V2}Generate", generate.SerializeToString(), "m", "2"),
+        ("v2 Complete, every field", f"{V2}Complete", complete, "m", "-"),
+        ("v2 Complete, newer fields after", f"{V2}Complete", complete + NEWER_FIELDS, "m", "-"),
+        ("v2 Complete, newer fields first", f"{V2}Complete", NEWER_FIELDS + complete, "m", "-"),
+        ("v2 chat, template and variables", f"{V2}Complete", chat.SerializeToString(), "m", "-"),
+        ("v2 Embed, 256 inputs", f"{V2}Embed", embed.SerializeToString(), "m", "-"),
+        (
+            "v1 Complete, negative int",
+            f"{V1}Complete",
+            v1.CompleteRequest(model="m", prompt="x", max_tokens=-1).SerializeToString(),
+            "m",
+            "-",
+        ),
+        ("empty message", f"{V2}Complete", b"", "-", "-"),
+        (
+            "OpenAI HttpBody",
+            f"{OPENAI}CreateChatCompletion",
+            http_body.SerializeToString(),
+            "m",
+            "2",
+        ),
+        (
+            "OpenAI HttpBody, newer fields",
+            f"{OPENAI}CreateChatCompletion",
+            http_body.SerializeToString() + NEWER_FIELDS,
+            "m",
+            "2",
+        ),
+    ]
+
+
+def test_the_filter_accepts_what_real_clients_send(tmp_path: Path) -> None:
+    # The refusals above must not catch well-formed bodies: a large prompt, every
+    # field set, fields of a newer client, JSON with escapes and exponents.
+    listen, admin = reserve_port(), reserve_port()
+    bootstrap = _filter_bootstrap(listen, admin)
+    [listener] = cast(Any, bootstrap["static_resources"])["listeners"]
+    # As the edge's listener has it (the 900 KB prompt is buffered whole).
+    listener["per_connection_buffer_limit_bytes"] = EdgeLimits().connection_buffer_bytes
+    seen: dict[str, tuple[str, str]] = {}
+    with running_envoy(bootstrap, admin, tmp_path), httpx.Client() as http:
+        for name, path, body, _, _ in _real_bodies():
+            answer = http.post(
+                f"http://127.0.0.1:{listen}{path}",
+                content=frame(body),
+                headers={"content-type": "application/grpc"},
+                timeout=10,
+            )
+            # Past the filter, the probe answers with the headers the filter set; a
+            # refusal is the filter's own INVALID_ARGUMENT (grpc-status 3).
+            assert answer.status_code == 200, (name, answer.status_code)
+            assert answer.headers.get("grpc-status") != "3", (name, answer.headers)
+            seen[name] = (answer.headers["x-seen-model"], answer.headers["x-seen-version"])
+    assert seen == {name: (model, version) for name, _, _, model, version in _real_bodies()}
+
+
 # --- The worker's own guard (no edge: the header as the edge would set it) --------
 
 
@@ -354,3 +482,54 @@ async def test_a_worker_refuses_a_call_the_edge_routed_as_another_model(tmp_path
     error = json.loads(dict(shaped.value.trailing_metadata())[contract.OPENAI_ERROR_HEADER])
     assert error["error"]["type"] == "invalid_request_error"
     assert error["error"]["param"] == "model"
+
+
+async def test_the_worker_parses_an_openai_body_once_per_call(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The routed-model check and the OpenAI servicer share one parse of the body (each
+    parsed it: a 6.5 MiB body held the event loop 22 ms more), routed or not, counted
+    in the request windows or not, well-formed or not."""
+    parses: list[bytes] = []
+    parse = openai_params.client_json
+
+    def counted(raw: bytes, name: str) -> Any:
+        parses.append(raw)
+        return parse(raw, name)
+
+    monkeypatch.setattr(openai_params, "client_json", counted)
+    chat = {"model": f"{MODEL}@1", "messages": [{"role": "user", "content": "a b"}]}
+    calls = {  # path: (its model, its body)
+        f"{OPENAI}CreateChatCompletion": (MODEL, json.dumps({**chat, "max_tokens": 1})),
+        f"{OPENAI}CreateCompletion": (MODEL, openai_json(f"{MODEL}@1").decode()),
+        f"{OPENAI}CreateEmbedding": (EMBEDDINGS, json.dumps({"model": EMBEDDINGS, "input": "a"})),
+    }
+    key = (contract.KEY_ID_HEADER, f"key-{tmp_path.name}")  # counted in its key's windows
+    settings = inference_settings(tmp_path, redis_url, models=(f"{EMBEDDINGS}:1",))
+    async with await start_inference(settings) as (_, channel):
+        for path, (model, text) in calls.items():
+            body = text.encode()
+            routed = (model_routing.MODEL_HEADER, model)
+            for metadata in ((), (routed,), (routed, key)):
+                parses.clear()
+                assert await _answers(channel, path, openai_body(body), metadata), metadata
+                assert parses == [body], (path, metadata)
+        # A body that is no JSON: parsed once too, and answered INVALID_JSON as before.
+        parses.clear()
+        with pytest.raises(grpc.aio.AioRpcError) as invalid:
+            await _answers(channel, f"{OPENAI}CreateEmbedding", openai_body(b"{"), (routed, key))
+    assert parses == [b"{"]
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = json.loads(dict(invalid.value.trailing_metadata())[contract.OPENAI_ERROR_HEADER])
+    assert error["error"]["param"] == "body"
+
+
+async def _answers(
+    channel: grpc.aio.Channel, path: str, message: bytes, metadata: Sequence[tuple[str, str]]
+) -> list[bytes]:
+    """Sends `message` (raw bytes) to `path` on a worker; returns the answers' raw bytes."""
+    if path.endswith("CreateEmbedding"):
+        unary = cast(Any, channel.unary_unary(path))
+        return [await unary(message, metadata=metadata, timeout=30)]
+    stream = cast(Any, channel.unary_stream(path))
+    return [answer async for answer in stream(message, metadata=metadata, timeout=30)]

@@ -212,7 +212,7 @@ class OpenAIServicer(openai_service_pb2_grpc.OpenAIServiceServicer):
     async def CreateEmbedding(self, request: HttpBody, context: Context) -> HttpBody:
         ctx = _ResponseContext(context)
         try:
-            call = params.parse_embedding(request.data)
+            call = params.parse_embedding(params.call_body(request))
             response = await self.v2.Embed(call.request, cast(Context, ctx))
             body = _json(shapes.embeddings(response, call.base64))
             await ctx.flush()
@@ -227,26 +227,25 @@ class OpenAIServicer(openai_service_pb2_grpc.OpenAIServiceServicer):
     async def CreateChatCompletion(
         self, request: HttpBody, context: Context
     ) -> AsyncIterator[HttpBody]:
-        async for body in self._serve(request.data, context, params.parse_chat, CHAT_RPC):
+        async for body in self._serve(request, context, params.parse_chat, CHAT_RPC):
             yield body
 
     async def CreateCompletion(
         self, request: HttpBody, context: Context
     ) -> AsyncIterator[HttpBody]:
-        async for body in self._serve(
-            request.data, context, params.parse_completion, COMPLETION_RPC
-        ):
+        async for body in self._serve(request, context, params.parse_completion, COMPLETION_RPC):
             yield body
 
     async def _serve(
-        self, raw: bytes, context: Context, parse: Any, rpc: str
+        self, request: HttpBody, context: Context, parse: Any, rpc: str
     ) -> AsyncIterator[HttpBody]:
         ctx = _ResponseContext(context)
         # Before the body is read too (its own problems): a legacy completion's
         # input is `prompt` (a problem with it was reported as `messages`).
         renames = Renames() if rpc == CHAT_RPC else Renames("max_tokens", "prompt", "logprobs")
         try:
-            call: GenerationCall = parse(raw)
+            # Parsed once: the request limits read it already for an edge call.
+            call: GenerationCall = parse(params.call_body(request))
             renames = call.renames
             bodies = _generator(self._bodies(call, ctx, chat=rpc == CHAT_RPC))
             async with aclosing(bodies):
