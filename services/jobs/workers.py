@@ -23,7 +23,6 @@ or, naming none, to wait out the job's window for a version that never came.
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import itertools
 import time
@@ -33,7 +32,12 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from services.core.redis_service import text
-from services.router.catalog import CATALOG_KEY, ModelEntry
+from services.router.catalog import (
+    CATALOG_KEY,
+    ModelEntry,
+    retired_model_text,
+    version_sunset_text,
+)
 from services.router.registry import WORKERS_KEY, WorkerEntry
 
 # The label of the newest version serving, unless the catalogue has an alias or a
@@ -159,13 +163,11 @@ def sunset_message(entry: ModelEntry | None, label: str, now: float) -> str | No
     if not label:
         if entry.effective_weights(now):
             return None
-        last = max(v.sunset_at or now for v in entry.versions)
-        return f"every version of {entry.name!r} was sunset, the last on {_http_date(last)}"
+        return retired_model_text(entry.name, max(v.sunset_at or now for v in entry.versions))
     found = entry.version(resolve(entry, label, now))
     if found is None or not found.sunset(now):
         return None
-    when = _http_date(found.sunset_at or now)
-    return f"version {label!r} of {entry.name!r} was sunset on {when}"
+    return version_sunset_text(entry.name, label, found.sunset_at or now)
 
 
 async def sunset_of(client: aioredis.Redis, model: tuple[str, str]) -> str | None:
@@ -175,10 +177,6 @@ async def sunset_of(client: aioredis.Redis, model: tuple[str, str]) -> str | Non
     raw = await client.hget(CATALOG_KEY, name) if name else None
     entry = ModelEntry.from_json(name, raw) if raw is not None else None
     return sunset_message(entry, label, time.time())
-
-
-def _http_date(at: float) -> str:
-    return email.utils.formatdate(at, usegmt=True)
 
 
 def weighted_draw(weights: Mapping[str, int], key: str) -> str:

@@ -9,6 +9,7 @@ Envoy configuration from it.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import functools
 import json
 import logging
@@ -534,3 +535,17 @@ async def sync_clock(client: aioredis.Redis) -> None:
     seconds, microseconds = await client.time()
     midway = (sent + time.time()) / 2  # a queued Redis must not push now() ahead
     _redis_clock_offset_s = seconds + microseconds / 1e6 - midway
+
+
+def version_sunset_text(model: str, label: str, sunset_at: float) -> str:
+    """The NOT_FOUND text for a request naming a sunset version (or an alias of one):
+    the edge's own reply and a job item's result say the same (one owner)."""
+    when = email.utils.formatdate(sunset_at, usegmt=True)
+    return f"version {label!r} of {model!r} was sunset on {when}"
+
+
+def retired_model_text(model: str, last_sunset_at: float) -> str:
+    """The NOT_FOUND text for a request naming no version of a model whose versions
+    were all sunset (the last on `last_sunset_at`)."""
+    when = email.utils.formatdate(last_sunset_at, usegmt=True)
+    return f"every version of {model!r} was sunset, the last on {when}"

@@ -40,7 +40,7 @@ from gateway.model_routing import (
 )
 from services.core import contract
 from services.router import prefix_pins, shadow
-from services.router.catalog import ModelEntry
+from services.router.catalog import ModelEntry, retired_model_text, version_sunset_text
 from services.router.load_weights import NEUTRAL_WEIGHT
 from services.router.registry import WorkerEntry
 
@@ -613,21 +613,14 @@ def _shadowed(
 
 def _sunset_routes(model: str, label: str, sunset_at: float) -> list[dict[str, Any]]:
     """The edge answers a request for a sunset version (or an alias of one) itself."""
-    when = email.utils.formatdate(sunset_at, usegmt=True)
-    return _not_found_routes(
-        _match(model, label), f"version {label!r} of {model!r} was sunset on {when}"
-    )
+    return _not_found_routes(_match(model, label), version_sunset_text(model, label, sunset_at))
 
 
 def _retired_model_routes(entry: ModelEntry, now: float) -> list[dict[str, Any]]:
     """The edge answers a request naming no version of a model whose versions were all
     sunset, as it answers one naming a sunset version."""
     last = max((v.sunset_at or now for v in entry.versions), default=now)
-    when = email.utils.formatdate(last, usegmt=True)
-    return _not_found_routes(
-        _match(entry.name, None),
-        f"every version of {entry.name!r} was sunset, the last on {when}",
-    )
+    return _not_found_routes(_match(entry.name, None), retired_model_text(entry.name, last))
 
 
 def _not_found_routes(match: dict[str, Any], message: str) -> list[dict[str, Any]]:
