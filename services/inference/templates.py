@@ -19,9 +19,12 @@ The template language is Jinja (`ImmutableSandboxedEnvironment`,
   MAX_OUTPUT_CHARS, `range` up to MAX_RANGE, and only filters whose output
   grows at most linearly. A value's size counts every item each time it
   appears (`[row] * 1000` is 1000 times the size of `row`, as its text is):
-  `~`, `+`, `*`, list, tuple and dict literals, `dict()`, and the `join`,
-  `map` and `replace` filters are checked, so printing a value or turning it
-  into text is linear in what the bounds allow.
+  `~`, `+`, `*`, list, tuple and dict literals, `dict()`, the `join` and
+  `replace` filters and filters that make text are checked, and `map` counts
+  what it adds to its items, so printing a value or turning it into text is
+  linear in what the bounds allow. Measuring is linear too: a render remembers
+  the sizes it measured or built (appending to a list in a loop measures only
+  what is appended), and spends at most MAX_MEASURE_STEPS on it.
 
 A render sees each declared variable (a string), `system` (the rendered
 system prompt) and `messages` (a list of `{role, content}`; empty unless the
@@ -37,7 +40,8 @@ from __future__ import annotations
 import contextvars
 import functools
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -58,6 +62,10 @@ MAX_OUTPUT_CHARS = 256 * 1024
 #: or `{% filter %}` (a captured block that is printed counts twice).
 MAX_RENDERED_CHARS = 4 * MAX_OUTPUT_CHARS
 MAX_LOOP_ITERATIONS = 100_000
+#: Items a render may visit measuring values (each item `_measure` looks at is one step,
+#: a container whose size it already knows is one). Sizes are remembered, so measuring
+#: is linear in what a render builds; this bounds the CPU a render spends on it (~1 s).
+MAX_MEASURE_STEPS = 2 * MAX_RENDERED_CHARS
 MAX_RANGE = 10_000
 MAX_MESSAGES = 1024
 ROLES = ("system", "user", "assistant")
@@ -118,6 +126,9 @@ _STR_METHODS = frozenset(
         "rindex rpartition rsplit rstrip split splitlines startswith strip swapcase title upper"
     ).split()
 )
+# Filters that turn any value into text (str() of a list of 1000 references to one
+# big list is 1000 times its text): a value that is not a string is measured first.
+_TEXT_FILTERS = "capitalize e escape lower striptags title trim upper wordcount".split()
 _MAX_INT_BITS = 4096
 
 
@@ -163,12 +174,55 @@ class _LimitExceeded(_Refused):
     reason = "TEMPLATE_TOO_LARGE"
 
 
+# Remembered sizes keep their containers alive: at most this much of them (sizes plus
+# _ENTRY_WEIGHT each) is held per render, the least recently used going first.
+_HELD_WEIGHT = 4 * MAX_OUTPUT_CHARS
+_ENTRY_WEIGHT = 16  # an entry's own memory, in size units
+# A container is remembered once measuring it took this many steps (smaller ones cost
+# as little to measure again as to look up).
+_REMEMBER_AFTER = 8
+
+
+class _Sizes:
+    """The sizes of the containers a render measured or built, so that measuring one
+    again costs one step (`ns.msgs + [m]` in a loop walked the whole list each time).
+
+    Keyed by id(), each entry keeps its container alive so that the id cannot name
+    another object while the entry exists. Only lists, tuples and dicts of strings,
+    numbers, None and other such containers are remembered: the sandbox refuses
+    every method that changes a list or dict, so their sizes never change, and the
+    memory an entry keeps alive is linear in its size.
+    """
+
+    def __init__(self) -> None:
+        self.steps = MAX_MEASURE_STEPS  # left to spend
+        self._known: OrderedDict[int, tuple[Any, int]] = OrderedDict()
+        self._held = 0
+
+    def get(self, value: Any) -> int | None:
+        entry = self._known.get(id(value))
+        if entry is None or entry[0] is not value:
+            return None
+        self._known.move_to_end(id(value))
+        return entry[1]
+
+    def remember(self, value: Any, size: int) -> None:
+        if id(value) in self._known:
+            return
+        self._known[id(value)] = (value, size)
+        self._held += size + _ENTRY_WEIGHT
+        while self._held > _HELD_WEIGHT:
+            _, (_, dropped) = self._known.popitem(last=False)
+            self._held -= dropped + _ENTRY_WEIGHT
+
+
 class _Budget:
-    """The loop iterations and characters a render has left."""
+    """The loop iterations, characters and measuring steps a render has left."""
 
     def __init__(self) -> None:
         self.iterations = MAX_LOOP_ITERATIONS
         self.rendered = MAX_RENDERED_CHARS
+        self.sizes = _Sizes()
 
 
 _BUDGET: contextvars.ContextVar[_Budget] = contextvars.ContextVar("template_budget")
@@ -183,37 +237,102 @@ def _bounded_loop(iterable: Iterable[Any]) -> Iterator[Any]:
         yield item
 
 
-def _measure(value: Any, limit: int = MAX_OUTPUT_CHARS, printing: bool = False) -> int:
-    """Returns the size of `value`: the characters of its strings, the digits of its
-    numbers, at least one per item, counting an item each time it appears (a list
-    holding one list 1000 times is as big as its text). Stops after about `limit`
-    steps, whatever the value shares, raising _LimitExceeded past `limit`.
+class _Close:
+    """Marks, on `_walk`'s stack, the end of a container's items (its size is then known)."""
 
-    With `printing`, also raises _Refused for what has no deterministic text
-    (object reprs with addresses).
+    __slots__ = ("container", "opaque", "size", "steps")
+
+    def __init__(self, container: Any, size: int, steps: int, opaque: int) -> None:
+        self.container = container
+        self.size = size
+        self.steps = steps
+        self.opaque = opaque
+
+
+def _walk(value: Any, limit: int, printing: bool) -> tuple[int, bool]:
+    """Returns the size of `value` (see `_measure`), or a size above `limit` once it
+    passes it, and whether the value is plain (its sizes can be remembered).
+
+    Remembers the size of each plain container that took _REMEMBER_AFTER steps.
     """
-    size = 0
-    pending = [value]
+    sizes = _BUDGET.get().sizes
+    size = steps = opaque = 0
+    pending: list[Any] = [value]
     while pending:
         item = pending.pop()
-        if isinstance(item, str):
-            size += max(len(item), 1)
+        kind = type(item)
+        if kind is _Close:
+            if item.opaque == opaque and steps - item.steps >= _REMEMBER_AFTER:
+                sizes.remember(item.container, size - item.size)
+            continue
+        steps += 1
+        if kind is str or isinstance(item, str):  # most items are strings: checked first
+            size += len(item) or 1
         elif isinstance(item, int):
             size += item.bit_length() // 3 + 1  # at least its decimal digits
+        elif item is None or isinstance(item, float):
+            size += 1
         elif isinstance(item, list | tuple | dict):
-            if not item:
+            known = sizes.get(item)
+            if known is not None:
+                size += known
+            elif not item:
                 size += 1
             elif size + len(item) > limit:  # each item counts at least one
                 size += len(item)
             else:
-                pending.extend(item.items() if isinstance(item, dict) else item)
-        elif printing and not (item is None or isinstance(item, float | jinja2.Undefined)):
-            raise _Refused(f"a {type(item).__name__} cannot be printed; print strings and numbers")
+                pending.append(_Close(item, size, steps, opaque))
+                pending.extend(item.keys() if isinstance(item, dict) else item)
+                if isinstance(item, dict):
+                    pending.extend(item.values())
         else:
+            # Not remembered: it may hold anything (a namespace, an Undefined's object).
+            if printing and not isinstance(item, jinja2.Undefined):
+                raise _Refused(
+                    f"a {type(item).__name__} cannot be printed; print strings and numbers"
+                )
+            opaque += 1
             size += 1
         if size > limit:
-            raise _LimitExceeded(f"a value would exceed {MAX_OUTPUT_CHARS} characters or items")
-    return size
+            break
+        if steps > sizes.steps:
+            raise _LimitExceeded(f"measuring values took more than {MAX_MEASURE_STEPS} steps")
+    sizes.steps -= steps
+    return size, opaque == 0
+
+
+def _measure(value: Any, limit: int = MAX_OUTPUT_CHARS, printing: bool = False) -> int:
+    """Returns the size of `value`: the characters of its strings, the digits of its
+    numbers, at least one per item, counting an item each time it appears (a list
+    holding one list 1000 times is as big as its text). Raises _LimitExceeded past
+    `limit`.
+
+    A container measured or built before in this render costs one step (its size is
+    remembered), so measuring is linear in what a render builds, and every step
+    counts against MAX_MEASURE_STEPS.
+
+    With `printing`, also raises _Refused for what has no deterministic text
+    (object reprs with addresses).
+    """
+    return _measured(value, limit, printing)[0]
+
+
+def _measured(
+    value: Any, limit: int = MAX_OUTPUT_CHARS, printing: bool = False
+) -> tuple[int, bool]:
+    """Returns `_measure(value)` and whether the value is plain (see `_walk`)."""
+    size, plain = _walk(value, limit, printing)
+    if size > limit:
+        raise _LimitExceeded(f"a value would exceed {MAX_OUTPUT_CHARS} characters or items")
+    return size, plain
+
+
+def _remember(result: Any, size: int) -> Any:
+    """Returns `result` (built by `+` or `*` from plain values of known sizes) and
+    remembers its size, so using it again costs one step."""
+    if len(result) >= _REMEMBER_AFTER:
+        _BUDGET.get().sizes.remember(result, size)
+    return result
 
 
 def _built(value: Any) -> Any:
@@ -266,16 +385,31 @@ def _bounded_mul(left: Any, right: Any) -> Any:
     if isinstance(left, int) and isinstance(right, int):
         return _check_int(_check_int(left) * _check_int(right))
     for seq, times in ((left, right), (right, left)):
-        if isinstance(seq, str | list | tuple) and isinstance(times, int):
-            size = len(seq) if isinstance(seq, str) else _measure(seq)
+        if isinstance(seq, str) and isinstance(times, int):
+            if len(seq) * max(times, 0) > MAX_OUTPUT_CHARS:
+                raise _LimitExceeded(f"a repetition would exceed {MAX_OUTPUT_CHARS} items")
+        elif isinstance(seq, list | tuple) and isinstance(times, int):
+            size, plain = _measured(seq)
             if size * max(times, 0) > MAX_OUTPUT_CHARS:
                 raise _LimitExceeded(f"a repetition would exceed {MAX_OUTPUT_CHARS} items")
+            result = left * right
+            return _remember(result, size * times if result else 1) if plain else result
     return left * right
 
 
 def _bounded_add(left: Any, right: Any) -> Any:
-    if isinstance(left, str | list | tuple):
-        _measure(right, MAX_OUTPUT_CHARS - _measure(left))
+    if isinstance(left, str):
+        _measure(right, MAX_OUTPUT_CHARS - len(left))
+    elif isinstance(left, list | tuple):
+        # Costs what `right` adds: `ns.msgs + [m]` in a loop stays linear.
+        left_size, left_plain = _measured(left)
+        right_size, right_plain = _measured(right, MAX_OUTPUT_CHARS - left_size)
+        result = left + right
+        if left_plain and right_plain:
+            # An empty list or tuple counts one, but adds nothing to another.
+            size = (left_size if left else 0) + (right_size if right else 0)
+            return _remember(result, size if result else 1)
+        return result
     return left + right
 
 
@@ -306,11 +440,45 @@ def _bounded_join(value: Iterable[Any], d: str = "", attribute: Any = None) -> s
 
 @jinja2.pass_context
 def _bounded_map(context: jinja2.runtime.Context, value: Any, *args: Any, **kwargs: Any) -> Any:
-    # map() can repeat a value (`map('default', row, true)`): what it yields is measured.
-    size = 0
-    for item in jinja2.filters.sync_do_map(context, value, *args, **kwargs):
-        size += _measure(item, MAX_OUTPUT_CHARS - size)
-        yield item
+    """Jinja's `map`, counting one loop iteration per item and what it adds to its input.
+
+    map is lazy and what it yields is mostly its input or part of it
+    (`map(attribute='content')`): those are measured where they are combined or
+    printed, not here (summing them limited the conversation, not the template).
+    A result bigger than its item (`map('default', row, true)` repeats `row`,
+    `map('replace', 'x', big)` builds text) counts the difference, up to
+    MAX_OUTPUT_CHARS a call.
+    """
+    if not value:  # as Jinja's: an empty input never looks at the arguments
+        return
+    current: list[Any] = [None]
+
+    def items() -> Iterator[Any]:
+        for item in _bounded_loop(value):
+            current[0] = item
+            yield item
+
+    added = 0
+    for result in jinja2.filters.sync_do_map(context, items(), *args, **kwargs):
+        item = current[0]
+        if result is not item:
+            item_size = _walk(item, MAX_OUTPUT_CHARS, printing=False)[0]
+            budget = MAX_OUTPUT_CHARS - added
+            added += max(_walk(result, item_size + budget, printing=False)[0] - item_size, 0)
+            if added > MAX_OUTPUT_CHARS:
+                raise _LimitExceeded(f"map() would add more than {MAX_OUTPUT_CHARS} characters")
+        yield result
+
+
+def _measured_text(text_filter: Callable[..., Any]) -> Callable[..., Any]:
+    """Returns `text_filter` measuring its value (as if printed) before it becomes text."""
+
+    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
+        if type(value) is not str:
+            _measure(value, printing=True)
+        return text_filter(value, *args, **kwargs)
+
+    return bounded
 
 
 @jinja2.pass_environment
@@ -345,6 +513,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             finalize=_emit,
         )
         self.filters = {name: self.filters[name] for name in _SAFE_FILTERS}
+        for name in _TEXT_FILTERS:
+            self.filters[name] = _measured_text(self.filters[name])
         self.filters["join"] = _bounded_join
         self.filters["replace"] = _bounded_replace
         self.filters["map"] = _bounded_map

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -258,6 +259,108 @@ def test_values_within_the_bounds_still_render():
     limit = templates.MAX_OUTPUT_CHARS
     row = f"{{% set row = [1] * {limit // 2} %}}"
     assert Prompt("t@1", row + "{{ ([row] * 2) | length }}").render() == "2"
+
+
+class _RecordedBudget(templates._Budget):
+    """A render's budget that stays readable after the render (the measuring steps it spent)."""
+
+    made: list[_RecordedBudget] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made.append(self)
+
+
+def _measuring_steps(monkeypatch, prompt: Prompt, messages: Sequence[Message] = ()) -> int:
+    _RecordedBudget.made = []
+    monkeypatch.setattr(templates, "_Budget", _RecordedBudget)
+    prompt.render(None, messages)
+    (budget,) = _RecordedBudget.made
+    return templates.MAX_MEASURE_STEPS - budget.sizes.steps
+
+
+_APPEND = (
+    "{% set ns = namespace(msgs=[]) %}{% for m in messages %}{% if m.role != 'system' %}"
+    "{% set ns.msgs = ns.msgs + [ITEM] %}{% endif %}{% endfor %}"
+    "{% for m in ns.msgs %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+)
+
+
+# `+` measured its whole left operand each time: appending in a loop (a common chat
+# template pattern) took about n * n / 2 steps, 1 s of CPU per render at 1024 messages.
+@pytest.mark.parametrize("item", ["m", "{'role': m.role, 'content': m.content}"])
+def test_appending_in_a_loop_costs_steps_linear_in_the_messages(monkeypatch, item):
+    prompt = Prompt("t@1", _APPEND.replace("ITEM", item))
+    steps = {}
+    for n in (256, 1024):
+        messages = [Message(("user", "assistant")[i % 2], "hello world " * 10) for i in range(n)]
+        steps[n] = _measuring_steps(monkeypatch, prompt, messages)
+    assert steps[1024] <= 40 * 1024, steps
+    assert steps[1024] <= 5 * steps[256], steps  # 4 times the messages, about 4 times the steps
+
+
+def test_a_big_value_used_again_costs_one_step(monkeypatch):
+    source = (
+        "{% set big = [0] * 200000 %}{% for i in range(1000) %}{% set x = [big] %}"
+        "{% set y = big + [i] %}{% endfor %}ok"
+    )
+    # It walked the 200,000 items on each use: 20 ms an iteration, up to 100,000 of them.
+    assert _measuring_steps(monkeypatch, Prompt("t@1", source)) <= 20 * 1000
+
+
+def test_measuring_is_bounded_even_where_sizes_cannot_be_remembered():
+    # A namespace in a list may hold anything, so that list's size is never remembered.
+    source = (
+        "{% set big = [0] * 200000 + [namespace()] %}"
+        "{% for i in range(100) %}{% for j in range(1000) %}{% set x = [big] %}{% endfor %}"
+        "{% endfor %}ok"
+    )
+    with pytest.raises(InvalidArgument) as error:
+        Prompt("t@1", source).render()
+    assert error.value.reason == "TEMPLATE_TOO_LARGE", _violations(error)
+    assert "steps" in _violations(error)["template"]
+
+
+# map() added up everything it yielded: the parts of a long conversation it picks out
+# were refused, though the template kept or printed little of them.
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (
+            "{% set c = messages | map(attribute='content') | list %}"
+            "{% for x in c[-2:] %}{{ x | length }};{% endfor %}",
+            "20000;20000;",
+        ),
+        ("{{ messages | map(attribute='content') | map('length') | sum }}", "400000"),
+    ],
+)
+def test_map_over_a_long_conversation_renders(source, expected):
+    messages = [Message("user", "x" * 20_000) for _ in range(20)]
+    assert Prompt("t@1", source).render(None, messages) == expected
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        # what map() adds to its items still counts
+        "{% set big = 'y' * 200000 %}"
+        "{{ (['x'] * 1000) | map('replace', 'x', big) | list | length }}",
+        "{% set row = [1] * 1000 %}{{ ([0] * 1000) | map('default', row, true) | sort | length }}",
+    ],
+)
+def test_what_map_adds_is_bounded(source):
+    with pytest.raises(InvalidArgument) as error:
+        Prompt("t@1", source).render()
+    assert error.value.reason == "TEMPLATE_TOO_LARGE", _violations(error)
+
+
+def test_a_filter_making_text_measures_its_value_first():
+    # str() of a list of namespaces printed each one's values: 10 * 200,000 items here.
+    source = "{% set ns = namespace(a=[1] * 200000) %}{{ ([ns] * 10) | upper | length }}"
+    with pytest.raises(InvalidArgument) as error:
+        Prompt("t@1", source).render()
+    assert error.value.reason == "TEMPLATE_UNSAFE", _violations(error)
+    assert Prompt("t@1", "{{ [1, 'a'] | upper }} {{ 'ab' | upper }}").render() == "[1, 'A'] AB"
 
 
 def test_output_up_to_the_limit_renders():
