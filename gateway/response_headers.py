@@ -188,36 +188,43 @@ end
 
 -- Moves a trailer into the headers (all its values), unless the edge set that header
 -- (the retirement headers join the edge's: keep_earliest_retirement picks one).
+-- Returns whether it lifted a retirement header.
 local function lift_trailer(headers, trailers, name)
-  if headers:get(name) == nil or RETIREMENT_KEYS[name] ~= nil then
+  local retirement = RETIREMENT_KEYS[name] ~= nil
+  if retirement or headers:get(name) == nil then
     for index = 0, trailers:getNumValues(name) - 1 do
       headers:add(name, trailers:getAtIndex(name, index))
     end
   end
   trailers:remove(name)
+  return retirement
 end
 
--- Returns whether it waited for the body: the caller's header object is then stale.
+-- Returns whether it waited for the body (the caller's header object is then stale)
+-- and whether the headers may now hold two retirement values: always when they
+-- came first (a stream's, an answer's sent early: a route's values join them), for
+-- a whole answer only when it lifted one (most lifted none: no lookup for them).
 local function lift_trailers(handle, headers)
   if headers:get(RESPONSE_HEADERS) ~= nil then
     headers:remove(RESPONSE_HEADERS)
-    return false
+    return false, true
   end
   local whole, failed = answers_once(handle, headers)
   if not whole then
-    return false
+    return false, true
   end
   handle:body()
   local trailers = handle:trailers()
   if trailers == nil then
-    return true
+    return true, true  -- trailers-only (an error): its metadata is in the headers
   end
   headers = handle:headers()
+  local retired = false
   local names = trailers:get(RESPONSE_HEADERS)
   if names ~= nil then
     trailers:remove(RESPONSE_HEADERS)
     for name in string.gmatch(names, "[^,]+") do
-      lift_trailer(headers, trailers, name)
+      retired = lift_trailer(headers, trailers, name) or retired
     end
   end
   if failed then
@@ -229,20 +236,19 @@ local function lift_trailers(handle, headers)
       end
     end
     for _, name in ipairs(metadata) do
-      lift_trailer(headers, trailers, name)
+      retired = lift_trailer(headers, trailers, name) or retired
     end
   end
-  return true
+  return true, retired
 end
 
 -- Lifts a unary answer's headers out of its trailers, then leaves one Deprecation and
 -- one Sunset. Returns whether it waited for the body (the caller's headers are stale).
 local function lift_response_headers(handle, headers)
-  local waited = lift_trailers(handle, headers)
-  if waited then
-    headers = handle:headers()
+  local waited, retired = lift_trailers(handle, headers)
+  if retired then
+    keep_earliest_retirement(waited and handle:headers() or headers)
   end
-  keep_earliest_retirement(headers)
   return waited
 end
 """
