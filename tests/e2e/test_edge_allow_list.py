@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-import httpx
 import pytest
 from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
@@ -26,6 +25,7 @@ from gateway.model_routing import MODEL_HEADER
 from services.launcher.mesh import Mesh
 from tests.e2e.conftest import model_limited_key_channel
 from tests.e2e.test_jobs import wait_until
+from tests.e2e.test_routing import edge_routes
 from tokenmesh.inference.v2 import inference_service_pb2 as v2_pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_rpc
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
@@ -39,22 +39,10 @@ NEVER_REGISTERED = f"edge-allow-unknown-{SUFFIX}"
 SUNSET_IN_S = 2.0
 
 
-def _edge_routes(mesh: Mesh) -> list[dict[str, Any]]:
-    dump = httpx.get(
-        f"{mesh.admin_url()}/config_dump", params={"resource": "dynamic_route_configs"}, timeout=5
-    ).json()
-    return [
-        route
-        for config in dump.get("configs", [])
-        for host in config.get("route_config", {}).get("virtual_hosts", [])
-        for route in host.get("routes", [])
-    ]
-
-
 def _routes_of(mesh: Mesh, model: str) -> list[dict[str, Any]]:
     return [
         route
-        for route in _edge_routes(mesh)
+        for route in edge_routes(mesh.admin_url())
         if any(
             h["name"] == MODEL_HEADER and h.get("string_match", {}).get("exact") == model
             for h in route.get("match", {}).get("headers", [])
