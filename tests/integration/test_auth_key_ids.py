@@ -15,13 +15,12 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from services.auth.service import AuthService, AuthSettings
 from services.core import contract
 from services.core.server import serving
 from tests import mtls
+from tests.rpc_errors import violated_fields
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
 
 
@@ -44,16 +43,6 @@ async def _auth(redis_url: str) -> AsyncIterator[tuple[AuthService, Any, str]]:
             yield service, auth_service_pb2_grpc.AuthServiceStub(channel), admin
 
 
-def _violations(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return [v.field for v in bad.field_violations]
-    raise AssertionError("no BadRequest detail")
-
-
 async def test_a_crafted_key_id_is_invalid_argument_not_internal(own_redis):
     async with _auth(own_redis) as (service, stub, admin):
         key, _ = await service.keys.create(
@@ -69,7 +58,7 @@ async def test_a_crafted_key_id_is_invalid_argument_not_internal(own_redis):
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await call(request, metadata=metadata, timeout=10)
                 assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (crafted, call)
-                assert _violations(refused.value) == ["id"]
+                assert violated_fields(refused.value) == ["id"]
         # The key was left alone, and a well-formed unknown id is NOT_FOUND.
         got = await stub.GetApiKey(
             auth_service_pb2.GetApiKeyRequest(id=key.id), metadata=metadata, timeout=10

@@ -16,8 +16,6 @@ import grpc.aio
 import pytest
 import redis.asyncio as aioredis
 from google.api.httpbody_pb2 import HttpBody
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from services.core import contract, identity
 from services.core.redis_service import text
@@ -30,6 +28,7 @@ from services.jobs.store import NewJob, Owner, now_ms
 from services.jobs.validation import MAX_WINDOW_S
 from tests import mtls
 from tests.conftest import private_db_url
+from tests.rpc_errors import violated_fields
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.jobs.v1 import jobs_pb2, jobs_service_pb2_grpc
 from tokenmesh.jobs.v1 import jobs_service_pb2 as jobs_pb
@@ -69,17 +68,6 @@ def _owner() -> tuple[Owner, Headers]:
     key = f"key_{uuid.uuid4().hex[:8]}"
     headers = {contract.KEY_ID_HEADER: key, contract.SCOPES_HEADER: contract.ADMIN_SCOPE}
     return Owner(key, "", headers), tuple(headers.items())
-
-
-def _violation(error: grpc.aio.AioRpcError) -> str:
-    """Returns the field of the call's first field violation."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return str(bad.field_violations[0].field)
-    raise AssertionError("no BadRequest detail")
 
 
 async def _expire_job(service: JobsService, owner: Owner, job_id: str) -> None:
@@ -176,7 +164,7 @@ async def test_a_job_page_token_without_a_place_is_refused(jobs, token):
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stub.ListJobs(jobs_pb.ListJobsRequest(page_token=token), metadata=headers)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _violation(refused.value) == "page_token"
+    assert violated_fields(refused.value)[0] == "page_token"
 
 
 # -- ListBatches -----------------------------------------------------------

@@ -15,11 +15,10 @@ import grpc
 import grpc.aio
 import pytest
 import redis.asyncio as aioredis
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from services.router.prompts import PromptCatalog
 from tests.integration.conftest import inference_settings, start_inference
+from tests.rpc_errors import failed_call_fields
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
 
@@ -44,18 +43,6 @@ async def name(redis_url: str) -> AsyncIterator[str]:
     await client.aclose()
 
 
-async def _violations(call) -> tuple[grpc.StatusCode, list[str]]:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    status = await rpc_status.aio.from_call(call)
-    fields: list[str] = []
-    for detail in status.details if status else ():
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            fields += [v.field for v in bad.field_violations]
-    return info.value.code(), fields
-
-
 @pytest.mark.parametrize(
     "selector",
     ["²", "٣", "１", "3²", "1" * 5000],
@@ -63,7 +50,7 @@ async def _violations(call) -> tuple[grpc.StatusCode, list[str]]:
 )
 async def test_a_version_that_is_not_ascii_digits_is_invalid_argument(stub, name, selector):
     request = pb.CompleteRequest(model=MODEL, template=f"{name}@{selector}", max_output_tokens=1)
-    assert await _violations(stub.Complete(request)) == (
+    assert await failed_call_fields(stub.Complete(request)) == (
         grpc.StatusCode.INVALID_ARGUMENT,
         ["template"],
     )

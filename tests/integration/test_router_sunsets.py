@@ -12,8 +12,6 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 from google.protobuf import timestamp_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from services.core.server import serving
 from services.router.catalog import CATALOG_KEY, Catalog
@@ -21,6 +19,7 @@ from services.router.registry import WorkerRegistry
 from services.router.service import RouterService, RouterSettings
 from services.router.snapshot import EdgeFlags
 from tests import mtls
+from tests.rpc_errors import failed_call_fields
 from tokenmesh.router.v1 import router_pb2
 from tokenmesh.router.v1 import router_service_pb2 as pb
 from tokenmesh.router.v1 import router_service_pb2_grpc as rpc
@@ -73,20 +72,6 @@ def _endpoints(service: RouterService, cluster: str) -> int:
     return sum(len(group["lb_endpoints"]) for group in groups)
 
 
-async def _violations(call: Any) -> tuple[grpc.StatusCode, list[str]]:
-    """Awaits a failing call; returns its code and the fields its BadRequest names."""
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    status = await rpc_status.aio.from_call(call)
-    fields = []
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    return info.value.code(), fields
-
-
 async def test_the_largest_timestamp_as_a_sunset_is_kept_and_builds_go_on(router):
     # 9999-12-31T23:59:59.999999999Z (a common "never") read as a float is the year
     # 10000: it was stored, the RPC answered INTERNAL, and every snapshot build and
@@ -131,7 +116,7 @@ async def test_a_sunset_version_cannot_be_pinned(router):
     stored["versions"][0].update(deprecated_at=time.time() - 60, sunset_at=time.time() - 10)
     await client.hset(CATALOG_KEY, "m", json.dumps(stored))
     request = pb.PinModelVersionRequest(model="m", version="1")
-    code, fields = await _violations(admin.PinModelVersion(request))
+    code, fields = await failed_call_fields(admin.PinModelVersion(request))
     assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["version"])
     got = await admin.GetCatalogModel(pb.GetCatalogModelRequest(model="m"))
     assert got.model.pinned_version == ""

@@ -14,13 +14,12 @@ import grpc.aio
 import pytest
 import redis.asyncio as aioredis
 from google.protobuf import timestamp_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from services.core.server import serving
 from services.usage.meter import Meter, Retention
 from services.usage.service import UsageService, UsageSettings
 from tests import mtls
+from tests.rpc_errors import violated_fields
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.type.v1 import types_pb2
 from tokenmesh.usage.v1 import usage_service_pb2 as pb
@@ -96,16 +95,6 @@ async def _audit(redis_url: str) -> AsyncIterator[Audit]:
         await client.aclose()
 
 
-def _violations(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return [v.field for v in bad.field_violations]
-    raise AssertionError("no BadRequest detail")
-
-
 async def test_pages_list_every_entry_once_while_requests_are_metered(redis_url):
     async with _audit(redis_url) as audit:
         base = int(time.time() * 1000) - 60_000
@@ -172,13 +161,13 @@ async def test_a_page_token_resumes_only_its_own_listing(redis_url):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await audit.page(token)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, token
-            assert _violations(info.value) == [field], token
+            assert violated_fields(info.value) == [field], token
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await audit.page(first.next_page_token, end_time=other_end)
-        assert _violations(info.value) == ["end_time"]
+        assert violated_fields(info.value) == ["end_time"]
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await audit.stub.ListAuditEntries(
                 pb.ListAuditEntriesRequest(tenant="another", page_token=first.next_page_token),
                 metadata=ADMIN,
             )
-        assert _violations(info.value) == ["page_token"]
+        assert violated_fields(info.value) == ["page_token"]

@@ -1,0 +1,38 @@
+"""What a failed gRPC call's google.rpc status says: the fields its BadRequest names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+
+def bad_request_fields(status: status_pb2.Status | None) -> list[str]:
+    """Returns the fields every BadRequest detail of `status` names ([] if none)."""
+    fields: list[str] = []
+    for detail in status.details if status is not None else ():
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            fields += [v.field for v in bad.field_violations]
+    return fields
+
+
+def violated_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    """Returns the fields a failed call's BadRequest names; fails if it has none."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    fields = bad_request_fields(status)
+    assert fields, "no BadRequest detail"
+    return fields
+
+
+async def failed_call_fields(call: Any) -> tuple[grpc.StatusCode, list[str]]:
+    """Awaits a call that must fail; returns its code and the fields its BadRequest names."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    status = await rpc_status.aio.from_call(call)
+    return info.value.code(), bad_request_fields(status)
