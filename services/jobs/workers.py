@@ -145,10 +145,8 @@ def resolve(entry: ModelEntry, label: str, now: float) -> str:
         return label
     if label in entry.aliases:
         return entry.aliases[label]
-    if label == LATEST and entry.versions:
-        serving = [v.version for v in entry.versions if not v.sunset(now)]
-        return serving[-1] if serving else entry.versions[-1].version
-    return label
+    latest = entry.latest_version(now) if label == LATEST else None
+    return label if latest is None else latest
 
 
 def sunset_message(entry: ModelEntry | None, label: str, now: float) -> str | None:

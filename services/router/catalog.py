@@ -93,6 +93,15 @@ class ModelEntry:
     shadow_version: str = ""
     shadow_percent: int = 0
 
+    def latest_version(self, now: float) -> str | None:
+        """Returns what "latest" names unless it is set explicitly: the newest version
+        serving (none left: the newest, whose sunset answers); None without versions.
+        The edge's routes and the jobs' placement both read it."""
+        if not self.versions:
+            return None
+        serving = [v.version for v in self.versions if not v.sunset(now)]
+        return serving[-1] if serving else self.versions[-1].version
+
     def version(self, label: str) -> VersionEntry | None:
         """Returns the version called `label`, if registered."""
         return next((v for v in self.versions if v.version == label), None)

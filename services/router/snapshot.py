@@ -538,11 +538,9 @@ def model_routes(
     routes: list[dict[str, Any]] = []
     labels = [(v.version, v.version) for v in entry.versions]
     labels += sorted(entry.aliases.items())
-    serving = [v.version for v in entry.versions if not v.sunset(now)]
-    if entry.versions and "latest" not in entry.aliases and entry.version("latest") is None:
-        # Unless set explicitly: the newest version serving (none left: the newest
-        # version, whose sunset route answers).
-        labels.append(("latest", serving[-1] if serving else entry.versions[-1].version))
+    latest = entry.latest_version(now)
+    if latest is not None and "latest" not in entry.aliases and entry.version("latest") is None:
+        labels.append(("latest", latest))  # unless set explicitly
     for label, version in labels:
         found = entry.version(version)
         if found is None:
