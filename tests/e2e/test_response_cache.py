@@ -21,6 +21,7 @@ from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV
 from tests.e2e.conftest import authed_channel
 from tests.e2e.test_auth import cli
+from tests.prompts import unique_prompt
 from tokenmesh.inference.v1 import inference_pb2 as v1_resources
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
@@ -105,7 +106,7 @@ def _usage_events(mesh: Mesh, request_ids: set[str]) -> dict[str, v1_resources.U
 
 
 def _body(**extra: Any) -> dict[str, Any]:
-    return {"prompt": f"cache me {uuid.uuid4().hex[:8]}", "max_output_tokens": 8, **extra}
+    return {"prompt": unique_prompt("cache me"), "max_output_tokens": 8, **extra}
 
 
 def test_a_seeded_request_twice_is_a_hit_for_its_tenant_and_a_miss_for_another(cached, acme):
@@ -176,7 +177,7 @@ def test_a_hit_on_a_stream_replays_the_same_messages_and_final_usage(cached, acm
 
 
 def test_identical_concurrent_requests_compute_once_and_each_is_metered(cached, acme):
-    request = pb.GenerateRequest(model=MODEL, prompt=f"together {uuid.uuid4().hex[:8]}")
+    request = pb.GenerateRequest(model=MODEL, prompt=unique_prompt("together"))
     request.sampling.seed = 5
     request.max_output_tokens = 24
     before = _metric(cached, "tokenmesh_computed_sequences_total", model=MODEL)
@@ -246,7 +247,7 @@ def test_concurrent_embeddings_compute_each_distinct_input_once(cached, acme):
 def test_the_openai_routes_carry_the_cache_status(cached, acme):
     body = {
         "model": MODEL,
-        "messages": [{"role": "user", "content": f"openai {uuid.uuid4().hex[:8]}"}],
+        "messages": [{"role": "user", "content": unique_prompt("openai")}],
         "max_tokens": 8,
         "seed": 9,
     }

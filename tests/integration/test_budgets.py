@@ -23,6 +23,7 @@ from services.launcher.mesh import spawn_redis
 from tests import mtls
 from tests.integration.conftest import inference_settings, start_inference
 from tests.integration.test_inference_v2 import _usage_event
+from tests.prompts import unique_prompt
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 from tokenmesh.inference.v2 import inference_pb2 as v2_resources
@@ -597,7 +598,7 @@ async def test_an_unmetered_leaders_budget_does_not_cut_or_charge_its_waiters_st
     key = f"key_{uuid.uuid4().hex[:8]}"
     identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-tpm", "100")]
     request = v2_pb.GenerateRequest(
-        model="deterministic-test", prompt=f"shared {uuid.uuid4().hex}", max_output_tokens=500
+        model="deterministic-test", prompt=unique_prompt("shared"), max_output_tokens=500
     )
     request.sampling.seed = 3  # deterministic: cacheable, so identical requests coalesce
     budgets = TokenBudgets(aioredis.from_url(url))

@@ -46,6 +46,7 @@ from tests.integration.test_response_cache_policy_hits import (
     _identity,
     _read_stream,
 )
+from tests.prompts import unique_prompt
 from tokenmesh.inference.v2 import inference_pb2
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
@@ -125,7 +126,7 @@ async def test_a_follower_outlives_its_leader_s_deadline(one_slot_worker):
     # deadline passes while it is queued: the scheduler ended it with the leader's
     # DEADLINE_EXCEEDED, and the follower (no deadline) got it in mid-stream.
     service, stub = one_slot_worker
-    prompt = f"deadline {uuid.uuid4().hex}"
+    prompt = unique_prompt("deadline")
     leader = stub.Generate(_seeded(prompt, "leader", 60, n=2), timeout=1.0)
     assert dict(await leader.initial_metadata())[contract.CACHE_HEADER] == "miss"
     await leader.read()  # computing: the follower joins it
@@ -144,9 +145,9 @@ async def test_a_lone_caller_s_deadline_still_frees_its_queued_computation(one_s
     # Queued with no deadline, the computation ends when its last reader leaves: a
     # caller whose deadline passed while it waited leaves nothing in the queue.
     service, stub = one_slot_worker
-    busy = stub.Generate(_seeded(f"busy {uuid.uuid4().hex}", "busy", 400))
+    busy = stub.Generate(_seeded(unique_prompt("busy"), "busy", 400))
     await busy.read()  # holds the only slot for ~8 s
-    late = stub.Generate(_seeded(f"late {uuid.uuid4().hex}", "late", 10), timeout=0.3)
+    late = stub.Generate(_seeded(unique_prompt("late"), "late", 10), timeout=0.3)
     with pytest.raises(grpc.aio.AioRpcError) as left:
         async for _ in late:
             pass
@@ -242,7 +243,7 @@ async def test_a_leader_that_left_while_its_headers_were_sent_leaves_nothing_run
     # ran to the end for nobody.
     service, stub = full_billing_worker
     tenant = f"t-{uuid.uuid4().hex[:8]}"
-    prompt = f"leaves {uuid.uuid4().hex}"
+    prompt = unique_prompt("leaves")
     await _leave_while_headers_are_sent(service, _seeded(prompt, f"gone-{tenant}", 200), tenant)
     assert service.cache is not None
     assert len(service.cache.streams) == 0  # nothing computes for it, nobody may join it
@@ -260,7 +261,7 @@ async def test_a_follower_that_left_while_its_headers_were_sent_is_not_billed(
 ):
     service, stub = full_billing_worker
     tenant = f"t-{uuid.uuid4().hex[:8]}"
-    prompt = f"follows {uuid.uuid4().hex}"
+    prompt = unique_prompt("follows")
     leader = stub.Generate(_seeded(prompt, f"lead-{tenant}", 30), metadata=_identity(tenant, "k"))
     await leader.read()  # computing: the follower joins it
     await _leave_while_headers_are_sent(service, _seeded(prompt, f"gone-{tenant}", 30), tenant)
@@ -282,13 +283,13 @@ async def test_without_the_cache_a_caller_that_left_while_its_headers_were_sent_
     async with await start_inference(settings) as (service, _):
         assert isinstance(service, InferenceService) and service.cache is None
         tenant = f"t-{uuid.uuid4().hex[:8]}"
-        request = _seeded(f"leaves {uuid.uuid4().hex}", f"gone-{tenant}", 200)  # ~4 s of steps
+        request = _seeded(unique_prompt("leaves"), f"gone-{tenant}", 200)  # ~4 s of steps
         await _leave_while_headers_are_sent(service, request, tenant)
         await _all_slots_free(service)
         # The same for a Complete (and so each prompt of a multi-prompt completion).
         context = cast(Any, _LeavingContext(_identity(tenant, "k")))
         complete = pb.CompleteRequest(
-            model=MODEL, prompt=f"leaves {uuid.uuid4().hex}", max_output_tokens=200
+            model=MODEL, prompt=unique_prompt("leaves"), max_output_tokens=200
         )
         with pytest.raises(asyncio.CancelledError):
             await _pipeline(service).complete(context, complete)

@@ -32,6 +32,7 @@ from tests.integration.test_openai_usage_billing import (
     _refused_completion,
     _usage,
 )
+from tests.prompts import unique_prompt
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_rpc
 from tokenmesh.openai.v1 import openai_service_pb2_grpc as rpc
@@ -57,7 +58,7 @@ async def _worker(tmp_path: Path, redis_url: str, slots: int) -> Any:
 
 
 def _prompts(count: int) -> list[str]:
-    return [f"p{i} {uuid.uuid4().hex}" for i in range(count)]
+    return [unique_prompt(f"p{i}") for i in range(count)]
 
 
 def _key() -> str:
@@ -91,7 +92,7 @@ async def _hold_slots(channel: grpc.aio.Channel, count: int) -> list[Any]:
     holders = []
     for _ in range(count):
         request = v2.GenerateRequest(
-            model=MODEL, prompt=f"hold {uuid.uuid4().hex}", max_output_tokens=480
+            model=MODEL, prompt=unique_prompt("hold"), max_output_tokens=480
         )
         holder = stub.Generate(request)
         holders.append(holder)

@@ -24,6 +24,7 @@ from services.core import contract
 from services.inference.budget import TokenBudgets
 from services.inference.service import InferenceService
 from tests.integration.conftest import inference_settings, start_inference
+from tests.prompts import unique_prompt
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.openai.v1 import openai_service_pb2_grpc as rpc
 
@@ -243,7 +244,7 @@ async def test_a_multi_prompt_completion_served_by_the_cache_settles_every_reser
     client = aioredis.from_url(redis_url)
     budgets = TokenBudgets(client)
     key = f"key_{uuid.uuid4().hex[:8]}"
-    prompt = f"same {uuid.uuid4().hex}"
+    prompt = unique_prompt("same")
     body = {"model": MODEL, "prompt": [prompt, prompt], "max_tokens": 6, "seed": 7}
     try:
         async with await start_inference(settings) as (_, channel):

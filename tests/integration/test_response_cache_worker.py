@@ -21,6 +21,7 @@ from services.inference.service import InferenceService
 from tests.answer_headers import call_headers
 from tests.integration.conftest import inference_settings, start_inference
 from tests.integration.test_inference_v2 import _usage_event
+from tests.prompts import unique_prompt
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
 
@@ -53,7 +54,7 @@ async def _complete(stub: Any, request: pb.CompleteRequest) -> tuple[pb.Complete
 async def test_a_seeded_completion_is_computed_once_then_served(cached_worker):
     _, channel = cached_worker
     stub = rpc.InferenceServiceStub(channel)
-    request = pb.CompleteRequest(model=MODEL, prompt=f"p {uuid.uuid4().hex}", max_output_tokens=6)
+    request = pb.CompleteRequest(model=MODEL, prompt=unique_prompt("p"), max_output_tokens=6)
     request.sampling.seed = 9
     before = _computed()
     miss, miss_status = await _complete(stub, request)
@@ -73,7 +74,7 @@ async def test_a_seeded_completion_is_computed_once_then_served(cached_worker):
 async def test_concurrent_identical_streams_share_one_sequence(cached_worker):
     _, channel = cached_worker
     stub = rpc.InferenceServiceStub(channel)
-    request = pb.GenerateRequest(model=MODEL, prompt=f"s {uuid.uuid4().hex}", max_output_tokens=20)
+    request = pb.GenerateRequest(model=MODEL, prompt=unique_prompt("s"), max_output_tokens=20)
     request.sampling.seed = 4
     before = _computed()
 
@@ -122,7 +123,7 @@ async def test_a_follower_refused_by_its_own_budget_is_not_billed(cached_worker)
     service, channel = cached_worker
     stub = rpc.InferenceServiceStub(channel)
     tenant = f"t-{uuid.uuid4().hex[:8]}"
-    request = pb.GenerateRequest(model=MODEL, prompt=f"b {uuid.uuid4().hex}", max_output_tokens=20)
+    request = pb.GenerateRequest(model=MODEL, prompt=unique_prompt("b"), max_output_tokens=20)
     request.sampling.seed = 5
 
     def call(key: str, request_id: str, monthly: int = 0) -> Any:
