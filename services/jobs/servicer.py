@@ -333,6 +333,7 @@ def _list_token(token: str) -> tuple[int, str]:
 def _page_token(token: str, default: int) -> int:
     if not token:
         return default
-    if not token.isdigit() or len(token) > 19:
+    # ASCII digits: str.isdigit() also takes "²" (int() refuses it: INTERNAL) and "٣".
+    if not (token.isascii() and token.isdigit()) or len(token) > 19:
         raise InvalidArgument([FieldViolation("page_token", "is not a token this API returned")])
     return int(token)

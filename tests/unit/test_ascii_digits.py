@@ -8,6 +8,7 @@ import pytest
 
 from services.core.errors import InvalidArgument
 from services.core.settings import SettingsError, load
+from services.jobs import servicer as jobs_servicer
 from services.jobs.handover import wait_seconds
 from services.router import policy_servicer
 from services.router.policies import parse_reference
@@ -27,6 +28,15 @@ def test_a_policy_reference_needs_an_ascii_version(version: str) -> None:
 def test_a_policy_page_token_needs_ascii_digits(part: str) -> None:
     with pytest.raises(InvalidArgument):
         policy_servicer._page_token(f"{part}-1")
+
+
+@pytest.mark.parametrize("part", NOT_NUMBERS)
+def test_a_jobs_page_token_needs_ascii_digits(part: str) -> None:
+    """ListJobs' and ListJobItems' page tokens ("²" was INTERNAL, "٣" read as 3)."""
+    with pytest.raises(InvalidArgument):
+        jobs_servicer._page_token(part, default=0)
+    with pytest.raises(InvalidArgument):
+        jobs_servicer._list_token(f"{part}:job_1")
 
 
 @pytest.mark.parametrize("wait", ["²", "٣", "１"])
