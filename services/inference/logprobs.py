@@ -86,6 +86,18 @@ def token_logprob(
     return TokenLogprob(token_id, float(logprobs[token_id]), top)
 
 
+def token_bytes(pieces: Sequence[bytes] | None, token_id: int, text: str) -> bytes:
+    """Returns a token's bytes: its piece (`Tokenizer.piece_bytes()`) when there is one.
+
+    A byte-level BPE piece may be part of a multi-byte character, which
+    `text` (the token decoded alone) shows as U+FFFD. Without pieces (or for
+    an id past them: padded logits) it is `text`'s UTF-8.
+    """
+    if pieces is not None and 0 <= token_id < len(pieces):
+        return pieces[token_id]
+    return text.encode()
+
+
 def _logsumexp(values: np.ndarray) -> float:
     top = float(np.max(values))
     return top + math.log(float(np.exp(values - top).sum()))

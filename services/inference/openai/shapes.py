@@ -68,8 +68,11 @@ def usage(usages: Iterable[inference_pb2.Usage]) -> Json:
     }
 
 
-def _token_bytes(token: str) -> list[int]:
-    return list(token.encode())
+def _token_bytes(item: inference_pb2.TokenLogprob | inference_pb2.TopLogprob) -> list[int]:
+    # token_bytes are exact where token shows part of a character as U+FFFD
+    # (OpenAI's `bytes` exist so that clients can join such tokens). An answer
+    # cached before they existed has none: its text's UTF-8, as then.
+    return list(item.token_bytes or item.token.encode())
 
 
 def chat_logprobs(items: Sequence[inference_pb2.TokenLogprob]) -> Json:
@@ -79,9 +82,9 @@ def chat_logprobs(items: Sequence[inference_pb2.TokenLogprob]) -> Json:
             {
                 "token": item.token,
                 "logprob": item.logprob,
-                "bytes": _token_bytes(item.token),
+                "bytes": _token_bytes(item),
                 "top_logprobs": [
-                    {"token": top.token, "logprob": top.logprob, "bytes": _token_bytes(top.token)}
+                    {"token": top.token, "logprob": top.logprob, "bytes": _token_bytes(top)}
                     for top in item.top_logprobs
                 ],
             }

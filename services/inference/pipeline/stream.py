@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from services.core.errors import TokenmeshError
 from services.core.interceptors import to_domain_error
 from services.inference.admission import Admission
-from services.inference.logprobs import TokenLogprob
+from services.inference.logprobs import TokenLogprob, token_bytes
 from services.inference.tokenizer import Tokenizer
 from services.inference.v2 import prompting
 from services.inference.v2.choices import Choice, ChoiceTiming, Generation
@@ -80,21 +80,31 @@ def timing_pb(timing: ChoiceTiming) -> inference_pb2.Timing:
 def logprobs_pb(
     items: Sequence[TokenLogprob], tokenizer: Tokenizer
 ) -> list[inference_pb2.TokenLogprob]:
-    """Returns tokens' log-probabilities with their text (one token decoded alone)."""
-    return [
-        inference_pb2.TokenLogprob(
-            token=tokenizer.decode([item.token_id]),
+    """Returns tokens' log-probabilities with their text (one token decoded alone) and bytes.
+
+    Only requests that ask for logprobs come here, so only they pay for the
+    text and bytes of each token and alternative.
+    """
+    pieces = tokenizer.piece_bytes()
+    messages = []
+    for item in items:
+        text = tokenizer.decode([item.token_id])
+        message = inference_pb2.TokenLogprob(
+            token=text,
             token_id=item.token_id,
             logprob=item.logprob,
-            top_logprobs=[
-                inference_pb2.TopLogprob(
-                    token=tokenizer.decode([token_id]), token_id=token_id, logprob=logprob
-                )
-                for token_id, logprob in item.top
-            ],
+            token_bytes=token_bytes(pieces, item.token_id, text),
         )
-        for item in items
-    ]
+        for token_id, logprob in item.top:
+            top_text = tokenizer.decode([token_id])
+            message.top_logprobs.add(
+                token=top_text,
+                token_id=token_id,
+                logprob=logprob,
+                token_bytes=token_bytes(pieces, token_id, top_text),
+            )
+        messages.append(message)
+    return messages
 
 
 def final(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tokenmesh.type.v1 import types_pb2 as tokenmesh_dot_type_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&tokenmesh/inference/v2/inference.proto\x12\x16tokenmesh.inference.v2\x1a\x1dtokenmesh/type/v1/types.proto\"\xac\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.tokenmesh.inference.v2.ModelKind\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\t\x12\x36\n\x08versions\x18\x04 \x03(\x0b\x32$.tokenmesh.inference.v2.ModelVersion\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"\xb3\x02\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x38\n\x05state\x18\x02 \x01(\x0e\x32).tokenmesh.inference.v2.ModelVersionState\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12!\n\x19max_output_tokens_default\x18\x05 \x01(\x05\x12\x1c\n\x14\x65mbedding_dimensions\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\'\n\x05price\x18\x08 \x01(\x0b\x32\x18.tokenmesh.type.v1.Price\x12\x35\n\rchat_template\x18\t \x01(\x0b\x32\x1e.tokenmesh.type.v1.TemplateRef\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\">\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"z\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x38\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\".tokenmesh.inference.v2.TopLogprob\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\x05\"\x95\x01\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12 \n\x18output_tokens_per_second\x18\x06 \x01(\x01\"\xc9\x02\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x36\n\x08logprobs\x18\x04 \x03(\x0b\x32$.tokenmesh.inference.v2.TokenLogprob\x12;\n\rfinish_reason\x18\x05 \x01(\x0e\x32$.tokenmesh.inference.v2.FinishReason\x12\x17\n\nconfidence\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cmean_logprob\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12.\n\x06timing\x18\x08 \x01(\x0b\x32\x1e.tokenmesh.inference.v2.Timing\x12\x16\n\x0e\x66inish_message\x18\t \x01(\tB\r\n\x0b_confidenceB\x0f\n\r_mean_logprob\"t\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x13\n\x06\x62\x61se64\x18\x03 \x01(\x0cH\x00\x88\x01\x01\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x42\t\n\x07_base64*\\\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_KIND_GENERATIVE\x10\x01\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x02*\xbb\x01\n\x11ModelVersionState\x12#\n\x1fMODEL_VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMODEL_VERSION_STATE_LOADING\x10\x01\x12\x1d\n\x19MODEL_VERSION_STATE_READY\x10\x02\x12!\n\x1dMODEL_VERSION_STATE_UNLOADING\x10\x03\x12\x1e\n\x1aMODEL_VERSION_STATE_FAILED\x10\x04*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*\xd0\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x17\n\x13\x46INISH_REASON_QUOTA\x10\x05\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x06*\x8f\x01\n\x11\x45mbeddingEncoding\x12\"\n\x1e\x45MBEDDING_ENCODING_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45MBEDDING_ENCODING_FLOAT\x10\x01\x12\x1d\n\x19\x45MBEDDING_ENCODING_BASE64\x10\x02\x12\t\n\x05\x46LOAT\x10\x01\x12\n\n\x06\x42\x41SE64\x10\x02\x1a\x02\x10\x01*h\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x13\n\x0fTRUNCATION_NONE\x10\x01\x12\x12\n\x0eTRUNCATION_END\x10\x02\x12\x08\n\x04NONE\x10\x01\x12\x07\n\x03\x45ND\x10\x02\x1a\x02\x10\x01*y\n\tCacheMode\x12\x1a\n\x16\x43\x41\x43HE_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41\x43HE_MODE_NO_CACHE\x10\x01\x12\x17\n\x13\x43\x41\x43HE_MODE_NO_STORE\x10\x02\x12\x0c\n\x08NO_CACHE\x10\x01\x12\x0c\n\x08NO_STORE\x10\x02\x1a\x02\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&tokenmesh/inference/v2/inference.proto\x12\x16tokenmesh.inference.v2\x1a\x1dtokenmesh/type/v1/types.proto\"\xac\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.tokenmesh.inference.v2.ModelKind\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\t\x12\x36\n\x08versions\x18\x04 \x03(\x0b\x32$.tokenmesh.inference.v2.ModelVersion\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"\xb3\x02\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x38\n\x05state\x18\x02 \x01(\x0e\x32).tokenmesh.inference.v2.ModelVersionState\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12!\n\x19max_output_tokens_default\x18\x05 \x01(\x05\x12\x1c\n\x14\x65mbedding_dimensions\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\'\n\x05price\x18\x08 \x01(\x0b\x32\x18.tokenmesh.type.v1.Price\x12\x35\n\rchat_template\x18\t \x01(\x0b\x32\x1e.tokenmesh.type.v1.TemplateRef\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"S\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x13\n\x0btoken_bytes\x18\x04 \x01(\x0c\"\x8f\x01\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x38\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\".tokenmesh.inference.v2.TopLogprob\x12\x13\n\x0btoken_bytes\x18\x05 \x01(\x0c\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\x05\"\x95\x01\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12 \n\x18output_tokens_per_second\x18\x06 \x01(\x01\"\xc9\x02\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x36\n\x08logprobs\x18\x04 \x03(\x0b\x32$.tokenmesh.inference.v2.TokenLogprob\x12;\n\rfinish_reason\x18\x05 \x01(\x0e\x32$.tokenmesh.inference.v2.FinishReason\x12\x17\n\nconfidence\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cmean_logprob\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12.\n\x06timing\x18\x08 \x01(\x0b\x32\x1e.tokenmesh.inference.v2.Timing\x12\x16\n\x0e\x66inish_message\x18\t \x01(\tB\r\n\x0b_confidenceB\x0f\n\r_mean_logprob\"t\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x13\n\x06\x62\x61se64\x18\x03 \x01(\x0cH\x00\x88\x01\x01\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x42\t\n\x07_base64*\\\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_KIND_GENERATIVE\x10\x01\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x02*\xbb\x01\n\x11ModelVersionState\x12#\n\x1fMODEL_VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMODEL_VERSION_STATE_LOADING\x10\x01\x12\x1d\n\x19MODEL_VERSION_STATE_READY\x10\x02\x12!\n\x1dMODEL_VERSION_STATE_UNLOADING\x10\x03\x12\x1e\n\x1aMODEL_VERSION_STATE_FAILED\x10\x04*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*\xd0\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x17\n\x13\x46INISH_REASON_QUOTA\x10\x05\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x06*\x8f\x01\n\x11\x45mbeddingEncoding\x12\"\n\x1e\x45MBEDDING_ENCODING_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45MBEDDING_ENCODING_FLOAT\x10\x01\x12\x1d\n\x19\x45MBEDDING_ENCODING_BASE64\x10\x02\x12\t\n\x05\x46LOAT\x10\x01\x12\n\n\x06\x42\x41SE64\x10\x02\x1a\x02\x10\x01*h\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x13\n\x0fTRUNCATION_NONE\x10\x01\x12\x12\n\x0eTRUNCATION_END\x10\x02\x12\x08\n\x04NONE\x10\x01\x12\x07\n\x03\x45ND\x10\x02\x1a\x02\x10\x01*y\n\tCacheMode\x12\x1a\n\x16\x43\x41\x43HE_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41\x43HE_MODE_NO_CACHE\x10\x01\x12\x17\n\x13\x43\x41\x43HE_MODE_NO_STORE\x10\x02\x12\x0c\n\x08NO_CACHE\x10\x01\x12\x0c\n\x08NO_STORE\x10\x02\x1a\x02\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,20 +38,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRUNCATION']._serialized_options = b'\020\001'
   _globals['_CACHEMODE']._loaded_options = None
   _globals['_CACHEMODE']._serialized_options = b'\020\001'
-  _globals['_MODELKIND']._serialized_start=1678
-  _globals['_MODELKIND']._serialized_end=1770
-  _globals['_MODELVERSIONSTATE']._serialized_start=1773
-  _globals['_MODELVERSIONSTATE']._serialized_end=1960
-  _globals['_PRIORITY']._serialized_start=1962
-  _globals['_PRIORITY']._serialized_end=2044
-  _globals['_FINISHREASON']._serialized_start=2047
-  _globals['_FINISHREASON']._serialized_end=2255
-  _globals['_EMBEDDINGENCODING']._serialized_start=2258
-  _globals['_EMBEDDINGENCODING']._serialized_end=2401
-  _globals['_TRUNCATION']._serialized_start=2403
-  _globals['_TRUNCATION']._serialized_end=2507
-  _globals['_CACHEMODE']._serialized_start=2509
-  _globals['_CACHEMODE']._serialized_end=2630
+  _globals['_MODELKIND']._serialized_start=1721
+  _globals['_MODELKIND']._serialized_end=1813
+  _globals['_MODELVERSIONSTATE']._serialized_start=1816
+  _globals['_MODELVERSIONSTATE']._serialized_end=2003
+  _globals['_PRIORITY']._serialized_start=2005
+  _globals['_PRIORITY']._serialized_end=2087
+  _globals['_FINISHREASON']._serialized_start=2090
+  _globals['_FINISHREASON']._serialized_end=2298
+  _globals['_EMBEDDINGENCODING']._serialized_start=2301
+  _globals['_EMBEDDINGENCODING']._serialized_end=2444
+  _globals['_TRUNCATION']._serialized_start=2446
+  _globals['_TRUNCATION']._serialized_end=2550
+  _globals['_CACHEMODE']._serialized_start=2552
+  _globals['_CACHEMODE']._serialized_end=2673
   _globals['_MODEL']._serialized_start=98
   _globals['_MODEL']._serialized_end=270
   _globals['_MODELVERSION']._serialized_start=273
@@ -61,15 +61,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=629
   _globals['_SAMPLINGPARAMS']._serialized_end=775
   _globals['_TOPLOGPROB']._serialized_start=777
-  _globals['_TOPLOGPROB']._serialized_end=839
-  _globals['_TOKENLOGPROB']._serialized_start=841
-  _globals['_TOKENLOGPROB']._serialized_end=963
-  _globals['_USAGE']._serialized_start=965
-  _globals['_USAGE']._serialized_end=1074
-  _globals['_TIMING']._serialized_start=1077
-  _globals['_TIMING']._serialized_end=1226
-  _globals['_CHOICE']._serialized_start=1229
-  _globals['_CHOICE']._serialized_end=1558
-  _globals['_EMBEDDING']._serialized_start=1560
-  _globals['_EMBEDDING']._serialized_end=1676
+  _globals['_TOPLOGPROB']._serialized_end=860
+  _globals['_TOKENLOGPROB']._serialized_start=863
+  _globals['_TOKENLOGPROB']._serialized_end=1006
+  _globals['_USAGE']._serialized_start=1008
+  _globals['_USAGE']._serialized_end=1117
+  _globals['_TIMING']._serialized_start=1120
+  _globals['_TIMING']._serialized_end=1269
+  _globals['_CHOICE']._serialized_start=1272
+  _globals['_CHOICE']._serialized_end=1601
+  _globals['_EMBEDDING']._serialized_start=1603
+  _globals['_EMBEDDING']._serialized_end=1719
 # @@protoc_insertion_point(module_scope)

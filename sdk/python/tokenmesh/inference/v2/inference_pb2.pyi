@@ -512,6 +512,7 @@ class TopLogprob(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     TOKEN_ID_FIELD_NUMBER: _builtins.int
     LOGPROB_FIELD_NUMBER: _builtins.int
+    TOKEN_BYTES_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """token is the token's text (U+FFFD replaces bytes that are not valid
     UTF-8 on their own; token_id is exact).
@@ -520,16 +521,22 @@ class TopLogprob(_message.Message):
     """token_id is the token's id in the model's vocabulary."""
     logprob: _builtins.float
     """logprob is the token's natural-log probability (<= 0)."""
+    token_bytes: _builtins.bytes
+    """token_bytes are the token's bytes: exact for a byte-level BPE tokenizer,
+    whose token may hold part of a multi-byte character that token cannot
+    show; for another tokenizer, token's UTF-8. JSON prints them in base64.
+    """
     def __init__(
         self,
         *,
         token: _builtins.str = ...,
         token_id: _builtins.int = ...,
         logprob: _builtins.float = ...,
+        token_bytes: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "token", b"token", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "token", b"token", "token_bytes", b"token_bytes", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -552,6 +559,7 @@ class TokenLogprob(_message.Message):
     TOKEN_ID_FIELD_NUMBER: _builtins.int
     LOGPROB_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOKEN_BYTES_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """token is the generated token's text (U+FFFD replaces bytes that are not
     valid UTF-8 on their own; the message's text is authoritative).
@@ -560,6 +568,12 @@ class TokenLogprob(_message.Message):
     """token_id is the generated token's id."""
     logprob: _builtins.float
     """logprob is the generated token's natural-log probability (<= 0)."""
+    token_bytes: _builtins.bytes
+    """token_bytes are the generated token's bytes: exact for a byte-level BPE
+    tokenizer, whose token may hold part of a multi-byte character that token
+    cannot show (the bytes of the tokens that hold it, concatenated, are its
+    UTF-8); for another tokenizer, token's UTF-8. JSON prints them in base64.
+    """
     @_builtins.property
     def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprob]:
         """top_logprobs are the request's top_logprobs most likely tokens at this
@@ -574,10 +588,11 @@ class TokenLogprob(_message.Message):
         token_id: _builtins.int = ...,
         logprob: _builtins.float = ...,
         top_logprobs: _abc.Iterable[Global___TopLogprob] | None = ...,
+        token_bytes: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "token", b"token", "token_id", b"token_id", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "token", b"token", "token_bytes", b"token_bytes", "token_id", b"token_id", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
