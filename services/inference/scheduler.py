@@ -75,6 +75,8 @@ class SchedulerLimits:
             budget keeps unusable is no room to wait in.
         max_prefill_tokens: prompt tokens admitted per step (bounds the
             inter-token latency hit that new prompts impose on running streams).
+            A longer prompt is admitted alone, as the only prefill of its step,
+            at the first boundary where no other prompt awaits its prefill.
         messages_per_step: stream messages per step before token batching:
             with more running sequences, each one's tokens reach its stream
             every ceil(running / messages_per_step) steps (0 = every step).
@@ -617,8 +619,9 @@ class Scheduler:
         # Prompts admitted at the last boundary and not prefilled yet (a decode step
         # came first: _next_batch) spend the same step's budget: the next prefill
         # step carried two boundaries' worth, twice the bound on its ITL hit.
+        most = self.limits.max_prefill_tokens
         pending = sum(len(seq.prompt_ids) for seq in self._running if not seq.generated)
-        prefill_budget = self.limits.max_prefill_tokens - pending
+        prefill_budget = most - pending
         paced = False  # stopped by the prefill budget alone: the rest start in later steps
         while self._free_slots:
             seq = self._waiting.peek()
@@ -627,7 +630,13 @@ class Scheduler:
             if self._running:  # an empty batch always admits one, so nothing starves
                 if self._reserved + seq.reserved_tokens > self.limits.max_kv_tokens:
                     break
-                if len(seq.prompt_ids) > prefill_budget:
+                # A prompt longer than the whole budget never fits what is left of
+                # it: it costs the whole budget instead, so it starts at the first
+                # boundary with no other prefill pending or admitted, as the only
+                # prefill of its step. Waiting for an empty batch instead kept it
+                # at the head, stopping everyone behind it, until every running
+                # stream had ended.
+                if min(len(seq.prompt_ids), most) > prefill_budget:
                     paced = True
                     break
             self._waiting.pop()
@@ -648,13 +657,14 @@ class Scheduler:
         """Sets what the next admission can start from the truth, after an admission.
 
         The waiting requests it did not start are queued, unless only the
-        prefill budget stopped it (they start in the next steps as far as
-        slots and KV allow: counted in the waiting requests' order, priority
-        class first, up to the first that does not fit, so at most a free
-        slot's worth of them are looked at; admission's fair order within a
-        class may pick others, an estimate off by at most those). Requests
-        submitted since the inbox was taken are counted again against the new
-        truth.
+        prefill budget stopped it: then they start in the next steps as far as
+        slots and KV allow (every prompt fits some step's budget, one longer
+        than the whole budget as that step's only prefill), counted in the
+        waiting requests' order, priority class first, up to the first that
+        does not fit, so at most a free slot's worth of them are looked at
+        (admission's fair order within a class may pick others, an estimate
+        off by at most those). Requests submitted since the inbox was taken
+        are counted again against the new truth.
         """
         capacity = StartCapacity(
             len(self._free_slots),

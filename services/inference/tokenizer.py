@@ -155,7 +155,7 @@ class WordTokenizer(Tokenizer):
 
 
 #: Mark: where a decoder stood, for `IncrementalDecoder.rewound`.
-Mark = tuple[int, int, int] | bytes
+Mark = tuple[int, int, int, int] | bytes
 
 
 class IncrementalDecoder(abc.ABC):
@@ -238,7 +238,11 @@ class WindowDecoder(IncrementalDecoder):
     text can depend on its neighbours, so it decodes a short window (the last
     emitted tokens as context plus the new ones) rather than one token — and
     never the whole sequence, which would make long streams quadratic. A
-    trailing replacement character is held back until its bytes complete.
+    trailing replacement character (an incomplete one) is held back until its
+    bytes complete; the complete characters before it are returned at once,
+    as ByteDecoder returns them: a stop sequence in them then ends the stream
+    at the token that completed it (holding them back too sent and billed the
+    tokens after it).
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
@@ -246,29 +250,41 @@ class WindowDecoder(IncrementalDecoder):
         self._ids: list[int] = []
         self._prefix = 0  # start of the context window
         self._read = 0  # tokens whose text has been emitted
+        self._partial = 0  # characters emitted of the tokens after _read
 
     def push(self, token_ids: Sequence[int]) -> str:
         self._ids.extend(token_ids)
         prefix_text = self._tokenizer.decode(self._ids[self._prefix : self._read])
         text = self._tokenizer.decode(self._ids[self._prefix :])
-        if len(text) <= len(prefix_text) or text.endswith("\ufffd"):
+        start = len(prefix_text) + self._partial
+        if text.endswith("\ufffd"):
+            # The tokens after _read stay in the window until the character completes.
+            complete = len(text.rstrip("\ufffd"))
+            if complete <= start:
+                return ""
+            self._partial = complete - len(prefix_text)
+            return text[start:complete]
+        if len(text) <= start:
             return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return text[len(prefix_text) :]
+        self._prefix, self._read, self._partial = self._read, len(self._ids), 0
+        return text[start:]
 
     def mark(self) -> Mark:
-        return len(self._ids), self._prefix, self._read  # cheap: ids only grow
+        return len(self._ids), self._prefix, self._read, self._partial  # cheap: ids only grow
 
     def rewound(self, mark: Mark) -> IncrementalDecoder:
         if isinstance(mark, bytes):
             raise TypeError("not a WindowDecoder's mark")
-        size, prefix, read = mark
+        size, prefix, read, partial = mark
         other = WindowDecoder(self._tokenizer)
         other._ids, other._prefix, other._read = self._ids[:size], prefix, read
+        other._partial = partial
         return other
 
     def flush(self) -> str:
         prefix_text = self._tokenizer.decode(self._ids[self._prefix : self._read])
         text = self._tokenizer.decode(self._ids[self._prefix :])
+        start = len(prefix_text) + self._partial
         self._prefix = self._read = len(self._ids)
-        return text[len(prefix_text) :]
+        self._partial = 0
+        return text[start:]
