@@ -14,21 +14,30 @@ How a weight moves, per heartbeat of the worker (all pure functions here):
    the report's window means no evidence: no cost.
 2. smoothing: the cost is an EWMA (`EWMA_ALPHA`) over heartbeats, so one
    slow request moves nothing much.
-3. target: `NEUTRAL_WEIGHT` x (best smoothed cost among routable workers /
-   this worker's), between `MIN_WEIGHT` and `NEUTRAL_WEIGHT` (within
-   `DEADBAND` % or `DEADBAND_MS` of the best counts as the best). A worker without a cost (no
+3. target, per cluster (model version) the worker is in: `NEUTRAL_WEIGHT` x
+   (best smoothed cost among that cluster's routable workers / this worker's),
+   between `MIN_WEIGHT` and `NEUTRAL_WEIGHT` (within `DEADBAND` % or
+   `DEADBAND_MS` of the best counts as the best). A worker without a cost (no
    report, or an idle one) targets the neutral weight.
 4. hysteresis: a target within `DEADBAND` of the current weight changes
    nothing (no flapping on noise), and a weight moves at most `MAX_STEP`
    per heartbeat toward its target (no cliff when one report is odd).
+
+A worker serving several versions has one weight per version's cluster
+(`ClusterWeight`): one weight for all of them, set against the fastest worker
+sharing any of them, put a worker of m1 and m2 at the floor next to a fast
+worker of m2 only, in m1's cluster too, where its equally fast peer kept 100.
+Its own weight (`overall`: what ListWorkers shows and the `inference` cluster
+uses) is the lowest of them.
 
 The outcome carries a one-line reason that `tokenmesh workers list` shows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 
 NEUTRAL_WEIGHT = 100
 MIN_WEIGHT = 5  # never 0: a slowed worker keeps a trickle, so its reports stay fresh
@@ -62,10 +71,12 @@ class LoadReport:
         return (1.0 + queued) * (1.0 + kv)
 
     def cost(self) -> float | None:
-        """Returns the report's cost (higher: slower to start a new request), None if unknown."""
-        if self.ttft_samples <= 0:
+        """Returns the report's cost (higher: slower to start a new request), None if unknown
+        (no sample, or a TTFT that is not a number: no evidence either way)."""
+        if self.ttft_samples <= 0 or not math.isfinite(self.ttft_p50_ms):
             return None
-        return max(self.ttft_p50_ms, 0.1) * self.pressure()
+        cost = max(self.ttft_p50_ms, 0.1) * self.pressure()
+        return cost if math.isfinite(cost) else None
 
 
 @dataclass(frozen=True)
@@ -77,12 +88,21 @@ class WeightState:
     reason: str = "no load report yet: neutral weight"
 
 
+@dataclass(frozen=True)
+class ClusterWeight:
+    """ClusterWeight is a worker's weight state in one model version's cluster."""
+
+    model: str
+    version: str
+    state: WeightState
+
+
 def smoothed_cost(previous: float | None, report: LoadReport | None) -> float | None:
     """Returns the EWMA of the costs (a report with no cost forgets the past: no evidence)."""
     current = report.cost() if report is not None else None
     if current is None:
         return None
-    if previous is None:
+    if previous is None or not math.isfinite(previous):  # inf: stored by an earlier router
         return current
     return EWMA_ALPHA * current + (1.0 - EWMA_ALPHA) * previous
 
@@ -90,6 +110,10 @@ def smoothed_cost(previous: float | None, report: LoadReport | None) -> float | 
 def target_weight(cost: float | None, best_cost: float | None) -> int:
     """Returns the weight a worker of `cost` should have next to the best worker's."""
     if cost is None or best_cost is None or cost <= 0 or cost - best_cost < DEADBAND_MS:
+        return NEUTRAL_WEIGHT
+    if not math.isfinite(cost) or not math.isfinite(best_cost):
+        # No evidence (load_from_pb refuses such reports): inf - inf made NaN, and
+        # round(NaN) raised in every heartbeat of the worker.
         return NEUTRAL_WEIGHT
     weight = round(NEUTRAL_WEIGHT * min(best_cost, cost) / cost)
     if weight > NEUTRAL_WEIGHT - DEADBAND:
@@ -125,11 +149,33 @@ def update(
         report: the load it reported now (None: none).
         others: the smoothed costs of the other routable workers.
     """
-    cost = smoothed_cost(previous.cost, report)
+    return settle(previous, report, smoothed_cost(previous.cost, report), others)
+
+
+def settle(
+    previous: WeightState,
+    report: LoadReport | None,
+    cost: float | None,
+    others: Iterable[float | None],
+) -> WeightState:
+    """Returns a weight state after one heartbeat whose smoothed cost is `cost`
+    (`update`; a worker in several clusters settles once per cluster, on one cost)."""
     reference = best([cost, *others])
     target = target_weight(cost, reference)
     weight = stepped(previous.weight, target)
     return WeightState(cost, weight, explain(report, cost, reference, target, weight))
+
+
+def overall(cost: float | None, clusters: Sequence[ClusterWeight]) -> WeightState:
+    """Returns a worker's own weight: its lowest in any of its clusters (the one an
+    operator should look at), its reason naming that cluster when there are several."""
+    if not clusters:
+        return WeightState(cost)
+    lowest = min(clusters, key=lambda c: c.state.weight)
+    if len(clusters) == 1:
+        return lowest.state
+    where = f"lowest in {lowest.model}:{lowest.version}: "
+    return replace(lowest.state, reason=where + lowest.state.reason)
 
 
 def explain(

@@ -35,7 +35,7 @@ from services.core.errors import (
 from services.core.redis_service import known_fields, text
 from services.router import load_weights
 from services.router.catalog import check_name, check_version
-from services.router.load_weights import LoadReport, WeightState
+from services.router.load_weights import ClusterWeight, LoadReport, WeightState
 
 WORKERS_KEY = "tokenmesh:router:workers"
 # Each worker's hot prompt heads per version, apart from its entry: every
@@ -86,9 +86,12 @@ class WorkerEntry:
     models: tuple[tuple[str, str], ...]
     state: str = SERVING
     lease_expires_at: float = 0.0
-    # The last load report (None: none yet) and the weight the edge gives the worker.
+    # The last load report (None: none yet), the worker's own weight (the lowest of its
+    # clusters': ListWorkers, the `inference` cluster) and its weight in each of its
+    # model versions' clusters (see `weight_in`).
     load: LoadReport | None = None
     weight: WeightState = WeightState()
+    cluster_weights: tuple[ClusterWeight, ...] = ()
     # Per model version outcome counters the worker reported (see services.router.rollouts).
     outcomes: tuple[VersionCounts, ...] = ()
     # SHA-256 (hex) of the lease token the worker registered with ("" = none).
@@ -122,6 +125,10 @@ class WorkerEntry:
                 "lease_expires_at": self.lease_expires_at,
                 "load": None if self.load is None else asdict(self.load),
                 "weight": asdict(self.weight),
+                "cluster_weights": [
+                    {"model": c.model, "version": c.version, **asdict(c.state)}
+                    for c in self.cluster_weights
+                ],
                 "outcomes": [c.to_json() for c in self.outcomes],
                 "token_sha256": self.token_sha256,
                 "served": list(self.served),
@@ -143,12 +150,26 @@ class WorkerEntry:
             # Entries written before load reports existed have none.
             load=LoadReport(**known_fields(LoadReport, data["load"])) if data.get("load") else None,
             weight=WeightState(**known_fields(WeightState, data.get("weight") or {})),
+            # Entries written before per-cluster weights have none (see `weight_in`).
+            cluster_weights=tuple(
+                ClusterWeight(str(c["model"]), str(c["version"]), _weight_state(c))
+                for c in data.get("cluster_weights", ())
+            ),
             outcomes=tuple(VersionCounts.from_json(c) for c in data.get("outcomes", ())),
             # Entries written before lease tokens existed have none.
             token_sha256=str(data.get("token_sha256", "")),
             # Entries written before workers described their models have none.
             served=tuple(str(m) for m in data.get("served", ())),
         )
+
+    def weight_in(self, model: str, version: str) -> WeightState:
+        """Returns the worker's weight in one model version's cluster (its own weight
+        where it has none there yet: an entry written before per-cluster weights, or a
+        version it just added)."""
+        for cluster in self.cluster_weights:
+            if (cluster.model, cluster.version) == (model, version):
+                return cluster.state
+        return self.weight
 
     def holds(self, lease_token: str) -> bool:
         """Tells whether `lease_token` is this registration's (any token when it has none)."""
@@ -389,16 +410,16 @@ class WorkerRegistry:
             # Only counters of versions the worker serves: rollouts and pins sum every
             # worker's, and a worker reported made-up outcomes of any model's canary.
             serving = {*models, *entry.models}
-            # Weighed against the workers it shares a version with (a cluster at the
-            # edge): a fast worker of a small model made a large model's workers all
-            # look slow, and their weights all fell to the floor (an even split).
-            peers = [o.weight.cost for o in others if serving.intersection(o.models)]
+            # The worker's cost is one (its load); its weight is per cluster.
+            cost = load_weights.smoothed_cost(entry.weight.cost, load)
+            clusters = _cluster_weights(entry, tuple(models) or entry.models, load, cost, others)
             renewed = replace(
                 entry,
                 models=tuple(models) or entry.models,
                 lease_expires_at=now + self.lease_s,
                 load=load,
-                weight=load_weights.update(entry.weight, load, peers),
+                weight=load_weights.overall(cost, clusters),
+                cluster_weights=clusters,
                 outcomes=tuple(o for o in outcomes if (o.model, o.version) in serving),
                 served=tuple(served) or entry.served,
             )
@@ -462,6 +483,41 @@ class WorkerRegistry:
             await self._forget(keys=[WORKERS_KEY], args=stale)
             await self.redis.hdel(HEAT_KEY, *gone)  # a re-registered one sends its own again
         return sorted((w for w in workers if w.worker_id not in gone), key=lambda w: w.worker_id)
+
+
+def _cluster_weights(
+    entry: WorkerEntry,
+    models: Sequence[tuple[str, str]],
+    load: LoadReport | None,
+    cost: float | None,
+    others: Sequence[WorkerEntry],
+) -> tuple[ClusterWeight, ...]:
+    """A heartbeat's weight of the worker in each of its versions' clusters, each set
+    against the routable workers of that cluster only (services.router.load_weights).
+
+    Not one weight against every worker sharing any version: a worker of m1 and m2
+    fell to the floor next to a fast worker of m2 only, in m1's cluster too, where an
+    equally fast worker of m1 alone kept 100 and took ~91% of m1's traffic and pins.
+    And not against every worker: a fast worker of a small model made a large
+    model's workers all look slow, and they all fell to the floor (an even split).
+    """
+    return tuple(
+        ClusterWeight(
+            model,
+            version,
+            load_weights.settle(
+                entry.weight_in(model, version),
+                load,
+                cost,
+                [o.weight.cost for o in others if (model, version) in o.models],
+            ),
+        )
+        for model, version in dict.fromkeys(models)
+    )
+
+
+def _weight_state(data: Mapping[str, Any]) -> WeightState:
+    return WeightState(**known_fields(WeightState, data))
 
 
 def _heads_json(outcomes: Sequence[VersionCounts]) -> str:

@@ -113,17 +113,37 @@ def worker_to_pb(worker: WorkerEntry) -> router_pb2.Worker:
     )
 
 
+# A TTFT above this (ms, ~2.8 hours) is clamped: a cost is the TTFT times the queue
+# pressure, and a finite 1e300 ms overflowed to infinity.
+TTFT_MAX_MS = 1e7
+
+
 def load_from_pb(load: router_pb2.WorkerLoad) -> LoadReport:
-    """Converts a heartbeat's load report."""
+    """Converts a heartbeat's load report.
+
+    A TTFT that is not a finite number is no sample: an infinite median raised
+    ValueError (NaN weight) in every heartbeat of a worker with no timed peer, so
+    its lease lapsed, and a NaN one read as 0 ms, the best worker of its clusters.
+    """
+    timed = math.isfinite(load.ttft_p50_ms) and math.isfinite(load.ttft_p99_ms)
     return LoadReport(
         queue_depth=max(0, load.queue_depth),
         running=max(0, load.running_sequences),
         slots=max(0, load.max_sequences),
-        kv_utilization=min(1.0, max(0.0, load.kv_utilization)),
-        ttft_samples=max(0, load.ttft_samples),
-        ttft_p50_ms=max(0.0, load.ttft_p50_ms),
-        ttft_p99_ms=max(0.0, load.ttft_p99_ms),
+        # NaN: no evidence (0); an infinite share is a full one.
+        kv_utilization=0.0 if math.isnan(load.kv_utilization) else _share(load.kv_utilization),
+        ttft_samples=max(0, load.ttft_samples) if timed else 0,
+        ttft_p50_ms=_ttft_ms(load.ttft_p50_ms) if timed else 0.0,
+        ttft_p99_ms=_ttft_ms(load.ttft_p99_ms) if timed else 0.0,
     )
+
+
+def _share(value: float) -> float:
+    return min(1.0, max(0.0, value))
+
+
+def _ttft_ms(value: float) -> float:
+    return min(TTFT_MAX_MS, max(0.0, value))
 
 
 # A heartbeat's hot prompt heads kept per version (the worker sends at most 32).
@@ -158,6 +178,9 @@ def outcomes_from_pb(load: router_pb2.WorkerLoad, received_at: float) -> list[Ve
         )
         for v in load.versions
         if len(v.ttft_bucket_counts) == len(v.ttft_bucket_bounds_ms) + 1
+        # Rollouts read TTFT quantiles from these: an infinite bound read as an infinite
+        # p99, a NaN one set a window's shape that no other worker's bounds matched.
+        and all(math.isfinite(bound) for bound in v.ttft_bucket_bounds_ms)
         and contract.is_model_name(v.model.name)
         and contract.is_model_version(v.model.version)
         # Rollouts sum these over workers: a negative count hid another's errors.

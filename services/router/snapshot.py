@@ -176,11 +176,13 @@ def build(
             name, model_health_name(model, version), options, flags, affinity
         )
         hosts = [w for w in routable if (model, version) in w.models]
-        endpoints[name] = load_assignment(name, hosts, weighted)
+        # Each worker weighs what it earned in this cluster, next to this cluster's
+        # workers only (WorkerEntry.weight_in), in its endpoints, pins and turns alike.
+        endpoints[name] = load_assignment(name, hosts, weighted, (model, version))
         if affinity:
             last = (last_pins or {}).get((model, version), {})
             pins[(model, version)] = version_pins(model, version, hosts, now, weighted, last)
-            spread[(model, version)] = spread_workers(hosts, weighted)
+            spread[(model, version)] = spread_workers(hosts, weighted, (model, version))
     for entry in catalog.values():
         fallback = _fallback_target(entry, catalog, now)
         if fallback is None:
@@ -322,17 +324,24 @@ def aggregate_cluster(name: str, clusters: Sequence[str]) -> dict[str, Any]:
 
 
 def load_assignment(
-    cluster: str, workers: Sequence[WorkerEntry], weighted: bool = True
+    cluster: str,
+    workers: Sequence[WorkerEntry],
+    weighted: bool = True,
+    version: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Builds one cluster's endpoints, weighted by the workers' load (load_weights) unless
-    `weighted` is off (then all weigh NEUTRAL_WEIGHT)."""
+    `weighted` is off (then all weigh NEUTRAL_WEIGHT): in model `version`'s cluster, by
+    their weights there; elsewhere (None) by their own."""
     return envoy_config.load_assignment(
-        cluster,
-        [
-            Endpoint(w.host, w.port, w.weight.weight if weighted else NEUTRAL_WEIGHT)
-            for w in workers
-        ],
+        cluster, [Endpoint(w.host, w.port, _weight(w, version, weighted)) for w in workers]
     )
+
+
+def _weight(worker: WorkerEntry, version: tuple[str, str] | None, weighted: bool) -> int:
+    """A worker's endpoint weight in model `version`'s cluster (None: its own weight)."""
+    if not weighted:
+        return NEUTRAL_WEIGHT
+    return (worker.weight if version is None else worker.weight_in(*version)).weight
 
 
 def version_pins(
@@ -351,7 +360,7 @@ def version_pins(
         holders.append(
             prefix_pins.Holder(
                 override_address(w.host, w.port),
-                w.weight.weight if weighted else NEUTRAL_WEIGHT,
+                _weight(w, (model, version), weighted),
                 {h.prefix: (h.requests, max(0.0, now - h.seen_at)) for h in heads},
                 {h.prefix: h.prompt_tokens for h in heads if h.prompt_tokens},
                 max((c.prefix_cache_tokens for c in counts), default=0),
@@ -372,10 +381,13 @@ HOT_PREFIX_STALE_S = 10.0
 SPREAD_TURNS = 4
 
 
-def spread_workers(hosts: Sequence[WorkerEntry], weighted: bool = True) -> list[str]:
+def spread_workers(
+    hosts: Sequence[WorkerEntry], weighted: bool = True, version: tuple[str, str] | None = None
+) -> list[str]:
     """One cycle of turns for heads the edge has not seen: each worker's override
     address as often as its load-aware weight earns (SPREAD_TURNS at the top), in
-    smooth weighted round-robin order; none when the weights are off.
+    smooth weighted round-robin order; none when the weights are off. The weights
+    are those of model `version`'s cluster (None: the workers' own).
 
     The edge takes the turns in order, so unseen heads go where a weighted round
     robin would send them, and a worker the weights hold back (slow, saturated)
@@ -386,12 +398,11 @@ def spread_workers(hosts: Sequence[WorkerEntry], weighted: bool = True) -> list[
     (one large resource) change only when a worker's level does, not with each
     weight move.
     """
-    top = max((w.weight.weight for w in hosts), default=0)
+    weights = {override_address(w.host, w.port): _weight(w, version, True) for w in hosts}
+    top = max(weights.values(), default=0)
     if not weighted or top <= 0:
         return []
-    turns = {
-        override_address(w.host, w.port): round(SPREAD_TURNS * w.weight.weight / top) for w in hosts
-    }
+    turns = {address: round(SPREAD_TURNS * weight / top) for address, weight in weights.items()}
     return smooth_round_robin({address: n for address, n in turns.items() if n > 0})
 
 

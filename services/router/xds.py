@@ -163,10 +163,15 @@ class ControlPlane:
         fresh already; every poll refreshes it after, until `release`."""
         fresh = flags in self._in_use() and flags in self._flavours
         self._users[flags] += 1
-        if not fresh:
-            async with self._building:
-                (resources,) = await self._build([flags])
-                self._flavours[flags] = pack(resources, self._flavours.get(flags))
+        if fresh:
+            return
+        async with self._building:
+            # Installed as a poll installs, make before break included: stored as
+            # built, a cluster dropped under CLUSTER_LINGER_S ago left the snapshot at
+            # once (the reconnecting edge's routes still named it: 503 "no cluster"),
+            # and the next poll put it back from the lingering set for a few seconds.
+            changed = self._install([flags], await self._build([flags]))
+        await self._publish(changed)
 
     def release(self, flags: EdgeFlags) -> None:
         """Counts a stream of `flags` out (its flavour is dropped at the next poll if unused)."""
@@ -184,6 +189,11 @@ class ControlPlane:
             flavours = self._in_use()
             changed = self._install(flavours, await self._build(flavours))
         self.ready.set()
+        await self._publish(changed)
+
+    async def _publish(self, changed: bool) -> None:
+        """Wakes every stream if an install changed anything (a stream of a flavour
+        that `ensure` rebuilt may have read its older snapshot meanwhile)."""
         if changed:
             async with self._changed:
                 self._generation += 1

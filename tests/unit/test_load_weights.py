@@ -113,3 +113,36 @@ def test_worker_outcomes_count_errors_and_bucket_ttfts_with_a_recent_window():
     assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5) == 3.0
     assert percentile(list(map(float, range(1, 101))), 0.99) == 99.0
     assert percentile([], 0.99) == 0.0
+
+
+def test_a_ttft_that_is_not_a_finite_number_is_no_evidence():
+    # inf - inf made NaN, and round(NaN) raised in every heartbeat of the worker.
+    for ttft in (float("inf"), float("nan")):
+        assert LoadReport(ttft_samples=3, ttft_p50_ms=ttft).cost() is None
+        state = lw.update(WeightState(), LoadReport(ttft_samples=3, ttft_p50_ms=ttft), [])
+        assert state == lw.update(WeightState(), LoadReport(), [])
+    assert LoadReport(ttft_samples=3, ttft_p50_ms=1e300, queue_depth=1 << 30).cost() is None
+    assert lw.target_weight(float("inf"), float("inf")) == lw.NEUTRAL_WEIGHT
+    # A cost an earlier router stored as Infinity is forgotten, not kept forever.
+    assert lw.smoothed_cost(float("inf"), report(40.0)) == 40.0
+
+
+def test_a_workers_own_weight_is_its_lowest_of_its_clusters():
+    low = WeightState(200.0, 10, "cost 200ms vs best 20ms")
+    clusters = [
+        lw.ClusterWeight("m1", "1", WeightState(200.0, 100, "cost 200ms vs best 200ms")),
+        lw.ClusterWeight("m2", "1", low),
+    ]
+    assert lw.overall(200.0, clusters) == WeightState(
+        200.0, 10, "lowest in m2:1: cost 200ms vs best 20ms"
+    )
+    assert lw.overall(200.0, clusters[1:]) == low  # one cluster: its own
+
+
+def test_worker_entries_keep_their_cluster_weights_and_old_entries_use_their_own():
+    clusters = (lw.ClusterWeight("m", "1", WeightState(40.0, 55, "why")),)
+    entry = WorkerEntry("w", "127.0.0.1", 1, (("m", "1"), ("n", "1")), cluster_weights=clusters)
+    entry = WorkerEntry(**{**entry.__dict__, "weight": WeightState(40.0, 30, "own")})
+    assert WorkerEntry.from_json("w", entry.to_json()) == entry
+    assert entry.weight_in("m", "1").weight == 55
+    assert entry.weight_in("n", "1").weight == 30  # none there yet: its own

@@ -22,7 +22,7 @@ from services.inference.load_report import (
 )
 from services.router import catalog as cat
 from services.router import prefix_pins, snapshot
-from services.router.load_weights import LoadReport, WeightState
+from services.router.load_weights import ClusterWeight, LoadReport, WeightState
 from services.router.prefix_pins import Holder
 from services.router.registry import HotPrefix, VersionCounts, WorkerEntry
 from services.router.servicer import load_to_pb, outcomes_from_pb
@@ -453,3 +453,36 @@ def test_smooth_round_robin_spreads_each_names_turns_over_the_cycle():
     assert collections.Counter(cycle) == {"a": 4, "b": 3, "c": 1}
     assert all(x != y for x, y in itertools.pairwise(cycle))  # no name twice in a row
     assert snapshot.smooth_round_robin({}) == []
+
+
+def test_pins_turns_and_endpoints_use_each_workers_weight_in_that_versions_cluster():
+    # w2 also serves another model, where a faster worker holds it at 10: that was its
+    # one weight in m's cluster too, and m's pins and turns went nearly all to w1, as
+    # fast as w2 in m.
+    model = cat.add_version(None, "m", "1", 0)
+    w1 = _worker("w1", "127.0.0.1", 1001, dict.fromkeys(HEADS[:4], 6.0))
+    w2 = _worker("w2", "127.0.0.1", 1002, dict.fromkeys(HEADS[4:], 6.0))
+    w2 = replace(
+        w2,
+        models=(("m", "1"), ("other", "1")),
+        weight=WeightState(200.0, 10, "lowest in other:1"),
+        cluster_weights=(
+            ClusterWeight("m", "1", WeightState(200.0, 100, "")),
+            ClusterWeight("other", "1", WeightState(200.0, 10, "")),
+        ),
+    )
+    resources = snapshot.build(
+        {"m": model}, [w1, w2], NOW, snapshot.EdgeFlags(), snapshot.ClusterOptions()
+    )
+    assert split(dict(resources.pins[("m", "1")])) == {"127.0.0.1:1001": 4, "127.0.0.1:1002": 4}
+    a, b = "127.0.0.1:1001", "127.0.0.1:1002"
+    assert snapshot.spread_workers([w1, w2], version=("m", "1")) == [a, b] * 4
+    endpoints = resources.by_type[snapshot.ENDPOINT_TYPE]
+    weights = [
+        e["load_balancing_weight"] for e in endpoints["model:m:1"]["endpoints"][0]["lb_endpoints"]
+    ]
+    assert weights == [100, 100]
+    # Its own weight (the lowest of its clusters') where no version is meant.
+    assert sorted(
+        e["load_balancing_weight"] for e in endpoints["inference"]["endpoints"][0]["lb_endpoints"]
+    ) == [10, 100]

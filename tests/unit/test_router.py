@@ -601,3 +601,38 @@ def test_the_router_clock_reads_redis_at_the_round_trips_midpoint():
         assert abs(cat._redis_clock_offset_s) < 0.05
     finally:
         cat._redis_clock_offset_s = 0.0
+
+
+def test_an_edge_reconnecting_within_a_linger_keeps_the_cluster_and_it_does_not_flap():
+    # The only edge of its flavour reconnected: `ensure` installed its build without
+    # make-before-break (the dropped cluster gone at once), and the next poll put the
+    # cluster back from the lingering set until the linger ended: gone, back, gone.
+    async def scenario() -> list[bool]:
+        state = {"models": {"m": two_versions()}}
+        clock = {"now": 100.0}
+        edge = EdgeFlags(auth=False)  # not the flavour a poll keeps while nobody is connected
+
+        async def build_for(flavours: Sequence[EdgeFlags]):
+            workers = [worker("w", 1, ("m", "1"), ("m", "2"))]
+            return [build(state["models"], workers, flags) for flags in flavours]
+
+        plane = ControlPlane(build_for, poll_s=1, clock=lambda: clock["now"])
+        await plane.ensure(edge)
+        seen = []
+
+        def has_version_2() -> None:
+            seen.append("model:m:2" in plane.resources(edge).source.by_type[CLUSTER_TYPE])
+
+        state["models"], clock["now"] = {"m": cat.add_version(None, "m", "1", 0)}, 101.0
+        await plane.refresh()
+        has_version_2()
+        plane.release(edge)
+        await plane.ensure(edge)  # its edge reconnects
+        has_version_2()
+        for now in (102.0, 106.0, 107.0):
+            clock["now"] = now
+            await plane.refresh()
+            has_version_2()
+        return seen
+
+    assert asyncio.run(scenario()) == [True, True, True, False, False]
