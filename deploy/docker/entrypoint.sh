@@ -5,9 +5,10 @@ case "${1:-}" in
   auth|router|usage|jobs|inference) exec "tokenmesh-$1" ;;
   # With TOKENMESH_PKI_DIR it also writes Envoy's SDS files to /tmp/envoy-sds.
   edge) exec python -m gateway run --out /tmp/envoy.yaml ;;
-  # A local CA and every identity's leaf in $TOKENMESH_PKI_DIR (a volume the
-  # other containers share), re-issued hourly when due; for compose, where no
-  # cert-manager issues them. Extra args go to `python -m services.core.pki`.
+  # A local CA and every identity's leaf in $TOKENMESH_PKI_DIR (this
+  # container's alone), re-issued hourly when due; for compose, where no
+  # cert-manager issues them. Extra args go to `python -m services.core.pki`
+  # (compose: --export, each identity's own files into its own volume).
   pki)
     shift
     dir="${TOKENMESH_PKI_DIR:?pki needs TOKENMESH_PKI_DIR}"

@@ -9,7 +9,8 @@ boundary interceptor:
   naming the rule;
 - edge-only headers (`x-tokenmesh-*`) from any caller but the edge:
   PERMISSION_DENIED, so nobody inside can forge a tenant, key or scope;
-- registry RPCs: a worker may only name an address on its own host.
+- registry RPCs: a worker may only name its own IP address (the connection's
+  source; never a name from the certificate every worker shares).
 
 Clients verify the server's identity too: each leaf carries the DNS name
 `<identity>.tokenmesh.local`, and `secure_channel` checks it through the
@@ -18,7 +19,9 @@ TLS target name, whatever address the channel dials.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import urllib.parse
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -105,12 +108,35 @@ def peer_identity(context: Context) -> str | None:
 
 
 def peer_hosts(context: Context) -> frozenset[str]:
-    """Returns the caller's address and the DNS/IP names its certificate vouches for."""
-    hosts = {name.decode(errors="replace") for name in context.peer_identities() or ()}
-    peer = context.peer()  # "ipv4:127.0.0.1:5000" or "ipv6:[::1]:5000"
-    address = peer.split(":", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    hosts.add(address)
-    return frozenset(hosts)
+    """Returns the hosts the caller may act for: the connection's source IP address alone.
+
+    Not its certificate's names: every worker shares one certificate, whose
+    DNS names (the workers' Service name, `localhost`, ...) and SPIFFE id say
+    nothing about which pod is calling; a worker vouching for one could speak
+    for the address the router resolves it to, another pod's. Empty when the
+    peer is not an IP connection (then no host is the caller's).
+    """
+    host = _ip(_peer_host(context.peer()))
+    return frozenset() if host is None else frozenset({host})
+
+
+def _peer_host(peer: str) -> str:
+    """Returns the host of a gRPC peer string: "ipv4:10.0.0.5:5000" -> "10.0.0.5";
+    "ipv6:%5B::1%5D:5000" (grpc percent-encodes the brackets) -> "::1"."""
+    address = urllib.parse.unquote(peer.split(":", 1)[-1])
+    return address.rsplit(":", 1)[0].strip("[]")
+
+
+def _ip(host: str) -> str | None:
+    """Returns `host` as a canonical IP address string (an IPv4-mapped IPv6 address as
+    its IPv4 one), or None when it is not an IP address (a DNS name)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
 
 
 class Authorizer:
@@ -224,12 +250,18 @@ def require_own_host(rpc: str, address: str, context: Context) -> None:
 
 
 def require_host_among(rpc: str, address: str, hosts: Collection[str]) -> None:
-    """Raises PermissionDenied unless the host of `address` (host:port) is one of `hosts`
-    (the caller's, from `peer_hosts`)."""
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host not in hosts:
+    """Raises PermissionDenied unless the host of `address` (host:port) is an IP address
+    among `hosts` (the caller's, from `peer_hosts`).
+
+    A DNS name is refused even when it would resolve to the caller: a shared
+    name (a headless Service) resolves to other pods as well, and the router
+    routes to whichever address it resolves first. Workers register an IP
+    (`TOKENMESH_ADVERTISE_HOST`: the pod IP, `auto`, or 127.0.0.1).
+    """
+    host = _ip(address.rsplit(":", 1)[0].strip("[]"))
+    if host is None or host not in {_ip(h) for h in hosts}:
         raise PermissionDenied(
-            f"{rpc}: a worker may act only for an address of its own host",
+            f"{rpc}: a worker may act only for its own IP address (the connection's source)",
             reason="NOT_OWN_ADDRESS",
         )
 

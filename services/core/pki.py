@@ -11,6 +11,10 @@ cert-manager or SPIRE mount provides in Kubernetes)::
     <identity>.pem               the leaf certificate
     <identity>-key.pem           its key (0600)
 
+The issuing directory holds every identity; a component must be given only
+its own three files (`export_identity`: compose's per-identity volumes), or it
+could present any identity or mint one with the CA's key.
+
 Keys are written with their final mode from creation (never chmod-ed
 afterwards), and every file is replaced atomically, so a server that
 reloads certificates never reads half a file.
@@ -74,9 +78,10 @@ class IdentityFiles:
         """Returns (ca, cert, key) PEM bytes."""
         return self.ca.read_bytes(), self.cert.read_bytes(), self.key.read_bytes()
 
-    def version(self) -> tuple[int, int]:
-        """Returns a stamp that changes whenever the certificate or key is replaced."""
-        return self.cert.stat().st_mtime_ns, self.key.stat().st_mtime_ns
+    def version(self) -> tuple[int, int, int]:
+        """Returns a stamp that changes whenever the trust bundle, certificate or key is
+        replaced (a bundle gaining a new CA, during CA rotation, changes no leaf)."""
+        return self.ca.stat().st_mtime_ns, self.cert.stat().st_mtime_ns, self.key.stat().st_mtime_ns
 
 
 def _write_public(path: Path, data: bytes) -> None:
@@ -237,19 +242,48 @@ def ensure_local_pki(pki_dir: Path, identities: Sequence[str] = IDENTITIES) -> L
     return ca
 
 
+def export_identity(pki_dir: Path, identity: str, out_dir: Path) -> bool:
+    """Copies `identity`'s own files (ca.pem, <identity>.pem, <identity>-key.pem) from
+    the issuing directory `pki_dir` into `out_dir`; returns whether any changed.
+
+    Never ca-key.pem or another identity's files: `out_dir` is what that one
+    component mounts. Only changed files are replaced, so a reader's
+    `IdentityFiles.version()` moves (and it reloads) only on a real change.
+    """
+    source, target = IdentityFiles.of(pki_dir, identity), IdentityFiles.of(out_dir, identity)
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    changed = False
+    # The bundle first (a new CA is trusted before a leaf it signed is shown),
+    # then key before certificate as `LocalCA.issue` writes them.
+    for src, dst, write in (
+        (source.ca, target.ca, _write_public),
+        (source.key, target.key, replace_secret),
+        (source.cert, target.cert, _write_public),
+    ):
+        data = src.read_bytes()
+        if not dst.exists() or dst.read_bytes() != data:
+            write(dst, data)
+            changed = True
+    return changed
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Creates the local CA in a directory and issues every leaf that is missing or due.
 
-    `python -m services.core.pki DIR [--dns IDENTITY=NAME ...]`: what a
-    container setup (deploy/compose.yaml) runs once at start and then
-    periodically; `--dns` adds names a leaf answers to (e.g. worker=inference,
-    the host a worker registers under).
+    `python -m services.core.pki DIR [--dns IDENTITY=NAME ...] [--export ROOT]`:
+    what a container setup (deploy/compose.yaml) runs once at start and then
+    periodically; `--dns` adds names a leaf answers to; `--export` then copies
+    each identity's own files into ROOT/<identity>/ (one volume per identity,
+    mounted by that component alone; DIR, with ca-key.pem, stays the issuer's).
     """
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m services.core.pki")
     parser.add_argument("dir", type=Path, help="the PKI directory (ca.pem, <identity>.pem, ...)")
     parser.add_argument("--dns", action="append", default=[], metavar="IDENTITY=NAME")
+    parser.add_argument(
+        "--export", type=Path, metavar="ROOT", help="copy each identity's files to ROOT/<identity>"
+    )
     args = parser.parse_args(argv)
     extra: dict[str, list[str]] = {}
     for item in args.dns:
@@ -263,6 +297,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if needs_renewal(args.dir / f"{identity}.pem"):
             ca.issue(identity, dns_names=extra.get(identity, ()))
             print(f"issued {args.dir / identity}.pem", flush=True)
+    if args.export is not None:
+        # In IDENTITIES order, operator last: its exported leaf means all are there.
+        for identity in IDENTITIES:
+            if export_identity(args.dir, identity, args.export / identity):
+                print(f"exported {args.export / identity}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,12 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from gateway import edge_health
+from gateway.model_routing import model_health_name
+from services.core import contract
 from services.launcher.mesh import Mesh, MeshConfig
+from services.router.snapshot import model_cluster
 from tests.conftest import TEST_SERVICE_ENV
+from tests.e2e.conftest import wait_for_healthy_hosts
 
 WORKER_SERVICE = "tokenmesh.inference.v1.InferenceService"
 WAIT_S = 30.0
@@ -52,11 +56,11 @@ def _healthz(mesh: Mesh) -> int:
 
 
 def _health(
-    channel: grpc.Channel,
+    channel: grpc.Channel, path: str = edge_health.HEALTH_CHECK_PATH
 ) -> grpc.UnaryUnaryMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]:
     # NOTE: the method by hand: the grpc_health stubs do not type HealthStub's methods.
     return channel.unary_unary(
-        edge_health.HEALTH_CHECK_PATH,
+        path,
         request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
         response_deserializer=health_pb2.HealthCheckResponse.FromString,
     )
@@ -64,11 +68,18 @@ def _health(
 
 def _check(channel: grpc.Channel, service: str = "") -> str:
     """Returns the edge's health answer: SERVING, NOT_SERVING, ... or the error code."""
+    return _answer(channel, service)[0]
+
+
+def _answer(
+    channel: grpc.Channel, service: str, path: str = edge_health.HEALTH_CHECK_PATH
+) -> tuple[str, str]:
+    """Returns a health answer in full: (status or error code, error details)."""
     try:
-        answer = _health(channel)(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        answer = _health(channel, path)(health_pb2.HealthCheckRequest(service=service), timeout=5)
     except grpc.RpcError as error:
-        return str(error.code().name)
-    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+        return str(error.code().name), str(error.details() or "")
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)), ""
 
 
 def _channels(mesh: Mesh) -> list[grpc.Channel]:
@@ -108,3 +119,73 @@ def test_grpc_health_is_unavailable_while_a_dependency_is_down_and_the_workers_s
     assert all(_check(channel) == "SERVING" for channel in channels)
     for channel in channels:
         channel.close()
+
+
+def test_anonymous_named_health_tells_nothing_of_which_model_versions_exist(health_mesh):
+    # The workers report each version's readiness under its own health name, for
+    # Envoy's active health checks (which ask the workers directly, not through
+    # a listener). Through the public route, without a credential, such a name
+    # must answer as a made-up one does, whether the version exists or not.
+    served = model_health_name("demo-lm", "1")
+    wait_for_healthy_hosts(health_mesh, [model_cluster("demo-lm", "1")], 1)
+    with health_mesh.channel("inference-0", contract.EDGE) as worker:
+        assert _check(worker, served) == "SERVING"  # the worker does report it
+    names = [
+        served,
+        "tokenmesh.inference.v2.InferenceService/demo-lm/1",  # v2's twin
+        model_health_name("deterministic-test", "1"),
+        model_health_name("demo-lm", "2"),  # a version no worker has
+    ]
+    made_up = model_health_name("no-such-model", "1")
+    for channel in _channels(health_mesh):
+        with channel:
+            assert _answer(channel, made_up) == ("NOT_FOUND", "")
+            for name in names:
+                assert _answer(channel, name) == _answer(channel, made_up), name
+            # The Lua gate matches the whole :path, the route ignores a query string:
+            # a worker finds no method there, for either name.
+            odd_path = f"{edge_health.HEALTH_CHECK_PATH}?service=1"
+            assert _answer(channel, served, odd_path) == _answer(channel, made_up, odd_path)
+            assert _answer(channel, served, odd_path)[0] != "SERVING"
+            # "" and the workers' public service names are answered as before.
+            assert _check(channel) == "SERVING"
+            for service in edge_health.WORKER_SERVICES:
+                assert _check(channel, service) == "SERVING", service
+    # Envoy's own checks of the version still pass (the host stays healthy).
+    wait_for_healthy_hosts(health_mesh, [model_cluster("demo-lm", "1")], 1)
+
+
+def _raw_answer(
+    channel: grpc.Channel, message: bytes, compression: grpc.Compression | None = None
+) -> tuple[str, str]:
+    """Sends `message` as a Health/Check request's bytes, as written (or compressed)."""
+    check = channel.unary_unary(
+        edge_health.HEALTH_CHECK_PATH,
+        request_serializer=lambda raw: raw,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    try:
+        answer = check(message, timeout=5, compression=compression)
+    except grpc.RpcError as error:
+        return str(error.code().name), str(error.details() or "")
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)), ""
+
+
+def test_a_health_request_the_edge_cannot_read_ends_at_the_edge(health_mesh):
+    # A name must not slip past the gate in a shape it does not read: another
+    # field before it, a compressed frame. Field 1 given twice counts as its
+    # last copy, as a worker (protobuf) reads it.
+    served = health_pb2.HealthCheckRequest(service=model_health_name("demo-lm", "1"))
+    empty = health_pb2.HealthCheckRequest().SerializeToString()
+    twice = empty + b"\x0a\x00" + served.SerializeToString()
+    unreadable = ("INVALID_ARGUMENT", edge_health.UNREADABLE_MESSAGE)
+    assert _wait_until(lambda: _healthz(health_mesh) == 200)
+    for channel in _channels(health_mesh):
+        with channel:
+            assert _raw_answer(channel, twice) == ("NOT_FOUND", "")
+            assert _raw_answer(channel, served.SerializeToString() + b"\x0a\x00")[0] == "SERVING"
+            assert _raw_answer(channel, b"\x10\x01" + served.SerializeToString()) == unreadable
+            # gRPC sends a message uncompressed unless that makes it smaller.
+            long = health_pb2.HealthCheckRequest(service=f"{served.service}/{'x' * 500}")
+            gzip = grpc.Compression.Gzip
+            assert _raw_answer(channel, long.SerializeToString(), gzip) == unreadable

@@ -413,29 +413,125 @@ def test_network_policies_cover_every_workload_and_name_its_real_ports():
 
 
 # ---------------------------------------------------------------------------
-# compose: the same mTLS with a local CA in a shared volume
+# compose: the same mTLS with a local CA, each process holding only its identity
 # ---------------------------------------------------------------------------
 
+COMPOSE_IMAGE_USER = 10001  # every container runs as this one uid (deploy/docker/Dockerfile)
 
-def test_compose_runs_every_process_with_the_shared_pki():
-    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
-    services = compose["services"]
-    assert services["pki"]["command"][0] == "pki"
-    pki_dir = services["pki"]["environment"]["TOKENMESH_PKI_DIR"]
-    assert f"pki:{pki_dir}" in services["pki"]["volumes"]
-    assert "healthcheck" in services["pki"]
-    for name in ("auth", "router", "usage", "inference", "edge"):
-        service = services[name]
-        assert service["environment"]["TOKENMESH_PKI_DIR"] == pki_dir, name
-        assert f"pki:{pki_dir}:ro" in service["volumes"], name
+
+def _compose() -> dict[str, Any]:
+    compose: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    return compose
+
+
+def _compose_identity(service: dict[str, Any]) -> str:
+    command = service["command"][0]
+    explicit = service["environment"].get("TOKENMESH_IDENTITY")
+    return str(explicit or contract.SERVICE_IDENTITY.get(command, command))
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Returns a compose service's named volumes and where it mounts each."""
+    return {
+        spec.split(":")[0]: spec.split(":")[1]
+        for spec in service.get("volumes", [])
+        if not spec.startswith((".", "/"))
+    }
+
+
+def _volume_files(tmp_path: Path) -> dict[str, set[str]]:
+    """Runs the `pki` service's command (`python -m services.core.pki`, as the image's
+    entrypoint does) with its container paths under `tmp_path`; returns the files each
+    named volume it mounts then holds: what any other service mounting it can read."""
+    service = _compose()["services"]["pki"]
+    assert service["command"][0] == "pki"
+
+    def here(path: str) -> Path:
+        return tmp_path / path.lstrip("/")
+
+    args = [str(here(a)) if a.startswith("/") else a for a in service["command"][1:]]
+    pki.main([str(here(service["environment"]["TOKENMESH_PKI_DIR"])), *args])
+    return {
+        volume: {f.name for f in here(path).iterdir() if not f.name.startswith(".")}
+        for volume, path in _mounts(service).items()
+    }
+
+
+def test_compose_runs_every_process_with_only_its_own_identity(tmp_path):
+    # Every container runs as the same uid, so file modes protect nothing
+    # between them: what a service mounts is what it can read. A shared
+    # volume handed a worker (model code, untrusted prompts) the edge's key
+    # (any identity header), the operator's (every admin RPC) and the CA's.
+    services = _compose()["services"]
+    held = _volume_files(tmp_path)
+    everyone = {f"{i}{suffix}" for i in pki.IDENTITIES for suffix in (".pem", "-key.pem")}
+    assert "ca-key.pem" in set().union(*held.values()), "the pki service keeps the CA's key"
+    for name, service in services.items():
+        if name == "pki" or "TOKENMESH_PKI_DIR" not in service.get("environment", {}):
+            assert name == "pki" or not set(_mounts(service)) & set(held), name
+            continue
+        identity = _compose_identity(service)
+        mounts = _mounts(service)
+        readable = set().union(*(held[volume] for volume in mounts))
+        own = {"ca.pem", f"{identity}.pem", f"{identity}-key.pem"}
+        assert readable == own, f"{name} can read {sorted(readable - own)}"
+        assert not readable & (everyone - own) and "ca-key.pem" not in readable, name
+        # ... and finds them where TOKENMESH_PKI_DIR points, read-only.
+        pki_dir = service["environment"]["TOKENMESH_PKI_DIR"]
+        (volume,) = [v for v, path in mounts.items() if path.startswith(pki_dir)]
+        assert f"{volume}:{pki_dir}:ro" in service["volumes"], name
+        assert held[volume] == own, name
         assert service["depends_on"]["pki"] == {"condition": "service_healthy"}, name
+    # The CA's key, and every leaf's, stay in volumes no other service mounts.
+    for volume, files in held.items():
+        users = [n for n, s in services.items() if n != "pki" and volume in _mounts(s)]
+        if "ca-key.pem" in files:
+            assert users == [], volume
+        keys = {f for f in files if f.endswith("-key.pem") and f != "ca-key.pem"}
+        assert len(keys) <= 1 or users == [], volume
+        assert all(_compose_identity(services[u]) + "-key.pem" in keys for u in users), volume
+
+
+def test_compose_pki_reports_healthy_only_once_every_identity_is_exported(tmp_path):
+    service = _compose()["services"]["pki"]
+    _volume_files(tmp_path)
+    test = service["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "test", "-s"]
+    # The file it waits for is the last one written (operator: the last identity).
+    assert test[3] == f"/var/run/tokenmesh/identities/{pki.IDENTITIES[-1]}/{pki.IDENTITIES[-1]}.pem"
+    assert (tmp_path / test[3].lstrip("/")).stat().st_size > 0
+    # Each mount point exists in the image, owned by its user, so a fresh named
+    # volume starts out writable by the `pki` process.
+    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    assert f"for identity in {' '.join(pki.IDENTITIES)};" in dockerfile
+    assert 'mkdir -p "/var/run/tokenmesh/identities/$identity"' in dockerfile
+    assert f"USER {COMPOSE_IMAGE_USER}" in dockerfile
+
+
+def test_compose_workers_register_their_own_address_and_the_edge_only_serves_tls():
+    services = _compose()["services"]
     # Each worker registers its own address on the route to the router (`auto`: the
     # router sees it connect from there, which the own-address check accepts); the
-    # service's name was one address for every replica of `--scale inference=N`.
+    # service's name was one address for every replica of `--scale inference=N`,
+    # and the own-address check accepts no name.
     assert services["inference"]["environment"]["TOKENMESH_ADVERTISE_HOST"] == "auto"
-    assert "worker=inference" in services["pki"]["command"]
     assert services["edge"]["ports"] == ["127.0.0.1:8443:8443"]
     assert "pki)" in (ROOT / "deploy" / "docker" / "entrypoint.sh").read_text()
+
+
+def test_exporting_again_rewrites_nothing(tmp_path):
+    # The `pki` service re-runs hourly: an unchanged file keeps its mtime, so no
+    # server or channel reloads (IdentityFiles.version) when nothing was renewed.
+    issuer, out = tmp_path / "ca", tmp_path / "identities"
+    pki.main([str(issuer), "--export", str(out)])
+    stamps = {i: pki.IdentityFiles.of(out / i, i).version() for i in pki.IDENTITIES}
+    pki.main([str(issuer), "--export", str(out)])
+    assert {i: pki.IdentityFiles.of(out / i, i).version() for i in pki.IDENTITIES} == stamps
+    pki.LocalCA(issuer).issue("worker")  # a renewal reaches the worker's copy only
+    assert pki.export_identity(issuer, "worker", out / "worker")
+    assert not pki.export_identity(issuer, "edge", out / "edge")
+    assert (out / "worker" / "worker.pem").read_bytes() == (issuer / "worker.pem").read_bytes()
+    assert (out / "worker" / "worker-key.pem").stat().st_mode & 0o777 == 0o600
 
 
 # ---------------------------------------------------------------------------
