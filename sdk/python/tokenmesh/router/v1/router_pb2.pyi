@@ -282,6 +282,9 @@ class Worker(_message.Message):
     weight: _builtins.int
     """weight is the worker's endpoint weight at the edge (1-100; 100 is
     neutral): a slower or busier worker gets a smaller share of new requests.
+    A worker has one weight per model version it serves, against that
+    version's other workers; this is the lowest of them (weight_reason names
+    the version when it serves several).
     """
     weight_reason: _builtins.str
     """weight_reason explains the weight, e.g. "ttft p50 180ms vs best 40ms"."""
