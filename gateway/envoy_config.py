@@ -957,7 +957,20 @@ def listeners(config: EdgeConfig) -> list[dict[str, Any]]:
         result.append(_listener("edge_tls", endpoint, config, downstream_tls(config.sds_dir)))
     if config.stats is not None:
         result.append(stats_listener.stats_listener(config.stats.host, config.stats.port))
-    return result
+    return [exclusive(listener) for listener in result]
+
+
+def exclusive(listener: dict[str, Any]) -> dict[str, Any]:
+    """Returns `listener` bound without SO_REUSEPORT, so its port is this Envoy's alone.
+
+    Envoy (1.40 on Linux) sets SO_REUSEPORT on listeners by default: a second
+    Envoy, or any process setting it, then binds the same fixed port without an
+    error and the kernel splits new connections between the two (a second `make
+    run` answered half the clients of the first). Without it the second bind
+    fails with "address in use". Envoy's worker threads still share the one
+    socket, so nothing is lost.
+    """
+    return {**listener, "enable_reuse_port": False}
 
 
 def _listener(

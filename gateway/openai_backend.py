@@ -133,17 +133,23 @@ def bootstrap(
             (`envoy_config.sds_files`): mTLS to the workers; None: plaintext.
     """
     hcm = http_connection_manager(descriptor_path)
-    listener = {
-        "name": "openai_backend",
-        "address": {"socket_address": {"address": listen.host, "port_value": listen.port}},
-        "filter_chains": [
-            {
-                "filters": [
-                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-                ]
-            }
-        ],
-    }
+    # Its port is its own, as the edge's is (envoy_config.exclusive).
+    listener = envoy_config.exclusive(
+        {
+            "name": "openai_backend",
+            "address": {"socket_address": {"address": listen.host, "port_value": listen.port}},
+            "filter_chains": [
+                {
+                    "filters": [
+                        {
+                            "name": "envoy.filters.network.http_connection_manager",
+                            "typed_config": hcm,
+                        }
+                    ]
+                }
+            ],
+        }
+    )
     workers_cluster = envoy_config.cluster(CLUSTER, workers, health_check_interval_s, sds_dir)
     return {
         "node": {"id": f"openai-backend-{listen.port}", "cluster": "openai-backend"},

@@ -57,7 +57,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
@@ -75,6 +75,14 @@ from tokenmesh.router.v1 import router_service_pb2 as router_pb
 from tokenmesh.type.v1 import types_pb2
 
 TIMEOUT_S = 10.0
+INT32_MAX = 2**31 - 1
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _bad_input(message: str) -> NoReturn:
+    """Exits 2 with one line on stderr, as argparse does for a bad argument."""
+    print(f"tokenmesh: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _state_dir() -> Path:
@@ -274,6 +282,8 @@ def _weights(pairs: Sequence[str]) -> list[router_pb2.TrafficWeight]:
         version, sep, weight = pair.partition("=")
         if not (sep and version and weight.isdigit()):
             raise SystemExit(f"tokenmesh: {pair!r} is not VERSION=WEIGHT (e.g. 2=20)")
+        if int(weight) > 100:
+            _bad_input(f"{pair!r}: WEIGHT is a share, 0-100")
         weights.append(router_pb2.TrafficWeight(version=version, weight=int(weight)))
     return weights
 
@@ -422,6 +432,8 @@ def prompts_get(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[st
 def prompts_alias(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
     if args.version is not None and not args.version.isdigit():
         raise SystemExit(f"tokenmesh: VERSION {args.version!r} is not a version number")
+    if args.version is not None and int(args.version) > INT32_MAX:
+        _bad_input(f"VERSION {args.version} is out of range (at most {INT32_MAX})")
     request = router_pb.SetPromptTemplateAliasRequest(
         name=args.name, alias=args.alias, version=int(args.version or 0)
     )
@@ -670,7 +682,10 @@ def _usage_parsers(groups: Any) -> list[argparse.ArgumentParser]:
 def _redis_url() -> str:
     """Returns $REDIS_URL, else the local mesh's Redis from run/mesh.json."""
     if os.environ.get("REDIS_URL"):
-        return os.environ["REDIS_URL"]
+        given = os.environ["REDIS_URL"]
+        if not given.startswith(REDIS_SCHEMES):
+            _bad_input(f"REDIS_URL {given!r} must start with {', '.join(REDIS_SCHEMES)}")
+        return given
     manifest = _state_dir() / "run" / "mesh.json"
     url = json.loads(manifest.read_text()).get("redis_url") if manifest.exists() else None
     if not url:
@@ -723,20 +738,43 @@ def usage_dead_letters(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one CLI command; returns the process exit code."""
+    """Runs one CLI command; returns the process exit code.
+
+    Errors end in one `tokenmesh: ...` line: 1 when a service or Redis answers
+    with an error or not at all, 2 for input the command cannot use.
+    """
     args = parser().parse_args(argv)
-    command: Command = args.run
-    if getattr(args, "local", None) is not None:
-        return int(args.local(args))  # reads the mesh's state directly, no service
     try:
-        with _channel(args) as channel:
-            stub = TARGETS[args.target](channel)
-            metadata = _metadata(args, command)
-            code = command(stub, args, metadata)
+        return _run(args)
     except grpc.RpcError as error:
         print(f"tokenmesh: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
+    except OSError as error:  # a file named on the command line (FILE.jsonl, --pki-dir)
+        print(f"tokenmesh: {_os_error(error)}", file=sys.stderr)
+        return 2
+    except (ValueError, OverflowError) as error:
+        # A value the request cannot carry (--step-seconds 1e300, --window 1e20):
+        # protobuf and int() refuse it while the request is built, before it is sent.
+        print(f"tokenmesh: invalid value: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    command: Command = args.run
+    if getattr(args, "local", None) is not None:
+        return int(args.local(args))  # reads the mesh's state directly, no service
+    with _channel(args) as channel:
+        stub = TARGETS[args.target](channel)
+        metadata = _metadata(args, command)
+        code = command(stub, args, metadata)
     return code or 0
+
+
+def _os_error(error: OSError) -> str:
+    """Returns "PATH: reason" for a file error, else the error's text."""
+    if error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
 
 
 def _pki_dir(args: argparse.Namespace) -> Path | None:
@@ -769,6 +807,12 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
             "(pass --pki-dir or TOKENMESH_PKI_DIR)"
         )
     files = pki.IdentityFiles.of(pki_dir, contract.OPERATOR)
+    missing = [path.name for path in (files.ca, files.cert, files.key) if not path.is_file()]
+    if missing:
+        _bad_input(
+            f"{pki_dir} holds no operator certificate ({', '.join(missing)} missing; "
+            "pass the mesh's --pki-dir or TOKENMESH_PKI_DIR)"
+        )
     return identity.blocking_channel(address, files, SERVICE_IDENTITIES[args.target])
 
 

@@ -8,6 +8,7 @@ the service's `__main__`; nothing below `__main__` reads `os.environ`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -41,7 +42,9 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
             if lowered not in _TRUE | _FALSE:
                 raise ValueError("expected true/false")
             return lowered in _TRUE
-        if kind in (int, float, str):
+        if kind is float:
+            return _finite(raw)
+        if kind in (int, str):
             return kind(raw)
         if kind is Path:
             return Path(raw)
@@ -50,6 +53,19 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
     except ValueError as exc:
         raise SettingsError(f"{name}={raw!r} is invalid: {exc}") from None
     raise TypeError(f"unsupported settings type {kind!r} for {name}")
+
+
+def _finite(raw: str) -> float:
+    """Parses a float setting; refuses nan and infinities ("inf", "1e999").
+
+    A non-finite value slips past every declared bound (nan compares false
+    with everything; inf passes `>= 0`) and then quietly breaks the service:
+    TOKENMESH_USAGE_CLAIM_IDLE_SECONDS=inf never claims a dead consumer's events.
+    """
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
 
 
 def load(cls: type[T], environ: Mapping[str, str]) -> T:

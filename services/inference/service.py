@@ -255,6 +255,13 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
             "TOKENMESH_USAGE_SPOOL_SYNC_MS",
             "must be 1-10000",
         )
+        # 0 is no "unlimited": the worker would refuse every request as backlogged.
+        require(
+            self.usage_spool_max_bytes >= 1 << 20,
+            "TOKENMESH_USAGE_SPOOL_MAX_BYTES",
+            "must be >= 1048576 (1 MiB; there is no unlimited)",
+        )
+        require(self.engine_threads >= 0, "TOKENMESH_ENGINE_THREADS", "must be >= 0")
 
     def engine_options(self) -> EngineOptions:
         """Returns what every model this worker loads runs with (engine, threads, limits)."""

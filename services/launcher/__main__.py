@@ -6,16 +6,18 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.edge_auth import EdgeAuth
 from services.core.settings import SettingsError, env, load, require
-from services.launcher.mesh import Mesh, MeshConfig
+from services.launcher.lock import StateDirBusy
+from services.launcher.mesh import Mesh, MeshConfig, PortInUse
+from services.launcher.processes import Interrupted
 
 logger = logging.getLogger("tokenmesh")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,16 @@ class LauncherSettings:
         require(1 <= self.edge_port <= 65535, "TOKENMESH_EDGE_PORT", "must be 1-65535")
         require(1 <= self.workers <= 16, "TOKENMESH_WORKERS", "must be 1-16")
         require(0 <= self.edge_tls_port <= 65535, "TOKENMESH_EDGE_TLS_PORT", "must be 0-65535")
+        require(
+            self.edge_tls_port != self.edge_port,
+            "TOKENMESH_EDGE_TLS_PORT",
+            f"must differ from TOKENMESH_EDGE_PORT ({self.edge_port})",
+        )
+        require(
+            self.redis_url is None or self.redis_url.startswith(REDIS_SCHEMES),
+            "REDIS_URL",
+            f"must start with {', '.join(REDIS_SCHEMES)}",
+        )
         require(
             (self.edge_tls_cert is None) == (self.edge_tls_key is None),
             "TOKENMESH_EDGE_TLS_CERT",
@@ -118,17 +130,43 @@ Press Ctrl-C to stop everything.
 
 
 def main() -> None:
-    """Runs the mesh until SIGINT or SIGTERM."""
+    """Runs the mesh until SIGINT or SIGTERM (also while it is still starting).
+
+    Exits 2 when it refuses to start (invalid settings, another mesh on the
+    state dir, an edge port in use) and 1 when a child does not come up; both
+    end with one `tokenmesh: ...` line on stderr.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         settings = load(LauncherSettings, os.environ)
     except SettingsError as exc:
         print(f"tokenmesh: invalid configuration: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    stop = threading.Event()
+    mesh = Mesh(mesh_config(settings))
+    # The handler only sets a flag (signal-safe): start() gives up at its next
+    # wait, _serve_until returns, and the finally below stops what runs.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    config = MeshConfig(
+        signal.signal(sig, lambda *_: mesh.interrupt())
+    failure: tuple[str, int] | None = None
+    try:
+        failure = _start(mesh, settings)
+        if failure is None and not mesh.interrupted:
+            mesh.supervise()  # a child that dies is restarted, logged, counted in run/mesh.json
+            print(usage_banner(mesh), flush=True)
+            _serve_until(mesh)
+        logger.info("stopping")
+    finally:
+        mesh.stop()
+    if failure is not None:
+        message, code = failure
+        print(f"tokenmesh: {message}", file=sys.stderr)
+        raise SystemExit(code)
+    logger.info("stopped; no process left behind")
+
+
+def mesh_config(settings: LauncherSettings) -> MeshConfig:
+    """Returns what `make run` starts, from its settings."""
+    return MeshConfig(
         state_dir=settings.state_dir,
         edge_port=settings.edge_port,
         edge_tls_port=settings.edge_tls_port or None,
@@ -139,16 +177,33 @@ def main() -> None:
         otlp_endpoint=settings.otlp_endpoint,
         edge_auth=EdgeAuth(ratelimit_failure_mode_deny=settings.ratelimit_failure_mode_deny),
     )
-    mesh = Mesh(config)
+
+
+def _start(mesh: Mesh, settings: LauncherSettings) -> tuple[str, int] | None:
+    """Starts the mesh; returns (one-line message, exit code) when it cannot, None
+    when it is up or was interrupted (Ctrl-C / SIGTERM)."""
     try:
         mesh.start()
-        mesh.supervise()  # a child that dies is restarted, logged, counted in run/mesh.json
-        print(usage_banner(mesh), flush=True)
-        _serve_until(stop, mesh)
-        logger.info("stopping")
-    finally:
-        mesh.stop()
-    logger.info("stopped; no process left behind")
+    except StateDirBusy as exc:
+        return f"{exc} (stop it first, or set TOKENMESH_STATE_DIR to another directory)", 2
+    except PortInUse as exc:
+        variable = (
+            "TOKENMESH_EDGE_PORT" if exc.port == settings.edge_port else "TOKENMESH_EDGE_TLS_PORT"
+        )
+        return f"{exc}: another tokenmesh or program listens there (set {variable})", 2
+    except Interrupted:
+        logger.info("interrupted while starting")
+        return None
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        if mesh.interrupted:  # Ctrl-C reaches the children too: they may exit first
+            logger.info("interrupted while starting")
+            return None
+        first_line, _, log_tail = str(exc).partition("\n")
+        summary = first_line.rstrip(":")
+        if log_tail:
+            logger.error("%s; its last log lines:\n%s", summary, log_tail)
+        return f"could not start: {summary}", 1
+    return None
 
 
 #: How often the launcher looks for certificates due for renewal (a leaf is
@@ -156,14 +211,21 @@ def main() -> None:
 RENEWAL_CHECK_INTERVAL_S = 60.0
 
 
-def _serve_until(stop: threading.Event, mesh: Mesh) -> None:
-    """Renews certificates as they fall due until `stop` is set.
+#: How often the launcher looks at its stop flag and its supervisor.
+POLL_INTERVAL_S = 0.2
+
+
+def _serve_until(mesh: Mesh) -> None:
+    """Renews certificates as they fall due until the mesh is interrupted.
 
     Raises SystemExit when supervision has ended: the mesh must not run on
     with nobody restarting what dies.
     """
     next_renewal = 0.0
-    while not stop.wait(1.0):
+    # NOTE: polls a flag rather than waiting on a threading.Event: the signal
+    # handler sets it, and Event.set() in a handler can deadlock against an
+    # Event.wait() the main thread was interrupted in (both take its lock).
+    while not mesh.interrupted:
         if mesh.supervisor is None or not mesh.supervisor.alive():
             logger.error("the supervisor stopped; stopping the mesh")
             raise SystemExit(1)
@@ -177,6 +239,7 @@ def _serve_until(stop: threading.Event, mesh: Mesh) -> None:
                     RENEWAL_CHECK_INTERVAL_S,
                     exc,
                 )
+        time.sleep(POLL_INTERVAL_S)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ import os
 import signal
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,30 @@ from gateway import envoy_config, protos
 from gateway.edge_auth import EdgeAuth
 from gateway.envoy_config import EdgeConfig, EdgeTls, Endpoint
 from services.core import contract, identity, pki
-from services.launcher.processes import Child, clean_env, reserve_port, wait_for
+from services.launcher.lock import StateDirLock
+from services.launcher.processes import (
+    Child,
+    Interrupted,
+    clean_env,
+    port_in_use,
+    reserve_port,
+    wait_for,
+)
 from services.launcher.supervisor import RestartPolicy, Supervisor
 
 logger = logging.getLogger(__name__)
 SERVICES = ("auth", "router", "usage", "jobs")
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# How long stop() lets a service that never reported serving exit on SIGTERM.
+STARTING_STOP_S = 2.0
+
+
+class PortInUse(RuntimeError):
+    """PortInUse says a fixed port the edge must listen on is taken (another mesh?)."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(f"port {port} on 127.0.0.1 is in use")
+        self.port = port
 
 
 @dataclass(frozen=True)
@@ -115,6 +134,9 @@ class Mesh:
         self._envoy_configs: dict[str, EdgeConfig] = {}
         self._redis: dict[str, tuple[Path, bool]] = {}  # name -> (data dir, durable)
         self._modules: dict[str, str] = {}  # service child name -> its module
+        self._state_lock: StateDirLock | None = None  # held from start() to stop()
+        # Set by interrupt() (from a signal handler: a plain flag, no lock).
+        self._interrupted = False
 
     @property
     def edge_url(self) -> str:
@@ -158,9 +180,20 @@ class Mesh:
         self.stop()
 
     def start(self) -> None:
-        """Starts Redis, the services, the workers and Envoy; waits until /healthz is 200."""
+        """Starts Redis, the services, the workers and Envoy; waits until /healthz is 200.
+
+        Raises:
+            StateDirBusy: another mesh runs on this state dir; nothing was touched.
+            PortInUse: a fixed edge port is taken; nothing was started.
+            Interrupted: `interrupt()` was called; `stop()` cleans up what started.
+            RuntimeError, TimeoutError, OSError: a child did not come up.
+        """
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # First: a second mesh on this dir must not touch the first one's files.
+        if self._state_lock is None:
+            self._state_lock = StateDirLock.acquire(self.run_dir)
+        self._check_fixed_ports()
         self._ensure_pki()
         if not self.redis_url:
             self._start_redis()
@@ -174,6 +207,28 @@ class Mesh:
             self._wait_ready(name)
         self._start_envoy()
         self._write_manifest()
+
+    def interrupt(self) -> None:
+        """Makes a start() in progress give up at its next step or wait (Interrupted).
+
+        Safe in a signal handler: it only sets a flag. Call stop() afterwards.
+        """
+        self._interrupted = True
+
+    @property
+    def interrupted(self) -> bool:
+        """Tells whether interrupt() was called."""
+        return self._interrupted
+
+    def _check_fixed_ports(self) -> None:
+        """Fails before anything starts when a fixed edge port is taken.
+
+        Envoy would fail too (its listeners do not share ports), but only after
+        every other child has started.
+        """
+        for port in (self.config.edge_port, self.config.edge_tls_port):
+            if port and port_in_use("127.0.0.1", port):
+                raise PortInUse(port)
 
     def _ensure_pki(self) -> None:
         """Creates the local CA, every identity's certificate and the edge's SDS files."""
@@ -248,12 +303,14 @@ class Mesh:
         port = port or reserve_port()
         child = self._spawn(name, redis_argv(data_dir, port, durable))
         url = f"redis://127.0.0.1:{port}/0"
-        wait_redis(child, url, 30)
+        wait_redis(child, url, 30, cancelled=self._cancelled)
         logger.info("%s listens at %s", name, url)
         return url
 
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Child:
         with self._lock:
+            if self._interrupted:
+                raise Interrupted(f"not starting {name}: the mesh was interrupted")
             if self._stopping:
                 raise RuntimeError(f"not starting {name}: the mesh is stopping")
             log_path = self.log_dir / f"{name}.log"
@@ -412,7 +469,11 @@ class Mesh:
     def _wait_ready(self, name: str) -> None:
         ready_file = self.run_dir / f"{name}.json"
         wait_for(
-            ready_file.exists, self.config.startup_timeout_s, f"{name} to serve", self._child(name)
+            ready_file.exists,
+            self.config.startup_timeout_s,
+            f"{name} to serve",
+            self._child(name),
+            self._cancelled,
         )
         info = json.loads(ready_file.read_text())
         self.ports[name] = int(info["grpc_port"])
@@ -445,7 +506,11 @@ class Mesh:
         self.admin_port = reserve_port()
         child = self._spawn_envoy("envoy", self.edge_config())
         wait_for(
-            self.healthy, self.config.startup_timeout_s, "the edge's /healthz to answer 200", child
+            self.healthy,
+            self.config.startup_timeout_s,
+            "the edge's /healthz to answer 200",
+            child,
+            self._cancelled,
         )
 
     def _respawn_envoy(self, name: str) -> None:
@@ -458,6 +523,7 @@ class Mesh:
             self.config.startup_timeout_s,
             f"{name}'s admin /ready to answer 200",
             child,
+            self._cancelled,
         )
 
     def admin_url(self, name: str = "envoy") -> str:
@@ -533,6 +599,7 @@ class Mesh:
             self.config.startup_timeout_s,
             f"{name}'s /healthz to answer 200",
             child,
+            self._cancelled,
         )
         return f"127.0.0.1:{port}"
 
@@ -545,20 +612,45 @@ class Mesh:
         return _http_status(f"{self.edge_url}/healthz") == 200
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Ends supervision, then stops every child: Envoy, workers, services, Redis."""
+        """Ends supervision, then stops every child: Envoy, workers, services, Redis.
+
+        Releases the state dir's lock last, once no child of this mesh is left.
+        """
         with self._lock:
             self._stopping = True
             children = sorted(reversed(self.children), key=self._stop_rank)
         if self.supervisor is not None:
-            self.supervisor.stop(timeout_s=0)
-        for child in children:
+            self.supervisor.stop()
+        # A service still starting has nothing to drain, and one waiting for Redis
+        # does not act on SIGTERM until it serves: stop those at once, all together.
+        starting = [c for c in children if not self._served(c)]
+        for child in starting:
             child.terminate()
-            child.wait(timeout_s)
+        deadline = time.monotonic() + STARTING_STOP_S
+        for child in children:
+            if child not in starting:
+                child.terminate()
+                child.wait(timeout_s)
+        for child in starting:
+            child.wait(max(0.0, deadline - time.monotonic()))  # then SIGKILL
         if self.supervisor is not None:
-            # A restart it was waiting on has failed by now (its child is gone).
-            self.supervisor.stop(timeout_s)
+            # A restart it was waiting on has failed by now (its child is gone);
+            # only now may its threads end (children die with the thread that forked them).
+            self.supervisor.close(timeout_s)
         with self._lock:
             self.children.clear()
+        if self._state_lock is not None:
+            self._state_lock.release()
+            self._state_lock = None
+
+    def _served(self, child: Child) -> bool:
+        """Tells whether a service child reported serving (Redis and Envoy: always)."""
+        if child.name not in self._modules:
+            return True
+        return (self.run_dir / f"{child.name}.json").exists()
+
+    def _cancelled(self) -> bool:
+        return self._interrupted
 
     def _stop_rank(self, child: Child) -> int:
         if child.name in self._envoy_configs:
@@ -619,11 +711,13 @@ def redis_argv(data_dir: Path, port: int, durable: bool) -> list[str]:
     ]
 
 
-def wait_redis(child: Child, url: str, timeout_s: float) -> None:
+def wait_redis(
+    child: Child, url: str, timeout_s: float, cancelled: Callable[[], bool] | None = None
+) -> None:
     """Waits until a redis-server child answers PING; stops it when it does not."""
     client = redis.Redis.from_url(url, socket_timeout=0.5)
     try:
-        wait_for(lambda: _pings(client), timeout_s, "redis-server to answer PING", child)
+        wait_for(lambda: _pings(client), timeout_s, "redis-server to answer PING", child, cancelled)
     except BaseException:
         child.terminate()
         child.wait(5)

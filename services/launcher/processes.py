@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -97,21 +98,62 @@ class Child:
             return self.process.wait(timeout=5)
 
 
-def wait_for(condition: object, timeout_s: float, what: str, child: Child | None = None) -> None:
-    """Polls `condition()` until it is true; raises with the child's log otherwise."""
+class Interrupted(RuntimeError):
+    """Interrupted says a wait was given up because its owner is stopping (Ctrl-C)."""
+
+
+def wait_for(
+    condition: object,
+    timeout_s: float,
+    what: str,
+    child: Child | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> None:
+    """Polls `condition()` until it is true; raises with the child's log otherwise.
+
+    The first line of the error says what failed; the child's log tail follows.
+
+    Raises:
+        RuntimeError: the child exited first.
+        TimeoutError: `timeout_s` passed.
+        Interrupted: `cancelled()` became true (checked at every poll).
+    """
     assert callable(condition)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():
             return
+        if cancelled is not None and cancelled():
+            raise Interrupted(f"stopped while waiting for {what}")
         if child is not None and not child.alive():
             raise RuntimeError(
                 f"{child.name} exited with {child.process.returncode} while "
-                f"waiting for {what}:\n{child.log_tail()}"
+                f"waiting for {what} (log: {child.log_path}):\n{child.log_tail()}"
             )
         time.sleep(0.05)
-    tail = f":\n{child.log_tail()}" if child is not None else ""
+    tail = f" (log: {child.log_path}):\n{child.log_tail()}" if child is not None else ""
     raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}{tail}")
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Tells whether something listens on host:port (or holds it bound).
+
+    The probe binds as an exclusive listener would: with SO_REUSEADDR (a
+    connection of an earlier run lingering in TIME_WAIT does not count) but
+    without SO_REUSEPORT, so a listener that shares its port still counts.
+
+    Raises:
+        OSError: binding failed for another reason (a privileged port, no such address).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
 
 
 def clean_env(base: Mapping[str, str], **overrides: str) -> dict[str, str]:

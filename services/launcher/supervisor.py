@@ -8,21 +8,28 @@ records to `run/mesh.json`. The supervisor never gives up: a child that keeps
 crashing is retried every `max_s` with an error logged each time, as
 CrashLoopBackOff does.
 
-NOTE: a process started by the supervisor thread gets its parent-death signal
-when that *thread* ends (prctl PR_SET_PDEATHSIG follows the thread that forked),
-so the thread lives until the owner has stopped every child.
+One thread watches for exits; each child name's restarts run on a thread of
+their own, so a restart that waits long for its child to serve (a worker
+waiting for Redis, up to the owner's startup timeout) neither delays the
+restart of another child (that Redis) nor the detection of other exits.
+
+NOTE: a process started by a restart thread gets its parent-death signal when
+that *thread* ends (prctl PR_SET_PDEATHSIG follows the thread that forked), so
+the restart threads (one per child name, not one per restart) live until
+`close()`, which the owner calls once it has stopped every child.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.launcher.processes import Child
+from services.launcher.processes import Child, Interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +74,13 @@ class Supervisor:
 
     Args:
         children: returns a snapshot of the running children (thread-safe).
-        forget: removes a dead child from its owner's list.
+        forget: removes a dead child from its owner's list (thread-safe).
         restart: starts a child again by name and waits until it serves; raises
-            RuntimeError, TimeoutError or OSError when it does not come up.
-        changed: called after every exit and restart (e.g. to write mesh.json).
+            RuntimeError, TimeoutError or OSError when it does not come up, and
+            Interrupted when its owner is stopping. Called from several threads
+            at once, never twice at once for one name.
+        changed: called after every exit and restart (e.g. to write mesh.json),
+            from any of the supervisor's threads.
         policy: the backoff.
     """
 
@@ -90,7 +100,13 @@ class Supervisor:
         self.policy = policy
         self._poll_s = poll_s
         self.records: dict[str, ChildRecord] = {}
+        self._guard = threading.Lock()  # guards _due and _restarting
         self._due: dict[str, float] = {}  # name -> when to restart it (monotonic)
+        # Names handed to their restart thread and not done yet: until then a dead
+        # child of that name is the restart's to handle, not the watcher's.
+        self._restarting: set[str] = set()
+        self._restarters: dict[str, queue.SimpleQueue[bool]] = {}  # watcher thread only
+        self._restart_threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mesh-supervisor", daemon=True)
 
@@ -101,10 +117,26 @@ class Supervisor:
         self._thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stops restarting (children that die from now on stay dead) and ends the thread."""
+        """Stops restarting (children that die from now on stay dead); waits up to
+        `timeout_s` for the watching thread to end. Restarts under way go on until
+        they fail or succeed; their threads stay until `close()`."""
         self._stopping.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stops, then ends the restart threads, waiting up to `timeout_s` in all.
+
+        Call it once every child is stopped: a child a restart thread started
+        gets SIGTERM when that thread ends.
+        """
+        deadline = time.monotonic() + timeout_s
+        self.stop(timeout_s)  # the watcher starts no restart thread after this
+        for requests in list(self._restarters.values()):
+            requests.put(False)
+        for thread in self._restart_threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def stopping(self) -> bool:
@@ -118,12 +150,57 @@ class Supervisor:
     def _run(self) -> None:
         while not self._stopping.wait(self._poll_s):
             for child in self._children():
-                if not child.alive() and not child.stopping and not self.stopping:
+                if self._died_unasked(child):
                     self._on_exit(child)
-            for name, due in list(self._due.items()):
-                if due <= time.monotonic() and not self.stopping:
-                    del self._due[name]
+            for name in self._take_due():
+                self._hand_off(name)
+
+    def _died_unasked(self, child: Child) -> bool:
+        return (
+            not child.alive()
+            and not child.stopping
+            and not self.stopping
+            and child.name not in self._restarting
+        )
+
+    def _take_due(self) -> list[str]:
+        """Returns the names whose backoff is over, marking them as being restarted."""
+        now = time.monotonic()
+        with self._guard:
+            if self.stopping:
+                return []
+            # A name still being restarted waits: its thread may schedule it again
+            # (a restart that never started) before it is done with the last one.
+            due = [n for n, at in self._due.items() if at <= now and n not in self._restarting]
+            for name in due:
+                del self._due[name]
+                self._restarting.add(name)
+        return due
+
+    def _hand_off(self, name: str) -> None:
+        """Passes a due restart to the name's restart thread (started on first use)."""
+        requests = self._restarters.get(name)
+        if requests is None:
+            requests = self._restarters[name] = queue.SimpleQueue()
+            thread = threading.Thread(
+                target=self._restart_loop,
+                args=(name, requests),
+                name=f"mesh-restart-{name}",
+                daemon=True,
+            )
+            self._restart_threads.append(thread)
+            thread.start()
+        requests.put(True)
+
+    def _restart_loop(self, name: str, requests: queue.SimpleQueue[bool]) -> None:
+        # Runs until close() (False): the children it started die with this thread.
+        while requests.get():
+            try:
+                if not self.stopping:
                     self._restart_once(name)
+            finally:
+                with self._guard:
+                    self._restarting.discard(name)
 
     def _on_exit(self, child: Child) -> None:
         self._forget(child)
@@ -142,6 +219,7 @@ class Supervisor:
         self._changed()
 
     def _schedule(self, name: str, record: ChildRecord) -> float:
+        """Counts an exit in the streak and sets when to restart; returns the delay."""
         # Only a child that was up (not one whose restart failed or hung) may have
         # served long enough to start a new streak.
         served_s = time.monotonic() - record.serving_since if record.state == "running" else 0.0
@@ -150,7 +228,8 @@ class Supervisor:
         record.streak += 1
         record.state = "backoff"
         delay = self.policy.delay(record.streak)
-        self._due[name] = time.monotonic() + delay
+        with self._guard:
+            self._due[name] = time.monotonic() + delay
         return delay
 
     def _restart_once(self, name: str) -> None:
@@ -159,6 +238,10 @@ class Supervisor:
         record.restarts += 1
         try:
             self._restart(name)
+        except Interrupted as exc:
+            # The owner is stopping: what the restart started is the owner's to stop.
+            logger.info("restarting %s stopped: %s", name, exc)
+            return
         except (RuntimeError, TimeoutError, OSError) as exc:
             logger.error("restarting %s failed: %s", name, exc)
             self._after_failed_restart(name, record)
@@ -172,6 +255,8 @@ class Supervisor:
     def _after_failed_restart(self, name: str, record: ChildRecord) -> None:
         # A child that hangs is killed: the next poll finds it dead and backs
         # off further. One that never started is scheduled again here.
+        if self.stopping:
+            return  # the owner stops what is left
         started = [c for c in self._children() if c.name == name and not c.stopping]
         for child in started:
             if child.alive():

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,19 +15,34 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from services.launcher.processes import pid_alive, reserve_port
 
 
-def _launch(tmp_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any], Path]:
+def _two_free_ports() -> tuple[int, int]:
+    """Returns two distinct ports that were free a moment ago."""
+    with socket.socket() as first, socket.socket() as second:
+        first.bind(("127.0.0.1", 0))
+        second.bind(("127.0.0.1", 0))
+        return int(first.getsockname()[1]), int(second.getsockname()[1])
+
+
+def _spawn_launcher(tmp_path: Path, **overrides: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """Starts `python -m services.launcher` on tmp_path/state; returns it and its log."""
+    edge_port, tls_port = _two_free_ports()
     env = {
         **os.environ,
         "TOKENMESH_STATE_DIR": str(tmp_path / "state"),
-        "TOKENMESH_EDGE_PORT": str(reserve_port()),
+        # Not the default 8080/8443: the ports are the mesh's alone, and another
+        # launcher (a parallel test, a developer's `make run`) may hold those.
+        "TOKENMESH_EDGE_PORT": str(edge_port),
+        "TOKENMESH_EDGE_TLS_PORT": str(tls_port),
         "TOKENMESH_WORKERS": "1",
         "TOKENMESH_GRACE_SECONDS": "2",
     }
     env.pop("REDIS_URL", None)  # the launcher starts its own bundled Redis
+    env.update(overrides)
     log_path = tmp_path / "launcher.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -33,6 +51,11 @@ def _launch(tmp_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any], Pa
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    return process, log_path
+
+
+def _launch(tmp_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any], Path]:
+    process, log_path = _spawn_launcher(tmp_path)
     manifest_path = tmp_path / "state" / "run" / "mesh.json"
     deadline = time.monotonic() + 120
     while not manifest_path.exists():
@@ -88,3 +111,82 @@ def test_healthz_fails_without_a_ready_worker_and_kill_9_of_the_launcher_leaves_
     finally:
         process.kill()
         process.wait()
+
+
+def _started_pids(log: str) -> dict[str, int]:
+    """Returns the children the launcher's log says it started: name -> pid."""
+    return {m[1]: int(m[2]) for m in re.finditer(r"started (\S+) \(pid (\d+)\)", log)}
+
+
+def _refused(process: subprocess.Popen[bytes], log_path: Path) -> tuple[int, str]:
+    """Waits for a launcher that should refuse to start; returns (exit code, log)."""
+    try:
+        code = process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+        raise AssertionError(f"the launcher started:\n{log_path.read_text()}") from None
+    return code, log_path.read_text()
+
+
+def test_ctrl_c_while_starting_stops_at_once_without_the_banner(tmp_path):
+    """Ctrl-C during start was ignored until every child had come up or timed out
+    (90 s each), then the banner was printed and only then did the mesh stop."""
+    nobody = reserve_port()  # no Redis there: every service waits for it at start
+    process, log_path = _spawn_launcher(tmp_path, REDIS_URL=f"redis://127.0.0.1:{nobody}/0")
+    try:
+        assert _wait_until(lambda: "started router" in log_path.read_text(), 60)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=15) == 0, log_path.read_text()
+        log = log_path.read_text()
+        assert "tokenmesh is up" not in log and "Traceback" not in log, log
+        pids = _started_pids(log)
+        assert {"auth", "router"} <= set(pids)
+        assert _wait_until(lambda: not any(pid_alive(p) for p in pids.values()), 10)
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_child_that_cannot_start_ends_the_launcher_in_one_line(tmp_path):
+    """A start failure ended in a Python traceback (TimeoutError/RuntimeError from
+    the launcher's start), not in a line saying which child failed and where its log is."""
+    process, log_path = _spawn_launcher(tmp_path, TOKENMESH_GRACE_SECONDS="-1")
+    code, log = _refused(process, log_path)
+    assert code == 1, log
+    assert "Traceback" not in log, log
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("tokenmesh: could not start: ") and "exited with 2" in last, log
+    assert str(tmp_path / "state" / "logs") in last  # where to read why
+    assert "TOKENMESH_GRACE_SECONDS" in log  # the child's own log tail, logged before
+
+
+def test_a_second_launcher_on_a_state_dir_in_use_is_refused(tmp_path):
+    """It started a second Redis on the same AOF and workers on the same usage spool."""
+    run_dir = tmp_path / "state" / "run"
+    run_dir.mkdir(parents=True)
+    with open(run_dir / "launcher.lock", "w") as held:  # as a running launcher holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        process, log_path = _spawn_launcher(tmp_path)
+        code, log = _refused(process, log_path)
+    assert code == 2, log
+    assert f"another tokenmesh is running on {tmp_path / 'state'} (pid 4242)" in log, log
+    assert "Traceback" not in log and "started" not in log, log
+    assert not (tmp_path / "state" / "redis").exists()  # no second Redis on its data
+
+
+@pytest.mark.parametrize("variable", ["TOKENMESH_EDGE_PORT", "TOKENMESH_EDGE_TLS_PORT"])
+def test_an_edge_port_in_use_is_refused_before_anything_starts(tmp_path, variable):
+    """The second mesh's Envoy shared 8080 with the first (SO_REUSEPORT), or, with
+    the port held by anything else, failed only after every other child had started."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process, log_path = _spawn_launcher(tmp_path, **{variable: str(port)})
+        code, log = _refused(process, log_path)
+    assert code == 2, log
+    assert f"port {port} on 127.0.0.1 is in use" in log and f"(set {variable})" in log, log
+    assert "Traceback" not in log and "started" not in log, log

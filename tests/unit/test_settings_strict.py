@@ -1,0 +1,86 @@
+"""Settings refuse values that load fine but quietly break a service.
+
+`float()` reads "inf", "nan" and "1e999"; a non-finite value slips past every
+declared bound (nan compares false with everything, inf passes `>= 0`), so
+TOKENMESH_USAGE_CLAIM_IDLE_SECONDS=inf never claimed a dead consumer's events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import pytest
+
+from services.auth.service import AuthSettings
+from services.core.settings import SettingsError, load
+from services.inference.service import InferenceSettings
+from services.jobs.service import JobsSettings
+from services.launcher.__main__ import LauncherSettings
+from services.router.service import RouterSettings
+from services.usage.service import UsageSettings
+
+SERVICES = (AuthSettings, InferenceSettings, JobsSettings, RouterSettings, UsageSettings)
+
+
+def _float_variables() -> list[tuple[type, str]]:
+    """Returns (settings class, variable) for every float setting of every service."""
+    found: list[tuple[type, str]] = []
+    for cls in SERVICES:
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            kind = hints[field.name]
+            if "env" in field.metadata and float in (kind, *typing.get_args(kind)):
+                found.append((cls, field.metadata["env"]))
+    return found
+
+
+@pytest.mark.parametrize(("cls", "variable"), _float_variables())
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
+def test_no_float_setting_takes_a_non_finite_value(cls, variable, value):
+    with pytest.raises(SettingsError, match=f"{variable}.*finite"):
+        load(cls, {variable: value})
+
+
+def test_every_service_has_float_settings_to_check():
+    # The parametrization above must not silently shrink to nothing.
+    assert {cls for cls, _ in _float_variables()} == set(SERVICES)
+
+
+def test_finite_floats_still_parse():
+    assert load(JobsSettings, {"TOKENMESH_GRACE_SECONDS": "2.5"}).grace_s == 2.5
+    assert load(JobsSettings, {"TOKENMESH_GRACE_SECONDS": "1e3"}).grace_s == 1000.0
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1000"])
+def test_the_usage_spool_has_a_real_limit(value):
+    """0 (a common guess at "unlimited") or less loaded fine; the worker then
+    reported SERVING and refused every request as USAGE_BACKLOG_FULL."""
+    with pytest.raises(SettingsError, match="TOKENMESH_USAGE_SPOOL_MAX_BYTES"):
+        load(InferenceSettings, {"TOKENMESH_USAGE_SPOOL_MAX_BYTES": value})
+
+
+def test_the_usage_spool_limit_takes_a_sane_value():
+    settings = load(InferenceSettings, {"TOKENMESH_USAGE_SPOOL_MAX_BYTES": str(8 << 20)})
+    assert settings.usage_spool_max_bytes == 8 << 20
+
+
+def test_engine_threads_are_not_negative():
+    with pytest.raises(SettingsError, match="TOKENMESH_ENGINE_THREADS"):
+        load(InferenceSettings, {"TOKENMESH_ENGINE_THREADS": "-1"})
+
+
+def test_the_launcher_refuses_one_port_for_both_edge_listeners():
+    with pytest.raises(SettingsError, match="TOKENMESH_EDGE_TLS_PORT.*TOKENMESH_EDGE_PORT"):
+        load(LauncherSettings, {"TOKENMESH_EDGE_PORT": "9000", "TOKENMESH_EDGE_TLS_PORT": "9000"})
+    # 0 turns the TLS listener off; it is no port of its own.
+    settings = load(LauncherSettings, {"TOKENMESH_EDGE_TLS_PORT": "0"})
+    assert settings.edge_tls_port == 0
+
+
+def test_the_launcher_checks_the_redis_url_scheme():
+    """A bad REDIS_URL showed up only as every service crashing inside a traceback."""
+    with pytest.raises(SettingsError, match="REDIS_URL"):
+        load(LauncherSettings, {"REDIS_URL": "http://localhost:6379"})
+    settings = load(LauncherSettings, {"REDIS_URL": "redis://127.0.0.1:6379/0"})
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"

@@ -1,0 +1,131 @@
+"""The launcher's supervisor restarts each child on its own: one restart waiting for
+its child to serve does not hold up another, and a restarted child lives until
+the supervisor is closed.
+
+Real child processes; the restart function spawns one and waits as the
+launcher's does (services.launcher.mesh).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from services.launcher.processes import Child, wait_for
+from services.launcher.supervisor import RestartPolicy, Supervisor
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+POLICY = RestartPolicy(base_s=0.05, max_s=1.0, reset_after_s=60.0)
+# How long the worker's restart waits for Redis: long enough for Redis's own
+# restart (base_s), far shorter than the test's deadline.
+WORKER_WAITS_S = 8.0
+
+
+class Children:
+    """The owner's side: a list of children, and restarts that spawn and wait."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.lock = threading.Lock()
+        self.children: list[Child] = []
+        self.spawned = 0
+
+    def spawn(self, name: str) -> Child:
+        with self.lock:
+            self.spawned += 1
+            log = self.tmp_path / f"{name}-{self.spawned}.log"
+        child = Child(name, SLEEPER, {}, log)
+        with self.lock:
+            self.children.append(child)
+        return child
+
+    def snapshot(self) -> list[Child]:
+        with self.lock:
+            return list(self.children)
+
+    def forget(self, child: Child) -> None:
+        with self.lock:
+            if child in self.children:
+                self.children.remove(child)
+
+    def alive(self, name: str) -> bool:
+        return any(c.name == name and c.alive() for c in self.snapshot())
+
+    def restart(self, name: str) -> None:
+        child = self.spawn(name)
+        if name == "worker":  # serves only once Redis answers (policies.loaded())
+            wait_for(lambda: self.alive("redis"), WORKER_WAITS_S, "the worker to serve", child)
+
+    def stop_all(self) -> None:
+        for child in self.snapshot():
+            child.kill()
+            child.wait(5)
+
+
+@pytest.fixture
+def children(tmp_path):
+    owned = Children(tmp_path)
+    yield owned
+    owned.stop_all()
+
+
+def _supervise(children: Children) -> Supervisor:
+    supervisor = Supervisor(
+        children.snapshot, children.forget, children.restart, lambda: None, POLICY, 0.01
+    )
+    supervisor.start()
+    return supervisor
+
+
+def _back_up(supervisor: Supervisor, name: str) -> bool:
+    """Tells whether `name` was restarted at least once and its last restart came up."""
+    record = supervisor.records[name]
+    return record.restarts >= 1 and record.state == "running"
+
+
+def test_a_restart_waiting_for_redis_does_not_hold_up_redis(children):
+    """A worker and Redis killed together (an OOM kill): the worker's restart waited
+    for Redis on the one supervisor thread, so Redis was restarted only after the
+    worker's restart timed out (90 s in make run) and the worker failed once more."""
+    children.spawn("worker")  # first in the list, as after an earlier Redis restart
+    children.spawn("redis")
+    supervisor = _supervise(children)
+    try:
+        for child in children.snapshot():
+            child.process.kill()
+        deadline = time.monotonic() + WORKER_WAITS_S * 3
+        while not (_back_up(supervisor, "worker") and _back_up(supervisor, "redis")):
+            assert time.monotonic() < deadline, supervisor.records
+            time.sleep(0.02)
+        # The worker's first restart came up: Redis was back while it waited.
+        assert supervisor.records["worker"].restarts == 1, supervisor.records
+        assert supervisor.records["redis"].restarts == 1, supervisor.records
+    finally:
+        supervisor.close(timeout_s=10)
+
+
+def test_a_restarted_child_lives_until_the_supervisor_is_closed(children):
+    """A child gets SIGTERM when the *thread* that started it ends (PDEATHSIG): the
+    thread that restarted Redis ended at stop(), before the owner had stopped the
+    workers that flush to it."""
+    children.spawn("redis")
+    supervisor = _supervise(children)
+    original = children.snapshot()[0]
+    original.process.kill()
+    deadline = time.monotonic() + 10
+    while not _back_up(supervisor, "redis"):
+        assert time.monotonic() < deadline, supervisor.records
+        time.sleep(0.02)
+    [restarted] = children.snapshot()
+    supervisor.stop()
+    assert not supervisor.alive()
+    with pytest.raises(subprocess.TimeoutExpired):  # still running after stop()
+        restarted.process.wait(timeout=1.0)
+    supervisor.close(timeout_s=10)
+    # What a closed supervisor's thread started dies with it (the owner stops it first).
+    assert restarted.process.wait(timeout=10) != 0
