@@ -202,9 +202,12 @@ class Request:
         )
         # Shadow traffic (services.inference.shadow): the edge's mirrored copy of a
         # request is metered to the shadow account, never to the caller's key,
-        # budgets or limits.
-        self.shadow = shadow.mark(headers, self.request_id)
+        # budgets or limits; it runs only while its caller's budgets have room
+        # (`copy_of`: read at `reserve`, nothing reserved).
+        self.shadow = shadow.mark_call(context, headers, self.request_id)
+        self.copy_of: shadow.CopyCaller | None = None
         if self.shadow is not None and self.shadow.is_copy:
+            self.copy_of = shadow.CopyCaller(self.key_id, self.limits)
             self.key_id, self.tenant, self.limits = "", contract.SHADOW_TENANT, Limits()
         self.trace_id = _trace_id()
         self.started = time.monotonic()
@@ -326,6 +329,11 @@ class Admission:
         self.mesh_models = MeshModels(registry)
         self._background: set[asyncio.Task[None]] = set()
 
+    @functools.cached_property
+    def copy_budgets(self) -> shadow.CallerBudgets:
+        """Returns the reader of shadow copies' callers' budgets (built at the first copy)."""
+        return shadow.CallerBudgets(self.budgets)
+
     def resolve(self, context: Context, name: str, version: str, *, generative: bool) -> Target:
         """Returns the model version to serve; refuses work the usage spool cannot meter."""
         self.usage_log.check_capacity()
@@ -351,6 +359,14 @@ class Admission:
             return
         request.budget_reserved = True
         if not (request.key_id and request.limits.any):
+            if request.copy_of is not None:
+                # A shadow copy (no key of its own): its caller's budgets are read, never
+                # charged; it is dropped when they have no room for it (its live
+                # request's fate).
+                model = request.model
+                await self.copy_budgets.check(
+                    request.copy_of, request.needed_tokens, model.name, model.version
+                )
             return
         # The month it is reserved in, and reconciled in (taken after the call, a
         # reservation at midnight on the 31st was reconciled into the next month).
@@ -432,10 +448,14 @@ class Admission:
             set_attempt_apart(event)
         labels = (request.model.name, request.model.version)
         metrics.REQUESTS.labels(*labels, event.finish_reason).inc()
-        request.model.outcomes.observe(event.finish_reason, event.timing.time_to_first_token_ms)
-        # The prompt's length as served: a cache hit's billed usage may be 0.
-        served = event.served_usage if event.HasField("served_usage") else event.usage
-        request.model.outcomes.prefixes.observe(request.prefix, served.prompt_tokens)
+        if request.copy_of is None:
+            # A shadow copy is no live traffic of its version: counted in, it made a
+            # canary that is also the shadow pass (or fail) its rollout gates on copies.
+            outcomes = request.model.outcomes
+            outcomes.observe(event.finish_reason, event.timing.time_to_first_token_ms)
+            # The prompt's length as served: a cache hit's billed usage may be 0.
+            served = event.served_usage if event.HasField("served_usage") else event.usage
+            outcomes.prefixes.observe(request.prefix, served.prompt_tokens)
         metrics.REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - request.started)
         self.usage_log.append(event)
         if request.shadow is not None and self.shadow_records is not None:

@@ -34,6 +34,12 @@ What a client sees is what the edge's filter gave it:
 Only calls from the edge are limited: a delegated caller (the jobs service,
 running a key's batch items) paces itself.
 
+A shadow copy (services.inference.shadow) is never counted: its live request
+is, on its own worker. Envoy makes the copy before any worker decides that
+request, though, so the copy's windows are read (0 hits, the same script) and
+the copy is dropped when they have no room for a request; it also holds one
+of its version's copy slots on this worker while it runs (shadow.CopySlots).
+
 The model window is the one the edge routed by (x-tokenmesh-model, which its
 Lua filter read from the request body): a call whose own message names another
 model is refused INVALID_ARGUMENT before it counts anywhere (`check_routed_model`).
@@ -44,6 +50,7 @@ worker served another, past that model's limit and the routes.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -102,11 +109,22 @@ Handler = Callable[..., Any]
 def descriptor(
     headers: Mapping[str, str], model_window: bool = True
 ) -> tuple[tuple[str, str], ...] | None:
-    """Returns the rate-limit descriptor of a request's identity headers (None: anonymous);
-    `model_window` False leaves the routed model out (a lookup's)."""
+    """Returns the rate-limit descriptor a request counts in (None: anonymous, or the
+    edge's shadow copy, never counted); `model_window` False leaves the routed model
+    out (a lookup's)."""
+    if shadow.is_copy(headers):
+        return None  # its live request is counted (the copy's windows are only read)
+    return caller_descriptor(headers, model_window)
+
+
+def caller_descriptor(
+    headers: Mapping[str, str], model_window: bool = True
+) -> tuple[tuple[str, str], ...] | None:
+    """Returns the rate-limit descriptor of a request's identity headers (None: anonymous),
+    a shadow copy's included (its caller's)."""
     key_id = headers.get(contract.KEY_ID_HEADER, "")
-    if not key_id or shadow.is_copy(headers):
-        return None  # anonymous, or the edge's shadow copy (its live request was counted)
+    if not key_id:
+        return None
     entries = [("key_id", key_id)]
     entries += [
         (key, headers[h])
@@ -268,11 +286,19 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
     Args:
         limiter: the worker's limiter (the usage service's windows and limits).
         failure_mode_deny: refuse requests while the store is unreachable.
+        max_copies: shadow copies of one model version run at once
+            (TOKENMESH_SHADOW_MAX_COPIES).
     """
 
-    def __init__(self, limiter: RequestLimiter, failure_mode_deny: bool = False) -> None:
+    def __init__(
+        self,
+        limiter: RequestLimiter,
+        failure_mode_deny: bool = False,
+        max_copies: int = shadow.MAX_COPIES,
+    ) -> None:
         self.limiter = limiter
         self.failure_mode_deny = failure_mode_deny
+        self.copies = shadow.CopySlots(max_copies)
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
 
     async def intercept_service(
@@ -311,6 +337,10 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
     def _unary(self, behavior: Handler, kind: MethodKind) -> Handler:
         async def unary(request: Any, context: Context) -> Any:
             await self.check_model(request, context, kind)
+            if shadow.is_copy(request_headers(context)):
+                async with self.copy_admitted(context, kind):
+                    result = behavior(request, context)
+                    return await result if inspect.isawaitable(result) else result
             limited = await self.admit(context, kind)
             if limited is None:
                 result = behavior(request, context)
@@ -337,6 +367,8 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
             # The error boundary calls this instead of `stream` (STREAM_OPENER): an
             # unlimited call's messages then skip this layer.
             await self.check_model(request, context, kind)
+            if shadow.is_copy(request_headers(context)):
+                return self._copy_stream(behavior, request, context, kind)
             limited = await self.admit(context, kind)
             result = behavior(request, limited or context)
             if limited is None and inspect.isasyncgen(result):
@@ -345,6 +377,60 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
 
         setattr(stream, STREAM_OPENER, open_stream)
         return stream
+
+    async def _copy_stream(
+        self, behavior: Handler, request: Any, context: Context, kind: MethodKind
+    ) -> AsyncIterator[Any]:
+        """Streams a shadow copy's messages while it holds its slot (taken at the first
+        read: a stream never read holds none)."""
+        async with self.copy_admitted(context, kind):
+            result = behavior(request, context)
+            if inspect.isasyncgen(result):
+                async with contextlib.aclosing(result):
+                    async for message in result:
+                        yield message
+            elif inspect.isawaitable(result):
+                await result
+
+    @contextlib.asynccontextmanager
+    async def copy_admitted(self, context: Context, kind: MethodKind) -> AsyncIterator[None]:
+        """Runs the block for a shadow copy whose caller has room in its request windows,
+        holding one of its version's copy slots; else raises the drop error."""
+        headers = request_headers(context)
+        model, version = shadow.copy_target(headers)
+        with self.copies.hold(model, version):
+            await self.check_copy_caller(context, headers, kind, model, version)
+            yield
+
+    async def check_copy_caller(
+        self,
+        context: Context,
+        headers: Mapping[str, str],
+        kind: MethodKind,
+        model: str,
+        version: str,
+    ) -> None:
+        """Raises the drop error of a copy whose caller's windows have no room for a request
+        (or cannot be read): read with 0 hits, nothing counted.
+
+        Full means refused: the live request counted in the same windows, so at its
+        limit it was refused (or took the last slot, and its copy is lost: a sample).
+        """
+        if peer_identity(context) not in LIMITED_CALLERS:
+            return  # as for the live request: only the edge's calls are limited
+        entries = caller_descriptor(headers, kind.model_window)
+        if entries is None:
+            return
+        try:
+            windows = await self.limiter.decide(entries, hits=0)
+        except Unavailable:
+            raise shadow.dropped(
+                model, version, "unknown", "its caller's request windows are unavailable"
+            ) from None
+        full = next((w for w in windows or () if w.used >= w.limit.limit), None)
+        if full is not None:
+            detail = f"{full.limit.subject} is at {full.limit.name}={full.limit.limit}"
+            raise shadow.dropped(model, version, "caller_limited", detail)
 
     async def check_model(self, request: Any, context: Context, kind: MethodKind) -> None:
         """Ends a call the edge routed as another model than its message names, before

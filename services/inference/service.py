@@ -104,6 +104,12 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
         "TOKENMESH_MAX_KV_TOKENS", 16384, "KV-token budget (prompt + max_tokens) per version."
     )
     max_queue: int = env("TOKENMESH_MAX_QUEUE", 256, "Waiting requests per version before 429.")
+    shadow_max_copies: int = env(
+        "TOKENMESH_SHADOW_MAX_COPIES",
+        32,
+        "Shadow copies of one model version this worker runs at once; more are dropped "
+        "(counted in tokenmesh_shadow_copies_dropped_total); 0 = runs none.",
+    )
     max_prefill_tokens: int = env(
         "TOKENMESH_MAX_PREFILL_TOKENS", 2048, "Prompt tokens admitted per step."
     )
@@ -215,6 +221,7 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
         require(1 <= self.max_sequences <= 1024, "TOKENMESH_MAX_SEQUENCES", "must be 1-1024")
         require(self.max_kv_tokens >= 1, "TOKENMESH_MAX_KV_TOKENS", "must be >= 1")
         require(self.max_queue >= 0, "TOKENMESH_MAX_QUEUE", "must be >= 0")
+        require(self.shadow_max_copies >= 0, "TOKENMESH_SHADOW_MAX_COPIES", "must be >= 0")
         require(self.max_prefill_tokens >= 1, "TOKENMESH_MAX_PREFILL_TOKENS", "must be >= 1")
         require(self.messages_per_step >= 0, "TOKENMESH_MESSAGES_PER_STEP", "must be >= 0")
         require(self.prefix_cache_tokens >= 0, "TOKENMESH_PREFIX_CACHE_TOKENS", "must be >= 0")
@@ -393,7 +400,11 @@ class InferenceService(Service):
 
     def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
         return [
-            RequestLimitInterceptor(self.request_limiter, self.settings.ratelimit_failure_mode_deny)
+            RequestLimitInterceptor(
+                self.request_limiter,
+                self.settings.ratelimit_failure_mode_deny,
+                max_copies=self.settings.shadow_max_copies,
+            )
         ]
 
     def service_names(self) -> Sequence[str]:

@@ -9,25 +9,51 @@ sending one is refused, so a worker can trust them.
 A copy:
 - serves the version SHADOW_HEADER names, never a fallback (`routed_version`);
 - is metered to the shadow account (tenant contract.SHADOW_TENANT, no key):
-  never to the caller's key, budgets or rate limits (services.inference.admission,
-  services.inference.request_limits). The edge decided the live request's
-  limits before Envoy made the copy;
+  never to the caller's key, and never counted in its request windows or
+  token budgets (services.inference.admission, services.inference.request_limits);
+- runs only while its caller stands within its limits. Envoy makes the copy
+  when it routes the live request, before any worker decides that request's
+  limits (they are decided in the live worker, not at the edge), so a copy
+  of a refused request still arrived. The copy's worker reads the caller's
+  request windows (request_limits, a 0-hit read) and token budgets
+  (`CallerBudgets`, a read of the same keys) without counting anything, and
+  drops the copy (FAILED_PRECONDITION, which Envoy discards; no usage) when
+  they have no room for the request: at its limit, a caller loses copies
+  (a sample), never one of its own requests;
+- holds one of TOKENMESH_SHADOW_MAX_COPIES slots of its model version on the
+  worker while it runs (`CopySlots`): beyond that, copies are dropped, so no
+  caller can make copies pile up on a worker;
+- runs at batch priority (services.inference.pipeline.generate): a live
+  interactive request on the same worker always goes first;
+- neither reads nor writes the response cache (pipeline.cache.client_mode): it
+  measures the shadow version, not the cache;
+- stays out of its version's outcomes (rollout gates, load reports): a canary
+  that is also the shadow is judged on its live share
+  (services.inference.admission.Admission.record);
 - is never sampled (services.inference.pipeline.content, by `is_copy`): its
   live request was sampled, or not, under the caller's tenant;
 - answers into nothing: Envoy discards it, and the caller never waits for it.
+Copies dropped are counted in tokenmesh_shadow_copies_dropped_total.
 
 Both sides write a compact record keyed by the request id they share (the
-edge's x-request-id) to services.router.shadow_pairs, off the request path
-(`ShadowRecorder`); a model without a shadow writes nothing.
+edge's x-request-id; a legacy completion's later prompts `<id>:<n>`, the
+copy admitting the same prompts in the same order) to
+services.router.shadow_pairs, off the request path (`ShadowRecorder`); a
+model without a shadow writes nothing. A side that did not compute its answer
+(served from the response cache or another request's computation) or that a
+fallback model served writes none: there is nothing of the model to compare.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import itertools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,9 +62,13 @@ from redis.exceptions import RedisError
 
 from gateway import model_routing
 from services.core import contract
-from services.core.errors import FailedPrecondition
+from services.core.errors import FailedPrecondition, ResourceExhausted, TokenmeshError
+from services.core.metadata import RequestMetadata, request_metadata
+from services.core.redis_service import LUA_REDIS_NOW_MS, text
+from services.inference.budget import Limits, TokenBudgets
 from services.router.shadow_pairs import LIVE, SHADOW, PairStore, Record
 from tokenmesh.inference.v1 import inference_pb2
+from tokenmesh.type.v1 import types_pb2
 
 if TYPE_CHECKING:
     from services.inference.logprobs import Confidence
@@ -47,12 +77,28 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"  # Envoy's, shared by a live request and its copy
 MAX_PENDING_WRITES = 256
+MAX_COPIES = 32  # copies of one version a worker runs at once (TOKENMESH_SHADOW_MAX_COPIES)
 
 SHADOW_RECORDS = Counter(
     "tokenmesh_shadow_records_total",
-    "Shadow comparison records by role (live, shadow) and outcome (written, dropped, failed).",
+    "Shadow comparison records by role (live, shadow) and outcome (written, dropped, "
+    "failed; skipped: served without computing, or by a fallback model).",
     ("model", "version", "role", "outcome"),
 )
+SHADOW_COPIES_DROPPED = Counter(
+    "tokenmesh_shadow_copies_dropped_total",
+    "Shadow copies a worker did not run, by reason: caller_limited (the caller's request "
+    "windows are full), caller_budget (its token budget has no room for the request), "
+    "unknown (its standing could not be read), full (TOKENMESH_SHADOW_MAX_COPIES running).",
+    ("model", "version", "reason"),
+)
+# Why a copy was dropped (the label) -> the error's reason.
+DROP_REASONS = {
+    "caller_limited": "SHADOW_CALLER_LIMITED",
+    "caller_budget": "SHADOW_CALLER_OVER_BUDGET",
+    "unknown": "SHADOW_CALLER_UNKNOWN",
+    "full": "SHADOW_COPIES_FULL",
+}
 
 
 @dataclass(frozen=True)
@@ -75,20 +121,206 @@ class ShadowMark:
         return self.role == SHADOW
 
 
-def mark(headers: Mapping[str, str], request_id: str) -> ShadowMark | None:
-    """Returns the request's part in shadow traffic, from the edge's headers (None: none)."""
+def mark(headers: Mapping[str, str], request_id: str, prompt: int = 0) -> ShadowMark | None:
+    """Returns the request's part in shadow traffic, from the edge's headers (None: none).
+
+    Args:
+        headers: the request's headers.
+        request_id: the worker's id of the request (the pair id without an edge id).
+        prompt: which of the call's prompts the request is (a legacy completion's
+            `prompt` list is one request per prompt): each pairs under an id of its
+            own, `<id>:<prompt>` after the first.
+    """
     copy_of = headers.get(contract.SHADOW_HEADER, "")
     shadowed = headers.get(contract.SHADOWED_HEADER, "")
     if not (copy_of or shadowed):
         return None
     edge_id = headers.get(REQUEST_ID_HEADER, "")
     pair_id = edge_id if contract.is_request_id(edge_id) else request_id
+    if prompt:
+        pair_id = f"{pair_id}:{prompt}"
     return ShadowMark(SHADOW if copy_of else LIVE, copy_of or shadowed, pair_id)
 
 
+# The call whose prompts are being marked, and the index of its next one.
+_PROMPTS: ContextVar[tuple[RequestMetadata, Iterator[int]] | None] = ContextVar(
+    "tokenmesh_shadow_prompts", default=None
+)
+
+
+def mark_call(context: Any, headers: Mapping[str, str], request_id: str) -> ShadowMark | None:
+    """Returns `mark` of one request of the call `context`, numbering the call's prompts.
+
+    A legacy completion with several prompts makes one request per prompt, all
+    with the call's headers: under one pair id, their records overwrote each
+    other and paired prompt k's live side with prompt j's copy. The copy admits
+    the same prompts in the same order (Envoy mirrors the same body), so the
+    n-th request of a call is the n-th on both sides. The count is kept in a
+    context variable of the call's task, keyed by the call's metadata (read
+    once per call: services.core.metadata), like that metadata itself.
+    """
+    if not (headers.get(contract.SHADOW_HEADER) or headers.get(contract.SHADOWED_HEADER)):
+        return None
+    call = request_metadata(context)
+    current = _PROMPTS.get()
+    if current is None or current[0] is not call:
+        current = (call, itertools.count())
+        _PROMPTS.set(current)
+    return mark(headers, request_id, next(current[1]))
+
+
 def is_copy(headers: Mapping[str, str]) -> bool:
-    """Tells whether a request is a mirrored copy (its caller's limits were decided already)."""
+    """Tells whether a request is a mirrored copy (never counted against its caller)."""
     return bool(headers.get(contract.SHADOW_HEADER))
+
+
+def copy_target(headers: Mapping[str, str]) -> tuple[str, str]:
+    """Returns the model and version a copy is for (its metric labels)."""
+    model = headers.get(model_routing.ROUTE_MODEL_HEADER) or headers.get(
+        model_routing.MODEL_HEADER, ""
+    )
+    return model, headers.get(contract.SHADOW_HEADER, "")
+
+
+def dropped(model: str, version: str, why: str, detail: str) -> TokenmeshError:
+    """Counts a copy that is not run and returns the error that ends it (Envoy discards it).
+
+    Args:
+        model: the copy's model.
+        version: the shadow version.
+        why: a key of DROP_REASONS (the metric's label).
+        detail: what the error says.
+    """
+    SHADOW_COPIES_DROPPED.labels(model, version, why).inc()
+    message = f"shadow copy of {model!r} version {version!r} not run: {detail}"
+    if why == "full":
+        return ResourceExhausted(message, retry_after_s=1.0, reason=DROP_REASONS[why])
+    return FailedPrecondition(message, reason=DROP_REASONS[why])
+
+
+class CopySlots:
+    """CopySlots bounds the copies of each model version this worker runs at once.
+
+    Args:
+        limit: copies per model version (TOKENMESH_SHADOW_MAX_COPIES; 0: none run).
+    """
+
+    def __init__(self, limit: int = MAX_COPIES) -> None:
+        self.limit = limit
+        self._held: dict[tuple[str, str], int] = {}
+
+    def running(self, model: str, version: str) -> int:
+        """Returns how many copies of a version hold a slot now."""
+        return self._held.get((model, version), 0)
+
+    @contextlib.contextmanager
+    def hold(self, model: str, version: str) -> Iterator[None]:
+        """Holds a slot of the version for the block; raises the drop error when none is free."""
+        key = (model, version)
+        held = self._held.get(key, 0)
+        if held >= self.limit:
+            detail = f"{held} copies of it run on this worker (TOKENMESH_SHADOW_MAX_COPIES)"
+            raise dropped(model, version, "full", detail)
+        self._held[key] = held + 1
+        try:
+            yield
+        finally:
+            left = self._held[key] - 1
+            if left:
+                self._held[key] = left
+            else:
+                del self._held[key]
+
+
+@dataclass(frozen=True)
+class CopyCaller:
+    """CopyCaller is the caller whose request a copy mirrors (its copy is metered apart).
+
+    Attributes:
+        key_id: the caller's key ("" for an anonymous caller).
+        limits: the key's token budgets.
+    """
+
+    key_id: str
+    limits: Limits
+
+
+# KEYS: the key's minute window, the window's amounts, the month's counter (the
+# keys services.inference.budget._RESERVE reserves in). ARGV: amount, tokens per
+# minute (0 = none), monthly (0 = none). Reads only: returns the budget with no
+# room for `amount` ("": both have room). The window is what _RESERVE keeps after
+# trimming: reservations newer than a minute on Redis's clock.
+_PEEK_BUDGET = (
+    LUA_REDIS_NOW_MS
+    + """
+local amount, tpm, monthly = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if tpm > 0 then
+  local used = 0
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (now - 60000), '+inf')) do
+    used = used + tonumber(redis.call('HGET', KEYS[2], id) or 0)
+  end
+  if used + amount > tpm then return 'tpm' end
+end
+if monthly > 0 and tonumber(redis.call('GET', KEYS[3]) or 0) + amount > monthly then
+  return 'monthly'
+end
+return ''
+"""
+)
+# What a budgets read raises while Redis is away or hung (BreakerOpen is one).
+_BUDGETS_UNAVAILABLE = (RedisError, TimeoutError, OSError)
+
+
+class CallerBudgets:
+    """CallerBudgets reads whether a copy's caller has room in its token budgets.
+
+    A read, never a reservation: the copy is metered to the shadow account, and
+    its caller's live request holds what it reserved. The copy runs when the
+    caller's budgets hold its prompt + max_tokens now; the live request needed
+    the same, so a refused one's copy is dropped, whichever reached Redis first
+    (a live request that took the last room loses its copy too). A legacy
+    completion's prompts are read one by one, while its live request reserved
+    them together: a copy of one refused by a few tokens may still run, within
+    the copy slots (`CopySlots`).
+
+    Args:
+        budgets: the worker's token budgets (their keys and breaker).
+    """
+
+    def __init__(self, budgets: TokenBudgets) -> None:
+        self.budgets = budgets
+        self._peek = budgets.redis.register_script(_PEEK_BUDGET)
+
+    async def check(self, caller: CopyCaller, amount: int, model: str, version: str) -> None:
+        """Returns when the caller's budgets have room for `amount` tokens; else raises the
+        drop error (also when they cannot be read: a copy is never run blind)."""
+        limits = caller.limits
+        if not (caller.key_id and limits.any):
+            return
+        try:
+            over = await self._read(caller, amount)
+        except _BUDGETS_UNAVAILABLE as exc:
+            detail = f"its caller's budgets are unavailable ({type(exc).__name__})"
+            raise dropped(model, version, "unknown", detail) from None
+        if over:
+            detail = f"key {caller.key_id} has no room for {amount} tokens ({over})"
+            raise dropped(model, version, "caller_budget", detail)
+
+    async def _read(self, caller: CopyCaller, amount: int) -> str:
+        """Returns the budget without room for `amount` ("": none), through the budgets'
+        breaker (a hung Redis fails the read at once after a few timeouts)."""
+        keys = self.budgets._keys(caller.key_id, time.time())  # the budgets' own keys
+        self.budgets.breaker.check()
+        limits = caller.limits
+        try:
+            over = await self._peek(
+                keys=list(keys), args=[amount, limits.tokens_per_minute, limits.monthly_tokens]
+            )
+        except _BUDGETS_UNAVAILABLE as exc:
+            self.budgets.breaker.failed_with(exc)  # a timeout or lost connection, not a reply
+            raise
+        self.budgets.breaker.succeeded()
+        return text(over)
 
 
 def routed_version(headers: Mapping[str, str]) -> str:
@@ -148,6 +380,11 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def served_usage(event: inference_pb2.UsageEvent) -> types_pb2.TokenUsage:
+    """Returns the tokens a request's caller received (its billed usage may be less)."""
+    return event.served_usage if event.HasField("served_usage") else event.usage
+
+
 def record_of(request: object, version: str, event: inference_pb2.UsageEvent) -> Record:
     """Builds the comparison record of a finished generation (see shadow_pairs.Record)."""
     choices = _choices(request)
@@ -161,7 +398,8 @@ def record_of(request: object, version: str, event: inference_pb2.UsageEvent) ->
         ttft_ms=round(event.timing.time_to_first_token_ms, 3),
         itl_ms=round(_mean(itls) or 0.0, 3),
         total_ms=round(event.timing.total_ms, 3),
-        output_tokens=event.usage.completion_tokens,
+        # What it produced: a served answer's billed usage may be 0 (cache billing).
+        output_tokens=served_usage(event).completion_tokens,
         mean_logprob=_mean([c.mean_logprob for c in scored]),
         confidence=_mean([c.score for c in scored]),
         reproducible=reproducible,
@@ -183,8 +421,17 @@ class ShadowRecorder:
         self._pending: set[asyncio.Task[None]] = set()
 
     def observe(self, request: object, shadow: ShadowMark, event: inference_pb2.UsageEvent) -> None:
-        """Records one side of a pair (a finished generation's usage event)."""
+        """Records one side of a pair (a finished generation's usage event).
+
+        A side that did not compute its answer (`event.cached`: the response cache,
+        or another request's computation) has a replay's timing and no text to
+        compare, and one a fallback model served is another model's: neither is
+        recorded (its partner waits unpaired, then expires).
+        """
         model, version = event.model.name, event.model.version
+        if event.cached or bool(getattr(request, "fallback_from", "")):
+            SHADOW_RECORDS.labels(model, version, shadow.role, "skipped").inc()
+            return
         if len(self._pending) >= self.max_pending:
             SHADOW_RECORDS.labels(model, version, shadow.role, "dropped").inc()
             return

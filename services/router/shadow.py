@@ -6,8 +6,12 @@ adds to each of the model's routes that serves another version:
 
 - a request mirror policy to the shadow version's cluster, for P% of requests
   (runtime_fraction). Envoy sends the copy after the route's filters ran
-  (authentication, rate limits: once, for the live request), streams its
-  answer into nothing, and never makes the caller wait for it;
+  (authentication) and before any worker decided the live request's limits
+  (inference requests' rates and token budgets are decided in the live
+  worker: services.inference.request_limits, admission), streams its answer
+  into nothing, and never makes the caller wait for it. So the copy's worker
+  reads the caller's windows and budgets, counting nothing, and drops the
+  copy of a caller at its limit (services.inference.shadow);
 - on the copy only, SHADOW_HEADER naming the version it must serve (the
   worker meters it to the shadow account and keeps a comparison record);
 - on the live request, SHADOWED_HEADER: its worker keeps a record too, so

@@ -2,8 +2,12 @@
 
 Workers write one compact record per request of a shadowed model (the live
 request's and its shadow copy's, services.inference.shadow), keyed by the
-request id the two share; `tokenmesh models compare` (RouterService
-CompareModelVersions) reads the pairs of a window and summarises each version.
+request id the two share (a legacy completion's later prompts: `<id>:<n>`);
+`tokenmesh models compare` (RouterService CompareModelVersions) reads the
+pairs of a window and summarises each version. Only computed answers are
+recorded: a side served from the response cache or by another request's
+computation (a replay's timing, no text to compare), or by a fallback model,
+writes none, and a copy never uses the cache, so the figures are the models'.
 
 Redis layout, per model (one hash slot: the model is the key's hash tag):
 
@@ -111,7 +115,7 @@ class Record:
         ttft_ms: time to the first token (0: none came).
         itl_ms: mean time between tokens (0: fewer than two tokens).
         total_ms: submission to the last token.
-        output_tokens: completion tokens.
+        output_tokens: completion tokens its caller received (served_usage when set).
         mean_logprob: mean token log-probability (None: not computed).
         confidence: the choice's confidence 0-1 (None: not computed).
         reproducible: seeded or greedy: the same input must give the same text.

@@ -428,6 +428,71 @@ def test_shadowing_every_request_to_another_version_leaves_callers_untouched(
     wait_for(lambda: not mirror_configured(versions_mesh, "2"), 15, "the mirror to go")
 
 
+def copies_dropped(mesh: Mesh, version: str) -> float:
+    """Returns the copies of MODEL `version` that FAST (its only worker) did not run."""
+    url = f"http://127.0.0.1:{mesh.ports[f'{FAST}-metrics']}/metrics"
+    labels = (f'model="{MODEL}"', f'version="{version}"')
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in httpx.get(url, timeout=5).text.splitlines()
+        if line.startswith("tokenmesh_shadow_copies_dropped_total{")
+        and all(label in line for label in labels)
+    )
+
+
+def test_copies_of_requests_refused_by_the_callers_rate_limit_are_not_computed(versions_mesh, edge):
+    """Envoy copies a request before any worker decides its caller's limits: a key of 2
+    requests a minute sending 12 made version 3 compute all 12 copies (at the operator's
+    cost, beside version 1 on the same worker). Only its admitted requests' copies run."""
+    wait_for(lambda: reaches(edge, "3"), 30, "version 3's worker")
+    caller = json.loads(
+        cli(versions_mesh, "keys", "create", "--tenant", "limited-shadow-caller", "--rpm", "2",
+            "--scopes", "inference:generate,usage:read", "--json")
+    )  # fmt: skip
+    computed_before = usage_requests(edge, tenant="tokenmesh.shadow")
+    dropped_before = copies_dropped(versions_mesh, "3")
+
+    def computed() -> int:  # copies run: metered to the shadow account
+        return int(usage_requests(edge, tenant="tokenmesh.shadow") - computed_before)
+
+    def dropped() -> float:
+        return float(copies_dropped(versions_mesh, "3") - dropped_before)
+
+    cli(versions_mesh, "models", "shadow", MODEL, "3", "--percent", "100")
+    try:
+        wait_for(lambda: mirror_configured(versions_mesh, "3"), 15, "the edge's mirror policy")
+        answered, refused = 0, 0
+        with authed_channel(versions_mesh.edge_address, [("x-api-key", caller["secret"])]) as own:
+            stub = v2_rpc.InferenceServiceStub(own)
+            for n in range(12):
+                request = v2_pb.CompleteRequest(
+                    model=MODEL, prompt=f"limited {n}", max_output_tokens=8
+                )
+                try:
+                    stub.Complete(request, timeout=30)
+                    answered += 1
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    refused += 1
+        # Every copy is accounted for: computed, or dropped by FAST.
+        wait_for(
+            lambda: computed() + dropped() >= 12,
+            30,
+            "every copy computed or dropped",
+            show=lambda: (computed(), dropped()),
+        )
+    finally:
+        cli(versions_mesh, "models", "shadow", MODEL, "--off")
+        wait_for(lambda: not mirror_configured(versions_mesh, "3"), 15, "the mirror to go")
+    assert (answered, refused) == (2, 10)
+    # The first admitted request's copy runs; the second's runs unless it was read
+    # after its live request took the key's last slot. No refused request's copy runs.
+    assert 1 <= computed() <= answered
+    assert computed() + dropped() == 12
+    wait_for(lambda: usage_requests(edge, tenant="limited-shadow-caller") >= answered, 30, "usage")
+    assert usage_requests(edge, tenant="limited-shadow-caller") == answered
+
+
 def test_job_items_follow_the_traffic_split(versions_mesh, edge):
     """A job's items run where the catalogue sends the model's traffic. The split
     sends everything to version 1: no item may run on version 3 (the newest, beside

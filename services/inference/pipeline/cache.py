@@ -25,7 +25,8 @@ Redis error is a miss (counted), never an error to the client.
 
 A client chooses per request (`Cache-Control` request header, or the v2
 field `cache`): `no-cache` recomputes and refreshes the entry, `no-store`
-neither reads nor writes. Billing of answers served without their own
+neither reads nor writes (a shadow copy is always `no-store`:
+services.inference.shadow). Billing of answers served without their own
 computation (hits, coalesced) is the operator's: TOKENMESH_CACHE_BILLING.
 Their completion tokens are those their caller received (the token ids of
 the messages or choices sent: pipeline.generate.delivered_tokens), not the
@@ -47,6 +48,7 @@ from redis.exceptions import RedisError
 
 from services.core import contract
 from services.core.settings import env, require
+from services.inference import shadow
 from services.inference.pipeline.coalesce import EmbeddingInputs, Flights
 from tokenmesh.inference.v2 import inference_pb2
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
@@ -111,8 +113,11 @@ NO_STORE = ClientMode(read=False, write=False)
 
 
 def client_mode(headers: Mapping[str, str], field: int) -> ClientMode:
-    """Returns the request's cache mode: its `cache` field, else its Cache-Control header."""
-    if field == inference_pb2.CACHE_MODE_NO_STORE:
+    """Returns the request's cache mode: its `cache` field, else its Cache-Control header;
+    a shadow copy's is always `no-store`."""
+    if field == inference_pb2.CACHE_MODE_NO_STORE or shadow.is_copy(headers):
+        # A copy measures the shadow version: answered from the cache (one scope for
+        # every caller's copies), its comparison record measured the cache.
         return NO_STORE
     if field == inference_pb2.CACHE_MODE_NO_CACHE:
         return NO_CACHE

@@ -40,11 +40,12 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from services.core.errors import QuotaViolation, ResourceExhausted
 from services.core.interceptors import Context, request_headers
+from services.inference import shadow
 from services.inference.admission import Admission
 from services.inference.pipeline import cache as cache_stage
 from services.inference.pipeline.cache import (
@@ -68,7 +69,7 @@ from services.inference.pipeline.stream import (
     produce,
     quota_finals,
 )
-from services.inference.scheduler import Scheduler, kv_reservation
+from services.inference.scheduler import PRIORITY_BATCH, Scheduler, kv_reservation
 from services.inference.surface import ApiSurface
 from services.inference.template_cache import TemplateCache
 from services.inference.v2 import prompting
@@ -238,6 +239,9 @@ class GenerationPipeline:
         rpc, api_version = self.surface.rpc(method), self.surface.api_version
         # Content policy on input: the model sees the redacted texts (or nothing: a block).
         spec, content = await self.admission.content.admit(context, target, spec, rpc, api_version)
+        if shadow.is_copy(request_headers(context)):
+            # A shadow copy waits behind every live interactive request on this worker.
+            spec = replace(spec, priority=PRIORITY_BATCH)
         prompt = await prompting.prepare(spec, target.model, self.templates)
         generation = Generation(
             context,
