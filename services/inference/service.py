@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -157,7 +158,7 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
     advertise_host: str = env(
         "TOKENMESH_ADVERTISE_HOST",
         "127.0.0.1",
-        "Host the edge reaches this worker at; `auto`: this worker's address on the "
+        "IPv4 address the edge reaches this worker at; `auto`: this worker's address on the "
         "route to the router (compose: each replica its own, where a service name is one).",
     )
     drain_delay_s: float = env(
@@ -269,6 +270,14 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
             "must be >= 1048576 (1 MiB; there is no unlimited)",
         )
         require(self.engine_threads >= 0, "TOKENMESH_ENGINE_THREADS", "must be >= 0")
+        # The router accepts only the address a worker's connection comes from
+        # (services.core.identity.require_host_among): a name would be refused at
+        # every heartbeat, a worker that looks up and is never routed to.
+        require(
+            self.advertise_host == "auto" or _is_ipv4(self.advertise_host),
+            "TOKENMESH_ADVERTISE_HOST",
+            "must be an IPv4 address or auto (the router registers IPv4 addresses)",
+        )
 
     def engine_options(self) -> EngineOptions:
         """Returns what every model this worker loads runs with (engine, threads, limits)."""
@@ -306,6 +315,14 @@ def resolve_engine(choice: str) -> str:
     usable, why = tensorrt_available()
     logger.info("engine auto: %s -> %s", why, "tensorrt" if usable else "onnxruntime")
     return "tensorrt" if usable else "onnxruntime"
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def advertised_host(setting: str, router_address: str) -> str:

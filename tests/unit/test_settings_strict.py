@@ -84,3 +84,16 @@ def test_the_launcher_checks_the_redis_url_scheme():
         load(LauncherSettings, {"REDIS_URL": "http://localhost:6379"})
     settings = load(LauncherSettings, {"REDIS_URL": "redis://127.0.0.1:6379/0"})
     assert settings.redis_url == "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize("host", ["worker.tokenmesh.local", "localhost", "10.0.0", "", "::1"])
+def test_a_worker_advertises_an_ip_address(host: str) -> None:
+    """The router accepts only the connection's own address: a name was refused at
+    every heartbeat while the worker ran, never routed to."""
+    with pytest.raises(SettingsError, match="TOKENMESH_ADVERTISE_HOST"):
+        load(InferenceSettings, {"TOKENMESH_ADVERTISE_HOST": host})
+
+
+@pytest.mark.parametrize("host", ["auto", "127.0.0.1", "10.1.2.3"])
+def test_ip_addresses_and_auto_are_advertised(host: str) -> None:
+    assert load(InferenceSettings, {"TOKENMESH_ADVERTISE_HOST": host}).advertise_host == host
