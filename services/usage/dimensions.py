@@ -92,8 +92,13 @@ class Row:
     def parse(cls, raw_field: str) -> tuple[Row, str]:
         """Returns the row and the counter kind of a hash field."""
         prefix, _, kind = raw_field.rpartition("|")
+        return cls.from_prefix(prefix), kind
+
+    @classmethod
+    def from_prefix(cls, prefix: str) -> Row:
+        """Returns the row a hash-field prefix (`field_prefix`) names."""
         labels, model, version, price = json.loads(prefix)
-        return cls(tuple(sorted(labels.items())), model, version, _price_key(price)), kind
+        return cls(tuple(sorted(labels.items())), model, version, _price_key(price))
 
     def label(self, name: str) -> str | None:
         """Returns the value of one label (None when the row has none)."""
@@ -154,6 +159,21 @@ def event_rows(
     return out
 
 
+def row_prefixes(dimension: str) -> tuple[bytes, ...]:
+    """Returns how the hash fields of the rows a report grouped by `dimension` begin.
+
+    A report needs the base rows (every request has one) and the rows of its
+    own dimension; a hash also holds the rows of every other tag, which are
+    most of a busy bucket's fields. Telling them apart by the field's first
+    bytes costs ~0.1 µs; parsing a field's JSON costs ~5 µs.
+    """
+    # field_prefix sorts the label keys, and a base row's first one is api_version.
+    prefixes = [b'[{"api_version":']
+    if dimension not in BASE_DIMENSIONS:
+        prefixes.append(b"[{" + json.dumps(dimension).encode() + b":")
+    return tuple(prefixes)
+
+
 def parse_group_by(value: str) -> str:
     """Returns the report dimension `value` names ("" means model); raises InvalidArgument."""
     if not value:
@@ -181,6 +201,13 @@ class GroupTotals:
             return
         priced = cost_of(Price.from_json(price), counts.prompt, counts.cached, counts.completion)
         self.cost = priced if self.cost is None else self.cost + priced
+
+    def plus(self, other: GroupTotals) -> None:
+        """Adds another group's counters and cost (cost is linear in the counts)."""
+        self.counts.plus(other.counts)
+        self.unpriced.plus(other.unpriced)
+        if other.cost is not None:
+            self.cost = other.cost if self.cost is None else self.cost + other.cost
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ dead-letter stream `<stream>:dead` and acked in one transaction, counted in
 from __future__ import annotations
 
 import asyncio
+import calendar
 import functools
 import logging
 import time
@@ -237,7 +238,14 @@ def bucket_start(unix_s: float, granularity: str) -> int:
         return int(unix_s) // 3600 * 3600
     if granularity == "day":
         return int(unix_s) // 86400 * 86400
-    return int(time.mktime((tm.tm_year, tm.tm_mon, 1, 0, 0, 0, 0, 0, 0)) - time.timezone)
+    return _month(tm.tm_year, tm.tm_mon)
+
+
+def _month(year: int, month: int) -> int:
+    # calendar.timegm reads the date as UTC. time.mktime (less time.timezone) read it
+    # in the process's zone: in Europe/Dublin every month started an hour early and
+    # the next month's start was the same instant, so a month report never ended.
+    return calendar.timegm((year, month, 1, 0, 0, 0))
 
 
 def next_bucket(start: int, granularity: str) -> int:
@@ -246,7 +254,7 @@ def next_bucket(start: int, granularity: str) -> int:
         return start + {"minute": 60, "hour": 3600, "day": 86400}[granularity]
     tm = time.gmtime(start)
     year, month = (tm.tm_year + 1, 1) if tm.tm_mon == 12 else (tm.tm_year, tm.tm_mon + 1)
-    return int(time.mktime((year, month, 1, 0, 0, 0, 0, 0, 0)) - time.timezone)
+    return _month(year, month)
 
 
 def bucket_key(scope: str, granularity: str, start: int) -> str:

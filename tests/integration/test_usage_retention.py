@@ -109,3 +109,24 @@ async def test_v2_counts_usage_at_a_mid_hour_start_older_than_the_minute_buckets
     )
     assert (report.totals.requests, report.totals.total_tokens) == (1, 10)
     assert report.start_time.seconds == metered.hour
+
+
+async def test_a_minute_report_past_the_minutes_lists_the_hour_that_holds_the_usage(
+    metered: _Metered,
+) -> None:
+    # The minute buckets read as empty: totals 1, buckets none.
+    start, end = metered.hour + 37 * 60, metered.hour + 52 * 60
+    one = await UsageReader(metered.client).report(
+        metered.scope, start, end, usage_pb2.GRANULARITY_MINUTE, by_version=False
+    )
+    two = await DimensionReader(metered.client).report(
+        metered.scope, start, end, v2_usage_pb2.GRANULARITY_MINUTE, "model"
+    )
+    for report, requests in ((one, one.requests), (two, two.totals.requests)):
+        assert requests == 1
+        assert [b.totals.requests for b in report.buckets] == [1]
+        bucket = report.buckets[0]  # the finest bucket kept there, and it says so
+        assert (bucket.start_time.seconds, bucket.end_time.seconds) == (
+            metered.hour,
+            metered.hour + 3600,
+        )

@@ -27,7 +27,9 @@ class _Granularity:
 class _GranularityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Granularity.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     GRANULARITY_UNSPECIFIED: _Granularity.ValueType  # 0
-    """GRANULARITY_UNSPECIFIED means one bucket for the whole range."""
+    """GRANULARITY_UNSPECIFIED means one bucket: the whole effective range,
+    listed even without usage.
+    """
     GRANULARITY_MINUTE: _Granularity.ValueType  # 1
     """GRANULARITY_MINUTE buckets by minute."""
     GRANULARITY_HOUR: _Granularity.ValueType  # 2
@@ -41,7 +43,9 @@ class Granularity(_Granularity, metaclass=_GranularityEnumTypeWrapper):
     """Granularity is the size of a usage report's time buckets."""
 
 GRANULARITY_UNSPECIFIED: Granularity.ValueType  # 0
-"""GRANULARITY_UNSPECIFIED means one bucket for the whole range."""
+"""GRANULARITY_UNSPECIFIED means one bucket: the whole effective range,
+listed even without usage.
+"""
 GRANULARITY_MINUTE: Granularity.ValueType  # 1
 """GRANULARITY_MINUTE buckets by minute."""
 GRANULARITY_HOUR: Granularity.ValueType  # 2
@@ -195,7 +199,13 @@ Global___ModelUsage: _TypeAlias = ModelUsage  # noqa: Y015
 
 @_typing.final
 class UsageBucket(_message.Message):
-    """UsageBucket is the usage in one time bucket."""
+    """UsageBucket is the usage in one time bucket. A report's buckets cover its
+    effective range exactly and add up to its totals: the first and last are
+    cut to the range where it starts or ends inside one, and where the
+    granularity's buckets have expired (minutes after 2 days, hours after 31
+    days, days after 400 days) a bucket is the finest one still kept (an hour,
+    a day, a month). Its start_time and end_time say which.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -53,7 +53,10 @@ class UsageServiceServicer:
 
     def GetUsage(self, request, context):
         """GetUsage reports usage. With no parameters: the caller's own totals for
-        the current calendar month (UTC).
+        the current calendar month (UTC). A range holding more than 2,000 buckets
+        of its granularity is INVALID_ARGUMENT naming `granularity`; an answer
+        over 3 MiB is FAILED_PRECONDITION, reason USAGE_REPORT_TOO_LARGE (narrow
+        the range or choose a coarser granularity).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

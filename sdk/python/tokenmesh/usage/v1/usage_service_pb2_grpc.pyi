@@ -35,7 +35,10 @@ class UsageServiceStub:
     def __new__(cls, channel: _aio.Channel) -> UsageServiceAsyncStub: ...
     GetUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageRequest, _usage_service_pb2.GetUsageResponse]
     """GetUsage reports usage. With no parameters: the caller's own totals for
-    the current calendar month (UTC).
+    the current calendar month (UTC). A range holding more than 2,000 buckets
+    of its granularity is INVALID_ARGUMENT naming `granularity`; an answer
+    over 3 MiB is FAILED_PRECONDITION, reason USAGE_REPORT_TOO_LARGE (narrow
+    the range or choose a coarser granularity).
     """
     ListAuditEntries: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ListAuditEntriesRequest, _usage_service_pb2.ListAuditEntriesResponse]
     """ListAuditEntries lists audit entries of one tenant. Needs "admin"."""
@@ -47,7 +50,10 @@ class UsageServiceAsyncStub(UsageServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageRequest, _usage_service_pb2.GetUsageResponse]  # type: ignore[assignment]
     """GetUsage reports usage. With no parameters: the caller's own totals for
-    the current calendar month (UTC).
+    the current calendar month (UTC). A range holding more than 2,000 buckets
+    of its granularity is INVALID_ARGUMENT naming `granularity`; an answer
+    over 3 MiB is FAILED_PRECONDITION, reason USAGE_REPORT_TOO_LARGE (narrow
+    the range or choose a coarser granularity).
     """
     ListAuditEntries: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ListAuditEntriesRequest, _usage_service_pb2.ListAuditEntriesResponse]  # type: ignore[assignment]
     """ListAuditEntries lists audit entries of one tenant. Needs "admin"."""
@@ -62,7 +68,10 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_usage_service_pb2.GetUsageResponse, _abc.Awaitable[_usage_service_pb2.GetUsageResponse]]:
         """GetUsage reports usage. With no parameters: the caller's own totals for
-        the current calendar month (UTC).
+        the current calendar month (UTC). A range holding more than 2,000 buckets
+        of its granularity is INVALID_ARGUMENT naming `granularity`; an answer
+        over 3 MiB is FAILED_PRECONDITION, reason USAGE_REPORT_TOO_LARGE (narrow
+        the range or choose a coarser granularity).
         """
 
     @_abc_1.abstractmethod

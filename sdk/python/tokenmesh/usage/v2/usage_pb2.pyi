@@ -167,7 +167,8 @@ class UsageGroup(_message.Message):
     "v1" or "v2" ("api_version"), "name@version" ("template") or the tag's
     value ("tag:<key>"). Empty collects the usage without one: requests
     without that tag, without a template, or metered before the dimension
-    was recorded.
+    was recorded. "(other)" collects a tag's values past the meter's bound
+    (about 5,000 values a bucket).
     """
     model: _builtins.str
     """model is the model name of a group by model or version."""
@@ -195,7 +196,13 @@ Global___UsageGroup: _TypeAlias = UsageGroup  # noqa: Y015
 
 @_typing.final
 class UsageBucket(_message.Message):
-    """UsageBucket is the usage in one time bucket."""
+    """UsageBucket is the usage in one time bucket. A report's buckets cover its
+    effective range exactly and add up to its totals: the first and last are
+    cut to the range where it starts or ends inside one, and where the
+    granularity's buckets have expired (minutes after 2 days, hours after 31
+    days, days after 400 days) a bucket is the finest one still kept (an hour,
+    a day, a month). Its start_time and end_time say which.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -39,7 +39,9 @@ class GetUsageRequest(_message.Message):
     tenant: _builtins.str
     """tenant restricts the report to one tenant (admins only for other tenants)."""
     granularity: _usage_pb2.Granularity.ValueType
-    """granularity sets the bucket size of `buckets`."""
+    """granularity sets the bucket size of `buckets`: at most 2,000 of them
+    (about 33 hours of minutes; hours, days and months never reach it).
+    """
     group_by: _builtins.str
     """group_by is the dimension of `groups`: "model" (the default when empty),
     "version", "key", "tenant", "api_version", "template" or "tag:<key>"
@@ -47,11 +49,17 @@ class GetUsageRequest(_message.Message):
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """start_time is the range start (inclusive); unset means the start of the current month."""
+        """start_time is the range start (inclusive); unset means the start of the
+        current month. Usage is kept 5 years: an earlier start reads from the
+        oldest month kept. More than 366 days after now is INVALID_ARGUMENT.
+        """
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """end_time is the range end (exclusive); unset means now."""
+        """end_time is the range end (exclusive); unset means now. More than 366
+        days after now reads as 366 days after now; before the oldest month kept
+        (5 years) is INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,
@@ -95,15 +103,22 @@ class GetUsageResponse(_message.Message):
 
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[_usage_pb2.UsageBucket]:
-        """buckets split the range by granularity (buckets without usage are left out)."""
+        """buckets split the effective range by granularity and add up to the
+        totals; buckets without usage are left out (see UsageBucket).
+        """
 
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """start_time is the effective range start."""
+        """start_time is the effective range start: what the totals cover, from the
+        bucket holding start_time (its minute, or a coarser one where the finer
+        have expired), no earlier than the oldest month kept.
+        """
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """end_time is the effective range end."""
+        """end_time is the effective range end: the end of the bucket holding
+        end_time, at most 366 days after now.
+        """
 
     def __init__(
         self,

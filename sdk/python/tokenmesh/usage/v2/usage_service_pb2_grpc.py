@@ -52,7 +52,13 @@ class UsageServiceServicer:
 
     def GetUsage(self, request, context):
         """GetUsage reports usage. With no parameters: the caller's own key's
-        totals for the current calendar month (UTC), grouped by model.
+        totals for the current calendar month (UTC), grouped by model. A range
+        holding more than 2,000 buckets of its granularity is INVALID_ARGUMENT
+        naming `granularity`. A report is refused whole, never cut, with
+        FAILED_PRECONDITION, reason USAGE_REPORT_TOO_LARGE, when it would hold
+        more than 10,000 groups (its own and its buckets' together), read more
+        than 500,000 usage rows, or answer more than 3 MiB: narrow the range,
+        choose a coarser granularity (or none), or group by fewer values.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

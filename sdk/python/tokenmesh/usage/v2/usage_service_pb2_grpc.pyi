@@ -38,7 +38,13 @@ class UsageServiceStub:
     def __new__(cls, channel: _aio.Channel) -> UsageServiceAsyncStub: ...
     GetUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageRequest, _usage_service_pb2.GetUsageResponse]
     """GetUsage reports usage. With no parameters: the caller's own key's
-    totals for the current calendar month (UTC), grouped by model.
+    totals for the current calendar month (UTC), grouped by model. A range
+    holding more than 2,000 buckets of its granularity is INVALID_ARGUMENT
+    naming `granularity`. A report is refused whole, never cut, with
+    FAILED_PRECONDITION, reason USAGE_REPORT_TOO_LARGE, when it would hold
+    more than 10,000 groups (its own and its buckets' together), read more
+    than 500,000 usage rows, or answer more than 3 MiB: narrow the range,
+    choose a coarser granularity (or none), or group by fewer values.
     """
 
 @_typing.type_check_only
@@ -51,7 +57,13 @@ class UsageServiceAsyncStub(UsageServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageRequest, _usage_service_pb2.GetUsageResponse]  # type: ignore[assignment]
     """GetUsage reports usage. With no parameters: the caller's own key's
-    totals for the current calendar month (UTC), grouped by model.
+    totals for the current calendar month (UTC), grouped by model. A range
+    holding more than 2,000 buckets of its granularity is INVALID_ARGUMENT
+    naming `granularity`. A report is refused whole, never cut, with
+    FAILED_PRECONDITION, reason USAGE_REPORT_TOO_LARGE, when it would hold
+    more than 10,000 groups (its own and its buckets' together), read more
+    than 500,000 usage rows, or answer more than 3 MiB: narrow the range,
+    choose a coarser granularity (or none), or group by fewer values.
     """
 
 class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -67,7 +79,13 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_usage_service_pb2.GetUsageResponse, _abc.Awaitable[_usage_service_pb2.GetUsageResponse]]:
         """GetUsage reports usage. With no parameters: the caller's own key's
-        totals for the current calendar month (UTC), grouped by model.
+        totals for the current calendar month (UTC), grouped by model. A range
+        holding more than 2,000 buckets of its granularity is INVALID_ARGUMENT
+        naming `granularity`. A report is refused whole, never cut, with
+        FAILED_PRECONDITION, reason USAGE_REPORT_TOO_LARGE, when it would hold
+        more than 10,000 groups (its own and its buckets' together), read more
+        than 500,000 usage rows, or answer more than 3 MiB: narrow the range,
+        choose a coarser granularity (or none), or group by fewer values.
         """
 
 def add_UsageServiceServicer_to_server(servicer: UsageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
