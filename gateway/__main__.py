@@ -3,7 +3,8 @@
 Used by the container image (`deploy/`) where upstreams are DNS names::
 
     python -m gateway render --out /tmp/envoy.yaml
-    python -m gateway run            # render, then exec Envoy
+    python -m gateway run            # render, then run Envoy (drained on SIGTERM)
+    python -m gateway drain          # drain the running Envoy (the pod's preStop hook)
 
 With `TOKENMESH_PKI_DIR` (the edge's identity: `ca.pem`, `edge.pem`,
 `edge-key.pem`) it also writes Envoy's file-based SDS files (`--sds-dir`,
@@ -11,6 +12,10 @@ default `<out stem>-sds` next to the bootstrap): the edge then speaks mTLS to
 every upstream and serves HTTPS / gRPC over TLS on `TOKENMESH_EDGE_TLS_PORT`.
 Envoy watches the directories of the certificate files, so a renewed leaf
 (local CA, cert-manager, SPIRE, an operator's `mv`) is picked up live.
+
+`run` keeps Envoy as its child: on SIGTERM it drains Envoy gracefully (its
+streams finish, for at most TOKENMESH_EDGE_DRAIN_SECONDS) before stopping it,
+as `drain` does for a preStop hook (gateway/drain.py).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway import envoy_config, protos
+from gateway import drain, envoy_config, protos
 from gateway.edge_auth import EdgeAuth
 from gateway.envoy_config import EdgeConfig, EdgeTls, Endpoint
 from services.core import contract, pki
@@ -65,6 +70,12 @@ class EdgeSettings:
         "TOKENMESH_EDGE_TLS_KEY", None, "The key of TOKENMESH_EDGE_TLS_CERT (PEM)."
     )
     admin_port: int = env("TOKENMESH_EDGE_ADMIN_PORT", 9901, "Envoy admin port (127.0.0.1 only).")
+    drain_s: float = env(
+        "TOKENMESH_EDGE_DRAIN_SECONDS",
+        100.0,
+        "On SIGTERM (and `python -m gateway drain`, the preStop hook): how long the "
+        "requests in flight may take to finish once Envoy drains (the longest stream).",
+    )
     stats_port: int = env(
         "TOKENMESH_EDGE_STATS_PORT",
         0,
@@ -107,6 +118,7 @@ class EdgeSettings:
         require(1 <= self.edge_port <= 65535, "TOKENMESH_EDGE_PORT", "must be 1-65535")
         require(0 <= self.tls_port <= 65535, "TOKENMESH_EDGE_TLS_PORT", "must be 0-65535")
         require(0 <= self.stats_port <= 65535, "TOKENMESH_EDGE_STATS_PORT", "must be 0-65535")
+        require(0 <= self.drain_s <= 3600, "TOKENMESH_EDGE_DRAIN_SECONDS", "must be 0-3600")
         require(
             self.tls_port not in (self.edge_port, self.admin_port),
             "TOKENMESH_EDGE_TLS_PORT",
@@ -216,9 +228,9 @@ def edge_config(settings: EdgeSettings, sds_dir: Path | None = None) -> EdgeConf
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Renders the bootstrap (and with `run`, execs Envoy with it)."""
+    """Renders the bootstrap (and with `run`, runs Envoy with it); `drain` drains it."""
     parser = argparse.ArgumentParser(prog="python -m gateway")
-    parser.add_argument("command", choices=["render", "run"])
+    parser.add_argument("command", choices=["render", "run", "drain"])
     parser.add_argument("--out", type=Path, default=Path("/tmp/tokenmesh-envoy.yaml"))
     parser.add_argument(
         "--sds-dir",
@@ -229,6 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         settings = load(EdgeSettings, os.environ)
+        if args.command == "drain":
+            # The preStop hook: never fails (the kubelet then sends SIGTERM anyway).
+            drain.drain(settings.admin_port, settings.drain_s)
+            return
         check_files(settings)
     except SettingsError as exc:
         print(f"tokenmesh-edge: invalid configuration: {exc}", file=sys.stderr)
@@ -251,8 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "run":
         from services.launcher.mesh import envoy_binary
 
+        # A child, not exec: Envoy exits at once on SIGTERM, cutting every stream.
         binary = str(envoy_binary())
-        os.execv(binary, [binary, "-c", str(args.out), "--disable-hot-restart"])
+        argv = [binary, "-c", str(args.out), "--disable-hot-restart", *drain.envoy_args()]
+        raise SystemExit(drain.supervise(argv, settings.admin_port, settings.drain_s))
 
 
 if __name__ == "__main__":

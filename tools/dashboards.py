@@ -172,11 +172,14 @@ WORKERS = Dashboard(
                     "Time to first token",
                     _latency(
                         "tokenmesh_time_to_first_token_seconds",
-                        "model, version",
+                        "model, version, priority",
                         MV,
-                        "{{model}}:{{version}}",
+                        "{{model}}:{{version}} {{priority}}",
                     ),
                     "s",
+                    description="By priority class: batch work (job items, shadow copies) "
+                    "waits behind interactive requests by design; the TTFT SLO and the "
+                    "autoscalers read interactive only.",
                 ),
                 Panel(
                     "Inter-token latency",
@@ -243,10 +246,12 @@ WORKERS = Dashboard(
                     "Queue depth",
                     (
                         (
-                            f"sum by (model, version) (tokenmesh_queue_depth{{{MV}}})",
-                            "{{model}}:{{version}}",
+                            f"sum by (model, version, priority) (tokenmesh_queue_depth{{{MV}}})",
+                            "{{model}}:{{version}} {{priority}}",
                         ),
                     ),
+                    description="Requests waiting for a slot, by priority class (the "
+                    "autoscalers and TokenmeshQueueSaturated read interactive only).",
                 ),
                 Panel(
                     "Running batch",
@@ -494,7 +499,7 @@ VERSIONS = Dashboard(
                             _p99(
                                 "tokenmesh_time_to_first_token_seconds",
                                 "model, version",
-                                'model=~"$model"',
+                                'model=~"$model", priority="interactive"',
                             ),
                             "{{model}}:{{version}}",
                         ),

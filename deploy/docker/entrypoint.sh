@@ -4,6 +4,9 @@ set -eu
 case "${1:-}" in
   auth|router|usage|jobs|inference) exec "tokenmesh-$1" ;;
   # With TOKENMESH_PKI_DIR it also writes Envoy's SDS files to /tmp/envoy-sds.
+  # Envoy runs as its child: on SIGTERM it drains Envoy first, so streams finish
+  # (up to TOKENMESH_EDGE_DRAIN_SECONDS; Kubernetes' preStop runs `python -m
+  # gateway drain` before that SIGTERM).
   edge) exec python -m gateway run --out /tmp/envoy.yaml ;;
   # A local CA and every identity's leaf in $TOKENMESH_PKI_DIR (this
   # container's alone), re-issued hourly when due; for compose, where no

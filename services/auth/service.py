@@ -35,7 +35,8 @@ from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
 logger = logging.getLogger(__name__)
 NEXT_ROTATION = Gauge(
     "tokenmesh_auth_signing_next_rotation_timestamp_seconds",
-    "When this auth replica next rotates the JWT signing key on its schedule (Unix time).",
+    "When the JWT signing key is due to rotate on this auth replica's schedule (Unix time; "
+    "in the past while a due rotation is refused).",
 )
 SERVICE_NAME = auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 EXT_AUTHZ_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
@@ -185,10 +186,13 @@ class AuthService(RedisBackedService):
         while True:
             # Counted from the promotion: the key was created one period earlier, as next.
             since = current_since(await self.ring.records())
-            age = time.time() - since if since is not None else 0.0
-            wait = max(1.0, self.settings.rotation_s - age)
-            NEXT_ROTATION.set(time.time() + wait)
-            await asyncio.sleep(wait)
+            due = (since if since is not None else time.time()) + self.settings.rotation_s
+            # The gauge keeps the time the rotation was due while it is refused
+            # (no next key, not yet published, another replica's lock): the
+            # retries every second must not move it, or it never looks overdue
+            # and TokenmeshSigningRotationStuck cannot fire.
+            NEXT_ROTATION.set(due)
+            await asyncio.sleep(max(1.0, due - time.time()))
             with contextlib.suppress(FailedPrecondition):
                 record = await self.ring.rotate()
                 logger.info("signing key rotated on schedule; current kid %s", record.kid)

@@ -9,11 +9,17 @@ from prometheus_client import Counter, Gauge, Histogram
 
 _LABELS = ("model", "version")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+#: The `priority` label's values, indexed by the scheduler's priority class
+#: (PRIORITY_INTERACTIVE = 0, PRIORITY_BATCH = 1): two values, never the client's
+#: string. Batch work (job items, shadow copies, v2 PRIORITY_BATCH) waits behind
+#: every interactive request by design: the TTFT SLO and the autoscalers read
+#: priority="interactive" only, or a batch backlog would page and scale out.
+PRIORITY_LABELS = ("interactive", "batch")
 
 TIME_TO_FIRST_TOKEN = Histogram(
     "tokenmesh_time_to_first_token_seconds",
-    "Admission to first generated token.",
-    _LABELS,
+    "Admission to first generated token, by priority class (interactive or batch).",
+    (*_LABELS, "priority"),
     buckets=_LATENCY_BUCKETS,
 )
 INTER_TOKEN_LATENCY = Histogram(
@@ -28,7 +34,11 @@ REQUEST_LATENCY = Histogram(
     _LABELS,
     buckets=_LATENCY_BUCKETS,
 )
-QUEUE_DEPTH = Gauge("tokenmesh_queue_depth", "Requests admitted but waiting for a slot.", _LABELS)
+QUEUE_DEPTH = Gauge(
+    "tokenmesh_queue_depth",
+    "Requests admitted but waiting for a slot, by priority class (interactive or batch).",
+    (*_LABELS, "priority"),
+)
 RUNNING = Gauge("tokenmesh_running_sequences", "Sequences in the running batch.", _LABELS)
 KV_SLOTS_USED = Gauge("tokenmesh_kv_slots_used", "KV-cache slots holding a sequence.", _LABELS)
 KV_TOKENS_RESERVED = Gauge(
@@ -60,6 +70,20 @@ PREFIX_CACHE_TOKENS = Counter(
 PREFIX_CACHE_HELD = Gauge(
     "tokenmesh_prefix_cache_held_tokens", "Prompt tokens whose KV the prefix cache holds.", _LABELS
 )
+
+
+def remove_version_gauges(labels: tuple[str, str]) -> None:
+    """Removes a version's scheduler gauges (it stopped: an unloaded version exports none).
+
+    Their last values would otherwise stay exported until the process ends,
+    read as live by the queue-depth autoscalers, alerts and dashboards; a
+    version loaded again starts from fresh series. Counters and histograms stay:
+    rate() reads them as idle.
+    """
+    for gauge in (RUNNING, KV_SLOTS_USED, KV_TOKENS_RESERVED, PREFIX_CACHE_HELD):
+        gauge.remove(*labels)
+    for priority in PRIORITY_LABELS:
+        QUEUE_DEPTH.remove(*labels, priority)
 
 
 def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:

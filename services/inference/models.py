@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.core.errors import AlreadyExists, NotFound
+from services.inference import quality
 from services.inference.embedder import Embedder
 from services.inference.load_report import VersionOutcomes
 from services.inference.model_merge import version_key
@@ -64,6 +65,8 @@ class LoadedModel:
             await self.scheduler.stop(drain_timeout_s)
         if self.embedder is not None:
             await self.embedder.stop(drain_timeout_s)
+        # Its drift gauges go with it (the scheduler's went in its stop).
+        quality.forget(self)
 
     def version_pb(self) -> inference_pb2.ModelVersion:
         """Returns this version as a protobuf message."""

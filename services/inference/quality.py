@@ -17,7 +17,10 @@ the loaded version served (its reference window): the cosine distance
 between the two means rises when the inputs (or the model) drift. Memory is
 bounded: per loaded version, a few block sums of `dimensions` floats.
 
-Labels are (model, version): as bounded as the versions a worker loads.
+Labels are (model, version): as bounded as the versions a worker loads. The
+drift gauges go when their version stops (`forget`): an unloaded version's last
+drift would keep TokenmeshEmbeddingDrift firing, and a reloaded one has no
+drift until both of its new windows are full.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.inference.models import LoadedModel
-
 if TYPE_CHECKING:
+    # Annotations only: models.py imports this module (LoadedModel.stop forgets).
+    from services.inference.models import LoadedModel
     from services.inference.v2.choices import Generation
 
 _LABELS = ("model", "version")
@@ -180,6 +183,7 @@ def observe_embeddings(model: LoadedModel, vectors: np.ndarray) -> None:
     tracker = _DRIFT.get(model)
     if tracker is None:
         tracker = _DRIFT[model] = EmbeddingDrift(vectors.shape[1], DRIFT_WINDOW, DRIFT_BLOCK)
+        _remove_drift(labels)  # a new reference window: no earlier load's drift
     tracker.add(vectors)
     drift = tracker.drift()
     if drift is not None:
@@ -187,3 +191,14 @@ def observe_embeddings(model: LoadedModel, vectors: np.ndarray) -> None:
         recent = tracker.recent_mean()
         assert recent is not None  # drift() needs it
         EMBEDDING_MEAN_NORM.labels(*labels).set(float(np.linalg.norm(recent)))
+
+
+def forget(model: LoadedModel) -> None:
+    """Drops a stopped version's drift tracker and gauges (UnloadModel, shutdown)."""
+    _DRIFT.pop(model, None)
+    _remove_drift((model.name, model.version))
+
+
+def _remove_drift(labels: tuple[str, str]) -> None:
+    EMBEDDING_DRIFT.remove(*labels)
+    EMBEDDING_MEAN_NORM.remove(*labels)

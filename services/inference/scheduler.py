@@ -50,6 +50,8 @@ from services.core.errors import (
 from services.inference import metrics
 from services.inference.engines.base import GenerativeEngine, StepItem
 from services.inference.fairness import (
+    OTHER_TENANT,
+    TENANT_QUEUE_DEPTH,
     FairnessPolicy,
     TenantAccount,
     TenantMetrics,
@@ -60,6 +62,11 @@ from services.inference.sampling import SamplingParams, sample_batch
 
 logger = logging.getLogger(__name__)
 PRIORITY_INTERACTIVE, PRIORITY_BATCH = 0, 1
+
+
+def _is_batch(priority: int) -> int:
+    """Returns a priority's index in metrics.PRIORITY_LABELS: 0 interactive, 1 batch."""
+    return int(priority != PRIORITY_INTERACTIVE)
 
 
 @dataclass(frozen=True)
@@ -289,6 +296,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._inbox: list[Sequence_] = []
         self._waiting_count = 0  # in the inbox or waiting
+        self._waiting_batch = 0  # of them, batch priority (the queue-depth gauge's label)
         self._waiting: WaitingRequests[Sequence_] = WaitingRequests(limits.fairness)
         self._running: list[Sequence_] = []
         self._free_slots = list(range(limits.max_sequences))  # a heap: lowest slot first
@@ -311,12 +319,17 @@ class Scheduler:
         # The last step prefilled new prompts only: the next one decodes.
         self._prefilled_last = False
         self.cancelled_total = 0
-        # Bound metric children once: label lookups are not free per token.
-        self._ttft = metrics.TIME_TO_FIRST_TOKEN.labels(*labels)
+        # Bound metric children once: label lookups are not free per token. TTFT
+        # and queue depth have one child per priority class (index: _is_batch).
+        self._ttft = tuple(
+            metrics.TIME_TO_FIRST_TOKEN.labels(*labels, p) for p in metrics.PRIORITY_LABELS
+        )
         self._itl = metrics.INTER_TOKEN_LATENCY.labels(*labels)
         self._completion_tokens = metrics.TOKENS.labels(*labels, "completion")
         self._prompt_tokens = metrics.TOKENS.labels(*labels, "prompt")
-        self._queue_depth = metrics.QUEUE_DEPTH.labels(*labels)
+        self._queue_depth = tuple(
+            metrics.QUEUE_DEPTH.labels(*labels, p) for p in metrics.PRIORITY_LABELS
+        )
         self._running_gauge = metrics.RUNNING.labels(*labels)
         self._slots_used = metrics.KV_SLOTS_USED.labels(*labels)
         self._kv_reserved = metrics.KV_TOKENS_RESERVED.labels(*labels)
@@ -358,20 +371,27 @@ class Scheduler:
                 for seq in self._open:
                     seq.outbox.put_nowait(Finished("error", _unloaded()))
                 self._open.clear()
+                # Its gauges go too: the thread publishes none after its step (the
+                # loop ends), and the preStop hook and autoscalers read them.
+                self._remove_gauges()
                 return
         with self._lock:
             queued = [*self._waiting.remove_where(lambda _: True), *self._inbox]
             self._inbox = []
-            self._waiting_count = 0
+            self._waiting_count = self._waiting_batch = 0
         for seq in [*self._running, *queued]:
             self._finish(seq, Finished("error", _unloaded()))
         self._hand_over(self._take_outgoing())
-        # Nothing runs or waits any more: the gauges say so (the preStop hook and
-        # autoscalers read them; the engine thread that published them has ended).
-        self._queue_depth.set(0)
-        self._running_gauge.set(0)
-        self._slots_used.set(0)
-        self._kv_reserved.set(0)
+        # Nothing runs or waits any more, and the engine thread that published the
+        # gauges has ended: the version's series go (the preStop hook and the
+        # autoscalers read them; a reload starts fresh ones).
+        self._remove_gauges()
+
+    def _remove_gauges(self) -> None:
+        """Removes this version's gauge series, per-tenant queue depths included."""
+        metrics.remove_version_gauges(self.labels)
+        self._tenant_metrics.publish([])  # removes every tenant's depth but "_other"
+        TENANT_QUEUE_DEPTH.remove(*self.labels, OTHER_TENANT)
 
     def submit(
         self,
@@ -430,7 +450,9 @@ class Scheduler:
             self._inbox.append(seq)
             self._open.add(seq)
             self._waiting_count += 1
-            self._queue_depth.set(self._waiting_count)
+            batch = _is_batch(priority)
+            self._waiting_batch += batch
+            self._queue_depth[batch].set(self._waiting_batch if batch else self._interactive())
         self._wake.set()
         return seq
 
@@ -474,7 +496,7 @@ class Scheduler:
                 self._take_inbox()
                 waiting = self._waiting.remove_where(lambda _: True)
                 with self._lock:
-                    self._waiting_count -= len(waiting)
+                    self._unwait(waiting)
                 for seq in [*self._running, *waiting]:
                     self._finish(seq, Finished("error", internal_error()))
                 self._post()
@@ -589,7 +611,7 @@ class Scheduler:
         )
         if dropped:
             with self._lock:
-                self._waiting_count -= len(dropped)
+                self._unwait(dropped)
         for seq in dropped:
             if seq.cancelled:
                 self._finish(seq, Finished("cancelled"))
@@ -643,7 +665,7 @@ class Scheduler:
             # The slot and the waiting count change together (stats() reads both).
             with self._lock:
                 seq.slot = heapq.heappop(self._free_slots)
-                self._waiting_count -= 1
+                self._unwait((seq,))
             seq.started_at = time.monotonic()
             self._reserved += seq.reserved_tokens
             prefill_budget -= len(seq.prompt_ids)
@@ -697,14 +719,14 @@ class Scheduler:
                 # An empty answer: the end of sequence is its first token (its TTFT is
                 # when it was answered; 0 read as "never", slower than any rollout bound).
                 seq.first_token_at = seq.last_token_at = now
-                self._ttft.observe(now - seq.submitted_at)
+                self._ttft[_is_batch(seq.priority)].observe(now - seq.submitted_at)
             self._finish(seq, Finished("stop"))
             return
         if seq.account is not None:
             seq.account.charge_output(seq.weight)
         if seq.first_token_at is None:
             seq.first_token_at = now
-            self._ttft.observe(now - seq.submitted_at)
+            self._ttft[_is_batch(seq.priority)].observe(now - seq.submitted_at)
         else:
             gaps.append(now - (seq.last_token_at or now))
         seq.last_token_at = now
@@ -740,8 +762,20 @@ class Scheduler:
             if seq.account is not None:
                 self._waiting.finished(seq.priority, seq.account)
 
+    def _unwait(self, seqs: Sequence[Sequence_]) -> None:
+        """Counts sequences out of the waiting ones (under _lock)."""
+        self._waiting_count -= len(seqs)
+        self._waiting_batch -= sum(_is_batch(seq.priority) for seq in seqs)
+
+    def _interactive(self) -> int:
+        """Returns the interactive requests waiting (in the inbox or waiting)."""
+        return self._waiting_count - self._waiting_batch
+
     def _publish_gauges(self) -> None:
-        self._queue_depth.set(self._waiting_count)
+        with self._lock:  # both counts of one moment (submit changes them together)
+            interactive, batch = self._interactive(), self._waiting_batch
+        self._queue_depth[0].set(interactive)
+        self._queue_depth[1].set(batch)
         now = time.monotonic()
         if now >= self._tenant_metrics_due:
             self._tenant_metrics.publish(self._waiting.changed_accounts())

@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import grpc.aio
 import pytest
 import redis.asyncio as aioredis
+import yaml
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from prometheus_client import REGISTRY
@@ -24,6 +28,7 @@ from services.auth.service import NEXT_ROTATION, AuthService, AuthSettings
 from services.auth.signing import KEYS, SigningKeyRing
 from services.core.server import serving
 from tests import mtls
+from tests import observability as obs
 from tests.conftest import private_db_url
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
 
@@ -185,3 +190,81 @@ async def test_a_jwks_fetch_does_not_make_a_new_next_key_published(
             auth_service_pb2.RotateSigningKeyRequest(), metadata=metadata, timeout=10
         )
         assert second.signing_key.kid == upcoming
+
+
+# Promtool's clock starts at 0: the samples are moved so that the last one is
+# read at this time (3 h), and an hour overdue stays a positive timestamp.
+PROMTOOL_AT_S = 3 * 3600
+OVERDUE_S = 2 * 3600
+
+
+def _stuck_rotation_case(samples: list[tuple[float, float]]) -> dict[str, Any]:
+    """Returns a promtool test that feeds the rules what the gauge read at each
+    (real time, value) sample, one a second, and expects the stuck alert."""
+    (rule,) = [r for r in obs.alert_rules() if r.get("alert") == "TokenmeshSigningRotationStuck"]
+    last = samples[-1][0]
+    values = [value - last + PROMTOOL_AT_S for _, value in samples]
+    padding = f"_x{PROMTOOL_AT_S - len(values)}"
+    return {
+        "rule_files": [str(obs.ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1s",
+                "input_series": [
+                    {
+                        "series": "tokenmesh_auth_signing_next_rotation_timestamp_seconds"
+                        '{instance="auth-0"}',
+                        "values": " ".join([padding, *(f"{v:.3f}" for v in values)]),
+                    }
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": f"{PROMTOOL_AT_S}s",
+                        "alertname": "TokenmeshSigningRotationStuck",
+                        "exp_alerts": [
+                            {"exp_labels": rule["labels"], "exp_annotations": rule["annotations"]}
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+
+
+async def test_a_refused_rotation_keeps_the_gauge_overdue_and_the_alert_fires(
+    client: aioredis.Redis, db_url: str, tmp_path: Path
+) -> None:
+    """The schedule retries every second while the due rotation is refused (here:
+    the next key is not yet in every edge's cached JWKS): each retry must leave the
+    gauge at the time the rotation was due, which TokenmeshSigningRotationStuck
+    reads. It was set to now + 1 s on every retry: never overdue, never an alert."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: run `make promtool` (Debian's prometheus package)")
+    rotation_s = 60.0
+    ring = _ring(client)
+    await ring.ensure()
+    await _age(client, "current", time.time() - rotation_s - OVERDUE_S)
+    stuck = await _current_kid(client)
+    settings = _settings(db_url, rotation_s=rotation_s, jwks_cache_s=300.0)
+    NEXT_ROTATION.set(0)  # another test's schedule may have set it
+    samples: list[tuple[float, float]] = []
+    async with _auth(settings):
+        # One sample a second, as a scrape would take them, over several retries.
+        while len(samples) < 4:
+            await asyncio.sleep(1.0)
+            samples.append((time.time(), _next_rotation()))
+        assert await _current_kid(client) == stuck, "the rotation was refused"
+    for taken, value in samples:
+        assert value < taken - 3600, f"the gauge reads {value - taken:+.0f} s from now"
+    case = tmp_path / "stuck_rotation_test.yml"
+    case.write_text(yaml.safe_dump(_stuck_rotation_case(samples), sort_keys=False))
+    result = subprocess.run(
+        [promtool, "test", "rules", str(case)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -20,6 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gateway import drain
 from gateway.__main__ import EdgeSettings
 from services.core import contract, pki
 from services.core.settings import load
@@ -632,4 +633,80 @@ def test_worker_scale_down_drains_before_sigterm_within_the_grace_period():
     # preStop: drain delay + wait for streams; then SIGTERM: drain delay (or, when
     # the router does not answer, the health-check wait) + grace again.
     worst_s = 2 * grace_s + drain_s + max(drain_s, health_wait_s) + RPC_TIMEOUTS_S
+    assert spec["terminationGracePeriodSeconds"] >= worst_s
+
+
+# ---------------------------------------------------------------------------
+# Disruptions: a node drain or a stopping edge takes nothing down at once
+# ---------------------------------------------------------------------------
+
+HOSTNAME = "kubernetes.io/hostname"
+
+
+def _replicated() -> list[dict[str, Any]]:
+    return [d for d in _of_kind("Deployment") if d["spec"].get("replicas", 1) >= 2]
+
+
+def _selects(selector: dict[str, Any], deployment: dict[str, Any]) -> bool:
+    assert set(selector) == {"matchLabels"}, "only matchLabels selectors are checked"
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    return bool(labels.items() >= selector["matchLabels"].items())
+
+
+def test_the_replicated_deployments_are_the_mesh_services():
+    names = {d["metadata"]["name"] for d in _replicated()}
+    assert names == {"edge", "auth", "router", "usage", "jobs", "inference"}
+
+
+@pytest.mark.parametrize("deployment", _replicated(), ids=lambda d: d["metadata"]["name"])
+def test_every_replicated_deployment_has_a_disruption_budget_and_spreads_over_nodes(
+    deployment,
+):
+    # Without a budget, a node drain evicted every replica at once (both GPU workers:
+    # every model version without a worker for the minutes one takes to load); without
+    # spreading, both could sit on the node being drained.
+    name, replicas = deployment["metadata"]["name"], deployment["spec"]["replicas"]
+    budgets = [
+        b for b in _of_kind("PodDisruptionBudget") if _selects(b["spec"]["selector"], deployment)
+    ]
+    assert len(budgets) == 1, f"{name}: {len(budgets)} PodDisruptionBudgets"
+    (budget,) = budgets
+    assert budget["apiVersion"] == "policy/v1"
+    assert budget["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    spec = budget["spec"]
+    # One replica at a time may go, never none (a drain would block) nor all.
+    if "maxUnavailable" in spec:
+        allowed = spec["maxUnavailable"]
+    else:
+        allowed = replicas - spec["minAvailable"]
+    assert 1 <= allowed < replicas, f"{name}: {allowed} of {replicas} may go at once"
+    spread = deployment["spec"]["template"]["spec"].get("topologySpreadConstraints", [])
+    by_host = [c for c in spread if c["topologyKey"] == HOSTNAME]
+    assert by_host, f"{name}: no spreading over nodes"
+    for constraint in by_host:
+        assert constraint["maxSkew"] == 1
+        assert _selects(constraint["labelSelector"], deployment)
+
+
+def test_every_disruption_budget_protects_a_deployment():
+    for budget in _of_kind("PodDisruptionBudget"):
+        assert any(_selects(budget["spec"]["selector"], d) for d in _replicated()), budget
+
+
+def test_a_stopping_edge_drains_its_streams_within_the_grace_period():
+    # Envoy exits at once on SIGTERM: without the preStop drain every stream through
+    # a stopping edge (rollout, scale-in, node drain) was cut mid-answer.
+    spec = _deployment("edge")["spec"]["template"]["spec"]
+    container = _container(_deployment("edge"))
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command == ["python", "-m", "gateway", "drain"]
+    entrypoint = (ROOT / "deploy" / "docker" / "entrypoint.sh").read_text()
+    assert "edge) exec python -m gateway run " in entrypoint  # supervise: drains on SIGTERM
+    settings = load(EdgeSettings, _env(container))
+    # The edge waits for streams at least as long as a worker lets them run.
+    assert settings.drain_s >= float(_worker_env()["TOKENMESH_GRACE_SECONDS"])
+    # preStop: the listeners' drain time and the streams; SIGTERM: the same again at
+    # worst (streams outliving the first wait); each admin call up to 2 s.
+    admin_calls_s = 4 * 2.0
+    worst_s = 2 * (drain.LISTENER_DRAIN_S + settings.drain_s + admin_calls_s)
     assert spec["terminationGracePeriodSeconds"] >= worst_s

@@ -162,3 +162,25 @@ def test_pending_metrics_are_documented():
     doc = OBSERVABILITY_DOC.read_text()
     for name in obs.PENDING_METRICS:
         assert name in doc, f"docs/observability.md must say who will export {name}"
+
+
+#: Metrics with a `priority` label whose batch series wait by design: alerts and
+#: autoscalers that protect interactive latency must not read them.
+PRIORITY_METRICS = ("tokenmesh_time_to_first_token_seconds", "tokenmesh_queue_depth")
+
+
+def test_alerts_and_autoscalers_read_interactive_work_only():
+    # Job items and shadow copies run at batch priority behind every interactive
+    # request: counted in, their waits burned the TTFT SLO and scaled GPU workers out.
+    wrong = []
+    for query in obs.alert_queries() + obs.autoscaling_queries():
+        for name, matchers in obs.selectors(query.expr):
+            if name.startswith(PRIORITY_METRICS) and matchers.get("priority") != '"interactive"':
+                wrong.append(f"{query.where}: {name} {matchers}")
+    assert not wrong, "\n".join(wrong)
+    adapter = yaml.safe_load((obs.AUTOSCALING / "hpa" / "prometheus-adapter.yaml").read_text())[
+        "data"
+    ]["config.yaml"]
+    for rule in yaml.safe_load(adapter)["rules"]:
+        if rule["seriesQuery"].startswith(PRIORITY_METRICS):
+            assert 'priority="interactive"' in rule["metricsQuery"], rule["name"]["as"]

@@ -141,9 +141,14 @@ async def test_an_empty_prompt_is_refused_and_the_others_in_its_step_complete() 
 def _in_flight_of(labels: tuple[str, str]) -> float:
     """Returns what the preStop hook reads from /metrics, for this scheduler's series."""
     text = generate_latest(REGISTRY).decode()
-    mine = f'model="{labels[0]}",version="{labels[1]}"'
+    mine = (f'model="{labels[0]}"', f'version="{labels[1]}"')  # labels are sorted by name
     return in_flight(
-        "\n".join(line for line in text.splitlines() if line.startswith("#") or mine in line) + "\n"
+        "\n".join(
+            line
+            for line in text.splitlines()
+            if line.startswith("#") or all(label in line for label in mine)
+        )
+        + "\n"
     )
 
 
@@ -163,8 +168,14 @@ async def test_stop_with_leftovers_leaves_nothing_counted_in_flight() -> None:
         finished = await _finished(seq)
         assert finished.reason == "error" and finished.error is not None
         assert finished.error.reason == "MODEL_UNLOADED"
-    for name in ("tokenmesh_queue_depth", "tokenmesh_running_sequences"):
-        assert REGISTRY.get_sample_value(name, dict(model=labels[0], version="1")) == 0
+    # The stopped version's series are gone (not left at their last values).
+    assert (
+        REGISTRY.get_sample_value("tokenmesh_running_sequences", dict(model=labels[0], version="1"))
+        is None
+    )
+    for priority in ("interactive", "batch"):
+        series = dict(model=labels[0], version="1", priority=priority)
+        assert REGISTRY.get_sample_value("tokenmesh_queue_depth", series) is None
     assert _in_flight_of(labels) == 0
     assert sched.stats()["waiting"] == 0 and sched.stats()["running"] == 0
 

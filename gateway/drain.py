@@ -1,0 +1,143 @@
+"""A graceful stop of the edge's Envoy: the streams it carries finish first.
+
+Envoy exits at once on SIGTERM and closes every downstream connection, so an
+edge pod's rollout, scale-in or node drain cut every stream through it
+mid-answer. A graceful stop goes through Envoy's admin API first (`drain`):
+
+1. `POST /healthcheck/fail`: `/healthz` answers 503 (the readiness probe, and
+   any load balancer that probes it, stop picking this edge).
+2. `POST /drain_listeners?graceful`: Envoy asks every client to go at once
+   (GOAWAY on HTTP/2, `connection: close` on HTTP/1.1: `--drain-strategy
+   immediate`), still answers new connections for `--drain-time-s`
+   (`LISTENER_DRAIN_S`: clients that resolved this pod before its endpoints
+   changed), then closes its listeners: new connections are refused.
+3. It waits until the listeners are closed and no downstream request is
+   active, for at most `timeout_s` (the longest stream:
+   TOKENMESH_EDGE_DRAIN_SECONDS).
+
+`python -m gateway drain` runs these steps: the pod's preStop hook. `python -m
+gateway run` keeps Envoy as its child (`supervise`) and runs them on SIGTERM or
+SIGINT before it stops Envoy: a container stopped without the hook (compose,
+`docker stop`) drains too, and after the hook they return at once (the drain
+has begun, nothing is active). A second signal cuts the wait short.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+
+#: Envoy's --drain-time-s: how long draining listeners still take connections.
+LISTENER_DRAIN_S = 5.0
+POLL_S = 0.25
+#: How long Envoy may take to exit after SIGTERM once drained (then SIGKILL).
+EXIT_WAIT_S = 10.0
+_ADMIN_TIMEOUT_S = 2.0
+
+
+def envoy_args(listener_drain_s: float = LISTENER_DRAIN_S) -> list[str]:
+    """Returns Envoy's command-line options for a graceful drain of all connections at once."""
+    return ["--drain-time-s", str(round(listener_drain_s)), "--drain-strategy", "immediate"]
+
+
+def _admin(admin_port: int, path: str, method: str = "GET") -> str | None:
+    """Returns the admin API's answer (None: Envoy does not answer: gone or not started)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{admin_port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=_ADMIN_TIMEOUT_S) as reply:
+            text: str = reply.read().decode()
+            return text
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _stats(admin_port: int) -> tuple[int, bool] | None:
+    """Returns (downstream requests in flight, listeners closed); None: no answer."""
+    text = _admin(
+        admin_port,
+        "/stats?filter=(downstream_rq_active|listener_manager.(listener_stopped|workers_started))$",
+    )
+    if text is None:
+        return None
+    lines = (line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    stats = {name: int(value) for name, value in lines}
+    # http.<stat_prefix>.downstream_rq_active: <n>; the admin listener counts this call.
+    active = sum(v for k, v in stats.items() if k.startswith("http.") and ".admin." not in k)
+    # Stopped once the drain time is over. No worker started: still initializing
+    # (waiting for the first xDS answer), no listener takes connections to close.
+    closed = (
+        stats.get("listener_manager.listener_stopped", 0) > 0
+        or stats.get("listener_manager.workers_started", 0) == 0
+    )
+    return active, closed
+
+
+def draining(admin_port: int) -> bool:
+    """Tells whether Envoy's listeners are draining (a drain has begun)."""
+    text = _admin(admin_port, "/server_info")
+    return text is not None and json.loads(text).get("state") == "DRAINING"
+
+
+def drain(admin_port: int, timeout_s: float, give_up: Callable[[], bool] = lambda: False) -> bool:
+    """Drains Envoy gracefully and waits for its requests (at most `timeout_s`).
+
+    Returns True once its listeners are closed and no request is active (or
+    Envoy is gone), False when the wait ran out or `give_up()` said so. The
+    listeners' drain time is waited out even when nothing is active: a client
+    that resolved this edge before its endpoints changed is still answered.
+    Idempotent: a second call finds the drain begun and only waits.
+    """
+    if _admin(admin_port, "/healthcheck/fail", "POST") is None:
+        return True  # no Envoy answers: nothing to drain
+    _admin(admin_port, "/drain_listeners?graceful", "POST")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = _stats(admin_port)
+        if state is None:  # Envoy is gone
+            return True
+        active, closed = state
+        if closed and not active:
+            return True
+        if time.monotonic() >= deadline or give_up():
+            print(f"tokenmesh-edge: {active} requests still active; stopping", file=sys.stderr)
+            return False
+        time.sleep(POLL_S)  # noqa: TID251 - a synchronous process (no event loop)
+
+
+def supervise(argv: Sequence[str], admin_port: int, drain_s: float) -> int:
+    """Runs Envoy (`argv`) as a child; on SIGTERM or SIGINT drains it, then stops it.
+
+    Returns Envoy's exit status (128 + the signal's number when a signal ended it).
+    """
+    signals: list[int] = []
+    stop = threading.Event()
+
+    def on_signal(number: int, _frame: object) -> None:
+        signals.append(number)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        child = subprocess.Popen(list(argv))
+        while child.poll() is None and not stop.wait(POLL_S):
+            pass
+        if child.poll() is None:
+            drain(admin_port, drain_s, give_up=lambda: len(signals) > 1)
+            child.terminate()
+            try:
+                child.wait(EXIT_WAIT_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    code = child.returncode
+    return 128 - code if code < 0 else code
