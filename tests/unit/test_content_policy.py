@@ -147,7 +147,7 @@ def test_output_filter_never_sends_any_part_of_a_match_within_the_window(step, s
     rules = (PatternRule(r"s3cr3t-[0-9]{4}"), PatternRule("unrelated"))
     text = "some harmless preamble " * 4 + "s3cr3t-1234" + " and the rest of it" * 3
     flt: OutputFilter[int] = OutputFilter([_policy(output_block_patterns=rules)], 16, step)
-    assert flt.combined is not None
+    assert len(flt.units) == 1  # one search for both rules
     pieces = [text[i : i + size] for i in range(0, len(text), size)]
     sent = "".join(pieces[i] for i in _feed_all(flt, pieces))
     assert flt.match is not None and flt.match.hit.rule == "output_block_pattern:0"
@@ -172,3 +172,169 @@ def test_a_flagged_detector_s_span_does_not_hide_a_redacted_or_blocked_one_s():
     ]
     with pytest.raises(ContentPolicyViolation):
         check_input([_policy(pii={"secret": "flag", "email": "block"})], [text])
+
+
+def test_a_card_followed_by_its_expiry_is_blocked_and_redacted():
+    text = "pay with 4111 1111 1111 1111 12/26 please"
+    with pytest.raises(ContentPolicyViolation, match="pii:card"):
+        check_input([_policy(pii={"card": "block"})], [text])
+    redacted = check_input([_policy(pii={"card": "redact"})], [text])
+    assert redacted.texts == ["pay with [CARD] 12/26 please"]
+
+
+def test_the_admin_regex_budget_is_per_request_not_per_search():
+    # Each search of 1,700 letters takes ~10 ms, under the 50 ms limit of one search;
+    # 256 of them took 3 s and let the request through. The request's budget ends it.
+    import time
+
+    from services.inference.pipeline.policy import CHECK_TIME_RULE
+
+    policy = _policy(block_patterns=(PatternRule(r"[a-z]+\d{4}"),))
+    started = time.thread_time()
+    with pytest.raises(ContentPolicyViolation) as caught:
+        check_input([policy], ["a" * 1700] * 256, "inputs", budget_s=0.2)
+    assert caught.value.metadata == {"policy": "acme@3", "rule": CHECK_TIME_RULE}
+    assert time.thread_time() - started < 1.0  # the budget plus one search, loosely
+
+
+def _split(text: str, rng, sizes=(1, 2, 3, 4, 5)) -> list[str]:
+    pieces, at = [], 0
+    while at < len(text):
+        size = rng.choice(sizes)
+        pieces.append(text[at : at + size])
+        at += size
+    return pieces
+
+
+@pytest.mark.parametrize("gap", [100, 140, 400, 900])
+def test_a_match_longer_than_the_window_is_still_caught(gap):
+    # The window was the last 64 released characters plus the held ones: a match of
+    # more than ~128 characters was never seen, not even late.
+    rule = PatternRule(r"(?i)how to make\b.{0,1000}?\bbomb\b", "weapons")
+    text = "Sure. Here is how to make " + ("a very " * 200)[:gap] + " bomb at home." + " ok" * 60
+    flt: OutputFilter[int] = OutputFilter([_policy(output_block_patterns=(rule,))])
+    pieces = [text[i : i + 4] for i in range(0, len(text), 4)]
+    sent = "".join(pieces[i] for i in _feed_all(flt, pieces))
+    assert flt.match is not None and flt.match.reason == "weapons"
+    assert len(sent) < len(text)
+
+
+def test_boundaries_at_the_window_edges_stop_no_harmless_answer():
+    # \b and $ were judged at the window's cut edges: "kill" cut out of "skills" or
+    # cut off "killer" was a word, a delta ending a line was the end of the text.
+    import random
+
+    import regex
+
+    rules = (PatternRule(r"(?i)\bkill\b", "violence"), PatternRule(r"(?m)^the end$"))
+    text = (
+        "Our team has a wide range of skills. We reviewed the skillset of each engineer and"
+        " the killer feature of the release is speed. Skilled people make the difference."
+        " Not the end yet.\n"
+    ) * 3
+    assert all(regex.search(r.pattern, text) is None for r in rules)
+    rng = random.Random(1)
+    policy = _policy(output_block_patterns=rules)
+    stops = 0
+    for _ in range(1000):
+        flt: OutputFilter[int] = OutputFilter([policy])
+        _feed_all(flt, _split(text, rng))
+        stops += flt.match is not None
+    assert stops == 0
+    flt = OutputFilter([policy])
+    assert _feed_all(flt, ["x" * 90, " the kill", "er feature is speed" + " ok" * 30])
+    assert flt.match is None
+
+
+def test_boundaries_still_stop_a_real_match_before_it_is_sent():
+    import random
+
+    rule = PatternRule(r"(?i)\bkill\b(?! ?switch)", "violence")
+    text = "x " * 60 + "and then we kill it. " + "more words here " * 10
+    rng = random.Random(2)
+    for _ in range(300):
+        flt: OutputFilter[int] = OutputFilter([_policy(output_block_patterns=(rule,))])
+        pieces = _split(text, rng)
+        sent = "".join(pieces[i] for i in _feed_all(flt, pieces))
+        assert flt.match is not None and "kill" not in sent
+    # The same word at the very end is judged at flush, where the end is real.
+    flt = OutputFilter([_policy(output_block_patterns=(PatternRule(r"\bkill$"),))])
+    assert _feed_all(flt, ["x" * 100, " kill"]) == [] and flt.match is not None
+
+
+def test_output_filter_agrees_with_a_search_of_the_whole_text():
+    # Any tokenisation: a match of the whole text (up to MAX_MATCH_CHARS) stops the
+    # choice, and one of up to 56 characters before any of it is sent; no match, no stop.
+    import random
+
+    import regex
+
+    from services.inference.pipeline.policy import MAX_MATCH_CHARS
+
+    patterns = [
+        r"(?i)\bkill\b",
+        r"kill(?!er)",
+        r"(?i)how to make\b.{0,300}\bbomb\b",
+        r"(?s)BEGIN.{0,900}?END",
+        r"pass(word)?:\s*\S+",
+        r"^Sure",
+        r"(?m)\d{3}-\d{4}$",
+        r"(\d{3})-(?1)-(?1)",
+    ]
+    words = (
+        "skills killer kills kill the a how to make bomb bombastic BEGIN END Sure password:"
+        " hunter2 123-4567 123-456-789 \n x yy killed skillset"
+    ).split(" ")
+    rng = random.Random(7)
+    for _ in range(1500):
+        pattern = rng.choice(patterns)
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 300)))
+        expected = regex.search(pattern, text)
+        rules = (PatternRule("(zz)q"), PatternRule(pattern))  # a group before it
+        flt: OutputFilter[int] = OutputFilter([_policy(output_block_patterns=rules)])
+        pieces = _split(text, rng, (1, 2, 3, 4, 5, 8, 30))
+        sent = "".join(pieces[i] for i in _feed_all(flt, pieces))
+        if expected is None:
+            assert flt.match is None, (pattern, text)
+            continue
+        if len(expected.group()) <= MAX_MATCH_CHARS:
+            assert flt.match is not None, (pattern, expected.group())
+        if len(expected.group()) <= 56:
+            assert len(sent) <= expected.start(), (pattern, expected.group())
+
+
+def test_a_rule_calling_a_numbered_group_still_applies_beside_others():
+    # Combined into one alternation, (?1) called the first rule's group: the combined
+    # search missed and no rule was tried on its own.
+    rules = (PatternRule(r"(zz)"), PatternRule(r"(\d{3})-(?1)-(?1)"))
+    flt: OutputFilter[int] = OutputFilter([_policy(output_block_patterns=rules)])
+    text = "x" * 80 + "call 123-456-789 now" + " y" * 50
+    _feed_all(flt, [text[i : i + 3] for i in range(0, len(text), 3)])
+    assert flt.match is not None and flt.match.hit.rule == "output_block_pattern:1"
+
+
+def test_an_output_rule_that_cannot_match_within_the_window_is_refused():
+    with pytest.raises(InvalidArgument) as caught:
+        Policy("p", 1, output_block_patterns=(PatternRule(r"a{1100}"),)).check()
+    assert caught.value.violations[0].field == "output_block_patterns[0]"
+    Policy("p", 1, output_block_patterns=(PatternRule(r"a{1000}\S+"),)).check()
+
+
+def test_a_sample_is_bounded_in_bytes_and_keeps_a_share_of_every_text():
+    from services.inference.pipeline import samples
+
+    big = "lorem ipsum dolor sit amet " * 5000  # ~135 K characters
+    sample = samples.build(
+        request_id="r",
+        tenant="t",
+        key_id="k",
+        model=("m", "1"),
+        rpc="/x",
+        input_text="é" * 70_000,
+        outputs=[big] * 8 + ["short"],
+        finish_reason="stop",
+        policy_hits=["acme@1 pii:email redact input"],
+    )
+    assert len(sample.SerializeToString()) <= 32 * 1024  # MAX_SAMPLE_BYTES, documented
+    assert sample.outputs[-1] == "short" and len(sample.input) > 1000
+    assert all(len(o) > 1000 for o in sample.outputs[:-1])

@@ -138,3 +138,62 @@ def test_a_sample_cut_through_a_card_number_keeps_none_of_its_digits():
     kept = samples.redact_all(text)
     assert len(kept) <= samples.MAX_TEXT_CHARS
     assert kept.endswith(" [CARD]") and "4111" not in kept
+
+
+# Crafted inputs: each held one detector for 0.6-0.8 s per 100 K characters (a
+# 256-input Embed of them: ~45 s of a worker's event loop). Linear detectors take
+# a few milliseconds; the bound is loose (CPU time of this thread, not wall time).
+_CRAFTED = {
+    "phone: '+1' and 18 digits, then a letter": ("+1" + "1" * 18 + "x ") * 5_000,
+    "secret: PEM headers without an END": "-----BEGIN PRIVATE KEY-----:" * 3_600,
+    "secret: PEM headers, an END far away": "-----BEGIN PRIVATE KEY-----\n" * 3_600
+    + "x" * 20_000
+    + "-----END PRIVATE KEY-----",
+    "card: digit groups": "2 " * 50_000,
+    "card: a card-like run and more groups": ("4111 1111 1111 1111 12 " * 4_000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CRAFTED))
+def test_crafted_inputs_cost_each_detector_milliseconds(name):
+    import time
+
+    text = _CRAFTED[name]
+    for detector in pii.DETECTORS:
+        started = time.thread_time()
+        pii.find(text, [detector])
+        spent = time.thread_time() - started
+        assert spent < 0.15, f"{detector} took {spent:.2f} s of CPU on {len(text)} chars"
+
+
+def test_a_pem_block_ends_at_its_end_marker_or_with_its_base64_body():
+    key = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----"
+    text = f"one {key} two -----BEGIN EC PRIVATE KEY-----\nAbCd==\n\nthree: done"
+    spans = [text[s.start : s.end] for s in pii.find(text, [pii.SECRET])]
+    assert spans == [key, "-----BEGIN EC PRIVATE KEY-----\nAbCd==\n\nthree"]
+    # An END marker more than 16 K characters away is not this block's.
+    far = "-----BEGIN PRIVATE KEY-----\nAbCd " + "." * 17_000 + " -----END PRIVATE KEY-----"
+    assert [far[s.start : s.end] for s in pii.find(far, [pii.SECRET])] == [
+        "-----BEGIN PRIVATE KEY-----\nAbCd "
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "card 4111 1111 1111 1111 12/26 exp",
+        "card 4111 1111 1111 1111 123 (cvv)",
+        "4111 1111 1111 1111 04 27",
+        "ref 12 4111 1111 1111 1111",
+    ],
+)
+def test_a_card_next_to_another_number_is_found_and_never_sampled(text):
+    # Greedy, the candidate took the expiry or CVV too, failed Luhn, and the card
+    # itself was never tried: redaction and samples kept every digit.
+    assert [text[s.start : s.end] for s in pii.find(text)] == ["4111 1111 1111 1111"]
+    assert "4111" not in samples.redact_all(text)
+
+
+def test_an_address_with_letters_of_any_script_is_one_email():
+    text = "write to müller@firma.de or josé@bücher.example today"
+    assert pii.redact(text, pii.find(text)) == "write to [EMAIL] or [EMAIL] today"

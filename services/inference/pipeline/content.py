@@ -29,11 +29,21 @@ the v2 servicer, so v1 and the OpenAI surface get it too):
 
 With no policy attached and no sampling, `admit` is two dict lookups and the
 stream is not wrapped: the disabled path costs what it cost before.
+
+The input check runs on the event loop only when it is certainly short: no
+admin regex and at most INLINE_CHECK_CHARS of text (the detectors are
+linear). Otherwise it runs on one of CHECK_THREADS threads of its own (not
+the default executor, which tokenizes every request), within its budget
+(policy.CHECK_BUDGET_S): a 256-input Embed of crafted text held the loop,
+and every stream of the worker, for ~45 s. Samples are built (every detector
+on up to nine texts) on those threads too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -47,6 +57,7 @@ from services.inference.pipeline import samples
 from services.inference.pipeline.policy import (
     ContentPolicyViolation,
     Hit,
+    InputCheck,
     OutputFilter,
     OutputMatch,
     Policy,
@@ -64,6 +75,12 @@ if TYPE_CHECKING:
     from services.inference.v2.validation import GenerationSpec
 
 CONTENT_FILTER = "content_filter"
+#: Inputs up to this many characters (all texts together), under policies without
+#: admin regexes, are checked on the event loop (the thread hop costs more).
+INLINE_CHECK_CHARS = 16 * 1024
+#: Input checks and sample builds running at once; more wait for a thread.
+CHECK_THREADS = 2
+_CHECKS = concurrent.futures.ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="content")
 POLICY_HITS = Counter(
     "tokenmesh_policy_hits_total",
     "Content-policy rules that fired, by policy (name@version), rule, action and direction.",
@@ -92,6 +109,7 @@ class RequestContent:
     sampled: bool = False
     input_text: str = ""  # as the model sees it (sampled requests only)
     redis: aioredis.Redis | None = None  # where samples go
+    sample_stream_max_bytes: int = samples.MAX_STREAM_BYTES
     filters: dict[int, OutputFilter[Any]] = field(default_factory=dict)
     stops: dict[int, OutputMatch] = field(default_factory=dict)
 
@@ -159,18 +177,19 @@ class RequestContent:
         event.policy_hits.extend(policy_labels(self.hits))
         if not (self.sampled and self.redis is not None):
             return
-        sample = samples.build(
+        build = functools.partial(
+            samples.build,
             request_id=event.request_id,
             tenant=event.tenant,
             key_id=event.key_id,
             model=(event.model.name, event.model.version),
             rpc=event.rpc,
             input_text=self.input_text,
-            outputs=outputs,
+            outputs=list(outputs),
             finish_reason=event.finish_reason,
-            policy_hits=event.policy_hits,
+            policy_hits=list(event.policy_hits),
         )
-        task = asyncio.create_task(samples.write(self.redis, sample))
+        task = asyncio.create_task(_write_sample(self.redis, build, self.sample_stream_max_bytes))
         _SAMPLE_WRITES.add(task)  # asyncio keeps only weak references to tasks
         task.add_done_callback(_SAMPLE_WRITES.discard)
 
@@ -192,6 +211,14 @@ def adopt_stop(generation: Generation, match: OutputMatch) -> None:
 _SAMPLE_WRITES: set[asyncio.Task[None]] = set()
 
 
+async def _write_sample(
+    redis: aioredis.Redis, build: functools.partial[Any], max_bytes: int
+) -> None:
+    """Builds a sample off the event loop (every detector on every text), writes it."""
+    sample = await asyncio.get_running_loop().run_in_executor(_CHECKS, build)
+    await samples.write(redis, sample, max_bytes)
+
+
 def spec_texts(spec: GenerationSpec) -> list[str]:
     """Returns a request's own texts: prompt, message contents, variable values."""
     texts = [spec.prompt] if spec.prompt is not None else []
@@ -209,6 +236,17 @@ def with_texts(spec: GenerationSpec, texts: Sequence[str]) -> GenerationSpec:
     return replace(spec, prompt=prompt, messages=messages, variables=variables)
 
 
+async def _check(policies: Sequence[Policy], texts: Sequence[str], field_name: str) -> InputCheck:
+    """Runs `check_input`: on the loop when it is certainly short, else on a thread."""
+    short = sum(len(t) for t in texts) <= INLINE_CHECK_CHARS
+    if not policies or (short and not any(p.input_rules for p in policies)):
+        return check_input(policies, texts, field_name)  # nothing to check, or linear
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(
+        _CHECKS, functools.partial(check_input, policies, list(texts), field_name)
+    )
+
+
 class ContentStage:
     """ContentStage applies the callers' content policies and sampling (module docstring).
 
@@ -216,6 +254,7 @@ class ContentStage:
         cache: the worker's policy cache (None: no policies, no sampling).
         usage_log: where a blocked request's usage event goes.
         redis: where samples are written.
+        sample_stream_max_bytes: bytes of samples kept per tenant (the oldest go).
     """
 
     def __init__(
@@ -223,10 +262,12 @@ class ContentStage:
         cache: PolicyCache | None = None,
         usage_log: UsageSink | None = None,
         redis: aioredis.Redis | None = None,
+        sample_stream_max_bytes: int = samples.MAX_STREAM_BYTES,
     ) -> None:
         self.cache = cache
         self.usage_log = usage_log
         self.redis = redis
+        self.sample_stream_max_bytes = sample_stream_max_bytes
 
     async def _lookup(self, context: Context) -> tuple[list[Policy], bool, str, str]:
         assert self.cache is not None
@@ -266,13 +307,19 @@ class ContentStage:
         if not policies and not sampled:
             return list(texts), NO_CONTENT
         try:
-            checked = check_input(policies, texts, field_name)
+            checked = await _check(policies, texts, field_name)
         except ContentPolicyViolation as blocked:
             count([blocked.hit])
             self._record_block(context, target, blocked.hit, request_id, rpc, api_version)
             raise
         count(checked.hits)
-        content = RequestContent(policies, checked.hits, sampled, redis=self.redis)
+        content = RequestContent(
+            policies,
+            checked.hits,
+            sampled,
+            redis=self.redis,
+            sample_stream_max_bytes=self.sample_stream_max_bytes,
+        )
         if sampled:
             content.input_text = "\n".join(checked.texts)
         return checked.texts, content

@@ -8,14 +8,18 @@ replaces each with its typed placeholder (`[EMAIL]`, `[CARD]`, ...).
 
 Scope and decisions (tests/data/pii_corpus.jsonl holds the labelled cases):
 
-- email: local@domain.tld; a "domain" whose last label is an image file
-  extension (icon@2x.png) is a file name, not an address.
+- email: local@domain.tld, letters of any script in the local part and the
+  labels (müller@bücher.de, RFC 6531); a "domain" whose last label is an
+  image file extension (icon@2x.png) is a file name, not an address.
 - phone: international numbers written with a leading "+" (8-15 digits),
   and North-American numbers with separators ("(555) 123-4567",
   "555-123-4567", "555.123.4567"). Bare digit runs are not phones: they are
   order numbers, ids and amounts far more often.
 - card: 13-19 digits (single spaces or dashes between groups allowed) that
-  pass the Luhn check and start like a payment card (2-6).
+  pass the Luhn check and start like a payment card (2-6). A run of digit
+  groups that fails as a whole is tried without up to two groups at either
+  end: "4111 1111 1111 1111 12/26" (expiry) and "... 1111 123" (CVV) are a
+  card followed by another number.
 - iban: country code, check digits and 11-30 characters (groups of four may
   be separated by one space) whose mod-97 is 1.
 - ssn: AAA-GG-SSSS with the SSA's never-issued areas (000, 666, 9xx), group
@@ -28,8 +32,11 @@ Scope and decisions (tests/data/pii_corpus.jsonl holds the labelled cases):
   PEM private-key blocks, JWTs (a header that decodes to JSON with "alg"),
   GitHub tokens (ghp_...).
 
-Patterns are linear in practice: every repetition is bounded and anchored
-by look-arounds, so a candidate is tried at most a few dozen ways.
+Cost is linear in the text's length (tests/unit/test_pii.py holds crafted
+inputs to that): every repetition is bounded, a pattern that could split
+digits several ways (international phones) is possessive, so a failed
+candidate is given up rather than re-split, and a PEM block's END marker is
+found once per text (`str.find`), not searched for again after each header.
 """
 
 from __future__ import annotations
@@ -102,17 +109,26 @@ _IBAN_LENGTHS = {
 # `(?<![\d-])\d`): sre then skips to candidate characters in C instead of trying
 # the look-behind at every position (5-10x faster on prose). Email and IPv6 are
 # searched in windows around their "@" and ":" only.
+# `[^\W_]` is a letter or digit of any script: an ASCII-only local part left
+# "müller@firma.de" whole (no start inside a word is allowed).
 _EMAIL = re.compile(
-    r"[A-Za-z0-9](?<![\w.%+-][A-Za-z0-9])[A-Za-z0-9._%+-]{0,63}@"
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}([A-Za-z]{2,24})(?![\w-])"
+    r"[^\W_](?<![\w.%+-][^\W_])[\w.%+-]{0,63}@"
+    r"(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.){1,8}([^\W\d_]{2,24})(?![\w-])"
 )
 _EMAIL_WINDOW = (65, 600)  # characters before and after an "@" an address can span
 _FILE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "gif", "svg", "webp", "ico", "bmp"})
-_PHONE_INTL = re.compile(r"\+(?<![\w+]\+)[1-9](?:[ .-]?(?:\(\d{1,4}\)|\d{1,4})){2,6}(?![\w])")
+# Possessive (`\d{1,4}+`, `{2,6}+`): "+1" and 18 digits followed by a letter was
+# re-split into 2-6 groups of 1-4 digits thousands of ways before failing (0.6 s
+# per 100 K characters); a number is written one way, so one split is tried.
+_PHONE_INTL = re.compile(r"\+(?<![\w+]\+)[1-9](?:[ .-]?(?:\(\d{1,4}+\)|\d{1,4}+)){2,6}+(?![\w])")
 _PHONE_NANP = re.compile(
     r"[(\d](?<![\w.+-][(\d])(?:(?<=\()\d{3}\) ?|(?<=\d)\d{2}[-. ])\d{3}[-. ]\d{4}(?![\w-]|\.\d)"
 )
-_CARD = re.compile(r"\d(?<![\d-]\d)(?:[ -]?\d){12,18}(?![\d]|-\d)")
+# Up to 25 digits: a card with an expiry or CVV group written next to it is one
+# candidate, split by `_card_within`.
+_CARD = re.compile(r"\d(?<![\d-]\d)(?:[ -]?\d){12,24}(?![\d]|-\d)")
+_DIGIT_GROUP = re.compile(r"\d+")
+_CARD_EXTRA_GROUPS = 2  # groups a card candidate may lose at either end
 _IBAN = re.compile(
     r"[A-Z](?<![A-Za-z0-9][A-Z])[A-Z]\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?"
     r"(?![A-Za-z0-9])"
@@ -131,13 +147,15 @@ _SECRETS = (
     re.compile(
         r"(?i:aws_secret_access_key)[\"']?\s*[=:]\s*[\"']?[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])"
     ),
-    re.compile(
-        r"-----BEGIN (?:[A-Z0-9]+ ){0,3}PRIVATE KEY-----"
-        r"(?:[\s\S]{0,16384}?-----END (?:[A-Z0-9]+ ){0,3}PRIVATE KEY-----"
-        r"|[A-Za-z0-9+/=\s]{0,16384})"
-    ),
     re.compile(r"gh[pousr]_(?<![\w-]gh[pousr]_)[A-Za-z0-9]{36}(?![\w])"),
 )
+# A PEM private key: its header, then up to _PEM_BODY_CHARS to its END marker, or
+# (no END in reach) the base64 body that follows. `_pem_blocks` finds the END
+# markers once: a lazy scan for one after every header cost 16 K steps per header.
+_PEM_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ ){0,3}PRIVATE KEY-----")
+_PEM_END = re.compile(r"-----END (?:[A-Z0-9]+ ){0,3}PRIVATE KEY-----")
+_PEM_BODY = re.compile(r"[A-Za-z0-9+/=\s]{0,16384}")
+_PEM_BODY_CHARS = 16384
 _JWT = re.compile(
     r"eyJ(?<![\w-]eyJ)[A-Za-z0-9_-]{5,2048}\.[A-Za-z0-9_-]{2,8192}\.[A-Za-z0-9_-]{0,2048}(?![\w-])"
 )
@@ -186,11 +204,58 @@ def _phones(text: str) -> Iterable[tuple[int, int]]:
 def _cards(text: str) -> Iterable[tuple[int, int]]:
     for match in _CARD.finditer(text):
         raw = match.group()
-        digits = raw.replace(" ", "").replace("-", "")
-        if "  " in raw or not 13 <= len(digits) <= 19 or digits[0] not in "23456":
+        if raw.isdigit():  # one group: nothing to split
+            if _is_card(raw):
+                yield match.span()
             continue
-        if luhn_valid(digits):
-            yield match.span()
+        found = _card_within(raw)
+        if found is not None:
+            yield match.start() + found[0], match.start() + found[1]
+
+
+def _card_grouping(sizes: Sequence[int]) -> bool:
+    """Tells whether digit groups of these sizes are printed like a card number."""
+    return len(sizes) == 1 or tuple(sizes) in _CARD_GROUPINGS
+
+
+# 4-4-4-1 (13 digits), 4-4-4-4, 4-4-4-4-3 (19), 4-6-5 (Amex), 4-6-4 (Diners).
+_CARD_GROUPINGS = frozenset({(4, 4, 4, 1), (4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4)})
+
+
+def _is_card(digits: str) -> bool:
+    return digits[0] in "23456" and 13 <= len(digits) <= 19 and luhn_valid(digits)
+
+
+def _card_within(raw: str) -> tuple[int, int] | None:
+    """Returns the span of the card in a candidate run of digit groups, if any.
+
+    The whole run first; then runs without up to _CARD_EXTRA_GROUPS groups at
+    either end, grouped the way cards are printed, the most digits first (then
+    the leftmost): greedy, the run took the expiry after a card ("4111 1111
+    1111 1111 12/26"), failed Luhn, and the card itself was never tried. At
+    most 8 more Luhn checks per run; each is a 1-in-10 chance of taking random
+    digits for a card, hence the grouping rule (random groups of three are
+    tried whole only, as before).
+    """
+    groups = [m.span() for m in _DIGIT_GROUP.finditer(raw)]
+    runs = [
+        (start, len(groups) - end)
+        for start in range(min(_CARD_EXTRA_GROUPS, len(groups) - 1) + 1)
+        for end in range(min(_CARD_EXTRA_GROUPS, len(groups) - 1 - start) + 1)
+    ]
+    candidates = []
+    for first, last in runs:
+        sizes = [end - start for start, end in groups[first:last]]
+        if (first, last) != (0, len(groups)) and not _card_grouping(sizes):
+            continue
+        span = (groups[first][0], groups[last - 1][1])
+        digits = raw[span[0] : span[1]].replace(" ", "").replace("-", "")
+        if 13 <= len(digits) <= 19:
+            candidates.append((-len(digits), span[0], span, digits))
+    for _, _, span, digits in sorted(candidates):
+        if _is_card(digits):
+            return span
+    return None
 
 
 def _ibans(text: str) -> Iterable[tuple[int, int]]:
@@ -249,7 +314,26 @@ def _jwt_header_valid(token: str) -> bool:
     return isinstance(decoded, dict) and "alg" in decoded
 
 
+def _pem_blocks(text: str) -> Iterable[tuple[int, int]]:
+    """Yields each PEM private-key block: header to END marker, or header and body."""
+    ends = [(m.start(), m.end()) for m in _PEM_END.finditer(text)]
+    position, next_end = 0, 0
+    for header in _PEM_BEGIN.finditer(text):
+        if header.start() < position:
+            continue  # inside the block before it
+        while next_end < len(ends) and ends[next_end][0] < header.end():
+            next_end += 1
+        if next_end < len(ends) and ends[next_end][0] - header.end() <= _PEM_BODY_CHARS:
+            position = ends[next_end][1]
+        else:
+            body = _PEM_BODY.match(text, header.end())
+            position = body.end() if body is not None else header.end()
+        yield header.start(), position
+
+
 def _secrets(text: str) -> Iterable[tuple[int, int]]:
+    if "-----BEGIN " in text:
+        yield from _pem_blocks(text)
     for needles, pattern in _GATED_SECRETS:
         if any(n in text for n in needles):
             for match in pattern.finditer(text):
@@ -267,8 +351,7 @@ def _secrets(text: str) -> Iterable[tuple[int, int]]:
 _GATED_SECRETS = (
     (("tm_",), _SECRETS[0]),
     (("AKIA", "ASIA", "ABIA", "ACCA"), _SECRETS[1]),
-    (("-----BEGIN ",), _SECRETS[3]),
-    (("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), _SECRETS[4]),
+    (("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), _SECRETS[3]),
 )
 _AWS_SECRET = _SECRETS[2]
 

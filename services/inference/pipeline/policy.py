@@ -23,12 +23,19 @@ with the `regex` package and every search has a time limit
 (`REGEX_TIMEOUT_S`): a catastrophic pattern costs at most that, and then
 counts as a match (fail closed: the text is not let through unchecked).
 Patterns are also bounded in length and number when a policy is created.
+Checking one request's input has a budget of its own (`CHECK_BUDGET_S` of
+CPU time for every policy, rule, detector and text together): the limit per
+search let 256 texts cost 256 times the limit. A request whose check runs
+out of it is blocked (rule "check_time", fail closed).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
+import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -50,9 +57,26 @@ MAX_PATTERNS = 32  # per list (block patterns, keywords, output patterns)
 MAX_REASON_CHARS = 256
 #: The longest one search of one admin pattern may take, in seconds.
 REGEX_TIMEOUT_S = 0.05
+#: The most CPU time checking one request's input may take, in seconds (every
+#: policy, rule, detector and text together); then it is blocked (fail closed).
+CHECK_BUDGET_S = 2.0
+#: The rule a request whose input check ran out of CHECK_BUDGET_S is blocked by.
+CHECK_TIME_RULE = "check_time"
 #: Output text held back from the client, in characters: a match of up to this
 #: many characters is caught before any of it is sent.
 HOLD_BACK_CHARS = 64
+#: The longest output match caught at all, in characters: a longer one is caught
+#: late (its start may have been sent), one longer than this may be missed.
+MAX_MATCH_CHARS = 1024
+#: Characters generated between scans for output matches longer than HOLD_BACK_CHARS
+#: (every scan looks for the shorter ones): such a match is caught within this many
+#: characters of its end.
+LONG_SCAN_CHARS = 128
+#: Output text before a match that look-behinds, \b and \B may read, in characters.
+LOOKBEHIND_CHARS = 32
+#: Output text after a match that a rule's look-aheads may read, in characters: a
+#: rule with a look-ahead is judged once this many characters follow its match.
+LOOKAHEAD_CHARS = 8
 MAX_INPUT_CHARS_LIMIT = 10_000_000
 
 
@@ -97,8 +121,34 @@ def _compile(pattern: str, *, keyword: bool = False) -> Any:
     return regex.compile(pattern)
 
 
-def check_rules(field_name: str, rules: Sequence[PatternRule], *, keyword: bool = False) -> None:
-    """Raises InvalidArgument naming `field_name[i]` for a rule that cannot be used."""
+def widths(pattern: str) -> tuple[int, int]:
+    """Returns the fewest and most characters `pattern` matches (unknown: 0, unbounded).
+
+    Read by the standard library's parser: the `regex` package does not tell.
+    A pattern only `regex` reads (`\\p{L}`, `(?V1)`, fuzzy matching) is unknown.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "possible nested set" and the like
+        try:
+            low, high = _RE_PARSER.parse(pattern).getwidth()
+        except (_RE_PARSER.error, OverflowError, RecursionError, ValueError):
+            return 0, UNBOUNDED
+    return int(low), min(int(high), UNBOUNDED)
+
+
+# The standard library's pattern parser (re._parser: `sre_parse` warns when imported).
+_RE_PARSER: Any = importlib.import_module("re._parser")
+UNBOUNDED = 1 << 31
+
+
+def check_rules(
+    field_name: str, rules: Sequence[PatternRule], *, keyword: bool = False, output: bool = False
+) -> None:
+    """Raises InvalidArgument naming `field_name[i]` for a rule that cannot be used.
+
+    An output rule whose shortest match is longer than MAX_MATCH_CHARS could never
+    stop anything (the filter sees no longer match) and is refused.
+    """
     if len(rules) > MAX_PATTERNS:
         raise InvalidArgument([FieldViolation(field_name, f"at most {MAX_PATTERNS} entries")])
     for index, rule in enumerate(rules):
@@ -117,6 +167,10 @@ def check_rules(field_name: str, rules: Sequence[PatternRule], *, keyword: bool 
             ) from None
         if compiled.search("", timeout=REGEX_TIMEOUT_S) is not None:
             raise InvalidArgument([FieldViolation(where, "matches the empty string")])
+        if output and widths(rule.pattern)[0] > MAX_MATCH_CHARS:
+            raise InvalidArgument(
+                [FieldViolation(where, f"never matches {MAX_MATCH_CHARS} characters or fewer")]
+            )
 
 
 @dataclass(frozen=True)
@@ -152,7 +206,7 @@ class Policy:
                 )
         check_rules("block_patterns", self.block_patterns)
         check_rules("block_keywords", self.block_keywords, keyword=True)
-        check_rules("output_block_patterns", self.output_block_patterns)
+        check_rules("output_block_patterns", self.output_block_patterns, output=True)
         if not 0 <= self.max_input_chars <= MAX_INPUT_CHARS_LIMIT:
             raise InvalidArgument(
                 [FieldViolation("max_input_chars", f"must be 0-{MAX_INPUT_CHARS_LIMIT}")]
@@ -227,6 +281,43 @@ def _search(pattern: Any, text: str) -> bool:
         return True  # fail closed: an admin pattern too slow to decide blocks
 
 
+class _OutOfTime(Exception):
+    """_OutOfTime is a request's input check that spent its CHECK_BUDGET_S."""
+
+
+class _Budget:
+    """_Budget is the CPU time left to check one request's input.
+
+    CPU time of the checking thread, not wall time: a check waiting for the
+    GIL or a core (others' checks, the event loop) is not charged for it.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.thread_time() + seconds
+
+    def left(self) -> float:
+        """Returns the seconds left; raises _OutOfTime when none are."""
+        left = self.deadline - time.thread_time()
+        if left <= 0:
+            raise _OutOfTime
+        return left
+
+    def search(self, pattern: Any, text: str) -> bool:
+        """Tells whether `pattern` occurs in `text` (out of time: found, fail closed).
+
+        `concurrent`: the GIL is released while it runs, so a check on a worker
+        thread leaves the event loop running.
+        """
+        left = self.left()
+        try:
+            found = pattern.search(text, timeout=min(REGEX_TIMEOUT_S, left), concurrent=True)
+        except TimeoutError:
+            if left < REGEX_TIMEOUT_S:
+                raise _OutOfTime from None  # the request's budget ran out, not the rule's
+            return True
+        return found is not None
+
+
 @dataclass
 class InputCheck:
     """InputCheck is the outcome of checking one request's input texts.
@@ -240,7 +331,10 @@ class InputCheck:
 
 
 def check_input(
-    policies: Sequence[Policy], texts: Sequence[str], field_name: str = "input"
+    policies: Sequence[Policy],
+    texts: Sequence[str],
+    field_name: str = "input",
+    budget_s: float = CHECK_BUDGET_S,
 ) -> InputCheck:
     """Checks (and redacts) a request's input texts against every policy, in order.
 
@@ -248,28 +342,41 @@ def check_input(
         policies: the policies that apply (the tenant's, then the key's).
         texts: the request's own texts (prompt, message contents, variables).
         field_name: the request field errors name.
+        budget_s: CPU seconds the whole check may take (see CHECK_BUDGET_S).
 
     Raises:
-        ContentPolicyViolation: a rule with action block fired.
+        ContentPolicyViolation: a rule with action block fired, or the check ran
+            out of its budget (rule "check_time" of the policy being checked).
     """
     result = InputCheck(list(texts))
+    budget = _Budget(budget_s)
     for policy in policies:
-        total = sum(len(t) for t in result.texts)
-        if policy.max_input_chars and total > policy.max_input_chars:
-            hit = policy.hit("max_input_chars", BLOCK, INPUT)
-            raise ContentPolicyViolation(
-                hit, field_name, f"input over {policy.max_input_chars} characters"
-            )
-        for rule, pattern, reason in policy.input_rules:
-            if any(_search(pattern, t) for t in result.texts):
-                raise ContentPolicyViolation(policy.hit(rule, BLOCK, INPUT), field_name, reason)
-        result.texts = [_apply_pii(policy, t, result.hits, field_name) for t in result.texts]
+        try:
+            _check_policy(policy, result, field_name, budget)
+        except _OutOfTime:
+            hit = policy.hit(CHECK_TIME_RULE, BLOCK, INPUT)
+            why = f"the input took over {budget_s:g} s to check"
+            raise ContentPolicyViolation(hit, field_name, why) from None
     return result
 
 
-def _apply_pii(policy: Policy, text: str, hits: list[Hit], field_name: str) -> str:
+def _check_policy(policy: Policy, result: InputCheck, field_name: str, budget: _Budget) -> None:
+    total = sum(len(t) for t in result.texts)
+    if policy.max_input_chars and total > policy.max_input_chars:
+        hit = policy.hit("max_input_chars", BLOCK, INPUT)
+        raise ContentPolicyViolation(
+            hit, field_name, f"input over {policy.max_input_chars} characters"
+        )
+    for rule, pattern, reason in policy.input_rules:
+        if any(budget.search(pattern, t) for t in result.texts):
+            raise ContentPolicyViolation(policy.hit(rule, BLOCK, INPUT), field_name, reason)
+    result.texts = [_apply_pii(policy, t, result.hits, field_name, budget) for t in result.texts]
+
+
+def _apply_pii(policy: Policy, text: str, hits: list[Hit], field_name: str, budget: _Budget) -> str:
     if not policy.pii or not text:
         return text
+    budget.left()  # the detectors are linear: one text (at most 100 K chars) costs < 0.1 s
     # Each action's detectors on their own: where spans overlap one detector names
     # them (pii.find), and a flagged detector's span that outranked a blocked or
     # redacted one's let that text through.
@@ -309,13 +416,34 @@ class OutputFilter(Generic[T]):
     it releases whole items once `hold_back` characters have been generated
     after them, and reports a match of any output rule before releasing any
     item that holds part of it: a match of up to `hold_back` characters is
-    never sent, not even its first character (a longer one may have had its
-    start released).
+    never sent, not even its first character (for a rule with a look-ahead,
+    LOOKAHEAD_CHARS fewer: it is judged once that many characters follow its
+    match). A longer match, up to MAX_MATCH_CHARS, is caught late: within
+    LONG_SCAN_CHARS of its end, when its start may have been sent. A longer
+    one may be missed.
 
-    NOTE(speed): a time-limited search costs ~11 us whatever its input, so the
-    filter scans only when it is about to release, at most once per `step`
-    characters, with one search for all the rules (their alternation) over the
-    held text plus `hold_back` characters already released: ~1 us per delta.
+    Each scan reads a window: the held text and, before it, as much released
+    text as the rule's longest match (its `reach`: at most MAX_MATCH_CHARS and
+    two LONG_SCAN_CHARS of slack) plus LOOKBEHIND_CHARS; every scan but one per
+    LONG_SCAN_CHARS reads only `hold_back` released characters (the shorter
+    matches). The window's edges are not the text's:
+
+    - its start: a match must begin LOOKBEHIND_CHARS into it (unless the
+      window starts where the output does), so \\b, ^ and look-behinds read
+      the text before ("kill" cut out of "skills" is no word of its own);
+    - its end, while the stream runs: a match ending within two characters of
+      it counts only if it still matches with a letter, a space or a newline
+      next (\\b or $ judged at the end of the text generated so far: "kill" of
+      "killer" cut after "kill"); a rule with a look-ahead waits until
+      LOOKAHEAD_CHARS follow the match. At `flush` the end is the text's.
+
+    NOTE(speed): the filter scans only when it is about to release, at most
+    once per `step` characters. Rules that can be searched as one alternation
+    without changing what they match are (`_units`), in two groups: rules
+    whose matches fit in `hold_back` read a window of ~170 characters, longer
+    or unbounded ones (`\\S+`, `.{0,150}`) the same and, once per
+    LONG_SCAN_CHARS, one of up to ~1.3 K. A scan costs O(window) whatever the
+    output's length: no scan reads the whole output.
 
     Args:
         policies: the policies whose output rules apply (none: everything passes).
@@ -330,8 +458,12 @@ class OutputFilter(Generic[T]):
         # Without rules (a sampled request only records the text) nothing is held back.
         self.hold_back = hold_back if self.rules else 0
         self.step = step if self.rules else 0
-        self.combined = _alternation([p for _, _, p, _ in self.rules])
-        self._released_tail = ""  # the last hold_back released characters (context)
+        self.units = _units(tuple(pattern.pattern for _, _, pattern, _ in self.rules), hold_back)
+        self._short_reach = LOOKBEHIND_CHARS + hold_back
+        self._context_chars = max((unit.reach for unit in self.units), default=0)
+        self._released_tail = ""  # the last _context_chars released characters
+        self._released_chars = 0
+        self._long_scan_at = 0  # characters generated at the last scan with every reach
         self._held: list[tuple[str, T]] = []
         self._held_chars = 0
         self.released_text: list[str] = []  # everything released (samples read it)
@@ -354,7 +486,7 @@ class OutputFilter(Generic[T]):
         self._held_chars += len(text)
         if self._held_chars - self.hold_back < self.step:
             return []  # nothing would be released yet: no need to scan
-        self.match = self._scan()
+        self.match = self._scan(final=False)
         if self.match is not None:
             return []
         released: list[T] = []
@@ -365,7 +497,7 @@ class OutputFilter(Generic[T]):
     def flush(self) -> list[T]:
         """Returns every held item once a last scan finds nothing (the choice ended)."""
         if self.match is None and self._held:
-            self.match = self._scan()
+            self.match = self._scan(final=True)
         if self.match is not None:
             return []
         return [self._release() for _ in range(len(self._held))]
@@ -378,33 +510,159 @@ class OutputFilter(Generic[T]):
     def _release(self) -> T:
         text, item = self._held.pop(0)
         self._held_chars -= len(text)
-        self._released_tail = (self._released_tail + text)[-self.hold_back :]
+        self._released_chars += len(text)
+        if self._context_chars:  # [-0:] would keep everything
+            self._released_tail = (self._released_tail + text)[-self._context_chars :]
         self.released_text.append(text)
         return item
 
-    def _scan(self) -> OutputMatch | None:
+    def _scan(self, *, final: bool) -> OutputMatch | None:
         if not self.rules:
             return None
-        window = self._released_tail + "".join(t for t, _ in self._held)
-        if self.combined is not None and not _search(self.combined, window):
-            return None
-        for policy, rule, pattern, reason in self.rules:
-            if _search(pattern, window):
+        held = "".join(t for t, _ in self._held)
+        generated = self._released_chars + self._held_chars
+        every_reach = final or generated - self._long_scan_at >= LONG_SCAN_CHARS
+        if every_reach:
+            self._long_scan_at = generated
+        for unit in self.units:
+            reach = unit.reach if every_reach else min(unit.reach, self._short_reach)
+            context = self._released_tail[-reach:]
+            # Cut out of a longer output: the first characters are only read (\b, ^).
+            start = LOOKBEHIND_CHARS if self._released_chars > len(context) else 0
+            found = self._search(unit, context + held, start, final)
+            if found is not None:
+                policy, rule, _, reason = self.rules[found]
                 return OutputMatch(policy.hit(rule, BLOCK, OUTPUT), reason)
         return None
 
+    def _search(self, unit: _Unit, window: str, start: int, final: bool) -> int | None:
+        """Returns the index of the rule with a match in `window` that counts, if any."""
+        try:
+            match = unit.pattern.search(window, start, timeout=REGEX_TIMEOUT_S)
+            for _ in range(_UNSETTLED_TRIES):
+                if match is None:
+                    return None
+                rule = self._rule_at(unit, window, match.start())
+                if final or self._settled(rule, unit.looks_ahead, window, match):
+                    return rule
+                # This one waits for more text; another (starting later) may count now.
+                match = unit.pattern.search(window, match.start() + 1, timeout=REGEX_TIMEOUT_S)
+            return None
+        except TimeoutError:
+            return self._slow(unit, window, start)
 
-def _alternation(patterns: Sequence[Any]) -> Any:
-    """Returns one pattern matching where any of `patterns` does (None: keep them apart).
+    def _rule_at(self, unit: _Unit, window: str, at: int) -> int:
+        """Returns the rule of `unit` whose match starts at `at` (the alternative taken)."""
+        for rule in unit.rules[:-1]:
+            if self.rules[rule][2].match(window, at, timeout=REGEX_TIMEOUT_S) is not None:
+                return rule
+        return unit.rules[-1]
 
-    Patterns with backreferences are kept apart: the alternation renumbers groups.
-    """
-    if len(patterns) < 2 or any(regex.search(r"\\[1-9]|\(\?P=", p.pattern) for p in patterns):
+    def _settled(self, rule: int, looks_ahead: bool, window: str, match: Any) -> bool:
+        """Tells whether a match mid-stream stands whatever is generated next."""
+        if match.end() + (LOOKAHEAD_CHARS if looks_ahead else _END_READ_CHARS) <= len(window):
+            return True  # what it read past its end is real text
+        if looks_ahead:
+            return False
+        pattern = self.rules[rule][2]
+        return all(
+            pattern.match(window + probe, match.start(), timeout=REGEX_TIMEOUT_S) is not None
+            for probe in _PROBES
+        )
+
+    def _slow(self, unit: _Unit, window: str, start: int) -> int | None:
+        """A search out of time: each rule alone; one too slow to decide stops (fail closed)."""
+        if len(unit.rules) == 1:
+            return unit.rules[0]
+        for rule in unit.rules:
+            if _search_from(self.rules[rule][2], window, start):
+                return rule
         return None
+
+
+# Without a look-ahead, a match reads at most two characters past its end ($ before a
+# final newline); within that of the window's end it is tried with each probe next.
+_END_READ_CHARS = 2
+_PROBES = ("a", " ", "\n")
+# Matches waiting for more text, tried per search, before the scan gives up until the next.
+_UNSETTLED_TRIES = 4
+# A look-ahead or a conditional (which may hold one) reads text after the match.
+_LOOKS_AHEAD = regex.compile(r"\(\?(?:[=!(])")
+# Leading global flags that mean the same scoped over the whole rule ("(?i)x" is "(?i:x)").
+_LEADING_FLAGS = regex.compile(r"\(\?([ims]+)\)")
+# What an alternation of several rules can change the meaning of: group numbers
+# (back-references \\1 \\g<1> \\k<n> (?P=n), subroutine calls (?1) (?R) (?&n) (?P>n),
+# branch resets) and flags that are not scoped ((?x), (?a), (?V1)...). Conservative:
+# every "(?" but a plain, look-around, atomic, named or scoped-flags group.
+_NOT_COMBINABLE = regex.compile(r"\\[1-9gk]|\(\?(?![:=!>]|<[=!]|P?<\w+>|[ims]+(?:-[ims]+)?:)")
+
+
+def _search_from(pattern: Any, text: str, start: int) -> bool:
     try:
-        return regex.compile("|".join(f"(?:{p.pattern})" for p in patterns))
-    except regex.error:
+        return pattern.search(text, start, timeout=REGEX_TIMEOUT_S) is not None
+    except TimeoutError:
+        return True  # fail closed
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """_Unit is one search of a scan: one output rule, or several as one alternation."""
+
+    pattern: Any
+    rules: tuple[int, ...]  # indexes into OutputFilter.rules, in order
+    reach: int  # released characters read before the held ones
+    looks_ahead: bool
+
+
+def _combinable(pattern: str) -> str | None:
+    """Returns `pattern` as one branch of an alternation (None: it must stay alone)."""
+    flags = _LEADING_FLAGS.match(pattern)
+    body = pattern[flags.end() :] if flags else pattern
+    if _NOT_COMBINABLE.search(body):
         return None
+    return f"(?{flags.group(1)}:{body})" if flags else body
+
+
+@functools.lru_cache(maxsize=1024)
+def _units(patterns: tuple[str, ...], short: int) -> tuple[_Unit, ...]:
+    """Returns the searches that cover `patterns`, in rule order.
+
+    Rules that can share an alternation do, one per (fits in `short`, has a
+    look-ahead); the others (a back-reference, a subroutine call: the
+    alternation renumbers groups; a global flag) are searched alone. A rule
+    that cannot be combined still applies: it was skipped when the shared
+    search found nothing. Cached: one filter per choice of every request asks
+    (~1 ms for 32 rules).
+    """
+    units: list[_Unit] = []
+    groups: dict[tuple[bool, bool], list[tuple[int, str, int]]] = {}
+    for index, text in enumerate(patterns):
+        pattern = _compile(text)
+        longest = min(widths(text)[1], MAX_MATCH_CHARS)
+        looks_ahead = _LOOKS_AHEAD.search(text) is not None
+        # A long match is looked for once per LONG_SCAN_CHARS, and may wait one more
+        # scan to settle: the slack keeps its start in the window meanwhile.
+        reach = LOOKBEHIND_CHARS + longest + (2 * LONG_SCAN_CHARS if longest > short else 0)
+        branch = _combinable(text)
+        if branch is None:
+            units.append(_Unit(pattern, (index,), reach, looks_ahead))
+            continue
+        groups.setdefault((longest <= short, looks_ahead), []).append((index, branch, reach))
+    for (_, looks_ahead), members in groups.items():
+        combined = None
+        if len(members) > 1:
+            try:
+                combined = regex.compile("|".join(f"(?:{branch})" for _, branch, _ in members))
+            except regex.error:
+                combined = None  # e.g. two rules naming a group alike: each alone
+        if combined is None:
+            units += [
+                _Unit(_compile(patterns[i]), (i,), reach, looks_ahead) for i, _, reach in members
+            ]
+            continue
+        reach = max(r for _, _, r in members)
+        units.append(_Unit(combined, tuple(i for i, _, _ in members), reach, looks_ahead))
+    return tuple(sorted(units, key=lambda unit: unit.rules[0]))
 
 
 def policy_labels(hits: Iterable[Hit]) -> list[str]:
