@@ -151,8 +151,11 @@ class ContentPolicy(_message.Message):
 
     @_builtins.property
     def output_block_patterns(self) -> _containers.RepeatedCompositeFieldContainer[Global___PatternRule]:
-        """output_block_patterns stop a choice whose output matches, before the match
-        is sent (finish reason CONTENT_FILTER; at most 32).
+        """output_block_patterns stop a choice whose output matches (finish reason
+        CONTENT_FILTER; at most 32): a match of up to 64 characters before any of
+        it is sent, a longer one (up to 1,024 characters) late, within 128
+        characters of its end. A pattern whose shortest match is longer than
+        1,024 characters is refused.
         """
 
     @_builtins.property
