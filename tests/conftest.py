@@ -88,6 +88,8 @@ def mesh(
     config = MeshConfig(
         state_dir=Path(tmp_path_factory.mktemp("mesh")),
         redis_url=redis_url,
+        # Each service logs in as its own Redis ACL user (added to the session's Redis).
+        redis_users=True,
         workers=2,
         envoy_concurrency=1,
         health_check_interval_s=0.5,

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import yaml
 from gateway import envoy_config, protos
 from gateway.edge_auth import EdgeAuth
 from gateway.envoy_config import EdgeConfig, EdgeTls, Endpoint
-from services.core import contract, identity, pki
+from services.core import contract, identity, pki, redis_acl, secret_files
 from services.launcher.lock import StateDirLock
 from services.launcher.processes import (
     Child,
@@ -41,6 +42,9 @@ SERVICES = ("auth", "router", "usage", "jobs")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # How long stop() lets a service that never reported serving exit on SIGTERM.
 STARTING_STOP_S = 2.0
+# In the state dir: every Redis user's password (0600), and the bundled Redis's ACL file.
+REDIS_PASSWORDS_FILE = "redis-passwords.json"
+REDIS_ACL_FILE = "redis-users.acl"
 
 
 class PortInUse(RuntimeError):
@@ -62,6 +66,10 @@ class MeshConfig:
     edge_tls_cert: Path | None = None
     edge_tls_key: Path | None = None
     redis_url: str | None = None  # None starts the bundled redis-server
+    # Each service logs in to Redis as its own ACL user (services/core/redis_acl.py).
+    # None: only with the bundled Redis; True: also on `redis_url`, whose user must
+    # be allowed ACL SETUSER (the users are added; its other users stay as they are).
+    redis_users: bool | None = None
     workers: int = 1
     envoy_concurrency: int = 2
     health_check_interval_s: float = 1.0
@@ -115,8 +123,10 @@ class Mesh:
         self.config = config
         self.children: list[Child] = []
         self.ports: dict[str, int] = {}
+        # The launcher's own (admin) URLs; each service gets its user's (`service_redis_url`).
         self.redis_url = config.redis_url or ""
         self.limits_redis_url = ""  # a bundled volatile Redis for rate-limit windows
+        self._redis_passwords: dict[str, str] = {}  # user -> password; empty: no users
         self.edge_port = 0
         self.edge_tls_port = 0
         self.admin_port = 0
@@ -197,6 +207,8 @@ class Mesh:
         self._ensure_pki()
         if not self.redis_url:
             self._start_redis()
+        elif self.config.redis_users:
+            self._add_redis_users()
         for name in SERVICES:
             self._start_service(name, name)
         # Workers register with the router, so they start once it listens.
@@ -262,10 +274,9 @@ class Mesh:
         with self._lock:
             if self._stopping:
                 return
-            path = self.run_dir / "mesh.json"
-            staged = path.with_suffix(".json.tmp")
-            staged.write_text(json.dumps(self._manifest(), indent=2))
-            os.replace(staged, path)
+            # 0600: it holds the Redis admin URL (with its password).
+            manifest = json.dumps(self._manifest(), indent=2).encode()
+            secret_files.replace_secret(self.run_dir / "mesh.json", manifest)
 
     def _manifest(self) -> dict[str, Any]:
         children = {c.name: c for c in self.children if not c.stopping}
@@ -292,19 +303,53 @@ class Mesh:
         }
 
     def _start_redis(self) -> None:
+        if self.config.redis_users is not False:
+            self._write_redis_users(redis_acl.binary_major(redis_server_binary()))
         self.redis_url = self._spawn_redis("redis", self.state_dir / "redis", durable=True)
         self.limits_redis_url = self._spawn_redis(
             "redis-limits", self.state_dir / "redis-limits", durable=False
         )
 
+    def _write_redis_users(self, major: int) -> None:
+        """Writes the bundled Redis's ACL file: every component's user, default off."""
+        self._redis_passwords = redis_acl.load_passwords(self.state_dir / REDIS_PASSWORDS_FILE)
+        redis_acl.write_acl_file(self.state_dir / REDIS_ACL_FILE, self._redis_passwords, major)
+        widened = redis_acl.widened_grants(major)
+        if widened:
+            logger.info(
+                "redis-server %d has no read-only key patterns; read and write: %s",
+                major,
+                ", ".join(widened),
+            )
+
+    def _add_redis_users(self) -> None:
+        """Adds every service's user to the given Redis (ACL SETUSER as its URL's user)."""
+        self._redis_passwords = redis_acl.load_passwords(self.state_dir / REDIS_PASSWORDS_FILE)
+        with redis.Redis.from_url(self.redis_url, socket_timeout=5) as client:
+            major = int(str(client.info("server")["redis_version"]).split(".")[0])
+            for name in redis_acl.SERVICE_USERS:
+                password = self._redis_passwords[name]
+                client.execute_command(*redis_acl.setuser_args(name, password, major))
+
+    def service_redis_url(self, module: str, url: str | None = None) -> str:
+        """Returns the URL a service module logs in to Redis with (`url`: default the
+        durable Redis's): its own ACL user's, or `url` itself when there are no users."""
+        url = self.redis_url if url is None else url
+        if not url or not self._redis_passwords:
+            return url
+        return redis_acl.url_for(url, module, self._redis_passwords[module])
+
     def _spawn_redis(self, name: str, data_dir: Path, durable: bool, port: int = 0) -> str:
-        """Starts a bundled redis-server child; returns its URL once it answers PING."""
+        """Starts a bundled redis-server child; returns its admin URL once it answers PING."""
         self._redis[name] = (data_dir, durable)
         port = port or reserve_port()
-        child = self._spawn(name, redis_argv(data_dir, port, durable))
+        acl_file = self.state_dir / REDIS_ACL_FILE if self._redis_passwords else None
+        child = self._spawn(name, redis_argv(data_dir, port, durable, acl_file))
         url = f"redis://127.0.0.1:{port}/0"
-        wait_redis(child, url, 30, cancelled=self._cancelled)
         logger.info("%s listens at %s", name, url)
+        if self._redis_passwords:
+            url = redis_acl.url_for(url, redis_acl.ADMIN, self._redis_passwords[redis_acl.ADMIN])
+        wait_redis(child, url, 30, cancelled=self._cancelled)
         return url
 
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Child:
@@ -327,9 +372,14 @@ class Mesh:
             "TOKENMESH_GRPC_PORT": str(port),
             "TOKENMESH_METRICS_PORT": "0",
             "TOKENMESH_READY_FILE": str(ready_file),
-            "REDIS_URL": self.redis_url,
+            # Each service logs in as its own Redis user (services/core/redis_acl.py).
+            "REDIS_URL": self.service_redis_url(module),
             **(
-                {"TOKENMESH_RATELIMIT_REDIS_URL": self.limits_redis_url}
+                {
+                    "TOKENMESH_RATELIMIT_REDIS_URL": self.service_redis_url(
+                        module, self.limits_redis_url
+                    )
+                }
                 if self.limits_redis_url
                 else {}
             ),
@@ -411,7 +461,7 @@ class Mesh:
 
     def _respawn_redis(self, name: str) -> None:
         url = self.redis_url if name == "redis" else self.limits_redis_url
-        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        port = urllib.parse.urlsplit(url).port or 0
         data_dir, durable = self._redis[name]
         self._spawn_redis(name, data_dir, durable, port=port)
 
@@ -673,21 +723,35 @@ def spawn_redis(
     port: int = 0,
     durable: bool = True,
     name: str = "redis",
+    passwords: Mapping[str, str] | None = None,
+    binary: Path | None = None,
 ) -> tuple[Child, str]:
     """Starts the bundled redis-server on a free or given port; returns it, its URL.
 
     A durable one keeps an AOF fsynced on every write: an acknowledged write (a
     metered request) survives a crash of Redis or of the machine. A volatile one
     (request-rate windows) keeps nothing on disk.
+
+    With `passwords` (every user of services/core/redis_acl.py's USERS), it loads
+    those users from an ACL file in `data_dir` with `default` off, and the URL
+    returned is the admin user's. `binary`: another redis-server than the bundled one.
     """
     port = port or reserve_port()
-    child = Child(name, redis_argv(data_dir, port, durable), clean_env(os.environ), log_path)
+    binary = binary or redis_server_binary()
+    acl_file = None
+    if passwords is not None:
+        acl_file = data_dir / REDIS_ACL_FILE
+        redis_acl.write_acl_file(acl_file, passwords, redis_acl.binary_major(binary))
+    argv = [str(binary), *redis_argv(data_dir, port, durable, acl_file)[1:]]
+    child = Child(name, argv, clean_env(os.environ), log_path)
     url = f"redis://127.0.0.1:{port}/0"
+    if passwords is not None:
+        url = redis_acl.url_for(url, redis_acl.ADMIN, passwords[redis_acl.ADMIN])
     wait_redis(child, url, timeout_s)
     return child, url
 
 
-def redis_argv(data_dir: Path, port: int, durable: bool) -> list[str]:
+def redis_argv(data_dir: Path, port: int, durable: bool, acl_file: Path | None = None) -> list[str]:
     """Returns the bundled redis-server's command line (see `spawn_redis`)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     persistence = (
@@ -708,6 +772,7 @@ def redis_argv(data_dir: Path, port: int, durable: bool) -> list[str]:
         "yes",
         "--daemonize",
         "no",
+        *(["--aclfile", str(acl_file)] if acl_file else []),
     ]
 
 

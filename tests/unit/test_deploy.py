@@ -9,9 +9,12 @@ graph the NetworkPolicies allow.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import importlib.util
+import os
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ import yaml
 
 from gateway import drain
 from gateway.__main__ import EdgeSettings
-from services.core import contract, pki
+from services.core import contract, pki, redis_acl
 from services.core.settings import load
 from services.inference.service import InferenceSettings
 
@@ -710,3 +713,123 @@ def test_a_stopping_edge_drains_its_streams_within_the_grace_period():
     admin_calls_s = 4 * 2.0
     worst_s = 2 * (drain.LISTENER_DRAIN_S + settings.drain_s + admin_calls_s)
     assert spec["terminationGracePeriodSeconds"] >= worst_s
+
+
+# Redis ACL users (services/core/redis_acl.py): one per component, `default` off.
+REDIS_USERS_SECRET = "tokenmesh-redis-users"
+REDIS_HOSTS = {
+    "REDIS_URL": "redis.tokenmesh.svc.cluster.local",
+    "TOKENMESH_RATELIMIT_REDIS_URL": "redis-limits.tokenmesh.svc.cluster.local",
+}
+
+
+def _redis_workloads() -> list[dict[str, Any]]:
+    return [d for d in _documents() if d["metadata"]["name"] in ("redis", "redis-limits")]
+
+
+def _redis_workload_kinds() -> list[dict[str, Any]]:
+    return [d for d in _redis_workloads() if d["kind"] in WORKLOAD_KINDS]
+
+
+def _service_workloads() -> dict[str, dict[str, Any]]:
+    """Returns every workload that runs a service with a Redis user, by that user."""
+    found = {}
+    for doc in _documents():
+        if doc["kind"] in WORKLOAD_KINDS and "args" in _container(doc):
+            if _container(doc)["args"][0] in redis_acl.SERVICE_USERS:
+                found[_container(doc)["args"][0]] = doc
+    return found
+
+
+def test_deploy_acl_rules_are_the_tables():
+    """The rules Redis loads in Kubernetes and compose are the Python table's, rendered
+    for Redis 7 (`python -m services.core.redis_acl` prints them)."""
+    config = next(
+        d for d in _documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "redis-acl"
+    )
+    assert config["data"]["users.acl"] == redis_acl.render_rules()
+    assert _compose()["configs"]["redis-acl"]["content"] == redis_acl.render_rules()
+    assert "user default off" in redis_acl.render_rules()
+
+
+def test_no_service_user_may_write_auth_keys_or_the_registry():
+    for user in ("inference", "jobs"):
+        writable = [g.pattern for g in redis_acl.USERS[user].grants if g.write]
+        for key in (
+            "tm:auth:key:key_0",
+            "tm:auth:signing:keys",
+            "tokenmesh:router:workers",
+            "tokenmesh:router:catalog",
+        ):
+            assert not any(fnmatch.fnmatchcase(key, p) for p in writable), (user, key)
+    for name in redis_acl.SERVICE_USERS:
+        user = redis_acl.USERS[name]
+        assert all(g.pattern != "*" for g in user.grants), name
+        assert "+@all" not in user.commands and {"-@admin", "-@dangerous"} <= set(user.commands)
+
+
+@pytest.mark.parametrize("user", redis_acl.SERVICE_USERS)
+def test_every_service_logs_in_to_redis_as_its_own_user(user):
+    container = _container(_service_workloads()[user])
+    env = {e["name"]: e for e in container["env"]}
+    password = env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert (password["name"], password["key"]) == (REDIS_USERS_SECRET, user)
+    for name, host in REDIS_HOSTS.items():
+        if name in env or name == "REDIS_URL":
+            assert env[name]["value"] == f"redis://{user}:$(REDIS_PASSWORD)@{host}:6379/0"
+    # The shared ConfigMap holds no Redis URL (one without a user would be `default`'s).
+    config = next(
+        d for d in _documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "tokenmesh"
+    )
+    assert not set(REDIS_HOSTS) & set(config["data"])
+    service = _compose()["services"][user]
+    secret = f"${{TOKENMESH_REDIS_PASSWORD_{user.upper()}}}"
+    assert service["environment"]["REDIS_URL"] == f"redis://{user}:{secret}@redis:6379/0"
+    if "TOKENMESH_RATELIMIT_REDIS_URL" in service["environment"]:
+        assert service["environment"]["TOKENMESH_RATELIMIT_REDIS_URL"] == (
+            f"redis://{user}:{secret}@redis-limits:6379/0"
+        )
+
+
+@pytest.mark.parametrize("workload", _redis_workload_kinds(), ids=lambda d: d["metadata"]["name"])
+def test_redis_loads_the_acl_file_and_probes_as_a_user(workload):
+    spec = workload["spec"]["template"]["spec"]
+    container = _container(workload)
+    assert container["args"][-2:] == ["--aclfile", "/acl/users.acl"]
+    probe = " ".join(container["readinessProbe"]["exec"]["command"])
+    assert "--user admin" in probe  # `default` is off: an anonymous PING fails
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["passwords"]["secret"]["secretName"] == REDIS_USERS_SECRET
+    assert volumes["acl-rules"]["configMap"]["name"] == "redis-acl"
+    assert volumes["acl"]["emptyDir"] == {"medium": "Memory"}  # hashes only, never on disk
+
+
+def _run_acl_script(
+    script: str, root: Path, env: dict[str, str], password_files: dict[str, str]
+) -> str:
+    """Runs a deploy's ACL script with its paths under `root`; returns the ACL file."""
+    for name in ("rules", "passwords", "acl"):
+        (root / name).mkdir(parents=True)
+        script = script.replace(f"/{name}/", f"{root}/{name}/").replace(
+            f" /{name}\n", f" {root}/{name}\n"
+        )
+    (root / "rules" / "users.acl").write_text(redis_acl.render_rules())
+    for name, password in password_files.items():
+        (root / "passwords" / name).write_text(password + "\n")  # a trailing newline
+    subprocess.run(["sh", "-c", script], check=True, env={"PATH": os.environ["PATH"], **env})
+    return (root / "acl" / "users.acl").read_text()
+
+
+def test_the_redis_init_scripts_write_the_tables_acl_file(tmp_path):
+    """What Redis loads in Kubernetes and compose is exactly what the table renders
+    (tests/integration/test_redis_acl.py loads that into a real Redis)."""
+    passwords = {name: f"pw-{name}" for name in redis_acl.USERS}
+    expected = redis_acl.render_acl_file(passwords, redis_acl.READ_ONLY_PATTERNS_SINCE)
+    for workload in _redis_workload_kinds():
+        (init,) = workload["spec"]["template"]["spec"]["initContainers"]
+        root = tmp_path / workload["metadata"]["name"]
+        assert _run_acl_script(init["command"][2], root, {}, passwords) == expected
+    script = _compose()["services"]["redis"]["entrypoint"][2].replace("$$", "$")
+    script = script.split("chown")[0]  # then it hands the file to Redis
+    env = {f"REDIS_PASSWORD_{name}": password for name, password in passwords.items()}
+    assert _run_acl_script(script, tmp_path / "compose", env, {}) == expected
