@@ -224,6 +224,10 @@ def edge_config(settings: EdgeSettings, sds_dir: Path | None = None) -> EdgeConf
         sds_dir=sds_dir.absolute() if secure and sds_dir is not None else None,
         tls=EdgeTls(settings.tls_port, settings.tls_host) if secure and settings.tls_port else None,
         stats=Endpoint(settings.stats_host, settings.stats_port) if settings.stats_port else None,
+        # The image's edge is alone in its pod (compose: its container), so no second
+        # process can share its ports: keep Envoy's SO_REUSEPORT, which balances the
+        # few long-lived client connections across its worker threads more evenly.
+        exclusive_ports=False,
     )
 
 

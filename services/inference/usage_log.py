@@ -39,6 +39,12 @@ Durability, precisely:
   tail aside (`events.torn-<position>`) instead of shipping garbage.
 fsync runs on its own thread, never on the event loop; grouping the appends
 of an interval into one fsync keeps its cost off the request path.
+
+Single writer: a worker holds an exclusive flock on its spool directory from
+opening to `stop()`. A second process on the same spool (a worker of the same
+id started while the previous one still drains, e.g. after its launcher was
+SIGKILLed) waits for it up to `lock_wait_s`, then fails to start (SpoolBusy)
+instead of appending to the same segment and moving the same cursor.
 """
 
 from __future__ import annotations
@@ -47,10 +53,12 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import fcntl
 import logging
 import os
 import re
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -73,6 +81,53 @@ _REDIS_UNAVAILABLE = (RedisError, ConnectionError, TimeoutError)
 _SEGMENT_NAME = re.compile(r"events\.(\d{20})\.log")
 # The single file of releases before segments: its offsets are positions from 0.
 _LEGACY_NAME = "events.log"
+# How long a worker waits at start for the previous holder of its spool: a worker of
+# the same id still draining (up to TOKENMESH_GRACE_SECONDS, 30 s, for its streams,
+# then up to ~10 s shipping and syncing). Under `make run`'s 90 s startup wait.
+SPOOL_LOCK_WAIT_S = 60.0
+_LOCK_POLL_S = 0.05
+
+
+class SpoolBusy(RuntimeError):
+    """SpoolBusy says another live process holds a usage spool (it has one writer)."""
+
+
+def _lock_spool(directory: Path, wait_s: float) -> int:
+    """Takes the exclusive flock on `directory`, waiting up to `wait_s`; returns its fd.
+
+    flock, not fcntl locks: those drop when the process closes *any* descriptor of
+    the directory (the fsyncs of its entries open and close one). Close-on-exec, so
+    no child process keeps a spool locked after its worker is gone.
+
+    Raises:
+        SpoolBusy: another process held it for all of `wait_s`.
+    """
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    deadline = time.monotonic() + wait_s
+    waiting = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise SpoolBusy(
+                    f"usage spool {directory} is still in use by another process after "
+                    f"{wait_s:g}s: a worker with the same TOKENMESH_WORKER_ID runs (or is "
+                    "draining); stop it, or give this worker an id of its own"
+                ) from None
+            if not waiting:
+                waiting = True
+                logger.warning(
+                    "usage spool %s is in use by another process (a worker of the same id "
+                    "draining?); waiting up to %gs for it",
+                    directory,
+                    wait_s,
+                )
+            # Only while another process holds the spool, at a worker's start: the
+            # entrypoint builds the service before its event loop runs.
+            time.sleep(_LOCK_POLL_S)  # noqa: TID251 - before the event loop
 
 
 def _cursor_record(offset: int) -> bytes:
@@ -114,6 +169,10 @@ class UsageLog:
         max_backlog_bytes: unshipped bytes above which new work is refused.
         sync_interval_s: appended events are fsynced at most this long after.
         fsync: flushes a file descriptor to disk (os.fsync; tests count calls).
+        lock_wait_s: how long to wait for another process holding the spool.
+
+    Raises:
+        SpoolBusy: another process held the spool for all of `lock_wait_s`.
     """
 
     def __init__(
@@ -124,6 +183,7 @@ class UsageLog:
         max_backlog_bytes: int,
         sync_interval_s: float = SYNC_INTERVAL_S,
         fsync: Callable[[int], None] = os.fsync,
+        lock_wait_s: float = SPOOL_LOCK_WAIT_S,
     ) -> None:
         self.directory = directory
         self.client = client
@@ -132,14 +192,20 @@ class UsageLog:
         self.sync_interval_s = sync_interval_s
         self._fsync = fsync
         directory.mkdir(parents=True, exist_ok=True)
+        # Held until stop(): opening (torn tails, deletes) and appending are one writer's.
+        self._lock_fd = _lock_spool(directory, lock_wait_s)
         self._cursor_path = directory / "events.cursor"
         # Full segments not deleted yet, oldest first: (base, end, path).
         self._sealed: collections.deque[tuple[int, int, Path]] = collections.deque()
         # Full segments whose last appends are not fsynced yet (closed once they are).
         self._unsynced: list[BinaryIO] = []
         self._dir_dirty = False  # a segment was created since the last sync
-        self._cursor = self._open_spool()
-        self._cursor_fd = os.open(self._cursor_path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            self._cursor = self._open_spool()
+            self._cursor_fd = os.open(self._cursor_path, os.O_WRONLY | os.O_CREAT, 0o644)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._wake = asyncio.Event()
         self._dirty = asyncio.Event()
         # One thread: fsyncs run in order, and stop() can wait for the last one.
@@ -355,6 +421,7 @@ class UsageLog:
         for log in [*self._unsynced, self._log]:  # appended to during the last sync
             log.close()
         os.close(self._cursor_fd)
+        os.close(self._lock_fd)  # last: everything is on disk; the next worker may open it
 
     async def _sync_forever(self) -> None:
         while True:

@@ -16,7 +16,11 @@ restart of another child (that Redis) nor the detection of other exits.
 NOTE: a process started by a restart thread gets its parent-death signal when
 that *thread* ends (prctl PR_SET_PDEATHSIG follows the thread that forked), so
 the restart threads (one per child name, not one per restart) live until
-`close()`, which the owner calls once it has stopped every child.
+`close()`, which the owner calls once it has stopped every child. An error a
+restart does not expect (a bug, or `changed` failing to write mesh.json on a
+full disk) therefore does not end its thread: it is logged and marks the
+supervisor failed (`alive()` turns False), and the owner stops the whole mesh
+rather than run on with a name nobody restarts.
 """
 
 from __future__ import annotations
@@ -108,6 +112,9 @@ class Supervisor:
         self._restarters: dict[str, queue.SimpleQueue[bool]] = {}  # watcher thread only
         self._restart_threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        # Set when a restart thread met an error it does not handle: that name is
+        # no longer supervised, so the owner must stop the mesh (see alive()).
+        self._failed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mesh-supervisor", daemon=True)
 
     def start(self) -> None:
@@ -144,8 +151,16 @@ class Supervisor:
         return self._stopping.is_set()
 
     def alive(self) -> bool:
-        """Tells whether the watching thread runs."""
-        return self._thread.is_alive()
+        """Tells whether every child is still supervised: the watching thread and
+        every restart thread run, and no restart met an error it does not handle.
+
+        False means a child that dies may stay dead: the owner stops the mesh.
+        """
+        if self._failed.is_set() or not self._thread.is_alive():
+            return False
+        # A restart thread ends only at close(); one that ended earlier took the
+        # child it started with it (PDEATHSIG) and nothing reads its requests.
+        return all(thread.is_alive() for thread in list(self._restart_threads))
 
     def _run(self) -> None:
         while not self._stopping.wait(self._poll_s):
@@ -196,8 +211,16 @@ class Supervisor:
         # Runs until close() (False): the children it started die with this thread.
         while requests.get():
             try:
-                if not self.stopping:
+                if not self.stopping and not self._failed.is_set():
                     self._restart_once(name)
+            except Exception:
+                # The thread's error boundary: it must not end (the child it started
+                # would get SIGTERM) and must not leave the name silently unsupervised.
+                # `restart`'s expected failures are handled in _restart_once; this is a
+                # bug or `changed` failing (mesh.json on a full disk), as on the watcher
+                # thread: the owner stops the mesh (exit 1) once alive() is False.
+                logger.exception("restarting %s hit an unexpected error; supervision failed", name)
+                self._failed.set()
             finally:
                 with self._guard:
                     self._restarting.discard(name)

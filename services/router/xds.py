@@ -133,6 +133,11 @@ class ControlPlane:
         # Connected streams per flavour: a poll rebuilds only these (each flavour is
         # a build of every resource; the default used to be rebuilt for nobody).
         self._users: collections.Counter[EdgeFlags] = collections.Counter()
+        # When each flavour's last stream ended: its snapshot and lingering clusters
+        # are held (not rebuilt) for CLUSTER_LINGER_S, so an edge that reconnects
+        # within it (Envoy's ADS retry backs off 0.5 s and more, several polls) gets
+        # make-before-break against what it had, not a build from nothing.
+        self._released_at: dict[EdgeFlags, float] = {}
         self._generation = 0
         self._changed = asyncio.Condition()
         self.ready = asyncio.Event()
@@ -163,6 +168,7 @@ class ControlPlane:
         fresh already; every poll refreshes it after, until `release`."""
         fresh = flags in self._in_use() and flags in self._flavours
         self._users[flags] += 1
+        self._released_at.pop(flags, None)
         if fresh:
             return
         async with self._building:
@@ -174,10 +180,12 @@ class ControlPlane:
         await self._publish(changed)
 
     def release(self, flags: EdgeFlags) -> None:
-        """Counts a stream of `flags` out (its flavour is dropped at the next poll if unused)."""
+        """Counts a stream of `flags` out (a flavour left unused is no longer rebuilt,
+        and is dropped CLUSTER_LINGER_S later unless a stream of it comes back)."""
         self._users[flags] -= 1
         if self._users[flags] <= 0:
             del self._users[flags]
+            self._released_at[flags] = self._clock()
 
     def _in_use(self) -> list[EdgeFlags]:
         """The flavours a poll rebuilds: connected streams', or the default while none is."""
@@ -212,10 +220,14 @@ class ControlPlane:
             if last is None or resources.by_type != last.source.by_type:
                 self._flavours[flags] = pack(resources, last)
                 changed = True
-        # A flavour nobody uses now is dropped, not kept stale: `ensure` builds it afresh.
-        for unused in set(self._flavours) - set(self._in_use()):
-            del self._flavours[unused]
-            self._lingering.pop(unused, None)
+        # A flavour nobody uses is not kept stale for long: after its hold (or at once,
+        # the default's once an edge connects) it is dropped and `ensure` builds it afresh.
+        for unused in (set(self._flavours) | set(self._released_at)) - set(self._in_use()):
+            released_at = self._released_at.get(unused)
+            if released_at is None or now - released_at >= CLUSTER_LINGER_S:
+                self._flavours.pop(unused, None)
+                self._lingering.pop(unused, None)
+                self._released_at.pop(unused, None)
         return changed
 
     def _before_break(self, flags: EdgeFlags, resources: Resources, now: float) -> Resources:

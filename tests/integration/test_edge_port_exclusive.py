@@ -1,8 +1,11 @@
-"""Every listener our Envoys open owns its port: a second binder fails instead of sharing.
+"""Every listener of `make run`'s Envoys and of a bare backend owns its port: a second
+binder fails instead of sharing.
 
 Envoy 1.40 sets SO_REUSEPORT on listeners by default, so a second `make run`
 (or any port-sharing process) bound 8080 too and the kernel split clients
-between two meshes with different keys and catalogues. Real Envoy, real sockets.
+between two meshes with different keys and catalogues. A deployed edge (alone
+in its pod) keeps the default: its worker threads share connections more
+evenly with it. Real Envoy, real sockets.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway import __main__ as edge_main
 from gateway import envoy_config, openai_backend, protos
+from gateway.__main__ import EdgeSettings
 from gateway.envoy_config import EdgeConfig, EdgeTls, Endpoint
 from services.core import contract, pki
+from services.core.settings import load
 from services.launcher.mesh import envoy_binary
 from services.launcher.processes import reserve_port
 from tests.envoy_process import ready, running_envoy
@@ -116,3 +122,15 @@ def test_no_listener_shares_its_port(tmp_path, port_sharer, listener):
     code, log = _outcome(LISTENERS[listener](tmp_path, port_sharer, admin), admin, tmp_path)
     assert code not in (None, 0), f"the {listener} listener shared port {port_sharer}"
     assert f":{port_sharer}': Address already in use" in log
+
+
+def test_a_deployed_edge_keeps_envoys_port_sharing(tmp_path, port_sharer):
+    """Exclusive everywhere left a multi-worker edge in a pod (where nothing else can
+    bind its port) accepting from one socket: connections spread unevenly across its
+    worker threads. What `python -m gateway run` renders keeps SO_REUSEPORT."""
+    settings = load(EdgeSettings, {})
+    assert not edge_main.edge_config(settings).exclusive_ports  # the deploy path
+    admin = reserve_port()
+    bootstrap = _edge(tmp_path, port_sharer, admin, exclusive_ports=False)
+    code, log = _outcome(bootstrap, admin, tmp_path)
+    assert code is None, f"the deployed edge refused a port it may share:\n{log}"

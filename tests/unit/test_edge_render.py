@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +167,22 @@ def test_an_edge_bound_to_one_address_fetches_its_jwks_there(tmp_path: Path) -> 
     }
     (endpoint,) = clusters["jwks"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert endpoint["endpoint"]["address"]["socket_address"]["address"] == "10.0.0.5"
+
+
+def test_the_deployed_edge_keeps_envoys_reuse_port_and_make_runs_does_not(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pki_dir: Path, descriptor: Path
+) -> None:
+    # A deployed edge is alone in its pod: SO_REUSEPORT (Envoy's default) spreads its
+    # connections across worker threads; exclusive_ports (make run: the default) binds alone.
+    env = {
+        **CLUSTER_ENV,
+        "TOKENMESH_PKI_DIR": str(pki_dir),
+        "TOKENMESH_DESCRIPTOR": str(descriptor),
+        "TOKENMESH_EDGE_STATS_PORT": "9102",
+    }
+    listeners = _render(monkeypatch, tmp_path, env)["static_resources"]["listeners"]
+    assert {item["name"] for item in listeners} == {"edge", "edge_tls", "edge_stats"}
+    assert all("enable_reuse_port" not in item for item in listeners)
+    settings = load(edge_main.EdgeSettings, env)
+    local = replace(edge_main.edge_config(settings, tmp_path / "sds"), exclusive_ports=True)
+    assert all(item["enable_reuse_port"] is False for item in envoy_config.listeners(local))

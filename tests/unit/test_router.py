@@ -22,7 +22,7 @@ from services.router import snapshot
 from services.router.catalog import ModelEntry
 from services.router.registry import DRAINING, WorkerEntry
 from services.router.snapshot import CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, EdgeFlags
-from services.router.xds import ControlPlane, _Stream, pack
+from services.router.xds import CLUSTER_LINGER_S, ControlPlane, _Stream, pack
 
 NOW = 1_800_000_000.0
 DEFAULT_FLAGS = EdgeFlags()
@@ -439,6 +439,8 @@ def test_a_poll_rebuilds_only_the_flavours_of_connected_edges():
     async def scenario():
         built: list[list[EdgeFlags]] = []
         plane, _state = _plane()
+        clock = [100.0]
+        plane._clock = lambda: clock[0]
         build_for = plane._build
 
         async def recording(flavours: Sequence[EdgeFlags]) -> Sequence[snapshot.Resources]:
@@ -464,9 +466,12 @@ def test_a_poll_rebuilds_only_the_flavours_of_connected_edges():
         assert built[-1] == [edge]  # one of its edges is still connected
         plane.release(edge)
         await plane.refresh()
-        assert built[-1] == [DEFAULT_FLAGS]
+        assert built[-1] == [DEFAULT_FLAGS]  # no longer rebuilt, but held a while:
+        assert plane.resources(edge).versions[ROUTE_TYPE]  # a reconnect breaks after making
+        clock[0] += CLUSTER_LINGER_S
+        await plane.refresh()
         with pytest.raises(KeyError):
-            plane.resources(edge)  # dropped, not kept stale
+            plane.resources(edge)  # dropped after the hold, not kept stale
 
     asyncio.run(scenario())
 
@@ -627,6 +632,8 @@ def test_an_edge_reconnecting_within_a_linger_keeps_the_cluster_and_it_does_not_
         await plane.refresh()
         has_version_2()
         plane.release(edge)
+        clock["now"] = 101.5
+        await plane.refresh()  # a poll while its edge is away: the flavour is held
         await plane.ensure(edge)  # its edge reconnects
         has_version_2()
         for now in (102.0, 106.0, 107.0):

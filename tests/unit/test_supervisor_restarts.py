@@ -129,3 +129,41 @@ def test_a_restarted_child_lives_until_the_supervisor_is_closed(children):
     supervisor.close(timeout_s=10)
     # What a closed supervisor's thread started dies with it (the owner stops it first).
     assert restarted.process.wait(timeout=10) != 0
+
+
+class FullDisk:
+    """`changed` as Mesh._write_manifest on a full disk, once, on a restart thread."""
+
+    def __init__(self) -> None:
+        self.armed = True
+
+    def __call__(self) -> None:
+        if self.armed and threading.current_thread().name.startswith("mesh-restart"):
+            self.armed = False
+            raise OSError(28, "No space left on device", "run/mesh.json")
+
+
+def test_an_error_in_a_restart_thread_fails_supervision_and_keeps_the_child(children):
+    """An error escaping a restart (here `changed` after a successful restart) ended
+    its thread: the child it had just restarted got SIGTERM (PDEATHSIG), the name was
+    never restarted again and alive() stayed True, so the launcher ran on without it.
+    Now the thread lives on (its child too) and alive() turns False: the launcher
+    stops the mesh with exit 1, as when the watching thread fails."""
+    children.spawn("redis")
+    supervisor = Supervisor(
+        children.snapshot, children.forget, children.restart, FullDisk(), POLICY, 0.01
+    )
+    supervisor.start()
+    try:
+        children.snapshot()[0].process.kill()
+        deadline = time.monotonic() + 10
+        while supervisor.alive():
+            assert time.monotonic() < deadline, (supervisor.records, children.snapshot())
+            time.sleep(0.02)
+        assert supervisor.records["redis"].restarts == 1, supervisor.records
+        [restarted] = children.snapshot()
+        # Its parent-death anchor, the restart thread, did not end.
+        with pytest.raises(subprocess.TimeoutExpired):
+            restarted.process.wait(timeout=1.0)
+    finally:
+        supervisor.close(timeout_s=10)
