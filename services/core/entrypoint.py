@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from services.core import logs, server
-from services.core.settings import ServerSettings, SettingsError, load
+from services.core.settings import ServerSettings, SettingsError, StartupError, load
 
 S = TypeVar("S", bound=ServerSettings)
 logger = logging.getLogger(__name__)
@@ -23,5 +23,10 @@ def main(name: str, settings_cls: type[S], build: Callable[[S], server.Service])
         print(f"tokenmesh-{name}: invalid configuration: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     logs.configure(settings.log_level, settings.log_format, name)
-    service = build(settings)
-    server.run(lambda: server.serve_until_signalled(service, settings))
+    try:
+        service = build(settings)
+        server.run(lambda: server.serve_until_signalled(service, settings))
+    except StartupError as exc:
+        # Known at start only (another process holds the spool): one line, no traceback.
+        print(f"tokenmesh-{name}: cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

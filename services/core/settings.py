@@ -27,6 +27,11 @@ class SettingsError(ValueError):
     """SettingsError names the variable whose value is invalid."""
 
 
+class StartupError(RuntimeError):
+    """StartupError is a reason a service cannot start that only starting finds (another
+    process holds its usage spool): `main` prints it on one line and exits 1."""
+
+
 def env(name: str, default: Any, help: str) -> Any:
     """Declares a settings field read from the variable `name`."""
     return dataclasses.field(default=default, metadata={"env": name, "help": help})

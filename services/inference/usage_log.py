@@ -68,6 +68,7 @@ from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
 from services.core.errors import Unavailable
+from services.core.settings import StartupError
 from services.core.tasks import SupervisedTask, Supervisor
 from tokenmesh.inference.v1 import inference_pb2
 
@@ -88,7 +89,7 @@ SPOOL_LOCK_WAIT_S = 60.0
 _LOCK_POLL_S = 0.05
 
 
-class SpoolBusy(RuntimeError):
+class SpoolBusy(StartupError):
     """SpoolBusy says another live process holds a usage spool (it has one writer)."""
 
 
@@ -183,7 +184,7 @@ class UsageLog:
         max_backlog_bytes: int,
         sync_interval_s: float = SYNC_INTERVAL_S,
         fsync: Callable[[int], None] = os.fsync,
-        lock_wait_s: float = SPOOL_LOCK_WAIT_S,
+        lock_wait_s: float | None = None,
     ) -> None:
         self.directory = directory
         self.client = client
@@ -193,7 +194,8 @@ class UsageLog:
         self._fsync = fsync
         directory.mkdir(parents=True, exist_ok=True)
         # Held until stop(): opening (torn tails, deletes) and appending are one writer's.
-        self._lock_fd = _lock_spool(directory, lock_wait_s)
+        wait_s = SPOOL_LOCK_WAIT_S if lock_wait_s is None else lock_wait_s
+        self._lock_fd = _lock_spool(directory, wait_s)
         self._cursor_path = directory / "events.cursor"
         # Full segments not deleted yet, oldest first: (base, end, path).
         self._sealed: collections.deque[tuple[int, int, Path]] = collections.deque()
