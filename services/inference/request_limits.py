@@ -427,6 +427,14 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
             raise shadow.dropped(
                 model, version, "unknown", "its caller's request windows are unavailable"
             ) from None
+        except Exception as exc:
+            # Not an outage (a window key of the wrong type, a script error): the
+            # limiter logged it and counted it (tokenmesh_ratelimit_errors_total, its
+            # alert), and `admit` let the live request through. The copy's standing is
+            # unknown: dropped, never INTERNAL (an error answer of an inference method
+            # counts in the availability SLO; the bug is reported already).
+            detail = f"its caller's request windows could not be read ({type(exc).__name__})"
+            raise shadow.dropped(model, version, "unknown", detail) from None
         full = next((w for w in windows or () if w.used >= w.limit.limit), None)
         if full is not None:
             detail = f"{full.limit.subject} is at {full.limit.name}={full.limit.limit}"

@@ -19,6 +19,14 @@ Which waiting request joins next: interactive before batch, always; within a
 priority class, the one whose tenant has received the least service
 (services.inference.fairness), or the oldest in "fifo" mode.
 
+Shadow copies (services.inference.shadow; submitted while `SHADOW_COPY` is set)
+wait at batch priority and take no place of `max_queue` from live requests:
+a live request's queue bound counts live requests only, so queued copies never
+make one be refused QUEUE_FULL. A copy itself is refused when the queue,
+copies included, is full. Live requests may then fill `max_queue` on top of
+the copies waiting, which the worker's copy slots bound (every copy holds one:
+TOKENMESH_SHADOW_MAX_COPIES per version).
+
 Each sequence has an outbox the request handler reads: token ids as they are
 sampled, then one `Finished`.
 """
@@ -33,6 +41,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +71,10 @@ from services.inference.sampling import SamplingParams, sample_batch
 
 logger = logging.getLogger(__name__)
 PRIORITY_INTERACTIVE, PRIORITY_BATCH = 0, 1
+#: Set in the task serving a shadow copy while it holds one of its version's copy
+#: slots (services.inference.shadow.CopySlots.hold): the sequences it submits are
+#: copies, which take no place of `max_queue` from live requests (see the module).
+SHADOW_COPY: ContextVar[bool] = ContextVar("tokenmesh_shadow_copy", default=False)
 
 
 def _is_batch(priority: int) -> int:
@@ -79,7 +92,8 @@ class SchedulerLimits:
         max_queue: requests that may wait beyond those the next admission
             starts (a free slot and room in the KV budget for their prompt +
             max_tokens); more are refused (0: none waits). A free slot the KV
-            budget keeps unusable is no room to wait in.
+            budget keeps unusable is no room to wait in. A live request's bound
+            counts live requests only; a shadow copy's counts everyone.
         max_prefill_tokens: prompt tokens admitted per step (bounds the
             inter-token latency hit that new prompts impose on running streams).
             A longer prompt is admitted alone, as the only prefill of its step,
@@ -117,6 +131,13 @@ class StartCapacity:
     tenant first, so a request may start ahead of others that wait. O(1) per
     request: `submit` runs on the event loop.
 
+    A scheduler keeps two: one of live requests only (shadow copies are not
+    counted in it: a live interactive request starts ahead of every copy, so
+    copies are no room it waits for), which bounds live requests; and one of
+    every request, which bounds copies. A live batch request and a copy rank
+    by their tenants' service, so the live count may count a batch request as
+    starting while a copy takes that slot: off by at most the copies waiting.
+
     Attributes:
         slots: free slots no counted request is to take.
         kv_tokens: KV budget neither running sequences nor counted requests reserve.
@@ -148,6 +169,21 @@ class StartCapacity:
             return True
         self.queued += 1
         return False
+
+
+def _take(
+    live: StartCapacity, every: StartCapacity, reserved: int, copy: bool, max_queue: int
+) -> bool:
+    """Counts a submitted request in the live requests' and every request's counts;
+    False (nothing counted) when its queue bound refuses it: a live request's is of
+    live requests, a shadow copy's of every request (the copy is not counted in the
+    live one)."""
+    if (every if copy else live).refuses(reserved, max_queue):
+        return False
+    every.count(reserved)
+    if not copy:
+        live.count(reserved)
+    return True
 
 
 @dataclass(frozen=True)
@@ -250,6 +286,8 @@ class Sequence_:
     tenant: str = ""
     weight: float = 1.0
     account: TenantAccount[Sequence_] | None = None
+    # A shadow copy (SHADOW_COPY when submitted): not in the live queue bound.
+    copy: bool = False
 
     @property
     def reserved_tokens(self) -> int:
@@ -301,10 +339,11 @@ class Scheduler:
         self._running: list[Sequence_] = []
         self._free_slots = list(range(limits.max_sequences))  # a heap: lowest slot first
         self._reserved = 0
-        # What the next admission starts, for submit's queue bound (under _lock).
-        self._capacity = StartCapacity(
-            limits.max_sequences, limits.max_kv_tokens, limits.max_kv_tokens
-        )
+        self._waiting_copies = 0  # of them, shadow copies (not in the live queue bound)
+        # What the next admission starts, for submit's queue bound (under _lock): of
+        # live requests (copies not counted), and of every request (copies' bound).
+        self._capacity = self._fresh_capacity()
+        self._capacity_all = self._fresh_capacity()
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._stopping = False
@@ -378,7 +417,7 @@ class Scheduler:
         with self._lock:
             queued = [*self._waiting.remove_where(lambda _: True), *self._inbox]
             self._inbox = []
-            self._waiting_count = self._waiting_batch = 0
+            self._waiting_count = self._waiting_batch = self._waiting_copies = 0
         for seq in [*self._running, *queued]:
             self._finish(seq, Finished("error", _unloaded()))
         self._hand_over(self._take_outgoing())
@@ -432,12 +471,15 @@ class Scheduler:
             top_logprobs=top_logprobs,
             tenant=tenant,
             weight=self.limits.fairness.weight(tenant, tier),
+            copy=SHADOW_COPY.get(),
         )
         with self._lock:
             # Requests the next admission starts (a free slot, room in the KV
             # budget) never wait: max_queue bounds the ones that cannot start.
-            capacity = self._capacity
-            if capacity.refuses(seq.reserved_tokens, self.limits.max_queue):
+            max_queue = self.limits.max_queue
+            if not _take(
+                self._capacity, self._capacity_all, seq.reserved_tokens, seq.copy, max_queue
+            ):
                 raise ResourceExhausted(
                     f"worker queue is full ({self.limits.max_queue} requests waiting)",
                     retry_after_s=1.0,
@@ -446,10 +488,10 @@ class Scheduler:
                     ],
                     reason="QUEUE_FULL",
                 )
-            capacity.count(seq.reserved_tokens)
             self._inbox.append(seq)
             self._open.add(seq)
             self._waiting_count += 1
+            self._waiting_copies += seq.copy
             batch = _is_batch(priority)
             self._waiting_batch += batch
             self._queue_depth[batch].set(self._waiting_batch if batch else self._interactive())
@@ -465,13 +507,11 @@ class Scheduler:
     def has_room(self, reserved: Sequence[int]) -> bool:
         """Tells whether requests reserving these KV tokens would all be taken by
         `submit` now (none refused QUEUE_FULL), counted as `submit` counts them."""
+        copy = SHADOW_COPY.get()
         with self._lock:
-            capacity = dataclasses.replace(self._capacity)
-            for tokens in reserved:
-                if capacity.refuses(tokens, self.limits.max_queue):
-                    return False
-                capacity.count(tokens)
-        return True
+            live = dataclasses.replace(self._capacity)
+            every = dataclasses.replace(self._capacity_all)
+            return all(_take(live, every, t, copy, self.limits.max_queue) for t in reserved)
 
     def stats(self) -> dict[str, int]:
         """Returns current occupancy (for GetWorkerStats and tests)."""
@@ -675,6 +715,14 @@ class Scheduler:
                 seq.account.charge_prompt(len(seq.prompt_ids), seq.weight)
         self._recount_capacity(paced)
 
+    def _fresh_capacity(self) -> StartCapacity:
+        """Returns what the next admission can start, counting no waiting request."""
+        return StartCapacity(
+            len(self._free_slots),
+            self.limits.max_kv_tokens - self._reserved,
+            self.limits.max_kv_tokens,
+        )
+
     def _recount_capacity(self, paced: bool) -> None:
         """Sets what the next admission can start from the truth, after an admission.
 
@@ -685,28 +733,35 @@ class Scheduler:
         waiting requests' order, priority class first, up to the first that
         does not fit, so at most a free slot's worth of them are looked at
         (admission's fair order within a class may pick others, an estimate
-        off by at most those). Requests submitted since the inbox was taken
-        are counted again against the new truth.
+        off by at most those; the live count also skips the copies, at most
+        the copy slots' worth). Requests submitted since the inbox was taken
+        are counted again against the new truth. Both counts: live requests'
+        and every request's (see StartCapacity).
         """
-        capacity = StartCapacity(
-            len(self._free_slots),
-            self.limits.max_kv_tokens - self._reserved,
-            self.limits.max_kv_tokens,
-        )
-        waiting = len(self._waiting)
+        live, every = self._fresh_capacity(), self._fresh_capacity()
+        starting = starting_live = 0
         if paced:
-            starting = 0
             for seq in self._waiting:
-                if not capacity.count(seq.reserved_tokens):
+                if not every.count(seq.reserved_tokens):
                     break
                 starting += 1
-            capacity.queued = waiting - starting
-        else:
-            capacity.queued = waiting
+            for seq in self._waiting:
+                if seq.copy:
+                    continue
+                if not live.count(seq.reserved_tokens):
+                    break
+                starting_live += 1
+        waiting = len(self._waiting)
         with self._lock:
+            # The copies counted waiting are in the inbox or the waiting requests.
+            copies = self._waiting_copies - sum(seq.copy for seq in self._inbox)
+            every.queued = waiting - starting
+            live.queued = waiting - copies - starting_live
             for seq in self._inbox:
-                capacity.count(seq.reserved_tokens)
-            self._capacity = capacity
+                every.count(seq.reserved_tokens)
+                if not seq.copy:
+                    live.count(seq.reserved_tokens)
+            self._capacity, self._capacity_all = live, every
 
     def _deliver(
         self, seq: Sequence_, token: int, now: float, every: int, gaps: list[float]
@@ -756,8 +811,9 @@ class Scheduler:
             self._running.remove(seq)
             with self._lock:  # submit may count the freed slot and KV at once
                 heapq.heappush(self._free_slots, seq.slot)
-                self._capacity.slots += 1
-                self._capacity.kv_tokens += seq.reserved_tokens
+                for capacity in (self._capacity, self._capacity_all):
+                    capacity.slots += 1
+                    capacity.kv_tokens += seq.reserved_tokens
             self._reserved -= seq.reserved_tokens
             if seq.account is not None:
                 self._waiting.finished(seq.priority, seq.account)
@@ -766,6 +822,7 @@ class Scheduler:
         """Counts sequences out of the waiting ones (under _lock)."""
         self._waiting_count -= len(seqs)
         self._waiting_batch -= sum(_is_batch(seq.priority) for seq in seqs)
+        self._waiting_copies -= sum(seq.copy for seq in seqs)
 
     def _interactive(self) -> int:
         """Returns the interactive requests waiting (in the inbox or waiting)."""

@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,9 +275,10 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
         # (services.core.identity.require_host_among): a name would be refused at
         # every heartbeat, a worker that looks up and is never routed to.
         require(
-            self.advertise_host == "auto" or _is_ipv4(self.advertise_host),
+            self.advertise_host == "auto" or _registrable(self.advertise_host),
             "TOKENMESH_ADVERTISE_HOST",
-            "must be an IPv4 address or auto (the router registers IPv4 addresses)",
+            "must be an IPv4 address (not 0.0.0.0) or auto (the router registers the "
+            "IPv4 address a worker connects from)",
         )
 
     def engine_options(self) -> EngineOptions:
@@ -317,12 +319,14 @@ def resolve_engine(choice: str) -> str:
     return "tensorrt" if usable else "onnxruntime"
 
 
-def _is_ipv4(text: str) -> bool:
+def _registrable(host: str) -> bool:
+    """Tells whether the router can register `host`: an IPv4 address that a worker's
+    connection can come from (0.0.0.0 never does: refused as not its own)."""
     try:
-        ipaddress.IPv4Address(text)
+        address = ipaddress.IPv4Address(host)
     except ValueError:
         return False
-    return True
+    return not address.is_unspecified
 
 
 def advertised_host(setting: str, router_address: str) -> str:
@@ -339,6 +343,36 @@ def advertised_host(setting: str, router_address: str) -> str:
     with socket.socket(family, kind, proto) as probe:
         probe.connect(target)
         return str(probe.getsockname()[0])
+
+
+def registered_host(setting: str, router_address: str) -> str:
+    """Returns `advertised_host`, checked as the setting itself is at load: "auto"
+    passes that check, and resolves only here (an IPv6 router address gives an IPv6
+    source address, refused by the router at every heartbeat).
+
+    Raises:
+        SettingsError: the address is no IPv4 address, or is 0.0.0.0.
+    """
+    host = advertised_host(setting, router_address)
+    require(
+        _registrable(host),
+        "TOKENMESH_ADVERTISE_HOST",
+        f"{setting} gave {host!r} (this worker's address on the route to "
+        f"TOKENMESH_ROUTER_ADDR={router_address}): the router registers the IPv4 address "
+        "a worker connects from; set this worker's IPv4 address",
+    )
+    return host
+
+
+def host_at_start(settings: InferenceSettings) -> str:
+    """Returns the host a starting worker registers (`registered_host`), or ends the
+    worker as `main` ends it on a setting it cannot load (services.core.entrypoint:
+    the message, exit 2)."""
+    try:
+        return registered_host(settings.advertise_host, settings.router_address)
+    except SettingsError as exc:
+        print(f"tokenmesh-inference: invalid configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _split(entry: str) -> tuple[str, str]:
@@ -449,6 +483,9 @@ class InferenceService(Service):
         )
 
     async def start(self, running: RunningServer) -> None:
+        # Before any model loads: an address the router refuses at every heartbeat
+        # ends the worker at start, as an invalid setting does (exit 2).
+        host = host_at_start(self.settings) if self.settings.router_address else ""
         self._running = running
         self.usage_log.start(self.tasks)
         self.templates.start(self.tasks)
@@ -479,8 +516,7 @@ class InferenceService(Service):
             self.registration = Registration(
                 router,
                 self.settings.worker_id,
-                f"{advertised_host(self.settings.advertise_host, self.settings.router_address)}"
-                f":{running.port}",
+                f"{host}:{running.port}",
                 lambda: [(m.name, m.version) for m in self.registry.all() if m.ready],
                 load=lambda: worker_load(self.registry.all()),
                 token=lease_token(self.settings.lease_token_dir / self.settings.worker_id),

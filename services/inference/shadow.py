@@ -23,8 +23,14 @@ A copy:
 - holds one of TOKENMESH_SHADOW_MAX_COPIES slots of its model version on the
   worker while it runs (`CopySlots`): beyond that, copies are dropped, so no
   caller can make copies pile up on a worker;
-- runs at batch priority (services.inference.pipeline.generate): a live
-  interactive request on the same worker always goes first;
+- waits at batch priority (services.inference.pipeline.generate) behind the
+  live interactive requests of its own version, and takes none of that
+  version's max_queue places from live requests (scheduler.SHADOW_COPY: a
+  live request is never refused QUEUE_FULL for copies). Priority orders the
+  requests of one version only, each version having a scheduler of its own:
+  on a worker that also serves another version, the copies never wait for
+  its requests and share the worker's CPUs with them, bounded there by the
+  copy slots alone;
 - neither reads nor writes the response cache (pipeline.cache.client_mode): it
   measures the shadow version, not the cache;
 - stays out of its version's outcomes (rollout gates, load reports): a canary
@@ -66,6 +72,7 @@ from services.core.errors import FailedPrecondition, ResourceExhausted, Tokenmes
 from services.core.metadata import RequestMetadata, request_metadata
 from services.core.redis_service import LUA_REDIS_NOW_MS, text
 from services.inference.budget import Limits, TokenBudgets
+from services.inference.scheduler import SHADOW_COPY
 from services.router.shadow_pairs import LIVE, SHADOW, PairStore, Record
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.type.v1 import types_pb2
@@ -215,13 +222,19 @@ class CopySlots:
 
     @contextlib.contextmanager
     def hold(self, model: str, version: str) -> Iterator[None]:
-        """Holds a slot of the version for the block; raises the drop error when none is free."""
+        """Holds a slot of the version for the block; raises the drop error when none is free.
+
+        The block's sequences are submitted as copies (scheduler.SHADOW_COPY): they
+        take no place of the version's max_queue from live requests, since these
+        slots bound them.
+        """
         key = (model, version)
         held = self._held.get(key, 0)
         if held >= self.limit:
             detail = f"{held} copies of it run on this worker (TOKENMESH_SHADOW_MAX_COPIES)"
             raise dropped(model, version, "full", detail)
         self._held[key] = held + 1
+        marked = SHADOW_COPY.set(True)
         try:
             yield
         finally:
@@ -230,6 +243,10 @@ class CopySlots:
                 self._held[key] = left
             else:
                 del self._held[key]
+            # A stream's generator closed by its finalizer runs this in another context,
+            # which never saw the mark (its task, the copy's call, is over).
+            with contextlib.suppress(ValueError):
+                SHADOW_COPY.reset(marked)
 
 
 @dataclass(frozen=True)
@@ -249,15 +266,25 @@ class CopyCaller:
 # keys services.inference.budget._RESERVE reserves in). ARGV: amount, tokens per
 # minute (0 = none), monthly (0 = none). Reads only: returns the budget with no
 # room for `amount` ("": both have room). The window is what _RESERVE keeps after
-# trimming: reservations newer than a minute on Redis's clock.
+# trimming: reservations newer than a minute on Redis's clock. Summed as _RESERVE
+# sums it, in one HVALS, less the reservations a minute old that no reservation
+# has trimmed yet (usually none: each reservation trims): one HGET per reservation
+# in the window cost a busy key's copy 2-3 times its live reservation's Redis time,
+# on the Redis every live reservation waits for.
 _PEEK_BUDGET = (
     LUA_REDIS_NOW_MS
     + """
 local amount, tpm, monthly = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 if tpm > 0 then
   local used = 0
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (now - 60000), '+inf')) do
-    used = used + tonumber(redis.call('HGET', KEYS[2], id) or 0)
+  for _, v in ipairs(redis.call('HVALS', KEYS[2])) do used = used + tonumber(v) end
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
+  -- In chunks: unpack() of more than ~8000 values overflows Lua's stack.
+  for i = 1, #expired, 1000 do
+    local last = math.min(i + 999, #expired)
+    for _, v in ipairs(redis.call('HMGET', KEYS[2], unpack(expired, i, last))) do
+      used = used - (tonumber(v) or 0)
+    end
   end
   if used + amount > tpm then return 'tpm' end
 end

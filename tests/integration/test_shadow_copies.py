@@ -27,9 +27,10 @@ from prometheus_client import REGISTRY
 
 from gateway import model_routing
 from services.core import contract
+from services.core.errors import FailedPrecondition, ResourceExhausted
 from services.core.redis_service import text
 from services.inference import shadow
-from services.inference.budget import TokenBudgets
+from services.inference.budget import Limits, TokenBudgets
 from services.inference.service import InferenceService
 from services.router.shadow_pairs import LIVE, Pair, PairStore, compare, pending_key, records_key
 from tests.answer_headers import call_headers
@@ -218,6 +219,53 @@ async def test_a_copy_of_a_request_over_its_callers_token_budget_is_dropped_unre
                 await asyncio.sleep(0.02)
 
 
+async def test_the_copys_budget_read_sums_the_last_minute_as_the_reservation_does(
+    client: aioredis.Redis,
+) -> None:
+    """The read sums the window's amounts at once (not one lookup per reservation): a
+    reservation older than a minute that no reservation has trimmed yet is left out,
+    as the next reservation's trim leaves it out, and the read trims nothing."""
+    key, limits = _key(), Limits(tokens_per_minute=1000)
+    budgets = TokenBudgets(client)
+    for n in range(3):
+        await budgets.reserve(key, limits, f"r{n}", 100)
+    window, amounts, _ = budgets._keys(key, time.time())
+    seconds, micros = await client.time()
+    await client.zadd(window, {"stale": seconds * 1000 + micros // 1000 - 61_000})
+    await client.hset(amounts, "stale", 900)
+    peek, caller = shadow.CallerBudgets(budgets), shadow.CopyCaller(key, limits)
+    before = _drops("caller_budget")
+    await peek.check(caller, 700, MODEL, "2")  # 300 used: room for 700
+    with pytest.raises(FailedPrecondition) as dropped:
+        await peek.check(caller, 701, MODEL, "2")
+    assert dropped.value.reason == "SHADOW_CALLER_OVER_BUDGET"
+    assert _drops("caller_budget") - before == 1
+    assert await client.zcard(window) == 4 and await client.hlen(amounts) == 4
+    with pytest.raises(ResourceExhausted):  # the live reservation agrees
+        await budgets.reserve(key, limits, "r3", 701)
+    await budgets.reserve(key, limits, "r3", 700)
+
+
+async def test_a_copy_whose_callers_windows_cannot_be_read_is_dropped_not_internal(
+    tmp_path: Path, redis_url: str, client: aioredis.Redis
+) -> None:
+    """A window key of the wrong type: the live request is let through (the limiter's
+    error is no outage, and fails open), and its copy, its caller's standing unknown, is
+    dropped (reason unknown), never answered INTERNAL (the availability SLO's)."""
+    key = _key()
+    await client.set(f"tm:ratelimit:rpm:{key}", "not a window")
+    identity = {contract.KEY_ID_HEADER: key, contract.RPM_HEADER: "5"}
+    async with await _worker(tmp_path, redis_url) as (_, channel):
+        live, copy = _pair(identity)
+        assert (await _complete(channel, live)).model.version == "1"
+        before = _drops("unknown")
+        assert await _dropped(_complete(channel, copy)) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "SHADOW_CALLER_UNKNOWN",
+        )
+        assert _drops("unknown") - before == 1
+
+
 async def test_copies_of_a_version_beyond_its_slots_on_the_worker_are_dropped(
     tmp_path: Path, redis_url: str
 ) -> None:
@@ -291,6 +339,48 @@ async def test_a_copy_waits_behind_a_live_request_and_stays_out_of_its_versions_
         assert finished == ["live", "copy"]
         # The blocker and the live request: the copy is not the version's live traffic.
         assert model.outcomes.requests - requests_before == 2
+
+
+async def test_queued_copies_take_no_queue_place_from_live_requests(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Version 2 with one slot (taken) and TOKENMESH_MAX_QUEUE=2: two copies fill the
+    queue and a third is refused, while live interactive requests still get both places
+    (their bound counts no copy; they were refused "worker queue is full") and run
+    first; a third live request is refused."""
+    settings = {"max_sequences": 1, "max_queue": 2, "test_engine_step_ms": 20.0}
+    async with await _worker(tmp_path, redis_url, **settings) as (service, channel):
+        scheduler = service.registry.resolve(MODEL, "2").scheduler
+        assert scheduler is not None
+        stub = rpc.InferenceServiceStub(channel)
+        live_2 = {model_routing.ROUTE_MODEL_HEADER: MODEL, model_routing.ROUTE_VERSION_HEADER: "2"}
+        blocker = stub.Generate(
+            pb.GenerateRequest(model=MODEL, prompt="blocker", max_output_tokens=400),
+            metadata=tuple(live_2.items()),
+        )
+        await anext(aiter(blocker))  # running: the slot is taken
+
+        async def waiting(count: int) -> None:
+            async with asyncio.timeout(10):
+                while scheduler.stats()["waiting"] < count:
+                    await asyncio.sleep(0.005)
+
+        finished: list[str] = []
+
+        async def run(name: str, headers: Headers) -> None:
+            await _complete(channel, headers)
+            finished.append(name)
+
+        copies = [asyncio.create_task(run("copy", _pair({})[1])) for _ in range(2)]
+        await waiting(2)
+        full = (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL")
+        assert await _dropped(_complete(channel, _pair({})[1])) == full
+        lives = [asyncio.create_task(run("live", live_2)) for _ in range(2)]
+        await waiting(4)
+        assert await _dropped(_complete(channel, live_2)) == full
+        blocker.cancel()
+        await asyncio.gather(*copies, *lives)
+        assert finished == ["live", "live", "copy", "copy"]
 
 
 async def test_a_copy_stays_out_of_its_versions_outcomes(tmp_path: Path, redis_url: str) -> None:

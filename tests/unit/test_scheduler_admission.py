@@ -32,6 +32,7 @@ from services.inference.generation import GenerationState, stream_deltas
 from services.inference.scheduler import (
     PRIORITY_BATCH,
     PRIORITY_INTERACTIVE,
+    SHADOW_COPY,
     Finished,
     Scheduler,
     SchedulerLimits,
@@ -140,6 +141,60 @@ async def test_has_room_answers_what_submit_would_do_for_several_requests() -> N
         assert not sched.has_room([9])
         with pytest.raises(ResourceExhausted):
             _submit(sched, [3], 8)
+    finally:
+        await sched.stop(drain_timeout_s=0)
+
+
+def _submit_copy(sched: Scheduler, prompt: list[int], max_tokens: int) -> Sequence_:
+    """Submits as a shadow copy's task does (shadow.CopySlots.hold sets the mark)."""
+    marked = SHADOW_COPY.set(True)
+    try:
+        return sched.submit(prompt, _params(max_tokens=max_tokens), PRIORITY_BATCH, None)
+    finally:
+        SHADOW_COPY.reset(marked)
+
+
+def _copy_has_room(sched: Scheduler, reserved: list[int]) -> bool:
+    marked = SHADOW_COPY.set(True)
+    try:
+        return sched.has_room(reserved)
+    finally:
+        SHADOW_COPY.reset(marked)
+
+
+async def test_queued_shadow_copies_take_no_queue_place_from_live_requests() -> None:
+    # One slot, taken, and max_queue=1: a queued copy leaves the live request its place
+    # (a live request's bound counts live requests only), also once the engine thread
+    # has recounted; a second copy is refused (a copy's bound counts everyone), and so
+    # is a second live request. The live request starts first.
+    engine = GatedEngine(step_s=0.005)
+    limits = SchedulerLimits(max_sequences=1, max_queue=1)
+    sched = Scheduler(engine, engine.eos_token_id, limits, _labels())
+    await sched.start()
+    try:
+        long = _submit(sched, [1], 400)
+        assert isinstance(await asyncio.wait_for(long.outbox.get(), 5), int)  # running
+        copy = _submit_copy(sched, [2], 8)
+        steps = len(engine.batches)
+        await _until(lambda: len(engine.batches) >= steps + 2)  # recounted from the truth
+        assert sched.has_room([9]) and not _copy_has_room(sched, [9])
+        with pytest.raises(ResourceExhausted) as refused:
+            _submit_copy(sched, [3], 8)
+        assert refused.value.reason == "QUEUE_FULL"
+        live = _submit(sched, [4], 8)
+        with pytest.raises(ResourceExhausted):
+            _submit(sched, [5], 8)
+        steps = len(engine.batches)
+        await _until(lambda: len(engine.batches) >= steps + 2)
+        assert not sched.has_room([9]) and not _copy_has_room(sched, [9])
+        assert sched.stats()["waiting"] == 2
+        sched.cancel(long)
+        assert await _finished(live) == Finished("length")
+        assert await _finished(copy) == Finished("length")
+        assert live.started_at is not None and copy.started_at is not None
+        assert live.started_at < copy.started_at
+        _submit(sched, [6], 8)  # nothing waits any more: both counts are free again
+        _submit_copy(sched, [7], 8)
     finally:
         await sched.stop(drain_timeout_s=0)
 

@@ -14,7 +14,7 @@ import pytest
 
 from services.auth.service import AuthSettings
 from services.core.settings import SettingsError, load
-from services.inference.service import InferenceSettings
+from services.inference.service import InferenceSettings, host_at_start, registered_host
 from services.jobs.service import JobsSettings
 from services.launcher.__main__ import LauncherSettings
 from services.router.service import RouterSettings
@@ -86,7 +86,9 @@ def test_the_launcher_checks_the_redis_url_scheme():
     assert settings.redis_url == "redis://127.0.0.1:6379/0"
 
 
-@pytest.mark.parametrize("host", ["worker.tokenmesh.local", "localhost", "10.0.0", "", "::1"])
+@pytest.mark.parametrize(
+    "host", ["worker.tokenmesh.local", "localhost", "10.0.0", "", "::1", "0.0.0.0"]
+)
 def test_a_worker_advertises_an_ip_address(host: str) -> None:
     """The router accepts only the connection's own address: a name was refused at
     every heartbeat while the worker ran, never routed to."""
@@ -97,3 +99,30 @@ def test_a_worker_advertises_an_ip_address(host: str) -> None:
 @pytest.mark.parametrize("host", ["auto", "127.0.0.1", "10.1.2.3"])
 def test_ip_addresses_and_auto_are_advertised(host: str) -> None:
     assert load(InferenceSettings, {"TOKENMESH_ADVERTISE_HOST": host}).advertise_host == host
+
+
+def test_what_auto_resolves_to_is_checked_as_the_setting_is() -> None:
+    """The setting `auto` passes the check at load and resolves at start, on the route to
+    the router: over IPv6 it gave an address the router refused at every heartbeat."""
+    assert registered_host("auto", "127.0.0.1:50051") == "127.0.0.1"
+    assert registered_host("10.1.2.3", "router:50051") == "10.1.2.3"
+    with pytest.raises(SettingsError, match="TOKENMESH_ADVERTISE_HOST: auto gave '::1'"):
+        registered_host("auto", "[::1]:50051")
+
+
+def test_a_worker_whose_auto_address_the_router_refuses_exits_at_start(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It exits 2 with the setting's message, as `main` does on a setting it cannot load
+    (services.core.entrypoint); InferenceService.start asks before any model loads."""
+    environ = {
+        "TOKENMESH_ADVERTISE_HOST": "auto",
+        "TOKENMESH_ROUTER_ADDR": "[::1]:50051",
+        "TOKENMESH_TEST_MODELS": "m:1",
+    }
+    with pytest.raises(SystemExit) as exited:
+        host_at_start(load(InferenceSettings, environ))
+    assert exited.value.code == 2
+    assert "tokenmesh-inference: invalid configuration: TOKENMESH_ADVERTISE_HOST" in (
+        capsys.readouterr().err
+    )
