@@ -240,7 +240,8 @@ class GenerationPipeline:
         # Content policy on input: the model sees the redacted texts (or nothing: a block).
         spec, content = await self.admission.content.admit(context, target, spec, rpc, api_version)
         if shadow.is_copy(request_headers(context)):
-            # A shadow copy waits behind every live interactive request on this worker.
+            # A shadow copy waits behind the live interactive requests of its own version
+            # (each version has its own scheduler; the copy bound protects the others).
             spec = replace(spec, priority=PRIORITY_BATCH)
         prompt = await prompting.prepare(spec, target.model, self.templates)
         generation = Generation(
