@@ -106,6 +106,11 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
         "TOKENMESH_MAX_KV_TOKENS", 16384, "KV-token budget (prompt + max_tokens) per version."
     )
     max_queue: int = env("TOKENMESH_MAX_QUEUE", 256, "Waiting requests per version before 429.")
+    samples_max_bytes: int = env(
+        "TOKENMESH_SAMPLES_MAX_BYTES",
+        64 * 1024 * 1024,
+        "Bytes of content-policy samples kept per tenant in Redis (the oldest go first).",
+    )
     shadow_max_copies: int = env(
         "TOKENMESH_SHADOW_MAX_COPIES",
         32,
@@ -224,6 +229,11 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
         require(self.max_kv_tokens >= 1, "TOKENMESH_MAX_KV_TOKENS", "must be >= 1")
         require(self.max_queue >= 0, "TOKENMESH_MAX_QUEUE", "must be >= 0")
         require(self.shadow_max_copies >= 0, "TOKENMESH_SHADOW_MAX_COPIES", "must be >= 0")
+        require(
+            self.samples_max_bytes >= 1 << 20,
+            "TOKENMESH_SAMPLES_MAX_BYTES",
+            "must be >= 1048576 (room for samples of 32 KiB each)",
+        )
         require(self.max_prefill_tokens >= 1, "TOKENMESH_MAX_PREFILL_TOKENS", "must be >= 1")
         require(self.messages_per_step >= 0, "TOKENMESH_MESSAGES_PER_STEP", "must be >= 0")
         require(self.prefix_cache_tokens >= 0, "TOKENMESH_PREFIX_CACHE_TOKENS", "must be >= 0")
@@ -469,7 +479,12 @@ class InferenceService(Service):
             worker_id=self.settings.worker_id,
         )
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(v1, server)
-        v1.admission.content = ContentStage(self.policies, self.usage_log, self.redis)
+        v1.admission.content = ContentStage(
+            self.policies,
+            self.usage_log,
+            self.redis,
+            sample_stream_max_bytes=self.settings.samples_max_bytes,
+        )
         v1.admission.shadow_records = self.shadow_records
         v1.admission.cache = self.cache
         v1.admission.mesh_models = self.mesh_models

@@ -126,3 +126,10 @@ def test_a_worker_whose_auto_address_the_router_refuses_exits_at_start(
     assert "tokenmesh-inference: invalid configuration: TOKENMESH_ADVERTISE_HOST" in (
         capsys.readouterr().err
     )
+
+
+def test_the_samples_byte_bound_is_a_setting() -> None:
+    settings = load(InferenceSettings, {"TOKENMESH_SAMPLES_MAX_BYTES": str(8 << 20)})
+    assert settings.samples_max_bytes == 8 << 20
+    with pytest.raises(SettingsError, match="TOKENMESH_SAMPLES_MAX_BYTES"):
+        load(InferenceSettings, {"TOKENMESH_SAMPLES_MAX_BYTES": "0"})
