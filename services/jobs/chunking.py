@@ -16,6 +16,11 @@ from collections.abc import AsyncIterable, AsyncIterator
 MESSAGE_BYTES = 1024 * 1024
 # Results read from Redis at a time: a read is held in memory until it is sent.
 RESULTS_PER_READ = 100
+# The most result bytes (protobuf) an OpenAI result file reads at a time (at least
+# one result): a read is held, then written as JSON (~3-4x), until it is sent. By
+# count (RESULTS_PER_READ), a read of embeddings of 256 inputs a line held 230 MiB
+# (384 dimensions) to 608 MiB (1,024) at once, for each download.
+READ_BYTES = 1024 * 1024
 # The most result bytes (protobuf) a ListJobResults page holds beyond its first
 # result. Sized by count alone (100 by default, up to 1000), a page of large
 # embeddings was 37.7 MiB: past the server's 16 MiB cap, the REST transcoder's

@@ -11,9 +11,11 @@ own shapes (services.inference.openai.shapes) as OpenAI's output lines
 
 A batch is a hash (`tm:jobs:batch:<id>`) next to its job: the endpoint, the
 input file, the metadata and each line's custom_id and response options
-(`lines`: up to ~8 MB, read only to write the result files), and once a
-result file's size was asked for, both files' sizes (`output_bytes`,
-`error_bytes`: final with the job, so computed once);
+(`lines`: at most MAX_RECORD_BYTES, read only to write the result files),
+and, computed once each after it ended (its results are final then): which
+lines are in the error file (`error_indexes`, `render_failed`) and each
+file's size (`output_bytes`, `error_bytes`). The record is charged to its
+owner's storage (openai_files.StorageLedger) in the transaction that writes it;
 the batch id, the job id and the output and error file ids share one hex
 part (`batch_<hex>`, `job-<hex>`, `file-<hex>-output`, `file-<hex>-errors`).
 Status, counts and times are read from the job, so a batch is exactly as
@@ -28,9 +30,10 @@ newest batch would.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -40,6 +43,7 @@ from services.core.redis_service import text
 from services.inference.openai import errors as openai_errors
 from services.inference.openai import params, shapes
 from services.inference.v2 import validation as v2_validation
+from services.jobs.openai_files import StorageLedger, StorageQuota
 from services.jobs.store import (
     CANCELLED,
     CANCELLING,
@@ -54,9 +58,9 @@ from services.jobs.store import (
     STOP_GRACE_S,
     SUCCEEDED,
     JobRecord,
-    now_ms,
     page_after,
     request_id,
+    results_key,
 )
 from services.jobs.validation import MAX_WINDOW_S
 from tokenmesh.jobs.v1 import jobs_pb2
@@ -73,6 +77,20 @@ COMPLETION_WINDOW = "24h"
 BATCH_PREFIX, JOB_PREFIX, FILE_PREFIX = "batch_", "job-", "file-"
 OUTPUT_SUFFIX, ERRORS_SUFFIX = "-output", "-errors"
 MAX_METADATA = 16
+# The longest custom_id. OpenAI documents none; 512 characters is the longest
+# client string its batch API documents (a metadata value). Unbounded, one line's
+# custom_id could be the whole upload, copied into every batch made of it.
+MAX_CUSTOM_ID = 512
+# The most a batch's record may keep of its lines (their custom_ids and response
+# options, as JSON): what every result-file download reads.
+MAX_RECORD_BYTES = 4 * 1024 * 1024
+# What a batch's record is charged besides its lines (its other fields).
+RECORD_OVERHEAD_BYTES = 1024
+# How long a retry of a batch request (the same key, input file, endpoint and
+# metadata) answers the batch it created: a retry after a lost answer (a 5xx, a
+# dropped connection; OpenAI's SDKs retry twice, with no idempotency key) ran and
+# billed the work a second time.
+RETRY_HOLD_S = 120
 # The first bad lines a refused batch names (a status must stay small).
 MAX_LINE_ERRORS = 10
 # Job status -> OpenAI batch status (validation happens before the batch exists).
@@ -231,7 +249,11 @@ def _line_item(endpoint: str, body: bytes) -> tuple[jobs_pb2.JobItem, dict[str, 
     """Maps one body onto a v2 item with the OpenAI surface's parser and v2's rules."""
     if endpoint == EMBEDDINGS:
         call = params.parse_embedding(body)
-        v2_validation.validate_embed(call.request)
+        try:
+            v2_validation.validate_embed(call.request)
+        except InvalidArgument as bad:
+            # OpenAI's names (`input[0]`), as /openai/v1/embeddings refuses the same body.
+            raise openai_errors.renamed(bad, _RENAMES[EMBEDDINGS]) from None
         options = {"base64": call.base64, "dimensions": call.dimensions}
         return jobs_pb2.JobItem(embed=call.request), options
     generation = params.parse_chat(body) if endpoint == CHAT else params.parse_completion(body)
@@ -254,6 +276,11 @@ def _read_line(number: int, raw: bytes, endpoint: str, seen: set[str]) -> BatchL
     custom_id = line.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         raise _bad(f"line {number}.custom_id", "is required (a string)")
+    if len(custom_id) > MAX_CUSTOM_ID:
+        raise _bad(
+            f"line {number}.custom_id",
+            f"is {len(custom_id)} characters; at most {MAX_CUSTOM_ID} are accepted",
+        )
     if custom_id in seen:
         raise _bad(f"line {number}.custom_id", f"{custom_id!r} is used by an earlier line")
     if line.get("method", "POST") != "POST":
@@ -306,6 +333,64 @@ def parse_input(data: bytes, endpoint: str, max_lines: int) -> list[BatchLine]:
 # -- the stored batch ------------------------------------------------------
 
 
+def record_lines(lines: Sequence[BatchLine]) -> bytes:
+    """Returns what a batch's record keeps of its lines: each one's [custom_id,
+    options], in item order, as JSON.
+
+    Raises:
+        InvalidArgument: on `input_file_id` when that is over MAX_RECORD_BYTES.
+    """
+    kept = [[line.custom_id, line.options] for line in lines]
+    raw = json.dumps(kept, ensure_ascii=False, separators=(",", ":")).encode()
+    if len(raw) > MAX_RECORD_BYTES:
+        raise _bad(
+            "input_file_id",
+            f"its lines' custom_ids and options take {len(raw)} bytes to keep; at most "
+            f"{MAX_RECORD_BYTES} are kept a batch (shorter custom_ids, or fewer lines)",
+        )
+    return raw
+
+
+def may_fail_rendering(lines: Sequence[BatchLine]) -> bool:
+    """Whether a stored result of these lines may render as an error (`_render_problem`:
+    only an embedding line that asked for `dimensions`)."""
+    return any(line.options.get("dimensions") is not None for line in lines)
+
+
+def retry_hold_key(key_id: str, owner: str, request: BatchRequest) -> str:
+    """Returns the key that holds, for RETRY_HOLD_S, the job a batch request of key
+    `key_id` created: the same owner, input file, endpoint and metadata."""
+    fingerprint = [owner, request.input_file_id, request.endpoint, sorted(request.metadata.items())]
+    digest = hashlib.sha256(json.dumps(fingerprint).encode()).hexdigest()
+    return f"{PREFIX}batchretry:{key_id}:{digest[:32]}"
+
+
+@dataclass(frozen=True)
+class NewBatch:
+    """NewBatch is a batch about to be created with its job.
+
+    Attributes:
+        lines: `record_lines` of its input.
+        may_fail_rendering: `may_fail_rendering` of its input.
+        retry_hold: `retry_hold_key` of its request.
+        reservation: its record's reservation in the owner's storage ledger.
+    """
+
+    owner: str
+    request: BatchRequest
+    retry_hold: str
+    lines: bytes
+    may_fail_rendering: bool
+    created_ms: int
+    deadline_ms: int
+    reservation: str = ""
+
+    @property
+    def charge(self) -> int:
+        """Returns the bytes its record is charged to the owner's storage."""
+        return len(self.lines) + len(json.dumps(self.request.metadata)) + RECORD_OVERHEAD_BYTES
+
+
 @dataclass(frozen=True)
 class BatchRecord:
     """BatchRecord is a batch's hash, decoded.
@@ -313,6 +398,10 @@ class BatchRecord:
     Attributes:
         lines: each line's [custom_id, options], in item order; empty unless read
             (BatchStore.get's `lines`: only the result files need them).
+        may_fail_rendering: whether a stored result of it may render as an error.
+        render_failed: how many results its job counted succeeded render as errors
+            (None: not known yet; known once the batch ended and its errors were
+            indexed).
     """
 
     batch_id: str
@@ -322,6 +411,8 @@ class BatchRecord:
     metadata: dict[str, str]
     created_ms: int
     lines: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    may_fail_rendering: bool = False
+    render_failed: int | None = None
 
     @property
     def job_id(self) -> str:
@@ -330,21 +421,27 @@ class BatchRecord:
 
 
 @dataclass(frozen=True)
-class ResultSizes:
-    """ResultSizes is the bytes of an ended batch's output file and error file."""
+class ErrorIndex:
+    """ErrorIndex is which lines of an ended batch are in its error file (in order), and
+    how many of them its job counted succeeded (a stored result that renders as an
+    error). Kept with the batch: its results never change once it ended."""
 
-    output_bytes: int
-    error_bytes: int
+    indexes: list[int]
+    render_failed: int
 
 
-# KEYS: the batch's hash. ARGV: output bytes, error bytes. Only into a record that
-# is there (the sizes of a batch that is gone must not make its hash again).
-_KEEP_SIZES = """
+# KEYS: the batch's hash. ARGV: field, value pairs. Only into a record that is
+# there (what is computed of a batch that is gone must not make its hash again).
+_KEEP = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'output_bytes', ARGV[1], 'error_bytes', ARGV[2])
+  redis.call('HSET', KEYS[1], unpack(ARGV))
 end
 return 1
 """
+
+_SIZE_FIELDS = {False: "output_bytes", True: "error_bytes"}
+# Result sizes read (HSTRLEN) at a time, to cut reads by bytes.
+_SIZES_AT_ONCE = 1000
 
 
 # The longest a batch lives: its window, a cancel's grace, then its retention.
@@ -358,50 +455,71 @@ class BatchStore:
     Args:
         client: the AOF Redis.
         retention_s: how long a finished batch is kept (its job's retention).
+        ledger: what each owner keeps, which a batch's record is charged to.
     """
 
-    def __init__(self, client: aioredis.Redis, retention_s: int) -> None:
+    def __init__(
+        self, client: aioredis.Redis, retention_s: int, ledger: StorageLedger | None = None
+    ) -> None:
         self.redis = client
         self.retention_s = retention_s
+        self.ledger = ledger or StorageLedger(client, StorageQuota())
         self._page = client.register_script(PAGE_AFTER)
-        self._keep_sizes = client.register_script(_KEEP_SIZES)
+        self._keep = client.register_script(_KEEP)
 
-    def queue_creation(
-        self,
-        pipe: Any,
-        job_id: str,
-        owner: str,
-        request: BatchRequest,
-        lines: Sequence[BatchLine],
-        deadline_ms: int,
-    ) -> str:
-        """Queues the record of the batch a job runs into `pipe` (the job's creating
-        transaction: JobStore.create's `also`, so neither exists without the other);
-        returns the batch's id."""
+    async def reserve(self, batch: NewBatch) -> NewBatch:
+        """Reserves a new batch's record in its owner's storage; returns it with the
+        reservation (`queue_creation` moves it onto the record).
+
+        Raises:
+            ResourceExhausted: the owner keeps the most bytes it may.
+        """
+        return replace(batch, reservation=await self.ledger.reserve(batch.owner, batch.charge))
+
+    async def release(self, batch: NewBatch) -> None:
+        """Drops a reservation no record was written for (the request's batch existed)."""
+        await self.ledger.release(batch.owner, batch.reservation)
+
+    def queue_creation(self, pipe: Any, job_id: str, batch: NewBatch) -> str:
+        """Queues the record of the batch a job runs, and its charge, into `pipe` (the
+        job's creating transaction: JobStore.create's `also`, so none exists without
+        the others); returns the batch's id."""
         batch_id = batch_id_of(job_id)
-        created = now_ms()
+        created = batch.created_ms
         # Until its job ends, which then sets both to the retention: a stopped job
         # ends up to STOP_GRACE_S after its deadline (the record died first).
-        ttl_s = max(1, (deadline_ms - created) // 1000) + STOP_GRACE_S + self.retention_s
+        ttl_s = max(1, (batch.deadline_ms - created) // 1000) + STOP_GRACE_S + self.retention_s
+        key = batch_key(batch_id)
         pipe.hset(
-            batch_key(batch_id),
+            key,
             mapping={
-                "owner": owner,
-                "endpoint": request.endpoint,
-                "input_file_id": request.input_file_id,
-                "metadata": json.dumps(request.metadata),
+                "owner": batch.owner,
+                "endpoint": batch.request.endpoint,
+                "input_file_id": batch.request.input_file_id,
+                "metadata": json.dumps(batch.request.metadata),
                 "created_ms": created,
-                "lines": json.dumps([[line.custom_id, line.options] for line in lines]),
+                "lines": batch.lines,
+                "may_fail_rendering": int(batch.may_fail_rendering),
             },
         )
-        pipe.expire(batch_key(batch_id), ttl_s)
-        index = owner_batches_key(owner)
+        pipe.expire(key, ttl_s)
+        self.ledger.queue_confirm(
+            pipe, batch.owner, batch.reservation, key, batch.charge, created + ttl_s * 1000
+        )
+        index = owner_batches_key(batch.owner)
         pipe.zadd(index, {batch_id: created})
+        pipe.set(batch.retry_hold, job_id, ex=RETRY_HOLD_S)
         # The index kept every batch an owner ever made, and never expired.
         lifetime_s = _lifetime_s(self.retention_s)
         pipe.zremrangebyscore(index, "-inf", created - lifetime_s * 1000)
         pipe.expire(index, lifetime_s)
         return batch_id
+
+    async def held(self, batch: NewBatch) -> str | None:
+        """Returns the id of the batch the same request created within RETRY_HOLD_S
+        (None: none did)."""
+        raw: Any = await self.redis.get(batch.retry_hold)
+        return batch_id_of(text(raw)) if raw is not None else None
 
     async def get(self, batch_id: str, owner: str, lines: bool = False) -> BatchRecord | None:
         """Returns an owner's batch (None when there is none, or it is another owner's),
@@ -411,34 +529,84 @@ class BatchStore:
         if not batch_id.startswith(BATCH_PREFIX):
             return None
         names = ["owner", "endpoint", "input_file_id", "metadata", "created_ms"]
+        names += ["may_fail_rendering", "render_failed"]
         if lines:
             names.append("lines")
         raw: Any = await self.redis.hmget(batch_key(batch_id), names)
         if raw[0] is None or text(raw[0]) != owner:
             return None
+        endpoint = text(raw[1])
+        # A record from before the flag: an embeddings batch may have such lines.
+        may_fail = text(raw[5]) == "1" if raw[5] is not None else endpoint == EMBEDDINGS
         return BatchRecord(
             batch_id=batch_id,
             owner=owner,
-            endpoint=text(raw[1]),
+            endpoint=endpoint,
             input_file_id=text(raw[2]),
             metadata=json.loads(raw[3]),
             created_ms=int(raw[4]),
-            lines=[(c, o) for c, o in json.loads(raw[5])] if lines else [],
+            lines=[(c, o) for c, o in json.loads(raw[7])] if lines else [],
+            may_fail_rendering=may_fail,
+            render_failed=int(raw[6]) if raw[6] is not None else None,
         )
 
-    async def sizes(self, batch_id: str) -> ResultSizes | None:
-        """Returns the sizes of a batch's result files (None: not computed yet)."""
-        raw: Any = await self.redis.hmget(batch_key(batch_id), ["output_bytes", "error_bytes"])
+    async def error_index(self, batch_id: str) -> ErrorIndex | None:
+        """Returns an ended batch's error index (None: not computed yet)."""
+        raw: Any = await self.redis.hmget(batch_key(batch_id), ["error_indexes", "render_failed"])
         if raw[0] is None or raw[1] is None:
             return None
-        return ResultSizes(int(raw[0]), int(raw[1]))
+        return ErrorIndex(json.loads(raw[0]), int(raw[1]))
 
-    async def keep_sizes(self, batch_id: str, sizes: ResultSizes) -> None:
-        """Keeps the sizes of an ended batch's result files in its record (not in one
-        that expired meanwhile: an HSET would make it again, without a TTL)."""
-        await self._keep_sizes(
-            keys=[batch_key(batch_id)], args=[sizes.output_bytes, sizes.error_bytes]
+    async def keep_error_index(self, batch_id: str, index: ErrorIndex) -> None:
+        """Keeps an ended batch's error index in its record (not in one that expired)."""
+        indexes = json.dumps(index.indexes, separators=(",", ":"))
+        await self._keep_fields(
+            batch_id, {"error_indexes": indexes, "render_failed": index.render_failed}
         )
+
+    async def size(self, batch_id: str, errors: bool) -> int | None:
+        """Returns the bytes of an ended batch's output or error file (None: not
+        computed yet)."""
+        raw: Any = await self.redis.hget(batch_key(batch_id), _SIZE_FIELDS[errors])
+        return int(raw) if raw is not None else None
+
+    async def keep_size(self, batch_id: str, errors: bool, size: int) -> None:
+        """Keeps the bytes of an ended batch's output or error file in its record (not
+        in one that expired meanwhile: an HSET would make it again, without a TTL)."""
+        await self._keep_fields(batch_id, {_SIZE_FIELDS[errors]: size})
+
+    async def _keep_fields(self, batch_id: str, fields: Mapping[str, str | int]) -> None:
+        flat = [value for pair in fields.items() for value in pair]
+        await self._keep(keys=[batch_key(batch_id)], args=flat)
+
+    async def result_reads(
+        self, job_id: str, indexes: Sequence[int], budget: int
+    ) -> AsyncIterator[list[tuple[int, bytes | None]]]:
+        """Yields the stored results of `indexes` (None where an item has none), in
+        order, a read at a time: each read holds at most `budget` bytes of results
+        (at least one result). By count (100 a read), one read of large embeddings
+        (256 inputs a line) held ~230-600 MB."""
+        results = results_key(job_id)
+        for start in range(0, len(indexes), _SIZES_AT_ONCE):
+            window = indexes[start : start + _SIZES_AT_ONCE]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for index in window:
+                    pipe.hstrlen(results, str(index))
+                sizes: list[int] = await pipe.execute()
+            read: list[int] = []
+            used = 0
+            for index, size in zip(window, sizes, strict=True):
+                if read and used + size > budget:
+                    yield await self._read(results, read)
+                    read, used = [], 0
+                read.append(index)
+                used += size
+            if read:
+                yield await self._read(results, read)
+
+    async def _read(self, results: str, indexes: list[int]) -> list[tuple[int, bytes | None]]:
+        raw: Any = await self.redis.hmget(results, [str(i) for i in indexes])
+        return list(zip(indexes, raw, strict=True))
 
     async def page(
         self, owner: str, after: str, limit: int, place_ms: int | None = None
@@ -489,7 +657,10 @@ def _at(condition: bool, millis: int) -> int | None:
 
 
 def batch_object(batch: BatchRecord, job: JobRecord) -> dict[str, Any]:
-    """Returns OpenAI's batch object of a batch as far as its job is."""
+    """Returns OpenAI's batch object of a batch as far as its job is. Once it ended, a
+    result its job counted succeeded but that renders as an error (`render_failed`)
+    is counted failed, as the error file holds it (it was counted completed, and
+    with no other failure the error file was not named: the line was in neither)."""
     status = job.status
     ended = job.number("ended_ms")
     stopping = job.number("stopping_ms") or ended  # a cancel from before it was kept
@@ -497,6 +668,9 @@ def batch_object(batch: BatchRecord, job: JobRecord) -> dict[str, Any]:
     succeeded, failed = job.number("succeeded"), job.number("failed")
     unrun = job.number("total") - succeeded - failed
     final = status in FINAL
+    if final:
+        moved = min(batch.render_failed or 0, succeeded)
+        succeeded, failed = succeeded - moved, failed + moved
     return {
         "id": batch.batch_id,
         "object": "batch",
@@ -524,17 +698,30 @@ def batch_object(batch: BatchRecord, job: JobRecord) -> dict[str, Any]:
 # -- output lines ----------------------------------------------------------
 
 
+def _render_problem(
+    result: jobs_pb2.JobResult, options: Mapping[str, Any]
+) -> InvalidArgument | None:
+    """Returns why a stored successful result renders as an error line (None: it does
+    not). Only an embedding of another size than the line asked for: the worker
+    refuses another size before computing (v2 EmbedRequest.dimensions); one from
+    before that field (a rolling upgrade) computed the line anyway."""
+    if not result.HasField("embed"):
+        return None
+    dimensions = options.get("dimensions")
+    first = result.embed.embeddings[0] if result.embed.embeddings else None
+    size = (len(first.values) or len(first.base64) // 4) if first is not None else 0
+    if dimensions is not None and size and dimensions != size:
+        return _bad("dimensions", f"must be {size} for this model (or left out)")
+    return None
+
+
 def _body(
     endpoint: str, result: jobs_pb2.JobResult, options: Mapping[str, Any], created: int
 ) -> dict[str, Any]:
     if result.HasField("embed"):
-        dimensions = options.get("dimensions")
-        first = result.embed.embeddings[0] if result.embed.embeddings else None
-        size = (len(first.values) or len(first.base64) // 4) if first is not None else 0
-        # The worker refuses another size before computing (v2 EmbedRequest.dimensions);
-        # one from before that field computed the line anyway.
-        if dimensions is not None and size and dimensions != size:
-            raise _bad("dimensions", f"must be {size} for this model (or left out)")
+        problem = _render_problem(result, options)
+        if problem is not None:
+            raise problem
         return shapes.embeddings(result.embed, bool(options.get("base64")))
     if endpoint == CHAT:
         return shapes.chat_completion(result.complete, created)
@@ -593,22 +780,51 @@ def unrun_line(batch: BatchRecord, index: int, error: Mapping[str, str]) -> byte
     return _line(batch, index, None, dict(error))
 
 
+def error_lines(
+    batch: BatchRecord, job: JobRecord, stored: Sequence[tuple[int, bytes | None]]
+) -> ErrorIndex:
+    """Returns which of the items read (`stored`: (index, stored result or None)) are in
+    the error file, without writing any line: a failed result, one that renders as an
+    error (counted in `render_failed`), and an item a stopped or expired batch never
+    ran. `batch` must hold its lines. Call it off the event loop (it parses results)."""
+    unrun = unrun_error(job) is not None
+    indexes: list[int] = []
+    render_failed = 0
+    for index, raw in stored:
+        if raw is None:
+            if unrun:
+                indexes.append(index)
+            continue
+        result = jobs_pb2.JobResult.FromString(raw)
+        if result.HasField("error"):
+            indexes.append(index)
+        elif _render_problem(result, batch.lines[index][1]) is not None:
+            indexes.append(index)
+            render_failed += 1
+    return ErrorIndex(indexes, render_failed)
+
+
 def result_lines(
-    batch: BatchRecord, job: JobRecord, start: int, stored: Sequence[bytes | None]
-) -> list[tuple[bytes, bool]]:
-    """Returns the result-file lines of the items from `start` on (`stored`: their
-    stored results, None where an item has none), each with whether it belongs in the
-    error file. `batch` must hold its lines. CPU-bound (~1.4 ms a line of a 3072-dim
-    embedding): call it off the event loop."""
+    batch: BatchRecord,
+    job: JobRecord,
+    stored: Sequence[tuple[int, bytes | None]],
+    errors: bool,
+) -> list[bytes]:
+    """Returns the lines of one result file (the error file when `errors`) of the items
+    read (`stored`: (index, stored result or None)), in order; an item of the other
+    file writes nothing. `batch` must hold its lines. CPU-bound (~1.4 ms a line of a
+    3072-dim embedding): call it off the event loop."""
     created = job.number("ended_ms") // 1000
     unrun = unrun_error(job)
-    out: list[tuple[bytes, bool]] = []
-    for index, raw in enumerate(stored, start):
+    out: list[bytes] = []
+    for index, raw in stored:
         if raw is None:
-            if unrun is not None:
-                out.append((unrun_line(batch, index, unrun), True))
+            if unrun is not None and errors:
+                out.append(unrun_line(batch, index, unrun))
             continue
         result = jobs_pb2.JobResult.FromString(raw)
         result.request_id = request_id(batch.job_id, index)
-        out.append(output_line(batch, result, created))
+        line, is_error = output_line(batch, result, created)
+        if is_error == errors:
+            out.append(line)
     return out

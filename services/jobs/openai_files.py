@@ -13,19 +13,28 @@ their heartbeats and other replicas ran their items a second time. The
 splitter finds each boundary with one `bytes.find` and gives up after
 MAX_PARTS parts or a part's headers over MAX_PART_HEADER_BYTES, so a body
 costs at most a few passes over its bytes; the servicer runs it in a thread.
+
+What an owner keeps (its uploads and its batches' records) is charged to its
+storage ledger (`StorageLedger`), within a `StorageQuota`: without one a single
+key could fill the AOF Redis that every service shares (8 MiB an upload, and
+an upload's custom_ids copied into every batch made of it, each kept for the
+retention, at no token cost). An object is charged in the same script or
+transaction that writes it, and until it is deleted or expires.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from services.core.errors import FieldViolation, InvalidArgument
+from services.core.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from services.core.redis_service import text
 from services.jobs.store import PREFIX, now_ms
 
@@ -244,6 +253,288 @@ def _filename(params: dict[str, str]) -> str:
     return params.get("filename") or "upload.jsonl"
 
 
+# -- what an owner keeps stored ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class StorageQuota:
+    """StorageQuota is what one owner (a tenant, or a key without one) may keep at once.
+
+    Attributes:
+        max_bytes: its uploads' bytes and its batches' records together
+            (TOKENMESH_OPENAI_STORAGE_BYTES_PER_OWNER).
+        max_files: its uploads (TOKENMESH_OPENAI_FILES_PER_OWNER).
+    """
+
+    max_bytes: int = 64 * 1024 * 1024
+    max_files: int = 100
+
+
+# The reason of a refusal (OpenAI's error `code`: "storage_quota_exceeded").
+QUOTA_REASON = "STORAGE_QUOTA_EXCEEDED"
+# How long a batch's reservation holds before its record is written with it (the
+# creating transaction then moves it onto the record; a creation that failed
+# leaves it to expire).
+RESERVATION_MS = 60_000
+# A record's charge is lowered only when it expires this much sooner (its TTL is
+# read a moment after the charge was set).
+SETTLE_SLACK_MS = 1000
+
+
+def ledger_key(owner: str) -> str:
+    """Returns the zset of what an owner keeps: each object's Redis key -> when it goes
+    (ms; for a batch that has not ended, the latest its record may expire)."""
+    return f"{PREFIX}stored:{owner}"
+
+
+def ledger_sizes_key(owner: str) -> str:
+    """Returns the hash of the bytes each object of an owner's ledger is charged, and
+    the totals (`total:bytes`, `total:files`)."""
+    return f"{PREFIX}stored:{owner}:bytes"
+
+
+# KEYS: the ledger, its sizes. Every script below starts with these functions.
+# An object's member is its own Redis key: a file's starts with FILE_PREFIX.
+_LEDGER_FN = """
+local function is_file(id) return string.find(id, FILE_PREFIX, 1, true) == 1 end
+local function forget(id)
+  local size = redis.call('HGET', KEYS[2], id)
+  if size then
+    redis.call('HINCRBY', KEYS[2], 'total:bytes', -tonumber(size))
+    if is_file(id) then redis.call('HINCRBY', KEYS[2], 'total:files', -1) end
+    redis.call('HDEL', KEYS[2], id)
+  end
+  redis.call('ZREM', KEYS[1], id)
+end
+-- The totals of what is kept now (what expired by `now` is forgotten first).
+local function totals(now)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do forget(id) end
+  local h = redis.call('HMGET', KEYS[2], 'total:bytes', 'total:files')
+  return tonumber(h[1] or 0), tonumber(h[2] or 0)
+end
+local function charge(id, size, until_ms, now)
+  redis.call('ZADD', KEYS[1], until_ms, id)
+  redis.call('HSET', KEYS[2], id, size)
+  redis.call('HINCRBY', KEYS[2], 'total:bytes', size)
+  if is_file(id) then redis.call('HINCRBY', KEYS[2], 'total:files', 1) end
+  -- The ledger lives as long as the longest-lived object it charges.
+  local left = until_ms - now
+  if redis.call('PTTL', KEYS[1]) < left then
+    redis.call('PEXPIRE', KEYS[1], left)
+    redis.call('PEXPIRE', KEYS[2], left)
+  end
+end
+-- Charges `id` unless a limit would be passed: {'ok'}, or {limit, in use, max}.
+local function reserve(id, size, until_ms, now, max_bytes, max_files)
+  local bytes, files = totals(now)
+  if is_file(id) and files + 1 > max_files then return {'files', files, max_files} end
+  if bytes + size > max_bytes then return {'bytes', bytes, max_bytes} end
+  charge(id, size, until_ms, now)
+  return {'ok'}
+end
+"""
+
+# KEYS: ledger, sizes, the file's hash. ARGV: now, bytes, until ms, retention s, max
+# bytes, max files, then the file's fields and values. Stores an upload if the
+# quota allows it: the check and the write are one step, so two uploads at once
+# cannot both pass on the same room.
+_STORE_FILE = """
+local now = tonumber(ARGV[1])
+local answer = reserve(KEYS[3], tonumber(ARGV[2]), tonumber(ARGV[3]), now,
+                       tonumber(ARGV[5]), tonumber(ARGV[6]))
+if answer[1] == 'ok' then
+  redis.call('HSET', KEYS[3], unpack(ARGV, 7))
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+end
+return answer
+"""
+
+# KEYS: ledger, sizes. ARGV: now, id, bytes, until ms, max bytes.
+_RESERVE = """
+local now = tonumber(ARGV[1])
+return reserve(ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), now, tonumber(ARGV[5]), 0)
+"""
+
+# KEYS: ledger, sizes. ARGV: now, reservation id, the record's key, until ms, bytes.
+# Moves a reservation onto the record written in the same transaction; one that
+# expired meanwhile is charged anew (the record is written either way).
+_CONFIRM = """
+local size = redis.call('HGET', KEYS[2], ARGV[2])
+forget(ARGV[2])
+charge(ARGV[3], tonumber(size or ARGV[5]), tonumber(ARGV[4]), tonumber(ARGV[1]))
+return 1
+"""
+
+# KEYS: ledger, sizes, and optionally an object to delete with its charge. ARGV: id.
+_FORGET = """
+forget(ARGV[1])
+if KEYS[3] then redis.call('DEL', KEYS[3]) end
+return 1
+"""
+
+# KEYS: ledger, sizes. ARGV: pairs of (id, until ms; 0: the object is gone).
+# Lowers when objects go to when they go now (never raises it: an XX LT update).
+_SETTLE = """
+for i = 1, #ARGV, 2 do
+  if tonumber(ARGV[i + 1]) == 0 then
+    forget(ARGV[i])
+  else
+    redis.call('ZADD', KEYS[1], 'XX', 'LT', ARGV[i + 1], ARGV[i])
+  end
+end
+return 1
+"""
+
+
+class StorageLedger:
+    """StorageLedger charges what each owner keeps against its quota, atomically.
+
+    A batch's record is charged until the latest it may expire (its window, a
+    stop's grace and the retention); a batch that ends earlier keeps its record
+    only the retention after it ended. So when an owner is refused, its records
+    are charged until they really go (`settle`), and it is tried again.
+
+    Args:
+        client: the AOF Redis.
+        quota: what each owner may keep.
+    """
+
+    def __init__(self, client: aioredis.Redis, quota: StorageQuota) -> None:
+        self.redis = client
+        self.quota = quota
+        functions = _LEDGER_FN.replace("FILE_PREFIX", json.dumps(file_key("")))
+        self._store_file = client.register_script(functions + _STORE_FILE)
+        self._reserve = client.register_script(functions + _RESERVE)
+        self._confirm = client.register_script(functions + _CONFIRM)
+        self._forget = client.register_script(functions + _FORGET)
+        self._settle = client.register_script(functions + _SETTLE)
+
+    @staticmethod
+    def _keys(owner: str) -> list[str]:
+        return [ledger_key(owner), ledger_sizes_key(owner)]
+
+    async def store_file(
+        self, owner: str, key: str, size: int, retention_s: int, fields: Mapping[str, Any]
+    ) -> None:
+        """Writes a file's hash (for `retention_s`) and charges it, or neither.
+
+        Raises:
+            ResourceExhausted: the owner keeps the most files or bytes it may.
+        """
+        flat: list[Any] = [value for pair in fields.items() for value in pair]
+
+        async def attempt() -> list[Any]:
+            now = now_ms()
+            args = [now, size, now + retention_s * 1000, retention_s, *self._limits(), *flat]
+            answer: list[Any] = await self._store_file(keys=[*self._keys(owner), key], args=args)
+            return answer
+
+        await self._within_quota(owner, "upload", size, attempt)
+
+    async def reserve(self, owner: str, size: int) -> str:
+        """Reserves `size` bytes for a record about to be written (`queue_confirm` in its
+        transaction); returns the reservation's id.
+
+        Raises:
+            ResourceExhausted: the owner keeps the most bytes it may.
+        """
+        token = f"{PREFIX}reserved:{secrets.token_hex(8)}"
+
+        async def attempt() -> list[Any]:
+            now = now_ms()
+            args: list[Any] = [now, token, size, now + RESERVATION_MS, self.quota.max_bytes]
+            answer: list[Any] = await self._reserve(keys=self._keys(owner), args=args)
+            return answer
+
+        await self._within_quota(owner, "batch", size, attempt)
+        return token
+
+    def queue_confirm(
+        self, pipe: Any, owner: str, token: str, key: str, size: int, until_ms: int
+    ) -> None:
+        """Queues into the record's creating transaction the move of its reservation
+        onto it (charged until `until_ms`)."""
+        # Queued as the pipeline's own EVALSHA (JobStore.create's `also` queues, it does
+        # not await); the pipeline loads its scripts before the transaction.
+        pipe.scripts.add(self._confirm)
+        keys = self._keys(owner)
+        pipe.evalsha(self._confirm.sha, len(keys), *keys, now_ms(), token, key, until_ms, size)
+
+    async def release(self, owner: str, token: str) -> None:
+        """Drops a reservation no record was written for (else it expires)."""
+        await self._forget(keys=self._keys(owner), args=[token])
+
+    async def delete(self, owner: str, key: str) -> None:
+        """Deletes an object and its charge together."""
+        await self._forget(keys=[*self._keys(owner), key], args=[key])
+
+    def _limits(self) -> tuple[int, int]:
+        return self.quota.max_bytes, self.quota.max_files
+
+    async def _within_quota(
+        self, owner: str, what: str, size: int, attempt: Callable[[], Awaitable[list[Any]]]
+    ) -> None:
+        answer = await attempt()
+        if text(answer[0]) != "ok" and await self.settle(owner):
+            answer = await attempt()
+        if text(answer[0]) != "ok":
+            raise _refusal(owner, what, size, text(answer[0]), int(answer[1]), int(answer[2]))
+
+    async def settle(self, owner: str) -> bool:
+        """Charges each batch record of an owner until it expires now (a batch that
+        ended keeps its record only the retention after that), and forgets those
+        that are gone; returns whether any changed. Only on a refusal: it reads
+        each record's TTL, which costs less than the refused request's parse."""
+        raw: Any = await self.redis.zrangebyscore(
+            ledger_key(owner), now_ms(), "+inf", withscores=True
+        )
+        charged = [(text(m), int(s)) for m, s in raw if text(m).startswith(RECORD_PREFIX)]
+        if not charged:
+            return False
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, _ in charged:
+                pipe.pttl(key)
+            left: list[int] = await pipe.execute()
+        now = now_ms()
+        pairs: list[Any] = []
+        for (key, until), ms in zip(charged, left, strict=True):
+            if ms == -2:
+                pairs += [key, 0]
+            elif 0 <= ms and now + ms < until - SETTLE_SLACK_MS:
+                pairs += [key, now + ms]
+        if pairs:
+            await self._settle(keys=self._keys(owner), args=pairs)
+        return bool(pairs)
+
+
+# The records `settle` looks at: batches' (openai_batches.batch_key).
+RECORD_PREFIX = f"{PREFIX}batch:"
+
+
+def _size_text(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MiB" if size >= 1024 * 1024 else f"{size} bytes"
+
+
+def _refusal(
+    owner: str, what: str, size: int, limit: str, used: int, most: int
+) -> ResourceExhausted:
+    who = "tenant" if owner.startswith("t.") else "key"
+    if limit == "files":
+        message = (
+            f"this {who} keeps {used} uploaded files, the most it may "
+            "(TOKENMESH_OPENAI_FILES_PER_OWNER): delete one (DELETE /files/{file_id}) "
+            "or wait until one expires"
+        )
+    else:
+        message = (
+            f"this {who}'s files and batches keep {_size_text(used)} of the "
+            f"{_size_text(most)} it may store (TOKENMESH_OPENAI_STORAGE_BYTES_PER_OWNER); "
+            f"this {what} needs {_size_text(size)} more: delete files (DELETE "
+            "/files/{file_id}), or wait until files and ended batches expire"
+        )
+    return ResourceExhausted(message, reason=QUOTA_REASON)
+
+
 class FileStore:
     """FileStore keeps uploaded files in Redis.
 
@@ -252,12 +543,19 @@ class FileStore:
         retention_s: how long an upload is kept.
     """
 
-    def __init__(self, client: aioredis.Redis, retention_s: int) -> None:
+    def __init__(
+        self, client: aioredis.Redis, retention_s: int, ledger: StorageLedger | None = None
+    ) -> None:
         self.redis = client
         self.retention_s = retention_s
+        self.ledger = ledger or StorageLedger(client, StorageQuota())
 
     async def create(self, owner: str, upload: Upload) -> StoredFile:
-        """Stores an upload; returns its record."""
+        """Stores an upload; returns its record.
+
+        Raises:
+            ResourceExhausted: the owner keeps the most files or bytes it may.
+        """
         created_ms = now_ms()
         stored = StoredFile(
             new_file_id(),
@@ -268,22 +566,18 @@ class FileStore:
             created_ms,
             created_ms + self.retention_s * 1000,
         )
-        key = file_key(stored.file_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                key,
-                mapping={
-                    "owner": owner,
-                    "purpose": stored.purpose,
-                    "filename": stored.filename,
-                    "bytes": stored.size,
-                    "created_ms": stored.created_ms,
-                    "expires_ms": stored.expires_ms,
-                    "data": upload.data,
-                },
-            )
-            pipe.expire(key, self.retention_s)
-            await pipe.execute()
+        fields = {
+            "owner": owner,
+            "purpose": stored.purpose,
+            "filename": stored.filename,
+            "bytes": stored.size,
+            "created_ms": stored.created_ms,
+            "expires_ms": stored.expires_ms,
+            "data": upload.data,
+        }
+        await self.ledger.store_file(
+            owner, file_key(stored.file_id), stored.size, self.retention_s, fields
+        )
         return stored
 
     async def get(self, file_id: str, owner: str) -> StoredFile | None:
@@ -306,6 +600,6 @@ class FileStore:
         raw: Any = await self.redis.hget(file_key(file_id), "data")
         return bytes(raw or b"")
 
-    async def delete(self, file_id: str) -> None:
-        """Deletes a file."""
-        await self.redis.delete(file_key(file_id))
+    async def delete(self, file_id: str, owner: str) -> None:
+        """Deletes an owner's file, and its charge to the owner's storage."""
+        await self.ledger.delete(owner, file_key(file_id))

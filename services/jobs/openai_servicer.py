@@ -11,7 +11,10 @@ tokenmesh.openai.v1.OpenAIService).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -31,10 +34,13 @@ from services.inference.openai import errors as openai_errors
 from services.inference.openai import shapes
 from services.jobs import openai_batches as batches
 from services.jobs import validation
-from services.jobs.chunking import RESULTS_PER_READ, byte_chunks
-from services.jobs.openai_batches import ResultSizes
-from services.jobs.openai_files import FileStore, file_object, parse_upload
+from services.jobs.chunking import MESSAGE_BYTES, READ_BYTES, byte_chunks
+from services.jobs.openai_batches import ErrorIndex
+from services.jobs.openai_files import QUOTA_REASON, FileStore, file_object, parse_upload
 from services.jobs.store import (
+    FINAL,
+    IDEMPOTENCY_TTL_S,
+    QUEUED,
     JobRecord,
     JobStore,
     NewJob,
@@ -43,6 +49,7 @@ from services.jobs.store import (
     UnknownCursor,
     now_ms,
 )
+from tokenmesh.jobs.v1 import jobs_pb2
 from tokenmesh.openai.v1 import openai_batch_service_pb2 as pb
 from tokenmesh.openai.v1 import openai_batch_service_pb2_grpc
 
@@ -50,14 +57,26 @@ T = TypeVar("T")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OpenAIBatchService"].full_name
 BATCH_WINDOW_S = 24 * 3600.0  # completion_window "24h", the only one OpenAI offers
 JSONL = "application/jsonl"
+# What OpenAI's SDKs send on each try of a request (0, then the retries taken).
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
+# A client's own key for one batch (as the jobs API's idempotency_key).
+IDEMPOTENCY_HEADER = "idempotency-key"
+
+
+# Sent with a refusal that a retry soon cannot pass (a full storage quota): OpenAI's
+# SDKs read `x-should-retry` before their own rules, and retried a 429 twice (each
+# retry of an upload sending its 8 MiB again).
+NO_CLIENT_RETRY = ("x-should-retry", "false")
+_FINAL_REFUSALS = frozenset({QUOTA_REASON})
 
 
 class _OpenAIErrorContext:
     """The RPC's context, whose abort also sends OpenAI's error JSON (for the edge)."""
 
-    def __init__(self, context: Context, error_json: str) -> None:
+    def __init__(self, context: Context, error_json: str, final: bool = False) -> None:
         self._context = context
         self._error_json = error_json
+        self._final = final
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -65,8 +84,16 @@ class _OpenAIErrorContext:
     async def abort(
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
     ) -> None:
-        extra = ((contract.OPENAI_ERROR_HEADER, self._error_json),)
+        extra: tuple[tuple[str, str], ...] = ((contract.OPENAI_ERROR_HEADER, self._error_json),)
+        if self._final:
+            extra += (NO_CLIENT_RETRY,)
         await self._context.abort(code, details, (*tuple(trailing_metadata), *extra))
+
+
+async def _pieces(data: bytes) -> AsyncIterator[bytes]:
+    """Yields an upload's bytes a message's worth at a time (not one 8 MiB copy)."""
+    for start in range(0, len(data), MESSAGE_BYTES):
+        yield data[start : start + MESSAGE_BYTES]
 
 
 async def _answer(context: Context, rpc: str, work: Callable[[], Awaitable[T]]) -> T:
@@ -78,7 +105,8 @@ async def _answer(context: Context, rpc: str, work: Callable[[], Awaitable[T]]) 
     except Exception as exc:
         error = to_domain_error(exc, f"/{SERVICE_NAME}/{rpc}")
         body = openai_errors.header_value(openai_errors.from_error(error))
-        await abort_with(cast(Context, _OpenAIErrorContext(context, body)), error)
+        final = error.reason in _FINAL_REFUSALS
+        await abort_with(cast(Context, _OpenAIErrorContext(context, body, final)), error)
         raise  # not reached: abort_with raised
 
 
@@ -92,6 +120,11 @@ def _caller(context: Context) -> Owner:
     if not key_id:
         raise Unauthenticated("files and batches belong to an API key: call with one")
     return Owner(key_id, headers.get(contract.TENANT_HEADER, ""), validation.identity_of(headers))
+
+
+def _retries_taken(headers: Mapping[str, str]) -> int:
+    count = headers.get(RETRY_COUNT_HEADER, "")
+    return int(count) if count.isdecimal() else 0
 
 
 def _not_found(kind: str, name: str) -> NotFound:
@@ -122,8 +155,9 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
         self.batches = batches
         self.max_lines = max_lines
         self.max_file_bytes = max_file_bytes
-        # Result-file sizes being computed, by batch id (services/jobs/openai_batches.py).
-        self._sizing: dict[str, asyncio.Task[ResultSizes]] = {}
+        # What is being computed of ended batches (error indexes, file sizes), by
+        # (batch id, what): once per batch and replica at a time.
+        self._computing: dict[tuple[str, str], asyncio.Task[Any]] = {}
 
     # -- files ------------------------------------------------------------
 
@@ -150,13 +184,13 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
                     raise _not_found("file", request.file_id)
                 return _json(stored.to_json())
             batch, job, errors = await self._result_file(owner, request.file_id)
-            sizes = await self._sizes(batch, job)
+            size = await self._size(batch, job, errors)
             ended_ms = job.number("ended_ms")
             kind = "errors" if errors else "output"
             return _json(
                 file_object(
                     request.file_id,
-                    sizes.error_bytes if errors else sizes.output_bytes,
+                    size,
                     ended_ms,
                     f"{batch.batch_id}_{kind}.jsonl",
                     "batch_output",
@@ -170,25 +204,23 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
     async def GetFileContent(
         self, request: pb.GetFileContentRequest, context: Context
     ) -> AsyncIterator[HttpBody]:
-        async def head() -> tuple[bytes, batches.BatchRecord | None, JobRecord | None, bool]:
+        async def head() -> AsyncIterator[bytes]:
             owner = _caller(context)
             if batches.result_file_batch(request.file_id) is None:
                 if await self.files.get(request.file_id, owner.lane) is None:
                     raise _not_found("file", request.file_id)
-                return await self.files.content(request.file_id), None, None, False
+                return _pieces(await self.files.content(request.file_id))
             batch, job, errors = await self._result_file(owner, request.file_id)
             with_lines = await self.batches.get(batch.batch_id, owner.lane, lines=True)
             if with_lines is None:
                 raise _not_found("file", request.file_id)
-            return b"", with_lines, job, errors
+            return await self._file_lines(with_lines, job, errors)
 
-        data, batch, job, errors = await _answer(context, "GetFileContent", head)
-        if batch is None or job is None:
-            yield HttpBody(content_type=JSONL, data=data)
-            return
+        # By size, not by line count (services/jobs/chunking.py); an upload too, not as
+        # one message of up to 8 MiB that the edge's transcoder buffered whole.
+        pieces = await _answer(context, "GetFileContent", head)
         sent = False
-        # By size, not by line count (services/jobs/chunking.py).
-        async for chunk in byte_chunks(self._render(batch, job, errors)):
+        async for chunk in byte_chunks(pieces):
             yield HttpBody(content_type=JSONL, data=chunk) if not sent else HttpBody(data=chunk)
             sent = True
         if not sent:
@@ -203,7 +235,7 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
                 )
             if await self.files.get(request.file_id, owner.lane) is None:
                 raise _not_found("file", request.file_id)
-            await self.files.delete(request.file_id)
+            await self.files.delete(request.file_id, owner.lane)
             return _json({"id": request.file_id, "object": "file", "deleted": True})
 
         return await _answer(context, "DeleteFile", work)
@@ -216,73 +248,108 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
         if found is None:
             raise _not_found("file", file_id)
         batch_id, errors = found
-        batch = await self.batches.get(batch_id, owner.lane)
-        job = await self.jobs.get(batch.job_id) if batch is not None else None
-        if batch is None or job is None:
-            raise _not_found("file", file_id)
-        view = batches.batch_object(batch, job)
+        try:
+            batch, job, view = await self._read_batch(owner, batch_id)
+        except NotFound:
+            raise _not_found("file", file_id) from None
         if view["error_file_id" if errors else "output_file_id"] != file_id:
             raise _not_found("file", file_id)
         return batch, job, errors
 
-    async def _lines(
-        self, batch: batches.BatchRecord, job: JobRecord
-    ) -> AsyncIterator[list[tuple[bytes, bool]]]:
-        """Yields both result files' lines (each with whether it is an error line), a
-        read of results at a time, in request order. `batch` must hold its lines."""
-        total = len(batch.lines)
-        for start in range(0, total, RESULTS_PER_READ):
-            indexes = list(range(start, min(start + RESULTS_PER_READ, total)))
-            stored = await self.jobs.results(batch.job_id, indexes)
-            # Off the event loop: a read of 3072-dim embeddings is ~140 ms of JSON.
-            yield await asyncio.to_thread(batches.result_lines, batch, job, start, stored)
-
-    async def _render(
+    async def _file_lines(
         self, batch: batches.BatchRecord, job: JobRecord, errors: bool
     ) -> AsyncIterator[bytes]:
-        """Yields a result file's lines, one at a time, in request order."""
-        async for lines in self._lines(batch, job):
-            for line, is_error in lines:
-                if is_error == errors:
-                    yield line
+        """Returns the lines of an ended batch's output or error file, to be read. The
+        error file reads only its own lines (`_error_index`, found here): it wrote
+        every output line to keep the few errors. `batch` must hold its lines."""
+        if errors:
+            indexes: Sequence[int] = (await self._error_index(batch, job)).indexes
+        else:
+            indexes = range(len(batch.lines))
+        return self._render(batch, job, errors, indexes)
 
-    async def _sizes(self, batch: batches.BatchRecord, job: JobRecord) -> ResultSizes:
-        """Returns the sizes of an ended batch's result files: kept in its record, or
-        computed (once per batch and replica at a time) and kept. Its files are final:
-        written for every files.retrieve, they cost the whole batch's JSON each time
-        (~14 s of CPU for 10,000 lines of 3072-dim embeddings)."""
-        kept = await self.batches.sizes(batch.batch_id)
+    async def _render(
+        self, batch: batches.BatchRecord, job: JobRecord, errors: bool, indexes: Sequence[int]
+    ) -> AsyncIterator[bytes]:
+        """Yields the lines of one result file of the items `indexes`, in order, a read
+        of results at a time (READ_BYTES of them: by count, a read of large embeddings
+        was hundreds of MB)."""
+        async for read in self.batches.result_reads(batch.job_id, indexes, READ_BYTES):
+            # Off the event loop: a read of 3072-dim embeddings is ~140 ms of JSON.
+            for line in await asyncio.to_thread(batches.result_lines, batch, job, read, errors):
+                yield line
+
+    async def _once(
+        self, batch_id: str, what: str, compute: Callable[[], Coroutine[Any, Any, T]]
+    ) -> T:
+        """Runs `compute` of an ended batch once per batch and replica at a time; every
+        caller waits for the same run."""
+        key = (batch_id, what)
+        task = self._computing.get(key)
+        if task is None:
+            task = asyncio.create_task(compute())
+            self._computing[key] = task
+            task.add_done_callback(lambda _: self._computing.pop(key, None))
+        # Shielded: a caller that goes away leaves it to those still waiting.
+        found: T = await asyncio.shield(task)
+        return found
+
+    async def _error_index(self, batch: batches.BatchRecord, job: JobRecord) -> ErrorIndex:
+        """Returns which lines of an ended batch are in its error file: kept in its
+        record, or found (reading every result once, writing none) and kept."""
+        kept = await self.batches.error_index(batch.batch_id)
         if kept is not None:
             return kept
-        task = self._sizing.get(batch.batch_id)
-        if task is None:
-            task = asyncio.create_task(self._compute_sizes(batch, job))
-            self._sizing[batch.batch_id] = task
-            task.add_done_callback(lambda _: self._sizing.pop(batch.batch_id, None))
-        # Shielded: a caller that goes away leaves the sizes to those still waiting.
-        return await asyncio.shield(task)
 
-    async def _compute_sizes(self, batch: batches.BatchRecord, job: JobRecord) -> ResultSizes:
-        with_lines = await self.batches.get(batch.batch_id, batch.owner, lines=True)
-        if with_lines is None:
-            raise _not_found("batch", batch.batch_id)
-        output = errors = 0
-        async for lines in self._lines(with_lines, job):
-            for line, is_error in lines:
-                if is_error:
-                    errors += len(line)
-                else:
-                    output += len(line)
-        sizes = ResultSizes(output, errors)
-        await self.batches.keep_sizes(batch.batch_id, sizes)
-        return sizes
+        async def find() -> ErrorIndex:
+            with_lines = batch
+            if not batch.lines:
+                found = await self.batches.get(batch.batch_id, batch.owner, lines=True)
+                if found is None:
+                    raise _not_found("batch", batch.batch_id)
+                with_lines = found
+            indexes: list[int] = []
+            render_failed = 0
+            every = range(len(with_lines.lines))
+            async for read in self.batches.result_reads(batch.job_id, every, READ_BYTES):
+                part = await asyncio.to_thread(batches.error_lines, with_lines, job, read)
+                indexes += part.indexes
+                render_failed += part.render_failed
+            index = ErrorIndex(indexes, render_failed)
+            await self.batches.keep_error_index(batch.batch_id, index)
+            return index
+
+        return await self._once(batch.batch_id, "errors", find)
+
+    async def _size(self, batch: batches.BatchRecord, job: JobRecord, errors: bool) -> int:
+        """Returns the bytes of an ended batch's output or error file: kept in its
+        record, or written once (per batch and replica at a time) to count them and
+        kept. Its files are final: written for every files.retrieve, they cost the
+        whole batch's JSON each time (~14 s of CPU for 10,000 lines of 3072-dim
+        embeddings); the error file's size writes only the error lines."""
+        kept = await self.batches.size(batch.batch_id, errors)
+        if kept is not None:
+            return kept
+
+        async def count() -> int:
+            with_lines = await self.batches.get(batch.batch_id, batch.owner, lines=True)
+            if with_lines is None:
+                raise _not_found("batch", batch.batch_id)
+            size = 0
+            async for line in await self._file_lines(with_lines, job, errors):
+                size += len(line)
+            await self.batches.keep_size(batch.batch_id, errors, size)
+            return size
+
+        return await self._once(batch.batch_id, "errors-size" if errors else "output-size", count)
 
     # -- batches ----------------------------------------------------------
 
     async def CreateBatch(self, request: HttpBody, context: Context) -> HttpBody:
         async def work() -> HttpBody:
             owner = _caller(context)
-            scopes = request_headers(context).get(contract.SCOPES_HEADER, "").split()
+            headers = request_headers(context)
+            scopes = headers.get(contract.SCOPES_HEADER, "").split()
             wanted = batches.parse_batch_request(request.data)
             stored = await self.files.get(wanted.input_file_id, owner.lane)
             if stored is None:
@@ -295,31 +362,94 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
             )
             items = [line.item for line in lines]
             validation.check_item_scopes(items, scopes)
-            deadline_ms = now_ms() + int(BATCH_WINDOW_S * 1000)
-            job_id, _ = await self.jobs.create(
-                NewJob(
-                    owner=owner,
-                    items=items,
-                    webhook_url="",
-                    metadata={"openai.input_file_id": wanted.input_file_id},
-                    idempotency_key="",
-                    deadline_ms=deadline_ms,
-                ),
-                # One transaction with the job: neither is written without the other.
-                also=lambda pipe, new_id: self.batches.queue_creation(
-                    pipe, new_id, owner.lane, wanted, lines, deadline_ms
-                ),
+            created_ms = now_ms()
+            new = batches.NewBatch(
+                owner=owner.lane,
+                request=wanted,
+                retry_hold=batches.retry_hold_key(owner.key_id, owner.lane, wanted),
+                lines=batches.record_lines(lines),
+                may_fail_rendering=batches.may_fail_rendering(lines),
+                created_ms=created_ms,
+                deadline_ms=created_ms + int(BATCH_WINDOW_S * 1000),
             )
-            return _json(await self._object(owner, batches.batch_id_of(job_id)))
+            return _json(await self._create(owner, new, items, headers))
 
         return await _answer(context, "CreateBatch", work)
 
-    async def _object(self, owner: Owner, batch_id: str) -> dict[str, Any]:
+    async def _create(
+        self,
+        owner: Owner,
+        new: batches.NewBatch,
+        items: list[jobs_pb2.JobItem],
+        headers: Mapping[str, str],
+    ) -> dict[str, Any]:
+        """Creates a batch and its job, charged to the owner's storage; returns the batch
+        object, built from what was written (it was read back, and a read that failed
+        answered 503 for a batch that runs: the SDK's retry made a second one).
+
+        Created once, however the request is retried:
+        - The store's own retry, when the connection drops after the transaction
+          was sent (its WATCH reads as broken), finds the job by this creation's
+          own idempotency key, if the transaction made it.
+        - A client's retry (OpenAI's SDKs send `x-stainless-retry-count`) within
+          RETRY_HOLD_S answers the batch the same request created.
+        - With an `Idempotency-Key`, the same key answers its batch for 24 h, as
+          the jobs API's does.
+        """
+        client_key = headers.get(IDEMPOTENCY_HEADER, "")
+        if client_key and not contract.is_request_id(client_key):
+            raise InvalidArgument([FieldViolation(IDEMPOTENCY_HEADER, contract.REQUEST_ID_RULE)])
+        if _retries_taken(headers) > 0:
+            held = await self.batches.held(new)
+            if held is not None:
+                with contextlib.suppress(NotFound):  # gone since: create it again
+                    return (await self._read_batch(owner, held))[2]
+        new = await self.batches.reserve(new)
+        job_id, created = await self.jobs.create(
+            NewJob(
+                owner=owner,
+                items=items,
+                webhook_url="",
+                metadata={"openai.input_file_id": new.request.input_file_id},
+                idempotency_key=f"openai-batch:{client_key or secrets.token_hex(12)}",
+                deadline_ms=new.deadline_ms,
+                idempotency_ttl_s=IDEMPOTENCY_TTL_S if client_key else batches.RETRY_HOLD_S,
+            ),
+            # One transaction with the job: neither is written without the other.
+            also=lambda pipe, new_id: self.batches.queue_creation(pipe, new_id, new),
+        )
+        batch_id = batches.batch_id_of(job_id)
+        if not created:  # made by the transaction whose reply was lost, or the client key's
+            await self.batches.release(new)
+            return (await self._read_batch(owner, batch_id))[2]
+        batch = batches.BatchRecord(
+            batch_id=batch_id,
+            owner=new.owner,
+            endpoint=new.request.endpoint,
+            input_file_id=new.request.input_file_id,
+            metadata=new.request.metadata,
+            created_ms=new.created_ms,
+        )
+        fields = {"status": QUEUED, "total": str(len(items)), "deadline_ms": str(new.deadline_ms)}
+        return batches.batch_object(batch, JobRecord(job_id, fields))
+
+    async def _read_batch(
+        self, owner: Owner, batch_id: str
+    ) -> tuple[batches.BatchRecord, JobRecord, dict[str, Any]]:
+        """Returns an owner's batch, its job and its batch object. Once a batch whose
+        results may render as errors ended, its errors are indexed first (once): its
+        counts and files depend on them."""
         batch = await self.batches.get(batch_id, owner.lane)
         job = await self.jobs.get(batch.job_id) if batch is not None else None
         if batch is None or job is None:
             raise _not_found("batch", batch_id)
-        return batches.batch_object(batch, job)
+        if job.status in FINAL and batch.may_fail_rendering and batch.render_failed is None:
+            index = await self._error_index(batch, job)
+            batch = replace(batch, render_failed=index.render_failed)
+        return batch, job, batches.batch_object(batch, job)
+
+    async def _object(self, owner: Owner, batch_id: str) -> dict[str, Any]:
+        return (await self._read_batch(owner, batch_id))[2]
 
     async def GetBatch(self, request: pb.GetBatchRequest, context: Context) -> HttpBody:
         async def work() -> HttpBody:

@@ -10,8 +10,9 @@ and every plain one from before sealing, is sealed again under the new key.
 It reads the jobs service's settings from the environment, can run while
 the service serves, and can run again. Exit status: 0 when every secret now
 opens with the current key; 1 when some open with none of the keys (their
-key ids are printed: rotate those keys' webhook secrets); 2 when the
-configuration is invalid or names no sealing key.
+key ids are printed: rotate those keys' webhook secrets, which drops the
+ones no key opens; replaced secrets whose overlap has ended are not checked);
+2 when the configuration is invalid or names no sealing key.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from services.jobs.execution import Backoff, ItemExecutor
 from services.jobs.handover import SERVICE_NAME as HANDOVER_SERVICE
 from services.jobs.handover import HandoverServicer
 from services.jobs.openai_batches import BatchStore
-from services.jobs.openai_files import FileStore
+from services.jobs.openai_files import FileStore, StorageLedger, StorageQuota
 from services.jobs.openai_servicer import SERVICE_NAME as OPENAI_BATCH_SERVICE
 from services.jobs.openai_servicer import OpenAIBatchServicer
 from services.jobs.runner import KEY_SWEEP_EVERY_S, ExpirySweep, RevokedKeySweep, Runner
@@ -100,6 +100,17 @@ class JobsSettings(RedisSettings):
         8 * 1024 * 1024,
         "The largest batch input file /openai/v1/files accepts (bytes; kept in Redis).",
     )
+    openai_storage_bytes_per_owner: int = env(
+        "TOKENMESH_OPENAI_STORAGE_BYTES_PER_OWNER",
+        64 * 1024 * 1024,
+        "What one tenant (or key without one) may keep of OpenAI uploads and batch records "
+        "at once (bytes, in Redis); more is refused 429.",
+    )
+    openai_files_per_owner: int = env(
+        "TOKENMESH_OPENAI_FILES_PER_OWNER",
+        100,
+        "OpenAI uploads one tenant (or key without one) may keep at once; more are refused 429.",
+    )
     webhook_poll_s: float = env(
         "TOKENMESH_WEBHOOK_POLL_SECONDS", 0.5, "How often due webhooks are looked for."
     )
@@ -173,6 +184,14 @@ class JobsSettings(RedisSettings):
             "TOKENMESH_OPENAI_FILE_MAX_BYTES",
             "must be 1024-8388608 (the edge buffers uploads up to 8 MiB)",
         )
+        require(
+            self.openai_storage_bytes_per_owner >= self.openai_file_max_bytes,
+            "TOKENMESH_OPENAI_STORAGE_BYTES_PER_OWNER",
+            "must be >= TOKENMESH_OPENAI_FILE_MAX_BYTES (room for one upload)",
+        )
+        require(
+            self.openai_files_per_owner >= 1, "TOKENMESH_OPENAI_FILES_PER_OWNER", "must be >= 1"
+        )
         if self.webhook_secrets_key:
             try:
                 SecretBox.from_hex(self.webhook_secrets_key)
@@ -239,11 +258,16 @@ class JobsService(RedisBackedService):
         )
         jobs_service_pb2_grpc.add_JobsServiceServicer_to_server(jobs, server)
         retention_s = self.store.retention_s
+        # One ledger: an owner's uploads and batch records share its quota.
+        quota = StorageQuota(
+            self.settings.openai_storage_bytes_per_owner, self.settings.openai_files_per_owner
+        )
+        ledger = StorageLedger(self.redis, quota)
         openai_batch_service_pb2_grpc.add_OpenAIBatchServiceServicer_to_server(
             OpenAIBatchServicer(
                 self.store,
-                FileStore(self.redis, retention_s),
-                BatchStore(self.redis, retention_s),
+                FileStore(self.redis, retention_s, ledger),
+                BatchStore(self.redis, retention_s, ledger),
                 self.settings.max_items,
                 self.settings.openai_file_max_bytes,
             ),

@@ -3,8 +3,9 @@
 A secret is "whsec_" + base64 of 32 random bytes; the HMAC key is the
 decoded bytes. Each request carries `webhook-id`, `webhook-timestamp` (Unix
 seconds) and `webhook-signature`: space-separated "v1,<base64 HMAC-SHA256 of
-'<id>.<timestamp>.<body>'>" entries, one per secret in use (two while a
-rotated secret's overlap lasts), so any Standard Webhooks library verifies it.
+'<id>.<timestamp>.<body>'>" entries, one per secret in use (the current one,
+and each replaced one whose overlap lasts: at most 3 of those), so any
+Standard Webhooks library verifies it.
 """
 
 from __future__ import annotations

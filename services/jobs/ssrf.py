@@ -8,22 +8,48 @@ allow-listed hosts), and any address that is not globally routable (private,
 loopback, link-local, CGNAT, reserved, unspecified), multicast, or a cloud
 metadata endpoint. Hosts in TOKENMESH_WEBHOOK_ALLOW_HOSTS skip the address
 check and may use http (a receiver on the operator's own network, tests).
+
+A name that resolves to a forbidden address and one that does not resolve
+get the same answer (the difference would map the mesh's internal names for
+whoever asks); the detail is logged here. International names are converted
+per IDNA 2008 (UTS #46, non-transitional), as browsers and registries do:
+"faß.de" is "xn--fa-hia.de", never "fass.de" (IDNA 2003, a different domain).
+
+Names are looked up on threads of this module's own (`SystemResolver`), never
+the event loop's default executor: `getaddrinfo` cannot be cancelled, so a
+name whose DNS never answers holds its thread until the system's resolver
+gives up, whatever the caller's timeout. A bounded pool, a bound per owner
+(API key) of lookups in flight, and a caller that stops waiting at its
+timeout keep one key's slow names from stalling other keys' checks and
+deliveries, or the process's other threaded work (`asyncio.to_thread`,
+Redis connections by name).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import ipaddress
+import logging
 import socket
+import threading
 import urllib.parse
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
+import idna
+
+from services.core.errors import Unavailable
+
+logger = logging.getLogger(__name__)
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-#: Looks a host name up: (host, port) -> its addresses as text, in the resolver's
-#: order (the system's resolver by default; tests give their own names).
-Lookup = Callable[[str, int], Awaitable[Sequence[str]]]
 MAX_URL_CHARS = 2048
+#: Names looked up at once on this replica (the resolver's threads), all owners.
+LOOKUP_THREADS = 16
+#: Names one owner (API key) may have looked up at once; its others wait.
+LOOKUPS_PER_OWNER = 4
 # Metadata endpoints that a global-address check alone would not catch.
 METADATA_ADDRESSES = frozenset(
     {
@@ -36,6 +62,27 @@ METADATA_ADDRESSES = frozenset(
 
 class RefusedUrl(ValueError):
     """RefusedUrl says why a webhook URL may not be used (client-safe text)."""
+
+
+class ResolverBusy(Unavailable):
+    """ResolverBusy: no lookup slot came free within the timeout (other lookups of
+    the same owner, or of every owner, wait on slow names). Retryable: nothing was
+    said about the URL itself."""
+
+    reason = "WEBHOOK_RESOLVER_BUSY"
+
+
+class Lookup(Protocol):
+    """Lookup looks a host name up for an owner: its addresses as text, in the
+    resolver's order (the system's resolver by default; tests give their own names).
+
+    It returns or raises within `timeout_s`: OSError (no such name), TimeoutError
+    (no answer in time) or ResolverBusy (no slot to look it up in).
+    """
+
+    def __call__(
+        self, host: str, port: int, owner: str, timeout_s: float
+    ) -> Awaitable[Sequence[str]]: ...
 
 
 @dataclass(frozen=True)
@@ -68,7 +115,7 @@ def parse(url: str, allow_hosts: Collection[str]) -> WebhookTarget:
         port = parts.port
     except ValueError:
         raise RefusedUrl("is not a valid URL") from None
-    host = _ascii_host((parts.hostname or "").lower())
+    host = _ascii_host((parts.hostname or "").lower(), parts.netloc)
     if not host:
         raise RefusedUrl("must name a host")
     if parts.username is not None or parts.password is not None:
@@ -87,20 +134,36 @@ def parse(url: str, allow_hosts: Collection[str]) -> WebhookTarget:
     )
 
 
-def _ascii_host(host: str) -> str:
+def _ascii_host(host: str, netloc: str) -> str:
     """Returns `host` as it goes on the wire (IDNA: "bücher.example" is
     "xn--bcher-kva.example"); raises RefusedUrl for a name that has no such form (an
-    empty or over-long label). A non-ASCII name passed the lookup (which encodes it
-    itself) and then failed every delivery in the HTTP client's Host header."""
+    empty or over-long label, a character IDNA 2008 does not allow). A non-ASCII
+    name passed the lookup (which encodes it itself) and then failed every delivery
+    in the HTTP client's Host header.
+
+    An ASCII name keeps the checks it had (label lengths: "a_b" stays allowed). A
+    non-ASCII one is converted per UTS #46, non-transitional, from the URL's own
+    text (`netloc`): Python's "idna" codec is IDNA 2003, which maps "ß" to "ss" and
+    "ς" to "σ", and sent "faß.de"'s events to "fass.de", another registrant; and
+    lower-casing first made a final "Σ" a "ς", which UTS #46 maps to "σ".
+    """
     try:
         ipaddress.ip_address(host)
         return host
     except ValueError:
         pass
     try:
-        return host.encode("idna").decode("ascii")
-    except UnicodeError:
+        if host.isascii():
+            return host.encode("idna").decode("ascii")
+        return idna.encode(_raw_host(netloc), uts46=True, transitional=False).decode("ascii")
+    except UnicodeError:  # idna.IDNAError is one
         raise RefusedUrl("does not name a valid host") from None
+
+
+def _raw_host(netloc: str) -> str:
+    """Returns the host of a URL's netloc as written (urlsplit's `hostname` is
+    lower-cased; a non-ASCII host is never an IPv6 literal)."""
+    return netloc.rpartition("@")[2].partition(":")[0]
 
 
 def is_forbidden(address: IpAddress) -> bool:
@@ -127,15 +190,132 @@ def is_forbidden(address: IpAddress) -> bool:
     )
 
 
-async def system_lookup(host: str, port: int) -> list[str]:
-    """Returns the addresses the system's resolver gives `host` (getaddrinfo, TCP)."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+class SystemResolver:
+    """SystemResolver looks names up with the system's resolver (getaddrinfo, TCP) on
+    threads of its own: at most `threads` at once, and `per_owner` for one owner.
+
+    A lookup holds its slot until its thread returns, not until its caller stops
+    waiting: `getaddrinfo` cannot be cancelled, and a name whose DNS never answers
+    held a thread of the loop's default executor (6 on a 2-CPU pod) for as long
+    as the system's resolver tried, after `wait_for` had given up. A handful of
+    such names from one key made every other key's CreateJob check and delivery
+    fail ("does not resolve"), and stalled `asyncio.to_thread` and new Redis
+    connections. Now that key's lookups wait for its own slots, and a caller
+    stops waiting at its timeout. Owner "" (not named) is bounded by the pool only.
+    Thread-safe: a slot is given back on the thread that looked the name up.
+
+    Args:
+        threads: lookups in flight on this replica, all owners together.
+        per_owner: lookups in flight for one owner.
+    """
+
+    def __init__(self, threads: int = LOOKUP_THREADS, per_owner: int = LOOKUPS_PER_OWNER) -> None:
+        self._threads = threads
+        self._per_owner = per_owner
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            threads, thread_name_prefix="webhook-dns"
+        )
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._by_owner: collections.Counter[str] = collections.Counter()
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def in_flight(self) -> int:
+        """Lookups whose threads have not returned yet."""
+        return self._busy
+
+    async def __call__(self, host: str, port: int, owner: str, timeout_s: float) -> list[str]:
+        """Returns the addresses of `host` as text, in the resolver's order.
+
+        Raises:
+            ResolverBusy: no slot came free within `timeout_s`.
+            TimeoutError: the name did not answer within `timeout_s` (the lookup
+                goes on, on its thread, holding its slot).
+            OSError: the name does not resolve.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._take(owner)
+        except TimeoutError:
+            logger.warning("webhook lookup of %r: no free slot (owner %r)", host, owner)
+            raise ResolverBusy(
+                "webhook_url: its host could not be looked up now; retry", retry_after_s=1.0
+            ) from None
+        try:
+            work = self._executor.submit(_getaddrinfo, host, port)
+        except BaseException:
+            self._give(owner)
+            raise
+        work.add_done_callback(lambda _: self._give(owner))
+        async with asyncio.timeout_at(deadline):
+            # Cancelled, the wrapper leaves a running lookup alone: it gives its
+            # slot back when its thread returns.
+            return await asyncio.wrap_future(work)
+
+    async def _take(self, owner: str) -> None:
+        """Takes a slot for `owner`, waiting until one is free."""
+        loop = asyncio.get_running_loop()
+        while (waiter := self._take_or_queue(owner, loop)) is not None:
+            try:
+                await waiter
+            finally:
+                with self._lock:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
+
+    def _take_or_queue(
+        self, owner: str, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[None] | None:
+        """Takes a slot (None), or returns a future that a slot given back completes
+        (checked and queued under one lock: a slot given back in between is seen)."""
+        with self._lock:
+            owner_full = bool(owner) and self._by_owner[owner] >= self._per_owner
+            if self._busy < self._threads and not owner_full:
+                self._busy += 1
+                self._by_owner[owner] += 1
+                return None
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            return waiter
+
+    def _give(self, owner: str) -> None:
+        """Gives a slot back (on any thread) and wakes every waiter to try again."""
+        with self._lock:
+            self._busy -= 1
+            self._by_owner[owner] -= 1
+            if self._by_owner[owner] <= 0:
+                del self._by_owner[owner]
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            try:
+                waiter.get_loop().call_soon_threadsafe(_wake, waiter)
+            except RuntimeError:
+                pass  # its loop is closed: nobody waits on it any more
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _getaddrinfo(host: str, port: int) -> list[str]:
+    # socket.getaddrinfo looked up at each call: tests stand a slow resolver in for it.
+    infos: list[Any] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [str(sockaddr[0]) for *_, sockaddr in infos]
 
 
+#: The system's resolver, shared by the replica's URL checks and deliveries.
+system_lookup = SystemResolver()
+
+
 async def resolve(
-    target: WebhookTarget, timeout_s: float = 5.0, lookup: Lookup = system_lookup
+    target: WebhookTarget,
+    timeout_s: float = 5.0,
+    lookup: Lookup = system_lookup,
+    owner: str = "",
 ) -> list[IpAddress]:
     """Returns the addresses a webhook may connect to, in the resolver's order; raises
     RefusedUrl when any is forbidden.
@@ -144,34 +324,57 @@ async def resolve(
     with one public and one private address is refused (an attacker picks
     which one a later lookup returns). The caller connects to these addresses
     only, never to a fresh lookup of the name.
+
+    Args:
+        target: the parsed URL.
+        timeout_s: how long the caller waits for the name's addresses.
+        lookup: the resolver.
+        owner: the API key the URL is for: its lookups in flight are bounded.
+
+    Raises:
+        RefusedUrl: an address is forbidden, or the name has none (one message
+            for both).
+        ResolverBusy: no lookup slot came free in time (retryable).
     """
     try:
         literal: IpAddress | None = ipaddress.ip_address(target.host)
     except ValueError:
         literal = None
-    addresses = [literal] if literal is not None else await _lookup(target, timeout_s, lookup)
+    if literal is not None:
+        if not target.allowed and is_forbidden(literal):
+            raise RefusedUrl(
+                f"is {literal} a private, loopback, link-local, multicast or metadata address"
+            )
+        return [literal]
+    addresses = await _lookup(target, timeout_s, lookup, owner)
     if not target.allowed:
         for address in addresses:
             if is_forbidden(address):
-                # A name's address stays unsaid: the answer would map the mesh's
-                # internal names (search domains apply) for whoever asks.
-                named = f"is {address}" if literal is not None else "resolves to"
-                raise RefusedUrl(
-                    f"{named} a private, loopback, link-local, multicast or metadata address"
-                )
+                logger.info("webhook host %r refused: it resolves to %s", target.host, address)
+                raise _name_refused(target)
     return addresses
 
 
-async def _lookup(target: WebhookTarget, timeout_s: float, lookup: Lookup) -> list[IpAddress]:
+def _name_refused(target: WebhookTarget) -> RefusedUrl:
+    """The one answer for a name with a forbidden address and a name with none: the
+    two told apart which internal names exist (search domains apply: "redis")."""
+    return RefusedUrl(f"host {target.host!r} does not resolve to public addresses only")
+
+
+async def _lookup(
+    target: WebhookTarget, timeout_s: float, lookup: Lookup, owner: str
+) -> list[IpAddress]:
     try:
-        found = await asyncio.wait_for(lookup(target.host, target.port), timeout_s)
+        found = await lookup(target.host, target.port, owner, timeout_s)
         parsed = [ipaddress.ip_address(str(a).split("%", 1)[0]) for a in found]
-    except (OSError, TimeoutError, ValueError):
-        raise RefusedUrl(f"host {target.host!r} does not resolve") from None
+    except (OSError, TimeoutError, ValueError) as exc:
+        logger.info("webhook host %r refused: no address (%s)", target.host, repr(exc))
+        raise _name_refused(target) from None
     addresses: list[IpAddress] = []
     for address in parsed:
         if address not in addresses:
             addresses.append(address)
     if not addresses:
-        raise RefusedUrl(f"host {target.host!r} does not resolve")
+        logger.info("webhook host %r refused: no address", target.host)
+        raise _name_refused(target)
     return addresses

@@ -14,14 +14,22 @@ Keys (prefix `tm:jobs:`)::
     owner:<key id>       zset: the key's jobs by creation time (members older than a
                          job can live are dropped at the key's next job; the whole
                          set expires as its newest job would)
-    idem:<key id>:<key>  the job an idempotency key created (24 h)
+    idem:<key id>:<key>  the job an idempotency key created (24 h; an OpenAI batch
+                         creation's own for RETRY_HOLD_S)
+    batchretry:<key id>:<hash>  the job an OpenAI batch request created, for a
+                         retry of it (RETRY_HOLD_S; openai_batches.py)
+    stored:<owner>       zset: what an owner's OpenAI files and batch records keep,
+                         with stored:<owner>:bytes (openai_files.StorageLedger)
     work:<lane>          stream: one entry per item, consumer group `jobs-runner`
                          (once empty, its lane is retired and it expires in a day
                          unless a new job puts the lane back)
     lanes                set: every lane with work (a tenant, or a key without one)
     active               zset: unfinished jobs by deadline (the expiry sweep)
     hooks                zset: webhooks due, by time (a lease while one is sent)
-    whsec:<key id>       hash: the key's webhook secrets (current, previous)
+    whsec:<key id>       hash: the key's webhook secrets: current, and the ones it
+                         replaced whose overlap has not ended (previous,
+                         previous:1, previous:2, newest first, each with its
+                         previous_until_ms[:n])
 
 An item's result is written, its counters added, the job finished when it
 was the last one, and its stream entry acknowledged in one script
@@ -51,8 +59,10 @@ away.)
 
 from __future__ import annotations
 
+import datetime
 import enum
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -62,11 +72,13 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError, WatchError
 
+from services.core.errors import FailedPrecondition
 from services.core.redis_service import text
 from services.jobs.secret_box import SEALED_PREFIX, SecretBox, SecretUnreadable
 from services.jobs.validation import MAX_WINDOW_S
 from tokenmesh.jobs.v1 import jobs_pb2
 
+logger = logging.getLogger(__name__)
 PREFIX = "tm:jobs:"
 GROUP = "jobs-runner"
 LANES_KEY = PREFIX + "lanes"
@@ -157,6 +169,35 @@ class Resealed:
 def secret_key(key_id: str) -> str:
     """Returns the hash of a key's webhook secrets."""
     return f"{PREFIX}whsec:{key_id}"
+
+
+#: Replaced secrets that may sign at once, each until its overlap ends: a second
+#: rotation within an overlap overwrote the one "previous" slot, and the secret
+#: receivers still verified with stopped signing at once. A rotation that would
+#: keep a fourth is refused (or made with overlap 0s).
+MAX_PREVIOUS_SECRETS = 3
+# The hash fields of each replaced secret and its end, newest first (the first pair
+# is what replicas from before the list read).
+PREVIOUS_SLOTS = tuple(
+    ("previous", "previous_until_ms") if n == 0 else (f"previous:{n}", f"previous_until_ms:{n}")
+    for n in range(MAX_PREVIOUS_SECRETS)
+)
+
+
+def _live_previous(raw: Mapping[str, str], now: int) -> list[tuple[str, str, int]]:
+    """Returns the replaced secrets of a secrets hash that still sign: (field, stored
+    value, until ms), newest first."""
+    out = []
+    for slot, until_slot in PREVIOUS_SLOTS:
+        until = int(raw.get(until_slot) or 0)
+        if raw.get(slot) and until > now:
+            out.append((slot, raw[slot], until))
+    return out
+
+
+def _utc_text(ms: int) -> str:
+    stamp = datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
+    return stamp.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def new_job_id() -> str:
@@ -470,22 +511,12 @@ return {1, page, ties}
 #: The place of a page's start when nothing precedes it: after every creation time.
 FIRST_PAGE_MS = 2**62
 
-# KEYS: secrets hash. ARGV: new secret, overlap ms, now ms. Returns 1.
+# KEYS: secrets hash. ARGV: field, value read, new value. Returns 1 when replaced.
 # Re-seals one stored secret: only if it still holds what was read (a rotation
-# or another re-seal in between wins). ARGV: field, value read, new value.
+# or another re-seal in between wins).
 _RESEAL_SECRET = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-return 1
-"""
-
-_ROTATE_SECRET = """
-local current = redis.call('HGET', KEYS[1], 'current')
-if current then
-  redis.call('HSET', KEYS[1], 'previous', current,
-             'previous_until_ms', tonumber(ARGV[3]) + tonumber(ARGV[2]))
-end
-redis.call('HSET', KEYS[1], 'current', ARGV[1])
 return 1
 """
 
@@ -567,6 +598,9 @@ class NewJob:
     metadata: Mapping[str, str]
     idempotency_key: str
     deadline_ms: int
+    # How long the idempotency key answers this job (an OpenAI batch creation's own
+    # key only while the creation may retry: openai_batches.RETRY_HOLD_S).
+    idempotency_ttl_s: int = IDEMPOTENCY_TTL_S
 
 
 @dataclass
@@ -636,7 +670,6 @@ class JobStore:
         self._stop_job = client.register_script(_STOP_JOB)
         self._claim_hooks = client.register_script(_CLAIM_HOOKS)
         self._record_attempt = client.register_script(_RECORD_ATTEMPT)
-        self._rotate_secret = client.register_script(_ROTATE_SECRET)
         self._reseal_secret = client.register_script(_RESEAL_SECRET)
         self._redeliver = client.register_script(_REDELIVER)
         self._next_attempt = client.register_script(_NEXT_ATTEMPT)
@@ -677,7 +710,7 @@ class JobStore:
                     if also is not None:
                         also(pipe, job_id)
                     if idem:
-                        pipe.set(idem, job_id, ex=IDEMPOTENCY_TTL_S)
+                        pipe.set(idem, job_id, ex=job.idempotency_ttl_s)
                     replies = await pipe.execute(raise_on_error=False)
                     _raise_unless_busygroup(replies)
                     return job_id, True
@@ -943,6 +976,12 @@ class JobStore:
         """Forgets a due webhook that has nothing to send (its job is gone or it was sent)."""
         await self.redis.zrem(HOOKS_KEY, job_id)
 
+    async def defer_hook(self, job_id: str, due_ms: int) -> None:
+        """Makes a leased webhook due at `due_ms` instead, no attempt counted (its key
+        had its share of the replica's attempts in flight); one whose job is gone
+        meanwhile stays gone (XX)."""
+        await self.redis.zadd(HOOKS_KEY, {job_id: due_ms}, xx=True)
+
     async def next_attempt(self, job_id: str) -> int | None:
         """Counts a delivery attempt; returns its number (None: the job is gone, and its
         webhook with it)."""
@@ -988,9 +1027,66 @@ class JobStore:
         return bool(await self.redis.hsetnx(secret_key(key_id), "current", stored))
 
     async def rotate_secret(self, key_id: str, secret: str, overlap_ms: int) -> None:
-        """Makes `secret` the key's secret; the old one signs too for `overlap_ms`."""
-        stored = self._seal(secret, key_id)
-        await self._rotate_secret(keys=[secret_key(key_id)], args=[stored, overlap_ms, now_ms()])
+        """Makes `secret` the key's secret; the one it replaces signs too for
+        `overlap_ms`, and earlier ones until their own overlaps end.
+
+        A replaced secret this replica cannot open (sealed under a lost key) is
+        dropped, not kept: kept, it failed every delivery ("rotate it") for the
+        whole overlap, 24 h by default, so rotating did not fix what it was
+        advised for, and reseal reported the key for good.
+
+        Raises:
+            FailedPrecondition: MAX_PREVIOUS_SECRETS replaced secrets still sign
+                and this rotation would keep one more (overlap 0s keeps none).
+        """
+        name, stored = secret_key(key_id), self._seal(secret, key_id)
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(name)
+                    raw = _decode(await pipe.hgetall(name))
+                    fields: dict[Any, Any] = {
+                        "current": stored,
+                        **self._kept_at_rotation(raw, key_id, overlap_ms),
+                    }
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.delete(name)
+                    pipe.hset(name, mapping=fields)
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    continue  # another rotation or a re-seal came first: read again
+
+    def _kept_at_rotation(
+        self, raw: Mapping[str, str], key_id: str, overlap_ms: int
+    ) -> dict[str, str]:
+        """Returns the previous-secret fields a rotation writes: the replaced secret
+        (when it opens and overlaps) and the earlier ones that still sign and open."""
+        now = now_ms()
+        kept = [(stored, until) for _, stored, until in _live_previous(raw, now)]
+        if raw.get("current") and overlap_ms > 0:
+            kept.insert(0, (raw["current"], now + overlap_ms))
+        readable = [(stored, until) for stored, until in kept if self._opens(stored, key_id)]
+        if len(readable) > MAX_PREVIOUS_SECRETS:
+            first_end = min(until for _, until in readable[1:])
+            raise FailedPrecondition(
+                f"{MAX_PREVIOUS_SECRETS} earlier webhook secrets of this key still sign; "
+                f"rotate after {_utc_text(first_end)}, when the first of them stops, or "
+                "with overlap 0s (the current secret then stops at once)",
+                reason="WEBHOOK_SECRET_OVERLAPS",
+            )
+        fields: dict[str, str] = {}
+        for (slot, until_slot), (stored, until) in zip(PREVIOUS_SLOTS, readable, strict=False):
+            fields.update({slot: stored, until_slot: str(until)})
+        return fields
+
+    def _opens(self, stored: str, key_id: str) -> bool:
+        try:
+            self._open(stored, key_id)
+        except SecretUnreadable:
+            logger.warning("dropped the webhook secret of %s that no key opens", key_id)
+            return False
+        return True
 
     async def has_secret(self, key_id: str) -> bool:
         """Returns whether the key has a webhook secret (without reading it)."""
@@ -1004,14 +1100,15 @@ class JobStore:
         """
         raw = _decode(await self.redis.hgetall(secret_key(key_id)))
         out = [raw["current"]] if "current" in raw else []
-        if raw.get("previous") and int(raw.get("previous_until_ms") or 0) > now_ms():
-            out.append(raw["previous"])
+        out += [stored for _, stored, _ in _live_previous(raw, now_ms())]
         return [self._open(stored, key_id) for stored in out]
 
     async def reseal_secrets(self) -> Resealed:
         """Seals every stored webhook secret under the current key: those a previous
         key sealed, and plain ones from before sealing. Safe to run again, and beside
         serving replicas (each value is replaced only if unchanged since read).
+        Replaced secrets whose overlap has ended sign nothing and are skipped (one
+        that no key opens was reported for good after its overlap).
 
         Raises:
             ValueError: this store has no sealing key.
@@ -1022,8 +1119,11 @@ class JobStore:
         async for name in self.redis.scan_iter(match=secret_key("*"), count=200):
             redis_key = name.decode() if isinstance(name, bytes) else str(name)
             key_id = redis_key.removeprefix(secret_key(""))
-            for slot, stored in _decode(await self.redis.hgetall(redis_key)).items():
-                if slot not in ("current", "previous") or not stored:
+            raw = _decode(await self.redis.hgetall(redis_key))
+            slots = [("current", raw.get("current", ""))]
+            slots += [(slot, stored) for slot, stored, _ in _live_previous(raw, now_ms())]
+            for slot, stored in slots:
+                if not stored:
                     continue
                 try:
                     secret, stale = self.secret_box.open_with_age(stored, key_id)

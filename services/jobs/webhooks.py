@@ -14,14 +14,27 @@ address the name resolves to must be allowed) and connects to a vetted
 address itself, never to a fresh lookup: the first that accepts the
 connection, in the resolver's order (a receiver whose first address is down
 still gets its event; one that fails after connecting is not sent it again
-at the next address). Timeouts are bounded (the whole attempt, every address
-tried, by twice `timeout_s`), redirects are not followed, and at most
-`max_response_bytes` of the answer is read.
+at the next address). Timeouts are bounded (the whole attempt, the lookup and
+every address tried, by twice `timeout_s`), redirects are not followed, and at
+most `max_response_bytes` of the answer is read.
+
+A replica keeps up to `concurrency` attempts in flight and claims another due
+webhook as soon as one ends: it used to claim a batch and wait for all of it,
+so one slow receiver held up the 15 others' successors for a whole attempt
+(20 s by default). One API key has at most `per_key` of them (a quarter), so
+a key whose receivers are slow, or trickle their answer, cannot take every
+slot from the other keys. A claimed webhook of a key at its share waits on
+the replica for one of the key's slots while the key's attempts are quick (a
+key with many events and a fast receiver keeps its slots busy); once one of
+them has run `slow_attempt_s`, the key's other due webhooks go back to Redis,
+no attempt counted, for about as long as its attempts have run, so the
+replica claims past them to other keys' webhooks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import ipaddress
 import logging
@@ -42,6 +55,7 @@ from services.jobs.store import (
     HOOK_RETRYING,
     JobRecord,
     JobStore,
+    now_ms,
 )
 from tokenmesh.jobs.v1 import jobs_pb2
 
@@ -63,6 +77,9 @@ class DeliveryPolicy:
         allow_hosts: hosts that skip the address check and may use http.
         lease_s: how long a replica holds a due webhook before another may send it.
         lookup: resolves receivers' host names (the system's resolver).
+        slow_attempt_s: an attempt in flight this long makes its key's other due
+            webhooks go back to Redis (for about as long as its attempts have
+            run) rather than wait on this replica for a slot of the key's share.
     """
 
     schedule_s: Sequence[float] = DEFAULT_SCHEDULE_S
@@ -71,6 +88,7 @@ class DeliveryPolicy:
     allow_hosts: Collection[str] = ()
     lease_s: float = 60.0
     lookup: ssrf.Lookup = ssrf.system_lookup
+    slow_attempt_s: float = 1.0
 
     def next_delay_s(self, attempt_in_round: int) -> float | None:
         """Returns the wait after a failed attempt (1-based), or None after the last one."""
@@ -92,6 +110,61 @@ class Answer:
         return 200 <= self.http_status < 300
 
 
+class _KeyShares:
+    """_KeyShares tracks each API key's attempts in flight on a replica (their start
+    times) and its claimed webhooks waiting for a slot of its share (one event loop)."""
+
+    def __init__(self, per_key: int) -> None:
+        self.per_key = per_key
+        self._started: dict[str, list[float]] = {}
+        self._waiting: dict[str, collections.deque[tuple[JobRecord, float]]] = {}
+
+    @property
+    def waiting(self) -> int:
+        """Webhooks waiting for a slot, all keys together."""
+        return sum(len(queue) for queue in self._waiting.values())
+
+    def has_room(self, key_id: str) -> bool:
+        """Whether `key_id` may start another attempt."""
+        return len(self._started.get(key_id, ())) < self.per_key
+
+    def slow_for(self, key_id: str, slow_s: float) -> float | None:
+        """How long the key's oldest attempt in flight has run, when that is at least
+        `slow_s` (None: it has none, or they are quick so far)."""
+        started = self._started.get(key_id)
+        if not started:
+            return None
+        ran_s = time.monotonic() - min(started)
+        return ran_s if ran_s >= slow_s else None
+
+    def start(self, key_id: str) -> float:
+        """Counts an attempt of the key as started; returns its start time."""
+        now = time.monotonic()
+        self._started.setdefault(key_id, []).append(now)
+        return now
+
+    def end(self, key_id: str, started: float) -> None:
+        """Counts the attempt that started at `started` as ended."""
+        times = self._started.get(key_id, [])
+        times.remove(started)
+        if not times:
+            self._started.pop(key_id, None)
+
+    def wait(self, record: JobRecord) -> None:
+        """Queues a claimed webhook for a slot of its key."""
+        queue = self._waiting.setdefault(record.owner.key_id, collections.deque())
+        queue.append((record, time.monotonic()))
+
+    def queues(self) -> list[tuple[str, collections.deque[tuple[JobRecord, float]]]]:
+        """The keys with waiting webhooks, and their queues (oldest first)."""
+        return list(self._waiting.items())
+
+    def forget_empty(self) -> None:
+        """Drops the keys whose queue is empty."""
+        for key_id in [k for k, queue in self._waiting.items() if not queue]:
+            del self._waiting[key_id]
+
+
 def _utc(unix_s: float) -> str:
     return datetime.datetime.fromtimestamp(unix_s, datetime.UTC).isoformat().replace("+00:00", "Z")
 
@@ -103,12 +176,25 @@ class WebhookSender:
         store: the jobs in Redis.
         policy: retries, timeouts and the allow list.
         concurrency: attempts in flight on this replica.
+        per_key: attempts in flight on this replica for one API key (default: a
+            quarter of `concurrency`, at least 1).
     """
 
-    def __init__(self, store: JobStore, policy: DeliveryPolicy, concurrency: int = 16) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        policy: DeliveryPolicy,
+        concurrency: int = 16,
+        per_key: int | None = None,
+    ) -> None:
         self.store = store
         self.policy = policy
         self.concurrency = concurrency
+        self.per_key = per_key if per_key is not None else max(1, concurrency // 4)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._shares = _KeyShares(self.per_key)
+        # Claimed webhooks waiting here for their key's attempts, all keys together.
+        self._max_waiting = 2 * concurrency
         self._client = httpx.AsyncClient(
             follow_redirects=False,
             trust_env=False,  # no proxy from the environment: we vetted the address ourselves
@@ -121,32 +207,108 @@ class WebhookSender:
         await self._client.aclose()
 
     async def run_forever(self, poll_s: float) -> None:
-        """Sends due webhooks, polling every `poll_s` seconds when none is due."""
-        while True:
-            if not await self.send_due():
-                await asyncio.sleep(poll_s)
+        """Sends due webhooks, up to `concurrency` at once, claiming more as each
+        attempt ends; polls every `poll_s` seconds when none is due. Cancelled, it
+        cancels its attempts (their leases run out and another replica sends them)."""
+        try:
+            while True:
+                await self._start_waiting()
+                wanted = min(
+                    self.concurrency - len(self._tasks), self._max_waiting - self._shares.waiting
+                )
+                claimed = await self.send_due(wanted) if wanted > 0 else 0
+                if wanted <= 0 or claimed < wanted:  # slots (or room) full, or nothing due
+                    await self._wait(poll_s)
+        finally:
+            await self._cancel_attempts()
 
-    async def send_due(self) -> int:
-        """Sends the webhooks due now; returns how many it tried."""
+    async def send_due(self, count: int) -> int:
+        """Claims up to `count` due webhooks and starts an attempt at each whose key
+        has room (without waiting for it); the others wait here for their key's
+        attempts, or are put back when those are slow. Returns how many it claimed."""
         lease_ms = int(self.policy.lease_s * 1000)
-        due = await self.store.claim_due_hooks(lease_ms, self.concurrency)
-        # One hook's failure must not stop the others (nor, raised, the loop: it was
-        # restarted, and the hook, still leased, failed it again every lease).
-        outcomes = await asyncio.gather(
-            *(self.deliver(job_id) for job_id in due), return_exceptions=True
-        )
-        for job_id, outcome in zip(due, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                name = type(outcome).__name__
-                logger.error("webhook of job %s failed: %s: %s", job_id, name, outcome)
+        due = await self.store.claim_due_hooks(lease_ms, count)
+        for record in await asyncio.gather(*(self._due_record(job_id) for job_id in due)):
+            if record is None:
+                continue
+            key_id = record.owner.key_id
+            if self._shares.has_room(key_id) and len(self._tasks) < self.concurrency:
+                self._start(record)
+            elif (slow_s := self._shares.slow_for(key_id, self.policy.slow_attempt_s)) is None:
+                self._shares.wait(record)
+            else:
+                await self._put_back(record.job_id, slow_s)
         return len(due)
 
-    async def deliver(self, job_id: str) -> None:
-        """Makes one attempt at a job's webhook and records it."""
+    async def _start_waiting(self) -> None:
+        """Starts the waiting webhooks whose key has room; puts back those of keys whose
+        attempts turned slow, and those that waited `timeout_s` (every slot busy)."""
+        for key_id, queue in self._shares.queues():
+            while queue and self._shares.has_room(key_id) and len(self._tasks) < self.concurrency:
+                self._start(queue.popleft()[0])
+            slow_s = self._shares.slow_for(key_id, self.policy.slow_attempt_s)
+            while queue and (slow_s is not None or queue[0][1] < self._patience_limit()):
+                await self._put_back(queue.popleft()[0].job_id, slow_s or 0.0)
+        self._shares.forget_empty()
+
+    def _patience_limit(self) -> float:
+        # A webhook waits here at most this long for a slot (its lease holds it from
+        # other replicas meanwhile): then it is due again for any replica.
+        return time.monotonic() - self.policy.timeout_s
+
+    async def _put_back(self, job_id: str, slow_s: float) -> None:
+        """Makes a claimed webhook due again, no attempt counted, after about as long
+        as its key's attempts have taken (at most one attempt's bound)."""
+        delay_s = min(slow_s, 2 * self.policy.timeout_s)
+        await self.store.defer_hook(job_id, now_ms() + int(delay_s * 1000))
+
+    def _start(self, record: JobRecord) -> None:
+        started = self._shares.start(record.owner.key_id)
+        task = asyncio.create_task(self._attempt(record, started), name=f"webhook {record.job_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _wait(self, poll_s: float) -> None:
+        """Waits until an attempt ends or `poll_s` passes."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=poll_s, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            await asyncio.sleep(poll_s)
+
+    async def _cancel_attempts(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _attempt(self, record: JobRecord, started: float) -> None:
+        """Makes one attempt at a claimed webhook. A failure is logged, never raised:
+        one hook must not stop the others (nor, raised, the loop: it was restarted,
+        and the hook, still leased, failed it again every lease)."""
+        try:
+            await self._deliver(record)
+        except Exception as exc:
+            name = type(exc).__name__
+            logger.error("webhook of job %s failed: %s: %s", record.job_id, name, exc)
+        finally:
+            self._shares.end(record.owner.key_id, started)
+
+    async def _due_record(self, job_id: str) -> JobRecord | None:
+        """Returns the job whose webhook is due (None, and the hook forgotten, when it
+        is gone or has nothing to send)."""
         record = await self.store.get(job_id)
         if record is None or record.get("webhook_state") not in (HOOK_PENDING, HOOK_RETRYING):
             await self.store.drop_hook(job_id)
-            return
+            return None
+        return record
+
+    async def deliver(self, job_id: str) -> None:
+        """Makes one attempt at a job's webhook and records it."""
+        record = await self._due_record(job_id)
+        if record is not None:
+            await self._deliver(record)
+
+    async def _deliver(self, record: JobRecord) -> None:
+        job_id = record.job_id
         number = await self.store.next_attempt(job_id)
         if number is None:
             return  # the job expired since it was read (the script dropped its webhook)
@@ -182,7 +344,7 @@ class WebhookSender:
             return Answer(error="the key's webhook secret cannot be read; rotate it")
         if not secrets:
             return Answer(error="the key has no webhook secret (tokenmesh webhooks secret create)")
-        return await self.post(record.get("webhook_url"), secrets, job_id, body)
+        return await self.post(record.get("webhook_url"), secrets, job_id, body, owner=key_id)
 
     def _next(self, round_start: int, number: int, answer: Answer) -> tuple[str, int]:
         if answer.delivered:
@@ -192,13 +354,21 @@ class WebhookSender:
             return HOOK_DEAD, 0
         return HOOK_RETRYING, int((time.time() + delay) * 1000)
 
-    async def post(self, url: str, secrets: Sequence[str], job_id: str, body: bytes) -> Answer:
-        """POSTs a signed event to a vetted address of `url`."""
+    async def post(
+        self, url: str, secrets: Sequence[str], job_id: str, body: bytes, owner: str = ""
+    ) -> Answer:
+        """POSTs a signed event to a vetted address of `url`; `owner` (the API key)
+        bounds its lookups in flight. The whole attempt, lookup included, takes at
+        most twice `timeout_s`."""
+        timeout_s = self.policy.timeout_s
+        deadline = asyncio.get_running_loop().time() + 2 * timeout_s
         try:
             target = ssrf.parse(url, self.policy.allow_hosts)
-            addresses = await ssrf.resolve(target, self.policy.timeout_s, self.policy.lookup)
+            addresses = await ssrf.resolve(target, timeout_s, self.policy.lookup, owner)
         except ssrf.RefusedUrl as exc:
             return Answer(error=f"refused: {exc}")
+        except ssrf.ResolverBusy:
+            return Answer(error="the receiver's name could not be looked up now (resolver busy)")
         headers = {
             **signing.headers(secrets, views.event_id(job_id), int(time.time()), body),
             "content-type": "application/json",
@@ -207,10 +377,8 @@ class WebhookSender:
         }
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
         try:
-            return await asyncio.wait_for(
-                self._send_to_one_of(target, addresses, headers, body, extensions),
-                2 * self.policy.timeout_s,
-            )
+            async with asyncio.timeout_at(deadline):
+                return await self._send_to_one_of(target, addresses, headers, body, extensions)
         except (TimeoutError, httpx.TimeoutException):
             return Answer(error="timeout")
         except httpx.HTTPError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -227,3 +228,37 @@ def test_an_upload_with_an_unusual_filename_keeps_it(client):
     assert upload.bytes == len(data.getvalue())
     assert client.files.content(upload.id).content == data.getvalue()
     assert client.files.retrieve(upload.id).filename == upload.filename
+
+
+def test_an_upload_of_the_largest_size_downloads_whole(client):
+    """An upload was sent back as one message of its whole size: 8 MiB and its framing,
+    all of it in the edge's buffer at once. It comes in 1 MiB messages now."""
+    line = json.dumps(completion_line(0)).encode() + b"\n"
+    data = line * (8 * 1024 * 1024 // len(line))
+    data += (
+        b" " * (8 * 1024 * 1024 - len(data) - 1) + b"\n"
+    )  # exactly TOKENMESH_OPENAI_FILE_MAX_BYTES
+    assert len(data) == 8 * 1024 * 1024
+    upload = client.files.create(file=("largest.jsonl", data), purpose="batch")
+    assert upload.bytes == len(data)
+    try:
+        assert client.files.content(upload.id).content == data
+    finally:
+        client.files.delete(upload.id)
+
+
+def test_an_owner_past_its_storage_quota_is_refused_429_in_openais_shape(mesh):
+    """Uploads had no bound per tenant (or key): one key could fill the Redis every
+    service shares. TOKENMESH_OPENAI_FILES_PER_OWNER (100) files are kept at most."""
+    tenant = f"quota-{uuid.uuid4().hex[:8]}"  # a room of its own (not acme's)
+    with sdk(mesh, create_key(mesh, "--tenant", tenant, scopes=SCOPES)["secret"]) as own:
+        data = jsonl([completion_line(0)]).getvalue()
+        kept = [own.files.create(file=("r.jsonl", data), purpose="batch") for _ in range(100)]
+        with pytest.raises(openai.RateLimitError) as refused:
+            own.files.create(file=("r.jsonl", data), purpose="batch")
+        assert refused.value.code == "storage_quota_exceeded", refused.value.body
+        assert "TOKENMESH_OPENAI_FILES_PER_OWNER" in refused.value.message
+        # The SDK does not send it again (it retried a 429 twice).
+        assert refused.value.response.headers.get("x-should-retry") == "false"
+        own.files.delete(kept[0].id)
+        assert own.files.create(file=("r.jsonl", data), purpose="batch").bytes == len(data)

@@ -241,10 +241,12 @@ async def test_a_result_files_size_is_computed_once(jobs, monkeypatch):
         return b"".join([m.data async for m in stub.GetFileContent(request, metadata=headers)])
 
     output = await described(done["output_file_id"])
-    assert len(written) == 6  # once, for both files
+    assert len(written) == 6  # each result once
     errors = await described(done["error_file_id"])
+    assert len(written) == 7  # the error file's own line only
     again = await described(done["output_file_id"])
-    assert len(written) == 6 and again == output
+    assert await described(done["error_file_id"]) == errors
+    assert len(written) == 7 and again == output
     assert output["bytes"] == len(await content(done["output_file_id"]))
     assert errors["bytes"] == len(await content(done["error_file_id"]))
     assert output["created_at"] == done["completed_at"]

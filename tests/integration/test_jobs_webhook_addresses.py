@@ -6,12 +6,9 @@ addresses (pinned, no second lookup): the first that accepts the connection."""
 
 from __future__ import annotations
 
-import http.server
 import ipaddress
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -21,6 +18,7 @@ from services.jobs import store as jobstore
 from services.jobs.store import JobStore, NewJob, Owner, now_ms
 from services.jobs.webhooks import DeliveryPolicy, WebhookSender
 from tests.conftest import private_db_url
+from tests.webhook_receivers import Receiver
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.jobs.v1 import jobs_pb2
 
@@ -33,33 +31,6 @@ RECEIVER_HOST = "hooks.test"
 DOWN_ADDRESS = "127.0.0.2"
 
 
-class Receiver:
-    """An HTTP receiver on 127.0.0.1 that records each request's Host header."""
-
-    def __init__(self) -> None:
-        self.hosts: list[str] = []
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                self.rfile.read(int(self.headers.get("content-length", "0")))
-                receiver.hosts.append(self.headers.get("host", ""))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_port
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 class Names:
     """A resolver that answers the test's names (and counts the lookups)."""
 
@@ -67,7 +38,7 @@ class Names:
         self.answers = answers
         self.lookups = 0
 
-    async def __call__(self, host: str, port: int) -> Sequence[str]:
+    async def __call__(self, host: str, port: int, owner: str, timeout_s: float) -> Sequence[str]:
         self.lookups += 1
         if host not in self.answers:
             raise OSError(f"{host} does not resolve")
@@ -158,7 +129,10 @@ async def test_a_name_with_any_private_address_is_refused_and_nothing_is_sent(
         refused = await sender.post(url, [signing.new_secret()], "job-x", b"{}")
     finally:
         await sender.close()
-    assert refused.error.startswith("refused: resolves to a private")
+    assert (
+        refused.error
+        == "refused: host 'receiver.example' does not resolve to public addresses only"
+    )
     assert receiver.hosts == []
 
 

@@ -10,17 +10,21 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
+import standardwebhooks
 
+from services.core.errors import FailedPrecondition
 from services.jobs import signing
 from services.jobs.secret_box import SecretBox, SecretUnreadable
-from services.jobs.store import JobRecord, JobStore, secret_key
+from services.jobs.store import JobRecord, JobStore, now_ms, secret_key
 from services.jobs.webhooks import DeliveryPolicy, WebhookSender
 from services.launcher.mesh import REPO_ROOT
 from tests.conftest import private_db_url
+from tests.webhook_receivers import Receiver
 
 BOX = SecretBox(bytes(range(32)))
 OLD, NEW = bytes(range(32)), bytes(range(32, 64))
 RESEAL_DB = 11  # reseal walks every stored secret: a database of its own
+DAY_MS = 86_400_000
 
 
 @pytest.fixture
@@ -73,6 +77,84 @@ async def test_an_unreadable_secret_fails_the_attempt_with_a_reason_not_a_crash(
         await sender.close()
     assert not answer.delivered
     assert answer.error == "the key's webhook secret cannot be read; rotate it"
+
+
+@pytest.fixture
+def receiver():
+    server = Receiver()
+    yield server
+    server.close()
+
+
+async def _four_rotated(store: JobStore, key_id: str) -> list[str]:
+    """A key's first secret and three rotations within a day: its secrets, newest first."""
+    secrets = [signing.new_secret()]
+    assert await store.create_secret(key_id, secrets[0])
+    for _ in range(3):
+        secrets.insert(0, signing.new_secret())
+        await store.rotate_secret(key_id, secrets[0], overlap_ms=DAY_MS)
+    return secrets
+
+
+async def test_a_second_rotation_within_the_overlap_keeps_the_first_secret_signing(client):
+    """The one "previous" slot was overwritten: the secret receivers still verified
+    with stopped signing at the second rotation, the loss the overlap is for."""
+    store, key_id = JobStore(client, 3600, BOX), f"key_{uuid.uuid4().hex[:8]}"
+    first, second, third = (signing.new_secret() for _ in range(3))
+    await store.create_secret(key_id, first)
+    await store.rotate_secret(key_id, second, overlap_ms=DAY_MS)
+    await store.rotate_secret(key_id, third, overlap_ms=DAY_MS)
+    assert await store.secrets_in_use(key_id) == [third, second, first]
+
+
+async def test_a_rotation_that_would_keep_a_fourth_overlapping_secret_is_refused(client):
+    store, key_id = JobStore(client, 3600, BOX), f"key_{uuid.uuid4().hex[:8]}"
+    secrets = await _four_rotated(store, key_id)
+    assert await store.secrets_in_use(key_id) == secrets
+    with pytest.raises(FailedPrecondition) as refused:
+        await store.rotate_secret(key_id, signing.new_secret(), overlap_ms=DAY_MS)
+    assert refused.value.reason == "WEBHOOK_SECRET_OVERLAPS"
+    assert "overlap 0s" in refused.value.message
+    assert await store.secrets_in_use(key_id) == secrets  # nothing changed
+
+    # Overlap 0 ends the current secret at once: the three earlier ones sign on.
+    latest = signing.new_secret()
+    await store.rotate_secret(key_id, latest, overlap_ms=0)
+    assert await store.secrets_in_use(key_id) == [latest, *secrets[1:]]
+
+
+async def test_a_replaced_secret_whose_overlap_ended_is_dropped_at_the_next_rotation(client):
+    store, key_id = JobStore(client, 3600, BOX), f"key_{uuid.uuid4().hex[:8]}"
+    secrets = await _four_rotated(store, key_id)
+    await client.hset(secret_key(key_id), "previous_until_ms:2", now_ms() - 1)  # the first's
+    assert await store.secrets_in_use(key_id) == secrets[:3]
+    latest = signing.new_secret()
+    await store.rotate_secret(key_id, latest, overlap_ms=DAY_MS)  # room again: not refused
+    assert await store.secrets_in_use(key_id) == [latest, *secrets[:3]]
+
+
+async def test_rotating_a_secret_no_key_opens_signs_with_the_new_one_at_once(client, receiver):
+    """The runbook's advice for a secret sealed under a lost key is to rotate it: the
+    rotation kept the unreadable secret to sign beside the new one for the overlap
+    (24 h by default), and every delivery failed ("rotate it") until it ended, its
+    retries (about 23.7 h) with it."""
+    key_id = f"key_{uuid.uuid4().hex[:8]}"
+    await JobStore(client, 3600, SecretBox(OLD)).create_secret(key_id, signing.new_secret())
+    store = JobStore(client, 3600, SecretBox(NEW))  # OLD is lost
+    new = signing.new_secret()
+    await store.rotate_secret(key_id, new, overlap_ms=DAY_MS)
+    assert await store.secrets_in_use(key_id) == [new]
+
+    sender = WebhookSender(store, DeliveryPolicy(allow_hosts=("127.0.0.1",)))
+    url = f"http://127.0.0.1:{receiver.port}/hook"
+    try:
+        record = JobRecord("job-x", {"owner": key_id, "webhook_url": url})
+        answer = await sender._signed_post(record, "job-x", b'{"type":"job.succeeded"}')
+    finally:
+        await sender.close()
+    assert (answer.http_status, answer.error) == (204, "")
+    (received,) = receiver.received
+    assert standardwebhooks.Webhook(new).verify(received.body, received.headers)
 
 
 @pytest.fixture
@@ -138,6 +220,31 @@ async def test_a_secret_no_key_opens_is_reported_and_left_as_it_is(own_db):
     done = await JobStore(client, 3600, SecretBox(NEW, previous=[OLD])).reseal_secrets()
     assert (done.resealed, done.unreadable) == (0, ["key_9"])
     assert await client.hgetall(secret_key("key_9")) == before
+
+
+async def test_reseal_does_not_report_a_key_rotated_away_from_a_lost_sealing_key(own_db):
+    """Rotated with the default overlap, the unreadable secret was kept (and reseal
+    listed the key, exit 1); rotated with overlap 0, reseal still listed it for good,
+    from the expired "previous" slot, though deliveries worked."""
+    _, client = own_db
+    lost = JobStore(client, 3600, SecretBox(bytes(32)))
+    store = JobStore(client, 3600, SecretBox(NEW, previous=[OLD]))
+    for key_id, overlap_ms in (("key_7", DAY_MS), ("key_8", 0)):
+        await lost.create_secret(key_id, signing.new_secret())
+        await store.rotate_secret(key_id, signing.new_secret(), overlap_ms=overlap_ms)
+    # As a rotation from before this fix left one: the unreadable secret kept, expired.
+    await lost.create_secret("key_9", signing.new_secret())
+    unreadable = (await client.hget(secret_key("key_9"), "current")).decode()
+    await client.hset(
+        secret_key("key_9"),
+        mapping={
+            "current": SecretBox(NEW).seal(signing.new_secret(), "key_9"),
+            "previous": unreadable,
+            "previous_until_ms": now_ms() - 1,
+        },
+    )
+    done = await store.reseal_secrets()
+    assert (done.checked, done.resealed, done.unreadable) == (3, 0, [])
 
 
 def _reseal_cli(url: str, **env: str) -> subprocess.CompletedProcess[str]:

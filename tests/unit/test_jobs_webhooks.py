@@ -115,6 +115,49 @@ def test_an_international_host_is_sent_in_its_ascii_form_and_a_malformed_one_ref
             ssrf.parse(url, allow_hosts=())
 
 
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("https://faß.de/hook", "xn--fa-hia.de"),  # IDNA 2003: fass.de, another registrant
+        ("https://straße.example/hook", "xn--strae-oqa.example"),
+        ("https://βόλος.gr/hook", "xn--nxasmm1c.gr"),  # final sigma kept (2003: σ)
+        ("https://ΒΌΛΟΣ.gr/hook", "xn--nxasmq6b.gr"),  # a capital Σ is σ (UTS #46), not ς
+        ("https://BÜCHER.example:8443/hook", "xn--bcher-kva.example"),
+    ],
+)
+def test_an_international_host_is_converted_per_idna_2008_not_2003(url, host):
+    """Python's "idna" codec (IDNA 2003) maps ß to ss and ς to σ: events for faß.de
+    were resolved, vetted and sent to fass.de, with its valid certificate."""
+    assert ssrf.parse(url, allow_hosts=()).host == host
+
+
+def test_a_host_idna_2008_does_not_allow_is_refused():
+    for url in ("https://a\u200db.example/hook", "https://x\u2488.example/hook"):
+        with pytest.raises(ssrf.RefusedUrl, match="valid host"):
+            ssrf.parse(url, allow_hosts=())
+
+
+def test_a_name_with_a_private_address_and_a_name_with_none_are_refused_alike():
+    """The two answers differed ("resolves to a private ... address" and "does not
+    resolve"): any key could tell which internal names exist (search domains apply)."""
+
+    async def lookup(host: str, port: int, owner: str = "", timeout_s: float = 0) -> list[str]:
+        if host == "redis.internal.test":
+            return ["10.0.0.7"]
+        raise OSError(f"{host}: Name or service not known")
+
+    async def refusal(host: str) -> str:
+        target = ssrf.parse(f"https://{host}/hook", allow_hosts=())
+        with pytest.raises(ssrf.RefusedUrl) as refused:
+            await ssrf.resolve(target, 1.0, lookup)
+        return str(refused.value).replace(host, "HOST")
+
+    internal = asyncio.run(refusal("redis.internal.test"))
+    missing = asyncio.run(refusal("nothing.internal.test"))
+    assert internal == missing
+    assert "10.0.0.7" not in internal
+
+
 def test_the_retry_schedule_ends_in_the_dead_letter_state():
     policy = DeliveryPolicy(schedule_s=(1, 2))
     assert 0.8 <= policy.next_delay_s(1) <= 1.2
