@@ -15,7 +15,8 @@ Envoy watches the directories of the certificate files, so a renewed leaf
 
 `run` keeps Envoy as its child: on SIGTERM it drains Envoy gracefully (its
 streams finish, for at most TOKENMESH_EDGE_DRAIN_SECONDS) before stopping it,
-as `drain` does for a preStop hook (gateway/drain.py).
+as `drain` does for a preStop hook, and at once when nothing is active. Envoy
+gets SIGTERM when `run` dies, however it dies (gateway/drain.py).
 """
 
 from __future__ import annotations

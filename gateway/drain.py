@@ -11,20 +11,28 @@ mid-answer. A graceful stop goes through Envoy's admin API first (`drain`):
    immediate`), still answers new connections for `--drain-time-s`
    (`LISTENER_DRAIN_S`: clients that resolved this pod before its endpoints
    changed), then closes its listeners: new connections are refused.
-3. It waits until the listeners are closed and no downstream request is
-   active, for at most `timeout_s` (the longest stream:
-   TOKENMESH_EDGE_DRAIN_SECONDS).
+3. It waits until no downstream request is active, for at most `timeout_s`
+   (the longest stream: TOKENMESH_EDGE_DRAIN_SECONDS).
 
-`python -m gateway drain` runs these steps: the pod's preStop hook. `python -m
-gateway run` keeps Envoy as its child (`supervise`) and runs them on SIGTERM or
-SIGINT before it stops Envoy: a container stopped without the hook (compose,
-`docker stop`) drains too, and after the hook they return at once (the drain
-has begun, nothing is active). A second signal cuts the wait short.
+`python -m gateway drain` runs these steps: the pod's preStop hook. It also
+waits until the listeners close, even with nothing active: Kubernetes takes
+the pod out of its Service's endpoints while the hook runs, and clients that
+resolved it before are answered meanwhile.
+
+`python -m gateway run` keeps Envoy as its child (`supervise`) and runs them
+on SIGTERM or SIGINT, then stops Envoy as soon as nothing is active: a
+container stopped without the hook (compose, `docker stop`: its
+stop_grace_period covers the drain) drains its streams too, an idle one
+stops at once, and after the hook they return at once (the drain has begun,
+nothing is active). A second signal cuts the wait short. Envoy runs under
+PR_SET_PDEATHSIG: a supervisor killed outright (SIGKILL, outside a
+container) takes Envoy with it instead of leaving it on the edge's ports.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +41,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+
+from services.launcher import processes
 
 #: Envoy's --drain-time-s: how long draining listeners still take connections.
 LISTENER_DRAIN_S = 5.0
@@ -85,14 +95,24 @@ def draining(admin_port: int) -> bool:
     return text is not None and json.loads(text).get("state") == "DRAINING"
 
 
-def drain(admin_port: int, timeout_s: float, give_up: Callable[[], bool] = lambda: False) -> bool:
+def drain(
+    admin_port: int,
+    timeout_s: float,
+    give_up: Callable[[], bool] = lambda: False,
+    *,
+    listeners: bool = True,
+) -> bool:
     """Drains Envoy gracefully and waits for its requests (at most `timeout_s`).
 
-    Returns True once its listeners are closed and no request is active (or
-    Envoy is gone), False when the wait ran out or `give_up()` said so. The
-    listeners' drain time is waited out even when nothing is active: a client
-    that resolved this edge before its endpoints changed is still answered.
-    Idempotent: a second call finds the drain begun and only waits.
+    Returns True once no request is active (or Envoy is gone), False when the
+    wait ran out or `give_up()` said so. Idempotent: a second call finds the
+    drain begun and only waits.
+
+    Args:
+        listeners: wait for the listeners to close too, even when nothing is
+            active (the preStop hook: a client that resolved this edge before
+            its endpoints changed is still answered). False: return once
+            nothing is active (`supervise`, which stops Envoy next).
     """
     if _admin(admin_port, "/healthcheck/fail", "POST") is None:
         return True  # no Envoy answers: nothing to drain
@@ -103,7 +123,7 @@ def drain(admin_port: int, timeout_s: float, give_up: Callable[[], bool] = lambd
         if state is None:  # Envoy is gone
             return True
         active, closed = state
-        if closed and not active:
+        if not active and (closed or not listeners):
             return True
         if time.monotonic() >= deadline or give_up():
             print(f"tokenmesh-edge: {active} requests still active; stopping", file=sys.stderr)
@@ -111,10 +131,23 @@ def drain(admin_port: int, timeout_s: float, give_up: Callable[[], bool] = lambd
         time.sleep(POLL_S)  # noqa: TID251 - a synchronous process (no event loop)
 
 
+def _dying_with_parent(argv: Sequence[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """Returns the command and preexec_fn that run `argv` with PR_SET_PDEATHSIG (SIGTERM),
+    as services.launcher.processes.Child does: through util-linux's setpriv, because
+    this process has gRPC loaded (no Python may run between fork and exec)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "TERM", "--", *argv], None
+    return list(argv), processes._die_with_parent
+
+
 def supervise(argv: Sequence[str], admin_port: int, drain_s: float) -> int:
     """Runs Envoy (`argv`) as a child; on SIGTERM or SIGINT drains it, then stops it.
 
-    Returns Envoy's exit status (128 + the signal's number when a signal ended it).
+    Envoy gets SIGTERM from the kernel when this process dies (even SIGKILLed,
+    outside a container, where nothing else would stop it and it kept the
+    edge's ports). Returns Envoy's exit status (128 + the signal's number when
+    a signal ended it).
     """
     signals: list[int] = []
     stop = threading.Event()
@@ -125,11 +158,14 @@ def supervise(argv: Sequence[str], admin_port: int, drain_s: float) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        child = subprocess.Popen(list(argv))
+        command, set_signal = _dying_with_parent(argv)
+        child = subprocess.Popen(command, preexec_fn=set_signal)
         while child.poll() is None and not stop.wait(POLL_S):
             pass
         if child.poll() is None:
-            drain(admin_port, drain_s, give_up=lambda: len(signals) > 1)
+            # Nothing active: stop now. An idle `docker stop` took the listeners'
+            # whole drain time (5 s) for clients that no endpoint list sends here.
+            drain(admin_port, drain_s, give_up=lambda: len(signals) > 1, listeners=False)
             child.terminate()
             try:
                 child.wait(EXIT_WAIT_S)

@@ -248,6 +248,18 @@ def _month(year: int, month: int) -> int:
     return calendar.timegm((year, month, 1, 0, 0, 0))
 
 
+def legacy_month_start(start: int) -> int:
+    """Returns the start in the key where the meter wrote the month starting at
+    `start` (UTC) before month keys were UTC: the first of the month read in the
+    process's zone. Outside UTC (Europe/Dublin every month, Asia/Amman some) it
+    differs, and reports read both keys (services.usage.reports), so the months
+    metered before an upgrade are still reported. Nothing writes it any more.
+    """
+    tm = time.gmtime(start)
+    # Exactly the old expression: the zone of this process stands for the old one's.
+    return int(time.mktime((tm.tm_year, tm.tm_mon, 1, 0, 0, 0, 0, 0, 0)) - time.timezone)
+
+
 def next_bucket(start: int, granularity: str) -> int:
     """Returns the start of the bucket after the one starting at `start`."""
     if granularity != "month":

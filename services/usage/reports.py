@@ -17,7 +17,14 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
 from services.core.errors import FailedPrecondition, FieldViolation, InvalidArgument
-from services.usage.meter import PREFIX, Retention, bucket_key, bucket_start, next_bucket
+from services.usage.meter import (
+    PREFIX,
+    Retention,
+    bucket_key,
+    bucket_start,
+    legacy_month_start,
+    next_bucket,
+)
 from tokenmesh.usage.v1 import usage_pb2, usage_service_pb2
 
 _GRANULARITY: dict[int, str] = {
@@ -118,7 +125,7 @@ def granularity_of(value: int, sizes: Mapping[int, str] = _GRANULARITY) -> str |
 
 @dataclass(frozen=True)
 class BucketPlan:
-    """BucketPlan is the buckets a report reads and the range they cover exactly."""
+    """BucketPlan is the buckets that cover a report's range, and that range exactly."""
 
     buckets: list[Read]
     start: int  # the effective range: [start, end)
@@ -127,7 +134,8 @@ class BucketPlan:
 
 @dataclass(frozen=True)
 class ReportBucket:
-    """ReportBucket is one bucket of a report's list: its range and the hashes it sums."""
+    """ReportBucket is one bucket of a report's list: its range and the hashes it sums
+    (with_legacy's: a month's may be two)."""
 
     start: int
     end: int
@@ -230,6 +238,23 @@ def plan_buckets(
     )
 
 
+def with_legacy(buckets: list[Read]) -> tuple[Read, ...]:
+    """Returns the hashes that hold `buckets`' usage: each bucket's, and a month's
+    legacy hash (meter.legacy_month_start) where the process's zone puts it apart.
+
+    Before month keys were UTC, a meter outside UTC wrote each month under that
+    legacy key, so after an upgrade a report of a whole earlier month read 0.
+    The two are added up: new usage goes only to the UTC key, so nothing counts
+    twice. In UTC they are the same hash, read once.
+    """
+    out: list[Read] = []
+    for granularity, start in buckets:
+        out.append((granularity, start))
+        if granularity == "month" and (legacy := legacy_month_start(start)) != start:
+            out.append((granularity, legacy))
+    return tuple(out)
+
+
 def _coarser(a: str, b: str) -> str:
     return a if _COARSE_TO_FINE.index(a) <= _COARSE_TO_FINE.index(b) else b
 
@@ -281,7 +306,7 @@ def plan_report(
         edge = min(_advance(bucket_start(cursor, size), size), whole.end)
         # A boundary of `size` is one of every finer granularity kept after it.
         part = _cover(cursor, edge, now, retention)
-        out.append(ReportBucket(cursor, part.end, tuple(part.buckets)))
+        out.append(ReportBucket(cursor, part.end, with_legacy(part.buckets)))
         cursor = part.end
     return ReportPlan(whole.start, cursor, out)
 
@@ -292,7 +317,7 @@ def report_plan(start: float, end: float, granularity: str | None, *, now: float
         return plan_report(start, end, granularity, now=now)
     whole = plan_buckets(start, end, now=now)
     return ReportPlan(
-        whole.start, whole.end, [ReportBucket(whole.start, whole.end, tuple(whole.buckets))]
+        whole.start, whole.end, [ReportBucket(whole.start, whole.end, with_legacy(whole.buckets))]
     )
 
 

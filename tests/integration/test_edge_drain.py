@@ -193,7 +193,9 @@ class Edge:
 
 
 @contextlib.contextmanager
-def _edge(tmp_path: Path, upstream: Upstream, drain_s: float) -> Iterator[Edge]:
+def _edge(
+    tmp_path: Path, upstream: Upstream, drain_s: float, listener_drain_s: float = LISTENER_DRAIN_S
+) -> Iterator[Edge]:
     listen, admin = reserve_port(), reserve_port()
     config = tmp_path / "envoy.yaml"
     config.write_text(yaml.safe_dump(_bootstrap(listen, admin, upstream.port)))
@@ -204,7 +206,7 @@ def _edge(tmp_path: Path, upstream: Upstream, drain_s: float) -> Iterator[Edge]:
         "--disable-hot-restart",
         "--concurrency",
         "1",
-        *drain.envoy_args(LISTENER_DRAIN_S),
+        *drain.envoy_args(listener_drain_s),
     ]
     # What `python -m gateway run` runs after rendering the edge's bootstrap.
     code = (
@@ -325,3 +327,60 @@ def test_a_stream_longer_than_the_drain_bound_is_cut_and_the_edge_stops(
         assert time.monotonic() - started >= bound_s  # it waited for the stream that long
         chunks, error = stream.result()
         assert chunks == _whole()[:1] and error is not None
+
+
+def test_an_idle_edge_stops_at_once_without_waiting_out_the_listeners(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    # Nothing in flight: every `docker stop` (and Ctrl-C) waited the listeners' whole
+    # drain time (5 s in the image; a minute here, far past the wait below).
+    with _edge(tmp_path, upstream, drain_s=DEADLINE_S, listener_drain_s=60) as edge:
+        edge.process.send_signal(signal.SIGTERM)
+        assert edge.process.wait(DEADLINE_S) == 0
+
+
+def test_the_prestop_drain_waits_for_the_listeners_even_when_idle(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    # The hook runs while Kubernetes takes the pod out of its endpoints: clients that
+    # resolved it before are answered until the listeners close, idle or not.
+    with _edge(tmp_path, upstream, drain_s=DEADLINE_S) as edge:
+        env = {**os.environ, "TOKENMESH_EDGE_ADMIN_PORT": str(edge.admin)}
+        hook = subprocess.run(
+            [sys.executable, "-m", "gateway", "drain"], env=env, timeout=DEADLINE_S
+        )
+        assert hook.returncode == 0
+        assert _refused(edge.listen), "the hook returned before the listeners closed"
+
+
+def _children(pid: int) -> list[int]:
+    """Returns the ids of `pid`'s child processes (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # pid (comm) state ppid ...: comm may hold spaces, so split after its ")".
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Tells whether `pid` is a live process (not gone, not a zombie nobody reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_envoy_stops_when_its_supervisor_is_killed(tmp_path: Path, upstream: Upstream) -> None:
+    # Outside a container nothing else stops Envoy: it ran on, holding the edge's ports.
+    with _edge(tmp_path, upstream, drain_s=DEADLINE_S) as edge:
+        (envoy,) = _children(edge.process.pid)
+        try:
+            edge.process.kill()
+            edge.process.wait(DEADLINE_S)
+            _until(lambda: not _running(envoy), "Envoy to exit after its supervisor")
+            assert _refused(edge.admin) and _refused(edge.listen)
+        finally:
+            if _running(envoy):  # the old code's orphan: not left behind for other tests
+                os.kill(envoy, signal.SIGKILL)

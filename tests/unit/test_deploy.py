@@ -715,6 +715,26 @@ def test_a_stopping_edge_drains_its_streams_within_the_grace_period():
     assert spec["terminationGracePeriodSeconds"] >= worst_s
 
 
+def _compose_seconds(duration: str) -> float:
+    """Returns a compose duration ("2m10s", "130s") in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert parts is not None and duration, duration
+    hours, minutes, seconds = (int(p or 0) for p in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def test_a_stopped_compose_edge_drains_its_streams_before_docker_kills_it():
+    # No preStop hook in compose: `docker stop` sends SIGTERM (the supervisor drains)
+    # and SIGKILL after stop_grace_period, Docker's 10 s by default, so any stream
+    # longer than about 5 s was cut mid-drain.
+    edge = _compose()["services"]["edge"]
+    settings = load(EdgeSettings, edge["environment"])
+    # The streams' bound, each admin call up to 2 s, then Envoy's exit after SIGTERM.
+    admin_calls_s = 4 * 2.0
+    worst_s = settings.drain_s + admin_calls_s + drain.EXIT_WAIT_S
+    assert _compose_seconds(edge["stop_grace_period"]) >= worst_s
+
+
 # Redis ACL users (services/core/redis_acl.py): one per component, `default` off.
 REDIS_USERS_SECRET = "tokenmesh-redis-users"
 REDIS_HOSTS = {

@@ -52,6 +52,30 @@ def test_month_buckets_are_utc_in_any_process_zone(zone: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
+_UTC_CHECK = textwrap.dedent(
+    """
+    import calendar
+    from services.usage.reports import plan_report
+    now = calendar.timegm((2026, 12, 5, 16, 24, 7))
+    plan = plan_report(now - 4 * 365 * 86400, now, "month", now=now)
+    months = [read for bucket in plan.buckets for read in bucket.reads if read[0] == "month"]
+    assert len(months) > 40 and len(set(months)) == len(months), months
+    assert all(len(bucket.reads) == 1 for bucket in plan.buckets[1:-1]), plan.buckets
+    """
+)
+
+
+def test_in_utc_a_month_is_read_from_one_hash() -> None:
+    # Outside UTC a month also reads the key the meter wrote before month keys
+    # were UTC (tests/integration/test_usage_legacy_month_keys.py); in UTC that
+    # key is the same one, and is read once.
+    env = {**os.environ, "TZ": "UTC"}
+    done = subprocess.run(
+        [sys.executable, "-c", _UTC_CHECK], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def _partition(plan: reports.ReportPlan) -> None:
     cursor = plan.start
     for bucket in plan.buckets:
