@@ -1,11 +1,13 @@
 """Content policies at their limits, on a real worker (mTLS, real Redis): crafted inputs
-checked off the event loop in bounded time, a budget per request, cards written next to
-their expiry, output matches longer than the scan window or cut by its edges, samples
-bounded in bytes."""
+checked off the event loop in bounded time, a budget per request, short inputs never
+queued behind other tenants' big checks or sample builds, cards written next to their
+expiry, output matches longer than the scan window or cut by its edges, samples bounded
+in bytes."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 
@@ -17,11 +19,12 @@ import regex
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from services.inference.pipeline import samples
+from services.inference.pipeline import content, pii, samples
 from services.inference.pipeline.policy import CHECK_TIME_RULE, PatternRule, Policy
 from services.router.policies import SampleSettings
 from tests.integration import test_content_policy as base
 from tests.integration.test_content_policy import _attach, _generate, _metadata
+from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.inference.v2 import inference_pb2 as resources
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
@@ -274,4 +277,81 @@ async def test_older_samples_without_sizes_and_long_backlogs_are_trimmed_too(red
         assert ids == ["r402", "r403"]
     finally:
         await client.delete(key)
+        await client.aclose()
+
+
+def _prose(chars: int, seed: int) -> str:
+    """Returns harmless prose with PII in it (every detector has work)."""
+    rng = random.Random(seed)
+    words = (
+        "the quick brown fox jumps over the lazy dog call 555-123-4567 mail "
+        "john.doe@example.com ip 10.0.0.1 and then some more text"
+    ).split()
+    return " ".join(rng.choice(words) for _ in range(chars // 4))[:chars]
+
+
+async def _queued_checks(count: int) -> None:
+    """Waits until `count` input checks wait for a check thread (all of them busy)."""
+    async with asyncio.timeout(30):
+        while content._CHECKS._work_queue.qsize() < count:
+            await asyncio.sleep(0.01)
+
+
+async def test_a_short_prompt_is_not_queued_behind_another_tenant_s_big_checks(
+    model_server, catalog, tenant
+):
+    # Tenant A's Embeds of 256 x 8 K characters take ~1 s each to check on the two
+    # check threads; tenant B's policy has one keyword, so its 11-character input
+    # went to the same threads, first come first served, and waited 1.2-3.4 s.
+    service, channel = model_server
+    stub = rpc.InferenceServiceStub(channel)
+    big = [_prose(8000, seed) for seed in range(255)] + ["card 4111 1111 1111 1111"]
+    detectors = {d: "redact" for d in pii.DETECTORS} | {"card": "block"}
+    await _attach(service, catalog, tenant, Policy(f"pii-{tenant}", 0, pii=detectors))
+    other = f"b-{tenant}"
+    keyword = Policy(f"kw-{tenant}", 0, block_keywords=(PatternRule("forbidden"),))
+    await _attach(service, catalog, other, keyword)
+    heavy = [
+        asyncio.ensure_future(
+            stub.Embed(pb.EmbedRequest(model=EMBEDDER, inputs=big), metadata=_metadata(tenant))
+        )
+        for _ in range(4)
+    ]
+    try:
+        await _queued_checks(2)  # two checking, two waiting
+        started = time.perf_counter()
+        await stub.Embed(
+            pb.EmbedRequest(model=EMBEDDER, inputs=["hello there"]), metadata=_metadata(other)
+        )
+        waited = time.perf_counter() - started
+        assert waited < 1.0, f"the short input waited {waited:.2f} s"  # ~10 ms alone
+        assert not any(call.done() for call in heavy)  # answered before any big check ended
+    finally:
+        for call in await asyncio.gather(*heavy, return_exceptions=True):
+            assert isinstance(call, grpc.aio.AioRpcError), call
+            assert call.code() == grpc.StatusCode.INVALID_ARGUMENT  # checked to the end
+
+
+async def test_sample_builds_never_queue_ahead_of_an_input_check(redis_url):
+    # Samples were built on the check threads: a burst of sampled requests (every
+    # detector on up to nine texts each) delayed every tenant's next input check.
+    client = aioredis.from_url(redis_url)
+    tenant = f"sb-{uuid.uuid4().hex[:8]}"
+    text = _prose(samples.MAX_TEXT_CHARS, 1)
+    try:
+        for i in range(8):
+            sampled = content.RequestContent(sampled=True, redis=client, input_text=text)
+            event = inference_pb2.UsageEvent(request_id=f"r{i}", tenant=tenant, key_id="k")
+            sampled.record(event, [text] * 8)
+        await asyncio.sleep(0)  # each write task starts: its build is submitted
+        policy = Policy("kw", 1, block_keywords=(PatternRule("forbidden"),))
+        checked = await content._check([policy], [_prose(4000, 2)], "prompt")
+        assert checked.hits == []
+        # Each build takes ~0.1 s: none of the eight was ahead of the check.
+        assert await client.xlen(samples.stream_key(tenant)) <= 1
+        async with asyncio.timeout(60):
+            while await client.xlen(samples.stream_key(tenant)) < 8:
+                await asyncio.sleep(0.05)
+    finally:
+        await client.delete(samples.stream_key(tenant))
         await client.aclose()

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
+import threading
+import time
+from collections.abc import Iterator
+
 import pytest
+import regex
 
 from services.core.errors import InvalidArgument
+from services.inference.pipeline import content
 from services.inference.pipeline.policy import (
+    CHECK_BUDGET_S,
+    REGEX_TIMEOUT_S,
     ContentPolicyViolation,
+    InputCheck,
     OutputFilter,
     PatternRule,
     Policy,
     check_input,
+    try_check_input,
 )
 
 
@@ -338,3 +350,92 @@ def test_a_sample_is_bounded_in_bytes_and_keeps_a_share_of_every_text():
     assert len(sample.SerializeToString()) <= 32 * 1024  # MAX_SAMPLE_BYTES, documented
     assert sample.outputs[-1] == "short" and len(sample.input) > 1000
     assert all(len(o) > 1000 for o in sample.outputs[:-1])
+
+
+@contextlib.contextmanager
+def _busy_threads(count: int) -> Iterator[None]:
+    """Keeps `count` threads of this process on the CPU (searching with the GIL
+    released), as the engine's threads and the other check thread are on a busy
+    worker."""
+    stop = threading.Event()
+    text = "ab" * 100_000
+
+    def burn() -> None:
+        digit = regex.compile(r"\d")
+        while not stop.is_set():
+            digit.search(text, concurrent=True)
+
+    threads = [threading.Thread(target=burn, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
+def _words_costing(pattern, seconds: float) -> str:
+    """Returns harmless prose that `pattern` takes about `seconds` of CPU to search."""
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over the lazy dog and then some more text".split()
+    sample = " ".join(rng.choice(words) for _ in range(4000))
+    started = time.thread_time()
+    for _ in range(5):
+        assert pattern.search(sample) is None
+    per_char = (time.thread_time() - started) / (5 * len(sample))
+    return (sample + " ") * max(1, round(seconds / per_char / (len(sample) + 1)))
+
+
+def test_a_harmless_input_is_not_blocked_when_other_threads_use_the_cpu():
+    # The regex package's timeout counts the whole process's CPU time: with other
+    # threads busy, a search of ~half the 50 ms limit ran out after ~12 ms of its
+    # own and the rule "matched" (19 of 20 long prompts blocked under load).
+    policy = _policy(block_patterns=(PatternRule(r"(?i)[a-z]+ [a-z]+ [a-z]+ [a-z]+ 42"),))
+    (_, pattern, _) = policy.input_rules[0]
+    text = _words_costing(pattern, 0.4 * REGEX_TIMEOUT_S)
+    blocked = []
+    with _busy_threads(3):
+        for _ in range(8):
+            try:
+                check_input([policy], [text], "prompt")
+            except ContentPolicyViolation as caught:
+                blocked.append(caught.metadata["rule"])
+    assert blocked == []
+
+
+@pytest.mark.parametrize("busy", [0, 3])
+def test_a_catastrophic_pattern_is_still_stopped_within_the_budget_under_load(busy):
+    # A search tried again after other threads used up its limit is bounded too.
+    policy = _policy(block_patterns=(PatternRule(r"(a|aa)+$"),))
+    with _busy_threads(busy):
+        started = time.thread_time()
+        with pytest.raises(ContentPolicyViolation) as caught:
+            check_input([policy], ["a" * 40 + "!"], "prompt")
+        spent = time.thread_time() - started
+    assert caught.value.metadata["rule"] == "block_pattern:0"  # the rule, fail closed
+    assert spent < CHECK_BUDGET_S, f"{spent:.2f} s of CPU"
+
+
+def test_a_check_within_a_small_budget_decides_nothing_once_it_runs_out():
+    slow = _policy(block_patterns=(PatternRule(r"[a-z]+\d{4}"),))  # ~10 ms on 1,700 letters
+    assert try_check_input([slow], ["a" * 1700], "prompt", 0.002) is None
+    assert try_check_input([slow], ["short"], "prompt", 0.002) == InputCheck(["short"])
+    keyword = _policy(block_keywords=(PatternRule("forbidden"),))
+    with pytest.raises(ContentPolicyViolation):
+        try_check_input([keyword], ["a forbidden word"], "prompt", 0.002)
+
+
+async def test_a_short_input_too_slow_for_the_event_loop_is_decided_on_a_thread():
+    # Short inputs are checked on the loop within a few ms; a rule slower than that
+    # on them is decided on a check thread: never let through, never blocked for it.
+    slow = _policy(block_patterns=(PatternRule(r"[a-z]+\d{4}"),))
+    assert (await content._check([slow], ["a" * 1700], "prompt")).hits == []
+    catastrophic = _policy(block_patterns=(PatternRule(r"(a|aa)+$"),))
+    started = time.thread_time()  # the event loop's thread: this one
+    with pytest.raises(ContentPolicyViolation) as caught:
+        await content._check([catastrophic], ["a" * 40 + "!"], "prompt")
+    assert caught.value.metadata["rule"] == "block_pattern:0"
+    held = time.thread_time() - started
+    assert held < REGEX_TIMEOUT_S / 2, f"the loop spent {held * 1000:.0f} ms"

@@ -30,13 +30,18 @@ the v2 servicer, so v1 and the OpenAI surface get it too):
 With no policy attached and no sampling, `admit` is two dict lookups and the
 stream is not wrapped: the disabled path costs what it cost before.
 
-The input check runs on the event loop only when it is certainly short: no
-admin regex and at most INLINE_CHECK_CHARS of text (the detectors are
-linear). Otherwise it runs on one of CHECK_THREADS threads of its own (not
-the default executor, which tokenizes every request), within its budget
-(policy.CHECK_BUDGET_S): a 256-input Embed of crafted text held the loop,
-and every stream of the worker, for ~45 s. Samples are built (every detector
-on up to nine texts) on those threads too.
+The input check runs on the event loop when it is certainly short: no admin
+regex and at most INLINE_CHECK_CHARS of text (the detectors are linear), or
+at most INLINE_REGEX_CHARS with admin regexes, tried within
+INLINE_REGEX_BUDGET_S of CPU time (a slow rule may take longer: then it is
+checked again on a thread). Otherwise it runs on one of CHECK_THREADS
+threads of its own (not the default executor, which tokenizes every
+request), within its budget (policy.CHECK_BUDGET_S): a 256-input Embed of
+crafted text held the loop, and every stream of the worker, for ~45 s. The
+threads are shared by every tenant, first come first served: a policy with
+one keyword sent an 11-character prompt behind another tenant's big checks
+(1.2-3.4 s). Samples are built (every detector on up to nine texts) on a
+thread of their own, so they never queue ahead of a check.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from services.inference.pipeline.policy import (
     Policy,
     check_input,
     policy_labels,
+    try_check_input,
 )
 from services.inference.policy_cache import PolicyCache
 from services.inference.templates import Message
@@ -78,9 +84,18 @@ CONTENT_FILTER = "content_filter"
 #: Inputs up to this many characters (all texts together), under policies without
 #: admin regexes, are checked on the event loop (the thread hop costs more).
 INLINE_CHECK_CHARS = 16 * 1024
-#: Input checks and sample builds running at once; more wait for a thread.
+#: Inputs up to this many characters, under policies with admin regexes, are
+#: checked on the event loop first, within INLINE_REGEX_BUDGET_S.
+INLINE_REGEX_CHARS = 2 * 1024
+#: The CPU time a check on the event loop may take, in seconds: one that needs
+#: more (a slow admin regex) is checked again, from the start, on a thread. It
+#: bounds how long one request's rules can hold every stream of the worker.
+INLINE_REGEX_BUDGET_S = 0.005
+#: Input checks running at once; more wait for a thread.
 CHECK_THREADS = 2
 _CHECKS = concurrent.futures.ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="content")
+# Sample builds: best-effort, never ahead of a check in the queue.
+_SAMPLES = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="content-samples")
 POLICY_HITS = Counter(
     "tokenmesh_policy_hits_total",
     "Content-policy rules that fired, by policy (name@version), rule, action and direction.",
@@ -215,7 +230,7 @@ async def _write_sample(
     redis: aioredis.Redis, build: functools.partial[Any], max_bytes: int
 ) -> None:
     """Builds a sample off the event loop (every detector on every text), writes it."""
-    sample = await asyncio.get_running_loop().run_in_executor(_CHECKS, build)
+    sample = await asyncio.get_running_loop().run_in_executor(_SAMPLES, build)
     await samples.write(redis, sample, max_bytes)
 
 
@@ -238,9 +253,15 @@ def with_texts(spec: GenerationSpec, texts: Sequence[str]) -> GenerationSpec:
 
 async def _check(policies: Sequence[Policy], texts: Sequence[str], field_name: str) -> InputCheck:
     """Runs `check_input`: on the loop when it is certainly short, else on a thread."""
-    short = sum(len(t) for t in texts) <= INLINE_CHECK_CHARS
-    if not policies or (short and not any(p.input_rules for p in policies)):
+    chars = sum(len(t) for t in texts)
+    regexes = any(p.input_rules for p in policies)
+    if not policies or (chars <= INLINE_CHECK_CHARS and not regexes):
         return check_input(policies, texts, field_name)  # nothing to check, or linear
+    if chars <= INLINE_REGEX_CHARS:
+        # Admin rules may be slow on any text: tried within a few ms, else on a thread.
+        checked = try_check_input(policies, texts, field_name, INLINE_REGEX_BUDGET_S)
+        if checked is not None:
+            return checked
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(
         _CHECKS, functools.partial(check_input, policies, list(texts), field_name)

@@ -20,8 +20,10 @@ ErrorInfo reason CONTENT_POLICY and metadata {policy, rule}.
 
 Regexes come from admins but run on every request, so they are compiled
 with the `regex` package and every search has a time limit
-(`REGEX_TIMEOUT_S`): a catastrophic pattern costs at most that, and then
-counts as a match (fail closed: the text is not let through unchecked).
+(`REGEX_TIMEOUT_S`): a catastrophic pattern costs about that, and then
+counts as a match (fail closed: the text is not let through unchecked). On
+input the limit is the checking thread's own CPU time (the package counts the
+whole process's, which other threads use up: `_Budget.search`).
 Patterns are also bounded in length and number when a policy is created.
 Checking one request's input has a budget of its own (`CHECK_BUDGET_S` of
 CPU time for every policy, rule, detector and text together): the limit per
@@ -273,16 +275,22 @@ class Policy:
         )
 
 
-def _search(pattern: Any, text: str) -> bool:
-    """Tells whether `pattern` occurs in `text`; a search out of time counts as found."""
-    try:
-        return pattern.search(text, timeout=REGEX_TIMEOUT_S) is not None
-    except TimeoutError:
-        return True  # fail closed: an admin pattern too slow to decide blocks
-
-
 class _OutOfTime(Exception):
-    """_OutOfTime is a request's input check that spent its CHECK_BUDGET_S."""
+    """_OutOfTime is a request's input check that spent its budget (`policy`: the one
+    being checked then)."""
+
+    policy: Policy | None = None
+
+
+# A search whose time limit ran out is tried again when this thread had less than
+# this share of the limit (the rest was other threads' CPU time), up to _SEARCH_TRIES
+# times in all; each retry's limit is scaled by how little of the process's CPU time
+# the thread had, and _RETRY_MARGIN more for load that grows meanwhile.
+_OWN_SHARE = 0.9
+_SEARCH_TRIES = 4
+_RETRY_MARGIN = 2.0
+# The least own CPU time a retry's scale is computed from (a thread that barely ran).
+_MIN_OWN_S = 0.0005
 
 
 class _Budget:
@@ -305,17 +313,41 @@ class _Budget:
     def search(self, pattern: Any, text: str) -> bool:
         """Tells whether `pattern` occurs in `text` (out of time: found, fail closed).
 
+        A search may take REGEX_TIMEOUT_S of this thread's CPU time (less when
+        the budget has less left: then the request is out of time, not the rule).
+
+        NOTE(clock): the `regex` package's `timeout` counts the whole process's
+        CPU time, not this thread's. Its limit ran out after a fraction of that
+        whenever other threads ran (the other check thread, the engine's BLAS
+        threads, tokenizers), and a harmless text was blocked by a rule it does
+        not match (19 of 20 long prompts, two checks at once, the engine busy).
+        So a try is timed with this thread's clock: one that ran out before the
+        thread itself spent the limit is tried again with a limit scaled to the
+        share of the process's CPU time the thread had; only a try in which the
+        thread spent its limit fails closed. The budget bounds the retries: a
+        catastrophic pattern still costs about the limit (a few times it under
+        load), never more than the budget.
+
         `concurrent`: the GIL is released while it runs, so a check on a worker
         thread leaves the event loop running.
         """
-        left = self.left()
-        try:
-            found = pattern.search(text, timeout=min(REGEX_TIMEOUT_S, left), concurrent=True)
-        except TimeoutError:
-            if left < REGEX_TIMEOUT_S:
-                raise _OutOfTime from None  # the request's budget ran out, not the rule's
-            return True
-        return found is not None
+        scale = 1.0
+        for _ in range(_SEARCH_TRIES):
+            left = self.left()
+            limit = min(REGEX_TIMEOUT_S, left)  # this thread's CPU time for the search
+            own, process = time.thread_time(), time.process_time()
+            try:
+                found = pattern.search(text, timeout=min(limit * scale, left), concurrent=True)
+            except TimeoutError:
+                own, process = time.thread_time() - own, time.process_time() - process
+            else:
+                return found is not None
+            if own >= _OWN_SHARE * limit:  # this thread spent the limit itself
+                if limit < REGEX_TIMEOUT_S:
+                    raise _OutOfTime  # the request's budget ran out, not the rule's
+                return True
+            scale = _RETRY_MARGIN * process / max(own, _MIN_OWN_S)
+        raise _OutOfTime  # other threads' CPU time used up every try: fail closed
 
 
 @dataclass
@@ -348,15 +380,43 @@ def check_input(
         ContentPolicyViolation: a rule with action block fired, or the check ran
             out of its budget (rule "check_time" of the policy being checked).
     """
+    try:
+        return _check_all(policies, texts, field_name, _Budget(budget_s))
+    except _OutOfTime as out:
+        assert out.policy is not None
+        hit = out.policy.hit(CHECK_TIME_RULE, BLOCK, INPUT)
+        why = f"the input took over {budget_s:g} s to check"
+        raise ContentPolicyViolation(hit, field_name, why) from None
+
+
+def try_check_input(
+    policies: Sequence[Policy], texts: Sequence[str], field_name: str, budget_s: float
+) -> InputCheck | None:
+    """Checks like `check_input`, but decides nothing when `budget_s` runs out.
+
+    For a first try within a small budget (on the event loop): out of it, the
+    text is neither let through nor blocked, and returns None (check it again,
+    with the whole budget, elsewhere). Its hits are not counted anywhere.
+
+    Raises:
+        ContentPolicyViolation: a rule with action block fired.
+    """
+    try:
+        return _check_all(policies, texts, field_name, _Budget(budget_s))
+    except _OutOfTime:
+        return None
+
+
+def _check_all(
+    policies: Sequence[Policy], texts: Sequence[str], field_name: str, budget: _Budget
+) -> InputCheck:
     result = InputCheck(list(texts))
-    budget = _Budget(budget_s)
     for policy in policies:
         try:
             _check_policy(policy, result, field_name, budget)
-        except _OutOfTime:
-            hit = policy.hit(CHECK_TIME_RULE, BLOCK, INPUT)
-            why = f"the input took over {budget_s:g} s to check"
-            raise ContentPolicyViolation(hit, field_name, why) from None
+        except _OutOfTime as out:
+            out.policy = policy
+            raise
     return result
 
 
