@@ -98,7 +98,8 @@ def _address(args: argparse.Namespace) -> str:
     manifest = _state_dir() / "run" / "mesh.json"
     if not manifest.exists():
         raise SystemExit(
-            f"tokenmesh: no local mesh at {manifest} (start `make run`, or pass --{via}-address)"
+            f"tokenmesh: no local mesh at {manifest} (start `make run`, set "
+            f"TOKENMESH_STATE_DIR to its state directory, or pass --{via}-address)"
         )
     mesh = json.loads(manifest.read_text())
     if args.target not in EDGE_TARGETS:
@@ -689,7 +690,10 @@ def _redis_url() -> str:
     manifest = _state_dir() / "run" / "mesh.json"
     url = json.loads(manifest.read_text()).get("redis_url") if manifest.exists() else None
     if not url:
-        raise SystemExit(f"tokenmesh: no REDIS_URL and no local mesh at {manifest}")
+        raise SystemExit(
+            f"tokenmesh: no REDIS_URL and no local mesh at {manifest} "
+            "(set TOKENMESH_STATE_DIR to its state directory)"
+        )
     return str(url)
 
 

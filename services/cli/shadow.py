@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from google.protobuf import duration_pb2, json_format
@@ -19,6 +19,8 @@ from tokenmesh.router.v1 import router_pb2
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
 
 TIMEOUT_S = 30.0
+# One cell of the comparison table: a version's side -> its text.
+Cell = Callable[[router_pb2.VersionComparison], str]
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SPAN = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 
@@ -111,7 +113,19 @@ def _lengths(side: router_pb2.VersionComparison) -> str:
     return f"{out.mean:.1f} / {out.p50} / {out.p90} / {out.max}"
 
 
-ROWS = (
+def _measured(side: router_pb2.VersionComparison) -> bool:
+    """Tells whether any request of the window had log-probabilities. The reply has no
+    presence for the two means (0.0 when none had any, e.g. only v1 Completes), and a
+    measured window's confidence, a geometric-mean token probability, is above 0."""
+    return side.mean_confidence > 0 or side.mean_logprob != 0
+
+
+def _quality(value: Callable[[router_pb2.VersionComparison], float]) -> Cell:
+    """A quality figure's cell: `-` when nothing measured it (0.000 read as "certain")."""
+    return lambda side: f"{value(side):.3f}" if _measured(side) else "-"
+
+
+ROWS: tuple[tuple[str, Cell], ...] = (
     ("requests", lambda s: str(s.requests)),
     ("ttft p50/p99 ms", lambda s: _ms(s.time_to_first_token)),
     ("itl p50/p99 ms", lambda s: _ms(s.inter_token_latency)),
@@ -119,8 +133,8 @@ ROWS = (
     ("error rate", lambda s: f"{s.error_rate:.3f}"),
     ("finish reasons", _reasons),
     ("output tokens mean/p50/p90/max", _lengths),
-    ("mean token logprob", lambda s: f"{s.mean_logprob:.3f}"),
-    ("mean confidence", lambda s: f"{s.mean_confidence:.3f}"),
+    ("mean token logprob", _quality(lambda s: s.mean_logprob)),
+    ("mean confidence", _quality(lambda s: s.mean_confidence)),
 )
 
 

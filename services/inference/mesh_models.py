@@ -14,12 +14,17 @@ merged (`merge`). A worker answers from that merged with its own registry,
 which it knows fresher than the router does. The view is a heartbeat old at
 most; one the router has not refreshed for a lease is dropped (a worker
 cut off from the router answers for itself only).
+
+The default version is the one the edge routes a request that pins none to
+(the catalogue's pin, else the largest share of the split), which the router
+sends with the models: a worker's own rule (its newest READY version) named
+the canary at 0% of the traffic while every unpinned request got version 1.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from services.inference.model_merge import merge
 from services.inference.models import ModelRegistry, model_not_found
@@ -71,11 +76,19 @@ class MeshModels:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
         self._others: dict[str, inference_pb2.Model] = {}
+        self._routed: dict[str, str] = {}  # model -> the version unpinned requests get
         self._others_until = 0.0  # time.monotonic()
 
-    def update(self, others: Sequence[inference_pb2.Model], valid_s: float) -> None:
-        """Takes the other workers' models as the router sent them, for `valid_s` seconds."""
+    def update(
+        self,
+        others: Sequence[inference_pb2.Model],
+        valid_s: float,
+        routed: Mapping[str, str] | None = None,
+    ) -> None:
+        """Takes the other workers' models and each model's routed version (for
+        requests that pin none) as the router sent them, for `valid_s` seconds."""
         self._others = merge(others)
+        self._routed = dict(routed or {})
         self._others_until = time.monotonic() + valid_s
 
     def _fresh_others(self) -> dict[str, inference_pb2.Model]:
@@ -87,6 +100,9 @@ class MeshModels:
 
     def describe(self, name: str) -> inference_pb2.Model:
         """Returns a model with the versions of every worker; NotFound if none serves it."""
+        return self._routed_default(self._merged(name))
+
+    def _merged(self, name: str) -> inference_pb2.Model:
         other = self._fresh_others().get(name)
         if name not in self.registry.names():
             if other is None:
@@ -96,3 +112,18 @@ class MeshModels:
         if other is None:
             return local
         return merge([local, other])[name]  # its own first: fresher than the router's
+
+    def _routed_default(self, model: inference_pb2.Model) -> inference_pb2.Model:
+        """Names the version the edge routes unpinned requests to as the default; the
+        worker's own rule stands while the router has said nothing fresh (a worker
+        cut off from it), or names a version no worker describes."""
+        fresh = time.monotonic() < self._others_until
+        routed = self._routed.get(model.name, "") if fresh else ""
+        if not routed or routed == model.default_version:
+            return model
+        if not any(v.version == routed for v in model.versions):
+            return model
+        answer = inference_pb2.Model()
+        answer.CopyFrom(model)  # the router's merged copy is shared: not changed in place
+        answer.default_version = routed
+        return answer

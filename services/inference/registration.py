@@ -21,7 +21,7 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -38,6 +38,9 @@ from tokenmesh.type.v1 import types_pb2
 
 logger = logging.getLogger(__name__)
 _RPC_TIMEOUT_S = 2.0
+# Takes a heartbeat's answer: the other workers' models, how long they stay valid,
+# and each model's version for requests that pin none (services.inference.mesh_models).
+MeshModelsListener = Callable[[Sequence[inference_pb2.Model], float, Mapping[str, str]], None]
 
 
 # Answers that mean the router will never accept this worker as it is configured.
@@ -102,8 +105,9 @@ class Registration:
         load: returns the worker's load, sent with every heartbeat (None: none).
         token: the lease token this worker registers with (see the module).
         served: returns every model of the worker, described (services.inference.mesh_models).
-        on_mesh_models: takes the other workers' models from each heartbeat's answer, and
-            how long they stay valid without another (a lease).
+        on_mesh_models: takes the other workers' models from each heartbeat's answer,
+            how long they stay valid without another (a lease), and each model's version
+            for requests that pin none (the catalogue's routing).
     """
 
     def __init__(
@@ -116,7 +120,7 @@ class Registration:
         load: Callable[[], router_pb2.WorkerLoad] | None = None,
         token: str = "",
         served: Callable[[], Sequence[inference_pb2.Model]] | None = None,
-        on_mesh_models: Callable[[Sequence[inference_pb2.Model], float], None] | None = None,
+        on_mesh_models: MeshModelsListener | None = None,
     ) -> None:
         self.worker_id = worker_id
         self._token = token
@@ -223,7 +227,8 @@ class Registration:
             timeout=_RPC_TIMEOUT_S,
         )
         if self._on_mesh_models is not None:
-            self._on_mesh_models(response.mesh_models, self._lease_s)
+            routed = dict(response.routed_versions)
+            self._on_mesh_models(response.mesh_models, self._lease_s, routed)
         if response.drain:
             logger.info("the router asked this worker to drain")
             os.kill(os.getpid(), signal.SIGTERM)  # the same path as an operator's SIGTERM

@@ -7,7 +7,10 @@ JobsService.CreateJob would (same checks, same owner), and:
 
 - with `wait=N` the item gets up to N seconds (at most MAX_WAIT_S): finished
   by then, the answer is the Complete response itself (200, in the shape the
-  client's API version prints), or its error;
+  client's API version prints) with the headers of the direct call's answer
+  that the item's result knows (x-request-id, x-model-version, and a deprecated
+  model version's Deprecation and Sunset, which the edge's version routes add
+  to the direct call's), or its error;
 - otherwise, or when it is not finished by then, the answer is `202 Accepted`
   with `Location: /v1/jobs/{id}`, `Preference-Applied: respond-async` and the
   job as JSON (what GET /v1/jobs/{id} answers).
@@ -32,6 +35,7 @@ on a request it hands over (the job's item would fail NOT_FOUND anyway).
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import time
 from collections.abc import Callable, Mapping
 
@@ -49,6 +53,7 @@ from services.inference.v2 import validation as v2_validation
 from services.jobs import views, workers
 from services.jobs.servicer import JobsServicer
 from services.jobs.store import FINAL, JobStore
+from services.router.catalog import CATALOG_KEY, ModelEntry
 from tokenmesh.jobs.v1 import handover_service_pb2 as pb
 from tokenmesh.jobs.v1 import handover_service_pb2_grpc, jobs_pb2
 from tokenmesh.jobs.v1 import jobs_service_pb2 as jobs_pb
@@ -58,6 +63,7 @@ PREFER_HEADER = "prefer"
 MAX_WAIT_S = 60.0
 FIRST_POLL_S, MAX_POLL_S = 0.02, 0.25
 JSON = "application/json"
+REQUEST_ID_HEADER, MODEL_VERSION_HEADER = "x-request-id", "x-model-version"
 # A finished item's v2 response -> the message the client's API version answers.
 Shape = Callable[[jobs_pb2.JobResult], Message]
 
@@ -85,6 +91,18 @@ def _print(message: Message) -> bytes:
         always_print_fields_with_no_presence=True,
         indent=None,
     ).encode()
+
+
+def deprecation_headers(entry: ModelEntry, version: str) -> list[tuple[str, str]]:
+    """RFC 9745 Deprecation and RFC 8594 Sunset of a deprecated model version, as the
+    edge's route for that version adds them (services.router.snapshot)."""
+    found = entry.version(version)
+    if found is None or found.deprecated_at is None:
+        return []
+    headers = [("deprecation", f"@{int(found.deprecated_at)}")]
+    if found.sunset_at is not None:
+        headers.append(("sunset", email.utils.formatdate(found.sunset_at, usegmt=True)))
+    return headers
 
 
 def _status_code(number: int) -> grpc.StatusCode:
@@ -142,7 +160,21 @@ class HandoverServicer(handover_service_pb2_grpc.HandoverServiceServicer):
             return await self._accepted(job.id, context)
         if result.HasField("error"):
             await context.abort(_status_code(result.error.grpc_code), result.error.message)
+        await context.send_initial_metadata(await self._answer_headers(result))
         return HttpBody(content_type=JSON, data=_print(shape(result)))
+
+    async def _answer_headers(self, result: jobs_pb2.JobResult) -> list[tuple[str, str]]:
+        """The headers a direct Complete's answer carries that the item's result knows
+        (not which worker served it, nor how its cache did: x-tokenmesh-worker and
+        x-tokenmesh-cache are absent). Without them a client that switched to `wait`
+        lost the version it was served by and the signal that it is deprecated."""
+        model = result.complete.model
+        request_id = result.request_id or result.complete.request_id
+        headers = [(REQUEST_ID_HEADER, request_id), (MODEL_VERSION_HEADER, model.version)]
+        raw = await self.store.redis.hget(CATALOG_KEY, model.name)
+        if raw is not None:
+            headers += deprecation_headers(ModelEntry.from_json(model.name, raw), model.version)
+        return headers
 
     async def _result_within(self, job_id: str, wait_s: float) -> jobs_pb2.JobResult | None:
         """Returns the item's result once stored, or None when `wait_s` passed first."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -22,7 +22,7 @@ from services.core.server import RunningServer
 from services.core.settings import RedisSettings, env, require
 from services.router import snapshot
 from services.router.addresses import HostResolver
-from services.router.catalog import Catalog, now, sync_clock
+from services.router.catalog import Catalog, ModelEntry, now, sync_clock
 from services.router.pin_store import PinStore
 from services.router.prompts import PromptCatalog
 from services.router.registry import WorkerRegistry
@@ -33,7 +33,8 @@ from services.router.xds import AdsServicer, ControlPlane
 from tokenmesh.auth.v1 import auth_service_pb2
 from tokenmesh.inference.v1 import inference_service_pb2
 from tokenmesh.inference.v2 import inference_service_pb2 as inference_v2_service_pb2
-from tokenmesh.openai.v1 import openai_service_pb2
+from tokenmesh.jobs.v1 import jobs_service_pb2
+from tokenmesh.openai.v1 import openai_batch_service_pb2, openai_service_pb2
 from tokenmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
 from tokenmesh.usage.v1 import usage_service_pb2
 from tokenmesh.usage.v2 import usage_service_pb2 as usage_v2_service_pb2
@@ -43,6 +44,10 @@ logger = logging.getLogger(__name__)
 ROUTER_SERVICE = router_service_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 REGISTRY_SERVICE = router_service_pb2.DESCRIPTOR.services_by_name["WorkerRegistryService"].full_name
 ADS_SERVICE = ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"].full_name
+# What reflection lists at the edge: every service a client may call there (the edge's
+# transcoded services, gateway.envoy_config.TRANSCODED_SERVICES; a unit test keeps the
+# two equal). Not the internal ones (WorkerRegistryService: workers only), nor the
+# edge's own plumbing (HandoverService: a REST `Prefer: respond-async`).
 PUBLIC_SERVICES = (
     auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
     ROUTER_SERVICE,
@@ -51,7 +56,18 @@ PUBLIC_SERVICES = (
     openai_service_pb2.DESCRIPTOR.services_by_name["OpenAIService"].full_name,
     usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
     usage_v2_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    jobs_service_pb2.DESCRIPTOR.services_by_name["JobsService"].full_name,
+    openai_batch_service_pb2.DESCRIPTOR.services_by_name["OpenAIBatchService"].full_name,
 )
+
+
+def routed_versions(models: Mapping[str, ModelEntry], at: float) -> dict[str, str]:
+    """Returns each model's version for requests that pin none, as the edge routes
+    them: the pin, else the largest share of the split (the version other models
+    fall back to); what ListModels reports as its default_version."""
+    return {
+        name: version for name, model in models.items() if (version := model.primary_version(at))
+    }
 
 
 @dataclass(frozen=True)
@@ -120,6 +136,8 @@ class RouterService(RedisBackedService):
         # Until workers had a lease period to renew, expired leases still count.
         self._lease_grace_until = time.monotonic() + settings.lease_s
         self.pin_store = PinStore(self.redis)  # the last prefix pins, shared by replicas
+        # Each model's version for requests that pin none, as the last build routed it.
+        self.routed_versions: dict[str, str] = {}
 
     async def _build(self, flavours: Sequence[EdgeFlags]) -> list[Resources]:
         """Reads the catalogue and the workers once; builds each flavour's resources."""
@@ -138,6 +156,7 @@ class RouterService(RedisBackedService):
             # Heartbeats fail while Redis does: give workers a lease period after it is back.
             self._lease_grace_until = time.monotonic() + self.lease_s
             raise
+        self.routed_versions = routed_versions(models, at)
         built = [
             snapshot.build(models, workers, at, flags, self.options, grace, last_pins=last_pins)
             for flags in flavours
@@ -159,7 +178,7 @@ class RouterService(RedisBackedService):
         return [ROUTER_SERVICE, REGISTRY_SERVICE, ADS_SERVICE]
 
     def reflection_names(self) -> Sequence[str]:
-        return [*PUBLIC_SERVICES, REGISTRY_SERVICE]
+        return list(PUBLIC_SERVICES)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         refresh = self.plane.refresh
@@ -174,7 +193,10 @@ class RouterService(RedisBackedService):
             server,
         )
         router_service_pb2_grpc.add_WorkerRegistryServiceServicer_to_server(
-            WorkerRegistryServicer(self.catalog, self.registry, refresh), server
+            WorkerRegistryServicer(
+                self.catalog, self.registry, refresh, lambda: self.routed_versions
+            ),
+            server,
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
             AdsServicer(self.plane), server

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -538,10 +538,19 @@ class RouterServicer(PolicyRpcs, ShadowRpcs, pb_grpc.RouterServiceServicer):
 class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
     """WorkerRegistryServicer is where workers register, heartbeat and drain."""
 
-    def __init__(self, catalog: Catalog, registry: WorkerRegistry, refresh: Refresh) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        registry: WorkerRegistry,
+        refresh: Refresh,
+        routed_versions: Callable[[], Mapping[str, str]] = dict,
+    ) -> None:
         self.catalog = catalog
         self.registry = registry
         self.refresh = refresh
+        # Each model's version for requests that pin none, as the edge's routes were
+        # last built: workers report it as the default (a heartbeat reads no Redis).
+        self.routed_versions = routed_versions
         # The versions this replica registered in the catalogue. A heartbeat whose new
         # models were stored but whose catalogue registration failed (Redis, or a busy
         # catalogue's UNAVAILABLE) registers them at the worker's next heartbeat: the
@@ -596,6 +605,7 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
             lease_expire_time=_timestamp(worker.lease_expires_at),
             drain=worker.state == DRAINING,
             mesh_models=mesh_models(renewal.others),
+            routed_versions=self.routed_versions(),
         )
 
     async def DrainWorker(

@@ -251,6 +251,25 @@ def test_a_deprecated_model_version_and_v1_announce_the_earliest_sunset(versione
     )
 
 
+def test_a_complete_handed_over_and_answered_in_time_carries_the_direct_answer_s_headers(
+    versioned, http, edge
+):
+    # The 200 of `Prefer: respond-async, wait=N` had none of them: a client that
+    # switched to it lost the version that served it and its deprecation.
+    _deprecate_model_version(versioned, edge, 4086460800)  # 2099-06-30, as the test above
+    for path, body in ((V2_COMPLETE, V2_BODY), (V1_COMPLETE, V1_BODY)):
+        pinned = {**body, "version": "2"}
+        direct = http.post(path, json=pinned)
+        waited = http.post(path, json=pinned, headers=WAIT_OR_ASYNC)
+        assert direct.status_code == waited.status_code == 200, (direct.text, waited.text)
+        for name in ("x-model-version", "deprecation", "sunset", "link"):
+            assert _values(waited.headers, name) == _values(direct.headers, name), (path, name)
+        assert waited.headers["x-model-version"] == "2"
+        assert waited.headers["sunset"] == formatdate(4086460800, usegmt=True)
+        assert waited.headers["x-request-id"].startswith("job-"), dict(waited.headers)
+        assert "x-request-id" in direct.headers
+
+
 @pytest.fixture(scope="module")
 def retired(versioned: Mesh, http: httpx.Client) -> Mesh:
     """The same mesh after the operator moved v1's sunset into the past (worker and jobs

@@ -9,6 +9,7 @@ from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
+from gateway import envoy_config
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 
@@ -60,6 +61,22 @@ def test_reflection_through_the_edge_lists_the_four_services(channel):
     reply = _reflect(channel, reflection_pb2.ServerReflectionRequest(list_services=""))
     names = {s.name for s in reply.list_services_response.service}
     assert PUBLIC_SERVICES <= names
+
+
+def test_reflection_lists_what_clients_may_call_at_the_edge_and_nothing_internal(channel):
+    reply = _reflect(channel, reflection_pb2.ServerReflectionRequest(list_services=""))
+    names = {s.name for s in reply.list_services_response.service}
+    protocol = {n for n in names if n.startswith(("grpc.health.", "grpc.reflection."))}
+    # Every service the edge routes and transcodes for clients, jobs included.
+    assert names - protocol == set(envoy_config.TRANSCODED_SERVICES)
+    assert "tokenmesh.router.v1.WorkerRegistryService" not in names  # workers only
+    found = _reflect(
+        channel,
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="tokenmesh.jobs.v1.JobsService"
+        ),
+    )
+    assert found.WhichOneof("message_response") == "file_descriptor_response", found
 
 
 def test_a_generic_client_calls_generate_from_reflected_descriptors(channel):

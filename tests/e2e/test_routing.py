@@ -283,6 +283,35 @@ def test_pinning_sends_everything_to_one_version(routed, edge, catalogue):
     assert many(edge, 100) == {"2": 100}
 
 
+def _default_versions(routed: Mesh) -> set[tuple[str, str]]:
+    """MODEL's default_version as GET /v1/models/{model} and GET /v2/models report it."""
+    headers = {"x-api-key": routed.dev_api_key()}
+    one = httpx.get(f"{routed.edge_url}/v1/models/{MODEL}", headers=headers, timeout=10)
+    listed = httpx.get(f"{routed.edge_url}/v2/models", headers=headers, timeout=10)
+    assert one.status_code == 200 and listed.status_code == 200, (one.text, listed.text)
+    [v2] = [m for m in listed.json()["models"] if m["name"] == MODEL]
+    return {("v1", one.json()["model"]["default_version"]), ("v2", v2["default_version"])}
+
+
+def test_the_default_version_is_the_one_unpinned_requests_are_routed_to(routed, edge, catalogue):
+    # Version 2 is READY and newest, but the split sends every unpinned request to 1.
+    split(routed, catalogue, {"1": 100, "2": 0})
+    expected = {("v1", "1"), ("v2", "1")}
+    wait_until(lambda: _default_versions(routed) == expected, 10, "the split's default")
+    rest = rest_complete(routed)
+    assert rest.status_code == 200 and rest.headers["x-model-version"] == "1", rest.text
+    # It follows the catalogue: a pin, then a split whose largest share is 2.
+    catalogue.PinModelVersion(router_pb.PinModelVersionRequest(model=MODEL, version="2"))
+    expected = {("v1", "2"), ("v2", "2")}
+    wait_until(lambda: _default_versions(routed) == expected, 10, "the pinned default")
+    catalogue.PinModelVersion(router_pb.PinModelVersionRequest(model=MODEL, version=""))
+    split(routed, catalogue, {"1": 30, "2": 70})
+    wait_until(lambda: _default_versions(routed) == expected, 10, "the split's default")
+    split(routed, catalogue, {"1": 70, "2": 30})
+    expected = {("v1", "1"), ("v2", "1")}
+    wait_until(lambda: _default_versions(routed) == expected, 10, "the split's default")
+
+
 def test_request_version_header_and_alias_choose_the_version(routed, edge, catalogue):
     assert complete(edge, version="2").version == "2"
     assert complete(edge, metadata=(("x-model-version", "2"),)).version == "2"

@@ -10,6 +10,7 @@ import pytest
 
 from gateway import edge_auth, envoy_config
 from services.core import contract, identity, pki
+from services.router import service as router_service
 from tests import mtls
 
 # Importing the servicers registers every service's descriptor.
@@ -135,3 +136,8 @@ def test_delegated_rpcs_need_the_scope_the_edge_requires_for_them():
         assert rule.delegates == {contract.JOBS}
         assert rule.delegated_scope == edge_auth.RPC_SCOPES[method], method
         assert contract.EDGE in rule.identities and contract.JOBS in rule.identities
+
+
+def test_reflection_lists_exactly_the_services_the_edge_serves_clients():
+    assert set(router_service.PUBLIC_SERVICES) == set(envoy_config.TRANSCODED_SERVICES)
+    assert set(router_service.PUBLIC_SERVICES).isdisjoint(INTERNAL_SERVICES)

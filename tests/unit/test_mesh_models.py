@@ -95,6 +95,18 @@ def test_the_other_workers_models_and_versions_are_listed_with_its_own(registry)
     assert models.describe("local").default_version == "2"
 
 
+def test_the_default_is_the_version_the_catalogue_routes_unpinned_requests_to(registry):
+    models = MeshModels(registry)
+    others = [described("local", ("2", READY)), described("elsewhere", ("3", READY))]
+    # 2 is READY and newest, but the catalogue's split (or pin) sends requests to 1.
+    models.update(others, 60, {"local": "1", "elsewhere": "9"})
+    assert models.describe("local").default_version == "1"
+    # A routed version no worker describes is not named: the worker's own rule stands.
+    assert models.describe("elsewhere").default_version == "3"
+    models.update(others, 60, {})
+    assert models.describe("local").default_version == "2"
+
+
 def test_this_worker_s_own_state_wins_over_the_router_s_older_copy_of_it(registry):
     models = MeshModels(registry)
     models.update([described("local", ("1", LOADING))], 60)  # what it said before it was ready

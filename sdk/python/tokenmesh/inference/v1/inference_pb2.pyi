@@ -116,7 +116,11 @@ class Model(_message.Message):
     kind: Global___ModelKind.ValueType
     """kind says which RPCs the model serves."""
     default_version: _builtins.str
-    """default_version is the version used when a request pins none."""
+    """default_version is the version a request that pins none is served by at the
+    edge: the catalogue's pin, else the version with the largest share of the
+    traffic split (on a tie, the label that sorts last). A worker the router has
+    not told (a direct call, no router) names its newest READY version.
+    """
     description: _builtins.str
     """description is a human-readable summary."""
     @_builtins.property

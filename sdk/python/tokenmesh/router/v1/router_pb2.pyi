@@ -958,9 +958,13 @@ class VersionComparison(_message.Message):
     error_rate: _builtins.float
     """error_rate is the share (0-1) of requests that ended in an error."""
     mean_logprob: _builtins.float
-    """mean_logprob is the mean token log-probability (requests with log-probabilities)."""
+    """mean_logprob is the mean token log-probability (requests with log-probabilities);
+    0 when no request had any (v1 Completes record none): see mean_confidence.
+    """
     mean_confidence: _builtins.float
-    """mean_confidence is the mean confidence (0-1) of those requests."""
+    """mean_confidence is the mean confidence (0-1) of those requests; 0 when no
+    request had log-probabilities (a measured confidence is above 0).
+    """
     @_builtins.property
     def time_to_first_token(self) -> Global___LatencySummary:
         """time_to_first_token is the time to the first token (successful requests)."""

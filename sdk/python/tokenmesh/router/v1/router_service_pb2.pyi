@@ -824,9 +824,30 @@ class RenewLeaseResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class RoutedVersionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
     MESH_MODELS_FIELD_NUMBER: _builtins.int
+    ROUTED_VERSIONS_FIELD_NUMBER: _builtins.int
     drain: _builtins.bool
     """drain tells the worker it has been asked to drain."""
     @_builtins.property
@@ -839,16 +860,25 @@ class RenewLeaseResponse(_message.Message):
         name, their versions merged (a version READY on any worker is READY).
         """
 
+    @_builtins.property
+    def routed_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """routed_versions maps each catalogue model to the version the edge routes a
+        request that pins none to: the catalogue's pin, else the version with the
+        largest share of the traffic split (on a tie, the label that sorts last).
+        Workers report it as the model's default_version.
+        """
+
     def __init__(
         self,
         *,
         lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
         drain: _builtins.bool = ...,
         mesh_models: _abc.Iterable[_inference_pb2.Model] | None = ...,
+        routed_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "lease_expire_time", b"lease_expire_time", "mesh_models", b"mesh_models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "lease_expire_time", b"lease_expire_time", "mesh_models", b"mesh_models", "routed_versions", b"routed_versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
