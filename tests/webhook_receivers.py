@@ -1,11 +1,13 @@
 """Webhook receivers for tests: real HTTP servers on 127.0.0.1 (threads of the test
-process), one that answers at once and one that never finishes its answer."""
+process), one that answers at once (or after a pause of its own) and one that never
+finishes its answer."""
 
 from __future__ import annotations
 
 import http.server
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,19 +29,37 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 class Receiver:
-    """An HTTP receiver on 127.0.0.1 that answers every POST 204 and records it."""
+    """An HTTP receiver on 127.0.0.1 that answers every POST 204 (`answer_s` after it
+    read it; held, once released) and records it.
 
-    def __init__(self) -> None:
+    Attributes:
+        open: requests it is answering now.
+        most_open: the most it answered at once.
+    """
+
+    def __init__(self, answer_s: float = 0.0) -> None:
         self.received: list[Received] = []
+        self.open = 0
+        self.most_open = 0
+        self._lock = threading.Lock()
+        self._released = threading.Event()
+        self._released.set()
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                receiver.received.append(Received(self.path, headers, body))
-                self.send_response(204)
-                self.end_headers()
+                receiver._opened()
+                try:
+                    # The receiver's pace (a sub-second answer), not a test's wait.
+                    time.sleep(answer_s)
+                    receiver._released.wait()
+                    receiver.received.append(Received(self.path, headers, body))
+                    self.send_response(204)
+                    self.end_headers()
+                finally:
+                    receiver._closed()
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -49,12 +69,30 @@ class Receiver:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def hold(self) -> None:
+        """Answers no request until released."""
+        self._released.clear()
+
+    def release(self) -> None:
+        """Answers the requests held, and those after them at once."""
+        self._released.set()
+
+    def _opened(self) -> None:
+        with self._lock:
+            self.open += 1
+            self.most_open = max(self.most_open, self.open)
+
+    def _closed(self) -> None:
+        with self._lock:
+            self.open -= 1
+
     @property
     def hosts(self) -> list[str]:
         """The Host header of each request, in order."""
         return [r.headers.get("host", "") for r in self.received]
 
     def close(self) -> None:
+        self.release()
         self.server.shutdown()
         self.server.server_close()
 

@@ -22,7 +22,8 @@ gives up, whatever the caller's timeout. A bounded pool, a bound per owner
 (API key) of lookups in flight, and a caller that stops waiting at its
 timeout keep one key's slow names from stalling other keys' checks and
 deliveries, or the process's other threaded work (`asyncio.to_thread`,
-Redis connections by name).
+Redis connections by name). Those threads do not hold up the process's exit:
+a lookup still running when it ends is abandoned.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import collections
 import concurrent.futures
 import ipaddress
 import logging
+import queue
 import socket
 import threading
 import urllib.parse
@@ -190,6 +192,50 @@ def is_forbidden(address: IpAddress) -> bool:
     )
 
 
+class _LookupThreads:
+    """Daemon threads that look names up: at most `count`, started as lookups come.
+
+    A ThreadPoolExecutor's threads are joined at the interpreter's exit (the
+    pool's shutdown cannot leave one out), so a lookup whose DNS never answered
+    held a stopped jobs process until the system's resolver gave up: tens of
+    seconds with search domains, past a pod's grace period into SIGKILL. A
+    lookup leaves nothing half done, so these threads are daemons.
+    """
+
+    def __init__(self, count: int, name: str) -> None:
+        self._count = count
+        self._name = name
+        self._work: queue.SimpleQueue[tuple[concurrent.futures.Future[list[str]], str, int]] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._started = 0
+
+    def submit(self, host: str, port: int) -> concurrent.futures.Future[list[str]]:
+        """Looks `host` up on one of the threads; the future has its addresses."""
+        work: concurrent.futures.Future[list[str]] = concurrent.futures.Future()
+        self._work.put((work, host, port))
+        with self._lock:
+            if self._started < self._count:
+                self._started += 1
+                name = f"{self._name}_{self._started}"
+                threading.Thread(target=self._serve, name=name, daemon=True).start()
+        return work
+
+    def _serve(self) -> None:
+        while True:
+            work, host, port = self._work.get()
+            if not work.set_running_or_notify_cancel():
+                continue
+            try:
+                work.set_result(_getaddrinfo(host, port))
+            except BaseException as exc:
+                # The caller's to see, as an executor hands it on: anything escaping would
+                # end this thread and leave the future (and the lookup slot its callback
+                # gives back) pending for good.
+                work.set_exception(exc)
+
+
 class SystemResolver:
     """SystemResolver looks names up with the system's resolver (getaddrinfo, TCP) on
     threads of its own: at most `threads` at once, and `per_owner` for one owner.
@@ -202,7 +248,8 @@ class SystemResolver:
     fail ("does not resolve"), and stalled `asyncio.to_thread` and new Redis
     connections. Now that key's lookups wait for its own slots, and a caller
     stops waiting at its timeout. Owner "" (not named) is bounded by the pool only.
-    Thread-safe: a slot is given back on the thread that looked the name up.
+    Thread-safe: a slot is given back on the thread that looked the name up. A
+    lookup still running does not hold up the process's exit (daemon threads).
 
     Args:
         threads: lookups in flight on this replica, all owners together.
@@ -212,9 +259,7 @@ class SystemResolver:
     def __init__(self, threads: int = LOOKUP_THREADS, per_owner: int = LOOKUPS_PER_OWNER) -> None:
         self._threads = threads
         self._per_owner = per_owner
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            threads, thread_name_prefix="webhook-dns"
-        )
+        self._lookups = _LookupThreads(threads, "webhook-dns")
         self._lock = threading.Lock()
         self._busy = 0
         self._by_owner: collections.Counter[str] = collections.Counter()
@@ -245,7 +290,7 @@ class SystemResolver:
                 "webhook_url: its host could not be looked up now; retry", retry_after_s=1.0
             ) from None
         try:
-            work = self._executor.submit(_getaddrinfo, host, port)
+            work = self._lookups.submit(host, port)
         except BaseException:
             self._give(owner)
             raise

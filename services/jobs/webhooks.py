@@ -25,10 +25,15 @@ so one slow receiver held up the 15 others' successors for a whole attempt
 a key whose receivers are slow, or trickle their answer, cannot take every
 slot from the other keys. A claimed webhook of a key at its share waits on
 the replica for one of the key's slots while the key's attempts are quick (a
-key with many events and a fast receiver keeps its slots busy); once one of
-them has run `slow_attempt_s`, the key's other due webhooks go back to Redis,
-no attempt counted, for about as long as its attempts have run, so the
-replica claims past them to other keys' webhooks.
+key with many events and a fast receiver keeps its slots busy), at most as
+many as the key has slots; the key's others go back to Redis at once, no
+attempt counted, each due about when the key's share could take it (its
+attempts' duration apart, per slot). Once one of its attempts has run
+`slow_attempt_s`, all of the key's other due webhooks go back, for about as
+long as its attempts have run. Either way the replica claims past them to
+other keys' webhooks: a key's backlog that filled the replica's queue of
+waiting webhooks held every other key's webhooks until the whole backlog had
+been claimed, with only the key's share of the slots at work.
 """
 
 from __future__ import annotations
@@ -63,6 +68,10 @@ logger = logging.getLogger(__name__)
 USER_AGENT = "tokenmesh-webhooks/1"
 #: The default delays between attempts (seconds): 11 attempts over about 23.7 hours.
 DEFAULT_SCHEDULE_S = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800)
+# How long a key's attempt is taken to run before one of them has ended: short, so a
+# key's backlog comes back early rather than leaving its slots idle (a webhook back
+# too early is put back again, by then paced by an attempt that ended).
+_FIRST_ATTEMPT_GUESS_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -112,12 +121,15 @@ class Answer:
 
 class _KeyShares:
     """_KeyShares tracks each API key's attempts in flight on a replica (their start
-    times) and its claimed webhooks waiting for a slot of its share (one event loop)."""
+    times), its claimed webhooks waiting for a slot of its share, and when those
+    it put back are due (one event loop)."""
 
     def __init__(self, per_key: int) -> None:
         self.per_key = per_key
         self._started: dict[str, list[float]] = {}
         self._waiting: dict[str, collections.deque[tuple[JobRecord, float]]] = {}
+        self._took: dict[str, float] = {}  # how long the key's last attempt ran
+        self._booked: dict[str, float] = {}  # when its next webhook put back is due
 
     @property
     def waiting(self) -> int:
@@ -127,6 +139,10 @@ class _KeyShares:
     def has_room(self, key_id: str) -> bool:
         """Whether `key_id` may start another attempt."""
         return len(self._started.get(key_id, ())) < self.per_key
+
+    def may_wait(self, key_id: str) -> bool:
+        """Whether another webhook of `key_id` may wait here: as many as it has slots."""
+        return len(self._waiting.get(key_id, ())) < self.per_key
 
     def slow_for(self, key_id: str, slow_s: float) -> float | None:
         """How long the key's oldest attempt in flight has run, when that is at least
@@ -145,10 +161,28 @@ class _KeyShares:
 
     def end(self, key_id: str, started: float) -> None:
         """Counts the attempt that started at `started` as ended."""
+        self._took[key_id] = time.monotonic() - started
         times = self._started.get(key_id, [])
         times.remove(started)
         if not times:
             self._started.pop(key_id, None)
+
+    def book(self, key_id: str) -> float:
+        """Books a claimed webhook of the key that may not wait here: returns in how
+        many seconds it is due again. That is when the key's share could take it,
+        after those booked before it: its attempts' duration, spread over its
+        slots. Paced so, each webhook of a backlog goes back once or a few times
+        (put back for one attempt's duration instead, a whole backlog would go
+        round Redis every attempt)."""
+        now = time.monotonic()
+        started = self._started.get(key_id)
+        took = max(
+            self._took.get(key_id, _FIRST_ATTEMPT_GUESS_S),
+            now - min(started) if started else 0.0,
+        )
+        due = max(self._booked.get(key_id, 0.0), now + took)
+        self._booked[key_id] = due + took / self.per_key
+        return due - now
 
     def wait(self, record: JobRecord) -> None:
         """Queues a claimed webhook for a slot of its key."""
@@ -159,10 +193,17 @@ class _KeyShares:
         """The keys with waiting webhooks, and their queues (oldest first)."""
         return list(self._waiting.items())
 
-    def forget_empty(self) -> None:
-        """Drops the keys whose queue is empty."""
+    def forget_idle(self) -> None:
+        """Drops the keys whose queue is empty, and the pace of those with nothing in
+        flight, waiting or booked."""
         for key_id in [k for k, queue in self._waiting.items() if not queue]:
             del self._waiting[key_id]
+        now = time.monotonic()
+        for key_id in self._took.keys() | self._booked.keys():
+            busy = key_id in self._started or key_id in self._waiting
+            if not busy and self._booked.get(key_id, 0.0) <= now:
+                self._took.pop(key_id, None)
+                self._booked.pop(key_id, None)
 
 
 def _utc(unix_s: float) -> str:
@@ -234,10 +275,14 @@ class WebhookSender:
             key_id = record.owner.key_id
             if self._shares.has_room(key_id) and len(self._tasks) < self.concurrency:
                 self._start(record)
-            elif (slow_s := self._shares.slow_for(key_id, self.policy.slow_attempt_s)) is None:
+            elif (slow_s := self._shares.slow_for(key_id, self.policy.slow_attempt_s)) is not None:
+                await self._put_back(record.job_id, slow_s)
+            elif self._shares.may_wait(key_id):
                 self._shares.wait(record)
             else:
-                await self._put_back(record.job_id, slow_s)
+                # Kept here, a key's backlog filled the replica's room for waiting
+                # webhooks, and each claim after that was the backlog's next one.
+                await self._defer(record.job_id, self._shares.book(key_id))
         return len(due)
 
     async def _start_waiting(self) -> None:
@@ -249,7 +294,7 @@ class WebhookSender:
             slow_s = self._shares.slow_for(key_id, self.policy.slow_attempt_s)
             while queue and (slow_s is not None or queue[0][1] < self._patience_limit()):
                 await self._put_back(queue.popleft()[0].job_id, slow_s or 0.0)
-        self._shares.forget_empty()
+        self._shares.forget_idle()
 
     def _patience_limit(self) -> float:
         # A webhook waits here at most this long for a slot (its lease holds it from
@@ -259,14 +304,24 @@ class WebhookSender:
     async def _put_back(self, job_id: str, slow_s: float) -> None:
         """Makes a claimed webhook due again, no attempt counted, after about as long
         as its key's attempts have taken (at most one attempt's bound)."""
-        delay_s = min(slow_s, 2 * self.policy.timeout_s)
+        await self._defer(job_id, min(slow_s, 2 * self.policy.timeout_s))
+
+    async def _defer(self, job_id: str, delay_s: float) -> None:
+        """Makes a claimed webhook due in `delay_s`, no attempt counted."""
         await self.store.defer_hook(job_id, now_ms() + int(delay_s * 1000))
 
     def _start(self, record: JobRecord) -> None:
-        started = self._shares.start(record.owner.key_id)
-        task = asyncio.create_task(self._attempt(record, started), name=f"webhook {record.job_id}")
+        key_id = record.owner.key_id
+        started = self._shares.start(key_id)
+        task = asyncio.create_task(self._attempt(record), name=f"webhook {record.job_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # The slot comes back when the task is done, however: a task cancelled before
+        # its first step never runs its `finally` (the loop raised before it next
+        # yielded, on a record claimed with this one, and cancelled it stopping), and
+        # its slot stayed taken for the process's life (the same sender runs the
+        # restarted loop).
+        task.add_done_callback(lambda _: self._shares.end(key_id, started))
 
     async def _wait(self, poll_s: float) -> None:
         """Waits until an attempt ends or `poll_s` passes."""
@@ -280,7 +335,7 @@ class WebhookSender:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _attempt(self, record: JobRecord, started: float) -> None:
+    async def _attempt(self, record: JobRecord) -> None:
         """Makes one attempt at a claimed webhook. A failure is logged, never raised:
         one hook must not stop the others (nor, raised, the loop: it was restarted,
         and the hook, still leased, failed it again every lease)."""
@@ -289,8 +344,6 @@ class WebhookSender:
         except Exception as exc:
             name = type(exc).__name__
             logger.error("webhook of job %s failed: %s: %s", record.job_id, name, exc)
-        finally:
-            self._shares.end(record.owner.key_id, started)
 
     async def _due_record(self, job_id: str) -> JobRecord | None:
         """Returns the job whose webhook is due (None, and the hook forgotten, when it

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import standardwebhooks
@@ -173,3 +176,39 @@ def test_a_webhook_lease_outlasts_its_longest_attempt():
 
     for timeout_s in (1.0, 10.0, 30.0):
         assert webhook_lease_s(timeout_s) >= 3 * timeout_s + 10
+
+
+# A process whose webhook lookup hangs (DNS that never answers) and whose caller gave up.
+_HUNG_LOOKUP = """
+import asyncio, socket, threading
+from services.jobs import ssrf
+
+def never_answers(*args, **kwargs):
+    threading.Event().wait()
+
+socket.getaddrinfo = never_answers  # ssrf looks it up at each call
+async def main():
+    try:
+        await ssrf.system_lookup("hung.example", 443, "key_1", 0.2)
+    except TimeoutError:
+        print("gave up", flush=True)
+asyncio.run(main())
+"""
+
+
+def test_a_hung_lookup_does_not_hold_up_the_process_s_exit():
+    """The lookup threads were a ThreadPoolExecutor's, which the interpreter joins at
+    exit: a stopped jobs process waited for the system's resolver to give up (tens
+    of seconds with search domains; here, never), past its grace period."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _HUNG_LOOKUP],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=30,  # a deadline for the exit, far past what it needs
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit: the hung lookup's thread held it")
+    assert (done.returncode, done.stdout) == (0, "gave up\n"), done.stderr
