@@ -113,8 +113,11 @@ def test_no_healthy_worker_is_unavailable_with_a_plain_message_and_retry_after(
         )
 
     def no_worker() -> grpc.RpcError | None:
+        # While the new cluster warms, its route may answer the other 503 (UNAVAILABLE,
+        # "upstream unavailable; try again"): the steady state is the one asserted.
         error = _refused(guarded, admin, "ghost")
-        return error if error.code() == grpc.StatusCode.UNAVAILABLE else None
+        steady = error.code() == grpc.StatusCode.UNAVAILABLE
+        return error if steady and error.details() == "no healthy upstream" else None
 
     error = wait_until(no_worker, 30, "the edge to route ghost (to no worker)")
     assert error.details() == "no healthy upstream"
