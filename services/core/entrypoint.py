@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from services.core import logs, server
 from services.core.settings import ServerSettings, SettingsError, StartupError, load
@@ -20,13 +20,26 @@ def main(name: str, settings_cls: type[S], build: Callable[[S], server.Service])
     try:
         settings = load(settings_cls, os.environ)
     except SettingsError as exc:
-        print(f"tokenmesh-{name}: invalid configuration: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _invalid_configuration(name, exc)
     logs.configure(settings.log_level, settings.log_format, name)
     try:
-        service = build(settings)
+        service = _build(name, build, settings)
         server.run(lambda: server.serve_until_signalled(service, settings))
     except StartupError as exc:
         # Known at start only (another process holds the spool): one line, no traceback.
         print(f"tokenmesh-{name}: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _build(name: str, build: Callable[[S], server.Service], settings: S) -> server.Service:
+    """Returns `build(settings)`; a setting the service loads on its own there (the
+    worker's TOKENMESH_CACHE*) ends it as `main` does, not with a traceback and exit 1."""
+    try:
+        return build(settings)
+    except SettingsError as exc:
+        _invalid_configuration(name, exc)
+
+
+def _invalid_configuration(name: str, exc: SettingsError) -> NoReturn:
+    print(f"tokenmesh-{name}: invalid configuration: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None

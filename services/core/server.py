@@ -4,7 +4,8 @@ A service implements `Service` (its servicers plus start/stop hooks); this
 module adds health, reflection, the error boundary, tracing and metrics,
 binds (port 0 is fine), reports readiness and drains on SIGTERM/SIGINT:
 health goes NOT_SERVING, in-flight RPCs get `grace_s` to finish, then the
-process exits 0.
+process exits 0. A signal during the service's start cancels the start and
+shuts down the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from services.core.identity import Authorizer, server_credentials
 from services.core.interceptors import BoundaryInterceptor
 from services.core.pki import IdentityFiles
 from services.core.settings import ServerSettings
+from services.core.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +49,8 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.so_reuseport", 0),
 )
+# How long a start cancelled by a signal may take to end before shutdown goes on.
+START_CANCEL_TIMEOUT_S = 5.0
 
 
 class Service(abc.ABC):
@@ -183,28 +187,91 @@ async def serving(service: Service, settings: ServerSettings) -> AsyncIterator[R
     running = await start_server(service, settings)
     try:
         await service.start(running)
-        await service.report_serving(running)
-        logger.info("%s serving on %s:%d", service.name, settings.host, running.port)
+        await _report_serving(service, running, settings)
         yield running
     finally:
-        await service.drain()
-        await running.health.enter_graceful_shutdown()
-        await running.server.stop(settings.grace_s)
-        await service.stop()
-        logger.info("%s stopped", service.name)
+        await _shut_down(service, running, settings)
 
 
 async def serve_until_signalled(service: Service, settings: ServerSettings) -> None:
-    """Serves until SIGTERM or SIGINT, then drains (see `serving`)."""
+    """Serves until SIGTERM or SIGINT, then drains (see `serving`).
+
+    A signal while the service is still starting (waiting for Redis, loading
+    models) cancels the start and shuts down the same way: its port is bound
+    already, and a start can wait forever, so waiting for it first left the
+    process to the orchestrator's SIGKILL, without `stop` (usage spool unsynced).
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with serving(service, settings) as running:
-        if settings.ready_file is not None:
-            _write_ready_file(settings.ready_file, running)
-        await stop.wait()
+    running = await start_server(service, settings)
+    try:
+        if await _unless_stopped(service.start(running), stop):
+            await _report_serving(service, running, settings)
+            if settings.ready_file is not None:
+                _write_ready_file(settings.ready_file, running)
+            await stop.wait()
+        else:
+            logger.info("%s stopping before it started: start cancelled", service.name)
         logger.info("%s draining (grace %.1fs)", service.name, settings.grace_s)
+    finally:
+        await _shut_down(service, running, settings)
+
+
+async def _unless_stopped(start: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Runs `start` to its end unless `stop` is set first, which cancels it.
+
+    Returns whether `start` completed (its own error propagates).
+    """
+    task = asyncio.create_task(_exit_as_result(start))
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        completed = task.done()
+        if not completed:  # stopped, or this wait itself cancelled
+            await _cancel_start(task)
+    if completed and (exited := task.result()) is not None:
+        raise exited
+    return completed
+
+
+async def _exit_as_result(start: Coroutine[Any, Any, None]) -> SystemExit | None:
+    """Awaits `start`, returning the SystemExit it raises (a setting only start can
+    check ends the worker with exit 2): raised out of a task of its own, it leaves
+    the event loop at once, skipping the shutdown, with "exception never retrieved"."""
+    try:
+        await start
+    except SystemExit as exc:
+        return exc
+    return None
+
+
+async def _cancel_start(task: asyncio.Task[SystemExit | None]) -> None:
+    # Re-cancelled until it ends: redis-py can lose one cancellation (see
+    # cancel_and_wait). A start still running after that is left behind rather
+    # than holding the exit up forever; the shutdown's own deadlines apply.
+    await cancel_and_wait(task, START_CANCEL_TIMEOUT_S)
+    if not task.done():
+        logger.warning("start did not end %.0fs after its cancel", START_CANCEL_TIMEOUT_S)
+
+
+async def _report_serving(
+    service: Service, running: RunningServer, settings: ServerSettings
+) -> None:
+    await service.report_serving(running)
+    logger.info("%s serving on %s:%d", service.name, settings.host, running.port)
+
+
+async def _shut_down(service: Service, running: RunningServer, settings: ServerSettings) -> None:
+    """Drains and stops; also after a cancelled start (every hook must allow that)."""
+    await service.drain()
+    await running.health.enter_graceful_shutdown()
+    await running.server.stop(settings.grace_s)
+    await service.stop()
+    logger.info("%s stopped", service.name)
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
