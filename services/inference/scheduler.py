@@ -295,11 +295,17 @@ class Sequence_:
         return kv_reservation(self.prompt_ids, self.params)
 
     def step_item(self) -> StepItem:
-        """Returns what to feed next: the prompt first, then the last token."""
+        """Returns what to feed next: the prompt first, then the last token.
+
+        Its scope is the tenant: the engine reuses a prompt's KV only within
+        it (another tenant's hit would show in this one's cached_prompt_tokens)."""
         if not self.generated:
-            return StepItem(self.slot, self.prompt_ids, 0)
+            return StepItem(self.slot, self.prompt_ids, 0, self.tenant)
         return StepItem(
-            self.slot, self.generated[-1:], len(self.prompt_ids) + len(self.generated) - 1
+            self.slot,
+            self.generated[-1:],
+            len(self.prompt_ids) + len(self.generated) - 1,
+            self.tenant,
         )
 
 

@@ -8,6 +8,8 @@ import pytest
 from services.inference.engines.prefix_cache import PrefixCache, PrefixHit
 
 HEADS, HEAD_DIM, VOCAB = 2, 3, 5
+# Each stored prompt's logits (5 x 4 bytes) are charged as one token of KV (2 x 2 x 3 x 4
+# bytes): capacities and held tokens below count it.
 
 
 def _kv(tokens: list[int], tensors: int = 2) -> list[np.ndarray]:
@@ -88,8 +90,8 @@ def test_the_least_recently_used_prompts_go_first_when_tokens_run_out():
     _store(cache, [1, 2, 3, 4])
     _store(cache, [5, 6, 7, 8])
     assert cache.lookup([1, 2, 3, 4]) is not None  # now the most recently used
-    _store(cache, [9, 10, 11])  # 11 tokens > 10: the oldest entry goes
-    assert cache.held_tokens == 7
+    _store(cache, [9, 10, 11])  # 5 + 5 + 4 tokens > 10: the oldest entry goes
+    assert cache.held_tokens == 9
     assert cache.lookup([5, 6, 7, 8]) is None
     assert cache.lookup([5, 6, 0]) is None  # its blocks went with it
     assert cache.lookup([1, 2, 3, 4]) is not None
@@ -119,22 +121,22 @@ def test_a_head_shared_by_many_prompts_is_held_once():
     head = [1, 2, 3, 4, 5, 6, 7, 8]
     for question in range(10, 20):
         _store(cache, [*head, question])
-    # Two shared blocks, then one tail token per prompt (a store of whole
-    # prompts would hold 90 tokens).
-    assert cache.held_tokens == 8 + 10
+    # Two shared blocks, then one tail token and the logits per prompt (a
+    # store of whole prompts would hold 90 tokens, plus the logits).
+    assert cache.held_tokens == 8 + 10 + 10
     hit = cache.lookup([*head, 99])
     assert hit is not None and hit.matched == 8
     assert _copied(hit)[0, :, 0].tolist() == head
 
 
 def test_a_shared_block_stays_while_any_prompt_holds_it():
-    cache = PrefixCache(12, block=2)
+    cache = PrefixCache(15, block=2)
     _store(cache, [1, 2, 3, 4])
     _store(cache, [1, 2, 9, 9])  # shares block [1, 2]
-    assert cache.held_tokens == 6
+    assert cache.held_tokens == 5 + 3
     assert cache.lookup([1, 2, 3, 4]) is not None  # exact hit: the newest again
-    _store(cache, [5, 6, 7, 8, 9, 10, 11])  # 7 more: [1, 2, 9, 9] goes, not [1, 2]
-    assert cache.held_tokens == 11
+    _store(cache, [5, 6, 7, 8, 9, 10, 11])  # 8 more: [1, 2, 9, 9] goes, not [1, 2]
+    assert cache.held_tokens == 5 + 8
     assert cache.lookup([1, 2, 9, 9]) is not None  # [1, 2] is still there
     hit = cache.lookup([1, 2, 0])
     assert hit is not None and hit.matched == 2

@@ -29,11 +29,17 @@ class StepItem:
         slot: the sequence's KV slot.
         token_ids: tokens to feed (the prompt at prefill, one token at decode).
         start: how many tokens of this sequence the slot already holds.
+        scope: whose prompt it is (the request's tenant; "" for internal callers):
+            an engine reuses a prompt's computation (its prefix cache, or an
+            identical prompt of the same step) only within one scope, since the
+            caller sees the reuse (`cached_prompt_tokens`). An engine whose
+            model is shared by all tenants maps every scope to one.
     """
 
     slot: int
     token_ids: Sequence[int]
     start: int
+    scope: str = ""
 
 
 class GenerativeEngine(abc.ABC):

@@ -19,13 +19,30 @@ partial block, and the logits of its last position:
   longest such run and computes only the rest (a partial hit);
 - anything else is computed, then stored.
 
-Blocks are keyed by a hash chain (each block's key covers every token before
-it, like vLLM's block hashes), so a lookup costs one pass over the prompt;
-each block also keeps its tokens and its parent's key, and a match is
-confirmed block by block before it is used. Prompts are evicted least
-recently used first; a block goes when the last prompt holding it goes, and
-capacity counts each held token once. Not thread-safe: it belongs to the
-engine's step thread.
+Every prompt is stored and looked up in a scope: the tenant that sent it
+(the engine's StepItem.scope), "" for requests without one (internal
+callers), or one scope for everybody where the operator listed the model as
+shared (`shared`: TOKENMESH_CACHE_SHARED_MODELS, the response cache's shared
+scope). A prompt only ever hits what its own scope stored: a hit is visible
+to the caller (`cached_prompt_tokens` in its usage, and its speed), so a
+cache shared by tenants would tell one tenant which prompts, or which
+16-token heads of them, another tenant sent (the response cache's scopes
+exist for the same reason: services.inference.pipeline.cache).
+
+Blocks are keyed by a hash chain seeded with the scope (each block's key
+covers the scope and every token before it, like vLLM's block hashes), so a
+lookup costs one pass over the prompt; each block also keeps its scope, its
+tokens and its parent's key, and a match is confirmed block by block before
+it is used (two scopes whose seeds collide still never share a block).
+Prompts are evicted least recently used first; a block goes when the last
+prompt holding it goes.
+
+Capacity counts token-equivalents of KV memory: each held block's tokens
+once, each prompt's tail, and each prompt's last logits, charged as the KV
+tokens of as many bytes (rounded up: demo-lm's 16 KiB of logits cost 2
+tokens of 8 KiB). Without that charge a cache of short prompts held 2-3x the
+memory its capacity promised. Not thread-safe: it belongs to the engine's
+step thread.
 """
 
 from __future__ import annotations
@@ -43,12 +60,15 @@ class KVBlock:
     stored prompt that starts with the same tokens up to its end.
 
     Attributes:
-        parent: the chain key of the block before it (0 for a prompt's first).
+        scope: the scope of the prompts that stored it.
+        parent: the chain key of the block before it (its scope's seed for a
+            prompt's first).
         tokens: its token ids.
         kv: one array per KV tensor of the engine, [heads, len(tokens), head_dim].
         holders: stored prompts that hold it.
     """
 
+    scope: str
     parent: int
     tokens: tuple[int, ...]
     kv: list[np.ndarray]
@@ -65,12 +85,15 @@ class CachedPrompt:
         tail: one array per KV tensor, [heads, len(tokens) % block, head_dim]:
             the positions after its last whole block.
         last_logits: logits [vocab] after the prompt's last token.
+        own_tokens: what it is charged beyond its blocks: its tail's tokens and
+            its logits' token-equivalents.
     """
 
     tokens: tuple[int, ...]
     chain: tuple[int, ...]
     tail: list[np.ndarray]
     last_logits: np.ndarray
+    own_tokens: int
 
 
 @dataclass(frozen=True)
@@ -122,17 +145,22 @@ class PrefixCache:
     """PrefixCache maps prompts to their stored KV history.
 
     Args:
-        capacity_tokens: most prompt tokens held, each shared block once (0 disables).
+        capacity_tokens: most token-equivalents held: each shared block's tokens
+            once, each prompt's tail and its logits (0 disables).
         block: granularity of sharing and of partial matches, in tokens.
+        shared: every scope is one (a model whose prompts the operator made
+            public to all tenants); False: a prompt hits only its own scope's.
     """
 
-    def __init__(self, capacity_tokens: int, block: int = 16) -> None:
+    def __init__(self, capacity_tokens: int, block: int = 16, shared: bool = False) -> None:
         if block < 1:
             raise ValueError("block must be >= 1")
         self.capacity_tokens = capacity_tokens
         self.block = block
+        self.shared = shared
         self.stats = PrefixCacheStats()
-        self._entries: collections.OrderedDict[tuple[int, ...], CachedPrompt] = (
+        # (scope, prompt) -> entry: a scope's entries are invisible to the others.
+        self._entries: collections.OrderedDict[tuple[str, tuple[int, ...]], CachedPrompt] = (
             collections.OrderedDict()
         )
         self._blocks: dict[int, KVBlock] = {}  # chain key -> block
@@ -145,8 +173,14 @@ class PrefixCache:
 
     @property
     def held_tokens(self) -> int:
-        """Returns the prompt tokens held: every block once, plus each prompt's tail."""
+        """Returns the token-equivalents held: every block once, plus each prompt's
+        tail and its logits (in KV tokens of the same bytes)."""
         return self._held_tokens
+
+    def scope_of(self, scope: str) -> str:
+        """Returns the scope a request of `scope` (its tenant) stores and looks up in:
+        its own, or the one scope of a shared cache."""
+        return "" if self.shared else scope
 
     def clear(self) -> None:
         """Drops every entry and starts the statistics again."""
@@ -155,23 +189,25 @@ class PrefixCache:
         self._held_tokens = 0
         self.stats = PrefixCacheStats()
 
-    def lookup(self, prompt: Sequence[int]) -> PrefixHit | None:
-        """Returns the longest stored match for `prompt`, or None."""
+    def lookup(self, prompt: Sequence[int], scope: str = "") -> PrefixHit | None:
+        """Returns the longest match for `prompt` that `scope` stored, or None."""
         if not self.enabled or not prompt:
             return None
+        scope = self.scope_of(scope)
         self.stats.lookups += 1
         self.stats.prompt_tokens += len(prompt)
-        key = tuple(prompt)
+        tokens = tuple(prompt)
+        key = (scope, tokens)
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
             self.stats.exact_hits += 1
-            self.stats.reused_tokens += len(key)
+            self.stats.reused_tokens += len(tokens)
             blocks = tuple(self._blocks[chained] for chained in entry.chain)
-            return PrefixHit(len(key), blocks, entry)
+            return PrefixHit(len(tokens), blocks, entry)
         # A partial match must leave a token to compute (its logits are needed):
         # blocks ending at the prompt's end are not looked at.
-        blocks = self._stored_run(key[:-1])
+        blocks = self._stored_run(tokens[:-1], scope)
         if not blocks:
             return None
         matched = len(blocks) * self.block
@@ -184,88 +220,101 @@ class PrefixCache:
         if self.enabled:
             self.stats.reused_tokens += tokens
 
-    def store(self, prompt: Sequence[int], kv: list[np.ndarray], last_logits: np.ndarray) -> None:
-        """Keeps `prompt`'s KV history (copied) and last logits, evicting as needed.
+    def store(
+        self,
+        prompt: Sequence[int],
+        kv: list[np.ndarray],
+        last_logits: np.ndarray,
+        scope: str = "",
+    ) -> None:
+        """Keeps `prompt`'s KV history (copied) and last logits in `scope`, evicting as needed.
 
-        Blocks already held (shared with a stored prompt) are not copied again.
+        Blocks already held (shared with a stored prompt of the scope) are not
+        copied again.
 
         Args:
             prompt: the prompt's token ids.
             kv: one array per KV tensor, [heads, >= len(prompt), head_dim]; the
                 first len(prompt) positions are copied.
             last_logits: logits [vocab] after the prompt's last token.
+            scope: whose prompt it is (its tenant; see scope_of).
         """
-        key = tuple(prompt)
-        if not self.enabled or not key:
+        tokens = tuple(prompt)
+        if not self.enabled or not tokens:
             return
+        scope = self.scope_of(scope)
+        key = (scope, tokens)
         if key in self._entries:
             self._entries.move_to_end(key)
             return
-        chain = self._chain(key)
+        chain = self._chain(tokens, scope)
         if chain is None:  # a chain key taken by other tokens (a hash collision): skip
             return
         shared = [chained for chained, _ in chain if chained in self._blocks]
         for chained in shared:  # held through the evictions below
             self._blocks[chained].holders += 1
         whole = len(chain) * self.block
-        needed = (len(chain) - len(shared)) * self.block + len(key) - whole
+        own = len(tokens) - whole + _token_equivalents(last_logits, kv)
+        needed = (len(chain) - len(shared)) * self.block + own
         if needed > self.capacity_tokens - len(shared) * self.block:
             for chained in shared:  # larger than the cache: keep what is there
                 self._release(chained)
             return
         while self._held_tokens + needed > self.capacity_tokens and self._entries:
             self._evict_oldest()
-        parent = 0
+        parent = _seed(scope)
         for chained, start in chain:
             if chained not in self._blocks:
                 end = start + self.block
                 copied = [tensor[:, start:end].copy() for tensor in kv]
-                self._blocks[chained] = KVBlock(parent, key[start:end], copied, holders=1)
+                self._blocks[chained] = KVBlock(scope, parent, tokens[start:end], copied, holders=1)
                 self._held_tokens += self.block
             parent = chained
-        tail = [tensor[:, whole : len(key)].copy() for tensor in kv]
+        tail = [tensor[:, whole : len(tokens)].copy() for tensor in kv]
         self._entries[key] = CachedPrompt(
-            key, tuple(chained for chained, _ in chain), tail, last_logits.copy()
+            tokens, tuple(chained for chained, _ in chain), tail, last_logits.copy(), own
         )
-        self._held_tokens += len(key) - whole
+        self._held_tokens += own
 
-    def _chain(self, tokens: tuple[int, ...]) -> list[tuple[int, int]] | None:
-        """Returns (chain key, start) of each whole block of `tokens`, first to last, or
-        None when a key is held by a block of other tokens."""
+    def _chain(self, tokens: tuple[int, ...], scope: str) -> list[tuple[int, int]] | None:
+        """Returns (chain key, start) of each whole block of `tokens` in `scope`, first
+        to last, or None when a key is held by a block of other tokens or scope."""
         out = []
-        for start, chained, _, foreign in self._walk(tokens):
+        for start, chained, _, foreign in self._walk(tokens, scope):
             if foreign:
                 return None
             out.append((chained, start))
         return out
 
-    def _stored_run(self, tokens: tuple[int, ...]) -> tuple[KVBlock, ...]:
-        """Returns the stored blocks `tokens` starts with, confirmed token by token."""
+    def _stored_run(self, tokens: tuple[int, ...], scope: str) -> tuple[KVBlock, ...]:
+        """Returns the blocks of `scope` that `tokens` starts with, confirmed token by token."""
         run: list[KVBlock] = []
-        for _, _, stored, foreign in self._walk(tokens):
+        for _, _, stored, foreign in self._walk(tokens, scope):
             if stored is None or foreign:
                 break
             run.append(stored)
         return tuple(run)
 
-    def _walk(self, tokens: tuple[int, ...]) -> Iterator[tuple[int, int, KVBlock | None, bool]]:
+    def _walk(
+        self, tokens: tuple[int, ...], scope: str
+    ) -> Iterator[tuple[int, int, KVBlock | None, bool]]:
         """Yields (start, chain key, the block stored under that key or None, whether
-        that block holds other tokens: a hash collision) for each whole block of
-        `tokens`, first to last."""
-        parent = 0
+        that block is another's: other tokens, parent or scope, a hash collision) for
+        each whole block of `tokens` in `scope`, first to last."""
+        parent = _seed(scope)
         for start in range(0, len(tokens) - self.block + 1, self.block):
             block_tokens = tokens[start : start + self.block]
             chained = hash((parent, block_tokens))
             stored = self._blocks.get(chained)
             foreign = stored is not None and (
-                stored.parent != parent or stored.tokens != block_tokens
+                stored.parent != parent or stored.tokens != block_tokens or stored.scope != scope
             )
             yield start, chained, stored, foreign
             parent = chained
 
     def _evict_oldest(self) -> None:
-        key, entry = self._entries.popitem(last=False)
-        self._held_tokens -= len(key) - len(entry.chain) * self.block
+        _, entry = self._entries.popitem(last=False)
+        self._held_tokens -= entry.own_tokens
         for chained in entry.chain:
             self._release(chained)
 
@@ -276,3 +325,15 @@ class PrefixCache:
         if block.holders == 0:
             del self._blocks[chained]
             self._held_tokens -= self.block
+
+
+def _seed(scope: str) -> int:
+    """Returns the chain key a scope's first blocks hang from (0 for the empty scope)."""
+    return hash(("scope", scope)) if scope else 0
+
+
+def _token_equivalents(logits: np.ndarray, kv: Sequence[np.ndarray]) -> int:
+    """Returns the KV tokens whose bytes `logits` takes, rounded up (kv: one array per
+    KV tensor, [heads, positions, head_dim]: a token's KV is heads x head_dim of each)."""
+    per_token = sum(tensor.shape[0] * tensor.shape[2] * tensor.itemsize for tensor in kv)
+    return -(-logits.nbytes // per_token) if per_token else 0
