@@ -16,6 +16,7 @@ UNIMPLEMENTED (REST 410) before its handler runs.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
@@ -28,8 +29,6 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.core import contract
 from services.core.api_versions import DeprecationSchedule, VersionPolicy, parse_rpc
@@ -43,6 +42,7 @@ from services.core.errors import (
 )
 from services.core.identity import Authorizer
 from services.core.metadata import request_metadata
+from services.core.store_errors import STORE_UNREACHABLE, is_store_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +87,23 @@ def to_domain_error(exc: BaseException, method: str) -> TokenmeshError:
         return exc
     if isinstance(exc, NotImplementedError):
         return Unimplemented(f"{method} is not implemented yet")
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+    if isinstance(exc, STORE_UNREACHABLE):
         # Redis out of reach (or too slow to answer) is transient, not our bug:
         # clients may retry. It was INTERNAL, e.g. ListWorkers while Redis stalled.
         logger.warning("%s: Redis unavailable (%s)", method, exc)
-        return Unavailable("a backing store is unavailable; retry shortly", retry_after_s=1.0)
+        return _store_unavailable()
+    if is_store_refusal(exc):
+        # So is a Redis refusing for now (READONLY during a failover, OOM at
+        # maxmemory): it was INTERNAL with a traceback per call, and clients did
+        # not retry what passes by itself.
+        logger.warning("%s: Redis refused (%s: %s)", method, type(exc).__name__, exc)
+        return _store_unavailable()
     logger.exception("unhandled error in %s", method, exc_info=exc)
     return internal_error()
+
+
+def _store_unavailable() -> Unavailable:
+    return Unavailable("a backing store is unavailable; retry shortly", retry_after_s=1.0)
 
 
 async def abort_with(context: Context, error: TokenmeshError) -> None:
@@ -134,9 +144,30 @@ def request_decoder(deserializer: Callable[[bytes], Any] | None) -> Decoder | No
     return decode
 
 
-def _code_name(context: Context, failed: TokenmeshError | None) -> str:
+# How near its deadline a cancelled call counts as timed out: grpc cancels the
+# handler when its deadline timer fires, but time_remaining() reads the wall
+# clock, which may be a few microseconds behind that timer.
+DEADLINE_SLACK_S = 0.005
+
+
+def cancellation_code(context: Context) -> str:
+    """Names why grpc cancelled a handler: its deadline passed (DEADLINE_EXCEEDED),
+    else CANCELLED (the client cancelled, or the server stopped past its grace).
+
+    grpc sets no status on the context then, so without this the call counted as
+    OK: the availability SLO never saw a worker too slow for its callers.
+    """
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED.name
+    return grpc.StatusCode.CANCELLED.name
+
+
+def _code_name(context: Context, failed: TokenmeshError | None, ended: str | None) -> str:
     if failed is not None:
         return failed.code.name
+    if ended is not None:
+        return ended
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code.name
@@ -311,9 +342,17 @@ class _MethodMetrics:
         if self._policy is not None and self._policy.is_sunset(self._clock()):
             raise self._policy.sunset_error()
 
-    def record(self, started: float, context: Context, failed: TokenmeshError | None) -> None:
+    def record(
+        self,
+        started: float,
+        context: Context,
+        failed: TokenmeshError | None,
+        ended: str | None = None,
+    ) -> None:
+        """Counts the finished call: `failed`'s code, else `ended` (a cancelled call's
+        code), else the status the call set (none: OK)."""
         self.seconds.observe(time.perf_counter() - started)
-        code = _code_name(context, failed)
+        code = _code_name(context, failed, ended)
         total = self._totals.get(code)
         if total is None:
             total = self._totals[code] = RPC_TOTAL.labels(self.method, code)
@@ -409,6 +448,7 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
         async def unary(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             failed: TokenmeshError | None = None
+            ended: str | None = None
             at_end = _HeadersAtEnd(context)
             try:
                 context = metrics.arrived(cast(Context, at_end))
@@ -427,8 +467,12 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:
                 failed = to_domain_error(exc, metrics.method)
                 await abort_with(context, failed)
+            except asyncio.CancelledError:
+                # grpc cancelled the handler: its deadline passed or the client left.
+                ended = cancellation_code(context)
+                raise
             finally:
-                metrics.record(started, context, failed)
+                metrics.record(started, context, failed, ended)
 
         return unary
 
@@ -439,6 +483,7 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
             failed: TokenmeshError | None = None
+            ended: str | None = None
             try:
                 context = metrics.arrived(context)
                 metrics.refuse_retired()
@@ -464,7 +509,12 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:
                 failed = to_domain_error(exc, metrics.method)
                 await abort_with(context, failed)
+            except (asyncio.CancelledError, GeneratorExit):
+                # Cancelled while working, or closed at a `yield` once grpc stopped
+                # taking messages (the client cancelled, or the deadline passed).
+                ended = cancellation_code(context)
+                raise
             finally:
-                metrics.record(started, context, failed)
+                metrics.record(started, context, failed, ended)
 
         return stream

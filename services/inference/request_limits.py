@@ -77,6 +77,7 @@ from services.core.interceptors import (
     Context,
     abort_with,
     request_headers,
+    to_domain_error,
 )
 from services.inference import shadow
 from services.inference.openai import errors as openai_errors
@@ -452,7 +453,8 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         """Counts the call in its windows; returns the context that announces them.
 
         None: nothing to limit (not the edge's call, anonymous, or the store
-        unreachable and failing open). Over a limit the call ends here.
+        unreachable and failing open). Over a limit, or with the store failing and
+        failure_mode_deny, the call ends here (OpenAI routes: in OpenAI's error shape).
         """
         if peer_identity(context) not in LIMITED_CALLERS:
             return None
@@ -460,18 +462,21 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         entries = descriptor(incoming, kind.model_window)
         if entries is None:
             return None
+        # Refused here (failure_mode_deny), not by the error boundary: an OpenAI route's
+        # refusal must carry OpenAI's error JSON, which only _abort adds (the edge
+        # answered the transcoder's {"code":14,...} instead).
         try:
             counted = await self.limiter.count(entries)
-        except Unavailable:
+        except Unavailable as error:
             if self.failure_mode_deny:
-                raise
+                await _abort(context, error, kind)
             return None
-        except Exception:
+        except Exception as exc:
             # Not an outage (a window key of the wrong type, a script error): logged and
             # counted by the limiter; the same failure mode applies, as Envoy applies it
             # to the usage service's INTERNAL. It failed every request of the key.
             if self.failure_mode_deny:
-                raise
+                await _abort(context, to_domain_error(exc, "the rate-limit check"), kind)
             return None
         if counted is None or not counted[0]:
             return None

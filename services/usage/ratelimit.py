@@ -43,14 +43,12 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
 from prometheus_client import Counter
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, TryAgainError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.core.breaker import Breaker, BreakerOpen
 from services.core.errors import Unavailable
 from services.core.interceptors import Context
 from services.core.redis_service import LUA_REDIS_NOW_MS
+from services.core.store_errors import STORE_UNAVAILABLE as REDIS_UNAVAILABLE
 from services.core.tasks import SupervisedTask, Supervisor
 from services.usage.leases import (
     LEASE_TTL_S,
@@ -85,15 +83,11 @@ ERRORS = Counter(
     "Rate-limit work that failed for another reason than an unavailable store (bugs).",
     ["stage"],
 )
-# The store is unavailable: redis-py's connection errors (BusyLoadingError is
-# one), timeouts, a Redis that refuses writes for now, the lean client's
-# equivalent, and socket errors. Everything else is a bug.
+# The store is unavailable: Redis out of reach or refusing for now, as every
+# service's error boundary tells it (services/core/store_errors.py), the lean
+# client's equivalent, and socket errors. Everything else is a bug.
 STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    ReadOnlyError,
-    OutOfMemoryError,
-    TryAgainError,
+    *REDIS_UNAVAILABLE,
     ScriptUnavailable,
     OSError,
     TimeoutError,
