@@ -37,7 +37,7 @@ def local_model(registry: ModelRegistry, name: str) -> inference_pb2.Model:
     v1 = registry.to_pb(name)
     chat_templates = {
         m.version: prompting.template_ref(m.chat_template_id)
-        for m in registry.versions(name)
+        for m in (registry.versions(name) if name in registry.names() else ())
         if m.scheduler is not None
     }
     return inference_pb2.Model(
@@ -62,8 +62,9 @@ def local_model(registry: ModelRegistry, name: str) -> inference_pb2.Model:
 
 
 def local_models(registry: ModelRegistry) -> list[inference_pb2.Model]:
-    """Returns every model of this worker (what its heartbeat describes)."""
-    return [local_model(registry, name) for name in registry.names()]
+    """Returns every model of this worker, its versions loading or failed too (what
+    its heartbeat describes)."""
+    return [local_model(registry, name) for name in registry.described_names()]
 
 
 class MeshModels:
@@ -96,7 +97,7 @@ class MeshModels:
 
     def names(self) -> list[str]:
         """Returns the names of every model in the mesh, sorted."""
-        return sorted({*self.registry.names(), *self._fresh_others()})
+        return sorted({*self.registry.described_names(), *self._fresh_others()})
 
     def describe(self, name: str) -> inference_pb2.Model:
         """Returns a model with the versions of every worker; NotFound if none serves it."""
@@ -104,7 +105,7 @@ class MeshModels:
 
     def _merged(self, name: str) -> inference_pb2.Model:
         other = self._fresh_others().get(name)
-        if name not in self.registry.names():
+        if name not in self.registry.described_names():
             if other is None:
                 raise model_not_found(name)
             return other

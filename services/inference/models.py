@@ -86,11 +86,35 @@ class LoadedModel:
         )
 
 
+@dataclass(frozen=True)
+class VersionStatus:
+    """VersionStatus is a version this worker is loading (LOADING) or failed to load
+    (FAILED, with the error's public message): described, never served."""
+
+    version: str
+    state: inference_pb2.ModelVersionState.ValueType
+    message: str = ""
+
+    def version_pb(self) -> inference_pb2.ModelVersion:
+        """Returns this version as a protobuf message."""
+        return inference_pb2.ModelVersion(
+            version=self.version, state=self.state, message=self.message
+        )
+
+
 class ModelRegistry:
-    """ModelRegistry holds the loaded versions of every model, by name."""
+    """ModelRegistry holds the loaded versions of every model, by name.
+
+    Apart from them it keeps the versions being loaded and those whose load failed
+    (`VersionStatus`): lookups (`to_pb`, `described_names`) show them, as the API
+    says (LOADING while a load runs, minutes for an engine build; FAILED with the
+    reason until the next load or unload of the version), but requests never
+    resolve to them (`names`, `versions`, `resolve`, `has`, `all`: loaded only).
+    """
 
     def __init__(self) -> None:
         self._models: dict[str, dict[str, LoadedModel]] = {}
+        self._statuses: dict[str, dict[str, VersionStatus]] = {}
 
     def add(self, model: LoadedModel) -> None:
         """Adds a model version; AlreadyExists when another object holds its place.
@@ -105,6 +129,43 @@ class ModelRegistry:
                 reason="MODEL_VERSION_LOADED",
             )
         self._models.setdefault(model.name, {})[model.version] = model
+        self.clear_status(model.name, model.version)  # loaded: it describes itself
+
+    def loading(self, name: str, version: str) -> None:
+        """Marks a version LOADING (until `add`, `failed` or `clear_status`)."""
+        self._set_status(name, VersionStatus(version, inference_pb2.MODEL_VERSION_STATE_LOADING))
+
+    def failed(self, name: str, version: str, message: str) -> None:
+        """Marks a version FAILED, with the error's public `message`."""
+        state = inference_pb2.MODEL_VERSION_STATE_FAILED
+        self._set_status(name, VersionStatus(version, state, message))
+
+    def status(self, name: str, version: str) -> VersionStatus | None:
+        """Returns a version's load status (None: not loading, no failed load kept)."""
+        return self._statuses.get(name, {}).get(version)
+
+    def clear_loading(self, name: str, version: str) -> None:
+        """Forgets a version's LOADING status (a FAILED one stays)."""
+        status = self.status(name, version)
+        if status is not None and status.state == inference_pb2.MODEL_VERSION_STATE_LOADING:
+            self.clear_status(name, version)
+
+    def clear_status(self, name: str, version: str) -> bool:
+        """Forgets a version's load status; returns whether it had one."""
+        statuses = self._statuses.get(name, {})
+        if statuses.pop(version, None) is None:
+            return False
+        if not statuses:
+            del self._statuses[name]
+        return True
+
+    def _set_status(self, name: str, status: VersionStatus) -> None:
+        self._statuses.setdefault(name, {})[status.version] = status
+
+    def described_names(self) -> list[str]:
+        """Returns the names of every model this worker describes (loaded, loading or
+        failed), sorted."""
+        return sorted({*self._models, *self._statuses})
 
     def remove(self, name: str, version: str) -> LoadedModel:
         """Removes and returns a version; NotFound when it is not loaded."""
@@ -157,14 +218,31 @@ class ModelRegistry:
         )
 
     def to_pb(self, name: str) -> inference_pb2.Model:
-        """Returns a model with all its versions as a protobuf message."""
-        versions = self.versions(name)
+        """Returns a model with all its versions as a protobuf message, those loading
+        or failed too; NotFound if it has none."""
+        statuses = {
+            version: status
+            for version, status in self._statuses.get(name, {}).items()
+            if not self.has(name, version)  # a loaded version describes itself
+        }
+        if name not in self._models:
+            if not statuses:
+                raise model_not_found(name)
+            # Nothing loaded: its kind and description come with its first load.
+            ordered = [statuses[v] for v in sorted(statuses, key=version_key)]
+            return inference_pb2.Model(
+                name=name,
+                default_version=ordered[-1].version,
+                versions=[s.version_pb() for s in ordered],
+            )
+        loaded = {m.version: m for m in self.versions(name)}
         default = self.resolve(name, "")
+        labels = sorted({*loaded, *statuses}, key=version_key)
         return inference_pb2.Model(
             name=name,
             kind=default.kind,
             default_version=default.version,
-            versions=[m.version_pb() for m in versions],
+            versions=[(loaded.get(v) or statuses[v]).version_pb() for v in labels],
             description=default.description,
         )
 

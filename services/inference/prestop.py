@@ -3,9 +3,11 @@
 `python -m services.inference.prestop` runs in the worker's container with
 its environment (the same settings as the worker). It asks the router to
 drain this worker (DrainWorker as the worker's own identity: the edge stops
-sending it new requests), waits TOKENMESH_DRAIN_DELAY_SECONDS for every edge
-to apply that, then polls the worker's own /metrics until no sequence is
-queued or running, for at most TOKENMESH_GRACE_SECONDS (the longest stream).
+sending it new requests; a drain by the worker's own lease token does not ask
+it to stop, as an operator's does, so it keeps serving its streams), waits
+TOKENMESH_DRAIN_DELAY_SECONDS for every edge to apply that, then polls the
+worker's own /metrics until no sequence is queued or running, for at most
+TOKENMESH_GRACE_SECONDS (the longest stream).
 Only then does the kubelet send SIGTERM, so a scale-down never cuts a
 stream. terminationGracePeriodSeconds must exceed both waits (and the
 worker's own SIGTERM drain after them): tests/unit/test_deploy.py checks it.

@@ -93,6 +93,11 @@ class RegistrationRefused(Exception):
     """RegistrationRefused: the router refused this worker (identity, address or models)."""
 
 
+class _NothingToRegister(Exception):
+    """A router from before model-less registrations refused this worker, which holds
+    no ready version now (between an unload and a load, or its loads failed)."""
+
+
 class Registration:
     """Registration keeps one worker registered with the router.
 
@@ -100,7 +105,9 @@ class Registration:
         router_address: the router's host:port.
         worker_id: this worker's stable id.
         address: host:port the edge reaches this worker at.
-        models: returns the (name, version) pairs currently loaded and ready.
+        models: returns the (name, version) pairs currently loaded and ready (every
+            heartbeat sends them all, none included, with `served`: the router then
+            takes an empty list as "none", see services.router.registry).
         lease_s: heartbeat period is a third of this (the router's lease, once known).
         load: returns the worker's load, sent with every heartbeat (None: none).
         token: the lease token this worker registers with (see the module).
@@ -187,6 +194,10 @@ class Registration:
                 await self._renew()
                 backoff = 0.2
                 await asyncio.sleep(self._lease_s / 3)
+            except _NothingToRegister:
+                # Not a refusal for good: it registers once it holds a version again.
+                logger.info("registering once a model version is ready (the router wants one)")
+                await asyncio.sleep(self._lease_s / 3)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     self.registered.clear()  # the router forgot us: register again now
@@ -202,15 +213,21 @@ class Registration:
                 backoff = min(backoff * 2, self._lease_s / 3)
 
     async def _register(self) -> None:
-        response = await self._stub().RegisterWorker(
-            pb.RegisterWorkerRequest(
-                worker_id=self.worker_id,
-                address=self.address,
-                models=self._refs(),
-                lease_token=self._token,
-            ),
-            timeout=_RPC_TIMEOUT_S,
-        )
+        refs = self._refs()
+        try:
+            response = await self._stub().RegisterWorker(
+                pb.RegisterWorkerRequest(
+                    worker_id=self.worker_id,
+                    address=self.address,
+                    models=refs,
+                    lease_token=self._token,
+                ),
+                timeout=_RPC_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if not refs and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise _NothingToRegister from None
+            raise
         self._lease_s = max(response.lease_duration.ToNanoseconds() / 1e9, 0.3)
         self.registered.set()
         logger.info("registered with the router as %s at %s", self.worker_id, self.address)

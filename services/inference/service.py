@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from gateway.model_routing import model_health_name
 from services.core import contract, server
+from services.core.errors import InvalidArgument, NotFound, TokenmeshError
 from services.core.identity import ClientChannel
 from services.core.server import RunningServer, Service
 from services.core.settings import RedisSettings, SettingsError, env, load, require
@@ -395,6 +396,16 @@ def _model_health_names(name: str, version: str) -> list[str]:
     return [model_health_name(name, version), f"{v2.SERVICE_NAME}/{name}/{version}"]
 
 
+def failed_load_message(error: Exception) -> str | None:
+    """What a version whose load failed says of it (FAILED); None when the request
+    named nothing to load (no such version in the repository, a malformed name)."""
+    if isinstance(error, NotFound | InvalidArgument):
+        return None
+    if isinstance(error, TokenmeshError):
+        return error.message  # the caller's own answer, written for clients
+    return "loading failed (see the worker's log)"  # internals stay in the log
+
+
 class InferenceService(Service):
     """InferenceService serves the model versions of one worker."""
 
@@ -627,10 +638,25 @@ class InferenceService(Service):
                 # not health-checked in, yet registered. Cleared, then loaded anew.
                 await existing.stop(drain_timeout_s=0)
                 self.registry.discard(existing)
-            model = await asyncio.to_thread(
-                load_from_repository, self.settings.model_repository, name, version, self.options
-            )
-            await self._activate(model)
+            # Described LOADING meanwhile (minutes for an engine build), FAILED with
+            # the reason after a failed load: never routed to or resolved.
+            self.registry.loading(name, version)
+            try:
+                model = await asyncio.to_thread(
+                    load_from_repository,
+                    self.settings.model_repository,
+                    name,
+                    version,
+                    self.options,
+                )
+                await self._activate(model)
+            except Exception as exc:
+                message = failed_load_message(exc)
+                if message is not None:
+                    self.registry.failed(name, version, message)
+                raise
+            finally:
+                self.registry.clear_loading(name, version)  # a cancelled or refused load
 
     async def _activate(self, model: LoadedModel) -> None:
         await model.start()
@@ -653,6 +679,9 @@ class InferenceService(Service):
 
     async def _unload(self, name: str, version: str) -> None:
         async with self._version_lock(name, version):
+            if not self.registry.has(name, version) and self.registry.clear_status(name, version):
+                logger.info("model %s version %s: its failed load forgotten", name, version)
+                return
             model = self.registry.resolve(name, version)
             model.ready = False  # health is never set SERVING for it again
             model.unloading = True  # lookups say UNLOADING while it drains

@@ -3,7 +3,11 @@
 A worker registers its address and model versions, then renews a lease
 (the heartbeat). A worker whose lease ran out is not routed to and is
 forgotten; a draining worker is not routed to but keeps its entry until it
-exits, so operators can watch it finish.
+exits, so operators can watch it finish. An operator's drain also asks the
+worker to stop (its heartbeat answers `drain`); a worker's drain of itself
+(its preStop hook, or its own SIGTERM) only takes it out of the endpoints: it
+stops when its own signal says so, and a heartbeat that told it to stop cut
+the streams its preStop hook was waiting for.
 
 Every change is a compare-and-set of the worker's entry (a Lua script that
 writes only if the entry is still the one the change was computed from, else
@@ -99,6 +103,13 @@ class WorkerEntry:
     # The worker's models as it describes them (serialized tokenmesh.inference.v2.Model,
     # base64; services.inference.mesh_models). Empty: it described none.
     served: tuple[str, ...] = ()
+    # The registration has described its models in a heartbeat (served_models): a
+    # worker that does lists every version it has in every heartbeat, so from it an
+    # empty list means none, not "unchanged" (see WorkerRegistry.renew).
+    describes_models: bool = False
+    # Drained by the worker itself (with its lease token), not by an operator: it
+    # left the endpoints and stops on its own signal, so heartbeats do not ask it to.
+    self_drained: bool = False
 
     @property
     def address(self) -> str:
@@ -113,6 +124,12 @@ class WorkerEntry:
         the router was away, and dropping them all would empty the mesh.
         """
         return self.state == SERVING and (lease_grace or self.lease_expires_at > now)
+
+    @property
+    def asked_to_stop(self) -> bool:
+        """Tells whether the worker's heartbeat should tell it to stop: an operator
+        drained it (a worker that drained itself stops when its own signal says so)."""
+        return self.state == DRAINING and not self.self_drained
 
     def to_json(self) -> str:
         """Serialises the worker for Redis."""
@@ -132,6 +149,8 @@ class WorkerEntry:
                 "outcomes": [c.to_json() for c in self.outcomes],
                 "token_sha256": self.token_sha256,
                 "served": list(self.served),
+                "self_drained": self.self_drained,
+                "describes_models": self.describes_models,
             },
             sort_keys=True,
         )
@@ -160,6 +179,9 @@ class WorkerEntry:
             token_sha256=str(data.get("token_sha256", "")),
             # Entries written before workers described their models have none.
             served=tuple(str(m) for m in data.get("served", ())),
+            # Entries drained before this field: asked to stop, as they were then.
+            self_drained=bool(data.get("self_drained", False)),
+            describes_models=bool(data.get("describes_models", False)),
         )
 
     def weight_in(self, model: str, version: str) -> WeightState:
@@ -292,9 +314,13 @@ def _require_owner(rpc: str, entry: WorkerEntry, caller: WorkerCaller | None) ->
 
 
 def check_models(models: Sequence[tuple[str, str]]) -> None:
-    """Raises InvalidArgument unless every (name, version) is well-formed."""
-    if not models:
-        raise InvalidArgument([FieldViolation("models", "a worker must serve at least one model")])
+    """Raises InvalidArgument unless every (name, version) is well-formed.
+
+    None at all is well-formed: a worker between unloading its last version and
+    loading the next, or whose loads all failed, serves nothing for now (it is in
+    no model's cluster). Refused, such a worker took the refusal for good and
+    turned NOT_SERVING.
+    """
     for name, version in models:
         check_name(name)
         check_version(version, "models.version")
@@ -378,9 +404,18 @@ class WorkerRegistry:
         outcomes: Sequence[VersionCounts] = (),
         caller: WorkerCaller | None = None,
         served: Sequence[str] = (),
+        describes: bool = False,
     ) -> Renewal:
         """Extends a worker's lease (a draining worker stays draining), takes its load
-        and its models' descriptions (`served`: see WorkerEntry; empty keeps the last).
+        and its models' descriptions (`served`: see WorkerEntry).
+
+        Empty `models` or `served` keep the last ones from a worker that never
+        described its models (one from before descriptions sent no models when
+        they had not changed). Once a registration has described them (`describes`:
+        this heartbeat carried descriptions, even ones left out as malformed), its
+        `models` are every version it serves, none included: a worker that unloaded
+        its last version stayed in that version's cluster, and READY in every
+        other worker's ListModels, for as long as it lived.
 
         The worker's weight moves one heartbeat's step (services.router.load_weights),
         relative to the other routable workers' costs as they are now.
@@ -389,8 +424,7 @@ class WorkerRegistry:
 
         Returns the worker, whether its set of model versions changed, and the others.
         """
-        if models:
-            check_models(models)
+        check_models(models)
         check_worker_id(worker_id)
         while True:
             # One read of every entry: this worker's (to compare and set) and the
@@ -407,21 +441,24 @@ class WorkerRegistry:
                 if other_id != worker_id
                 and (other := WorkerEntry.from_json(other_id, value)).routable(now)
             )
+            complete = describes or entry.describes_models
+            current = tuple(models) if complete else tuple(models) or entry.models
             # Only counters of versions the worker serves: rollouts and pins sum every
             # worker's, and a worker reported made-up outcomes of any model's canary.
             serving = {*models, *entry.models}
             # The worker's cost is one (its load); its weight is per cluster.
             cost = load_weights.smoothed_cost(entry.weight.cost, load)
-            clusters = _cluster_weights(entry, tuple(models) or entry.models, load, cost, others)
+            clusters = _cluster_weights(entry, current, load, cost, others)
             renewed = replace(
                 entry,
-                models=tuple(models) or entry.models,
+                models=current,
                 lease_expires_at=now + self.lease_s,
                 load=load,
                 weight=load_weights.overall(cost, clusters),
                 cluster_weights=clusters,
                 outcomes=tuple(o for o in outcomes if (o.model, o.version) in serving),
-                served=tuple(served) or entry.served,
+                served=_served_now(entry, served, current, complete),
+                describes_models=complete,
             )
             if await self._swap(worker_id, raw, renewed, _heads_json(renewed.outcomes)):
                 changed = set(renewed.models) != set(entry.models)
@@ -430,12 +467,15 @@ class WorkerRegistry:
     async def drain(self, worker_id: str, caller: WorkerCaller | None = None) -> WorkerEntry:
         """Marks a worker draining: the edge stops sending it new requests.
 
-        `caller`: as for `renew`.
+        `caller`: as for `renew`. An operator's drain (None) also asks the worker
+        to stop (`WorkerEntry.asked_to_stop`), also one that drained itself before;
+        the worker's own drain never takes back an operator's request to stop.
         """
         while True:
             raw, entry = await self._read(worker_id)
             _require_owner("DrainWorker", entry, caller)
-            drained = replace(entry, state=DRAINING)
+            by_itself = caller is not None and (entry.state != DRAINING or entry.self_drained)
+            drained = replace(entry, state=DRAINING, self_drained=by_itself)
             if await self._swap(worker_id, raw, drained):
                 return drained
 
@@ -483,6 +523,20 @@ class WorkerRegistry:
             await self._forget(keys=[WORKERS_KEY], args=stale)
             await self.redis.hdel(HEAT_KEY, *gone)  # a re-registered one sends its own again
         return sorted((w for w in workers if w.worker_id not in gone), key=lambda w: w.worker_id)
+
+
+def _served_now(
+    entry: WorkerEntry, served: Sequence[str], models: Sequence[tuple[str, str]], complete: bool
+) -> tuple[str, ...]:
+    """A heartbeat's descriptions of the worker's models, as the entry keeps them.
+
+    None keep the last ones, unless the worker describes its models (`complete`) and
+    serves no version: it has none left at all (descriptions left out as malformed
+    or oversized, from a worker still serving, keep the last ones).
+    """
+    if served:
+        return tuple(served)
+    return () if complete and not models else entry.served
 
 
 def _cluster_weights(

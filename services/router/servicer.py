@@ -593,6 +593,7 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
             outcomes_from_pb(request.load, at),
             caller,
             served_from_pb(request.worker_id, request.served_models),
+            describes=bool(request.served_models),
         )
         if renewal.models_changed or not self._in_catalogue.issuperset(models):
             # A replica's first heartbeat from each worker only checks the catalogue:
@@ -603,7 +604,7 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         worker = renewal.worker
         return pb.RenewLeaseResponse(
             lease_expire_time=_timestamp(worker.lease_expires_at),
-            drain=worker.state == DRAINING,
+            drain=worker.asked_to_stop,  # not after its own drain (its preStop hook)
             mesh_models=mesh_models(renewal.others),
             routed_versions=self.routed_versions(),
         )
