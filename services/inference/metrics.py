@@ -68,7 +68,9 @@ PREFIX_CACHE_TOKENS = Counter(
     (*_LABELS, "outcome"),
 )
 PREFIX_CACHE_HELD = Gauge(
-    "tokenmesh_prefix_cache_held_tokens", "Prompt tokens whose KV the prefix cache holds.", _LABELS
+    "tokenmesh_prefix_cache_held_tokens",
+    "KV tokens' worth of memory the prefix cache holds (prompt KV and kept logits).",
+    _LABELS,
 )
 
 

@@ -49,6 +49,9 @@ class EngineOptions:
     plan_cache_dir: Path | None = None
     prefix_cache_tokens: int = 0  # ONNX Runtime only: the TensorRT engine keeps no prefixes
     in_place_decode: bool = True  # ONNX Runtime only (engines/onnx_decode.py)
+    # Models whose prefix cache is one scope for every tenant (TOKENMESH_CACHE_SHARED_MODELS,
+    # the response cache's shared scope); the others' is scoped by tenant.
+    prefix_shared_models: frozenset[str] = frozenset()
 
 
 def version_directory(repo: Path, name: str, version: str) -> Path:
@@ -123,7 +126,7 @@ def model_chat_template_ref(card: dict[str, Any], name: str, version: str) -> Te
 
 
 def _generative_engine(
-    card: dict[str, Any], weights: Path, options: EngineOptions
+    card: dict[str, Any], weights: Path, options: EngineOptions, name: str = ""
 ) -> GenerativeEngine:
     shape = {
         key: card[key] for key in ("n_layer", "n_head", "head_dim", "vocab_size", "context_length")
@@ -141,6 +144,7 @@ def _generative_engine(
         threads=options.threads,
         prefix_cache_tokens=options.prefix_cache_tokens,
         in_place_decode=options.in_place_decode,
+        prefix_cache_shared=name in options.prefix_shared_models,
         **shape,
     )
 
@@ -177,7 +181,7 @@ def load_from_repository(
             embedding_dimensions=dims,
             **common,
         )
-    generative = _generative_engine(card, weights, options)
+    generative = _generative_engine(card, weights, options, name)
     scheduler = Scheduler(generative, int(card["eos_token_id"]), options.limits, (name, version))
     defaults = ModelDefaults(**card.get("defaults", {}))
     return LoadedModel(

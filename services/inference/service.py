@@ -10,7 +10,7 @@ import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -456,6 +456,11 @@ class InferenceService(Service):
         # Response cache and coalescing (services.inference.pipeline.cache): entries in
         # the volatile Redis (the rate limiter's), bounded by TTL and entry size.
         self.cache_settings = load(CacheSettings, os.environ)
+        # Models the operator made public share their prefix cache across tenants too
+        # (services.inference.engines.prefix_cache: the others' is scoped by tenant).
+        self.options = replace(
+            self.options, prefix_shared_models=frozenset(self.cache_settings.shared_models)
+        )
         self.cache: CacheStage | None = None
         self._cache_redis: aioredis.Redis | None = None
         if self.cache_settings.enabled:
