@@ -32,7 +32,6 @@ container) takes Envoy with it instead of leaving it on the edge's ports.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -131,16 +130,6 @@ def drain(
         time.sleep(POLL_S)  # noqa: TID251 - a synchronous process (no event loop)
 
 
-def _dying_with_parent(argv: Sequence[str]) -> tuple[list[str], Callable[[], None] | None]:
-    """Returns the command and preexec_fn that run `argv` with PR_SET_PDEATHSIG (SIGTERM),
-    as services.launcher.processes.Child does: through util-linux's setpriv, because
-    this process has gRPC loaded (no Python may run between fork and exec)."""
-    setpriv = shutil.which("setpriv")
-    if setpriv:
-        return [setpriv, "--pdeathsig", "TERM", "--", *argv], None
-    return list(argv), processes._die_with_parent
-
-
 def supervise(argv: Sequence[str], admin_port: int, drain_s: float) -> int:
     """Runs Envoy (`argv`) as a child; on SIGTERM or SIGINT drains it, then stops it.
 
@@ -158,7 +147,7 @@ def supervise(argv: Sequence[str], admin_port: int, drain_s: float) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        command, set_signal = _dying_with_parent(argv)
+        command, set_signal = processes.dying_with_parent(argv)
         child = subprocess.Popen(command, preexec_fn=set_signal)
         while child.poll() is None and not stop.wait(POLL_S):
             pass

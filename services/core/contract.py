@@ -184,6 +184,12 @@ SHADOWED_HEADER = "x-tokenmesh-shadowed"
 # Envoy's count of the tries of a request (1, then 2... on its retries), set by the
 # edge on every upstream request (a client's copy is removed on arrival).
 ATTEMPT_COUNT_HEADER = "x-envoy-attempt-count"
+#: Read by OpenAI's SDKs before their own retry rules (openai-python's
+#: _base_client._should_retry): "false" on an error that a retry must not repeat
+#: (work started, or a refusal a retry soon cannot pass).
+SHOULD_RETRY_HEADER = "x-should-retry"
+#: What OpenAI's SDKs send on each try of a request (0, then the retries taken).
+OPENAI_RETRY_COUNT_HEADER = "x-stainless-retry-count"
 #: A unary answer's response headers ride its final batch (services.core.interceptors,
 #: HeadersAtEnd): in its trailing metadata, with this trailer naming them, which the
 #: edge lifts back into the response headers (gateway/edge_lua.py). An answer over

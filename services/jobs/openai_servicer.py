@@ -57,8 +57,7 @@ T = TypeVar("T")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OpenAIBatchService"].full_name
 BATCH_WINDOW_S = 24 * 3600.0  # completion_window "24h", the only one OpenAI offers
 JSONL = "application/jsonl"
-# What OpenAI's SDKs send on each try of a request (0, then the retries taken).
-RETRY_COUNT_HEADER = "x-stainless-retry-count"
+RETRY_COUNT_HEADER = contract.OPENAI_RETRY_COUNT_HEADER
 # A client's own key for one batch (as the jobs API's idempotency_key).
 IDEMPOTENCY_HEADER = "idempotency-key"
 
@@ -66,7 +65,7 @@ IDEMPOTENCY_HEADER = "idempotency-key"
 # Sent with a refusal that a retry soon cannot pass (a full storage quota): OpenAI's
 # SDKs read `x-should-retry` before their own rules, and retried a 429 twice (each
 # retry of an upload sending its 8 MiB again).
-NO_CLIENT_RETRY = ("x-should-retry", "false")
+NO_CLIENT_RETRY = (contract.SHOULD_RETRY_HEADER, "false")
 _FINAL_REFUSALS = frozenset({QUOTA_REASON})
 
 

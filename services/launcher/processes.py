@@ -34,6 +34,19 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def dying_with_parent(argv: Sequence[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """Returns the command and preexec_fn that run `argv` with PR_SET_PDEATHSIG (SIGTERM).
+
+    No Python code may run between fork and exec when the parent uses gRPC (its
+    fork handlers can abort the child), so util-linux's setpriv sets the signal
+    and then execs the command; without setpriv, a preexec_fn does it.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "TERM", "--", *argv], None
+    return list(argv), _die_with_parent
+
+
 class Child:
     """Child is one supervised process with its output in `log_path`."""
 
@@ -45,11 +58,7 @@ class Child:
         # Set once the owner stops the child on purpose: a supervisor leaves it dead.
         self.stopping = False
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        # NOTE: no Python code may run between fork and exec when the parent
-        # uses gRPC (its fork handlers can abort the child), so the parent-death
-        # signal is set by util-linux's setpriv, which then execs the command.
-        setpriv = shutil.which("setpriv")
-        command = [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else list(argv)
+        command, preexec = dying_with_parent(argv)
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
                 command,
@@ -57,7 +66,7 @@ class Child:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=None if setpriv else _die_with_parent,
+                preexec_fn=preexec,
             )
 
     @property

@@ -64,7 +64,7 @@ FALLBACK_MODEL_HEADER = model_routing.MODEL_HEADER
 BODY_CHUNK_BYTES = 256 * 1024
 # Sent with an error after work started: OpenAI's SDKs read `x-should-retry`
 # before their own retry rules (openai-python's _base_client._should_retry).
-NO_CLIENT_RETRY = ("x-should-retry", "false")
+NO_CLIENT_RETRY = (contract.SHOULD_RETRY_HEADER, "false")
 # Refusals of a request before any of it ran, or of a multi-prompt completion of
 # which nothing is billed (pipeline.generate.complete_all): tried again elsewhere.
 REFUSALS = frozenset({"QUEUE_FULL", "MODEL_UNLOADING"})
