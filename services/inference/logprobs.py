@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.inference.sampling import SamplingParams
+from services.inference.sampling import SamplingParams, best_first
 
 #: The most alternatives a request may ask for per token.
 MAX_TOP_LOGPROBS = 20
@@ -51,13 +51,11 @@ def row_logprobs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     k = params.top_k if 0 < params.top_k < vocab else vocab
     if k == vocab and params.top_p >= 1:
         return logprobs  # no filter: the whole tempered softmax
-    if k < vocab:
-        # Only the k best need an order (argpartition, then sort k) rather than
-        # the vocabulary: this runs for every token of a v2 stream.
-        best = np.argpartition(-values, k - 1)[:k]
-        kept = best[np.argsort(-values[best], kind="stable")]
-    else:
-        kept = np.argsort(-values, kind="stable")
+    # Only the k best need an order (argpartition, then sort k) rather than
+    # the vocabulary: this runs for every token of a v2 stream. Equal values
+    # rank by lower id, as in the sampler: an arbitrary pick among tokens tied
+    # at the k-th (or nucleus) edge made the sampled token -inf here.
+    kept = best_first(values, k)
     keep = np.zeros(vocab, dtype=bool)
     keep[kept] = True
     if params.top_p < 1:
@@ -80,9 +78,7 @@ def token_logprob(
     top: tuple[tuple[int, float], ...] = ()
     if top_n:
         width = min(top_n, int(np.isfinite(logprobs).sum()))
-        best = np.argpartition(-logprobs, width - 1)[:width]
-        best = best[np.argsort(-logprobs[best], kind="stable")]
-        top = tuple((int(i), float(logprobs[i])) for i in best)
+        top = tuple((int(i), float(logprobs[i])) for i in best_first(logprobs, width))
     return TokenLogprob(token_id, float(logprobs[token_id]), top)
 
 

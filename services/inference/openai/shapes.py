@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -75,16 +77,29 @@ def _token_bytes(item: inference_pb2.TokenLogprob | inference_pb2.TopLogprob) ->
     return list(item.token_bytes or item.token.encode())
 
 
+def _logprob(value: float) -> float:
+    # json.dumps writes -inf as -Infinity, which strict JSON parsers (OpenAI's
+    # SDKs among them) refuse. The sampler and logprobs keep the same tokens,
+    # ties included, so a sampled token is finite; a -inf could still come of
+    # a rounding hair at the nucleus edge (the two sum the mass apart) or of
+    # non-finite logits. Clamped to the most negative finite float: "never".
+    return value if math.isfinite(value) else -sys.float_info.max
+
+
 def chat_logprobs(items: Sequence[inference_pb2.TokenLogprob]) -> Json:
     """Returns a chat choice's logprobs object (`content`: one entry per token)."""
     return {
         "content": [
             {
                 "token": item.token,
-                "logprob": item.logprob,
+                "logprob": _logprob(item.logprob),
                 "bytes": _token_bytes(item),
                 "top_logprobs": [
-                    {"token": top.token, "logprob": top.logprob, "bytes": _token_bytes(top)}
+                    {
+                        "token": top.token,
+                        "logprob": _logprob(top.logprob),
+                        "bytes": _token_bytes(top),
+                    }
                     for top in item.top_logprobs
                 ],
             }
@@ -102,8 +117,10 @@ def completion_logprobs(items: Sequence[inference_pb2.TokenLogprob], offset: int
         offset += len(item.token)
     return {
         "tokens": [item.token for item in items],
-        "token_logprobs": [item.logprob for item in items],
-        "top_logprobs": [{top.token: top.logprob for top in item.top_logprobs} for item in items],
+        "token_logprobs": [_logprob(item.logprob) for item in items],
+        "top_logprobs": [
+            {top.token: _logprob(top.logprob) for top in item.top_logprobs} for item in items
+        ],
         "text_offset": offsets,
     }
 
