@@ -16,6 +16,7 @@ interleaved rounds and reads every mesh process's CPU around each round.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -88,6 +89,17 @@ def sequential_latency_ms(
     return latencies
 
 
+class LoadFailed(RuntimeError):
+    """LoadFailed: a throughput run's calls did not succeed (h2load and ghz count a
+    gRPC error, an HTTP 200 with grpc-status in its trailers, as served)."""
+
+
+OK = grpc.StatusCode.OK
+#: DATA_SHARE: the share of the expected reply bytes an h2load run must receive (a reply's
+#: size varies a little; a trailers-only gRPC error sends no DATA at all).
+DATA_SHARE = 0.9
+
+
 def throughput_rps(
     target: Peer,
     state: Path,
@@ -95,6 +107,8 @@ def throughput_rps(
     requests: int = 3000,
     method: str = METHOD,
     message: bytes | None = None,
+    expect: grpc.StatusCode = OK,
+    around: contextlib.AbstractContextManager[Any] | None = None,
 ) -> tuple[float, str]:
     """Returns unary requests/s under concurrency and the tool that measured it.
 
@@ -105,8 +119,58 @@ def throughput_rps(
     ghz when it is on PATH, else h2load with a pre-serialised gRPC body (over
     mTLS: with the edge's certificate, when `h2load_client_cert` can build
     its shim), else an asyncio client.
+
+    Before and after the run, one call of the same bytes and metadata through a
+    Python stub must end with `expect` (OK unless a path answers every call
+    itself), and the tool's own counts must show every call so: else LoadFailed.
+    around: entered for the tool's run only (a CpuMeter: the checks' calls stay out).
     """
     metadata = metadata or []
+    frame = pb.ListModelsRequest().SerializeToString() if message is None else message
+    reply = probe(target, metadata, method, frame, expect)
+    with around or contextlib.nullcontext():
+        rps, tool = _tool_rps(target, state, metadata, requests, method, frame, expect, reply)
+    probe(target, metadata, method, frame, expect)
+    return rps, tool
+
+
+def probe(
+    target: Peer,
+    metadata: list[tuple[str, str]],
+    method: str,
+    frame: bytes,
+    expect: grpc.StatusCode,
+) -> bytes | None:
+    """Sends `frame` once to `method` with `metadata` through a Python stub; returns the
+    reply's bytes (None when `expect` is an error); raises LoadFailed on another status."""
+    with target.channel() as channel:
+        # No serializers: the run's very bytes go out, the reply's come back.
+        call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
+        try:
+            reply = call(frame, timeout=10, metadata=tuple(metadata))
+            code, details = OK, ""
+        except grpc.RpcError as error:
+            code, details = error.code(), error.details() or ""
+    if code != expect:
+        raise LoadFailed(
+            f"{method} on {target.address} answered {code.name}"
+            + (f" ({details})" if details else "")
+            + f", expected {expect.name}: a load tool counts such calls as served"
+        )
+    return reply if code == OK else None
+
+
+def _tool_rps(
+    target: Peer,
+    state: Path,
+    metadata: list[tuple[str, str]],
+    requests: int,
+    method: str,
+    frame: bytes,
+    expect: grpc.StatusCode,
+    reply: bytes | None,
+) -> tuple[float, str]:
+    """One run of the first load tool there is (see throughput_rps), checked."""
     ghz = shutil.which("ghz") if method == METHOD else None
     if ghz:
         command = [
@@ -127,12 +191,12 @@ def throughput_rps(
         ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=180)
         if result.returncode == 0:
-            return float(json.loads(result.stdout)["rps"]), "ghz"
-    frame = pb.ListModelsRequest().SerializeToString() if message is None else message
+            return ghz_rps(json.loads(result.stdout), requests, expect), "ghz"
     body = state / f"{method.rsplit('/', 1)[-1]}.bin"
     body.write_bytes(b"\x00" + struct.pack(">I", len(frame)) + frame)
     h2load = shutil.which("h2load")
     h2load_env = _h2load_env(target, state) if h2load else None
+    why = "h2load is not installed" if h2load is None else "no client certificate for h2load"
     if h2load and h2load_env is not None:
         headers = [arg for key, value in metadata for arg in ("-H", f"{key}: {value}")]
         command = [
@@ -157,12 +221,46 @@ def throughput_rps(
         result = subprocess.run(
             command, capture_output=True, text=True, timeout=120, env=h2load_env
         )
-        match = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", result.stdout)
-        if match:
-            return float(match.group(1)), "h2load"
+        if re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", result.stdout):
+            return h2load_rps(result.stdout, requests, reply), "h2load"
+        why = result.stderr[-300:]
     if method != METHOD:
-        raise RuntimeError(f"h2load is needed for {method}: {result.stderr[-300:]}")
-    return _python_rps(target, min(requests, 3000), metadata), "python"
+        raise RuntimeError(f"h2load is needed for {method}: {why}")
+    return _python_rps(target, min(requests, 3000), metadata, expect), "python"
+
+
+def ghz_rps(report: dict[str, Any], requests: int, expect: grpc.StatusCode = OK) -> float:
+    """Returns a ghz JSON report's requests/s; raises LoadFailed unless every one of the
+    `requests` calls ended with `expect` (ghz's rps counts failed calls too)."""
+    # ghz names codes as Go does: "OK", "Unimplemented", "PermissionDenied".
+    name = "OK" if expect == OK else "".join(p.capitalize() for p in expect.name.split("_"))
+    codes = report.get("statusCodeDistribution") or {}
+    if codes != {name: requests}:
+        raise LoadFailed(f"ghz: {requests} calls expected to end {name}, got {codes}")
+    return float(report["rps"])
+
+
+def h2load_rps(output: str, requests: int, reply: bytes | None) -> float:
+    """Returns h2load's requests/s from its output; raises LoadFailed unless every request
+    succeeded at the HTTP level and, when the calls answer `reply` (not None: OK is
+    expected), the DATA received holds about `requests` such replies (h2load counts a
+    gRPC error, trailers only, as succeeded; it carries no DATA)."""
+    rate = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", output)
+    done = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", output)
+    if rate is None or done is None:
+        raise LoadFailed(f"h2load: no summary in its output: {output[-300:]!r}")
+    if int(done.group(1)) != requests:
+        raise LoadFailed(f"h2load: {done.group(1)} of {requests} requests succeeded")
+    if reply is not None:
+        data = re.search(r"\((\d+)\) data", output)
+        expected = requests * (5 + len(reply))  # each reply: one length-prefixed message
+        if data is None or int(data.group(1)) < DATA_SHARE * expected:
+            got = data.group(1) if data else "no"
+            raise LoadFailed(
+                f"h2load: {got} bytes of DATA for {requests} replies of {5 + len(reply)} bytes:"
+                " calls failed with a gRPC status (trailers only)"
+            )
+    return float(rate.group(1))
 
 
 def _ghz_transport(target: Peer) -> list[str]:
@@ -215,7 +313,9 @@ def h2load_client_cert(state: Path) -> Path | None:
     return shim
 
 
-def _python_rps(target: Peer, requests: int, metadata: list[tuple[str, str]]) -> float:
+def _python_rps(
+    target: Peer, requests: int, metadata: list[tuple[str, str]], expect: grpc.StatusCode = OK
+) -> float:
     import asyncio
 
     async def run() -> float:
@@ -228,7 +328,7 @@ def _python_rps(target: Peer, requests: int, metadata: list[tuple[str, str]]) ->
                         await stub.ListModels(pb.ListModelsRequest(), timeout=5, metadata=metadata)
                     except grpc.aio.AioRpcError as error:
                         # Envoy's direct_response answers without a message (as `_call`).
-                        if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        if error.code() != expect:
                             raise
 
             started = time.perf_counter()
@@ -236,6 +336,10 @@ def _python_rps(target: Peer, requests: int, metadata: list[tuple[str, str]]) ->
             return (requests // 32 * 32) / (time.perf_counter() - started)
 
     return asyncio.run(run())
+
+
+#: What the bare Envoy's direct_response answers every call (a trailers-only error).
+DIRECT_RESPONSE_STATUS = grpc.StatusCode.UNIMPLEMENTED
 
 
 def bare_envoy(
@@ -246,7 +350,10 @@ def bare_envoy(
     every request itself."""
     port, admin = reserve_port(), reserve_port()
     # A trailers-only gRPC answer (UNIMPLEMENTED, which the latency client accepts).
-    grpc_headers = {"content-type": "application/grpc", "grpc-status": "12"}
+    grpc_headers = {
+        "content-type": "application/grpc",
+        "grpc-status": str(DIRECT_RESPONSE_STATUS.value[0]),
+    }
     action: dict[str, Any] = (
         {
             "direct_response": {"status": 200},
@@ -357,10 +464,23 @@ def _summary(latencies: list[float]) -> dict[str, float]:
     }
 
 
-def _routing_cost(mesh: Mesh, metadata: list[tuple[str, str]]) -> dict[str, list[float]]:
+def pin_child(mesh: Mesh, ctx: Context, name: str, role: str) -> int:
+    """Pins `mesh`'s child `name`, started after pin_mesh, to the system-under-test core
+    (it inherited this process's load core) and records it as `role`; returns its pid."""
+    child = next(c for c in mesh.children if c.name == name and not c.stopping)
+    pin(child.pid, ctx.placement.layout.sut)
+    ctx.placement.record(role, child.pid, SUT)
+    return child.pid
+
+
+def _routing_cost(
+    mesh: Mesh, ctx: Context, metadata: list[tuple[str, str]]
+) -> dict[str, list[float]]:
     """Complete (model in the body) through the edge with model routing (Lua + per-version
-    routes from xDS) and through a second, identical Envoy without it; interleaved rounds."""
+    routes from xDS) and through a second, identical Envoy without it, on the same
+    core; interleaved rounds."""
     unrouted = mesh.start_extra_edge("edge-unrouted", model_routing=False)
+    pin_child(mesh, ctx, "edge-unrouted", "extra Envoy without model routing (routing cost)")
     latencies: dict[str, list[float]] = {"routed": [], "unrouted": []}
     for _ in range(3):
         for name, address in (("routed", mesh.edge_address), ("unrouted", unrouted)):
@@ -413,8 +533,8 @@ def complete_throughput(
     for n in range(rounds):
         # Order flipped every round: no path always runs right after another.
         for name, (target, metadata) in list(paths.items())[:: 1 if n % 2 == 0 else -1]:
-            with CpuMeter(pids) as meter:
-                rps, _ = throughput_rps(target, state, metadata, requests, COMPLETE, body)
+            meter = CpuMeter(pids)
+            rps, _ = throughput_rps(target, state, metadata, requests, COMPLETE, body, around=meter)
             rps_rounds[name].append(rps)
             cpu_rounds[name].append({p: used * 1e6 / requests for p, used in meter.used.items()})
     cpu = {name: median_each(per_round) for name, per_round in cpu_rounds.items()}
@@ -450,8 +570,8 @@ def edge_cpu(
     out: dict[str, dict[str, float]] = {}
     requests = 3000
     for name, target, metadata in paths:
-        with CpuMeter(_pids(mesh)) as meter:
-            throughput_rps(target, state, metadata, requests)
+        meter = CpuMeter(_pids(mesh))
+        throughput_rps(target, state, metadata, requests, around=meter)
         per = {n: used * 1e6 / requests for n, used in meter.used.items()}
         per["edge"] = per["envoy"] + per["auth"] + per["usage"]
         out[name] = per
@@ -462,8 +582,8 @@ def edge_cpu(
 def bare_proxy_cpu(state: Path, pid: int, target: Peer) -> dict[str, float]:
     """Returns the bare Envoy's CPU µs per ListModels it proxies (h2load, as edge_cpu)."""
     requests = 3000
-    with CpuMeter({"envoy": pid}) as meter:
-        throughput_rps(target, state, [], requests)
+    meter = CpuMeter({"envoy": pid})
+    throughput_rps(target, state, [], requests, around=meter)
     per = {"envoy": meter.used["envoy"] * 1e6 / requests}
     print(
         f"  {'bare-envoy':>12}: CPU µs/request {json.dumps({k: round(v) for k, v in per.items()})}"
@@ -541,7 +661,8 @@ def edge_overhead(ctx: Context) -> dict[str, Any]:
             }
             latencies, per_round = interleaved_latency(paths)
             for name, (target, metadata) in paths.items():
-                rps[name], tools[name] = throughput_rps(target, state, metadata)
+                expect = DIRECT_RESPONSE_STATUS if name == "envoy-direct" else OK
+                rps[name], tools[name] = throughput_rps(target, state, metadata, expect=expect)
                 _print_path(name, latencies[name], rps[name], tools[name], target.tls)
             cpu = edge_cpu(mesh, state, worker, edge, jwt, key)
             cpu["bare-envoy"] = bare_proxy_cpu(state, proxy.pid, Peer(proxy_address))
@@ -572,7 +693,7 @@ def edge_overhead(ctx: Context) -> dict[str, Any]:
         measure(
             "edge-api-key-no-cache", Peer(mesh.edge_address), [("x-api-key", mesh.dev_api_key())]
         )
-        routing = _routing_cost(mesh, jwt)
+        routing = _routing_cost(mesh, ctx, jwt)
     with (
         pinned_self(ctx.placement.layout.load),
         bare_server_process(state, bench_pki(state), ctx.placement.layout.taskset(SUT)) as (

@@ -45,6 +45,10 @@ STEP_MS = 10
 HEAVY_STREAMS = 32
 HEAVY_TOKENS = (24, 40)  # varied, so the heavy streams do not free their slots in step
 LIGHT_TOKENS = 8
+#: CALL_TIMEOUT_S: each call's deadline. The scenario's deadlines are checked between
+#: calls only, so a worker that stops sending would hang `make bench` without it;
+#: a heavy call under FIFO waits ~3 s.
+CALL_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,8 @@ async def _request(stub: Any, tenant: str, tokens: int, n: int) -> Sample:
     )
     started = time.perf_counter()
     ttft = queue_ms = 0.0
-    async for message in stub.Generate(request, metadata=((TENANT_HEADER, tenant),)):
+    call = stub.Generate(request, metadata=((TENANT_HEADER, tenant),), timeout=CALL_TIMEOUT_S)
+    async for message in call:
         if message.token_ids and not ttft:
             ttft = (time.perf_counter() - started) * 1000
         if message.HasField("finish_reason"):
