@@ -7,22 +7,31 @@ the v1 calls for code that has not migrated yet (docs/migration/v1-to-v2.md).
 Example::
 
     async with Client("127.0.0.1:8080", token=api_key) as client:
-        async for message in client.generate(
+        async with client.generate(
             "demo-lm", messages=[("user", "In the beginning")], max_output_tokens=16
-        ):
-            print(message.text, end="")
+        ) as stream:
+            async for message in stream:
+                print(message.text, end="")
+
+Leaving the `async with` (or `await stream.aclose()`) cancels a stream not read
+to its end: the worker stops generating, and bills only the tokens it produced.
+
+Plaintext is used only for loopback targets (the edge's local 8080 listener) unless
+`tls=False` is passed: any other host gets TLS, so a key never crosses a network
+in the clear by default.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+import ipaddress
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 import grpc.aio
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 
 from tokenmesh.inference.v1 import inference_service_pb2 as v1_pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as v1_rpc
@@ -46,37 +55,105 @@ Turn = types_pb.ChatMessage | tuple[str, str]
 class TokenmeshRpcError(Exception):
     """TokenmeshRpcError is a failed call with its google.rpc details decoded.
 
+    It pickles (to cross a process pool or task queue), and its text is
+    `CODE: message`: the server's client-safe message, never the credentials.
+
     Attributes:
         code: the gRPC status code.
         message: the server's client-safe message.
         reason: the ErrorInfo reason (UPPER_SNAKE), or "".
+        domain: the ErrorInfo domain ("tokenmesh.dev" for tokenmesh's own), or "".
+        metadata: the ErrorInfo metadata, e.g. {"model": ..., "version": ...} of an
+            unknown model version, {"scope": ...} of a missing scope.
         field_violations: (field, description) pairs from BadRequest.
+        quota_violations: (subject, description) pairs from QuotaFailure: which
+            quota refused the call, e.g. ("worker:queue", "max_queue=256") or
+            ("key:<id>:tokens_per_minute", "tokens_per_minute=1000").
+        resource_type: the ResourceInfo type of a missing resource (a prompt
+            template's, a job's), or "".
+        resource_name: the ResourceInfo name (as the request named it), or "".
         retry_after_s: when to try again, in seconds: the RetryInfo delay, else the
             `retry-after` metadata (the edge's own refusals send only that), else None.
+        status: the google.rpc.Status as the server sent it (None: none was sent,
+            as in a proxy's own reply); unknown detail types stay packed in it.
+        details: its details that are google.rpc error_details messages, unpacked.
     """
 
-    def __init__(self, error: grpc.aio.AioRpcError, status: Any) -> None:
+    def __init__(self, error: grpc.aio.AioRpcError, status: status_pb2.Status | None) -> None:
         self.code = error.code()
         self.message = error.details() or ""
         self.reason = ""
+        self.domain = ""
+        self.metadata: dict[str, str] = {}
         self.field_violations: list[tuple[str, str]] = []
+        self.quota_violations: list[tuple[str, str]] = []
+        self.resource_type = ""
+        self.resource_name = ""
         self.retry_after_s: float | None = None
-        for detail in status.details if status is not None else ():
-            self._absorb(detail)
+        self.status = status
+        self.details: list[Message] = []
+        for packed in status.details if status is not None else ():
+            detail = _unpacked(packed)
+            if detail is not None:
+                self.details.append(detail)
+                self._absorb(detail)
         if self.retry_after_s is None:
             self.retry_after_s = _retry_after(error)
         super().__init__(f"{self.code.name}: {self.message}")
 
-    def _absorb(self, detail: Any) -> None:
-        info = error_details_pb2.ErrorInfo()
-        bad_request = error_details_pb2.BadRequest()
-        retry = error_details_pb2.RetryInfo()
-        if detail.Unpack(info):
-            self.reason = info.reason
-        elif detail.Unpack(bad_request):
-            self.field_violations = [(v.field, v.description) for v in bad_request.field_violations]
-        elif detail.Unpack(retry):
-            self.retry_after_s = retry.retry_delay.ToMilliseconds() / 1000
+    def _absorb(self, detail: Message) -> None:
+        if isinstance(detail, error_details_pb2.ErrorInfo):
+            self.reason = detail.reason
+            self.domain = detail.domain
+            self.metadata = dict(detail.metadata)
+        elif isinstance(detail, error_details_pb2.BadRequest):
+            self.field_violations = [(v.field, v.description) for v in detail.field_violations]
+        elif isinstance(detail, error_details_pb2.QuotaFailure):
+            self.quota_violations = [(v.subject, v.description) for v in detail.violations]
+        elif isinstance(detail, error_details_pb2.ResourceInfo):
+            self.resource_type = detail.resource_type
+            self.resource_name = detail.resource_name
+        elif isinstance(detail, error_details_pb2.RetryInfo):
+            self.retry_after_s = detail.retry_delay.ToMilliseconds() / 1000
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own pickling calls cls(*self.args), which is not this
+        # constructor's signature (and the AioRpcError is not kept to rebuild from).
+        return _unpickled, (type(self), self.args, self.__dict__)
+
+
+def _unpickled(
+    cls: type[TokenmeshRpcError], args: tuple[Any, ...], state: dict[str, Any]
+) -> TokenmeshRpcError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
+
+#: The google.rpc error_details messages a status may carry, unpacked by type.
+_DETAIL_TYPES: tuple[type[Message], ...] = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.RetryInfo,
+    error_details_pb2.QuotaFailure,
+    error_details_pb2.BadRequest,
+    error_details_pb2.ResourceInfo,
+    error_details_pb2.PreconditionFailure,
+    error_details_pb2.RequestInfo,
+    error_details_pb2.Help,
+    error_details_pb2.LocalizedMessage,
+    error_details_pb2.DebugInfo,
+)
+
+
+def _unpacked(packed: Any) -> Message | None:
+    """Returns the error_details message in a google.protobuf.Any, or None (another type)."""
+    for kind in _DETAIL_TYPES:
+        if packed.Is(kind.DESCRIPTOR):
+            detail = kind()
+            packed.Unpack(detail)
+            return detail
+    return None
 
 
 def _retry_after(error: grpc.aio.AioRpcError) -> float | None:
@@ -95,11 +172,40 @@ def _decoded(error: grpc.aio.AioRpcError) -> TokenmeshRpcError:
     status = None
     for key, value in error.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
-            status = rpc_status.status_pb2.Status.FromString(value)  # type: ignore[attr-defined]
+            status = status_pb2.Status.FromString(value)
     return TokenmeshRpcError(error, status)
 
 
-def _open_channel(target: str, tls: bool, root_certificates: bytes | None) -> grpc.aio.Channel:
+def _is_loopback(target: str) -> bool:
+    """Tells whether a gRPC target names this host: localhost, a loopback address or a
+    Unix socket (also in gRPC's `dns:`, `ipv4:`, `ipv6:`, `unix:` forms)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target[len(scheme) :]
+            break
+    if target.startswith("["):  # [::1]:8080
+        host = target[1 : target.find("]")]
+    elif target.count(":") == 1:  # host:port (a bare IPv6 address has more colons)
+        host = target.partition(":")[0]
+    else:
+        host = target
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
+def _open_channel(
+    target: str, tls: bool | None, root_certificates: bytes | None
+) -> grpc.aio.Channel:
+    if tls is None:
+        # The edge's plaintext listener is bound to 127.0.0.1 (docs/security.md): any
+        # other host is the TLS one, and the key must not reach it in the clear.
+        tls = not _is_loopback(target)
     if tls or root_certificates is not None:
         credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
         return grpc.aio.secure_channel(target, credentials)
@@ -115,7 +221,7 @@ class _Connection:
         *,
         token: str | None,
         timeout_s: float,
-        tls: bool,
+        tls: bool | None,
         root_certificates: bytes | None,
     ) -> None:
         self._channel = _open_channel(target, tls, root_certificates)
@@ -146,13 +252,64 @@ class _Connection:
         except grpc.aio.AioRpcError as error:
             raise _decoded(error) from None
 
-    async def _stream(self, method: Any, request: Any) -> AsyncIterator[Any]:
+    async def _stream(self, method: Any, request: Any) -> AsyncGenerator[Any, None]:
         call = method(request, metadata=self._metadata, timeout=self._timeout_s)
         try:
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as error:
             raise _decoded(error) from None
+        finally:
+            # A caller that stops reading (break, aclose(), an exception, the stream
+            # dropped) ends the RPC here: grpc.aio keeps an abandoned call running
+            # to its deadline, and the worker generated and billed every token.
+            # Nothing happens when the call is already done.
+            call.cancel()
+
+
+_Message = TypeVar("_Message")
+
+
+class Stream(Generic[_Message]):
+    """Stream is the messages of a streamed call, read with `async for`.
+
+    A stream not read to its end should be closed: `await stream.aclose()`,
+    `async with client.generate(...) as stream:` or
+    `contextlib.aclosing(client.generate(...))`. Closing cancels the call at once,
+    so the worker stops generating and bills only the tokens it produced. A
+    stream dropped without closing is cancelled when it is garbage-collected.
+    """
+
+    def __init__(self, messages: AsyncGenerator[_Message, None]) -> None:
+        self._messages = messages
+
+    def __aiter__(self) -> Stream[_Message]:
+        return self
+
+    async def __anext__(self) -> _Message:
+        return await self._messages.__anext__()
+
+    async def aclose(self) -> None:
+        """Cancels the call unless it is done; reading then stops."""
+        await self._messages.aclose()
+
+    async def __aenter__(self) -> Stream[_Message]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def _listed(value: str | Iterable[str]) -> list[str]:
+    """Returns a list of strings: a single str is one item. (Protobuf extends a
+    repeated field from a str character by character; OpenAI's SDK takes a str
+    as one input or one stop sequence, and so do we.)"""
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _turns(messages: Iterable[Turn]) -> list[types_pb.ChatMessage]:
@@ -174,6 +331,8 @@ def _absorb_v1_fields(
     for old, new in _V1_FIELDS.items():
         if old in fields:
             fields[new] = fields.pop(old)
+    if "stop_sequences" in fields:
+        fields["stop_sequences"] = _listed(fields["stop_sequences"])
     loose = {name: fields.pop(name) for name in _V1_SAMPLING_FIELDS if name in fields}
     if not loose:
         return sampling
@@ -215,6 +374,9 @@ class Client(_Connection):
         timeout_s: the per-call deadline (a whole stream's; DEFAULT_TIMEOUT_S; a
             model lookup's at most LOOKUP_TIMEOUT_S).
         tls: use TLS (the edge's 8443 listener); implied by root_certificates.
+            By default (None) plaintext only to a loopback target (localhost,
+            127.0.0.0/8, ::1, a Unix socket), TLS to any other; pass False to
+            send plaintext (and the token in the clear) to another host.
         root_certificates: PEM roots to verify the edge with (default: system roots).
 
     Errors raise TokenmeshRpcError with the decoded google.rpc details, also a
@@ -230,7 +392,7 @@ class Client(_Connection):
         *,
         token: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        tls: bool = False,
+        tls: bool | None = None,
         root_certificates: bytes | None = None,
     ) -> None:
         super().__init__(
@@ -268,7 +430,7 @@ class Client(_Connection):
         messages: Iterable[Turn] | None = None,
         sampling: Mapping[str, Any] | types_pb.SamplingParams | None = None,
         **fields: Any,
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    ) -> Stream[pb.GenerateResponse]:
         """Streams a generation: one message per delta of a choice.
 
         Pass `prompt` or `messages` (ChatMessage or (role, content) pairs);
@@ -276,7 +438,12 @@ class Client(_Connection):
         other GenerateRequest fields (n, logprobs, top_logprobs,
         max_output_tokens, stop_sequences, template, variables, metadata, ...).
         The v1 client's keywords still work: max_tokens, stop, and temperature,
-        top_p, top_k, seed outside `sampling`.
+        top_p, top_k, seed outside `sampling`. A str `stop_sequences` (or `stop`)
+        is one sequence.
+
+        Close a stream you stop reading early (`async with`, `aclose()`; see
+        Stream): that cancels the generation, which is then billed only for the
+        tokens produced.
 
         Raises:
             TokenmeshRpcError: the call failed; when it failed after the stream
@@ -286,7 +453,7 @@ class Client(_Connection):
         request = pb.GenerateRequest(
             model=model, **_generation_fields(prompt, messages, sampling, fields)
         )
-        return self._stream(self._stub.Generate, request)
+        return Stream(self._stream(self._stub.Generate, request))
 
     async def complete(
         self,
@@ -304,9 +471,12 @@ class Client(_Connection):
         response: pb.CompleteResponse = await self._unary(self._stub.Complete, request)
         return response
 
-    async def embed(self, model: str, inputs: Sequence[str], **fields: Any) -> pb.EmbedResponse:
-        """Returns one embedding per input; `fields` are EmbedRequest fields (encoding, ...)."""
-        request = pb.EmbedRequest(model=model, inputs=list(inputs), **fields)
+    async def embed(
+        self, model: str, inputs: str | Sequence[str], **fields: Any
+    ) -> pb.EmbedResponse:
+        """Returns one embedding per input (a str is one input); `fields` are
+        EmbedRequest fields (encoding, ...)."""
+        request = pb.EmbedRequest(model=model, inputs=_listed(inputs), **fields)
         response: pb.EmbedResponse = await self._unary(self._stub.Embed, request)
         return response
 
@@ -323,7 +493,7 @@ class V1Client(_Connection):
         *,
         token: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        tls: bool = False,
+        tls: bool | None = None,
         root_certificates: bytes | None = None,
     ) -> None:
         super().__init__(
@@ -346,16 +516,25 @@ class V1Client(_Connection):
         return response
 
     async def complete(self, model: str, prompt: str, **fields: Any) -> v1_pb.CompleteResponse:
-        """Returns a whole completion; `fields` are CompleteRequest fields."""
-        request = v1_pb.CompleteRequest(model=model, prompt=prompt, **fields)
+        """Returns a whole completion; `fields` are CompleteRequest fields (a str
+        `stop` is one stop sequence)."""
+        request = v1_pb.CompleteRequest(model=model, prompt=prompt, **_v1_stop(fields))
         response: v1_pb.CompleteResponse = await self._unary(self._stub.Complete, request)
         return response
 
-    def generate(self, model: str, prompt: str, **fields: Any) -> AsyncIterator[Any]:
-        """Streams a generation; `fields` are GenerateRequest fields.
+    def generate(self, model: str, prompt: str, **fields: Any) -> Stream[v1_pb.GenerateResponse]:
+        """Streams a generation; `fields` are GenerateRequest fields (a str `stop`
+        is one stop sequence). Close a stream you stop reading early, as
+        Client.generate's.
 
         A failure after the stream started is raised (TokenmeshRpcError) after the
         final message, whose `error` (v1's StreamError) says the same, was yielded.
         """
-        request = v1_pb.GenerateRequest(model=model, prompt=prompt, **fields)
-        return self._stream(self._stub.Generate, request)
+        request = v1_pb.GenerateRequest(model=model, prompt=prompt, **_v1_stop(fields))
+        return Stream(self._stream(self._stub.Generate, request))
+
+
+def _v1_stop(fields: dict[str, Any]) -> dict[str, Any]:
+    if "stop" in fields:
+        fields["stop"] = _listed(fields["stop"])
+    return fields
