@@ -18,7 +18,8 @@ most requests share one coroutine:
   its trailers (gateway/response_headers.py), a worker's OpenAI error JSON
   becomes the body (gateway/openai_edge.py), then the REST status a service
   asked for is applied (gateway/error_status.py), in the order the two
-  filters ran in before.
+  filters ran in before; last, a REST answer's gRPC status headers go
+  (gateway/response_headers.py).
 
 The modules keep their own filters (and their tests' subjects) for Envoys
 that need only one of them (e.g. gateway/openai_backend.py).
@@ -72,6 +73,7 @@ function envoy_on_response(handle)
     headers = handle:headers()
   end
   apply_error_status(headers)
+  drop_grpc_status(headers)
 end
 """
 )

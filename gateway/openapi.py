@@ -43,7 +43,7 @@ import yaml
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
-from gateway import edge_auth, envoy_config, openai_edge, protos, static_site
+from gateway import edge_auth, envoy_config, handover, openai_edge, protos, static_site
 
 DOCUMENT_PATH = static_site.OPENAPI_DOCUMENT
 HTTPBODY_FRAGMENT = Path(__file__).with_name("openapi_httpbody.yaml")
@@ -400,13 +400,42 @@ class _Operations:
             operation["parameters"] = parameters
         if binding.body:
             operation["requestBody"] = self._request_body(binding)
+        json_body = bool(binding.body) and self._request_type(binding) != HTTP_BODY
         operation["responses"] = {
             "200": self._success(binding, public),
-            **_error_responses(binding.verb, public),
+            **_error_responses(binding.verb, public, json_body),
         }
+        if binding.verb == "post" and re.match(handover.COMPLETE_PATHS, binding.path):
+            self._add_respond_async(operation)
         if public:
             operation["security"] = []
         return operation
+
+    def _add_respond_async(self, operation: Schema) -> None:
+        """A REST Complete with `Prefer: respond-async` is answered by the jobs service
+        (gateway/handover.py): 202 with the job, or the answer itself within `wait`."""
+        prefer = copy.deepcopy(_PREFER_PARAMETER)
+        operation["parameters"] = [*operation.get("parameters", []), prefer]
+        operation["responses"]["202"] = {
+            "description": "Accepted (`Prefer: respond-async`): the Complete became a job of "
+            "one item. The body is the job as `GET /v1/jobs/{id}` answers it; poll `Location` "
+            "(or list its results) for the Complete's answer.",
+            "headers": {
+                "location": {
+                    "description": "The job: `/v1/jobs/{id}`.",
+                    "required": True,
+                    "schema": {"type": "string"},
+                },
+                "preference-applied": {
+                    "description": "`respond-async` (RFC 7240).",
+                    "required": True,
+                    "schema": {"type": "string", "const": "respond-async"},
+                },
+                **{name: _ref("headers", name) for name in _RATE_LIMIT_HEADERS},
+            },
+            "content": {"application/json": {"schema": self.components.ref(_JOB, response=True)}},
+        }
+        operation["responses"] = dict(sorted(operation["responses"].items()))
 
     def _request_type(self, binding: Binding) -> str:
         return binding.method.input_type.lstrip(".")
@@ -501,10 +530,12 @@ class _Operations:
         elif binding.method.server_streaming:
             content = {"text/event-stream": _event_stream(self.components.ref(response, True))}
             description = (
-                f"A Server-Sent Events stream: one `data: <{response} JSON>` event per message. "
-                "An error after the stream started ends it with a gRPC status in the trailers "
-                "(HTTP/2; HTTP/1.1 with trailers)."
+                f"A Server-Sent Events stream: one `data: <{response} JSON>` event per "
+                f"message. {_STREAM_ENDS}"
             )
+            fields = {item.name for item in self.index.messages[response].field}
+            if _FINAL_MESSAGE_FIELDS <= fields:
+                description += f" {_GENERATION_STREAM_ENDS}"
         else:
             schema = self.components.ref(response, True)
             if binding.response_body:
@@ -537,6 +568,44 @@ def _event_stream(message: Schema) -> Schema:
     }
 
 
+# How a REST stream ends, and how a client tells a failed or cut one from a whole one
+# (docs/reliability.md, "Cut streams"; the playground shows each).
+_STREAM_ENDS = (
+    "An error after the stream started ends it with that status as gRPC trailers "
+    "(`grpc-status`, `grpc-message`; HTTP/2, or HTTP/1.1 chunked trailers), which browsers "
+    "and most SSE clients never see. A stream cut short (its server or the edge killed "
+    "with -9) ends with no trailers at all: over HTTP/1.1 the chunked body ends without "
+    "its last chunk (httpx: RemoteProtocolError, curl: exit code 18, fetch(): a network "
+    "error), over HTTP/2 the stream is reset. Treat either as a failure."
+)
+# A generation stream says both in-band, in its messages (a response message with
+# these fields: v2's and v1's Generate).
+_FINAL_MESSAGE_FIELDS = frozenset({"finish_reason", "error"})
+_GENERATION_STREAM_ENDS = (
+    "A whole stream ends after every choice's final message: the one with `finish_reason` "
+    "set (and `usage`, `model`, `timing`). If the request fails after the stream started, "
+    "every choice still running first gets a final message whose `finish_reason` is the "
+    "error one (`FINISH_REASON_ERROR`; v1: `error`) and whose `error` says why (code and "
+    "message): a client that cannot read trailers reads that. A stream that ends before "
+    "every choice's final message was cut (no trailers either, see above): its text is "
+    "incomplete; retry with a new `request_id`."
+)
+# What a REST Complete answers with `Prefer: respond-async` (gateway/handover.py).
+_JOB = "tokenmesh.jobs.v1.Job"
+_PREFER_PARAMETER: Schema = {
+    "name": "Prefer",
+    "in": "header",
+    "required": False,
+    "description": "RFC 7240. `respond-async` hands the Complete to the jobs service as a job "
+    "of one item (the key needs the "
+    f"`{edge_auth.RPC_SCOPES[f'/{handover.SERVICE}/CompleteV2']}` scope as well): the answer is "
+    "202 with the job. "
+    "With `wait=N` too (`respond-async, wait=5`; N at most 60), an item finished within N "
+    "seconds is answered inline: 200 with this operation's JSON (or its error), with "
+    "`x-request-id` and `x-model-version` but no `x-tokenmesh-worker`. Without "
+    "`respond-async` the header changes nothing.",
+    "schema": {"type": "string"},
+}
 # Responses every authenticated answer may carry (the edge's rate limiter, draft 03).
 _RATE_LIMIT_HEADERS: Mapping[str, Schema] = {
     "x-ratelimit-limit": {
@@ -579,6 +648,12 @@ _ERRORS: Mapping[str, tuple[str, str]] = {
     ),
     "409": ("Conflict", "ALREADY_EXISTS or ABORTED."),
     "410": ("Gone", "An API version past its sunset date."),
+    "413": (
+        "PayloadTooLarge",
+        "RESOURCE_EXHAUSTED: a request body over the edge's buffer "
+        f"({envoy_config.MAX_TRANSCODED_RESPONSE_BYTES >> 20} MiB), refused by Envoy itself "
+        "(`http_status` 413) before any service saw it.",
+    ),
     "429": (
         "ResourceExhausted",
         "RESOURCE_EXHAUSTED: over a rate limit, token budget or the failed-authentication limit.",
@@ -607,11 +682,16 @@ _OPENAI_BEFORE_HEADERS: Mapping[int, str] = {
 _PUBLIC_ERRORS = ("400", "401", "404", "429", "500", "503", "504")
 
 
-def _error_responses(verb: str, public: bool) -> dict[str, Schema]:
-    statuses = _PUBLIC_ERRORS if public else tuple(_ERRORS)
+def _error_responses(verb: str, public: bool, json_body: bool) -> dict[str, Schema]:
+    """The errors an operation may answer; 413 only where a JSON body is read (any such
+    route, public ones included: Envoy refuses the body before anything else)."""
+    statuses = _PUBLIC_ERRORS if public else tuple(s for s in _ERRORS if s != "413")
     if verb == "get":
         statuses = tuple(s for s in statuses if s != "409")
-    return {status: _ref("responses", _ERRORS[status][0]) for status in statuses}
+    if json_body:
+        statuses = (*statuses, "413")
+    ordered = sorted(statuses, key=int)
+    return {status: _ref("responses", _ERRORS[status][0]) for status in ordered}
 
 
 def _error_components() -> tuple[dict[str, Schema], dict[str, Schema]]:

@@ -43,6 +43,14 @@ trailers) or HTTP/2 (tests/integration/test_edge_error_trailers.py). Every
 trailer but gRPC's own status fields becomes a header, as a trailers-only
 error's would have; the filters after this one then see the REST status
 and OpenAI JSON the service asked for.
+
+A whole REST answer loses gRPC's status fields: the transcoder merges a unary
+answer's trailers into its headers, so every 200 (and the jobs service's 202
+to `Prefer: respond-async`) showed `grpc-status: 0` and an empty
+`grpc-message` to REST clients, details of the mesh's gRPC hop (a REST error
+carries none: the transcoder made its status and body of them). gRPC answers
+keep theirs, and a stream's trailers keep them too (its only end-of-stream
+status).
 """
 
 from __future__ import annotations
@@ -115,6 +123,7 @@ _NEVER_LIFTED_TABLE = "".join(f'  ["{name}"] = true,\n' for name in NEVER_LIFTED
 # A Lua function of the edge's response filter (gateway/edge_lua.py).
 RESPONSE_LUA_FUNCTION = f"""
 local RESPONSE_HEADERS = "{contract.RESPONSE_HEADERS_TRAILER}"
+local GRPC_STATUS_FIELDS = {{ {", ".join(f'"{n}"' for n in GRPC_STATUS_TRAILERS)} }}
 local NEVER_LIFTED = {{
 {_NEVER_LIFTED_TABLE}}}
 
@@ -240,6 +249,21 @@ local function lift_trailers(handle, headers)
     end
   end
   return true, retired
+end
+
+-- A transcoded (REST) answer's gRPC status fields, which the transcoder put in its
+-- headers, are the mesh's: a REST client gets the HTTP status and the JSON body.
+local function drop_grpc_status(headers)
+  if headers:get("grpc-status") == nil then
+    return
+  end
+  local content_type = headers:get("content-type") or ""
+  if string.find(content_type, "application/grpc", 1, true) == 1 then
+    return
+  end
+  for _, name in ipairs(GRPC_STATUS_FIELDS) do
+    headers:remove(name)
+  end
 end
 
 -- Lifts a unary answer's headers out of its trailers, then leaves one Deprecation and

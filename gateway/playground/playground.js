@@ -14,14 +14,29 @@ const HEAT_STOPS = [
   [1.0, [146, 197, 222]],
 ];
 const MAX_MODEL_PAGES = 10;
+// google.rpc.Code names by number: a failed choice's final message carries the number.
+const GRPC_CODES = [
+  "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+  "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+  "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+  "UNAUTHENTICATED",
+];
+// A choice whose stream ended (cleanly or cut) before its final message.
+const NO_FINAL_MESSAGE = "ended without a final message";
 
 const $ = (id) => document.getElementById(id);
 
+// `run` and `controller` belong to the run that owns the output and the buttons: a
+// run that was replaced (its fetch aborted) finishes later and must touch neither.
 const state = {
   models: [],
   controller: null,
   run: null,
 };
+
+function running() {
+  return state.controller !== null;
+}
 
 // ---- credentials -----------------------------------------------------------
 
@@ -158,7 +173,8 @@ function fillModels() {
   select.replaceChildren(...state.models.map((m) => element("option", { value: m.name, textContent: m.name })));
   if (state.models.some((m) => m.name === previous)) select.value = previous;
   select.disabled = state.models.length === 0;
-  $("generate").disabled = state.models.length === 0;
+  // Loading models during a run must not offer a second Generate (the run keeps its Stop).
+  $("generate").disabled = state.models.length === 0 || running();
   fillVersions();
 }
 
@@ -284,6 +300,8 @@ class Run {
     this.model = null;
     this.requestId = "";
     this.messages = 0;
+    this.streaming = false; // the answer was 200 and its body is being read
+    this.errors = [];
   }
 
   newChoice(index) {
@@ -301,7 +319,8 @@ class Run {
       heat.dataset.index = String(index);
       $("heatmap").append(heat);
     }
-    return { index, text, finish, heat, tokens: 0, final: null, content: "" };
+    // ending: why a choice without a final message ended (stopped, cut), once the run ended.
+    return { index, text, finish, heat, tokens: 0, final: null, content: "", ending: null };
   }
 
   choice(index) {
@@ -328,17 +347,38 @@ class Run {
 
   finish(choice, message) {
     choice.final = message;
-    choice.finish.textContent = `· ${shortReason(message.finish_reason)}`;
+    const reason = shortReason(message.finish_reason);
+    choice.finish.textContent = message.error ? `· ${reason} (${codeName(message.error.code)})` : `· ${reason}`;
     if (message.usage) this.usage = message.usage;
     if (message.model) this.model = message.model;
     if (message.error) {
-      showError(`Choice ${choice.index} failed: ${message.error.message || "error"} (code ${message.error.code})`);
+      // Every failed choice gets a line: the status of the whole stream is only in
+      // its HTTP trailers, which fetch() cannot read.
+      this.errors.push(`Choice ${choice.index} failed: ${message.error.message || "error"} (${codeName(message.error.code)})`);
+      showError(this.errors.join("\n"));
     }
   }
 
   unfinished() {
     return this.choices.filter((c) => c.final === null);
   }
+
+  // Choices whose final message says they failed (FINISH_REASON_ERROR with `error`).
+  failed() {
+    return this.choices.filter((c) => c.final?.error || c.final?.finish_reason === "FINISH_REASON_ERROR");
+  }
+
+  // Marks the choices that got no final message with why they ended.
+  endUnfinished(ending) {
+    for (const choice of this.unfinished()) {
+      choice.ending = ending;
+      choice.finish.textContent = `· ${ending}`;
+    }
+  }
+}
+
+function codeName(code) {
+  return GRPC_CODES[code] ?? `code ${code}`;
 }
 
 function shortReason(reason) {
@@ -440,7 +480,7 @@ function showSummary(run) {
     const timing = final.timing || {};
     const cells = [
       c.index,
-      final.finish_reason ? shortReason(final.finish_reason) : "running",
+      final.finish_reason ? shortReason(final.finish_reason) : (c.ending ?? "running"),
       c.tokens,
       fixed(final.confidence, 3),
       fixed(timing.time_to_first_token_ms),
@@ -457,12 +497,45 @@ async function readStream(response, run) {
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) break;
+    if (done || state.run !== run) break;
     let events;
     [events, buffer] = takeEvents(buffer + value);
     for (const data of events) run.apply(JSON.parse(data));
     const tokens = run.choices.reduce((sum, c) => sum + c.tokens, 0);
     setStatus(`Streaming… ${tokens} token(s)`, "streaming");
+  }
+}
+
+// Says how a run ended. `error` is what ended it early (null when the body was read to
+// its end). A choice whose final message has `error` failed; a choice without a final
+// message was stopped, or its stream was cut (a worker or the edge went away mid-stream:
+// the body ends without its last chunk, and fetch() reports only "network error").
+function showOutcome(run, error) {
+  const stopped = error?.name === "AbortError";
+  const cut = run.unfinished();
+  const failed = run.failed();
+  if (stopped) {
+    run.endUnfinished("stopped");
+    setStatus("Stopped.", "stopped");
+  } else if (!run.streaming) {
+    run.endUnfinished("failed");
+    setStatus("Failed.", "error");
+    showError(error ? error.message : "No answer.");
+  } else if (failed.length) {
+    run.endUnfinished(NO_FINAL_MESSAGE);
+    const which = failed.map((c) => `choice ${c.index} ended with ${codeName(c.final.error?.code ?? 2)}`);
+    setStatus(`Failed: ${which.join(", ")}.`, "error");
+  } else if (cut.length) {
+    run.endUnfinished(NO_FINAL_MESSAGE);
+    const indexes = cut.map((c) => c.index).join(", ");
+    const why = error ? ` (the stream was cut: ${error.message})` : "";
+    setStatus(`The stream ended without a final message for choice(s) ${indexes}${why}.`, "error");
+    showError(`The text of choice(s) ${indexes} is incomplete: the stream ended before their final message${why}.`);
+  } else if (error) {
+    setStatus("Failed.", "error");
+    showError(error.message);
+  } else {
+    setStatus(`Done: ${run.usage?.completion_tokens ?? 0} token(s) in ${fixed(run.endedAt - run.startedAt)} ms.`, "done");
   }
 }
 
@@ -480,6 +553,8 @@ async function generate(event) {
     return;
   }
   rememberKey();
+  // Generate is disabled while a run streams; a run replaced anyway (a form submitted by
+  // script) is aborted, and the guards below keep it off the page and the buttons.
   state.controller?.abort();
   const controller = new AbortController();
   state.controller = controller;
@@ -487,9 +562,11 @@ async function generate(event) {
   setText("curl", curlCommand(request.model, request.body));
   const run = new Run(request.body.n || 1, Boolean(request.body.logprobs));
   state.run = run;
+  const current = () => state.run === run;
   $("generate").disabled = true;
   $("stop").disabled = false;
   setStatus("Waiting for the first token…", "streaming");
+  let ended = null;
   try {
     const response = await fetch(`/v2/models/${encodeURIComponent(request.model)}:generate`, {
       method: "POST",
@@ -498,32 +575,24 @@ async function generate(event) {
       signal: controller.signal,
     });
     run.headersAt = performance.now();
-    showHeaders(response);
+    if (current()) showHeaders(response);
     if (!response.ok) {
       throw new Error(await errorText(response));
     }
+    run.streaming = true;
     await readStream(response, run);
-    run.endedAt = performance.now();
-    const cut = run.unfinished();
-    if (cut.length) {
-      setStatus(`The stream ended without a final message for choice(s) ${cut.map((c) => c.index).join(", ")}.`, "error");
-    } else {
-      setStatus(`Done: ${run.usage?.completion_tokens ?? 0} token(s) in ${fixed(run.endedAt - run.startedAt)} ms.`, "done");
-    }
   } catch (error) {
-    run.endedAt = performance.now();
-    if (error.name === "AbortError") {
-      setStatus("Stopped.", "stopped");
-    } else {
-      setStatus("Failed.", "error");
-      showError(error.message);
-    }
+    ended = error;
   } finally {
+    run.endedAt = performance.now();
     if (state.controller === controller) state.controller = null;
-    $("generate").disabled = state.models.length === 0;
-    $("stop").disabled = true;
-    $("append-reply").disabled = !(isChat() && run.choices.length === 1 && run.choices[0].final);
-    showSummary(run);
+    if (current()) {
+      showOutcome(run, ended);
+      $("generate").disabled = state.models.length === 0;
+      $("stop").disabled = true;
+      $("append-reply").disabled = !(isChat() && run.choices.length === 1 && run.choices[0].final && !run.failed().length);
+      showSummary(run);
+    }
   }
 }
 

@@ -21,7 +21,12 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from gateway import static_site
+from services.launcher.mesh import Mesh, MeshConfig
+from tests.conftest import TEST_SERVICE_ENV
+from tests.e2e.conftest import wait_for_healthy_hosts
 from tests.e2e.test_auth import create_key
+from tokenmesh.inference.v1 import inference_service_pb2 as v1
+from tokenmesh.inference.v1 import inference_service_pb2_grpc as v1_rpc
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "artifacts"
 PROMPT = "And God said"
@@ -30,6 +35,13 @@ MAX_OUTPUT_TOKENS = 160
 STATE = "document.querySelector('#status').dataset.state"
 # The first choice's streamed text, and the run state, read in one go.
 TEXT_AND_STATE = f"() => [document.querySelector('.choice-text')?.textContent.length ?? 0, {STATE}]"
+ENDED = f"() => !['idle', 'streaming'].includes({STATE})"
+# deterministic-test (20 ms a step here) runs to max_output_tokens: a run of this many
+# tokens streams for seconds, long enough to click around in, fail or cut it.
+TEST_MODEL = "deterministic-test"
+LONG_RUN_TOKENS = 480
+# What the page says of a choice whose stream ended before its final message.
+NO_FINAL_MESSAGE = "ended without a final message"
 
 
 def chromium_path() -> str:
@@ -230,6 +242,130 @@ def test_browser_shows_the_edges_error_for_a_bad_key(mesh, browser: Browser):
         "() => document.querySelector('#models-status').textContent.includes('401')"
     )
     assert page.is_disabled("#generate")
+
+
+def _start_long_run(page: Page, edge_url: str, key: str, n: int = 1) -> None:
+    """Streams a long deterministic-test run; returns once its first text is on the page."""
+    page.goto(f"{edge_url}/playground")
+    page.fill("#api-key", key)
+    page.click("#load-models")
+    page.wait_for_selector(f"#model option[value='{TEST_MODEL}']", state="attached")
+    page.select_option("#model", TEST_MODEL)
+    page.fill("#prompt", "count")
+    page.fill("#n", str(n))
+    page.fill("#max-output-tokens", str(LONG_RUN_TOKENS))
+    page.click("#generate")
+    length, state = _sample_text(page, 0)
+    assert state == "streaming" and length > 0, (length, state, page.inner_text("#status"))
+
+
+def _column(page: Page, cell: int) -> list[str]:
+    """A column of the per-choice table (1: finish)."""
+    return list(
+        page.eval_on_selector_all(
+            "#choice-table tbody tr", f"rows => rows.map((r) => r.cells[{cell}].textContent)"
+        )
+    )
+
+
+def _finish_labels(page: Page) -> list[str]:
+    return list(page.eval_on_selector_all(".choice .finish", "s => s.map((x) => x.textContent)"))
+
+
+def test_a_run_keeps_its_stop_button_and_the_page_whatever_else_is_clicked(
+    mesh, browser: Browser, limited_key: str
+):
+    """Loading models during a run re-enabled Generate; a second run then lost its Stop
+    (the first run's clean-up turned it off) and showed the first run's table."""
+    page = browser.new_page()
+    _start_long_run(page, mesh.edge_url, limited_key)
+    with page.expect_response(lambda r: "/v2/models?" in r.url):
+        page.click("#load-models")
+    page.wait_for_function(
+        "() => document.querySelector('#models-status').textContent.includes('generative')"
+    )
+    assert page.evaluate(STATE) == "streaming"
+    assert page.is_disabled("#generate") and page.is_enabled("#stop")
+
+    # A run replaced anyway (the form submitted by script): the replaced run's
+    # clean-up leaves the new run's Stop, status and table alone.
+    page.evaluate("document.querySelector('#generate-form').requestSubmit()")
+    page.wait_for_function(
+        f"""() => {STATE} === 'streaming'
+          && /Streaming… [1-9]/.test(document.querySelector('#status').textContent)""",
+        timeout=60_000,
+    )
+    assert page.is_enabled("#stop") and page.is_disabled("#generate")
+    assert _column(page, 1) == []  # the replaced run wrote no summary of its own
+    assert _finish_labels(page) == ["streaming…"]
+
+    page.click("#stop")
+    page.wait_for_function(ENDED, timeout=60_000)
+    assert page.evaluate(STATE) == "stopped", page.inner_text("#status")
+    assert _finish_labels(page) == ["· stopped"] and _column(page, 1) == ["stopped"]
+    assert page.is_enabled("#generate") and page.is_disabled("#stop")
+
+
+@pytest.fixture
+def lone_worker_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """A mesh of its own with one worker serving deterministic-test only: its tests
+    unload the version or kill the worker."""
+    config = MeshConfig(
+        state_dir=Path(tmp_path_factory.mktemp("playground-failures")),
+        redis_url=None,
+        workers=1,
+        envoy_concurrency=1,
+        health_check_interval_s=0.5,
+        edge_tls_port=None,
+        service_env={
+            **TEST_SERVICE_ENV,
+            "TOKENMESH_TEST_MODELS": f"{TEST_MODEL}:1",
+            "TOKENMESH_MODELS": "",
+            # An unload fails the running streams after 1 s of grace.
+            "TOKENMESH_GRACE_SECONDS": "1",
+        },
+    )
+    with Mesh(config) as mesh:
+        wait_for_healthy_hosts(mesh, [f"model:{TEST_MODEL}:1"], 1)
+        yield mesh
+
+
+def test_a_stream_that_fails_after_it_started_shows_each_choice_failed(
+    lone_worker_mesh: Mesh, browser: Browser
+):
+    """Each running choice gets a final message with `error` (the stream's status is in
+    trailers, which fetch() cannot read): the page said "Done" for such a run."""
+    page = browser.new_page()
+    _start_long_run(page, lone_worker_mesh.edge_url, lone_worker_mesh.dev_api_key(), n=2)
+    with lone_worker_mesh.channel("inference-0") as channel:
+        v1_rpc.InferenceAdminServiceStub(channel).UnloadModel(
+            v1.UnloadModelRequest(model=TEST_MODEL, version="1"), timeout=30
+        )
+    page.wait_for_function(ENDED, timeout=60_000)
+    status = page.inner_text("#status")
+    assert page.evaluate(STATE) == "error", status
+    assert status.startswith("Failed:") and "UNAVAILABLE" in status, status
+    assert _finish_labels(page) == ["· error (UNAVAILABLE)"] * 2
+    assert _column(page, 1) == ["error", "error"]
+    errors = page.inner_text("#error").splitlines()
+    assert len(errors) == 2 and all("model version unloaded" in e for e in errors), errors
+
+
+def test_a_stream_cut_by_a_killed_worker_shows_its_choice_ended_without_a_final_message(
+    lone_worker_mesh: Mesh, browser: Browser
+):
+    """The worker dies mid-stream: the body ends without its last chunk and no final
+    message came. The page said only "network error", the choice still "streaming…"."""
+    page = browser.new_page()
+    _start_long_run(page, lone_worker_mesh.edge_url, lone_worker_mesh.dev_api_key())
+    lone_worker_mesh.kill("inference-0")  # this test's own mesh's worker
+    page.wait_for_function(ENDED, timeout=60_000)
+    status = page.inner_text("#status")
+    assert page.evaluate(STATE) == "error", status
+    assert f"{NO_FINAL_MESSAGE} for choice(s) 0" in status, status
+    assert _finish_labels(page) == [f"· {NO_FINAL_MESSAGE}"]
+    assert _column(page, 1) == [NO_FINAL_MESSAGE]
+    assert "incomplete" in page.inner_text("#error")
 
 
 def _save_screenshot(page: Page) -> Path:
