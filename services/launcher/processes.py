@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import random
 import shutil
 import signal
 import socket
@@ -17,14 +18,41 @@ from pathlib import Path
 _PR_SET_PDEATHSIG = 1
 
 
-def reserve_port(host: str = "127.0.0.1") -> int:
-    """Returns a port that was free a moment ago (bound to :0, then released).
+# reserve_port picks listening ports at or above this and below the kernel's
+# ephemeral range (net.ipv4.ip_local_port_range, 32768 by default).
+RESERVED_PORTS_FROM = 10000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
 
-    Only for programs that cannot bind :0 and report back (Envoy, Redis).
+
+def reserve_port(host: str = "127.0.0.1") -> int:
+    """Returns a port that was free a moment ago, for a program that cannot bind :0
+    and report back (Envoy, Redis), which binds it seconds later.
+
+    Not from the kernel's ephemeral range: a port bound to :0 and released is one
+    the kernel also gives to outgoing connections as their source port, so the
+    mesh's own traffic in those seconds took it now and then (Envoy then failed:
+    "cannot bind ... Address already in use"). Below that range the kernel never
+    assigns it; a port is still checked free, and never handed out twice by this
+    process. Falls back to :0 where the range leaves no room below it.
     """
+    ephemeral_from = _ephemeral_range_start()
+    if ephemeral_from - RESERVED_PORTS_FROM >= 1000:
+        for _ in range(100):
+            port = random.randrange(RESERVED_PORTS_FROM, ephemeral_from)
+            if port not in _handed_out and not port_in_use(host, port):
+                _handed_out.add(port)
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_range_start() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def _die_with_parent() -> None:

@@ -21,11 +21,10 @@ from services.launcher.processes import pid_alive, reserve_port
 
 
 def _two_free_ports() -> tuple[int, int]:
-    """Returns two distinct ports that were free a moment ago."""
-    with socket.socket() as first, socket.socket() as second:
-        first.bind(("127.0.0.1", 0))
-        second.bind(("127.0.0.1", 0))
-        return int(first.getsockname()[1]), int(second.getsockname()[1])
+    """Returns two distinct ports that were free a moment ago (outside the kernel's
+    ephemeral range: an outgoing connection took a released :0 port now and then
+    before the edge bound it)."""
+    return reserve_port(), reserve_port()
 
 
 def _spawn_launcher(tmp_path: Path, **overrides: str) -> tuple[subprocess.Popen[bytes], Path]:
