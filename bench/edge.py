@@ -95,9 +95,12 @@ class LoadFailed(RuntimeError):
 
 
 OK = grpc.StatusCode.OK
-#: DATA_SHARE: the share of the expected reply bytes an h2load run must receive (a reply's
-#: size varies a little; a trailers-only gRPC error sends no DATA at all).
-DATA_SHARE = 0.9
+#: DATA_SHARE: the share of the expected reply bytes an h2load run must receive. The
+#: expectation is the probe call's reply times the requests, and sampled answers vary
+#: (E2's demo-lm Completes: 146-213 bytes in 300 calls), so a large probe put a healthy
+#: run under a 90% bar now and then; a trailers-only gRPC error sends no DATA at all, so
+#: half tells the two apart.
+DATA_SHARE = 0.5
 
 
 def throughput_rps(

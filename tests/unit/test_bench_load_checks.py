@@ -51,9 +51,11 @@ def test_h2load_output_must_show_every_call_answered_with_a_reply() -> None:
     from bench.edge import LoadFailed, h2load_rps
 
     assert h2load_rps(H2LOAD_OK, 100, b"") == 3829.07
-    # A trailers-only error has no DATA frame: an eighth of the calls failing shows.
-    short = H2LOAD_OK.replace("500B (500) data", "440B (440) data")
-    with pytest.raises(LoadFailed, match="440 bytes of DATA for 100 replies of 5 bytes"):
+    # A trailers-only error has no DATA frame: most calls failing shows. (Sampled
+    # answers vary in size, so a few short replies must not fail a healthy run.)
+    assert h2load_rps(H2LOAD_OK.replace("500B (500) data", "440B (440) data"), 100, b"")
+    short = H2LOAD_OK.replace("500B (500) data", "240B (240) data")
+    with pytest.raises(LoadFailed, match="240 bytes of DATA for 100 replies of 5 bytes"):
         h2load_rps(short, 100, b"")
     assert h2load_rps(short, 100, None) == 3829.07  # a path expected to fail has no DATA
     failed = H2LOAD_OK.replace("100 succeeded, 0 failed", "90 succeeded, 10 failed")
