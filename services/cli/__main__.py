@@ -39,7 +39,8 @@ TOKENMESH_API_KEY).
     tokenmesh webhooks secret create|rotate [--json]
 
 `models` and `prompts` commands go through the edge (--edge-address, TOKENMESH_EDGE_ADDR),
-which checks the key's admin scope; over TLS with --edge-tls (TOKENMESH_EDGE_TLS=1), verifying
+which checks the key's admin scope; over TLS with --edge-tls (TOKENMESH_EDGE_TLS=1), and
+by default to an --edge-address that is not this host (--edge-plaintext insists), verifying
 the edge with --edge-ca (TOKENMESH_EDGE_CA; implies TLS; default: the system's roots, or the
 local mesh's CA for its own TLS listener); `workers` talk to the router
 (--router-address, TOKENMESH_ROUTER_ADDR), which the edge does not expose.
@@ -69,6 +70,7 @@ from services.cli import shadow as shadow_cli
 from services.core import contract, identity, pki
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2_grpc
 from tokenmesh.auth.v1 import auth_service_pb2 as pb
+from tokenmesh.client import is_loopback_target
 from tokenmesh.jobs.v1 import jobs_service_pb2_grpc
 from tokenmesh.router.v1 import router_pb2, router_service_pb2_grpc
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
@@ -112,8 +114,15 @@ def _address(args: argparse.Namespace) -> str:
 
 
 def _edge_tls(args: argparse.Namespace) -> bool:
-    """Tells whether the edge is spoken to over TLS (--edge-tls, implied by --edge-ca)."""
-    return bool(args.edge_tls or args.edge_ca)
+    """Tells whether the edge is spoken to over TLS: --edge-tls, implied by --edge-ca and
+    by an --edge-address that is not this host (the admin key must not cross a network in
+    the clear; the edge's plaintext listener is bound to 127.0.0.1), unless
+    --edge-plaintext insists."""
+    if args.edge_tls or args.edge_ca:
+        return True
+    if args.edge_plaintext or not args.edge_address:
+        return False
+    return not is_loopback_target(str(args.edge_address))
 
 
 def _edge_roots(args: argparse.Namespace) -> bytes | None:
@@ -513,6 +522,11 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         default=os.environ.get("TOKENMESH_EDGE_TLS", "").lower() not in ("", "0", "false", "no"),
         help="speak TLS to the edge (its 8443 listener; deployments publish only that one)",
+    )
+    root.add_argument(
+        "--edge-plaintext",
+        action="store_true",
+        help="speak plaintext to a non-loopback --edge-address (by default it gets TLS)",
     )
     root.add_argument(
         "--edge-ca",

@@ -126,4 +126,4 @@ async def test_loopback_stays_plaintext_by_default() -> None:
     ],
 )
 def test_which_targets_are_loopback(target: str, loopback: bool) -> None:
-    assert sdk._is_loopback(target) is loopback
+    assert sdk.is_loopback_target(target) is loopback

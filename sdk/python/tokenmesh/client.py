@@ -176,7 +176,7 @@ def _decoded(error: grpc.aio.AioRpcError) -> TokenmeshRpcError:
     return TokenmeshRpcError(error, status)
 
 
-def _is_loopback(target: str) -> bool:
+def is_loopback_target(target: str) -> bool:
     """Tells whether a gRPC target names this host: localhost, a loopback address or a
     Unix socket (also in gRPC's `dns:`, `ipv4:`, `ipv6:`, `unix:` forms)."""
     if target.startswith(("unix:", "unix-abstract:")):
@@ -205,7 +205,7 @@ def _open_channel(
     if tls is None:
         # The edge's plaintext listener is bound to 127.0.0.1 (docs/security.md): any
         # other host is the TLS one, and the key must not reach it in the clear.
-        tls = not _is_loopback(target)
+        tls = not is_loopback_target(target)
     if tls or root_certificates is not None:
         credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
         return grpc.aio.secure_channel(target, credentials)
