@@ -39,10 +39,6 @@ from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.jobs.v1 import jobs_pb2, jobs_service_pb2_grpc
 from tokenmesh.jobs.v1 import jobs_service_pb2 as pb
 
-# A Redis connection of a stopped jobs service is collected after its loop closed
-# (ResourceWarning in a later test's setup; seen once in CI): not this module's subject.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
 OLD_KEY, SEALING_KEY = bytes(range(32)), bytes(range(32, 64))
 VICTIM_HOST = "hooks.victim.test"  # allow-listed: its receiver is on 127.0.0.1
 WAIT_S = 30.0  # a deadline for conditions, far past what they need
