@@ -47,6 +47,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from services.core.redis_service import text
+from services.core.tasks import cancel_and_wait
 from services.jobs import store as jobstore
 from services.jobs.execution import DeadlinePassed, ItemExecutor
 from services.jobs.key_status import KeyStatus
@@ -190,11 +191,12 @@ class Runner:
     async def stop(self, timeout_s: float = 5.0) -> None:
         """Cancels running items: their entries stay pending (resumed after a restart
         under the same name, or taken over), their in-flight marks go (_run_entry)."""
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
+        # Each cancelled until it ends (cancel_and_wait): one cancel() can be lost in
+        # redis-py, and an item that went on after its service stopped opened a new
+        # Redis connection on a closed pool, left open when the loop ended.
+        await asyncio.gather(
+            *(cancel_and_wait(task, timeout_s) for task in list(self._tasks.values()))
+        )
 
     # -- reading ----------------------------------------------------------
 
