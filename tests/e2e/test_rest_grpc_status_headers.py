@@ -83,12 +83,14 @@ def test_rest_answers_carry_no_grpc_status_headers(api):
         "error": api.post(complete, json={}),
     }
     statuses = {what: reply.status_code for what, reply in replies.items()}
-    assert statuses == {
-        "complete": 200,
-        "complete, answered inline by the jobs service": 200,
-        "list": 200,
-        "error": 400,
-    }, {what: reply.text for what, reply in replies.items()}
+    # The jobs service answers inline when the job ends within its wait, else 202:
+    # on the session's shared mesh other tests' jobs may be ahead of it (CI saw
+    # 202). Both are REST answers of the jobs service: neither may leak the headers.
+    inline = statuses.pop("complete, answered inline by the jobs service")
+    assert inline in (200, 202), replies["complete, answered inline by the jobs service"].text
+    assert statuses == {"complete": 200, "list": 200, "error": 400}, {
+        what: reply.text for what, reply in replies.items()
+    }
     leaked = {what: _leaked(reply) for what, reply in replies.items() if _leaked(reply)}
     assert not leaked, leaked
     # The headers the answers do carry are still there.
