@@ -440,6 +440,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             asyncio.create_task(self._watch(stream)),
             asyncio.create_task(self.plane.closing.wait()),
         ]
+        getter: asyncio.Task[discovery_pb2.DiscoveryResponse] | None = None
         try:
             while True:
                 getter = asyncio.create_task(stream.outbox.get())
@@ -452,7 +453,10 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                     break  # the Envoy closed its side, or this router is stopping
                 yield getter.result()
         finally:
-            for task in tasks:
+            # The getter too: an Envoy that went away cancels this handler while it
+            # waits, and the getter was left pending for good (one task a stream;
+            # "Task was destroyed but it is pending!" in the router's log).
+            for task in (*tasks, *([getter] if getter is not None else [])):
                 task.cancel()
             if stream.counted:
                 self.plane.release(stream.flags)

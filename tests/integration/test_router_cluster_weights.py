@@ -328,3 +328,29 @@ async def test_a_reconnecting_edge_keeps_a_just_dropped_cluster_until_its_linger
             await plane.refresh()
             assert dropped not in plane.resources(EDGE_FLAGS).source.by_type[CLUSTER_TYPE]
         await edge.close()
+
+
+def _pending_outbox_reads() -> list[asyncio.Task[Any]]:
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if not task.done() and getattr(task.get_coro(), "__qualname__", "") == "Outbox.get"
+    ]
+
+
+async def test_an_edge_that_goes_away_leaves_no_read_of_its_stream_pending(router: Router):
+    # An Envoy that disconnects cancels the stream's handler while it waits for the
+    # next response: its read of the stream's outbox stayed pending for good, one task
+    # a stream ("Task was destroyed but it is pending!" in the router's log).
+    plane = router.service.plane
+    await plane.ready.wait()
+    async with router.channel("edge") as channel:
+        edge = Edge(channel)
+        await edge.subscribe(CLUSTER_TYPE)
+        await edge.read()
+        assert _pending_outbox_reads()  # the handler waits for the next response
+        edge.call.cancel()
+        deadline = time.monotonic() + DEADLINE_S
+        while EDGE_FLAGS in plane._users or _pending_outbox_reads():
+            assert time.monotonic() < deadline, _pending_outbox_reads()
+            await asyncio.sleep(0.01)
