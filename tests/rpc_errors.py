@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -9,6 +10,8 @@ import grpc.aio
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from services.core import contract
 
 
 def bad_request_fields(status: status_pb2.Status | None) -> list[str]:
@@ -36,3 +39,17 @@ async def failed_call_fields(call: Any) -> tuple[grpc.StatusCode, list[str]]:
         await call
     status = await rpc_status.aio.from_call(call)
     return info.value.code(), bad_request_fields(status)
+
+
+async def openai_refusal(call: Any) -> tuple[grpc.StatusCode, dict[str, Any]]:
+    """Awaits an OpenAI-surface call that must fail before any message; returns its code
+    and the OpenAI error JSON its trailers carry (as the edge reads it)."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        if isinstance(call, grpc.aio.UnaryStreamCall):
+            async for _ in call:
+                pytest.fail("no message expected before the error")
+        else:
+            await call
+    trailers = dict(info.value.trailing_metadata() or ())
+    assert contract.OPENAI_ERROR_HEADER in trailers, trailers
+    return info.value.code(), dict(json.loads(trailers[contract.OPENAI_ERROR_HEADER])["error"])

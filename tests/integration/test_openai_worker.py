@@ -18,8 +18,8 @@ import grpc.aio
 import pytest
 from google.api.httpbody_pb2 import HttpBody
 
-from services.core import contract
 from tests import mtls
+from tests.rpc_errors import openai_refusal
 from tokenmesh.inference.v1 import inference_service_pb2 as v1
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as v1_rpc
 from tokenmesh.openai.v1 import openai_service_pb2_grpc as rpc
@@ -36,14 +36,7 @@ def _events(messages: list[HttpBody]) -> list[str]:
 
 
 async def _error_trailer(call: Any) -> dict[str, Any]:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        if isinstance(call, grpc.aio.UnaryStreamCall):
-            async for _ in call:
-                pytest.fail("no message expected before the error")
-        else:
-            await call
-    trailers = dict(info.value.trailing_metadata() or ())
-    return dict(json.loads(trailers[contract.OPENAI_ERROR_HEADER])["error"])
+    return (await openai_refusal(call))[1]
 
 
 async def test_a_stream_is_server_sent_events_ending_with_done(inference_channel):

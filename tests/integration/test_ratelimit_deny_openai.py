@@ -18,13 +18,13 @@ from typing import Any
 
 import grpc
 import grpc.aio
-import pytest
 import redis.asyncio as aioredis
 from google.api.httpbody_pb2 import HttpBody
 
 from services.core import contract
 from services.launcher.processes import reserve_port
 from tests.integration.conftest import inference_settings, start_inference
+from tests.rpc_errors import openai_refusal
 from tokenmesh.openai.v1 import openai_service_pb2_grpc as rpc
 
 MODEL = "deterministic-test"
@@ -32,20 +32,6 @@ MODEL = "deterministic-test"
 
 def _body(**fields: Any) -> HttpBody:
     return HttpBody(content_type="application/json", data=json.dumps(fields).encode())
-
-
-async def _refusal(call: Any) -> tuple[grpc.StatusCode, dict[str, Any]]:
-    """Returns the call's error code and the OpenAI error in its trailers (as the edge
-    reads it: tests/integration/test_openai_worker.py::_error_trailer)."""
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        if isinstance(call, grpc.aio.UnaryStreamCall):
-            async for _ in call:
-                pytest.fail("no message expected before the error")
-        else:
-            await call
-    trailers = dict(info.value.trailing_metadata() or ())
-    assert contract.OPENAI_ERROR_HEADER in trailers, trailers
-    return info.value.code(), dict(json.loads(trailers[contract.OPENAI_ERROR_HEADER])["error"])
 
 
 async def _refusals(tmp_path: Path, redis_url: str, limits_url: str, key: str) -> list[Any]:
@@ -59,8 +45,8 @@ async def _refusals(tmp_path: Path, redis_url: str, limits_url: str, key: str) -
         chat = _body(model=MODEL, messages=[{"role": "user", "content": "a"}], max_tokens=2)
         embed = _body(model=MODEL, input="a")
         return [
-            await _refusal(stub.CreateChatCompletion(chat, metadata=identity, timeout=20)),
-            await _refusal(stub.CreateEmbedding(embed, metadata=identity, timeout=20)),
+            await openai_refusal(stub.CreateChatCompletion(chat, metadata=identity, timeout=20)),
+            await openai_refusal(stub.CreateEmbedding(embed, metadata=identity, timeout=20)),
         ]
 
 
