@@ -343,7 +343,8 @@ def test_heartbeat_hot_prefixes_round_trip_and_malformed_ones_are_dropped():
         prefix_cache_tokens=2048,
     )
     load = load_to_pb(LoadReport(), [counts])
-    assert 2 <= load.versions[0].hot_prefixes[0].idle_seconds < 3
+    # time.time() may step back a little (CI read 1.99997 s): not the subject here.
+    assert 1.99 <= load.versions[0].hot_prefixes[0].idle_seconds < 3
     (parsed,) = outcomes_from_pb(load, received_at=seen + 2)
     ((head, count, seen_again, tokens),) = parsed.hot_prefixes
     assert (head, count, tokens) == ("aabb", 3.5, 440) and abs(seen_again - seen) < 1
