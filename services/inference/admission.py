@@ -281,6 +281,14 @@ def _chunk_id(request: Request) -> str:
     return f"{request.usage_id}:chunk-{request.chunks_sent}"
 
 
+def _cache_scope(request: Request) -> str:
+    """Returns the prefix-cache scope `request`'s prompt was held in: its tenant's, or
+    the one scope of a shared cache (or of an engine without a prefix cache)."""
+    scheduler = request.model.scheduler
+    cache = scheduler.engine.prefix_cache if scheduler is not None else None
+    return cache.scope_of(request.tenant) if cache is not None else ""
+
+
 def set_attempt_apart(event: inference_pb2.UsageEvent) -> None:
     """Records a job item's unfinished attempt beside the item, billed nothing.
 
@@ -455,7 +463,9 @@ class Admission:
             outcomes.observe(event.finish_reason, event.timing.time_to_first_token_ms)
             # The prompt's length as served: a cache hit's billed usage may be 0.
             served = event.served_usage if event.HasField("served_usage") else event.usage
-            outcomes.prefixes.observe(request.prefix, served.prompt_tokens)
+            outcomes.prefixes.observe(
+                request.prefix, served.prompt_tokens, scope=_cache_scope(request)
+            )
         metrics.REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - request.started)
         self.usage_log.append(event)
         if request.shadow is not None and self.shadow_records is not None:

@@ -49,6 +49,12 @@ HOT_PREFIXES = 32
 #: router would place the heads that replaced it unevenly).
 HOT_MIN_REQUESTS = 2.0
 PREFIX_IDLE_S = 3.0
+#: A worker's prefix cache holds a head once per tenant that sent it (its scope:
+#: services.inference.engines.prefix_cache), unless the model's cache is shared: the
+#: tenants that sent a head within this long count as its copies, at most
+#: PREFIX_MAX_SCOPES of them (the router fits pinned heads into caches by the total).
+PREFIX_SCOPE_WINDOW_S = 30.0
+PREFIX_MAX_SCOPES = 64
 
 
 class HotHead(NamedTuple):
@@ -57,7 +63,9 @@ class HotHead(NamedTuple):
     prefix: str
     requests: float  # decayed
     idle_s: float  # since the latest of them
-    prompt_tokens: int  # the latest one's prompt length (about what the head holds in cache)
+    # About what the head holds in the worker's prefix cache: the latest request's prompt
+    # length, once per tenant that sent it lately (once where the cache is shared).
+    cached_tokens: int
 
 
 class PrefixHeat:
@@ -66,30 +74,48 @@ class PrefixHeat:
     def __init__(self) -> None:
         # head -> (count, as of when, the latest request's prompt tokens)
         self._heat: dict[str, tuple[float, float, int]] = {}
+        # head -> {cache scope: when it last sent the head}, the latest last
+        self._scopes: dict[str, dict[str, float]] = {}
 
-    def observe(self, prefix: str, prompt_tokens: int = 0, now: float | None = None) -> None:
+    def observe(
+        self, prefix: str, prompt_tokens: int = 0, now: float | None = None, scope: str = ""
+    ) -> None:
         """Counts one request that carried `prefix` (empty or not the edge's key: not
         counted), whose prompt was `prompt_tokens` long (0: unknown, the head keeps the
-        length it had)."""
+        length it had), cached in `scope` (its tenant; "" where the cache is shared)."""
         if not contract.is_prefix_key(prefix):
             return
         at = time.monotonic() if now is None else now
         count, then, known = self._heat.get(prefix, (0.0, at, 0))
         self._heat[prefix] = (_decayed(count, at - then) + 1.0, at, prompt_tokens or known)
+        scopes = self._scopes.setdefault(prefix, {})
+        scopes.pop(scope, None)
+        scopes[scope] = at
+        if len(scopes) > PREFIX_MAX_SCOPES:
+            del scopes[next(iter(scopes))]  # the least recent
         if len(self._heat) > PREFIX_MAX_TRACKED:
             kept = self._ranked(at)[: PREFIX_MAX_TRACKED // 2]
             self._heat = {head: (count, at, self._heat[head][2]) for head, count in kept}
+            self._scopes = {head: self._scopes[head] for head in self._heat}
 
     def hottest(self, now: float | None = None) -> list[HotHead]:
         """Returns up to HOT_PREFIXES heads, busiest first: those at or above
         HOT_MIN_REQUESTS last seen within PREFIX_IDLE_S."""
         at = time.monotonic() if now is None else now
         busy = [
-            HotHead(head, count, at - self._heat[head][1], self._heat[head][2])
+            HotHead(head, count, at - self._heat[head][1], self._cached_tokens(head, at))
             for head, count in self._ranked(at)
             if count >= HOT_MIN_REQUESTS and at - self._heat[head][1] <= PREFIX_IDLE_S
         ]
         return busy[:HOT_PREFIXES]
+
+    def _cached_tokens(self, head: str, at: float) -> int:
+        """Returns the head's prompt length times the scopes that sent it lately: a shared
+        system prompt sent by 8 tenants takes 8 copies of the cache, not one."""
+        recent = sum(
+            1 for seen in self._scopes[head].values() if at - seen <= PREFIX_SCOPE_WINDOW_S
+        )
+        return self._heat[head][2] * max(1, recent)
 
     def _ranked(self, at: float) -> list[tuple[str, float]]:
         decayed = (
@@ -176,7 +202,7 @@ def version_outcomes_pb(model: LoadedModel) -> router_pb2.VersionOutcomes:
                 prefix=head.prefix,
                 requests=head.requests,
                 idle_seconds=head.idle_s,
-                prompt_tokens=head.prompt_tokens,
+                prompt_tokens=head.cached_tokens,
             )
             for head in outcomes.prefixes.hottest()
         ],

@@ -24,8 +24,9 @@ assigns each hot head one worker:
   worker, and two K1 probes saw heads of 8 equally busy ones move every ~4 s
   on noise alone (4/4, 5/3, 3/5, 4/4 ...). New heads are placed freely;
 - before that, the pinned heads are fitted into the workers' prefix caches:
-  while a worker is pinned more prompt tokens than its cache holds (each
-  head's latest prompt length, as workers report it), one of its heads moves
+  while a worker is pinned more prompt tokens than its cache holds (what each
+  head holds in its worker's cache, as workers report it: its latest prompt
+  length once per tenant that sent it lately), one of its heads moves
   to a worker with room (FIT_SHARE of its cache), noise or not, and the
   balance moves no head into a cache it would take past FIT_SHARE (unless
   the head's own worker overflows already: when the caches cannot hold

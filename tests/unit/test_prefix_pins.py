@@ -16,7 +16,9 @@ from services.inference.load_report import (
     HOT_PREFIXES,
     PREFIX_HALF_LIFE_S,
     PREFIX_IDLE_S,
+    PREFIX_MAX_SCOPES,
     PREFIX_MAX_TRACKED,
+    PREFIX_SCOPE_WINDOW_S,
     HotHead,
     PrefixHeat,
 )
@@ -322,6 +324,30 @@ def test_prefix_heat_decays_reports_only_reuse_and_stays_bounded():
     hottest = heat.hottest(now=200.0)
     assert len(hottest) == HOT_PREFIXES and all(h.requests == 2.0 for h in hottest)
     assert len(heat._heat) <= PREFIX_MAX_TRACKED
+
+
+def test_a_head_sent_by_several_tenants_reports_a_cache_copy_for_each():
+    # The prefix cache holds a prompt once per tenant (scope): reported once, the
+    # router fitted 8 tenants' shared system prompt into a cache as if it took a
+    # single copy, and the worker evicted what it had been pinned.
+    heat = PrefixHeat()
+    for tenant in ("t1", "t2", "t3"):
+        heat.observe("aa", 400, now=100.0, scope=tenant)
+        heat.observe("aa", 400, now=100.0, scope=tenant)
+    assert heat.hottest(now=100.0)[0].cached_tokens == 3 * 400
+    # One scope for every tenant (a shared model's cache): one copy however many send it.
+    heat.observe("bb", 300, now=100.0, scope="")
+    heat.observe("bb", 300, now=100.0, scope="")
+    assert {h.prefix: h.cached_tokens for h in heat.hottest(now=100.0)}["bb"] == 300
+    # A tenant that stopped sending the head stops counting after the window.
+    later = 100.0 + PREFIX_SCOPE_WINDOW_S + 1
+    heat.observe("aa", 400, now=later, scope="t1")
+    heat.observe("aa", 400, now=later, scope="t1")
+    assert heat.hottest(now=later)[0].cached_tokens == 400
+    # Bounded per head.
+    for i in range(PREFIX_MAX_SCOPES + 10):
+        heat.observe("aa", 10, now=later, scope=f"s{i}")
+    assert heat.hottest(now=later)[0].cached_tokens == 10 * PREFIX_MAX_SCOPES
 
 
 def test_heartbeat_hot_prefixes_round_trip_and_malformed_ones_are_dropped():

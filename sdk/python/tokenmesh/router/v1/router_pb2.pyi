@@ -473,8 +473,10 @@ class PrefixHeat(_message.Message):
     a head's requests go now (its pin) is where they arrived last.
     """
     prompt_tokens: _builtins.int
-    """prompt_tokens is the prompt length, in tokens, of the latest of them: about
-    what holding the head takes in the worker's prefix cache (0: unknown).
+    """prompt_tokens is about what holding the head takes in the worker's prefix
+    cache, in tokens: the latest request's prompt length, once per tenant that
+    sent the head lately (the cache is scoped by tenant; once for a model whose
+    cache is shared) (0: unknown).
     """
     def __init__(
         self,
