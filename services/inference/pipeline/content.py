@@ -96,6 +96,12 @@ CHECK_THREADS = 2
 _CHECKS = concurrent.futures.ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="content")
 # Sample builds: best-effort, never ahead of a check in the queue.
 _SAMPLES = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="content-samples")
+#: Sample writes waiting or running at once; past it a sampled request's sample is
+#: dropped (tokenmesh_samples_written_total{outcome="dropped"}). Each holds its
+#: request's input and outputs until its build on the one sample thread ends: a
+#: burst of sampled large requests grew that queue, and the worker's memory, without
+#: bound while the thread redacted them one by one.
+MAX_PENDING_SAMPLES = 128
 POLICY_HITS = Counter(
     "tokenmesh_policy_hits_total",
     "Content-policy rules that fired, by policy (name@version), rule, action and direction.",
@@ -191,6 +197,9 @@ class RequestContent:
         """Adds the hits to the usage event; writes the sample if the request is sampled."""
         event.policy_hits.extend(policy_labels(self.hits))
         if not (self.sampled and self.redis is not None):
+            return
+        if len(_SAMPLE_WRITES) >= MAX_PENDING_SAMPLES:
+            samples.SAMPLES_WRITTEN.labels("dropped").inc()
             return
         build = functools.partial(
             samples.build,
