@@ -23,7 +23,9 @@ in the clear by default.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
+import math
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -44,9 +46,24 @@ from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
 #: as the edge lets a call to a worker stay silent; at 60 s a longer generation
 #: ended with DEADLINE_EXCEEDED.
 DEFAULT_TIMEOUT_S = 600.0
-#: The most a model lookup (list_models, get_model) waits: it answers at once, and
-#: one stuck behind a hung upstream should fail in seconds, not in ten minutes.
+#: The most a model lookup (list_models, get_model) waits unless its call passes
+#: timeout_s: it answers at once, and one stuck behind a hung upstream should fail
+#: in seconds, not in ten minutes.
 LOOKUP_TIMEOUT_S = 30.0
+
+
+class _ClientDefault(enum.Enum):
+    """The type of CLIENT_DEFAULT (an enum so that type checkers tell it from None)."""
+
+    TIMEOUT = "client default"
+
+
+#: A call's `timeout_s` when it passes none: the client's (and a lookup's cap).
+#: None is not this: None means no deadline at all.
+CLIENT_DEFAULT = _ClientDefault.TIMEOUT
+
+#: A call's deadline: seconds, None (none), or CLIENT_DEFAULT.
+Timeout = float | None | _ClientDefault
 
 #: A chat turn: a ChatMessage, or a (role, content) pair.
 Turn = types_pb.ChatMessage | tuple[str, str]
@@ -122,6 +139,23 @@ class TokenmeshRpcError(Exception):
         return _unpickled, (type(self), self.args, self.__dict__)
 
 
+class DeadlineExceeded(TokenmeshRpcError):
+    """DeadlineExceeded is a call that ran past its deadline (code DEADLINE_EXCEEDED).
+
+    Mostly the client's own `timeout_s` (then `status` is None): a stream's covers
+    the whole stream, so it may come after messages were read. Also a server's,
+    e.g. a request still queued at the deadline the edge gave it. The call may
+    have been done in part (a stream's earlier messages; tokens already produced
+    are billed), so retry only what is safe to repeat.
+    """
+
+
+#: The TokenmeshRpcError subclass of a status code (any other: TokenmeshRpcError).
+_ERROR_TYPES: Mapping[grpc.StatusCode, type[TokenmeshRpcError]] = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
 def _unpickled(
     cls: type[TokenmeshRpcError], args: tuple[Any, ...], state: dict[str, Any]
 ) -> TokenmeshRpcError:
@@ -173,7 +207,18 @@ def _decoded(error: grpc.aio.AioRpcError) -> TokenmeshRpcError:
     for key, value in error.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
             status = status_pb2.Status.FromString(value)
-    return TokenmeshRpcError(error, status)
+    return _ERROR_TYPES.get(error.code(), TokenmeshRpcError)(error, status)
+
+
+def _checked_timeout(timeout_s: float | None) -> float | None:
+    """Returns timeout_s, or raises ValueError: gRPC takes 0 for no deadline and
+    math.inf for one already passed, so neither may reach it; None means none."""
+    if timeout_s is not None and not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise ValueError(
+            f"timeout_s must be a positive number of seconds, or None for no deadline;"
+            f" got {timeout_s!r}"
+        )
+    return timeout_s
 
 
 def is_loopback_target(target: str) -> bool:
@@ -220,15 +265,15 @@ class _Connection:
         target: str,
         *,
         token: str | None,
-        timeout_s: float,
+        timeout_s: float | None,
         tls: bool | None,
         root_certificates: bytes | None,
     ) -> None:
+        self._timeout_s = _checked_timeout(timeout_s)  # before a channel is opened
         self._channel = _open_channel(target, tls, root_certificates)
         self._metadata: Sequence[tuple[str, str]] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
-        self._timeout_s = timeout_s
 
     async def __aenter__(self) -> Any:
         return self
@@ -245,15 +290,26 @@ class _Connection:
         """Closes the channel."""
         await self._channel.close()
 
-    async def _unary(self, method: Any, request: Any, lookup: bool = False) -> Any:
-        timeout = min(self._timeout_s, LOOKUP_TIMEOUT_S) if lookup else self._timeout_s
+    def _deadline(self, timeout_s: Timeout, lookup: bool = False) -> float | None:
+        """Returns a call's gRPC timeout: its own timeout_s, else the client's (capped
+        at LOOKUP_TIMEOUT_S for a lookup, also under a client without a deadline)."""
+        if not isinstance(timeout_s, _ClientDefault):
+            return _checked_timeout(timeout_s)
+        if lookup:
+            return min(self._timeout_s or LOOKUP_TIMEOUT_S, LOOKUP_TIMEOUT_S)
+        return self._timeout_s
+
+    async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
             return await method(request, metadata=self._metadata, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise _decoded(error) from None
 
-    async def _stream(self, method: Any, request: Any) -> AsyncGenerator[Any, None]:
-        call = method(request, metadata=self._metadata, timeout=self._timeout_s)
+    async def _stream(
+        self, method: Any, request: Any, timeout: float | None
+    ) -> AsyncGenerator[Any, None]:
+        # One deadline for the whole stream, as gRPC's: not a limit on each message.
+        call = method(request, metadata=self._metadata, timeout=timeout)
         try:
             async for message in call:
                 yield message
@@ -371,13 +427,19 @@ class Client(_Connection):
     Args:
         target: host:port of the edge (8080 plaintext, 8443 TLS) or a worker.
         token: a JWT or API key sent as `authorization: Bearer ...`, if any.
-        timeout_s: the per-call deadline (a whole stream's; DEFAULT_TIMEOUT_S; a
-            model lookup's at most LOOKUP_TIMEOUT_S).
+        timeout_s: the deadline of each call, in seconds, unless the call passes
+            its own `timeout_s`: DEFAULT_TIMEOUT_S (600, the OpenAI SDK's); None
+            for none. A stream's covers the whole stream, not each message. A
+            model lookup waits at most LOOKUP_TIMEOUT_S (30) unless it passes its
+            own. A call past its deadline raises DeadlineExceeded.
         tls: use TLS (the edge's 8443 listener); implied by root_certificates.
             By default (None) plaintext only to a loopback target (localhost,
             127.0.0.0/8, ::1, a Unix socket), TLS to any other; pass False to
             send plaintext (and the token in the clear) to another host.
         root_certificates: PEM roots to verify the edge with (default: system roots).
+
+    Every call takes `timeout_s=`: seconds, or None for no deadline (the
+    client's otherwise), as a gRPC stub's `timeout=` or the OpenAI SDK's.
 
     Errors raise TokenmeshRpcError with the decoded google.rpc details, also a
     failure inside a running stream: generate() first yields the final message
@@ -391,7 +453,7 @@ class Client(_Connection):
         target: str,
         *,
         token: str | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
         tls: bool | None = None,
         root_certificates: bytes | None = None,
     ) -> None:
@@ -407,18 +469,24 @@ class Client(_Connection):
     async def __aenter__(self) -> Client:
         return self
 
-    async def list_models(self, page_size: int = 0, page_token: str = "") -> pb.ListModelsResponse:
+    async def list_models(
+        self, page_size: int = 0, page_token: str = "", *, timeout_s: Timeout = CLIENT_DEFAULT
+    ) -> pb.ListModelsResponse:
         """Returns one page of the models the caller may use."""
         request = pb.ListModelsRequest(page_size=page_size, page_token=page_token)
         response: pb.ListModelsResponse = await self._unary(
-            self._stub.ListModels, request, lookup=True
+            self._stub.ListModels, request, self._deadline(timeout_s, lookup=True)
         )
         return response
 
-    async def get_model(self, model: str) -> pb.GetModelResponse:
+    async def get_model(
+        self, model: str, *, timeout_s: Timeout = CLIENT_DEFAULT
+    ) -> pb.GetModelResponse:
         """Returns one model and its versions."""
         response: pb.GetModelResponse = await self._unary(
-            self._stub.GetModel, pb.GetModelRequest(model=model), lookup=True
+            self._stub.GetModel,
+            pb.GetModelRequest(model=model),
+            self._deadline(timeout_s, lookup=True),
         )
         return response
 
@@ -429,6 +497,7 @@ class Client(_Connection):
         *,
         messages: Iterable[Turn] | None = None,
         sampling: Mapping[str, Any] | types_pb.SamplingParams | None = None,
+        timeout_s: Timeout = CLIENT_DEFAULT,
         **fields: Any,
     ) -> Stream[pb.GenerateResponse]:
         """Streams a generation: one message per delta of a choice.
@@ -439,7 +508,8 @@ class Client(_Connection):
         max_output_tokens, stop_sequences, template, variables, metadata, ...).
         The v1 client's keywords still work: max_tokens, stop, and temperature,
         top_p, top_k, seed outside `sampling`. A str `stop_sequences` (or `stop`)
-        is one sequence.
+        is one sequence. `timeout_s` is the deadline of the whole stream (None:
+        none; by default the client's): messages arriving steadily do not extend it.
 
         Close a stream you stop reading early (`async with`, `aclose()`; see
         Stream): that cancels the generation, which is then billed only for the
@@ -449,11 +519,13 @@ class Client(_Connection):
             TokenmeshRpcError: the call failed; when it failed after the stream
                 started, only after the final message (finish_reason ERROR, with
                 `error`) of every choice still running was yielded.
+            DeadlineExceeded: (a TokenmeshRpcError) the stream outlived timeout_s;
+                the messages read before stay valid.
         """
         request = pb.GenerateRequest(
             model=model, **_generation_fields(prompt, messages, sampling, fields)
         )
-        return Stream(self._stream(self._stub.Generate, request))
+        return Stream(self._stream(self._stub.Generate, request, self._deadline(timeout_s)))
 
     async def complete(
         self,
@@ -462,29 +534,40 @@ class Client(_Connection):
         *,
         messages: Iterable[Turn] | None = None,
         sampling: Mapping[str, Any] | types_pb.SamplingParams | None = None,
+        timeout_s: Timeout = CLIENT_DEFAULT,
         **fields: Any,
     ) -> pb.CompleteResponse:
-        """Returns whole choices; arguments as for generate()."""
+        """Returns whole choices; arguments as for generate() (`timeout_s` is the
+        deadline of the whole answer, which comes when its generation is done)."""
         request = pb.CompleteRequest(
             model=model, **_generation_fields(prompt, messages, sampling, fields)
         )
-        response: pb.CompleteResponse = await self._unary(self._stub.Complete, request)
+        response: pb.CompleteResponse = await self._unary(
+            self._stub.Complete, request, self._deadline(timeout_s)
+        )
         return response
 
     async def embed(
-        self, model: str, inputs: str | Sequence[str], **fields: Any
+        self,
+        model: str,
+        inputs: str | Sequence[str],
+        *,
+        timeout_s: Timeout = CLIENT_DEFAULT,
+        **fields: Any,
     ) -> pb.EmbedResponse:
         """Returns one embedding per input (a str is one input); `fields` are
         EmbedRequest fields (encoding, ...)."""
         request = pb.EmbedRequest(model=model, inputs=_listed(inputs), **fields)
-        response: pb.EmbedResponse = await self._unary(self._stub.Embed, request)
+        response: pb.EmbedResponse = await self._unary(
+            self._stub.Embed, request, self._deadline(timeout_s)
+        )
         return response
 
 
 class V1Client(_Connection):
     """V1Client calls the v1 InferenceService: for code not yet migrated to v2.
 
-    Arguments as for Client.
+    Arguments, `timeout_s=` on every call and errors as for Client.
     """
 
     def __init__(
@@ -492,7 +575,7 @@ class V1Client(_Connection):
         target: str,
         *,
         token: str | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
         tls: bool | None = None,
         root_certificates: bytes | None = None,
     ) -> None:
@@ -508,30 +591,36 @@ class V1Client(_Connection):
     async def __aenter__(self) -> V1Client:
         return self
 
-    async def list_models(self) -> v1_pb.ListModelsResponse:
+    async def list_models(self, *, timeout_s: Timeout = CLIENT_DEFAULT) -> v1_pb.ListModelsResponse:
         """Returns the served models."""
         response: v1_pb.ListModelsResponse = await self._unary(
-            self._stub.ListModels, v1_pb.ListModelsRequest(), lookup=True
+            self._stub.ListModels, v1_pb.ListModelsRequest(), self._deadline(timeout_s, lookup=True)
         )
         return response
 
-    async def complete(self, model: str, prompt: str, **fields: Any) -> v1_pb.CompleteResponse:
+    async def complete(
+        self, model: str, prompt: str, *, timeout_s: Timeout = CLIENT_DEFAULT, **fields: Any
+    ) -> v1_pb.CompleteResponse:
         """Returns a whole completion; `fields` are CompleteRequest fields (a str
         `stop` is one stop sequence)."""
         request = v1_pb.CompleteRequest(model=model, prompt=prompt, **_v1_stop(fields))
-        response: v1_pb.CompleteResponse = await self._unary(self._stub.Complete, request)
+        response: v1_pb.CompleteResponse = await self._unary(
+            self._stub.Complete, request, self._deadline(timeout_s)
+        )
         return response
 
-    def generate(self, model: str, prompt: str, **fields: Any) -> Stream[v1_pb.GenerateResponse]:
+    def generate(
+        self, model: str, prompt: str, *, timeout_s: Timeout = CLIENT_DEFAULT, **fields: Any
+    ) -> Stream[v1_pb.GenerateResponse]:
         """Streams a generation; `fields` are GenerateRequest fields (a str `stop`
         is one stop sequence). Close a stream you stop reading early, as
-        Client.generate's.
+        Client.generate's; `timeout_s` covers the whole stream, as there.
 
         A failure after the stream started is raised (TokenmeshRpcError) after the
         final message, whose `error` (v1's StreamError) says the same, was yielded.
         """
         request = v1_pb.GenerateRequest(model=model, prompt=prompt, **_v1_stop(fields))
-        return Stream(self._stream(self._stub.Generate, request))
+        return Stream(self._stream(self._stub.Generate, request, self._deadline(timeout_s)))
 
 
 def _v1_stop(fields: dict[str, Any]) -> dict[str, Any]:
