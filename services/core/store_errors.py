@@ -42,17 +42,40 @@ STORE_REFUSALS: tuple[type[Exception], ...] = (
 #: Either: the store is unavailable for now.
 STORE_UNAVAILABLE: tuple[type[Exception], ...] = (*STORE_UNREACHABLE, *STORE_REFUSALS)
 
-# Redis before 7 (the bundled redis-server is 6.2) wraps the refusal of a command
-# inside a Lua script in a generic ERR, "Error running script (call to f_...):
-# @user_script:3: @user_script: 3: -OOM command not allowed ...", which redis-py
-# cannot classify; Redis 7 answers with the command's own code (OutOfMemoryError).
-_SCRIPT_REFUSAL = re.compile(
-    r"@user_script: \d+: -(?:READONLY|OOM|TRYAGAIN|CLUSTERDOWN|MASTERDOWN) "
+#: The codes of those refusals' error replies, as Redis sends them.
+REFUSAL_CODES = frozenset({"READONLY", "OOM", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN"})
+
+# Redis before 7 (the bundled redis-server is 6.2) wraps an error a command met
+# inside a Lua script in a generic ERR: a refusal as "Error running script (call
+# to f_<sha>): @user_script:3: @user_script: 3: -OOM command not allowed ...", a
+# command's own error as "... @user_script:4: NOGROUP No such key ...". Neither
+# redis-py nor a reply's first word tells the code then; Redis 7 answers with the
+# command's own code first ("OOM command not allowed ... script: <sha>, on ...").
+_LUA_WRAPPED = re.compile(
+    r"(?:ERR )?Error running script \(call to f_[0-9a-f]+\): "
+    r"@user_script:\d+: (?:@user_script: \d+: -)?"
 )
+
+
+def reply_code(reply: str) -> str:
+    """Returns the code of an error reply ("OOM", "NOGROUP"): its first word, or the
+    first word of the error a Lua script met when Redis before 7 wrapped it.
+
+    `reply` is the text as Redis sent it (hiredis' ReplyError) or as a redis-py
+    ResponseError keeps it (without a leading "ERR ").
+    """
+    wrapped = _LUA_WRAPPED.match(reply)
+    return reply[wrapped.end() if wrapped else 0 :].split(" ", 1)[0]
+
+
+def is_refusal_reply(reply: str) -> bool:
+    """Tells whether an error reply's text (see `reply_code`) is Redis refusing for now,
+    plain (Redis 7, or outside a script) or wrapped by a Lua script (Redis before 7)."""
+    return reply_code(reply) in REFUSAL_CODES
 
 
 def is_store_refusal(exc: BaseException) -> bool:
     """Tells whether `exc` is Redis answering that it refuses for now (see the module)."""
     if isinstance(exc, STORE_REFUSALS):
         return True
-    return isinstance(exc, ResponseError) and _SCRIPT_REFUSAL.search(str(exc)) is not None
+    return isinstance(exc, ResponseError) and is_refusal_reply(str(exc))

@@ -34,7 +34,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
@@ -43,12 +43,14 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
 from prometheus_client import Counter
+from redis.exceptions import ResponseError
 
 from services.core.breaker import Breaker, BreakerOpen
 from services.core.errors import Unavailable
 from services.core.interceptors import Context
 from services.core.redis_service import LUA_REDIS_NOW_MS
 from services.core.store_errors import STORE_UNAVAILABLE as REDIS_UNAVAILABLE
+from services.core.store_errors import is_store_refusal
 from services.core.tasks import SupervisedTask, Supervisor
 from services.usage.leases import (
     LEASE_TTL_S,
@@ -59,7 +61,7 @@ from services.usage.leases import (
     LeaseTable,
     settle_call,
 )
-from services.usage.script_client import ScriptClient, ScriptUnavailable
+from services.usage.script_client import ScriptClient, ScriptRefused, ScriptUnavailable
 
 logger = logging.getLogger(__name__)
 DECISIONS = Counter(
@@ -244,9 +246,9 @@ class RequestLimiter:
             self._windows = ScriptClient(redis_url, _SLIDING_WINDOWS)
             self._settle_script = ScriptClient(redis_url, SETTLE_SCRIPT)
         else:
-            self._windows = client.register_script(_SLIDING_WINDOWS)
-            self._settle_script = client.register_script(SETTLE_SCRIPT)
-        self._forget_hit = client.register_script(_FORGET_HIT)  # rare: refusals only
+            self._windows = _refusals_unavailable(client, _SLIDING_WINDOWS)
+            self._settle_script = _refusals_unavailable(client, SETTLE_SCRIPT)
+        self._forget_hit = _refusals_unavailable(client, _FORGET_HIT)  # rare: refusals only
         self.leases = LeaseTable(lease_size)
         self._shapes: dict[tuple[tuple[str, str], ...], tuple[list[Limit], LeaseKey] | None] = {}
         self._tasks = supervisor if supervisor is not None else Supervisor("usage")
@@ -488,6 +490,28 @@ class RequestLimiter:
         except Exception:
             ERRORS.labels("settle").inc()
             raise  # a bug: the settler's supervisor logs it and restarts the settler
+
+
+def _refusals_unavailable(client: aioredis.Redis, script: str) -> Callable[..., Awaitable[Any]]:
+    """Registers `script` with redis-py; a call raises ScriptRefused where Redis refuses
+    for now, as the lean client's does.
+
+    Redis before 7 wraps a refusal met inside a script (READONLY during a failover,
+    OOM at maxmemory) in a generic error reply: a ResponseError, which read as a
+    bug (an ERROR line, tokenmesh_ratelimit_errors_total, INTERNAL) while Redis 7's
+    ReadOnlyError read as "store unavailable".
+    """
+    registered = client.register_script(script)
+
+    async def run(*, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        try:
+            return await registered(keys=keys, args=args)
+        except ResponseError as exc:
+            if is_store_refusal(exc):
+                raise ScriptRefused(str(exc)) from exc
+            raise
+
+    return run
 
 
 RequestLimiterT = TypeVar("RequestLimiterT", bound=RequestLimiter)

@@ -34,23 +34,17 @@ from collections.abc import Sequence
 import hiredis
 
 from services.core.breaker import StoreAnswered
+from services.core.store_errors import REFUSAL_CODES, reply_code
 
 Arg = str | int | bytes
 
 
-# Error replies that mean "this Redis cannot run commands now", not "the script failed".
-_UNAVAILABLE_REPLIES = (
-    "BUSY",
-    "LOADING",
-    "OOM",
-    "READONLY",
-    "MASTERDOWN",
-    "MISCONF",
-    "NOAUTH",
-    "NOREPLICAS",
-    "TRYAGAIN",
-    "CLUSTERDOWN",
-)
+# Codes of error replies that mean "this Redis cannot run commands now", not "the
+# script failed": every service's refusals (services/core/store_errors.py), those
+# redis-py raises as connection errors (LOADING, NOAUTH), and three more this
+# client has always told apart (BUSY: another script runs too long; MISCONF: writes
+# stopped after a failed save; NOREPLICAS: too few replicas to write to).
+_UNAVAILABLE_CODES = REFUSAL_CODES | {"BUSY", "LOADING", "MISCONF", "NOAUTH", "NOREPLICAS"}
 
 
 class ScriptUnavailable(Exception):
@@ -187,7 +181,9 @@ class ScriptClient:
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             reply = await self._send(_command("EVAL", self.script, len(keys), *keys, *args))
         if isinstance(reply, hiredis.ReplyError):
-            if str(reply).startswith(_UNAVAILABLE_REPLIES):
+            # reply_code: Redis before 7 wraps a refusal met inside the script in a
+            # generic ERR, which read as a script's bug (INTERNAL, with a traceback).
+            if reply_code(str(reply)) in _UNAVAILABLE_CODES:
                 raise ScriptRefused(str(reply))
             raise ScriptError(str(reply))
         return reply

@@ -62,3 +62,38 @@ def test_any_other_error_reply_is_not_a_refusal(exc):
 
 def test_an_unreachable_store_is_unavailable_too():
     assert isinstance(to_domain_error(BusyLoadingError("loading"), "/m"), Unavailable)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "OOM command not allowed when used memory > 'maxmemory'.",  # outside a script
+        # Redis 7 inside a script: the command's own code first.
+        "READONLY You can't write against a read only replica. script: 3e1f, on @user_script:2.",
+        "ERR " + WRAPPED.format("OOM"),  # Redis 6 inside a script, as the lean client reads it
+        WRAPPED.format("READONLY"),  # ... and as redis-py's ResponseError keeps it
+        WRAPPED.format("TRYAGAIN"),
+    ],
+)
+def test_a_refusal_reads_alike_plain_or_wrapped_by_a_script(reply):
+    assert store_errors.is_refusal_reply(reply)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "ERR Error running script (call to f_1): @user_script:11: WRONGTYPE Operation",
+        "NOSCRIPT No matching script. Please use EVAL.",
+        "ERR Error running script (call to f_ab): @user_script:5: OOMish",  # a script's own
+    ],
+)
+def test_other_replies_are_no_refusal(reply):
+    assert not store_errors.is_refusal_reply(reply)
+
+
+def test_a_wrapped_reply_tells_the_code_a_script_met():
+    # A command's own error (not a refusal) keeps a shorter wrapping on Redis 6.
+    wrapped = "Error running script (call to f_6017c3): @user_script:4: NOGROUP No such key 'x'"
+    assert store_errors.reply_code(wrapped) == "NOGROUP"
+    assert store_errors.reply_code("ERR " + WRAPPED.format("MASTERDOWN")) == "MASTERDOWN"
+    assert store_errors.reply_code("WRONGTYPE Operation against a key") == "WRONGTYPE"
