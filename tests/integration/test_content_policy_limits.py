@@ -10,6 +10,7 @@ import asyncio
 import random
 import time
 import uuid
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -293,7 +294,7 @@ def _prose(chars: int, seed: int) -> str:
 async def _queued_checks(count: int) -> None:
     """Waits until `count` input checks wait for a check thread (all of them busy)."""
     async with asyncio.timeout(30):
-        while content._CHECKS._work_queue.qsize() < count:
+        while content._CHECKS.waiting() < count:
             await asyncio.sleep(0.01)
 
 
@@ -332,6 +333,94 @@ async def test_a_short_prompt_is_not_queued_behind_another_tenant_s_big_checks(
             assert call.code() == grpc.StatusCode.INVALID_ARGUMENT  # checked to the end
 
 
+def _heavy_embeds(stub, tenant: str, count: int) -> list[asyncio.Future[Any]]:
+    """Starts `count` Embeds whose input check takes ~1 s each (256 x 8 K characters
+    under every PII detector; a card in the last input blocks them at the end)."""
+    big = [_prose(8000, seed) for seed in range(255)] + ["card 4111 1111 1111 1111"]
+    return [
+        asyncio.ensure_future(
+            stub.Embed(pb.EmbedRequest(model=EMBEDDER, inputs=big), metadata=_metadata(tenant))
+        )
+        for _ in range(count)
+    ]
+
+
+def _on_a_thread(seed: int) -> list[str]:
+    """Returns harmless inputs too long to be checked on the event loop."""
+    return [_prose(500, seed * 100 + i) for i in range(40)]  # 20 K characters, 40 inputs
+
+
+async def _pii_and_keyword_tenants(service, catalog, tenant: str) -> str:
+    """Attaches every PII detector to `tenant`, a keyword to another; returns the other."""
+    detectors = {d: "redact" for d in pii.DETECTORS} | {"card": "block"}
+    await _attach(service, catalog, tenant, Policy(f"pii-{tenant}", 0, pii=detectors))
+    other = f"b-{tenant}"
+    keyword = Policy(f"kw-{tenant}", 0, block_keywords=(PatternRule("forbidden"),))
+    await _attach(service, catalog, other, keyword)
+    return other
+
+
+async def _cancelled(calls: list[asyncio.Future[Any]]) -> None:
+    for call in calls:
+        call.cancel()
+    await asyncio.gather(*calls, return_exceptions=True)
+
+
+async def test_a_big_check_waits_for_one_of_another_tenant_s_checks_not_its_backlog(
+    model_server, catalog, tenant
+):
+    # The check threads served their queue first come first served: a tenant's big
+    # input (checked on a thread) waited for every check another tenant had queued.
+    # The tenants take turns now: it waits for the running checks and one more.
+    service, channel = model_server
+    stub = rpc.InferenceServiceStub(channel)
+    other = await _pii_and_keyword_tenants(service, catalog, tenant)
+    heavy = _heavy_embeds(stub, tenant, 6)
+    try:
+        async with asyncio.timeout(30):
+            while content._CHECKS.waiting(tenant) < 4:  # two checking, four waiting
+                await asyncio.sleep(0.01)
+        # Blocked by its keyword at the end: answered as soon as its check ends.
+        inputs = [*_on_a_thread(7), "this one is forbidden"]
+        with pytest.raises(grpc.aio.AioRpcError) as blocked:
+            await stub.Embed(
+                pb.EmbedRequest(model=EMBEDDER, inputs=inputs), metadata=_metadata(other)
+            )
+        left = sum(not call.done() for call in heavy)
+        assert blocked.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert left >= 3, f"{6 - left} of the other tenant's 6 big checks went first"
+    finally:
+        await _cancelled(heavy)
+
+
+async def test_a_tenant_past_its_waiting_checks_is_refused_queue_full(
+    model_server, catalog, tenant, monkeypatch
+):
+    service, channel = model_server
+    stub = rpc.InferenceServiceStub(channel)
+    other = await _pii_and_keyword_tenants(service, catalog, tenant)
+    monkeypatch.setattr(content._CHECKS, "max_waiting", 2)
+    heavy = _heavy_embeds(stub, tenant, 4)
+    try:
+        async with asyncio.timeout(30):
+            while content._CHECKS.waiting(tenant) < 2:  # two checking, two waiting
+                await asyncio.sleep(0.01)
+        refused = stub.Embed(
+            pb.EmbedRequest(model=EMBEDDER, inputs=_on_a_thread(9)),
+            metadata=_metadata(tenant),
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await refused
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (await _error_info(refused)).reason == "QUEUE_FULL"
+        # Another tenant's check is not refused for it.
+        await stub.Embed(
+            pb.EmbedRequest(model=EMBEDDER, inputs=_on_a_thread(8)), metadata=_metadata(other)
+        )
+    finally:
+        await _cancelled(heavy)
+
+
 async def test_sample_builds_never_queue_ahead_of_an_input_check(redis_url):
     # Samples were built on the check threads: a burst of sampled requests (every
     # detector on up to nine texts each) delayed every tenant's next input check.
@@ -345,7 +434,7 @@ async def test_sample_builds_never_queue_ahead_of_an_input_check(redis_url):
             sampled.record(event, [text] * 8)
         await asyncio.sleep(0)  # each write task starts: its build is submitted
         policy = Policy("kw", 1, block_keywords=(PatternRule("forbidden"),))
-        checked = await content._check([policy], [_prose(4000, 2)], "prompt")
+        checked = await content._check([policy], [_prose(4000, 2)], "prompt", tenant)
         assert checked.hits == []
         # Each build takes ~0.1 s: none of the eight was ahead of the check.
         assert await client.xlen(samples.stream_key(tenant)) <= 1

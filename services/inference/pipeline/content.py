@@ -38,10 +38,13 @@ checked again on a thread). Otherwise it runs on one of CHECK_THREADS
 threads of its own (not the default executor, which tokenizes every
 request), within its budget (policy.CHECK_BUDGET_S): a 256-input Embed of
 crafted text held the loop, and every stream of the worker, for ~45 s. The
-threads are shared by every tenant, first come first served: a policy with
-one keyword sent an 11-character prompt behind another tenant's big checks
-(1.2-3.4 s). Samples are built (every detector on up to nine texts) on a
-thread of their own, so they never queue ahead of a check.
+threads are shared by every tenant, which take turns (fair_threads): first
+come first served, one tenant's burst of big checks held every other
+tenant's check for as long as it lasted, and a policy with one keyword sent
+an 11-character prompt behind them (1.2-3.4 s). A tenant may have
+MAX_WAITING_CHECKS checks waiting; more are refused. Samples are built
+(every detector on up to nine texts) on a thread of their own, so they never
+queue ahead of a check.
 """
 
 from __future__ import annotations
@@ -56,9 +59,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
+from services.core.errors import QuotaViolation, ResourceExhausted
 from services.core.interceptors import Context, request_headers
 from services.inference import shadow
 from services.inference.pipeline import samples
+from services.inference.pipeline.fair_threads import FairThreads, QueueFull
 from services.inference.pipeline.policy import (
     ContentPolicyViolation,
     Hit,
@@ -91,9 +96,12 @@ INLINE_REGEX_CHARS = 2 * 1024
 #: more (a slow admin regex) is checked again, from the start, on a thread. It
 #: bounds how long one request's rules can hold every stream of the worker.
 INLINE_REGEX_BUDGET_S = 0.005
-#: Input checks running at once; more wait for a thread.
+#: Input checks running at once; more wait for a thread, the tenants taking turns.
 CHECK_THREADS = 2
-_CHECKS = concurrent.futures.ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="content")
+#: Input checks one tenant may have waiting for a thread; past it its request is
+#: refused RESOURCE_EXHAUSTED (QUEUE_FULL, retry in a second): each holds its texts.
+MAX_WAITING_CHECKS = 32
+_CHECKS = FairThreads(CHECK_THREADS, MAX_WAITING_CHECKS, "content")
 # Sample builds: best-effort, never ahead of a check in the queue.
 _SAMPLES = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="content-samples")
 #: Sample writes waiting or running at once; past it a sampled request's sample is
@@ -260,8 +268,15 @@ def with_texts(spec: GenerationSpec, texts: Sequence[str]) -> GenerationSpec:
     return replace(spec, prompt=prompt, messages=messages, variables=variables)
 
 
-async def _check(policies: Sequence[Policy], texts: Sequence[str], field_name: str) -> InputCheck:
-    """Runs `check_input`: on the loop when it is certainly short, else on a thread."""
+async def _check(
+    policies: Sequence[Policy], texts: Sequence[str], field_name: str, tenant: str
+) -> InputCheck:
+    """Runs `check_input`: on the loop when it is certainly short, else on a thread
+    when `tenant`'s turn comes.
+
+    Raises:
+        ResourceExhausted: `tenant` already has MAX_WAITING_CHECKS checks waiting.
+    """
     chars = sum(len(t) for t in texts)
     regexes = any(p.input_rules for p in policies)
     if not policies or (chars <= INLINE_CHECK_CHARS and not regexes):
@@ -271,10 +286,18 @@ async def _check(policies: Sequence[Policy], texts: Sequence[str], field_name: s
         checked = try_check_input(policies, texts, field_name, INLINE_REGEX_BUDGET_S)
         if checked is not None:
             return checked
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(
-        _CHECKS, functools.partial(check_input, policies, list(texts), field_name)
-    )
+    try:
+        return await _CHECKS.run(
+            tenant, functools.partial(check_input, policies, list(texts), field_name)
+        )
+    except QueueFull:
+        bound = _CHECKS.max_waiting
+        raise ResourceExhausted(
+            f"too many input checks of this tenant are waiting ({bound})",
+            retry_after_s=1.0,
+            quota_violations=[QuotaViolation("worker:content-checks", f"max_waiting={bound}")],
+            reason="QUEUE_FULL",
+        ) from None
 
 
 class ContentStage:
@@ -330,14 +353,15 @@ class ContentStage:
         Raises:
             ContentPolicyViolation: a block rule fired (its usage event is recorded).
             Unavailable: the policies were never loaded and Redis is unreachable.
+            ResourceExhausted: the tenant has MAX_WAITING_CHECKS input checks waiting.
         """
         if self.cache is None:
             return list(texts), NO_CONTENT
-        policies, sampled, _, _ = await self._lookup(context)
+        policies, sampled, tenant, _ = await self._lookup(context)
         if not policies and not sampled:
             return list(texts), NO_CONTENT
         try:
-            checked = await _check(policies, texts, field_name)
+            checked = await _check(policies, texts, field_name, tenant)
         except ContentPolicyViolation as blocked:
             count([blocked.hit])
             self._record_block(context, target, blocked.hit, request_id, rpc, api_version)
