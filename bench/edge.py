@@ -2,16 +2,19 @@
 
 Paths, all measured in this run on the same machine:
   direct   client -> inference worker, over mTLS as the edge (what the edge does)
-  edge     client -> full Envoy edge (health, transcoder, routing) -> worker
+  edge     client -> full Envoy edge (health, transcoder, routing) -> worker, with a
+           JWT or an API key; and the API key through an extra edge of the same mesh
+           without the key cache (edge-api-key-no-cache)
   envoy    client -> bare Envoy (router filter only) -> worker
   envoy-direct  client -> bare Envoy answering itself (direct_response): Envoy's own floor
   grpc     client -> bare grpc.aio server, same mTLS (the floor for a Python gRPC server)
 Envoy speaks mTLS to the worker as the edge identity on every Envoy path.
-Latency: sequential calls from one Python client (p50/p99). Throughput: h2load
-(or ghz) with pre-serialised gRPC bodies when installed, else client processes;
-over mTLS, h2load presents the edge's certificate through `h2load_cert.c`.
-E2 (demo-lm Complete) runs the direct, edge and bare-Envoy paths in
-interleaved rounds and reads every mesh process's CPU around each round.
+Latency (E1, E1k): sequential calls from one Python client (p50/p99), every path in
+interleaved rounds. Throughput: h2load (or ghz) with pre-serialised gRPC bodies when
+installed, else client processes; over mTLS, h2load presents the edge's certificate
+through `h2load_cert.c`. E3 (ListModels) and E2 (demo-lm Complete) run their paths
+in interleaved rounds and read each process's CPU around each path's run; the rows
+take the medians of the rounds.
 """
 
 from __future__ import annotations
@@ -25,22 +28,22 @@ import shutil
 import struct
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import grpc
 import grpc.aio
 import yaml
 
-from bench.peer import pin_mesh
+from bench.peer import EDGE_PROCESSES, pin_mesh
 from bench.peers import Peer, bench_pki
 from bench.pinning import LOAD, SUT, CpuMeter, pin, pinned_self
 from bench.rows import Context
 from bench.servers import bare_server_process
 from bench.stats import median_each, percentile
 from gateway import envoy_config, protos
-from gateway.edge_auth import EdgeAuth
 from gateway.envoy_config import Endpoint
 from services.core import contract, identity
 from services.launcher.mesh import Mesh, MeshConfig, envoy_binary
@@ -547,54 +550,87 @@ def complete_throughput(
     return {**rps_rounds, "cpu_us_per_request": cpu}
 
 
-def _pids(mesh: Mesh) -> dict[str, int]:
-    wanted = ("envoy", "auth", "usage", "inference-0")
-    return {c.name: c.pid for c in mesh.children if c.name in wanted and not c.stopping}
+def rotated(names: Sequence[str], n: int) -> list[str]:
+    """Round `n`'s order of `names`: turned by one place a round, so that over any
+    len(names) rounds in a row each name runs first once (and at every other place once)."""
+    turn = n % len(names)
+    return [*names[turn:], *names[:turn]]
 
 
-def edge_cpu(
-    mesh: Mesh,
+#: ListModels per path and round (h2load): E3's CPU and the paths' req/s. 5 paths x 5
+#: rounds x 1000 take ~32 s at this VM's rates (~2,000 req/s direct, ~700 through the
+#: edge, ~500 without the key cache), as the single runs of 3000 they replaced did; a
+#: round's CPU reads in 10 µs steps (/proc counts 10 ms ticks).
+LISTMODELS_REQUESTS = 1000
+#: The extra edge without the API-key cache (E1k), on the scenario's mesh.
+UNCACHED = "edge-no-key-cache"
+
+
+def listmodels_rounds(
     state: Path,
-    direct: Peer,
-    edge: Peer,
-    jwt: list[tuple[str, str]],
-    key: list[tuple[str, str]],
-) -> dict[str, dict[str, float]]:
-    """CPU µs per request of every process on the path (from /proc), ListModels via h2load.
+    paths: dict[str, tuple[Peer, list[tuple[str, str]]]],
+    pids: dict[str, dict[str, int]],
+    requests: int = LISTMODELS_REQUESTS,
+) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]], dict[str, str]]:
+    """ListModels at 32 concurrent (throughput_rps) on every path, in one round per path,
+    the order rotated (each path first once): one window of the VM's speed moves every
+    path alike instead of one path's single sample.
 
-    Per path: envoy, auth (ext_authz), usage (rate limit), the worker; "edge" is
-    Envoy plus every Python callout it made (E3), "worker" the worker's own.
-    """
-    paths: tuple[tuple[str, Peer, list[tuple[str, str]]], ...] = (
-        ("direct", direct, []),
-        ("edge-jwt", edge, jwt),
-        ("edge-api-key", edge, key),
-    )
-    out: dict[str, dict[str, float]] = {}
-    requests = 3000
-    for name, target, metadata in paths:
-        meter = CpuMeter(_pids(mesh))
-        throughput_rps(target, state, metadata, requests, around=meter)
-        per = {n: used * 1e6 / requests for n, used in meter.used.items()}
-        per["edge"] = per["envoy"] + per["auth"] + per["usage"]
-        out[name] = per
+    Returns each path's req/s per round, the CPU µs per request of each of the path's
+    processes (`pids[path]`, read from /proc around the load tool's run) per round, and
+    each path's load tool. The medians are the judge's (cpu_medians)."""
+    rps: dict[str, list[float]] = {name: [] for name in paths}
+    cpu: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+    tools: dict[str, str] = {}
+    for n in range(len(paths)):
+        for name in rotated(list(paths), n):
+            target, metadata = paths[name]
+            meter = CpuMeter(pids[name])
+            got, tools[name] = throughput_rps(target, state, metadata, requests, around=meter)
+            rps[name].append(got)
+            cpu[name].append({p: used * 1e6 / requests for p, used in meter.used.items()})
+        print(
+            f"  ListModels round {n + 1}: req/s"
+            f" {json.dumps({k: round(v[-1]) for k, v in rps.items()})}",
+            flush=True,
+        )
+    for name, per in cpu_medians(cpu).items():
         print(f"  {name:>12}: CPU µs/request {json.dumps({k: round(v) for k, v in per.items()})}")
-    return out
+    return rps, cpu, tools
 
 
-def bare_proxy_cpu(state: Path, pid: int, target: Peer) -> dict[str, float]:
-    """Returns the bare Envoy's CPU µs per ListModels it proxies (h2load, as edge_cpu)."""
-    requests = 3000
-    meter = CpuMeter({"envoy": pid})
-    throughput_rps(target, state, [], requests, around=meter)
-    per = {"envoy": meter.used["envoy"] * 1e6 / requests}
-    print(
-        f"  {'bare-envoy':>12}: CPU µs/request {json.dumps({k: round(v) for k, v in per.items()})}"
-    )
-    return per
+def edge_total(per: Mapping[str, float]) -> float:
+    """The edge's CPU in one path's figures: its Envoy, callouts and rate-limit Redis
+    (bench.peer.EDGE_PROCESSES, as P1 counts tokenmesh's gateway)."""
+    return sum(per.get(name, 0.0) for name in EDGE_PROCESSES)
 
 
-LATENCY_ROUNDS = 5
+def cpu_medians(
+    rounds: Mapping[str, Sequence[Mapping[str, float]]],
+) -> dict[str, dict[str, float]]:
+    """Each path's median over its rounds of every process's CPU µs per request, and
+    "edge": the median of the rounds' edge totals (edge_total), not a sum of medians."""
+    return {
+        path: median_each([{**per, "edge": edge_total(per)} for per in per_round])
+        for path, per_round in rounds.items()
+    }
+
+
+def _path_pids(mesh: Mesh, uncached: int, bare_proxy: int) -> dict[str, dict[str, int]]:
+    """The processes each ListModels path goes through, by path; "envoy" is the Envoy
+    of the path (the extra edge's on the no-cache path), so edge_total reads every
+    edge path alike."""
+    running = {c.name: c.pid for c in mesh.children if not c.stopping}
+    edge = {name: running[name] for name in (*EDGE_PROCESSES, "inference-0")}
+    return {
+        "direct": {"inference-0": running["inference-0"]},
+        "edge-jwt": edge,
+        "edge-api-key": edge,
+        "edge-api-key-no-cache": {**edge, "envoy": uncached},
+        "envoy": {"bare-envoy": bare_proxy, "inference-0": running["inference-0"]},
+    }
+
+
 LATENCY_CALLS = 200  # per path and round
 
 
@@ -620,23 +656,17 @@ def mesh_config(state: Path, **changes: Any) -> MeshConfig:
 
 def edge_overhead(ctx: Context) -> dict[str, Any]:
     """Measures the paths; returns latency summaries (with E1's and E1k's ratios per
-    interleaved round), raw latencies, CPU per request and throughput.
+    interleaved round), raw latencies, CPU per request and throughput per round.
 
-    Pinned as every scenario: this process and its load generators (h2load, the
-    Python clients) on the load core; the mesh, the bare Envoys and the bare
-    grpc.aio server on the system-under-test core.
+    One mesh; beside its edge, an extra Envoy on the same control plane without the
+    API-key cache (E1k's "without the key cache": every API-key request asks the auth
+    service, as the edge did before gateway/key_cache.py), so that it runs in the same
+    rounds as the JWT path it is divided by. Pinned as every scenario: this process
+    and its load generators (h2load, the Python clients) on the load core; the mesh,
+    the extra and bare Envoys and the bare grpc.aio server on the system-under-test core.
     """
     state = ctx.state
     config = mesh_config(state)
-    latencies: dict[str, list[float]] = {}
-    rps: dict[str, float] = {}
-    tools: dict[str, str] = {}
-
-    def measure(name: str, target: Peer, metadata: list[tuple[str, str]] | None = None) -> None:
-        latencies[name] = sequential_latency_ms(target, metadata)
-        rps[name], tools[name] = throughput_rps(target, state, metadata)
-        _print_path(name, latencies[name], rps[name], tools[name], target.tls)
-
     sut = ctx.placement.layout.sut
     ctx.placement.record("bench + edge clients (Python, h2load)", os.getpid(), LOAD, 1)
     with pinned_self(ctx.placement.layout.load), Mesh(config) as mesh:
@@ -646,6 +676,9 @@ def edge_overhead(ctx: Context) -> dict[str, Any]:
         jwt = [("authorization", f"Bearer {token}")]
         edge = Peer(mesh.edge_address)  # clients reach the edge's plaintext listener
         worker = Peer(mesh.address("inference-0"), contract.WORKER, mesh.pki_dir)
+        no_cache = dataclasses.replace(config.edge_auth, api_key_cache=False)
+        uncached = Peer(mesh.start_extra_edge(UNCACHED, auth=no_cache))
+        uncached_pid = pin_child(mesh, ctx, UNCACHED, "extra Envoy without the API-key cache")
         envoys = [
             bare_envoy(state, mesh.ports["inference-0"], mesh.sds_dir, direct=d)
             for d in (False, True)
@@ -659,16 +692,26 @@ def edge_overhead(ctx: Context) -> dict[str, Any]:
                 "direct": (worker, []),
                 "edge-jwt": (edge, jwt),
                 "edge-api-key": (edge, key),
+                "edge-api-key-no-cache": (uncached, key),
                 "envoy": (Peer(proxy_address), []),
                 "envoy-direct": (Peer(direct_address), []),
             }
             latencies, per_round = interleaved_latency(paths)
-            for name, (target, metadata) in paths.items():
-                expect = DIRECT_RESPONSE_STATUS if name == "envoy-direct" else OK
-                rps[name], tools[name] = throughput_rps(target, state, metadata, expect=expect)
-                _print_path(name, latencies[name], rps[name], tools[name], target.tls)
-            cpu = edge_cpu(mesh, state, worker, edge, jwt, key)
-            cpu["bare-envoy"] = bare_proxy_cpu(state, proxy.pid, Peer(proxy_address))
+            metered = {name: paths[name] for name in paths if name != "envoy-direct"}
+            rps, cpu, tools = listmodels_rounds(
+                state, metered, _path_pids(mesh, uncached_pid, proxy.pid)
+            )
+            # Envoy answering itself: its req/s only (~60,000, a fraction of a second).
+            floor, tools["envoy-direct"] = throughput_rps(
+                Peer(direct_address), state, expect=DIRECT_RESPONSE_STATUS
+            )
+            rps["envoy-direct"] = [floor]
+            for name, (target, _) in paths.items():
+                _print_path(name, latencies[name], median(rps[name]), tools[name], target.tls)
+            # E2 and the routing cost run without it: an idle Envoy's timers cost the
+            # core ~25-35 µs per Complete (bench/edge_split.py).
+            mesh.terminate(UNCACHED)
+            mesh.wait_exit(UNCACHED)
             realistic = complete_throughput(
                 mesh,
                 state,
@@ -684,18 +727,6 @@ def edge_overhead(ctx: Context) -> dict[str, Any]:
             for child, _ in envoys:
                 child.terminate()
                 child.wait(10)
-    # The same edge without the API-key cache: every API-key request asks the
-    # auth service (how the edge ran before gateway/key_cache.py).
-    no_cache = dataclasses.replace(
-        config, state_dir=state / "mesh-no-key-cache", edge_auth=EdgeAuth(api_key_cache=False)
-    )
-    with pinned_self(ctx.placement.layout.load), Mesh(no_cache) as mesh:
-        pin_mesh(mesh, ctx, "tokenmesh edge without the key cache")
-        token = issue_token(mesh.edge_url, mesh.dev_api_key())
-        jwt = [("authorization", f"Bearer {token}")]
-        measure(
-            "edge-api-key-no-cache", Peer(mesh.edge_address), [("x-api-key", mesh.dev_api_key())]
-        )
         routing = _routing_cost(mesh, ctx, jwt)
     with (
         pinned_self(ctx.placement.layout.load),
@@ -705,14 +736,18 @@ def edge_overhead(ctx: Context) -> dict[str, Any]:
         ),
     ):
         ctx.placement.record("bare grpc.aio server", pid, SUT)
-        measure("grpc", target)
+        latencies["grpc"] = sequential_latency_ms(target)
+        got, tools["grpc"] = throughput_rps(target, state)
+        rps["grpc"] = [got]
+        _print_path("grpc", latencies["grpc"], got, tools["grpc"], target.tls)
     return {
+        # Per path, each round's CPU µs per request of every process it went through.
         "cpu_us_per_request": cpu,
         "complete_rps": realistic,
         "routing": {name: _summary(values) for name, values in routing.items()},
         "latency": {name: _summary(values) for name, values in latencies.items()},
         "latency_rounds": per_round,
-        "requests_per_s": rps,
+        "requests_per_s": rps,  # per path, each round's
         # One tool for every row, else each row's (a ratio across tools is not like for like).
         "throughput_tool": tools["direct"] if len(set(tools.values())) == 1 else tools,
         "latencies_ms": latencies,
@@ -722,16 +757,15 @@ def edge_overhead(ctx: Context) -> dict[str, Any]:
 def interleaved_latency(
     paths: dict[str, tuple[Peer, list[tuple[str, str]]]],
 ) -> tuple[dict[str, list[float]], list[dict[str, float]]]:
-    """Sequential-call latency of every path in LATENCY_ROUNDS interleaved rounds (order
-    flipped each round): this VM's speed drifts within a minute, so a ratio is only
-    taken between paths of the same round. Returns every call's latency per path, and
-    each round's p50 per path."""
+    """Sequential-call latency of every path in interleaved rounds, one per path, the
+    order rotated (each path first once): this VM's speed drifts within a minute, so a
+    ratio is only taken between paths of the same round. Returns every call's latency
+    per path, and each round's p50 per path."""
     latencies: dict[str, list[float]] = {name: [] for name in paths}
     per_round: list[dict[str, float]] = []
-    names = list(paths)
-    for n in range(LATENCY_ROUNDS):
+    for n in range(len(paths)):
         p50s = {}
-        for name in names if n % 2 == 0 else names[::-1]:
+        for name in rotated(list(paths), n):
             target, metadata = paths[name]
             got = sequential_latency_ms(target, metadata, LATENCY_CALLS)
             latencies[name] += got

@@ -63,6 +63,11 @@ UNARY_TOKENS = 8
 STREAM_TOKENS = 64
 CONCURRENCY = 32
 PAUSE_S = 0.03  # before each one-at-a-time call: what the last call left to do ends first
+#: The tokenmesh edge's own processes: the rows' one definition of "edge CPU" (P1 here,
+#: E3 in bench.edge). Envoy, its callouts (ext_authz, rate limit) and the rate-limit
+#: windows' Redis, which serves the edge's limiter alone; the main Redis, shared with
+#: the worker (usage records, budgets) and the router, is counted with the worker.
+EDGE_PROCESSES = ("envoy", "auth", "usage", "redis-limits")
 TARGETS = ("bare", "litellm", "tokenmesh")
 MESSAGES = [{"role": "user", "content": "Who made the heavens and the earth?"}]
 # The same bytes to every target (json.dumps once).
@@ -304,7 +309,7 @@ def _targets(ctx: Context) -> Iterator[tuple[dict[str, Target], str]]:
             ctx.placement.record("bare OpenAI backend: envoy (P1, P2)", bare_pid, SUT, 1)
             ctx.placement.record(f"LiteLLM proxy {version} (P1, P2)", litellm_pid, SUT, 1)
             worker_pids = {"worker": pids["inference-0"], "redis": pids["redis"]}
-            edge = {n: pids[n] for n in ("envoy", "auth", "usage", "redis-limits")}
+            edge = {n: pids[n] for n in EDGE_PROCESSES}
             yield (
                 {
                     "bare": Target(
@@ -579,7 +584,7 @@ def added(results: dict[str, Any], name: str, figure: str) -> float:
 
 def _gateway_cpu(results: dict[str, Any], name: str) -> float:
     """Returns the µs per request of a gateway's own processes (not the worker's)."""
-    own = {"litellm": ("litellm",), "tokenmesh": ("envoy", "auth", "usage", "redis-limits")}
+    own = {"litellm": ("litellm",), "tokenmesh": EDGE_PROCESSES}
     cpu = results[name]["cpu_us_per_request"]
     return float(sum(cpu.get(p, 0.0) for p in own[name]))
 
