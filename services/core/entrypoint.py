@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
-from services.core import logs, server
+from services.core import logs, server, tasks
 from services.core.settings import ServerSettings, SettingsError, StartupError, load
 
 S = TypeVar("S", bound=ServerSettings)
@@ -25,6 +25,8 @@ def main(name: str, settings_cls: type[S], build: Callable[[S], server.Service])
     try:
         service = _build(name, build, settings)
         server.run(lambda: server.serve_until_signalled(service, settings))
+        # A stop during a model's build left its thread running: exit without it.
+        tasks.exit_past_abandoned_threads(0)
     except StartupError as exc:
         # Known at start only (another process holds the spool): one line, no traceback.
         print(f"tokenmesh-{name}: cannot start: {exc}", file=sys.stderr)

@@ -19,11 +19,11 @@ import redis.asyncio as aioredis
 
 from gateway.model_routing import model_health_name
 from services.core import contract, server
-from services.core.errors import InvalidArgument, NotFound, TokenmeshError
+from services.core.errors import InvalidArgument, NotFound, TokenmeshError, Unavailable
 from services.core.identity import ClientChannel
 from services.core.server import RunningServer, Service
 from services.core.settings import RedisSettings, SettingsError, env, load, require
-from services.core.tasks import HealthGate, Supervisor
+from services.core.tasks import HealthGate, Supervisor, to_daemon_thread
 from services.inference.budget import TokenBudgets
 from services.inference.engines.base import DECODE_PATHS
 from services.inference.fairness import FAIRNESS_MODES, FairnessPolicy, parse_weights
@@ -62,6 +62,7 @@ ADMIN_SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name[
     "InferenceAdminService"
 ].full_name
 ENGINES = ("auto", "onnxruntime", "tensorrt")
+STOPPING_REASON = "WORKER_STOPPING"  # a load the worker's stop abandoned (UNAVAILABLE)
 
 
 @dataclass(frozen=True)
@@ -386,6 +387,14 @@ def host_at_start(settings: InferenceSettings) -> str:
         raise SystemExit(2) from None
 
 
+def _stopping_error(name: str, version: str) -> Unavailable:
+    return Unavailable(
+        f"the worker is stopping: the load of model {name!r} version {version!r} was abandoned",
+        reason=STOPPING_REASON,
+        metadata={"model": name, "version": version},
+    )
+
+
 def _split(entry: str) -> tuple[str, str]:
     name, version = entry.split(":", 1)
     return name.strip(), version.strip()
@@ -401,6 +410,8 @@ def failed_load_message(error: Exception) -> str | None:
     named nothing to load (no such version in the repository, a malformed name)."""
     if isinstance(error, NotFound | InvalidArgument):
         return None
+    if isinstance(error, Unavailable) and error.reason == STOPPING_REASON:
+        return None  # abandoned, not failed: nothing is left of it
     if isinstance(error, TokenmeshError):
         return error.message  # the caller's own answer, written for clients
     return "loading failed (see the worker's log)"  # internals stay in the log
@@ -434,6 +445,7 @@ class InferenceService(Service):
         self._started = False  # start() has returned: the service names may be SERVING
         # LoadModel and UnloadModel of one version run one at a time (lock, its users).
         self._version_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        self._stopping = asyncio.Event()  # drain began: loads end, none registers a version
         self.tasks = Supervisor(self.name, self.health)
         # Inference RPCs' request-rate limits are decided here, in the usage
         # service's windows (services/inference/request_limits.py).
@@ -557,6 +569,9 @@ class InferenceService(Service):
             self.registration.start(self.tasks)
 
     async def drain(self) -> None:
+        # Loads in flight end now (UNAVAILABLE): a version loaded while the worker
+        # leaves serves nothing, and its build held the exit until it ended.
+        self._stopping.set()
         if self.registration is None:
             return
         if await self.registration.drain(self.settings.drain_delay_s):
@@ -631,7 +646,8 @@ class InferenceService(Service):
         succeeds (as Triton's repository API answers a load of a loaded model;
         versions are immutable here, so there is nothing to reload: unload
         first to load its files again). Loads and unloads of one version run
-        one at a time, so concurrent loads build one engine.
+        one at a time, so concurrent loads build one engine. The worker's stop
+        ends a load at once, registering nothing (see `_build`).
         """
         async with self._version_lock(name, version):
             if self.registry.has(name, version):
@@ -645,15 +661,10 @@ class InferenceService(Service):
                 self.registry.discard(existing)
             # Described LOADING meanwhile (minutes for an engine build), FAILED with
             # the reason after a failed load: never routed to or resolved.
+            logger.info("loading model %s version %s", name, version)
             self.registry.loading(name, version)
             try:
-                model = await asyncio.to_thread(
-                    load_from_repository,
-                    self.settings.model_repository,
-                    name,
-                    version,
-                    self.options,
-                )
+                model = await self._build(name, version)
                 await self._activate(model)
             except Exception as exc:
                 message = failed_load_message(exc)
@@ -663,9 +674,58 @@ class InferenceService(Service):
             finally:
                 self.registry.clear_loading(name, version)  # a cancelled or refused load
 
+    async def _build(self, name: str, version: str) -> LoadedModel:
+        """Builds a version from the repository on a daemon thread of its own.
+
+        Not asyncio.to_thread: the loop's default executor and the interpreter
+        join those threads at exit, and a build cannot be interrupted, so a worker
+        stopped while it built a version (seconds for ONNX Runtime, minutes for a
+        TensorRT engine) stayed up until the build ended, often into SIGKILL. A
+        stop (or a cancel: a start cut short) abandons the build instead: the
+        thread runs on and what it builds is discarded, never registered.
+
+        Raises:
+            Unavailable: the worker began to stop (reason WORKER_STOPPING).
+        """
+        built = asyncio.ensure_future(
+            to_daemon_thread(
+                f"load-{name}-{version}",
+                load_from_repository,
+                self.settings.model_repository,
+                name,
+                version,
+                self.options,
+            )
+        )
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((built, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            abandoned = not built.done()
+            if abandoned:
+                # What the thread returns or raises later is dropped (a LoadedModel
+                # never started: its engine is freed once collected).
+                built.cancel()
+                logger.warning(
+                    "model %s version %s: load abandoned (%s); its build runs on in the "
+                    "background and is discarded",
+                    name,
+                    version,
+                    "the worker is stopping" if self._stopping.is_set() else "cancelled",
+                )
+        if abandoned:  # the stop came first (a cancel of this load raised above)
+            raise _stopping_error(name, version)
+        return built.result()
+
     async def _activate(self, model: LoadedModel) -> None:
         await model.start()
-        self.registry.add(model)
+        if self._stopping.is_set():
+            # Its warm-up outlasted the start of the stop, which may have stopped the
+            # registered versions already: one added now would run on unstopped.
+            await model.stop(drain_timeout_s=0)
+            raise _stopping_error(model.name, model.version)
+        self.registry.add(model)  # no await since the check: stop() cannot slip between
         await self._set_version_health(model, serving=True)
         logger.info("model %s version %s ready (%s)", model.name, model.version, model.engine_name)
 
@@ -696,6 +756,7 @@ class InferenceService(Service):
             logger.info("model %s version %s unloaded", name, version)
 
     async def stop(self) -> None:
+        self._stopping.set()  # set by drain already; nothing is registered from now on
         if self.registration is not None:
             await self.registration.stop()
         for model in self.registry.all():
