@@ -8,9 +8,11 @@ Envoy CPU per request with six Lua filters and 126 µs with these four
 most requests share one coroutine:
 
 - request (before the health-check filter): drop header names gRPC cannot
-  carry (gateway/header_names.py), mark a unary gRPC call (a table lookup,
-  gateway/response_headers.py), then, for `grpc.health.v1.Health/Check`
-  only, gate it on `/healthz` (gateway/edge_health.py). The health-check
+  carry (gateway/header_names.py), refuse a body declared larger than the
+  edge accepts, before anything reads it (gateway/request_body.py), mark a
+  unary gRPC call (a table lookup, gateway/response_headers.py), then, for
+  `grpc.health.v1.Health/Check` only, gate it on `/healthz`
+  (gateway/edge_health.py). The health-check
   filter answers only `GET /healthz`, so running the gate before it changes
   nothing for either path;
 - response (before the transcoder, so it sees REST responses): a unary
@@ -18,7 +20,7 @@ most requests share one coroutine:
   its trailers (gateway/response_headers.py), a worker's OpenAI error JSON
   becomes the body (gateway/openai_edge.py), then the REST status a service
   asked for is applied (gateway/error_status.py), in the order the two
-  filters ran in before; last, a REST answer's gRPC status headers go
+  filters ran in before; last, a REST answer's gRPC protocol headers go
   (gateway/response_headers.py).
 
 The modules keep their own filters (and their tests' subjects) for Envoys
@@ -30,7 +32,14 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from gateway import edge_health, error_status, header_names, openai_edge, response_headers
+from gateway import (
+    edge_health,
+    error_status,
+    header_names,
+    openai_edge,
+    request_body,
+    response_headers,
+)
 
 REQUEST_FILTER = "tokenmesh.edge_requests"
 RESPONSE_FILTER = "tokenmesh.edge_responses"
@@ -41,6 +50,7 @@ def request_source() -> str:
     """The request filter's Lua (it names every unary gRPC method: built once)."""
     return (
         header_names.LUA_FUNCTION
+        + request_body.LUA_FUNCTION
         + edge_health.LUA_FUNCTION
         + response_headers.request_lua_function()
         + """
@@ -48,6 +58,9 @@ function envoy_on_request(handle)
   local headers = handle:headers()
   drop_illegal_header_names(headers)
   local path = headers:get(":path")
+  if refuse_oversized_body(handle, headers, path) then
+    return
+  end
   mark_unary_grpc(handle, path)
   if path == HEALTH_CHECK_PATH then
     gate_edge_health(handle)
@@ -73,7 +86,7 @@ function envoy_on_response(handle)
     headers = handle:headers()
   end
   apply_error_status(headers)
-  drop_grpc_status(headers)
+  drop_grpc_protocol_headers(headers)
 end
 """
 )
@@ -90,7 +103,8 @@ def _lua(name: str, source: str) -> dict[str, Any]:
 
 
 def request_filter() -> dict[str, Any]:
-    """Builds the request-side filter: header names gRPC cannot carry, edge health."""
+    """Builds the request-side filter: header names gRPC cannot carry, bodies declared
+    too large, edge health."""
     return _lua(REQUEST_FILTER, request_source())
 
 

@@ -27,6 +27,7 @@ from gateway import (
     key_cache,
     model_routing,
     openai_edge,
+    request_body,
     static_site,
     stats_listener,
 )
@@ -161,6 +162,11 @@ UNAVAILABLE = 14
 UNAVAILABLE_MESSAGE = openai_edge.UNAVAILABLE_MESSAGE
 # What a gRPC client reads when its request is larger than the edge buffers.
 GRPC_TOO_LARGE_MESSAGE = "request larger than the edge accepts; send a smaller message"
+# Local replies whose message is the edge's own, whichever filter answered: every
+# 413 (Envoy's texts named its transcoder, or said only "Payload Too Large").
+FIXED_MESSAGES: Mapping[int, str] = {413: request_body.TOO_LARGE_MESSAGE}
+# The message Envoy (or the filter) gave its local reply.
+LOCAL_REPLY_BODY = "%LOCAL_REPLY_BODY%"
 
 
 @dataclass(frozen=True)
@@ -530,7 +536,9 @@ def without_credentials(route: Mapping[str, Any]) -> dict[str, Any]:
 # NOTE: the transcoder raises the stream's buffer limit to this for the request too
 # (measured on 1.40; its max_request_body_size does not lower it): a REST request
 # body up to 8 MiB reaches the worker, whose validation refuses what is too long
-# (400), and a larger one is 413 (tests/e2e/test_hostile_input.py).
+# (400). The transcoder does not bound a larger one (it counts only the bytes its
+# parser has not consumed): the edge refuses it, 413, before it is read
+# (gateway/request_body.py, tests/e2e/test_request_body_limit.py).
 MAX_TRANSCODED_RESPONSE_BYTES = 8 << 20
 
 
@@ -620,7 +628,9 @@ def local_reply_config() -> dict[str, Any]:
                     }
                 }
             },
-            "body_format_override": _error_body(grpc_code),
+            "body_format_override": _error_body(
+                grpc_code, FIXED_MESSAGES.get(status, LOCAL_REPLY_BODY)
+            ),
         }
         for status, grpc_code in HTTP_TO_GRPC_CODE.items()
     ]
@@ -757,7 +767,7 @@ def _grpc_too_large() -> dict[str, Any]:
     }
 
 
-def _error_body(grpc_code: int, message: str = "%LOCAL_REPLY_BODY%") -> dict[str, Any]:
+def _error_body(grpc_code: int, message: str = LOCAL_REPLY_BODY) -> dict[str, Any]:
     return {
         "json_format": {
             "code": grpc_code,
@@ -876,8 +886,12 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
             *([hsts_filter()] if tls else []),
             *_strip_filters(config),
             # Drops header names gRPC cannot carry (they made every upstream call
-            # fail) and gates gRPC Health/Check on /healthz: one Lua coroutine.
+            # fail), refuses a body declared too large (before auth reads it) and
+            # gates gRPC Health/Check on /healthz: one Lua coroutine.
             edge_lua.request_filter(),
+            # A REST body of undeclared size, bounded before anything reads it (the
+            # request Lua refused one declared too large).
+            request_body.unsized_body_filter(),
             health_filter(sorted({*config.upstreams, "inference"})),
             # Before the transcoder: on the way back it sees the REST response
             # (OpenAI error bodies, REST error statuses: one Lua coroutine).

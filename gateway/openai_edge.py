@@ -12,7 +12,8 @@ Errors come in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`:
   there, makes it the body (success responses cost one header lookup);
 - from Envoy itself on /openai/ paths (401 from jwt_authn or ext_authz, 403
   from RBAC, 429 from the rate limiter, 503 without a healthy worker, the
-  transcoder's 404 for an unknown path, 408 when the request did not arrive
+  transcoder's 404 for an unknown path, 413 for a body over the edge's limit
+  (gateway/request_body.py), 408 when the request did not arrive
   within `request_timeout`, any other error status): local-reply mappers,
   placed before the REST API's own;
 - from Envoy before it read the request's headers (HTTP/1.1 only: 431 for
@@ -30,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gateway import grpc_paths
+from gateway import grpc_paths, request_body
 from services.core import contract
 
 PATH_PREFIX = "/openai/"
@@ -168,6 +169,10 @@ def local_reply_mappers() -> list[dict[str, Any]]:
             ),
             "body_format_override": _openai_body(error_object(status)),
         }
+        if status == 413:
+            # Whichever filter refused the body (Envoy's text named its transcoder).
+            too_large = {**error_object(status), "message": request_body.TOO_LARGE_MESSAGE}
+            mapper["body_format_override"] = _openai_body(too_large)
         if status == 503:
             unavailable = {**error_object(status), "message": UNAVAILABLE_MESSAGE}
             mapper["body_format_override"] = _openai_body(unavailable)

@@ -43,7 +43,15 @@ import yaml
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
-from gateway import edge_auth, envoy_config, handover, openai_edge, protos, static_site
+from gateway import (
+    edge_auth,
+    envoy_config,
+    handover,
+    openai_edge,
+    protos,
+    request_body,
+    static_site,
+)
 
 DOCUMENT_PATH = static_site.OPENAPI_DOCUMENT
 HTTPBODY_FRAGMENT = Path(__file__).with_name("openapi_httpbody.yaml")
@@ -650,9 +658,11 @@ _ERRORS: Mapping[str, tuple[str, str]] = {
     "410": ("Gone", "An API version past its sunset date."),
     "413": (
         "PayloadTooLarge",
-        "RESOURCE_EXHAUSTED: a request body over the edge's buffer "
-        f"({envoy_config.MAX_TRANSCODED_RESPONSE_BYTES >> 20} MiB), refused by Envoy itself "
-        "(`http_status` 413) before any service saw it.",
+        "RESOURCE_EXHAUSTED: a request body over the edge's limit "
+        f"({request_body.MAX_BODY_BYTES >> 20} MiB), refused by Envoy itself "
+        "(`http_status` 413) before any service saw it, whoever the caller: a body whose "
+        "`Content-Length` declares it is refused before the credential is checked and before "
+        "any of it is read; one of undeclared size (chunked) once it passes the limit.",
     ),
     "429": (
         "ResourceExhausted",

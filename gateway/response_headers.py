@@ -44,13 +44,17 @@ trailer but gRPC's own status fields becomes a header, as a trailers-only
 error's would have; the filters after this one then see the REST status
 and OpenAI JSON the service asked for.
 
-A whole REST answer loses gRPC's status fields: the transcoder merges a unary
-answer's trailers into its headers, so every 200 (and the jobs service's 202
-to `Prefer: respond-async`) showed `grpc-status: 0` and an empty
-`grpc-message` to REST clients, details of the mesh's gRPC hop (a REST error
-carries none: the transcoder made its status and body of them). gRPC answers
-keep theirs, and a stream's trailers keep them too (its only end-of-stream
-status).
+A REST answer's headers lose gRPC's protocol fields: the transcoder merges a
+unary answer's trailers into its headers, so every 200 (and the jobs
+service's 202 to `Prefer: respond-async`) showed `grpc-status: 0` and an
+empty `grpc-message` to REST clients, details of the mesh's gRPC hop (a REST
+error carries none: the transcoder made its status and body of them); and
+every REST and OpenAI answer, streams included, passed on the service's
+`grpc-accept-encoding` (the compressions its gRPC server reads, which a REST
+client cannot use). gRPC reserves the `grpc-` prefix for its own protocol
+(no service metadata has it), so each of its response fields goes
+(GRPC_PROTOCOL_HEADERS). gRPC answers keep them all, and a stream's trailers
+keep its status (its only end-of-stream status).
 """
 
 from __future__ import annotations
@@ -99,6 +103,10 @@ end
 # A transcoded error's trailers that are no metadata of the service's: the
 # transcoder made the status and the JSON body of them.
 GRPC_STATUS_TRAILERS = ("grpc-status", "grpc-message", "grpc-status-details-bin")
+# Every response field of gRPC's protocol (grpc/doc/PROTOCOL-HTTP2.md): the status and
+# the message compression a gRPC server sends. None means anything to a REST client
+# (a transcoded message is never compressed).
+GRPC_PROTOCOL_HEADERS = (*GRPC_STATUS_TRAILERS, "grpc-encoding", "grpc-accept-encoding")
 # Trailers of an error that never become headers: framing, hop-by-hop and
 # entity fields, and those that act on the client (cookies, redirects, HSTS).
 # Our services send none of them; this keeps it so whatever a handler sends.
@@ -123,7 +131,7 @@ _NEVER_LIFTED_TABLE = "".join(f'  ["{name}"] = true,\n' for name in NEVER_LIFTED
 # A Lua function of the edge's response filter (gateway/edge_lua.py).
 RESPONSE_LUA_FUNCTION = f"""
 local RESPONSE_HEADERS = "{contract.RESPONSE_HEADERS_TRAILER}"
-local GRPC_STATUS_FIELDS = {{ {", ".join(f'"{n}"' for n in GRPC_STATUS_TRAILERS)} }}
+local GRPC_PROTOCOL_HEADERS = {{ {", ".join(f'"{n}"' for n in GRPC_PROTOCOL_HEADERS)} }}
 local NEVER_LIFTED = {{
 {_NEVER_LIFTED_TABLE}}}
 
@@ -251,17 +259,15 @@ local function lift_trailers(handle, headers)
   return true, retired
 end
 
--- A transcoded (REST) answer's gRPC status fields, which the transcoder put in its
--- headers, are the mesh's: a REST client gets the HTTP status and the JSON body.
-local function drop_grpc_status(headers)
-  if headers:get("grpc-status") == nil then
-    return
-  end
+-- A REST answer's gRPC protocol headers (the status the transcoder put in a unary
+-- answer's headers, the service's grpc-accept-encoding on every answer) are the
+-- mesh's: a REST client gets the HTTP status and the body. A gRPC answer keeps them.
+local function drop_grpc_protocol_headers(headers)
   local content_type = headers:get("content-type") or ""
   if string.find(content_type, "application/grpc", 1, true) == 1 then
     return
   end
-  for _, name in ipairs(GRPC_STATUS_FIELDS) do
+  for _, name in ipairs(GRPC_PROTOCOL_HEADERS) do
     headers:remove(name)
   end
 end

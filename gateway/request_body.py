@@ -1,0 +1,138 @@
+"""The largest request body the edge accepts, refused before auth or a service reads it.
+
+Nothing bounded a REST body: the transcoder's own limit counts only the
+bytes its JSON parser has not consumed yet, so a long string (or a long
+unknown field) streams through it whatever its size. A 9 MiB
+`POST /v1/auth/token` (a public RPC: nothing else buffers it) reached the
+auth service and answered its 401, a 40 MiB one was the auth service's
+gRPC size limit (429, naming its 16 MiB); only routes that buffered the
+transcoded message (model routing, an authenticated OpenAI call) answered
+413, and unauthenticated callers got 401 instead. Now every REST route
+answers 413 for a body over MAX_BODY_BYTES, in the shape of its surface
+(the REST JSON error, OpenAI's on /openai/ paths), whoever the caller is:
+
+- a declared `content-length` over the limit is refused by the edge's
+  request Lua (gateway/edge_lua.py), the first filter, from the headers
+  alone: before the credential is checked (no auth call is spent on a
+  request that cannot be served, and an honest client learns what is
+  wrong, as nginx's `client_max_body_size` and Envoy AI Gateway answer),
+  and before any byte of the body is read, so an anonymous caller makes the
+  edge buffer nothing;
+- a body of undeclared size (HTTP/1.1 chunked; HTTP/2 without
+  `content-length`) is buffered by Envoy's buffer filter before the
+  transcoder (`unsized_body_filter`) and refused once it passes the limit.
+  Its size is known only by reading it, so this one runs before
+  authentication: an anonymous caller can make the edge hold at most the
+  limit, for at most `EdgeLimits.request_timeout_s`, what any caller's
+  accepted body takes anyway (the transcoder holds a whole message). Every
+  common client (curl, httpx and OpenAI's SDKs, browsers' fetch) declares
+  its length, so this path is rare.
+
+Native gRPC requests keep their own limit (the model-routing filter's
+buffer, RESOURCE_EXHAUSTED): neither check applies to a gRPC content type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import handover
+
+# What the edge accepts of a REST request body: the transcoder's buffer (it raises
+# the stream's buffer limit to envoy_config.MAX_TRANSCODED_RESPONSE_BYTES, 8 MiB).
+MAX_BODY_BYTES = 8 << 20
+# OpenAI's file uploads carry the largest file (8 MiB) and its multipart framing.
+UPLOAD_PATH_PREFIX = "/openai/v1/files"
+MAX_UPLOAD_BYTES = handover.MAX_UPLOAD_BYTES
+# What a REST or OpenAI client reads of every 413 the edge answers (the message of
+# the local reply; Envoy's own texts named its transcoder).
+TOO_LARGE_MESSAGE = (
+    f"request body larger than the edge accepts ({MAX_BODY_BYTES >> 20} MiB); send a smaller one"
+)
+FILTER_NAME = "tokenmesh.unsized_body_limit"
+_TYPE = "type.googleapis.com/envoy"
+
+# A Lua function of the edge's request filter (gateway/edge_lua.py). Returns true
+# when it answered the request (nothing else may run on it then).
+LUA_FUNCTION = f"""
+local MAX_BODY_BYTES = {MAX_BODY_BYTES}
+local MAX_UPLOAD_BYTES = {MAX_UPLOAD_BYTES}
+local UPLOAD_PATH_PREFIX = "{UPLOAD_PATH_PREFIX}"
+
+local function refuse_oversized_body(handle, headers, path)
+  local length = tonumber(headers:get("content-length") or "")
+  if length == nil or length <= MAX_BODY_BYTES then
+    return false
+  end
+  if length <= MAX_UPLOAD_BYTES and string.find(path or "", UPLOAD_PATH_PREFIX, 1, true) == 1 then
+    return false
+  end
+  local content_type = headers:get("content-type") or ""
+  if string.find(content_type, "application/grpc", 1, true) == 1 then
+    return false
+  end
+  -- A local reply: the edge's mappers give it the REST or OpenAI error shape.
+  handle:respond({{[":status"] = "413"}}, "{TOO_LARGE_MESSAGE}")
+  return true
+end
+"""
+
+
+def _header_matches(name: str, match: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "single_predicate": {
+            "input": {
+                "name": name,
+                "typed_config": {
+                    "@type": f"{_TYPE}.type.matcher.v3.HttpRequestHeaderMatchInput",
+                    "header_name": name,
+                },
+            },
+            "value_match": match,
+        }
+    }
+
+
+def unsized_body_filter() -> dict[str, Any]:
+    """Builds the buffer filter that bounds a REST body of undeclared size.
+
+    Skipped for a request that declares its length (the request Lua judged it)
+    and for native gRPC; a request without a body passes the buffer filter at
+    once. The limit is the upload's, the largest any REST route takes: a JSON
+    body of undeclared size between the two goes on to the transcoder, whose
+    message the service's own 16 MiB gRPC limit bounds.
+    """
+    skip = {
+        "action": {
+            "name": "skip",
+            "typed_config": {
+                "@type": f"{_TYPE}.extensions.filters.common.matcher.action.v3.SkipFilter"
+            },
+        }
+    }
+    declared_or_grpc = {
+        "or_matcher": {
+            "predicate": [
+                _header_matches(
+                    "content-length", {"safe_regex": {"google_re2": {}, "regex": "[0-9]+"}}
+                ),
+                _header_matches("content-type", {"prefix": "application/grpc"}),
+            ]
+        }
+    }
+    return {
+        "name": FILTER_NAME,
+        "typed_config": {
+            "@type": f"{_TYPE}.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": {
+                "name": "envoy.filters.http.buffer",
+                "typed_config": {
+                    "@type": f"{_TYPE}.extensions.filters.http.buffer.v3.Buffer",
+                    "max_request_bytes": MAX_UPLOAD_BYTES,
+                },
+            },
+            "xds_matcher": {
+                "matcher_list": {"matchers": [{"predicate": declared_or_grpc, "on_match": skip}]}
+            },
+        },
+    }
