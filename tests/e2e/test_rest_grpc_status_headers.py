@@ -13,7 +13,6 @@ keeps all of gRPC's fields.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -22,8 +21,7 @@ import pytest
 import yaml
 
 from gateway import openapi
-from tests.e2e.test_auth import create_key
-from tests.e2e.test_jobs import JOB_SCOPES
+from tests.e2e import test_jobs_handover as handover
 
 MODEL = "deterministic-test"
 GRPC_STATUS_HEADERS = ("grpc-status", "grpc-message", "grpc-status-details-bin")
@@ -31,16 +29,9 @@ V2_COMPLETE = (
     "/v2/models/{model}:complete",
     {"prompt": "In the beginning", "max_output_tokens": 2},
 )
+# A REST client with a key of the jobs scopes (the handover tests' fixture).
+api = handover.api
 V1_COMPLETE = ("/v1/models/{model}:complete", {"prompt": "In the beginning", "max_tokens": 2})
-
-
-@pytest.fixture(scope="module")
-def api(mesh) -> Iterator[httpx.Client]:
-    key = create_key(mesh, scopes=JOB_SCOPES)
-    with httpx.Client(
-        base_url=mesh.edge_url, timeout=30, headers={"x-api-key": key["secret"]}
-    ) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
