@@ -58,7 +58,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
@@ -67,6 +67,7 @@ from services.cli import jobs as jobs_cli
 from services.cli import policies as policy_cli
 from services.cli import rollouts
 from services.cli import shadow as shadow_cli
+from services.cli.exits import BAD_INPUT, FAILED, BadInput, CommandError, Failed
 from services.core import contract, identity, pki
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2_grpc
 from tokenmesh.auth.v1 import auth_service_pb2 as pb
@@ -81,12 +82,6 @@ INT32_MAX = 2**31 - 1
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-def _bad_input(message: str) -> NoReturn:
-    """Exits 2 with one line on stderr, as argparse does for a bad argument."""
-    print(f"tokenmesh: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def _state_dir() -> Path:
     return Path(os.environ.get("TOKENMESH_STATE_DIR", ".tokenmesh"))
 
@@ -99,8 +94,8 @@ def _address(args: argparse.Namespace) -> str:
         return str(given)
     manifest = _state_dir() / "run" / "mesh.json"
     if not manifest.exists():
-        raise SystemExit(
-            f"tokenmesh: no local mesh at {manifest} (start `make run`, set "
+        raise Failed(
+            f"no local mesh at {manifest} (start `make run`, set "
             f"TOKENMESH_STATE_DIR to its state directory, or pass --{via}-address)"
         )
     mesh = json.loads(manifest.read_text())
@@ -109,7 +104,7 @@ def _address(args: argparse.Namespace) -> str:
     if not _edge_tls(args):
         return str(mesh["edge_url"]).removeprefix("http://")
     if not mesh.get("edge_tls_url"):
-        raise SystemExit("tokenmesh: the local mesh's edge has no TLS listener")
+        raise Failed("the local mesh's edge has no TLS listener")
     return str(mesh["edge_tls_url"]).removeprefix("https://")
 
 
@@ -140,7 +135,7 @@ def _edge_roots(args: argparse.Namespace) -> bytes | None:
     try:
         return path.read_bytes()
     except OSError as error:
-        raise SystemExit(f"tokenmesh: cannot read the edge's CA {path}: {error}") from error
+        raise BadInput(f"cannot read the edge's CA {path}: {error}") from error
 
 
 def _api_key(args: argparse.Namespace) -> str:
@@ -148,9 +143,7 @@ def _api_key(args: argparse.Namespace) -> str:
         return str(args.api_key)
     path = _state_dir() / "dev-api-key"
     if not path.exists():
-        raise SystemExit(
-            f"tokenmesh: no API key (pass --api-key or TOKENMESH_API_KEY; {path} does not exist)"
-        )
+        raise BadInput(f"no API key (pass --api-key or TOKENMESH_API_KEY; {path} does not exist)")
     return path.read_text().strip()
 
 
@@ -178,7 +171,7 @@ def _pins(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         model, sep, version = pair.partition("=")
         if not (sep and model and version):
-            raise SystemExit(f"tokenmesh: --pin {pair!r} is not MODEL=VERSION")
+            raise BadInput(f"--pin {pair!r} is not MODEL=VERSION")
         pins[model] = version
     return pins
 
@@ -291,9 +284,9 @@ def _weights(pairs: Sequence[str]) -> list[router_pb2.TrafficWeight]:
     for pair in pairs:
         version, sep, weight = pair.partition("=")
         if not (sep and version and weight.isdigit()):
-            raise SystemExit(f"tokenmesh: {pair!r} is not VERSION=WEIGHT (e.g. 2=20)")
+            raise BadInput(f"{pair!r} is not VERSION=WEIGHT (e.g. 2=20)")
         if int(weight) > 100:
-            _bad_input(f"{pair!r}: WEIGHT is a share, 0-100")
+            raise BadInput(f"{pair!r}: WEIGHT is a share, 0-100")
         weights.append(router_pb2.TrafficWeight(version=version, weight=int(weight)))
     return weights
 
@@ -320,7 +313,7 @@ def _sunset(value: str) -> timestamp_pb2.Timestamp:
     try:
         day = datetime.datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=datetime.UTC)
     except ValueError:
-        raise SystemExit(f"tokenmesh: --sunset {value!r} is not YYYY-MM-DD") from None
+        raise BadInput(f"--sunset {value!r} is not YYYY-MM-DD") from None
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(day)
     return stamp
@@ -360,7 +353,7 @@ def models_price(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[s
     request = router_pb.SetModelPriceRequest(model=args.model, version=args.version)
     if not args.clear:
         if args.prompt is None or args.completion is None:
-            raise SystemExit("tokenmesh: models price needs --prompt and --completion (or --clear)")
+            raise BadInput("models price needs --prompt and --completion (or --clear)")
         request.price.CopyFrom(
             types_pb2.Price(
                 currency_code="USD",
@@ -388,7 +381,7 @@ def _variables(specs: Sequence[str]) -> list[router_pb2.PromptVariable]:
             or not (max_length == "" or max_length.isdigit())
             or flag not in ("", "required")
         ):
-            raise SystemExit(f"tokenmesh: --variable {spec!r} is not NAME:MAXLEN[:required]")
+            raise BadInput(f"--variable {spec!r} is not NAME:MAXLEN[:required]")
         variables.append(
             router_pb2.PromptVariable(
                 name=name, max_length=int(max_length or 0), required=flag == "required"
@@ -403,9 +396,7 @@ def prompts_create(
     try:
         source = Path(args.template_file).read_text()
     except OSError as error:
-        raise SystemExit(
-            f"tokenmesh: --template-file {args.template_file}: {error.strerror}"
-        ) from None
+        raise BadInput(f"--template-file {args.template_file}: {error.strerror}") from None
     request = router_pb.CreatePromptTemplateRequest(
         name=args.name,
         template=source,
@@ -441,9 +432,9 @@ def prompts_get(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[st
 
 def prompts_alias(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
     if args.version is not None and not args.version.isdigit():
-        raise SystemExit(f"tokenmesh: VERSION {args.version!r} is not a version number")
+        raise BadInput(f"VERSION {args.version!r} is not a version number")
     if args.version is not None and int(args.version) > INT32_MAX:
-        _bad_input(f"VERSION {args.version} is out of range (at most {INT32_MAX})")
+        raise BadInput(f"VERSION {args.version} is out of range (at most {INT32_MAX})")
     request = router_pb.SetPromptTemplateAliasRequest(
         name=args.name, alias=args.alias, version=int(args.version or 0)
     )
@@ -699,13 +690,13 @@ def _redis_url() -> str:
     if os.environ.get("REDIS_URL"):
         given = os.environ["REDIS_URL"]
         if not given.startswith(REDIS_SCHEMES):
-            _bad_input(f"REDIS_URL {given!r} must start with {', '.join(REDIS_SCHEMES)}")
+            raise BadInput(f"REDIS_URL {given!r} must start with {', '.join(REDIS_SCHEMES)}")
         return given
     manifest = _state_dir() / "run" / "mesh.json"
     url = json.loads(manifest.read_text()).get("redis_url") if manifest.exists() else None
     if not url:
-        raise SystemExit(
-            f"tokenmesh: no REDIS_URL and no local mesh at {manifest} "
+        raise Failed(
+            f"no REDIS_URL and no local mesh at {manifest} "
             "(set TOKENMESH_STATE_DIR to its state directory)"
         )
     return str(url)
@@ -737,7 +728,7 @@ def usage_dead_letters(args: argparse.Namespace) -> int:
         entries: Any = client.xrevrange(stream, count=max(1, args.limit))
     except redis.RedisError as error:
         print(f"tokenmesh: {stream}: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+        return FAILED
     finally:
         client.close()
     letters = [_dead_letter(entry_id, fields) for entry_id, fields in reversed(entries)]
@@ -759,22 +750,26 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one CLI command; returns the process exit code.
 
     Errors end in one `tokenmesh: ...` line: 1 when a service or Redis answers
-    with an error or not at all, 2 for input the command cannot use.
+    with an error or not at all, 2 for input the command cannot use
+    (services/cli/exits.py).
     """
     args = parser().parse_args(argv)
     try:
         return _run(args)
+    except CommandError as error:
+        print(error.line(), file=sys.stderr)
+        return error.exit_code
     except grpc.RpcError as error:
         print(f"tokenmesh: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 1
+        return FAILED
     except OSError as error:  # a file named on the command line (FILE.jsonl, --pki-dir)
         print(f"tokenmesh: {_os_error(error)}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     except (ValueError, OverflowError) as error:
         # A value the request cannot carry (--step-seconds 1e300, --window 1e20):
         # protobuf and int() refuse it while the request is built, before it is sent.
         print(f"tokenmesh: invalid value: {error}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -820,14 +815,14 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
         return grpc.secure_channel(address, credentials)
     pki_dir = _pki_dir(args)
     if pki_dir is None:
-        raise SystemExit(
-            f"tokenmesh: the {args.target} service needs the operator certificate "
+        raise BadInput(
+            f"the {args.target} service needs the operator certificate "
             "(pass --pki-dir or TOKENMESH_PKI_DIR)"
         )
     files = pki.IdentityFiles.of(pki_dir, contract.OPERATOR)
     missing = [path.name for path in (files.ca, files.cert, files.key) if not path.is_file()]
     if missing:
-        _bad_input(
+        raise BadInput(
             f"{pki_dir} holds no operator certificate ({', '.join(missing)} missing; "
             "pass the mesh's --pki-dir or TOKENMESH_PKI_DIR)"
         )

@@ -26,6 +26,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2, json_format
 
+from services.cli.exits import BadInput
 from tokenmesh.jobs.v1 import jobs_pb2
 from tokenmesh.jobs.v1 import jobs_service_pb2 as pb
 
@@ -63,9 +64,9 @@ def read_items(path: Path) -> list[jobs_pb2.JobItem]:
         try:
             items.append(json_format.Parse(line, jobs_pb2.JobItem()))
         except json_format.ParseError as exc:
-            raise SystemExit(f"tokenmesh: {path}:{number}: not a job item: {exc}") from None
+            raise BadInput(f"{path}:{number}: not a job item: {exc}") from None
     if not items:
-        raise SystemExit(f"tokenmesh: {path} holds no items")
+        raise BadInput(f"{path} holds no items")
     return items
 
 
@@ -74,7 +75,7 @@ def _metadata_pairs(pairs: Sequence[str] | None) -> dict[str, str]:
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not (sep and key):
-            raise SystemExit(f"tokenmesh: --metadata {pair!r} is not KEY=VALUE")
+            raise BadInput(f"--metadata {pair!r} is not KEY=VALUE")
         out[key] = value
     return out
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from google.protobuf import json_format, timestamp_pb2
 
+from services.cli.exits import BadInput
 from tokenmesh.router.v1 import policy_pb2
 
 TIMEOUT_S = 10.0
@@ -53,9 +54,8 @@ def _detectors(value: str | None, option: str) -> list[str]:
     names = [v.strip() for v in (value or "").split(",") if v.strip()]
     unknown = [n for n in names if n not in DETECTORS]
     if unknown:
-        raise SystemExit(
-            f"tokenmesh: --{option}: unknown detector(s) {', '.join(unknown)} "
-            f"(known: {', '.join(DETECTORS)})"
+        raise BadInput(
+            f"--{option}: unknown detector(s) {', '.join(unknown)} (known: {', '.join(DETECTORS)})"
         )
     return names
 
@@ -66,7 +66,7 @@ def pii_rules(args: argparse.Namespace) -> list[policy_pb2.PiiRule]:
     for action, number in _ACTIONS.items():
         for detector in _detectors(getattr(args, action), action):
             if detector in rules:
-                raise SystemExit(f"tokenmesh: detector {detector!r} is given two actions")
+                raise BadInput(f"detector {detector!r} is given two actions")
             rules[detector] = policy_pb2.PiiRule(detector=detector, action=number)
     return list(rules.values())
 
@@ -161,7 +161,7 @@ def _set_samples(stub: Any, args: argparse.Namespace, metadata: Metadata, rate: 
 
 def samples_enable(stub: Any, args: argparse.Namespace, metadata: Metadata) -> None:
     if not 0 < args.rate <= 1:
-        raise SystemExit("tokenmesh: --rate must be in (0, 1]")
+        raise BadInput("--rate must be in (0, 1]")
     _set_samples(stub, args, metadata, args.rate)
 
 
@@ -179,9 +179,7 @@ def since_timestamp(value: str, now: datetime.datetime | None = None) -> timesta
         try:
             moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            raise SystemExit(
-                f"tokenmesh: --since {value!r} is neither ISO 8601 nor N[s|m|h|d]"
-            ) from None
+            raise BadInput(f"--since {value!r} is neither ISO 8601 nor N[s|m|h|d]") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=datetime.UTC)
     stamp = timestamp_pb2.Timestamp()

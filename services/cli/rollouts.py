@@ -18,6 +18,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2, json_format
 
+from services.cli.exits import BadInput
 from tokenmesh.router.v1 import router_pb2
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
 
@@ -76,8 +77,8 @@ def parse_words(words: Sequence[str]) -> tuple[str, str, str]:
         return words[0], words[1], ""
     if len(words) == 2:
         return "start", words[0], words[1]
-    raise SystemExit(
-        "tokenmesh: models rollout takes [start] MODEL VERSION, or "
+    raise BadInput(
+        "models rollout takes [start] MODEL VERSION, or "
         f"{'|'.join(OPERATIONS)} MODEL; got {' '.join(words)!r}"
     )
 
@@ -89,7 +90,7 @@ def start_request(
     try:
         steps = [int(s) for s in args.steps.split(",") if s.strip()]
     except ValueError:
-        raise SystemExit(f"tokenmesh: --steps {args.steps!r} is not a list of numbers") from None
+        raise BadInput(f"--steps {args.steps!r} is not a list of numbers") from None
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(int(args.step_seconds * 1e9))
     return router_pb.StartRolloutRequest(

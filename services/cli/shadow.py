@@ -15,6 +15,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2, json_format
 
+from services.cli.exits import BadInput
 from tokenmesh.router.v1 import router_pb2
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
 
@@ -51,7 +52,7 @@ def shadow_request(args: argparse.Namespace) -> router_pb.SetShadowTrafficReques
     if args.off or args.percent == 0:
         return router_pb.SetShadowTrafficRequest(model=args.model)
     if not args.version or args.percent is None:
-        raise SystemExit("tokenmesh: models shadow MODEL VERSION --percent P (or MODEL --off)")
+        raise BadInput("models shadow MODEL VERSION --percent P (or MODEL --off)")
     return router_pb.SetShadowTrafficRequest(
         model=args.model, version=args.version, percent=args.percent
     )
@@ -76,7 +77,7 @@ def parse_since(value: str) -> duration_pb2.Duration:
     """Parses a window such as 90s, 30m, 1h or 2d."""
     found = _SPAN.match(value.strip())
     if found is None:
-        raise SystemExit(f"tokenmesh: --since {value!r} is not like 30m, 1h or 2d")
+        raise BadInput(f"--since {value!r} is not like 30m, 1h or 2d")
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(int(float(found[1]) * _UNITS[found[2]] * 1e9))
     return duration

@@ -4,6 +4,11 @@ Reads the sequence's outbox, detokenizes incrementally, enforces stop
 sequences (holding back text that may be the start of one), and batches
 whatever tokens are already waiting into one delta — the first token is
 never held back. The last delta has `finish_reason` set.
+
+A stop ends the choice at the first token whose text completes any stop
+sequence; the text is cut where the earliest stop in the text through that
+token starts (OpenAI's and vLLM's rule). How many tokens each read finds
+waiting never changes the answer, its token ids or its usage.
 """
 
 from __future__ import annotations
@@ -103,12 +108,24 @@ async def tagged_deltas(
             if tokens and state.completion_tokens == 0:
                 _mark_first_token(seq, state)
             before, mark = text, decoder.mark() if stops else None
-            text += decoder.push(tokens) + (decoder.flush() if end else "")
+            text += decoder.push(tokens)
             stop_at = _first_stop(text, stops) if stops else -1
             if stop_at >= 0 and len(tokens) > 1 and mark is not None:
-                # A reader a step behind gets several tokens at once: the ones
-                # after the stop were never part of the answer (not sent, not billed).
-                tokens = _through_stop(decoder.rewound(mark), before, tokens, stops)
+                # A reader a step behind gets several tokens at once. The answer
+                # must be the one a reader that kept up sends: it ends at the first
+                # token that completes a stop, its text cut where a stop in the text
+                # through that token starts. The tokens after it were never part of
+                # the answer (not sent, not billed), nor is a stop they complete.
+                head = _through_stop(decoder.rewound(mark), before, tokens, stops)
+                if head is not None:
+                    tokens, text = head
+                    stop_at = _first_stop(text, stops)
+            if end is not None and stop_at < 0:
+                # The rest of an incomplete character, only once no token completed
+                # a stop: a stop it completes comes after every token, however the
+                # tokens were grouped into reads.
+                text += decoder.flush()
+                stop_at = _first_stop(text, stops) if stops else -1
             state.completion_tokens += len(tokens)
             if stop_at >= 0:
                 finished = True
@@ -140,13 +157,15 @@ def _first_stop(text: str, stops: Sequence[str]) -> int:
 
 def _through_stop(
     decoder: IncrementalDecoder, text: str, tokens: Sequence[int], stops: Sequence[str]
-) -> list[int]:
-    """Returns the shortest head of `tokens` whose text (after `text`) completes a stop."""
+) -> tuple[list[int], str] | None:
+    """Returns the shortest head of `tokens` whose text (after `text`) completes a
+    stop, and `text` followed by that head's text, decoded token by token as a
+    reader that kept up decodes it (None: no head completes one)."""
     for count, token in enumerate(tokens, 1):
         text += decoder.push([token])
         if any(stop in text for stop in stops):
-            return list(tokens[:count])
-    return list(tokens)  # completed only by the final flush: every token counts
+            return list(tokens[:count]), text
+    return None
 
 
 def _mark_first_token(seq: Sequence_, state: GenerationState) -> None:

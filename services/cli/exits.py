@@ -1,0 +1,46 @@
+"""How a `tokenmesh` command ends when it cannot do its work: the CLI's exit codes.
+
+Every error is one `tokenmesh: ...` line on stderr, and the code tells a script
+which side has to change:
+
+- FAILED (1): a service or Redis answered with an error or not at all, or no
+  local mesh runs where the CLI looks for one. The same command may work later.
+- BAD_INPUT (2, as argparse exits for a bad argument): input the command cannot
+  use, found before anything is sent: a malformed value, a file it cannot
+  read, a credential it was not given. The same command never works.
+
+Commands raise `BadInput` or `Failed`; `main` prints the line and returns the
+code. Both are SystemExit, so a command called outside `main` still ends the
+process with the line (as Python prints a SystemExit's text, with code 1).
+"""
+
+from __future__ import annotations
+
+FAILED = 1
+BAD_INPUT = 2
+
+
+class CommandError(SystemExit):
+    """CommandError ends a command with `tokenmesh: <message>` and `exit_code`."""
+
+    exit_code = FAILED
+
+    def __init__(self, message: str) -> None:
+        # One line whatever an exception's text in it holds (protobuf's ParseError
+        # lists the known fields on a second one): scripts read stderr by line.
+        line = " ".join(part.strip() for part in message.splitlines())
+        super().__init__(f"tokenmesh: {line}")
+
+    def line(self) -> str:
+        """Returns the line printed on stderr."""
+        return str(self)
+
+
+class Failed(CommandError):
+    """Failed: a service or Redis failed, or the mesh to talk to is not running."""
+
+
+class BadInput(CommandError):
+    """BadInput: input the command cannot use, refused before anything is sent."""
+
+    exit_code = BAD_INPUT
