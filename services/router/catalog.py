@@ -412,18 +412,20 @@ class Catalog:
         holds (read in the same transaction), and writes the guard's own fields with
         it; returns the result, or None when the guard did not hold."""
         check_name(name)
-        watched = [CATALOG_KEY] if guard is None else [CATALOG_KEY, guard.key]
+        watched = [CATALOG_KEY]
+        if guard is not None:
+            watched += sorted({key for key, _ in guard.reads} - {CATALOG_KEY})
         for attempt in range(CHANGE_ATTEMPTS):
             if attempt:  # jittered: writers that collided do not collide again in step
                 await asyncio.sleep(random.uniform(0, min(CHANGE_BACKOFF_MAX_S, 0.002 * attempt)))
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(*watched)
-                    if guard is not None and not guard.holds(
-                        await pipe.hget(guard.key, guard.field)
-                    ):
-                        return None
                     catalog = _parse_catalog(await pipe.hgetall(CATALOG_KEY))
+                    if guard is not None:
+                        values = [await pipe.hget(key, field) for key, field in guard.reads]
+                        if not guard.holds(values, catalog.get(name)):
+                            return None
                     updated = apply(catalog.get(name), catalog)
                     writes = guard.writes if guard is not None else ()
                     if updated == catalog.get(name) and not writes:
@@ -480,19 +482,20 @@ class Catalog:
 
 @dataclass(frozen=True)
 class Guard:
-    """A condition on one hash field that a catalogue change lands under (Catalog.change_if),
-    and the fields written with it, in the same transaction.
+    """A condition on hash fields, and on the model as it stands, that a catalogue change
+    lands under (Catalog.change_if), and the fields written with it, in the same
+    transaction.
 
     Attributes:
-        key, field: the hash field the condition reads (watched: a change to the
-            hash meanwhile reads it again).
-        holds: whether the field's value (None: absent) lets the change land.
+        reads: the (key, field)s the condition reads (their hashes watched: a change
+            to one meanwhile reads them all again).
+        holds: whether the change may land, given the fields' values in the order of
+            `reads` (None: absent) and the model as stored (None: not in the catalogue).
         writes: (key, field, value) set with the change.
     """
 
-    key: str
-    field: str
-    holds: Callable[[bytes | str | None], bool]
+    reads: tuple[tuple[str, str], ...]
+    holds: Callable[[Sequence[bytes | str | None], ModelEntry | None], bool]
     writes: tuple[tuple[str, str, str], ...] = ()
 
 

@@ -41,11 +41,28 @@ checks the lease still names it, so a replica that stalled past its lease
 writes nothing. Operators' pause/resume/abort are compare-and-sets too.
 Every decision goes to the rollout's history and to the audit log (tenant
 `AUDIT_TENANT`: `ListAuditEntries` / `tokenmesh usage audit`).
+
+A rollout moves traffic only from the split it last set (`APPLIED_KEY`), checked
+in the transaction that moves it: an operator's split or pin (`change_by_hand`,
+the on-call's emergency lever) aborts an active rollout in the transaction that
+changes the split, and a split changed any other way (an older replica, a hand
+edit) aborts it at its next move, leaving the split as it is. The driver's next
+step put a canary the operator had pulled back to its share. A rollout starts
+only while its stable version takes all of the other versions' traffic: it set
+the split to the two versions it compares, and a third version's share was lost.
+
+Every replica exports every stored rollout's metrics from Redis each tick
+(`RolloutStore.export_metrics`): the step gauge from the catalogue's split, and
+the rolled-back counter's series at 0 from the start. Set only where a decision
+was applied, a replica that served an abort, or lost the lease, went on
+exporting its last step, and the counter's series was born at 1 (which
+Prometheus' increase() reads as no increase).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -114,12 +131,14 @@ ACTIVE = frozenset({RUNNING, PAUSED})
 
 STEP_PERCENT = Gauge(
     "tokenmesh_rollout_step_percent",
-    "The rolled-out version's share of its model's traffic (percent), per rollout.",
+    "The rolled-out version's share of its model's traffic (percent), per model's last "
+    "rollout; every router replica exports it from Redis.",
     ["model", "version"],
 )
 ROLLED_BACK_TOTAL = Counter(
     "tokenmesh_rollouts_rolled_back_total",
-    "Rollouts rolled back by the router because a bound broke.",
+    "Rollouts rolled back by the router because a bound broke (every replica exports "
+    "each stored rollout's series, from 0).",
     ["model", "version"],
 )
 
@@ -685,8 +704,7 @@ def decide(
 
 def split_for(model: ModelEntry, rollout: Rollout, weight: int) -> ModelEntry:
     """Returns the model with `weight`% on the new version and the rest on the stable one."""
-    weights = {rollout.stable: 100 - weight, rollout.version: weight}
-    return cat.set_split(model, {v: w for v, w in weights.items() if w})
+    return cat.set_split(model, _target_split(rollout, weight))
 
 
 def audit_entry(rollout: Rollout, decision: Decision) -> usage_pb2.AuditEntry:
@@ -720,6 +738,9 @@ class RolloutStore:
         self.registry = registry
         self.refresh = refresh
         self._compare_and_set = redis.register_script(_COMPARE_AND_SET)
+        # The step gauge's (model, version)s this store set: those of rollouts no longer
+        # stored (replaced by a newer one) are removed by export_metrics.
+        self._shown: set[tuple[str, str]] = set()
 
     async def get(self, model: str) -> Rollout:
         """Returns a model's rollout; raises NotFound."""
@@ -746,6 +767,7 @@ class RolloutStore:
                 f"model {model!r} already has a rollout; abort it first",
                 reason="ROLLOUT_IN_PROGRESS",
             )
+        _check_no_other_versions(entry, stable, version, now)
         workers = await self.registry.all(now)
         rollout = Rollout(
             model=model,
@@ -764,8 +786,43 @@ class RolloutStore:
             raise FailedPrecondition(
                 f"the rollout of {model!r} changed meanwhile; try again", reason="ROLLOUT_CHANGED"
             )
+        ROLLED_BACK_TOTAL.labels(model, version)  # its series at 0 (every replica: export_metrics)
         await self._apply(rollout, decision)
         return rollout
+
+    async def change_by_hand(
+        self,
+        model: str,
+        change: Callable[[ModelEntry], ModelEntry],
+        what: str,
+        now: float,
+    ) -> ModelEntry:
+        """Applies an operator's change of a model's traffic (`what`: a split, a pin) and,
+        in the same transaction, aborts its active rollout: the operator's split stands.
+
+        The on-call's emergency lever is `models split`: made while a rollout ran,
+        the driver's next step put the canary back to its share. Refused, it would
+        block pulling a bad version. The rollout's applied mark is written with it,
+        so a decision whose split is still pending never lands over it either.
+        """
+        cat.check_name(model)
+        while True:
+            raw = await self.redis.hget(ROLLOUTS_KEY, model)
+            stored = None if raw is None else Rollout.from_json(raw)
+            reason = (
+                f"aborted at {stored.weight if stored else 0}%: the traffic split was set by "
+                f"hand ({what}) and stands; start a new rollout to try again"
+            )
+            ended, decision, writes = _yielded(stored, reason, now)
+            guard = cat.Guard(((ROLLOUTS_KEY, model),), _unchanged(raw), writes)
+            updated = await self.catalog.update_if(model, lambda m, _: change(m), guard)
+            if updated is None:
+                continue  # the rollout changed meanwhile (a tick, an operator): read it again
+            if ended is not None and decision is not None:
+                self._show_step(ended, updated, now)
+                await self._record(ended, decision)
+                logger.warning("rollout %s %s: %s", model, ended.version, decision.reason)
+            return updated
 
     async def operate(self, model: str, action: str, now: float) -> Rollout:
         """Applies an operator's pause, resume or abort."""
@@ -808,11 +865,16 @@ class RolloutStore:
         weight = rollout.weight
         traffic = traffic_of(rollout)
 
-        def still_asked(raw: bytes | str | None) -> bool:
-            return raw is not None and traffic_of(Rollout.from_json(raw)) == traffic
+        def may_move(values: Sequence[bytes | str | None], model: ModelEntry | None) -> bool:
+            raw, mark = values
+            if raw is None or traffic_of(Rollout.from_json(raw)) != traffic:
+                return False
+            return model is None or split_is_the_rollouts(model, mark, rollout)
 
         guard = cat.Guard(
-            ROLLOUTS_KEY, rollout.model, still_asked, ((APPLIED_KEY, rollout.model, traffic),)
+            ((ROLLOUTS_KEY, rollout.model), (APPLIED_KEY, rollout.model)),
+            may_move,
+            ((APPLIED_KEY, rollout.model, traffic),),
         )
         try:
             moved = await self.catalog.update_if(
@@ -826,17 +888,91 @@ class RolloutStore:
             logger.warning("rollout %s: %d%% not applied yet: %s", rollout.model, weight, exc)
             return False
         if moved is None:
-            logger.info(
-                "rollout %s: a later decision owns the split; %d%% not applied",
-                rollout.model,
-                weight,
-            )
+            if not await self._yield_to_hand_split(rollout, cat.now()):
+                logger.info(
+                    "rollout %s: a later decision owns the split; %d%% not applied",
+                    rollout.model,
+                    weight,
+                )
             return False
         await self.refresh()
         # The gauge follows the split: a refused or deferred move leaves it to the
         # decision whose split lands (that decision's, or the tick's that moves it).
-        STEP_PERCENT.labels(rollout.model, rollout.version).set(weight)
+        self._show_step(rollout, moved, cat.now())
         return True
+
+    async def _yield_to_hand_split(self, rollout: Rollout, now: float) -> bool:
+        """When the live split is not one `rollout` set (changed outside it: an older
+        replica's split, a hand edit), aborts the rollout if it is still active and
+        marks the split applied, in one transaction that checks both again: the
+        split is left as it is. Returns False when that is not why `rollout`'s move
+        was refused (a later decision owns the split)."""
+        raw, live = await asyncio.gather(
+            self.redis.hget(ROLLOUTS_KEY, rollout.model), self.catalog.get(rollout.model)
+        )
+        if raw is None or traffic_of(stored := Rollout.from_json(raw)) != traffic_of(rollout):
+            return False
+        reason = (
+            f"aborted: the traffic split was changed outside the rollout (now "
+            f"{_split_text(live)}); its {rollout.weight}% was not applied and the split "
+            "is left as it is"
+        )
+        ended, decision, writes = _yielded(stored, reason, now)
+
+        def changed_outside(values: Sequence[bytes | str | None], model: ModelEntry | None) -> bool:
+            current, mark = values
+            return (
+                _same(current, raw)
+                and model is not None
+                and not split_is_the_rollouts(model, mark, rollout)
+            )
+
+        guard = cat.Guard(
+            ((ROLLOUTS_KEY, rollout.model), (APPLIED_KEY, rollout.model)), changed_outside, writes
+        )
+        try:
+            kept = await self.catalog.update_if(rollout.model, lambda m, _: m, guard)
+        except Unavailable:
+            return True  # the next tick sees the same split and tries again
+        if kept is None:
+            return False
+        logger.warning("rollout %s %s: %s", rollout.model, rollout.version, reason)
+        if ended is not None and decision is not None:
+            self._show_step(ended, kept, now)
+            await self._record(ended, decision)
+        return True
+
+    def _show_step(self, rollout: Rollout, model: ModelEntry, now: float) -> None:
+        """Sets the step gauge to the rolled-out version's share of the model's split."""
+        labels = (rollout.model, rollout.version)
+        STEP_PERCENT.labels(*labels).set(model.effective_weights(now).get(rollout.version, 0))
+        self._shown.add(labels)
+
+    async def export_metrics(self, now: float) -> None:
+        """Exports every stored rollout's metrics from Redis (every replica, every tick):
+        its version's share of the catalogue's split, and its rolled-back counter's
+        series (0 until a rollback).
+
+        Set only by the replica that applied a decision, the step gauge of a
+        replica that lost the lease, or of the driver after another replica served
+        an abort, went on showing the canary's old share (dashboards read the
+        largest); a counter series born at its first rollback read as no increase,
+        and the alert never fired.
+        """
+        stored = [
+            Rollout.from_json(raw) for raw in (await self.redis.hgetall(ROLLOUTS_KEY)).values()
+        ]
+        models = await self.catalog.all() if stored else {}
+        shown = self._shown
+        self._shown = set()
+        for rollout in stored:
+            ROLLED_BACK_TOTAL.labels(rollout.model, rollout.version)
+            model = models.get(rollout.model)
+            if model is not None:
+                self._show_step(rollout, model, now)
+        for labels in shown - self._shown:  # a newer rollout of the model replaced it
+            with contextlib.suppress(KeyError):
+                STEP_PERCENT.remove(*labels)
 
     async def _swap(
         self, raw: str | bytes | None, rollout: Rollout, lease: str, started: bool = False
@@ -861,18 +997,13 @@ class RolloutStore:
         weight = rollout.weight
         if decision.action in ("pause", "resume"):  # they move no traffic
             STEP_PERCENT.labels(rollout.model, rollout.version).set(weight)
+            self._shown.add((rollout.model, rollout.version))
             moved = True
         else:
             moved = await self.move_traffic(rollout)  # it sets the gauge when it lands
         if decision.action == "rollback":
             ROLLED_BACK_TOTAL.labels(rollout.model, rollout.version).inc()
-        entry = audit_entry(rollout, decision)
-        key = f"{USAGE_PREFIX}audit:{AUDIT_TENANT}"
-        stamp = int(decision.at * 1000)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(key, {entry.SerializeToString().hex(): stamp})
-            pipe.zremrangebyscore(key, "-inf", stamp - AUDIT_RETENTION_MS)
-            await pipe.execute()
+        await self._record(rollout, decision)
         logger.info(
             "rollout %s %s: %s -> %d%%%s (%s)",
             rollout.model,
@@ -882,6 +1013,16 @@ class RolloutStore:
             "" if moved else " (the split is left to a later decision or the next tick)",
             decision.reason,
         )
+
+    async def _record(self, rollout: Rollout, decision: Decision) -> None:
+        """Writes a decision to the audit log."""
+        entry = audit_entry(rollout, decision)
+        key = f"{USAGE_PREFIX}audit:{AUDIT_TENANT}"
+        stamp = int(decision.at * 1000)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {entry.SerializeToString().hex(): stamp})
+            pipe.zremrangebyscore(key, "-inf", stamp - AUDIT_RETENTION_MS)
+            await pipe.execute()
 
 
 def _canary_seen(rollout: Rollout, workers: Sequence[WorkerEntry], now: float) -> int:
@@ -903,6 +1044,107 @@ def traffic_of(rollout: Rollout) -> str:
     """Returns the split a rollout asks for, as APPLIED_KEY records it (the rest of
     the record, a hold's reason say, changes no traffic)."""
     return f"{rollout.version}:{rollout.weight}|{rollout.stable}:{100 - rollout.weight}"
+
+
+def _target_split(rollout: Rollout, weight: int) -> dict[str, int]:
+    """Returns the split with `weight`% on the new version and the rest on the stable one."""
+    weights = {rollout.stable: 100 - weight, rollout.version: weight}
+    return {v: w for v, w in weights.items() if w}
+
+
+def _stored_split(model: ModelEntry) -> dict[str, int]:
+    """Returns the model's split as stored (the versions with a weight)."""
+    return {v.version: v.weight for v in model.versions if v.weight}
+
+
+def _marked_split(mark: str) -> dict[str, int]:
+    """Returns the split an applied mark records ("2:25|1:75": traffic_of)."""
+    split: dict[str, int] = {}
+    for part in mark.split("|"):
+        version, _, weight = part.rpartition(":")
+        if int(weight):
+            split[version] = int(weight)
+    return split
+
+
+def split_is_the_rollouts(model: ModelEntry, mark: bytes | str | None, rollout: Rollout) -> bool:
+    """Whether the model's live split is one `rollout` set: the one its applied mark
+    records (or the one it asks for now, already in place); before its first split
+    (an empty mark), one on its two versions only. A pin is never one. No mark: a
+    rollout from before the marks, unchecked."""
+    if mark is None:
+        return True
+    if model.pinned:
+        return False
+    live = _stored_split(model)
+    if live == _target_split(rollout, rollout.weight):
+        return True
+    recorded = text(mark)
+    if not recorded:
+        return set(live) <= {rollout.stable, rollout.version}
+    return live == _marked_split(recorded)
+
+
+def _split_text(model: ModelEntry) -> str:
+    """Describes a model's split as an operator sets it ("1=80 3=20", "pinned to 1")."""
+    if model.pinned:
+        return f"pinned to {model.pinned}"
+    return " ".join(f"{v}={w}" for v, w in _stored_split(model).items()) or "no weights"
+
+
+def _unchanged(
+    raw: bytes | str | None,
+) -> Callable[[Sequence[bytes | str | None], ModelEntry | None], bool]:
+    """Returns a Guard's condition: its one field is still `raw`."""
+    return lambda values, _: _same(values[0], raw)
+
+
+def _same(value: bytes | str | None, expected: bytes | str | None) -> bool:
+    """Whether a hash field read in a transaction is still what was read before it."""
+    if value is None or expected is None:
+        return value is expected
+    return text(value) == text(expected)
+
+
+def _yielded(
+    stored: Rollout | None, reason: str, now: float
+) -> tuple[Rollout | None, Decision | None, tuple[tuple[str, str, str], ...]]:
+    """Returns what a split the rollout did not set does to it: the rollout aborted for
+    `reason` (None: none active), that decision, and the writes that land with the
+    split (the aborted rollout, and the applied mark: a decision's pending split,
+    moved by a later tick, would land over the split)."""
+    if stored is None:
+        return None, None, ()
+    if stored.state not in ACTIVE:
+        return None, None, ((APPLIED_KEY, stored.model, traffic_of(stored)),)
+    decision = Decision(now, "abort", 0, reason)
+    ended = replace(stored, state=ABORTED).decided(decision)
+    return (
+        ended,
+        decision,
+        (
+            (ROLLOUTS_KEY, stored.model, ended.to_json()),
+            (APPLIED_KEY, stored.model, traffic_of(ended)),
+        ),
+    )
+
+
+def _check_no_other_versions(entry: ModelEntry, stable: str, version: str, now: float) -> None:
+    """Raises FailedPrecondition when a version other than `stable` and `version` takes
+    traffic: a rollout sets the split to the two versions it compares, and that
+    version's share was silently moved to them (and not given back on abort)."""
+    others = {
+        v: w for v, w in entry.effective_weights(now).items() if v not in (stable, version) and w
+    }
+    if others:
+        shares = ", ".join(f"version {v} has {w}%" for v, w in sorted(others.items()))
+        raise FailedPrecondition(
+            f"model {entry.name!r} sends traffic to versions besides its stable version "
+            f"{stable!r} ({shares}): a rollout moves traffic between {stable!r} and "
+            f"{version!r} only and would take that share; move it first (e.g. "
+            f"`tokenmesh models split {entry.name} {stable}=100`)",
+            reason="ROLLOUT_OTHER_VERSIONS",
+        )
 
 
 def _stable_version(entry: ModelEntry, version: str, now: float) -> str:
@@ -1003,6 +1245,12 @@ class RolloutDriver:
             await asyncio.sleep(self.tick_s)
 
     async def tick(self) -> None:
+        """Evaluates every running rollout once, if this replica holds the lease; then
+        exports every stored rollout's metrics (every replica)."""
+        await self._drive()
+        await self.store.export_metrics(self.now())
+
+    async def _drive(self) -> None:
         """Evaluates every running rollout once, if this replica holds the lease."""
         keys = [LEASE_KEY, FENCE_KEY]
         args: list[str | int] = [self.holder, self.lease_ms, str(self.token or "")]

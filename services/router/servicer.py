@@ -450,15 +450,26 @@ class RouterServicer(PolicyRpcs, ShadowRpcs, pb_grpc.RouterServiceServicer):
                     [FieldViolation("weights", f"version {entry.version!r} is listed twice")]
                 )
             weights[entry.version] = entry.weight
-        model = await self.catalog.update(request.model, lambda m, _: cat.set_split(m, weights))
+        # The operator's split wins: a rollout running on the model is aborted with it.
+        split = " ".join(f"{v}={w}" for v, w in weights.items())
+        model = await self.rollouts.change_by_hand(
+            request.model, lambda m: cat.set_split(m, weights), f"split {split}", now()
+        )
         return pb.SetTrafficSplitResponse(model=await self._changed(model))
 
     async def PinModelVersion(
         self, request: pb.PinModelVersionRequest, context: Context
     ) -> pb.PinModelVersionResponse:
-        model = await self.catalog.update(
-            request.model, lambda m, _: cat.pin(m, request.version, now())
-        )
+        at = now()
+        if not request.version:  # an unpin moves no rollout's traffic
+            model = await self.catalog.update(request.model, lambda m, _: cat.pin(m, "", at))
+        else:  # a pin takes all traffic: a rollout running on the model is aborted with it
+            model = await self.rollouts.change_by_hand(
+                request.model,
+                lambda m: cat.pin(m, request.version, at),
+                f"pinned to {request.version}",
+                at,
+            )
         return pb.PinModelVersionResponse(model=await self._changed(model))
 
     async def DeprecateModelVersion(
