@@ -472,12 +472,17 @@ VERSIONS = Dashboard(
                     "Rollouts rolled back",
                     (
                         (
+                            # A series first seen within the hour counts as it is: one
+                            # born at 1 (a rollback before the first scrape) has no
+                            # increase to read (the TokenmeshRolloutRolledBack alert's rule).
                             "sum by (model) (increase(tokenmesh_rollouts_rolled_back_total"
-                            '{model=~"$model"}[1h]))',
+                            '{model=~"$model"}[1h])) or sum by (model) '
+                            '(tokenmesh_rollouts_rolled_back_total{model=~"$model"} unless '
+                            'tokenmesh_rollouts_rolled_back_total{model=~"$model"} offset 1h)',
                             "{{model}}",
                         ),
                     ),
-                    description="Exported by the router's rollout controller.",
+                    description="Exported from Redis by every router replica.",
                 ),
                 Panel(
                     "Error ratio by version (server faults)",
