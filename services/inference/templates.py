@@ -29,7 +29,15 @@ The template language is Jinja (`ImmutableSandboxedEnvironment`,
 A render sees each declared variable (a string), `system` (the rendered
 system prompt) and `messages` (a list of `{role, content}`; empty unless the
 request is a chat). Errors are `InvalidArgument` naming the field a client
-can fix: `variables.<name>`, `messages[<i>].role`, or `template`.
+can fix: `variables.<name>`, `messages[<i>].role`, or `template` (reason
+TEMPLATE_RENDER_FAILED for what a render raises from its inputs: a filter given
+a value or argument it refuses, say `truncate(1)` or `dictsort` of a string).
+
+Special tokens: given a tokenizer's `marks` (services.inference.tokenizer), a
+render replaces each special token's spelling in the template's own text (its
+literal text and string constants) with the token's mark, which the tokenizer
+reads as that token; values and messages are data and keep their spelling,
+which the tokenizer reads as text.
 
 Rendering is pure CPU and short (microseconds for a typical prompt, tens of
 milliseconds at the limits); `Prompt` objects are immutable and thread-safe.
@@ -160,6 +168,14 @@ class Message:
 
     role: str
     content: str
+
+
+class RenderTooLong(Exception):
+    """A render's output went past the `max_chars` its caller gave (`Prompt.render`)."""
+
+    def __init__(self, max_chars: int) -> None:
+        super().__init__(f"the output exceeds {max_chars} characters")
+        self.max_chars = max_chars
 
 
 class _Refused(Exception):
@@ -640,9 +656,66 @@ def _parse(source: str, field: str) -> nodes.Template:
     return tree
 
 
-def _compile(source: str, field: str) -> jinja2.Template:
-    tree = _parse(source, field)
+class _Marker(NodeTransformer):
+    """Replaces each special token's spelling in a template's literal text and string
+    constants with its mark (and a mark character already there with U+FFFD: only
+    a spelling of the template's own may become a special token)."""
+
+    def __init__(self, marks: Mapping[str, str]) -> None:
+        self._marks = marks
+        self._pattern = _marks_pattern(marks)
+
+    def _marked(self, text: str) -> str:
+        return self._pattern.sub(lambda found: self._marks.get(found[0], "\ufffd"), text)
+
+    def visit_TemplateData(self, node: nodes.TemplateData) -> nodes.Node:
+        node.data = self._marked(node.data)
+        return node
+
+    def visit_Const(self, node: nodes.Const) -> nodes.Node:
+        if isinstance(node.value, str):
+            node.value = self._marked(node.value)
+        return node
+
+
+def _marks_pattern(marks: Mapping[str, str]) -> re.Pattern[str]:
+    """Matches the spellings `marks` maps (the longest first where one starts another, as
+    tokenizers match them) and their mark characters."""
+    spellings = sorted(marks, key=len, reverse=True)
+    return re.compile("|".join([*map(re.escape, spellings), *map(re.escape, marks.values())]))
+
+
+#: A Prompt keeps its templates marked for at most this many tokenizers (one per model
+#: version that renders it; more come only as versions are loaded and unloaded).
+_MAX_MARKED = 8
+# Nodes a template made only of text and values ({{ name }}, {{ m.content }}) has.
+_SUBSTITUTION_NODES = (
+    nodes.Output,
+    nodes.TemplateData,
+    nodes.Name,
+    nodes.Getattr,
+    nodes.Getitem,
+    nodes.Const,
+)
+
+
+def _substitutes_only(tree: nodes.Template) -> bool:
+    """Tells whether `tree` only prints its text and values as they are: its output is then
+    its text plus its values (each as often as it is printed), and cheap to build."""
+    return all(isinstance(node, _SUBSTITUTION_NODES) for node in tree.find_all(nodes.Node))
+
+
+def _compile(source: str, field: str, marks: Mapping[str, str] | None = None) -> jinja2.Template:
+    return _compile_tree(_parse(source, field), field, marks)
+
+
+def _compile_tree(
+    tree: nodes.Template, field: str, marks: Mapping[str, str] | None = None
+) -> jinja2.Template:
+    """Compiles a tree `_parse` returned (changing it: parse again to compile it again)."""
     bounded = _Bounder().visit(tree)
+    if marks:
+        bounded = _Marker(marks).visit(bounded)
     bounded.set_environment(_sandbox())
     env = _sandbox()
     try:
@@ -774,6 +847,43 @@ def bind_variables(
     return values
 
 
+@dataclass(frozen=True)
+class _Compiled:
+    """A Prompt's templates as one tokenizer's marks render them."""
+
+    template: jinja2.Template
+    system: jinja2.Template | None
+
+
+# What a render raises when a template meets inputs it cannot handle. Jinja's filters
+# and Python's operations raise these for bad values: `truncate(1)` and a negative
+# leeway fail an assert, `dictsort` of a string has no .items() (AttributeError),
+# printing a list nested thousands deep recurses too far (RecursionError), `x // 0`,
+# `'inf' | float | int`, a missing key. MemoryError is not one: the bounds exist so that no
+# render comes near it, so one that does is a bug to be logged.
+_RENDER_ERRORS = (
+    jinja2.TemplateError,
+    TypeError,
+    ValueError,
+    ArithmeticError,
+    LookupError,
+    AttributeError,
+    AssertionError,
+    RecursionError,
+)
+# Of those, what this module's own code raises only by mistake.
+_BUG_ERRORS = (AttributeError, AssertionError)
+
+
+def _raised_here(error: BaseException) -> bool:
+    """Tells whether `error` was raised by a line of this module (a helper's bug), not by
+    Jinja's filters or the template's code."""
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback is not None and traceback.tb_frame.f_code.co_filename == __file__
+
+
 class Prompt:
     """Prompt is a compiled template with its system prompt and variables; render() is pure.
 
@@ -792,54 +902,109 @@ class Prompt:
     ) -> None:
         self.label = label
         self.variables = tuple(variables)
-        self._template = _compile(source, "template")
-        self._system = _compile(system, "system_prompt") if system else None
+        self._source = source
+        self._system_source = system
+        tree = _parse(source, "template")
+        system_tree = _parse(system, "system_prompt") if system else None
+        #: The template only prints its text and values (no tags, filters or operators):
+        #: its output is no bigger than its text and inputs, and costs microseconds.
+        self.substitutes_only = _substitutes_only(tree) and (
+            system_tree is None or _substitutes_only(system_tree)
+        )
+        self._plain = _Compiled(
+            _compile_tree(tree, "template"),
+            None if system_tree is None else _compile_tree(system_tree, "system_prompt"),
+        )
+        # Compiled with a tokenizer's marks, by id(marks) (the marks kept alive with them).
+        self._marked: dict[int, tuple[Mapping[str, str], _Compiled]] = {}
 
     def render(
-        self, variables: Mapping[str, str] | None = None, messages: Sequence[Message] = ()
+        self,
+        variables: Mapping[str, str] | None = None,
+        messages: Sequence[Message] = (),
+        *,
+        marks: Mapping[str, str] | None = None,
+        max_chars: int | None = None,
     ) -> str:
         """Returns the rendered prompt.
 
         Args:
             variables: values by name (checked against the declarations).
             messages: the chat turns, seen by the template as `messages`.
+            marks: the tokenizer's marks (`Tokenizer.special_marks`): a special
+                token the template's own text spells is its mark in the output.
+            max_chars: refuse an output longer than this (the most a model's
+                context can hold), as it is rendered.
 
         Raises:
             InvalidArgument: `variables.<name>` or `messages[i].role` for bad input;
                 `template` when rendering fails (an unsafe attribute, an undefined
-                name, a bound exceeded).
+                name, a bound exceeded, a filter refusing its input).
+            RenderTooLong: the output went past `max_chars`.
         """
         values = bind_variables(self.variables, variables or {}, self.label)
         check_messages(messages)
+        compiled = self._compiled(marks)
         token = _BUDGET.set(_Budget())
         try:
-            system = self._run(self._system, values, "system_prompt") if self._system else ""
+            system = self._run(compiled.system, values, "system_prompt") if compiled.system else ""
             context = {
                 **values,
                 "system": system,
                 "messages": [{"role": m.role, "content": m.content} for m in messages],
             }
-            return self._run(self._template, context, "template", len(system))
+            return self._run(compiled.template, context, "template", len(system), max_chars)
         finally:
             _BUDGET.reset(token)
 
+    def _compiled(self, marks: Mapping[str, str] | None) -> _Compiled:
+        """Returns the templates to render with `marks` (compiled once per marks object)."""
+        if not marks:
+            return self._plain
+        found = self._marked.get(id(marks))
+        if found is not None and found[0] is marks:
+            return found[1]
+        pattern = _marks_pattern(marks)
+        if pattern.search(self._source) or pattern.search(self._system_source):
+            system = self._system_source
+            compiled = _Compiled(
+                _compile(self._source, "template", marks),
+                _compile(system, "system_prompt", marks) if system else None,
+            )
+        else:  # the usual template: no special token's spelling
+            compiled = self._plain
+        if len(self._marked) >= _MAX_MARKED:
+            self._marked.clear()
+        self._marked[id(marks)] = (marks, compiled)
+        return compiled
+
     def _run(
-        self, template: jinja2.Template, context: Mapping[str, Any], field: str, used: int = 0
+        self,
+        template: jinja2.Template,
+        context: Mapping[str, Any],
+        field: str,
+        used: int = 0,
+        max_chars: int | None = None,
     ) -> str:
         parts: list[str] = []
         size = used
+        limit = MAX_OUTPUT_CHARS if max_chars is None else min(max_chars + used, MAX_OUTPUT_CHARS)
         try:
             for chunk in template.generate(context):
                 size += len(chunk)
-                if size > MAX_OUTPUT_CHARS:
+                if size > limit:
+                    if max_chars is not None and size - used > max_chars:
+                        raise RenderTooLong(max_chars)
                     raise _LimitExceeded(f"the output exceeds {MAX_OUTPUT_CHARS} characters")
                 parts.append(chunk)
         except jinja2.exceptions.SecurityError as error:
             raise _violation(field, f"{self.label}: {error}", "TEMPLATE_UNSAFE") from None
         except _Refused as error:
             raise _violation(field, f"{self.label}: {error}", error.reason) from None
-        except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as error:
+        except _RENDER_ERRORS as error:
             # The template's own mistake (or one its inputs trigger): the client's to fix.
+            if isinstance(error, _BUG_ERRORS) and _raised_here(error):
+                raise  # our helpers never mean these: a bug, for the error boundary to log
             message = f"{self.label}: {type(error).__name__}: {error}"
             raise _violation(field, message, "TEMPLATE_RENDER_FAILED") from None
         return "".join(parts)

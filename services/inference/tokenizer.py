@@ -6,17 +6,73 @@ import abc
 import codecs
 import hashlib
 import random
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# A rendered template marks each special token that the template's own text holds (a
+# chat template's role markers) with one character of Unicode's last private use plane,
+# one per special token: only those become special tokens. Text a client sent (a
+# prompt, a message, a variable) is always read as text, as OpenAI reads it: spelling
+# "<|im_start|>system" in a message must not open a system turn. Clients never need
+# this plane's characters; `unmarked` replaces them in client text before a render.
+_MARK_BASE = 0x100000
+_MARK_COUNT = 0xFFFE
+_MARKS = re.compile("[\U00100000-\U0010ffff]")
+# `tokenizers` holds the GIL through `encode`, so a thread tokenizing a long prompt
+# stopped the event loop as surely as tokenizing on it (0.4-1.9 s for 256K characters
+# here); `encode_batch` lets it go. Texts longer than this go through it (shorter ones
+# take `encode`, a few microseconds cheaper).
+_GIL_FREE_CHARS = 1024
+
+
+def mark(index: int) -> str:
+    """Returns the character that marks the special token numbered `index`."""
+    if not 0 <= index < _MARK_COUNT:
+        raise ValueError(f"a mark index is 0-{_MARK_COUNT - 1}, not {index}")
+    return chr(_MARK_BASE + index)
+
+
+def unmarked(text: str) -> str:
+    """Returns client `text` with each character a mark could be replaced by U+FFFD, so
+    that nothing a client sends can stand for a special token once rendered."""
+    return _MARKS.sub("\ufffd", text) if _MARKS.search(text) is not None else text
+
 
 class Tokenizer(abc.ABC):
-    """Tokenizer maps text to token ids and back."""
+    """Tokenizer maps text to token ids and back.
+
+    `encode` reads all of its text as text: a special token's spelling in it
+    ("<|endoftext|>", "[SEP]") is not that token. Only `encode_marked` gives
+    special tokens, where a rendered template marked them (`special_marks`).
+    """
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        """Returns the token ids of `text`."""
+        """Returns the token ids of `text`, read as text (no special tokens but those the
+        tokenizer itself adds around every input, such as BERT's [CLS] and [SEP])."""
+
+    def special_marks(self) -> Mapping[str, str]:
+        """Returns the mark (see `mark`) of each special token, by its text; the same
+        object every call. Empty when the tokenizer has no special tokens."""
+        return {}
+
+    def encode_marked(self, text: str) -> list[int]:
+        """Returns the token ids of a rendered template: each mark of `special_marks` is
+        its special token, and the rest is text, as `encode` reads it.
+
+        Tokenized as a whole (the text around a mark is split there, as the
+        tokenizer splits it at a special token's spelling), so a template's
+        special tokens give the ids they gave when their spelling was matched.
+        """
+        return self.encode(text)
+
+    def max_token_chars(self) -> int | None:
+        """Returns the most characters of text one token can stand for, when the tokenizer
+        drops and merges nothing (a text longer than N times this needs more than N
+        tokens); None when that is not known."""
+        return None
 
     @abc.abstractmethod
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -41,12 +97,37 @@ class HuggingFaceTokenizer(Tokenizer):
         self._tokenizer = _Tokenizer.from_file(str(path))
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
+        # `add_special_tokens=False` only stops the post-processor's additions: the
+        # tokenizer still matched a special token's spelling anywhere in the text.
+        self._tokenizer.encode_special_tokens = True
         self._special = add_special_tokens
         self._pieces: list[bytes] | None = None
         self._pieces_checked = False
+        self._marks, self._marked, self._mark_ids = _marked_tokenizer(self._tokenizer)
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=self._special).ids)
+        return _encode(self._tokenizer, text, self._special)
+
+    def special_marks(self) -> Mapping[str, str]:
+        return self._marks
+
+    def encode_marked(self, text: str) -> list[int]:
+        if self._marked is None or _MARKS.search(text) is None:
+            return self.encode(text)
+        ids = _encode(self._marked, text, self._special)
+        mark_ids = self._mark_ids
+        return [mark_ids.get(i, i) for i in ids]
+
+    def max_token_chars(self) -> int | None:
+        from tokenizers import pre_tokenizers
+
+        pieces = self.piece_bytes()
+        if pieces is None or self._tokenizer.normalizer is not None:
+            return None  # a normalizer may drop or merge characters
+        if not isinstance(self._tokenizer.pre_tokenizer, pre_tokenizers.ByteLevel):
+            return None  # another pre-tokenizer may drop some (whitespace splitting does)
+        # A character is at least one byte; a special token (no bytes) is one mark.
+        return max(1, max((len(piece) for piece in pieces), default=1))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=self._special)
@@ -69,6 +150,56 @@ class HuggingFaceTokenizer(Tokenizer):
             self._pieces = _byte_level_pieces(self._tokenizer, self._decode_batch)
             self._pieces_checked = True
         return self._pieces
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """Returns `tokenizer`'s ids of `text`, letting the GIL go while a long one encodes."""
+    if len(text) > _GIL_FREE_CHARS:
+        (encoding,) = tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
+        return list(encoding.ids)
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+
+def _marked_tokenizer(tokenizer: Any) -> tuple[dict[str, str], Any, dict[int, int]]:
+    """Returns the marks of `tokenizer`'s special tokens, a copy of it that reads each
+    mark as a token of its own, and the special token's id for each such token's id.
+
+    The marks are added to the copy as ordinary (not special) tokens, which are
+    matched while `encode_special_tokens` keeps the special ones' spellings as
+    text; each takes its special token's stripping of the spaces around it, so
+    the text around a mark is tokenized as it was around the spelling.
+    (The copy is None, and the marks empty, when there are no special tokens.)
+    """
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as _Tokenizer
+
+    decoder = tokenizer.get_added_tokens_decoder()
+    specials = sorted((i, t) for i, t in decoder.items() if t.special)[:_MARK_COUNT]
+    if not specials:
+        return {}, None, {}
+    marks = {token.content: mark(n) for n, (_, token) in enumerate(specials)}
+    marked = _Tokenizer.from_str(tokenizer.to_str())
+    marked.encode_special_tokens = True
+    marked.add_tokens(
+        [
+            AddedToken(
+                marks[token.content],
+                single_word=token.single_word,
+                lstrip=token.lstrip,
+                rstrip=token.rstrip,
+                normalized=False,
+                special=False,
+            )
+            for _, token in specials
+        ]
+    )
+    mark_ids: dict[int, int] = {}
+    for special_id, token in specials:
+        mark_id = marked.token_to_id(marks[token.content])
+        if mark_id is None:  # add_tokens always adds a character new to the vocabulary
+            raise ValueError(f"tokenizer copy lacks the mark of {token.content!r}")
+        mark_ids[int(mark_id)] = special_id
+    return marks, marked, mark_ids
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -139,9 +270,21 @@ class WordTokenizer(Tokenizer):
     def __init__(self, words: Sequence[str] = TEST_WORDS) -> None:
         self.words = list(words)
         self._ids = {word: i for i, word in enumerate(self.words)}
+        self._marks = {self.words[0]: mark(0)}  # id 0, <eos>, is the special token
 
     def encode(self, text: str) -> list[int]:
-        return [self._ids.get(word, self._hash_id(word)) for word in text.split()]
+        # A word that spells <eos> is text, like any other unknown word.
+        return [self._ids.get(word) or self._hash_id(word) for word in text.split()]
+
+    def special_marks(self) -> Mapping[str, str]:
+        return self._marks
+
+    def encode_marked(self, text: str) -> list[int]:
+        eos = mark(0)
+        if eos not in text:
+            return self.encode(text)
+        words = text.replace(eos, f" {eos} ").split()
+        return [0 if word == eos else self._ids.get(word) or self._hash_id(word) for word in words]
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return "".join(" " + self.words[i] for i in token_ids if i != 0)
