@@ -15,6 +15,7 @@ import grpc
 import grpc.aio
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from prometheus_client import Gauge
+from redis.exceptions import RedisError
 
 from services.auth.authenticator import Authenticator
 from services.auth.crypto import ServerSecret, looks_like_api_key
@@ -38,6 +39,10 @@ NEXT_ROTATION = Gauge(
     "When the JWT signing key is due to rotate on this auth replica's schedule (Unix time; "
     "in the past while a due rotation is refused).",
 )
+# How often each replica checks that Redis still holds the signing keys.
+SIGNING_CHECK_S = 1.0
+# The health condition that fails while no key can sign a token.
+SIGNING_CONDITION = "signing keys"
 SERVICE_NAME = auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 EXT_AUTHZ_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 
@@ -140,6 +145,7 @@ class AuthService(RedisBackedService):
             self.keys, self.tokens, FailureLimiter(max_failures=settings.max_failures)
         )
         self._rotation: SupervisedTask | None = None
+        self._signing_watch: SupervisedTask | None = None
 
     def service_names(self) -> Sequence[str]:
         return [SERVICE_NAME, EXT_AUTHZ_SERVICE]
@@ -163,6 +169,7 @@ class AuthService(RedisBackedService):
         await super().start(running)
         await self.ring.ensure()
         await self._bootstrap()
+        self._signing_watch = self.tasks.spawn("signing-keys", self._keep_signing_keys)
         if self.settings.rotation_s:
             self._rotation = self.tasks.spawn("signing-rotation", self._rotate_on_schedule)
 
@@ -181,6 +188,46 @@ class AuthService(RedisBackedService):
             await asyncio.to_thread(secret_files.replace_secret, path, f"{secret}\n".encode())
             logger.info("created dev admin key %s (secret written to %s)", key.id, path)
 
+    async def _keep_signing_keys(self) -> None:
+        """Re-creates the signing keys whenever Redis has lost them.
+
+        Redis restarted without its data (a lost volume, a failover to an empty
+        replica, FLUSHALL) leaves an empty ring: every token refused at the
+        edge and none issued, while Redis answers and the service looked
+        healthy, until someone restarted it.
+        """
+        while True:
+            await asyncio.sleep(SIGNING_CHECK_S)
+            try:
+                await self._check_signing_keys()
+            except RedisError:
+                continue  # unreachable: the "redis" condition reports it
+
+    async def _check_signing_keys(self) -> None:
+        """Does what a first start does when the ring lacks its current or next key."""
+        states = {r.state for r in await self.ring.records()}
+        if {"current", "next"} <= states:
+            await self.health.report(SIGNING_CONDITION, True)
+            return
+        # Without a current key nothing can be signed: NOT_SERVING until there is one.
+        await self.health.report(SIGNING_CONDITION, "current" in states)
+        logger.error(
+            "the signing-key ring lost its %s key (Redis lost its data?): creating it as "
+            "a first start does",
+            " and ".join(s for s in ("current", "next") if s not in states),
+        )
+        # Under the ring's lock, as at start: replicas racing here create one
+        # current key; the others find the lock held and look again next time.
+        await self.ring.ensure()
+        if "current" not in states:
+            # A ring without a current key means Redis came back empty: register
+            # the bootstrap admin key again, exactly as a restart would (a
+            # revoked bootstrap secret's record went with the data: see
+            # docs/runbook.md, "Back up and restore the durable Redis").
+            await self._bootstrap()
+        recovered = any(r.state == "current" for r in await self.ring.records())
+        await self.health.report(SIGNING_CONDITION, recovered)
+
     async def _rotate_on_schedule(self) -> None:
         """Rotates the signing key every `rotation_s` (a restarted run resumes the schedule)."""
         while True:
@@ -198,6 +245,7 @@ class AuthService(RedisBackedService):
                 logger.info("signing key rotated on schedule; current kid %s", record.kid)
 
     async def stop(self) -> None:
-        if self._rotation is not None:
-            await self._rotation.stop(timeout_s=5)
+        for task in (self._rotation, self._signing_watch):
+            if task is not None:
+                await task.stop(timeout_s=5)
         await super().stop()

@@ -278,8 +278,10 @@ class SigningKeyRing:
         by_state = {r.state: r for r in records if r.state in ("current", "next")}
         upcoming = by_state.get("next")
         if upcoming is None:
+            # Redis lost the ring: every auth replica re-creates it within seconds.
             raise FailedPrecondition(
-                "no next signing key; restart the auth service", reason="NO_NEXT_KEY"
+                "no next signing key; the auth service creates one within seconds, try again",
+                reason="NO_NEXT_KEY",
             )
         now = time.time()
         wait = self.publish_s - (now - upcoming.created)

@@ -45,6 +45,15 @@ STARTING_STOP_S = 2.0
 # In the state dir: every Redis user's password (0600), and the bundled Redis's ACL file.
 REDIS_PASSWORDS_FILE = "redis-passwords.json"
 REDIS_ACL_FILE = "redis-users.acl"
+# Each Redis's persistence, the same in every deployment (tests/unit/test_deploy.py
+# holds deploy/compose.yaml and deploy/k8s/redis.yaml to these). The durable one
+# fsyncs its AOF before it answers a write, so nothing it acknowledged (a usage
+# event, a key revocation, a budget charge) is lost to a crash of its machine;
+# `everysec` could lose the last second of them (docs/runbook.md, "The durable
+# Redis"). The volatile one (request-rate windows, response cache) keeps
+# nothing on disk.
+DURABLE_REDIS_PERSISTENCE = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
+VOLATILE_REDIS_PERSISTENCE = ("--appendonly", "no", "--save", "")
 
 
 class PortInUse(RuntimeError):
@@ -754,9 +763,7 @@ def spawn_redis(
 def redis_argv(data_dir: Path, port: int, durable: bool, acl_file: Path | None = None) -> list[str]:
     """Returns the bundled redis-server's command line (see `spawn_redis`)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    persistence = (
-        ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
-    )
+    persistence = DURABLE_REDIS_PERSISTENCE if durable else VOLATILE_REDIS_PERSISTENCE
     return [
         str(redis_server_binary()),
         "--bind",
@@ -766,8 +773,6 @@ def redis_argv(data_dir: Path, port: int, durable: bool, acl_file: Path | None =
         "--dir",
         str(data_dir),
         *persistence,
-        "--save",
-        "",
         "--protected-mode",
         "yes",
         "--daemonize",

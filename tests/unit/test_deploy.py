@@ -28,6 +28,7 @@ from gateway.__main__ import EdgeSettings
 from services.core import contract, pki, redis_acl
 from services.core.settings import load
 from services.inference.service import InferenceSettings
+from services.launcher import mesh
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -853,3 +854,74 @@ def test_the_redis_init_scripts_write_the_tables_acl_file(tmp_path):
     script = script.split("chown")[0]  # then it hands the file to Redis
     env = {f"REDIS_PASSWORD_{name}": password for name, password in passwords.items()}
     assert _run_acl_script(script, tmp_path / "compose", env, {}) == expected
+
+
+# ---------------------------------------------------------------------------
+# Redis persistence: every deployment keeps what `make run` keeps, where it lasts
+# ---------------------------------------------------------------------------
+
+PERSISTENCE_OPTIONS = ("appendonly", "appendfsync", "save")
+REDIS_DATA_DIR = "/data"  # the redis image's WORKDIR: where redis-server writes without --dir
+
+
+def _persistence(argv: list[str]) -> dict[str, str]:
+    """Returns a redis-server command line's persistence options (name -> value)."""
+    return {
+        argv[i][2:]: argv[i + 1]
+        for i in range(len(argv) - 1)
+        if argv[i].startswith("--") and argv[i][2:] in PERSISTENCE_OPTIONS
+    }
+
+
+def _shipped_redis_args() -> dict[str, list[str]]:
+    """Returns the command line of every Redis we ship, by "<deployment>/<redis>"."""
+    services = _compose()["services"]
+    args = {
+        f"compose/{name}": service["command"]
+        for name, service in services.items()
+        if str(service.get("image", "")).startswith("redis:")
+    }
+    for workload in _redis_workload_kinds():
+        args[f"k8s/{workload['metadata']['name']}"] = _container(workload)["args"]
+    return args
+
+
+def test_every_deployment_persists_each_redis_as_make_run_does(tmp_path):
+    # compose and Kubernetes ran the durable Redis with `appendfsync everysec`
+    # while every doc (and the usage spool, which forgets an event once Redis
+    # acknowledged it) relied on `always`: a node crash could undo the last
+    # second's key revocations, usage and budget charges.
+    durable = _persistence(mesh.redis_argv(tmp_path, 6379, durable=True))
+    volatile = _persistence(mesh.redis_argv(tmp_path, 6379, durable=False))
+    assert durable == {"appendonly": "yes", "appendfsync": "always", "save": ""}
+    assert volatile == {"appendonly": "no", "save": ""}
+    shipped = _shipped_redis_args()
+    assert set(shipped) == {
+        f"{d}/{r}" for d in ("compose", "k8s") for r in ("redis", "redis-limits")
+    }
+    for name, argv in shipped.items():
+        assert "--dir" not in argv, f"{name}: writes to {REDIS_DATA_DIR}, where its volume is"
+        expected = volatile if name.endswith("/redis-limits") else durable
+        assert _persistence(argv) == expected, name
+
+
+def test_the_durable_redis_keeps_its_data_in_a_volume_that_outlives_its_container():
+    compose = _compose()
+    services = compose["services"]
+    # A named volume: the image's anonymous /data volume is not reattached by
+    # `docker compose down` then `up`, so Redis came back empty (every API key,
+    # signing key, usage total, budget and job gone).
+    durable = _mounts(services["redis"])
+    assert list(durable.values()) == [REDIS_DATA_DIR], durable
+    assert set(durable) <= set(compose["volumes"]), "declared top-level: a named volume"
+    # The volatile one is disposable by design: nothing on disk, no volume.
+    assert not _mounts(services["redis-limits"])
+    assert services["redis-limits"]["tmpfs"] == [REDIS_DATA_DIR]
+    (redis,) = [w for w in _redis_workload_kinds() if w["metadata"]["name"] == "redis"]
+    assert redis["kind"] == "StatefulSet"
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in _container(redis)["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == REDIS_DATA_DIR
+    (limits,) = [w for w in _redis_workload_kinds() if w["metadata"]["name"] == "redis-limits"]
+    assert "volumeClaimTemplates" not in limits["spec"]
+    assert REDIS_DATA_DIR not in {m["mountPath"] for m in _container(limits)["volumeMounts"]}
