@@ -431,11 +431,11 @@ async def test_a_short_input_too_slow_for_the_event_loop_is_decided_on_a_thread(
     # Short inputs are checked on the loop within a few ms; a rule slower than that
     # on them is decided on a check thread: never let through, never blocked for it.
     slow = _policy(block_patterns=(PatternRule(r"[a-z]+\d{4}"),))
-    assert (await content._check([slow], ["a" * 1700], "prompt")).hits == []
+    assert (await content._check([slow], ["a" * 1700], "prompt", "t")).hits == []
     catastrophic = _policy(block_patterns=(PatternRule(r"(a|aa)+$"),))
     started = time.thread_time()  # the event loop's thread: this one
     with pytest.raises(ContentPolicyViolation) as caught:
-        await content._check([catastrophic], ["a" * 40 + "!"], "prompt")
+        await content._check([catastrophic], ["a" * 40 + "!"], "prompt", "t")
     assert caught.value.metadata["rule"] == "block_pattern:0"
     held = time.thread_time() - started
     assert held < REGEX_TIMEOUT_S / 2, f"the loop spent {held * 1000:.0f} ms"
