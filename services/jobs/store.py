@@ -74,6 +74,7 @@ from redis.exceptions import ResponseError, WatchError
 
 from services.core.errors import FailedPrecondition
 from services.core.redis_service import text
+from services.core.store_errors import reply_code
 from services.jobs.secret_box import SEALED_PREFIX, SecretBox, SecretUnreadable
 from services.jobs.validation import MAX_WINDOW_S
 from tokenmesh.jobs.v1 import jobs_pb2
@@ -643,8 +644,10 @@ def _raise_unless_busygroup(replies: Sequence[Any]) -> None:
 
 def is_missing_group(exc: ResponseError) -> bool:
     """Whether a stream command failed for a lane whose stream expired after it was
-    retired (no group; Redis 7 answers a blocked read UNBLOCKED)."""
-    return str(exc).startswith(("NOGROUP", "UNBLOCKED"))
+    retired (no group; Redis 7 answers a blocked read UNBLOCKED). Read by its code:
+    Redis before 7 wraps a NOGROUP met inside a script (the runner's heartbeat) in a
+    generic "Error running script" reply."""
+    return reply_code(str(exc)) in ("NOGROUP", "UNBLOCKED")
 
 
 class JobStore:
