@@ -891,7 +891,7 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
             edge_lua.request_filter(),
             # A REST body of undeclared size, bounded before anything reads it (the
             # request Lua refused one declared too large).
-            request_body.unsized_body_filter(),
+            *request_body.unsized_body_filters(),
             health_filter(sorted({*config.upstreams, "inference"})),
             # Before the transcoder: on the way back it sees the REST response
             # (OpenAI error bodies, REST error statuses: one Lua coroutine).

@@ -20,7 +20,8 @@ answers 413 for a body over MAX_BODY_BYTES, in the shape of its surface
   edge buffer nothing;
 - a body of undeclared size (HTTP/1.1 chunked; HTTP/2 without
   `content-length`) is buffered by Envoy's buffer filter before the
-  transcoder (`unsized_body_filter`) and refused once it passes the limit.
+  transcoder (`unsized_body_filters`) and refused once it passes the limit
+  (the file uploads' limit on their paths, MAX_BODY_BYTES elsewhere).
   Its size is known only by reading it, so this one runs before
   authentication: an anonymous caller can make the edge hold at most the
   limit, for at most `EdgeLimits.request_timeout_s`, what any caller's
@@ -29,7 +30,10 @@ answers 413 for a body over MAX_BODY_BYTES, in the shape of its surface
   its length, so this path is rare.
 
 Native gRPC requests keep their own limit (the model-routing filter's
-buffer, RESOURCE_EXHAUSTED): neither check applies to a gRPC content type.
+buffer, RESOURCE_EXHAUSTED): neither check applies to a content type Envoy
+treats as gRPC (`grpc_paths.GRPC_CONTENT_TYPE`). A prefix test let gRPC-Web
+and made-up `application/grpcX` REST bodies past both checks (40 MiB reached
+the auth service again).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import handover
+from gateway.grpc_paths import GRPC_CONTENT_TYPE
 
 # What the edge accepts of a REST request body: the transcoder's buffer (it raises
 # the stream's buffer limit to envoy_config.MAX_TRANSCODED_RESPONSE_BYTES, 8 MiB).
@@ -50,6 +55,7 @@ TOO_LARGE_MESSAGE = (
     f"request body larger than the edge accepts ({MAX_BODY_BYTES >> 20} MiB); send a smaller one"
 )
 FILTER_NAME = "tokenmesh.unsized_body_limit"
+UPLOAD_FILTER_NAME = "tokenmesh.unsized_upload_limit"
 _TYPE = "type.googleapis.com/envoy"
 
 # A Lua function of the edge's request filter (gateway/edge_lua.py). Returns true
@@ -67,8 +73,10 @@ local function refuse_oversized_body(handle, headers, path)
   if length <= MAX_UPLOAD_BYTES and string.find(path or "", UPLOAD_PATH_PREFIX, 1, true) == 1 then
     return false
   end
+  -- Native gRPC keeps its own limit: Envoy's test (application/grpc, +proto, ;...);
+  -- gRPC-Web and any other type are REST bodies here.
   local content_type = headers:get("content-type") or ""
-  if string.find(content_type, "application/grpc", 1, true) == 1 then
+  if content_type == "application/grpc" or string.find(content_type, "^application/grpc[+;]") then
     return false
   end
   -- A local reply: the edge's mappers give it the REST or OpenAI error shape.
@@ -93,15 +101,24 @@ def _header_matches(name: str, match: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def unsized_body_filter() -> dict[str, Any]:
-    """Builds the buffer filter that bounds a REST body of undeclared size.
+def unsized_body_filters() -> list[dict[str, Any]]:
+    """Builds the buffer filters that bound a REST body of undeclared size: one at
+    MAX_BODY_BYTES for every route but the file uploads, one at MAX_UPLOAD_BYTES
+    for those (a file and its multipart framing).
 
-    Skipped for a request that declares its length (the request Lua judged it)
-    and for native gRPC; a request without a body passes the buffer filter at
-    once. The limit is the upload's, the largest any REST route takes: a JSON
-    body of undeclared size between the two goes on to the transcoder, whose
-    message the service's own 16 MiB gRPC limit bounds.
+    Each is skipped for a request that declares its length (the request Lua judged
+    it), for native gRPC (Envoy's own test: `grpc_paths.GRPC_CONTENT_TYPE`, so
+    gRPC-Web and any other `application/grpc...` type count as REST), and for the
+    other filter's paths; a request without a body passes at once.
     """
+    uploads = _header_matches(":path", {"prefix": UPLOAD_PATH_PREFIX})
+    return [
+        _buffer_filter(FILTER_NAME, MAX_BODY_BYTES, uploads),
+        _buffer_filter(UPLOAD_FILTER_NAME, MAX_UPLOAD_BYTES, {"not_matcher": uploads}),
+    ]
+
+
+def _buffer_filter(name: str, limit: int, other_paths: dict[str, Any]) -> dict[str, Any]:
     skip = {
         "action": {
             "name": "skip",
@@ -110,29 +127,34 @@ def unsized_body_filter() -> dict[str, Any]:
             },
         }
     }
-    declared_or_grpc = {
+    declared_grpc_or_elsewhere = {
         "or_matcher": {
             "predicate": [
                 _header_matches(
                     "content-length", {"safe_regex": {"google_re2": {}, "regex": "[0-9]+"}}
                 ),
-                _header_matches("content-type", {"prefix": "application/grpc"}),
+                _header_matches(
+                    "content-type", {"safe_regex": {"google_re2": {}, "regex": GRPC_CONTENT_TYPE}}
+                ),
+                other_paths,
             ]
         }
     }
     return {
-        "name": FILTER_NAME,
+        "name": name,
         "typed_config": {
             "@type": f"{_TYPE}.extensions.common.matching.v3.ExtensionWithMatcher",
             "extension_config": {
                 "name": "envoy.filters.http.buffer",
                 "typed_config": {
                     "@type": f"{_TYPE}.extensions.filters.http.buffer.v3.Buffer",
-                    "max_request_bytes": MAX_UPLOAD_BYTES,
+                    "max_request_bytes": limit,
                 },
             },
             "xds_matcher": {
-                "matcher_list": {"matchers": [{"predicate": declared_or_grpc, "on_match": skip}]}
+                "matcher_list": {
+                    "matchers": [{"predicate": declared_grpc_or_elsewhere, "on_match": skip}]
+                }
             },
         },
     }

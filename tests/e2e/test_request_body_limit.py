@@ -82,6 +82,35 @@ def test_a_body_over_the_limit_is_413_in_the_routes_shape(
     assert reply.headers["content-type"] == "application/json"
 
 
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("content_type", ["application/grpc-web", "application/grpcx"])
+def test_a_type_envoy_does_not_serve_as_grpc_is_a_rest_body(mesh, over, content_type, framing):
+    # The checks skipped any type starting "application/grpc": a gRPC-Web (or made-up)
+    # type carried 9 MiB to the auth service (401) and 40 MiB to its 16 MiB limit.
+    content = over if framing == "content-length" else _chunks(over)
+    reply = httpx.post(
+        f"{mesh.edge_url}/v1/auth/token",
+        content=content,
+        headers={"content-type": content_type},
+        timeout=30,
+    )
+    assert reply.status_code == 413, reply.text
+
+
+def test_a_chunked_body_just_over_the_limit_is_refused_off_the_upload_paths(mesh):
+    # One buffer filter at the uploads' limit (8 MiB and its multipart framing) let a
+    # chunked JSON body up to 64 KiB over the 8 MiB limit reach its service.
+    just_over = _body(request_body.MAX_BODY_BYTES + (16 << 10))
+    assert len(just_over) < request_body.MAX_UPLOAD_BYTES
+    reply = httpx.post(
+        f"{mesh.edge_url}/v1/auth/token",
+        content=_chunks(just_over),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert (reply.status_code, reply.json()) == (413, REST_TOO_LARGE), reply.text
+
+
 def test_a_declared_length_over_the_limit_is_refused_before_any_body_byte(mesh):
     """The edge answers from the headers alone: it reads (and buffers) nothing of the
     body, whoever sends it, and spends no credential check on it."""
