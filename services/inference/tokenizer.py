@@ -104,6 +104,10 @@ class HuggingFaceTokenizer(Tokenizer):
         self._pieces: list[bytes] | None = None
         self._pieces_checked = False
         self._marks, self._marked, self._mark_ids = _marked_tokenizer(self._tokenizer)
+        # Read by every generation request on the event loop: a walk over the whole
+        # vocabulary each time cost 230 µs a request with demo-lm's (~6 ms at 131K
+        # entries), so it is worked out once, here, while the model loads.
+        self._max_token_chars = self._longest_token_chars()
 
     def encode(self, text: str) -> list[int]:
         return _encode(self._tokenizer, text, self._special)
@@ -119,6 +123,9 @@ class HuggingFaceTokenizer(Tokenizer):
         return [mark_ids.get(i, i) for i in ids]
 
     def max_token_chars(self) -> int | None:
+        return self._max_token_chars
+
+    def _longest_token_chars(self) -> int | None:
         from tokenizers import pre_tokenizers
 
         pieces = self.piece_bytes()
