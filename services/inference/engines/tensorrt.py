@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,27 @@ def plan_cache_key(
     return f"{digest}-{gpu}-sm{compute_capability}-trt{trt_version}"
 
 
+def store_plan(path: Path, plan: bytes) -> None:
+    """Writes a built plan to the cache as a whole or not at all.
+
+    Written in place, a plan cut short (a worker stopped mid-write: its build is
+    abandoned and the process exits without waiting, services.core.tasks) stayed
+    at its final name, failed to load at every later start and kept the version
+    FAILED until someone deleted it. A temporary file in the same directory,
+    flushed, then renamed over the name: a reader sees the old file or the new.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with partial.open("wb") as out:
+            out.write(plan)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 class TensorRTGenerativeEngine(GenerativeEngine):
     """TensorRTGenerativeEngine runs the KV-cached decoder on a GPU."""
 
@@ -86,15 +108,26 @@ class TensorRTGenerativeEngine(GenerativeEngine):
         self._present_names = [
             f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")
         ]
-        plan = self._load_or_build_plan(model_path, cache_dir or model_path.parent / ".trt-cache")
+        plan_path, plan = self._load_or_build_plan(
+            model_path, cache_dir or model_path.parent / ".trt-cache"
+        )
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engine = self._runtime.deserialize_cuda_engine(plan)
+        if self._engine is None and plan_path is not None:
+            # A cached plan TensorRT cannot read (cut short by an older release's
+            # in-place write, or corrupted): a cache miss, not a version that fails
+            # at every start.
+            logger.warning("TensorRT plan cache %s unreadable: rebuilt", plan_path.name)
+            plan_path.unlink(missing_ok=True)
+            _, plan = self._load_or_build_plan(model_path, plan_path.parent)
+            self._engine = self._runtime.deserialize_cuda_engine(plan)
         self._context = self._engine.create_execution_context()
         self._stream = cuda.Stream()
         self._cache: list[np.ndarray] = []
         self._device_context.pop()
 
-    def _load_or_build_plan(self, model_path: Path, cache_dir: Path) -> bytes:
+    def _load_or_build_plan(self, model_path: Path, cache_dir: Path) -> tuple[Path | None, bytes]:
+        """Returns the cached plan (and its path), or builds and caches one (None)."""
         onnx_bytes = model_path.read_bytes()
         device = self._cuda.Device(0)
         major, minor = device.compute_capability()
@@ -102,12 +135,11 @@ class TensorRTGenerativeEngine(GenerativeEngine):
         path = cache_dir / f"{key}.plan"
         if path.is_file():
             logger.info("TensorRT plan cache hit: %s", path.name)
-            return path.read_bytes()
+            return path, path.read_bytes()
         logger.info("building TensorRT plan %s (first start on this GPU)", path.name)
         plan = self._build_plan(onnx_bytes)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(plan)
-        return plan
+        store_plan(path, plan)
+        return None, plan
 
     def _build_plan(self, onnx_bytes: bytes) -> bytes:
         trt = self._trt
