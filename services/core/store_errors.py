@@ -51,9 +51,14 @@ REFUSAL_CODES = frozenset({"READONLY", "OOM", "TRYAGAIN", "CLUSTERDOWN", "MASTER
 # command's own error as "... @user_script:4: NOGROUP No such key ...". Neither
 # redis-py nor a reply's first word tells the code then; Redis 7 answers with the
 # command's own code first ("OOM command not allowed ... script: <sha>, on ...").
+# In a pipeline or transaction, redis-py puts "Command # N (<command>) of pipeline
+# caused error: " before the reply (a script's refusal in a transaction, e.g. a file's
+# creation, read as INTERNAL without it).
 _LUA_WRAPPED = re.compile(
-    r"(?:ERR )?Error running script \(call to f_[0-9a-f]+\): "
-    r"@user_script:\d+: (?:@user_script: \d+: -)?"
+    r"(?:Command # \d+ \(.*?\) of pipeline caused error: )?"
+    r"(?:(?:ERR )?Error running script \(call to f_[0-9a-f]+\): "
+    r"@user_script:\d+: (?:@user_script: \d+: -)?)?",
+    re.DOTALL,
 )
 
 
@@ -62,9 +67,10 @@ def reply_code(reply: str) -> str:
     first word of the error a Lua script met when Redis before 7 wrapped it.
 
     `reply` is the text as Redis sent it (hiredis' ReplyError) or as a redis-py
-    ResponseError keeps it (without a leading "ERR ").
+    ResponseError keeps it (without a leading "ERR "; in a pipeline, after the
+    command's number).
     """
-    wrapped = _LUA_WRAPPED.match(reply)
+    wrapped = _LUA_WRAPPED.match(reply)  # always matches, maybe nothing
     return reply[wrapped.end() if wrapped else 0 :].split(" ", 1)[0]
 
 

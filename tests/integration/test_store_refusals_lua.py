@@ -234,3 +234,25 @@ async def test_a_worker_in_deny_mode_refuses_as_unavailable(
     assert code == grpc.StatusCode.UNAVAILABLE, error
     assert error["type"] == "server_error"
     assert _errors_logged(caplog) == []
+
+
+@pytest.mark.parametrize("refusal", ["READONLY", "OOM"])
+async def test_a_scripts_refusal_inside_a_transaction_is_a_store_refusal(limits_url, refusal):
+    # redis-py puts "Command # N (...) of pipeline caused error: " before a reply met
+    # in a transaction (the jobs service creates an OpenAI file that way): read from
+    # the start only, a script's wrapped refusal there became INTERNAL on Redis 6.2.
+    from services.core.store_errors import is_store_refusal
+
+    client = aioredis.from_url(limits_url)
+    try:
+        script = client.register_script("redis.call('SET', KEYS[1], 'x') return 1")
+        await script(keys=["k"], args=[])  # loaded before Redis refuses writes
+        async with _refusing(limits_url, refusal):
+            with pytest.raises(Exception) as caught:
+                async with client.pipeline(transaction=True) as pipe:
+                    pipe.evalsha(script.sha, 1, "k")
+                    pipe.get("k")
+                    await pipe.execute()
+        assert is_store_refusal(caught.value), repr(caught.value)
+    finally:
+        await client.aclose()
