@@ -47,9 +47,15 @@ in the transaction that moves it: an operator's split or pin (`change_by_hand`,
 the on-call's emergency lever) aborts an active rollout in the transaction that
 changes the split, and a split changed any other way (an older replica, a hand
 edit) aborts it at its next move, leaving the split as it is. The driver's next
-step put a canary the operator had pulled back to its share. A rollout starts
-only while its stable version takes all of the other versions' traffic: it set
-the split to the two versions it compares, and a third version's share was lost.
+step put a canary the operator had pulled back to its share. A rollback or an
+abort is the exception: its point is the canary's 0%, so it takes the canary's
+share to the stable version from whatever split it finds, the rest of that split
+kept (`_withdraw`); refused like a step, a rolled-back canary kept the outside
+split's share while the rollback alert fired. A rollout starts only while its
+stable version takes all of the other versions' traffic (the effective split: a
+sunset version's stored weight serves nothing), and its first move checks the
+same (`_other_versions`): it sets the split to the two versions it compares, and
+a third version's share was lost.
 
 Every replica exports every stored rollout's metrics from Redis each tick
 (`RolloutStore.export_metrics`): the step gauge from the catalogue's split, and
@@ -863,13 +869,16 @@ class RolloutStore:
         50% while the abort's mark, written last, read as applied.
         """
         weight = rollout.weight
+        if not weight:
+            return await self._withdraw(rollout)
         traffic = traffic_of(rollout)
+        now = cat.now()
 
         def may_move(values: Sequence[bytes | str | None], model: ModelEntry | None) -> bool:
             raw, mark = values
             if raw is None or traffic_of(Rollout.from_json(raw)) != traffic:
                 return False
-            return model is None or split_is_the_rollouts(model, mark, rollout)
+            return model is None or split_is_the_rollouts(model, mark, rollout, now)
 
         guard = cat.Guard(
             ((ROLLOUTS_KEY, rollout.model), (APPLIED_KEY, rollout.model)),
@@ -888,7 +897,7 @@ class RolloutStore:
             logger.warning("rollout %s: %d%% not applied yet: %s", rollout.model, weight, exc)
             return False
         if moved is None:
-            if not await self._yield_to_hand_split(rollout, cat.now()):
+            if not await self._yield_to_hand_split(rollout, now):
                 logger.info(
                     "rollout %s: a later decision owns the split; %d%% not applied",
                     rollout.model,
@@ -899,6 +908,67 @@ class RolloutStore:
         # The gauge follows the split: a refused or deferred move leaves it to the
         # decision whose split lands (that decision's, or the tick's that moves it).
         self._show_step(rollout, moved, cat.now())
+        return True
+
+    async def _withdraw(self, rollout: Rollout) -> bool:
+        """Takes a rolled-back or aborted rollout's new version to 0% (without_canary) and
+        marks it applied, in one transaction, while the stored rollout still asks for
+        that and its mark does not already record it.
+
+        Unlike a step's, this move lands on a split changed outside the rollout (an
+        older replica's, a hand edit) too: only the canary's share moves, to the stable
+        version, and the rest of that split stands. Refused like a step, a rollback
+        left a bad canary its share while TokenmeshRolloutRolledBack fired, and an
+        operator's `rollout abort` left it too. A split by hand made after the decision
+        (change_by_hand marks the decision applied with it) stands.
+        """
+        traffic = traffic_of(rollout)
+        now = cat.now()
+        # The split the landing transaction found, when the rollout had not set it (the
+        # log names it: the operator's outside split was changed, if only in part).
+        outside: list[ModelEntry] = []
+
+        def pending(values: Sequence[bytes | str | None], model: ModelEntry | None) -> bool:
+            raw, mark = values
+            if raw is None or traffic_of(Rollout.from_json(raw)) != traffic:
+                return False  # a later decision owns the split
+            if mark is not None and text(mark) == traffic:
+                return False  # applied: moved already, or a split by hand since stands
+            theirs = model is not None and not split_is_the_rollouts(model, mark, rollout, now)
+            outside[:] = [model] if theirs and model is not None else []
+            return True
+
+        guard = cat.Guard(
+            ((ROLLOUTS_KEY, rollout.model), (APPLIED_KEY, rollout.model)),
+            pending,
+            ((APPLIED_KEY, rollout.model, traffic),),
+        )
+        try:
+            moved = await self.catalog.update_if(
+                rollout.model, lambda m, _: without_canary(m, rollout), guard
+            )
+        except Unavailable as exc:  # as in move_traffic: the next tick moves it
+            logger.warning("rollout %s: 0%% not applied yet: %s", rollout.model, exc)
+            return False
+        if moved is None:
+            logger.info(
+                "rollout %s: a later decision or a split by hand owns the split; 0%% not applied",
+                rollout.model,
+            )
+            return False
+        if outside:
+            logger.warning(
+                "rollout %s %s: %s: the traffic split had been changed outside the rollout "
+                "(%s); the new version's share went to %s and the rest of it stands (now %s)",
+                rollout.model,
+                rollout.version,
+                rollout.state,
+                _split_text(outside[0]),
+                rollout.stable,
+                _split_text(moved),
+            )
+        await self.refresh()
+        self._show_step(rollout, moved, now)
         return True
 
     async def _yield_to_hand_split(self, rollout: Rollout, now: float) -> bool:
@@ -912,19 +982,18 @@ class RolloutStore:
         )
         if raw is None or traffic_of(stored := Rollout.from_json(raw)) != traffic_of(rollout):
             return False
-        reason = (
-            f"aborted: the traffic split was changed outside the rollout (now "
-            f"{_split_text(live)}); its {rollout.weight}% was not applied and the split "
-            "is left as it is"
+        outside = (
+            f"the traffic split was changed outside the rollout (now {_split_text(live)}); "
+            f"its {rollout.weight}% was not applied and the split is left as it is"
         )
-        ended, decision, writes = _yielded(stored, reason, now)
+        ended, decision, writes = _yielded(stored, f"aborted: {outside}", now)
 
         def changed_outside(values: Sequence[bytes | str | None], model: ModelEntry | None) -> bool:
             current, mark = values
             return (
                 _same(current, raw)
                 and model is not None
-                and not split_is_the_rollouts(model, mark, rollout)
+                and not split_is_the_rollouts(model, mark, rollout, now)
             )
 
         guard = cat.Guard(
@@ -936,7 +1005,10 @@ class RolloutStore:
             return True  # the next tick sees the same split and tries again
         if kept is None:
             return False
-        logger.warning("rollout %s %s: %s", rollout.model, rollout.version, reason)
+        # Only a rollout still active is aborted; an ended one (a success: a rollback's or
+        # abort's 0% always lands, `_withdraw`) keeps its state, and the log says so.
+        said = decision.reason if decision is not None else f"{stored.state}: {outside}"
+        logger.warning("rollout %s %s: %s", rollout.model, rollout.version, said)
         if ended is not None and decision is not None:
             self._show_step(ended, kept, now)
             await self._record(ended, decision)
@@ -1067,11 +1139,14 @@ def _marked_split(mark: str) -> dict[str, int]:
     return split
 
 
-def split_is_the_rollouts(model: ModelEntry, mark: bytes | str | None, rollout: Rollout) -> bool:
+def split_is_the_rollouts(
+    model: ModelEntry, mark: bytes | str | None, rollout: Rollout, now: float
+) -> bool:
     """Whether the model's live split is one `rollout` set: the one its applied mark
     records (or the one it asks for now, already in place); before its first split
-    (an empty mark), one on its two versions only. A pin is never one. No mark: a
-    rollout from before the marks, unchecked."""
+    (an empty mark), one whose traffic goes to its two versions only, as its start
+    checked (`_other_versions`). A pin is never one. No mark: a rollout from before
+    the marks, unchecked."""
     if mark is None:
         return True
     if model.pinned:
@@ -1081,8 +1156,24 @@ def split_is_the_rollouts(model: ModelEntry, mark: bytes | str | None, rollout: 
         return True
     recorded = text(mark)
     if not recorded:
-        return set(live) <= {rollout.stable, rollout.version}
+        return not _other_versions(model, rollout.stable, rollout.version, now)
     return live == _marked_split(recorded)
+
+
+def without_canary(model: ModelEntry, rollout: Rollout) -> ModelEntry:
+    """Returns the model with `rollout`'s new version at 0%: its stored weight added to
+    the stable version's, every other weight kept, and a pin to it lifted (a pin to
+    another version stays: the new version already has none of its traffic).
+
+    Weights are set as they are, not through set_split: a hand-edited split need not
+    sum to 100 (effective_weights scales it), and a rollback must not fail on it."""
+    weights = _stored_split(model)
+    share = weights.pop(rollout.version, 0)
+    if share:
+        weights[rollout.stable] = weights.get(rollout.stable, 0) + share
+    versions = tuple(replace(v, weight=weights.get(v.version, 0)) for v in model.versions)
+    pinned = "" if model.pinned == rollout.version else model.pinned
+    return replace(model, versions=versions, pinned=pinned)
 
 
 def _split_text(model: ModelEntry) -> str:
@@ -1129,13 +1220,22 @@ def _yielded(
     )
 
 
+def _other_versions(entry: ModelEntry, stable: str, version: str, now: float) -> dict[str, int]:
+    """Returns the versions besides `stable` and `version` that take traffic, and their
+    shares: what a rollout's split would take from them. Read from the effective
+    split, by the start's check and by the first move's guard alike: a sunset
+    version's stored weight serves nothing (its share already goes to the others).
+    The guard read the stored split: a start the check let through was aborted at
+    its first move ("the traffic split was changed outside the rollout")."""
+    weights = entry.effective_weights(now)
+    return {v: w for v, w in weights.items() if v not in (stable, version) and w}
+
+
 def _check_no_other_versions(entry: ModelEntry, stable: str, version: str, now: float) -> None:
     """Raises FailedPrecondition when a version other than `stable` and `version` takes
     traffic: a rollout sets the split to the two versions it compares, and that
     version's share was silently moved to them (and not given back on abort)."""
-    others = {
-        v: w for v, w in entry.effective_weights(now).items() if v not in (stable, version) and w
-    }
+    others = _other_versions(entry, stable, version, now)
     if others:
         shares = ", ".join(f"version {v} has {w}%" for v, w in sorted(others.items()))
         raise FailedPrecondition(

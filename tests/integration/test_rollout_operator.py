@@ -67,10 +67,11 @@ class Router:
     async def weights(self) -> dict[str, int]:
         return (await Catalog(self.client).get(self.model)).effective_weights(time.time())
 
-    async def serve(self, stable: int, canary: int) -> None:
-        """Worker w1's heartbeat: `stable` requests of 1 and `canary` of 2 so far, all fine."""
+    async def serve(self, stable: int, canary: int, stable_version: str = "1") -> None:
+        """Worker w1's heartbeat: `stable` requests of `stable_version` and `canary` of 2
+        so far, all fine."""
         models = [(self.model, v) for v in VERSIONS]
-        outcomes = [_counts(self.model, "1", stable), _counts(self.model, "2", canary)]
+        outcomes = [_counts(self.model, stable_version, stable), _counts(self.model, "2", canary)]
         await WorkerRegistry(self.client, lease_s=30).renew(
             "w1", models, time.time(), outcomes=outcomes
         )
@@ -282,3 +283,111 @@ async def test_a_replaced_rollouts_step_series_is_removed(router):
     await router.driver().tick()
     assert _exported(step, router.model, "2") is None
     assert _exported(step, router.model, "3") == 5
+
+
+def _sunset(model: cat.ModelEntry, version: str, now: float) -> cat.ModelEntry:
+    """The model once `version`'s sunset has passed (its stored weight kept, as
+    deprecate leaves it)."""
+    versions = tuple(
+        replace(v, deprecated_at=now - 100, sunset_at=now - 10) if v.version == version else v
+        for v in model.versions
+    )
+    return replace(model, versions=versions)
+
+
+@pytest.mark.parametrize(
+    ("stored", "sunset", "stable", "started"),
+    [
+        ({"1": 80, "3": 20}, "3", "1", {"1": 95, "2": 5}),
+        # Every weighted version sunset: the newest serving version takes the traffic.
+        ({"1": 100}, "1", "3", {"3": 95, "2": 5}),
+    ],
+)
+async def test_a_rollout_starts_while_a_sunset_version_keeps_its_stored_weight(
+    router, stored, sunset, stable, started
+):
+    # The start's check read the effective split (a sunset version serves nothing), the
+    # first move's guard the stored one: StartRollout answered OK and the rollout was
+    # aborted at once, "the traffic split was changed outside the rollout (now 1=80 3=20)".
+    now = time.time()
+    catalog = Catalog(router.client)
+    await catalog.update(router.model, lambda m, _: _sunset(cat.set_split(m, stored), sunset, now))
+    assert await router.weights() == {stable: 100}
+    answer = await router.start()
+    assert answer.stable_version == stable
+    rollout = await router.store.get(router.model)
+    assert rollout.state == ro.RUNNING, rollout.reason
+    assert await router.weights() == started
+    await router.serve(stable=400, canary=20, stable_version=stable)
+    await router.driver(ahead_s=60).tick()  # the step passed: it advances from its own split
+    assert (await router.store.get(router.model)).state == ro.RUNNING
+    assert await router.weights() == {stable: 75, "2": 25}
+
+
+def _failing(model: str, version: str, requests: int, errors: int) -> VersionCounts:
+    counts = _counts(model, version, requests - errors)
+    return replace(counts, requests=requests, errors=errors)
+
+
+async def test_a_rollback_after_a_split_changed_outside_takes_the_canary_to_0(router):
+    # An older replica's split (or a hand edit) put the canary at 50%; the error gate
+    # then rolled it back: the move was refused like a step's, the bad canary kept 50%,
+    # yet the rollback was counted (TokenmeshRolloutRolledBack fired) and logged "aborted".
+    rolled_back = "tokenmesh_rollouts_rolled_back_total"
+    await router.start()
+    catalog = Catalog(router.client)
+    await catalog.update(router.model, lambda m, _: cat.set_split(m, {"1": 50, "2": 50}))
+    outcomes = [
+        _failing(router.model, "1", 400, 0),
+        _failing(router.model, "2", 200, 150),
+    ]
+    models = [(router.model, v) for v in VERSIONS]
+    await WorkerRegistry(router.client, lease_s=30).renew(
+        "w1", models, time.time(), outcomes=outcomes
+    )
+    before = _exported(rolled_back, router.model, "2") or 0
+    await router.driver().tick()
+    rollout = await router.store.get(router.model)
+    assert rollout.state == ro.ROLLED_BACK
+    assert [d.action for d in rollout.decisions] == ["start", "rollback"]
+    assert _exported(rolled_back, router.model, "2") == before + 1
+    assert await router.weights() == {"1": 100}
+    assert _exported("tokenmesh_rollout_step_percent", router.model, "2") == 0
+    mark = await router.client.hget(ro.APPLIED_KEY, router.model)
+    assert mark.decode() == ro.traffic_of(rollout)
+
+
+@pytest.mark.parametrize(
+    ("outside", "after"),
+    [
+        # The rest of the outside split stays: only the canary's share moves (to 1).
+        (lambda m: cat.set_split(m, {"1": 40, "2": 30, "3": 30}), {"1": 70, "3": 30}),
+        # A pin to the canary gives it every request: it is lifted.
+        (lambda m: cat.pin(cat.set_split(m, {"1": 90, "2": 10}), "2"), {"1": 100}),
+    ],
+)
+async def test_an_abort_after_a_split_changed_outside_takes_only_the_canarys_share(
+    router, outside, after
+):
+    # The runbook's `rollout abort` "sends the traffic back to the stable version": after
+    # an outside split it was refused like a step's and the canary kept its share.
+    await router.start()
+    await Catalog(router.client).update(router.model, lambda m, _: outside(m))
+    await router.admin.AbortRollout(pb.AbortRolloutRequest(model=router.model))
+    assert (await router.store.get(router.model)).state == ro.ABORTED
+    assert await router.weights() == after
+    stored = await Catalog(router.client).get(router.model)
+    assert stored.pinned == "" and stored.version("2").weight == 0
+
+
+async def test_a_split_by_hand_after_a_rollback_was_decided_stands(router):
+    # The two writers interleaved: the driver stores its rollback, an operator's split by
+    # hand lands (it marks the rollback applied), then the driver moves the rollback's
+    # traffic. The operator's split came last: it stands.
+    await router.start()
+    stored = await router.store.get(router.model)
+    rolled_back = replace(stored, state=ro.ROLLED_BACK)
+    await router.client.hset(ro.ROLLOUTS_KEY, router.model, rolled_back.to_json())
+    await router.split(v1=50, v2=50)
+    assert not await router.store.move_traffic(rolled_back)  # the driver wakes up
+    assert await router.weights() == {"1": 50, "2": 50}
