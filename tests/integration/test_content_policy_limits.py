@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 import uuid
 from typing import Any
@@ -400,25 +401,49 @@ async def test_a_tenant_past_its_waiting_checks_is_refused_queue_full(
     stub = rpc.InferenceServiceStub(channel)
     other = await _pii_and_keyword_tenants(service, catalog, tenant)
     monkeypatch.setattr(content._CHECKS, "max_waiting", 2)
-    heavy = _heavy_embeds(stub, tenant, 4)
+    # Both check threads held (as by two long checks) until the gate opens: what
+    # waits and what is refused does not depend on how fast a check runs.
+    gate, running = threading.Event(), threading.Semaphore(0)
+
+    def hold() -> None:
+        running.release()
+        gate.wait(30)
+
+    holders = [
+        asyncio.ensure_future(content._CHECKS.run("holder", hold))
+        for _ in range(content.CHECK_THREADS)
+    ]
+
+    def embed(who: str, seed: int) -> asyncio.Future[Any]:
+        request = pb.EmbedRequest(model=EMBEDDER, inputs=_on_a_thread(seed))
+        return asyncio.ensure_future(stub.Embed(request, metadata=_metadata(who)))
+
+    waiting: list[asyncio.Future[Any]] = []
     try:
         async with asyncio.timeout(30):
-            while content._CHECKS.waiting(tenant) < 2:  # two checking, two waiting
+            for _ in range(content.CHECK_THREADS):
+                await asyncio.to_thread(running.acquire)
+            waiting = [embed(tenant, 10), embed(tenant, 12)]
+            while content._CHECKS.waiting(tenant) < 2:
                 await asyncio.sleep(0.01)
-        refused = stub.Embed(
-            pb.EmbedRequest(model=EMBEDDER, inputs=_on_a_thread(9)),
-            metadata=_metadata(tenant),
-        )
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await refused
-        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert (await _error_info(refused)).reason == "QUEUE_FULL"
-        # Another tenant's check is not refused for it.
-        await stub.Embed(
-            pb.EmbedRequest(model=EMBEDDER, inputs=_on_a_thread(8)), metadata=_metadata(other)
-        )
+            refused = stub.Embed(
+                pb.EmbedRequest(model=EMBEDDER, inputs=_on_a_thread(9)),
+                metadata=_metadata(tenant),
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await refused
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert (await _error_info(refused)).reason == "QUEUE_FULL"
+            # Another tenant's check waits its turn: not refused for this one's.
+            waiting.append(embed(other, 14))
+            while content._CHECKS.waiting(other) < 1:
+                await asyncio.sleep(0.01)
+            gate.set()
+            answers = await asyncio.gather(*waiting)
+        assert [len(a.embeddings) for a in answers] == [40, 40, 40]
     finally:
-        await _cancelled(heavy)
+        gate.set()
+        await asyncio.gather(*holders, *waiting, return_exceptions=True)
 
 
 async def test_sample_builds_never_queue_ahead_of_an_input_check(redis_url):
