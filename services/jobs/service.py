@@ -245,6 +245,7 @@ class JobsService(RedisBackedService):
             ),
         )
         self._tasks: list[SupervisedTask] = []
+        self._openai_batches: OpenAIBatchServicer | None = None  # made by add_to_server
 
     def service_names(self) -> Sequence[str]:
         return [SERVICE_NAME, OPENAI_BATCH_SERVICE, HANDOVER_SERVICE]
@@ -263,15 +264,15 @@ class JobsService(RedisBackedService):
             self.settings.openai_storage_bytes_per_owner, self.settings.openai_files_per_owner
         )
         ledger = StorageLedger(self.redis, quota)
+        self._openai_batches = OpenAIBatchServicer(
+            self.store,
+            FileStore(self.redis, retention_s, ledger),
+            BatchStore(self.redis, retention_s, ledger),
+            self.settings.max_items,
+            self.settings.openai_file_max_bytes,
+        )
         openai_batch_service_pb2_grpc.add_OpenAIBatchServiceServicer_to_server(
-            OpenAIBatchServicer(
-                self.store,
-                FileStore(self.redis, retention_s, ledger),
-                BatchStore(self.redis, retention_s, ledger),
-                self.settings.max_items,
-                self.settings.openai_file_max_bytes,
-            ),
-            server,
+            self._openai_batches, server
         )
         handover_service_pb2_grpc.add_HandoverServiceServicer_to_server(
             HandoverServicer(jobs, self.store), server
@@ -293,6 +294,10 @@ class JobsService(RedisBackedService):
         ]
 
     async def stop(self) -> None:
+        # Before the Redis client closes (super().stop()): whatever still uses it after
+        # that opens a new connection that nothing closes.
+        if self._openai_batches is not None:
+            await self._openai_batches.stop()
         for task in self._tasks:
             await task.stop(timeout_s=5)
         await self.runner.stop()

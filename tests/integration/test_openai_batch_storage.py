@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,12 +25,13 @@ import grpc.aio
 import httpx
 import openai
 import pytest
+import redis.asyncio as aioredis
 from google.api.httpbody_pb2 import HttpBody
 
 from services.core import contract, identity
 from services.core.redis_service import text
 from services.core.server import MAX_MESSAGE_BYTES, serving
-from services.jobs import openai_batches
+from services.jobs import openai_batches, openai_servicer
 from services.jobs import store as jobstore
 from services.jobs.service import JobsService, JobsSettings
 from services.jobs.store import Owner
@@ -611,3 +614,67 @@ async def test_a_result_that_renders_as_an_error_is_counted_failed(jobs):
     assert await custom_ids(done["error_file_id"]) == ["r1"]
     listed = await _stub(channel).ListBatches(batch_pb.ListBatchesRequest(), metadata=headers)
     assert json.loads(listed.data)["data"][0]["request_counts"] == done["request_counts"]
+
+
+# -- stopping ---------------------------------------------------------------------
+
+SERVICES_DIR = str(Path(openai_servicer.__file__).resolve().parents[1])
+HELD_S = 60.0  # a bound on a held computation, far past what the test needs
+
+
+def _tasks_running_services_code() -> list[str]:
+    """The tasks (but this one) that still run code of services/, by the coroutines
+    each awaits: what outlived a service's stop."""
+    found = []
+    for task in asyncio.all_tasks():
+        coro: Any = task.get_coro()
+        while task is not asyncio.current_task() and (code := getattr(coro, "cr_code", None)):
+            if code.co_filename.startswith(SERVICES_DIR):
+                found.append(f"{task.get_name()}: {code.co_qualname}")
+                break
+            coro = coro.cr_await
+    return found
+
+
+async def _only_client(url: str) -> bool:
+    """Whether the Redis at `url` has no connection but the one asking."""
+    client = aioredis.from_url(url)
+    try:
+        mine = await client.client_id()
+        return [int(c["id"]) for c in await client.client_list()] == [mine]
+    finally:
+        await client.aclose()
+
+
+async def test_a_file_size_computed_for_a_call_that_went_away_ends_with_the_service(
+    own_redis, monkeypatch
+):
+    """GetFile of an output file computes its size once, shielded from its callers. One
+    whose call went away ran on past the service's stop: its next Redis command opened
+    a connection on the closed pool, still open when the event loop ended (collected
+    during a later test, it failed that test: the shape of two CI failures)."""
+    computing, release = threading.Event(), threading.Event()
+    result_lines = openai_batches.result_lines
+
+    def held_lines(*args: Any) -> Any:  # on a thread: the size waits here
+        computing.set()
+        release.wait(HELD_S)
+        return result_lines(*args)
+
+    try:
+        async with _jobs_service(own_redis) as (service, channel):
+            owner, headers = _owner()
+            done = await _finished_batch(
+                service, channel, headers, owner, [_line(0)], [_embedding_result(0)]
+            )
+            monkeypatch.setattr(openai_batches, "result_lines", held_lines)
+            request = batch_pb.GetFileRequest(file_id=done["output_file_id"])
+            call = _stub(channel).GetFile(request, metadata=headers)
+            assert await asyncio.to_thread(computing.wait, HELD_S)
+            call.cancel()
+        assert _tasks_running_services_code() == []
+    finally:
+        release.set()
+    # Nothing of the stopped service reconnects: Redis sees it gone (a close that
+    # Redis is still to notice is waited for).
+    await _wait_until(lambda: _only_client(own_redis))
