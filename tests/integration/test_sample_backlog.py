@@ -8,8 +8,6 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,26 +17,17 @@ from services.core import contract
 from services.inference.pipeline import content, samples
 from services.inference.service import InferenceService
 from services.router.policies import PolicyCatalog, SampleSettings
-from tests.integration.conftest import inference_settings, start_inference
+from tests.integration import test_shadow_samples as shadow_samples
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
-from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
 
 MODEL = "deterministic-test"
 BOUND = 3
 SENT = 8
 
 
-@pytest.fixture
-async def worker(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[InferenceService, Any]]:
-    async with await start_inference(inference_settings(tmp_path, redis_url)) as (service, ch):
-        yield service, rpc.InferenceServiceStub(ch)
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url)
-    yield client
-    await client.aclose()
+# A real worker (mTLS, the deterministic engine) and a Redis client: the shadow-samples
+# tests' fixtures.
+worker, client = shadow_samples.worker, shadow_samples.client
 
 
 def _outcome(name: str) -> float:
