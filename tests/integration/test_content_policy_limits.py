@@ -416,8 +416,10 @@ async def test_a_tenant_past_its_waiting_checks_is_refused_queue_full(
 
     def embed(who: str, seed: int) -> asyncio.Future[Any]:
         request = pb.EmbedRequest(model=EMBEDDER, inputs=_on_a_thread(seed))
-        call: Any = stub.Embed(request, metadata=_metadata(who))
-        return asyncio.ensure_future(call)
+        future: asyncio.Future[Any] = asyncio.ensure_future(
+            stub.Embed(request, metadata=_metadata(who))
+        )
+        return future
 
     waiting: list[asyncio.Future[Any]] = []
     try:
