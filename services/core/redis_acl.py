@@ -123,6 +123,7 @@ SAMPLES = "tokenmesh:samples:*"  # services/inference/pipeline/samples.py STREAM
 USAGE_STREAM = "tokenmesh:usage"  # TOKENMESH_USAGE_STREAM's default
 USAGE_DEAD_LETTERS = "tokenmesh:usage:dead"  # services/usage/meter.py dead_letter_stream
 USAGE_KEYS = "tm:usage:*"  # services/usage/meter.py PREFIX
+USAGE_SPOOL_MARKS = "tm:usage:spool:*"  # services/inference/usage_log.py spool_mark_key
 ROLLOUT_AUDIT = "tm:usage:audit:tokenmesh.system"  # services/router/rollouts.py AUDIT_TENANT
 RATE_WINDOWS = "tm:ratelimit:*"  # services/usage/ratelimit.py (the volatile Redis)
 BUDGETS = "tm:budget:*"  # services/inference/budget.py
@@ -161,6 +162,7 @@ USERS: Mapping[str, RedisUser] = {
         (
             _rw(BUDGETS, "token budgets: reserve, reconcile, give back"),
             _rw(USAGE_STREAM, "appends usage events (from the spool)"),
+            _rw(USAGE_SPOOL_MARKS, "its spool's shipped mark; reads the meter's applied mark"),
             _rw(RATE_WINDOWS, "request-rate windows of inference RPCs (the volatile Redis)"),
             _rw(RESPONSE_CACHE, "the response cache (the volatile Redis)"),
             _rw(SAMPLES, "writes the sampled requests of consenting tenants"),

@@ -19,6 +19,16 @@ requests/s, one round trip per event cost the meter ~1.8 ms of CPU per event
 on our 2-core VM (each wake-up is dear there); batching costs a few tenths of
 a second of metering delay, which reports never notice.
 
+Each entry a worker's spool shipped names its spool and the spool position
+the event ends at (services/inference/usage_log.py); the script that applies
+it also raises that spool's applied mark to the position, in the same atomic
+step. The worker forgets spooled events only below that mark, so a Redis that
+loses writes (a failover to a lagging replica, a restart that lost its data)
+rolls the mark back with the aggregates and the seen-markers, and the worker
+ships again what it lost. A mark is the highest position applied: with several
+usage replicas, entries below it may still be pending with another replica —
+they are in the stream, written before the entry that set the mark.
+
 An entry that cannot be decoded (no `event` field, bytes that are not a
 `UsageEvent`, an event without a request_id) is set aside: copied to the
 dead-letter stream `<stream>:dead` and acked in one transaction, counted in
@@ -45,6 +55,13 @@ from redis.exceptions import ResponseError
 from services.core import contract
 from services.core.pricing import Price
 from services.core.redis_service import text
+from services.inference.usage_log import (
+    FIELD_EVENT,
+    FIELD_POSITION,
+    FIELD_SPOOL,
+    MARK_TTL_S,
+    spool_mark_key,
+)
 from services.usage import tenant_metrics
 from services.usage.dimensions import MAX_DIMENSION_FIELDS, RowIncrement, event_rows
 from services.usage.prices import PriceBook
@@ -95,27 +112,42 @@ local function row_for(dim, row, overflow, cap)
 end
 """
 
+# Raises a spool's applied mark to `position` (never lowers it: with several
+# replicas, entries are applied out of order).
+_ADVANCE_MARK = """
+local function advance_mark(key, position, ttl)
+  if (tonumber(redis.call('GET', key)) or 0) < tonumber(position) then
+    redis.call('SET', key, position, 'EX', ttl)
+  end
+end
+"""
+
 # KEYS: stream, seen-key, audit-key, bucket hash keys (n), dimension hash keys
-#       (n, in the same order).
+#       (n, in the same order), then the spool's applied mark if the entry names
+#       a spool.
 # ARGV: group, entry id, dedupe ttl, audit score, audit member, audit retention
-#       ms, number of bucket field/increment entries, dimension field cap, then
-#       per bucket its ttl, then the bucket field/increment pairs (the same for
-#       all), then per dimension row: field prefix, overflow prefix ("": never
-#       overflows), requests, prompt, cached, completion.
+#       ms, number of bucket field/increment entries, dimension field cap, the
+#       entry's spool position ("": none), the mark's ttl, then per bucket its
+#       ttl, then the bucket field/increment pairs (the same for all), then per
+#       dimension row: field prefix, overflow prefix ("": never overflows),
+#       requests, prompt, cached, completion.
 # Returns 1 if the event was new (applied now), 0 if it was metered before (a
 # replay: only acked), so that the process's counters count each event once.
+# A replay raises the mark too: it was applied (before).
 _APPLY = (
     _ROW_FOR
+    + _ADVANCE_MARK
     + """
-local n = (#KEYS - 3) / 2
+local marked = ARGV[9] ~= ''
+local n = (#KEYS - 3 - (marked and 1 or 0)) / 2
 local n_plain = tonumber(ARGV[7])
 local cap = tonumber(ARGV[8])
-local first_plain = 9 + n
+local first_plain = 11 + n
 local first_row = first_plain + n_plain
 local new = redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[3]))
 if new then
   for i = 1, n do
-    local ttl = tonumber(ARGV[8 + i])
+    local ttl = tonumber(ARGV[10 + i])
     local key = KEYS[3 + i]
     for j = first_plain, first_plain + n_plain - 1, 2 do
       redis.call('HINCRBY', key, ARGV[j], tonumber(ARGV[j + 1]))
@@ -136,6 +168,7 @@ if new then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[4]) - tonumber(ARGV[6]))
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if marked then advance_mark(KEYS[#KEYS], ARGV[9], ARGV[10]) end
 if new then return 1 end
 return 0
 """
@@ -144,19 +177,22 @@ return 0
 # A batch of events none of which was metered before, in one atomic call; 0
 # (and nothing written) if any was: the caller then applies them one by one.
 # KEYS: stream, seen-keys (n), audit keys (n_audit), bucket hash keys
-#       (n_bucket), dimension hash keys (n_dim).
+#       (n_bucket), dimension hash keys (n_dim), spools' applied marks (n_mark).
 # ARGV: group, dedupe ttl, audit retention ms, dimension field cap, n, n_audit,
-#       n_bucket, n_dim, n_ack, then the entry ids to ack (n_ack), then per
-#       event: its audit key's index, audit score, audit member; then per
-#       bucket: ttl, pair count, field/increment pairs; then per dimension
-#       hash: ttl, row count, per row: field prefix, overflow prefix,
-#       requests, prompt, cached, completion (rows in first-seen order, so the
-#       field cap picks the same rows as applying the events one by one).
+#       n_bucket, n_dim, n_ack, n_mark, the marks' ttl, then the entry ids to
+#       ack (n_ack), then per event: its audit key's index, audit score, audit
+#       member; then per bucket: ttl, pair count, field/increment pairs; then
+#       per dimension hash: ttl, row count, per row: field prefix, overflow
+#       prefix, requests, prompt, cached, completion (rows in first-seen order,
+#       so the field cap picks the same rows as applying the events one by
+#       one); then per mark: the highest spool position of the batch's entries.
 _APPLY_BATCH = (
     _ROW_FOR
+    + _ADVANCE_MARK
     + """
 local n, n_audit = tonumber(ARGV[5]), tonumber(ARGV[6])
 local n_bucket, n_dim, n_ack = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local n_mark = tonumber(ARGV[10])
 local cap = tonumber(ARGV[4])
 for i = 2, n + 1 do
   if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end
@@ -164,7 +200,7 @@ end
 for i = 2, n + 1 do
   redis.call('SET', KEYS[i], '1', 'EX', tonumber(ARGV[2]))
 end
-local a = 10
+local a = 12
 local acks = {}
 for i = 1, n_ack do acks[i] = ARGV[a]; a = a + 1 end
 local audit0 = n + 1
@@ -202,6 +238,11 @@ for i = 1, n_dim do
     a = a + 6
   end
   redis.call('EXPIRE', dim, ttl)
+end
+local mark0 = dim0 + n_dim
+for i = 1, n_mark do
+  advance_mark(KEYS[mark0 + i], ARGV[a], ARGV[11])
+  a = a + 1
 end
 redis.call('XACK', KEYS[1], ARGV[1], unpack(acks))
 return 1
@@ -370,7 +411,7 @@ class Poison:
 
 def decode_entry(fields: dict[bytes, bytes]) -> inference_pb2.UsageEvent | Poison:
     """Returns the usage event of a stream entry, or why it cannot be metered."""
-    raw = fields.get(b"event")
+    raw = fields.get(FIELD_EVENT.encode())
     if raw is None:
         return Poison("missing_event", "the entry has no event field")
     try:
@@ -381,6 +422,23 @@ def decode_entry(fields: dict[bytes, bytes]) -> inference_pb2.UsageEvent | Poiso
         # Deduplication is by request_id: without one it would merge with others.
         return Poison("no_request_id", "the event has no request_id")
     return event
+
+
+#: A spool id longer than this is not a worker's (the entry still counts; it
+#: moves no mark).
+MAX_SPOOL_ID = 256
+
+#: (a spool's applied-mark key, the spool position an entry's event ends at).
+SpoolMark = tuple[str, int]
+
+
+def entry_mark(stream: str, fields: dict[bytes, bytes]) -> SpoolMark | None:
+    """Returns the applied mark an entry raises (None: it names no spool, e.g. one
+    an earlier release's worker shipped)."""
+    spool, position = fields.get(FIELD_SPOOL.encode()), fields.get(FIELD_POSITION.encode())
+    if not spool or len(spool) > MAX_SPOOL_ID or position is None or not position.isdigit():
+        return None
+    return spool_mark_key(stream, spool.decode("utf-8", "replace"), "applied"), int(position)
 
 
 def is_attempt_apart(event: inference_pb2.UsageEvent) -> bool:
@@ -464,9 +522,19 @@ class _Batch:
     audit_args: list[str | int] = field(default_factory=list)
     groups: dict[tuple[tuple[str, str, int], ...], _Sums] = field(default_factory=dict)
     rows_seen: int = 0
+    marks: dict[str, int] = field(default_factory=dict)  # each spool's highest position
 
-    def add(self, entry_id: str, event: inference_pb2.UsageEvent, price: Price | None) -> None:
+    def add(
+        self,
+        entry_id: str,
+        event: inference_pb2.UsageEvent,
+        price: Price | None,
+        mark: SpoolMark | None = None,
+    ) -> None:
         self.acks.append(entry_id)
+        if mark is not None:
+            key, position = mark
+            self.marks[key] = max(position, self.marks.get(key, 0))
         part = contribution(event, price, self.retention)
         if part.seen_key in self.seen:
             return
@@ -494,7 +562,7 @@ class _Batch:
     def call(self, stream: str, group: str, field_cap: int) -> tuple[list[str], list[str | int]]:
         """Returns the keys and arguments of the batch's _APPLY_BATCH call."""
         buckets, dimensions = self._spread()
-        keys = [stream, *self.seen, *self.audits, *buckets, *dimensions]
+        keys = [stream, *self.seen, *self.audits, *buckets, *dimensions, *self.marks]
         args: list[str | int] = [
             group,
             self.retention.dedupe,
@@ -505,6 +573,8 @@ class _Batch:
             len(buckets),
             len(dimensions),
             len(self.acks),
+            len(self.marks),
+            MARK_TTL_S,
             *self.acks,
             *self.audit_args,
         ]
@@ -518,6 +588,7 @@ class _Batch:
             # cap keeps the rows that came first, as one by one.
             for prefix, overflow in sorted(sums.rows, key=sums.first_seen.__getitem__):
                 args += [prefix, overflow, *sums.rows[prefix, overflow]]
+        args += self.marks.values()
         return keys, args
 
 
@@ -542,6 +613,10 @@ class _Sums:
         self.first_seen[row] = min(self.first_seen[row], seen)
         for i, amount in enumerate(counts):
             total[i] += amount
+
+
+# What apply_batch takes of each entry: its id, its event, its price, its spool mark.
+_Item = tuple[str, inference_pb2.UsageEvent, Price | None, SpoolMark | None]
 
 
 def _stream_id(entry_id: str) -> tuple[int, int]:
@@ -598,10 +673,15 @@ class Meter:
                 raise
 
     async def apply(
-        self, entry_id: str, event: inference_pb2.UsageEvent, price: Price | None = None
+        self,
+        entry_id: str,
+        event: inference_pb2.UsageEvent,
+        price: Price | None = None,
+        mark: SpoolMark | None = None,
     ) -> bool:
-        """Applies one event (idempotently) at `price` and acks its stream entry; tells
-        whether it was new (False: metered before, a replay only acked)."""
+        """Applies one event (idempotently) at `price`, acks its stream entry and raises
+        its spool's applied `mark`; tells whether it was new (False: metered before, a
+        replay only acked)."""
         part = contribution(event, price, self.retention)
         keys = [
             self.stream,
@@ -609,6 +689,7 @@ class Meter:
             part.audit_key,
             *(bucket for bucket, _, _ in part.buckets),
             *(dimension for _, dimension, _ in part.buckets),
+            *([] if mark is None else [mark[0]]),
         ]
         args: list[str | int] = [
             self.group,
@@ -619,6 +700,8 @@ class Meter:
             self.retention.audit * 1000,
             2 * len(part.plain),
             MAX_DIMENSION_FIELDS,
+            "" if mark is None else mark[1],
+            MARK_TTL_S,
             *(ttl for *_, ttl in part.buckets),
             *(field_or_amount for pair in part.plain for field_or_amount in pair),
         ]
@@ -629,17 +712,15 @@ class Meter:
             self._count(event, part.finished)
         return new
 
-    async def apply_batch(
-        self, items: Sequence[tuple[str, inference_pb2.UsageEvent, Price | None]]
-    ) -> None:
-        """Applies events (entry id, event, price) in one call, or one by one if any
-        was metered before (a replay); acks their stream entries either way."""
+    async def apply_batch(self, items: Sequence[_Item]) -> None:
+        """Applies events (entry id, event, price, spool mark) in one call, or one by
+        one if any was metered before (a replay); acks their stream entries either way."""
         if len(items) == 1:
             await self.apply(*items[0])
             return
         batch = _Batch(self.retention)
-        for entry_id, event, price in items:
-            batch.add(entry_id, event, price)
+        for item in items:
+            batch.add(*item)
         keys, args = batch.call(self.stream, self.group, MAX_DIMENSION_FIELDS)
         if not await self._apply_batch(keys=keys, args=args):
             for item in items:
@@ -688,12 +769,15 @@ class Meter:
         decoded = [(entry_id, fields, decode_entry(fields)) for entry_id, fields in entries]
         events = [event for *_, event in decoded if not isinstance(event, Poison)]
         prices = await self.prices.lookup(events)
-        batch: list[tuple[str, inference_pb2.UsageEvent, Price | None]] = []
+        batch: list[_Item] = []
         for entry_id, fields, event in decoded:
             if isinstance(event, Poison):
+                # Its spool's mark waits for the spool's next entry: the spool
+                # keeps this one a little longer, nothing more.
                 await self.set_aside(entry_id, fields, event)
             else:
-                batch.append((entry_id.decode(), event, prices.at(event)))
+                mark = entry_mark(self.stream, fields)
+                batch.append((entry_id.decode(), event, prices.at(event), mark))
         for start in range(0, len(batch), BATCH_MAX):
             await self.apply_batch(batch[start : start + BATCH_MAX])
 

@@ -17,6 +17,7 @@ import pytest
 from services.auth import keys as auth_keys
 from services.auth import signing
 from services.core import redis_acl
+from services.inference import usage_log
 from services.inference.pipeline import cache, samples
 from services.jobs import store as jobs_store
 from services.router import catalog, pin_store, policies, prompts, registry, rollouts, shadow_pairs
@@ -27,6 +28,10 @@ from services.usage.service import UsageSettings
 def _may(user: str, key: str, write: bool) -> bool:
     grants = redis_acl.USERS[user].grants
     return any(fnmatch.fnmatchcase(key, g.pattern) and (g.write or not write) for g in grants)
+
+
+def _spool_mark(mark: str) -> str:
+    return usage_log.spool_mark_key(UsageSettings().usage_stream, "w0.0a1b", mark)
 
 
 # (user, key, write): what each component does with keys its modules name.
@@ -56,6 +61,9 @@ USES = [
     ("usage", catalog.CATALOG_KEY, False),
     ("inference", "tm:budget:key_0123456789abcdef:tpm", True),
     ("inference", UsageSettings().usage_stream, True),
+    ("inference", _spool_mark("shipped"), True),
+    ("inference", _spool_mark("applied"), False),
+    ("usage", _spool_mark("applied"), True),
     ("inference", f"{cache.KEY_PREFIX}complete:0", True),
     ("inference", samples.stream_key("t1"), True),
     ("inference", shadow_pairs.records_key("demo-lm"), True),

@@ -19,6 +19,7 @@ from services.core.tasks import Supervisor
 from services.inference import usage_log
 from services.inference.usage_log import UsageLog
 from services.launcher.processes import reserve_port
+from services.usage.meter import Meter, Retention
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.type.v1 import types_pb2
 
@@ -64,6 +65,14 @@ async def _until(condition: Any, timeout_s: float = 10) -> None:
             await asyncio.sleep(0.01)
 
 
+async def _meter(client: Any, stream: str) -> None:
+    """Applies everything in `stream`, as the usage service's meter does."""
+    meter = Meter(client, stream, "usage-meter", "c1", Retention())
+    await meter.ensure_group()
+    while await meter.run_once(block_ms=50):
+        pass
+
+
 async def _wait_shipped(log: UsageLog, timeout_s: float = 10) -> None:
     async with asyncio.timeout(timeout_s):
         while log.backlog_bytes():
@@ -100,7 +109,7 @@ class _CountingReads:
 
     def __call__(
         self, path: Path, base: int, start: int, max_bytes: int
-    ) -> tuple[list[tuple[str, bytes]], int]:
+    ) -> tuple[list[tuple[str, bytes, int]], int]:
         self.calls += 1
         return self._read(path, base, start, max_bytes)
 
@@ -128,21 +137,24 @@ def _segments(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.glob("events.*.log"))
 
 
-async def test_events_ship_in_order_across_segments_and_shipped_ones_are_deleted(
+async def test_events_ship_in_order_across_segments_and_applied_ones_are_deleted(
     tmp_path, redis_url, monkeypatch
 ):
     monkeypatch.setattr(usage_log, "_SEGMENT_BYTES", 200)  # a new segment every few events
+    monkeypatch.setattr(usage_log, "MARKS_INTERVAL_S", 0.01)
     stream = f"test:{uuid.uuid4().hex}"
     client = aioredis.from_url(redis_url)
-    log = UsageLog(tmp_path, client, stream, max_backlog_bytes=1 << 20)
+    log = UsageLog(tmp_path, client, stream, max_backlog_bytes=1 << 20, applied_grace_s=0)
     log.start(_supervisor())
     try:
         for batch in range(6):
             for i in range(10 * batch, 10 * batch + 10):
                 log.append(_event(i))
             await _wait_shipped(log)
-            # Every full segment shipped and was deleted: only the one appended to is left.
-            assert _segments(tmp_path) == [log._log_path.name]
+            assert len(_segments(tmp_path)) > 1  # shipped, kept until the meter applies them
+            await _meter(client, stream)
+            # Every full segment was applied and deleted: only the one appended to is left.
+            await _until(lambda: _segments(tmp_path) == [log._log_path.name])
         assert int(log._log_path.name.split(".")[1]) > 1000  # positions went on growing
         assert await _stream_ids(client, stream) == [f"req-{i}" for i in range(60)]
     finally:
@@ -202,14 +214,16 @@ async def test_an_earlier_runs_segments_ship_in_order_after_a_restart(
     assert len(_segments(tmp_path)) >= 5
 
     live = aioredis.from_url(redis_url)
-    restarted = UsageLog(tmp_path, live, stream, max_backlog_bytes=1 << 20)
+    monkeypatch.setattr(usage_log, "MARKS_INTERVAL_S", 0.01)
+    restarted = UsageLog(tmp_path, live, stream, max_backlog_bytes=1 << 20, applied_grace_s=0)
     for i in range(30, 40):
         restarted.append(_event(i))
     restarted.start(_supervisor())
     try:
         await _wait_shipped(restarted)
         assert await _stream_ids(live, stream) == [f"req-{i}" for i in range(40)]
-        assert _segments(tmp_path) == [restarted._log_path.name]
+        await _meter(live, stream)
+        await _until(lambda: _segments(tmp_path) == [restarted._log_path.name])
     finally:
         await restarted.stop()
         await live.aclose()

@@ -1,6 +1,6 @@
 """The usage spool's segments are crash-safe: a crash (kill -9) between any two
 steps of appending, rolling to a new segment, shipping, moving the cursor and
-deleting a shipped segment loses no event and replays at most the batch Redis
+deleting an applied segment loses no event and replays at most the batch Redis
 had taken before the cursor moved; a power loss that keeps a stale cursor, or
 undoes deletes, only replays; and a cursor left past the spool's end by a power
 loss never makes a later event look shipped."""
@@ -24,8 +24,9 @@ import redis.asyncio as aioredis
 
 from services.core.tasks import Supervisor
 from services.inference import usage_log
-from services.inference.usage_log import UsageLog
+from services.inference.usage_log import UsageLog, spool_mark_key
 from services.launcher.processes import reserve_port
+from services.usage.meter import Meter, Retention
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.type.v1 import types_pb2
 
@@ -87,6 +88,30 @@ async def _restart(directory: Path, files: dict[str, bytes], client: aioredis.Re
     return shipped
 
 
+async def _restart_on(
+    directory: Path, crash: _Crash, client: aioredis.Redis, stream: str
+) -> list[str]:
+    """Starts a spool on a crash image against the Redis it crashed with (the stream,
+    and the spool's shipped mark as Redis held it then); returns what it shipped, once
+    it has forgotten what the meter had applied."""
+    directory.mkdir()
+    for name, data in crash.files.items():
+        (directory / name).write_bytes(data)
+    spool_id = crash.files["events.id"].decode().strip()
+    await client.set(spool_mark_key(stream, spool_id, "shipped"), crash.mark)
+    newest: Any = await client.xrevrange(stream, count=1)
+    restarted = UsageLog(directory, client, stream, 1 << 20, applied_grace_s=0)
+    restarted.start(Supervisor("inference-test"))
+    try:
+        await _until(lambda: restarted.backlog_bytes() == 0)
+        # Everything was applied by the live run's meter: forgotten once the marks are read.
+        await _until(lambda: len(list(directory.glob("events.*.log"))) == 1)
+    finally:
+        await restarted.stop()
+    entries: Any = await client.xrange(stream, min=b"(" + newest[0][0])
+    return [fields[b"request_id"].decode() for _, fields in entries]
+
+
 @dataclass
 class _Crash:
     """The spool's files at one step, and what Redis had acknowledged by then."""
@@ -96,13 +121,14 @@ class _Crash:
     appended: list[str]
     acked: set[str]
     uncommitted: set[str]  # acknowledged, the cursor not yet past them
+    mark: int = 0  # the spool's shipped mark in Redis
 
 
 class _Recorder:
     """Takes a crash image of the spool between every two steps of a running UsageLog.
 
     Wraps the log's own steps (instance attributes shadow the methods) and its
-    real Redis client's pipeline, to know what Redis had acknowledged at each image.
+    real Redis client's script calls, to know what Redis had acknowledged at each image.
     """
 
     def __init__(self, log: UsageLog, redis: aioredis.Redis) -> None:
@@ -111,11 +137,14 @@ class _Recorder:
         self.appended: list[str] = []
         self.acked: set[str] = set()
         self.uncommitted: set[str] = set()
+        self.mark = 0
         self.on_trip: Callable[[], None] = lambda: None
         log.client = self  # type: ignore[assignment]
         self._wrap("append", before=False)
         self._wrap("_roll", before=True)
-        self._wrap("_delete_shipped_segments", before=True)
+        self._wrap("_write_cursor", before=False)
+        self._wrap("_write_kept", before=True)
+        self._wrap("_forget_applied_segments", before=True)
 
     def image(self, step: str) -> None:
         self.crashes.append(
@@ -125,6 +154,7 @@ class _Recorder:
                 list(self.appended),
                 set(self.acked),
                 set(self.uncommitted),
+                self.mark,
             )
         )
 
@@ -132,11 +162,11 @@ class _Recorder:
         inner = getattr(self.log, name)
 
         def step(*args: Any) -> Any:
-            if name == "_delete_shipped_segments":
-                self.uncommitted.clear()  # the cursor was just written
             if before:
                 self.image(f"before {name}")
             result = inner(*args)
+            if name == "_write_cursor":
+                self.uncommitted.clear()  # the cursor is past them
             if name == "append":  # written: from now on it must not be lost
                 self.appended.append(args[0].request_id)
             self.image(f"after {name}")
@@ -144,33 +174,23 @@ class _Recorder:
 
         setattr(self.log, name, step)
 
-    def pipeline(self, transaction: bool = False) -> _Pipeline:
-        return _Pipeline(self, self.redis.pipeline(transaction=transaction))
+    async def mget(self, *keys: str) -> Any:
+        return await self.redis.mget(*keys)
 
+    async def script_load(self, script: str) -> Any:
+        return await self.redis.script_load(script)
 
-class _Pipeline:
-    def __init__(self, recorder: _Recorder, inner: Any) -> None:
-        self.recorder, self.inner = recorder, inner
-        self.ids: list[str] = []
-
-    async def __aenter__(self) -> _Pipeline:
-        await self.inner.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.inner.__aexit__(*exc)
-
-    def xadd(self, stream: str, fields: dict[str, Any]) -> None:
-        self.ids.append(fields["request_id"])
-        self.inner.xadd(stream, fields)
-
-    async def execute(self) -> Any:
-        self.recorder.image("before XADD")
-        result = await self.inner.execute()
-        self.recorder.on_trip()  # a request finished meanwhile: shipping lags appending
-        self.recorder.acked.update(self.ids)
-        self.recorder.uncommitted.update(self.ids)
-        self.recorder.image("after XADD, before the cursor")
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        """The ship script's call: XADDs a batch and sets the spool's shipped mark."""
+        ids = [str(i) for i in keys_and_args[numkeys + 4 :: 3]]
+        self.image("before XADD")
+        result: Any = await self.redis.evalsha(sha, numkeys, *keys_and_args)
+        self.on_trip()  # a request finished meanwhile: shipping lags appending
+        assert result[0] == 1  # Redis lost nothing here
+        self.mark = result[1]
+        self.acked.update(ids)
+        self.uncommitted.update(ids)
+        self.image("after XADD, before the cursor")
         return result
 
 
@@ -178,9 +198,16 @@ async def test_a_crash_between_any_two_steps_loses_no_event(
     tmp_path: Path, client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(usage_log, "_SEGMENT_BYTES", SEGMENT_BYTES)
+    monkeypatch.setattr(usage_log, "MARKS_INTERVAL_S", 0.01)
     worker = tmp_path / "worker"
-    log = UsageLog(worker, client, f"test:{uuid.uuid4().hex}", 1 << 20)
+    stream = f"test:{uuid.uuid4().hex}"
+    log = UsageLog(worker, client, stream, 1 << 20, applied_grace_s=0)
     recorder = _Recorder(log, client)
+    # The usage service's meter, applying as events arrive (so that segments are deleted).
+    meter = Meter(client, stream, "usage-meter", "c1", Retention())
+    await meter.ensure_group()
+    supervisor = Supervisor("usage-test")
+    metering = supervisor.spawn("usage-meter", meter.run_forever)
     busy = iter(range(100, 130))
 
     def three_more() -> None:  # a roll between two of them: the cursor stops inside a segment
@@ -196,26 +223,31 @@ async def test_a_crash_between_any_two_steps_loses_no_event(
         recorder.on_trip = three_more  # then rolls while a segment is partly shipped
         log.append(_event(99))
         await _until(lambda: log.appended_total == 61 and log.backlog_bytes() == 0)
+        await _until(lambda: log.kept_bytes() == 0)  # all applied, all forgotten
     finally:
         await log.stop()
+        await metering.stop(timeout_s=5)
     steps = {crash.step for crash in recorder.crashes}
-    assert {"after _roll", "before _delete_shipped_segments", "after XADD, before the cursor"} <= (
-        steps
-    )
+    assert {
+        "after _roll",
+        "before _write_kept",
+        "before _forget_applied_segments",
+        "after XADD, before the cursor",
+    } <= steps
     assert any(len(c.files) > 2 for c in recorder.crashes)  # several segments at once
     # A full segment still partly unshipped (the cursor inside it) when an image was taken.
     assert any(c.uncommitted and len(c.files) > 2 for c in recorder.crashes)
 
     for n, crash in enumerate(recorder.crashes):
-        shipped = await _restart(tmp_path / f"crash-{n}", crash.files, client)
+        shipped = await _restart_on(tmp_path / f"crash-{n}", crash, client, stream)
         where = f"crash {n} {crash.step}"
         # Nothing lost: each event Redis had not taken ships after the restart.
         assert set(crash.appended) <= crash.acked | set(shipped), where
         # In order, once each; replayed only if Redis took it before the cursor moved.
         assert shipped == [i for i in crash.appended if i in shipped], where
         assert set(shipped) & crash.acked <= crash.uncommitted, where
-        # A delete the crash cut short is done at the restart: only the newest segment stays.
-        assert len(list((tmp_path / f"crash-{n}").glob("events.*.log"))) == 1, where
+        # (A delete the crash cut short is done at the restart: _restart_on waits until
+        # only the newest segment stays.)
 
 
 class _Disk:
@@ -243,18 +275,24 @@ async def test_a_power_loss_undoing_deletes_and_cursor_writes_only_replays(
     tmp_path: Path, client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(usage_log, "_SEGMENT_BYTES", SEGMENT_BYTES)
+    monkeypatch.setattr(usage_log, "MARKS_INTERVAL_S", 0.01)
     worker = tmp_path / "worker"
     worker.mkdir()
     disk = _Disk(worker)
     dead = aioredis.from_url(f"redis://127.0.0.1:{reserve_port()}/0", socket_connect_timeout=0.2)
-    log = UsageLog(worker, client, f"test:{uuid.uuid4().hex}", 1 << 20, fsync=disk)
+    stream = f"test:{uuid.uuid4().hex}"
+    log = UsageLog(worker, client, stream, 1 << 20, fsync=disk, applied_grace_s=0)
     try:
         for i in range(10):
             log.append(_event(i))
         await log.sync()  # every segment on disk before it ships
         log.start(Supervisor("inference-test"))
         await _until(lambda: log.backlog_bytes() == 0)
-        assert len(list(worker.glob("events.*.log"))) == 1  # the shipped ones deleted
+        meter = Meter(client, stream, "usage-meter", "c1", Retention())
+        await meter.ensure_group()
+        assert await meter.run_once(block_ms=100) == 10
+        # The applied ones deleted.
+        await _until(lambda: len(list(worker.glob("events.*.log"))) == 1)
         log.client = dead  # Redis goes away: what follows is spooled, not shipped
         for i in range(10, 13):
             log.append(_event(i))

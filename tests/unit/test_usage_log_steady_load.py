@@ -1,7 +1,7 @@
 """Under steady load the usage spool's disk use stays bounded: the shipper never
 finds the backlog empty (an event finishes during every round trip to Redis),
-yet what it has shipped is deleted. The spool used to shrink only when nothing
-was waiting, so it grew by every shipped byte until the pod's volume filled."""
+yet what the meter has applied is deleted. The spool used to shrink only when
+nothing was waiting, so it grew by every shipped byte until the pod's volume filled."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import pytest
 import redis.asyncio as aioredis
 
 from services.core.tasks import Supervisor
+from services.inference import usage_log
 from services.inference.usage_log import UsageLog
+from services.usage.meter import Meter, Retention
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.type.v1 import types_pb2
 
@@ -50,41 +53,38 @@ class _CountingEvent(asyncio.Event):
 
 
 class _BusyClient:
-    """A real Redis client whose every pipeline execute() also finishes `per_trip` more
-    requests (appends their events), as a worker under steady load does."""
+    """A real Redis client whose every batch shipped (the ship script's call) also
+    finishes more requests (appends their events), as a worker under steady load does."""
 
     def __init__(self, redis: aioredis.Redis, on_trip: Callable[[], None]) -> None:
         self.redis, self.on_trip = redis, on_trip
 
-    def pipeline(self, transaction: bool = False) -> _BusyPipeline:
-        return _BusyPipeline(self.redis.pipeline(transaction=transaction), self.on_trip)
+    def register_script(self, script: str) -> Any:
+        return self.redis.register_script(script)
 
+    async def script_load(self, script: str) -> Any:
+        return await self.redis.script_load(script)
 
-class _BusyPipeline:
-    def __init__(self, inner: Any, on_trip: Callable[[], None]) -> None:
-        self.inner, self.on_trip = inner, on_trip
+    async def mget(self, *keys: str) -> Any:
+        return await self.redis.mget(*keys)
 
-    async def __aenter__(self) -> _BusyPipeline:
-        await self.inner.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.inner.__aexit__(*exc)
-
-    def xadd(self, stream: str, fields: dict[str, Any]) -> None:
-        self.inner.xadd(stream, fields)
-
-    async def execute(self) -> Any:
-        result = await self.inner.execute()
+    async def evalsha(self, *args: Any) -> Any:
+        result = await self.redis.evalsha(*args)
         self.on_trip()  # finished while Redis answered: the backlog is never empty
         return result
 
 
 async def test_a_spool_under_steady_load_stays_bounded_on_disk(
-    tmp_path: Path, redis_url: str
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(usage_log, "MARKS_INTERVAL_S", 0.01)
     redis = aioredis.from_url(redis_url)
     stream = f"test:{uuid.uuid4().hex}"
+    # The usage service's meter, applying as events arrive.
+    meter = Meter(redis, stream, "usage-meter", "c1", Retention())
+    await meter.ensure_group()
+    supervisor = Supervisor("usage-test")
+    metering = supervisor.spawn("usage-meter", meter.run_forever)
     appended = 0
     peak = 0
     trips_under_load = 0
@@ -100,7 +100,8 @@ async def test_a_spool_under_steady_load_stays_bounded_on_disk(
             trips_under_load += 1
             idle_under_load = idle.waits
 
-    log = UsageLog(tmp_path, _BusyClient(redis, trip), stream, 256 << 20)  # type: ignore[arg-type]
+    client = _BusyClient(redis, trip)
+    log = UsageLog(tmp_path, client, stream, 256 << 20, applied_grace_s=0)  # type: ignore[arg-type]
     idle = _CountingEvent()
     log._wake = idle
     log.append(_event(0))
@@ -115,5 +116,6 @@ async def test_a_spool_under_steady_load_stays_bounded_on_disk(
         assert await redis.xlen(stream) == appended  # every event shipped, once
     finally:
         await log.stop()
+        await metering.stop(timeout_s=5)
         await redis.delete(stream)
         await redis.aclose()
