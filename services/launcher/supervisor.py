@@ -203,8 +203,11 @@ class Supervisor:
                 name=f"mesh-restart-{name}",
                 daemon=True,
             )
-            self._restart_threads.append(thread)
+            # Started before it is listed: alive() reads every listed thread, and one
+            # listed but not started yet read as a restart thread that had died (the
+            # owner stopped the whole mesh, exit 1, on a first restart; seen in CI).
             thread.start()
+            self._restart_threads.append(thread)
         requests.put(True)
 
     def _restart_loop(self, name: str, requests: queue.SimpleQueue[bool]) -> None:

@@ -167,3 +167,30 @@ def test_an_error_in_a_restart_thread_fails_supervision_and_keeps_the_child(chil
             restarted.process.wait(timeout=1.0)
     finally:
         supervisor.close(timeout_s=10)
+
+
+def test_a_restart_thread_being_started_is_not_read_as_a_dead_one(children, monkeypatch):
+    # A name's first restart listed its thread before starting it: alive() read that
+    # moment as a restart thread that had died, and the launcher stopped the whole mesh
+    # (exit 1; CI saw the test above stop early with the restart not yet counted).
+    children.spawn("redis")
+    supervisor = _supervise(children)
+    seen: list[bool] = []
+    start = threading.Thread.start
+
+    def start_and_look(thread: threading.Thread) -> None:
+        if thread.name.startswith("mesh-restart"):
+            seen.append(supervisor.alive())  # what the owner's poll could read now
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_and_look)
+    try:
+        children.snapshot()[0].process.kill()
+        deadline = time.monotonic() + 10
+        while supervisor.records["redis"].restarts < 1:
+            assert time.monotonic() < deadline, supervisor.records
+            time.sleep(0.02)
+        assert seen == [True]
+        assert supervisor.alive()
+    finally:
+        supervisor.close()
