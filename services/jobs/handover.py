@@ -181,12 +181,14 @@ class HandoverServicer(handover_service_pb2_grpc.HandoverServiceServicer):
         deadline = time.monotonic() + wait_s
         pause = FIRST_POLL_S
         while True:
-            [raw] = await self.store.results(job_id, [0])
+            # One read of both: read one after the other, an item that ended between
+            # them showed no result and a final status, and its caller got a 202 for a
+            # job that had just answered (seen in CI: `wait=10` answered 202 at once).
+            raw, status = await self.store.result_and_status(job_id, 0)
             if raw is not None:
                 return jobs_pb2.JobResult.FromString(raw)
-            statuses = await self.store.statuses([job_id])
             left = deadline - time.monotonic()
-            if statuses.get(job_id) in FINAL or left <= 0:
+            if status in FINAL or left <= 0:
                 return None
             await asyncio.sleep(min(pause, left))
             pause = min(pause * 2, MAX_POLL_S)

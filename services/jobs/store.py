@@ -816,6 +816,16 @@ class JobStore:
         raw: Any = await self.redis.lrange(attempts_key(job_id), 0, -1)
         return [jobs_pb2.WebhookAttempt.FromString(r) for r in raw]
 
+    async def result_and_status(self, job_id: str, index: int) -> tuple[bytes | None, str]:
+        """Returns an item's stored result (None: none yet) and its job's status ("":
+        gone), read together (MULTI): `finish_item` writes both at once, so a status
+        that is final here comes with the result the item ended with."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hget(results_key(job_id), str(index))
+            pipe.hget(job_key(job_id), "status")
+            raw, status = await pipe.execute()
+        return raw, text(status) if status is not None else ""
+
     async def results(self, job_id: str, indexes: Sequence[int]) -> list[bytes | None]:
         """Returns the stored results of `indexes` (None where an item has none)."""
         if not indexes:
