@@ -70,6 +70,6 @@ async def test_an_item_that_ends_while_the_wait_reads_is_answered_inline(job, mo
 
     monkeypatch.setattr(aioredis.Redis, "hmget", hmget_then_end)
     monkeypatch.setattr(Pipeline, "execute", execute_then_end)
-    servicer = HandoverServicer(jobs=None, store=store)  # type: ignore[arg-type]
+    servicer = HandoverServicer(jobs=None, store=store)
     result = await servicer._result_within(job_id, 5.0)
     assert ended and result is not None and result.complete.request_id == "r-1"
