@@ -742,11 +742,23 @@ def _spool_id(directory: Path) -> str:
     (a pod's emptied volume) never reads the marks its predecessor left in Redis."""
     path = directory / "events.id"
     try:
-        return path.read_text().strip()
+        spool_id = path.read_text().strip()
     except FileNotFoundError:
-        spool_id = f"{directory.name}.{secrets.token_hex(4)}"
-        path.write_text(spool_id + "\n")
+        spool_id = ""
+    if spool_id:
         return spool_id
+    # Made when missing or empty: a first start cut short (a crash, a full disk) left
+    # it empty, and "" shared one shipped mark with every other such spool (one of them
+    # then rewound into its own records and its shipper spun). Written whole or not at
+    # all: a temporary file, synced, renamed.
+    spool_id = f"{directory.name}.{secrets.token_hex(4)}"
+    partial = path.with_name(f"{path.name}.partial")
+    with partial.open("w") as out:
+        out.write(spool_id + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, path)
+    return spool_id
 
 
 def _read_position(path: Path) -> int | None:

@@ -338,3 +338,19 @@ async def test_a_torn_tail_is_set_aside_and_every_whole_event_ships(tmp_path: Pa
     finally:
         await log.stop()
         await live.aclose()
+
+
+def test_an_empty_spool_id_left_by_a_cut_first_start_is_made_anew(tmp_path):
+    # A crash or a full disk between creating events.id and writing it left it
+    # empty: the spool then shipped under the id "" and shared one shipped mark with
+    # every other such spool (one rewound into its own records; its shipper spun).
+    from services.inference.usage_log import _spool_id
+
+    spool = tmp_path / "w0"
+    spool.mkdir()
+    (spool / "events.id").write_text("")
+    made = _spool_id(spool)
+    assert made.startswith("w0.") and len(made) > len("w0.")
+    assert (spool / "events.id").read_text().strip() == made
+    assert _spool_id(spool) == made  # kept from now on
+    assert sorted(p.name for p in spool.iterdir()) == ["events.id"]
