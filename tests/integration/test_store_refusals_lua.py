@@ -20,10 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -31,18 +30,15 @@ import grpc.aio
 import pytest
 import redis.asyncio as aioredis
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
-from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2
 from google.api.httpbody_pb2 import HttpBody
 from prometheus_client import REGISTRY
 
 from services.core import contract
-from services.core.redis_acl import binary_major
-from services.core.server import serving
-from services.launcher.mesh import spawn_redis
 from services.usage.ratelimit import RequestLimiter
-from services.usage.service import UsageService, UsageSettings
-from tests import mtls
+from tests.integration import test_redis_refusals as redis_refusals
 from tests.integration.conftest import inference_settings, start_inference
+from tests.integration.test_ratelimit_errors import _limiter
 from tests.rpc_errors import openai_refusal
 from tokenmesh.openai.v1 import openai_service_pb2_grpc as openai_rpc
 
@@ -50,23 +46,9 @@ OK = rls_pb2.RateLimitResponse.OK
 SETTLER = "ratelimit-lease-settler"
 
 
-@pytest.fixture(params=["bundled", "system"])
-def limits_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A volatile Redis of the test's own (it is made to refuse): its URL."""
-    binary = None
-    if request.param == "system":
-        found = shutil.which("redis-server")
-        binary = Path(found) if found else None
-        if binary is None or binary_major(binary) < 7:
-            pytest.skip("no redis-server 7 on PATH")
-    child, url = spawn_redis(
-        tmp_path / "redis", tmp_path / "redis.log", durable=False, binary=binary
-    )
-    try:
-        yield url
-    finally:
-        child.terminate()
-        child.wait(10)
+# A volatile Redis of the test's own, bundled 6.2 and (where on PATH) 7, that the test
+# makes refuse writes (the Redis refusal tests' fixture).
+limits_url = redis_refusals.refusing_url
 
 
 @contextlib.asynccontextmanager
@@ -119,24 +101,6 @@ def _errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
         for r in caplog.records
         if r.levelno >= logging.ERROR or r.exc_info is not None
     ]
-
-
-@contextlib.asynccontextmanager
-async def _limiter(
-    redis_url: str, limits_url: str
-) -> AsyncIterator[rls_pb2_grpc.RateLimitServiceStub]:
-    """Envoy's RateLimitService of a usage service whose windows are at `limits_url`."""
-    settings = UsageSettings(
-        pki_dir=mtls.pki_dir(),
-        metrics_port=-1,
-        grace_s=0.5,
-        redis_url=redis_url,
-        ratelimit_redis_url=limits_url,
-        usage_stream=f"s:{uuid.uuid4().hex}",
-    )
-    async with serving(UsageService(settings), settings) as running:
-        async with mtls.aio_channel(running.port, peer="usage") as channel:
-            yield rls_pb2_grpc.RateLimitServiceStub(channel)
 
 
 async def test_a_read_only_store_fails_open_as_unavailable(
