@@ -9,7 +9,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,17 +22,14 @@ from services.core.errors import InvalidArgument
 from services.inference import templates
 from services.inference.templates import Prompt, Variable, declare
 from services.router.prompts import PromptCatalog
-from tests.integration.conftest import inference_settings, start_inference
+from tests.integration import test_prompts_selectors as prompts_selectors
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
-from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
 
 MODEL = "deterministic-test"
 
 
-@pytest.fixture
-async def stub(tmp_path: Path, redis_url: str) -> AsyncIterator[rpc.InferenceServiceStub]:
-    async with await start_inference(inference_settings(tmp_path, redis_url)) as (_, channel):
-        yield rpc.InferenceServiceStub(channel)
+# A v2 stub of a real worker with the deterministic engine (the selector tests').
+stub = prompts_selectors.stub
 
 
 @pytest.fixture
