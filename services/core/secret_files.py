@@ -1,4 +1,5 @@
 """Secret files (server secret, dev admin key): created 0600, complete or absent.
+Other files that must be complete or absent use `replace_file`.
 
 A secret file is first written under a temporary name that is created with
 its final mode (os.open with O_CREAT | O_EXCL and 0o600, which a umask can
@@ -16,11 +17,11 @@ from pathlib import Path
 MODE = 0o600
 
 
-def _write_temporary(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+def _write_temporary(path: Path, data: bytes, mode: int = MODE, dir_mode: int = 0o700) -> Path:
+    path.parent.mkdir(mode=dir_mode, parents=True, exist_ok=True)
     # A name no other writer (process or thread) uses; O_EXCL refuses a planted one.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, MODE)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
@@ -40,6 +41,13 @@ def replace_secret(path: Path, data: bytes) -> None:
         data: the whole content.
     """
     os.replace(_write_temporary(path, data), path)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` whole or not at all, as `replace_secret` does, for a file
+    that is no secret (a TensorRT plan, a usage spool's id): created 0644 (the umask
+    may narrow it), its directory created as any other."""
+    os.replace(_write_temporary(path, data, mode=0o644, dir_mode=0o777), path)
 
 
 def create_secret(path: Path, data: bytes) -> bool:

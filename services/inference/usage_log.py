@@ -103,6 +103,7 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from services.core.errors import Unavailable
+from services.core.secret_files import replace_file
 from services.core.settings import StartupError
 from services.core.tasks import SupervisedTask, Supervisor
 from tokenmesh.inference.v1 import inference_pb2
@@ -749,15 +750,9 @@ def _spool_id(directory: Path) -> str:
         return spool_id
     # Made when missing or empty: a first start cut short (a crash, a full disk) left
     # it empty, and "" shared one shipped mark with every other such spool (one of them
-    # then rewound into its own records and its shipper spun). Written whole or not at
-    # all: a temporary file, synced, renamed.
+    # then rewound into its own records and its shipper spun). Written whole or not at all.
     spool_id = f"{directory.name}.{secrets.token_hex(4)}"
-    partial = path.with_name(f"{path.name}.partial")
-    with partial.open("w") as out:
-        out.write(spool_id + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(partial, path)
+    replace_file(path, (spool_id + "\n").encode())
     return spool_id
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from services.core.secret_files import replace_file
 from services.inference.engines.base import GenerativeEngine, StepItem
 
 logger = logging.getLogger(__name__)
@@ -62,16 +62,7 @@ def store_plan(path: Path, plan: bytes) -> None:
     FAILED until someone deleted it. A temporary file in the same directory,
     flushed, then renamed over the name: a reader sees the old file or the new.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with partial.open("wb") as out:
-            out.write(plan)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    replace_file(path, plan)
 
 
 class TensorRTGenerativeEngine(GenerativeEngine):
