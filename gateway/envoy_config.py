@@ -433,11 +433,24 @@ def is_ip(host: str) -> bool:
     return True
 
 
-def h2_options() -> dict[str, Any]:
+# HTTP/2 PINGs on upstream connections to tokenmesh's own gRPC servers. A peer that
+# stops answering without a reset (a frozen process, a lost node, a partition) has
+# its connection closed, and the streams open on it reset, ~15 s after it went quiet:
+# without them a stream open on a hung worker waited for the route's idle timeout
+# (600 s for inference streams), although health checks took the worker out in ~4 s.
+# Our servers accept a ping every 5 s even with no call open (services.core.server).
+UPSTREAM_PING = {"interval": "10s", "timeout": "5s"}
+
+
+def h2_options(*, ping: bool = True) -> dict[str, Any]:
+    """HTTP/2 upstream options; `ping=False` for servers that are not ours (a gRPC
+    server's default policy answers pings on an idle connection more often than one
+    per 2 hours with GOAWAY too_many_pings)."""
+    http2: dict[str, Any] = {"connection_keepalive": dict(UPSTREAM_PING)} if ping else {}
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": _type("extensions.upstreams.http.v3.HttpProtocolOptions"),
-            "explicit_http_config": {"http2_protocol_options": {}},
+            "explicit_http_config": {"http2_protocol_options": http2},
         }
     }
 
@@ -1061,7 +1074,7 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
         for name, endpoints in sorted(config.upstreams.items())
     ]
     if config.otlp_endpoint is not None:
-        clusters.append(single_host_cluster("otlp", config.otlp_endpoint, http2=True))
+        clusters.append(single_host_cluster("otlp", config.otlp_endpoint, http2=True, ping=False))
     # The edge's own plaintext listener, wherever it is bound (an edge bound to one
     # address only, not to 127.0.0.1, could not fetch its JWKS: every JWT refused).
     own_listener = Endpoint(_loopback_or(config.listen_host), config.listen_port)
@@ -1113,8 +1126,11 @@ def _loopback_or(listen_host: str) -> str:
     return "127.0.0.1" if listen_host in ("0.0.0.0", "::", "") else listen_host
 
 
-def single_host_cluster(name: str, endpoint: Endpoint, *, http2: bool) -> dict[str, Any]:
-    """Builds a cluster of one host (an IP, or a DNS name resolved by Envoy)."""
+def single_host_cluster(
+    name: str, endpoint: Endpoint, *, http2: bool, ping: bool = True
+) -> dict[str, Any]:
+    """Builds a cluster of one host (an IP, or a DNS name resolved by Envoy); `ping`
+    as in h2_options."""
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC" if is_ip(endpoint.host) else "STRICT_DNS",
@@ -1123,5 +1139,5 @@ def single_host_cluster(name: str, endpoint: Endpoint, *, http2: bool) -> dict[s
         "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 30}},
     }
     if http2:
-        cluster["typed_extension_protocol_options"] = h2_options()
+        cluster["typed_extension_protocol_options"] = h2_options(ping=ping)
     return cluster

@@ -22,10 +22,15 @@ from services.core import contract
 from services.launcher.mesh import Mesh, MeshConfig
 from services.router.snapshot import model_cluster
 from tests.conftest import TEST_SERVICE_ENV
-from tests.e2e.conftest import wait_for_healthy_hosts
+from tests.e2e.conftest import authed_channel, wait_for_healthy_hosts
+from tokenmesh.inference.v1 import inference_service_pb2 as inference_pb
+from tokenmesh.inference.v1 import inference_service_pb2_grpc as inference_rpc
 
 WORKER_SERVICE = "tokenmesh.inference.v1.InferenceService"
 WAIT_S = 30.0
+# A stream on a hung worker ends within about the edge's ping interval and timeout
+# (10 s + 5 s, the interval jittered by up to 15%).
+HANG_BOUND_S = 25.0
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +194,34 @@ def test_a_health_request_the_edge_cannot_read_ends_at_the_edge(health_mesh):
             long = health_pb2.HealthCheckRequest(service=f"{served.service}/{'x' * 500}")
             gzip = grpc.Compression.Gzip
             assert _raw_answer(channel, long.SerializeToString(), gzip) == unreadable
+
+
+def test_a_stream_open_on_a_worker_that_hangs_ends_with_an_error(health_mesh):
+    # A worker that stops answering without a reset (SIGSTOP here; a lost node, a
+    # partition) sends no RST: its health checks take it out in seconds, but a
+    # stream already open on it got neither bytes nor an error until the route's
+    # idle timeout (600 s). The edge's HTTP/2 PINGs (envoy_config.UPSTREAM_PING:
+    # 10 s, 5 s to answer) close that connection, and its streams end.
+    wait_for_healthy_hosts(health_mesh, [model_cluster("deterministic-test", "1")], 1)
+    key = [("x-api-key", health_mesh.dev_api_key())]
+    with authed_channel(health_mesh.edge_address, key) as channel:
+        # 500 tokens at the test engine's 20 ms a step: ~10 s, were it not frozen.
+        stream = inference_rpc.InferenceServiceStub(channel).Generate(
+            inference_pb.GenerateRequest(model="deterministic-test", prompt="a b", max_tokens=500),
+            timeout=WAIT_S + HANG_BOUND_S,
+        )
+        next(stream)
+        health_mesh.send_signal("inference-0", signal.SIGSTOP)
+        hung_at = time.monotonic()
+        try:
+            with pytest.raises(grpc.RpcError) as ended:
+                for _ in stream:
+                    pass
+            waited = time.monotonic() - hung_at
+        finally:
+            health_mesh.send_signal("inference-0", signal.SIGCONT)
+    # Not the call's own deadline, and well before the idle timeout.
+    assert ended.value.code() != grpc.StatusCode.DEADLINE_EXCEEDED, ended.value
+    assert waited < HANG_BOUND_S, waited
+    wait_for_healthy_hosts(health_mesh, [model_cluster("deterministic-test", "1")], 1)
+    assert _wait_until(lambda: _healthz(health_mesh) == 200)
