@@ -10,8 +10,7 @@ prefix affinity keeps hashing similar prompts together among the rest.
 How a weight moves, per heartbeat of the worker (all pure functions here):
 
 1. cost: the worker's median TTFT, times its queue pressure
-   (1 + waiting / slots) and a KV penalty above 80% use. No TTFT sample in
-   the report's window means no evidence: no cost.
+   (1 + waiting / slots) and a KV penalty above 80% use.
 2. smoothing: the cost is an EWMA (`EWMA_ALPHA`) over heartbeats, so one
    slow request moves nothing much.
 3. target, per cluster (model version) the worker is in: `NEUTRAL_WEIGHT` x
@@ -22,6 +21,19 @@ How a weight moves, per heartbeat of the worker (all pure functions here):
 4. hysteresis: a target within `DEADBAND` of the current weight changes
    nothing (no flapping on noise), and a weight moves at most `MAX_STEP`
    per heartbeat toward its target (no cliff when one report is odd).
+
+A report without a TTFT sample (none of the worker's requests finished within
+the report's window) is evidence only from an idle worker: nothing queued,
+nothing running; then it has no cost (neutral). A busy one (`LoadReport.busy`)
+is a worker whose engine stalls, or whose long generations all outlast the
+window: it keeps its smoothed cost (the history is not dropped), and its
+target is set from that cost times the report's pressure (`pending_cost`;
+without a history, the cluster's best cost times it). Counted as idle, a worker
+held at the floor for being slow climbed back to 100 within four heartbeats
+while its queue grew, and took half of its version's new requests. Only the
+held cost is stored, not the raise: stored, the raise compounded at every
+heartbeat of a stall (x9 per heartbeat at a pressure of 17) and took as long to
+decay once requests finished again.
 
 A worker serving several versions has one weight per version's cluster
 (`ClusterWeight`): one weight for all of them, set against the fastest worker
@@ -36,6 +48,7 @@ The outcome carries a one-line reason that `tokenmesh workers list` shows.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
@@ -78,6 +91,15 @@ class LoadReport:
         cost = max(self.ttft_p50_ms, 0.1) * self.pressure()
         return cost if math.isfinite(cost) else None
 
+    def busy(self) -> bool:
+        """Whether the worker has work in hand (requests waiting or running, KV reserved
+        past the pressure threshold): no TTFT sample from it is no evidence of idleness."""
+        return self.queue_depth > 0 or self.running > 0 or self.kv_utilization > KV_PRESSURE_FROM
+
+    def untimed(self) -> bool:
+        """Whether the report carries no usable TTFT while the worker is busy."""
+        return self.cost() is None and self.busy()
+
 
 @dataclass(frozen=True)
 class WeightState:
@@ -98,13 +120,39 @@ class ClusterWeight:
 
 
 def smoothed_cost(previous: float | None, report: LoadReport | None) -> float | None:
-    """Returns the EWMA of the costs (a report with no cost forgets the past: no evidence)."""
+    """Returns the EWMA of the costs. A report with no cost forgets the past (no report,
+    or an idle worker's), unless the worker is busy: then the past is all there is,
+    kept as it was (`pending_cost` raises it by the report's pressure)."""
+    if previous is not None and not math.isfinite(previous):  # inf: stored by an earlier router
+        previous = None
+    if report is not None and report.untimed():
+        return previous
     current = report.cost() if report is not None else None
     if current is None:
         return None
-    if previous is None or not math.isfinite(previous):  # inf: stored by an earlier router
+    if previous is None:
         return current
     return EWMA_ALPHA * current + (1.0 - EWMA_ALPHA) * previous
+
+
+def pending_cost(
+    report: LoadReport | None, cost: float | None, others: Sequence[float | None]
+) -> float | None:
+    """Returns the cost a weight's target is set from: the smoothed `cost`, or for a busy
+    worker without a TTFT sample, a lower bound of its next TTFT: its held cost (else the
+    cluster's best, `others`: it is no faster than that) times the report's pressure.
+
+    Not stored (`smoothed_cost` keeps the held cost): the held cost already carries the
+    pressure of its own reports, so stored, the raise compounded at every heartbeat.
+    """
+    if report is None or not report.untimed():
+        return cost
+    base = cost if cost is not None else best(others)
+    if base is None:
+        return None  # nobody's speed is known: nothing to compare with
+    raised = base * report.pressure()
+    # Past any float a worker is slower than every other: the floor, not "no evidence".
+    return raised if math.isfinite(raised) else sys.float_info.max
 
 
 def target_weight(cost: float | None, best_cost: float | None) -> int:
@@ -160,10 +208,12 @@ def settle(
 ) -> WeightState:
     """Returns a weight state after one heartbeat whose smoothed cost is `cost`
     (`update`; a worker in several clusters settles once per cluster, on one cost)."""
-    reference = best([cost, *others])
-    target = target_weight(cost, reference)
+    known = list(others)
+    pending = pending_cost(report, cost, known)
+    reference = best([pending, *known])
+    target = target_weight(pending, reference)
     weight = stepped(previous.weight, target)
-    return WeightState(cost, weight, explain(report, cost, reference, target, weight))
+    return WeightState(cost, weight, explain(report, pending, reference, target, weight, cost))
 
 
 def overall(cost: float | None, clusters: Sequence[ClusterWeight]) -> WeightState:
@@ -179,11 +229,19 @@ def overall(cost: float | None, clusters: Sequence[ClusterWeight]) -> WeightStat
 
 
 def explain(
-    report: LoadReport | None, cost: float | None, reference: float | None, target: int, weight: int
+    report: LoadReport | None,
+    cost: float | None,
+    reference: float | None,
+    target: int,
+    weight: int,
+    held: float | None = None,
 ) -> str:
-    """Returns the one-line reason for a weight."""
+    """Returns the one-line reason for a weight (`cost`: the one its target is set from,
+    `pending_cost`; `held`: the smoothed cost it raised, if any)."""
     if report is None:
         why = "no load report: neutral"
+    elif report.untimed():
+        why = _untimed(report, cost, reference, held)
     elif cost is None:
         why = "no recent requests: neutral"
     else:
@@ -195,3 +253,17 @@ def explain(
     if abs(target - weight) < DEADBAND:
         return f"{why}; target {target} within the deadband"
     return f"{why}; moving to {target} by at most {MAX_STEP} per heartbeat"
+
+
+def _untimed(
+    report: LoadReport, cost: float | None, reference: float | None, held: float | None
+) -> str:
+    """The reason for a busy worker none of whose requests finished within the window."""
+    why = f"no request finished lately, {report.queue_depth} queued, {report.running} running"
+    if cost is None:
+        return f"{why}: no cost known, neutral"
+    base = f"last cost {held:.0f}ms" if held is not None else "best cost"
+    return (
+        f"{why}: cost {cost:.0f}ms ({base} x pressure {report.pressure():.2f})"
+        f" vs best {reference or cost:.0f}ms"
+    )

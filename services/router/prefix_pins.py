@@ -40,6 +40,16 @@ The edge's Lua filter reads the pins from its route's metadata and asks Envoy
 for the pinned worker (a non-strict override: a worker that is unhealthy or
 gone falls back to the hash). Heads that are not pinned keep the hash.
 
+A pinned request skips the hash's bounded load (Maglev's `hash_balance_factor`:
+no worker takes more than HASH_BALANCE_FACTOR % of its weighted share of the
+active requests, past it the hash spills to the next worker). So a head hotter
+than that share of the version's heat on its worker (or than HASH_BALANCE_FACTOR
+% of an even split's, whatever the weights) is not pinned (`_Bounds`): left to
+the hash, it spills over. One shared system prompt is most applications' whole
+traffic (every request's first 64 bytes alike): pinned, it sent all of a
+version's requests to one worker while the others idled, and when that worker's
+weight fell, all of them to the other one.
+
 Pure and deterministic: the same reports and last pins give the same pins.
 The last pins are kept in Redis (services.router.pin_store), for every
 router replica to start from: starting from the reports alone, a head that
@@ -71,6 +81,10 @@ FIT_SHARE = 0.9
 #: Workers that saw a head within this many seconds of the latest one that did
 #: count as where it goes now (a heartbeat a second: two reports apart at most).
 CURRENT_S = 1.0
+#: The edge's bound on one worker's share (in %), which its version clusters are
+#: given (services.router.snapshot.HASH_BALANCE_FACTOR is this). A head past it on
+#: its worker is left to that bound.
+HASH_BALANCE_FACTOR = 150
 
 
 @dataclass(frozen=True)
@@ -89,7 +103,8 @@ class Holder:
 
 def pins(holders: Sequence[Holder], last: Mapping[str, str] | None = None) -> dict[str, str]:
     """Returns {prefix key: worker address} of the version's hottest heads (none: < 2
-    workers), starting from `last` (the previous pins)."""
+    workers; none past the edge's bounded load on its worker, `_Bounds`), starting from
+    `last` (the previous pins)."""
     live = sorted((h for h in holders if h.weight > 0), key=lambda h: h.address)
     if len(live) < 2:
         return {}
@@ -97,7 +112,9 @@ def pins(holders: Sequence[Holder], last: Mapping[str, str] | None = None) -> di
     for holder in live:
         for head, (count, _) in holder.heat.items():
             totals[head] = totals.get(head, 0.0) + count
-    heads = sorted(totals, key=lambda head: (-totals[head], head))[:MAX_PINS]
+    bounds = _Bounds.of(live, totals)
+    pinnable = (head for head in totals if bounds.fits_somewhere(totals[head]))
+    heads = sorted(pinnable, key=lambda head: (-totals[head], head))[:MAX_PINS]
     serving = {h.address for h in live}
     earlier = last or {}
     kept = {head: earlier[head] for head in heads if earlier.get(head) in serving}
@@ -105,7 +122,40 @@ def pins(holders: Sequence[Holder], last: Mapping[str, str] | None = None) -> di
     caches = _Caches.of(live, owner)
     _fit(live, owner, totals, caches)
     _balance(live, owner, totals, set(kept), caches)
-    return owner
+    # The balance keeps a head where it was while the split is within noise, and out
+    # of a full cache: one it left past its worker's bound goes to the hash too.
+    return {head: a for head, a in owner.items() if bounds.fits(a, totals[head])}
+
+
+@dataclass(frozen=True)
+class _Bounds:
+    """The most heat each worker may be pinned by one head: HASH_BALANCE_FACTOR % of its
+    share of the version's heat, by endpoint weight (what the edge's bounded-load hash
+    lets it take: Envoy sizes each host's slots by its normalized weight), and never
+    more than an even split's.
+
+    Not past an even split's, whatever the weights: they move at every heartbeat, and a
+    head that fitted one worker only while its peer's weight was down moved whole at
+    every swing (to b when a slowed, back when b did), a cache miss each time and all of
+    it on one worker, where the hash keeps each worker's bounded share of it.
+    Heat counts requests, the bound active ones: alike while requests take alike.
+    """
+
+    heat: dict[str, float]  # address -> heat
+
+    @classmethod
+    def of(cls, live: Sequence[Holder], totals: Mapping[str, float]) -> _Bounds:
+        limit = sum(totals.values()) * HASH_BALANCE_FACTOR / 100
+        weights = sum(h.weight for h in live)
+        even = limit / len(live)
+        return cls({h.address: min(even, limit * h.weight / weights) for h in live})
+
+    def fits(self, address: str, heat: float) -> bool:
+        """Whether a head of `heat` pinned whole to `address` keeps it within its bound."""
+        return heat <= self.heat[address]
+
+    def fits_somewhere(self, heat: float) -> bool:
+        return heat <= max(self.heat.values())
 
 
 @dataclass

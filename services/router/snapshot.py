@@ -96,8 +96,9 @@ class ClusterOptions:
 
 
 # With prefix affinity, no worker takes more than this share (in %) of the
-# average active requests: a hot prompt spills over instead of piling up.
-HASH_BALANCE_FACTOR = 150
+# average active requests: a hot prompt spills over instead of piling up. The
+# router's pins leave a head past it to the hash (prefix_pins owns the number).
+HASH_BALANCE_FACTOR = prefix_pins.HASH_BALANCE_FACTOR
 
 
 #: Per model version, hot prompt heads pinned to a worker: head -> address.

@@ -146,3 +146,66 @@ def test_worker_entries_keep_their_cluster_weights_and_old_entries_use_their_own
     assert WorkerEntry.from_json("w", entry.to_json()) == entry
     assert entry.weight_in("m", "1").weight == 55
     assert entry.weight_in("n", "1").weight == 30  # none there yet: its own
+
+
+def stalled(queue: int, running: int = 8, slots: int = 8, kv: float = 0.0) -> LoadReport:
+    """A busy worker none of whose requests finished within the report's window."""
+    return LoadReport(queue_depth=queue, running=running, slots=slots, kv_utilization=kv)
+
+
+def test_a_busy_worker_with_no_finished_request_keeps_its_cost_and_does_not_climb():
+    # Held at the floor for being slow, its engine then stalls: nothing finishes, so
+    # no TTFT sample, while its queue grows. Counted as idle, it went 5, 35, 65, 95,
+    # 100 and took half of its version's new requests.
+    state = WeightState(cost=3600.0, weight=lw.MIN_WEIGHT, reason="")
+    for queue in (100, 120, 140, 160):
+        state = lw.update(state, stalled(queue, kv=1.0), [40.0])
+        assert state.weight == lw.MIN_WEIGHT
+        assert state.cost == 3600.0  # kept, not dropped, and the raise is not compounded
+    assert "no request finished lately, 160 queued, 8 running" in state.reason
+    assert "last cost 3600ms x pressure" in state.reason
+
+
+def test_a_worker_running_at_its_slots_without_samples_holds_its_weight():
+    # Every slot busy with long generations and nothing queued: no faster than its history.
+    state = WeightState(cost=400.0, weight=10, reason="")
+    _, weights = run(state, stalled(0), [40.0], beats=5)
+    assert weights == [10] * 5
+
+
+def test_the_pressure_of_a_busy_worker_without_samples_lowers_its_weight():
+    # Neutral until now (as fast as the best), it stalls with a queue as deep as its
+    # slots: at least twice the best's cost, 50, reached in steps of at most MAX_STEP.
+    state = WeightState(cost=40.0, weight=lw.NEUTRAL_WEIGHT, reason="")
+    state, weights = run(state, stalled(8), [40.0], beats=3)
+    assert weights == [70, 50, 50]
+    assert state.cost == 40.0
+
+
+def test_a_busy_worker_without_any_history_is_no_faster_than_the_best():
+    # No cost of its own yet (it joined, or was idle): its queue behind the best's cost.
+    state, weights = run(WeightState(), stalled(24), [40.0], beats=4)
+    assert weights == [70, 40, 25, 25]  # 100 / pressure 4
+    assert state.cost is None and "best cost x pressure 4.00" in state.reason
+    # Nobody's cost known: nothing to compare with.
+    alone = lw.update(WeightState(), stalled(24), [None])
+    assert alone.weight == lw.NEUTRAL_WEIGHT and "no cost known" in alone.reason
+
+
+def test_an_idle_worker_without_samples_is_neutral_and_forgets_its_history():
+    state = lw.update(WeightState(cost=3600.0, weight=lw.MIN_WEIGHT), LoadReport(slots=8), [40.0])
+    assert state.cost is None and state.weight == lw.MIN_WEIGHT + lw.MAX_STEP
+    assert "no recent requests: neutral" in state.reason
+
+
+def test_requests_finishing_again_smooth_on_from_the_held_cost():
+    state = WeightState(cost=3600.0, weight=lw.MIN_WEIGHT, reason="")
+    for _ in range(10):
+        state = lw.update(state, stalled(100, kv=1.0), [40.0])
+    state = lw.update(state, report(40.0), [40.0])
+    assert state.cost == lw.EWMA_ALPHA * 40.0 + (1 - lw.EWMA_ALPHA) * 3600.0
+
+
+def test_a_raised_cost_past_any_float_is_the_floor_not_no_evidence():
+    state = lw.update(WeightState(cost=1e300, weight=lw.MIN_WEIGHT), stalled(1 << 30), [1.0])
+    assert state.weight == lw.MIN_WEIGHT and state.cost == 1e300
