@@ -3,7 +3,10 @@
 Layout (all keys under `tm:auth:`):
     key:<id>            ApiKey (serialized protobuf; never a secret)
     secret:<hmac>       -> key id; rotated-out secrets carry a TTL (the overlap)
-    key:<id>:secrets    set of the key's live secret hashes (for revocation)
+    key:<id>:secrets    set of the key's secret hashes that may still work: the
+                        current one and every rotated-out one (rotate and revoke
+                        end them all; one whose overlap ended is dropped at the
+                        next rotation)
     issued:<hmac>       -> key id, for every secret ever issued; never deleted, so a
                         revoked or rotated-out secret stays known as such (adopt)
     keys                sorted set of key ids by creation time
@@ -24,6 +27,12 @@ token lifetime past the overlap. The key's record is read after the script
 (its name comes from the secret's value, and a script touches only the keys
 it declares): revoke writes the record and deletes the secrets in one
 transaction, so a record read later can only be as revoked as the secret.
+
+A rotation ends every secret of the key, not only the current one: each is cut
+to what is left of its overlap or the new overlap, whichever is shorter, in the
+transaction that issues the new secret. A rotation used to drop the rotated-out
+secret from the key's set, so a second rotation (`overlap: 0s` after a leak)
+never reached it and it worked on for the rest of its first overlap.
 
 `adopt` registers a secret given from outside (the production bootstrap key,
 passed again on every start). It consults `issued:` rather than the live
@@ -70,6 +79,27 @@ if not key_id then return nil end
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl == -2 or ttl == 0 then return nil end
 return {key_id, ttl}
+"""
+
+# KEYS[1]: key:<id>:secrets; KEYS[2..]: secret:<hmac> of each of its members.
+# ARGV[1]: the new overlap (ms; 0: end now); ARGV[2..]: the members, as KEYS.
+# Cuts each secret to min(what is left of it, the overlap) and drops the ones
+# that are over (or gone) from the set. A script: the min needs the PTTL and the
+# PEXPIRE at one instant (Redis 6.2 has no PEXPIRE ... LT), and a PTTL read
+# before MULTI would lengthen a secret by the time until EXEC. Queued in the
+# rotation's MULTI, so the cut and the new secret are one change.
+_RETIRE = """
+local overlap = tonumber(ARGV[1])
+for i = 2, #KEYS do
+    local ttl = redis.call('PTTL', KEYS[i])
+    if overlap == 0 or ttl == -2 or ttl == 0 then
+        redis.call('DEL', KEYS[i])
+        redis.call('SREM', KEYS[1], ARGV[i])
+    elseif ttl == -1 or ttl > overlap then
+        redis.call('PEXPIRE', KEYS[i], overlap)
+    end
+end
+return 0
 """
 
 
@@ -293,7 +323,8 @@ class ApiKeyStore:
         await self.redis.hset(LAST_USED, key.id, str(now_ns))
 
     async def revoke(self, key_id: str) -> auth_pb2.ApiKey:
-        """Revokes a key and deletes every secret hash that maps to it."""
+        """Revokes a key and deletes every secret hash that maps to it (its set holds
+        the rotated-out ones too)."""
 
         def write(pipe: Pipeline, key: auth_pb2.ApiKey, digests: Sequence[str]) -> None:
             key.state = auth_pb2.API_KEY_STATE_REVOKED
@@ -306,7 +337,10 @@ class ApiKeyStore:
         return key
 
     async def rotate(self, key_id: str, overlap_s: float) -> tuple[auth_pb2.ApiKey, str, float]:
-        """Issues a new secret; old ones keep working for `overlap_s` seconds, then stop."""
+        """Issues a new secret; every old one (those earlier rotations left in their
+        overlap too) stops within `overlap_s` seconds, or when it was to stop if
+        that is sooner. Returns the key, the new secret and when the old ones end
+        at the latest."""
 
         def write(pipe: Pipeline, key: auth_pb2.ApiKey, old: Sequence[str]) -> str:
             if key.state != auth_pb2.API_KEY_STATE_ACTIVE:
@@ -316,12 +350,7 @@ class ApiKeyStore:
             secret = new_api_key()
             digest = self.secret.hash_api_key(secret)
             key.prefix = secret[:7]
-            for old_digest in old:
-                if overlap_s > 0:
-                    pipe.pexpire(f"{PREFIX}secret:{old_digest}", max(1, int(overlap_s * 1000)))
-                else:
-                    pipe.delete(f"{PREFIX}secret:{old_digest}")
-                pipe.srem(f"{PREFIX}key:{key_id}:secrets", old_digest)
+            self._queue_retire(pipe, key_id, old, overlap_s)
             pipe.set(f"{PREFIX}secret:{digest}", key_id)
             pipe.set(_issued(digest), key_id)
             pipe.sadd(f"{PREFIX}key:{key_id}:secrets", digest)
@@ -332,6 +361,26 @@ class ApiKeyStore:
         # Taken once the overlap was set: no lookup puts the old secrets' end later
         # than this (tokens for them expire by it; lookup reads the end from before).
         return key, secret, time.time() + overlap_s
+
+    @staticmethod
+    def _queue_retire(
+        pipe: Pipeline, key_id: str, digests: Sequence[str], overlap_s: float
+    ) -> None:
+        """Queues the cut of a key's secrets `digests` to at most `overlap_s` seconds."""
+        if not digests:
+            return
+        overlap_ms = max(1, int(overlap_s * 1000)) if overlap_s > 0 else 0
+        names = [f"{PREFIX}secret:{digest}" for digest in digests]
+        # EVAL (the body each time): rotations are rare, and a registered script's
+        # EVALSHA in MULTI costs a SCRIPT EXISTS (and LOAD) on the watched connection.
+        pipe.eval(
+            _RETIRE,
+            1 + len(names),
+            f"{PREFIX}key:{key_id}:secrets",
+            *names,
+            overlap_ms,
+            *digests,
+        )
 
     async def _change(
         self,

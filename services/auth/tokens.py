@@ -8,8 +8,10 @@ from typing import Any
 
 import jwt
 
+from gateway.edge_auth import JWT_CLOCK_SKEW_S
 from services.auth.keys import Principal
 from services.auth.signing import ALGORITHM, SigningKeyRing
+from services.core.errors import Unauthenticated
 
 
 class TokenIssuer:
@@ -30,14 +32,18 @@ class TokenIssuer:
     async def issue(self, principal: Principal) -> tuple[str, int]:
         """Returns a signed JWT for `principal` and its lifetime in seconds.
 
-        It expires after `ttl_s`, or when the principal's credential does if
-        that is sooner (rounded down: never a second past it).
+        It expires after `ttl_s`, or sooner when the principal's credential
+        ends (a rotated-out secret's overlap, the key's expiry): then the edge
+        stops taking it by that end. Raises Unauthenticated, as for an ended
+        credential, when that leaves the token no lifetime.
         """
         kid, key = await self.ring.current()
         now = int(time.time())
         exp = now + self.ttl_s
         if principal.expires_at:
-            exp = min(exp, int(principal.expires_at))
+            exp = min(exp, _last_exp(principal.expires_at))
+            if exp <= now:
+                raise _credential_ended()
         claims = {
             "iss": self.issuer,
             "aud": self.audience,
@@ -88,3 +94,23 @@ class TokenIssuer:
             int(claims.get("monthly", 0) or 0),
             str(claims.get("pins", "")),
         )
+
+
+def _last_exp(ends_at: float) -> int:
+    """Returns the latest `exp` whose token the edge refuses from `ends_at` on.
+
+    Envoy's jwt_authn takes a token while `now <= exp + JWT_CLOCK_SKEW_S`, with
+    `now` in whole seconds (truncated): through the end of that second. With
+    `exp` at the credential's end, a token for a rotated-out secret or an
+    expiring key worked at the edge 10 s (up to 11 s) past it.
+    """
+    return int(ends_at) - JWT_CLOCK_SKEW_S - 1
+
+
+def _credential_ended() -> Unauthenticated:
+    """Returns the answer for a credential too close to its end to mint a token: the
+    one every bad credential gets (authenticator.unauthenticated)."""
+    # Imported here: the authenticator module imports this one.
+    from services.auth.authenticator import unauthenticated
+
+    return unauthenticated()
