@@ -557,7 +557,7 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("id")
     revoke.set_defaults(run=keys_revoke)
     rotate = keys.add_parser(
-        "rotate", help="issue a new secret; the old one works for --overlap seconds"
+        "rotate", help="issue a new secret; the old ones work for --overlap seconds at most"
     )
     rotate.add_argument("id")
     rotate.add_argument("--overlap", type=int)

@@ -358,7 +358,9 @@ class RotateApiKeyRequest(_message.Message):
     """id is the key's id."""
     @_builtins.property
     def overlap(self) -> _duration_pb2.Duration:
-        """overlap is how long the old secret keeps working (0-7 days; unset uses the server default)."""
+        """overlap is how long the old secrets keep working at most (0-7 days; unset uses the server
+        default): the current one, and those earlier rotations left in an overlap of their own.
+        """
 
     def __init__(
         self,

@@ -133,7 +133,7 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RotateApiKey(self, request, context):
-        """RotateApiKey issues a new secret; the old one stays valid for the overlap. Needs "admin".
+        """RotateApiKey issues a new secret; every old one stays valid for the overlap at most. Needs "admin".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -51,7 +51,7 @@ class AuthServiceStub:
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.RevokeApiKeyRequest, _auth_service_pb2.RevokeApiKeyResponse]
     """RevokeApiKey revokes a key; the edge rejects it within 5 seconds. Needs "admin"."""
     RotateApiKey: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.RotateApiKeyRequest, _auth_service_pb2.RotateApiKeyResponse]
-    """RotateApiKey issues a new secret; the old one stays valid for the overlap. Needs "admin"."""
+    """RotateApiKey issues a new secret; every old one stays valid for the overlap at most. Needs "admin"."""
     RotateSigningKey: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.RotateSigningKeyRequest, _auth_service_pb2.RotateSigningKeyResponse]
     """RotateSigningKey makes a new JWT signing key current. Needs "admin"."""
     ListSigningKeys: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.ListSigningKeysRequest, _auth_service_pb2.ListSigningKeysResponse]
@@ -79,7 +79,7 @@ class AuthServiceAsyncStub(AuthServiceStub):
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.RevokeApiKeyRequest, _auth_service_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
     """RevokeApiKey revokes a key; the edge rejects it within 5 seconds. Needs "admin"."""
     RotateApiKey: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.RotateApiKeyRequest, _auth_service_pb2.RotateApiKeyResponse]  # type: ignore[assignment]
-    """RotateApiKey issues a new secret; the old one stays valid for the overlap. Needs "admin"."""
+    """RotateApiKey issues a new secret; every old one stays valid for the overlap at most. Needs "admin"."""
     RotateSigningKey: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.RotateSigningKeyRequest, _auth_service_pb2.RotateSigningKeyResponse]  # type: ignore[assignment]
     """RotateSigningKey makes a new JWT signing key current. Needs "admin"."""
     ListSigningKeys: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.ListSigningKeysRequest, _auth_service_pb2.ListSigningKeysResponse]  # type: ignore[assignment]
@@ -146,7 +146,7 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_service_pb2.RotateApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.RotateApiKeyResponse, _abc.Awaitable[_auth_service_pb2.RotateApiKeyResponse]]:
-        """RotateApiKey issues a new secret; the old one stays valid for the overlap. Needs "admin"."""
+        """RotateApiKey issues a new secret; every old one stays valid for the overlap at most. Needs "admin"."""
 
     @_abc_1.abstractmethod
     def RotateSigningKey(
