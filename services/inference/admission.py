@@ -234,6 +234,10 @@ class Request:
         # (with the reservation) if it was refused (services.inference.pipeline.
         # generate.GenerationPipeline.complete_all).
         self.held_events: list[inference_pb2.UsageEvent] | None = None
+        # Cut by this worker's shutdown before its answer's headers went out: its
+        # caller got a trailers-only UNAVAILABLE, which the edge tries again on
+        # another worker (Admission.note_cancelled).
+        self.cut = False
 
     def model_ref(self) -> types_pb2.ModelRef:
         """Returns the serving model version as a protobuf message."""
@@ -290,14 +294,16 @@ def _cache_scope(request: Request) -> str:
 
 
 def set_attempt_apart(event: inference_pb2.UsageEvent) -> None:
-    """Records a job item's unfinished attempt beside the item, billed nothing.
+    """Records an attempt that someone tries again beside the request, billed nothing.
 
-    The jobs service tries such an item again under the same id, and the meter
-    keeps the first event of an id: this attempt's tokens-so-far would have been
-    the item's usage, and the finished run's dropped. So the attempt gets an
-    event id of its own, `usage` zero (nothing billed, budgets reconciled to
-    zero) and `served_usage` what it computed. The run that finishes is billed
-    under the item's id, once.
+    A job item's unfinished attempt: the jobs service tries the item again under
+    the same id, and the meter keeps the first event of an id: this attempt's
+    tokens-so-far would have been the item's usage, and the finished run's
+    dropped. A call cut by its worker's shutdown before its headers went out
+    (`Request.cut`): the edge tries it again on another worker, under a usage id
+    of its own, which is billed. So the attempt gets an event id of its own,
+    `usage` zero (nothing billed, budgets reconciled to zero) and `served_usage`
+    what it computed. The run that finishes is billed, once.
     """
     if not event.cached:  # a cached answer's served_usage is what the caller received
         event.served_usage.CopyFrom(event.usage)
@@ -335,6 +341,9 @@ class Admission:
         # What the whole mesh serves, for ListModels and GetModel: the service
         # feeds it the router's view of the other workers; until then, this one's.
         self.mesh_models = MeshModels(registry)
+        # Whether a call cancelled now was cut by the worker's shutdown (its grace
+        # over); the service sets it (InferenceService.cut_by_shutdown). Never, by default.
+        self.cut_by_shutdown: Callable[[], bool] = lambda: False
         self._background: set[asyncio.Task[None]] = set()
 
     @functools.cached_property
@@ -451,7 +460,9 @@ class Admission:
         if request.held_events is not None:
             request.held_events.append(event)
             return
-        unfinished = request.job_attempt and event.finish_reason in UNFINISHED_ATTEMPT
+        unfinished = request.cut or (
+            request.job_attempt and event.finish_reason in UNFINISHED_ATTEMPT
+        )
         if unfinished:
             set_attempt_apart(event)
         labels = (request.model.name, request.model.version)
@@ -539,6 +550,21 @@ class Admission:
         tokens' next charge: over, never under, the budget."""
         forget = functools.partial(self.budgets.forget, key_id, chunk_id, now)
         self._in_background(forget, "take back an unmetered request's unanswered chunk")
+
+    def note_cancelled(self, request: Request) -> None:
+        """Marks `request` cut (`Request.cut`) if the worker's shutdown cancelled it.
+
+        Only for a request whose answer's headers are held until it is answered
+        (Complete, an OpenAI call without `stream`: services.core.interceptors'
+        HeadersAtEnd, the OpenAI servicer's _ResponseContext): once the grace is
+        over, grpc ends it trailers-only UNAVAILABLE, which the edge's retry policy
+        tries again on another worker, and that try is billed. Recorded, it was
+        billed twice, budgets charged twice. A stream that sent its headers is not
+        tried again: it is billed what it sent. A shadow copy is not tried again
+        either: it stays metered to the shadow account.
+        """
+        if request.copy_of is None and self.cut_by_shutdown():
+            request.cut = True
 
     def release(self, request: Request) -> None:
         """Gives a request's whole reservation back (it was refused before it ran)."""

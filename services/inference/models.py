@@ -59,7 +59,8 @@ class LoadedModel:
         self.ready = True
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
-        """Stops admitting, lets in-flight work finish, frees the engine."""
+        """Stops admitting, refuses the generations still waiting (MODEL_UNLOADING: they
+        never started), lets running work finish (up to the timeout), frees the engine."""
         self.ready = False
         if self.scheduler is not None:
             await self.scheduler.stop(drain_timeout_s)

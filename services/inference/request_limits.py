@@ -16,7 +16,10 @@ Every try of a request counts, Envoy's retries too (a retry's first try may
 never have reached a worker: a connect failure, a refused stream); a try
 that a worker refuses in a way Envoy tries again elsewhere (UNAVAILABLE or
 CANCELLED, no response header sent: a draining worker, a version not here)
-gives its count back first, so a retried request counts once.
+gives its count back first, so a retried request counts once. So does a try
+that the worker's own shutdown cut once its grace was over, before any
+response header went out (a unary call's leave with its answer): grpc ends
+it trailers-only UNAVAILABLE, which Envoy tries again elsewhere.
 
 What a client sees is what the edge's filter gave it:
 - draft-03 `x-ratelimit-limit`, `-remaining`, `-reset` on every answer (REST:
@@ -50,6 +53,7 @@ worker served another, past that model's limit and the routes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -204,7 +208,9 @@ def refusal(window: WindowStatus) -> ResourceExhausted:
     )
 
 
-async def _announced(result: Any, limited: _Counted | None) -> AsyncIterator[Any]:
+async def _announced(
+    result: Any, limited: _Counted | None, cut_by_shutdown: Callable[[], bool]
+) -> AsyncIterator[Any]:
     """Streams a handler's messages, announcing the limits' headers before the first
     (or in the trailers of an error before it)."""
     try:
@@ -220,6 +226,10 @@ async def _announced(result: Any, limited: _Counted | None) -> AsyncIterator[Any
     except Exception as exc:
         if limited is not None:
             await limited.failing(exc)
+        raise
+    except asyncio.CancelledError:
+        if limited is not None and cut_by_shutdown():
+            await limited.refund_if_cut(held=False)  # a stream that sent none
         raise
     if limited is not None:
         await limited.ensure_announced()
@@ -261,7 +271,24 @@ class _Counted(AnnouncingContext):
     async def refund_if_retried(self, error: BaseException | grpc.StatusCode) -> None:
         """Gives the call's count back if it ends in a way Envoy tries again."""
         code = error if isinstance(error, grpc.StatusCode) else getattr(error, "code", None)
-        if self._hit is not None and not self.sent and code in RETRIED_CODES:
+        if not self.sent and code in RETRIED_CODES:
+            await self._refund()
+
+    async def refund_if_cut(self, *, held: bool) -> None:
+        """Gives the count back of a call the worker's shutdown cut (its grace over)
+        before any response header went out: grpc ends it trailers-only UNAVAILABLE,
+        which Envoy tries again elsewhere.
+
+        `held`: a unary call, whose headers leave with its answer (the error
+        boundary's HeadersAtEnd holds what it sent, `sent` here says only that it
+        sent them); a stream's went out when sent.
+        """
+        if held or not self.sent:
+            await self._refund()
+
+    async def _refund(self) -> None:
+        """Takes the call's count back, once."""
+        if self._hit is not None:
             hit, self._hit = self._hit, None
             await self._limiter.refund(hit)
 
@@ -289,6 +316,8 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         failure_mode_deny: refuse requests while the store is unreachable.
         max_copies: shadow copies of one model version run at once
             (TOKENMESH_SHADOW_MAX_COPIES).
+        cut_by_shutdown: tells whether a call cancelled now was cut by the worker's
+            shutdown (InferenceService.cut_by_shutdown; default: never).
     """
 
     def __init__(
@@ -296,9 +325,11 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         limiter: RequestLimiter,
         failure_mode_deny: bool = False,
         max_copies: int = shadow.MAX_COPIES,
+        cut_by_shutdown: Callable[[], bool] = lambda: False,
     ) -> None:
         self.limiter = limiter
         self.failure_mode_deny = failure_mode_deny
+        self.cut_by_shutdown = cut_by_shutdown
         self.copies = shadow.CopySlots(max_copies)
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
 
@@ -354,6 +385,10 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:
                 await limited.failing(exc)  # an error answer carries the limits' headers too
                 raise
+            except asyncio.CancelledError:
+                if self.cut_by_shutdown():
+                    await limited.refund_if_cut(held=True)
+                raise
             await limited.ensure_announced()
             return response
 
@@ -374,7 +409,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
             result = behavior(request, limited or context)
             if limited is None and inspect.isasyncgen(result):
                 return cast(AsyncIterator[Any], result)
-            return _announced(result, limited)
+            return _announced(result, limited, self.cut_by_shutdown)
 
         setattr(stream, STREAM_OPENER, open_stream)
         return stream

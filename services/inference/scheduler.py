@@ -29,6 +29,11 @@ TOKENMESH_SHADOW_MAX_COPIES per version).
 
 Each sequence has an outbox the request handler reads: token ids as they are
 sampled, then one `Finished`.
+
+Unloading (`stop`) refuses new requests and, at once, the waiting ones
+(UNAVAILABLE, MODEL_UNLOADING: nothing of them ran, so the edge may try them
+on another worker and the pipeline bills nothing: `refused_unstarted`); the
+running ones finish up to the drain timeout, then end MODEL_UNLOADED.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -71,6 +76,8 @@ from services.inference.sampling import SamplingParams, sample_batch
 
 logger = logging.getLogger(__name__)
 PRIORITY_INTERACTIVE, PRIORITY_BATCH = 0, 1
+#: The reason of a request refused because its version is unloading: nothing of it ran.
+UNLOADING = "MODEL_UNLOADING"
 #: Set in the task serving a shadow copy while it holds one of its version's copy
 #: slots (services.inference.shadow.CopySlots.hold): the sequences it submits are
 #: copies, which take no place of `max_queue` from live requests (see the module).
@@ -244,7 +251,35 @@ class Outbox:
 
 
 def _unloaded() -> Unavailable:
+    """The error of a sequence that ran when its version's unload ended it."""
     return Unavailable("model version unloaded", reason="MODEL_UNLOADED")
+
+
+def _unloading() -> Unavailable:
+    """The refusal of a request its version's unload stops before it ran: submitted
+    after the unload began, or still waiting for a slot. Nothing of it ran, so the
+    edge tries it again on another worker (a trailers-only UNAVAILABLE) and the
+    pipeline bills nothing (`refused_unstarted`)."""
+    return Unavailable("model version is unloading", retry_after_s=1.0, reason=UNLOADING)
+
+
+def refused_unstarted(seqs: Iterable[Sequence_]) -> bool:
+    """Tells whether a request's sequences were refused before any of them started:
+    one ended with the unload's refusal and none was ever admitted into a batch.
+
+    Such a request is billed nothing, as one its submit refused. Exact once the
+    refusal reached its reader (event loop): the engine thread refuses every
+    waiting sequence at once and admits none after, so a sibling that started
+    did so before the refusal was handed over.
+    """
+    refused = False
+    for seq in seqs:
+        if seq.started_at is not None:
+            return False
+        end = seq.finished
+        if end is not None and end.error is not None and end.error.reason == UNLOADING:
+            refused = True
+    return refused
 
 
 def kv_reservation(prompt_ids: Sequence[int], params: SamplingParams) -> int:
@@ -396,8 +431,18 @@ class Scheduler:
         self._thread.start()
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
-        """Refuses new work, lets admitted work finish (up to the timeout), stops."""
+        """Refuses new work and the waiting requests, lets the running ones finish (up
+        to the timeout), stops.
+
+        A waiting request never started, so it is refused as a new one is
+        (UNAVAILABLE, MODEL_UNLOADING: tried again on another worker, billed
+        nothing), at once. It used to wait for a slot that a running request freed,
+        then run until the timeout ended it (MODEL_UNLOADED), billed what it
+        computed and not tried again. What still runs at the timeout ends
+        MODEL_UNLOADED.
+        """
         self._accepting = False
+        self._wake.set()  # the engine thread refuses the waiting requests at once
         deadline = time.monotonic() + drain_timeout_s
         while (self._running or self._waiting_count) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -414,7 +459,9 @@ class Scheduler:
                     "engine thread of %s still runs %.0fs after stop", self.labels, self.STOP_JOIN_S
                 )
                 for seq in self._open:
-                    seq.outbox.put_nowait(Finished("error", _unloaded()))
+                    # Its start is final: the thread admits nothing during its step.
+                    error = _unloading() if seq.started_at is None else _unloaded()
+                    seq.outbox.put_nowait(Finished("error", error))
                 self._open.clear()
                 # Its gauges go too: the thread publishes none after its step (the
                 # loop ends), and the preStop hook and autoscalers read them.
@@ -424,8 +471,10 @@ class Scheduler:
             queued = [*self._waiting.remove_where(lambda _: True), *self._inbox]
             self._inbox = []
             self._waiting_count = self._waiting_batch = self._waiting_copies = 0
-        for seq in [*self._running, *queued]:
+        for seq in self._running:
             self._finish(seq, Finished("error", _unloaded()))
+        for seq in queued:  # left by a drain of 0 s: they never started
+            self._finish(seq, Finished("error", _unloading()))
         self._hand_over(self._take_outgoing())
         # Nothing runs or waits any more, and the engine thread that published the
         # gauges has ended: the version's series go (the preStop hook and the
@@ -458,9 +507,7 @@ class Scheduler:
         tenant, tier: the caller's (the edge's identity headers), for fair sharing.
         """
         if not self._accepting:
-            raise Unavailable(
-                "model version is unloading", retry_after_s=1.0, reason="MODEL_UNLOADING"
-            )
+            raise _unloading()
         if not prompt_ids:
             raise InvalidArgument(
                 [FieldViolation("prompt", "renders to no tokens; at least one is needed")],
@@ -551,6 +598,8 @@ class Scheduler:
         """One scheduling round: at most one engine step."""
         self._take_inbox()
         self._reap()
+        if not self._accepting:  # unloading: whatever waits is refused, never started
+            self._refuse_waiting()
         self._compact_slots()
         self._admit()
         self._publish_gauges()
@@ -665,6 +714,17 @@ class Scheduler:
                 self._finish(
                     seq, Finished("error", DeadlineExceeded("deadline passed while queued"))
                 )
+
+    def _refuse_waiting(self) -> None:
+        """Refuses every waiting sequence: its version is unloading (engine thread;
+        see `stop`). One submitted as the unload began is refused at the next round."""
+        refused = self._waiting.remove_where(lambda _: True)
+        if not refused:
+            return
+        with self._lock:
+            self._unwait(refused)
+        for seq in refused:
+            self._finish(seq, Finished("error", _unloading()))
 
     def _compact_slots(self) -> None:
         """Moves running sequences from the highest slots into lower free ones.

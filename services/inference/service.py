@@ -446,6 +446,8 @@ class InferenceService(Service):
         # LoadModel and UnloadModel of one version run one at a time (lock, its users).
         self._version_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
         self._stopping = asyncio.Event()  # drain began: loads end, none registers a version
+        # When the shutdown's grace ends (the event loop's clock; None: not draining).
+        self._grace_ends: float | None = None
         self.tasks = Supervisor(self.name, self.health)
         # Inference RPCs' request-rate limits are decided here, in the usage
         # service's windows (services/inference/request_limits.py).
@@ -493,6 +495,7 @@ class InferenceService(Service):
                 self.request_limiter,
                 self.settings.ratelimit_failure_mode_deny,
                 max_copies=self.settings.shadow_max_copies,
+                cut_by_shutdown=self.cut_by_shutdown,
             )
         ]
 
@@ -516,6 +519,7 @@ class InferenceService(Service):
         v1.admission.shadow_records = self.shadow_records
         v1.admission.cache = self.cache
         v1.admission.mesh_models = self.mesh_models
+        v1.admission.cut_by_shutdown = self.cut_by_shutdown
         # v2 shares v1's routing, budgets and usage recording (one Admission).
         v2_servicer = v2.InferenceServicer(v1.admission, templates=self.templates)
         v2_grpc.add_InferenceServiceServicer_to_server(v2_servicer, server)
@@ -568,7 +572,28 @@ class InferenceService(Service):
             )
             self.registration.start(self.tasks)
 
+    def cut_by_shutdown(self) -> bool:
+        """Tells whether a call cancelled now was cut by this worker's shutdown.
+
+        The server's stop follows the drain (services.core.server): the calls
+        still running once its grace is over are cancelled, their callers get a
+        trailers-only UNAVAILABLE (if no response header went out), which the
+        edge tries again on another worker: such a try is billed nothing here
+        and gives its request count back (Admission.note_cancelled,
+        request_limits). A call its client cancelled during the drain is not cut.
+        """
+        ends = self._grace_ends
+        return ends is not None and asyncio.get_running_loop().time() >= ends
+
     async def drain(self) -> None:
+        try:
+            await self._leave()
+        finally:
+            # The server's stop(grace) starts now (services.core.server._shut_down).
+            self._grace_ends = asyncio.get_running_loop().time() + self.settings.grace_s
+
+    async def _leave(self) -> None:
+        """Takes the worker out of the edges' endpoints (or their health checks)."""
         # Loads in flight end now (UNAVAILABLE): a version loaded while the worker
         # leaves serves nothing, and its build held the exit until it ended.
         self._stopping.set()

@@ -23,6 +23,12 @@ just ended) records the output rules that stopped its choices as its own hits.
 all before any runs; one refused, the others bill nothing. The cache is read
 for all of them first: a prompt it answers needs no room in the queue and
 reserves what it is billed, as it would alone.
+
+A Complete still computing when the worker's shutdown grace ends is cut
+before its held headers went out (a trailers-only UNAVAILABLE, which the
+edge tries again on another worker): it is recorded apart, billed nothing,
+its reservation given back (Admission.note_cancelled). A Generate stream
+sent its headers when it started: it is billed what it sent, as before.
 """
 
 from __future__ import annotations
@@ -569,6 +575,9 @@ class GenerationPipeline:
         try:
             await _send_headers_or_cancel(context, generation)
             return await collect(self.admission, generation)
+        except asyncio.CancelledError:
+            self.admission.note_cancelled(generation)  # its headers are held: see there
+            raise
         finally:
             record_computed(self.admission, generation)
 
@@ -655,6 +664,9 @@ class GenerationPipeline:
             response = await anext(items)
             assert isinstance(response, pb.CompleteResponse)
             return response
+        except asyncio.CancelledError:
+            self.admission.note_cancelled(generation)  # its headers are held: see there
+            raise
         finally:
             await items.aclose()  # type: ignore[attr-defined]
             if flight.done:

@@ -17,6 +17,7 @@ import time
 from services.inference import genai_spans, quality
 from services.inference.admission import Admission, token_usage
 from services.inference.pipeline.cache import billed
+from services.inference.scheduler import refused_unstarted
 from services.inference.v2 import prompting
 from services.inference.v2.choices import Generation
 from tokenmesh.inference.v1 import inference_pb2 as v1_pb
@@ -36,6 +37,11 @@ def record_computed(
         completion_tokens: the tokens its caller received (default: what it sent).
         finish_reason: overrides its choices' (a caller that left a shared computation).
     """
+    if refused_unstarted(choice.seq for choice in generation.choices):
+        # Refused while queued (its version unloading): nothing ran, nothing is billed,
+        # as for a request its submit refused; the edge tries it again elsewhere.
+        admission.release(generation)
+        return
     timings = [c.timing() for c in generation.choices]
     timing = v1_pb.Timing(
         queue_ms=min((t.queue_ms for t in timings), default=0.0),

@@ -1,0 +1,255 @@
+"""A call still computing when its worker's shutdown grace ends, on a real worker.
+
+A unary call's headers leave with its answer (services.core.interceptors,
+HeadersAtEnd; the OpenAI servicer's _ResponseContext for a call without
+`stream`), so the stop cuts it with a trailers-only UNAVAILABLE, which the
+edge's retry policy tries again on another worker, billed there. The stopping
+worker billed the cut run as well (its tokens so far), charged the key's budget
+for it and kept its request count: one answer billed twice. It now records
+the cut try apart (usage 0, `served_usage` what it computed), gives its
+reservation and its count back. A stream sent its headers when it started:
+Envoy does not retry it, and it stays billed what it sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterable, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+import redis.asyncio as aioredis
+from google.api.httpbody_pb2 import HttpBody
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.core import contract
+from services.core.server import serving
+from services.inference.budget import TokenBudgets
+from services.inference.service import InferenceService
+from tests import mtls
+from tests.integration.conftest import inference_settings
+from tests.prompts import unique_prompt
+from tokenmesh.inference.v1 import inference_pb2 as usage_pb
+from tokenmesh.inference.v1 import inference_service_pb2 as v1_pb
+from tokenmesh.inference.v1 import inference_service_pb2_grpc as v1_rpc
+from tokenmesh.inference.v2 import inference_service_pb2 as v2_pb
+from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_rpc
+from tokenmesh.openai.v1 import openai_service_pb2_grpc as openai_rpc
+
+MODEL = "deterministic-test"
+MAX_TOKENS = 200  # 50 ms a step: 10 s, far past the grace
+Call = Callable[[grpc.aio.Channel, list[tuple[str, str]]], Awaitable[Any]]
+
+
+def _body(**fields: Any) -> HttpBody:
+    return HttpBody(content_type="application/json", data=json.dumps(fields).encode())
+
+
+async def _v1(channel: grpc.aio.Channel, identity: list[tuple[str, str]]) -> Any:
+    request = v1_pb.CompleteRequest(model=MODEL, prompt=unique_prompt("v1"), max_tokens=MAX_TOKENS)
+    return await v1_rpc.InferenceServiceStub(channel).Complete(request, metadata=identity)
+
+
+async def _v2(channel: grpc.aio.Channel, identity: list[tuple[str, str]]) -> Any:
+    request = v2_pb.CompleteRequest(
+        model=MODEL, prompt=unique_prompt("v2"), max_output_tokens=MAX_TOKENS
+    )
+    request.sampling.seed = 3  # deterministic: with the cache on, it leads a computation
+    return await v2_rpc.InferenceServiceStub(channel).Complete(request, metadata=identity)
+
+
+async def _read_all(call: AsyncIterable[Any]) -> list[Any]:
+    return [message async for message in call]
+
+
+async def _openai_chat(channel: grpc.aio.Channel, identity: list[tuple[str, str]]) -> Any:
+    messages = [{"role": "user", "content": unique_prompt("chat")}]
+    body = _body(model=MODEL, messages=messages, max_tokens=MAX_TOKENS)
+    stub = openai_rpc.OpenAIServiceStub(channel)
+    return await _read_all(stub.CreateChatCompletion(body, metadata=identity))
+
+
+async def _openai_prompts(channel: grpc.aio.Channel, identity: list[tuple[str, str]]) -> Any:
+    # Several prompts: computed at once, their usage events held until all end.
+    prompts = [unique_prompt("one"), unique_prompt("two")]
+    body = _body(model=MODEL, prompt=prompts, max_tokens=MAX_TOKENS)
+    stub = openai_rpc.OpenAIServiceStub(channel)
+    return await _read_all(stub.CreateCompletion(body, metadata=identity))
+
+
+def _identity(key: str) -> list[tuple[str, str]]:
+    return [
+        (contract.KEY_ID_HEADER, key),
+        (contract.RPM_HEADER, "1000"),
+        (contract.MONTHLY_TOKENS_HEADER, "1000000"),
+    ]
+
+
+async def _month_used(budgets: TokenBudgets, key: str) -> int:
+    _, _, month = budgets._keys(key, time.time())  # noqa: SLF001 - the month's counter
+    return int(await budgets.redis.get(month) or 0)
+
+
+async def _computing(budgets: TokenBudgets, service: InferenceService, key: str) -> None:
+    """Waits until the key's call reserved its tokens and its first token was computed."""
+    schedulers = [m.scheduler for m in service.registry.all() if m.scheduler is not None]
+    async with asyncio.timeout(10):
+        while not (
+            await _month_used(budgets, key) > 0 and any(s.stats()["running"] for s in schedulers)
+        ):
+            await asyncio.sleep(0.01)
+
+
+async def _key_events(client: aioredis.Redis, stream: str, key: str) -> list[Any]:
+    entries: Any = await client.xrange(stream)
+    events = [usage_pb.UsageEvent.FromString(f[b"event"]) for _, f in entries]
+    return [e for e in events if e.key_id == key]
+
+
+async def _cut_at_stop(
+    tmp_path: Path, redis_url: str, call: Call
+) -> tuple[Any, list[Any], int, int]:
+    """Runs `call` on a worker (grace 0.5 s, 50 ms a token) and stops the worker while
+    it computes; returns what the caller got (its answer or error), the key's usage
+    events (shipped before the worker stopped), its month and its request count."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    settings = inference_settings(tmp_path, redis_url, grace_s=0.5, test_engine_step_ms=50.0)
+    client = aioredis.from_url(redis_url)
+    budgets = TokenBudgets(client)
+    service = InferenceService(settings)
+    channel: grpc.aio.Channel | None = None
+    try:
+        async with serving(service, settings) as server:
+            # Open past the block: the caller reads the stopping server's own answer.
+            channel = mtls.aio_channel(server.port, peer="worker")
+            task = asyncio.ensure_future(call(channel, _identity(key)))
+            await _computing(budgets, service, key)
+        # Left: drained, the grace (0.5 s) ended with the call computing, stopped.
+        outcome = (await asyncio.gather(task, return_exceptions=True))[0]
+        events = await _key_events(client, settings.usage_stream, key)
+        window = int(await client.zcard(f"tm:ratelimit:rpm:{key}"))
+        return outcome, events, await _month_used(budgets, key), window
+    finally:
+        if channel is not None:
+            await channel.close()
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [_v1, _v2, _openai_chat, _openai_prompts],
+    ids=["v1-complete", "v2-complete", "openai-chat", "openai-completion-prompts"],
+)
+async def test_a_unary_call_cut_by_the_shutdown_is_billed_nothing_there(
+    tmp_path: Path, redis_url: str, call: Call
+) -> None:
+    outcome, events, month, window = await _cut_at_stop(tmp_path, redis_url, call)
+    assert isinstance(outcome, grpc.aio.AioRpcError), outcome
+    assert outcome.code() == grpc.StatusCode.UNAVAILABLE
+    assert not outcome.initial_metadata()  # trailers-only: the edge tries it again
+    # Recorded apart: audited with what it computed, billed nothing (the retry is).
+    assert events, "the cut call recorded no usage event"
+    assert all(e.usage.total_tokens == 0 for e in events), [e.usage for e in events]
+    assert all(contract.UNFINISHED_ATTEMPT_MARK in e.event_id for e in events)
+    assert sum(e.served_usage.completion_tokens for e in events) > 0
+    assert month == 0  # its reservation given back
+    assert window == 0  # its request count given back: the retry's counts
+
+
+async def test_a_unary_call_leading_a_shared_computation_is_billed_nothing_there(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the response cache on, a deterministic Complete leads its computation."""
+    monkeypatch.setenv("TOKENMESH_CACHE", "on")
+    monkeypatch.setenv("TOKENMESH_CACHE_REDIS_URL", redis_url)
+    outcome, events, month, window = await _cut_at_stop(tmp_path, redis_url, _v2)
+    assert isinstance(outcome, grpc.aio.AioRpcError), outcome
+    assert outcome.code() == grpc.StatusCode.UNAVAILABLE
+    assert events and all(e.usage.total_tokens == 0 for e in events)
+    assert (month, window) == (0, 0)
+
+
+async def _stream(channel: grpc.aio.Channel, identity: list[tuple[str, str]]) -> Any:
+    request = v2_pb.GenerateRequest(
+        model=MODEL, prompt=unique_prompt("stream"), max_output_tokens=MAX_TOKENS
+    )
+    stub = v2_rpc.InferenceServiceStub(channel)
+    return await _read_all(stub.Generate(request, metadata=identity))
+
+
+async def test_a_stream_cut_by_the_shutdown_stays_billed_what_it_sent(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Its headers went out when it started: Envoy does not try it again."""
+    outcome, events, month, window = await _cut_at_stop(tmp_path, redis_url, _stream)
+    assert isinstance(outcome, grpc.aio.AioRpcError), outcome
+    assert [e.finish_reason for e in events] == ["cancelled"]
+    billed = events[0].usage
+    assert billed.completion_tokens > 0
+    assert contract.UNFINISHED_ATTEMPT_MARK not in events[0].event_id
+    assert month == billed.total_tokens
+    assert window == 1
+
+
+async def _stopping(channel: grpc.aio.Channel) -> None:
+    """Waits until the worker drained and its server stops: its health is NOT_SERVING,
+    or the stopping server refuses the check."""
+    stub: Any = health_pb2_grpc.HealthStub(channel)  # grpcio's stubs are untyped
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest())
+            except grpc.aio.AioRpcError:
+                return
+            if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                return
+            await asyncio.sleep(0.01)
+
+
+async def test_a_call_its_client_cancels_while_the_worker_drains_stays_billed(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Only the grace's end cuts: a client that gives up during it is not retried by
+    the edge, and its call is billed what it computed, as any cancelled call."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    settings = inference_settings(tmp_path, redis_url, grace_s=20.0, test_engine_step_ms=50.0)
+    client = aioredis.from_url(redis_url)
+    budgets = TokenBudgets(client)
+    service = InferenceService(settings)
+    leave = asyncio.Event()
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def worker() -> None:
+        async with serving(service, settings) as server:
+            port.set_result(server.port)
+            await leave.wait()
+
+    running = asyncio.ensure_future(worker())
+    try:
+        async with mtls.aio_channel(await port, peer="worker") as channel:
+            request = v1_pb.CompleteRequest(
+                model=MODEL, prompt=unique_prompt("left"), max_tokens=MAX_TOKENS
+            )
+            call = v1_rpc.InferenceServiceStub(channel).Complete(request, metadata=_identity(key))
+            await _computing(budgets, service, key)
+            leave.set()
+            await _stopping(channel)
+            call.cancel()
+            async with asyncio.timeout(15):  # the server stops once no call is left
+                await running
+        events = await _key_events(client, settings.usage_stream, key)
+        assert [e.finish_reason for e in events] == ["cancelled"]
+        assert events[0].usage.total_tokens > 0
+        assert contract.UNFINISHED_ATTEMPT_MARK not in events[0].event_id
+        assert await _month_used(budgets, key) == events[0].usage.total_tokens
+        assert await client.zcard(f"tm:ratelimit:rpm:{key}") == 1
+    finally:
+        leave.set()
+        await asyncio.gather(running, return_exceptions=True)
+        await client.aclose()
