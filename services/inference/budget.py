@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import grpc
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -39,20 +40,60 @@ from services.core.redis_service import LUA_REDIS_NOW_MS, text
 # How long a reservation is remembered by request id (replays are charged once).
 REPLAY_TTL_S = 3600
 
+# The window's running sum (`tm:budget:<key>:tpm:sum`, a hash: `tokens`, the sum of
+# the window's amounts, and `entries`, how many amounts it sums): summing the amounts
+# on every reservation cost the durable Redis's single thread O(the key's reservations
+# in the last minute) per request. Every script here that changes the amounts keeps the
+# sum exact, in the same script. A sum whose `entries` is not the amounts' count (the
+# amounts changed by a script that keeps no sum: an earlier release's, during a rolling
+# upgrade), or none at all (a window an earlier release wrote), is rebuilt from the
+# amounts by the next reservation, so is one older than SUM_REBUILD_MS: once a minute
+# per busy key that is O(window), amortised O(1) per reservation, and it bounds how long
+# a change the count cannot see (an earlier release's reconcile) stays counted.
+SUM_REBUILD_MS = 60_000
+# How many of the window's oldest reservations a refusal reads to tell when enough of
+# them will have expired; past them it answers when the newest one expires.
+RETRY_WALK = 64
+# Lua: `sum` and `valid` (the sum describes the amounts KEYS[amounts] now).
+_READ_SUM = """
+local sum = redis.call('HMGET', KEYS[SUM], 'tokens', 'entries')
+local valid = sum[1] and tonumber(sum[2]) == redis.call('HLEN', KEYS[AMOUNTS])
+sum = tonumber(sum[1])
+"""
+# Lua: writes the sum after a change of `delta` tokens to the amounts, when it was valid;
+# drops it otherwise (the next reservation rebuilds it).
+_WRITE_SUM = """
+if valid then
+  redis.call('HSET', KEYS[SUM], 'tokens', sum + delta, 'entries', redis.call('HLEN', KEYS[AMOUNTS]))
+else
+  redis.call('DEL', KEYS[SUM])
+end
+"""
+
+
+def _lua(script: str, **keys: int) -> str:
+    """Returns `script` with the sum's snippets' key positions (SUM, AMOUNTS) filled in."""
+    for name, position in keys.items():
+        script = script.replace(f"KEYS[{name}]", f"KEYS[{position}]")
+    return script
+
+
 # KEYS: window zset, window amounts hash, month counter, the request id's charge,
-#       the id's "given back" mark, the id's forgotten attempts
+#       the id's "given back" mark, the id's forgotten attempts, the window's sum
 # ARGV: (unused), request id, amount, tpm (0 = none), monthly (0 = none), month
 #       ttl s, replay ttl s, this call's attempt id
 # The minute window is scored by Redis's clock (TIME), the same for every worker
 # (services.usage.ratelimit._SLIDING_WINDOWS says why).
-# Returns {0 or 1, which budget failed ("" | "tpm" | "monthly"), retry_after_ms,
-#          tokens used this minute and this month including this reservation}
+# Returns {0 or 1, which budget failed ("" | "tpm" | "monthly"), retry_after_ms (-1:
+#          the request needs more than the whole budget, no wait admits it), tokens
+#          used this minute and this month including this reservation}
 _RESERVE = (
-    LUA_REDIS_NOW_MS
-    + """
+    _lua(
+        LUA_REDIS_NOW_MS
+        + """
 local id, amount = ARGV[2], tonumber(ARGV[3])
 local tpm, monthly = tonumber(ARGV[4]), tonumber(ARGV[5])
-local used, month_used = 0, 0
+local month_used = 0
 -- The late copy of a call that was forgotten (_FORGET): it charges nothing.
 if redis.call('SISMEMBER', KEYS[6], ARGV[8]) == 1 then
   return {1, '', 0, 0, 0}
@@ -63,32 +104,76 @@ end
 if redis.call('EXISTS', KEYS[4]) == 1 and redis.call('EXISTS', KEYS[5]) == 0 then
   return {1, '', 0, 0, 0}
 end
+-- More than a whole budget: an empty window or month would refuse it too.
+if tpm > 0 and amount > tpm then return {0, 'tpm', -1} end
+if monthly > 0 and amount > monthly then return {0, 'monthly', -1} end
+"""
+        + _READ_SUM
+        + """
+-- Expired reservations leave the window and its sum: O(expired), each expires once.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
+local delta = 0
+-- In chunks: unpack() of more than ~8000 values overflows Lua's stack.
+for i = 1, #expired, 1000 do
+  local last = math.min(i + 999, #expired)
+  for _, v in ipairs(redis.call('HMGET', KEYS[2], unpack(expired, i, last))) do
+    delta = delta - (tonumber(v) or 0)
+  end
+  redis.call('HDEL', KEYS[2], unpack(expired, i, last))
+end
 if #expired > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
 end
--- In chunks: unpack() of more than ~8000 values overflows Lua's stack.
-for i = 1, #expired, 1000 do
-  redis.call('HDEL', KEYS[2], unpack(expired, i, math.min(i + 999, #expired)))
+if not valid then
+  sum, delta, valid = 0, 0, true
+  for _, v in ipairs(redis.call('HVALS', KEYS[2])) do sum = sum + tonumber(v) end
+  redis.call('DEL', KEYS[7])
+  redis.call('HSET', KEYS[7], 'tokens', sum, 'entries', redis.call('HLEN', KEYS[2]))
+  redis.call('PEXPIRE', KEYS[7], SUM_REBUILD_MS)
 end
-if tpm > 0 then
-  for _, v in ipairs(redis.call('HVALS', KEYS[2])) do used = used + tonumber(v) end
-  if used + amount > tpm then
-    local freed, retry = used, 60000
-    local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-    for i = 1, #members, 2 do
-      freed = freed - tonumber(redis.call('HGET', KEYS[2], members[i]) or 0)
-      if freed + amount <= tpm then retry = tonumber(members[i + 1]) + 60000 - now; break end
+local used = sum + delta
+if tpm > 0 and used + amount > tpm then
+"""
+        + _WRITE_SUM
+        + """
+  -- When enough of the oldest reservations will have expired, read from at most
+  -- RETRY_WALK of them (walking the whole window cost O(window) per refusal, and a
+  -- key over its budget keeps retrying); beyond them, when the newest expires:
+  -- everything now in the window has gone by then, and the request fits an empty one.
+  local need, retry = used + amount - tpm, nil
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, RETRY_WALK - 1, 'WITHSCORES')
+  local ids = {}
+  for i = 1, #oldest, 2 do ids[#ids + 1] = oldest[i] end
+  if #ids > 0 then
+    local gone = 0
+    for j, v in ipairs(redis.call('HMGET', KEYS[2], unpack(ids))) do
+      gone = gone + (tonumber(v) or 0)
+      if gone >= need then retry = tonumber(oldest[2 * j]) + 60000 - now; break end
     end
-    return {0, 'tpm', retry}
   end
+  if not retry then
+    local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+    retry = newest[2] and tonumber(newest[2]) + 60000 - now or 60000
+  end
+  return {0, 'tpm', retry}
 end
 if monthly > 0 then
   month_used = tonumber(redis.call('GET', KEYS[3]) or 0)
-  if month_used + amount > monthly then return {0, 'monthly', -1} end
+  if month_used + amount > monthly then
+"""
+        + _WRITE_SUM
+        + """
+    return {0, 'monthly', 0}
+  end
 end
+-- An id still in the window (given back, reserving anew) is replaced, not added.
+local before = tonumber(redis.call('HGET', KEYS[2], id) or 0)
 redis.call('ZADD', KEYS[1], now, id)
 redis.call('HSET', KEYS[2], id, amount)
+delta = delta - before + amount
+"""
+        + _WRITE_SUM
+        + """
 redis.call('PEXPIRE', KEYS[1], 61000)
 redis.call('PEXPIRE', KEYS[2], 61000)
 redis.call('INCRBY', KEYS[3], amount)
@@ -96,12 +181,17 @@ redis.call('EXPIRE', KEYS[3], tonumber(ARGV[6]))
 -- A given-back id's charge was 0: it holds this reservation now.
 redis.call('SET', KEYS[4], amount, 'EX', tonumber(ARGV[7]))
 redis.call('DEL', KEYS[5])
-return {1, '', 0, used + amount, month_used + amount}
-"""
+return {1, '', 0, sum + delta, month_used + amount}
+""",
+        SUM=7,
+        AMOUNTS=2,
+    )
+    .replace("SUM_REBUILD_MS", str(SUM_REBUILD_MS))
+    .replace("RETRY_WALK", str(RETRY_WALK))
 )
 
 # KEYS: window amounts hash, month counter, the request id's charge, the id's
-#       "a run finished" mark, the id's "given back" mark
+#       "a run finished" mark, the id's "given back" mark, the window's sum
 # ARGV: request id, reserved, actual, replay ttl s, the run ("": any request that
 #       ran; "finished": a job item's run that did; "unfinished": a run given
 #       back, reconciled to 0; see TokenBudgets.reconcile)
@@ -110,12 +200,21 @@ return {1, '', 0, used + amount, month_used + amount}
 # except that an unfinished run reconciled after a finished one changes nothing.
 # An unfinished run marks the id given back (its next attempt reserves anew); a
 # run that ran unmarks it (its replays are charged nothing more).
-_RECONCILE = """
+_RECONCILE = _lua(
+    """
 if ARGV[5] == 'unfinished' and redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 local actual = tonumber(ARGV[3])
 local charged = tonumber(redis.call('GET', KEYS[3]) or ARGV[2])
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+local before = redis.call('HGET', KEYS[1], ARGV[1])
+if before then
+"""
+    + _READ_SUM
+    + """
   redis.call('HSET', KEYS[1], ARGV[1], actual)
+  local delta = actual - tonumber(before)
+"""
+    + _WRITE_SUM
+    + """
 end
 redis.call('INCRBY', KEYS[2], actual - charged)
 redis.call('SET', KEYS[3], actual, 'EX', tonumber(ARGV[4]))
@@ -126,22 +225,36 @@ else
   redis.call('DEL', KEYS[5])
 end
 return 1
-"""
+""",
+    SUM=6,
+    AMOUNTS=1,
+)
 
 # KEYS: window zset, window amounts hash, month counter, the request id's charge,
-#       the id's "given back" mark, the id's forgotten attempts
+#       the id's "given back" mark, the id's forgotten attempts, the window's sum
 # ARGV: request id, replay ttl s, the forgotten call's attempt id
 # Takes back a reservation whose outcome its worker never learnt (the call timed
 # out or was cancelled after it was sent): refunds what the id was charged, and
 # leaves a charge of 0 marked given back (a new attempt reserves anew) and the
 # call's attempt id, so that the reservation, should it reach Redis only now,
 # charges nothing. Returns 1 if it refunded.
-_FORGET = """
+_FORGET = _lua(
+    """
 local charged = redis.call('GET', KEYS[4])
 if charged then
   redis.call('INCRBY', KEYS[3], -tonumber(charged))
   redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('HDEL', KEYS[2], ARGV[1])
+  local held = redis.call('HGET', KEYS[2], ARGV[1])
+  if held then
+"""
+    + _READ_SUM
+    + """
+    redis.call('HDEL', KEYS[2], ARGV[1])
+    local delta = -tonumber(held)
+"""
+    + _WRITE_SUM
+    + """
+  end
 end
 redis.call('SET', KEYS[4], 0, 'EX', tonumber(ARGV[2]))
 redis.call('SET', KEYS[5], '1', 'EX', tonumber(ARGV[2]))
@@ -149,7 +262,10 @@ redis.call('SADD', KEYS[6], ARGV[3])
 redis.call('EXPIRE', KEYS[6], tonumber(ARGV[2]))
 if charged then return 1 end
 return 0
-"""
+""",
+    SUM=7,
+    AMOUNTS=2,
+)
 
 # Which run a reconcile is for: "" any request that ran, "finished" a job item's
 # run that finished, "unfinished" a run given back (refused before it ran, or a job
@@ -175,6 +291,44 @@ def _month(now: float) -> tuple[str, float]:
     tm = time.gmtime(now)
     year, month = (tm.tm_year + 1, 1) if tm.tm_mon == 12 else (tm.tm_year, tm.tm_mon + 1)
     return f"{tm.tm_year:04d}{tm.tm_mon:02d}", calendar.timegm((year, month, 1, 0, 0, 0)) - now
+
+
+class RequestOverBudget(ResourceExhausted):
+    """RequestOverBudget refuses a request that needs more tokens than a whole budget.
+
+    No wait can admit it, so it carries no RetryInfo and is sent as FAILED_PRECONDITION
+    (HTTP 400, OpenAI `invalid_request_error`), which no client, SDK, edge retry policy
+    or jobs executor (`services.jobs.execution.waits`) tries again: as RESOURCE_EXHAUSTED
+    with "retry in 60s" (or 25 days) a client waited and was refused again, forever,
+    and a job item waited until its job expired. Not INVALID_ARGUMENT: the request is
+    valid, the key's budget (state an operator can raise) is what refuses it, and which
+    field to lower (the prompt, max_tokens, n) is the caller's choice. A ResourceExhausted
+    in kind: a stream charged as it goes (Admission.within_budget) ends at it as at a
+    spent budget.
+    """
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, key_id: str, limits: Limits, amount: int, budget: str) -> None:
+        name, limit = (
+            ("tokens_per_minute", limits.tokens_per_minute)
+            if budget == "tpm"
+            else ("monthly_tokens", limits.monthly_tokens)
+        )
+        largest = min(n for n in (limits.tokens_per_minute, limits.monthly_tokens) if n)
+        super().__init__(
+            f"this request needs {amount} tokens (prompt + max_tokens for each choice), more "
+            f"than key {key_id}'s whole {name}={limit}: it can never be admitted; the largest "
+            f"request the key can make is {largest} tokens (lower max_tokens, n or the prompt)",
+            quota_violations=[QuotaViolation(f"key:{key_id}:{name}", f"{name}={limit}")],
+            reason="REQUEST_EXCEEDS_BUDGET",
+            metadata={
+                "limit": name,
+                "limit_tokens": str(limit),
+                "needed_tokens": str(amount),
+                "max_request_tokens": str(largest),
+            },
+        )
 
 
 WARN_AT = 0.8
@@ -212,9 +366,15 @@ class TokenBudgets:
         self._forget = client.register_script(_FORGET)
 
     def _keys(self, key_id: str, now: float) -> tuple[str, str, str]:
+        """Returns the key's minute window, its amounts and the month's counter."""
         label, _ = _month(now)
         base = f"tm:budget:{key_id}"
         return f"{base}:tpm", f"{base}:tpm:amounts", f"{base}:month:{label}"
+
+    @staticmethod
+    def _sum_key(key_id: str) -> str:
+        """Returns the key holding the minute window's running sum (SUM_REBUILD_MS)."""
+        return f"tm:budget:{key_id}:tpm:sum"
 
     @staticmethod
     def _charge_key(key_id: str, request_id: str) -> str:
@@ -237,7 +397,9 @@ class TokenBudgets:
         now: float | None = None,
         attempt: str = "",
     ) -> str:
-        """Reserves `amount` tokens or raises ResourceExhausted naming the budget.
+        """Reserves `amount` tokens or raises ResourceExhausted naming the budget
+        (RequestOverBudget, sent as FAILED_PRECONDITION, when `amount` exceeds a whole
+        budget: no wait would admit it).
 
         `now` (time.time(); default: now) picks the month: reconcile and forget
         the reservation with the same. A call that fails after it was sent (a
@@ -253,7 +415,13 @@ class TokenBudgets:
         charge, _, given_back, forgotten = self._id_keys(key_id, request_id)
         try:
             ok, budget, retry_ms, *used = await self._reserve(
-                keys=[*self._keys(key_id, now), charge, given_back, forgotten],
+                keys=[
+                    *self._keys(key_id, now),
+                    charge,
+                    given_back,
+                    forgotten,
+                    self._sum_key(key_id),
+                ],
                 args=[
                     int(now * 1000),
                     request_id,
@@ -272,6 +440,8 @@ class TokenBudgets:
         if ok:
             return _warning(limits, int(used[0]), int(used[1]))
         name = text(budget)
+        if int(retry_ms) < 0:
+            raise RequestOverBudget(key_id, limits, amount, name)
         if name == "tpm":
             retry_s = max(1.0, int(retry_ms) / 1000)
             limit = f"tokens_per_minute={limits.tokens_per_minute}"
@@ -311,7 +481,7 @@ class TokenBudgets:
         _, amounts, month = self._keys(key_id, time.time() if reserved_at is None else reserved_at)
         charge, finished, given_back, _ = self._id_keys(key_id, request_id)
         await self._reconcile(
-            keys=[amounts, month, charge, finished, given_back],
+            keys=[amounts, month, charge, finished, given_back, self._sum_key(key_id)],
             args=[request_id, reserved, actual, self.replay_ttl_s, run],
         )
 
@@ -324,7 +494,7 @@ class TokenBudgets:
         window, amounts, month = self._keys(key_id, reserved_at)
         charge, _, given_back, forgotten = self._id_keys(key_id, request_id)
         refunded = await self._forget(
-            keys=[window, amounts, month, charge, given_back, forgotten],
+            keys=[window, amounts, month, charge, given_back, forgotten, self._sum_key(key_id)],
             args=[request_id, self.replay_ttl_s, attempt],
         )
         return bool(refunded)

@@ -144,7 +144,20 @@ def test_monthly_quota_is_enforced(mesh):
 
 
 def test_budget_rejections_carry_retry_after(mesh):
-    key = create_key(mesh, "--tpm", "10")
-    reply = _complete(mesh, key["secret"], 20)
+    key = create_key(mesh, "--tpm", "30")
+    assert _complete(mesh, key["secret"], 20).status_code == 200  # 23 of 30
+    reply = _complete(mesh, key["secret"], 20)  # 23 fit 30, not the 7 left
     assert reply.status_code == 429
     assert 1 <= int(reply.headers["retry-after"]) <= 60
+
+
+def test_a_request_over_the_whole_budget_is_a_400_without_retry_after(mesh):
+    # 3 + 20 > tokens_per_minute=10: no wait admits it (it was a 429 "retry in 60s").
+    key = create_key(mesh, "--tpm", "10")
+    reply = _complete(mesh, key["secret"], 20)
+    assert reply.status_code == 400
+    assert "retry-after" not in reply.headers
+    error = reply.json()
+    assert error["code"] == 9 and "tokens_per_minute=10" in error["message"]
+    reasons = {d.get("reason") for d in error["details"]}
+    assert "REQUEST_EXCEEDS_BUDGET" in reasons

@@ -246,14 +246,16 @@ async def test_embeddings_spend_the_token_budgets_too(model_server, redis_url):
     request = pb.EmbedRequest(model="all-minilm-l6-v2", inputs=["The LORD is my shepherd"])
     budgets = TokenBudgets(aioredis.from_url(redis_url))
     try:
-        tight = [("x-tokenmesh-key-id", key), ("x-tokenmesh-monthly-tokens", "3")]
+        # The month nearly spent (3 tokens left): a request that fits a whole month waits.
+        await budgets.reserve(key, Limits(monthly_tokens=1000), "earlier", 997)
+        tight = [("x-tokenmesh-key-id", key), ("x-tokenmesh-monthly-tokens", "1000")]
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.Embed(request, metadata=tight)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        roomy = [("x-tokenmesh-key-id", key), ("x-tokenmesh-monthly-tokens", "1000")]
+        roomy = [("x-tokenmesh-key-id", key), ("x-tokenmesh-monthly-tokens", "2000")]
         reply = await stub.Embed(request, metadata=roomy)
         deadline = time.monotonic() + 5
-        while await _month_used(budgets, key) != reply.usage.prompt_tokens:
+        while await _month_used(budgets, key) != 997 + reply.usage.prompt_tokens:
             assert time.monotonic() < deadline, await _month_used(budgets, key)
             await asyncio.sleep(0.02)  # reconciled in the background
     finally:

@@ -492,14 +492,16 @@ async def test_only_the_edge_may_call_v2(tmp_path, redis_url):
 async def test_n_choices_reserve_every_choice_in_the_token_budget(inference_channel):
     stub = rpc.InferenceServiceStub(inference_channel)
     identity = (("x-tokenmesh-key-id", f"key_{uuid.uuid4().hex[:8]}"), ("x-tokenmesh-tpm", "40"))
-    # prompt (1) + 3 x 20 = 61 > 40: refused before any compute.
+    # prompt (1) + 3 x 20 = 61 > 40: refused before any compute (more than the whole
+    # tokens_per_minute: for good, not "retry later").
     call = stub.Complete(
         pb.CompleteRequest(model="deterministic-test", prompt="x", n=3, max_output_tokens=20),
         metadata=identity,
     )
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "needs 61 tokens" in (info.value.details() or "")
     # prompt (1) + 2 x 5 = 11 fits; the unused part of the reservation comes back.
     reply = await stub.Complete(
         pb.CompleteRequest(model="deterministic-test", prompt="x", n=2, max_output_tokens=5),
