@@ -24,6 +24,7 @@ from services.core.identity import ClientChannel
 from services.core.server import RunningServer, Service
 from services.core.settings import RedisSettings, SettingsError, env, load, require
 from services.core.tasks import HealthGate, Supervisor, to_daemon_thread
+from services.inference.admission import Admission
 from services.inference.budget import TokenBudgets
 from services.inference.engines.base import DECODE_PATHS
 from services.inference.fairness import FAIRNESS_MODES, FairnessPolicy, parse_weights
@@ -63,6 +64,9 @@ ADMIN_SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name[
 ].full_name
 ENGINES = ("auto", "onnxruntime", "tensorrt")
 STOPPING_REASON = "WORKER_STOPPING"  # a load the worker's stop abandoned (UNAVAILABLE)
+# How long a stopping worker waits for its last budget calls (reconciles, take-backs)
+# before it closes Redis: one Redis round trip each, retried while Redis is away.
+BUDGET_CALLS_AT_STOP_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -448,6 +452,7 @@ class InferenceService(Service):
         self._stopping = asyncio.Event()  # drain began: loads end, none registers a version
         # When the shutdown's grace ends (the event loop's clock; None: not draining).
         self._grace_ends: float | None = None
+        self._admission: Admission | None = None  # the servicers' one (add_to_server)
         self.tasks = Supervisor(self.name, self.health)
         # Inference RPCs' request-rate limits are decided here, in the usage
         # service's windows (services/inference/request_limits.py).
@@ -520,6 +525,7 @@ class InferenceService(Service):
         v1.admission.cache = self.cache
         v1.admission.mesh_models = self.mesh_models
         v1.admission.cut_by_shutdown = self.cut_by_shutdown
+        self._admission = v1.admission
         # v2 shares v1's routing, budgets and usage recording (one Admission).
         v2_servicer = v2.InferenceServicer(v1.admission, templates=self.templates)
         v2_grpc.add_InferenceServiceServicer_to_server(v2_servicer, server)
@@ -786,6 +792,8 @@ class InferenceService(Service):
             await self.registration.stop()
         for model in self.registry.all():
             await model.stop(drain_timeout_s=0)
+        if self._admission is not None:  # before Redis closes under its last calls
+            await self._admission.settled(BUDGET_CALLS_AT_STOP_S)
         await self.usage_log.stop()
         await self.shadow_records.stop()
         await self.templates.stop()

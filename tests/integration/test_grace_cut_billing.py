@@ -253,3 +253,37 @@ async def test_a_call_its_client_cancels_while_the_worker_drains_stays_billed(
         leave.set()
         await asyncio.gather(running, return_exceptions=True)
         await client.aclose()
+
+
+async def test_the_stop_waits_for_the_cut_calls_budget_reconcile_before_closing_redis(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cut call gives its reservation back in a background reconcile as its handler
+    unwinds, during the worker's stop. The stop closed Redis and returned without
+    waiting for it (the process then exits): only a quick reconcile landed. A slow
+    Redis round trip (0.5 s here) must not leave the reservation charged."""
+    reconcile = TokenBudgets.reconcile
+
+    async def slow_round_trip(self: TokenBudgets, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.5)
+        return await reconcile(self, *args, **kwargs)
+
+    monkeypatch.setattr(TokenBudgets, "reconcile", slow_round_trip)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    settings = inference_settings(tmp_path, redis_url, grace_s=0.5, test_engine_step_ms=50.0)
+    client = aioredis.from_url(redis_url)
+    budgets = TokenBudgets(client)
+    service = InferenceService(settings)
+    channel: grpc.aio.Channel | None = None
+    try:
+        async with serving(service, settings) as server:
+            channel = mtls.aio_channel(server.port, peer="worker")
+            task = asyncio.ensure_future(_v1(channel, _identity(key)))
+            await _computing(budgets, service, key)
+        # The worker has stopped: what it left in Redis is what it leaves at exit.
+        assert await _month_used(budgets, key) == 0
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        if channel is not None:
+            await channel.close()
+        await client.aclose()
