@@ -792,6 +792,81 @@ def _error_body(grpc_code: int, message: str = LOCAL_REPLY_BODY) -> dict[str, An
     }
 
 
+# Where the edge keeps an upstream's trailers-only gRPC status for its access log.
+ACCESS_LOG_METADATA = "tokenmesh.access_log"
+# gRPC codes by number, named as Envoy's %GRPC_STATUS% names them (`Canceled`).
+GRPC_STATUS_NAMES: Sequence[str] = (
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+)
+
+
+def upstream_status_filter() -> dict[str, Any]:
+    """Keeps an answer's `grpc-status` header in dynamic metadata for the access log.
+
+    Placed on the upstream side of the transcoders: a worker refuses a request
+    before any output with a trailers-only answer (grpc-status in its headers),
+    which the transcoder turns into the HTTP status and then drops, so
+    %GRPC_STATUS% fell back to Envoy's HTTP-to-gRPC mapping: every REST and
+    OpenAI 400 logged `Internal`, a 404 `Unimplemented` (measured on 1.40;
+    %RESP(grpc-status)% and %TRAILER(grpc-status)% were empty too). A native
+    filter, one header lookup per answer: no Lua coroutine.
+    """
+    return {
+        "name": "envoy.filters.http.header_to_metadata",
+        "typed_config": {
+            "@type": _type("extensions.filters.http.header_to_metadata.v3.Config"),
+            "response_rules": [
+                {
+                    "header": "grpc-status",
+                    "on_header_present": {
+                        "metadata_namespace": ACCESS_LOG_METADATA,
+                        "key": "grpc_status",
+                        "type": "STRING",
+                    },
+                }
+            ],
+        },
+    }
+
+
+def _grpc_status_expression() -> str:
+    """Returns the CEL expression the access log's `grpc_status` is: the gRPC status
+    the upstream answered, by name; null when no gRPC status was answered.
+
+    In order: a trailers-only answer's status (upstream_status_filter; the
+    transcoder dropped it from the headers), the trailers' (an answer with
+    messages: the transcoder keeps them), the headers' (Envoy's own gRPC reply
+    before that filter). Never derived from the HTTP status, as %GRPC_STATUS%
+    is: Envoy's own refusal of a REST request logs null (its `status` and
+    `flags` say what it was). A missing key is a CEL error, which logs null.
+    %CEL% needs no `formatters` entry on 1.40 (Envoy warns that it is always on).
+    """
+    kept = f"metadata.filter_metadata['{ACCESS_LOG_METADATA}']"
+    code = (
+        f"('{ACCESS_LOG_METADATA}' in metadata.filter_metadata ? {kept}['grpc_status']"
+        " : ('grpc-status' in response.trailers ? response.trailers['grpc-status']"
+        " : response.headers['grpc-status']))"
+    )
+    names = "{" + ", ".join(f"'{n}': '{name}'" for n, name in enumerate(GRPC_STATUS_NAMES)) + "}"
+    return f"{code} in {names} ? {names}[{code}] : {code}"  # an unknown code as its number
+
+
 def access_log(path: str) -> list[dict[str, Any]]:
     """Builds a JSON access log with the fields operators look for first."""
     return [
@@ -807,7 +882,7 @@ def access_log(path: str) -> list[dict[str, Any]]:
                         "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
                         "grpc_path": "%REQ(:PATH)%",
                         "status": "%RESPONSE_CODE%",
-                        "grpc_status": "%GRPC_STATUS%",
+                        "grpc_status": f"%CEL({_grpc_status_expression()})%",
                         "flags": "%RESPONSE_FLAGS%",
                         "duration_ms": "%DURATION%",
                         "upstream": "%UPSTREAM_CLUSTER%",
@@ -912,6 +987,8 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
             # Prefer: respond-async only (a route turns it off for other Completes).
             handover.transcoder_filter(config.descriptor_path),
             transcoder_filter(config.descriptor_path),
+            # Upstream of the transcoders: the worker's own status, for the access log.
+            upstream_status_filter(),
             *_auth_filters(config),
             *([model_routing.lua_filter()] if config.xds and config.model_routing else []),
             *_ratelimit_filters(config),

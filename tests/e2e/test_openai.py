@@ -217,6 +217,42 @@ def test_sdk_exceptions(mesh, client):
     assert 1 <= int(limit.value.response.headers["retry-after"]) <= 60
 
 
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"messages": [{"role": "user", "content": [IMAGE_PART]}]}, "messages[0].content[0]"),
+        (
+            {"messages": [{"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}]},
+            "messages[0].tool_calls",
+        ),
+    ],
+)
+def test_unsupported_features_answer_the_documented_code(client, extra, param):
+    # docs/openai.md: 400 `unsupported_parameter` naming it (they read invalid_argument).
+    body = dict(extra)
+    messages = body.pop("messages", CHAT)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="demo-lm", messages=messages, max_tokens=1, extra_body=body
+        )
+    assert (refused.value.code, refused.value.param) == ("unsupported_parameter", param)
+
+
+def test_a_user_over_256_characters_is_named_user(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="demo-lm", messages=CHAT, max_tokens=1, user="u" * 300)
+    assert refused.value.param == "user"  # was metadata.user, a name the client never sent
+    assert "256" in str(refused.value.message)
+
+
 def test_raw_stream_is_server_sent_events_that_arrive_over_time(mesh, admin_key):
     body = {"model": "demo-lm", "messages": CHAT, "max_tokens": 32, "stream": True, "seed": 2}
     arrivals: list[tuple[float, str]] = []

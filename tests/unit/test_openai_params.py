@@ -233,3 +233,104 @@ def test_a_parameter_name_with_a_backslash_is_named_not_a_server_error():
         params.parse_chat(raw.encode())
     (violation,) = renamed(bad.value, Renames()).violations
     assert violation.field == "x\\1"
+
+
+def _error(call: Any) -> dict[str, Any]:
+    """Returns the OpenAI error object a parse refuses with (as the edge answers it)."""
+    with pytest.raises(InvalidArgument) as info:
+        call()
+    error: dict[str, Any] = errors.from_error(info.value)["error"]
+    return error
+
+
+TEXT = {"type": "text", "text": "hi"}
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"presence_penalty": -1}, "presence_penalty"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"messages": [{"role": "user", "content": [TEXT, IMAGE]}]}, "messages[0].content[1]"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+            "messages[0].content[0]",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}]},
+            "messages[0].tool_calls",
+        ),
+        ({"tools": [{"type": "function"}]}, "tools"),
+    ],
+)
+def test_what_we_do_not_implement_is_code_unsupported_parameter(
+    extra: dict[str, Any], param: str
+) -> None:
+    # docs/openai.md promises `unsupported_parameter` for all of these (a client may
+    # drop the parameter and retry); only unknown names had it, the rest read
+    # `invalid_argument`.
+    error = _error(lambda: params.parse_chat(_raw(**{**CHAT, **extra})))
+    assert (error["code"], error["param"], error["type"]) == (
+        "unsupported_parameter",
+        param,
+        "invalid_request_error",
+    )
+
+
+def test_a_legacy_echo_or_best_of_is_unsupported_and_bad_values_stay_invalid() -> None:
+    for extra, param in (({"echo": True}, "echo"), ({"best_of": 2}, "best_of")):
+        error = _error(lambda extra=extra: parse_completion(_raw(model="m", prompt="a", **extra)))
+        assert (error["code"], error["param"]) == ("unsupported_parameter", param)
+    # A bad value of a parameter we implement is not "unsupported".
+    for content, param in (
+        ([{"type": "text"}], "messages[0].content[0].text"),
+        ([{"type": "text", "text": 5}], "messages[0].content[0].text"),
+        (["hi"], "messages[0].content[0]"),
+    ):
+        body = {**CHAT, "messages": [{"role": "user", "content": content}]}
+        error = _error(lambda body=body: params.parse_chat(_raw(**body)))
+        assert (error["code"], error["param"]) == ("invalid_argument", param)
+    error = _error(lambda: params.parse_chat(_raw(**CHAT, temperature="hot")))
+    assert (error["code"], error["param"]) == ("invalid_argument", "temperature")
+
+
+def test_an_unsupported_parameter_is_named_first_among_bad_ones() -> None:
+    # `param` and `code` describe the same parameter; the bad value is still reported.
+    error = _error(lambda: params.parse_chat(_raw(**CHAT, temperature="hot", logit_bias={"1": 1})))
+    assert (error["code"], error["param"]) == ("unsupported_parameter", "logit_bias")
+    assert "temperature: must be a number" in error["message"]
+
+
+def _first_field(error: InvalidArgument, renames: Renames) -> str:
+    named = renamed(error, renames)
+    assert isinstance(named, InvalidArgument)
+    return named.violations[0].field
+
+
+def _v2_param(call: params.GenerationCall) -> str:
+    with pytest.raises(InvalidArgument) as bad:
+        v2_validation.validate_generation(call.complete_requests()[0])
+    return _first_field(bad.value, call.renames)
+
+
+def test_a_user_over_256_characters_is_named_user_not_metadata_user() -> None:
+    long = "u" * 300
+    chat = params.parse_chat(_raw(**CHAT, user=long))
+    assert _v2_param(chat) == "user"
+    assert _v2_param(parse_completion(_raw(model="m", prompt="a", user=long))) == "user"
+    # `user` replaces a chat's metadata.user: the long one is the `user` parameter...
+    both = params.parse_chat(_raw(**CHAT, user=long, metadata={"user": "short"}))
+    assert _v2_param(both) == "user"
+    # ...and without `user`, a long metadata.user is the client's own metadata.user.
+    own = params.parse_chat(_raw(**CHAT, metadata={"user": long}))
+    assert _v2_param(own) == "metadata.user"
+    embedding = params.parse_embedding(_raw(model="e", input="x", user=long))
+    with pytest.raises(InvalidArgument) as bad:
+        v2_validation.validate_embed(embedding.request)
+    assert _first_field(bad.value, Renames(input="input")) == "user"

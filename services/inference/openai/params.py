@@ -35,6 +35,12 @@ SEED_MODULUS = 2**64  # OpenAI seeds are signed; v2's are uint64
 USER_TAG = contract.USER_TAG
 # OpenAI's "developer" role (newer models) is what the chat template calls "system".
 ROLE_ALIASES = {"developer": "system"}
+# The v2 field a request's `user` is checked as (v2's tag limits: 256 characters).
+USER_FIELD = f"metadata.{USER_TAG}"
+# The reason (OpenAI `code`: unsupported_parameter) of a parameter, or a value of
+# one, that asks for what we do not implement; a client may key on it to drop the
+# parameter and retry. Bad values are INVALID_ARGUMENT.
+UNSUPPORTED_PARAMETER = "UNSUPPORTED_PARAMETER"
 
 CHAT_PARAMS = frozenset(
     {
@@ -121,6 +127,9 @@ class Renames:
     max_output_tokens: str = "max_tokens"
     input: str = "messages"  # v2's prompt/messages, as the client sent them
     top_logprobs: str = "top_logprobs"  # a legacy completion's `logprobs`
+    # v2's metadata.user: the `user` parameter, or a chat's `metadata.user` when
+    # the request has no `user` (which replaces it).
+    user: str = "user"
 
 
 @dataclass
@@ -279,6 +288,8 @@ class _Body:
         ignored: Mapping[str, Callable[[Any], bool]],
     ) -> None:
         self.out: list[FieldViolation] = []
+        # Features and non-default values we do not implement (UNSUPPORTED_PARAMETER).
+        self.unsupported: list[FieldViolation] = []
         body = raw.json() if isinstance(raw, ClientBody) else client_json(raw, "body")
         if not isinstance(body, dict):
             raise InvalidArgument(
@@ -292,11 +303,13 @@ class _Body:
                     FieldViolation(name, "is not a supported parameter (see docs/openai.md)")
                     for name in unknown
                 ],
-                reason="UNSUPPORTED_PARAMETER",
+                reason=UNSUPPORTED_PARAMETER,
             )
         for name, safe in ignored.items():
             if name in self.values and not safe(self.values[name]):
-                self.out.append(FieldViolation(name, "is only accepted at its default value"))
+                self.unsupported.append(
+                    FieldViolation(name, "is only accepted at its default value")
+                )
 
     def has(self, name: str) -> bool:
         return name in self.values
@@ -376,6 +389,11 @@ class _Body:
         return include
 
     def check(self) -> None:
+        """Raises what was found: UNSUPPORTED_PARAMETER when any parameter asks for
+        what we do not implement (named first, so `param` is one the code is about;
+        the bad values follow in the message), else INVALID_ARGUMENT."""
+        if self.unsupported:
+            raise InvalidArgument([*self.unsupported, *self.out], reason=UNSUPPORTED_PARAMETER)
         if self.out:
             raise InvalidArgument(self.out)
 
@@ -419,20 +437,26 @@ def _common(body: _Body, renames: Renames, max_names: Sequence[str]) -> dict[str
     return request
 
 
-def _content(value: Any, where: str, out: list[FieldViolation]) -> str:
+def _content(value: Any, where: str, body: _Body) -> str:
     """Returns a message's text: a string, or the text parts of a content array joined."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
         texts = []
         for i, part in enumerate(value):
-            if isinstance(part, dict) and part.get("type") == "text":
-                if isinstance(part.get("text"), str):
-                    texts.append(part["text"])
-                    continue
-            out.append(FieldViolation(f"{where}[{i}]", "only text parts are supported"))
+            if not isinstance(part, dict):
+                body.out.append(FieldViolation(f"{where}[{i}]", "must be a content part object"))
+            elif part.get("type") != "text":
+                # image_url, input_audio, file, ...: a part we do not implement.
+                body.unsupported.append(
+                    FieldViolation(f"{where}[{i}]", "only text parts are supported")
+                )
+            elif isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                body.out.append(FieldViolation(f"{where}[{i}].text", "must be a string"))
         return "\n".join(texts)
-    out.append(FieldViolation(where, "must be a string or an array of text parts"))
+    body.out.append(FieldViolation(where, "must be a string or an array of text parts"))
     return ""
 
 
@@ -452,12 +476,12 @@ def _messages(body: _Body) -> list[dict[str, str]]:
             continue
         for key in sorted(set(message) - MESSAGE_KEYS):
             if message[key] is not None:  # tool_calls, audio, refusal, ...
-                body.out.append(FieldViolation(f"{where}.{key}", "is not supported"))
+                body.unsupported.append(FieldViolation(f"{where}.{key}", "is not supported"))
         role = message.get("role")
         if not isinstance(role, str):
             body.out.append(FieldViolation(f"{where}.role", "must be a string"))
             continue
-        content = _content(message.get("content"), f"{where}.content", body.out)
+        content = _content(message.get("content"), f"{where}.content", body)
         messages.append({"role": ROLE_ALIASES.get(role, role), "content": content})
     return messages
 
@@ -481,6 +505,8 @@ def parse_chat(raw: bytes | ClientBody) -> GenerationCall:
     logprobs = _logprobs_chat(body, request)
     metadata = body.string_map("metadata")
     if metadata:
+        if USER_TAG in metadata and USER_TAG not in request.get("metadata", {}):
+            renames.user = USER_FIELD  # the client's own metadata.user: no `user` replaced it
         request["metadata"] = {**metadata, **request.get("metadata", {})}
     stream = body.boolean("stream")
     include_usage = body.stream_options(stream)
@@ -500,14 +526,14 @@ def parse_completion(raw: bytes | ClientBody) -> GenerationCall:
         body.out.append(FieldViolation("prompt", "is required"))
         prompts = []
     if body.boolean("echo"):
-        body.out.append(FieldViolation("echo", "true is not supported"))
+        body.unsupported.append(FieldViolation("echo", "true is not supported"))
     logprobs = body.integer("logprobs")
     if logprobs is not None:
         request["logprobs"] = True
         request["top_logprobs"] = logprobs
     best_of = body.integer("best_of")
     if best_of is not None and best_of != request.get("n", 1):
-        body.out.append(FieldViolation("best_of", "must equal n (choices are not ranked)"))
+        body.unsupported.append(FieldViolation("best_of", "must equal n (choices are not ranked)"))
     choices = len(prompts) * int(request.get("n") or 1)
     if choices > MAX_LEGACY_SEQUENCES:
         body.out.append(
@@ -568,6 +594,8 @@ _HEAD = re.compile(r"^([a-z_]+)\.?")
 
 def v2_param(v2_field: str, renames: Renames) -> str:
     """Returns the OpenAI parameter a v2 field violation is about."""
+    if v2_field == USER_FIELD:
+        return renames.user
     match = _HEAD.match(v2_field)
     if match is None:
         return v2_field
