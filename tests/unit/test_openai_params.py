@@ -334,3 +334,30 @@ def test_a_user_over_256_characters_is_named_user_not_metadata_user() -> None:
     with pytest.raises(InvalidArgument) as bad:
         v2_validation.validate_embed(embedding.request)
     assert _first_field(bad.value, Renames(input="input")) == "user"
+
+
+def test_stream_options_take_include_obfuscation_false_as_the_sdks_send_it() -> None:
+    # The openai SDK's ChatCompletionStreamOptionsParam has include_obfuscation: false
+    # saves bandwidth, and asks for what the edge does anyway (it pads nothing); it
+    # was refused ("include_usage only"). true asks for the padding: unsupported.
+    stream = {"stream": True}
+    options = {"include_usage": True, "include_obfuscation": False}
+    call = params.parse_chat(_raw(**CHAT, **stream, stream_options=options))
+    assert call.include_usage
+    call = params.parse_completion(
+        _raw(model="m", prompt="a", **stream, stream_options={"include_obfuscation": False})
+    )
+    assert not call.include_usage
+    padded = {"include_obfuscation": True}
+    error = _error(lambda: params.parse_chat(_raw(**CHAT, **stream, stream_options=padded)))
+    assert (error["code"], error["param"]) == (
+        "unsupported_parameter",
+        "stream_options.include_obfuscation",
+    )
+    error = _error(
+        lambda: params.parse_chat(_raw(**CHAT, **stream, stream_options={"include_obfuscation": 1}))
+    )
+    assert (error["code"], error["param"]) == (
+        "invalid_argument",
+        "stream_options.include_obfuscation",
+    )

@@ -377,16 +377,29 @@ class _Body:
         if not stream:
             self.out.append(FieldViolation("stream_options", "is only allowed with stream: true"))
             return False
-        if not isinstance(value, dict) or set(value) - {"include_usage"}:
+        if not isinstance(value, dict) or set(value) - {"include_usage", "include_obfuscation"}:
             self.out.append(
-                FieldViolation("stream_options", "must be an object with include_usage only")
+                FieldViolation(
+                    "stream_options", "must be an object of include_usage, include_obfuscation"
+                )
             )
             return False
+        self._obfuscation(value.get("include_obfuscation", False))
         include = value.get("include_usage", False)
         if not isinstance(include, bool):
             self.out.append(FieldViolation("stream_options.include_usage", "must be a boolean"))
             return False
         return include
+
+    def _obfuscation(self, value: object) -> None:
+        """Checks stream_options.include_obfuscation: false (the current SDKs may send
+        it, to save bandwidth) asks for what the edge does anyway; true asks for
+        padding of each chunk against size side channels, which it does not add."""
+        where = "stream_options.include_obfuscation"
+        if not isinstance(value, bool):
+            self.out.append(FieldViolation(where, "must be a boolean"))
+        elif value:
+            self.unsupported.append(FieldViolation(where, "true is not supported (no padding)"))
 
     def check(self) -> None:
         """Raises what was found: UNSUPPORTED_PARAMETER when any parameter asks for
