@@ -570,6 +570,10 @@ def transcoder_filter(
             "request_validation_options": {
                 "reject_unknown_method": True,
                 "reject_unknown_query_parameters": True,
+                # A body field the path binds (`model` of /v2/models/{model}:complete)
+                # is a 400: the body's won, so the model the URL (and the access log)
+                # named was not the one that ran.
+                "reject_binding_body_field_collisions": True,
             },
             "print_options": {
                 "always_print_primitive_fields": True,

@@ -51,7 +51,10 @@ def transcoder_filter(descriptor_path: Path) -> dict[str, Any]:
             "services": [SERVICE, BATCH_SERVICE],
             "max_request_body_size": MAX_UPLOAD_BYTES,
             "convert_grpc_status": True,
-            "request_validation_options": {"reject_unknown_query_parameters": True},
+            "request_validation_options": {
+                "reject_unknown_query_parameters": True,
+                "reject_binding_body_field_collisions": True,  # as the edge's transcoder
+            },
             "print_options": {
                 "always_print_primitive_fields": True,
                 "preserve_proto_field_names": True,

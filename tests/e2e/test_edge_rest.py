@@ -170,3 +170,17 @@ def test_embed_over_rest(http):
 def test_embed_without_inputs_is_400(http):
     reply = http.post("/v1/models/all-minilm-l6-v2:embed", json={"inputs": []})
     assert reply.status_code == 400
+
+
+def test_a_body_naming_another_model_than_the_path_is_400(http):
+    # The body's `model` won over the path's: /v1/models/nope:complete with
+    # {"model": MODEL} ran MODEL, while the URL (and the access log) said nope.
+    # The transcoders now refuse a body field the path binds to another value.
+    for version in ("v1", "v2"):
+        body = {"model": MODEL, "prompt": "hi"}
+        reply = http.post(f"/{version}/models/no-such-model:complete", json=body)
+        assert reply.status_code == 400, (version, reply.text)
+        assert reply.json()["code"] == 3
+        assert "model" in reply.json()["message"]
+        # The same value twice is no conflict.
+        assert http.post(f"/{version}/models/{MODEL}:complete", json=body).status_code == 200
