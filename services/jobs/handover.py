@@ -10,7 +10,9 @@ JobsService.CreateJob would (same checks, same owner), and:
   client's API version prints) with the headers of the direct call's answer
   that the item's result knows (x-request-id, x-model-version, and a deprecated
   model version's Deprecation and Sunset, which the edge's version routes add
-  to the direct call's), or its error;
+  to the direct call's), or its error as the direct call answers it (code,
+  message, ErrorInfo reason and the field a BadRequest names: what the item's
+  JobError keeps; v1's field names on CompleteV1);
 - otherwise, or when it is not finished by then, the answer is `202 Accepted`
   with `Location: /v1/jobs/{id}`, `Preference-Applied: respond-async` and the
   job as JSON (what GET /v1/jobs/{id} answers).
@@ -30,6 +32,13 @@ no version of a model whose versions all are, answers 404 (NOT_FOUND) with
 the edge's text and creates no job, as the direct call does: the edge's
 sunset routes match the model header, which its routing filter does not set
 on a request it hands over (the job's item would fail NOT_FOUND anyway).
+
+So does a model nothing knows (not in the catalogue, which every model a worker
+ever registered is in, and served by no routable worker): 404 MODEL_NOT_FOUND
+with the worker's text, after the key's scopes are checked (as a worker checks
+them first). Its job used to wait for a worker until its window ended (24 h by
+default), and a `wait=N` client waited the N seconds for a 202. A model whose
+workers are restarting is still in the catalogue: its job waits for them.
 """
 
 from __future__ import annotations
@@ -43,13 +52,21 @@ import grpc
 from google.api.httpbody_pb2 import HttpBody
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 
 from services.core import contract
-from services.core.errors import PermissionDenied
+from services.core.errors import (
+    FieldViolation,
+    InvalidArgument,
+    PermissionDenied,
+    TokenmeshError,
+)
 from services.core.interceptors import Context, request_headers
 from services.inference import v1_translation
 from services.inference import validation as v1_validation
+from services.inference.models import model_not_found
 from services.inference.v2 import validation as v2_validation
+from services.jobs import validation as jobs_validation
 from services.jobs import views, workers
 from services.jobs.servicer import JobsServicer
 from services.jobs.store import FINAL, JobStore
@@ -66,6 +83,12 @@ JSON = "application/json"
 REQUEST_ID_HEADER, MODEL_VERSION_HEADER = "x-request-id", "x-model-version"
 # A finished item's v2 response -> the message the client's API version answers.
 Shape = Callable[[jobs_pb2.JobResult], Message]
+# A failed item's error -> the error the client's API version answers.
+Translate = Callable[[TokenmeshError], TokenmeshError]
+
+
+def _same(error: TokenmeshError) -> TokenmeshError:
+    return error
 
 
 def _is_number(text: str) -> bool:
@@ -109,6 +132,53 @@ def _status_code(number: int) -> grpc.StatusCode:
     return next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
 
 
+class ItemFailed(TokenmeshError):
+    """ItemFailed is a failed item's error as its worker raised it: any code, with the
+    ErrorInfo reason and the BadRequest field the item's JobError kept."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str, field: str) -> None:
+        super().__init__(message, reason=reason)
+        self.code = code
+        self.field = field
+
+    def details(self) -> list[Message]:
+        details = super().details()
+        if self.field:
+            violation = error_details_pb2.BadRequest.FieldViolation(
+                field=self.field, description=self.message
+            )
+            details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+        return details
+
+    def to_status(self) -> status_pb2.Status:
+        # Whatever code the worker sent (the base class maps only those raised here).
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        for detail in self.details():
+            status.details.add().Pack(detail)
+        return status
+
+
+def item_error(error: jobs_pb2.JobError) -> TokenmeshError | None:
+    """Returns a failed item's error as the direct call raised it, or None when the
+    worker's status had no ErrorInfo (gRPC's own, the edge's sunset text): its code
+    and message are all there is.
+
+    A JobError keeps the reason and the first violation's field (not ErrorInfo's
+    metadata nor further violations): an InvalidArgument whose message starts with
+    that field is rebuilt as one (its message is the same), so that v1 can rename
+    its fields as for a direct call (`v1_translation.v1_error`).
+    """
+    if not error.reason:
+        return None
+    code = _status_code(error.grpc_code)
+    prefix = f"{error.field}: "
+    named = bool(error.field) and error.message.startswith(prefix)
+    if code == grpc.StatusCode.INVALID_ARGUMENT and named:
+        described = FieldViolation(error.field, error.message.removeprefix(prefix))
+        return InvalidArgument([described], reason=error.reason)
+    return ItemFailed(code, error.message, error.reason, error.field)
+
+
 class HandoverServicer(handover_service_pb2_grpc.HandoverServiceServicer):
     """HandoverServicer turns a Complete into a one-item job, answered inline or with 202.
 
@@ -126,39 +196,39 @@ class HandoverServicer(handover_service_pb2_grpc.HandoverServiceServicer):
         # fields the caller of a Complete never sent.
         v2_validation.validate_generation(request.request)
         item = jobs_pb2.JobItem(complete=request.request)
-        return await self._hand_over(item, context, lambda result: result.complete)
+        return await self._hand_over(item, context, lambda result: result.complete, _same)
 
     async def CompleteV1(self, request: pb.CompleteV1Request, context: Context) -> HttpBody:
         v1_validation.validate_generation(request.request)
         item = jobs_pb2.JobItem(complete=v1_translation.complete_request(request.request))
         return await self._hand_over(
-            item, context, lambda result: v1_translation.complete_response(result.complete)
+            item,
+            context,
+            lambda result: v1_translation.complete_response(result.complete),
+            v1_translation.v1_error,
         )
 
-    async def _hand_over(self, item: jobs_pb2.JobItem, context: Context, shape: Shape) -> HttpBody:
-        retired = await workers.sunset_of(
-            self.store.redis, (item.complete.model, item.complete.version)
-        )
+    async def _hand_over(
+        self, item: jobs_pb2.JobItem, context: Context, shape: Shape, translate: Translate
+    ) -> HttpBody:
+        model = item.complete.model
+        retired = await workers.sunset_of(self.store.redis, (model, item.complete.version))
         if retired is not None:
             # No ErrorInfo: the edge's own reply to the direct call carries none.
             await context.abort(grpc.StatusCode.NOT_FOUND, retired)
-        try:
-            job = await self.jobs.CreateJob(jobs_pb.CreateJobRequest(items=[item]), context)
-        except PermissionDenied as denied:
-            if denied.reason != "MISSING_SCOPE":
-                raise
-            scope = denied.metadata.get("scope", "")
-            raise PermissionDenied(
-                f"this key lacks the scope {scope!r}, which a Complete needs",
-                reason=denied.reason,
-                metadata=denied.metadata,
-            ) from None
         headers: Mapping[str, str] = request_headers(context)
+        _check_scopes(item, headers)
+        if await workers.unknown_model(self.store.redis, model):
+            raise translate(model_not_found(model))
+        job = await self.jobs.CreateJob(jobs_pb.CreateJobRequest(items=[item]), context)
         wait_s = wait_seconds(headers.get(PREFER_HEADER, ""))
         result = await self._result_within(job.id, wait_s) if wait_s else None
         if result is None:
             return await self._accepted(job.id, context)
         if result.HasField("error"):
+            failed = item_error(result.error)
+            if failed is not None:
+                raise translate(failed)
             await context.abort(_status_code(result.error.grpc_code), result.error.message)
         await context.send_initial_metadata(await self._answer_headers(result))
         return HttpBody(content_type=JSON, data=_print(shape(result)))
@@ -204,3 +274,18 @@ class HandoverServicer(handover_service_pb2_grpc.HandoverServiceServicer):
         record = await self.store.get(job_id)
         job = views.job_pb(record) if record is not None else jobs_pb2.Job(id=job_id)
         return HttpBody(content_type=JSON, data=_print(job))
+
+
+def _check_scopes(item: jobs_pb2.JobItem, headers: Mapping[str, str]) -> None:
+    """CreateJob's scope check, worded for a Complete (its caller never sent `items[0]`)."""
+    try:
+        jobs_validation.check_item_scopes([item], headers.get(contract.SCOPES_HEADER, "").split())
+    except PermissionDenied as denied:
+        if denied.reason != "MISSING_SCOPE":
+            raise
+        scope = denied.metadata.get("scope", "")
+        raise PermissionDenied(
+            f"this key lacks the scope {scope!r}, which a Complete needs",
+            reason=denied.reason,
+            metadata=denied.metadata,
+        ) from None

@@ -177,6 +177,24 @@ async def sunset_of(client: aioredis.Redis, model: tuple[str, str]) -> str | Non
     return sunset_message(entry, label, time.time())
 
 
+async def unknown_model(client: aioredis.Redis, name: str) -> bool:
+    """Whether nothing knows model `name`: the catalogue (which every model a worker
+    registered is added to) has no such model and no routable worker serves it.
+
+    An item of it is never placed (`pick` returns None until the job's deadline): a
+    Complete handed over for it is refused NOT_FOUND instead. A model whose workers
+    are restarting is still in the catalogue, and waits for them.
+    """
+    if not name or await client.hexists(CATALOG_KEY, name):
+        return False
+    now = time.time()
+    for key, raw in (await client.hgetall(WORKERS_KEY)).items():
+        worker = WorkerEntry.from_json(text(key), raw)
+        if worker.routable(now) and any(served == name for served, _ in worker.models):
+            return False
+    return True
+
+
 def weighted_draw(weights: Mapping[str, int], key: str) -> str:
     """Returns one of `weights`' versions, each with its weight's share of keys; the same
     key draws the same version while the weights stay the same."""

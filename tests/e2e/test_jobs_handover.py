@@ -174,6 +174,56 @@ def test_a_sunset_version_is_404_handed_over_too_and_a_jobs_item_fails_at_once(
     assert errors[1]["message"] == f"version '1' of {model!r} was sunset on {when}"
 
 
+def test_an_item_error_answered_inline_is_the_direct_calls_error(api):
+    # The inline answer of `wait=N` is "this operation's error": it had only the
+    # code and message (`details: []`, no reason to branch on), and v1 callers read
+    # v2's field names (`max_output_tokens: prompt (600 tokens) + ...`).
+    prompt = "hi " * 600  # past the model's context with any max
+    cases = (
+        (f"/v2/models/{MODEL}:complete", {"prompt": prompt, "max_output_tokens": 2}),
+        (f"/v1/models/{MODEL}:complete", {"prompt": prompt, "max_tokens": 2}),
+    )
+    for path, body in cases:
+        direct = api.post(path, json=body)
+        assert direct.status_code == 400, direct.text
+        reasons = [d.get("reason") for d in direct.json()["details"]]
+        assert "CONTEXT_LENGTH_EXCEEDED" in reasons, direct.text
+        handed = api.post(path, json=body, headers={"Prefer": "respond-async, wait=10"})
+        assert handed.status_code == 400, handed.text
+        assert handed.json() == direct.json()
+    assert handed.json()["message"].startswith("max_tokens: "), handed.text
+
+
+def test_respond_async_for_a_model_nothing_serves_is_404_and_creates_no_job(mesh: Mesh):
+    # It answered 202, and its job waited for a worker until its window ended (24 h).
+    key = create_key(mesh, scopes=JOB_SCOPES)  # its own: no other test's jobs
+    model = f"no-such-{uuid.uuid4().hex[:8]}"
+    with httpx.Client(
+        base_url=mesh.edge_url, timeout=30, headers={"x-api-key": key["secret"]}
+    ) as api:
+        for path, body in (
+            (f"/v2/models/{model}:complete", V2_BODY),
+            (f"/v1/models/{model}:complete", {"prompt": "a", "max_tokens": 1}),
+        ):
+            direct = api.post(path, json=body)
+            assert direct.status_code == 404, direct.text
+            assert direct.json()["details"][0]["reason"] == "MODEL_NOT_FOUND", direct.text
+            for prefer in ("respond-async", "respond-async, wait=5"):
+                handed = api.post(path, json=body, headers={"Prefer": prefer})
+                assert handed.status_code == 404, handed.text
+                assert handed.json() == direct.json()
+        assert api.get("/v1/jobs").json().get("jobs", []) == []  # none created
+        # A model the catalogue knows still becomes a job, whatever version it names
+        # (the worker answers for a version it does not have).
+        for version in ("", "1", "latest", "no-such-version"):
+            accepted = api.post(
+                f"/v2/models/{MODEL}:complete",
+                json={**V2_BODY, "version": version},
+                headers={"Prefer": "respond-async"},
+            )
+            assert accepted.status_code == 202, (version, accepted.text)
+
+
 def _rest_path(method: MethodDescriptor) -> str:
     post: str = method.GetOptions().Extensions[annotations_pb2.http].post
     return post.replace("{request.", "{")  # HandoverService wraps the request
