@@ -242,7 +242,8 @@ _FORGET = _lua(
     """
 local charged = redis.call('GET', KEYS[4])
 if charged then
-  redis.call('INCRBY', KEYS[3], -tonumber(charged))
+  -- DECRBY: `-tonumber('0')` is Lua's -0, sent as "-0", which INCRBY refuses.
+  redis.call('DECRBY', KEYS[3], charged)
   redis.call('ZREM', KEYS[1], ARGV[1])
   local held = redis.call('HGET', KEYS[2], ARGV[1])
   if held then

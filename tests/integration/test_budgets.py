@@ -645,3 +645,18 @@ async def test_an_unmetered_leaders_budget_does_not_cut_or_charge_its_waiters_st
         await budgets.redis.aclose()
         child.terminate()
         child.wait(10)
+
+
+async def test_a_given_back_reservation_forgotten_again_charges_its_late_copy_nothing(budgets):
+    """An id given back (an unfinished run: its charge is 0) whose next attempt's
+    reservation was sent and then cancelled: forgetting it failed in Redis (`INCRBY
+    month -0`: Lua's negative zero is no integer to Redis), so the attempt was never
+    marked forgotten and its late copy charged prompt + max_tokens to the month."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    limits = Limits(monthly_tokens=10_000)
+    now = time.time()
+    await budgets.reserve(key, limits, "req", 500, now, attempt="a1")
+    await budgets.reconcile(key, "req", 500, 0, now, run="unfinished")  # given back
+    await budgets.forget(key, "req", now, attempt="a2")  # a2's reserve: sent, then cancelled
+    await budgets.reserve(key, limits, "req", 500, now, attempt="a2")  # ... lands late
+    assert await _month_used(budgets, key) == 0

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from services.core.errors import ResourceExhausted
-from services.inference import budget
+from services.core.errors import ResourceExhausted, TokenmeshError
+from services.inference import budget, shadow
 from services.inference.budget import Limits, TokenBudgets
 
 
@@ -154,5 +154,27 @@ async def test_a_reservation_costs_redis_the_same_however_full_the_window(own_re
                 await budgets.reserve(key, full, f"refused{n}", 50)
         assert await _evalsha_usec_per_call(client) < 1000
         assert await _assert_sum_is_the_windows(budgets, key) == 20_041 * 50
+    finally:
+        await client.aclose()
+
+
+async def test_a_shadow_copys_budget_read_uses_the_running_sum(own_redis):
+    """A copy's read of its caller's budgets (services.inference.shadow) summed the
+    whole window on every copy, as reservations did: ~5 ms of Redis a copy at 20,000
+    reservations in the minute. It reads the running sum now, and agrees with it."""
+    client = aioredis.from_url(own_redis)
+    try:
+        budgets, key = TokenBudgets(client), _key()
+        caller_budgets = shadow.CallerBudgets(budgets)
+        await _fill_window(client, key, 20_000, 50, await _redis_now_ms(client) - 1000)
+        await budgets.reserve(key, Limits(tokens_per_minute=10**9), "first", 50)  # the sum
+        window_total = await _assert_sum_is_the_windows(budgets, key)
+        caller = shadow.CopyCaller(key, Limits(tokens_per_minute=window_total + 10))
+        await client.config_resetstat()
+        for _ in range(40):
+            await caller_budgets.check(caller, 10, "m", "1")  # exactly fits
+        assert await _evalsha_usec_per_call(client) < 1000
+        with pytest.raises(TokenmeshError):
+            await caller_budgets.check(caller, 11, "m", "1")  # one token over
     finally:
         await client.aclose()
