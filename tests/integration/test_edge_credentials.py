@@ -19,6 +19,7 @@ import pytest
 from gateway import envoy_config
 from gateway.edge_auth import EdgeAuth
 from gateway.envoy_config import Endpoint
+from services.core.server import SERVER_OPTIONS
 from services.launcher.processes import reserve_port
 from tests.envoy_process import running_envoy
 
@@ -96,7 +97,7 @@ def edge_and_recorder(tmp_path: Path) -> Iterator[tuple[str, int, _Recorder]]:
 
 
 async def _call_through(edge: str, upstream: int, recorder: _Recorder, methods: list[str]) -> None:
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=SERVER_OPTIONS)  # as ours: the edge pings it
     server.add_generic_rpc_handlers((recorder,))
     server.add_insecure_port(f"127.0.0.1:{upstream}")
     await server.start()

@@ -38,6 +38,7 @@ from gateway.envoy_config import EdgeConfig, Endpoint
 from services.core.api_versions import ApiVersionSunset
 from services.core.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from services.core.interceptors import BoundaryInterceptor
+from services.core.server import SERVER_OPTIONS
 from services.launcher.processes import reserve_port
 from tests.envoy_process import running_envoy
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
@@ -80,7 +81,7 @@ class Edge:
 
 async def _serve() -> tuple[grpc.aio.Server, int]:
     """Starts a real grpc.aio server behind the error boundary, healthy for every cluster."""
-    server = grpc.aio.server(interceptors=[BoundaryInterceptor()])
+    server = grpc.aio.server(interceptors=[BoundaryInterceptor()], options=SERVER_OPTIONS)
     handler = grpc.unary_unary_rpc_method_handler(
         _complete,
         request_deserializer=pb.CompleteRequest.FromString,

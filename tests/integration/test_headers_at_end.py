@@ -17,6 +17,7 @@ import pytest
 from services.core import contract
 from services.core.errors import NotFound
 from services.core.interceptors import BoundaryInterceptor
+from services.core.server import SERVER_OPTIONS
 
 SERVICE = "tokenmesh.test.v1.Answers"
 HEADERS = (("x-request-id", "r-1"), ("x-ratelimit-warning", "a"), ("x-ratelimit-warning", "b"))
@@ -53,7 +54,7 @@ async def _fails_after_headers(request: bytes, context: Context) -> bytes:
 
 @pytest.fixture
 async def channel() -> AsyncIterator[grpc.aio.Channel]:
-    server = grpc.aio.server(interceptors=[BoundaryInterceptor()])
+    server = grpc.aio.server(interceptors=[BoundaryInterceptor()], options=SERVER_OPTIONS)
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         name: grpc.unary_unary_rpc_method_handler(behaviour)
         for name, behaviour in {

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.auth.ext_authz import _denied
 from services.core.errors import ResourceExhausted
 from services.core.interceptors import BoundaryInterceptor
+from services.core.server import SERVER_OPTIONS
 
 CHECK = "/grpc.health.v1.Health/Check"
 
@@ -36,7 +37,7 @@ class Exhausted(health_pb2_grpc.HealthServicer):
 
 @pytest.fixture
 async def client() -> AsyncIterator[grpc.aio.Channel]:
-    server = grpc.aio.server(interceptors=[BoundaryInterceptor()])
+    server = grpc.aio.server(interceptors=[BoundaryInterceptor()], options=SERVER_OPTIONS)
     health_pb2_grpc.add_HealthServicer_to_server(Exhausted(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
