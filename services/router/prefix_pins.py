@@ -123,8 +123,8 @@ def pins(holders: Sequence[Holder], last: Mapping[str, str] | None = None) -> di
     _fit(live, owner, totals, caches)
     _balance(live, owner, totals, set(kept), caches)
     # The balance keeps a head where it was while the split is within noise, and out
-    # of a full cache: one it left past its worker's bound goes to the hash too.
-    return {head: a for head, a in owner.items() if bounds.fits(a, totals[head])}
+    # of a full cache: what it left past its worker's bound goes to the hash too.
+    return bounds.within(owner, totals)
 
 
 @dataclass(frozen=True)
@@ -150,12 +150,24 @@ class _Bounds:
         even = limit / len(live)
         return cls({h.address: min(even, limit * h.weight / weights) for h in live})
 
-    def fits(self, address: str, heat: float) -> bool:
-        """Whether a head of `heat` pinned whole to `address` keeps it within its bound."""
-        return heat <= self.heat[address]
-
     def fits_somewhere(self, heat: float) -> bool:
+        """Whether a head of `heat` pinned whole to some worker keeps it within its bound."""
         return heat <= max(self.heat.values())
+
+    def within(self, owner: Mapping[str, str], totals: Mapping[str, float]) -> dict[str, str]:
+        """Returns the pins of `owner` whose heat, summed per worker, stays within each
+        worker's bound: the hottest first, a head that would take its worker past it
+        is left to the hash (a pinned request skips the bound, so the bound holds for
+        what a worker is pinned in all: a hot head checked alone kept the smaller
+        heads a full cache held beside it, 0.83 of the heat on a worker bound at 0.75)."""
+        pinned: dict[str, float] = dict.fromkeys(self.heat, 0.0)
+        kept: dict[str, str] = {}
+        for head in sorted(owner, key=lambda head: (-totals[head], head)):
+            address = owner[head]
+            if pinned[address] + totals[head] <= self.heat[address]:
+                pinned[address] += totals[head]
+                kept[head] = address
+        return kept
 
 
 @dataclass

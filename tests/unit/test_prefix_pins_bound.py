@@ -86,3 +86,22 @@ def test_the_edge_routes_do_not_pin_a_head_past_the_bound():
     )
     pins = resources.pins[("m", "1")]
     assert HOT not in pins and set(pins) == set(SMALL)
+
+
+def test_a_workers_pinned_heads_together_stay_within_its_bound():
+    # A shared prompt at 70% of the heat fits a's bound (75%) alone; the three small
+    # heads a full cache kept beside it (b's would overflow: 2048 tokens, heads of
+    # 440) took a to 83% of the heat, all of it past the bounded-load hash.
+    heads = [f"h{i}" for i in range(8)]
+    heat = [16.3] + [1.0] * 7
+    tokens = {"head_tokens": dict.fromkeys(heads, 440), "cache_tokens": 2048}
+    a = Holder(
+        A, 100, {h: (heat[i] * 10, 100.0) for i, h in enumerate(heads) if i % 2 == 0}, **tokens
+    )
+    b = Holder(B, 100, {h: (heat[i] * 10, 100.0) for i, h in enumerate(heads) if i % 2}, **tokens)
+    pins = prefix_pins.pins([a, b])
+    total = sum(heat) * 10
+    for worker in (A, B):
+        share = sum(heat[heads.index(h)] * 10 for h, w in pins.items() if w == worker) / total
+        assert share <= prefix_pins.HASH_BALANCE_FACTOR / 100 / 2, (worker, share, pins)
+    assert pins["h0"] == A  # the hot head is still pinned, where its cache is
