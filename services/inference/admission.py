@@ -49,6 +49,7 @@ from tokenmesh.type.v1 import types_pb2
 
 if TYPE_CHECKING:
     from services.inference.pipeline.cache import CacheStage
+    from services.inference.v2.choices import Generation
 
 logger = logging.getLogger(__name__)
 KEY_ID_HEADER = contract.KEY_ID_HEADER
@@ -344,6 +345,9 @@ class Admission:
         # Whether a call cancelled now was cut by the worker's shutdown (its grace
         # over); the service sets it (InferenceService.cut_by_shutdown). Never, by default.
         self.cut_by_shutdown: Callable[[], bool] = lambda: False
+        # The Generate streams running with their response headers out: the worker's
+        # shutdown ends them in-band before its grace is over (pipeline.stream).
+        self.open_streams: set[Generation] = set()
         self._background: set[asyncio.Task[None]] = set()
 
     @functools.cached_property

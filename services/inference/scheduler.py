@@ -557,6 +557,18 @@ class Scheduler:
             seq.cancelled = True
             self._wake.set()
 
+    def end(self, seq: Sequence_, error: TokenmeshError) -> None:
+        """Ends `seq`'s stream now with `error` (event loop): its reader gets the tokens
+        handed over so far, then the error; the slot is freed as a cancelled one's.
+
+        Put in the outbox here, not by the engine thread, so that it lands at
+        once, even while a step runs (or hangs). A sequence that ended already
+        (its `Finished` on its way) or was cancelled is left as it is.
+        """
+        if seq.finished is None and not seq.cancelled:
+            seq.outbox.put_nowait(Finished("error", error))
+            self.cancel(seq)
+
     def has_room(self, reserved: Sequence[int]) -> bool:
         """Tells whether requests reserving these KV tokens would all be taken by
         `submit` now (none refused QUEUE_FULL), counted as `submit` counts them."""

@@ -34,6 +34,7 @@ from services.inference.models import LoadedModel, ModelRegistry
 from services.inference.openai import servicer as openai
 from services.inference.pipeline.cache import CacheSettings, CacheStage, ResponseCache
 from services.inference.pipeline.content import ContentStage
+from services.inference.pipeline.stream import end_streams
 from services.inference.policy_cache import PolicyCache
 from services.inference.registration import Registration, lease_token
 from services.inference.repository import (
@@ -63,10 +64,16 @@ ADMIN_SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name[
     "InferenceAdminService"
 ].full_name
 ENGINES = ("auto", "onnxruntime", "tensorrt")
-STOPPING_REASON = "WORKER_STOPPING"  # a load the worker's stop abandoned (UNAVAILABLE)
+# A load the worker's stop abandoned, or a stream it ended before its grace ran out
+# (UNAVAILABLE).
+STOPPING_REASON = "WORKER_STOPPING"
 # How long a stopping worker waits for its last budget calls (reconciles, take-backs)
 # before it closes Redis: one Redis round trip each, retried while Redis is away.
 BUDGET_CALLS_AT_STOP_S = 5.0
+# How long before its shutdown grace is over a worker ends the streams still running
+# in-band (half the grace when that is shorter): their final messages and status
+# must be out before grpc cancels every call left.
+END_STREAMS_BEFORE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -399,6 +406,15 @@ def _stopping_error(name: str, version: str) -> Unavailable:
     )
 
 
+def _stopped_stream_error() -> Unavailable:
+    """The error that ends a stream still running when the worker's grace runs out."""
+    return Unavailable(
+        "the worker stopped before this stream finished; send the request again",
+        retry_after_s=1.0,
+        reason=STOPPING_REASON,
+    )
+
+
 def _split(entry: str) -> tuple[str, str]:
     name, version = entry.split(":", 1)
     return name.strip(), version.strip()
@@ -452,6 +468,7 @@ class InferenceService(Service):
         self._stopping = asyncio.Event()  # drain began: loads end, none registers a version
         # When the shutdown's grace ends (the event loop's clock; None: not draining).
         self._grace_ends: float | None = None
+        self._ending_streams: asyncio.TimerHandle | None = None  # drain: see there
         self._admission: Admission | None = None  # the servicers' one (add_to_server)
         self.tasks = Supervisor(self.name, self.health)
         # Inference RPCs' request-rate limits are decided here, in the usage
@@ -592,11 +609,35 @@ class InferenceService(Service):
         return ends is not None and asyncio.get_running_loop().time() >= ends
 
     async def drain(self) -> None:
+        """Leaves the edges' endpoints; then the server's stop(grace) starts
+        (services.core.server._shut_down).
+
+        Shortly before that grace is over, the streams still running end in-band
+        (`_end_streams`). grpc cancelled them at its end, UNAVAILABLE "Cancelling all
+        calls" with no final message: a client could not tell a deploy from a crash.
+        A unary call is left to that cancel: its headers are held, so it ends
+        trailers-only, which the edge tries again elsewhere, billed nothing here
+        (`cut_by_shutdown`).
+        """
         try:
             await self._leave()
         finally:
-            # The server's stop(grace) starts now (services.core.server._shut_down).
-            self._grace_ends = asyncio.get_running_loop().time() + self.settings.grace_s
+            loop = asyncio.get_running_loop()
+            grace_s = self.settings.grace_s
+            self._grace_ends = loop.time() + grace_s
+            margin_s = min(END_STREAMS_BEFORE_S, grace_s / 2)
+            self._ending_streams = loop.call_at(self._grace_ends - margin_s, self._end_streams)
+
+    def _end_streams(self) -> None:
+        """Ends every Generate stream still running whose headers went out with a final
+        message per running choice, `finish_reason` ERROR and `error` UNAVAILABLE
+        (WORKER_STOPPING), then that status; each is billed what it sent
+        (services.inference.pipeline.stream.end_streams)."""
+        if self._admission is None:
+            return
+        ended = end_streams(self._admission.open_streams, _stopped_stream_error())
+        if ended:
+            logger.info("ended %d streams still running before the grace is over", ended)
 
     async def _leave(self) -> None:
         """Takes the worker out of the edges' endpoints (or their health checks)."""
@@ -788,6 +829,8 @@ class InferenceService(Service):
 
     async def stop(self) -> None:
         self._stopping.set()  # set by drain already; nothing is registered from now on
+        if self._ending_streams is not None:  # every call ended before the grace did
+            self._ending_streams.cancel()
         if self.registration is not None:
             await self.registration.stop()
         for model in self.registry.all():

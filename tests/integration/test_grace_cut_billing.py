@@ -8,7 +8,8 @@ worker billed the cut run as well (its tokens so far), charged the key's budget
 for it and kept its request count: one answer billed twice. It now records
 the cut try apart (usage 0, `served_usage` what it computed), gives its
 reservation and its count back. A stream sent its headers when it started:
-Envoy does not retry it, and it stays billed what it sent.
+Envoy does not retry it, and it stays billed what it sent; the worker ends it
+in-band shortly before the grace is over (a final message with `error`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import grpc.aio
 import pytest
 import redis.asyncio as aioredis
 from google.api.httpbody_pb2 import HttpBody
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.core import contract
@@ -34,10 +36,12 @@ from services.inference.budget import TokenBudgets
 from services.inference.service import InferenceService
 from tests import mtls
 from tests.integration.conftest import inference_settings
+from tests.integration.test_inference_model_lifecycle import _reason
 from tests.prompts import unique_prompt
 from tokenmesh.inference.v1 import inference_pb2 as usage_pb
 from tokenmesh.inference.v1 import inference_service_pb2 as v1_pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as v1_rpc
+from tokenmesh.inference.v2 import inference_pb2 as v2_inference_pb
 from tokenmesh.inference.v2 import inference_service_pb2 as v2_pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_rpc
 from tokenmesh.openai.v1 import openai_service_pb2_grpc as openai_rpc
@@ -175,23 +179,68 @@ async def test_a_unary_call_leading_a_shared_computation_is_billed_nothing_there
     assert (month, window) == (0, 0)
 
 
-async def _stream(channel: grpc.aio.Channel, identity: list[tuple[str, str]]) -> Any:
+async def _read_stream(call: Any) -> tuple[list[Any], grpc.aio.AioRpcError | None]:
+    """Returns a stream's messages and the error it ended with (None: it ended OK)."""
+    messages: list[Any] = []
+    try:
+        async for message in call:
+            messages.append(message)
+    except grpc.aio.AioRpcError as error:
+        return messages, error
+    return messages, None
+
+
+async def _v2_stream(channel: grpc.aio.Channel, identity: list[tuple[str, str]]) -> Any:
     request = v2_pb.GenerateRequest(
         model=MODEL, prompt=unique_prompt("stream"), max_output_tokens=MAX_TOKENS
     )
     stub = v2_rpc.InferenceServiceStub(channel)
-    return await _read_all(stub.Generate(request, metadata=identity))
+    return await _read_stream(stub.Generate(request, metadata=identity))
 
 
-async def test_a_stream_cut_by_the_shutdown_stays_billed_what_it_sent(
-    tmp_path: Path, redis_url: str
+async def _v1_stream(channel: grpc.aio.Channel, identity: list[tuple[str, str]]) -> Any:
+    request = v1_pb.GenerateRequest(
+        model=MODEL, prompt=unique_prompt("v1 stream"), max_tokens=MAX_TOKENS
+    )
+    stub = v1_rpc.InferenceServiceStub(channel)
+    return await _read_stream(stub.Generate(request, metadata=identity))
+
+
+def _in_band_reason(message: Any) -> str:
+    """Returns the ErrorInfo reason of a final message's in-band error (v1 or v2)."""
+    error = message.error
+    if isinstance(error, usage_pb.StreamError):
+        return str(error.reason)
+    for detail in error.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
+
+
+@pytest.mark.parametrize(
+    ("call", "error_reason"),
+    [(_v2_stream, v2_inference_pb.FINISH_REASON_ERROR), (_v1_stream, "error")],
+    ids=["v2-generate", "v1-generate"],
+)
+async def test_a_stream_still_running_at_the_grace_end_ends_in_band_billed_what_it_sent(
+    tmp_path: Path, redis_url: str, call: Call, error_reason: Any
 ) -> None:
-    """Its headers went out when it started: Envoy does not try it again."""
-    outcome, events, month, window = await _cut_at_stop(tmp_path, redis_url, _stream)
-    assert isinstance(outcome, grpc.aio.AioRpcError), outcome
-    assert [e.finish_reason for e in events] == ["cancelled"]
+    """Its headers went out when it started: Envoy does not try it again. grpc cut it
+    at the grace's end (UNAVAILABLE "Cancelling all calls", no final message, as a
+    crash); the worker now ends it shortly before, with a final message."""
+    outcome, events, month, window = await _cut_at_stop(tmp_path, redis_url, call)
+    messages, error = outcome
+    assert messages and error is not None, outcome
+    last = messages[-1]
+    assert last.finish_reason == error_reason, last
+    assert last.HasField("error") and _in_band_reason(last) == "WORKER_STOPPING", last
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert _reason(error) == "WORKER_STOPPING", error.details()
+    # Billed what it sent, as before (the client sends it again, billed again).
+    assert [e.finish_reason for e in events] == ["error"]
     billed = events[0].usage
-    assert billed.completion_tokens > 0
+    assert billed.completion_tokens == sum(len(m.token_ids) for m in messages) > 0
     assert contract.UNFINISHED_ATTEMPT_MARK not in events[0].event_id
     assert month == billed.total_tokens
     assert window == 1

@@ -39,7 +39,7 @@ def _choice(index: int) -> Choice:
     return Choice(index=index, seq=cast(Any, seq), state=cast(Any, None))
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity, as a Generation (Admission.open_streams)
 class FakeGeneration:
     script: Script
     n: int = 1
@@ -99,6 +99,7 @@ class FakeGeneration:
 class FakeAdmission:
     budget_tokens: int = 1_000
     events: list[v1_pb.UsageEvent] = field(default_factory=list)
+    open_streams: set[Any] = field(default_factory=set)
 
     async def within_budget(self, generation: FakeGeneration, used: int) -> bool:
         return used < self.budget_tokens
@@ -150,10 +151,52 @@ async def test_a_failure_after_messages_ends_each_choice_with_the_error() -> Non
 
 
 async def test_a_failure_before_any_message_is_a_plain_error() -> None:
+    """Its caller holds its headers (OpenAI): it answers with an error of its own."""
     generation = FakeGeneration([Unavailable("no engine")])
     with pytest.raises(Unavailable):
         await _produce(FakeAdmission(), generation)
     assert generation.finish_reason() == "error"
+
+
+async def test_a_failure_before_any_message_with_the_headers_out_is_told_in_band() -> None:
+    """A v1/v2 stream sent its headers when it was queued: a status alone reached a
+    REST client as `200 text/event-stream` and no SSE event at all."""
+    generation = FakeGeneration([Unavailable("no engine")], n=2)
+    admission = FakeAdmission()
+    messages: list[Any] = []
+    with pytest.raises(stream.StreamAborted) as info:
+        produced = stream.produce(cast(Any, admission), cast(Any, generation), headers_out=True)
+        async for message in produced:
+            messages.append(message)
+    assert info.value.error.message == "no engine"
+    assert sorted(m.choice_index for m in messages) == [0, 1]
+    assert {m.finish_reason for m in messages} == {inference_pb2.FINISH_REASON_ERROR}
+    assert all(m.error.message == "no engine" and not m.token_ids for m in messages)
+    assert generation.finish_reason() == "error"
+    assert not admission.open_streams
+
+
+async def test_a_stream_is_open_while_it_runs_with_its_headers_out() -> None:
+    """The worker's shutdown ends the open streams in-band (stream.end_streams)."""
+    admission = FakeAdmission()
+    held = FakeGeneration([(0, Delta("a", [1])), (0, Delta("b", [2], "length"))])
+    produced = stream.produce(cast(Any, admission), cast(Any, held), headers_out=True)
+    first = await anext(produced)
+    assert first.text == "a" and admission.open_streams == {held}
+    await produced.aclose()  # its caller left: it is no longer open
+    assert not admission.open_streams
+    # A caller that holds its headers until its first message: open once it took it
+    # (it sent its headers with it) and came back for more.
+    later = FakeGeneration(
+        [(0, Delta("a", [1])), (0, Delta("b", [2])), (0, Delta("c", [3], "stop"))]
+    )
+    produced = stream.produce(cast(Any, admission), cast(Any, later))
+    await anext(produced)
+    assert not admission.open_streams
+    await anext(produced)
+    assert admission.open_streams == {later}
+    assert [m.text async for m in produced] == ["c"]
+    assert not admission.open_streams
 
 
 async def test_collect_gathers_each_choice_and_the_usage() -> None:

@@ -28,7 +28,11 @@ A Complete still computing when the worker's shutdown grace ends is cut
 before its held headers went out (a trailers-only UNAVAILABLE, which the
 edge tries again on another worker): it is recorded apart, billed nothing,
 its reservation given back (Admission.note_cancelled). A Generate stream
-sent its headers when it started: it is billed what it sent, as before.
+sent its headers when it started: a failure from then on, also before its
+first token, is told in-band (each running choice's final message with
+`error`, then the status), and the shutdown ends one still running shortly
+before the grace is over that way (UNAVAILABLE, WORKER_STOPPING), billed what
+it sent (pipeline.stream.produce, end_streams).
 """
 
 from __future__ import annotations
@@ -50,10 +54,11 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from services.core.errors import QuotaViolation, ResourceExhausted
-from services.core.interceptors import Context, request_headers
+from services.core.interceptors import Context, request_headers, to_domain_error
 from services.inference import shadow
 from services.inference.admission import Admission
 from services.inference.pipeline import cache as cache_stage
+from services.inference.pipeline import stream as stream_stage
 from services.inference.pipeline.cache import (
     BYPASS,
     CACHE_REQUESTS,
@@ -70,6 +75,7 @@ from services.inference.pipeline.content import adopt_stop
 from services.inference.pipeline.policy import OutputMatch
 from services.inference.pipeline.record import record_computed, record_served
 from services.inference.pipeline.stream import (
+    StreamAborted,
     collect,
     finish_reason_name,
     produce,
@@ -307,7 +313,8 @@ class GenerationPipeline:
         await self.schedule(context, generation)
         try:
             await _send_headers_or_cancel(context, generation)
-            async for message in produce(self.admission, generation):
+            stream = produce(self.admission, generation, headers_out=_headers_out(context))
+            async for message in stream:
                 yield message
         finally:
             record_computed(self.admission, generation)
@@ -445,19 +452,31 @@ class GenerationPipeline:
 
         items = await self._lead_flight(flight, context, generation, compute, store)
         received, ended, reason = 0, set[int](), "cancelled"
+        started = False
         try:
-            async for message in items:
-                if not await self._leader_within_budget(flight, generation, received):
-                    # Its budget is out while others read on: only its own answer ends.
-                    running = [c.index for c in generation.choices if c.index not in ended]
-                    for final in quota_finals(generation, running, received):
-                        yield final
-                    reason = "quota"
-                    break
-                yield message
-                received += len(message.token_ids)
-                if message.HasField("finish_reason"):
-                    ended.add(message.choice_index)
+            try:
+                async for message in items:
+                    started = True
+                    if not await self._leader_within_budget(flight, generation, received):
+                        # Its budget is out while others read on: only its own answer ends.
+                        running = [c.index for c in generation.choices if c.index not in ended]
+                        for final in quota_finals(generation, running, received):
+                            yield final
+                        reason = "quota"
+                        break
+                    yield message
+                    received += len(message.token_ids)
+                    if message.HasField("finish_reason"):
+                        ended.add(message.choice_index)
+            except Exception as exc:
+                # The computation failed before its first message (its waiters compute
+                # their own): with its headers out, the leader's client reads it in-band.
+                if started or not _headers_out(context):
+                    raise
+                error = to_domain_error(exc, "Generate")
+                for final in stream_stage.finals(generation, "error", error, generation.choices):
+                    yield final
+                raise StreamAborted(error) from exc
         finally:
             await items.aclose()  # type: ignore[attr-defined]
             if flight.done and reason != "quota":
@@ -870,6 +889,18 @@ def _adopt_stop(
     match = stops.get(choice_index)
     if match is not None:
         adopt_stop(generation, match)
+
+
+def _headers_out(context: Context) -> bool:
+    """Tells whether the response headers a stream sent (`Generation.send_headers`) went
+    out: a failure from now on is told in-band (pipeline.stream.produce).
+
+    A caller that holds them until its first message says so in `sent` (the
+    OpenAI servicer's _ResponseContext): it answers an earlier failure with an
+    HTTP error of its own. grpc's context, and the interceptors' wrappers of it,
+    sent them when asked.
+    """
+    return bool(getattr(context, "sent", True))
 
 
 async def _send_headers_or_cancel(context: Context, generation: Generation) -> None:

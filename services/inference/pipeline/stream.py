@@ -15,7 +15,7 @@ applies), so every surface and the cache see filtered text only.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 
 from services.core.errors import TokenmeshError
 from services.core.interceptors import to_domain_error
@@ -131,9 +131,13 @@ def final(
 
 
 def finals(
-    generation: Generation, reason: str, error: TokenmeshError | None = None
+    generation: Generation,
+    reason: str,
+    error: TokenmeshError | None = None,
+    choices: Sequence[Choice] | None = None,
 ) -> list[pb.GenerateResponse]:
-    """Returns a final message for every running choice (they end with `reason`)."""
+    """Returns a final message for every running choice, or each of `choices` (they end
+    with `reason`)."""
     return [
         final(
             pb.GenerateResponse(
@@ -146,7 +150,7 @@ def finals(
             reason,
             generation.sent_tokens,
         )
-        for running in generation.running()
+        for running in (generation.running() if choices is None else choices)
     ]
 
 
@@ -206,20 +210,42 @@ async def _within_budget(
 
 
 async def produce(
-    admission: Admission, generation: Generation, shared: Callable[[], bool] = _alone
+    admission: Admission,
+    generation: Generation,
+    shared: Callable[[], bool] = _alone,
+    *,
+    headers_out: bool = False,
 ) -> AsyncGenerator[pb.GenerateResponse, None]:
     """Yields a submitted generation's Generate messages; counts what the caller accepted.
 
     `shared`: tells whether other requests read this computation too (its
     caller's budget then does not end it).
 
+    `headers_out`: the caller's response headers went out before its first
+    message (a v1 or v2 stream sends them once it is queued): a failure before
+    that message is told in-band too. Its REST client has its 200 and reads SSE
+    events only; a status alone came as a bare JSON line after the headers,
+    which SSE readers drop: zero events. False for a caller that holds them
+    until its first message (the OpenAI servicer, which answers an earlier
+    failure with an HTTP error of its own) and for a shared computation (its
+    waiters compute their own when it fails before its first message; its
+    leader tells its own client: pipeline.generate).
+
+    While it runs with its caller's headers out, the generation is in
+    `admission.open_streams`: the worker's shutdown ends it in-band before its
+    grace is over (`end_streams`).
+
     Raises:
-        StreamAborted: it failed after messages were sent (each running choice's
-            final message, with the error, was yielded first).
-        Exception: it failed before any message (a plain status says it all).
+        StreamAborted: it failed after messages were sent, or with its headers out
+            (each running choice's final message, with the error, was yielded first).
+        Exception: it failed before any message and any header (a plain status
+            says it all).
     """
     deltas = generation.deltas()
     streamed = False
+    open_streams = admission.open_streams
+    if headers_out:
+        open_streams.add(generation)
     try:
         async for choice, delta in deltas:
             # Only a stream admitted while budgets were unreachable is charged as it
@@ -235,13 +261,15 @@ async def produce(
                 total = generation.sent_tokens + count
                 final(message, generation, choice, delta.finish_reason, total)
             yield message
-            streamed = True
             generation.sent_tokens += count
+            if not streamed:  # its caller's headers are out now too (it sent a message)
+                streamed = True
+                open_streams.add(generation)
     except asyncio.CancelledError:
         generation.end_running("cancelled")
         raise
     except Exception as exc:
-        if not streamed:
+        if not (streamed or headers_out):
             generation.end_running("error")
             raise
         error = to_domain_error(exc, "Generate")
@@ -249,7 +277,28 @@ async def produce(
             yield message
         raise StreamAborted(error) from exc
     finally:
+        open_streams.discard(generation)
         await deltas.aclose()
+
+
+def end_streams(generations: Iterable[Generation], error: TokenmeshError) -> int:
+    """Ends every running choice of these streams with `error` now; returns how many
+    streams had one.
+
+    Each stream's `produce` then yields its running choices' final messages with
+    `error` and raises StreamAborted: the RPC ends with a final message and
+    `error`'s status, billed what it sent. The worker's shutdown does so shortly
+    before its grace is over (services.inference.service): grpc then cancelled
+    them, UNAVAILABLE "Cancelling all calls" and no final message, which a
+    client could not tell from a crash.
+    """
+    ended = 0
+    for generation in list(generations):
+        running = generation.running()
+        for choice in running:
+            generation.scheduler.end(choice.seq, error)
+        ended += bool(running)
+    return ended
 
 
 async def collect(
