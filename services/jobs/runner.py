@@ -23,6 +23,13 @@ calls; they are let go without a result (`JobStore.let_go`: a stopping job
 ends CANCELLED with its last one). An item starts only through
 `JobStore.start_item`, which refuses one of a job that is stopping or ended.
 
+Once a worker has answered an item (and metered it), its result is stored
+through Redis errors and cancels (`Runner._store`): tried again for a few claim
+times while the heartbeat keeps the entry claimed, and waited for by a stop
+(up to `STOP_SAVE_S`), a stopped job and a lost entry. Dropped, the item ran
+again from the start: its whole cost again, and the job's usage from the
+second run while the meter bills the first.
+
 A revoked key must not keep spending: before an item starts, and every
 watch round for the jobs whose items run here, the runner asks `KeyStatus`
 whether each owner's key is still active (its verdicts are at most 2 s old);
@@ -44,12 +51,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from services.core.redis_service import text
+from services.core.store_errors import STORE_UNREACHABLE, is_store_refusal
 from services.core.tasks import cancel_and_wait
 from services.jobs import store as jobstore
-from services.jobs.execution import DeadlinePassed, ItemExecutor
+from services.jobs.execution import DeadlinePassed, ItemExecutor, Outcome
 from services.jobs.key_status import KeyStatus
 from services.jobs.store import RUNNABLE, JobState, JobStore, StopOutcome
 
@@ -87,6 +95,15 @@ KEY_SWEEP_BATCH = 1000
 KEY_SWEEP_SCANS = 8
 # A consumer with nothing pending and idle this long is a replica that is gone.
 DEAD_CONSUMER_IDLE_S = 3600.0
+# How long a finished item's result is tried again through Redis errors, in claim
+# times: the heartbeat keeps the entry claimed meanwhile (once Redis answers again),
+# so nobody runs the item again; given up, its entry waits for a takeover.
+SAVE_RETRY_CLAIMS = 3
+SAVE_FIRST_BACKOFF_S = 0.05
+SAVE_MAX_BACKOFF_S = 2.0
+# The longest a stop waits for the results being stored (within the 5 s it gives
+# each item: the Redis client closes after it).
+STOP_SAVE_S = 2.5
 # KEYS: stream. ARGV: group, idle ms, this consumer.
 # Deletes the group's consumers that have no pending entry and have been idle at
 # least `idle ms` (never this one); returns their names. One script: a consumer
@@ -154,6 +171,9 @@ class Runner:
         self._last_lane = ""  # the lane the last read's window ended on (_window)
         self._round_found = False  # whether this round of windows read any entry
         self._ending: set[EntryKey] = set()
+        self.save_retry_s = SAVE_RETRY_CLAIMS * claim_idle_s
+        self._saves: set[asyncio.Task[bool]] = set()  # results being stored (_store)
+        self._stop_by: float | None = None  # while stopping: when saves are cut (loop time)
         self.finished_total = 0
 
     # -- the loops (supervised by the service) ------------------------------
@@ -190,13 +210,24 @@ class Runner:
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         """Cancels running items: their entries stay pending (resumed after a restart
-        under the same name, or taken over), their in-flight marks go (_run_entry)."""
-        # Each cancelled until it ends (cancel_and_wait): one cancel() can be lost in
-        # redis-py, and an item that went on after its service stopped opened a new
-        # Redis connection on a closed pool, left open when the loop ended.
-        await asyncio.gather(
-            *(cancel_and_wait(task, timeout_s) for task in list(self._tasks.values()))
-        )
+        under the same name, or taken over), their in-flight marks go (_run_entry).
+        An item whose result is being stored keeps it if that ends within
+        `STOP_SAVE_S` (at most half of `timeout_s`)."""
+        loop = asyncio.get_running_loop()
+        self._stop_by = loop.time() + min(STOP_SAVE_S, timeout_s / 2)
+        try:
+            # Each cancelled until it ends (cancel_and_wait): one cancel() can be lost in
+            # redis-py, and an item that went on after its service stopped opened a new
+            # Redis connection on a closed pool, left open when the loop ended.
+            await asyncio.gather(
+                *(cancel_and_wait(task, timeout_s) for task in list(self._tasks.values()))
+            )
+            # A save cut at the bound ends with its Redis call, before the client closes.
+            await asyncio.gather(
+                *(cancel_and_wait(save, timeout_s / 2) for save in list(self._saves))
+            )
+        finally:
+            self._stop_by = None
 
     # -- reading ----------------------------------------------------------
 
@@ -489,10 +520,93 @@ class Runner:
             await self.store.end(job_id, jobstore.EXPIRED, due_before_ms=jobstore.now_ms())
             await self.store.let_go(job_id, index, self.consumer, stream, entry_id)
             return
-        await self.store.finish_item(
-            job_id, index, outcome.result, outcome.usage, stream, entry_id, self.consumer
-        )
+        await self._store(job_id, index, outcome, stream, entry_id)
         self.finished_total += 1
+
+    async def _store(
+        self, job_id: str, index: int, outcome: Outcome, stream: str, entry_id: str
+    ) -> None:
+        """Stores a finished item's result (`_save`); a cancel meanwhile waits for it.
+
+        The worker has answered and metered the call: dropped here, the item ran again
+        (its whole cost again), or a stopped job ended without a result its owner paid
+        for. So the save goes on through a cancel: its job's stop (`finish_item` keeps
+        a stopping job's result and writes nothing to an ended one), a takeover
+        (`HSETNX` never overwrites the result another replica stored first) or this
+        runner's stop, which waits only until `_stop_by`, then cuts it. A cancel
+        waited through is taken back (`uncancel`): the item finished.
+        """
+        save = asyncio.create_task(
+            self._save(job_id, index, outcome, stream, entry_id), name=f"save {job_id}:{index}"
+        )
+        self._saves.add(save)
+        save.add_done_callback(self._saves.discard)
+        cancels = await self._wait_through_cancels(save)
+        if not save.done():  # the stop's bound passed: the item goes as a cut one
+            save.cancel()
+            raise asyncio.CancelledError
+        task = asyncio.current_task()
+        assert task is not None  # awaited in a task (_start)
+        for _ in range(cancels):
+            task.uncancel()
+        save.result()  # raises when it gave up: the entry waits for a takeover
+
+    async def _wait_through_cancels(self, save: asyncio.Task[bool]) -> int:
+        """Waits until `save` ends, or until a stop's bound once cancelled; returns how
+        many cancels it waited through."""
+        loop = asyncio.get_running_loop()
+        cancels = 0
+        while not save.done():
+            left = None if self._stop_by is None else self._stop_by - loop.time()
+            if cancels and left is not None and left <= 0:
+                break
+            try:
+                await asyncio.wait([save], timeout=left if cancels else None)
+            except asyncio.CancelledError:
+                cancels += 1
+        return cancels
+
+    async def _save(
+        self, job_id: str, index: int, outcome: Outcome, stream: str, entry_id: str
+    ) -> bool:
+        """Stores a finished item's result (`JobStore.finish_item`), trying again with
+        backoff on Redis errors for `save_retry_s` (until a stop's bound while stopping):
+        the script is idempotent (`HSETNX` keeps the first result and counts it once,
+        `XACK` is, and it writes nothing to an ended job). A reply lost to a reset
+        connection may follow a write that was done: the next try changes nothing."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.save_retry_s
+        backoff_s = SAVE_FIRST_BACKOFF_S
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return await self.store.finish_item(
+                    job_id, index, outcome.result, outcome.usage, stream, entry_id, self.consumer
+                )
+            except (RedisError, OSError, TimeoutError) as exc:
+                if not _store_unavailable(exc):
+                    raise
+                until = give_up_at if self._stop_by is None else min(give_up_at, self._stop_by)
+                if loop.time() + backoff_s >= until:
+                    logger.error(
+                        "gave up storing the result of item %d of job %s after %d tries: %s;"
+                        " the item will run again",
+                        index,
+                        job_id,
+                        tries,
+                        exc,
+                    )
+                    raise
+                if tries == 1:
+                    logger.warning(
+                        "storing the result of item %d of job %s failed (%s); trying again",
+                        index,
+                        job_id,
+                        exc,
+                    )
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(SAVE_MAX_BACKOFF_S, backoff_s * 2)
 
 
 async def stop_revoked(
@@ -591,6 +705,12 @@ class ExpirySweep:
         for job_id in await self.store.overdue(now):
             ended += await self.store.end(job_id, jobstore.EXPIRED, due_before_ms=now)
         return ended
+
+
+def _store_unavailable(exc: BaseException) -> bool:
+    """Tells whether `exc` is Redis out of reach or refusing for now (it may answer a
+    try again): a reset connection can come as a bare OSError, a stall as TimeoutError."""
+    return isinstance(exc, (*STORE_UNREACHABLE, OSError, TimeoutError)) or is_store_refusal(exc)
 
 
 def _after(entry_id: str) -> str:
