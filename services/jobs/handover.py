@@ -62,6 +62,7 @@ from services.core.errors import (
     TokenmeshError,
 )
 from services.core.interceptors import Context, request_headers
+from services.core.model_access import check_model_allowed
 from services.inference import v1_translation
 from services.inference import validation as v1_validation
 from services.inference.models import model_not_found
@@ -212,11 +213,14 @@ class HandoverServicer(handover_service_pb2_grpc.HandoverServiceServicer):
         self, item: jobs_pb2.JobItem, context: Context, shape: Shape, translate: Translate
     ) -> HttpBody:
         model = item.complete.model
+        headers: Mapping[str, str] = request_headers(context)
+        # First, as a worker does: a key limited to some models learns nothing of the
+        # others (a sunset's or an unknown model's 404 against a 202 told it which exist).
+        check_model_allowed(headers, model)
         retired = await workers.sunset_of(self.store.redis, (model, item.complete.version))
         if retired is not None:
             # No ErrorInfo: the edge's own reply to the direct call carries none.
             await context.abort(grpc.StatusCode.NOT_FOUND, retired)
-        headers: Mapping[str, str] = request_headers(context)
         _check_scopes(item, headers)
         if await workers.unknown_model(self.store.redis, model):
             raise translate(model_not_found(model))

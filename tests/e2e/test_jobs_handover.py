@@ -239,3 +239,21 @@ def test_each_handover_rpc_answers_under_the_policy_of_the_rpc_its_rest_path_nam
         stands_in_for = api_versions.STAND_INS[f"/{service.full_name}/{method.name}"]
         target = pool.FindMethodByName(stands_in_for.lstrip("/").replace("/", "."))
         assert _rest_path(method) == _rest_path(target), method.name
+
+
+def test_a_key_limited_to_some_models_learns_nothing_of_others_by_handing_over(mesh: Mesh):
+    # The direct call answers 403 MODEL_NOT_ALLOWED for every model outside the key's
+    # list, before any lookup. The hand-over answered 404 for a name nothing serves
+    # and 202 (a job) for one that exists: a restricted key could list the models.
+    key = create_key(mesh, "--models", "demo-lm", scopes=JOB_SCOPES)
+    with httpx.Client(
+        base_url=mesh.edge_url, timeout=30, headers={"x-api-key": key["secret"]}
+    ) as api:
+        for model in (MODEL, f"no-such-{uuid.uuid4().hex[:8]}"):
+            path = f"/v2/models/{model}:complete"
+            direct = api.post(path, json=V2_BODY)
+            assert direct.status_code == 403, direct.text
+            handed = api.post(path, json=V2_BODY, headers={"Prefer": "respond-async"})
+            assert handed.status_code == 403, handed.text
+            assert handed.json()["details"][0]["reason"] == "MODEL_NOT_ALLOWED"
+        assert api.get("/v1/jobs").json().get("jobs", []) == []  # none created
