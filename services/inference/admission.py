@@ -19,7 +19,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -39,7 +39,7 @@ from services.core.identity import peer_identity
 from services.core.interceptors import Context, request_headers
 from services.core.model_access import allowed_models, check_model_allowed
 from services.inference import metrics, shadow
-from services.inference.budget import Limits, Run, TokenBudgets
+from services.inference.budget import Limits, RequestOverBudget, Run, TokenBudgets
 from services.inference.mesh_models import MeshModels
 from services.inference.models import LoadedModel, ModelRegistry
 from services.inference.pipeline.content import ContentStage
@@ -237,8 +237,13 @@ class Request:
         self.held_events: list[inference_pb2.UsageEvent] | None = None
         # Cut by this worker's shutdown before its answer's headers went out: its
         # caller got a trailers-only UNAVAILABLE, which the edge tries again on
-        # another worker (Admission.note_cancelled).
+        # another worker (Admission.note_cancelled). Or refused by its version's
+        # unload after one of its choices started, with nothing sent (pipeline.record):
+        # tried again elsewhere too. Recorded apart, billed nothing.
         self.cut = False
+        # A Generate stream that handed its caller a message: billed what it sent,
+        # however it ends (pipeline.stream.produce).
+        self.streamed = False
 
     def model_ref(self) -> types_pb2.ModelRef:
         """Returns the serving model version as a protobuf message."""
@@ -311,6 +316,28 @@ def set_attempt_apart(event: inference_pb2.UsageEvent) -> None:
     event.usage.CopyFrom(token_usage(0, 0))
     event.cached_prompt_tokens = 0
     event.event_id = f"{event.event_id}{contract.UNFINISHED_ATTEMPT_MARK}{uuid.uuid4().hex}"
+
+
+def check_whole_budget(requests: Sequence[Request]) -> None:
+    """Refuses, for good, one caller's requests reserved together (a legacy completion's
+    prompts: pipeline.generate.complete_all) that need more than a whole budget.
+
+    Each is reserved on its own, and the budgets' own check (RequestOverBudget)
+    sees one prompt's amount only: prompts that each fit, together over
+    tokens_per_minute (or the month), were refused "retry in 60s" every time.
+
+    Raises:
+        RequestOverBudget: their tokens together exceed tokens_per_minute or
+            monthly_tokens (FAILED_PRECONDITION, REQUEST_EXCEEDS_BUDGET).
+    """
+    reserving = [r for r in requests if r.needed_tokens and r.key_id and r.limits.any]
+    if not reserving:
+        return
+    total = sum(r.needed_tokens for r in reserving)
+    key_id, limits = reserving[0].key_id, reserving[0].limits  # one caller's
+    for budget, whole in (("tpm", limits.tokens_per_minute), ("monthly", limits.monthly_tokens)):
+        if whole and total > whole:
+            raise RequestOverBudget(key_id, limits, total, budget)
 
 
 class Admission:
@@ -558,16 +585,22 @@ class Admission:
     def note_cancelled(self, request: Request) -> None:
         """Marks `request` cut (`Request.cut`) if the worker's shutdown cancelled it.
 
-        Only for a request whose answer's headers are held until it is answered
-        (Complete, an OpenAI call without `stream`: services.core.interceptors'
-        HeadersAtEnd, the OpenAI servicer's _ResponseContext): once the grace is
-        over, grpc ends it trailers-only UNAVAILABLE, which the edge's retry policy
-        tries again on another worker, and that try is billed. Recorded, it was
-        billed twice, budgets charged twice. A stream that sent its headers is not
-        tried again: it is billed what it sent. A shadow copy is not tried again
-        either: it stays metered to the shadow account.
+        Only for a request whose answer's headers are still held (Complete, Embed,
+        an OpenAI call without `stream`: services.core.interceptors' HeadersAtEnd,
+        the OpenAI servicer's _ResponseContext; an OpenAI stream before its first
+        chunk): once the grace is over, grpc ends it trailers-only UNAVAILABLE,
+        which the edge's retry policy tries again on another worker, and that try
+        is billed. Recorded, it was billed twice, budgets charged twice. A stream
+        that sent its headers is not tried again: it is billed what it sent.
         """
-        if request.copy_of is None and self.cut_by_shutdown():
+        if self.cut_by_shutdown():
+            self.note_retried(request)
+
+    def note_retried(self, request: Request) -> None:
+        """Marks `request` as one its caller (or the edge) tries again on another worker,
+        its answer unsent: recorded apart, billed nothing (`Request.cut`). A shadow
+        copy is not tried again: it stays metered to the shadow account."""
+        if request.copy_of is None:
             request.cut = True
 
     def release(self, request: Request) -> None:

@@ -263,23 +263,35 @@ def _unloading() -> Unavailable:
     return Unavailable("model version is unloading", retry_after_s=1.0, reason=UNLOADING)
 
 
+def refused_by_unload(seqs: Iterable[Sequence_]) -> bool:
+    """Tells whether one of a request's sequences was refused by its version's unload
+    (it waited for a slot, or was submitted as the unload began: it never started).
+
+    The request then fails with that refusal (UNAVAILABLE, MODEL_UNLOADING), which
+    its caller, or the edge, tries again on another worker. A sibling may have
+    started before it (one of n choices had a slot): the pipeline bills such a
+    request nothing unless it had sent its caller a message (pipeline.record).
+    """
+    return any(
+        seq.finished is not None
+        and seq.finished.error is not None
+        and seq.finished.error.reason == UNLOADING
+        for seq in seqs
+    )
+
+
 def refused_unstarted(seqs: Iterable[Sequence_]) -> bool:
     """Tells whether a request's sequences were refused before any of them started:
     one ended with the unload's refusal and none was ever admitted into a batch.
 
     Such a request is billed nothing, as one its submit refused. Exact once the
     refusal reached its reader (event loop): the engine thread refuses every
-    waiting sequence at once and admits none after, so a sibling that started
-    did so before the refusal was handed over.
+    waiting sequence at once, and admits none once the unload began (`_admit`
+    checks it under the lock `stop` flips it under), so a sibling that started
+    did so before the unload began.
     """
-    refused = False
-    for seq in seqs:
-        if seq.started_at is not None:
-            return False
-        end = seq.finished
-        if end is not None and end.error is not None and end.error.reason == UNLOADING:
-            refused = True
-    return refused
+    seqs = list(seqs)
+    return refused_by_unload(seqs) and all(seq.started_at is None for seq in seqs)
 
 
 def kv_reservation(prompt_ids: Sequence[int], params: SamplingParams) -> int:
@@ -441,7 +453,8 @@ class Scheduler:
         computed and not tried again. What still runs at the timeout ends
         MODEL_UNLOADED.
         """
-        self._accepting = False
+        with self._lock:  # against an admission in progress (`_admit`)
+            self._accepting = False
         self._wake.set()  # the engine thread refuses the waiting requests at once
         deadline = time.monotonic() + drain_timeout_s
         while (self._running or self._waiting_count) and time.monotonic() < deadline:
@@ -577,6 +590,11 @@ class Scheduler:
             live = dataclasses.replace(self._capacity)
             every = dataclasses.replace(self._capacity_all)
             return all(_take(live, every, t, copy, self.limits.max_queue) for t in reserved)
+
+    @property
+    def accepting(self) -> bool:
+        """Tells whether it takes requests (False once its unload began: `stop`)."""
+        return self._accepting
 
     def stats(self) -> dict[str, int]:
         """Returns current occupancy (for GetWorkerStats and tests)."""
@@ -779,12 +797,16 @@ class Scheduler:
                 if min(len(seq.prompt_ids), most) > prefill_budget:
                     paced = True
                     break
-            self._waiting.pop()
-            # The slot and the waiting count change together (stats() reads both).
+            # The slot and the waiting count change together (stats() reads both), and
+            # against `stop`: read once per round, an unload that began after that
+            # read started waiting requests here, ran to its drain timeout, billed.
             with self._lock:
+                if not self._accepting:
+                    break  # never started: refused at the next round (`_refuse_waiting`)
+                self._waiting.pop()
                 seq.slot = heapq.heappop(self._free_slots)
                 self._unwait((seq,))
-            seq.started_at = time.monotonic()
+                seq.started_at = time.monotonic()
             self._reserved += seq.reserved_tokens
             prefill_budget -= len(seq.prompt_ids)
             self._running.append(seq)

@@ -139,3 +139,43 @@ async def test_a_worker_refuses_it_as_a_final_answer_on_every_surface(
         status = rpc_status.from_call(error)
         assert execution.error_reason(status) == "TOKEN_BUDGET_EXCEEDED"
         assert execution.waits(error, status)
+
+
+@pytest.mark.parametrize("limit_header", [contract.TPM_HEADER, contract.MONTHLY_TOKENS_HEADER])
+async def test_prompts_that_each_fit_but_together_exceed_a_whole_budget_are_refused_for_good(
+    tmp_path: Path, redis_url: str, limit_header: str
+) -> None:
+    """A legacy completion's prompts are reserved one by one: each fit the whole budget
+    (31 of 40), together they never can (62), and the request was told "retry in 60s"
+    (or the month) every time. Refused for good now, naming the request's tokens;
+    nothing is reserved."""
+    key = _key()
+    identity = [(contract.KEY_ID_HEADER, key), (limit_header, "40")]
+    async with await start_inference(inference_settings(tmp_path, redis_url)) as (_, channel):
+        body = {"model": MODEL, "prompt": ["x", "y"], "max_tokens": 30}
+        call = openai_rpc.OpenAIServiceStub(channel).CreateCompletion(
+            HttpBody(content_type="application/json", data=json.dumps(body).encode()),
+            metadata=identity,
+        )
+        code, openai_error = await openai_refusal(call)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert openai_error["code"] == "request_exceeds_budget"
+        assert "needs 62 tokens" in openai_error["message"]
+        client = aioredis.from_url(redis_url)
+        try:
+            window, _, month = TokenBudgets(client)._keys(key, time.time())
+            assert await client.zcard(window) == 0 and await client.get(month) is None
+        finally:
+            await client.aclose()
+        # One prompt of them still fits.
+        await (
+            openai_rpc.OpenAIServiceStub(channel)
+            .CreateCompletion(
+                HttpBody(
+                    content_type="application/json",
+                    data=json.dumps({**body, "prompt": ["x"]}).encode(),
+                ),
+                metadata=identity,
+            )
+            .read()
+        )

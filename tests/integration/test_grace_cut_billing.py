@@ -7,9 +7,12 @@ edge's retry policy tries again on another worker, billed there. The stopping
 worker billed the cut run as well (its tokens so far), charged the key's budget
 for it and kept its request count: one answer billed twice. It now records
 the cut try apart (usage 0, `served_usage` what it computed), gives its
-reservation and its count back. A stream sent its headers when it started:
-Envoy does not retry it, and it stays billed what it sent; the worker ends it
-in-band shortly before the grace is over (a final message with `error`).
+reservation and its count back; so does an Embed, an OpenAI stream that sent
+no chunk yet (its headers held), and every prompt of a legacy completion's
+several, one that had ended before the cut too. A v1/v2 stream sent its
+headers when it started: Envoy does not retry it, and it stays billed what it
+sent; the worker ends it in-band shortly before the grace is over (a final
+message with `error`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +35,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.core import contract
 from services.core.server import serving
+from services.inference import embedder as embedder_module
 from services.inference.budget import TokenBudgets
 from services.inference.service import InferenceService
 from tests import mtls
-from tests.integration.conftest import inference_settings
+from tests.integration.conftest import inference_settings, start_inference
+from tests.integration.test_hung_engine import EMBEDDINGS, HeldCalls
 from tests.integration.test_inference_model_lifecycle import _reason
 from tests.prompts import unique_prompt
 from tokenmesh.inference.v1 import inference_pb2 as usage_pb
@@ -116,30 +121,55 @@ async def _key_events(client: aioredis.Redis, stream: str, key: str) -> list[Any
     return [e for e in events if e.key_id == key]
 
 
+async def _running(service: InferenceService, count: int) -> None:
+    """Waits until `count` sequences or more compute on the worker."""
+    schedulers = [m.scheduler for m in service.registry.all() if m.scheduler is not None]
+    async with asyncio.timeout(10):
+        while sum(s.stats()["running"] for s in schedulers) < count:
+            await asyncio.sleep(0.01)
+
+
+#: Waits (given the key's budgets, the worker and the key) until the worker may stop.
+Ready = Callable[[TokenBudgets, InferenceService, str], Awaitable[None]]
+
+
 async def _cut_at_stop(
-    tmp_path: Path, redis_url: str, call: Call
+    tmp_path: Path,
+    redis_url: str,
+    call: Call,
+    ready: Ready = _computing,
+    beside: Sequence[Call] = (),
+    **settings_overrides: Any,
 ) -> tuple[Any, list[Any], int, int]:
-    """Runs `call` on a worker (grace 0.5 s, 50 ms a token) and stops the worker while
-    it computes; returns what the caller got (its answer or error), the key's usage
-    events (shipped before the worker stopped), its month and its request count."""
+    """Runs `call` on a worker (grace 0.5 s, 50 ms a token) and stops the worker once
+    `ready` (while it computes); returns what the caller got (its answer or error), the
+    key's usage events (shipped before the worker stopped), its month and its request
+    count. `beside`: calls of another key started with it."""
     key = f"key_{uuid.uuid4().hex[:8]}"
-    settings = inference_settings(tmp_path, redis_url, grace_s=0.5, test_engine_step_ms=50.0)
+    overrides: dict[str, Any] = {"grace_s": 0.5, "test_engine_step_ms": 50.0}
+    overrides.update(settings_overrides)
+    settings = inference_settings(tmp_path, redis_url, **overrides)
     client = aioredis.from_url(redis_url)
     budgets = TokenBudgets(client)
     service = InferenceService(settings)
     channel: grpc.aio.Channel | None = None
+    others: list[asyncio.Future[Any]] = []
     try:
         async with serving(service, settings) as server:
             # Open past the block: the caller reads the stopping server's own answer.
             channel = mtls.aio_channel(server.port, peer="worker")
+            other = _identity(f"key_{uuid.uuid4().hex[:8]}")
+            others = [asyncio.ensure_future(c(channel, other)) for c in beside]
+            await _running(service, len(beside))  # they hold their slots first
             task = asyncio.ensure_future(call(channel, _identity(key)))
-            await _computing(budgets, service, key)
+            await ready(budgets, service, key)
         # Left: drained, the grace (0.5 s) ended with the call computing, stopped.
         outcome = (await asyncio.gather(task, return_exceptions=True))[0]
         events = await _key_events(client, settings.usage_stream, key)
         window = int(await client.zcard(f"tm:ratelimit:rpm:{key}"))
         return outcome, events, await _month_used(budgets, key), window
     finally:
+        await asyncio.gather(*others, return_exceptions=True)
         if channel is not None:
             await channel.close()
         await client.aclose()
@@ -177,6 +207,152 @@ async def test_a_unary_call_leading_a_shared_computation_is_billed_nothing_there
     assert outcome.code() == grpc.StatusCode.UNAVAILABLE
     assert events and all(e.usage.total_tokens == 0 for e in events)
     assert (month, window) == (0, 0)
+
+
+def _assert_cut_and_billed_nothing(
+    outcome: Any, events: list[Any], month: int, window: int
+) -> None:
+    """A call the edge tries again: trailers-only UNAVAILABLE, every event of it apart
+    with usage 0, its reservation and its request count given back."""
+    assert isinstance(outcome, grpc.aio.AioRpcError), outcome
+    assert outcome.code() == grpc.StatusCode.UNAVAILABLE
+    assert not outcome.initial_metadata()  # trailers-only: the edge tries it again
+    assert events, "the cut call recorded no usage event"
+    assert all(e.usage.total_tokens == 0 for e in events), [e.usage for e in events]
+    assert all(contract.UNFINISHED_ATTEMPT_MARK in e.event_id for e in events)
+    assert (month, window) == (0, 0)
+
+
+# Fixed prompts: at temperature 0 their answers are the same every run.
+PROMPTS = ["first prompt stops early", "second prompt runs on"]
+
+
+async def _greedy_answers(tmp_path: Path, redis_url: str) -> list[str]:
+    """Returns PROMPTS' answers at temperature 0 (a quick worker of its own)."""
+    settings = inference_settings(
+        tmp_path / "greedy", redis_url, usage_stream=f"usage-test:{uuid.uuid4().hex}"
+    )
+    async with await start_inference(settings) as (_, channel):
+        body = _body(model=MODEL, prompt=PROMPTS, max_tokens=MAX_TOKENS, temperature=0)
+        parts = await _read_all(openai_rpc.OpenAIServiceStub(channel).CreateCompletion(body))
+    return [c["text"] for c in json.loads(b"".join(p.data for p in parts))["choices"]]
+
+
+def _stop_early(first: str, second: str) -> str:
+    """Returns a stop sequence that ends the first answer after 4 tokens or more and
+    never the second: a phrase of the first answer's words the second never says."""
+    words = first.split()
+    for length in range(1, 6):
+        for start in range(3, len(words) - length):
+            phrase = " " + " ".join(words[start : start + length])
+            at = first.find(phrase)
+            if phrase not in second and len(first[:at].split()) >= 3:
+                return phrase
+    raise AssertionError(f"no phrase of {first!r} that {second!r} never says")
+
+
+async def _one_prompt_ended(budgets: TokenBudgets, service: InferenceService, key: str) -> None:
+    """Waits until both prompts computed and then one of them ended (stopped), the
+    other still computing."""
+    schedulers = [m.scheduler for m in service.registry.all() if m.scheduler is not None]
+    both = False
+    async with asyncio.timeout(10):
+        while True:
+            running = sum(s.stats()["running"] for s in schedulers)
+            both = both or running == 2
+            if both and running == 1:
+                return
+            await asyncio.sleep(0.005)
+
+
+async def test_a_completion_of_several_prompts_cut_after_one_ended_is_billed_nothing_there(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The edge tries all of its prompts again: the one that had ended before the cut
+    was billed here as well (held, then recorded as any answered prompt)."""
+    first, second = await _greedy_answers(tmp_path, redis_url)
+    stop = _stop_early(first, second)
+
+    async def call(channel: grpc.aio.Channel, identity: list[tuple[str, str]]) -> Any:
+        body = _body(model=MODEL, prompt=PROMPTS, max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
+        stub = openai_rpc.OpenAIServiceStub(channel)
+        return await _read_all(stub.CreateCompletion(body, metadata=identity))
+
+    outcome, events, month, window = await _cut_at_stop(
+        tmp_path, redis_url, call, _one_prompt_ended
+    )
+    assert sorted(e.finish_reason for e in events) == ["cancelled", "stop"], events
+    _assert_cut_and_billed_nothing(outcome, events, month, window)
+
+
+async def _busy(channel: grpc.aio.Channel, identity: list[tuple[str, str]]) -> Any:
+    """Holds version 1's only slot (max_sequences=1) past the grace."""
+    request = v2_pb.CompleteRequest(
+        model=MODEL, version="1", prompt=unique_prompt("busy"), max_output_tokens=MAX_TOKENS
+    )
+    return await v2_rpc.InferenceServiceStub(channel).Complete(request, metadata=identity)
+
+
+async def _waiting_for_the_slot(budgets: TokenBudgets, service: InferenceService, key: str) -> None:
+    """Waits until the key's call reserved its tokens and waits behind the busy one."""
+    scheduler = service.registry.resolve(MODEL, "1").scheduler
+    assert scheduler is not None
+    async with asyncio.timeout(10):
+        while not (await _month_used(budgets, key) > 0 and scheduler.stats()["waiting"] == 1):
+            await asyncio.sleep(0.01)
+
+
+async def test_an_openai_stream_cut_before_its_first_chunk_is_billed_nothing_there(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Its headers wait for its first chunk: cut before it (queued, or in its prefill),
+    it ends trailers-only, and the edge tries it again elsewhere. It was billed its
+    prompt here (all of a long prompt computed in its prefill), and there."""
+
+    async def stream(channel: grpc.aio.Channel, identity: list[tuple[str, str]]) -> Any:
+        messages = [{"role": "user", "content": unique_prompt("waits")}]
+        body = _body(model=f"{MODEL}@1", messages=messages, max_tokens=50, stream=True)
+        stub = openai_rpc.OpenAIServiceStub(channel)
+        return await _read_all(stub.CreateChatCompletion(body, metadata=identity))
+
+    outcome, events, month, window = await _cut_at_stop(
+        tmp_path, redis_url, stream, _waiting_for_the_slot, beside=[_busy], max_sequences=1
+    )
+    _assert_cut_and_billed_nothing(outcome, events, month, window)
+
+
+async def test_an_embed_cut_by_the_shutdown_is_billed_nothing_there(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its request count was given back (trailers-only: the edge tries it again), but
+    it stayed billed every input token."""
+    monkeypatch.setattr(embedder_module, "CHUNK_WAIT_S", 0.5)  # the stop's wait for it
+    gate = HeldCalls()  # its engine call outlives the grace
+    gated = asyncio.Event()
+
+    async def embed(channel: grpc.aio.Channel, identity: list[tuple[str, str]]) -> Any:
+        await gated.wait()
+        request = v1_pb.EmbedRequest(model=EMBEDDINGS, inputs=[unique_prompt("embed")])
+        return await v1_rpc.InferenceServiceStub(channel).Embed(request, metadata=identity)
+
+    async def held(budgets: TokenBudgets, service: InferenceService, key: str) -> None:
+        embedder = service.registry.resolve(EMBEDDINGS, "1").embedder
+        assert embedder is not None
+        monkeypatch.setattr(embedder.engine, "embed", gate.wrap(embedder.engine.embed))
+        gated.set()
+        async with asyncio.timeout(10):
+            while not (gate.holding.is_set() and await _month_used(budgets, key) > 0):
+                await asyncio.sleep(0.01)
+
+    try:
+        outcome, events, month, window = await _cut_at_stop(
+            tmp_path, redis_url, embed, held, models=(f"{EMBEDDINGS}:1",), test_models=()
+        )
+    finally:
+        gate.release.set()
+    assert [e.finish_reason for e in events] == ["cancelled"]
+    assert events[0].served_usage.prompt_tokens > 0  # audited: what it was to embed
+    _assert_cut_and_billed_nothing(outcome, events, month, window)
 
 
 async def _read_stream(call: Any) -> tuple[list[Any], grpc.aio.AioRpcError | None]:

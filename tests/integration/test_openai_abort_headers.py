@@ -49,11 +49,19 @@ def _body(**fields: Any) -> HttpBody:
     return HttpBody(content_type="application/json", data=json.dumps(fields).encode())
 
 
-async def _unload_once_started(channel: grpc.aio.Channel, version: str) -> None:
-    """Unloads deterministic-test@version once a sequence of it is being computed."""
-    before = _computed()
-    while _computed() == before:
-        await asyncio.sleep(0.01)
+async def _unload_once_started(worker: Worker, version: str, sequences: int) -> None:
+    """Unloads deterministic-test@version once `sequences` of its sequences compute.
+
+    Started, not only queued (COMPUTED_SEQUENCES counts them at submit): the unload
+    refuses a queued one (MODEL_UNLOADING, trailers-only: retried, billed nothing),
+    and the request had not started yet.
+    """
+    _, channel, service = worker
+    scheduler = service.registry.resolve("deterministic-test", version).scheduler
+    assert scheduler is not None
+    async with asyncio.timeout(10):
+        while scheduler.stats()["running"] < sequences:
+            await asyncio.sleep(0.005)
     admin = v1_rpc.InferenceAdminServiceStub(channel)
     request = v1.UnloadModelRequest(model="deterministic-test", version=version)
     await admin.UnloadModel(request, metadata=mtls.EDGE_FOR_ADMIN)
@@ -79,30 +87,35 @@ def _assert_headers_then_openai_error(error: grpc.aio.AioRpcError, code: str) ->
     assert json.loads(trailing[contract.OPENAI_ERROR_HEADER])["error"]["code"] == code
 
 
+#: A worker's port, a channel to it and the worker.
+Worker = tuple[int, grpc.aio.Channel, InferenceService]
+
+
 @pytest.fixture
-async def worker(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[int, grpc.aio.Channel]]:
+async def worker(tmp_path: Path, redis_url: str) -> AsyncIterator[Worker]:
     # Slow enough steps that an unload lands mid-generation.
     settings = inference_settings(tmp_path, redis_url, test_engine_step_ms=20.0)
-    async with serving(InferenceService(settings), settings) as server:
+    service = InferenceService(settings)
+    async with serving(service, settings) as server:
         async with mtls.aio_channel(server.port, peer="worker") as channel:
-            yield server.port, channel
+            yield server.port, channel, service
 
 
 @pytest.mark.parametrize(
-    ("method", "fields"),
+    ("method", "fields", "sequences"),
     [
-        ("CreateChatCompletion", {"messages": LONG}),
-        ("CreateCompletion", {"prompt": "long"}),
-        ("CreateCompletion", {"prompt": ["long", "longer"]}),  # several v2 calls
+        ("CreateChatCompletion", {"messages": LONG}, 1),
+        ("CreateCompletion", {"prompt": "long"}, 1),
+        ("CreateCompletion", {"prompt": ["long", "longer"]}, 2),  # several v2 calls
     ],
 )
 async def test_a_non_streamed_call_unloaded_mid_generation_sends_headers_first(
-    worker, method, fields
+    worker, method, fields, sequences
 ):
-    _, channel = worker
+    _, channel, _ = worker
     stub = rpc.OpenAIServiceStub(channel)
     call = getattr(stub, method)(_body(model="deterministic-test@1", max_tokens=400, **fields))
-    unloading = asyncio.ensure_future(_unload_once_started(channel, "1"))
+    unloading = asyncio.ensure_future(_unload_once_started(worker, "1", sequences))
     error = await _failure(call)
     await unloading
     assert error.code() is grpc.StatusCode.UNAVAILABLE
@@ -128,7 +141,7 @@ async def test_a_stream_failing_before_its_first_token_sends_headers_first(
 
 async def test_an_error_before_any_work_stays_trailers_only(worker):
     # Nothing ran: Envoy may retry it elsewhere (the version is not here, say).
-    _, channel = worker
+    _, channel, _ = worker
     call = rpc.OpenAIServiceStub(channel).CreateChatCompletion(
         _body(model="deterministic-test@9", messages=LONG)
     )
@@ -176,13 +189,13 @@ def _ok(url: str) -> bool:
 async def test_the_edge_does_not_retry_it_and_the_client_reads_the_real_error(
     worker, tmp_path: Path
 ):
-    port, channel = worker
+    port, _, _ = worker
     with contextlib.ExitStack() as stack:
         base, admin = await asyncio.to_thread(
             stack.enter_context, _retrying_backend(tmp_path / "envoy", port)
         )
         computed = _computed()
-        unloading = asyncio.ensure_future(_unload_once_started(channel, "1"))
+        unloading = asyncio.ensure_future(_unload_once_started(worker, "1", 2))
         async with httpx.AsyncClient(timeout=60) as http:
             reply = await http.post(
                 f"{base}/openai/v1/chat/completions",

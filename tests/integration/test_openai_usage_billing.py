@@ -168,13 +168,16 @@ async def test_a_multi_prompt_completion_over_the_budget_bills_nothing(
 ) -> None:
     """The month holds two prompts' reservations, not three: the third prompt was
     refused 429 while the first two, reserved and scheduled, ran, were cancelled and
-    billed. Every prompt is now reserved before any runs; a refusal gives them back."""
+    billed. Every prompt is now reserved before any runs; a refusal gives them back.
+    (The three fit the whole month, 650: what the month has left, 599, refuses them.
+    Over the whole month, they are refused for good before any is reserved:
+    test_budgets_whole_budget.)"""
     settings = inference_settings(tmp_path, redis_url, test_engine_step_ms=20.0)
     client = aioredis.from_url(redis_url)
     budgets = TokenBudgets(client)
     key = f"key_{uuid.uuid4().hex[:8]}"
-    # Each prompt needs its few tokens plus n * max_tokens = 200.
-    identity = [(contract.KEY_ID_HEADER, key), (contract.MONTHLY_TOKENS_HEADER, "450")]
+    # Each prompt needs its few tokens plus n * max_tokens = 200: 607 for the three.
+    identity = [(contract.KEY_ID_HEADER, key), (contract.MONTHLY_TOKENS_HEADER, "650")]
     body: dict[str, Any] = {
         "model": MODEL,
         "prompt": ["a b c", "d e", "f g"],
@@ -184,20 +187,25 @@ async def test_a_multi_prompt_completion_over_the_budget_bills_nothing(
     try:
         async with await start_inference(settings) as (_, channel):
             stub = rpc.OpenAIServiceStub(channel)
+            spent = (await _usage(stub, {"model": MODEL, "prompt": "z", "max_tokens": 50}, key))[
+                "total_tokens"
+            ]  # 51 of the month's 650
+            await _month_used(budgets, key, spent)
             refused = await _refused_completion(stub, body, identity)
             assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             after = f"key_{uuid.uuid4().hex[:8]}"
             await _usage(stub, {"model": MODEL, "prompt": "z", "max_tokens": 1}, after)
             events = await _key_events(client, settings.usage_stream, key, 0, until=after)
-            month = await _month_used(budgets, key, 0)
-            # The budget is whole again: two of the prompts fit, and are billed.
+            month = await _month_used(budgets, key, spent)
+            # The budget is as it was: two of the prompts fit, and are billed.
             usage = await _usage(stub, {**body, "prompt": body["prompt"][:2]}, key)
-            billed = await _month_used(budgets, key, usage["total_tokens"])
+            billed = await _month_used(budgets, key, spent + usage["total_tokens"])
     finally:
         await client.aclose()
-    assert [(e.usage.total_tokens, e.finish_reason) for e in events] == []
-    assert month == 0
-    assert billed == usage["total_tokens"] > 0
+    # The spending request's only: none of the refused one.
+    assert [(e.usage.total_tokens, e.finish_reason) for e in events] == [(spent, "length")]
+    assert month == spent
+    assert billed == spent + usage["total_tokens"] > spent
 
 
 async def test_a_multi_prompt_completion_the_queue_cannot_hold_bills_nothing(

@@ -34,13 +34,14 @@ from gateway.envoy_config import Endpoint
 from services.core import contract
 from services.core.server import serving
 from services.inference.budget import TokenBudgets
-from services.inference.service import InferenceService
+from services.inference.scheduler import Scheduler
+from services.inference.service import InferenceService, InferenceSettings
 from services.launcher.mesh import envoy_binary
 from services.launcher.processes import Child, clean_env, reserve_port, wait_for
 from services.router import snapshot
 from tests import mtls
 from tests.integration.conftest import inference_settings, start_inference
-from tests.integration.test_hung_engine import _shipped_events
+from tests.integration.test_hung_engine import HeldCalls, _shipped_events
 from tests.integration.test_inference_model_lifecycle import _reason, _until
 from tests.integration.test_openai_abort_headers import _ok
 from tests.integration.test_openai_usage_billing import _month_used
@@ -101,10 +102,12 @@ async def _waiting(service: InferenceService, count: int) -> None:
     await _until(queued)
 
 
-async def _started_stream(channel: grpc.aio.Channel, key: str) -> Any:
+async def _started_stream(
+    channel: grpc.aio.Channel, key: str, max_tokens: int = RUNNING_TOKENS
+) -> Any:
     """Starts a long v1 stream on version 1 and returns it once its first token came."""
     stream = v1_rpc.InferenceServiceStub(channel).Generate(
-        v1.GenerateRequest(model=LM, version="1", prompt="long", max_tokens=RUNNING_TOKENS),
+        v1.GenerateRequest(model=LM, version="1", prompt="long", max_tokens=max_tokens),
         metadata=_identity(key),
     )
     first = await stream.read()
@@ -227,6 +230,105 @@ async def test_a_v1_call_waiting_for_a_slot_is_refused_and_billed_nothing(
 
 async def _as_stream(call: Any) -> AsyncIterator[Any]:
     yield await call
+
+
+def _two_slots(tmp_path: Path, redis_url: str) -> InferenceSettings:
+    """A worker whose versions have two slots each (20 ms steps)."""
+    return inference_settings(
+        tmp_path, redis_url, max_sequences=2, test_engine_step_ms=20.0, grace_s=GRACE_S
+    )
+
+
+def _scheduler(service: InferenceService) -> Scheduler:
+    scheduler = service.registry.resolve(LM, "1").scheduler
+    assert scheduler is not None
+    return scheduler
+
+
+async def test_a_request_one_of_whose_choices_had_started_is_refused_whole_billed_nothing(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """n=2 with one slot free: one choice runs, the other waits, and the unload refuses
+    it. The request fails with the refusal (trailers-only where its headers were held:
+    the edge tries it all again elsewhere, its count given back), yet it was billed
+    its prompt and the started choice's tokens here. Billed nothing now, as a legacy
+    completion's prompt refused beside one that ran is; recorded apart (what ran)."""
+    async with await start_inference(_two_slots(tmp_path, redis_url)) as (service, channel):
+        ran, queued = _key(), _key()
+        running = await _started_stream(channel, ran)  # one slot of two
+        body = {"model": f"{LM}@1", "messages": LONG, "max_tokens": RUNNING_TOKENS, "n": 2}
+        call = openai_rpc.OpenAIServiceStub(channel).CreateChatCompletion(
+            HttpBody(content_type="application/json", data=json.dumps(body).encode()),
+            metadata=_identity(queued),
+        )
+        scheduler = _scheduler(service)
+
+        async def one_runs_one_waits() -> bool:
+            stats = scheduler.stats()
+            return stats["running"] == 2 and stats["waiting"] == 1
+
+        await _until(one_runs_one_waits)
+        unloading = _unload(channel)
+        refused = await _refusal(call)
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE
+        assert not list(refused.initial_metadata() or ())  # the edge tries it again
+        trailing = dict(refused.trailing_metadata() or ())
+        error = json.loads(trailing[contract.OPENAI_ERROR_HEADER])["error"]
+        assert error["code"] == "model_unloading"
+        running.cancel()
+        await unloading
+        events = await _shipped_events(redis_url, service.settings.usage_stream, queued, channel)
+        assert events and all(e.usage.total_tokens == 0 for e in events), events
+        assert all(contract.UNFINISHED_ATTEMPT_MARK in e.event_id for e in events)
+        assert sum(e.served_usage.prompt_tokens for e in events) > 0  # audited: it ran
+        client = aioredis.from_url(redis_url)
+        try:
+            assert await _month_used(TokenBudgets(client), queued, 0) == 0
+            assert await client.zcard(_window(queued)) == 0
+        finally:
+            await client.delete(_window(queued), _window(ran))
+            await client.aclose()
+
+
+async def test_no_waiting_request_starts_once_the_unload_began(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine thread read whether the version was unloading once per round, before
+    it admitted the waiting requests: an unload beginning in between started them
+    (to run until the drain's end, billed, not tried again). Held here in that gap
+    (the slot compaction's engine call, between the read and the admission)."""
+    async with await start_inference(_two_slots(tmp_path, redis_url)) as (service, channel):
+        scheduler = _scheduler(service)
+        stub = v1_rpc.InferenceServiceStub(channel)
+        first = await _started_stream(channel, _key(), max_tokens=400)  # slot 0
+        second = await _started_stream(channel, _key(), max_tokens=400)  # slot 1
+        queued = _key()
+        call = stub.Complete(
+            v1.CompleteRequest(model=LM, version="1", prompt="long", max_tokens=QUEUED_TOKENS),
+            metadata=_identity(queued),
+        )
+        await _waiting(service, 1)
+        gate = HeldCalls()
+        engine = scheduler.engine
+        monkeypatch.setattr(engine, "move_slot", gate.wrap(engine.move_slot))
+        try:
+            first.cancel()  # slot 0 frees: the next round moves slot 1 there, held
+            await _until(gate.held)
+            unloading = _unload(channel)
+
+            async def unload_began() -> bool:
+                return not scheduler.accepting
+
+            await _until(unload_began)
+        finally:
+            gate.release.set()
+        refused = await _refusal(_as_stream(call))
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE
+        assert _reason(refused) == "MODEL_UNLOADING"
+        second.cancel()
+        await unloading
+        events = await _shipped_events(redis_url, service.settings.usage_stream, queued, channel)
+        assert events == []
 
 
 # ------------------------------------------------------------------ through the edge

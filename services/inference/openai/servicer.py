@@ -65,8 +65,10 @@ BODY_CHUNK_BYTES = 256 * 1024
 # Sent with an error after work started: OpenAI's SDKs read `x-should-retry`
 # before their own retry rules (openai-python's _base_client._should_retry).
 NO_CLIENT_RETRY = (contract.SHOULD_RETRY_HEADER, "false")
-# Refusals of a request before any of it ran, or of a multi-prompt completion of
-# which nothing is billed (pipeline.generate.complete_all): tried again elsewhere.
+# Refusals of a request before any of it ran, or of one of which nothing is billed
+# although part of it ran: a multi-prompt completion's later prompt refused
+# (pipeline.generate.complete_all), or one of n choices refused by the unload after
+# a sibling started (pipeline.record): tried again elsewhere, all of it.
 REFUSALS = frozenset({"QUEUE_FULL", "MODEL_UNLOADING"})
 
 
@@ -116,8 +118,9 @@ class _ResponseContext:
             extra = ((contract.OPENAI_ERROR_HEADER, self.error_json),)
         # v2 sent them: the work started (see the class). Not for a refusal: a
         # multi-prompt completion whose later prompt was refused (its queue full, its
-        # version unloading) after an earlier one had started bills nothing, and the
-        # edge (and the SDK) may try it again elsewhere.
+        # version unloading) after an earlier one had started bills nothing, nor does a
+        # request of n choices one of which the unload refused after another started;
+        # the edge (and the SDK) may try it again elsewhere.
         if self.headers and not self.refused:
             # OpenAI's SDKs retry a 5xx (twice, by default) unless told not to: each
             # retry would run, and bill, the request again.

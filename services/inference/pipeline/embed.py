@@ -15,7 +15,8 @@ request are billed as TOKENMESH_CACHE_BILLING says (`cached: true` and
 `Admission.record`, as a generation's: a job item's attempt that ends cut
 (`cancelled`: its call timed out or its caller left; `error`) is set apart
 under an id of its own, billed nothing, and the run that answers is billed
-under the item's id. The response header says
+under the item's id; so is an embed cut by the worker's shutdown (the edge
+tries it again elsewhere: Admission.note_cancelled). The response header says
 `hit` (nothing computed), `coalesced` (nothing computed, something awaited),
 `miss` (something computed) or `bypass` (`no-store`).
 """
@@ -128,6 +129,9 @@ class EmbeddingPipeline:
             genai_spans.annotate_embedding(call, request.model, prompt_tokens)
         except asyncio.CancelledError:
             finish_reason = "cancelled"  # the caller left, or its deadline passed
+            # Or the worker's shutdown cut it (its headers held: trailers-only, which
+            # the edge tries again elsewhere): recorded apart, billed nothing there.
+            self.admission.note_cancelled(call)
             raise
         except Unavailable as exc:
             # Refused before any work (its version unloads; the edge tries another

@@ -27,12 +27,15 @@ reserves what it is billed, as it would alone.
 A Complete still computing when the worker's shutdown grace ends is cut
 before its held headers went out (a trailers-only UNAVAILABLE, which the
 edge tries again on another worker): it is recorded apart, billed nothing,
-its reservation given back (Admission.note_cancelled). A Generate stream
-sent its headers when it started: a failure from then on, also before its
-first token, is told in-band (each running choice's final message with
-`error`, then the status), and the shutdown ends one still running shortly
-before the grace is over that way (UNAVAILABLE, WORKER_STOPPING), billed what
-it sent (pipeline.stream.produce, end_streams).
+its reservation given back (Admission.note_cancelled); so is every prompt
+of a legacy completion's several (`complete_all`), those that had finished
+too, and an OpenAI stream cut before its first chunk (its headers held
+until then). A v1/v2 Generate stream sent its headers when it started: a
+failure from then on, also before its first token, is told in-band (each
+running choice's final message with `error`, then the status), and the
+shutdown ends one still running shortly before the grace is over that way
+(UNAVAILABLE, WORKER_STOPPING), billed what it sent (pipeline.stream.produce,
+end_streams).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from typing import TypeVar
 from services.core.errors import QuotaViolation, ResourceExhausted
 from services.core.interceptors import Context, request_headers, to_domain_error
 from services.inference import shadow
-from services.inference.admission import Admission
+from services.inference.admission import Admission, check_whole_budget
 from services.inference.pipeline import cache as cache_stage
 from services.inference.pipeline import stream as stream_stage
 from services.inference.pipeline.cache import (
@@ -316,6 +319,9 @@ class GenerationPipeline:
             stream = produce(self.admission, generation, headers_out=_headers_out(context))
             async for message in stream:
                 yield message
+        except asyncio.CancelledError:
+            self._note_cut_stream(context, generation)
+            raise
         finally:
             record_computed(self.admission, generation)
 
@@ -418,6 +424,9 @@ class GenerationPipeline:
                         _replayed_timing(message.timing, first_ms, _elapsed_ms(generation))
                 yield message
                 sent += len(message.token_ids)
+        except asyncio.CancelledError:
+            self._note_cut_stream(context, generation)
+            raise
         finally:
             await items.aclose()  # type: ignore[attr-defined]
             if started:
@@ -477,6 +486,9 @@ class GenerationPipeline:
                 for final in stream_stage.finals(generation, "error", error, generation.choices):
                     yield final
                 raise StreamAborted(error) from exc
+        except asyncio.CancelledError:
+            self._note_cut_stream(context, generation)
+            raise
         finally:
             await items.aclose()  # type: ignore[attr-defined]
             if flight.done and reason != "quota":
@@ -533,6 +545,15 @@ class GenerationPipeline:
             raise
         flight.start(compute(), store)
         return flight.follow()
+
+    def _note_cut_stream(self, context: Context, generation: Generation) -> None:
+        """Notes a Generate stream cancelled before its caller's held headers went out
+        (an OpenAI stream before its first chunk: _headers_out): cut by the worker's
+        shutdown, it ends trailers-only, which the edge tries again elsewhere, so it
+        is billed nothing here (Admission.note_cancelled). Billed its prompt, it was
+        billed twice. One that sent its headers is billed what it sent."""
+        if not _headers_out(context):
+            self.admission.note_cancelled(generation)
 
     # ---------------------------------------------------------------- Complete
 
@@ -717,7 +738,16 @@ class GenerationPipeline:
         Their usage events are held until all are answered (or the request failed,
         or its caller left, after they ran: recorded then); if a prompt was refused
         when it was to run, its cancelled siblings' are dropped with their
-        reservations: the request was refused, nothing of it is billed.
+        reservations: the request was refused, nothing of it is billed. If the
+        whole request is tried again elsewhere, its answer unsent (cut by the
+        worker's shutdown, or a prompt refused by the unload after one of its
+        choices started: `Request.cut`), every prompt is recorded apart, billed
+        nothing, those that had finished too: the retry runs and bills them all.
+
+        Raises:
+            RequestOverBudget: the prompts together need more than the caller's whole
+                tokens_per_minute or monthly_tokens (each alone may fit: no wait
+                would ever admit them together).
         """
         # The cache first (one read for all): a prompt it answers takes no sequence,
         # and holds in the budget what it will be billed, as it does alone.
@@ -738,10 +768,13 @@ class GenerationPipeline:
         bill = True
         try:
             return list(await asyncio.gather(*tasks))
-        except BaseException:
+        except BaseException as exc:
             # Decided now: the wind-down below awaits, and the caller leaving (the
             # deadline that failed a prompt ends the RPC too) may cut it short.
             bill = not _one_refused(tasks, generations)
+            if isinstance(exc, asyncio.CancelledError):
+                for generation in generations:  # finished, computing or following
+                    self.admission.note_cancelled(generation)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -791,8 +824,10 @@ class GenerationPipeline:
         """Reserves every prompt's tokens; one refused, gives all of them back and raises.
 
         A prompt the cache answers billed nothing reserves nothing (alone, it is
-        served whatever the budget holds).
+        served whatever the budget holds). Prompts that together need more than a
+        whole budget are refused for good first (`check_whole_budget`).
         """
+        check_whole_budget(generations)
         try:
             outcomes = await asyncio.gather(
                 *(self.admission.reserve(g) for g in generations if g.needed_tokens),
@@ -811,7 +846,15 @@ class GenerationPipeline:
             self.admission.release(generation)  # nothing for one that holds none
 
     def _end_together(self, generations: Sequence[Generation], *, bill: bool) -> None:
-        """Records (or drops) the held usage events; gives back what nobody recorded."""
+        """Records (or drops) the held usage events; gives back what nobody recorded.
+
+        One prompt cut (`Request.cut`: the request is tried again elsewhere, its
+        answer unsent) cuts them all: a prompt that had finished was billed
+        here, and again where the retry ran.
+        """
+        if any(generation.cut for generation in generations):
+            for generation in generations:
+                self.admission.note_retried(generation)
         for generation in generations:
             events, generation.held_events = generation.held_events or [], None
             try:

@@ -17,7 +17,7 @@ import time
 from services.inference import genai_spans, quality
 from services.inference.admission import Admission, token_usage
 from services.inference.pipeline.cache import billed
-from services.inference.scheduler import refused_unstarted
+from services.inference.scheduler import refused_by_unload, refused_unstarted
 from services.inference.v2 import prompting
 from services.inference.v2.choices import Generation
 from tokenmesh.inference.v1 import inference_pb2 as v1_pb
@@ -37,11 +37,19 @@ def record_computed(
         completion_tokens: the tokens its caller received (default: what it sent).
         finish_reason: overrides its choices' (a caller that left a shared computation).
     """
-    if refused_unstarted(choice.seq for choice in generation.choices):
+    seqs = [choice.seq for choice in generation.choices]
+    if refused_unstarted(seqs):
         # Refused while queued (its version unloading): nothing ran, nothing is billed,
         # as for a request its submit refused; the edge tries it again elsewhere.
         admission.release(generation)
         return
+    if refused_by_unload(seqs) and not generation.streamed:
+        # One choice refused while queued, after a sibling started (n > 1): the request
+        # failed with the refusal before anything reached its caller, who (or the edge,
+        # trailers-only) tries all of it again elsewhere, billed there. Recorded apart
+        # (what its siblings computed), billed nothing, as a prompt refused beside a
+        # sibling that ran is (generate.complete_all). Billed, the retry paid twice.
+        admission.note_retried(generation)
     timings = [c.timing() for c in generation.choices]
     timing = v1_pb.Timing(
         queue_ms=min((t.queue_ms for t in timings), default=0.0),

@@ -263,7 +263,7 @@ async def produce(
             yield message
             generation.sent_tokens += count
             if not streamed:  # its caller's headers are out now too (it sent a message)
-                streamed = True
+                streamed = generation.streamed = True
                 open_streams.add(generation)
     except asyncio.CancelledError:
         generation.end_running("cancelled")
