@@ -33,6 +33,7 @@ from services.core.errors import (
     FieldViolation,
     InvalidArgument,
     ResourceExhausted,
+    TokenmeshError,
     Unavailable,
 )
 from services.core.identity import peer_identity
@@ -375,6 +376,9 @@ class Admission:
         # The Generate streams running with their response headers out: the worker's
         # shutdown ends them in-band before its grace is over (pipeline.stream).
         self.open_streams: set[Generation] = set()
+        # Set when that shutdown ended them: a stream that goes out after it is ended
+        # at once (pipeline.stream.track).
+        self.streams_ended_by: TokenmeshError | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     @functools.cached_property

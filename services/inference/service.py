@@ -635,7 +635,8 @@ class InferenceService(Service):
         (services.inference.pipeline.stream.end_streams)."""
         if self._admission is None:
             return
-        ended = end_streams(self._admission.open_streams, _stopped_stream_error())
+        error = self._admission.streams_ended_by = _stopped_stream_error()
+        ended = end_streams(self._admission.open_streams, error)
         if ended:
             logger.info("ended %d streams still running before the grace is over", ended)
 

@@ -512,3 +512,48 @@ async def test_the_stop_waits_for_the_cut_calls_budget_reconcile_before_closing_
         if channel is not None:
             await channel.close()
         await client.aclose()
+
+
+async def test_a_cache_leader_stream_queued_at_the_grace_end_ends_in_band(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the response cache on, a seeded stream leads a shared computation, which
+    the pipeline tracked only from its first message: still queued when the worker
+    ended its streams, it took the slot they freed, streamed, and grpc cut it at the
+    grace's end ("Cancelling all calls", no final message)."""
+    monkeypatch.setenv("TOKENMESH_CACHE", "on")
+    monkeypatch.setenv("TOKENMESH_CACHE_REDIS_URL", redis_url)
+    settings = inference_settings(
+        tmp_path, redis_url, grace_s=2.0, test_engine_step_ms=50.0, max_sequences=1
+    )
+    service = InferenceService(settings)
+    identity = _identity(f"key_{uuid.uuid4().hex[:8]}")
+    running = v2_pb.GenerateRequest(model=MODEL, prompt=unique_prompt("runs"))
+    running.max_output_tokens = MAX_TOKENS
+    running.sampling.temperature = 0.7  # its own computation
+    leader = v2_pb.GenerateRequest(model=MODEL, prompt=unique_prompt("leads"))
+    leader.max_output_tokens = MAX_TOKENS
+    leader.sampling.seed = 3  # deterministic: it leads a shared computation
+    channel: grpc.aio.Channel | None = None
+    try:
+        async with serving(service, settings) as server:
+            channel = mtls.aio_channel(server.port, peer="worker")
+            stub = v2_rpc.InferenceServiceStub(channel)
+            first = asyncio.ensure_future(_read_stream(stub.Generate(running, metadata=identity)))
+            schedulers = [m.scheduler for m in service.registry.all() if m.scheduler]
+            async with asyncio.timeout(10):
+                while not (busy := [s for s in schedulers if s.stats()["running"]]):
+                    await asyncio.sleep(0.01)
+            (scheduler,) = busy
+            second = asyncio.ensure_future(_read_stream(stub.Generate(leader, metadata=identity)))
+            async with asyncio.timeout(10):
+                while scheduler.stats()["waiting"] < 1:  # queued behind the first
+                    await asyncio.sleep(0.01)
+        for messages, error in (await first, await second):
+            assert messages and error is not None
+            assert messages[-1].HasField("error"), messages[-1]
+            assert _in_band_reason(messages[-1]) == "WORKER_STOPPING"
+            assert _reason(error) == "WORKER_STOPPING", error.details()
+    finally:
+        if channel is not None:
+            await channel.close()

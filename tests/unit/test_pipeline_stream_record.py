@@ -100,6 +100,7 @@ class FakeAdmission:
     budget_tokens: int = 1_000
     events: list[v1_pb.UsageEvent] = field(default_factory=list)
     open_streams: set[Any] = field(default_factory=set)
+    streams_ended_by: Any = None
 
     async def within_budget(self, generation: FakeGeneration, used: int) -> bool:
         return used < self.budget_tokens

@@ -462,6 +462,11 @@ class GenerationPipeline:
         items = await self._lead_flight(flight, context, generation, compute, store)
         received, ended, reason = 0, set[int](), "cancelled"
         started = False
+        if _headers_out(context):
+            # Its computation is shared (produce tracks it only from its first
+            # message): the worker's stop must end its own client's stream in-band
+            # too, queued or not, before grpc cuts it at the grace's end.
+            stream_stage.track(self.admission, generation)
         try:
             try:
                 async for message in items:
@@ -490,6 +495,7 @@ class GenerationPipeline:
             self._note_cut_stream(context, generation)
             raise
         finally:
+            self.admission.open_streams.discard(generation)
             await items.aclose()  # type: ignore[attr-defined]
             if flight.done and reason != "quota":
                 record_computed(self.admission, generation)

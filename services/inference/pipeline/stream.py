@@ -243,9 +243,8 @@ async def produce(
     """
     deltas = generation.deltas()
     streamed = False
-    open_streams = admission.open_streams
     if headers_out:
-        open_streams.add(generation)
+        track(admission, generation)
     try:
         async for choice, delta in deltas:
             # Only a stream admitted while budgets were unreachable is charged as it
@@ -264,7 +263,7 @@ async def produce(
             generation.sent_tokens += count
             if not streamed:  # its caller's headers are out now too (it sent a message)
                 streamed = generation.streamed = True
-                open_streams.add(generation)
+                track(admission, generation)
     except asyncio.CancelledError:
         generation.end_running("cancelled")
         raise
@@ -277,8 +276,18 @@ async def produce(
             yield message
         raise StreamAborted(error) from exc
     finally:
-        open_streams.discard(generation)
+        admission.open_streams.discard(generation)
         await deltas.aclose()
+
+
+def track(admission: Admission, generation: Generation) -> None:
+    """Puts a stream whose caller's headers went out in `admission.open_streams`, for
+    the worker's shutdown to end in-band (`end_streams`); ends it at once when that
+    shutdown already ended the others (it went out after: a request that waited for
+    its slot, a cache leader whose computation started late)."""
+    admission.open_streams.add(generation)
+    if admission.streams_ended_by is not None:
+        end_streams([generation], admission.streams_ended_by)
 
 
 def end_streams(generations: Iterable[Generation], error: TokenmeshError) -> int:
