@@ -95,6 +95,13 @@ class Child:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=preexec,
+                # A process group of its own: Ctrl-C in a terminal signals the whole
+                # foreground group, and Redis (SIGINT is its shutdown) and every
+                # service stopped at once, before the launcher's ordered stop (the
+                # supervisor even began restarting Redis under the draining workers).
+                # The launcher stops its children itself; PDEATHSIG still ends them
+                # if it is killed.
+                process_group=0,
             )
 
     @property
