@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "tokenmesh.dev"
 # The longest message or field description sent to a client. Messages often
@@ -99,7 +99,9 @@ class TokenmeshError(Exception):
             packed = any_pb2.Any()
             packed.Pack(detail)
             details.append(packed)
-        return status_pb2.Status(code=_RPC_CODES[self.code], message=self.message, details=details)
+        # Every grpc.StatusCode carries its number (google.rpc.Code's), whatever the code.
+        code = int(self.code.value[0])
+        return status_pb2.Status(code=code, message=self.message, details=details)
 
 
 # Field violations reported per error (the rest are counted): a body with thousands
@@ -289,19 +291,3 @@ class Unimplemented(TokenmeshError):
 def internal_error() -> TokenmeshError:
     """Returns the generic error sent for unexpected exceptions (no internals)."""
     return TokenmeshError("internal error; see server logs", reason="INTERNAL")
-
-
-_RPC_CODES: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND: code_pb2.NOT_FOUND,
-    grpc.StatusCode.ALREADY_EXISTS: code_pb2.ALREADY_EXISTS,
-    grpc.StatusCode.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
-    grpc.StatusCode.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
-    grpc.StatusCode.PERMISSION_DENIED: code_pb2.PERMISSION_DENIED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED: code_pb2.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED: code_pb2.CANCELLED,
-    grpc.StatusCode.UNIMPLEMENTED: code_pb2.UNIMPLEMENTED,
-    grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,
-}

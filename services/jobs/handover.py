@@ -52,7 +52,7 @@ import grpc
 from google.api.httpbody_pb2 import HttpBody
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 
 from services.core import contract
 from services.core.errors import (
@@ -150,13 +150,6 @@ class ItemFailed(TokenmeshError):
             )
             details.append(error_details_pb2.BadRequest(field_violations=[violation]))
         return details
-
-    def to_status(self) -> status_pb2.Status:
-        # Whatever code the worker sent (the base class maps only those raised here).
-        status = status_pb2.Status(code=self.code.value[0], message=self.message)
-        for detail in self.details():
-            status.details.add().Pack(detail)
-        return status
 
 
 def item_error(error: jobs_pb2.JobError) -> TokenmeshError | None:
