@@ -24,15 +24,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from services.auth.crypto import ServerSecret
-from services.auth.keys import ApiKeyStore
-from services.core import contract, identity
-from services.core.server import serving
 from services.inference.service import InferenceService
 from services.jobs import store as jobstore
 from services.jobs.execution import Outcome
 from services.jobs.service import JobsService, JobsSettings
-from services.router.registry import WORKERS_KEY, WorkerEntry
 from tests import mtls
 from tests.integration.conftest import inference_settings
 from tests.integration.test_jobs_stopping import (
@@ -44,9 +39,10 @@ from tests.integration.test_jobs_stopping import (
     _results,
     _submit,
     _until,
+    serving_jobs_and_worker,
 )
 from tokenmesh.inference.v1 import inference_pb2 as v1
-from tokenmesh.jobs.v1 import jobs_pb2, jobs_service_pb2_grpc
+from tokenmesh.jobs.v1 import jobs_pb2
 from tokenmesh.jobs.v1 import jobs_service_pb2 as jobs_pb
 
 # The jobs service's Redis connections carry this name (CLIENT LIST tells them apart).
@@ -74,34 +70,14 @@ async def _mesh(tmp_path: Path, redis_url: str) -> AsyncIterator[Mesh]:
         webhook_poll_s=3600.0,
     )
     jobs = JobsService(settings)
-    worker_id = f"kept-{uuid.uuid4().hex[:6]}"
     try:
-        async with serving(worker, worker_settings) as worker_server:
-            entry = WorkerEntry(
-                worker_id,
-                "127.0.0.1",
-                worker_server.port,
-                (("deterministic-test", "1"),),
-                lease_expires_at=time.time() + 600,
-            )
-            await client.hset(WORKERS_KEY, worker_id, entry.to_json())
-            async with serving(jobs, settings) as server:
-                target = f"127.0.0.1:{server.port}"
-                async with identity.secure_channel(
-                    target, mtls.files(contract.EDGE), contract.JOBS
-                ) as channel:
-                    yield Mesh(
-                        jobs,
-                        worker,
-                        jobs_service_pb2_grpc.JobsServiceStub(channel),
-                        ApiKeyStore(client, ServerSecret(b"k" * 32)),
-                        client,
-                        worker_settings.usage_stream,
-                    )
+        async with serving_jobs_and_worker(
+            jobs, settings, worker, worker_settings, client, "kept"
+        ) as mesh:
+            yield mesh
     finally:
         with contextlib.suppress(Exception):
             await client.execute_command("CLIENT", "UNPAUSE")
-        await client.hdel(WORKERS_KEY, worker_id)
         await client.aclose()
 
 

@@ -80,7 +80,27 @@ async def _mesh(tmp_path: Path, redis_url: str, watch_s: float) -> AsyncIterator
     jobs.runner.maintain_forever = functools.partial(  # type: ignore[method-assign]
         jobs.runner.maintain_forever, watch_s=watch_s
     )
-    worker_id = f"stopping-{uuid.uuid4().hex[:6]}"
+    try:
+        async with serving_jobs_and_worker(
+            jobs, settings, worker, worker_settings, client, "stopping"
+        ) as mesh:
+            yield mesh
+    finally:
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def serving_jobs_and_worker(
+    jobs: JobsService,
+    settings: JobsSettings,
+    worker: InferenceService,
+    worker_settings: Any,
+    client: aioredis.Redis,
+    name: str,
+) -> AsyncIterator[Mesh]:
+    """Serves `worker` (registered in the router's registry for deterministic-test 1,
+    under a worker id starting with `name`) and `jobs`, reached as the edge."""
+    worker_id = f"{name}-{uuid.uuid4().hex[:6]}"
     try:
         async with serving(worker, worker_settings) as worker_server:
             entry = WorkerEntry(
@@ -106,7 +126,6 @@ async def _mesh(tmp_path: Path, redis_url: str, watch_s: float) -> AsyncIterator
                     )
     finally:
         await client.hdel(WORKERS_KEY, worker_id)
-        await client.aclose()
 
 
 async def _until(
