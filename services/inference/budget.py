@@ -54,8 +54,9 @@ SUM_REBUILD_MS = 60_000
 # How many of the window's oldest reservations a refusal reads to tell when enough of
 # them will have expired; past them it answers when the newest one expires.
 RETRY_WALK = 64
-# Lua: `sum` and `valid` (the sum describes the amounts KEYS[amounts] now).
-_READ_SUM = """
+# Lua: `sum` and `valid` (the sum describes the amounts KEYS[amounts] now); the
+# shadow copies' read of a caller's budgets (services.inference.shadow) uses it too.
+READ_SUM = """
 local sum = redis.call('HMGET', KEYS[SUM], 'tokens', 'entries')
 local valid = sum[1] and tonumber(sum[2]) == redis.call('HLEN', KEYS[AMOUNTS])
 sum = tonumber(sum[1])
@@ -71,7 +72,7 @@ end
 """
 
 
-def _lua(script: str, **keys: int) -> str:
+def budget_lua(script: str, **keys: int) -> str:
     """Returns `script` with the sum's snippets' key positions (SUM, AMOUNTS) filled in."""
     for name, position in keys.items():
         script = script.replace(f"KEYS[{name}]", f"KEYS[{position}]")
@@ -88,7 +89,7 @@ def _lua(script: str, **keys: int) -> str:
 #          the request needs more than the whole budget, no wait admits it), tokens
 #          used this minute and this month including this reservation}
 _RESERVE = (
-    _lua(
+    budget_lua(
         LUA_REDIS_NOW_MS
         + """
 local id, amount = ARGV[2], tonumber(ARGV[3])
@@ -108,7 +109,7 @@ end
 if tpm > 0 and amount > tpm then return {0, 'tpm', -1} end
 if monthly > 0 and amount > monthly then return {0, 'monthly', -1} end
 """
-        + _READ_SUM
+        + READ_SUM
         + """
 -- Expired reservations leave the window and its sum: O(expired), each expires once.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
@@ -200,7 +201,7 @@ return {1, '', 0, sum + delta, month_used + amount}
 # except that an unfinished run reconciled after a finished one changes nothing.
 # An unfinished run marks the id given back (its next attempt reserves anew); a
 # run that ran unmarks it (its replays are charged nothing more).
-_RECONCILE = _lua(
+_RECONCILE = budget_lua(
     """
 if ARGV[5] == 'unfinished' and redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 local actual = tonumber(ARGV[3])
@@ -208,7 +209,7 @@ local charged = tonumber(redis.call('GET', KEYS[3]) or ARGV[2])
 local before = redis.call('HGET', KEYS[1], ARGV[1])
 if before then
 """
-    + _READ_SUM
+    + READ_SUM
     + """
   redis.call('HSET', KEYS[1], ARGV[1], actual)
   local delta = actual - tonumber(before)
@@ -238,7 +239,7 @@ return 1
 # leaves a charge of 0 marked given back (a new attempt reserves anew) and the
 # call's attempt id, so that the reservation, should it reach Redis only now,
 # charges nothing. Returns 1 if it refunded.
-_FORGET = _lua(
+_FORGET = budget_lua(
     """
 local charged = redis.call('GET', KEYS[4])
 if charged then
@@ -248,7 +249,7 @@ if charged then
   local held = redis.call('HGET', KEYS[2], ARGV[1])
   if held then
 """
-    + _READ_SUM
+    + READ_SUM
     + """
     redis.call('HDEL', KEYS[2], ARGV[1])
     local delta = -tonumber(held)

@@ -71,7 +71,7 @@ from services.core import contract
 from services.core.errors import FailedPrecondition, ResourceExhausted, TokenmeshError
 from services.core.metadata import RequestMetadata, request_metadata
 from services.core.redis_service import LUA_REDIS_NOW_MS, text
-from services.inference.budget import Limits, TokenBudgets
+from services.inference.budget import READ_SUM, Limits, TokenBudgets, budget_lua
 from services.inference.scheduler import SHADOW_COPY
 from services.router.shadow_pairs import LIVE, SHADOW, PairStore, Record
 from tokenmesh.inference.v1 import inference_pb2
@@ -270,17 +270,19 @@ class CopyCaller:
 # clock. Its total is the running sum _RESERVE keeps (one HVALS of the amounts when
 # the sum does not describe them), less the reservations a minute old that no
 # reservation has trimmed yet (usually none: each reservation trims).
-_PEEK_BUDGET = (
+_PEEK_BUDGET = budget_lua(
     LUA_REDIS_NOW_MS
     + """
 local amount, tpm, monthly = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 if tpm > 0 then
   -- The window's running sum (services.inference.budget) when it describes the
-  -- amounts (its entry count is theirs), else the amounts themselves: summed on
+  -- amounts (the budgets' own test of it), else the amounts themselves: summed on
   -- every copy, a hot key's window (~20k entries a minute) cost 5 ms of Redis.
-  local sum = redis.call('HMGET', KEYS[4], 'tokens', 'entries')
-  local used = tonumber(sum[1])
-  if not used or tonumber(sum[2]) ~= redis.call('HLEN', KEYS[2]) then
+"""
+    + READ_SUM
+    + """
+  local used = sum
+  if not valid then
     used = 0
     for _, v in ipairs(redis.call('HVALS', KEYS[2])) do used = used + tonumber(v) end
   end
@@ -298,7 +300,9 @@ if monthly > 0 and tonumber(redis.call('GET', KEYS[3]) or 0) + amount > monthly 
   return 'monthly'
 end
 return ''
-"""
+""",
+    SUM=4,
+    AMOUNTS=2,
 )
 # What a budgets read raises while Redis is away or hung (BreakerOpen is one).
 _BUDGETS_UNAVAILABLE = (RedisError, TimeoutError, OSError)
