@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -243,6 +243,7 @@ class BatchLine:
     custom_id: str
     item: jobs_pb2.JobItem
     options: Mapping[str, Any]
+    number: int = 0  # in the file, from 1 (blank lines count)
 
 
 def _line_item(endpoint: str, body: bytes) -> tuple[jobs_pb2.JobItem, dict[str, Any]]:
@@ -296,7 +297,23 @@ def _read_line(number: int, raw: bytes, endpoint: str, seen: set[str]) -> BatchL
             [FieldViolation(f"line {number}.body.{v.field}", v.description) for v in bad.violations]
         ) from None
     seen.add(custom_id)
-    return BatchLine(custom_id, item, options)
+    return BatchLine(custom_id, item, options, number)
+
+
+def unknown_models_error(lines: Sequence[BatchLine], unknown: Collection[str]) -> InvalidArgument:
+    """Returns the refusal of a file whose lines name models nothing knows (the first
+    MAX_LINE_ERRORS such lines): their items would never run."""
+    bad = [
+        FieldViolation(f"line {line.number}.body.model", f"model {model!r} does not exist")
+        for line in lines
+        if (model := _item_model(line.item)) in unknown
+    ]
+    return InvalidArgument(bad[:MAX_LINE_ERRORS], reason="INVALID_BATCH_INPUT")
+
+
+def _item_model(item: jobs_pb2.JobItem) -> str:
+    kind = item.WhichOneof("request")
+    return getattr(item, kind).model if kind is not None else ""
 
 
 def parse_input(data: bytes, endpoint: str, max_lines: int) -> list[BatchLine]:

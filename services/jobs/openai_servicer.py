@@ -31,11 +31,12 @@ from services.core.errors import (
     Unavailable,
 )
 from services.core.interceptors import Context, abort_with, request_headers, to_domain_error
+from services.core.model_access import check_model_allowed
 from services.core.tasks import cancel_and_wait
 from services.inference.openai import errors as openai_errors
 from services.inference.openai import shapes
 from services.jobs import openai_batches as batches
-from services.jobs import validation
+from services.jobs import validation, workers
 from services.jobs.chunking import MESSAGE_BYTES, READ_BYTES, byte_chunks
 from services.jobs.openai_batches import ErrorIndex
 from services.jobs.openai_files import QUOTA_REASON, FileStore, file_object, parse_upload
@@ -381,6 +382,7 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
             )
             items = [line.item for line in lines]
             validation.check_item_scopes(items, scopes)
+            await self._check_models(lines, headers)
             created_ms = now_ms()
             new = batches.NewBatch(
                 owner=owner.lane,
@@ -394,6 +396,20 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
             return _json(await self._create(owner, new, items, headers))
 
         return await _answer(context, "CreateBatch", work)
+
+    async def _check_models(
+        self, lines: Sequence[batches.BatchLine], headers: Mapping[str, str]
+    ) -> None:
+        """Refuses a file whose lines name a model the key may not use (403, first: a
+        restricted key learns nothing of other models) or one nothing knows (400,
+        naming the lines): their items were never placed, and the batch sat
+        in_progress for its whole 24 h window, then expired."""
+        models = validation.item_models([line.item for line in lines])
+        for model in models:
+            check_model_allowed(headers, model)
+        unknown = await workers.unknown_models(self.jobs.redis, models)
+        if unknown:
+            raise batches.unknown_models_error(lines, frozenset(unknown))
 
     async def _create(
         self,

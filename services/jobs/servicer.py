@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Mapping
 
 from google.api import httpbody_pb2
 
@@ -24,7 +24,8 @@ from services.core.errors import (
     Unauthenticated,
 )
 from services.core.interceptors import Context, request_headers
-from services.jobs import signing, ssrf, validation, views
+from services.core.model_access import check_model_allowed
+from services.jobs import signing, ssrf, validation, views, workers
 from services.jobs.chunking import PAGE_BYTES, RESULTS_PER_READ, byte_chunks
 from services.jobs.store import (
     FINAL,
@@ -112,6 +113,23 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
                 reason="NO_WEBHOOK_SECRET",
             )
 
+    async def _check_models(
+        self, items: Collection[jobs_pb2.JobItem], headers: Mapping[str, str]
+    ) -> None:
+        """Refuses items naming a model the key may not use (PERMISSION_DENIED, checked
+        first, as a worker does: a restricted key learns nothing of other models) or
+        one nothing knows (NOT_FOUND). Such an item was never placed: the job sat
+        queued for its whole completion window, up to 7 days, then expired."""
+        models = validation.item_models(items)
+        for model in models:
+            check_model_allowed(headers, model)
+        for model in await workers.unknown_models(self.store.redis, models):
+            raise NotFound(
+                f"items[{models[model]}] names model {model!r}, which is not served here",
+                reason="MODEL_NOT_FOUND",
+                metadata={"model": model},
+            )
+
     # -- RPCs -------------------------------------------------------------
 
     async def CreateJob(self, request: pb.CreateJobRequest, context: Context) -> jobs_pb2.Job:
@@ -119,6 +137,7 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
         key_id = self._key_id(context)
         validation.validate_create(request, self.max_items)
         validation.check_item_scopes(request.items, headers.get(contract.SCOPES_HEADER, "").split())
+        await self._check_models(request.items, headers)
         if request.webhook_url:
             await self._check_webhook(request.webhook_url, key_id)
         window_s = validation.completion_window_s(

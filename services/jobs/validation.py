@@ -80,6 +80,16 @@ def check_item_scopes(items: Collection[jobs_pb2.JobItem], scopes: Collection[st
             )
 
 
+def item_models(items: Collection[jobs_pb2.JobItem]) -> dict[str, int]:
+    """Returns each model the items name, with the index of the first item naming it."""
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        kind = item.WhichOneof("request")
+        if kind is not None:
+            first.setdefault(getattr(item, kind).model, index)
+    return first
+
+
 def completion_window_s(window: duration_pb2.Duration, has_window: bool, default_s: float) -> float:
     """Returns the job's completion window in seconds (1 minute to 7 days)."""
     if not has_window:

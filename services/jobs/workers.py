@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -181,9 +181,10 @@ async def unknown_model(client: aioredis.Redis, name: str) -> bool:
     """Whether nothing knows model `name`: the catalogue (which every model a worker
     registered is added to) has no such model and no routable worker serves it.
 
-    An item of it is never placed (`pick` returns None until the job's deadline): a
-    Complete handed over for it is refused NOT_FOUND instead. A model whose workers
-    are restarting is still in the catalogue, and waits for them.
+    An item of it is never placed (`pick` returns None until the job's deadline), so
+    a job or batch naming it is refused when it is created, and a Complete handed
+    over for it NOT_FOUND. A model whose workers are restarting is still in the
+    catalogue, and waits for them.
     """
     if not name or await client.hexists(CATALOG_KEY, name):
         return False
@@ -193,6 +194,11 @@ async def unknown_model(client: aioredis.Redis, name: str) -> bool:
         if worker.routable(now) and any(served == name for served, _ in worker.models):
             return False
     return True
+
+
+async def unknown_models(client: aioredis.Redis, names: Iterable[str]) -> list[str]:
+    """Returns those of `names` that nothing knows (`unknown_model`), in their order."""
+    return [name for name in names if await unknown_model(client, name)]
 
 
 def weighted_draw(weights: Mapping[str, int], key: str) -> str:

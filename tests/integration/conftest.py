@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from services.core.server import serving
 from services.inference.service import InferenceService, InferenceSettings
 from services.launcher.mesh import spawn_redis
+from services.router.catalog import CATALOG_KEY, ModelEntry, VersionEntry
 from tests import mtls
 from tests.conftest import private_db_url
 
@@ -115,6 +116,19 @@ class RegistryOperator:
 
     def peer_identities(self) -> None:
         return None
+
+
+async def catalogue(redis_url: str, *models: str) -> None:
+    """Puts `models` (version 1 each) in the catalogue of the Redis at `redis_url`: jobs
+    and batches are refused for models nothing knows. No worker serves them, so their
+    items wait (as for a model whose workers are restarting)."""
+    client = aioredis.from_url(redis_url)
+    try:
+        for model in models:
+            entry = ModelEntry(model, versions=(VersionEntry("1", 100),))
+            await client.hset(CATALOG_KEY, model, entry.to_json())
+    finally:
+        await client.aclose()
 
 
 async def no_refresh() -> None:

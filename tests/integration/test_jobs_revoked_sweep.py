@@ -24,6 +24,7 @@ from services.jobs.runner import RevokedKeySweep
 from services.jobs.service import JobsService, JobsSettings
 from tests import mtls
 from tests.conftest import private_db_url
+from tests.integration.conftest import catalogue
 from tests.integration.test_jobs_stopping import _until
 from tokenmesh.auth.v1 import auth_pb2
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
@@ -54,6 +55,7 @@ async def _service_that_runs_nothing(
         grace_s=1.0,
         consumer=f"sweep-{uuid.uuid4().hex[:6]}",
     )
+    await catalogue(redis_url, "deterministic-test")
     jobs = JobsService(settings)
     jobs.runner.run_forever = _never_read  # type: ignore[method-assign,assignment]
     try:

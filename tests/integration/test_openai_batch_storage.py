@@ -36,6 +36,7 @@ from services.jobs import store as jobstore
 from services.jobs.service import JobsService, JobsSettings
 from services.jobs.store import Owner
 from tests import mtls
+from tests.integration.conftest import catalogue
 from tokenmesh.inference.v2 import inference_pb2
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.jobs.v1 import jobs_pb2
@@ -156,6 +157,7 @@ async def _jobs_service(
         consumer=f"storage-{uuid.uuid4().hex[:6]}",
         **settings,
     )
+    await catalogue(redis_url, "absent")  # no worker serves it: its items wait
     service = JobsService(config)
     async with serving(service, config) as server:
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]

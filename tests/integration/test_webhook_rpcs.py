@@ -34,6 +34,7 @@ from services.jobs.secret_box import SecretBox
 from services.jobs.service import JobsService, JobsSettings
 from services.jobs.store import JobStore, NewJob, Owner, now_ms
 from tests import mtls
+from tests.integration.conftest import catalogue
 from tests.webhook_receivers import Receiver
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.jobs.v1 import jobs_pb2, jobs_service_pb2_grpc
@@ -113,6 +114,7 @@ async def jobs(own_redis: str) -> AsyncIterator[tuple[JobsService, grpc.aio.Chan
         webhook_poll_s=0.05,
         webhook_secrets_key=SEALING_KEY.hex(),
     )
+    await catalogue(own_redis, "m")  # no worker serves it: its items wait
     service = JobsService(settings)
     async with serving(service, settings) as server:
         target = f"127.0.0.1:{server.port}"

@@ -101,7 +101,10 @@ class JobsServiceServicer:
 
     def CreateJob(self, request, context):
         """CreateJob queues a job and returns it at once (status QUEUED). The same
-        idempotency_key within 24 h returns the job it created first.
+        idempotency_key within 24 h returns the job it created first. An item
+        naming a model the key may not use is PERMISSION_DENIED
+        (MODEL_NOT_ALLOWED), one naming a model nothing knows NOT_FOUND
+        (MODEL_NOT_FOUND, the item's index in the message): no job is created.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """

@@ -43,7 +43,10 @@ class JobsServiceStub:
     def __new__(cls, channel: _aio.Channel) -> JobsServiceAsyncStub: ...
     CreateJob: _grpc.UnaryUnaryMultiCallable[_jobs_service_pb2.CreateJobRequest, _jobs_pb2.Job]
     """CreateJob queues a job and returns it at once (status QUEUED). The same
-    idempotency_key within 24 h returns the job it created first.
+    idempotency_key within 24 h returns the job it created first. An item
+    naming a model the key may not use is PERMISSION_DENIED
+    (MODEL_NOT_ALLOWED), one naming a model nothing knows NOT_FOUND
+    (MODEL_NOT_FOUND, the item's index in the message): no job is created.
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
@@ -104,7 +107,10 @@ class JobsServiceAsyncStub(JobsServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateJob: _aio.UnaryUnaryMultiCallable[_jobs_service_pb2.CreateJobRequest, _jobs_pb2.Job]  # type: ignore[assignment]
     """CreateJob queues a job and returns it at once (status QUEUED). The same
-    idempotency_key within 24 h returns the job it created first.
+    idempotency_key within 24 h returns the job it created first. An item
+    naming a model the key may not use is PERMISSION_DENIED
+    (MODEL_NOT_ALLOWED), one naming a model nothing knows NOT_FOUND
+    (MODEL_NOT_FOUND, the item's index in the message): no job is created.
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
@@ -168,7 +174,10 @@ class JobsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.Job, _abc.Awaitable[_jobs_pb2.Job]]:
         """CreateJob queues a job and returns it at once (status QUEUED). The same
-        idempotency_key within 24 h returns the job it created first.
+        idempotency_key within 24 h returns the job it created first. An item
+        naming a model the key may not use is PERMISSION_DENIED
+        (MODEL_NOT_ALLOWED), one naming a model nothing knows NOT_FOUND
+        (MODEL_NOT_FOUND, the item's index in the message): no job is created.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
