@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from services.inference.scheduler import Finished, Scheduler, Sequence_
 from services.inference.tokenizer import IncrementalDecoder, Tokenizer, incremental_decoder
@@ -60,13 +60,18 @@ def held_back(text: str, stops: Sequence[str]) -> int:
 
 
 def _split(items: list[int | Finished]) -> tuple[list[int], Finished | None]:
-    """Returns an outbox's items as token ids and the `Finished` that ends them, if any."""
+    """Returns an outbox's items as token ids and the `Finished` that ends them, if any.
+
+    Tokens after the `Finished` are not the stream's: `Scheduler.end` puts its error
+    in the outbox at once, and the step then running may still hand over a token.
+    """
     if len(items) == 1:  # the usual case, once per stream message
         item = items[0]
         return ([item], None) if isinstance(item, int) else ([], item)
-    tokens = [t for t in items if isinstance(t, int)]
-    end = next((t for t in items if isinstance(t, Finished)), None)
-    return tokens, end
+    for index, item in enumerate(items):
+        if isinstance(item, Finished):
+            return cast(list[int], items[:index]), item
+    return cast(list[int], items), None
 
 
 async def stream_deltas(
@@ -135,6 +140,8 @@ async def tagged_deltas(
             if end is not None:
                 finished = True
                 if end.error is not None:
+                    if tokens or text:  # handed over before the error: read them first
+                        yield tag, Delta(text, tokens)
                     raise end.error
                 yield tag, Delta(text, tokens, end.reason)
                 return
