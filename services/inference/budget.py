@@ -319,9 +319,10 @@ class RequestOverBudget(ResourceExhausted):
         )
         largest = min(n for n in (limits.tokens_per_minute, limits.monthly_tokens) if n)
         super().__init__(
-            f"this request needs {amount} tokens (prompt + max_tokens for each choice), more "
-            f"than key {key_id}'s whole {name}={limit}: it can never be admitted; the largest "
-            f"request the key can make is {largest} tokens (lower max_tokens, n or the prompt)",
+            f"this request needs {amount} tokens (prompt + max_tokens, summed over its "
+            f"prompts and choices), more than key {key_id}'s whole {name}={limit}: it can "
+            f"never be admitted; the largest request the key can make is {largest} tokens "
+            "(lower max_tokens, n or the prompts)",
             quota_violations=[QuotaViolation(f"key:{key_id}:{name}", f"{name}={limit}")],
             reason="REQUEST_EXCEEDS_BUDGET",
             metadata={
