@@ -116,6 +116,20 @@ def test_embeddings_take_strings_and_an_encoding():
     assert set(found) == {"input", "encoding_format"}
 
 
+@pytest.mark.parametrize("ids", [[1, 2], [[1, 2], [3]]])
+def test_token_id_prompts_and_inputs_are_unsupported_parameters_not_bad_values(ids):
+    # OpenAI accepts token ids for `prompt` and `input`; we take text only. A client
+    # keys on `unsupported_parameter` to send the text instead (it read invalid_argument).
+    for parse, name in ((params.parse_completion, "prompt"), (params.parse_embedding, "input")):
+        with pytest.raises(InvalidArgument) as refused:
+            parse(_raw(model="m", **{name: ids}))
+        assert refused.value.reason == params.UNSUPPORTED_PARAMETER
+        assert [v.field for v in refused.value.violations] == [name]
+    with pytest.raises(InvalidArgument) as bad:  # neither text nor ids: a bad value
+        params.parse_completion(_raw(model="m", prompt=[1, "a"]))
+    assert bad.value.reason != params.UNSUPPORTED_PARAMETER
+
+
 def test_v2_field_names_become_the_clients_parameters():
     renames = Renames(max_output_tokens="max_completion_tokens", input="messages")
     assert v2_param("sampling.temperature", renames) == "temperature"

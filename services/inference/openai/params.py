@@ -362,6 +362,17 @@ class _Body:
         self.out.append(FieldViolation(name, "must be a string or a list of strings"))
         return None
 
+    def texts(self, name: str) -> list[str] | None:
+        """Reads a string or a list of strings. OpenAI's other forms, token ids (a list
+        of ints, or of such lists), ask for what we do not implement: unsupported, so a
+        client keying on `unsupported_parameter` sends the text instead."""
+        if _token_ids(self.values.get(name)):
+            self.unsupported.append(
+                FieldViolation(name, "token id arrays are not supported: send the text")
+            )
+            return None
+        return self.strings(name)
+
     def string_map(self, name: str) -> dict[str, str]:
         value = self.values.get(name, {})
         if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
@@ -527,14 +538,24 @@ def parse_chat(raw: bytes | ClientBody) -> GenerationCall:
     return GenerationCall(body.string("model"), stream, include_usage, [request], renames, logprobs)
 
 
+def _token_ids(value: Any) -> bool:
+    """Tells whether `value` is OpenAI's token-id form of a prompt or input: a non-empty
+    list of ints, or a non-empty list of those."""
+
+    def ids(item: Any) -> bool:
+        return isinstance(item, list) and bool(item) and all(type(i) is int for i in item)
+
+    return ids(value) or (isinstance(value, list) and bool(value) and all(map(ids, value)))
+
+
 def parse_completion(raw: bytes | ClientBody) -> GenerationCall:
     """Reads a legacy completion request (one v2 request per prompt)."""
     body = _Body(raw, COMPLETION_PARAMS, IGNORED_COMPLETION_PARAMS)
     renames = Renames(input="prompt", top_logprobs="logprobs")
     request = _common(body, renames, ("max_tokens",))
-    prompts = body.strings("prompt")
+    prompts = body.texts("prompt")
     if prompts is None and "prompt" in body.values:
-        prompts = []  # token arrays: named by strings() already
+        prompts = []  # not text: named by texts() already
     elif not prompts:
         body.out.append(FieldViolation("prompt", "is required"))
         prompts = []
@@ -570,7 +591,7 @@ def parse_embedding(raw: bytes | ClientBody) -> EmbeddingCall:
     body = _Body(raw, EMBEDDING_PARAMS, IGNORED_EMBEDDING_PARAMS)
     model_id = body.string("model", required=True)
     name, version = parse_model_id(model_id)
-    inputs = body.strings("input")
+    inputs = body.texts("input")
     if inputs is None and "input" not in body.values:
         body.out.append(FieldViolation("input", "is required"))
     encoding = body.string("encoding_format") or "float"
