@@ -432,6 +432,7 @@ class Admission:
                 request.needed_tokens,
                 request.reserved_at,
                 request.reservation_attempt,
+                listed=True,  # reconciled when it ends, or taken back if this worker dies
             )
         except BUDGETS_UNAVAILABLE as exc:  # budgets fail open, like request limits
             logger.warning("token budgets unavailable (%s); admitting", type(exc).__name__)

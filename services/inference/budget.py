@@ -25,6 +25,7 @@ forgotten call (the same attempt) still charges nothing.
 from __future__ import annotations
 
 import calendar
+import json
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -80,9 +81,11 @@ def budget_lua(script: str, **keys: int) -> str:
 
 
 # KEYS: window zset, window amounts hash, month counter, the request id's charge,
-#       the id's "given back" mark, the id's forgotten attempts, the window's sum
+#       the id's "given back" mark, the id's forgotten attempts, the window's sum,
+#       the holder's open reservations (ReservationReaper)
 # ARGV: (unused), request id, amount, tpm (0 = none), monthly (0 = none), month
-#       ttl s, replay ttl s, this call's attempt id
+#       ttl s, replay ttl s, this call's attempt id, its field among the holder's
+#       open reservations ("": not listed), that field's value
 # The minute window is scored by Redis's clock (TIME), the same for every worker
 # (services.usage.ratelimit._SLIDING_WINDOWS says why).
 # Returns {0 or 1, which budget failed ("" | "tpm" | "monthly"), retry_after_ms (-1:
@@ -182,6 +185,7 @@ redis.call('EXPIRE', KEYS[3], tonumber(ARGV[6]))
 -- A given-back id's charge was 0: it holds this reservation now.
 redis.call('SET', KEYS[4], amount, 'EX', tonumber(ARGV[7]))
 redis.call('DEL', KEYS[5])
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[8], ARGV[9], ARGV[10]) end
 return {1, '', 0, sum + delta, month_used + amount}
 """,
         SUM=7,
@@ -192,10 +196,12 @@ return {1, '', 0, sum + delta, month_used + amount}
 )
 
 # KEYS: window amounts hash, month counter, the request id's charge, the id's
-#       "a run finished" mark, the id's "given back" mark, the window's sum
+#       "a run finished" mark, the id's "given back" mark, the window's sum, the
+#       holder's open reservations
 # ARGV: request id, reserved, actual, replay ttl s, the run ("": any request that
 #       ran; "finished": a job item's run that did; "unfinished": a run given
-#       back, reconciled to 0; see TokenBudgets.reconcile)
+#       back, reconciled to 0; see TokenBudgets.reconcile), the reservation's
+#       field among the holder's open ones ("": none)
 # The month is charged what the id has not been charged yet (its charge, else
 # `reserved`), so the id's total is its latest actual use however often it ran,
 # except that an unfinished run reconciled after a finished one changes nothing.
@@ -203,6 +209,7 @@ return {1, '', 0, sum + delta, month_used + amount}
 # run that ran unmarks it (its replays are charged nothing more).
 _RECONCILE = budget_lua(
     """
+if ARGV[6] ~= '' then redis.call('HDEL', KEYS[7], ARGV[6]) end
 if ARGV[5] == 'unfinished' and redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 local actual = tonumber(ARGV[3])
 local charged = tonumber(redis.call('GET', KEYS[3]) or ARGV[2])
@@ -232,15 +239,23 @@ return 1
 )
 
 # KEYS: window zset, window amounts hash, month counter, the request id's charge,
-#       the id's "given back" mark, the id's forgotten attempts, the window's sum
-# ARGV: request id, replay ttl s, the forgotten call's attempt id
+#       the id's "given back" mark, the id's forgotten attempts, the window's sum,
+#       the holder's open reservations
+# ARGV: request id, replay ttl s, the forgotten call's attempt id, the
+#       reservation's field among the holder's open ones ("": none), "1" to take
+#       it back only while it is listed there (a reaper: it was not reconciled since)
 # Takes back a reservation whose outcome its worker never learnt (the call timed
-# out or was cancelled after it was sent): refunds what the id was charged, and
-# leaves a charge of 0 marked given back (a new attempt reserves anew) and the
-# call's attempt id, so that the reservation, should it reach Redis only now,
-# charges nothing. Returns 1 if it refunded.
+# out or was cancelled after it was sent), or whose worker died with it open
+# (ReservationReaper): refunds what the id was charged, and leaves a charge of 0
+# marked given back (a new attempt reserves anew) and the call's attempt id, so
+# that the reservation, should it reach Redis only now, charges nothing (and a
+# reconcile landing late charges what the request used). Returns 1 if it refunded.
 _FORGET = budget_lua(
     """
+if ARGV[4] ~= '' then
+  if ARGV[5] == '1' and redis.call('HEXISTS', KEYS[8], ARGV[4]) == 0 then return 0 end
+  redis.call('HDEL', KEYS[8], ARGV[4])
+end
 local charged = redis.call('GET', KEYS[4])
 if charged then
   -- DECRBY: `-tonumber('0')` is Lua's -0, sent as "-0", which INCRBY refuses.
@@ -356,11 +371,17 @@ class TokenBudgets:
         client: the Redis holding the budgets.
         replay_ttl_s: how long a request id's reservation is remembered (a
             reservation of the same id within it is not charged again).
+        holder: this process's name among the holders of open reservations
+            (ReservationReaper: a worker id and an incarnation id); "": its
+            reservations are not listed, and nothing takes them back if it dies.
     """
 
-    def __init__(self, client: aioredis.Redis, replay_ttl_s: int = REPLAY_TTL_S) -> None:
+    def __init__(
+        self, client: aioredis.Redis, replay_ttl_s: int = REPLAY_TTL_S, holder: str = ""
+    ) -> None:
         self.redis = client
         self.replay_ttl_s = replay_ttl_s
+        self.holder = holder
         self._reserve = client.register_script(_RESERVE)
         # A hung Redis fails reservations at once after a few timeouts
         # (services.core.breaker): requests are admitted unmetered without waiting.
@@ -391,6 +412,16 @@ class TokenBudgets:
         charge = cls._charge_key(key_id, request_id)
         return charge, f"{charge}:finished", f"{charge}:released", f"{charge}:forgotten"
 
+    @staticmethod
+    def open_key(holder: str) -> str:
+        """Returns the hash of `holder`'s open reservations: field `_open_field`, value
+        `_open_value` (ReservationReaper)."""
+        return f"tm:budget:open:{holder}"
+
+    def _open_field(self, key_id: str, request_id: str) -> str:
+        """Returns a reservation's field among this holder's open ones ("": no holder)."""
+        return json.dumps([key_id, request_id]) if self.holder else ""
+
     async def reserve(
         self,
         key_id: str,
@@ -399,6 +430,7 @@ class TokenBudgets:
         amount: int,
         now: float | None = None,
         attempt: str = "",
+        listed: bool = False,
     ) -> str:
         """Reserves `amount` tokens or raises ResourceExhausted naming the budget
         (RequestOverBudget, sent as FAILED_PRECONDITION, when `amount` exceeds a whole
@@ -409,6 +441,10 @@ class TokenBudgets:
         timeout, a cancel) may have reserved: `forget` it with the same `attempt`
         (an id of this call's own: its copy reaching Redis after the forget
         charges nothing, while another attempt at the request id reserves).
+
+        `listed`: a reservation its request reconciles when it ends (not a charge
+        of tokens already sent): listed among the holder's open reservations, so
+        that it is taken back if this process dies first (ReservationReaper).
 
         Returns a warning naming each budget now at or over 80% ("" if none).
         """
@@ -424,6 +460,7 @@ class TokenBudgets:
                     given_back,
                     forgotten,
                     self._sum_key(key_id),
+                    self.open_key(self.holder),
                 ],
                 args=[
                     int(now * 1000),
@@ -434,6 +471,8 @@ class TokenBudgets:
                     int(until_next_month) + 86400,
                     self.replay_ttl_s,
                     attempt,
+                    self._open_field(key_id, request_id) if listed else "",
+                    json.dumps([now, attempt]),
                 ],
             )
         except (RedisError, TimeoutError, OSError) as exc:
@@ -484,8 +523,23 @@ class TokenBudgets:
         _, amounts, month = self._keys(key_id, time.time() if reserved_at is None else reserved_at)
         charge, finished, given_back, _ = self._id_keys(key_id, request_id)
         await self._reconcile(
-            keys=[amounts, month, charge, finished, given_back, self._sum_key(key_id)],
-            args=[request_id, reserved, actual, self.replay_ttl_s, run],
+            keys=[
+                amounts,
+                month,
+                charge,
+                finished,
+                given_back,
+                self._sum_key(key_id),
+                self.open_key(self.holder),
+            ],
+            args=[
+                request_id,
+                reserved,
+                actual,
+                self.replay_ttl_s,
+                run,
+                self._open_field(key_id, request_id),
+            ],
         )
 
     async def forget(
@@ -494,10 +548,43 @@ class TokenBudgets:
         """Takes back a reservation whose answer never came (see _FORGET); returns
         whether one had been made. `reserved_at` and `attempt`: those it was
         reserved with."""
+        return await self._take_back(
+            key_id, request_id, reserved_at, attempt, self.holder, only_listed=False
+        )
+
+    async def take_back_open(self, holder: str, field: str, value: str) -> bool:
+        """Takes back one of a dead `holder`'s open reservations (its field and value in
+        `open_key(holder)`), unless it was reconciled since; returns whether it
+        refunded a charge."""
+        key_id, request_id = json.loads(field)
+        reserved_at, attempt = json.loads(value)
+        return await self._take_back(
+            key_id, request_id, float(reserved_at), attempt, holder, only_listed=True
+        )
+
+    async def _take_back(
+        self,
+        key_id: str,
+        request_id: str,
+        reserved_at: float,
+        attempt: str,
+        holder: str,
+        only_listed: bool,
+    ) -> bool:
         window, amounts, month = self._keys(key_id, reserved_at)
         charge, _, given_back, forgotten = self._id_keys(key_id, request_id)
+        field = json.dumps([key_id, request_id]) if holder else ""
         refunded = await self._forget(
-            keys=[window, amounts, month, charge, given_back, forgotten, self._sum_key(key_id)],
-            args=[request_id, self.replay_ttl_s, attempt],
+            keys=[
+                window,
+                amounts,
+                month,
+                charge,
+                given_back,
+                forgotten,
+                self._sum_key(key_id),
+                self.open_key(holder),
+            ],
+            args=[request_id, self.replay_ttl_s, attempt, field, "1" if only_listed else "0"],
         )
         return bool(refunded)

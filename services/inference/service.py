@@ -43,6 +43,7 @@ from services.inference.repository import (
     load_from_repository,
 )
 from services.inference.request_limits import RequestLimitInterceptor
+from services.inference.reservation_reaper import ReservationReaper, holder_name
 from services.inference.scheduler import SchedulerLimits
 from services.inference.servicer import InferenceAdminServicer, InferenceServicer
 from services.inference.shadow import ShadowRecorder
@@ -510,6 +511,7 @@ class InferenceService(Service):
             self.cache = CacheStage(ResponseCache(self._cache_redis, config), config)
         self._running: RunningServer | None = None
         self.registration: Registration | None = None
+        self._reaper: ReservationReaper | None = None  # set with the servicers
 
     def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
         return [
@@ -525,10 +527,12 @@ class InferenceService(Service):
         return [SERVICE_NAME, v2.SERVICE_NAME, openai.SERVICE_NAME, ADMIN_SERVICE_NAME]
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
+        budgets = TokenBudgets(self.redis, holder=holder_name(self.settings.worker_id))
+        self._reaper = ReservationReaper(budgets)
         v1 = InferenceServicer(
             self.registry,
             self.usage_log,
-            TokenBudgets(self.redis),
+            budgets,
             worker_id=self.settings.worker_id,
         )
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(v1, server)
@@ -558,6 +562,8 @@ class InferenceService(Service):
         host = host_at_start(self.settings) if self.settings.router_address else ""
         self._running = running
         self.usage_log.start(self.tasks)
+        if self._reaper is not None:
+            self.tasks.spawn("reservation-reaper", self._reaper.run_forever)
         self.templates.start(self.tasks)
         self.policies.start(self.tasks)
         for entry in self.settings.test_models:
@@ -838,6 +844,8 @@ class InferenceService(Service):
             await model.stop(drain_timeout_s=0)
         if self._admission is not None:  # before Redis closes under its last calls
             await self._admission.settled(BUDGET_CALLS_AT_STOP_S)
+        if self._reaper is not None:  # what did not settle is taken back at once
+            await self._reaper.stop()
         await self.usage_log.stop()
         await self.shadow_records.stop()
         await self.templates.stop()

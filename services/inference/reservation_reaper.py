@@ -1,0 +1,151 @@
+"""Token reservations whose worker died: given back by the workers still alive.
+
+A worker reserves prompt + max_tokens of a key's token budgets before a request
+runs and reconciles the reservation with what the request used when it ends
+(services.inference.budget). A worker killed meanwhile (kill -9, the OOM
+killer, a lost node) reconciled nothing: each of its running requests'
+reservations stayed charged to the key's month until the month ended, and a
+key with 32 requests of 4,096 tokens in flight lost 131k tokens of its monthly
+budget to one crash. Those requests were cut (their clients saw the stream
+end without a final message) and billed nothing: no usage record was written.
+
+So each worker process is a *holder*: its worker id and an incarnation id of
+its own. The scripts that reserve, reconcile and take back keep the list of its
+open reservations (`tm:budget:open:<holder>`) in the same step, and the holder
+keeps a liveness key (`tm:budget:holder:<holder>`, HOLDER_TTL_S, refreshed every
+REAP_EVERY_S). Every worker's reaper looks at the holders it knows of
+(`tm:budget:holders`); a holder whose liveness key is gone is dead, and its open
+reservations are taken back one script each (the budget's `_FORGET`: refunded
+once however many reapers do it, and not at all if the request was reconciled
+since: a worker frozen past HOLDER_TTL_S that wakes still settles its own).
+
+What it cannot know: a worker killed in the milliseconds between recording a
+request (its usage record is durable) and its reconcile landing has that
+request's reservation taken back, so the key's month does not count tokens the
+request was billed. Under, never over: no request is refused for tokens nobody
+used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from prometheus_client import Counter
+from redis.exceptions import RedisError
+
+from services.core.redis_service import text
+from services.inference.budget import TokenBudgets
+
+logger = logging.getLogger(__name__)
+
+#: How long a holder's liveness key lasts without a refresh: a worker silent this
+#: long is dead, and its open reservations are taken back.
+HOLDER_TTL_S = 90
+#: How often each worker refreshes its liveness key and looks for dead holders.
+REAP_EVERY_S = 30.0
+HOLDERS_KEY = "tm:budget:holders"
+# KEYS: the holders, the holder's open reservations; ARGV: the holder.
+# Forgets a dead holder once nothing of it is open.
+_FORGET_HOLDER = """
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+REAPED = Counter(
+    "tokenmesh_budget_reservations_reaped_total",
+    "Token reservations of dead workers given back (their requests were cut and "
+    "billed nothing), by whether one was still charged.",
+    ("refunded",),
+)
+
+
+def holder_name(worker_id: str) -> str:
+    """Returns a new holder name for this process: its worker id and an incarnation id
+    (a worker restarted under the same id is another holder; its predecessor's
+    reservations are taken back, not taken over)."""
+    return f"{worker_id}:{uuid.uuid4().hex[:12]}"
+
+
+def alive_key(holder: str) -> str:
+    """Returns `holder`'s liveness key."""
+    return f"tm:budget:holder:{holder}"
+
+
+class ReservationReaper:
+    """ReservationReaper keeps this holder alive and takes back dead holders'
+    reservations (see the module).
+
+    Args:
+        budgets: the worker's budgets; their `holder` is this reaper's.
+        every_s: how often it refreshes and reaps.
+        ttl_s: how long its liveness key lasts without a refresh.
+    """
+
+    def __init__(
+        self, budgets: TokenBudgets, every_s: float = REAP_EVERY_S, ttl_s: int = HOLDER_TTL_S
+    ) -> None:
+        if not budgets.holder:
+            raise ValueError("a reaper needs budgets that list their reservations (a holder)")
+        self.budgets = budgets
+        self.redis = budgets.redis
+        self.every_s = every_s
+        self.ttl_s = ttl_s
+        self._forget_holder = self.redis.register_script(_FORGET_HOLDER)
+
+    async def run_forever(self) -> None:
+        """Refreshes this holder and reaps dead ones, every `every_s`; Redis errors are
+        logged and the next round tries again (a reservation waits, never lost)."""
+        while True:
+            try:
+                await self.beat()
+                await self.reap()
+            except (RedisError, OSError, TimeoutError) as exc:
+                logger.warning("reservation reaper: Redis unavailable (%s)", type(exc).__name__)
+            await asyncio.sleep(self.every_s)
+
+    async def beat(self) -> None:
+        """Marks this holder alive for `ttl_s` (and known to every reaper)."""
+        holder = self.budgets.holder
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(alive_key(holder), 1, ex=self.ttl_s)
+            pipe.sadd(HOLDERS_KEY, holder)
+            await pipe.execute()
+
+    async def reap(self) -> int:
+        """Takes back the open reservations of every dead holder; returns how many it
+        refunded. A holder with none left is forgotten."""
+        refunded = 0
+        for raw in await self.redis.smembers(HOLDERS_KEY):
+            holder = text(raw)
+            if holder == self.budgets.holder or await self.redis.exists(alive_key(holder)):
+                continue
+            refunded += await self._take_back_all(holder)
+        return refunded
+
+    async def _take_back_all(self, holder: str) -> int:
+        refunded = 0
+        open_key = TokenBudgets.open_key(holder)
+        for field, value in (await self.redis.hgetall(open_key)).items():
+            done = await self.budgets.take_back_open(holder, text(field), text(value))
+            REAPED.labels(str(done).lower()).inc()
+            refunded += done
+        if refunded:
+            logger.warning(
+                "gave back %d token reservations of worker %s, which died with them open",
+                refunded,
+                holder,
+            )
+        # Forgotten only with nothing open (a frozen holder that woke adds itself back).
+        await self._forget_holder(keys=[HOLDERS_KEY, open_key], args=[holder])
+        return refunded
+
+    async def stop(self) -> None:
+        """Ends this holder at a clean stop (after its requests settled): any
+        reservation still open is taken back by the next reaper at once, not after
+        `ttl_s`."""
+        try:
+            await self.redis.delete(alive_key(self.budgets.holder))
+        except (RedisError, OSError, TimeoutError) as exc:
+            logger.warning("reservation reaper: could not end holder (%s)", type(exc).__name__)

@@ -1,0 +1,166 @@
+"""A dead worker's token reservations are given back by the workers still alive.
+
+A worker killed with requests running (kill -9, the OOM killer) reconciled
+nothing: their reservations (prompt + max_tokens each) stayed charged to the
+key's month until the month ended. Now each worker lists its open reservations
+under its holder name and keeps a liveness key; a holder whose key expired is
+dead, and any live worker's reaper takes its reservations back. Real Redis, the
+real budget scripts, a real worker in-process for the wiring. A killed process
+stops refreshing its liveness key: the tests let it expire (or delete it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc.aio
+import pytest
+import redis.asyncio as aioredis
+
+from services.core import contract
+from services.core.redis_service import text
+from services.inference.budget import Limits, TokenBudgets
+from services.inference.reservation_reaper import HOLDERS_KEY, ReservationReaper, alive_key
+from tests.integration.conftest import inference_settings, start_inference
+from tokenmesh.inference.v2 import inference_service_pb2 as pb
+from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
+
+LIMITS = Limits(tokens_per_minute=10_000, monthly_tokens=10_000)
+
+
+@pytest.fixture
+async def client(own_redis: str) -> AsyncIterator[aioredis.Redis]:
+    redis = aioredis.from_url(own_redis)
+    yield redis
+    await redis.aclose()
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def _month_used(budgets: TokenBudgets, key: str) -> int:
+    _, _, month = budgets._keys(key, time.time())
+    return int(await budgets.redis.get(month) or 0)
+
+
+async def _dead(client: aioredis.Redis, holder: str) -> None:
+    """Waits until `holder`'s liveness key expired (its process stopped refreshing it)."""
+
+    async def expired() -> bool:
+        return not await client.exists(alive_key(holder))
+
+    await _until(expired)
+
+
+async def test_a_dead_holders_open_reservations_are_given_back_once(
+    client: aioredis.Redis,
+) -> None:
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    dead = TokenBudgets(client, holder="w-dead:1")
+    alive = TokenBudgets(client, holder="w-alive:1")
+    dead_reaper, alive_reaper = ReservationReaper(dead, ttl_s=1), ReservationReaper(alive)
+    await dead_reaper.beat()
+    await alive_reaper.beat()
+    now = time.time()
+    await dead.reserve(key, LIMITS, "running-1", 3000, now, "a1", listed=True)
+    await dead.reserve(key, LIMITS, "running-2", 2000, now, "a2", listed=True)
+    await dead.reserve(key, LIMITS, "ended", 1000, now, "a3", listed=True)
+    await dead.reconcile(key, "ended", 1000, 400, now)  # it ended: 400 used
+    assert await _month_used(dead, key) == 5400
+    assert await alive_reaper.reap() == 0  # its holder is alive: its requests run
+    assert await _month_used(dead, key) == 5400
+
+    await _dead(client, "w-dead:1")
+    assert await alive_reaper.reap() == 2
+    assert await _month_used(dead, key) == 400  # the ended request's use stays
+    assert not await client.exists(TokenBudgets.open_key("w-dead:1"))
+    assert b"w-dead:1" not in await client.smembers(HOLDERS_KEY)
+    assert await alive_reaper.reap() == 0  # once
+    # The minute window gave them back too: what the key has left fits.
+    await alive.reserve(key, LIMITS, "fits", 9600, time.time(), "a4", listed=True)
+
+
+async def test_reapers_at_once_give_a_reservation_back_once(client: aioredis.Redis) -> None:
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    dead = TokenBudgets(client, holder="w-dead:2")
+    reapers = [ReservationReaper(TokenBudgets(client, holder=f"w-{n}:2")) for n in range(3)]
+    await ReservationReaper(dead, ttl_s=1).beat()
+    now = time.time()
+    for n in range(20):
+        await dead.reserve(key, LIMITS, f"r{n}", 100, now, f"a{n}", listed=True)
+    await _dead(client, "w-dead:2")
+    refunded = await asyncio.gather(*(reaper.reap() for reaper in reapers))
+    assert sum(refunded) == 20
+    assert await _month_used(dead, key) == 0
+
+
+async def test_a_frozen_worker_that_wakes_after_its_reservations_were_taken_back_is_billed_its_use(
+    client: aioredis.Redis,
+) -> None:
+    # Frozen past its liveness (a long pause, a partition): its reservation was taken
+    # back; its request then ends and reconciles, charged what it used.
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    frozen = TokenBudgets(client, holder="w-frozen:3")
+    await ReservationReaper(frozen, ttl_s=1).beat()
+    now = time.time()
+    await frozen.reserve(key, LIMITS, "long", 3000, now, "a1", listed=True)
+    await _dead(client, "w-frozen:3")
+    assert await ReservationReaper(TokenBudgets(client, holder="w-other:3")).reap() == 1
+    assert await _month_used(frozen, key) == 0
+    await frozen.reconcile(key, "long", 3000, 120, now)
+    assert await _month_used(frozen, key) == 120
+
+
+async def test_a_reconciled_reservation_is_never_taken_back(client: aioredis.Redis) -> None:
+    # A reaper reads the open reservations, then the request reconciles, then the
+    # reaper takes back what it read: nothing, the request is billed its use.
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    slow = TokenBudgets(client, holder="w-slow:4")
+    now = time.time()
+    await slow.reserve(key, LIMITS, "done", 3000, now, "a1", listed=True)
+    read = await client.hgetall(TokenBudgets.open_key("w-slow:4"))
+    await slow.reconcile(key, "done", 3000, 200, now)
+    reaper_budgets = TokenBudgets(client, holder="w-reaper:4")
+    for field, value in read.items():
+        assert not await reaper_budgets.take_back_open("w-slow:4", text(field), text(value))
+    assert await _month_used(slow, key) == 200
+
+
+async def test_a_worker_lists_a_running_requests_reservation_and_clears_it_when_it_ends(
+    tmp_path: Path, own_redis: str, client: aioredis.Redis
+) -> None:
+    settings = inference_settings(tmp_path, own_redis, test_engine_step_ms=20)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    identity = [(contract.KEY_ID_HEADER, key), (contract.MONTHLY_TOKENS_HEADER, "100000")]
+    async with await start_inference(settings) as (service, channel):
+        assert service._reaper is not None
+        holder = service._reaper.budgets.holder
+        assert holder.startswith(f"{settings.worker_id}:")
+        open_key = TokenBudgets.open_key(holder)
+
+        async def alive() -> bool:
+            return bool(await client.exists(alive_key(holder)))
+
+        await _until(alive)
+        request = pb.GenerateRequest(model="deterministic-test", prompt="a", max_output_tokens=100)
+        stream = rpc.InferenceServiceStub(channel).Generate(request, metadata=identity)
+        await stream.read()  # it runs: its reservation is open
+
+        assert await client.hlen(open_key) == 1
+        while await stream.read() is not grpc.aio.EOF:
+            pass
+
+        async def cleared() -> bool:  # reconciled in the background
+            return await client.hlen(open_key) == 0
+
+        await _until(cleared)
+    # A clean stop ends the holder at once: anything left open is taken back now.
+    assert not await alive()
