@@ -29,6 +29,8 @@ CHAOS_SERVICE_ENV = {
     **TEST_SERVICE_ENV,
     "TOKENMESH_MODELS": "all-minilm-l6-v2:1",
     "TOKENMESH_USAGE_CLAIM_IDLE_SECONDS": "2",
+    # A killed worker's token reservations are given back 3-4 s after it died.
+    "TOKENMESH_RESERVATION_TTL_SECONDS": "3",
 }
 
 
@@ -67,12 +69,11 @@ def run(mesh: Mesh, faults: Sequence[Fault] = FAULTS) -> list[Row]:
     rows = []
     for fault in faults:
         tenant = f"chaos-{fault.id}-{int(time.time())}"
-        clients = Clients(
-            mesh.edge_address, mesh.edge_url, create_key(mesh.edge_url, admin_key, tenant)
-        )
+        key_id, secret = create_key(mesh.edge_url, admin_key, tenant)
+        clients = Clients(mesh.edge_address, mesh.edge_url, secret)
         try:
             logger.info("fault %s: %s", fault.id, fault.title)
-            rows.append(run_fault(mesh, fault, clients, tenant, admin_key))
+            rows.append(run_fault(mesh, fault, clients, tenant, admin_key, key_id))
         finally:
             clients.close()
     return rows

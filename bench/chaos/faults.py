@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bench.chaos.ledger import Reconciliation, reconcile
+from bench.chaos.ledger import Reconciliation, budget_gap, reconcile
 from bench.chaos.load import Clients, Lane, Outcome
 from services.launcher.mesh import Mesh
 from services.launcher.processes import pid_alive, wait_for
@@ -21,6 +21,9 @@ AFTER_OK = 3  # successes per lane, started after the recovery, before the load 
 LANE_CAP = 2000  # requests per lane and fault at most
 RECOVERY_TIMEOUT_S = 90.0
 USAGE_TIMEOUT_S = 60.0
+# The key's month charge meets the meter once a killed worker's reservations are
+# given back (the suite's mesh: a 3 s liveness, looked at every second).
+BUDGET_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class Row:
     recovery_s: float | None  # None: requests never succeeded again
     usage: Reconciliation
     left_behind: list[int] = field(default_factory=list)  # pids still alive
+    budget_gap: int = 0  # the key's month charge minus its metered tokens (ledger.budget_gap)
 
     @property
     def clean(self) -> bool:
@@ -70,11 +74,15 @@ class Row:
             and not self.left_behind
             and self.cut == 0
             and self.recovery_s is not None
+            and self.budget_gap == 0
         )
 
 
-def run_fault(mesh: Mesh, fault: Fault, clients: Clients, tenant: str, admin_key: str) -> Row:
+def run_fault(
+    mesh: Mesh, fault: Fault, clients: Clients, tenant: str, admin_key: str, key_id: str
+) -> Row:
     """Runs the load, injects `fault` once the load is steady, and measures what it did."""
+    started = time.time()
     lanes = clients.lanes(f"{fault.id}-{int(time.time())}", LANE_CAP)
     for lane in lanes:
         lane.start()
@@ -93,7 +101,8 @@ def run_fault(mesh: Mesh, fault: Fault, clients: Clients, tenant: str, admin_key
     outcomes = [o for lane in lanes for o in lane.outcomes]
     secret = clients.metadata[0][1]
     usage = reconcile(mesh.edge_url, secret, admin_key, tenant, outcomes, USAGE_TIMEOUT_S)
-    return _row(mesh, fault, outcomes, t_fault, usage, old_pid)
+    gap = budget_gap(mesh.redis_url, key_id, mesh.edge_url, secret, started, BUDGET_TIMEOUT_S)
+    return _row(mesh, fault, outcomes, t_fault, usage, old_pid, gap)
 
 
 def _inject(mesh: Mesh, fault: Fault) -> None:
@@ -123,6 +132,7 @@ def _row(
     t_fault: float,
     usage: Reconciliation,
     old_pid: int,
+    budget_gap: int,
 ) -> Row:
     cut = sum(1 for o in outcomes if o.cut)
     return Row(
@@ -134,6 +144,7 @@ def _row(
         recovery_s=recovery_time(outcomes, t_fault),
         usage=usage,
         left_behind=left_behind(mesh, old_pid),
+        budget_gap=budget_gap,
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import redis
 
 from bench.chaos.load import Outcome
 
@@ -29,18 +30,56 @@ class Reconciliation:
     metered_requests: int
 
 
-def create_key(edge_url: str, admin_key: str, tenant: str) -> str:
-    """Creates an API key for `tenant` through the edge; returns its secret."""
+#: The load's keys have a monthly token budget (far more than a fault uses), so that
+#: every request reserves and reconciles one (budget_gap compares it with the meter).
+MONTHLY_TOKENS = 1_000_000_000
+
+
+def create_key(edge_url: str, admin_key: str, tenant: str) -> tuple[str, str]:
+    """Creates an API key for `tenant` through the edge; returns its id and secret."""
     body = {
         "tenant": tenant,
         "name": "chaos",
         "scopes": ["inference:generate", "inference:embed", "usage:read"],
+        "limits": {"monthly_tokens": MONTHLY_TOKENS},
     }
     reply = httpx.post(
         f"{edge_url}/v1/auth/keys", json=body, headers={"x-api-key": admin_key}, timeout=15
     )
     reply.raise_for_status()
-    return str(reply.json()["secret"])
+    created = reply.json()
+    return str(created["api_key"]["id"]), str(created["secret"])
+
+
+def budget_gap(
+    redis_url: str, key_id: str, edge_url: str, secret: str, since: float, timeout_s: float
+) -> int:
+    """Waits until the key's month charge equals the tokens metered for it (or
+    `timeout_s`); returns charge minus metered tokens.
+
+    Every request reserves prompt + max_tokens and reconciles it to what it used; a
+    request whose worker died reconciles nothing, and the workers still alive give
+    its reservation back (services/inference/reservation_reaper.py). Positive: a
+    reservation left charged; negative: tokens metered but not charged.
+    """
+    month = time.strftime("%Y%m", time.gmtime(since))
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            charged = int(client.get(f"tm:budget:{key_id}:month:{month}") or 0)
+            try:
+                totals = _get(edge_url, "/v1/usage", secret, {})
+                metered = int(totals.get("prompt_tokens", 0)) + int(
+                    totals.get("completion_tokens", 0)
+                )
+            except (httpx.HTTPError, ValueError):
+                metered = -1
+            if (metered >= 0 and charged == metered) or time.monotonic() >= deadline:
+                return charged - metered
+            time.sleep(0.5)
+    finally:
+        client.close()
 
 
 def reconcile(

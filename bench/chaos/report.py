@@ -13,8 +13,8 @@ END = "<!-- chaos-table:end -->"
 HEADER = (
     "| fault | requests | failed (by status) | streams cut | cut (accepted) "
     "| new requests OK after | usage lost | usage duplicated | metered, client saw a failure "
-    "| left behind |\n"
-    "|---|---|---|---|---|---|---|---|---|---|"
+    "| left behind | budget charged − metered |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -36,7 +36,7 @@ def table(rows: Sequence[Row]) -> str:
             f"| {row.fault.title} | {row.requests} | {_failed(row)} | {row.cut} "
             f"| {row.cut_accepted} | {_recovery(row)} | {row.usage.lost} "
             f"| {row.usage.duplicated} | {row.usage.metered_failed} "
-            f"| {', '.join(map(str, row.left_behind)) or 'none'} |"
+            f"| {', '.join(map(str, row.left_behind)) or 'none'} | {row.budget_gap} |"
         )
     return "\n".join(lines)
 

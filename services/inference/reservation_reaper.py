@@ -41,10 +41,12 @@ from services.inference.budget import TokenBudgets
 logger = logging.getLogger(__name__)
 
 #: How long a holder's liveness key lasts without a refresh: a worker silent this
-#: long is dead, and its open reservations are taken back.
+#: long is dead, and its open reservations are taken back (the worker's default;
+#: TOKENMESH_RESERVATION_TTL_SECONDS).
 HOLDER_TTL_S = 90
-#: How often each worker refreshes its liveness key and looks for dead holders.
-REAP_EVERY_S = 30.0
+#: How often each worker refreshes its liveness key and looks for dead holders
+#: (the worker's: a third of its TTL).
+REAP_EVERY_S = HOLDER_TTL_S / 3
 HOLDERS_KEY = "tm:budget:holders"
 # KEYS: the holders, the holder's open reservations; ARGV: the holder.
 # Forgets a dead holder once nothing of it is open.

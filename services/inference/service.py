@@ -43,7 +43,11 @@ from services.inference.repository import (
     load_from_repository,
 )
 from services.inference.request_limits import RequestLimitInterceptor
-from services.inference.reservation_reaper import ReservationReaper, holder_name
+from services.inference.reservation_reaper import (
+    HOLDER_TTL_S,
+    ReservationReaper,
+    holder_name,
+)
 from services.inference.scheduler import SchedulerLimits
 from services.inference.servicer import InferenceAdminServicer, InferenceServicer
 from services.inference.shadow import ShadowRecorder
@@ -130,6 +134,13 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
         32,
         "Shadow copies of one model version this worker runs at once; more are dropped "
         "(counted in tokenmesh_shadow_copies_dropped_total); 0 = runs none.",
+    )
+    reservation_ttl_s: int = env(
+        "TOKENMESH_RESERVATION_TTL_SECONDS",
+        HOLDER_TTL_S,
+        "Seconds a worker may go without refreshing its liveness (every third of this) "
+        "before the other workers give back its open token reservations: it died with "
+        "requests running, which were cut and billed nothing.",
     )
     max_prefill_tokens: int = env(
         "TOKENMESH_MAX_PREFILL_TOKENS", 2048, "Prompt tokens admitted per step."
@@ -243,6 +254,7 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
         require(self.max_kv_tokens >= 1, "TOKENMESH_MAX_KV_TOKENS", "must be >= 1")
         require(self.max_queue >= 0, "TOKENMESH_MAX_QUEUE", "must be >= 0")
         require(self.shadow_max_copies >= 0, "TOKENMESH_SHADOW_MAX_COPIES", "must be >= 0")
+        require(self.reservation_ttl_s >= 3, "TOKENMESH_RESERVATION_TTL_SECONDS", "must be >= 3")
         require(
             self.samples_max_bytes >= 1 << 20,
             "TOKENMESH_SAMPLES_MAX_BYTES",
@@ -528,7 +540,8 @@ class InferenceService(Service):
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         budgets = TokenBudgets(self.redis, holder=holder_name(self.settings.worker_id))
-        self._reaper = ReservationReaper(budgets)
+        ttl_s = self.settings.reservation_ttl_s
+        self._reaper = ReservationReaper(budgets, every_s=ttl_s / 3, ttl_s=ttl_s)
         v1 = InferenceServicer(
             self.registry,
             self.usage_log,
