@@ -256,6 +256,18 @@ class ApiKeyStore:
         key.state = key_state(key, time.time())
         return key
 
+    async def rotated_secret_ends(self, key_id: str) -> list[float]:
+        """Returns when each of the key's rotated-out secrets still accepted stops
+        working (unix seconds, soonest first): those with an overlap left. The
+        current secret has no end of its own; one whose overlap ended is gone."""
+        digests = [text(d) for d in await self.redis.smembers(f"{PREFIX}key:{key_id}:secrets")]
+        sent = time.time()
+        async with self.redis.pipeline(transaction=True) as pipe:  # one instant
+            for digest in digests:
+                pipe.pttl(f"{PREFIX}secret:{digest}")
+            ttls = await pipe.execute()
+        return sorted(sent + int(ttl_ms) / 1000 for ttl_ms in ttls if int(ttl_ms) > 0)
+
     async def list(
         self, tenant: str, page_size: int, page_token: str
     ) -> tuple[list[auth_pb2.ApiKey], str]:

@@ -142,7 +142,10 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         self, request: pb.GetApiKeyRequest, context: Context
     ) -> pb.GetApiKeyResponse:
         await self._admin(context)
-        return pb.GetApiKeyResponse(api_key=await self.keys.get(_key_id(request.id)))
+        key = await self.keys.get(_key_id(request.id))
+        for ends_at in await self.keys.rotated_secret_ends(key.id):
+            key.rotated_secret_expire_times.add().FromNanoseconds(int(ends_at * 1e9))
+        return pb.GetApiKeyResponse(api_key=key)
 
     async def RevokeApiKey(
         self, request: pb.RevokeApiKeyRequest, context: Context

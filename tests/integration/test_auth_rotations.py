@@ -147,3 +147,30 @@ async def test_a_rotation_between_anothers_read_and_write_is_cut_by_it(own_redis
         assert await keys.lookup(s2) is not None
     finally:
         await client.aclose()
+
+
+async def test_get_api_key_shows_when_each_rotated_out_secret_stops_working(
+    own_redis: str,
+) -> None:
+    # An operator who suspects a leak reads the key: its old secrets still accepted,
+    # and until when, were nowhere to be seen (only the current secret's prefix).
+    async with _auth(own_redis) as (service, channel):
+        stub = auth_service_pb2_grpc.AuthServiceStub(channel)
+        _, admin = await _key(service.keys, ("admin",))
+        metadata = (("x-api-key", admin),)
+        key_id, _ = await _key(service.keys)
+
+        async def expire_times() -> list[float]:
+            got = await stub.GetApiKey(
+                auth_service_pb2.GetApiKeyRequest(id=key_id), metadata=metadata, timeout=10
+            )
+            return [t.ToNanoseconds() / 1e9 for t in got.api_key.rotated_secret_expire_times]
+
+        assert await expire_times() == []
+        before = time.time()
+        await service.keys.rotate(key_id, HOUR_S)
+        await service.keys.rotate(key_id, 60)
+        first, second = await expire_times()  # soonest first; both cut to the 60 s
+        assert before + 59 <= first <= second <= time.time() + 60
+        await service.keys.rotate(key_id, 0)  # ends every old one now
+        assert await expire_times() == []

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenmesh/auth/v1/auth.proto\x12\x11tokenmesh.auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"r\n\tKeyLimits\x12\x1b\n\x13requests_per_minute\x18\x01 \x01(\x05\x12\x19\n\x11tokens_per_minute\x18\x02 \x01(\x05\x12\x16\n\x0emonthly_tokens\x18\x03 \x01(\x03\x12\x15\n\rpriority_tier\x18\x04 \x01(\t\"\xdc\x03\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x16\n\x0e\x61llowed_models\x18\x05 \x03(\t\x12,\n\x06limits\x18\x06 \x01(\x0b\x32\x1c.tokenmesh.auth.v1.KeyLimits\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_used_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x05state\x18\n \x01(\x0e\x32\x1e.tokenmesh.auth.v1.ApiKeyState\x12\x0e\n\x06prefix\x18\x0b \x01(\t\x12\x46\n\x0fpinned_versions\x18\x0c \x03(\x0b\x32-.tokenmesh.auth.v1.ApiKey.PinnedVersionsEntry\x1a\x35\n\x13PinnedVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x90\x01\n\nSigningKey\x12\x0b\n\x03kid\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x31\n\x05state\x18\x03 \x01(\x0e\x32\".tokenmesh.auth.v1.SigningKeyState\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*|\n\x0b\x41piKeyState\x12\x1d\n\x19\x41PI_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41PI_KEY_STATE_ACTIVE\x10\x01\x12\x19\n\x15\x41PI_KEY_STATE_REVOKED\x10\x02\x12\x19\n\x15\x41PI_KEY_STATE_EXPIRED\x10\x03*\x92\x01\n\x0fSigningKeyState\x12!\n\x1dSIGNING_KEY_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19SIGNING_KEY_STATE_CURRENT\x10\x01\x12\x1e\n\x1aSIGNING_KEY_STATE_PREVIOUS\x10\x02\x12\x1d\n\x19SIGNING_KEY_STATE_RETIRED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenmesh/auth/v1/auth.proto\x12\x11tokenmesh.auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"r\n\tKeyLimits\x12\x1b\n\x13requests_per_minute\x18\x01 \x01(\x05\x12\x19\n\x11tokens_per_minute\x18\x02 \x01(\x05\x12\x16\n\x0emonthly_tokens\x18\x03 \x01(\x03\x12\x15\n\rpriority_tier\x18\x04 \x01(\t\"\x9d\x04\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x16\n\x0e\x61llowed_models\x18\x05 \x03(\t\x12,\n\x06limits\x18\x06 \x01(\x0b\x32\x1c.tokenmesh.auth.v1.KeyLimits\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_used_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x05state\x18\n \x01(\x0e\x32\x1e.tokenmesh.auth.v1.ApiKeyState\x12\x0e\n\x06prefix\x18\x0b \x01(\t\x12\x46\n\x0fpinned_versions\x18\x0c \x03(\x0b\x32-.tokenmesh.auth.v1.ApiKey.PinnedVersionsEntry\x12?\n\x1brotated_secret_expire_times\x18\r \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x35\n\x13PinnedVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x90\x01\n\nSigningKey\x12\x0b\n\x03kid\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x31\n\x05state\x18\x03 \x01(\x0e\x32\".tokenmesh.auth.v1.SigningKeyState\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*|\n\x0b\x41piKeyState\x12\x1d\n\x19\x41PI_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41PI_KEY_STATE_ACTIVE\x10\x01\x12\x19\n\x15\x41PI_KEY_STATE_REVOKED\x10\x02\x12\x19\n\x15\x41PI_KEY_STATE_EXPIRED\x10\x03*\x92\x01\n\x0fSigningKeyState\x12!\n\x1dSIGNING_KEY_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19SIGNING_KEY_STATE_CURRENT\x10\x01\x12\x1e\n\x1aSIGNING_KEY_STATE_PREVIOUS\x10\x02\x12\x1d\n\x19SIGNING_KEY_STATE_RETIRED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_APIKEY_PINNEDVERSIONSENTRY']._loaded_options = None
   _globals['_APIKEY_PINNEDVERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_APIKEYSTATE']._serialized_start=826
-  _globals['_APIKEYSTATE']._serialized_end=950
-  _globals['_SIGNINGKEYSTATE']._serialized_start=953
-  _globals['_SIGNINGKEYSTATE']._serialized_end=1099
+  _globals['_APIKEYSTATE']._serialized_start=891
+  _globals['_APIKEYSTATE']._serialized_end=1015
+  _globals['_SIGNINGKEYSTATE']._serialized_start=1018
+  _globals['_SIGNINGKEYSTATE']._serialized_end=1164
   _globals['_KEYLIMITS']._serialized_start=84
   _globals['_KEYLIMITS']._serialized_end=198
   _globals['_APIKEY']._serialized_start=201
-  _globals['_APIKEY']._serialized_end=677
-  _globals['_APIKEY_PINNEDVERSIONSENTRY']._serialized_start=624
-  _globals['_APIKEY_PINNEDVERSIONSENTRY']._serialized_end=677
-  _globals['_SIGNINGKEY']._serialized_start=680
-  _globals['_SIGNINGKEY']._serialized_end=824
+  _globals['_APIKEY']._serialized_end=742
+  _globals['_APIKEY_PINNEDVERSIONSENTRY']._serialized_start=689
+  _globals['_APIKEY_PINNEDVERSIONSENTRY']._serialized_end=742
+  _globals['_SIGNINGKEY']._serialized_start=745
+  _globals['_SIGNINGKEY']._serialized_end=889
 # @@protoc_insertion_point(module_scope)

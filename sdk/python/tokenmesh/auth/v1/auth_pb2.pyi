@@ -148,6 +148,7 @@ class ApiKey(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     PREFIX_FIELD_NUMBER: _builtins.int
     PINNED_VERSIONS_FIELD_NUMBER: _builtins.int
+    ROTATED_SECRET_EXPIRE_TIMES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """id is the key's public identifier."""
     tenant: _builtins.str
@@ -188,6 +189,14 @@ class ApiKey(_message.Message):
         they name none (before the catalogue's pin and traffic split).
         """
 
+    @_builtins.property
+    def rotated_secret_expire_times(self) -> _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]:
+        """rotated_secret_expire_times are when the secrets that rotations replaced
+        stop working, soonest first: each is still accepted until then (its
+        rotation's overlap). Empty when none is. Set by GetApiKey (a leaked old
+        secret's end: rotate again with `overlap: 0s` to end them all now).
+        """
+
     def __init__(
         self,
         *,
@@ -203,10 +212,11 @@ class ApiKey(_message.Message):
         state: Global___ApiKeyState.ValueType = ...,
         prefix: _builtins.str = ...,
         pinned_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        rotated_secret_expire_times: _abc.Iterable[_timestamp_pb2.Timestamp] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_models", b"allowed_models", "create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "last_used_time", b"last_used_time", "limits", b"limits", "name", b"name", "pinned_versions", b"pinned_versions", "prefix", b"prefix", "scopes", b"scopes", "state", b"state", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_models", b"allowed_models", "create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "last_used_time", b"last_used_time", "limits", b"limits", "name", b"name", "pinned_versions", b"pinned_versions", "prefix", b"prefix", "rotated_secret_expire_times", b"rotated_secret_expire_times", "scopes", b"scopes", "state", b"state", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
