@@ -986,7 +986,7 @@ class RolloutStore:
             f"the traffic split was changed outside the rollout (now {_split_text(live)}); "
             f"its {rollout.weight}% was not applied and the split is left as it is"
         )
-        ended, decision, writes = _yielded(stored, f"aborted: {outside}", now)
+        ended, decision, writes = _yielded(stored, f"aborted: {outside}", now, refused=True)
 
         def changed_outside(values: Sequence[bytes | str | None], model: ModelEntry | None) -> bool:
             current, mark = values
@@ -1005,8 +1005,7 @@ class RolloutStore:
             return True  # the next tick sees the same split and tries again
         if kept is None:
             return False
-        # Only a rollout still active is aborted; an ended one (a success: a rollback's or
-        # abort's 0% always lands, `_withdraw`) keeps its state, and the log says so.
+        # A rollout still active, or the success whose move this was, is aborted.
         said = decision.reason if decision is not None else f"{stored.state}: {outside}"
         logger.warning("rollout %s %s: %s", rollout.model, rollout.version, said)
         if ended is not None and decision is not None:
@@ -1198,15 +1197,20 @@ def _same(value: bytes | str | None, expected: bytes | str | None) -> bool:
 
 
 def _yielded(
-    stored: Rollout | None, reason: str, now: float
+    stored: Rollout | None, reason: str, now: float, refused: bool = False
 ) -> tuple[Rollout | None, Decision | None, tuple[tuple[str, str, str], ...]]:
     """Returns what a split the rollout did not set does to it: the rollout aborted for
     `reason` (None: none active), that decision, and the writes that land with the
     split (the aborted rollout, and the applied mark: a decision's pending split,
-    moved by a later tick, would land over the split)."""
+    moved by a later tick, would land over the split).
+
+    `refused`: the split refused the stored decision's own move. A success is then
+    aborted too: stored before its 100% move, it stayed SUCCEEDED while the new
+    version took none of the traffic. (A rollback's or abort's 0% always lands:
+    `_withdraw`.)"""
     if stored is None:
         return None, None, ()
-    if stored.state not in ACTIVE:
+    if stored.state not in ACTIVE and not (refused and stored.state == SUCCEEDED):
         return None, None, ((APPLIED_KEY, stored.model, traffic_of(stored)),)
     decision = Decision(now, "abort", 0, reason)
     ended = replace(stored, state=ABORTED).decided(decision)

@@ -165,6 +165,25 @@ async def test_a_drivers_advance_stored_before_a_split_by_hand_never_lands_after
     assert (await router.store.get(router.model)).state == ro.ABORTED
 
 
+async def test_a_success_whose_full_move_an_outside_split_refused_is_not_stored_as_succeeded(
+    router,
+):
+    # The driver stores its success (100%), a split written outside the rollout store
+    # lands (an older replica's, a hand edit), then the driver moves the traffic:
+    # refused, the split is left as it is. The rollout stayed SUCCEEDED while the new
+    # version took none of the traffic.
+    await router.start()
+    stored = await router.store.get(router.model)
+    succeeded = replace(stored, state=ro.SUCCEEDED, step_index=len(stored.policy.steps) - 1)
+    await router.client.hset(ro.ROLLOUTS_KEY, router.model, succeeded.to_json())
+    await Catalog(router.client).update(router.model, lambda m, _: cat.set_split(m, {"1": 100}))
+    assert not await router.store.move_traffic(succeeded)  # the driver wakes up
+    assert await router.weights() == {"1": 100}
+    ended = await router.store.get(router.model)
+    assert ended.state == ro.ABORTED
+    assert "changed outside the rollout (now 1=100)" in ended.reason
+
+
 async def test_a_pin_during_a_rollout_aborts_it(router):
     await router.start()
     await router.serve(stable=400, canary=20)
