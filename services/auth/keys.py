@@ -256,17 +256,22 @@ class ApiKeyStore:
         key.state = key_state(key, time.time())
         return key
 
-    async def rotated_secret_ends(self, key_id: str) -> list[float]:
+    async def rotated_secret_ends(self, key: auth_pb2.ApiKey) -> list[float]:
         """Returns when each of the key's rotated-out secrets still accepted stops
-        working (unix seconds, soonest first): those with an overlap left. The
-        current secret has no end of its own; one whose overlap ended is gone."""
-        digests = [text(d) for d in await self.redis.smembers(f"{PREFIX}key:{key_id}:secrets")]
+        working (unix seconds, soonest first): those with an overlap left, each ending
+        with the key itself at the latest. The current secret has no end of its own;
+        one whose overlap ended is gone; a key not active accepts none."""
+        if key.state != auth_pb2.API_KEY_STATE_ACTIVE:
+            return []
+        digests = [text(d) for d in await self.redis.smembers(f"{PREFIX}key:{key.id}:secrets")]
         sent = time.time()
         async with self.redis.pipeline(transaction=True) as pipe:  # one instant
             for digest in digests:
                 pipe.pttl(f"{PREFIX}secret:{digest}")
             ttls = await pipe.execute()
-        return sorted(sent + int(ttl_ms) / 1000 for ttl_ms in ttls if int(ttl_ms) > 0)
+        key_ends = key.expire_time.ToNanoseconds() / 1e9 if key.HasField("expire_time") else None
+        ends = (sent + int(ttl_ms) / 1000 for ttl_ms in ttls if int(ttl_ms) > 0)
+        return sorted(min(end, key_ends) if key_ends else end for end in ends)
 
     async def list(
         self, tenant: str, page_size: int, page_token: str

@@ -143,7 +143,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     ) -> pb.GetApiKeyResponse:
         await self._admin(context)
         key = await self.keys.get(_key_id(request.id))
-        for ends_at in await self.keys.rotated_secret_ends(key.id):
+        for ends_at in await self.keys.rotated_secret_ends(key):
             key.rotated_secret_expire_times.add().FromNanoseconds(int(ends_at * 1e9))
         return pb.GetApiKeyResponse(api_key=key)
 

@@ -186,19 +186,28 @@ async def unknown_model(client: aioredis.Redis, name: str) -> bool:
     over for it NOT_FOUND. A model whose workers are restarting is still in the
     catalogue, and waits for them.
     """
-    if not name or await client.hexists(CATALOG_KEY, name):
-        return False
-    now = time.time()
-    for key, raw in (await client.hgetall(WORKERS_KEY)).items():
-        worker = WorkerEntry.from_json(text(key), raw)
-        if worker.routable(now) and any(served == name for served, _ in worker.models):
-            return False
-    return True
+    return bool(await unknown_models(client, [name]))
 
 
 async def unknown_models(client: aioredis.Redis, names: Iterable[str]) -> list[str]:
-    """Returns those of `names` that nothing knows (`unknown_model`), in their order."""
-    return [name for name in names if await unknown_model(client, name)]
+    """Returns those of `names` that nothing knows (`unknown_model`), in their order:
+    one catalogue read for all of them, and one registry read if any is not in it (a
+    job naming thousands of made-up models read and parsed the registry for each)."""
+    wanted = [name for name in dict.fromkeys(names) if name]
+    if not wanted:
+        return []
+    listed = await client.hmget(CATALOG_KEY, wanted)
+    missing = [name for name, raw in zip(wanted, listed, strict=True) if raw is None]
+    if not missing:
+        return []
+    now = time.time()
+    served = {
+        model
+        for key, raw in (await client.hgetall(WORKERS_KEY)).items()
+        if (worker := WorkerEntry.from_json(text(key), raw)).routable(now)
+        for model, _ in worker.models
+    }
+    return [name for name in missing if name not in served]
 
 
 def weighted_draw(weights: Mapping[str, int], key: str) -> str:

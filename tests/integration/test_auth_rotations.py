@@ -174,3 +174,18 @@ async def test_get_api_key_shows_when_each_rotated_out_secret_stops_working(
         assert before + 59 <= first <= second <= time.time() + 60
         await service.keys.rotate(key_id, 0)  # ends every old one now
         assert await expire_times() == []
+
+
+async def test_rotated_secret_ends_are_capped_by_the_keys_own_expiry_and_none_once_revoked(
+    own_redis: str,
+) -> None:
+    async with _auth(own_redis) as (service, _):
+        keys = service.keys
+        key, _ = await keys.create(
+            "acme", "short", ["inference:generate"], [], auth_pb2.KeyLimits(), 120
+        )
+        await keys.rotate(key.id, HOUR_S)  # its overlap outlasts the key
+        (end,) = await keys.rotated_secret_ends(await keys.get(key.id))
+        assert end == key.expire_time.ToNanoseconds() / 1e9
+        await keys.revoke(key.id)
+        assert await keys.rotated_secret_ends(await keys.get(key.id)) == []

@@ -28,6 +28,7 @@ from services.jobs.store import NewJob, Owner, now_ms
 from services.jobs.validation import MAX_WINDOW_S
 from tests import mtls
 from tests.conftest import private_db_url
+from tests.integration.conftest import catalogue
 from tests.rpc_errors import violated_fields
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.jobs.v1 import jobs_pb2, jobs_service_pb2_grpc
@@ -54,6 +55,7 @@ async def jobs(redis_url: str) -> AsyncIterator[tuple[JobsService, grpc.aio.Chan
         consumer=f"lists-{uuid.uuid4().hex[:6]}",
         retention_days=RETENTION_DAYS,
     )
+    await catalogue(settings.redis_url, "absent")  # no worker serves it: its items wait
     service = JobsService(settings)
     async with serving(service, settings) as server:
         target = f"127.0.0.1:{server.port}"

@@ -25,6 +25,7 @@ from services.jobs.service import JobsService, JobsSettings
 from services.jobs.store import NewJob, Owner, now_ms
 from tests import mtls
 from tests.conftest import private_db_url
+from tests.integration.conftest import catalogue
 from tokenmesh.inference.v2 import inference_pb2
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.jobs.v1 import jobs_pb2, jobs_service_pb2_grpc
@@ -54,6 +55,7 @@ async def jobs(redis_url: str) -> AsyncIterator[tuple[JobsService, grpc.aio.Chan
         grace_s=1.0,
         consumer=f"rpcs-{uuid.uuid4().hex[:6]}",
     )
+    await catalogue(settings.redis_url, "absent")  # no worker serves it: its items wait
     service = JobsService(settings)
     async with serving(service, settings) as server:
         # As much as a server may send: what fails is the service's message, not this limit.

@@ -193,8 +193,10 @@ class ApiKey(_message.Message):
     def rotated_secret_expire_times(self) -> _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]:
         """rotated_secret_expire_times are when the secrets that rotations replaced
         stop working, soonest first: each is still accepted until then (its
-        rotation's overlap). Empty when none is. Set by GetApiKey (a leaked old
-        secret's end: rotate again with `overlap: 0s` to end them all now).
+        rotation's overlap, or the key's own expiry if sooner). Set by GetApiKey
+        only (the other answers leave it empty); empty there when none is, and
+        for a key no longer active. Rotate again with `overlap: 0s` to end them
+        all now (a leaked old secret).
         """
 
     def __init__(
