@@ -252,17 +252,18 @@ def test_webhooks_to_private_or_metadata_addresses_are_refused_at_submission(api
     assert violations[0]["field_violations"][0]["field"] == "webhook_url"
 
 
-def test_items_for_a_model_the_key_may_not_use_fail_with_permission_denied(mesh, receiver):
+def test_a_job_for_a_model_the_key_may_not_use_is_refused_when_submitted(mesh):
+    # It was accepted, and every item failed PERMISSION_DENIED later.
     key = create_key(mesh, "--models", "demo-lm", scopes=JOB_SCOPES)
     with httpx.Client(
         base_url=mesh.edge_url, timeout=30, headers={"x-api-key": key["secret"]}
     ) as client:
-        job = submit(client, {"items": [{"complete": complete_body(i)} for i in range(3)]})
-        done = finished(client, job["id"])
-        assert done["status"] == "FAILED" and done["counts"]["failed"] == 3
-        errors = [r["error"] for r in all_results(client, job["id"])]
-    assert [e["code"] for e in errors] == ["PERMISSION_DENIED"] * 3
-    assert errors[0]["reason"] == "MODEL_NOT_ALLOWED"
+        reply = client.post(
+            "/v1/jobs", json={"items": [{"complete": complete_body(i)} for i in range(3)]}
+        )
+        assert reply.status_code == 403, reply.text
+        assert reply.json()["details"][0]["reason"] == "MODEL_NOT_ALLOWED"
+        assert client.get("/v1/jobs").json().get("jobs", []) == []
 
 
 def test_a_key_without_the_item_scope_cannot_submit_it(mesh):

@@ -90,9 +90,12 @@ def test_a_job_that_succeeded_exits_0(mesh: Mesh, cli_key: str, tmp_path: Path) 
 
 
 def test_a_job_that_failed_exits_non_zero(mesh: Mesh, tmp_path: Path) -> None:
-    # Every item is for a model the key may not use: the job ends FAILED.
-    secret = create_key(mesh, "--models", "demo-lm", scopes=JOB_SCOPES)["secret"]
-    cli = _submit_and_wait(mesh, secret, _items(tmp_path, complete_body(2), complete_body(3)))
+    # Every item asks for more tokens than the model's context holds, which only its
+    # worker knows: the job is accepted and ends FAILED. (A model the key may not use
+    # is refused when the job is created.)
+    secret = create_key(mesh, scopes=JOB_SCOPES)["secret"]
+    too_long = [{**complete_body(i), "max_output_tokens": 1000} for i in (2, 3)]
+    cli = _submit_and_wait(mesh, secret, _items(tmp_path, *too_long))
     code, job, stderr = _ended(cli)
     assert job["status"] == "FAILED"
     assert code == 1
