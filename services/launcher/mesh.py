@@ -637,6 +637,10 @@ class Mesh:
             "immediate",
             "--log-level",
             "warn",
+            # Access-log lines reach the file within a second (Envoy's default: 10 s,
+            # so `tail -f` and the tests that read the log waited that long).
+            "--file-flush-interval-msec",
+            "1000",
         ]
         return self._spawn(name, argv)
 
