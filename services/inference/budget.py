@@ -40,6 +40,8 @@ from services.core.redis_service import LUA_REDIS_NOW_MS, text
 
 # How long a reservation is remembered by request id (replays are charged once).
 REPLAY_TTL_S = 3600
+# Every holder of open reservations (services.inference.reservation_reaper).
+HOLDERS_KEY = "tm:budget:holders"
 
 # The window's running sum (`tm:budget:<key>:tpm:sum`, a hash: `tokens`, the sum of
 # the window's amounts, and `entries`, how many amounts it sums): summing the amounts
@@ -82,10 +84,11 @@ def budget_lua(script: str, **keys: int) -> str:
 
 # KEYS: window zset, window amounts hash, month counter, the request id's charge,
 #       the id's "given back" mark, the id's forgotten attempts, the window's sum,
-#       the holder's open reservations (ReservationReaper)
+#       the holder's open reservations (ReservationReaper), the id's holder, the
+#       holders, the id's "a run finished" mark
 # ARGV: (unused), request id, amount, tpm (0 = none), monthly (0 = none), month
 #       ttl s, replay ttl s, this call's attempt id, its field among the holder's
-#       open reservations ("": not listed), that field's value
+#       open reservations ("": not listed), that field's value, the holder
 # The minute window is scored by Redis's clock (TIME), the same for every worker
 # (services.usage.ratelimit._SLIDING_WINDOWS says why).
 # Returns {0 or 1, which budget failed ("" | "tpm" | "monthly"), retry_after_ms (-1:
@@ -98,14 +101,26 @@ _RESERVE = (
 local id, amount = ARGV[2], tonumber(ARGV[3])
 local tpm, monthly = tonumber(ARGV[4]), tonumber(ARGV[5])
 local month_used = 0
+-- Lists the id among this holder's open reservations and makes it the id's holder:
+-- a dead holder's reaper gives back only what it still holds.
+local function list_open()
+  if ARGV[9] ~= '' then
+    redis.call('HSET', KEYS[8], ARGV[9], ARGV[10])
+    redis.call('SET', KEYS[9], ARGV[11], 'EX', tonumber(ARGV[7]))
+    redis.call('SADD', KEYS[10], ARGV[11])
+  end
+end
 -- The late copy of a call that was forgotten (_FORGET): it charges nothing.
 if redis.call('SISMEMBER', KEYS[6], ARGV[8]) == 1 then
   return {1, '', 0, 0, 0}
 end
 -- This request id holds a reservation, or its run finished (a replay): admitted,
 -- not charged again. One given back (charge 0, marked) holds nothing: this new
--- attempt is checked and reserves below, or a retry would pass any limit.
+-- attempt is checked and reserves below, or a retry would pass any limit. A replay
+-- of an unfinished one (a job item tried again on another worker after its first
+-- worker died) takes the reservation over: it reconciles it.
 if redis.call('EXISTS', KEYS[4]) == 1 and redis.call('EXISTS', KEYS[5]) == 0 then
+  if redis.call('EXISTS', KEYS[11]) == 0 then list_open() end
   return {1, '', 0, 0, 0}
 end
 -- More than a whole budget: an empty window or month would refuse it too.
@@ -185,7 +200,7 @@ redis.call('EXPIRE', KEYS[3], tonumber(ARGV[6]))
 -- A given-back id's charge was 0: it holds this reservation now.
 redis.call('SET', KEYS[4], amount, 'EX', tonumber(ARGV[7]))
 redis.call('DEL', KEYS[5])
-if ARGV[9] ~= '' then redis.call('HSET', KEYS[8], ARGV[9], ARGV[10]) end
+list_open()
 return {1, '', 0, sum + delta, month_used + amount}
 """,
         SUM=7,
@@ -240,10 +255,11 @@ return 1
 
 # KEYS: window zset, window amounts hash, month counter, the request id's charge,
 #       the id's "given back" mark, the id's forgotten attempts, the window's sum,
-#       the holder's open reservations
+#       the holder's open reservations, the id's holder
 # ARGV: request id, replay ttl s, the forgotten call's attempt id, the
 #       reservation's field among the holder's open ones ("": none), "1" to take
-#       it back only while it is listed there (a reaper: it was not reconciled since)
+#       it back only while it is listed there and the holder still holds it (a
+#       reaper: not reconciled since, nor taken over by a replay), the holder
 # Takes back a reservation whose outcome its worker never learnt (the call timed
 # out or was cancelled after it was sent), or whose worker died with it open
 # (ReservationReaper): refunds what the id was charged, and leaves a charge of 0
@@ -253,8 +269,10 @@ return 1
 _FORGET = budget_lua(
     """
 if ARGV[4] ~= '' then
-  if ARGV[5] == '1' and redis.call('HEXISTS', KEYS[8], ARGV[4]) == 0 then return 0 end
-  redis.call('HDEL', KEYS[8], ARGV[4])
+  local listed = redis.call('HDEL', KEYS[8], ARGV[4]) == 1
+  if ARGV[5] == '1' and not (listed and redis.call('GET', KEYS[9]) == ARGV[6]) then
+    return 0
+  end
 end
 local charged = redis.call('GET', KEYS[4])
 if charged then
@@ -451,7 +469,7 @@ class TokenBudgets:
         now = time.time() if now is None else now
         _, until_next_month = _month(now)
         self.breaker.check()  # raises BreakerOpen, a connection error: budgets fail open
-        charge, _, given_back, forgotten = self._id_keys(key_id, request_id)
+        charge, finished, given_back, forgotten = self._id_keys(key_id, request_id)
         try:
             ok, budget, retry_ms, *used = await self._reserve(
                 keys=[
@@ -461,6 +479,9 @@ class TokenBudgets:
                     forgotten,
                     self._sum_key(key_id),
                     self.open_key(self.holder),
+                    f"{charge}:holder",
+                    HOLDERS_KEY,
+                    finished,
                 ],
                 args=[
                     int(now * 1000),
@@ -473,6 +494,7 @@ class TokenBudgets:
                     attempt,
                     self._open_field(key_id, request_id) if listed else "",
                     json.dumps([now, attempt]),
+                    self.holder,
                 ],
             )
         except (RedisError, TimeoutError, OSError) as exc:
@@ -584,7 +606,15 @@ class TokenBudgets:
                 forgotten,
                 self._sum_key(key_id),
                 self.open_key(holder),
+                f"{charge}:holder",
             ],
-            args=[request_id, self.replay_ttl_s, attempt, field, "1" if only_listed else "0"],
+            args=[
+                request_id,
+                self.replay_ttl_s,
+                attempt,
+                field,
+                "1" if only_listed else "0",
+                holder,
+            ],
         )
         return bool(refunded)

@@ -36,7 +36,8 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from services.core.redis_service import text
-from services.inference.budget import TokenBudgets
+from services.core.tasks import SupervisedTask, Supervisor
+from services.inference.budget import HOLDERS_KEY, TokenBudgets
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ HOLDER_TTL_S = 90
 #: How often each worker refreshes its liveness key and looks for dead holders
 #: (the worker's: a third of its TTL).
 REAP_EVERY_S = HOLDER_TTL_S / 3
-HOLDERS_KEY = "tm:budget:holders"
 # KEYS: the holders, the holder's open reservations; ARGV: the holder.
 # Forgets a dead holder once nothing of it is open.
 _FORGET_HOLDER = """
@@ -95,6 +95,11 @@ class ReservationReaper:
         self.every_s = every_s
         self.ttl_s = ttl_s
         self._forget_holder = self.redis.register_script(_FORGET_HOLDER)
+        self._task: SupervisedTask | None = None
+
+    def start(self, supervisor: Supervisor) -> None:
+        """Starts refreshing and reaping in the background, under `supervisor`."""
+        self._task = supervisor.spawn("reservation-reaper", self.run_forever)
 
     async def run_forever(self) -> None:
         """Refreshes this holder and reaps dead ones, every `every_s`; Redis errors are
@@ -130,7 +135,12 @@ class ReservationReaper:
         refunded = 0
         open_key = TokenBudgets.open_key(holder)
         for field, value in (await self.redis.hgetall(open_key)).items():
-            done = await self.budgets.take_back_open(holder, text(field), text(value))
+            try:
+                done = await self.budgets.take_back_open(holder, text(field), text(value))
+            except (ValueError, TypeError):  # not one the scripts wrote (a hand edit)
+                logger.warning("reservation reaper: dropped %r of %s", text(field), open_key)
+                await self.redis.hdel(open_key, field)
+                continue
             REAPED.labels(str(done).lower()).inc()
             refunded += done
         if refunded:
@@ -146,7 +156,10 @@ class ReservationReaper:
     async def stop(self) -> None:
         """Ends this holder at a clean stop (after its requests settled): any
         reservation still open is taken back by the next reaper at once, not after
-        `ttl_s`."""
+        `ttl_s`. Its own loop stops first: its next refresh brought the holder back."""
+        if self._task is not None:
+            await self._task.stop(timeout_s=2)
+            self._task = None
         try:
             await self.redis.delete(alive_key(self.budgets.holder))
         except (RedisError, OSError, TimeoutError) as exc:

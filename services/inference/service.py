@@ -576,7 +576,7 @@ class InferenceService(Service):
         self._running = running
         self.usage_log.start(self.tasks)
         if self._reaper is not None:
-            self.tasks.spawn("reservation-reaper", self._reaper.run_forever)
+            self._reaper.start(self.tasks)
         self.templates.start(self.tasks)
         self.policies.start(self.tasks)
         for entry in self.settings.test_models:

@@ -23,8 +23,9 @@ import redis.asyncio as aioredis
 
 from services.core import contract
 from services.core.redis_service import text
-from services.inference.budget import Limits, TokenBudgets
-from services.inference.reservation_reaper import HOLDERS_KEY, ReservationReaper, alive_key
+from services.core.tasks import Supervisor
+from services.inference.budget import HOLDERS_KEY, Limits, TokenBudgets
+from services.inference.reservation_reaper import ReservationReaper, alive_key
 from tests.integration.conftest import inference_settings, start_inference
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
@@ -134,6 +135,57 @@ async def test_a_reconciled_reservation_is_never_taken_back(client: aioredis.Red
     assert await _month_used(slow, key) == 200
 
 
+async def test_a_job_item_replayed_on_another_worker_keeps_its_charge_when_the_first_is_reaped(
+    client: aioredis.Redis,
+) -> None:
+    # The jobs service tries `<job>:<n>` again on worker B once worker A died with it:
+    # B takes the reservation over and reconciles it. A's reaper must leave it (it
+    # refunded B's whole charge: the item ran and was metered, the month read 0).
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    first = TokenBudgets(client, holder="w-first:5")
+    second = TokenBudgets(client, holder="w-second:5")
+    await ReservationReaper(first, ttl_s=1).beat()
+    await ReservationReaper(second).beat()
+    now = time.time()
+    await first.reserve(key, LIMITS, "job-1:0", 3000, now, "a1", listed=True)
+    await second.reserve(key, LIMITS, "job-1:0", 3000, now, "a2", listed=True)  # the replay
+    await second.reconcile(key, "job-1:0", 3000, 300, now, run="finished")
+    assert await _month_used(first, key) == 300
+    await _dead(client, "w-first:5")
+    assert await ReservationReaper(TokenBudgets(client, holder="w-third:5")).reap() == 0
+    assert await _month_used(first, key) == 300
+    assert not await client.exists(TokenBudgets.open_key("w-first:5"))
+
+
+async def test_a_replay_that_dies_too_is_given_back_once(client: aioredis.Redis) -> None:
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    first = TokenBudgets(client, holder="w-first:6")
+    second = TokenBudgets(client, holder="w-second:6")
+    for budgets in (first, second):
+        await ReservationReaper(budgets, ttl_s=1).beat()
+    now = time.time()
+    await first.reserve(key, LIMITS, "job-2:0", 3000, now, "a1", listed=True)
+    await second.reserve(key, LIMITS, "job-2:0", 3000, now, "a2", listed=True)
+    await _dead(client, "w-first:6")
+    await _dead(client, "w-second:6")
+    assert await ReservationReaper(TokenBudgets(client, holder="w-third:6")).reap() == 1
+    assert await _month_used(first, key) == 0
+
+
+async def test_an_entry_the_scripts_did_not_write_is_dropped_not_fatal(
+    client: aioredis.Redis,
+) -> None:
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    dead = TokenBudgets(client, holder="w-dead:7")
+    await ReservationReaper(dead, ttl_s=1).beat()
+    await dead.reserve(key, LIMITS, "r1", 500, time.time(), "a1", listed=True)
+    await client.hset(TokenBudgets.open_key("w-dead:7"), "not json", "either")
+    await _dead(client, "w-dead:7")
+    assert await ReservationReaper(TokenBudgets(client, holder="w-live:7")).reap() == 1
+    assert await _month_used(dead, key) == 0
+    assert not await client.exists(TokenBudgets.open_key("w-dead:7"))
+
+
 async def test_a_worker_lists_a_running_requests_reservation_and_clears_it_when_it_ends(
     tmp_path: Path, own_redis: str, client: aioredis.Redis
 ) -> None:
@@ -164,3 +216,21 @@ async def test_a_worker_lists_a_running_requests_reservation_and_clears_it_when_
         await _until(cleared)
     # A clean stop ends the holder at once: anything left open is taken back now.
     assert not await alive()
+
+
+async def test_a_stopped_reaper_does_not_bring_its_holder_back(client: aioredis.Redis) -> None:
+    # Its loop ran on after stop() deleted the liveness key, and its next refresh
+    # wrote it back: what was left open waited out the TTL.
+    reaper = ReservationReaper(TokenBudgets(client, holder="w-stop:8"), every_s=0.02)
+    supervisor = Supervisor("test")
+    reaper.start(supervisor)
+
+    async def alive() -> bool:
+        return bool(await client.exists(alive_key("w-stop:8")))
+
+    await _until(alive)
+    await reaper.stop()
+    for _ in range(25):  # 25 of its periods
+        assert not await alive()
+        await asyncio.sleep(0.02)
+    await supervisor.stop()
