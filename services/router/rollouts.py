@@ -813,14 +813,21 @@ class RolloutStore:
         """
         cat.check_name(model)
         while True:
-            raw = await self.redis.hget(ROLLOUTS_KEY, model)
+            raw, mark = await asyncio.gather(
+                self.redis.hget(ROLLOUTS_KEY, model), self.redis.hget(APPLIED_KEY, model)
+            )
             stored = None if raw is None else Rollout.from_json(raw)
             reason = (
                 f"aborted at {stored.weight if stored else 0}%: the traffic split was set by "
                 f"hand ({what}) and stands; start a new rollout to try again"
             )
-            ended, decision, writes = _yielded(stored, reason, now)
-            guard = cat.Guard(((ROLLOUTS_KEY, model),), _unchanged(raw), writes)
+            # A decision whose split has not landed yet never will: this split stands (a
+            # success stored before its 100% move is aborted, not left SUCCEEDED).
+            pending = stored is not None and not _same(mark, traffic_of(stored))
+            ended, decision, writes = _yielded(stored, reason, now, refused=pending)
+            guard = cat.Guard(
+                ((ROLLOUTS_KEY, model), (APPLIED_KEY, model)), _unchanged(raw, mark), writes
+            )
             updated = await self.catalog.update_if(model, lambda m, _: change(m), guard)
             if updated is None:
                 continue  # the rollout changed meanwhile (a tick, an operator): read it again
@@ -1183,10 +1190,10 @@ def _split_text(model: ModelEntry) -> str:
 
 
 def _unchanged(
-    raw: bytes | str | None,
+    *read: bytes | str | None,
 ) -> Callable[[Sequence[bytes | str | None], ModelEntry | None], bool]:
-    """Returns a Guard's condition: its one field is still `raw`."""
-    return lambda values, _: _same(values[0], raw)
+    """Returns a Guard's condition: its fields are still what was `read`."""
+    return lambda values, _: all(_same(v, r) for v, r in zip(values, read, strict=True))
 
 
 def _same(value: bytes | str | None, expected: bytes | str | None) -> bool:
@@ -1204,10 +1211,10 @@ def _yielded(
     split (the aborted rollout, and the applied mark: a decision's pending split,
     moved by a later tick, would land over the split).
 
-    `refused`: the split refused the stored decision's own move. A success is then
-    aborted too: stored before its 100% move, it stayed SUCCEEDED while the new
-    version took none of the traffic. (A rollback's or abort's 0% always lands:
-    `_withdraw`.)"""
+    `refused`: the stored decision's own move never lands (this split refused it, or
+    stands over it while it is pending). A success is then aborted too: stored
+    before its 100% move, it stayed SUCCEEDED while the new version took none of
+    the traffic. (A rollback's or abort's 0% always lands: `_withdraw`.)"""
     if stored is None:
         return None, None, ()
     if stored.state not in ACTIVE and not (refused and stored.state == SUCCEEDED):

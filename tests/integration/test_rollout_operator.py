@@ -184,6 +184,30 @@ async def test_a_success_whose_full_move_an_outside_split_refused_is_not_stored_
     assert "changed outside the rollout (now 1=100)" in ended.reason
 
 
+async def test_a_split_by_hand_over_a_success_whose_move_is_pending_aborts_it(router):
+    # The driver stored its success; before its 100% move landed the operator's split
+    # did (it marks every pending decision applied, so that move never lands).
+    await router.start()
+    stored = await router.store.get(router.model)
+    succeeded = replace(stored, state=ro.SUCCEEDED, step_index=len(stored.policy.steps) - 1)
+    await router.client.hset(ro.ROLLOUTS_KEY, router.model, succeeded.to_json())
+    await router.split(v1=100)
+    assert not await router.store.move_traffic(succeeded)  # the driver wakes up
+    assert await router.weights() == {"1": 100}
+    ended = await router.store.get(router.model)
+    assert ended.state == ro.ABORTED and "set by hand" in ended.reason
+
+
+async def test_a_split_by_hand_after_a_success_that_landed_keeps_it_succeeded(router):
+    await router.start()
+    stored = await router.store.get(router.model)
+    succeeded = replace(stored, state=ro.SUCCEEDED, step_index=len(stored.policy.steps) - 1)
+    await router.client.hset(ro.ROLLOUTS_KEY, router.model, succeeded.to_json())
+    assert await router.store.move_traffic(succeeded)  # its 100% landed
+    await router.split(v1=100)  # a later change of mind
+    assert (await router.store.get(router.model)).state == ro.SUCCEEDED
+
+
 async def test_a_pin_during_a_rollout_aborts_it(router):
     await router.start()
     await router.serve(stable=400, canary=20)
