@@ -40,7 +40,7 @@ from services.core.identity import peer_identity
 from services.core.interceptors import Context, request_headers
 from services.core.model_access import allowed_models, check_model_allowed
 from services.inference import metrics, shadow
-from services.inference.budget import Limits, RequestOverBudget, Run, TokenBudgets
+from services.inference.budget import Limits, Run, TokenBudgets, check_within_whole_budget
 from services.inference.mesh_models import MeshModels
 from services.inference.models import LoadedModel, ModelRegistry
 from services.inference.pipeline.content import ContentStage
@@ -332,13 +332,9 @@ def check_whole_budget(requests: Sequence[Request]) -> None:
             monthly_tokens (FAILED_PRECONDITION, REQUEST_EXCEEDS_BUDGET).
     """
     reserving = [r for r in requests if r.needed_tokens and r.key_id and r.limits.any]
-    if not reserving:
-        return
-    total = sum(r.needed_tokens for r in reserving)
-    key_id, limits = reserving[0].key_id, reserving[0].limits  # one caller's
-    for budget, whole in (("tpm", limits.tokens_per_minute), ("monthly", limits.monthly_tokens)):
-        if whole and total > whole:
-            raise RequestOverBudget(key_id, limits, total, budget)
+    if reserving:  # one caller's
+        total = sum(r.needed_tokens for r in reserving)
+        check_within_whole_budget(reserving[0].key_id, reserving[0].limits, total)
 
 
 class Admission:

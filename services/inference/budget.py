@@ -91,9 +91,9 @@ def budget_lua(script: str, **keys: int) -> str:
 #       open reservations ("": not listed), that field's value, the holder
 # The minute window is scored by Redis's clock (TIME), the same for every worker
 # (services.usage.ratelimit._SLIDING_WINDOWS says why).
-# Returns {0 or 1, which budget failed ("" | "tpm" | "monthly"), retry_after_ms (-1:
-#          the request needs more than the whole budget, no wait admits it), tokens
-#          used this minute and this month including this reservation}
+# Returns {0 or 1, which budget failed ("" | "tpm" | "monthly"), retry_after_ms, tokens
+#          used this minute and this month including this reservation}. An amount
+#          over a whole budget never gets here (check_within_whole_budget).
 _RESERVE = (
     budget_lua(
         LUA_REDIS_NOW_MS
@@ -123,9 +123,6 @@ if redis.call('EXISTS', KEYS[4]) == 1 and redis.call('EXISTS', KEYS[5]) == 0 the
   if redis.call('EXISTS', KEYS[11]) == 0 then list_open() end
   return {1, '', 0, 0, 0}
 end
--- More than a whole budget: an empty window or month would refuse it too.
-if tpm > 0 and amount > tpm then return {0, 'tpm', -1} end
-if monthly > 0 and amount > monthly then return {0, 'monthly', -1} end
 """
         + READ_SUM
         + """
@@ -367,6 +364,20 @@ class RequestOverBudget(ResourceExhausted):
         )
 
 
+def check_within_whole_budget(key_id: str, limits: Limits, amount: int) -> None:
+    """Refuses, for good, `amount` tokens that exceed a whole budget of the key: no
+    window, however empty, admits them. Checked here, before Redis: an over-budget
+    request was admitted unmetered while the budgets' Redis was away (the script's
+    own check never ran), and run to its end.
+
+    Raises:
+        RequestOverBudget: `amount` exceeds tokens_per_minute or monthly_tokens.
+    """
+    for budget, whole in (("tpm", limits.tokens_per_minute), ("monthly", limits.monthly_tokens)):
+        if whole and amount > whole:
+            raise RequestOverBudget(key_id, limits, amount, budget)
+
+
 WARN_AT = 0.8
 
 
@@ -466,6 +477,7 @@ class TokenBudgets:
 
         Returns a warning naming each budget now at or over 80% ("" if none).
         """
+        check_within_whole_budget(key_id, limits, amount)
         now = time.time() if now is None else now
         _, until_next_month = _month(now)
         self.breaker.check()  # raises BreakerOpen, a connection error: budgets fail open
@@ -504,8 +516,6 @@ class TokenBudgets:
         if ok:
             return _warning(limits, int(used[0]), int(used[1]))
         name = text(budget)
-        if int(retry_ms) < 0:
-            raise RequestOverBudget(key_id, limits, amount, name)
         if name == "tpm":
             retry_s = max(1.0, int(retry_ms) / 1000)
             limit = f"tokens_per_minute={limits.tokens_per_minute}"

@@ -91,7 +91,9 @@ async def test_a_stream_admitted_while_redis_was_down_ends_with_quota(tmp_path):
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     settings = inference_settings(tmp_path, url, test_engine_step_ms=20.0)
     key = f"key_{uuid.uuid4().hex[:8]}"
-    identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-tpm", "100")]
+    # Room for the request's 401 tokens (more than a whole budget is refused before
+    # Redis is asked): it runs out because another request takes the minute's tokens.
+    identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-tpm", "1000")]
     try:
         async with await start_inference(settings) as (_, channel):
             child.terminate()
@@ -105,7 +107,7 @@ async def test_a_stream_admitted_while_redis_was_down_ends_with_quota(tmp_path):
             assert first.index == 0
             child, _ = spawn_redis(tmp_path / "data", tmp_path / "redis.log", port=port)
             budgets = TokenBudgets(aioredis.from_url(url))
-            await budgets.reserve(key, Limits(tokens_per_minute=100), "other", 90)
+            await budgets.reserve(key, Limits(tokens_per_minute=1000), "other", 990)
             messages = [first]
             while (message := await call.read()) != grpc.aio.EOF:
                 messages.append(message)
@@ -116,9 +118,9 @@ async def test_a_stream_admitted_while_redis_was_down_ends_with_quota(tmp_path):
             assert final.usage.prompt_tokens == 1
             assert await call.code() == grpc.StatusCode.OK  # a clean end, not an error
             # Every token it sent is charged, the chunk the budget refused too.
-            charged = await _wait_month_used(budgets, key, 90 + 1 + sent)
+            charged = await _wait_month_used(budgets, key, 990 + 1 + sent)
             await budgets.redis.aclose()
-            assert charged == 90 + 1 + sent
+            assert charged == 990 + 1 + sent
     finally:
         child.terminate()
         child.wait(10)
@@ -598,7 +600,7 @@ async def test_an_unmetered_leaders_budget_does_not_cut_or_charge_its_waiters_st
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     settings = inference_settings(tmp_path, url, test_engine_step_ms=25.0)
     key = f"key_{uuid.uuid4().hex[:8]}"
-    identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-tpm", "100")]
+    identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-tpm", "1000")]  # room for 509
     request = v2_pb.GenerateRequest(
         model="deterministic-test", prompt=unique_prompt("shared"), max_output_tokens=500
     )
@@ -619,7 +621,7 @@ async def test_an_unmetered_leaders_budget_does_not_cut_or_charge_its_waiters_st
                 lead.cancel()
                 leader_event = await _usage_event(service, first.request_id)
             else:  # its tokens per minute are gone (another request took them)
-                await budgets.reserve(key, Limits(), "other", 90)
+                await budgets.reserve(key, Limits(), "other", 990)
             finals, received = [], 0
             async for message in follow:
                 received += len(message.token_ids)
@@ -638,7 +640,7 @@ async def test_an_unmetered_leaders_budget_does_not_cut_or_charge_its_waiters_st
                 assert leader_event.finish_reason == "quota"
                 assert lead_received == leader_event.usage.completion_tokens < 500
             # The month holds what the leader's usage event bills ("other" aside).
-            other = 90 if leader == "stays" else 0
+            other = 990 if leader == "stays" else 0
             billed = leader_event.usage.total_tokens
             assert await _wait_month_used(budgets, key, other + billed) == other + billed
     finally:

@@ -21,11 +21,13 @@ import redis.asyncio as aioredis
 from google.api.httpbody_pb2 import HttpBody
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from redis.exceptions import RedisError
 
 from services.core import contract
 from services.core.errors import ResourceExhausted
 from services.inference.budget import Limits, TokenBudgets
 from services.jobs import execution
+from services.launcher.processes import reserve_port
 from tests.integration.conftest import inference_settings, start_inference
 from tests.rpc_errors import openai_refusal
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
@@ -179,3 +181,19 @@ async def test_prompts_that_each_fit_but_together_exceed_a_whole_budget_are_refu
             )
             .read()
         )
+
+
+async def test_a_request_over_a_whole_budget_is_refused_while_redis_is_away() -> None:
+    # The check ran in the reserve script only: with the budgets' Redis away a request
+    # needing 1,500 tokens of a key with 1,000 a minute was admitted unmetered and ran
+    # to its end (the several-prompts check, local, refused the same tokens as two).
+    nobody = aioredis.from_url(f"redis://127.0.0.1:{reserve_port()}/0", socket_timeout=1)
+    budgets = TokenBudgets(nobody)
+    try:
+        with pytest.raises(ResourceExhausted) as refused:
+            await budgets.reserve(_key(), Limits(tokens_per_minute=1000), "big", 1500)
+        assert refused.value.reason == "REQUEST_EXCEEDS_BUDGET"
+        with pytest.raises((RedisError, OSError)):  # one that fits still asks Redis
+            await budgets.reserve(_key(), Limits(tokens_per_minute=1000), "fits", 900)
+    finally:
+        await nobody.aclose()

@@ -521,7 +521,9 @@ async def test_a_stream_admitted_while_budgets_were_down_ends_every_choice_with_
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     settings = inference_settings(tmp_path, url, test_engine_step_ms=20.0)
     key = f"key_{uuid.uuid4().hex[:8]}"
-    identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-tpm", "100")]
+    # Room for its 2 x 401 tokens (more than a whole budget is refused before Redis is
+    # asked): it runs out because another request takes the minute's tokens.
+    identity = [("x-tokenmesh-key-id", key), ("x-tokenmesh-tpm", "1000")]
     try:
         async with await start_inference(settings) as (_, channel):
             child.terminate()
@@ -535,7 +537,7 @@ async def test_a_stream_admitted_while_budgets_were_down_ends_every_choice_with_
             messages = [await call.read()]  # admitted although budgets were unreachable
             child, _ = spawn_redis(tmp_path / "data", tmp_path / "redis.log", port=port)
             client = aioredis.from_url(url)
-            await TokenBudgets(client).reserve(key, Limits(tokens_per_minute=100), "other", 90)
+            await TokenBudgets(client).reserve(key, Limits(tokens_per_minute=1000), "other", 990)
             await client.aclose()
             while (message := await call.read()) != grpc.aio.EOF:
                 messages.append(message)
