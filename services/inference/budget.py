@@ -443,8 +443,8 @@ class TokenBudgets:
 
     @staticmethod
     def open_key(holder: str) -> str:
-        """Returns the hash of `holder`'s open reservations: field `_open_field`, value
-        `_open_value` (ReservationReaper)."""
+        """Returns the hash of `holder`'s open reservations: field `[key id, request
+        id]`, value `[reserved_at, attempt]`, both JSON (ReservationReaper)."""
         return f"tm:budget:open:{holder}"
 
     def _open_field(self, key_id: str, request_id: str) -> str:

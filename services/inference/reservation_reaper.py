@@ -17,7 +17,9 @@ REAP_EVERY_S). Every worker's reaper looks at the holders it knows of
 (`tm:budget:holders`); a holder whose liveness key is gone is dead, and its open
 reservations are taken back one script each (the budget's `_FORGET`: refunded
 once however many reapers do it, and not at all if the request was reconciled
-since: a worker frozen past HOLDER_TTL_S that wakes still settles its own).
+since, a worker frozen past HOLDER_TTL_S that wakes settling its own, or taken
+over since: a job item tried again on another worker under the same request id
+makes that worker its holder, and it reconciles the item).
 
 What it cannot know: a worker killed in the milliseconds between recording a
 request (its usage record is durable) and its reconcile landing has that
