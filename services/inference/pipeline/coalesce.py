@@ -179,6 +179,9 @@ class EmbeddingInputs:
 
     def __init__(self) -> None:
         self.pending: dict[str, asyncio.Future[np.ndarray]] = {}
+        # Computations whose inputs went from pending to stored: a cache read that
+        # spans one reads again (see pipeline.embed, `_read_cache`).
+        self.stored = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     def keep(self, task: asyncio.Task[None]) -> None:

@@ -55,6 +55,8 @@ from tokenmesh.inference.v2 import inference_service_pb2 as pb
 from tokenmesh.type.v1 import types_pb2
 
 _DTYPE = "<f4"
+# Cache reads of one request (_read_cache): again only while other computations stored.
+READ_ATTEMPTS = 3
 
 
 @dataclass
@@ -217,12 +219,7 @@ class EmbeddingPipeline:
         found: dict[str, np.ndarray] = {}
         unique = list(dict.fromkeys(keys))
         if mode.read:
-            entries = await stage.store.get_many(unique)
-            found = {
-                k: np.frombuffer(e, _DTYPE)
-                for k, e in zip(unique, entries, strict=True)
-                if e is not None
-            }
+            found = await _read_cache(stage, unique)
         hits = set(found)
         awaited = {
             k: inputs.pending[k]
@@ -285,9 +282,35 @@ class EmbeddingPipeline:
             finally:
                 for key in keys:
                     inputs.pending.pop(key, None)
+                inputs.stored += 1
 
         inputs.keep(asyncio.create_task(compute()))
         return futures
+
+
+async def _read_cache(stage: CacheStage, keys: list[str]) -> dict[str, np.ndarray]:
+    """Returns the cached vectors of `keys` (those found).
+
+    Read again (at most READ_ATTEMPTS times) while computations stored inputs during
+    the read: a read sent before another request's store landed, and back after that
+    request stopped listing its inputs as pending, found them in neither place, and
+    the inputs were computed twice.
+    """
+    inputs = stage.embedding_inputs
+    found: dict[str, np.ndarray] = {}
+    missing = keys
+    for _ in range(READ_ATTEMPTS):
+        stored = inputs.stored
+        entries = await stage.store.get_many(missing)
+        found.update(
+            (k, np.frombuffer(e, _DTYPE))
+            for k, e in zip(missing, entries, strict=True)
+            if e is not None
+        )
+        missing = [k for k in missing if k not in found]
+        if not missing or inputs.stored == stored:
+            break
+    return found
 
 
 def embedding_pb(
