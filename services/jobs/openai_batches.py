@@ -62,7 +62,7 @@ from services.jobs.store import (
     request_id,
     results_key,
 )
-from services.jobs.validation import MAX_WINDOW_S
+from services.jobs.validation import MAX_WINDOW_S, item_model
 from tokenmesh.jobs.v1 import jobs_pb2
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
@@ -306,14 +306,9 @@ def unknown_models_error(lines: Sequence[BatchLine], unknown: Collection[str]) -
     bad = [
         FieldViolation(f"line {line.number}.body.model", f"model {model!r} does not exist")
         for line in lines
-        if (model := _item_model(line.item)) in unknown
+        if (model := item_model(line.item)) in unknown
     ]
     return InvalidArgument(bad[:MAX_LINE_ERRORS], reason="INVALID_BATCH_INPUT")
-
-
-def _item_model(item: jobs_pb2.JobItem) -> str:
-    kind = item.WhichOneof("request")
-    return getattr(item, kind).model if kind is not None else ""
 
 
 def parse_input(data: bytes, endpoint: str, max_lines: int) -> list[BatchLine]:

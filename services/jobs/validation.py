@@ -80,13 +80,18 @@ def check_item_scopes(items: Collection[jobs_pb2.JobItem], scopes: Collection[st
             )
 
 
+def item_model(item: jobs_pb2.JobItem) -> str:
+    """Returns the model an item names ("" for an item with no request)."""
+    kind = item.WhichOneof("request")
+    return str(getattr(item, kind).model) if kind is not None else ""
+
+
 def item_models(items: Collection[jobs_pb2.JobItem]) -> dict[str, int]:
     """Returns each model the items name, with the index of the first item naming it."""
     first: dict[str, int] = {}
     for index, item in enumerate(items):
-        kind = item.WhichOneof("request")
-        if kind is not None:
-            first.setdefault(getattr(item, kind).model, index)
+        if item.WhichOneof("request") is not None:
+            first.setdefault(item_model(item), index)
     return first
 
 
