@@ -17,6 +17,7 @@ import httpx
 import redis
 
 from bench.chaos.load import Outcome
+from services.inference.budget import TokenBudgets
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,12 @@ def budget_gap(
     its reservation back (services/inference/reservation_reaper.py). Positive: a
     reservation left charged; negative: tokens metered but not charged.
     """
-    month = time.strftime("%Y%m", time.gmtime(since))
+    charge_key = TokenBudgets.month_key(key_id, since)
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     deadline = time.monotonic() + timeout_s
     try:
         while True:
-            charged = int(client.get(f"tm:budget:{key_id}:month:{month}") or 0)
+            charged = int(client.get(charge_key) or 0)
             try:
                 totals = _get(edge_url, "/v1/usage", secret, {})
                 metered = int(totals.get("prompt_tokens", 0)) + int(

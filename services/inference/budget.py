@@ -420,9 +420,14 @@ class TokenBudgets:
 
     def _keys(self, key_id: str, now: float) -> tuple[str, str, str]:
         """Returns the key's minute window, its amounts and the month's counter."""
-        label, _ = _month(now)
         base = f"tm:budget:{key_id}"
-        return f"{base}:tpm", f"{base}:tpm:amounts", f"{base}:month:{label}"
+        return f"{base}:tpm", f"{base}:tpm:amounts", self.month_key(key_id, now)
+
+    @staticmethod
+    def month_key(key_id: str, now: float) -> str:
+        """Returns the counter of what the key was charged in the UTC month of `now`."""
+        label, _ = _month(now)
+        return f"tm:budget:{key_id}:month:{label}"
 
     @staticmethod
     def _sum_key(key_id: str) -> str:
@@ -447,9 +452,10 @@ class TokenBudgets:
         id]`, value `[reserved_at, attempt]`, both JSON (ReservationReaper)."""
         return f"tm:budget:open:{holder}"
 
-    def _open_field(self, key_id: str, request_id: str) -> str:
-        """Returns a reservation's field among this holder's open ones ("": no holder)."""
-        return json.dumps([key_id, request_id]) if self.holder else ""
+    @staticmethod
+    def _open_field(holder: str, key_id: str, request_id: str) -> str:
+        """Returns a reservation's field among `holder`'s open ones ("": no holder)."""
+        return json.dumps([key_id, request_id]) if holder else ""
 
     async def reserve(
         self,
@@ -504,7 +510,7 @@ class TokenBudgets:
                     int(until_next_month) + 86400,
                     self.replay_ttl_s,
                     attempt,
-                    self._open_field(key_id, request_id) if listed else "",
+                    self._open_field(self.holder, key_id, request_id) if listed else "",
                     json.dumps([now, attempt]),
                     self.holder,
                 ],
@@ -570,7 +576,7 @@ class TokenBudgets:
                 actual,
                 self.replay_ttl_s,
                 run,
-                self._open_field(key_id, request_id),
+                self._open_field(self.holder, key_id, request_id),
             ],
         )
 
@@ -605,7 +611,7 @@ class TokenBudgets:
     ) -> bool:
         window, amounts, month = self._keys(key_id, reserved_at)
         charge, _, given_back, forgotten = self._id_keys(key_id, request_id)
-        field = json.dumps([key_id, request_id]) if holder else ""
+        field = self._open_field(holder, key_id, request_id)
         refunded = await self._forget(
             keys=[
                 window,

@@ -115,12 +115,9 @@ class ReservationReaper:
             await asyncio.sleep(self.every_s)
 
     async def beat(self) -> None:
-        """Marks this holder alive for `ttl_s` (and known to every reaper)."""
-        holder = self.budgets.holder
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(alive_key(holder), 1, ex=self.ttl_s)
-            pipe.sadd(HOLDERS_KEY, holder)
-            await pipe.execute()
+        """Marks this holder alive for `ttl_s`. (The reserve script makes it known to
+        every reaper, in `HOLDERS_KEY`, with its first open reservation.)"""
+        await self.redis.set(alive_key(self.budgets.holder), 1, ex=self.ttl_s)
 
     async def reap(self) -> int:
         """Takes back the open reservations of every dead holder; returns how many it
