@@ -45,24 +45,47 @@ def wait_for_healthy_hosts(mesh: Mesh, clusters: Sequence[str], count: int) -> N
         time.sleep(0.1)
 
 
-def stable_round(mesh: Mesh, cluster: str, round_: Callable[[], T], tries: int = 5) -> T:
-    """Runs `round_` until the edge's hosts of `cluster` (weights, health) stayed the
-    same throughout, and returns its result.
+def edge_placement(mesh: Mesh, cluster: str) -> tuple[dict[str, Any], list[Any]]:
+    """What decides where the edge sends a prompt head of `cluster`'s routes: the
+    cluster's hosts (weights, health) and every route's metadata (the router's pins
+    of hot heads to workers and the turns of unseen heads: gateway/model_routing.lua)."""
+    dump = httpx.get(
+        f"http://127.0.0.1:{mesh.admin_port}/config_dump",
+        params={"resource": "dynamic_route_configs"},
+        timeout=5,
+    ).json()
+    metadata = [
+        route.get("metadata", {})
+        for config in dump.get("configs", [])
+        for host in config.get("route_config", {}).get("virtual_hosts", [])
+        for route in host.get("routes", [])
+    ]
+    return edge_hosts(mesh, cluster), metadata
 
-    Maglev picks a worker by the hosts' weights and health. Load-aware weights
-    move with the workers' TTFT (other tests' traffic moves them), so a round
-    during which they changed proves nothing about where a hash key lands.
+
+def stable_round(mesh: Mesh, cluster: str, round_: Callable[[], T], tries: int = 5) -> T:
+    """Runs `round_` until where the edge sends a prompt head (`edge_placement`)
+    stayed the same throughout, and returns its result.
+
+    Maglev picks a worker by the hosts' weights and health, unless the router
+    pinned the head to one. Load-aware weights move with the workers' TTFT, and
+    pins with the heads' heat (other tests' traffic moves both: a head an earlier
+    test made a small share of the heat is pinned, and unpinned once it is most of
+    it), so a round during which they changed proves nothing about where a hash
+    key lands.
     """
     changes = []
     for _ in range(tries):
-        hosts = edge_hosts(mesh, cluster)
-        assert hosts, f"the edge has no cluster {cluster}"
+        placement = edge_placement(mesh, cluster)
+        assert placement[0], f"the edge has no cluster {cluster}"
         result = round_()
-        after = edge_hosts(mesh, cluster)
-        if after == hosts:
+        after = edge_placement(mesh, cluster)
+        if after == placement:
             return result
-        changes.append((hosts, after))
-    raise AssertionError(f"{cluster}'s hosts changed during each of {tries} rounds: {changes}")
+        changes.append((placement, after))
+    raise AssertionError(
+        f"where {cluster}'s heads go changed during each of {tries} rounds: {changes}"
+    )
 
 
 #: Requests that make every Envoy thread of an edge see a prompt head, with new
