@@ -52,6 +52,7 @@ from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.jobs.v1 import jobs_pb2
 
 DetailT = TypeVar("DetailT", bound=Message)
+AnswerT = TypeVar("AnswerT")
 
 logger = logging.getLogger(__name__)
 # Statuses that mean "not now": the item waits and tries again until its deadline.
@@ -292,7 +293,7 @@ class ItemExecutor:
             embed.CopyFrom(item.embed)
             embed.request_id = request_id
             embed.version = placement.version
-            response = await stub.Embed(embed, metadata=metadata, timeout=timeout)
+            response = await kept_answer(stub.Embed(embed, metadata=metadata, timeout=timeout))
             return Outcome(
                 jobs_pb2.JobResult(index=index, embed=response), usage_of(response.usage)
             )
@@ -303,10 +304,43 @@ class ItemExecutor:
         complete.request_id = request_id
         complete.version = placement.version
         complete.priority = inference_pb2.PRIORITY_BATCH
-        answer = await stub.Complete(complete, metadata=metadata, timeout=timeout)
+        answer = await kept_answer(stub.Complete(complete, metadata=metadata, timeout=timeout))
         result = jobs_pb2.JobResult(index=index)
         (result.complete if kind == "complete" else result.generate).CopyFrom(answer)
         return Outcome(result, usage_of(answer.usage))
+
+
+async def kept_answer(call: grpc.aio.UnaryUnaryCall[Any, AnswerT]) -> AnswerT:
+    """Awaits a worker's answer to `call`; an answer that arrived before a cancel is kept.
+
+    The worker meters an answer once it has sent it. Awaited plainly, a cancel (the
+    job stopping, the entry taken over) that landed after the answer arrived but
+    before this task next ran threw it away: the item ran again from the start (its
+    whole cost again) or its stopped job ended without a result its owner paid for.
+    A call not answered yet is cut (a cut call is billed nothing) and the cancel goes
+    on; so does one whose call ended in an error, as no result is lost then.
+    """
+    waiting = asyncio.ensure_future(call)
+    cancels = 0
+    while True:
+        try:
+            answer = await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            if not call.done():
+                call.cancel()
+                raise
+            cancels += 1  # answered: its result is a loop turn or two away
+            continue
+        except grpc.aio.AioRpcError:
+            if cancels:
+                raise asyncio.CancelledError from None
+            raise
+        break
+    task = asyncio.current_task()
+    assert task is not None  # awaited in a task
+    for _ in range(cancels):
+        task.uncancel()  # the item finished: the runner stores its result
+    return answer
 
 
 def _model_of(item: jobs_pb2.JobItem) -> tuple[str, str]:
