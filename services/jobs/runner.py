@@ -23,8 +23,9 @@ calls; they are let go without a result (`JobStore.let_go`: a stopping job
 ends CANCELLED with its last one). An item starts only through
 `JobStore.start_item`, which refuses one of a job that is stopping or ended.
 
-Once a worker has answered an item (and metered it), its result is stored
-through Redis errors and cancels (`Runner._store`): tried again for a few claim
+Once a worker has answered an item (and metered it), the answer is kept through
+a cancel that came as it arrived (`execution.kept_answer`), and its result is
+stored through Redis errors and cancels (`Runner._store`): tried again for a few claim
 times while the heartbeat keeps the entry claimed, and waited for by a stop
 (up to `STOP_SAVE_S`), a stopped job and a lost entry. Dropped, the item ran
 again from the start: its whole cost again, and the job's usage from the
