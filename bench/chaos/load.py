@@ -29,6 +29,8 @@ STREAM_TOKENS = 32
 STREAM_TIMEOUT_S = 30.0
 UNARY_TIMEOUT_S = 15.0
 PAUSE_AFTER_FAILURE_S = 0.05  # a failing lane does not spin
+# The response header a worker sends with the headers of a stream it took.
+WORKER_HEADER = "x-tokenmesh-worker"
 # Reconnect within a second once the edge is back (gRPC's default backoff grows
 # to two minutes): the suite measures the mesh, not the client's backoff.
 CHANNEL_OPTIONS = [
@@ -64,6 +66,9 @@ class _Partial:
 
     messages: int = 0
     final: dict[str, int] | None = None  # the usage of the final message
+    # The worker's response headers arrived: it had taken the stream, and the edge
+    # can no longer retry it elsewhere.
+    started: bool = False
 
 
 class Lane:
@@ -139,9 +144,9 @@ class Clients:
         )
         start, seen = time.monotonic(), _Partial()
         try:
-            for message in self.stub.Generate(
-                request, metadata=self.metadata, timeout=STREAM_TIMEOUT_S
-            ):
+            call = self.stub.Generate(request, metadata=self.metadata, timeout=STREAM_TIMEOUT_S)
+            seen.started = any(name == WORKER_HEADER for name, _ in call.initial_metadata() or ())
+            for message in call:
                 seen.messages += 1
                 if message.finish_reason:
                     seen.final = _usage(message.usage) if message.finish_reason != "error" else {}
@@ -203,6 +208,7 @@ class Clients:
                 if response.status_code != 200:
                     status = f"HTTP {response.status_code}"
                     return Outcome("rest-sse", request_id, start, time.monotonic(), status)
+                seen.started = WORKER_HEADER in response.headers
                 for line in response.iter_lines():
                     _read_event(line, seen)
         except httpx.TransportError:
@@ -228,13 +234,14 @@ def _read_event(line: str, seen: _Partial) -> None:
 def _stream_outcome(
     lane: str, request_id: str, start: float, seen: _Partial, error: str | None
 ) -> Outcome:
-    """Classifies a stream: whole, failed before its first message, cut, or in-band error."""
+    """Classifies a stream: whole, failed before a worker took it, cut (after its
+    worker's headers or first message), or in-band error."""
     end = time.monotonic()
     if seen.final:
         return _ok(lane, request_id, start, seen.final, stream=True)
     if seen.final is not None:
         return Outcome(lane, request_id, start, end, "in-band error", stream=True)
-    if seen.messages == 0:
+    if seen.messages == 0 and not seen.started:
         return Outcome(lane, request_id, start, end, error or "empty stream", stream=True)
     return Outcome(lane, request_id, start, end, error or "truncated", stream=True, cut=True)
 
