@@ -221,8 +221,16 @@ class RedisProxy:
             self._server = None
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Listed before the connection to Redis is made: one accepted as `down()` ran
+        # was listed only after it, survived it, and kept Redis reachable through it
+        # (a cause of the loop that never met Redis's absence, below).
+        self._links.add(writer)
         server_reader, server_writer = await asyncio.open_connection(*self.target)
-        self._links |= {writer, server_writer}
+        if writer not in self._links:  # `down()` ran meanwhile
+            server_writer.transport.abort()
+            writer.transport.abort()
+            return
+        self._links.add(server_writer)
         await asyncio.gather(self._pump(reader, server_writer), self._pump(server_reader, writer))
 
     @staticmethod
