@@ -355,6 +355,59 @@ async def test_an_embed_cut_by_the_shutdown_is_billed_nothing_there(
     _assert_cut_and_billed_nothing(outcome, events, month, window)
 
 
+async def test_an_embed_cut_by_its_versions_unload_is_billed_nothing_there(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An embed computing when its version unloads ends MODEL_UNLOADED with its headers
+    held (they leave with its vectors): trailers-only, which the edge tries again on
+    another worker (`retry_on: unavailable`). It was billed every input token here
+    too, and its budget charged: one answer billed twice."""
+    monkeypatch.setattr(embedder_module, "CHUNK_WAIT_S", 0.5)  # the unload's wait for it
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    settings = inference_settings(
+        tmp_path, redis_url, grace_s=0.5, models=(f"{EMBEDDINGS}:1",), test_models=()
+    )
+    client = aioredis.from_url(redis_url)
+    budgets = TokenBudgets(client)
+    gate = HeldCalls()  # its engine call outlives the unload's drain
+    service = InferenceService(settings)
+    try:
+        async with serving(service, settings) as server:
+            embedder = service.registry.resolve(EMBEDDINGS, "1").embedder
+            assert embedder is not None
+            monkeypatch.setattr(embedder.engine, "embed", gate.wrap(embedder.engine.embed))
+            async with mtls.aio_channel(server.port, peer="worker") as channel:
+                request = v1_pb.EmbedRequest(model=EMBEDDINGS, inputs=[unique_prompt("embed")])
+                call = v1_rpc.InferenceServiceStub(channel).Embed(request, metadata=_identity(key))
+                task = asyncio.ensure_future(call)
+                async with asyncio.timeout(10):
+                    while not (gate.holding.is_set() and await _month_used(budgets, key) > 0):
+                        await asyncio.sleep(0.01)
+                await service.unload(EMBEDDINGS, "1")
+                outcome = (await asyncio.gather(task, return_exceptions=True))[0]
+            gate.release.set()
+            async with asyncio.timeout(10):  # shipped, and its reservation settled
+                while not (
+                    await _key_events(client, settings.usage_stream, key)
+                    and not any([await client.hlen(k) async for k in _open_keys(client)])
+                ):
+                    await asyncio.sleep(0.02)
+        events = await _key_events(client, settings.usage_stream, key)
+        window = int(await client.zcard(f"tm:ratelimit:rpm:{key}"))
+        month = await _month_used(budgets, key)
+    finally:
+        gate.release.set()
+        await client.aclose()
+    _assert_cut_and_billed_nothing(outcome, events, month, window)
+    assert _reason(outcome) == "MODEL_UNLOADED"
+    assert events[0].served_usage.prompt_tokens > 0  # audited: what it was to embed
+
+
+def _open_keys(client: aioredis.Redis) -> Any:
+    """The holders' open reservations (a reconcile or a release empties its field)."""
+    return client.scan_iter(match="tm:budget:open:*")
+
+
 async def _read_stream(call: Any) -> tuple[list[Any], grpc.aio.AioRpcError | None]:
     """Returns a stream's messages and the error it ended with (None: it ended OK)."""
     messages: list[Any] = []

@@ -140,6 +140,12 @@ class EmbeddingPipeline:
             # worker): nothing is billed, as for a generation refused so. It was billed
             # every input here, and again where the retry ran.
             refused = exc.reason == "MODEL_UNLOADING"
+            if exc.reason == "MODEL_UNLOADED":
+                # Cut by the unload while computing, its headers held (they leave with
+                # its vectors): trailers-only, which the edge tries again elsewhere.
+                # Recorded apart, billed nothing, as a cut by the shutdown is; billed,
+                # the retry paid twice.
+                self.admission.note_retried(call)
             raise
         finally:
             if refused:
