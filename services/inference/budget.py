@@ -216,13 +216,18 @@ return {1, '', 0, sum + delta, month_used + amount}
 #       field among the holder's open ones ("": none)
 # The month is charged what the id has not been charged yet (its charge, else
 # `reserved`), so the id's total is its latest actual use however often it ran,
-# except that an unfinished run reconciled after a finished one changes nothing.
+# except that nothing changes once a job item's run finished (its "finished" mark):
+# neither an unfinished run's reconcile landing late nor a second run that finished
+# too (the item run again to its end, its result unstored: its jobs replica died
+# between the answer and the store). The meter bills an id's first usage event and
+# drops the rest, so the first finished run's charge is the one that matches it: the
+# last one's left the month at 65 tokens against 30 metered.
 # An unfinished run marks the id given back (its next attempt reserves anew); a
 # run that ran unmarks it (its replays are charged nothing more).
 _RECONCILE = budget_lua(
     """
 if ARGV[6] ~= '' then redis.call('HDEL', KEYS[7], ARGV[6]) end
-if ARGV[5] == 'unfinished' and redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+if ARGV[5] ~= '' and redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 local actual = tonumber(ARGV[3])
 local charged = tonumber(redis.call('GET', KEYS[3]) or ARGV[2])
 local before = redis.call('HGET', KEYS[1], ARGV[1])
@@ -556,7 +561,9 @@ class TokenBudgets:
         id holds nothing and its next attempt reserves anew, checked against the
         limits. An unfinished run's reconcile that lands after a finished run's
         (its worker stalled, which is why its call timed out) is ignored: it set
-        the item's charge back to 0.
+        the item's charge back to 0. So is a second finished run's: the meter
+        bills the id's first usage event, and the month keeps the first finished
+        run's charge to match it.
         """
         _, amounts, month = self._keys(key_id, time.time() if reserved_at is None else reserved_at)
         charge, finished, given_back, _ = self._id_keys(key_id, request_id)

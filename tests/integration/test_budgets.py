@@ -165,6 +165,20 @@ async def test_a_cut_runs_late_reconcile_does_not_undo_the_finished_runs_charge(
     assert await _month_used(budgets, key) == 80  # 40 for each item, either order
 
 
+async def test_a_job_item_run_twice_to_its_end_keeps_its_first_runs_charge(budgets):
+    """A job item whose result was not stored (its jobs replica died between the
+    worker's answer and the store) runs again under its id, to its end too, with
+    another length (temperature > 0). The meter bills the id's first usage event and
+    drops the second; the budget charged the last run's: 65 against 30 metered."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    limits = Limits(monthly_tokens=1000)
+    await budgets.reserve(key, limits, "job-4:0", 100)
+    await budgets.reconcile(key, "job-4:0", 100, 30, run="finished")
+    await budgets.reserve(key, limits, "job-4:0", 100)  # the second run: a replay
+    await budgets.reconcile(key, "job-4:0", 100, 65, run="finished")
+    assert await _month_used(budgets, key) == 30
+
+
 async def test_a_replay_of_a_request_is_admitted_although_the_budget_is_spent(budgets):
     key = f"key_{uuid.uuid4().hex[:8]}"
     limits = Limits(monthly_tokens=100)
