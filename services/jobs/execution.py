@@ -320,26 +320,30 @@ async def kept_answer(call: grpc.aio.UnaryUnaryCall[Any, AnswerT]) -> AnswerT:
     A call not answered yet is cut (a cut call is billed nothing) and the cancel goes
     on; so does one whose call ended in an error, as no result is lost then.
     """
+    task = asyncio.current_task()
+    assert task is not None  # awaited in a task
+    cancelling = task.cancelling()
     waiting = asyncio.ensure_future(call)
-    cancels = 0
+    absorbed = False
     while True:
         try:
             answer = await asyncio.shield(waiting)
         except asyncio.CancelledError:
-            if not call.done():
+            # Cut, not answered: by this cancel, or under it (its channel closed, the
+            # loop's shutdown cancelled gRPC's own response task; then `waiting` never
+            # answers, and going round again spun without ever yielding).
+            if not call.done() or waiting.cancelled():
                 call.cancel()
                 raise
-            cancels += 1  # answered: its result is a loop turn or two away
+            absorbed = True  # answered: its result is a loop turn or two away
             continue
-        except grpc.aio.AioRpcError:
-            if cancels:
+        except Exception:
+            if absorbed:  # no answer to keep: the cancel goes on
                 raise asyncio.CancelledError from None
             raise
         break
-    task = asyncio.current_task()
-    assert task is not None  # awaited in a task
-    for _ in range(cancels):
-        task.uncancel()  # the item finished: the runner stores its result
+    while task.cancelling() > cancelling:
+        task.uncancel()  # every cancel since (two in one turn raise once): the item finished
     return answer
 
 

@@ -12,6 +12,7 @@ the window is hit every time. A real worker, registered in a real Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -147,8 +148,10 @@ class _Recording(ItemExecutor):
         return Recorded()
 
 
-async def test_a_call_not_answered_yet_is_cut_by_a_cancel(tmp_path: Path, own_redis: str):
-    # Cancelled while the worker still generates (200 steps of 50 ms): the call is cut.
+@contextlib.asynccontextmanager
+async def _long_item(tmp_path: Path, own_redis: str) -> AsyncIterator[tuple[_Recording, Any]]:
+    """A plain executor running one item of 200 steps of 50 ms (10 s) on a real worker,
+    its call made: yields the executor and the item's task."""
     client = aioredis.from_url(own_redis)
     settings = inference_settings(
         tmp_path, own_redis, test_models=(f"{MODEL}:1",), test_engine_step_ms=50.0
@@ -157,10 +160,12 @@ async def test_a_call_not_answered_yet_is_cut_by_a_cancel(tmp_path: Path, own_re
         WorkerDirectory(client), IdentityFiles.of(mtls.pki_dir(), contract.JOBS), Backoff(), 30
     )
     plain.calls = []
+    task: asyncio.Task[Any] | None = None
     try:
         async with serving(InferenceService(settings), settings) as server:
+            served = ((MODEL, "1"),)
             worker = WorkerEntry(
-                "w0", "127.0.0.1", server.port, ((MODEL, "1"),), lease_expires_at=time.time() + 600
+                "w0", "127.0.0.1", server.port, served, lease_expires_at=time.time() + 600
             )
             await client.hset(WORKERS_KEY, "w0", worker.to_json())
             await client.hset(
@@ -169,13 +174,31 @@ async def test_a_call_not_answered_yet_is_cut_by_a_cancel(tmp_path: Path, own_re
             request = v2.CompleteRequest(model=MODEL, prompt="a", max_output_tokens=200)
             item = jobs_pb2.JobItem(complete=request)
             task = asyncio.create_task(plain.run(item, 0, "job-cut:0", OWNER, time.time() + 30))
-            deadline = time.monotonic() + 10
-            while not plain.calls and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            task.cancel()
-            await asyncio.wait([task], timeout=5)
-            assert task.cancelled()
-            assert plain.calls[0].cancelled()
+            async with asyncio.timeout(10):
+                while not plain.calls:
+                    await asyncio.sleep(0.01)
+            yield plain, task
     finally:
+        if task is not None:
+            task.cancel()
         await plain.close()
         await client.aclose()
+
+
+async def test_a_call_not_answered_yet_is_cut_by_a_cancel(tmp_path: Path, own_redis: str):
+    async with _long_item(tmp_path, own_redis) as (plain, task):
+        task.cancel()
+        await asyncio.wait([task], timeout=5)
+        assert task.cancelled()
+        assert plain.calls[0].cancelled()
+
+
+@pytest.mark.timeout(20)  # a spin blocks the loop: only pytest-timeout's signal ends it
+async def test_a_call_cut_by_its_channels_close_ends_the_item(tmp_path: Path, own_redis: str):
+    # The call ends (cut here, not answered) with the item's task not cancelled: a
+    # first version took the ended call for an answer on its way and spun for ever
+    # without yielding, freezing the jobs replica (its stop closes the channels).
+    async with _long_item(tmp_path, own_redis) as (plain, task):
+        await plain.close()
+        await asyncio.wait([task], timeout=5)
+        assert task.cancelled()  # the signal's error instead, raised inside the spin
