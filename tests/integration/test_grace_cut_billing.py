@@ -399,6 +399,7 @@ async def test_an_embed_cut_by_its_versions_unload_is_billed_nothing_there(
         gate.release.set()
         await client.aclose()
     _assert_cut_and_billed_nothing(outcome, events, month, window)
+    assert isinstance(outcome, grpc.aio.AioRpcError)
     assert _reason(outcome) == "MODEL_UNLOADED"
     assert events[0].served_usage.prompt_tokens > 0  # audited: what it was to embed
 
