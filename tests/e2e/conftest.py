@@ -45,10 +45,20 @@ def wait_for_healthy_hosts(mesh: Mesh, clusters: Sequence[str], count: int) -> N
         time.sleep(0.1)
 
 
+def _sends_to(route: dict[str, Any], cluster: str) -> bool:
+    """Whether a route sends to `cluster` ("model:<name>:<version>"), or through its
+    fallback's aggregate cluster ("fallback:<name>:<version>")."""
+    action = route.get("route", {})
+    names = {action.get("cluster")} | {
+        target.get("name") for target in action.get("weighted_clusters", {}).get("clusters", [])
+    }
+    return cluster in names or f"fallback:{cluster.removeprefix('model:')}" in names
+
+
 def edge_placement(mesh: Mesh, cluster: str) -> tuple[dict[str, Any], list[Any]]:
-    """What decides where the edge sends a prompt head of `cluster`'s routes: the
-    cluster's hosts (weights, health) and every route's metadata (the router's pins
-    of hot heads to workers and the turns of unseen heads: gateway/model_routing.lua)."""
+    """What decides where the edge sends a prompt head of `cluster`: its hosts (weights,
+    health) and the metadata of the routes to it (the router's pins of hot heads to
+    workers and the turns of unseen heads: gateway/model_routing.lua)."""
     dump = httpx.get(
         f"http://127.0.0.1:{mesh.admin_port}/config_dump",
         params={"resource": "dynamic_route_configs"},
@@ -59,33 +69,43 @@ def edge_placement(mesh: Mesh, cluster: str) -> tuple[dict[str, Any], list[Any]]
         for config in dump.get("configs", [])
         for host in config.get("route_config", {}).get("virtual_hosts", [])
         for route in host.get("routes", [])
+        if _sends_to(route, cluster)
     ]
     return edge_hosts(mesh, cluster), metadata
 
 
-def stable_round(mesh: Mesh, cluster: str, round_: Callable[[], T], tries: int = 5) -> T:
-    """Runs `round_` until where the edge sends a prompt head (`edge_placement`)
-    stayed the same throughout, and returns its result.
+def stable_round(mesh: Mesh, cluster: str, round_: Callable[[], T], timeout_s: float = 30) -> T:
+    """Runs `round_` until where the edge sends a prompt head of `cluster`
+    (`edge_placement`) stayed the same throughout, and returns its result.
 
     Maglev picks a worker by the hosts' weights and health, unless the router
     pinned the head to one. Load-aware weights move with the workers' TTFT, and
-    pins with the heads' heat (other tests' traffic moves both: a head an earlier
-    test made a small share of the heat is pinned, and unpinned once it is most of
-    it), so a round during which they changed proves nothing about where a hash
-    key lands.
+    pins with the heads' heat (other tests' traffic moves both; a round's own heads
+    are pinned once hot, and a lone head is pinned while others' heat dwarfs it and
+    unpinned once it is most of it), so a round during which they changed proves
+    nothing about where a hash key lands. Pins move only past a noise bound, so
+    the rounds settle; tried until `timeout_s`.
     """
-    changes = []
-    for _ in range(tries):
+    deadline = time.monotonic() + timeout_s
+    rounds = 0
+    while True:
         placement = edge_placement(mesh, cluster)
         assert placement[0], f"the edge has no cluster {cluster}"
         result = round_()
+        rounds += 1
         after = edge_placement(mesh, cluster)
         if after == placement:
             return result
-        changes.append((placement, after))
-    raise AssertionError(
-        f"where {cluster}'s heads go changed during each of {tries} rounds: {changes}"
-    )
+        if time.monotonic() > deadline:
+            changed = [
+                part
+                for part, a, b in zip(("hosts", "routes"), placement, after, strict=True)
+                if a != b
+            ]
+            raise AssertionError(
+                f"where {cluster}'s heads go ({' and '.join(changed)}) changed during each"
+                f" of {rounds} rounds in {timeout_s:.0f} s; the last: {placement} -> {after}"
+            )
 
 
 #: Requests that make every Envoy thread of an edge see a prompt head, with new
