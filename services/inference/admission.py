@@ -510,11 +510,16 @@ class Admission:
                 request.prefix, served.prompt_tokens, scope=_cache_scope(request)
             )
         metrics.REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - request.started)
-        self.usage_log.append(event)
+        used = event.usage.prompt_tokens + event.usage.completion_tokens
+        try:
+            self.usage_log.append(event)
+        finally:
+            # Settled when the spool refuses the event too (a full disk): left, its
+            # reservation (prompt + max_tokens) stayed charged to the key's month under
+            # a live holder, which no reaper takes back while this worker lives.
+            self.settle(request, used, finished=not unfinished)
         if request.shadow is not None and self.shadow_records is not None:
             self.shadow_records.observe(request, request.shadow, event)
-        used = event.usage.prompt_tokens + event.usage.completion_tokens
-        self.settle(request, used, finished=not unfinished)
 
     def settle(self, request: Request, used: int, finished: bool = True) -> None:
         """Reconciles a request's reservation with the tokens it used (in the background;

@@ -514,7 +514,6 @@ class UsageLog:
         self._dir_dirty = True
 
     # -- syncing and shipping ----------------------------------------------------------
-    # -- syncing and shipping ----------------------------------------------------------
 
     def start(self, supervisor: Supervisor) -> None:
         """Starts shipping (including whatever a previous run left unshipped) and syncing."""
