@@ -421,7 +421,7 @@ class Admission:
         request.reserved_at = time.time()
         request.reservation_attempt = uuid.uuid4().hex
         try:
-            request.budget_warning = await self.budgets.reserve(
+            reserved = await self.budgets.reserve(
                 request.key_id,
                 request.limits,
                 request.usage_id,
@@ -430,6 +430,11 @@ class Admission:
                 request.reservation_attempt,
                 listed=True,  # reconciled when it ends, or taken back if this worker dies
             )
+            request.budget_warning = reserved.warning
+            # A job item's retry admitted on an earlier attempt's charge reconciles it
+            # in that charge's month (a retry past a month's end left the old month
+            # charged all of it, and the new one negative: tokens over the budget).
+            request.reserved_at = reserved.reserved_at
         except BUDGETS_UNAVAILABLE as exc:  # budgets fail open, like request limits
             logger.warning("token budgets unavailable (%s); admitting", type(exc).__name__)
             if not isinstance(exc, BreakerOpen):

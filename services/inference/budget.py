@@ -12,8 +12,11 @@ reconciled as finished (a job item replayed after its jobs replica died
 while it ran: the same `<job>:<n>`), is not charged again (workers pass the
 request id only for the jobs service; any other caller's requests get ids of
 their own: services.inference.admission.Request.usage_id), and reconciling
-it makes the month's charge for that id its latest actual use, so a
+it makes the month's charge for that id its actual use (a job item's first
+run that finished: the usage meter bills the id's first event), so a
 replayed request costs the budget once, as the usage meter counts it once.
+A replay reconciles in the month the id's charge was reserved in
+(`Reserved.reserved_at`), whenever it runs.
 
 An id whose reservation was given back (refused before it ran, a job item's
 attempt that did not finish, a reservation forgotten) holds nothing: its next
@@ -85,14 +88,16 @@ def budget_lua(script: str, **keys: int) -> str:
 # KEYS: window zset, window amounts hash, month counter, the request id's charge,
 #       the id's "given back" mark, the id's forgotten attempts, the window's sum,
 #       the holder's open reservations (ReservationReaper), the id's holder, the
-#       holders, the id's "a run finished" mark
+#       holders, the id's "a run finished" mark, when the id's charge was reserved
 # ARGV: (unused), request id, amount, tpm (0 = none), monthly (0 = none), month
 #       ttl s, replay ttl s, this call's attempt id, its field among the holder's
-#       open reservations ("": not listed), that field's value, the holder
+#       open reservations ("": not listed), that field's value, the holder, this
+#       reservation's time (time.time(), as Python wrote it: it picks the month)
 # The minute window is scored by Redis's clock (TIME), the same for every worker
 # (services.usage.ratelimit._SLIDING_WINDOWS says why).
 # Returns {0 or 1, which budget failed ("" | "tpm" | "monthly"), retry_after_ms, tokens
-#          used this minute and this month including this reservation}. An amount
+#          used this minute and this month including this reservation, and for a
+#          replay the time its id's charge was reserved ("": unknown)}. An amount
 #          over a whole budget never gets here (check_within_whole_budget).
 _RESERVE = (
     budget_lua(
@@ -103,9 +108,9 @@ local tpm, monthly = tonumber(ARGV[4]), tonumber(ARGV[5])
 local month_used = 0
 -- Lists the id among this holder's open reservations and makes it the id's holder:
 -- a dead holder's reaper gives back only what it still holds.
-local function list_open()
+local function list_open(value)
   if ARGV[9] ~= '' then
-    redis.call('HSET', KEYS[8], ARGV[9], ARGV[10])
+    redis.call('HSET', KEYS[8], ARGV[9], value)
     redis.call('SET', KEYS[9], ARGV[11], 'EX', tonumber(ARGV[7]))
     redis.call('SADD', KEYS[10], ARGV[11])
   end
@@ -119,9 +124,15 @@ end
 -- attempt is checked and reserves below, or a retry would pass any limit. A replay
 -- of an unfinished one (a job item tried again on another worker after its first
 -- worker died) takes the reservation over: it reconciles it.
+-- The charge stays in the month it was reserved in (a retry past a month's end
+-- reconciled it into the next month: the old one kept it all, the new one went
+-- negative): the caller reconciles (or its reaper takes back) in that month.
 if redis.call('EXISTS', KEYS[4]) == 1 and redis.call('EXISTS', KEYS[5]) == 0 then
-  if redis.call('EXISTS', KEYS[11]) == 0 then list_open() end
-  return {1, '', 0, 0, 0}
+  local at = redis.call('GET', KEYS[12])
+  if redis.call('EXISTS', KEYS[11]) == 0 then
+    list_open(at and ('[' .. at .. ', "' .. ARGV[8] .. '"]') or ARGV[10])
+  end
+  return {1, '', 0, 0, 0, at or ''}
 end
 """
         + READ_SUM
@@ -196,9 +207,10 @@ redis.call('INCRBY', KEYS[3], amount)
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[6]))
 -- A given-back id's charge was 0: it holds this reservation now.
 redis.call('SET', KEYS[4], amount, 'EX', tonumber(ARGV[7]))
+redis.call('SET', KEYS[12], ARGV[12], 'EX', tonumber(ARGV[7]))
 redis.call('DEL', KEYS[5])
-list_open()
-return {1, '', 0, sum + delta, month_used + amount}
+list_open(ARGV[10])
+return {1, '', 0, sum + delta, month_used + amount, ''}
 """,
         SUM=7,
         AMOUNTS=2,
@@ -308,6 +320,22 @@ return 0
 # run that finished, "unfinished" a run given back (refused before it ran, or a job
 # item's attempt to be tried again): see TokenBudgets.reconcile.
 Run = Literal["", "finished", "unfinished"]
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """Reserved is an admitted reservation.
+
+    Attributes:
+        warning: each budget now at or over 80%, named ("" if none).
+        reserved_at: when the request id's charge was reserved (time.time()): the
+            call's `now`, or, for a replay that was admitted on an earlier attempt's
+            charge (a job item tried again), that attempt's. Reconcile and forget
+            the reservation with it: it picks the month that holds the charge.
+    """
+
+    warning: str
+    reserved_at: float
 
 
 @dataclass(frozen=True)
@@ -471,7 +499,7 @@ class TokenBudgets:
         now: float | None = None,
         attempt: str = "",
         listed: bool = False,
-    ) -> str:
+    ) -> Reserved:
         """Reserves `amount` tokens or raises ResourceExhausted naming the budget
         (RequestOverBudget, sent as FAILED_PRECONDITION, when `amount` exceeds a whole
         budget: no wait would admit it).
@@ -486,7 +514,8 @@ class TokenBudgets:
         of tokens already sent): listed among the holder's open reservations, so
         that it is taken back if this process dies first (ReservationReaper).
 
-        Returns a warning naming each budget now at or over 80% ("" if none).
+        Returns the warning naming each budget now at or over 80% and the time the
+        id's charge was reserved, which picks the month its reconcile goes to.
         """
         check_within_whole_budget(key_id, limits, amount)
         now = time.time() if now is None else now
@@ -505,6 +534,7 @@ class TokenBudgets:
                     f"{charge}:holder",
                     HOLDERS_KEY,
                     finished,
+                    f"{charge}:at",
                 ],
                 args=[
                     int(now * 1000),
@@ -518,6 +548,7 @@ class TokenBudgets:
                     self._open_field(self.holder, key_id, request_id) if listed else "",
                     json.dumps([now, attempt]),
                     self.holder,
+                    repr(now),
                 ],
             )
         except (RedisError, TimeoutError, OSError) as exc:
@@ -525,7 +556,9 @@ class TokenBudgets:
             raise
         self.breaker.succeeded()
         if ok:
-            return _warning(limits, int(used[0]), int(used[1]))
+            charged_at = text(used[2]) if len(used) > 2 else ""
+            reserved_at = float(charged_at) if charged_at else now
+            return Reserved(_warning(limits, int(used[0]), int(used[1])), reserved_at)
         name = text(budget)
         if name == "tpm":
             retry_s = max(1.0, int(retry_ms) / 1000)

@@ -12,6 +12,7 @@ stops refreshing its liveness key: the tests let it expire (or delete it).
 from __future__ import annotations
 
 import asyncio
+import calendar
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -234,3 +235,51 @@ async def test_a_stopped_reaper_does_not_bring_its_holder_back(client: aioredis.
         assert not await alive()
         await asyncio.sleep(0.02)
     await supervisor.stop()
+
+
+def _next_month_start(now: float) -> float:
+    tm = time.gmtime(now)
+    year, month = (tm.tm_year + 1, 1) if tm.tm_mon == 12 else (tm.tm_year, tm.tm_mon + 1)
+    return float(calendar.timegm((year, month, 1, 0, 0, 0)))
+
+
+async def _month_at(client: aioredis.Redis, key: str, at: float) -> int:
+    return int(await client.get(TokenBudgets.month_key(key, at)) or 0)
+
+
+async def test_a_job_items_retry_past_a_months_end_reconciles_in_its_charges_month(
+    client: aioredis.Redis,
+) -> None:
+    # Worker A reserved `<job>:<n>` a second before the month's end and died; B's retry
+    # two seconds into the next month took the charge over. Reconciled in B's month,
+    # the old month kept all 3000 and the new one read -2700: 2700 tokens over budget.
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    end = _next_month_start(time.time())
+    first = TokenBudgets(client, holder="w-first:7")
+    second = TokenBudgets(client, holder="w-second:7")
+    await first.reserve(key, LIMITS, "job-3:0", 3000, end - 1.0, "a1", listed=True)
+    taken = await second.reserve(key, LIMITS, "job-3:0", 3000, end + 2.0, "a2", listed=True)
+    assert taken.reserved_at == end - 1.0  # the charge's month
+    await second.reconcile(key, "job-3:0", 3000, 300, taken.reserved_at, run="finished")
+    assert (await _month_at(client, key, end - 1.0), await _month_at(client, key, end)) == (
+        300,
+        0,
+    )
+
+
+async def test_a_retry_past_a_months_end_that_dies_too_is_given_back_in_its_month(
+    client: aioredis.Redis,
+) -> None:
+    # The retry's holder lists the charge's time, so its reaper refunds that month.
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    end = _next_month_start(time.time())
+    first = TokenBudgets(client, holder="w-first:8")
+    second = TokenBudgets(client, holder="w-second:8")
+    for budgets in (first, second):
+        await ReservationReaper(budgets, ttl_s=1).beat()
+    await first.reserve(key, LIMITS, "job-4:0", 3000, end - 1.0, "a1", listed=True)
+    await second.reserve(key, LIMITS, "job-4:0", 3000, end + 2.0, "a2", listed=True)
+    await _dead(client, "w-first:8")
+    await _dead(client, "w-second:8")
+    assert await ReservationReaper(TokenBudgets(client, holder="w-third:8")).reap() == 1
+    assert (await _month_at(client, key, end - 1.0), await _month_at(client, key, end)) == (0, 0)

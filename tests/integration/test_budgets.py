@@ -79,9 +79,11 @@ async def test_monthly_quota_counts_actual_usage(budgets):
 async def test_a_budget_at_80_percent_is_named_in_a_warning(budgets):
     key = f"key_{uuid.uuid4().hex[:8]}"
     limits = Limits(tokens_per_minute=100, monthly_tokens=1000)
-    assert await budgets.reserve(key, limits, "a", 50) == ""
-    assert await budgets.reserve(key, limits, "b", 30) == "tokens_per_minute 80/100"
-    assert await budgets.reserve(key, Limits(monthly_tokens=100), "c", 5) == "monthly_tokens 85/100"
+    assert (await budgets.reserve(key, limits, "a", 50)).warning == ""
+    assert (await budgets.reserve(key, limits, "b", 30)).warning == "tokens_per_minute 80/100"
+    assert (await budgets.reserve(key, Limits(monthly_tokens=100), "c", 5)).warning == (
+        "monthly_tokens 85/100"
+    )
 
 
 async def test_a_stream_admitted_while_redis_was_down_ends_with_quota(tmp_path):
