@@ -21,11 +21,13 @@ since, a worker frozen past HOLDER_TTL_S that wakes settling its own, or taken
 over since: a job item tried again on another worker under the same request id
 makes that worker its holder, and it reconciles the item).
 
-What it cannot know: a worker killed in the milliseconds between recording a
-request (its usage record is durable) and its reconcile landing has that
-request's reservation taken back, so the key's month does not count tokens the
-request was billed. Under, never over: no request is refused for tokens nobody
-used.
+What it cannot know: a worker killed between recording a request (its usage
+record is durable) and its reconcile landing has that request's reservation
+taken back, so the key's month does not count tokens the request was billed.
+That is milliseconds, unless Redis was slow or away then: a reconcile is tried
+for up to ~7 s (admission.STORE_ATTEMPTS), and a graceful stop waits 5 s for
+them before it ends its holder. Under, never over: no request is refused for
+tokens nobody used.
 """
 
 from __future__ import annotations
