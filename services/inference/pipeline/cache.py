@@ -131,9 +131,16 @@ def client_mode(headers: Mapping[str, str], field: int) -> ClientMode:
     return DEFAULT_MODE
 
 
-def scope(config: CacheConfig, tenant: str, model: str) -> str:
-    """Returns whose entries a request may share: its tenant's, or everyone's for a shared model."""
-    return SHARED_SCOPE if model in config.shared_models else f"tenant:{tenant}"
+def scope(config: CacheConfig, tenant: str, model: str, asked: str = "") -> str:
+    """Returns whose entries a request may share: its tenant's, or everyone's for a shared
+    model, when the model it asked for (`asked`: a fallback serves another) is shared
+    too. Decided by the serving model alone, a private model's prompts that its shared
+    fallback answered went into everyone's scope: another tenant asking the shared
+    model the same prompt read `hit`, learning what the private model was asked."""
+    shared = config.shared_models
+    if model in shared and (asked or model) in shared:
+        return SHARED_SCOPE
+    return f"tenant:{tenant}"
 
 
 def make_key(kind: str, parts: Sequence[Any]) -> str:

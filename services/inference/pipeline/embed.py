@@ -74,7 +74,7 @@ def input_key(config: cache_stage.CacheConfig, call: Request, token_ids: Sequenc
     return cache_stage.make_key(
         "emb",
         [
-            cache_stage.scope(config, call.tenant, call.model.name),
+            cache_stage.scope(config, call.tenant, call.model.name, call.fallback_from),
             call.model.name,
             call.model.version,
             list(token_ids),

@@ -144,7 +144,9 @@ def generation_key(
     return cache_stage.make_key(
         "gen",
         [
-            cache_stage.scope(config, generation.tenant, generation.model.name),
+            cache_stage.scope(
+                config, generation.tenant, generation.model.name, generation.fallback_from
+            ),
             method,
             surface.api_version,
             surface.token_logprobs,
