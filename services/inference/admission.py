@@ -41,6 +41,7 @@ from services.core.interceptors import Context, request_headers
 from services.core.model_access import allowed_models, check_model_allowed
 from services.inference import metrics, shadow
 from services.inference.budget import Limits, Run, TokenBudgets, check_within_whole_budget
+from services.inference.engines.prefix_cache import private_scope
 from services.inference.mesh_models import MeshModels
 from services.inference.models import LoadedModel, ModelRegistry
 from services.inference.pipeline.content import ContentStage
@@ -246,6 +247,13 @@ class Request:
         # however it ends (pipeline.stream.produce).
         self.streamed = False
 
+    @property
+    def prefix_scope(self) -> str:
+        """The scope its prompt's KV is reused in (engines.prefix_cache): its tenant's,
+        kept apart from a shared model's one scope when it asked for another model
+        (that model's prompts are not public because its fallback's are)."""
+        return private_scope(self.tenant) if self.fallback_from else self.tenant
+
     def model_ref(self) -> types_pb2.ModelRef:
         """Returns the serving model version as a protobuf message."""
         return types_pb2.ModelRef(name=self.model.name, version=self.model.version)
@@ -297,7 +305,7 @@ def _cache_scope(request: Request) -> str:
     the one scope of a shared cache (or of an engine without a prefix cache)."""
     scheduler = request.model.scheduler
     cache = scheduler.engine.prefix_cache if scheduler is not None else None
-    return cache.scope_of(request.tenant) if cache is not None else ""
+    return cache.scope_of(request.prefix_scope) if cache is not None else ""
 
 
 def set_attempt_apart(event: inference_pb2.UsageEvent) -> None:

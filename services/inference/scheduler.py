@@ -331,6 +331,9 @@ class Sequence_:
     # Fair sharing: whose service this is, the request's weight (its tenant's or
     # tier's) and the account it is charged to (set once it reaches the queue).
     tenant: str = ""
+    # The scope its prompt's KV is reused in (engines.base.StepItem.scope): its tenant,
+    # or a private one (engines.prefix_cache.private_scope).
+    cache_scope: str = ""
     weight: float = 1.0
     account: TenantAccount[Sequence_] | None = None
     # A shadow copy (SHADOW_COPY when submitted): not in the live queue bound.
@@ -344,15 +347,16 @@ class Sequence_:
     def step_item(self) -> StepItem:
         """Returns what to feed next: the prompt first, then the last token.
 
-        Its scope is the tenant: the engine reuses a prompt's KV only within
-        it (another tenant's hit would show in this one's cached_prompt_tokens)."""
+        Its scope is its cache scope (the tenant): the engine reuses a prompt's KV
+        only within it (another tenant's hit would show in this one's
+        cached_prompt_tokens)."""
         if not self.generated:
-            return StepItem(self.slot, self.prompt_ids, 0, self.tenant)
+            return StepItem(self.slot, self.prompt_ids, 0, self.cache_scope)
         return StepItem(
             self.slot,
             self.generated[-1:],
             len(self.prompt_ids) + len(self.generated) - 1,
-            self.tenant,
+            self.cache_scope,
         )
 
 
@@ -509,6 +513,7 @@ class Scheduler:
         top_logprobs: int | None = None,
         tenant: str = "",
         tier: str = "",
+        cache_scope: str | None = None,
     ) -> Sequence_:
         """Queues a sequence; raises ResourceExhausted when the queue is full.
 
@@ -518,6 +523,7 @@ class Scheduler:
         top_logprobs: None, or record each token's log-probability and that many
         best alternatives (costs a softmax of the row, only for these sequences).
         tenant, tier: the caller's (the edge's identity headers), for fair sharing.
+        cache_scope: the scope its prompt's KV is reused in (None: its tenant).
         """
         if not self._accepting:
             raise _unloading()
@@ -536,6 +542,7 @@ class Scheduler:
             rng=np.random.default_rng(seed),
             top_logprobs=top_logprobs,
             tenant=tenant,
+            cache_scope=tenant if cache_scope is None else cache_scope,
             weight=self.limits.fairness.weight(tenant, tier),
             copy=SHADOW_COPY.get(),
         )

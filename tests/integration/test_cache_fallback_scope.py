@@ -81,3 +81,42 @@ async def test_a_shared_models_own_requests_are_everyones(worker):
     public = unique_prompt("a public question")
     assert await _complete(stub, PUBLIC, public, _tenant("one")) == (PUBLIC, "miss")
     assert await _complete(stub, PUBLIC, public, _tenant("two")) == (PUBLIC, "hit")
+
+
+@pytest.fixture
+async def shared_demo_lm(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[InferenceService, grpc.aio.Channel]]:
+    """A worker of the real demo-lm, its prefix cache shared by every tenant (listed)."""
+    monkeypatch.setenv("TOKENMESH_CACHE_SHARED_MODELS", "demo-lm")
+    settings = inference_settings(tmp_path, redis_url, models=("demo-lm:1",), test_models=())
+    async with await start_inference(settings) as pair:
+        yield pair
+
+
+async def _cached_tokens(stub: Any, model: str, prompt: str, metadata: Any) -> int:
+    request = pb.CompleteRequest(model=model, prompt=prompt, max_output_tokens=1)
+    response = await stub.Complete(request, metadata=metadata)
+    return int(response.usage.cached_prompt_tokens)
+
+
+async def test_a_private_prompt_its_shared_fallback_computed_is_no_other_tenants_prefix_hit(
+    shared_demo_lm,
+):
+    # The engine's prefix cache: a hit shows in the caller's cached_prompt_tokens.
+    stub = rpc.InferenceServiceStub(shared_demo_lm[1])
+    fallback = [
+        *_tenant("acme"),
+        (model_routing.ROUTE_MODEL_HEADER, PRIVATE),
+        (model_routing.ROUTE_VERSION_HEADER, "9"),
+        (model_routing.FALLBACK_MODEL_HEADER, "demo-lm"),
+        (model_routing.FALLBACK_VERSION_HEADER, "1"),
+    ]
+    secret = f"And the merger of {unique_prompt('acme')} was agreed in secret"
+    assert await _cached_tokens(stub, PRIVATE, secret, fallback) == 0
+    assert await _cached_tokens(stub, "demo-lm", secret, _tenant("evil")) == 0
+    assert await _cached_tokens(stub, PRIVATE, secret, fallback) > 0  # its own scope's
+    # The shared model's own requests still share one scope.
+    public = f"And the people of {unique_prompt('all')} heard it"
+    assert await _cached_tokens(stub, "demo-lm", public, _tenant("one")) == 0
+    assert await _cached_tokens(stub, "demo-lm", public, _tenant("two")) > 0

@@ -23,7 +23,9 @@ Every prompt is stored and looked up in a scope: the tenant that sent it
 (the engine's StepItem.scope), "" for requests without one (internal
 callers), or one scope for everybody where the operator listed the model as
 shared (`shared`: TOKENMESH_CACHE_SHARED_MODELS, the response cache's shared
-scope). A prompt only ever hits what its own scope stored: a hit is visible
+scope), except a private scope (`private_scope`: a request for another model
+that this one answers as its fallback, whose prompts nobody made public). A
+prompt only ever hits what its own scope stored: a hit is visible
 to the caller (`cached_prompt_tokens` in its usage, and its speed), so a
 cache shared by tenants would tell one tenant which prompts, or which
 16-token heads of them, another tenant sent (the response cache's scopes
@@ -52,6 +54,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+#: The prefix of a scope that a shared cache keeps apart (`private_scope`).
+PRIVATE_SCOPE = "private:"
+
+
+def private_scope(tenant: str) -> str:
+    """Returns `tenant`'s scope that a shared cache keeps apart: a private model's
+    request answered by a shared fallback put the private model's prompts into the
+    shared scope, where another tenant's hits (`cached_prompt_tokens`) told of them."""
+    return PRIVATE_SCOPE + tenant
 
 
 @dataclass(eq=False)
@@ -179,8 +191,8 @@ class PrefixCache:
 
     def scope_of(self, scope: str) -> str:
         """Returns the scope a request of `scope` (its tenant) stores and looks up in:
-        its own, or the one scope of a shared cache."""
-        return "" if self.shared else scope
+        its own, or the one scope of a shared cache (but never for a private one)."""
+        return "" if self.shared and not scope.startswith(PRIVATE_SCOPE) else scope
 
     def clear(self) -> None:
         """Drops every entry and starts the statistics again."""

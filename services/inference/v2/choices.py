@@ -176,6 +176,7 @@ class Generation(Request):
                     top_logprobs=top,
                     tenant=self.tenant,
                     tier=self.tier,
+                    cache_scope=self.prefix_scope,
                 )
                 self.choices.append(Choice(index, seq, GenerationState(len(self.prompt_ids))))
         except BaseException:
