@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 from services.core import contract
 from services.inference.admission import Admission
 from services.inference.budget import TokenBudgets
+from services.inference.pipeline.cache import COMPUTED_SEQUENCES
 from services.inference.pipeline.content import ContentStage
 from services.inference.pipeline.generate import GenerationPipeline
 from services.inference.service import InferenceService
@@ -302,3 +303,55 @@ async def _all_slots_free(service: InferenceService) -> None:
     async with asyncio.timeout(1.5):
         while any(s.stats()["running"] or s.stats()["waiting"] for s in schedulers):
             await asyncio.sleep(0.01)
+
+
+# ------------------------------------------------------------ a computation that fails
+
+WAITERS = 6
+
+
+async def _waiters(service: InferenceService, count: int, completions: bool) -> None:
+    """Waits until one flight has `count` waiters (its leader counts as one)."""
+    assert service.cache is not None
+    flights = service.cache.completions if completions else service.cache.streams
+    async with asyncio.timeout(10):
+        while not any(f.waiters >= count for f in flights._flights.values()):  # noqa: SLF001
+            await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("method", ["Complete", "Generate"])
+async def test_a_shared_computation_that_fails_fails_its_waiters_without_computing_again(
+    one_slot_worker: tuple[InferenceService, Any], method: str
+) -> None:
+    # Each waiter computed again on its own: six identical requests to a failing model
+    # made six computations, each waiting for the slot, where the docs say the
+    # computation's error is every waiter's.
+    service, stub = one_slot_worker
+    blocker = _seeded(unique_prompt("blocker"), uuid.uuid4().hex, 200)
+    held = stub.Generate(blocker, metadata=_identity("t", "k"))
+    await held.read()  # it holds the one slot
+    for model in service.registry.all():  # every prefill from now on fails
+        if model.scheduler is not None:
+            model.scheduler.engine.error_rate = 1.0  # type: ignore[attr-defined]
+    before = COMPUTED_SEQUENCES.labels(MODEL)._value.get()
+    prompt = unique_prompt("failing")
+
+    async def one() -> str:
+        try:
+            if method == "Complete":
+                request = pb.CompleteRequest(model=MODEL, prompt=prompt, max_output_tokens=5)
+                request.sampling.seed = 1
+                await stub.Complete(request, metadata=_identity("t", "k"))
+            else:
+                call = stub.Generate(_seeded(prompt, "", 5), metadata=_identity("t", "k"))
+                _ = [message async for message in call]
+        except grpc.aio.AioRpcError as error:
+            return error.code().name
+        return "OK"
+
+    calls = [asyncio.ensure_future(one()) for _ in range(WAITERS)]
+    await _waiters(service, WAITERS, completions=method == "Complete")
+    held.cancel()  # the slot frees: the shared computation starts, and fails
+    outcomes = await asyncio.gather(*calls)
+    assert COMPUTED_SEQUENCES.labels(MODEL)._value.get() - before == 1
+    assert outcomes == ["INTERNAL"] * WAITERS, outcomes

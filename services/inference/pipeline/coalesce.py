@@ -46,6 +46,9 @@ class Flight(Generic[T]):
         self.items: list[T] = []
         self.done = False
         self.error: BaseException | None = None
+        # It never started: its leader was refused (`fail`) or left. Its waiters then
+        # compute their own answer; the computation's own error is theirs too.
+        self.refused = False
         self.waiters = 0
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -94,6 +97,7 @@ class Flight(Generic[T]):
         or LeaderLeft if the leader was cancelled (a waiter then computes its own answer:
         raised as is, its caller's RPC ended as cancelled, although that caller stayed)."""
         self.error = error if isinstance(error, Exception) else LeaderLeft()
+        self.refused = True
         self.done = True
         self._publish()
         self._release()
@@ -102,6 +106,13 @@ class Flight(Generic[T]):
     def cancelled(self) -> bool:
         """Tells whether its last waiter left before the end (it is being cancelled)."""
         return self._cancelled
+
+    def left_to_waiters(self, error: BaseException) -> bool:
+        """Tells whether a waiter that got `error` before any item computes its own
+        answer: its leader was refused or left (`refused`, LeaderLeft). Else it is the
+        computation's failure, which the waiter's identical request shares: each
+        waiter computing again put as many computations on a failing model."""
+        return self.refused or isinstance(error, LeaderLeft)
 
     def follow(self) -> AsyncIterator[T]:
         """Returns a reader of every item from the first (raising the computation's error).

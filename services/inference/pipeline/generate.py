@@ -346,7 +346,7 @@ class GenerationPipeline:
                         yield message
                     return
                 flight = stage.streams.join(key)
-            if flight is not None:
+            while flight is not None:
                 followed = self._follow_stream(context, generation, flight)
                 joined = True
                 async for shared in followed:
@@ -355,8 +355,11 @@ class GenerationPipeline:
                         yield shared
                 if joined:
                     return
-                # The computation failed before its first message (its leader was
-                # refused, e.g. by its own budget): this request computes its own.
+                # The computation never started (its leader was refused, e.g. by its
+                # own budget, or left): this request computes its answer with the other
+                # waiters: the first of them to get here leads, the rest follow it (each
+                # led a computation of its own before). An ended flight is never joined.
+                flight = stage.streams.join(key)
         async for message in self._lead_stream(stage, cache_plan, key, context, generation):
             yield message
 
@@ -404,8 +407,13 @@ class GenerationPipeline:
         try:
             try:
                 first = await anext(items)
-            except Exception:  # StopAsyncIteration too: it ended with no message
+            except StopAsyncIteration:  # it ended with no message
                 yield None  # nothing received: compute it ourselves
+                return
+            except Exception as exc:
+                if not flight.left_to_waiters(exc):
+                    raise  # the computation failed: so does this identical request
+                yield None
                 return
             # Refused by its own budget: raised before anything is sent or billed.
             await self._reserve_served(generation, generation.prompt_tokens, 0, upper=True)
@@ -610,10 +618,11 @@ class GenerationPipeline:
                 if entry is not None:
                     return await self._replay_completion(context, generation, entry)
                 flight = stage.completions.join(key)
-            if flight is not None:
+            while flight is not None:  # as _generate_cached: waiters lead again together
                 response = await self._follow_completion(context, generation, flight)
                 if response is not None:
                     return response
+                flight = stage.completions.join(key)
         return await self._lead_completion(stage, key, context, generation)
 
     async def _complete_computed(
@@ -643,7 +652,9 @@ class GenerationPipeline:
         items = flight.follow()
         try:
             shared = await anext(items, None)
-        except Exception:
+        except Exception as exc:
+            if not flight.left_to_waiters(exc):
+                raise  # the computation failed: so does this identical request
             shared = None
         finally:
             await items.aclose()  # type: ignore[attr-defined]
