@@ -611,3 +611,46 @@ async def test_a_cache_leader_stream_queued_at_the_grace_end_ends_in_band(
     finally:
         if channel is not None:
             await channel.close()
+
+
+async def test_a_coalesced_stream_whose_leader_left_ends_in_band_at_the_grace_end(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower of a shared computation whose leader left: the leader's exit took the
+    computation out of the streams the worker's stop ends in-band, so grpc cut the
+    follower at the grace's end (UNAVAILABLE "Cancelling all calls", no final message)."""
+    monkeypatch.setenv("TOKENMESH_CACHE", "on")
+    monkeypatch.setenv("TOKENMESH_CACHE_REDIS_URL", redis_url)
+    settings = inference_settings(tmp_path, redis_url, grace_s=1.0, test_engine_step_ms=50.0)
+    service = InferenceService(settings)
+    request = v2_pb.GenerateRequest(
+        model=MODEL, prompt=unique_prompt("shared"), max_output_tokens=MAX_TOKENS
+    )
+    request.sampling.seed = 3  # deterministic: cached, so coalesced
+    identity = _identity(f"key_{uuid.uuid4().hex[:8]}")
+    channel: grpc.aio.Channel | None = None
+    try:
+        async with serving(service, settings) as server:
+            # Open past the block: the follower reads the stopping server's own end.
+            channel = mtls.aio_channel(server.port, peer="worker")
+            stub = v2_rpc.InferenceServiceStub(channel)
+            leader = stub.Generate(request, metadata=identity)
+            assert dict(await leader.initial_metadata())[contract.CACHE_HEADER] == "miss"
+            await leader.read()
+            follower = stub.Generate(request, metadata=identity)
+            assert dict(await follower.initial_metadata())[contract.CACHE_HEADER] == "coalesced"
+            reading = asyncio.ensure_future(_read_stream(follower))
+            leader.cancel()
+            assert service.cache is not None
+            flights = service.cache.streams._flights  # noqa: SLF001 - its readers
+            async with asyncio.timeout(10):  # the leader has left; the follower reads on
+                while [f.waiters for f in flights.values()] != [1]:
+                    await asyncio.sleep(0.01)
+        # Left: drained, the grace (1 s) ended with the shared computation running.
+        messages, error = await reading
+    finally:
+        if channel is not None:
+            await channel.close()
+    assert messages and error is not None
+    last = messages[-1]
+    assert last.HasField("error") and _in_band_reason(last) == "WORKER_STOPPING", last

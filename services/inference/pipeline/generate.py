@@ -466,6 +466,8 @@ class GenerationPipeline:
             return produce(self.admission, generation, lambda: flight.waiters > 1)
 
         async def store(ended: Flight[pb.GenerateResponse]) -> None:
+            # The computation ended (its reader, `produce`, may never have started).
+            self.admission.open_streams.discard(generation)
             if ended.error is None and _storable_stream(ended.items, generation.spec.n):
                 await stage.store.put(key, encode_stream(ended.items))
 
@@ -493,8 +495,8 @@ class GenerationPipeline:
                     if message.HasField("finish_reason"):
                         ended.add(message.choice_index)
             except Exception as exc:
-                # The computation failed before its first message (its waiters compute
-                # their own): with its headers out, the leader's client reads it in-band.
+                # The computation failed before its first message (so do its waiters):
+                # with its headers out, the leader's client reads it in-band.
                 if started or not _headers_out(context):
                     raise
                 error = to_domain_error(exc, "Generate")
@@ -505,7 +507,10 @@ class GenerationPipeline:
             self._note_cut_stream(context, generation)
             raise
         finally:
-            self.admission.open_streams.discard(generation)
+            if flight.done:
+                # Else it runs on for its waiters: the worker's stop must still end it
+                # in-band (they were cut with no final message); `store` untracks it.
+                self.admission.open_streams.discard(generation)
             await items.aclose()  # type: ignore[attr-defined]
             if flight.done and reason != "quota":
                 record_computed(self.admission, generation)
