@@ -32,7 +32,7 @@ $(BUF): package.json
 	touch $@
 
 .PHONY: setup
-setup: $(STAMP) build/tokenmesh.pb models browser promtool ## Create .venv, install everything, build the models (idempotent).
+setup: $(STAMP) build/tokenmesh.pb models browser promtool h2load ## Create .venv, install everything, build the models (idempotent).
 
 # The playground's browser test (tests/e2e/test_playground.py) drives Debian's
 # headless Chromium through Playwright; Playwright's own browser downloads
@@ -58,6 +58,18 @@ promtool: ## Install promtool for the alert-rule tests (Debian's prometheus pack
 	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; } \
 	  || echo "warning: promtool is not installed (apt-get install prometheus):" \
 	          "tests/unit/test_observability.py will fail"
+
+# The benchmarks' unary load generator, h2load (Debian's nghttp2-client): the bench's
+# load checks (tests/unit/test_bench_load_checks.py) run it; a machine without it
+# failed them (CI's machines had it by chance). Binaries only, no recommends.
+.PHONY: h2load
+h2load: ## Install h2load for the benchmarks and their tests (Debian's nghttp2-client).
+	@command -v h2load >/dev/null \
+	  || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nghttp2-client >/dev/null \
+	  || { apt-get update -q >/dev/null \
+	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nghttp2-client >/dev/null; } \
+	  || echo "warning: h2load is not installed (apt-get install nghttp2-client):" \
+	          "tests/unit/test_bench_load_checks.py will fail"
 
 MINILM := models/all-minilm-l6-v2/1/model.onnx
 DEMO_LM := models/demo-lm/1/model.onnx
@@ -145,9 +157,7 @@ $(LITELLM_STAMP): pyproject.toml
 # What the benchmarks need, and nothing more (no browser, no promtool): on a
 # fresh clone the project's venv and the LiteLLM peer's install side by side.
 .PHONY: bench-deps
-bench-deps: $(STAMP) build/tokenmesh.pb models $(LITELLM_STAMP)
-	@command -v h2load >/dev/null || apt-get install -y -q nghttp2-client >/dev/null 2>&1 \
-	  || echo "h2load unavailable: throughput measured with Python clients"
+bench-deps: $(STAMP) build/tokenmesh.pb models $(LITELLM_STAMP) h2load
 
 .PHONY: bench
 bench: ## Run the benchmarks, write bench/results/<timestamp>/ (BENCH_ARGS="--only S1,S2 --quick").
