@@ -32,7 +32,7 @@ $(BUF): package.json
 	touch $@
 
 .PHONY: setup
-setup: $(STAMP) build/tokenmesh.pb models browser promtool h2load ## Create .venv, install everything, build the models (idempotent).
+setup: $(STAMP) build/tokenmesh.pb models browser promtool h2load redis7 ## Create .venv, install everything, build the models (idempotent).
 
 # The playground's browser test (tests/e2e/test_playground.py) drives Debian's
 # headless Chromium through Playwright; Playwright's own browser downloads
@@ -70,6 +70,19 @@ h2load: ## Install h2load for the benchmarks and their tests (Debian's nghttp2-c
 	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nghttp2-client >/dev/null; } \
 	  || echo "warning: h2load is not installed (apt-get install nghttp2-client):" \
 	          "tests/unit/test_bench_load_checks.py will fail"
+
+# The Redis ACL tests (tests/integration/test_redis_acl.py) run every service's
+# users on the bundled Redis (6.2) and on a Redis 7, whose read-only key patterns
+# (%R~) they check: Debian's redis-server. The mesh itself always runs the bundled
+# one; installing the package starts no server here. Without it those cases skip.
+.PHONY: redis7
+redis7: ## Install Debian's redis-server (7) for the Redis ACL tests.
+	@command -v redis-server >/dev/null \
+	  || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server >/dev/null \
+	  || { apt-get update -q >/dev/null \
+	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server >/dev/null; } \
+	  || echo "warning: redis-server is not installed (apt-get install redis-server):" \
+	          "the Redis 7 cases of tests/integration/test_redis_acl.py skip"
 
 MINILM := models/all-minilm-l6-v2/1/model.onnx
 DEMO_LM := models/demo-lm/1/model.onnx
