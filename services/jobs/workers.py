@@ -110,7 +110,12 @@ class WorkerDirectory:
             return self._by_split(name, entry, workers, draw_key, now)
         version = resolve(entry, label, now) if entry is not None else label
         serving = [w for w in workers if (name, version) in w.models]
-        if not serving:  # a version the catalogue does not know: the worker answers for it
+        known = entry is not None and entry.version(version) is not None
+        if not serving and not known:
+            # A version (or model) the catalogue does not know: any worker of the model
+            # answers for it. A known one whose workers are away waits for them, as the
+            # edge's route to its cluster does: sent to another version's worker, the
+            # item failed NOT_FOUND for good.
             serving = [w for w in workers if any(m == name for m, _ in w.models)]
             version = label
         if not serving:

@@ -31,7 +31,7 @@ async def test_items_follow_the_split_and_pins_and_aliases(redis_url):
     entry = ModelEntry(
         model,
         versions=(VersionEntry("1", 90), VersionEntry("2", 10), VersionEntry("3", 0)),
-        aliases={"stable": "1"},
+        aliases={"stable": "1", "candidate": "2"},
     )
     # Version 3 is the newest on `both`, which would run it for an unpinned item.
     workers = {
@@ -68,6 +68,14 @@ async def test_items_follow_the_split_and_pins_and_aliases(redis_url):
         # A model the catalogue does not know runs where it is served, the worker choosing.
         unknown = await directory.pick((f"{model}-uncatalogued", ""), "k")
         assert unknown is None
+        # A catalogued version (or its alias) whose workers are away waits for them, as
+        # the edge's route to its cluster does: sent to another version's worker under
+        # its label, the item failed NOT_FOUND for good.
+        assert await directory.pick((model, "2"), "k") is None
+        assert await directory.pick((model, "candidate"), "k") is None
+        # A version the catalogue does not know still goes to a worker of the model.
+        made_up = await directory.pick((model, "9"), "k")
+        assert made_up is not None and made_up.version == "9"
     finally:
         await client.hdel(CATALOG_KEY, model)
         await client.hdel(WORKERS_KEY, *workers)
