@@ -387,13 +387,49 @@ class Rollout:
                 for w, cs in data["baseline"].items()
             },
             reason=data.get("reason", ""),
-            decisions=tuple(Decision(**d) for d in data.get("decisions", ())),
+            decisions=tuple(
+                Decision(**known_fields(Decision, d)) for d in data.get("decisions", ())
+            ),
         )
 
     def decided(self, decision: Decision) -> Rollout:
         """Returns the rollout with `decision` recorded (the history is bounded)."""
         history = (*self.decisions, decision)[-MAX_DECISIONS:]
         return replace(self, reason=decision.reason, decisions=history)
+
+
+# Errors of a stored rollout this replica cannot read (a hand edit, a field of a newer
+# release it cannot take: an unknown state, a step index past the steps).
+_UNREADABLE = (ValueError, KeyError, TypeError, IndexError, AttributeError)
+# The unreadable documents already logged, by model: a tick reads them twice a second.
+_reported_unreadable: dict[str, str | bytes] = {}
+
+
+def readable_rollouts(stored: Mapping[Any, str | bytes]) -> list[Rollout]:
+    """Returns the rollouts of `stored` (model -> document) that read, by model name.
+
+    One that does not is left out and logged once (per document): it raised out of
+    every tick, so no other model's rollout was driven, and every replica's task
+    failed until each reported NOT_SERVING.
+    """
+    return [rollout for _, _, rollout in _readable(stored)]
+
+
+def _readable(stored: Mapping[Any, str | bytes]) -> list[tuple[Any, str | bytes, Rollout]]:
+    """Returns (hash field, document, rollout) of each readable rollout of `stored`."""
+    found = []
+    for model, raw in sorted(stored.items(), key=lambda kv: text(kv[0])):
+        try:
+            rollout = Rollout.from_json(raw)
+            rollout.weight  # noqa: B018 - a step index past the steps raises here, not later
+        except _UNREADABLE as exc:
+            name = text(model)
+            if _reported_unreadable.get(name) != raw:
+                _reported_unreadable[name] = raw
+                logger.error("rollout of %s is unreadable, left out: %r", name, exc)
+            continue
+        found.append((model, raw, rollout))
+    return found
 
 
 def counts_of(worker: WorkerEntry, model: str, version: str) -> VersionCounts | None:
@@ -758,8 +794,7 @@ class RolloutStore:
 
     async def all(self) -> list[Rollout]:
         """Returns every stored rollout."""
-        raw = await self.redis.hgetall(ROLLOUTS_KEY)
-        return [Rollout.from_json(v) for _, v in sorted(raw.items(), key=lambda kv: text(kv[0]))]
+        return readable_rollouts(await self.redis.hgetall(ROLLOUTS_KEY))
 
     async def start(self, model: str, version: str, policy: Policy, now: float) -> Rollout:
         """Starts a rollout: the new version gets the first step's share now."""
@@ -1037,9 +1072,7 @@ class RolloutStore:
         largest); a counter series born at its first rollback read as no increase,
         and the alert never fired.
         """
-        stored = [
-            Rollout.from_json(raw) for raw in (await self.redis.hgetall(ROLLOUTS_KEY)).values()
-        ]
+        stored = readable_rollouts(await self.redis.hgetall(ROLLOUTS_KEY))
         models = await self.catalog.all() if stored else {}
         shown = self._shown
         self._shown = set()
@@ -1371,8 +1404,7 @@ class RolloutDriver:
         lease = f"{self.holder}:{self.token}"
         raw_all = await self.store.redis.hgetall(ROLLOUTS_KEY)
         applied = await self.store.redis.hgetall(APPLIED_KEY)
-        for model, raw in raw_all.items():
-            rollout = Rollout.from_json(raw)
+        for model, raw, rollout in _readable(raw_all):
             await self._reconcile(rollout, applied.get(model))
             if rollout.state == RUNNING:
                 await self.store.step(rollout, raw, lease, self.now())

@@ -4,6 +4,7 @@ operator's change between a driver's read and its write is kept."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -281,3 +282,25 @@ async def test_a_start_whose_split_update_failed_is_moved_by_the_next_tick(clien
     await ro.RolloutDriver(store(client), time.time).tick()
     weights = (await Catalog(client).get(model)).effective_weights(time.time())
     assert weights == {"1": 90, "2": 10}
+
+
+async def test_an_unreadable_rollout_leaves_every_other_models_rollouts_driven(client):
+    # One document this replica could not read (a hand edit; here a step index past
+    # the steps) raised out of every tick: no model's rollout was driven, and every
+    # replica's task failed until each reported NOT_SERVING.
+    healthy = await started(client)
+    broken = json.loads(healthy.to_json())
+    broken["model"], broken["step_index"] = f"m-{uuid.uuid4().hex[:8]}", 9
+    await client.hset(ro.ROLLOUTS_KEY, broken["model"], json.dumps(broken))
+    # And one a newer router wrote: a decision field this one lacks reads fine.
+    newer = json.loads(healthy.to_json())
+    newer["model"] = f"m-{uuid.uuid4().hex[:8]}"
+    newer["decisions"][0]["actor"] = "alice"
+    await client.hset(ro.ROLLOUTS_KEY, newer["model"], json.dumps(newer))
+    driver = ro.RolloutDriver(store(client), time.time)
+    try:
+        await driver.tick()  # drives, then exports every readable rollout's metrics
+        listed = {r.model for r in await store(client).all()}
+        assert {healthy.model, newer["model"]} <= listed and broken["model"] not in listed
+    finally:
+        await client.hdel(ro.ROLLOUTS_KEY, broken["model"], newer["model"])
