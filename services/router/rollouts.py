@@ -708,7 +708,12 @@ def _untimed_held(canary: Window, stable: Window) -> str:
 
 
 def decide(
-    rollout: Rollout, canary: Window, stable: Window, now: float, canary_workers: int = 1
+    rollout: Rollout,
+    canary: Window,
+    stable: Window,
+    now: float,
+    canary_workers: int = 1,
+    canary_routable: int = 1,
 ) -> tuple[str, str]:
     """Returns (action, reason) for a running rollout: hold, advance, succeed or rollback.
 
@@ -716,6 +721,10 @@ def decide(
     of the traffic fails at the edge (503, no upstream), where no worker counts
     it: the step waited for traffic for good. A step without one for its whole
     time, and at least NO_WORKER_GRACE_S, rolls back.
+    canary_routable: the new version's workers the edge may send to now. With none
+    (its only worker draining, or dead within the grace), the step holds: it
+    advanced, or succeeded to 100%, onto a version with no endpoint, and every
+    request of the model failed 503 under a rollout that read SUCCEEDED.
     """
     policy = rollout.policy
     broken = error_breach(policy, canary, stable)
@@ -734,6 +743,8 @@ def decide(
     waiting = ttft_wait(policy, canary, stable)
     if waiting:
         return "hold", waiting
+    if not canary_routable:
+        return "hold", f"waiting for a routable worker of {rollout.version} to move traffic"
     held = (
         f"error rate {canary.error_rate:.3f} (stable {stable.error_rate:.3f}), "
         f"{_ttft_held(ttft_checks(policy, canary, stable))} over {canary.requests} requests"
@@ -891,7 +902,14 @@ class RolloutStore:
         workers = await self.registry.all(now)
         canary = window(rollout, workers, rollout.version)
         stable = window(rollout, workers, rollout.stable)
-        action, reason = decide(rollout, canary, stable, now, _canary_seen(rollout, workers, now))
+        action, reason = decide(
+            rollout,
+            canary,
+            stable,
+            now,
+            _canary_seen(rollout, workers, now),
+            _canary_routable(rollout, workers, now),
+        )
         if action == "hold":
             if reason != rollout.reason:
                 await self._swap(raw, replace(rollout, reason=reason), lease)
@@ -1149,6 +1167,12 @@ def _canary_seen(rollout: Rollout, workers: Sequence[WorkerEntry], now: float) -
     key = (rollout.model, rollout.version)
     seen = max((w.lease_expires_at for w in workers if key in w.models), default=0.0)
     return int(seen > now - NO_WORKER_GRACE_S)
+
+
+def _canary_routable(rollout: Rollout, workers: Sequence[WorkerEntry], now: float) -> int:
+    """Returns how many workers of the new version the edge may send to now (`decide`)."""
+    key = (rollout.model, rollout.version)
+    return sum(1 for w in workers if key in w.models and w.routable(now))
 
 
 def traffic_of(rollout: Rollout) -> str:

@@ -15,10 +15,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.core.errors import Unavailable
+from services.inference.load_report import TTFT_BOUNDS_MS
 from services.router import catalog as cat
 from services.router import rollouts as ro
 from services.router.catalog import Catalog
-from services.router.registry import WorkerRegistry
+from services.router.registry import VersionCounts, WorkerRegistry
 from services.router.servicer import WorkerRegistryServicer
 from tests.conftest import private_db_url
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
@@ -304,3 +305,41 @@ async def test_an_unreadable_rollout_leaves_every_other_models_rollouts_driven(c
         assert {healthy.model, newer["model"]} <= listed and broken["model"] not in listed
     finally:
         await client.hdel(ro.ROLLOUTS_KEY, broken["model"], newer["model"])
+
+
+def _counts(model: str, version: str, requests: int) -> VersionCounts:
+    ttft = [0] * (len(TTFT_BOUNDS_MS) + 1)
+    ttft[0] = requests
+    return VersionCounts(model, version, requests, 0, TTFT_BOUNDS_MS, tuple(ttft))
+
+
+async def test_a_last_step_whose_only_canary_worker_drains_holds_instead_of_succeeding(client):
+    # It succeeded to 100% onto a version with no routable worker: every request of
+    # the model failed 503, under a rollout that read SUCCEEDED.
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    for version in ("1", "2"):
+        await Catalog(client).change(model, lambda m, _, v=version: cat.add_version(m, model, v, 0))
+    registry = WorkerRegistry(client, lease_s=30)
+    clock = [time.time()]
+    stable, canary = f"s-{model}", f"c-{model}"
+    await registry.register(stable, "127.0.0.1:1001", [(model, "1")], clock[0])
+    await registry.register(canary, "127.0.0.1:1002", [(model, "2")], clock[0])
+    rollouts = ro.RolloutStore(client, Catalog(client), registry, _noop)
+    policy = ro.Policy(steps=(50, 100), step_s=120, min_requests=50)
+    await rollouts.start(model, "2", policy, clock[0])
+    driver = ro.RolloutDriver(rollouts, lambda: clock[0])
+    try:
+        clock[0] += 60
+        await registry.renew(stable, [(model, "1")], clock[0], outcomes=[_counts(model, "1", 500)])
+        await registry.renew(canary, [(model, "2")], clock[0], outcomes=[_counts(model, "2", 500)])
+        await registry.drain(canary)  # its only worker leaves, heartbeating as it drains
+        clock[0] += 61
+        await registry.renew(stable, [(model, "1")], clock[0], outcomes=[_counts(model, "1", 600)])
+        await registry.renew(canary, [(model, "2")], clock[0], outcomes=[_counts(model, "2", 500)])
+        await driver.tick()
+        held = await rollouts.get(model)
+        assert (held.state, held.weight) == (ro.RUNNING, 50), held.reason
+        assert "routable worker of 2" in held.reason
+        assert (await Catalog(client).get(model)).effective_weights(clock[0]) == {"1": 50, "2": 50}
+    finally:
+        await client.hdel(ro.ROLLOUTS_KEY, model)

@@ -141,6 +141,20 @@ def test_a_canary_no_worker_serves_rolls_back_instead_of_waiting_for_traffic():
     assert ro.decide(started, ro.Window(), window(100), later, canary_workers=1)[0] == "hold"
 
 
+def test_a_step_holds_while_no_worker_of_the_new_version_is_routable():
+    # Its only worker draining (still heartbeating), or dead within the grace: the
+    # step advanced, or succeeded to 100%, onto a version with no endpoint, and every
+    # request of the model failed 503 under a rollout that read SUCCEEDED.
+    last = rollout(step_index=len(POLICY.steps) - 2)
+    ended = NOW + POLICY.step_s
+    assert ro.decide(last, window(500), window(500), ended)[0] == "succeed"
+    action, reason = ro.decide(last, window(500), window(500), ended, canary_routable=0)
+    assert action == "hold" and "routable worker of 2" in reason
+    assert ro.decide(rollout(), window(500), window(500), ended, canary_routable=0)[0] == "hold"
+    draining = WorkerEntry("c", "127.0.0.1", 1, (("m", "2"),), "draining", ended + 30)
+    assert ro._canary_routable(last, [draining], ended) == 0
+
+
 def test_a_moment_without_a_canary_worker_does_not_roll_it_back():
     # A restart, a drain or a late heartbeat leaves no routable canary worker for a
     # tick: counted at that tick alone, a healthy canary rolled back.
