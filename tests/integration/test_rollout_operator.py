@@ -72,7 +72,7 @@ class Router:
         so far, all fine."""
         models = [(self.model, v) for v in VERSIONS]
         outcomes = [_counts(self.model, stable_version, stable), _counts(self.model, "2", canary)]
-        await WorkerRegistry(self.client, lease_s=30).renew(
+        await WorkerRegistry(self.client, lease_s=LEASE_S).renew(
             "w1", models, time.time(), outcomes=outcomes
         )
 
@@ -94,6 +94,11 @@ class Router:
         )
 
 
+# Worker w1's lease: past the drivers' clocks, which run up to 60 s ahead (a step's
+# time up) while w1 stays alive: a step moves traffic only to a routable worker.
+LEASE_S = 120
+
+
 def _counts(model: str, version: str, requests: int) -> VersionCounts:
     ttft = [0] * (len(TTFT_BOUNDS_MS) + 1)
     ttft[next(i for i, bound in enumerate(TTFT_BOUNDS_MS) if bound >= 10.0)] = requests
@@ -111,7 +116,7 @@ async def router(own_redis: str) -> AsyncIterator[Router]:
     client = aioredis.from_url(own_redis)
     model = f"m-{uuid.uuid4().hex[:8]}"  # the metrics' registry is the process's
     refs = [(model, v) for v in VERSIONS]
-    await WorkerRegistry(client, lease_s=30).register("w1", "10.0.0.1:1001", refs, time.time())
+    await WorkerRegistry(client, lease_s=LEASE_S).register("w1", "10.0.0.1:1001", refs, time.time())
     await Catalog(client).register(refs)
     try:
         async with serving(service, settings) as running:
@@ -385,7 +390,7 @@ async def test_a_rollback_after_a_split_changed_outside_takes_the_canary_to_0(ro
         _failing(router.model, "2", 200, 150),
     ]
     models = [(router.model, v) for v in VERSIONS]
-    await WorkerRegistry(router.client, lease_s=30).renew(
+    await WorkerRegistry(router.client, lease_s=LEASE_S).renew(
         "w1", models, time.time(), outcomes=outcomes
     )
     before = _exported(rolled_back, router.model, "2") or 0
