@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
@@ -132,6 +133,9 @@ class VersionOutcomes:
     """VersionOutcomes counts how one model version's requests ended, and how fast they began."""
 
     def __init__(self) -> None:
+        # This run of the counters (router_pb2.VersionOutcomes.counters_id): a new
+        # one each time the version loads, so a rollout tells a restart from growth.
+        self.counters_id = uuid.uuid4().hex[:16]
         self.requests = 0
         self.errors = 0
         self.ttft_counts = [0] * (len(TTFT_BOUNDS_MS) + 1)
@@ -197,6 +201,7 @@ def version_outcomes_pb(model: LoadedModel) -> router_pb2.VersionOutcomes:
         errors=outcomes.errors,
         ttft_bucket_counts=outcomes.ttft_counts,
         ttft_bucket_bounds_ms=TTFT_BOUNDS_MS,
+        counters_id=outcomes.counters_id,
         hot_prefixes=[
             router_pb2.PrefixHeat(
                 prefix=head.prefix,

@@ -223,6 +223,8 @@ class VersionCounts:
             (services.router.prefix_pins).
         prefix_cache_tokens: the capacity of the version's prefix cache on the
             worker, in tokens (0: it has none).
+        counters_id: this run of the counters (a new one each time the version
+            loads on the worker; "" from a worker that sends none).
     """
 
     model: str
@@ -233,6 +235,7 @@ class VersionCounts:
     ttft_counts: tuple[int, ...] = ()
     hot_prefixes: tuple[HotPrefix, ...] = ()
     prefix_cache_tokens: int = 0
+    counters_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """Serialises the counters for the worker's entry (the hot heads go apart:
@@ -252,6 +255,7 @@ class VersionCounts:
             ttft_bounds_ms=tuple(float(b) for b in data["ttft_bounds_ms"]),
             ttft_counts=tuple(int(c) for c in data["ttft_counts"]),
             prefix_cache_tokens=int(data.get("prefix_cache_tokens", 0)),  # absent before
+            counters_id=str(data.get("counters_id", "")),  # absent before
         )
 
 

@@ -453,10 +453,14 @@ def _counters_restarted(counts: VersionCounts, base: VersionCounts) -> bool:
 
     Requests alone missed a worker that restarted under its id and served past
     its old count: (100 requests, 10 errors) then (150, 2) read as 50 requests
-    and -8 errors, which hid other workers' errors from the error gate.
+    and -8 errors, which hid other workers' errors from the error gate. Counts
+    alone miss one that served past every old count: (1000, 8) then (1005, 9)
+    read as 5 requests and 1 error, and a healthy canary rolled back. A worker
+    that names its counters' run (`counters_id`) tells it at once.
     """
     return (
-        counts.requests < base.requests
+        counts.counters_id != base.counters_id
+        or counts.requests < base.requests
         or counts.errors < base.errors
         or len(base.ttft_counts) != len(counts.ttft_counts)
         or any(c < b for c, b in zip(counts.ttft_counts, base.ttft_counts, strict=False))

@@ -175,6 +175,7 @@ def outcomes_from_pb(load: router_pb2.WorkerLoad, received_at: float) -> list[Ve
                 and 0 <= h.prompt_tokens <= HOT_PREFIX_MAX_TOKENS
             ),
             prefix_cache_tokens=max(0, v.prefix_cache_tokens),
+            counters_id=v.counters_id[:64],
         )
         for v in load.versions
         if len(v.ttft_bucket_counts) == len(v.ttft_bucket_bounds_ms) + 1
@@ -218,6 +219,7 @@ def load_to_pb(load: LoadReport, outcomes: Sequence[VersionCounts]) -> router_pb
                     for h in c.hot_prefixes
                 ],
                 prefix_cache_tokens=c.prefix_cache_tokens,
+                counters_id=c.counters_id,
             )
             for c in outcomes
         ],

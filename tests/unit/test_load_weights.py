@@ -113,6 +113,9 @@ def test_worker_outcomes_count_errors_and_bucket_ttfts_with_a_recent_window():
     assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5) == 3.0
     assert percentile(list(map(float, range(1, 101))), 0.99) == 99.0
     assert percentile([], 0.99) == 0.0
+    # Each load of a version counts afresh, under a run id of its own (a rollout's
+    # gate tells a restart from growth by it).
+    assert outcomes.counters_id and VersionOutcomes().counters_id != outcomes.counters_id
 
 
 def test_a_ttft_that_is_not_a_finite_number_is_no_evidence():

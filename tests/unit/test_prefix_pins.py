@@ -370,6 +370,7 @@ def test_heartbeat_hot_prefixes_round_trip_and_malformed_ones_are_dropped():
             HotPrefix("eeff", 1e300, seen, 440),
         ),
         prefix_cache_tokens=2048,
+        counters_id="run-1",
     )
     load = load_to_pb(LoadReport(), [counts])
     # time.time() may step back a little (CI read 1.99997 s): not the subject here.
@@ -378,6 +379,7 @@ def test_heartbeat_hot_prefixes_round_trip_and_malformed_ones_are_dropped():
     ((head, count, seen_again, tokens),) = parsed.hot_prefixes
     assert (head, count, tokens) == ("aabb", 3.5, 440) and abs(seen_again - seen) < 1
     assert parsed.prefix_cache_tokens == 2048
+    assert parsed.counters_id == "run-1"  # a rollout tells a worker's restart by it
     # The entry keeps its counters; the heads are stored apart (registry.HEAT_KEY).
     assert VersionCounts.from_json(parsed.to_json()) == replace(parsed, hot_prefixes=())
 

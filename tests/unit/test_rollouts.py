@@ -124,6 +124,20 @@ def test_a_worker_that_restarted_under_its_id_counts_from_its_restart():
     assert (summed.requests, summed.errors) == (150, 2)
 
 
+def test_a_worker_whose_counters_run_changed_counts_from_its_restart():
+    # Restarted early in a step, a canary's counters overtook the step's starting
+    # ones: (1000, 8) then (1005, 9) read as 5 requests and 1 error (20%), and a
+    # healthy canary (0.9% since its restart) rolled back.
+    def counts(requests: int, errors: int, run: str) -> VersionCounts:
+        timed = ttfts(10, requests - errors)
+        return VersionCounts("m", "2", requests, errors, TTFT_BOUNDS_MS, timed, counters_id=run)
+
+    summed = ro.Window().plus(counts(1005, 9, "after"), counts(1000, 8, "before"))
+    assert (summed.requests, summed.errors) == (1005, 9)
+    same = ro.Window().plus(counts(1005, 9, "run"), counts(1000, 8, "run"))
+    assert (same.requests, same.errors) == (5, 1)
+
+
 def test_a_histogram_without_bounds_reads_no_p99_instead_of_failing():
     # A heartbeat with counts and no bounds made the rollout driver raise at every
     # tick (IndexError), and no rollout after that model was ever checked.

@@ -398,6 +398,7 @@ class VersionOutcomes(_message.Message):
     TTFT_BUCKET_BOUNDS_MS_FIELD_NUMBER: _builtins.int
     HOT_PREFIXES_FIELD_NUMBER: _builtins.int
     PREFIX_CACHE_TOKENS_FIELD_NUMBER: _builtins.int
+    COUNTERS_ID_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     """requests is the finished generation requests."""
     errors: _builtins.int
@@ -407,6 +408,15 @@ class VersionOutcomes(_message.Message):
     prefix cache on the worker (0: it has none). The router keeps the heads it
     pins to a worker within it where another worker has room: a worker
     pinned more than its cache holds evicts its own heads in turn.
+    """
+    counters_id: _builtins.str
+    """counters_id names this run of the counters: a new one each time the
+    version loads on the worker (a restart, a reload). A rollout's gate
+    subtracts a worker's counters at the start of a step only while the id is
+    the same: counters that started again and climbed past the old ones read
+    as what the worker served since the step began minus what it had served
+    before (a healthy canary was rolled back). Empty: not sent (the router
+    then tells a restart only by counters that went down).
     """
     @_builtins.property
     def model(self) -> _types_pb2.ModelRef:
@@ -441,10 +451,11 @@ class VersionOutcomes(_message.Message):
         ttft_bucket_bounds_ms: _abc.Iterable[_builtins.float] | None = ...,
         hot_prefixes: _abc.Iterable[Global___PrefixHeat] | None = ...,
         prefix_cache_tokens: _builtins.int = ...,
+        counters_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "hot_prefixes", b"hot_prefixes", "model", b"model", "prefix_cache_tokens", b"prefix_cache_tokens", "requests", b"requests", "ttft_bucket_bounds_ms", b"ttft_bucket_bounds_ms", "ttft_bucket_counts", b"ttft_bucket_counts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters_id", b"counters_id", "errors", b"errors", "hot_prefixes", b"hot_prefixes", "model", b"model", "prefix_cache_tokens", b"prefix_cache_tokens", "requests", b"requests", "ttft_bucket_bounds_ms", b"ttft_bucket_bounds_ms", "ttft_bucket_counts", b"ttft_bucket_counts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
