@@ -903,6 +903,17 @@ class RolloutStore:
 
     async def step(self, rollout: Rollout, raw: str | bytes, lease: str, now: float) -> None:
         """Evaluates one running rollout and applies its decision (the lease holder only)."""
+        try:
+            model = await self.catalog.get(rollout.model)
+        except NotFound:  # removed from the catalogue: the split is gone with it
+            return
+        retired = sunset_during(rollout, model, now)
+        if retired:
+            ended = replace(rollout, state=ABORTED)
+            decision = Decision(now, "abort", 0, retired)
+            if await self._swap(raw, ended.decided(decision), lease):
+                await self._apply(ended.decided(decision), decision)
+            return
         workers = await self.registry.all(now)
         canary = window(rollout, workers, rollout.version)
         stable = window(rollout, workers, rollout.stable)
@@ -1171,6 +1182,22 @@ def _canary_seen(rollout: Rollout, workers: Sequence[WorkerEntry], now: float) -
     key = (rollout.model, rollout.version)
     seen = max((w.lease_expires_at for w in workers if key in w.models), default=0.0)
     return int(seen > now - NO_WORKER_GRACE_S)
+
+
+def sunset_during(rollout: Rollout, model: ModelEntry, now: float) -> str:
+    """Returns why a running rollout ends because one of its versions passed its sunset
+    ("" when neither did). The stable one's: the catalogue gave the new version all
+    of the traffic (the newest serving takes over) while the rollout read its step's
+    share, and a rollback could not take any of it back. The new one's: it serves
+    nothing more, so there is nothing left to roll out."""
+    for label, version in (("stable", rollout.stable), ("new", rollout.version)):
+        entry = model.version(version)
+        if entry is not None and entry.sunset(now):
+            return (
+                f"the {label} version {version} passed its sunset during the rollout; "
+                "the traffic follows the catalogue's split"
+            )
+    return ""
 
 
 def _canary_routable(rollout: Rollout, workers: Sequence[WorkerEntry], now: float) -> int:

@@ -343,3 +343,27 @@ async def test_a_last_step_whose_only_canary_worker_drains_holds_instead_of_succ
         assert (await Catalog(client).get(model)).effective_weights(clock[0]) == {"1": 50, "2": 50}
     finally:
         await client.hdel(ro.ROLLOUTS_KEY, model)
+
+
+async def test_a_rollout_whose_stable_version_passes_its_sunset_ends_aborted(client):
+    # The catalogue then gave the new version all of the traffic (the newest serving
+    # takes over) while the rollout read its step's 25%, and a rollback later took
+    # none of it back: the rollout's state said nothing of where the traffic went.
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    for version in ("1", "2"):
+        await Catalog(client).change(model, lambda m, _, v=version: cat.add_version(m, model, v, 0))
+    clock = [time.time()]
+    await Catalog(client).change(
+        model, lambda m, _: cat.deprecate(m, "1", clock[0] + 600, clock[0])
+    )
+    rollouts = store(client)
+    policy = ro.Policy(steps=(25, 50, 100), step_s=3600, min_requests=50)
+    await rollouts.start(model, "2", policy, clock[0])
+    try:
+        clock[0] += 700  # past version 1's sunset
+        await ro.RolloutDriver(rollouts, lambda: clock[0]).tick()
+        ended = await rollouts.get(model)
+        assert ended.state == ro.ABORTED
+        assert "stable version 1 passed its sunset" in ended.reason
+    finally:
+        await client.hdel(ro.ROLLOUTS_KEY, model)
