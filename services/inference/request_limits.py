@@ -86,7 +86,14 @@ from services.core.interceptors import (
 from services.inference import shadow
 from services.inference.openai import errors as openai_errors
 from services.inference.openai import params as openai_params
-from services.usage.ratelimit import WARNING_HEADER, WINDOW_S, Hit, RequestLimiter, WindowStatus
+from services.usage.ratelimit import (
+    WARNING_HEADER,
+    WINDOW_S,
+    Hit,
+    RequestLimiter,
+    WindowStatus,
+    latest_freed,
+)
 
 INFERENCE_SERVICES = (
     "/tokenmesh.inference.v1.InferenceService/",
@@ -517,7 +524,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
             return None
         windows, hit = counted
         headers = draft03_headers(windows)
-        over = next((w for w in windows if w.over), None)
+        over = latest_freed(windows)
         if over is not None:
             await _abort(context, refusal(over), kind, headers)
         return _Counted(context, tuple(headers), hit, self.limiter)

@@ -140,7 +140,14 @@ for i, key in ipairs(KEYS) do
     used[i] = used[i] + hits
   end
   redis.call('PEXPIRE', key, window)
-  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  -- When the window frees: its oldest entry's expiry, or for a request it refuses,
+  -- the expiry that leaves room for it (used + hits - limit entries must go: more
+  -- than one once a limit was lowered, or for hits > 1).
+  local rank = 0
+  if allowed == 0 and used[i] + hits > tonumber(ARGV[5 + i]) then
+    rank = used[i] + hits - tonumber(ARGV[5 + i]) - 1
+  end
+  local oldest = redis.call('ZRANGE', key, rank, rank, 'WITHSCORES')
   table.insert(out, used[i])
   table.insert(out, oldest[2] or now)
 end
@@ -525,20 +532,32 @@ class RateLimitServicer(RequestLimiter, rls_pb2_grpc.RateLimitServiceServicer):
     ) -> rls_pb2.RateLimitResponse:
         response = rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
         hits = max(1, request.hits_addend)
+        windows: list[WindowStatus] = []
         for descriptor in request.descriptors:
             entries = tuple((e.key, e.value) for e in descriptor.entries)
-            for window in await self.decide(entries, hits) or ():
-                _add_status(response, window)
+            windows.extend(await self.decide(entries, hits) or ())
+        for window in windows:
+            _add_status(response, window)
+        over = latest_freed(windows)
+        if over is not None:
+            # One Retry-After and one body, of the window that frees last: one per
+            # window sent a client two contradicting Retry-After fields (10 and 50),
+            # and the body named whichever window came last.
+            response.overall_code = rls_pb2.RateLimitResponse.OVER_LIMIT
+            response.response_headers_to_add.append(_header("retry-after", str(over.reset_s)))
+            response.raw_body = over.refusal().encode()
         return response
+
+
+def latest_freed(windows: Sequence[WindowStatus]) -> WindowStatus | None:
+    """Returns the refusing window that frees last (None: none refuses): the request
+    fits only once every one of them has room."""
+    return max((w for w in windows if w.over), key=lambda w: w.reset_s, default=None)
 
 
 def _add_status(response: rls_pb2.RateLimitResponse, window: WindowStatus) -> None:
     response.statuses.append(_status(window))
-    if window.over:
-        response.overall_code = rls_pb2.RateLimitResponse.OVER_LIMIT
-        response.response_headers_to_add.append(_header("retry-after", str(window.reset_s)))
-        response.raw_body = window.refusal().encode()
-    elif warning := window.warning():
+    if not window.over and (warning := window.warning()):
         response.response_headers_to_add.append(_header(WARNING_HEADER, warning))
 
 

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 
 from services.core.server import serving
 from services.usage.leases import LEASE_TTL_S, SETTLE_INTERVAL_S
-from services.usage.ratelimit import RequestLimiter
+from services.usage.ratelimit import RateLimitServicer, RequestLimiter, latest_freed
 from services.usage.service import UsageService, UsageSettings
 from tests import mtls
 
@@ -294,3 +294,55 @@ async def test_a_refund_during_a_redis_stall_holds_the_refusal_briefly_and_lands
     finally:
         await limiter.close()
         await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _servicer(redis_url: str, **limits: Any) -> AsyncIterator[Any]:
+    client = aioredis.from_url(redis_url)
+    servicer = RateLimitServicer(client, redis_url=redis_url, lease_size=0, **limits)
+    try:
+        yield servicer, client
+    finally:
+        await servicer.close()
+        await client.aclose()
+
+
+async def _redis_now_ms(client: aioredis.Redis) -> int:
+    seconds, micros = await client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def test_a_request_two_windows_refuse_gets_one_retry_after_of_the_one_freed_last(redis_url):
+    # One Retry-After per refusing window (10 and 50 here) reached the client: two
+    # contradicting fields, and a body naming whichever window came last; the worker
+    # answered the first window's 10 s, and a client that waited it was refused again.
+    tenant, model = f"t{uuid.uuid4().hex[:6]}", f"m{uuid.uuid4().hex[:6]}"
+    async with _servicer(redis_url, default_rpm=600, tenant_rpm=2, model_rpm={model: 2}) as (
+        servicer,
+        client,
+    ):
+        now = await _redis_now_ms(client)
+        await client.zadd(f"tm:ratelimit:tenant:{tenant}", {"a": now - 50_000, "b": now - 50_000})
+        await client.zadd(f"tm:ratelimit:model:{model}", {"c": now - 10_000, "d": now - 10_000})
+        entries = {"key_id": f"key_{uuid.uuid4().hex[:8]}", "tenant": tenant, "model": model}
+        answer = await servicer.ShouldRateLimit(_request(**entries), None)
+        retry_after = [h.value for h in answer.response_headers_to_add if h.key == "retry-after"]
+        assert answer.overall_code == OVER and len(retry_after) == 1
+        assert 49 <= int(retry_after[0]) <= 51, retry_after
+        assert b"model_requests_per_minute" in answer.raw_body
+        windows = await servicer.decide(tuple(entries.items()))
+        worst = latest_freed(windows)
+        assert worst is not None and worst.limit.name == "model_requests_per_minute"
+
+
+async def test_a_refusal_after_a_limit_was_lowered_waits_until_enough_entries_expired(redis_url):
+    # Ten requests admitted 5 s apart under rpm=20, then the key's limit is 3: eight
+    # must expire before a request fits (45 s), but the refusal said 10 s (the oldest).
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    async with _servicer(redis_url, default_rpm=600) as (servicer, client):
+        now = await _redis_now_ms(client)
+        await client.zadd(
+            f"tm:ratelimit:rpm:{key}", {f"h{i}": now - 50_000 + 5_000 * i for i in range(10)}
+        )
+        (window,) = await servicer.decide((("key_id", key), ("rpm", "3")))
+        assert window.over and 44 <= window.reset_s <= 46, window.reset_s
