@@ -81,6 +81,11 @@ class Lease:
         free: reserved members not used yet.
         used: (member, admitted at, ms) of the slots used so far.
         deadline: monotonic time after which the lease admits nothing.
+        granted_ms: Redis's time when it reserved the slots: no admission is
+            recorded earlier (a wall clock stepped back after the grant, by NTP or
+            a VM's resume, recorded them up to the step before their reservation,
+            and the settle moved them there: they left the windows that much
+            early, and the key was admitted that much more: 650 at rpm=640).
     """
 
     windows: tuple[str, ...]
@@ -90,13 +95,15 @@ class Lease:
     deadline: float
     used: list[tuple[str, int]] = field(default_factory=list)
     settling: bool = False  # handed to the settler: its slots are Redis's to change now
+    granted_ms: int = 0
 
     def take(self, hits: int, now_ms: int) -> bool:
         """Admits `hits` from the lease if it has them; True when it did."""
         if len(self.free) < hits or time.monotonic() >= self.deadline:
             return False
+        admitted_ms = max(now_ms, self.granted_ms)
         for _ in range(hits):
-            self.used.append((self.free.pop(), now_ms))
+            self.used.append((self.free.pop(), admitted_ms))
         self.counts = [count + hits for count in self.counts]
         return True
 

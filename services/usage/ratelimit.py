@@ -452,6 +452,7 @@ class RequestLimiter:
                     oldest=oldest,
                     free=[f"{member}:{h}" for h in range(hits + leased, hits, -1)],
                     deadline=time.monotonic() + LEASE_TTL_S,
+                    granted_ms=redis_now_ms,
                 )
                 self._start_settler()
         except STORE_UNAVAILABLE as exc:  # Redis down: Envoy applies failure_mode_deny

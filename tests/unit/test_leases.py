@@ -110,3 +110,14 @@ def test_a_slot_given_back_is_free_again_until_its_lease_is_being_settled():
     (taken, _) = lease.used[-1]
     table.due(everything=True)  # handed to the settler: Redis has its slots' fate now
     assert not lease.give_back(taken)
+
+
+def test_no_admission_is_recorded_before_its_lease_was_granted():
+    # The wall clock stepped back 45 s after the grant (NTP, a VM's resume): admissions
+    # were recorded 45 s before their reservation, the settle moved them there, and
+    # they left the window that much early: 650 admitted at rpm=640.
+    granted = Lease(("w",), [1], [0], free=["m:2", "m:1"], deadline=time.monotonic() + 10)
+    granted.granted_ms = 1_000_000
+    assert granted.take(1, now_ms=955_000)
+    assert granted.take(1, now_ms=1_000_500)
+    assert [at for _, at in granted.used] == [1_000_000, 1_000_500]
