@@ -14,16 +14,19 @@ rate-limit quota service and Google's Doorman hand out quota the same way.)
 Why the windows stay exact:
 - A reserved slot is in the window from its reservation on, so every
   admitted request is counted, on every replica, before it is admitted.
-- Its score is the reservation time until it is settled (<= ~1 s later),
-  so it cannot leave the window early: that would take 60 s.
+- Its score is the reservation time plus LEASE_HOLD_MS (twice the lease's
+  life) until it is settled, so it cannot leave the window before the
+  request it admits would: not even if it is never settled (a settle that
+  failed, a replica killed). Scored at the reservation, an unsettled lease's
+  used slots left up to a second before their requests.
 - Leases are granted only while every window stays at most half full, so
   close to a limit every decision goes to Redis, exactly as without leases.
 - A lease holds at most 1/64 of a limit and lives 1 s; the only cost is
   that unused reserved slots count as used until settled. Reaching the limit
   through them would take the other half of the window within 1 s.
-- A replica that dies before settling leaves its reservations at their
-  reservation time: they leave the window within a minute, at most 1 s
-  earlier than the requests they admitted.
+- A replica that dies before settling (or a settle that fails) leaves its
+  reservations where the grant scored them: they leave the window within a
+  minute and two seconds, never earlier than the requests they admitted.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 LEASE_TTL_S = 1.0
+# How far past its reservation a lease's slot is scored until settled: past any
+# admission the lease makes (its life, and as much again for clocks and delays).
+LEASE_HOLD_MS = int(2 * LEASE_TTL_S * 1000)
 LEASE_MAX_SHARE = 64  # a lease holds at most 1/64 of any of its limits
 SETTLE_INTERVAL_S = 0.05
 

@@ -53,6 +53,7 @@ from services.core.store_errors import STORE_UNAVAILABLE as REDIS_UNAVAILABLE
 from services.core.store_errors import is_store_refusal
 from services.core.tasks import SupervisedTask, Supervisor
 from services.usage.leases import (
+    LEASE_HOLD_MS,
     LEASE_TTL_S,
     SETTLE_INTERVAL_S,
     SETTLE_SCRIPT,
@@ -128,9 +129,13 @@ for i, key in ipairs(KEYS) do
   if (used[i] + hits + lease) * 2 > limit then lease = 0 end
 end
 if allowed == 0 then lease = 0 end
+-- A lease's slots are scored LEASE_HOLD_MS ahead, past any admission the lease can
+-- make: until its settle gives the used ones their admission times, none can leave
+-- the window before the request it admitted (scored at the reservation, an unsettled
+-- lease's slots left up to a second early: a failed settle, a killed replica).
 local members = {}
 for h = 1, hits + lease do
-  table.insert(members, now)
+  table.insert(members, h > hits and now + LEASE_HOLD_MS or now)
   table.insert(members, ARGV[4] .. ':' .. h)
 end
 local out = {allowed, lease, now}
@@ -153,7 +158,7 @@ for i, key in ipairs(KEYS) do
 end
 return out
 """
-)
+).replace("LEASE_HOLD_MS", str(LEASE_HOLD_MS))
 
 
 # KEYS: the windows a request was counted in. ARGV: its member. Takes the request back.
@@ -493,7 +498,7 @@ class RequestLimiter:
         keys, args = settle_call(leases, WINDOW_S * 1000)
         try:
             await self._settle_script(keys=keys, args=args)
-        except STORE_UNAVAILABLE as exc:  # the reservations leave the windows within a minute
+        except STORE_UNAVAILABLE as exc:  # they leave the windows within a minute and 2 s
             logger.warning("could not settle %d rate-limit leases: %s", len(leases), exc)
         except Exception:
             ERRORS.labels("settle").inc()

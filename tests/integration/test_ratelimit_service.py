@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from prometheus_client import REGISTRY
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.core.server import serving
 from services.usage.leases import LEASE_TTL_S, SETTLE_INTERVAL_S
@@ -346,3 +347,33 @@ async def test_a_refusal_after_a_limit_was_lowered_waits_until_enough_entries_ex
         )
         (window,) = await servicer.decide((("key_id", key), ("rpm", "3")))
         assert window.over and 44 <= window.reset_s <= 46, window.reset_s
+
+
+async def test_a_lease_whose_settle_failed_leaves_no_slot_before_its_admissions(redis_url):
+    # A settle that failed (a Redis stall) dropped its lease: the used slots kept the
+    # reservation's score and left the window up to a second before the requests they
+    # admitted, letting up to a lease's worth of requests over the limit.
+    client = aioredis.from_url(redis_url)
+    limiter = RequestLimiter(client, default_rpm=6400, redis_url=redis_url, lease_size=32)
+    failed = asyncio.Event()
+
+    async def stalled(**_: Any) -> None:
+        failed.set()
+        raise RedisConnectionError("stalled")
+
+    limiter._settle_script = stalled  # noqa: SLF001 - Redis refuses the settle
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    try:
+        granted_at = await _redis_now_ms(client)
+        for _ in range(11):  # one decision in Redis (its lease granted), ten from the lease
+            (window,) = await limiter.decide((("key_id", key),))
+            assert not window.over
+        async with asyncio.timeout(10):
+            await failed.wait()
+        (window_key,) = [k async for k in client.scan_iter(match=f"tm:ratelimit:*{key}*")]
+        scores = [score for _, score in await client.zrange(window_key, 0, -1, withscores=True)]
+        leased = sorted(scores)[1:]  # the first decision's own slot aside
+        assert len(leased) == 32 and min(leased) >= granted_at + LEASE_TTL_S * 1000, leased[:3]
+    finally:
+        await limiter.close()
+        await client.aclose()
