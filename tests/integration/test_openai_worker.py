@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+import uuid
 from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
+import redis.asyncio as aioredis
 from google.api.httpbody_pb2 import HttpBody
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
 
+from services.core import contract
+from services.inference.pipeline.policy import PatternRule, Policy
+from services.inference.service import InferenceService
+from services.router.policies import TENANT, PolicyCatalog
 from tests import mtls
 from tests.rpc_errors import openai_refusal
 from tokenmesh.inference.v1 import inference_service_pb2 as v1
@@ -125,3 +134,45 @@ async def test_a_failure_mid_stream_ends_with_an_error_event(inference_channel):
     error = json.loads(events[-1])["error"]
     assert error["type"] == "server_error" and error["message"]
     assert sum(1 for e in events if e.startswith('{"error"')) == 1  # one for all choices
+
+
+async def test_streamed_choices_open_with_their_roles_in_index_order_under_an_output_rule(
+    model_server: tuple[InferenceService, grpc.aio.Channel], redis_url: str
+) -> None:
+    # An output rule holds each choice's text apart until released: a choice opened
+    # (with its role) when its first text came, so choice 2 could open the stream,
+    # and the SDK's stream helper (chat.completions.stream) failed with IndexError.
+    service, channel = model_server
+    client = aioredis.from_url(redis_url)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    try:
+        catalog = PolicyCatalog(client)
+        rule = PatternRule("zqzqzq", "never generated")
+        created = await catalog.create(
+            Policy(f"out-{tenant}", 0, output_block_patterns=(rule,)), time.time()
+        )
+        await catalog.attach(TENANT, tenant, created.name)
+        await service.policies.refresh()
+    finally:
+        await client.aclose()
+    stub = rpc.OpenAIServiceStub(channel)
+    identity = ((contract.TENANT_HEADER, tenant), (contract.KEY_ID_HEADER, "k"))
+    for seed in range(4):
+        body = _body(
+            model="demo-lm",
+            messages=[{"role": "user", "content": "Tell me a story"}],
+            n=3,
+            seed=seed,
+            temperature=1.0,
+            max_tokens=60,
+            stream=True,
+        )
+        call = stub.CreateChatCompletion(body, metadata=identity)
+        events = _events([m async for m in call])[:-1]
+        chunks = [ChatCompletionChunk.model_validate(json.loads(e)) for e in events]
+        opened = list(dict.fromkeys(chunk.choices[0].index for chunk in chunks))
+        assert opened == [0, 1, 2], (seed, opened)
+        state = ChatCompletionStreamState()
+        for chunk in chunks:
+            state.handle_chunk(chunk)
+        assert [c.index for c in state.current_completion_snapshot.choices] == [0, 1, 2]

@@ -302,6 +302,18 @@ class OpenAIServicer(openai_service_pb2_grpc.OpenAIServiceServicer):
                 if chat is None:
                     served = self._served(ctx, request)
                     chat = shapes.ChatShapes(message.request_id, created, served)
+                    if not message.HasField("error"):
+                        # Every choice opens with its role, in index order, before any
+                        # text, as OpenAI and vLLM frame it: a choice opened when its
+                        # first text came (an output rule holds each choice's apart)
+                        # could come before choice 0, and the SDK's stream helper
+                        # (chat.completions.stream) failed with an IndexError.
+                        for opened in range(max(1, request.n)):
+                            begun.add(opened)
+                            role = {"role": "assistant", "content": ""}
+                            yield stream.event(
+                                chat.chunk(opened, role, None, None, call.include_usage)
+                            )
                 if message.HasField("error"):
                     if not failed:  # every running choice ends with the same error
                         failed = True
