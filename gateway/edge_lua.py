@@ -8,7 +8,7 @@ Envoy CPU per request with six Lua filters and 126 µs with these four
 most requests share one coroutine:
 
 - request (before the health-check filter): drop header names gRPC cannot
-  carry (gateway/header_names.py), refuse a body declared larger than the
+  carry and a client's `x-tokenmesh-*` headers (gateway/header_names.py), refuse a body declared larger than the
   edge accepts, before anything reads it (gateway/request_body.py), mark a
   unary gRPC call (a table lookup, gateway/response_headers.py), then, for
   `grpc.health.v1.Health/Check` only, gate it on `/healthz`
@@ -56,7 +56,7 @@ def request_source() -> str:
         + """
 function envoy_on_request(handle)
   local headers = handle:headers()
-  drop_illegal_header_names(headers)
+  drop_client_headers(headers)
   local path = headers:get(":path")
   if refuse_oversized_body(handle, headers, path) then
     return

@@ -8,6 +8,12 @@ to the upstream gRPC server, whose gRPC core refused the whole call:
 to any service, so it is removed; the request goes on. (Names with `_` never
 get here: the connection manager rejects them.)
 
+The same pass drops every `x-tokenmesh-*` header a client sent: only the edge
+sets them (its filters after this one), and no service may read a client's copy.
+The edge's first filter removes the ones it sets by name (identity, routing,
+shadow); a name missing from that list (a response header's, one a later release
+adds) reached the services from any client, as if the edge had set it.
+
 One pass over the request's header names in Lua: no body, no buffering.
 """
 
@@ -18,14 +24,15 @@ from typing import Any
 FILTER_NAME = "tokenmesh.grpc_header_names"
 # A Lua function of the edge's request filter (gateway/edge_lua.py) and of this one.
 LUA_FUNCTION = """
-local function drop_illegal_header_names(headers)
-  local illegal = {}
+local function drop_client_headers(headers)
+  local dropped = {}
   for key, _ in pairs(headers) do
-    if string.sub(key, 1, 1) ~= ":" and string.find(key, "[^0-9a-z_.%-]") then
-      illegal[#illegal + 1] = key
+    if string.sub(key, 1, 1) ~= ":"
+      and (string.find(key, "[^0-9a-z_.%-]") or string.sub(key, 1, 12) == "x-tokenmesh-") then
+      dropped[#dropped + 1] = key
     end
   end
-  for _, key in ipairs(illegal) do
+  for _, key in ipairs(dropped) do
     headers:remove(key)
   end
 end
@@ -34,14 +41,15 @@ LUA_SOURCE = (
     LUA_FUNCTION
     + """
 function envoy_on_request(handle)
-  drop_illegal_header_names(handle:headers())
+  drop_client_headers(handle:headers())
 end
 """
 )
 
 
 def lua_filter() -> dict[str, Any]:
-    """Builds the filter that removes request headers gRPC metadata cannot hold."""
+    """Builds the filter that removes request headers gRPC metadata cannot hold, and a
+    client's `x-tokenmesh-*` headers."""
     return {
         "name": FILTER_NAME,
         "typed_config": {

@@ -8,7 +8,7 @@ upstream cluster: the routes' header rules are what is under test, not a service
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,8 @@ import grpc
 import grpc.aio
 import pytest
 
-from gateway import envoy_config
-from gateway.edge_auth import EdgeAuth
+from gateway import edge_lua, envoy_config
+from gateway.edge_auth import EdgeAuth, strip_headers_filter
 from gateway.envoy_config import Endpoint
 from services.core.server import SERVER_OPTIONS
 from services.launcher.processes import reserve_port
@@ -38,7 +38,9 @@ class _Recorder(grpc.GenericRpcHandler):
         return None
 
 
-def _bootstrap(listen: int, admin: int, upstream: int) -> dict[str, Any]:
+def _bootstrap(
+    listen: int, admin: int, upstream: int, filters: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
     clusters = [
         {
             "name": name,
@@ -57,12 +59,13 @@ def _bootstrap(listen: int, admin: int, upstream: int) -> dict[str, Any]:
         "stat_prefix": "edge",
         "route_config": envoy_config.route_configuration(EdgeAuth()),
         "http_filters": [
+            *filters,
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
                 },
-            }
+            },
         ],
     }
     return {
@@ -96,7 +99,13 @@ def edge_and_recorder(tmp_path: Path) -> Iterator[tuple[str, int, _Recorder]]:
         yield f"127.0.0.1:{listen}", upstream, _Recorder()
 
 
-async def _call_through(edge: str, upstream: int, recorder: _Recorder, methods: list[str]) -> None:
+async def _call_through(
+    edge: str,
+    upstream: int,
+    recorder: _Recorder,
+    methods: list[str],
+    metadata: Sequence[tuple[str, str]] = tuple(CREDENTIALS),
+) -> None:
     server = grpc.aio.server(options=SERVER_OPTIONS)  # as ours: the edge pings it
     server.add_generic_rpc_handlers((recorder,))
     server.add_insecure_port(f"127.0.0.1:{upstream}")
@@ -106,7 +115,7 @@ async def _call_through(edge: str, upstream: int, recorder: _Recorder, methods: 
             for method in methods:
                 call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
                 with pytest.raises(grpc.aio.AioRpcError) as raised:
-                    await call(b"", metadata=CREDENTIALS, timeout=10)
+                    await call(b"", metadata=metadata, timeout=10)
                 assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await server.stop(None)
@@ -139,3 +148,35 @@ def test_every_route_to_another_upstream_removes_the_credentials():
             assert not removed & set(envoy_config.CREDENTIAL_HEADERS), route["match"]
         else:
             assert set(envoy_config.CREDENTIAL_HEADERS) <= removed, route["match"]
+
+
+# A client's copies of headers only the edge sets: ones its first filter strips by
+# name, and ones it does not name (a response header's, a name a later release adds).
+INTERNAL = [
+    ("x-tokenmesh-tenant", "victim"),
+    ("x-tokenmesh-cache", "hit"),
+    ("x-tokenmesh-fallback-from", "private-lm"),
+    ("x-tokenmesh-anything-new", "1"),
+]
+
+
+def test_no_upstream_receives_a_clients_x_tokenmesh_headers(tmp_path: Path):
+    # The edge removed a fixed list: the unnamed ones reached every service as if the
+    # edge had set them (docs/security.md said every x-tokenmesh-* was removed).
+    listen, admin, upstream = reserve_port(), reserve_port(), reserve_port()
+    filters = [strip_headers_filter(envoy_config.STRIPPED_HEADERS), edge_lua.request_filter()]
+    recorder = _Recorder()
+    worker = "/tokenmesh.inference.v1.InferenceService/ListModels"
+    with running_envoy(_bootstrap(listen, admin, upstream, filters), admin, tmp_path):
+        asyncio.run(
+            _call_through(
+                f"127.0.0.1:{listen}",
+                upstream,
+                recorder,
+                [worker],
+                [*INTERNAL, ("x-other", "kept")],
+            )
+        )
+    seen = recorder.seen[worker]
+    assert not [name for name in seen if name.startswith("x-tokenmesh-")], seen
+    assert seen["x-other"] == "kept"
