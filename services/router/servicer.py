@@ -82,6 +82,16 @@ def model_to_pb(
     )
 
 
+def _as_seen_by(
+    model: router_pb2.CatalogModel, allowed: frozenset[str] | None
+) -> router_pb2.CatalogModel:
+    """Returns `model` as a key restricted to `allowed` models (None: any) may see it: a
+    fallback outside them is left out (a restricted key learns no other model's name)."""
+    if allowed is not None and model.fallback_model not in allowed:
+        model.fallback_model = ""
+    return model
+
+
 def _shadow_pb(model: ModelEntry, at: float) -> router_pb2.ShadowTraffic | None:
     shadow = model.shadow(at)
     return router_pb2.ShadowTraffic(version=shadow[0], percent=shadow[1]) if shadow else None
@@ -419,17 +429,17 @@ class RouterServicer(PolicyRpcs, ShadowRpcs, pb_grpc.RouterServiceServicer):
         allowed = allowed_models(request_headers(context))
         names = sorted(n for n in models if allowed is None or n in allowed)
         return pb.ListCatalogModelsResponse(
-            models=[model_to_pb(models[n], workers, at) for n in names]
+            models=[_as_seen_by(model_to_pb(models[n], workers, at), allowed) for n in names]
         )
 
     async def GetCatalogModel(
         self, request: pb.GetCatalogModelRequest, context: Context
     ) -> pb.GetCatalogModelResponse:
         cat.check_name(request.model)
-        check_model_allowed(request_headers(context), request.model)
-        return pb.GetCatalogModelResponse(
-            model=await self._answer(await self.catalog.get(request.model))
-        )
+        headers = request_headers(context)
+        check_model_allowed(headers, request.model)
+        answer = await self._answer(await self.catalog.get(request.model))
+        return pb.GetCatalogModelResponse(model=_as_seen_by(answer, allowed_models(headers)))
 
     async def RegisterModelVersion(
         self, request: pb.RegisterModelVersionRequest, context: Context

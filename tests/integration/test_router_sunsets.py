@@ -122,3 +122,26 @@ async def test_a_sunset_version_cannot_be_pinned(router):
     assert got.model.pinned_version == ""
     pinned = await admin.PinModelVersion(pb.PinModelVersionRequest(model="m", version="2"))
     assert pinned.model.pinned_version == "2"
+
+
+async def test_a_key_restricted_to_a_model_does_not_learn_its_fallbacks_name(router):
+    # "A restricted key learns nothing of other models": its catalogue reads named
+    # the fallback model of a model it may use.
+    service, admin, client = router
+    await Catalog(client).register([("private-b", "1")])
+    await admin.SetFallbackModel(pb.SetFallbackModelRequest(model="m", fallback_model="private-b"))
+    stub = admin._stub  # noqa: SLF001 - the same channel, as a restricted key's call
+    restricted = [("x-tokenmesh-scopes", "models:read"), ("x-tokenmesh-models", "m")]
+    got = await stub.GetCatalogModel(
+        pb.GetCatalogModelRequest(model="m"), metadata=restricted, timeout=10
+    )
+    listed = await stub.ListCatalogModels(
+        pb.ListCatalogModelsRequest(), metadata=restricted, timeout=10
+    )
+    assert got.model.fallback_model == "" and [m.fallback_model for m in listed.models] == [""]
+    # A key that may use both (or any model) sees it.
+    both = [("x-tokenmesh-scopes", "models:read"), ("x-tokenmesh-models", "m,private-b")]
+    got = await stub.GetCatalogModel(
+        pb.GetCatalogModelRequest(model="m"), metadata=both, timeout=10
+    )
+    assert got.model.fallback_model == "private-b"
