@@ -8,8 +8,9 @@ Envoy CPU per request with six Lua filters and 126 µs with these four
 most requests share one coroutine:
 
 - request (before the health-check filter): drop header names gRPC cannot
-  carry and a client's `x-tokenmesh-*` headers (gateway/header_names.py), refuse a body declared larger than the
-  edge accepts, before anything reads it (gateway/request_body.py), mark a
+  carry and a client's `x-tokenmesh-*` headers (gateway/header_names.py),
+  refuse a body declared larger than the edge accepts, before anything reads
+  it (gateway/request_body.py), mark a
   unary gRPC call (a table lookup, gateway/response_headers.py), then, for
   `grpc.health.v1.Health/Check` only, gate it on `/healthz`
   (gateway/edge_health.py). The health-check
