@@ -269,7 +269,8 @@ return 1
 
 # KEYS: window zset, window amounts hash, month counter, the request id's charge,
 #       the id's "given back" mark, the id's forgotten attempts, the window's sum,
-#       the holder's open reservations, the id's holder
+#       the holder's open reservations, the id's holder, the id's "a run finished"
+#       mark
 # ARGV: request id, replay ttl s, the forgotten call's attempt id, the
 #       reservation's field among the holder's open ones ("": none), "1" to take
 #       it back only while it is listed there and the holder still holds it (a
@@ -279,7 +280,10 @@ return 1
 # (ReservationReaper): refunds what the id was charged, and leaves a charge of 0
 # marked given back (a new attempt reserves anew) and the call's attempt id, so
 # that the reservation, should it reach Redis only now, charges nothing (and a
-# reconcile landing late charges what the request used). Returns 1 if it refunded.
+# reconcile landing late charges what the request used). An id a run of which
+# finished keeps its charge: the meter bills that run (a replay of it, admitted on
+# it, whose call was cut refunded it, and the month missed the billed run). Returns
+# 1 if it refunded.
 _FORGET = budget_lua(
     """
 if ARGV[4] ~= '' then
@@ -288,6 +292,7 @@ if ARGV[4] ~= '' then
     return 0
   end
 end
+if redis.call('EXISTS', KEYS[10]) == 1 then return 0 end
 local charged = redis.call('GET', KEYS[4])
 if charged then
   -- DECRBY: `-tonumber('0')` is Lua's -0, sent as "-0", which INCRBY refuses.
@@ -650,7 +655,7 @@ class TokenBudgets:
         only_listed: bool,
     ) -> bool:
         window, amounts, month = self._keys(key_id, reserved_at)
-        charge, _, given_back, forgotten = self._id_keys(key_id, request_id)
+        charge, finished, given_back, forgotten = self._id_keys(key_id, request_id)
         field = self._open_field(holder, key_id, request_id)
         refunded = await self._forget(
             keys=[
@@ -663,6 +668,7 @@ class TokenBudgets:
                 self._sum_key(key_id),
                 self.open_key(holder),
                 f"{charge}:holder",
+                finished,
             ],
             args=[
                 request_id,

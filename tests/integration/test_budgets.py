@@ -181,6 +181,19 @@ async def test_a_job_item_run_twice_to_its_end_keeps_its_first_runs_charge(budge
     assert await _month_used(budgets, key) == 30
 
 
+async def test_a_cut_replay_of_a_finished_job_item_leaves_its_charge(budgets):
+    """A replay of a finished item is admitted on its charge; its call cut while the
+    reservation was sent (`forget`), it refunded the finished run's charge, and the
+    month missed the run the meter billed."""
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    limits = Limits(monthly_tokens=1000)
+    await budgets.reserve(key, limits, "job-5:0", 100)
+    await budgets.reconcile(key, "job-5:0", 100, 30, run="finished")
+    replay = await budgets.reserve(key, limits, "job-5:0", 100, attempt="a2")
+    assert not await budgets.forget(key, "job-5:0", replay.reserved_at, "a2")
+    assert await _month_used(budgets, key) == 30
+
+
 async def test_a_replay_of_a_request_is_admitted_although_the_budget_is_spent(budgets):
     key = f"key_{uuid.uuid4().hex[:8]}"
     limits = Limits(monthly_tokens=100)
