@@ -16,6 +16,7 @@ import grpc.aio
 import pytest
 
 from services.auth.service import AuthService, AuthSettings
+from services.core import contract
 from services.core.server import serving
 from tests import mtls
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
@@ -86,3 +87,20 @@ async def test_a_revoked_keys_jwt_is_refused_by_the_admin_rpcs_at_once(own_redis
         # Another active key's JWT, and the API key path, work as before.
         assert await _list_keys(stub, await _bearer(stub, other_admin)) >= 2
         assert await _list_keys(stub, (("x-api-key", other_admin),)) >= 2
+
+
+async def test_no_key_can_be_created_for_the_shadow_copies_account(own_redis: str) -> None:
+    # Shadow copies are metered to it, with every tenant's request tags: a key of it
+    # read them all with usage:read, and its own requests mixed into the account.
+    async with _auth(own_redis) as (service, stub):
+        _, admin = await _admin_key(service, "ops")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.CreateApiKey(
+                auth_service_pb2.CreateApiKeyRequest(
+                    tenant=contract.SHADOW_TENANT, scopes=["usage:read"]
+                ),
+                metadata=(("x-api-key", admin),),
+                timeout=10,
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert contract.SHADOW_TENANT in (refused.value.details() or "")
