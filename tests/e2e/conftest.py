@@ -55,22 +55,25 @@ def _sends_to(route: dict[str, Any], cluster: str) -> bool:
     return cluster in names or f"fallback:{cluster.removeprefix('model:')}" in names
 
 
+def edge_routes(admin_url: str) -> list[dict[str, Any]]:
+    """Every route of an edge's dynamic route configuration, as its Envoy applied it."""
+    dump = httpx.get(
+        f"{admin_url}/config_dump", params={"resource": "dynamic_route_configs"}, timeout=5
+    ).json()
+    return [
+        route
+        for config in dump.get("configs", [])
+        for host in config.get("route_config", {}).get("virtual_hosts", [])
+        for route in host.get("routes", [])
+    ]
+
+
 def edge_placement(mesh: Mesh, cluster: str) -> tuple[dict[str, Any], list[Any]]:
     """What decides where the edge sends a prompt head of `cluster`: its hosts (weights,
     health) and the metadata of the routes to it (the router's pins of hot heads to
     workers and the turns of unseen heads: gateway/model_routing.lua)."""
-    dump = httpx.get(
-        f"http://127.0.0.1:{mesh.admin_port}/config_dump",
-        params={"resource": "dynamic_route_configs"},
-        timeout=5,
-    ).json()
-    metadata = [
-        route.get("metadata", {})
-        for config in dump.get("configs", [])
-        for host in config.get("route_config", {}).get("virtual_hosts", [])
-        for route in host.get("routes", [])
-        if _sends_to(route, cluster)
-    ]
+    routes = edge_routes(mesh.admin_url())
+    metadata = [route.get("metadata", {}) for route in routes if _sends_to(route, cluster)]
     return edge_hosts(mesh, cluster), metadata
 
 

@@ -18,10 +18,10 @@ from services.core import contract
 from services.inference.validation import MAX_EMBED_INPUTS
 from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV
-from tests.e2e.conftest import authed_channel
+from tests.e2e.conftest import authed_channel, edge_routes
 from tests.e2e.test_auth import create_key
 from tests.e2e.test_jobs import wait_until
-from tests.e2e.test_routing import edge_routes, targets_of, version_route
+from tests.e2e.test_routing import targets_of, version_route
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 from tokenmesh.router.v1 import router_service_pb2 as router_pb

@@ -29,9 +29,9 @@ from grpc_status import rpc_status
 from services.core import contract
 from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV
-from tests.e2e.conftest import authed_channel
+from tests.e2e.conftest import authed_channel, edge_routes
 from tests.e2e.test_jobs import wait_until
-from tests.e2e.test_routing import edge_routes, targets_of, version_route
+from tests.e2e.test_routing import targets_of, version_route
 from tokenmesh.inference.v1 import inference_service_pb2 as v1
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as v1_rpc
 from tokenmesh.inference.v2 import inference_service_pb2 as v2

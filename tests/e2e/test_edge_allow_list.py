@@ -23,9 +23,8 @@ from grpc_status import rpc_status
 
 from gateway.model_routing import MODEL_HEADER
 from services.launcher.mesh import Mesh
-from tests.e2e.conftest import model_limited_key_channel
+from tests.e2e.conftest import edge_routes, model_limited_key_channel
 from tests.e2e.test_jobs import wait_until
-from tests.e2e.test_routing import edge_routes
 from tokenmesh.inference.v2 import inference_service_pb2 as v2_pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_rpc
 from tokenmesh.router.v1 import router_service_pb2 as router_pb

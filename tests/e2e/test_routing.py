@@ -37,6 +37,7 @@ from tests.conftest import TEST_SERVICE_ENV
 from tests.e2e.conftest import (
     authed_channel,
     edge_hosts,
+    edge_routes,
     seen_by_the_edge,
     spread_of,
     stable_round,
@@ -123,19 +124,6 @@ def split(mesh: Mesh, stub: router_rpc.RouterServiceStub, weights: dict[str, int
     )
     expected = {version: weight for version, weight in weights.items() if weight}
     wait_for_routes(mesh, lambda routes: split_of(routes) == expected, f"the split {expected}")
-
-
-def edge_routes(admin_url: str) -> list[dict[str, Any]]:
-    """Every route of an edge's dynamic route configuration, as its Envoy applied it."""
-    dump = httpx.get(
-        f"{admin_url}/config_dump", params={"resource": "dynamic_route_configs"}, timeout=5
-    ).json()
-    return [
-        route
-        for config in dump.get("configs", [])
-        for host in config.get("route_config", {}).get("virtual_hosts", [])
-        for route in host.get("routes", [])
-    ]
 
 
 def wait_for_routes(
