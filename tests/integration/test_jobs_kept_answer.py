@@ -40,57 +40,69 @@ EMBEDDER = "all-minilm-l6-v2"
 OWNER = {contract.KEY_ID_HEADER: "k", contract.SCOPES_HEADER: "inference:generate inference:embed"}
 
 
-class _CancelledAsAnswered:
-    """A worker stub whose calls cancel their caller's task as they end (answered
+class _Watched(ItemExecutor):
+    """An executor that keeps its calls (to see them cut) and, with
+    `cancel_as_answered`, cancels each call's caller task as the call ends (answered
     or not): the cancel lands between the answer's arrival and the caller's next
     step, as a job's stop can."""
 
-    def __init__(self, stub: Any) -> None:
-        self._stub = stub
+    def __init__(self, client: aioredis.Redis, cancel_as_answered: bool) -> None:
+        files = IdentityFiles.of(mtls.pki_dir(), contract.JOBS)
+        super().__init__(WorkerDirectory(client), files, Backoff(0.05, 0.2), call_timeout_s=30)
+        self.cancel_as_answered = cancel_as_answered
+        self.calls: list[Any] = []
 
-    def __getattr__(self, method: str) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            caller = asyncio.current_task()
-            assert caller is not None
-            started = getattr(self._stub, method)(*args, **kwargs)
-            started.add_done_callback(lambda _call: caller.cancel())
-            return started
-
-        return call
-
-
-class _CancellingExecutor(ItemExecutor):
     def _stub(self, address: str) -> Any:
-        return _CancelledAsAnswered(super()._stub(address))
+        stub, watched = super()._stub(address), self
+
+        class Stub:
+            def __getattr__(self, method: str) -> Any:
+                def call(*args: Any, **kwargs: Any) -> Any:
+                    caller = asyncio.current_task()
+                    assert caller is not None
+                    started = getattr(stub, method)(*args, **kwargs)
+                    if watched.cancel_as_answered:
+                        started.add_done_callback(lambda _call: caller.cancel())
+                    watched.calls.append(started)
+                    return started
+
+                return call
+
+        return Stub()
+
+
+@contextlib.asynccontextmanager
+async def _watched_worker(
+    tmp_path: Path, own_redis: str, cancel_as_answered: bool, **overrides: Any
+) -> AsyncIterator[_Watched]:
+    """A `_Watched` executor and one worker (inference_settings with `overrides`),
+    registered and its models catalogued in a Redis of their own."""
+    client = aioredis.from_url(own_redis)
+    settings = inference_settings(tmp_path, own_redis, **overrides)
+    names = (m.partition(":") for m in (*settings.models, *settings.test_models))
+    served = tuple((name, version) for name, _, version in names)
+    watched = _Watched(client, cancel_as_answered)
+    try:
+        async with serving(InferenceService(settings), settings) as server:
+            worker = WorkerEntry(
+                "w0", "127.0.0.1", server.port, served, lease_expires_at=time.time() + 600
+            )
+            await client.hset(WORKERS_KEY, "w0", worker.to_json())
+            for name, version in served:
+                entry = ModelEntry(name, versions=(VersionEntry(version, 100),))
+                await client.hset(CATALOG_KEY, name, entry.to_json())
+            yield watched
+    finally:
+        await watched.close()
+        await client.aclose()
 
 
 @pytest.fixture
 async def executor(tmp_path: Path, own_redis: str) -> AsyncIterator[ItemExecutor]:
     """An executor whose calls cancel their task as they end, and one worker."""
-    client = aioredis.from_url(own_redis)
-    settings = inference_settings(
-        tmp_path, own_redis, models=(f"{EMBEDDER}:1",), test_models=(f"{MODEL}:1",)
-    )
-    running = _CancellingExecutor(
-        WorkerDirectory(client),
-        IdentityFiles.of(mtls.pki_dir(), contract.JOBS),
-        Backoff(0.05, 0.2),
-        call_timeout_s=30,
-    )
-    try:
-        async with serving(InferenceService(settings), settings) as server:
-            served = ((MODEL, "1"), (EMBEDDER, "1"))
-            worker = WorkerEntry(
-                "w0", "127.0.0.1", server.port, served, lease_expires_at=time.time() + 600
-            )
-            await client.hset(WORKERS_KEY, "w0", worker.to_json())
-            for name in (MODEL, EMBEDDER):
-                entry = ModelEntry(name, versions=(VersionEntry("1", 100),))
-                await client.hset(CATALOG_KEY, name, entry.to_json())
-            yield running
-    finally:
-        await running.close()
-        await client.aclose()
+    models = {"models": (f"{EMBEDDER}:1",), "test_models": (f"{MODEL}:1",)}
+    async with _watched_worker(tmp_path, own_redis, True, **models) as watched:
+        yield watched
 
 
 async def _run(executor: ItemExecutor, item: jobs_pb2.JobItem) -> asyncio.Task[Any]:
@@ -128,49 +140,15 @@ async def test_a_call_that_failed_as_it_was_cancelled_ends_the_item_cancelled(ex
     assert task.cancelled()
 
 
-class _Recording(ItemExecutor):
-    """An executor that keeps its calls, to see them cut."""
-
-    calls: list[Any]
-
-    def _stub(self, address: str) -> Any:
-        stub = super()._stub(address)
-        calls = self.calls
-
-        class Recorded:
-            def __getattr__(self, method: str) -> Any:
-                def call(*args: Any, **kwargs: Any) -> Any:
-                    calls.append(getattr(stub, method)(*args, **kwargs))
-                    return calls[-1]
-
-                return call
-
-        return Recorded()
-
-
 @contextlib.asynccontextmanager
-async def _long_item(tmp_path: Path, own_redis: str) -> AsyncIterator[tuple[_Recording, Any]]:
+async def _long_item(tmp_path: Path, own_redis: str) -> AsyncIterator[tuple[_Watched, Any]]:
     """A plain executor running one item of 200 steps of 50 ms (10 s) on a real worker,
     its call made: yields the executor and the item's task."""
-    client = aioredis.from_url(own_redis)
-    settings = inference_settings(
-        tmp_path, own_redis, test_models=(f"{MODEL}:1",), test_engine_step_ms=50.0
-    )
-    plain = _Recording(
-        WorkerDirectory(client), IdentityFiles.of(mtls.pki_dir(), contract.JOBS), Backoff(), 30
-    )
-    plain.calls = []
     task: asyncio.Task[Any] | None = None
-    try:
-        async with serving(InferenceService(settings), settings) as server:
-            served = ((MODEL, "1"),)
-            worker = WorkerEntry(
-                "w0", "127.0.0.1", server.port, served, lease_expires_at=time.time() + 600
-            )
-            await client.hset(WORKERS_KEY, "w0", worker.to_json())
-            await client.hset(
-                CATALOG_KEY, MODEL, ModelEntry(MODEL, (VersionEntry("1", 100),)).to_json()
-            )
+    async with _watched_worker(
+        tmp_path, own_redis, False, test_models=(f"{MODEL}:1",), test_engine_step_ms=50.0
+    ) as plain:
+        try:
             request = v2.CompleteRequest(model=MODEL, prompt="a", max_output_tokens=200)
             item = jobs_pb2.JobItem(complete=request)
             task = asyncio.create_task(plain.run(item, 0, "job-cut:0", OWNER, time.time() + 30))
@@ -178,11 +156,9 @@ async def _long_item(tmp_path: Path, own_redis: str) -> AsyncIterator[tuple[_Rec
                 while not plain.calls:
                     await asyncio.sleep(0.01)
             yield plain, task
-    finally:
-        if task is not None:
-            task.cancel()
-        await plain.close()
-        await client.aclose()
+        finally:
+            if task is not None:
+                task.cancel()
 
 
 async def test_a_call_not_answered_yet_is_cut_by_a_cancel(tmp_path: Path, own_redis: str):

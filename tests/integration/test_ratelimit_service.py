@@ -22,6 +22,7 @@ from services.usage.leases import LEASE_TTL_S, SETTLE_INTERVAL_S
 from services.usage.ratelimit import RateLimitServicer, RequestLimiter, latest_freed
 from services.usage.service import UsageService, UsageSettings
 from tests import mtls
+from tests.integration.test_budgets_window_sum import _redis_now_ms
 
 OK, OVER = rls_pb2.RateLimitResponse.OK, rls_pb2.RateLimitResponse.OVER_LIMIT
 BIG, SCARCE = f"big-{uuid.uuid4().hex[:6]}", f"scarce-{uuid.uuid4().hex[:6]}"  # fresh windows
@@ -306,11 +307,6 @@ async def _servicer(redis_url: str, **limits: Any) -> AsyncIterator[Any]:
     finally:
         await servicer.close()
         await client.aclose()
-
-
-async def _redis_now_ms(client: aioredis.Redis) -> int:
-    seconds, micros = await client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 async def test_a_request_two_windows_refuse_gets_one_retry_after_of_the_one_freed_last(redis_url):
