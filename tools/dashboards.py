@@ -397,13 +397,17 @@ TENANTS = Dashboard(
                     "reqps",
                 ),
                 Panel(
-                    "Rate-limit decisions (window lease vs Redis) and fail-open",
+                    "Rate-limit decisions (window lease vs Redis), fail-open and fail-closed",
                     (
                         (
                             f"sum by (path) (rate(tokenmesh_ratelimit_decisions_total[{RATE}]))",
                             "{{path}}",
                         ),
                         (f"sum(rate(tokenmesh_ratelimit_fail_open_total[{RATE}]))", "fail open"),
+                        (
+                            f"sum(rate(tokenmesh_ratelimit_fail_closed_total[{RATE}]))",
+                            "fail closed",
+                        ),
                     ),
                     "ops",
                 ),

@@ -121,6 +121,7 @@ class RequestLimitSettings:
             redis_url=redis_url,
             lease_size=self.lease_size,
             supervisor=supervisor,
+            failure_mode_deny=self.ratelimit_failure_mode_deny,
         )
 
 

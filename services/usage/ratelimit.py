@@ -21,7 +21,8 @@ without a Python hop at the edge.
 Errors are told apart: an unavailable store (connection refused or lost, a
 timeout, a Redis that is loading, read-only or out of memory) answers
 UNAVAILABLE, which Envoy turns into "allow" unless `failure_mode_deny`
-(counted in `tokenmesh_ratelimit_fail_open_total`); anything else is a bug:
+(counted in `tokenmesh_ratelimit_fail_open_total`, or under failure_mode_deny
+in `tokenmesh_ratelimit_fail_closed_total`); anything else is a bug:
 logged, counted in `tokenmesh_ratelimit_errors_total`, and the RPC fails
 (INTERNAL, from the error boundary), never disguised as an outage.
 """
@@ -73,8 +74,11 @@ DECISIONS = Counter(
 LEASED, READ = DECISIONS.labels("lease"), DECISIONS.labels("redis")
 FAIL_OPEN = Counter(
     "tokenmesh_ratelimit_fail_open_total",
-    "Decisions answered UNAVAILABLE because the rate-limit store was unreachable "
-    "(Envoy lets the request through unless failure_mode_deny).",
+    "Requests let through unlimited because the rate-limit store was unreachable.",
+)
+FAIL_CLOSED = Counter(
+    "tokenmesh_ratelimit_fail_closed_total",
+    "Requests refused because the rate-limit store was unreachable (failure_mode_deny).",
 )
 OVER_LIMIT = Counter(
     "tokenmesh_ratelimit_over_limit_total",
@@ -227,6 +231,9 @@ class RequestLimiter:
         lease_size: slots a decision far below its limits may reserve for the
             next ones (see leases.py); 0 = every decision goes to Redis.
         supervisor: runs the lease settler; a private one if omitted.
+        failure_mode_deny: whether a decision the store cannot make refuses the
+            request (the edge's and the workers' TOKENMESH_RATELIMIT_FAILURE_MODE_DENY);
+            it picks the counter of such decisions, fail-open or fail-closed.
     """
 
     def __init__(
@@ -240,8 +247,12 @@ class RequestLimiter:
         redis_url: str = "",
         lease_size: int = 0,
         supervisor: Supervisor | None = None,
+        failure_mode_deny: bool = False,
     ) -> None:
         self.redis = client
+        # Counted where the store fails, read by whoever applies the mode (Envoy or
+        # a worker's interceptor): one fail-open counter counted refusals too.
+        self._unavailable = FAIL_CLOSED if failure_mode_deny else FAIL_OPEN
         self.default_rpm = default_rpm
         self.tier_rpm = dict(tier_rpm or {})
         self.tenant_rpm = tenant_rpm
@@ -430,7 +441,7 @@ class RequestLimiter:
         try:
             self.breaker.check()
         except BreakerOpen:
-            FAIL_OPEN.inc()  # the store failed its last decisions: not waited for again
+            self._unavailable.inc()  # the store failed its last decisions: not waited for
             raise Unavailable("rate-limit store unavailable", retry_after_s=1.0) from None
         # A read (0 hits: a retry's) asks for no lease.
         size = self.leases.request(key, [limit.limit for limit in limits]) if hits else 0
@@ -462,7 +473,7 @@ class RequestLimiter:
                 self._start_settler()
         except STORE_UNAVAILABLE as exc:  # Redis down: Envoy applies failure_mode_deny
             self.breaker.failed_with(exc)  # a timeout or lost connection, not a reply
-            FAIL_OPEN.inc()
+            self._unavailable.inc()
             logger.warning("rate-limit store unavailable: %s", type(exc).__name__)
             raise Unavailable("rate-limit store unavailable", retry_after_s=1.0) from None
         except Exception as exc:

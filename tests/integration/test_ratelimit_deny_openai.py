@@ -20,6 +20,7 @@ import grpc
 import grpc.aio
 import redis.asyncio as aioredis
 from google.api.httpbody_pb2 import HttpBody
+from prometheus_client import REGISTRY
 
 from services.core import contract
 from services.launcher.processes import reserve_port
@@ -50,11 +51,21 @@ async def _refusals(tmp_path: Path, redis_url: str, limits_url: str, key: str) -
         ]
 
 
+def _unavailable_store_counts() -> tuple[float, float]:
+    """(fail-open, fail-closed) decisions so far."""
+    names = ("tokenmesh_ratelimit_fail_open_total", "tokenmesh_ratelimit_fail_closed_total")
+    return tuple(REGISTRY.get_sample_value(name) or 0.0 for name in names)  # type: ignore[return-value]
+
+
 async def test_an_unreachable_limits_store_refuses_in_openai_shape(tmp_path, redis_url):
     dead = f"redis://127.0.0.1:{reserve_port()}/0"
-    for code, error in await _refusals(tmp_path, redis_url, dead, "key_deny"):
+    fail_open, fail_closed = _unavailable_store_counts()
+    refusals = await _refusals(tmp_path, redis_url, dead, "key_deny")
+    for code, error in refusals:
         assert code == grpc.StatusCode.UNAVAILABLE
         assert error["type"] == "server_error" and error["message"], error
+    # Refused, so counted as failing closed: not in the fail-open alert's counter.
+    assert _unavailable_store_counts() == (fail_open, fail_closed + len(refusals))
 
 
 async def test_a_limiter_bug_refuses_in_openai_shape(tmp_path, redis_url):

@@ -36,6 +36,10 @@ def _fail_open() -> float:
     return REGISTRY.get_sample_value("tokenmesh_ratelimit_fail_open_total") or 0.0
 
 
+def _fail_closed() -> float:
+    return REGISTRY.get_sample_value("tokenmesh_ratelimit_fail_closed_total") or 0.0
+
+
 def _errors() -> float:
     labels = {"stage": "decide"}
     return REGISTRY.get_sample_value("tokenmesh_ratelimit_errors_total", labels) or 0.0
@@ -43,9 +47,10 @@ def _errors() -> float:
 
 @contextlib.asynccontextmanager
 async def _limiter(
-    redis_url: str, limits_url: str
+    redis_url: str, limits_url: str, failure_mode_deny: bool = False
 ) -> AsyncIterator[rls_pb2_grpc.RateLimitServiceStub]:
     settings = UsageSettings(
+        ratelimit_failure_mode_deny=failure_mode_deny,
         pki_dir=mtls.pki_dir(),
         metrics_port=-1,
         grace_s=0.5,
@@ -65,6 +70,18 @@ async def test_an_unreachable_store_is_unavailable_and_counted_as_fail_open(redi
             await limiter.ShouldRateLimit(_request(f"key_{uuid.uuid4().hex[:8]}"))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert _fail_open() == fail_open + 1 and _errors() == errors
+
+
+async def test_under_failure_mode_deny_an_unreachable_store_counts_as_fail_closed(redis_url):
+    # The edge refuses these requests (its failure_mode_deny reads the same setting):
+    # counted as let through, they set off the fail-open alert for refusals.
+    fail_open, fail_closed = _fail_open(), _fail_closed()
+    unreachable = f"redis://127.0.0.1:{reserve_port()}/0"
+    async with _limiter(redis_url, unreachable, failure_mode_deny=True) as limiter:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await limiter.ShouldRateLimit(_request(f"key_{uuid.uuid4().hex[:8]}"))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (_fail_open(), _fail_closed()) == (fail_open, fail_closed + 1)
 
 
 async def test_a_bug_is_internal_and_counted_not_reported_as_an_outage(redis_url):
