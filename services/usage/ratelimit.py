@@ -46,7 +46,7 @@ from google.protobuf import duration_pb2
 from prometheus_client import Counter
 from redis.exceptions import ResponseError
 
-from services.core.breaker import Breaker, BreakerOpen
+from services.core.breaker import Breaker, BreakerOpen, store_answered
 from services.core.errors import Unavailable
 from services.core.interceptors import Context
 from services.core.redis_service import LUA_REDIS_NOW_MS
@@ -109,6 +109,12 @@ SHAPE_CACHE_SIZE = 16384
 # goes out after REFUND_WAIT_S and the refund finishes behind it.
 REFUND_TIMEOUT_S = 1.0
 REFUND_WAIT_S = 0.05
+# A decision cut before its reply (Envoy's 0.25 s timeout, the client's 1 s, a lost
+# connection) may still run in Redis, and reserve a lease nobody holds: its slots
+# are taken back after CUT_FORGET_DELAYS_S, again while a try met a stalled Redis
+# (a try that waited over CUT_STALLED_S may have run before the cut script).
+CUT_FORGET_DELAYS_S = (1.5, 3.0, 6.0, 12.0, 24.0)
+CUT_STALLED_S = 0.1
 
 # KEYS: one sliding window per limit; ARGV: (unused), window_ms, hits, member
 # prefix, lease size, limit per key. All-or-nothing: the request is counted in
@@ -167,7 +173,7 @@ return out
 
 # KEYS: the windows a request was counted in. ARGV: its member. Takes the request back.
 _FORGET_HIT = """
-for _, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[1]) end
+for _, key in ipairs(KEYS) do redis.call('ZREM', key, unpack(ARGV)) end
 return 1
 """
 
@@ -281,12 +287,16 @@ class RequestLimiter:
         # Redis's clock minus this replica's, learned at every decision (see _SLIDING_WINDOWS).
         self._redis_clock_offset_ms = 0
         self._refunds: set[asyncio.Task[None]] = set()  # still running behind their refusals
+        self._failure_mode_deny = failure_mode_deny
+        self._cut_forgets: set[asyncio.Task[None]] = set()  # cut decisions' slots, later
 
     async def close(self) -> None:
         """Settles every lease (unused slots go back), finishes the refunds (each ends
         within REFUND_TIMEOUT_S) and closes the connections."""
         if self._settler is not None:
             await self._settler.stop(timeout_s=1)
+        for forget in self._cut_forgets:  # their slots leave the windows within a minute
+            forget.cancel()
         if self._refunds:
             await asyncio.wait(set(self._refunds))
         await self._settle(self.leases.due(everything=True))
@@ -471,9 +481,14 @@ class RequestLimiter:
                     granted_ms=redis_now_ms,
                 )
                 self._start_settler()
+        except asyncio.CancelledError:  # e.g. Envoy's 0.25 s: the script may still run
+            self._forget_cut(windows, member, hits, size)
+            raise
         except STORE_UNAVAILABLE as exc:  # Redis down: Envoy applies failure_mode_deny
             self.breaker.failed_with(exc)  # a timeout or lost connection, not a reply
             self._unavailable.inc()
+            if not store_answered(exc):  # a refusal wrote nothing; a timeout may have
+                self._forget_cut(windows, member, hits, size)
             logger.warning("rate-limit store unavailable: %s", type(exc).__name__)
             raise Unavailable("rate-limit store unavailable", retry_after_s=1.0) from None
         except Exception as exc:
@@ -490,6 +505,39 @@ class RequestLimiter:
             if size:  # (a decision that asked for none must not clear another's request)
                 self.leases.granted(key, lease)
         return allowed, counts, oldest, redis_now_ms, member
+
+    def _forget_cut(self, windows: tuple[str, ...], member: str, hits: int, size: int) -> None:
+        """Takes back, later, what a decision cut before its reply may still count: the
+        lease it asked for (no lease holds those slots: they stayed 60 s, and a brownout
+        whose every grant was cut left a key about half its limit for a minute), and,
+        under failure_mode_deny, its hits (the request was refused)."""
+        first = 1 if self._failure_mode_deny else hits + 1
+        members = [f"{member}:{h}" for h in range(first, hits + size + 1)]
+        if members:
+            forget = asyncio.create_task(self._forget_after_cut(windows, members))
+            self._cut_forgets.add(forget)
+            forget.add_done_callback(self._cut_forgets.discard)
+
+    async def _forget_after_cut(self, windows: tuple[str, ...], members: list[str]) -> None:
+        """Removes `members` once Redis has run the cut script: a try that answered
+        at once met a Redis that was not stalled, so the cut script, in its input since
+        the cut, ran before it; a try that failed or waited is made again."""
+        for delay_s in CUT_FORGET_DELAYS_S:
+            await asyncio.sleep(delay_s)
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(REFUND_TIMEOUT_S):
+                    await self._forget_hit(keys=list(windows), args=members)
+            except STORE_UNAVAILABLE as exc:
+                logger.debug("a cut rate-limit decision's slots not taken back yet: %s", exc)
+                continue
+            except Exception:  # a bug: they leave the windows within a minute
+                ERRORS.labels("forget").inc()
+                logger.exception("could not take back a cut rate-limit decision's slots")
+                return
+            if time.monotonic() - started < CUT_STALLED_S:
+                return
+        logger.warning("a cut rate-limit decision's %d slots stay counted", len(members))
 
     def _start_settler(self) -> None:
         if self._settler is None or self._settler.done():

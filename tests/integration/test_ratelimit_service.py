@@ -298,6 +298,39 @@ async def test_a_refund_during_a_redis_stall_holds_the_refusal_briefly_and_lands
         await client.aclose()
 
 
+@pytest.mark.parametrize("failure_mode_deny", [False, True])
+async def test_a_decision_cut_during_a_redis_stall_leaves_no_lease_behind(
+    own_redis, failure_mode_deny
+):
+    """Envoy gives up on a decision after 0.25 s; the script, already sent, runs once
+    Redis answers again and reserved a lease's 32 slots that no lease held, for 60 s:
+    a brownout whose grants were all cut left a key about half its limit. They are
+    taken back now, and the request's own count too where it was refused (deny)."""
+    key = f"key_{uuid.uuid4().hex[:8]}"  # 6400/min: a decision asks for 32 slots
+    client = aioredis.from_url(own_redis)
+    limiter = RequestLimiter(
+        client, 1, redis_url=own_redis, lease_size=32, failure_mode_deny=failure_mode_deny
+    )
+    try:
+        await limiter.decide((("key_id", "warm"),))  # the hot path's connection made
+        await client.execute_command("CLIENT", "PAUSE", "400", "ALL")  # a stalled Redis
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(limiter.decide((("key_id", key), ("rpm", "6400"))), 0.25)
+        assert not limiter.leases.holds_any()
+        deadline = time.monotonic() + 2.0
+        while len(await _window(own_redis, key)) < 33:  # the cut script ran: 1 hit + 32
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        kept = 0 if failure_mode_deny else 1  # let through (fail-open): it counts
+        deadline = time.monotonic() + 10.0
+        while len(await _window(own_redis, key)) != kept:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        await limiter.close()
+        await client.aclose()
+
+
 @contextlib.asynccontextmanager
 async def _servicer(redis_url: str, **limits: Any) -> AsyncIterator[Any]:
     client = aioredis.from_url(redis_url)
