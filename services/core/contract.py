@@ -156,6 +156,14 @@ IDENTITY_HEADERS = (
     MONTHLY_TOKENS_HEADER,
     PINS_HEADER,
 ) = IDENTITY_HEADERS
+#: Sent by the jobs service with each attempt at a job item (delegated calls may
+#: carry it beside the identity headers): the Unix time until which the item may
+#: run again, its job's deadline. A worker remembers the item's budget charge that
+#: long (a replay is charged once, as the usage meter bills it once), not an hour.
+REPLAY_UNTIL_HEADER = "x-tokenmesh-replay-until"
+#: The headers a delegate (the jobs service) may send: the owner's identity and
+#: REPLAY_UNTIL_HEADER; no routing or other edge-only ones.
+DELEGATED_HEADERS = (*IDENTITY_HEADERS, REPLAY_UNTIL_HEADER)
 #: Every header with this prefix is the edge's to set (identity, routing, prefix):
 #: a request from any other peer that carries one is refused.
 EDGE_HEADER_PREFIX = "x-tokenmesh-"

@@ -204,11 +204,12 @@ def check_delegated(
     """Raises PermissionDenied unless a delegate's call (the jobs service acting for a
     job's owner) stays within what the owner's key may do (see CallerRule.delegates).
 
-    It must name the key (x-tokenmesh-key-id), send only identity headers (no
-    routing or other edge-only ones), hold the RPC's scope among the vouched
-    scopes, and ask for the rule's priority.
+    It must name the key (x-tokenmesh-key-id), send only identity headers and
+    its item's replay bound (contract.DELEGATED_HEADERS: no routing or other
+    edge-only ones), hold the RPC's scope among the vouched scopes, and ask for
+    the rule's priority.
     """
-    allowed = set(contract.IDENTITY_HEADERS)
+    allowed = set(contract.DELEGATED_HEADERS)
     extra = [name for name in headers if name.lower() not in allowed]
     if extra:
         raise PermissionDenied(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -40,7 +41,13 @@ from services.core.identity import peer_identity
 from services.core.interceptors import Context, request_headers
 from services.core.model_access import allowed_models, check_model_allowed
 from services.inference import metrics, shadow
-from services.inference.budget import Limits, Run, TokenBudgets, check_within_whole_budget
+from services.inference.budget import (
+    REPLAY_TTL_S,
+    Limits,
+    Run,
+    TokenBudgets,
+    check_within_whole_budget,
+)
 from services.inference.engines.prefix_cache import private_scope
 from services.inference.mesh_models import MeshModels
 from services.inference.models import LoadedModel, ModelRegistry
@@ -150,6 +157,17 @@ def route_target(
     return Target(registry.resolve(name, version or headers.get(model_routing.VERSION_HEADER, "")))
 
 
+def replay_ttl(headers: Mapping[str, str]) -> int | None:
+    """Returns how long a job item's charge must be remembered: until the deadline its
+    jobs service sent (contract.REPLAY_UNTIL_HEADER), and an hour for an attempt
+    still running then; None without a readable one (the budgets' own TTL)."""
+    try:
+        left_s = float(headers.get(contract.REPLAY_UNTIL_HEADER, "")) - time.time()
+    except ValueError:
+        return None
+    return max(0, math.ceil(left_s)) + REPLAY_TTL_S if math.isfinite(left_s) else None
+
+
 class Request:
     """Request is one validated RPC with its caller, model and usage bookkeeping.
 
@@ -190,6 +208,9 @@ class Request:
         self.usage_id = self.request_id if replays else uuid.uuid4().hex
         # One attempt at a job item (`<job>:<n>`, the jobs service's own id).
         self.job_attempt = bool(request_id) and caller == contract.JOBS
+        # How long its charge is remembered: its item may run again until the job's
+        # deadline (remembered an hour, a re-run after it was charged twice).
+        self.replay_ttl_s = replay_ttl(headers) if self.job_attempt else None
         self.rpc = rpc
         self.api_version = api_version
         self.metadata = dict(metadata or {})
@@ -437,6 +458,7 @@ class Admission:
                 request.reserved_at,
                 request.reservation_attempt,
                 listed=True,  # reconciled when it ends, or taken back if this worker dies
+                replay_ttl_s=request.replay_ttl_s,
             )
             request.budget_warning = reserved.warning
             # A job item's retry admitted on an earlier attempt's charge reconciles it

@@ -7,7 +7,8 @@ window of reservations, so a key with N tokens/min can use N tokens in any
 minute — never fewer, never more.
 
 Reservations are idempotent per (key, request id): a request id reserved
-again within `REPLAY_TTL_S` while it holds a reservation, or after it was
+again within its replay TTL (`REPLAY_TTL_S`, or for a job item until its job's
+deadline: `replay_ttl_s`) while it holds a reservation, or after it was
 reconciled as finished (a job item replayed after its jobs replica died
 while it ran: the same `<job>:<n>`), is not charged again (workers pass the
 request id only for the jobs service; any other caller's requests get ids of
@@ -43,6 +44,9 @@ from services.core.redis_service import LUA_REDIS_NOW_MS, text
 
 # How long a reservation is remembered by request id (replays are charged once).
 REPLAY_TTL_S = 3600
+# The longest a job item's may be (`reserve`'s `replay_ttl_s`): a job's window (at
+# most 7 days) and a day; the usage meter remembers a billed id 7 days.
+MAX_REPLAY_TTL_S = 8 * 86400
 # Every holder of open reservations (services.inference.reservation_reaper).
 HOLDERS_KEY = "tm:budget:holders"
 
@@ -240,6 +244,9 @@ _RECONCILE = budget_lua(
     """
 if ARGV[6] ~= '' then redis.call('HDEL', KEYS[7], ARGV[6]) end
 if ARGV[5] ~= '' and redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+-- A job item's charge is kept until its job's deadline (reserve's replay ttl),
+-- longer than ARGV[4]: never shortened here.
+local ttl = math.max(tonumber(ARGV[4]), redis.call('TTL', KEYS[3]))
 local actual = tonumber(ARGV[3])
 local charged = tonumber(redis.call('GET', KEYS[3]) or ARGV[2])
 local before = redis.call('HGET', KEYS[1], ARGV[1])
@@ -254,10 +261,10 @@ if before then
     + """
 end
 redis.call('INCRBY', KEYS[2], actual - charged)
-redis.call('SET', KEYS[3], actual, 'EX', tonumber(ARGV[4]))
-if ARGV[5] == 'finished' then redis.call('SET', KEYS[4], '1', 'EX', tonumber(ARGV[4])) end
+redis.call('SET', KEYS[3], actual, 'EX', ttl)
+if ARGV[5] == 'finished' then redis.call('SET', KEYS[4], '1', 'EX', ttl) end
 if ARGV[5] == 'unfinished' then
-  redis.call('SET', KEYS[5], '1', 'EX', tonumber(ARGV[4]))
+  redis.call('SET', KEYS[5], '1', 'EX', ttl)
 else
   redis.call('DEL', KEYS[5])
 end
@@ -294,6 +301,8 @@ if ARGV[4] ~= '' then
 end
 if redis.call('EXISTS', KEYS[10]) == 1 then return 0 end
 local charged = redis.call('GET', KEYS[4])
+-- A job item's charge is kept until its job's deadline: never shortened here.
+local ttl = math.max(tonumber(ARGV[2]), redis.call('TTL', KEYS[4]))
 if charged then
   -- DECRBY: `-tonumber('0')` is Lua's -0, sent as "-0", which INCRBY refuses.
   redis.call('DECRBY', KEYS[3], charged)
@@ -310,10 +319,10 @@ if charged then
     + """
   end
 end
-redis.call('SET', KEYS[4], 0, 'EX', tonumber(ARGV[2]))
-redis.call('SET', KEYS[5], '1', 'EX', tonumber(ARGV[2]))
+redis.call('SET', KEYS[4], 0, 'EX', ttl)
+redis.call('SET', KEYS[5], '1', 'EX', ttl)
 redis.call('SADD', KEYS[6], ARGV[3])
-redis.call('EXPIRE', KEYS[6], tonumber(ARGV[2]))
+redis.call('EXPIRE', KEYS[6], ttl)
 if charged then return 1 end
 return 0
 """,
@@ -456,6 +465,13 @@ class TokenBudgets:
         self._reconcile = client.register_script(_RECONCILE)
         self._forget = client.register_script(_FORGET)
 
+    def _replay_ttl(self, wanted_s: int | None) -> int:
+        """Returns how long a reservation's id is remembered: the budgets' own TTL, or
+        longer where its caller asks (`wanted_s`, capped at MAX_REPLAY_TTL_S)."""
+        if wanted_s is None:
+            return self.replay_ttl_s
+        return max(self.replay_ttl_s, min(wanted_s, MAX_REPLAY_TTL_S))
+
     def _keys(self, key_id: str, now: float) -> tuple[str, str, str]:
         """Returns the key's minute window, its amounts and the month's counter."""
         base = f"tm:budget:{key_id}"
@@ -504,6 +520,7 @@ class TokenBudgets:
         now: float | None = None,
         attempt: str = "",
         listed: bool = False,
+        replay_ttl_s: int | None = None,
     ) -> Reserved:
         """Reserves `amount` tokens or raises ResourceExhausted naming the budget
         (RequestOverBudget, sent as FAILED_PRECONDITION, when `amount` exceeds a whole
@@ -518,6 +535,10 @@ class TokenBudgets:
         `listed`: a reservation its request reconciles when it ends (not a charge
         of tokens already sent): listed among the holder's open reservations, so
         that it is taken back if this process dies first (ReservationReaper).
+
+        `replay_ttl_s`: how long this id's charge is remembered, when longer than
+        the budgets' own (a job item: until its job's deadline, at most
+        MAX_REPLAY_TTL_S); reconciling or forgetting it keeps that.
 
         Returns the warning naming each budget now at or over 80% and the time the
         id's charge was reserved, which picks the month its reconcile goes to.
@@ -548,7 +569,7 @@ class TokenBudgets:
                     limits.tokens_per_minute,
                     limits.monthly_tokens,
                     int(until_next_month) + 86400,
-                    self.replay_ttl_s,
+                    self._replay_ttl(replay_ttl_s),
                     attempt,
                     self._open_field(self.holder, key_id, request_id) if listed else "",
                     json.dumps([now, attempt]),

@@ -31,9 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -101,9 +102,12 @@ class Outcome:
     usage: tuple[int, int, int]
 
 
-def call_metadata(identity: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
-    """Returns the owner's identity headers as gRPC metadata (empty values left out)."""
-    return tuple((name, value) for name, value in identity.items() if value)
+def call_metadata(identity: Mapping[str, str], deadline_s: float) -> tuple[tuple[str, str], ...]:
+    """Returns the owner's identity headers as gRPC metadata (empty values left out),
+    and until when the item may run again (its job's deadline): the worker keeps its
+    budget charge that long, so a re-run is charged once, as it is billed once."""
+    identity_headers = tuple((name, value) for name, value in identity.items() if value)
+    return (*identity_headers, (contract.REPLAY_UNTIL_HEADER, str(math.ceil(deadline_s))))
 
 
 def error_result(
@@ -251,7 +255,8 @@ class ItemExecutor:
                 async with slot or contextlib.nullcontext():
                     remaining = max(0.001, deadline_s - time.time())
                     timeout_s = min(remaining, call_timeout_s)
-                    return await self._call(placement, item, index, request_id, identity, timeout_s)
+                    metadata = call_metadata(identity, deadline_s)
+                    return await self._call(placement, item, index, request_id, metadata, timeout_s)
             except grpc.aio.AioRpcError as error:
                 status = status_details(error)
                 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -282,11 +287,10 @@ class ItemExecutor:
         item: jobs_pb2.JobItem,
         index: int,
         request_id: str,
-        identity: Mapping[str, str],
+        metadata: Sequence[tuple[str, str]],
         timeout: float,
     ) -> Outcome:
         stub = self._stub(placement.address)
-        metadata = call_metadata(identity)
         kind = item.WhichOneof("request")
         if kind == "embed":
             embed = v2.EmbedRequest()

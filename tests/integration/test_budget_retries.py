@@ -56,6 +56,7 @@ def _request(key: str, usage_id: str, limits: Limits, *, job: bool = True) -> An
         reserved_tokens=0,
         charged_tokens=0,
         job_attempt=job,
+        replay_ttl_s=None,
         budget_reserved=False,
     )
 

@@ -358,6 +358,67 @@ async def test_a_job_item_tried_again_is_billed_its_finished_run(tmp_path, redis
         await client.aclose()
 
 
+async def test_a_job_item_re_run_after_the_replay_ttl_is_still_charged_once(redis_url):
+    """A job item may run again until its job's deadline (up to 7 days; the meter bills
+    its id once for 7 days). Its charge was remembered an hour: a re-run after that
+    was charged again. Now it lives as long as its job's deadline asks (here the
+    budgets' own TTL is 1 s and the item's 60 s)."""
+    client = aioredis.from_url(redis_url)
+    budgets = TokenBudgets(client, replay_ttl_s=1)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    limits = Limits(monthly_tokens=1000)
+    try:
+        await budgets.reserve(key, limits, "job-7:0", 100, replay_ttl_s=60)
+        await budgets.reconcile(key, "job-7:0", 100, 30, run="finished")
+        await budgets.reserve(key, limits, "other", 10)  # a request of the budgets' TTL
+        await budgets.reconcile(key, "other", 10, 10)
+        deadline = time.monotonic() + 5
+        while await client.exists(f"tm:budget:{key}:req:other"):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await budgets.reserve(key, limits, "job-7:0", 100, replay_ttl_s=60)  # the re-run
+        await budgets.reconcile(key, "job-7:0", 100, 65, run="finished")
+        assert await _month_used(budgets, key) == 30 + 10
+        assert await client.ttl(f"tm:budget:{key}:req:job-7:0") > 50  # not shortened
+    finally:
+        await client.aclose()
+
+
+async def test_a_job_items_charge_is_kept_until_its_jobs_deadline(tmp_path, redis_url):
+    """The jobs service sends each item's deadline (x-tokenmesh-replay-until); the
+    worker keeps the item's charge until then and an hour, other callers' an hour."""
+    from tokenmesh.inference.v2 import inference_service_pb2 as v2
+    from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_rpc
+
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    two_days = 2 * 86400
+    owner = [
+        ("x-tokenmesh-key-id", key),
+        ("x-tokenmesh-scopes", "inference:generate"),
+        ("x-tokenmesh-monthly-tokens", "100000"),
+        ("x-tokenmesh-replay-until", str(int(time.time()) + two_days)),
+    ]
+    item = v2.CompleteRequest(
+        model="deterministic-test", prompt="a", max_output_tokens=4, request_id="job-8:0"
+    )
+    item.priority = v2_resources.PRIORITY_BATCH  # as the jobs service calls
+    client = aioredis.from_url(redis_url)
+    charge = f"tm:budget:{key}:req:job-8:0"
+    try:
+        async with await start_inference(inference_settings(tmp_path, redis_url)) as (service, _):
+            port = service._running.port  # noqa: SLF001 - the bound port
+            async with mtls.aio_channel(port, peer="worker", caller="jobs") as channel:
+                reply = await v2_rpc.InferenceServiceStub(channel).Complete(item, metadata=owner)
+            deadline = time.monotonic() + 10
+            while await client.get(charge) != str(reply.usage.total_tokens).encode():
+                assert time.monotonic() < deadline  # reconciled in the background
+                await asyncio.sleep(0.05)
+            assert two_days < await client.ttl(charge) <= two_days + 3600
+            assert two_days < await client.ttl(f"{charge}:finished") <= two_days + 3600
+    finally:
+        await client.aclose()
+
+
 async def test_a_reservation_forgotten_is_refunded_and_a_late_one_charges_nothing(budgets):
     """A reservation whose answer never came is taken back (its request, admitted
     unmetered or cancelled, would never settle it); one that reaches Redis only after
@@ -393,6 +454,7 @@ def _request(key: str, needed: int) -> Any:
         unmetered=False,
         reserved_tokens=0,
         job_attempt=False,
+        replay_ttl_s=None,
         budget_reserved=False,
         charged_tokens=0,
         chunks_sent=0,
