@@ -136,6 +136,7 @@ class PolicyCache:
             return None
         # Compile now, in the refresh, not on the first request that needs it.
         policy.input_rules  # noqa: B018
+        policy.folded_input_rules  # noqa: B018
         policy.output_rules  # noqa: B018
         self._versions[key] = policy
         return policy

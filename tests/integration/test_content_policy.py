@@ -255,13 +255,19 @@ async def test_embedding_inputs_are_redacted_and_blocked_like_prompts(
     reply = await stub.Embed(request, metadata=_metadata(tenant))
     first, second = reply.embeddings
     assert list(first.values) == list(second.values)  # the model saw the placeholder
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.Embed(
-            pb.EmbedRequest(model="all-minilm-l6-v2", inputs=["a forbidden word"]),
-            metadata=_metadata(tenant),
-        )
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "block_keyword:0" in caught.value.details()
+    # Spellings the model's tokenizer reads as "a forbidden word" (it drops invisible
+    # characters and accents): each passed the rule, and the model embedded the text.
+    for text in ("a forbidden word", "a for\u200bbidden word", "a forbíddén word"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Embed(
+                pb.EmbedRequest(model="all-minilm-l6-v2", inputs=[text]),
+                metadata=_metadata(tenant),
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "block_keyword:0" in caught.value.details()
+    hidden = pb.EmbedRequest(model="all-minilm-l6-v2", inputs=["mail a@b\u200b.io", "mail a@b.io"])
+    reply = await stub.Embed(hidden, metadata=_metadata(tenant))
+    assert list(reply.embeddings[0].values) == list(first.values)  # redacted as well
 
 
 async def test_the_openai_surface_gets_the_same_policies(tmp_path, redis_url, catalog, tenant):

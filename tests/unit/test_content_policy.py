@@ -68,6 +68,42 @@ def test_block_pattern_and_keyword_with_reasons():
     assert check_input([policy], ["bombastic project"]).hits == []  # whole words only
 
 
+@pytest.mark.parametrize(
+    "disguised",
+    [
+        "a for\u200bbidden word",  # zero-width space
+        "a for\u00adbidden word",  # soft hyphen
+        "a FOR\u2060BIDDEN word",  # word joiner
+        "a forbíddén word",  # accents
+        "a ｆｏｒｂｉｄｄｅｎ word",  # fullwidth letters
+    ],
+)
+def test_a_keyword_disguised_by_invisible_characters_or_accents_is_still_blocked(disguised):
+    """Rules read the raw text, while a tokenizer drops invisible characters and
+    accents (all-minilm-l6-v2 embedded these as exactly "a forbidden word")."""
+    policy = _policy(block_keywords=(PatternRule("forbidden"),))
+    with pytest.raises(ContentPolicyViolation, match="block_keyword:0"):
+        check_input([policy], [disguised])
+
+
+def test_a_keyword_with_accents_matches_its_own_spellings_and_nothing_more():
+    policy = _policy(block_keywords=(PatternRule("Café"),), block_patterns=(PatternRule(r"x\d"),))
+    for text in ("un café", "un cafe\u0301", "un CAFÉ", "un cafe"):
+        with pytest.raises(ContentPolicyViolation, match="block_keyword:0"):
+            check_input([policy], [text])
+    assert check_input([policy], ["cafés à emporter", "x and ｘ"]).hits == []
+
+
+def test_pii_split_by_an_invisible_character_is_found_and_sent_without_it():
+    blocked = _policy(pii={"email": "block"})
+    with pytest.raises(ContentPolicyViolation, match="pii:email"):
+        check_input([blocked], ["mail jane.doe@exa\u200bmple.com"])
+    with pytest.raises(ContentPolicyViolation, match="pii:email"):
+        check_input([blocked], ["mail ｊａｎｅ@example.com"])  # fullwidth
+    redacted = check_input([_policy(pii={"email": "redact"})], ["mail ja\u200dne@example.com"])
+    assert redacted.texts == ["mail [EMAIL]"]
+
+
 def test_max_input_chars_counts_every_text():
     policy = _policy(max_input_chars=10)
     check_input([policy], ["12345", "12345"])

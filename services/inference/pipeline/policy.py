@@ -37,6 +37,7 @@ import functools
 import importlib
 import json
 import time
+import unicodedata
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,6 +116,29 @@ class PatternRule:
 
     pattern: str
     reason: str = ""
+
+
+# Invisible format characters (Unicode Cf: zero-width space and joiners, soft hyphen,
+# word joiner, bidi marks, tag characters): a reader does not see them and a
+# tokenizer may drop them (all-minilm-l6-v2's does), so "for\u200bbidden" reached
+# the model as the "forbidden" a rule blocked.
+_INVISIBLE = regex.compile(r"\p{Cf}+")
+
+
+def folded(text: str) -> str:
+    """Returns `text` as input rules also read it: compatibility forms unified (NFKC:
+    fullwidth letters, ligatures), invisible format characters removed and accents
+    dropped ("forbíddén" is "forbidden"). ASCII text is returned as it is."""
+    if text.isascii():
+        return text
+    plain = _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))
+    bare = "".join(c for c in unicodedata.normalize("NFD", plain) if not unicodedata.combining(c))
+    return unicodedata.normalize("NFC", bare)
+
+
+def visible(text: str) -> str:
+    """Returns `text` without its invisible format characters (see _INVISIBLE)."""
+    return text if text.isascii() else _INVISIBLE.sub("", text)
 
 
 def _compile(pattern: str, *, keyword: bool = False) -> Any:
@@ -225,6 +249,16 @@ class Policy:
             (f"block_keyword:{i}", _compile(r.pattern, keyword=True), r.reason)
             for i, r in enumerate(self.block_keywords)
         ]
+        return rules
+
+    @functools.cached_property
+    def folded_input_rules(self) -> list[Any]:
+        """The pattern of each of `input_rules` (same order) that reads a `folded` text:
+        a keyword folded too ("café" is looked for as "cafe"), a pattern as it is."""
+        rules = [rule for _, rule, _ in self.input_rules]
+        for i, keyword in enumerate(self.block_keywords, start=len(self.block_patterns)):
+            if folded(keyword.pattern) != keyword.pattern:
+                rules[i] = _compile(folded(keyword.pattern), keyword=True)
         return rules
 
     @functools.cached_property
@@ -427,8 +461,18 @@ def _check_policy(policy: Policy, result: InputCheck, field_name: str, budget: _
         raise ContentPolicyViolation(
             hit, field_name, f"input over {policy.max_input_chars} characters"
         )
-    for rule, pattern, reason in policy.input_rules:
-        if any(budget.search(pattern, t) for t in result.texts):
+    # Each text is also read folded (see `folded`): an invisible character, an accent
+    # or a fullwidth letter inside a keyword passed every rule.
+    views = [(text, folded(text)) for text in result.texts]
+    for (rule, pattern, reason), folded_pattern in zip(
+        policy.input_rules, policy.folded_input_rules, strict=True
+    ):
+        refolds = folded_pattern is not pattern  # a keyword with accents: "cafe" too
+        if any(
+            budget.search(pattern, text)
+            or ((refolds or bare != text) and budget.search(folded_pattern, bare))
+            for text, bare in views
+        ):
             raise ContentPolicyViolation(policy.hit(rule, BLOCK, INPUT), field_name, reason)
     result.texts = [_apply_pii(policy, t, result.hits, field_name, budget) for t in result.texts]
 
@@ -437,6 +481,9 @@ def _apply_pii(policy: Policy, text: str, hits: list[Hit], field_name: str, budg
     if not policy.pii or not text:
         return text
     budget.left()  # the detectors are linear: one text (at most 100 K chars) costs < 0.1 s
+    # Checked and sent without invisible characters: "jane.doe@exa\u200bmple.com" hid
+    # its address from the detectors, not from the model.
+    text = visible(text)
     # Each action's detectors on their own: where spans overlap one detector names
     # them (pii.find), and a flagged detector's span that outranked a blocked or
     # redacted one's let that text through.
@@ -444,6 +491,9 @@ def _apply_pii(policy: Policy, text: str, hits: list[Hit], field_name: str, budg
         action: pii.find(text, [d for d, a in policy.pii.items() if a == action])
         for action in (BLOCK, REDACT, FLAG)
     }
+    bare = folded(text)
+    if not found[BLOCK] and bare != text:  # a fullwidth or accented spelling
+        found[BLOCK] = pii.find(bare, [d for d, a in policy.pii.items() if a == BLOCK])
     if found[BLOCK]:
         detector = min(s.detector for s in found[BLOCK])
         hit = policy.hit(f"pii:{detector}", BLOCK, INPUT)
