@@ -53,6 +53,13 @@ HEAT_KEY = "tokenmesh:router:worker-heat:2"
 _ADDRESS = re.compile(r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$")
 # A lease this long past its end is deleted (kept briefly so ListWorkers shows it went).
 _FORGET_AFTER_S = 60.0
+# A forgotten registration's id stays bound to its lease token and host this long
+# (`tokenmesh:router:worker-left:<id>`): see WorkerRegistry.register.
+LEFT_TTL_S = 86400
+LEFT_KEY_PREFIX = "tokenmesh:router:worker-left:"
+# The most model versions one registration or heartbeat may name: each becomes an
+# endpoint of a cluster on every edge (a worker named 150 in one call).
+MAX_MODELS = 256
 
 SERVING = "serving"
 DRAINING = "draining"
@@ -67,13 +74,18 @@ if ARGV[4] then redis.call('HSET', KEYS[2], ARGV[1], ARGV[4]) end
 return 1
 """
 
-# KEYS: the workers hash; ARGV: worker id, entry, worker id, entry, ...
-# Deletes each worker whose entry is still the given one; returns how many.
+# KEYS: the workers hash, then each worker's "left" mark; ARGV: the marks' ttl s,
+# then worker id, entry, its mark ("": none) for each worker.
+# Deletes each worker whose entry is still the given one, leaving its mark (its
+# lease token's hash and host: WorkerRegistry.register); returns how many.
 _FORGET_UNCHANGED = """
 local deleted = 0
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 3 do
   if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
     deleted = deleted + redis.call('HDEL', KEYS[1], ARGV[i])
+    if ARGV[i + 2] ~= '' then
+      redis.call('SET', KEYS[1 + (i + 1) / 3], ARGV[i + 2], 'EX', tonumber(ARGV[1]))
+    end
   end
 end
 return deleted
@@ -317,14 +329,46 @@ def _require_owner(rpc: str, entry: WorkerEntry, caller: WorkerCaller | None) ->
         caller.require_owner(rpc, entry)
 
 
+def _left_mark(entry: WorkerEntry) -> str:
+    """Returns what a registration leaves bound to its id once its lease lapsed: its
+    lease token's hash and its host ("": it had no token, the id is free)."""
+    return json.dumps([entry.token_sha256, entry.host]) if entry.token_sha256 else ""
+
+
+def _require_same_worker(worker_id: str, left: str, host: str, lease_token: str) -> None:
+    """Raises AlreadyExists unless a registration of an id whose last holder's lease
+    lapsed (`left`: its `_left_mark`) is that worker again: its lease token, or its
+    host (a restarted worker that lost its token file runs where it ran).
+
+    Without it any holder of the shared worker certificate registered a crashed
+    worker's id from its own address once the lease lapsed, took its traffic, and
+    kept the restarted worker out (WORKER_ID_IN_USE) for as long as it renewed.
+    """
+    if not left:
+        return
+    sha, left_host = json.loads(left)
+    if hmac.compare_digest(sha, token_sha256(lease_token)) or left_host == host:
+        return
+    raise AlreadyExists(
+        f"worker id {worker_id!r} was last registered from another host with another "
+        "lease token; use a unique TOKENMESH_WORKER_ID (or the id's own token file)",
+        reason="WORKER_ID_IN_USE",
+    )
+
+
 def check_models(models: Sequence[tuple[str, str]]) -> None:
-    """Raises InvalidArgument unless every (name, version) is well-formed.
+    """Raises InvalidArgument unless every (name, version) is well-formed and they are
+    at most MAX_MODELS.
 
     None at all is well-formed: a worker between unloading its last version and
     loading the next, or whose loads all failed, serves nothing for now (it is in
     no model's cluster). Refused, such a worker took the refusal for good and
     turned NOT_SERVING.
     """
+    if len(models) > MAX_MODELS:
+        raise InvalidArgument(
+            [FieldViolation("models", f"at most {MAX_MODELS} model versions per worker")]
+        )
     for name, version in models:
         check_name(name)
         check_version(version, "models.version")
@@ -389,6 +433,10 @@ class WorkerRegistry:
                         "register once that lease ends)",
                         reason="WORKER_ID_IN_USE",
                     )
+                _require_same_worker(worker_id, _left_mark(current), host, lease_token)
+            else:
+                left = await self.redis.get(LEFT_KEY_PREFIX + worker_id)
+                _require_same_worker(worker_id, text(left) if left else "", host, lease_token)
             # NOTE: a registration is a new worker process, so it serves even if
             # the entry it replaces was draining (that process exits on its own).
             if await self._swap(worker_id, raw, entry):
@@ -523,8 +571,12 @@ class WorkerRegistry:
         ]
         if gone:
             # Only entries still as read: a worker that re-registered meanwhile stays.
-            stale = [x for k, v in raw.items() if text(k) in gone for x in (k, v)]
-            await self._forget(keys=[WORKERS_KEY], args=stale)
+            left = {w.worker_id: _left_mark(w) for w in workers if w.worker_id in gone}
+            stale = [(text(k), v) for k, v in raw.items() if text(k) in gone]
+            await self._forget(
+                keys=[WORKERS_KEY, *(LEFT_KEY_PREFIX + k for k, _ in stale)],
+                args=[LEFT_TTL_S, *(x for k, v in stale for x in (k, v, left[k]))],
+            )
             await self.redis.hdel(HEAT_KEY, *gone)  # a re-registered one sends its own again
         return sorted((w for w in workers if w.worker_id not in gone), key=lambda w: w.worker_id)
 
