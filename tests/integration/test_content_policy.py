@@ -160,6 +160,36 @@ async def test_output_rule_stops_the_choice_before_the_match_and_meters_its_toke
     assert list(event.policy_hits) == [f"{policy.label} output_block_pattern:0 block output"]
 
 
+async def test_a_stopped_choice_bills_what_its_final_message_shows_however_fast_the_engine(
+    tmp_path, redis_url, catalog, tenant
+):
+    """Tokens the engine generated after the match, before the stop took effect, were
+    billed after the final message had shown its usage: with an engine that runs ahead
+    of the stream (no step time) 4 of 10 requests billed more than they showed (56
+    shown, 73 billed; 83 and 200). Now each bills what it shows: the tokens through
+    the delta that completed the match (how many the engine had batched into it
+    varies with how far it ran ahead)."""
+    settings = inference_settings(tmp_path, redis_url, test_engine_step_ms=0.0)
+    async with await start_inference(settings) as (service, channel):
+        stub = rpc.InferenceServiceStub(channel)
+        rule = PatternRule("something")  # word 7 of the greedy answer
+        await _attach(
+            service, catalog, tenant, Policy(f"fast-{tenant}", 0, output_block_patterns=(rule,))
+        )
+        for i in range(30):  # the old code billed more than it showed in some
+            request_id = f"fast-{tenant}-{i}"
+            _, (final,) = await _generate(
+                stub,
+                tenant,
+                prompt="the quick brown fox",
+                max_output_tokens=200,
+                request_id=request_id,
+            )
+            assert final.finish_reason == resources.FINISH_REASON_CONTENT_FILTER
+            event = await _usage_event(service, request_id)
+            assert event.usage.completion_tokens == final.usage.completion_tokens
+
+
 async def test_a_match_found_only_when_the_choice_ends_still_stops_it(worker, catalog, tenant):
     # A short answer (under the filter's hold-back, so only the last scan, at the
     # end, looks at it) ending in a banned word: the choice lost its final message

@@ -163,8 +163,10 @@ class RequestContent:
         try:
             async for choice, delta in stream:
                 if choice.index in self.stops:
-                    # Stopped: generated before the cancel took effect, never sent, billed.
-                    generation.sent_tokens += len(delta.token_ids)
+                    # Generated after the match, before the cancel took effect: never
+                    # sent, nor billed. Billed, they made the bill depend on how far the
+                    # engine ran ahead of this loop (16 to 200 tokens for one request),
+                    # and it exceeded the usage the choice's final message had shown.
                     continue
                 flt = self.filters.setdefault(choice.index, OutputFilter(self.policies))
                 released = flt.feed(delta.text, delta)

@@ -139,7 +139,9 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """FINISH_REASON_CONTENT_FILTER means an output rule of the caller's content
     policy matched: the choice stopped before the matching text was sent, and
     its final message's finish_message names the policy and rule (never the
-    text). The tokens generated so far are in usage and billed.
+    text). Its usage counts, and bills, the tokens generated through the match
+    (those held back unsent too), not those the engine generated after it before
+    the stop took effect: what the final message shows is what is billed.
     """
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
@@ -172,7 +174,9 @@ FINISH_REASON_CONTENT_FILTER: FinishReason.ValueType  # 6
 """FINISH_REASON_CONTENT_FILTER means an output rule of the caller's content
 policy matched: the choice stopped before the matching text was sent, and
 its final message's finish_message names the policy and rule (never the
-text). The tokens generated so far are in usage and billed.
+text). Its usage counts, and bills, the tokens generated through the match
+(those held back unsent too), not those the engine generated after it before
+the stop took effect: what the final message shows is what is billed.
 """
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
