@@ -47,6 +47,7 @@ from services.jobs.openai_files import StorageLedger, StorageQuota
 from services.jobs.store import (
     CANCELLED,
     CANCELLING,
+    DEADLINE,
     EXPIRED,
     FAILED,
     FINAL,
@@ -680,6 +681,9 @@ def batch_object(batch: BatchRecord, job: JobRecord) -> dict[str, Any]:
     succeeded, failed = job.number("succeeded"), job.number("failed")
     unrun = job.number("total") - succeeded - failed
     final = status in FINAL
+    # Its window ended with requests in flight, whose answers it keeps (store.py):
+    # not a cancel, and it ends "expired" within moments.
+    expiring = status == CANCELLING and job.get("stop_reason") == DEADLINE
     if final:
         moved = min(batch.render_failed or 0, succeeded)
         succeeded, failed = succeeded - moved, failed + moved
@@ -690,7 +694,7 @@ def batch_object(batch: BatchRecord, job: JobRecord) -> dict[str, Any]:
         "errors": None,
         "input_file_id": batch.input_file_id,
         "completion_window": COMPLETION_WINDOW,
-        "status": BATCH_STATUS.get(status, "in_progress"),
+        "status": "in_progress" if expiring else BATCH_STATUS.get(status, "in_progress"),
         "output_file_id": output_id if final and succeeded else None,
         "error_file_id": errors_id if final and (failed or unrun) else None,
         "created_at": _seconds(batch.created_ms),
@@ -700,7 +704,7 @@ def batch_object(batch: BatchRecord, job: JobRecord) -> dict[str, Any]:
         "completed_at": _at(status in (SUCCEEDED, FAILED), ended),
         "failed_at": None,
         "expired_at": _at(status == EXPIRED, ended),
-        "cancelling_at": _at(status in (CANCELLING, CANCELLED), stopping),
+        "cancelling_at": _at(status in (CANCELLING, CANCELLED) and not expiring, stopping),
         "cancelled_at": _at(status == CANCELLED, ended),
         "request_counts": {"total": job.number("total"), "completed": succeeded, "failed": failed},
         "metadata": batch.metadata or None,

@@ -101,8 +101,9 @@ STATUSES = (QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED, EXPIRED)
 FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, EXPIRED})
 # Statuses in which a job's items may start.
 RUNNABLE = frozenset({QUEUED, RUNNING})
-# Why a job was stopped (its `stop_reason`; "" is its owner's cancel).
-KEY_REVOKED, KEY_EXPIRED = "KEY_REVOKED", "KEY_EXPIRED"
+# Why a job was stopped (its `stop_reason`; "" is its owner's cancel). DEADLINE: its
+# completion window ended with items in flight; it ends EXPIRED, not CANCELLED.
+KEY_REVOKED, KEY_EXPIRED, DEADLINE = "KEY_REVOKED", "KEY_EXPIRED", "DEADLINE"
 # The longest a stopped job stays CANCELLING when a runner died with one of its
 # items in flight and no replica took the entry over (OpenAI: up to 10 minutes).
 STOP_GRACE_S = 600
@@ -267,11 +268,15 @@ local function let_go(index, consumer)
     redis.call('HSET', KEYS[7], index, table.concat(kept, ' '))
   end
 end
+-- How a stopped job ends: EXPIRED when its window ended (stop_reason DEADLINE).
+local function stopped_as()
+  return redis.call('HGET', KEYS[1], 'stop_reason') == 'DEADLINE' and 'EXPIRED' or 'CANCELLED'
+end
 -- A stopped job ends once none of its items is in flight: its results are final.
 local function finish_if_idle(now, retention)
   if redis.call('HGET', KEYS[1], 'status') == 'CANCELLING'
      and redis.call('HLEN', KEYS[7]) == 0 then
-    finish('CANCELLED', now, retention)
+    finish(stopped_as(), now, retention)
   end
 end
 """
@@ -390,9 +395,13 @@ return 1
 )
 
 # KEYS: the job's keys. ARGV: job id, final status, now ms, retention s, only
-# before (ms; 0 = any time).
-# Returns 1 when the job ended now, 0 when it had ended already (or was not due).
-# A stopping job ends CANCELLED, due at its `stop_by_ms` (not its deadline).
+# before (ms; 0 = any time), stop by (ms).
+# Returns 1 when the job ended (or, expiring with items in flight, stopped) now, 0
+# when it had ended already (or was not due). A stopping job ends as it was stopped
+# (CANCELLED, or EXPIRED), due at its `stop_by_ms` (not its deadline). A job that
+# expires with items in flight is stopped first, as a cancel stops it (stop_reason
+# DEADLINE): an item its worker answered, and metered, still stores its result;
+# ended at once, the job threw it away and said it never ran.
 _END_JOB = (
     _FINISH_FN
     + """
@@ -400,11 +409,17 @@ local h = redis.call('HMGET', KEYS[1], 'status', 'deadline_ms', 'stop_by_ms')
 if not h[1] then redis.call('ZREM', KEYS[4], ARGV[1]) return 0 end
 local final, due = ARGV[2], h[2]
 if h[1] == 'CANCELLING' then
-  final, due = 'CANCELLED', h[3]
+  final, due = stopped_as(), h[3]
 elseif not running(h[1]) then
   return 0
 end
 if tonumber(ARGV[5]) > 0 and tonumber(due) > tonumber(ARGV[5]) then return 0 end
+if h[1] ~= 'CANCELLING' and final == 'EXPIRED' and redis.call('HLEN', KEYS[7]) > 0 then
+  redis.call('HSET', KEYS[1], 'status', 'CANCELLING', 'stop_reason', 'DEADLINE',
+             'stopping_ms', ARGV[3], 'stop_by_ms', ARGV[6])
+  redis.call('ZADD', KEYS[4], tonumber(ARGV[6]), ARGV[1])
+  return 1
+end
 finish(final, ARGV[3], tonumber(ARGV[4]))
 return 1
 """
@@ -932,15 +947,18 @@ class JobStore:
 
     async def end(self, job_id: str, status: str, due_before_ms: int = 0) -> bool:
         """Ends a running job with `status` (CANCELLED, EXPIRED) at once; False when it
-        had ended. A stopping job ends CANCELLED (whatever `status` says).
+        had ended. A stopping job ends as it was stopped (whatever `status` says). A job
+        expiring with items in flight stops first (CANCELLING, stop_reason DEADLINE)
+        and ends EXPIRED once they are finished or let go (see _END_JOB).
 
         With `due_before_ms`, only a job whose deadline is before it ends (the
         expiry sweep cannot end a job whose deadline moved; a stopping job is due
         `STOP_GRACE_S` after it was stopped).
         """
+        now = now_ms()
         ended = await self._end_job(
             keys=self._job_keys(job_id),
-            args=[job_id, status, now_ms(), self.retention_s, due_before_ms],
+            args=[job_id, status, now, self.retention_s, due_before_ms, now + STOP_GRACE_S * 1000],
         )
         return bool(ended)
 

@@ -29,6 +29,7 @@ from services.core.redis_service import text
 from services.core.server import serving
 from services.inference.service import InferenceService
 from services.jobs import store as jobstore
+from services.jobs import views
 from services.jobs.service import JobsService, JobsSettings
 from services.router.registry import WORKERS_KEY, WorkerEntry
 from tests import mtls
@@ -417,3 +418,41 @@ async def test_an_item_with_its_result_is_in_flight_for_nobody(redis_url):
         assert not await store.redis.hexists(jobstore.inflight_key(job_id), "0")
         assert await store.stop(job_id) == jobstore.StopOutcome.STOPPED
         assert await _status(store, job_id) == "CANCELLED"  # nothing in flight: at once
+
+
+async def test_an_expiring_job_keeps_the_answer_of_an_item_in_flight(redis_url):
+    """A job's window ended while an item's call was answered (and metered) but not
+    yet stored: the sweep ended the job EXPIRED at once, the answer was thrown away,
+    and the job said the item never ran. The job stops first now (CANCELLING, stop
+    reason DEADLINE), keeps that answer, and ends EXPIRED."""
+    async with _two_items_read(redis_url) as (store, job_id, stream, entries):
+        assert await store.start_item(job_id, 0, "a", stream, entries[0]) is not None
+        assert await store.end(job_id, jobstore.EXPIRED)  # the sweep, past the deadline
+        record = await store.get(job_id)
+        assert record is not None
+        assert (record.status, record.get("stop_reason")) == ("CANCELLING", jobstore.DEADLINE)
+        assert await store.start_item(job_id, 1, "a", stream, entries[1]) is None
+        answer = jobs_pb2.JobResult(index=0, complete=v2.CompleteResponse())
+        assert await store.finish_item(job_id, 0, answer, (1, 3, 0), stream, entries[0], "a")
+        record = await store.get(job_id)
+        assert record is not None and record.status == jobstore.EXPIRED
+        assert (record.number("succeeded"), record.number("completion_tokens")) == (1, 3)
+        assert await store.results(job_id, [0, 1]) == [answer.SerializeToString(), None]
+        error = views.never_ran(record)  # item 1's: the window ended before it ran
+        assert error is not None and error.code == "DEADLINE_EXCEEDED"
+
+
+async def test_an_expiring_job_whose_runner_died_ends_expired_after_the_grace(redis_url):
+    async with _two_items_read(redis_url) as (store, job_id, stream, entries):
+        assert await store.start_item(job_id, 0, "a", stream, entries[0]) is not None
+        assert await store.end(job_id, jobstore.EXPIRED)
+        due = await store.redis.zscore(jobstore.ACTIVE_KEY, job_id)
+        assert due is not None and due > jobstore.now_ms()
+        assert await store.end(job_id, jobstore.EXPIRED, due_before_ms=int(due))  # the sweep
+        assert await _status(store, job_id) == jobstore.EXPIRED
+
+
+async def test_an_expiring_job_with_nothing_in_flight_ends_at_once(redis_url):
+    async with _two_items_read(redis_url) as (store, job_id, _, _):
+        assert await store.end(job_id, jobstore.EXPIRED)
+        assert await _status(store, job_id) == jobstore.EXPIRED

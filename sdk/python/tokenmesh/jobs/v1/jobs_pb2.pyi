@@ -322,9 +322,10 @@ class Job(_message.Message):
     id: _builtins.str
     """id is the job's id: "job-" followed by 24 hex digits."""
     status: _builtins.str
-    """status is "QUEUED", "RUNNING", "CANCELLING" (cancelled, or its key
-    revoked: nothing starts any more, and items in flight finish or are cut;
-    not final), "SUCCEEDED" (every item finished, at least one with a
+    """status is "QUEUED", "RUNNING", "CANCELLING" (cancelled, its key revoked,
+    or its completion window ended with items in flight: nothing starts any
+    more, and items in flight finish or are cut; not final; the last ends
+    "EXPIRED"), "SUCCEEDED" (every item finished, at least one with a
     response), "FAILED" (every item failed), "CANCELLED" or "EXPIRED" (its
     completion window passed first). Once final, a job's results never change.
     """
