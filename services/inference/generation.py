@@ -26,11 +26,17 @@ T = TypeVar("T")
 
 @dataclass
 class Delta:
-    """Delta is the text and token ids generated since the previous delta."""
+    """Delta is the text and token ids generated since the previous delta.
+
+    `unsent`: the text its tokens carry past the answer's end (a stop sequence
+    matched: the answer ends where it starts). Never sent as text, but its tokens'
+    ids and log-probs are, so output rules judge it too.
+    """
 
     text: str
     token_ids: list[int]
     finish_reason: str = ""
+    unsent: str = ""
 
 
 @dataclass
@@ -135,7 +141,7 @@ async def tagged_deltas(
             if stop_at >= 0:
                 finished = True
                 scheduler.cancel(seq)  # frees the slot; the request ends with "stop"
-                yield tag, Delta(text[:stop_at], tokens, "stop")
+                yield tag, Delta(text[:stop_at], tokens, "stop", text[stop_at:])
                 return
             if end is not None:
                 finished = True

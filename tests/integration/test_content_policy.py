@@ -190,6 +190,64 @@ async def test_a_stopped_choice_bills_what_its_final_message_shows_however_fast_
             assert event.usage.completion_tokens == final.usage.completion_tokens
 
 
+async def test_a_stop_sequence_does_not_send_the_rest_of_a_banned_word_unjudged(
+    worker, catalog, tenant
+):
+    """A stop sequence cuts the text where it starts, but the token that completed it
+    went out whole in token_ids and logprobs, judged by no rule: stop=["some"] sent the
+    token " something" that the rule `something` bans. Its text past the cut is
+    judged now: the choice ends content_filter and the token is not sent."""
+    service, stub = worker
+    rule = PatternRule("something")  # word 7 of the greedy answer, one token
+    await _attach(
+        service, catalog, tenant, Policy(f"stop-{tenant}", 0, output_block_patterns=(rule,))
+    )
+    messages = []
+    async for message in stub.Generate(
+        pb.GenerateRequest(
+            model=MODEL,
+            prompt="the quick brown fox",
+            max_output_tokens=12,
+            sampling=GREEDY,
+            logprobs=True,
+            stop_sequences=["some"],
+        ),
+        metadata=_metadata(tenant),
+    ):
+        messages.append(message)
+    tokens = [lp.token for m in messages for lp in m.logprobs]
+    assert " something" not in tokens
+    assert messages[-1].finish_reason == resources.FINISH_REASON_CONTENT_FILTER
+
+
+async def test_top_logprobs_leave_out_an_alternative_an_output_rule_bans(worker, catalog, tenant):
+    """An alternative token the answer did not take was sent unjudged: a banned word
+    the model almost wrote reached the client in top_logprobs."""
+    service, stub = worker
+    request = pb.GenerateRequest(
+        model=MODEL,
+        prompt="the quick brown fox",
+        max_output_tokens=12,
+        sampling=GREEDY,
+        logprobs=True,
+        top_logprobs=3,
+    )
+
+    async def alternatives(who: str) -> list[str]:
+        found = []
+        async for message in stub.Generate(request, metadata=_metadata(who)):
+            found += [t.token for lp in message.logprobs for t in lp.top_logprobs]
+        return found
+
+    assert " clients" in await alternatives(f"free-{tenant}")  # the word the rule bans
+    rule = PatternRule("clients")
+    await _attach(
+        service, catalog, tenant, Policy(f"alt-{tenant}", 0, output_block_patterns=(rule,))
+    )
+    found = await alternatives(tenant)
+    assert found and " clients" not in found
+
+
 async def test_a_match_found_only_when_the_choice_ends_still_stops_it(worker, catalog, tenant):
     # A short answer (under the filter's hold-back, so only the last scan, at the
     # end, looks at it) ending in a banned word: the choice lost its final message
@@ -317,6 +375,7 @@ async def test_the_openai_surface_gets_the_same_policies(tmp_path, redis_url, ca
             )
         )
         assert blocked["type"] == "invalid_request_error" and "4111" not in blocked["message"]
+        assert blocked["code"] == "content_policy_violation"  # OpenAI's code for it
         assert policy.label in blocked["message"] and "pii:card" in blocked["message"]
         call = openai.CreateChatCompletion(
             _body(**chat, messages=[{"role": "user", "content": "the fox"}]),

@@ -38,12 +38,18 @@ ERROR_TYPES: Mapping[int, str] = {
 SERVER_ERROR = "server_error"
 
 
+# Reasons OpenAI has a code of its own for (SDK users match on it): a prompt its
+# policy refused is `content_policy_violation` at OpenAI.
+OPENAI_CODES: Mapping[str, str] = {"content_policy": "content_policy_violation"}
+
+
 def _reason(status: status_pb2.Status) -> str | None:
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            return info.reason.lower() or None
+            reason = info.reason.lower()
+            return OPENAI_CODES.get(reason, reason) or None
     return None
 
 

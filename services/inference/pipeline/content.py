@@ -73,6 +73,7 @@ from services.inference.pipeline.policy import (
     Policy,
     check_input,
     policy_labels,
+    refuses_alone,
     try_check_input,
 )
 from services.inference.policy_cache import PolicyCache
@@ -147,6 +148,16 @@ class RequestContent:
         """Tells whether the output stream must go through `filter`."""
         return self.sampled or any(p.output_block_patterns for p in self.policies)
 
+    def refuses_alternative(self, text: str) -> bool:
+        """Tells whether a top_logprobs alternative's text must be left out: an output
+        rule matches it alone (see policy.refuses_alone)."""
+        return refuses_alone(self.policies, text)
+
+    @property
+    def judges_alternatives(self) -> bool:
+        """Tells whether top_logprobs alternatives go through `refuses_alternative`."""
+        return any(p.output_block_patterns for p in self.policies)
+
     def finish_message(self, choice_index: int) -> str:
         """Returns why a choice ended with content_filter ("" if it did not)."""
         match = self.stops.get(choice_index)
@@ -175,7 +186,7 @@ class RequestContent:
                     yield choice, Delta("", [], CONTENT_FILTER)
                     continue
                 if delta.finish_reason:
-                    released += flt.flush()
+                    released += flt.flush(delta.unsent)
                 for item in released:
                     yield choice, item
                 if flt.match is not None:

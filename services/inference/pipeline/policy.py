@@ -41,7 +41,7 @@ import unicodedata
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import regex
 
@@ -604,10 +604,22 @@ class OutputFilter(Generic[T]):
             released.append(self._release())
         return released
 
-    def flush(self) -> list[T]:
-        """Returns every held item once a last scan finds nothing (the choice ended)."""
-        if self.match is None and self._held:
-            self.match = self._scan(final=True)
+    def flush(self, unsent: str = "") -> list[T]:
+        """Returns every held item once a last scan finds nothing (the choice ended).
+
+        `unsent`: text past the answer's end that the last item's tokens carry (a stop
+        sequence cut it off; generation.Delta.unsent): judged with the rest, never
+        released. (A stop sequence that was a banned word's start let the rest of it
+        out in the token's id and log-prob.)
+        """
+        if self.match is None and (self._held or unsent):
+            self._held_chars += len(unsent)
+            self._held.append((unsent, cast(T, None)))
+            try:
+                self.match = self._scan(final=True)
+            finally:
+                self._held.pop()
+                self._held_chars -= len(unsent)
         if self.match is not None:
             return []
         return [self._release() for _ in range(len(self._held))]
@@ -773,6 +785,17 @@ def _units(patterns: tuple[str, ...], short: int) -> tuple[_Unit, ...]:
         reach = max(r for _, _, r in members)
         units.append(_Unit(combined, tuple(i for i, _, _ in members), reach, looks_ahead))
     return tuple(sorted(units, key=lambda unit: unit.rules[0]))
+
+
+def refuses_alone(policies: Sequence[Policy], text: str) -> bool:
+    """Tells whether an output rule matches `text` on its own (a top_logprobs
+    alternative: a token the answer did not take, sent beside it unfiltered); a
+    search out of time refuses (fail closed)."""
+    return any(
+        _search_from(pattern, text, 0)
+        for policy in policies
+        for _, pattern, _ in policy.output_rules
+    )
 
 
 def policy_labels(hits: Iterable[Hit]) -> list[str]:

@@ -78,12 +78,16 @@ def timing_pb(timing: ChoiceTiming) -> inference_pb2.Timing:
 
 
 def logprobs_pb(
-    items: Sequence[TokenLogprob], tokenizer: Tokenizer
+    items: Sequence[TokenLogprob],
+    tokenizer: Tokenizer,
+    refused: Callable[[str], bool] | None = None,
 ) -> list[inference_pb2.TokenLogprob]:
     """Returns tokens' log-probabilities with their text (one token decoded alone) and bytes.
 
     Only requests that ask for logprobs come here, so only they pay for the
-    text and bytes of each token and alternative.
+    text and bytes of each token and alternative. `refused`: whether an
+    alternative's text is left out (an output rule matches it: the filter judges
+    the answer's text, not the tokens it did not take).
     """
     pieces = tokenizer.piece_bytes()
     messages = []
@@ -97,6 +101,8 @@ def logprobs_pb(
         )
         for token_id, logprob in item.top:
             top_text = tokenizer.decode([token_id])
+            if refused is not None and refused(top_text):
+                continue
             message.top_logprobs.add(
                 token=top_text,
                 token_id=token_id,
@@ -105,6 +111,12 @@ def logprobs_pb(
             )
         messages.append(message)
     return messages
+
+
+def _refused(generation: Generation) -> Callable[[str], bool] | None:
+    """Returns what judges top_logprobs alternatives (None: no output rule applies)."""
+    content = generation.content
+    return content.refuses_alternative if content.judges_alternatives else None
 
 
 def final(
@@ -184,7 +196,7 @@ def delta_pb(
     )
     items = choice.take_logprobs(len(token_ids))
     if generation.spec.logprobs:
-        message.logprobs.extend(logprobs_pb(items, generation.tokenizer))
+        message.logprobs.extend(logprobs_pb(items, generation.tokenizer, _refused(generation)))
     return message
 
 
@@ -328,7 +340,9 @@ async def collect(
             output.token_ids.extend(delta.token_ids)
             items = choice.take_logprobs(len(delta.token_ids))
             if generation.spec.logprobs:
-                output.logprobs.extend(logprobs_pb(items, generation.tokenizer))
+                output.logprobs.extend(
+                    logprobs_pb(items, generation.tokenizer, _refused(generation))
+                )
             output.text += delta.text
             generation.sent_tokens += len(delta.token_ids)
             if delta.finish_reason:
