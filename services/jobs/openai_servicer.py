@@ -446,7 +446,8 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
                 items=items,
                 webhook_url="",
                 metadata={"openai.input_file_id": new.request.input_file_id},
-                idempotency_key=f"openai-batch:{client_key or secrets.token_hex(12)}",
+                idempotency_key=validation.BATCH_IDEMPOTENCY_PREFIX
+                + (client_key or secrets.token_hex(12)),
                 deadline_ms=new.deadline_ms,
                 idempotency_ttl_s=IDEMPOTENCY_TTL_S if client_key else batches.RETRY_HOLD_S,
             ),

@@ -33,6 +33,11 @@ ITEM_SCOPES = {
 }
 
 
+#: The idempotency keys of OpenAI batch creations (`<prefix><Idempotency-Key>`),
+#: which CreateJob refuses: both APIs key one namespace of a key's jobs.
+BATCH_IDEMPOTENCY_PREFIX = "openai-batch:"
+
+
 def validate_create(request: pb.CreateJobRequest, max_items: int) -> None:
     """Raises InvalidArgument naming every bad field of a CreateJobRequest (up to 20)."""
     out: list[FieldViolation] = []
@@ -45,6 +50,12 @@ def validate_create(request: pb.CreateJobRequest, max_items: int) -> None:
     v2_validation.check_metadata(request.metadata, out)
     if request.idempotency_key and not contract.is_request_id(request.idempotency_key):
         out.append(FieldViolation("idempotency_key", contract.REQUEST_ID_RULE))
+    elif request.idempotency_key.startswith(BATCH_IDEMPOTENCY_PREFIX):
+        # The OpenAI batch creations' own (openai_servicer): a job's taken them, and
+        # POST /batches with the same Idempotency-Key answered 404 for its create.
+        out.append(
+            FieldViolation("idempotency_key", f"must not start with {BATCH_IDEMPOTENCY_PREFIX!r}")
+        )
     if out:
         raise InvalidArgument(out[:MAX_VIOLATIONS])
 
