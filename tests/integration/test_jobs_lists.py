@@ -129,6 +129,31 @@ async def _pages(stub: jobs_service_pb2_grpc.JobsServiceAsyncStub, headers: Head
             return pages
 
 
+async def test_a_filtered_page_reads_a_bounded_number_of_jobs_and_goes_on_by_token(jobs):
+    """A status filter few jobs match read every job of the key in one call (400 reads
+    for an empty page of 1). A page reads at most max(10 x page_size, 100) jobs now:
+    a short page, whose token goes on from the last job read, until the match."""
+    service, channel = jobs
+    owner, headers = _owner()
+    ids = await _jobs_in_one_millisecond(service, owner, 250)
+    await service.store.stop(ids[-1])  # the oldest: the one CANCELLED job
+    stub = jobs_service_pb2_grpc.JobsServiceStub(channel)
+    pages, found = 0, []
+    token = ""
+    while True:
+        before = (await service.redis.info("commandstats"))["cmdstat_hgetall"]["calls"]
+        request = jobs_pb.ListJobsRequest(page_size=1, status="CANCELLED", page_token=token)
+        reply = await stub.ListJobs(request, metadata=headers)
+        after = (await service.redis.info("commandstats"))["cmdstat_hgetall"]["calls"]
+        assert after - before <= 102  # 100 jobs read (and the page's own reads)
+        pages += 1
+        found += [job.id for job in reply.jobs]
+        token = reply.next_page_token
+        if not token:
+            break
+    assert found == [ids[-1]] and pages == 3
+
+
 @pytest.mark.parametrize("count", [2, 4])
 async def test_the_last_page_of_jobs_has_no_token(jobs, count):
     """A list of a multiple of page_size jobs gave its last full page a token, and the

@@ -140,7 +140,9 @@ class ListJobsRequest(_message.Message):
     """
     status: _builtins.str
     """status keeps only jobs in this status ("QUEUED", "RUNNING", ...); empty
-    keeps all.
+    keeps all. A page reads at most max(10 x page_size, 100) of the caller's
+    jobs, so a filtered page may be short, even empty, with a next_page_token:
+    follow it until it is empty.
     """
     def __init__(
         self,
