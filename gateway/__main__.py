@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from gateway import drain, envoy_config, protos
-from gateway.edge_auth import EdgeAuth
+from gateway.edge_auth import DEFAULT_TOKEN_TTL_S, EdgeAuth
 from gateway.envoy_config import EdgeConfig, EdgeTls, Endpoint
 from services.core import contract, pki
 from services.core.settings import SettingsError, env, load, require
@@ -107,6 +107,11 @@ class EdgeSettings:
     audience: str = env("TOKENMESH_AUTH_AUDIENCE", "tokenmesh", "JWT aud (as the auth service).")
     jwks_cache_s: float = env(
         "TOKENMESH_AUTH_JWKS_CACHE_SECONDS", 300.0, "How long the JWKS is cached."
+    )
+    token_ttl_s: int = env(
+        "TOKENMESH_AUTH_TOKEN_TTL_SECONDS",
+        DEFAULT_TOKEN_TTL_S,
+        "JWT lifetime (as the auth service): longer-lived tokens are refused.",
     )
     ratelimit_failure_mode_deny: bool = env(
         "TOKENMESH_RATELIMIT_FAILURE_MODE_DENY", False, "Refuse requests while the limiter is down."
@@ -221,6 +226,7 @@ def edge_config(settings: EdgeSettings, sds_dir: Path | None = None) -> EdgeConf
             audience=settings.audience,
             jwks_cache_s=settings.jwks_cache_s,
             ratelimit_failure_mode_deny=settings.ratelimit_failure_mode_deny,
+            token_ttl_s=settings.token_ttl_s,
         ),
         sds_dir=sds_dir.absolute() if secure and sds_dir is not None else None,
         tls=EdgeTls(settings.tls_port, settings.tls_host) if secure and settings.tls_port else None,

@@ -44,8 +44,11 @@ CLAIM_HEADERS = {
 }
 # The longest lifetime the auth service may give a JWT: the upper bound of
 # TOKENMESH_AUTH_TOKEN_TTL_SECONDS (services/auth/service.py; a key's expiry only
-# shortens it). The edge cannot know the configured TTL, only this bound.
+# shortens it). An edge told the configured TTL (EdgeAuth.token_ttl_s) refuses
+# longer-lived tokens.
 LONGEST_TOKEN_TTL_S = 86400
+# TOKENMESH_AUTH_TOKEN_TTL_SECONDS's default (services/auth/service.py).
+DEFAULT_TOKEN_TTL_S = 900
 # How far the edge's clock may differ from the auth service's for exp and nbf.
 JWT_CLOCK_SKEW_S = 10
 PUBLIC = "public"  # no credentials needed
@@ -174,6 +177,13 @@ class EdgeAuth:
     # Reuse an allowed API key's identity per Envoy worker within the revocation
     # bound (gateway/key_cache.py); off: every API-key request asks the auth service.
     api_key_cache: bool = True
+    # The auth service's TOKENMESH_AUTH_TOKEN_TTL_SECONDS (the launcher passes it to
+    # the auth service): a JWT living longer is refused. Verified JWTs are cached
+    # until they expire, even once their signing key left the JWKS: a token minted
+    # with a stolen key and a day's lifetime kept working a day after the key was
+    # retired (every edge allowed any TTL the auth service could be set to); now
+    # at most this long.
+    token_ttl_s: int = DEFAULT_TOKEN_TTL_S
 
 
 def _type(name: str) -> str:
@@ -219,7 +229,7 @@ def jwt_filter(auth: EdgeAuth, listen_port: int) -> dict[str, Any]:
         # whose `nbf` check would already refuse them when new (issuing clock
         # more than the skew ahead).
         "require_expiration": True,
-        "max_lifetime": f"{LONGEST_TOKEN_TTL_S + JWT_CLOCK_SKEW_S}s",
+        "max_lifetime": f"{auth.token_ttl_s + JWT_CLOCK_SKEW_S}s",
         # Verified tokens are cached: a client reusing its JWT costs one
         # signature check, not one per request.
         "jwt_cache_config": {"jwt_cache_size": 10000},

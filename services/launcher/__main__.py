@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.edge_auth import EdgeAuth
+from gateway.edge_auth import DEFAULT_TOKEN_TTL_S, EdgeAuth
 from services.core.settings import SettingsError, env, load, require
 from services.launcher.lock import StateDirBusy
 from services.launcher.mesh import Mesh, MeshConfig, PortInUse
@@ -51,6 +51,11 @@ class LauncherSettings:
     )
     ratelimit_failure_mode_deny: bool = env(
         "TOKENMESH_RATELIMIT_FAILURE_MODE_DENY", False, "Refuse requests while the limiter is down."
+    )
+    token_ttl_s: int = env(
+        "TOKENMESH_AUTH_TOKEN_TTL_SECONDS",
+        DEFAULT_TOKEN_TTL_S,
+        "JWT lifetime (the auth service's; the edge refuses longer-lived tokens).",
     )
 
     def __post_init__(self) -> None:
@@ -175,7 +180,10 @@ def mesh_config(settings: LauncherSettings) -> MeshConfig:
         redis_url=settings.redis_url,
         workers=settings.workers,
         otlp_endpoint=settings.otlp_endpoint,
-        edge_auth=EdgeAuth(ratelimit_failure_mode_deny=settings.ratelimit_failure_mode_deny),
+        edge_auth=EdgeAuth(
+            ratelimit_failure_mode_deny=settings.ratelimit_failure_mode_deny,
+            token_ttl_s=settings.token_ttl_s,
+        ),
     )
 
 

@@ -400,6 +400,7 @@ class Mesh:
             "TOKENMESH_AUTH_JWKS_CACHE_SECONDS": f"{self.config.edge_auth.jwks_cache_s:g}",
             "TOKENMESH_AUTH_ISSUER": self.config.edge_auth.issuer,
             "TOKENMESH_AUTH_AUDIENCE": self.config.edge_auth.audience,
+            "TOKENMESH_AUTH_TOKEN_TTL_SECONDS": str(self.config.edge_auth.token_ttl_s),
             # Workers keep their usage spool across restarts under a stable name.
             "TOKENMESH_WORKER_ID": name,
             "TOKENMESH_USAGE_SPOOL_DIR": str(self.state_dir / "usage-spool"),

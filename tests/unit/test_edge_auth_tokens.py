@@ -35,6 +35,11 @@ def test_the_longest_token_ttl_is_the_auth_services_bound() -> None:
 def test_the_edge_requires_exp_and_bounds_the_remaining_lifetime() -> None:
     provider = _provider()
     assert provider["require_expiration"] is True
-    longest = edge_auth.LONGEST_TOKEN_TTL_S + edge_auth.JWT_CLOCK_SKEW_S
-    assert provider["max_lifetime"] == f"{longest}s"
+    # The auth service's default TTL, not the longest it can be set to (a day): a
+    # token minted with a leaked key kept working that long after the key left.
+    default = edge_auth.DEFAULT_TOKEN_TTL_S + edge_auth.JWT_CLOCK_SKEW_S
+    assert provider["max_lifetime"] == f"{default}s"
     assert provider["clock_skew_seconds"] == edge_auth.JWT_CLOCK_SKEW_S
+    assert load(AuthSettings, SECRET).token_ttl_s == edge_auth.DEFAULT_TOKEN_TTL_S
+    longer = edge_auth.jwt_filter(EdgeAuth(token_ttl_s=3600), 8080)["typed_config"]
+    assert longer["providers"]["tokenmesh"]["max_lifetime"] == "3610s"
