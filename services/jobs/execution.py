@@ -102,12 +102,27 @@ class Outcome:
     usage: tuple[int, int, int]
 
 
-def call_metadata(identity: Mapping[str, str], deadline_s: float) -> tuple[tuple[str, str], ...]:
+def call_metadata(
+    identity: Mapping[str, str], deadline_s: float | None
+) -> tuple[tuple[str, str], ...]:
     """Returns the owner's identity headers as gRPC metadata (empty values left out),
-    and until when the item may run again (its job's deadline): the worker keeps its
-    budget charge that long, so a re-run is charged once, as it is billed once."""
+    and until when the item may run again (its job's deadline; None: not sent): the
+    worker keeps its budget charge that long, so a re-run is charged once, as it is
+    billed once."""
     identity_headers = tuple((name, value) for name, value in identity.items() if value)
+    if deadline_s is None:
+        return identity_headers
     return (*identity_headers, (contract.REPLAY_UNTIL_HEADER, str(math.ceil(deadline_s))))
+
+
+def _older_worker(error: grpc.aio.AioRpcError, status: status_pb2.Status | None) -> bool:
+    """Tells whether a worker refused the call for its replay header: a worker of the
+    release before it (mid-upgrade), which accepts only identity headers from the
+    jobs service. Final, the refusal failed every item it was picked for."""
+    return (
+        error.code() == grpc.StatusCode.PERMISSION_DENIED
+        and error_reason(status) == "DELEGATED_HEADER_NOT_ALLOWED"
+    )
 
 
 def error_result(
@@ -238,6 +253,7 @@ class ItemExecutor:
         """
         tries = 0
         call_timeout_s = self.call_timeout_s
+        replay_bound = True  # (see _older_worker)
         while True:
             remaining = deadline_s - time.time()
             if remaining <= 0:
@@ -255,10 +271,13 @@ class ItemExecutor:
                 async with slot or contextlib.nullcontext():
                     remaining = max(0.001, deadline_s - time.time())
                     timeout_s = min(remaining, call_timeout_s)
-                    metadata = call_metadata(identity, deadline_s)
+                    metadata = call_metadata(identity, deadline_s if replay_bound else None)
                     return await self._call(placement, item, index, request_id, metadata, timeout_s)
             except grpc.aio.AioRpcError as error:
                 status = status_details(error)
+                if replay_bound and _older_worker(error, status):
+                    replay_bound = False  # tried again at once, without the header
+                    continue
                 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     call_timeout_s *= 2  # the next try gets twice as long (see module)
                 if not waits(error, status):
