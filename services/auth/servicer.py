@@ -33,10 +33,13 @@ def _validate_create(request: pb.CreateApiKeyRequest) -> None:
     out: list[FieldViolation] = []
     if not contract.is_tenant(request.tenant):
         out.append(FieldViolation("tenant", f"must be {contract.TENANT_RULE}"))
-    elif request.tenant == contract.SHADOW_TENANT:
-        # The account shadow copies are metered to, with every tenant's request tags:
-        # a key of it (usage:read) read them all, and its own requests mixed in.
-        out.append(FieldViolation("tenant", f"{contract.SHADOW_TENANT} is reserved"))
+    elif request.tenant.startswith(contract.RESERVED_TENANT_PREFIX):
+        # The mesh's own accounts: shadow copies are metered to tokenmesh.shadow with
+        # every tenant's request tags (a key of it, usage:read, read them all), and
+        # rollout decisions are audited as tokenmesh.system (a key's requests mixed in).
+        out.append(
+            FieldViolation("tenant", f"{contract.RESERVED_TENANT_PREFIX}* tenants are reserved")
+        )
     if len(request.name) > 128:
         out.append(FieldViolation("name", "must be at most 128 characters"))
     if not request.scopes:

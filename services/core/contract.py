@@ -216,6 +216,9 @@ REST_HEADERS_AT_END_MAX_BYTES = 64 * 1024
 UNFINISHED_ATTEMPT_MARK = ":unfinished:"
 #: The account shadow copies are metered to (usage reports: tenant tokenmesh.shadow).
 SHADOW_TENANT = "tokenmesh.shadow"
+#: Tenants the mesh writes as itself (SHADOW_TENANT, the rollout decisions' audit
+#: log `tokenmesh.system`): no API key may be created for one.
+RESERVED_TENANT_PREFIX = "tokenmesh."
 ADMIN_SCOPE = "admin"
 
 # ---------------------------------------------------------------------------

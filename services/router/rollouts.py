@@ -40,7 +40,8 @@ fencing token; every write the driver makes is a compare-and-set that also
 checks the lease still names it, so a replica that stalled past its lease
 writes nothing. Operators' pause/resume/abort are compare-and-sets too.
 Every decision goes to the rollout's history and to the audit log (tenant
-`AUDIT_TENANT`: `ListAuditEntries` / `tokenmesh usage audit`).
+`AUDIT_TENANT`: `ListAuditEntries`, `GET /v1/usage/audit?tenant=tokenmesh.system`
+with an admin key, or with the operator certificate over mTLS).
 
 A rollout moves traffic only from the split it last set (`APPLIED_KEY`), checked
 in the transaction that moves it: an operator's split or pin (`change_by_hand`,

@@ -54,7 +54,7 @@ from redis.exceptions import ResponseError
 
 from services.core import contract
 from services.core.pricing import Price
-from services.core.redis_service import text
+from services.core.redis_service import LUA_REDIS_NOW_MS, text
 from services.inference.usage_log import (
     FIELD_EVENT,
     FIELD_POSITION,
@@ -122,6 +122,26 @@ local function advance_mark(key, position, ttl)
 end
 """
 
+# How far ahead of Redis's clock an audit entry may be stamped (a worker's clock
+# a little ahead); a later stamp is kept at that.
+AUDIT_FUTURE_MS = 5 * 60 * 1000
+
+# Lua: audit_add(key, stamp, member, retention ms), audit_trim(key, retention ms)
+# (after LUA_REDIS_NOW_MS: `now` is Redis's clock). An audit log is trimmed by
+# Redis's clock, and expires a retention after its last entry: trimmed from each new
+# entry's stamp (a worker's clock), one stamped 100 days ahead deleted its tenant's
+# whole log, and a tenant that went quiet kept its log for good.
+_AUDIT_FNS = f"""
+local function audit_add(key, stamp, member, retention)
+  local score = math.min(stamp, now + {AUDIT_FUTURE_MS})
+  if score > now - retention then redis.call('ZADD', key, score, member) end
+end
+local function audit_trim(key, retention)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - retention)
+  redis.call('PEXPIRE', key, retention + {AUDIT_FUTURE_MS})
+end
+"""
+
 # KEYS: stream, seen-key, audit-key, bucket hash keys (n), dimension hash keys
 #       (n, in the same order), then the spool's applied mark if the entry names
 #       a spool.
@@ -135,8 +155,10 @@ end
 # replay: only acked), so that the process's counters count each event once.
 # A replay raises the mark too: it was applied (before).
 _APPLY = (
-    _ROW_FOR
+    LUA_REDIS_NOW_MS
+    + _ROW_FOR
     + _ADVANCE_MARK
+    + _AUDIT_FNS
     + """
 local marked = ARGV[9] ~= ''
 local n = (#KEYS - 3 - (marked and 1 or 0)) / 2
@@ -164,8 +186,8 @@ if new then
     end
     redis.call('EXPIRE', dim, ttl)
   end
-  redis.call('ZADD', KEYS[3], tonumber(ARGV[4]), ARGV[5])
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[4]) - tonumber(ARGV[6]))
+  audit_add(KEYS[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]))
+  audit_trim(KEYS[3], tonumber(ARGV[6]))
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if marked then advance_mark(KEYS[#KEYS], ARGV[9], ARGV[10]) end
@@ -187,8 +209,10 @@ return 0
 #       so the field cap picks the same rows as applying the events one by
 #       one); then per mark: the highest spool position of the batch's entries.
 _APPLY_BATCH = (
-    _ROW_FOR
+    LUA_REDIS_NOW_MS
+    + _ROW_FOR
     + _ADVANCE_MARK
+    + _AUDIT_FNS
     + """
 local n, n_audit = tonumber(ARGV[5]), tonumber(ARGV[6])
 local n_bucket, n_dim, n_ack = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -204,16 +228,14 @@ local a = 12
 local acks = {}
 for i = 1, n_ack do acks[i] = ARGV[a]; a = a + 1 end
 local audit0 = n + 1
-local newest = {}
+local touched = {}
 for i = 1, n do
-  local index, score = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  redis.call('ZADD', KEYS[audit0 + index], score, ARGV[a + 2])
-  if newest[index] == nil or score > newest[index] then newest[index] = score end
+  local index = tonumber(ARGV[a])
+  audit_add(KEYS[audit0 + index], tonumber(ARGV[a + 1]), ARGV[a + 2], tonumber(ARGV[3]))
+  touched[index] = true
   a = a + 3
 end
-for index, score in pairs(newest) do
-  redis.call('ZREMRANGEBYSCORE', KEYS[audit0 + index], '-inf', score - tonumber(ARGV[3]))
-end
+for index in pairs(touched) do audit_trim(KEYS[audit0 + index], tonumber(ARGV[3])) end
 local bucket0 = audit0 + n_audit
 for i = 1, n_bucket do
   local key, ttl, count = KEYS[bucket0 + i], tonumber(ARGV[a]), tonumber(ARGV[a + 1])

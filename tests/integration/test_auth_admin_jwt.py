@@ -89,18 +89,19 @@ async def test_a_revoked_keys_jwt_is_refused_by_the_admin_rpcs_at_once(own_redis
         assert await _list_keys(stub, (("x-api-key", other_admin),)) >= 2
 
 
-async def test_no_key_can_be_created_for_the_shadow_copies_account(own_redis: str) -> None:
-    # Shadow copies are metered to it, with every tenant's request tags: a key of it
-    # read them all with usage:read, and its own requests mixed into the account.
+@pytest.mark.parametrize("tenant", [contract.SHADOW_TENANT, "tokenmesh.system"])
+async def test_no_key_can_be_created_for_an_account_of_the_mesh(own_redis: str, tenant) -> None:
+    # Shadow copies are metered to tokenmesh.shadow, with every tenant's request tags:
+    # a key of it read them all with usage:read, and its own requests mixed into the
+    # account. Rollout decisions are audited as tokenmesh.system: a key of it mixed
+    # its requests into that log.
     async with _auth(own_redis) as (service, stub):
         _, admin = await _admin_key(service, "ops")
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.CreateApiKey(
-                auth_service_pb2.CreateApiKeyRequest(
-                    tenant=contract.SHADOW_TENANT, scopes=["usage:read"]
-                ),
+                auth_service_pb2.CreateApiKeyRequest(tenant=tenant, scopes=["usage:read"]),
                 metadata=(("x-api-key", admin),),
                 timeout=10,
             )
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert contract.SHADOW_TENANT in (refused.value.details() or "")
+        assert contract.RESERVED_TENANT_PREFIX in (refused.value.details() or "")

@@ -171,3 +171,64 @@ async def test_a_page_token_resumes_only_its_own_listing(redis_url):
                 metadata=ADMIN,
             )
         assert violated_fields(info.value) == ["page_token"]
+
+
+DAY_MS = 86_400_000
+
+
+async def test_an_event_stamped_far_ahead_does_not_erase_the_tenants_log(redis_url):
+    """The log was trimmed from each new entry's stamp, a worker's clock: one event
+    stamped 100 days ahead deleted every entry of its tenant. It is trimmed by Redis's
+    clock now, and a stamp far ahead is kept at most 5 minutes ahead."""
+    async with _audit(redis_url) as audit:
+        now_ms = int(time.time() * 1000)
+        await audit.meter_events(*((f"r{i}", now_ms - 60_000 + i) for i in range(3)))
+        await audit.meter_events(("ahead", now_ms + 100 * DAY_MS))  # applied alone
+        await audit.meter_events(("ahead-1", now_ms + 100 * DAY_MS), ("ahead-2", now_ms))
+        key = f"tm:usage:audit:{audit.tenant}"
+        scores = dict(await audit.client.zrange(key, 0, -1, withscores=True))
+        assert len(scores) == 6
+        assert max(scores.values()) <= now_ms + 5 * 60_000 + 10_000
+
+
+async def test_the_log_keeps_its_retention_without_new_entries(redis_url):
+    """An entry older than the retention was stored and listed, and the log never
+    expired: a tenant that went quiet kept its entries for good."""
+    async with _audit(redis_url) as audit:
+        now_ms = int(time.time() * 1000)
+        retention_ms = Retention().audit * 1000
+        await audit.meter_events(("old", now_ms - retention_ms - DAY_MS), ("new", now_ms))
+        key = f"tm:usage:audit:{audit.tenant}"
+        listed = await audit.client.zrange(key, 0, -1)
+        assert len(listed) == 1  # "old" was past the retention when it arrived
+        ttl_ms = await audit.client.pttl(key)
+        assert retention_ms - 60_000 < ttl_ms <= retention_ms + 5 * 60_000
+
+
+async def test_a_swapped_range_is_refused_not_answered_empty(redis_url):
+    async with _audit(redis_url) as audit:
+        start, end = timestamp_pb2.Timestamp(), timestamp_pb2.Timestamp()
+        now_ms = int(time.time() * 1000)
+        start.FromMilliseconds(now_ms + 3_600_000)
+        end.FromMilliseconds(now_ms - 3_600_000)
+        request = pb.ListAuditEntriesRequest(tenant=audit.tenant, start_time=start, end_time=end)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await audit.stub.ListAuditEntries(request, metadata=ADMIN)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violated_fields(info.value) == ["start_time"]
+
+
+async def test_an_operator_reads_the_log_with_its_certificate(redis_url):
+    """The caller rules let the operator identity list audit entries; the service then
+    refused it for want of the edge's identity headers (which only the edge may send)."""
+    async with _audit(redis_url) as audit:
+        await audit.meter_events(("op", int(time.time() * 1000)))
+        settings = UsageSettings(
+            pki_dir=mtls.pki_dir(), metrics_port=-1, grace_s=0.5, redis_url=redis_url
+        )
+        async with serving(UsageService(settings), settings) as running:
+            async with mtls.aio_channel(running.port, peer="usage", caller="operator") as channel:
+                reply = await rpc.UsageServiceStub(channel).ListAuditEntries(
+                    pb.ListAuditEntriesRequest(tenant=audit.tenant)
+                )
+        assert [e.request_id for e in reply.entries] == ["op"]

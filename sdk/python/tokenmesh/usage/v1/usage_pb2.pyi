@@ -282,7 +282,10 @@ class AuditEntry(_message.Message):
     completion_tokens: _builtins.int
     """completion_tokens is the request's completion tokens."""
     status: _builtins.str
-    """status is the canonical gRPC status code name."""
+    """status is "OK", or how the request ended otherwise, in upper case: the
+    finish reason ("CANCELLED", "QUOTA", "CONTENT_FILTER", "ERROR"; a rollout
+    decision's action for the mesh's own tenant), not a gRPC status code name.
+    """
     finish_reason: _builtins.str
     """finish_reason is the request's finish reason."""
     trace_id: _builtins.str
