@@ -767,7 +767,7 @@ def output_line(batch: BatchRecord, result: jobs_pb2.JobResult, created: int) ->
         failure = result.error
         kind = openai_errors.ERROR_TYPES.get(failure.grpc_code, openai_errors.SERVER_ERROR)
         param = params.v2_param(failure.field, _RENAMES[batch.endpoint]) if failure.field else None
-        body = shapes.error(failure.message, kind, param, failure.reason.lower() or None)
+        body = shapes.error(failure.message, kind, param, openai_errors.code_of(failure.reason))
         status = HTTP_STATUS.get(failure.grpc_code, 500)
         return _line(batch, index, _error_response(rid, status, body), None), True
     try:

@@ -76,6 +76,10 @@ def test_block_pattern_and_keyword_with_reasons():
         "a FOR\u2060BIDDEN word",  # word joiner
         "a forbíddén word",  # accents
         "a ｆｏｒｂｉｄｄｅｎ word",  # fullwidth letters
+        "a for\ufe0fbidden word",  # variation selector (a mark of class 0)
+        "a for\u034fbidden word",  # combining grapheme joiner
+        "a for\x7fbidden word",  # an ASCII control character
+        "a for\x01bidden word",
     ],
 )
 def test_a_keyword_disguised_by_invisible_characters_or_accents_is_still_blocked(disguised):
@@ -92,6 +96,24 @@ def test_a_keyword_with_accents_matches_its_own_spellings_and_nothing_more():
         with pytest.raises(ContentPolicyViolation, match="block_keyword:0"):
             check_input([policy], [text])
     assert check_input([policy], ["cafés à emporter", "x and ｘ"]).hits == []
+
+
+def test_a_keyword_of_invisible_characters_only_matches_itself_not_every_text():
+    """"\u202e" folds to nothing, and an empty keyword matched at every non-word
+    boundary: "Hello, world" was blocked."""
+    policy = _policy(block_keywords=(PatternRule("\u202e"),))
+    assert check_input([policy], ["Hello, world.", "a b"]).hits == []
+    with pytest.raises(ContentPolicyViolation):
+        check_input([policy], ["abc \u202e def"])
+
+
+def test_pii_hidden_by_fullwidth_letters_is_redacted_and_other_text_kept_as_written():
+    redact = _policy(pii={"email": "redact"})
+    hidden = check_input([redact], ["mail ｊａｎｅ＠ｅｘａｍｐｌｅ．ｃｏｍ"])
+    assert hidden.texts == ["mail [EMAIL]"] and hidden.hits
+    # Nothing hidden: the text goes as written (a ZWJ joins emoji, a ZWNJ spells Persian).
+    family = "👨\u200d👩\u200d👧 family; می\u200cخواهم; mail a@b.io"
+    assert check_input([redact], [family]).texts == [family.replace("a@b.io", "[EMAIL]")]
 
 
 def test_pii_split_by_an_invisible_character_is_found_and_sent_without_it():

@@ -43,13 +43,18 @@ SERVER_ERROR = "server_error"
 OPENAI_CODES: Mapping[str, str] = {"content_policy": "content_policy_violation"}
 
 
+def code_of(reason: str) -> str | None:
+    """Returns the OpenAI error `code` of an ErrorInfo reason (None: none)."""
+    lowered = reason.lower()
+    return OPENAI_CODES.get(lowered, lowered) or None
+
+
 def _reason(status: status_pb2.Status) -> str | None:
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            reason = info.reason.lower()
-            return OPENAI_CODES.get(reason, reason) or None
+            return code_of(info.reason)
     return None
 
 

@@ -142,6 +142,7 @@ class RequestContent:
     sample_stream_max_bytes: int = samples.MAX_STREAM_BYTES
     filters: dict[int, OutputFilter[Any]] = field(default_factory=dict)
     stops: dict[int, OutputMatch] = field(default_factory=dict)
+    _alternatives: dict[str, bool] = field(default_factory=dict)  # refuses_alternative's
 
     @property
     def filters_output(self) -> bool:
@@ -150,8 +151,12 @@ class RequestContent:
 
     def refuses_alternative(self, text: str) -> bool:
         """Tells whether a top_logprobs alternative's text must be left out: an output
-        rule matches it alone (see policy.refuses_alone)."""
-        return refuses_alone(self.policies, text)
+        rule matches it alone (see policy.refuses_alone). Judged once per distinct text
+        of a request: the alternatives repeat from token to token."""
+        verdict = self._alternatives.get(text)
+        if verdict is None:
+            verdict = self._alternatives[text] = refuses_alone(self.policies, text)
+        return verdict
 
     @property
     def judges_alternatives(self) -> bool:

@@ -118,27 +118,37 @@ class PatternRule:
     reason: str = ""
 
 
-# Invisible format characters (Unicode Cf: zero-width space and joiners, soft hyphen,
-# word joiner, bidi marks, tag characters): a reader does not see them and a
-# tokenizer may drop them (all-minilm-l6-v2's does), so "for\u200bbidden" reached
-# the model as the "forbidden" a rule blocked.
-_INVISIBLE = regex.compile(r"\p{Cf}+")
+# What a reader does not see and a tokenizer may drop (BERT's, all-minilm-l6-v2's,
+# drops every one): format characters (Unicode Cf: zero-width space and joiners,
+# soft hyphen, word joiner, bidi marks, tag characters), control characters but tab,
+# newline and carriage return (Cc), variation selectors and the combining grapheme
+# joiner (marks of combining class 0). "for\u200bbidden" reached the model as the
+# "forbidden" a rule blocked.
+_INVISIBLE = regex.compile(
+    r"[\p{Cf}\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u034f\ufe00-\ufe0f\U000e0100-\U000e01ef]+"
+)
+# Plain text: nothing to fold (printable ASCII, tab, newline, carriage return).
+_PLAIN = regex.compile(r"[\t\n\r\x20-\x7e]*")
+# Marks a fold drops once decomposed (accents: "í" is "i" and U+0301).
+_MARKS = regex.compile(r"[\p{Mn}\p{Me}]+")
 
 
 def folded(text: str) -> str:
     """Returns `text` as input rules also read it: compatibility forms unified (NFKC:
-    fullwidth letters, ligatures), invisible format characters removed and accents
-    dropped ("forbíddén" is "forbidden"). ASCII text is returned as it is."""
-    if text.isascii():
+    fullwidth letters, ligatures), invisible characters removed and accents dropped
+    ("forbíddén" is "forbidden"). Plain ASCII text is returned as it is."""
+    if _PLAIN.fullmatch(text):
         return text
     plain = _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))
-    bare = "".join(c for c in unicodedata.normalize("NFD", plain) if not unicodedata.combining(c))
-    return unicodedata.normalize("NFC", bare)
+    return unicodedata.normalize("NFC", _MARKS.sub("", unicodedata.normalize("NFD", plain)))
 
 
-def visible(text: str) -> str:
-    """Returns `text` without its invisible format characters (see _INVISIBLE)."""
-    return text if text.isascii() else _INVISIBLE.sub("", text)
+def readable(text: str) -> str:
+    """Returns `text` as PII detectors also read it: NFKC, invisible characters removed,
+    accents kept (an address may have letters of any script). Plain ASCII as it is."""
+    if _PLAIN.fullmatch(text):
+        return text
+    return _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))
 
 
 def _compile(pattern: str, *, keyword: bool = False) -> Any:
@@ -257,8 +267,11 @@ class Policy:
         a keyword folded too ("café" is looked for as "cafe"), a pattern as it is."""
         rules = [rule for _, rule, _ in self.input_rules]
         for i, keyword in enumerate(self.block_keywords, start=len(self.block_patterns)):
-            if folded(keyword.pattern) != keyword.pattern:
-                rules[i] = _compile(folded(keyword.pattern), keyword=True)
+            bare = folded(keyword.pattern)
+            # A keyword of invisible characters only ("\u202e") folds to nothing, which
+            # matched at every non-word boundary: read as written, it matches itself.
+            if bare and bare != keyword.pattern:
+                rules[i] = _compile(bare, keyword=True)
         return rules
 
     @functools.cached_property
@@ -445,16 +458,27 @@ def _check_all(
     policies: Sequence[Policy], texts: Sequence[str], field_name: str, budget: _Budget
 ) -> InputCheck:
     result = InputCheck(list(texts))
+    folds: dict[str, str] = {}  # each text folded once, whatever the policies
     for policy in policies:
         try:
-            _check_policy(policy, result, field_name, budget)
+            _check_policy(policy, result, field_name, budget, folds)
         except _OutOfTime as out:
             out.policy = policy
             raise
     return result
 
 
-def _check_policy(policy: Policy, result: InputCheck, field_name: str, budget: _Budget) -> None:
+def _fold(text: str, folds: dict[str, str]) -> str:
+    """Returns `folded(text)`, computed once per check."""
+    bare = folds.get(text)
+    if bare is None:
+        bare = folds[text] = folded(text)
+    return bare
+
+
+def _check_policy(
+    policy: Policy, result: InputCheck, field_name: str, budget: _Budget, folds: dict[str, str]
+) -> None:
     total = sum(len(t) for t in result.texts)
     if policy.max_input_chars and total > policy.max_input_chars:
         hit = policy.hit("max_input_chars", BLOCK, INPUT)
@@ -463,7 +487,9 @@ def _check_policy(policy: Policy, result: InputCheck, field_name: str, budget: _
         )
     # Each text is also read folded (see `folded`): an invisible character, an accent
     # or a fullwidth letter inside a keyword passed every rule.
-    views = [(text, folded(text)) for text in result.texts]
+    if policy.input_rules:
+        budget.left()
+    views = [(text, _fold(text, folds)) for text in result.texts] if policy.input_rules else []
     for (rule, pattern, reason), folded_pattern in zip(
         policy.input_rules, policy.folded_input_rules, strict=True
     ):
@@ -474,26 +500,44 @@ def _check_policy(policy: Policy, result: InputCheck, field_name: str, budget: _
             for text, bare in views
         ):
             raise ContentPolicyViolation(policy.hit(rule, BLOCK, INPUT), field_name, reason)
-    result.texts = [_apply_pii(policy, t, result.hits, field_name, budget) for t in result.texts]
+    result.texts = [
+        _apply_pii(policy, t, result.hits, field_name, budget, folds) for t in result.texts
+    ]
 
 
-def _apply_pii(policy: Policy, text: str, hits: list[Hit], field_name: str, budget: _Budget) -> str:
+def _covered(found: Mapping[str, Sequence[pii.Span]]) -> int:
+    """Returns how many characters the detectors found, all actions together."""
+    return sum(span.end - span.start for spans in found.values() for span in spans)
+
+
+def _apply_pii(
+    policy: Policy,
+    text: str,
+    hits: list[Hit],
+    field_name: str,
+    budget: _Budget,
+    folds: dict[str, str],
+) -> str:
     if not policy.pii or not text:
         return text
     budget.left()  # the detectors are linear: one text (at most 100 K chars) costs < 0.1 s
-    # Checked and sent without invisible characters: "jane.doe@exa\u200bmple.com" hid
-    # its address from the detectors, not from the model.
-    text = visible(text)
+    detectors = {action: [d for d, a in policy.pii.items() if a == action] for action in ACTIONS}
     # Each action's detectors on their own: where spans overlap one detector names
     # them (pii.find), and a flagged detector's span that outranked a blocked or
     # redacted one's let that text through.
-    found = {
-        action: pii.find(text, [d for d, a in policy.pii.items() if a == action])
-        for action in (BLOCK, REDACT, FLAG)
-    }
-    bare = folded(text)
-    if not found[BLOCK] and bare != text:  # a fullwidth or accented spelling
-        found[BLOCK] = pii.find(bare, [d for d, a in policy.pii.items() if a == BLOCK])
+    found = {action: pii.find(text, detectors[action]) for action in (BLOCK, REDACT, FLAG)}
+    seen = readable(text)
+    if seen != text:
+        # "jane.doe@exa\u200bmple.com" or fullwidth letters hid an address from the
+        # detectors, not from the model: read without invisible characters (NFKC),
+        # and sent so, redacted, where that shows more (else the text is sent as it
+        # came: a ZWJ joins emoji, a ZWNJ spells Persian).
+        unhidden = {action: pii.find(seen, detectors[action]) for action in (BLOCK, REDACT, FLAG)}
+        if _covered(unhidden) > _covered(found):
+            text, found = seen, unhidden
+    bare = _fold(text, folds)
+    if not found[BLOCK] and bare != text:  # an accented spelling
+        found[BLOCK] = pii.find(bare, detectors[BLOCK])
     if found[BLOCK]:
         detector = min(s.detector for s in found[BLOCK])
         hit = policy.hit(f"pii:{detector}", BLOCK, INPUT)
