@@ -99,7 +99,7 @@ def test_a_keyword_with_accents_matches_its_own_spellings_and_nothing_more():
 
 
 def test_a_keyword_of_invisible_characters_only_matches_itself_not_every_text():
-    """"\u202e" folds to nothing, and an empty keyword matched at every non-word
+    """ "\u202e" folds to nothing, and an empty keyword matched at every non-word
     boundary: "Hello, world" was blocked."""
     policy = _policy(block_keywords=(PatternRule("\u202e"),))
     assert check_input([policy], ["Hello, world.", "a b"]).hits == []
