@@ -115,6 +115,10 @@ REFUND_WAIT_S = 0.05
 # (a try that waited over CUT_STALLED_S may have run before the cut script).
 CUT_FORGET_DELAYS_S = (1.5, 3.0, 6.0, 12.0, 24.0)
 CUT_STALLED_S = 0.1
+# At most this many cut decisions are taken back at once (a stall at hundreds of
+# decisions a second made one task each, and they filled the connection pool);
+# the slots of the others leave the windows within a minute.
+MAX_CUT_FORGETS = 32
 
 # KEYS: one sliding window per limit; ARGV: (unused), window_ms, hits, member
 # prefix, lease size, limit per key. All-or-nothing: the request is counted in
@@ -513,7 +517,7 @@ class RequestLimiter:
         under failure_mode_deny, its hits (the request was refused)."""
         first = 1 if self._failure_mode_deny else hits + 1
         members = [f"{member}:{h}" for h in range(first, hits + size + 1)]
-        if members:
+        if members and len(self._cut_forgets) < MAX_CUT_FORGETS:
             forget = asyncio.create_task(self._forget_after_cut(windows, members))
             self._cut_forgets.add(forget)
             forget.add_done_callback(self._cut_forgets.discard)
@@ -524,6 +528,8 @@ class RequestLimiter:
         the cut, ran before it; a try that failed or waited is made again."""
         for delay_s in CUT_FORGET_DELAYS_S:
             await asyncio.sleep(delay_s)
+            if self.breaker.is_open:
+                continue  # the store failed its last calls: not tried now
             started = time.monotonic()
             try:
                 async with asyncio.timeout(REFUND_TIMEOUT_S):

@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.core.server import serving
+from services.usage import ratelimit
 from services.usage.leases import LEASE_TTL_S, SETTLE_INTERVAL_S
 from services.usage.ratelimit import RateLimitServicer, RequestLimiter, latest_freed
 from services.usage.service import UsageService, UsageSettings
@@ -326,6 +327,25 @@ async def test_a_decision_cut_during_a_redis_stall_leaves_no_lease_behind(
         while len(await _window(own_redis, key)) != kept:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
+    finally:
+        await limiter.close()
+        await client.aclose()
+
+
+async def test_decisions_cut_by_the_hundred_take_back_a_bounded_number_at_once(own_redis):
+    """Each cut decision took its slots back in a task of its own, retried for ~47 s:
+    a stall at 200 decisions a second held 400 tasks and filled the pool."""
+    client = aioredis.from_url(own_redis)
+    limiter = RequestLimiter(client, 1, redis_url=own_redis, lease_size=32)
+    try:
+        await limiter.decide((("key_id", "warm"),))
+        await client.execute_command("CLIENT", "PAUSE", "800", "ALL")
+        cut = [
+            asyncio.wait_for(limiter.decide((("key_id", f"k{i}"), ("rpm", "6400"))), 0.2)
+            for i in range(200)
+        ]
+        await asyncio.gather(*cut, return_exceptions=True)
+        assert 0 < len(limiter._cut_forgets) <= ratelimit.MAX_CUT_FORGETS
     finally:
         await limiter.close()
         await client.aclose()
