@@ -92,11 +92,12 @@ from services.core.errors import (
     NotFound,
     Unavailable,
 )
-from services.core.redis_service import known_fields, text
+from services.core.redis_service import LUA_REDIS_NOW_MS, known_fields, text
 from services.core.tasks import SupervisedTask, Supervisor
 from services.router import catalog as cat
 from services.router.catalog import Catalog, ModelEntry
 from services.router.registry import VersionCounts, WorkerEntry, WorkerRegistry
+from services.usage.meter import AUDIT_FNS
 from services.usage.meter import PREFIX as USAGE_PREFIX
 from tokenmesh.usage.v1 import usage_pb2
 
@@ -111,6 +112,16 @@ FENCE_KEY = "tokenmesh:router:rollouts:fence"
 #: The audit log's tenant for what the mesh does by itself (rollout decisions).
 AUDIT_TENANT = "tokenmesh.system"
 AUDIT_RETENTION_MS = 90 * 86400 * 1000
+# KEYS: the audit log; ARGV: the decision's stamp (ms), its entry, the retention (ms).
+_RECORD_AUDIT = (
+    LUA_REDIS_NOW_MS
+    + AUDIT_FNS
+    + """
+audit_add(KEYS[1], tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]))
+audit_trim(KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+)
 MAX_DECISIONS = 50
 MAX_STEPS = 20
 DEFAULT_STEPS = (5, 25, 50, 100)
@@ -796,6 +807,7 @@ class RolloutStore:
         self.registry = registry
         self.refresh = refresh
         self._compare_and_set = redis.register_script(_COMPARE_AND_SET)
+        self._record_audit = redis.register_script(_RECORD_AUDIT)
         # The step gauge's (model, version)s this store set: those of rollouts no longer
         # stored (replaced by a newer one) are removed by export_metrics.
         self._shown: set[tuple[str, str]] = set()
@@ -1164,10 +1176,10 @@ class RolloutStore:
         entry = audit_entry(rollout, decision)
         key = f"{USAGE_PREFIX}audit:{AUDIT_TENANT}"
         stamp = int(decision.at * 1000)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(key, {entry.SerializeToString().hex(): stamp})
-            pipe.zremrangebyscore(key, "-inf", stamp - AUDIT_RETENTION_MS)
-            await pipe.execute()
+        # Trimmed by Redis's clock, as the meter trims the tenants' logs: trimmed from
+        # the decision's stamp (a driver clock far ahead) it erased the log.
+        member = entry.SerializeToString().hex()
+        await self._record_audit(keys=[key], args=[stamp, member, AUDIT_RETENTION_MS])
 
 
 def _canary_seen(rollout: Rollout, workers: Sequence[WorkerEntry], now: float) -> int:

@@ -127,11 +127,12 @@ end
 AUDIT_FUTURE_MS = 5 * 60 * 1000
 
 # Lua: audit_add(key, stamp, member, retention ms), audit_trim(key, retention ms)
-# (after LUA_REDIS_NOW_MS: `now` is Redis's clock). An audit log is trimmed by
-# Redis's clock, and expires a retention after its last entry: trimmed from each new
-# entry's stamp (a worker's clock), one stamped 100 days ahead deleted its tenant's
-# whole log, and a tenant that went quiet kept its log for good.
-_AUDIT_FNS = f"""
+# (after LUA_REDIS_NOW_MS: `now` is Redis's clock; the rollouts' audit log uses them
+# too). An audit log is trimmed by Redis's clock, and expires a retention after its
+# last entry: trimmed from each new entry's stamp (a worker's clock), one stamped 100
+# days ahead deleted its tenant's whole log, and a tenant that went quiet kept its
+# log for good.
+AUDIT_FNS = f"""
 local function audit_add(key, stamp, member, retention)
   local score = math.min(stamp, now + {AUDIT_FUTURE_MS})
   if score > now - retention then redis.call('ZADD', key, score, member) end
@@ -158,7 +159,7 @@ _APPLY = (
     LUA_REDIS_NOW_MS
     + _ROW_FOR
     + _ADVANCE_MARK
-    + _AUDIT_FNS
+    + AUDIT_FNS
     + """
 local marked = ARGV[9] ~= ''
 local n = (#KEYS - 3 - (marked and 1 or 0)) / 2
@@ -212,7 +213,7 @@ _APPLY_BATCH = (
     LUA_REDIS_NOW_MS
     + _ROW_FOR
     + _ADVANCE_MARK
-    + _AUDIT_FNS
+    + AUDIT_FNS
     + """
 local n, n_audit = tonumber(ARGV[5]), tonumber(ARGV[6])
 local n_bucket, n_dim, n_ack = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])

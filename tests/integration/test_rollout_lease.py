@@ -367,3 +367,18 @@ async def test_a_rollout_whose_stable_version_passes_its_sunset_ends_aborted(cli
         assert "stable version 1 passed its sunset" in ended.reason
     finally:
         await client.hdel(ro.ROLLOUTS_KEY, model)
+
+
+async def test_a_decision_stamped_far_ahead_does_not_erase_the_audit_log(client):
+    """The rollouts' audit log (tenant tokenmesh.system) was trimmed from each new
+    decision's stamp: a driver whose clock ran 100 days ahead erased it."""
+    rollout = await started(client)
+    key = f"tm:usage:audit:{ro.AUDIT_TENANT}"
+    before = await client.zcard(key)
+    assert before >= 1  # the start's decision
+    ahead = ro.Decision(time.time() + 100 * 86400, "advance", 100, "a clock far ahead")
+    await store(client)._record(rollout, ahead)
+    assert await client.zcard(key) == before + 1
+    newest = await client.zrange(key, -1, -1, withscores=True)
+    assert newest[0][1] <= time.time() * 1000 + 6 * 60_000  # kept at most ~5 min ahead
+    assert 0 < await client.pttl(key) <= ro.AUDIT_RETENTION_MS + 5 * 60_000
