@@ -14,6 +14,14 @@ The edge's first filter removes the ones it sets by name (identity, routing,
 shadow); a name missing from that list (a response header's, one a later release
 adds) reached the services from any client, as if the edge had set it.
 
+And it drops the gRPC protocol headers a REST client sent (`grpc-timeout`,
+`grpc-encoding`, any `grpc-*`: the transcoder makes the gRPC call, not the
+client), and a native gRPC call's `grpc-timeout` or `grpc-encoding` that the
+gRPC spec does not allow. Forwarded, `grpc-timeout: garbage` on one REST request
+answered `500 Error parsing 'grpc-timeout' metadata` and left the edge's
+connection to that worker failing every later call that had a deadline (grpc
+core's header table kept the bad entry), for every tenant.
+
 One pass over the request's header names in Lua: no body, no buffering.
 """
 
@@ -24,11 +32,24 @@ from typing import Any
 FILTER_NAME = "tokenmesh.grpc_header_names"
 # A Lua function of the edge's request filter (gateway/edge_lua.py) and of this one.
 LUA_FUNCTION = """
+local GRPC_ENCODINGS = {identity = true, gzip = true, deflate = true}
+local function bad_grpc_header(key, value, grpc)
+  if string.sub(key, 1, 5) ~= "grpc-" then return false end
+  if not grpc then return true end
+  if key == "grpc-timeout" then
+    return not string.match(value, "^%d%d?%d?%d?%d?%d?%d?%d?[HMSmun]$")
+  end
+  if key == "grpc-encoding" then return not GRPC_ENCODINGS[value] end
+  return false
+end
 local function drop_client_headers(headers)
+  local content_type = headers:get("content-type") or ""
+  local grpc = string.sub(content_type, 1, 16) == "application/grpc"
   local dropped = {}
-  for key, _ in pairs(headers) do
+  for key, value in pairs(headers) do
     if string.sub(key, 1, 1) ~= ":"
-      and (string.find(key, "[^0-9a-z_.%-]") or string.sub(key, 1, 12) == "x-tokenmesh-") then
+      and (string.find(key, "[^0-9a-z_.%-]") or string.sub(key, 1, 12) == "x-tokenmesh-"
+           or bad_grpc_header(key, value, grpc)) then
       dropped[#dropped + 1] = key
     end
   end

@@ -488,7 +488,7 @@ class Scheduler:
             queued = [*self._waiting.remove_where(lambda _: True), *self._inbox]
             self._inbox = []
             self._waiting_count = self._waiting_batch = self._waiting_copies = 0
-        for seq in self._running:
+        for seq in list(self._running):  # _finish removes each from it
             self._finish(seq, Finished("error", _unloaded()))
         for seq in queued:  # left by a drain of 0 s: they never started
             self._finish(seq, Finished("error", _unloading()))

@@ -110,3 +110,25 @@ async def test_a_request_that_ended_otherwise_is_not_taken_for_refused():
         assert not refused_unstarted([done])
     finally:
         await sched.stop(drain_timeout_s=0)
+
+
+async def test_a_drain_that_runs_out_ends_every_running_sequence():
+    """Past the drain, stop ended the running sequences in a loop over the list each
+    end removed from: every second one got no end, its stream open until its own
+    deadline (or for good), no usage, its reservation held."""
+    engine = DeterministicTestEngine(
+        vocab_size=len(TOKENIZER.words), context_length=512, step_s=0.01
+    )
+    labels = (f"unload-test-{next(_LABELS)}", "1")
+    sched = Scheduler(engine, engine.eos_token_id, SchedulerLimits(max_sequences=4), labels)
+    await sched.start()
+    running = [
+        sched.submit([1 + i], _params(RUNNING_TOKENS), PRIORITY_INTERACTIVE, None) for i in range(4)
+    ]
+    for seq in running:  # every one has started
+        await asyncio.wait_for(seq.outbox.get(), 5)
+    await sched.stop(drain_timeout_s=0.05)
+    for seq in running:
+        finished, _ = await _end(seq)
+        assert finished.error is not None and finished.error.reason == "MODEL_UNLOADED"
+    assert sched.stats()["running"] == 0
