@@ -56,7 +56,12 @@ from collections.abc import (
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from services.core.errors import QuotaViolation, ResourceExhausted
+from services.core.errors import (
+    FieldViolation,
+    InvalidArgument,
+    QuotaViolation,
+    ResourceExhausted,
+)
 from services.core.interceptors import Context, request_headers, to_domain_error
 from services.inference import shadow
 from services.inference.admission import Admission, check_whole_budget
@@ -286,6 +291,8 @@ class GenerationPipeline:
         with its leader's deadline, the scheduler ended every reader's answer with
         the leader's DEADLINE_EXCEEDED.
         """
+        if len(generation.params) > 1:  # all its choices or none (a sibling ran first)
+            _check_queue_room([generation])
         await self.admission.reserve(generation)
         try:
             generation.submit(None if shared else context.time_remaining())
@@ -1018,6 +1025,19 @@ def _check_queue_room(generations: Sequence[Generation]) -> None:
             kv_reservation(generation.prompt_ids, params) for params in generation.params
         )
     for scheduler, tokens in reserved.items():
+        most = scheduler.limits.max_sequences + scheduler.limits.max_queue
+        if len(tokens) > most:
+            # No wait makes room: refused QUEUE_FULL (retry in 1 s), it was retried
+            # for good, on an idle worker too.
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "n",
+                        f"this request's {len(tokens)} sequences (prompts x n) are more "
+                        f"than this model version runs and queues at once ({most})",
+                    )
+                ]
+            )
         if not scheduler.has_room(tokens):
             max_queue = scheduler.limits.max_queue
             raise ResourceExhausted(
