@@ -498,7 +498,14 @@ class Admission:
         request.chunks_sent += 1  # its id is taken: the charge at record uses the next
         request.charging = (chunk_id, now)
         try:
-            await self.budgets.reserve(request.key_id, request.limits, chunk_id, due, now)
+            await self.budgets.reserve(
+                request.key_id,
+                request.limits,
+                chunk_id,
+                due,
+                now,
+                replay_ttl_s=request.replay_ttl_s,  # a job item's: until its deadline
+            )
         except ResourceExhausted:
             return False
         except BreakerOpen:
@@ -605,14 +612,27 @@ class Admission:
         due = used - request.charged_tokens
         if due <= 0:
             return
-        self._charge_chunk(request.key_id, _chunk_id(request), due, time.time())
+        self._charge_chunk(
+            request.key_id, _chunk_id(request), due, time.time(), request.replay_ttl_s
+        )
         request.chunks_sent += 1
         request.charged_tokens = used
 
-    def _charge_chunk(self, key_id: str, chunk_id: str, amount: int, now: float) -> None:
+    def _charge_chunk(
+        self, key_id: str, chunk_id: str, amount: int, now: float, replay_ttl_s: int | None
+    ) -> None:
         """Charges an unmetered request's chunk in the background, whatever the budget
-        holds (no limits: its tokens were sent); tried again, it is charged once."""
-        charge = functools.partial(self.budgets.reserve, key_id, Limits(), chunk_id, amount, now)
+        holds (no limits: its tokens were sent); tried again, it is charged once (a job
+        item's chunk id is remembered until its job's deadline: `replay_ttl_s`)."""
+        charge = functools.partial(
+            self.budgets.reserve,
+            key_id,
+            Limits(),
+            chunk_id,
+            amount,
+            now,
+            replay_ttl_s=replay_ttl_s,
+        )
         self._in_background(charge, "charge an unmetered request's tokens")
 
     def _forget_chunk(self, key_id: str, chunk_id: str, now: float) -> None:

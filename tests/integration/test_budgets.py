@@ -753,3 +753,17 @@ async def test_a_given_back_reservation_forgotten_again_charges_its_late_copy_no
     await budgets.forget(key, "req", now, attempt="a2")  # a2's reserve: sent, then cancelled
     await budgets.reserve(key, limits, "req", 500, now, attempt="a2")  # ... lands late
     assert await _month_used(budgets, key) == 0
+
+
+async def test_a_job_items_unmetered_chunks_are_remembered_until_its_deadline(budgets):
+    """A job item admitted while budgets were unreachable is charged in chunks; their
+    ids were remembered an hour, so a re-run after that charged them again."""
+    from services.inference.admission import _chunk_id
+
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    admission = Admission(ModelRegistry(), None, budgets, "w")
+    request = _request(key, 0)
+    request.unmetered, request.job_attempt, request.replay_ttl_s = True, True, 2 * 86400
+    chunk = _chunk_id(request)
+    assert await admission.within_budget(request, 20)
+    assert await budgets.redis.ttl(f"tm:budget:{key}:req:{chunk}") > 86400
