@@ -213,7 +213,8 @@ async def test_a_multi_prompt_completion_the_queue_cannot_hold_bills_nothing(
 ) -> None:
     """Two free slots and no queue: the third prompt was refused QUEUE_FULL after the
     first two were submitted (they ran, were cancelled and billed). The request is
-    refused before any prompt is submitted when the queue cannot hold them all."""
+    refused before any prompt is submitted when the queue cannot hold them all: here
+    for good (three prompts can never fit two slots and no queue), INVALID_ARGUMENT."""
     settings = inference_settings(
         tmp_path, redis_url, max_queue=0, max_sequences=2, test_engine_step_ms=20.0
     )
@@ -225,8 +226,8 @@ async def test_a_multi_prompt_completion_the_queue_cannot_hold_bills_nothing(
         async with await start_inference(settings) as (service, channel):
             stub = rpc.OpenAIServiceStub(channel)
             refused = await _refused_completion(stub, body, _identity(key))
-            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "queue is full" in str(refused.details())
+            assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "runs and queues at once" in str(refused.details())
             await _idle(service)  # (cancelled sequences free their slots a step later)
             after = f"key_{uuid.uuid4().hex[:8]}"
             await _usage(stub, {"model": MODEL, "prompt": "z", "max_tokens": 1}, after)
