@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from gateway import drain, envoy_config, protos
-from gateway.edge_auth import DEFAULT_TOKEN_TTL_S, EdgeAuth
+from gateway.edge_auth import DEFAULT_TOKEN_TTL_S, LONGEST_TOKEN_TTL_S, EdgeAuth
 from gateway.envoy_config import EdgeConfig, EdgeTls, Endpoint
 from services.core import contract, pki
 from services.core.settings import SettingsError, env, load, require
@@ -125,6 +125,11 @@ class EdgeSettings:
         require(0 <= self.tls_port <= 65535, "TOKENMESH_EDGE_TLS_PORT", "must be 0-65535")
         require(0 <= self.stats_port <= 65535, "TOKENMESH_EDGE_STATS_PORT", "must be 0-65535")
         require(0 <= self.drain_s <= 3600, "TOKENMESH_EDGE_DRAIN_SECONDS", "must be 0-3600")
+        require(
+            60 <= self.token_ttl_s <= LONGEST_TOKEN_TTL_S,
+            "TOKENMESH_AUTH_TOKEN_TTL_SECONDS",
+            f"must be 60-{LONGEST_TOKEN_TTL_S} (as the auth service's)",
+        )
         require(
             self.tls_port not in (self.edge_port, self.admin_port),
             "TOKENMESH_EDGE_TLS_PORT",

@@ -16,8 +16,9 @@ adds) reached the services from any client, as if the edge had set it.
 
 And it drops the gRPC protocol headers a REST client sent (`grpc-timeout`,
 `grpc-encoding`, any `grpc-*`: the transcoder makes the gRPC call, not the
-client), and a native gRPC call's `grpc-timeout` or `grpc-encoding` that the
-gRPC spec does not allow. Forwarded, `grpc-timeout: garbage` on one REST request
+client), and a native gRPC call's `grpc-timeout` that the gRPC spec does not
+allow, or a `grpc-encoding` the workers' gRPC does not decode (identity, gzip,
+deflate). Forwarded, `grpc-timeout: garbage` on one REST request
 answered `500 Error parsing 'grpc-timeout' metadata` and left the edge's
 connection to that worker failing every later call that had a deadline (grpc
 core's header table kept the bad entry), for every tenant.

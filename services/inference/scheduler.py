@@ -598,6 +598,16 @@ class Scheduler:
             every = dataclasses.replace(self._capacity_all)
             return all(_take(live, every, t, copy, self.limits.max_queue) for t in reserved)
 
+    def ever_fits(self, reserved: Sequence[int]) -> bool:
+        """Tells whether requests reserving these KV tokens would all be taken by
+        `submit` on an idle scheduler (False: no wait makes room; slots, KV or queue
+        are too small for them together)."""
+        budget = self.limits.max_kv_tokens
+        live = StartCapacity(self.limits.max_sequences, budget, budget)
+        every = dataclasses.replace(live)
+        copy = SHADOW_COPY.get()
+        return all(_take(live, every, t, copy, self.limits.max_queue) for t in reserved)
+
     @property
     def accepting(self) -> bool:
         """Tells whether it takes requests (False once its unload began: `stop`)."""

@@ -253,7 +253,7 @@ class ItemExecutor:
         """
         tries = 0
         call_timeout_s = self.call_timeout_s
-        replay_bound = True  # (see _older_worker)
+        older: set[str] = set()  # workers that refused the replay header (_older_worker)
         while True:
             remaining = deadline_s - time.time()
             if remaining <= 0:
@@ -271,12 +271,13 @@ class ItemExecutor:
                 async with slot or contextlib.nullcontext():
                     remaining = max(0.001, deadline_s - time.time())
                     timeout_s = min(remaining, call_timeout_s)
-                    metadata = call_metadata(identity, deadline_s if replay_bound else None)
+                    bound = placement.address not in older
+                    metadata = call_metadata(identity, deadline_s if bound else None)
                     return await self._call(placement, item, index, request_id, metadata, timeout_s)
             except grpc.aio.AioRpcError as error:
                 status = status_details(error)
-                if replay_bound and _older_worker(error, status):
-                    replay_bound = False  # tried again at once, without the header
+                if placement.address not in older and _older_worker(error, status):
+                    older.add(placement.address)  # tried again at once, without the header
                     continue
                 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     call_timeout_s *= 2  # the next try gets twice as long (see module)

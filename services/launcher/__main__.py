@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.edge_auth import DEFAULT_TOKEN_TTL_S, EdgeAuth
+from gateway.edge_auth import DEFAULT_TOKEN_TTL_S, LONGEST_TOKEN_TTL_S, EdgeAuth
 from services.core.settings import SettingsError, env, load, require
 from services.launcher.lock import StateDirBusy
 from services.launcher.mesh import Mesh, MeshConfig, PortInUse
@@ -61,6 +61,11 @@ class LauncherSettings:
     def __post_init__(self) -> None:
         require(1 <= self.edge_port <= 65535, "TOKENMESH_EDGE_PORT", "must be 1-65535")
         require(1 <= self.workers <= 16, "TOKENMESH_WORKERS", "must be 1-16")
+        require(
+            60 <= self.token_ttl_s <= LONGEST_TOKEN_TTL_S,
+            "TOKENMESH_AUTH_TOKEN_TTL_SECONDS",
+            f"must be 60-{LONGEST_TOKEN_TTL_S} (as the auth service's)",
+        )
         require(0 <= self.edge_tls_port <= 65535, "TOKENMESH_EDGE_TLS_PORT", "must be 0-65535")
         require(
             self.edge_tls_port != self.edge_port,

@@ -60,13 +60,14 @@ def scope_of(caller: Caller, request: AnyUsageRequest) -> str:
 
 def range_of(request: AnyUsageRequest) -> tuple[float, float]:
     """Returns the report's [start, end) in Unix seconds (default: this month so far;
-    with only an end, the month that holds the range's last instant: an end on the
-    1st at 00:00 reports the month before, which it ends, not a refusal)."""
+    with only an end, the month that holds the range's last instant, or this month
+    for an end to come: an end on the 1st at 00:00 reports the month before, which
+    it ends, not a refusal)."""
     end = timestamp_seconds(request.end_time, "end_time") if request.HasField("end_time") else now()
     start = (
         timestamp_seconds(request.start_time, "start_time")
         if request.HasField("start_time")
-        else month_start(end - 0.001)
+        else month_start(min(end, now()) - 0.001)
     )
     if start >= end:
         raise InvalidArgument([FieldViolation("start_time", "must be before end_time")])

@@ -36,3 +36,20 @@ async def test_more_choices_than_slots_and_queue_is_refused_for_good(
         assert scheduler is not None and scheduler.stats()["running"] == 0  # none started
         fits = pb.CompleteRequest(model=MODEL, prompt="hi", n=2, max_output_tokens=4)
         assert len((await stub.Complete(fits)).choices) == 2
+
+
+async def test_choices_the_kv_budget_never_runs_together_are_refused_for_good(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Slots for both, but KV for one at a time and no queue: no wait makes room."""
+    settings = inference_settings(
+        tmp_path, redis_url, max_sequences=4, max_queue=0, max_kv_tokens=100
+    )
+    async with await start_inference(settings) as (_, channel):
+        stub = rpc.InferenceServiceStub(channel)
+        one = pb.CompleteRequest(model=MODEL, prompt="hi", n=1, max_output_tokens=80)
+        assert len((await stub.Complete(one)).choices) == 1  # one alone runs
+        two = pb.CompleteRequest(model=MODEL, prompt="hi", n=2, max_output_tokens=80)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Complete(two)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -107,6 +107,25 @@ def test_a_keyword_of_invisible_characters_only_matches_itself_not_every_text():
         check_input([policy], ["abc \u202e def"])
 
 
+def test_a_hindi_keyword_does_not_match_words_that_differ_by_a_vowel_sign():
+    """The fold dropped every mark, vowel signs of class 0 too ("है" read as "ह"): the
+    keyword लंड blocked "वो लड़ रहे हैं" (they are fighting). Accents still go."""
+    policy = _policy(block_keywords=(PatternRule("लंड"),))
+    assert check_input([policy], ["वो लड़ रहे हैं"]).hits == []
+    with pytest.raises(ContentPolicyViolation):
+        check_input([_policy(block_keywords=(PatternRule("forbidden"),))], ["forbíddén"])
+
+
+def test_a_block_found_in_either_reading_stands():
+    """The text read without invisible characters was taken when it showed more PII,
+    and a block found only in the text as written went with the switch: an SSN got
+    through once an address split by a zero-width space came with it."""
+    policy = _policy(pii={"ssn": "block", "email": "redact"})
+    text = "my ssn 123-45-6789\u200b0 mail jane.doe.longname@exa\u200bmple.com"
+    with pytest.raises(ContentPolicyViolation, match="pii:ssn"):
+        check_input([policy], [text])
+
+
 def test_pii_hidden_by_fullwidth_letters_is_redacted_and_other_text_kept_as_written():
     redact = _policy(pii={"email": "redact"})
     hidden = check_input([redact], ["mail ｊａｎｅ＠ｅｘａｍｐｌｅ．ｃｏｍ"])

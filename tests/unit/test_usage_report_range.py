@@ -38,3 +38,11 @@ def test_a_start_after_the_end_is_refused():
     request = pb.GetUsageRequest(start_time=_at(2025, 5, 2), end_time=_at(2025, 5, 1))
     with pytest.raises(InvalidArgument):
         range_of(request)
+
+
+def test_an_end_to_come_reports_from_this_months_start():
+    """A far-future end took its own month's start: refused, naming start_time."""
+    request = pb.GetUsageRequest(end_time=_at(2100, 3, 1))
+    start, end = range_of(request)
+    now = datetime.datetime.now(datetime.UTC)
+    assert start == _seconds(now.year, now.month, 1) and end == _seconds(2100, 3, 1)

@@ -1025,16 +1025,18 @@ def _check_queue_room(generations: Sequence[Generation]) -> None:
             kv_reservation(generation.prompt_ids, params) for params in generation.params
         )
     for scheduler, tokens in reserved.items():
-        most = scheduler.limits.max_sequences + scheduler.limits.max_queue
-        if len(tokens) > most:
+        if not scheduler.ever_fits(tokens):
             # No wait makes room: refused QUEUE_FULL (retry in 1 s), it was retried
             # for good, on an idle worker too.
+            limits = scheduler.limits
             raise InvalidArgument(
                 [
                     FieldViolation(
                         "n",
                         f"this request's {len(tokens)} sequences (prompts x n) are more "
-                        f"than this model version runs and queues at once ({most})",
+                        "than this model version runs and queues at once "
+                        f"({limits.max_sequences} slots, {limits.max_kv_tokens} KV tokens, "
+                        f"{limits.max_queue} queued)",
                     )
                 ]
             )

@@ -129,8 +129,10 @@ _INVISIBLE = regex.compile(
 )
 # Plain text: nothing to fold (printable ASCII, tab, newline, carriage return).
 _PLAIN = regex.compile(r"[\t\n\r\x20-\x7e]*")
-# Marks a fold drops once decomposed (accents: "í" is "i" and U+0301).
-_MARKS = regex.compile(r"[\p{Mn}\p{Me}]+")
+# Marks a fold drops once decomposed: accents ("í" is "i" and U+0301), the marks
+# that combine (class > 0). Not vowel signs of class 0: every mark dropped, "है"
+# read as "ह", and a Hindi keyword blocked ordinary sentences.
+_MARKS = regex.compile(r"(?V1)[[\p{Mn}\p{Me}]--\p{ccc=0}]+")
 
 
 def folded(text: str) -> str:
@@ -526,6 +528,7 @@ def _apply_pii(
     # them (pii.find), and a flagged detector's span that outranked a blocked or
     # redacted one's let that text through.
     found = {action: pii.find(text, detectors[action]) for action in (BLOCK, REDACT, FLAG)}
+    blocked = found[BLOCK]
     seen = readable(text)
     if seen != text:
         # "jane.doe@exa\u200bmple.com" or fullwidth letters hid an address from the
@@ -533,13 +536,14 @@ def _apply_pii(
         # and sent so, redacted, where that shows more (else the text is sent as it
         # came: a ZWJ joins emoji, a ZWNJ spells Persian).
         unhidden = {action: pii.find(seen, detectors[action]) for action in (BLOCK, REDACT, FLAG)}
+        blocked = blocked or unhidden[BLOCK]  # either reading's block stands
         if _covered(unhidden) > _covered(found):
             text, found = seen, unhidden
     bare = _fold(text, folds)
-    if not found[BLOCK] and bare != text:  # an accented spelling
-        found[BLOCK] = pii.find(bare, detectors[BLOCK])
-    if found[BLOCK]:
-        detector = min(s.detector for s in found[BLOCK])
+    if not blocked and bare != text:  # an accented spelling
+        blocked = pii.find(bare, detectors[BLOCK])
+    if blocked:
+        detector = min(s.detector for s in blocked)
         hit = policy.hit(f"pii:{detector}", BLOCK, INPUT)
         raise ContentPolicyViolation(hit, field_name, f"the input contains {detector} data")
     acted = {(span.detector, action) for action in (REDACT, FLAG) for span in found[action]}

@@ -45,7 +45,7 @@ class GetUsageRequest(_message.Message):
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """start_time is the range start (inclusive); unset means the start of the
-        month the range ends in (the current month when end_time is unset too).
+        month the range ends in (the current month when end_time is unset or to come).
         Usage is kept 5 years: an earlier start reads from the oldest month kept.
         More than 366 days after now is INVALID_ARGUMENT.
         """
