@@ -147,7 +147,7 @@ async def test_a_filtered_page_reads_a_bounded_number_of_jobs_and_goes_on_by_tok
         reads.append(job_id)
         return await read_job(job_id)
 
-    service.store.get = counted  # type: ignore[method-assign]
+    service.store.get = counted
     while True:
         reads.clear()
         request = jobs_pb.ListJobsRequest(page_size=1, status="CANCELLED", page_token=token)
