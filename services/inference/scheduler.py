@@ -592,19 +592,22 @@ class Scheduler:
     def has_room(self, reserved: Sequence[int]) -> bool:
         """Tells whether requests reserving these KV tokens would all be taken by
         `submit` now (none refused QUEUE_FULL), counted as `submit` counts them."""
-        copy = SHADOW_COPY.get()
         with self._lock:
-            live = dataclasses.replace(self._capacity)
-            every = dataclasses.replace(self._capacity_all)
-            return all(_take(live, every, t, copy, self.limits.max_queue) for t in reserved)
+            return self._all_taken(self._capacity, self._capacity_all, reserved)
 
     def ever_fits(self, reserved: Sequence[int]) -> bool:
         """Tells whether requests reserving these KV tokens would all be taken by
         `submit` on an idle scheduler (False: no wait makes room; slots, KV or queue
         are too small for them together)."""
         budget = self.limits.max_kv_tokens
-        live = StartCapacity(self.limits.max_sequences, budget, budget)
-        every = dataclasses.replace(live)
+        idle = StartCapacity(self.limits.max_sequences, budget, budget)
+        return self._all_taken(idle, idle, reserved)
+
+    def _all_taken(
+        self, live: StartCapacity, every: StartCapacity, reserved: Sequence[int]
+    ) -> bool:
+        """Counts `reserved` on copies of these capacities as `submit` would."""
+        live, every = dataclasses.replace(live), dataclasses.replace(every)
         copy = SHADOW_COPY.get()
         return all(_take(live, every, t, copy, self.limits.max_queue) for t in reserved)
 

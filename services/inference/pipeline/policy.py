@@ -524,10 +524,14 @@ def _apply_pii(
         return text
     budget.left()  # the detectors are linear: one text (at most 100 K chars) costs < 0.1 s
     detectors = {action: [d for d, a in policy.pii.items() if a == action] for action in ACTIONS}
+
     # Each action's detectors on their own: where spans overlap one detector names
     # them (pii.find), and a flagged detector's span that outranked a blocked or
     # redacted one's let that text through.
-    found = {action: pii.find(text, detectors[action]) for action in (BLOCK, REDACT, FLAG)}
+    def find_each(text: str) -> dict[str, list[pii.Span]]:
+        return {action: pii.find(text, detectors[action]) for action in (BLOCK, REDACT, FLAG)}
+
+    found = find_each(text)
     blocked = found[BLOCK]
     seen = readable(text)
     if seen != text:
@@ -535,7 +539,7 @@ def _apply_pii(
         # detectors, not from the model: read without invisible characters (NFKC),
         # and sent so, redacted, where that shows more (else the text is sent as it
         # came: a ZWJ joins emoji, a ZWNJ spells Persian).
-        unhidden = {action: pii.find(seen, detectors[action]) for action in (BLOCK, REDACT, FLAG)}
+        unhidden = find_each(seen)
         blocked = blocked or unhidden[BLOCK]  # either reading's block stands
         if _covered(unhidden) > _covered(found):
             text, found = seen, unhidden
