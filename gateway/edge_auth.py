@@ -89,6 +89,7 @@ RPC_SCOPES: Mapping[str, str] = {
     "/tokenmesh.router.v1.RouterService/PinModelVersion": "admin",
     "/tokenmesh.router.v1.RouterService/DeprecateModelVersion": "admin",
     "/tokenmesh.router.v1.RouterService/SetFallbackModel": "admin",
+    "/tokenmesh.router.v1.RouterService/SetModelWorkerPools": "admin",
     "/tokenmesh.router.v1.RouterService/SetModelAlias": "admin",
     "/tokenmesh.router.v1.RouterService/SetModelPrice": "admin",
     "/tokenmesh.router.v1.RouterService/StartRollout": "admin",

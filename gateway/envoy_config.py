@@ -376,8 +376,11 @@ def downstream_tls(sds_dir: Path) -> dict[str, Any]:
     }
 
 
-def upstream_tls(sds_dir: Path | str, peer_identity: str) -> dict[str, Any]:
-    """Builds mTLS to an upstream: the edge's certificate, and the peer's SPIFFE id verified."""
+def upstream_tls(
+    sds_dir: Path | str, peer_identity: str, worker_pools: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """Builds mTLS to an upstream: the edge's certificate, and the peer's SPIFFE id
+    verified (see `san_matchers` for `worker_pools`)."""
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
@@ -388,12 +391,7 @@ def upstream_tls(sds_dir: Path | str, peer_identity: str) -> dict[str, Any]:
                 "tls_certificate_sds_secret_configs": [sds_secret(sds_dir, IDENTITY_SECRET)],
                 "combined_validation_context": {
                     "default_validation_context": {
-                        "match_typed_subject_alt_names": [
-                            {
-                                "san_type": "URI",
-                                "matcher": {"exact": pki.spiffe_id(peer_identity)},
-                            }
-                        ]
+                        "match_typed_subject_alt_names": san_matchers(peer_identity, worker_pools)
                     },
                     "validation_context_sds_secret_config": sds_secret(sds_dir, CA_SECRET),
                 },
@@ -402,12 +400,41 @@ def upstream_tls(sds_dir: Path | str, peer_identity: str) -> dict[str, Any]:
     }
 
 
+def san_matchers(
+    peer_identity: str, worker_pools: frozenset[str] = frozenset()
+) -> list[dict[str, Any]]:
+    """Returns the URI SAN matchers an upstream's certificate must meet (any one).
+
+    A worker upstream is any worker identity (the shared `worker` one, or any
+    pool's `worker-<pool>`) unless `worker_pools` names the pools of a placed
+    model: then only those pools' identities.
+    """
+    if peer_identity != contract.WORKER:
+        return [_uri_san({"exact": pki.spiffe_id(peer_identity)})]
+    if worker_pools:
+        return [
+            _uri_san({"exact": pki.spiffe_id(contract.worker_identity(pool))})
+            for pool in sorted(worker_pools)
+        ]
+    return [
+        _uri_san({"exact": pki.spiffe_id(contract.WORKER)}),
+        _uri_san({"prefix": pki.spiffe_id(contract.WORKER_POOL_PREFIX)}),
+    ]
+
+
+def _uri_san(matcher: dict[str, str]) -> dict[str, Any]:
+    return {"san_type": "URI", "matcher": matcher}
+
+
 def with_upstream_tls(
-    cluster: dict[str, Any], sds_dir: Path | str | None, peer_identity: str
+    cluster: dict[str, Any],
+    sds_dir: Path | str | None,
+    peer_identity: str,
+    worker_pools: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Adds mTLS to `peer_identity` to a cluster when `sds_dir` is set; returns the cluster."""
     if sds_dir is not None:
-        cluster["transport_socket"] = upstream_tls(sds_dir, peer_identity)
+        cluster["transport_socket"] = upstream_tls(sds_dir, peer_identity, worker_pools)
     return cluster
 
 

@@ -14,17 +14,21 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from services.core import identity, pki
+from services.core import contract, identity, pki
 
 #: Metadata the edge sends for a caller whose verified scopes hold admin.
 EDGE_FOR_ADMIN = (("x-tokenmesh-scopes", "admin"),)
+#: Worker pools with a leaf of their own (`worker-<pool>`), besides the shared `worker`.
+WORKER_POOLS = ("gpu", "cpu")
 
 
 @functools.cache
 def pki_dir() -> Path:
-    """Returns a directory holding a fresh CA and a leaf for every identity."""
+    """Returns a directory holding a fresh CA and a leaf for every identity (and for
+    each of WORKER_POOLS)."""
     directory = Path(tempfile.mkdtemp(prefix="tokenmesh-test-pki-")) / "pki"
-    pki.ensure_local_pki(directory)
+    pools = tuple(contract.worker_identity(pool) for pool in WORKER_POOLS)
+    pki.ensure_local_pki(directory, (*pki.IDENTITIES, *pools))
     return directory
 
 

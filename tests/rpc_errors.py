@@ -41,6 +41,18 @@ async def failed_call_fields(call: Any) -> tuple[grpc.StatusCode, list[str]]:
     return info.value.code(), bad_request_fields(status)
 
 
+async def failed_call_reason(call: Any) -> tuple[grpc.StatusCode, str]:
+    """Awaits a call that must fail; returns its code and its ErrorInfo's reason ("": none)."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    status = await rpc_status.aio.from_call(call)
+    for detail in status.details if status is not None else ():
+        error_info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(error_info):
+            return info.value.code(), error_info.reason
+    return info.value.code(), ""
+
+
 async def openai_refusal(call: Any) -> tuple[grpc.StatusCode, dict[str, Any]]:
     """Awaits an OpenAI-surface call that must fail before any message; returns its code
     and the OpenAI error JSON its trailers carry (as the edge reads it)."""

@@ -16,6 +16,8 @@ TOKENMESH_API_KEY).
     tokenmesh models pin MODEL [VERSION]          (no VERSION unpins)
     tokenmesh models deprecate MODEL VERSION --sunset YYYY-MM-DD
     tokenmesh models fallback MODEL FALLBACK_MODEL  ("" clears it)
+    tokenmesh models pools MODEL [POOL ...]       (only workers of these pools serve it;
+        no POOL: any worker)
     tokenmesh models alias MODEL ALIAS [VERSION]
     tokenmesh models register MODEL VERSION
     tokenmesh models price MODEL VERSION --prompt X --completion Y [--cached Z]  (USD per
@@ -255,6 +257,7 @@ def _model_line(model: router_pb2.CatalogModel) -> str:
     )
     extras = [f"pinned={model.pinned_version}"] if model.pinned_version else []
     extras += [f"fallback={model.fallback_model}"] if model.fallback_model else []
+    extras += [f"pools={','.join(model.worker_pools)}"] if model.worker_pools else []
     extras += [f"{alias}->{version}" for alias, version in sorted(model.aliases.items())]
     if model.HasField("shadow"):
         extras.append(f"shadow={model.shadow.version}@{model.shadow.percent}%")
@@ -333,6 +336,11 @@ def models_fallback(
 ) -> None:
     request = router_pb.SetFallbackModelRequest(model=args.model, fallback_model=args.fallback)
     _change(stub, args, metadata, "SetFallbackModel", request)
+
+
+def models_pools(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
+    request = router_pb.SetModelWorkerPoolsRequest(model=args.model, worker_pools=args.pools)
+    _change(stub, args, metadata, "SetModelWorkerPools", request)
 
 
 def models_alias(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[str, str]]) -> None:
@@ -448,7 +456,8 @@ def _worker_line(worker: router_pb2.Worker) -> str:
     return (
         f"{worker.id:<20} {worker.address:<22} {state:<9} {_load_text(worker):<42} "
         f"{worker.weight:>6}  {models}\n{'':<20} weight: {worker.weight_reason}; "
-        f"lease token: {'held' if worker.lease_token_held else 'none (host check only)'}"
+        f"lease token: {'held' if worker.lease_token_held else 'none (host check only)'}; "
+        f"pool: {worker.pool or '(shared worker identity)'}"
     )
 
 
@@ -608,6 +617,12 @@ def _models_parsers(groups: Any) -> list[argparse.ArgumentParser]:
     fallback.add_argument("model")
     fallback.add_argument("fallback", help='fallback model ("" clears it)')
     fallback.set_defaults(run=models_fallback)
+    pools = actions.add_parser(
+        "pools", help="serve a model only by workers of these pools (worker-<pool> certificates)"
+    )
+    pools.add_argument("model")
+    pools.add_argument("pools", nargs="*", help="worker pools (none: any worker serves it)")
+    pools.set_defaults(run=models_pools)
     alias = actions.add_parser("alias", help="point an alias (stable, canary) at a version")
     alias.add_argument("model")
     alias.add_argument("alias")
@@ -631,7 +646,19 @@ def _models_parsers(groups: Any) -> list[argparse.ArgumentParser]:
     price.set_defaults(run=models_price)
     rollout = rollouts.add_parser(actions)
     shadows = shadow_cli.add_parsers(actions)
-    return [listing, split, pin, deprecate, fallback, alias, register, price, rollout, *shadows]
+    return [
+        listing,
+        split,
+        pin,
+        deprecate,
+        fallback,
+        pools,
+        alias,
+        register,
+        price,
+        rollout,
+        *shadows,
+    ]
 
 
 def _prompts_parsers(groups: Any) -> list[argparse.ArgumentParser]:

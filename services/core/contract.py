@@ -233,6 +233,15 @@ USAGE = "usage"
 JOBS = "jobs"
 OPERATOR = "operator"
 IDENTITIES = (EDGE, AUTH, ROUTER, USAGE, WORKER, JOBS, OPERATOR)
+#: A worker pool's identity is `worker-<pool>`: a certificate per pool (GPU
+#: type, team, tenant) instead of the one every worker shares, so a model
+#: placed on pools (`tokenmesh models pools`) is registered, routed and
+#: connected to only by workers holding one of those pools' certificates.
+WORKER_POOL_PREFIX = WORKER + "-"
+WORKER_POOL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+WORKER_POOL_RULE = "1-32 characters of [a-z0-9-], starting and ending with a letter or digit"
+#: MAX_WORKER_POOLS: the pools one model may be placed on.
+MAX_WORKER_POOLS = 16
 #: The identity each service's server presents (and the Envoy cluster verifies).
 SERVICE_IDENTITY = {
     "inference": WORKER,
@@ -241,6 +250,33 @@ SERVICE_IDENTITY = {
     "usage": USAGE,
     "jobs": JOBS,
 }
+
+
+def worker_pool_of(identity: str | None) -> str | None:
+    """Returns the worker pool an identity names ("" for the shared `worker`
+    identity), or None when it is no worker's."""
+    if identity == WORKER:
+        return ""
+    if identity is None or not identity.startswith(WORKER_POOL_PREFIX):
+        return None
+    pool = identity[len(WORKER_POOL_PREFIX) :]
+    return pool if WORKER_POOL.fullmatch(pool) else None
+
+
+def worker_identity(pool: str) -> str:
+    """Returns the identity of a worker pool ("": the shared `worker` identity)."""
+    return f"{WORKER_POOL_PREFIX}{pool}" if pool else WORKER
+
+
+def role_of(identity: str | None) -> str | None:
+    """Returns the component an identity acts as: `worker` for every worker pool's,
+    the identity itself otherwise."""
+    return WORKER if worker_pool_of(identity) is not None else identity
+
+
+def is_identity(name: str) -> bool:
+    """Tells whether `name` is a component identity (a worker pool's included)."""
+    return name in IDENTITIES or worker_pool_of(name) is not None
 
 
 @dataclass(frozen=True)
@@ -336,6 +372,7 @@ CALLER_RULES: dict[str, CallerRule] = {
     "/tokenmesh.router.v1.RouterService/PinModelVersion": _ADMIN,
     "/tokenmesh.router.v1.RouterService/DeprecateModelVersion": _ADMIN,
     "/tokenmesh.router.v1.RouterService/SetFallbackModel": _ADMIN,
+    "/tokenmesh.router.v1.RouterService/SetModelWorkerPools": _ADMIN,
     "/tokenmesh.router.v1.RouterService/SetModelAlias": _ADMIN,
     "/tokenmesh.router.v1.RouterService/SetModelPrice": _ADMIN,
     "/tokenmesh.router.v1.RouterService/StartRollout": _ADMIN,

@@ -185,7 +185,8 @@ class Authorizer:
 
     @staticmethod
     def _allowed(rule: contract.CallerRule, identity: str | None, context: Context) -> bool:
-        if rule.anyone or identity in rule.identities:
+        # A worker pool's identity (worker-<pool>) acts as a worker.
+        if rule.anyone or contract.role_of(identity) in rule.identities:
             return True
         if identity == contract.EDGE and rule.edge_for_admin:
             return contract.ADMIN_SCOPE in _header(context, contract.SCOPES_HEADER).split()

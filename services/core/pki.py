@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from services.core import contract
 from services.core.secret_files import replace_secret
 
 TRUST_DOMAIN = "tokenmesh.local"
@@ -214,6 +215,11 @@ def _san(identity: str, dns_names: Sequence[str]) -> list[x509.GeneralName]:
         # Python clients verify a server's identity through this name.
         x509.DNSName(f"{identity}.{TRUST_DOMAIN}"),
     ]
+    if contract.worker_pool_of(identity):
+        # A pool's worker is a worker to Python clients (the jobs service, which
+        # picks it from the registry where placement is checked); the edge
+        # verifies its pool's SPIFFE id (services.router.snapshot).
+        names.append(x509.DNSName(f"{contract.WORKER}.{TRUST_DOMAIN}"))
     for name in (*LOCAL_NAMES, *dns_names):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(name)))
@@ -282,24 +288,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("dir", type=Path, help="the PKI directory (ca.pem, <identity>.pem, ...)")
     parser.add_argument("--dns", action="append", default=[], metavar="IDENTITY=NAME")
     parser.add_argument(
+        "--worker-pool",
+        action="append",
+        default=[],
+        metavar="POOL",
+        help="also issue the identity worker-POOL (a worker pool's certificate)",
+    )
+    parser.add_argument(
         "--export", type=Path, metavar="ROOT", help="copy each identity's files to ROOT/<identity>"
     )
     args = parser.parse_args(argv)
+    pools = [contract.worker_identity(pool) for pool in args.worker_pool]
+    for pool, identity in zip(args.worker_pool, pools, strict=True):
+        if not pool or contract.worker_pool_of(identity) != pool:
+            parser.error(f"--worker-pool {pool!r}: must be {contract.WORKER_POOL_RULE}")
+    # Pools first, operator last: its exported leaf means all are there.
+    identities = [*pools, *IDENTITIES]
     extra: dict[str, list[str]] = {}
     for item in args.dns:
         identity, _, name = item.partition("=")
-        if identity not in IDENTITIES or not name:
-            parser.error(f"--dns {item!r}: expected IDENTITY=NAME, IDENTITY one of {IDENTITIES}")
+        if identity not in identities or not name:
+            parser.error(f"--dns {item!r}: expected IDENTITY=NAME, IDENTITY one of {identities}")
         extra.setdefault(identity, []).append(name)
     ca = LocalCA(args.dir)
     ca.ensure()
-    for identity in IDENTITIES:
+    for identity in identities:
         if needs_renewal(args.dir / f"{identity}.pem"):
             ca.issue(identity, dns_names=extra.get(identity, ()))
             print(f"issued {args.dir / identity}.pem", flush=True)
     if args.export is not None:
-        # In IDENTITIES order, operator last: its exported leaf means all are there.
-        for identity in IDENTITIES:
+        for identity in identities:
             if export_identity(args.dir, identity, args.export / identity):
                 print(f"exported {args.export / identity}", flush=True)
 

@@ -133,7 +133,7 @@ class ServerSettings:
         "TOKENMESH_IDENTITY",
         "",
         "This component's identity (its certificate's name); default: worker for "
-        "inference, else the service's name.",
+        "inference, else the service's name. A worker of a pool: worker-<pool>.",
     )
     insecure_peer_identity: str | None = env(
         "TOKENMESH_INSECURE_PEER_IDENTITY",
@@ -166,9 +166,10 @@ class ServerSettings:
         )
         require(self.log_format in {"text", "json"}, "TOKENMESH_LOG_FORMAT", "must be text or json")
         require(
-            self.identity in ("", *contract.IDENTITIES),
+            self.identity == "" or contract.is_identity(self.identity),
             "TOKENMESH_IDENTITY",
-            f"must be one of {', '.join(contract.IDENTITIES)}",
+            f"must be one of {', '.join(contract.IDENTITIES)}, or worker-<pool> (pool: "
+            f"{contract.WORKER_POOL_RULE})",
         )
         require(
             self.insecure_peer_identity in (None, *contract.IDENTITIES),

@@ -219,7 +219,7 @@ class ItemExecutor:
         self.backoff = backoff
         self.call_timeout_s = call_timeout_s
         self.waiting = 0  # items backing off now (no worker, a refusal to retry later)
-        self._channels: dict[str, ClientChannel] = {}
+        self._channels: dict[tuple[str, str], ClientChannel] = {}
 
     async def close(self) -> None:
         """Closes every worker channel."""
@@ -227,11 +227,15 @@ class ItemExecutor:
         for channel in channels.values():
             await channel.close()
 
-    def _stub(self, address: str) -> inference_service_pb2_grpc.InferenceServiceAsyncStub:
-        channel = self._channels.get(address)
+    def _stub(self, placement: Placement) -> inference_service_pb2_grpc.InferenceServiceAsyncStub:
+        # The worker must hold its registration's pool's certificate (`worker-<pool>`
+        # names itself; every worker certificate names `worker`), as the edge checks.
+        key = (placement.address, placement.pool)
+        channel = self._channels.get(key)
         if channel is None:
-            channel = self._channels[address] = ClientChannel(
-                address, self.files, contract.WORKER, WORKER_CHANNEL_OPTIONS
+            peer = contract.worker_identity(placement.pool)
+            channel = self._channels[key] = ClientChannel(
+                placement.address, self.files, peer, WORKER_CHANNEL_OPTIONS
             )
         return inference_service_pb2_grpc.InferenceServiceStub(channel.get())
 
@@ -310,7 +314,7 @@ class ItemExecutor:
         metadata: Sequence[tuple[str, str]],
         timeout: float,
     ) -> Outcome:
-        stub = self._stub(placement.address)
+        stub = self._stub(placement)
         kind = item.WhichOneof("request")
         if kind == "embed":
             embed = v2.EmbedRequest()

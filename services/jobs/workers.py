@@ -52,11 +52,18 @@ class Sunset(Exception):
 
 @dataclass(frozen=True)
 class Placement:
-    """Placement is where an item runs: a worker, and the version it must ask for
-    ("" lets the worker choose: a model the catalogue does not know)."""
+    """Placement is where an item runs: a worker, the version it must ask for ("" lets
+    the worker choose: a model the catalogue does not know), and the worker pool its
+    registration named (its certificate must say so: `ItemExecutor`)."""
 
     address: str
     version: str
+    pool: str = ""
+
+    @classmethod
+    def on(cls, worker: WorkerEntry, version: str) -> Placement:
+        """Returns the placement of an item on `worker`."""
+        return cls(worker.address, version, worker.pool)
 
 
 class WorkerDirectory:
@@ -109,18 +116,22 @@ class WorkerDirectory:
         if not label and entry is not None:
             return self._by_split(name, entry, workers, draw_key, now)
         version = resolve(entry, label, now) if entry is not None else label
-        serving = [w for w in workers if (name, version) in w.models]
+        serving = [w for w in workers if w.serves(name, version, entry)]
         known = entry is not None and entry.version(version) is not None
         if not serving and not known:
             # A version (or model) the catalogue does not know: any worker of the model
             # answers for it. A known one whose workers are away waits for them, as the
             # edge's route to its cluster does: sent to another version's worker, the
             # item failed NOT_FOUND for good.
-            serving = [w for w in workers if any(m == name for m, _ in w.models)]
+            serving = [
+                w
+                for w in workers
+                if any(m == name for m, _ in w.models) and (entry is None or entry.admits(w.pool))
+            ]
             version = label
         if not serving:
             return None
-        return Placement(serving[next(self._turn) % len(serving)].address, version)
+        return Placement.on(serving[next(self._turn) % len(serving)], version)
 
     def _by_split(
         self,
@@ -132,14 +143,14 @@ class WorkerDirectory:
     ) -> Placement | None:
         weights = entry.effective_weights(now)
         serving = {
-            version: [w for w in workers if (name, version) in w.models] for version in weights
+            version: [w for w in workers if w.serves(name, version, entry)] for version in weights
         }
         available = {version: weights[version] for version, found in serving.items() if found}
         if not available:
             return None
         version = weighted_draw(available, draw_key)
         chosen = serving[version]
-        return Placement(chosen[next(self._turn) % len(chosen)].address, version)
+        return Placement.on(chosen[next(self._turn) % len(chosen)], version)
 
 
 def resolve(entry: ModelEntry, label: str, now: float) -> str:

@@ -92,6 +92,14 @@ class ModelEntry:
     # model's live requests is mirrored to `shadow_version`; "" / 0 = none.
     shadow_version: str = ""
     shadow_percent: int = 0
+    # The worker pools that serve the model (`tokenmesh models pools`); empty:
+    # any worker identity, the shared `worker` one included.
+    worker_pools: frozenset[str] = frozenset()
+
+    def admits(self, pool: str) -> bool:
+        """Tells whether a worker of `pool` ("": the shared `worker` identity) may
+        serve this model."""
+        return not self.worker_pools or pool in self.worker_pools
 
     def latest_version(self, now: float) -> str | None:
         """Returns what "latest" names unless it is set explicitly: the newest version
@@ -139,6 +147,8 @@ class ModelEntry:
         }
         if self.shadow_version:  # absent keys: documents written before shadows read the same
             data["shadow"] = {"version": self.shadow_version, "percent": self.shadow_percent}
+        if self.worker_pools:
+            data["worker_pools"] = sorted(self.worker_pools)
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -154,6 +164,7 @@ class ModelEntry:
             pinned=str(data.get("pinned", "")),
             shadow_version=str(shadow.get("version", "")),
             shadow_percent=int(shadow.get("percent", 0)),
+            worker_pools=frozenset(str(p) for p in data.get("worker_pools", ())),
         )
 
 
@@ -337,6 +348,16 @@ def set_fallback(model: ModelEntry, fallback: str, catalog: Mapping[str, ModelEn
                 " chains are not allowed",
             )
     return replace(model, fallback=fallback)
+
+
+def set_worker_pools(model: ModelEntry, pools: Sequence[str]) -> ModelEntry:
+    """Returns `model` placed on `pools` (empty: any worker identity serves it)."""
+    if len(set(pools)) > contract.MAX_WORKER_POOLS:
+        raise _violation("worker_pools", f"at most {contract.MAX_WORKER_POOLS} pools")
+    for pool in pools:
+        if not contract.WORKER_POOL.fullmatch(pool):
+            raise _violation("worker_pools", f"{pool[:40]!r} must be {contract.WORKER_POOL_RULE}")
+    return replace(model, worker_pools=frozenset(pools))
 
 
 def set_shadow(model: ModelEntry, version: str, percent: int, now: float) -> ModelEntry:

@@ -38,7 +38,7 @@ from services.core.errors import (
 )
 from services.core.redis_service import known_fields, text
 from services.router import load_weights
-from services.router.catalog import check_name, check_version
+from services.router.catalog import ModelEntry, check_name, check_version
 from services.router.load_weights import ClusterWeight, LoadReport, WeightState
 
 WORKERS_KEY = "tokenmesh:router:workers"
@@ -122,6 +122,10 @@ class WorkerEntry:
     # Drained by the worker itself (with its lease token), not by an operator: it
     # left the endpoints and stops on its own signal, so heartbeats do not ask it to.
     self_drained: bool = False
+    # The worker pool its certificate named when it registered (`worker-<pool>`);
+    # "" for the shared `worker` identity. A model placed on pools is routed only
+    # to workers of those pools (`serves`).
+    pool: str = ""
 
     @property
     def address(self) -> str:
@@ -163,6 +167,7 @@ class WorkerEntry:
                 "served": list(self.served),
                 "self_drained": self.self_drained,
                 "describes_models": self.describes_models,
+                "pool": self.pool,
             },
             sort_keys=True,
         )
@@ -194,6 +199,17 @@ class WorkerEntry:
             # Entries drained before this field: asked to stop, as they were then.
             self_drained=bool(data.get("self_drained", False)),
             describes_models=bool(data.get("describes_models", False)),
+            # Entries written before worker pools: the shared `worker` identity's.
+            pool=str(data.get("pool", "")),
+        )
+
+    def serves(self, model: str, version: str, placement: ModelEntry | None) -> bool:
+        """Tells whether requests for (model, version) may go to this worker: it lists
+        the version, and the model's catalogue entry (None: a model the catalogue does
+        not know) admits its pool. Every reader that places traffic asks this, so a
+        model placed on pools, or placed anew, is served by those pools only."""
+        return (model, version) in self.models and (
+            placement is None or placement.admits(self.pool)
         )
 
     def weight_in(self, model: str, version: str) -> WeightState:
@@ -311,10 +327,17 @@ class WorkerCaller:
 
     lease_token: str
     hosts: frozenset[str]
+    pool: str = ""  # the worker pool its certificate names ("": the shared identity)
 
     def require_owner(self, rpc: str, entry: WorkerEntry) -> None:
         """Raises PermissionDenied unless `entry` is this caller's registration."""
         identity.require_host_among(rpc, entry.address, self.hosts)
+        if entry.pool != self.pool:
+            raise PermissionDenied(
+                f"{rpc}: a worker may act only for its own registration "
+                "(registered with another worker pool's certificate)",
+                reason="NOT_LEASE_HOLDER",
+            )
         if not entry.holds(self.lease_token):
             raise PermissionDenied(
                 f"{rpc}: a worker may act only for its own registration "
@@ -398,12 +421,14 @@ class WorkerRegistry:
         models: Sequence[tuple[str, str]],
         now: float,
         lease_token: str = "",
+        pool: str = "",
     ) -> WorkerEntry:
         """Registers (or re-registers) a serving worker with a fresh lease.
 
         While a registration's lease lasts, only the worker holding its lease
         token (if it has one) may register its id again, and while it is
-        routable, only at the same address.
+        routable, only at the same address. `pool`: the worker pool its
+        certificate names (see `WorkerEntry.pool`).
         """
         check_worker_id(worker_id)
         host, port = parse_address(address)
@@ -417,6 +442,7 @@ class WorkerRegistry:
             SERVING,
             now + self.lease_s,
             token_sha256=token_sha256(lease_token),
+            pool=pool,
         )
         while True:
             raw = await self.redis.hget(WORKERS_KEY, worker_id)

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from services.core import contract, identity
-from services.core.errors import FieldViolation, InvalidArgument
+from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied
 from services.core.interceptors import Context, request_headers
 from services.core.model_access import allowed_models, check_model_allowed
 from services.core.pricing import Price
@@ -66,7 +66,7 @@ def model_to_pb(
             version=entry.version,
             weight=weights.get(entry.version, 0),
             state=state,
-            healthy_workers=sum((model.name, entry.version) in w.models for w in routable),
+            healthy_workers=sum(w.serves(model.name, entry.version, model) for w in routable),
         )
         if entry.sunset_at is not None:
             version.sunset_time.CopyFrom(_timestamp(entry.sunset_at))
@@ -79,17 +79,29 @@ def model_to_pb(
         fallback_model=model.fallback,
         pinned_version=model.pinned,
         shadow=_shadow_pb(model, at),
+        worker_pools=sorted(model.worker_pools),
     )
 
 
 def _as_seen_by(
-    model: router_pb2.CatalogModel, allowed: frozenset[str] | None
+    model: router_pb2.CatalogModel, allowed: frozenset[str] | None, context: Context
 ) -> router_pb2.CatalogModel:
     """Returns `model` as a key restricted to `allowed` models (None: any) may see it: a
-    fallback outside them is left out (a restricted key learns no other model's name)."""
+    fallback outside them is left out (a restricted key learns no other model's name),
+    and worker pools (the deployment's layout) are shown to admins only."""
     if allowed is not None and model.fallback_model not in allowed:
         model.fallback_model = ""
+    if not _is_admin(context):
+        del model.worker_pools[:]
     return model
+
+
+def _is_admin(context: Context) -> bool:
+    """Tells whether the caller is the operator, or an admin key through the edge."""
+    if identity.peer_identity(context) == contract.OPERATOR:
+        return True
+    scopes = request_headers(context).get(contract.SCOPES_HEADER, "")
+    return contract.ADMIN_SCOPE in scopes.split()
 
 
 def _shadow_pb(model: ModelEntry, at: float) -> router_pb2.ShadowTraffic | None:
@@ -120,6 +132,7 @@ def worker_to_pb(worker: WorkerEntry) -> router_pb2.Worker:
         weight=worker.weight.weight,
         weight_reason=worker.weight.reason,
         lease_token_held=bool(worker.token_sha256),
+        pool=worker.pool,
     )
 
 
@@ -274,9 +287,32 @@ def variables_from_pb(variables: Sequence[router_pb2.PromptVariable]) -> list[Va
 def _worker_caller(lease_token: str, context: Context) -> WorkerCaller | None:
     """Returns who a worker caller is, for the registry to check against the entry it
     changes (None: an operator or admin, who may act for any worker)."""
-    if identity.peer_identity(context) != contract.WORKER:
+    pool = contract.worker_pool_of(identity.peer_identity(context))
+    if pool is None:
         return None
-    return WorkerCaller(lease_token, identity.peer_hosts(context))
+    return WorkerCaller(lease_token, identity.peer_hosts(context), pool)
+
+
+def _caller_pool(context: Context) -> str:
+    """Returns the worker pool a registering worker's certificate names ("": the shared
+    `worker` identity, or a plaintext caller the server takes for a worker)."""
+    return contract.worker_pool_of(identity.peer_identity(context)) or ""
+
+
+def _require_placed(
+    models: Sequence[tuple[str, str]], pool: str, catalog: Mapping[str, ModelEntry]
+) -> None:
+    """Raises PermissionDenied when a model of `models` is placed on worker pools
+    that do not include `pool`."""
+    for name in sorted({name for name, _ in models}):
+        entry = catalog.get(name)
+        if entry is not None and not entry.admits(pool):
+            pools = ", ".join(sorted(entry.worker_pools))
+            raise PermissionDenied(
+                f"model {name!r} is served only by the worker pools {pools}; this worker's "
+                f"certificate is {contract.worker_identity(pool)!r}",
+                reason="MODEL_NOT_ON_WORKER_POOL",
+            )
 
 
 def _refs(models: Sequence[types_pb2.ModelRef]) -> list[tuple[str, str]]:
@@ -429,7 +465,9 @@ class RouterServicer(PolicyRpcs, ShadowRpcs, pb_grpc.RouterServiceServicer):
         allowed = allowed_models(request_headers(context))
         names = sorted(n for n in models if allowed is None or n in allowed)
         return pb.ListCatalogModelsResponse(
-            models=[_as_seen_by(model_to_pb(models[n], workers, at), allowed) for n in names]
+            models=[
+                _as_seen_by(model_to_pb(models[n], workers, at), allowed, context) for n in names
+            ]
         )
 
     async def GetCatalogModel(
@@ -439,7 +477,9 @@ class RouterServicer(PolicyRpcs, ShadowRpcs, pb_grpc.RouterServiceServicer):
         headers = request_headers(context)
         check_model_allowed(headers, request.model)
         answer = await self._answer(await self.catalog.get(request.model))
-        return pb.GetCatalogModelResponse(model=_as_seen_by(answer, allowed_models(headers)))
+        return pb.GetCatalogModelResponse(
+            model=_as_seen_by(answer, allowed_models(headers), context)
+        )
 
     async def RegisterModelVersion(
         self, request: pb.RegisterModelVersionRequest, context: Context
@@ -506,6 +546,14 @@ class RouterServicer(PolicyRpcs, ShadowRpcs, pb_grpc.RouterServiceServicer):
             request.model, lambda m, models: cat.set_fallback(m, request.fallback_model, models)
         )
         return pb.SetFallbackModelResponse(model=await self._changed(model))
+
+    async def SetModelWorkerPools(
+        self, request: pb.SetModelWorkerPoolsRequest, context: Context
+    ) -> pb.SetModelWorkerPoolsResponse:
+        model = await self.catalog.update(
+            request.model, lambda m, _: cat.set_worker_pools(m, request.worker_pools)
+        )
+        return pb.SetModelWorkerPoolsResponse(model=await self._changed(model))
 
     async def SetModelAlias(
         self, request: pb.SetModelAliasRequest, context: Context
@@ -591,8 +639,13 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         self, request: pb.RegisterWorkerRequest, context: Context
     ) -> pb.RegisterWorkerResponse:
         models = _refs(request.models)
+        pool = _caller_pool(context)
+        if models:
+            # Refused here with a clear reason; a placement made later is kept by the
+            # readers that route (WorkerEntry.serves) and by the edge's certificate check.
+            _require_placed(models, pool, await self.catalog.all())
         await self.registry.register(
-            request.worker_id, request.address, models, now(), request.lease_token
+            request.worker_id, request.address, models, now(), request.lease_token, pool
         )
         await self._register(models)
         await self.refresh()

@@ -173,10 +173,12 @@ def build(
     spread: dict[tuple[str, str], list[str]] = {}
     for model, version in served:
         name = model_cluster(model, version)
+        placement = catalog.get(model)
+        pools = placement.worker_pools if placement is not None else frozenset()
         clusters[name] = eds_cluster(
-            name, model_health_name(model, version), options, flags, affinity
+            name, model_health_name(model, version), options, flags, affinity, pools
         )
-        hosts = [w for w in routable if (model, version) in w.models]
+        hosts = [w for w in routable if w.serves(model, version, placement)]
         # Each worker weighs what it earned in this cluster, next to this cluster's
         # workers only (WorkerEntry.weight_in), in its endpoints, pins and turns alike.
         endpoints[name] = load_assignment(name, hosts, weighted, (model, version))
@@ -255,10 +257,12 @@ def eds_cluster(
     options: ClusterOptions,
     flags: EdgeFlags,
     hashed: bool = False,
+    worker_pools: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Builds an HTTP/2 EDS cluster of workers, with health checks and resilience settings.
 
-    Over mTLS (when the edge named its SDS directory), verifying each worker's identity.
+    Over mTLS (when the edge named its SDS directory), verifying each worker's identity:
+    one of `worker_pools`' for a model placed on pools, else any worker's.
     hashed: pick the worker by the route's hash policy (Maglev, bounded load).
     """
     lb_config: dict[str, Any] = {
@@ -305,7 +309,9 @@ def eds_cluster(
         },
         "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 30}},
     }
-    return envoy_config.with_upstream_tls(cluster, flags.sds_dir or None, contract.WORKER)
+    return envoy_config.with_upstream_tls(
+        cluster, flags.sds_dir or None, contract.WORKER, worker_pools
+    )
 
 
 def aggregate_cluster(name: str, clusters: Sequence[str]) -> dict[str, Any]:
@@ -571,7 +577,13 @@ def model_routes(
     # version if a worker loaded it outside the catalogue), never another version.
     unknown_version = _match(entry.name, None)
     unknown_version["headers"].append({"name": VERSION_HEADER, "present_match": True})
-    routes.append({"match": unknown_version, "route": _streaming_action(cluster=INFERENCE_CLUSTER)})
+    if entry.worker_pools:
+        # A placed model's requests reach its pools only; `inference` holds every worker.
+        routes += _not_found_routes(unknown_version, unknown_version_text(entry.name))
+    else:
+        routes.append(
+            {"match": unknown_version, "route": _streaming_action(cluster=INFERENCE_CLUSTER)}
+        )
     weights = entry.effective_weights(now)
     if weights:
         targets = [_weighted_target(entry, v, w, fallback) for v, w in sorted(weights.items())]
@@ -631,6 +643,12 @@ def _retired_model_routes(entry: ModelEntry, now: float) -> list[dict[str, Any]]
     sunset, as it answers one naming a sunset version."""
     last = max((v.sunset_at or now for v in entry.versions), default=now)
     return _not_found_routes(_match(entry.name, None), retired_model_text(entry.name, last))
+
+
+def unknown_version_text(model: str) -> str:
+    """The NOT_FOUND text the edge answers for a version of a placed model that the
+    catalogue does not know."""
+    return f"model {model!r} has no version of that name in the catalogue"
 
 
 def _not_found_routes(match: dict[str, Any], message: str) -> list[dict[str, Any]]:

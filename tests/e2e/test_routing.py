@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.model_routing import LUA_FILTER_NAME, MODEL_HEADER, SPREAD_KEY, VERSION_HEADER
 from services.core import contract
 from services.launcher.mesh import Mesh, MeshConfig
+from services.router.registry import WORKERS_KEY, WorkerEntry
 from tests.conftest import TEST_SERVICE_ENV
 from tests.e2e.conftest import (
     authed_channel,
@@ -980,3 +981,49 @@ def test_a_stopping_router_lets_go_of_its_envoys_at_once(routed, edge):
     assert stopped_in < 3.0, stopped_in
     failures = [o.error for o in outcomes if not o.ok]
     assert not failures, failures[:5]
+
+
+def set_worker_pools(catalogue: router_rpc.RouterServiceStub, *pools: str) -> None:
+    catalogue.SetModelWorkerPools(
+        router_pb.SetModelWorkerPoolsRequest(model=MODEL, worker_pools=list(pools)), timeout=10
+    )
+
+
+def test_a_placed_model_reaches_only_its_pools_certificates(routed, edge, catalogue):
+    # This mesh's workers hold the shared `worker` certificate, not `worker-gpu`.
+    set_worker_pools(catalogue, "gpu")
+    forged = f"forged-{uuid.uuid4().hex[:8]}"
+    try:
+        wait_until(lambda: not edge_hosts(routed, CLUSTERS[0]), 10, "the workers to leave")
+        with pytest.raises(grpc.RpcError) as unrouted:
+            complete(edge, prompt="placed")
+        assert unrouted.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A registry entry that says `gpu` for a worker whose certificate does not
+        # (what a tampered registry would hold) reaches the edge's cluster, and the
+        # edge's TLS check of the pool's SPIFFE id refuses the worker.
+        with redis.Redis.from_url(routed.redis_url) as client:
+            real = WorkerEntry.from_json("inference-0", client.hget(WORKERS_KEY, "inference-0"))
+            fake = replace(real, worker_id=forged, pool="gpu", lease_expires_at=time.time() + 600)
+            client.hset(WORKERS_KEY, forged, fake.to_json())
+        wait_until(lambda: len(edge_hosts(routed, CLUSTERS[0])) == 1, 10, "the forged entry")
+        wait_until(
+            lambda: sum(map(int, san_failures(routed).values())) > 0, 10, "a refused certificate"
+        )
+        assert [h.get("health_flags") for h in edge_hosts(routed, CLUSTERS[0]).values()] != [
+            "healthy"
+        ]
+        with pytest.raises(grpc.RpcError) as refused:
+            complete(edge, prompt="placed")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        with redis.Redis.from_url(routed.redis_url) as client:
+            client.hdel(WORKERS_KEY, forged)
+        set_worker_pools(catalogue)
+    wait_for_healthy_hosts(routed, CLUSTERS, 2)
+    assert complete(edge, prompt="placed").worker in {"inference-0", "inference-1"}
+
+
+def san_failures(routed: Mesh) -> dict[str, str]:
+    """The edge's per-cluster counters of upstream certificates refused by their SAN."""
+    stats = edge_stats(routed, "cluster.")
+    return {name: value for name, value in stats.items() if name.endswith("ssl.fail_verify_san")}

@@ -27,7 +27,7 @@ from services.core.pki import IdentityFiles
 from services.core.server import serving
 from services.inference.service import InferenceService
 from services.jobs.execution import Backoff, ItemExecutor
-from services.jobs.workers import WorkerDirectory
+from services.jobs.workers import Placement, WorkerDirectory
 from services.router.catalog import CATALOG_KEY, ModelEntry, VersionEntry
 from services.router.registry import WORKERS_KEY, WorkerEntry
 from tests import mtls
@@ -52,8 +52,8 @@ class _Watched(ItemExecutor):
         self.cancel_as_answered = cancel_as_answered
         self.calls: list[Any] = []
 
-    def _stub(self, address: str) -> Any:
-        stub, watched = super()._stub(address), self
+    def _stub(self, placement: Placement) -> Any:
+        stub, watched = super()._stub(placement), self
 
         class Stub:
             def __getattr__(self, method: str) -> Any:

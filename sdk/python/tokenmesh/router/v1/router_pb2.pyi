@@ -142,6 +142,7 @@ class CatalogModel(_message.Message):
     FALLBACK_MODEL_FIELD_NUMBER: _builtins.int
     PINNED_VERSION_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
+    WORKER_POOLS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """name is the model's unique name."""
     fallback_model: _builtins.str
@@ -160,6 +161,13 @@ class CatalogModel(_message.Message):
     def shadow(self) -> Global___ShadowTraffic:
         """shadow, when set, is where copies of the model's live requests go."""
 
+    @_builtins.property
+    def worker_pools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """worker_pools, when set, are the only worker pools that serve the model:
+        workers whose certificate is `worker-<pool>` for one of them. Empty: any
+        worker identity (the shared `worker` one included) serves it.
+        """
+
     def __init__(
         self,
         *,
@@ -169,10 +177,11 @@ class CatalogModel(_message.Message):
         fallback_model: _builtins.str = ...,
         pinned_version: _builtins.str = ...,
         shadow: Global___ShadowTraffic | None = ...,
+        worker_pools: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "fallback_model", b"fallback_model", "name", b"name", "pinned_version", b"pinned_version", "shadow", b"shadow", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "fallback_model", b"fallback_model", "name", b"name", "pinned_version", b"pinned_version", "shadow", b"shadow", "versions", b"versions", "worker_pools", b"worker_pools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -273,6 +282,7 @@ class Worker(_message.Message):
     WEIGHT_FIELD_NUMBER: _builtins.int
     WEIGHT_REASON_FIELD_NUMBER: _builtins.int
     LEASE_TOKEN_HELD_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """id is the worker's unique id."""
     address: _builtins.str
@@ -292,6 +302,10 @@ class Worker(_message.Message):
     """lease_token_held tells whether the worker registered with a lease token
     (see RegisterWorkerRequest.lease_token). Without one, only the address's
     host tells this worker apart from another worker on its host.
+    """
+    pool: _builtins.str
+    """pool is the worker pool its certificate names (`worker-<pool>`); empty
+    for the shared `worker` identity.
     """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ModelRef]:
@@ -317,10 +331,11 @@ class Worker(_message.Message):
         weight: _builtins.int = ...,
         weight_reason: _builtins.str = ...,
         lease_token_held: _builtins.bool = ...,
+        pool: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time", "load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "id", b"id", "lease_expire_time", b"lease_expire_time", "lease_token_held", b"lease_token_held", "load", b"load", "models", b"models", "state", b"state", "weight", b"weight", "weight_reason", b"weight_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "id", b"id", "lease_expire_time", b"lease_expire_time", "lease_token_held", b"lease_token_held", "load", b"load", "models", b"models", "pool", b"pool", "state", b"state", "weight", b"weight", "weight_reason", b"weight_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

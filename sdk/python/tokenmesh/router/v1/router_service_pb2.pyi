@@ -373,6 +373,61 @@ class SetFallbackModelResponse(_message.Message):
 Global___SetFallbackModelResponse: _TypeAlias = SetFallbackModelResponse  # noqa: Y015
 
 @_typing.final
+class SetModelWorkerPoolsRequest(_message.Message):
+    """SetModelWorkerPoolsRequest places a model on worker pools."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    WORKER_POOLS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """model is the model name."""
+    @_builtins.property
+    def worker_pools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """worker_pools are the pools that serve it (each 1-32 characters of
+        [a-z0-9-], starting and ending with a letter or digit; at most 16);
+        empty lets any worker identity serve it.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        worker_pools: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "worker_pools", b"worker_pools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelWorkerPoolsRequest: _TypeAlias = SetModelWorkerPoolsRequest  # noqa: Y015
+
+@_typing.final
+class SetModelWorkerPoolsResponse(_message.Message):
+    """SetModelWorkerPoolsResponse returns the updated model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> _router_pb2.CatalogModel:
+        """model is the catalogue model after the change."""
+
+    def __init__(
+        self,
+        *,
+        model: _router_pb2.CatalogModel | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelWorkerPoolsResponse: _TypeAlias = SetModelWorkerPoolsResponse  # noqa: Y015
+
+@_typing.final
 class SetModelAliasRequest(_message.Message):
     """SetModelAliasRequest points an alias at a version."""
 

@@ -72,6 +72,11 @@ class RouterServiceStub:
                 request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetFallbackModelRequest.SerializeToString,
                 response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetFallbackModelResponse.FromString,
                 _registered_method=True)
+        self.SetModelWorkerPools = channel.unary_unary(
+                '/tokenmesh.router.v1.RouterService/SetModelWorkerPools',
+                request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelWorkerPoolsRequest.SerializeToString,
+                response_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelWorkerPoolsResponse.FromString,
+                _registered_method=True)
         self.SetModelAlias = channel.unary_unary(
                 '/tokenmesh.router.v1.RouterService/SetModelAlias',
                 request_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelAliasRequest.SerializeToString,
@@ -223,6 +228,16 @@ class RouterServiceServicer:
 
     def SetFallbackModel(self, request, context):
         """SetFallbackModel sets the model that serves when this one has no healthy worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetModelWorkerPools(self, request, context):
+        """SetModelWorkerPools places a model on worker pools: only workers whose
+        certificate names one of them (`worker-<pool>`) register it, and the
+        edge routes it only to them, verifying their certificates. Empty
+        `worker_pools` lets any worker identity serve it again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -418,6 +433,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.SetFallbackModel,
                     request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetFallbackModelRequest.FromString,
                     response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetFallbackModelResponse.SerializeToString,
+            ),
+            'SetModelWorkerPools': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelWorkerPools,
+                    request_deserializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelWorkerPoolsRequest.FromString,
+                    response_serializer=tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelWorkerPoolsResponse.SerializeToString,
             ),
             'SetModelAlias': grpc.unary_unary_rpc_method_handler(
                     servicer.SetModelAlias,
@@ -711,6 +731,33 @@ class RouterService:
             '/tokenmesh.router.v1.RouterService/SetFallbackModel',
             tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetFallbackModelRequest.SerializeToString,
             tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetFallbackModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelWorkerPools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.router.v1.RouterService/SetModelWorkerPools',
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelWorkerPoolsRequest.SerializeToString,
+            tokenmesh_dot_router_dot_v1_dot_router__service__pb2.SetModelWorkerPoolsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,12 @@ class RouterServiceStub:
     """DeprecateModelVersion marks a version deprecated with a sunset date."""
     SetFallbackModel: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.SetFallbackModelRequest, _router_service_pb2.SetFallbackModelResponse]
     """SetFallbackModel sets the model that serves when this one has no healthy worker."""
+    SetModelWorkerPools: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.SetModelWorkerPoolsRequest, _router_service_pb2.SetModelWorkerPoolsResponse]
+    """SetModelWorkerPools places a model on worker pools: only workers whose
+    certificate names one of them (`worker-<pool>`) register it, and the
+    edge routes it only to them, verifying their certificates. Empty
+    `worker_pools` lets any worker identity serve it again.
+    """
     SetModelAlias: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.SetModelAliasRequest, _router_service_pb2.SetModelAliasResponse]
     """SetModelAlias points an alias such as "canary" at a version."""
     SetModelPrice: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.SetModelPriceRequest, _router_service_pb2.SetModelPriceResponse]
@@ -133,6 +139,12 @@ class RouterServiceAsyncStub(RouterServiceStub):
     """DeprecateModelVersion marks a version deprecated with a sunset date."""
     SetFallbackModel: _aio.UnaryUnaryMultiCallable[_router_service_pb2.SetFallbackModelRequest, _router_service_pb2.SetFallbackModelResponse]  # type: ignore[assignment]
     """SetFallbackModel sets the model that serves when this one has no healthy worker."""
+    SetModelWorkerPools: _aio.UnaryUnaryMultiCallable[_router_service_pb2.SetModelWorkerPoolsRequest, _router_service_pb2.SetModelWorkerPoolsResponse]  # type: ignore[assignment]
+    """SetModelWorkerPools places a model on worker pools: only workers whose
+    certificate names one of them (`worker-<pool>`) register it, and the
+    edge routes it only to them, verifying their certificates. Empty
+    `worker_pools` lets any worker identity serve it again.
+    """
     SetModelAlias: _aio.UnaryUnaryMultiCallable[_router_service_pb2.SetModelAliasRequest, _router_service_pb2.SetModelAliasResponse]  # type: ignore[assignment]
     """SetModelAlias points an alias such as "canary" at a version."""
     SetModelPrice: _aio.UnaryUnaryMultiCallable[_router_service_pb2.SetModelPriceRequest, _router_service_pb2.SetModelPriceResponse]  # type: ignore[assignment]
@@ -255,6 +267,18 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.SetFallbackModelResponse, _abc.Awaitable[_router_service_pb2.SetFallbackModelResponse]]:
         """SetFallbackModel sets the model that serves when this one has no healthy worker."""
+
+    @_abc_1.abstractmethod
+    def SetModelWorkerPools(
+        self,
+        request: _router_service_pb2.SetModelWorkerPoolsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_service_pb2.SetModelWorkerPoolsResponse, _abc.Awaitable[_router_service_pb2.SetModelWorkerPoolsResponse]]:
+        """SetModelWorkerPools places a model on worker pools: only workers whose
+        certificate names one of them (`worker-<pool>`) register it, and the
+        edge routes it only to them, verifying their certificates. Empty
+        `worker_pools` lets any worker identity serve it again.
+        """
 
     @_abc_1.abstractmethod
     def SetModelAlias(

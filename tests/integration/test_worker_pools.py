@@ -1,0 +1,207 @@
+"""A model placed on worker pools is registered and routed only by those pools' workers.
+
+Every worker used to hold the one shared `worker` certificate, so any holder of it
+could register any model version and join its cluster at the edge. A pool's workers
+now hold `worker-<pool>`, and an operator places a model on pools (`tokenmesh models
+pools`). A real router over real mTLS handshakes, each call made with the
+certificate of the identity it names, and the control plane's snapshot after each
+change.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from services.core import contract, pki
+from services.core.server import serving
+from services.router.registry import WorkerRegistry
+from services.router.service import RouterService, RouterSettings
+from services.router.snapshot import EdgeFlags, model_cluster
+from tests import mtls
+from tests.rpc_errors import failed_call_reason
+from tokenmesh.router.v1 import router_service_pb2 as pb
+from tokenmesh.router.v1 import router_service_pb2_grpc as rpc
+from tokenmesh.type.v1 import types_pb2
+
+CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+TOKEN = "t" * 43
+EDGE = EdgeFlags(sds_dir="/sds")  # an edge over mTLS: its clusters verify certificates
+
+
+class Mesh:
+    """The router, and stubs that call it with one identity's certificate each."""
+
+    def __init__(self, service: RouterService, port: int) -> None:
+        self.service = service
+        self.port = port
+
+    def registry(self, caller: str) -> rpc.WorkerRegistryServiceAsyncStub:
+        return rpc.WorkerRegistryServiceStub(mtls.aio_channel(self.port, "router", caller))
+
+    def catalogue(self, caller: str = "operator") -> rpc.RouterServiceAsyncStub:
+        return rpc.RouterServiceStub(mtls.aio_channel(self.port, "router", caller))
+
+    def resources(self) -> Any:
+        return self.service.plane.resources(EDGE).source.by_type
+
+
+@pytest.fixture
+async def router(own_redis: str) -> AsyncIterator[Mesh]:
+    settings = RouterSettings(
+        pki_dir=mtls.pki_dir(), metrics_port=-1, grace_s=0.5, redis_url=own_redis
+    )
+    service = RouterService(settings)
+    async with serving(service, settings) as running:
+        await service.plane.ensure(EDGE)  # as an edge's stream does: built on each change
+        yield Mesh(service, running.port)
+
+
+def _register(model: str, address: str) -> pb.RegisterWorkerRequest:
+    return pb.RegisterWorkerRequest(
+        worker_id=f"w-{uuid.uuid4().hex[:8]}",
+        address=address,
+        models=[types_pb2.ModelRef(name=model, version="1")],
+        lease_token=TOKEN,
+    )
+
+
+async def _place(mesh: Mesh, model: str, *pools: str) -> pb.SetModelWorkerPoolsResponse:
+    catalogue = mesh.catalogue()
+    await catalogue.RegisterModelVersion(
+        pb.RegisterModelVersionRequest(model=model, version="1", weight=100)
+    )
+    return await catalogue.SetModelWorkerPools(
+        pb.SetModelWorkerPoolsRequest(model=model, worker_pools=list(pools))
+    )
+
+
+async def _healthy(mesh: Mesh, model: str) -> int:
+    reply = await mesh.catalogue().GetCatalogModel(pb.GetCatalogModelRequest(model=model))
+    return reply.model.versions[0].healthy_workers
+
+
+def _endpoint_ports(mesh: Mesh, model: str) -> list[int]:
+    groups = mesh.resources()[EDS][model_cluster(model, "1")]["endpoints"]
+    return sorted(
+        e["endpoint"]["address"]["socket_address"]["port_value"]
+        for group in groups
+        for e in group["lb_endpoints"]
+    )
+
+
+async def test_only_the_placed_pools_workers_register_a_placed_model(router):
+    placed = await _place(router, "m", "gpu")
+    assert list(placed.model.worker_pools) == ["gpu"]
+    for outsider in ("worker", "worker-cpu"):
+        call = router.registry(outsider).RegisterWorker(_register("m", "127.0.0.1:7001"))
+        refused = await failed_call_reason(call)
+        assert refused == (grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ON_WORKER_POOL")
+    await router.registry("worker-gpu").RegisterWorker(_register("m", "127.0.0.1:7002"))
+    workers = (await router.registry("operator").ListWorkers(pb.ListWorkersRequest())).workers
+    assert [(w.address, w.pool) for w in workers] == [("127.0.0.1:7002", "gpu")]
+    assert await _healthy(router, "m") == 1
+    assert _endpoint_ports(router, "m") == [7002]
+
+
+async def test_a_model_placed_later_leaves_the_other_pools_workers_unrouted(router):
+    await _place(router, "m")  # not placed: any worker identity serves it
+    await router.registry("worker").RegisterWorker(_register("m", "127.0.0.1:7001"))
+    await router.registry("worker-cpu").RegisterWorker(_register("m", "127.0.0.1:7002"))
+    await router.registry("worker-gpu").RegisterWorker(_register("m", "127.0.0.1:7003"))
+    assert await _healthy(router, "m") == 3
+    assert _endpoint_ports(router, "m") == [7001, 7002, 7003]
+    await _place(router, "m", "gpu", "cpu")
+    assert await _healthy(router, "m") == 2
+    assert _endpoint_ports(router, "m") == [7002, 7003]
+    await _place(router, "m")  # placement cleared: every worker again
+    assert _endpoint_ports(router, "m") == [7001, 7002, 7003]
+
+
+async def test_the_edge_verifies_the_placed_pools_certificates(router):
+    await _place(router, "m", "gpu", "cpu")
+    await _place(router, "free")
+    by_type = router.resources()
+
+    def accepted(model: str) -> list[dict[str, str]]:
+        tls = by_type[CDS][model_cluster(model, "1")]["transport_socket"]["typed_config"]
+        validation = tls["common_tls_context"]["combined_validation_context"]
+        return [
+            m["matcher"]
+            for m in validation["default_validation_context"]["match_typed_subject_alt_names"]
+        ]
+
+    assert accepted("m") == [
+        {"exact": pki.spiffe_id("worker-cpu")},
+        {"exact": pki.spiffe_id("worker-gpu")},
+    ]
+    assert accepted("free") == [
+        {"exact": pki.spiffe_id("worker")},
+        {"prefix": pki.spiffe_id("worker-")},
+    ]
+    # A version the catalogue does not know went to `inference`, which holds every
+    # worker: for a placed model the edge answers NOT_FOUND itself.
+    routes = by_type[RDS]["edge"]["virtual_hosts"][0]["routes"]
+    unknown = [r for r in routes if _names_unknown_version(r, "m")]
+    assert unknown and all("direct_response" in r for r in unknown)
+    assert any("route" in r for r in routes if _names_unknown_version(r, "free"))
+
+
+def _names_unknown_version(route: dict[str, Any], model: str) -> bool:
+    headers = route["match"].get("headers", [])
+    names_model = any(h.get("string_match", {}).get("exact") == model for h in headers)
+    return names_model and any(h.get("present_match") for h in headers)
+
+
+async def test_a_worker_acts_only_for_a_registration_of_its_own_pool(router, own_redis):
+    request = _register("m", "127.0.0.1:7001")
+    await router.registry("worker").RegisterWorker(request)
+    renew = pb.RenewLeaseRequest(worker_id=request.worker_id, lease_token=TOKEN)
+    call = router.registry("worker-gpu").RenewLease(renew)
+    refused = await failed_call_reason(call)
+    assert refused == (grpc.StatusCode.PERMISSION_DENIED, "NOT_LEASE_HOLDER")
+    await router.registry("worker").RenewLease(renew)  # its own certificate
+
+
+async def test_only_admins_see_a_models_pools(router):
+    await _place(router, "m", "gpu")
+    request = pb.GetCatalogModelRequest(model="m")
+    as_admin = await router.catalogue("edge").GetCatalogModel(
+        request, metadata=list(mtls.EDGE_FOR_ADMIN)
+    )
+    assert list(as_admin.model.worker_pools) == ["gpu"]
+    plain = await router.catalogue("edge").GetCatalogModel(request)
+    assert list(plain.model.worker_pools) == []
+    listed = await router.catalogue("edge").ListCatalogModels(pb.ListCatalogModelsRequest())
+    assert [list(m.worker_pools) for m in listed.models] == [[]]
+
+
+async def test_pools_are_validated(router):
+    await _place(router, "m")
+    for pools in (["GPU"], ["-gpu"], ["a" * 33], [f"p{i}" for i in range(17)]):
+        call = router.catalogue().SetModelWorkerPools(
+            pb.SetModelWorkerPoolsRequest(model="m", worker_pools=pools)
+        )
+        code, _reason = await failed_call_reason(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, pools
+    assert contract.worker_pool_of("worker-gpu") == "gpu"
+
+
+async def test_a_registry_entry_written_before_pools_is_the_shared_identitys(own_redis):
+    client = aioredis.from_url(own_redis)
+    try:
+        registry = WorkerRegistry(client, lease_s=30)
+        entry = await registry.register("w1", "127.0.0.1:7001", [("m", "1")], time.time())
+        raw = entry.to_json().replace(', "pool": ""', "")
+        assert '"pool"' not in raw
+        assert type(entry).from_json("w1", raw).pool == ""
+    finally:
+        await client.aclose()
