@@ -837,7 +837,7 @@ class RolloutStore:
                 reason="ROLLOUT_IN_PROGRESS",
             )
         _check_no_other_versions(entry, stable, version, now)
-        workers = await self.registry.all(now)
+        workers = await self._placed_workers(entry, now)
         rollout = Rollout(
             model=model,
             version=version,
@@ -900,6 +900,13 @@ class RolloutStore:
                 logger.warning("rollout %s %s: %s", model, ended.version, decision.reason)
             return updated
 
+    async def _placed_workers(self, model: ModelEntry | None, now: float) -> list[WorkerEntry]:
+        """Returns the registered workers whose pool the model's placement admits: only
+        their counters and leases judge its rollout (another pool's worker claiming
+        the version, unrouted for it, could pass or fail a canary with made-up counts)."""
+        workers = await self.registry.all(now)
+        return [w for w in workers if model is None or model.admits(w.pool)]
+
     async def operate(self, model: str, action: str, now: float) -> Rollout:
         """Applies an operator's pause, resume or abort."""
         while True:
@@ -907,7 +914,11 @@ class RolloutStore:
             if raw is None:
                 raise NotFound(f"model {model!r} has no rollout", reason="ROLLOUT_NOT_FOUND")
             rollout = Rollout.from_json(raw)
-            changed = _operated(rollout, action, now, await self.registry.all(now))
+            try:
+                entry: ModelEntry | None = await self.catalog.get(model)
+            except NotFound:  # removed from the catalogue: its rollout can still end
+                entry = None
+            changed = _operated(rollout, action, now, await self._placed_workers(entry, now))
             decision = Decision(now, action, changed.weight, f"by an operator ({action})")
             changed = changed.decided(decision)
             if await self._swap(raw, changed, lease=""):
@@ -927,7 +938,7 @@ class RolloutStore:
             if await self._swap(raw, ended.decided(decision), lease):
                 await self._apply(ended.decided(decision), decision)
             return
-        workers = await self.registry.all(now)
+        workers = await self._placed_workers(model, now)
         canary = window(rollout, workers, rollout.version)
         stable = window(rollout, workers, rollout.stable)
         action, reason = decide(

@@ -382,3 +382,36 @@ async def test_a_decision_stamped_far_ahead_does_not_erase_the_audit_log(client)
     newest = await client.zrange(key, -1, -1, withscores=True)
     assert newest[0][1] <= time.time() * 1000 + 6 * 60_000  # kept at most ~5 min ahead
     assert 0 < await client.pttl(key) <= ro.AUDIT_RETENTION_MS + 5 * 60_000
+
+
+async def test_a_placed_models_rollout_counts_only_its_pools_workers(client):
+    # A worker of another pool claims the new version (registered before the model
+    # was placed, or by a heartbeat): the edge never routes it, and its counters
+    # (500 clean requests) advanced the canary while the placed worker had none.
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    for version in ("1", "2"):
+        await Catalog(client).change(model, lambda m, _, v=version: cat.add_version(m, model, v, 0))
+    await Catalog(client).change(model, lambda m, _: cat.set_worker_pools(m, ["gpu"]))
+    registry = WorkerRegistry(client, lease_s=600)
+    clock = [time.time()]
+    workers = {"s": ("1", "gpu"), "c": ("2", "gpu"), "other": ("2", "")}
+    for name, (version, pool) in workers.items():
+        address = f"127.0.0.1:{1000 + len(name)}"
+        await registry.register(f"{name}-{model}", address, [(model, version)], clock[0], pool=pool)
+    rollouts = ro.RolloutStore(client, Catalog(client), registry, _noop)
+    await rollouts.start(
+        model, "2", ro.Policy(steps=(50, 100), step_s=60, min_requests=50), clock[0]
+    )
+    driver = ro.RolloutDriver(rollouts, lambda: clock[0])
+    try:
+        clock[0] += 61
+        served = {"s": 500, "c": 0, "other": 500}
+        for name, (version, _pool) in workers.items():
+            counts = [_counts(model, version, served[name])]
+            await registry.renew(f"{name}-{model}", [(model, version)], clock[0], outcomes=counts)
+        await driver.tick()
+        held = await rollouts.get(model)
+        assert (held.state, held.weight) == (ro.RUNNING, 50), held.reason
+        assert "waiting for traffic: 0/50" in held.reason
+    finally:
+        await client.hdel(ro.ROLLOUTS_KEY, model)
