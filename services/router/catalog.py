@@ -481,22 +481,30 @@ class Catalog:
         """`update`, only while `guard` holds (Catalog.change_if); None when it did not."""
         return await self.change_if(name, _on_existing(name, apply), guard)
 
-    async def register(self, refs: Sequence[tuple[str, str]]) -> bool:
+    async def register(self, refs: Sequence[tuple[str, str]], pool: str | None = None) -> bool:
         """Adds model versions that workers serve but the catalogue does not know yet;
-        returns whether it added any."""
+        returns whether it added any.
+
+        pool: the worker pool of the worker that serves them (None: any). A placed
+        model gains no version from another pool's worker: a version it made up
+        became what `latest` names, and the model's requests went to a cluster no
+        placed worker serves.
+        """
         added = False
         known = await self.all()
         # Oldest version first: it is the one a new model's traffic goes to.
         ordered = sorted(refs, key=lambda ref: (ref[0], _version_key(VersionEntry(ref[1]))))
         for name, version in ordered:
             model = known.get(name)
+            if model is not None and pool is not None and not model.admits(pool):
+                continue
             if model is not None and version in model.aliases:
                 # add_version refuses it; a worker's registration must not fail for it
                 # (its other versions would go unregistered): it serves it unrouted.
                 logger.warning("%s version %r is named like an alias: not routed", name, version)
                 continue
             if model is None or model.version(version) is None:
-                known[name] = await self.change(name, _adder(name, version))
+                known[name] = await self.change(name, _adder(name, version, pool))
                 added = True
         return added
 
@@ -534,9 +542,14 @@ def _on_existing(
 
 
 def _adder(
-    name: str, version: str
+    name: str, version: str, pool: str | None
 ) -> Callable[[ModelEntry | None, dict[str, ModelEntry]], ModelEntry]:
-    return lambda current, _: add_version(current, name, version, 0)
+    def add(current: ModelEntry | None, _: dict[str, ModelEntry]) -> ModelEntry:
+        if current is not None and pool is not None and not current.admits(pool):
+            return current  # placed on other pools meanwhile (see Catalog.register)
+        return add_version(current, name, version, 0)
+
+    return add
 
 
 def _parse_catalog(raw: Mapping[bytes | str, bytes | str]) -> dict[str, ModelEntry]:

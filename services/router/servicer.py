@@ -628,10 +628,10 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         # registry no longer reports them as changed, and the version stayed unrouted.
         self._in_catalogue: set[tuple[str, str]] = set()
 
-    async def _register(self, models: Sequence[tuple[str, str]]) -> bool:
-        """Adds versions no operator registered yet to the catalogue (0% of traffic);
-        returns whether it added any."""
-        added = await self.catalog.register(models)
+    async def _register(self, models: Sequence[tuple[str, str]], pool: str | None) -> bool:
+        """Adds versions no operator registered yet to the catalogue (0% of traffic),
+        of models placed on `pool` or on none (None: any); returns whether it added any."""
+        added = await self.catalog.register(models, pool)
         self._in_catalogue.update(models)
         return added
 
@@ -647,7 +647,7 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         await self.registry.register(
             request.worker_id, request.address, models, now(), request.lease_token, pool
         )
-        await self._register(models)
+        await self._register(models, pool)
         await self.refresh()
         lease = duration_pb2.Duration()
         lease.FromNanoseconds(int(self.registry.lease_s * 1e9))
@@ -674,7 +674,7 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         if renewal.models_changed or not self._in_catalogue.issuperset(models):
             # A replica's first heartbeat from each worker only checks the catalogue:
             # the routes are built again when something changed.
-            added = await self._register(models)
+            added = await self._register(models, None if caller is None else caller.pool)
             if renewal.models_changed or added:
                 await self.refresh()
         worker = renewal.worker

@@ -205,3 +205,20 @@ async def test_a_registry_entry_written_before_pools_is_the_shared_identitys(own
         assert type(entry).from_json("w1", raw).pool == ""
     finally:
         await client.aclose()
+
+
+async def test_another_pools_heartbeat_adds_no_version_to_a_placed_model(router):
+    # A version made up by a worker of another pool became what `latest` names, and
+    # the placed model's requests went to a cluster none of its workers serves.
+    await _place(router, "m", "gpu")
+    for caller, version in (("worker", "9"), ("worker-gpu", "3")):
+        request = _register("free", f"127.0.0.1:{7000 + int(version)}")
+        await router.registry(caller).RegisterWorker(request)
+        renew = pb.RenewLeaseRequest(
+            worker_id=request.worker_id,
+            lease_token=TOKEN,
+            models=[types_pb2.ModelRef(name="m", version=version)],
+        )
+        await router.registry(caller).RenewLease(renew)
+    reply = await router.catalogue().GetCatalogModel(pb.GetCatalogModelRequest(model="m"))
+    assert [v.version for v in reply.model.versions] == ["1", "3"]
