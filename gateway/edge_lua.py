@@ -88,6 +88,7 @@ function envoy_on_response(handle)
   end
   apply_error_status(headers)
   drop_grpc_protocol_headers(headers)
+  mark_event_stream(headers)
 end
 """
 )

@@ -272,6 +272,16 @@ local function drop_grpc_protocol_headers(headers)
   end
 end
 
+-- An event stream must reach the client as it is written: no cache may keep it, and
+-- no proxy in front of the edge (nginx, an ingress) may buffer it until it ends.
+local function mark_event_stream(headers)
+  local content_type = headers:get("content-type") or ""
+  if string.find(content_type, "text/event-stream", 1, true) == 1 then
+    headers:replace("cache-control", "no-cache")
+    headers:replace("x-accel-buffering", "no")
+  end
+end
+
 -- Lifts a unary answer's headers out of its trailers, then leaves one Deprecation and
 -- one Sunset. Returns whether it waited for the body (the caller's headers are stale).
 local function lift_response_headers(handle, headers)

@@ -47,6 +47,9 @@ def test_generate_streams_sse_events_incrementally(http):
     with http.stream("POST", f"/v1/models/{MODEL}:generate", json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
+        # Nothing between the edge and the client may cache or buffer the stream.
+        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["x-accel-buffering"] == "no"
         assert response.headers["x-model-version"] == "1"
         events = _sse_events(response)
     assert len(events) >= 2
@@ -83,6 +86,7 @@ def test_complete_prints_every_field(http):
     assert body["usage"]["completion_tokens"] == 3
     assert len(body["token_ids"]) == 3
     assert reply.headers["x-request-id"] == "abc-1"
+    assert "x-accel-buffering" not in reply.headers  # an event stream's only
 
 
 @pytest.mark.parametrize(

@@ -265,6 +265,8 @@ def test_raw_stream_is_server_sent_events_that_arrive_over_time(mesh, admin_key)
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"] == "text/event-stream"
+        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["x-accel-buffering"] == "no"
         assert "x-request-id" in response.headers
         for line in response.iter_lines():
             arrivals.append((time.monotonic(), line))
