@@ -231,6 +231,14 @@ class Registration:
         self._lease_s = max(response.lease_duration.ToNanoseconds() / 1e9, 0.3)
         self.registered.set()
         logger.info("registered with the router as %s at %s", self.worker_id, self.address)
+        if response.unplaced_models:
+            # Placed on other worker pools (`tokenmesh models pools`): loaded, never routed.
+            left_out = ", ".join(f"{m.name}:{m.version}" for m in response.unplaced_models)
+            logger.warning(
+                "not registered for %s: placed on other worker pools than this "
+                "worker's certificate (TOKENMESH_IDENTITY)",
+                left_out,
+            )
 
     async def _renew(self) -> None:
         response = await self._stub().RenewLease(

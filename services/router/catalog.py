@@ -339,6 +339,7 @@ def set_fallback(model: ModelEntry, fallback: str, catalog: Mapping[str, ModelEn
             raise _violation(
                 "fallback_model", f"{fallback!r} has a fallback of its own; chains are not allowed"
             )
+        _check_fallback_placed(model, catalog[fallback], "fallback_model")
         # ... checked from the other end too: B -> C after A -> B made A -> B -> C.
         falling_back = sorted(m.name for m in catalog.values() if m.fallback == model.name)
         if falling_back:
@@ -350,14 +351,40 @@ def set_fallback(model: ModelEntry, fallback: str, catalog: Mapping[str, ModelEn
     return replace(model, fallback=fallback)
 
 
-def set_worker_pools(model: ModelEntry, pools: Sequence[str]) -> ModelEntry:
-    """Returns `model` placed on `pools` (empty: any worker identity serves it)."""
+def set_worker_pools(
+    model: ModelEntry, pools: Sequence[str], catalog: Mapping[str, ModelEntry]
+) -> ModelEntry:
+    """Returns `model` placed on `pools` (empty: any worker identity serves it).
+
+    A fallback serves a model's requests when its own workers cannot: a placed
+    model's fallback must be placed within its pools (see `_check_fallback_placed`).
+    """
     if len(set(pools)) > contract.MAX_WORKER_POOLS:
         raise _violation("worker_pools", f"at most {contract.MAX_WORKER_POOLS} pools")
     for pool in pools:
         if not contract.WORKER_POOL.fullmatch(pool):
             raise _violation("worker_pools", f"{pool[:40]!r} must be {contract.WORKER_POOL_RULE}")
-    return replace(model, worker_pools=frozenset(pools))
+    placed = replace(model, worker_pools=frozenset(pools))
+    if placed.fallback in catalog:
+        _check_fallback_placed(placed, catalog[placed.fallback], "worker_pools")
+    for other in catalog.values():
+        if other.fallback == model.name and other.name != model.name:
+            _check_fallback_placed(other, placed, "worker_pools")
+    return placed
+
+
+def _check_fallback_placed(model: ModelEntry, fallback: ModelEntry, field_name: str) -> None:
+    """Raises InvalidArgument unless `fallback` serves `model`'s requests only on pools
+    `model` is placed on (its prompts went to any worker while its pools were down)."""
+    if model.worker_pools and not (
+        fallback.worker_pools and fallback.worker_pools <= model.worker_pools
+    ):
+        raise _violation(
+            field_name,
+            f"{model.name!r} is placed on worker pools and falls back to {fallback.name!r}: "
+            f"the fallback must be placed on some of {model.name!r}'s pools "
+            f"({', '.join(sorted(model.worker_pools))}) too",
+        )
 
 
 def set_shadow(model: ModelEntry, version: str, percent: int, now: float) -> ModelEntry:

@@ -837,7 +837,7 @@ class RolloutStore:
                 reason="ROLLOUT_IN_PROGRESS",
             )
         _check_no_other_versions(entry, stable, version, now)
-        workers = await self._placed_workers(entry, now)
+        workers = placed(await self.registry.all(now), entry)
         rollout = Rollout(
             model=model,
             version=version,
@@ -900,12 +900,14 @@ class RolloutStore:
                 logger.warning("rollout %s %s: %s", model, ended.version, decision.reason)
             return updated
 
-    async def _placed_workers(self, model: ModelEntry | None, now: float) -> list[WorkerEntry]:
-        """Returns the registered workers whose pool the model's placement admits: only
-        their counters and leases judge its rollout (another pool's worker claiming
-        the version, unrouted for it, could pass or fail a canary with made-up counts)."""
-        workers = await self.registry.all(now)
-        return [w for w in workers if model is None or model.admits(w.pool)]
+    async def placed_workers(self, model: str, now: float) -> list[WorkerEntry]:
+        """Returns the registered workers whose pool the model's placement admits
+        (every one when it is not in the catalogue): see `placed`."""
+        try:
+            entry: ModelEntry | None = await self.catalog.get(model)
+        except NotFound:  # removed from the catalogue: its rollout can still end
+            entry = None
+        return placed(await self.registry.all(now), entry)
 
     async def operate(self, model: str, action: str, now: float) -> Rollout:
         """Applies an operator's pause, resume or abort."""
@@ -914,11 +916,7 @@ class RolloutStore:
             if raw is None:
                 raise NotFound(f"model {model!r} has no rollout", reason="ROLLOUT_NOT_FOUND")
             rollout = Rollout.from_json(raw)
-            try:
-                entry: ModelEntry | None = await self.catalog.get(model)
-            except NotFound:  # removed from the catalogue: its rollout can still end
-                entry = None
-            changed = _operated(rollout, action, now, await self._placed_workers(entry, now))
+            changed = _operated(rollout, action, now, await self.placed_workers(model, now))
             decision = Decision(now, action, changed.weight, f"by an operator ({action})")
             changed = changed.decided(decision)
             if await self._swap(raw, changed, lease=""):
@@ -938,7 +936,7 @@ class RolloutStore:
             if await self._swap(raw, ended.decided(decision), lease):
                 await self._apply(ended.decided(decision), decision)
             return
-        workers = await self._placed_workers(model, now)
+        workers = placed(await self.registry.all(now), model)
         canary = window(rollout, workers, rollout.version)
         stable = window(rollout, workers, rollout.stable)
         action, reason = decide(
@@ -1191,6 +1189,14 @@ class RolloutStore:
         # the decision's stamp (a driver clock far ahead) it erased the log.
         member = entry.SerializeToString().hex()
         await self._record_audit(keys=[key], args=[stamp, member, AUDIT_RETENTION_MS])
+
+
+def placed(workers: Sequence[WorkerEntry], model: ModelEntry | None) -> list[WorkerEntry]:
+    """Returns the workers whose pool the model's placement admits (every one for None):
+    only their counters and leases judge, and show, its rollout (another pool's worker
+    claiming the version, unrouted for it, passed or failed a canary with made-up
+    counts)."""
+    return [w for w in workers if model is None or model.admits(w.pool)]
 
 
 def _canary_seen(rollout: Rollout, workers: Sequence[WorkerEntry], now: float) -> int:

@@ -12,7 +12,7 @@ import base64
 import binascii
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from google.protobuf.message import DecodeError
 
@@ -57,21 +57,48 @@ def served_from_pb(worker_id: str, models: Sequence[inference_pb2.Model]) -> tup
     return tuple(base64.b64encode(m).decode("ascii") for m in encoded)
 
 
-def mesh_models(workers: Sequence[WorkerEntry]) -> list[inference_pb2.Model]:
+def mesh_models(
+    workers: Sequence[WorkerEntry], placements: Mapping[str, frozenset[str]] | None = None
+) -> list[inference_pb2.Model]:
     """Returns the models of `workers`, merged, by name. A worker that described none
-    (one from before descriptions) counts with its model versions, READY."""
+    (one from before descriptions) counts with its model versions, READY.
+
+    placements: the worker pools of each placed model; a worker's description of a
+    placed model counts only from a worker of one of its pools (another pool's
+    worker described phantom versions and a made-up description of it to every
+    worker's ListModels and GetModel).
+    """
     # Every heartbeat merges every other worker's: N x N a heartbeat period in a
     # large mesh (~3 ms a heartbeat at 100 workers). What they describe rarely
     # changes, so the merge of each set of descriptions is kept.
-    return list(_merged(tuple(_described(worker) for worker in workers)))
+    placed = placements or {}
+    return list(_merged(tuple(_described(worker, placed) for worker in workers)))
 
 
 # What a worker says it serves: ("served", its descriptions) or ("models", its versions).
 Described = tuple[str, tuple[str, ...] | tuple[tuple[str, str], ...]]
 
 
-def _described(worker: WorkerEntry) -> Described:
-    return ("served", worker.served) if worker.served else ("models", worker.models)
+def _described(worker: WorkerEntry, placements: Mapping[str, frozenset[str]]) -> Described:
+    if worker.served:
+        served = tuple(
+            item for item in worker.served if admitted(placements, _name_of(item), worker.pool)
+        )
+        return ("served", served)
+    models = tuple(m for m in worker.models if admitted(placements, m[0], worker.pool))
+    return ("models", models)
+
+
+def admitted(placements: Mapping[str, frozenset[str]], model: str, pool: str) -> bool:
+    """Tells whether a worker of `pool` may serve `model` under `placements` (the
+    worker pools of each placed model)."""
+    pools = placements.get(model)
+    return not pools or pool in pools
+
+
+def _name_of(stored: str) -> str:
+    model = _decoded(stored)
+    return model.name if model is not None else ""
 
 
 @functools.lru_cache(maxsize=MERGED_CACHE_SIZE)

@@ -138,6 +138,8 @@ class RouterService(RedisBackedService):
         self.pin_store = PinStore(self.redis)  # the last prefix pins, shared by replicas
         # Each model's version for requests that pin none, as the last build routed it.
         self.routed_versions: dict[str, str] = {}
+        # The worker pools of each placed model, as the last build read them.
+        self.placements: dict[str, frozenset[str]] = {}
 
     async def _build(self, flavours: Sequence[EdgeFlags]) -> list[Resources]:
         """Reads the catalogue and the workers once; builds each flavour's resources."""
@@ -157,6 +159,7 @@ class RouterService(RedisBackedService):
             self._lease_grace_until = time.monotonic() + self.lease_s
             raise
         self.routed_versions = routed_versions(models, at)
+        self.placements = {name: m.worker_pools for name, m in models.items() if m.worker_pools}
         built = [
             snapshot.build(models, workers, at, flags, self.options, grace, last_pins=last_pins)
             for flags in flavours
@@ -194,7 +197,11 @@ class RouterService(RedisBackedService):
         )
         router_service_pb2_grpc.add_WorkerRegistryServiceServicer_to_server(
             WorkerRegistryServicer(
-                self.catalog, self.registry, refresh, lambda: self.routed_versions
+                self.catalog,
+                self.registry,
+                refresh,
+                lambda: self.routed_versions,
+                lambda: self.placements,
             ),
             server,
         )

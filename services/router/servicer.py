@@ -29,7 +29,7 @@ from services.router.registry import (
     WorkerEntry,
     WorkerRegistry,
 )
-from services.router.served_models import mesh_models, served_from_pb
+from services.router.served_models import admitted, mesh_models, served_from_pb
 from services.router.shadow_pairs import PairStore
 from services.router.shadow_servicer import ShadowRpcs
 from tokenmesh.router.v1 import router_pb2
@@ -299,20 +299,25 @@ def _caller_pool(context: Context) -> str:
     return contract.worker_pool_of(identity.peer_identity(context)) or ""
 
 
-def _require_placed(
+def _placed_on(
     models: Sequence[tuple[str, str]], pool: str, catalog: Mapping[str, ModelEntry]
-) -> None:
-    """Raises PermissionDenied when a model of `models` is placed on worker pools
-    that do not include `pool`."""
-    for name in sorted({name for name, _ in models}):
-        entry = catalog.get(name)
-        if entry is not None and not entry.admits(pool):
-            pools = ", ".join(sorted(entry.worker_pools))
-            raise PermissionDenied(
-                f"model {name!r} is served only by the worker pools {pools}; this worker's "
-                f"certificate is {contract.worker_identity(pool)!r}",
-                reason="MODEL_NOT_ON_WORKER_POOL",
-            )
+) -> list[tuple[str, str]]:
+    """Returns those of `models` whose model is placed on worker pools other than
+    `pool`; raises PermissionDenied when that is every one of them."""
+    unplaced = [
+        (name, version)
+        for name, version in models
+        if (entry := catalog.get(name)) is not None and not entry.admits(pool)
+    ]
+    if unplaced and len(unplaced) == len(models):
+        name = unplaced[0][0]
+        pools = ", ".join(sorted(catalog[name].worker_pools))
+        raise PermissionDenied(
+            f"model {name!r} is served only by the worker pools {pools}; this worker's "
+            f"certificate is {contract.worker_identity(pool)!r}",
+            reason="MODEL_NOT_ON_WORKER_POOL",
+        )
+    return unplaced
 
 
 def _refs(models: Sequence[types_pb2.ModelRef]) -> list[tuple[str, str]]:
@@ -415,7 +420,7 @@ class RouterServicer(PolicyRpcs, ShadowRpcs, pb_grpc.RouterServiceServicer):
         self.rollouts = rollout_store
 
     async def _rollout_pb(self, rollout: rollouts.Rollout) -> router_pb2.Rollout:
-        return rollout_to_pb(rollout, await self.registry.all(now()))
+        return rollout_to_pb(rollout, await self.rollouts.placed_workers(rollout.model, now()))
 
     async def StartRollout(
         self, request: pb.StartRolloutRequest, context: Context
@@ -551,7 +556,7 @@ class RouterServicer(PolicyRpcs, ShadowRpcs, pb_grpc.RouterServiceServicer):
         self, request: pb.SetModelWorkerPoolsRequest, context: Context
     ) -> pb.SetModelWorkerPoolsResponse:
         model = await self.catalog.update(
-            request.model, lambda m, _: cat.set_worker_pools(m, request.worker_pools)
+            request.model, lambda m, models: cat.set_worker_pools(m, request.worker_pools, models)
         )
         return pb.SetModelWorkerPoolsResponse(model=await self._changed(model))
 
@@ -615,6 +620,7 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         registry: WorkerRegistry,
         refresh: Refresh,
         routed_versions: Callable[[], Mapping[str, str]] = dict,
+        placements: Callable[[], Mapping[str, frozenset[str]]] = dict,
     ) -> None:
         self.catalog = catalog
         self.registry = registry
@@ -622,6 +628,9 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         # Each model's version for requests that pin none, as the edge's routes were
         # last built: workers report it as the default (a heartbeat reads no Redis).
         self.routed_versions = routed_versions
+        # The worker pools of each placed model, as last built: a heartbeat keeps only
+        # what its worker's pool may serve (its models, counters and descriptions).
+        self.placements = placements
         # The versions this replica registered in the catalogue. A heartbeat whose new
         # models were stored but whose catalogue registration failed (Redis, or a busy
         # catalogue's UNAVAILABLE) registers them at the worker's next heartbeat: the
@@ -640,10 +649,12 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
     ) -> pb.RegisterWorkerResponse:
         models = _refs(request.models)
         pool = _caller_pool(context)
-        if models:
-            # Refused here with a clear reason; a placement made later is kept by the
-            # readers that route (WorkerEntry.serves) and by the edge's certificate check.
-            _require_placed(models, pool, await self.catalog.all())
+        # Versions of models placed on other pools are left out, and named in the
+        # answer (the worker logs them); naming nothing else is refused. A placement
+        # made later is kept by heartbeats (RenewLease), by the readers that route
+        # (WorkerEntry.serves) and by the edge's certificate check.
+        unplaced = _placed_on(models, pool, await self.catalog.all()) if models else []
+        models = [ref for ref in models if ref not in unplaced]
         await self.registry.register(
             request.worker_id, request.address, models, now(), request.lease_token, pool
         )
@@ -651,14 +662,23 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         await self.refresh()
         lease = duration_pb2.Duration()
         lease.FromNanoseconds(int(self.registry.lease_s * 1e9))
-        return pb.RegisterWorkerResponse(lease_duration=lease)
+        return pb.RegisterWorkerResponse(
+            lease_duration=lease,
+            unplaced_models=[types_pb2.ModelRef(name=n, version=v) for n, v in unplaced],
+        )
 
     async def RenewLease(
         self, request: pb.RenewLeaseRequest, context: Context
     ) -> pb.RenewLeaseResponse:
         # A heartbeat rewrites the worker's models and load: only the worker itself.
         caller = _worker_caller(request.lease_token, context)
-        models = _refs(request.models)
+        placements = self.placements()
+        pool = "" if caller is None else caller.pool
+
+        def kept(model: str) -> bool:  # an operator's renewal keeps everything
+            return caller is None or admitted(placements, model, pool)
+
+        models = [ref for ref in _refs(request.models) if kept(ref[0])]
         load = load_from_pb(request.load) if request.HasField("load") else None
         at = now()
         renewal = await self.registry.renew(
@@ -666,9 +686,9 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
             models,
             at,
             load,
-            outcomes_from_pb(request.load, at),
+            [counts for counts in outcomes_from_pb(request.load, at) if kept(counts.model)],
             caller,
-            served_from_pb(request.worker_id, request.served_models),
+            served_from_pb(request.worker_id, [m for m in request.served_models if kept(m.name)]),
             describes=bool(request.served_models),
         )
         if renewal.models_changed or not self._in_catalogue.issuperset(models):
@@ -681,7 +701,7 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         return pb.RenewLeaseResponse(
             lease_expire_time=_timestamp(worker.lease_expires_at),
             drain=worker.asked_to_stop,  # not after its own drain (its preStop hook)
-            mesh_models=mesh_models(renewal.others),
+            mesh_models=mesh_models(renewal.others, placements),
             routed_versions=self.routed_versions(),
         )
 

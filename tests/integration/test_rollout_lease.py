@@ -212,7 +212,7 @@ async def test_a_heartbeats_version_whose_catalogue_registration_failed_joins_at
     await catalog.register([(model, "1")])
     real_register = Catalog.register
 
-    async def busy(self, refs):
+    async def busy(self, refs, pool=None):
         raise Unavailable("the model catalogue changed 32 times; retry", retry_after_s=1)
 
     renewal = router_pb.RenewLeaseRequest(
@@ -391,7 +391,7 @@ async def test_a_placed_models_rollout_counts_only_its_pools_workers(client):
     model = f"m-{uuid.uuid4().hex[:8]}"
     for version in ("1", "2"):
         await Catalog(client).change(model, lambda m, _, v=version: cat.add_version(m, model, v, 0))
-    await Catalog(client).change(model, lambda m, _: cat.set_worker_pools(m, ["gpu"]))
+    await Catalog(client).change(model, lambda m, c: cat.set_worker_pools(m, ["gpu"], c))
     registry = WorkerRegistry(client, lease_s=600)
     clock = [time.time()]
     workers = {"s": ("1", "gpu"), "c": ("2", "gpu"), "other": ("2", "")}

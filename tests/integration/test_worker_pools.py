@@ -26,6 +26,8 @@ from services.router.service import RouterService, RouterSettings
 from services.router.snapshot import EdgeFlags, model_cluster
 from tests import mtls
 from tests.rpc_errors import failed_call_reason
+from tokenmesh.inference.v2 import inference_pb2
+from tokenmesh.router.v1 import router_pb2
 from tokenmesh.router.v1 import router_service_pb2 as pb
 from tokenmesh.router.v1 import router_service_pb2_grpc as rpc
 from tokenmesh.type.v1 import types_pb2
@@ -34,7 +36,10 @@ CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 TOKEN = "t" * 43
-EDGE = EdgeFlags(sds_dir="/sds")  # an edge over mTLS: its clusters verify certificates
+EDGE = EdgeFlags(sds_dir="/sds")
+READY = (
+    inference_pb2.ModelVersionState.MODEL_VERSION_STATE_READY
+)  # an edge over mTLS: its clusters verify certificates
 
 
 class Mesh:
@@ -222,3 +227,121 @@ async def test_another_pools_heartbeat_adds_no_version_to_a_placed_model(router)
         await router.registry(caller).RenewLease(renew)
     reply = await router.catalogue().GetCatalogModel(pb.GetCatalogModelRequest(model="m"))
     assert [v.version for v in reply.model.versions] == ["1", "3"]
+
+
+def _ref(model: str, version: str) -> types_pb2.ModelRef:
+    return types_pb2.ModelRef(name=model, version=version)
+
+
+async def _worker(router: Mesh, caller: str, worker_id: str, port: int, model: str) -> None:
+    request = pb.RegisterWorkerRequest(
+        worker_id=worker_id,
+        address=f"127.0.0.1:{port}",
+        models=[_ref(model, "1")],
+        lease_token=TOKEN,
+    )
+    await router.registry(caller).RegisterWorker(request)
+
+
+async def _heartbeat(
+    router: Mesh, caller: str, worker_id: str, *refs: tuple[str, str], **fields: Any
+) -> pb.RenewLeaseResponse:
+    request = pb.RenewLeaseRequest(
+        worker_id=worker_id, lease_token=TOKEN, models=[_ref(*ref) for ref in refs], **fields
+    )
+    return await router.registry(caller).RenewLease(request)
+
+
+async def test_a_registration_leaves_out_only_the_placed_models(router):
+    await _place(router, "m", "gpu")
+    request = _register("m", "127.0.0.1:7001")
+    request.models.append(_ref("free", "1"))
+    reply = await router.registry("worker").RegisterWorker(request)
+    assert [(m.name, m.version) for m in reply.unplaced_models] == [("m", "1")]
+    (worker,) = (await router.registry("operator").ListWorkers(pb.ListWorkersRequest())).workers
+    assert [(m.name, m.version) for m in worker.models] == [("free", "1")]
+
+
+async def test_another_pools_heartbeat_describes_nothing_of_a_placed_model(router):
+    # Any worker answers ListModels and GetModel from what the heartbeats describe:
+    # a phantom READY version and a made-up description reached every client.
+    await _place(router, "m", "gpu")
+    await _worker(router, "worker-gpu", "gpu-0", 7001, "m")
+    await _worker(router, "worker", "any-0", 7002, "free")
+    made_up = inference_pb2.Model(
+        name="m",
+        description="made up",
+        default_version="666",
+        versions=[inference_pb2.ModelVersion(version="666", state=READY)],
+    )
+    await _heartbeat(
+        router, "worker", "any-0", ("free", "1"), ("m", "666"), served_models=[made_up]
+    )
+    workers = (await router.registry("operator").ListWorkers(pb.ListWorkersRequest())).workers
+    stored = {w.id: [(m.name, m.version) for m in w.models] for w in workers}
+    assert stored["any-0"] == [("free", "1")]
+    await _worker(router, "worker-cpu", "cpu-0", 7003, "other")
+    answer = await _heartbeat(router, "worker-cpu", "cpu-0", ("other", "1"))
+    (seen,) = [m for m in answer.mesh_models if m.name == "m"]
+    assert [v.version for v in seen.versions] == ["1"] and seen.description != "made up"
+
+
+def _ttft(p50_ms: float) -> router_pb2.WorkerLoad:
+    return router_pb2.WorkerLoad(
+        running_sequences=1, max_sequences=8, ttft_samples=50, ttft_p50_ms=p50_ms
+    )
+
+
+async def test_another_pools_worker_leaves_the_placed_workers_weights_alone(router):
+    # Claiming the placed version with a 1 ms TTFT set the placed workers' weights
+    # against it: 100 and 25 (200 and 800 ms) both fell to 5.
+    await _place(router, "m", "gpu")
+    await _worker(router, "worker-gpu", "fast", 7001, "m")
+    await _worker(router, "worker-gpu", "slow", 7002, "m")
+    await _worker(router, "worker", "other", 7003, "free")
+    for _ in range(12):
+        await _heartbeat(router, "worker", "other", ("free", "1"), ("m", "1"), load=_ttft(1))
+        await _heartbeat(router, "worker-gpu", "fast", ("m", "1"), load=_ttft(200))
+        await _heartbeat(router, "worker-gpu", "slow", ("m", "1"), load=_ttft(800))
+    workers = (await router.registry("operator").ListWorkers(pb.ListWorkersRequest())).workers
+    assert {w.id: w.weight for w in workers if w.pool} == {"fast": 100, "slow": 25}
+
+
+async def test_a_placed_models_rollout_shows_its_pools_counters_only(router):
+    await _place(router, "m", "gpu")
+    await router.catalogue().RegisterModelVersion(
+        pb.RegisterModelVersionRequest(model="m", version="2", weight=0)
+    )
+    request = _register("m", "127.0.0.1:7001")
+    request.models.append(_ref("m", "2"))
+    await router.registry("worker-gpu").RegisterWorker(request)
+    await router.catalogue().StartRollout(pb.StartRolloutRequest(model="m", version="2"))
+    await _worker(router, "worker", "other", 7002, "free")
+    counts = router_pb2.VersionOutcomes(
+        model=_ref("m", "2"),
+        requests=1000,
+        errors=900,
+        ttft_bucket_bounds_ms=[100.0],
+        ttft_bucket_counts=[1000, 0],
+    )
+    load = router_pb2.WorkerLoad(versions=[counts])
+    await _heartbeat(router, "worker", "other", ("free", "1"), ("m", "2"), load=load)
+    shown = (await router.catalogue().GetRollout(pb.GetRolloutRequest(model="m"))).rollout
+    assert (shown.canary.requests, shown.canary.errors) == (0, 0)
+
+
+async def test_a_placed_models_fallback_is_placed_within_its_pools(router):
+    await _place(router, "m", "gpu", "cpu")
+    await _place(router, "free")
+    catalogue = router.catalogue()
+    fallback = pb.SetFallbackModelRequest(model="m", fallback_model="free")
+    code, _reason = await failed_call_reason(catalogue.SetFallbackModel(fallback))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT  # its prompts reached any worker
+    await _place(router, "free", "gpu")
+    await catalogue.SetFallbackModel(fallback)
+    # Either end moved later is checked as well.
+    for model, pools in (("free", ["tpu"]), ("free", []), ("m", ["cpu"])):
+        placing = pb.SetModelWorkerPoolsRequest(model=model, worker_pools=pools)
+        code, _reason = await failed_call_reason(catalogue.SetModelWorkerPools(placing))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (model, pools)
+    await _place(router, "m")  # unplaced: any fallback

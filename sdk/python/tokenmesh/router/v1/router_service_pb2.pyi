@@ -805,18 +805,28 @@ class RegisterWorkerResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LEASE_DURATION_FIELD_NUMBER: _builtins.int
+    UNPLACED_MODELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def lease_duration(self) -> _duration_pb2.Duration:
         """lease_duration is how long the registration lasts without a heartbeat."""
+
+    @_builtins.property
+    def unplaced_models(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ModelRef]:
+        """unplaced_models are the versions it named of models placed on worker pools
+        other than its certificate's: it is not registered for them, and gets no
+        traffic for them (its heartbeats' copies are left out too). A registration
+        naming only such versions is refused (PERMISSION_DENIED).
+        """
 
     def __init__(
         self,
         *,
         lease_duration: _duration_pb2.Duration | None = ...,
+        unplaced_models: _abc.Iterable[_types_pb2.ModelRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration", "unplaced_models", b"unplaced_models"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
