@@ -260,7 +260,9 @@ if before then
     + _WRITE_SUM
     + """
 end
-redis.call('INCRBY', KEYS[2], actual - charged)
+-- A month counter gone (its month ended a day ago: a job item's replay settles in
+-- its first attempt's month) stays gone: INCRBY made it again, with no expiry.
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCRBY', KEYS[2], actual - charged) end
 redis.call('SET', KEYS[3], actual, 'EX', ttl)
 if ARGV[5] == 'finished' then redis.call('SET', KEYS[4], '1', 'EX', ttl) end
 if ARGV[5] == 'unfinished' then
@@ -304,8 +306,9 @@ local charged = redis.call('GET', KEYS[4])
 -- A job item's charge is kept until its job's deadline: never shortened here.
 local ttl = math.max(tonumber(ARGV[2]), redis.call('TTL', KEYS[4]))
 if charged then
-  -- DECRBY: `-tonumber('0')` is Lua's -0, sent as "-0", which INCRBY refuses.
-  redis.call('DECRBY', KEYS[3], charged)
+  -- DECRBY: `-tonumber('0')` is Lua's -0, sent as "-0", which INCRBY refuses. A
+  -- month counter gone (see _RECONCILE) stays gone.
+  if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('DECRBY', KEYS[3], charged) end
   redis.call('ZREM', KEYS[1], ARGV[1])
   local held = redis.call('HGET', KEYS[2], ARGV[1])
   if held then

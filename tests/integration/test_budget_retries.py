@@ -212,3 +212,23 @@ async def test_a_job_item_refused_at_a_full_queue_is_budgeted_again_when_retried
                 assert _reason(spent.value) == "TOKEN_BUDGET_EXCEEDED"
     finally:
         await budgets.redis.aclose()
+
+
+async def test_a_settlement_after_its_months_counter_expired_leaves_no_counter(budgets):
+    # A job item's replay settles in its first attempt's month, up to 8 days on; a
+    # month's counter expires a day after the month. INCRBY and DECRBY made it again,
+    # negative and with no expiry: a key that never went away.
+    key, now = f"k-{uuid.uuid4().hex[:8]}", time.time()
+    month = TokenBudgets.month_key(key, now)
+    limits = Limits(monthly_tokens=10_000)
+    for run, settle in (("1", "reconcile"), ("2", "forget")):
+        request_id = f"job-{uuid.uuid4().hex[:8]}:{run}"
+        reserved = await budgets.reserve(
+            key, limits, request_id, 500, now, attempt=run, listed=True, replay_ttl_s=7 * 86400
+        )
+        await budgets.redis.delete(month)  # the month ended a day ago
+        if settle == "reconcile":
+            await budgets.reconcile(key, request_id, 500, 120, reserved.reserved_at, "finished")
+        else:
+            await budgets.forget(key, request_id, now, run)
+        assert await budgets.redis.exists(month) == 0, settle
