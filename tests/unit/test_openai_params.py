@@ -375,3 +375,16 @@ def test_stream_options_take_include_obfuscation_false_as_the_sdks_send_it() -> 
         "invalid_argument",
         "stream_options.include_obfuscation",
     )
+
+
+def test_a_stream_option_set_to_null_counts_as_absent() -> None:
+    # Clients that serialise unset optional members write null: a 400 ("must be a
+    # boolean"), though a null parameter counts as absent.
+    stream = {"stream": True}
+    nulls = {"include_usage": None, "include_obfuscation": None}
+    call = params.parse_chat(_raw(**CHAT, **stream, stream_options=nulls))
+    assert not call.include_usage
+    error = _error(
+        lambda: params.parse_chat(_raw(**CHAT, **stream, stream_options={"include_usage": 1}))
+    )
+    assert error["param"] == "stream_options.include_usage"

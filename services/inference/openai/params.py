@@ -395,8 +395,11 @@ class _Body:
                 )
             )
             return False
-        self._obfuscation(value.get("include_obfuscation", False))
-        include = value.get("include_usage", False)
+        # A member set to null counts as absent, as a top-level parameter does.
+        self._obfuscation(value.get("include_obfuscation") or False)
+        include = value.get("include_usage")
+        if include is None:
+            return False
         if not isinstance(include, bool):
             self.out.append(FieldViolation("stream_options.include_usage", "must be a boolean"))
             return False

@@ -118,11 +118,18 @@ def completion_logprobs(items: Sequence[inference_pb2.TokenLogprob], offset: int
     return {
         "tokens": [item.token for item in items],
         "token_logprobs": [_logprob(item.logprob) for item in items],
-        "top_logprobs": [
-            {top.token: _logprob(top.logprob) for top in item.top_logprobs} for item in items
-        ],
+        "top_logprobs": [_top_with_sampled(item) for item in items],
         "text_offset": offsets,
     }
+
+
+def _top_with_sampled(item: inference_pb2.TokenLogprob) -> Json:
+    """Returns a legacy completion's alternatives at one position: the `logprobs` most
+    likely tokens and, as OpenAI always adds it (up to logprobs+1 entries), the sampled
+    one (scoring code reads `top_logprobs[i][tokens[i]]`)."""
+    top = {alternative.token: _logprob(alternative.logprob) for alternative in item.top_logprobs}
+    top.setdefault(item.token, _logprob(item.logprob))
+    return top
 
 
 class ChatShapes:
