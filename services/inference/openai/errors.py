@@ -38,9 +38,17 @@ ERROR_TYPES: Mapping[int, str] = {
 SERVER_ERROR = "server_error"
 
 
-# Reasons OpenAI has a code of its own for (SDK users match on it): a prompt its
-# policy refused is `content_policy_violation` at OpenAI.
-OPENAI_CODES: Mapping[str, str] = {"content_policy": "content_policy_violation"}
+# Reasons OpenAI has a code of its own for (SDK users, LangChain and LiteLLM match on
+# it): a prompt its policy refused is `content_policy_violation` at OpenAI, a request
+# rate refusal `rate_limit_exceeded` (what the edge's own 429 says too).
+OPENAI_CODES: Mapping[str, str] = {
+    "content_policy": "content_policy_violation",
+    "rate_limited": "rate_limit_exceeded",
+}
+# A spent monthly token budget is OpenAI's `insufficient_quota` (type and code): what
+# clients test to stop instead of backing off; a per-minute one stays a rate limit.
+INSUFFICIENT_QUOTA = "insufficient_quota"
+_MONTHLY_BUDGET = ":monthly_tokens"  # services/inference/budget.py's quota subject
 
 
 def code_of(reason: str) -> str | None:
@@ -58,8 +66,19 @@ def _reason(status: status_pb2.Status) -> str | None:
     return None
 
 
+def _monthly_budget_spent(status: status_pb2.Status) -> bool:
+    for detail in status.details:
+        if detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            failure = error_details_pb2.QuotaFailure()
+            detail.Unpack(failure)
+            return any(v.subject.endswith(_MONTHLY_BUDGET) for v in failure.violations)
+    return False
+
+
 def from_status(status: status_pb2.Status, param: str | None = None) -> shapes.Json:
     """Returns the OpenAI error object of a google.rpc.Status."""
+    if status.code == code_pb2.RESOURCE_EXHAUSTED and _monthly_budget_spent(status):
+        return shapes.error(status.message, INSUFFICIENT_QUOTA, param, INSUFFICIENT_QUOTA)
     kind = ERROR_TYPES.get(status.code, SERVER_ERROR)
     return shapes.error(status.message, kind, param, _reason(status))
 
