@@ -30,6 +30,7 @@ newest batch would.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
@@ -238,7 +239,9 @@ class BatchLine:
 
     Attributes:
         options: what shapes the response beyond the v2 answer: `logprobs`
-            (legacy completions), `base64` and `dimensions` (embeddings).
+            (legacy completions), `base64` and `dimensions` (embeddings), and
+            `renames`: the OpenAI names the line gave v2's fields where they are not
+            its endpoint's own (`max_completion_tokens`), for its errors.
     """
 
     custom_id: str
@@ -256,8 +259,8 @@ def _line_item(endpoint: str, body: bytes) -> tuple[jobs_pb2.JobItem, dict[str, 
         except InvalidArgument as bad:
             # OpenAI's names (`input[0]`), as /openai/v1/embeddings refuses the same body.
             raise openai_errors.renamed(bad, _RENAMES[EMBEDDINGS]) from None
-        options = {"base64": call.base64, "dimensions": call.dimensions}
-        return jobs_pb2.JobItem(embed=call.request), options
+        shown = {"base64": call.base64, "dimensions": call.dimensions}
+        return jobs_pb2.JobItem(embed=call.request), shown
     generation = params.parse_chat(body) if endpoint == CHAT else params.parse_completion(body)
     if generation.stream:
         raise _bad("stream", "must be false in a batch")
@@ -268,7 +271,28 @@ def _line_item(endpoint: str, body: bytes) -> tuple[jobs_pb2.JobItem, dict[str, 
         v2_validation.validate_generation(requests[0])
     except InvalidArgument as bad:
         raise openai_errors.renamed(bad, generation.renames) from None
-    return jobs_pb2.JobItem(complete=requests[0]), {"logprobs": generation.logprobs}
+    options: dict[str, Any] = {"logprobs": generation.logprobs}
+    renames = _named_as(generation.renames, _RENAMES[endpoint])
+    if renames:
+        options["renames"] = renames  # its run's errors name them as this line did
+    return jobs_pb2.JobItem(complete=requests[0]), options
+
+
+def _named_as(renames: params.Renames, default: params.Renames) -> dict[str, str]:
+    """Returns the names a line gave v2's fields where they are not its endpoint's own
+    (max_completion_tokens for max_tokens, a legacy completion's logprobs)."""
+    return {
+        name: value
+        for name, value in dataclasses.asdict(renames).items()
+        if value != getattr(default, name)
+    }
+
+
+def _line_renames(endpoint: str, options: Mapping[str, Any]) -> params.Renames:
+    """Returns the OpenAI names of one line's v2 fields (its endpoint's, and its own)."""
+    own = {str(k): str(v) for k, v in dict(options.get("renames") or {}).items()}
+    known = {f.name for f in dataclasses.fields(params.Renames)}
+    return dataclasses.replace(_RENAMES[endpoint], **{k: v for k, v in own.items() if k in known})
 
 
 def _read_line(number: int, raw: bytes, endpoint: str, seen: set[str]) -> BatchLine:
@@ -766,8 +790,13 @@ def output_line(batch: BatchRecord, result: jobs_pb2.JobResult, created: int) ->
     if result.HasField("error"):
         failure = result.error
         kind = openai_errors.ERROR_TYPES.get(failure.grpc_code, openai_errors.SERVER_ERROR)
-        param = params.v2_param(failure.field, _RENAMES[batch.endpoint]) if failure.field else None
-        body = shapes.error(failure.message, kind, param, openai_errors.code_of(failure.reason))
+        param, message = None, failure.message
+        if failure.field:
+            # As the synchronous endpoint answers: the parameters the line sent, in the
+            # message too ("max_completion_tokens: prompt (1212 tokens) + ...").
+            renames = _line_renames(batch.endpoint, batch.lines[index][1])
+            param, message = openai_errors.renamed_text(failure.field, message, renames)
+        body = shapes.error(message, kind, param, openai_errors.code_of(failure.reason))
         status = HTTP_STATUS.get(failure.grpc_code, 500)
         return _line(batch, index, _error_response(rid, status, body), None), True
     try:

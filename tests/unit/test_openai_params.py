@@ -388,3 +388,42 @@ def test_a_stream_option_set_to_null_counts_as_absent() -> None:
         lambda: params.parse_chat(_raw(**CHAT, **stream, stream_options={"include_usage": 1}))
     )
     assert error["param"] == "stream_options.include_usage"
+
+
+def test_a_batch_lines_run_time_error_names_the_parameters_the_line_sent() -> None:
+    # Context-length refusals come at run time; a line that sent max_completion_tokens
+    # read `param: "max_tokens"` and a message naming max_output_tokens (v2's),
+    # where the synchronous endpoint names max_completion_tokens in both.
+    from services.jobs import openai_batches
+    from tokenmesh.jobs.v1 import jobs_pb2
+
+    def error_of(endpoint: str, body: dict[str, object], field: str) -> dict[str, object]:
+        line = {"custom_id": "a", "method": "POST", "url": endpoint, "body": body}
+        (parsed,) = openai_batches.parse_input(json.dumps(line).encode(), endpoint, 10)
+        batch = openai_batches.BatchRecord(
+            "batch_x", "k", endpoint, "file-x", {}, 0, lines=[("a", dict(parsed.options))]
+        )
+        failure = jobs_pb2.JobError(
+            code="INVALID_ARGUMENT",
+            grpc_code=3,
+            field=field,
+            message=f"{field}: prompt (1212 tokens) + {field} (4) = 1216 exceeds 512",
+        )
+        result = jobs_pb2.JobResult(index=0, error=failure)
+        line_out, failed = openai_batches.output_line(batch, result, 0)
+        assert failed
+        return dict(json.loads(line_out)["response"]["body"]["error"])
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    error = error_of(
+        "/v1/chat/completions", {**chat, "max_completion_tokens": 4}, "max_output_tokens"
+    )
+    assert error["param"] == "max_completion_tokens"
+    assert str(error["message"]).startswith(
+        "max_completion_tokens: prompt (1212 tokens) + max_completion_tokens (4)"
+    )
+    error = error_of("/v1/chat/completions", {**chat, "max_tokens": 4}, "max_output_tokens")
+    assert error["param"] == "max_tokens"
+    legacy = {"model": "m", "prompt": "hi", "logprobs": 2}
+    error = error_of("/v1/completions", legacy, "top_logprobs")
+    assert error["param"] == "logprobs"

@@ -87,19 +87,21 @@ def renamed(error: TokenmeshError, renames: Renames) -> TokenmeshError:
     """Returns `error` with v2 field names replaced by the OpenAI parameters they came from."""
     if not isinstance(error, InvalidArgument):
         return error
-    violations = []
-    for violation in error.violations:
-        param = v2_param(violation.field, renames)
-        # A description may name its own field ("prompt (9 tokens) + max_output_tokens
-        # (4000) = ..."): the client reads the parameter it sent.
-        # Escaped: a client's parameter name may hold backslashes, which re.sub reads
-        # as group references in a replacement (re.error: a 500).
-        replacement = param.replace("\\", "\\\\")
-        description = re.sub(
-            rf"\b{re.escape(violation.field)}\b", replacement, violation.description
-        )
-        violations.append(FieldViolation(param, description))
+    violations = [
+        FieldViolation(*renamed_text(v.field, v.description, renames)) for v in error.violations
+    ]
     return InvalidArgument(violations, reason=error.reason)
+
+
+def renamed_text(field: str, text: str, renames: Renames) -> tuple[str, str]:
+    """Returns the OpenAI parameter a v2 `field` came from, and `text` naming it instead
+    of `field` (a description may name its own field: "prompt (9 tokens) +
+    max_output_tokens (4000) = ..."; the client reads the parameter it sent)."""
+    param = v2_param(field, renames)
+    # Escaped: a client's parameter name may hold backslashes, which re.sub reads as
+    # group references in a replacement (re.error: a 500).
+    replacement = param.replace("\\", "\\\\")
+    return param, re.sub(rf"\b{re.escape(field)}\b", replacement, text)
 
 
 def from_error(error: TokenmeshError) -> shapes.Json:
