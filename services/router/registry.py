@@ -449,8 +449,11 @@ class WorkerRegistry:
             if raw is not None:
                 current = WorkerEntry.from_json(worker_id, raw)
                 live = current.lease_expires_at > now
-                if (current.routable(now) and current.address != address) or (
-                    live and not current.holds(lease_token)
+                if (
+                    (current.routable(now) and current.address != address)
+                    or (live and not current.holds(lease_token))
+                    # Another pool's certificate on the host: not this worker.
+                    or (live and current.pool != pool)
                 ):
                     # Two live workers with one id would steal each other's endpoint.
                     raise AlreadyExists(

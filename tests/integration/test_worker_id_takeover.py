@@ -67,3 +67,16 @@ async def test_a_worker_names_at_most_max_models(registry):
     many = [(f"m{i}", "1") for i in range(MAX_MODELS + 1)]
     with pytest.raises(InvalidArgument, match=f"at most {MAX_MODELS}"):
         await registry.register(f"w-{uuid.uuid4().hex[:8]}", "10.0.0.1:7000", many, time.time())
+
+
+async def test_a_live_registration_is_taken_only_with_its_pools_certificate(registry):
+    # A registration made without a lease token is told apart by its host only: a
+    # process of another pool on that host took it over, pool and all.
+    worker = f"w-{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    await registry.register(worker, "10.0.0.1:7000", MODELS, now, pool="gpu")
+    with pytest.raises(AlreadyExists) as refused:
+        await registry.register(worker, "10.0.0.1:7000", MODELS, now + 1, pool="")
+    assert refused.value.reason == "WORKER_ID_IN_USE"
+    await registry.register(worker, "10.0.0.1:7000", MODELS, now + 1, pool="gpu")
+    assert (await registry.get(worker)).pool == "gpu"
