@@ -64,7 +64,8 @@ while a <= #ARGV do
   for w = k, k + windows - 1 do
     if used > 0 then
       redis.call('ZADD', KEYS[w], 'XX', unpack(scored))
-      redis.call('PEXPIRE', KEYS[w], window)
+      -- Never shorter than a decision made it: other leases' slots are scored ahead.
+      redis.call('PEXPIRE', KEYS[w], window + HOLD_MS)
     end
     if free > 0 then redis.call('ZREM', KEYS[w], unpack(dropped)) end
   end
@@ -72,7 +73,7 @@ while a <= #ARGV do
   k = k + windows
 end
 return 1
-"""
+""".replace("HOLD_MS", str(LEASE_HOLD_MS))
 
 
 @dataclass

@@ -158,7 +158,10 @@ for i, key in ipairs(KEYS) do
     redis.call('ZADD', key, unpack(members))
     used[i] = used[i] + hits
   end
-  redis.call('PEXPIRE', key, window)
+  -- The key outlives its newest slot by a window: a lease's are scored ahead (expired
+  -- at `window`, a window whose lease's settle failed went up to a second before the
+  -- requests it admitted).
+  redis.call('PEXPIRE', key, window + LEASE_HOLD_MS)
   -- When the window frees: its oldest entry's expiry, or for a request it refuses,
   -- the expiry that leaves room for it (used + hits - limit entries must go: more
   -- than one once a limit was lowered, or for hits > 1).

@@ -423,6 +423,10 @@ async def test_a_lease_whose_settle_failed_leaves_no_slot_before_its_admissions(
         scores = [score for _, score in await client.zrange(window_key, 0, -1, withscores=True)]
         leased = sorted(scores)[1:]  # the first decision's own slot aside
         assert len(leased) == 32 and min(leased) >= granted_at + LEASE_TTL_S * 1000, leased[:3]
+        # Nor does the window's key go before them: it expired a window after the
+        # decision, up to a second before the slots scored ahead.
+        ttl_ms = await client.pttl(window_key)
+        assert await _redis_now_ms(client) + ttl_ms >= max(leased) + 60_000, ttl_ms
     finally:
         await limiter.close()
         await client.aclose()
