@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -1003,7 +1003,16 @@ def test_a_placed_model_reaches_only_its_pools_certificates(routed, edge, catalo
         # edge's TLS check of the pool's SPIFFE id refuses the worker.
         with redis.Redis.from_url(routed.redis_url) as client:
             real = WorkerEntry.from_json("inference-0", client.hget(WORKERS_KEY, "inference-0"))
-            fake = replace(real, worker_id=forged, pool="gpu", lease_expires_at=time.time() + 600)
+            # Only the real worker's address: the rest of its entry is what earlier tests
+            # left (a drain's state, say).
+            fake = WorkerEntry(
+                forged,
+                real.host,
+                real.port,
+                ((MODEL, "1"),),
+                lease_expires_at=time.time() + 600,
+                pool="gpu",
+            )
             client.hset(WORKERS_KEY, forged, fake.to_json())
         wait_until(lambda: len(edge_hosts(routed, CLUSTERS[0])) == 1, 10, "the forged entry")
         wait_until(
