@@ -71,7 +71,7 @@ CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/
 # The OpenAI names of an endpoint's v2 input fields (an item error's `param`).
 _RENAMES = {
     CHAT: params.Renames(input="messages"),
-    COMPLETIONS: params.Renames(input="prompt"),
+    COMPLETIONS: params.Renames(input="prompt", top_logprobs="logprobs"),
     EMBEDDINGS: params.Renames(input="input"),
 }
 ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)
@@ -239,9 +239,9 @@ class BatchLine:
 
     Attributes:
         options: what shapes the response beyond the v2 answer: `logprobs`
-            (legacy completions), `base64` and `dimensions` (embeddings), and
-            `renames`: the OpenAI names the line gave v2's fields where they are not
-            its endpoint's own (`max_completion_tokens`), for its errors.
+            (legacy completions), `base64` and `dimensions` (embeddings), and `n`:
+            the codes of the OpenAI names the line gave v2's fields where they are
+            not its endpoint's own (`max_completion_tokens`), for its errors.
     """
 
     custom_id: str
@@ -272,27 +272,35 @@ def _line_item(endpoint: str, body: bytes) -> tuple[jobs_pb2.JobItem, dict[str, 
     except InvalidArgument as bad:
         raise openai_errors.renamed(bad, generation.renames) from None
     options: dict[str, Any] = {"logprobs": generation.logprobs}
-    renames = _named_as(generation.renames, _RENAMES[endpoint])
-    if renames:
-        options["renames"] = renames  # its run's errors name them as this line did
+    named = _name_codes(generation.renames, _RENAMES[endpoint])
+    if named:
+        options["n"] = named  # its run's errors name the parameters as the line did
     return jobs_pb2.JobItem(complete=requests[0]), options
 
 
-def _named_as(renames: params.Renames, default: params.Renames) -> dict[str, str]:
-    """Returns the names a line gave v2's fields where they are not its endpoint's own
-    (max_completion_tokens for max_tokens, a legacy completion's logprobs)."""
-    return {
-        name: value
-        for name, value in dataclasses.asdict(renames).items()
-        if value != getattr(default, name)
-    }
+# The names a line may give v2's fields other than its endpoint's own, by a letter
+# each: a batch's record holds every line's options (MAX_RECORD_BYTES), so they stay
+# a few bytes (the whole names took ~56 bytes a line, a third of a record's lines).
+_NAME_CODES = {
+    "c": ("max_output_tokens", "max_completion_tokens"),
+    "u": ("user", params.USER_FIELD),
+}
+
+
+def _name_codes(renames: params.Renames, default: params.Renames) -> str:
+    """Returns the codes of the names `renames` gives where `default` gives others."""
+    return "".join(
+        code
+        for code, (field_name, name) in _NAME_CODES.items()
+        if getattr(renames, field_name) == name != getattr(default, field_name)
+    )
 
 
 def _line_renames(endpoint: str, options: Mapping[str, Any]) -> params.Renames:
     """Returns the OpenAI names of one line's v2 fields (its endpoint's, and its own)."""
-    own = {str(k): str(v) for k, v in dict(options.get("renames") or {}).items()}
-    known = {f.name for f in dataclasses.fields(params.Renames)}
-    return dataclasses.replace(_RENAMES[endpoint], **{k: v for k, v in own.items() if k in known})
+    codes = str(options.get("n", ""))
+    named = {field_name: name for code, (field_name, name) in _NAME_CODES.items() if code in codes}
+    return dataclasses.replace(_RENAMES[endpoint], **named)
 
 
 def _read_line(number: int, raw: bytes, endpoint: str, seen: set[str]) -> BatchLine:

@@ -79,6 +79,12 @@ class VersionEntry:
         return self.sunset_at is not None and self.sunset_at <= now
 
 
+def pools_admit(pools: frozenset[str] | None, pool: str) -> bool:
+    """Tells whether a worker of `pool` may serve a model placed on `pools` (empty or
+    None: on none, so any worker identity may)."""
+    return not pools or pool in pools
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """ModelEntry is a catalogue model and its routing policy."""
@@ -99,7 +105,7 @@ class ModelEntry:
     def admits(self, pool: str) -> bool:
         """Tells whether a worker of `pool` ("": the shared `worker` identity) may
         serve this model."""
-        return not self.worker_pools or pool in self.worker_pools
+        return pools_admit(self.worker_pools, pool)
 
     def latest_version(self, now: float) -> str | None:
         """Returns what "latest" names unless it is set explicitly: the newest version

@@ -38,7 +38,8 @@ from services.core.errors import (
 )
 from services.core.redis_service import known_fields, text
 from services.router import load_weights
-from services.router.catalog import ModelEntry, check_name, check_version
+from services.router.catalog import ModelEntry, check_name, check_version, pools_admit
+from services.router.descriptions import model_of
 from services.router.load_weights import ClusterWeight, LoadReport, WeightState
 
 WORKERS_KEY = "tokenmesh:router:workers"
@@ -452,8 +453,9 @@ class WorkerRegistry:
                 if (
                     (current.routable(now) and current.address != address)
                     or (live and not current.holds(lease_token))
-                    # Another pool's certificate on the host: not this worker.
-                    or (live and current.pool != pool)
+                    # Another pool's certificate on the host: not this worker, unless
+                    # its lease token says it is (restarted with its pool's certificate).
+                    or (live and current.pool != pool and not current.token_sha256)
                 ):
                     # Two live workers with one id would steal each other's endpoint.
                     raise AlreadyExists(
@@ -486,6 +488,7 @@ class WorkerRegistry:
         caller: WorkerCaller | None = None,
         served: Sequence[str] = (),
         describes: bool = False,
+        placements: Mapping[str, frozenset[str]] | None = None,
     ) -> Renewal:
         """Extends a worker's lease (a draining worker stays draining), takes its load
         and its models' descriptions (`served`: see WorkerEntry).
@@ -501,7 +504,10 @@ class WorkerRegistry:
         The worker's weight moves one heartbeat's step (services.router.load_weights),
         relative to the other routable workers' costs as they are now.
         `caller`: the worker calling for itself, checked against the entry it
-        changes (None: an operator, who may renew any).
+        changes (None: an operator, who may renew any). `placements`: the worker
+        pools of each placed model; what the entry keeps (its versions, counters
+        and descriptions) is only what its pool may serve, whatever the heartbeat
+        brought or the entry held from before a placement.
 
         Returns the worker, whether its set of model versions changed, and the others.
         """
@@ -524,9 +530,14 @@ class WorkerRegistry:
             )
             complete = describes or entry.describes_models
             current = tuple(models) if complete else tuple(models) or entry.models
+
+            def placed(model: str, pool: str = entry.pool) -> bool:
+                return pools_admit((placements or {}).get(model), pool)
+
+            current = tuple(ref for ref in current if placed(ref[0]))
             # Only counters of versions the worker serves: rollouts and pins sum every
             # worker's, and a worker reported made-up outcomes of any model's canary.
-            serving = {*models, *entry.models}
+            serving = {ref for ref in (*models, *entry.models) if placed(ref[0])}
             # The worker's cost is one (its load); its weight is per cluster.
             cost = load_weights.smoothed_cost(entry.weight.cost, load)
             clusters = _cluster_weights(entry, current, load, cost, others)
@@ -538,7 +549,11 @@ class WorkerRegistry:
                 weight=load_weights.overall(cost, clusters),
                 cluster_weights=clusters,
                 outcomes=tuple(o for o in outcomes if (o.model, o.version) in serving),
-                served=_served_now(entry, served, current, complete),
+                served=tuple(
+                    item
+                    for item in _served_now(entry, served, current, complete)
+                    if not placements or placed(model_of(item))
+                ),
                 describes_models=complete,
             )
             if await self._swap(worker_id, raw, renewed, _heads_json(renewed.outcomes)):

@@ -9,16 +9,14 @@ worker can answer ListModels and GetModel for the whole mesh.
 from __future__ import annotations
 
 import base64
-import binascii
 import functools
 import logging
 from collections.abc import Mapping, Sequence
 
-from google.protobuf.message import DecodeError
-
 from services.core.errors import FieldViolation, InvalidArgument
 from services.inference.model_merge import merge
-from services.router.catalog import check_name, check_version
+from services.router.catalog import check_name, check_version, pools_admit
+from services.router.descriptions import decoded, model_of
 from services.router.registry import WorkerEntry
 from tokenmesh.inference.v2 import inference_pb2
 
@@ -28,9 +26,8 @@ logger = logging.getLogger(__name__)
 # heartbeat): hundreds of versions' worth.
 MAX_BYTES = 64 * 1024
 _READY = inference_pb2.ModelVersionState.MODEL_VERSION_STATE_READY
-# Kept: parsed descriptions (a model's versions on one worker) and merges (one per
-# worker: each merges the others'), for meshes of hundreds of workers.
-DECODED_CACHE_SIZE = 4096
+# Kept: merges (one per worker: each merges the others'), for meshes of hundreds of
+# workers (parsed descriptions are kept by services.router.descriptions).
 MERGED_CACHE_SIZE = 1024
 
 
@@ -81,24 +78,16 @@ Described = tuple[str, tuple[str, ...] | tuple[tuple[str, str], ...]]
 
 def _described(worker: WorkerEntry, placements: Mapping[str, frozenset[str]]) -> Described:
     if worker.served:
-        served = tuple(
-            item for item in worker.served if admitted(placements, _name_of(item), worker.pool)
-        )
+        served = worker.served
+        if placements:  # what nothing is placed on needs no look at the names
+            served = tuple(
+                item for item in served if pools_admit(placements.get(model_of(item)), worker.pool)
+            )
         return ("served", served)
-    models = tuple(m for m in worker.models if admitted(placements, m[0], worker.pool))
+    models = worker.models
+    if placements:
+        models = tuple(m for m in models if pools_admit(placements.get(m[0]), worker.pool))
     return ("models", models)
-
-
-def admitted(placements: Mapping[str, frozenset[str]], model: str, pool: str) -> bool:
-    """Tells whether a worker of `pool` may serve `model` under `placements` (the
-    worker pools of each placed model)."""
-    pools = placements.get(model)
-    return not pools or pool in pools
-
-
-def _name_of(stored: str) -> str:
-    model = _decoded(stored)
-    return model.name if model is not None else ""
 
 
 @functools.lru_cache(maxsize=MERGED_CACHE_SIZE)
@@ -112,18 +101,9 @@ def _merged(workers: tuple[Described, ...]) -> tuple[inference_pb2.Model, ...]:
                 described.append(
                     inference_pb2.Model(name=name, default_version=version, versions=[ready])
                 )
-            elif (model := _decoded(item)) is not None:
+            elif (model := decoded(item)) is not None:
                 described.append(model)
             else:
                 logger.warning("a stored model description (%s) is unreadable", kind)
     merged = merge(described)
     return tuple(merged[name] for name in sorted(merged))
-
-
-@functools.lru_cache(maxsize=DECODED_CACHE_SIZE)
-def _decoded(stored: str) -> inference_pb2.Model | None:
-    """Returns a stored description parsed (None: unreadable)."""
-    try:
-        return inference_pb2.Model.FromString(base64.b64decode(stored))
-    except (binascii.Error, DecodeError):
-        return None

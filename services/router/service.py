@@ -138,8 +138,9 @@ class RouterService(RedisBackedService):
         self.pin_store = PinStore(self.redis)  # the last prefix pins, shared by replicas
         # Each model's version for requests that pin none, as the last build routed it.
         self.routed_versions: dict[str, str] = {}
-        # The worker pools of each placed model, as the last build read them.
-        self.placements: dict[str, frozenset[str]] = {}
+        # The worker pools of each placed model, as the last build read them (None:
+        # no build yet; heartbeats then read the catalogue).
+        self.placements: dict[str, frozenset[str]] | None = None
 
     async def _build(self, flavours: Sequence[EdgeFlags]) -> list[Resources]:
         """Reads the catalogue and the workers once; builds each flavour's resources."""

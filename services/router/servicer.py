@@ -29,7 +29,7 @@ from services.router.registry import (
     WorkerEntry,
     WorkerRegistry,
 )
-from services.router.served_models import admitted, mesh_models, served_from_pb
+from services.router.served_models import mesh_models, served_from_pb
 from services.router.shadow_pairs import PairStore
 from services.router.shadow_servicer import ShadowRpcs
 from tokenmesh.router.v1 import router_pb2
@@ -620,7 +620,7 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         registry: WorkerRegistry,
         refresh: Refresh,
         routed_versions: Callable[[], Mapping[str, str]] = dict,
-        placements: Callable[[], Mapping[str, frozenset[str]]] = dict,
+        placements: Callable[[], Mapping[str, frozenset[str]] | None] = dict,
     ) -> None:
         self.catalog = catalog
         self.registry = registry
@@ -628,14 +628,23 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
         # Each model's version for requests that pin none, as the edge's routes were
         # last built: workers report it as the default (a heartbeat reads no Redis).
         self.routed_versions = routed_versions
-        # The worker pools of each placed model, as last built: a heartbeat keeps only
-        # what its worker's pool may serve (its models, counters and descriptions).
+        # The worker pools of each placed model, as last built (None: not built yet): a
+        # heartbeat keeps only what its worker's pool may serve (WorkerRegistry.renew).
         self.placements = placements
         # The versions this replica registered in the catalogue. A heartbeat whose new
         # models were stored but whose catalogue registration failed (Redis, or a busy
         # catalogue's UNAVAILABLE) registers them at the worker's next heartbeat: the
         # registry no longer reports them as changed, and the version stayed unrouted.
         self._in_catalogue: set[tuple[str, str]] = set()
+
+    async def _placements(self) -> Mapping[str, frozenset[str]]:
+        """Returns the worker pools of each placed model as the router's last build
+        read them (before its first build, as the catalogue has them now)."""
+        built = self.placements()
+        if built is not None:
+            return built
+        models = await self.catalog.all()
+        return {name: m.worker_pools for name, m in models.items() if m.worker_pools}
 
     async def _register(self, models: Sequence[tuple[str, str]], pool: str | None) -> bool:
         """Adds versions no operator registered yet to the catalogue (0% of traffic),
@@ -672,13 +681,8 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
     ) -> pb.RenewLeaseResponse:
         # A heartbeat rewrites the worker's models and load: only the worker itself.
         caller = _worker_caller(request.lease_token, context)
-        placements = self.placements()
-        pool = "" if caller is None else caller.pool
-
-        def kept(model: str) -> bool:  # an operator's renewal keeps everything
-            return caller is None or admitted(placements, model, pool)
-
-        models = [ref for ref in _refs(request.models) if kept(ref[0])]
+        placements = await self._placements()
+        models = _refs(request.models)
         load = load_from_pb(request.load) if request.HasField("load") else None
         at = now()
         renewal = await self.registry.renew(
@@ -686,10 +690,11 @@ class WorkerRegistryServicer(pb_grpc.WorkerRegistryServiceServicer):
             models,
             at,
             load,
-            [counts for counts in outcomes_from_pb(request.load, at) if kept(counts.model)],
+            outcomes_from_pb(request.load, at),
             caller,
-            served_from_pb(request.worker_id, [m for m in request.served_models if kept(m.name)]),
+            served_from_pb(request.worker_id, request.served_models),
             describes=bool(request.served_models),
+            placements=placements,
         )
         if renewal.models_changed or not self._in_catalogue.issuperset(models):
             # A replica's first heartbeat from each worker only checks the catalogue:

@@ -80,3 +80,9 @@ async def test_a_live_registration_is_taken_only_with_its_pools_certificate(regi
     assert refused.value.reason == "WORKER_ID_IN_USE"
     await registry.register(worker, "10.0.0.1:7000", MODELS, now + 1, pool="gpu")
     assert (await registry.get(worker)).pool == "gpu"
+    # With its lease token, it is the worker itself, restarted with another pool's
+    # certificate (moved to a pool): taken over at once, not after its lease.
+    tokened = f"w-{uuid.uuid4().hex[:8]}"
+    await registry.register(tokened, "10.0.0.1:7001", MODELS, now, TOKEN, pool="")
+    await registry.register(tokened, "10.0.0.1:7001", MODELS, now + 1, TOKEN, pool="gpu")
+    assert (await registry.get(tokened)).pool == "gpu"

@@ -36,10 +36,8 @@ CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 TOKEN = "t" * 43
-EDGE = EdgeFlags(sds_dir="/sds")
-READY = (
-    inference_pb2.ModelVersionState.MODEL_VERSION_STATE_READY
-)  # an edge over mTLS: its clusters verify certificates
+EDGE = EdgeFlags(sds_dir="/sds")  # an edge over mTLS: its clusters verify certificates
+READY = inference_pb2.ModelVersionState.MODEL_VERSION_STATE_READY
 
 
 class Mesh:
@@ -345,3 +343,21 @@ async def test_a_placed_models_fallback_is_placed_within_its_pools(router):
         code, _reason = await failed_call_reason(catalogue.SetModelWorkerPools(placing))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (model, pools)
     await _place(router, "m")  # unplaced: any fallback
+
+
+async def test_a_worker_registered_before_the_placement_drops_the_placed_model(router):
+    # Heartbeats without descriptions keep the entry's versions when they name
+    # none of their own: filtered on arrival only, the placed version stayed stored
+    # (and weighed in the placed workers' weights).
+    await _place(router, "m")
+    await _worker(router, "worker", "before", 7009, "m")
+    await _place(router, "m", "gpu")
+    await _worker(router, "worker-gpu", "fast", 7001, "m")
+    await _worker(router, "worker-gpu", "slow", 7002, "m")
+    for _ in range(12):
+        await _heartbeat(router, "worker", "before", ("m", "1"), load=_ttft(1))
+        await _heartbeat(router, "worker-gpu", "fast", ("m", "1"), load=_ttft(200))
+        await _heartbeat(router, "worker-gpu", "slow", ("m", "1"), load=_ttft(800))
+    workers = (await router.registry("operator").ListWorkers(pb.ListWorkersRequest())).workers
+    assert {w.id: [(m.name, m.version) for m in w.models] for w in workers}["before"] == []
+    assert {w.id: w.weight for w in workers if w.pool} == {"fast": 100, "slow": 25}

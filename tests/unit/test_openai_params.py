@@ -384,10 +384,14 @@ def test_a_stream_option_set_to_null_counts_as_absent() -> None:
     nulls = {"include_usage": None, "include_obfuscation": None}
     call = params.parse_chat(_raw(**CHAT, **stream, stream_options=nulls))
     assert not call.include_usage
-    error = _error(
-        lambda: params.parse_chat(_raw(**CHAT, **stream, stream_options={"include_usage": 1}))
-    )
-    assert error["param"] == "stream_options.include_usage"
+    for member in ("include_usage", "include_obfuscation"):
+        falsies: tuple[object, ...] = (0, "", [], {})
+        for falsy in falsies:  # null only, not whatever reads as false
+            options = {member: falsy}
+            error = _error(
+                lambda o=options: params.parse_chat(_raw(**CHAT, **stream, stream_options=o))
+            )
+            assert error["param"] == f"stream_options.{member}", (member, falsy)
 
 
 def test_a_batch_lines_run_time_error_names_the_parameters_the_line_sent() -> None:
@@ -427,3 +431,21 @@ def test_a_batch_lines_run_time_error_names_the_parameters_the_line_sent() -> No
     legacy = {"model": "m", "prompt": "hi", "logprobs": 2}
     error = error_of("/v1/completions", legacy, "top_logprobs")
     assert error["param"] == "logprobs"
+    tagged: dict[str, object] = {**chat, "metadata": {"user": "u"}}
+    assert error_of("/v1/chat/completions", tagged, "metadata.user")["param"] == "metadata.user"
+
+
+def test_a_batch_lines_names_take_a_few_bytes_of_its_record() -> None:
+    # Every line's options are kept in the batch's record (MAX_RECORD_BYTES): the
+    # whole names took ~56 bytes a line more, a third of the lines a record holds.
+    from services.jobs import openai_batches
+
+    endpoint = "/v1/chat/completions"
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+    def stored(**more: object) -> int:
+        line = {"custom_id": "a", "method": "POST", "url": endpoint, "body": {**body, **more}}
+        (parsed,) = openai_batches.parse_input(json.dumps(line).encode(), endpoint, 10)
+        return len(json.dumps(dict(parsed.options)))
+
+    assert stored(max_completion_tokens=4) - stored(max_tokens=4) <= 10

@@ -396,7 +396,8 @@ class _Body:
             )
             return False
         # A member set to null counts as absent, as a top-level parameter does.
-        self._obfuscation(value.get("include_obfuscation") or False)
+        obfuscation = value.get("include_obfuscation")
+        self._obfuscation(False if obfuscation is None else obfuscation)
         include = value.get("include_usage")
         if include is None:
             return False
