@@ -910,7 +910,9 @@ def access_log(path: str) -> list[dict[str, Any]]:
                     "json_format": {
                         "time": "%START_TIME%",
                         "method": "%REQ(:METHOD)%",
-                        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+                        # Without its query: the transcoder reads fields from it, an
+                        # API key (`/v1/auth/token?api_key=tm_...`) included.
+                        "path": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
                         "grpc_path": "%REQ(:PATH)%",
                         "status": "%RESPONSE_CODE%",
                         "grpc_status": f"%CEL({_grpc_status_expression()})%",
@@ -918,7 +920,17 @@ def access_log(path: str) -> list[dict[str, Any]]:
                         "duration_ms": "%DURATION%",
                         "upstream": "%UPSTREAM_CLUSTER%",
                         "request_id": "%REQ(X-REQUEST-ID)%",
-                    }
+                    },
+                    "formatters": [
+                        {
+                            "name": "envoy.formatter.req_without_query",
+                            "typed_config": {
+                                "@type": _type(
+                                    "extensions.formatter.req_without_query.v3.ReqWithoutQuery"
+                                )
+                            },
+                        }
+                    ],
                 },
             },
         }

@@ -356,11 +356,28 @@ def test_signing_key_rotation_needs_no_envoy_restart(mesh, key):
     assert {jwt.get_unverified_header(before)["kid"], rotated["kid"]} <= kids
 
 
+def _token_requests_logged(mesh) -> int:
+    log = mesh.log_dir / "edge-access.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return text.count('"/v1/auth/token')
+
+
 def test_secrets_never_reach_redis_or_logs(mesh):
     made = create_key(mesh)
     secret = made["secret"]
     complete(mesh, {"x-api-key": secret})
     token_for(mesh, secret)
+    # The transcoder takes the key from the query too; the access log wrote the
+    # path with it (a live secret in edge-access.log).
+    logged = _token_requests_logged(mesh)
+    reply = httpx.post(
+        f"{mesh.edge_url}/v1/auth/token", params={"api_key": secret}, json={}, timeout=10
+    )
+    assert reply.status_code == 200, reply.text
+    deadline = time.monotonic() + 10  # Envoy flushes its access log every second
+    while _token_requests_logged(mesh) <= logged:
+        assert time.monotonic() < deadline, "the token request was never logged"
+        time.sleep(0.1)
     client = redis.Redis.from_url(mesh.redis_url)
     try:
         for name in client.scan_iter("*"):
