@@ -112,6 +112,12 @@ class Authenticator:
             principal = await self.tokens.verify(token)
             if principal is None or not await self.keys.is_active(principal.key_id):
                 return None
+            # Minted from a secret a rotation ended (`--overlap 0` after a leak), the
+            # token made admin calls until its exp: a new admin key of its own, say.
+            if principal.secret_id and not await self.keys.secret_works(
+                principal.key_id, principal.secret_id
+            ):
+                return None
             return principal
         digest = self.keys.secret.hash_api_key(token)
         cached = self._cache.get(digest)
@@ -126,7 +132,7 @@ class Authenticator:
         if now - self._touched.get(key.id, 0.0) > TOUCH_INTERVAL_S:
             self._touched[key.id] = now
             await self.keys.touch(key)
-        principal = Principal.from_key(key, secret_ends_at)
+        principal = Principal.from_key(key, secret_ends_at, digest)
         if len(self._cache) > 10_000:
             self._cache.clear()
         # Never reused past the credential's end (a rotated-out secret's overlap,

@@ -103,6 +103,11 @@ return 0
 """
 
 
+# A secret's id in a JWT: 64 bits of its keyed hash (HMAC under the server secret:
+# it tells nothing of the secret, and a key holds a handful of secrets).
+SECRET_ID_CHARS = 16
+
+
 @dataclass(frozen=True)
 class Principal:
     """Principal is an authenticated caller."""
@@ -120,15 +125,23 @@ class Principal:
     # of a rotated-out secret's overlap, whichever is first; 0 = never. Tokens issued
     # for it expire by then: a JWT outliving its key is a credential nobody can revoke.
     expires_at: float = 0.0
+    # Which of the key's secrets it authenticated with: the first SECRET_ID_CHARS of
+    # that secret's keyed hash ("": a token from before secret ids). A JWT carries it
+    # (`sid`), so the auth service's admin RPCs take a token only while its secret
+    # works: a rotation that ended the secret ends the token there too.
+    secret_id: str = ""
 
     def has_scope(self, scope: str) -> bool:
         """Tells whether the caller holds `scope` (admin holds every scope)."""
         return scope in self.scopes or "admin" in self.scopes
 
     @classmethod
-    def from_key(cls, key: auth_pb2.ApiKey, secret_ends_at: float = 0.0) -> Principal:
+    def from_key(
+        cls, key: auth_pb2.ApiKey, secret_ends_at: float = 0.0, secret_digest: str = ""
+    ) -> Principal:
         """Builds the principal an API key authenticates as; `secret_ends_at` is
-        when the secret used stops working (a rotated-out one's overlap; 0 = never)."""
+        when the secret used stops working (a rotated-out one's overlap; 0 = never),
+        `secret_digest` its keyed hash."""
         ends = [secret_ends_at] if secret_ends_at else []
         if key.HasField("expire_time"):
             ends.append(key.expire_time.ToNanoseconds() / 1e9)
@@ -143,6 +156,7 @@ class Principal:
             key.limits.monthly_tokens,
             format_pins(key.pinned_versions),
             min(ends, default=0.0),
+            secret_digest[:SECRET_ID_CHARS],
         )
 
 
@@ -323,6 +337,18 @@ class ApiKeyStore:
         if ends_at and ends_at <= now:
             return None  # its overlap ended while the answer travelled
         return key, ends_at
+
+    async def secret_works(self, key_id: str, secret_id: str) -> bool:
+        """Tells whether the secret of key `key_id` whose id is `secret_id` (see
+        Principal.secret_id) still works: not rotated out past its overlap, not
+        revoked."""
+        digests = await self.redis.smembers(f"{PREFIX}key:{key_id}:secrets")
+        names = [
+            f"{PREFIX}secret:{text(digest)}"
+            for digest in digests
+            if text(digest).startswith(secret_id)
+        ]
+        return bool(names) and bool(await self.redis.exists(*names))
 
     async def is_active(self, key_id: str) -> bool:
         """Tells whether key `key_id` is active now (read from Redis: not revoked,

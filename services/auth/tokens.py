@@ -61,6 +61,8 @@ class TokenIssuer:
             "exp": exp,
             "jti": uuid.uuid4().hex,
         }
+        if principal.secret_id:
+            claims["sid"] = principal.secret_id
         return jwt.encode(claims, key, algorithm=ALGORITHM, headers={"kid": kid}), exp - now
 
     async def verify(self, token: str) -> Principal | None:
@@ -93,6 +95,7 @@ class TokenIssuer:
             int(claims.get("tpm", 0) or 0),
             int(claims.get("monthly", 0) or 0),
             str(claims.get("pins", "")),
+            secret_id=str(claims.get("sid", "")),
         )
 
 

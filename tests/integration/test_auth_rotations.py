@@ -189,3 +189,37 @@ async def test_rotated_secret_ends_are_capped_by_the_keys_own_expiry_and_none_on
         assert end == key.expire_time.ToNanoseconds() / 1e9
         await keys.revoke(key.id)
         assert await keys.rotated_secret_ends(await keys.get(key.id)) == []
+
+
+async def test_a_token_from_a_secret_a_rotation_ended_makes_no_admin_call(
+    own_redis: str,
+) -> None:
+    # `rotate --overlap 0` after a leak ended the secret, but a JWT the leaker minted
+    # from it before kept calling the auth service's admin RPCs until its exp: it
+    # created an admin key of its own, which outlived every clean-up of the first.
+    async with _auth(own_redis) as (service, channel):
+        stub = auth_service_pb2_grpc.AuthServiceStub(channel)
+        key_id, leaked = await _key(service.keys, ("admin",))
+
+        async def token(secret: str) -> tuple[tuple[str, str], ...]:
+            reply = await stub.IssueToken(auth_service_pb2.IssueTokenRequest(api_key=secret))
+            return (("authorization", f"Bearer {reply.access_token}"),)
+
+        async def creates(bearer: tuple[tuple[str, str], ...]) -> grpc.StatusCode:
+            request = auth_service_pb2.CreateApiKeyRequest(tenant="acme", scopes=["admin"])
+            try:
+                await stub.CreateApiKey(request, metadata=bearer, timeout=10)
+            except grpc.aio.AioRpcError as refused:
+                return refused.code()
+            return grpc.StatusCode.OK
+
+        before = await token(leaked)
+        assert await creates(before) == grpc.StatusCode.OK
+        _, rotated, _ = await service.keys.rotate(key_id, HOUR_S)
+        during = await token(leaked)  # its overlap: the secret and its tokens work on
+        assert await creates(during) == grpc.StatusCode.OK
+        from_rotated = await token(rotated)
+        _, current, _ = await service.keys.rotate(key_id, 0)  # every old secret ends
+        for ended in (before, during, from_rotated):
+            assert await creates(ended) == grpc.StatusCode.UNAUTHENTICATED
+        assert await creates(await token(current)) == grpc.StatusCode.OK
