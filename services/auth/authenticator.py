@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from typing import NoReturn
 
 from services.auth.crypto import looks_like_api_key
 from services.auth.failures import FailureLimiter
@@ -97,6 +98,11 @@ class Authenticator:
         )
         if principal is not None:
             return principal
+        self.refuse(source)
+
+    def refuse(self, source: str) -> NoReturn:
+        """Refuses a failed authentication from `source`: RESOURCE_EXHAUSTED while it
+        is over its failures, else UNAUTHENTICATED, counted."""
         retry_after = self.limiter.retry_after(source)
         if retry_after is not None:
             raise ResourceExhausted(

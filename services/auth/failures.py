@@ -28,7 +28,9 @@ class FailureLimiter:
         if window is None:
             if len(self._failures) >= self.max_sources:
                 self._failures.pop(next(iter(self._failures)))
-            window = self._failures[source] = deque()
+            # Only the last max_failures count (whether they fit in the window): a
+            # flood of failures from one source kept every one (200,000 entries).
+            window = self._failures[source] = deque(maxlen=self.max_failures)
         while window and now - window[0] > self.window_s:
             window.popleft()
         return window

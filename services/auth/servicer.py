@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from google.api import httpbody_pb2
 
-from services.auth.authenticator import Authenticator, unauthenticated
+from services.auth.authenticator import Authenticator
 from services.auth.crypto import looks_like_api_key
 from services.auth.keys import SCOPES, ApiKeyStore, Principal
 from services.auth.signing import SigningKeyRing
@@ -105,8 +105,8 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         source = request_source(context, headers)
         api_key = request.api_key.strip()
         if not looks_like_api_key(api_key):
-            self.authenticator.limiter.record(source)
-            raise unauthenticated()
+            # Refused as any failure is: 429 once its source failed too often.
+            self.authenticator.refuse(source)
         principal = await self.authenticator.authenticate(
             {"x-api-key": api_key}, source, fresh=True
         )

@@ -17,7 +17,7 @@ from google.rpc import code_pb2
 from services.auth.service import AuthService, AuthSettings
 from services.core.server import serving
 from tests import audit, mtls
-from tokenmesh.auth.v1 import auth_pb2
+from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
 
 MAX_FAILURES = 3
 NAT = "203.0.113.7"  # many clients behind one address
@@ -84,6 +84,23 @@ async def test_a_valid_key_passes_from_an_address_throttled_for_failures(own_red
         assert _is_throttled(await _check(channel, GUESS, NAT))
         other = await _check(channel, GUESS, ELSEWHERE)
         assert other.status.code == code_pb2.UNAUTHENTICATED
+
+
+async def test_malformed_token_requests_are_throttled_and_keep_a_bounded_count(own_redis):
+    # A malformed key sent to IssueToken was counted, yet never answered 429, and
+    # each failure was kept: one source's flood grew its list without end.
+    async with _auth(_settings(own_redis)) as (service, channel):
+        stub = auth_service_pb2_grpc.AuthServiceStub(channel)
+        codes = []
+        for _ in range(MAX_FAILURES + 50):
+            try:
+                await stub.IssueToken(auth_service_pb2.IssueTokenRequest(api_key="nope"))
+            except grpc.aio.AioRpcError as refused:
+                codes.append(refused.code())
+        assert codes[:MAX_FAILURES] == [grpc.StatusCode.UNAUTHENTICATED] * MAX_FAILURES
+        assert set(codes[MAX_FAILURES:]) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        counted = service.authenticator.limiter._failures  # noqa: SLF001 - its memory
+        assert max(len(window) for window in counted.values()) <= MAX_FAILURES
 
 
 # Secret files.
