@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from google.api import httpbody_pb2
 
-from services.auth.authenticator import Authenticator
+from services.auth.authenticator import ASCII_SPACE, Authenticator
 from services.auth.crypto import looks_like_api_key
 from services.auth.keys import SCOPES, ApiKeyStore, Principal
 from services.auth.signing import SigningKeyRing
@@ -103,7 +103,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     ) -> pb.IssueTokenResponse:
         headers = request_headers(context)
         source = request_source(context, headers)
-        api_key = request.api_key.strip()
+        api_key = request.api_key.strip(ASCII_SPACE)  # as every credential is
         if not looks_like_api_key(api_key):
             # Refused as any failure is: 429 once its source failed too often.
             self.authenticator.refuse(source)

@@ -145,3 +145,17 @@ async def test_a_stale_dev_admin_key_file_is_replaced_with_mode_0600(tmp_path, o
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert key_file.stat().st_ino != stale_inode, "the new secret went into the old file"
     assert all(seen == {0o600} for name, seen in modes.items() if name != "admin.key"), modes
+
+
+async def test_issue_token_reads_the_key_as_every_credential_is_read(own_redis):
+    # It trimmed Unicode spaces (str.strip), where every other reading of a key
+    # (the edge's cache, `credential`) trims ASCII whitespace only.
+    async with _auth(_settings(own_redis)) as (service, channel):
+        stub = auth_service_pb2_grpc.AuthServiceStub(channel)
+        _, secret = await service.keys.create(
+            "acme", "k", ["inference:generate"], [], auth_pb2.KeyLimits(), None
+        )
+        await stub.IssueToken(auth_service_pb2.IssueTokenRequest(api_key=f" {secret}\n"))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.IssueToken(auth_service_pb2.IssueTokenRequest(api_key=f"{secret}\u00a0"))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
