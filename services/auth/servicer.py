@@ -68,6 +68,9 @@ def _validate_create(request: pb.CreateApiKeyRequest) -> None:
                 )
             )
     limits = request.limits
+    if limits.priority_tier and not contract.is_priority_tier(limits.priority_tier):
+        # It becomes a header value and a JWT claim, a name in per-tier settings.
+        out.append(FieldViolation("limits.priority_tier", f"must be {contract.TENANT_RULE}"))
     for name in ("requests_per_minute", "tokens_per_minute", "monthly_tokens"):
         if getattr(limits, name) < 0:
             out.append(FieldViolation(f"limits.{name}", "must be >= 0"))

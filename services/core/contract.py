@@ -88,6 +88,13 @@ def is_tenant(value: str) -> bool:
     return TENANT.fullmatch(value) is not None
 
 
+def is_priority_tier(value: str) -> bool:
+    """Tells whether `value` is a valid key tier name (its x-tokenmesh-tier header and
+    `tier` claim; the scheduler's and the rate limits' per-tier settings): a tenant
+    id's characters."""
+    return TENANT.fullmatch(value) is not None
+
+
 def is_model_alias(value: str) -> bool:
     """Tells whether `value` is a valid model alias."""
     return MODEL_ALIAS.fullmatch(value) is not None

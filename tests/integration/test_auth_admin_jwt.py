@@ -105,3 +105,22 @@ async def test_no_key_can_be_created_for_an_account_of_the_mesh(own_redis: str, 
             )
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert contract.RESERVED_TENANT_PREFIX in (refused.value.details() or "")
+
+
+@pytest.mark.parametrize("tier", ["pre mium", "premium\n", "-x", "t" * 65])
+async def test_a_keys_tier_is_a_name(own_redis: str, tier: str) -> None:
+    # It becomes the x-tokenmesh-tier header and the `tier` claim, and names a tier
+    # in the scheduler's and the rate limits' settings: it was taken as any string.
+    async with _auth(own_redis) as (service, stub):
+        _, admin = await _admin_key(service, "ops")
+        limits = auth_pb2.KeyLimits(priority_tier=tier)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.CreateApiKey(
+                auth_service_pb2.CreateApiKeyRequest(
+                    tenant="acme", scopes=["usage:read"], limits=limits
+                ),
+                metadata=(("x-api-key", admin),),
+                timeout=10,
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "limits.priority_tier" in (refused.value.details() or "")
