@@ -179,7 +179,10 @@ def worker_load(models: Iterable[LoadedModel], now: float | None = None) -> rout
                 load.versions.append(version_outcomes_pb(model))
             continue
         stats = model.scheduler.stats()
-        load.queue_depth += stats["waiting"]
+        # Interactive only: a backlog of copies or job items (they wait behind every
+        # interactive request) priced a worker as loaded, and its weight fell from
+        # 100 to 20, live traffic pushed to the others.
+        load.queue_depth += stats["waiting_interactive"]
         load.running_sequences += stats["running"]
         load.max_sequences += model.scheduler.limits.max_sequences
         capacity = max(stats["kv_tokens_capacity"], 1)

@@ -622,6 +622,9 @@ class Scheduler:
         return {
             "running": len(running),
             "waiting": self._waiting_count,
+            # Batch work (job items, shadow copies) waits behind these: it delays no
+            # new interactive request, so the load report leaves it out.
+            "waiting_interactive": self._interactive(),
             "kv_tokens_used": sum(len(s.prompt_ids) + len(s.generated) for s in running),
             "kv_tokens_reserved": self._reserved,
             "kv_tokens_capacity": self.limits.max_kv_tokens,

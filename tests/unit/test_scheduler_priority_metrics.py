@@ -72,3 +72,34 @@ async def test_batch_work_waits_in_its_own_queue_depth_and_ttft_series() -> None
         assert _sample(total, labels, "batch") == pytest.approx(batch_ttft)
     finally:
         await sched.stop(drain_timeout_s=0)
+
+
+async def test_the_load_report_counts_interactive_waiting_only(monkeypatch) -> None:
+    # Load-aware routing prices a worker by its queue: waiting copies and job items
+    # (behind every interactive request) pushed live traffic off it (weight 100 -> 20).
+    from types import SimpleNamespace
+
+    from services.inference import load_report
+    from tokenmesh.router.v1 import router_pb2
+
+    engine = GatedEngine(step_s=0.005)
+    sched = Scheduler(engine, engine.eos_token_id, SchedulerLimits(max_sequences=1), _labels())
+    await sched.start()
+    try:
+        running = sched.submit([1], _params(max_tokens=100), PRIORITY_INTERACTIVE, None)
+        await asyncio.wait_for(running.outbox.get(), 5)
+        batch = [sched.submit([2], _params(max_tokens=2), PRIORITY_BATCH, None) for _ in range(3)]
+        waiting = sched.submit([3], _params(max_tokens=2), PRIORITY_INTERACTIVE, None)
+        monkeypatch.setattr(
+            load_report, "version_outcomes_pb", lambda _: router_pb2.VersionOutcomes()
+        )
+        outcomes = SimpleNamespace(recent_ttfts=lambda _at: [])
+        model = SimpleNamespace(scheduler=sched, embedder=None, outcomes=outcomes)
+        async with asyncio.timeout(5):
+            while sched.stats()["waiting"] != 4:
+                await asyncio.sleep(0.01)
+        assert load_report.worker_load([model]).queue_depth == 1  # type: ignore[list-item]
+        for seq in (running, waiting, *batch):
+            await _finished(seq)
+    finally:
+        await sched.stop(drain_timeout_s=0)

@@ -356,7 +356,9 @@ class WorkerLoad(_message.Message):
     TTFT_P99_MS_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
     queue_depth: _builtins.int
-    """queue_depth is the requests waiting for a slot, over all model versions."""
+    """queue_depth is the interactive requests waiting for a slot, over all
+    model versions (batch work and shadow copies wait behind them: left out).
+    """
     running_sequences: _builtins.int
     """running_sequences is the sequences in running batches, over all versions."""
     max_sequences: _builtins.int
