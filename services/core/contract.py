@@ -267,7 +267,12 @@ def worker_pool_of(identity: str | None) -> str | None:
     if identity is None or not identity.startswith(WORKER_POOL_PREFIX):
         return None
     pool = identity[len(WORKER_POOL_PREFIX) :]
-    return pool if WORKER_POOL.fullmatch(pool) else None
+    return pool if is_worker_pool(pool) else None
+
+
+def is_worker_pool(value: str) -> bool:
+    """Tells whether `value` is a valid worker pool name."""
+    return WORKER_POOL.fullmatch(value) is not None
 
 
 def worker_identity(pool: str) -> str:

@@ -298,10 +298,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--export", type=Path, metavar="ROOT", help="copy each identity's files to ROOT/<identity>"
     )
     args = parser.parse_args(argv)
-    pools = [contract.worker_identity(pool) for pool in args.worker_pool]
-    for pool, identity in zip(args.worker_pool, pools, strict=True):
-        if not pool or contract.worker_pool_of(identity) != pool:
+    for pool in args.worker_pool:
+        if not contract.is_worker_pool(pool):
             parser.error(f"--worker-pool {pool!r}: must be {contract.WORKER_POOL_RULE}")
+    pools = [contract.worker_identity(pool) for pool in args.worker_pool]
     # Pools first, operator last: its exported leaf means all are there.
     identities = [*pools, *IDENTITIES]
     extra: dict[str, list[str]] = {}

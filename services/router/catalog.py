@@ -368,7 +368,7 @@ def set_worker_pools(
     if len(set(pools)) > contract.MAX_WORKER_POOLS:
         raise _violation("worker_pools", f"at most {contract.MAX_WORKER_POOLS} pools")
     for pool in pools:
-        if not contract.WORKER_POOL.fullmatch(pool):
+        if not contract.is_worker_pool(pool):
             raise _violation("worker_pools", f"{pool[:40]!r} must be {contract.WORKER_POOL_RULE}")
     placed = replace(model, worker_pools=frozenset(pools))
     if placed.fallback in catalog:
