@@ -42,6 +42,10 @@ from services.core.breaker import Breaker
 from services.core.errors import QuotaViolation, ResourceExhausted
 from services.core.redis_service import LUA_REDIS_NOW_MS, text
 
+#: The name of a monthly budget's limit: its QuotaFailure subject ends with it, which
+#: the OpenAI surface answers as `insufficient_quota` (services/inference/openai/errors.py).
+MONTHLY_LIMIT = "monthly_tokens"
+
 # How long a reservation is remembered by request id (replays are charged once).
 REPLAY_TTL_S = 3600
 # The longest a job item's may be (`reserve`'s `replay_ttl_s`): a job's window (at
@@ -594,7 +598,7 @@ class TokenBudgets:
             limit = f"tokens_per_minute={limits.tokens_per_minute}"
         else:
             retry_s = until_next_month
-            limit = f"monthly_tokens={limits.monthly_tokens}"
+            limit = f"{MONTHLY_LIMIT}={limits.monthly_tokens}"
         raise ResourceExhausted(
             f"token budget exceeded: this request needs {amount} tokens (prompt + max_tokens) "
             f"and {limit} for key {key_id} does not have them; retry in {retry_s:.0f}s",

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from services.core.errors import FieldViolation, InvalidArgument, TokenmeshError
+from services.inference.budget import MONTHLY_LIMIT
 from services.inference.openai import shapes
 from services.inference.openai.params import Renames, v2_param
 
@@ -48,7 +49,7 @@ OPENAI_CODES: Mapping[str, str] = {
 # A spent monthly token budget is OpenAI's `insufficient_quota` (type and code): what
 # clients test to stop instead of backing off; a per-minute one stays a rate limit.
 INSUFFICIENT_QUOTA = "insufficient_quota"
-_MONTHLY_BUDGET = ":monthly_tokens"  # services/inference/budget.py's quota subject
+_MONTHLY_BUDGET = f":{MONTHLY_LIMIT}"  # the end of a monthly budget's quota subject
 
 
 def code_of(reason: str) -> str | None:
