@@ -269,6 +269,12 @@ class Request:
         self.streamed = False
 
     @property
+    def batch_priority(self) -> bool:
+        """Whether it waits behind every interactive request (a generation that asked
+        for batch priority: a job item's); an embedding request never does."""
+        return False
+
+    @property
     def prefix_scope(self) -> str:
         """The scope its prompt's KV is reused in (engines.prefix_cache): its tenant's,
         kept apart from a shared model's one scope when it asked for another model
@@ -545,7 +551,11 @@ class Admission:
             # A shadow copy is no live traffic of its version: counted in, it made a
             # canary that is also the shadow pass (or fail) its rollout gates on copies.
             outcomes = request.model.outcomes
-            outcomes.observe(event.finish_reason, event.timing.time_to_first_token_ms)
+            outcomes.observe(
+                event.finish_reason,
+                event.timing.time_to_first_token_ms,
+                batch=request.batch_priority,
+            )
             # The prompt's length as served: a cache hit's billed usage may be 0.
             served = event.served_usage if event.HasField("served_usage") else event.usage
             outcomes.prefixes.observe(

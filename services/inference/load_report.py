@@ -138,15 +138,32 @@ class VersionOutcomes:
         self.counters_id = uuid.uuid4().hex[:16]
         self.requests = 0
         self.errors = 0
+        # Of those, the ones at batch priority (job items, v2 PRIORITY_BATCH): their
+        # first token waits behind every interactive request, so their TTFTs are
+        # queue time, kept out of the histogram and the load report's samples.
+        self.batch_requests = 0
+        self.batch_errors = 0
         self.ttft_counts = [0] * (len(TTFT_BOUNDS_MS) + 1)
         self.recent: deque[tuple[float, float]] = deque(maxlen=RECENT_MAX_SAMPLES)
         self.prefixes = PrefixHeat()
 
-    def observe(self, finish_reason: str, ttft_ms: float, now: float | None = None) -> None:
-        """Counts a finished request (ttft_ms 0: it never produced a first token)."""
+    def observe(
+        self, finish_reason: str, ttft_ms: float, now: float | None = None, *, batch: bool = False
+    ) -> None:
+        """Counts a finished request (ttft_ms 0: it never produced a first token; `batch`:
+        it ran at batch priority, its TTFT left out).
+
+        A job item's TTFT in the samples priced the worker that ran a job's backlog as
+        slow (a second of queueing behind live traffic against 40 ms), and its weight
+        fell: live traffic pushed off a worker whose live requests started as fast.
+        """
         self.requests += 1
-        if finish_reason == ERROR_REASON:
-            self.errors += 1
+        error = finish_reason == ERROR_REASON
+        self.errors += error
+        if batch:
+            self.batch_requests += 1
+            self.batch_errors += error
+            return
         if ttft_ms > 0:
             self.ttft_counts[bisect.bisect_left(TTFT_BOUNDS_MS, ttft_ms)] += 1
             self.recent.append((time.monotonic() if now is None else now, ttft_ms))
@@ -205,6 +222,8 @@ def version_outcomes_pb(model: LoadedModel) -> router_pb2.VersionOutcomes:
         ttft_bucket_counts=outcomes.ttft_counts,
         ttft_bucket_bounds_ms=TTFT_BOUNDS_MS,
         counters_id=outcomes.counters_id,
+        batch_requests=outcomes.batch_requests,
+        batch_errors=outcomes.batch_errors,
         hot_prefixes=[
             router_pb2.PrefixHeat(
                 prefix=head.prefix,

@@ -254,6 +254,9 @@ class VersionCounts:
             worker, in tokens (0: it has none).
         counters_id: this run of the counters (a new one each time the version
             loads on the worker; "" from a worker that sends none).
+        batch_requests, batch_errors: those of `requests` and `errors` at batch
+            priority (the TTFT histogram leaves them out; 0 from a worker that
+            sends none).
     """
 
     model: str
@@ -265,6 +268,8 @@ class VersionCounts:
     hot_prefixes: tuple[HotPrefix, ...] = ()
     prefix_cache_tokens: int = 0
     counters_id: str = ""
+    batch_requests: int = 0
+    batch_errors: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """Serialises the counters for the worker's entry (the hot heads go apart:
@@ -285,6 +290,8 @@ class VersionCounts:
             ttft_counts=tuple(int(c) for c in data["ttft_counts"]),
             prefix_cache_tokens=int(data.get("prefix_cache_tokens", 0)),  # absent before
             counters_id=str(data.get("counters_id", "")),  # absent before
+            batch_requests=int(data.get("batch_requests", 0)),  # absent before
+            batch_errors=int(data.get("batch_errors", 0)),
         )
 
 

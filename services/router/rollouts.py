@@ -236,6 +236,10 @@ class Window:
     errors: int = 0
     ttft_bounds_ms: tuple[float, ...] = ()
     ttft_counts: tuple[int, ...] = ()
+    # Of requests and errors, those at batch priority (job items): the histogram
+    # leaves them out (their first token waits behind every interactive request).
+    batch_requests: int = 0
+    batch_errors: int = 0
 
     @property
     def error_rate(self) -> float:
@@ -249,8 +253,15 @@ class Window:
 
     @property
     def completed(self) -> int:
-        """Returns the requests that ended without a server error."""
-        return max(self.requests - self.errors, 0)
+        """Returns the interactive requests (the ones the TTFT histogram times) that
+        ended without a server error."""
+        interactive = self.requests - self.batch_requests
+        return max(interactive - (self.errors - self.batch_errors), 0)
+
+    @property
+    def batch_only(self) -> bool:
+        """Whether every request it has ran at batch priority (at least one did)."""
+        return self.batch_requests > 0 and self.batch_requests == self.requests
 
     @property
     def untimed(self) -> int:
@@ -324,6 +335,8 @@ class Window:
             base = None  # the version was reloaded: its counters started again
         requests = counts.requests - (base.requests if base else 0)
         errors = counts.errors - (base.errors if base else 0)
+        batch_requests = counts.batch_requests - (base.batch_requests if base else 0)
+        batch_errors = counts.batch_errors - (base.batch_errors if base else 0)
         ttft = [c - (base.ttft_counts[i] if base else 0) for i, c in enumerate(counts.ttft_counts)]
         summed = list(self.ttft_counts) or [0] * len(ttft)
         bounds = self.ttft_bounds_ms or counts.ttft_bounds_ms
@@ -337,6 +350,8 @@ class Window:
             self.errors + errors,
             bounds,
             tuple(a + max(b, 0) for a, b in zip(summed, ttft, strict=True)),
+            self.batch_requests + batch_requests,
+            self.batch_errors + batch_errors,
         )
 
 
@@ -474,6 +489,8 @@ def _counters_restarted(counts: VersionCounts, base: VersionCounts) -> bool:
         counts.counters_id != base.counters_id
         or counts.requests < base.requests
         or counts.errors < base.errors
+        or counts.batch_requests < base.batch_requests
+        or counts.batch_errors < base.batch_errors
         or len(base.ttft_counts) != len(counts.ttft_counts)
         or any(c < b for c, b in zip(counts.ttft_counts, base.ttft_counts, strict=False))
     )
@@ -678,6 +695,8 @@ def ttft_wait(policy: Policy, canary: Window, stable: Window) -> str:
     first token proved nothing about the ones that were not.
     """
     if not stable.completed:
+        if stable.batch_only and (canary.batch_only or not canary.requests):
+            return ""  # job items only: their TTFTs are queue time, no gate reads them
         return (
             f"waiting for the stable version's traffic: none of its {stable.requests} "
             "requests this step completed, to compare with"

@@ -199,6 +199,8 @@ def outcomes_from_pb(load: router_pb2.WorkerLoad, received_at: float) -> list[Ve
             ),
             prefix_cache_tokens=max(0, v.prefix_cache_tokens),
             counters_id=v.counters_id[:64],
+            batch_requests=v.batch_requests,
+            batch_errors=v.batch_errors,
         )
         for v in load.versions
         if len(v.ttft_bucket_counts) == len(v.ttft_bucket_bounds_ms) + 1
@@ -209,8 +211,10 @@ def outcomes_from_pb(load: router_pb2.WorkerLoad, received_at: float) -> list[Ve
         and contract.is_model_version(v.model.version)
         # Rollouts sum these over workers: a negative count hid another's errors.
         and 0 <= v.errors <= v.requests
+        and 0 <= v.batch_errors <= v.batch_requests <= v.requests
+        and v.batch_errors <= v.errors
         and all(count >= 0 for count in v.ttft_bucket_counts)
-        and sum(v.ttft_bucket_counts) <= v.requests
+        and sum(v.ttft_bucket_counts) <= v.requests - v.batch_requests
     ]
 
 
@@ -243,6 +247,8 @@ def load_to_pb(load: LoadReport, outcomes: Sequence[VersionCounts]) -> router_pb
                 ],
                 prefix_cache_tokens=c.prefix_cache_tokens,
                 counters_id=c.counters_id,
+                batch_requests=c.batch_requests,
+                batch_errors=c.batch_errors,
             )
             for c in outcomes
         ],

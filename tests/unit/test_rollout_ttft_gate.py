@@ -126,3 +126,39 @@ def test_a_canary_almost_twice_as_slow_rolls_back_whatever_its_buckets() -> None
         rollout(), window([109.0] * 1000), window([109.0] * 20_000), AFTER_STEP
     )
     assert action == "advance", reason
+
+
+def _with_batch(interactive: ro.Window, batch: int, batch_errors: int = 0) -> ro.Window:
+    """Returns `interactive` plus `batch` job items (outside the histogram)."""
+    return ro.Window(
+        interactive.requests + batch,
+        interactive.errors + batch_errors,
+        interactive.ttft_bounds_ms,
+        interactive.ttft_counts,
+        batch,
+        batch_errors,
+    )
+
+
+def test_job_items_are_neither_timed_nor_counted_as_requests_without_a_first_token() -> None:
+    # The histogram leaves job items out (their TTFT is queue time); counted among
+    # the completed requests, each read as a request that never got a first token,
+    # slower than every bound, and 20 of them rolled a same-latency canary back.
+    canary = _with_batch(window([100.0] * 50), batch=20)
+    assert (canary.completed, canary.untimed) == (50, 0)
+    assert _with_batch(window([100.0] * 50), batch=20, batch_errors=3).completed == 50
+    action, reason = ro.decide(rollout(), canary, _with_batch(STABLE, batch=400), AFTER_STEP)
+    assert action == "advance", reason
+    assert "over 70 requests" in reason  # the error gate and min_requests count them all
+
+
+def test_a_model_served_to_job_items_only_is_gated_on_its_errors() -> None:
+    # No interactive request on either side: no TTFT to compare, as for embeddings
+    # (it waited for the stable version's interactive traffic for good).
+    empty = window([])
+    canary, stable = _with_batch(empty, batch=60), _with_batch(empty, batch=600)
+    action, reason = ro.decide(rollout(), canary, stable, AFTER_STEP)
+    assert action == "advance", reason
+    # A canary with interactive traffic still needs the stable version's to compare with.
+    action, reason = ro.decide(rollout(), window([100.0] * 60), stable, AFTER_STEP)
+    assert action == "hold" and "stable version's traffic" in reason, reason

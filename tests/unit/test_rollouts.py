@@ -256,3 +256,39 @@ def test_without_the_stable_versions_requests_or_first_tokens_a_step_holds():
     # A stored one-step rollout no longer succeeds blindly.
     one_step = rollout(policy=ro.Policy(steps=(100,), step_s=60, min_requests=50))
     assert ro.decide(one_step, slow, ro.Window(), NOW + 61)[0] == "hold"
+
+
+def test_job_items_are_summed_apart_and_read_a_restart_when_they_go_down() -> None:
+    base = VersionCounts(
+        "m", "2", 30, 2, TTFT_BOUNDS_MS, ttfts(10, 10), batch_requests=20, batch_errors=1
+    )
+    now = VersionCounts(
+        "m", "2", 90, 5, TTFT_BOUNDS_MS, ttfts(10, 40), batch_requests=50, batch_errors=3
+    )
+    assert VersionCounts.from_json(now.to_json()) == now  # as the registry stores them
+    step = ro.Window().plus(now, base)
+    assert (step.requests, step.errors, step.batch_requests, step.batch_errors) == (60, 3, 30, 2)
+    assert (step.ttft_samples, step.completed) == (30, 29)
+    # Fewer job items than at the step's start: the worker's counters started again.
+    restarted = VersionCounts("m", "2", 95, 5, TTFT_BOUNDS_MS, ttfts(10, 90), batch_requests=5)
+    assert ro.Window().plus(restarted, base).requests == 95
+
+
+def test_a_heartbeat_with_impossible_job_item_counts_is_dropped() -> None:
+    from services.router.servicer import outcomes_from_pb
+    from tokenmesh.router.v1 import router_pb2
+    from tokenmesh.type.v1 import types_pb2
+
+    def report(requests: int, batch: int, batch_errors: int, timed: int) -> router_pb2.WorkerLoad:
+        counts = [timed] + [0] * len(TTFT_BOUNDS_MS)
+        version = router_pb2.VersionOutcomes(
+            model=types_pb2.ModelRef(name="m", version="2"), requests=requests, errors=1,
+            ttft_bucket_counts=counts, ttft_bucket_bounds_ms=TTFT_BOUNDS_MS,
+            batch_requests=batch, batch_errors=batch_errors,
+        )  # fmt: skip
+        return router_pb2.WorkerLoad(versions=[version])
+
+    assert len(outcomes_from_pb(report(10, 4, 1, 6), 0.0)) == 1
+    assert outcomes_from_pb(report(10, 11, 0, 0), 0.0) == []  # more job items than requests
+    assert outcomes_from_pb(report(10, 4, 2, 6), 0.0) == []  # more job item errors than errors
+    assert outcomes_from_pb(report(10, 4, 0, 7), 0.0) == []  # job items in the histogram

@@ -24,7 +24,7 @@ from services.inference.admission import Request, Target
 from services.inference.generation import Delta, GenerationState, stream_deltas, tagged_deltas
 from services.inference.logprobs import Confidence, TokenLogprob
 from services.inference.pipeline.content import NO_CONTENT, RequestContent
-from services.inference.scheduler import Scheduler, Sequence_
+from services.inference.scheduler import PRIORITY_INTERACTIVE, Scheduler, Sequence_
 from services.inference.templates import TemplateId
 from services.inference.tokenizer import Tokenizer
 from services.inference.v2.validation import GenerationSpec
@@ -145,6 +145,12 @@ class Generation(Request):
         self.choices: list[Choice] = []
         self.sent_tokens = 0  # completion tokens in messages the caller accepted
         self.content: RequestContent = NO_CONTENT  # its content policies (output filter)
+
+    @property
+    def batch_priority(self) -> bool:
+        """Whether it waits behind every interactive request (it asked for batch priority,
+        or is a shadow copy)."""
+        return self.spec.priority != PRIORITY_INTERACTIVE
 
     @property
     def prompt_tokens(self) -> int:

@@ -416,6 +416,8 @@ class VersionOutcomes(_message.Message):
     HOT_PREFIXES_FIELD_NUMBER: _builtins.int
     PREFIX_CACHE_TOKENS_FIELD_NUMBER: _builtins.int
     COUNTERS_ID_FIELD_NUMBER: _builtins.int
+    BATCH_REQUESTS_FIELD_NUMBER: _builtins.int
+    BATCH_ERRORS_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     """requests is the finished generation requests."""
     errors: _builtins.int
@@ -435,14 +437,23 @@ class VersionOutcomes(_message.Message):
     before (a healthy canary was rolled back). Empty: not sent (the router
     then tells a restart only by counters that went down).
     """
+    batch_requests: _builtins.int
+    """batch_requests is how many of `requests` ran at batch priority (job
+    items, v2 PRIORITY_BATCH): their first token waits behind every
+    interactive request, so ttft_bucket_counts leaves them out, and a
+    rollout's TTFT gate reads the interactive requests only. 0 from workers
+    that send none (all their requests count as interactive).
+    """
+    batch_errors: _builtins.int
+    """batch_errors is how many of `errors` ran at batch priority."""
     @_builtins.property
     def model(self) -> _types_pb2.ModelRef:
         """model is the model version."""
 
     @_builtins.property
     def ttft_bucket_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """ttft_bucket_counts count requests by time to first token: element i
-        counts those above ttft_bucket_bounds_ms[i-1] and at most
+        """ttft_bucket_counts count interactive requests by time to first token:
+        element i counts those above ttft_bucket_bounds_ms[i-1] and at most
         ttft_bucket_bounds_ms[i]; the last element counts those above every bound.
         """
 
@@ -469,10 +480,12 @@ class VersionOutcomes(_message.Message):
         hot_prefixes: _abc.Iterable[Global___PrefixHeat] | None = ...,
         prefix_cache_tokens: _builtins.int = ...,
         counters_id: _builtins.str = ...,
+        batch_requests: _builtins.int = ...,
+        batch_errors: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters_id", b"counters_id", "errors", b"errors", "hot_prefixes", b"hot_prefixes", "model", b"model", "prefix_cache_tokens", b"prefix_cache_tokens", "requests", b"requests", "ttft_bucket_bounds_ms", b"ttft_bucket_bounds_ms", "ttft_bucket_counts", b"ttft_bucket_counts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_errors", b"batch_errors", "batch_requests", b"batch_requests", "counters_id", b"counters_id", "errors", b"errors", "hot_prefixes", b"hot_prefixes", "model", b"model", "prefix_cache_tokens", b"prefix_cache_tokens", "requests", b"requests", "ttft_bucket_bounds_ms", b"ttft_bucket_bounds_ms", "ttft_bucket_counts", b"ttft_bucket_counts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
