@@ -100,8 +100,34 @@ def models_compare(
         print(describe(reply, args.since))
 
 
-def _ms(latency: router_pb2.LatencySummary) -> str:
-    return f"{latency.p50_ms:.1f} / {latency.p99_ms:.1f}"
+# Fewer pairs than this: the table says the figures are too few to judge by (a p99
+# of 3 requests is their slowest; 1 agreeing pair of 1 read as 100.0%).
+MIN_PAIRS = 30
+_Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
+
+
+def _timed(side: router_pb2.VersionComparison) -> bool:
+    """Whether any of the side's requests ended without an error (latencies have samples)."""
+    return side.requests * (1.0 - side.error_rate) >= 0.5
+
+
+def _latency(read: Callable[[router_pb2.VersionComparison], router_pb2.LatencySummary]) -> Cell:
+    """A latency's cell: `-` without a sample (0.0 read as "instant")."""
+    return lambda side: (
+        f"{read(side).p50_ms:.1f} / {read(side).p99_ms:.1f}" if _timed(side) else "-"
+    )
+
+
+def wilson_interval(hits: int, total: int) -> tuple[float, float]:
+    """Returns the 95% Wilson score interval of a share `hits / total` ((0, 1) without any)."""
+    if total <= 0:
+        return 0.0, 1.0
+    share, z2 = hits / total, _Z95 * _Z95
+    centre = share + z2 / (2 * total)
+    spread = _Z95 * (share * (1 - share) / total + z2 / (4 * total * total)) ** 0.5
+    return max(0.0, (centre - spread) / (1 + z2 / total)), min(
+        1.0, (centre + spread) / (1 + z2 / total)
+    )
 
 
 def _reasons(side: router_pb2.VersionComparison) -> str:
@@ -128,9 +154,10 @@ def _quality(value: Callable[[router_pb2.VersionComparison], float]) -> Cell:
 
 ROWS: tuple[tuple[str, Cell], ...] = (
     ("requests", lambda s: str(s.requests)),
-    ("ttft p50/p99 ms", lambda s: _ms(s.time_to_first_token)),
-    ("itl p50/p99 ms", lambda s: _ms(s.inter_token_latency)),
-    ("total p50/p99 ms", lambda s: _ms(s.total_latency)),
+    ("ttft p50/p99 ms", _latency(lambda s: s.time_to_first_token)),
+    ("itl p50/p99 ms", _latency(lambda s: s.inter_token_latency)),
+    ("total p50/p99 ms", _latency(lambda s: s.total_latency)),
+    ("queue p50/p99 ms", _latency(lambda s: s.queue_time)),
     ("error rate", lambda s: f"{s.error_rate:.3f}"),
     ("finish reasons", _reasons),
     ("output tokens mean/p50/p90/max", _lengths),
@@ -150,8 +177,28 @@ def describe(reply: router_pb.CompareModelVersionsResponse, since: str) -> str:
     ]
     for name, cell in ROWS:
         lines.append(f"  {name:<{width}}  {cell(base):>24}  {cell(cand):>24}")
+    lines.append(_agreement(reply))
     lines.append(
-        f"  seeded pairs agreeing: {reply.agreeing_pairs}/{reply.seeded_pairs} "
-        f"({reply.agreement_rate:.1%})"
+        "  latencies count from the start of prefill: a shadow copy waits behind the "
+        "live requests (queue)"
     )
+    if reply.pairs < MIN_PAIRS:
+        lines.append(f"  fewer than {MIN_PAIRS} pairs: too few to judge the versions by")
+    if reply.reversed_pairs:
+        lines.append(
+            f"  {reply.reversed_pairs} pairs the other way round (v{cand.version} served, "
+            f"v{base.version} shadow) left out: tokenmesh models compare {reply.model} "
+            f"{cand.version} {base.version}"
+        )
     return "\n".join(lines)
+
+
+def _agreement(reply: router_pb.CompareModelVersionsResponse) -> str:
+    """The texts' agreement, with its 95% interval (a few pairs show a wide one)."""
+    if not reply.seeded_pairs:
+        return "  seeded pairs agreeing: none seeded (a seed or temperature 0 compares texts)"
+    low, high = wilson_interval(reply.agreeing_pairs, reply.seeded_pairs)
+    return (
+        f"  seeded pairs agreeing: {reply.agreeing_pairs}/{reply.seeded_pairs} "
+        f"({reply.agreement_rate:.1%}; 95% interval {low:.1%}-{high:.1%})"
+    )

@@ -439,6 +439,7 @@ def record_of(request: object, version: str, event: inference_pb2.UsageEvent) ->
         ttft_ms=round(event.timing.time_to_first_token_ms, 3),
         itl_ms=round(_mean(itls) or 0.0, 3),
         total_ms=round(event.timing.total_ms, 3),
+        queue_ms=round(event.timing.queue_ms, 3),
         # What it produced: a served answer's billed usage may be 0 (cache billing).
         output_tokens=served_usage(event).completion_tokens,
         mean_logprob=_mean([c.mean_logprob for c in scored]),

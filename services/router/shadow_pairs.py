@@ -7,7 +7,11 @@ request id the two share (a legacy completion's later prompts: `<id>:<n>`);
 pairs of a window and summarises each version. Only computed answers are
 recorded: a side served from the response cache or by another request's
 computation (a replay's timing, no text to compare), or by a fallback model,
-writes none, and a copy never uses the cache, so the figures are the models'.
+writes none, and a copy never uses the cache. Latencies leave out the time a
+request waited for a slot (`queue_ms`): a copy waits at batch priority behind
+the live requests, its live side does not, and that is the scheduler's policy,
+not the model's speed (shown apart, as the queue time). So the figures are the
+models'.
 
 Redis layout, per model (one hash slot: the model is the key's hash tag):
 
@@ -120,6 +124,8 @@ class Record:
         confidence: the choice's confidence 0-1 (None: not computed).
         reproducible: seeded or greedy: the same input must give the same text.
         text_hash: a hash of the output texts (compared between the pair's two).
+        queue_ms: submission to the start of its prefill (0 from workers before it
+            was recorded).
     """
 
     version: str
@@ -132,6 +138,7 @@ class Record:
     confidence: float | None = None
     reproducible: bool = False
     text_hash: str = ""
+    queue_ms: float = 0.0
 
     def to_json(self) -> str:
         """Serialises the record compactly."""
@@ -245,6 +252,7 @@ class VersionFigures:
     ttft: Latency = field(default_factory=Latency)
     itl: Latency = field(default_factory=Latency)
     total: Latency = field(default_factory=Latency)
+    queue: Latency = field(default_factory=Latency)
     error_rate: float = 0.0
     finish_reasons: Mapping[str, int] = field(default_factory=dict)
     output_tokens: tuple[float, int, int, int, int] = (0.0, 0, 0, 0, 0)  # mean p50 p90 p99 max
@@ -264,9 +272,10 @@ class VersionFigures:
         return cls(
             version=version,
             requests=len(records),
-            ttft=Latency.of([r.ttft_ms for r in ok if r.ttft_ms > 0]),
+            ttft=Latency.of([_unqueued(r.ttft_ms, r) for r in ok if r.ttft_ms > 0]),
             itl=Latency.of([r.itl_ms for r in ok if r.itl_ms > 0]),
-            total=Latency.of([r.total_ms for r in ok]),
+            total=Latency.of([_unqueued(r.total_ms, r) for r in ok]),
+            queue=Latency.of([r.queue_ms for r in ok]),
             error_rate=(len(records) - len(ok)) / len(records) if records else 0.0,
             finish_reasons=reasons,
             output_tokens=(
@@ -281,6 +290,11 @@ class VersionFigures:
         )
 
 
+def _unqueued(ms: float, record: Record) -> float:
+    """Returns a latency of the record without its wait for a slot."""
+    return max(ms - record.queue_ms, 0.0)
+
+
 @dataclass(frozen=True)
 class Comparison:
     """Comparison is two versions' figures over the same requests, and their agreement."""
@@ -290,6 +304,7 @@ class Comparison:
     pairs: int
     reproducible_pairs: int
     agreeing_pairs: int
+    reversed_pairs: int = 0
 
     @property
     def agreement_rate(self) -> float:
@@ -298,16 +313,23 @@ class Comparison:
 
 
 def compare(pairs: Iterable[Pair], baseline: str, candidate: str) -> Comparison:
-    """Compares `baseline` and `candidate` over the pairs where one served and the other
-    shadowed (either way round); other pairs are left out.
+    """Compares `baseline` and `candidate` over the pairs where the baseline served and
+    the candidate shadowed; the pairs the other way round are only counted
+    (`reversed_pairs`), other pairs are left out.
+
+    Each side is one role: taken either way round, a window spanning a promotion
+    (v1 shadowing v2 after v2 shadowed v1) mixed each version's live requests
+    with its copies, under headers that named one role each.
 
     Texts are compared only where both sides finished without an error and the
     request was reproducible (a seed or greedy sampling).
     """
     sides: dict[str, list[Record]] = {baseline: [], candidate: []}
-    matched = reproducible = agreeing = 0
+    matched = reproducible = agreeing = reversed_pairs = 0
     for pair in pairs:
-        if {pair.live.version, pair.shadow.version} != {baseline, candidate}:
+        if (pair.live.version, pair.shadow.version) == (candidate, baseline):
+            reversed_pairs += 1
+        if (pair.live.version, pair.shadow.version) != (baseline, candidate):
             continue
         matched += 1
         for record in (pair.live, pair.shadow):
@@ -321,6 +343,7 @@ def compare(pairs: Iterable[Pair], baseline: str, candidate: str) -> Comparison:
         matched,
         reproducible,
         agreeing,
+        reversed_pairs,
     )
 
 

@@ -69,6 +69,7 @@ def figures_to_pb(figures: VersionFigures) -> router_pb2.VersionComparison:
         time_to_first_token=_latency(figures.ttft),
         inter_token_latency=_latency(figures.itl),
         total_latency=_latency(figures.total),
+        queue_time=_latency(figures.queue),
         error_rate=figures.error_rate,
         finish_reasons=dict(figures.finish_reasons),
         output_tokens=router_pb2.OutputLengthSummary(
@@ -94,6 +95,7 @@ def comparison_to_pb(
         agreeing_pairs=comparison.agreeing_pairs,
         agreement_rate=comparison.agreement_rate,
         start_time=start,
+        reversed_pairs=comparison.reversed_pairs,
     )
 
 

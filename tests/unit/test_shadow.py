@@ -148,8 +148,32 @@ def test_compare_summarises_each_side_and_counts_agreeing_reproducible_pairs():
     assert result.baseline.error_rate == 0 and result.candidate.error_rate == 0.25
     assert result.candidate.finish_reasons == {"stop": 3, "error": 1}
     assert result.candidate.ttft.p99_ms == 30.0 and result.baseline.ttft.p99_ms == 10.0
-    # Swapping the roles compares the same pairs.
-    assert compare(pairs, "2", "1").pairs == 4
+    # Swapped, the versions' roles do not match these pairs': only counted.
+    swapped = compare(pairs, "2", "1")
+    assert (swapped.pairs, swapped.reversed_pairs, swapped.baseline.requests) == (0, 4, 0)
+
+
+def test_a_window_spanning_a_promotion_compares_one_role_per_side():
+    # v2 shadowed v1, then (promoted) v1 shadowed v2: taken either way round, each
+    # column mixed one version's live requests with its batch-priority copies, under
+    # a header naming one role each.
+    before = [Pair(f"a{n}", record("1", ttft_ms=10.0), record("2", ttft_ms=90.0)) for n in range(3)]
+    after = [Pair(f"b{n}", record("2", ttft_ms=12.0), record("1", ttft_ms=80.0)) for n in range(2)]
+    result = compare(before + after, "1", "2")
+    assert (result.pairs, result.reversed_pairs) == (3, 2)
+    assert result.baseline.ttft.p99_ms == 10.0 and result.candidate.ttft.p99_ms == 90.0
+
+
+def test_latencies_leave_out_the_wait_for_a_slot():
+    # A copy waits at batch priority behind its version's live requests: that is the
+    # scheduler's policy, not the model's speed, and read as the model's, a candidate
+    # as fast as the baseline looked 9x slower to start.
+    live = record("1", ttft_ms=10.0, total_ms=50.0, queue_ms=2.0)
+    copy = record("2", ttft_ms=90.0, total_ms=130.0, queue_ms=82.0)
+    result = compare([Pair("a", live, copy)], "1", "2")
+    assert (result.baseline.ttft.p50_ms, result.candidate.ttft.p50_ms) == (8.0, 8.0)
+    assert (result.baseline.total.p50_ms, result.candidate.total.p50_ms) == (48.0, 48.0)
+    assert (result.baseline.queue.p50_ms, result.candidate.queue.p50_ms) == (2.0, 82.0)
 
 
 def test_percentile_is_nearest_rank():

@@ -46,3 +46,32 @@ def test_the_cli_says_which_variable_finds_a_mesh_elsewhere(tmp_path):
     assert done.returncode != 0
     assert f"no local mesh at {tmp_path}" in done.stderr
     assert "TOKENMESH_STATE_DIR" in done.stderr
+
+
+def test_a_few_pairs_are_not_shown_as_a_verdict():
+    # One seeded pair printed "1/1 (100.0%)"; no successful request printed 0.0 ms
+    # latencies, read as "instant"; pairs the other way round vanished.
+    reply = router_pb.CompareModelVersionsResponse(
+        model="m",
+        baseline=router_pb2.VersionComparison(version="1", requests=1),
+        candidate=router_pb2.VersionComparison(version="2", requests=1, error_rate=1.0),
+        pairs=1,
+        seeded_pairs=1,
+        agreeing_pairs=1,
+        agreement_rate=1.0,
+        reversed_pairs=7,
+    )
+    table = describe(reply, "1h")
+    assert _row(table, "ttft p50/p99 ms") == ["0.0", "/", "0.0", "-"]
+    assert "1/1 (100.0%; 95% interval 20.7%-100.0%)" in table
+    assert "fewer than 30 pairs: too few to judge the versions by" in table
+    assert "7 pairs the other way round (v2 served, v1 shadow)" in table
+    assert "tokenmesh models compare m 2 1" in table
+
+
+def test_the_agreement_interval_narrows_with_the_pairs():
+    from services.cli.shadow import wilson_interval
+
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    low, high = wilson_interval(940, 1000)
+    assert 0.92 < low < 0.94 < high < 0.96

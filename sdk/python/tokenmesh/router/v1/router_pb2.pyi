@@ -994,6 +994,7 @@ class VersionComparison(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     MEAN_LOGPROB_FIELD_NUMBER: _builtins.int
     MEAN_CONFIDENCE_FIELD_NUMBER: _builtins.int
+    QUEUE_TIME_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """version is the model version."""
     requests: _builtins.int
@@ -1010,7 +1011,12 @@ class VersionComparison(_message.Message):
     """
     @_builtins.property
     def time_to_first_token(self) -> Global___LatencySummary:
-        """time_to_first_token is the time to the first token (successful requests)."""
+        """time_to_first_token is the time from the start of prefill to the first
+        token (successful requests): the time waiting for a slot before it is
+        left out (queue_time), since a shadow copy waits at batch priority behind
+        the live requests (the live side does not), which is the scheduler's
+        policy, not the model's speed.
+        """
 
     @_builtins.property
     def inter_token_latency(self) -> Global___LatencySummary:
@@ -1018,7 +1024,9 @@ class VersionComparison(_message.Message):
 
     @_builtins.property
     def total_latency(self) -> Global___LatencySummary:
-        """total_latency is the time from submission to the last token."""
+        """total_latency is the time from the start of prefill to the last token
+        (queue time left out, as for time_to_first_token).
+        """
 
     @_builtins.property
     def finish_reasons(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
@@ -1027,6 +1035,12 @@ class VersionComparison(_message.Message):
     @_builtins.property
     def output_tokens(self) -> Global___OutputLengthSummary:
         """output_tokens is the distribution of completion lengths."""
+
+    @_builtins.property
+    def queue_time(self) -> Global___LatencySummary:
+        """queue_time is the time successful requests waited for a slot before
+        their prefill (a copy's includes waiting behind the live requests).
+        """
 
     def __init__(
         self,
@@ -1041,10 +1055,11 @@ class VersionComparison(_message.Message):
         output_tokens: Global___OutputLengthSummary | None = ...,
         mean_logprob: _builtins.float = ...,
         mean_confidence: _builtins.float = ...,
+        queue_time: Global___LatencySummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inter_token_latency", b"inter_token_latency", "output_tokens", b"output_tokens", "time_to_first_token", b"time_to_first_token", "total_latency", b"total_latency"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inter_token_latency", b"inter_token_latency", "output_tokens", b"output_tokens", "queue_time", b"queue_time", "time_to_first_token", b"time_to_first_token", "total_latency", b"total_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_rate", b"error_rate", "finish_reasons", b"finish_reasons", "inter_token_latency", b"inter_token_latency", "mean_confidence", b"mean_confidence", "mean_logprob", b"mean_logprob", "output_tokens", b"output_tokens", "requests", b"requests", "time_to_first_token", b"time_to_first_token", "total_latency", b"total_latency", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_rate", b"error_rate", "finish_reasons", b"finish_reasons", "inter_token_latency", b"inter_token_latency", "mean_confidence", b"mean_confidence", "mean_logprob", b"mean_logprob", "output_tokens", b"output_tokens", "queue_time", b"queue_time", "requests", b"requests", "time_to_first_token", b"time_to_first_token", "total_latency", b"total_latency", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

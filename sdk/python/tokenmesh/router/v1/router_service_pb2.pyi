@@ -1424,10 +1424,13 @@ class CompareModelVersionsResponse(_message.Message):
     AGREEING_PAIRS_FIELD_NUMBER: _builtins.int
     AGREEMENT_RATE_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
+    REVERSED_PAIRS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the model name."""
     pairs: _builtins.int
-    """pairs is how many requests both versions answered (one live, one shadow)."""
+    """pairs is how many requests both versions answered, the baseline live and
+    the candidate as the shadow copy (the figures' requests).
+    """
     seeded_pairs: _builtins.int
     """seeded_pairs is how many of them were reproducible (a seed, or greedy
     sampling): the same input must give the same text.
@@ -1436,6 +1439,12 @@ class CompareModelVersionsResponse(_message.Message):
     """agreeing_pairs is how many seeded pairs had identical output texts."""
     agreement_rate: _builtins.float
     """agreement_rate is agreeing_pairs / seeded_pairs (0 when there are none)."""
+    reversed_pairs: _builtins.int
+    """reversed_pairs is how many pairs of the window had the roles the other way
+    round (the candidate live, the baseline shadowed: before a promotion and
+    after it): left out of the figures, which compare one role each. Compare
+    with the versions swapped to read them.
+    """
     @_builtins.property
     def baseline(self) -> _router_pb2.VersionComparison:
         """baseline holds the baseline version's figures over the pairs."""
@@ -1459,10 +1468,11 @@ class CompareModelVersionsResponse(_message.Message):
         agreeing_pairs: _builtins.int = ...,
         agreement_rate: _builtins.float = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
+        reversed_pairs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "candidate", b"candidate", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreeing_pairs", b"agreeing_pairs", "agreement_rate", b"agreement_rate", "baseline", b"baseline", "candidate", b"candidate", "model", b"model", "pairs", b"pairs", "seeded_pairs", b"seeded_pairs", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreeing_pairs", b"agreeing_pairs", "agreement_rate", b"agreement_rate", "baseline", b"baseline", "candidate", b"candidate", "model", b"model", "pairs", b"pairs", "reversed_pairs", b"reversed_pairs", "seeded_pairs", b"seeded_pairs", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
