@@ -545,11 +545,14 @@ class Admission:
         )
         if unfinished:
             set_attempt_apart(event)
-        labels = (request.model.name, request.model.version)
-        metrics.REQUESTS.labels(*labels, event.finish_reason).inc()
         if request.copy_of is None:
             # A shadow copy is no live traffic of its version: counted in, it made a
-            # canary that is also the shadow pass (or fail) its rollout gates on copies.
+            # canary that is also the shadow pass (or fail) its rollout gates on copies,
+            # and its request rate and p99 duration (a copy waits behind every live
+            # request) on the dashboards (tokenmesh_shadow_records_total counts copies).
+            labels = (request.model.name, request.model.version)
+            metrics.REQUESTS.labels(*labels, event.finish_reason).inc()
+            metrics.REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - request.started)
             outcomes = request.model.outcomes
             outcomes.observe(
                 event.finish_reason,
@@ -561,7 +564,6 @@ class Admission:
             outcomes.prefixes.observe(
                 request.prefix, served.prompt_tokens, scope=_cache_scope(request)
             )
-        metrics.REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - request.started)
         used = event.usage.prompt_tokens + event.usage.completion_tokens
         try:
             self.usage_log.append(event)

@@ -385,15 +385,27 @@ async def test_queued_copies_take_no_queue_place_from_live_requests(
 
 async def test_a_copy_stays_out_of_its_versions_outcomes(tmp_path: Path, redis_url: str) -> None:
     """Version 2's outcomes feed its rollout gates and load reports: a copy is no live
-    request of it (a canary that is also the shadow was judged on its copies)."""
+    request of it (a canary that is also the shadow was judged on its copies), nor in
+    its request rate and duration on the dashboards."""
+
+    def served() -> tuple[float, float]:
+        labels = {"model": MODEL, "version": "2"}
+        requests = REGISTRY.get_sample_value(
+            "tokenmesh_requests_total", {**labels, "finish_reason": "length"}
+        )
+        timed = REGISTRY.get_sample_value("tokenmesh_request_duration_seconds_count", labels)
+        return requests or 0.0, timed or 0.0
+
     async with await _worker(tmp_path, redis_url) as (service, channel):
         outcomes = service.registry.resolve(MODEL, "2").outcomes
-        before = outcomes.requests
+        before, metrics_before = outcomes.requests, served()
         assert (await _complete(channel, _pair({})[1])).model.version == "2"
         assert outcomes.requests == before
+        assert served() == metrics_before
         live_2 = {model_routing.ROUTE_MODEL_HEADER: MODEL, model_routing.ROUTE_VERSION_HEADER: "2"}
         await _complete(channel, live_2)
         assert outcomes.requests == before + 1
+        assert served() == (metrics_before[0] + 1, metrics_before[1] + 1)
 
 
 # ---------------------------------------------------------------- what is compared
