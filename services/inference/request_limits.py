@@ -321,8 +321,8 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
     Args:
         limiter: the worker's limiter (the usage service's windows and limits).
         failure_mode_deny: refuse requests while the store is unreachable.
-        max_copies: shadow copies of one model version run at once
-            (TOKENMESH_SHADOW_MAX_COPIES).
+        copies: the worker's shadow copy slots (TOKENMESH_SHADOW_MAX_COPIES per
+            model version; default: that many of its own).
         cut_by_shutdown: tells whether a call cancelled now was cut by the worker's
             shutdown (InferenceService.cut_by_shutdown; default: never).
     """
@@ -331,13 +331,13 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         self,
         limiter: RequestLimiter,
         failure_mode_deny: bool = False,
-        max_copies: int = shadow.MAX_COPIES,
+        copies: shadow.CopySlots | None = None,
         cut_by_shutdown: Callable[[], bool] = lambda: False,
     ) -> None:
         self.limiter = limiter
         self.failure_mode_deny = failure_mode_deny
         self.cut_by_shutdown = cut_by_shutdown
-        self.copies = shadow.CopySlots(max_copies)
+        self.copies = copies if copies is not None else shadow.CopySlots()
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
 
     async def intercept_service(

@@ -24,6 +24,7 @@ from services.core.identity import ClientChannel
 from services.core.server import RunningServer, Service
 from services.core.settings import RedisSettings, SettingsError, env, load, require
 from services.core.tasks import HealthGate, Supervisor, to_daemon_thread
+from services.inference import shadow
 from services.inference.admission import Admission
 from services.inference.budget import TokenBudgets
 from services.inference.engines.base import DECODE_PATHS
@@ -132,8 +133,9 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
     shadow_max_copies: int = env(
         "TOKENMESH_SHADOW_MAX_COPIES",
         32,
-        "Shadow copies of one model version this worker runs at once; more are dropped "
-        "(counted in tokenmesh_shadow_copies_dropped_total); 0 = runs none.",
+        "Shadow copies' sequences (prompts x n) of one model version this worker runs at "
+        "once; more are dropped (counted in tokenmesh_shadow_copies_dropped_total); "
+        "0 = runs none.",
     )
     reservation_ttl_s: int = env(
         "TOKENMESH_RESERVATION_TTL_SECONDS",
@@ -484,6 +486,8 @@ class InferenceService(Service):
         self._ending_streams: asyncio.TimerHandle | None = None  # drain: see there
         self._admission: Admission | None = None  # the servicers' one (add_to_server)
         self.tasks = Supervisor(self.name, self.health)
+        # Shadow copies' slots per model version (services.inference.shadow.CopySlots).
+        self.shadow_copies = shadow.CopySlots(settings.shadow_max_copies)
         # Inference RPCs' request-rate limits are decided here, in the usage
         # service's windows (services/inference/request_limits.py).
         limits_url = settings.ratelimit_redis_url or settings.redis_url
@@ -530,7 +534,7 @@ class InferenceService(Service):
             RequestLimitInterceptor(
                 self.request_limiter,
                 self.settings.ratelimit_failure_mode_deny,
-                max_copies=self.settings.shadow_max_copies,
+                copies=self.shadow_copies,
                 cut_by_shutdown=self.cut_by_shutdown,
             )
         ]

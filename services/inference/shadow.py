@@ -206,10 +206,14 @@ def dropped(model: str, version: str, why: str, detail: str) -> TokenmeshError:
 
 
 class CopySlots:
-    """CopySlots bounds the copies of each model version this worker runs at once.
+    """CopySlots bounds the copies' sequences of each model version this worker runs at once.
+
+    A copy holds one slot from its first read, and one per sequence once its request
+    is read (`need_copy_sequences`: prompts x n): counted per call, 32 copies of
+    8 choices each ran 256 batch sequences, on the CPUs of the live version beside.
 
     Args:
-        limit: copies per model version (TOKENMESH_SHADOW_MAX_COPIES; 0: none run).
+        limit: sequences per model version (TOKENMESH_SHADOW_MAX_COPIES; 0: none run).
     """
 
     def __init__(self, limit: int = MAX_COPIES) -> None:
@@ -217,8 +221,21 @@ class CopySlots:
         self._held: dict[tuple[str, str], int] = {}
 
     def running(self, model: str, version: str) -> int:
-        """Returns how many copies of a version hold a slot now."""
+        """Returns how many slots the copies of a version hold now."""
         return self._held.get((model, version), 0)
+
+    def grow(self, model: str, version: str, held: int, needed: int) -> None:
+        """Takes `needed - held` more slots of the version; raises the drop error when they
+        are not free."""
+        key = (model, version)
+        running = self._held.get(key, 0)
+        if running - held + needed > self.limit:
+            detail = (
+                f"its {needed} sequences (prompts x n) do not fit beside the {running - held} "
+                "of other copies on this worker (TOKENMESH_SHADOW_MAX_COPIES)"
+            )
+            raise dropped(model, version, "full", detail)
+        self._held[key] = running - held + needed
 
     @contextlib.contextmanager
     def hold(self, model: str, version: str) -> Iterator[None]:
@@ -231,14 +248,15 @@ class CopySlots:
         key = (model, version)
         held = self._held.get(key, 0)
         if held >= self.limit:
-            detail = f"{held} copies of it run on this worker (TOKENMESH_SHADOW_MAX_COPIES)"
+            detail = f"{held} copy sequences of it run on this worker (TOKENMESH_SHADOW_MAX_COPIES)"
             raise dropped(model, version, "full", detail)
         self._held[key] = held + 1
-        marked = SHADOW_COPY.set(True)
+        ticket = CopyTicket(self, model, version)
+        marked, ticketed = SHADOW_COPY.set(True), _COPY_TICKET.set(ticket)
         try:
             yield
         finally:
-            left = self._held[key] - 1
+            left = self._held[key] - ticket.held
             if left:
                 self._held[key] = left
             else:
@@ -247,6 +265,36 @@ class CopySlots:
             # which never saw the mark (its task, the copy's call, is over).
             with contextlib.suppress(ValueError):
                 SHADOW_COPY.reset(marked)
+            with contextlib.suppress(ValueError):
+                _COPY_TICKET.reset(ticketed)
+
+
+@dataclass
+class CopyTicket:
+    """CopyTicket is the slots one running copy holds (one until its request is read)."""
+
+    slots: CopySlots
+    model: str
+    version: str
+    held: int = 1
+
+    def need(self, sequences: int) -> None:
+        """Holds at least `sequences` slots; raises the drop error when they are not free."""
+        if sequences > self.held:
+            self.slots.grow(self.model, self.version, self.held, sequences)
+            self.held = sequences
+
+
+_COPY_TICKET: ContextVar[CopyTicket | None] = ContextVar("tokenmesh_copy_ticket", default=None)
+
+
+def need_copy_sequences(sequences: int) -> None:
+    """Holds a slot per sequence (prompts x n) of the shadow copy running in this context,
+    before they are queued; raises the drop error when they do not fit (nothing for
+    a live request)."""
+    ticket = _COPY_TICKET.get()
+    if ticket is not None:
+        ticket.need(sequences)
 
 
 @dataclass(frozen=True)

@@ -292,6 +292,29 @@ async def test_copies_of_a_version_beyond_its_slots_on_the_worker_are_dropped(
         assert (await _complete(channel, _pair({})[1])).model.version == "2"
 
 
+async def test_a_copys_slots_are_its_sequences(tmp_path: Path, redis_url: str) -> None:
+    """TOKENMESH_SHADOW_MAX_COPIES counts sequences (prompts x n): counted per call, a
+    caller's n=8 copies ran 8 times the batch sequences the bound promised."""
+    async with await _worker(tmp_path, redis_url, shadow_max_copies=4) as (service, channel):
+        stub = rpc.InferenceServiceStub(channel)
+        _, copy = _pair({})
+        running = stub.Generate(
+            pb.GenerateRequest(model=MODEL, prompt="long", max_output_tokens=200, n=3),
+            metadata=tuple(copy.items()),
+        )
+        await anext(aiter(running))  # its 3 sequences hold 3 of the 4 slots
+        assert service.shadow_copies.running(MODEL, "2") == 3
+        full = (grpc.StatusCode.RESOURCE_EXHAUSTED, "SHADOW_COPIES_FULL")
+        assert await _dropped(_complete(channel, _pair({})[1], n=2)) == full
+        assert (await _complete(channel, _pair({})[1])).model.version == "2"  # 1 fits
+        running.cancel()
+        async with asyncio.timeout(5):
+            while service.shadow_copies.running(MODEL, "2"):
+                await asyncio.sleep(0.01)
+        assert await _dropped(_complete(channel, _pair({})[1], n=5)) == full  # never fits
+        assert len((await _complete(channel, _pair({})[1], n=4)).choices) == 4
+
+
 # ---------------------------------------------------------------- priority and outcomes
 
 

@@ -1024,6 +1024,8 @@ def _check_queue_room(generations: Sequence[Generation]) -> None:
         reserved.setdefault(generation.scheduler, []).extend(
             kv_reservation(generation.prompt_ids, params) for params in generation.params
         )
+    # A shadow copy's slots are its sequences (its copy of every prompt computes).
+    shadow.need_copy_sequences(sum(len(g.params) for g in generations))
     for scheduler, tokens in reserved.items():
         if not scheduler.ever_fits(tokens):
             # No wait makes room: refused QUEUE_FULL (retry in 1 s), it was retried
