@@ -230,6 +230,10 @@ class Request:
         # (`copy_of`: read at `reserve`, nothing reserved).
         self.shadow = shadow.mark_call(context, headers, self.request_id)
         self.copy_of: shadow.CopyCaller | None = None
+        # Whose prompts its KV is reused among: a copy's are its caller's, as its live
+        # side's (in one scope for every caller's copies, a copy reused prompts its
+        # live side never could, and read faster than the version is).
+        self._scope_tenant = self.tenant
         if self.shadow is not None and self.shadow.is_copy:
             self.copy_of = shadow.CopyCaller(self.key_id, self.limits)
             self.key_id, self.tenant, self.limits = "", contract.SHADOW_TENANT, Limits()
@@ -279,7 +283,8 @@ class Request:
         """The scope its prompt's KV is reused in (engines.prefix_cache): its tenant's,
         kept apart from a shared model's one scope when it asked for another model
         (that model's prompts are not public because its fallback's are)."""
-        return private_scope(self.tenant) if self.fallback_from else self.tenant
+        tenant = self._scope_tenant
+        return private_scope(tenant) if self.fallback_from else tenant
 
     def model_ref(self) -> types_pb2.ModelRef:
         """Returns the serving model version as a protobuf message."""

@@ -315,6 +315,24 @@ async def test_a_copys_slots_are_its_sequences(tmp_path: Path, redis_url: str) -
         assert len((await _complete(channel, _pair({})[1], n=4)).choices) == 4
 
 
+async def test_a_copy_reuses_prompts_in_its_callers_scope(tmp_path: Path, redis_url: str) -> None:
+    """A copy's prompt KV is reused among its caller's prompts, as its live side's: in one
+    scope for every caller's copies, copies hit prompts their live sides never could
+    (another tenant's), and the candidate read faster to start than it is."""
+    async with await _worker(tmp_path, redis_url) as (service, channel):
+        stub = rpc.InferenceServiceStub(channel)
+        _, copy = _pair({})  # tenant "shadow-copies"
+        running = stub.Generate(
+            pb.GenerateRequest(model=MODEL, prompt="long", max_output_tokens=200),
+            metadata=tuple(copy.items()),
+        )
+        await anext(aiter(running))
+        scheduler = service.registry.resolve(MODEL, "2").scheduler
+        assert scheduler is not None
+        assert [seq.cache_scope for seq in scheduler._running] == ["shadow-copies"]
+        running.cancel()
+
+
 # ---------------------------------------------------------------- priority and outcomes
 
 
