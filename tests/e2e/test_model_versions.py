@@ -419,6 +419,9 @@ def test_shadowing_every_request_to_another_version_leaves_callers_untouched(
     assert served["requests"] == copied["requests"] == 50
     assert served.get("errorRate", 0) == 0 and 0 < copied["errorRate"] < 1  # injected faults
     assert served["timeToFirstToken"]["p50Ms"] > 0 and copied["timeToFirstToken"]["p50Ms"] > 0
+    # Latencies from the start of prefill; the wait for a slot is shown apart.
+    assert "queueTime" in served and "queueTime" in copied
+    assert "reversedPairs" not in report  # every pair: 1 served, 2 copied
     assert served["meanConfidence"] > 0 and served["outputTokens"]["max"] == 4
     # The deterministic engine gives both versions the same text for a seed.
     ok_pairs = copied["finishReasons"].get("length", 0)
