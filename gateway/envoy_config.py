@@ -532,6 +532,7 @@ def route_configuration(
         # x-envoy-attempt-count on every upstream try: a worker counts a request in
         # its rate-limit windows on the first try only (request_limits.py).
         "include_request_attempt_count": True,
+        "response_headers_to_add": [REQUEST_ID_IN_ANSWER],
         "routes": [
             *(edge_auth.public_routes() if auth else static_site.routes()),
             *handover.routes(),
@@ -692,7 +693,22 @@ def local_reply_config() -> dict[str, Any]:
             "body_format_override": _error_body(UNKNOWN),
         }
     )
-    return {"mappers": mappers}
+    # The first mapper that matches is the only one applied: each names the request id.
+    return {"mappers": [_with_request_id(mapper) for mapper in mappers]}
+
+
+# Every answer names its request id (the one in the access log), as OpenAI's do and
+# what its SDK shows as an error's `request_id`: a worker's answer names its own (the
+# caller's `request_id`, else the edge's, which the worker adopts); an error a worker
+# answered trailers-only, and the edge's own replies, named none.
+REQUEST_ID_IN_ANSWER: dict[str, Any] = {
+    "header": {"key": "x-request-id", "value": "%REQ(x-request-id)%"},
+    "append_action": "ADD_IF_ABSENT",
+}
+
+
+def _with_request_id(mapper: dict[str, Any]) -> dict[str, Any]:
+    return {**mapper, "headers_to_add": [*mapper.get("headers_to_add", ()), REQUEST_ID_IN_ANSWER]}
 
 
 _RETRY_AFTER: dict[str, Any] = {

@@ -204,10 +204,15 @@ local function answers_once(handle, headers)
 end
 
 -- Moves a trailer into the headers (all its values), unless the edge set that header
--- (the retirement headers join the edge's: keep_earliest_retirement picks one).
+-- (the retirement headers join the edge's: keep_earliest_retirement picks one; the
+-- service's request id replaces the edge's, which the edge adds to every answer that
+-- has none when its headers come).
 -- Returns whether it lifted a retirement header.
 local function lift_trailer(headers, trailers, name)
   local retirement = RETIREMENT_KEYS[name] ~= nil
+  if name == "x-request-id" then
+    headers:remove(name)
+  end
   if retirement or headers:get(name) == nil then
     for index = 0, trailers:getNumValues(name) - 1 do
       headers:add(name, trailers:getAtIndex(name, index))

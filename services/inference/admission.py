@@ -197,15 +197,18 @@ class Request:
         self.worker_id = target.worker_id
         self.budget_warning = ""  # budgets at >= 80% after this request's reservation
         self.cache_status = ""  # x-tokenmesh-cache: how the response cache served it
-        self.request_id = request_id or uuid.uuid4().hex
+        # The caller's id, else the edge's (x-request-id: in its access log and on
+        # its error replies, so the one id a client quotes finds every record).
+        self.request_id = request_id or _edge_request_id(headers) or uuid.uuid4().hex
         # What budgets and metering count this request under (its usage event's
         # event_id): the request id for the jobs service, whose replayed item is the
         # same `<job>:<n>` (charged and metered once), a fresh id for any other
         # caller: a request id is the caller's to choose, and reused it let every
-        # request after the first pass unbudgeted and unmetered.
+        # request after the first pass unbudgeted and unmetered (the edge's is one
+        # for a request and its shadow copy, and for each of Envoy's retries).
         caller = peer_identity(context) if request_id else None
-        replays = not request_id or caller in REPLAYING_CALLERS
-        self.usage_id = self.request_id if replays else uuid.uuid4().hex
+        replays = bool(request_id) and caller in REPLAYING_CALLERS
+        self.usage_id = request_id if replays else uuid.uuid4().hex
         # One attempt at a job item (`<job>:<n>`, the jobs service's own id).
         self.job_attempt = bool(request_id) and caller == contract.JOBS
         # How long its charge is remembered: its item may run again until the job's
@@ -325,6 +328,12 @@ class Request:
             metadata=self.metadata,
             api_version=self.api_version,
         )
+
+
+def _edge_request_id(headers: Mapping[str, str]) -> str:
+    """Returns the request's x-request-id when it is a well-formed request id, else ""."""
+    value = headers.get(shadow.REQUEST_ID_HEADER, "")
+    return value if contract.is_request_id(value) else ""
 
 
 def _chunk_id(request: Request) -> str:
