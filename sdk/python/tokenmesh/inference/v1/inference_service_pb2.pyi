@@ -157,7 +157,8 @@ class GenerateRequest(_message.Message):
     """seed makes sampling reproducible: same seed, prompt and parameters give the same text."""
     request_id: _builtins.str
     """request_id identifies the request end to end (at most 128 characters of
-    [A-Za-z0-9._:-]); generated when empty.
+    [A-Za-z0-9._:-]); when empty, the edge's x-request-id (generated
+    without one).
     """
     priority: _inference_pb2.Priority.ValueType
     """priority orders queued requests (the caller's tier sets it once auth
@@ -310,7 +311,9 @@ class CompleteRequest(_message.Message):
     seed: _builtins.int
     """seed makes sampling reproducible."""
     request_id: _builtins.str
-    """request_id identifies the request end to end; generated when empty."""
+    """request_id identifies the request end to end; when empty, the edge's
+    x-request-id (generated without one).
+    """
     priority: _inference_pb2.Priority.ValueType
     """priority orders queued requests (the caller's tier sets it once auth
     exists; until then this field). Unspecified means interactive.
@@ -432,7 +435,9 @@ class EmbedRequest(_message.Message):
     version: _builtins.str
     """version pins a model version; empty lets the mesh choose."""
     request_id: _builtins.str
-    """request_id identifies the request end to end; generated when empty."""
+    """request_id identifies the request end to end; when empty, the edge's
+    x-request-id (generated without one).
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """inputs are the texts to embed (1-256 items, each 1-20000 characters)."""

@@ -236,7 +236,8 @@ class GenerateRequest(_message.Message):
     """
     request_id: _builtins.str
     """request_id identifies the request end to end (at most 128 characters of
-    [A-Za-z0-9._:-]); generated when empty.
+    [A-Za-z0-9._:-]); when empty, the edge's x-request-id (generated
+    without one).
     """
     priority: _inference_pb2.Priority.ValueType
     """priority orders queued requests. Unspecified means interactive."""
@@ -514,7 +515,9 @@ class CompleteRequest(_message.Message):
     (0-20; needs logprobs).
     """
     request_id: _builtins.str
-    """request_id identifies the request end to end; generated when empty."""
+    """request_id identifies the request end to end; when empty, the edge's
+    x-request-id (generated without one).
+    """
     priority: _inference_pb2.Priority.ValueType
     """priority orders queued requests. Unspecified means interactive."""
     cache: _inference_pb2.CacheMode.ValueType
@@ -672,7 +675,9 @@ class EmbedRequest(_message.Message):
     input length: NONE (the default) rejects the request, END cuts the input.
     """
     request_id: _builtins.str
-    """request_id identifies the request end to end; generated when empty."""
+    """request_id identifies the request end to end; when empty, the edge's
+    x-request-id (generated without one).
+    """
     cache: _inference_pb2.CacheMode.ValueType
     """cache says how this request may use the worker's per-input embedding
     cache (as for GenerateRequest.cache).
