@@ -116,6 +116,7 @@ AUTH_KEY_RECORDS = "tm:auth:key:*"  # services/auth/keys.py key_record_name
 ROUTER_KEYS = "tokenmesh:router:*"  # services/router/{registry,catalog,rollouts,...}.py
 ROUTER_WORKERS = "tokenmesh:router:workers"  # services/router/registry.py WORKERS_KEY
 ROUTER_CATALOG = "tokenmesh:router:catalog"  # services/router/catalog.py CATALOG_KEY
+ROUTER_PLACEMENTS = "tokenmesh:router:placements"  # services/router/catalog.py PLACEMENTS_KEY
 ROUTER_PROMPTS = "tokenmesh:router:{prompts}:*"  # services/router/prompts.py
 ROUTER_POLICIES = "tokenmesh:router:{policies}:*"  # services/router/policies.py
 SHADOW_PAIRS = "tokenmesh:shadow:*"  # services/router/shadow_pairs.py
@@ -178,6 +179,7 @@ USERS: Mapping[str, RedisUser] = {
             _ro(AUTH_KEY_RECORDS, "whether a job's key was revoked (key_status.py)"),
             _ro(ROUTER_WORKERS, "which workers serve an item's model"),
             _ro(ROUTER_CATALOG, "versions, aliases and sunsets of an item's model"),
+            _ro(ROUTER_PLACEMENTS, "the worker pools an item's model is placed on"),
         ),
     ),
     ADMIN: RedisUser(

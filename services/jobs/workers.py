@@ -35,6 +35,7 @@ from services.core.redis_service import text
 from services.router.catalog import (
     CATALOG_KEY,
     ModelEntry,
+    read_catalog,
     retired_model_text,
     version_sunset_text,
 )
@@ -87,13 +88,13 @@ class WorkerDirectory:
         now = time.monotonic()
         if now - self._read_at >= self.refresh_s:
             raw = await self.redis.hgetall(WORKERS_KEY)
-            catalog = await self.redis.hgetall(CATALOG_KEY)
+            catalog = await read_catalog(self.redis)
             wall = time.time()
             entries = [WorkerEntry.from_json(text(k), v) for k, v in raw.items()]
             self._workers = sorted(
                 (w for w in entries if w.routable(wall)), key=lambda w: w.worker_id
             )
-            self._catalog = {text(k): ModelEntry.from_json(text(k), v) for k, v in catalog.items()}
+            self._catalog = catalog
             self._read_at = now
         return self._workers
 

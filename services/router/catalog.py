@@ -31,6 +31,12 @@ from services.core.redis_service import known_fields, text
 logger = logging.getLogger(__name__)
 
 CATALOG_KEY = "tokenmesh:router:catalog"
+# Which worker pools serve each placed model (model -> its pools, comma-separated),
+# kept apart from the catalogue's documents: a router of an earlier release rewrites
+# a model's document with only the fields it knows (any change: a heartbeat naming a
+# new version, a split), and a placement inside it was erased for good, its model
+# open to every worker again. Read and changed with the documents, in one transaction.
+PLACEMENTS_KEY = "tokenmesh:router:placements"
 # How often one change is tried while other writers keep changing what it watches
 # (the whole catalogue, and a guard's hash): then it gives up, retryable, instead
 # of spinning; each retry waits a little longer, up to CHANGE_BACKOFF_MAX_S.
@@ -99,7 +105,8 @@ class ModelEntry:
     shadow_version: str = ""
     shadow_percent: int = 0
     # The worker pools that serve the model (`tokenmesh models pools`); empty:
-    # any worker identity, the shared `worker` one included.
+    # any worker identity, the shared `worker` one included. Stored apart
+    # (PLACEMENTS_KEY), never in the model's document.
     worker_pools: frozenset[str] = frozenset()
 
     def admits(self, pool: str) -> bool:
@@ -153,13 +160,11 @@ class ModelEntry:
         }
         if self.shadow_version:  # absent keys: documents written before shadows read the same
             data["shadow"] = {"version": self.shadow_version, "percent": self.shadow_percent}
-        if self.worker_pools:
-            data["worker_pools"] = sorted(self.worker_pools)
         return json.dumps(data, sort_keys=True)
 
     @classmethod
-    def from_json(cls, name: str, raw: str | bytes) -> ModelEntry:
-        """Parses a model stored by `to_json`."""
+    def from_json(cls, name: str, raw: str | bytes, pools: str | bytes | None = None) -> ModelEntry:
+        """Parses a model stored by `to_json`, and its placement (PLACEMENTS_KEY's field)."""
         data: dict[str, Any] = json.loads(raw)
         shadow: dict[str, Any] = data.get("shadow") or {}
         return cls(
@@ -170,8 +175,18 @@ class ModelEntry:
             pinned=str(data.get("pinned", "")),
             shadow_version=str(shadow.get("version", "")),
             shadow_percent=int(shadow.get("percent", 0)),
-            worker_pools=frozenset(str(p) for p in data.get("worker_pools", ())),
+            worker_pools=parse_pools(pools),
         )
+
+
+def parse_pools(raw: str | bytes | None) -> frozenset[str]:
+    """Returns the pools of a placement as stored (None: not placed)."""
+    return frozenset(p for p in text(raw).split(",") if p) if raw else frozenset()
+
+
+def pools_text(pools: frozenset[str]) -> str:
+    """Returns a placement as stored."""
+    return ",".join(sorted(pools))
 
 
 def _to_percent(weights: Mapping[str, int]) -> dict[str, int]:
@@ -436,15 +451,18 @@ class Catalog:
 
     async def all(self) -> dict[str, ModelEntry]:
         """Returns every model, by name."""
-        return _parse_catalog(await self.redis.hgetall(CATALOG_KEY))
+        return await read_catalog(self.redis)
 
     async def get(self, name: str) -> ModelEntry:
         """Returns one model; raises NotFound."""
         check_name(name)
-        raw = await self.redis.hget(CATALOG_KEY, name)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hget(CATALOG_KEY, name)
+            pipe.hget(PLACEMENTS_KEY, name)
+            raw, pools = await pipe.execute()
         if raw is None:
             raise NotFound(f"model {name!r} is not in the catalogue", reason="MODEL_NOT_FOUND")
-        return ModelEntry.from_json(name, raw)
+        return ModelEntry.from_json(name, raw, pools)
 
     async def change(
         self,
@@ -466,16 +484,18 @@ class Catalog:
         holds (read in the same transaction), and writes the guard's own fields with
         it; returns the result, or None when the guard did not hold."""
         check_name(name)
-        watched = [CATALOG_KEY]
+        watched = [CATALOG_KEY, PLACEMENTS_KEY]
         if guard is not None:
-            watched += sorted({key for key, _ in guard.reads} - {CATALOG_KEY})
+            watched += sorted({key for key, _ in guard.reads} - set(watched))
         for attempt in range(CHANGE_ATTEMPTS):
             if attempt:  # jittered: writers that collided do not collide again in step
                 await asyncio.sleep(random.uniform(0, min(CHANGE_BACKOFF_MAX_S, 0.002 * attempt)))
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(*watched)
-                    catalog = _parse_catalog(await pipe.hgetall(CATALOG_KEY))
+                    catalog = _parse_catalog(
+                        await pipe.hgetall(CATALOG_KEY), await pipe.hgetall(PLACEMENTS_KEY)
+                    )
                     if guard is not None:
                         values = [await pipe.hget(key, field) for key, field in guard.reads]
                         if not guard.holds(values, catalog.get(name)):
@@ -487,6 +507,7 @@ class Catalog:
                     pipe.multi()  # type: ignore[no-untyped-call]
                     if updated != catalog.get(name):
                         pipe.hset(CATALOG_KEY, name, updated.to_json())
+                        _write_placement(pipe, updated, catalog.get(name))
                     for key, field_name, value in writes:
                         pipe.hset(key, field_name, value)
                     await pipe.execute()
@@ -585,8 +606,31 @@ def _adder(
     return add
 
 
-def _parse_catalog(raw: Mapping[bytes | str, bytes | str]) -> dict[str, ModelEntry]:
-    return {text(k): ModelEntry.from_json(text(k), v) for k, v in raw.items()}
+async def read_catalog(client: aioredis.Redis) -> dict[str, ModelEntry]:
+    """Returns every model of the catalogue in `client`, with its placement (one
+    transaction: both as they stood at one moment)."""
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.hgetall(CATALOG_KEY)
+        pipe.hgetall(PLACEMENTS_KEY)
+        documents, placements = await pipe.execute()
+    return _parse_catalog(documents, placements)
+
+
+def _parse_catalog(
+    raw: Mapping[bytes | str, bytes | str], placements: Mapping[bytes | str, bytes | str]
+) -> dict[str, ModelEntry]:
+    pools = {text(k): v for k, v in placements.items()}
+    return {text(k): ModelEntry.from_json(text(k), v, pools.get(text(k))) for k, v in raw.items()}
+
+
+def _write_placement(pipe: Any, updated: ModelEntry, current: ModelEntry | None) -> None:
+    """Queues the placement's change, if any (PLACEMENTS_KEY)."""
+    if updated.worker_pools == (current.worker_pools if current else frozenset()):
+        return
+    if updated.worker_pools:
+        pipe.hset(PLACEMENTS_KEY, updated.name, pools_text(updated.worker_pools))
+    else:
+        pipe.hdel(PLACEMENTS_KEY, updated.name)
 
 
 # Redis's clock minus this process's, as the router last read it (sync_clock).

@@ -10,6 +10,7 @@ change.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -361,3 +362,33 @@ async def test_a_worker_registered_before_the_placement_drops_the_placed_model(r
     workers = (await router.registry("operator").ListWorkers(pb.ListWorkersRequest())).workers
     assert {w.id: [(m.name, m.version) for m in w.models] for w in workers}["before"] == []
     assert {w.id: w.weight for w in workers if w.pool} == {"fast": 100, "slow": 25}
+
+
+# The keys of a model's document that the release before pools wrote (its
+# ModelEntry.to_json): it rewrote a document with these only.
+_EARLIER_RELEASES_KEYS = ("versions", "aliases", "fallback", "pinned", "shadow")
+
+
+async def test_a_placement_outlives_an_earlier_releases_rewrite_of_the_model(router, own_redis):
+    # A router replica of the release before pools, mid-upgrade, rewrote the model's
+    # document on any change (a heartbeat naming a new version, a split) with the
+    # fields it knew: the placement was erased for good, and the next registration
+    # of the shared `worker` identity was taken (its endpoint in the model's cluster).
+    from services.router.catalog import CATALOG_KEY
+
+    await _place(router, "m", "gpu")
+    client = aioredis.from_url(own_redis)
+    try:
+        document = json.loads(await client.hget(CATALOG_KEY, "m"))
+        document["versions"].append({"version": "2", "weight": 0})
+        kept = {key: document[key] for key in _EARLIER_RELEASES_KEYS if key in document}
+        await client.hset(CATALOG_KEY, "m", json.dumps(kept))
+    finally:
+        await client.aclose()
+    reply = await router.catalogue().GetCatalogModel(pb.GetCatalogModelRequest(model="m"))
+    assert [v.version for v in reply.model.versions] == ["1", "2"]
+    assert list(reply.model.worker_pools) == ["gpu"]
+    refused = await failed_call_reason(
+        router.registry("worker").RegisterWorker(_register("m", "127.0.0.1:7001"))
+    )
+    assert refused == (grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ON_WORKER_POOL")
