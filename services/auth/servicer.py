@@ -13,7 +13,7 @@ from services.auth.keys import SCOPES, ApiKeyStore, Principal
 from services.auth.signing import SigningKeyRing
 from services.auth.tokens import TokenIssuer
 from services.core import contract
-from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied
+from services.core.errors import FieldViolation, InvalidArgument, PermissionDenied, Unauthenticated
 from services.core.interceptors import Context, request_headers
 from services.core.time_fields import duration_seconds
 from tokenmesh.auth.v1 import auth_service_pb2 as pb
@@ -33,7 +33,7 @@ def _validate_create(request: pb.CreateApiKeyRequest) -> None:
     out: list[FieldViolation] = []
     if not contract.is_tenant(request.tenant):
         out.append(FieldViolation("tenant", f"must be {contract.TENANT_RULE}"))
-    elif request.tenant.startswith(contract.RESERVED_TENANT_PREFIX):
+    elif request.tenant.lower().startswith(contract.RESERVED_TENANT_PREFIX):
         # The mesh's own accounts: shadow copies are metered to tokenmesh.shadow with
         # every tenant's request tags (a key of it, usage:read, read them all), and
         # rollout decisions are audited as tokenmesh.system (a key's requests mixed in).
@@ -99,7 +99,20 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
 
     async def _admin(self, context: Context) -> Principal:
         headers = request_headers(context)
-        return await self.authenticator.require(headers, request_source(context, headers), "admin")
+        principal = await self.authenticator.require(
+            headers, request_source(context, headers), "admin"
+        )
+        # Through the edge (the only caller whose x-tokenmesh-* headers a service
+        # takes), the key it authorized: the edge prefers a verified JWT, this service
+        # an x-api-key, and a call carrying both ran as another key than the one the
+        # edge saw ("a key cannot revoke itself" judged on the other).
+        vouched = headers.get(contract.KEY_ID_HEADER)
+        if vouched is not None and vouched != principal.key_id:
+            raise Unauthenticated(
+                "the request carries two credentials of different keys: send one",
+                reason="CONFLICTING_CREDENTIALS",
+            )
+        return principal
 
     async def IssueToken(
         self, request: pb.IssueTokenRequest, context: Context

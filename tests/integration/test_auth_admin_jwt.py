@@ -89,7 +89,7 @@ async def test_a_revoked_keys_jwt_is_refused_by_the_admin_rpcs_at_once(own_redis
         assert await _list_keys(stub, (("x-api-key", other_admin),)) >= 2
 
 
-@pytest.mark.parametrize("tenant", [contract.SHADOW_TENANT, "tokenmesh.system"])
+@pytest.mark.parametrize("tenant", [contract.SHADOW_TENANT, "tokenmesh.system", "Tokenmesh.Shadow"])
 async def test_no_key_can_be_created_for_an_account_of_the_mesh(own_redis: str, tenant) -> None:
     # Shadow copies are metered to tokenmesh.shadow, with every tenant's request tags:
     # a key of it read them all with usage:read, and its own requests mixed into the
@@ -124,3 +124,28 @@ async def test_a_keys_tier_is_a_name(own_redis: str, tier: str) -> None:
             )
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "limits.priority_tier" in (refused.value.details() or "")
+
+
+async def test_an_admin_call_runs_as_the_key_the_edge_authorized(own_redis: str) -> None:
+    # The edge authorizes a verified JWT first, this service an x-api-key first: a call
+    # carrying A's JWT and B's key passed the edge as A and ran as B (B revoked A,
+    # where "a key cannot revoke itself" was to be judged on A).
+    async with _auth(own_redis) as (service, stub):
+        a_id, a_secret = await _admin_key(service, "a")
+        b_id, b_secret = await _admin_key(service, "b")
+        as_the_edge_saw_a = (
+            *await _bearer(stub, a_secret),
+            ("x-api-key", b_secret),
+            (contract.KEY_ID_HEADER, a_id),
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.RevokeApiKey(
+                auth_service_pb2.RevokeApiKeyRequest(id=a_id), metadata=as_the_edge_saw_a
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert (await service.keys.get(a_id)).state == auth_pb2.API_KEY_STATE_ACTIVE
+        # One credential, the one the edge saw: as before.
+        as_the_edge_saw_b = (("x-api-key", b_secret), (contract.KEY_ID_HEADER, b_id))
+        await stub.RevokeApiKey(
+            auth_service_pb2.RevokeApiKeyRequest(id=a_id), metadata=as_the_edge_saw_b
+        )
