@@ -205,7 +205,8 @@ def parse_batch_request(raw: bytes) -> BatchRequest:
         out.append(FieldViolation("endpoint", f"must be one of {', '.join(ENDPOINTS)}"))
     if body.get("completion_window") != COMPLETION_WINDOW:
         out.append(FieldViolation("completion_window", f"must be {COMPLETION_WINDOW!r}"))
-    metadata = body.get("metadata") or {}
+    metadata = body.get("metadata")
+    metadata = {} if metadata is None else metadata  # null is absent; [], "", 0 are refused
     if not _valid_metadata(metadata):
         out.append(
             FieldViolation(
@@ -400,6 +401,13 @@ def may_fail_rendering(lines: Sequence[BatchLine]) -> bool:
     """Whether a stored result of these lines may render as an error (`_render_problem`:
     only an embedding line that asked for `dimensions`)."""
     return any(line.options.get("dimensions") is not None for line in lines)
+
+
+def request_fingerprint(request: BatchRequest) -> str:
+    """Returns a digest of what a batch request asks for: its input file, endpoint and
+    metadata (store.NewJob.fingerprint)."""
+    asked = [request.input_file_id, request.endpoint, sorted(request.metadata.items())]
+    return hashlib.sha256(json.dumps(asked).encode()).hexdigest()[:32]
 
 
 def retry_hold_key(key_id: str, owner: str, request: BatchRequest) -> str:

@@ -450,6 +450,8 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
                 + (client_key or secrets.token_hex(12)),
                 deadline_ms=new.deadline_ms,
                 idempotency_ttl_s=IDEMPOTENCY_TTL_S if client_key else batches.RETRY_HOLD_S,
+                fingerprint=batches.request_fingerprint(new.request),
+                idempotency_field="Idempotency-Key",  # as OpenAI's docs spell the header
             ),
             # One transaction with the job: neither is written without the other.
             also=lambda pipe, new_id: self.batches.queue_creation(pipe, new_id, new),

@@ -8,6 +8,7 @@ belongs to the key that created it, and another key's job is NOT_FOUND
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Collection, Mapping
@@ -154,6 +155,7 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
                 metadata=dict(request.metadata),
                 idempotency_key=request.idempotency_key,
                 deadline_ms=now_ms() + int(window_s * 1000),
+                fingerprint=_fingerprint(request),
             )
         )
         return await self._reload(job_id)
@@ -344,6 +346,15 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
         secret = signing.new_secret()
         await self.store.rotate_secret(key_id, secret, int(overlap * 1000))
         return pb.RotateWebhookSecretResponse(secret=secret, key_id=key_id)
+
+
+def _fingerprint(request: pb.CreateJobRequest) -> str:
+    """Returns a digest of what a CreateJob asks for (store.NewJob.fingerprint): its items,
+    webhook, metadata and window (the key itself aside)."""
+    asked = pb.CreateJobRequest()
+    asked.CopyFrom(request)
+    asked.idempotency_key = ""
+    return hashlib.sha256(asked.SerializeToString(deterministic=True)).hexdigest()[:32]
 
 
 def _scan_limit(page_size: int) -> int:

@@ -72,7 +72,7 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError, WatchError
 
-from services.core.errors import FailedPrecondition
+from services.core.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from services.core.redis_service import text
 from services.core.store_errors import reply_code
 from services.jobs.secret_box import SEALED_PREFIX, SecretBox, SecretUnreadable
@@ -617,6 +617,12 @@ class NewJob:
     # How long the idempotency key answers this job (an OpenAI batch creation's own
     # key only while the creation may retry: openai_batches.RETRY_HOLD_S).
     idempotency_ttl_s: int = IDEMPOTENCY_TTL_S
+    # A digest of what the creation asked for (request_fingerprint): another request
+    # under a used idempotency key is refused, where it was answered the first's job
+    # (a nightly key reused for a new file ran nothing, and returned the old results).
+    # "": not checked. The field its key came in, for the refusal.
+    fingerprint: str = ""
+    idempotency_field: str = "idempotency_key"
 
 
 @dataclass
@@ -719,6 +725,7 @@ class JobStore:
                         if existing is not None and await self.redis.exists(
                             job_key(text(existing))
                         ):
+                            await self._check_same_request(text(existing), job)
                             return text(existing), False
                     pipe.multi()  # type: ignore[no-untyped-call]
                     # The group with the stream, in the job's transaction: a lane
@@ -734,6 +741,22 @@ class JobStore:
                     return job_id, True
                 except WatchError:
                     continue  # another request with the key won: read its job
+
+    async def _check_same_request(self, job_id: str, job: NewJob) -> None:
+        """Raises InvalidArgument when the job its idempotency key made was asked for by
+        another request (a job from before fingerprints, or without one, is not checked)."""
+        stored = await self.redis.hget(job_key(job_id), "fingerprint")
+        if job.fingerprint and stored and text(stored) != job.fingerprint:
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        job.idempotency_field,
+                        "was used within 24 h for another request (another input or "
+                        "parameters): a key answers one request; use a new key",
+                    )
+                ],
+                reason="IDEMPOTENCY_KEY_REUSED",
+            )
 
     def _queue_creation(self, pipe: Any, job_id: str, job: NewJob, stream: str) -> None:
         created = now_ms()
@@ -756,6 +779,7 @@ class JobStore:
                 "deadline_ms": job.deadline_ms,
                 "metadata": json.dumps(dict(job.metadata)),
                 "idempotency_key": job.idempotency_key,
+                "fingerprint": job.fingerprint,
                 "webhook_url": job.webhook_url,
                 "webhook_state": HOOK_WAITING if job.webhook_url else "",
                 "webhook_attempts": 0,

@@ -282,6 +282,11 @@ def test_the_same_idempotency_key_returns_the_same_job(api):
     body = {"items": [{"complete": complete_body(0)}], "idempotency_key": "batch-2024-06-01"}
     first, second = submit(api, body), submit(api, body)
     assert first["id"] == second["id"]
+    # Another request under the key is refused (it was answered the first's job).
+    other = {**body, "items": [{"complete": complete_body(1)}]}
+    reply = api.post("/v1/jobs", json=other)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["details"][0]["reason"] == "IDEMPOTENCY_KEY_REUSED", reply.text
 
 
 def test_a_bad_item_is_refused_with_its_path(api):

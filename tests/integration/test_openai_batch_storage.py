@@ -461,6 +461,37 @@ async def test_an_idempotency_key_answers_its_batch(jobs):
     assert await _owner_batches(service, owner) == [first["id"]]
 
 
+async def test_an_idempotency_key_reused_for_another_batch_is_refused(jobs):
+    # It answered the first batch: a nightly key reused for a new file ran nothing,
+    # and its caller downloaded the old file's results as the new batch's.
+    service, channel = jobs
+    owner, headers = _owner()
+    old = await _upload(channel, headers, _jsonl([_line(0)]))
+    new = await _upload(channel, headers, _jsonl([_line(0), _line(1)]))
+    keyed = (*headers, ("idempotency-key", "nightly"))
+    first = await _create_batch(channel, keyed, old["id"])
+    for other in (_batch_body(new["id"]), _batch_body(old["id"], metadata={"run": "2"})):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _stub(channel).CreateBatch(other, metadata=keyed)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        error = _openai_error(refused)
+        assert (error["param"], error["code"]) == ("Idempotency-Key", "idempotency_key_reused")
+    assert await _owner_batches(service, owner) == [first["id"]]
+
+
+@pytest.mark.parametrize("metadata", [[], "", 0, False])
+async def test_metadata_must_be_an_object(jobs, metadata):
+    # Falsy values read as none: the batch was made, its metadata null.
+    _, channel = jobs
+    _, headers = _owner()
+    upload = await _upload(channel, headers, _jsonl([_line(0)]))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _stub(channel).CreateBatch(
+            _batch_body(upload["id"], metadata=metadata), metadata=headers
+        )
+    assert _openai_error(refused)["param"] == "metadata"
+
+
 def test_openai_python_counts_its_retries_in_a_header():
     """The header the retry hold trusts is what openai-python sends on each try."""
     seen: list[str] = []

@@ -62,7 +62,9 @@ class CreateJobRequest(_message.Message):
     idempotency_key: _builtins.str
     """idempotency_key makes retries safe: the same key (1-128 characters of
     [A-Za-z0-9._:-], not starting with "openai-batch:", which OpenAI batch
-    creations use) from the same API key within 24 h returns the same job.
+    creations use) from the same API key within 24 h returns the same job;
+    another request under it (other items, webhook, metadata or window) is
+    refused INVALID_ARGUMENT, reason IDEMPOTENCY_KEY_REUSED.
     """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[_jobs_pb2.JobItem]:
