@@ -60,6 +60,7 @@ from services.jobs.store import (
     STOP_GRACE_S,
     SUCCEEDED,
     JobRecord,
+    items_key,
     page_after,
     request_id,
     results_key,
@@ -427,6 +428,8 @@ class NewBatch:
         may_fail_rendering: `may_fail_rendering` of its input.
         retry_hold: `retry_hold_key` of its request.
         reservation: its record's reservation in the owner's storage ledger.
+        items_bytes: the requests it copies into its job's items (charged until they
+            go: one upload made any number of uncharged copies of itself).
     """
 
     owner: str
@@ -437,6 +440,7 @@ class NewBatch:
     created_ms: int
     deadline_ms: int
     reservation: str = ""
+    items_bytes: int = 0
 
     @property
     def charge(self) -> int:
@@ -527,7 +531,8 @@ class BatchStore:
         Raises:
             ResourceExhausted: the owner keeps the most bytes it may.
         """
-        return replace(batch, reservation=await self.ledger.reserve(batch.owner, batch.charge))
+        size = batch.charge + batch.items_bytes
+        return replace(batch, reservation=await self.ledger.reserve(batch.owner, size))
 
     async def release(self, batch: NewBatch) -> None:
         """Drops a reservation no record was written for (the request's batch existed)."""
@@ -556,9 +561,13 @@ class BatchStore:
             },
         )
         pipe.expire(key, ttl_s)
-        self.ledger.queue_confirm(
-            pipe, batch.owner, batch.reservation, key, batch.charge, created + ttl_s * 1000
-        )
+        # Its items until its job ends (they are deleted then): a stop ends it up to
+        # STOP_GRACE_S after the deadline.
+        items_until = batch.deadline_ms + STOP_GRACE_S * 1000
+        charges = [(key, batch.charge, created + ttl_s * 1000)]
+        if batch.items_bytes:
+            charges.append((items_key(job_id), batch.items_bytes, items_until))
+        self.ledger.queue_confirm(pipe, batch.owner, batch.reservation, charges)
         index = owner_batches_key(batch.owner)
         pipe.zadd(index, {batch_id: created})
         pipe.set(batch.retry_hold, job_id, ex=RETRY_HOLD_S)

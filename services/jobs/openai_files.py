@@ -28,7 +28,7 @@ import json
 import re
 import secrets
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 
 from services.core.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from services.core.redis_service import text
-from services.jobs.store import PREFIX, now_ms
+from services.jobs.store import PREFIX, items_key, now_ms
 
 PURPOSE = "batch"
 FILE_ID_PREFIX = "file-"
@@ -355,13 +355,14 @@ local now = tonumber(ARGV[1])
 return reserve(ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), now, tonumber(ARGV[5]), 0)
 """
 
-# KEYS: ledger, sizes. ARGV: now, reservation id, the record's key, until ms, bytes.
-# Moves a reservation onto the record written in the same transaction; one that
-# expired meanwhile is charged anew (the record is written either way).
+# KEYS: ledger, sizes. ARGV: now, reservation id, then (object's key, until ms,
+# bytes) for each object written in the same transaction. Moves a reservation onto
+# them; one that expired meanwhile is charged anew (they are written either way).
 _CONFIRM = """
-local size = redis.call('HGET', KEYS[2], ARGV[2])
 forget(ARGV[2])
-charge(ARGV[3], tonumber(size or ARGV[5]), tonumber(ARGV[4]), tonumber(ARGV[1]))
+for i = 3, #ARGV, 3 do
+  charge(ARGV[i], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 1]), tonumber(ARGV[1]))
+end
 return 1
 """
 
@@ -450,15 +451,16 @@ class StorageLedger:
         return token
 
     def queue_confirm(
-        self, pipe: Any, owner: str, token: str, key: str, size: int, until_ms: int
+        self, pipe: Any, owner: str, token: str, charges: Sequence[tuple[str, int, int]]
     ) -> None:
-        """Queues into the record's creating transaction the move of its reservation
-        onto it (charged until `until_ms`)."""
+        """Queues into the objects' creating transaction the move of their reservation
+        onto them: each (key, bytes, until ms) charged until then."""
         # Queued as the pipeline's own EVALSHA (JobStore.create's `also` queues, it does
         # not await); the pipeline loads its scripts before the transaction.
         pipe.scripts.add(self._confirm)
         keys = self._keys(owner)
-        pipe.evalsha(self._confirm.sha, len(keys), *keys, now_ms(), token, key, until_ms, size)
+        triples = [value for key, size, until in charges for value in (key, until, size)]
+        pipe.evalsha(self._confirm.sha, len(keys), *keys, now_ms(), token, *triples)
 
     async def release(self, owner: str, token: str) -> None:
         """Drops a reservation no record was written for (else it expires)."""
@@ -488,7 +490,7 @@ class StorageLedger:
         raw: Any = await self.redis.zrangebyscore(
             ledger_key(owner), now_ms(), "+inf", withscores=True
         )
-        charged = [(text(m), int(s)) for m, s in raw if text(m).startswith(RECORD_PREFIX)]
+        charged = [(text(m), int(s)) for m, s in raw if _settled(text(m))]
         if not charged:
             return False
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -507,8 +509,17 @@ class StorageLedger:
         return bool(pairs)
 
 
-# The records `settle` looks at: batches' (openai_batches.batch_key).
+# The records `settle` looks at: batches' (openai_batches.batch_key), and their jobs'
+# items (store.items_key: deleted when the job ends).
 RECORD_PREFIX = f"{PREFIX}batch:"
+_ITEMS_PREFIX, _, _ITEMS_SUFFIX = items_key("\0").partition("\0")
+
+
+def _settled(member: str) -> bool:
+    """Whether `settle` lowers a member's charge to when its key goes."""
+    return member.startswith(RECORD_PREFIX) or (
+        member.startswith(_ITEMS_PREFIX) and member.endswith(_ITEMS_SUFFIX)
+    )
 
 
 def _size_text(size: int) -> str:

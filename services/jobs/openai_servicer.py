@@ -392,6 +392,7 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
                 may_fail_rendering=batches.may_fail_rendering(lines),
                 created_ms=created_ms,
                 deadline_ms=created_ms + int(BATCH_WINDOW_S * 1000),
+                items_bytes=sum(item.ByteSize() for item in items),
             )
             return _json(await self._create(owner, new, items, headers))
 

@@ -365,6 +365,33 @@ async def test_a_batch_record_is_charged_until_it_goes(small):
     assert (await _create_batch(channel, headers, upload["id"]))["id"] not in made
 
 
+async def test_a_batchs_requests_are_charged_until_its_job_ends(small):
+    """Each batch copies its input's request bodies into its job's items, kept until the
+    job ends (its 24 h window while its items wait: a spent budget, workers away), and
+    they were not charged: one 32 KiB upload made 20 batches holding 640 KiB of items
+    against a 64 KiB quota."""
+    service, channel = small
+    owner, headers = _owner()
+    big = "x" * (FILE_MAX_BYTES // 4)
+    upload = await _upload(channel, headers, _jsonl([_line(0, input=big)]))
+    made: list[str] = []
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        for _ in range(20):
+            made.append((await _create_batch(channel, headers, upload["id"]))["id"])
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert 1 <= len(made) <= 6, made  # ~8 KiB of upload, ~9 KiB a batch, of 64 KiB
+    held = 0
+    for batch_id in made:
+        items = jobstore.items_key(openai_batches.job_id_of(batch_id))
+        held += int(await service.redis.memory_usage(items) or 0)
+        assert await service.redis.zscore(f"tm:jobs:stored:{owner.lane}", items) is not None
+    assert held <= QUOTA_BYTES
+    # A job that ended deleted its items: their charge goes, and a batch fits again.
+    for batch_id in made:
+        await service.redis.delete(jobstore.items_key(openai_batches.job_id_of(batch_id)))
+    assert (await _create_batch(channel, headers, upload["id"]))["id"] not in made
+
+
 async def test_a_custom_id_is_at_most_512_characters(jobs):
     _, channel = jobs
     _, headers = _owner()
