@@ -115,7 +115,13 @@ class InvalidArgument(TokenmeshError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"
 
-    def __init__(self, violations: Sequence[FieldViolation], *, reason: str | None = None) -> None:
+    def __init__(
+        self,
+        violations: Sequence[FieldViolation],
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         if not violations:
             raise ValueError("InvalidArgument needs at least one violation")
         # 20,000 of them made a 750 KB status: Envoy answered 502. (Up to one more
@@ -129,7 +135,7 @@ class InvalidArgument(TokenmeshError):
         if more:
             violations.append(FieldViolation("request", f"and {more} more problems"))
         message = "; ".join(f"{v.field}: {v.description}" for v in violations)
-        super().__init__(message, reason=reason)
+        super().__init__(message, reason=reason, metadata=metadata)
         self.violations = violations
 
     def details(self) -> list[Message]:

@@ -568,11 +568,16 @@ class Admission:
             metrics.REQUESTS.labels(*labels, event.finish_reason).inc()
             metrics.REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - request.started)
             outcomes = request.model.outcomes
-            outcomes.observe(
-                event.finish_reason,
-                event.timing.time_to_first_token_ms,
-                batch=request.batch_priority,
-            )
+            if not event.cached:
+                # An answer served from the cache or another request's computation is no
+                # computation of the version: counted in, each hit's 1-3 ms TTFT made a
+                # canary read faster, and each success counted per caller while a shared
+                # failure counted once (its error rate diluted by its callers).
+                outcomes.observe(
+                    event.finish_reason,
+                    event.timing.time_to_first_token_ms,
+                    batch=request.batch_priority,
+                )
             # The prompt's length as served: a cache hit's billed usage may be 0.
             served = event.served_usage if event.HasField("served_usage") else event.usage
             outcomes.prefixes.observe(

@@ -297,4 +297,4 @@ def v1_error(error: TokenmeshError) -> TokenmeshError:
     ]
     if violations == error.violations:
         return error
-    return InvalidArgument(violations, reason=error.reason)
+    return InvalidArgument(violations, reason=error.reason, metadata=error.metadata)

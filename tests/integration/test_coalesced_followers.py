@@ -334,24 +334,86 @@ async def test_a_shared_computation_that_fails_fails_its_waiters_without_computi
         if model.scheduler is not None:
             model.scheduler.engine.error_rate = 1.0  # type: ignore[attr-defined]
     before = COMPUTED_SEQUENCES.labels(MODEL)._value.get()
+    versions = [m.outcomes for m in service.registry.all() if m.name == MODEL]
+    errors_before = sum(v.errors for v in versions)
     prompt = unique_prompt("failing")
 
-    async def one() -> str:
+    async def one(request_id: str) -> str:
         try:
             if method == "Complete":
-                request = pb.CompleteRequest(model=MODEL, prompt=prompt, max_output_tokens=5)
+                request = pb.CompleteRequest(
+                    model=MODEL, prompt=prompt, max_output_tokens=5, request_id=request_id
+                )
                 request.sampling.seed = 1
                 await stub.Complete(request, metadata=_identity("t", "k"))
             else:
-                call = stub.Generate(_seeded(prompt, "", 5), metadata=_identity("t", "k"))
+                call = stub.Generate(_seeded(prompt, request_id, 5), metadata=_identity("t", "k"))
                 _ = [message async for message in call]
         except grpc.aio.AioRpcError as error:
             return error.code().name
         return "OK"
 
-    calls = [asyncio.ensure_future(one()) for _ in range(WAITERS)]
+    ids = [f"fails-{uuid.uuid4().hex[:8]}" for _ in range(WAITERS)]
+    calls = [asyncio.ensure_future(one(request_id)) for request_id in ids]
     await _waiters(service, WAITERS, completions=method == "Complete")
     held.cancel()  # the slot frees: the shared computation starts, and fails
     outcomes = await asyncio.gather(*calls)
     assert COMPUTED_SEQUENCES.labels(MODEL)._value.get() - before == 1
     assert outcomes == ["INTERNAL"] * WAITERS, outcomes
+    # Each caller's failure is recorded as its own (the waiters' were not: no usage
+    # event, no audit entry), billed nothing beyond the leader's; the version's
+    # outcomes count the one computation that failed (a waiter is no computation).
+    events = [await _usage_event(service, request_id) for request_id in ids]
+    assert [e.finish_reason for e in events] == ["error"] * WAITERS
+    assert sum(not e.cached for e in events) == 1
+    assert all(e.usage.completion_tokens == 0 for e in events)
+    assert sum(v.errors for v in versions) - errors_before == 1
+
+
+async def test_a_multi_prompt_completion_whose_prompt_shared_a_failed_computation_is_recorded(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A legacy completion [Y, X] whose X joined another request's computation, which
+    # failed: the waiter raised with no usage event, read as "refused before it ran",
+    # and the whole request was recorded as nothing (docs/openai.md: billed what ran).
+    import json
+
+    from google.api.httpbody_pb2 import HttpBody
+
+    from tests.integration.test_openai_usage_billing import _key_events
+    from tokenmesh.openai.v1 import openai_service_pb2_grpc as oai_rpc
+
+    async with await _worker(tmp_path, redis_url, monkeypatch, "full", max_sequences=1) as pair:
+        service, channel = pair
+        stub, openai = rpc.InferenceServiceStub(channel), oai_rpc.OpenAIServiceStub(channel)
+        held = stub.Generate(_seeded(unique_prompt("blocker"), "", 200))
+        await held.read()  # it holds the one slot
+        for model in service.registry.all():  # every prefill from now on fails
+            if model.scheduler is not None:
+                model.scheduler.engine.error_rate = 1.0
+        x, y = unique_prompt("x"), unique_prompt("y")
+        other_request = pb.CompleteRequest(model=MODEL, prompt=x, max_output_tokens=5)
+        other_request.sampling.seed = 7
+        other = asyncio.ensure_future(stub.Complete(other_request, metadata=_identity("t", "o")))
+        await _waiters(service, 1, completions=True)
+        key = f"key_{uuid.uuid4().hex[:8]}"
+        body = {"model": MODEL, "prompt": [y, x], "max_tokens": 5, "seed": 7}
+
+        async def multi() -> None:
+            request = HttpBody(content_type="application/json", data=json.dumps(body).encode())
+            call = openai.CreateCompletion(request, metadata=_identity("t", key))
+            _ = [message async for message in call]
+
+        answered = asyncio.ensure_future(multi())
+        await _waiters(service, 2, completions=True)
+        held.cancel()
+        with pytest.raises(grpc.aio.AioRpcError):
+            await answered
+        with pytest.raises(grpc.aio.AioRpcError):
+            await other
+        client = aioredis.from_url(service.settings.redis_url)
+        try:
+            events = await _key_events(client, service.settings.usage_stream, key, 2)
+        finally:
+            await client.aclose()
+        assert sorted(e.finish_reason for e in events) == ["error", "error"]

@@ -368,12 +368,16 @@ async def test_the_openai_surface_gets_the_same_policies(tmp_path, redis_url, ca
         policy = Policy(f"oai-{tenant}", 0, pii={"card": "block"}, output_block_patterns=rules)
         policy = await _attach(service, catalog, tenant, policy)
         chat = {"model": MODEL, "max_tokens": 30, "stream": True}
-        blocked = await _error_trailer(
-            openai.CreateChatCompletion(
-                _body(**chat, messages=[{"role": "user", "content": "card 4111 1111 1111 1111"}]),
-                metadata=_metadata(tenant),
-            )
+        refused = openai.CreateChatCompletion(
+            _body(**chat, messages=[{"role": "user", "content": "card 4111 1111 1111 1111"}]),
+            metadata=_metadata(tenant),
         )
+        blocked = await _error_trailer(refused)
+        # Its ErrorInfo names the policy and rule, as v2's does (it came with none).
+        info = error_details_pb2.ErrorInfo()
+        status = await rpc_status.aio.from_call(refused)
+        assert any(d.Unpack(info) for d in status.details)
+        assert dict(info.metadata) == {"policy": policy.label, "rule": "pii:card"}
         assert blocked["type"] == "invalid_request_error" and "4111" not in blocked["message"]
         assert blocked["code"] == "content_policy_violation"  # OpenAI's code for it
         assert policy.label in blocked["message"] and "pii:card" in blocked["message"]

@@ -52,11 +52,13 @@ async def _complete(stub: Any, request: pb.CompleteRequest) -> tuple[pb.Complete
 
 
 async def test_a_seeded_completion_is_computed_once_then_served(cached_worker):
-    _, channel = cached_worker
+    service, channel = cached_worker
     stub = rpc.InferenceServiceStub(channel)
     request = pb.CompleteRequest(model=MODEL, prompt=unique_prompt("p"), max_output_tokens=6)
     request.sampling.seed = 9
     before = _computed()
+    versions = [m.outcomes for m in service.registry.all() if m.name == MODEL]
+    outcomes_before = [(v.requests, sum(v.ttft_counts)) for v in versions]
     miss, miss_status = await _complete(stub, request)
     hit, hit_status = await _complete(stub, request)
     assert (miss_status, hit_status) == ("miss", "hit")
@@ -64,6 +66,11 @@ async def test_a_seeded_completion_is_computed_once_then_served(cached_worker):
     ttft = [r.choices[0].timing.time_to_first_token_ms for r in (miss, hit)]
     assert ttft[1] < ttft[0]
     assert _computed() - before == 1
+    # The version's outcomes (rollout gates, load weights) count the computation only:
+    # a hit's 1-3 ms TTFT made a canary read faster than it computes.
+    outcomes_after = [(v.requests, sum(v.ttft_counts)) for v in versions]
+    added = [(a - b, c - d) for (a, c), (b, d) in zip(outcomes_after, outcomes_before, strict=True)]
+    assert sorted(added) == [(0, 0), (1, 1)]
     request.cache = 2  # CACHE_MODE_NO_STORE
     assert (await _complete(stub, request))[1] == "bypass"
     unseeded = pb.CompleteRequest(model=MODEL, prompt="random", max_output_tokens=2)

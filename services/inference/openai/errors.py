@@ -91,7 +91,8 @@ def renamed(error: TokenmeshError, renames: Renames) -> TokenmeshError:
     violations = [
         FieldViolation(*renamed_text(v.field, v.description, renames)) for v in error.violations
     ]
-    return InvalidArgument(violations, reason=error.reason)
+    # Its ErrorInfo metadata too (a content policy's block names the policy and rule).
+    return InvalidArgument(violations, reason=error.reason, metadata=error.metadata)
 
 
 def renamed_text(field: str, text: str, renames: Renames) -> tuple[str, str]:

@@ -46,6 +46,7 @@ from services.inference.pipeline.cache import (
     CacheStage,
     ClientMode,
 )
+from services.inference.pipeline.coalesce import EmbeddingInputs
 from services.inference.pipeline.content import RequestContent
 from services.inference.surface import ApiSurface
 from services.inference.v2 import validation
@@ -272,11 +273,11 @@ class EmbeddingPipeline:
             try:
                 vectors = await embedder.embed([encoded[k] for k in keys])
             except BaseException as exc:
-                for key, future in futures.items():
+                for future in futures.values():
                     if not future.done():
                         future.set_exception(exc)
                     future.exception()  # retrieved: a request that left is no warning
-                    inputs.pending.pop(key, None)
+                _forget_pending(inputs, futures)
                 if not isinstance(exc, Exception):
                     raise
                 return
@@ -286,12 +287,21 @@ class EmbeddingPipeline:
             try:  # pending until stored: a request arriving meanwhile still finds them
                 await stage.store.put_many({k: v.tobytes() for k, v in values.items()})
             finally:
-                for key in keys:
-                    inputs.pending.pop(key, None)
+                _forget_pending(inputs, futures)
                 inputs.stored += 1
 
         inputs.keep(asyncio.create_task(compute()))
         return futures
+
+
+def _forget_pending(
+    inputs: EmbeddingInputs, futures: dict[str, asyncio.Future[np.ndarray]]
+) -> None:
+    """Drops the pending entries these futures still hold (another computation of an input,
+    a `no-cache` request's, may have taken its entry since: left, it stays findable)."""
+    for key, future in futures.items():
+        if inputs.pending.get(key) is future:
+            del inputs.pending[key]
 
 
 async def _read_cache(stage: CacheStage, keys: list[str]) -> dict[str, np.ndarray]:

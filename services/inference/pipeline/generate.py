@@ -65,6 +65,7 @@ from services.core.errors import (
 from services.core.interceptors import Context, request_headers, to_domain_error
 from services.inference import shadow
 from services.inference.admission import Admission, check_whole_budget
+from services.inference.load_report import ERROR_REASON
 from services.inference.pipeline import cache as cache_stage
 from services.inference.pipeline import stream as stream_stage
 from services.inference.pipeline.cache import (
@@ -419,7 +420,10 @@ class GenerationPipeline:
                 return
             except Exception as exc:
                 if not flight.left_to_waiters(exc):
-                    raise  # the computation failed: so does this identical request
+                    # The computation failed: so does this identical request, recorded
+                    # as its own (each caller's audit entry; it had none).
+                    self._record_shared_failure(generation)
+                    raise
                 yield None
                 return
             # Refused by its own budget: raised before anything is sent or billed.
@@ -666,7 +670,8 @@ class GenerationPipeline:
             shared = await anext(items, None)
         except Exception as exc:
             if not flight.left_to_waiters(exc):
-                raise  # the computation failed: so does this identical request
+                self._record_shared_failure(generation)  # see _follow_stream
+                raise
             shared = None
         finally:
             await items.aclose()  # type: ignore[attr-defined]
@@ -676,6 +681,19 @@ class GenerationPipeline:
         response.CopyFrom(shared)
         return await self._serve_completion(
             context, generation, response, status, stops=flight.stops
+        )
+
+    def _record_shared_failure(self, generation: Generation) -> None:
+        """Records a waiter of a computation that failed before it sent anything: an error,
+        billed nothing (the computation's leader is billed what it used)."""
+        record_served(
+            self.admission,
+            generation,
+            prompt_tokens=0,
+            completion_tokens=0,
+            finish_reason=ERROR_REASON,
+            first_token_ms=0.0,
+            billing=self._billing,
         )
 
     async def _serve_completion(

@@ -90,9 +90,11 @@ class ContentPolicyViolation(InvalidArgument):
         description = f"blocked by content policy {hit.policy} rule {hit.rule}"
         if why:
             description += f": {why}"
-        super().__init__([FieldViolation(field_name, description)], reason=REASON)
+        metadata = {"policy": hit.policy, "rule": hit.rule}
+        super().__init__(
+            [FieldViolation(field_name, description)], reason=REASON, metadata=metadata
+        )
         self.hit = hit
-        self.metadata = {"policy": hit.policy, "rule": hit.rule}
 
 
 @dataclass(frozen=True)
