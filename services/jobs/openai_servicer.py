@@ -381,7 +381,9 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
                 batches.parse_input, data, wanted.endpoint, self.max_lines
             )
             items = [line.item for line in lines]
-            validation.check_item_scopes(items, scopes)
+            validation.check_item_scopes(
+                items, scopes, lambda index: f"line {lines[index].number} ({wanted.endpoint})"
+            )
             await self._check_models(lines, headers)
             created_ms = now_ms()
             new = batches.NewBatch(

@@ -8,7 +8,7 @@ match proto/tokenmesh/jobs/v1/jobs_service.proto.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from google.protobuf import duration_pb2
 
@@ -77,15 +77,20 @@ def _check_item(index: int, item: jobs_pb2.JobItem, out: list[FieldViolation]) -
         )
 
 
-def check_item_scopes(items: Collection[jobs_pb2.JobItem], scopes: Collection[str]) -> None:
-    """Raises PermissionDenied when the owner's key lacks the scope an item needs."""
+def check_item_scopes(
+    items: Collection[jobs_pb2.JobItem],
+    scopes: Collection[str],
+    named: Callable[[int], str] = lambda index: f"items[{index}]",
+) -> None:
+    """Raises PermissionDenied when the owner's key lacks the scope an item needs (the
+    item `named` as its caller knows it: an OpenAI batch's by its input line)."""
     if contract.ADMIN_SCOPE in scopes:
         return
     for index, item in enumerate(items):
         needed = ITEM_SCOPES.get(item.WhichOneof("request") or "", "")
         if needed and needed not in scopes:
             raise PermissionDenied(
-                f"items[{index}] needs the scope {needed!r}, which this key lacks",
+                f"{named(index)} needs the scope {needed!r}, which this key lacks",
                 reason="MISSING_SCOPE",
                 metadata={"scope": needed},
             )

@@ -519,6 +519,19 @@ async def test_metadata_must_be_an_object(jobs, metadata):
     assert _openai_error(refused)["param"] == "metadata"
 
 
+async def test_a_line_needing_a_scope_the_key_lacks_is_named_by_its_line(jobs):
+    # It named `items[0]`, which a batch's client never sent.
+    _, channel = jobs
+    _, headers = _owner()
+    upload = await _upload(channel, headers, _jsonl([_line(0), _line(1)]))
+    narrow = tuple((k, "jobs") if k == contract.SCOPES_HEADER else (k, v) for k, v in headers)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _stub(channel).CreateBatch(_batch_body(upload["id"]), metadata=narrow)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    message = _openai_error(refused)["message"]
+    assert message.startswith("line 1 (/v1/embeddings) needs the scope 'inference:embed'")
+
+
 def test_openai_python_counts_its_retries_in_a_header():
     """The header the retry hold trusts is what openai-python sends on each try."""
     seen: list[str] = []
