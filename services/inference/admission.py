@@ -548,9 +548,15 @@ class Admission:
         request.charged_tokens += due
         return True
 
-    def record(self, request: Request, event: inference_pb2.UsageEvent) -> None:
+    def record(
+        self, request: Request, event: inference_pb2.UsageEvent, computed: bool | None = None
+    ) -> None:
         """Counts a finished request, appends its usage event and reconciles its reservation
-        (held instead while its `held_events` is a list)."""
+        (held instead while its `held_events` is a list).
+
+        computed: whether the version computed any of its answer (None: unless the event
+        says it was served: an embed served partly from the cache computed the rest).
+        """
         if request.held_events is not None:
             request.held_events.append(event)
             return
@@ -568,7 +574,7 @@ class Admission:
             metrics.REQUESTS.labels(*labels, event.finish_reason).inc()
             metrics.REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - request.started)
             outcomes = request.model.outcomes
-            if not event.cached:
+            if not event.cached if computed is None else computed:
                 # An answer served from the cache or another request's computation is no
                 # computation of the version: counted in, each hit's 1-3 ms TTFT made a
                 # canary read faster, and each success counted per caller while a shared

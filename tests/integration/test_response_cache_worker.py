@@ -165,3 +165,17 @@ async def _usage_events(service: InferenceService, request_id: str) -> list[Any]
         return [f[b"event"] for _, f in entries if f[b"request_id"].decode() == request_id]
     finally:
         await client.aclose()
+
+
+async def test_an_embed_counts_in_its_versions_outcomes_when_it_computed_any_input(cached_worker):
+    # Served answers are no computation of the version; an embed served partly from the
+    # cache computed the rest (left out, a canary's successes were undercounted against
+    # its errors).
+    service, channel = cached_worker
+    stub = rpc.InferenceServiceStub(channel)
+    outcomes = service.registry.resolve("all-minilm-l6-v2", "1").outcomes
+    before = outcomes.requests
+    one, two = f"one {uuid.uuid4().hex}", f"two {uuid.uuid4().hex}"
+    for inputs in ([one], [one, two], [one, two]):  # computed, half served, all served
+        await stub.Embed(pb.EmbedRequest(model="all-minilm-l6-v2", inputs=inputs))
+    assert outcomes.requests - before == 2

@@ -182,7 +182,8 @@ class EmbeddingPipeline:
         # As every other RPC (Admission.record): a job item's cut attempt is recorded
         # apart, billed nothing. Appended and settled here directly, it took the
         # item's id: the meter kept the cut run and dropped the retry that answered.
-        self.admission.record(call, event)
+        computed = embedded is None or embedded.computed_tokens > 0
+        self.admission.record(call, event, computed=computed)
 
     def _billed(self, embedded: Embedded | None, prompt_tokens: int) -> types_pb2.TokenUsage:
         stage = self.admission.cache
