@@ -407,6 +407,9 @@ def audit_entry(event: inference_pb2.UsageEvent) -> usage_pb2.AuditEntry:
         finish_reason=event.finish_reason,
         trace_id=event.trace_id,
         request_id=event.request_id,
+        # Unique: with the request id alone two requests' entries could be the same
+        # bytes, and the log (a sorted set of them) kept one of the two.
+        event_id=event.event_id,
         template=template_label(event),
         policy_hits=event.policy_hits,
     )

@@ -232,3 +232,32 @@ async def test_an_operator_reads_the_log_with_its_certificate(redis_url):
                     pb.ListAuditEntriesRequest(tenant=audit.tenant)
                 )
         assert [e.request_id for e in reply.entries] == ["op"]
+
+
+async def test_two_requests_under_one_request_id_are_two_entries(redis_url):
+    # A legacy completion's prompts share the edge's request id (a caller may reuse its
+    # own): two entries of the same bytes were one member of the log's sorted set, and
+    # the log listed one request where the bill counted two.
+    async with _audit(redis_url) as audit:
+        finish_ms = int(time.time() * 1000) - 1000
+        for event_id in ("prompt-0", "prompt-1"):
+            event = inference_pb2.UsageEvent(
+                request_id="edge-request",
+                event_id=f"{audit.tenant}:{event_id}",
+                key_id="key_x",
+                tenant=audit.tenant,
+                finish_reason="stop",
+                model=types_pb2.ModelRef(name="demo-lm", version="1"),
+                usage=types_pb2.TokenUsage(prompt_tokens=1, completion_tokens=1, total_tokens=2),
+                finish_unix_ms=finish_ms,
+            )
+            await audit.client.xadd(
+                audit.stream, {"request_id": "edge-request", "event": event.SerializeToString()}
+            )
+        while await audit.meter.run_once(block_ms=50):
+            pass
+        entries = (await audit.page()).entries
+        assert sorted(e.event_id for e in entries) == [
+            f"{audit.tenant}:prompt-0",
+            f"{audit.tenant}:prompt-1",
+        ]

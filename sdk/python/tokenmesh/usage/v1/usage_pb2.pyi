@@ -267,6 +267,7 @@ class AuditEntry(_message.Message):
     POLICY_HITS_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """key_id is the caller's key id."""
     tenant: _builtins.str
@@ -302,6 +303,11 @@ class AuditEntry(_message.Message):
     """
     detail: _builtins.str
     """detail says why, e.g. "error rate 0.31 > 0.01 over 40 requests"."""
+    event_id: _builtins.str
+    """event_id identifies the request's usage event: unique, where request_id
+    may repeat (a legacy completion's prompts share theirs, a caller may
+    reuse its own). Exports deduplicate on it. Empty in entries from before.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """time is when the request finished."""
@@ -331,10 +337,11 @@ class AuditEntry(_message.Message):
         policy_hits: _abc.Iterable[_builtins.str] | None = ...,
         action: _builtins.str = ...,
         detail: _builtins.str = ...,
+        event_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "completion_tokens", b"completion_tokens", "detail", b"detail", "finish_reason", b"finish_reason", "key_id", b"key_id", "model", b"model", "policy_hits", b"policy_hits", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "rpc", b"rpc", "status", b"status", "template", b"template", "tenant", b"tenant", "time", b"time", "trace_id", b"trace_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "completion_tokens", b"completion_tokens", "detail", b"detail", "event_id", b"event_id", "finish_reason", b"finish_reason", "key_id", b"key_id", "model", b"model", "policy_hits", b"policy_hits", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "rpc", b"rpc", "status", b"status", "template", b"template", "tenant", b"tenant", "time", b"time", "trace_id", b"trace_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
