@@ -106,15 +106,17 @@ MIN_PAIRS = 30
 _Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
 
 
-def _timed(side: router_pb2.VersionComparison) -> bool:
-    """Whether any of the side's requests ended without an error (latencies have samples)."""
-    return side.requests * (1.0 - side.error_rate) >= 0.5
+def _sampled(latency: router_pb2.LatencySummary) -> bool:
+    """Whether a latency summarises any value (a router from before `samples` sends
+    none: a summary of values reads above 0)."""
+    return latency.samples > 0 or latency.mean_ms > 0
 
 
 def _latency(read: Callable[[router_pb2.VersionComparison], router_pb2.LatencySummary]) -> Cell:
-    """A latency's cell: `-` without a sample (0.0 read as "instant")."""
+    """A latency's cell: `-` without a sample (0.0 read as "instant": no successful
+    request, or one-token answers' inter-token latency)."""
     return lambda side: (
-        f"{read(side).p50_ms:.1f} / {read(side).p99_ms:.1f}" if _timed(side) else "-"
+        f"{read(side).p50_ms:.1f} / {read(side).p99_ms:.1f}" if _sampled(read(side)) else "-"
     )
 
 
@@ -179,8 +181,8 @@ def describe(reply: router_pb.CompareModelVersionsResponse, since: str) -> str:
         lines.append(f"  {name:<{width}}  {cell(base):>24}  {cell(cand):>24}")
     lines.append(_agreement(reply))
     lines.append(
-        "  latencies count from the start of prefill: a shadow copy waits behind the "
-        "live requests (queue)"
+        "  latencies leave out the wait for a slot (queue): a shadow copy waits behind "
+        "the live requests"
     )
     if reply.pairs < MIN_PAIRS:
         lines.append(f"  fewer than {MIN_PAIRS} pairs: too few to judge the versions by")

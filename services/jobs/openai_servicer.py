@@ -442,23 +442,38 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
             if held is not None:
                 with contextlib.suppress(NotFound):  # gone since: create it again
                     return (await self._read_batch(owner, held))[2]
-        new = await self.batches.reserve(new)
-        job_id, created = await self.jobs.create(
-            NewJob(
-                owner=owner,
-                items=items,
-                webhook_url="",
-                metadata={"openai.input_file_id": new.request.input_file_id},
-                idempotency_key=validation.BATCH_IDEMPOTENCY_PREFIX
-                + (client_key or secrets.token_hex(12)),
-                deadline_ms=new.deadline_ms,
-                idempotency_ttl_s=IDEMPOTENCY_TTL_S if client_key else batches.RETRY_HOLD_S,
-                fingerprint=batches.request_fingerprint(new.request),
-                idempotency_field="Idempotency-Key",  # as OpenAI's docs spell the header
-            ),
-            # One transaction with the job: neither is written without the other.
-            also=lambda pipe, new_id: self.batches.queue_creation(pipe, new_id, new),
+        job = NewJob(
+            owner=owner,
+            items=items,
+            webhook_url="",
+            metadata={"openai.input_file_id": new.request.input_file_id},
+            idempotency_key=validation.BATCH_IDEMPOTENCY_PREFIX
+            + (client_key or secrets.token_hex(12)),
+            deadline_ms=new.deadline_ms,
+            idempotency_ttl_s=IDEMPOTENCY_TTL_S if client_key else batches.RETRY_HOLD_S,
+            fingerprint=batches.request_fingerprint(new.request),
+            idempotency_field="Idempotency-Key",  # as OpenAI's docs spell the header
         )
+        if client_key:
+            # Its batch, before any storage is reserved: reserving first, a replay of
+            # a batch near its owner's quota was refused 429 for a batch that exists.
+            made = await self.jobs.created_by(job)
+            if made is not None:
+                with contextlib.suppress(NotFound):  # gone since: create it again
+                    return (await self._read_batch(owner, batches.batch_id_of(made)))[2]
+        new = await self.batches.reserve(new)
+        try:
+            job_id, created = await self.jobs.create(
+                job,
+                # One transaction with the job: neither is written without the other.
+                also=lambda pipe, new_id: self.batches.queue_creation(pipe, new_id, new),
+            )
+        except BaseException:
+            # Refused (another request under its key) or failed: its reservation held
+            # the owner's room for a minute (a client looping on a reused key filled
+            # its own quota). Moved onto a record that was written, it is gone already.
+            await self.batches.release(new)
+            raise
         batch_id = batches.batch_id_of(job_id)
         if not created:  # made by the transaction whose reply was lost, or the client key's
             await self.batches.release(new)

@@ -155,7 +155,7 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
                 metadata=dict(request.metadata),
                 idempotency_key=request.idempotency_key,
                 deadline_ms=now_ms() + int(window_s * 1000),
-                fingerprint=_fingerprint(request),
+                fingerprint=_fingerprint(request) if request.idempotency_key else "",
             )
         )
         return await self._reload(job_id)

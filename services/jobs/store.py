@@ -625,6 +625,13 @@ class NewJob:
     idempotency_field: str = "idempotency_key"
 
 
+def _idem_key(job: NewJob) -> str:
+    """Returns the key its idempotency key is kept under ("" without one)."""
+    if not job.idempotency_key:
+        return ""
+    return f"{PREFIX}idem:{job.owner.key_id}:{job.idempotency_key}"
+
+
 @dataclass
 class JobRecord:
     """JobRecord is a job's hash, decoded."""
@@ -711,9 +718,7 @@ class JobStore:
             apart, a failure between the two left a running, billed job without
             its batch, and the client's retry ran and billed it again).
         """
-        idem = (
-            f"{PREFIX}idem:{job.owner.key_id}:{job.idempotency_key}" if job.idempotency_key else ""
-        )
+        idem = _idem_key(job)
         stream = work_stream(job.owner.lane)
         while True:
             job_id = new_job_id()
@@ -741,6 +746,16 @@ class JobStore:
                     return job_id, True
                 except WatchError:
                     continue  # another request with the key won: read its job
+
+    async def created_by(self, job: NewJob) -> str | None:
+        """Returns the id of the job its idempotency key made, if it still exists (None:
+        none); raises InvalidArgument when another request made it (see `create`)."""
+        idem = _idem_key(job)
+        existing = await self.redis.get(idem) if idem else None
+        if existing is None or not await self.redis.exists(job_key(text(existing))):
+            return None
+        await self._check_same_request(text(existing), job)
+        return text(existing)
 
     async def _check_same_request(self, job_id: str, job: NewJob) -> None:
         """Raises InvalidArgument when the job its idempotency key made was asked for by

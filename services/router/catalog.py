@@ -175,7 +175,14 @@ class ModelEntry:
             pinned=str(data.get("pinned", "")),
             shadow_version=str(shadow.get("version", "")),
             shadow_percent=int(shadow.get("percent", 0)),
-            worker_pools=parse_pools(pools),
+            # A document of the build before placements had their hash carried its
+            # own (fail-closed: only that build wrote it); moved to the hash at the
+            # model's next change (Catalog.change_if).
+            worker_pools=(
+                parse_pools(pools)
+                if pools is not None
+                else frozenset(str(p) for p in data.get("worker_pools", ()))
+            ),
         )
 
 
@@ -493,9 +500,8 @@ class Catalog:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(*watched)
-                    catalog = _parse_catalog(
-                        await pipe.hgetall(CATALOG_KEY), await pipe.hgetall(PLACEMENTS_KEY)
-                    )
+                    placements = await pipe.hgetall(PLACEMENTS_KEY)
+                    catalog = _parse_catalog(await pipe.hgetall(CATALOG_KEY), placements)
                     if guard is not None:
                         values = [await pipe.hget(key, field) for key, field in guard.reads]
                         if not guard.holds(values, catalog.get(name)):
@@ -507,7 +513,7 @@ class Catalog:
                     pipe.multi()  # type: ignore[no-untyped-call]
                     if updated != catalog.get(name):
                         pipe.hset(CATALOG_KEY, name, updated.to_json())
-                        _write_placement(pipe, updated, catalog.get(name))
+                        _write_placement(pipe, updated, _stored_pools(placements, name))
                     for key, field_name, value in writes:
                         pipe.hset(key, field_name, value)
                     await pipe.execute()
@@ -623,9 +629,17 @@ def _parse_catalog(
     return {text(k): ModelEntry.from_json(text(k), v, pools.get(text(k))) for k, v in raw.items()}
 
 
-def _write_placement(pipe: Any, updated: ModelEntry, current: ModelEntry | None) -> None:
-    """Queues the placement's change, if any (PLACEMENTS_KEY)."""
-    if updated.worker_pools == (current.worker_pools if current else frozenset()):
+def _stored_pools(placements: Mapping[bytes | str, bytes | str], name: str) -> frozenset[str]:
+    """Returns a model's placement as the hash holds it (empty: no field)."""
+    raw = placements.get(name.encode(), placements.get(name))
+    return parse_pools(raw)
+
+
+def _write_placement(pipe: Any, updated: ModelEntry, stored: frozenset[str]) -> None:
+    """Queues the placement's change from what the hash holds, if any (PLACEMENTS_KEY):
+    a placement read from the model's document (the build before the hash) is moved
+    into it as the document is rewritten without it."""
+    if updated.worker_pools == stored:
         return
     if updated.worker_pools:
         pipe.hset(PLACEMENTS_KEY, updated.name, pools_text(updated.worker_pools))

@@ -236,11 +236,12 @@ class Latency:
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     mean_ms: float = 0.0
+    samples: int = 0
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Latency:
         """Summarises `values`."""
-        return cls(percentile(values, 50), percentile(values, 99), _mean(values))
+        return cls(percentile(values, 50), percentile(values, 99), _mean(values), len(values))
 
 
 @dataclass(frozen=True)

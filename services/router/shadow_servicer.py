@@ -56,7 +56,10 @@ def check_versions(request: pb.CompareModelVersionsRequest) -> None:
 
 def _latency(latency: shadow_pairs.Latency) -> router_pb2.LatencySummary:
     return router_pb2.LatencySummary(
-        p50_ms=latency.p50_ms, p99_ms=latency.p99_ms, mean_ms=latency.mean_ms
+        p50_ms=latency.p50_ms,
+        p99_ms=latency.p99_ms,
+        mean_ms=latency.mean_ms,
+        samples=latency.samples,
     )
 
 

@@ -506,6 +506,36 @@ async def test_an_idempotency_key_reused_for_another_batch_is_refused(jobs):
     assert await _owner_batches(service, owner) == [first["id"]]
 
 
+async def test_a_replay_under_its_key_near_the_quota_answers_its_batch(small):
+    # The replay reserved the new batch's room (its requests: about its file's size)
+    # before it found the batch its key made: refused 429 for a batch that exists.
+    _, channel = small
+    _, headers = _owner()
+    upload = await _upload(channel, headers, _jsonl([_line(0, input=["x" * 14000] * 2)]))
+    keyed = (*headers, ("idempotency-key", "nightly-1"))
+    first = await _create_batch(channel, keyed, upload["id"])
+    assert (await _create_batch(channel, keyed, upload["id"]))["id"] == first["id"]
+
+
+async def test_a_request_refused_for_a_reused_key_holds_no_room(small):
+    # It kept its reservation (its file's size) for a minute: a client looping on a
+    # reused key filled its own quota.
+    service, channel = small
+    owner, headers = _owner()
+    upload = await _upload(channel, headers, _jsonl([_line(0, input=["x" * 10000] * 2)]))
+    keyed = (*headers, ("idempotency-key", "nightly-2"))
+    await _create_batch(channel, keyed, upload["id"])
+    ledger = f"tm:jobs:stored:{owner.lane}:bytes"
+    before = int(await service.redis.hget(ledger, "total:bytes") or 0)
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _stub(channel).CreateBatch(
+                _batch_body(upload["id"], metadata={"run": "2"}), metadata=keyed
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert int(await service.redis.hget(ledger, "total:bytes") or 0) == before
+
+
 @pytest.mark.parametrize("metadata", [[], "", 0, False])
 async def test_metadata_must_be_an_object(jobs, metadata):
     # Falsy values read as none: the batch was made, its metadata null.

@@ -392,3 +392,32 @@ async def test_a_placement_outlives_an_earlier_releases_rewrite_of_the_model(rou
         router.registry("worker").RegisterWorker(_register("m", "127.0.0.1:7001"))
     )
     assert refused == (grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ON_WORKER_POOL")
+
+
+async def test_a_placement_in_the_models_document_is_kept_and_moved_to_its_hash(router, own_redis):
+    # The build before placements had a hash of their own kept them in the model's
+    # document: read from the hash only, a placed model read as unplaced (open to every
+    # worker), and its next change erased the placement for good.
+    from services.router.catalog import CATALOG_KEY, PLACEMENTS_KEY
+
+    await _place(router, "m")  # not placed
+    client = aioredis.from_url(own_redis)
+    try:
+        document = json.loads(await client.hget(CATALOG_KEY, "m"))
+        await client.hset(CATALOG_KEY, "m", json.dumps({**document, "worker_pools": ["gpu"]}))
+        reply = await router.catalogue().GetCatalogModel(pb.GetCatalogModelRequest(model="m"))
+        assert list(reply.model.worker_pools) == ["gpu"]
+        refused = await failed_call_reason(
+            router.registry("worker").RegisterWorker(_register("m", "127.0.0.1:7001"))
+        )
+        assert refused == (grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ON_WORKER_POOL")
+        # Its next change moves it into the hash, as the document loses the field.
+        await router.catalogue().RegisterModelVersion(
+            pb.RegisterModelVersionRequest(model="m", version="2", weight=0)
+        )
+        assert await client.hget(PLACEMENTS_KEY, "m") == b"gpu"
+        assert "worker_pools" not in json.loads(await client.hget(CATALOG_KEY, "m"))
+        reply = await router.catalogue().GetCatalogModel(pb.GetCatalogModelRequest(model="m"))
+        assert list(reply.model.worker_pools) == ["gpu"]
+    finally:
+        await client.aclose()

@@ -53,7 +53,11 @@ def test_a_few_pairs_are_not_shown_as_a_verdict():
     # latencies, read as "instant"; pairs the other way round vanished.
     reply = router_pb.CompareModelVersionsResponse(
         model="m",
-        baseline=router_pb2.VersionComparison(version="1", requests=1),
+        baseline=router_pb2.VersionComparison(
+            version="1",
+            requests=1,
+            time_to_first_token=router_pb2.LatencySummary(p50_ms=2, p99_ms=2, mean_ms=2, samples=1),
+        ),
         candidate=router_pb2.VersionComparison(version="2", requests=1, error_rate=1.0),
         pairs=1,
         seeded_pairs=1,
@@ -62,7 +66,9 @@ def test_a_few_pairs_are_not_shown_as_a_verdict():
         reversed_pairs=7,
     )
     table = describe(reply, "1h")
-    assert _row(table, "ttft p50/p99 ms") == ["0.0", "/", "0.0", "-"]
+    assert _row(table, "ttft p50/p99 ms") == ["2.0", "/", "2.0", "-"]
+    # One-token answers have no inter-token latency: no sample, not "instant".
+    assert _row(table, "itl p50/p99 ms") == ["-", "-"]
     assert "1/1 (100.0%; 95% interval 20.7%-100.0%)" in table
     assert "fewer than 30 pairs: too few to judge the versions by" in table
     assert "7 pairs the other way round (v2 served, v1 shadow)" in table

@@ -899,22 +899,28 @@ class LatencySummary(_message.Message):
     P50_MS_FIELD_NUMBER: _builtins.int
     P99_MS_FIELD_NUMBER: _builtins.int
     MEAN_MS_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
     p50_ms: _builtins.float
     """p50_ms is the median."""
     p99_ms: _builtins.float
     """p99_ms is the 99th percentile."""
     mean_ms: _builtins.float
     """mean_ms is the mean."""
+    samples: _builtins.int
+    """samples is how many values it summarises (0: none; the figures above are
+    then 0, not "instant").
+    """
     def __init__(
         self,
         *,
         p50_ms: _builtins.float = ...,
         p99_ms: _builtins.float = ...,
         mean_ms: _builtins.float = ...,
+        samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mean_ms", b"mean_ms", "p50_ms", b"p50_ms", "p99_ms", b"p99_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mean_ms", b"mean_ms", "p50_ms", b"p50_ms", "p99_ms", b"p99_ms", "samples", b"samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1011,11 +1017,11 @@ class VersionComparison(_message.Message):
     """
     @_builtins.property
     def time_to_first_token(self) -> Global___LatencySummary:
-        """time_to_first_token is the time from the start of prefill to the first
-        token (successful requests): the time waiting for a slot before it is
-        left out (queue_time), since a shadow copy waits at batch priority behind
-        the live requests (the live side does not), which is the scheduler's
-        policy, not the model's speed.
+        """time_to_first_token is the time at the worker to the first token
+        (successful requests), less the wait for a slot (queue_time): a shadow
+        copy waits at batch priority behind the live requests (the live side
+        does not), which is the scheduler's policy, not the model's speed.
+        Records of workers from before queue_time have none to leave out.
         """
 
     @_builtins.property
@@ -1024,8 +1030,8 @@ class VersionComparison(_message.Message):
 
     @_builtins.property
     def total_latency(self) -> Global___LatencySummary:
-        """total_latency is the time from the start of prefill to the last token
-        (queue time left out, as for time_to_first_token).
+        """total_latency is the time at the worker to the last token, less the wait
+        for a slot (as for time_to_first_token).
         """
 
     @_builtins.property
