@@ -126,12 +126,22 @@ def _older_worker(error: grpc.aio.AioRpcError, status: status_pb2.Status | None)
 
 
 def error_result(
-    index: int, code: grpc.StatusCode, message: str, reason: str = "", field: str = ""
+    index: int,
+    code: grpc.StatusCode,
+    message: str,
+    reason: str = "",
+    field: str = "",
+    metadata: Mapping[str, str] | None = None,
 ) -> jobs_pb2.JobResult:
     """Returns an item's error result."""
     number = code.value[0] if isinstance(code.value, tuple) else int(code.value)
     error = jobs_pb2.JobError(
-        code=code.name, message=message, reason=reason, grpc_code=number, field=field
+        code=code.name,
+        message=message,
+        reason=reason,
+        grpc_code=number,
+        field=field,
+        metadata=metadata,
     )
     return jobs_pb2.JobResult(index=index, error=error)
 
@@ -168,6 +178,12 @@ def error_reason(status: status_pb2.Status | None) -> str:
     """Returns the ErrorInfo reason of a status ("" when none)."""
     info = next(_details(status, error_details_pb2.ErrorInfo), None)
     return "" if info is None else str(info.reason)
+
+
+def error_metadata(status: status_pb2.Status | None) -> dict[str, str]:
+    """Returns the ErrorInfo metadata of a status (empty when none)."""
+    info = next(_details(status, error_details_pb2.ErrorInfo), None)
+    return {} if info is None else dict(info.metadata)
 
 
 def retry_delay_s(status: status_pb2.Status | None) -> float | None:
@@ -292,6 +308,7 @@ class ItemExecutor:
                         error.details() or "",
                         error_reason(status),
                         error_field(status),
+                        error_metadata(status),
                     )
                     return Outcome(failed, (0, 0, 0))
                 logger.debug("item %s waits: %s", request_id, error.code().name)

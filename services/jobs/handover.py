@@ -137,8 +137,15 @@ class ItemFailed(TokenmeshError):
     """ItemFailed is a failed item's error as its worker raised it: any code, with the
     ErrorInfo reason and the BadRequest field the item's JobError kept."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str, field: str) -> None:
-        super().__init__(message, reason=reason)
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str,
+        field: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
         self.code = code
         self.field = field
 
@@ -157,8 +164,8 @@ def item_error(error: jobs_pb2.JobError) -> TokenmeshError | None:
     worker's status had no ErrorInfo (gRPC's own, the edge's sunset text): its code
     and message are all there is.
 
-    A JobError keeps the reason and the first violation's field (not ErrorInfo's
-    metadata nor further violations): an InvalidArgument whose message starts with
+    A JobError keeps the reason, ErrorInfo's metadata and the first violation's
+    field (not further violations): an InvalidArgument whose message starts with
     that field is rebuilt as one (its message is the same), so that v1 can rename
     its fields as for a direct call (`v1_translation.v1_error`).
     """
@@ -169,8 +176,8 @@ def item_error(error: jobs_pb2.JobError) -> TokenmeshError | None:
     named = bool(error.field) and error.message.startswith(prefix)
     if code == grpc.StatusCode.INVALID_ARGUMENT and named:
         described = FieldViolation(error.field, error.message.removeprefix(prefix))
-        return InvalidArgument([described], reason=error.reason)
-    return ItemFailed(code, error.message, error.reason, error.field)
+        return InvalidArgument([described], reason=error.reason, metadata=error.metadata)
+    return ItemFailed(code, error.message, error.reason, error.field, error.metadata)
 
 
 class HandoverServicer(handover_service_pb2_grpc.HandoverServiceServicer):

@@ -16,12 +16,14 @@ from services.core.pki import IdentityFiles
 from services.core.redis_service import text
 from services.core.server import serving
 from services.core.tasks import cancel_and_wait
+from services.inference.pipeline.policy import PatternRule, Policy
 from services.inference.service import InferenceService
 from services.jobs import store as jobstore
 from services.jobs.execution import Backoff, ItemExecutor
 from services.jobs.runner import HELD_PER_SLOT, Runner
 from services.jobs.store import JobStore, NewJob, Owner, now_ms
 from services.jobs.workers import WorkerDirectory
+from services.router.policies import TENANT, PolicyCatalog
 from services.router.registry import WORKERS_KEY, WorkerEntry
 from tests import mtls
 from tests.conftest import private_db_url
@@ -49,10 +51,11 @@ async def _wait_for_status(store: JobStore, job_id: str, timeout_s: float) -> st
 
 @contextlib.asynccontextmanager
 async def _runner_beside_a_worker(
-    tmp_path: Path, redis_url: str, concurrency: int
+    tmp_path: Path, redis_url: str, concurrency: int, blocked_tenant: str = ""
 ) -> AsyncIterator[tuple[JobStore, Runner]]:
     """A runner (`concurrency` slots, one per lane) and a real worker of
-    deterministic-test version 1, registered where the runner looks for workers."""
+    deterministic-test version 1, registered where the runner looks for workers
+    (`blocked_tenant`: a content policy blocks that tenant's prompts naming "forbidden")."""
     redis_url = private_db_url(redis_url, PRIVATE_DB)
     client = aioredis.from_url(redis_url)
     assert client.connection_pool.connection_kwargs["db"] == PRIVATE_DB
@@ -69,6 +72,12 @@ async def _runner_beside_a_worker(
     worker_id = f"runner-test-{uuid.uuid4().hex[:6]}"
     try:
         async with serving(service, settings) as server:
+            if blocked_tenant:
+                catalog = PolicyCatalog(client)
+                rules = (PatternRule("forbidden"),)
+                policy = await catalog.create(Policy("no-forbidden", 0, block_keywords=rules), 0)
+                await catalog.attach(TENANT, blocked_tenant, policy.name)
+                await service.policies.refresh()
             entry = WorkerEntry(
                 worker_id,
                 "127.0.0.1",
@@ -85,12 +94,16 @@ async def _runner_beside_a_worker(
         await client.aclose()
 
 
-async def _job(store: JobStore, items: list[jobs_pb2.JobItem], key: str = "") -> str:
+async def _job(
+    store: JobStore, items: list[jobs_pb2.JobItem], key: str = "", tenant: str = ""
+) -> str:
     """Creates a job of `items` for `key`, else a key of its own (a lane of its own)."""
     key = key or f"key_{uuid.uuid4().hex[:8]}"
     identity = {contract.KEY_ID_HEADER: key, contract.SCOPES_HEADER: "inference:generate"}
+    if tenant:
+        identity[contract.TENANT_HEADER] = tenant
     job_id, _ = await store.create(
-        NewJob(Owner(key, "", identity), items, "", {}, "", now_ms() + 600_000)
+        NewJob(Owner(key, tenant, identity), items, "", {}, "", now_ms() + 600_000)
     )
     return job_id
 
@@ -117,6 +130,29 @@ async def test_a_lane_with_one_slot_starts_its_next_item_when_one_ends(tmp_path,
             # so once in CI), so cancel until the task has ended.
             await cancel_and_wait(task, 10)
         assert status == "SUCCEEDED"
+
+
+async def test_an_items_error_keeps_its_error_info_metadata(tmp_path, redis_url):
+    # A content policy's block names its policy and rule in ErrorInfo's metadata: a
+    # job item's error (and a handed-over Complete's, rebuilt from it) lost them.
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    async with _runner_beside_a_worker(tmp_path, redis_url, 1, blocked_tenant=tenant) as (
+        store,
+        runner,
+    ):
+        job_id = await _job(
+            store, [_complete("deterministic-test", "say forbidden")], tenant=tenant
+        )
+        task = asyncio.create_task(runner.run_forever(block_ms=READ_BLOCK_MS))
+        try:
+            assert await _wait_for_status(store, job_id, timeout_s=30) == "FAILED"
+        finally:
+            await cancel_and_wait(task, 10)
+        (raw,) = await store.results(job_id, [0])
+        assert raw is not None
+        error = jobs_pb2.JobResult.FromString(raw).error
+        assert error.reason == "CONTENT_POLICY"
+        assert dict(error.metadata) == {"policy": "no-forbidden@1", "rule": "block_keyword:0"}
 
 
 async def test_a_dead_replicas_items_behind_many_live_ones_are_taken_over(redis_url, monkeypatch):

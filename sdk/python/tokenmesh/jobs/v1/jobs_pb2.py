@@ -27,31 +27,35 @@ from tokenmesh.inference.v2 import inference_pb2 as tokenmesh_dot_inference_dot_
 from tokenmesh.inference.v2 import inference_service_pb2 as tokenmesh_dot_inference_dot_v2_dot_inference__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenmesh/jobs/v1/jobs.proto\x12\x11tokenmesh.jobs.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&tokenmesh/inference/v2/inference.proto\x1a.tokenmesh/inference/v2/inference_service.proto\"\xc5\x01\n\x07JobItem\x12;\n\x08\x63omplete\x18\x01 \x01(\x0b\x32\'.tokenmesh.inference.v2.CompleteRequestH\x00\x12\x35\n\x05\x65mbed\x18\x02 \x01(\x0b\x32$.tokenmesh.inference.v2.EmbedRequestH\x00\x12;\n\x08generate\x18\x03 \x01(\x0b\x32\'.tokenmesh.inference.v2.GenerateRequestH\x00\x42\t\n\x07request\"[\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tgrpc_code\x18\x04 \x01(\x05\x12\r\n\x05\x66ield\x18\x05 \x01(\t\"\x9b\x02\n\tJobResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12<\n\x08\x63omplete\x18\x02 \x01(\x0b\x32(.tokenmesh.inference.v2.CompleteResponseH\x00\x12\x36\n\x05\x65mbed\x18\x03 \x01(\x0b\x32%.tokenmesh.inference.v2.EmbedResponseH\x00\x12<\n\x08generate\x18\x04 \x01(\x0b\x32(.tokenmesh.inference.v2.CompleteResponseH\x00\x12,\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1b.tokenmesh.jobs.v1.JobErrorH\x00\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\t\n\x07outcome\"=\n\tJobCounts\x12\r\n\x05total\x18\x01 \x01(\x05\x12\x11\n\tsucceeded\x18\x02 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x05\"\x84\x01\n\x0eWebhookAttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\"\xbc\x01\n\x07Webhook\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12:\n\x0frecent_attempts\x18\x04 \x03(\x0b\x32!.tokenmesh.jobs.v1.WebhookAttempt\x12\x35\n\x11next_attempt_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65vent_id\x18\x06 \x01(\t\"\xfe\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12,\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x1c.tokenmesh.jobs.v1.JobCounts\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12,\n\x05usage\x18\x05 \x01(\x0b\x32\x1d.tokenmesh.inference.v2.Usage\x12\x36\n\x08metadata\x18\x06 \x03(\x0b\x32$.tokenmesh.jobs.v1.Job.MetadataEntry\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12+\n\x07webhook\x18\x08 \x01(\x0b\x32\x1a.tokenmesh.jobs.v1.Webhook\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x08JobEvent\x12\x0c\n\x04type\x18\x01 \x01(\t\x12#\n\x03job\x18\x02 \x01(\x0b\x32\x16.tokenmesh.jobs.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenmesh/jobs/v1/jobs.proto\x12\x11tokenmesh.jobs.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&tokenmesh/inference/v2/inference.proto\x1a.tokenmesh/inference/v2/inference_service.proto\"\xc5\x01\n\x07JobItem\x12;\n\x08\x63omplete\x18\x01 \x01(\x0b\x32\'.tokenmesh.inference.v2.CompleteRequestH\x00\x12\x35\n\x05\x65mbed\x18\x02 \x01(\x0b\x32$.tokenmesh.inference.v2.EmbedRequestH\x00\x12;\n\x08generate\x18\x03 \x01(\x0b\x32\'.tokenmesh.inference.v2.GenerateRequestH\x00\x42\t\n\x07request\"\xc9\x01\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tgrpc_code\x18\x04 \x01(\x05\x12\r\n\x05\x66ield\x18\x05 \x01(\t\x12;\n\x08metadata\x18\x06 \x03(\x0b\x32).tokenmesh.jobs.v1.JobError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9b\x02\n\tJobResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12<\n\x08\x63omplete\x18\x02 \x01(\x0b\x32(.tokenmesh.inference.v2.CompleteResponseH\x00\x12\x36\n\x05\x65mbed\x18\x03 \x01(\x0b\x32%.tokenmesh.inference.v2.EmbedResponseH\x00\x12<\n\x08generate\x18\x04 \x01(\x0b\x32(.tokenmesh.inference.v2.CompleteResponseH\x00\x12,\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1b.tokenmesh.jobs.v1.JobErrorH\x00\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\t\n\x07outcome\"=\n\tJobCounts\x12\r\n\x05total\x18\x01 \x01(\x05\x12\x11\n\tsucceeded\x18\x02 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x05\"\x84\x01\n\x0eWebhookAttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\"\xbc\x01\n\x07Webhook\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12:\n\x0frecent_attempts\x18\x04 \x03(\x0b\x32!.tokenmesh.jobs.v1.WebhookAttempt\x12\x35\n\x11next_attempt_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65vent_id\x18\x06 \x01(\t\"\xfe\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12,\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x1c.tokenmesh.jobs.v1.JobCounts\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12,\n\x05usage\x18\x05 \x01(\x0b\x32\x1d.tokenmesh.inference.v2.Usage\x12\x36\n\x08metadata\x18\x06 \x03(\x0b\x32$.tokenmesh.jobs.v1.Job.MetadataEntry\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12+\n\x07webhook\x18\x08 \x01(\x0b\x32\x1a.tokenmesh.jobs.v1.Webhook\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x08JobEvent\x12\x0c\n\x04type\x18\x01 \x01(\t\x12#\n\x03job\x18\x02 \x01(\x0b\x32\x16.tokenmesh.jobs.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenmesh.jobs.v1.jobs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_JOBERROR_METADATAENTRY']._loaded_options = None
+  _globals['_JOBERROR_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_JOB_METADATAENTRY']._loaded_options = None
   _globals['_JOB_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_JOBITEM']._serialized_start=173
   _globals['_JOBITEM']._serialized_end=370
-  _globals['_JOBERROR']._serialized_start=372
-  _globals['_JOBERROR']._serialized_end=463
-  _globals['_JOBRESULT']._serialized_start=466
-  _globals['_JOBRESULT']._serialized_end=749
-  _globals['_JOBCOUNTS']._serialized_start=751
-  _globals['_JOBCOUNTS']._serialized_end=812
-  _globals['_WEBHOOKATTEMPT']._serialized_start=815
-  _globals['_WEBHOOKATTEMPT']._serialized_end=947
-  _globals['_WEBHOOK']._serialized_start=950
-  _globals['_WEBHOOK']._serialized_end=1138
-  _globals['_JOB']._serialized_start=1141
-  _globals['_JOB']._serialized_end=1651
-  _globals['_JOB_METADATAENTRY']._serialized_start=1604
-  _globals['_JOB_METADATAENTRY']._serialized_end=1651
-  _globals['_JOBEVENT']._serialized_start=1653
-  _globals['_JOBEVENT']._serialized_end=1714
+  _globals['_JOBERROR']._serialized_start=373
+  _globals['_JOBERROR']._serialized_end=574
+  _globals['_JOBERROR_METADATAENTRY']._serialized_start=527
+  _globals['_JOBERROR_METADATAENTRY']._serialized_end=574
+  _globals['_JOBRESULT']._serialized_start=577
+  _globals['_JOBRESULT']._serialized_end=860
+  _globals['_JOBCOUNTS']._serialized_start=862
+  _globals['_JOBCOUNTS']._serialized_end=923
+  _globals['_WEBHOOKATTEMPT']._serialized_start=926
+  _globals['_WEBHOOKATTEMPT']._serialized_end=1058
+  _globals['_WEBHOOK']._serialized_start=1061
+  _globals['_WEBHOOK']._serialized_end=1249
+  _globals['_JOB']._serialized_start=1252
+  _globals['_JOB']._serialized_end=1762
+  _globals['_JOB_METADATAENTRY']._serialized_start=527
+  _globals['_JOB_METADATAENTRY']._serialized_end=574
+  _globals['_JOBEVENT']._serialized_start=1764
+  _globals['_JOBEVENT']._serialized_end=1825
 # @@protoc_insertion_point(module_scope)
