@@ -33,7 +33,7 @@ def _validate_create(request: pb.CreateApiKeyRequest) -> None:
     out: list[FieldViolation] = []
     if not contract.is_tenant(request.tenant):
         out.append(FieldViolation("tenant", f"must be {contract.TENANT_RULE}"))
-    elif request.tenant.lower().startswith(contract.RESERVED_TENANT_PREFIX):
+    elif contract.is_reserved_tenant(request.tenant):
         # The mesh's own accounts: shadow copies are metered to tokenmesh.shadow with
         # every tenant's request tags (a key of it, usage:read, read them all), and
         # rollout decisions are audited as tokenmesh.system (a key's requests mixed in).

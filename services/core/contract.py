@@ -228,6 +228,12 @@ SHADOW_TENANT = "tokenmesh.shadow"
 RESERVED_TENANT_PREFIX = "tokenmesh."
 ADMIN_SCOPE = "admin"
 
+
+def is_reserved_tenant(tenant: str) -> bool:
+    """Tells whether a tenant is one of the mesh's own accounts (in any case)."""
+    return tenant.lower().startswith(RESERVED_TENANT_PREFIX)
+
+
 # ---------------------------------------------------------------------------
 # Component identities and who may call what
 # ---------------------------------------------------------------------------

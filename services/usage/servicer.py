@@ -50,6 +50,14 @@ def scope_of(caller: Caller, request: AnyUsageRequest) -> str:
     if request.tenant:
         if request.tenant != caller.tenant and not caller.admin:
             raise PermissionDenied("a tenant sees only its own usage", reason="OTHER_TENANT")
+        if contract.is_reserved_tenant(request.tenant) and not caller.admin:
+            # The mesh's own accounts: tokenmesh.shadow holds every tenant's shadow
+            # copies and their request tags. A key of it made before the names were
+            # reserved read them all with usage:read.
+            raise PermissionDenied(
+                f"{contract.RESERVED_TENANT_PREFIX}* accounts are the mesh's: admin only",
+                reason="RESERVED_TENANT",
+            )
         return f"tenant:{request.tenant}"
     if request.key_id and request.key_id != caller.key_id:
         if not caller.admin:

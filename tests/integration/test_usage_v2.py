@@ -207,3 +207,20 @@ async def test_tag_values_past_the_bound_count_as_other_then_not_by_tag(setup, m
         pb.GetUsageRequest(group_by="tag:k3"), metadata=_headers(key)
     )
     assert [(g.value, g.totals.requests) for g in report.groups] == [("", 6)]
+
+
+async def test_the_mesh_s_own_accounts_are_read_by_admins_only(setup):
+    # tokenmesh.shadow holds every tenant's shadow copies and their request tags: a key
+    # of it made before the names were reserved read them all with usage:read.
+    *_, channel = setup
+    stub = rpc.UsageServiceStub(channel)
+    shadow_key = [
+        ("x-tokenmesh-key-id", "key_old"),
+        ("x-tokenmesh-tenant", "tokenmesh.shadow"),
+        ("x-tokenmesh-scopes", "usage:read"),
+    ]
+    request = pb.GetUsageRequest(tenant="tokenmesh.shadow", group_by="tag:user")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GetUsage(request, metadata=shadow_key)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert (await stub.GetUsage(request, metadata=_headers("k", "admin"))).group_by == "tag:user"
