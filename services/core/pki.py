@@ -216,9 +216,9 @@ def _san(identity: str, dns_names: Sequence[str]) -> list[x509.GeneralName]:
         x509.DNSName(f"{identity}.{TRUST_DOMAIN}"),
     ]
     if contract.worker_pool_of(identity):
-        # A pool's worker is a worker to Python clients (the jobs service, which
-        # picks it from the registry where placement is checked); the edge
-        # verifies its pool's SPIFFE id (services.router.snapshot).
+        # A pool's worker is a worker to a Python client that names no pool (the
+        # jobs service dials it by its pool's name, which only that pool's leaves
+        # carry); the edge verifies its pool's SPIFFE id (services.router.snapshot).
         names.append(x509.DNSName(f"{contract.WORKER}.{TRUST_DOMAIN}"))
     for name in (*LOCAL_NAMES, *dns_names):
         try:

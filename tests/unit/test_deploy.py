@@ -26,7 +26,7 @@ import yaml
 from gateway import drain
 from gateway.__main__ import EdgeSettings
 from services.core import contract, pki, redis_acl
-from services.core.settings import load
+from services.core.settings import ServerSettings, load
 from services.inference.service import InferenceSettings
 from services.launcher import mesh
 
@@ -734,6 +734,16 @@ def test_a_stopped_compose_edge_drains_its_streams_before_docker_kills_it():
     admin_calls_s = 4 * 2.0
     worst_s = settings.drain_s + admin_calls_s + drain.EXIT_WAIT_S
     assert _compose_seconds(edge["stop_grace_period"]) >= worst_s
+
+
+def test_a_stopped_compose_service_finishes_its_requests_before_docker_kills_it():
+    # Docker's default, 10 s, cut a worker's streams that needed its 30 s grace.
+    for name, service in _compose()["services"].items():
+        if not str(service.get("image", "")).startswith("tokenmesh") or name == "pki":
+            continue
+        settings = load(ServerSettings, service.get("environment") or {})
+        stop_s = _compose_seconds(service.get("stop_grace_period", "10s"))
+        assert stop_s >= settings.grace_s + 10, (name, stop_s)
 
 
 # Redis ACL users (services/core/redis_acl.py): one per component, `default` off.
