@@ -11,7 +11,6 @@ stays).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -20,7 +19,7 @@ import openai
 import pytest
 
 from services.launcher.mesh import Mesh
-from tests.e2e.test_edge_access_log import _logged
+from tests.e2e.test_edge_access_log import _logged, http  # noqa: F401
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
 
@@ -28,14 +27,6 @@ MODEL = "deterministic-test"
 COMPLETE = f"/v2/models/{MODEL}:complete"
 CHAT = "/openai/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "a b"}]
-
-
-@pytest.fixture(scope="module")
-def http(mesh: Mesh, admin_key: str) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=mesh.edge_url, headers={"authorization": f"Bearer {admin_key}"}, timeout=30
-    ) as client:
-        yield client
 
 
 @pytest.mark.parametrize(
@@ -51,7 +42,12 @@ def http(mesh: Mesh, admin_key: str) -> Iterator[httpx.Client]:
     ],
 )
 def test_an_answer_names_the_request_id_in_the_access_log(
-    mesh: Mesh, http: httpx.Client, path: str, body: dict[str, Any], auth: bool, status: int
+    mesh: Mesh,
+    http: httpx.Client,  # noqa: F811 - the fixture imported above
+    path: str,
+    body: dict[str, Any],
+    auth: bool,
+    status: int,
 ) -> None:
     replies: list[httpx.Response] = []
     headers = None if auth else {"authorization": ""}

@@ -42,13 +42,14 @@ class Audit:
     meter: Meter
     stub: rpc.UsageServiceStub
 
-    async def meter_events(self, *events: tuple[str, int]) -> None:
-        """Meters events (request id, finish ms) of the tenant; returns once all are applied."""
-        for request_id, finish_ms in events:
+    async def meter_events(self, *events: tuple[str, int] | tuple[str, int, str]) -> None:
+        """Meters events (request id, finish ms[, event id]) of the tenant; returns once all
+        are applied."""
+        for request_id, finish_ms, *event_id in events:
             event = inference_pb2.UsageEvent(
                 request_id=request_id,
                 # Metered-once markers are global: an id of this test's own.
-                event_id=f"{self.tenant}:{request_id}",
+                event_id=f"{self.tenant}:{event_id[0] if event_id else request_id}",
                 key_id="key_x",
                 tenant=self.tenant,
                 finish_reason="stop",
@@ -240,22 +241,9 @@ async def test_two_requests_under_one_request_id_are_two_entries(redis_url):
     # the log listed one request where the bill counted two.
     async with _audit(redis_url) as audit:
         finish_ms = int(time.time() * 1000) - 1000
-        for event_id in ("prompt-0", "prompt-1"):
-            event = inference_pb2.UsageEvent(
-                request_id="edge-request",
-                event_id=f"{audit.tenant}:{event_id}",
-                key_id="key_x",
-                tenant=audit.tenant,
-                finish_reason="stop",
-                model=types_pb2.ModelRef(name="demo-lm", version="1"),
-                usage=types_pb2.TokenUsage(prompt_tokens=1, completion_tokens=1, total_tokens=2),
-                finish_unix_ms=finish_ms,
-            )
-            await audit.client.xadd(
-                audit.stream, {"request_id": "edge-request", "event": event.SerializeToString()}
-            )
-        while await audit.meter.run_once(block_ms=50):
-            pass
+        await audit.meter_events(
+            ("edge-request", finish_ms, "prompt-0"), ("edge-request", finish_ms, "prompt-1")
+        )
         entries = (await audit.page()).entries
         assert sorted(e.event_id for e in entries) == [
             f"{audit.tenant}:prompt-0",
