@@ -574,7 +574,9 @@ class Admission:
             metrics.REQUESTS.labels(*labels, event.finish_reason).inc()
             metrics.REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - request.started)
             outcomes = request.model.outcomes
-            if not event.cached if computed is None else computed:
+            if computed is None:
+                computed = not event.cached
+            if computed:
                 # An answer served from the cache or another request's computation is no
                 # computation of the version: counted in, each hit's 1-3 ms TTFT made a
                 # canary read faster, and each success counted per caller while a shared
