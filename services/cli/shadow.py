@@ -16,6 +16,7 @@ from typing import Any
 from google.protobuf import duration_pb2, json_format
 
 from services.cli.exits import BadInput
+from services.router import rollouts
 from tokenmesh.router.v1 import router_pb2
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
 
@@ -122,14 +123,7 @@ def _latency(read: Callable[[router_pb2.VersionComparison], router_pb2.LatencySu
 
 def wilson_interval(hits: int, total: int) -> tuple[float, float]:
     """Returns the 95% Wilson score interval of a share `hits / total` ((0, 1) without any)."""
-    if total <= 0:
-        return 0.0, 1.0
-    share, z2 = hits / total, _Z95 * _Z95
-    centre = share + z2 / (2 * total)
-    spread = _Z95 * (share * (1 - share) / total + z2 / (4 * total * total)) ** 0.5
-    return max(0.0, (centre - spread) / (1 + z2 / total)), min(
-        1.0, (centre + spread) / (1 + z2 / total)
-    )
+    return rollouts.wilson_interval(hits, total, _Z95)
 
 
 def _reasons(side: router_pb2.VersionComparison) -> str:

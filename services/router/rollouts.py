@@ -585,13 +585,21 @@ def untimed_share_bound(stable: Window) -> float:
     interval's upper end. A step's stable requests only estimate it (a stable step of
     60 requests that happened to show none made every cancelled canary request count
     as slow)."""
-    m = stable.completed
-    if not m:
-        return 1.0
     z = statistics.NormalDist().inv_cdf(1 - TTFT_GATE_ALPHA)
-    share = stable.untimed / m
-    spread = z * math.sqrt(share * (1 - share) / m + z * z / (4 * m * m))
-    return min(1.0, (share + z * z / (2 * m) + spread) / (1 + z * z / m))
+    return wilson_interval(stable.untimed, stable.completed, z)[1]
+
+
+def wilson_interval(hits: int, total: int, z: float) -> tuple[float, float]:
+    """Returns the Wilson score interval of a share `hits / total` at normal quantile
+    `z` ((0, 1) without any)."""
+    if total <= 0:
+        return 0.0, 1.0
+    share, z2 = hits / total, z * z
+    centre = share + z2 / (2 * total)
+    spread = z * math.sqrt(share * (1 - share) / total + z2 / (4 * total * total))
+    return max(0.0, (centre - spread) / (1 + z2 / total)), min(
+        1.0, (centre + spread) / (1 + z2 / total)
+    )
 
 
 def untimed_allowed(canary: Window, stable: Window) -> int:
