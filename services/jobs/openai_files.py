@@ -432,9 +432,10 @@ class StorageLedger:
 
         await self._within_quota(owner, "upload", size, attempt)
 
-    async def reserve(self, owner: str, size: int) -> str:
+    async def reserve(self, owner: str, size: int, what: str = "batch") -> str:
         """Reserves `size` bytes for a record about to be written (`queue_confirm` in its
-        transaction); returns the reservation's id.
+        transaction); returns the reservation's id. `what` names the record in a
+        refusal ("batch", "job").
 
         Raises:
             ResourceExhausted: the owner keeps the most bytes it may.
@@ -447,7 +448,7 @@ class StorageLedger:
             answer: list[Any] = await self._reserve(keys=self._keys(owner), args=args)
             return answer
 
-        await self._within_quota(owner, "batch", size, attempt)
+        await self._within_quota(owner, what, size, attempt)
         return token
 
     def queue_confirm(
@@ -538,10 +539,10 @@ def _refusal(
         )
     else:
         message = (
-            f"this {who}'s files and batches keep {_size_text(used)} of the "
+            f"this {who}'s files, batches and unfinished jobs keep {_size_text(used)} of the "
             f"{_size_text(most)} it may store (TOKENMESH_OPENAI_STORAGE_BYTES_PER_OWNER); "
             f"this {what} needs {_size_text(size)} more: delete files (DELETE "
-            "/files/{file_id}), or wait until files and ended batches expire"
+            "/files/{file_id}), or wait until jobs end and files and ended batches expire"
         )
     return ResourceExhausted(message, reason=QUOTA_REASON)
 

@@ -103,8 +103,8 @@ class JobsSettings(RedisSettings):
     openai_storage_bytes_per_owner: int = env(
         "TOKENMESH_OPENAI_STORAGE_BYTES_PER_OWNER",
         64 * 1024 * 1024,
-        "What one tenant (or key without one) may keep of OpenAI uploads and batch records "
-        "at once (bytes, in Redis); more is refused 429.",
+        "What one tenant (or key without one) may keep of OpenAI uploads, batch records and "
+        "unfinished jobs' items at once (bytes, in Redis); more is refused 429.",
     )
     openai_files_per_owner: int = env(
         "TOKENMESH_OPENAI_FILES_PER_OWNER",
@@ -251,19 +251,20 @@ class JobsService(RedisBackedService):
         return [SERVICE_NAME, OPENAI_BATCH_SERVICE, HANDOVER_SERVICE]
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
+        # One ledger: an owner's uploads, batch records and jobs' items share its quota.
+        quota = StorageQuota(
+            self.settings.openai_storage_bytes_per_owner, self.settings.openai_files_per_owner
+        )
+        ledger = StorageLedger(self.redis, quota)
         jobs = JobsServicer(
             self.store,
             self.settings.max_items,
             self.settings.default_window_s,
             self.settings.webhook_allow_hosts,
+            ledger,
         )
         jobs_service_pb2_grpc.add_JobsServiceServicer_to_server(jobs, server)
         retention_s = self.store.retention_s
-        # One ledger: an owner's uploads and batch records share its quota.
-        quota = StorageQuota(
-            self.settings.openai_storage_bytes_per_owner, self.settings.openai_files_per_owner
-        )
-        ledger = StorageLedger(self.redis, quota)
         self._openai_batches = OpenAIBatchServicer(
             self.store,
             FileStore(self.redis, retention_s, ledger),

@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Collection, Mapping
+from typing import Any
 
 from google.api import httpbody_pb2
 
@@ -28,15 +29,18 @@ from services.core.interceptors import Context, request_headers
 from services.core.model_access import check_model_allowed
 from services.jobs import signing, ssrf, validation, views, workers
 from services.jobs.chunking import PAGE_BYTES, RESULTS_PER_READ, byte_chunks
+from services.jobs.openai_files import StorageLedger
 from services.jobs.store import (
     FINAL,
     FIRST_PAGE_MS,
     STATUSES,
+    STOP_GRACE_S,
     JobRecord,
     JobStore,
     NewJob,
     Owner,
     StopOutcome,
+    items_key,
     now_ms,
     request_id,
 )
@@ -56,7 +60,8 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
         max_items: the most items a job may have.
         default_window_s: a job's completion window when it sets none.
         allow_hosts: webhook hosts exempt from the address check (may use http).
-        wake: called after a job is created (this replica's runner reads at once).
+        ledger: what each owner keeps in the AOF Redis: a job's items are charged to
+            its owner's storage until the job ends (the OpenAI batches' ledger).
     """
 
     def __init__(
@@ -65,11 +70,13 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
         max_items: int,
         default_window_s: float,
         allow_hosts: Collection[str],
+        ledger: StorageLedger,
     ) -> None:
         self.store = store
         self.max_items = max_items
         self.default_window_s = default_window_s
         self.allow_hosts = allow_hosts
+        self.ledger = ledger
 
     # -- helpers ----------------------------------------------------------
 
@@ -147,18 +154,46 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
         owner = Owner(
             key_id, headers.get(contract.TENANT_HEADER, ""), validation.identity_of(headers)
         )
-        job_id, _created = await self.store.create(
-            NewJob(
-                owner=owner,
-                items=list(request.items),
-                webhook_url=request.webhook_url,
-                metadata=dict(request.metadata),
-                idempotency_key=request.idempotency_key,
-                deadline_ms=now_ms() + int(window_s * 1000),
-                fingerprint=_fingerprint(request) if request.idempotency_key else "",
-            )
+        job = NewJob(
+            owner=owner,
+            items=list(request.items),
+            webhook_url=request.webhook_url,
+            metadata=dict(request.metadata),
+            idempotency_key=request.idempotency_key,
+            deadline_ms=now_ms() + int(window_s * 1000),
+            fingerprint=_fingerprint(request) if request.idempotency_key else "",
         )
-        return await self._reload(job_id)
+        # A replay finds its job before any storage is reserved (a replay near the
+        # owner's quota would be refused for a job that exists).
+        made = await self.store.created_by(job) if job.idempotency_key else None
+        return await self._reload(made or await self._create_charged(job))
+
+    async def _create_charged(self, job: NewJob) -> str:
+        """Creates a job whose items are charged to its owner's storage until it ends
+        (they are deleted then); returns its id. Uncharged, one key's jobs of 10,000
+        items each filled the AOF Redis every service shares, at no token cost
+        until they ran.
+
+        Raises:
+            ResourceExhausted: the owner keeps the most bytes it may.
+        """
+        lane = job.owner.lane
+        size = sum(item.ByteSize() for item in job.items)
+        reservation = await self.ledger.reserve(lane, size, what="job")
+        until_ms = job.deadline_ms + STOP_GRACE_S * 1000  # a stop ends it this much later
+
+        def charge(pipe: Any, job_id: str) -> None:
+            charges = [(items_key(job_id), size, until_ms)]
+            self.ledger.queue_confirm(pipe, lane, reservation, charges)
+
+        try:
+            job_id, created = await self.store.create(job, also=charge)
+        except BaseException:
+            await self.ledger.release(lane, reservation)
+            raise
+        if not created:  # its idempotency key's job, made meanwhile
+            await self.ledger.release(lane, reservation)
+        return job_id
 
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> jobs_pb2.Job:
         return await self._job(await self._owned(context, request.id))

@@ -37,9 +37,10 @@ from services.jobs.service import JobsService, JobsSettings
 from services.jobs.store import Owner
 from tests import mtls
 from tests.integration.conftest import catalogue
+from tests.rpc_errors import failed_call_reason
 from tokenmesh.inference.v2 import inference_pb2
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
-from tokenmesh.jobs.v1 import jobs_pb2
+from tokenmesh.jobs.v1 import jobs_pb2, jobs_service_pb2, jobs_service_pb2_grpc
 from tokenmesh.openai.v1 import openai_batch_service_pb2 as batch_pb
 from tokenmesh.openai.v1 import openai_batch_service_pb2_grpc
 
@@ -390,6 +391,62 @@ async def test_a_batchs_requests_are_charged_until_its_job_ends(small):
     for batch_id in made:
         await service.redis.delete(jobstore.items_key(openai_batches.job_id_of(batch_id)))
     assert (await _create_batch(channel, headers, upload["id"]))["id"] not in made
+
+
+def _job_request(text_bytes: int, **fields: Any) -> jobs_service_pb2.CreateJobRequest:
+    """A job of embed items whose inputs are `text_bytes` long together (its model: no
+    worker serves it)."""
+    inputs = ["x" * min(10_000, text_bytes - n) for n in range(0, text_bytes, 10_000)]
+    item = jobs_pb2.JobItem(embed=v2.EmbedRequest(model="absent", inputs=inputs))
+    return jobs_service_pb2.CreateJobRequest(items=[item], **fields)
+
+
+async def test_a_jobs_items_are_charged_until_it_ends(small):
+    """POST /v1/jobs kept each job's items until it ended (its window: up to 7 days
+    while they wait on a spent budget or an absent model) and charged them to no
+    quota: one key's jobs filled the AOF Redis every service shares."""
+    service, channel = small
+    owner, headers = _owner(tenant=f"t-{uuid.uuid4().hex[:6]}")
+    stub = jobs_service_pb2_grpc.JobsServiceStub(channel)
+    made: list[str] = []
+    for _ in range(20):
+        try:
+            made.append((await stub.CreateJob(_job_request(12_000), metadata=headers)).id)
+        except grpc.aio.AioRpcError:
+            break
+    assert 3 <= len(made) <= 5, made  # ~12 KiB a job, of 64 KiB
+    refusal = stub.CreateJob(_job_request(12_000), metadata=headers)
+    assert await failed_call_reason(refusal) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "STORAGE_QUOTA_EXCEEDED",
+    )
+    assert "unfinished jobs" in (await refusal.details() or "")
+    ledger = f"tm:jobs:stored:{owner.lane}"
+    for job_id in made:
+        assert await service.redis.zscore(ledger, jobstore.items_key(job_id)) is not None
+    # Uploads share the room: the tenant's next upload is refused too.
+    with pytest.raises(grpc.aio.AioRpcError) as upload_refused:
+        await _upload(channel, headers, _padded(FILE_MAX_BYTES))
+    assert upload_refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # A job that ended deleted its items: their charge goes, and a job fits again.
+    await service.redis.delete(jobstore.items_key(made[0]))
+    assert (await stub.CreateJob(_job_request(12_000), metadata=headers)).id not in made
+    # Another tenant's room is its own.
+    _, other = _owner(tenant=f"t-{uuid.uuid4().hex[:6]}")
+    assert (await stub.CreateJob(_job_request(12_000), metadata=other)).id
+
+
+async def test_a_job_replayed_under_its_key_near_the_quota_answers_its_job(small):
+    _, channel = small
+    owner, headers = _owner()
+    stub = jobs_service_pb2_grpc.JobsServiceStub(channel)
+    keyed = _job_request(40_000, idempotency_key="nightly-3")
+    first = await stub.CreateJob(keyed, metadata=headers)
+    assert (await stub.CreateJob(keyed, metadata=headers)).id == first.id
+    # A refused or replayed creation holds no room beyond the job's own.
+    ledger = f"tm:jobs:stored:{owner.lane}:bytes"
+    kept = int(await small[0].redis.hget(ledger, "total:bytes") or 0)
+    assert 40_000 <= kept <= 40_100, kept
 
 
 async def test_a_custom_id_is_at_most_512_characters(jobs):

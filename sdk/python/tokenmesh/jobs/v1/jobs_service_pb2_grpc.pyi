@@ -47,6 +47,10 @@ class JobsServiceStub:
     naming a model the key may not use is PERMISSION_DENIED
     (MODEL_NOT_ALLOWED), one naming a model nothing knows NOT_FOUND
     (MODEL_NOT_FOUND, the item's index in the message): no job is created.
+    A job's items are charged to its tenant's storage (or its key's, without
+    a tenant) until the job ends, with its OpenAI uploads and batches: past
+    TOKENMESH_OPENAI_STORAGE_BYTES_PER_OWNER it is RESOURCE_EXHAUSTED
+    (STORAGE_QUOTA_EXCEEDED).
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
@@ -111,6 +115,10 @@ class JobsServiceAsyncStub(JobsServiceStub):
     naming a model the key may not use is PERMISSION_DENIED
     (MODEL_NOT_ALLOWED), one naming a model nothing knows NOT_FOUND
     (MODEL_NOT_FOUND, the item's index in the message): no job is created.
+    A job's items are charged to its tenant's storage (or its key's, without
+    a tenant) until the job ends, with its OpenAI uploads and batches: past
+    TOKENMESH_OPENAI_STORAGE_BYTES_PER_OWNER it is RESOURCE_EXHAUSTED
+    (STORAGE_QUOTA_EXCEEDED).
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
@@ -178,6 +186,10 @@ class JobsServiceServicer(metaclass=_abc_1.ABCMeta):
         naming a model the key may not use is PERMISSION_DENIED
         (MODEL_NOT_ALLOWED), one naming a model nothing knows NOT_FOUND
         (MODEL_NOT_FOUND, the item's index in the message): no job is created.
+        A job's items are charged to its tenant's storage (or its key's, without
+        a tenant) until the job ends, with its OpenAI uploads and batches: past
+        TOKENMESH_OPENAI_STORAGE_BYTES_PER_OWNER it is RESOURCE_EXHAUSTED
+        (STORAGE_QUOTA_EXCEEDED).
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
