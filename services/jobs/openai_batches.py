@@ -459,6 +459,8 @@ class BatchRecord:
         render_failed: how many results its job counted succeeded render as errors
             (None: not known yet; known once the batch ended and its errors were
             indexed).
+        deleted: which of its result files its owner deleted (True: the error file,
+            False: the output file).
     """
 
     batch_id: str
@@ -470,6 +472,7 @@ class BatchRecord:
     lines: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     may_fail_rendering: bool = False
     render_failed: int | None = None
+    deleted: frozenset[bool] = frozenset()
 
     @property
     def job_id(self) -> str:
@@ -497,6 +500,7 @@ return 1
 """
 
 _SIZE_FIELDS = {False: "output_bytes", True: "error_bytes"}
+_DELETED_FIELDS = {False: "output_deleted", True: "error_deleted"}
 # Result sizes read (HSTRLEN) at a time, to cut reads by bytes.
 _SIZES_AT_ONCE = 1000
 
@@ -591,7 +595,7 @@ class BatchStore:
         if not batch_id.startswith(BATCH_PREFIX):
             return None
         names = ["owner", "endpoint", "input_file_id", "metadata", "created_ms"]
-        names += ["may_fail_rendering", "render_failed"]
+        names += ["may_fail_rendering", "render_failed", *_DELETED_FIELDS.values()]
         if lines:
             names.append("lines")
         raw: Any = await self.redis.hmget(batch_key(batch_id), names)
@@ -607,9 +611,10 @@ class BatchStore:
             input_file_id=text(raw[2]),
             metadata=json.loads(raw[3]),
             created_ms=int(raw[4]),
-            lines=[(c, o) for c, o in json.loads(raw[7])] if lines else [],
+            lines=[(c, o) for c, o in json.loads(raw[9])] if lines else [],
             may_fail_rendering=may_fail,
             render_failed=int(raw[6]) if raw[6] is not None else None,
+            deleted=frozenset(errors for errors, at in ((False, 7), (True, 8)) if raw[at]),
         )
 
     async def error_index(self, batch_id: str) -> ErrorIndex | None:
@@ -636,6 +641,11 @@ class BatchStore:
         """Keeps the bytes of an ended batch's output or error file in its record (not
         in one that expired meanwhile: an HSET would make it again, without a TTL)."""
         await self._keep_fields(batch_id, {_SIZE_FIELDS[errors]: size})
+
+    async def delete_file(self, batch_id: str, errors: bool) -> None:
+        """Marks an ended batch's output or error file deleted: later reads of it are
+        404 (its results go with the batch's record, the retention after it ended)."""
+        await self._keep_fields(batch_id, {_DELETED_FIELDS[errors]: 1})
 
     async def _keep_fields(self, batch_id: str, fields: Mapping[str, str | int]) -> None:
         flat = [value for pair in fields.items() for value in pair]

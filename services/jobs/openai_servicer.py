@@ -246,9 +246,11 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
         async def work() -> HttpBody:
             owner = _caller(context)
             if batches.result_file_batch(request.file_id) is not None:
-                raise InvalidArgument(
-                    [FieldViolation("file_id", "a batch's output and error files go with it")]
-                )
+                # As OpenAI's: gone for its owner (404 from now on); its results go
+                # with the batch's record, the retention after the batch ended.
+                batch, _, errors = await self._result_file(owner, request.file_id)
+                await self.batches.delete_file(batch.batch_id, errors)
+                return _json({"id": request.file_id, "object": "file", "deleted": True})
             if await self.files.get(request.file_id, owner.lane) is None:
                 raise _not_found("file", request.file_id)
             await self.files.delete(request.file_id, owner.lane)
@@ -269,6 +271,8 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
         except NotFound:
             raise _not_found("file", file_id) from None
         if view["error_file_id" if errors else "output_file_id"] != file_id:
+            raise _not_found("file", file_id)
+        if errors in batch.deleted:
             raise _not_found("file", file_id)
         return batch, job, errors
 

@@ -776,6 +776,47 @@ async def test_a_result_that_renders_as_an_error_is_counted_failed(jobs):
     assert json.loads(listed.data)["data"][0]["request_counts"] == done["request_counts"]
 
 
+async def test_a_batchs_result_files_can_be_deleted_as_openais(jobs):
+    """DELETE of a batch's output or error file was refused 400 ("they go with it"):
+    OpenAI deletes them, and cleanup scripts written for it stopped there."""
+    service, channel = jobs
+    owner, headers = _owner()
+    failed = jobs_pb2.JobResult(
+        index=1, error=jobs_pb2.JobError(code="INVALID_ARGUMENT", grpc_code=3, message="no")
+    )
+    results = [jobs_pb2.JobResult(index=0, embed=v2.EmbedResponse()), failed]
+    done = await _finished_batch(
+        service, channel, headers, owner, [_line(n) for n in range(2)], results
+    )
+    stub = _stub(channel)
+    _, stranger = _owner()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.DeleteFile(
+            batch_pb.DeleteFileRequest(file_id=done["error_file_id"]), metadata=stranger
+        )
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+    request = batch_pb.DeleteFileRequest(file_id=done["error_file_id"])
+    deleted = json.loads((await stub.DeleteFile(request, metadata=headers)).data)
+    assert deleted == {"id": done["error_file_id"], "object": "file", "deleted": True}
+    for call in (
+        stub.GetFile(batch_pb.GetFileRequest(file_id=done["error_file_id"]), metadata=headers),
+        _content(channel, headers, done["error_file_id"]),
+        stub.DeleteFile(request, metadata=headers),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            await call
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    # The output file is another file: still there until it is deleted too.
+    output = await _content(channel, headers, done["output_file_id"])
+    assert [json.loads(line)["custom_id"] for line in output.splitlines()] == ["r0"]
+    request = batch_pb.DeleteFileRequest(file_id=done["output_file_id"])
+    assert json.loads((await stub.DeleteFile(request, metadata=headers)).data)["deleted"]
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await _content(channel, headers, done["output_file_id"])
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 # -- stopping ---------------------------------------------------------------------
 
 SERVICES_DIR = str(Path(openai_servicer.__file__).resolve().parents[1])

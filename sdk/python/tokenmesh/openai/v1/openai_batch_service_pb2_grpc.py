@@ -118,8 +118,8 @@ class OpenAIBatchServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteFile(self, request, context):
-        """DeleteFile deletes an uploaded file (a batch's output and error files go
-        with their batch).
+        """DeleteFile deletes an uploaded file, or a batch's output or error file
+        (later reads of it are NOT_FOUND; its results go with the batch's record).
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """

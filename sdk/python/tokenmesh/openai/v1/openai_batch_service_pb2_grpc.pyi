@@ -67,8 +67,8 @@ class OpenAIBatchServiceStub:
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     DeleteFile: _grpc.UnaryUnaryMultiCallable[_openai_batch_service_pb2.DeleteFileRequest, _httpbody_pb2.HttpBody]
-    """DeleteFile deletes an uploaded file (a batch's output and error files go
-    with their batch).
+    """DeleteFile deletes an uploaded file, or a batch's output or error file
+    (later reads of it are NOT_FOUND; its results go with the batch's record).
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
@@ -127,8 +127,8 @@ class OpenAIBatchServiceAsyncStub(OpenAIBatchServiceStub):
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     DeleteFile: _aio.UnaryUnaryMultiCallable[_openai_batch_service_pb2.DeleteFileRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
-    """DeleteFile deletes an uploaded file (a batch's output and error files go
-    with their batch).
+    """DeleteFile deletes an uploaded file, or a batch's output or error file
+    (later reads of it are NOT_FOUND; its results go with the batch's record).
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
@@ -208,8 +208,8 @@ class OpenAIBatchServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _openai_batch_service_pb2.DeleteFileRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
-        """DeleteFile deletes an uploaded file (a batch's output and error files go
-        with their batch).
+        """DeleteFile deletes an uploaded file, or a batch's output or error file
+        (later reads of it are NOT_FOUND; its results go with the batch's record).
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
