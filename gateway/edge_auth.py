@@ -143,6 +143,7 @@ RPC_SCOPES: Mapping[str, str] = {
             "CreateFile",
             "GetFile",
             "GetFileContent",
+            "ListFiles",
             "DeleteFile",
             "CreateBatch",
             "GetBatch",

@@ -547,6 +547,9 @@ def _refusal(
     return ResourceExhausted(message, reason=QUOTA_REASON)
 
 
+_RECORD_FIELDS = ["owner", "purpose", "filename", "bytes", "created_ms", "expires_ms"]
+
+
 class FileStore:
     """FileStore keeps uploaded files in Redis.
 
@@ -594,10 +597,24 @@ class FileStore:
 
     async def get(self, file_id: str, owner: str) -> StoredFile | None:
         """Returns an owner's file (None when there is none, or it is another owner's)."""
-        raw: Any = await self.redis.hmget(
-            file_key(file_id),
-            ["owner", "purpose", "filename", "bytes", "created_ms", "expires_ms"],
-        )
+        raw: Any = await self.redis.hmget(file_key(file_id), _RECORD_FIELDS)
+        return self._decoded(file_id, owner, raw)
+
+    async def listed(self, owner: str) -> list[StoredFile]:
+        """Returns an owner's uploads, in no order: its ledger names each one (at most
+        `StorageQuota.max_files`), so no key is scanned."""
+        now = now_ms()
+        members: Any = await self.redis.zrangebyscore(ledger_key(owner), now, "+inf")
+        prefix = file_key("")
+        ids = [text(m)[len(prefix) :] for m in members if text(m).startswith(prefix)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for file_id in ids:
+                pipe.hmget(file_key(file_id), _RECORD_FIELDS)
+            replies: list[Any] = await pipe.execute()
+        found = (self._decoded(i, owner, raw) for i, raw in zip(ids, replies, strict=True))
+        return [stored for stored in found if stored is not None]
+
+    def _decoded(self, file_id: str, owner: str, raw: Sequence[Any]) -> StoredFile | None:
         if raw[0] is None or text(raw[0]) != owner:
             return None
         created_ms = int(raw[4] or 0)

@@ -39,7 +39,13 @@ from services.jobs import openai_batches as batches
 from services.jobs import validation, workers
 from services.jobs.chunking import MESSAGE_BYTES, READ_BYTES, byte_chunks
 from services.jobs.openai_batches import ErrorIndex
-from services.jobs.openai_files import QUOTA_REASON, FileStore, file_object, parse_upload
+from services.jobs.openai_files import (
+    PURPOSE,
+    QUOTA_REASON,
+    FileStore,
+    file_object,
+    parse_upload,
+)
 from services.jobs.store import (
     FINAL,
     IDEMPOTENCY_TTL_S,
@@ -63,6 +69,7 @@ JSONL = "application/jsonl"
 RETRY_COUNT_HEADER = contract.OPENAI_RETRY_COUNT_HEADER
 # A client's own key for one batch (as the jobs API's idempotency_key).
 IDEMPOTENCY_HEADER = "idempotency-key"
+MAX_FILES_PAGE = 10_000  # OpenAI's default and largest `limit` of GET /files
 
 
 # Sent with a refusal that a retry soon cannot pass (a full storage quota): OpenAI's
@@ -241,6 +248,35 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
             sent = True
         if not sent:
             yield HttpBody(content_type=JSONL, data=b"")
+
+    async def ListFiles(self, request: pb.ListFilesRequest, context: Context) -> HttpBody:
+        async def work() -> HttpBody:
+            owner = _caller(context)
+            if request.purpose not in ("", PURPOSE):
+                reason = f'only uploads are listed ("{PURPOSE}"): a batch names its files'
+                raise InvalidArgument([FieldViolation("purpose", reason)])
+            if request.order not in ("", "asc", "desc"):
+                raise InvalidArgument([FieldViolation("order", 'must be "asc" or "desc"')])
+            limit = validation.page_size(request.limit, MAX_FILES_PAGE, MAX_FILES_PAGE, "limit")
+            files = await self.files.listed(owner.lane)
+            files.sort(key=lambda f: (f.created_ms, f.file_id), reverse=request.order != "asc")
+            ids = [stored.file_id for stored in files]
+            if request.after and request.after not in ids:
+                reason = "is not a file of this list (it may have been deleted or expired)"
+                raise InvalidArgument([FieldViolation("after", reason)])
+            start = ids.index(request.after) + 1 if request.after else 0
+            data = [stored.to_json() for stored in files[start : start + limit]]
+            return _json(
+                {
+                    "object": "list",
+                    "data": data,
+                    "first_id": data[0]["id"] if data else None,
+                    "last_id": data[-1]["id"] if data else None,
+                    "has_more": start + limit < len(files),
+                }
+            )
+
+        return await _answer(context, "ListFiles", work)
 
     async def DeleteFile(self, request: pb.DeleteFileRequest, context: Context) -> HttpBody:
         async def work() -> HttpBody:

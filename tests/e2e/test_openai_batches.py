@@ -219,6 +219,31 @@ def test_files_say_when_they_expire(client):
     assert output.bytes == len(client.files.content(done.output_file_id).content)
 
 
+def test_files_are_listed_and_deleted_as_openais(mesh):
+    """`client.files.list()` was 404 and deleting a batch's output file 400: a cleanup
+    script written for OpenAI (list the files, delete each) stopped at its first call."""
+    with sdk(mesh, create_key(mesh, scopes=SCOPES)["secret"]) as own:
+        uploads = [
+            own.files.create(file=jsonl([completion_line(i)]), purpose="batch") for i in range(3)
+        ]
+        batch = own.batches.create(
+            input_file_id=uploads[0].id, endpoint="/v1/completions", completion_window="24h"
+        )
+        done = finished(own, batch.id)
+        # Two pages of two: the SDK asks for the next with `after` while `has_more`.
+        assert sorted(f.id for f in own.files.list(limit=2)) == sorted(u.id for u in uploads)
+        with pytest.raises(openai.BadRequestError) as refused:
+            own.files.list(purpose="batch_output")
+        assert refused.value.param == "purpose"
+        for listed in own.files.list():
+            assert own.files.delete(listed.id).deleted
+        assert list(own.files.list()) == []
+        assert own.files.delete(done.output_file_id).deleted
+        with pytest.raises(openai.NotFoundError):
+            own.files.retrieve(done.output_file_id)
+        assert own.batches.retrieve(batch.id).output_file_id == done.output_file_id
+
+
 def test_an_upload_with_an_unusual_filename_keeps_it(client):
     """The SDK (httpx) writes the multipart form itself: quotes and backslashes in the
     name are escaped, the purpose comes first, then the file as application/octet-stream."""

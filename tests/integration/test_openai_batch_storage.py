@@ -31,7 +31,7 @@ from google.api.httpbody_pb2 import HttpBody
 from services.core import contract, identity
 from services.core.redis_service import text
 from services.core.server import MAX_MESSAGE_BYTES, serving
-from services.jobs import openai_batches, openai_servicer
+from services.jobs import openai_batches, openai_files, openai_servicer
 from services.jobs import store as jobstore
 from services.jobs.service import JobsService, JobsSettings
 from services.jobs.store import Owner
@@ -774,6 +774,60 @@ async def test_a_result_that_renders_as_an_error_is_counted_failed(jobs):
     assert await custom_ids(done["error_file_id"]) == ["r1"]
     listed = await _stub(channel).ListBatches(batch_pb.ListBatchesRequest(), metadata=headers)
     assert json.loads(listed.data)["data"][0]["request_counts"] == done["request_counts"]
+
+
+async def _listed(channel: grpc.aio.Channel, headers: Headers, **fields: Any) -> dict[str, Any]:
+    request = batch_pb.ListFilesRequest(**fields)
+    page: dict[str, Any] = json.loads(
+        (await _stub(channel).ListFiles(request, metadata=headers)).data
+    )
+    return page
+
+
+async def test_an_owners_uploads_are_listed_as_openais(jobs, monkeypatch):
+    """GET /files (`client.files.list()`) was not served: 404 to every OpenAI SDK's
+    cleanup script."""
+    service, channel = jobs
+    _, headers = _owner(tenant=f"t-{uuid.uuid4().hex[:6]}")
+    clock = iter(range(1_800_000_000_000, 1_900_000_000_000, 1000))
+    monkeypatch.setattr(openai_files, "now_ms", lambda: next(clock))  # distinct creation times
+    ids = [(await _upload(channel, headers, _jsonl([_line(n)])))["id"] for n in range(3)]
+    monkeypatch.undo()
+    page = await _listed(channel, headers)
+    assert [f["id"] for f in page["data"]] == ids[::-1]  # newest first
+    assert page["data"][0] == json.loads(
+        (
+            await _stub(channel).GetFile(batch_pb.GetFileRequest(file_id=ids[2]), metadata=headers)
+        ).data
+    )
+    assert (page["object"], page["first_id"], page["last_id"], page["has_more"]) == (
+        "list",
+        ids[2],
+        ids[0],
+        False,
+    )
+    first = await _listed(channel, headers, limit=2, order="asc")
+    assert ([f["id"] for f in first["data"]], first["has_more"]) == (ids[:2], True)
+    rest = await _listed(channel, headers, limit=2, order="asc", after=first["last_id"])
+    assert ([f["id"] for f in rest["data"]], rest["has_more"]) == (ids[2:], False)
+    assert [f["id"] for f in (await _listed(channel, headers, purpose="batch"))["data"]] == ids[
+        ::-1
+    ]
+    # A deleted upload is not listed; another tenant lists its own (none).
+    await _stub(channel).DeleteFile(batch_pb.DeleteFileRequest(file_id=ids[1]), metadata=headers)
+    assert [f["id"] for f in (await _listed(channel, headers))["data"]] == [ids[2], ids[0]]
+    _, stranger = _owner(tenant=f"t-{uuid.uuid4().hex[:6]}")
+    assert (await _listed(channel, stranger))["data"] == []
+    for fields, field in (
+        ({"purpose": "batch_output"}, "purpose"),
+        ({"order": "newest"}, "order"),
+        ({"limit": 10_001}, "limit"),
+        ({"after": ids[1]}, "after"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _listed(channel, headers, **fields)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert _openai_error(refused)["param"] == field
 
 
 async def test_a_batchs_result_files_can_be_deleted_as_openais(jobs):

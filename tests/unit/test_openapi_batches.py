@@ -79,6 +79,8 @@ def test_file_objects_match_the_documented_file():
     for view in (upload, output):
         _check(_schema_of("/openai/v1/files", "post"), view)
         _check(_schema_of("/openai/v1/files/{file_id}", "get"), view)
+    page = {"object": "list", "data": [upload], "first_id": upload["id"], "last_id": upload["id"]}
+    _check(_schema_of("/openai/v1/files", "get"), page | {"has_more": False})
     deleted = {"id": upload["id"], "object": "file", "deleted": True}
     _check(_schema_of("/openai/v1/files/{file_id}", "delete"), deleted)
 

@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.tokenmesh/openai/v1/openai_batch_service.proto\x12\x13tokenmesh.openai.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\"!\n\x0eGetFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"(\n\x15GetFileContentRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"$\n\x11\x44\x65leteFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"#\n\x0fGetBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"&\n\x12\x43\x61ncelBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"2\n\x12ListBatchesRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\t2\xfa\x06\n\x12OpenAIBatchService\x12U\n\nCreateFile\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/openai/v1/files:\x01*\x12h\n\x07GetFile\x12#.tokenmesh.openai.v1.GetFileRequest\x1a\x14.google.api.HttpBody\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/openai/v1/files/{file_id}\x12\x80\x01\n\x0eGetFileContent\x12*.tokenmesh.openai.v1.GetFileContentRequest\x1a\x14.google.api.HttpBody\"*\x82\xd3\xe4\x93\x02$\x12\"/openai/v1/files/{file_id}/content0\x01\x12n\n\nDeleteFile\x12&.tokenmesh.openai.v1.DeleteFileRequest\x1a\x14.google.api.HttpBody\"\"\x82\xd3\xe4\x93\x02\x1c*\x1a/openai/v1/files/{file_id}\x12X\n\x0b\x43reateBatch\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/openai/v1/batches:\x01*\x12m\n\x08GetBatch\x12$.tokenmesh.openai.v1.GetBatchRequest\x1a\x14.google.api.HttpBody\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/openai/v1/batches/{batch_id}\x12}\n\x0b\x43\x61ncelBatch\x12\'.tokenmesh.openai.v1.CancelBatchRequest\x1a\x14.google.api.HttpBody\"/\x82\xd3\xe4\x93\x02)\"$/openai/v1/batches/{batch_id}/cancel:\x01*\x12h\n\x0bListBatches\x12\'.tokenmesh.openai.v1.ListBatchesRequest\x1a\x14.google.api.HttpBody\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/openai/v1/batchesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.tokenmesh/openai/v1/openai_batch_service.proto\x12\x13tokenmesh.openai.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\"!\n\x0eGetFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"(\n\x15GetFileContentRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"P\n\x10ListFilesRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\r\n\x05order\x18\x03 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x04 \x01(\t\"$\n\x11\x44\x65leteFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"#\n\x0fGetBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"&\n\x12\x43\x61ncelBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"2\n\x12ListBatchesRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\t2\xde\x07\n\x12OpenAIBatchService\x12U\n\nCreateFile\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/openai/v1/files:\x01*\x12h\n\x07GetFile\x12#.tokenmesh.openai.v1.GetFileRequest\x1a\x14.google.api.HttpBody\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/openai/v1/files/{file_id}\x12\x80\x01\n\x0eGetFileContent\x12*.tokenmesh.openai.v1.GetFileContentRequest\x1a\x14.google.api.HttpBody\"*\x82\xd3\xe4\x93\x02$\x12\"/openai/v1/files/{file_id}/content0\x01\x12\x62\n\tListFiles\x12%.tokenmesh.openai.v1.ListFilesRequest\x1a\x14.google.api.HttpBody\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/openai/v1/files\x12n\n\nDeleteFile\x12&.tokenmesh.openai.v1.DeleteFileRequest\x1a\x14.google.api.HttpBody\"\"\x82\xd3\xe4\x93\x02\x1c*\x1a/openai/v1/files/{file_id}\x12X\n\x0b\x43reateBatch\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/openai/v1/batches:\x01*\x12m\n\x08GetBatch\x12$.tokenmesh.openai.v1.GetBatchRequest\x1a\x14.google.api.HttpBody\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/openai/v1/batches/{batch_id}\x12}\n\x0b\x43\x61ncelBatch\x12\'.tokenmesh.openai.v1.CancelBatchRequest\x1a\x14.google.api.HttpBody\"/\x82\xd3\xe4\x93\x02)\"$/openai/v1/batches/{batch_id}/cancel:\x01*\x12h\n\x0bListBatches\x12\'.tokenmesh.openai.v1.ListBatchesRequest\x1a\x14.google.api.HttpBody\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/openai/v1/batchesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENAIBATCHSERVICE'].methods_by_name['GetFile']._serialized_options = b'\202\323\344\223\002\034\022\032/openai/v1/files/{file_id}'
   _globals['_OPENAIBATCHSERVICE'].methods_by_name['GetFileContent']._loaded_options = None
   _globals['_OPENAIBATCHSERVICE'].methods_by_name['GetFileContent']._serialized_options = b'\202\323\344\223\002$\022\"/openai/v1/files/{file_id}/content'
+  _globals['_OPENAIBATCHSERVICE'].methods_by_name['ListFiles']._loaded_options = None
+  _globals['_OPENAIBATCHSERVICE'].methods_by_name['ListFiles']._serialized_options = b'\202\323\344\223\002\022\022\020/openai/v1/files'
   _globals['_OPENAIBATCHSERVICE'].methods_by_name['DeleteFile']._loaded_options = None
   _globals['_OPENAIBATCHSERVICE'].methods_by_name['DeleteFile']._serialized_options = b'\202\323\344\223\002\034*\032/openai/v1/files/{file_id}'
   _globals['_OPENAIBATCHSERVICE'].methods_by_name['CreateBatch']._loaded_options = None
@@ -53,14 +55,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETFILEREQUEST']._serialized_end=161
   _globals['_GETFILECONTENTREQUEST']._serialized_start=163
   _globals['_GETFILECONTENTREQUEST']._serialized_end=203
-  _globals['_DELETEFILEREQUEST']._serialized_start=205
-  _globals['_DELETEFILEREQUEST']._serialized_end=241
-  _globals['_GETBATCHREQUEST']._serialized_start=243
-  _globals['_GETBATCHREQUEST']._serialized_end=278
-  _globals['_CANCELBATCHREQUEST']._serialized_start=280
-  _globals['_CANCELBATCHREQUEST']._serialized_end=318
-  _globals['_LISTBATCHESREQUEST']._serialized_start=320
-  _globals['_LISTBATCHESREQUEST']._serialized_end=370
-  _globals['_OPENAIBATCHSERVICE']._serialized_start=373
-  _globals['_OPENAIBATCHSERVICE']._serialized_end=1263
+  _globals['_LISTFILESREQUEST']._serialized_start=205
+  _globals['_LISTFILESREQUEST']._serialized_end=285
+  _globals['_DELETEFILEREQUEST']._serialized_start=287
+  _globals['_DELETEFILEREQUEST']._serialized_end=323
+  _globals['_GETBATCHREQUEST']._serialized_start=325
+  _globals['_GETBATCHREQUEST']._serialized_end=360
+  _globals['_CANCELBATCHREQUEST']._serialized_start=362
+  _globals['_CANCELBATCHREQUEST']._serialized_end=400
+  _globals['_LISTBATCHESREQUEST']._serialized_start=402
+  _globals['_LISTBATCHESREQUEST']._serialized_end=452
+  _globals['_OPENAIBATCHSERVICE']._serialized_start=455
+  _globals['_OPENAIBATCHSERVICE']._serialized_end=1445
 # @@protoc_insertion_point(module_scope)

@@ -71,6 +71,42 @@ class GetFileContentRequest(_message.Message):
 Global___GetFileContentRequest: _TypeAlias = GetFileContentRequest  # noqa: Y015
 
 @_typing.final
+class ListFilesRequest(_message.Message):
+    """ListFilesRequest pages through the caller's uploads."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    ORDER_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    purpose: _builtins.str
+    """purpose keeps the files of one purpose: "batch" (the only one listed) or
+    empty.
+    """
+    limit: _builtins.int
+    """limit is the most files to return (1-10000; 0 means 10000, as OpenAI's)."""
+    order: _builtins.str
+    """order is by creation time: "desc" (the default) or "asc"."""
+    after: _builtins.str
+    """after is the id of the last file of the previous page."""
+    def __init__(
+        self,
+        *,
+        purpose: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        order: _builtins.str = ...,
+        after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "limit", b"limit", "order", b"order", "purpose", b"purpose"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFilesRequest: _TypeAlias = ListFilesRequest  # noqa: Y015
+
+@_typing.final
 class DeleteFileRequest(_message.Message):
     """DeleteFileRequest names the file to delete."""
 

@@ -53,6 +53,11 @@ class OpenAIBatchServiceStub:
                 request_serializer=tokenmesh_dot_openai_dot_v1_dot_openai__batch__service__pb2.GetFileContentRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.ListFiles = channel.unary_unary(
+                '/tokenmesh.openai.v1.OpenAIBatchService/ListFiles',
+                request_serializer=tokenmesh_dot_openai_dot_v1_dot_openai__batch__service__pb2.ListFilesRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
         self.DeleteFile = channel.unary_unary(
                 '/tokenmesh.openai.v1.OpenAIBatchService/DeleteFile',
                 request_serializer=tokenmesh_dot_openai_dot_v1_dot_openai__batch__service__pb2.DeleteFileRequest.SerializeToString,
@@ -110,6 +115,16 @@ class OpenAIBatchServiceServicer:
     def GetFileContent(self, request, context):
         """GetFileContent returns a file's bytes (application/jsonl for a batch's
         output and error files).
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFiles(self, request, context):
+        """ListFiles lists the caller's uploads, newest first (OpenAI's cursor page).
+        A batch's output and error files are not listed: its batch names them.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
@@ -185,6 +200,11 @@ def add_OpenAIBatchServiceServicer_to_server(servicer, server):
             'GetFileContent': grpc.unary_stream_rpc_method_handler(
                     servicer.GetFileContent,
                     request_deserializer=tokenmesh_dot_openai_dot_v1_dot_openai__batch__service__pb2.GetFileContentRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'ListFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFiles,
+                    request_deserializer=tokenmesh_dot_openai_dot_v1_dot_openai__batch__service__pb2.ListFilesRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'DeleteFile': grpc.unary_unary_rpc_method_handler(
@@ -296,6 +316,33 @@ class OpenAIBatchService:
             target,
             '/tokenmesh.openai.v1.OpenAIBatchService/GetFileContent',
             tokenmesh_dot_openai_dot_v1_dot_openai__batch__service__pb2.GetFileContentRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmesh.openai.v1.OpenAIBatchService/ListFiles',
+            tokenmesh_dot_openai_dot_v1_dot_openai__batch__service__pb2.ListFilesRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,

@@ -66,6 +66,12 @@ class OpenAIBatchServiceStub:
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
+    ListFiles: _grpc.UnaryUnaryMultiCallable[_openai_batch_service_pb2.ListFilesRequest, _httpbody_pb2.HttpBody]
+    """ListFiles lists the caller's uploads, newest first (OpenAI's cursor page).
+    A batch's output and error files are not listed: its batch names them.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
     DeleteFile: _grpc.UnaryUnaryMultiCallable[_openai_batch_service_pb2.DeleteFileRequest, _httpbody_pb2.HttpBody]
     """DeleteFile deletes an uploaded file, or a batch's output or error file
     (later reads of it are NOT_FOUND; its results go with the batch's record).
@@ -123,6 +129,12 @@ class OpenAIBatchServiceAsyncStub(OpenAIBatchServiceStub):
     GetFileContent: _aio.UnaryStreamMultiCallable[_openai_batch_service_pb2.GetFileContentRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """GetFileContent returns a file's bytes (application/jsonl for a batch's
     output and error files).
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    ListFiles: _aio.UnaryUnaryMultiCallable[_openai_batch_service_pb2.ListFilesRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """ListFiles lists the caller's uploads, newest first (OpenAI's cursor page).
+    A batch's output and error files are not listed: its batch names them.
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
@@ -198,6 +210,18 @@ class OpenAIBatchServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
         """GetFileContent returns a file's bytes (application/jsonl for a batch's
         output and error files).
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+
+    @_abc_1.abstractmethod
+    def ListFiles(
+        self,
+        request: _openai_batch_service_pb2.ListFilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """ListFiles lists the caller's uploads, newest first (OpenAI's cursor page).
+        A batch's output and error files are not listed: its batch names them.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
