@@ -818,7 +818,7 @@ async def test_an_owners_uploads_are_listed_as_openais(jobs, monkeypatch):
     assert [f["id"] for f in (await _listed(channel, headers))["data"]] == [ids[2], ids[0]]
     _, stranger = _owner(tenant=f"t-{uuid.uuid4().hex[:6]}")
     assert (await _listed(channel, stranger))["data"] == []
-    for fields, field in (
+    for fields, param in (
         ({"purpose": "batch_output"}, "purpose"),
         ({"order": "newest"}, "order"),
         ({"limit": 10_001}, "limit"),
@@ -827,7 +827,7 @@ async def test_an_owners_uploads_are_listed_as_openais(jobs, monkeypatch):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await _listed(channel, headers, **fields)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert _openai_error(refused)["param"] == field
+        assert _openai_error(refused)["param"] == param
 
 
 async def test_a_batchs_result_files_can_be_deleted_as_openais(jobs):
