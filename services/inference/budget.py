@@ -403,10 +403,11 @@ class RequestOverBudget(ResourceExhausted):
         )
         largest = min(n for n in (limits.tokens_per_minute, limits.monthly_tokens) if n)
         super().__init__(
-            f"this request needs {amount} tokens (prompt + max_tokens, summed over its "
-            f"prompts and choices), more than key {key_id}'s whole {name}={limit}: it can "
-            f"never be admitted; the largest request the key can make is {largest} tokens "
-            "(lower max_tokens, n or the prompts)",
+            f"this request needs {amount} tokens (its prompts' or inputs' tokens, and "
+            f"max_tokens for each choice it generates), more than key {key_id}'s whole "
+            f"{name}={limit}: it can never be admitted; the largest request the key can "
+            f"make is {largest} tokens (lower max_tokens or n, or send shorter or fewer "
+            "prompts or inputs)",
             quota_violations=[QuotaViolation(f"key:{key_id}:{name}", f"{name}={limit}")],
             reason="REQUEST_EXCEEDS_BUDGET",
             metadata={

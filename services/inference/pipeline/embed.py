@@ -11,7 +11,9 @@ own: a request that leaves does not fail the others waiting for its inputs.
 
 Usage: `prompt_tokens` counts every input; inputs not computed for this
 request are billed as TOKENMESH_CACHE_BILLING says (`cached: true` and
-`served_usage` in the usage event when any was). The event is recorded by
+`served_usage` in the usage event when any was), and reserved so: the cache
+is read before the budget is reserved. A request whose caller leaves is
+billed the inputs it set computing. The event is recorded by
 `Admission.record`, as a generation's: a job item's attempt that ends cut
 (`cancelled`: its call timed out or its caller left; `error`) is set apart
 under an id of its own, billed nothing, and the run that answers is billed
@@ -44,7 +46,6 @@ from services.inference.pipeline.cache import (
     HIT,
     MISS,
     CacheStage,
-    ClientMode,
 )
 from services.inference.pipeline.coalesce import EmbeddingInputs
 from services.inference.pipeline.content import RequestContent
@@ -68,6 +69,31 @@ class Embedded:
     computed_tokens: int  # tokens of the inputs embedded for this request
     served_tokens: int  # tokens of the inputs taken from the cache or another request
     status: str  # x-tokenmesh-cache
+
+
+@dataclass
+class _Lookup:
+    """What the cache and requests in flight held of a request's inputs when it was
+    admitted (read before its budget is reserved).
+
+    Attributes:
+        keys: each input's cache key, in input order.
+        found: the vectors read from the cache.
+        awaited: the inputs another request is computing now.
+        read: whether the request may read the cache (not `no-cache`).
+        computing_tokens: the tokens of the inputs it set computing (once it did).
+    """
+
+    keys: list[str]
+    found: dict[str, np.ndarray]
+    awaited: dict[str, asyncio.Future[np.ndarray]]
+    read: bool
+    computing_tokens: int = 0
+
+    def served_tokens(self, encoded: Sequence[Sequence[int]]) -> int:
+        """Returns the tokens of the inputs it holds (as often as the request repeats them)."""
+        held = self.found.keys() | self.awaited.keys()
+        return sum(len(ids) for key, ids in zip(self.keys, encoded, strict=True) if key in held)
 
 
 def input_key(config: cache_stage.CacheConfig, call: Request, token_ids: Sequence[int]) -> str:
@@ -115,15 +141,20 @@ class EmbeddingPipeline:
             encoded = await asyncio.to_thread(embedder.tokenize, inputs)
             cut = [False] * len(encoded)
         prompt_tokens = sum(len(ids) for ids in encoded)
+        # The cache is read before the budget is reserved: inputs it (or another
+        # request) holds are billed as TOKENMESH_CACHE_BILLING says, and reserving
+        # them whole refused a fully cached embed to a spent budget under "none",
+        # where a cached Complete is served.
+        lookup = await self._lookup(context, call, encoded, request.cache)
         # Embeddings spend the caller's token budgets too (they skipped them: a key
         # whose month was spent embedded on, uncounted).
-        call.needed_tokens = prompt_tokens
+        call.needed_tokens = self._needed(lookup, encoded)
         await self.admission.reserve(call)
         finish_reason = "error"
         embedded: Embedded | None = None
         refused = False
         try:
-            embedded = await self._vectors(context, call, target, embedder, encoded, request.cache)
+            embedded = await self._vectors(target, embedder, encoded, lookup)
             call.cache_status = embedded.status
             await call.send_headers(context)
             finish_reason = "stop"
@@ -152,7 +183,8 @@ class EmbeddingPipeline:
             if refused:
                 self.admission.release(call)
             else:
-                self._record(call, embedded, prompt_tokens, finish_reason, content)
+                billed = self._billed(embedded, lookup, prompt_tokens, finish_reason)
+                self._record(call, embedded, billed, prompt_tokens, finish_reason, content)
         base64_encoded = request.encoding == inference_pb2.EMBEDDING_ENCODING_BASE64
         return pb.EmbedResponse(
             embeddings=[
@@ -168,13 +200,14 @@ class EmbeddingPipeline:
         self,
         call: Request,
         embedded: Embedded | None,
+        billed: types_pb2.TokenUsage,
         prompt_tokens: int,
         finish_reason: str,
         content: RequestContent,
     ) -> None:
         """Records an embed that ran (or failed, or whose caller left) and settles it."""
         timing = v1_pb.Timing(total_ms=(time.monotonic() - call.started) * 1000)
-        event = call.usage_event(self._billed(embedded, prompt_tokens), finish_reason, timing)
+        event = call.usage_event(billed, finish_reason, timing)
         if embedded is not None and embedded.served_tokens:
             event.cached = True
             event.served_usage.CopyFrom(token_usage(prompt_tokens, 0))
@@ -185,57 +218,99 @@ class EmbeddingPipeline:
         computed = embedded is None or embedded.computed_tokens > 0
         self.admission.record(call, event, computed=computed)
 
-    def _billed(self, embedded: Embedded | None, prompt_tokens: int) -> types_pb2.TokenUsage:
+    def _served_billed(self, served_tokens: int) -> int:
+        """Returns what inputs served without computing (cache, another request) bill."""
         stage = self.admission.cache
-        if embedded is None or stage is None or not embedded.served_tokens:
+        if stage is None:
+            return served_tokens
+        return cache_stage.billed(served_tokens, 0, stage.config.billing)[0]
+
+    def _needed(self, lookup: _Lookup | None, encoded: list[list[int]]) -> int:
+        """Returns the tokens to reserve: what is computed here, and what the inputs the
+        cache or another request holds bill."""
+        total = sum(len(ids) for ids in encoded)
+        if lookup is None:
+            return total
+        served = lookup.served_tokens(encoded)
+        return total - served + self._served_billed(served)
+
+    def _billed(
+        self,
+        embedded: Embedded | None,
+        lookup: _Lookup | None,
+        prompt_tokens: int,
+        finish_reason: str,
+    ) -> types_pb2.TokenUsage:
+        if embedded is None:
+            if finish_reason == "cancelled" and lookup is not None:
+                # Its caller left: billed the inputs it set computing (they run on and
+                # are stored), not the ones it waited for and never received.
+                return token_usage(lookup.computing_tokens, 0)
             return token_usage(prompt_tokens, 0)
-        served, _ = cache_stage.billed(embedded.served_tokens, 0, stage.config.billing)
+        served = self._served_billed(embedded.served_tokens)
         return token_usage(embedded.computed_tokens + served, 0)
+
+    async def _lookup(
+        self, context: Context, call: Request, encoded: list[list[int]], field: int
+    ) -> _Lookup | None:
+        """Reads what the cache and requests in flight hold of the inputs (None: the
+        cache is off, or the request asked `no-store`)."""
+        stage = self.admission.cache
+        if stage is None:
+            return None
+        mode = cache_stage.client_mode(request_headers(context), field)
+        if not mode.write:
+            return None
+        keys = [input_key(stage.config, call, ids) for ids in encoded]
+        if not mode.read:
+            return _Lookup(keys, {}, {}, read=False)
+        unique = list(dict.fromkeys(keys))
+        found = await _read_cache(stage, unique)
+        pending = stage.embedding_inputs.pending
+        awaited = {k: pending[k] for k in unique if k not in found and k in pending}
+        return _Lookup(keys, found, awaited, read=True)
 
     async def _vectors(
         self,
-        context: Context,
-        call: Request,
         target: Target,
         embedder: Embedder,
         encoded: list[list[int]],
-        field: int,
+        lookup: _Lookup | None,
     ) -> Embedded:
         stage = self.admission.cache
         total = sum(len(ids) for ids in encoded)
         if stage is None:
             return Embedded(list(await embedder.embed(encoded)), total, 0, "")
-        mode = cache_stage.client_mode(request_headers(context), field)
         model = target.model.name
-        if not mode.write:
+        if lookup is None:
             CACHE_REQUESTS.labels(model, BYPASS).inc()
             EMBEDDING_INPUTS.labels(model, "computed").inc(len(encoded))
             return Embedded(list(await embedder.embed(encoded)), total, 0, BYPASS)
-        keys = [input_key(stage.config, call, ids) for ids in encoded]
-        return await self._through_cache(stage, mode, embedder, model, keys, encoded)
+        return await self._through_cache(stage, embedder, model, lookup, encoded)
 
     async def _through_cache(
         self,
         stage: CacheStage,
-        mode: ClientMode,
         embedder: Embedder,
         model: str,
-        keys: list[str],
+        lookup: _Lookup,
         encoded: list[list[int]],
     ) -> Embedded:
         inputs = stage.embedding_inputs
-        found: dict[str, np.ndarray] = {}
-        unique = list(dict.fromkeys(keys))
-        if mode.read:
-            found = await _read_cache(stage, unique)
+        keys = lookup.keys
+        found = dict(lookup.found)
         hits = set(found)
-        awaited = {
-            k: inputs.pending[k]
-            for k in unique
-            if k not in found and mode.read and k in inputs.pending
-        }
+        awaited = dict(lookup.awaited)
+        unique = list(dict.fromkeys(keys))
+        if lookup.read:  # started by another request while this one reserved its budget
+            awaited.update(
+                (k, inputs.pending[k])
+                for k in unique
+                if k not in found and k not in awaited and k in inputs.pending
+            )
         mine = [k for k in unique if k not in found and k not in awaited]
         if mine:
+            lookup.computing_tokens = sum(len(encoded[keys.index(k)]) for k in mine)
             awaited.update(
                 self._start(stage, embedder, mine, {k: encoded[keys.index(k)] for k in mine})
             )
