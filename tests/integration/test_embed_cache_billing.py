@@ -121,7 +121,8 @@ async def test_an_embed_whose_caller_leaves_while_it_waits_is_billed_what_it_com
     async def slow_embed(self: Embedder, encoded: Sequence[Sequence[int]]) -> np.ndarray:
         started.set()
         await held.wait()
-        return await real_embed(self, encoded)
+        vectors: np.ndarray = await real_embed(self, encoded)
+        return vectors
 
     monkeypatch.setattr(Embedder, "embed", slow_embed)
     reserved = asyncio.Event()
