@@ -343,9 +343,13 @@ def dimension_key(scope: str, granularity: str, start: int) -> str:
     return f"{PREFIX}dim:{scope}:{granularity}:{start}"
 
 
+# Every event's scope: the whole mesh's usage (GetUsage `tenant: "*"`, admins only).
+MESH_SCOPE = "all"
+
+
 def scopes(event: inference_pb2.UsageEvent) -> list[str]:
     """Returns the scopes an event counts towards: its key, its tenant, everything."""
-    out = ["all"]
+    out = [MESH_SCOPE]
     if event.tenant:
         out.append(f"tenant:{event.tenant}")
     if event.key_id:

@@ -12,6 +12,7 @@ from services.core.errors import FieldViolation, InvalidArgument, PermissionDeni
 from services.core.identity import peer_identity
 from services.core.interceptors import Context, request_headers
 from services.core.time_fields import timestamp_millis, timestamp_seconds
+from services.usage.meter import MESH_SCOPE
 from services.usage.reports import AuditListing, UsageReader, month_start, now, resume_listing
 from tokenmesh.usage.v1 import usage_service_pb2 as pb
 from tokenmesh.usage.v1 import usage_service_pb2_grpc
@@ -43,10 +44,19 @@ class Caller:
         return contract.ADMIN_SCOPE in self.scopes
 
 
+# GetUsage's `tenant` for every tenant and key together (admins only): the meter
+# counts each event in the mesh's scope too (meter.scopes).
+WHOLE_MESH = "*"
+
+
 def scope_of(caller: Caller, request: AnyUsageRequest) -> str:
     """Returns the usage scope the caller asks for; raises unless it may see it."""
     if request.key_id and request.tenant:
         raise InvalidArgument([FieldViolation("key_id", "set key_id or tenant, not both")])
+    if request.tenant == WHOLE_MESH:
+        if not caller.admin:
+            raise PermissionDenied("the whole mesh's usage is for admins", reason="OTHER_TENANT")
+        return MESH_SCOPE
     if request.tenant:
         if request.tenant != caller.tenant and not caller.admin:
             raise PermissionDenied("a tenant sees only its own usage", reason="OTHER_TENANT")

@@ -19,6 +19,8 @@ from tokenmesh.type.v1 import types_pb2
 from tokenmesh.usage.v1 import usage_pb2
 from tokenmesh.usage.v1 import usage_service_pb2 as pb
 from tokenmesh.usage.v1 import usage_service_pb2_grpc as rpc
+from tokenmesh.usage.v2 import usage_service_pb2 as v2_pb
+from tokenmesh.usage.v2 import usage_service_pb2_grpc as v2_rpc
 
 
 def _event(
@@ -213,3 +215,46 @@ async def test_the_audit_log_lists_requests_without_prompts(stream_and_client, r
             assert len(page.entries) == 2 and page.next_page_token
             assert page.entries[0].completion_tokens == 4 and page.entries[0].key_id == "key_x"
             assert "prompt" not in {f.name for f in usage_pb2.AuditEntry.DESCRIPTOR.fields}
+
+
+async def test_an_admin_reads_the_whole_meshs_usage(own_redis):
+    """Every event was counted in a mesh-wide scope that no report served: 8 hash
+    writes an event for nothing. `tenant: "*"` is the whole mesh, for admins."""
+    client = aioredis.from_url(own_redis)
+    stream = f"usage-test:{uuid.uuid4().hex}"
+    try:
+        await _publish(
+            client,
+            stream,
+            _event("m1", "key_a", "acme", 3, 4),
+            _event("m2", "key_b", "globex", 5, 6),
+            _event("m3", "key_c", "", 7, 8),  # a key without a tenant
+        )
+        meter = _meter(client, stream, "c")
+        await meter.ensure_group()
+        await _drain(meter)
+    finally:
+        await client.aclose()
+    settings = UsageSettings(
+        pki_dir=mtls.pki_dir(),
+        metrics_port=-1,
+        grace_s=0.5,
+        redis_url=own_redis,
+        usage_stream=stream,
+    )
+    admin = _headers("key_admin", "acme", "admin")
+    async with serving(UsageService(settings), settings) as running:
+        async with mtls.aio_channel(running.port, peer="usage") as channel:
+            stub = rpc.UsageServiceStub(channel)
+            mesh = await stub.GetUsage(pb.GetUsageRequest(tenant="*"), metadata=admin)
+            assert (mesh.requests, mesh.prompt_tokens, mesh.completion_tokens) == (3, 15, 18)
+            grouped = await v2_rpc.UsageServiceStub(channel).GetUsage(
+                v2_pb.GetUsageRequest(tenant="*", group_by="tenant"), metadata=admin
+            )
+            by_tenant = {g.value: g.totals.requests for g in grouped.groups}
+            assert by_tenant == {"acme": 1, "globex": 1, "": 1}, by_tenant
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.GetUsage(
+                    pb.GetUsageRequest(tenant="*"), metadata=_headers("key_a", "acme")
+                )
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED

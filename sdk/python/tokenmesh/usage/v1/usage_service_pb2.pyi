@@ -35,7 +35,9 @@ class GetUsageRequest(_message.Message):
     key_id: _builtins.str
     """key_id restricts the report to one key."""
     tenant: _builtins.str
-    """tenant restricts the report to one tenant (admins only for other tenants)."""
+    """tenant restricts the report to one tenant (admins only for other tenants);
+    "*" is the whole mesh, every tenant and key together (admins only).
+    """
     granularity: _usage_pb2.Granularity.ValueType
     """granularity sets the bucket size of `buckets`: at most 2,000 of them
     (about 33 hours of minutes; hours, days and months never reach it).
