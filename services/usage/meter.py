@@ -94,6 +94,14 @@ METER_DELAY = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 300, 900, 3600),
 )
 
+# Events whose finish time (a worker's clock) was out of bounds: counted at the bound.
+CLAMPED = Counter(
+    "tokenmesh_usage_events_clamped_total",
+    "Usage events stamped further ahead than 5 minutes, or behind the 7-day dedupe "
+    "window, by the worker's clock: counted at that bound (per read; a replay again).",
+    ["direction"],
+)
+
 # The four counters of a dimension row, and which row of a dimension hash a
 # request's row counts under (itself, the overflow row, or nil) given the
 # hash's field cap (see dimensions.py).
@@ -484,6 +492,28 @@ def _bucket_starts(minute: int) -> tuple[tuple[str, int], ...]:
     return tuple((g, bucket_start(minute * 60, g)) for g in GRANULARITIES)
 
 
+def counted_at(event: inference_pb2.UsageEvent, retention: Retention) -> float:
+    """Returns when an event counts (Unix seconds): its finish by the worker's clock,
+    kept within [now - the dedupe window, now + AUDIT_FUTURE_MS] by this meter's.
+
+    A worker's clock far off put usage in a month no report read yet (a year ahead:
+    billed a year late) or one past retention (years behind: never billed), with no
+    error anywhere. An event later than the dedupe window is one a replay could
+    count twice anyway.
+    """
+    now = time.time()
+    if not event.finish_unix_ms:
+        return now
+    finished = event.finish_unix_ms / 1000
+    if finished > now + AUDIT_FUTURE_MS / 1000:
+        CLAMPED.labels("ahead").inc()
+        return now + AUDIT_FUTURE_MS / 1000
+    if finished < now - retention.dedupe:
+        CLAMPED.labels("behind").inc()
+        return now - retention.dedupe
+    return finished
+
+
 @dataclass(frozen=True)
 class Contribution:
     """Contribution is what one event adds to the aggregates and the audit log.
@@ -511,7 +541,7 @@ def contribution(
     event: inference_pb2.UsageEvent, price: Price | None, retention: Retention
 ) -> Contribution:
     """Returns what `event`, priced at `price`, adds (see Contribution)."""
-    finished = event.finish_unix_ms / 1000 if event.finish_unix_ms else time.time()
+    finished = counted_at(event, retention)
     starts = _bucket_starts(int(finished) // 60)
     buckets = tuple(
         (bucket_key(scope, g, start), dimension_key(scope, g, start), retention.of(g))
@@ -526,7 +556,7 @@ def contribution(
         finished=finished,
         seen_key=f"{PREFIX}seen:{event.event_id or event.request_id}",
         audit_key=f"{PREFIX}audit:{event.tenant or '-'}",
-        audit_score=event.finish_unix_ms or int(finished * 1000),
+        audit_score=int(finished * 1000),  # the entry keeps the worker's own stamp
         audit_member=audit_entry(event).SerializeToString().hex(),
         buckets=buckets,
         plain=[] if attempt else increments(event),

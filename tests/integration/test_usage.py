@@ -9,6 +9,7 @@ import grpc
 import grpc.aio
 import pytest
 import redis.asyncio as aioredis
+from google.protobuf import timestamp_pb2
 
 from services.core.server import serving
 from services.usage.meter import Meter, Retention, bucket_key, bucket_start
@@ -258,3 +259,47 @@ async def test_an_admin_reads_the_whole_meshs_usage(own_redis):
                     pb.GetUsageRequest(tenant="*"), metadata=_headers("key_a", "acme")
                 )
             assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_usage_stamped_by_a_clock_far_off_counts_now_not_in_another_month(
+    stream_and_client, redis_url
+):
+    """An event 400 days ahead went into a month no report read yet (billed a year
+    late), one 6 years behind into a month past retention (never billed, no audit
+    entry), with no error anywhere. Both count at the nearest bound now."""
+    stream, client = stream_and_client
+    key, tenant = f"key_{uuid.uuid4().hex[:8]}", f"t{uuid.uuid4().hex[:6]}"
+    day_ms = 86_400_000
+    ahead, behind = (
+        _event(f"ahead-{key}", key, tenant, 3, 4),
+        _event(f"behind-{key}", key, tenant, 5, 6),
+    )
+    ahead.finish_unix_ms += 400 * day_ms
+    behind.finish_unix_ms -= 6 * 365 * day_ms
+    await _publish(client, stream, ahead, behind)
+    meter = _meter(client, stream, "c")
+    await meter.ensure_group()
+    await _drain(meter)
+    settings = UsageSettings(
+        pki_dir=mtls.pki_dir(),
+        metrics_port=-1,
+        grace_s=0.5,
+        redis_url=redis_url,
+        usage_stream=stream,
+    )
+    async with serving(UsageService(settings), settings) as running:
+        async with mtls.aio_channel(running.port, peer="usage") as channel:
+            stub = rpc.UsageServiceStub(channel)
+            start = timestamp_pb2.Timestamp(seconds=int(time.time()) - 8 * 86400)
+            end = timestamp_pb2.Timestamp(seconds=int(time.time()) + 3600)
+            report = await stub.GetUsage(
+                pb.GetUsageRequest(start_time=start, end_time=end), metadata=_headers(key, tenant)
+            )
+            assert (report.requests, report.prompt_tokens) == (2, 8)
+            audit = await stub.ListAuditEntries(
+                pb.ListAuditEntriesRequest(tenant=tenant, start_time=start, end_time=end),
+                metadata=_headers("key_admin", "admin", "admin"),
+            )
+            # Listed, each with the worker's own stamp.
+            stamps = sorted(e.time.ToMilliseconds() for e in audit.entries)
+            assert stamps == sorted([ahead.finish_unix_ms, behind.finish_unix_ms])
