@@ -405,8 +405,9 @@ class UsageEvent(_message.Message):
     def served_usage(self) -> _types_pb2.TokenUsage:
         """served_usage counts the tokens the caller received; set when `cached`.
         Also set, with `usage` zero, on a job item's attempt that did not finish
-        (finish_reason "cancelled" or "error": the jobs service tries the item
-        again): what that attempt computed, billed to no one.
+        (finish_reason "cancelled" or "error": the jobs service may try the item
+        again): what that attempt computed, billed to no one and in no request
+        count (an item that fails for good is counted by its job, not here).
         """
 
     def __init__(
