@@ -97,7 +97,7 @@ from services.core.tasks import SupervisedTask, Supervisor
 from services.router import catalog as cat
 from services.router.catalog import Catalog, ModelEntry
 from services.router.registry import VersionCounts, WorkerEntry, WorkerRegistry
-from services.usage.meter import AUDIT_FNS
+from services.usage.meter import AUDIT_FNS, audit_member
 from services.usage.meter import PREFIX as USAGE_PREFIX
 from tokenmesh.usage.v1 import usage_pb2
 
@@ -1214,7 +1214,7 @@ class RolloutStore:
         stamp = int(decision.at * 1000)
         # Trimmed by Redis's clock, as the meter trims the tenants' logs: trimmed from
         # the decision's stamp (a driver clock far ahead) it erased the log.
-        member = entry.SerializeToString().hex()
+        member = audit_member(entry)
         await self._record_audit(keys=[key], args=[stamp, member, AUDIT_RETENTION_MS])
 
 

@@ -20,6 +20,7 @@ from services.core.errors import FailedPrecondition, FieldViolation, InvalidArgu
 from services.usage.meter import (
     PREFIX,
     Retention,
+    audit_entry_of,
     bucket_key,
     bucket_start,
     legacy_month_start,
@@ -338,7 +339,10 @@ def too_large(what: str, advice: str = "") -> FailedPrecondition:
     )
 
 
-_AUDIT_TOKEN_VERSION = "2"  # version 1 was a bare offset from the newest entry
+# Version 1 was a bare offset from the newest entry; version 2 carried its entry's
+# bytes (its member was their hex); 3 carries the member itself (raw or hex).
+_AUDIT_TOKEN_VERSION = "3"
+_HEX_MEMBER_TOKEN_VERSION = "2"
 _AUDIT_TOKEN_INT = re.compile(r"-?[0-9]{1,19}")
 _NOT_OURS = "is not a token this service issued"
 _OFFSET_TOKEN = (
@@ -368,7 +372,7 @@ class AuditListing:
 
     def token_after(self, score: int, member: bytes) -> str:
         """Returns the page token that resumes the listing after the entry (score, member)."""
-        packed = base64.urlsafe_b64encode(bytes.fromhex(member.decode())).decode().rstrip("=")
+        packed = base64.urlsafe_b64encode(member).decode().rstrip("=")
         parts = [self.end_ms, self.start_ms, score, _tenant_mark(self.tenant), packed]
         return ".".join([_AUDIT_TOKEN_VERSION, *map(str, parts)])
 
@@ -383,7 +387,7 @@ def resume_listing(tenant: str, token: str) -> AuditListing:
     numbers = parts[1:4]
     if (
         len(parts) != 6
-        or parts[0] != _AUDIT_TOKEN_VERSION
+        or parts[0] not in (_AUDIT_TOKEN_VERSION, _HEX_MEMBER_TOKEN_VERSION)
         or not all(_AUDIT_TOKEN_INT.fullmatch(n) for n in numbers)
     ):
         raise InvalidArgument([FieldViolation("page_token", _NOT_OURS)])
@@ -396,7 +400,8 @@ def resume_listing(tenant: str, token: str) -> AuditListing:
     end_ms, start_ms, score = map(int, numbers)
     if not raw or not start_ms <= score < end_ms:
         raise InvalidArgument([FieldViolation("page_token", _NOT_OURS)])
-    return AuditListing(tenant, start_ms, end_ms, (score, raw.hex().encode()))
+    member = raw.hex().encode() if parts[0] == _HEX_MEMBER_TOKEN_VERSION else raw
+    return AuditListing(tenant, start_ms, end_ms, (score, member))
 
 
 PerModel = tuple[Totals, dict[tuple[str, str], Totals]]
@@ -519,7 +524,7 @@ class UsageReader:
             rows += [(score, m) for m in replies[0] if m < member]
         rows += [(int(s), m) for m, s in replies[-1]]
         page = rows[:page_size]
-        entries = [usage_pb2.AuditEntry.FromString(bytes.fromhex(m.decode())) for _, m in page]
+        entries = [audit_entry_of(member) for _, member in page]
         return entries, listing.token_after(*page[-1]) if len(rows) > page_size else ""
 
 
