@@ -25,6 +25,7 @@ from google.api.httpbody_pb2 import HttpBody
 from services.core import contract
 from services.inference.budget import TokenBudgets
 from services.inference.service import InferenceService
+from tests.answer_headers import answer_headers
 from tests.integration.conftest import inference_settings, start_inference
 from tests.integration.test_openai_usage_billing import (
     _key_events,
@@ -227,3 +228,26 @@ async def test_prompts_the_cache_answers_reserve_what_they_are_billed(
     assert billed < reserved_before  # what the request was refused for
     assert _texts([answer]) == _texts(warmed)
     assert multi == alone == billed
+
+
+async def test_a_multi_prompt_answer_says_how_all_its_prompts_were_served(
+    tmp_path: Path, redis_url: str, cache_on: pytest.MonkeyPatch
+) -> None:
+    """`x-tokenmesh-cache` was the first prompt's: a request whose first prompt was
+    cached and the rest computed said `hit`."""
+    cached, fresh = _prompts(2), _prompts(1)
+    async with await _worker(tmp_path, redis_url, slots=4) as (_, channel):
+        stub = rpc.OpenAIServiceStub(channel)
+        await _warm(stub, cached)
+
+        async def cache_header(prompts: list[str]) -> str:
+            request = HttpBody(
+                content_type="application/json", data=json.dumps(_body(prompts)).encode()
+            )
+            call = stub.CreateCompletion(request, metadata=_identity(_key()))
+            assert json.loads(b"".join([m.data async for m in call]))["choices"]
+            headers = answer_headers(await call.initial_metadata(), await call.trailing_metadata())
+            return str(headers[contract.CACHE_HEADER])
+
+        assert await cache_header(cached) == "hit"
+        assert await cache_header([cached[0], *fresh]) == "miss"

@@ -72,6 +72,17 @@ NO_CLIENT_RETRY = (contract.SHOULD_RETRY_HEADER, "false")
 REFUSALS = frozenset({"QUEUE_FULL", "MODEL_UNLOADING"})
 
 
+def _cache_status(held: Sequence[tuple[str, str]], more: Sequence[tuple[str, str]]) -> str:
+    """Returns the x-tokenmesh-cache of a request whose prompts said these: the same
+    word when they agree, else `miss` when any computed (miss, bypass), else
+    `coalesced` (nothing computed, something awaited)."""
+    first = dict(held).get(contract.CACHE_HEADER, "")
+    second = dict(more).get(contract.CACHE_HEADER, "")
+    if first == second:
+        return first
+    return "miss" if {first, second} & {"miss", "bypass"} else "coalesced"
+
+
 class _ResponseContext:
     """The RPC's context as the v2 servicer sees it: its response headers wait for ours.
 
@@ -103,6 +114,14 @@ class _ResponseContext:
     async def send_initial_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
         if not self.headers:
             self.headers = tuple(metadata)
+        elif not self.sent:
+            # Another prompt of a legacy completion, before any body: its cache status
+            # joins the first's (which alone said `hit` for prompts mostly computed).
+            # A stream's later prompts come after its headers went: they keep the first's.
+            status = _cache_status(self.headers, metadata)
+            self.headers = tuple(
+                (k, status if k == contract.CACHE_HEADER else v) for k, v in self.headers
+            )
 
     async def flush(self) -> None:
         """Sends the held response headers (before the first body)."""
