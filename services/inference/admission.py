@@ -77,9 +77,13 @@ CHARGE_EVERY_TOKENS = 16  # an unreserved stream is charged in chunks of at leas
 BUDGETS_UNAVAILABLE = (RedisError, TimeoutError, OSError)
 # Reconciling a reservation, or taking back one whose answer never came, runs in
 # the background: tries 1 s, 2 s, 4 s apart (a Redis stall that timed the call out
-# often outlasts one).
+# often outlasts one), then every STORE_RETRY_EVERY_S until Redis answers (the calls
+# are idempotent). Given up after ~7 s, a reservation stayed charged whole for as
+# long as the worker lived (no reaper takes back a live holder's): a key refused
+# for tokens nobody used after every Redis failover longer than that.
 STORE_ATTEMPTS = 4
 STORE_BACKOFF_S = 1.0
+STORE_RETRY_EVERY_S = 10.0
 
 
 def token_usage(prompt_tokens: int, completion_tokens: int) -> types_pb2.TokenUsage:
@@ -479,6 +483,9 @@ class Admission:
                 request.reservation_attempt,
                 listed=True,  # reconciled when it ends, or taken back if this worker dies
                 replay_ttl_s=request.replay_ttl_s,
+                # A job item tried again while an earlier attempt still runs: the
+                # first to end unfinished gave back the charge the other ran on.
+                attempts_share=request.job_attempt,
             )
             request.budget_warning = reserved.warning
             # A job item's retry admitted on an earlier attempt's charge reconciles it
@@ -628,6 +635,7 @@ class Admission:
                 used,
                 request.reserved_at,
                 run,
+                request.reservation_attempt,
             )
             self._in_background(reconcile, "reconcile a token reservation")
             request.reserved_tokens = 0
@@ -744,13 +752,21 @@ class Admission:
 
     @staticmethod
     async def _with_retries(call: Callable[[], Awaitable[object]], what: str) -> None:
-        for attempt in range(STORE_ATTEMPTS):
+        attempt = 0
+        while True:
             try:
                 await call()
+                if attempt >= STORE_ATTEMPTS:
+                    logger.info("could %s once Redis was back", what)
                 return
             except BUDGETS_UNAVAILABLE as exc:
                 if attempt == STORE_ATTEMPTS - 1:
-                    # Left as it is: a reservation stays charged (never over budget).
-                    logger.warning("could not %s (%s)", what, type(exc).__name__)
-                    return
-                await asyncio.sleep(STORE_BACKOFF_S * 2**attempt)
+                    logger.warning(
+                        "could not %s (%s); trying again every %.0f s",
+                        what,
+                        type(exc).__name__,
+                        STORE_RETRY_EVERY_S,
+                    )
+                last = attempt >= STORE_ATTEMPTS - 1
+                await asyncio.sleep(STORE_RETRY_EVERY_S if last else STORE_BACKOFF_S * 2**attempt)
+                attempt += 1

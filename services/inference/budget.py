@@ -96,11 +96,13 @@ def budget_lua(script: str, **keys: int) -> str:
 # KEYS: window zset, window amounts hash, month counter, the request id's charge,
 #       the id's "given back" mark, the id's forgotten attempts, the window's sum,
 #       the holder's open reservations (ReservationReaper), the id's holder, the
-#       holders, the id's "a run finished" mark, when the id's charge was reserved
+#       holders, the id's "a run finished" mark, when the id's charge was reserved,
+#       the attempts running on the id's charge
 # ARGV: (unused), request id, amount, tpm (0 = none), monthly (0 = none), month
 #       ttl s, replay ttl s, this call's attempt id, its field among the holder's
 #       open reservations ("": not listed), that field's value, the holder, this
-#       reservation's time (time.time(), as Python wrote it: it picks the month)
+#       reservation's time (time.time(), as Python wrote it: it picks the month),
+#       "1" to count this attempt among those running on the charge (a job item's)
 # The minute window is scored by Redis's clock (TIME), the same for every worker
 # (services.usage.ratelimit._SLIDING_WINDOWS says why).
 # Returns {0 or 1, which budget failed ("" | "tpm" | "monthly"), retry_after_ms, tokens
@@ -127,6 +129,16 @@ end
 if redis.call('SISMEMBER', KEYS[6], ARGV[8]) == 1 then
   return {1, '', 0, 0, 0}
 end
+-- A job item's attempts that run on its charge: an attempt that ends unfinished
+-- gives the charge back only when it was the last (another, tried again meanwhile
+-- on another worker, runs on it: given back, the room was admitted twice).
+local function running(fresh)
+  if ARGV[13] == '1' and ARGV[8] ~= '' then
+    if fresh then redis.call('DEL', KEYS[13]) end
+    redis.call('SADD', KEYS[13], ARGV[8])
+    redis.call('EXPIRE', KEYS[13], tonumber(ARGV[7]))
+  end
+end
 -- This request id holds a reservation, or its run finished (a replay): admitted,
 -- not charged again. One given back (charge 0, marked) holds nothing: this new
 -- attempt is checked and reserves below, or a retry would pass any limit. A replay
@@ -139,6 +151,7 @@ if redis.call('EXISTS', KEYS[4]) == 1 and redis.call('EXISTS', KEYS[5]) == 0 the
   local at = redis.call('GET', KEYS[12])
   if redis.call('EXISTS', KEYS[11]) == 0 then
     list_open(at and ('[' .. at .. ', "' .. ARGV[8] .. '"]') or ARGV[10])
+    running(false)
   end
   return {1, '', 0, 0, 0, at or ''}
 end
@@ -218,6 +231,7 @@ redis.call('SET', KEYS[4], amount, 'EX', tonumber(ARGV[7]))
 redis.call('SET', KEYS[12], ARGV[12], 'EX', tonumber(ARGV[7]))
 redis.call('DEL', KEYS[5])
 list_open(ARGV[10])
+running(true)
 return {1, '', 0, sum + delta, month_used + amount, ''}
 """,
         SUM=7,
@@ -229,11 +243,11 @@ return {1, '', 0, sum + delta, month_used + amount, ''}
 
 # KEYS: window amounts hash, month counter, the request id's charge, the id's
 #       "a run finished" mark, the id's "given back" mark, the window's sum, the
-#       holder's open reservations
+#       holder's open reservations, the attempts running on the id's charge
 # ARGV: request id, reserved, actual, replay ttl s, the run ("": any request that
 #       ran; "finished": a job item's run that did; "unfinished": a run given
 #       back, reconciled to 0; see TokenBudgets.reconcile), the reservation's
-#       field among the holder's open ones ("": none)
+#       field among the holder's open ones ("": none), the run's attempt id
 # The month is charged what the id has not been charged yet (its charge, else
 # `reserved`), so the id's total is its latest actual use however often it ran,
 # except that nothing changes once a job item's run finished (its "finished" mark):
@@ -248,6 +262,13 @@ _RECONCILE = budget_lua(
     """
 if ARGV[6] ~= '' then redis.call('HDEL', KEYS[7], ARGV[6]) end
 if ARGV[5] ~= '' and redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+-- An unfinished attempt of a job item that another attempt still runs on (tried
+-- again meanwhile): that one reconciles the charge.
+if ARGV[5] == 'unfinished' and ARGV[7] and ARGV[7] ~= ''
+    and redis.call('EXISTS', KEYS[8]) == 1 then
+  redis.call('SREM', KEYS[8], ARGV[7])
+  if redis.call('SCARD', KEYS[8]) > 0 then return 0 end
+end
 -- A job item's charge is kept until its job's deadline (reserve's replay ttl),
 -- longer than ARGV[4]: never shortened here.
 local ttl = math.max(tonumber(ARGV[4]), redis.call('TTL', KEYS[3]))
@@ -283,7 +304,7 @@ return 1
 # KEYS: window zset, window amounts hash, month counter, the request id's charge,
 #       the id's "given back" mark, the id's forgotten attempts, the window's sum,
 #       the holder's open reservations, the id's holder, the id's "a run finished"
-#       mark
+#       mark, the attempts running on the id's charge
 # ARGV: request id, replay ttl s, the forgotten call's attempt id, the
 #       reservation's field among the holder's open ones ("": none), "1" to take
 #       it back only while it is listed there and the holder still holds it (a
@@ -299,16 +320,31 @@ return 1
 # 1 if it refunded.
 _FORGET = budget_lua(
     """
+-- A job item's charge, shared by the attempts that run on it (_RESERVE's running):
+-- whose it is, is told by them, not by the holder (the last to take it over).
+local shared = KEYS[11] and ARGV[3] ~= '' and redis.call('EXISTS', KEYS[11]) == 1
 if ARGV[4] ~= '' then
   local listed = redis.call('HDEL', KEYS[8], ARGV[4]) == 1
-  if ARGV[5] == '1' and not (listed and redis.call('GET', KEYS[9]) == ARGV[6]) then
+  if ARGV[5] == '1' and not shared
+      and not (listed and redis.call('GET', KEYS[9]) == ARGV[6]) then
     return 0
   end
 end
 if redis.call('EXISTS', KEYS[10]) == 1 then return 0 end
-local charged = redis.call('GET', KEYS[4])
 -- A job item's charge is kept until its job's deadline: never shortened here.
 local ttl = math.max(tonumber(ARGV[2]), redis.call('TTL', KEYS[4]))
+if shared then
+  local was_running = redis.call('SREM', KEYS[11], ARGV[3]) == 1
+  -- A reaper's attempt that settled already holds nothing; another attempt still
+  -- running on the charge keeps it (this one's late copy charges nothing).
+  if ARGV[5] == '1' and not was_running then return 0 end
+  if redis.call('SCARD', KEYS[11]) > 0 then
+    redis.call('SADD', KEYS[6], ARGV[3])
+    redis.call('EXPIRE', KEYS[6], ttl)
+    return 0
+  end
+end
+local charged = redis.call('GET', KEYS[4])
 if charged then
   -- DECRBY: `-tonumber('0')` is Lua's -0, sent as "-0", which INCRBY refuses. A
   -- month counter gone (see _RECONCILE) stays gone.
@@ -529,6 +565,7 @@ class TokenBudgets:
         attempt: str = "",
         listed: bool = False,
         replay_ttl_s: int | None = None,
+        attempts_share: bool = False,
     ) -> Reserved:
         """Reserves `amount` tokens or raises ResourceExhausted naming the budget
         (RequestOverBudget, sent as FAILED_PRECONDITION, when `amount` exceeds a whole
@@ -547,6 +584,11 @@ class TokenBudgets:
         `replay_ttl_s`: how long this id's charge is remembered, when longer than
         the budgets' own (a job item: until its job's deadline, at most
         MAX_REPLAY_TTL_S); reconciling or forgetting it keeps that.
+
+        `attempts_share`: the id's attempts may run at once and share its charge (a
+        job item tried again while an earlier attempt still runs): one that ends
+        unfinished, or is forgotten, gives the charge back only when no other
+        attempt still runs on it (`attempt` names each).
 
         Returns the warning naming each budget now at or over 80% and the time the
         id's charge was reserved, which picks the month its reconcile goes to.
@@ -569,6 +611,7 @@ class TokenBudgets:
                     HOLDERS_KEY,
                     finished,
                     f"{charge}:at",
+                    f"{charge}:running",
                 ],
                 args=[
                     int(now * 1000),
@@ -583,6 +626,7 @@ class TokenBudgets:
                     json.dumps([now, attempt]),
                     self.holder,
                     repr(now),
+                    "1" if attempts_share else "",
                 ],
             )
         except (RedisError, TimeoutError, OSError) as exc:
@@ -616,6 +660,7 @@ class TokenBudgets:
         actual: int,
         reserved_at: float | None = None,
         run: Run = "",
+        attempt: str = "",
     ) -> None:
         """Replaces a reservation with the tokens really used (once per request id), in
         the month it was reserved in (`reserved_at`, time.time(); default: now): a
@@ -630,7 +675,9 @@ class TokenBudgets:
         (its worker stalled, which is why its call timed out) is ignored: it set
         the item's charge back to 0. So is a second finished run's: the meter
         bills the id's first usage event, and the month keeps the first finished
-        run's charge to match it.
+        run's charge to match it. An unfinished run of a job item (`attempt`: the
+        one it reserved with) that another attempt still runs on leaves the charge
+        to that one.
         """
         _, amounts, month = self._keys(key_id, time.time() if reserved_at is None else reserved_at)
         charge, finished, given_back, _ = self._id_keys(key_id, request_id)
@@ -643,6 +690,7 @@ class TokenBudgets:
                 given_back,
                 self._sum_key(key_id),
                 self.open_key(self.holder),
+                f"{charge}:running",
             ],
             args=[
                 request_id,
@@ -651,6 +699,7 @@ class TokenBudgets:
                 self.replay_ttl_s,
                 run,
                 self._open_field(self.holder, key_id, request_id),
+                attempt,
             ],
         )
 
@@ -698,6 +747,7 @@ class TokenBudgets:
                 self.open_key(holder),
                 f"{charge}:holder",
                 finished,
+                f"{charge}:running",
             ],
             args=[
                 request_id,

@@ -25,15 +25,23 @@ What it cannot know: a worker killed between recording a request (its usage
 record is durable) and its reconcile landing has that request's reservation
 taken back, so the key's month does not count tokens the request was billed.
 That is milliseconds, unless Redis was slow or away then: a reconcile is tried
-for up to ~7 s (admission.STORE_ATTEMPTS), and a graceful stop waits 5 s for
-them before it ends its holder. Under, never over: no request is refused for
+until Redis answers (admission.STORE_RETRY_EVERY_S), and a graceful stop waits 5 s
+for them before it ends its holder. Under, never over: no request is refused for
 tokens nobody used.
+
+Redis away longer than HOLDER_TTL_S lets every holder's liveness key lapse, live
+ones too. A reaper whose round failed tries again within AFTER_FAILURE_S (its
+holder beats first), and reaps no one until `every_s` after its last failure:
+its live peers, failing alike, have beaten again by then. Reaping at once, the
+first reaper back took back every live peer's running reservations, and the
+room they held was admitted twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 from prometheus_client import Counter
@@ -52,6 +60,8 @@ HOLDER_TTL_S = 90
 #: How often each worker refreshes its liveness key and looks for dead holders
 #: (the worker's: a third of its TTL).
 REAP_EVERY_S = HOLDER_TTL_S / 3
+#: How soon a round that failed (Redis away) is tried again.
+AFTER_FAILURE_S = 1.0
 # KEYS: the holders, the holder's open reservations; ARGV: the holder.
 # Forgets a dead holder once nothing of it is open.
 _FORGET_HOLDER = """
@@ -108,13 +118,18 @@ class ReservationReaper:
     async def run_forever(self) -> None:
         """Refreshes this holder and reaps dead ones, every `every_s`; Redis errors are
         logged and the next round tries again (a reservation waits, never lost)."""
+        reap_from = 0.0  # no reaping before: peers beat again after Redis came back
         while True:
+            delay = self.every_s
             try:
                 await self.beat()
-                await self.reap()
+                if time.monotonic() >= reap_from:
+                    await self.reap()
             except (RedisError, OSError, TimeoutError) as exc:
                 logger.warning("reservation reaper: Redis unavailable (%s)", type(exc).__name__)
-            await asyncio.sleep(self.every_s)
+                reap_from = time.monotonic() + self.every_s
+                delay = min(self.every_s, AFTER_FAILURE_S)
+            await asyncio.sleep(delay)
 
     async def beat(self) -> None:
         """Marks this holder alive for `ttl_s`. (The reserve script makes it known to

@@ -283,3 +283,54 @@ async def test_a_retry_past_a_months_end_that_dies_too_is_given_back_in_its_mont
     await _dead(client, "w-second:8")
     assert await ReservationReaper(TokenBudgets(client, holder="w-third:8")).reap() == 1
     assert (await _month_at(client, key, end - 1.0), await _month_at(client, key, end)) == (0, 0)
+
+
+async def test_a_live_holder_is_not_reaped_after_redis_comes_back(
+    client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis away longer than the holders' TTL lets every liveness key lapse, live ones
+    too. The first reaper back beat and reaped at once, while its live peers' loops
+    slept out their period: it took back the running reservations of workers that were
+    neither dead nor frozen, and their room was admitted twice."""
+    monkeypatch.setattr(
+        "services.inference.reservation_reaper.AFTER_FAILURE_S", 0.05, raising=False
+    )
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    live = TokenBudgets(client, holder=f"w-live:{key}")
+    peer = TokenBudgets(client, holder=f"w-peer:{key}")
+    await live.reserve(key, LIMITS, "running", 800, attempt="a1", listed=True)
+    outage, failed, reaped_after = True, set(), []
+    real_beat, real_reap = ReservationReaper.beat, ReservationReaper.reap
+
+    async def beat(self: ReservationReaper) -> None:
+        if outage:
+            failed.add(self.budgets.holder)
+            raise ConnectionError("Redis away")
+        await real_beat(self)
+
+    async def reap(self: ReservationReaper) -> int:
+        refunded = await real_reap(self)
+        reaped_after.append(refunded)
+        return refunded
+
+    monkeypatch.setattr(ReservationReaper, "beat", beat)
+    monkeypatch.setattr(ReservationReaper, "reap", reap)
+    supervisor = Supervisor("test")
+    # The live worker's period is long (its loop slept it out after the failure), the
+    # peer's short: the peer's reaper is the first back.
+    ReservationReaper(live, every_s=5.0, ttl_s=3).start(supervisor)
+    ReservationReaper(peer, every_s=0.2, ttl_s=3).start(supervisor)
+    try:
+        await _until(lambda: _true(failed == {live.holder, peer.holder}))
+        await client.delete(alive_key(live.holder))  # lapsed during the outage
+        outage = False
+        await _until(lambda: _true(bool(reaped_after)))  # the peer reaped since
+        assert await client.exists(alive_key(live.holder))
+        assert await _month_used(live, key) == 800  # still charged: its request runs
+        assert reaped_after == [0]
+    finally:
+        await supervisor.stop()
+
+
+async def _true(value: bool) -> bool:
+    return value

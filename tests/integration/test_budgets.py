@@ -767,3 +767,76 @@ async def test_a_job_items_unmetered_chunks_are_remembered_until_its_deadline(bu
     chunk = _chunk_id(request)
     assert await admission.within_budget(request, 20)
     assert await budgets.redis.ttl(f"tm:budget:{key}:req:{chunk}") > 86400
+
+
+def _job_attempt(key: str, item: str, needed: int) -> Any:
+    """An attempt at a job item (admission.Request as a job item's call makes it)."""
+    attempt = _request(key, needed)
+    attempt.usage_id, attempt.job_attempt, attempt.limits = item, True, Limits(1000, 1000)
+    return attempt
+
+
+async def _window_used(budgets: TokenBudgets, key: str) -> int:
+    _, amounts, _ = budgets._keys(key, time.time())
+    return sum(int(v) for v in await budgets.redis.hvals(amounts))
+
+
+@pytest.mark.parametrize("ending", ["unfinished", "forgotten"])
+async def test_an_attempt_that_ends_unfinished_leaves_the_charge_another_runs_on(redis_url, ending):
+    """A job item tried again on worker B (its call to A timed out) is admitted on A's
+    charge. A's attempt then ended unfinished (its reconcile landed late) or B's call
+    was cut as it reserved (forgotten): either gave the whole charge back while the
+    other attempt still ran on it, and the room was admitted twice: 1600 tokens
+    against budgets of 1000."""
+    client = aioredis.from_url(redis_url)
+    try:
+        key, item = f"key_{uuid.uuid4().hex[:8]}", f"job-{uuid.uuid4().hex[:6]}:0"
+        worker_a, worker_b = (
+            Admission(ModelRegistry(), None, TokenBudgets(client, holder=f"{w}:{key}"), w)
+            for w in ("wA", "wB")
+        )
+        first, second = _job_attempt(key, item, 800), _job_attempt(key, item, 800)
+        await worker_a.reserve(first)
+        await worker_b.reserve(second)  # a replay: admitted on the item's charge
+        ended, running, runner = (
+            (worker_a, worker_b, second) if ending == "unfinished" else (worker_b, worker_a, first)
+        )
+        if ending == "unfinished":
+            ended.settle(first, 0, finished=False)
+        else:
+            ended._forget(second)
+        await asyncio.gather(*ended._background)
+        budgets = worker_a.budgets
+        assert (await _month_used(budgets, key), await _window_used(budgets, key)) == (800, 800)
+        with pytest.raises(ResourceExhausted):
+            await worker_a.reserve(_job_attempt(key, f"job-other-{key}:0", 800))
+        # The attempt still running ends: its use is what the item is charged.
+        running.settle(runner, 300, finished=True)
+        await asyncio.gather(*running._background)
+        assert await _month_used(budgets, key) == 300
+    finally:
+        await client.aclose()
+
+
+async def test_a_reconcile_is_tried_until_redis_answers(budgets, monkeypatch):
+    """Tried 4 times over ~7 s and then given up: a Redis failover longer than that left
+    the request's whole reservation charged for as long as the worker lived (no reaper
+    takes back a live worker's), and the key was refused for tokens nobody used."""
+    monkeypatch.setattr("services.inference.admission.STORE_BACKOFF_S", 0.01)
+    monkeypatch.setattr("services.inference.admission.STORE_RETRY_EVERY_S", 0.02, raising=False)
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    admission = Admission(ModelRegistry(), None, budgets, "w")
+    request = _request(key, 900)
+    await admission.reserve(request)
+    script, failures = budgets._reconcile, []
+
+    async def away_for_ten_tries(*args: Any, **kwargs: Any) -> Any:
+        if len(failures) < 10:
+            failures.append(1)
+            raise RedisConnectionError("Connection refused")
+        return await script(*args, **kwargs)
+
+    budgets._reconcile = away_for_ten_tries
+    admission.settle(request, 12)
+    assert await _wait_month_used(budgets, key, 12) == 12
+    assert len(failures) == 10

@@ -8,6 +8,7 @@ billing "none" (an answer served without computing bills nothing).
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -19,8 +20,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.core import contract
-from services.inference.admission import Admission, Request
+from services.inference.admission import Request
+from services.inference.budget import TokenBudgets
 from services.inference.embedder import Embedder
+from services.inference.pipeline.embed import EmbeddingPipeline
 from services.inference.service import InferenceService
 from tests.answer_headers import call_headers
 from tests.integration.conftest import inference_settings, start_inference
@@ -89,6 +92,11 @@ async def test_a_cached_embed_is_served_to_a_spent_budget_when_hits_bill_nothing
     await _stored(service)
 
     spent = _caller("key-spent", monthly_tokens=1)
+    # Its month is over its (lowered) budget: reserving even 0 tokens was refused.
+    client = aioredis.from_url(service.settings.redis_url)
+    month = TokenBudgets.month_key("key-spent", time.time())
+    await client.set(month, 50, ex=3600)
+    await client.aclose()
     call = stub.Embed(
         pb.EmbedRequest(model=MODEL, inputs=[text], request_id="served-1"), metadata=spent
     )
@@ -125,15 +133,18 @@ async def test_an_embed_whose_caller_leaves_while_it_waits_is_billed_what_it_com
         return vectors
 
     monkeypatch.setattr(Embedder, "embed", slow_embed)
-    reserved = asyncio.Event()
-    real_reserve = Admission.reserve
+    looked_up = asyncio.Event()
+    real_lookup = EmbeddingPipeline._lookup
 
-    async def observed_reserve(self: Admission, request: Request) -> None:
-        await real_reserve(self, request)
-        if request.request_id == "left-1":
-            reserved.set()
+    async def observed_lookup(
+        self: EmbeddingPipeline, context: Any, call: Request, *args: Any
+    ) -> Any:
+        found = await real_lookup(self, context, call, *args)
+        if call.request_id == "left-1":
+            looked_up.set()
+        return found
 
-    monkeypatch.setattr(Admission, "reserve", observed_reserve)
+    monkeypatch.setattr(EmbeddingPipeline, "_lookup", observed_lookup)
     text = f"an input being computed {uuid.uuid4().hex}"
     leader = asyncio.ensure_future(
         stub.Embed(pb.EmbedRequest(model=MODEL, inputs=[text]), metadata=_caller("key-leader"))
@@ -146,7 +157,7 @@ async def test_an_embed_whose_caller_leaves_while_it_waits_is_billed_what_it_com
     )
     waiting = asyncio.ensure_future(waiter)
     async with asyncio.timeout(10):  # admitted: it waits for the leader's computation
-        await reserved.wait()
+        await looked_up.wait()
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting

@@ -149,7 +149,8 @@ class EmbeddingPipeline:
         # Embeddings spend the caller's token budgets too (they skipped them: a key
         # whose month was spent embedded on, uncounted).
         call.needed_tokens = self._needed(lookup, encoded)
-        await self.admission.reserve(call)
+        if call.needed_tokens:  # served whole, billed nothing: no budget can refuse it
+            await self.admission.reserve(call)
         finish_reason = "error"
         embedded: Embedded | None = None
         refused = False
