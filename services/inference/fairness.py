@@ -224,13 +224,23 @@ class FairQueue(Generic[T]):
         self._maybe_idle(account)
 
     def remove_where(self, predicate: Callable[[T], bool]) -> list[T]:
-        """Removes and returns the waiting requests `predicate` selects."""
+        """Removes and returns the waiting requests `predicate` selects.
+
+        The predicate is asked once per request: it may read state another thread
+        changes (a client's cancel flag, set on the event loop while the engine
+        thread reaps). Asked twice, a request cancelled between the two was both
+        kept and removed: finished and still waiting, the size one too low, and
+        once the queue drained every admission failed (a size of -1).
+        """
         removed: list[T] = []
         for account in list(self._backlogged.values()):
-            if not any(predicate(item) for item in account.waiting):
+            kept: deque[T] = deque()
+            taken: list[T] = []
+            for item in account.waiting:
+                (taken if predicate(item) else kept).append(item)
+            if not taken:
                 continue
-            kept = deque(item for item in account.waiting if not predicate(item))
-            removed += [item for item in account.waiting if predicate(item)]
+            removed += taken
             account.waiting = kept
             if not kept:
                 del self._backlogged[account.tenant]

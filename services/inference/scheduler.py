@@ -78,6 +78,9 @@ logger = logging.getLogger(__name__)
 PRIORITY_INTERACTIVE, PRIORITY_BATCH = 0, 1
 #: The reason of a request refused because its version is unloading: nothing of it ran.
 UNLOADING = "MODEL_UNLOADING"
+# The engine thread's pause after a step that failed, doubled while they fail (at
+# most 1 s): what a fault that stays costs, instead of a core and a log storm.
+FAILED_STEP_BACKOFF_S = 0.01
 #: Set in the task serving a shadow copy while it holds one of its version's copy
 #: slots (services.inference.shadow.CopySlots.hold): the sequences it submits are
 #: copies, which take no place of `max_queue` from live requests (see the module).
@@ -634,11 +637,19 @@ class Scheduler:
 
     def _run(self) -> None:
         """The engine thread: schedule, compute, sample, hand tokens over; repeat."""
+        failures = 0  # in a row
         while not self._stopping:
             try:
                 self._iterate()
+                failures = 0
             except Exception:  # a bug here must not leave every stream waiting forever
-                logger.exception("scheduler step failed for %s/%s", *self.labels)
+                failures += 1
+                # A fault that stays (it fails every step) spun this thread at a whole
+                # core and wrote ~5,000 tracebacks a second: backed off, logged less.
+                if failures <= 3 or failures % 100 == 0:
+                    logger.exception(
+                        "scheduler step failed for %s/%s (%d in a row)", *self.labels, failures
+                    )
                 self._take_inbox()
                 waiting = self._waiting.remove_where(lambda _: True)
                 with self._lock:
@@ -646,6 +657,9 @@ class Scheduler:
                 for seq in [*self._running, *waiting]:
                     self._finish(seq, Finished("error", internal_error()))
                 self._post()
+                # Woken early by new work or the stop (each new request tries again).
+                self._wake.wait(min(FAILED_STEP_BACKOFF_S * 2 ** (failures - 1), 1.0))
+                self._wake.clear()
 
     def _iterate(self) -> None:
         """One scheduling round: at most one engine step."""

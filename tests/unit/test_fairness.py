@@ -333,3 +333,36 @@ async def test_the_scheduler_admits_the_light_tenant_second():
 async def test_the_fifo_scheduler_admits_in_arrival_order():
     order = await _admission_order("fifo")
     assert order == ["heavy"] * 10 + ["light", "job"]
+
+
+def test_remove_where_asks_once_per_request_while_another_thread_cancels() -> None:
+    """The predicate was asked twice per request (a pass for what stays, one for what
+    goes), and it reads a cancel flag the event loop sets while the engine thread
+    reaps: a request cancelled between the passes was both removed (finished) and
+    still waiting, the size one too low; the next reap removed it again, the size
+    went to -1, and every admission of the version failed from then on."""
+
+    @dataclass(eq=False)
+    class Waiting:
+        id: int
+        cancelled: bool = False
+
+    queue: FairQueue[Waiting] = FairQueue(fair=True)
+    first, second = Waiting(0, cancelled=True), Waiting(1)
+    queue.push(first, "")
+    queue.push(second, "")
+    asked = {second.id: 0}
+
+    def cancelled_as_asked(item: Waiting) -> bool:
+        if item is second:
+            asked[item.id] += 1
+            if asked[item.id] == 1:
+                second.cancelled = True  # the client's cancel lands after the first ask
+                return False
+        return item.cancelled
+
+    removed = queue.remove_where(cancelled_as_asked)
+    assert removed == [first]
+    assert list(queue) == [second] and len(queue) == 1
+    assert queue.remove_where(lambda item: item.cancelled) == [second]
+    assert len(queue) == 0 and list(queue) == []

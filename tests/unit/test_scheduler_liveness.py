@@ -227,3 +227,29 @@ async def test_a_prefill_step_never_carries_more_than_the_prefill_budget() -> No
         assert oversized == []
     finally:
         await sched.stop(drain_timeout_s=0)
+
+
+async def test_a_step_that_keeps_failing_backs_off(caplog: pytest.LogCaptureFixture) -> None:
+    """A fault that stays (every step fails) was retried at once, forever: the engine
+    thread spun at a whole core and logged ~5,000 tracebacks a second."""
+    engine = RecordingEngine()
+    sched = Scheduler(engine, engine.eos_token_id, SchedulerLimits(max_sequences=1), _labels())
+    steps = 0
+
+    def broken() -> None:
+        nonlocal steps
+        steps += 1
+        raise RuntimeError("a fault that stays")
+
+    sched._iterate = broken  # type: ignore[method-assign]
+    await sched.start()
+    try:
+        seq = sched.submit([1], _params(), PRIORITY_INTERACTIVE, None)
+        finished = await _finished(seq)  # failed at once, not after the backoff
+        assert finished.reason == "error"
+        await asyncio.sleep(1.0)  # how often it tries again (the fault stays)
+    finally:
+        await sched.stop(drain_timeout_s=0)
+    assert steps <= 15, steps  # 10 ms doubling to 1 s: ~8 in a second
+    logged = [r for r in caplog.records if "scheduler step failed" in r.getMessage()]
+    assert len(logged) <= 3
