@@ -9,7 +9,8 @@ most requests share one coroutine:
 
 - request (before the health-check filter): drop header names gRPC cannot
   carry and a client's `x-tokenmesh-*` headers (gateway/header_names.py),
-  refuse a body declared larger than the edge accepts, before anything reads
+  refuse an API key in the URL's query (gateway/url_credentials.py) and a
+  body declared larger than the edge accepts, before anything reads
   it (gateway/request_body.py), mark a
   unary gRPC call (a table lookup, gateway/response_headers.py), then, for
   `grpc.health.v1.Health/Check` only, gate it on `/healthz`
@@ -40,6 +41,7 @@ from gateway import (
     openai_edge,
     request_body,
     response_headers,
+    url_credentials,
 )
 
 REQUEST_FILTER = "tokenmesh.edge_requests"
@@ -51,6 +53,7 @@ def request_source() -> str:
     """The request filter's Lua (it names every unary gRPC method: built once)."""
     return (
         header_names.LUA_FUNCTION
+        + url_credentials.LUA_FUNCTION
         + request_body.LUA_FUNCTION
         + edge_health.LUA_FUNCTION
         + response_headers.request_lua_function()
@@ -59,7 +62,7 @@ function envoy_on_request(handle)
   local headers = handle:headers()
   drop_client_headers(headers)
   local path = headers:get(":path")
-  if refuse_oversized_body(handle, headers, path) then
+  if refuse_key_in_url(handle, headers, path) or refuse_oversized_body(handle, headers, path) then
     return
   end
   mark_unary_grpc(handle, path)

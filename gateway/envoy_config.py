@@ -929,7 +929,9 @@ def access_log(path: str) -> list[dict[str, Any]]:
                         # Without its query: the transcoder reads fields from it, an
                         # API key (`/v1/auth/token?api_key=tm_...`) included.
                         "path": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
-                        "grpc_path": "%REQ(:PATH)%",
+                        # Without it too: a request the transcoder did not rewrite
+                        # (a wrong verb, an unknown parameter) keeps its REST query.
+                        "grpc_path": "%REQ_WITHOUT_QUERY(:PATH)%",
                         "status": "%RESPONSE_CODE%",
                         "grpc_status": f"%CEL({_grpc_status_expression()})%",
                         "flags": "%RESPONSE_FLAGS%",

@@ -367,13 +367,22 @@ def test_secrets_never_reach_redis_or_logs(mesh):
     secret = made["secret"]
     complete(mesh, {"x-api-key": secret})
     token_for(mesh, secret)
-    # The transcoder takes the key from the query too; the access log wrote the
-    # path with it (a live secret in edge-access.log).
+    # The transcoder took the key from the query too: the access log wrote it (a live
+    # secret in edge-access.log, `grpc_path`, for a request the transcoder did not
+    # rewrite), and the edge's trace span exported it (`http.url`). A key in a URL is
+    # refused at the edge now, its query taken off before anything logs it.
     logged = _token_requests_logged(mesh)
-    reply = httpx.post(
-        f"{mesh.edge_url}/v1/auth/token", params={"api_key": secret}, json={}, timeout=10
-    )
-    assert reply.status_code == 200, reply.text
+    for method, path, params in (
+        ("POST", "/v1/auth/token", {"api_key": secret}),
+        ("GET", "/v1/auth/token", {"apiKey": secret}),  # a wrong verb: no rewrite
+        ("POST", "/v1/auth/token", {"API_KEY": secret, "ttl": "60"}),
+        ("GET", "/v1/models", {"api%5Fkey": secret}),
+    ):
+        url = f"{mesh.edge_url}{path}?" + "&".join(f"{k}={v}" for k, v in params.items())
+        reply = httpx.request(method, url, json={} if method == "POST" else None, timeout=10)
+        assert reply.status_code == 400, (method, path, reply.text)
+        assert "never the URL" in reply.json()["message"], reply.text
+        assert secret not in reply.text
     deadline = time.monotonic() + 10  # Envoy flushes its access log every second
     while _token_requests_logged(mesh) <= logged:
         assert time.monotonic() < deadline, "the token request was never logged"

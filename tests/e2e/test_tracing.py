@@ -17,6 +17,7 @@ from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV, private_db_url
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+URL_KEY_TRACE_ID = "5c0a3f3577b34da6a3ce929d0e0e4737"
 
 
 def _value(any_value: Any) -> Any:
@@ -67,14 +68,16 @@ def collector() -> Iterator[tuple[Collector, int]]:
         server.stop(None)
 
 
-def _wait_for_attribute(sink: Collector, service: str, key: str) -> dict[str, Any]:
+def _wait_for_attribute(
+    sink: Collector, service: str, key: str, trace_id: str = TRACE_ID
+) -> dict[str, Any]:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        attributes = sink.attributes.get((service, TRACE_ID), {})
+        attributes = sink.attributes.get((service, trace_id), {})
         if key in attributes:
             return attributes
         time.sleep(0.2)
-    return sink.attributes.get((service, TRACE_ID), {})
+    return sink.attributes.get((service, trace_id), {})
 
 
 def test_one_trace_spans_envoy_and_the_worker(tmp_path: Path, collector, redis_url):
@@ -127,3 +130,17 @@ def test_one_trace_spans_envoy_and_the_worker(tmp_path: Path, collector, redis_u
         assert worker["gen_ai.usage.input_tokens"] > 0
         assert worker["gen_ai.response.finish_reasons"] == ["length"]
         assert worker["tokenmesh.api.version"] == "v1"
+        # An API key in a URL: the edge's span exported it as `http.url` (the original
+        # path, query and all) for every such request. Refused, its query taken off.
+        secret = mesh.dev_api_key()
+        reply = httpx.post(
+            f"{mesh.edge_url}/v1/auth/token?api_key={secret}",
+            json={},
+            headers={"traceparent": f"00-{URL_KEY_TRACE_ID}-00f067aa0ba902b7-01"},
+            timeout=10,
+        )
+        assert reply.status_code == 400
+        refused = _wait_for_attribute(sink, "tokenmesh-edge", "http.url", URL_KEY_TRACE_ID)
+        assert refused["http.url"].endswith("/v1/auth/token"), refused
+        held = [k for k, v in sink.attributes.items() if secret in str(v)]
+        assert not held, held

@@ -1,0 +1,41 @@
+"""Refuses an API key sent in a URL's query string, before anything logs or traces it.
+
+The transcoder binds query parameters to request fields, so `POST
+/v1/auth/token?api_key=tm_...` was a working way to send a key (`IssueTokenRequest.
+api_key`). A URL is not a place for a secret: the edge's access log wrote it
+(`grpc_path`, for a request the transcoder did not rewrite: a wrong verb, an unknown
+parameter, any route given `?api_key=`), and the edge's trace span exported it as
+`http.url` (built from the original path, query and all) to the tracing backend,
+for every such request, answered or not.
+
+So the edge's first Lua pass answers such a request 400 itself, after taking the
+query off its `:path`: the span and the access log then see the path alone. The
+parameter is matched as the transcoder reads it (`api_key`, its JSON name `apiKey`,
+any case, percent-encoded `_`).
+"""
+
+from __future__ import annotations
+
+MESSAGE = (
+    "an API key goes in a header (x-api-key, Authorization: Bearer) or the request "
+    "body, never the URL: the query names api_key"
+)
+# A Lua function of the edge's request filter (gateway/edge_lua.py).
+LUA_FUNCTION = f"""
+local URL_KEY_MESSAGE = "{MESSAGE}"
+local function names_api_key(query)
+  local lowered = "&" .. string.lower(query)
+  return string.find(lowered, "&api_?key=") ~= nil
+    or string.find(lowered, "&api%5fkey=", 1, true) ~= nil
+end
+local function refuse_key_in_url(handle, headers, path)
+  local at = string.find(path or "", "?", 1, true)
+  if at == nil or not names_api_key(string.sub(path, at + 1)) then
+    return false
+  end
+  headers:replace(":path", string.sub(path, 1, at - 1))
+  -- A local reply: the edge's mappers give it the REST or OpenAI error shape.
+  handle:respond({{[":status"] = "400"}}, URL_KEY_MESSAGE)
+  return true
+end
+"""
