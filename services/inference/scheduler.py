@@ -161,19 +161,21 @@ class StartCapacity:
     budget: int
     queued: int = 0
 
-    def fits(self, reserved: int) -> bool:
-        """Tells whether a request reserving `reserved` KV tokens fits what is free."""
-        return self.slots > 0 and (reserved <= self.kv_tokens or self.kv_tokens == self.budget)
+    def fits(self, reserved: int, may_start: bool = True) -> bool:
+        """Tells whether a request reserving `reserved` KV tokens fits what is free
+        (never when it may not start: a request of its class waits for KV ahead)."""
+        free = reserved <= self.kv_tokens or self.kv_tokens == self.budget
+        return may_start and self.slots > 0 and free
 
-    def refuses(self, reserved: int, max_queue: int) -> bool:
+    def refuses(self, reserved: int, max_queue: int, may_start: bool = True) -> bool:
         """Tells whether `submit` refuses a request reserving `reserved` KV tokens: it
         does not fit, and `max_queue` requests are queued already."""
-        return self.queued >= max_queue and not self.fits(reserved)
+        return self.queued >= max_queue and not self.fits(reserved, may_start)
 
-    def count(self, reserved: int) -> bool:
+    def count(self, reserved: int, may_start: bool = True) -> bool:
         """Counts a waiting request: True when it fits (its slot and KV are now spoken
         for), False when it is queued."""
-        if self.fits(reserved):
+        if self.fits(reserved, may_start):
             self.slots -= 1
             self.kv_tokens -= reserved
             return True
@@ -182,17 +184,22 @@ class StartCapacity:
 
 
 def _take(
-    live: StartCapacity, every: StartCapacity, reserved: int, copy: bool, max_queue: int
+    live: StartCapacity,
+    every: StartCapacity,
+    reserved: int,
+    copy: bool,
+    max_queue: int,
+    may_start: bool = True,
 ) -> bool:
     """Counts a submitted request in the live requests' and every request's counts;
     False (nothing counted) when its queue bound refuses it: a live request's is of
     live requests, a shadow copy's of every request (the copy is not counted in the
-    live one)."""
-    if (every if copy else live).refuses(reserved, max_queue):
+    live one). `may_start`: False while a request of its class waits for KV ahead."""
+    if (every if copy else live).refuses(reserved, max_queue, may_start):
         return False
-    every.count(reserved)
+    every.count(reserved, may_start)
     if not copy:
-        live.count(reserved)
+        live.count(reserved, may_start)
     return True
 
 
@@ -404,6 +411,7 @@ class Scheduler:
         # live requests (copies not counted), and of every request (copies' bound).
         self._capacity = self._fresh_capacity()
         self._capacity_all = self._fresh_capacity()
+        self._blocked_priority: int | None = None  # see _recount_capacity
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._stopping = False
@@ -553,8 +561,14 @@ class Scheduler:
             # Requests the next admission starts (a free slot, room in the KV
             # budget) never wait: max_queue bounds the ones that cannot start.
             max_queue = self.limits.max_queue
+            may_start = self._may_start(priority)
             if not _take(
-                self._capacity, self._capacity_all, seq.reserved_tokens, seq.copy, max_queue
+                self._capacity,
+                self._capacity_all,
+                seq.reserved_tokens,
+                seq.copy,
+                max_queue,
+                may_start,
             ):
                 raise ResourceExhausted(
                     f"worker queue is full ({self.limits.max_queue} requests waiting)",
@@ -592,11 +606,11 @@ class Scheduler:
             seq.outbox.put_nowait(Finished("error", error))
             self.cancel(seq)
 
-    def has_room(self, reserved: Sequence[int]) -> bool:
-        """Tells whether requests reserving these KV tokens would all be taken by
-        `submit` now (none refused QUEUE_FULL), counted as `submit` counts them."""
+    def has_room(self, reserved: Sequence[int], priority: int = PRIORITY_INTERACTIVE) -> bool:
+        """Tells whether requests reserving these KV tokens, at `priority`, would all be
+        taken by `submit` now (none refused QUEUE_FULL), counted as `submit` counts them."""
         with self._lock:
-            return self._all_taken(self._capacity, self._capacity_all, reserved)
+            return self._all_taken(self._capacity, self._capacity_all, reserved, priority)
 
     def ever_fits(self, reserved: Sequence[int]) -> bool:
         """Tells whether requests reserving these KV tokens would all be taken by
@@ -607,12 +621,23 @@ class Scheduler:
         return self._all_taken(idle, idle, reserved)
 
     def _all_taken(
-        self, live: StartCapacity, every: StartCapacity, reserved: Sequence[int]
+        self,
+        live: StartCapacity,
+        every: StartCapacity,
+        reserved: Sequence[int],
+        priority: int = PRIORITY_INTERACTIVE,
     ) -> bool:
         """Counts `reserved` on copies of these capacities as `submit` would."""
         live, every = dataclasses.replace(live), dataclasses.replace(every)
-        copy = SHADOW_COPY.get()
-        return all(_take(live, every, t, copy, self.limits.max_queue) for t in reserved)
+        copy, may_start = SHADOW_COPY.get(), self._may_start(priority)
+        max_queue = self.limits.max_queue
+        return all(_take(live, every, t, copy, max_queue, may_start) for t in reserved)
+
+    def _may_start(self, priority: int) -> bool:
+        """Whether a request of `priority` may start at the next admission: not while
+        one of its class (or a higher one) waits ahead for KV (head-of-line)."""
+        blocked = self._blocked_priority
+        return blocked is None or priority < blocked
 
     @property
     def accepting(self) -> bool:
@@ -818,12 +843,14 @@ class Scheduler:
         pending = sum(len(seq.prompt_ids) for seq in self._running if not seq.generated)
         prefill_budget = most - pending
         paced = False  # stopped by the prefill budget alone: the rest start in later steps
+        blocked: int | None = None  # the priority of a head the KV left cannot hold
         while self._free_slots:
             seq = self._waiting.peek()
             if seq is None:
                 break
             if self._running:  # an empty batch always admits one, so nothing starves
                 if self._reserved + seq.reserved_tokens > self.limits.max_kv_tokens:
+                    blocked = seq.priority
                     break
                 # A prompt longer than the whole budget never fits what is left of
                 # it: it costs the whole budget instead, so it starts at the first
@@ -850,7 +877,7 @@ class Scheduler:
             self._prompt_tokens.inc(len(seq.prompt_ids))
             if seq.account is not None:
                 seq.account.charge_prompt(len(seq.prompt_ids), seq.weight)
-        self._recount_capacity(paced)
+        self._recount_capacity(paced, blocked)
 
     def _fresh_capacity(self) -> StartCapacity:
         """Returns what the next admission can start, counting no waiting request."""
@@ -860,7 +887,7 @@ class Scheduler:
             self.limits.max_kv_tokens,
         )
 
-    def _recount_capacity(self, paced: bool) -> None:
+    def _recount_capacity(self, paced: bool, blocked: int | None = None) -> None:
         """Sets what the next admission can start from the truth, after an admission.
 
         The waiting requests it did not start are queued, unless only the
@@ -874,6 +901,15 @@ class Scheduler:
         the copy slots' worth). Requests submitted since the inbox was taken
         are counted again against the new truth. Both counts: live requests'
         and every request's (see StartCapacity).
+
+        `blocked`: the priority of the request admission stopped at, the KV budget
+        left unable to hold it (None: it did not). Admission is head-of-line, so
+        nothing of that class or below starts until running sequences end and
+        free it: such a request counts as queued, whatever slots and KV are
+        free (`submit`). Counted free, every small request "fit" and was taken
+        past `max_queue`, a step's free slots at a time, for as long as the
+        head waited (148 waiting with max_queue=2). A request of a higher class
+        is admitted first: it still starts if it fits.
         """
         live, every = self._fresh_capacity(), self._fresh_capacity()
         starting = starting_live = 0
@@ -894,10 +930,12 @@ class Scheduler:
             copies = self._waiting_copies - sum(seq.copy for seq in self._inbox)
             every.queued = waiting - starting
             live.queued = waiting - copies - starting_live
+            self._blocked_priority = blocked
             for seq in self._inbox:
-                every.count(seq.reserved_tokens)
+                may_start = self._may_start(seq.priority)
+                every.count(seq.reserved_tokens, may_start)
                 if not seq.copy:
-                    live.count(seq.reserved_tokens)
+                    live.count(seq.reserved_tokens, may_start)
             self._capacity, self._capacity_all = live, every
 
     def _deliver(

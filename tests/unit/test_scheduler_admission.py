@@ -362,3 +362,42 @@ async def test_a_request_that_fits_is_taken_while_others_wait_for_kv() -> None:
         assert blocked.started_at is None or running.finished is not None
     finally:
         await sched.stop(drain_timeout_s=0)
+
+
+async def test_requests_behind_a_head_waiting_for_kv_are_queued_not_taken_past_max_queue() -> None:
+    """Admission is head-of-line: a head the KV left cannot hold starts nothing behind
+    it. Yet every small request "fit" the free slots and KV, and each step counted
+    them afresh: with max_queue=2, 148 requests waited behind such a head."""
+    engine = GatedEngine(step_s=0.005)
+    limits = SchedulerLimits(max_sequences=8, max_kv_tokens=600, max_queue=2)
+    sched = Scheduler(engine, engine.eos_token_id, limits, _labels())
+    await sched.start()
+    taken: list[Sequence_] = []
+    refused = 0
+    try:
+        hold = _submit(sched, [1], 399)  # 400 of the 600 KV tokens
+        assert isinstance(await asyncio.wait_for(hold.outbox.get(), 5), int)
+        head = _submit(sched, [2], 300)  # 301: waits for KV, and everyone behind it
+        for _ in range(2):  # an admission has seen it (the inbox's is taken at a step)
+            await _a_step(engine)
+        for _ in range(10):  # a wave a step: each step recounted the free slots
+            for i in range(8):
+                try:
+                    taken.append(_submit(sched, [3 + i], 2))
+                except ResourceExhausted:
+                    refused += 1
+            await _a_step(engine)
+        assert sched.stats()["waiting"] <= limits.max_queue + 1, sched.stats()
+        assert head.started_at is None and refused >= 70
+        # A higher class is admitted first: an interactive request still starts past a
+        # batch head waiting for KV (tests above), not past an interactive one.
+        sched.cancel(hold)
+        assert await _finished(head) == Finished("length")
+    finally:
+        await sched.stop(drain_timeout_s=0)
+
+
+async def _a_step(engine: GatedEngine) -> None:
+    """Waits for the engine's next step."""
+    steps = len(engine.batches)
+    await _until(lambda: len(engine.batches) > steps)

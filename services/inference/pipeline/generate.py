@@ -1038,10 +1038,12 @@ def _check_queue_room(generations: Sequence[Generation]) -> None:
     refused then fails the request, and `complete_all` bills none of it.
     """
     reserved: dict[Scheduler, list[int]] = {}
+    priorities: dict[Scheduler, int] = {}
     for generation in generations:
         reserved.setdefault(generation.scheduler, []).extend(
             kv_reservation(generation.prompt_ids, params) for params in generation.params
         )
+        priorities[generation.scheduler] = generation.spec.priority
     # A shadow copy's slots are its sequences (its copy of every prompt computes).
     shadow.need_copy_sequences(sum(len(g.params) for g in generations))
     for scheduler, tokens in reserved.items():
@@ -1060,7 +1062,7 @@ def _check_queue_room(generations: Sequence[Generation]) -> None:
                     )
                 ]
             )
-        if not scheduler.has_room(tokens):
+        if not scheduler.has_room(tokens, priorities[scheduler]):
             max_queue = scheduler.limits.max_queue
             raise ResourceExhausted(
                 f"worker queue is full ({max_queue} requests waiting): this request's "
