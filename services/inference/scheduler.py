@@ -183,24 +183,61 @@ class StartCapacity:
         return False
 
 
-def _take(
-    live: StartCapacity,
-    every: StartCapacity,
-    reserved: int,
-    copy: bool,
-    max_queue: int,
-    may_start: bool = True,
-) -> bool:
-    """Counts a submitted request in the live requests' and every request's counts;
-    False (nothing counted) when its queue bound refuses it: a live request's is of
-    live requests, a shadow copy's of every request (the copy is not counted in the
-    live one). `may_start`: False while a request of its class waits for KV ahead."""
-    if (every if copy else live).refuses(reserved, max_queue, may_start):
-        return False
-    every.count(reserved, may_start)
-    if not copy:
-        live.count(reserved, may_start)
-    return True
+def _starting(capacity: StartCapacity, waiting: Iterable[Sequence_]) -> int:
+    """Counts on `capacity` the waiting requests, in their order, up to the first that
+    does not fit; returns how many fit (they start in the next steps)."""
+    starting = 0
+    for seq in waiting:
+        if not capacity.count(seq.reserved_tokens):
+            break
+        starting += 1
+    return starting
+
+
+@dataclass
+class Capacities:
+    """Capacities are what the next admission starts, counted three ways for `submit`'s
+    queue bounds (see StartCapacity):
+
+    - live: live requests (shadow copies not counted): a batch request's bound;
+    - every: every request: a shadow copy's bound;
+    - interactive: interactive requests: an interactive request's bound. Batch
+      requests wait behind every interactive one, so they take no place of
+      `max_queue` from it: bound by every live request, `max_queue` batch requests
+      waiting refused an interactive one that would start ahead of all of them.
+    """
+
+    live: StartCapacity
+    every: StartCapacity
+    interactive: StartCapacity
+
+    def copied(self) -> Capacities:
+        """Returns copies of the counts (a what-if: `has_room`)."""
+        return Capacities(*(dataclasses.replace(c) for c in self.all()))
+
+    def all(self) -> tuple[StartCapacity, StartCapacity, StartCapacity]:
+        """Returns the three counts."""
+        return self.live, self.every, self.interactive
+
+    def take(
+        self, reserved: int, copy: bool, interactive: bool, max_queue: int, may_start: bool
+    ) -> bool:
+        """Counts a submitted request in the counts it belongs to; False (nothing
+        counted) when its queue bound refuses it. `may_start`: False while a request
+        of its class waits for KV ahead (Scheduler._may_start)."""
+        bound = self.every if copy else self.interactive if interactive else self.live
+        if bound.refuses(reserved, max_queue, may_start):
+            return False
+        self.count(reserved, copy, interactive, may_start)
+        return True
+
+    def count(self, reserved: int, copy: bool, interactive: bool, may_start: bool) -> None:
+        """Counts a request in the counts it belongs to, whatever its bound."""
+        self.every.count(reserved, may_start)
+        if not copy:
+            self.live.count(reserved, may_start)
+            if interactive:
+                self.interactive.count(reserved, may_start)
 
 
 @dataclass(frozen=True)
@@ -409,8 +446,7 @@ class Scheduler:
         self._waiting_copies = 0  # of them, shadow copies (not in the live queue bound)
         # What the next admission starts, for submit's queue bound (under _lock): of
         # live requests (copies not counted), and of every request (copies' bound).
-        self._capacity = self._fresh_capacity()
-        self._capacity_all = self._fresh_capacity()
+        self._capacity = self._fresh_capacities()
         self._blocked_priority: int | None = None  # see _recount_capacity
         self._ids = itertools.count()
         self._wake = threading.Event()
@@ -560,15 +596,11 @@ class Scheduler:
         with self._lock:
             # Requests the next admission starts (a free slot, room in the KV
             # budget) never wait: max_queue bounds the ones that cannot start.
-            max_queue = self.limits.max_queue
+            interactive = not _is_batch(priority)
             may_start = self._may_start(priority)
-            if not _take(
-                self._capacity,
-                self._capacity_all,
-                seq.reserved_tokens,
-                seq.copy,
-                max_queue,
-                may_start,
+            max_queue = self.limits.max_queue
+            if not self._capacity.take(
+                seq.reserved_tokens, seq.copy, interactive, max_queue, may_start
             ):
                 raise ResourceExhausted(
                     f"worker queue is full ({self.limits.max_queue} requests waiting)",
@@ -610,7 +642,7 @@ class Scheduler:
         """Tells whether requests reserving these KV tokens, at `priority`, would all be
         taken by `submit` now (none refused QUEUE_FULL), counted as `submit` counts them."""
         with self._lock:
-            return self._all_taken(self._capacity, self._capacity_all, reserved, priority)
+            return self._all_taken(self._capacity, reserved, priority, self._may_start(priority))
 
     def ever_fits(self, reserved: Sequence[int]) -> bool:
         """Tells whether requests reserving these KV tokens would all be taken by
@@ -618,20 +650,15 @@ class Scheduler:
         are too small for them together)."""
         budget = self.limits.max_kv_tokens
         idle = StartCapacity(self.limits.max_sequences, budget, budget)
-        return self._all_taken(idle, idle, reserved)
+        return self._all_taken(Capacities(idle, idle, idle), reserved, PRIORITY_BATCH, True)
 
     def _all_taken(
-        self,
-        live: StartCapacity,
-        every: StartCapacity,
-        reserved: Sequence[int],
-        priority: int = PRIORITY_INTERACTIVE,
+        self, capacity: Capacities, reserved: Sequence[int], priority: int, may_start: bool
     ) -> bool:
         """Counts `reserved` on copies of these capacities as `submit` would."""
-        live, every = dataclasses.replace(live), dataclasses.replace(every)
-        copy, may_start = SHADOW_COPY.get(), self._may_start(priority)
-        max_queue = self.limits.max_queue
-        return all(_take(live, every, t, copy, max_queue, may_start) for t in reserved)
+        counts, copy = capacity.copied(), SHADOW_COPY.get()
+        interactive, max_queue = not _is_batch(priority), self.limits.max_queue
+        return all(counts.take(t, copy, interactive, max_queue, may_start) for t in reserved)
 
     def _may_start(self, priority: int) -> bool:
         """Whether a request of `priority` may start at the next admission: not while
@@ -879,12 +906,17 @@ class Scheduler:
                 seq.account.charge_prompt(len(seq.prompt_ids), seq.weight)
         self._recount_capacity(paced, blocked)
 
-    def _fresh_capacity(self) -> StartCapacity:
+    def _fresh_capacities(self) -> Capacities:
         """Returns what the next admission can start, counting no waiting request."""
-        return StartCapacity(
-            len(self._free_slots),
-            self.limits.max_kv_tokens - self._reserved,
-            self.limits.max_kv_tokens,
+        return Capacities(
+            *(
+                StartCapacity(
+                    len(self._free_slots),
+                    self.limits.max_kv_tokens - self._reserved,
+                    self.limits.max_kv_tokens,
+                )
+                for _ in range(3)
+            )
         )
 
     def _recount_capacity(self, paced: bool, blocked: int | None = None) -> None:
@@ -911,32 +943,29 @@ class Scheduler:
         head waited (148 waiting with max_queue=2). A request of a higher class
         is admitted first: it still starts if it fits.
         """
-        live, every = self._fresh_capacity(), self._fresh_capacity()
-        starting = starting_live = 0
+        counts = self._fresh_capacities()
+        starting = starting_live = starting_interactive = 0
         if paced:
-            for seq in self._waiting:
-                if not every.count(seq.reserved_tokens):
-                    break
-                starting += 1
-            for seq in self._waiting:
-                if seq.copy:
-                    continue
-                if not live.count(seq.reserved_tokens):
-                    break
-                starting_live += 1
+            starting = _starting(counts.every, self._waiting)
+            starting_live = _starting(counts.live, (s for s in self._waiting if not s.copy))
+            starting_interactive = _starting(
+                counts.interactive, (s for s in self._waiting if not _is_batch(s.priority))
+            )
         waiting = len(self._waiting)
         with self._lock:
-            # The copies counted waiting are in the inbox or the waiting requests.
+            # What is counted waiting is in the inbox or the waiting requests.
             copies = self._waiting_copies - sum(seq.copy for seq in self._inbox)
-            every.queued = waiting - starting
-            live.queued = waiting - copies - starting_live
+            interactive = self._interactive() - sum(
+                not _is_batch(seq.priority) for seq in self._inbox
+            )
+            counts.every.queued = waiting - starting
+            counts.live.queued = waiting - copies - starting_live
+            counts.interactive.queued = interactive - starting_interactive
             self._blocked_priority = blocked
             for seq in self._inbox:
                 may_start = self._may_start(seq.priority)
-                every.count(seq.reserved_tokens, may_start)
-                if not seq.copy:
-                    live.count(seq.reserved_tokens, may_start)
-            self._capacity, self._capacity_all = live, every
+                counts.count(seq.reserved_tokens, seq.copy, not _is_batch(seq.priority), may_start)
+            self._capacity = counts
 
     def _deliver(
         self, seq: Sequence_, token: int, now: float, every: int, gaps: list[float]
@@ -986,7 +1015,7 @@ class Scheduler:
             self._running.remove(seq)
             with self._lock:  # submit may count the freed slot and KV at once
                 heapq.heappush(self._free_slots, seq.slot)
-                for capacity in (self._capacity, self._capacity_all):
+                for capacity in self._capacity.all():
                     capacity.slots += 1
                     capacity.kv_tokens += seq.reserved_tokens
             self._reserved -= seq.reserved_tokens

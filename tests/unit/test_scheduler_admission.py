@@ -401,3 +401,34 @@ async def _a_step(engine: GatedEngine) -> None:
     """Waits for the engine's next step."""
     steps = len(engine.batches)
     await _until(lambda: len(engine.batches) > steps)
+
+
+async def test_batch_requests_waiting_take_no_queue_place_from_an_interactive_one() -> None:
+    """Batch requests (job items) wait behind every interactive request, yet they took
+    its `max_queue` places: with two waiting, an interactive request was refused
+    QUEUE_FULL although it would start ahead of both."""
+    engine = GatedEngine(step_s=0.005)
+    limits = SchedulerLimits(max_sequences=1, max_queue=2)
+    sched = Scheduler(engine, engine.eos_token_id, limits, _labels())
+    await sched.start()
+    try:
+        running = _submit(sched, [1], 400)
+        assert isinstance(await asyncio.wait_for(running.outbox.get(), 5), int)
+        batch = [
+            sched.submit([2 + i], _params(max_tokens=4), PRIORITY_BATCH, None) for i in range(2)
+        ]
+        with pytest.raises(ResourceExhausted):  # batch requests are bounded by everyone
+            sched.submit([9], _params(max_tokens=4), PRIORITY_BATCH, None)
+        first = _submit(sched, [5], 4)  # interactive: bounded by interactive requests
+        second = _submit(sched, [6], 4)
+        with pytest.raises(ResourceExhausted) as refused:
+            _submit(sched, [7], 4)
+        assert refused.value.reason == "QUEUE_FULL"
+        assert sched.has_room([5]) is False and sched.has_room([5], PRIORITY_BATCH) is False
+        sched.cancel(running)
+        for seq in (first, second, *batch):
+            assert await _finished(seq) == Finished("length")
+        assert first.started_at is not None and batch[0].started_at is not None
+        assert first.started_at < batch[0].started_at  # interactive first
+    finally:
+        await sched.stop(drain_timeout_s=0)
