@@ -225,6 +225,10 @@ class Embedder:
         """Runs one batch so the first request pays no start-up cost."""
         await self.embed(self.tokenize(["warm up"]))
 
+    def stop_admitting(self) -> None:
+        """Refuses new embeds (`stop`'s first step, taken at once)."""
+        self._accepting = False
+
     async def stop(self, drain_timeout_s: float) -> None:
         """Refuses new embeds, lets the admitted ones finish (up to the timeout), closes.
 

@@ -58,6 +58,16 @@ class LoadedModel:
             await self.embedder.warm_up()
         self.ready = True
 
+    def stop_admitting(self) -> None:
+        """Refuses new work at once (before an unload's first await: a request reaching
+        submit meanwhile started, and ran to MODEL_UNLOADED instead of being refused
+        MODEL_UNLOADING and tried elsewhere)."""
+        self.ready = False
+        if self.scheduler is not None:
+            self.scheduler.stop_admitting()
+        if self.embedder is not None:
+            self.embedder.stop_admitting()
+
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stops admitting, refuses the generations still waiting (MODEL_UNLOADING: they
         never started), lets running work finish (up to the timeout), frees the engine."""

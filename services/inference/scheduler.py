@@ -298,8 +298,10 @@ class Outbox:
 
 
 def _unloaded() -> Unavailable:
-    """The error of a sequence that ran when its version's unload ended it."""
-    return Unavailable("model version unloaded", reason="MODEL_UNLOADED")
+    """The error of a sequence that ran when its version's unload ended it: as
+    retryable elsewhere as one refused by the unload (RetryInfo, as MODEL_UNLOADING's
+    and WORKER_STOPPING's: clients that retry on RetryInfo did not)."""
+    return Unavailable("model version unloaded", retry_after_s=1.0, reason="MODEL_UNLOADED")
 
 
 def _unloading() -> Unavailable:
@@ -493,6 +495,13 @@ class Scheduler:
         )
         self._thread.start()
 
+    def stop_admitting(self) -> None:
+        """Refuses new work, and the waiting requests at the next step (UNAVAILABLE,
+        MODEL_UNLOADING): `stop`'s first step, taken at once (no await before it)."""
+        with self._lock:  # against an admission in progress (`_admit`)
+            self._accepting = False
+        self._wake.set()  # the engine thread refuses the waiting requests at once
+
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Refuses new work and the waiting requests, lets the running ones finish (up
         to the timeout), stops.
@@ -504,9 +513,7 @@ class Scheduler:
         computed and not tried again. What still runs at the timeout ends
         MODEL_UNLOADED.
         """
-        with self._lock:  # against an admission in progress (`_admit`)
-            self._accepting = False
-        self._wake.set()  # the engine thread refuses the waiting requests at once
+        self.stop_admitting()
         deadline = time.monotonic() + drain_timeout_s
         while (self._running or self._waiting_count) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -844,8 +844,10 @@ class InferenceService(Service):
                 logger.info("model %s version %s: its failed load forgotten", name, version)
                 return
             model = self.registry.resolve(name, version)
-            model.ready = False  # health is never set SERVING for it again
             model.unloading = True  # lookups say UNLOADING while it drains
+            # Health is never set SERVING for it again; and before the first await,
+            # new requests are refused (MODEL_UNLOADING: tried elsewhere).
+            model.stop_admitting()
             await self._set_version_health(model, serving=False)
             await model.stop(self.settings.grace_s)
             self.registry.discard(model)  # this object: never a version loaded since

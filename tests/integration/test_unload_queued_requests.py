@@ -444,3 +444,37 @@ def _queue(service: InferenceService) -> int:
     scheduler = service.registry.resolve(LM, "1").scheduler
     assert scheduler is not None
     return scheduler.stats()["waiting"]
+
+
+async def test_a_request_arriving_as_the_unload_updates_health_is_refused(
+    worker: tuple[InferenceService, grpc.aio.Channel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unload awaited the version's health update before it stopped admission: a
+    request reaching the scheduler meanwhile (named version, stale endpoints) started,
+    and could run to MODEL_UNLOADED after its headers, not tried again. Refused
+    MODEL_UNLOADING now, from the unload's first step."""
+    service, channel = worker
+    held, release = asyncio.Event(), asyncio.Event()
+    real_set = InferenceService._set_version_health
+
+    async def slow_health(self: InferenceService, model: Any, serving: bool) -> None:
+        if not serving:
+            held.set()
+            await release.wait()
+        await real_set(self, model, serving)
+
+    monkeypatch.setattr(InferenceService, "_set_version_health", slow_health)
+    unloading = _unload(channel)
+    try:
+        async with asyncio.timeout(10):
+            await held.wait()
+        call = v1_rpc.InferenceServiceStub(channel).Complete(
+            v1.CompleteRequest(model=LM, version="1", prompt="late", max_tokens=2),
+            metadata=_identity(_key()),
+        )
+        refused = await _refusal(_as_stream(call))
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE
+        assert _reason(refused) == "MODEL_UNLOADING"
+    finally:
+        release.set()
+        await unloading
