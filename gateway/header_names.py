@@ -23,6 +23,11 @@ answered `500 Error parsing 'grpc-timeout' metadata` and left the edge's
 connection to that worker failing every later call that had a deadline (grpc
 core's header table kept the bad entry), for every tenant.
 
+The same pass writes an `Authorization` scheme of any case (`bearer`, `BEARER`)
+as `Bearer`: auth schemes are case-insensitive (RFC 9110), and the JWT filter
+matches `Bearer ` only, so a JWT sent as `bearer <jwt>` was refused 401 while an
+API key so sent was accepted.
+
 One pass over the request's header names in Lua: no body, no buffering.
 """
 
@@ -47,15 +52,24 @@ local function drop_client_headers(headers)
   local content_type = headers:get("content-type") or ""
   local grpc = string.sub(content_type, 1, 16) == "application/grpc"
   local dropped = {}
+  local bearer = nil
   for key, value in pairs(headers) do
     if string.sub(key, 1, 1) ~= ":"
       and (string.find(key, "[^0-9a-z_.%-]") or string.sub(key, 1, 12) == "x-tokenmesh-"
            or bad_grpc_header(key, value, grpc)) then
       dropped[#dropped + 1] = key
+    elseif key == "authorization" and string.lower(string.sub(value, 1, 7)) == "bearer "
+        and string.sub(value, 1, 7) ~= "Bearer " then
+      bearer = "Bearer " .. string.sub(value, 8)
     end
   end
   for _, key in ipairs(dropped) do
     headers:remove(key)
+  end
+  -- An auth scheme is case-insensitive (RFC 9110): the JWT filter reads "Bearer "
+  -- only, and a JWT sent as "bearer <jwt>" was refused 401 (an API key was not).
+  if bearer ~= nil then
+    headers:replace("authorization", bearer)
   end
 end
 """

@@ -76,6 +76,11 @@ def test_jwt_and_api_key_both_work_for_rest(mesh, key):
     assert complete(mesh, {"authorization": f"Bearer {token}"}).status_code == 200
     assert complete(mesh, {"x-api-key": key["secret"]}).status_code == 200
     assert complete(mesh, {"authorization": f"Bearer {key['secret']}"}).status_code == 200
+    # An auth scheme is case-insensitive: a JWT so sent was refused 401, a key was not.
+    for scheme in ("bearer", "BEARER", "bEaReR"):
+        for credential in (token, key["secret"]):
+            reply = complete(mesh, {"authorization": f"{scheme} {credential}"})
+            assert reply.status_code == 200, (scheme, reply.text)
     with httpx.stream(
         "POST",
         f"{mesh.edge_url}{GENERATE}",
