@@ -291,16 +291,26 @@ class ApiKeyStore:
         self, tenant: str, page_size: int, page_token: str
     ) -> tuple[list[auth_pb2.ApiKey], str]:
         """Returns keys (newest first, optionally of one tenant) and the next page token."""
-        raw: list[Any] = (
-            sorted(await self.redis.smembers(f"{PREFIX}tenant:{tenant}"), reverse=True)
-            if tenant
-            else list(await self.redis.zrevrange(f"{PREFIX}keys", 0, -1))
-        )
-        ids = [text(i) for i in raw]
+        ids: Sequence[str]
+        if tenant:
+            members: Any = await self.redis.smembers(f"{PREFIX}tenant:{tenant}")
+            ids = await self._newest_first([text(i) for i in members])
+        else:
+            newest: Any = await self.redis.zrevrange(f"{PREFIX}keys", 0, -1)
+            ids = [text(i) for i in newest]
         start = ids.index(page_token) + 1 if page_token in ids else 0
         page = ids[start : start + page_size]
         keys = [await self.get(key_id) for key_id in page]
         return keys, page[-1] if start + page_size < len(ids) else ""
+
+    async def _newest_first(self, ids: Sequence[str]) -> Sequence[str]:
+        """Returns key ids newest first, by their creation in `keys` (a tenant's set
+        has no order: sorted by id, its listing came out shuffled, random ids)."""
+        if not ids:
+            return []
+        created: Any = await self.redis.zmscore(f"{PREFIX}keys", [*ids])
+        when = {key_id: float(c or 0) for key_id, c in zip(ids, created, strict=True)}
+        return sorted(ids, key=lambda key_id: (when[key_id], key_id), reverse=True)
 
     async def authenticate(self, api_key: str) -> auth_pb2.ApiKey | None:
         """Returns the active key a secret belongs to, or None (unknown, revoked, expired)."""
