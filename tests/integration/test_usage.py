@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -218,47 +221,57 @@ async def test_the_audit_log_lists_requests_without_prompts(stream_and_client, r
             assert "prompt" not in {f.name for f in usage_pb2.AuditEntry.DESCRIPTOR.fields}
 
 
+async def _metered(client: Any, stream: str, *events: inference_pb2.UsageEvent) -> None:
+    """Publishes events to `stream` and meters them."""
+    await _publish(client, stream, *events)
+    meter = _meter(client, stream, "c")
+    await meter.ensure_group()
+    await _drain(meter)
+
+
+@contextlib.asynccontextmanager
+async def _usage_channel(redis_url: str, stream: str) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to a usage service reading `stream`."""
+    settings = UsageSettings(
+        pki_dir=mtls.pki_dir(),
+        metrics_port=-1,
+        grace_s=0.5,
+        redis_url=redis_url,
+        usage_stream=stream,
+    )
+    async with serving(UsageService(settings), settings) as running:
+        async with mtls.aio_channel(running.port, peer="usage") as channel:
+            yield channel
+
+
 async def test_an_admin_reads_the_whole_meshs_usage(own_redis):
     """Every event was counted in a mesh-wide scope that no report served: 8 hash
     writes an event for nothing. `tenant: "*"` is the whole mesh, for admins."""
     client = aioredis.from_url(own_redis)
     stream = f"usage-test:{uuid.uuid4().hex}"
     try:
-        await _publish(
+        await _metered(
             client,
             stream,
             _event("m1", "key_a", "acme", 3, 4),
             _event("m2", "key_b", "globex", 5, 6),
             _event("m3", "key_c", "", 7, 8),  # a key without a tenant
         )
-        meter = _meter(client, stream, "c")
-        await meter.ensure_group()
-        await _drain(meter)
     finally:
         await client.aclose()
-    settings = UsageSettings(
-        pki_dir=mtls.pki_dir(),
-        metrics_port=-1,
-        grace_s=0.5,
-        redis_url=own_redis,
-        usage_stream=stream,
-    )
     admin = _headers("key_admin", "acme", "admin")
-    async with serving(UsageService(settings), settings) as running:
-        async with mtls.aio_channel(running.port, peer="usage") as channel:
-            stub = rpc.UsageServiceStub(channel)
-            mesh = await stub.GetUsage(pb.GetUsageRequest(tenant="*"), metadata=admin)
-            assert (mesh.requests, mesh.prompt_tokens, mesh.completion_tokens) == (3, 15, 18)
-            grouped = await v2_rpc.UsageServiceStub(channel).GetUsage(
-                v2_pb.GetUsageRequest(tenant="*", group_by="tenant"), metadata=admin
-            )
-            by_tenant = {g.value: g.totals.requests for g in grouped.groups}
-            assert by_tenant == {"acme": 1, "globex": 1, "": 1}, by_tenant
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub.GetUsage(
-                    pb.GetUsageRequest(tenant="*"), metadata=_headers("key_a", "acme")
-                )
-            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    async with _usage_channel(own_redis, stream) as channel:
+        stub = rpc.UsageServiceStub(channel)
+        mesh = await stub.GetUsage(pb.GetUsageRequest(tenant="*"), metadata=admin)
+        assert (mesh.requests, mesh.prompt_tokens, mesh.completion_tokens) == (3, 15, 18)
+        grouped = await v2_rpc.UsageServiceStub(channel).GetUsage(
+            v2_pb.GetUsageRequest(tenant="*", group_by="tenant"), metadata=admin
+        )
+        by_tenant = {g.value: g.totals.requests for g in grouped.groups}
+        assert by_tenant == {"acme": 1, "globex": 1, "": 1}, by_tenant
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.GetUsage(pb.GetUsageRequest(tenant="*"), metadata=_headers("key_a", "acme"))
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_usage_stamped_by_a_clock_far_off_counts_now_not_in_another_month(
@@ -276,30 +289,19 @@ async def test_usage_stamped_by_a_clock_far_off_counts_now_not_in_another_month(
     )
     ahead.finish_unix_ms += 400 * day_ms
     behind.finish_unix_ms -= 6 * 365 * day_ms
-    await _publish(client, stream, ahead, behind)
-    meter = _meter(client, stream, "c")
-    await meter.ensure_group()
-    await _drain(meter)
-    settings = UsageSettings(
-        pki_dir=mtls.pki_dir(),
-        metrics_port=-1,
-        grace_s=0.5,
-        redis_url=redis_url,
-        usage_stream=stream,
-    )
-    async with serving(UsageService(settings), settings) as running:
-        async with mtls.aio_channel(running.port, peer="usage") as channel:
-            stub = rpc.UsageServiceStub(channel)
-            start = timestamp_pb2.Timestamp(seconds=int(time.time()) - 8 * 86400)
-            end = timestamp_pb2.Timestamp(seconds=int(time.time()) + 3600)
-            report = await stub.GetUsage(
-                pb.GetUsageRequest(start_time=start, end_time=end), metadata=_headers(key, tenant)
-            )
-            assert (report.requests, report.prompt_tokens) == (2, 8)
-            audit = await stub.ListAuditEntries(
-                pb.ListAuditEntriesRequest(tenant=tenant, start_time=start, end_time=end),
-                metadata=_headers("key_admin", "admin", "admin"),
-            )
-            # Listed, each with the worker's own stamp.
-            stamps = sorted(e.time.ToMilliseconds() for e in audit.entries)
-            assert stamps == sorted([ahead.finish_unix_ms, behind.finish_unix_ms])
+    await _metered(client, stream, ahead, behind)
+    async with _usage_channel(redis_url, stream) as channel:
+        stub = rpc.UsageServiceStub(channel)
+        start = timestamp_pb2.Timestamp(seconds=int(time.time()) - 8 * 86400)
+        end = timestamp_pb2.Timestamp(seconds=int(time.time()) + 3600)
+        report = await stub.GetUsage(
+            pb.GetUsageRequest(start_time=start, end_time=end), metadata=_headers(key, tenant)
+        )
+        assert (report.requests, report.prompt_tokens) == (2, 8)
+        audit = await stub.ListAuditEntries(
+            pb.ListAuditEntriesRequest(tenant=tenant, start_time=start, end_time=end),
+            metadata=_headers("key_admin", "admin", "admin"),
+        )
+        # Listed, each with the worker's own stamp.
+        stamps = sorted(e.time.ToMilliseconds() for e in audit.entries)
+        assert stamps == sorted([ahead.finish_unix_ms, behind.finish_unix_ms])
