@@ -94,28 +94,20 @@ async def test_totals_are_exact_and_replays_count_once(stream_and_client, redis_
     meter = _meter(client, stream, "c1")
     await meter.ensure_group()
     await _drain(meter)
-    settings = UsageSettings(
-        pki_dir=mtls.pki_dir(),
-        metrics_port=-1,
-        grace_s=0.5,
-        redis_url=redis_url,
-        usage_stream=stream,
-    )
-    async with serving(UsageService(settings), settings) as running:
-        async with mtls.aio_channel(running.port, peer="usage") as channel:
-            stub = rpc.UsageServiceStub(channel)
-            own = await stub.GetUsage(pb.GetUsageRequest(), metadata=_headers(key, tenant))
-            assert own.requests == 20, own
-            assert own.prompt_tokens == sum(e.usage.prompt_tokens for e in events)
-            assert own.completion_tokens == sum(e.usage.completion_tokens for e in events)
-            assert own.total_tokens == own.prompt_tokens + own.completion_tokens
-            assert own.requests_by_finish_reason == {"length": 13, "cancelled": 7}
-            assert [(m.model, m.totals.requests) for m in own.by_model] == [("demo-lm", 20)]
-            by_tenant = await stub.GetUsage(
-                pb.GetUsageRequest(tenant=tenant, granularity=usage_pb2.GRANULARITY_DAY),
-                metadata=_headers(key, tenant),
-            )
-            assert by_tenant.total_tokens == own.total_tokens and len(by_tenant.buckets) == 1
+    async with _usage_channel(redis_url, stream) as channel:
+        stub = rpc.UsageServiceStub(channel)
+        own = await stub.GetUsage(pb.GetUsageRequest(), metadata=_headers(key, tenant))
+        assert own.requests == 20, own
+        assert own.prompt_tokens == sum(e.usage.prompt_tokens for e in events)
+        assert own.completion_tokens == sum(e.usage.completion_tokens for e in events)
+        assert own.total_tokens == own.prompt_tokens + own.completion_tokens
+        assert own.requests_by_finish_reason == {"length": 13, "cancelled": 7}
+        assert [(m.model, m.totals.requests) for m in own.by_model] == [("demo-lm", 20)]
+        by_tenant = await stub.GetUsage(
+            pb.GetUsageRequest(tenant=tenant, granularity=usage_pb2.GRANULARITY_DAY),
+            metadata=_headers(key, tenant),
+        )
+        assert by_tenant.total_tokens == own.total_tokens and len(by_tenant.buckets) == 1
 
 
 async def test_a_crashed_consumer_s_pending_events_are_taken_over(stream_and_client):
@@ -202,23 +194,15 @@ async def test_the_audit_log_lists_requests_without_prompts(stream_and_client, r
     meter = _meter(client, stream, "c")
     await meter.ensure_group()
     await _drain(meter)
-    settings = UsageSettings(
-        pki_dir=mtls.pki_dir(),
-        metrics_port=-1,
-        grace_s=0.5,
-        redis_url=redis_url,
-        usage_stream=stream,
-    )
-    async with serving(UsageService(settings), settings) as running:
-        async with mtls.aio_channel(running.port, peer="usage") as channel:
-            stub = rpc.UsageServiceStub(channel)
-            page = await stub.ListAuditEntries(
-                pb.ListAuditEntriesRequest(tenant=tenant, page_size=2),
-                metadata=_headers("key_admin", "admin", "admin"),
-            )
-            assert len(page.entries) == 2 and page.next_page_token
-            assert page.entries[0].completion_tokens == 4 and page.entries[0].key_id == "key_x"
-            assert "prompt" not in {f.name for f in usage_pb2.AuditEntry.DESCRIPTOR.fields}
+    async with _usage_channel(redis_url, stream) as channel:
+        stub = rpc.UsageServiceStub(channel)
+        page = await stub.ListAuditEntries(
+            pb.ListAuditEntriesRequest(tenant=tenant, page_size=2),
+            metadata=_headers("key_admin", "admin", "admin"),
+        )
+        assert len(page.entries) == 2 and page.next_page_token
+        assert page.entries[0].completion_tokens == 4 and page.entries[0].key_id == "key_x"
+        assert "prompt" not in {f.name for f in usage_pb2.AuditEntry.DESCRIPTOR.fields}
 
 
 async def _metered(client: Any, stream: str, *events: inference_pb2.UsageEvent) -> None:
