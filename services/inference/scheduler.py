@@ -298,10 +298,10 @@ class Outbox:
 
 
 def _unloaded() -> Unavailable:
-    """The error of a sequence that ran when its version's unload ended it: as
-    retryable elsewhere as one refused by the unload (RetryInfo, as MODEL_UNLOADING's
-    and WORKER_STOPPING's: clients that retry on RetryInfo did not)."""
-    return Unavailable("model version unloaded", retry_after_s=1.0, reason="MODEL_UNLOADED")
+    """The error of a sequence that ran when its version's unload ended it. No
+    RetryInfo (MODEL_UNLOADING's and WORKER_STOPPING's carry one): v1's recorded
+    contract ends such a stream with ErrorInfo alone (tests/contract)."""
+    return Unavailable("model version unloaded", reason="MODEL_UNLOADED")
 
 
 def _unloading() -> Unavailable:
