@@ -11,7 +11,7 @@ for every such request, answered or not.
 So the edge's first Lua pass answers such a request 400 itself, after taking the
 query off its `:path`: the span and the access log then see the path alone. The
 parameter is matched as the transcoder reads it (`api_key`, its JSON name `apiKey`,
-any case, percent-encoded `_`).
+any case, any character percent-encoded).
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ MESSAGE = (
 LUA_FUNCTION = f"""
 local URL_KEY_MESSAGE = "{MESSAGE}"
 local function names_api_key(query)
-  local lowered = "&" .. string.lower(query)
-  return string.find(lowered, "&api_?key=") ~= nil
-    or string.find(lowered, "&api%5fkey=", 1, true) ~= nil
+  -- As the transcoder reads the names: percent-decoded (`%61pi_key` is `api_key`).
+  local decoded = string.gsub(query, "%%(%x%x)", function(hex)
+    return string.char(tonumber(hex, 16))
+  end)
+  return string.find("&" .. string.lower(decoded), "&api_?key=") ~= nil
 end
 local function refuse_key_in_url(handle, headers, path)
   local at = string.find(path or "", "?", 1, true)

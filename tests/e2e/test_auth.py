@@ -382,6 +382,8 @@ def test_secrets_never_reach_redis_or_logs(mesh):
         ("GET", "/v1/auth/token", {"apiKey": secret}),  # a wrong verb: no rewrite
         ("POST", "/v1/auth/token", {"API_KEY": secret, "ttl": "60"}),
         ("GET", "/v1/models", {"api%5Fkey": secret}),
+        ("POST", "/v1/auth/token", {"%61pi_%6Bey": secret}),  # as the transcoder decodes it
+        ("POST", "/v1/auth/token", {"%41%50%49%4b%45%59": secret}),
     ):
         url = f"{mesh.edge_url}{path}?" + "&".join(f"{k}={v}" for k, v in params.items())
         reply = httpx.request(method, url, json={} if method == "POST" else None, timeout=10)
