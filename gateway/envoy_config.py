@@ -702,6 +702,20 @@ def local_reply_config() -> dict[str, Any]:
             "body_format_override": _error_body(UNKNOWN),
         }
     )
+    # The rest (`GET /healthz`, answered by the health-check filter before any route's
+    # headers apply): its own body, and its request id.
+    mappers.append(
+        {
+            "filter": {
+                "status_code_filter": {
+                    "comparison": {
+                        "op": "GE",
+                        "value": {"default_value": 0, "runtime_key": "tm.lr.rest"},
+                    }
+                }
+            }
+        }
+    )
     # The first mapper that matches is the only one applied: each names the request id.
     return {"mappers": [_with_request_id(mapper) for mapper in mappers]}
 

@@ -82,3 +82,11 @@ def test_the_openai_sdk_reads_an_errors_request_id(mesh: Mesh, admin_key: str) -
         assert answer.headers["x-request-id"]
         # The answer's id is the request id (OpenAI's `chatcmpl-...`).
         assert answer.parse().id == f"chatcmpl-{answer.headers['x-request-id']}"
+
+
+def test_the_edges_health_answer_names_a_request_id(mesh: Mesh) -> None:
+    """Every edge answer names one (README); `GET /healthz`, answered by the health-check
+    filter before any route's headers apply, named none."""
+    reply = httpx.get(f"{mesh.edge_url}/healthz", timeout=10)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers.get("x-request-id"), dict(reply.headers)
