@@ -211,7 +211,11 @@ class RouterService(RedisBackedService):
         )
 
     async def start(self, running: RunningServer) -> None:
-        await super().start(running)
+        await super().start(running)  # waits for Redis, however long it is away
+        # The grace counts from now, Redis reached: counted from construction, a router
+        # started during an outage longer than a lease built its first snapshot with
+        # none, every worker's lease lapsed meanwhile, and pushed empty endpoints.
+        self._lease_grace_until = time.monotonic() + self.lease_s
         self.plane.start(self.tasks)
         self.rollouts.start(self.tasks)
 

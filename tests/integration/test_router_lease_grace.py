@@ -3,10 +3,16 @@ they could not renew meanwhile (real Redis, a real router build)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from services.core.server import serving
+from services.launcher.mesh import spawn_redis
+from services.launcher.processes import reserve_port
 from services.router.catalog import Catalog
 from services.router.registry import WORKERS_KEY, WorkerRegistry
 from services.router.service import RouterService, RouterSettings
@@ -51,3 +57,53 @@ async def test_only_the_route_build_forgets_long_gone_workers(registry_url: str)
         assert not await client.hexists(WORKERS_KEY, "w")
     finally:
         await client.aclose()
+
+
+async def test_a_router_started_while_redis_is_away_gives_the_grace_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """The grace was counted from the router's construction, and `start` waits for Redis:
+    started during an outage longer than a lease, its first build had none, dropped
+    every worker (their leases lapsed meanwhile) and pushed empty endpoints to every
+    edge, which the runbook says a restarted router never does."""
+    port = reserve_port()
+    data = tmp_path / "redis"
+    child, url = spawn_redis(data, tmp_path / "redis.log", port=port, durable=True)
+    client = aioredis.from_url(url)
+    # A worker that heartbeat until the outage began (1 s leases).
+    await WorkerRegistry(client, lease_s=1).register(
+        "w", "10.0.0.1:1001", [MODEL], time.time() - 0.5
+    )
+    await Catalog(client).register([MODEL])
+    await client.aclose()
+    child.terminate()
+    child.wait(10)
+    settings = RouterSettings(
+        pki_dir=mtls.pki_dir(), metrics_port=-1, grace_s=0.5, redis_url=url, lease_s=1
+    )
+    router = RouterService(settings)
+    stop = asyncio.Event()
+
+    async def run() -> None:
+        async with serving(router, settings):
+            await stop.wait()
+
+    task = asyncio.create_task(run())
+    try:
+        constructed_grace_end = router._lease_grace_until
+        async with asyncio.timeout(10):  # the outage outlasts the grace it was given then
+            while time.monotonic() < constructed_grace_end + 1.0:
+                assert not router.plane.ready.is_set()
+                await asyncio.sleep(0.05)
+        child, url = spawn_redis(data, tmp_path / "redis2.log", port=port, durable=True)
+        async with asyncio.timeout(20):
+            await router.plane.ready.wait()
+        first = router.plane.resources(EdgeFlags()).source
+        endpoints = first.by_type[EDS][f"model:{MODEL[0]}:{MODEL[1]}"]["endpoints"]
+        assert [len(group["lb_endpoints"]) for group in endpoints] == [1]
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 15)
+        child.terminate()
+        child.wait(10)
