@@ -9,7 +9,8 @@ parameter, any route given `?api_key=`), and the edge's trace span exported it a
 for every such request, answered or not.
 
 So the edge's first Lua pass answers such a request 400 itself, after taking the
-query off its `:path`: the span and the access log then see the path alone. The
+query off its `:path`: the span and the access log then see the path alone. A
+native gRPC call (which reads no field from a query) goes on without its query. The
 parameter is matched as the transcoder reads it (`api_key`, its JSON name `apiKey`,
 any case, any character percent-encoded).
 """
@@ -36,6 +37,12 @@ local function refuse_key_in_url(handle, headers, path)
     return false
   end
   headers:replace(":path", string.sub(path, 1, at - 1))
+  -- Native gRPC reads no field from a query: it goes on without it (a local reply
+  -- to it would be a gRPC INTERNAL, Envoy's mapping of a 400).
+  local content_type = headers:get("content-type") or ""
+  if content_type == "application/grpc" or string.find(content_type, "^application/grpc[+;]") then
+    return false
+  end
   -- A local reply: the edge's mappers give it the REST or OpenAI error shape.
   handle:respond({{[":status"] = "400"}}, URL_KEY_MESSAGE)
   return true
