@@ -222,7 +222,9 @@ def test_files_say_when_they_expire(client):
 def test_files_are_listed_and_deleted_as_openais(mesh):
     """`client.files.list()` was 404 and deleting a batch's output file 400: a cleanup
     script written for OpenAI (list the files, delete each) stopped at its first call."""
-    with sdk(mesh, create_key(mesh, scopes=SCOPES)["secret"]) as own:
+    # A tenant of its own: it lists (and deletes) every file of its tenant.
+    tenant = f"files-{uuid.uuid4().hex[:8]}"
+    with sdk(mesh, create_key(mesh, "--tenant", tenant, scopes=SCOPES)["secret"]) as own:
         uploads = [
             own.files.create(file=jsonl([completion_line(i)]), purpose="batch") for i in range(3)
         ]
