@@ -53,8 +53,8 @@ def request_source() -> str:
     """The request filter's Lua (it names every unary gRPC method: built once)."""
     return (
         header_names.LUA_FUNCTION
+        + request_body.LUA_FUNCTION  # before url_credentials: it defines is_native_grpc
         + url_credentials.LUA_FUNCTION
-        + request_body.LUA_FUNCTION
         + edge_health.LUA_FUNCTION
         + response_headers.request_lua_function()
         + """

@@ -65,6 +65,14 @@ local MAX_BODY_BYTES = {MAX_BODY_BYTES}
 local MAX_UPLOAD_BYTES = {MAX_UPLOAD_BYTES}
 local UPLOAD_PATH_PREFIX = "{UPLOAD_PATH_PREFIX}"
 
+-- Native gRPC (Envoy's test: application/grpc, +proto, ;...); gRPC-Web and any
+-- other type are REST here.
+local function is_native_grpc(headers)
+  local content_type = headers:get("content-type") or ""
+  return content_type == "application/grpc"
+    or string.find(content_type, "^application/grpc[+;]") ~= nil
+end
+
 local function refuse_oversized_body(handle, headers, path)
   local length = tonumber(headers:get("content-length") or "")
   if length == nil or length <= MAX_BODY_BYTES then
@@ -73,10 +81,7 @@ local function refuse_oversized_body(handle, headers, path)
   if length <= MAX_UPLOAD_BYTES and string.find(path or "", UPLOAD_PATH_PREFIX, 1, true) == 1 then
     return false
   end
-  -- Native gRPC keeps its own limit: Envoy's test (application/grpc, +proto, ;...);
-  -- gRPC-Web and any other type are REST bodies here.
-  local content_type = headers:get("content-type") or ""
-  if content_type == "application/grpc" or string.find(content_type, "^application/grpc[+;]") then
+  if is_native_grpc(headers) then  -- native gRPC keeps its own limit
     return false
   end
   -- A local reply: the edge's mappers give it the REST or OpenAI error shape.

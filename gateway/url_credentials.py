@@ -39,8 +39,7 @@ local function refuse_key_in_url(handle, headers, path)
   headers:replace(":path", string.sub(path, 1, at - 1))
   -- Native gRPC reads no field from a query: it goes on without it (a local reply
   -- to it would be a gRPC INTERNAL, Envoy's mapping of a 400).
-  local content_type = headers:get("content-type") or ""
-  if content_type == "application/grpc" or string.find(content_type, "^application/grpc[+;]") then
+  if is_native_grpc(headers) then  -- gateway/request_body.py's
     return false
   end
   -- A local reply: the edge's mappers give it the REST or OpenAI error shape.
