@@ -27,6 +27,7 @@ from gateway import (
     key_cache,
     model_routing,
     openai_edge,
+    refusal_details,
     request_body,
     static_site,
     stats_listener,
@@ -666,11 +667,14 @@ def local_reply_config() -> dict[str, Any]:
         grpc_paths.rate_limited_mapper(),
         grpc_no_healthy_worker,
         grpc_unavailable,
+        *refusal_details.grpc_mappers(),
         grpc_paths.local_reply_mapper(),
         *before_request_mappers(),
+        *refusal_details.openai_mappers(),
         *openai_edge.local_reply_mappers(),
         no_healthy_worker,
         unavailable,
+        *refusal_details.rest_mappers(),
     ]
     mappers += [
         {
@@ -851,15 +855,7 @@ def _grpc_too_large() -> dict[str, Any]:
 
 
 def _error_body(grpc_code: int, message: str = LOCAL_REPLY_BODY) -> dict[str, Any]:
-    return {
-        "json_format": {
-            "code": grpc_code,
-            "message": message,
-            "http_status": "%RESPONSE_CODE%",
-            "details": [],
-        },
-        "content_type": "application/json",
-    }
+    return refusal_details.rest_body(grpc_code, message, [])
 
 
 # Where the edge keeps an upstream's trailers-only gRPC status for its access log.

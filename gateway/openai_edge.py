@@ -146,11 +146,11 @@ def _error(kind: str, code: str | None) -> dict[str, Any]:
     return {"message": "%LOCAL_REPLY_BODY%", "type": kind, "param": None, "code": code}
 
 
-def _openai_body(error: dict[str, Any]) -> dict[str, Any]:
+def openai_body(error: dict[str, Any]) -> dict[str, Any]:
     return {"json_format": {"error": error}, "content_type": "application/json"}
 
 
-def _on_openai_path_with(status_filter: dict[str, Any]) -> dict[str, Any]:
+def on_openai_path_with(status_filter: dict[str, Any]) -> dict[str, Any]:
     return {"and_filter": {"filters": [_on_openai_path(), status_filter]}}
 
 
@@ -164,18 +164,18 @@ def local_reply_mappers() -> list[dict[str, Any]]:
     mappers = []
     for status in LOCAL_ERRORS:
         mapper: dict[str, Any] = {
-            "filter": _on_openai_path_with(
+            "filter": on_openai_path_with(
                 grpc_paths.status_filter("EQ", status, f"tm.openai.{status}")
             ),
-            "body_format_override": _openai_body(error_object(status)),
+            "body_format_override": openai_body(error_object(status)),
         }
         if status == 413:
             # Whichever filter refused the body (Envoy's text named its transcoder).
             too_large = {**error_object(status), "message": request_body.TOO_LARGE_MESSAGE}
-            mapper["body_format_override"] = _openai_body(too_large)
+            mapper["body_format_override"] = openai_body(too_large)
         if status == 503:
             unavailable = {**error_object(status), "message": UNAVAILABLE_MESSAGE}
-            mapper["body_format_override"] = _openai_body(unavailable)
+            mapper["body_format_override"] = openai_body(unavailable)
             mapper["headers_to_add"] = [
                 {
                     "header": {"key": "retry-after", "value": "1"},
@@ -187,8 +187,8 @@ def local_reply_mappers() -> list[dict[str, Any]]:
         runtime_key = f"tm.openai.{lowest // 100}xx"
         mappers.append(
             {
-                "filter": _on_openai_path_with(grpc_paths.status_filter("GE", lowest, runtime_key)),
-                "body_format_override": _openai_body(other_error_object(lowest)),
+                "filter": on_openai_path_with(grpc_paths.status_filter("GE", lowest, runtime_key)),
+                "body_format_override": openai_body(other_error_object(lowest)),
             }
         )
     return mappers

@@ -15,7 +15,7 @@ from services.auth.crypto import looks_like_api_key
 from services.auth.failures import FailureLimiter
 from services.auth.keys import ApiKeyStore, Principal
 from services.auth.tokens import TokenIssuer
-from services.core.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from services.core.errors import ResourceExhausted, Unauthenticated, missing_scope
 
 # A revoked (or expired) key is refused everywhere within this many seconds.
 REVOCATION_BOUND_S = 5.0
@@ -169,9 +169,5 @@ class Authenticator:
         """Authenticates and checks one scope (PERMISSION_DENIED when missing)."""
         principal = await self.authenticate(headers, source)
         if not principal.has_scope(scope):
-            raise PermissionDenied(
-                f"this operation needs the {scope!r} scope",
-                reason="MISSING_SCOPE",
-                metadata={"scope": scope},
-            )
+            raise missing_scope(scope)
         return principal

@@ -20,6 +20,7 @@ from gateway import key_cache
 from gateway.edge_auth import IDENTITY_HEADERS
 from services.auth.authenticator import Authenticator
 from services.auth.keys import Principal
+from services.core import contract
 from services.core.errors import ResourceExhausted, TokenmeshError
 from services.core.interceptors import Context
 
@@ -49,8 +50,11 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 
 def _denied(error: TokenmeshError) -> external_auth_pb2.CheckResponse:
-    # The edge's local-reply mapper wraps the body into its JSON error shape.
-    headers = []
+    # The edge's local-reply mapper wraps the body into its JSON error shape (and
+    # gives a REST answer the details: its response Lua drops the gRPC header).
+    # A gRPC caller reads the body as its grpc-message, so the details' message,
+    # which gRPC clients check against it, is the same text.
+    headers = [_header(contract.STATUS_DETAILS_HEADER, error.status_details_bin())]
     if isinstance(error, ResourceExhausted):
         http = http_status_pb2.StatusCode.TooManyRequests
         # Rounded up: a client retrying after a rounded-down wait is throttled again.

@@ -179,6 +179,9 @@ EDGE_HEADER_PREFIX = "x-tokenmesh-"
 #: version past its sunset, which gRPC calls UNIMPLEMENTED); the edge applies it
 #: and removes it.
 HTTP_STATUS_HEADER = "x-tokenmesh-http-status"
+# gRPC's own field for an error's google.rpc.Status (its details), base64 in HTTP/2:
+# the edge's refusals carry it as a service's errors do.
+STATUS_DETAILS_HEADER = "grpc-status-details-bin"
 #: Trailing metadata of an OpenAI-surface error (tokenmesh.openai.v1): OpenAI's
 #: error JSON, which the edge makes the REST body and removes.
 OPENAI_ERROR_HEADER = "x-tokenmesh-openai-error"

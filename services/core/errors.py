@@ -22,6 +22,7 @@ Exception tree::
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -102,6 +103,13 @@ class TokenmeshError(Exception):
         # Every grpc.StatusCode carries its number (google.rpc.Code's), whatever the code.
         code = int(self.code.value[0])
         return status_pb2.Status(code=code, message=self.message, details=details)
+
+    def status_details_bin(self) -> str:
+        """Returns the `grpc-status-details-bin` value of this error as an HTTP header
+        (base64): what a proxy that answers for a gRPC service (Envoy's local replies,
+        ext_authz and rate-limit refusals) sends so that its callers read the same
+        google.rpc details a service's own error carries."""
+        return base64.b64encode(self.to_status().SerializeToString()).decode("ascii")
 
 
 # Field violations reported per error (the rest are counted): a body with thousands
@@ -207,6 +215,16 @@ class PermissionDenied(TokenmeshError):
 
     code = grpc.StatusCode.PERMISSION_DENIED
     reason = "PERMISSION_DENIED"
+
+
+def missing_scope(scope: str) -> PermissionDenied:
+    """Returns the refusal of a caller whose credential lacks `scope`: the same from the
+    edge (its RBAC filter, gateway/refusal_details.py) and from a service."""
+    return PermissionDenied(
+        f"this operation needs the {scope!r} scope",
+        reason="MISSING_SCOPE",
+        metadata={"scope": scope},
+    )
 
 
 class _Retryable(TokenmeshError):

@@ -69,8 +69,6 @@ from services.core import contract
 from services.core.errors import (
     FieldViolation,
     InvalidArgument,
-    QuotaViolation,
-    ResourceExhausted,
     TokenmeshError,
     Unavailable,
 )
@@ -203,16 +201,6 @@ def draft03_headers(windows: Sequence[WindowStatus]) -> list[tuple[str, str]]:
     ]
     headers += [(WARNING_HEADER, w.warning()) for w in windows if w.warning()]
     return headers
-
-
-def refusal(window: WindowStatus) -> ResourceExhausted:
-    """Returns the error of a request `window` refused."""
-    return ResourceExhausted(
-        window.refusal(),
-        retry_after_s=window.reset_s,
-        quota_violations=[QuotaViolation(window.limit.subject, window.refusal())],
-        reason="RATE_LIMITED",
-    )
 
 
 async def _announced(
@@ -526,7 +514,7 @@ class RequestLimitInterceptor(grpc.aio.ServerInterceptor):
         headers = draft03_headers(windows)
         over = latest_freed(windows)
         if over is not None:
-            await _abort(context, refusal(over), kind, headers)
+            await _abort(context, over.error(), kind, headers)
         return _Counted(context, tuple(headers), hit, self.limiter)
 
 

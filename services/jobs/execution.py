@@ -66,7 +66,6 @@ WAIT_CODES = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # A worker may answer up to the servers' message cap; a client channel accepts only
 # 4 MiB unless told otherwise, and an item answered with more failed every try.
 WORKER_CHANNEL_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),)
@@ -149,7 +148,7 @@ def error_result(
 def status_details(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
     """Returns the google.rpc.Status of a failed call, when it carried one."""
     for key, value in error.trailing_metadata() or ():
-        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+        if key == contract.STATUS_DETAILS_HEADER and isinstance(value, bytes):
             try:
                 return status_pb2.Status.FromString(value)
             except DecodeError:

@@ -46,8 +46,9 @@ from google.protobuf import duration_pb2
 from prometheus_client import Counter
 from redis.exceptions import ResponseError
 
+from services.core import contract
 from services.core.breaker import Breaker, BreakerOpen, store_answered
-from services.core.errors import Unavailable
+from services.core.errors import QuotaViolation, ResourceExhausted, Unavailable
 from services.core.interceptors import Context
 from services.core.redis_service import LUA_REDIS_NOW_MS
 from services.core.store_errors import STORE_UNAVAILABLE as REDIS_UNAVAILABLE
@@ -102,6 +103,8 @@ STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
 WINDOW_S = 60
 WARN_AT = 0.8
 WARNING_HEADER = "x-tokenmesh-ratelimit-warning"
+# The ErrorInfo reason of a request a window refused (at the edge and in a worker).
+RATE_LIMITED = "RATE_LIMITED"
 SHAPE_CACHE_SIZE = 16384
 # How long a refund may take (then the request stays counted), and how long the
 # refusal waits for it: Redis answers in well under a millisecond, so Envoy's
@@ -213,6 +216,16 @@ class WindowStatus:
         return (
             f"rate limit exceeded: {self.limit.name}={self.limit.limit} for {self.limit.subject}; "
             f"retry in {self.reset_s}s"
+        )
+
+    def error(self) -> ResourceExhausted:
+        """Returns the error of a request this window refused: a worker's status, and the
+        google.rpc details of the edge's 429 (`grpc-status-details-bin`)."""
+        return ResourceExhausted(
+            self.refusal(),
+            retry_after_s=self.reset_s,
+            quota_violations=[QuotaViolation(self.limit.subject, self.refusal())],
+            reason=RATE_LIMITED,
         )
 
     def warning(self) -> str:
@@ -620,6 +633,10 @@ class RateLimitServicer(RequestLimiter, rls_pb2_grpc.RateLimitServiceServicer):
             response.overall_code = rls_pb2.RateLimitResponse.OVER_LIMIT
             response.response_headers_to_add.append(_header("retry-after", str(over.reset_s)))
             response.raw_body = over.refusal().encode()
+            # A gRPC caller's details, those of the worker's own refusal (the edge's
+            # response Lua drops the header from a REST answer, whose JSON has them).
+            details = _header(contract.STATUS_DETAILS_HEADER, over.error().status_details_bin())
+            response.response_headers_to_add.append(details)
         return response
 
 

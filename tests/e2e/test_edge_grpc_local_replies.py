@@ -92,7 +92,13 @@ def test_a_rest_caller_keeps_the_json_error(mesh: Mesh) -> None:
         "code": 16,
         "message": UNAUTHENTICATED,
         "http_status": 401,
-        "details": [],
+        "details": [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "INVALID_CREDENTIALS",
+                "domain": "tokenmesh.dev",
+            }
+        ],
     }
 
 
@@ -100,7 +106,7 @@ def test_a_grpc_caller_without_the_scope_reads_a_plain_message(guarded: Mesh) ->
     key = create_key(guarded, scopes="models:read")
     error = _refused(guarded, [("x-api-key", key["secret"])], "deterministic-test")
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert error.details() == "RBAC: access denied"
+    assert error.details() == "this operation needs the 'inference:generate' scope"
 
 
 def test_no_healthy_worker_is_unavailable_with_a_plain_message_and_retry_after(

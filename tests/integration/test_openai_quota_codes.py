@@ -13,7 +13,6 @@ import redis.asyncio as aioredis
 from services.core.errors import ResourceExhausted
 from services.inference.budget import Limits, TokenBudgets
 from services.inference.openai import errors
-from services.inference.request_limits import refusal
 from services.usage.ratelimit import Limit, WindowStatus
 
 
@@ -44,5 +43,5 @@ async def test_a_spent_minute_budget_stays_a_rate_limit(budgets):
 
 def test_a_request_rate_refusal_is_rate_limit_exceeded():
     window = WindowStatus(Limit("requests_per_minute", "key k", "w", 60), 60, 10, over=True)
-    error = errors.from_status(refusal(window).to_status())["error"]
+    error = errors.from_status(window.error().to_status())["error"]
     assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")

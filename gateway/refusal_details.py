@@ -1,0 +1,221 @@
+"""The google.rpc details of the edge's own refusals, as a service's errors carry them.
+
+A worker's error reaches a gRPC caller with `grpc-status-details-bin` (ErrorInfo's
+reason and metadata, RetryInfo, QuotaFailure) and a REST caller with the same
+details in its JSON body (the transcoder prints them). The edge's own refusals
+carried none: a gRPC caller read only a code and a message, a REST caller
+`"details": []`, so a client could not tell a missing scope from a revoked key,
+nor read when to retry from the error itself. Each refusal now has them:
+
+- 401 and 429 of ext_authz (a bad credential, too many failed attempts): the
+  auth service adds `grpc-status-details-bin` to its denial (its RetryInfo is
+  the limiter's own wait); a REST answer's JSON gets the same ErrorInfo and a
+  RetryInfo of its Retry-After (`rest_mappers`).
+- 429 of the rate-limit filter: the rate-limit service adds the header (the
+  worker's RATE_LIMITED refusal); REST likewise.
+- 403 of the RBAC filter: it knows no more than "denied", so one mapper per
+  scope matches the RPCs that need it (the request's `:path`, the gRPC path
+  once transcoded) and answers what a service answers for that scope: the
+  message "this operation needs the 'jobs' scope", ErrorInfo MISSING_SCOPE
+  with the scope (its Status precomputed here for gRPC callers; RBAC's own
+  "RBAC: access denied" named the filter and not the scope).
+
+A gRPC caller's details must carry the very message of its grpc-message
+(grpc's `rpc_status.from_call` refuses them otherwise): where this module
+precomputes a Status, the mapper's body (which becomes the grpc-message) is the
+same fixed text; the services' headers carry the text they put in the body.
+A REST answer never shows the header: the edge's response Lua drops gRPC's
+protocol fields from every answer that is not gRPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from google.protobuf import any_pb2, json_format
+
+from gateway import edge_auth, grpc_paths, openai_edge
+from services.core import contract
+from services.core.errors import (
+    ERROR_DOMAIN,
+    PermissionDenied,
+    TokenmeshError,
+    missing_scope,
+)
+
+# The reasons of the refusals the services send as headers (services/auth,
+# services/usage/ratelimit.py): a REST answer's JSON names the same.
+INVALID_CREDENTIALS = "INVALID_CREDENTIALS"
+AUTH_FAILURES_RATE_LIMITED = "AUTH_FAILURES_RATE_LIMITED"
+RATE_LIMITED = "RATE_LIMITED"
+# RBAC's 403 on a path no scope lists (an unknown method): no scope would allow it
+# but admin.
+NOT_ALLOWED = PermissionDenied(
+    "this credential may not call this operation", reason="PERMISSION_DENIED"
+)
+PERMISSION_DENIED_CODE = 7
+UNAUTHENTICATED_CODE = 16
+RESOURCE_EXHAUSTED_CODE = 8
+
+
+def scope_paths() -> Mapping[str, list[str]]:
+    """Returns each scope's RPC paths (public RPCs need none)."""
+    paths: dict[str, list[str]] = {}
+    for path, scope in edge_auth.RPC_SCOPES.items():
+        if scope != edge_auth.PUBLIC:
+            paths.setdefault(scope, []).append(path)
+    return paths
+
+
+def _path_is_one_of(paths: list[str]) -> dict[str, Any]:
+    # Exact matches, not one regex: RE2's program-size limit in Envoy (100 by
+    # default) refuses an alternation of a scope's 30 paths.
+    return {
+        "or_filter": {
+            "filters": [
+                {"header_filter": {"header": {"name": ":path", "string_match": {"exact": p}}}}
+                for p in paths
+            ]
+        }
+    }
+
+
+def _forbidden() -> dict[str, Any]:
+    return grpc_paths.status_filter("EQ", 403, "tm.lr.forbidden")
+
+
+def _scope_refusals() -> Iterator[tuple[dict[str, Any], PermissionDenied]]:
+    """Yields (the local-reply filter of RBAC's 403 on a scope's RPCs, the refusal
+    the caller reads), then the refusal of any other 403."""
+    for scope, paths in sorted(scope_paths().items()):
+        condition = {"and_filter": {"filters": [_forbidden(), _path_is_one_of(paths)]}}
+        yield condition, missing_scope(scope)
+    yield _forbidden(), NOT_ALLOWED
+
+
+def details_header(error: TokenmeshError) -> dict[str, Any]:
+    """A local reply's `grpc-status-details-bin` of `error` (a mapper's headers_to_add)."""
+    return {
+        "header": {"key": contract.STATUS_DETAILS_HEADER, "value": error.status_details_bin()},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    }
+
+
+def _fixed_text(message: str) -> dict[str, Any]:
+    # Envoy reads a format string: a literal "%" would start a command.
+    return {"text_format_source": {"inline_string": message.replace("%", "%%")}}
+
+
+def grpc_mappers() -> list[dict[str, Any]]:
+    """RBAC's 403 to a native gRPC caller: the scope's refusal and its details."""
+    return [
+        {
+            "filter": grpc_paths.native_grpc(condition),
+            "headers_to_add": [details_header(refusal)],
+            "body_format_override": _fixed_text(refusal.message),
+        }
+        for condition, refusal in _scope_refusals()
+    ]
+
+
+def openai_mappers() -> list[dict[str, Any]]:
+    """RBAC's 403 on an /openai/ path: the scope's refusal in OpenAI's error shape."""
+    return [
+        {
+            "filter": openai_edge.on_openai_path_with(condition),
+            "body_format_override": openai_edge.openai_body(
+                {**openai_edge.error_object(403), "message": _escaped(refusal.message)}
+            ),
+        }
+        for condition, refusal in _scope_refusals()
+    ]
+
+
+def rest_mappers() -> list[dict[str, Any]]:
+    """The REST API's JSON of the edge's refusals, with their details."""
+    mappers = [
+        {
+            "filter": condition,
+            "body_format_override": rest_body(
+                PERMISSION_DENIED_CODE, _escaped(refusal.message), _json_details(refusal)
+            ),
+        }
+        for condition, refusal in _scope_refusals()
+    ]
+    mappers += [
+        _flagged_rest_mapper("UAEX", 401, UNAUTHENTICATED_CODE, INVALID_CREDENTIALS, retry=False),
+        _flagged_rest_mapper(
+            "UAEX", 429, RESOURCE_EXHAUSTED_CODE, AUTH_FAILURES_RATE_LIMITED, retry=True
+        ),
+        _flagged_rest_mapper("RL", 429, RESOURCE_EXHAUSTED_CODE, RATE_LIMITED, retry=True),
+    ]
+    return mappers
+
+
+def _flagged_rest_mapper(
+    flag: str, status: int, grpc_code: int, reason: str, *, retry: bool
+) -> dict[str, Any]:
+    """A REST mapper of one filter's refusal (`flag`: ext_authz's UAEX, the rate-limit
+    filter's RL): its reason, and when it said to retry (its Retry-After)."""
+    details: list[dict[str, Any]] = [
+        {"@type": _type_url("google.rpc.ErrorInfo"), "reason": reason, "domain": ERROR_DOMAIN}
+    ]
+    if retry:
+        details.append(
+            {"@type": _type_url("google.rpc.RetryInfo"), "retry_delay": "%RESP(retry-after)%s"}
+        )
+    condition = {
+        "and_filter": {
+            "filters": [
+                grpc_paths.status_filter("EQ", status, f"tm.lr.{flag.lower()}{status}"),
+                {"response_flag_filter": {"flags": [flag]}},
+            ]
+        }
+    }
+    return {
+        "filter": condition,
+        "body_format_override": rest_body(grpc_code, "%LOCAL_REPLY_BODY%", details),
+    }
+
+
+def rest_body(grpc_code: int, message: str, details: list[dict[str, Any]]) -> dict[str, Any]:
+    """The REST API's error JSON (the transcoder's shape of a service's error)."""
+    return {
+        "json_format": {
+            "code": grpc_code,
+            "message": message,
+            "http_status": "%RESPONSE_CODE%",
+            "details": details,
+        },
+        "content_type": "application/json",
+    }
+
+
+def _json_details(error: TokenmeshError) -> list[dict[str, Any]]:
+    """`error`'s details as the transcoder prints a service's (proto field names)."""
+    details = []
+    for detail in error.details():
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        printed = json_format.MessageToDict(packed, preserving_proto_field_name=True)
+        details.append(_escaped_values(printed))
+    return details
+
+
+def _escaped_values(value: Any) -> Any:
+    if isinstance(value, str):
+        return _escaped(value)
+    if isinstance(value, dict):
+        return {key: _escaped_values(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_escaped_values(item) for item in value]
+    return value
+
+
+def _escaped(text: str) -> str:
+    return text.replace("%", "%%")
+
+
+def _type_url(name: str) -> str:
+    return f"type.googleapis.com/{name}"
