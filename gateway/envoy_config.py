@@ -34,6 +34,7 @@ from gateway import (
 )
 from gateway.edge_auth import EdgeAuth
 from services.core import contract, pki
+from services.core.errors import TokenmeshError
 
 # Upstream short name -> gRPC service names routed to it (by path prefix).
 PUBLIC_ROUTES: Mapping[str, Sequence[str]] = {
@@ -162,7 +163,7 @@ UNAVAILABLE = 14
 # 503 of Envoy's own but "no healthy upstream"): Envoy's text names its internals.
 UNAVAILABLE_MESSAGE = openai_edge.UNAVAILABLE_MESSAGE
 # What a gRPC client reads when its request is larger than the edge buffers.
-GRPC_TOO_LARGE_MESSAGE = "request larger than the edge accepts; send a smaller message"
+GRPC_TOO_LARGE_MESSAGE = refusal_details.GRPC_TOO_LARGE.message
 # Local replies whose message is the edge's own, whichever filter answered: every
 # 413 (Envoy's texts named its transcoder, or said only "Payload Too Large").
 FIXED_MESSAGES: Mapping[int, str] = {413: request_body.TOO_LARGE_MESSAGE}
@@ -645,23 +646,19 @@ def local_reply_config() -> dict[str, Any]:
         # No healthy worker (and no fallback): UNAVAILABLE, and when to try again.
         "filter": {"response_flag_filter": {"flags": ["UH"]}},
         "headers_to_add": [_RETRY_AFTER],
-        "body_format_override": _error_body(UNAVAILABLE),
+        "body_format_override": refusal_details.rest_reply(refusal_details.NO_HEALTHY_UPSTREAM),
     }
     unavailable = _unavailable()
     # Native gRPC requests first: their body is their grpc-message, so plain text
     # (413 with its own, 429 as RESOURCE_EXHAUSTED, no healthy worker and any
     # other 503 with when to retry). Then replies sent before any request header
     # was read, in both shapes; then /openai/ paths, which answer OpenAI's error shape.
-    grpc_no_healthy_worker = {
-        **no_healthy_worker,
-        "filter": grpc_paths.native_grpc(no_healthy_worker["filter"]),
-        "body_format_override": grpc_paths.PLAIN_MESSAGE,
-    }
-    grpc_unavailable = {
-        **unavailable,
-        "filter": grpc_paths.native_grpc(_UNAVAILABLE_STATUS),
-        "body_format_override": {"text_format_source": {"inline_string": UNAVAILABLE_MESSAGE}},
-    }
+    grpc_no_healthy_worker = _grpc_refusal(
+        grpc_paths.native_grpc(no_healthy_worker["filter"]), refusal_details.NO_HEALTHY_UPSTREAM
+    )
+    grpc_unavailable = _grpc_refusal(
+        grpc_paths.native_grpc(_UNAVAILABLE_STATUS), refusal_details.UPSTREAM_UNAVAILABLE
+    )
     mappers = [
         _grpc_too_large(),
         grpc_paths.rate_limited_mapper(),
@@ -739,7 +736,7 @@ def _with_request_id(mapper: dict[str, Any]) -> dict[str, Any]:
 
 
 _RETRY_AFTER: dict[str, Any] = {
-    "header": {"key": "retry-after", "value": "1"},
+    "header": {"key": "retry-after", "value": str(refusal_details.RETRY_AFTER_S)},
     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
 }
 _UNAVAILABLE_STATUS = grpc_paths.status_filter("EQ", 503, "tm.lr.unavailable")
@@ -760,7 +757,17 @@ def _unavailable() -> dict[str, Any]:
             "and_filter": {"filters": [_UNAVAILABLE_STATUS, {"not_health_check_filter": {}}]}
         },
         "headers_to_add": [_RETRY_AFTER],
-        "body_format_override": _error_body(UNAVAILABLE, UNAVAILABLE_MESSAGE),
+        "body_format_override": refusal_details.rest_reply(refusal_details.UPSTREAM_UNAVAILABLE),
+    }
+
+
+def _grpc_refusal(condition: dict[str, Any], refusal: TokenmeshError) -> dict[str, Any]:
+    """A native gRPC caller's Envoy 503: `refusal`'s message and details, and retry-after."""
+    reply = refusal_details.grpc_reply(refusal)
+    return {
+        "filter": condition,
+        "headers_to_add": [_RETRY_AFTER, *reply["headers_to_add"]],
+        "body_format_override": reply["body_format_override"],
     }
 
 
@@ -847,7 +854,8 @@ def _grpc_too_large() -> dict[str, Any]:
             {
                 "header": {"key": "grpc-status", "value": str(RESOURCE_EXHAUSTED)},
                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
+            },
+            refusal_details.details_header(refusal_details.GRPC_TOO_LARGE),
         ],
         # Becomes the grpc-message.
         "body_format_override": {"text_format_source": {"inline_string": GRPC_TOO_LARGE_MESSAGE}},

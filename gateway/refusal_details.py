@@ -40,7 +40,9 @@ from services.core import contract
 from services.core.errors import (
     ERROR_DOMAIN,
     PermissionDenied,
+    ResourceExhausted,
     TokenmeshError,
+    Unavailable,
     missing_scope,
 )
 
@@ -54,7 +56,18 @@ RATE_LIMITED = "RATE_LIMITED"
 NOT_ALLOWED = PermissionDenied(
     "this credential may not call this operation", reason="PERMISSION_DENIED"
 )
-PERMISSION_DENIED_CODE = 7
+# Envoy's own 503s, with the edge's Retry-After (RETRY_AFTER_S) as their RetryInfo.
+RETRY_AFTER_S = 1
+NO_HEALTHY_UPSTREAM = Unavailable(
+    "no healthy upstream", retry_after_s=RETRY_AFTER_S, reason="NO_HEALTHY_UPSTREAM"
+)
+UPSTREAM_UNAVAILABLE = Unavailable(
+    openai_edge.UNAVAILABLE_MESSAGE, retry_after_s=RETRY_AFTER_S, reason="UPSTREAM_UNAVAILABLE"
+)
+# A gRPC request over the edge's buffer (its REST and OpenAI answers say it their way).
+GRPC_TOO_LARGE = ResourceExhausted(
+    "request larger than the edge accepts; send a smaller message", reason="REQUEST_TOO_LARGE"
+)
 UNAUTHENTICATED_CODE = 16
 RESOURCE_EXHAUSTED_CODE = 8
 
@@ -107,14 +120,25 @@ def _fixed_text(message: str) -> dict[str, Any]:
     return {"text_format_source": {"inline_string": message.replace("%", "%%")}}
 
 
+def grpc_reply(error: TokenmeshError) -> dict[str, Any]:
+    """A native gRPC mapper's answer of `error`: its message (the grpc-message, fixed so
+    that the details agree with it) and its details."""
+    return {
+        "headers_to_add": [details_header(error)],
+        "body_format_override": _fixed_text(error.message),
+    }
+
+
+def rest_reply(error: TokenmeshError) -> dict[str, Any]:
+    """A REST mapper's body of `error`: its code, message and details."""
+    code = error.to_status().code
+    return rest_body(code, _escaped(error.message), _json_details(error))
+
+
 def grpc_mappers() -> list[dict[str, Any]]:
     """RBAC's 403 to a native gRPC caller: the scope's refusal and its details."""
     return [
-        {
-            "filter": grpc_paths.native_grpc(condition),
-            "headers_to_add": [details_header(refusal)],
-            "body_format_override": _fixed_text(refusal.message),
-        }
+        {"filter": grpc_paths.native_grpc(condition), **grpc_reply(refusal)}
         for condition, refusal in _scope_refusals()
     ]
 
@@ -135,12 +159,7 @@ def openai_mappers() -> list[dict[str, Any]]:
 def rest_mappers() -> list[dict[str, Any]]:
     """The REST API's JSON of the edge's refusals, with their details."""
     mappers = [
-        {
-            "filter": condition,
-            "body_format_override": rest_body(
-                PERMISSION_DENIED_CODE, _escaped(refusal.message), _json_details(refusal)
-            ),
-        }
+        {"filter": condition, "body_format_override": rest_reply(refusal)}
         for condition, refusal in _scope_refusals()
     ]
     mappers += [

@@ -18,6 +18,8 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV
@@ -128,8 +130,11 @@ def test_no_healthy_worker_is_unavailable_with_a_plain_message_and_retry_after(
     error = wait_until(no_worker, 30, "the edge to route ghost (to no worker)")
     assert error.details() == "no healthy upstream"
     assert _trailers(error)["retry-after"] == "1"
-    # The SDK tells when to try again from the header too: the edge's own refusals
-    # carry no RetryInfo, and its retry_after_s was None.
+    status = rpc_status.from_call(error)
+    assert status is not None, "no google.rpc details"
+    retry = error_details_pb2.RetryInfo()
+    assert status.details[1].Unpack(retry) and retry.retry_delay.seconds == 1
+    # The SDK tells when to try again (from RetryInfo, or the header without one).
     asyncio.run(_sdk_retry_after(guarded, "ghost", expected=1.0))
 
 

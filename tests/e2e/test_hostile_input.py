@@ -28,6 +28,8 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from hypothesis import HealthCheck, Phase, given, settings
 
 from gateway import envoy_config, grpc_paths
@@ -349,6 +351,10 @@ def test_a_grpc_request_over_the_buffer_limit_is_resource_exhausted(
     assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, failed.value.details()
     # The edge's refusal, not a worker's own message-size limit.
     assert failed.value.details() == envoy_config.GRPC_TOO_LARGE_MESSAGE
+    status = rpc_status.from_call(failed.value)
+    assert status is not None, "no google.rpc details"
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info) and info.reason == "REQUEST_TOO_LARGE"
 
 
 def test_a_rest_request_over_the_buffer_limit_is_413_with_the_json_error(

@@ -18,6 +18,7 @@ from typing import TypeVar
 import grpc
 import httpx
 import pytest
+from grpc_status import rpc_status
 
 from gateway.envoy_config import UNAVAILABLE_MESSAGE
 from services.launcher.mesh import Mesh, MeshConfig
@@ -88,7 +89,14 @@ def test_rest_reads_a_fixed_message_and_retry_after(crashed: Mesh) -> None:
         "code": 14,
         "message": UNAVAILABLE_MESSAGE,
         "http_status": 503,
-        "details": [],
+        "details": [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "UPSTREAM_UNAVAILABLE",
+                "domain": "tokenmesh.dev",
+            },
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retry_delay": "1s"},
+        ],
     }
     assert reply.headers["retry-after"] == "1"
     assert reply.headers["content-type"] == "application/json"
@@ -111,6 +119,13 @@ def test_grpc_reads_a_fixed_message_and_retry_after(crashed: Mesh) -> None:
     assert error.details() == UNAVAILABLE_MESSAGE
     trailers = {entry.key: str(entry.value) for entry in error.trailing_metadata() or ()}
     assert trailers["retry-after"] == "1"
+    # The details agree with the status (from_call checks) and tell when to retry.
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    assert [detail.type_url.rsplit(".", 1)[-1] for detail in status.details] == [
+        "ErrorInfo",
+        "RetryInfo",
+    ]
 
 
 def test_healthz_keeps_its_answer(crashed: Mesh) -> None:
