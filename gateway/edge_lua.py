@@ -20,7 +20,8 @@ most requests share one coroutine:
 - response (before the transcoder, so it sees REST responses): a unary
   answer's response headers, and a REST error's metadata, are lifted out of
   its trailers (gateway/response_headers.py), a worker's OpenAI error JSON
-  becomes the body (gateway/openai_edge.py), then the REST status a service
+  becomes the body (gateway/openai_edge.py), else a 400's transcoder message
+  is put in the API's words (gateway/transcoder_messages.py), then the REST status a service
   asked for is applied (gateway/error_status.py), in the order the two
   filters ran in before; last, a REST answer's gRPC protocol headers go
   (gateway/response_headers.py).
@@ -41,6 +42,7 @@ from gateway import (
     openai_edge,
     request_body,
     response_headers,
+    transcoder_messages,
     url_credentials,
 )
 
@@ -78,6 +80,7 @@ RESPONSE_SOURCE = (
     response_headers.RESPONSE_LUA_FUNCTION
     + openai_edge.LUA_FUNCTION
     + error_status.LUA_FUNCTION
+    + transcoder_messages.LUA_FUNCTION
     + """
 function envoy_on_response(handle)
   local headers = handle:headers()
@@ -87,6 +90,8 @@ function envoy_on_response(handle)
   end
   if openai_error_body(handle, headers) then
     -- The body was replaced: header objects do not survive that, fetch them again.
+    headers = handle:headers()
+  elseif transcoder_message_in_api_words(handle, headers) then
     headers = handle:headers()
   end
   apply_error_status(headers)
