@@ -661,6 +661,7 @@ def local_reply_config() -> dict[str, Any]:
     )
     mappers = [
         _grpc_too_large(),
+        refusal_details.malformed_grpc_mapper(),
         grpc_paths.rate_limited_mapper(),
         grpc_no_healthy_worker,
         grpc_unavailable,

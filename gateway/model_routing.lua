@@ -65,14 +65,10 @@ local MODEL_LOOKUPS = {
   ["/tokenmesh.openai.v1.OpenAIService/GetModel"] = true,
 }
 local PREFIX_BYTES = 64
--- INVALID_ARGUMENT's message for a compressed request message (no percent signs:
--- grpc-message is percent-encoded).
-local COMPRESSED_REFUSAL = "the edge reads inference requests uncompressed: send them "
-  .. "without grpc-encoding (it reads the model to route and limit each request)"
--- INVALID_ARGUMENT's message for a message the edge cannot read as the workers do.
-local MALFORMED_REFUSAL = "the edge could not read this request message as protobuf "
-  .. "does (a group, an unknown wire type, a malformed field or bytes past the message): "
-  .. "send one well-formed message (the edge reads the model to route and limit each request)"
+-- COMPRESSED_REFUSAL and MALFORMED_REFUSAL (INVALID_ARGUMENT's message for a
+-- compressed request message and for one the edge cannot read as the workers do)
+-- and their *_DETAILS (grpc-status-details-bin) come first, from
+-- gateway/model_routing.py.
 -- The route metadata key of one cycle of weighted turns over the route's
 -- workers (gateway/model_routing.py SPREAD_KEY; the pins' keys are hex, never this).
 local SPREAD_KEY = "workers"
@@ -348,13 +344,15 @@ local function key_pin(pins, model)
   return nil
 end
 
--- Answers the request INVALID_ARGUMENT with `message`, without sending it on.
-local function refuse(handle, message)
+-- Answers the request INVALID_ARGUMENT with `message` and its google.rpc details,
+-- without sending it on.
+local function refuse(handle, message, details)
   handle:respond({
     [":status"] = "200",
     ["content-type"] = "application/grpc",
     ["grpc-status"] = "3",
     ["grpc-message"] = message,
+    ["grpc-status-details-bin"] = details,
   }, nil)
 end
 
@@ -370,7 +368,7 @@ function envoy_on_request(handle)
   if bytes:byte(1) == 1 then
     -- A compressed lookup is answered by any worker, as before it was routed.
     if MODEL_LOOKUPS[path] then return end
-    refuse(handle, COMPRESSED_REFUSAL)
+    refuse(handle, COMPRESSED_REFUSAL, COMPRESSED_DETAILS)
     return
   end
   local model, version, head
@@ -394,7 +392,7 @@ function envoy_on_request(handle)
   -- Read otherwise than the worker reads it, the model took one route and one
   -- model's window while the worker served another.
   if model == false then
-    refuse(handle, MALFORMED_REFUSAL)
+    refuse(handle, MALFORMED_REFUSAL, MALFORMED_DETAILS)
     return
   end
   -- Header objects do not survive the body() yield: fetch them again.

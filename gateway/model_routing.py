@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from services.core import contract
+from services.core.errors import FieldViolation, InvalidArgument
 
 INFERENCE_PREFIX = "/tokenmesh.inference.v1.InferenceService/"
 # Model routes match every inference API's paths (v1, v2 and the OpenAI surface's
@@ -75,12 +76,48 @@ LUA_FILTER_NAME = "envoy.filters.http.lua"
 SPREAD_KEY = "workers"
 
 
+# The filter's refusals (INVALID_ARGUMENT, sent without reaching a worker). Their
+# messages carry no percent sign: the filter sets grpc-message as it is.
+COMPRESSED_REFUSAL = InvalidArgument(
+    [
+        FieldViolation(
+            "grpc-encoding",
+            "the edge reads inference requests uncompressed: send them without "
+            "grpc-encoding (it reads the model to route and limit each request)",
+        )
+    ],
+    reason="COMPRESSED_REQUEST",
+)
+MALFORMED_REFUSAL = InvalidArgument(
+    [
+        FieldViolation(
+            "request",
+            "the edge could not read this request message as protobuf does (a group, "
+            "an unknown wire type, a malformed field or bytes past the message): send "
+            "one well-formed message (the edge reads the model to route and limit each "
+            "request)",
+        )
+    ],
+    reason="MALFORMED_REQUEST",
+)
+
+
+def lua_source() -> str:
+    """The filter's Lua: its refusals' messages and details, then model_routing.lua."""
+    constants = "".join(
+        f'local {name}_REFUSAL = "{refusal.message}"\n'
+        f'local {name}_DETAILS = "{refusal.status_details_bin()}"\n'
+        for name, refusal in (("COMPRESSED", COMPRESSED_REFUSAL), ("MALFORMED", MALFORMED_REFUSAL))
+    )
+    return constants + LUA_SOURCE.read_text()
+
+
 def lua_filter() -> dict[str, Any]:
     """Builds the filter that copies the body's model and version into headers."""
     return {
         "name": LUA_FILTER_NAME,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": LUA_SOURCE.read_text()},
+            "default_source_code": {"inline_string": lua_source()},
         },
     }

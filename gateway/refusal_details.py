@@ -39,6 +39,8 @@ from gateway import edge_auth, grpc_paths, openai_edge
 from services.core import contract
 from services.core.errors import (
     ERROR_DOMAIN,
+    FieldViolation,
+    InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
     TokenmeshError,
@@ -63,6 +65,13 @@ NO_HEALTHY_UPSTREAM = Unavailable(
 )
 UPSTREAM_UNAVAILABLE = Unavailable(
     openai_edge.UNAVAILABLE_MESSAGE, retry_after_s=RETRY_AFTER_S, reason="UPSTREAM_UNAVAILABLE"
+)
+# A gRPC request Envoy's codec refused before any filter (a fragment in its path,
+# a malformed header): gRPC's mapping of HTTP 400 made it INTERNAL, which a client
+# reads as the server's fault and may retry.
+MALFORMED_GRPC = InvalidArgument(
+    [FieldViolation("request", "the edge could not read this request's path or headers")],
+    reason="MALFORMED_REQUEST",
 )
 # A gRPC request over the edge's buffer (its REST and OpenAI answers say it their way).
 GRPC_TOO_LARGE = ResourceExhausted(
@@ -133,6 +142,19 @@ def rest_reply(error: TokenmeshError) -> dict[str, Any]:
     """A REST mapper's body of `error`: its code, message and details."""
     code = error.to_status().code
     return rest_body(code, _escaped(error.message), _json_details(error))
+
+
+def malformed_grpc_mapper() -> dict[str, Any]:
+    """Envoy's 400 to a native gRPC request: INVALID_ARGUMENT, not gRPC's INTERNAL."""
+    reply = grpc_reply(MALFORMED_GRPC)
+    return {
+        "filter": grpc_paths.native_grpc(grpc_paths.status_filter("EQ", 400, "tm.lr.grpc400")),
+        "headers_to_add": [
+            grpc_paths.grpc_status_header(MALFORMED_GRPC.to_status().code),
+            *reply["headers_to_add"],
+        ],
+        "body_format_override": reply["body_format_override"],
+    }
 
 
 def grpc_mappers() -> list[dict[str, Any]]:

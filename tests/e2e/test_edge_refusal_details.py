@@ -12,6 +12,8 @@ and a REST answer has them in its JSON, never as gRPC's header.
 
 from __future__ import annotations
 
+import base64
+import socket
 import uuid
 from typing import Any
 
@@ -178,3 +180,29 @@ def test_the_auth_limiter_tells_when_to_retry(guarded: Mesh) -> None:  # noqa: F
     body = reply.json()
     assert _rest_detail(body, ERROR_INFO)["reason"] == "AUTH_FAILURES_RATE_LIMITED"
     assert _rest_detail(body, RETRY_INFO)["retry_delay"] == f"{reply.headers['retry-after']}s"
+
+
+def test_a_grpc_request_envoy_cannot_read_is_invalid_argument(mesh: Mesh) -> None:
+    # A fragment in the path: Envoy's codec refuses it (400) before any filter; gRPC's
+    # mapping of 400 made it INTERNAL, with no message. (Raw bytes: clients drop a
+    # fragment before sending.)
+    host, port = mesh.edge_address.rsplit(":", 1)
+    request = (
+        "GET /tokenmesh.inference.v1.InferenceService/ListModels#frag HTTP/1.1\r\n"
+        "Host: edge\r\ncontent-type: application/grpc\r\nConnection: close\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(request.encode())
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head = answer.decode().split("\r\n\r\n", 1)[0].split("\r\n")
+    fields = (line.split(": ", 1) for line in head[1:])
+    headers = {name.lower(): value for name, value in fields}
+    assert headers["grpc-status"] == "3"
+    assert headers["grpc-message"] == (
+        "request: the edge could not read this request's path or headers"
+    )
+    status = status_pb2.Status.FromString(base64.b64decode(headers[DETAILS_HEADER]))
+    assert status.code == 3 and status.message == headers["grpc-message"]
+    assert _detail(status, error_details_pb2.ErrorInfo).reason == "MALFORMED_REQUEST"

@@ -172,6 +172,9 @@ def test_a_body_the_edge_cannot_read_as_protobuf_does_is_refused(edge, path):
         call(edge, path, _crafted(path, MODEL))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "as protobuf does" in refused.value.details()
+    status = rpc_status.from_call(refused.value)
+    assert status is not None, "no google.rpc details"
+    assert b"MALFORMED_REQUEST" in status.details[0].value
 
 
 def test_a_models_request_limit_holds_whatever_the_bytes(edge):

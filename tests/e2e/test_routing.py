@@ -29,6 +29,7 @@ import httpx
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from gateway.model_routing import LUA_FILTER_NAME, MODEL_HEADER, SPREAD_KEY, VERSION_HEADER
 from services.core import contract
@@ -401,6 +402,9 @@ def test_a_compressed_request_is_refused_not_sent_past_the_routes(edge):
         stub.Complete(request, compression=grpc.Compression.Gzip, timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "uncompressed" in info.value.details()
+    status = rpc_status.from_call(info.value)
+    assert status is not None, "no google.rpc details"
+    assert b"COMPRESSED_REQUEST" in status.details[0].value
     assert stub.Complete(request, timeout=10).model.version == "1"
 
 
