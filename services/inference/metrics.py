@@ -41,6 +41,11 @@ QUEUE_DEPTH = Gauge(
 )
 RUNNING = Gauge("tokenmesh_running_sequences", "Sequences in the running batch.", _LABELS)
 KV_SLOTS_USED = Gauge("tokenmesh_kv_slots_used", "KV-cache slots holding a sequence.", _LABELS)
+ENGINE_FAILING = Gauge(
+    "tokenmesh_engine_failing",
+    "1 while a version's engine steps keep failing: NOT_SERVING until a retry succeeds.",
+    _LABELS,
+)
 KV_TOKENS_RESERVED = Gauge(
     "tokenmesh_kv_tokens_reserved",
     "KV tokens reserved (prompt + max_tokens) by running sequences.",
@@ -82,7 +87,7 @@ def remove_version_gauges(labels: tuple[str, str]) -> None:
     version loaded again starts from fresh series. Counters and histograms stay:
     rate() reads them as idle.
     """
-    for gauge in (RUNNING, KV_SLOTS_USED, KV_TOKENS_RESERVED, PREFIX_CACHE_HELD):
+    for gauge in (RUNNING, KV_SLOTS_USED, KV_TOKENS_RESERVED, PREFIX_CACHE_HELD, ENGINE_FAILING):
         gauge.remove(*labels)
     for priority in PRIORITY_LABELS:
         QUEUE_DEPTH.remove(*labels, priority)

@@ -50,6 +50,12 @@ class LoadedModel:
     # How its requests ended and began, for the router's weights and rollouts.
     outcomes: VersionOutcomes = field(default_factory=VersionOutcomes)
 
+    @property
+    def engine_failing(self) -> bool:
+        """Tells whether its engine steps keep failing (services/inference/step_health.py):
+        its health entries say NOT_SERVING until a retry succeeds."""
+        return self.scheduler is not None and self.scheduler.engine_failing
+
     async def start(self) -> None:
         """Allocates, warms up and starts serving this version."""
         if self.scheduler is not None:

@@ -39,13 +39,14 @@ running ones finish up to the drain timeout, then end MODEL_UNLOADED.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import heapq
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -73,6 +74,7 @@ from services.inference.fairness import (
 )
 from services.inference.logprobs import TokenLogprob, token_logprob
 from services.inference.sampling import SamplingParams, sample_batch
+from services.inference.step_health import StepHealth
 
 logger = logging.getLogger(__name__)
 PRIORITY_INTERACTIVE, PRIORITY_BATCH = 0, 1
@@ -484,6 +486,11 @@ class Scheduler:
         self._prefix_published = (0, 0)  # (reused, looked up) tokens already counted
         self._tenant_metrics = TenantMetrics(labels, limits.fairness.metric_tenants)
         self._tenant_metrics_due = 0.0
+        # Whether its steps keep failing (engine thread), and who serves the version's
+        # health when that changes (on the event loop; set by the worker).
+        self._step_health = StepHealth()
+        self.on_health: Callable[[bool], None] | None = None
+        self._engine_failing = metrics.ENGINE_FAILING.labels(*labels)
 
     async def start(self) -> None:
         """Allocates the KV cache, warms the engine up and starts the engine thread."""
@@ -494,6 +501,11 @@ class Scheduler:
             target=self._run, name=f"engine-{self.labels[0]}-{self.labels[1]}", daemon=True
         )
         self._thread.start()
+
+    @property
+    def engine_failing(self) -> bool:
+        """Tells whether its steps keep failing: its version is out of service."""
+        return self._step_health.failing
 
     def stop_admitting(self) -> None:
         """Refuses new work, and the waiting requests at the next step (UNAVAILABLE,
@@ -715,6 +727,7 @@ class Scheduler:
                     self._unwait(waiting)
                 for seq in [*self._running, *waiting]:
                     self._finish(seq, Finished("error", internal_error()))
+                self._publish_health(self._step_health.failed())
                 self._post()
                 # Woken early by new work or the stop (each new request tries again).
                 self._wake.wait(min(FAILED_STEP_BACKOFF_S * 2 ** (failures - 1), 1.0))
@@ -722,6 +735,7 @@ class Scheduler:
 
     def _iterate(self) -> None:
         """One scheduling round: at most one engine step."""
+        self._publish_health(self._step_health.poll())
         self._take_inbox()
         self._reap()
         if not self._accepting:  # unloading: whatever waits is refused, never started
@@ -741,8 +755,10 @@ class Scheduler:
             logger.exception("engine step failed for %s/%s", *self.labels)
             for seq in batch:
                 self._finish(seq, Finished("error", internal_error()))
+            self._publish_health(self._step_health.failed())
             self._post()
             return
+        self._publish_health(self._step_health.succeeded())
         now = time.monotonic()
         every = self._release_every(len(self._running))
         gaps: list[float] = []  # this step's inter-token latencies, observed at once
@@ -764,6 +780,28 @@ class Scheduler:
     def _take_outgoing(self) -> list[tuple[Sequence_, int | Finished]]:
         outgoing, self._outgoing = self._outgoing, []
         return outgoing
+
+    def _publish_health(self, serving: bool | None) -> None:
+        """Tells the event loop the version's health changed (engine thread; None: no
+        change): NOT_SERVING while its steps keep failing, SERVING to be tried again."""
+        if serving is None:
+            return
+        if serving:
+            logger.warning("model %s version %s: serving again, to be tried", *self.labels)
+        else:
+            logger.error(
+                "model %s version %s: NOT_SERVING, its engine steps keep failing",
+                *self.labels,
+            )
+        self._engine_failing.set(0 if serving else 1)
+        if self._loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody listens
+            self._loop.call_soon_threadsafe(self._health_changed, serving)
+
+    def _health_changed(self, serving: bool) -> None:
+        if self.on_health is not None:
+            self.on_health(serving)
 
     def _post(self) -> None:
         """Hands this step's outbox items to the event loop (engine thread)."""

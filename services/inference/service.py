@@ -462,6 +462,7 @@ class InferenceService(Service):
         self.registry = ModelRegistry()
         self.mesh_models = MeshModels(self.registry)  # ListModels and GetModel answer for the mesh
         self._unloads: set[asyncio.Task[None]] = set()  # unloads whose caller left
+        self._health_tasks: set[asyncio.Task[None]] = set()  # engine health changes
         self.options = settings.engine_options()
         self.redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0)
         self.usage_log = UsageLog(
@@ -707,17 +708,29 @@ class InferenceService(Service):
             for model in self.registry.all():
                 if model.ready:
                     names = _model_health_names(model.name, model.version)
-                    await self._running.set_entries_serving(names, serving)
+                    await self._running.set_entries_serving(
+                        names, serving and not model.engine_failing
+                    )
 
     async def _set_version_health(self, model: LoadedModel, serving: bool) -> None:
         """Sets one version's health entries (SERVING only once the worker has started,
-        while the gate holds: the edge checks these names, not the service's)."""
+        while the gate holds and its engine steps do not keep failing: the edge checks
+        these names, not the service's)."""
         async with self._health_lock:
             if self._running is not None:
                 await self._running.set_entries_serving(
                     _model_health_names(model.name, model.version),
-                    serving and self.health.serving and self._started,
+                    serving and self.health.serving and self._started and not model.engine_failing,
                 )
+
+    def _engine_health_changed(self, model: LoadedModel) -> None:
+        """A version's engine steps began or stopped failing (scheduler.on_health, on
+        the event loop): its health entries follow, unless it is going away."""
+        if model.unloading or not model.ready:
+            return
+        task = asyncio.create_task(self._set_version_health(model, serving=True))
+        self._health_tasks.add(task)  # asyncio keeps only weak references to tasks
+        task.add_done_callback(self._health_tasks.discard)
 
     @contextlib.asynccontextmanager
     async def _version_lock(self, name: str, version: str) -> AsyncIterator[None]:
@@ -822,6 +835,8 @@ class InferenceService(Service):
             await model.stop(drain_timeout_s=0)
             raise _stopping_error(model.name, model.version)
         self.registry.add(model)  # no await since the check: stop() cannot slip between
+        if model.scheduler is not None:
+            model.scheduler.on_health = lambda _: self._engine_health_changed(model)
         await self._set_version_health(model, serving=True)
         logger.info("model %s version %s ready (%s)", model.name, model.version, model.engine_name)
 
