@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -56,7 +57,10 @@ def _is_name_rule(literal: str) -> bool:
     if literal in CONTRACT_PATTERNS.values():
         return True
     try:
-        pattern = re.compile(literal)
+        # Any literal is tried: Lua sources ("[[...]]") make re warn of nested sets.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            pattern = re.compile(literal)
     except (re.error, RecursionError, OverflowError):
         return False
     accepts = all(pattern.fullmatch(name) for name in NAMES)
