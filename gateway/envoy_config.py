@@ -1024,7 +1024,10 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
         ),
         "stat_prefix": "edge_tls" if tls else "edge",
         "codec_type": "AUTO",
-        "http_protocol_options": {"enable_trailers": True},
+        # No HTTP/1.1 trailers (Envoy's default): nothing an HTTP/1.1 client calls
+        # has any but gRPC's status, which a REST stream then ended with as chunked
+        # trailers (`grpc-status: 0`) its client never asked for.
+        "http_protocol_options": {"enable_trailers": False},
         "http2_protocol_options": {
             # NOTE: no smaller flow-control windows: the model-routing Lua filter
             # buffers a whole request body, and a 64 KiB stream window left
