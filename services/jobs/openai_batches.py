@@ -538,10 +538,6 @@ class BatchStore:
         size = batch.charge + batch.items_bytes
         return replace(batch, reservation=await self.ledger.reserve(batch.owner, size))
 
-    async def release(self, batch: NewBatch) -> None:
-        """Drops a reservation no record was written for (the request's batch existed)."""
-        await self.ledger.release(batch.owner, batch.reservation)
-
     def queue_creation(self, pipe: Any, job_id: str, batch: NewBatch) -> str:
         """Queues the record of the batch a job runs, and its charge, into `pipe` (the
         job's creating transaction: JobStore.create's `also`, so none exists without

@@ -467,6 +467,24 @@ class StorageLedger:
         """Drops a reservation no record was written for (else it expires)."""
         await self._forget(keys=self._keys(owner), args=[token])
 
+    async def written_or_released(
+        self, owner: str, token: str, write: Callable[[], Awaitable[tuple[str, bool]]]
+    ) -> tuple[str, bool]:
+        """Runs `write` (it moves the reservation onto what it writes, in its transaction)
+        and returns what it returns: (the id, whether this call wrote it). The
+        reservation is released when nothing was written: `write` raised (refused, or
+        failed), or found its record made already (an idempotency key's, a lost
+        reply's). Held for a minute instead, a client looping on a reused key filled
+        its own quota."""
+        try:
+            made, written = await write()
+        except BaseException:
+            await self.release(owner, token)
+            raise
+        if not written:
+            await self.release(owner, token)
+        return made, written
+
     async def delete(self, owner: str, key: str) -> None:
         """Deletes an object and its charge together."""
         await self._forget(keys=[*self._keys(owner), key], args=[key])

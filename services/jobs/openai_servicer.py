@@ -502,21 +502,16 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
                 with contextlib.suppress(NotFound):  # gone since: create it again
                     return (await self._read_batch(owner, batches.batch_id_of(made)))[2]
         new = await self.batches.reserve(new)
-        try:
-            job_id, created = await self.jobs.create(
-                job,
-                # One transaction with the job: neither is written without the other.
-                also=lambda pipe, new_id: self.batches.queue_creation(pipe, new_id, new),
-            )
-        except BaseException:
-            # Refused (another request under its key) or failed: its reservation held
-            # the owner's room for a minute (a client looping on a reused key filled
-            # its own quota). Moved onto a record that was written, it is gone already.
-            await self.batches.release(new)
-            raise
+        job_id, created = await self.batches.ledger.written_or_released(
+            new.owner,
+            new.reservation,
+            # One transaction with the job: neither is written without the other.
+            lambda: self.jobs.create(
+                job, also=lambda pipe, new_id: self.batches.queue_creation(pipe, new_id, new)
+            ),
+        )
         batch_id = batches.batch_id_of(job_id)
         if not created:  # made by the transaction whose reply was lost, or the client key's
-            await self.batches.release(new)
             return (await self._read_batch(owner, batch_id))[2]
         batch = batches.BatchRecord(
             batch_id=batch_id,

@@ -186,13 +186,9 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
             charges = [(items_key(job_id), size, until_ms)]
             self.ledger.queue_confirm(pipe, lane, reservation, charges)
 
-        try:
-            job_id, created = await self.store.create(job, also=charge)
-        except BaseException:
-            await self.ledger.release(lane, reservation)
-            raise
-        if not created:  # its idempotency key's job, made meanwhile
-            await self.ledger.release(lane, reservation)
+        job_id, _ = await self.ledger.written_or_released(
+            lane, reservation, lambda: self.store.create(job, also=charge)
+        )
         return job_id
 
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> jobs_pb2.Job:
