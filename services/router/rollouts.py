@@ -97,7 +97,7 @@ from services.core.tasks import SupervisedTask, Supervisor
 from services.router import catalog as cat
 from services.router.catalog import Catalog, ModelEntry
 from services.router.registry import VersionCounts, WorkerEntry, WorkerRegistry
-from services.usage.meter import AUDIT_FNS, audit_member
+from services.usage.meter import AUDIT_FNS, audit_member, audit_prelude
 from services.usage.meter import PREFIX as USAGE_PREFIX
 from tokenmesh.usage.v1 import usage_pb2
 
@@ -112,9 +112,11 @@ FENCE_KEY = "tokenmesh:router:rollouts:fence"
 #: The audit log's tenant for what the mesh does by itself (rollout decisions).
 AUDIT_TENANT = "tokenmesh.system"
 AUDIT_RETENTION_MS = 90 * 86400 * 1000
+AUDIT_MAX_ENTRIES = 100_000  # rollout decisions: a few a minute at most
 # KEYS: the audit log; ARGV: the decision's stamp (ms), its entry, the retention (ms).
 _RECORD_AUDIT = (
-    LUA_REDIS_NOW_MS
+    audit_prelude(AUDIT_MAX_ENTRIES)
+    + LUA_REDIS_NOW_MS
     + AUDIT_FNS
     + """
 audit_add(KEYS[1], tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]))

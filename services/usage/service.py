@@ -55,6 +55,11 @@ class UsageSettings(RequestLimitSettings, RedisSettings):
     retention_days: int = env(
         "TOKENMESH_USAGE_AUDIT_RETENTION_DAYS", 90, "Audit entries are kept this long."
     )
+    audit_max_entries: int = env(
+        "TOKENMESH_USAGE_AUDIT_MAX_ENTRIES",
+        1_000_000,
+        "The most audit entries kept per tenant (the newest; ~0.45 KB of Redis each).",
+    )
     meter_linger_ms: int = env(
         "TOKENMESH_USAGE_METER_LINGER_MS",
         200,
@@ -67,6 +72,7 @@ class UsageSettings(RequestLimitSettings, RedisSettings):
         require(self.claim_idle_s >= 1, "TOKENMESH_USAGE_CLAIM_IDLE_SECONDS", "must be >= 1")
         require(self.trim_interval_s >= 1, "TOKENMESH_USAGE_TRIM_SECONDS", "must be >= 1")
         require(self.retention_days >= 1, "TOKENMESH_USAGE_AUDIT_RETENTION_DAYS", "must be >= 1")
+        require(self.audit_max_entries >= 1, "TOKENMESH_USAGE_AUDIT_MAX_ENTRIES", "must be >= 1")
         require(
             0 <= self.meter_linger_ms <= 5000, "TOKENMESH_USAGE_METER_LINGER_MS", "must be 0-5000"
         )
@@ -80,7 +86,9 @@ class UsageService(RedisBackedService):
     def __init__(self, settings: UsageSettings) -> None:
         super().__init__(settings)
         self.settings = settings
-        retention = Retention(audit=settings.retention_days * 86400)
+        retention = Retention(
+            audit=settings.retention_days * 86400, audit_entries=settings.audit_max_entries
+        )
         self.meter = Meter(
             self.redis,
             settings.usage_stream,
