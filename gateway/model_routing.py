@@ -104,6 +104,10 @@ MALFORMED_REFUSAL = InvalidArgument(
 
 def lua_source() -> str:
     """The filter's Lua: its refusals' messages and details, then model_routing.lua."""
+    for refusal in (COMPRESSED_REFUSAL, MALFORMED_REFUSAL):
+        # Lua string literals, set as grpc-message as they are (gRPC percent-decodes).
+        if set(refusal.message) & set('"\\%'):
+            raise ValueError(f"not a plain Lua literal: {refusal.message!r}")
     constants = "".join(
         f'local {name}_REFUSAL = "{refusal.message}"\n'
         f'local {name}_DETAILS = "{refusal.status_details_bin()}"\n'

@@ -54,17 +54,20 @@ def _denied(error: TokenmeshError) -> external_auth_pb2.CheckResponse:
     # gives a REST answer the details: its response Lua drops the gRPC header).
     # A gRPC caller reads the body as its grpc-message, so the details' message,
     # which gRPC clients check against it, is the same text.
-    headers = [_header(contract.STATUS_DETAILS_HEADER, error.status_details_bin())]
+    headers = []
     if isinstance(error, ResourceExhausted):
         http = http_status_pb2.StatusCode.TooManyRequests
         # Rounded up: a client retrying after a rounded-down wait is throttled again.
+        # RetryInfo says the same (gRPC clients read it first).
         retry_after = max(1, math.ceil(error.retry_after_s or 1))
+        error.retry_after_s = retry_after
         headers.append(_header("retry-after", str(retry_after)))
     else:
         http = http_status_pb2.StatusCode.Unauthorized
         headers.append(
             _header("www-authenticate", 'Bearer realm="tokenmesh", error="invalid_token"')
         )
+    headers.append(_header(contract.STATUS_DETAILS_HEADER, error.status_details_bin()))
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=error.to_status().code, message=error.message),
         denied_response=external_auth_pb2.DeniedHttpResponse(

@@ -786,14 +786,19 @@ class Scheduler:
         change): NOT_SERVING while its steps keep failing, SERVING to be tried again."""
         if serving is None:
             return
-        if serving:
-            logger.warning("model %s version %s: serving again, to be tried", *self.labels)
-        else:
+        broken = self._step_health.broken
+        if not serving:
             logger.error(
                 "model %s version %s: NOT_SERVING, its engine steps keep failing",
                 *self.labels,
             )
-        self._engine_failing.set(0 if serving else 1)
+        elif broken:
+            logger.warning("model %s version %s: serving again, to be tried", *self.labels)
+        else:
+            logger.warning("model %s version %s: its engine steps work again", *self.labels)
+        # Until a step works: a pause's end (serving, to be tried) proves nothing, and a
+        # broken engine showed 0 between its pauses, never as long as an alert's `for`.
+        self._engine_failing.set(1 if broken else 0)
         if self._loop is None:
             return
         with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody listens

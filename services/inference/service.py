@@ -720,7 +720,14 @@ class InferenceService(Service):
             if self._running is not None:
                 await self._running.set_entries_serving(
                     _model_health_names(model.name, model.version),
-                    serving and self.health.serving and self._started and not model.engine_failing,
+                    serving
+                    and self.health.serving
+                    and self._started
+                    # Read here, not by the caller: an unload (or a failing streak)
+                    # may have begun while this waited for the lock.
+                    and model.ready
+                    and not model.unloading
+                    and not model.engine_failing,
                 )
 
     def _engine_health_changed(self, model: LoadedModel) -> None:

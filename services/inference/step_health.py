@@ -41,6 +41,12 @@ class StepHealth:
         """Tells whether the version is out of service (NOT_SERVING) for its failures."""
         return self._open_until is not None
 
+    @property
+    def broken(self) -> bool:
+        """Tells whether its steps failed and none has worked since: out of service, or
+        tried again (half-open) without a step yet (what the failing gauge shows)."""
+        return self._open_until is not None or self._half_open
+
     def failed(self) -> bool | None:
         """Records a failed step; returns False when the version must turn NOT_SERVING."""
         self._failures += 1
@@ -55,14 +61,14 @@ class StepHealth:
         return None
 
     def succeeded(self) -> bool | None:
-        """Records a step that succeeded; returns True when the version may serve again."""
+        """Records a step that succeeded; returns True when it mended a broken version
+        (out of service, where a request still running succeeded; or tried again)."""
+        mended = self.broken
         self._failures = 0
         self._pause_s = FIRST_PAUSE_S
         self._half_open = False
-        if self._open_until is None:
-            return None
-        self._open_until = None  # a request still running there succeeded
-        return True
+        self._open_until = None
+        return True if mended else None
 
     def poll(self) -> bool | None:
         """Returns True when the pause is over: the version is tried again (half-open)."""

@@ -174,7 +174,10 @@ def test_the_auth_limiter_tells_when_to_retry(guarded: Mesh) -> None:  # noqa: F
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     status = _status(error)
     assert _detail(status, error_details_pb2.ErrorInfo).reason == "AUTH_FAILURES_RATE_LIMITED"
-    assert _detail(status, error_details_pb2.RetryInfo).retry_delay.seconds >= 1
+    retry = _detail(status, error_details_pb2.RetryInfo).retry_delay
+    # The wait its retry-after says (rounded up to whole seconds), not a shorter one.
+    trailers = {entry.key: str(entry.value) for entry in error.trailing_metadata() or ()}
+    assert (retry.seconds, retry.nanos) == (int(trailers["retry-after"]), 0)
     reply = _rest_complete(guarded, BAD_KEY)
     assert reply.status_code == 429
     body = reply.json()

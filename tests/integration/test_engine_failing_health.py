@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from services.inference import step_health
 from tests.integration.conftest import inference_settings, start_inference
@@ -66,13 +67,40 @@ async def test_a_version_whose_steps_keep_failing_is_not_serving_until_they_work
                 await stub.Complete(request, timeout=10)
             assert failed.value.code() == grpc.StatusCode.INTERNAL
         await _wait_for(channel, [NOT_SERVING, NOT_SERVING])
+        assert _failing_gauge() == 1
         # The rest of the worker serves on (other versions, the overall entry).
         overall: Any = health_pb2_grpc.HealthStub(channel)
         answer = await overall.Check(health_pb2.HealthCheckRequest(service=""))
         assert answer.status == SERVING
-        # After its pause it is tried again; the step works now, and it stays in.
-        engine.forward = working
+        # After its pause it is tried again (SERVING), still broken for the gauge until
+        # a step works: it read 0 between pauses, never 1 for an alert's 2 minutes.
         await _wait_for(channel, [SERVING, SERVING])
+        assert _failing_gauge() == 1
+        engine.forward = working
         reply = await stub.Complete(request, timeout=10)
         assert reply.usage.completion_tokens == 1
         assert await _statuses(channel) == [SERVING, SERVING]
+        assert _failing_gauge() == 0
+
+
+def _failing_gauge() -> float | None:
+    labels = {"model": "deterministic-test", "version": "1"}
+    return REGISTRY.get_sample_value("tokenmesh_engine_failing", labels)
+
+
+async def test_a_health_change_that_meets_an_unload_leaves_the_version_out(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # The engine thread's health change arrived as an unload began (it read the
+    # version as loaded), and its task set the entries SERVING after the unload had
+    # set them NOT_SERVING: the unloaded version's entries stayed SERVING for good.
+    settings = inference_settings(tmp_path, redis_url, test_models=("deterministic-test:1",))
+    async with await start_inference(settings) as (service, channel):
+        model = service.registry.resolve("deterministic-test", "1")
+        unload = asyncio.create_task(service.unload("deterministic-test", "1"))
+        await asyncio.sleep(0)  # the unload's task is queued, the version not unloading yet
+        assert not model.unloading
+        service._engine_health_changed(model)
+        await asyncio.wait_for(unload, 30)
+        await asyncio.wait_for(asyncio.gather(*service._health_tasks), 10)
+        assert await _statuses(channel) == [NOT_SERVING, NOT_SERVING]

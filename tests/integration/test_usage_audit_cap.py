@@ -12,7 +12,7 @@ import uuid
 
 import redis.asyncio as aioredis
 
-from services.usage.meter import PREFIX, Meter, Retention
+from services.usage.meter import AUDIT_TRIM_STEP, PREFIX, Meter, Retention
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.type.v1 import types_pb2
 
@@ -58,4 +58,33 @@ async def test_a_tenants_audit_log_keeps_its_newest_entries_up_to_the_cap(redis_
         assert scores == newest
     finally:
         await client.delete(stream)
+        await client.aclose()
+
+
+async def test_a_log_far_over_the_cap_shrinks_a_step_at_a_time(redis_url: str) -> None:
+    # A log from before the cap (or a cap lowered) is not trimmed in one script: one
+    # that removed it all held Redis for minutes (every other service waited).
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    stream = f"usage-test:{uuid.uuid4().hex}"
+    client = aioredis.from_url(redis_url)
+    meter = Meter(client, stream, "meter", "c", Retention(audit_entries=CAP))
+    await meter.ensure_group()
+    key = f"{PREFIX}audit:{tenant}"
+    base = int(time.time() * 1000) - 600_000
+    old = AUDIT_TRIM_STEP + 10
+    await client.zadd(key, {f"old{i}": base + i for i in range(old)})
+    try:
+        sizes = []
+        for i in range(2):
+            event = _event(tenant, f"r{i}", base + 100_000 + i)
+            await client.xadd(stream, {"request_id": f"r{i}", "event": event.SerializeToString()})
+            while await meter.run_once(block_ms=50):
+                pass
+            sizes.append(await client.zcard(key))
+        assert sizes == [old + 1 - AUDIT_TRIM_STEP, CAP]
+        # The oldest went first: the newest CAP stay.
+        assert await client.zscore(key, "old0") is None
+        assert await client.zscore(key, f"old{old - 1}") is not None
+    finally:
+        await client.delete(stream, key)
         await client.aclose()

@@ -54,7 +54,9 @@ def test_a_step_that_succeeds_closes_it_and_resets_the_pause() -> None:
     health, clock = _tripped()
     clock.now += step_health.FIRST_PAUSE_S
     assert health.poll() is True
-    assert health.succeeded() is None  # serving already
+    assert health.broken  # serving, to be tried: no step has worked yet
+    assert health.succeeded() is True  # mended
+    assert not health.broken
     for _ in range(step_health.FAILING_AFTER - 1):
         assert health.failed() is None  # closed again: a run of failures is needed
     assert health.failed() is False

@@ -90,7 +90,7 @@ class TokenmeshRpcError(Exception):
             template's, a job's), or "".
         resource_name: the ResourceInfo name (as the request named it), or "".
         retry_after_s: when to try again, in seconds: the RetryInfo delay, else the
-            `retry-after` metadata (the edge's own refusals send only that), else None.
+            `retry-after` metadata (a proxy's own reply may send only that), else None.
         status: the google.rpc.Status as the server sent it (None: none was sent,
             as in a proxy's own reply); unknown detail types stay packed in it.
         details: its details that are google.rpc error_details messages, unpacked.
