@@ -76,12 +76,16 @@ end
     )
 
 
-RESPONSE_SOURCE = (
-    response_headers.RESPONSE_LUA_FUNCTION
-    + openai_edge.LUA_FUNCTION
-    + error_status.LUA_FUNCTION
-    + transcoder_messages.LUA_FUNCTION
-    + """
+@functools.cache
+def response_source() -> str:
+    """The response filter's Lua (it names the API's enums: built once)."""
+    return RESPONSE_SOURCE_HEAD + transcoder_messages.lua_function() + RESPONSE_SOURCE_TAIL
+
+
+RESPONSE_SOURCE_HEAD = (
+    response_headers.RESPONSE_LUA_FUNCTION + openai_edge.LUA_FUNCTION + error_status.LUA_FUNCTION
+)
+RESPONSE_SOURCE_TAIL = """
 function envoy_on_response(handle)
   local headers = handle:headers()
   if lift_response_headers(handle, headers) then
@@ -99,7 +103,6 @@ function envoy_on_response(handle)
   mark_event_stream(headers)
 end
 """
-)
 
 
 def _lua(name: str, source: str) -> dict[str, Any]:
@@ -120,4 +123,4 @@ def request_filter() -> dict[str, Any]:
 
 def response_filter() -> dict[str, Any]:
     """Builds the response-side filter: OpenAI error bodies, then REST error statuses."""
-    return _lua(RESPONSE_FILTER, RESPONSE_SOURCE)
+    return _lua(RESPONSE_FILTER, response_source())

@@ -37,6 +37,18 @@ CASES = [
     ),
     ("POST", COMPLETE, {"prompt": {"a": 1}}, "prompt: Starting an object on a scalar field"),
     ("POST", COMPLETE, {"prompt": ["a"]}, "a list where one value belongs"),
+    (
+        "POST",
+        COMPLETE,
+        {"prompt": "a", "stop": [{"a": 1}]},
+        "stop: Starting an object on a scalar field",
+    ),
+    (
+        "POST",
+        "/v2/models/deterministic-test:complete",
+        {"prompt": "a", "sampling": "hot"},
+        'sampling: invalid value "hot" (expected an object)',
+    ),
 ]
 
 
@@ -79,3 +91,16 @@ def test_a_workers_own_400_is_left_as_it_is(mesh: Mesh) -> None:
     body = reply.json()
     assert body["message"] == "max_tokens: must be between 1 and 8192"
     assert any(d["@type"].endswith("BadRequest") for d in body["details"])
+
+
+def test_a_bad_time_says_what_a_time_looks_like(mesh: Mesh) -> None:
+    reply = httpx.get(
+        f"{mesh.edge_url}/v1/usage?start_time=yesterday",
+        headers={"x-api-key": mesh.dev_api_key()},
+        timeout=10,
+    )
+    assert reply.status_code == 400
+    message = reply.json()["message"]
+    assert message.startswith("start_time: ")
+    assert message.endswith("(expected an RFC 3339 time, such as 2026-01-02T03:04:05Z)")
+    assert "googleapis" not in message

@@ -47,7 +47,7 @@ def test_the_full_edge_runs_four_lua_filters_two_of_them_for_every_request(
 def test_the_merged_response_filter_makes_the_openai_body_before_the_rest_status() -> None:
     # The order the two filters ran in before they were merged (Envoy runs
     # response filters last to first): a status change sees the JSON body.
-    source = edge_lua.RESPONSE_SOURCE
+    source = edge_lua.response_source()
     handler = source[source.index("function envoy_on_response") :]
     assert handler.index("openai_error_body(") < handler.index("apply_error_status(")
 
