@@ -172,11 +172,24 @@ class ControlPlane:
         if fresh:
             return
         async with self._building:
+            try:
+                built = await self._build([flags])
+            except Exception:
+                if flags not in self._flavours:
+                    raise  # nothing to serve: the stream ends, the edge tries again
+                # Redis away (or a build that fails): an edge that (re)starts now gets
+                # the flavour's last snapshot, as the connected ones keep theirs. It
+                # got none, again and again, and served no route until Redis was back.
+                logger.warning(
+                    "xDS: could not build a new edge's configuration; serving the last one",
+                    exc_info=True,
+                )
+                return
             # Installed as a poll installs, make before break included: stored as
             # built, a cluster dropped under CLUSTER_LINGER_S ago left the snapshot at
             # once (the reconnecting edge's routes still named it: 503 "no cluster"),
             # and the next poll put it back from the lingering set for a few seconds.
-            changed = self._install([flags], await self._build([flags]))
+            changed = self._install([flags], built)
         await self._publish(changed)
 
     def release(self, flags: EdgeFlags) -> None:

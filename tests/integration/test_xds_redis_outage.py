@@ -1,0 +1,82 @@
+"""An edge that (re)starts while Redis is away gets the router's last configuration.
+
+The poll kept serving the last snapshot to connected edges during an outage, but
+a new stream (a restarted edge, a new pod, `make run`'s only edge) made the router
+build its flavour from Redis: the build failed, the stream ended, again and again,
+and the edge served no route until Redis was back, although the router held it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+import pytest
+import redis.asyncio as aioredis
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import struct_pb2
+
+from services.core.server import RunningServer, serving
+from services.router.service import RouterService, RouterSettings
+from services.router.snapshot import CLUSTER_TYPE
+from tests import mtls
+from tokenmesh.router.v1 import router_service_pb2 as pb
+from tokenmesh.router.v1 import router_service_pb2_grpc as rpc
+from tokenmesh.type.v1.types_pb2 import ModelRef
+
+
+@pytest.fixture
+async def router(own_redis: str) -> AsyncIterator[tuple[RunningServer, str]]:
+    settings = RouterSettings(
+        pki_dir=mtls.pki_dir(), metrics_port=-1, grace_s=0.5, redis_url=own_redis, lease_s=30
+    )
+    async with serving(RouterService(settings), settings) as running:
+        yield running, own_redis
+
+
+def _first_request() -> discovery_pb2.DiscoveryRequest:
+    """An edge's first request, as production bootstraps it (its SDS directory named)."""
+    request = discovery_pb2.DiscoveryRequest(type_url=CLUSTER_TYPE)
+    request.node.id = "edge-1"
+    sds = struct_pb2.Value(string_value="/var/run/tokenmesh/pki")
+    request.node.metadata.CopyFrom(struct_pb2.Struct(fields={"tokenmesh_sds_dir": sds}))
+    return request
+
+
+async def _clusters_a_new_edge_gets(port: int) -> int | None:
+    """Opens an ADS stream as a starting Envoy does; the clusters it gets (None: none)."""
+    async with mtls.aio_channel(port, peer="router", caller="edge") as channel:
+        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
+        await call.write(_first_request())
+        try:
+            response = await asyncio.wait_for(call.read(), 15)
+        except grpc.aio.AioRpcError:
+            return None
+        finally:
+            call.cancel()
+        return None if response is grpc.aio.EOF else len(response.resources)
+
+
+async def test_a_new_edge_gets_the_last_configuration_while_redis_is_down(
+    router: tuple[RunningServer, str],
+) -> None:
+    running, url = router
+    async with mtls.aio_channel(running.port, peer="router", caller="worker") as channel:
+        request = pb.RegisterWorkerRequest(
+            worker_id="w1",
+            address="127.0.0.1:40001",
+            models=[ModelRef(name="m", version="1")],
+            lease_token="t" * 40,
+        )
+        await rpc.WorkerRegistryServiceStub(channel).RegisterWorker(request, timeout=30)
+    served = await _clusters_a_new_edge_gets(running.port)
+    assert served is not None and served >= 2
+    redis = aioredis.from_url(url)
+    with contextlib.suppress(Exception):  # the connection drops as Redis exits
+        await redis.shutdown(nosave=True)
+    await redis.aclose()
+    for _ in range(2):  # a restarting edge, then another
+        assert await _clusters_a_new_edge_gets(running.port) == served
