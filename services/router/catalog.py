@@ -30,6 +30,14 @@ from services.core.redis_service import known_fields, text
 
 logger = logging.getLogger(__name__)
 
+# The most versions the catalogue grows to from workers' registrations (each adds
+# the versions it serves that the catalogue lacks). Every version is a cluster with
+# health checks and routes on every edge, rebuilt each poll: one worker certificate
+# added 256 versions a call, for good, until the route configuration outgrew the
+# ADS stream's 16 MiB (a new edge got no routes) and each poll's rebuild took
+# seconds on the router's event loop (~0.27 s at 2,000 versions).
+MAX_REGISTERED_VERSIONS = 1000
+
 CATALOG_KEY = "tokenmesh:router:catalog"
 # Which worker pools serve each placed model (model -> its pools, comma-separated),
 # kept apart from the catalogue's documents: a router of an earlier release rewrites
@@ -552,6 +560,7 @@ class Catalog:
         """
         added = False
         known = await self.all()
+        versions = sum(len(model.versions) for model in known.values())
         # Oldest version first: it is the one a new model's traffic goes to.
         ordered = sorted(refs, key=lambda ref: (ref[0], _version_key(VersionEntry(ref[1]))))
         for name, version in ordered:
@@ -564,7 +573,18 @@ class Catalog:
                 logger.warning("%s version %r is named like an alias: not routed", name, version)
                 continue
             if model is None or model.version(version) is None:
+                if versions >= MAX_REGISTERED_VERSIONS:
+                    # It serves it unrouted; an operator's RegisterModelVersion still adds.
+                    logger.warning(
+                        "the catalogue holds %d versions: %s version %r, which a worker "
+                        "serves, is not added (MAX_REGISTERED_VERSIONS)",
+                        versions,
+                        name,
+                        version,
+                    )
+                    continue
                 known[name] = await self.change(name, _adder(name, version, pool))
+                versions += 1
                 added = True
         return added
 
