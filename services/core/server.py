@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from services.core import contract, telemetry
+from services.core import cert_metrics, contract, telemetry
 from services.core.identity import Authorizer, server_credentials
 from services.core.interceptors import BoundaryInterceptor
 from services.core.pki import IdentityFiles
@@ -163,6 +163,7 @@ def _bind(server: grpc.aio.Server, service: Service, settings: ServerSettings) -
             service.name,
         )
         return server.add_insecure_port(address)
+    cert_metrics.EXPIRY.watch(files.cert.stem, files)  # its file is named after the identity
     return server.add_secure_port(address, server_credentials(files))
 
 
