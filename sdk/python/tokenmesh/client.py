@@ -23,6 +23,7 @@ in the clear by default.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import ipaddress
 import math
@@ -32,7 +33,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 import grpc.aio
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 
 from tokenmesh.inference.v1 import inference_service_pb2 as v1_pb
@@ -50,6 +51,11 @@ DEFAULT_TIMEOUT_S = 600.0
 #: timeout_s: it answers at once, and one stuck behind a hung upstream should fail
 #: in seconds, not in ten minutes.
 LOOKUP_TIMEOUT_S = 30.0
+#: The largest message the client sends or receives: the servers' (16 MiB). gRPC's
+#: default of 4 MiB refused an answer the worker had generated and billed (a long
+#: completion with logprobs, n choices), as RESOURCE_EXHAUSTED, which a caller
+#: retried, paying each time.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 class _ClientDefault(enum.Enum):
@@ -206,8 +212,33 @@ def _decoded(error: grpc.aio.AioRpcError) -> TokenmeshRpcError:
     status = None
     for key, value in error.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
+            try:
+                status = status_pb2.Status.FromString(value)
+            except DecodeError:  # not ours to read (a proxy's): the code still stands
+                status = None
     return _ERROR_TYPES.get(error.code(), TokenmeshRpcError)(error, status)
+
+
+def _closed_under_a_call() -> TokenmeshRpcError:
+    """The error of a call cut by the client's close (grpc.aio cancels its calls)."""
+    error = grpc.aio.AioRpcError(
+        code=grpc.StatusCode.CANCELLED,
+        initial_metadata=grpc.aio.Metadata(),
+        trailing_metadata=grpc.aio.Metadata(),
+        details="the client was closed",
+    )
+    return _decoded(error)
+
+
+def _checked_token(token: str | None) -> str | None:
+    """Returns the token without surrounding whitespace (one read from a file ends with a
+    newline); raises ValueError for one that cannot be a header value."""
+    if token is None:
+        return None
+    token = token.strip()
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in token):
+        raise ValueError("token must be one line of printable characters")
+    return token
 
 
 def _checked_timeout(timeout_s: float | None) -> float | None:
@@ -251,14 +282,28 @@ def _open_channel(
         # The edge's plaintext listener is bound to 127.0.0.1 (docs/security.md): any
         # other host is the TLS one, and the key must not reach it in the clear.
         tls = not is_loopback_target(target)
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
     if tls or root_certificates is not None:
         credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-        return grpc.aio.secure_channel(target, credentials)
-    return grpc.aio.insecure_channel(target)
+        return grpc.aio.secure_channel(target, credentials, options=options)
+    return grpc.aio.insecure_channel(target, options=options)
 
 
 class _Connection:
-    """_Connection owns the channel, the credentials and the deadline of a client."""
+    """_Connection owns the channel, the credentials and the deadline of a client.
+
+    The channel opens at the first call, on that call's event loop, and serves that
+    loop only (grpc.aio's channels belong to one): a client made at import time and
+    used under `asyncio.run` works, as an AsyncOpenAI made there does. Opened when
+    the client was made, every call under another loop failed with a bare
+    RuntimeError.
+    """
+
+    #: The generated stub class of the service a client calls.
+    _stub_type: Any = None
 
     def __init__(
         self,
@@ -269,11 +314,33 @@ class _Connection:
         tls: bool | None,
         root_certificates: bytes | None,
     ) -> None:
-        self._timeout_s = _checked_timeout(timeout_s)  # before a channel is opened
-        self._channel = _open_channel(target, tls, root_certificates)
+        self._timeout_s = _checked_timeout(timeout_s)
+        token = _checked_token(token)
+        self._target, self._tls, self._root_certificates = target, tls, root_certificates
+        self._channel: grpc.aio.Channel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stub_instance: Any = None
+        self._closed = False
         self._metadata: Sequence[tuple[str, str]] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
+
+    @property
+    def _stub(self) -> Any:
+        """The stub over this client's channel, opened on the first call's loop."""
+        if self._closed:
+            raise RuntimeError("this client is closed: make a new one")
+        loop = asyncio.get_running_loop()
+        if self._channel is None:
+            self._channel = _open_channel(self._target, self._tls, self._root_certificates)
+            self._loop = loop
+            self._stub_instance = self._stub_type(self._channel)
+        elif loop is not self._loop:
+            raise RuntimeError(
+                "this client's channel belongs to the event loop of its first call: "
+                "make one client per event loop (each asyncio.run)"
+            )
+        return self._stub_instance
 
     async def __aenter__(self) -> Any:
         return self
@@ -287,8 +354,19 @@ class _Connection:
         await self.close()
 
     async def close(self) -> None:
-        """Closes the channel."""
-        await self._channel.close()
+        """Closes the channel; a call still running ends CANCELLED ("the client was
+        closed")."""
+        self._closed = True
+        if self._channel is not None:
+            await self._channel.close()
+
+    def _raise_if_closed_under(self) -> None:
+        """Raises CANCELLED for a call that the client's close cut, not its task's
+        cancel: its reader got CancelledError, which a TaskGroup took for a
+        cancelled task (the cut generation silently counted as done)."""
+        task = asyncio.current_task()
+        if self._closed and (task is None or task.cancelling() == 0):
+            raise _closed_under_a_call() from None
 
     def _deadline(self, timeout_s: Timeout, lookup: bool = False) -> float | None:
         """Returns a call's gRPC timeout: its own timeout_s, else the client's (capped
@@ -304,6 +382,9 @@ class _Connection:
             return await method(request, metadata=self._metadata, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise _decoded(error) from None
+        except asyncio.CancelledError:
+            self._raise_if_closed_under()
+            raise
 
     async def _stream(
         self, method: Any, request: Any, timeout: float | None
@@ -315,6 +396,9 @@ class _Connection:
                 yield message
         except grpc.aio.AioRpcError as error:
             raise _decoded(error) from None
+        except asyncio.CancelledError:
+            self._raise_if_closed_under()
+            raise
         finally:
             # A caller that stops reading (break, aclose(), an exception, the stream
             # dropped) ends the RPC here: grpc.aio keeps an abandoned call running
@@ -448,6 +532,8 @@ class Client(_Connection):
     the worker ends the RPC with it. The messages yielded before stay valid.
     """
 
+    _stub_type = rpc.InferenceServiceStub
+
     def __init__(
         self,
         target: str,
@@ -464,7 +550,6 @@ class Client(_Connection):
             tls=tls,
             root_certificates=root_certificates,
         )
-        self._stub = rpc.InferenceServiceStub(self._channel)
 
     async def __aenter__(self) -> Client:
         return self
@@ -570,6 +655,8 @@ class V1Client(_Connection):
     Arguments, `timeout_s=` on every call and errors as for Client.
     """
 
+    _stub_type = v1_rpc.InferenceServiceStub
+
     def __init__(
         self,
         target: str,
@@ -586,7 +673,6 @@ class V1Client(_Connection):
             tls=tls,
             root_certificates=root_certificates,
         )
-        self._stub = v1_rpc.InferenceServiceStub(self._channel)
 
     async def __aenter__(self) -> V1Client:
         return self
