@@ -69,7 +69,16 @@ from services.cli import jobs as jobs_cli
 from services.cli import policies as policy_cli
 from services.cli import rollouts
 from services.cli import shadow as shadow_cli
-from services.cli.exits import BAD_INPUT, FAILED, BadInput, CommandError, Failed
+from services.cli.exits import (
+    BAD_INPUT,
+    FAILED,
+    INTERRUPTED,
+    BadInput,
+    CommandError,
+    Failed,
+    credential,
+    positive_int,
+)
 from services.core import contract, identity, pki
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2_grpc
 from tokenmesh.auth.v1 import auth_service_pb2 as pb
@@ -142,11 +151,11 @@ def _edge_roots(args: argparse.Namespace) -> bytes | None:
 
 def _api_key(args: argparse.Namespace) -> str:
     if args.api_key:
-        return str(args.api_key)
+        return credential(str(args.api_key), "--api-key or TOKENMESH_API_KEY")
     path = _state_dir() / "dev-api-key"
     if not path.exists():
         raise BadInput(f"no API key (pass --api-key or TOKENMESH_API_KEY; {path} does not exist)")
-    return path.read_text().strip()
+    return credential(path.read_text(), str(path))
 
 
 def _as_dict(message: Any) -> dict[str, Any]:
@@ -192,7 +201,7 @@ def keys_create(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[st
         ),
         pinned_versions=_pins(args.pin or []),
     )
-    if args.ttl:
+    if args.ttl is not None:
         request.ttl.CopyFrom(duration_pb2.Duration(seconds=args.ttl))
     reply = stub.CreateApiKey(request, metadata=metadata, timeout=TIMEOUT_S)
     if args.json:
@@ -554,7 +563,7 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--tpm", type=int, default=0, help="tokens per minute")
     create.add_argument("--monthly-tokens", type=int, default=0)
     create.add_argument("--tier")
-    create.add_argument("--ttl", type=int, help="lifetime in seconds")
+    create.add_argument("--ttl", type=positive_int, help="lifetime in seconds (above 0)")
     create.add_argument(
         "--pin", action="append", metavar="MODEL=VERSION", help="pin a model's version (repeat)"
     )
@@ -783,6 +792,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return _run(args)
+    except KeyboardInterrupt:
+        # What was sent stays done (a job submitted keeps running: `tokenmesh jobs get`).
+        print("tokenmesh: interrupted", file=sys.stderr)
+        return INTERRUPTED
     except CommandError as error:
         print(error.line(), file=sys.stderr)
         return error.exit_code

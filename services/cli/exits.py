@@ -16,6 +16,8 @@ process with the line (as Python prints a SystemExit's text, with code 1).
 
 from __future__ import annotations
 
+import argparse
+
 FAILED = 1
 BAD_INPUT = 2
 
@@ -44,3 +46,27 @@ class BadInput(CommandError):
     """BadInput: input the command cannot use, refused before anything is sent."""
 
     exit_code = BAD_INPUT
+
+
+INTERRUPTED = 130  # as a shell reports a command ended by Ctrl-C (128 + SIGINT)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above 0 (0 meant "none" to the request, which
+    made `--ttl 0` a key that never expires)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
+def credential(value: str, source: str) -> str:
+    """Returns an API key as sent (surrounding whitespace dropped); BadInput for one that
+    cannot be a header value (a newline inside), before anything is sent."""
+    value = value.strip()
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+        raise BadInput(f"the API key from {source} is not one line of printable characters")
+    return value

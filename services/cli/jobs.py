@@ -26,7 +26,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2, json_format
 
-from services.cli.exits import BadInput
+from services.cli.exits import INTERRUPTED, BadInput, positive_int
 from tokenmesh.jobs.v1 import jobs_pb2
 from tokenmesh.jobs.v1 import jobs_service_pb2 as pb
 
@@ -88,13 +88,21 @@ def jobs_submit(stub: Any, args: argparse.Namespace, metadata: Metadata) -> int:
         metadata=_metadata_pairs(args.metadata),
         idempotency_key=args.idempotency_key or "",
     )
-    if args.window:
+    if args.window is not None:
         request.completion_window.CopyFrom(duration_pb2.Duration(seconds=args.window))
     job = stub.CreateJob(request, metadata=metadata, timeout=TIMEOUT_S)
     if not args.wait:
         _print_job(job, args.json)
         return 0
-    job = _wait(stub, job, metadata)
+    try:
+        job = _wait(stub, job, metadata)
+    except KeyboardInterrupt:
+        # Its id was only on the progress line: say the job runs on, and how to find it.
+        print(
+            f"\ntokenmesh: interrupted; job {job.id} keeps running (tokenmesh jobs get {job.id})",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
     _print_job(job, args.json)
     if job.status == SUCCEEDED:
         return 0
@@ -207,7 +215,9 @@ def add_parsers(groups: Any) -> list[argparse.ArgumentParser]:
     )
     submit.add_argument("--metadata", action="append", metavar="KEY=VALUE")
     submit.add_argument("--idempotency-key", metavar="KEY")
-    submit.add_argument("--window", type=int, metavar="SECONDS", help="completion window")
+    submit.add_argument(
+        "--window", type=positive_int, metavar="SECONDS", help="completion window (above 0)"
+    )
     submit.set_defaults(run=jobs_submit)
     listing = actions.add_parser("list", help="the key's jobs, newest first")
     listing.add_argument("--status", help="QUEUED, RUNNING, SUCCEEDED, FAILED, ...")
