@@ -1,4 +1,4 @@
-"""A thin asyncio client for the tokenmesh edge (or a worker, directly).
+"""A thin asyncio client for the tokenmesh edge (or a worker of a plaintext development mesh).
 
 `Client` speaks the inference API v2 (`tokenmesh.inference.v2`): chat
 messages, prompt templates, n choices, log-probabilities. `V1Client` keeps
@@ -509,7 +509,8 @@ class Client(_Connection):
     """Client calls the v2 InferenceService over one shared channel.
 
     Args:
-        target: host:port of the edge (8080 plaintext, 8443 TLS) or a worker.
+        target: host:port of the edge (8080 plaintext, 8443 TLS), or of a worker on a
+            plaintext development mesh (workers take mTLS clients only otherwise).
         token: a JWT or API key sent as `authorization: Bearer ...`, if any.
         timeout_s: the deadline of each call, in seconds, unless the call passes
             its own `timeout_s`: DEFAULT_TIMEOUT_S (600, the OpenAI SDK's); None
