@@ -196,16 +196,22 @@ def load_from_repository(
 
 
 def deterministic_test_model(
-    name: str, version: str, step_s: float, limits: SchedulerLimits, error_rate: float = 0.0
+    name: str,
+    version: str,
+    step_s: float,
+    limits: SchedulerLimits,
+    error_rate: float = 0.0,
+    context_length: int = 512,
 ) -> LoadedModel:
     """Builds a version served by the deterministic test engine (through the scheduler).
 
     error_rate: share of its requests that fail (a faulty version, for tests).
+    context_length: its context (tests of long answers give it a real LLM's).
     """
     tokenizer = WordTokenizer()
     engine = DeterministicTestEngine(
         vocab_size=len(tokenizer.words),
-        context_length=512,
+        context_length=context_length,
         step_s=step_s,
         error_rate=error_rate,
     )
@@ -214,7 +220,7 @@ def deterministic_test_model(
         version=version,
         kind=inference_pb2.MODEL_KIND_GENERATIVE,
         tokenizer=tokenizer,
-        context_length=512,
+        context_length=context_length,
         engine_name=engine.name,
         scheduler=Scheduler(engine, engine.eos_token_id, limits, (name, version)),
         description="Deterministic test engine: seeded vocabulary words, not a language model.",

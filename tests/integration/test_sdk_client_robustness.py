@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,35 +24,16 @@ import pytest
 
 import tokenmesh.client as sdk
 from services.core.server import MAX_MESSAGE_BYTES, serving
+from services.inference import repository
 from services.inference import service as inference_service
-from services.inference.engines.deterministic import DeterministicTestEngine
-from services.inference.models import LoadedModel
-from services.inference.scheduler import Scheduler
 from services.inference.service import InferenceService
-from services.inference.tokenizer import WordTokenizer
 from tests.integration.conftest import inference_settings
-from tokenmesh.inference.v1 import inference_pb2
 
 LM = "deterministic-test"
 
 
-def _long_context_model(
-    name: str, version: str, step_s: float, limits: Any, error_rate: float = 0.0
-) -> Any:
-    """The deterministic test model with an 8,192-token context (a real LLM's)."""
-    tokenizer = WordTokenizer()
-    engine = DeterministicTestEngine(
-        vocab_size=len(tokenizer.words), context_length=8192, step_s=step_s, error_rate=error_rate
-    )
-    return LoadedModel(
-        name=name,
-        version=version,
-        kind=inference_pb2.MODEL_KIND_GENERATIVE,
-        tokenizer=tokenizer,
-        context_length=8192,
-        engine_name=engine.name,
-        scheduler=Scheduler(engine, engine.eos_token_id, limits, (name, version)),
-    )
+# The deterministic test model with an 8,192-token context (a real LLM's).
+_long_context_model = functools.partial(repository.deterministic_test_model, context_length=8192)
 
 
 @pytest.fixture
