@@ -11,7 +11,12 @@ MAX_PAUSE_S) it turns SERVING again to be tried (half-open): one more failed
 step trips it again, one step that succeeds closes it (and resets the pause).
 
 One failed step is not enough: a step fails every sequence of its batch, so
-FAILING_AFTER in a row means as many batches failed, not one bad input.
+FAILING_AFTER in a row means as many batches failed, not one bad input. It is
+for an engine that is broken, not one that is bad: a version failing half its
+requests (5 in a row came every ~32 prefills, and it flapped out of service,
+its canary's errors unseen by the rollout that should roll it back) is the
+SLO-gated rollout's to judge; 20 in a row at a 50% failure rate is a one in a
+million run.
 The engine thread drives it (`failed`, `succeeded`, `poll`); each returns
 the health to publish when it changed, else None.
 """
@@ -21,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-FAILING_AFTER = 5
+FAILING_AFTER = 20
 FIRST_PAUSE_S = 5.0
 MAX_PAUSE_S = 60.0
 
