@@ -764,12 +764,7 @@ def _unavailable() -> dict[str, Any]:
 
 def _grpc_refusal(condition: dict[str, Any], refusal: TokenmeshError) -> dict[str, Any]:
     """A native gRPC caller's Envoy 503: `refusal`'s message and details, and retry-after."""
-    reply = refusal_details.grpc_reply(refusal)
-    return {
-        "filter": condition,
-        "headers_to_add": [_RETRY_AFTER, *reply["headers_to_add"]],
-        "body_format_override": reply["body_format_override"],
-    }
+    return {"filter": condition, **refusal_details.grpc_reply(refusal, _RETRY_AFTER)}
 
 
 def before_request_mappers() -> list[dict[str, Any]]:
@@ -851,15 +846,9 @@ def _grpc_too_large() -> dict[str, Any]:
                 ]
             }
         },
-        "headers_to_add": [
-            {
-                "header": {"key": "grpc-status", "value": str(RESOURCE_EXHAUSTED)},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            },
-            refusal_details.details_header(refusal_details.GRPC_TOO_LARGE),
-        ],
-        # Becomes the grpc-message.
-        "body_format_override": {"text_format_source": {"inline_string": GRPC_TOO_LARGE_MESSAGE}},
+        **refusal_details.grpc_reply(
+            refusal_details.GRPC_TOO_LARGE, grpc_paths.grpc_status_header(RESOURCE_EXHAUSTED)
+        ),
     }
 
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import importlib
 import importlib.resources
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
@@ -27,6 +30,14 @@ DESCRIPTOR_PATH = ROOT / "build" / "tokenmesh.pb"
 # The transcoder prints google.rpc details of errors as JSON only when their
 # types are in the descriptor set.
 EXTRA_DESCRIPTOR_FILES = ("google/rpc/error_details.proto", "google/rpc/status.proto")
+
+
+def stub_modules(pattern: str) -> Iterator[ModuleType]:
+    """Imports and yields the API's generated Python modules named like `pattern`
+    (e.g. "*_service_pb2.py"), in path order."""
+    for module_path in sorted(STUBS_DIR.glob(f"tokenmesh/**/{pattern}")):
+        relative = module_path.relative_to(STUBS_DIR).with_suffix("")
+        yield importlib.import_module(".".join(relative.parts))
 
 
 def proto_files() -> list[str]:

@@ -44,15 +44,11 @@ from services.core.errors import (
     PermissionDenied,
     ResourceExhausted,
     TokenmeshError,
+    Unauthenticated,
     Unavailable,
     missing_scope,
 )
 
-# The reasons of the refusals the services send as headers (services/auth,
-# services/usage/ratelimit.py): a REST answer's JSON names the same.
-INVALID_CREDENTIALS = "INVALID_CREDENTIALS"
-AUTH_FAILURES_RATE_LIMITED = "AUTH_FAILURES_RATE_LIMITED"
-RATE_LIMITED = "RATE_LIMITED"
 # RBAC's 403 on a path no scope lists (an unknown method): no scope would allow it
 # but admin.
 NOT_ALLOWED = PermissionDenied(
@@ -77,8 +73,6 @@ MALFORMED_GRPC = InvalidArgument(
 GRPC_TOO_LARGE = ResourceExhausted(
     "request larger than the edge accepts; send a smaller message", reason="REQUEST_TOO_LARGE"
 )
-UNAUTHENTICATED_CODE = 16
-RESOURCE_EXHAUSTED_CODE = 8
 
 
 def scope_paths() -> Mapping[str, list[str]]:
@@ -125,15 +119,15 @@ def details_header(error: TokenmeshError) -> dict[str, Any]:
 
 
 def _fixed_text(message: str) -> dict[str, Any]:
-    # Envoy reads a format string: a literal "%" would start a command.
-    return {"text_format_source": {"inline_string": message.replace("%", "%%")}}
+    return {"text_format_source": {"inline_string": _escaped(message)}}
 
 
-def grpc_reply(error: TokenmeshError) -> dict[str, Any]:
-    """A native gRPC mapper's answer of `error`: its message (the grpc-message, fixed so
-    that the details agree with it) and its details."""
+def grpc_reply(error: TokenmeshError, *headers: dict[str, Any]) -> dict[str, Any]:
+    """A native gRPC mapper's answer of `error`: `headers` (a grpc-status, a
+    retry-after), its details, and its message (the grpc-message, fixed so that the
+    details agree with it)."""
     return {
-        "headers_to_add": [details_header(error)],
+        "headers_to_add": [*headers, details_header(error)],
         "body_format_override": _fixed_text(error.message),
     }
 
@@ -146,14 +140,11 @@ def rest_reply(error: TokenmeshError) -> dict[str, Any]:
 
 def malformed_grpc_mapper() -> dict[str, Any]:
     """Envoy's 400 to a native gRPC request: INVALID_ARGUMENT, not gRPC's INTERNAL."""
-    reply = grpc_reply(MALFORMED_GRPC)
     return {
         "filter": grpc_paths.native_grpc(grpc_paths.status_filter("EQ", 400, "tm.lr.grpc400")),
-        "headers_to_add": [
-            grpc_paths.grpc_status_header(MALFORMED_GRPC.to_status().code),
-            *reply["headers_to_add"],
-        ],
-        "body_format_override": reply["body_format_override"],
+        **grpc_reply(
+            MALFORMED_GRPC, grpc_paths.grpc_status_header(MALFORMED_GRPC.to_status().code)
+        ),
     }
 
 
@@ -185,17 +176,17 @@ def rest_mappers() -> list[dict[str, Any]]:
         for condition, refusal in _scope_refusals()
     ]
     mappers += [
-        _flagged_rest_mapper("UAEX", 401, UNAUTHENTICATED_CODE, INVALID_CREDENTIALS, retry=False),
+        _flagged_rest_mapper("UAEX", 401, Unauthenticated, contract.INVALID_CREDENTIALS),
         _flagged_rest_mapper(
-            "UAEX", 429, RESOURCE_EXHAUSTED_CODE, AUTH_FAILURES_RATE_LIMITED, retry=True
+            "UAEX", 429, ResourceExhausted, contract.AUTH_FAILURES_RATE_LIMITED, retry=True
         ),
-        _flagged_rest_mapper("RL", 429, RESOURCE_EXHAUSTED_CODE, RATE_LIMITED, retry=True),
+        _flagged_rest_mapper("RL", 429, ResourceExhausted, contract.RATE_LIMITED, retry=True),
     ]
     return mappers
 
 
 def _flagged_rest_mapper(
-    flag: str, status: int, grpc_code: int, reason: str, *, retry: bool
+    flag: str, status: int, kind: type[TokenmeshError], reason: str, *, retry: bool = False
 ) -> dict[str, Any]:
     """A REST mapper of one filter's refusal (`flag`: ext_authz's UAEX, the rate-limit
     filter's RL): its reason, and when it said to retry (its Retry-After)."""
@@ -216,7 +207,8 @@ def _flagged_rest_mapper(
     }
     return {
         "filter": condition,
-        "body_format_override": rest_body(grpc_code, "%LOCAL_REPLY_BODY%", details),
+        # Every grpc.StatusCode carries its number (google.rpc.Code's).
+        "body_format_override": rest_body(int(kind.code.value[0]), "%LOCAL_REPLY_BODY%", details),
     }
 
 
@@ -255,6 +247,7 @@ def _escaped_values(value: Any) -> Any:
 
 
 def _escaped(text: str) -> str:
+    # Envoy reads a format string: a literal "%" would start a command.
     return text.replace("%", "%%")
 
 

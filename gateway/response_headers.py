@@ -60,7 +60,6 @@ keep its status (its only end-of-stream status).
 from __future__ import annotations
 
 import functools
-import importlib
 
 from gateway import protos
 from services.core import contract
@@ -73,9 +72,7 @@ MARK_NAMESPACE = "tokenmesh.unary"
 def unary_grpc_paths() -> tuple[str, ...]:
     """Returns the paths of every tokenmesh gRPC method that answers once."""
     paths = []
-    for module_path in sorted(protos.STUBS_DIR.glob("tokenmesh/**/*_service_pb2.py")):
-        relative = module_path.relative_to(protos.STUBS_DIR).with_suffix("")
-        module = importlib.import_module(".".join(relative.parts))
+    for module in protos.stub_modules("*_service_pb2.py"):
         for service in module.DESCRIPTOR.services_by_name.values():
             paths += [
                 f"/{service.full_name}/{method.name}"

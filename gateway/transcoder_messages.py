@@ -21,7 +21,6 @@ where one value belongs`. Other
 from __future__ import annotations
 
 import functools
-import importlib
 
 from google.protobuf.descriptor import Descriptor
 
@@ -77,9 +76,8 @@ def api_enums() -> list[str]:
         for nested in message.nested_types:
             walk(nested)
 
-    for module_path in sorted(protos.STUBS_DIR.glob("tokenmesh/**/*_pb2.py")):
-        relative = module_path.relative_to(protos.STUBS_DIR).with_suffix("")
-        file = importlib.import_module(".".join(relative.parts)).DESCRIPTOR
+    for module in protos.stub_modules("*_pb2.py"):
+        file = module.DESCRIPTOR
         names.extend(enum.full_name for enum in file.enum_types_by_name.values())
         for message in file.message_types_by_name.values():
             walk(message)

@@ -15,6 +15,7 @@ from services.auth.crypto import looks_like_api_key
 from services.auth.failures import FailureLimiter
 from services.auth.keys import ApiKeyStore, Principal
 from services.auth.tokens import TokenIssuer
+from services.core import contract
 from services.core.errors import ResourceExhausted, Unauthenticated, missing_scope
 
 # A revoked (or expired) key is refused everywhere within this many seconds.
@@ -48,7 +49,7 @@ def _left_s(principal: Principal) -> float:
 
 def unauthenticated() -> Unauthenticated:
     """Returns the one answer for every bad credential (unknown, revoked, malformed)."""
-    return Unauthenticated("missing or invalid credentials", reason="INVALID_CREDENTIALS")
+    return Unauthenticated("missing or invalid credentials", reason=contract.INVALID_CREDENTIALS)
 
 
 class Authenticator:
@@ -108,7 +109,7 @@ class Authenticator:
             raise ResourceExhausted(
                 "too many failed authentication attempts",
                 retry_after_s=retry_after,
-                reason="AUTH_FAILURES_RATE_LIMITED",
+                reason=contract.AUTH_FAILURES_RATE_LIMITED,
             )
         self.limiter.record(source)
         raise unauthenticated()

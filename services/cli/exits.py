@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 
+from tokenmesh.client import clean_token
+
 FAILED = 1
 BAD_INPUT = 2
 
@@ -66,7 +68,9 @@ def positive_int(text: str) -> int:
 def credential(value: str, source: str) -> str:
     """Returns an API key as sent (surrounding whitespace dropped); BadInput for one that
     cannot be a header value (a newline inside), before anything is sent."""
-    value = value.strip()
-    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
-        raise BadInput(f"the API key from {source} is not one line of printable characters")
-    return value
+    try:
+        return clean_token(value)
+    except ValueError:
+        raise BadInput(
+            f"the API key from {source} is not one line of printable characters"
+        ) from None

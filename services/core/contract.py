@@ -182,6 +182,12 @@ HTTP_STATUS_HEADER = "x-tokenmesh-http-status"
 # gRPC's own field for an error's google.rpc.Status (its details), base64 in HTTP/2:
 # the edge's refusals carry it as a service's errors do.
 STATUS_DETAILS_HEADER = "grpc-status-details-bin"
+#: ErrorInfo reasons of refusals the edge answers itself for a service, as the
+#: service would (gateway/refusal_details.py): a bad credential, too many failed
+#: authentications (the auth service), a key over its request rate (the limiter).
+INVALID_CREDENTIALS = "INVALID_CREDENTIALS"
+AUTH_FAILURES_RATE_LIMITED = "AUTH_FAILURES_RATE_LIMITED"
+RATE_LIMITED = "RATE_LIMITED"
 #: Trailing metadata of an OpenAI-surface error (tokenmesh.openai.v1): OpenAI's
 #: error JSON, which the edge makes the REST body and removes.
 OPENAI_ERROR_HEADER = "x-tokenmesh-openai-error"

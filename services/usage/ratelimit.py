@@ -103,8 +103,6 @@ STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
 WINDOW_S = 60
 WARN_AT = 0.8
 WARNING_HEADER = "x-tokenmesh-ratelimit-warning"
-# The ErrorInfo reason of a request a window refused (at the edge and in a worker).
-RATE_LIMITED = "RATE_LIMITED"
 SHAPE_CACHE_SIZE = 16384
 # How long a refund may take (then the request stays counted), and how long the
 # refusal waits for it: Redis answers in well under a millisecond, so Envoy's
@@ -225,7 +223,7 @@ class WindowStatus:
             self.refusal(),
             retry_after_s=self.reset_s,
             quota_violations=[QuotaViolation(self.limit.subject, self.refusal())],
-            reason=RATE_LIMITED,
+            reason=contract.RATE_LIMITED,
         )
 
     def warning(self) -> str:

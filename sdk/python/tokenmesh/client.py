@@ -230,11 +230,10 @@ def _closed_under_a_call() -> TokenmeshRpcError:
     return _decoded(error)
 
 
-def _checked_token(token: str | None) -> str | None:
-    """Returns the token without surrounding whitespace (one read from a file ends with a
-    newline); raises ValueError for one that cannot be a header value."""
-    if token is None:
-        return None
+def clean_token(token: str) -> str:
+    """Returns a credential as sent: without surrounding whitespace (one read from a file
+    ends with a newline); raises ValueError for one that cannot be a header value (a
+    control character inside). The CLI checks its API keys with it too."""
     token = token.strip()
     if any(ord(char) < 0x20 or ord(char) == 0x7F for char in token):
         raise ValueError("token must be one line of printable characters")
@@ -315,7 +314,7 @@ class _Connection:
         root_certificates: bytes | None,
     ) -> None:
         self._timeout_s = _checked_timeout(timeout_s)
-        token = _checked_token(token)
+        token = None if token is None else clean_token(token)
         self._target, self._tls, self._root_certificates = target, tls, root_certificates
         self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
