@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, json_format, timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from services.cli import jobs as jobs_cli
 from services.cli import policies as policy_cli
@@ -79,6 +79,7 @@ from services.cli.exits import (
     credential,
     positive_int,
 )
+from services.cli.output import as_dict
 from services.core import contract, identity, pki
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2_grpc
 from tokenmesh.auth.v1 import auth_service_pb2 as pb
@@ -97,23 +98,54 @@ def _state_dir() -> Path:
     return Path(os.environ.get("TOKENMESH_STATE_DIR", ".tokenmesh"))
 
 
+def _manifest_path() -> Path:
+    return _state_dir() / "run" / "mesh.json"
+
+
+def _manifest() -> dict[str, Any] | None:
+    """Returns the local mesh's run/mesh.json (None: there is none).
+
+    Raises:
+        BadInput: it is not a JSON object (the message names the file: a bare
+            "Expecting property name" left the operator to guess which).
+    """
+    path = _manifest_path()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise BadInput(f"cannot read the local mesh's {path}: {error.strerror}") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError as error:
+        raise BadInput(f"the local mesh's {path} is not valid JSON ({error})") from None
+    if not isinstance(manifest, dict):
+        raise BadInput(f"the local mesh's {path} is not a JSON object")
+    return manifest
+
+
 def _address(args: argparse.Namespace) -> str:
     """Returns host:port of the service the command talks to (auth, edge or router)."""
     via = "edge" if args.target in EDGE_TARGETS else args.target
     given = getattr(args, f"{via}_address")
     if given:
         return str(given)
-    manifest = _state_dir() / "run" / "mesh.json"
-    if not manifest.exists():
+    mesh = _manifest()
+    if mesh is None:
         raise Failed(
-            f"no local mesh at {manifest} (start `make run`, set "
+            f"no local mesh at {_manifest_path()} (start `make run`, set "
             f"TOKENMESH_STATE_DIR to its state directory, or pass --{via}-address)"
         )
-    mesh = json.loads(manifest.read_text())
-    if args.target not in EDGE_TARGETS:
-        return f"127.0.0.1:{mesh['ports'][args.target]}"
-    if not _edge_tls(args):
-        return str(mesh["edge_url"]).removeprefix("http://")
+    try:
+        if args.target not in EDGE_TARGETS:
+            return f"127.0.0.1:{int(mesh['ports'][args.target])}"
+        if not _edge_tls(args):
+            return str(mesh["edge_url"]).removeprefix("http://")
+    except (KeyError, TypeError, ValueError):
+        raise BadInput(
+            f"the local mesh's {_manifest_path()} has no {via} address: pass --{via}-address"
+        ) from None
     if not mesh.get("edge_tls_url"):
         raise Failed("the local mesh's edge has no TLS listener")
     return str(mesh["edge_tls_url"]).removeprefix("https://")
@@ -137,7 +169,7 @@ def _edge_roots(args: argparse.Namespace) -> bytes | None:
     if args.edge_ca:
         path = Path(args.edge_ca)
     elif args.edge_address is None:
-        found = json.loads((_state_dir() / "run" / "mesh.json").read_text()).get("ca")
+        found = (_manifest() or {}).get("ca")
         if not found:
             return None
         path = Path(found)
@@ -158,17 +190,9 @@ def _api_key(args: argparse.Namespace) -> str:
     return credential(path.read_text(), str(path))
 
 
-def _as_dict(message: Any) -> dict[str, Any]:
-    """Returns a message as JSON-ready data, zero values included (weight 0 says 0)."""
-    body: dict[str, Any] = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    return body
-
-
 def _print(message: Any, as_json: bool, text: str) -> None:
     if as_json:
-        print(json.dumps(_as_dict(message), indent=2))
+        print(json.dumps(as_dict(message), indent=2))
     else:
         print(text)
 
@@ -205,7 +229,7 @@ def keys_create(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[st
         request.ttl.CopyFrom(duration_pb2.Duration(seconds=args.ttl))
     reply = stub.CreateApiKey(request, metadata=metadata, timeout=TIMEOUT_S)
     if args.json:
-        print(json.dumps({**_as_dict(reply.api_key), "secret": reply.secret}, indent=2))
+        print(json.dumps({**as_dict(reply.api_key), "secret": reply.secret}, indent=2))
     else:
         print(f"id: {reply.api_key.id}\nsecret: {reply.secret}\n(shown once; store it now)")
 
@@ -234,7 +258,7 @@ def keys_rotate(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[st
         request.overlap.CopyFrom(duration_pb2.Duration(seconds=args.overlap))
     reply = stub.RotateApiKey(request, metadata=metadata, timeout=TIMEOUT_S)
     if args.json:
-        print(json.dumps(_as_dict(reply), indent=2))
+        print(json.dumps(as_dict(reply), indent=2))
     else:
         print(
             f"id: {reply.api_key.id}\nsecret: {reply.secret}\nold secret valid until "
@@ -716,7 +740,7 @@ def _usage_parsers(groups: Any) -> list[argparse.ArgumentParser]:
     usage = groups.add_parser("usage", help="usage metering (reads the mesh's Redis)")
     actions = usage.add_subparsers(dest="action", required=True)
     dead = actions.add_parser("dead-letters", help="usage entries the meter set aside")
-    dead.add_argument("--limit", type=int, default=100, help="newest entries to list")
+    dead.add_argument("--limit", type=positive_int, default=100, help="newest entries to list")
     dead.set_defaults(run=None, local=usage_dead_letters)
     return [dead]
 
@@ -728,11 +752,10 @@ def _redis_url() -> str:
         if not given.startswith(REDIS_SCHEMES):
             raise BadInput(f"REDIS_URL {given!r} must start with {', '.join(REDIS_SCHEMES)}")
         return given
-    manifest = _state_dir() / "run" / "mesh.json"
-    url = json.loads(manifest.read_text()).get("redis_url") if manifest.exists() else None
+    url = (_manifest() or {}).get("redis_url")
     if not url:
         raise Failed(
-            f"no REDIS_URL and no local mesh at {manifest} "
+            f"no REDIS_URL and no local mesh at {_manifest_path()} "
             "(set TOKENMESH_STATE_DIR to its state directory)"
         )
     return str(url)
@@ -761,7 +784,7 @@ def usage_dead_letters(args: argparse.Namespace) -> int:
     stream = os.environ.get("TOKENMESH_USAGE_STREAM", "tokenmesh:usage") + ":dead"
     client = redis.Redis.from_url(_redis_url(), socket_timeout=TIMEOUT_S)
     try:
-        entries: Any = client.xrevrange(stream, count=max(1, args.limit))
+        entries: Any = client.xrevrange(stream, count=args.limit)
     except redis.RedisError as error:
         print(f"tokenmesh: {stream}: {type(error).__name__}: {error}", file=sys.stderr)
         return FAILED
@@ -834,11 +857,8 @@ def _pki_dir(args: argparse.Namespace) -> Path | None:
     """Returns the directory with the operator's certificate (--pki-dir, or the local mesh's)."""
     if args.pki_dir:
         return Path(args.pki_dir)
-    manifest = _state_dir() / "run" / "mesh.json"
-    if manifest.exists():
-        found = json.loads(manifest.read_text()).get("pki_dir")
-        return Path(found) if found else None
-    return None
+    found = (_manifest() or {}).get("pki_dir")
+    return Path(found) if found else None
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:

@@ -27,6 +27,7 @@ from typing import Any
 from google.protobuf import duration_pb2, json_format
 
 from services.cli.exits import INTERRUPTED, BadInput, positive_int
+from services.cli.output import as_dict
 from tokenmesh.jobs.v1 import jobs_pb2
 from tokenmesh.jobs.v1 import jobs_service_pb2 as pb
 
@@ -34,13 +35,6 @@ TIMEOUT_S = 30.0
 SUCCEEDED = "SUCCEEDED"
 FINAL = (SUCCEEDED, "FAILED", "CANCELLED", "EXPIRED")
 Metadata = Sequence[tuple[str, str]]
-
-
-def _dict(message: Any) -> dict[str, Any]:
-    body: dict[str, Any] = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    return body
 
 
 def _line(job: jobs_pb2.Job) -> str:
@@ -52,7 +46,7 @@ def _line(job: jobs_pb2.Job) -> str:
 
 
 def _print_job(job: jobs_pb2.Job, as_json: bool) -> None:
-    print(json.dumps(_dict(job), indent=2) if as_json else _line(job))
+    print(json.dumps(as_dict(job), indent=2) if as_json else _line(job))
 
 
 def read_items(path: Path) -> list[jobs_pb2.JobItem]:
@@ -134,7 +128,7 @@ def jobs_list(stub: Any, args: argparse.Namespace, metadata: Metadata) -> None:
         timeout=TIMEOUT_S,
     )
     if args.json:
-        print(json.dumps(_dict(reply), indent=2))
+        print(json.dumps(as_dict(reply), indent=2))
         return
     for job in reply.jobs:
         print(_line(job))
@@ -168,7 +162,7 @@ def jobs_results(stub: Any, args: argparse.Namespace, metadata: Metadata) -> Non
             timeout=TIMEOUT_S,
         )
         for result in page.results:
-            print(json.dumps(_dict(result), separators=(",", ":")))
+            print(json.dumps(as_dict(result), separators=(",", ":")))
         token = page.next_page_token
         if not token:
             return
@@ -192,7 +186,7 @@ def secret_rotate(stub: Any, args: argparse.Namespace, metadata: Metadata) -> No
 
 def _print_secret(reply: Any, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(_dict(reply), indent=2))
+        print(json.dumps(as_dict(reply), indent=2))
         return
     print(reply.secret)
     print(

@@ -22,9 +22,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from services.cli.exits import BadInput
+from services.cli.output import as_dict
 from tokenmesh.router.v1 import policy_pb2
 
 TIMEOUT_S = 10.0
@@ -39,15 +40,8 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 Metadata = Sequence[tuple[str, str]]
 
 
-def _dict(message: Any) -> dict[str, Any]:
-    body: dict[str, Any] = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    return body
-
-
 def _print(message: Any, as_json: bool, text: str) -> None:
-    print(json.dumps(_dict(message), indent=2) if as_json else text)
+    print(json.dumps(as_dict(message), indent=2) if as_json else text)
 
 
 def _detectors(value: str | None, option: str) -> list[str]:
@@ -195,7 +189,7 @@ def samples_export(stub: Any, args: argparse.Namespace, metadata: Metadata) -> N
     while True:
         reply = stub.ExportSamples(request, metadata=metadata, timeout=TIMEOUT_S)
         for sample in reply.samples:
-            print(json.dumps(_dict(sample), sort_keys=True))
+            print(json.dumps(as_dict(sample), sort_keys=True))
         if not reply.next_page_token:
             return
         request.page_token = reply.next_page_token

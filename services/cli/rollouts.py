@@ -16,9 +16,10 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import duration_pb2
 
 from services.cli.exits import BadInput
+from services.cli.output import as_dict
 from tokenmesh.router.v1 import router_pb2
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
 
@@ -63,7 +64,7 @@ def models_rollout(
         request = start_request(args, model, version)
         reply = stub.StartRollout(request, metadata=metadata, timeout=TIMEOUT_S)
     if args.json:
-        print(json.dumps(json_format.MessageToDict(reply.rollout), indent=2))
+        print(json.dumps(as_dict(reply.rollout), indent=2))
     else:
         print(describe(reply.rollout))
 

@@ -13,9 +13,10 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import duration_pb2
 
 from services.cli.exits import BadInput
+from services.cli.output import as_dict
 from services.router import rollouts
 from tokenmesh.router.v1 import router_pb2
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
@@ -64,7 +65,7 @@ def models_shadow(stub: Any, args: argparse.Namespace, metadata: Sequence[tuple[
     reply = stub.SetShadowTraffic(shadow_request(args), metadata=metadata, timeout=TIMEOUT_S)
     model = reply.model
     if args.json:
-        print(json.dumps(json_format.MessageToDict(model), indent=2))
+        print(json.dumps(as_dict(model), indent=2))
     elif model.HasField("shadow"):
         print(
             f"{model.name}: mirroring {model.shadow.percent}% of live requests "
@@ -96,7 +97,7 @@ def models_compare(
     )
     reply = stub.CompareModelVersions(request, metadata=metadata, timeout=TIMEOUT_S)
     if args.json:
-        print(json.dumps(json_format.MessageToDict(reply), indent=2))
+        print(json.dumps(as_dict(reply), indent=2))
     else:
         print(describe(reply, args.since))
 

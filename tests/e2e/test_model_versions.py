@@ -285,6 +285,10 @@ def test_a_rollout_to_a_failing_version_rolls_back_by_itself_within_one_step(
     assert {"rollout.start", "rollout.rollback"} <= {e.action for e in entries}
     status = cli(versions_mesh, "models", "rollout", "status", MODEL)
     assert "rolled_back at 0%" in status and "rollback" in status
+    # --json: proto field names and zero values, as every other command's.
+    as_json = json.loads(cli(versions_mesh, "models", "rollout", "status", MODEL, "--json"))
+    assert as_json["state"] == "ROLLOUT_STATE_ROLLED_BACK" and as_json["weight"] == 0
+    assert as_json["max_error_rate"] == 0.05 and as_json["stable_version"], as_json
 
 
 def test_a_healthy_rollout_reaches_100_percent_across_a_router_restart(
@@ -417,15 +421,16 @@ def test_shadowing_every_request_to_another_version_leaves_callers_untouched(
     assert "v1" in compared and "v2" in compared and "seeded pairs agreeing" in compared
     served, copied = report["baseline"], report["candidate"]
     assert served["requests"] == copied["requests"] == 50
-    assert served.get("errorRate", 0) == 0 and 0 < copied["errorRate"] < 1  # injected faults
-    assert served["timeToFirstToken"]["p50Ms"] > 0 and copied["timeToFirstToken"]["p50Ms"] > 0
+    # Proto field names, as every other command's --json (it printed camelCase).
+    assert served["error_rate"] == 0 and 0 < copied["error_rate"] < 1  # injected faults
+    assert served["time_to_first_token"]["p50_ms"] > 0 and copied["time_to_first_token"]["p50_ms"] > 0
     # Latencies from the start of prefill; the wait for a slot is shown apart.
-    assert "queueTime" in served and "queueTime" in copied
-    assert "reversedPairs" not in report  # every pair: 1 served, 2 copied
-    assert served["meanConfidence"] > 0 and served["outputTokens"]["max"] == 4
+    assert "queue_time" in served and "queue_time" in copied
+    assert report["reversed_pairs"] == 0  # every pair: 1 served, 2 copied
+    assert served["mean_confidence"] > 0 and served["output_tokens"]["max"] == 4
     # The deterministic engine gives both versions the same text for a seed.
-    ok_pairs = copied["finishReasons"].get("length", 0)
-    assert report["seededPairs"] == ok_pairs and report["agreementRate"] == 1.0
+    ok_pairs = copied["finish_reasons"].get("length", 0)
+    assert report["seeded_pairs"] == ok_pairs and report["agreement_rate"] == 1.0
     stopped = cli(versions_mesh, "models", "shadow", MODEL, "--off")
     assert "no shadow traffic" in stopped
     wait_for(lambda: not mirror_configured(versions_mesh, "2"), 15, "the mirror to go")

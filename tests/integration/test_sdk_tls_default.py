@@ -127,3 +127,9 @@ async def test_loopback_stays_plaintext_by_default() -> None:
 )
 def test_which_targets_are_loopback(target: str, loopback: bool) -> None:
     assert sdk.is_loopback_target(target) is loopback
+
+
+def test_tls_false_with_root_certificates_is_refused() -> None:
+    # One of the two was ignored: the client used TLS against an explicit tls=False.
+    with pytest.raises(ValueError, match="root_certificates need TLS"):
+        sdk.Client("127.0.0.1:1", tls=False, root_certificates=b"-----BEGIN CERTIFICATE-----")

@@ -66,3 +66,28 @@ def test_a_redis_url_of_another_scheme_is_named(capsys, monkeypatch):
     code, err = _run(["usage", "dead-letters"], capsys)
     assert code == 2, err
     assert err.startswith("tokenmesh: REDIS_URL 'http://x' must start with redis://"), err
+
+
+@pytest.mark.parametrize(
+    ("manifest", "says"),
+    [("{not json", "is not valid JSON"), ("[1, 2]", "is not a JSON object"), ("{}", "no auth")],
+    ids=["corrupt", "not-an-object", "no-ports"],
+)
+def test_a_broken_local_manifest_is_named(manifest, says, capsys, tmp_path, monkeypatch):
+    state = tmp_path / "state"
+    (state / "run").mkdir(parents=True)
+    (state / "run" / "mesh.json").write_text(manifest)
+    monkeypatch.setenv("TOKENMESH_STATE_DIR", str(state))
+    code, err = _run(["--api-key", "tm_x", "keys", "list"], capsys)
+    assert code == 2, err
+    assert err.startswith(f"tokenmesh: the local mesh's {state / 'run' / 'mesh.json'} "), err
+    assert says in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("limit", ["0", "-3"])
+def test_a_dead_letter_limit_below_one_is_refused(limit, capsys, monkeypatch):
+    # It listed one entry (max(1, limit)).
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1")
+    code, err = _run(["usage", "dead-letters", "--limit", limit], capsys)
+    assert code == 2, err
+    assert "above 0" in err or "positive" in err, err

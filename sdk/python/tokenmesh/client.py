@@ -280,12 +280,13 @@ def _open_channel(
     if tls is None:
         # The edge's plaintext listener is bound to 127.0.0.1 (docs/security.md): any
         # other host is the TLS one, and the key must not reach it in the clear.
-        tls = not is_loopback_target(target)
+        # Roots to verify with mean TLS whatever the host.
+        tls = root_certificates is not None or not is_loopback_target(target)
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
-    if tls or root_certificates is not None:
+    if tls:
         credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
         return grpc.aio.secure_channel(target, credentials, options=options)
     return grpc.aio.insecure_channel(target, options=options)
@@ -315,6 +316,9 @@ class _Connection:
     ) -> None:
         self._timeout_s = _checked_timeout(timeout_s)
         token = None if token is None else clean_token(token)
+        if tls is False and root_certificates is not None:
+            # Either way one of the two is ignored: it used TLS, against tls=False.
+            raise ValueError("root_certificates need TLS: leave tls at None or True, or drop them")
         self._target, self._tls, self._root_certificates = target, tls, root_certificates
         self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
