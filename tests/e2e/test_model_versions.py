@@ -423,7 +423,8 @@ def test_shadowing_every_request_to_another_version_leaves_callers_untouched(
     assert served["requests"] == copied["requests"] == 50
     # Proto field names, as every other command's --json (it printed camelCase).
     assert served["error_rate"] == 0 and 0 < copied["error_rate"] < 1  # injected faults
-    assert served["time_to_first_token"]["p50_ms"] > 0 and copied["time_to_first_token"]["p50_ms"] > 0
+    for figures in (served, copied):
+        assert figures["time_to_first_token"]["p50_ms"] > 0, figures
     # Latencies from the start of prefill; the wait for a slot is shown apart.
     assert "queue_time" in served and "queue_time" in copied
     assert report["reversed_pairs"] == 0  # every pair: 1 served, 2 copied
