@@ -543,7 +543,7 @@ def route_configuration(
         # x-envoy-attempt-count on every upstream try: a worker counts a request in
         # its rate-limit windows on the first try only (request_limits.py).
         "include_request_attempt_count": True,
-        "response_headers_to_add": [REQUEST_ID_IN_ANSWER],
+        "response_headers_to_add": list(ANSWER_HEADERS),
         "routes": [
             *(edge_auth.public_routes() if auth else static_site.routes()),
             *handover.routes(),
@@ -718,8 +718,8 @@ def local_reply_config() -> dict[str, Any]:
             }
         }
     )
-    # The first mapper that matches is the only one applied: each names the request id.
-    return {"mappers": [_with_request_id(mapper) for mapper in mappers]}
+    # The first mapper that matches is the only one applied: each adds the answer headers.
+    return {"mappers": [_with_answer_headers(mapper) for mapper in mappers]}
 
 
 # Every answer names its request id (the one in the access log), as OpenAI's do and
@@ -731,9 +731,23 @@ REQUEST_ID_IN_ANSWER: dict[str, Any] = {
     "append_action": "ADD_IF_ABSENT",
 }
 
+# Every answer, the edge's own replies included: browsers never sniff one as HTML
+# (error bodies quote the caller's path and query), and no cache keeps one (the
+# credential is often x-api-key, which shared caches do not treat as Authorization:
+# one tenant's answer could be served to another). A route's own (the static files'
+# no-cache) and an event stream's (the response Lua's) win: ADD_IF_ABSENT.
+ANSWER_HEADERS: tuple[dict[str, Any], ...] = (
+    REQUEST_ID_IN_ANSWER,
+    {
+        "header": {"key": "x-content-type-options", "value": "nosniff"},
+        "append_action": "ADD_IF_ABSENT",
+    },
+    {"header": {"key": "cache-control", "value": "no-store"}, "append_action": "ADD_IF_ABSENT"},
+)
 
-def _with_request_id(mapper: dict[str, Any]) -> dict[str, Any]:
-    return {**mapper, "headers_to_add": [*mapper.get("headers_to_add", ()), REQUEST_ID_IN_ANSWER]}
+
+def _with_answer_headers(mapper: dict[str, Any]) -> dict[str, Any]:
+    return {**mapper, "headers_to_add": [*mapper.get("headers_to_add", ()), *ANSWER_HEADERS]}
 
 
 _RETRY_AFTER: dict[str, Any] = {

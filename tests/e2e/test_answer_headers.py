@@ -131,3 +131,36 @@ def test_a_header_the_edge_sets_is_not_doubled_by_the_lifted_one(api_deprecated)
     assert reply.headers.get_list("sunset") == ["Thu, 31 Dec 2099 00:00:00 GMT"]
     assert len(reply.headers.get_list("deprecation")) == 1
     assert len(reply.headers.get_list("link")) == 1  # the API version's, not the route's
+
+
+def test_every_answer_is_never_sniffed_nor_cached_and_routes_keep_their_own(mesh):
+    # Error bodies quote the caller's path and query; the credential is often
+    # x-api-key, which shared caches do not treat as Authorization. Neither header
+    # was on any answer but the static files'.
+    key = {"x-api-key": create_key(mesh)["secret"]}
+    edge = mesh.edge_url
+    answers = {
+        "REST 200": httpx.get(f"{edge}/v2/models", headers=key, timeout=10),
+        "OpenAI 200": httpx.get(
+            f"{edge}/openai/v1/models",
+            headers={"authorization": f"Bearer {key['x-api-key']}"},
+            timeout=10,
+        ),
+        "401 (ext_authz)": httpx.get(f"{edge}/v2/models", timeout=10),
+        "404 quoting the path": httpx.get(f"{edge}/nope/<b>x</b>", headers=key, timeout=10),
+        "400 quoting the query": httpx.get(f"{edge}/v2/models?<b>=1", headers=key, timeout=10),
+        "healthz": httpx.get(f"{edge}/healthz", timeout=10),
+    }
+    for name, answer in answers.items():
+        assert answer.headers.get("x-content-type-options") == "nosniff", (name, answer.headers)
+        assert answer.headers.get_list("cache-control") == ["no-store"], (name, answer.headers)
+    # A route's own wins: the static files revalidate, an event stream is never kept.
+    page = httpx.get(f"{edge}/playground", timeout=10)
+    assert page.headers.get_list("cache-control") == ["no-cache"]
+    body = {"prompt": "a b", "max_tokens": 2}
+    with httpx.stream(
+        "POST", f"{edge}/v1/models/deterministic-test:generate", json=body, headers=key, timeout=10
+    ) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        assert stream.headers.get_list("cache-control") == ["no-cache"]
+        assert stream.headers.get("x-content-type-options") == "nosniff"
