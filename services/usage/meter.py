@@ -79,6 +79,12 @@ DEAD_LETTERS = Counter(
     "Usage-stream entries set aside because they could not be decoded, by reason.",
     ["reason"],
 )
+# Why an entry cannot be metered (DEAD_LETTERS' reasons).
+MISSING_EVENT, UNDECODABLE, NO_REQUEST_ID = "missing_event", "undecodable", "no_request_id"
+for _reason in (MISSING_EVENT, UNDECODABLE, NO_REQUEST_ID):
+    # Each series exists at 0 from the start: one born at 1 (a first dead letter,
+    # which is rare) reads as no increase, and TokenmeshUsageDeadLetters stayed quiet.
+    DEAD_LETTERS.labels(_reason)
 # Counted once per event id, when first applied: a replay (the same event read
 # again after a worker or meter restart) is only acked, as in the aggregates.
 APPLIED = Counter(
@@ -489,14 +495,14 @@ def decode_entry(fields: dict[bytes, bytes]) -> inference_pb2.UsageEvent | Poiso
     """Returns the usage event of a stream entry, or why it cannot be metered."""
     raw = fields.get(FIELD_EVENT.encode())
     if raw is None:
-        return Poison("missing_event", "the entry has no event field")
+        return Poison(MISSING_EVENT, "the entry has no event field")
     try:
         event = inference_pb2.UsageEvent.FromString(raw)
     except DecodeError as exc:
-        return Poison("undecodable", f"not a UsageEvent: {exc}")
+        return Poison(UNDECODABLE, f"not a UsageEvent: {exc}")
     if not event.request_id:
         # Deduplication is by request_id: without one it would merge with others.
-        return Poison("no_request_id", "the event has no request_id")
+        return Poison(NO_REQUEST_ID, "the event has no request_id")
     return event
 
 

@@ -79,7 +79,6 @@ def test_every_alert_is_exercised_by_a_promtool_unit_test():
         "TokenmeshEdgeServerErrors",
         "TokenmeshBackgroundTaskRestarting",
         "TokenmeshRateLimiterErrors",
-        "TokenmeshUsageDeadLetters",
     }, untested
 
 
