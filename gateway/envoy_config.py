@@ -1051,6 +1051,7 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
         # See EdgeLimits.request_timeout_s.
         "request_timeout": _duration(limits.request_timeout_s),
         "generate_request_id": True,
+        "early_header_mutation_extensions": [untrusted_trace_context_removal()],
         # The edge faces clients: the peer address is the client's, and a
         # client-sent x-forwarded-for is not trusted.
         "use_remote_address": True,
@@ -1103,6 +1104,30 @@ def http_connection_manager(config: EdgeConfig, tls: bool = False) -> dict[str, 
     if config.otlp_endpoint is not None:
         hcm["tracing"] = tracing("otlp")
     return hcm
+
+
+#: Trace context a client may send; the edge starts every trace itself.
+CLIENT_TRACE_HEADERS = ("traceparent", "tracestate", "baggage", "x-client-trace-id")
+
+
+def untrusted_trace_context_removal() -> dict[str, Any]:
+    """Drops a client's trace context before the tracer reads it (early: before routing).
+
+    Honoured, it let a caller pick its request's trace id (the audit log records
+    it), put its spans into another request's trace, and switch tracing off for
+    its own requests (a `-00` traceparent: not one span exported, by the edge or
+    a service). Each request's trace now starts at the edge; the request id
+    (`x-request-id`, also the edge's own) ties a client's report to it.
+    """
+    return {
+        "name": "envoy.http.early_header_mutation.header_mutation",
+        "typed_config": {
+            "@type": _type(
+                "extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation"
+            ),
+            "mutations": [{"remove": name} for name in CLIENT_TRACE_HEADERS],
+        },
+    }
 
 
 def hsts_filter() -> dict[str, Any]:

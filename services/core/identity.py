@@ -29,7 +29,7 @@ import grpc
 import grpc.aio
 from google.protobuf import descriptor_pool
 
-from services.core import contract, pki
+from services.core import contract, pki, telemetry
 from services.core.errors import PermissionDenied
 from services.core.metadata import request_metadata
 from services.core.pki import IdentityFiles
@@ -89,7 +89,10 @@ def secure_channel(
 ) -> grpc.aio.Channel:
     """Returns an mTLS grpc.aio channel to the component `peer` at `target`."""
     return grpc.aio.secure_channel(
-        target, channel_credentials(files), options=[*channel_options(peer), *options]
+        target,
+        channel_credentials(files),
+        options=[*channel_options(peer), *options],
+        interceptors=telemetry.client_interceptors(),
     )
 
 
@@ -312,7 +315,9 @@ class ClientChannel:
 
     def _open(self) -> grpc.aio.Channel:
         if self.files is None:
-            return grpc.aio.insecure_channel(self.target, options=self.options)
+            return grpc.aio.insecure_channel(
+                self.target, options=self.options, interceptors=telemetry.client_interceptors()
+            )
         return secure_channel(self.target, self.files, self.peer, self.options)
 
     def get(self) -> grpc.aio.Channel:

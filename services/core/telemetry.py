@@ -24,9 +24,18 @@ def server_interceptors(
     return [interceptor]
 
 
-def client_interceptors(otlp_endpoint: str | None) -> list[Any]:
-    """Returns the OTel client interceptors for grpc.aio channels when tracing is on."""
-    if not otlp_endpoint:
+_tracing = False  # set once this process exports spans (_install_tracer_provider)
+
+
+def client_interceptors() -> list[Any]:
+    """Returns the OTel client interceptors for grpc.aio channels when this process traces.
+
+    Every channel of ours takes them (services.core.identity): a call from one
+    service to another carries its trace (`traceparent`), so the callee's span
+    joins the caller's trace. Without them each call started a trace of its own
+    (a job item's worker spans were roots, unrelated to their job).
+    """
+    if not _tracing:
         return []
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
@@ -43,4 +52,6 @@ def _install_tracer_provider(service: str, otlp_endpoint: str) -> None:
     provider = TracerProvider(resource=Resource.create({"service.name": f"tokenmesh-{service}"}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
     trace.set_tracer_provider(provider)
+    global _tracing
+    _tracing = True
     logger.info("tracing to %s", otlp_endpoint)

@@ -113,8 +113,11 @@ def _int(value: object) -> int:
 
 
 def _trace_id() -> str:
+    """The request's trace id, for its usage event: only when it was traced (sampled),
+    so that an audit entry never names a trace no collector holds."""
     context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else ""
+    traced = context.is_valid and context.trace_flags.sampled
+    return format(context.trace_id, "032x") if traced else ""
 
 
 @dataclass(frozen=True)

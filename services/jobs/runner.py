@@ -52,6 +52,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from opentelemetry import trace
 from redis.exceptions import RedisError, ResponseError
 
 from services.core.redis_service import text
@@ -63,6 +64,7 @@ from services.jobs.key_status import KeyStatus
 from services.jobs.store import RUNNABLE, JobState, JobStore, StopOutcome
 
 logger = logging.getLogger(__name__)
+TRACER = trace.get_tracer(__name__)
 # The most items a replica holds per slot, waiting ones included (a bound on memory).
 HELD_PER_SLOT = 32
 # Entry ids per heartbeat script call (a Lua call unpacks its arguments on a bounded stack).
@@ -508,15 +510,20 @@ class Runner:
         if item is None:
             return  # not to run (the job ended or is stopping, or it has a result)
         deadline_s = record.number("deadline_ms") / 1000
+        request_id = jobstore.request_id(job_id, index)
+        # One trace per item (it runs long after CreateJob's), found by its job id and
+        # request id; its calls to workers are its children.
+        attributes = {"tokenmesh.job.id": job_id, "tokenmesh.request_id": request_id}
         try:
-            outcome = await self.executor.run(
-                item,
-                index,
-                jobstore.request_id(job_id, index),
-                owner.identity,
-                deadline_s,
-                slot=self._slots,  # held per call: a waiting item holds none
-            )
+            with TRACER.start_as_current_span("job item", attributes=attributes):
+                outcome = await self.executor.run(
+                    item,
+                    index,
+                    request_id,
+                    owner.identity,
+                    deadline_s,
+                    slot=self._slots,  # held per call: a waiting item holds none
+                )
         except DeadlinePassed:
             await self.store.end(job_id, jobstore.EXPIRED, due_before_ms=jobstore.now_ms())
             await self.store.let_go(job_id, index, self.consumer, stream, entry_id)

@@ -17,7 +17,6 @@ from services.launcher.mesh import Mesh, MeshConfig
 from tests.conftest import TEST_SERVICE_ENV, private_db_url
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
-URL_KEY_TRACE_ID = "5c0a3f3577b34da6a3ce929d0e0e4737"
 
 
 def _value(any_value: Any) -> Any:
@@ -68,9 +67,42 @@ def collector() -> Iterator[tuple[Collector, int]]:
         server.stop(None)
 
 
-def _wait_for_attribute(
-    sink: Collector, service: str, key: str, trace_id: str = TRACE_ID
-) -> dict[str, Any]:
+def _audit_trace_id(mesh: Mesh, request_id: str) -> str:
+    """Returns the trace id the audit log records for `request_id` (once metered)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        entries = httpx.get(
+            f"{mesh.edge_url}/v1/usage/audit",
+            params={"tenant": "admin", "page_size": 100},
+            headers={"x-api-key": mesh.dev_api_key()},
+            timeout=10,
+        ).json()["entries"]
+        for entry in entries:
+            if entry["request_id"] == request_id:
+                return str(entry.get("trace_id", ""))
+        time.sleep(0.2)
+    raise AssertionError(f"request {request_id} is not in the audit log")
+
+
+def _trace_of(sink: Collector, request_id: str) -> str:
+    """Returns the trace id of the edge's span of the request `request_id` (Envoy tags
+    each span with its request id)."""
+    return _trace_with(sink, "tokenmesh-edge", "guid:x-request-id", request_id)
+
+
+def _trace_with(sink: Collector, service: str, key: str, value: str) -> str:
+    """Returns the trace id of `service`'s span whose attribute `key` is `value`."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        for (named, trace_id), attributes in list(sink.attributes.items()):
+            if named == service and attributes.get(key) == value:
+                return trace_id
+        time.sleep(0.2)
+    spans = [span for span in sink.spans if span[0] == service]
+    raise AssertionError(f"no {service} span with {key}={value}: {spans[-20:]}")
+
+
+def _wait_for_attribute(sink: Collector, service: str, key: str, trace_id: str) -> dict[str, Any]:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         attributes = sink.attributes.get((service, trace_id), {})
@@ -94,8 +126,11 @@ def test_one_trace_spans_envoy_and_the_worker(tmp_path: Path, collector, redis_u
         service_env={**TEST_SERVICE_ENV, "OTEL_BSP_SCHEDULE_DELAY": "100"},
     )
     with Mesh(config) as mesh:
+        # A client's trace context is not the edge's to trust: it picked the trace id
+        # (the audit log's), joined other traces, and a `-00` one switched tracing off.
         headers = {
-            "traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01",
+            "traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-00",
+            "tracestate": "evil=1",
             "x-api-key": mesh.dev_api_key(),
         }
         reply = httpx.post(
@@ -105,20 +140,40 @@ def test_one_trace_spans_envoy_and_the_worker(tmp_path: Path, collector, redis_u
             timeout=10,
         )
         assert reply.status_code == 200
+        trace_id = _trace_of(sink, reply.headers["x-request-id"])
+        assert trace_id != TRACE_ID
         deadline = time.monotonic() + 15
         services: set[str] = set()
         while time.monotonic() < deadline:
-            services = {service for service, trace, _ in sink.spans if trace == TRACE_ID}
+            services = {service for service, trace, _ in sink.spans if trace == trace_id}
             if {"tokenmesh-edge", "tokenmesh-inference"} <= services:
                 break
             time.sleep(0.2)
         assert {"tokenmesh-edge", "tokenmesh-inference"} <= services, sink.spans
+        assert not [span for span in sink.spans if span[1] == TRACE_ID], sink.spans
+        # The audit log names the trace the request really has.
+        audited = _audit_trace_id(mesh, reply.headers["x-request-id"])
+        assert audited == trace_id
+        # A job item's call to a worker carries its trace: the worker's span joins
+        # the item's (it was a root, unrelated to the job).
+        job = httpx.post(
+            f"{mesh.edge_url}/v1/jobs",
+            json={"items": [{"complete": {"model": "deterministic-test", "prompt": "job"}}]},
+            headers={"x-api-key": mesh.dev_api_key()},
+            timeout=10,
+        )
+        assert job.status_code == 200, job.text
+        item_trace = _trace_with(sink, "tokenmesh-jobs", "tokenmesh.job.id", job.json()["id"])
+        worker_spans = _wait_for_attribute(
+            sink, "tokenmesh-inference", "gen_ai.response.model", item_trace
+        )
+        assert worker_spans["gen_ai.request.model"] == "deterministic-test"
         # OpenTelemetry's GenAI conventions, on the edge's span and the worker's.
-        edge = _wait_for_attribute(sink, "tokenmesh-edge", "gen_ai.request.model")
+        edge = _wait_for_attribute(sink, "tokenmesh-edge", "gen_ai.request.model", trace_id)
         assert edge["gen_ai.system"] == "tokenmesh"
         assert edge["gen_ai.request.model"] == "deterministic-test"
         assert edge["tokenmesh.route.model"] == "deterministic-test"
-        worker = _wait_for_attribute(sink, "tokenmesh-inference", "gen_ai.response.model")
+        worker = _wait_for_attribute(sink, "tokenmesh-inference", "gen_ai.response.model", trace_id)
         version = reply.headers["x-model-version"]
         assert worker["gen_ai.system"] == "tokenmesh"
         assert worker["gen_ai.operation.name"] == "text_completion"
@@ -136,11 +191,11 @@ def test_one_trace_spans_envoy_and_the_worker(tmp_path: Path, collector, redis_u
         reply = httpx.post(
             f"{mesh.edge_url}/v1/auth/token?api_key={secret}",
             json={},
-            headers={"traceparent": f"00-{URL_KEY_TRACE_ID}-00f067aa0ba902b7-01"},
             timeout=10,
         )
         assert reply.status_code == 400
-        refused = _wait_for_attribute(sink, "tokenmesh-edge", "http.url", URL_KEY_TRACE_ID)
+        url_trace = _trace_of(sink, reply.headers["x-request-id"])
+        refused = _wait_for_attribute(sink, "tokenmesh-edge", "http.url", url_trace)
         assert refused["http.url"].endswith("/v1/auth/token"), refused
         held = [k for k, v in sink.attributes.items() if secret in str(v)]
         assert not held, held
