@@ -43,6 +43,7 @@ from bench.pinning import LOAD, SUT, CpuMeter, pin, pinned_self
 from bench.rows import Context
 from bench.servers import bare_server_process
 from bench.stats import median_each, percentile
+from gateway import admin as envoy_admin
 from gateway import envoy_config, protos
 from gateway.envoy_config import Endpoint
 from services.core import contract, identity
@@ -354,7 +355,7 @@ def bare_envoy(
     """Starts Envoy with only the router filter, proxying to one worker over mTLS as
     the edge (the edge's SDS files in `sds_dir`), or, with `direct`, answering
     every request itself."""
-    port, admin = reserve_port(), reserve_port()
+    port = reserve_port()
     # A trailers-only gRPC answer (UNIMPLEMENTED, which the latency client accepts).
     grpc_headers = {
         "content-type": "application/grpc",
@@ -372,7 +373,11 @@ def bare_envoy(
     )
     bootstrap = {
         "node": {"id": "bare-envoy", "cluster": "bench"},  # file-based SDS needs both
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "admin": {
+            "address": envoy_admin.address(
+                state / f"bare-envoy-{'direct' if direct else 'proxy'}.sock"
+            )
+        },
         "static_resources": {
             "listeners": [
                 {

@@ -227,10 +227,14 @@ def bare_backend(
 ) -> Iterator[tuple[str, int]]:
     """Runs the bare OpenAI backend (gateway.openai_backend) in front of `worker`; yields its
     base URL and pid once a chat completion goes through."""
-    port, admin = reserve_port(), reserve_port()
+    port = reserve_port()
     config = state / "openai-backend.yaml"
     bootstrap = openai_backend.bootstrap(
-        Endpoint("127.0.0.1", port), admin, descriptor, [worker], sds_dir
+        Endpoint("127.0.0.1", port),
+        state / "openai-backend-admin.sock",
+        descriptor,
+        [worker],
+        sds_dir,
     )
     config.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
     argv = [

@@ -292,7 +292,8 @@ class Edges:
     urls: dict[str, str]
     key: str
     pids: dict[str, int]
-    admin_url: str  # the affinity edge's Envoy admin (its routes carry the pins)
+    # The affinity edge's Envoy admin API (its routes carry the pins): target -> answer.
+    admin: Callable[[str], str]
 
     @property
     def headers(self) -> dict[str, str]:
@@ -343,7 +344,7 @@ async def _case(
                 if heads:  # distinct prompts: nothing to cache or pin
                     await _phase(http, url, next_body, WARM_UP_S, [])
                 if mode == "affinity" and heads:
-                    pins[n] = _pin_split(edges.admin_url, heads)
+                    pins[n] = _pin_split(edges.admin, heads)
                 with CpuMeter(edges.pids) as meter:
                     got, rate = await _phase(http, url, next_body, window_s, failures[mode])
                     await settle(edges.pids)  # deferred work (metering) counts too
@@ -422,11 +423,9 @@ def _outcomes(samples: list[Sample], failures: list[str]) -> dict[str, Any]:
     }
 
 
-def _pin_split(admin_url: str, heads: set[str]) -> list[int]:
+def _pin_split(admin: Callable[[str], str], heads: set[str]) -> list[int]:
     """How many of `heads` the edge's routes pin to each worker (busiest first)."""
-    dump = httpx.get(
-        f"{admin_url}/config_dump", params={"resource": "dynamic_route_configs"}, timeout=5
-    ).json()
+    dump = json.loads(admin("/config_dump?resource=dynamic_route_configs"))
     pins: dict[str, str] = {}
     for config in dump.get("configs", []):
         for host in config.get("route_config", {}).get("virtual_hosts", []):
@@ -486,7 +485,7 @@ def _edges(ctx: Context) -> Iterator[Edges]:
         key = mesh.dev_api_key()
         for mode, url in edges.items():  # its routes and workers' health checks, from xDS
             wait_for(lambda url=url: _serves(url, key), 60, f"the {mode} edge to route {MODEL}")
-        yield Edges(edges, key, pids, mesh.admin_url())
+        yield Edges(edges, key, pids, mesh.admin)
 
 
 def _serves(edge: str, key: str) -> bool:

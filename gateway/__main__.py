@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway import drain, envoy_config, protos
+from gateway import admin, drain, envoy_config, protos
 from gateway.edge_auth import DEFAULT_TOKEN_TTL_S, LONGEST_TOKEN_TTL_S, EdgeAuth
 from gateway.envoy_config import EdgeConfig, EdgeTls, Endpoint
 from services.core import contract, pki
@@ -70,7 +70,12 @@ class EdgeSettings:
     tls_key: Path | None = env(
         "TOKENMESH_EDGE_TLS_KEY", None, "The key of TOKENMESH_EDGE_TLS_CERT (PEM)."
     )
-    admin_port: int = env("TOKENMESH_EDGE_ADMIN_PORT", 9901, "Envoy admin port (127.0.0.1 only).")
+    admin_socket: Path = env(
+        "TOKENMESH_EDGE_ADMIN_SOCKET",
+        Path("/tmp/tokenmesh-envoy-admin.sock"),
+        "Envoy's admin API: a Unix socket (mode 0600), no TCP port: a web page could "
+        "send a port's POSTs (debug logging, quit). `python -m gateway drain` uses it.",
+    )
     drain_s: float = env(
         "TOKENMESH_EDGE_DRAIN_SECONDS",
         100.0,
@@ -124,6 +129,11 @@ class EdgeSettings:
         require(1 <= self.edge_port <= 65535, "TOKENMESH_EDGE_PORT", "must be 1-65535")
         require(0 <= self.tls_port <= 65535, "TOKENMESH_EDGE_TLS_PORT", "must be 0-65535")
         require(0 <= self.stats_port <= 65535, "TOKENMESH_EDGE_STATS_PORT", "must be 0-65535")
+        require(
+            len(str(self.admin_socket).encode()) <= admin.MAX_SOCKET_PATH_BYTES,
+            "TOKENMESH_EDGE_ADMIN_SOCKET",
+            f"must be at most {admin.MAX_SOCKET_PATH_BYTES} bytes (a Unix socket's path)",
+        )
         require(0 <= self.drain_s <= 3600, "TOKENMESH_EDGE_DRAIN_SECONDS", "must be 0-3600")
         require(
             60 <= self.token_ttl_s <= LONGEST_TOKEN_TTL_S,
@@ -131,9 +141,9 @@ class EdgeSettings:
             f"must be 60-{LONGEST_TOKEN_TTL_S} (as the auth service's)",
         )
         require(
-            self.tls_port not in (self.edge_port, self.admin_port),
+            self.tls_port != self.edge_port,
             "TOKENMESH_EDGE_TLS_PORT",
-            "must differ from TOKENMESH_EDGE_PORT and TOKENMESH_EDGE_ADMIN_PORT",
+            "must differ from TOKENMESH_EDGE_PORT",
         )
         require(
             (self.tls_cert is None) == (self.tls_key is None),
@@ -219,7 +229,7 @@ def edge_config(settings: EdgeSettings, sds_dir: Path | None = None) -> EdgeConf
     return EdgeConfig(
         listen_host=settings.listen_host,
         listen_port=settings.edge_port,
-        admin_port=settings.admin_port,
+        admin_socket=settings.admin_socket,
         descriptor_path=settings.descriptor,
         upstreams=upstreams,
         otlp_endpoint=otlp,
@@ -259,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = load(EdgeSettings, os.environ)
         if args.command == "drain":
             # The preStop hook: never fails (the kubelet then sends SIGTERM anyway).
-            drain.drain(settings.admin_port, settings.drain_s)
+            drain.drain(settings.admin_socket, settings.drain_s)
             return
         check_files(settings)
     except SettingsError as exc:
@@ -286,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         # A child, not exec: Envoy exits at once on SIGTERM, cutting every stream.
         binary = str(envoy_binary())
         argv = [binary, "-c", str(args.out), "--disable-hot-restart", *drain.envoy_args()]
-        raise SystemExit(drain.supervise(argv, settings.admin_port, settings.drain_s))
+        raise SystemExit(drain.supervise(argv, settings.admin_socket, settings.drain_s))
 
 
 if __name__ == "__main__":

@@ -37,10 +37,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from gateway import admin
 from services.launcher import processes
 
 #: Envoy's --drain-time-s: how long draining listeners still take connections.
@@ -48,7 +48,6 @@ LISTENER_DRAIN_S = 5.0
 POLL_S = 0.25
 #: How long Envoy may take to exit after SIGTERM once drained (then SIGKILL).
 EXIT_WAIT_S = 10.0
-_ADMIN_TIMEOUT_S = 2.0
 
 
 def envoy_args(listener_drain_s: float = LISTENER_DRAIN_S) -> list[str]:
@@ -56,21 +55,10 @@ def envoy_args(listener_drain_s: float = LISTENER_DRAIN_S) -> list[str]:
     return ["--drain-time-s", str(round(listener_drain_s)), "--drain-strategy", "immediate"]
 
 
-def _admin(admin_port: int, path: str, method: str = "GET") -> str | None:
-    """Returns the admin API's answer (None: Envoy does not answer: gone or not started)."""
-    request = urllib.request.Request(f"http://127.0.0.1:{admin_port}{path}", method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=_ADMIN_TIMEOUT_S) as reply:
-            text: str = reply.read().decode()
-            return text
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def _stats(admin_port: int) -> tuple[int, bool] | None:
+def _stats(admin_socket: Path) -> tuple[int, bool] | None:
     """Returns (downstream requests in flight, listeners closed); None: no answer."""
-    text = _admin(
-        admin_port,
+    text = admin.text(
+        admin_socket,
         "/stats?filter=(downstream_rq_active|listener_manager.(listener_stopped|workers_started))$",
     )
     if text is None:
@@ -88,14 +76,20 @@ def _stats(admin_port: int) -> tuple[int, bool] | None:
     return active, closed
 
 
-def draining(admin_port: int) -> bool:
+def in_flight(admin_socket: Path) -> int | None:
+    """Returns the requests Envoy's listeners have in flight (None: no answer)."""
+    state = _stats(admin_socket)
+    return None if state is None else state[0]
+
+
+def draining(admin_socket: Path) -> bool:
     """Tells whether Envoy's listeners are draining (a drain has begun)."""
-    text = _admin(admin_port, "/server_info")
+    text = admin.text(admin_socket, "/server_info")
     return text is not None and json.loads(text).get("state") == "DRAINING"
 
 
 def drain(
-    admin_port: int,
+    admin_socket: Path,
     timeout_s: float,
     give_up: Callable[[], bool] = lambda: False,
     *,
@@ -113,12 +107,12 @@ def drain(
             its endpoints changed is still answered). False: return once
             nothing is active (`supervise`, which stops Envoy next).
     """
-    if _admin(admin_port, "/healthcheck/fail", "POST") is None:
+    if admin.text(admin_socket, "/healthcheck/fail", "POST") is None:
         return True  # no Envoy answers: nothing to drain
-    _admin(admin_port, "/drain_listeners?graceful", "POST")
+    admin.text(admin_socket, "/drain_listeners?graceful", "POST")
     deadline = time.monotonic() + timeout_s
     while True:
-        state = _stats(admin_port)
+        state = _stats(admin_socket)
         if state is None:  # Envoy is gone
             return True
         active, closed = state
@@ -130,7 +124,7 @@ def drain(
         time.sleep(POLL_S)  # noqa: TID251 - a synchronous process (no event loop)
 
 
-def supervise(argv: Sequence[str], admin_port: int, drain_s: float) -> int:
+def supervise(argv: Sequence[str], admin_socket: Path, drain_s: float) -> int:
     """Runs Envoy (`argv`) as a child; on SIGTERM or SIGINT drains it, then stops it.
 
     Envoy gets SIGTERM from the kernel when this process dies (even SIGKILLed,
@@ -154,7 +148,7 @@ def supervise(argv: Sequence[str], admin_port: int, drain_s: float) -> int:
         if child.poll() is None:
             # Nothing active: stop now. An idle `docker stop` took the listeners'
             # whole drain time (5 s) for clients that no endpoint list sends here.
-            drain(admin_port, drain_s, give_up=lambda: len(signals) > 1, listeners=False)
+            drain(admin_socket, drain_s, give_up=lambda: len(signals) > 1, listeners=False)
             child.terminate()
             try:
                 child.wait(EXIT_WAIT_S)

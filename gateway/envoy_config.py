@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import (
+    admin,
     edge_auth,
     edge_health,
     edge_lua,
@@ -224,7 +225,8 @@ class EdgeConfig:
     """EdgeConfig is everything the edge bootstrap depends on."""
 
     listen_port: int
-    admin_port: int
+    # Envoy's admin API: a Unix socket, never a TCP port (gateway/admin.py).
+    admin_socket: Path
     descriptor_path: Path
     upstreams: Mapping[str, Sequence[Endpoint]]
     listen_host: str = "127.0.0.1"
@@ -1282,8 +1284,7 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
     clusters.append(single_host_cluster(edge_health.SELF_CLUSTER, own_listener, http2=False))
     clusters.extend(dict(c) for c in config.extra_clusters)
     if config.stats is not None:
-        admin = Endpoint("127.0.0.1", config.admin_port)
-        clusters.append(single_host_cluster(stats_listener.ADMIN_CLUSTER, admin, http2=False))
+        clusters.append(admin.cluster(stats_listener.ADMIN_CLUSTER, config.admin_socket))
     result: dict[str, Any] = {
         "node": {
             "id": config.node_id,
@@ -1298,7 +1299,7 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
                 "tokenmesh_load_aware": config.load_aware,
             },
         },
-        "admin": {"address": _socket_address(Endpoint("127.0.0.1", config.admin_port))},
+        "admin": {"address": admin.address(config.admin_socket)},
         "static_resources": {"listeners": listeners(config), "clusters": clusters},
         "overload_manager": overload_manager(config.limits),
     }

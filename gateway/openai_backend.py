@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway import envoy_config, openai_edge, response_headers
+from gateway import admin, envoy_config, openai_edge, response_headers
 from gateway.envoy_config import Endpoint
 
 SERVICE = "tokenmesh.openai.v1.OpenAIService"
@@ -118,7 +118,7 @@ def http_connection_manager(descriptor_path: Path) -> dict[str, Any]:
 
 def bootstrap(
     listen: Endpoint,
-    admin_port: int,
+    admin_socket: Path,
     descriptor_path: Path,
     workers: Sequence[Endpoint],
     sds_dir: Path | None,
@@ -153,8 +153,6 @@ def bootstrap(
     workers_cluster = envoy_config.cluster(CLUSTER, workers, health_check_interval_s, sds_dir)
     return {
         "node": {"id": f"openai-backend-{listen.port}", "cluster": "openai-backend"},
-        "admin": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
-        },
+        "admin": {"address": admin.address(admin_socket)},
         "static_resources": {"listeners": [listener], "clusters": [workers_cluster]},
     }

@@ -1,9 +1,9 @@
 """A listener that serves only Envoy's Prometheus statistics, for scraping in a pod.
 
-Envoy's admin interface stays on 127.0.0.1 (it can also drain, quit and
-change log levels). When TOKENMESH_EDGE_STATS_PORT is set, this listener
-answers GET /stats/prometheus from the admin, through a loopback cluster,
-and 404 to anything else, so Prometheus can scrape the edge's statistics
+Envoy's admin interface is a Unix socket (gateway/admin.py: it can also
+drain, quit and change log levels). When TOKENMESH_EDGE_STATS_PORT is set,
+this listener answers GET /stats/prometheus from the admin, through a
+cluster on that socket, and 404 to anything else, so Prometheus can scrape the edge's statistics
 (the edge dashboard, the edge and health alerts: docs/observability.md).
 """
 

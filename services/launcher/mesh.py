@@ -22,7 +22,8 @@ import grpc
 import redis
 import yaml
 
-from gateway import envoy_config, protos
+from gateway import admin as envoy_admin
+from gateway import drain, envoy_config, protos
 from gateway.edge_auth import EdgeAuth
 from gateway.envoy_config import EdgeConfig, EdgeTls, Endpoint
 from services.core import contract, identity, pki, redis_acl, secret_files
@@ -138,11 +139,12 @@ class Mesh:
         self._redis_passwords: dict[str, str] = {}  # user -> password; empty: no users
         self.edge_port = 0
         self.edge_tls_port = 0
-        self.admin_port = 0
         self.state_dir = config.state_dir.resolve()
         self.log_dir = self.state_dir / "logs"
         self.dev_key_path = self.state_dir / "dev-api-key"
         self.run_dir = self.state_dir / "run"
+        # The edge's Envoy admin API: a Unix socket (gateway/admin.py), no TCP port.
+        self.admin_socket = self.run_dir / "envoy-admin.sock"
         # The local CA and every component's certificate (mTLS between all hops).
         self.pki_dir = self.state_dir / "pki"
         self.sds_dir = self.state_dir / "sds"
@@ -294,7 +296,7 @@ class Mesh:
             "edge_url": self.edge_url,
             "edge_tls_url": self.edge_tls_url if self.edge_tls_port else None,
             "ca": str(self.ca_path),
-            "admin_port": self.admin_port,
+            "admin_socket": str(self.admin_socket),
             "redis_url": self.redis_url,
             "ratelimit_redis_url": self.limits_redis_url,
             "ports": self.ports,
@@ -545,7 +547,7 @@ class Mesh:
         upstreams = {name: [Endpoint("127.0.0.1", self.ports[name])] for name in SERVICES}
         return EdgeConfig(
             listen_port=self.edge_port,
-            admin_port=self.admin_port,
+            admin_socket=self.admin_socket,
             descriptor_path=protos.build_descriptor_set(self.state_dir / "tokenmesh.pb"),
             upstreams=upstreams,
             health_check_interval_s=self.config.health_check_interval_s,
@@ -563,7 +565,6 @@ class Mesh:
         self.edge_port = self.config.edge_port or reserve_port()
         if self.config.edge_tls_port is not None:
             self.edge_tls_port = self.config.edge_tls_port or reserve_port()
-        self.admin_port = reserve_port()
         child = self._spawn_envoy("envoy", self.edge_config())
         wait_for(
             self.healthy,
@@ -577,18 +578,21 @@ class Mesh:
         """Starts an Envoy again with its last config; waits until its admin says LIVE."""
         config = self._envoy_configs[name]
         child = self._spawn_envoy(name, config)
-        ready = f"http://127.0.0.1:{config.admin_port}/ready"
         wait_for(
-            lambda: _http_status(ready) == 200,
+            lambda: envoy_admin.text(config.admin_socket, "/ready") is not None,
             self.config.startup_timeout_s,
             f"{name}'s admin /ready to answer 200",
             child,
             self._cancelled,
         )
 
-    def admin_url(self, name: str = "envoy") -> str:
-        """Returns the admin address of one of the mesh's Envoys (the edge by default)."""
-        return f"http://127.0.0.1:{self._envoy_configs[name].admin_port}"
+    def admin(self, target: str, method: str = "GET", name: str = "envoy") -> str:
+        """Returns the answer of one of the mesh's Envoys' admin API (the edge's by
+        default) to `target` (path and query); raises RuntimeError unless it is 200."""
+        text = envoy_admin.text(self._envoy_configs[name].admin_socket, target, method, 5.0)
+        if text is None:
+            raise RuntimeError(f"{name}'s admin API did not answer {method} {target} with 200")
+        return text
 
     def drain_envoy(self, name: str = "envoy", timeout_s: float = 30.0) -> None:
         """Drains an Envoy gracefully: it stops taking connections and its requests finish.
@@ -598,12 +602,10 @@ class Mesh:
         downstream request is active any more (or raises TimeoutError). The
         process keeps running: `terminate` it next.
         """
-        admin = self.admin_url(name)
-        request = urllib.request.Request(f"{admin}/drain_listeners?graceful", method="POST")
-        with urllib.request.urlopen(request, timeout=5):
-            pass
+        self.admin("/drain_listeners?graceful", "POST", name)
+        admin_socket = self._envoy_configs[name].admin_socket
         wait_for(
-            lambda: _active_downstream_requests(admin) == 0,
+            lambda: drain.in_flight(admin_socket) == 0,
             timeout_s,
             f"{name}'s requests to finish",
             self._child(name),
@@ -651,7 +653,7 @@ class Mesh:
         config = dataclasses.replace(
             self.edge_config(),
             listen_port=port,
-            admin_port=reserve_port(),
+            admin_socket=self.run_dir / f"{name}-admin.sock",
             node_id=f"{name}-{port}",
             access_log_path=str(self.log_dir / f"{name}-access.log"),
             tls=None,  # only the main edge serves TLS (one port each)
@@ -816,19 +818,6 @@ def _http_status(url: str) -> int | None:
         return exc.code
     except (urllib.error.URLError, OSError):
         return None
-
-
-def _active_downstream_requests(admin_url: str) -> int | None:
-    """Returns the requests an Envoy's listeners have in flight (None: no answer)."""
-    url = f"{admin_url}/stats?filter=downstream_rq_active$"
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            lines = response.read().decode().splitlines()
-    except (urllib.error.URLError, OSError):
-        return None
-    # http.<stat_prefix>.downstream_rq_active: <n>; the admin listener counts this call.
-    stats = dict(line.split(": ", 1) for line in lines if ": " in line)
-    return sum(int(v) for k, v in stats.items() if k.startswith("http.") and ".admin." not in k)
 
 
 def _otlp_endpoint(url: str | None) -> Endpoint | None:

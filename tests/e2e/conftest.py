@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
-import httpx
 import pytest
 
 from services.launcher.mesh import Mesh
@@ -17,7 +17,7 @@ from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
 def edge_hosts(mesh: Mesh, cluster: str) -> dict[str, dict[str, str]]:
     """Returns each host of an edge cluster with its `weight` and `health_flags`,
     as Envoy's admin lists them (what its load balancer picks from)."""
-    listing = httpx.get(f"http://127.0.0.1:{mesh.admin_port}/clusters", timeout=5).text
+    listing = mesh.admin("/clusters")
     hosts: dict[str, dict[str, str]] = {}
     for line in listing.splitlines():
         name, _, rest = line.partition("::")
@@ -55,11 +55,9 @@ def _sends_to(route: dict[str, Any], cluster: str) -> bool:
     return cluster in names or f"fallback:{cluster.removeprefix('model:')}" in names
 
 
-def edge_routes(admin_url: str) -> list[dict[str, Any]]:
+def edge_routes(mesh: Mesh, edge: str = "envoy") -> list[dict[str, Any]]:
     """Every route of an edge's dynamic route configuration, as its Envoy applied it."""
-    dump = httpx.get(
-        f"{admin_url}/config_dump", params={"resource": "dynamic_route_configs"}, timeout=5
-    ).json()
+    dump = json.loads(mesh.admin("/config_dump?resource=dynamic_route_configs", name=edge))
     return [
         route
         for config in dump.get("configs", [])
@@ -72,7 +70,7 @@ def edge_placement(mesh: Mesh, cluster: str) -> tuple[dict[str, Any], list[Any]]
     """What decides where the edge sends a prompt head of `cluster`: its hosts (weights,
     health) and the metadata of the routes to it (the router's pins of hot heads to
     workers and the turns of unseen heads: gateway/model_routing.lua)."""
-    routes = edge_routes(mesh.admin_url())
+    routes = edge_routes(mesh)
     metadata = [route.get("metadata", {}) for route in routes if _sends_to(route, cluster)]
     return edge_hosts(mesh, cluster), metadata
 

@@ -116,7 +116,7 @@ def test_a_header_the_edge_sets_is_not_doubled_by_the_lifted_one(api_deprecated)
     added = {"key": "sunset", "value": "Fri, 01 Jan 2100 00:00:00 GMT"}
 
     def applied() -> bool:
-        routes = edge_routes(mesh.admin_url("envoy"))
+        routes = edge_routes(mesh)
         targets = targets_of(version_route(routes, "1", model="deterministic-test"))
         return added in [h["header"] for t in targets for h in t.get("response_headers_to_add", [])]
 

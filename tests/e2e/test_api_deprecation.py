@@ -195,7 +195,7 @@ def _deprecate_model_version(mesh: Mesh, edge: grpc.Channel, sunset: int) -> Non
     added = {"key": "sunset", "value": formatdate(sunset, usegmt=True)}
 
     def applied() -> bool:
-        targets = targets_of(version_route(edge_routes(mesh.admin_url("envoy")), "2"))
+        targets = targets_of(version_route(edge_routes(mesh), "2"))
         headers = [h["header"] for t in targets for h in t.get("response_headers_to_add", [])]
         return added in headers
 

@@ -41,7 +41,7 @@ SUNSET_IN_S = 2.0
 def _routes_of(mesh: Mesh, model: str) -> list[dict[str, Any]]:
     return [
         route
-        for route in edge_routes(mesh.admin_url())
+        for route in edge_routes(mesh)
         if any(
             h["name"] == MODEL_HEADER and h.get("string_match", {}).get("exact") == model
             for h in route.get("match", {}).get("headers", [])

@@ -21,7 +21,7 @@ def ext_authz_counts(mesh) -> dict[str, int]:
     (Envoy counts each check twice: per listener, `http.<prefix>.ext_authz.*`,
     and per cluster, `cluster.auth.ext_authz.*`; the listeners' are read.)
     """
-    text = httpx.get(f"http://127.0.0.1:{mesh.admin_port}/stats", timeout=5).text
+    text = mesh.admin("/stats")
     counts: dict[str, int] = {}
     for line in text.splitlines():
         name, _, value = line.partition(": ")

@@ -330,8 +330,7 @@ def test_a_healthy_rollout_reaches_100_percent_across_a_router_restart(
 
 def mirror_configured(mesh: Mesh, version: str) -> bool:
     """Tells whether the edge's routes mirror the model to `version`'s cluster."""
-    url = f"http://127.0.0.1:{mesh.admin_port}/config_dump?resource=dynamic_route_configs"
-    dump = httpx.get(url, timeout=5).text
+    dump = mesh.admin("/config_dump?resource=dynamic_route_configs")
     return f'"cluster": "model:{MODEL}:{version}"' in dump and "request_mirror_policies" in dump
 
 

@@ -47,7 +47,7 @@ def test_every_queried_name_is_exported_by_the_running_mesh(mesh):
         f"{mesh.edge_url}/v1/models/deterministic-test:complete", json={}, timeout=10
     )
     assert denied.status_code == 401
-    envoy = httpx.get(f"http://127.0.0.1:{mesh.admin_port}/stats/prometheus", timeout=10).text
+    envoy = mesh.admin("/stats/prometheus")
     services = "\n".join(
         httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         for name, port in mesh.ports.items()
@@ -69,7 +69,7 @@ def test_every_queried_name_is_exported_by_the_running_mesh(mesh):
 
 def test_cluster_name_patterns_match_the_edges_clusters(mesh):
     # Envoy's stats spell a cluster "model:demo-lm:1" as "model_demo-lm_1".
-    envoy = httpx.get(f"http://127.0.0.1:{mesh.admin_port}/stats/prometheus", timeout=10).text
+    envoy = mesh.admin("/stats/prometheus")
     clusters = set(re.findall(r'envoy_cluster_name="([^"]+)"', envoy))
     assert "model_deterministic-test_1" in clusters, sorted(clusters)
     for query in obs.all_queries():

@@ -133,7 +133,7 @@ def wait_for_routes(
 ) -> None:
     """Waits until an edge's routes show a catalogue change (the router pushes at once;
     Envoy applies it a few ms later)."""
-    wait_until(lambda: applied(edge_routes(mesh.admin_url(edge))), 10, f"{edge} to route {what}")
+    wait_until(lambda: applied(edge_routes(mesh, edge)), 10, f"{edge} to route {what}")
 
 
 def _matched(route: dict[str, Any]) -> dict[str, str | None]:
@@ -213,7 +213,7 @@ def rest_complete(routed: Mesh, model: str = MODEL, **body: object) -> httpx.Res
 
 def edge_stats(routed: Mesh, prefix: str = "cluster.usage.ratelimit") -> dict[str, str]:
     """Returns the edge's Envoy counters under `prefix` (for failure messages)."""
-    text = httpx.get(f"http://127.0.0.1:{routed.admin_port}/stats", timeout=5).text
+    text = routed.admin("/stats")
     pairs = (line.split(": ", 1) for line in text.splitlines() if line.startswith(prefix))
     return dict(pair for pair in pairs if len(pair) == 2)
 
@@ -450,10 +450,7 @@ def test_a_model_past_every_versions_sunset_is_404_also_without_a_version(routed
         timeout=10,
     )
     wait_until(
-        lambda: (
-            "direct_response"
-            in version_route(edge_routes(routed.admin_url("envoy")), "1", RETIRING)
-        ),
+        lambda: "direct_response" in version_route(edge_routes(routed), "1", RETIRING),
         15,
         "the edge to answer the sunset version itself",
     )
@@ -745,7 +742,7 @@ def test_hot_prompt_heads_are_pinned_evenly_over_the_workers(routed, edge, catal
         served = {
             head: {complete(edge, prompt=head + f"q{i}").worker for i in range(3)} for head in heads
         }
-        pins = pins_of(edge_routes(routed.admin_url("envoy")))
+        pins = pins_of(edge_routes(routed))
         if not all(keys[h] in pins for h in heads):
             return False
         owners = {h: addresses.get(pins[keys[h]]) for h in heads}
@@ -765,7 +762,7 @@ def test_heads_the_edge_has_not_seen_go_to_the_workers_in_turn(routed, edge):
     heads: list[str] = []
 
     def first_requests_alternate() -> bool:
-        metadata = version_route(edge_routes(routed.admin_url("envoy")), "1").get("metadata", {})
+        metadata = version_route(edge_routes(routed), "1").get("metadata", {})
         turns = metadata.get("filter_metadata", {}).get(LUA_FILTER_NAME, {}).get(SPREAD_KEY, [])
         if set(collections.Counter(turns).values()) != {4}:
             return False  # other tests' traffic moved a weight: wait for even turns

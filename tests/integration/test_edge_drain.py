@@ -26,6 +26,7 @@ import httpx
 import pytest
 import yaml
 
+from gateway import admin as envoy_admin
 from gateway import drain
 from services.launcher.mesh import envoy_binary
 from services.launcher.processes import reserve_port
@@ -83,12 +84,12 @@ def upstream() -> Iterator[Upstream]:
     server.server_close()
 
 
-def _bootstrap(listen: int, admin: int, upstream: int) -> dict[str, Any]:
+def _bootstrap(listen: int, admin: Path, upstream: int) -> dict[str, Any]:
     """One HTTP listener in front of `upstream`, with a /healthz health-check filter
     (the edge's readiness path)."""
     hcm = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
     return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "admin": {"address": envoy_admin.address(admin)},
         "static_resources": {
             "listeners": [
                 {
@@ -185,7 +186,7 @@ class Edge:
 
     process: subprocess.Popen[bytes]
     listen: int
-    admin: int
+    admin: Path
 
     @property
     def url(self) -> str:
@@ -196,7 +197,7 @@ class Edge:
 def _edge(
     tmp_path: Path, upstream: Upstream, drain_s: float, listener_drain_s: float = LISTENER_DRAIN_S
 ) -> Iterator[Edge]:
-    listen, admin = reserve_port(), reserve_port()
+    listen, admin = reserve_port(), tmp_path / "admin.sock"
     config = tmp_path / "envoy.yaml"
     config.write_text(yaml.safe_dump(_bootstrap(listen, admin, upstream.port)))
     argv = [
@@ -210,8 +211,8 @@ def _edge(
     ]
     # What `python -m gateway run` runs after rendering the edge's bootstrap.
     code = (
-        "import sys; from gateway import drain; "
-        f"sys.exit(drain.supervise({argv!r}, {admin}, {drain_s}))"
+        "import sys; from pathlib import Path; from gateway import drain; "
+        f"sys.exit(drain.supervise({argv!r}, Path({str(admin)!r}), {drain_s}))"
     )
     with (tmp_path / "edge.log").open("wb") as log:
         process = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log)
@@ -293,7 +294,7 @@ def test_the_prestop_drain_waits_for_the_stream_then_sigterm_stops_at_once(
         stream = Stream(f"{edge.url}/generate")
         env = {
             **os.environ,
-            "TOKENMESH_EDGE_ADMIN_PORT": str(edge.admin),
+            "TOKENMESH_EDGE_ADMIN_SOCKET": str(edge.admin),
             "TOKENMESH_EDGE_DRAIN_SECONDS": str(DEADLINE_S),
         }
         hook = subprocess.Popen([sys.executable, "-m", "gateway", "drain"], env=env)
@@ -345,7 +346,7 @@ def test_the_prestop_drain_waits_for_the_listeners_even_when_idle(
     # The hook runs while Kubernetes takes the pod out of its endpoints: clients that
     # resolved it before are answered until the listeners close, idle or not.
     with _edge(tmp_path, upstream, drain_s=DEADLINE_S) as edge:
-        env = {**os.environ, "TOKENMESH_EDGE_ADMIN_PORT": str(edge.admin)}
+        env = {**os.environ, "TOKENMESH_EDGE_ADMIN_SOCKET": str(edge.admin)}
         hook = subprocess.run(
             [sys.executable, "-m", "gateway", "drain"], env=env, timeout=DEADLINE_S
         )
@@ -380,7 +381,7 @@ def test_envoy_stops_when_its_supervisor_is_killed(tmp_path: Path, upstream: Ups
             edge.process.kill()
             edge.process.wait(DEADLINE_S)
             _until(lambda: not _running(envoy), "Envoy to exit after its supervisor")
-            assert _refused(edge.admin) and _refused(edge.listen)
+            assert envoy_admin.request(edge.admin, "/ready") is None and _refused(edge.listen)
         finally:
             if _running(envoy):  # the old code's orphan: not left behind for other tests
                 os.kill(envoy, signal.SIGKILL)

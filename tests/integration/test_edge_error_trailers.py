@@ -118,10 +118,10 @@ def upstream() -> Iterator[int]:
 
 @pytest.fixture
 def edge(upstream: int, tmp_path: Path) -> Iterator[Edge]:
-    listen, admin = reserve_port(), reserve_port()
+    listen, admin = reserve_port(), tmp_path / "admin.sock"
     config = EdgeConfig(
         listen_port=listen,
-        admin_port=admin,
+        admin_socket=admin,
         descriptor_path=protos.build_descriptor_set(tmp_path / "tokenmesh.pb"),
         upstreams={name: [Endpoint("127.0.0.1", upstream)] for name in envoy_config.HEALTH_SERVICE},
         auth=None,

@@ -31,10 +31,10 @@ from services.launcher.processes import reserve_port
 from tests.envoy_process import ready, running_envoy
 
 
-def _edge(tmp_path: Path, port: int, admin: int, **changes: Any) -> dict[str, Any]:
+def _edge(tmp_path: Path, port: int, admin: Path, **changes: Any) -> dict[str, Any]:
     config = EdgeConfig(
         listen_port=port,
-        admin_port=admin,
+        admin_socket=admin,
         descriptor_path=protos.build_descriptor_set(tmp_path / "d.pb"),
         upstreams={
             name: [Endpoint("127.0.0.1", reserve_port())] for name in envoy_config.HEALTH_SERVICE
@@ -55,7 +55,7 @@ def _sds_dir(tmp_path: Path) -> Path:
     return sds_dir
 
 
-def _outcome(bootstrap: dict[str, Any], admin: int, state: Path) -> tuple[int | None, str]:
+def _outcome(bootstrap: dict[str, Any], admin: Path, state: Path) -> tuple[int | None, str]:
     """Starts Envoy on `bootstrap` until it exits or is ready; returns (exit code or
     None when it came up, its log)."""
     (state / "second.yaml").write_text(yaml.safe_dump(bootstrap))
@@ -89,7 +89,8 @@ def port_sharer() -> Iterator[int]:
 
 
 def test_a_second_edge_on_the_same_port_fails(tmp_path):
-    port, first_admin, second_admin = reserve_port(), reserve_port(), reserve_port()
+    port = reserve_port()
+    first_admin, second_admin = tmp_path / "first.sock", tmp_path / "second.sock"
     (tmp_path / "first").mkdir()
     with running_envoy(_edge(tmp_path, port, first_admin), first_admin, tmp_path / "first"):
         code, log = _outcome(_edge(tmp_path, port, second_admin), second_admin, tmp_path)
@@ -97,7 +98,7 @@ def test_a_second_edge_on_the_same_port_fails(tmp_path):
     assert f"cannot bind '127.0.0.1:{port}': Address already in use" in log
 
 
-Build = Callable[[Path, int, int], dict[str, Any]]
+Build = Callable[[Path, int, Path], dict[str, Any]]
 LISTENERS: dict[str, Build] = {
     "edge": lambda tmp, port, admin: _edge(tmp, port, admin),
     "edge_tls": lambda tmp, port, admin: _edge(
@@ -118,7 +119,7 @@ LISTENERS: dict[str, Build] = {
 
 @pytest.mark.parametrize("listener", sorted(LISTENERS))
 def test_no_listener_shares_its_port(tmp_path, port_sharer, listener):
-    admin = reserve_port()
+    admin = tmp_path / "admin.sock"
     code, log = _outcome(LISTENERS[listener](tmp_path, port_sharer, admin), admin, tmp_path)
     assert code not in (None, 0), f"the {listener} listener shared port {port_sharer}"
     assert f":{port_sharer}': Address already in use" in log
@@ -130,7 +131,7 @@ def test_a_deployed_edge_keeps_envoys_port_sharing(tmp_path, port_sharer):
     worker threads. What `python -m gateway run` renders keeps SO_REUSEPORT."""
     settings = load(EdgeSettings, {})
     assert not edge_main.edge_config(settings).exclusive_ports  # the deploy path
-    admin = reserve_port()
+    admin = tmp_path / "admin.sock"
     bootstrap = _edge(tmp_path, port_sharer, admin, exclusive_ports=False)
     code, log = _outcome(bootstrap, admin, tmp_path)
     assert code is None, f"the deployed edge refused a port it may share:\n{log}"

@@ -15,11 +15,11 @@ from tests.envoy_process import ready, running_envoy
 
 
 @pytest.fixture
-def edge(tmp_path: Path) -> Iterator[tuple[int, int]]:
-    admin, stats = reserve_port(), reserve_port()
+def edge(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    admin, stats = tmp_path / "admin.sock", reserve_port()
     config = EdgeConfig(
         listen_port=reserve_port(),
-        admin_port=admin,
+        admin_socket=admin,
         descriptor_path=protos.build_descriptor_set(tmp_path / "d.pb"),
         upstreams={
             name: [Endpoint("127.0.0.1", reserve_port())] for name in envoy_config.HEALTH_SERVICE

@@ -35,7 +35,7 @@ def _config(tmp_path: Path, **overrides) -> EdgeConfig:
     }
     values: dict[str, Any] = dict(
         listen_port=18080,
-        admin_port=18081,
+        admin_socket=Path("/tmp/envoy-admin.sock"),
         descriptor_path=protos.build_descriptor_set(tmp_path / "d.pb"),
         upstreams=upstreams,
     )

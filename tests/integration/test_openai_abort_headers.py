@@ -24,6 +24,7 @@ import pytest
 import yaml
 from google.api.httpbody_pb2 import HttpBody
 
+from gateway import admin as envoy_admin
 from gateway import envoy_config, openai_backend, protos
 from gateway.envoy_config import Endpoint
 from services.core import contract
@@ -158,7 +159,7 @@ def _retrying_backend(state: Path, worker_port: int) -> Any:
     for name, content in envoy_config.sds_files(mtls.pki_dir(), contract.EDGE, None).items():
         (sds / name).write_text(yaml.safe_dump(content, sort_keys=False))
     descriptor = protos.build_descriptor_set(state / "tokenmesh.pb")
-    port, admin = reserve_port(), reserve_port()
+    port, admin = reserve_port(), state / "admin.sock"
     bootstrap = openai_backend.bootstrap(
         Endpoint("127.0.0.1", port), admin, descriptor, [Endpoint("127.0.0.1", worker_port)], sds
     )
@@ -171,19 +172,11 @@ def _retrying_backend(state: Path, worker_port: int) -> Any:
     argv = [str(envoy_binary()), "-c", str(config), "--concurrency", "1"]
     child = Child("envoy", [*argv, "--disable-hot-restart"], clean_env({}), state / "envoy.log")
     try:
-        ready = f"http://127.0.0.1:{admin}/ready"
-        wait_for(lambda: _ok(ready), 60, "envoy", child)
-        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+        wait_for(lambda: envoy_admin.text(admin, "/ready") is not None, 60, "envoy", child)
+        yield f"http://127.0.0.1:{port}", admin
     finally:
         child.terminate()
         child.wait(10)
-
-
-def _ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 async def test_the_edge_does_not_retry_it_and_the_client_reads_the_real_error(
@@ -202,7 +195,7 @@ async def test_the_edge_does_not_retry_it_and_the_client_reads_the_real_error(
                 json={"model": "deterministic-test@1", "messages": LONG, "max_tokens": 400, "n": 2},
             )
             await unloading
-            stats = (await http.get(f"{admin}/stats?filter=upstream_rq_retry$")).text
+            stats = envoy_admin.text(admin, "/stats?filter=upstream_rq_retry$") or ""
     assert reply.status_code == 503, reply.text
     assert reply.json()["error"]["code"] == "model_unloaded"  # not the retry's 404
     assert reply.headers["x-request-id"]

@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 import yaml
 from google.api.httpbody_pb2 import HttpBody
 
+from gateway import admin as envoy_admin
 from gateway import envoy_config, openai_backend, protos
 from gateway.envoy_config import Endpoint
 from services.core import contract
@@ -43,7 +44,6 @@ from tests import mtls
 from tests.integration.conftest import inference_settings, start_inference
 from tests.integration.test_hung_engine import HeldCalls, _shipped_events
 from tests.integration.test_inference_model_lifecycle import _reason, _until
-from tests.integration.test_openai_abort_headers import _ok
 from tests.integration.test_openai_usage_billing import _month_used
 from tokenmesh.inference.v1 import inference_service_pb2 as v1
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as v1_rpc
@@ -335,16 +335,16 @@ async def test_no_waiting_request_starts_once_the_unload_began(
 
 
 @contextlib.contextmanager
-def _retrying_backend(state: Path, worker_ports: Sequence[int]) -> Iterator[tuple[str, str]]:
+def _retrying_backend(state: Path, worker_ports: Sequence[int]) -> Iterator[tuple[str, Path]]:
     """The bare OpenAI backend in front of the workers, its route retrying as the
     per-model routes do (another worker, before any response header): its URL and its
-    admin URL."""
+    admin socket."""
     sds = state / "sds"
     sds.mkdir(parents=True)
     for name, content in envoy_config.sds_files(mtls.pki_dir(), contract.EDGE, None).items():
         (sds / name).write_text(yaml.safe_dump(content, sort_keys=False))
     descriptor = protos.build_descriptor_set(state / "tokenmesh.pb")
-    port, admin = reserve_port(), reserve_port()
+    port, admin = reserve_port(), state / "admin.sock"
     workers = [Endpoint("127.0.0.1", worker) for worker in worker_ports]
     bootstrap = openai_backend.bootstrap(
         Endpoint("127.0.0.1", port), admin, descriptor, workers, sds
@@ -358,8 +358,8 @@ def _retrying_backend(state: Path, worker_ports: Sequence[int]) -> Iterator[tupl
     argv = [str(envoy_binary()), "-c", str(config), "--concurrency", "1"]
     child = Child("envoy", [*argv, "--disable-hot-restart"], clean_env({}), state / "envoy.log")
     try:
-        wait_for(lambda: _ok(f"http://127.0.0.1:{admin}/ready"), 60, "envoy", child)
-        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+        wait_for(lambda: envoy_admin.text(admin, "/ready") is not None, 60, "envoy", child)
+        yield f"http://127.0.0.1:{port}", admin
     finally:
         child.terminate()
         child.wait(10)
@@ -422,7 +422,7 @@ async def test_the_edge_tries_a_refused_waiting_request_again_on_another_worker(
                 other = workers[1 - first][0]
                 await _unload(workers[first][1])
                 answer = await reply
-                stats = (await http.get(f"{admin}/stats?filter=upstream_rq_retry$")).text
+                stats = envoy_admin.text(admin, "/stats?filter=upstream_rq_retry$") or ""
         for runner in runners:
             runner.cancel()
         events = await _shipped_events(

@@ -24,7 +24,11 @@ def _filters(bootstrap: dict[str, Any]) -> list[dict[str, Any]]:
 
 def test_the_bare_backend_transcodes_only_the_openai_surface_with_no_auth_or_limits():
     bootstrap = openai_backend.bootstrap(
-        Endpoint("127.0.0.1", 9000), 9001, Path("/d.pb"), [Endpoint("127.0.0.1", 9100)], None
+        Endpoint("127.0.0.1", 9000),
+        Path("/a.sock"),
+        Path("/d.pb"),
+        [Endpoint("127.0.0.1", 9100)],
+        None,
     )
     names = [f["name"] for f in _filters(bootstrap)]
     assert names == [
@@ -43,7 +47,11 @@ def test_the_bare_backend_transcodes_only_the_openai_surface_with_no_auth_or_lim
 
 def test_the_bare_backend_reaches_workers_over_mtls_as_the_edge_does(tmp_path):
     bootstrap = openai_backend.bootstrap(
-        Endpoint("127.0.0.1", 9000), 9001, Path("/d.pb"), [Endpoint("127.0.0.1", 9100)], tmp_path
+        Endpoint("127.0.0.1", 9000),
+        Path("/a.sock"),
+        Path("/d.pb"),
+        [Endpoint("127.0.0.1", 9100)],
+        tmp_path,
     )
     (cluster,) = bootstrap["static_resources"]["clusters"]
     edge_cluster = envoy_config.cluster("inference", [Endpoint("127.0.0.1", 9100)], 1.0, tmp_path)
@@ -73,7 +81,7 @@ def test_every_target_gets_the_same_request_bytes():
 
 
 def test_an_edge_without_prefix_affinity_gets_round_robin_from_the_same_control_plane():
-    config = EdgeConfig(9000, 9001, Path("/d.pb"), {}, prefix_affinity=False)
+    config = EdgeConfig(9000, Path("/a.sock"), Path("/d.pb"), {}, prefix_affinity=False)
     metadata = envoy_config.bootstrap(config)["node"]["metadata"]
     flags = EdgeFlags.from_metadata(metadata)
     assert flags.prefix_affinity is False

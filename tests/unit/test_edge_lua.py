@@ -18,7 +18,7 @@ def _config(tmp_path: Path, **options: Any) -> EdgeConfig:
     """An edge in front of one inference upstream, with `options`."""
     return EdgeConfig(
         listen_port=18080,
-        admin_port=18081,
+        admin_socket=Path("/tmp/envoy-admin.sock"),
         descriptor_path=tmp_path / "d.pb",
         upstreams={"inference": [Endpoint("127.0.0.1", 10000)]},
         **options,

@@ -157,7 +157,7 @@ def test_an_edge_bound_to_one_address_fetches_its_jwks_there(tmp_path: Path) -> 
     config = envoy_config.EdgeConfig(
         listen_host="10.0.0.5",
         listen_port=18080,
-        admin_port=18081,
+        admin_socket=Path("/tmp/envoy-admin.sock"),
         descriptor_path=tmp_path / "d.pb",
         upstreams={"inference": [envoy_config.Endpoint("127.0.0.1", 10000)]},
         auth=EdgeAuth(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 from gateway import envoy_config, openai_backend
@@ -67,7 +68,7 @@ def test_a_request_must_arrive_whole_well_before_an_answer_may_stay_silent(tmp_p
     # request body one byte a few minutes apart held a stream that long.
     config = envoy_config.EdgeConfig(
         listen_port=18080,
-        admin_port=18081,
+        admin_socket=Path("/tmp/envoy-admin.sock"),
         descriptor_path=tmp_path / "d.pb",
         upstreams={"inference": [envoy_config.Endpoint("127.0.0.1", 10000)]},
     )
