@@ -747,6 +747,38 @@ CONTROL_PLANE = Dashboard(
                 ),
             ),
         ),
+        (
+            "Jobs",
+            (
+                Panel(
+                    "Job items running and held back",
+                    (
+                        ("sum(tokenmesh_job_items_running)", "running"),
+                        ("sum(tokenmesh_job_items_waiting)", "held back (no worker, retry later)"),
+                    ),
+                ),
+                Panel(
+                    "Job items finished by result",
+                    (
+                        (
+                            f"sum by (result) (rate(tokenmesh_job_items_finished_total[{RATE}]))",
+                            "{{result}}",
+                        ),
+                    ),
+                    "ops",
+                ),
+                Panel(
+                    "Webhook attempts by outcome",
+                    (
+                        (
+                            "sum by (outcome) "
+                            f"(increase(tokenmesh_job_webhook_attempts_total[{RATE}]))",
+                            "{{outcome}}",
+                        ),
+                    ),
+                ),
+            ),
+        ),
     ),
 )
 

@@ -47,6 +47,7 @@ from services.core import contract
 from services.core.identity import ClientChannel
 from services.core.pki import IdentityFiles
 from services.core.server import MAX_MESSAGE_BYTES
+from services.jobs import metrics
 from services.jobs.workers import Placement, Sunset, WorkerDirectory
 from tokenmesh.inference.v2 import inference_pb2, inference_service_pb2_grpc
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
@@ -316,10 +317,12 @@ class ItemExecutor:
     async def _wait(self, tries: int, suggested_s: float | None, deadline_s: float) -> None:
         delay = self.backoff.delay_s(tries, suggested_s)
         self.waiting += 1
+        metrics.ITEMS_WAITING.inc()
         try:
             await asyncio.sleep(max(0.0, min(delay, deadline_s - time.time())))
         finally:
             self.waiting -= 1
+            metrics.ITEMS_WAITING.dec()
 
     async def _call(
         self,

@@ -58,6 +58,7 @@ from redis.exceptions import RedisError, ResponseError
 from services.core.redis_service import text
 from services.core.store_errors import STORE_UNREACHABLE, is_store_refusal
 from services.core.tasks import cancel_and_wait
+from services.jobs import metrics
 from services.jobs import store as jobstore
 from services.jobs.execution import DeadlinePassed, ItemExecutor, Outcome
 from services.jobs.key_status import KeyStatus
@@ -515,7 +516,10 @@ class Runner:
         # request id; its calls to workers are its children.
         attributes = {"tokenmesh.job.id": job_id, "tokenmesh.request_id": request_id}
         try:
-            with TRACER.start_as_current_span("job item", attributes=attributes):
+            with (
+                TRACER.start_as_current_span("job item", attributes=attributes),
+                metrics.ITEMS_RUNNING.track_inprogress(),
+            ):
                 outcome = await self.executor.run(
                     item,
                     index,
@@ -589,9 +593,15 @@ class Runner:
         while True:
             tries += 1
             try:
-                return await self.store.finish_item(
+                stored = await self.store.finish_item(
                     job_id, index, outcome.result, outcome.usage, stream, entry_id, self.consumer
                 )
+                if stored:
+                    failed = outcome.result.HasField("error")
+                    metrics.ITEMS_FINISHED.labels(
+                        metrics.FAILED if failed else metrics.SUCCEEDED
+                    ).inc()
+                return stored
             except (RedisError, OSError, TimeoutError) as exc:
                 if not _store_unavailable(exc):
                     raise

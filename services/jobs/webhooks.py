@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import httpx
 from google.protobuf import timestamp_pb2
 
-from services.jobs import signing, ssrf, views
+from services.jobs import metrics, signing, ssrf, views
 from services.jobs.secret_box import SecretUnreadable
 from services.jobs.store import (
     HOOK_DEAD,
@@ -65,6 +65,12 @@ from services.jobs.store import (
 from tokenmesh.jobs.v1 import jobs_pb2
 
 logger = logging.getLogger(__name__)
+#: A webhook attempt's outcome (tokenmesh_job_webhook_attempts_total) by the state it left.
+WEBHOOK_OUTCOMES = {
+    HOOK_DELIVERED: metrics.DELIVERED,
+    HOOK_RETRYING: metrics.RETRYING,
+    HOOK_DEAD: metrics.DEAD,
+}
 USER_AGENT = "tokenmesh-webhooks/1"
 #: The default delays between attempts (seconds): 11 attempts over about 23.7 hours.
 DEFAULT_SCHEDULE_S = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800)
@@ -378,9 +384,9 @@ class WebhookSender:
             duration_ms=(time.time() - started) * 1000,
         )
         round_start = record.number("round_start")
-        await self.store.record_attempt(
-            job_id, attempt, *self._next(round_start, number, answer), round_start
-        )
+        state, due_ms = self._next(round_start, number, answer)
+        await self.store.record_attempt(job_id, attempt, state, due_ms, round_start)
+        metrics.WEBHOOK_ATTEMPTS.labels(WEBHOOK_OUTCOMES[state]).inc()
         logger.info(
             "webhook of %s attempt %d: %s", job_id, number, answer.http_status or answer.error
         )

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from services.core import contract
 from services.core.pki import IdentityFiles
@@ -108,6 +109,12 @@ async def _job(
     return job_id
 
 
+def _finished(result: str) -> float:
+    """tokenmesh_job_items_finished_total{result} in this process (every runner's)."""
+    value = REGISTRY.get_sample_value("tokenmesh_job_items_finished_total", {"result": result})
+    return value or 0.0
+
+
 def _complete(model: str, prompt: str) -> jobs_pb2.JobItem:
     return jobs_pb2.JobItem(
         complete=v2.CompleteRequest(model=model, prompt=prompt, max_output_tokens=1)
@@ -118,6 +125,7 @@ async def test_a_lane_with_one_slot_starts_its_next_item_when_one_ends(tmp_path,
     """A full lane waits for a slot to free, not for a fixed pause: with one slot and a
     5 s read block, the old runner took ~5 s per item (40 s for 8); this one finishes
     them back to back."""
+    succeeded = _finished("succeeded")
     async with _runner_beside_a_worker(tmp_path, redis_url, 1) as (store, runner):
         items = [_complete("deterministic-test", f"item {i}") for i in range(ITEMS)]
         job_id = await _job(store, items)
@@ -130,12 +138,16 @@ async def test_a_lane_with_one_slot_starts_its_next_item_when_one_ends(tmp_path,
             # so once in CI), so cancel until the task has ended.
             await cancel_and_wait(task, 10)
         assert status == "SUCCEEDED"
+    # The jobs service's own signals (it exported none about its work).
+    assert _finished("succeeded") - succeeded == ITEMS
+    assert REGISTRY.get_sample_value("tokenmesh_job_items_running") == 0
 
 
 async def test_an_items_error_keeps_its_error_info_metadata(tmp_path, redis_url):
     # A content policy's block names its policy and rule in ErrorInfo's metadata: a
     # job item's error (and a handed-over Complete's, rebuilt from it) lost them.
     tenant = f"t-{uuid.uuid4().hex[:6]}"
+    failed = _finished("failed")
     async with _runner_beside_a_worker(tmp_path, redis_url, 1, blocked_tenant=tenant) as (
         store,
         runner,
@@ -153,6 +165,7 @@ async def test_an_items_error_keeps_its_error_info_metadata(tmp_path, redis_url)
         error = jobs_pb2.JobResult.FromString(raw).error
         assert error.reason == "CONTENT_POLICY"
         assert dict(error.metadata) == {"policy": "no-forbidden@1", "rule": "block_keyword:0"}
+    assert _finished("failed") - failed == 1
 
 
 async def test_a_dead_replicas_items_behind_many_live_ones_are_taken_over(redis_url, monkeypatch):

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from services.jobs import signing, ssrf
 from services.jobs import store as jobstore
@@ -71,6 +72,11 @@ async def _ended_job_with_webhook(store: JobStore, url: str) -> str:
     return job_id
 
 
+def _webhook_attempts(outcome: str) -> float:
+    labels = {"outcome": outcome}
+    return REGISTRY.get_sample_value("tokenmesh_job_webhook_attempts_total", labels) or 0.0
+
+
 async def test_a_receiver_whose_first_address_is_down_gets_its_event_at_the_next(store, receiver):
     """Only the first address was ever tried: the attempt failed (ConnectError) while
     the name's second address served, and so did every retry until DEAD_LETTER."""
@@ -79,6 +85,7 @@ async def test_a_receiver_whose_first_address_is_down_gets_its_event_at_the_next
     sender = WebhookSender(store, policy)
     url = f"http://{RECEIVER_HOST}:{receiver.port}/hook"
     job_id = await _ended_job_with_webhook(store, url)
+    delivered = _webhook_attempts("delivered")
     try:
         await sender.deliver(job_id)
     finally:
@@ -90,6 +97,7 @@ async def test_a_receiver_whose_first_address_is_down_gets_its_event_at_the_next
     attempts = await store.attempts(job_id)
     assert [(a.http_status, a.error) for a in attempts] == [(204, "")]
     assert record.get("webhook_state") == jobstore.HOOK_DELIVERED
+    assert _webhook_attempts("delivered") - delivered == 1  # the jobs service's own signal
     # Sent once, to the vetted address, as the receiver's name; one lookup only.
     assert receiver.hosts == [f"{RECEIVER_HOST}:{receiver.port}"]
     assert names.lookups == 1
