@@ -423,11 +423,13 @@ TENANTS = Dashboard(
                     "reqps",
                 ),
                 Panel(
-                    "Inference RPCs refused (RESOURCE_EXHAUSTED: budgets, buffers)",
+                    # Any RESOURCE_EXHAUSTED of an inference RPC: the rate-limit
+                    # refusals (by limit, beside) are among them.
+                    "Inference RPCs refused RESOURCE_EXHAUSTED (budgets, rate limits, queues)",
                     (
                         (
                             "sum by (method) (rate(tokenmesh_rpc_total"
-                            f'{{code="RESOURCE_EXHAUSTED"}}[{RATE}]))',
+                            f'{{code="RESOURCE_EXHAUSTED",{INFERENCE_RPC}}}[{RATE}]))',
                             "{{method}}",
                         ),
                     ),
