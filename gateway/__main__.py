@@ -70,11 +70,13 @@ class EdgeSettings:
     tls_key: Path | None = env(
         "TOKENMESH_EDGE_TLS_KEY", None, "The key of TOKENMESH_EDGE_TLS_CERT (PEM)."
     )
-    admin_socket: Path = env(
+    admin_socket_setting: Path | None = env(
         "TOKENMESH_EDGE_ADMIN_SOCKET",
-        Path("/tmp/tokenmesh-envoy-admin.sock"),
+        None,
         "Envoy's admin API: a Unix socket (mode 0600), no TCP port: a web page could "
-        "send a port's POSTs (debug logging, quit). `python -m gateway drain` uses it.",
+        "send a port's POSTs (debug logging, quit). Default: "
+        "/tmp/tokenmesh-edge-<TOKENMESH_EDGE_PORT>-admin.sock. `python -m gateway drain` "
+        "uses it.",
     )
     drain_s: float = env(
         "TOKENMESH_EDGE_DRAIN_SECONDS",
@@ -124,6 +126,14 @@ class EdgeSettings:
     otlp_endpoint: str | None = env(
         "OTEL_EXPORTER_OTLP_ENDPOINT", None, "OTLP/gRPC collector; unset disables tracing."
     )
+
+    @property
+    def admin_socket(self) -> Path:
+        """Envoy's admin socket: the setting, else one per edge port (two edges on one
+        host each have their own: a second Envoy takes over a socket path in use)."""
+        if self.admin_socket_setting is not None:
+            return self.admin_socket_setting
+        return Path(f"/tmp/tokenmesh-edge-{self.edge_port}-admin.sock")
 
     def __post_init__(self) -> None:
         require(1 <= self.edge_port <= 65535, "TOKENMESH_EDGE_PORT", "must be 1-65535")

@@ -186,3 +186,19 @@ def test_the_deployed_edge_keeps_envoys_reuse_port_and_make_runs_does_not(
     settings = load(edge_main.EdgeSettings, env)
     local = replace(edge_main.edge_config(settings, tmp_path / "sds"), exclusive_ports=True)
     assert all(item["enable_reuse_port"] is False for item in envoy_config.listeners(local))
+
+
+def test_the_admin_api_is_a_unix_socket_of_its_own_per_edge_port():
+    # A TCP admin (127.0.0.1:9901) took any web page's POSTs; one socket path for every
+    # edge on a host would let a second Envoy take over the first one's.
+    first = load(edge_main.EdgeSettings, {"TOKENMESH_EDGE_PORT": "8080"})
+    second = load(edge_main.EdgeSettings, {"TOKENMESH_EDGE_PORT": "9080"})
+    assert first.admin_socket != second.admin_socket
+    bootstrap = envoy_config.bootstrap(edge_main.edge_config(first, None))
+    assert bootstrap["admin"]["address"] == {
+        "pipe": {"path": str(first.admin_socket), "mode": 0o600}
+    }
+    given = load(edge_main.EdgeSettings, {"TOKENMESH_EDGE_ADMIN_SOCKET": "/run/edge/admin.sock"})
+    assert given.admin_socket == Path("/run/edge/admin.sock")
+    with pytest.raises(SettingsError, match="TOKENMESH_EDGE_ADMIN_SOCKET"):
+        load(edge_main.EdgeSettings, {"TOKENMESH_EDGE_ADMIN_SOCKET": "/" + "x" * 120})
