@@ -75,8 +75,8 @@ class EdgeSettings:
         None,
         "Envoy's admin API: a Unix socket (mode 0600), no TCP port: a web page could "
         "send a port's POSTs (debug logging, quit). Default: "
-        "/tmp/tokenmesh-edge-<TOKENMESH_EDGE_PORT>-admin.sock. `python -m gateway drain` "
-        "uses it.",
+        "/tmp/tokenmesh-edge-<uid>/admin-<host>-<port>.sock (a directory of mode 0700). "
+        "`python -m gateway drain` uses it.",
     )
     drain_s: float = env(
         "TOKENMESH_EDGE_DRAIN_SECONDS",
@@ -129,18 +129,28 @@ class EdgeSettings:
 
     @property
     def admin_socket(self) -> Path:
-        """Envoy's admin socket: the setting, else one per edge port (two edges on one
-        host each have their own: a second Envoy takes over a socket path in use)."""
+        """Envoy's admin socket: the setting, else one per listen address in this user's
+        own directory (`admin.private_dir`: two edges on one host each have theirs; a
+        second Envoy takes over a socket path in use).
+
+        Raises:
+            SettingsError: that directory is not this user's alone.
+        """
         if self.admin_socket_setting is not None:
             return self.admin_socket_setting
-        return Path(f"/tmp/tokenmesh-edge-{self.edge_port}-admin.sock")
+        try:
+            own = admin.private_dir()
+        except ValueError as exc:
+            raise SettingsError(f"TOKENMESH_EDGE_ADMIN_SOCKET: {exc}") from None
+        return own / f"admin-{self.listen_host}-{self.edge_port}.sock"
 
     def __post_init__(self) -> None:
         require(1 <= self.edge_port <= 65535, "TOKENMESH_EDGE_PORT", "must be 1-65535")
         require(0 <= self.tls_port <= 65535, "TOKENMESH_EDGE_TLS_PORT", "must be 0-65535")
         require(0 <= self.stats_port <= 65535, "TOKENMESH_EDGE_STATS_PORT", "must be 0-65535")
         require(
-            len(str(self.admin_socket).encode()) <= admin.MAX_SOCKET_PATH_BYTES,
+            self.admin_socket_setting is None
+            or len(str(self.admin_socket_setting).encode()) <= admin.MAX_SOCKET_PATH_BYTES,
             "TOKENMESH_EDGE_ADMIN_SOCKET",
             f"must be at most {admin.MAX_SOCKET_PATH_BYTES} bytes (a Unix socket's path)",
         )
@@ -277,9 +287,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         settings = load(EdgeSettings, os.environ)
+        admin_socket = settings.admin_socket
         if args.command == "drain":
             # The preStop hook: never fails (the kubelet then sends SIGTERM anyway).
-            drain.drain(settings.admin_socket, settings.drain_s)
+            drain.drain(admin_socket, settings.drain_s)
             return
         check_files(settings)
     except SettingsError as exc:
@@ -306,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         # A child, not exec: Envoy exits at once on SIGTERM, cutting every stream.
         binary = str(envoy_binary())
         argv = [binary, "-c", str(args.out), "--disable-hot-restart", *drain.envoy_args()]
-        raise SystemExit(drain.supervise(argv, settings.admin_socket, settings.drain_s))
+        raise SystemExit(drain.supervise(argv, admin_socket, settings.drain_s))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ mode 0600 keeps other local users out too. The stats listener
 from __future__ import annotations
 
 import http.client
+import os
 import socket
+import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,28 @@ def check_path(path: Path) -> None:
             f"the admin socket path {path} is {size} bytes; a Unix socket's "
             f"holds at most {MAX_SOCKET_PATH_BYTES} (use a shorter state directory)"
         )
+
+
+def private_dir(base: Path | None = None) -> Path:
+    """Returns this user's own directory for edge admin sockets (under the temporary
+    directory), made with mode 0700 when missing.
+
+    Not a socket path straight under /tmp: any local user could create it first
+    (the edge then could not start), or read its directory. A directory another
+    user made, or one others may open, is refused (ValueError).
+    """
+    path = (base or Path(tempfile.gettempdir())) / f"tokenmesh-edge-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ValueError(
+            f"{path} must be a directory of this user's alone (mode 0700) to hold the "
+            "edge's admin socket: remove it, or set TOKENMESH_EDGE_ADMIN_SOCKET"
+        )
+    return path
 
 
 def address(path: Path) -> dict[str, Any]:

@@ -125,6 +125,20 @@ def _manifest() -> dict[str, Any] | None:
     return manifest
 
 
+def _manifest_text(key: str) -> str | None:
+    """Returns the local mesh's `key` from run/mesh.json (None: no mesh, or no such key).
+
+    Raises:
+        BadInput: the value is not a string (a hand-edited or corrupt file).
+    """
+    value = (_manifest() or {}).get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadInput(f"the local mesh's {_manifest_path()} has a bad {key!r}: {value!r}")
+    return value
+
+
 def _address(args: argparse.Namespace) -> str:
     """Returns host:port of the service the command talks to (auth, edge or router)."""
     via = "edge" if args.target in EDGE_TARGETS else args.target
@@ -169,7 +183,7 @@ def _edge_roots(args: argparse.Namespace) -> bytes | None:
     if args.edge_ca:
         path = Path(args.edge_ca)
     elif args.edge_address is None:
-        found = (_manifest() or {}).get("ca")
+        found = _manifest_text("ca")
         if not found:
             return None
         path = Path(found)
@@ -752,7 +766,7 @@ def _redis_url() -> str:
         if not given.startswith(REDIS_SCHEMES):
             raise BadInput(f"REDIS_URL {given!r} must start with {', '.join(REDIS_SCHEMES)}")
         return given
-    url = (_manifest() or {}).get("redis_url")
+    url = _manifest_text("redis_url")
     if not url:
         raise Failed(
             f"no REDIS_URL and no local mesh at {_manifest_path()} "
@@ -857,7 +871,7 @@ def _pki_dir(args: argparse.Namespace) -> Path | None:
     """Returns the directory with the operator's certificate (--pki-dir, or the local mesh's)."""
     if args.pki_dir:
         return Path(args.pki_dir)
-    found = (_manifest() or {}).get("pki_dir")
+    found = _manifest_text("pki_dir")
     return Path(found) if found else None
 
 

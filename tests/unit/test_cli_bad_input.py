@@ -70,8 +70,13 @@ def test_a_redis_url_of_another_scheme_is_named(capsys, monkeypatch):
 
 @pytest.mark.parametrize(
     ("manifest", "says"),
-    [("{not json", "is not valid JSON"), ("[1, 2]", "is not a JSON object"), ("{}", "no auth")],
-    ids=["corrupt", "not-an-object", "no-ports"],
+    [
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "is not a JSON object"),
+        ("{}", "no auth"),
+        ('{"pki_dir": 5, "ports": {"auth": 1}}', "bad 'pki_dir': 5"),
+    ],
+    ids=["corrupt", "not-an-object", "no-ports", "pki-dir-not-a-path"],
 )
 def test_a_broken_local_manifest_is_named(manifest, says, capsys, tmp_path, monkeypatch):
     state = tmp_path / "state"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from gateway import __main__ as edge_main
-from gateway import envoy_config
+from gateway import admin, envoy_config
 from gateway.edge_auth import EdgeAuth
 from services.core import pki
 from services.core.settings import SettingsError, load
@@ -194,6 +195,9 @@ def test_the_admin_api_is_a_unix_socket_of_its_own_per_edge_port():
     first = load(edge_main.EdgeSettings, {"TOKENMESH_EDGE_PORT": "8080"})
     second = load(edge_main.EdgeSettings, {"TOKENMESH_EDGE_PORT": "9080"})
     assert first.admin_socket != second.admin_socket
+    # In this user's own directory: a path straight under /tmp, any user could take first.
+    own = first.admin_socket.parent
+    assert own.stat().st_uid == os.getuid() and own.stat().st_mode & 0o777 == 0o700
     bootstrap = envoy_config.bootstrap(edge_main.edge_config(first, None))
     assert bootstrap["admin"]["address"] == {
         "pipe": {"path": str(first.admin_socket), "mode": 0o600}
@@ -202,3 +206,13 @@ def test_the_admin_api_is_a_unix_socket_of_its_own_per_edge_port():
     assert given.admin_socket == Path("/run/edge/admin.sock")
     with pytest.raises(SettingsError, match="TOKENMESH_EDGE_ADMIN_SOCKET"):
         load(edge_main.EdgeSettings, {"TOKENMESH_EDGE_ADMIN_SOCKET": "/" + "x" * 120})
+
+
+def test_a_socket_directory_others_may_open_is_refused(tmp_path):
+    squatted = tmp_path / f"tokenmesh-edge-{os.getuid()}"
+    squatted.mkdir(mode=0o777)
+    squatted.chmod(0o777)  # as another user's, or a world-writable one
+    with pytest.raises(ValueError, match="mode 0700"):
+        admin.private_dir(tmp_path)
+    (tmp_path / "fresh").mkdir()
+    assert admin.private_dir(tmp_path / "fresh").stat().st_mode & 0o777 == 0o700
