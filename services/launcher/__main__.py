@@ -13,11 +13,12 @@ from pathlib import Path
 from gateway.edge_auth import DEFAULT_TOKEN_TTL_S, LONGEST_TOKEN_TTL_S, EdgeAuth
 from services.core.settings import SettingsError, env, load, require
 from services.launcher.lock import StateDirBusy
-from services.launcher.mesh import Mesh, MeshConfig, PortInUse
+from services.launcher.mesh import Mesh, MeshConfig, PortInUse, StatePathTooLong
 from services.launcher.processes import Interrupted
 
 logger = logging.getLogger("tokenmesh")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+DEFAULT_STATE_DIR = Path(".tokenmesh")
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class LauncherSettings:
     """LauncherSettings configure `make run`."""
 
     state_dir: Path = env(
-        "TOKENMESH_STATE_DIR", Path(".tokenmesh"), "Local state: logs, Redis data, configs."
+        "TOKENMESH_STATE_DIR", DEFAULT_STATE_DIR, "Local state: logs, Redis data, configs."
     )
     edge_port: int = env(
         "TOKENMESH_EDGE_PORT", 8080, "The edge's port on 127.0.0.1 (REST and gRPC)."
@@ -98,13 +99,20 @@ def usage_banner(mesh: Mesh) -> str:
         if mesh.edge_tls_port
         else ""
     )
+    # The tokenmesh lines below read the local mesh from the state dir: name it when it
+    # is not the default (they read the default's otherwise).
+    state_dir = (
+        f"  export TOKENMESH_STATE_DIR={mesh.state_dir}\n"
+        if mesh.state_dir != DEFAULT_STATE_DIR.resolve()
+        else ""
+    )
     return f"""
 tokenmesh is up: {url}   (state and logs: {mesh.state_dir})
 
 dev admin API key (also in {mesh.dev_key_path}):
   {mesh.dev_api_key()}
 
-  export TOKENMESH_API_KEY=$(cat {mesh.dev_key_path})
+{state_dir}  export TOKENMESH_API_KEY=$(cat {mesh.dev_key_path})
   curl {url}/healthz
 {tls}
   curl -H "x-api-key: $TOKENMESH_API_KEY" {url}/v1/models
@@ -164,7 +172,8 @@ def main() -> None:
             mesh.supervise()  # a child that dies is restarted, logged, counted in run/mesh.json
             print(usage_banner(mesh), flush=True)
             _serve_until(mesh)
-        logger.info("stopping")
+        if failure is None:
+            logger.info("stopping")
     finally:
         mesh.stop()
     if failure is not None:
@@ -199,6 +208,8 @@ def _start(mesh: Mesh, settings: LauncherSettings) -> tuple[str, int] | None:
         mesh.start()
     except StateDirBusy as exc:
         return f"{exc} (stop it first, or set TOKENMESH_STATE_DIR to another directory)", 2
+    except StatePathTooLong as exc:
+        return f"{exc}", 2
     except PortInUse as exc:
         variable = (
             "TOKENMESH_EDGE_PORT" if exc.port == settings.edge_port else "TOKENMESH_EDGE_TLS_PORT"

@@ -57,6 +57,10 @@ DURABLE_REDIS_PERSISTENCE = ("--appendonly", "yes", "--appendfsync", "always", "
 VOLATILE_REDIS_PERSISTENCE = ("--appendonly", "no", "--save", "")
 
 
+class StatePathTooLong(ValueError):
+    """StatePathTooLong says the state dir's path is too long for its Unix sockets."""
+
+
 class PortInUse(RuntimeError):
     """PortInUse says a fixed port the edge must listen on is taken (another mesh?)."""
 
@@ -207,8 +211,14 @@ class Mesh:
             StateDirBusy: another mesh runs on this state dir; nothing was touched.
             PortInUse: a fixed edge port is taken; nothing was started.
             Interrupted: `interrupt()` was called; `stop()` cleans up what started.
+            StatePathTooLong: the state dir's path leaves no room for Envoy's admin socket.
             RuntimeError, TimeoutError, OSError: a child did not come up.
         """
+        try:
+            # Checked before anything starts: Envoy, the last to start, refused it.
+            envoy_admin.check_path(self.admin_socket)
+        except ValueError as exc:
+            raise StatePathTooLong(str(exc)) from None
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # First: a second mesh on this dir must not touch the first one's files.
@@ -288,6 +298,19 @@ class Mesh:
             # 0600: it holds the Redis admin URL (with its password).
             manifest = json.dumps(self._manifest(), indent=2).encode()
             secret_files.replace_secret(self.run_dir / "mesh.json", manifest)
+
+    def _write_manifest_or_log(self) -> None:
+        """Writes run/mesh.json after a restart; a failure is logged, not raised: a full
+        disk stopped supervision (an error escaping `changed` does), and with it the
+        whole mesh, where the restarts can go on once space is freed."""
+        try:
+            self._write_manifest()
+        except OSError as exc:
+            logger.error(
+                "cannot write %s: %s; the mesh runs on (the CLI reads the last one written)",
+                self.run_dir / "mesh.json",
+                exc.strerror or exc,
+            )
 
     def _manifest(self) -> dict[str, Any]:
         children = {c.name: c for c in self.children if not c.stopping}
@@ -503,7 +526,7 @@ class Mesh:
                     children=self._snapshot,
                     forget=self._forget,
                     restart=self._restart_child,
-                    changed=self._write_manifest,
+                    changed=self._write_manifest_or_log,
                     policy=self.config.restart_policy,
                 )
                 self.supervisor.start()
@@ -706,6 +729,10 @@ class Mesh:
         with self._lock:
             self.children.clear()
         if self._state_lock is not None:
+            # Nothing listens any more: the CLI says "no local mesh" rather than a
+            # connection refused at the addresses of a stopped one.
+            for stale in (self.run_dir / "mesh.json", self.admin_socket):
+                stale.unlink(missing_ok=True)
             self._state_lock.release()
             self._state_lock = None
 

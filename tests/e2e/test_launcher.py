@@ -88,6 +88,8 @@ def test_ctrl_c_stops_every_process(tmp_path):
         }  # every one of them, jobs included, must be gone after Ctrl-C (below)
         assert _status(manifest["edge_url"] + "/healthz") == 200
         assert "curl -N" in log_path.read_text()  # the banner with copy-paste examples
+        # Its tokenmesh lines read this state dir, not the default one.
+        assert f"export TOKENMESH_STATE_DIR={tmp_path / 'state'}" in log_path.read_text()
         # Ctrl-C in a terminal signals the foreground process group: the launcher
         # and, before, every child with it. Redis exited at once (a SIGINT is its
         # shutdown), the supervisor started restarting it while the workers were
@@ -99,6 +101,10 @@ def test_ctrl_c_stops_every_process(tmp_path):
         assert "restarting" not in log_path.read_text()
         redis_log = (tmp_path / "state" / "logs" / "redis.log").read_text()
         assert "Received SIGTERM" in redis_log and "SIGINT" not in redis_log
+        # Nothing listens any more: the CLI says "no local mesh", not a connection
+        # refused at the stopped one's addresses.
+        run_dir = tmp_path / "state" / "run"
+        assert not (run_dir / "mesh.json").exists() and not (run_dir / "envoy-admin.sock").exists()
     finally:
         process.kill()
         process.wait()
@@ -183,6 +189,18 @@ def test_a_second_launcher_on_a_state_dir_in_use_is_refused(tmp_path):
     assert f"another tokenmesh is running on {tmp_path / 'state'} (pid 4242)" in log, log
     assert "Traceback" not in log and "started" not in log, log
     assert not (tmp_path / "state" / "redis").exists()  # no second Redis on its data
+
+
+def test_a_state_dir_too_long_for_its_sockets_is_refused_before_anything_starts(tmp_path):
+    """Envoy's admin socket path holds at most 107 bytes: a deep checkout's state dir
+    failed only when Envoy started, last, with a traceback."""
+    state = tmp_path / ("deep" * 25)
+    process, log_path = _spawn_launcher(tmp_path, TOKENMESH_STATE_DIR=str(state))
+    code, log = _refused(process, log_path)
+    assert code == 2, log
+    assert "the admin socket path" in log and "use a shorter state directory" in log, log
+    assert "Traceback" not in log and "started" not in log, log
+    assert not (state / "redis").exists()
 
 
 @pytest.mark.parametrize("variable", ["TOKENMESH_EDGE_PORT", "TOKENMESH_EDGE_TLS_PORT"])

@@ -8,6 +8,7 @@ launcher's does (services.launcher.mesh).
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from services.launcher.mesh import Mesh, MeshConfig
 from services.launcher.processes import Child, wait_for
 from services.launcher.supervisor import RestartPolicy, Supervisor
 
@@ -194,3 +196,18 @@ def test_a_restart_thread_being_started_is_not_read_as_a_dead_one(children, monk
         assert supervisor.alive()
     finally:
         supervisor.close()
+
+
+def test_the_mesh_writes_its_manifest_after_a_restart_or_logs_why_not(tmp_path, caplog):
+    """A full disk made the manifest's write raise in the supervisor's `changed`, which
+    ends supervision: the launcher stopped the whole mesh, with only a traceback, where
+    the restarts could go on once space was freed."""
+    mesh = Mesh(MeshConfig(state_dir=tmp_path / "state"))
+
+    def full_disk() -> None:
+        raise OSError(28, "No space left on device", "run/mesh.json")
+
+    mesh._write_manifest = full_disk
+    with caplog.at_level(logging.ERROR, logger="services.launcher.mesh"):
+        mesh._write_manifest_or_log()
+    assert "No space left on device; the mesh runs on" in caplog.text
