@@ -935,3 +935,111 @@ def test_the_durable_redis_keeps_its_data_in_a_volume_that_outlives_its_containe
     (limits,) = [w for w in _redis_workload_kinds() if w["metadata"]["name"] == "redis-limits"]
     assert "volumeClaimTemplates" not in limits["spec"]
     assert REDIS_DATA_DIR not in {m["mountPath"] for m in _container(limits)["volumeMounts"]}
+
+
+# What each image command runs, by its settings (deploy/docker/entrypoint.sh).
+def _settings_classes() -> dict[str, type]:
+    from services.auth.service import AuthSettings
+    from services.jobs.service import JobsSettings
+    from services.router.service import RouterSettings
+    from services.usage.service import UsageSettings
+
+    return {
+        "auth": AuthSettings,
+        "router": RouterSettings,
+        "usage": UsageSettings,
+        "jobs": JobsSettings,
+        "inference": InferenceSettings,
+        "edge": EdgeSettings,
+    }
+
+
+def _image_env() -> dict[str, str]:
+    """The Dockerfile's ENV (KEY=VALUE pairs of its ENV instructions)."""
+    text = (ROOT / "deploy" / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    return dict(
+        pair.split("=", 1)
+        for line in text.splitlines()
+        if line.startswith("ENV ")
+        for pair in line.split()[1:]
+    )
+
+
+def _interpolated(value: Any) -> str:
+    """A compose value with ${VAR...} from .env replaced by what the recipe writes."""
+
+    def dummy(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return "tm_" + "0" * 48 if name.endswith("BOOTSTRAP_KEY") else "0" * 64
+
+    return re.sub(r"\$\{(\w+)[^}]*\}", dummy, str(value))
+
+
+def test_every_compose_service_starts_with_its_own_settings():
+    # Compose's auth had no server secret: it exited 2, and no request authenticated.
+    classes = _settings_classes()
+    for service in _compose()["services"].values():
+        command = (service.get("command") or [""])[0]
+        if command not in classes:
+            continue
+        environment = {k: _interpolated(v) for k, v in (service.get("environment") or {}).items()}
+        load(classes[command], {**_image_env(), **environment})  # raises SettingsError
+
+
+def _tokenmesh_deployments() -> list[dict[str, Any]]:
+    return [
+        d
+        for d in _of_kind("Deployment")
+        if any(c["image"].startswith("tokenmesh") for c in _pod(d)["containers"])
+    ]
+
+
+def _pod(workload: dict[str, Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = workload["spec"]["template"]["spec"]
+    return pod
+
+
+def test_every_tokenmesh_pod_meets_pod_security_restricted():
+    # The edge (facing the internet) and the workers (running models) kept a writable
+    # root filesystem; no pod dropped its capabilities or set a seccomp profile.
+    for deployment in _tokenmesh_deployments():
+        name = deployment["metadata"]["name"]
+        pod = _pod(deployment)
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True, name
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["capabilities"] == {"drop": ["ALL"]}, name
+    # The edge writes its rendered config, SDS files and admin socket under /tmp.
+    edge = _container(_deployment("edge"))
+    assert {"name": "tmp", "mountPath": "/tmp"} in edge["volumeMounts"]
+
+
+def test_the_edges_upstream_services_are_headless_and_keep_serving_while_leaving():
+    # A ClusterIP gave each Envoy one host per service (the VIP): balanced per
+    # connection, health-checked on another connection than the requests'.
+    services = {d["metadata"]["name"]: d for d in _of_kind("Service")}
+    for name in ("auth", "router", "usage", "jobs"):
+        assert services[name]["spec"].get("clusterIP") == "None", name
+        lifecycle = _container(_deployment(name)).get("lifecycle", {})
+        assert lifecycle.get("preStop", {}).get("exec", {}).get("command", [""])[0] == "sleep"
+    # The client's own address reaches the edge (auth limits failures per source).
+    assert services["edge"]["spec"]["externalTrafficPolicy"] == "Local"
+
+
+def test_every_scraped_pod_names_its_metrics_port_metrics():
+    # docs/observability.md's relabelling keeps the container port named `metrics`:
+    # every other port of a pod (the mTLS gRPC ones) read as a target that is down.
+    for workload in [*_of_kind("Deployment"), *_of_kind("StatefulSet")]:
+        template = workload["spec"]["template"]
+        if template["metadata"].get("annotations", {}).get("prometheus.io/scrape") != "true":
+            continue
+        wanted = int(template["metadata"]["annotations"]["prometheus.io/port"])
+        named = {
+            port["containerPort"]
+            for container in template["spec"]["containers"]
+            for port in container.get("ports", [])
+            if port.get("name") == "metrics"
+        }
+        assert named == {wanted}, workload["metadata"]["name"]
