@@ -764,7 +764,11 @@ def _redis_url() -> str:
     if os.environ.get("REDIS_URL"):
         given = os.environ["REDIS_URL"]
         if not given.startswith(REDIS_SCHEMES):
-            raise BadInput(f"REDIS_URL {given!r} must start with {', '.join(REDIS_SCHEMES)}")
+            # The scheme alone: the rest of a URL may hold a password.
+            scheme = given.split("://", 1)[0] if "://" in given else given[:8]
+            raise BadInput(
+                f"REDIS_URL must start with {', '.join(REDIS_SCHEMES)} (it starts {scheme!r})"
+            )
         return given
     url = _manifest_text("redis_url")
     if not url:

@@ -219,6 +219,7 @@ class Mesh:
             envoy_admin.check_path(self.admin_socket)
         except ValueError as exc:
             raise StatePathTooLong(str(exc)) from None
+        _private_dir(self.state_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # First: a second mesh on this dir must not touch the first one's files.
@@ -794,9 +795,23 @@ def spawn_redis(
     return child, url
 
 
+def _private_dir(path: Path) -> None:
+    """Makes `path` a directory only its owner opens (0700), creating it if needed.
+
+    The state dir holds Redis' AOF (job prompts and results, samples, key records)
+    and every child's log (Envoy's, at debug level, prints credentials): made with
+    the umask's 0755, any local user could read them.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.chmod(0o700)
+    except PermissionError:
+        logger.warning("cannot make %s private (mode 0700): it is not this user's", path)
+
+
 def redis_argv(data_dir: Path, port: int, durable: bool, acl_file: Path | None = None) -> list[str]:
     """Returns the bundled redis-server's command line (see `spawn_redis`)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    _private_dir(data_dir)
     persistence = DURABLE_REDIS_PERSISTENCE if durable else VOLATILE_REDIS_PERSISTENCE
     return [
         str(redis_server_binary()),

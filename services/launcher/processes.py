@@ -87,7 +87,9 @@ class Child:
         self.stopping = False
         log_path.parent.mkdir(parents=True, exist_ok=True)
         command, preexec = dying_with_parent(argv)
-        with open(log_path, "ab") as log:
+        # 0600: a log can hold what its process printed of a request (Envoy's debug
+        # level prints every header, credentials included).
+        with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
             self.process = subprocess.Popen(
                 command,
                 env=dict(env),

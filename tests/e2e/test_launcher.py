@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -90,6 +91,12 @@ def test_ctrl_c_stops_every_process(tmp_path):
         assert "curl -N" in log_path.read_text()  # the banner with copy-paste examples
         # Its tokenmesh lines read this state dir, not the default one.
         assert f"export TOKENMESH_STATE_DIR={tmp_path / 'state'}" in log_path.read_text()
+        # Private: Redis' AOF (prompts of jobs, samples) and the logs (Envoy's debug
+        # level prints credentials) were readable by any local user (0755, 0644).
+        state = tmp_path / "state"
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        assert stat.S_IMODE((state / "redis").stat().st_mode) == 0o700
+        assert stat.S_IMODE((state / "logs" / "envoy.log").stat().st_mode) == 0o600
         # Ctrl-C in a terminal signals the foreground process group: the launcher
         # and, before, every child with it. Redis exited at once (a SIGINT is its
         # shutdown), the supervisor started restarting it while the workers were

@@ -61,11 +61,12 @@ def test_a_pki_dir_without_the_operator_certificate_is_named(capsys, tmp_path):
     assert err.count("\n") == 1
 
 
-def test_a_redis_url_of_another_scheme_is_named(capsys, monkeypatch):
-    monkeypatch.setenv("REDIS_URL", "http://x")
+def test_a_redis_url_of_another_scheme_is_named_without_its_password(capsys, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "http://admin:hunter2secret@x:6379/0")
     code, err = _run(["usage", "dead-letters"], capsys)
     assert code == 2, err
-    assert err.startswith("tokenmesh: REDIS_URL 'http://x' must start with redis://"), err
+    assert err.startswith("tokenmesh: REDIS_URL must start with redis://"), err
+    assert "'http'" in err and "hunter2secret" not in err, err
 
 
 @pytest.mark.parametrize(

@@ -984,6 +984,9 @@ def test_every_compose_service_starts_with_its_own_settings():
             continue
         environment = {k: _interpolated(v) for k, v in (service.get("environment") or {}).items()}
         load(classes[command], {**_image_env(), **environment})  # raises SettingsError
+    # Unsealed, a Redis dump or backup could sign webhook events.
+    jobs = _compose()["services"]["jobs"]["environment"]
+    assert "TOKENMESH_WEBHOOK_SECRETS_KEY" in jobs
 
 
 def _tokenmesh_deployments() -> list[dict[str, Any]]:

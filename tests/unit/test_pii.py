@@ -197,3 +197,12 @@ def test_a_card_next_to_another_number_is_found_and_never_sampled(text):
 def test_an_address_with_letters_of_any_script_is_one_email():
     text = "write to müller@firma.de or josé@bücher.example today"
     assert pii.redact(text, pii.find(text)) == "write to [EMAIL] or [EMAIL] today"
+
+
+def test_a_webhook_signing_secret_is_a_secret():
+    # A `whsec_` secret pasted in a prompt was kept whole in a stored sample.
+    from services.jobs import signing
+
+    secret = signing.new_secret()
+    text = f"my webhook secret is {secret}, verify with it"
+    assert pii.redact(text, pii.find(text)) == "my webhook secret is [SECRET], verify with it"

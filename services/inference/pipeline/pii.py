@@ -30,7 +30,8 @@ Scope and decisions (tests/data/pii_corpus.jsonl holds the labelled cases):
 - secret: our own API keys (`tm_` + 43 URL-safe base64 characters), AWS
   access key ids (AKIA/ASIA...) and `aws_secret_access_key = ...`,
   PEM private-key blocks, JWTs (a header that decodes to JSON with "alg"),
-  GitHub tokens (ghp_...).
+  GitHub tokens (ghp_...), webhook signing secrets (`whsec_` + base64, ours
+  and the Standard Webhooks ones).
 
 Cost is linear in the text's length (tests/unit/test_pii.py holds crafted
 inputs to that): every repetition is bounded, a pattern that could split
@@ -148,6 +149,7 @@ _SECRETS = (
         r"(?i:aws_secret_access_key)[\"']?\s*[=:]\s*[\"']?[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])"
     ),
     re.compile(r"gh[pousr]_(?<![\w-]gh[pousr]_)[A-Za-z0-9]{36}(?![\w])"),
+    re.compile(r"whsec_(?<![\w-]whsec_)[A-Za-z0-9+/]{24,88}={0,2}(?![A-Za-z0-9+/=])"),
 )
 # A PEM private key: its header, then up to _PEM_BODY_CHARS to its END marker, or
 # (no END in reach) the base64 body that follows. `_pem_blocks` finds the END
@@ -352,6 +354,7 @@ _GATED_SECRETS = (
     (("tm_",), _SECRETS[0]),
     (("AKIA", "ASIA", "ABIA", "ACCA"), _SECRETS[1]),
     (("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), _SECRETS[3]),
+    (("whsec_",), _SECRETS[4]),
 )
 _AWS_SECRET = _SECRETS[2]
 
