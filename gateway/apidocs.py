@@ -79,9 +79,18 @@ def _messages(
             yield "_No fields._\n"
             continue
         yield "| field | type | description |\n|---|---|---|"
+        # A map is a repeated nested entry type with the map_entry option (a message
+        # named "...Entry", e.g. AuditEntry, is not one).
+        maps = {
+            f".{file.package}.{message.name}.{nested.name}": nested
+            for nested in message.nested_type
+            if nested.options.map_entry
+        }
         for f, field in enumerate(message.field):
-            if field.type_name.endswith("Entry") and field.label == FDP.LABEL_REPEATED:
-                kind = "map"
+            entry = maps.get(field.type_name)
+            if entry is not None:
+                key, value = (_field_type(part) for part in entry.field)
+                kind = f"map<{key}, {value}>"
             else:
                 kind = _field_type(field)
             yield f"| `{field.name}` | `{kind}` | {docs.get((_MESSAGE, i, _FIELD, f), '')} |"
