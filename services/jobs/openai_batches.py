@@ -762,7 +762,21 @@ def batch_object(batch: BatchRecord, job: JobRecord) -> dict[str, Any]:
         "cancelling_at": _at(status in (CANCELLING, CANCELLED) and not expiring, stopping),
         "cancelled_at": _at(status == CANCELLED, ended),
         "request_counts": {"total": job.number("total"), "completed": succeeded, "failed": failed},
+        "usage": batch_usage(job),
         "metadata": batch.metadata or None,
+    }
+
+
+def batch_usage(job: JobRecord) -> dict[str, Any]:
+    """Returns OpenAI's batch usage: the tokens its requests were metered so far (each
+    request once, as the job counts them). It was absent: `batch.usage` read None."""
+    prompt, completion = job.number("prompt_tokens"), job.number("completion_tokens")
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": job.number("cached_tokens")},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + completion,
     }
 
 

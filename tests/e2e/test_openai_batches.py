@@ -96,6 +96,12 @@ def test_a_batch_of_completions_round_trips_and_matches_sync_calls(client):
         assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] >= 1
         sync = client.completions.create(**sent["body"])
         assert body["choices"][0]["text"] == sync.choices[0].text
+    # The batch's usage is its lines' (it was None: cost code crashed on it).
+    bodies = [line["response"]["body"]["usage"] for line in output]
+    assert done.usage is not None
+    assert done.usage.output_tokens == sum(u["completion_tokens"] for u in bodies)
+    assert done.usage.input_tokens == sum(u["prompt_tokens"] for u in bodies)
+    assert done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
     assert batch.id in {b.id for b in client.batches.list(limit=100)}
 
 
