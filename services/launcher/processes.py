@@ -89,7 +89,9 @@ class Child:
         command, preexec = dying_with_parent(argv)
         # 0600: a log can hold what its process printed of a request (Envoy's debug
         # level prints every header, credentials included).
-        with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
+        descriptor = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(descriptor, 0o600)  # a log an older launcher made 0644 too
+        with open(descriptor, "ab") as log:
             self.process = subprocess.Popen(
                 command,
                 env=dict(env),

@@ -211,3 +211,16 @@ def test_the_mesh_writes_its_manifest_after_a_restart_or_logs_why_not(tmp_path, 
     with caplog.at_level(logging.ERROR, logger="services.launcher.mesh"):
         mesh._write_manifest_or_log()
     assert "No space left on device; the mesh runs on" in caplog.text
+
+
+def test_a_childs_log_is_private_even_where_an_older_launcher_made_it(tmp_path):
+    # Envoy's log at debug level holds whole API keys: 0644 from an older launcher
+    # stayed 0644 (the new mode applied to new files only).
+    log = tmp_path / "logs" / "envoy.log"
+    log.parent.mkdir()
+    log.write_text("old lines\n")
+    log.chmod(0o644)
+    child = Child("echo", [sys.executable, "-c", "print('new line')"], {}, log)
+    child.process.wait(timeout=30)
+    assert log.stat().st_mode & 0o777 == 0o600
+    assert log.read_text() == "old lines\nnew line\n"
