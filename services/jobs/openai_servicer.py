@@ -476,7 +476,8 @@ class OpenAIBatchServicer(openai_batch_service_pb2_grpc.OpenAIBatchServiceServic
         """
         client_key = headers.get(IDEMPOTENCY_HEADER, "")
         if client_key and not contract.is_request_id(client_key):
-            raise InvalidArgument([FieldViolation(IDEMPOTENCY_HEADER, contract.REQUEST_ID_RULE)])
+            # Named as OpenAI's docs spell the header (and as a reused key's refusal).
+            raise InvalidArgument([FieldViolation("Idempotency-Key", contract.REQUEST_ID_RULE)])
         if _retries_taken(headers) > 0:
             held = await self.batches.held(new)
             if held is not None:

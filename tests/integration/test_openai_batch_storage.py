@@ -563,6 +563,18 @@ async def test_an_idempotency_key_reused_for_another_batch_is_refused(jobs):
     assert await _owner_batches(service, owner) == [first["id"]]
 
 
+async def test_a_malformed_idempotency_key_names_the_header_as_the_docs_spell_it(jobs):
+    # One refusal said `idempotency-key`, the other `Idempotency-Key`.
+    _, channel = jobs
+    _, headers = _owner()
+    upload = await _upload(channel, headers, _jsonl([_line(0)]))
+    keyed = (*headers, ("idempotency-key", "a b/c"))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _stub(channel).CreateBatch(_batch_body(upload["id"]), metadata=keyed)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _openai_error(refused)["param"] == "Idempotency-Key"
+
+
 async def test_a_replay_under_its_key_near_the_quota_answers_its_batch(small):
     # The replay reserved the new batch's room (its requests: about its file's size)
     # before it found the batch its key made: refused 429 for a batch that exists.
