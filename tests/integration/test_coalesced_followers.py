@@ -416,4 +416,9 @@ async def test_a_multi_prompt_completion_whose_prompt_shared_a_failed_computatio
             events = await _key_events(client, service.settings.usage_stream, key, 2)
         finally:
             await client.aclose()
-        assert sorted(e.finish_reason for e in events) == ["error", "error"]
+        # X's failure is the request's; Y, its own computation on the failing model,
+        # failed too or, still queued when X's error ended the request, was cancelled
+        # (a race the slot's hand-over decides: CI saw both). Either way recorded.
+        reasons = sorted(e.finish_reason for e in events)
+        assert reasons in (["error", "error"], ["cancelled", "error"]), reasons
+        assert all(e.usage.completion_tokens == 0 for e in events)
