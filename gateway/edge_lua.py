@@ -9,7 +9,7 @@ most requests share one coroutine:
 
 - request (before the health-check filter): drop header names gRPC cannot
   carry and a client's `x-tokenmesh-*` headers (gateway/header_names.py),
-  refuse an API key in the URL's query (gateway/url_credentials.py) and a
+  refuse an API key in the URL (gateway/url_credentials.py) and a
   body declared larger than the edge accepts, before anything reads
   it (gateway/request_body.py), mark a
   unary gRPC call (a table lookup, gateway/response_headers.py), then, for

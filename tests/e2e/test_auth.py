@@ -390,6 +390,23 @@ def test_secrets_never_reach_redis_or_logs(mesh):
         assert reply.status_code == 400, (method, path, reply.text)
         assert "never the URL" in reply.json()["message"], reply.text
         assert secret not in reply.text
+    # The key itself where its id goes wrote it to the access log's `path`; a key as
+    # another parameter's value to `grpc_path` (no rewrite). Refused too, logged without.
+    encoded = "".join(f"%{ord(c):02X}" for c in secret)
+    for method, url in (
+        ("POST", f"/v1/auth/keys/{secret}:revoke"),
+        ("GET", f"/v1/auth/keys/{encoded}"),
+        ("GET", f"/v1/models?key={secret}"),
+        ("GET", f"/v1/usage?token=%20{encoded}&x=1"),
+    ):
+        reply = httpx.request(method, f"{mesh.edge_url}{url}", timeout=10)
+        assert reply.status_code == 400, (method, url, reply.text)
+        assert "the URL holds one" in reply.json()["message"], reply.text
+        assert secret not in reply.text
+    # Only a key's shape: a word that merely starts so, or a longer one, is no key.
+    for url in ("/v1/models/tm_" + "a" * 10, "/v1/models/tm_" + "a" * 44):
+        reply = httpx.get(f"{mesh.edge_url}{url}", headers={"x-api-key": secret}, timeout=10)
+        assert reply.status_code == 404, (url, reply.text)
     deadline = time.monotonic() + 10  # Envoy flushes its access log every second
     while _token_requests_logged(mesh) <= logged:
         assert time.monotonic() < deadline, "the token request was never logged"
