@@ -204,5 +204,11 @@ def test_one_trace_spans_envoy_and_the_worker(tmp_path: Path, collector, redis_u
         url_trace = _trace_of(sink, reply.headers["x-request-id"])
         refused = _wait_for_attribute(sink, "tokenmesh-edge", "http.url", url_trace)
         assert refused["http.url"].endswith("/v1/auth/token"), refused
+        # The key where its id goes: the span holds the route, the key taken out.
+        reply = httpx.post(f"{mesh.edge_url}/v1/auth/keys/{secret}:revoke", timeout=10)
+        assert reply.status_code == 400
+        url_trace = _trace_of(sink, reply.headers["x-request-id"])
+        refused = _wait_for_attribute(sink, "tokenmesh-edge", "http.url", url_trace)
+        assert refused["http.url"].endswith("/v1/auth/keys/tm_REDACTED:revoke"), refused
         held = [k for k, v in sink.attributes.items() if secret in str(v)]
         assert not held, held
