@@ -112,7 +112,10 @@ def _ro(pattern: str, why: str) -> Grant:
 # Key names (each owned by the module in the comment; tests/unit/test_redis_acl.py
 # checks the patterns still cover the modules' constants).
 AUTH_KEYS = "tm:auth:*"  # services/auth/keys.py PREFIX, services/auth/signing.py
-AUTH_KEY_RECORDS = "tm:auth:key:*"  # services/auth/keys.py key_record_name
+# services/auth/keys.py key_record_name of contract.API_KEY_ID ("key_" and 16 hex
+# digits): exactly those records, not the `tm:auth:key:<id>:secrets` sets of the
+# key's secrets' digests beside them (each `?` is one character).
+AUTH_KEY_RECORDS = "tm:auth:key:key_" + "?" * 16
 ROUTER_KEYS = "tokenmesh:router:*"  # services/router/{registry,catalog,rollouts,...}.py
 ROUTER_WORKERS = "tokenmesh:router:workers"  # services/router/registry.py WORKERS_KEY
 ROUTER_CATALOG = "tokenmesh:router:catalog"  # services/router/catalog.py CATALOG_KEY
@@ -176,7 +179,7 @@ USERS: Mapping[str, RedisUser] = {
         "jobs",
         (
             _rw(JOBS_KEYS, "jobs, items, lanes, results, webhooks, files, batches"),
-            _ro(AUTH_KEY_RECORDS, "whether a job's key was revoked (key_status.py)"),
+            _ro(AUTH_KEY_RECORDS, "whether a job's key was revoked (key_status.py): records only"),
             _ro(ROUTER_WORKERS, "which workers serve an item's model"),
             _ro(ROUTER_CATALOG, "versions, aliases and sunsets of an item's model"),
             _ro(ROUTER_PLACEMENTS, "the worker pools an item's model is placed on"),

@@ -17,7 +17,10 @@ revocation bound the edge keeps (services/auth/authenticator.py).
 
 A key id with no record is not stopped: no key record is ever deleted, so
 that is an identity the key store does not hold (the tests' made-up keys),
-which nothing could revoke either.
+which nothing could revoke either. An id the auth service never mints
+(contract.API_KEY_ID) is not looked up at all: the jobs Redis user may read
+the key records only (services/core/redis_acl.py), not the sets of secret
+digests named `tm:auth:key:<id>:secrets` beside them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import Collection
 import redis.asyncio as aioredis
 
 from services.auth import keys as auth_keys
+from services.core import contract
 from services.jobs.store import KEY_EXPIRED, KEY_REVOKED
 from tokenmesh.auth.v1 import auth_pb2
 
@@ -78,8 +82,10 @@ class KeyStatus:
             verdict = self._verdicts.get(key_id)
             if verdict is not None and now - verdict[0] < self.ttl_s:
                 reasons[key_id] = verdict[1]
-            else:
+            elif contract.is_api_key_id(key_id):
                 stale.append(key_id)
+            else:
+                reasons[key_id] = ""  # no such record can exist
         if stale:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key_id in stale:

@@ -14,6 +14,7 @@ those checks run on a Redis 7 (Debian's redis-server) where one is installed.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import os
 import secrets
 import shutil
@@ -113,10 +114,7 @@ async def clients(acl_redis: AclRedis) -> AsyncIterator[dict[str, aioredis.Redis
 
 def _needs_read_only_patterns(acl_redis: AclRedis, user: str, key: str) -> None:
     """Skips a write check Redis 6 cannot make: the key is one `user` may read."""
-    readable = any(
-        g.pattern == key or (g.pattern.endswith("*") and key.startswith(g.pattern[:-1]))
-        for g in redis_acl.USERS[user].grants
-    )
+    readable = any(fnmatch.fnmatchcase(key, g.pattern) for g in redis_acl.USERS[user].grants)
     if readable and acl_redis.major < redis_acl.READ_ONLY_PATTERNS_SINCE:
         pytest.skip(f"Redis {acl_redis.major} has no read-only key patterns ({user} reads {key})")
 
@@ -246,9 +244,20 @@ async def test_each_component_works_as_its_own_user(
     )
     assert (await jobs.get(job_id)) is not None
     assert await KeyStatus(clients["jobs"]).stop_reason(key.id) == ""
+    # The key's record only, not the set of its secrets' digests beside it (the jobs
+    # user read tm:auth:key:*, those sets too).
+    for read in (
+        ("SMEMBERS", f"{key_record_name(key.id)}:secrets"),
+        ("SCARD", f"{key_record_name(key.id)}:secrets"),
+    ):
+        assert await clients["auth"].execute_command(*read)
+        with pytest.raises(NoPermissionError):
+            await clients["jobs"].execute_command(*read)
     await keys.revoke(key.id)
     assert await KeyStatus(clients["jobs"], ttl_s=0).stop_reason(key.id) == jobstore.KEY_REVOKED
     assert [w.worker_id for w in await WorkerDirectory(clients["jobs"]).workers()] == ["w1"]
+    # An id the auth service never mints is no record: not looked up (NOPERM if it were).
+    assert await KeyStatus(clients["jobs"], ttl_s=0).stop_reason("k:secrets") == ""
 
 
 def _usage_event(key_id: str) -> inference_pb2.UsageEvent:

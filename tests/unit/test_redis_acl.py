@@ -103,11 +103,27 @@ def test_only_the_owner_may_write_auth_and_router_keys(key: str):
     assert writers == {OWNED[key]}
 
 
+# Auth's keys that hold secrets' digests: no other component reads them.
+SECRET_DIGESTS = [
+    f"{auth_keys.key_record_name('key_0123456789abcdef')}:secrets",
+    f"{auth_keys.PREFIX}secret:digest",
+    f"{auth_keys.PREFIX}issued:digest",
+]
+
+
+@pytest.mark.parametrize("key", SECRET_DIGESTS)
+def test_only_auth_may_read_its_secrets_digests(key: str):
+    # The jobs user read tm:auth:key:*: every key's set of secret digests too.
+    readers = {u for u in redis_acl.SERVICE_USERS if _may(u, key, write=False)}
+    assert readers == {"auth"}
+
+
 def test_read_only_grants_are_read_only_on_redis_7_and_widened_on_6():
+    records = redis_acl.AUTH_KEY_RECORDS
     line = " ".join(redis_acl.USERS["jobs"].rules(7))
-    assert "%R~tm:auth:key:*" in line and " ~tm:auth:key:*" not in line
-    assert "~tm:auth:key:*" in redis_acl.USERS["jobs"].rules(6)
-    assert "jobs ~tm:auth:key:*" in redis_acl.widened_grants(6)
+    assert f"%R~{records}" in line and f" ~{records}" not in line
+    assert f"~{records}" in redis_acl.USERS["jobs"].rules(6)
+    assert f"jobs ~{records}" in redis_acl.widened_grants(6)
     assert redis_acl.widened_grants(7) == []
 
 
