@@ -22,6 +22,7 @@ gets SIGTERM when `run` dies, however it dies (gateway/drain.py).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -33,8 +34,10 @@ import yaml
 from gateway import admin, drain, envoy_config, protos
 from gateway.edge_auth import DEFAULT_TOKEN_TTL_S, LONGEST_TOKEN_TTL_S, EdgeAuth
 from gateway.envoy_config import EdgeConfig, EdgeTls, Endpoint
-from services.core import contract, pki
+from services.core import contract, logs, pki
 from services.core.settings import SettingsError, env, load, require
+
+LOG = logging.getLogger("tokenmesh.edge")
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,12 @@ class EdgeSettings:
     otlp_endpoint: str | None = env(
         "OTEL_EXPORTER_OTLP_ENDPOINT", None, "OTLP/gRPC collector; unset disables tracing."
     )
+    log_format: str = env(
+        "TOKENMESH_LOG_FORMAT",
+        "text",
+        "text or json: Envoy's own log lines and this process's, as the services' "
+        "(the access log is JSON either way).",
+    )
 
     @property
     def admin_socket(self) -> Path:
@@ -154,6 +163,7 @@ class EdgeSettings:
             "TOKENMESH_EDGE_ADMIN_SOCKET",
             f"must be at most {admin.MAX_SOCKET_PATH_BYTES} bytes (a Unix socket's path)",
         )
+        require(self.log_format in {"text", "json"}, "TOKENMESH_LOG_FORMAT", "must be text or json")
         require(0 <= self.drain_s <= 3600, "TOKENMESH_EDGE_DRAIN_SECONDS", "must be 0-3600")
         require(
             60 <= self.token_ttl_s <= LONGEST_TOKEN_TTL_S,
@@ -287,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         settings = load(EdgeSettings, os.environ)
+        logs.configure("INFO", settings.log_format, "edge")
         admin_socket = settings.admin_socket
         if args.command == "drain":
             # The preStop hook: never fails (the kubelet then sends SIGTERM anyway).
@@ -300,10 +311,8 @@ def main(argv: list[str] | None = None) -> None:
         protos.build_descriptor_set(settings.descriptor)
     sds_dir: Path | None = None
     if settings.pki_dir is None:
-        print(
-            "tokenmesh-edge: TOKENMESH_PKI_DIR is unset: plaintext upstreams and no TLS "
-            "listener (development only)",
-            file=sys.stderr,
+        LOG.warning(
+            "TOKENMESH_PKI_DIR is unset: plaintext upstreams and no TLS listener (development only)"
         )
     else:
         sds_dir = args.sds_dir or args.out.with_name(f"{args.out.stem}-sds")
@@ -316,7 +325,14 @@ def main(argv: list[str] | None = None) -> None:
 
         # A child, not exec: Envoy exits at once on SIGTERM, cutting every stream.
         binary = str(envoy_binary())
-        argv = [binary, "-c", str(args.out), "--disable-hot-restart", *drain.envoy_args()]
+        argv = [
+            binary,
+            "-c",
+            str(args.out),
+            "--disable-hot-restart",
+            *drain.envoy_args(),
+            *envoy_config.log_args(settings.log_format),
+        ]
         raise SystemExit(drain.supervise(argv, admin_socket, settings.drain_s))
 
 

@@ -32,9 +32,9 @@ container) takes Envoy with it instead of leaving it on the edge's ports.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +42,8 @@ from pathlib import Path
 
 from gateway import admin
 from services.launcher import processes
+
+LOG = logging.getLogger("tokenmesh.edge")
 
 #: Envoy's --drain-time-s: how long draining listeners still take connections.
 LISTENER_DRAIN_S = 5.0
@@ -119,7 +121,7 @@ def drain(
         if not active and (closed or not listeners):
             return True
         if time.monotonic() >= deadline or give_up():
-            print(f"tokenmesh-edge: {active} requests still active; stopping", file=sys.stderr)
+            LOG.warning("%d requests still active; stopping", active)
             return False
         time.sleep(POLL_S)  # noqa: TID251 - a synchronous process (no event loop)
 

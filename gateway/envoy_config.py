@@ -947,6 +947,21 @@ def _grpc_status_expression() -> str:
     return f"{code} in {names} ? {names}[{code}] : {code}"  # an unknown code as its number
 
 
+# Envoy's own log lines (not the access log) as one JSON object each, with the
+# fields of the services' JSON logs (services/core/logs.py). spdlog's pattern: `%j`
+# is the message JSON-escaped (Envoy's flag), `%z` the offset (local time, as Envoy
+# logs it). The command line's, not the bootstrap's `application_log_config`, so
+# the lines before the bootstrap is read are JSON too.
+JSON_LOG_FORMAT = (
+    '{"ts":"%Y-%m-%dT%T.%e%z","level":"%l","logger":"envoy.%n","msg":"%j","source":"%g:%#"}'
+)
+
+
+def log_args(log_format: str) -> list[str]:
+    """Returns Envoy's command-line options for TOKENMESH_LOG_FORMAT `log_format`."""
+    return ["--log-format", JSON_LOG_FORMAT] if log_format == "json" else []
+
+
 def access_log(path: str) -> list[dict[str, Any]]:
     """Builds a JSON access log with the fields operators look for first."""
     return [

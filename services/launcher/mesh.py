@@ -668,6 +668,8 @@ class Mesh:
             # so `tail -f` and the tests that read the log waited that long).
             "--file-flush-interval-msec",
             "1000",
+            # As the services log (each child inherits TOKENMESH_LOG_FORMAT).
+            *envoy_config.log_args(os.environ.get("TOKENMESH_LOG_FORMAT", "text")),
         ]
         return self._spawn(name, argv)
 
