@@ -61,13 +61,23 @@ def new_file_id() -> str:
     return FILE_ID_PREFIX + secrets.token_hex(12)
 
 
+# OpenAI's expires_after: anchored at the upload's creation, 1 hour to 30 days.
+EXPIRES_AFTER_ANCHOR = "created_at"
+EXPIRES_AFTER_MIN_S = 3600
+EXPIRES_AFTER_MAX_S = 30 * 24 * 3600
+_ANCHOR_FIELD = "expires_after[anchor]"
+_SECONDS_FIELD = "expires_after[seconds]"
+
+
 @dataclass(frozen=True)
 class Upload:
-    """Upload is a multipart upload's fields: the purpose, the file's name and bytes."""
+    """Upload is a multipart upload's fields: the purpose, the file's name and bytes,
+    and how long after its creation it is to be deleted (None: the retention)."""
 
     purpose: str
     filename: str
     data: bytes
+    expires_after_s: int | None = None
 
 
 @dataclass(frozen=True)
@@ -209,18 +219,20 @@ def _next_delimiter(body: bytes, delimiter: bytes, start: int) -> int:
 
 
 def parse_upload(content_type: str, body: bytes, max_bytes: int) -> Upload:
-    """Reads a multipart/form-data upload (`purpose` and `file`), as OpenAI's SDKs send it.
-    Other fields (the SDK's optional `expires_after[...]`) are ignored. It takes a few
-    passes over the body: call it off the event loop.
+    """Reads a multipart/form-data upload (`purpose` and `file`, the optional
+    `expires_after[anchor]` and `expires_after[seconds]`), as OpenAI's SDKs send it.
+    Other fields are ignored. It takes a few passes over the body: call it off the
+    event loop.
 
     Raises:
         InvalidArgument: naming the field that is missing, too large or not allowed.
     """
-    purpose, filename, data = "", "", None
+    filename, data = "", None
+    fields: dict[str, str] = {}
     for part in _split(body, _boundary(content_type)):
         name = part.params.get("name")
-        if name == "purpose":
-            purpose = body[part.start : part.end].decode("utf-8", "replace").strip()
+        if name in ("purpose", _ANCHOR_FIELD, _SECONDS_FIELD):
+            fields[name] = body[part.start : part.end].decode("utf-8", "replace").strip()
         elif name == "file":
             if data is not None:
                 raise _bad("file", "is sent more than once")
@@ -231,13 +243,31 @@ def parse_upload(content_type: str, body: bytes, max_bytes: int) -> Upload:
             filename, data = _filename(part.params), body[part.start : part.end]
     if data is None:
         raise _bad("file", "is required")
+    purpose = fields.get("purpose", "")
     if purpose != PURPOSE:
         raise _bad("purpose", f"must be {PURPOSE!r} (the only purpose served)")
     try:
         data.decode("utf-8")
     except UnicodeDecodeError:
         raise _bad("file", "must be JSON Lines in UTF-8") from None
-    return Upload(purpose, filename[:256], data)
+    return Upload(purpose, filename[:256], data, _expires_after(fields))
+
+
+def _expires_after(fields: Mapping[str, str]) -> int | None:
+    """Returns an upload's expires_after[seconds] (None when it sent neither field),
+    as OpenAI accepts it: anchored at `created_at`, 1 hour to 30 days."""
+    anchor, seconds = fields.get(_ANCHOR_FIELD), fields.get(_SECONDS_FIELD)
+    if anchor is None and seconds is None:
+        return None
+    if anchor != EXPIRES_AFTER_ANCHOR:
+        raise _bad(_ANCHOR_FIELD, f"must be {EXPIRES_AFTER_ANCHOR!r} (with expires_after[seconds])")
+    bounds = f"an integer from {EXPIRES_AFTER_MIN_S} to {EXPIRES_AFTER_MAX_S}"
+    if seconds is None or not seconds.isdigit():
+        raise _bad(_SECONDS_FIELD, f"must be {bounds}")
+    value = int(seconds)
+    if not EXPIRES_AFTER_MIN_S <= value <= EXPIRES_AFTER_MAX_S:
+        raise _bad(_SECONDS_FIELD, f"must be {bounds}")
+    return value
 
 
 def _filename(params: dict[str, str]) -> str:
@@ -590,6 +620,9 @@ class FileStore:
             ResourceExhausted: the owner keeps the most files or bytes it may.
         """
         created_ms = now_ms()
+        # Its expires_after, within the retention (longer is kept the retention: the
+        # file object's expires_at says which).
+        kept_s = min(upload.expires_after_s or self.retention_s, self.retention_s)
         stored = StoredFile(
             new_file_id(),
             owner,
@@ -597,7 +630,7 @@ class FileStore:
             upload.filename,
             len(upload.data),
             created_ms,
-            created_ms + self.retention_s * 1000,
+            created_ms + kept_s * 1000,
         )
         fields = {
             "owner": owner,
@@ -608,9 +641,7 @@ class FileStore:
             "expires_ms": stored.expires_ms,
             "data": upload.data,
         }
-        await self.ledger.store_file(
-            owner, file_key(stored.file_id), stored.size, self.retention_s, fields
-        )
+        await self.ledger.store_file(owner, file_key(stored.file_id), stored.size, kept_s, fields)
         return stored
 
     async def get(self, file_id: str, owner: str) -> StoredFile | None:

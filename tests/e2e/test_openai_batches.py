@@ -14,6 +14,7 @@ from typing import Any
 
 import openai
 import pytest
+import redis
 
 from tests.e2e.test_auth import create_key
 from tests.e2e.test_jobs import wait_until
@@ -223,6 +224,32 @@ def test_files_say_when_they_expire(client):
     assert output.created_at == done.completed_at
     assert output.expires_at == done.completed_at + RETENTION_S
     assert output.bytes == len(client.files.content(done.output_file_id).content)
+
+
+def test_an_uploads_expires_after_is_kept_within_the_retention(mesh, client):
+    """The SDK's expires_after was ignored: a file asked to go in an hour was kept the
+    whole retention (7 days) in Redis, and its file object said so."""
+    hour = {"anchor": "created_at", "seconds": 3600}
+    upload = client.files.create(
+        file=jsonl([completion_line(0)]), purpose="batch", expires_after=hour
+    )
+    assert upload.expires_at == upload.created_at + 3600
+    assert client.files.retrieve(upload.id).expires_at == upload.expires_at
+    ttl = redis.Redis.from_url(mesh.redis_url).ttl(f"tm:jobs:file:{upload.id}")
+    assert 3500 < ttl <= 3600, ttl
+    # Longer than the retention: kept the retention, as its expires_at says.
+    month = {"anchor": "created_at", "seconds": 30 * 86400}
+    kept = client.files.create(
+        file=jsonl([completion_line(0)]), purpose="batch", expires_after=month
+    )
+    assert kept.expires_at == kept.created_at + RETENTION_S
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.files.create(
+            file=jsonl([completion_line(0)]),
+            purpose="batch",
+            expires_after={"anchor": "created_at", "seconds": 60},
+        )
+    assert refused.value.body["param"] == "expires_after[seconds]", refused.value.body
 
 
 def test_files_are_listed_and_deleted_as_openais(mesh):

@@ -42,10 +42,31 @@ def test_the_sdks_upload_is_read():
     assert (upload.purpose, upload.filename, upload.data) == ("batch", "requests.jsonl", DATA)
 
 
-def test_the_sdks_expires_after_fields_are_ignored():
+def test_the_sdks_expires_after_fields_are_read():
     fields = {"expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"}
     content_type, body = _sdk_body(DATA, **fields)
-    assert parse_upload(content_type, body, MAX_BYTES).data == DATA
+    upload = parse_upload(content_type, body, MAX_BYTES)
+    assert (upload.data, upload.expires_after_s) == (DATA, 3600)
+    assert parse_upload(*_sdk_body(DATA), MAX_BYTES).expires_after_s is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"expires_after[anchor]": "last_active_at", "expires_after[seconds]": "3600"}, "anchor"),
+        ({"expires_after[seconds]": "3600"}, "anchor"),
+        ({"expires_after[anchor]": "created_at"}, "seconds"),
+        ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "3599"}, "seconds"),
+        ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "2592001"}, "seconds"),
+        ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "1e4"}, "seconds"),
+    ],
+)
+def test_an_expires_after_openai_refuses_is_refused_naming_its_field(
+    fields: dict[str, str], named: str
+):
+    with pytest.raises(InvalidArgument) as refused:
+        parse_upload(*_sdk_body(DATA, **fields), MAX_BYTES)
+    assert _field(refused.value) == f"expires_after[{named}]"
 
 
 def test_a_filename_keeps_what_the_sdk_escaped_and_its_utf8():
