@@ -153,6 +153,34 @@ async def test_trimming_deletes_only_what_was_metered(stream_and_client):
     assert int(fields[b"demo-lm|1|requests"]) == 10
 
 
+async def test_gone_replicas_consumer_names_are_forgotten_but_not_their_pending_entries(
+    stream_and_client,
+):
+    # A replica's consumer name is its pod's: every restart left one in the group
+    # for good. Those idle with nothing pending go; one with entries pending stays
+    # (deleting it would drop them from every claim), as does the meter's own.
+    stream, client = stream_and_client
+    key = f"key_{uuid.uuid4().hex[:8]}"
+    meter = _meter(client, stream, "live")
+    await meter.ensure_group()
+    await _publish(client, stream, *(_event(f"g{i}", key, "t", 1, 1) for i in range(2)))
+    await client.xreadgroup("meter", "crashed", {stream: ">"}, count=1)  # one pending
+    await client.xreadgroup("meter", "gone", {stream: ">"}, count=1)
+    await client.xack(stream, "meter", *[e for e, _ in await client.xrange(stream)][1:])
+    await client.xreadgroup("meter", "live", {stream: "0"})
+
+    def names(consumers: Any) -> set[str]:
+        return {
+            c["name"].decode() if isinstance(c["name"], bytes) else c["name"] for c in consumers
+        }
+
+    assert await meter.forget_idle_consumers(idle_s=60) == 0  # none idle that long
+    time.sleep(0.05)  # the idle time itself is what is waited for
+    assert await meter.forget_idle_consumers(idle_s=0.02) == 1
+    assert names(await client.xinfo_consumers(stream, "meter")) == {"live", "crashed"}
+    assert (await client.xpending(stream, "meter"))["pending"] == 1
+
+
 async def test_callers_see_only_what_they_may(redis_url):
     settings = UsageSettings(
         pki_dir=mtls.pki_dir(),
