@@ -19,6 +19,30 @@ def text(reply: bytes | str) -> str:
     return reply.decode() if isinstance(reply, bytes) else reply
 
 
+# KEYS: stream. ARGV: group, idle ms, this consumer.
+# Deletes the group's consumers that have no pending entry and have been idle at
+# least `idle ms` (never this one); returns their names. Consumer names are
+# replicas' (pods'): every restart left one in the group for good. One script: a
+# consumer that read an entry between the look and the delete would lose it
+# (XGROUP DELCONSUMER drops its pending entries, which then no claim finds). A
+# stream or group that is gone has no consumer to delete. Used by the usage
+# meter and the jobs runner.
+FORGET_IDLE_CONSUMERS = """
+local gone = {}
+local consumers = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if consumers['err'] then return gone end
+for _, consumer in ipairs(consumers) do
+  local f = {}
+  for i = 1, #consumer, 2 do f[consumer[i]] = consumer[i + 1] end
+  if f['name'] ~= ARGV[3] and tonumber(f['pending']) == 0
+     and tonumber(f['idle']) >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    gone[#gone + 1] = f['name']
+  end
+end
+return gone
+"""
+
 # Lua that sets `now` to Redis's clock in ms, for scripts that score shared windows:
 # one clock for every replica (services.usage.ratelimit._SLIDING_WINDOWS says why).
 # replicate_commands lets a Redis 6 script write after TIME; Redis 7 ignores it.

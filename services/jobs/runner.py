@@ -55,7 +55,7 @@ from typing import Any
 from opentelemetry import trace
 from redis.exceptions import RedisError, ResponseError
 
-from services.core.redis_service import text
+from services.core.redis_service import FORGET_IDLE_CONSUMERS, text
 from services.core.store_errors import STORE_UNREACHABLE, is_store_refusal
 from services.core.tasks import cancel_and_wait
 from services.jobs import metrics
@@ -108,27 +108,6 @@ SAVE_MAX_BACKOFF_S = 2.0
 # The longest a stop waits for the results being stored (within the 5 s it gives
 # each item: the Redis client closes after it).
 STOP_SAVE_S = 2.5
-# KEYS: stream. ARGV: group, idle ms, this consumer.
-# Deletes the group's consumers that have no pending entry and have been idle at
-# least `idle ms` (never this one); returns their names. One script: a consumer
-# that read an entry between the look and the delete would lose it (XGROUP
-# DELCONSUMER drops its pending entries). A stream or group that is gone (a
-# retired lane's expired) has no consumer to delete.
-_FORGET_DEAD_CONSUMERS = """
-local gone = {}
-local consumers = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
-if consumers['err'] then return gone end
-for _, consumer in ipairs(consumers) do
-  local f = {}
-  for i = 1, #consumer, 2 do f[consumer[i]] = consumer[i + 1] end
-  if f['name'] ~= ARGV[3] and tonumber(f['pending']) == 0
-     and tonumber(f['idle']) >= tonumber(ARGV[2]) then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
-    gone[#gone + 1] = f['name']
-  end
-end
-return gone
-"""
 
 
 class Runner:
@@ -165,7 +144,7 @@ class Runner:
         self.claim_idle_s = claim_idle_s
         self._slots = asyncio.Semaphore(concurrency)
         self._keep_owned = self.redis.register_script(_KEEP_OWNED)
-        self._forget_dead = self.redis.register_script(_FORGET_DEAD_CONSUMERS)
+        self._forget_dead = self.redis.register_script(FORGET_IDLE_CONSUMERS)
         self.dead_consumer_idle_s = DEAD_CONSUMER_IDLE_S
         # Set when an item ends: a lane may have a free slot again.
         self._slot_freed = asyncio.Event()

@@ -54,7 +54,7 @@ from redis.exceptions import ResponseError
 
 from services.core import contract
 from services.core.pricing import Price
-from services.core.redis_service import LUA_REDIS_NOW_MS, text
+from services.core.redis_service import FORGET_IDLE_CONSUMERS, LUA_REDIS_NOW_MS, text
 from services.inference.usage_log import (
     FIELD_EVENT,
     FIELD_POSITION,
@@ -730,27 +730,10 @@ def _stream_id(entry_id: str) -> tuple[int, int]:
     return int(millis), int(sequence or 0)
 
 
-# A consumer of the group idle this long with nothing pending is forgotten: each
-# replica's name is its pod's, so every restart left one behind for good (XINFO
-# CONSUMERS grew without bound). A live replica reads every few seconds (its idle
-# time starts again each time); one forgotten reads under its name again later.
+# A consumer of the group idle this long with nothing pending is forgotten
+# (FORGET_IDLE_CONSUMERS). A live replica reads every few seconds (its idle time
+# starts again each time); one forgotten reads under its name again later.
 FORGET_CONSUMER_IDLE_S = 3600.0
-# KEYS: the stream. ARGV: group, this consumer's name, idle ms. Atomic: a consumer
-# that read an entry since is not deleted with it pending (XGROUP DELCONSUMER drops
-# a consumer's pending entries, which then no claim would find).
-_FORGET_CONSUMERS = """
-local forgotten = 0
-for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local field = {}
-  for i = 1, #consumer, 2 do field[consumer[i]] = consumer[i + 1] end
-  if field['name'] ~= ARGV[2] and tonumber(field['pending']) == 0
-      and tonumber(field['idle']) >= tonumber(ARGV[3]) then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], field['name'])
-    forgotten = forgotten + 1
-  end
-end
-return forgotten
-"""
 
 
 class Meter:
@@ -791,7 +774,7 @@ class Meter:
         prelude = audit_prelude(retention.audit_entries)
         self._apply = client.register_script(prelude + _APPLY)
         self._apply_batch = client.register_script(prelude + _APPLY_BATCH)
-        self._forget_consumers = client.register_script(_FORGET_CONSUMERS)
+        self._forget_consumers = client.register_script(FORGET_IDLE_CONSUMERS)
         self.prices = PriceBook(client)
         self.applied_total = 0
 
@@ -974,8 +957,9 @@ class Meter:
     async def forget_idle_consumers(self, idle_s: float = FORGET_CONSUMER_IDLE_S) -> int:
         """Deletes the group's other consumers idle `idle_s` with nothing pending (gone
         replicas' names); returns how many."""
-        args: list[str | int] = [self.group, self.consumer, int(idle_s * 1000)]
-        return int(await self._forget_consumers(keys=[self.stream], args=args))
+        args: list[str | int] = [self.group, int(idle_s * 1000), self.consumer]
+        gone: Any = await self._forget_consumers(keys=[self.stream], args=args)
+        return len(gone)
 
     async def trim(self) -> int:
         """Deletes stream entries the group has acknowledged; returns how many. Gone
