@@ -12,7 +12,8 @@ nor read when to retry from the error itself. Each refusal now has them:
   the limiter's own wait); a REST answer's JSON gets the same ErrorInfo and a
   RetryInfo of its Retry-After (`rest_mappers`).
 - 429 of the rate-limit filter: the rate-limit service adds the header (the
-  worker's RATE_LIMITED refusal); REST likewise.
+  worker's RATE_LIMITED refusal); REST likewise, its QuotaFailure's subject
+  from the limiter's `x-tokenmesh-quota-subject` (which no answer keeps).
 - 403 of the RBAC filter: it knows no more than "denied", so one mapper per
   scope matches the RPCs that need it (the request's `:path`, the gRPC path
   once transcoded) and answers what a service answers for that scope: the
@@ -180,16 +181,26 @@ def rest_mappers() -> list[dict[str, Any]]:
         _flagged_rest_mapper(
             "UAEX", 429, ResourceExhausted, contract.AUTH_FAILURES_RATE_LIMITED, retry=True
         ),
-        _flagged_rest_mapper("RL", 429, ResourceExhausted, contract.RATE_LIMITED, retry=True),
+        _flagged_rest_mapper(
+            "RL", 429, ResourceExhausted, contract.RATE_LIMITED, retry=True, quota=True
+        ),
     ]
     return mappers
 
 
 def _flagged_rest_mapper(
-    flag: str, status: int, kind: type[TokenmeshError], reason: str, *, retry: bool = False
+    flag: str,
+    status: int,
+    kind: type[TokenmeshError],
+    reason: str,
+    *,
+    retry: bool = False,
+    quota: bool = False,
 ) -> dict[str, Any]:
     """A REST mapper of one filter's refusal (`flag`: ext_authz's UAEX, the rate-limit
-    filter's RL): its reason, and when it said to retry (its Retry-After)."""
+    filter's RL): its reason, when it said to retry (its Retry-After) and, for the
+    limiter's, which quota (its subject header, the message its description: a
+    worker's RATE_LIMITED refusal's QuotaFailure)."""
     details: list[dict[str, Any]] = [
         {"@type": _type_url("google.rpc.ErrorInfo"), "reason": reason, "domain": ERROR_DOMAIN}
     ]
@@ -197,6 +208,12 @@ def _flagged_rest_mapper(
         details.append(
             {"@type": _type_url("google.rpc.RetryInfo"), "retry_delay": "%RESP(retry-after)%s"}
         )
+    if quota:
+        violation = {
+            "subject": f"%RESP({contract.QUOTA_SUBJECT_HEADER})%",
+            "description": "%LOCAL_REPLY_BODY%",
+        }
+        details.append({"@type": _type_url("google.rpc.QuotaFailure"), "violations": [violation]})
     condition = {
         "and_filter": {
             "filters": [

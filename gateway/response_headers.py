@@ -265,6 +265,7 @@ end
 -- answer's headers, the service's grpc-accept-encoding on every answer) are the
 -- mesh's: a REST client gets the HTTP status and the body. A gRPC answer keeps them.
 local function drop_grpc_protocol_headers(headers)
+  headers:remove("{contract.QUOTA_SUBJECT_HEADER}")  -- the REST JSON's, read by now
   local content_type = headers:get("content-type") or ""
   if string.find(content_type, "application/grpc", 1, true) == 1 then
     return

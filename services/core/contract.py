@@ -179,6 +179,10 @@ EDGE_HEADER_PREFIX = "x-tokenmesh-"
 #: version past its sunset, which gRPC calls UNIMPLEMENTED); the edge applies it
 #: and removes it.
 HTTP_STATUS_HEADER = "x-tokenmesh-http-status"
+#: The subject (QuotaFailure's: "key key_...", "tenant acme") of the rate-limit
+#: filter's 429, from the limiter: the edge's REST JSON prints it in its details as
+#: a worker's refusal carries it, and removes the header from every answer.
+QUOTA_SUBJECT_HEADER = "x-tokenmesh-quota-subject"
 # gRPC's own field for an error's google.rpc.Status (its details), base64 in HTTP/2:
 # the edge's refusals carry it as a service's errors do.
 STATUS_DETAILS_HEADER = "grpc-status-details-bin"

@@ -635,6 +635,9 @@ class RateLimitServicer(RequestLimiter, rls_pb2_grpc.RateLimitServiceServicer):
             # response Lua drops the header from a REST answer, whose JSON has them).
             details = _header(contract.STATUS_DETAILS_HEADER, over.error().status_details_bin())
             response.response_headers_to_add.append(details)
+            # A REST caller's QuotaFailure (gateway/refusal_details.py); then removed.
+            subject = _header(contract.QUOTA_SUBJECT_HEADER, over.limit.subject)
+            response.response_headers_to_add.append(subject)
         return response
 
 

@@ -23,6 +23,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from services.core.contract import QUOTA_SUBJECT_HEADER
 from services.launcher.mesh import Mesh
 from tests.e2e.conftest import authed_channel
 from tests.e2e.test_auth import create_key
@@ -164,6 +165,15 @@ def test_the_edge_rate_limit_has_the_workers_details(mesh: Mesh) -> None:
     assert _rest_detail(body, ERROR_INFO)["reason"] == "RATE_LIMITED"
     assert _rest_detail(body, RETRY_INFO)["retry_delay"] == f"{reply.headers['retry-after']}s"
     assert DETAILS_HEADER not in reply.headers
+    # Which quota, as the gRPC caller's details (and a worker's REST 429) say: it was
+    # missing from the REST JSON.
+    violations = _rest_detail(body, "type.googleapis.com/google.rpc.QuotaFailure")["violations"]
+    assert violations == [
+        {"subject": quota.violations[0].subject, "description": body["message"]}
+    ], body
+    assert QUOTA_SUBJECT_HEADER not in reply.headers
+    trailers = [entry.key for entry in refused.value.trailing_metadata() or ()]
+    assert QUOTA_SUBJECT_HEADER not in trailers
 
 
 def test_the_auth_limiter_tells_when_to_retry(guarded: Mesh) -> None:  # noqa: F811
