@@ -16,9 +16,18 @@ before dimension rows existed is in the v1 buckets only: reports count it
 under "" with no price, so totals always equal the v1 report's.
 
 A tag row is optional bookkeeping, so it is bounded: once a bucket's
-dimension hash holds `MAX_DIMENSION_FIELDS` fields, a new tag value is
-counted as `OTHER_VALUE`, and past twice that it is not counted by tag at
-all (the request is then in the "" group of that tag).
+dimension hash holds its granularity's cap of fields (`DIMENSION_FIELD_CAPS`,
+at most `MAX_DIMENSION_FIELDS`), a new tag value is counted as `OTHER_VALUE`,
+and past twice that it is not counted by tag at all (the request is then in
+the "" group of that tag). The caps are per granularity because a bucket is
+kept its granularity's retention: with one cap of 20,000 fields for all, one
+key sending unique tag values (16 tags of 256 characters, 2 tokens a request)
+made ~334 KB of Redis a request, ~50 MB a minute at the default 600 requests a
+minute, every minute's hashes kept 2 days: a 1 GiB Redis full in 20 minutes.
+Now a hostile key's tag rows stay in the order of its dedupe markers (~350 MB
+over the 2 days minute buckets live, worst case). Tags are for grouping
+(a team, a feature, an environment), not per-user ids: a bucket keeps 16
+(minute), 64 (hour), 256 (day) or 1,024 (month) rows apart, the rest "(other)".
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ from tokenmesh.inference.v1 import inference_pb2
 
 KINDS = ("requests", "prompt", "cached", "completion")
 MAX_DIMENSION_FIELDS = 20_000
+# Each granularity's cap on a dimension hash's fields (4 a row), within
+# MAX_DIMENSION_FIELDS: the finer, the more buckets are kept at once.
+DIMENSION_FIELD_CAPS = {"minute": 64, "hour": 256, "day": 1_024, "month": 4_096}
 OTHER_VALUE = "(other)"
 BASE_DIMENSIONS = ("model", "version", "api_version", "template")
 ROW_DIMENSIONS = ("key", "tenant")

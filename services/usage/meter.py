@@ -43,7 +43,7 @@ import calendar
 import functools
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +63,12 @@ from services.inference.usage_log import (
     spool_mark_key,
 )
 from services.usage import tenant_metrics
-from services.usage.dimensions import MAX_DIMENSION_FIELDS, RowIncrement, event_rows
+from services.usage.dimensions import (
+    DIMENSION_FIELD_CAPS,
+    MAX_DIMENSION_FIELDS,
+    RowIncrement,
+    event_rows,
+)
 from services.usage.prices import PriceBook
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.usage.v1 import usage_pb2
@@ -111,12 +116,15 @@ CLAMPED = Counter(
 # The four counters of a dimension row, and which row of a dimension hash a
 # request's row counts under (itself, the overflow row, or nil) given the
 # hash's field cap (see dimensions.py).
+# A hash's cap is the lower of the call's and its granularity's (its key ends
+# ":<granularity>:<start>", dimension_key; GRANULARITY_CAPS: `_caps_lua`).
 _ROW_FOR = """
 local kinds = {'|requests', '|prompt', '|cached', '|completion'}
 local function row_for(dim, row, overflow, cap)
   if overflow == '' or redis.call('HEXISTS', dim, row .. '|requests') == 1 then
     return row
   end
+  cap = math.min(cap, GRANULARITY_CAPS[string.match(dim, ':(%a+):%d+$')] or cap)
   local size = redis.call('HLEN', dim)
   if size < cap then return row end
   if size < 2 * cap or redis.call('HEXISTS', dim, overflow .. '|requests') == 1 then
@@ -125,6 +133,12 @@ local function row_for(dim, row, overflow, cap)
   return nil
 end
 """
+
+
+def _caps_lua(caps: Mapping[str, int]) -> str:
+    """Returns the Lua table of each granularity's dimension field cap (_ROW_FOR's)."""
+    return "local GRANULARITY_CAPS = {" + ", ".join(f"{g} = {c}" for g, c in caps.items()) + "}\n"
+
 
 # Raises a spool's applied mark to `position` (never lowers it: with several
 # replicas, entries are applied out of order).
@@ -771,7 +785,7 @@ class Meter:
         self.trim_interval_s = trim_interval_s
         self.linger_s = linger_s
         self.dead_letters = dead_letter_stream(stream)
-        prelude = audit_prelude(retention.audit_entries)
+        prelude = _caps_lua(DIMENSION_FIELD_CAPS) + audit_prelude(retention.audit_entries)
         self._apply = client.register_script(prelude + _APPLY)
         self._apply_batch = client.register_script(prelude + _APPLY_BATCH)
         self._forget_consumers = client.register_script(FORGET_IDLE_CONSUMERS)

@@ -5,6 +5,7 @@ bounded (buckets, groups, rows, the answer's size) before it costs much."""
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import os
 import time
 import uuid
@@ -21,6 +22,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from services.core.errors import InvalidArgument
 from services.core.server import serving
+from services.usage import meter as meter_module
 from services.usage import reports, reports_v2
 from services.usage.meter import Meter, Retention, bucket_start
 from services.usage.reports import MAX_BUCKETS, UsageReader
@@ -300,13 +302,24 @@ async def test_v2_reports_read_a_bounded_number_of_rows(
 
 
 async def test_an_hourly_report_by_a_tag_at_the_meters_cap_is_refused_not_built(
-    served: Served,
+    served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A client that tags each request with its own user id, ~85 a minute: each hour
-    # bucket holds the meter's ~5,000 values. The hourly report of a few hours was
-    # an 8 MB answer (4 MiB is a gRPC client's default), after 8.5 s of CPU.
+    # bucket held the meter's ~5,000 values (before the per-granularity caps; such
+    # buckets stay 31 days). The hourly report of a few hours was an 8 MB answer
+    # (4 MiB is a gRPC client's default), after 8.5 s of CPU.
+    # An earlier meter's, on a stream of its own (the service meters its stream too).
+    monkeypatch.setattr(meter_module, "DIMENSION_FIELD_CAPS", {})
+    stream = f"usage-test:{uuid.uuid4().hex}"
+    earlier = Meter(served.client, stream, "meter", "earlier", Retention())
+    await earlier.ensure_group()
     hour = bucket_start(time.time(), "hour") - 4 * HOUR
-    await served.meter_events(*((hour + i * 0.7, {"user": f"user-{i:05d}"}) for i in range(5100)))
+    try:
+        await dataclasses.replace(served, stream=stream, meter=earlier).meter_events(
+            *((hour + i * 0.7, {"user": f"user-{i:05d}"}) for i in range(5100))
+        )
+    finally:
+        await served.client.delete(stream)
     scope = f"key:{served.key}"
     for kind in ("agg", "dim"):  # the hours after it look the same
         dump = await served.client.dump(f"tm:usage:{kind}:{scope}:hour:{hour}")

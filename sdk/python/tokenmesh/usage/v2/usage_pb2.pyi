@@ -168,7 +168,8 @@ class UsageGroup(_message.Message):
     value ("tag:<key>"). Empty collects the usage without one: requests
     without that tag, without a template, or metered before the dimension
     was recorded. "(other)" collects a tag's values past the meter's bound
-    (about 5,000 values a bucket).
+    (a bucket keeps about 16 rows of tag values apart a minute, 64 an hour,
+    256 a day, 1,024 a month: tags are for grouping, not per-user ids).
     """
     model: _builtins.str
     """model is the model name of a group by model or version."""
