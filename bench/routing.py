@@ -451,10 +451,11 @@ def _bodies(case: str, tag: str, tokenizer: Tokenizer) -> tuple[Callable[[int], 
 
 
 def _head_key(system: str) -> str:
-    """The edge's prefix key of a chat with this system prompt: the hex of the first
-    64 bytes of its `messages` member as sent (gateway/model_routing.lua)."""
+    """The edge's prefix key of a chat with this system prompt, sent with the dev key
+    (tenant "admin"): the tenant's name, a zero byte and the first 64 bytes of its
+    `messages` member as sent, in hex (gateway/model_routing.lua's tenant_prefix)."""
     messages = json.loads(chat_body(system, 0))["messages"]
-    return json.dumps(messages).encode()[:64].hex()
+    return b"admin".hex() + "00" + json.dumps(messages).encode()[:64].hex()
 
 
 def mesh_config(state: Path) -> MeshConfig:

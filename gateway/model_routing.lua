@@ -322,6 +322,18 @@ local function hex(s)
   return (s:gsub(".", HEX))
 end
 
+-- Returns a request's prefix key: the hex of its head, after its tenant's name and
+-- a zero byte when it has one (a tenant name has no zero byte). Per tenant, as the
+-- workers' caches are: shared, the heads this thread saw, the router's pins and the
+-- hash told one tenant (by the worker that answered) whether another had just sent
+-- a head it guessed. Another tenant's head is no cache hit anyway, but on a model
+-- whose caches are shared (TOKENMESH_CACHE_SHARED_MODELS): there a head common to
+-- tenants reaches each tenant's worker once.
+local function tenant_prefix(tenant, head)
+  if tenant == nil or tenant == "" or not header_safe(tenant, 64) then return hex(head) end
+  return hex(tenant) .. "00" .. hex(head)
+end
+
 -- Tells whether the caller's key may use `model`: `allowed` is the edge's
 -- x-tokenmesh-models identity header ("a,b"; absent or blank: any model), read
 -- as the workers read it (services/core/model_access.py).
@@ -409,7 +421,7 @@ function envoy_on_request(handle)
   if model ~= nil then headers:replace("x-tokenmesh-model", model) end
   local prefix = nil
   if head ~= nil and head ~= "" then
-    prefix = hex(head)
+    prefix = tenant_prefix(headers:get("x-tokenmesh-tenant"), head)
     headers:replace("x-tokenmesh-prefix", prefix)
   end
   -- The request's version field wins over an x-model-version header, which

@@ -31,8 +31,9 @@ WORKER_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 #: LEASE_TOKEN: the secret a worker registers with (services/inference/registration.py).
 LEASE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 #: PREFIX_KEY: the edge's key for a prompt's head (x-tokenmesh-prefix: the hex
-#: of at most 64 bytes, gateway/model_routing.lua).
-PREFIX_KEY = re.compile(r"^(?:[0-9a-f]{2}){1,64}$")
+#: of at most 64 bytes, after the tenant's name (at most 64) and a zero byte when
+#: the caller has one: gateway/model_routing.lua's tenant_prefix).
+PREFIX_KEY = re.compile(r"^(?:[0-9a-f]{2}){1,129}$")
 #: REQUEST_ID: a client- or edge-supplied request id.
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 #: API_KEY_ID: an API key's id, exactly as the auth service mints it (create and

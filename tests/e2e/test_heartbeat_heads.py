@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 
 from tests.e2e.test_jobs import wait_until
+from tests.e2e.test_routing import prefix_key
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
 from tokenmesh.inference.v1 import inference_service_pb2_grpc as rpc
 from tokenmesh.router.v1 import router_service_pb2 as router_pb
@@ -18,7 +19,7 @@ DEFAULT_PREFIX_CACHE_TOKENS = 4096  # TOKENMESH_PREFIX_CACHE_TOKENS' default
 
 def test_heartbeats_carry_each_hot_heads_prompt_length_and_the_cache_size(mesh, channel):
     head = f"{uuid.uuid4().hex}: a system prompt that many questions share, past 64 bytes."
-    key = head.encode()[:64].hex()  # the edge's x-tokenmesh-prefix
+    key = prefix_key(head)  # the edge's x-tokenmesh-prefix
     stub = rpc.InferenceServiceStub(channel)
     prompt_tokens = {
         stub.Complete(

@@ -453,6 +453,35 @@ def test_the_filter_accepts_what_real_clients_send(tmp_path: Path) -> None:
     assert seen == {name: (model, version) for name, _, _, model, version in _real_bodies()}
 
 
+def test_a_heads_prefix_key_is_its_tenants(tmp_path: Path) -> None:
+    # One key for every tenant: the heads an Envoy thread saw, the router's pins and
+    # the hash were shared, so a tenant sending a guess of another's prompt opening
+    # twice read from the answering worker (x-tokenmesh-worker) whether that tenant
+    # had just sent it. (The edge sets x-tokenmesh-tenant; here the client does.)
+    listen, admin = reserve_port(), reserve_port()
+    message = field(1, MODEL.encode()) + field(3, b"the shared opening")
+    seen = {}
+    with running_envoy(_filter_bootstrap(listen, admin), admin, tmp_path), httpx.Client() as http:
+        for tenant in ("acme", "globex", "", "bad tenant"):
+            headers = {"content-type": "application/grpc", "x-tokenmesh-tenant": tenant}
+            answer = http.post(
+                f"http://127.0.0.1:{listen}{V2}Complete",
+                content=frame(message),
+                headers=headers,
+                timeout=5,
+            )
+            seen[tenant] = answer.headers["x-seen-prefix"]
+    head = b"the shared opening".hex()
+    assert seen == {
+        "acme": b"acme".hex() + "00" + head,
+        "globex": b"globex".hex() + "00" + head,
+        "": head,  # an internal caller's
+        "bad tenant": head,  # never a tenant's name (the edge sets only valid ones)
+    }
+    assert all(contract.is_prefix_key(key) for key in seen.values())
+    assert contract.is_prefix_key((b"t" * 64).hex() + "00" + (b"h" * 64).hex())
+
+
 # --- The worker's own guard (no edge: the header as the edge would set it) --------
 
 

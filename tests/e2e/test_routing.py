@@ -223,6 +223,12 @@ def workers_of(channel: grpc.Channel, prompts: Iterable[str]) -> set[str]:
     return {complete(channel, prompt=prompt).worker for prompt in prompts}
 
 
+def prefix_key(head: str, tenant: str = "admin") -> str:
+    """The edge's x-tokenmesh-prefix of a prompt starting with `head` (gateway/
+    model_routing.lua's tenant_prefix), sent with a key of `tenant` (the dev key's)."""
+    return tenant.encode().hex() + "00" + head.encode()[:64].hex()
+
+
 def hashed_worker(channel: grpc.Channel, prompt: str) -> str:
     """Returns the worker the routes' hash sends `prompt` to: its head's first request on
     an Envoy thread takes a turn instead, so the prompt is sent twice."""
@@ -735,7 +741,7 @@ def test_hot_prompt_heads_are_pinned_evenly_over_the_workers(routed, edge, catal
         if len(by_worker[heavy]) >= 6 and len(by_worker[light]) >= 2:
             break
     heads = by_worker[heavy][:6] + by_worker[light][:2]
-    keys = {head: head.encode()[:64].hex() for head in heads}
+    keys = {head: prefix_key(head) for head in heads}
     addresses = {routed.address(w): w for w in by_worker}
 
     def pinned_evenly_and_followed() -> bool:

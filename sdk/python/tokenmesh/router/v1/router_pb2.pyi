@@ -503,7 +503,8 @@ class PrefixHeat(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     prefix: _builtins.str
     """prefix is the edge's key for the head (the x-tokenmesh-prefix header:
-    hex of the prompt's first 64 bytes, or of its template reference).
+    hex of the caller's tenant name and a zero byte, when it has one, then
+    of the prompt's first 64 bytes or its template reference).
     """
     requests: _builtins.float
     """requests is the requests that carried it, decayed (each counts half
