@@ -23,6 +23,8 @@ from services.core.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    QuotaViolation,
+    ResourceExhausted,
     Unauthenticated,
 )
 from services.core.interceptors import Context, request_headers
@@ -49,6 +51,11 @@ from tokenmesh.jobs.v1 import jobs_service_pb2 as pb
 
 WATCH_POLL_S = 0.5
 WATCH_KEEPALIVE_S = 15.0  # an unchanged job is sent again this often (idle timeouts)
+# The most WatchJob streams one key holds open on a replica. Each polls Redis twice a
+# second for as long as its job runs (up to the jobs' retention) and its keepalive
+# outlives every idle timeout: unbounded, ~1,100 of one key's (two minutes at its
+# default request rate) filled the event loop that runs every tenant's items.
+MAX_WATCHES_PER_KEY = 16
 MAX_TOKEN_ID_CHARS = 64  # a page token's job id ("job-" and 24 hex digits)
 
 
@@ -77,6 +84,7 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
         self.default_window_s = default_window_s
         self.allow_hosts = allow_hosts
         self.ledger = ledger
+        self._watches: dict[str, int] = {}  # key id -> its WatchJob streams open here
 
     # -- helpers ----------------------------------------------------------
 
@@ -326,6 +334,28 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
         self, request: pb.WatchJobRequest, context: Context
     ) -> AsyncIterator[pb.WatchJobResponse]:
         record = await self._owned(context, request.id)
+        key_id = record.owner.key_id
+        if self._watches.get(key_id, 0) >= MAX_WATCHES_PER_KEY:
+            raise ResourceExhausted(
+                f"this key watches {MAX_WATCHES_PER_KEY} jobs at once already: close a "
+                "watch, or poll GetJob",
+                retry_after_s=WATCH_KEEPALIVE_S,
+                quota_violations=[
+                    QuotaViolation(f"key {key_id}", f"at most {MAX_WATCHES_PER_KEY} open watches")
+                ],
+                reason="TOO_MANY_WATCHES",
+            )
+        self._watches[key_id] = self._watches.get(key_id, 0) + 1
+        try:
+            async for response in self._watch(record):
+                yield response
+        finally:
+            self._watches[key_id] -= 1
+            if not self._watches[key_id]:
+                del self._watches[key_id]
+
+    async def _watch(self, record: JobRecord) -> AsyncIterator[pb.WatchJobResponse]:
+        """Yields the job's events until it ends (or is gone)."""
         sent = b""
         sent_at = 0.0
         while True:

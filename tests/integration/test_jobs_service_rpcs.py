@@ -3,6 +3,7 @@ downloads of large results, and a batch that is created whole or not at all."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -212,3 +213,67 @@ async def test_a_batch_whose_record_cannot_be_written_leaves_no_job(jobs, monkey
     assert await client.xlen(jobstore.work_stream(owner.lane)) == 0
     assert await client.zcard(jobstore.owner_key(owner.key_id)) == 0
     assert await client.zcard(openai_batches.owner_batches_key(owner.lane)) == 0
+
+
+async def _first(call: Any) -> jobs_pb.WatchJobResponse:
+    """Returns a watch's first event (it is open)."""
+    message = await call.read()
+    assert isinstance(message, jobs_pb.WatchJobResponse), message
+    return message
+
+
+async def test_a_key_holds_a_bounded_number_of_job_watches_open(
+    jobs: tuple[JobsService, grpc.aio.Channel],
+) -> None:
+    # Each watch polls Redis twice a second while its job runs (up to the retention),
+    # and its keepalive outlives every idle timeout: ~1,100 of one key's filled the
+    # event loop that runs every tenant's items.
+    from services.jobs.servicer import MAX_WATCHES_PER_KEY
+
+    service, channel = jobs
+    stub = jobs_service_pb2_grpc.JobsServiceStub(channel)
+
+    async def held_job(owner: Owner) -> str:
+        item = jobs_pb2.JobItem(complete=v2.CompleteRequest(model="absent", prompt="a"))
+        job_id, _ = await service.store.create(
+            NewJob(owner, [item], "", {}, "", now_ms() + 600_000)
+        )
+        return job_id
+
+    owner, headers = _owner()
+    job_id = await held_job(owner)
+    watches = [
+        stub.WatchJob(jobs_pb.WatchJobRequest(id=job_id), metadata=headers)
+        for _ in range(MAX_WATCHES_PER_KEY)
+    ]
+    try:
+        for watch in watches:
+            assert (await _first(watch)).event.job.id == job_id  # open, its first event sent
+        refused = stub.WatchJob(jobs_pb.WatchJobRequest(id=job_id), metadata=headers)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await refused.read()
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "watches" in (info.value.details() or "")
+        # Another key's watches are its own.
+        other, other_headers = _owner()
+        elsewhere = stub.WatchJob(
+            jobs_pb.WatchJobRequest(id=await held_job(other)), metadata=other_headers
+        )
+        assert (await _first(elsewhere)).event.job.id
+        elsewhere.cancel()
+        # A closed watch gives its place back.
+        watches.pop().cancel()
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            again = stub.WatchJob(jobs_pb.WatchJobRequest(id=job_id), metadata=headers)
+            try:
+                assert (await _first(again)).event.job.id == job_id
+                again.cancel()
+                break
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert asyncio.get_running_loop().time() < deadline, "the place never came back"
+                await asyncio.sleep(0.05)
+    finally:
+        for watch in watches:
+            watch.cancel()

@@ -164,7 +164,8 @@ class JobsServiceServicer:
 
     def WatchJob(self, request, context):
         """WatchJob streams the job's progress (SSE over REST): an event when it
-        changes, and the final event when it ends.
+        changes, and the final event when it ends. A key holds at most 16 watches
+        open on a jobs replica: past them, RESOURCE_EXHAUSTED (TOO_MANY_WATCHES).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

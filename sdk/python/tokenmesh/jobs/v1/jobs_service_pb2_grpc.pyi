@@ -81,7 +81,8 @@ class JobsServiceStub:
     """
     WatchJob: _grpc.UnaryStreamMultiCallable[_jobs_service_pb2.WatchJobRequest, _jobs_service_pb2.WatchJobResponse]
     """WatchJob streams the job's progress (SSE over REST): an event when it
-    changes, and the final event when it ends.
+    changes, and the final event when it ends. A key holds at most 16 watches
+    open on a jobs replica: past them, RESOURCE_EXHAUSTED (TOO_MANY_WATCHES).
     """
     RedeliverWebhook: _grpc.UnaryUnaryMultiCallable[_jobs_service_pb2.RedeliverWebhookRequest, _jobs_pb2.Job]
     """RedeliverWebhook sends a job's webhook event again (e.g. out of
@@ -149,7 +150,8 @@ class JobsServiceAsyncStub(JobsServiceStub):
     """
     WatchJob: _aio.UnaryStreamMultiCallable[_jobs_service_pb2.WatchJobRequest, _jobs_service_pb2.WatchJobResponse]  # type: ignore[assignment]
     """WatchJob streams the job's progress (SSE over REST): an event when it
-    changes, and the final event when it ends.
+    changes, and the final event when it ends. A key holds at most 16 watches
+    open on a jobs replica: past them, RESOURCE_EXHAUSTED (TOO_MANY_WATCHES).
     """
     RedeliverWebhook: _aio.UnaryUnaryMultiCallable[_jobs_service_pb2.RedeliverWebhookRequest, _jobs_pb2.Job]  # type: ignore[assignment]
     """RedeliverWebhook sends a job's webhook event again (e.g. out of
@@ -256,7 +258,8 @@ class JobsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_jobs_service_pb2.WatchJobResponse], _abc.AsyncIterator[_jobs_service_pb2.WatchJobResponse]]:
         """WatchJob streams the job's progress (SSE over REST): an event when it
-        changes, and the final event when it ends.
+        changes, and the final event when it ends. A key holds at most 16 watches
+        open on a jobs replica: past them, RESOURCE_EXHAUSTED (TOO_MANY_WATCHES).
         """
 
     @_abc_1.abstractmethod
