@@ -915,6 +915,33 @@ def test_every_deployment_persists_each_redis_as_make_run_does(tmp_path):
         assert _persistence(argv) == expected, name
 
 
+def _option(argv: list[str], name: str) -> str:
+    return argv[argv.index(f"--{name}") + 1]
+
+
+def _megabytes(quantity: str) -> float:
+    """Returns a Kubernetes memory quantity (Mi, Gi) or a Redis one (mb) in MiB."""
+    units = {"Mi": 1, "Gi": 1024, "mb": 1}
+    unit = next(u for u in units if quantity.endswith(u))
+    return float(quantity[: -len(unit)]) * units[unit]
+
+
+def test_every_shipped_redis_bounds_its_memory_under_its_containers_limit():
+    # Neither had maxmemory: the response cache (the volatile Redis) or usage rows
+    # (the durable one) grew into the container's limit, an OOM kill; the durable
+    # one then replayed its AOF into the same limit.
+    policies = {"redis": "noeviction", "redis-limits": "allkeys-lru"}
+    for name, argv in _shipped_redis_args().items():
+        redis = name.split("/", 1)[1]
+        assert _option(argv, "maxmemory-policy") == policies[redis], name
+        assert _megabytes(_option(argv, "maxmemory")) > 0, name
+    for workload in _redis_workload_kinds():
+        container = _container(workload)
+        limit = _megabytes(container["resources"]["limits"]["memory"])
+        bound = _megabytes(_option(container["args"], "maxmemory"))
+        assert bound <= 0.75 * limit, workload["metadata"]["name"]  # fork and buffers
+
+
 def test_the_durable_redis_keeps_its_data_in_a_volume_that_outlives_its_container():
     compose = _compose()
     services = compose["services"]
