@@ -58,6 +58,7 @@ from services.jobs.store import (
     PAGE_AFTER,
     PREFIX,
     STOP_GRACE_S,
+    STORAGE_QUOTA,
     SUCCEEDED,
     JobRecord,
     items_key,
@@ -117,6 +118,10 @@ NEVER_RAN = {
     (CANCELLED, KEY_EXPIRED): (
         "key_expired",
         "This request was not run: the API key that created the batch expired.",
+    ),
+    (CANCELLED, STORAGE_QUOTA): (
+        "storage_quota_exceeded",
+        "This request was not run: the stored files and batch results passed the storage quota.",
     ),
     (EXPIRED, ""): (
         "batch_expired",

@@ -24,7 +24,6 @@ transaction that writes it, and until it is deleted or expires.
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import urllib.parse
@@ -36,7 +35,15 @@ import redis.asyncio as aioredis
 
 from services.core.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from services.core.redis_service import text
-from services.jobs.store import PREFIX, items_key, now_ms
+from services.jobs.store import (
+    FILE_KEY_PREFIX,
+    LEDGER_FUNCTIONS,
+    PREFIX,
+    items_key,
+    ledger_key,
+    ledger_sizes_key,
+    now_ms,
+)
 
 PURPOSE = "batch"
 FILE_ID_PREFIX = "file-"
@@ -53,7 +60,7 @@ _QUOTED_PAIR = re.compile(r"\\(.)")
 
 def file_key(file_id: str) -> str:
     """Returns the hash of an uploaded file."""
-    return f"{PREFIX}file:{file_id}"
+    return f"{FILE_KEY_PREFIX}{file_id}"
 
 
 def new_file_id() -> str:
@@ -311,59 +318,6 @@ RESERVATION_MS = 60_000
 SETTLE_SLACK_MS = 1000
 
 
-def ledger_key(owner: str) -> str:
-    """Returns the zset of what an owner keeps: each object's Redis key -> when it goes
-    (ms; for a batch that has not ended, the latest its record may expire)."""
-    return f"{PREFIX}stored:{owner}"
-
-
-def ledger_sizes_key(owner: str) -> str:
-    """Returns the hash of the bytes each object of an owner's ledger is charged, and
-    the totals (`total:bytes`, `total:files`)."""
-    return f"{PREFIX}stored:{owner}:bytes"
-
-
-# KEYS: the ledger, its sizes. Every script below starts with these functions.
-# An object's member is its own Redis key: a file's starts with FILE_PREFIX.
-_LEDGER_FN = """
-local function is_file(id) return string.find(id, FILE_PREFIX, 1, true) == 1 end
-local function forget(id)
-  local size = redis.call('HGET', KEYS[2], id)
-  if size then
-    redis.call('HINCRBY', KEYS[2], 'total:bytes', -tonumber(size))
-    if is_file(id) then redis.call('HINCRBY', KEYS[2], 'total:files', -1) end
-    redis.call('HDEL', KEYS[2], id)
-  end
-  redis.call('ZREM', KEYS[1], id)
-end
--- The totals of what is kept now (what expired by `now` is forgotten first).
-local function totals(now)
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do forget(id) end
-  local h = redis.call('HMGET', KEYS[2], 'total:bytes', 'total:files')
-  return tonumber(h[1] or 0), tonumber(h[2] or 0)
-end
-local function charge(id, size, until_ms, now)
-  redis.call('ZADD', KEYS[1], until_ms, id)
-  redis.call('HSET', KEYS[2], id, size)
-  redis.call('HINCRBY', KEYS[2], 'total:bytes', size)
-  if is_file(id) then redis.call('HINCRBY', KEYS[2], 'total:files', 1) end
-  -- The ledger lives as long as the longest-lived object it charges.
-  local left = until_ms - now
-  if redis.call('PTTL', KEYS[1]) < left then
-    redis.call('PEXPIRE', KEYS[1], left)
-    redis.call('PEXPIRE', KEYS[2], left)
-  end
-end
--- Charges `id` unless a limit would be passed: {'ok'}, or {limit, in use, max}.
-local function reserve(id, size, until_ms, now, max_bytes, max_files)
-  local bytes, files = totals(now)
-  if is_file(id) and files + 1 > max_files then return {'files', files, max_files} end
-  if bytes + size > max_bytes then return {'bytes', bytes, max_bytes} end
-  charge(id, size, until_ms, now)
-  return {'ok'}
-end
-"""
-
 # KEYS: ledger, sizes, the file's hash. ARGV: now, bytes, until ms, retention s, max
 # bytes, max files, then the file's fields and values. Stores an upload if the
 # quota allows it: the check and the write are one step, so two uploads at once
@@ -433,7 +387,7 @@ class StorageLedger:
     def __init__(self, client: aioredis.Redis, quota: StorageQuota) -> None:
         self.redis = client
         self.quota = quota
-        functions = _LEDGER_FN.replace("FILE_PREFIX", json.dumps(file_key("")))
+        functions = "local LEDGER, SIZES = KEYS[1], KEYS[2]\n" + LEDGER_FUNCTIONS
         self._store_file = client.register_script(functions + _STORE_FILE)
         self._reserve = client.register_script(functions + _RESERVE)
         self._confirm = client.register_script(functions + _CONFIRM)

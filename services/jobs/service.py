@@ -103,8 +103,9 @@ class JobsSettings(RedisSettings):
     openai_storage_bytes_per_owner: int = env(
         "TOKENMESH_OPENAI_STORAGE_BYTES_PER_OWNER",
         64 * 1024 * 1024,
-        "What one tenant (or key without one) may keep of OpenAI uploads, batch records and "
-        "unfinished jobs' items at once (bytes, in Redis); more is refused 429.",
+        "What one tenant (or key without one) may keep of OpenAI uploads, batch records, "
+        "unfinished jobs' items and jobs' results at once (bytes, in Redis); more is "
+        "refused 429, and a job whose results pass it stops.",
     )
     openai_files_per_owner: int = env(
         "TOKENMESH_OPENAI_FILES_PER_OWNER",
@@ -217,7 +218,12 @@ class JobsService(RedisBackedService):
             logger.warning(
                 "webhook secrets are stored unsealed (TOKENMESH_WEBHOOK_SECRETS_KEY unset)"
             )
-        self.store = JobStore(self.redis, int(settings.retention_days * 86400), box)
+        self.store = JobStore(
+            self.redis,
+            int(settings.retention_days * 86400),
+            box,
+            settings.openai_storage_bytes_per_owner,
+        )
         self.executor = ItemExecutor(
             WorkerDirectory(self.redis),
             identity_files(self.name, settings),

@@ -104,6 +104,11 @@ RUNNABLE = frozenset({QUEUED, RUNNING})
 # Why a job was stopped (its `stop_reason`; "" is its owner's cancel). DEADLINE: its
 # completion window ended with items in flight; it ends EXPIRED, not CANCELLED.
 KEY_REVOKED, KEY_EXPIRED, DEADLINE = "KEY_REVOKED", "KEY_EXPIRED", "DEADLINE"
+# STORAGE_QUOTA: its results took its owner past its storage quota
+# (TOKENMESH_OPENAI_STORAGE_BYTES_PER_OWNER), as an upload or a new job would.
+STORAGE_QUOTA = "STORAGE_QUOTA_EXCEEDED"
+# What _FINISH_ITEM answers for a result stored past its owner's quota.
+OVER_QUOTA = 3
 # The longest a stopped job stays CANCELLING when a runner died with one of its
 # items in flight and no replica took the entry over (OpenAI: up to 10 minutes).
 STOP_GRACE_S = 600
@@ -153,9 +158,86 @@ def batch_key_of_job(job_id: str) -> str:
     return f"{PREFIX}batch:batch_{job_id.removeprefix('job-')}"
 
 
+FILE_KEY_PREFIX = PREFIX + "file:"  # an uploaded file's hash: services/jobs/openai_files.py
+
+
+def ledger_key(owner: str) -> str:
+    """Returns the zset of what an owner keeps: each object's Redis key -> when it goes
+    (ms; for a batch that has not ended, the latest its record may expire)."""
+    return f"{PREFIX}stored:{owner}"
+
+
+def ledger_sizes_key(owner: str) -> str:
+    """Returns the hash of the bytes each object of an owner's ledger is charged, and
+    the totals (`total:bytes`, `total:files`)."""
+    return f"{PREFIX}stored:{owner}:bytes"
+
+
+# An owner's storage ledger (services/jobs/openai_files.py's StorageLedger, and the
+# results _FINISH_ITEM stores): a script starts with `local LEDGER, SIZES = ...`
+# (the two keys above), then these functions. An object's member is its own Redis
+# key: a file's starts with FILE_KEY_PREFIX.
+LEDGER_FUNCTIONS = (
+    f"local FILE_PREFIX = {json.dumps(FILE_KEY_PREFIX)}\n"
+    + """
+local function is_file(id) return string.find(id, FILE_PREFIX, 1, true) == 1 end
+local function forget(id)
+  local size = redis.call('HGET', SIZES, id)
+  if size then
+    redis.call('HINCRBY', SIZES, 'total:bytes', -tonumber(size))
+    if is_file(id) then redis.call('HINCRBY', SIZES, 'total:files', -1) end
+    redis.call('HDEL', SIZES, id)
+  end
+  redis.call('ZREM', LEDGER, id)
+end
+-- The totals of what is kept now (what expired by `now` is forgotten first).
+local function totals(now)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEDGER, '-inf', now)) do forget(id) end
+  local h = redis.call('HMGET', SIZES, 'total:bytes', 'total:files')
+  return tonumber(h[1] or 0), tonumber(h[2] or 0)
+end
+-- The ledger lives as long as the longest-lived object it charges.
+local function keep_ledger(until_ms, now)
+  local left = until_ms - now
+  if redis.call('PTTL', LEDGER) < left then
+    redis.call('PEXPIRE', LEDGER, left)
+    redis.call('PEXPIRE', SIZES, left)
+  end
+end
+local function charge(id, size, until_ms, now)
+  redis.call('ZADD', LEDGER, until_ms, id)
+  redis.call('HSET', SIZES, id, size)
+  redis.call('HINCRBY', SIZES, 'total:bytes', size)
+  if is_file(id) then redis.call('HINCRBY', SIZES, 'total:files', 1) end
+  keep_ledger(until_ms, now)
+end
+-- Adds `size` to what `id` is charged (kept until `until_ms` at least).
+local function add_to(id, size, until_ms, now)
+  redis.call('ZADD', LEDGER, 'GT', until_ms, id)
+  redis.call('HINCRBY', SIZES, id, size)
+  redis.call('HINCRBY', SIZES, 'total:bytes', size)
+  keep_ledger(until_ms, now)
+end
+-- Charges `id` unless a limit would be passed: {'ok'}, or {limit, in use, max}.
+local function reserve(id, size, until_ms, now, max_bytes, max_files)
+  local bytes, files = totals(now)
+  if is_file(id) and files + 1 > max_files then return {'files', files, max_files} end
+  if bytes + size > max_bytes then return {'bytes', bytes, max_bytes} end
+  charge(id, size, until_ms, now)
+  return {'ok'}
+end
+"""
+)
+
+
 def work_stream(lane: str) -> str:
     """Returns the stream of a lane's pending items."""
     return f"{PREFIX}work:{lane}"
+
+
+def lane_of(stream: str) -> str:
+    """Returns the lane (its owner, as the storage ledger names it) of a work stream."""
+    return stream.removeprefix(f"{PREFIX}work:")
 
 
 @dataclass
@@ -321,19 +403,33 @@ return false
 """
 )
 
-# KEYS: the job's keys, then the lane's stream (9).
+# KEYS: the job's keys, then the lane's stream (9), its owner's storage ledger and
+#       its sizes (10, 11).
 # ARGV: job id, index, result bytes, succeeded (1/0), prompt, completion,
-#       cached, now ms, retention s, group, entry id, consumer
+#       cached, now ms, retention s, group, entry id, consumer, how long after
+#       the job's deadline its results are charged (ms: the latest its record may
+#       expire), the most bytes the owner may keep (0: no limit).
 # Returns 1 when this call wrote the result, 0 when it did not: the item had one,
-# or the job had ended (its results are final) or is gone.
+# or the job had ended (its results are final) or is gone; 3 when it wrote it and
+# the owner now keeps more than it may (the caller stops the job).
 _FINISH_ITEM = (
-    _FINISH_FN
+    "local LEDGER, SIZES = KEYS[10], KEYS[11]\n"
+    + LEDGER_FUNCTIONS
+    + _FINISH_FN
     + """
 local wrote = 0
 local status = redis.call('HGET', KEYS[1], 'status')
 if running(status) or status == 'CANCELLING' then
   if redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[3]) == 1 then
     wrote = 1
+    -- Charged to its owner as its items were: uncharged, one job of embeddings
+    -- kept ~4 GB of results for the retention (~400 KB an item of 256 inputs).
+    local now, max_bytes = tonumber(ARGV[8]), tonumber(ARGV[14])
+    local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline_ms') or now)
+    local bytes = totals(now)
+    local size = string.len(ARGV[3])
+    add_to(KEYS[3], size, deadline + tonumber(ARGV[13]), now)
+    if max_bytes > 0 and bytes + size > max_bytes then wrote = 3 end
     local counter = ARGV[4] == '1' and 'succeeded' or 'failed'
     redis.call('HINCRBY', KEYS[1], counter, 1)
     redis.call('HINCRBY', KEYS[1], 'prompt_tokens', tonumber(ARGV[5]))
@@ -686,14 +782,22 @@ class JobStore:
         retention_s: how long a finished job (and its results) is kept.
         secret_box: seals webhook secrets before they are stored (None: stored
             as they are; services/jobs/secret_box.py).
+        storage_bytes: the most bytes an owner may keep (its storage quota, which its
+            jobs' results are charged to: past it, the job that passed it stops,
+            reason STORAGE_QUOTA); 0: no limit.
     """
 
     def __init__(
-        self, client: aioredis.Redis, retention_s: int, secret_box: SecretBox | None = None
+        self,
+        client: aioredis.Redis,
+        retention_s: int,
+        secret_box: SecretBox | None = None,
+        storage_bytes: int = 0,
     ) -> None:
         self.redis = client
         self.retention_s = retention_s
         self.secret_box = secret_box
+        self.storage_bytes = storage_bytes
         self._finish_item = client.register_script(_FINISH_ITEM)
         self._end_job = client.register_script(_END_JOB)
         self._start_item = client.register_script(_START_ITEM)
@@ -929,13 +1033,19 @@ class JobStore:
         entry_id: str,
         consumer: str = "",
     ) -> bool:
-        """Stores an item's result, counts it, ends the job after its last item (a
-        stopping job after its last one in flight), and acknowledges the item's stream
-        entry, atomically; False when it wrote nothing: the item had a result, or the
-        job ended (its results are final) or is gone."""
+        """Stores an item's result, counts it, charges it to the job's owner, ends the
+        job after its last item (a stopping job after its last one in flight), and
+        acknowledges the item's stream entry, atomically; False when it wrote
+        nothing: the item had a result, or the job ended (its results are final) or
+        is gone. A result that takes its owner past its storage quota is stored, and
+        its job stopped (reason STORAGE_QUOTA): no more of its items run."""
         succeeded = "0" if result.HasField("error") else "1"
+        lane = lane_of(stream)
+        # The latest its results may stay: a stop's grace after its deadline, then the
+        # retention (settled to when they go when the owner is refused).
+        kept_after_deadline_ms = (STOP_GRACE_S + self.retention_s) * 1000
         wrote = await self._finish_item(
-            keys=[*self._job_keys(job_id), stream],
+            keys=[*self._job_keys(job_id), stream, ledger_key(lane), ledger_sizes_key(lane)],
             args=[
                 job_id,
                 index,
@@ -947,8 +1057,13 @@ class JobStore:
                 GROUP,
                 entry_id,
                 consumer,
+                kept_after_deadline_ms,
+                self.storage_bytes,
             ],
         )
+        if wrote == OVER_QUOTA:
+            logger.warning("job %s stopped: its owner is past its storage quota", job_id)
+            await self.stop(job_id, STORAGE_QUOTA)
         return bool(wrote)
 
     async def let_go(

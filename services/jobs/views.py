@@ -7,7 +7,15 @@ from collections.abc import Sequence
 
 from google.protobuf import json_format, timestamp_pb2
 
-from services.jobs.store import CANCELLED, EXPIRED, FINAL, KEY_EXPIRED, KEY_REVOKED, JobRecord
+from services.jobs.store import (
+    CANCELLED,
+    EXPIRED,
+    FINAL,
+    KEY_EXPIRED,
+    KEY_REVOKED,
+    STORAGE_QUOTA,
+    JobRecord,
+)
 from tokenmesh.inference.v2 import inference_pb2
 from tokenmesh.jobs.v1 import jobs_pb2
 
@@ -32,6 +40,12 @@ NEVER_RAN = {
         "CANCELLED",
         1,
         "the job was stopped before this item finished: the API key that created it expired",
+    ),
+    (CANCELLED, STORAGE_QUOTA): (
+        "RESOURCE_EXHAUSTED",
+        8,
+        "the job was stopped before this item finished: its owner's stored files and "
+        "results passed its storage quota (delete some, or wait until they expire)",
     ),
     (EXPIRED, ""): (
         "DEADLINE_EXCEEDED",

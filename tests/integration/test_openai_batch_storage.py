@@ -436,6 +436,49 @@ async def test_a_jobs_items_are_charged_until_it_ends(small):
     assert (await stub.CreateJob(_job_request(12_000), metadata=other)).id
 
 
+def _embed_result(index: int, floats: int) -> jobs_pb2.JobResult:
+    values = [(index + n / floats) / 3 for n in range(floats)]
+    response = v2.EmbedResponse(embeddings=[inference_pb2.Embedding(index=0, values=values)])
+    return jobs_pb2.JobResult(index=index, embed=response)
+
+
+async def test_a_jobs_results_are_charged_and_a_job_past_the_quota_stops(small):
+    """A job's results were charged to no quota and kept the retention (7 days): one
+    job of 10,000 embed items of 256 inputs each kept ~4 GB in the AOF Redis, from
+    a 30 KB request. They are charged as they are stored; the result that passes
+    the owner's quota is kept, and its job stops (no more of its items run)."""
+    service, channel = small
+    owner, headers = _owner(tenant=f"t-{uuid.uuid4().hex[:6]}")
+    stub = jobs_service_pb2_grpc.JobsServiceStub(channel)
+    item = jobs_pb2.JobItem(embed=v2.EmbedRequest(model="absent", inputs=["x"]))
+    job = await stub.CreateJob(
+        jobs_service_pb2.CreateJobRequest(items=[item] * 8), metadata=headers
+    )
+    sizes = openai_files.ledger_sizes_key(owner.lane)
+    stream = jobstore.work_stream(owner.lane)
+    stored = []
+    for index in range(8):  # ~20 KB a result, of a 64 KiB quota
+        result = _embed_result(index, 5_000)
+        if not await service.store.finish_item(job.id, index, result, (1, 0, 0), stream, "0-0"):
+            break
+        stored.append(result.ByteSize())
+        charged = await service.redis.hget(sizes, jobstore.results_key(job.id))
+        assert int(charged or 0) == sum(stored)
+    assert 3 <= len(stored) <= 4, stored  # the one that passed the quota is kept
+    done = await stub.GetJob(jobs_service_pb2.GetJobRequest(id=job.id), metadata=headers)
+    assert done.status == "CANCELLED", done
+    assert done.counts.succeeded == len(stored)
+    page = await stub.ListJobResults(
+        jobs_service_pb2.ListJobResultsRequest(id=job.id), metadata=headers
+    )
+    never_ran = [r.error for r in page.results if r.HasField("error")]
+    assert never_ran and all(e.reason == jobstore.STORAGE_QUOTA for e in never_ran), never_ran
+    # The owner's room is spent: its next upload is refused.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _upload(channel, headers, _padded(1024))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 async def test_a_job_replayed_under_its_key_near_the_quota_answers_its_job(small):
     _, channel = small
     owner, headers = _owner()
