@@ -81,8 +81,9 @@ class JobsSettings(RedisSettings):
     webhook_allow_hosts: tuple[str, ...] = env(
         "TOKENMESH_WEBHOOK_ALLOW_HOSTS",
         (),
-        "Webhook hosts exempt from the private-address check, which may also use http "
-        "(comma-separated; e.g. a receiver inside your network).",
+        "Webhook hosts that may resolve to private and loopback addresses and use http "
+        "(comma-separated exact names; e.g. a receiver inside your network); never to a "
+        "metadata endpoint, link-local, multicast or unspecified address.",
     )
     webhook_schedule: tuple[str, ...] = env(
         "TOKENMESH_WEBHOOK_RETRY_SCHEDULE",

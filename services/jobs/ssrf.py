@@ -6,8 +6,11 @@ delivery then connects to an address this check vetted, never to a fresh
 lookup. Refused: userinfo in the URL, schemes other than https (http only for
 allow-listed hosts), and any address that is not globally routable (private,
 loopback, link-local, CGNAT, reserved, unspecified), multicast, or a cloud
-metadata endpoint. Hosts in TOKENMESH_WEBHOOK_ALLOW_HOSTS skip the address
-check and may use http (a receiver on the operator's own network, tests).
+metadata endpoint. Hosts in TOKENMESH_WEBHOOK_ALLOW_HOSTS may use http and
+private or loopback addresses (a receiver on the operator's own network,
+tests), never a metadata endpoint, a link-local, multicast or unspecified
+address (`is_never_allowed`): the name's DNS answers for it at each attempt,
+and a listed name in a zone someone else controls reached 169.254.169.254.
 
 A name that resolves to a forbidden address and one that does not resolve
 get the same answer (the difference would map the mesh's internal names for
@@ -58,6 +61,7 @@ METADATA_ADDRESSES = frozenset(
         ipaddress.ip_address("169.254.169.254"),  # AWS, GCP, Azure, OpenStack
         ipaddress.ip_address("fd00:ec2::254"),  # AWS over IPv6
         ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud
+        ipaddress.ip_address("168.63.129.16"),  # Azure's platform endpoint (public)
     }
 )
 
@@ -166,6 +170,19 @@ def _raw_host(netloc: str) -> str:
     """Returns the host of a URL's netloc as written (urlsplit's `hostname` is
     lower-cased; a non-ASCII host is never an IPv6 literal)."""
     return netloc.rpartition("@")[2].partition(":")[0]
+
+
+def is_never_allowed(address: IpAddress) -> bool:
+    """Tells whether no webhook may connect to `address`, its host allow-listed or not:
+    a cloud metadata endpoint, a link-local, multicast or unspecified address."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return (
+        address in METADATA_ADDRESSES
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_unspecified
+    )
 
 
 def is_forbidden(address: IpAddress) -> bool:
@@ -385,18 +402,18 @@ async def resolve(
         literal: IpAddress | None = ipaddress.ip_address(target.host)
     except ValueError:
         literal = None
+    refused = is_never_allowed if target.allowed else is_forbidden
     if literal is not None:
-        if not target.allowed and is_forbidden(literal):
+        if refused(literal):
             raise RefusedUrl(
                 f"is {literal} a private, loopback, link-local, multicast or metadata address"
             )
         return [literal]
     addresses = await _lookup(target, timeout_s, lookup, owner)
-    if not target.allowed:
-        for address in addresses:
-            if is_forbidden(address):
-                logger.info("webhook host %r refused: it resolves to %s", target.host, address)
-                raise _name_refused(target)
+    for address in addresses:
+        if refused(address):
+            logger.info("webhook host %r refused: it resolves to %s", target.host, address)
+            raise _name_refused(target)
     return addresses
 
 

@@ -90,6 +90,40 @@ def test_an_allowed_host_may_use_http_and_a_private_address():
     assert asyncio.run(ssrf.resolve(target)) == [ipaddress.ip_address("127.0.0.1")]
 
 
+@pytest.mark.parametrize(
+    "address",
+    [
+        "169.254.169.254",
+        "168.63.129.16",
+        "169.254.1.1",
+        "fe80::1",
+        "::ffff:169.254.169.254",
+        "224.0.0.1",
+        "0.0.0.0",
+    ],
+)
+def test_an_allowed_host_still_never_reaches_metadata_or_link_local(address: str) -> None:
+    # An allow-listed name skipped every address check: one in a zone someone else
+    # controls reached the cloud's metadata endpoint (and probed any port over http).
+    async def lookup(host: str, port: int, owner: str = "", timeout_s: float = 0) -> list[str]:
+        return ["10.0.0.7", address]
+
+    target = ssrf.parse("http://hooks.partner.example/hook", allow_hosts=("hooks.partner.example",))
+    with pytest.raises(ssrf.RefusedUrl):
+        asyncio.run(ssrf.resolve(target, 1.0, lookup))
+    literal = ssrf.parse(
+        f"http://[{address}]/h" if ":" in address else f"http://{address}/h", allow_hosts=(address,)
+    )
+    with pytest.raises(ssrf.RefusedUrl):
+        asyncio.run(ssrf.resolve(literal))
+
+    # Its private addresses stay allowed (the operator's own network).
+    async def private(host: str, port: int, owner: str = "", timeout_s: float = 0) -> list[str]:
+        return ["10.0.0.7"]
+
+    assert asyncio.run(ssrf.resolve(target, 1.0, private)) == [ipaddress.ip_address("10.0.0.7")]
+
+
 def test_a_literal_private_address_is_refused_without_a_lookup():
     target = ssrf.parse("https://10.0.0.1/hook", allow_hosts=())
     with pytest.raises(ssrf.RefusedUrl, match="10.0.0.1"):
