@@ -43,6 +43,7 @@ from services.jobs.store import (
     ledger_key,
     ledger_sizes_key,
     now_ms,
+    results_key,
 )
 
 PURPOSE = "batch"
@@ -513,15 +514,18 @@ class StorageLedger:
 
 
 # The records `settle` looks at: batches' (openai_batches.batch_key), and their jobs'
-# items (store.items_key: deleted when the job ends).
+# items (store.items_key: deleted when the job ends) and results (store.results_key:
+# kept the retention after it ended).
 RECORD_PREFIX = f"{PREFIX}batch:"
 _ITEMS_PREFIX, _, _ITEMS_SUFFIX = items_key("\0").partition("\0")
+_RESULTS_PREFIX, _, _RESULTS_SUFFIX = results_key("\0").partition("\0")
 
 
 def _settled(member: str) -> bool:
     """Whether `settle` lowers a member's charge to when its key goes."""
-    return member.startswith(RECORD_PREFIX) or (
-        member.startswith(_ITEMS_PREFIX) and member.endswith(_ITEMS_SUFFIX)
+    return member.startswith(RECORD_PREFIX) or any(
+        member.startswith(prefix) and member.endswith(suffix)
+        for prefix, suffix in ((_ITEMS_PREFIX, _ITEMS_SUFFIX), (_RESULTS_PREFIX, _RESULTS_SUFFIX))
     )
 
 

@@ -219,11 +219,18 @@ class JobsService(RedisBackedService):
             logger.warning(
                 "webhook secrets are stored unsealed (TOKENMESH_WEBHOOK_SECRETS_KEY unset)"
             )
+        # One ledger: an owner's uploads, batch records, jobs' items and results share
+        # its quota.
+        quota = StorageQuota(
+            settings.openai_storage_bytes_per_owner, settings.openai_files_per_owner
+        )
+        self.ledger = StorageLedger(self.redis, quota)
         self.store = JobStore(
             self.redis,
             int(settings.retention_days * 86400),
             box,
             settings.openai_storage_bytes_per_owner,
+            self.ledger.settle,
         )
         self.executor = ItemExecutor(
             WorkerDirectory(self.redis),
@@ -258,11 +265,7 @@ class JobsService(RedisBackedService):
         return [SERVICE_NAME, OPENAI_BATCH_SERVICE, HANDOVER_SERVICE]
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        # One ledger: an owner's uploads, batch records and jobs' items share its quota.
-        quota = StorageQuota(
-            self.settings.openai_storage_bytes_per_owner, self.settings.openai_files_per_owner
-        )
-        ledger = StorageLedger(self.redis, quota)
+        ledger = self.ledger
         jobs = JobsServicer(
             self.store,
             self.settings.max_items,

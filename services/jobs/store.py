@@ -65,7 +65,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -403,6 +403,17 @@ return false
 """
 )
 
+# KEYS: an owner's storage ledger and its sizes. ARGV: now ms. Returns the bytes it
+# keeps (what went by now forgotten first).
+_LEDGER_BYTES = (
+    "local LEDGER, SIZES = KEYS[1], KEYS[2]\n"
+    + LEDGER_FUNCTIONS
+    + """
+local bytes = totals(tonumber(ARGV[1]))
+return bytes
+"""
+)
+
 # KEYS: the job's keys, then the lane's stream (9), its owner's storage ledger and
 #       its sizes (10, 11).
 # ARGV: job id, index, result bytes, succeeded (1/0), prompt, completion,
@@ -429,6 +440,8 @@ if running(status) or status == 'CANCELLING' then
     local bytes = totals(now)
     local size = string.len(ARGV[3])
     add_to(KEYS[3], size, deadline + tonumber(ARGV[13]), now)
+    -- Past the quota by this ledger (which may still charge what went: the caller
+    -- settles it before it stops the job).
     if max_bytes > 0 and bytes + size > max_bytes then wrote = 3 end
     local counter = ARGV[4] == '1' and 'succeeded' or 'failed'
     redis.call('HINCRBY', KEYS[1], counter, 1)
@@ -443,6 +456,7 @@ if running(status) or status == 'CANCELLING' then
   local done = tonumber(h[1] or 0) + tonumber(h[2] or 0)
   if running(status) and done >= tonumber(h[3]) then
     finish(tonumber(h[1] or 0) > 0 and 'SUCCEEDED' or 'FAILED', ARGV[8], tonumber(ARGV[9]))
+    forget(KEYS[2])  -- its items are deleted: so is their charge
   else
     finish_if_idle(ARGV[8], tonumber(ARGV[9]))
   end
@@ -785,6 +799,8 @@ class JobStore:
         storage_bytes: the most bytes an owner may keep (its storage quota, which its
             jobs' results are charged to: past it, the job that passed it stops,
             reason STORAGE_QUOTA); 0: no limit.
+        settle: lowers an owner's charges to when its objects really go (the
+            StorageLedger's `settle`), before a job is stopped for its quota.
     """
 
     def __init__(
@@ -793,11 +809,14 @@ class JobStore:
         retention_s: int,
         secret_box: SecretBox | None = None,
         storage_bytes: int = 0,
+        settle: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
         self.redis = client
         self.retention_s = retention_s
         self.secret_box = secret_box
         self.storage_bytes = storage_bytes
+        self.settle = settle
+        self._ledger_bytes = client.register_script(_LEDGER_BYTES)
         self._finish_item = client.register_script(_FINISH_ITEM)
         self._end_job = client.register_script(_END_JOB)
         self._start_item = client.register_script(_START_ITEM)
@@ -1061,10 +1080,19 @@ class JobStore:
                 self.storage_bytes,
             ],
         )
-        if wrote == OVER_QUOTA:
+        if wrote == OVER_QUOTA and await self._over_quota(lane):
             logger.warning("job %s stopped: its owner is past its storage quota", job_id)
             await self.stop(job_id, STORAGE_QUOTA)
         return bool(wrote)
+
+    async def _over_quota(self, owner: str) -> bool:
+        """Tells whether `owner` keeps more than its quota once its charges are settled
+        (an ended job's items, results that expired: charged until the latest they
+        could go, which a stop on the ledger's word alone cut jobs for)."""
+        if self.settle is not None:
+            await self.settle(owner)
+        keys = [ledger_key(owner), ledger_sizes_key(owner)]
+        return int(await self._ledger_bytes(keys=keys, args=[now_ms()])) > self.storage_bytes
 
     async def let_go(
         self, job_id: str, index: int, consumer: str, stream: str, entry_id: str

@@ -479,6 +479,36 @@ async def test_a_jobs_results_are_charged_and_a_job_past_the_quota_stops(small):
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+async def test_charges_of_what_went_do_not_stop_a_job(small):
+    """Stopped on the ledger's word alone, a job was cut for charges of what had gone:
+    cancelled jobs' items (deleted, charged until their deadline), expired results."""
+    service, channel = small
+    owner, headers = _owner(tenant=f"t-{uuid.uuid4().hex[:6]}")
+    stub = jobs_service_pb2_grpc.JobsServiceStub(channel)
+    cancelled = [
+        (await stub.CreateJob(_job_request(12_000), metadata=headers)).id for _ in range(3)
+    ]
+    item = jobs_pb2.JobItem(embed=v2.EmbedRequest(model="absent", inputs=["x"]))
+    job = await stub.CreateJob(
+        jobs_service_pb2.CreateJobRequest(items=[item] * 8), metadata=headers
+    )
+    for job_id in cancelled:  # ~36 KiB of items gone, still charged
+        await stub.CancelJob(jobs_service_pb2.CancelJobRequest(id=job_id), metadata=headers)
+    stream = jobstore.work_stream(owner.lane)
+    for index in range(4):  # ~40 KB of results: past 64 KiB only with the stale charges
+        result = _embed_result(index, 2_500)
+        assert await service.store.finish_item(job.id, index, result, (1, 0, 0), stream, "0-0")
+    running = await stub.GetJob(jobs_service_pb2.GetJobRequest(id=job.id), metadata=headers)
+    assert running.status != "CANCELLED", running
+    # Results are charged until the latest they may go (the deadline, a stop's grace,
+    # the retention); a settle lowers that to when their key really expires.
+    results = jobstore.results_key(job.id)
+    await service.redis.pexpire(results, 3_600_000)
+    await service.ledger.settle(owner.lane)
+    until = await service.redis.zscore(jobstore.ledger_key(owner.lane), results)
+    assert until is not None and until <= jobstore.now_ms() + 3_600_000
+
+
 async def test_a_job_replayed_under_its_key_near_the_quota_answers_its_job(small):
     _, channel = small
     owner, headers = _owner()
