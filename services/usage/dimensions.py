@@ -16,8 +16,9 @@ before dimension rows existed is in the v1 buckets only: reports count it
 under "" with no price, so totals always equal the v1 report's.
 
 A tag row is optional bookkeeping, so it is bounded: once a bucket's
-dimension hash holds its granularity's cap of fields (`DIMENSION_FIELD_CAPS`,
-at most `MAX_DIMENSION_FIELDS`), a new tag value is counted as `OTHER_VALUE`,
+dimension hash holds its granularity's cap of tag rows' fields
+(`DIMENSION_FIELD_CAPS`, at most `MAX_DIMENSION_FIELDS`; counted in its field
+`TAG_FIELDS`), a new tag value is counted as `OTHER_VALUE`,
 and past twice that it is not counted by tag at all (the request is then in
 the "" group of that tag). The caps are per granularity because a bucket is
 kept its granularity's retention: with one cap of 20,000 fields for all, one
@@ -44,9 +45,11 @@ from tokenmesh.inference.v1 import inference_pb2
 
 KINDS = ("requests", "prompt", "cached", "completion")
 MAX_DIMENSION_FIELDS = 20_000
-# Each granularity's cap on a dimension hash's fields (4 a row), within
+# Each granularity's cap on a dimension hash's fields of tag rows (4 a row), within
 # MAX_DIMENSION_FIELDS: the finer, the more buckets are kept at once.
 DIMENSION_FIELD_CAPS = {"minute": 64, "hour": 256, "day": 1_024, "month": 4_096}
+# The hash field counting its tag rows' fields (no row's field starts with "#").
+TAG_FIELDS = "#tag-fields"
 OTHER_VALUE = "(other)"
 BASE_DIMENSIONS = ("model", "version", "api_version", "template")
 ROW_DIMENSIONS = ("key", "tenant")

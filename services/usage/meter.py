@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import functools
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -66,6 +67,7 @@ from services.usage import tenant_metrics
 from services.usage.dimensions import (
     DIMENSION_FIELD_CAPS,
     MAX_DIMENSION_FIELDS,
+    TAG_FIELDS,
     RowIncrement,
     event_rows,
 )
@@ -117,22 +119,31 @@ CLAMPED = Counter(
 # request's row counts under (itself, the overflow row, or nil) given the
 # hash's field cap (see dimensions.py).
 # A hash's cap is the lower of the call's and its granularity's (its key ends
-# ":<granularity>:<start>", dimension_key; GRANULARITY_CAPS: `_caps_lua`).
-_ROW_FOR = """
+# ":<granularity>:<start>", dimension_key; GRANULARITY_CAPS: `_caps_lua`). It
+# counts the fields of tag rows only (TAG_FIELDS, kept in the hash: no report
+# reads a field that is not a row's): with the hash's length, a mesh-wide or
+# tenant bucket's key rows (one a key) left a new tag value no row at all.
+_ROW_FOR = (
+    f"local TAG_FIELDS = {json.dumps(TAG_FIELDS)}\n"
+    + """
 local kinds = {'|requests', '|prompt', '|cached', '|completion'}
+local function new_tag_row(dim, row)
+  redis.call('HINCRBY', dim, TAG_FIELDS, #kinds)
+  return row
+end
 local function row_for(dim, row, overflow, cap)
   if overflow == '' or redis.call('HEXISTS', dim, row .. '|requests') == 1 then
     return row
   end
   cap = math.min(cap, GRANULARITY_CAPS[string.match(dim, ':(%a+):%d+$')] or cap)
-  local size = redis.call('HLEN', dim)
-  if size < cap then return row end
-  if size < 2 * cap or redis.call('HEXISTS', dim, overflow .. '|requests') == 1 then
-    return overflow
-  end
+  local size = tonumber(redis.call('HGET', dim, TAG_FIELDS) or 0)
+  if size < cap then return new_tag_row(dim, row) end
+  if redis.call('HEXISTS', dim, overflow .. '|requests') == 1 then return overflow end
+  if size < 2 * cap then return new_tag_row(dim, overflow) end
   return nil
 end
 """
+)
 
 
 def _caps_lua(caps: Mapping[str, int]) -> str:

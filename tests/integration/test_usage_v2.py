@@ -17,7 +17,7 @@ from services.core.server import serving
 from services.router import catalog as cat
 from services.router.catalog import Catalog
 from services.usage import meter as meter_module
-from services.usage.dimensions import DIMENSION_FIELD_CAPS
+from services.usage.dimensions import DIMENSION_FIELD_CAPS, TAG_FIELDS
 from services.usage.meter import Meter, Retention, bucket_start, dimension_key
 from services.usage.service import UsageService, UsageSettings
 from tests import mtls
@@ -38,11 +38,12 @@ def _event(
     cached: int = 0,
     metadata: dict[str, str] | None = None,
     api_version: str = "v2",
+    tenant: str = "acme",
 ) -> inference_pb2.UsageEvent:
     return inference_pb2.UsageEvent(
         request_id=uuid.uuid4().hex,
         key_id=key,
-        tenant="acme",
+        tenant=tenant,
         finish_reason="stop",
         model=types_pb2.ModelRef(name=model, version="1"),
         usage=types_pb2.TokenUsage(prompt_tokens=prompt, completion_tokens=completion),
@@ -187,27 +188,52 @@ async def test_callers_see_what_v1_lets_them_see_and_bad_group_by_names_the_fiel
 
 async def test_tag_values_past_the_bound_count_as_other_then_not_by_tag(setup, monkeypatch):
     client, stream, meter, model, channel = setup
-    monkeypatch.setattr(meter_module, "MAX_DIMENSION_FIELDS", 12)  # 3 rows of 4 counters
+    monkeypatch.setattr(meter_module, "MAX_DIMENSION_FIELDS", 12)  # 3 tag rows of 4 counters
     key = f"key_{uuid.uuid4().hex[:8]}"
     ms = int(time.time() * 1000)
-    # The first request adds its base, key, tenant and one tag row (16 fields).
-    events = [_event(model, key, 1, 1, ms, metadata={"id": f"v{i}"}) for i in range(4)]
+    # The base, key and tenant rows do not count: only tag rows (their fields).
+    events = [_event(model, key, 1, 1, ms, metadata={"id": f"v{i}"}) for i in range(5)]
     await _meter(client, stream, meter, *events)
     report = await rpc.UsageServiceStub(channel).GetUsage(
         pb.GetUsageRequest(group_by="tag:id"), metadata=_headers(key)
     )
     groups = {g.value: g.totals.requests for g in report.groups}
-    assert groups == {"v0": 1, "(other)": 3}
+    assert groups == {"v0": 1, "v1": 1, "v2": 1, "(other)": 2}
     month = dimension_key(f"key:{key}", "month", bucket_start(ms / 1000, "month"))
-    assert await client.hlen(month) == 20  # bounded: the (other) row, nothing per value
+    assert int(await client.hget(month, TAG_FIELDS)) == 16  # 3 rows and (other)
     # Another tag key gets an (other) row up to twice the bound; past it, none at all.
     await _meter(client, stream, meter, _event(model, key, 1, 1, ms, metadata={"k2": "x"}))
     await _meter(client, stream, meter, _event(model, key, 1, 1, ms, metadata={"k3": "y"}))
-    assert await client.hlen(month) == 24
+    await _meter(client, stream, meter, _event(model, key, 1, 1, ms, metadata={"k4": "z"}))
+    assert int(await client.hget(month, TAG_FIELDS)) == 24
     report = await rpc.UsageServiceStub(channel).GetUsage(
         pb.GetUsageRequest(group_by="tag:k3"), metadata=_headers(key)
     )
-    assert [(g.value, g.totals.requests) for g in report.groups] == [("", 6)]
+    assert {g.value: g.totals.requests for g in report.groups} == {"(other)": 1, "": 7}
+    report = await rpc.UsageServiceStub(channel).GetUsage(
+        pb.GetUsageRequest(group_by="tag:k4"), metadata=_headers(key)
+    )
+    assert [(g.value, g.totals.requests) for g in report.groups] == [("", 8)]
+
+
+async def test_key_rows_leave_a_shared_buckets_tag_rows_their_room(setup):
+    # The cap counted every field: in a tenant's (or the mesh's) minute bucket the
+    # rows of ~30 active keys left a new tag value no row at all, not even (other).
+    client, stream, meter, model, channel = setup
+    ms = int(time.time() * 1000)
+    tenant = f"t-{uuid.uuid4().hex[:6]}"  # a bucket of its own
+    keys = [f"key_{uuid.uuid4().hex[:8]}" for _ in range(40)]
+    await _meter(
+        client,
+        stream,
+        meter,
+        *(_event(model, k, 1, 1, ms, metadata={"team": "a"}, tenant=tenant) for k in keys),
+    )
+    last = _event(model, keys[0], 1, 1, ms, metadata={"team": "b"}, tenant=tenant)
+    await _meter(client, stream, meter, last)
+    minute = dimension_key(f"tenant:{tenant}", "minute", bucket_start(ms / 1000, "minute"))
+    fields = await client.hkeys(minute)
+    assert any(b'"tag:team": "b"' in f or b'"tag:team":"b"' in f for f in fields), fields[:5]
 
 
 async def test_a_key_sending_unique_tag_values_is_bounded_per_granularity(setup):
