@@ -116,6 +116,11 @@ def parse(url: str, allow_hosts: Collection[str]) -> WebhookTarget:
     """Returns the parsed URL; raises RefusedUrl for a scheme or shape that is not allowed."""
     if len(url) > MAX_URL_CHARS:
         raise RefusedUrl(f"must be at most {MAX_URL_CHARS} characters")
+    # A control character or a space: urlsplit drops CR, LF and tab (the URL sent
+    # was not the one stored) and keeps the others, which no request can carry
+    # (every attempt failed, to the dead letter).
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        raise RefusedUrl("must not hold spaces or control characters (percent-encode them)")
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port

@@ -124,6 +124,14 @@ def test_an_allowed_host_still_never_reaches_metadata_or_link_local(address: str
     assert asyncio.run(ssrf.resolve(target, 1.0, private)) == [ipaddress.ip_address("10.0.0.7")]
 
 
+@pytest.mark.parametrize("char", ["\x00", "\x0b", "\x7f", "\r", "\n", "\t", " "])
+def test_a_url_with_a_control_character_is_refused_when_the_job_is_made(char: str) -> None:
+    # Accepted, then every attempt failed (InvalidURL) to the dead letter; CR, LF and
+    # tab were dropped by urlsplit, so the URL sent was not the one stored.
+    with pytest.raises(ssrf.RefusedUrl, match="control"):
+        ssrf.parse(f"https://hooks.example/a{char}b", allow_hosts=())
+
+
 def test_a_literal_private_address_is_refused_without_a_lookup():
     target = ssrf.parse("https://10.0.0.1/hook", allow_hosts=())
     with pytest.raises(ssrf.RefusedUrl, match="10.0.0.1"):
