@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -158,7 +157,12 @@ async def test_leased_admissions_count_every_request_and_settle_to_their_own_tim
         scores = sorted(score for _, score in window)
         assert scores[0] >= started_ms - 1
         # Each at its own admission time (2 ms apart), not at its lease's grant time.
-        assert all(later > earlier for earlier, later in itertools.pairwise(scores))
+        # Not strictly in order: a lease's admissions are timed on Redis's clock as the
+        # replica last estimated it (its offset includes a call's latency), so where
+        # a read re-estimates it, on a loaded machine, a few can land a ms or two out
+        # of order or on the same ms (CI met one).
+        assert len(set(scores)) >= 30, scores
+        assert scores[-1] - scores[0] >= 40, scores  # spread over the ~80 ms of requests
 
 
 async def test_replicas_sharing_leases_admit_exactly_the_limit(redis_url):
