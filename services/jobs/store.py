@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import RedisError, ResponseError, WatchError
 
 from services.core.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from services.core.redis_service import text
@@ -1080,9 +1080,15 @@ class JobStore:
                 self.storage_bytes,
             ],
         )
-        if wrote == OVER_QUOTA and await self._over_quota(lane):
-            logger.warning("job %s stopped: its owner is past its storage quota", job_id)
-            await self.stop(job_id, STORAGE_QUOTA)
+        if wrote == OVER_QUOTA:
+            # The result is stored: a failure from here on must not read as "not
+            # stored" (a retry writes nothing). The next result checks again.
+            try:
+                if await self._over_quota(lane):
+                    logger.warning("job %s stopped: its owner is past its storage quota", job_id)
+                    await self.stop(job_id, STORAGE_QUOTA)
+            except (RedisError, OSError, TimeoutError) as exc:
+                logger.warning("job %s: its owner's storage quota not checked: %s", job_id, exc)
         return bool(wrote)
 
     async def _over_quota(self, owner: str) -> bool:
