@@ -581,6 +581,9 @@ if round ~= tonumber(ARGV[6]) or redis.call('HGET', KEYS[1], 'webhook_state') ==
   return 0
 end
 redis.call('HSET', KEYS[1], 'webhook_state', ARGV[3], 'webhook_next_ms', ARGV[4])
+-- The round's attempts that reached an end: the retry schedule's place (an attempt
+-- cut by a stop counted in webhook_attempts and skipped a step of it).
+redis.call('HINCRBY', KEYS[1], 'round_recorded', 1)
 if tonumber(ARGV[4]) > 0 then
   redis.call('ZADD', KEYS[3], tonumber(ARGV[4]), ARGV[1])
 else
@@ -595,7 +598,7 @@ _REDELIVER = """
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) return 0 end
 local attempts = redis.call('HGET', KEYS[1], 'webhook_attempts') or '0'
 redis.call('HSET', KEYS[1], 'webhook_state', 'PENDING', 'webhook_next_ms', ARGV[2],
-           'round_start', attempts)
+           'round_start', attempts, 'round_recorded', 0)
 redis.call('ZADD', KEYS[2], tonumber(ARGV[2]), ARGV[1])
 return 1
 """

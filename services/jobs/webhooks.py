@@ -89,7 +89,8 @@ class DeliveryPolicy:
         timeout_s: connect, write and read timeout of one attempt (the whole
             attempt is bounded by twice this).
         max_response_bytes: how much of a receiver's answer is read.
-        allow_hosts: hosts that skip the address check and may use http.
+        allow_hosts: hosts that may resolve to private and loopback addresses and
+            use http (never metadata or link-local: ssrf.is_never_allowed).
         lease_s: how long a replica holds a due webhook before another may send it.
         lookup: resolves receivers' host names (the system's resolver).
         slow_attempt_s: an attempt in flight this long makes its key's other due
@@ -384,7 +385,10 @@ class WebhookSender:
             duration_ms=(time.time() - started) * 1000,
         )
         round_start = record.number("round_start")
-        state, due_ms = self._next(round_start, number, answer)
+        # Its place in the retry schedule: after the round's attempts that reached an
+        # end (read with the record, under this replica's lease), not its number,
+        # which counts the attempts a stop or a restart cut too.
+        state, due_ms = self._next(record.number("round_recorded") + 1, answer)
         await self.store.record_attempt(job_id, attempt, state, due_ms, round_start)
         metrics.WEBHOOK_ATTEMPTS.labels(WEBHOOK_OUTCOMES[state]).inc()
         logger.info(
@@ -405,10 +409,10 @@ class WebhookSender:
             return Answer(error="the key has no webhook secret (tokenmesh webhooks secret create)")
         return await self.post(record.get("webhook_url"), secrets, job_id, body, owner=key_id)
 
-    def _next(self, round_start: int, number: int, answer: Answer) -> tuple[str, int]:
+    def _next(self, attempt_in_round: int, answer: Answer) -> tuple[str, int]:
         if answer.delivered:
             return HOOK_DELIVERED, 0
-        delay = self.policy.next_delay_s(number - round_start)
+        delay = self.policy.next_delay_s(attempt_in_round)
         if delay is None:
             return HOOK_DEAD, 0
         return HOOK_RETRYING, int((time.time() + delay) * 1000)

@@ -150,3 +150,25 @@ async def test_every_public_address_of_a_name_is_kept_in_the_resolvers_order():
     addresses = await ssrf.resolve(target, lookup=names)
     expected = [ipaddress.ip_address(a) for a in ("8.8.8.8", "2606:4700:4700::1111")]
     assert addresses == expected
+
+
+async def test_an_attempt_a_stop_cut_does_not_take_a_step_of_the_retry_schedule(store):
+    """The schedule's place was the attempt's number, which counts attempts cut by a
+    stop or a restart before they were recorded: each skipped a step (the 30 s retry
+    came after 2 min), and a few ended the round in DEAD_LETTER after one real try."""
+    names = Names({RECEIVER_HOST: [DOWN_ADDRESS]})
+    policy = DeliveryPolicy(
+        allow_hosts=(RECEIVER_HOST,), timeout_s=5.0, lookup=names, schedule_s=(100, 10_000)
+    )
+    sender = WebhookSender(store, policy)
+    job_id = await _ended_job_with_webhook(store, f"http://{RECEIVER_HOST}:9/hook")
+    try:
+        assert await store.next_attempt(job_id) == 1  # an attempt a stop cut: never recorded
+        await sender.deliver(job_id)  # attempt 2, the round's first that ends: it fails
+    finally:
+        await sender.close()
+        await store.redis.zrem(jobstore.HOOKS_KEY, job_id)
+    record = await store.get(job_id)
+    assert record is not None and record.get("webhook_state") == jobstore.HOOK_RETRYING
+    wait_s = (record.number("webhook_next_ms") - now_ms()) / 1000
+    assert 70 < wait_s <= 120, wait_s  # the schedule's first step (100 s +-20%), not its second
