@@ -6,10 +6,10 @@ version's figures with the stable version's, from the per-version outcome
 counters every worker reports in its heartbeats (services.inference.load_report):
 
 - error rate: rolled back at once, mid-step, when the new version's errors
-  exceed `max_error_rate` of `max(requests, min_requests)` (so even if every
-  request still needed to reach min_requests succeeded, the rate would be
-  too high) and its rate is above the stable version's (a mesh-wide outage
-  is not the canary's fault);
+  show with 99.9% confidence a rate above `max_error_rate` over
+  `max(requests, min_requests)` (as if every request still needed to reach
+  min_requests succeeded: `error_breach`) and its rate is above the stable
+  version's (a mesh-wide outage is not the canary's fault);
 - TTFT: at the end of the step, rolled back when the new version's p99 is more
   than `max_ttft_p99_ratio` times the stable version's, or its p90 is (the
   quantile a step's few requests can show: a canary slower across the board
@@ -139,6 +139,11 @@ TTFT_GATE_QUANTILES = (0.99, 0.9)
 TTFT_GATE_ALPHA = 0.001
 # Above this many requests the gate's binomial tail is read from its normal approximation.
 TTFT_GATE_EXACT_UP_TO = 1_000_000
+# The error gate's false alarm rate at each look: the chance that a canary whose
+# error rate is within the policy's has as many errors as the gate needs to roll
+# back. It looks every tick of a step: over a step's looks the chance stays small
+# (the errors only grow, so a look that passes makes the next one likely to).
+ERROR_GATE_ALPHA = 0.001
 
 RUNNING, PAUSED, SUCCEEDED, ROLLED_BACK, ABORTED = (
     "running",
@@ -513,12 +518,25 @@ def window(rollout: Rollout, workers: Sequence[WorkerEntry], version: str) -> Wi
 
 
 def error_breach(policy: Policy, canary: Window, stable: Window) -> str:
-    """Returns why the canary's errors break the policy ("" when they do not)."""
-    allowed = policy.max_error_rate * max(canary.requests, policy.min_requests)
-    if canary.errors > allowed and canary.error_rate > stable.error_rate:
+    """Returns why the canary's errors break the policy ("" when they do not).
+
+    Its errors must show, with 99.9% confidence, a rate above `max_error_rate`, as
+    if every request still needed to reach `min_requests` had succeeded: more of
+    them than a version at that rate makes over max(requests, min_requests) but
+    0.1% of the time (`breach_count`). An observed rate alone rolled back healthy
+    canaries: one error among the first 50 (budget 0.5) did, for a version whose
+    true rate was half the policy's 22% of the time a step. A canary failing
+    every request still rolls back at its fifth (policy 1%, 50 requests).
+    """
+    if policy.max_error_rate >= 1:
+        return ""  # no rate is above 100%
+    looked_at = max(canary.requests, policy.min_requests)
+    needed = breach_count(looked_at, 1.0 - policy.max_error_rate, ERROR_GATE_ALPHA)
+    if canary.errors >= needed and canary.error_rate > stable.error_rate:
         return (
-            f"error rate {canary.error_rate:.3f} > {policy.max_error_rate:g} "
-            f"({canary.errors} of {canary.requests} requests; stable {stable.error_rate:.3f})"
+            f"error rate {canary.error_rate:.3f} > {policy.max_error_rate:g} with 99.9% "
+            f"confidence ({canary.errors} of {canary.requests} requests, {needed} show it; "
+            f"stable {stable.error_rate:.3f})"
         )
     return ""
 

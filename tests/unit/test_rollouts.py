@@ -56,10 +56,31 @@ def test_a_first_step_of_100_is_refused_saying_why():
 
 
 def test_errors_roll_back_mid_step_once_even_all_missing_requests_could_not_save_it():
-    # 1 error in 10 requests: with 40 more successes it would be 1/50 = 0.02 > 0.01 ... and
-    # already above the budget of 0.01 x 50 = 0.5 errors.
-    action, reason = ro.decide(rollout(), window(10, errors=1), window(100), NOW + 1)
-    assert action == "rollback" and "error rate 0.100 > 0.01" in reason
+    # 5 errors in 10 requests: with 40 more successes it would be 5/50 = 0.1, which a
+    # version at the policy's 1% makes over 50 requests 0.02% of the time.
+    action, reason = ro.decide(rollout(), window(10, errors=5), window(100), NOW + 1)
+    assert action == "rollback" and "error rate 0.500 > 0.01 with 99.9% confidence" in reason
+    # A canary failing every request goes at its fifth.
+    assert ro.decide(rollout(), window(4, errors=4), window(100), NOW + 1)[0] == "hold"
+    assert ro.decide(rollout(), window(5, errors=5), window(100), NOW + 1)[0] == "rollback"
+
+
+def test_a_few_errors_within_what_the_policy_allows_do_not_roll_back():
+    # The observed rate alone rolled back: one error among a step's first 50 requests
+    # (budget 0.5) did, for a canary whose true rate was half the policy's 22% of the
+    # time, while the stable version's thousands of requests showed a lower rate.
+    assert ro.decide(rollout(), window(20, errors=1), window(2000, errors=8), NOW + 1)[0] == "hold"
+    assert ro.decide(rollout(), window(300, errors=6), window(6000, errors=30), NOW + 1)[0] == (
+        "hold"
+    )
+    # Past what chance explains: 20 of 300 (6.7%); 11 show it (a 1% version: 0.1%).
+    action, _ = ro.decide(rollout(), window(300, errors=20), window(6000, errors=30), NOW + 1)
+    assert action == "rollback"
+
+
+def test_an_error_rate_policy_of_100_percent_never_rolls_back_for_errors():
+    policy = ro.Policy(max_error_rate=1.0)
+    assert not ro.error_breach(policy, window(10, errors=10), window(100))
 
 
 def test_errors_no_worse_than_the_stable_versions_are_not_the_canarys_fault():
