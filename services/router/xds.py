@@ -35,12 +35,23 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
+from prometheus_client import Gauge
 from redis.exceptions import RedisError
 
 from services.core.tasks import SupervisedTask, Supervisor
 from services.router.snapshot import CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, EdgeFlags, Resources
 
 logger = logging.getLogger(__name__)
+
+# An Envoy that rejects a config keeps its previous one: every routing change since
+# (a rollout's step or rollback, a new version, a drained worker) is not applied on
+# that edge, while the catalogue says it is. Alert TokenmeshEdgeConfigRejected.
+REJECTED = Gauge(
+    "tokenmesh_xds_rejected_configs",
+    "ADS streams whose Envoy rejected (NACKed) the last configuration of a type this "
+    "router sent it, and has accepted none since.",
+    ["type"],
+)
 # Sent in this order so an Envoy knows a cluster before its endpoints and routes.
 TYPE_ORDER = (CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE)
 _MESSAGES: Mapping[str, type[Message]] = {
@@ -345,6 +356,13 @@ class _Subscription:
     sent_version: str | None = None
     nonce: str = ""
     acked_version: str = ""
+    rejected: bool = False  # its last answer was a NACK (counted in REJECTED)
+
+    def answered(self, type_url: str, rejected: bool) -> None:
+        """Records whether the stream's Envoy rejected the last config of this type."""
+        if rejected != self.rejected:
+            REJECTED.labels(type_url.rsplit(".", 1)[-1]).inc(1 if rejected else -1)
+            self.rejected = rejected
 
 
 @dataclass
@@ -382,6 +400,7 @@ class _Stream:
         subscription.names = names
         if request.HasField("error_detail"):
             # NACK: Envoy keeps its previous config; resend only when ours changes.
+            subscription.answered(type_url, rejected=True)
             logger.error(
                 "node %s rejected %s version %s: %s",
                 self.node_id,
@@ -391,6 +410,7 @@ class _Stream:
             )
         elif request.response_nonce:
             subscription.acked_version = request.version_info
+            subscription.answered(type_url, rejected=False)
         first = not request.response_nonce
         self.send(type_url, force=first or names_changed)
 
@@ -473,6 +493,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 task.cancel()
             if stream.counted:
                 self.plane.release(stream.flags)
+            for type_url, subscription in stream.subscriptions.items():
+                subscription.answered(type_url, rejected=False)  # no longer this router's
             logger.info("ADS stream of node %s (%s) ended", stream.node_id, stream.peer)
 
     @staticmethod

@@ -80,3 +80,47 @@ async def test_a_new_edge_gets_the_last_configuration_while_redis_is_down(
     await redis.aclose()
     for _ in range(2):  # a restarting edge, then another
         assert await _clusters_a_new_edge_gets(running.port) == served
+
+
+def _rejected(type_name: str = "Cluster") -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value("tokenmesh_xds_rejected_configs", {"type": type_name})
+    return value or 0.0
+
+
+async def test_a_rejected_configuration_shows_until_the_envoy_accepts_one(
+    router: tuple[RunningServer, str],
+) -> None:
+    # A NACK was a log line: the edge kept its previous config, every routing change
+    # since (rollbacks included) not applied, while the catalogue said it was.
+    running, _ = router
+    before = _rejected()
+    async with mtls.aio_channel(running.port, peer="router", caller="edge") as channel:
+        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
+        await call.write(_first_request())
+        sent = await asyncio.wait_for(call.read(), 15)
+        assert sent is not grpc.aio.EOF
+        nack = discovery_pb2.DiscoveryRequest(
+            type_url=CLUSTER_TYPE, response_nonce=sent.nonce, version_info=""
+        )
+        nack.error_detail.message = "rejected for the test"
+        await call.write(nack)
+        async with asyncio.timeout(10):
+            while _rejected() != before + 1:
+                await asyncio.sleep(0.02)
+        ack = discovery_pb2.DiscoveryRequest(
+            type_url=CLUSTER_TYPE, response_nonce=sent.nonce, version_info=sent.version_info
+        )
+        await call.write(ack)
+        async with asyncio.timeout(10):
+            while _rejected() != before:
+                await asyncio.sleep(0.02)
+        await call.write(nack)  # rejected again, then the stream goes: no longer counted
+        async with asyncio.timeout(10):
+            while _rejected() != before + 1:
+                await asyncio.sleep(0.02)
+        call.cancel()
+    async with asyncio.timeout(10):
+        while _rejected() != before:
+            await asyncio.sleep(0.02)
