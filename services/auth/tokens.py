@@ -80,6 +80,9 @@ class TokenIssuer:
                 algorithms=[ALGORITHM],
                 audience=self.audience,
                 issuer=self.issuer,
+                # As the edge takes them: a token another replica minted, its clock
+                # a second ahead, was refused (nbf, iat in the future) for that long.
+                leeway=JWT_CLOCK_SKEW_S,
                 options={"require": ["exp", "nbf", "iat", "sub"]},
             )
         except jwt.PyJWTError:

@@ -19,6 +19,7 @@ from google.protobuf import duration_pb2
 
 from gateway.edge_auth import JWT_CLOCK_SKEW_S
 from services.auth.crypto import new_api_key
+from services.auth.keys import Principal
 from tests.integration.test_auth_secret_overlap import _auth
 from tokenmesh.auth.v1 import auth_pb2, auth_service_pb2, auth_service_pb2_grpc
 
@@ -88,3 +89,27 @@ async def test_a_credential_within_the_skew_of_its_end_mints_no_token(own_redis:
         assert await service.keys.lookup(old) is not None, "still in its overlap"
         assert await _refusal(stub, old) == unknown
         assert await _exp(stub, new) > 0  # the current secret has no end
+
+
+async def test_a_token_a_replica_ahead_minted_is_taken_within_the_edges_skew(
+    own_redis: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The auth service took none (the edge takes JWT_CLOCK_SKEW_S): with two replicas,
+    # a token minted on one whose clock ran a second ahead was refused by the other's
+    # admin RPCs (nbf, iat in the future) for that second.
+    import time as clock
+
+    async with _auth(own_redis) as (service, _):
+        real = clock.time
+        monkeypatch.setattr(clock, "time", lambda: real() + 5)  # the other replica's clock
+        token, _ = await service.tokens.issue(
+            Principal("key_0123456789abcdef", "acme", ("admin",), (), "")
+        )
+        monkeypatch.setattr(clock, "time", real)
+        assert (await service.tokens.verify(token)) is not None
+        monkeypatch.setattr(clock, "time", lambda: real() + JWT_CLOCK_SKEW_S + 5)
+        ahead, _ = await service.tokens.issue(
+            Principal("key_0123456789abcdef", "acme", ("admin",), (), "")
+        )
+        monkeypatch.setattr(clock, "time", real)
+        assert (await service.tokens.verify(ahead)) is None  # past the skew: still refused
