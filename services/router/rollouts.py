@@ -26,6 +26,12 @@ counters every worker reports in its heartbeats (services.inference.load_report)
   the bound: left out, a canary slower than every client's deadline read as a
   p99 of 0 and was promoted.
 
+A worker whose counters start again during a step (it restarted: a new
+`counters_id`) keeps what its old run counted in the step (`carry_restarts`),
+and a run that ended without draining counts one failed request more (it
+died, cutting what it ran): a canary that keeps crashing rolls back instead of
+waiting for traffic at its share for good.
+
 At the end of a step with at least `min_requests` requests and both bounds
 held, it advances; with fewer it waits for traffic. A generative model's step
 also waits (`ttft_wait`) for the stable version's requests and first tokens to
@@ -96,7 +102,7 @@ from services.core.redis_service import LUA_REDIS_NOW_MS, known_fields, text
 from services.core.tasks import SupervisedTask, Supervisor
 from services.router import catalog as cat
 from services.router.catalog import Catalog, ModelEntry
-from services.router.registry import VersionCounts, WorkerEntry, WorkerRegistry
+from services.router.registry import DRAINING, VersionCounts, WorkerEntry, WorkerRegistry
 from services.usage.meter import AUDIT_FNS, audit_member, audit_prelude
 from services.usage.meter import PREFIX as USAGE_PREFIX
 from tokenmesh.usage.v1 import usage_pb2
@@ -253,6 +259,22 @@ class Window:
         """Returns errors / requests (0 without requests)."""
         return self.errors / self.requests if self.requests else 0.0
 
+    def added(self, other: Window) -> Window:
+        """Returns both windows' figures summed (a histogram of other bounds is left out)."""
+        bounds, counts = self.ttft_bounds_ms, self.ttft_counts
+        if not bounds:
+            bounds, counts = other.ttft_bounds_ms, other.ttft_counts
+        elif other.ttft_bounds_ms == bounds and len(other.ttft_counts) == len(counts):
+            counts = tuple(a + b for a, b in zip(counts, other.ttft_counts, strict=True))
+        return Window(
+            self.requests + other.requests,
+            self.errors + other.errors,
+            bounds,
+            counts,
+            self.batch_requests + other.batch_requests,
+            self.batch_errors + other.batch_errors,
+        )
+
     @property
     def ttft_samples(self) -> int:
         """Returns how many requests the TTFT histogram holds."""
@@ -384,10 +406,14 @@ class Rollout:
     step_index: int
     step_started_at: float
     created_at: float
-    # Counters at the start of the step: {worker id: [counts of version, of stable]}.
+    # Counters at the start of the step: {worker id: [counts of version, of stable]}
+    # (a worker's that restarted during the step: its new run's zero, see carried).
     baseline: Mapping[str, tuple[VersionCounts, ...]] = field(default_factory=dict)
     reason: str = ""
     decisions: tuple[Decision, ...] = ()
+    # {version: what runs of its workers that ended during the step had counted in it,
+    # and a failed request for each run that died} (carry_restarts).
+    carried: Mapping[str, Window] = field(default_factory=dict)
 
     @property
     def weight(self) -> int:
@@ -400,6 +426,7 @@ class Rollout:
         """Serialises the rollout for Redis."""
         data = asdict(self)
         data["baseline"] = {w: [asdict(c) for c in cs] for w, cs in self.baseline.items()}
+        data["carried"] = {v: asdict(w) for v, w in self.carried.items()}
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -424,6 +451,7 @@ class Rollout:
             decisions=tuple(
                 Decision(**known_fields(Decision, d)) for d in data.get("decisions", ())
             ),
+            carried={v: _window_of(w) for v, w in data.get("carried", {}).items()},
         )
 
     def decided(self, decision: Decision) -> Rollout:
@@ -514,7 +542,78 @@ def window(rollout: Rollout, workers: Sequence[WorkerEntry], version: str) -> Wi
             (c for c in rollout.baseline.get(worker.worker_id, ()) if c.version == version), None
         )
         total = total.plus(counts, base)
-    return total
+    return total.added(rollout.carried.get(version, Window()))
+
+
+def _window_of(data: Mapping[str, Any]) -> Window:
+    """Returns a Window stored as `asdict` wrote it."""
+    fields = known_fields(Window, data)
+    for name in ("ttft_bounds_ms", "ttft_counts"):
+        fields[name] = tuple(fields.get(name, ()))
+    return Window(**fields)
+
+
+# A worker's counters of a version as last read, and whether it was leaving then
+# (draining: a graceful stop, which cuts nothing): (model, worker id, version) -> that.
+LastSeen = dict[tuple[str, str, str], tuple[VersionCounts, bool]]
+# The most kept; past it the driver starts again (a run it did not read is carried as
+# nothing, as after a takeover).
+MAX_LAST_SEEN = 10_000
+
+
+def carry_restarts(
+    rollout: Rollout, workers: Sequence[WorkerEntry], last_seen: LastSeen
+) -> Rollout:
+    """Returns the rollout with its workers' ended counter runs carried (the same rollout
+    when none ended since the last look), and updates `last_seen`.
+
+    A worker that restarts reports counters from 0 (a new `counters_id`): the step
+    counted its new run alone, so what the old run had counted this step, errors
+    included, was lost, and a canary that crashed every 29 requests waited for its
+    50 "for traffic" at its share for good (one crashing every 60 advanced). Now
+    that run's figures as last read stay in `carried`, with one failed request for
+    a run that ended without draining (it died, cutting what it ran: requests no
+    worker counts); its baseline becomes its new run's zero. A run this replica did
+    not read (the driver just took over) is carried as nothing.
+    """
+    baseline = {w: tuple(cs) for w, cs in rollout.baseline.items()}
+    carried = dict(rollout.carried)
+    changed = False
+    for worker in workers:
+        leaving = worker.state == DRAINING or worker.self_drained
+        for version in (rollout.version, rollout.stable):
+            counts = counts_of(worker, rollout.model, version)
+            if counts is None:
+                continue
+            key = (rollout.model, worker.worker_id, version)
+            previous = last_seen.get(key)
+            last_seen[key] = (counts, leaving)
+            bases = baseline.get(worker.worker_id, ())
+            base = next((c for c in bases if c.version == version), None)
+            if base is not None and not _counters_restarted(counts, base):
+                continue
+            if base is not None and previous is not None:
+                old, was_leaving = previous
+                if not _counters_restarted(old, base):
+                    ended = Window().plus(old, base)
+                    if not was_leaving:
+                        ended = ended.added(Window(requests=1, errors=1))
+                    carried[version] = carried.get(version, Window()).added(ended)
+            zero = replace(
+                counts,
+                requests=0,
+                errors=0,
+                ttft_counts=tuple(0 for _ in counts.ttft_counts),
+                batch_requests=0,
+                batch_errors=0,
+            )
+            # (A worker that joined during the step gets its run's zero too: its run
+            # counted from 0 as before, and a restart of it now shows.)
+            baseline[worker.worker_id] = (*(c for c in bases if c.version != version), zero)
+            changed = True
+    if not changed:
+        return rollout
+    return replace(rollout, baseline=baseline, carried=carried)
 
 
 def error_breach(policy: Policy, canary: Window, stable: Window) -> str:
@@ -855,6 +954,8 @@ class RolloutStore:
         self.refresh = refresh
         self._compare_and_set = redis.register_script(_COMPARE_AND_SET)
         self._record_audit = redis.register_script(_RECORD_AUDIT)
+        # The rollouts' workers' counters as last read (carry_restarts): the driver's.
+        self._last_seen: LastSeen = {}
         # The step gauge's (model, version)s this store set: those of rollouts no longer
         # stored (replaced by a newer one) are removed by export_metrics.
         self._shown: set[tuple[str, str]] = set()
@@ -984,6 +1085,13 @@ class RolloutStore:
                 await self._apply(ended.decided(decision), decision)
             return
         workers = placed(await self.registry.all(now), model)
+        if len(self._last_seen) > MAX_LAST_SEEN:  # workers gone, rollouts ended
+            self._last_seen.clear()
+        carried = carry_restarts(rollout, workers, self._last_seen)
+        if carried is not rollout:
+            if not await self._swap(raw, carried, lease):
+                return  # changed meanwhile (an operator, another replica): the next tick
+            rollout, raw = carried, carried.to_json()
         canary = window(rollout, workers, rollout.version)
         stable = window(rollout, workers, rollout.stable)
         action, reason = decide(
@@ -1452,6 +1560,7 @@ def _restarted(rollout: Rollout, index: int, now: float, workers: Sequence[Worke
         step_index=index,
         step_started_at=now,
         baseline=baseline_of(workers, rollout.model, versions),
+        carried={},
     )
 
 

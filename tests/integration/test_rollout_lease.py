@@ -415,3 +415,39 @@ async def test_a_placed_models_rollout_counts_only_its_pools_workers(client):
         assert "waiting for traffic: 0/50" in held.reason
     finally:
         await client.hdel(ro.ROLLOUTS_KEY, model)
+
+
+async def test_a_crashed_canary_workers_counts_and_its_cut_request_stay_in_the_step(client):
+    # A restarted worker reports counters from 0: the step lost what its old run had
+    # counted, and a canary crashing every 29 requests waited for traffic for good.
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    for version in ("1", "2"):
+        await Catalog(client).change(model, lambda m, _, v=version: cat.add_version(m, model, v, 0))
+    registry = WorkerRegistry(client, lease_s=30)
+    clock = [time.time()]
+    stable, canary = f"s-{model}", f"c-{model}"
+    await registry.register(stable, "127.0.0.1:1001", [(model, "1")], clock[0])
+    await registry.register(canary, "127.0.0.1:1002", [(model, "2")], clock[0])
+    rollouts = ro.RolloutStore(client, Catalog(client), registry, _noop)
+    policy = ro.Policy(steps=(50, 100), step_s=120, min_requests=50)
+    await rollouts.start(model, "2", policy, clock[0])
+    driver = ro.RolloutDriver(rollouts, lambda: clock[0])
+
+    def counts(requests: int, run: str) -> VersionCounts:
+        return replace(_counts(model, "2", requests), counters_id=run)
+
+    try:
+        clock[0] += 10
+        await registry.renew(canary, [(model, "2")], clock[0], outcomes=[counts(29, "a")])
+        await driver.tick()
+        clock[0] += 1  # it died; its replacement registers under its id, from 0
+        await registry.register(canary, "127.0.0.1:1002", [(model, "2")], clock[0])
+        await registry.renew(canary, [(model, "2")], clock[0], outcomes=[counts(3, "b")])
+        await driver.tick()
+        stored = await rollouts.get(model)
+        assert (stored.carried["2"].requests, stored.carried["2"].errors) == (30, 1)
+        workers = await registry.all(clock[0])
+        step = ro.window(stored, workers, "2")
+        assert (step.requests, step.errors) == (33, 1)
+    finally:
+        await client.hdel(ro.ROLLOUTS_KEY, model)

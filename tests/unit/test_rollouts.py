@@ -313,3 +313,50 @@ def test_a_heartbeat_with_impossible_job_item_counts_is_dropped() -> None:
     assert outcomes_from_pb(report(10, 11, 0, 0), 0.0) == []  # more job items than requests
     assert outcomes_from_pb(report(10, 4, 2, 6), 0.0) == []  # more job item errors than errors
     assert outcomes_from_pb(report(10, 4, 0, 7), 0.0) == []  # job items in the histogram
+
+
+def _serving(run: str, requests: int, state: str = "serving") -> WorkerEntry:
+    """The canary's one worker, its counters' run `run` having served `requests`."""
+    counts = VersionCounts(
+        "m", "2", requests, 0, TTFT_BOUNDS_MS, ttfts(10, requests), counters_id=run
+    )
+    return WorkerEntry("c", "h", 1, (("m", "2"),), state, outcomes=(counts,))
+
+
+def test_a_canary_that_keeps_crashing_is_rolled_back_not_left_waiting_for_traffic():
+    # A restarted worker counts from 0: the step counted its new run alone. A canary
+    # crashing every 29 requests waited "for traffic: 29/50" at its share for good
+    # (the review's run of the real decide); one crashing every 60 advanced.
+    start = rollout(baseline={"c": (_serving("run-0", 0).outcomes[0],)})
+    last_seen: ro.LastSeen = {}
+    current, action = start, "hold"
+    for crash in range(1, 12):
+        for served in (10, 20, 29):  # the heartbeats of a run, then it dies
+            workers = [_serving(f"run-{crash - 1}", served)]
+            current = ro.carry_restarts(current, workers, last_seen)
+        workers = [_serving(f"run-{crash}", 0)]  # it came back, counters from 0
+        current = ro.carry_restarts(current, workers, last_seen)
+        canary = ro.window(current, workers, "2")
+        assert canary.requests == 30 * crash  # each run's 29, and the request it cut
+        action, reason = ro.decide(current, canary, window(5000), NOW + 1)
+        if action != "hold":
+            break
+    # One failed request a crash (1 in 30, 3.3%: 3x the policy's 1%) shows with 99.9%
+    # confidence by the eleventh (11 of 330).
+    assert action == "rollback" and "with 99.9% confidence" in reason, (crash, reason)
+    assert crash == 11
+
+
+def test_a_worker_that_drained_before_it_restarted_carries_its_counts_without_an_error():
+    start = rollout(baseline={"c": (_serving("run-0", 0).outcomes[0],)})
+    last_seen: ro.LastSeen = {}
+    current = ro.carry_restarts(start, [_serving("run-0", 40)], last_seen)
+    assert current is start  # nothing ended: the same rollout, nothing to store
+    current = ro.carry_restarts(current, [_serving("run-0", 45, "draining")], last_seen)
+    current = ro.carry_restarts(current, [_serving("run-1", 8)], last_seen)
+    canary = ro.window(current, [_serving("run-1", 8)], "2")
+    assert (canary.requests, canary.errors, canary.ttft_samples) == (53, 0, 53)
+    # Stored and read back as it was (a takeover carries on from it).
+    assert ro.Rollout.from_json(current.to_json()) == current
+    # The next step starts from nothing carried.
+    assert ro._restarted(current, 1, NOW + 61, [_serving("run-1", 8)]).carried == {}
