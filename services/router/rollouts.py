@@ -1085,13 +1085,15 @@ class RolloutStore:
                 await self._apply(ended.decided(decision), decision)
             return
         workers = placed(await self.registry.all(now), model)
-        if len(self._last_seen) > MAX_LAST_SEEN:  # workers gone, rollouts ended
-            self._last_seen.clear()
-        carried = carry_restarts(rollout, workers, self._last_seen)
+        # What this look read is kept once what it carried is stored: a refused store
+        # reads the ended runs again at the next tick.
+        seen = {} if len(self._last_seen) > MAX_LAST_SEEN else dict(self._last_seen)
+        carried = carry_restarts(rollout, workers, seen)
         if carried is not rollout:
             if not await self._swap(raw, carried, lease):
                 return  # changed meanwhile (an operator, another replica): the next tick
             rollout, raw = carried, carried.to_json()
+        self._last_seen = seen
         canary = window(rollout, workers, rollout.version)
         stable = window(rollout, workers, rollout.stable)
         action, reason = decide(
