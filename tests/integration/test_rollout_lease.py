@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -313,21 +314,33 @@ def _counts(model: str, version: str, requests: int) -> VersionCounts:
     return VersionCounts(model, version, requests, 0, TTFT_BOUNDS_MS, tuple(ttft))
 
 
-async def test_a_last_step_whose_only_canary_worker_drains_holds_instead_of_succeeding(client):
-    # It succeeded to 100% onto a version with no routable worker: every request of
-    # the model failed 503, under a rollout that read SUCCEEDED.
+async def _started_rollout(
+    client: aioredis.Redis,
+) -> tuple[str, WorkerRegistry, ro.RolloutStore, ro.RolloutDriver, list[float]]:
+    """A model of versions 1 and 2, a worker each (`s-<model>`, `c-<model>`), and a
+    rollout of 2 in steps of 50 and 100 started; its driver ticks on `clock[0]`."""
     model = f"m-{uuid.uuid4().hex[:8]}"
     for version in ("1", "2"):
-        await Catalog(client).change(model, lambda m, _, v=version: cat.add_version(m, model, v, 0))
+
+        def added(entry: Any, _: Any, v: str = version) -> Any:
+            return cat.add_version(entry, model, v, 0)
+
+        await Catalog(client).change(model, added)
     registry = WorkerRegistry(client, lease_s=30)
     clock = [time.time()]
-    stable, canary = f"s-{model}", f"c-{model}"
-    await registry.register(stable, "127.0.0.1:1001", [(model, "1")], clock[0])
-    await registry.register(canary, "127.0.0.1:1002", [(model, "2")], clock[0])
+    await registry.register(f"s-{model}", "127.0.0.1:1001", [(model, "1")], clock[0])
+    await registry.register(f"c-{model}", "127.0.0.1:1002", [(model, "2")], clock[0])
     rollouts = ro.RolloutStore(client, Catalog(client), registry, _noop)
     policy = ro.Policy(steps=(50, 100), step_s=120, min_requests=50)
     await rollouts.start(model, "2", policy, clock[0])
-    driver = ro.RolloutDriver(rollouts, lambda: clock[0])
+    return model, registry, rollouts, ro.RolloutDriver(rollouts, lambda: clock[0]), clock
+
+
+async def test_a_last_step_whose_only_canary_worker_drains_holds_instead_of_succeeding(client):
+    # It succeeded to 100% onto a version with no routable worker: every request of
+    # the model failed 503, under a rollout that read SUCCEEDED.
+    model, registry, rollouts, driver, clock = await _started_rollout(client)
+    stable, canary = f"s-{model}", f"c-{model}"
     try:
         clock[0] += 60
         await registry.renew(stable, [(model, "1")], clock[0], outcomes=[_counts(model, "1", 500)])
@@ -420,18 +433,8 @@ async def test_a_placed_models_rollout_counts_only_its_pools_workers(client):
 async def test_a_crashed_canary_workers_counts_and_its_cut_request_stay_in_the_step(client):
     # A restarted worker reports counters from 0: the step lost what its old run had
     # counted, and a canary crashing every 29 requests waited for traffic for good.
-    model = f"m-{uuid.uuid4().hex[:8]}"
-    for version in ("1", "2"):
-        await Catalog(client).change(model, lambda m, _, v=version: cat.add_version(m, model, v, 0))
-    registry = WorkerRegistry(client, lease_s=30)
-    clock = [time.time()]
-    stable, canary = f"s-{model}", f"c-{model}"
-    await registry.register(stable, "127.0.0.1:1001", [(model, "1")], clock[0])
-    await registry.register(canary, "127.0.0.1:1002", [(model, "2")], clock[0])
-    rollouts = ro.RolloutStore(client, Catalog(client), registry, _noop)
-    policy = ro.Policy(steps=(50, 100), step_s=120, min_requests=50)
-    await rollouts.start(model, "2", policy, clock[0])
-    driver = ro.RolloutDriver(rollouts, lambda: clock[0])
+    model, registry, rollouts, driver, clock = await _started_rollout(client)
+    canary = f"c-{model}"
 
     def counts(requests: int, run: str) -> VersionCounts:
         return replace(_counts(model, "2", requests), counters_id=run)
