@@ -803,7 +803,8 @@ class JobStore:
             jobs' results are charged to: past it, the job that passed it stops,
             reason STORAGE_QUOTA); 0: no limit.
         settle: lowers an owner's charges to when its objects really go (the
-            StorageLedger's `settle`), before a job is stopped for its quota.
+            StorageLedger's `settle`: whether it lowered any), before a job is
+            stopped for its quota.
     """
 
     def __init__(
@@ -812,7 +813,7 @@ class JobStore:
         retention_s: int,
         secret_box: SecretBox | None = None,
         storage_bytes: int = 0,
-        settle: Callable[[str], Awaitable[object]] | None = None,
+        settle: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.redis = client
         self.retention_s = retention_s
@@ -1098,8 +1099,8 @@ class JobStore:
         """Tells whether `owner` keeps more than its quota once its charges are settled
         (an ended job's items, results that expired: charged until the latest they
         could go, which a stop on the ledger's word alone cut jobs for)."""
-        if self.settle is not None:
-            await self.settle(owner)
+        if self.settle is None or not await self.settle(owner):
+            return True  # nothing lowered: the ledger says what the finishing script read
         keys = [ledger_key(owner), ledger_sizes_key(owner)]
         return int(await self._ledger_bytes(keys=keys, args=[now_ms()])) > self.storage_bytes
 
