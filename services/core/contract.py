@@ -249,6 +249,19 @@ def is_reserved_tenant(tenant: str) -> bool:
 
 
 # ---------------------------------------------------------------------------
+# Worker leases
+# ---------------------------------------------------------------------------
+
+#: The longest a worker's channel to the router waits between two connection
+#: attempts (gRPC's default backoff grows by 1.6x up to 120 s: after a few
+#: seconds' outage a worker's next attempt came seconds after the router was
+#: back). The router counts expired leases as live for a lease and two of these
+#: after it starts (services/router/service.py), so a worker reconnects and
+#: renews within that grace however long the router was away.
+ROUTER_RECONNECT_MAX_S = 1.0
+
+
+# ---------------------------------------------------------------------------
 # Component identities and who may call what
 # ---------------------------------------------------------------------------
 

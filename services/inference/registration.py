@@ -38,6 +38,12 @@ from tokenmesh.type.v1 import types_pb2
 
 logger = logging.getLogger(__name__)
 _RPC_TIMEOUT_S = 2.0
+#: The worker's channel to the router: reconnects at most ROUTER_RECONNECT_MAX_S
+#: apart (gRPC's jitter adds up to 20%) while the router is away.
+ROUTER_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", int(contract.ROUTER_RECONNECT_MAX_S * 1000)),
+)
 # Takes a heartbeat's answer: the other workers' models, how long they stay valid,
 # and each model's version for requests that pin none (services.inference.mesh_models).
 MeshModelsListener = Callable[[Sequence[inference_pb2.Model], float, Mapping[str, str]], None]
@@ -209,6 +215,11 @@ class Registration:
                 logger.warning(
                     "registration failed (%s: %s); retrying", exc.code().name, exc.details()
                 )
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    # The call waited for the channel (wait_for_ready), which paces
+                    # its own reconnects: call again at once, or the renewal came up
+                    # to a backoff after the router was back.
+                    continue
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._lease_s / 3)
 
@@ -223,6 +234,7 @@ class Registration:
                     lease_token=self._token,
                 ),
                 timeout=_RPC_TIMEOUT_S,
+                wait_for_ready=True,  # sent as soon as the router answers again
             )
         except grpc.aio.AioRpcError as exc:
             if not refs and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -250,6 +262,7 @@ class Registration:
                 served_models=() if self._served is None else self._served(),
             ),
             timeout=_RPC_TIMEOUT_S,
+            wait_for_ready=True,
         )
         if self._on_mesh_models is not None:
             routed = dict(response.routed_versions)

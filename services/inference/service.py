@@ -37,7 +37,7 @@ from services.inference.pipeline.cache import CacheSettings, CacheStage, Respons
 from services.inference.pipeline.content import ContentStage
 from services.inference.pipeline.stream import end_streams
 from services.inference.policy_cache import PolicyCache
-from services.inference.registration import Registration, lease_token
+from services.inference.registration import ROUTER_CHANNEL_OPTIONS, Registration, lease_token
 from services.inference.repository import (
     EngineOptions,
     deterministic_test_model,
@@ -606,6 +606,7 @@ class InferenceService(Service):
                 self.settings.router_address,
                 server.identity_files(self.name, self.settings),
                 contract.ROUTER,
+                ROUTER_CHANNEL_OPTIONS,
             )
             self.registration = Registration(
                 router,

@@ -17,6 +17,7 @@ import grpc.aio
 from envoy.service.discovery.v3 import ads_pb2, ads_pb2_grpc
 from redis.exceptions import RedisError
 
+from services.core import contract
 from services.core.redis_service import RedisBackedService
 from services.core.server import RunningServer
 from services.core.settings import RedisSettings, env, require
@@ -133,14 +134,22 @@ class RouterService(RedisBackedService):
         )
         self.rollouts = RolloutDriver(self.rollout_store, now)
         self.lease_s = settings.lease_s
-        # Until workers had a lease period to renew, expired leases still count.
-        self._lease_grace_until = time.monotonic() + settings.lease_s
+        # Until workers had a lease period (and a reconnect) to renew, expired leases
+        # still count.
+        self._lease_grace_until = time.monotonic() + self.lease_grace_s
         self.pin_store = PinStore(self.redis)  # the last prefix pins, shared by replicas
         # Each model's version for requests that pin none, as the last build routed it.
         self.routed_versions: dict[str, str] = {}
         # The worker pools of each placed model, as the last build read them (None:
         # no build yet; heartbeats then read the catalogue).
         self.placements: dict[str, frozenset[str]] | None = None
+
+    @property
+    def lease_grace_s(self) -> float:
+        """How long after this router (or its Redis) is back expired leases still count:
+        a lease, and the time a worker's channel takes to connect again (at most
+        ROUTER_RECONNECT_MAX_S apart, plus gRPC's jitter and the handshake)."""
+        return self.lease_s + 2 * contract.ROUTER_RECONNECT_MAX_S
 
     async def _build(self, flavours: Sequence[EdgeFlags]) -> list[Resources]:
         """Reads the catalogue and the workers once; builds each flavour's resources."""
@@ -157,7 +166,7 @@ class RouterService(RedisBackedService):
             workers = await self.hosts.with_ip_hosts(workers)  # EDS takes IP addresses
         except Exception:
             # Heartbeats fail while Redis does: give workers a lease period after it is back.
-            self._lease_grace_until = time.monotonic() + self.lease_s
+            self._lease_grace_until = time.monotonic() + self.lease_grace_s
             raise
         self.routed_versions = routed_versions(models, at)
         self.placements = {name: m.worker_pools for name, m in models.items() if m.worker_pools}
@@ -215,7 +224,7 @@ class RouterService(RedisBackedService):
         # The grace counts from now, Redis reached: counted from construction, a router
         # started during an outage longer than a lease built its first snapshot with
         # none, every worker's lease lapsed meanwhile, and pushed empty endpoints.
-        self._lease_grace_until = time.monotonic() + self.lease_s
+        self._lease_grace_until = time.monotonic() + self.lease_grace_s
         self.plane.start(self.tasks)
         self.rollouts.start(self.tasks)
 

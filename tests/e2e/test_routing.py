@@ -630,6 +630,30 @@ def test_control_plane_restart_keeps_routes_and_loses_no_request(routed, edge, c
     assert set(many(edge, 60)) == {"1", "2"}  # the 50/50 split survived
 
 
+def test_workers_renew_within_a_lease_of_a_long_control_plane_outage(routed, catalogue):
+    # After an outage of several leases, the router counts expired leases for one lease
+    # (and a reconnect) from its return. gRPC's own reconnect backoff (1 s, x1.6, up to
+    # 120 s) had a worker's next connect seconds after the router was back, past that
+    # grace: its build then left the workers out and the edges answered "no healthy
+    # upstream" until they renewed.
+    def healthy_workers() -> list[int]:
+        request = router_pb.GetCatalogModelRequest(model=MODEL)
+        try:
+            model = catalogue.GetCatalogModel(request, timeout=5).model
+        except grpc.RpcError:  # the edge's connection to the router is opening again
+            return []
+        return [v.healthy_workers for v in model.versions]
+
+    routed.kill("router")
+    time.sleep(10.0)  # the default backoff's attempts: ~1, 2.6, 5.2, 9.3, 15.8 s
+    routed.restart_service("router", "router")
+    back = time.monotonic()
+    wait_until(lambda: healthy_workers() == [2, 2], 10, "both workers to renew")
+    renewed_in = time.monotonic() - back
+    lease_s = float(ENV["TOKENMESH_ROUTER_LEASE_SECONDS"])
+    assert renewed_in < lease_s, f"renewed {renewed_in:.1f}s after the router came back"
+
+
 def long_streams_on_each_worker(edge: grpc.Channel) -> list[Any]:
     """Opens two long Generate streams on each worker, each past its first message.
 
