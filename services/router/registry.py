@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -64,6 +65,13 @@ MAX_MODELS = 256
 
 SERVING = "serving"
 DRAINING = "draining"
+# The Redis-clock time of a recent route build outside the lease grace, by any router
+# replica (written at most every BUILT_AT_EVERY_S): a router starting, or back from a
+# Redis outage, counts as live only the leases that ended after it. One that ended
+# before, a router hearing heartbeats saw end: the worker died. Counted, a restart put
+# every worker that died in the last minute back in the endpoints for the grace.
+BUILT_AT_KEY = "tokenmesh:router:built-at"
+BUILT_AT_EVERY_S = 1.0
 
 # KEYS: the workers hash (and the heat hash); ARGV: worker id, the entry the
 # change was computed from ("" = none), the new entry (and its hot heads).
@@ -133,14 +141,18 @@ class WorkerEntry:
         """Returns host:port."""
         return f"{self.host}:{self.port}"
 
-    def routable(self, now: float, lease_grace: bool = False) -> bool:
+    def routable(self, now: float, ended_after: float | None = None) -> bool:
         """Tells whether the edge may send new requests to the worker.
 
-        With `lease_grace` (just after the control plane or its Redis came
-        back) an expired lease still counts: workers could not renew while
-        the router was away, and dropping them all would empty the mesh.
+        With `ended_after` (the router's lease grace, just after it or its
+        Redis came back: see BUILT_AT_KEY) a lease that ended after that time
+        still counts: workers could not renew while the router was away, and
+        dropping them all would empty the mesh.
         """
-        return self.state == SERVING and (lease_grace or self.lease_expires_at > now)
+        ends = self.lease_expires_at
+        return self.state == SERVING and (
+            ends > now or (ended_after is not None and ends > ended_after)
+        )
 
     @property
     def asked_to_stop(self) -> bool:
@@ -600,6 +612,16 @@ class WorkerRegistry:
         if heads:
             keys, args = [WORKERS_KEY, HEAT_KEY], [*args, heads]
         return bool(await self._compare_and_set(keys=keys, args=args))
+
+    async def built_at(self) -> float:
+        """Returns when a router last built outside its grace (BUILT_AT_KEY); -inf if none
+        did (every lease that ended counts in the grace)."""
+        raw = await self.redis.get(BUILT_AT_KEY)
+        return float(raw) if raw is not None else -math.inf
+
+    async def mark_built(self, at: float) -> None:
+        """Records a build outside the grace at `at` (Redis clock)."""
+        await self.redis.set(BUILT_AT_KEY, repr(at))
 
     async def all(self, now: float, forget: bool = False) -> list[WorkerEntry]:
         """Returns every known worker (with its hot prompt heads); with `forget`, forgets

@@ -8,6 +8,7 @@ discovers every public service through a single port.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from services.router.addresses import HostResolver
 from services.router.catalog import Catalog, ModelEntry, now, sync_clock
 from services.router.pin_store import PinStore
 from services.router.prompts import PromptCatalog
-from services.router.registry import WorkerRegistry
+from services.router.registry import BUILT_AT_EVERY_S, WorkerRegistry
 from services.router.rollouts import RolloutDriver, RolloutStore
 from services.router.servicer import RouterServicer, WorkerRegistryServicer
 from services.router.snapshot import ClusterOptions, EdgeFlags, Resources
@@ -137,6 +138,10 @@ class RouterService(RedisBackedService):
         # Until workers had a lease period (and a reconnect) to renew, expired leases
         # still count.
         self._lease_grace_until = time.monotonic() + self.lease_grace_s
+        # In the grace, leases that ended after this time count (registry.BUILT_AT_KEY;
+        # None: read it at the grace's first build).
+        self._ended_after: float | None = None
+        self._marked_at = -math.inf  # when this router last wrote BUILT_AT_KEY
         self.pin_store = PinStore(self.redis)  # the last prefix pins, shared by replicas
         # Each model's version for requests that pin none, as the last build routed it.
         self.routed_versions: dict[str, str] = {}
@@ -160,6 +165,8 @@ class RouterService(RedisBackedService):
         try:
             await sync_clock(self.redis)
             at = now()
+            if grace and self._ended_after is None:
+                self._ended_after = await self.registry.built_at()
             models = await self.catalog.all()
             workers = await self.registry.all(at, forget=not grace)
             last_pins = await self.pin_store.load()
@@ -167,18 +174,34 @@ class RouterService(RedisBackedService):
         except Exception:
             # Heartbeats fail while Redis does: give workers a lease period after it is back.
             self._lease_grace_until = time.monotonic() + self.lease_grace_s
+            self._ended_after = None
             raise
         self.routed_versions = routed_versions(models, at)
         self.placements = {name: m.worker_pools for name, m in models.items() if m.worker_pools}
+        ended_after = self._ended_after if grace else None
         built = [
-            snapshot.build(models, workers, at, flags, self.options, grace, last_pins=last_pins)
+            snapshot.build(models, workers, at, flags, self.options, ended_after, last_pins)
             for flags in flavours
         ]
+        if not grace:
+            await self._mark_built(at)
         # Only edges with prefix affinity get pins, the same for each of them.
         pins = next((r.pins for r in built if r.pins), None)
         if pins is not None and pins != last_pins:
             await self._save_pins(pins)
         return built
+
+    async def _mark_built(self, at: float) -> None:
+        """Records that a router built outside its grace at `at` (every BUILT_AT_EVERY_S):
+        the leases that ended before, it saw end."""
+        if at - self._marked_at < BUILT_AT_EVERY_S:
+            return
+        try:
+            await self.registry.mark_built(at)
+        except RedisError as exc:  # a later build writes it
+            logger.warning("could not record the build time: %s", exc)
+            return
+        self._marked_at = at
 
     async def _save_pins(self, pins: snapshot.Pins) -> None:
         """Stores the build's pins for the next build (of any replica) to start from."""
@@ -225,6 +248,7 @@ class RouterService(RedisBackedService):
         # started during an outage longer than a lease built its first snapshot with
         # none, every worker's lease lapsed meanwhile, and pushed empty endpoints.
         self._lease_grace_until = time.monotonic() + self.lease_grace_s
+        self._ended_after = None
         self.plane.start(self.tasks)
         self.rollouts.start(self.tasks)
 

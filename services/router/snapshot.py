@@ -154,12 +154,12 @@ def build(
     now: float,
     flags: EdgeFlags,
     options: ClusterOptions,
-    lease_grace: bool = False,
+    ended_after: float | None = None,
     last_pins: Pins | None = None,
 ) -> Resources:
-    """Builds every resource one edge needs (see `WorkerEntry.routable` for `lease_grace`;
+    """Builds every resource one edge needs (see `WorkerEntry.routable` for `ended_after`;
     `last_pins`: the previous build's, see services.router.prefix_pins)."""
-    routable = [w for w in workers if w.routable(now, lease_grace)]
+    routable = [w for w in workers if w.routable(now, ended_after)]
     served = _served_versions(catalog, now)
     affinity = options.prefix_affinity and flags.prefix_affinity
     weighted = options.load_aware and flags.load_aware

@@ -107,3 +107,55 @@ async def test_a_router_started_while_redis_is_away_gives_the_grace_once_it_is_b
             await asyncio.wait_for(task, 15)
         child.terminate()
         child.wait(10)
+
+
+async def test_a_restarted_router_keeps_out_the_workers_a_running_router_saw_die(
+    registry_url: str,
+):
+    # The grace counted every expired lease: a router's restart put each worker that
+    # died in the last minute back in every cluster's endpoints for the grace (the
+    # edges' health checks then kept traffic off it). A worker whose lease ended
+    # before the last build outside a grace died while a router heard heartbeats.
+    client = aioredis.from_url(registry_url)
+    router = RouterService(
+        RouterSettings(pki_dir=mtls.pki_dir(), metrics_port=-1, redis_url=registry_url)
+    )
+    try:
+        registry = WorkerRegistry(client, lease_s=30)
+        at = time.time()
+        await registry.register("dead", "10.0.0.1:1001", [MODEL], at - 50)  # ended 20 s ago
+        await registry.register("away", "10.0.0.2:1001", [MODEL], at - 35)  # ended 5 s ago
+        await registry.mark_built(at - 10)  # the last router's last build
+        await Catalog(client).register([MODEL])
+        (built,) = await router._build([EdgeFlags()])  # a fresh router: in its grace
+        inference = built.by_type[EDS]["inference"]
+        addresses = [
+            endpoint["endpoint"]["address"]["socket_address"]["address"]
+            for group in inference["endpoints"]
+            for endpoint in group["lb_endpoints"]
+        ]
+        assert addresses == ["10.0.0.2"]
+    finally:
+        await router.redis.aclose()
+        await client.aclose()
+
+
+async def test_only_a_build_outside_the_grace_records_its_time(registry_url: str):
+    # A build in the grace has not heard the workers for a lease: recorded, a router
+    # restarting again before they renewed would have left them all out.
+    client = aioredis.from_url(registry_url)
+    router = RouterService(
+        RouterSettings(pki_dir=mtls.pki_dir(), metrics_port=-1, redis_url=registry_url)
+    )
+    try:
+        registry = WorkerRegistry(client, lease_s=30)
+        await Catalog(client).register([MODEL])
+        await router._build([EdgeFlags()])
+        assert await registry.built_at() == float("-inf")
+        router._lease_grace_until = time.monotonic()  # the grace is over
+        before = time.time()
+        await router._build([EdgeFlags()])
+        assert before - 1 <= await registry.built_at() <= time.time() + 1
+    finally:
+        await router.redis.aclose()
+        await client.aclose()

@@ -319,14 +319,15 @@ def test_expired_leases_count_during_the_grace_after_a_control_plane_restart():
     draining = worker("d", 1002, ("m", "1"), state=DRAINING)
     models = {"m": two_versions()}
 
-    def hosts(grace: bool) -> int:
+    def hosts(ended_after: float | None) -> int:
         resources = snapshot.build(
-            models, [stale, draining], NOW, EdgeFlags(), snapshot.ClusterOptions(), grace
+            models, [stale, draining], NOW, EdgeFlags(), snapshot.ClusterOptions(), ended_after
         )
         return len(resources.by_type[ENDPOINT_TYPE]["model:m:1"]["endpoints"][0]["lb_endpoints"])
 
-    assert hosts(grace=False) == 0
-    assert hosts(grace=True) == 1  # draining workers stay out even then
+    assert hosts(ended_after=None) == 0  # no grace
+    assert hosts(ended_after=NOW - 40) == 1  # draining workers stay out even then
+    assert hosts(ended_after=NOW - 30) == 0  # it ended before the last build outside one
 
 
 def test_a_sunset_version_is_answered_by_the_edge_and_leaves_the_split():
