@@ -166,6 +166,16 @@ STEP_PERCENT = Gauge(
     "rollout; every router replica exports it from Redis.",
     ["model", "version"],
 )
+# A step that outlasts its duration holds the canary at its share: waiting for traffic
+# a quiet model does not send (min_requests too high for its share), or a gate that
+# keeps holding. Nothing else said so (alert TokenmeshRolloutStepStuck).
+STEP_HELD_RATIO = Gauge(
+    "tokenmesh_rollout_step_held_ratio",
+    "How long a running rollout's current step has lasted, in step durations (above 1: "
+    "held, waiting for traffic or by a gate; 0 when paused or ended); every router "
+    "replica exports it from Redis.",
+    ["model", "version"],
+)
 ROLLED_BACK_TOTAL = Counter(
     "tokenmesh_rollouts_rolled_back_total",
     "Rollouts rolled back by the router because a bound broke (every replica exports "
@@ -1268,9 +1278,12 @@ class RolloutStore:
         return True
 
     def _show_step(self, rollout: Rollout, model: ModelEntry, now: float) -> None:
-        """Sets the step gauge to the rolled-out version's share of the model's split."""
+        """Sets the step gauges: the rolled-out version's share of the model's split, and
+        how long its step has lasted (in step durations) while it runs."""
         labels = (rollout.model, rollout.version)
         STEP_PERCENT.labels(*labels).set(model.effective_weights(now).get(rollout.version, 0))
+        held = (now - rollout.step_started_at) / rollout.policy.step_s
+        STEP_HELD_RATIO.labels(*labels).set(max(held, 0.0) if rollout.state == RUNNING else 0.0)
         self._shown.add(labels)
 
     async def export_metrics(self, now: float) -> None:
@@ -1294,8 +1307,9 @@ class RolloutStore:
             if model is not None:
                 self._show_step(rollout, model, now)
         for labels in shown - self._shown:  # a newer rollout of the model replaced it
-            with contextlib.suppress(KeyError):
-                STEP_PERCENT.remove(*labels)
+            for gauge in (STEP_PERCENT, STEP_HELD_RATIO):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
 
     async def _swap(
         self, raw: str | bytes | None, rollout: Rollout, lease: str, started: bool = False

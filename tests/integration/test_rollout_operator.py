@@ -333,6 +333,22 @@ async def test_a_replaced_rollouts_step_series_is_removed(router):
     assert _exported(step, router.model, "3") == 5
 
 
+async def test_a_step_that_waits_for_traffic_is_exported_as_held(router):
+    # A canary whose share got fewer than min_requests held its step for good ("waiting
+    # for traffic"), at its share, and nothing but `rollouts status` said so.
+    held = "tokenmesh_rollout_step_held_ratio"
+    await router.start()  # 1 s steps, 10 requests each
+    await router.serve(stable=400, canary=3)
+    await router.driver(ahead_s=30).tick()
+    rollout = await router.store.get(router.model)
+    assert rollout.state == ro.RUNNING and rollout.step_index == 0, rollout.reason
+    assert "waiting for traffic" in rollout.reason
+    assert _exported(held, router.model, "2") >= 29  # 30 of its 1 s steps
+    await router.admin.PauseRollout(pb.PauseRolloutRequest(model=router.model))
+    await router.driver(ahead_s=30).tick()
+    assert _exported(held, router.model, "2") == 0  # an operator holds it
+
+
 def _sunset(model: cat.ModelEntry, version: str, now: float) -> cat.ModelEntry:
     """The model once `version`'s sunset has passed (its stored weight kept, as
     deprecate leaves it)."""
