@@ -560,7 +560,6 @@ class Catalog:
         """
         added = False
         known = await self.all()
-        versions = sum(len(model.versions) for model in known.values())
         # Oldest version first: it is the one a new model's traffic goes to.
         ordered = sorted(refs, key=lambda ref: (ref[0], _version_key(VersionEntry(ref[1]))))
         for name, version in ordered:
@@ -573,20 +572,30 @@ class Catalog:
                 logger.warning("%s version %r is named like an alias: not routed", name, version)
                 continue
             if model is None or model.version(version) is None:
-                if versions >= MAX_REGISTERED_VERSIONS:
+                try:
+                    known[name] = await self.change(name, _adder(name, version, pool))
+                except _CatalogFull as full:
                     # It serves it unrouted; an operator's RegisterModelVersion still adds.
                     logger.warning(
                         "the catalogue holds %d versions: %s version %r, which a worker "
                         "serves, is not added (MAX_REGISTERED_VERSIONS)",
-                        versions,
+                        full.versions,
                         name,
                         version,
                     )
                     continue
-                known[name] = await self.change(name, _adder(name, version, pool))
-                versions += 1
                 added = True
         return added
+
+
+class _CatalogFull(Exception):
+    """A registration's version found the catalogue at MAX_REGISTERED_VERSIONS, counted in
+    the transaction that would add it: counted before it, registrations at the same time
+    each passed the count and went past the bound together."""
+
+    def __init__(self, versions: int) -> None:
+        super().__init__(versions)
+        self.versions = versions
 
 
 @dataclass(frozen=True)
@@ -624,9 +633,13 @@ def _on_existing(
 def _adder(
     name: str, version: str, pool: str | None
 ) -> Callable[[ModelEntry | None, dict[str, ModelEntry]], ModelEntry]:
-    def add(current: ModelEntry | None, _: dict[str, ModelEntry]) -> ModelEntry:
+    def add(current: ModelEntry | None, catalog: dict[str, ModelEntry]) -> ModelEntry:
         if current is not None and pool is not None and not current.admits(pool):
             return current  # placed on other pools meanwhile (see Catalog.register)
+        if current is None or current.version(version) is None:
+            versions = sum(len(model.versions) for model in catalog.values())
+            if versions >= MAX_REGISTERED_VERSIONS:
+                raise _CatalogFull(versions)
         return add_version(current, name, version, 0)
 
     return add

@@ -9,6 +9,7 @@ blocked the router for seconds.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -52,6 +53,31 @@ async def test_registrations_add_versions_up_to_the_bound_and_still_succeed(
                 lease_token="t" * 40,
             )
             await stub.RegisterWorker(request, timeout=30)  # registered, all the same
+    redis = aioredis.from_url(url)
+    try:
+        assert await redis.hlen(CATALOG_KEY) == BOUND
+    finally:
+        await redis.aclose()
+
+
+async def test_registrations_at_the_same_time_stay_within_the_bound(
+    router: tuple[RunningServer, str],
+) -> None:
+    # The bound was counted before the transactions that add each version: workers
+    # registering at once each passed it, and together went past it.
+    running, url = router
+    async with mtls.aio_channel(running.port, peer="router", caller="worker") as channel:
+        stub = rpc.WorkerRegistryServiceStub(channel)
+        requests = [
+            pb.RegisterWorkerRequest(
+                worker_id=f"w{worker}",
+                address=f"127.0.0.1:{40001 + worker}",
+                models=[ModelRef(name=f"made-up-{worker}-{i}", version="1") for i in range(3)],
+                lease_token="t" * 40,
+            )
+            for worker in range(8)
+        ]
+        await asyncio.gather(*(stub.RegisterWorker(r, timeout=30) for r in requests))
     redis = aioredis.from_url(url)
     try:
         assert await redis.hlen(CATALOG_KEY) == BOUND
