@@ -594,12 +594,20 @@ return 1
 
 # KEYS: job, hooks. ARGV: job id, now ms. A new round of attempts, due now;
 # `round_start` is where the round's attempt count starts (the retry schedule).
+# An attempt in flight (a replica's claim scores the webhook at its lease's end,
+# past its due time) makes the round due when that lease ends: due at once, another
+# replica sent the same event beside it (each redelivery one more, concurrently).
 _REDELIVER = """
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) return 0 end
 local attempts = redis.call('HGET', KEYS[1], 'webhook_attempts') or '0'
-redis.call('HSET', KEYS[1], 'webhook_state', 'PENDING', 'webhook_next_ms', ARGV[2],
+local due = tonumber(ARGV[2])
+local leased = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0')
+if leased > due and leased > tonumber(redis.call('HGET', KEYS[1], 'webhook_next_ms') or '0') then
+  due = leased
+end
+redis.call('HSET', KEYS[1], 'webhook_state', 'PENDING', 'webhook_next_ms', due,
            'round_start', attempts, 'round_recorded', 0)
-redis.call('ZADD', KEYS[2], tonumber(ARGV[2]), ARGV[1])
+redis.call('ZADD', KEYS[2], due, ARGV[1])
 return 1
 """
 

@@ -45,6 +45,33 @@ async def test_webhook_writes_after_the_job_expired_do_not_bring_it_back(redis_u
         await client.aclose()
 
 
+async def test_a_redelivery_while_an_attempt_is_in_flight_waits_for_its_lease(redis_url):
+    """A redelivery made the webhook due at once, lease or not: another replica sent the
+    event beside the attempt in flight (each call one more, concurrently). Its round is
+    due when the lease ends; a webhook waiting for a retry is still due at once."""
+    client = aioredis.from_url(redis_url)
+    store = JobStore(client, 3600)
+    in_flight, waiting = jobstore.new_job_id(), jobstore.new_job_id()
+    now = jobstore.now_ms()
+    keys = [jobstore.job_key(in_flight), jobstore.job_key(waiting)]
+    try:
+        await client.hset(keys[0], mapping={"webhook_state": "PENDING", "webhook_next_ms": now})
+        later = now + 600_000  # a retry due in 10 minutes, not claimed
+        await client.hset(keys[1], mapping={"webhook_state": "RETRYING", "webhook_next_ms": later})
+        await client.zadd(jobstore.HOOKS_KEY, {in_flight: now, waiting: later})
+        assert await store.claim_due_hooks(60_000, 100) == [in_flight]  # replica A sends
+        leased = await client.zscore(jobstore.HOOKS_KEY, in_flight)
+
+        assert await store.redeliver(in_flight) and await store.redeliver(waiting)
+        assert await store.claim_due_hooks(60_000, 100) == [waiting]  # replica B
+        assert await client.zscore(jobstore.HOOKS_KEY, in_flight) == leased
+        assert int(await client.hget(keys[0], "webhook_next_ms")) == leased
+    finally:
+        await client.delete(*keys)
+        await client.zrem(jobstore.HOOKS_KEY, in_flight, waiting)
+        await client.aclose()
+
+
 @pytest.fixture
 def create_between_rank_and_range(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     """Adds `(zset, member)`s newest, each right after a ZREVRANK of that zset answers:

@@ -174,7 +174,8 @@ class JobsServiceServicer:
     def RedeliverWebhook(self, request, context):
         """RedeliverWebhook sends a job's webhook event again (e.g. out of
         DEAD_LETTER), with a fresh round of attempts. The job must be final and
-        have a webhook.
+        have a webhook. An attempt in flight is not sent beside: the round is due
+        when that attempt's lease ends (webhook.next_attempt_time).
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """

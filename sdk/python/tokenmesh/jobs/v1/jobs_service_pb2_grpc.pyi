@@ -87,7 +87,8 @@ class JobsServiceStub:
     RedeliverWebhook: _grpc.UnaryUnaryMultiCallable[_jobs_service_pb2.RedeliverWebhookRequest, _jobs_pb2.Job]
     """RedeliverWebhook sends a job's webhook event again (e.g. out of
     DEAD_LETTER), with a fresh round of attempts. The job must be final and
-    have a webhook.
+    have a webhook. An attempt in flight is not sent beside: the round is due
+    when that attempt's lease ends (webhook.next_attempt_time).
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
@@ -156,7 +157,8 @@ class JobsServiceAsyncStub(JobsServiceStub):
     RedeliverWebhook: _aio.UnaryUnaryMultiCallable[_jobs_service_pb2.RedeliverWebhookRequest, _jobs_pb2.Job]  # type: ignore[assignment]
     """RedeliverWebhook sends a job's webhook event again (e.g. out of
     DEAD_LETTER), with a fresh round of attempts. The job must be final and
-    have a webhook.
+    have a webhook. An attempt in flight is not sent beside: the round is due
+    when that attempt's lease ends (webhook.next_attempt_time).
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
@@ -270,7 +272,8 @@ class JobsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_jobs_pb2.Job, _abc.Awaitable[_jobs_pb2.Job]]:
         """RedeliverWebhook sends a job's webhook event again (e.g. out of
         DEAD_LETTER), with a fresh round of attempts. The job must be final and
-        have a webhook.
+        have a webhook. An attempt in flight is not sent beside: the round is due
+        when that attempt's lease ends (webhook.next_attempt_time).
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
