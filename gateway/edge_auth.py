@@ -285,6 +285,28 @@ def ext_authz_filter(key_cache_on: bool = True) -> dict[str, Any]:
     }
 
 
+def jwt_key_check_filter() -> dict[str, Any]:
+    """Asks the auth service whether a verified JWT's key still stands (not revoked, its
+    secret not rotated out), once per key and secret per Envoy worker thread within
+    the revocation bound (gateway/key_cache.py marks the requests to ask about).
+
+    Open when the auth service cannot answer (down, or slower than the timeout): a
+    JWT keeps working through an auth outage, as the JWKS cache lets it; only the
+    service's "no" refuses it. It is sent the verified payload (jwt_authn's metadata).
+    """
+    return {
+        "name": key_cache.JWT_KEY_CHECK_FILTER,
+        "typed_config": {
+            "@type": _type("extensions.filters.http.ext_authz.v3.ExtAuthz"),
+            "grpc_service": {"envoy_grpc": {"cluster_name": "auth"}, "timeout": "0.5s"},
+            "transport_api_version": "V3",
+            "failure_mode_allow": True,
+            "metadata_context_namespaces": [JWT_FILTER],
+            "filter_enabled_metadata": key_cache.jwt_check_enabled_metadata(),
+        },
+    }
+
+
 def ext_authz_disabled() -> dict[str, Any]:
     """Per-route config that turns ext_authz off (public RPCs)."""
     return {

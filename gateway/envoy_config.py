@@ -1181,7 +1181,7 @@ def _auth_filters(config: EdgeConfig) -> list[dict[str, Any]]:
     cache = config.auth.api_key_cache
     return [
         edge_auth.jwt_filter(config.auth, config.listen_port),
-        *([key_cache.lua_filter()] if cache else []),
+        *([key_cache.lua_filter(), edge_auth.jwt_key_check_filter()] if cache else []),
         edge_auth.ext_authz_filter(key_cache_on=cache),
         edge_auth.rbac_filter(),
     ]

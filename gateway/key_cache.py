@@ -8,6 +8,14 @@ filter sits between `jwt_authn` and `ext_authz`:
   verified recently, is marked in dynamic metadata (`NAMESPACE.authenticated`)
   and ext_authz skips it (its `filter_enabled_metadata`); for a cached key
   the filter sets the identity headers the auth service returned for it;
+- a verified JWT whose key and secret (`sub`, `sid`) this worker thread has not
+  seen stand within the bound is also marked `NAMESPACE.jwt_check`: the JWT key
+  check (edge_auth.jwt_key_check_filter, an ext_authz that lets the request
+  through when the auth service cannot answer) asks whether the key is still
+  active and the secret not rotated out, and its answer is kept here like a
+  key's (without identity: the token's own claims set those headers). Before
+  it, a JWT outlived its key's revocation until its `exp` (15 minutes by
+  default, up to a day);
 - any other request goes to ext_authz as before. When the auth service
   allows an API key it also returns the identity headers and how long they
   may be reused (`cache_ms`) as dynamic metadata; on the response path this
@@ -45,6 +53,9 @@ EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
 JWT_PAYLOAD = "jwt_payload"
 AUTHENTICATED = "authenticated"
+JWT_CHECK = "jwt_check"
+# The JWT key check's ext_authz filter (its answer's metadata is read under either name).
+JWT_KEY_CHECK_FILTER = "tokenmesh.jwt_key_check"
 IDENTITY = "identity"
 CACHE_MS = "cache_ms"
 # A revoked key is refused everywhere within this (docs/security.md).
@@ -115,13 +126,15 @@ LUA_SOURCE = (
     + f"""
 local NAMESPACE = "{NAMESPACE}"
 local EXT_AUTHZ = "{EXT_AUTHZ_NAMESPACE}"
+local JWT_KEY_CHECK = "{JWT_KEY_CHECK_FILTER}"
 local JWT = "{JWT_NAMESPACE}"
 local BOUND_MS = {REVOCATION_BOUND_MS}
 local MAX_ENTRIES = {MAX_ENTRIES}
 local PREFIX = "{API_KEY_PREFIX}"
 local SHORTEST, LONGEST = {API_KEY_LENGTHS[0]}, {API_KEY_LENGTHS[1]}
 
--- digest -> {{expires = ms, filled = ms, identity = {{header = value}}}}, per worker thread.
+-- digest -> {{expires = ms, filled = ms, identity = {{header = value}}}}, per worker thread;
+-- a JWT's key and secret under "jwt <sub> <sid>" (identity empty).
 local entries, size = {{}}, 0
 
 local function is_space(b)
@@ -157,11 +170,42 @@ local function looks_like_api_key(key)
     and #key >= SHORTEST and #key <= LONGEST
 end
 
+-- Returns the fresh entry under `digest`, or nil (a stale one is dropped).
+-- handle:timestamp() is the wall clock: one stepped back (NTP, a resumed VM)
+-- would stretch every entry past the revocation bound, so an entry also ends
+-- when the clock reads earlier than when it was filled.
+local function fresh(digest, now)
+  local entry = entries[digest]
+  if entry ~= nil and entry.expires > now and now >= entry.filled then
+    return entry
+  end
+  if entry ~= nil then
+    entries[digest] = nil
+    size = size - 1
+  end
+  return nil
+end
+
+-- Marks the request for the auth service's answer, kept on the way back.
+local function ask(meta, digest, now)
+  meta:set(NAMESPACE, "digest", digest)
+  meta:set(NAMESPACE, "asked_at", now)
+end
+
 function envoy_on_request(handle)
   local meta = handle:streamInfo():dynamicMetadata()
   local jwt = meta:get(JWT)
-  if jwt ~= nil and jwt["{JWT_PAYLOAD}"] ~= nil then
+  local payload = jwt ~= nil and jwt["{JWT_PAYLOAD}"] or nil
+  if payload ~= nil then
+    -- Verified in C++; its key may have been revoked (or its secret rotated out)
+    -- since it was minted: asked once per key and secret within the bound.
     meta:set(NAMESPACE, "{AUTHENTICATED}", true)
+    local digest = "jwt " .. tostring(payload.sub) .. " " .. tostring(payload.sid or "")
+    local now = handle:timestamp()
+    if fresh(digest, now) == nil then
+      meta:set(NAMESPACE, "{JWT_CHECK}", true)
+      ask(meta, digest, now)
+    end
     return
   end
   local headers = handle:headers()
@@ -171,23 +215,15 @@ function envoy_on_request(handle)
   end
   local digest = sha256_hex(key)
   local now = handle:timestamp()
-  local entry = entries[digest]
-  -- handle:timestamp() is the wall clock: one stepped back (NTP, a resumed VM)
-  -- would stretch every entry past the revocation bound, so an entry also ends
-  -- when the clock reads earlier than when it was filled.
-  if entry ~= nil and entry.expires > now and now >= entry.filled then
+  local entry = fresh(digest, now)
+  if entry ~= nil then
     for name, value in pairs(entry.identity) do
       headers:replace(name, value)
     end
     meta:set(NAMESPACE, "{AUTHENTICATED}", true)
     return
   end
-  if entry ~= nil then
-    entries[digest] = nil
-    size = size - 1
-  end
-  meta:set(NAMESPACE, "digest", digest)
-  meta:set(NAMESPACE, "asked_at", now)
+  ask(meta, digest, now)
 end
 
 function envoy_on_response(handle)
@@ -196,7 +232,7 @@ function envoy_on_response(handle)
   if mine == nil or mine.digest == nil or mine.asked_at == nil then
     return
   end
-  local verdict = meta:get(EXT_AUTHZ)
+  local verdict = meta:get(EXT_AUTHZ) or meta:get(JWT_KEY_CHECK)
   if verdict == nil or type(verdict.{IDENTITY}) ~= "table" then
     return
   end
@@ -239,6 +275,15 @@ def disabled() -> dict[str, Any]:
             "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute",
             "disabled": True,
         }
+    }
+
+
+def jwt_check_enabled_metadata() -> dict[str, Any]:
+    """The JWT key check's `filter_enabled_metadata`: runs when this filter asks for it."""
+    return {
+        "filter": NAMESPACE,
+        "path": [{"key": JWT_CHECK}],
+        "value": {"present_match": True},
     }
 
 

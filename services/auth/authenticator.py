@@ -117,11 +117,7 @@ class Authenticator:
     async def _verify(self, token: str, fresh: bool = False) -> Principal | None:
         if not looks_like_api_key(token):
             principal = await self.tokens.verify(token)
-            if principal is None or not await self.keys.is_active(principal.key_id):
-                return None
-            # Minted from a secret a rotation ended (`--overlap 0` after a leak), the
-            # token made admin calls until its exp: a new admin key of its own, say.
-            if principal.secret_id and not await self.keys.secret_works(
+            if principal is None or not await self.token_key_stands(
                 principal.key_id, principal.secret_id
             ):
                 return None
@@ -147,6 +143,15 @@ class Authenticator:
         until = now + min(CACHE_TTL_S, _left_s(principal))
         self._cache[digest] = (now, until, principal)
         return principal
+
+    async def token_key_stands(self, key_id: str, secret_id: str) -> bool:
+        """Tells whether a JWT of key `key_id`, minted from its secret `secret_id` ("":
+        a token from before secret ids), still counts: the key is active and, minted
+        from a secret a rotation ended (`--overlap 0` after a leak), the token made
+        admin calls until its exp (a new admin key of its own, say). Read from Redis."""
+        if not await self.keys.is_active(key_id):
+            return False
+        return not secret_id or await self.keys.secret_works(key_id, secret_id)
 
     def edge_cache_s(self, headers: Mapping[str, str]) -> float:
         """Returns how long the edge may reuse the verdict on this request's API key.

@@ -1,24 +1,33 @@
-"""Envoy ext_authz for API-key callers (JWT callers never reach Python).
+"""Envoy ext_authz for API-key callers, and the key check of JWT callers.
 
-Allowed requests get the same identity headers the edge's jwt_authn filter
+Allowed API keys get the same identity headers the edge's jwt_authn filter
 sets from JWT claims, so everything behind the edge sees one shape:
 x-tokenmesh-key-id, -tenant, -scopes (space-separated), -models
 (comma-separated; empty = all), -tier.
+
+A JWT's signature and claims Envoy verifies itself; the edge's JWT key check
+(gateway/edge_auth.py jwt_key_check_filter) asks here, once per key and secret
+per Envoy worker thread within the revocation bound, whether the token's key
+still stands (not revoked, its secret not rotated out). It sends Envoy's
+verified payload (jwt_authn's dynamic metadata), never the token: nothing is
+verified twice, and a token Envoy refused never reaches this branch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from gateway import key_cache
 from gateway.edge_auth import IDENTITY_HEADERS
-from services.auth.authenticator import Authenticator
+from services.auth.authenticator import REVOCATION_BOUND_S, Authenticator
 from services.auth.keys import Principal
 from services.core import contract
 from services.core.errors import ResourceExhausted, TokenmeshError
@@ -88,7 +97,10 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):
         http = request.attributes.request.http
         # Envoy's view of the client (it does not trust client-sent forwarding headers).
         source = request.attributes.source.address.socket_address.address
+        claims = _verified_jwt_claims(request)
         try:
+            if claims is not None:
+                return await self._check_token_key(claims, source)
             principal = await self.authenticator.authenticate(http.headers, source, allow_jwt=False)
         except (ResourceExhausted, TokenmeshError) as error:
             return _denied(error)
@@ -100,6 +112,33 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):
             ),
             dynamic_metadata=_reusable(identity, self.authenticator.edge_cache_s(http.headers)),
         )
+
+    async def _check_token_key(
+        self, claims: Mapping[str, Any], source: str
+    ) -> external_auth_pb2.CheckResponse:
+        """Allows a verified JWT while its key stands; the edge reuses the answer for the
+        key and secret for the revocation bound (the identity headers are the
+        token's own claims, set by jwt_authn: none here)."""
+        key_id, secret_id = str(claims.get("sub", "")), str(claims.get("sid", ""))
+        if not await self.authenticator.token_key_stands(key_id, secret_id):
+            self.authenticator.refuse(source)
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=external_auth_pb2.OkHttpResponse(),
+            dynamic_metadata=_reusable({}, REVOCATION_BOUND_S),
+        )
+
+
+def _verified_jwt_claims(request: external_auth_pb2.CheckRequest) -> Mapping[str, Any] | None:
+    """Returns the payload of the JWT Envoy's jwt_authn verified on this request (the
+    JWT key check sends its metadata), or None (an API-key check)."""
+    metadata = request.attributes.metadata_context.filter_metadata
+    if key_cache.JWT_NAMESPACE not in metadata:
+        return None
+    payload = metadata[key_cache.JWT_NAMESPACE].fields.get(key_cache.JWT_PAYLOAD)
+    if payload is None or not payload.HasField("struct_value"):
+        return None
+    return json_format.MessageToDict(payload.struct_value)
 
 
 def _reusable(identity: dict[str, str], cache_s: float) -> struct_pb2.Struct:

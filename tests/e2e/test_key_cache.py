@@ -9,7 +9,7 @@ from typing import cast
 import httpx
 import redis
 
-from tests.e2e.test_auth import COMPLETE_BODY, cli, create_key
+from tests.e2e.test_auth import COMPLETE_BODY, cli, create_key, token_for
 from tokenmesh.inference.v1 import inference_pb2
 
 BOUND_S = 5.0  # services.auth.authenticator.REVOCATION_BOUND_S
@@ -106,6 +106,50 @@ def test_a_revoked_key_is_refused_within_the_bound_while_cached(mesh):
     assert late and set(late) == {401}, seen
     first_refusal = next(i for i, (_, status) in enumerate(seen) if status == 401)
     assert {status for _, status in seen[first_refusal:]} == {401}, seen
+
+
+def _refused_from(
+    client: httpx.Client, mesh, headers: dict[str, str], since: float
+) -> list[tuple[float, int]]:
+    """Sends the request every 0.1 s until the bound and a second have passed since
+    `since`; returns (seconds since, status) of each."""
+    seen: list[tuple[float, int]] = []
+    while (sent := time.monotonic() - since) < BOUND_S + 1.0:
+        seen.append((sent, _complete(client, mesh, headers).status_code))
+        time.sleep(0.1)
+    return seen
+
+
+def test_a_jwt_is_refused_within_the_bound_once_its_key_is_revoked(mesh):
+    # Envoy checks a JWT's signature and claims, never its key: a token minted before
+    # the revocation (of a leaked admin key, say) kept working until its exp, 15
+    # minutes by default and up to a day. Its key is checked once per bound now.
+    doomed = create_key(mesh)
+    bearer = {"authorization": f"Bearer {token_for(mesh, doomed['secret'])}"}
+    before = ext_authz_counts(mesh).get("ok", 0)
+    with httpx.Client() as client:  # one connection: one Envoy worker thread
+        assert [_complete(client, mesh, bearer).status_code for _ in range(6)] == [200] * 6
+        checks = ext_authz_counts(mesh).get("ok", 0) - before
+        cli(mesh, "keys", "revoke", doomed["id"])
+        seen = _refused_from(client, mesh, bearer, time.monotonic())
+    late = [status for sent, status in seen if sent >= BOUND_S]
+    assert late and set(late) == {401}, seen
+    first_refusal = next(i for i, (_, status) in enumerate(seen) if status == 401)
+    assert {status for _, status in seen[first_refusal:]} == {401}, seen
+    # One check of the key, unless this machine stalled past the bound meanwhile.
+    assert 1 <= checks <= 2, checks
+
+
+def test_a_jwt_of_a_secret_a_rotation_ended_is_refused_within_the_bound(mesh):
+    rotating = create_key(mesh)
+    old = {"authorization": f"Bearer {token_for(mesh, rotating['secret'])}"}
+    with httpx.Client() as client:
+        assert _complete(client, mesh, old).status_code == 200
+        rotated = cli(mesh, "keys", "rotate", rotating["id"], "--overlap", "0")
+        seen = _refused_from(client, mesh, old, time.monotonic())
+        new = {"authorization": f"Bearer {token_for(mesh, rotated['secret'])}"}
+        assert _complete(client, mesh, new).status_code == 200  # the key stands
+    assert {status for sent, status in seen if sent >= BOUND_S} == {401}, seen
 
 
 def test_a_header_of_many_spaces_is_refused_at_once_and_stalls_no_one(mesh):
