@@ -26,9 +26,11 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2
 
 from services.core import contract
 from services.core.identity import ClientChannel
+from services.core.probe import HEALTH_CHECK
 from services.core.tasks import SupervisedTask, Supervisor
 from tokenmesh.inference.v2 import inference_pb2
 from tokenmesh.router.v1 import router_pb2
@@ -212,16 +214,38 @@ class Registration:
                     # Retrying the same call cannot help (wrong identity or address):
                     # let the supervisor count it, back off, and flip health.
                     raise RegistrationRefused(f"{exc.code().name}: {exc.details()}") from None
-                logger.warning(
-                    "registration failed (%s: %s); retrying", exc.code().name, exc.details()
-                )
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     # The call waited for the channel (wait_for_ready), which paces
                     # its own reconnects: call again at once, or the renewal came up
                     # to a backoff after the router was back.
+                    why = await self._why_unreachable() or "DEADLINE_EXCEEDED"
+                    logger.warning("registration failed (%s); retrying", why)
                     continue
+                logger.warning(
+                    "registration failed (%s: %s); retrying", exc.code().name, exc.details()
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._lease_s / 3)
+
+    async def _why_unreachable(self) -> str:
+        """Returns why the channel to the router cannot connect ("" when it can): a call
+        that waited for the channel says only "Deadline Exceeded", not the refused
+        connection or failed handshake an operator has to see. A health check that
+        does not wait answers it at once."""
+        channel = self._router.get()
+        if channel.get_state() != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return ""
+        # NOTE: the method by hand: the grpc_health stubs do not type HealthStub's methods.
+        check = channel.unary_unary(
+            HEALTH_CHECK,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        try:
+            await check(health_pb2.HealthCheckRequest(), timeout=_RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+        return ""
 
     async def _register(self) -> None:
         refs = self._refs()
