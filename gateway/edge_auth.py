@@ -10,12 +10,17 @@ both carry their gRPC path):
 3. the key cache (gateway/key_cache.py, Lua) marks requests with a verified
    JWT, and sets the identity headers of an API key this Envoy worker saw
    verified within the revocation bound;
-4. `ext_authz` runs only for requests the key cache did not mark: it asks the
-   auth service about an API key, which answers with the same identity headers;
-5. `rbac` allows each RPC only to callers holding its scope.
+4. the JWT key check (`ext_authz`, open) asks the auth service whether a
+   verified JWT's key and secret still stand, once per key and secret per
+   Envoy worker within the bound (the key cache marks the requests to ask);
+5. `ext_authz` (closed) runs only for requests the key cache did not mark: it
+   asks the auth service about an API key, which answers with the same identity
+   headers (and refuses a JWT whose key the check found revoked);
+6. `rbac` allows each RPC only to callers holding its scope.
 
-A valid JWT therefore costs Python nothing, and keeps working while the auth
-service is down.
+Both ext_authz filters call the auth service through their own cluster
+(AUTH_CHECKS_CLUSTER). A valid JWT costs one Python call per key, Envoy worker
+and 5 s, and keeps working while the auth service is down.
 """
 
 from __future__ import annotations
@@ -163,6 +168,12 @@ AUTHENTICATED_PREFIXES = (
 )
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+# The auth service again, for the edge's own callouts only (both ext_authz filters):
+# on the cluster clients' auth requests use (IssueToken is public, its bodies may be
+# slow), those requests could fill Envoy's per-cluster request limits, and every
+# check then failed: API keys closed (503 for every caller), JWT key checks open.
+AUTH_CHECKS_CLUSTER = "auth-checks"
+JWT_KEY_CHECK_STATS = "jwt_key_check"
 
 
 @dataclass(frozen=True)
@@ -274,7 +285,7 @@ def ext_authz_filter(key_cache_on: bool = True) -> dict[str, Any]:
         "name": EXT_AUTHZ_FILTER,
         "typed_config": {
             "@type": _type("extensions.filters.http.ext_authz.v3.ExtAuthz"),
-            "grpc_service": {"envoy_grpc": {"cluster_name": "auth"}, "timeout": "2s"},
+            "grpc_service": {"envoy_grpc": {"cluster_name": AUTH_CHECKS_CLUSTER}, "timeout": "2s"},
             "transport_api_version": "V3",
             "failure_mode_allow": False,
             "status_on_error": {"code": 503},
@@ -292,16 +303,22 @@ def jwt_key_check_filter() -> dict[str, Any]:
 
     Open when the auth service cannot answer (down, or slower than the timeout): a
     JWT keeps working through an auth outage, as the JWKS cache lets it; only the
-    service's "no" refuses it. It is sent the verified payload (jwt_authn's metadata).
+    service's "no" refuses it, and the key cache keeps that "no": the key's later
+    requests go to the API-key ext_authz, which is closed. It is sent jwt_authn's
+    verified payload and the key id header, not the token. Its counters are
+    `http.<listener>.ext_authz.jwt_key_check.*` (`failure_mode_allowed`: let
+    through unchecked, alert TokenmeshJwtKeyChecksFailingOpen).
     """
     return {
         "name": key_cache.JWT_KEY_CHECK_FILTER,
         "typed_config": {
             "@type": _type("extensions.filters.http.ext_authz.v3.ExtAuthz"),
-            "grpc_service": {"envoy_grpc": {"cluster_name": "auth"}, "timeout": "0.5s"},
+            "grpc_service": {"envoy_grpc": {"cluster_name": AUTH_CHECKS_CLUSTER}, "timeout": "1s"},
             "transport_api_version": "V3",
             "failure_mode_allow": True,
+            "stat_prefix": JWT_KEY_CHECK_STATS,
             "metadata_context_namespaces": [JWT_FILTER],
+            "allowed_headers": {"patterns": [{"exact": contract.KEY_ID_HEADER}]},
             "filter_enabled_metadata": key_cache.jwt_check_enabled_metadata(),
         },
     }

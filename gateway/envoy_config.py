@@ -1281,12 +1281,25 @@ def overload_manager(limits: EdgeLimits) -> dict[str, Any]:
     }
 
 
+def auth_checks_cluster(config: EdgeConfig) -> dict[str, Any]:
+    """The auth service's cluster again, under edge_auth.AUTH_CHECKS_CLUSTER: the edge's
+    ext_authz callouts only, apart from clients' own requests to the auth service."""
+    built = cluster(
+        "auth", config.upstreams["auth"], config.health_check_interval_s, config.sds_dir
+    )
+    built["name"] = edge_auth.AUTH_CHECKS_CLUSTER
+    built["load_assignment"]["cluster_name"] = edge_auth.AUTH_CHECKS_CLUSTER
+    return built
+
+
 def bootstrap(config: EdgeConfig) -> dict[str, Any]:
     """Builds the whole Envoy bootstrap for the edge."""
     clusters = [
         cluster(name, endpoints, config.health_check_interval_s, config.sds_dir)
         for name, endpoints in sorted(config.upstreams.items())
     ]
+    if config.auth is not None:
+        clusters.append(auth_checks_cluster(config))
     if config.otlp_endpoint is not None:
         clusters.append(single_host_cluster("otlp", config.otlp_endpoint, http2=True, ping=False))
     # The edge's own plaintext listener, wherever it is bound (an edge bound to one

@@ -54,8 +54,15 @@ JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
 JWT_PAYLOAD = "jwt_payload"
 AUTHENTICATED = "authenticated"
 JWT_CHECK = "jwt_check"
-# The JWT key check's ext_authz filter (its answer's metadata is read under either name).
+# The JWT key check's ext_authz filter (Envoy writes its answer's metadata under
+# EXT_AUTHZ_NAMESPACE, whatever the filter's name).
 JWT_KEY_CHECK_FILTER = "tokenmesh.jwt_key_check"
+# Its "no" (the key revoked or expired, the secret rotated out: for good), kept this
+# long: the key's requests then go to the API-key ext_authz, which is closed, and
+# never ask the open check again (a flood of them slowed the auth service past the
+# check's timeout, and each check that timed out let its request through).
+REFUSED = "refused"
+REFUSED_MS = 60_000
 IDENTITY = "identity"
 CACHE_MS = "cache_ms"
 # A revoked key is refused everywhere within this (docs/security.md).
@@ -126,15 +133,16 @@ LUA_SOURCE = (
     + f"""
 local NAMESPACE = "{NAMESPACE}"
 local EXT_AUTHZ = "{EXT_AUTHZ_NAMESPACE}"
-local JWT_KEY_CHECK = "{JWT_KEY_CHECK_FILTER}"
+local REFUSED_MS = {REFUSED_MS}
 local JWT = "{JWT_NAMESPACE}"
 local BOUND_MS = {REVOCATION_BOUND_MS}
 local MAX_ENTRIES = {MAX_ENTRIES}
 local PREFIX = "{API_KEY_PREFIX}"
 local SHORTEST, LONGEST = {API_KEY_LENGTHS[0]}, {API_KEY_LENGTHS[1]}
 
--- digest -> {{expires = ms, filled = ms, identity = {{header = value}}}}, per worker thread;
--- a JWT's key and secret under "jwt <sub> <sid>" (identity empty).
+-- digest -> {{expires = ms, filled = ms, identity = {{header = value}}, refused = bool}},
+-- per worker thread; a JWT's key and secret under "jwt <sub> <sid>" (identity empty;
+-- refused: its key does not stand).
 local entries, size = {{}}, 0
 
 local function is_space(b)
@@ -199,13 +207,18 @@ function envoy_on_request(handle)
   if payload ~= nil then
     -- Verified in C++; its key may have been revoked (or its secret rotated out)
     -- since it was minted: asked once per key and secret within the bound.
-    meta:set(NAMESPACE, "{AUTHENTICATED}", true)
     local digest = "jwt " .. tostring(payload.sub) .. " " .. tostring(payload.sid or "")
     local now = handle:timestamp()
-    if fresh(digest, now) == nil then
+    local entry = fresh(digest, now)
+    if entry ~= nil and entry.refused then
+      return -- the API-key ext_authz (closed) refuses it
+    end
+    if entry == nil then
+      -- Asked for before marked authenticated: an error in between skips nothing.
       meta:set(NAMESPACE, "{JWT_CHECK}", true)
       ask(meta, digest, now)
     end
+    meta:set(NAMESPACE, "{AUTHENTICATED}", true)
     return
   end
   local headers = handle:headers()
@@ -232,16 +245,17 @@ function envoy_on_response(handle)
   if mine == nil or mine.digest == nil or mine.asked_at == nil then
     return
   end
-  local verdict = meta:get(EXT_AUTHZ) or meta:get(JWT_KEY_CHECK)
-  if verdict == nil or type(verdict.{IDENTITY}) ~= "table" then
+  local verdict = meta:get(EXT_AUTHZ)
+  if verdict == nil then
     return
   end
-  local ttl = math.min(tonumber(verdict.{CACHE_MS}) or 0, BOUND_MS)
-  if ttl <= 0 then
+  local refused = verdict.{REFUSED} == true
+  local ttl = refused and REFUSED_MS or math.min(tonumber(verdict.{CACHE_MS}) or 0, BOUND_MS)
+  if ttl <= 0 or (not refused and type(verdict.{IDENTITY}) ~= "table") then
     return
   end
   local identity = {{}}
-  for name, value in pairs(verdict.{IDENTITY}) do
+  for name, value in pairs(refused and {{}} or verdict.{IDENTITY}) do
     identity[name] = tostring(value)
   end
   if entries[mine.digest] == nil then
@@ -251,7 +265,9 @@ function envoy_on_response(handle)
     size = size + 1
   end
   local asked = mine.asked_at
-  entries[mine.digest] = {{expires = asked + ttl, filled = asked, identity = identity}}
+  entries[mine.digest] = {{
+    expires = asked + ttl, filled = asked, identity = identity, refused = refused,
+  }}
 end
 """
 )

@@ -121,7 +121,14 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):
         token's own claims, set by jwt_authn: none here)."""
         key_id, secret_id = str(claims.get("sub", "")), str(claims.get("sid", ""))
         if not await self.authenticator.token_key_stands(key_id, secret_id):
-            self.authenticator.refuse(source)
+            try:
+                self.authenticator.refuse(source)
+            except TokenmeshError as error:
+                refused = _denied(error)
+                # For good: the edge keeps it, and sends the key's later requests to
+                # the API-key check, which is closed (gateway/key_cache.py REFUSED).
+                refused.dynamic_metadata.update({key_cache.REFUSED: True})
+                return refused
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(),

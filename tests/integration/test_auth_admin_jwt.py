@@ -1,8 +1,9 @@
 """The auth service's admin RPCs take a JWT only while its API key is still active.
 
 A JWT's signature and claims stay valid until it expires, after its key was
-revoked too: the edge accepts it until then (documented), but the auth
-service reads the key anyway and refuses it for its own admin RPCs at once.
+revoked too: the edge refuses it within 5 s (its JWT key check,
+tests/e2e/test_key_cache.py), and the auth service reads the key anyway and
+refuses it for its own admin RPCs at once.
 """
 
 from __future__ import annotations
