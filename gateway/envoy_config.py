@@ -1298,7 +1298,7 @@ def bootstrap(config: EdgeConfig) -> dict[str, Any]:
         cluster(name, endpoints, config.health_check_interval_s, config.sds_dir)
         for name, endpoints in sorted(config.upstreams.items())
     ]
-    if config.auth is not None:
+    if config.auth is not None and "auth" in config.upstreams:
         clusters.append(auth_checks_cluster(config))
     if config.otlp_endpoint is not None:
         clusters.append(single_host_cluster("otlp", config.otlp_endpoint, http2=True, ping=False))

@@ -1,4 +1,4 @@
-"""A per-Envoy-worker cache of verified API keys: one ext_authz callout per key and worker.
+"""A per-Envoy-worker cache of verified API keys and JWT keys: one auth callout per key and worker.
 
 Without it every API-key request paid a Python ext_authz callout (~1.9 ms
 more than a JWT request, whose signature Envoy checks in C++). This Lua
@@ -37,6 +37,11 @@ Security:
   set them, RBAC checks each RPC's scope against them as before.
 - At most `MAX_ENTRIES` keys per worker thread; when full the table starts
   over (a refill costs one callout per key).
+- A JWT entry says only that its key and secret stood (or did not: REFUSED,
+  kept REFUSED_MS); the identity headers of a JWT request are always its own
+  verified claims. The JWT key check is open (an auth outage must not stop
+  JWTs): its timeouts and errors let requests through unchecked (alert
+  TokenmeshJwtKeyChecksFailingOpen), its "no" is final.
 
 The filter is off on public routes (nothing to authenticate there).
 """

@@ -9,8 +9,9 @@ A JWT's signature and claims Envoy verifies itself; the edge's JWT key check
 (gateway/edge_auth.py jwt_key_check_filter) asks here, once per key and secret
 per Envoy worker thread within the revocation bound, whether the token's key
 still stands (not revoked, its secret not rotated out). It sends Envoy's
-verified payload (jwt_authn's dynamic metadata), never the token: nothing is
-verified twice, and a token Envoy refused never reaches this branch.
+verified payload (jwt_authn's dynamic metadata) and the key id header, never
+the token: nothing is verified twice, and a token Envoy refused never reaches
+this branch.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def _denied(error: TokenmeshError) -> external_auth_pb2.CheckResponse:
 
 
 class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):
-    """ExtAuthzServicer answers Envoy's Authorization.Check for API keys."""
+    """ExtAuthzServicer answers Envoy's Authorization.Check: for API keys, and whether a
+    verified JWT's key stands (the JWT key check)."""
 
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from gateway import edge_lua, envoy_config, key_cache
+from gateway import edge_auth, edge_lua, envoy_config, key_cache
 from gateway.edge_auth import EdgeAuth
 from gateway.envoy_config import EdgeConfig, Endpoint
 from gateway.model_routing import MODEL_HEADER
@@ -70,3 +71,37 @@ def test_every_edge_strips_client_copies_of_its_routing_shadow_and_identity_head
     assert {contract.SHADOW_HEADER, contract.SHADOWED_HEADER, MODEL_HEADER} <= removed
     assert set(contract.IDENTITY_HEADERS) <= removed
     assert contract.ATTEMPT_COUNT_HEADER in removed  # Envoy sets it on each try
+
+
+def test_a_jwts_key_check_runs_before_the_api_key_check_open_on_its_own_cluster(
+    tmp_path: Path,
+) -> None:
+    # The JWT key check (open: a JWT rides out an auth outage) and the API-key check
+    # (closed) never run on one request: the key cache marks which one asks. Both
+    # call the auth service through a cluster clients' own auth requests cannot fill.
+    config = replace(
+        _config(tmp_path, auth=EdgeAuth()),
+        upstreams={
+            "inference": [Endpoint("127.0.0.1", 10000)],
+            "auth": [Endpoint("127.0.0.1", 10001)],
+        },
+    )
+    filters = envoy_config.http_connection_manager(config)["http_filters"]
+    names = [f["name"] for f in filters]
+    at = names.index
+    assert at(edge_auth.JWT_FILTER) < at(key_cache.FILTER_NAME) < at(key_cache.JWT_KEY_CHECK_FILTER)
+    assert (
+        at(key_cache.JWT_KEY_CHECK_FILTER)
+        < at(edge_auth.EXT_AUTHZ_FILTER)
+        < at("envoy.filters.http.rbac")
+    )
+    jwt_check = filters[at(key_cache.JWT_KEY_CHECK_FILTER)]["typed_config"]
+    api_keys = filters[at(edge_auth.EXT_AUTHZ_FILTER)]["typed_config"]
+    assert jwt_check["failure_mode_allow"] and not api_keys["failure_mode_allow"]
+    assert jwt_check["metadata_context_namespaces"] == [edge_auth.JWT_FILTER]
+    assert "metadata_context_namespaces" not in api_keys
+    assert jwt_check["allowed_headers"] == {"patterns": [{"exact": contract.KEY_ID_HEADER}]}
+    for check in (jwt_check, api_keys):
+        assert check["grpc_service"]["envoy_grpc"]["cluster_name"] == edge_auth.AUTH_CHECKS_CLUSTER
+    clusters = {c["name"] for c in envoy_config.bootstrap(config)["static_resources"]["clusters"]}
+    assert {"auth", edge_auth.AUTH_CHECKS_CLUSTER} <= clusters
