@@ -39,6 +39,24 @@ async def router(
         yield running, own_redis
 
 
+def _registration(worker: int, versions: int) -> pb.RegisterWorkerRequest:
+    """Worker `worker`'s registration, naming `versions` models the catalogue lacks."""
+    return pb.RegisterWorkerRequest(
+        worker_id=f"w{worker}",
+        address=f"127.0.0.1:{40001 + worker}",
+        models=[ModelRef(name=f"made-up-{worker}-{i}", version="1") for i in range(versions)],
+        lease_token="t" * 40,
+    )
+
+
+async def _catalogued(url: str) -> int:
+    redis = aioredis.from_url(url)
+    try:
+        return int(await redis.hlen(CATALOG_KEY))
+    finally:
+        await redis.aclose()
+
+
 async def test_registrations_add_versions_up_to_the_bound_and_still_succeed(
     router: tuple[RunningServer, str],
 ) -> None:
@@ -46,18 +64,9 @@ async def test_registrations_add_versions_up_to_the_bound_and_still_succeed(
     async with mtls.aio_channel(running.port, peer="router", caller="worker") as channel:
         stub = rpc.WorkerRegistryServiceStub(channel)
         for worker in range(2):
-            request = pb.RegisterWorkerRequest(
-                worker_id=f"w{worker}",
-                address=f"127.0.0.1:{40001 + worker}",
-                models=[ModelRef(name=f"made-up-{worker}-{i}", version="1") for i in range(4)],
-                lease_token="t" * 40,
-            )
-            await stub.RegisterWorker(request, timeout=30)  # registered, all the same
-    redis = aioredis.from_url(url)
-    try:
-        assert await redis.hlen(CATALOG_KEY) == BOUND
-    finally:
-        await redis.aclose()
+            # Registered, all the same.
+            await stub.RegisterWorker(_registration(worker, 4), timeout=30)
+    assert await _catalogued(url) == BOUND
 
 
 async def test_registrations_at_the_same_time_stay_within_the_bound(
@@ -68,18 +77,6 @@ async def test_registrations_at_the_same_time_stay_within_the_bound(
     running, url = router
     async with mtls.aio_channel(running.port, peer="router", caller="worker") as channel:
         stub = rpc.WorkerRegistryServiceStub(channel)
-        requests = [
-            pb.RegisterWorkerRequest(
-                worker_id=f"w{worker}",
-                address=f"127.0.0.1:{40001 + worker}",
-                models=[ModelRef(name=f"made-up-{worker}-{i}", version="1") for i in range(3)],
-                lease_token="t" * 40,
-            )
-            for worker in range(8)
-        ]
-        await asyncio.gather(*(stub.RegisterWorker(r, timeout=30) for r in requests))
-    redis = aioredis.from_url(url)
-    try:
-        assert await redis.hlen(CATALOG_KEY) == BOUND
-    finally:
-        await redis.aclose()
+        registrations = (stub.RegisterWorker(_registration(w, 3), timeout=30) for w in range(8))
+        await asyncio.gather(*registrations)
+    assert await _catalogued(url) == BOUND
