@@ -560,6 +560,9 @@ class Catalog:
         """
         added = False
         known = await self.all()
+        # Counted again in each transaction (_adder); this count only spares a full
+        # catalogue one transaction, and one read of the whole catalogue, per version.
+        versions = sum(len(model.versions) for model in known.values())
         # Oldest version first: it is the one a new model's traffic goes to.
         ordered = sorted(refs, key=lambda ref: (ref[0], _version_key(VersionEntry(ref[1]))))
         for name, version in ordered:
@@ -573,6 +576,8 @@ class Catalog:
                 continue
             if model is None or model.version(version) is None:
                 try:
+                    if versions >= MAX_REGISTERED_VERSIONS:
+                        raise _CatalogFull(versions)
                     known[name] = await self.change(name, _adder(name, version, pool))
                 except _CatalogFull as full:
                     # It serves it unrouted; an operator's RegisterModelVersion still adds.
@@ -583,7 +588,9 @@ class Catalog:
                         name,
                         version,
                     )
+                    versions = max(versions, full.versions)
                     continue
+                versions += 1
                 added = True
         return added
 
