@@ -31,6 +31,7 @@ from __future__ import annotations
 import calendar
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,6 +52,8 @@ REPLAY_TTL_S = 3600
 # The longest a job item's may be (`reserve`'s `replay_ttl_s`): a job's window (at
 # most 7 days) and a day; the usage meter remembers a billed id 7 days.
 MAX_REPLAY_TTL_S = 8 * 86400
+# How many recorded requests `recover` looks up per round trip.
+_RECOVER_BATCH = 500
 # Every holder of open reservations (services.inference.reservation_reaper).
 HOLDERS_KEY = "tm:budget:holders"
 
@@ -241,6 +244,33 @@ return {1, '', 0, sum + delta, month_used + amount, ''}
     .replace("RETRY_WALK", str(RETRY_WALK))
 )
 
+# Lua (the KEYS and ARGV of _RECONCILE, below): makes the id's charge its actual use;
+# the month is charged the difference, the minute window's amount becomes it.
+_SETTLE_CHARGE = (
+    """
+-- A job item's charge is kept until its job's deadline (reserve's replay ttl),
+-- longer than ARGV[4]: never shortened here.
+local ttl = math.max(tonumber(ARGV[4]), redis.call('TTL', KEYS[3]))
+local actual = tonumber(ARGV[3])
+local charged = tonumber(redis.call('GET', KEYS[3]) or ARGV[2])
+local before = redis.call('HGET', KEYS[1], ARGV[1])
+if before then
+"""
+    + READ_SUM
+    + """
+  redis.call('HSET', KEYS[1], ARGV[1], actual)
+  local delta = actual - tonumber(before)
+"""
+    + _WRITE_SUM
+    + """
+end
+-- A month counter gone (its month ended a day ago: a job item's replay settles in
+-- its first attempt's month) stays gone: INCRBY made it again, with no expiry.
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCRBY', KEYS[2], actual - charged) end
+redis.call('SET', KEYS[3], actual, 'EX', ttl)
+"""
+)
+
 # KEYS: window amounts hash, month counter, the request id's charge, the id's
 #       "a run finished" mark, the id's "given back" mark, the window's sum, the
 #       holder's open reservations, the attempts running on the id's charge
@@ -269,32 +299,44 @@ if ARGV[5] == 'unfinished' and ARGV[7] and ARGV[7] ~= ''
   redis.call('SREM', KEYS[8], ARGV[7])
   if redis.call('SCARD', KEYS[8]) > 0 then return 0 end
 end
--- A job item's charge is kept until its job's deadline (reserve's replay ttl),
--- longer than ARGV[4]: never shortened here.
-local ttl = math.max(tonumber(ARGV[4]), redis.call('TTL', KEYS[3]))
-local actual = tonumber(ARGV[3])
-local charged = tonumber(redis.call('GET', KEYS[3]) or ARGV[2])
-local before = redis.call('HGET', KEYS[1], ARGV[1])
-if before then
 """
-    + READ_SUM
+    + _SETTLE_CHARGE
     + """
-  redis.call('HSET', KEYS[1], ARGV[1], actual)
-  local delta = actual - tonumber(before)
-"""
-    + _WRITE_SUM
-    + """
-end
--- A month counter gone (its month ended a day ago: a job item's replay settles in
--- its first attempt's month) stays gone: INCRBY made it again, with no expiry.
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCRBY', KEYS[2], actual - charged) end
-redis.call('SET', KEYS[3], actual, 'EX', ttl)
 if ARGV[5] == 'finished' then redis.call('SET', KEYS[4], '1', 'EX', ttl) end
 if ARGV[5] == 'unfinished' then
   redis.call('SET', KEYS[5], '1', 'EX', ttl)
 else
   redis.call('DEL', KEYS[5])
 end
+return 1
+""",
+    SUM=6,
+    AMOUNTS=1,
+)
+
+# KEYS: those of _RECONCILE, then the id's holder
+# ARGV: those of _RECONCILE (`reserved` is `actual`, the run ""), then the dead holder
+# Reconciles a request that a dead holder recorded (its usage event is in the spool
+# the holder's successor opened) but whose reconcile never landed: the holder was
+# killed between the two. Only while the id is still that holder's (a job item's
+# replay that took it over since reconciles it) and either still listed among its
+# open reservations, or taken back since by a reaper (a charge of 0, given back):
+# this late reconcile charges the use. An id whose reconcile landed, or whose
+# charge expired, is left alone. Returns 1 if it charged.
+_RECOVER = budget_lua(
+    """
+if redis.call('GET', KEYS[9]) ~= ARGV[8] or redis.call('EXISTS', KEYS[4]) == 1 then
+  return 0
+end
+if redis.call('HDEL', KEYS[7], ARGV[6]) == 0
+    and not (redis.call('EXISTS', KEYS[5]) == 1 and redis.call('GET', KEYS[3]) == '0') then
+  return 0
+end
+if not redis.call('GET', KEYS[3]) then return 0 end
+"""
+    + _SETTLE_CHARGE
+    + """
+redis.call('DEL', KEYS[5])
 return 1
 """,
     SUM=6,
@@ -393,6 +435,24 @@ class Reserved:
 
     warning: str
     reserved_at: float
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """Recorded is a request whose usage event a worker recorded (TokenBudgets.recover).
+
+    Attributes:
+        key_id: the API key it was charged to.
+        request_id: its id in the budgets (the usage event's event_id).
+        used: the tokens it used (prompt + completion, as billed).
+        finished_at: when it ended (time.time()): the month, should the time its
+            charge was reserved be gone.
+    """
+
+    key_id: str
+    request_id: str
+    used: int
+    finished_at: float
 
 
 @dataclass(frozen=True)
@@ -508,6 +568,7 @@ class TokenBudgets:
         self.breaker = Breaker("budgets")
         self._reconcile = client.register_script(_RECONCILE)
         self._forget = client.register_script(_FORGET)
+        self._recover = client.register_script(_RECOVER)
 
     def _replay_ttl(self, wanted_s: int | None) -> int:
         """Returns how long a reservation's id is remembered: the budgets' own TTL, or
@@ -701,6 +762,64 @@ class TokenBudgets:
                 self._open_field(self.holder, key_id, request_id),
                 attempt,
             ],
+        )
+
+    async def recover(self, holder: str, recorded: Sequence[Recorded]) -> int:
+        """Reconciles the requests a dead `holder` recorded whose own reconciles never
+        landed (see _RECOVER): `recorded` is what its spool holds of them. Returns how
+        many it charged.
+
+        A worker killed between appending a request's usage event and its reconcile
+        reaching Redis (milliseconds, or as long as Redis was away) left the
+        reservation open, and a reaper then gave all of it back: the month missed
+        tokens the meter bills. Its successor on the same spool calls this at start.
+        """
+        open_fields = {text(field) for field in await self.redis.hkeys(self.open_key(holder))}
+        charged = 0
+        for start in range(0, len(recorded), _RECOVER_BATCH):
+            batch = recorded[start : start + _RECOVER_BATCH]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for one in batch:
+                    charge, _, given_back, _ = self._id_keys(one.key_id, one.request_id)
+                    pipe.get(f"{charge}:holder")
+                    pipe.get(f"{charge}:at")
+                    pipe.exists(given_back)
+                replies = await pipe.execute()
+            for index, one in enumerate(batch):
+                id_holder, at, given_back = replies[3 * index : 3 * index + 3]
+                listed = self._open_field(holder, one.key_id, one.request_id) in open_fields
+                if text(id_holder or b"") == holder and (listed or given_back):
+                    reserved_at = float(text(at)) if at else one.finished_at
+                    charged += await self._recover_one(holder, one, reserved_at)
+        return charged
+
+    async def _recover_one(self, holder: str, one: Recorded, reserved_at: float) -> int:
+        _, amounts, month = self._keys(one.key_id, reserved_at)
+        charge, finished, given_back, _ = self._id_keys(one.key_id, one.request_id)
+        return int(
+            await self._recover(
+                keys=[
+                    amounts,
+                    month,
+                    charge,
+                    finished,
+                    given_back,
+                    self._sum_key(one.key_id),
+                    self.open_key(holder),
+                    f"{charge}:running",
+                    f"{charge}:holder",
+                ],
+                args=[
+                    one.request_id,
+                    one.used,
+                    one.used,
+                    self.replay_ttl_s,
+                    "",
+                    self._open_field(holder, one.key_id, one.request_id),
+                    "",
+                    holder,
+                ],
+            )
         )
 
     async def forget(

@@ -546,7 +546,9 @@ class InferenceService(Service):
     def add_to_server(self, server: grpc.aio.Server) -> None:
         budgets = TokenBudgets(self.redis, holder=holder_name(self.settings.worker_id))
         ttl_s = self.settings.reservation_ttl_s
-        self._reaper = ReservationReaper(budgets, every_s=ttl_s / 3, ttl_s=ttl_s)
+        self._reaper = ReservationReaper(
+            budgets, every_s=ttl_s / 3, ttl_s=ttl_s, spool=self.usage_log
+        )
         v1 = InferenceServicer(
             self.registry,
             self.usage_log,

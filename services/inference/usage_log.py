@@ -93,7 +93,7 @@ import re
 import secrets
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -704,6 +704,33 @@ class UsageLog:
             events.append((request_id, body, end))
             position = end
         return events, position
+
+    @property
+    def end(self) -> int:
+        """The spool position after the last appended record."""
+        return self._end()
+
+    def events_since(self, position: int) -> Iterator[inference_pb2.UsageEvent]:
+        """Returns the events appended since the spool stood at `position` that it still
+        keeps, oldest first. The segments are the ones there now; reading them may run
+        on another thread (one deleted meanwhile was applied: skipped)."""
+        segments = [
+            (path, base, max(position, base), end)
+            for base, end, path in [*self._sealed, (self._base, self._end(), self._log_path)]
+            if end > position
+        ]
+        return self._events_in(segments)
+
+    def _events_in(
+        self, segments: list[tuple[Path, int, int, int]]
+    ) -> Iterator[inference_pb2.UsageEvent]:
+        for path, base, start, end in segments:
+            try:
+                events, _ = self._read(path, base, start, end - start)
+            except FileNotFoundError:
+                continue
+            for _, body, _ in events:
+                yield inference_pb2.UsageEvent.FromString(body)
 
     def _segment_at(self, position: int) -> tuple[Path, int, int]:
         """Returns the segment holding the first record at or after `position`: its
