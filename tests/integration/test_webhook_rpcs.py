@@ -43,6 +43,11 @@ from tokenmesh.jobs.v1 import jobs_service_pb2 as pb
 OLD_KEY, SEALING_KEY = bytes(range(32)), bytes(range(32, 64))
 VICTIM_HOST = "hooks.victim.test"  # allow-listed: its receiver is on 127.0.0.1
 WAIT_S = 30.0  # a deadline for conditions, far past what they need
+# The sender's timeout: an attempt at a hung name ends after it (tests wait for that),
+# and a quick receiver's attempt, lookup on a thread and all, must end well within it
+# on a loaded CI machine (at 1 s, a starved thread or event loop once failed a
+# delivery to a receiver that was never slow: "does not resolve", or "timeout").
+WEBHOOK_TIMEOUT_S = 5.0
 # More hung lookups than the loop's default executor has threads (min(32, CPUs + 4)),
 # which they all used to wait in, and more than one claim of the sender (16).
 ATTACKS = min(32, (os.cpu_count() or 1) + 4) + 16
@@ -101,8 +106,8 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 async def jobs(own_redis: str) -> AsyncIterator[tuple[JobsService, grpc.aio.Channel]]:
-    """The jobs service in this process (webhook timeout 1 s), and a channel to it as
-    the edge."""
+    """The jobs service in this process (webhook timeout WEBHOOK_TIMEOUT_S), and a
+    channel to it as the edge."""
     settings = JobsSettings(
         redis_url=own_redis,
         pki_dir=mtls.pki_dir(),
@@ -110,7 +115,7 @@ async def jobs(own_redis: str) -> AsyncIterator[tuple[JobsService, grpc.aio.Chan
         grace_s=1.0,
         consumer=f"webhooks-{uuid.uuid4().hex[:6]}",
         webhook_allow_hosts=("127.0.0.1", VICTIM_HOST),
-        webhook_timeout_s=1.0,
+        webhook_timeout_s=WEBHOOK_TIMEOUT_S,
         webhook_poll_s=0.05,
         webhook_secrets_key=SEALING_KEY.hex(),
     )
@@ -189,8 +194,16 @@ async def test_a_key_s_hung_webhook_names_leave_other_keys_checks_and_deliveries
     slow = [
         await _ended_job(store, attacker, f"https://a{n}.slow.test/hook") for n in range(ATTACKS)
     ]
-    # The service's sender tried them: those attempts ended (1 s), their lookups did not.
-    await _attempted(store, slow, 4)
+    # The service's sender tried them: their lookups hang (waited for, not assumed:
+    # a lookup whose thread had not started by its attempt's timeout was dropped)...
+    deadline = time.monotonic() + WAIT_S
+    while dns.hanging < 1:
+        assert time.monotonic() < deadline, "no lookup of the attacker's names hangs"
+        await asyncio.sleep(0.01)
+    # ...and more of its attempts ended (WEBHOOK_TIMEOUT_S each) than it may have
+    # lookups in flight, those lookups still hanging: waited for, as a later round's
+    # lookups beyond its share (the regression) no longer depend on the test's pace.
+    await _attempted(store, slow, 2 * ssrf.LOOKUPS_PER_OWNER)
     assert dns.hanging >= 1
 
     stub = jobs_service_pb2_grpc.JobsServiceStub(channel)
