@@ -740,19 +740,9 @@ class TokenBudgets:
         one it reserved with) that another attempt still runs on leaves the charge
         to that one.
         """
-        _, amounts, month = self._keys(key_id, time.time() if reserved_at is None else reserved_at)
-        charge, finished, given_back, _ = self._id_keys(key_id, request_id)
+        at = time.time() if reserved_at is None else reserved_at
         await self._reconcile(
-            keys=[
-                amounts,
-                month,
-                charge,
-                finished,
-                given_back,
-                self._sum_key(key_id),
-                self.open_key(self.holder),
-                f"{charge}:running",
-            ],
+            keys=self._reconcile_keys(key_id, request_id, at, self.holder),
             args=[
                 request_id,
                 reserved,
@@ -793,22 +783,28 @@ class TokenBudgets:
                     charged += await self._recover_one(holder, one, reserved_at)
         return charged
 
+    def _reconcile_keys(
+        self, key_id: str, request_id: str, reserved_at: float, holder: str
+    ) -> list[str]:
+        """Returns _RECONCILE's KEYS (and, last, the id's holder: _RECOVER's)."""
+        _, amounts, month = self._keys(key_id, reserved_at)
+        charge, finished, given_back, _ = self._id_keys(key_id, request_id)
+        return [
+            amounts,
+            month,
+            charge,
+            finished,
+            given_back,
+            self._sum_key(key_id),
+            self.open_key(holder),
+            f"{charge}:running",
+            f"{charge}:holder",
+        ]
+
     async def _recover_one(self, holder: str, one: Recorded, reserved_at: float) -> int:
-        _, amounts, month = self._keys(one.key_id, reserved_at)
-        charge, finished, given_back, _ = self._id_keys(one.key_id, one.request_id)
         return int(
             await self._recover(
-                keys=[
-                    amounts,
-                    month,
-                    charge,
-                    finished,
-                    given_back,
-                    self._sum_key(one.key_id),
-                    self.open_key(holder),
-                    f"{charge}:running",
-                    f"{charge}:holder",
-                ],
+                keys=self._reconcile_keys(one.key_id, one.request_id, reserved_at, holder),
                 args=[
                     one.request_id,
                     one.used,

@@ -12,10 +12,9 @@ the real budget scripts; the predecessor "dies" by stopping without settling.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from services.inference.reservation_reaper import (
     read_incarnations,
 )
 from services.inference.usage_log import UsageLog
+from tests.integration.test_budget_reaper import _month_used, _until
 from tokenmesh.inference.v1 import inference_pb2
 
 LIMITS = Limits(tokens_per_minute=100_000, monthly_tokens=100_000)
@@ -42,18 +42,6 @@ async def client(own_redis: str) -> AsyncIterator[aioredis.Redis]:
     redis = aioredis.from_url(own_redis)
     yield redis
     await redis.aclose()
-
-
-async def _until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
-async def _month_used(budgets: TokenBudgets, key: str) -> int:
-    _, _, month = budgets._keys(key, time.time())
-    return int(await budgets.redis.get(month) or 0)
 
 
 def _event(key: str, request_id: str, prompt: int, completion: int) -> inference_pb2.UsageEvent:
