@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import deque
 
+#: How much of an IPv6 address names one source: a /64 is one subnet, the least an
+#: ISP or a cloud hands a customer (who then holds 2^64 addresses to rotate through).
+IPV6_SOURCE_PREFIX = 64
+
+
+def source_of(address: str) -> str:
+    """Returns the source whose failures an address counts against: an IPv4 address,
+    an IPv6 address's /64 (an IPv4-mapped one is its IPv4 address), or anything else
+    as it is (a gRPC peer of an internal caller).
+
+    Counted per exact address, a client with an IPv6 /64 had 2^64 fresh budgets,
+    and rotating through them also pushed real offenders out of the table."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, IPV6_SOURCE_PREFIX), strict=False))
+    return str(ip)
+
 
 class FailureLimiter:
-    """FailureLimiter counts authentication failures per source in a sliding window.
+    """FailureLimiter counts authentication failures per source in a sliding window
+    (a source: `source_of` the client's address).
 
     Args:
         max_failures: failures allowed per source within `window_s`.
@@ -38,11 +62,11 @@ class FailureLimiter:
     def retry_after(self, source: str) -> float | None:
         """Returns seconds to wait when `source` is over the limit, else None."""
         now = time.monotonic()
-        window = self._recent(source, now)
+        window = self._recent(source_of(source), now)
         if len(window) < self.max_failures:
             return None
         return max(0.0, self.window_s - (now - window[0]))
 
     def record(self, source: str) -> None:
         """Counts one failure from `source`."""
-        self._recent(source, time.monotonic()).append(time.monotonic())
+        self._recent(source_of(source), time.monotonic()).append(time.monotonic())

@@ -86,6 +86,22 @@ async def test_a_valid_key_passes_from_an_address_throttled_for_failures(own_red
         assert other.status.code == code_pb2.UNAUTHENTICATED
 
 
+async def test_an_ipv6_subnet_shares_one_failure_budget(own_redis):
+    # Counted per exact address, a client holding an IPv6 /64 (the least a provider
+    # hands out) guessed from a fresh address each time: 2^64 budgets, never a 429.
+    async with _auth(_settings(own_redis)) as (_, channel):
+        for n in range(MAX_FAILURES):
+            refused = await _check(channel, GUESS, f"2001:db8:7:9::{n + 1:x}")
+            assert refused.status.code == code_pb2.UNAUTHENTICATED
+        assert _is_throttled(await _check(channel, GUESS, "2001:db8:7:9:ab:cd:ef:1"))
+        # Another /64 is another source; an IPv4-mapped address is its IPv4 address.
+        other = await _check(channel, GUESS, "2001:db8:7:a::1")
+        assert other.status.code == code_pb2.UNAUTHENTICATED
+        for _ in range(MAX_FAILURES):
+            await _check(channel, GUESS, ELSEWHERE)
+        assert _is_throttled(await _check(channel, GUESS, f"::ffff:{ELSEWHERE}"))
+
+
 async def test_malformed_token_requests_are_throttled_and_keep_a_bounded_count(own_redis):
     # A malformed key sent to IssueToken was counted, yet never answered 429, and
     # each failure was kept: one source's flood grew its list without end.
