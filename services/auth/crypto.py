@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import string
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -60,3 +61,28 @@ def new_api_key() -> str:
 def looks_like_api_key(value: str) -> bool:
     """Tells whether a credential has the API-key shape (not a JWT)."""
     return value.startswith(API_KEY_PREFIX) and 40 <= len(value) <= 64
+
+
+#: The fewest different characters a chosen key's random part may have: 48 hex digits
+#: (`openssl rand -hex 24`) or 43 of URL-safe base64 have about 16 and 30, while
+#: `tm_aaaa...` or a word repeated to length have a handful.
+MIN_DISTINCT_KEY_CHARACTERS = 10
+_KEY_ALPHABET = frozenset(string.ascii_letters + string.digits + "-_")
+
+
+def weak_api_key(value: str) -> str:
+    """Returns why an API key chosen by an operator (the bootstrap admin key) is weak,
+    or "" if it looks random: the API-key shape, a random part of URL-safe base64
+    (hex included) with MIN_DISTINCT_KEY_CHARACTERS different characters at least,
+    and no shorter string repeated."""
+    if not looks_like_api_key(value):
+        return f"must look like {API_KEY_PREFIX}<43 characters>"
+    body = value[len(API_KEY_PREFIX) :]
+    if not set(body) <= _KEY_ALPHABET:
+        return "must be letters, digits, '-' and '_' after the prefix"
+    repeated = any(
+        body == (body[:n] * len(body))[: len(body)] for n in range(1, len(body) // 2 + 1)
+    )
+    if len(set(body)) < MIN_DISTINCT_KEY_CHARACTERS or repeated:
+        return "looks chosen, not random: make one with `openssl rand -hex 24` after tm_"
+    return ""

@@ -18,7 +18,7 @@ from prometheus_client import Gauge
 from redis.exceptions import RedisError
 
 from services.auth.authenticator import Authenticator
-from services.auth.crypto import ServerSecret, looks_like_api_key
+from services.auth.crypto import ServerSecret, weak_api_key
 from services.auth.ext_authz import ExtAuthzServicer
 from services.auth.failures import FailureLimiter
 from services.auth.keys import SCOPES, ApiKeyStore
@@ -107,11 +107,9 @@ class AuthSettings(RedisSettings):
             "TOKENMESH_AUTH_SIGNING_ROTATION_SECONDS",
             "must be 0 or >= 60",
         )
-        require(
-            self.bootstrap_key is None or looks_like_api_key(self.bootstrap_key),
-            "TOKENMESH_AUTH_BOOTSTRAP_KEY",
-            "must look like tm_<43 characters>",
-        )
+        # An admin key: one an operator typed (`tm_` and a word) was accepted.
+        weak = weak_api_key(self.bootstrap_key) if self.bootstrap_key is not None else ""
+        require(not weak, "TOKENMESH_AUTH_BOOTSTRAP_KEY", weak)
 
     def server_secret(self) -> bytes:
         """Returns the server secret, creating the secret file on first use."""

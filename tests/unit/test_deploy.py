@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import os
 import re
+import secrets
 import subprocess
 import tomllib
 from pathlib import Path
@@ -997,7 +998,8 @@ def _interpolated(value: Any) -> str:
 
     def dummy(match: re.Match[str]) -> str:
         name = match.group(1)
-        return "tm_" + "0" * 48 if name.endswith("BOOTSTRAP_KEY") else "0" * 64
+        # The recipe's `openssl rand -hex 24` (a chosen-looking key is refused).
+        return "tm_" + secrets.token_hex(24) if name.endswith("BOOTSTRAP_KEY") else "0" * 64
 
     return re.sub(r"\$\{(\w+)[^}]*\}", dummy, str(value))
 
