@@ -72,6 +72,17 @@ DRAINING = "draining"
 # every worker that died in the last minute back in the endpoints for the grace.
 BUILT_AT_KEY = "tokenmesh:router:built-at"
 BUILT_AT_EVERY_S = 1.0
+# KEYS: BUILT_AT_KEY; ARGV: the build's time (the replica's Redis-clock estimate).
+# Writes it, no later than Redis's own clock (an estimate ahead by δ dropped, in
+# another replica's grace, live workers whose leases lapsed within δ of it), and only
+# forward (an older build's write, landing late, moved it back).
+_MARK_BUILT = """
+local t = redis.call('TIME')
+local at = math.min(tonumber(ARGV[1]), tonumber(t[1]) + tonumber(t[2]) / 1000000)
+local was = tonumber(redis.call('GET', KEYS[1]) or '')
+if was == nil or at > was then redis.call('SET', KEYS[1], string.format('%.6f', at)) end
+return 0
+"""
 
 # KEYS: the workers hash (and the heat hash); ARGV: worker id, the entry the
 # change was computed from ("" = none), the new entry (and its hot heads).
@@ -433,6 +444,7 @@ class WorkerRegistry:
         self.lease_s = lease_s
         self._compare_and_set = redis.register_script(_COMPARE_AND_SET)
         self._forget = redis.register_script(_FORGET_UNCHANGED)
+        self._mark_built = redis.register_script(_MARK_BUILT)
 
     async def register(
         self,
@@ -620,8 +632,9 @@ class WorkerRegistry:
         return float(raw) if raw is not None else -math.inf
 
     async def mark_built(self, at: float) -> None:
-        """Records a build outside the grace at `at` (Redis clock)."""
-        await self.redis.set(BUILT_AT_KEY, repr(at))
+        """Records a build outside the grace at `at` (Redis clock): no later than Redis's
+        clock says now, and never before the build it records already (_MARK_BUILT)."""
+        await self._mark_built(keys=[BUILT_AT_KEY], args=[repr(at)])
 
     async def all(self, now: float, forget: bool = False) -> list[WorkerEntry]:
         """Returns every known worker (with its hot prompt heads); with `forget`, forgets

@@ -159,3 +159,21 @@ async def test_only_a_build_outside_the_grace_records_its_time(registry_url: str
     finally:
         await router.redis.aclose()
         await client.aclose()
+
+
+async def test_the_build_time_is_never_ahead_of_redis_nor_moved_back(registry_url: str):
+    # A plain SET: a replica whose clock estimate ran ahead by δ pushed built-at δ
+    # ahead (another replica's grace then dropped live workers whose leases lapsed
+    # within δ of it), and an older build's write landing late moved it back.
+    client = aioredis.from_url(registry_url)
+    try:
+        registry = WorkerRegistry(client, lease_s=30)
+        seconds, microseconds = await client.time()
+        redis_now = seconds + microseconds / 1e6
+        await registry.mark_built(redis_now + 3600)  # an estimate an hour ahead
+        capped = await registry.built_at()
+        assert redis_now <= capped <= redis_now + 5
+        await registry.mark_built(capped - 10)  # an older build, landing late
+        assert await registry.built_at() == capped
+    finally:
+        await client.aclose()
