@@ -80,6 +80,18 @@ def limits_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield from _redis(tmp_path_factory, "redis-limits", durable=False)
 
 
+def one_worker_mesh_config(state_dir: Path, **env: str) -> MeshConfig:
+    """A mesh of its own (its own Redis too) with one worker serving the test model
+    only, for tests that kill, pause or restart its parts; `env` adds settings."""
+    return MeshConfig(
+        state_dir=state_dir,
+        workers=1,
+        envoy_concurrency=1,
+        health_check_interval_s=0.5,
+        service_env={**TEST_SERVICE_ENV, "TOKENMESH_MODELS": "", **env},
+    )
+
+
 @pytest.fixture(scope="session")
 def mesh(
     tmp_path_factory: pytest.TempPathFactory, redis_url: str, limits_redis_url: str

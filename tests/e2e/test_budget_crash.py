@@ -20,8 +20,8 @@ import pytest
 import redis
 
 from bench.chaos.ledger import budget_gap, create_key
-from services.launcher.mesh import Mesh, MeshConfig
-from tests.conftest import TEST_SERVICE_ENV
+from services.launcher.mesh import Mesh
+from tests.conftest import one_worker_mesh_config
 from tokenmesh.inference.v1 import inference_pb2
 
 WORKER = "inference-0"
@@ -30,18 +30,10 @@ PAUSE_MS = 15_000  # the most writes stay paused, should the test fail midway
 
 @pytest.fixture
 def crash_mesh(tmp_path: Path) -> Iterator[Mesh]:
-    env = {
-        **TEST_SERVICE_ENV,
-        "TOKENMESH_MODELS": "",
-        "TOKENMESH_TEST_ENGINE_STEP_MS": "50",  # a stream long enough to pause within
-        "TOKENMESH_RESERVATION_TTL_SECONDS": "3",  # reapers act within the test
-    }
-    config = MeshConfig(
-        state_dir=tmp_path / "mesh",
-        workers=1,
-        envoy_concurrency=1,
-        health_check_interval_s=0.5,
-        service_env=env,
+    config = one_worker_mesh_config(
+        tmp_path / "mesh",
+        TOKENMESH_TEST_ENGINE_STEP_MS="50",  # a stream long enough to pause within
+        TOKENMESH_RESERVATION_TTL_SECONDS="3",  # reapers act within the test
     )
     with Mesh(config) as mesh:
         yield mesh

@@ -10,20 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.launcher.mesh import Mesh, MeshConfig
-from tests.conftest import TEST_SERVICE_ENV
+from services.launcher.mesh import Mesh
+from tests.conftest import one_worker_mesh_config
 
 
 @pytest.fixture
 def crash_mesh(tmp_path: Path) -> Iterator[Mesh]:
-    env = {**TEST_SERVICE_ENV, "TOKENMESH_MODELS": "", "TOKENMESH_USAGE_CLAIM_IDLE_SECONDS": "2"}
-    config = MeshConfig(
-        state_dir=tmp_path / "mesh",
-        workers=1,
-        envoy_concurrency=1,
-        health_check_interval_s=0.5,
-        service_env=env,
-    )
+    config = one_worker_mesh_config(tmp_path / "mesh", TOKENMESH_USAGE_CLAIM_IDLE_SECONDS="2")
     with Mesh(config) as mesh:
         yield mesh
 
