@@ -477,12 +477,15 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         try:
             while True:
                 getter = asyncio.create_task(stream.outbox.get())
-                done, _ = await asyncio.wait(
-                    [getter, tasks[0], tasks[2]], return_when=asyncio.FIRST_COMPLETED
-                )
+                done, _ = await asyncio.wait([getter, *tasks], return_when=asyncio.FIRST_COMPLETED)
                 if getter not in done:
                     getter.cancel()
-                    _raise_failure(tasks[0])  # a bug reading requests: the boundary logs it
+                    # A bug reading requests or queueing changes: the stream ends with
+                    # it (the boundary logs it) and the Envoy opens a new one. The
+                    # watch's failure went unseen: the stream stayed open and the
+                    # Envoy kept its config, every change since never sent.
+                    _raise_failure(tasks[0])
+                    _raise_failure(tasks[1])
                     break  # the Envoy closed its side, or this router is stopping
                 yield getter.result()
         finally:

@@ -20,6 +20,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
 
 from services.core.server import RunningServer, serving
+from services.router import xds
 from services.router.service import RouterService, RouterSettings
 from services.router.snapshot import CLUSTER_TYPE
 from tests import mtls
@@ -124,3 +125,35 @@ async def test_a_rejected_configuration_shows_until_the_envoy_accepts_one(
     async with asyncio.timeout(10):
         while _rejected() != before:
             await asyncio.sleep(0.02)
+
+
+async def test_a_failure_queueing_a_change_ends_the_stream_instead_of_freezing_it(
+    router: tuple[RunningServer, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stream waited only on its reader and the router's stop: a bug in the task
+    # that queues changes ended that task alone, the stream stayed open and its Envoy
+    # kept a config no change reached again. Now the stream ends with the failure
+    # and the Envoy opens a new one (which gets the whole current config).
+    running, _ = router
+    async with mtls.aio_channel(running.port, peer="router", caller="edge") as channel:
+        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
+        await call.write(_first_request())
+        sent = await asyncio.wait_for(call.read(), 15)
+        assert sent is not grpc.aio.EOF
+
+        def a_bug(self: object) -> None:
+            raise RuntimeError("a bug queueing changes, injected by the test")
+
+        monkeypatch.setattr(xds._Stream, "send_all", a_bug)
+        async with mtls.aio_channel(running.port, peer="router", caller="worker") as worker:
+            request = pb.RegisterWorkerRequest(
+                worker_id="w-change",
+                address="127.0.0.1:40002",
+                models=[ModelRef(name="m", version="1")],
+                lease_token="c" * 40,
+            )
+            await rpc.WorkerRegistryServiceStub(worker).RegisterWorker(request, timeout=30)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(call.read(), 15)  # old code: open, silent, timed out
+        assert ended.value.code() == grpc.StatusCode.INTERNAL  # the boundary logs it
+        assert "injected" not in (ended.value.details() or "")  # no internals to the peer
