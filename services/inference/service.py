@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -33,6 +34,7 @@ from services.inference.load_report import worker_load
 from services.inference.mesh_models import MeshModels, local_models
 from services.inference.models import LoadedModel, ModelRegistry
 from services.inference.openai import servicer as openai
+from services.inference.orphan_spools import SpoolAdopter
 from services.inference.pipeline.cache import CacheSettings, CacheStage, ResponseCache
 from services.inference.pipeline.content import ContentStage
 from services.inference.pipeline.stream import end_streams
@@ -232,6 +234,13 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
         20.0,
         "Spooled usage events are fsynced within this many ms: what a power loss can lose.",
     )
+    usage_spool_adopt_after_s: float = env(
+        "TOKENMESH_USAGE_SPOOL_ADOPT_AFTER_SECONDS",
+        60.0,
+        "A sibling usage spool (another worker id under the spool directory) unheld and "
+        "unchanged this long is a gone worker's: this worker ships and settles it, then "
+        "removes it (0: never).",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -296,6 +305,11 @@ class InferenceSettings(RequestLimitSettings, RedisSettings):
             0 <= self.drain_health_wait_s <= 60,
             "TOKENMESH_DRAIN_HEALTH_WAIT_SECONDS",
             "must be 0-60",
+        )
+        require(
+            0 <= self.usage_spool_adopt_after_s <= 86_400,
+            "TOKENMESH_USAGE_SPOOL_ADOPT_AFTER_SECONDS",
+            "must be 0-86400",
         )
         require(
             1 <= self.usage_spool_sync_ms <= 10_000,
@@ -465,13 +479,7 @@ class InferenceService(Service):
         self._health_tasks: set[asyncio.Task[None]] = set()  # engine health changes
         self.options = settings.engine_options()
         self.redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0)
-        self.usage_log = UsageLog(
-            settings.usage_spool_dir / settings.worker_id,
-            self.redis,
-            settings.usage_stream,
-            settings.usage_spool_max_bytes,
-            sync_interval_s=settings.usage_spool_sync_ms / 1000,
-        )
+        self.usage_log = self._open_spool(settings.usage_spool_dir / settings.worker_id)
         # The gate's every change reaches _apply_health from the start (attached
         # now, while no condition can have failed): health is never set from an
         # assumption, only from the gate's and the models' current state.
@@ -530,6 +538,17 @@ class InferenceService(Service):
         self.registration: Registration | None = None
         self._reaper: ReservationReaper | None = None  # set with the servicers
 
+    def _open_spool(self, directory: Path, lock_wait_s: float | None = None) -> UsageLog:
+        """Opens the usage spool at `directory` (this worker's, or a gone sibling's)."""
+        return UsageLog(
+            directory,
+            self.redis,
+            self.settings.usage_stream,
+            self.settings.usage_spool_max_bytes,
+            sync_interval_s=self.settings.usage_spool_sync_ms / 1000,
+            lock_wait_s=lock_wait_s,
+        )
+
     def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
         return [
             RequestLimitInterceptor(
@@ -584,6 +603,14 @@ class InferenceService(Service):
         self.usage_log.start(self.tasks)
         if self._reaper is not None:
             self._reaper.start(self.tasks)
+            if self.settings.usage_spool_adopt_after_s > 0:
+                adopter = SpoolAdopter(
+                    self.usage_log.directory,
+                    functools.partial(self._open_spool, lock_wait_s=0),
+                    self._reaper.budgets,
+                    self.settings.usage_spool_adopt_after_s,
+                )
+                self.tasks.spawn("usage-spool-adopter", adopter.run_forever)
         self.templates.start(self.tasks)
         self.policies.start(self.tasks)
         for entry in self.settings.test_models:

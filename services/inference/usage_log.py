@@ -197,6 +197,13 @@ def _lock_spool(directory: Path, wait_s: float) -> int:
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _names(directory, fd):
+                # Its holder emptied and removed it meanwhile (a spool another worker
+                # adopted: services.inference.orphan_spools): take the new one.
+                os.close(fd)
+                directory.mkdir(parents=True, exist_ok=True)
+                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                continue
             return fd
         except BlockingIOError:
             if time.monotonic() >= deadline:
@@ -217,6 +224,16 @@ def _lock_spool(directory: Path, wait_s: float) -> int:
             # Only while another process holds the spool, at a worker's start: the
             # entrypoint builds the service before its event loop runs.
             time.sleep(_LOCK_POLL_S)  # noqa: TID251 - before the event loop
+
+
+def _names(directory: Path, fd: int) -> bool:
+    """Returns whether `directory` still names the directory open as `fd`."""
+    try:
+        named = os.stat(directory)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _cursor_record(offset: int) -> bytes:
@@ -555,8 +572,21 @@ class UsageLog:
             finally:
                 os.close(dir_fd)
 
-    async def stop(self, timeout_s: float = 5.0) -> None:
-        """Ships what it can within `timeout_s`, syncs the rest to disk, then stops."""
+    async def empty_out(self) -> None:
+        """Ships everything and forgets what the meter applied, until the spool keeps
+        nothing (a spool whose worker is gone, adopted by another: it appends nothing).
+        Waits as long as that takes: the caller bounds it. Raises what Redis raises."""
+        while self.kept_bytes() > 0:
+            if self.backlog_bytes():
+                await self._ship_batch()
+            elif time.monotonic() >= self._next_marks:
+                await self._read_marks()
+            else:
+                await asyncio.sleep(self._next_marks - time.monotonic())
+
+    async def stop(self, timeout_s: float = 5.0, *, remove: bool = False) -> None:
+        """Ships what it can within `timeout_s`, syncs the rest to disk, then stops;
+        with `remove`, a spool that keeps nothing is deleted before its lock goes."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 while self.backlog_bytes() > 0:
@@ -566,11 +596,18 @@ class UsageLog:
             await task.stop(timeout_s=5)
         # Queued behind any fsync a cancelled sync left running: the files stay open until then.
         await self.sync()
+        remove = remove and self.kept_bytes() == 0
         self._syncer.shutdown(wait=True)
         for log in [*self._unsynced, self._log]:  # appended to during the last sync
             log.close()
         os.close(self._cursor_fd)
         os.close(self._kept_fd)
+        if remove:
+            # Under the lock: a worker of this id that starts now waits, then finds
+            # the directory gone and makes a new one (_lock_spool).
+            for path in self.directory.iterdir():
+                path.unlink()
+            self.directory.rmdir()
         os.close(self._lock_fd)  # last: everything is on disk; the next worker may open it
 
     async def _sync_forever(self) -> None:

@@ -445,6 +445,20 @@ def _mounts(service: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def test_compose_keeps_the_workers_usage_spools_in_a_volume_of_their_own() -> None:
+    # The spools lived in each container: a `down` or an image update made new
+    # containers and the events not shipped yet were lost. A named volume keeps
+    # them, where a live worker adopts a gone one's; no other service mounts it.
+    services = _compose()["services"]
+    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    spool_dir = re.search(r"TOKENMESH_USAGE_SPOOL_DIR=(\S+)", dockerfile)
+    assert spool_dir is not None
+    assert _mounts(services["inference"])["usage-spools"] == spool_dir.group(1)
+    assert "usage-spools" in _compose()["volumes"]
+    others = [n for n, s in services.items() if n != "inference" and "usage-spools" in _mounts(s)]
+    assert others == []
+
+
 def _volume_files(tmp_path: Path) -> dict[str, set[str]]:
     """Runs the `pki` service's command (`python -m services.core.pki`, as the image's
     entrypoint does) with its container paths under `tmp_path`; returns the files each
@@ -478,7 +492,7 @@ def test_compose_runs_every_process_with_only_its_own_identity(tmp_path):
             continue
         identity = _compose_identity(service)
         mounts = _mounts(service)
-        readable = set().union(*(held[volume] for volume in mounts))
+        readable = set().union(*(held.get(volume, set()) for volume in mounts))
         own = {"ca.pem", f"{identity}.pem", f"{identity}-key.pem"}
         assert readable == own, f"{name} can read {sorted(readable - own)}"
         assert not readable & (everyone - own) and "ca-key.pem" not in readable, name
