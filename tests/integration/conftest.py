@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.core.server import serving
+from services.inference.budget import TokenBudgets
 from services.inference.service import InferenceService, InferenceSettings
 from services.launcher.mesh import spawn_redis
 from services.router.catalog import CATALOG_KEY, ModelEntry, VersionEntry
@@ -133,3 +135,20 @@ async def catalogue(redis_url: str, *models: str) -> None:
 
 async def no_refresh() -> None:
     """A route refresh that does nothing (the registry's tests build no routes)."""
+
+
+async def month_charged(client: aioredis.Redis, key_id: str, within_s: float = 86400) -> int:
+    """Returns what `key_id` is charged in the UTC months of the last `within_s` (this
+    month, and the one before when it ended within them).
+
+    A token budget charges a request in the UTC month it was reserved in
+    (services.inference.budget). "This month's" counter, read at the check, was the
+    next month's once a month ended between a reservation and the read (a run late
+    on the 31st read 0). A test's key is its own: its months add up to what it was
+    charged. One round trip, as the GET it replaces (a check made while a background
+    settlement is due sees what it saw). Which month holds a charge is tested with
+    that month's key (test_budgets, test_budget_reaper).
+    """
+    now = time.time()
+    months = dict.fromkeys(TokenBudgets.month_key(key_id, at) for at in (now - within_s, now))
+    return sum(int(used or 0) for used in await client.mget(list(months)))

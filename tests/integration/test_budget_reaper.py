@@ -27,7 +27,7 @@ from services.core.redis_service import text
 from services.core.tasks import Supervisor
 from services.inference.budget import HOLDERS_KEY, Limits, TokenBudgets
 from services.inference.reservation_reaper import ReservationReaper, alive_key
-from tests.integration.conftest import inference_settings, start_inference
+from tests.integration.conftest import inference_settings, month_charged, start_inference
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as rpc
 
@@ -49,8 +49,7 @@ async def _until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 10
 
 
 async def _month_used(budgets: TokenBudgets, key: str) -> int:
-    _, _, month = budgets._keys(key, time.time())
-    return int(await budgets.redis.get(month) or 0)
+    return await month_charged(budgets.redis, key)
 
 
 async def _dead(client: aioredis.Redis, holder: str) -> None:

@@ -28,7 +28,7 @@ from services.inference.admission import Admission
 from services.inference.budget import Limits, TokenBudgets
 from services.inference.models import ModelRegistry
 from tests import mtls
-from tests.integration.conftest import inference_settings, start_inference
+from tests.integration.conftest import inference_settings, month_charged, start_inference
 from tokenmesh.inference.v2 import inference_pb2 as resources
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_rpc
@@ -62,8 +62,7 @@ def _request(key: str, usage_id: str, limits: Limits, *, job: bool = True) -> An
 
 
 async def _month_used(budgets: TokenBudgets, key: str) -> int:
-    _, _, month = budgets._keys(key, time.time())
-    return int(await budgets.redis.get(month) or 0)
+    return await month_charged(budgets.redis, key)
 
 
 async def _minute_used(budgets: TokenBudgets, key: str) -> int:

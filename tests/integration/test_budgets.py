@@ -21,7 +21,7 @@ from services.inference.budget import Limits, TokenBudgets
 from services.inference.models import ModelRegistry
 from services.launcher.mesh import spawn_redis
 from tests import mtls
-from tests.integration.conftest import inference_settings, start_inference
+from tests.integration.conftest import inference_settings, month_charged, start_inference
 from tests.integration.test_inference_v2 import _usage_event
 from tests.prompts import unique_prompt
 from tokenmesh.inference.v1 import inference_service_pb2 as pb
@@ -129,8 +129,7 @@ async def test_a_stream_admitted_while_redis_was_down_ends_with_quota(tmp_path):
 
 
 async def _month_used(budgets: TokenBudgets, key: str) -> int:
-    _, _, month = budgets._keys(key, time.time())
-    return int(await budgets.redis.get(month) or 0)
+    return await month_charged(budgets.redis, key)
 
 
 async def test_the_same_request_id_reserved_twice_is_charged_once(budgets):

@@ -28,7 +28,7 @@ from services.inference.budget import TokenBudgets
 from services.inference.service import InferenceService
 from services.usage.meter import Meter, Retention, bucket_key, bucket_start
 from tests import mtls
-from tests.integration.conftest import inference_settings, start_inference
+from tests.integration.conftest import inference_settings, month_charged, start_inference
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.inference.v2 import inference_service_pb2 as v2
 from tokenmesh.inference.v2 import inference_service_pb2_grpc as v2_rpc
@@ -79,8 +79,7 @@ async def _events(client: aioredis.Redis, stream: str, request_id: str) -> list[
 
 
 async def _month_used(budgets: TokenBudgets, key: str) -> int:
-    _, _, month = budgets._keys(key, time.time())  # noqa: SLF001 - as test_budgets reads it
-    return int(await budgets.redis.get(month) or 0)
+    return await month_charged(budgets.redis, key)
 
 
 @pytest.mark.parametrize("cut", ["deadline", "engine error"])

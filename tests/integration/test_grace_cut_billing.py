@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -39,7 +38,7 @@ from services.inference import embedder as embedder_module
 from services.inference.budget import TokenBudgets
 from services.inference.service import InferenceService
 from tests import mtls
-from tests.integration.conftest import inference_settings, start_inference
+from tests.integration.conftest import inference_settings, month_charged, start_inference
 from tests.integration.test_hung_engine import EMBEDDINGS, HeldCalls
 from tests.integration.test_inference_model_lifecycle import _reason
 from tests.prompts import unique_prompt
@@ -101,8 +100,7 @@ def _identity(key: str) -> list[tuple[str, str]]:
 
 
 async def _month_used(budgets: TokenBudgets, key: str) -> int:
-    _, _, month = budgets._keys(key, time.time())  # noqa: SLF001 - the month's counter
-    return int(await budgets.redis.get(month) or 0)
+    return await month_charged(budgets.redis, key)
 
 
 async def _computing(budgets: TokenBudgets, service: InferenceService, key: str) -> None:

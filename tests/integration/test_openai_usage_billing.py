@@ -23,7 +23,7 @@ from google.api.httpbody_pb2 import HttpBody
 from services.core import contract
 from services.inference.budget import TokenBudgets
 from services.inference.service import InferenceService
-from tests.integration.conftest import inference_settings, start_inference
+from tests.integration.conftest import inference_settings, month_charged, start_inference
 from tests.prompts import unique_prompt
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.openai.v1 import openai_service_pb2_grpc as rpc
@@ -71,9 +71,8 @@ async def _key_events(
 
 async def _month_used(budgets: TokenBudgets, key: str, expected: int) -> int:
     """Waits for the key's month to hold `expected` (reconciled in the background)."""
-    _, _, month = budgets._keys(key, time.time())  # noqa: SLF001 - the month's counter
     deadline = time.monotonic() + 5
-    while (used := int(await budgets.redis.get(month) or 0)) != expected:
+    while (used := await month_charged(budgets.redis, key)) != expected:
         if time.monotonic() > deadline:
             break
         await asyncio.sleep(0.02)

@@ -30,7 +30,14 @@ from services.inference import usage_log
 from services.inference.usage_log import UsageLog, spool_mark_key
 from services.launcher.mesh import redis_server_binary
 from services.launcher.processes import reserve_port
-from services.usage.meter import Meter, Retention, bucket_key, bucket_start, entry_mark
+from services.usage.meter import (
+    Meter,
+    Retention,
+    bucket_key,
+    bucket_start,
+    entry_mark,
+    next_bucket,
+)
 from tests.integration.conftest import inference_settings, start_inference
 from tokenmesh.inference.v1 import inference_pb2
 from tokenmesh.inference.v2 import inference_service_pb2 as pb
@@ -174,10 +181,18 @@ def _event(i: int) -> inference_pb2.UsageEvent:
 
 
 async def _metered(client: aioredis.Redis) -> int:
-    """Returns the requests the mesh-wide month bucket counts (all models)."""
-    start = bucket_start(FINISHED_MS / 1000, "month")
-    totals: Any = await client.hgetall(bucket_key("all", "month", start))  # loosely typed
-    return sum(int(v) for k, v in totals.items() if k.endswith(b"|requests"))
+    """Returns the requests the mesh-wide month buckets count (all models), from
+    FINISHED_MS's month to this one. A real worker stamps its events when they
+    finish, not at FINISHED_MS (taken when the module was collected): a run that
+    crosses a month's end (a suite started late on the 31st) metered them in the
+    next month, and FINISHED_MS's month alone read 0. Each test has a Redis of its
+    own, so nothing else is in these buckets."""
+    total, start = 0, bucket_start(FINISHED_MS / 1000, "month")
+    while start <= time.time():
+        totals: Any = await client.hgetall(bucket_key("all", "month", start))  # loosely typed
+        total += sum(int(v) for k, v in totals.items() if k.endswith(b"|requests"))
+        start = next_bucket(start, "month")
+    return total
 
 
 async def _meter_everything(url: str) -> int:
