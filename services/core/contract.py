@@ -169,9 +169,14 @@ IDENTITY_HEADERS = (
 #: run again, its job's deadline. A worker remembers the item's budget charge that
 #: long (a replay is charged once, as the usage meter bills it once), not an hour.
 REPLAY_UNTIL_HEADER = "x-tokenmesh-replay-until"
-#: The headers a delegate (the jobs service) may send: the owner's identity and
-#: REPLAY_UNTIL_HEADER; no routing or other edge-only ones.
-DELEGATED_HEADERS = (*IDENTITY_HEADERS, REPLAY_UNTIL_HEADER)
+#: Sent by the jobs service with an item a v1 Complete handed over (`Prefer:
+#: respond-async` on /v1/...:complete): "v1". The item runs on the worker's v2
+#: Complete, and its usage was metered as v2, so v1's callers went uncounted in
+#: reports by API version. A worker honours it from the jobs service only.
+API_VERSION_HEADER = "x-tokenmesh-api-version"
+#: The headers a delegate (the jobs service) may send: the owner's identity,
+#: REPLAY_UNTIL_HEADER and API_VERSION_HEADER; no routing or other edge-only ones.
+DELEGATED_HEADERS = (*IDENTITY_HEADERS, REPLAY_UNTIL_HEADER, API_VERSION_HEADER)
 #: Every header with this prefix is the edge's to set (identity, routing, prefix):
 #: a request from any other peer that carries one is refused.
 EDGE_HEADER_PREFIX = "x-tokenmesh-"

@@ -106,10 +106,17 @@ def call_metadata(
     identity: Mapping[str, str], deadline_s: float | None
 ) -> tuple[tuple[str, str], ...]:
     """Returns the owner's identity headers as gRPC metadata (empty values left out),
-    and until when the item may run again (its job's deadline; None: not sent): the
-    worker keeps its budget charge that long, so a re-run is charged once, as it is
-    billed once."""
-    identity_headers = tuple((name, value) for name, value in identity.items() if value)
+    and until when the item may run again (its job's deadline): the worker keeps its
+    budget charge that long, so a re-run is charged once, as it is billed once.
+
+    With no deadline (a worker of an earlier release, which refuses any delegated
+    header but the identity ones: _older_worker), the identity headers alone: the
+    item's API version (contract.API_VERSION_HEADER) is left out too."""
+    identity_headers = tuple(
+        (name, value)
+        for name, value in identity.items()
+        if value and (deadline_s is not None or name in contract.IDENTITY_HEADERS)
+    )
     if deadline_s is None:
         return identity_headers
     return (*identity_headers, (contract.REPLAY_UNTIL_HEADER, str(math.ceil(deadline_s))))

@@ -207,10 +207,16 @@ class HandoverServicer(handover_service_pb2_grpc.HandoverServiceServicer):
             context,
             lambda result: v1_translation.complete_response(result.complete),
             v1_translation.v1_error,
+            api_version="v1",  # metered as v1, as the direct call is
         )
 
     async def _hand_over(
-        self, item: jobs_pb2.JobItem, context: Context, shape: Shape, translate: Translate
+        self,
+        item: jobs_pb2.JobItem,
+        context: Context,
+        shape: Shape,
+        translate: Translate,
+        api_version: str = "",
     ) -> HttpBody:
         model = item.complete.model
         headers: Mapping[str, str] = request_headers(context)
@@ -224,7 +230,9 @@ class HandoverServicer(handover_service_pb2_grpc.HandoverServiceServicer):
         _check_scopes(item, headers)
         if await workers.unknown_model(self.store.redis, model):
             raise translate(model_not_found(model))
-        job = await self.jobs.CreateJob(jobs_pb.CreateJobRequest(items=[item]), context)
+        job = await self.jobs.create_job(
+            jobs_pb.CreateJobRequest(items=[item]), context, api_version
+        )
         wait_s = wait_seconds(headers.get(PREFER_HEADER, ""))
         result = await self._result_within(job.id, wait_s) if wait_s else None
         if result is None:

@@ -149,6 +149,13 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
     # -- RPCs -------------------------------------------------------------
 
     async def CreateJob(self, request: pb.CreateJobRequest, context: Context) -> jobs_pb2.Job:
+        return await self.create_job(request, context)
+
+    async def create_job(
+        self, request: pb.CreateJobRequest, context: Context, api_version: str = ""
+    ) -> jobs_pb2.Job:
+        """CreateJob; `api_version` names the inference API a handed-over Complete came
+        in ("v1": its item is metered as v1, contract.API_VERSION_HEADER)."""
         headers = request_headers(context)
         key_id = self._key_id(context)
         validation.validate_create(request, self.max_items)
@@ -159,9 +166,10 @@ class JobsServicer(jobs_service_pb2_grpc.JobsServiceServicer):
         window_s = validation.completion_window_s(
             request.completion_window, request.HasField("completion_window"), self.default_window_s
         )
-        owner = Owner(
-            key_id, headers.get(contract.TENANT_HEADER, ""), validation.identity_of(headers)
-        )
+        identity = validation.identity_of(headers)
+        if api_version:
+            identity[contract.API_VERSION_HEADER] = api_version  # sent with the item
+        owner = Owner(key_id, headers.get(contract.TENANT_HEADER, ""), identity)
         job = NewJob(
             owner=owner,
             items=list(request.items),

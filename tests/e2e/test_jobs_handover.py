@@ -20,6 +20,7 @@ from services.launcher.mesh import Mesh
 from tests.e2e.conftest import authed_channel
 from tests.e2e.test_auth import create_key
 from tests.e2e.test_jobs import JOB_SCOPES, all_results, finished, wait_until
+from tests.e2e.test_key_cache import _usage_event
 from tokenmesh.inference.v1 import inference_service_pb2 as _v1  # noqa: F401 (registers it)
 from tokenmesh.inference.v2 import inference_service_pb2 as _v2  # noqa: F401 (registers it)
 from tokenmesh.jobs.v1 import handover_service_pb2
@@ -69,7 +70,7 @@ def test_respond_async_with_wait_answers_a_quick_request_inline(api):
     assert body["request_id"].startswith("job-") and body["model"]["name"] == MODEL
 
 
-def test_a_v1_complete_is_handed_over_too(api):
+def test_a_v1_complete_is_handed_over_too(mesh, api):
     body = {"prompt": "In the beginning", "max_tokens": 4, "seed": 7}
     sync = api.post(f"/v1/models/{MODEL}:complete", json=body).json()
     reply = api.post(
@@ -81,6 +82,14 @@ def test_a_v1_complete_is_handed_over_too(api):
         f"/v1/models/{MODEL}:complete", json=body, headers={"Prefer": "respond-async"}
     )
     assert accepted.status_code == 202 and accepted.headers["location"].startswith("/v1/jobs/job-")
+    # Metered as v1, as the direct call is (it was v2's: its item runs on v2's Complete).
+    job_id = accepted.json()["id"]
+    assert finished(api, job_id)["status"] == "SUCCEEDED"
+    event = _usage_event(mesh, f"{job_id}:0")
+    assert (event.api_version, event.rpc) == (
+        "v1",
+        "/tokenmesh.inference.v1.InferenceService/Complete",
+    )
 
 
 def test_respond_async_refuses_bad_input_and_keys_without_the_jobs_scope(mesh, api):

@@ -1,6 +1,7 @@
 """Mid-upgrade: a jobs service of this release calling a worker of the one before.
 
-This release's jobs service sends each item's deadline (x-tokenmesh-replay-until); a
+This release's jobs service sends each item's deadline (x-tokenmesh-replay-until)
+and a v1 hand-over's API version (x-tokenmesh-api-version); a
 worker of the release before refuses any header of a delegated call but the
 identity ones (PERMISSION_DENIED, DELEGATED_HEADER_NOT_ALLOWED), and that refusal
 was final: every item picked for an old worker failed while a rollout ran. The item
@@ -43,7 +44,11 @@ async def test_an_item_picked_for_a_worker_of_the_release_before_still_runs(
         WorkerDirectory(client), IdentityFiles.of(mtls.pki_dir(), contract.JOBS), Backoff(), 30
     )
     key = f"key_{uuid.uuid4().hex[:8]}"
-    identity = {contract.KEY_ID_HEADER: key, contract.SCOPES_HEADER: "inference:generate"}
+    identity = {
+        contract.KEY_ID_HEADER: key,
+        contract.SCOPES_HEADER: "inference:generate",
+        contract.API_VERSION_HEADER: "v1",  # a v1 hand-over's: not for the release before
+    }
     item = jobs_pb2.JobItem(
         complete=v2.CompleteRequest(model="deterministic-test", prompt="hi", max_output_tokens=3)
     )
