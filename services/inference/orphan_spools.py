@@ -51,7 +51,8 @@ _SPOOL_MARKER = "events.id"
 ADOPTED = Counter(
     "tokenmesh_usage_spools_adopted_total",
     "Usage spools of workers that are gone, adopted by this worker, by outcome: "
-    "emptied (shipped, applied, removed) or kept (a round ran out of time; tried again).",
+    "emptied (shipped, applied, removed), kept (a round ran out of time; tried again) "
+    "or failed (an error, logged; tried again).",
     ["outcome"],
 )
 
@@ -63,12 +64,16 @@ def stale_spools(root: Path, own: Path, after_s: float, now: float) -> Iterator[
     except FileNotFoundError:
         return
     for directory in entries:
-        if directory == own or not (directory / _SPOOL_MARKER).is_file():
+        if directory == own:
             continue
         try:
+            if not (directory / _SPOOL_MARKER).is_file():
+                continue
             changed = max(path.stat().st_mtime for path in directory.iterdir())
-        except (FileNotFoundError, ValueError):
-            continue  # removed meanwhile (another adopter)
+        except (OSError, ValueError):
+            # Removed meanwhile (another adopter), or not this worker's to read (a
+            # volume's lost+found: is_file raises EACCES for a non-root worker).
+            continue
         if changed <= now - after_s:
             yield directory
 
@@ -103,11 +108,20 @@ class SpoolAdopter:
             await asyncio.sleep(self.after_s / 2)
 
     async def adopt_stale(self) -> int:
-        """Adopts every stale spool it can lock now; returns how many it emptied."""
+        """Adopts every stale spool it can lock now; returns how many it emptied. A
+        spool that fails is logged and left: the worker's own health does not
+        depend on another's leftovers (a supervised task failing in a row turns
+        the worker NOT_SERVING)."""
         stale = list(stale_spools(self.own.parent, self.own, self.after_s, time.time()))
         emptied = 0
         for directory in stale:
-            emptied += await self.adopt(directory)
+            try:
+                emptied += await self.adopt(directory)
+            except Exception:
+                ADOPTED.labels("failed").inc()
+                logger.exception(
+                    "usage spool %s of a worker that is gone: adoption failed", directory
+                )
         return emptied
 
     async def adopt(self, directory: Path) -> bool:

@@ -143,3 +143,29 @@ async def test_a_worker_of_that_id_starting_meanwhile_gets_a_new_spool(
         assert back.backlog_bytes() > 0
     finally:
         await back.stop(timeout_s=0)
+
+
+async def test_a_spool_that_cannot_be_opened_is_skipped_and_the_others_adopted(
+    tmp_path: Path, client: aioredis.Redis, metering: Callable[[], None]
+) -> None:
+    # The adopter is one of the worker's supervised tasks: an error escaping it
+    # restarted it, and failing in a row turned the worker NOT_SERVING, over a
+    # directory another worker left (one this worker may not read, a corrupt one).
+    metering()
+    for name in ("w-unreadable", "w-gone"):
+        left = UsageLog(tmp_path / name, client, STREAM, 1 << 20)
+        left.append(_event("key_y", f"left-in-{name}", 1, 1))
+        await left.stop(timeout_s=0)
+        _age(left.directory, AFTER_S + 1)
+    adopter = _adopter(client, tmp_path)
+    opens = adopter.open_spool
+
+    def open_spool(directory: Path) -> UsageLog:
+        if directory.name == "w-unreadable":
+            raise PermissionError(13, "Permission denied", str(directory))
+        return opens(directory)
+
+    adopter.open_spool = open_spool
+    assert await adopter.adopt_stale() == 1  # old code: the PermissionError escaped
+    assert not (tmp_path / "w-gone").exists()
+    assert (tmp_path / "w-unreadable" / "events.id").is_file()
