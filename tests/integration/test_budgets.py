@@ -533,7 +533,8 @@ async def test_a_chunk_charged_while_its_answer_was_lost_does_not_swallow_the_ne
 
     budgets._reserve = charged_then_lost_once
     assert await admission.within_budget(request, 20)  # charged, its answer lost
-    assert await _month_used(budgets, key) == 20
+    # (Not the month here: a background settlement of the lost call may run first.)
+    assert lost == [1]
     assert await admission.within_budget(request, 40)
     admission.settle(request, 50)
     assert await _wait_month_used(budgets, key, 50) == 50
