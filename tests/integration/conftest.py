@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +15,16 @@ import grpc.aio
 import pytest
 import redis.asyncio as aioredis
 
+from services.core import contract
+from services.core.pki import IdentityFiles
 from services.core.server import serving
 from services.inference.budget import TokenBudgets
 from services.inference.service import InferenceService, InferenceSettings
+from services.jobs.execution import Backoff, ItemExecutor
+from services.jobs.workers import WorkerDirectory
 from services.launcher.mesh import spawn_redis
 from services.router.catalog import CATALOG_KEY, ModelEntry, VersionEntry
+from services.router.registry import WORKERS_KEY, WorkerEntry
 from tests import mtls
 from tests.conftest import private_db_url
 
@@ -56,6 +64,46 @@ async def start_inference(settings: InferenceSettings) -> Any:
                 yield service, channel
 
     return running()
+
+
+@dataclass
+class JobsWorker:
+    """A worker the jobs service's item executor finds, and that executor."""
+
+    service: InferenceService
+    client: aioredis.Redis  # the private database the worker is registered in
+    executor: ItemExecutor  # calls as the jobs identity
+    edge_channel: grpc.aio.Channel  # calls the worker as the edge
+
+
+@contextlib.asynccontextmanager
+async def jobs_worker(tmp_path: Path, redis_url: str, db: int) -> AsyncIterator[JobsWorker]:
+    """Serves deterministic-test:1 on a worker registered in database `db` (one no jobs
+    service of the session mesh reads), with an item executor of the jobs identity."""
+    url = private_db_url(redis_url, db)
+    client = aioredis.from_url(url)
+    settings = inference_settings(tmp_path, url, test_models=("deterministic-test:1",))
+    executor = ItemExecutor(
+        WorkerDirectory(client), IdentityFiles.of(mtls.pki_dir(), contract.JOBS), Backoff(), 30
+    )
+    worker_id = f"w-jobs-{uuid.uuid4().hex[:6]}"
+    try:
+        async with await start_inference(settings) as (service, edge_channel):
+            assert service._running is not None  # noqa: SLF001 - started: its port
+            models = (("deterministic-test", "1"),)
+            entry = WorkerEntry(
+                worker_id,
+                "127.0.0.1",
+                service._running.port,  # noqa: SLF001
+                models,
+                lease_expires_at=time.time() + 600,
+            )
+            await client.hset(WORKERS_KEY, worker_id, entry.to_json())
+            yield JobsWorker(service, client, executor, edge_channel)
+    finally:
+        await client.hdel(WORKERS_KEY, worker_id)
+        await executor.close()
+        await client.aclose()
 
 
 @pytest.fixture
