@@ -18,6 +18,7 @@ import redis
 
 from bench.chaos.load import Outcome
 from services.inference.budget import TokenBudgets
+from services.usage.reports import month_start
 
 
 @dataclass(frozen=True)
@@ -62,15 +63,21 @@ def budget_gap(
     request whose worker died reconciles nothing, and the workers still alive give
     its reservation back (services/inference/reservation_reaper.py). Positive: a
     reservation left charged; negative: tokens metered but not charged.
+
+    Both sides cover every month from `since`'s to now's: the charge of `since`'s
+    month against the usage of this month read a gap for a run that crossed a
+    month's end (a key's month is the one its request was reserved in, its usage
+    the one it finished in).
     """
-    charge_key = TokenBudgets.month_key(key_id, since)
+    months = list(dict.fromkeys(TokenBudgets.month_key(key_id, at) for at in (since, time.time())))
+    start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(month_start(since)))
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     deadline = time.monotonic() + timeout_s
     try:
         while True:
-            charged = int(client.get(charge_key) or 0)
+            charged = sum(int(used or 0) for used in client.mget(months))
             try:
-                totals = _get(edge_url, "/v1/usage", secret, {})
+                totals = _get(edge_url, "/v1/usage", secret, {"start_time": start})
                 metered = int(totals.get("prompt_tokens", 0)) + int(
                     totals.get("completion_tokens", 0)
                 )
