@@ -73,7 +73,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError, WatchError
 
 from services.core.errors import FailedPrecondition, FieldViolation, InvalidArgument
-from services.core.redis_service import text
+from services.core.redis_service import LUA_REDIS_NOW_MS, text
 from services.core.store_errors import reply_code
 from services.jobs.secret_box import SEALED_PREFIX, SecretBox, SecretUnreadable
 from services.jobs.validation import MAX_WINDOW_S
@@ -535,16 +535,21 @@ return 1
 """
 )
 
-# KEYS: hooks. ARGV: now ms, lease ms, max count.
+# KEYS: hooks. ARGV: lease ms, max count.
 # Returns the due jobs and moves each one lease ms ahead (another replica does
-# not take it meanwhile; a replica that dies with it leaves it due again).
-_CLAIM_HOOKS = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+# not take it meanwhile; a replica that dies with it leaves it due again). By
+# Redis's clock: a replica whose clock ran a lease ahead took webhooks another
+# replica was still sending, and each was delivered twice.
+_CLAIM_HOOKS = (
+    LUA_REDIS_NOW_MS
+    + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(due) do
-  redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), id)
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
 end
 return due
 """
+)
 
 # KEYS: lanes, the lane's stream. ARGV: lane, seconds the empty stream is kept.
 # Retires a lane whose stream is empty (every item acknowledged and trimmed):
@@ -1200,7 +1205,7 @@ class JobStore:
 
     async def claim_due_hooks(self, lease_ms: int, count: int) -> list[str]:
         """Returns jobs whose webhook is due, leased to this replica for `lease_ms`."""
-        raw = await self._claim_hooks(keys=[HOOKS_KEY], args=[now_ms(), lease_ms, count])
+        raw = await self._claim_hooks(keys=[HOOKS_KEY], args=[lease_ms, count])
         return [text(r) for r in raw]
 
     async def drop_hook(self, job_id: str) -> None:

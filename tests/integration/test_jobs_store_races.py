@@ -72,6 +72,25 @@ async def test_a_redelivery_while_an_attempt_is_in_flight_waits_for_its_lease(re
         await client.aclose()
 
 
+async def test_a_replica_whose_clock_runs_ahead_does_not_take_a_leased_webhook(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leases were scored by each replica's clock: one running a lease (60 s) ahead
+    found every webhook another replica was sending due, and sent it too."""
+    client = aioredis.from_url(redis_url)
+    store = JobStore(client, 3600)
+    job_id = jobstore.new_job_id()
+    try:
+        await client.zadd(jobstore.HOOKS_KEY, {job_id: jobstore.now_ms()})
+        assert job_id in await store.claim_due_hooks(60_000, 100)  # replica A sends
+        clock = jobstore.now_ms
+        monkeypatch.setattr(jobstore, "now_ms", lambda: clock() + 120_000)  # replica B
+        assert job_id not in await store.claim_due_hooks(60_000, 100)  # old code: taken
+    finally:
+        await client.zrem(jobstore.HOOKS_KEY, job_id)
+        await client.aclose()
+
+
 @pytest.fixture
 def create_between_rank_and_range(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     """Adds `(zset, member)`s newest, each right after a ZREVRANK of that zset answers:
