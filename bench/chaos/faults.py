@@ -100,7 +100,7 @@ def run_fault(
             lane.stop()
     outcomes = [o for lane in lanes for o in lane.outcomes]
     secret = clients.metadata[0][1]
-    usage = reconcile(mesh.edge_url, secret, admin_key, tenant, outcomes, USAGE_TIMEOUT_S)
+    usage = reconcile(mesh.edge_url, secret, admin_key, tenant, outcomes, USAGE_TIMEOUT_S, started)
     gap = budget_gap(mesh.redis_url, key_id, mesh.edge_url, secret, started, BUDGET_TIMEOUT_S)
     return _row(mesh, fault, outcomes, t_fault, usage, old_pid, gap)
 

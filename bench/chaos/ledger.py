@@ -70,7 +70,7 @@ def budget_gap(
     the one it finished in).
     """
     months = list(dict.fromkeys(TokenBudgets.month_key(key_id, at) for at in (since, time.time())))
-    start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(month_start(since)))
+    start = _from_month_of(since)
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     deadline = time.monotonic() + timeout_s
     try:
@@ -90,6 +90,11 @@ def budget_gap(
         client.close()
 
 
+def _from_month_of(since: float) -> str:
+    """Returns a report's start_time: the start of the UTC month holding `since`."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(month_start(since)))
+
+
 def reconcile(
     edge_url: str,
     secret: str,
@@ -97,6 +102,7 @@ def reconcile(
     tenant: str,
     outcomes: Iterable[Outcome],
     timeout_s: float,
+    since: float,
 ) -> Reconciliation:
     """Waits until every successful request is metered (or `timeout_s`); compares.
 
@@ -107,6 +113,8 @@ def reconcile(
         tenant: the key's tenant (one per fault).
         outcomes: what the clients saw.
         timeout_s: how long metering may take to catch up.
+        since: when the load started (read from its month on: a run that crossed
+            a month's end read this month's totals only, and never settled).
 
     Returns:
         The comparison once the mesh has metered every successful request and
@@ -115,8 +123,9 @@ def reconcile(
     outcomes = list(outcomes)
     received = {o.request_id: o for o in outcomes if o.ok}
     deadline = time.monotonic() + timeout_s
+    start = _from_month_of(since)
     while True:
-        totals, entries = _read(edge_url, secret, admin_key, tenant)
+        totals, entries = _read(edge_url, secret, admin_key, tenant, start)
         result = _compare(received, outcomes, totals, entries)
         settled = result.lost == 0 and totals.get("requests") == len(set(entries))
         if settled or time.monotonic() >= deadline:
@@ -154,22 +163,24 @@ def _short(metered: tuple[int, int] | None, received: Outcome) -> bool:
 
 
 def _read(
-    edge_url: str, secret: str, admin_key: str, tenant: str
+    edge_url: str, secret: str, admin_key: str, tenant: str, start: str
 ) -> tuple[dict[str, int], list[tuple[str, int, int]]]:
-    """Returns the key's usage totals and the tenant's audit entries (empty on errors)."""
+    """Returns the key's usage totals and the tenant's audit entries from `start` on
+    (empty on errors)."""
     try:
-        totals = _get(edge_url, "/v1/usage", secret, {})
-        entries = _audit(edge_url, admin_key, tenant)
+        totals = _get(edge_url, "/v1/usage", secret, {"start_time": start})
+        entries = _audit(edge_url, admin_key, tenant, start)
     except (httpx.HTTPError, KeyError, ValueError):
         return {}, []
     return {k: int(totals.get(k, 0)) for k in ("requests", "prompt_tokens")}, entries
 
 
-def _audit(edge_url: str, admin_key: str, tenant: str) -> list[tuple[str, int, int]]:
+def _audit(edge_url: str, admin_key: str, tenant: str, start: str) -> list[tuple[str, int, int]]:
     entries: list[tuple[str, int, int]] = []
     token = ""
     while True:
-        params = {"tenant": tenant, "page_size": "1000", **({"page_token": token} if token else {})}
+        params = {"tenant": tenant, "page_size": "1000", "start_time": start}
+        params |= {"page_token": token} if token else {}
         page = _get(edge_url, "/v1/usage/audit", admin_key, params)
         entries.extend(
             (e["request_id"], int(e.get("prompt_tokens", 0)), int(e.get("completion_tokens", 0)))
