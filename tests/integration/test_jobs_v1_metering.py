@@ -71,7 +71,7 @@ async def test_a_handed_over_v1_complete_is_metered_as_v1(worker: JobsWorker) ->
 async def test_the_header_from_anyone_but_the_jobs_service_changes_nothing(
     worker: JobsWorker,
 ) -> None:
-    # The edge (a client's copy of the header passes it) is not the jobs service.
+    # Only the jobs service's is honoured: not the edge's (which strips a client's copy).
     key = f"key_{uuid.uuid4().hex[:8]}"
     request = v2.CompleteRequest(
         model="deterministic-test", prompt="hi", max_output_tokens=3, request_id="direct-v2"
